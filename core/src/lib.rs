@@ -1,0 +1,14 @@
+//! Domain types shared by the Trellis control plane and sidecar.
+//!
+//! `spiffe` owns SPIFFE IDs and trust domains: a [`SpiffeId`] is parsed once
+//! and valid afterwards. `tls` owns the rustls pieces both sides need to
+//! verify peers by SPIFFE ID against a trust bundle, never by hostname.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod spiffe;
+pub mod grpc;
+pub mod tls;
+
+pub use spiffe::{SpiffeId, TrustDomain};

@@ -1,0 +1,309 @@
+//! SPIFFE peer verification for rustls, shared by the control plane, the
+//! sidecar and `trellisctl`.
+//!
+//! Peers are verified against the trust bundle and by SPIFFE ID, never by
+//! hostname. Only TLS 1.3 is offered, with the aws-lc-rs provider (which
+//! prefers the X25519MLKEM768 hybrid key exchange). This module builds
+//! verifiers; it never loads keys from disk and never talks to the CA.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+
+use crate::spiffe::{InvalidSpiffeId, SpiffeId, TrustDomain};
+
+/// The only protocol version Trellis speaks.
+pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The crypto provider every Trellis TLS config uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Why a certificate is not a usable X.509-SVID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    #[error("certificate is not valid X.509: {0}")]
+    Malformed(String),
+    #[error("an X.509-SVID has exactly one URI SAN; this certificate has {0}")]
+    UriSanCount(usize),
+    #[error("the URI SAN is not a valid SPIFFE ID: {0}")]
+    InvalidId(#[from] InvalidSpiffeId),
+    #[error("peer {found} is outside trust domain {expected}")]
+    ForeignTrustDomain { found: SpiffeId, expected: TrustDomain },
+    #[error("peer presented {found}, expected {expected}")]
+    UnexpectedId { found: SpiffeId, expected: SpiffeId },
+    #[error("no peer certificate was presented")]
+    NoCertificate,
+}
+
+/// The SPIFFE ID held in a certificate's single URI SAN.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                uris.push(*uri);
+            }
+        }
+    }
+    match uris.as_slice() {
+        [uri] => Ok(SpiffeId::parse(uri)?),
+        other => Err(SvidError::UriSanCount(other.len())),
+    }
+}
+
+/// The SPIFFE ID of the peer of an established TLS connection.
+pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, SvidError> {
+    match peer_certs.and_then(|c| c.first()) {
+        Some(leaf) => spiffe_id_of(leaf),
+        None => Err(SvidError::NoCertificate),
+    }
+}
+
+/// Builds a root store from the DER roots of a trust bundle.
+pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {
+    let mut roots = RootCertStore::empty();
+    for root in bundle {
+        roots.add(root.clone())?;
+    }
+    if roots.is_empty() {
+        return Err(rustls::Error::General("the trust bundle is empty".into()));
+    }
+    Ok(roots)
+}
+
+fn svid_error(e: SvidError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Which server identities a client accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpectedServer {
+    /// Exactly this SPIFFE ID (an outbound route, the control plane).
+    Exact(SpiffeId),
+    /// Any ID in this trust domain.
+    AnyIn(TrustDomain),
+}
+
+/// A client-side verifier: the server's chain must lead to the bundle and its
+/// SPIFFE ID must be the expected one. The TLS server name is ignored.
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: ExpectedServer,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>, expected: ExpectedServer) -> Self {
+        Self {
+            roots,
+            expected,
+            provider: provider(),
+        }
+    }
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let found = spiffe_id_of(end_entity).map_err(svid_error)?;
+        match &self.expected {
+            ExpectedServer::Exact(expected) if &found != expected => {
+                Err(svid_error(SvidError::UnexpectedId {
+                    found,
+                    expected: expected.clone(),
+                }))
+            }
+            ExpectedServer::AnyIn(td) if !found.is_member_of(td) => {
+                Err(svid_error(SvidError::ForeignTrustDomain {
+                    found,
+                    expected: td.clone(),
+                }))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Configs built here offer TLS 1.3 only; a 1.2 signature is never valid.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A server-side verifier: a client certificate must chain to the bundle and
+/// carry a SPIFFE ID in the trust domain. With `mandatory` false a client may
+/// connect without a certificate (the control plane's Certify with a token);
+/// one that presents a certificate is still fully verified.
+pub struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        trust_domain: TrustDomain,
+        mandatory: bool,
+    ) -> Result<Self, rustls::Error> {
+        let builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+        let builder = if mandatory {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let inner = builder
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(Self {
+            inner,
+            trust_domain,
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let found = spiffe_id_of(end_entity).map_err(svid_error)?;
+        if !found.is_member_of(&self.trust_domain) {
+            return Err(svid_error(SvidError::ForeignTrustDomain {
+                found,
+                expected: self.trust_domain.clone(),
+            }));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Names a handshake failure for metrics and logs with a short, bounded label.
+pub fn failure_reason(e: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
+    match e {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<SvidError>() {
+                Some(SvidError::UnexpectedId { .. }) => "unexpected_identity",
+                Some(SvidError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
+                Some(_) => "invalid_svid",
+                None => "invalid_certificate",
+            }
+        }
+        E::InvalidCertificate(CertificateError::Expired)
+        | E::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired_certificate",
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        E::InvalidCertificate(_) => "invalid_certificate",
+        E::InvalidMessage(_) => "not_tls",
+        E::PeerIncompatible(_) => "incompatible_peer",
+        E::AlertReceived(_) => "alert_received",
+        _ => "other",
+    }
+}

@@ -1,0 +1,3 @@
+//! The Trellis sidecar.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
