@@ -21,7 +21,10 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// connection dials TCP and runs the TLS handshake with `tls` (which must
 /// offer ALPN "h2", see [`with_h2_alpn`]). Nothing is dialled until the first
 /// call, and a broken connection is re-dialled on the next call.
-pub fn lazy_channel(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+pub fn lazy_channel(
+    addr: &str,
+    tls: Arc<ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -32,7 +35,10 @@ pub fn lazy_channel(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, tonic
 
 /// Like [`lazy_channel`] but dials now, so an unreachable control plane or a
 /// failed handshake is reported to the caller.
-pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+pub async fn connect(
+    addr: &str,
+    tls: Arc<ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true);
@@ -45,22 +51,13 @@ pub fn with_h2_alpn(mut config: ClientConfig) -> ClientConfig {
     config
 }
 
+type TlsIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type Dial = std::pin::Pin<Box<dyn std::future::Future<Output = Result<TlsIo, io::Error>> + Send>>;
+
 fn connector(
     tls: Arc<ClientConfig>,
-) -> impl tower::Service<
-    Uri,
-    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-    Error = io::Error,
-    Future = std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>,
-                > + Send,
-        >,
-    >,
-> + Clone
-+ Send
-+ 'static {
+) -> impl tower::Service<Uri, Response = TlsIo, Error = io::Error, Future = Dial> + Clone + Send + 'static
+{
     tower::service_fn(move |uri: Uri| {
         let tls = tls.clone();
         Box::pin(async move {
@@ -75,9 +72,10 @@ fn connector(
             // only fills SNI.
             let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
             Ok(TokioIo::new(stream))
-        })
-            as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }) as Dial
     })
 }

@@ -3,12 +3,15 @@
 //! `spiffe` owns SPIFFE IDs and trust domains: a [`SpiffeId`] is parsed once
 //! and valid afterwards. `tls` owns the rustls pieces both sides need to
 //! verify peers by SPIFFE ID against a trust bundle, never by hostname.
+//! `policy` owns authorization policies: documents, validation, the protobuf
+//! form and the engine that decides connections.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-pub mod spiffe;
 pub mod grpc;
+pub mod policy;
+pub mod spiffe;
 pub mod tls;
 
 pub use spiffe::{SpiffeId, TrustDomain};

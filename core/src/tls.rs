@@ -39,7 +39,10 @@ pub enum SvidError {
     #[error("the URI SAN is not a valid SPIFFE ID: {0}")]
     InvalidId(#[from] InvalidSpiffeId),
     #[error("peer {found} is outside trust domain {expected}")]
-    ForeignTrustDomain { found: SpiffeId, expected: TrustDomain },
+    ForeignTrustDomain {
+        found: SpiffeId,
+        expected: TrustDomain,
+    },
     #[error("peer presented {found}, expected {expected}")]
     UnexpectedId { found: SpiffeId, expected: SpiffeId },
     #[error("no peer certificate was presented")]

@@ -1,13 +1,509 @@
-//! `trellis-proxy init`: programs iptables in the pod's network namespace so
-//! that every TCP connection in and out of the pod passes through the sidecar.
+//! `trellis-proxy init`: programs iptables in the pod's network namespace so that every
+//! TCP connection in and out of the pod passes through the sidecar.
+//!
+//! It owns four chains in the nat table, for IPv4 and IPv6 alike, and one jump rule into
+//! them from `PREROUTING` and one from `OUTPUT`; it never changes any other rule:
+//!
+//! ```text
+//! PREROUTING -p tcp -> TRELLIS_INBOUND:  excluded ports (--exclude-ports) RETURN,
+//!                                        else -> TRELLIS_IN_REDIRECT: REDIRECT to --inbound-port
+//! OUTPUT -p tcp     -> TRELLIS_OUTPUT:   the proxy's UID (and GID) RETURN, out via lo RETURN,
+//!                                        to loopback RETURN, excluded ports and CIDRs RETURN,
+//!                                        else -> TRELLIS_OUT_REDIRECT: REDIRECT to --outbound-port
+//! ```
+//!
+//! Decisions:
+//! - `--exclude-ports` defaults to `15020`, the sidecar's admin port, so kubelet probes reach
+//!   `/live` and `/ready` without a client certificate. Giving the flag replaces the
+//!   default: list 15020 again to keep it excluded, or pass an empty list to redirect
+//!   every port.
+//! - Everything that leaves through `lo` is left alone. That includes the app calling its
+//!   own pod address (the kernel routes it via lo): the connection never leaves the pod,
+//!   there is no peer to authenticate and no pod boundary to protect, and redirecting it
+//!   would make the sidecar authorise the pod against itself.
+//! - The proxy's own connections (its UID, and its GID if given) are never redirected, so
+//!   it cannot loop into itself; that rule comes first.
+//! - Only TCP is touched: UDP (DNS among it) and everything else passes as before.
+//! - `REDIRECT` sends IPv6 connections to `[::1]:<outbound-port>` and
+//!   `[pod address]:<inbound-port>`: with IPv6 rules the sidecar must listen on IPv6 too.
+//! - `--backend auto` takes iptables-nft where it works and legacy otherwise, but keeps
+//!   legacy when our rules already sit in a legacy table, so reruns and `--cleanup` find
+//!   them.
+//!
+//! Each family is changed with one `iptables-restore --noflush` transaction that declares
+//! only our chains, so a failure leaves that family as it was; if IPv6 fails after IPv4
+//! succeeded, the IPv4 change is reverted. Running twice gives the same rules; `--cleanup`
+//! removes exactly our chains and jumps and does nothing when there are none.
+//!
+//! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
+//! allowed (not root / no NET_ADMIN), 1 anything else.
 
+mod iptables;
+mod rules;
+
+use std::io::Write;
 use std::process::ExitCode;
+
+pub use iptables::{Backend, IptablesError, Tables};
+pub use rules::{CHAINS, Cidr, CidrError, Family, Interception, NatTable};
 
 /// Flags of `trellis-proxy init`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct InitArgs {}
+pub struct InitArgs {
+    /// UID the sidecar runs as; its connections are never redirected.
+    #[arg(long, env = "TRELLIS_PROXY_UID", default_value_t = 1337)]
+    pub proxy_uid: u32,
+
+    /// GID the sidecar runs as; when given, its connections are not redirected either.
+    #[arg(long, env = "TRELLIS_PROXY_GID")]
+    pub proxy_gid: Option<u32>,
+
+    /// Port of the sidecar's inbound listener; inbound TCP is redirected there.
+    #[arg(long, env = "TRELLIS_INBOUND_PORT", default_value_t = 15006,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbound_port: u16,
+
+    /// Port of the sidecar's outbound listener; outbound TCP is redirected there.
+    #[arg(long, env = "TRELLIS_OUTBOUND_PORT", default_value_t = 15001,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: u16,
+
+    /// Inbound ports that are not redirected (comma list). Replaces the default: keep
+    /// 15020 in the list so probes reach the sidecar's admin port.
+    #[arg(long, env = "TRELLIS_EXCLUDE_PORTS", default_value = "15020",
+          value_parser = parse_ports, value_name = "PORTS")]
+    pub exclude_ports: Ports,
+
+    /// Destination ports of outbound connections that are not redirected (comma list).
+    #[arg(long, env = "TRELLIS_EXCLUDE_OUTBOUND_PORTS", default_value = "",
+          value_parser = parse_ports, value_name = "PORTS")]
+    pub exclude_outbound_ports: Ports,
+
+    /// Destination address blocks of outbound connections that are not redirected
+    /// (comma list of CIDRs or addresses, IPv4 and IPv6 mixed).
+    #[arg(long, env = "TRELLIS_EXCLUDE_OUTBOUND_CIDRS", default_value = "",
+          value_parser = parse_cidrs, value_name = "CIDRS")]
+    pub exclude_outbound_cidrs: Cidrs,
+
+    /// IPv6 rules: `auto` programs them when the namespace has IPv6 and ip6tables works.
+    #[arg(long, env = "TRELLIS_IPV6", value_enum, default_value_t = Ipv6::Auto)]
+    pub ipv6: Ipv6,
+
+    /// Print the iptables-restore input that would be applied; change nothing.
+    #[arg(long, env = "TRELLIS_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Remove our chains and jump rules (and nothing else) instead of installing them.
+    #[arg(long, env = "TRELLIS_CLEANUP")]
+    pub cleanup: bool,
+
+    /// iptables implementation: `auto` uses iptables-nft where it works, else legacy.
+    #[arg(long, env = "TRELLIS_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+}
+
+impl Default for InitArgs {
+    /// The defaults of the command line.
+    fn default() -> InitArgs {
+        InitArgs {
+            proxy_uid: 1337,
+            proxy_gid: None,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            exclude_ports: Ports(vec![15020]),
+            exclude_outbound_ports: Ports::default(),
+            exclude_outbound_cidrs: Cidrs::default(),
+            ipv6: Ipv6::Auto,
+            dry_run: false,
+            cleanup: false,
+            backend: BackendChoice::Auto,
+        }
+    }
+}
+
+/// A comma-separated list of ports; empty is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+
+/// A comma-separated list of CIDRs; empty is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<Cidr>);
+
+/// Whether to program IPv6 (`ip6tables`) rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ipv6 {
+    Auto,
+    On,
+    Off,
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+fn parse_ports(s: &str) -> Result<Ports, String> {
+    let mut ports = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(port) if port != 0 => {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            _ => return Err(format!("{item:?} is not a port (1-65535)")),
+        }
+    }
+    Ok(Ports(ports))
+}
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    let mut cidrs = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let cidr: Cidr = item.parse().map_err(|e: CidrError| e.to_string())?;
+        if !cidrs.contains(&cidr) {
+            cidrs.push(cidr);
+        }
+    }
+    Ok(Cidrs(cidrs))
+}
+
+/// Why `trellis-proxy init` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("invalid flags: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
+    #[error("IPv6 was asked for (--ipv6 on) but is not usable here: {0}")]
+    Ipv6Unavailable(IptablesError),
+    #[error("{failed}; the {applied} change was reverted so neither family is half done")]
+    Reverted {
+        failed: IptablesError,
+        applied: Family,
+    },
+    #[error(
+        "{failed}; reverting the {applied} change failed too ({revert}): check `iptables-save -t nat`"
+    )]
+    RevertFailed {
+        failed: IptablesError,
+        applied: Family,
+        revert: Box<IptablesError>,
+    },
+    #[error("could not write the rules: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl InitError {
+    /// The process exit code for this error (sysexits: 64 usage, 69 unavailable, 77 no
+    /// permission).
+    pub fn exit_code(&self) -> u8 {
+        let iptables = match self {
+            InitError::Config(_) => return 64,
+            InitError::Iptables(e) | InitError::Ipv6Unavailable(e) => e,
+            InitError::Reverted { failed, .. } | InitError::RevertFailed { failed, .. } => failed,
+            InitError::Output(_) => return 1,
+        };
+        match iptables {
+            IptablesError::NotFound { .. } => 69,
+            IptablesError::Permission { .. } => 77,
+            _ => 1,
+        }
+    }
+}
+
+impl InitArgs {
+    /// What to intercept, checked.
+    pub fn interception(&self) -> Result<Interception, InitError> {
+        if self.inbound_port == self.outbound_port {
+            return Err(InitError::Config(format!(
+                "--inbound-port and --outbound-port are both {}",
+                self.inbound_port
+            )));
+        }
+        Ok(Interception {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            exclude_inbound_ports: self.exclude_ports.0.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.0.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.0.clone(),
+        })
+    }
+}
 
 /// Runs `trellis-proxy init` with parsed flags.
-pub fn run(_args: InitArgs) -> ExitCode {
-    ExitCode::FAILURE
+pub fn run(args: InitArgs) -> ExitCode {
+    let stdout = std::io::stdout();
+    match execute(&args, &mut stdout.lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trellis-proxy init: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Does what `run` does, writing the `--dry-run` output to `out`.
+pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
+    let interception = args.interception()?;
+    if args.proxy_uid == 0 {
+        eprintln!(
+            "trellis-proxy init: warning: --proxy-uid 0 exempts everything running as root \
+             from the mesh"
+        );
+    }
+
+    let (backend, v4_state) = match choose_backend(args.backend) {
+        Ok(found) => found,
+        // A dry run should still show the rules where the table cannot be read (not root,
+        // no iptables): as they would be written into an empty table.
+        Err(error) if args.dry_run => {
+            writeln!(
+                out,
+                "# could not read the nat table ({error}); rules for an empty table"
+            )?;
+            (preferred(args.backend), String::new())
+        }
+        Err(error) => return Err(error.into()),
+    };
+
+    let mut families = vec![(Tables::new(backend, Family::V4), v4_state)];
+    match ipv6_state(backend, args.ipv6) {
+        Ok(Some(v6_state)) => families.push((Tables::new(backend, Family::V6), v6_state)),
+        Ok(None) => {}
+        Err(error) if args.dry_run && args.ipv6 != Ipv6::Off => {
+            writeln!(
+                out,
+                "# could not read the IPv6 nat table ({error}); rules for an empty table"
+            )?;
+            families.push((Tables::new(backend, Family::V6), String::new()));
+        }
+        Err(error) if args.ipv6 == Ipv6::On => return Err(InitError::Ipv6Unavailable(error)),
+        Err(error) => eprintln!("trellis-proxy init: IPv6 rules skipped: {error}"),
+    }
+
+    let mut applied: Vec<(Tables, NatTable)> = Vec::new();
+    for (tables, state) in families {
+        let current = NatTable::parse(&state);
+        let input = if args.cleanup {
+            rules::cleanup_input(&current)
+        } else {
+            Some(interception.apply_input(tables.family, &current))
+        };
+        let verb = if args.cleanup { "removed" } else { "installed" };
+        let Some(input) = input else {
+            if args.dry_run {
+                writeln!(out, "# {}: nothing of ours to remove", tables.family)?;
+            } else {
+                eprintln!(
+                    "trellis-proxy init: {}: nothing of ours to remove",
+                    tables.family
+                );
+            }
+            continue;
+        };
+        if args.dry_run {
+            writeln!(
+                out,
+                "# {} ({} --noflush)\n{input}",
+                tables.family,
+                tables.restore_program()
+            )?;
+            continue;
+        }
+        if let Err(failed) = tables.restore(&input) {
+            return Err(revert(applied, failed));
+        }
+        eprintln!(
+            "trellis-proxy init: {} rules {verb} ({})",
+            tables.family,
+            tables.backend.name()
+        );
+        applied.push((tables, current));
+    }
+    Ok(())
+}
+
+/// Undoes the changes already applied after a later one failed.
+fn revert(applied: Vec<(Tables, NatTable)>, failed: IptablesError) -> InitError {
+    let mut result = InitError::Iptables(failed);
+    for (tables, previous) in applied {
+        let failed = match result {
+            InitError::Iptables(e) | InitError::Reverted { failed: e, .. } => e,
+            other => return other,
+        };
+        let undo = tables
+            .save_nat()
+            .map(|now| rules::revert_input(&previous, &NatTable::parse(&now)))
+            .and_then(|input| tables.restore(&input));
+        result = match undo {
+            Ok(()) => InitError::Reverted {
+                failed,
+                applied: tables.family,
+            },
+            Err(revert) => InitError::RevertFailed {
+                failed,
+                applied: tables.family,
+                revert: Box::new(revert),
+            },
+        };
+    }
+    result
+}
+
+fn preferred(choice: BackendChoice) -> Backend {
+    match choice {
+        BackendChoice::Legacy => Backend::Legacy,
+        BackendChoice::Auto | BackendChoice::Nft => Backend::Nft,
+    }
+}
+
+/// Picks the backend and reads its IPv4 nat table. `auto` takes iptables-nft when it
+/// works here and legacy otherwise, except that rules of ours already in a legacy table
+/// (from a run when nft did not work) keep legacy, so a rerun or `--cleanup` finds them.
+/// When nothing works it reports the more telling failure (a refusal says more than a
+/// missing legacy binary).
+fn choose_backend(choice: BackendChoice) -> Result<(Backend, String), IptablesError> {
+    let candidates: &[Backend] = match choice {
+        BackendChoice::Auto => &[Backend::Nft, Backend::Legacy],
+        BackendChoice::Nft => &[Backend::Nft],
+        BackendChoice::Legacy => &[Backend::Legacy],
+    };
+    let mut errors = Vec::new();
+    for &backend in candidates {
+        match Tables::new(backend, Family::V4).save_nat() {
+            Ok(state) if choice == BackendChoice::Auto && backend == Backend::Nft => {
+                return Ok(legacy_if_ours_are_there(state));
+            }
+            Ok(state) => return Ok((backend, state)),
+            Err(error) => errors.push(error),
+        }
+    }
+    let rank = |e: &IptablesError| match e {
+        IptablesError::Permission { .. } => 0,
+        IptablesError::Failed { .. } | IptablesError::Io { .. } => 1,
+        IptablesError::NotFound { .. } => 2,
+    };
+    errors.sort_by_key(rank);
+    Err(errors.remove(0))
+}
+
+/// Legacy with its table when our rules are in a legacy table and not in the nft one
+/// (`nft_state`), else nft.
+fn legacy_if_ours_are_there(nft_state: String) -> (Backend, String) {
+    if NatTable::parse(&nft_state).holds_ours() || !iptables::legacy_nat_exists() {
+        return (Backend::Nft, nft_state);
+    }
+    match Tables::new(Backend::Legacy, Family::V4).save_nat() {
+        Ok(legacy) if NatTable::parse(&legacy).holds_ours() => (Backend::Legacy, legacy),
+        _ => (Backend::Nft, nft_state),
+    }
+}
+
+/// The IPv6 nat table when IPv6 rules are to be programmed, `None` when they are not.
+fn ipv6_state(backend: Backend, ipv6: Ipv6) -> Result<Option<String>, IptablesError> {
+    if ipv6 == Ipv6::Off {
+        return Ok(None);
+    }
+    if ipv6 == Ipv6::Auto && !iptables::namespace_has_ipv6() {
+        return Ok(None);
+    }
+    Tables::new(backend, Family::V6).save_nat().map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: InitArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<InitArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("init").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let args = parse(&[]).unwrap();
+        let defaults = InitArgs::default();
+        assert_eq!(
+            args.interception().unwrap(),
+            defaults.interception().unwrap()
+        );
+        assert_eq!(args.proxy_uid, 1337);
+        assert_eq!(args.inbound_port, 15006);
+        assert_eq!(args.outbound_port, 15001);
+        assert_eq!(args.exclude_ports, Ports(vec![15020]));
+        assert_eq!(args.ipv6, Ipv6::Auto);
+        assert_eq!(args.backend, BackendChoice::Auto);
+        assert!(!args.dry_run && !args.cleanup);
+    }
+
+    #[test]
+    fn lists_are_comma_separated_and_may_be_empty() {
+        let args = parse(&[
+            "--exclude-ports",
+            "22, 15020,22",
+            "--exclude-outbound-ports=",
+            "--exclude-outbound-cidrs",
+            "10.0.0.0/8,fd00::/8",
+        ])
+        .unwrap();
+        assert_eq!(args.exclude_ports, Ports(vec![22, 15020]));
+        assert_eq!(args.exclude_outbound_ports, Ports(vec![]));
+        assert_eq!(args.exclude_outbound_cidrs.0.len(), 2);
+        assert_eq!(
+            parse(&["--exclude-ports", ""]).unwrap().exclude_ports,
+            Ports(vec![])
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_the_value() {
+        let error = parse(&["--exclude-ports", "22,http"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("\"http\" is not a port"), "{error}");
+        let error = parse(&["--exclude-outbound-cidrs", "10.0.0.0/40"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("\"40\" is not a prefix length"), "{error}");
+        assert!(parse(&["--inbound-port", "0"]).is_err());
+        assert!(parse(&["--ipv6", "maybe"]).is_err());
+
+        let same = parse(&["--inbound-port", "15001"]).unwrap();
+        let error = same.interception().unwrap_err();
+        assert_eq!(error.exit_code(), 64);
+        assert!(error.to_string().contains("both 15001"), "{error}");
+    }
+
+    #[test]
+    fn exit_codes_say_what_is_missing() {
+        let missing = InitError::Iptables(IptablesError::NotFound {
+            program: "iptables-nft-save",
+        });
+        assert_eq!(missing.exit_code(), 69);
+        assert!(missing.to_string().contains("iptables-nft-save not found"));
+        let refused = InitError::Iptables(IptablesError::Permission {
+            program: "iptables-nft-save",
+            detail: "Permission denied (you must be root)".into(),
+        });
+        assert_eq!(refused.exit_code(), 77);
+        assert!(
+            refused
+                .to_string()
+                .contains("needs root or the NET_ADMIN capability")
+        );
+    }
 }

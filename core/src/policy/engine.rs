@@ -1,0 +1,581 @@
+//! The decision engine: the policies that select one workload, compiled into
+//! an index, and the verdict for each inbound connection.
+//!
+//! This module owns the meaning of a policy set: a matching DENY rule denies
+//! (DENY wins over ALLOW); otherwise a matching ALLOW rule allows; otherwise
+//! the mesh default decides. AUDIT rules are evaluated too and reported as
+//! "would deny", never changing the verdict. Policies are ordered by
+//! `namespace/name` and rules by index, so the rule named in a [`Decision`]
+//! is always the first that matched. It never validates (it compiles only
+//! what `validate` accepted) and never logs: the caller logs the [`Decision`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use trellis_proto::policy::v1 as proto;
+
+use super::convert::validate_proto;
+use super::document::{Action, AuthorizationPolicy};
+use super::pattern::IdPattern;
+use super::validate::{Violation, policy_key};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// What happens when no policy decides: the control plane's `--default-policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DefaultPolicy {
+    /// Nothing is allowed until a policy allows it.
+    #[default]
+    Deny,
+    /// Sources in the destination's own namespace (`/ns/<ns>/`) are allowed.
+    AllowSameNamespace,
+    /// Any source of the mesh's trust domain is allowed.
+    AllowMesh,
+}
+
+impl DefaultPolicy {
+    /// The flag value: `deny`, `allow-same-namespace` or `allow-mesh`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::AllowSameNamespace => "allow-same-namespace",
+            Self::AllowMesh => "allow-mesh",
+        }
+    }
+
+    /// How decisions name the default: `default:<mode>`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Deny => "default:deny",
+            Self::AllowSameNamespace => "default:allow-same-namespace",
+            Self::AllowMesh => "default:allow-mesh",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown default policy {0:?} (expected deny, allow-same-namespace or allow-mesh)")]
+pub struct UnknownDefaultPolicy(pub String);
+
+impl FromStr for DefaultPolicy {
+    type Err = UnknownDefaultPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Deny, Self::AllowSameNamespace, Self::AllowMesh]
+            .into_iter()
+            .find(|mode| mode.as_str() == s)
+            .ok_or_else(|| UnknownDefaultPolicy(s.to_owned()))
+    }
+}
+
+impl fmt::Display for DefaultPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    /// `allow` or `deny`, for log fields and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// One rule of one policy: `namespace/name` and the rule's index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RuleRef {
+    pub policy: Arc<str>,
+    pub rule: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} rule {}", self.policy, self.rule)
+    }
+}
+
+/// What made the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    Rule(RuleRef),
+    Default(DefaultPolicy),
+}
+
+/// The verdict on one connection, what decided it, and the AUDIT rules that
+/// would have denied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// The first matching rule of each AUDIT policy that matched ("would deny").
+    pub audits: Vec<RuleRef>,
+}
+
+impl Decision {
+    /// `namespace/name` of the deciding policy, or `default:<mode>`: the
+    /// `policy` label of `trellis_decisions_total`.
+    pub fn policy_label(&self) -> &str {
+        match &self.reason {
+            Reason::Rule(r) => &r.policy,
+            Reason::Default(mode) => mode.label(),
+        }
+    }
+
+    /// The index of the deciding rule, if a rule decided.
+    pub fn rule(&self) -> Option<usize> {
+        match &self.reason {
+            Reason::Rule(r) => Some(r.rule),
+            Reason::Default(_) => None,
+        }
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} by ", self.verdict.as_str())?;
+        match &self.reason {
+            Reason::Rule(r) => write!(f, "{r}")?,
+            Reason::Default(mode) => f.write_str(mode.label())?,
+        }
+        for (i, audit) in self.audits.iter().enumerate() {
+            f.write_str(if i == 0 { "; would deny by " } else { ", " })?;
+            write!(f, "{audit}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a set of policies cannot be enforced (the sidecar NACKs with this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("policy {policy} is invalid: {}", join(.violations))]
+    Invalid {
+        policy: String,
+        violations: Vec<Violation>,
+    },
+    #[error("policy {0} appears more than once")]
+    Duplicate(String),
+}
+
+fn join(violations: &[Violation]) -> String {
+    let errors = violations.iter().filter(|v| v.is_error());
+    errors
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether `policy` selects the workload `id`: the control plane sends each
+/// sidecar only the policies that select it. Invalid patterns select nothing.
+/// To test one policy against many workloads, build a [`WorkloadSelector`].
+pub fn selects(policy: &proto::Policy, id: &SpiffeId) -> bool {
+    WorkloadSelector::of(policy).selects(id)
+}
+
+/// A policy's selector, parsed once, for matching many workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSelector(Box<[IdPattern]>);
+
+impl WorkloadSelector {
+    /// The selector of `policy`; patterns that do not parse are left out
+    /// (validation rejects them before a policy is stored).
+    pub fn of(policy: &proto::Policy) -> Self {
+        let ids = policy.selector.iter().flat_map(|s| &s.spiffe_ids);
+        Self(ids.filter_map(|text| IdPattern::parse(text).ok()).collect())
+    }
+
+    pub fn selects(&self, id: &SpiffeId) -> bool {
+        self.0.iter().any(|pattern| pattern.matches(id))
+    }
+}
+
+/// A source a rule names, ready to match.
+#[derive(Debug, Clone)]
+pub(crate) enum SourceMatch {
+    Id(IdPattern),
+    /// `/ns/<namespace>/`, within the mesh's trust domain.
+    Namespace(Box<str>),
+    TrustDomain(TrustDomain),
+}
+
+impl SourceMatch {
+    fn matches(&self, source: &SpiffeId, mesh: &TrustDomain) -> bool {
+        match self {
+            Self::Id(pattern) => pattern.matches(source),
+            Self::Namespace(prefix) => {
+                source.is_member_of(mesh) && source.path().starts_with(&**prefix)
+            }
+            Self::TrustDomain(td) => source.is_member_of(td),
+        }
+    }
+}
+
+impl fmt::Display for SourceMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Id(pattern) => write!(f, "spiffeId {pattern}"),
+            Self::Namespace(prefix) => write!(f, "namespace {}", &prefix[4..prefix.len() - 1]),
+            Self::TrustDomain(td) => write!(f, "trustDomain {td}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledRule {
+    /// Empty matches any source.
+    pub sources: Box<[SourceMatch]>,
+    /// `None` matches any port. The union of the ports of every `to` entry:
+    /// the same meaning as "any entry matches" while entries hold only ports
+    /// (L7 matches will pair with their entry's ports).
+    pub ports: Option<Box<[u16]>>,
+}
+
+impl CompiledRule {
+    pub fn source_match(
+        &self,
+        source: &SpiffeId,
+        mesh: &TrustDomain,
+    ) -> Option<Option<&SourceMatch>> {
+        if self.sources.is_empty() {
+            return Some(None);
+        }
+        self.sources
+            .iter()
+            .find(|s| s.matches(source, mesh))
+            .map(Some)
+    }
+
+    pub fn port_matches(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledPolicy {
+    pub key: Arc<str>,
+    pub action: Action,
+    pub selector: WorkloadSelector,
+    pub rules: Box<[CompiledRule]>,
+}
+
+impl CompiledPolicy {
+    /// Validates `policy` for the mesh `td` and compiles it.
+    pub fn compile(policy: &proto::Policy, td: &TrustDomain) -> Result<Self, CompileError> {
+        let valid = validate_proto(policy, td).map_err(|violations| CompileError::Invalid {
+            policy: policy_key(&policy.namespace, &policy.name),
+            violations,
+        })?;
+        Ok(Self::from_valid(valid.policy()))
+    }
+
+    fn from_valid(policy: &AuthorizationPolicy) -> Self {
+        let pattern = |text: &String| IdPattern::parse(text).expect("validated pattern");
+        let rules = policy.spec.rules.iter().map(|rule| {
+            let sources = rule.from.iter().flatten().map(|s| {
+                if let Some(id) = &s.spiffe_id {
+                    SourceMatch::Id(pattern(id))
+                } else if let Some(ns) = &s.namespace {
+                    SourceMatch::Namespace(format!("/ns/{ns}/").into())
+                } else {
+                    let td = s.trust_domain.as_deref().unwrap_or_default();
+                    SourceMatch::TrustDomain(TrustDomain::new(td).expect("validated trust domain"))
+                }
+            });
+            let ports = rule.to.as_ref().map(|to| {
+                let mut ports: Vec<u16> = to
+                    .iter()
+                    .flat_map(|d| d.ports.iter().flatten())
+                    .map(|&p| u16::try_from(p).expect("validated port"))
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                ports.into_boxed_slice()
+            });
+            CompiledRule {
+                sources: sources.collect(),
+                ports,
+            }
+        });
+        Self {
+            key: policy_key(&policy.metadata.namespace, &policy.metadata.name).into(),
+            action: policy.spec.action,
+            selector: WorkloadSelector(
+                policy
+                    .spec
+                    .selector
+                    .spiffe_ids
+                    .iter()
+                    .map(pattern)
+                    .collect(),
+            ),
+            rules: rules.collect(),
+        }
+    }
+
+    pub fn selects(&self, id: &SpiffeId) -> bool {
+        self.selector.selects(id)
+    }
+}
+
+/// A rule's place: indices into the set's policies and that policy's rules.
+/// The derived order is evaluation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RuleId {
+    policy: u32,
+    rule: u32,
+}
+
+/// The rules of one action, indexed by port.
+#[derive(Debug, Default)]
+struct Table {
+    by_port: HashMap<u16, Vec<RuleId>>,
+    any_port: Vec<RuleId>,
+}
+
+impl Table {
+    fn build(policies: &[CompiledPolicy], action: Action) -> Self {
+        let mut table = Self::default();
+        for (p, policy) in policies.iter().enumerate() {
+            if policy.action != action {
+                continue;
+            }
+            for (r, rule) in policy.rules.iter().enumerate() {
+                let id = RuleId {
+                    policy: p as u32,
+                    rule: r as u32,
+                };
+                match &rule.ports {
+                    None => table.any_port.push(id),
+                    Some(ports) => {
+                        for port in ports {
+                            table.by_port.entry(*port).or_default().push(id);
+                        }
+                    }
+                }
+            }
+        }
+        table
+    }
+
+    /// Matching rules for `port`, in evaluation order within each list.
+    fn candidates(&self, port: u16) -> [&[RuleId]; 2] {
+        let by_port = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
+        [by_port, &self.any_port]
+    }
+}
+
+/// The compiled policies of one workload, ready to decide connections.
+#[derive(Debug)]
+pub struct PolicySet {
+    local: SpiffeId,
+    mesh: TrustDomain,
+    default: DefaultPolicy,
+    policies: Vec<CompiledPolicy>,
+    deny: Table,
+    allow: Table,
+    audit: Table,
+}
+
+impl PolicySet {
+    /// Compiles the policies that select `local`; others are ignored. Every
+    /// policy is validated first: one invalid policy fails the whole set, so
+    /// a sidecar keeps its last good set and NACKs with the error.
+    pub fn compile(
+        local: &SpiffeId,
+        policies: &[proto::Policy],
+        default: DefaultPolicy,
+    ) -> Result<Self, CompileError> {
+        let mesh = local.trust_domain();
+        let mut compiled = Vec::new();
+        for policy in policies {
+            let policy = CompiledPolicy::compile(policy, &mesh)?;
+            if policy.selects(local) {
+                compiled.push(policy);
+            }
+        }
+        Self::from_compiled(local.clone(), default, compiled)
+    }
+
+    pub(crate) fn from_compiled(
+        local: SpiffeId,
+        default: DefaultPolicy,
+        mut policies: Vec<CompiledPolicy>,
+    ) -> Result<Self, CompileError> {
+        policies.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(pair) = policies.windows(2).find(|w| w[0].key == w[1].key) {
+            return Err(CompileError::Duplicate(pair[0].key.to_string()));
+        }
+        Ok(Self {
+            mesh: local.trust_domain(),
+            local,
+            default,
+            deny: Table::build(&policies, Action::Deny),
+            allow: Table::build(&policies, Action::Allow),
+            audit: Table::build(&policies, Action::Audit),
+            policies,
+        })
+    }
+
+    /// The workload this set protects.
+    pub fn local(&self) -> &SpiffeId {
+        &self.local
+    }
+
+    pub fn default_policy(&self) -> DefaultPolicy {
+        self.default
+    }
+
+    /// `namespace/name` of each policy in force, in evaluation order.
+    pub fn policy_names(&self) -> impl Iterator<Item = &str> {
+        self.policies.iter().map(|p| &*p.key)
+    }
+
+    /// The verdict on a connection from `source` to this workload's `port`.
+    pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
+        let (verdict, reason) = if let Some(id) = self.first_match(&self.deny, source, port) {
+            (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
+        } else if let Some(id) = self.first_match(&self.allow, source, port) {
+            (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
+        } else {
+            (self.default_verdict(source), Reason::Default(self.default))
+        };
+        Decision {
+            verdict,
+            reason,
+            audits: self.audits(source, port),
+        }
+    }
+
+    fn rule_ref(&self, id: RuleId) -> RuleRef {
+        RuleRef {
+            policy: self.policies[id.policy as usize].key.clone(),
+            rule: id.rule as usize,
+        }
+    }
+
+    fn source_matches(&self, id: RuleId, source: &SpiffeId) -> bool {
+        let rule = &self.policies[id.policy as usize].rules[id.rule as usize];
+        rule.source_match(source, &self.mesh).is_some()
+    }
+
+    fn first_match(&self, table: &Table, source: &SpiffeId, port: u16) -> Option<RuleId> {
+        table
+            .candidates(port)
+            .into_iter()
+            .filter_map(|ids| {
+                ids.iter()
+                    .copied()
+                    .find(|&id| self.source_matches(id, source))
+            })
+            .min()
+    }
+
+    /// The first matching rule of each AUDIT policy; allocates only on a match.
+    fn audits(&self, source: &SpiffeId, port: u16) -> Vec<RuleRef> {
+        let mut matched: Vec<RuleId> = Vec::new();
+        for ids in self.audit.candidates(port) {
+            for &id in ids {
+                if self.source_matches(id, source) {
+                    matched.push(id);
+                }
+            }
+        }
+        matched.sort_unstable();
+        matched.dedup_by_key(|id| id.policy);
+        matched.into_iter().map(|id| self.rule_ref(id)).collect()
+    }
+
+    fn default_verdict(&self, source: &SpiffeId) -> Verdict {
+        let allowed = match self.default {
+            DefaultPolicy::Deny => false,
+            DefaultPolicy::AllowMesh => source.is_member_of(&self.mesh),
+            DefaultPolicy::AllowSameNamespace => {
+                source.is_member_of(&self.mesh)
+                    && source.namespace().is_some()
+                    && source.namespace() == self.local.namespace()
+            }
+        };
+        if allowed {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        }
+    }
+
+    pub(crate) fn mesh(&self) -> &TrustDomain {
+        &self.mesh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn rule(ports: Option<&[u16]>) -> CompiledRule {
+        CompiledRule {
+            sources: Box::new([]),
+            ports: ports.map(Box::from),
+        }
+    }
+
+    fn policy(key: &str, action: Action, rules: Vec<CompiledRule>) -> CompiledPolicy {
+        CompiledPolicy {
+            key: key.into(),
+            action,
+            selector: WorkloadSelector(Box::new([IdPattern::parse("spiffe://td/*").unwrap()])),
+            rules: rules.into_boxed_slice(),
+        }
+    }
+
+    #[test]
+    fn the_earliest_rule_wins_across_the_port_index() {
+        let policies = vec![
+            policy("a/p", Action::Allow, vec![rule(Some(&[80])), rule(None)]),
+            policy("b/q", Action::Allow, vec![rule(None), rule(Some(&[443]))]),
+        ];
+        let set =
+            PolicySet::from_compiled(id("spiffe://td/ns/a/sa/x"), DefaultPolicy::Deny, policies)
+                .unwrap();
+        let source = id("spiffe://td/ns/b/sa/y");
+        assert_eq!(set.decide(&source, 80).to_string(), "allow by a/p rule 0");
+        assert_eq!(set.decide(&source, 443).to_string(), "allow by a/p rule 1");
+    }
+
+    #[test]
+    fn names_sources_as_written() {
+        let ns = SourceMatch::Namespace("/ns/monitoring/".into());
+        assert_eq!(ns.to_string(), "namespace monitoring");
+        let td = TrustDomain::new("td").unwrap();
+        assert!(ns.matches(&id("spiffe://td/ns/monitoring/sa/p"), &td));
+        assert!(!ns.matches(&id("spiffe://other/ns/monitoring/sa/p"), &td));
+    }
+
+    #[test]
+    fn parses_default_policy_flags() {
+        assert_eq!("allow-mesh".parse(), Ok(DefaultPolicy::AllowMesh));
+        assert_eq!(
+            "open".parse::<DefaultPolicy>().unwrap_err().to_string(),
+            "unknown default policy \"open\" (expected deny, allow-same-namespace or allow-mesh)"
+        );
+        assert_eq!(DefaultPolicy::default().label(), "default:deny");
+    }
+}

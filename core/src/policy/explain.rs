@@ -1,0 +1,182 @@
+//! Why a connection would be allowed or denied, for `trellisctl policy
+//! explain` and the Admin API's Explain.
+//!
+//! This module owns the account of a decision: every policy considered,
+//! whether it selects the destination, each of its rules and why it matched
+//! or not, and the decision itself, which comes from the very engine the
+//! sidecars run ([`PolicySet::decide`]). It never decides on its own.
+
+use std::fmt;
+use std::sync::Arc;
+
+use trellis_proto::policy::v1 as proto;
+
+use super::document::Action;
+use super::engine::{
+    CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, PolicySet, Reason, RuleRef,
+};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// The account of one decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub port: u16,
+    /// Every policy given, ordered by `namespace/name`.
+    pub policies: Vec<PolicyTrace>,
+    pub decision: Decision,
+}
+
+/// One policy and how it took part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyTrace {
+    pub policy: Arc<str>,
+    pub action: Action,
+    /// Whether it selects the destination; rules are listed only if it does.
+    pub selected: bool,
+    pub rules: Vec<RuleTrace>,
+}
+
+/// One rule, whether it matched, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleTrace {
+    pub index: usize,
+    pub matched: bool,
+    pub why: String,
+}
+
+impl Explanation {
+    /// The rule that decided, or `None` when the mesh default did.
+    pub fn deciding_rule(&self) -> Option<&RuleRef> {
+        match &self.decision.reason {
+            Reason::Rule(r) => Some(r),
+            Reason::Default(_) => None,
+        }
+    }
+}
+
+/// Explains the decision on a connection from `source` to `destination` on
+/// `port`, given every policy of the mesh (those not selecting the
+/// destination are listed as such).
+pub fn explain(
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    port: u16,
+    policies: &[proto::Policy],
+    default: DefaultPolicy,
+) -> Result<Explanation, CompileError> {
+    let mesh = destination.trust_domain();
+    let mut compiled = policies
+        .iter()
+        .map(|p| CompiledPolicy::compile(p, &mesh))
+        .collect::<Result<Vec<_>, _>>()?;
+    compiled.sort_by(|a, b| a.key.cmp(&b.key));
+    let traces = compiled
+        .iter()
+        .map(|policy| trace_policy(policy, source, destination, port, &mesh))
+        .collect();
+    let selected = compiled
+        .into_iter()
+        .filter(|p| p.selects(destination))
+        .collect();
+    let set = PolicySet::from_compiled(destination.clone(), default, selected)?;
+    debug_assert_eq!(set.mesh(), &mesh);
+    Ok(Explanation {
+        source: source.clone(),
+        destination: destination.clone(),
+        port,
+        policies: traces,
+        decision: set.decide(source, port),
+    })
+}
+
+fn trace_policy(
+    policy: &CompiledPolicy,
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    port: u16,
+    mesh: &TrustDomain,
+) -> PolicyTrace {
+    let selected = policy.selects(destination);
+    let rules = if selected {
+        let rules = policy.rules.iter().enumerate();
+        rules
+            .map(|(index, rule)| trace_rule(index, rule, source, port, mesh))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    PolicyTrace {
+        policy: policy.key.clone(),
+        action: policy.action,
+        selected,
+        rules,
+    }
+}
+
+fn trace_rule(
+    index: usize,
+    rule: &CompiledRule,
+    source: &SpiffeId,
+    port: u16,
+    mesh: &TrustDomain,
+) -> RuleTrace {
+    let source_match = rule.source_match(source, mesh);
+    let from = match source_match {
+        Some(None) => "any source".to_owned(),
+        Some(Some(matched)) => format!("source matches {matched}"),
+        None => {
+            let names: Vec<String> = rule.sources.iter().map(ToString::to_string).collect();
+            format!("no source matches (rule names {})", names.join(", "))
+        }
+    };
+    let to = match &rule.ports {
+        None => "any port".to_owned(),
+        Some(_) if rule.port_matches(port) => format!("port {port} is listed"),
+        Some(ports) => format!("port {port} is not in {ports:?}"),
+    };
+    RuleTrace {
+        index,
+        matched: source_match.is_some() && rule.port_matches(port),
+        why: format!("{from}; {to}"),
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} -> {} port {}: {}",
+            self.source, self.destination, self.port, self.decision
+        )?;
+        if self.policies.is_empty() {
+            writeln!(f, "  no policies")?;
+        }
+        for policy in &self.policies {
+            let selects = if policy.selected {
+                "selects"
+            } else {
+                "does not select"
+            };
+            writeln!(
+                f,
+                "  {} ({}): {selects} the destination",
+                policy.policy,
+                policy.action.as_str()
+            )?;
+            for rule in &policy.rules {
+                let verdict = if rule.matched {
+                    "matches"
+                } else {
+                    "does not match"
+                };
+                writeln!(f, "    rule {}: {verdict}: {}", rule.index, rule.why)?;
+            }
+        }
+        match &self.decision.reason {
+            Reason::Rule(r) => writeln!(f, "decided by {r}"),
+            Reason::Default(mode) => writeln!(f, "no rule decided: mesh default {}", mode.as_str()),
+        }
+    }
+}

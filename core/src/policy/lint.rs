@@ -1,0 +1,324 @@
+//! Policy files: reading, validating and reporting at `file:line:column`.
+//!
+//! This module owns turning files into validated policies and every problem
+//! into a [`Diagnostic`] at a line: YAML syntax, unknown fields and wrong
+//! types (from serde's field path), and each [`Violation`] of `validate`,
+//! its field path mapped back to the node that holds it. It is what
+//! `trellisctl policy lint` and `policy apply -f` run; it never talks to a
+//! control plane.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::document::Document;
+use super::path::FieldPath;
+use super::source::{Node, Pos, parse_stream};
+use super::validate::{Severity, ValidPolicy, Violation, duplicate_names, policy_key, validate};
+use crate::spiffe::TrustDomain;
+
+/// One problem in one file. `line` and `column` are 1-based; both are 0 when
+/// the problem is the file itself (it cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub severity: Severity,
+    pub path: FieldPath,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+
+    fn at(file: &str, pos: Pos, violation: Violation) -> Self {
+        Self {
+            file: file.to_owned(),
+            line: pos.line,
+            column: pos.column,
+            severity: violation.severity,
+            path: violation.path,
+            message: violation.message,
+        }
+    }
+}
+
+/// `file:line:column: [warning: ]path: message`, as compilers print.
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        f.write_str(": ")?;
+        if self.severity == Severity::Warning {
+            f.write_str("warning: ")?;
+        }
+        if !self.path.is_root() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Whether any diagnostic is an error (lint exits non-zero, apply refuses).
+pub fn has_errors(diagnostics: &[Diagnostic]) -> bool {
+    diagnostics.iter().any(Diagnostic::is_error)
+}
+
+/// A validated policy and where its document starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedPolicy {
+    pub policy: ValidPolicy,
+    pub file: String,
+    pub line: usize,
+}
+
+/// What reading some policy files gave: the valid policies and every
+/// diagnostic (errors and warnings), ordered by file, line and column.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    pub policies: Vec<LoadedPolicy>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    pub fn has_errors(&self) -> bool {
+        has_errors(&self.diagnostics)
+    }
+}
+
+/// Checks the documents of one text named `name` (a file name in messages).
+pub fn lint_source(name: &str, text: &str, td: &TrustDomain) -> Vec<Diagnostic> {
+    load_source(name, text, td).diagnostics
+}
+
+/// Reads and validates the documents of one text; duplicate names within it
+/// are errors.
+pub fn load_source(name: &str, text: &str, td: &TrustDomain) -> Loaded {
+    let mut checked = Vec::new();
+    let mut loaded = Loaded::default();
+    check_text(name, text, td, &mut checked, &mut loaded.diagnostics);
+    finish(checked, loaded, &[name.to_owned()])
+}
+
+/// Checks files and directories (searched recursively for `*.yaml`, `*.yml`
+/// and `*.json`, in sorted order); duplicate names across all of them are
+/// errors.
+pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
+    load_paths(paths, td).diagnostics
+}
+
+/// Reads and validates files and directories, as [`lint_paths`] checks them.
+pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
+    let mut files = Vec::new();
+    let mut loaded = Loaded::default();
+    for path in paths {
+        if let Err(e) = collect(path, true, &mut files) {
+            loaded.diagnostics.push(unreadable(path, &e));
+        }
+    }
+    files.sort();
+    files.dedup();
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let mut checked = Vec::new();
+    for (file, name) in files.iter().zip(&names) {
+        match fs::read_to_string(file) {
+            Ok(text) => check_text(name, &text, td, &mut checked, &mut loaded.diagnostics),
+            Err(e) => loaded.diagnostics.push(unreadable(file, &e)),
+        }
+    }
+    finish(checked, loaded, &names)
+}
+
+fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
+    Diagnostic {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        severity: Severity::Error,
+        path: FieldPath::root(),
+        message: format!("cannot read: {e}"),
+    }
+}
+
+/// Adds `path`: any file named explicitly, and the policy files found in
+/// directories. Symbolic links met while walking are never followed into
+/// directories, so a link loop cannot recurse forever.
+fn collect(path: &Path, explicit: bool, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let is_dir = if explicit {
+        fs::metadata(path)?.is_dir()
+    } else {
+        fs::symlink_metadata(path)?.is_dir()
+    };
+    if is_dir {
+        for entry in fs::read_dir(path)? {
+            collect(&entry?.path(), false, files)?;
+        }
+    } else if explicit || is_policy_file(path) {
+        files.push(path.to_owned());
+    }
+    Ok(())
+}
+
+fn is_policy_file(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str());
+    matches!(ext, Some("yaml" | "yml" | "json"))
+}
+
+/// A policy that passed validation, with its document for locating a
+/// duplicate-name error.
+struct Checked {
+    policy: ValidPolicy,
+    file: String,
+    node: Node,
+}
+
+fn check_text(
+    name: &str,
+    text: &str,
+    td: &TrustDomain,
+    checked: &mut Vec<Checked>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let (documents, syntax) = parse_stream(text);
+    for node in documents {
+        let document = match Document::from_value(node.to_json()) {
+            Ok(document) => document,
+            Err(e) => {
+                let pos = node.locate(&e.path, e.at_key);
+                let violation = Violation {
+                    at_key: e.at_key,
+                    ..Violation::error(e.path, e.message)
+                };
+                out.push(Diagnostic::at(name, pos, violation));
+                continue;
+            }
+        };
+        let Document::AuthorizationPolicy(policy) = &document;
+        let (policy, violations) = match validate(policy, td) {
+            Ok(valid) => {
+                let warnings = valid.warnings().to_vec();
+                (Some(valid), warnings)
+            }
+            Err(violations) => (None, violations),
+        };
+        for violation in violations {
+            let pos = node.locate(&violation.path, violation.at_key);
+            out.push(Diagnostic::at(name, pos, violation));
+        }
+        if let Some(policy) = policy {
+            checked.push(Checked {
+                policy,
+                file: name.to_owned(),
+                node,
+            });
+        }
+    }
+    if let Some(e) = syntax {
+        let violation = Violation::error(FieldPath::root(), e.message);
+        out.push(Diagnostic::at(name, e.pos, violation));
+    }
+}
+
+/// Rejects duplicate names, then orders diagnostics by the position of their
+/// file in `files` (unreadable paths first), line and column.
+fn finish(checked: Vec<Checked>, mut loaded: Loaded, files: &[String]) -> Loaded {
+    let duplicates = duplicate_names(checked.iter().map(|c| c.policy.policy()));
+    let name_path = FieldPath::root().field("metadata").field("name");
+    let mut rejected = vec![false; checked.len()];
+    for (dup, first) in duplicates {
+        rejected[dup] = true;
+        let (d, f) = (&checked[dup], &checked[first]);
+        let meta = &d.policy.policy().metadata;
+        let first_pos = f.node.locate(&name_path, false);
+        let message = format!(
+            "duplicate policy {}: already defined at {}:{first_pos}",
+            policy_key(&meta.namespace, &meta.name),
+            f.file
+        );
+        let pos = d.node.locate(&name_path, false);
+        loaded.diagnostics.push(Diagnostic::at(
+            &d.file,
+            pos,
+            Violation::error(name_path.clone(), message),
+        ));
+    }
+    for (c, rejected) in checked.into_iter().zip(rejected) {
+        if !rejected {
+            let line = c.node.pos().line;
+            loaded.policies.push(LoadedPolicy {
+                policy: c.policy,
+                file: c.file,
+                line,
+            });
+        }
+    }
+    loaded.diagnostics.sort_by_key(|d| {
+        let file = files.iter().position(|f| *f == d.file);
+        (file, d.line, d.column)
+    });
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    const GOOD: &str = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: web-to-api
+  namespace: default
+spec:
+  selector:
+    spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]
+  action: ALLOW
+  rules:
+    - from:
+        - spiffeId: spiffe://cluster.local/ns/default/sa/web
+      to:
+        - ports: [8080]
+";
+
+    #[test]
+    fn a_good_file_has_no_diagnostics() {
+        let loaded = load_source("good.yaml", GOOD, &td());
+        assert_eq!(loaded.diagnostics, []);
+        assert_eq!(loaded.policies.len(), 1);
+        assert_eq!(loaded.policies[0].line, 1);
+    }
+
+    #[test]
+    fn reports_the_line_of_a_bad_spiffe_id() {
+        let text = GOOD.replace("spiffe://cluster.local/ns/default/sa/web", "spiffe://Bad");
+        let diagnostics = lint_source("policies/bad.yaml", &text, &td());
+        assert_eq!(diagnostics.len(), 1);
+        assert_eq!(
+            diagnostics[0].to_string(),
+            "policies/bad.yaml:12:21: spec.rules[0].from[0].spiffeId: invalid SPIFFE ID \"spiffe://Bad\": the trust domain may hold only a-z, 0-9, '.', '-' and '_' (found 'B')"
+        );
+    }
+
+    #[test]
+    fn reports_duplicate_names_at_the_second() {
+        let text = format!("{GOOD}---\n{GOOD}");
+        let diagnostics = lint_source("dup.yaml", &text, &td());
+        assert_eq!(
+            diagnostics
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "dup.yaml:19:9: metadata.name: duplicate policy default/web-to-api: already defined at dup.yaml:4:9"
+            ]
+        );
+    }
+}

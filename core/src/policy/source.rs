@@ -1,0 +1,394 @@
+//! Policy files as trees of positioned YAML nodes.
+//!
+//! This module owns reading text (YAML, or JSON, which is a subset of YAML
+//! 1.2) into one [`Node`] tree per document, each node remembering its line
+//! and column, and finding the node a [`FieldPath`] names. It never knows the
+//! policy schema: the tree becomes a `serde_json::Value` for serde, and errors
+//! found later are mapped back to lines through their field path.
+//!
+//! Anchors and aliases are refused (a policy has no use for them and they make
+//! "billion laughs" inputs possible), as are tags and duplicate keys, which
+//! YAML parsers otherwise resolve silently.
+
+use std::fmt;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, ScanError, Span};
+use serde_json::Value;
+
+use super::path::{FieldPath, Segment};
+
+/// A place in a source text, both 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Pos {
+    fn of(span: &Span) -> Self {
+        Self {
+            line: span.start.line(),
+            column: span.start.col() + 1,
+        }
+    }
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// Why a text is not a stream of YAML documents we accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SyntaxError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl SyntaxError {
+    fn new(pos: Pos, message: impl Into<String>) -> Self {
+        Self {
+            pos,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ScanError> for SyntaxError {
+    fn from(e: ScanError) -> Self {
+        let pos = Pos {
+            line: e.marker().line(),
+            column: e.marker().col() + 1,
+        };
+        Self::new(pos, format!("YAML syntax error: {}", e.info()))
+    }
+}
+
+/// One YAML node and where it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Node {
+    Scalar { pos: Pos, text: String, plain: bool },
+    Seq { pos: Pos, items: Vec<Node> },
+    Map { pos: Pos, entries: Vec<Entry> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub key: String,
+    pub key_pos: Pos,
+    pub value: Node,
+}
+
+impl Node {
+    pub fn pos(&self) -> Pos {
+        match self {
+            Node::Scalar { pos, .. } | Node::Seq { pos, .. } | Node::Map { pos, .. } => *pos,
+        }
+    }
+
+    /// An empty document (only comments, or a stray `---`).
+    pub fn is_empty_document(&self) -> bool {
+        matches!(self, Node::Scalar { text, plain: true, .. } if is_null(text))
+    }
+
+    /// The position of what `path` names, or of the deepest node on the way
+    /// that exists (a missing field is reported on its parent). With `key`,
+    /// a mapping entry is reported at its key rather than its value, which is
+    /// where an unknown field should point.
+    pub fn locate(&self, path: &FieldPath, key: bool) -> Pos {
+        let mut node = self;
+        let segments = path.segments();
+        for (i, segment) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            let next = match (node, segment) {
+                (Node::Map { entries, .. }, Segment::Field(name)) => {
+                    match entries.iter().find(|e| e.key == **name) {
+                        Some(entry) if last && key => return entry.key_pos,
+                        Some(entry) => &entry.value,
+                        None => break,
+                    }
+                }
+                (Node::Seq { items, .. }, Segment::Index(i)) => match items.get(*i) {
+                    Some(item) => item,
+                    None => break,
+                },
+                _ => break,
+            };
+            node = next;
+        }
+        node.pos()
+    }
+
+    /// The tree as a JSON value, scalars typed by the YAML 1.2 core schema.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Node::Scalar { text, plain, .. } if *plain => plain_scalar(text),
+            Node::Scalar { text, .. } => Value::String(text.clone()),
+            Node::Seq { items, .. } => Value::Array(items.iter().map(Node::to_json).collect()),
+            Node::Map { entries, .. } => Value::Object(
+                entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+fn is_null(text: &str) -> bool {
+    matches!(text, "" | "~" | "null" | "Null" | "NULL")
+}
+
+/// Resolves a plain scalar as the YAML 1.2 core schema does (so `no` stays
+/// a string and `0755` is a decimal).
+fn plain_scalar(text: &str) -> Value {
+    if is_null(text) {
+        return Value::Null;
+    }
+    match text {
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        _ => {}
+    }
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(n) = text.parse::<i64>()
+    {
+        return Value::from(n);
+    }
+    let radix = [("0x", 16), ("0o", 8)]
+        .into_iter()
+        .find_map(|(prefix, radix)| Some((text.strip_prefix(prefix)?, radix)));
+    if let Some((digits, radix)) = radix
+        && let Ok(n) = i64::from_str_radix(digits, radix)
+    {
+        return Value::from(n);
+    }
+    let looks_numeric = digits.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
+    if looks_numeric
+        && let Some(n) = text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+    {
+        return Value::Number(n);
+    }
+    Value::String(text.to_owned())
+}
+
+/// Whether a plain scalar with this text reads back as the same string.
+pub(crate) fn resolves_to_string(text: &str) -> bool {
+    matches!(plain_scalar(text), Value::String(_))
+}
+
+/// Every document of a stream. On a syntax error, the documents that were
+/// complete before it come back with the error so they can still be checked.
+pub(crate) fn parse_stream(text: &str) -> (Vec<Node>, Option<SyntaxError>) {
+    let mut builder = Builder::default();
+    let mut documents = Vec::new();
+    for event in Parser::new_from_str(text) {
+        let step = event
+            .map_err(SyntaxError::from)
+            .and_then(|(event, span)| builder.push(event, &span));
+        match step {
+            Ok(Some(root)) if !root.is_empty_document() => documents.push(root),
+            Ok(_) => {}
+            Err(e) => return (documents, Some(e)),
+        }
+    }
+    (documents, None)
+}
+
+/// Far deeper than any policy; bounds the recursion of later passes (and of
+/// dropping the tree) on hostile input.
+const MAX_DEPTH: usize = 32;
+
+/// Builds nodes from parser events; a stack of open collections.
+#[derive(Default)]
+struct Builder {
+    open: Vec<Open>,
+}
+
+enum Open {
+    Seq(Pos, Vec<Node>),
+    /// A mapping, and the key waiting for its value.
+    Map(Pos, Vec<Entry>, Option<(String, Pos)>),
+}
+
+impl Builder {
+    /// Feeds one event; returns a document's root when one completes.
+    fn push(&mut self, event: Event<'_>, span: &Span) -> Result<Option<Node>, SyntaxError> {
+        let pos = Pos::of(span);
+        let node = match event {
+            Event::Alias(_) => {
+                return Err(SyntaxError::new(pos, "YAML aliases are not supported"));
+            }
+            Event::Scalar(_, _, anchor, _)
+            | Event::SequenceStart(anchor, _)
+            | Event::MappingStart(anchor, _)
+                if anchor != 0 =>
+            {
+                return Err(SyntaxError::new(pos, "YAML anchors are not supported"));
+            }
+            Event::Scalar(_, _, _, Some(tag))
+            | Event::SequenceStart(_, Some(tag))
+            | Event::MappingStart(_, Some(tag)) => {
+                return Err(SyntaxError::new(
+                    pos,
+                    format!("YAML tags are not supported (found {tag})"),
+                ));
+            }
+            Event::Scalar(text, style, _, None) => Node::Scalar {
+                pos,
+                text: text.into_owned(),
+                plain: style == ScalarStyle::Plain,
+            },
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.open.len() >= MAX_DEPTH => {
+                return Err(SyntaxError::new(
+                    pos,
+                    format!("nesting deeper than {MAX_DEPTH} levels"),
+                ));
+            }
+            Event::SequenceStart(..) => {
+                self.open.push(Open::Seq(pos, Vec::new()));
+                return Ok(None);
+            }
+            Event::MappingStart(..) => {
+                self.open.push(Open::Map(pos, Vec::new(), None));
+                return Ok(None);
+            }
+            Event::SequenceEnd | Event::MappingEnd => match self.open.pop() {
+                Some(Open::Seq(pos, items)) => Node::Seq { pos, items },
+                Some(Open::Map(pos, entries, _)) => Node::Map { pos, entries },
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        self.attach(node)
+    }
+
+    fn attach(&mut self, node: Node) -> Result<Option<Node>, SyntaxError> {
+        match self.open.last_mut() {
+            None => Ok(Some(node)),
+            Some(Open::Seq(_, items)) => {
+                items.push(node);
+                Ok(None)
+            }
+            Some(Open::Map(_, entries, pending)) => {
+                match pending.take() {
+                    Some((key, key_pos)) => entries.push(Entry {
+                        key,
+                        key_pos,
+                        value: node,
+                    }),
+                    None => {
+                        let Node::Scalar { pos, text, .. } = node else {
+                            return Err(SyntaxError::new(
+                                node.pos(),
+                                "mapping keys must be plain strings",
+                            ));
+                        };
+                        if entries.iter().any(|e| e.key == text) {
+                            return Err(SyntaxError::new(pos, format!("duplicate key {text:?}")));
+                        }
+                        *pending = Some((text, pos));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(text: &str) -> Node {
+        let (mut docs, err) = parse_stream(text);
+        assert_eq!(err, None);
+        assert_eq!(docs.len(), 1);
+        docs.remove(0)
+    }
+
+    #[test]
+    fn scalars_follow_the_core_schema() {
+        let node =
+            one("a: 8080\nb: no\nc: \"8080\"\nd: ~\ne: true\nf: 1.5\ng: 0x10\nh: spiffe://x/y\n");
+        assert_eq!(
+            node.to_json(),
+            json!({"a": 8080, "b": "no", "c": "8080", "d": null, "e": true, "f": 1.5, "g": 16, "h": "spiffe://x/y"})
+        );
+    }
+
+    #[test]
+    fn locates_values_and_keys() {
+        let node = one("spec:\n  rules:\n    - from:\n        - spiffeId: x\n");
+        let path = FieldPath::root()
+            .field("spec")
+            .field("rules")
+            .index(0)
+            .field("from")
+            .index(0)
+            .field("spiffeId");
+        assert_eq!(
+            node.locate(&path, false),
+            Pos {
+                line: 4,
+                column: 21
+            }
+        );
+        assert_eq!(
+            node.locate(&path, true),
+            Pos {
+                line: 4,
+                column: 11
+            }
+        );
+        // A missing field is reported where its parent is.
+        let missing = FieldPath::root().field("spec").field("selector");
+        assert_eq!(node.locate(&missing, false), Pos { line: 2, column: 3 });
+    }
+
+    #[test]
+    fn splits_documents_and_skips_empty_ones() {
+        let (docs, err) = parse_stream("---\na: 1\n---\n# nothing\n---\n{\"b\": 2}\n");
+        assert_eq!(err, None);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].to_json(), json!({"b": 2}));
+        assert_eq!(docs[1].pos().line, 6);
+    }
+
+    #[test]
+    fn refuses_duplicate_keys_aliases_and_tags() {
+        for (text, line, needle) in [
+            ("a: 1\nb: 2\na: 3\n", 3, "duplicate key \"a\""),
+            ("a: &x 1\nb: *x\n", 1, "anchors"),
+            ("a: !custom 1\n", 1, "tags"),
+            (
+                &format!("a: {}", "[".repeat(100)),
+                1,
+                "nesting deeper than 32 levels",
+            ),
+        ] {
+            let (_, err) = parse_stream(text);
+            let err = err.unwrap_or_else(|| panic!("{text:?} should fail"));
+            assert_eq!(err.pos.line, line, "{text:?}");
+            assert!(err.message.contains(needle), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn keeps_documents_before_a_syntax_error() {
+        let (docs, err) = parse_stream("a: 1\n---\nb: [1, 2\n");
+        assert_eq!(docs.len(), 1);
+        assert!(err.unwrap().message.starts_with("YAML syntax error"));
+    }
+}

@@ -1,0 +1,445 @@
+//! The one validation of authorization policies, shared by the Admin API,
+//! `trellisctl policy lint`, the admission webhook and the sidecar (NACK).
+//!
+//! This module owns every rule about what a valid policy is and reports each
+//! broken rule as a [`Violation`] at a field path. It never reads files or
+//! knows line numbers (`lint` maps paths to lines), and it never decides
+//! connections (`engine` does, only from policies that passed here).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::document::{API_VERSION, AuthorizationPolicy, Rule, Source};
+use super::path::FieldPath;
+use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
+use crate::spiffe::TrustDomain;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// The policy is rejected.
+    Error,
+    /// The policy is accepted, but probably not what was meant.
+    Warning,
+}
+
+/// One broken rule, at the field that breaks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub path: FieldPath,
+    pub message: String,
+    pub severity: Severity,
+    /// Points at the key rather than the value (unknown fields).
+    pub at_key: bool,
+}
+
+impl Violation {
+    pub fn error(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            message: message.into(),
+            severity: Severity::Error,
+            at_key: false,
+        }
+    }
+
+    pub fn warning(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(path, message)
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.severity == Severity::Warning {
+            f.write_str("warning: ")?;
+        }
+        if !self.path.is_root() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// An authorization policy that passed [`validate`], with its warnings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPolicy {
+    policy: AuthorizationPolicy,
+    warnings: Vec<Violation>,
+}
+
+impl ValidPolicy {
+    pub fn policy(&self) -> &AuthorizationPolicy {
+        &self.policy
+    }
+
+    pub fn into_policy(self) -> AuthorizationPolicy {
+        self.policy
+    }
+
+    pub fn warnings(&self) -> &[Violation] {
+        &self.warnings
+    }
+
+    /// `namespace/name`, unique in a mesh.
+    pub fn key(&self) -> String {
+        policy_key(&self.policy.metadata.namespace, &self.policy.metadata.name)
+    }
+}
+
+/// `namespace/name`, how decisions, logs and metrics name a policy.
+pub fn policy_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Checks one policy for the mesh of trust domain `td`. Errors reject it;
+/// warnings come back in the `Err` with the errors, or in the [`ValidPolicy`].
+pub fn validate(
+    policy: &AuthorizationPolicy,
+    td: &TrustDomain,
+) -> Result<ValidPolicy, Vec<Violation>> {
+    let mut check = Check {
+        td,
+        found: Vec::new(),
+    };
+    check.policy(policy);
+    if check.found.iter().any(Violation::is_error) {
+        return Err(check.found);
+    }
+    Ok(ValidPolicy {
+        policy: policy.clone(),
+        warnings: check.found,
+    })
+}
+
+/// Policies named like an earlier one in `policies`, as
+/// `(index of the duplicate, index of the first)`.
+pub fn duplicate_names<'a>(
+    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+) -> Vec<(usize, usize)> {
+    let mut first = HashMap::new();
+    let mut duplicates = Vec::new();
+    for (i, policy) in policies.into_iter().enumerate() {
+        let key = (&policy.metadata.namespace, &policy.metadata.name);
+        match first.get(&key) {
+            Some(&j) => duplicates.push((i, j)),
+            None => {
+                first.insert(key, i);
+            }
+        }
+    }
+    duplicates
+}
+
+struct Check<'a> {
+    td: &'a TrustDomain,
+    found: Vec<Violation>,
+}
+
+impl Check<'_> {
+    fn error(&mut self, path: FieldPath, message: impl Into<String>) {
+        self.found.push(Violation::error(path, message));
+    }
+
+    fn warning(&mut self, path: FieldPath, message: impl Into<String>) {
+        self.found.push(Violation::warning(path, message));
+    }
+
+    fn policy(&mut self, policy: &AuthorizationPolicy) {
+        let root = FieldPath::root();
+        if policy.api_version != API_VERSION {
+            self.error(
+                root.field("apiVersion"),
+                format!(
+                    "unsupported apiVersion {:?} (expected {API_VERSION:?})",
+                    policy.api_version
+                ),
+            );
+        }
+        if policy.kind != AuthorizationPolicy::KIND {
+            self.error(
+                root.field("kind"),
+                format!(
+                    "kind must be {:?}, not {:?}",
+                    AuthorizationPolicy::KIND,
+                    policy.kind
+                ),
+            );
+        }
+        let metadata = root.field("metadata");
+        self.label(metadata.field("name"), "name", &policy.metadata.name);
+        self.label(
+            metadata.field("namespace"),
+            "namespace",
+            &policy.metadata.namespace,
+        );
+
+        let spec = root.field("spec");
+        self.selector(
+            spec.field("selector").field("spiffeIds"),
+            &policy.spec.selector.spiffe_ids,
+        );
+        let rules = spec.field("rules");
+        if policy.spec.rules.is_empty() {
+            self.error(
+                rules.clone(),
+                "a policy needs at least one rule: without rules it never matches",
+            );
+        }
+        for (i, rule) in policy.spec.rules.iter().enumerate() {
+            self.rule(rules.index(i), rule);
+        }
+    }
+
+    fn label(&mut self, path: FieldPath, what: &str, value: &str) {
+        if value.is_empty() {
+            self.error(path, format!("{what} is required"));
+        } else if !is_dns_label(value) {
+            self.error(path, format!("invalid {what} {value:?}: {DNS_LABEL_RULE}"));
+        }
+    }
+
+    fn selector(&mut self, path: FieldPath, ids: &[String]) {
+        if ids.is_empty() {
+            self.error(
+                path,
+                "the selector must name at least one workload (spiffeIds)",
+            );
+            return;
+        }
+        for (i, text) in ids.iter().enumerate() {
+            let path = path.index(i);
+            if ids[..i].contains(text) {
+                self.warning(path, format!("{text:?} is listed twice"));
+                continue;
+            }
+            match IdPattern::parse(text) {
+                Err(e) => self.error(path, e.to_string()),
+                Ok(pattern) if pattern.trust_domain_str() != self.td.as_str() => self.error(
+                    path,
+                    format!(
+                        "selects no workload of this mesh: {text:?} is outside trust domain {:?}",
+                        self.td.as_str()
+                    ),
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn rule(&mut self, path: FieldPath, rule: &Rule) {
+        if let Some(sources) = &rule.from {
+            let from = path.field("from");
+            if sources.is_empty() {
+                self.error(
+                    from.clone(),
+                    "`from` is present but empty: name at least one source, or leave `from` out to match any source",
+                );
+            }
+            for (i, source) in sources.iter().enumerate() {
+                if sources[..i].contains(source) {
+                    self.warning(from.index(i), "this source is listed twice");
+                    continue;
+                }
+                self.source(from.index(i), source);
+            }
+        }
+        if let Some(destinations) = &rule.to {
+            let to = path.field("to");
+            if destinations.is_empty() {
+                self.error(
+                    to.clone(),
+                    "`to` is present but empty: name at least one destination, or leave `to` out to match any port",
+                );
+            }
+            for (i, destination) in destinations.iter().enumerate() {
+                let path = to.index(i);
+                match &destination.ports {
+                    None => self.error(
+                        path,
+                        "a destination must name ports: an entry that matches nothing in particular is ambiguous; leave `to` out to match any port",
+                    ),
+                    Some(ports) => self.ports(path.field("ports"), ports),
+                }
+            }
+        }
+    }
+
+    fn source(&mut self, path: FieldPath, source: &Source) {
+        let set: Vec<&str> = [
+            ("spiffeId", source.spiffe_id.is_some()),
+            ("namespace", source.namespace.is_some()),
+            ("trustDomain", source.trust_domain.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        if set.len() != 1 {
+            let found = if set.is_empty() {
+                "none".to_owned()
+            } else {
+                set.join(", ")
+            };
+            self.error(
+                path,
+                format!("a source sets exactly one of spiffeId, namespace or trustDomain (found: {found})"),
+            );
+            return;
+        }
+        let td = self.td.as_str();
+        if let Some(text) = &source.spiffe_id {
+            let path = path.field("spiffeId");
+            match IdPattern::parse(text) {
+                Err(e) => self.error(path, e.to_string()),
+                Ok(p) if p.trust_domain_str() != td => self.error(
+                    path,
+                    format!("can never match: {text:?} is outside the mesh's trust domain {td:?}"),
+                ),
+                Ok(_) => {}
+            }
+        }
+        if let Some(namespace) = &source.namespace {
+            self.label(path.field("namespace"), "namespace", namespace);
+        }
+        if let Some(text) = &source.trust_domain {
+            let path = path.field("trustDomain");
+            match TrustDomain::new(text) {
+                Err(e) => self.error(path, format!("invalid trust domain {text:?}: {e}")),
+                Ok(other) if other != *self.td => self.error(
+                    path,
+                    format!("can never match: only identities of the mesh's trust domain {td:?} can connect"),
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn ports(&mut self, path: FieldPath, ports: &[i64]) {
+        if ports.is_empty() {
+            self.error(
+                path,
+                "`ports` is present but empty: list at least one port, or leave `to` out to match any port",
+            );
+            return;
+        }
+        for (i, &port) in ports.iter().enumerate() {
+            if !(1..=65535).contains(&port) {
+                self.error(
+                    path.index(i),
+                    format!("port {port} is out of range 1..=65535"),
+                );
+            } else if ports[..i].contains(&port) {
+                self.warning(path.index(i), format!("port {port} is listed twice"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::document::{
+        Action, AuthorizationPolicySpec, Destination, Metadata, Selector,
+    };
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn policy(rules: Vec<Rule>) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            api_version: API_VERSION.into(),
+            kind: AuthorizationPolicy::KIND.into(),
+            metadata: Metadata {
+                name: "web-to-api".into(),
+                namespace: "default".into(),
+            },
+            spec: AuthorizationPolicySpec {
+                selector: Selector {
+                    spiffe_ids: vec!["spiffe://cluster.local/ns/default/sa/api".into()],
+                },
+                action: Action::Allow,
+                rules,
+            },
+        }
+    }
+
+    fn errors(policy: &AuthorizationPolicy) -> Vec<String> {
+        validate(policy, &td())
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn from(source: Source) -> Rule {
+        Rule {
+            from: Some(vec![source]),
+            to: None,
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_policy() {
+        let valid = validate(&policy(vec![Rule::default()]), &td()).unwrap();
+        assert_eq!(valid.key(), "default/web-to-api");
+        assert!(valid.warnings().is_empty());
+    }
+
+    #[test]
+    fn rejects_sources_in_another_trust_domain() {
+        let p = policy(vec![from(Source {
+            spiffe_id: Some("spiffe://other.org/ns/a/sa/b".into()),
+            ..Source::default()
+        })]);
+        assert_eq!(
+            errors(&p),
+            [
+                "spec.rules[0].from[0].spiffeId: can never match: \"spiffe://other.org/ns/a/sa/b\" is outside the mesh's trust domain \"cluster.local\""
+            ]
+        );
+    }
+
+    #[test]
+    fn a_source_sets_exactly_one_field() {
+        let p = policy(vec![from(Source {
+            spiffe_id: Some("spiffe://cluster.local/ns/a/sa/b".into()),
+            namespace: Some("a".into()),
+            trust_domain: None,
+        })]);
+        assert_eq!(
+            errors(&p),
+            [
+                "spec.rules[0].from[0]: a source sets exactly one of spiffeId, namespace or trustDomain (found: spiffeId, namespace)"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_ports_are_only_a_warning() {
+        let p = policy(vec![Rule {
+            from: None,
+            to: Some(vec![Destination {
+                ports: Some(vec![8080, 8080]),
+            }]),
+        }]);
+        let valid = validate(&p, &td()).unwrap();
+        assert_eq!(
+            valid.warnings()[0].to_string(),
+            "warning: spec.rules[0].to[0].ports[1]: port 8080 is listed twice"
+        );
+    }
+
+    #[test]
+    fn finds_duplicate_names() {
+        let a = policy(vec![Rule::default()]);
+        let mut b = a.clone();
+        b.metadata.name = "other".into();
+        assert_eq!(duplicate_names([&a, &b, &a]), [(2, 0)]);
+    }
+}
