@@ -1,5 +1,74 @@
 //! The Trellis sidecar.
+//!
+//! [`cli_main`] is the whole program: it parses flags (exit 64 on invalid
+//! configuration, before any port is bound), binds every listener, then
+//! starts identity, TLS, discovery and the listeners, and drains on
+//! SIGTERM/SIGINT. The path of one connection reads top to bottom in
+//! [`inbound::serve`] and in `outbound`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
+pub mod config;
+pub mod drain;
+pub mod identity;
+pub mod inbound;
 pub mod init;
+pub mod metrics;
+pub mod net;
+pub mod outbound;
+pub mod policy;
+mod run;
+pub mod tls;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use config::{Cli, Command, Config};
+
+/// Exit code for invalid configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Runs `trellis-proxy` with `args` (argv, the program name first, whatever
+/// it is) until SIGTERM or SIGINT.
+pub fn cli_main(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    if let Some(Command::Init(args)) = cli.command {
+        return init::run(args);
+    }
+    let config = match Config::from_args(&cli.proxy) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("trellis-proxy: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    run::init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("trellis-proxy: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run::run(config));
+    // Connections still open after the drain deadline are dropped here.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}

@@ -1,0 +1,189 @@
+//! The admin server on `--admin`: `/live`, `/ready`, `/metrics` and
+//! `/config`, plain HTTP/1.1 meant for the kubelet, Prometheus and operators
+//! on the same host.
+//!
+//! It reads the published state (SVID, bundle, snapshot, metrics) and never
+//! changes it. It must never expose key material or the join token.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::identity::{Svid, TrustBundle};
+use crate::metrics::Metrics;
+use crate::policy::Snapshot;
+
+/// What the admin endpoints read.
+pub struct State {
+    pub config: Arc<Config>,
+    pub svid: watch::Receiver<Option<Arc<Svid>>>,
+    pub bundle: watch::Receiver<TrustBundle>,
+    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Binds the admin port; [`Admin::run`] serves it.
+pub struct Admin {
+    listener: TcpListener,
+    state: Arc<State>,
+    drain: Drain,
+}
+
+impl Admin {
+    pub async fn new(addr: SocketAddr, state: State, drain: Drain) -> io::Result<Self> {
+        Ok(Admin {
+            listener: TcpListener::bind(addr).await?,
+            state: Arc::new(state),
+            drain,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.drain.signaled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let Ok((tcp, _)) = accepted else { continue };
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, &req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => match not_ready(state, SystemTime::now()) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        "/metrics" => Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(state.metrics.encode().into()))
+            .expect("static response parts are valid"),
+        "/config" => {
+            let body = serde_json::to_vec_pretty(&config_view(state)).expect("serializable");
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.into()))
+                .expect("static response parts are valid")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live /ready /metrics /config\n",
+        ),
+    }
+}
+
+/// Why the sidecar is not ready, or `None` when it is.
+pub fn not_ready(state: &State, now: SystemTime) -> Option<&'static str> {
+    match state.svid.borrow().as_deref() {
+        None => return Some("no certificate yet"),
+        Some(svid) if !svid.is_valid_at(now) => return Some("the certificate has expired"),
+        Some(_) => {}
+    }
+    if state.snapshot.borrow().is_none() {
+        return Some("no discovery snapshot yet");
+    }
+    None
+}
+
+#[derive(Serialize)]
+struct ConfigView {
+    identity: String,
+    certificate: Option<CertificateView>,
+    bundle_size: usize,
+    snapshot_version: Option<u64>,
+    control_plane: String,
+    inbound: String,
+    advertise_address: String,
+    outbound: String,
+    app: String,
+    admin: String,
+    routes: Vec<RouteView>,
+}
+
+#[derive(Serialize)]
+struct CertificateView {
+    serial: String,
+    expires_at_unix: u64,
+}
+
+#[derive(Serialize)]
+struct RouteView {
+    local: String,
+    spiffe_id: String,
+    remote: String,
+}
+
+fn config_view(state: &State) -> ConfigView {
+    let c = &state.config;
+    ConfigView {
+        identity: c.identity.to_string(),
+        certificate: state.svid.borrow().as_deref().map(|s| CertificateView {
+            serial: s.serial.clone(),
+            expires_at_unix: s.expires_at_unix(),
+        }),
+        bundle_size: state.bundle.borrow().len(),
+        snapshot_version: state.snapshot.borrow().as_ref().map(|s| s.version),
+        control_plane: c.control_plane.clone(),
+        inbound: c.inbound.to_string(),
+        advertise_address: c.advertise_address.to_string(),
+        outbound: c.outbound.to_string(),
+        app: c.app.to_string(),
+        admin: c.admin.to_string(),
+        routes: c
+            .routes
+            .iter()
+            .map(|r| RouteView {
+                local: r.local.to_string(),
+                spiffe_id: r.spiffe_id.to_string(),
+                remote: r.remote.clone(),
+            })
+            .collect(),
+    }
+}

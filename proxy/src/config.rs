@@ -1,0 +1,335 @@
+//! Command-line flags (with `TRELLIS_<FLAG>` environment twins) and their
+//! validation into a [`Config`].
+//!
+//! This module owns parsing and checking configuration. It must never bind a
+//! socket or talk to the network: invalid configuration is reported (exit 64)
+//! before any port is bound.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use trellis_core::{SpiffeId, TrustDomain};
+
+/// `trellis-proxy`: the Trellis sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "trellis-proxy", version, about = "The Trellis sidecar")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Program iptables in the pod network namespace.
+    Init(crate::init::InitArgs),
+}
+
+/// Flags of the sidecar itself.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Control plane gRPC address (host:port).
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE", default_value = "127.0.0.1:15012")]
+    pub control_plane: String,
+    /// PEM roots used to verify the control plane on first contact.
+    #[arg(long, env = "TRELLIS_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// This workload's SPIFFE ID; its trust domain is the mesh's.
+    #[arg(long, env = "TRELLIS_IDENTITY")]
+    pub identity: Option<String>,
+    /// File holding the join token for the first certificate.
+    #[arg(long, env = "TRELLIS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Inbound mTLS listener.
+    #[arg(long, env = "TRELLIS_INBOUND", default_value = "0.0.0.0:15006")]
+    pub inbound: String,
+    /// The local application inbound connections are forwarded to.
+    #[arg(long, env = "TRELLIS_APP", default_value = "127.0.0.1:8080")]
+    pub app: String,
+    /// Transparent outbound listener (connections redirected by iptables).
+    #[arg(long, env = "TRELLIS_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: String,
+    /// Explicit outbound route LOCAL_ADDR=SPIFFE_ID@REMOTE_ADDR (repeatable;
+    /// comma-separated in the environment).
+    #[arg(
+        long = "route",
+        env = "TRELLIS_ROUTE",
+        value_name = "ROUTE",
+        value_delimiter = ','
+    )]
+    pub routes: Vec<String>,
+    /// Admin listener: /live /ready /metrics /config.
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15020")]
+    pub admin: String,
+    /// Inbound address reported to the control plane.
+    #[arg(long, env = "TRELLIS_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// How long open connections may drain after SIGTERM.
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
+    pub drain_timeout: String,
+    /// Log format: text or json.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// An invalid flag: names the flag and says what is wrong with its value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag}: {reason}")]
+pub struct InvalidFlag {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, reason: impl fmt::Display) -> InvalidFlag {
+    InvalidFlag {
+        flag,
+        reason: reason.to_string(),
+    }
+}
+
+/// An explicit outbound route: plaintext on `local`, mTLS to `remote`, whose
+/// server must present `spiffe_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub local: SocketAddr,
+    pub spiffe_id: SpiffeId,
+    /// `host:port`; resolved when dialled.
+    pub remote: String,
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (local, rest) = s
+            .split_once('=')
+            .ok_or("expected LOCAL_ADDR=SPIFFE_ID@REMOTE_ADDR")?;
+        let (id, remote) = rest
+            .rsplit_once('@')
+            .ok_or("expected LOCAL_ADDR=SPIFFE_ID@REMOTE_ADDR")?;
+        let local = local
+            .parse()
+            .map_err(|e| format!("local address {local:?}: {e}"))?;
+        let spiffe_id = SpiffeId::parse(id).map_err(|e| format!("SPIFFE ID {id:?}: {e}"))?;
+        check_host_port(remote).map_err(|e| format!("remote address {remote:?}: {e}"))?;
+        Ok(Route {
+            local,
+            spiffe_id,
+            remote: remote.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}@{}", self.local, self.spiffe_id, self.remote)
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("bad port {port:?}"))?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration of a sidecar.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub control_plane: String,
+    pub identity: SpiffeId,
+    pub trust_domain: TrustDomain,
+    /// DER roots from --trust-bundle (empty when not given).
+    pub trust_bundle: Vec<CertificateDer<'static>>,
+    /// The join token, trimmed. Never logged.
+    pub token: Option<Token>,
+    pub inbound: SocketAddr,
+    pub app: SocketAddr,
+    pub outbound: SocketAddr,
+    pub routes: Vec<Route>,
+    pub admin: SocketAddr,
+    pub advertise_address: SocketAddr,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+/// A join token; its `Debug` never shows the secret.
+#[derive(Clone)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+fn addr(flag: &'static str, s: &str) -> Result<SocketAddr, InvalidFlag> {
+    s.parse()
+        .map_err(|e| invalid(flag, format_args!("{s:?} is not an ip:port address ({e})")))
+}
+
+impl Config {
+    /// Validates parsed flags, reading the bundle and token files.
+    pub fn from_args(args: &ProxyArgs) -> Result<Self, InvalidFlag> {
+        let id = args
+            .identity
+            .as_deref()
+            .ok_or_else(|| invalid("identity", "is required"))?;
+        let identity = SpiffeId::parse(id).map_err(|e| invalid("identity", e))?;
+        let trust_domain = identity.trust_domain();
+        check_host_port(&args.control_plane).map_err(|e| invalid("control-plane", e))?;
+        let trust_bundle = match &args.trust_bundle {
+            None => Vec::new(),
+            Some(path) => read_bundle(path).map_err(|e| invalid("trust-bundle", e))?,
+        };
+        let token = match &args.token_file {
+            None => None,
+            Some(path) => {
+                let raw = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("token-file", format_args!("{}: {e}", path.display())))?;
+                let token = raw.trim();
+                if token.is_empty() {
+                    return Err(invalid(
+                        "token-file",
+                        format_args!("{} is empty", path.display()),
+                    ));
+                }
+                Some(Token(token.to_string()))
+            }
+        };
+        let inbound = addr("inbound", &args.inbound)?;
+        let app = addr("app", &args.app)?;
+        let outbound = addr("outbound", &args.outbound)?;
+        let admin = addr("admin", &args.admin)?;
+        let routes = args
+            .routes
+            .iter()
+            .map(|r| r.parse::<Route>().map_err(|e| invalid("route", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let advertise_address = match &args.advertise_address {
+            Some(a) => addr("advertise-address", a)?,
+            None => default_advertise(inbound),
+        };
+        let drain_timeout = humantime::parse_duration(&args.drain_timeout)
+            .map_err(|e| invalid("drain-timeout", e))?;
+        let log_format = match args.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format_args!("{other:?} is not text or json"),
+                ));
+            }
+        };
+        Ok(Config {
+            control_plane: args.control_plane.clone(),
+            identity,
+            trust_domain,
+            trust_bundle,
+            token,
+            inbound,
+            app,
+            outbound,
+            routes,
+            admin,
+            advertise_address,
+            drain_timeout,
+            log_format,
+        })
+    }
+}
+
+/// The inbound address, or loopback with its port when it is unspecified.
+fn default_advertise(inbound: SocketAddr) -> SocketAddr {
+    if inbound.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), inbound.port())
+    } else {
+        inbound
+    }
+}
+
+fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
+        let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("clap parses");
+        Config::from_args(&cli.proxy)
+    }
+
+    #[test]
+    fn parses_routes() {
+        let r: Route = "127.0.0.1:9000=spiffe://td/ns/b/sa/c@10.0.0.2:15006"
+            .parse()
+            .unwrap();
+        assert_eq!(r.local.port(), 9000);
+        assert_eq!(r.spiffe_id.as_str(), "spiffe://td/ns/b/sa/c");
+        assert_eq!(r.remote, "10.0.0.2:15006");
+        assert!("127.0.0.1:9000=spiffe://td/x".parse::<Route>().is_err());
+        assert!(
+            "127.0.0.1:9000=http://td/x@1.2.3.4:5"
+                .parse::<Route>()
+                .is_err()
+        );
+        assert!("nope=spiffe://td/x@1.2.3.4:5".parse::<Route>().is_err());
+    }
+
+    #[test]
+    fn advertises_loopback_for_unspecified_inbound() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.advertise_address, "127.0.0.1:15006".parse().unwrap());
+        let c = args(&["--inbound", "10.1.2.3:7000"]).unwrap();
+        assert_eq!(c.advertise_address, "10.1.2.3:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn names_the_bad_flag() {
+        assert_eq!(args(&["--inbound", "x"]).unwrap_err().flag, "inbound");
+        assert_eq!(args(&["--route", "bad"]).unwrap_err().flag, "route");
+        assert_eq!(
+            args(&["--drain-timeout", "soon"]).unwrap_err().flag,
+            "drain-timeout"
+        );
+        assert_eq!(
+            args(&["--log-format", "xml"]).unwrap_err().flag,
+            "log-format"
+        );
+        assert_eq!(
+            args(&["--trust-bundle", "/nonexistent/bundle.pem"])
+                .unwrap_err()
+                .flag,
+            "trust-bundle"
+        );
+        let cli = Cli::try_parse_from(["trellis-proxy"]).unwrap();
+        assert_eq!(Config::from_args(&cli.proxy).unwrap_err().flag, "identity");
+    }
+}

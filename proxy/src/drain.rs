@@ -1,0 +1,93 @@
+//! Graceful shutdown: one signal tells every listener to stop accepting, and
+//! every open connection holds a [`Tracker`] so shutdown can wait for them to
+//! finish, up to a deadline.
+//!
+//! This module never closes a connection itself: when the deadline passes the
+//! process exits and the sockets close with it.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+/// Held by a listener: tells it when to stop, and hands each connection a
+/// tracker.
+#[derive(Clone)]
+pub struct Drain {
+    signal: watch::Receiver<bool>,
+    tracker: mpsc::Sender<()>,
+}
+
+/// Held by one open connection until it ends.
+#[derive(Clone)]
+pub struct Tracker(#[allow(dead_code)] mpsc::Sender<()>);
+
+/// Owned by the process: starts the drain and waits for it.
+pub struct Shutdown {
+    signal: watch::Sender<bool>,
+    done: mpsc::Receiver<()>,
+}
+
+/// A drain pair: the `Drain` is cloned into every listener.
+pub fn channel() -> (Shutdown, Drain) {
+    let (signal, signal_rx) = watch::channel(false);
+    let (tracker, done) = mpsc::channel(1);
+    (
+        Shutdown { signal, done },
+        Drain {
+            signal: signal_rx,
+            tracker,
+        },
+    )
+}
+
+impl Drain {
+    /// Resolves once shutdown has started.
+    pub async fn signaled(&mut self) {
+        // An error means the Shutdown is gone: stop too.
+        let _ = self.signal.wait_for(|stop| *stop).await;
+    }
+
+    pub fn tracker(&self) -> Tracker {
+        Tracker(self.tracker.clone())
+    }
+}
+
+impl Shutdown {
+    /// Tells every listener to stop and waits until every `Drain` and
+    /// `Tracker` is dropped, or `timeout` passes. Returns whether everything
+    /// closed in time.
+    pub async fn drain(mut self, timeout: Duration) -> bool {
+        self.signal.send_replace(true);
+        // `recv` yields `None` once every sender is dropped; nothing is sent.
+        tokio::time::timeout(timeout, self.done.recv())
+            .await
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_for_open_connections() {
+        let (shutdown, mut drain) = channel();
+        let tracker = drain.tracker();
+        let listener = tokio::spawn(async move { drain.signaled().await });
+        let conn = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(tracker);
+        });
+        assert!(shutdown.drain(Duration::from_secs(30)).await);
+        listener.await.unwrap();
+        conn.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn gives_up_at_the_deadline() {
+        let (shutdown, drain) = channel();
+        let _stuck = drain.tracker();
+        drop(drain);
+        assert!(!shutdown.drain(Duration::from_millis(10)).await);
+    }
+}

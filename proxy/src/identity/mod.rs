@@ -1,0 +1,316 @@
+//! The sidecar's identity: a P-256 key made in memory, a CSR for
+//! `--identity`, `Identity.Certify`, and renewal at half-life.
+//!
+//! This module owns the current [`Svid`] and publishes it on a
+//! `watch` channel; the trust bundle Certify returns goes on the bundle
+//! channel. It must never write the private key anywhere or log it (the key
+//! only exists inside a rustls `CertifiedKey`), and never builds the data
+//! path's TLS configs (that is `tls`).
+
+pub mod schedule;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+use trellis_core::SpiffeId;
+use trellis_core::tls::{ExpectedServer, SpiffeServerVerifier};
+use trellis_proto::identity::v1::{
+    CertifyRequest, certify_request::Proof, identity_client::IdentityClient,
+};
+
+use crate::config::Token;
+use crate::metrics::Metrics;
+use crate::tls::SvidResolver;
+
+/// The DER roots of the trust domain, shared by every reader.
+pub type TrustBundle = Arc<Vec<CertificateDer<'static>>>;
+
+/// A certificate this sidecar holds with its key.
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Leaf first, with the signing key. The key never leaves this value.
+    pub certified: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Hex serial number of the leaf.
+    pub serial: String,
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a certificate and key do not make a usable SVID.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidSvid {
+    #[error("the chain is empty")]
+    EmptyChain,
+    #[error("the leaf does not parse: {0}")]
+    Leaf(String),
+    #[error("the leaf carries {found}, expected {expected}")]
+    WrongId { found: SpiffeId, expected: SpiffeId },
+    #[error(transparent)]
+    Svid(#[from] trellis_core::tls::SvidError),
+    #[error("the key is unusable: {0}")]
+    Key(rustls::Error),
+}
+
+impl Svid {
+    /// Checks that `chain` is an SVID for `expected` and pairs it with `key`.
+    pub fn new(
+        expected: &SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, InvalidSvid> {
+        let leaf = chain.first().ok_or(InvalidSvid::EmptyChain)?;
+        let id = trellis_core::tls::spiffe_id_of(leaf)?;
+        if &id != expected {
+            return Err(InvalidSvid::WrongId {
+                found: id,
+                expected: expected.clone(),
+            });
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| InvalidSvid::Leaf(e.to_string()))?;
+        let to_time = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        let not_before = to_time(parsed.validity().not_before);
+        let not_after = to_time(parsed.validity().not_after);
+        let serial = parsed
+            .tbs_certificate
+            .raw_serial_as_string()
+            .replace(':', "");
+        let signing = trellis_core::tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(InvalidSvid::Key)?;
+        Ok(Svid {
+            id,
+            certified: Arc::new(CertifiedKey::new(chain, signing)),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified.cert
+    }
+
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
+    pub fn expires_at_unix(&self) -> u64 {
+        self.not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+/// A fresh P-256 key and a DER CSR whose only SAN is the URI `id`.
+pub fn key_and_csr(id: &SpiffeId) -> Result<(PrivateKeyDer<'static>, Vec<u8>), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((der, csr.der().to_vec()))
+}
+
+/// How long one Certify call may take, connecting included.
+pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a Certify call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("no valid certificate to renew with and no --token-file")]
+    NoProof,
+    #[error("making the key and CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("no trust bundle to verify the control plane with (set --trust-bundle)")]
+    NoBundle,
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("connecting to the control plane at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("Certify refused: {code:?}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("Certify got no answer within {CERTIFY_TIMEOUT:?}")]
+    Timeout,
+    #[error("Certify answered an unusable certificate: {0}")]
+    Response(#[from] InvalidSvid),
+}
+
+/// What a Certify call needs to know about this sidecar.
+#[derive(Clone)]
+pub struct CertifyParams {
+    pub control_plane: String,
+    pub identity: SpiffeId,
+    pub token: Option<Token>,
+    pub advertise_address: SocketAddr,
+}
+
+/// Builds the TLS client config to reach the control plane, verified as
+/// `spiffe://TD/trellis/control-plane`, presenting `svid` when given.
+pub fn control_plane_tls(
+    identity: &SpiffeId,
+    bundle: &[CertificateDer<'static>],
+    svid: Option<&Svid>,
+) -> Result<Arc<rustls::ClientConfig>, CertifyError> {
+    if bundle.is_empty() {
+        return Err(CertifyError::NoBundle);
+    }
+    let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
+    let expected = ExpectedServer::Exact(SpiffeId::control_plane(&identity.trust_domain()));
+    let builder = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(roots, expected)));
+    let config = match svid {
+        Some(svid) => {
+            builder.with_client_cert_resolver(Arc::new(SvidResolver(svid.certified.clone())))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(trellis_core::grpc::with_h2_alpn(config)))
+}
+
+/// One Certify call: a renewal over mTLS when `current` is valid, else the
+/// first certificate proved by the join token. Returns the new SVID and the
+/// bundle the control plane sent.
+pub async fn certify(
+    params: &CertifyParams,
+    bundle: &[CertificateDer<'static>],
+    current: Option<&Svid>,
+) -> Result<(Svid, Vec<CertificateDer<'static>>), CertifyError> {
+    let current = current.filter(|s| s.is_valid_at(SystemTime::now()));
+    let proof = match (current, &params.token) {
+        (Some(_), _) => None,
+        (None, Some(token)) => Some(Proof::JoinToken(token.0.clone())),
+        (None, None) => return Err(CertifyError::NoProof),
+    };
+    let tls = control_plane_tls(&params.identity, bundle, current)?;
+    let channel = trellis_core::grpc::connect(&params.control_plane, tls)
+        .await
+        .map_err(|source| CertifyError::Connect {
+            addr: params.control_plane.clone(),
+            source,
+        })?;
+    let (key, csr) = key_and_csr(&params.identity)?;
+    let request = CertifyRequest {
+        csr,
+        proof,
+        inbound_address: params.advertise_address.to_string(),
+    };
+    let mut client = IdentityClient::new(channel);
+    let call = client.certify(request);
+    let response = tokio::time::timeout(CERTIFY_TIMEOUT, call)
+        .await
+        .map_err(|_| CertifyError::Timeout)?
+        .map_err(|s| CertifyError::Refused {
+            code: s.code(),
+            message: s.message().to_string(),
+        })?
+        .into_inner();
+    let chain = response
+        .chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let svid = Svid::new(&params.identity, chain, key)?;
+    let bundle = response
+        .trust_bundle
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    Ok((svid, bundle))
+}
+
+/// Keeps this sidecar certified: the first Certify, then renewals at
+/// half-life with jitter; after a failure it retries with capped backoff
+/// and the current certificate stays published until it expires.
+pub async fn run(
+    params: CertifyParams,
+    svid_tx: watch::Sender<Option<Arc<Svid>>>,
+    bundle_tx: watch::Sender<TrustBundle>,
+    metrics: Arc<Metrics>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let current = svid_tx.borrow().clone();
+        let bundle = bundle_tx.borrow().clone();
+        let wait = match certify(&params, &bundle, current.as_deref()).await {
+            Ok((svid, new_bundle)) => {
+                attempt = 0;
+                metrics.renewal("ok");
+                metrics
+                    .certificate_expiry
+                    .set(svid.expires_at_unix() as i64);
+                // The CA may backdate notBefore against clock skew: count
+                // the lifetime from when we got the certificate.
+                let start = svid.not_before.max(SystemTime::now());
+                let renew = schedule::renew_at(start, svid.not_after, schedule::random_jitter());
+                tracing::info!(
+                    identity = %svid.id,
+                    serial = %svid.serial,
+                    expires_at = svid.expires_at_unix(),
+                    renewal = current.is_some(),
+                    "certificate issued"
+                );
+                if !new_bundle.is_empty() && new_bundle != **bundle {
+                    bundle_tx.send_replace(Arc::new(new_bundle));
+                }
+                svid_tx.send_replace(Some(Arc::new(svid)));
+                renew
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .max(schedule::MIN_RENEWAL_INTERVAL)
+            }
+            Err(e) => {
+                metrics.renewal("error");
+                let delay = schedule::backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
+                delay
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_has_exactly_the_identity_as_uri_san() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let (_key, csr) = key_and_csr(&id).unwrap();
+        let params = rcgen::CertificateSigningRequestParams::from_der(&csr.into()).unwrap();
+        let sans = &params.params.subject_alt_names;
+        assert_eq!(sans.len(), 1);
+        match &sans[0] {
+            SanType::URI(uri) => assert_eq!(uri.as_str(), id.as_str()),
+            other => panic!("unexpected SAN {other:?}"),
+        }
+    }
+}

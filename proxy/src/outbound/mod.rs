@@ -1,0 +1,315 @@
+//! Outbound: connections from the local application to the mesh.
+//!
+//! Two kinds of listener: an explicit [`Route`] listener (plaintext on a
+//! local port, mTLS to one remote whose SPIFFE ID is fixed by the route) and
+//! the [`Transparent`] listener (connections redirected by iptables, whose
+//! original destination is looked up in the snapshot's mesh endpoints).
+//! A mesh destination is only ever reached over mTLS with its expected
+//! SPIFFE ID verified; this module never sends application bytes to a peer
+//! before that check, and never dials its own listeners.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use trellis_core::SpiffeId;
+
+use crate::config::Route;
+use crate::drain::{Drain, Tracker};
+use crate::metrics::{Metrics, OUTBOUND};
+use crate::net;
+use crate::policy::{OutboundPolicy, Snapshot};
+use crate::tls::TlsState;
+
+/// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
+/// value carries no meaning.
+const SNI: &str = "trellis.mesh";
+
+/// What every outbound connection reads.
+pub struct Shared {
+    pub tls: watch::Receiver<Arc<TlsState>>,
+    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub metrics: Arc<Metrics>,
+    /// Every address the proxy listens on: a destination among them is a loop.
+    pub own_addrs: Vec<SocketAddr>,
+}
+
+/// Why a mesh dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("no certificate yet")]
+    NoCertificate,
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("handshake: {0}")]
+    Handshake(io::Error),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+impl DialError {
+    fn reason(&self) -> &'static str {
+        match self {
+            DialError::NoCertificate => "no_local_certificate",
+            DialError::Connect(_) => "connect_failed",
+            DialError::Handshake(e) => net::handshake_failure_reason(e),
+            DialError::Timeout => "timeout",
+        }
+    }
+}
+
+/// Dials `remote` with mTLS, accepting only a server presenting `expected`.
+async fn dial_mesh(
+    shared: &Shared,
+    remote: impl tokio::net::ToSocketAddrs,
+    expected: &SpiffeId,
+) -> Result<TlsStream<TcpStream>, DialError> {
+    let config = shared
+        .tls
+        .borrow()
+        .client_for(expected)
+        .ok_or(DialError::NoCertificate)?;
+    let tcp = net::connect(remote).await.map_err(DialError::Connect)?;
+    let connect = TlsConnector::from(config).connect(
+        ServerName::DnsName(SNI.try_into().expect("valid name")),
+        tcp,
+    );
+    match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Err(_) => Err(DialError::Timeout),
+    }
+}
+
+/// Dials the mesh peer and copies bytes until both sides close.
+async fn forward_mesh<R>(
+    shared: &Shared,
+    mut local: TcpStream,
+    remote: R,
+    expected: &SpiffeId,
+    via: &'static str,
+) where
+    R: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
+{
+    let metrics = &shared.metrics;
+    let mut upstream = match dial_mesh(shared, remote, expected).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let reason = e.reason();
+            tracing::warn!(
+                remote = %remote,
+                expected = %expected,
+                via = %via,
+                reason = %reason,
+                error = %e,
+                "outbound connection refused"
+            );
+            if matches!(
+                e,
+                DialError::Handshake(_) | DialError::Timeout | DialError::NoCertificate
+            ) {
+                metrics.handshake_failure(OUTBOUND, reason);
+            }
+            metrics.connection(OUTBOUND, "refused");
+            return;
+        }
+    };
+    tracing::info!(peer = %expected, remote = %remote, via = %via, "outbound connection");
+    match net::copy(&mut local, &mut upstream).await {
+        Ok((up, down)) => {
+            metrics.bytes(OUTBOUND, up + down);
+            metrics.connection(OUTBOUND, "forwarded");
+        }
+        Err(e) => {
+            metrics.connection(OUTBOUND, "error");
+            tracing::debug!(remote = %remote, error = %e, "outbound connection ended with an error");
+        }
+    }
+}
+
+/// A `--route` listener: plaintext on `route.local`, mTLS to `route.remote`.
+pub struct RouteListener {
+    listener: TcpListener,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    drain: Drain,
+}
+
+impl RouteListener {
+    pub async fn new(route: Route, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
+        let listener = TcpListener::bind(route.local).await?;
+        Ok(RouteListener {
+            listener,
+            route: Arc::new(route),
+            shared,
+            drain,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.drain.signaled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, _)) => {
+                    let (route, shared, tracker) = (
+                        self.route.clone(),
+                        self.shared.clone(),
+                        self.drain.tracker(),
+                    );
+                    tokio::spawn(serve_route(route, shared, tcp, tracker));
+                }
+                Err(e) => tracing::warn!(error = %e, "route accept failed"),
+            }
+        }
+        tracing::info!(route = %self.route, "route listener stopped accepting");
+    }
+}
+
+/// One connection on a route: straight to the route's remote over mTLS.
+async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tracker: Tracker) {
+    let _open = shared.metrics.open(OUTBOUND);
+    let _ = tcp.set_nodelay(true);
+    forward_mesh(
+        &shared,
+        tcp,
+        route.remote.as_str(),
+        &route.spiffe_id,
+        "route",
+    )
+    .await;
+}
+
+/// The transparent `--outbound` listener.
+pub struct Transparent {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    drain: Drain,
+}
+
+impl Transparent {
+    pub async fn new(addr: SocketAddr, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Transparent {
+            listener,
+            shared,
+            drain,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.drain.signaled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, client)) => {
+                    let (shared, tracker) = (self.shared.clone(), self.drain.tracker());
+                    tokio::spawn(serve_transparent(shared, tcp, client, tracker));
+                }
+                Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
+            }
+        }
+        tracing::info!("outbound listener stopped accepting");
+    }
+}
+
+/// Whether `dst` is one of the proxy's own listeners.
+fn is_own(own: &[SocketAddr], dst: SocketAddr) -> bool {
+    own.iter()
+        .any(|a| a.port() == dst.port() && (a.ip() == dst.ip() || dst.ip().is_loopback()))
+}
+
+/// One redirected connection: mesh destinations over mTLS, others per the
+/// mesh's outbound policy.
+async fn serve_transparent(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    _tracker: Tracker,
+) {
+    let metrics = &shared.metrics;
+    let _open = metrics.open(OUTBOUND);
+    let _ = tcp.set_nodelay(true);
+
+    let Some(dst) = net::original_dst(&tcp) else {
+        tracing::warn!(%client, "outbound connection refused: no original destination (not redirected)");
+        metrics.connection(OUTBOUND, "refused");
+        return;
+    };
+    if is_own(&shared.own_addrs, dst) {
+        tracing::warn!(%client, %dst, "outbound connection refused: destination is this proxy (loop)");
+        metrics.connection(OUTBOUND, "loop");
+        return;
+    }
+    let (expected, policy) = {
+        let snapshot = shared.snapshot.borrow();
+        let snapshot = snapshot.as_deref();
+        (
+            snapshot.and_then(|s| s.endpoint_for(dst).cloned()),
+            snapshot.map(|s| s.outbound_policy).unwrap_or_default(),
+        )
+    };
+    if let Some(expected) = expected {
+        forward_mesh(&shared, tcp, dst, &expected, "transparent").await;
+        return;
+    }
+    match policy {
+        OutboundPolicy::Deny => {
+            tracing::info!(%client, %dst, "outbound connection denied: destination outside the mesh");
+            metrics.connection(OUTBOUND, "denied");
+        }
+        OutboundPolicy::Passthrough => {
+            let mut upstream = match net::connect(dst).await {
+                Ok(up) => up,
+                Err(e) => {
+                    tracing::warn!(%dst, error = %e, "outbound passthrough failed");
+                    metrics.connection(OUTBOUND, "connect_failed");
+                    return;
+                }
+            };
+            tracing::info!(%client, %dst, "outbound connection passthrough: destination outside the mesh");
+            match net::copy(&mut tcp, &mut upstream).await {
+                Ok((up, down)) => {
+                    metrics.bytes(OUTBOUND, up + down);
+                    metrics.connection(OUTBOUND, "passthrough");
+                }
+                Err(_) => metrics.connection(OUTBOUND, "error"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_its_own_listeners() {
+        let own: Vec<SocketAddr> = vec![
+            "0.0.0.0:15006".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        ];
+        assert!(is_own(&own, "127.0.0.1:15006".parse().unwrap()));
+        assert!(!is_own(&own, "10.0.0.5:15006".parse().unwrap()));
+        assert!(is_own(&own, "127.0.0.1:15001".parse().unwrap()));
+        assert!(!is_own(&own, "10.0.0.5:15001".parse().unwrap()));
+        assert!(!is_own(&own, "10.0.0.5:8080".parse().unwrap()));
+    }
+}

@@ -1,0 +1,165 @@
+//! The Discovery.Watch client: one stream to the control plane, opened with
+//! this sidecar's SVID, kept open and re-opened with capped backoff.
+//!
+//! Every snapshot is compiled and answered: ACK and publish when valid, NACK
+//! with the reason and keep the last good one when not. While the control
+//! plane is away the last good snapshot stays in force. This module never
+//! decides anything about traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_core::SpiffeId;
+use trellis_proto::discovery::v1::{
+    Ack, Nack, Subscribe, WatchRequest, discovery_client::DiscoveryClient, watch_request::Kind,
+};
+
+use super::Snapshot;
+use crate::identity::schedule::backoff;
+use crate::identity::{self, Svid, TrustBundle};
+use crate::metrics::Metrics;
+
+/// Why a Watch session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Tls(#[from] identity::CertifyError),
+    #[error("connecting to the control plane at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("Watch failed: {code:?}: {message}")]
+    Stream { code: tonic::Code, message: String },
+    #[error("the control plane ended the stream")]
+    Ended,
+}
+
+impl From<tonic::Status> for WatchError {
+    fn from(s: tonic::Status) -> Self {
+        WatchError::Stream {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Where and as whom to watch.
+#[derive(Clone)]
+pub struct WatchParams {
+    pub control_plane: String,
+    pub identity: SpiffeId,
+    pub advertise_address: SocketAddr,
+}
+
+/// Published state the watch writes.
+pub struct Outputs {
+    pub snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    pub bundle: watch::Sender<TrustBundle>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Watches forever: waits for the first certificate, then keeps a stream
+/// open, reconnecting with capped backoff.
+pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>>>, out: Outputs) {
+    let mut attempt = 0u32;
+    loop {
+        let current = match svid.wait_for(Option::is_some).await {
+            Ok(s) => s.clone().expect("waited for Some"),
+            Err(_) => return,
+        };
+        let mut received = false;
+        let e = session(&params, &current, &out, &mut received).await;
+        if received {
+            attempt = 0;
+        }
+        let delay = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    params: &WatchParams,
+    svid: &Svid,
+    out: &Outputs,
+    received: &mut bool,
+) -> WatchError {
+    match session_inner(params, svid, out, received).await {
+        Ok(()) => WatchError::Ended,
+        Err(e) => e,
+    }
+}
+
+async fn session_inner(
+    params: &WatchParams,
+    svid: &Svid,
+    out: &Outputs,
+    received: &mut bool,
+) -> Result<(), WatchError> {
+    let bundle = out.bundle.borrow().clone();
+    let tls = identity::control_plane_tls(&params.identity, &bundle, Some(svid))?;
+    // The lazy channel sends HTTP/2 keep-alives, so a control plane that
+    // vanished without closing the connection is noticed.
+    let channel =
+        trellis_core::grpc::lazy_channel(&params.control_plane, tls).map_err(|source| {
+            WatchError::Connect {
+                addr: params.control_plane.clone(),
+                source,
+            }
+        })?;
+    let last_version = out.snapshot.borrow().as_ref().map_or(0, |s| s.version);
+    let (tx, rx) = mpsc::channel(4);
+    let subscribe = Kind::Subscribe(Subscribe {
+        inbound_address: params.advertise_address.to_string(),
+        last_version,
+    });
+    // The receiver is alive: it was just made.
+    let _ = tx
+        .send(WatchRequest {
+            kind: Some(subscribe),
+        })
+        .await;
+    let mut stream = DiscoveryClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(control_plane = %params.control_plane, last_version, "discovery stream open");
+    while let Some(raw) = stream.message().await? {
+        *received = true;
+        let version = raw.version;
+        let answer = match Snapshot::compile(raw) {
+            Ok(snapshot) => {
+                tracing::info!(
+                    version,
+                    endpoints = snapshot.endpoints.len(),
+                    policies = snapshot.policies.len(),
+                    "snapshot applied"
+                );
+                if !snapshot.trust_bundle.is_empty()
+                    && **out.bundle.borrow() != snapshot.trust_bundle
+                {
+                    out.bundle
+                        .send_replace(Arc::new(snapshot.trust_bundle.clone()));
+                }
+                out.metrics.snapshot_version.set(version);
+                out.snapshot.send_replace(Some(Arc::new(snapshot)));
+                Kind::Ack(Ack { version })
+            }
+            Err(e) => {
+                tracing::warn!(version, reason = %e, "snapshot refused; keeping the last good one");
+                Kind::Nack(Nack {
+                    version,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        if tx.send(WatchRequest { kind: Some(answer) }).await.is_err() {
+            return Err(WatchError::Ended);
+        }
+    }
+    Ok(())
+}

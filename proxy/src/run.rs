@@ -1,0 +1,215 @@
+//! Wiring: binds every listener first, then starts the identity, TLS and
+//! discovery tasks and the listeners, and drains on SIGTERM/SIGINT.
+//!
+//! This module owns the order of start-up and shutdown; it never handles a
+//! connection itself.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+use crate::identity::{self, CertifyParams};
+use crate::inbound::{self, Inbound};
+use crate::metrics::Metrics;
+use crate::outbound::{self, RouteListener, Transparent};
+use crate::policy::watch::{Outputs, WatchParams};
+use crate::tls::TlsState;
+use crate::{admin, drain, policy, tls};
+
+/// Logs to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Why start-up failed after the configuration was valid.
+#[derive(Debug, thiserror::Error)]
+#[error("binding --{flag} {addr}: {source}")]
+struct Bind {
+    flag: &'static str,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+fn bind_error(flag: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> Bind {
+    move |source| Bind { flag, addr, source }
+}
+
+pub async fn run(config: Config) -> ExitCode {
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Bind> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let (svid_tx, svid_rx) = watch::channel(None);
+    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(config.trust_bundle.clone()));
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let (tls_tx, tls_rx) = watch::channel(Arc::new(TlsState::default()));
+    let (shutdown, drain) = drain::channel();
+
+    // Bind everything before serving anything.
+    let inbound = Inbound::new(
+        config.inbound,
+        inbound::Shared {
+            app: config.app,
+            own_ports: std::iter::once(config.outbound.port())
+                .chain(std::iter::once(config.admin.port()))
+                .chain(config.routes.iter().map(|r| r.local.port()))
+                .filter(|p| *p != 0)
+                .collect(),
+            tls: tls_rx.clone(),
+            snapshot: snapshot_rx.clone(),
+            metrics: metrics.clone(),
+        },
+        drain.clone(),
+    )
+    .await
+    .map_err(bind_error("inbound", config.inbound))?;
+    let admin = admin::Admin::new(
+        config.admin,
+        admin::State {
+            config: config.clone(),
+            svid: svid_rx.clone(),
+            bundle: bundle_rx.clone(),
+            snapshot: snapshot_rx.clone(),
+            metrics: metrics.clone(),
+        },
+        drain.clone(),
+    )
+    .await
+    .map_err(bind_error("admin", config.admin))?;
+    let mut own_addrs = vec![
+        config.inbound,
+        config.outbound,
+        config.admin,
+        config.advertise_address,
+    ];
+    own_addrs.extend(inbound.local_addr().ok());
+    own_addrs.extend(admin.local_addr().ok());
+    own_addrs.extend(config.routes.iter().map(|r| r.local));
+    let outbound_shared = Arc::new(outbound::Shared {
+        tls: tls_rx.clone(),
+        snapshot: snapshot_rx.clone(),
+        metrics: metrics.clone(),
+        own_addrs,
+    });
+    let transparent = Transparent::new(config.outbound, outbound_shared.clone(), drain.clone())
+        .await
+        .map_err(bind_error("outbound", config.outbound))?;
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let local = route.local;
+        let listener = RouteListener::new(route.clone(), outbound_shared.clone(), drain.clone())
+            .await
+            .map_err(bind_error("route", local))?;
+        routes.push(listener);
+    }
+    let route_addrs: Vec<String> = routes
+        .iter()
+        .filter_map(|r| r.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    tracing::info!(
+        identity = %config.identity,
+        inbound = %fmt_addr(inbound.local_addr()),
+        outbound = %fmt_addr(transparent.local_addr()),
+        admin = %fmt_addr(admin.local_addr()),
+        routes = ?route_addrs,
+        "listening"
+    );
+
+    // Identity, TLS configs and discovery.
+    tokio::spawn(identity::run(
+        CertifyParams {
+            control_plane: config.control_plane.clone(),
+            identity: config.identity.clone(),
+            token: config.token.clone(),
+            advertise_address: config.advertise_address,
+        },
+        svid_tx,
+        bundle_tx.clone(),
+        metrics.clone(),
+    ));
+    tokio::spawn(tls::run(
+        config.trust_domain.clone(),
+        config.routes.iter().map(|r| r.spiffe_id.clone()).collect(),
+        svid_rx.clone(),
+        bundle_rx,
+        snapshot_rx,
+        tls_tx,
+    ));
+    tokio::spawn(policy::watch::run(
+        WatchParams {
+            control_plane: config.control_plane.clone(),
+            identity: config.identity.clone(),
+            advertise_address: config.advertise_address,
+        },
+        svid_rx,
+        Outputs {
+            snapshot: snapshot_tx,
+            bundle: bundle_tx,
+            metrics: metrics.clone(),
+        },
+    ));
+
+    // Serve.
+    let mut listeners = tokio::task::JoinSet::new();
+    listeners.spawn(inbound.run());
+    listeners.spawn(admin.run());
+    listeners.spawn(transparent.run());
+    for route in routes {
+        listeners.spawn(route.run());
+    }
+    drop(drain);
+
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
+    let drained = shutdown.drain(config.drain_timeout).await;
+    if drained {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain timeout reached; closing the remaining connections");
+    }
+    listeners.abort_all();
+    Ok(())
+}
+
+fn fmt_addr(addr: std::io::Result<SocketAddr>) -> String {
+    addr.map(|a| a.to_string())
+        .unwrap_or_else(|e| e.to_string())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}

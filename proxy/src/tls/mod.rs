@@ -1,0 +1,217 @@
+//! The data path's rustls configs, built from the current SVID and trust
+//! bundle and handed out through a `watch` channel.
+//!
+//! Each rebuild produces a new immutable [`TlsState`]; a connection takes an
+//! `Arc` of the state current when it starts, so a rotation never touches an
+//! established connection and never takes a lock on the data path. This
+//! module never talks to the CA and never sees key bytes (only rustls'
+//! `CertifiedKey`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::sync::watch;
+use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
+use trellis_core::{SpiffeId, TrustDomain};
+
+use crate::identity::{Svid, TrustBundle};
+use crate::policy::Snapshot;
+
+/// Presents one certificate, as a server and as a client.
+#[derive(Debug)]
+pub struct SvidResolver(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for SvidResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The TLS configs in force. Empty (every handshake refused) until the
+/// sidecar holds a certificate and a trust bundle.
+#[derive(Default)]
+pub struct TlsState {
+    server: Option<Arc<ServerConfig>>,
+    client: Option<ClientParts>,
+    /// Prebuilt client configs for every SPIFFE ID this sidecar expects to
+    /// dial (routes and mesh endpoints), so dialling allocates no config.
+    clients: HashMap<SpiffeId, Arc<ClientConfig>>,
+}
+
+#[derive(Clone)]
+struct ClientParts {
+    roots: Arc<RootCertStore>,
+    resolver: Arc<SvidResolver>,
+}
+
+impl TlsState {
+    /// Builds the configs for `svid` verified against `bundle`, prebuilding
+    /// client configs for each of `expected`.
+    pub fn build<'a>(
+        svid: Option<&Svid>,
+        bundle: &[CertificateDer<'static>],
+        trust_domain: &TrustDomain,
+        expected: impl IntoIterator<Item = &'a SpiffeId>,
+    ) -> Result<Self, rustls::Error> {
+        let Some(svid) = svid else {
+            return Ok(Self::default());
+        };
+        if bundle.is_empty() {
+            return Ok(Self::default());
+        }
+        let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
+        let resolver = Arc::new(SvidResolver(svid.certified.clone()));
+        let verifier = SpiffeClientVerifier::new(roots.clone(), trust_domain.clone(), true)?;
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(resolver.clone());
+        let parts = ClientParts { roots, resolver };
+        let mut clients = HashMap::new();
+        for id in expected {
+            if !clients.contains_key(id) {
+                clients.insert(id.clone(), parts.client_config(id)?);
+            }
+        }
+        Ok(TlsState {
+            server: Some(Arc::new(server)),
+            client: Some(parts),
+            clients,
+        })
+    }
+
+    /// The same certificate and bundle with prebuilt client configs for
+    /// `expected`, reusing the configs this state already holds.
+    pub fn with_expected<'a>(
+        &self,
+        expected: impl IntoIterator<Item = &'a SpiffeId>,
+    ) -> Result<Self, rustls::Error> {
+        let mut clients = HashMap::new();
+        if let Some(parts) = &self.client {
+            for id in expected {
+                if clients.contains_key(id) {
+                    continue;
+                }
+                let config = match self.clients.get(id) {
+                    Some(config) => config.clone(),
+                    None => parts.client_config(id)?,
+                };
+                clients.insert(id.clone(), config);
+            }
+        }
+        Ok(TlsState {
+            server: self.server.clone(),
+            client: self.client.clone(),
+            clients,
+        })
+    }
+
+    /// The inbound config: client SVID mandatory, TLS 1.3 only.
+    pub fn server(&self) -> Option<&Arc<ServerConfig>> {
+        self.server.as_ref()
+    }
+
+    /// A client config presenting our SVID that accepts only a server
+    /// presenting `expected`. `None` without a certificate.
+    pub fn client_for(&self, expected: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        if let Some(config) = self.clients.get(expected) {
+            return Some(config.clone());
+        }
+        let parts = self.client.as_ref()?;
+        match parts.client_config(expected) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                tracing::error!(error = %e, "building a client TLS config");
+                None
+            }
+        }
+    }
+}
+
+impl ClientParts {
+    fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let verifier =
+            SpiffeServerVerifier::new(self.roots.clone(), ExpectedServer::Exact(expected.clone()));
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.resolver.clone());
+        Ok(Arc::new(config))
+    }
+}
+
+/// Rebuilds the [`TlsState`] whenever the SVID, the bundle or the mesh
+/// endpoints change, until every input's sender is gone.
+pub async fn run(
+    trust_domain: TrustDomain,
+    routes: Vec<SpiffeId>,
+    mut svid: watch::Receiver<Option<Arc<Svid>>>,
+    mut bundle: watch::Receiver<TrustBundle>,
+    mut snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    tx: watch::Sender<Arc<TlsState>>,
+) {
+    // The inputs of the state in force: when only the endpoints change, the
+    // server config and the known client configs are kept.
+    let mut built: Option<(Option<Arc<Svid>>, TrustBundle, Arc<TlsState>)> = None;
+    loop {
+        let current_svid = svid.borrow_and_update().clone();
+        let current_bundle = bundle.borrow_and_update().clone();
+        let current_snapshot = snapshot.borrow_and_update().clone();
+        let endpoint_ids = current_snapshot.iter().flat_map(|s| s.endpoints.values());
+        let expected = routes.iter().chain(endpoint_ids);
+        let result = match &built {
+            Some((svid, bundle, state))
+                if same(svid, &current_svid) && Arc::ptr_eq(bundle, &current_bundle) =>
+            {
+                state.with_expected(expected)
+            }
+            _ => TlsState::build(
+                current_svid.as_deref(),
+                &current_bundle,
+                &trust_domain,
+                expected,
+            ),
+        };
+        match result {
+            Ok(state) => {
+                let state = Arc::new(state);
+                tx.send_replace(state.clone());
+                built = Some((current_svid, current_bundle, state));
+            }
+            // Keep the configs in force: a bad bundle must not take the
+            // sidecar down.
+            Err(e) => {
+                tracing::error!(error = %e, "rebuilding TLS configs; keeping the current ones")
+            }
+        }
+        tokio::select! {
+            r = svid.changed() => if r.is_err() { return },
+            r = bundle.changed() => if r.is_err() { return },
+            r = snapshot.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn same(a: &Option<Arc<Svid>>, b: &Option<Arc<Svid>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,218 @@
+//! The `trellis-proxy` binary: invalid configuration exits 64 naming the
+//! flag before any port is bound; a valid one binds, serves the admin
+//! endpoints while it has no certificate, and drains on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+const ID: &str = "spiffe://td.test/ns/a/sa/web";
+
+fn proxy(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run trellis-proxy")
+}
+
+#[test]
+fn invalid_flags_exit_64_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--inbound", "nope"], "--inbound"),
+        (&["--app", "localhost"], "--app"),
+        (&["--outbound", "1.2.3.4"], "--outbound"),
+        (&["--admin", ":99999"], "--admin"),
+        (&["--route", "127.0.0.1:9000=spiffe://td.test/x"], "--route"),
+        (
+            &["--route", "127.0.0.1:9000=not-an-id@127.0.0.1:1"],
+            "--route",
+        ),
+        (
+            &["--trust-bundle", "/nonexistent/bundle.pem"],
+            "--trust-bundle",
+        ),
+        (&["--token-file", "/nonexistent/token"], "--token-file"),
+        (&["--drain-timeout", "soon"], "--drain-timeout"),
+        (&["--log-format", "xml"], "--log-format"),
+        (&["--advertise-address", "x"], "--advertise-address"),
+        (&["--control-plane", "nohost"], "--control-plane"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (extra, flag) in cases {
+        let mut args = vec!["--identity", ID];
+        args.extend_from_slice(extra);
+        let out = proxy(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{extra:?} should name {flag}: {stderr}"
+        );
+    }
+    let out = proxy(&["--identity", "http://td/x"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--identity"));
+    let out = proxy(&[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--identity"));
+}
+
+#[test]
+fn invalid_configuration_is_reported_before_binding() {
+    // The admin port is taken: a bind would fail with exit 1, so exit 64
+    // shows the configuration was refused before any bind.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = taken.local_addr().unwrap().to_string();
+    let free = "127.0.0.1:0";
+    let base = [
+        "--identity",
+        ID,
+        "--inbound",
+        free,
+        "--outbound",
+        free,
+        "--admin",
+        &admin,
+    ];
+    let mut bad = base.to_vec();
+    bad.extend(["--route", "bad"]);
+    assert_eq!(proxy(&bad).status.code(), Some(64));
+    let out = proxy(&base);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("binding --admin"));
+}
+
+/// Reads the child's stderr lines on a thread.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(_) => panic!("no log line containing {needle:?}"),
+        }
+    }
+}
+
+fn field(line: &str, name: &str) -> String {
+    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, common::Ca::new().root_pem()).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "  secret-join-token\n").unwrap();
+    // Nothing listens there: Certify fails and is retried.
+    let control_plane = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    let mut child = Command::new(BIN)
+        .args([
+            "--identity",
+            ID,
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin", "127.0.0.1:0", "--drain-timeout", "5s"])
+        .args([
+            "--route",
+            &format!("127.0.0.1:0=spiffe://td.test/ns/b/sa/api@{control_plane}"),
+        ])
+        .arg("--control-plane")
+        .arg(control_plane.to_string())
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--token-file")
+        .arg(&token)
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut child);
+    let listening = wait_for_line(&rx, "listening");
+    let admin: SocketAddr = field(&listening, "admin").parse().unwrap();
+    wait_for_line(&rx, "certify failed");
+
+    assert_eq!(get(admin, "/live").0, 200);
+    let (status, body) = get(admin, "/ready");
+    assert_eq!(status, 503);
+    assert!(body.contains("no certificate yet"), "{body}");
+    let (_, metrics) = get(admin, "/metrics");
+    assert!(
+        metrics.contains("trellis_certificate_renewals_total{outcome=\"error\"}"),
+        "{metrics}"
+    );
+    let (status, config) = get(admin, "/config");
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["identity"], ID);
+    assert_eq!(
+        config["routes"][0]["spiffe_id"],
+        "spiffe://td.test/ns/b/sa/api"
+    );
+    assert!(!config.to_string().contains("secret-join-token"));
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.iter().all(|l| !l.contains("secret-join-token")));
+}

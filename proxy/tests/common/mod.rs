@@ -1,0 +1,234 @@
+//! Test fixtures: a throwaway CA made with rcgen, SVIDs it issues, an echo
+//! app, and in-process listeners of the sidecar on free loopback ports.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proxy::drain::{self, Drain, Shutdown};
+use trellis_proxy::identity::Svid;
+use trellis_proxy::inbound::{self, Inbound};
+use trellis_proxy::metrics::Metrics;
+use trellis_proxy::tls::TlsState;
+
+pub const TD: &str = "td.test";
+
+pub fn id(path: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://{TD}{path}")).unwrap()
+}
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new(TD).unwrap()
+}
+
+/// A throwaway root CA.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut dn = DistinguishedName::new();
+        // Each CA gets its own name, as another mesh's CA would.
+        dn.push(
+            rcgen::DnType::CommonName,
+            format!("test root {}", rand::random::<u64>()),
+        );
+        params.distinguished_name = dn;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// Signs a CSR as it is (the caller sets the validity on `csr`).
+    pub fn sign(&self, csr: &rcgen::CertificateSigningRequestParams) -> CertificateDer<'static> {
+        csr.signed_by(&self.issuer).unwrap().der().clone()
+    }
+
+    pub fn root_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf X.509-SVID for `id` and its PKCS#8 key.
+    pub fn leaf(&self, id: &SpiffeId) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], der)
+    }
+
+    pub fn svid(&self, id: &SpiffeId) -> Svid {
+        let (chain, key) = self.leaf(id);
+        Svid::new(id, chain, key).unwrap()
+    }
+
+    /// A TLS state as a sidecar holding `svid` and trusting this CA has.
+    pub fn tls_state(&self, svid: &Svid, expected: &[SpiffeId]) -> Arc<TlsState> {
+        Arc::new(TlsState::build(Some(svid), &[self.root()], &td(), expected).unwrap())
+    }
+
+    /// A plain rustls client presenting `client` (if any) and accepting any
+    /// server chained to `roots`.
+    pub fn client_config(&self, client: Option<(&Ca, &SpiffeId)>) -> Arc<rustls::ClientConfig> {
+        let roots = Arc::new(trellis_core::tls::root_store(&[self.root()]).unwrap());
+        let verifier = trellis_core::tls::SpiffeServerVerifier::new(
+            roots,
+            trellis_core::tls::ExpectedServer::AnyIn(td()),
+        );
+        let builder = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let config = match client {
+            Some((ca, id)) => {
+                let (chain, key) = ca.leaf(id);
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Arc::new(config)
+    }
+}
+
+/// An app that echoes every byte and closes its write side at EOF. Counts
+/// the connections it accepted.
+pub struct EchoApp {
+    pub addr: SocketAddr,
+    pub accepted: watch::Receiver<usize>,
+}
+
+pub async fn echo_app() -> EchoApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, accepted) = watch::channel(0usize);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tx.send_modify(|n| *n += 1);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    EchoApp { addr, accepted }
+}
+
+/// An inbound listener of a sidecar, running in this process.
+pub struct TestInbound {
+    pub addr: SocketAddr,
+    pub tls: watch::Sender<Arc<TlsState>>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    pub drain: Drain,
+}
+
+pub async fn inbound(app: SocketAddr, state: Arc<TlsState>) -> TestInbound {
+    let (tls, tls_rx) = watch::channel(state);
+    let (_snapshot_tx, snapshot) = watch::channel(None);
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown, drain) = drain::channel();
+    let listener = Inbound::new(
+        "127.0.0.1:0".parse().unwrap(),
+        inbound::Shared {
+            app,
+            own_ports: Vec::new(),
+            tls: tls_rx,
+            snapshot,
+            metrics: metrics.clone(),
+        },
+        drain.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(listener.run());
+    TestInbound {
+        addr,
+        tls,
+        metrics,
+        shutdown,
+        drain,
+    }
+}
+
+/// Connects with TLS to `addr`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("test").unwrap(), tcp)
+        .await
+}
+
+/// Writes `msg` and reads the same number of bytes back; an error or an
+/// early EOF is an `Err`.
+pub async fn round_trip<S>(stream: &mut S, msg: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(msg).await?;
+    stream.flush().await?;
+    let mut buf = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    Ok(buf)
+}
+
+/// Reads until EOF or error, returning what was read; the connection being
+/// refused shows as an empty result or an error.
+pub async fn read_to_end<S>(stream: &mut S) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("connection still open after 10 s"))??;
+    Ok(buf)
+}
+
+/// Polls `check` until it holds or the deadline passes.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

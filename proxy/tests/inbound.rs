@@ -1,0 +1,196 @@
+//! The inbound listener refuses anything but a valid client SVID and
+//! forwards bytes, half-close included, for a valid one.
+
+mod common;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn failures(metrics: &trellis_proxy::metrics::Metrics, reason: &str) -> bool {
+    metrics.encode().contains(&format!(
+        "trellis_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}} 1"
+    ))
+}
+
+#[tokio::test]
+async fn forwards_bytes_for_a_valid_svid() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = ca.svid(&id("/ns/b/sa/server"));
+    let inbound = inbound(app.addr, ca.tls_state(&server, &[])).await;
+
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+    let mut stream = tls_connect(inbound.addr, config).await.unwrap();
+    assert_eq!(
+        round_trip(&mut stream, b"hello mesh").await.unwrap(),
+        b"hello mesh"
+    );
+    // Half-close: our EOF reaches the app, whose EOF comes back.
+    stream.write_all(b"last words").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut stream).await.unwrap(), b"last words");
+    eventually("the connection is counted as forwarded", || {
+        inbound
+            .metrics
+            .encode()
+            .contains("trellis_connections_total{direction=\"inbound\",outcome=\"forwarded\"} 1")
+    })
+    .await;
+    assert!(
+        inbound
+            .metrics
+            .encode()
+            .contains("trellis_bytes_total{direction=\"inbound\"} 40")
+    );
+}
+
+#[tokio::test]
+async fn refuses_plaintext() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+
+    let mut tcp = TcpStream::connect(inbound.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut tcp).await.unwrap_or_default();
+    assert!(!answer.starts_with(b"GET"), "plaintext was echoed back");
+    eventually("a not_tls failure is counted", || {
+        failures(&inbound.metrics, "not_tls")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+#[tokio::test]
+async fn refuses_tls_without_a_client_certificate() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+
+    // With TLS 1.3 the client may finish its side of the handshake before
+    // the server refuses it: the refusal shows on the first read.
+    if let Ok(mut stream) = tls_connect(inbound.addr, ca.client_config(None)).await {
+        assert!(round_trip(&mut stream, b"hello").await.is_err());
+    }
+    eventually("a no_client_certificate failure is counted", || {
+        failures(&inbound.metrics, "no_client_certificate")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+#[tokio::test]
+async fn refuses_a_certificate_from_another_ca() {
+    let ca = Ca::new();
+    let other = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+
+    let config = ca.client_config(Some((&other, &id("/ns/a/sa/client"))));
+    if let Ok(mut stream) = tls_connect(inbound.addr, config).await {
+        assert!(round_trip(&mut stream, b"hello").await.is_err());
+    }
+    eventually("an unknown_issuer failure is counted", || {
+        failures(&inbound.metrics, "unknown_issuer")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+#[tokio::test]
+async fn refuses_everything_before_the_first_certificate() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(app.addr, Default::default()).await;
+
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+    if let Ok(mut stream) = tls_connect(inbound.addr, config).await {
+        assert!(round_trip(&mut stream, b"hello").await.is_err());
+    }
+    eventually("the refusal is counted", || {
+        failures(&inbound.metrics, "no_local_certificate")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_waits_for_open_connections() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let TestInbound {
+        addr,
+        shutdown,
+        drain,
+        ..
+    } = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+    drop(drain);
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+    let mut open = tls_connect(addr, config.clone()).await.unwrap();
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+
+    let draining = tokio::spawn(shutdown.drain(std::time::Duration::from_secs(30)));
+    // New connections are refused once the listener has stopped...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ...while the open one still works, and the drain waits for it.
+    assert_eq!(round_trip(&mut open, b"during").await.unwrap(), b"during");
+    assert!(!draining.is_finished());
+    open.shutdown().await.unwrap();
+    let _ = read_to_end(&mut open).await;
+    drop(open);
+    assert!(
+        draining.await.unwrap(),
+        "the drain did not see the connection end"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_future_stays_small() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let (_tls_tx, tls) =
+        tokio::sync::watch::channel(ca.tls_state(&ca.svid(&id("/ns/b/sa/s")), &[]));
+    let (_snapshot_tx, snapshot) = tokio::sync::watch::channel(None);
+    let shared = std::sync::Arc::new(trellis_proxy::inbound::Shared {
+        app: app.addr,
+        own_ports: Vec::new(),
+        tls,
+        snapshot,
+        metrics: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    let (_shutdown, drain) = trellis_proxy::drain::channel();
+    let future = trellis_proxy::inbound::serve(shared, tcp, peer, drain.tracker());
+    let size = std::mem::size_of_val(&future);
+    // Buffers live on the heap; the future itself holds the TLS state
+    // machine and the sockets. Guard against it creeping.
+    assert!(size < 4096, "an inbound connection future is {size} bytes");
+    drop(client);
+}

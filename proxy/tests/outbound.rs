@@ -1,0 +1,124 @@
+//! Outbound routes reach a remote sidecar over mTLS only when it presents
+//! the route's SPIFFE ID; the transparent listener refuses connections that
+//! were not redirected to it.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use trellis_core::SpiffeId;
+use trellis_proxy::config::Route;
+use trellis_proxy::drain;
+use trellis_proxy::metrics::Metrics;
+use trellis_proxy::outbound::{RouteListener, Shared, Transparent};
+
+fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
+    let svid = ca.svid(me);
+    let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, expected));
+    let (_snapshot_tx, snapshot) = watch::channel(None);
+    Arc::new(Shared {
+        tls,
+        snapshot,
+        metrics: Arc::new(Metrics::new()),
+        own_addrs: Vec::new(),
+    })
+}
+
+/// A running route listener; it stops when the returned `Shutdown` drops.
+async fn route(
+    shared: Arc<Shared>,
+    expected: SpiffeId,
+    remote: std::net::SocketAddr,
+) -> (std::net::SocketAddr, drain::Shutdown) {
+    let (shutdown, drain) = drain::channel();
+    let route = Route {
+        local: "127.0.0.1:0".parse().unwrap(),
+        spiffe_id: expected,
+        remote: remote.to_string(),
+    };
+    let listener = RouteListener::new(route, shared, drain).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(listener.run());
+    (addr, shutdown)
+}
+
+#[tokio::test]
+async fn a_route_reaches_the_expected_identity() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    assert_eq!(
+        round_trip(&mut tcp, b"over mtls").await.unwrap(),
+        b"over mtls"
+    );
+    drop(tcp);
+    eventually("both sides count the connection", || {
+        client
+            .metrics
+            .encode()
+            .contains("trellis_connections_total{direction=\"outbound\",outcome=\"forwarded\"} 1")
+            && inbound.metrics.encode().contains(
+                "trellis_connections_total{direction=\"inbound\",outcome=\"forwarded\"} 1",
+            )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_route_refuses_a_server_presenting_another_identity() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/impostor")), &[]),
+    )
+    .await;
+    let expected = id("/ns/b/sa/server");
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&expected));
+    let (local, _shutdown) = route(client.clone(), expected, inbound.addr).await;
+
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    assert!(
+        round_trip(&mut tcp, b"secret").await.is_err(),
+        "bytes went to the impostor"
+    );
+    eventually("the refusal is counted", || {
+        let text = client.metrics.encode();
+        text.contains(
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_identity\"} 1",
+        ) && text.contains("trellis_connections_total{direction=\"outbound\",outcome=\"refused\"} 1")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+#[tokio::test]
+async fn transparent_refuses_a_connection_that_was_not_redirected() {
+    let ca = Ca::new();
+    let client = shared(&ca, &id("/ns/a/sa/client"), &[]);
+    let (shutdown, drain) = drain::channel();
+    let listener = Transparent::new("127.0.0.1:0".parse().unwrap(), client.clone(), drain)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(listener.run());
+
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    assert!(round_trip(&mut tcp, b"hello").await.is_err());
+    eventually("the refusal is counted", || {
+        client
+            .metrics
+            .encode()
+            .contains("trellis_connections_total{direction=\"outbound\",outcome=\"refused\"} 1")
+    })
+    .await;
+    drop(shutdown);
+}
