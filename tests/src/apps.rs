@@ -1,0 +1,209 @@
+//! The applications behind the sidecars, run in-process on loopback: an
+//! HTTP/1.1 server that greets and records what it was asked, and a raw TCP
+//! echo. Both count the connections they accept, so a test can show that a
+//! refused client never reached the app.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A request as the app saw it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub headers: http::HeaderMap,
+}
+
+/// What an app answers: a status and a text body.
+pub type Answer = Pin<Box<dyn Future<Output = (http::StatusCode, String)> + Send>>;
+
+/// Computes the answer to a request.
+pub type Handler = Arc<dyn Fn(RecordedRequest) -> Answer + Send + Sync>;
+
+#[derive(Default)]
+struct Record {
+    requests: Mutex<Vec<RecordedRequest>>,
+    connections: AtomicU64,
+}
+
+/// An HTTP/1.1 app. Dropping it stops it.
+pub struct HttpApp {
+    name: String,
+    addr: SocketAddr,
+    record: Arc<Record>,
+    task: JoinHandle<()>,
+}
+
+impl HttpApp {
+    /// Answers every request with `hello from <name>` on a free port.
+    pub async fn start(name: &str) -> anyhow::Result<HttpApp> {
+        let greeting = greeting(name);
+        let handler: Handler = Arc::new(move |_| {
+            let greeting = greeting.clone();
+            Box::pin(async move { (http::StatusCode::OK, greeting) })
+        });
+        HttpApp::start_with(name, "127.0.0.1:0".parse()?, handler).await
+    }
+
+    /// Serves on `addr` (port 0 for a free one) with a custom handler.
+    pub async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        handler: Handler,
+    ) -> anyhow::Result<HttpApp> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let record = Arc::new(Record::default());
+        let task = tokio::spawn(serve_http(listener, handler, record.clone()));
+        Ok(HttpApp {
+            name: name.to_string(),
+            addr,
+            record,
+            task,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The body of a default answer: `hello from <name>`.
+    pub fn greeting(&self) -> String {
+        greeting(&self.name)
+    }
+
+    /// The requests received so far, oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.record
+            .requests
+            .lock()
+            .expect("request log poisoned")
+            .clone()
+    }
+
+    /// How many TCP connections the app has accepted.
+    pub fn connections(&self) -> u64 {
+        self.record.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The default answer of an app called `name`.
+pub fn greeting(name: &str) -> String {
+    format!("hello from {name}")
+}
+
+async fn serve_http(listener: TcpListener, handler: Handler, record: Arc<Record>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        record.connections.fetch_add(1, Ordering::SeqCst);
+        let handler = handler.clone();
+        let record = record.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request: http::Request<Incoming>| {
+                let handler = handler.clone();
+                let record = record.clone();
+                async move {
+                    let seen = RecordedRequest {
+                        method: request.method().clone(),
+                        path: request.uri().path().to_string(),
+                        headers: request.headers().clone(),
+                    };
+                    record
+                        .requests
+                        .lock()
+                        .expect("request log poisoned")
+                        .push(seen.clone());
+                    let (status, body) = handler(seen).await;
+                    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+        // Reap finished connections so the set does not grow forever.
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+/// A raw TCP echo server. Dropping it stops it.
+pub struct EchoApp {
+    addr: SocketAddr,
+    record: Arc<Record>,
+    task: JoinHandle<()>,
+}
+
+impl EchoApp {
+    /// Echoes every byte back, on a free port.
+    pub async fn start() -> anyhow::Result<EchoApp> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let record = Arc::new(Record::default());
+        let counter = record.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if tcp.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(EchoApp { addr, record, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How many TCP connections the echo server has accepted.
+    pub fn connections(&self) -> u64 {
+        self.record.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,84 @@
+//! The inbound port serves only mesh members: a client that does not
+//! present an SVID of the mesh's CA never reaches the app.
+
+use trellis_tests::probes::{self, Probe};
+use trellis_tests::{HttpApp, Mesh, Sidecar, eventually};
+
+use crate::SOON;
+
+struct Server {
+    mesh: Mesh,
+    app: HttpApp,
+    sidecar: Sidecar,
+}
+
+async fn server() -> anyhow::Result<Server> {
+    let mesh = Mesh::start().await?;
+    let app = HttpApp::start("api").await?;
+    let sidecar = mesh.sidecar("api").app(app.addr()).start().await?;
+    Ok(Server { mesh, app, sidecar })
+}
+
+/// The probe got nothing from the app, the app saw no connection, and the
+/// sidecar counted a failed handshake.
+async fn assert_refused(
+    server: &Server,
+    probe: &Probe,
+    failures_before: f64,
+) -> anyhow::Result<()> {
+    let text = probe.received_text();
+    assert!(
+        !text.contains(&server.app.greeting()) && !text.starts_with("HTTP/"),
+        "the client got an answer from the app: {probe:?}"
+    );
+    assert_eq!(server.app.connections(), 0, "the app must not be reached");
+    eventually("the handshake failure to be counted", SOON, || async {
+        let failures = server.sidecar.inbound_handshake_failures().await?;
+        anyhow::ensure!(failures > failures_before, "still {failures}");
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_refuses_a_plaintext_client() -> anyhow::Result<()> {
+    let server = server().await?;
+    let inbound = server.sidecar.inbound_addr();
+    let before = server.sidecar.inbound_handshake_failures().await?;
+
+    let probe = probes::plaintext(inbound, &probes::http_request(inbound)).await?;
+
+    assert_refused(&server, &probe, before).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_refuses_a_tls_client_without_a_certificate() -> anyhow::Result<()> {
+    let server = server().await?;
+    let inbound = server.sidecar.inbound_addr();
+    let bundle = probes::load_bundle(&server.mesh.bundle_path())?;
+    let config = probes::client_config(&bundle, server.mesh.trust_domain(), None)?;
+    let before = server.sidecar.inbound_handshake_failures().await?;
+
+    let probe = probes::tls(inbound, config, &probes::http_request(inbound)).await?;
+
+    assert!(probe.received.is_empty(), "{probe:?}");
+    assert_refused(&server, &probe, before).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_refuses_a_client_certified_by_another_ca() -> anyhow::Result<()> {
+    let server = server().await?;
+    let inbound = server.sidecar.inbound_addr();
+    let bundle = probes::load_bundle(&server.mesh.bundle_path())?;
+    // A well-formed SVID with a plausible identity, from a CA the mesh does
+    // not trust.
+    let intruder = probes::foreign_svid(&server.mesh.spiffe_id("default", "intruder"))?;
+    let config = probes::client_config(&bundle, server.mesh.trust_domain(), Some(intruder))?;
+    let before = server.sidecar.inbound_handshake_failures().await?;
+
+    let probe = probes::tls(inbound, config, &probes::http_request(inbound)).await?;
+
+    assert!(probe.received.is_empty(), "{probe:?}");
+    assert_refused(&server, &probe, before).await
+}

@@ -1,0 +1,95 @@
+//! A call crosses the mesh over mTLS, and a route refuses a remote that is
+//! not who it should be.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_tests::{EchoApp, HttpApp, Mesh, eventually, http};
+
+use crate::{Pair, SOON};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_request_crosses_the_mesh_and_the_server_records_the_client_identity()
+-> anyhow::Result<()> {
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+
+    let answer = http::get(pair.route(), "/greeting").await?.success()?;
+
+    assert_eq!(answer.body, "hello from api");
+    let requests = pair.api.requests();
+    assert_eq!(requests.len(), 1, "the app saw {requests:?}");
+    assert_eq!(requests[0].path, "/greeting");
+    let client_id = pair.client.identity().to_string();
+    let line = pair
+        .server
+        .wait_for_log(&format!("peer={client_id}"), SOON)
+        .await?;
+    assert!(line.contains("inbound"), "unexpected log line: {line}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_refuses_a_remote_that_presents_another_identity() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let api = HttpApp::start("b").await?;
+    let b = mesh.sidecar("b").app(api.addr()).start().await?;
+    // `a` expects to find itself behind b's address: b presents its own ID.
+    let a_id = mesh.spiffe_id("default", "a");
+    let a = mesh
+        .sidecar("a")
+        .route(&a_id, b.inbound_addr())
+        .route_to(&b)
+        .start()
+        .await?;
+
+    let refused = http::get(a.route_addr(&a_id), "/").await;
+
+    assert!(
+        refused.as_ref().map_or(true, |r| !r.status.is_success()),
+        "a remote with the wrong identity was reached: {refused:?}"
+    );
+    assert_eq!(api.requests().len(), 0, "b's app must not be reached");
+    eventually(
+        "a to count an unexpected_identity failure",
+        SOON,
+        || async {
+            let failures = a.metrics().await?.counter(
+                "trellis_handshake_failures_total",
+                &[("direction", "outbound"), ("reason", "unexpected_identity")],
+            );
+            anyhow::ensure!(failures >= 1.0, "{failures} failures");
+            anyhow::Ok(())
+        },
+    )
+    .await?;
+    // The same remote, expected as itself, is reached.
+    let answer = http::get(a.route_addr(b.identity()), "/")
+        .await?
+        .success()?;
+    assert_eq!(answer.body, "hello from b");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_bytes_cross_the_mesh_unchanged() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let echo = EchoApp::start().await?;
+    let server = mesh.sidecar("echo").app(echo.addr()).start().await?;
+    let client = mesh.sidecar("caller").route_to(&server).start().await?;
+    let sent: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+
+    let tcp = TcpStream::connect(client.route_addr(server.identity())).await?;
+    let (mut read, mut write) = tcp.into_split();
+    let to_send = sent.clone();
+    let writer = tokio::spawn(async move {
+        write.write_all(&to_send).await?;
+        write.shutdown().await
+    });
+    let mut received = Vec::new();
+    read.read_to_end(&mut received).await?;
+    writer.await??;
+
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "the bytes changed on the way");
+    assert_eq!(echo.connections(), 1);
+    Ok(())
+}
