@@ -1,3 +1,76 @@
-//! The Trellis control plane.
+//! The Trellis control plane: the CA that issues X.509-SVIDs, the store of
+//! join tokens, workloads and issued certificates, discovery snapshots for
+//! sidecars, the gRPC API (Identity, Discovery, Admin) over TLS, and
+//! `trellisctl` ([`ctl`]).
+//!
+//! The binaries only call [`cli_main`] and [`ctl::cli_main`]; both take the
+//! whole argv and ignore argv\[0\], so a harness may re-execute itself into
+//! them.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+pub mod admin_http;
+pub mod api;
+pub mod authn;
+pub mod ca;
+pub mod config;
+pub mod ctl;
+pub mod discovery;
+pub mod metrics;
+pub mod run;
+pub mod server;
+pub mod state_dir;
+pub mod store;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use config::{Config, EXIT_USAGE, LogFormat, Parsed};
+
+/// Runs `trellis-control-plane` with `args` (argv, including a program name)
+/// until SIGTERM or SIGINT. Exit codes: 0 after a clean shutdown or `--help`,
+/// 64 for invalid configuration (before any port is bound or the state dir is
+/// touched), 1 when start-up fails (the error names the file or address).
+pub fn cli_main(args: Vec<OsString>) -> ExitCode {
+    let config = match Config::parse_args(args) {
+        Parsed::Run(config) => *config,
+        Parsed::Printed => return ExitCode::SUCCESS,
+        Parsed::Invalid(message) => {
+            eprint!("{message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trellis-cp")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,114 @@
+//! `trellis.admin.v1.Admin`: the operators' API. Guarded by
+//! [`super::AdminOnly`], so every method here runs for the admin identity
+//! only. A token is returned once and never logged; only its hash is stored.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use trellis_core::SpiffeId;
+use trellis_proto::admin::v1::admin_server::Admin;
+use trellis_proto::admin::v1::{
+    CreateJoinTokenRequest, CreateJoinTokenResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    Workload,
+};
+
+use super::Mesh;
+use super::identity::unix_now;
+use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
+use crate::ca::csr::is_reserved;
+use crate::store::JoinToken;
+
+pub struct AdminService {
+    mesh: Mesh,
+}
+
+impl AdminService {
+    pub fn new(mesh: Mesh) -> Self {
+        Self { mesh }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let req = request.into_inner();
+        let id = SpiffeId::parse(&req.spiffe_id)
+            .map_err(|e| Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id)))?;
+        if !id.is_member_of(&self.mesh.trust_domain) {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} is outside trust domain {}",
+                self.mesh.trust_domain
+            )));
+        }
+        if is_reserved(&id) {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} is reserved for the control plane"
+            )));
+        }
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds {} exceeds the maximum of {}",
+                req.ttl_seconds,
+                MAX_TOKEN_TTL.as_secs()
+            )));
+        }
+        let new = new_join_token();
+        let expires_at_unix = unix_now() + ttl.as_secs() as i64;
+        let record = JoinToken {
+            spiffe_id: id.to_string(),
+            expires_at_unix,
+            used: false,
+        };
+        let store = self.mesh.store.clone();
+        let hash = new.hash;
+        tokio::task::spawn_blocking(move || store.add_join_token(&hash, &record))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        tracing::info!(spiffe_id = %id, expires_at = expires_at_unix, "created a join token");
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: new.token,
+            expires_at_unix,
+        }))
+    }
+
+    async fn list_workloads(
+        &self,
+        _request: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        let store = self.mesh.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.workloads())
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let workloads = records
+            .into_iter()
+            .map(|w| {
+                let status = SpiffeId::parse(&w.spiffe_id)
+                    .ok()
+                    .and_then(|id| self.mesh.discovery.status(&id))
+                    .unwrap_or_default();
+                Workload {
+                    connected: status.connected(),
+                    acked_version: status.acked_version,
+                    last_nack: status.last_nack,
+                    spiffe_id: w.spiffe_id,
+                    address: w.address,
+                    cert_expires_at_unix: w.cert_expires_at_unix,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListWorkloadsResponse { workloads }))
+    }
+}

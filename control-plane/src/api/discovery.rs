@@ -1,0 +1,143 @@
+//! `trellis.discovery.v1.Discovery/Watch`: one stream per sidecar, snapshots
+//! down, ACK/NACK up.
+//!
+//! The caller must present an SVID; the first message must be a Subscribe.
+//! A snapshot is sent first (unless the sidecar already holds the current
+//! version), then again whenever the sidecar's snapshot content changes. The
+//! stream ends with UNAVAILABLE when the control plane shuts down.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_core::SpiffeId;
+use trellis_proto::discovery::v1::discovery_server::Discovery as DiscoveryApi;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Snapshot, WatchRequest};
+
+use super::{Mesh, require_svid};
+use crate::discovery::same_content;
+
+pub struct DiscoveryService {
+    mesh: Mesh,
+}
+
+impl DiscoveryService {
+    pub fn new(mesh: Mesh) -> Self {
+        Self { mesh }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DiscoveryApi for DiscoveryService {
+    type WatchStream = SnapshotStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = require_svid(&request, "Discovery.Watch")?;
+        let mut inbound = request.into_inner();
+        let subscribe = match inbound.message().await? {
+            Some(WatchRequest {
+                kind: Some(Kind::Subscribe(s)),
+            }) => s,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a Watch must be a Subscribe",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the stream closed before a Subscribe",
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            tracing::info!(spiffe_id = %id, inbound = %subscribe.inbound_address, last_version = subscribe.last_version, "discovery stream opened");
+            mesh.metrics.watch_stream_opened();
+            let reason = serve_stream(&mesh, &id, subscribe.last_version, inbound, tx).await;
+            mesh.metrics.watch_stream_closed();
+            tracing::info!(spiffe_id = %id, reason, "discovery stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Sender = mpsc::Sender<Result<Snapshot, Status>>;
+
+/// Runs one Watch stream until it ends; returns why it ended.
+async fn serve_stream(
+    mesh: &Mesh,
+    id: &SpiffeId,
+    last_version: u64,
+    mut inbound: Streaming<WatchRequest>,
+    tx: Sender,
+) -> &'static str {
+    let _open = mesh.discovery.open_stream(id);
+    let mut versions = mesh.discovery.subscribe();
+    let mut shutdown = mesh.shutdown.clone();
+    let mut last_sent: Option<Snapshot> = None;
+    versions.mark_changed();
+    loop {
+        tokio::select! {
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return "control plane stopping";
+                }
+                let snapshot = match mesh.discovery.snapshot_for(id) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(spiffe_id = %id, error = %e, "could not build a snapshot");
+                        continue;
+                    }
+                };
+                let first = last_sent.is_none();
+                let unchanged = last_sent.as_ref().is_some_and(|s| same_content(s, &snapshot));
+                // A reconnecting sidecar that holds the current version needs
+                // nothing until the next change.
+                let held = first && last_version != 0 && last_version == snapshot.version;
+                last_sent = Some(snapshot.clone());
+                if held {
+                    // It acknowledged this version before (perhaps to an
+                    // earlier run of the control plane).
+                    mesh.discovery.ack(id, last_version);
+                    continue;
+                }
+                if unchanged {
+                    continue;
+                }
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return "sidecar went away";
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
+                    mesh.discovery.ack(id, ack.version);
+                }
+                Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
+                    tracing::warn!(spiffe_id = %id, version = nack.version, reason = %nack.reason, "sidecar refused a snapshot");
+                    mesh.discovery.nack(id, &nack.reason);
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument(
+                        "after the Subscribe, only Ack and Nack messages are accepted",
+                    ))).await;
+                    return "protocol error";
+                }
+                Ok(None) => return "sidecar closed the stream",
+                Err(_) => return "stream broken",
+            },
+            _ = crate::run::stopping(&mut shutdown) => {
+                let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                return "control plane shutting down";
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `trellis.identity.v1.Identity/Certify`: CSR in, X.509-SVID out.
+//!
+//! Order matters: the CSR is validated first (no state touched), then the
+//! proof is checked, then the leaf is signed, and only then the token is
+//! consumed and the issuance recorded, in one store transaction. A refused
+//! Certify therefore issues nothing and records nothing. A caller only ever
+//! obtains its own identity. Tokens never reach a log.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tonic::{Request, Response, Status};
+use trellis_proto::identity::v1::certify_request::Proof;
+use trellis_proto::identity::v1::identity_server::Identity;
+use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
+
+use super::{Mesh, peer_of};
+use crate::authn::hash_token;
+use crate::ca::csr;
+use crate::store::{
+    EndpointChange, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+};
+
+pub struct IdentityService {
+    mesh: Mesh,
+}
+
+impl IdentityService {
+    pub fn new(mesh: Mesh) -> Self {
+        Self { mesh }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.mesh.metrics.certify_failed(reason);
+        tracing::warn!(reason, code = ?status.code(), message = status.message(), "certify refused");
+        status
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let peer = peer_of(&request).cloned();
+        let req = request.into_inner();
+        let valid = csr::validate(&req.csr, &self.mesh.trust_domain)
+            .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(e.to_string())))?;
+        let id = valid.spiffe_id.clone();
+        if !req.inbound_address.is_empty() && req.inbound_address.parse::<SocketAddr>().is_err() {
+            return Err(self.refuse(
+                "bad_inbound_address",
+                Status::invalid_argument(format!(
+                    "inbound_address {:?} is not an ip:port address",
+                    req.inbound_address
+                )),
+            ));
+        }
+
+        let token_hash = match &req.proof {
+            Some(Proof::JoinToken(token)) => Some(hash_token(token)),
+            Some(Proof::ServiceAccountToken(_)) => {
+                return Err(self.refuse(
+                    "unimplemented_proof",
+                    Status::unimplemented(
+                        "service_account_token proofs are not supported yet; use a join token",
+                    ),
+                ));
+            }
+            None => {
+                let caller = peer.as_ref().and_then(|p| p.spiffe_id.clone());
+                match caller {
+                    None => {
+                        return Err(self.refuse(
+                            "no_proof",
+                            Status::unauthenticated(
+                                "no proof: send a join token, or renew with the current SVID as the TLS client certificate",
+                            ),
+                        ));
+                    }
+                    Some(caller) if caller != id => {
+                        return Err(self.refuse(
+                            "other_identity",
+                            Status::permission_denied(format!(
+                                "{caller} may only renew its own identity, not {id}"
+                            )),
+                        ));
+                    }
+                    Some(_) => None,
+                }
+            }
+        };
+
+        let issued = self
+            .mesh
+            .ca
+            .sign_csr(&valid, self.mesh.cert_ttl)
+            .map_err(|e| self.refuse("signing_failed", Status::internal(e.to_string())))?;
+        let now = unix_now();
+        let record = IssuedCertRecord {
+            serial_hex: issued.serial_hex.clone(),
+            spiffe_id: id.to_string(),
+            not_after_unix: issued.not_after_unix,
+            issued_at_unix: now,
+        };
+        let workload = WorkloadRecord {
+            spiffe_id: id.to_string(),
+            address: req.inbound_address.clone(),
+            cert_expires_at_unix: issued.not_after_unix,
+            last_seen_unix: now,
+        };
+        let store = self.mesh.store.clone();
+        let discovery = self.mesh.discovery.clone();
+        let claim_id = id.clone();
+        let recorded = tokio::task::spawn_blocking(move || {
+            let claim = token_hash.as_ref().map(|hash| TokenClaim {
+                hash,
+                spiffe_id: &claim_id,
+                now_unix: now,
+            });
+            let change = store.record_issuance(claim, &record, &workload)?;
+            // A new endpoint is a new snapshot version for every sidecar.
+            if change == EndpointChange::Changed
+                && let Err(e) = discovery.changed()
+            {
+                tracing::error!(error = %e, "could not record a new snapshot version");
+            }
+            Ok(change)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
+        match recorded {
+            Ok(_) => {}
+            Err(StoreError::Token(refusal)) => {
+                let (reason, status) = match refusal {
+                    TokenRefusal::Unknown => (
+                        "token_unknown",
+                        Status::unauthenticated("join token is unknown"),
+                    ),
+                    TokenRefusal::Expired => (
+                        "token_expired",
+                        Status::unauthenticated("join token has expired"),
+                    ),
+                    TokenRefusal::Used => (
+                        "token_used",
+                        Status::unauthenticated("join token was already used"),
+                    ),
+                    TokenRefusal::OtherIdentity { .. } => (
+                        "other_identity",
+                        Status::permission_denied(format!(
+                            "the join token does not grant {id}; a token proves only the identity it was made for"
+                        )),
+                    ),
+                };
+                return Err(self.refuse(reason, status));
+            }
+            Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+        }
+        self.mesh.metrics.certificate_issued();
+        tracing::info!(
+            spiffe_id = %id,
+            serial = %issued.serial_hex,
+            not_after = issued.not_after_unix,
+            proof = if req.proof.is_some() { "join_token" } else { "renewal" },
+            "issued SVID"
+        );
+        Ok(Response::new(CertifyResponse {
+            chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: self.mesh.ca.bundle().iter().map(|c| c.to_vec()).collect(),
+            expires_at_unix: issued.not_after_unix,
+            spiffe_id: id.to_string(),
+        }))
+    }
+}

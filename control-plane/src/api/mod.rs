@@ -1,0 +1,87 @@
+//! The tonic services (Identity, Discovery, Admin) and what they share: the
+//! caller as the TLS layer saw it ([`PeerInfo`], carried as tonic's
+//! `ConnectInfo`), and the one check that guards the Admin service.
+//!
+//! The services never look at TLS themselves: the peer SPIFFE ID was verified
+//! against the bundle during the handshake (see `server`).
+
+pub mod admin;
+pub mod discovery;
+pub mod identity;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Status};
+use trellis_core::{SpiffeId, TrustDomain};
+
+use crate::ca::CertificateAuthority;
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Who is on the other end of a gRPC connection.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The SPIFFE ID of a verified client certificate; `None` without one.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// Everything the services work with.
+#[derive(Clone)]
+pub struct Mesh {
+    pub trust_domain: TrustDomain,
+    pub ca: Arc<CertificateAuthority>,
+    pub store: Arc<dyn Store>,
+    pub discovery: Arc<Discovery>,
+    pub metrics: Arc<Metrics>,
+    pub cert_ttl: Duration,
+    /// Flips to true when the control plane shuts down; open streams end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The peer of a request, as the TLS layer recorded it.
+pub fn peer_of<T>(request: &Request<T>) -> Option<&PeerInfo> {
+    request.extensions().get::<PeerInfo>()
+}
+
+/// The caller's SPIFFE ID, or UNAUTHENTICATED naming what is missing.
+pub fn require_svid<T>(request: &Request<T>, what: &str) -> Result<SpiffeId, Status> {
+    peer_of(request)
+        .and_then(|p| p.spiffe_id.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "{what} requires an SVID presented as the TLS client certificate"
+            ))
+        })
+}
+
+/// The single guard of the Admin service: only `spiffe://TD/trellis/admin`.
+#[derive(Clone, Debug)]
+pub struct AdminOnly {
+    admin: SpiffeId,
+}
+
+impl AdminOnly {
+    pub fn new(trust_domain: &TrustDomain) -> Self {
+        Self {
+            admin: SpiffeId::admin(trust_domain),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = require_svid(&request, "the Admin API")?;
+        if caller != self.admin {
+            tracing::warn!(caller = %caller, "refused an Admin call from a non-admin identity");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not call the Admin API; only {} may",
+                self.admin
+            )));
+        }
+        Ok(request)
+    }
+}

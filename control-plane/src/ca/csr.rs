@@ -1,0 +1,221 @@
+//! Validation of a certificate signing request before anything is signed.
+//!
+//! A CSR is acceptable when it parses completely, its signature verifies with
+//! its own key, the key is ECDSA P-256, and it names exactly one SAN: a URI
+//! that is a valid SPIFFE ID of our trust domain, outside the reserved
+//! `/trellis/` path. Validation is pure: it never touches state.
+
+use trellis_core::spiffe::InvalidSpiffeId;
+use trellis_core::{SpiffeId, TrustDomain};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+use x509_parser::prelude::FromDer;
+
+/// The path prefix of the control plane's own identities; never issued to a
+/// workload.
+pub const RESERVED_PATH: &str = "/trellis/";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("csr is not a valid DER PKCS#10 request: {0}")]
+    Malformed(String),
+    #[error("csr signature does not verify with the key it carries")]
+    BadSignature,
+    #[error("csr key must be ECDSA P-256, found {0}")]
+    KeyType(String),
+    #[error("csr must have exactly one SAN (a URI SAN holding the SPIFFE ID); it has {0}")]
+    SanCount(usize),
+    #[error("csr SAN must be a URI holding the SPIFFE ID; found a {0} SAN")]
+    NotUri(&'static str),
+    #[error("csr URI SAN is not a valid SPIFFE ID: {0}")]
+    InvalidId(#[from] InvalidSpiffeId),
+    #[error("csr SPIFFE ID {found} is outside trust domain {expected}")]
+    ForeignTrustDomain {
+        found: SpiffeId,
+        expected: TrustDomain,
+    },
+    #[error("csr SPIFFE ID {0} is reserved for the control plane")]
+    Reserved(SpiffeId),
+}
+
+impl CsrError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "csr_malformed",
+            Self::BadSignature => "csr_bad_signature",
+            Self::KeyType(_) => "csr_key_type",
+            Self::SanCount(_) | Self::NotUri(_) => "csr_san",
+            Self::InvalidId(_) => "csr_invalid_id",
+            Self::ForeignTrustDomain { .. } => "csr_foreign_trust_domain",
+            Self::Reserved(_) => "csr_reserved_id",
+        }
+    }
+}
+
+/// A CSR that passed every check: who it asks to be, and its public key.
+#[derive(Debug, Clone)]
+pub struct ValidCsr {
+    pub spiffe_id: SpiffeId,
+    /// DER SubjectPublicKeyInfo of the requester's key.
+    pub public_key_der: Vec<u8>,
+}
+
+/// Whether `id` lies under the control plane's reserved path.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    id.path().starts_with(RESERVED_PATH)
+}
+
+pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrError> {
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed(format!(
+            "{} trailing bytes after the request",
+            rest.len()
+        )));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
+        let found = match curve {
+            Some(curve) if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY => {
+                format!("EC key on curve {curve}")
+            }
+            _ => format!("key algorithm {}", spki.algorithm.algorithm),
+        };
+        return Err(CsrError::KeyType(found));
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let mut names = Vec::new();
+    if let Some(extensions) = csr.requested_extensions() {
+        for ext in extensions {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    names.extend(san.general_names.iter().cloned());
+                }
+                ParsedExtension::ParseError { error } => {
+                    return Err(CsrError::Malformed(format!(
+                        "unparseable requested extension: {error}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    let uri = match names.as_slice() {
+        [GeneralName::URI(uri)] => *uri,
+        [other] => return Err(CsrError::NotUri(general_name_kind(other))),
+        other => return Err(CsrError::SanCount(other.len())),
+    };
+    let spiffe_id = SpiffeId::parse(uri)?;
+    if !spiffe_id.is_member_of(trust_domain) {
+        return Err(CsrError::ForeignTrustDomain {
+            found: spiffe_id,
+            expected: trust_domain.clone(),
+        });
+    }
+    if is_reserved(&spiffe_id) {
+        return Err(CsrError::Reserved(spiffe_id));
+    }
+    Ok(ValidCsr {
+        spiffe_id,
+        public_key_der: spki.raw.to_vec(),
+    })
+}
+
+fn general_name_kind(name: &GeneralName<'_>) -> &'static str {
+    match name {
+        GeneralName::DNSName(_) => "DNS",
+        GeneralName::IPAddress(_) => "IP address",
+        GeneralName::RFC822Name(_) => "email",
+        GeneralName::DirectoryName(_) => "directory name",
+        GeneralName::URI(_) => "URI",
+        _ => "non-URI",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn csr(sans: Vec<SanType>, key: &KeyPair) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.serialize_request(key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    fn p256() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    #[test]
+    fn accepts_one_spiffe_uri() {
+        let der = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")], &p256());
+        let valid = validate(&der, &td()).unwrap();
+        assert_eq!(valid.spiffe_id.as_str(), "spiffe://cluster.local/ns/a/sa/b");
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        let key = p256();
+        let two = csr(
+            vec![
+                uri("spiffe://cluster.local/ns/a/sa/b"),
+                uri("spiffe://cluster.local/ns/a/sa/c"),
+            ],
+            &key,
+        );
+        assert_eq!(validate(&two, &td()).unwrap_err(), CsrError::SanCount(2));
+        let dns = csr(vec![SanType::DnsName("web".try_into().unwrap())], &key);
+        assert_eq!(validate(&dns, &td()).unwrap_err(), CsrError::NotUri("DNS"));
+        let none = csr(vec![], &key);
+        assert_eq!(validate(&none, &td()).unwrap_err(), CsrError::SanCount(0));
+        let foreign = csr(vec![uri("spiffe://other.org/ns/a/sa/b")], &key);
+        assert!(matches!(
+            validate(&foreign, &td()),
+            Err(CsrError::ForeignTrustDomain { .. })
+        ));
+        let reserved = csr(vec![uri("spiffe://cluster.local/trellis/admin")], &key);
+        assert!(matches!(
+            validate(&reserved, &td()),
+            Err(CsrError::Reserved(_))
+        ));
+        assert!(matches!(
+            validate(b"not a csr", &td()),
+            Err(CsrError::Malformed(_))
+        ));
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let wrong_curve = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")], &p384);
+        assert!(matches!(
+            validate(&wrong_curve, &td()),
+            Err(CsrError::KeyType(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_a_tampered_signature() {
+        let mut der = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")], &p256());
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        assert!(matches!(
+            validate(&der, &td()),
+            Err(CsrError::BadSignature | CsrError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,314 @@
+//! The CA and the operator credential on disk: `ca.crt`, `ca.key`,
+//! `bundle.pem`, `admin.crt`, `admin.key` in the state dir, or an operator's
+//! `--ca-cert` / `--ca-key`.
+//!
+//! Loading never overwrites: a file that does not parse, a key that does not
+//! match its certificate, or a key without its certificate is an error naming
+//! the file, and the file stays byte-identical. Only missing files are
+//! generated. Operator-supplied CA files are read each start and never copied
+//! into the state dir.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use trellis_core::SpiffeId;
+use x509_parser::prelude::*;
+
+use super::{CaError, CertificateAuthority, ExtraSans, der_to_pem};
+use crate::state_dir::{Secrecy, StateDir, StateDirError};
+
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+pub const BUNDLE: &str = "bundle.pem";
+pub const ADMIN_CERT: &str = "admin.crt";
+pub const ADMIN_KEY: &str = "admin.key";
+
+/// Lifetime of the operator credential.
+pub const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaFilesError {
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not usable: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{key} does not match the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{present} exists but {missing} does not; refusing to overwrite, restore or remove it")]
+    Incomplete { present: PathBuf, missing: PathBuf },
+    #[error(
+        "the state dir already holds a generated CA ({path}); remove it or drop --ca-cert/--ca-key"
+    )]
+    ConflictingCa { path: PathBuf },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+fn invalid(path: &Path, reason: impl ToString) -> CaFilesError {
+    CaFilesError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Loads the CA (from the operator's files, or the state dir, generating a
+/// root on first start) and writes `bundle.pem` if it changed.
+pub fn open_ca(
+    dir: &StateDir,
+    trust_domain: &trellis_core::TrustDomain,
+    operator: Option<(&Path, &Path)>,
+) -> Result<CertificateAuthority, CaFilesError> {
+    let ca = match operator {
+        Some((cert, key)) => {
+            if dir.read(CA_CERT)?.is_some() || dir.read(CA_KEY)?.is_some() {
+                return Err(CaFilesError::ConflictingCa {
+                    path: dir.path(CA_CERT),
+                });
+            }
+            load_ca(trust_domain, &read(cert)?, cert, &read(key)?, key)?
+        }
+        None => match (dir.read(CA_CERT)?, dir.read(CA_KEY)?) {
+            (Some(cert), Some(key)) => load_ca(
+                trust_domain,
+                &cert,
+                &dir.path(CA_CERT),
+                &key,
+                &dir.path(CA_KEY),
+            )?,
+            (None, None) => {
+                let (ca, cert_pem, key_pem) = CertificateAuthority::generate(trust_domain)?;
+                // Key first: a crash in between leaves a key without a
+                // certificate, which the next start reports instead of
+                // silently replacing.
+                dir.write_atomic(CA_KEY, key_pem.as_bytes(), Secrecy::Secret)?;
+                dir.write_atomic(CA_CERT, cert_pem.as_bytes(), Secrecy::Public)?;
+                tracing::info!(cert = %dir.path(CA_CERT).display(), "generated a new root CA");
+                ca
+            }
+            (Some(_), None) => {
+                return Err(CaFilesError::Incomplete {
+                    present: dir.path(CA_CERT),
+                    missing: dir.path(CA_KEY),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(CaFilesError::Incomplete {
+                    present: dir.path(CA_KEY),
+                    missing: dir.path(CA_CERT),
+                });
+            }
+        },
+    };
+    dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
+    Ok(ca)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CaFilesError> {
+    std::fs::read(path).map_err(|source| CaFilesError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_key(bytes: &[u8], path: &Path) -> Result<KeyPair, CaFilesError> {
+    let der = PrivateKeyDer::from_pem_slice(bytes)
+        .map_err(|e| invalid(path, format!("no PEM private key: {e}")))?;
+    KeyPair::try_from(&der).map_err(|e| invalid(path, format!("unusable private key: {e}")))
+}
+
+fn parse_certs(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFilesError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(path, "no PEM certificate found"));
+    }
+    for cert in &certs {
+        parse_x509_certificate(cert).map_err(|e| invalid(path, format!("bad certificate: {e}")))?;
+    }
+    Ok(certs)
+}
+
+fn key_matches(cert: &X509Certificate<'_>, key: &KeyPair) -> bool {
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+}
+
+fn load_ca(
+    trust_domain: &trellis_core::TrustDomain,
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+) -> Result<CertificateAuthority, CaFilesError> {
+    let certs = parse_certs(cert_pem, cert_path)?;
+    let key = parse_key(key_pem, key_path)?;
+    let (_, signing) = parse_x509_certificate(&certs[0])
+        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+    if !signing.is_ca() {
+        return Err(invalid(cert_path, "the first certificate is not a CA"));
+    }
+    if !key_matches(&signing, &key) {
+        return Err(CaFilesError::KeyMismatch {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        });
+    }
+    let root = certs
+        .last()
+        .cloned()
+        .expect("parse_certs returns at least one");
+    let (_, root_parsed) = parse_x509_certificate(&root)
+        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+    if root_parsed.subject() != root_parsed.issuer() {
+        return Err(invalid(
+            cert_path,
+            "the last certificate must be the self-signed root of the chain",
+        ));
+    }
+    let intermediates = certs[..certs.len() - 1].to_vec();
+    let issuer = Issuer::from_ca_cert_der(&certs[0], key)
+        .map_err(|e| invalid(cert_path, format!("cannot sign with it: {e}")))?;
+    Ok(CertificateAuthority::from_parts(
+        trust_domain,
+        issuer,
+        intermediates,
+        root,
+    ))
+}
+
+/// Where the operator credential lives.
+#[derive(Clone, Debug)]
+pub struct AdminCredential {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes sure `admin.crt` / `admin.key` hold a current operator SVID signed
+/// by `ca`; issues a new one when missing, expired, or from another CA.
+pub fn ensure_admin_credential(
+    dir: &StateDir,
+    ca: &CertificateAuthority,
+) -> Result<AdminCredential, CaFilesError> {
+    let cred = AdminCredential {
+        cert: dir.path(ADMIN_CERT),
+        key: dir.path(ADMIN_KEY),
+    };
+    if let (Some(cert), Some(key)) = (dir.read(ADMIN_CERT)?, dir.read(ADMIN_KEY)?) {
+        let chain = parse_certs(&cert, &cred.cert)?;
+        let key = parse_key(&key, &cred.key)?;
+        let (_, leaf) = parse_x509_certificate(&chain[0])
+            .map_err(|e| invalid(&cred.cert, format!("bad certificate: {e}")))?;
+        if !key_matches(&leaf, &key) {
+            return Err(CaFilesError::KeyMismatch {
+                cert: cred.cert.clone(),
+                key: cred.key.clone(),
+            });
+        }
+        let margin = ::time::Duration::days(1);
+        let fresh =
+            leaf.validity().not_after.to_datetime() > ::time::OffsetDateTime::now_utc() + margin;
+        if fresh && signed_by_ca(&leaf, ca) {
+            return Ok(cred);
+        }
+        tracing::info!(cert = %cred.cert.display(), "operator credential expired or from another CA; issuing a new one");
+    }
+    let admin = SpiffeId::admin(ca.trust_domain());
+    let (issued, key) = ca.issue_with_key(&admin, &ExtraSans::default(), ADMIN_LIFETIME)?;
+    let cert_pem: String = issued.chain.iter().map(|c| der_to_pem(c)).collect();
+    dir.write_atomic(ADMIN_KEY, key.serialize_pem().as_bytes(), Secrecy::Secret)?;
+    dir.write_atomic(ADMIN_CERT, cert_pem.as_bytes(), Secrecy::Public)?;
+    Ok(cred)
+}
+
+fn signed_by_ca(leaf: &X509Certificate<'_>, ca: &CertificateAuthority) -> bool {
+    parse_x509_certificate(ca.signing_cert())
+        .is_ok_and(|(_, issuer)| leaf.verify_signature(Some(issuer.public_key())).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::TrustDomain;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    #[test]
+    fn restart_loads_the_same_ca_and_credential() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        let ca = open_ca(&dir, &td(), None).unwrap();
+        ensure_admin_credential(&dir, &ca).unwrap();
+        let files = [CA_CERT, CA_KEY, BUNDLE, ADMIN_CERT, ADMIN_KEY];
+        let before: Vec<_> = files.iter().map(|f| dir.read(f).unwrap()).collect();
+        let ca = open_ca(&dir, &td(), None).unwrap();
+        ensure_admin_credential(&dir, &ca).unwrap();
+        let after: Vec<_> = files.iter().map(|f| dir.read(f).unwrap()).collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn corrupt_key_is_reported_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        open_ca(&dir, &td(), None).unwrap();
+        dir.write_atomic(CA_KEY, b"garbage", Secrecy::Secret)
+            .unwrap();
+        let err = open_ca(&dir, &td(), None).unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+        assert_eq!(dir.read(CA_KEY).unwrap().unwrap(), b"garbage");
+    }
+
+    #[test]
+    fn a_stale_or_foreign_admin_credential_is_reissued() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        let ca = open_ca(&dir, &td(), None).unwrap();
+        let admin = SpiffeId::admin(&td());
+        let cases = [
+            // About to expire: less than the one-day margin left.
+            ca.issue_with_key(&admin, &ExtraSans::default(), Duration::from_secs(3600)),
+            // Signed by another CA.
+            CertificateAuthority::generate(&td())
+                .unwrap()
+                .0
+                .issue_with_key(&admin, &ExtraSans::default(), ADMIN_LIFETIME),
+        ];
+        for case in cases {
+            let (issued, key) = case.unwrap();
+            let stale = der_to_pem(&issued.chain[0]);
+            dir.write_atomic(ADMIN_CERT, stale.as_bytes(), Secrecy::Public)
+                .unwrap();
+            dir.write_atomic(ADMIN_KEY, key.serialize_pem().as_bytes(), Secrecy::Secret)
+                .unwrap();
+            ensure_admin_credential(&dir, &ca).unwrap();
+            let fresh = dir.read(ADMIN_CERT).unwrap().unwrap();
+            assert_ne!(fresh, stale.as_bytes());
+            let chain = parse_certs(&fresh, &dir.path(ADMIN_CERT)).unwrap();
+            let (_, leaf) = parse_x509_certificate(&chain[0]).unwrap();
+            assert!(signed_by_ca(&leaf, &ca));
+        }
+    }
+
+    #[test]
+    fn mismatched_key_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        open_ca(&dir, &td(), None).unwrap();
+        let (_, _, other_key) = CertificateAuthority::generate(&td()).unwrap();
+        dir.write_atomic(CA_KEY, other_key.as_bytes(), Secrecy::Secret)
+            .unwrap();
+        let err = open_ca(&dir, &td(), None).unwrap_err();
+        assert!(matches!(err, CaFilesError::KeyMismatch { .. }), "{err}");
+    }
+}

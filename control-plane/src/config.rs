@@ -1,0 +1,216 @@
+//! The control plane's command line: flags, their `TRELLIS_*` environment
+//! twins, and their validation.
+//!
+//! Parsing is pure: it never binds a port and never touches the state dir, so
+//! invalid configuration exits (code 64, naming the flag) before anything
+//! else happens.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use trellis_core::TrustDomain;
+
+/// The shortest `--cert-ttl` accepted.
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
+
+/// The exit code for invalid configuration (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+
+/// What happens when no policy decides, as pushed in every snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DefaultPolicy {
+    #[default]
+    Deny,
+    AllowSameNamespace,
+    AllowMesh,
+}
+
+impl DefaultPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::AllowSameNamespace => "allow-same-namespace",
+            Self::AllowMesh => "allow-mesh",
+        }
+    }
+}
+
+/// What happens to outbound traffic to a destination outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutboundPolicy {
+    #[default]
+    Deny,
+    Passthrough,
+}
+
+impl OutboundPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The Trellis control plane: CA, identity issuance and discovery.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "trellis-control-plane", version, about)]
+pub struct Config {
+    /// Trust domain of the mesh (set once per mesh).
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// Address of the gRPC API (TLS).
+    #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the embedded store, the CA and the operator credential.
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    pub state_dir: PathBuf,
+
+    /// Lifetime of issued workload certificates (at least 10s).
+    #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
+    pub cert_ttl: Duration,
+
+    /// Address of the plain HTTP admin endpoint (/live, /ready, /metrics).
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
+
+    /// Mesh default when no policy decides.
+    #[arg(long, env = "TRELLIS_DEFAULT_POLICY", value_enum, default_value_t)]
+    pub default_policy: DefaultPolicy,
+
+    /// Outbound traffic to destinations outside the mesh.
+    #[arg(long, env = "TRELLIS_OUTBOUND_POLICY", value_enum, default_value_t)]
+    pub outbound_policy: OutboundPolicy,
+
+    /// Operator-supplied CA certificate (PEM: the signing CA first, then its
+    /// chain up to the root). Requires --ca-key.
+    #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ca-cert. Requires --ca-cert.
+    #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Extra DNS name for the control plane's serving certificate (repeatable).
+    #[arg(long = "dns-name", env = "TRELLIS_DNS_NAME", value_delimiter = ',', value_parser = parse_dns_name)]
+    pub dns_names: Vec<String>,
+
+    /// Log output format.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// The outcome of parsing the command line.
+pub enum Parsed {
+    Run(Box<Config>),
+    /// Help or version was printed; exit 0.
+    Printed,
+    /// The configuration is invalid; the message names the flag.
+    Invalid(String),
+}
+
+impl Config {
+    pub fn parse_args(args: Vec<OsString>) -> Parsed {
+        let args = with_program_name("trellis-control-plane", args);
+        match Self::try_parse_from(args) {
+            Ok(config) => Parsed::Run(Box::new(config)),
+            Err(e) => classify_clap_error(e),
+        }
+    }
+}
+
+/// Puts a fixed program name in front of the flags: callers pass argv with its
+/// first element, which may be any executable (the demo re-executes itself).
+pub fn with_program_name(name: &str, mut args: Vec<OsString>) -> Vec<OsString> {
+    if args.is_empty() {
+        args.push(name.into());
+    } else {
+        args[0] = name.into();
+    }
+    args
+}
+
+pub fn classify_clap_error(e: clap::Error) -> Parsed {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            Parsed::Printed
+        }
+        _ => Parsed::Invalid(e.render().to_string()),
+    }
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if ttl < MIN_CERT_TTL {
+        return Err(format!(
+            "{} is shorter than the minimum of {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(MIN_CERT_TTL)
+        ));
+    }
+    Ok(ttl)
+}
+
+fn parse_dns_name(s: &str) -> Result<String, String> {
+    rustls_pki_types::DnsName::try_from(s)
+        .map(|_| s.to_ascii_lowercase())
+        .map_err(|_| format!("{s:?} is not a valid DNS name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Parsed {
+        Config::parse_args(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d"]) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:15012");
+        assert_eq!(c.admin.to_string(), "127.0.0.1:15014");
+        assert_eq!(c.cert_ttl, Duration::from_secs(3600));
+        assert_eq!(c.default_policy, DefaultPolicy::Deny);
+        assert_eq!(c.outbound_policy, OutboundPolicy::Deny);
+    }
+
+    #[test]
+    fn rejects_short_ttl_naming_the_flag() {
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--cert-ttl", "5s"]) else {
+            panic!("5s must be refused")
+        };
+        assert!(msg.contains("--cert-ttl"), "{msg}");
+    }
+
+    #[test]
+    fn ca_cert_requires_ca_key() {
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--ca-cert", "c.pem"]) else {
+            panic!("--ca-cert alone must be refused")
+        };
+        assert!(msg.contains("--ca-key"), "{msg}");
+    }
+}

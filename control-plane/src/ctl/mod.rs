@@ -1,0 +1,377 @@
+//! `trellisctl`: the operators' command line over the Admin API.
+//!
+//! It authenticates with the operator credential (`DIR/admin.crt`,
+//! `DIR/admin.key`, trusting `DIR/bundle.pem`, or `--ca/--cert/--key`) and
+//! verifies the server as `spiffe://TD/trellis/control-plane`, the trust
+//! domain taken from the credential's own SPIFFE ID. Results go to stdout,
+//! errors to stderr as one line. It never prints or logs the private key.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::Channel;
+use trellis_core::SpiffeId;
+use trellis_core::tls::{
+    ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store, spiffe_id_of,
+};
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{CreateJoinTokenRequest, ListWorkloadsRequest, Workload};
+
+use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
+
+/// Operate a Trellis mesh through the control plane's Admin API.
+#[derive(Debug, Parser)]
+#[command(name = "trellisctl", version, about)]
+pub struct Cli {
+    /// Address of the control plane's gRPC API.
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_PLANE",
+        default_value = "127.0.0.1:15012",
+        global = true
+    )]
+    pub control_plane: String,
+
+    /// The control plane's state dir: uses bundle.pem, admin.crt, admin.key in it.
+    #[arg(long, env = "TRELLIS_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Trust bundle (PEM) to verify the control plane with (instead of --state-dir).
+    #[arg(long, env = "TRELLIS_CA", global = true)]
+    pub ca: Option<PathBuf>,
+
+    /// Operator certificate (PEM) (instead of --state-dir).
+    #[arg(long, env = "TRELLIS_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+
+    /// Operator private key (PEM) (instead of --state-dir).
+    #[arg(long, env = "TRELLIS_KEY", global = true)]
+    pub key: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands; each maps to Admin API calls.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join tokens for a workload's first certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The workloads the control plane has seen.
+    Workloads {
+        /// Output format.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a single-use join token; prints only the token.
+    Create {
+        /// The SPIFFE ID the token proves, e.g. spiffe://cluster.local/ns/default/sa/web.
+        #[arg(long, env = "TRELLIS_SPIFFE_ID")]
+        spiffe_id: String,
+        /// Token lifetime (default 1h, at most 24h).
+        #[arg(long, env = "TRELLIS_TTL", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot reach the control plane at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+}
+
+/// Where the operator credential and the trust bundle are.
+#[derive(Clone, Debug)]
+pub struct AdminCredentials {
+    pub bundle: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl AdminCredentials {
+    /// The files the control plane writes into its state dir.
+    pub fn in_state_dir(dir: &Path) -> Self {
+        Self {
+            bundle: dir.join(crate::ca::files::BUNDLE),
+            cert: dir.join(crate::ca::files::ADMIN_CERT),
+            key: dir.join(crate::ca::files::ADMIN_KEY),
+        }
+    }
+
+    /// A TLS client config presenting the operator SVID and accepting only
+    /// the control plane of the credential's trust domain.
+    pub fn client_config(&self) -> Result<ClientConfig, CtlError> {
+        let bundle = read_certs(&self.bundle)?;
+        let chain = read_certs(&self.cert)?;
+        let key_pem = read(&self.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CtlError::Invalid {
+            path: self.key.clone(),
+            reason: format!("no PEM private key: {e}"),
+        })?;
+        let id = spiffe_id_of(&chain[0]).map_err(|e| CtlError::Invalid {
+            path: self.cert.clone(),
+            reason: e.to_string(),
+        })?;
+        let roots = root_store(&bundle)?;
+        let verifier = SpiffeServerVerifier::new(
+            Arc::new(roots),
+            ExpectedServer::Exact(SpiffeId::control_plane(&id.trust_domain())),
+        );
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)?;
+        Ok(trellis_core::grpc::with_h2_alpn(config))
+    }
+
+    /// An Admin API client connected now.
+    pub async fn connect(&self, addr: &str) -> Result<AdminClient<Channel>, CtlError> {
+        let tls = Arc::new(self.client_config()?);
+        let channel =
+            trellis_core::grpc::connect(addr, tls)
+                .await
+                .map_err(|e| CtlError::Connect {
+                    addr: addr.to_string(),
+                    reason: error_chain(&e),
+                })?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CtlError> {
+    std::fs::read(path).map_err(|source| CtlError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
+    let certs = CertificateDer::pem_slice_iter(&read(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CtlError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("bad PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(CtlError::Invalid {
+            path: path.to_path_buf(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl Cli {
+    fn credentials(&self) -> Result<AdminCredentials, CtlError> {
+        match (&self.state_dir, &self.ca, &self.cert, &self.key) {
+            (Some(dir), None, None, None) => Ok(AdminCredentials::in_state_dir(dir)),
+            (None, Some(ca), Some(cert), Some(key)) => Ok(AdminCredentials {
+                bundle: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (Some(_), _, _, _) => Err(CtlError::Usage(
+                "--state-dir cannot be combined with --ca/--cert/--key".into(),
+            )),
+            _ => Err(CtlError::Usage(
+                "give --state-dir DIR, or all of --ca, --cert and --key".into(),
+            )),
+        }
+    }
+}
+
+/// Runs `trellisctl` with `args` (argv, including a program name).
+/// Exit codes: 0 success, 64 usage error, 1 any other failure.
+pub fn cli_main(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(with_program_name("trellisctl", args)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            return match classify_clap_error(e) {
+                Parsed::Invalid(message) => {
+                    eprint!("{message}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                _ => ExitCode::SUCCESS,
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(&cli)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(CtlError::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one subcommand; returns what to print on stdout.
+pub async fn execute(cli: &Cli) -> Result<String, CtlError> {
+    let credentials = cli.credentials()?;
+    if let Command::Token(TokenCommand::Create { ttl: Some(ttl), .. }) = &cli.command
+        && (ttl.as_secs() == 0 || ttl.subsec_nanos() != 0)
+    {
+        return Err(CtlError::Usage(
+            "--ttl must be a whole number of seconds, at least 1s".into(),
+        ));
+    }
+    let mut client = credentials.connect(&cli.control_plane).await?;
+    match &cli.command {
+        Command::Token(TokenCommand::Create { spiffe_id, ttl }) => {
+            let response = client
+                .create_join_token(CreateJoinTokenRequest {
+                    spiffe_id: spiffe_id.clone(),
+                    ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            Ok(format!("{}\n", response.token))
+        }
+        Command::Workloads { output } => {
+            let mut workloads = client
+                .list_workloads(ListWorkloadsRequest {})
+                .await?
+                .into_inner()
+                .workloads;
+            workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+            Ok(match output {
+                Output::Table => workloads_table(&workloads),
+                Output::Json => workloads_json(&workloads),
+            })
+        }
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    let time = UNIX_EPOCH + Duration::from_secs(unix as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// The workloads as an aligned text table.
+pub fn workloads_table(workloads: &[Workload]) -> String {
+    let header = [
+        "SPIFFE ID",
+        "ADDRESS",
+        "CERT EXPIRES",
+        "ACKED VERSION",
+        "CONNECTED",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for w in workloads {
+        rows.push(vec![
+            w.spiffe_id.clone(),
+            if w.address.is_empty() {
+                "-".into()
+            } else {
+                w.address.clone()
+            },
+            rfc3339(w.cert_expires_at_unix),
+            w.acked_version.to_string(),
+            if w.connected { "yes" } else { "no" }.into(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The workloads as a JSON array.
+pub fn workloads_json(workloads: &[Workload]) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let items: Vec<serde_json::Value> = workloads
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "spiffe_id": w.spiffe_id,
+                "address": w.address,
+                "cert_expires_at_unix": w.cert_expires_at_unix,
+                "cert_expires": rfc3339(w.cert_expires_at_unix),
+                "cert_expired": w.cert_expires_at_unix <= now,
+                "acked_version": w.acked_version,
+                "connected": w.connected,
+                "last_nack": w.last_nack,
+            })
+        })
+        .collect();
+    let mut out = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
+    out.push('\n');
+    out
+}

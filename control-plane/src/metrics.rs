@@ -1,0 +1,110 @@
+//! The control plane's counters and their Prometheus text rendering.
+//!
+//! Labels are short, bounded reasons (never SPIFFE IDs, tokens or addresses),
+//! so the number of series stays small. This module only counts; it never
+//! serves HTTP (that is `admin_http`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    certificates_issued: AtomicU64,
+    certify_failures: Mutex<BTreeMap<&'static str, u64>>,
+    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    watch_streams: AtomicI64,
+}
+
+impl Metrics {
+    pub fn certificate_issued(&self) {
+        self.certificates_issued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn certify_failed(&self, reason: &'static str) {
+        *self
+            .certify_failures
+            .lock()
+            .expect("not poisoned")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        *self
+            .handshake_failures
+            .lock()
+            .expect("not poisoned")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn watch_stream_opened(&self) {
+        self.watch_streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn watch_stream_closed(&self) {
+        self.watch_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP trellis_certificates_issued_total X.509-SVIDs signed for workloads.\n\
+             # TYPE trellis_certificates_issued_total counter\n\
+             trellis_certificates_issued_total {}",
+            self.certificates_issued.load(Ordering::Relaxed)
+        );
+        render_family(
+            &mut out,
+            "trellis_certify_failures_total",
+            "Certify calls refused, by reason.",
+            &self.certify_failures.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_tls_handshake_failures_total",
+            "TLS handshakes on the gRPC port that failed, by reason.",
+            &self.handshake_failures.lock().expect("not poisoned"),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_watch_streams Discovery.Watch streams connected now.\n\
+             # TYPE trellis_watch_streams gauge\n\
+             trellis_watch_streams {}",
+            self.watch_streams.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, count) in values {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.certificate_issued();
+        m.certify_failed("token_used");
+        m.certify_failed("token_used");
+        m.watch_stream_opened();
+        let text = m.render();
+        assert!(
+            text.contains("trellis_certificates_issued_total 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("trellis_certify_failures_total{reason=\"token_used\"} 2\n"));
+        assert!(text.contains("trellis_watch_streams 1\n"));
+    }
+}

@@ -1,0 +1,160 @@
+//! Start-up and shutdown of the control plane process, in order: state dir,
+//! CA, operator credential, store, discovery, then both ports bound before
+//! anything is served; SIGTERM/SIGINT stops accepting and drains in-flight
+//! RPCs up to a deadline.
+//!
+//! Log lines worth asserting on: `control plane ready` (fields `grpc`,
+//! `admin`, `trust_domain`, `state_dir`) once both ports serve, and
+//! `control plane stopped` on a clean exit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use trellis_proto::admin::v1::admin_server::AdminServer;
+use trellis_proto::discovery::v1::MeshConfig;
+use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
+use trellis_proto::identity::v1::identity_server::IdentityServer;
+
+use crate::admin_http::AdminHttp;
+use crate::api::admin::AdminService;
+use crate::api::discovery::DiscoveryService;
+use crate::api::identity::IdentityService;
+use crate::api::{AdminOnly, Mesh};
+use crate::ca::files::{ensure_admin_credential, open_ca};
+use crate::config::Config;
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::server::{GrpcListener, ServingCert, server_config};
+use crate::state_dir::StateDir;
+use crate::store::embedded::{DB_FILE, EmbeddedStore};
+
+/// How long in-flight RPCs may take to finish after a shutdown signal.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why the control plane could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    StateDir(#[from] crate::state_dir::StateDirError),
+    #[error(transparent)]
+    CaFiles(#[from] crate::ca::CaFilesError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let dir = StateDir::open(&config.state_dir)?;
+    let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
+    let ca = Arc::new(open_ca(&dir, &config.trust_domain, operator_ca)?);
+    ensure_admin_credential(&dir, &ca)?;
+    let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
+    let mesh_config = MeshConfig {
+        default_policy: config.default_policy.as_str().to_string(),
+        outbound_policy: config.outbound_policy.as_str().to_string(),
+    };
+    let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
+    let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);
+    let metrics = Arc::new(Metrics::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let serving = ServingCert::new(ca.clone(), &config.dns_names, config.listen.ip())?;
+    let tls = server_config(&ca, serving.clone())?;
+    let grpc = GrpcListener::bind(config.listen, tls).await?;
+    let admin = AdminHttp::bind(config.admin)
+        .await
+        .map_err(|source| RunError::AdminBind {
+            addr: config.admin,
+            source,
+        })?;
+    let grpc_addr = grpc.local_addr().map_err(RunError::Signal)?;
+    let admin_addr = admin.local_addr().map_err(RunError::Signal)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(RunError::Signal)?;
+    serving.spawn_renewal();
+
+    let mesh = Mesh {
+        trust_domain: config.trust_domain.clone(),
+        ca: ca.clone(),
+        store,
+        discovery,
+        metrics: metrics.clone(),
+        cert_ttl: config.cert_ttl,
+        shutdown: shutdown_rx.clone(),
+    };
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let incoming = grpc.run(shutdown_rx.clone(), metrics.clone());
+    let mut stop = shutdown_rx.clone();
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(IdentityServer::new(IdentityService::new(mesh.clone())))
+        .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(mesh),
+            AdminOnly::new(&config.trust_domain),
+        ))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, async move {
+            stopping(&mut stop).await;
+        });
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(admin.run(ready.clone(), metrics, shutdown_rx));
+    tokio::pin!(serve);
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        grpc = %grpc_addr,
+        admin = %admin_addr,
+        trust_domain = %config.trust_domain,
+        state_dir = %config.state_dir.display(),
+        "control plane ready"
+    );
+
+    let signal = tokio::select! {
+        result = &mut serve => return result.map_err(RunError::from),
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, draining in-flight calls"
+    );
+    ready.store(false, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(DRAIN_DEADLINE, &mut serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(
+            deadline = ?DRAIN_DEADLINE,
+            "calls still open at the drain deadline; closing them"
+        ),
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The control plane's state behind one trait: join tokens (hashed),
+//! workloads, the issued-certificate log, and the snapshot version counter.
+//!
+//! [`Store`] is what the API layer talks to, so a Kubernetes backend (CRDs and
+//! Secrets) can replace the embedded one. Every method is one transaction: a
+//! refused call changes nothing. This module never sees a token in clear,
+//! only its SHA-256 hash, and never signs anything.
+
+pub mod embedded;
+
+use serde::{Deserialize, Serialize};
+use trellis_core::SpiffeId;
+
+pub use embedded::EmbeddedStore;
+
+/// A join token as stored: the token itself is never kept, only its hash
+/// (the key of the record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub spiffe_id: String,
+    pub expires_at_unix: i64,
+    pub used: bool,
+}
+
+/// A workload the control plane has issued a certificate to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub spiffe_id: String,
+    /// Its sidecar's inbound address ("ip:port"), empty when unknown.
+    pub address: String,
+    /// notAfter of the newest certificate issued to it.
+    pub cert_expires_at_unix: i64,
+    pub last_seen_unix: i64,
+}
+
+/// One line of the issued-certificate log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertRecord {
+    pub serial_hex: String,
+    pub spiffe_id: String,
+    pub not_after_unix: i64,
+    pub issued_at_unix: i64,
+}
+
+/// A join token offered as proof for a Certify.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenClaim<'a> {
+    pub hash: &'a [u8; 32],
+    /// The identity the CSR asks for; must be the one the token grants.
+    pub spiffe_id: &'a SpiffeId,
+    pub now_unix: i64,
+}
+
+/// Why a join token does not prove an identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("join token is unknown")]
+    Unknown,
+    #[error("join token has expired")]
+    Expired,
+    #[error("join token was already used")]
+    Used,
+    #[error("join token grants {granted}, not the identity in the CSR")]
+    OtherIdentity { granted: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {reason}")]
+    Database { path: String, reason: String },
+    #[error("database record {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error(transparent)]
+    Token(#[from] TokenRefusal),
+}
+
+/// What a recorded issuance changed for discovery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointChange {
+    /// A new workload with an address, or a new address for a known one.
+    Changed,
+    Unchanged,
+}
+
+/// The control plane's persistent state.
+///
+/// Versioned policies join this trait as their own methods (apply, list,
+/// delete, each bumping the snapshot version in the same transaction), with
+/// their own tables in the embedded store.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new join token under the SHA-256 hash of its value.
+    fn add_join_token(&self, hash: &[u8; 32], token: &JoinToken) -> Result<(), StoreError>;
+
+    /// Records an issued certificate and upserts its workload, in one
+    /// transaction. With a `claim`, the token is checked and consumed in the
+    /// same transaction; a refused claim ([`StoreError::Token`]) changes
+    /// nothing. An empty `workload.address` keeps the address already known.
+    fn record_issuance(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        workload: &WorkloadRecord,
+    ) -> Result<EndpointChange, StoreError>;
+
+    fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
+
+    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError>;
+
+    /// The current snapshot version (0 before the first change).
+    fn snapshot_version(&self) -> Result<u64, StoreError>;
+
+    /// Increments and returns the snapshot version.
+    fn bump_snapshot_version(&self) -> Result<u64, StoreError>;
+
+    /// Stores the encoded mesh config, bumping the snapshot version when it
+    /// differs from the stored one; returns the current version.
+    fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError>;
+}

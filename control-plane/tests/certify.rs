@@ -1,0 +1,263 @@
+//! Identity.Certify against the real control plane: every refusal has a
+//! fitting status and issues nothing; a valid proof gives an X.509-SVID that
+//! follows the spec; renewal works over mTLS for the caller's own identity.
+
+mod common;
+
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use tonic::Code;
+use x509_parser::prelude::*;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
+
+/// Nothing was issued and nothing recorded.
+async fn assert_nothing_issued(cp: &ControlPlane) {
+    assert_eq!(issued_total(&cp.metrics()), 0);
+    assert!(
+        cp.workloads().await.is_empty(),
+        "no workload may be recorded"
+    );
+}
+
+#[tokio::test]
+async fn rejects_csr_for_another_identity() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    let key = p256();
+    let err = cp
+        .certify(csr_for(&key, DB), Some(&token), None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(DB), "{}", err.message());
+    assert_nothing_issued(&cp).await;
+    // The token was not consumed: its rightful use still works.
+    cp.certify(csr_for(&key, WEB), Some(&token), None, "")
+        .await
+        .expect("the token still proves its own identity");
+}
+
+#[tokio::test]
+async fn rejects_a_reused_token() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    cp.certify(csr_for(&p256(), WEB), Some(&token), None, "127.0.0.1:1")
+        .await
+        .unwrap();
+    let err = cp
+        .certify(csr_for(&p256(), WEB), Some(&token), None, "127.0.0.1:2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("already used"), "{}", err.message());
+    assert_eq!(issued_total(&cp.metrics()), 1);
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1);
+    assert_eq!(
+        workloads[0].address, "127.0.0.1:1",
+        "the refused call changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn rejects_an_expired_token() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let created = admin
+        .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
+            spiffe_id: WEB.into(),
+            ttl_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("the token to expire", || {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        (now > created.expires_at_unix).then_some(())
+    });
+    let err = cp
+        .certify(csr_for(&p256(), WEB), Some(&created.token), None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+    assert_nothing_issued(&cp).await;
+}
+
+#[tokio::test]
+async fn rejects_malformed_requests_and_keeps_the_token() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    let key = p256();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "two SANs",
+            csr_with(&key, vec![uri(WEB), uri(DB)]),
+            "exactly one SAN",
+        ),
+        (
+            "a DNS SAN",
+            csr_with(
+                &key,
+                vec![rcgen::SanType::DnsName("web.local".try_into().unwrap())],
+            ),
+            "DNS",
+        ),
+        ("garbage", b"this is not a CSR".to_vec(), "not a valid DER"),
+        (
+            "a foreign trust domain",
+            csr_for(&key, "spiffe://other.org/ns/default/sa/web"),
+            "outside trust domain",
+        ),
+        (
+            "a P-384 key",
+            csr_for(
+                &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+                WEB,
+            ),
+            "P-256",
+        ),
+    ];
+    for (what, csr, names) in cases {
+        let err = cp.certify(csr, Some(&token), None, "").await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(names), "{what}: {}", err.message());
+    }
+    assert_nothing_issued(&cp).await;
+    assert!(
+        cp.metrics()
+            .contains("trellis_certify_failures_total{reason=\"csr_san\"} 2")
+    );
+    cp.certify(csr_for(&key, WEB), Some(&token), None, "")
+        .await
+        .expect("a refused CSR leaves the token usable");
+}
+
+#[tokio::test]
+async fn rejects_renewal_without_client_certificate() {
+    let cp = ControlPlane::start(&[]);
+    let err = cp
+        .certify(csr_for(&p256(), WEB), None, None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_nothing_issued(&cp).await;
+}
+
+#[tokio::test]
+async fn service_account_tokens_are_not_implemented_yet() {
+    let cp = ControlPlane::start(&[]);
+    let mut client = cp.identity_client(None).await;
+    let err = client
+        .certify(trellis_proto::identity::v1::CertifyRequest {
+            csr: csr_for(&p256(), WEB),
+            proof: Some(
+                trellis_proto::identity::v1::certify_request::Proof::ServiceAccountToken(
+                    "x".into(),
+                ),
+            ),
+            inbound_address: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert_nothing_issued(&cp).await;
+}
+
+#[tokio::test]
+async fn issued_leaf_follows_the_x509_svid_spec() {
+    let cp = ControlPlane::start(&["--cert-ttl", "10m"]);
+    let token = cp.token(WEB, 0).await;
+    let response = cp
+        .certify(csr_for(&p256(), WEB), Some(&token), None, "127.0.0.1:15006")
+        .await
+        .unwrap();
+    assert_eq!(response.spiffe_id, WEB);
+    assert_eq!(
+        response.chain.len(),
+        1,
+        "signed by the root, no intermediates"
+    );
+    assert_eq!(response.trust_bundle, vec![cp.bundle()[0].to_vec()]);
+
+    let leaf_path = cp.tmp.path().join("leaf.pem");
+    write_pem(&leaf_path, &response.chain[0]);
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&leaf_path)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("URI:{WEB}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(text.contains("Digital Signature"), "{text}");
+    assert!(!text.contains("Certificate Sign"), "{text}");
+
+    let (_, leaf) = parse_x509_certificate(&response.chain[0]).unwrap();
+    let validity = leaf.validity();
+    let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
+    let backdate = 30;
+    assert!(
+        (600..=600 + backdate).contains(&lifetime),
+        "lifetime {lifetime}s should be the 600s --cert-ttl plus at most {backdate}s backdating"
+    );
+    assert_eq!(response.expires_at_unix, validity.not_after.timestamp());
+    let bundle = cp.bundle();
+    let (_, root) = parse_x509_certificate(&bundle[0]).unwrap();
+    leaf.verify_signature(Some(root.public_key())).unwrap();
+    assert_eq!(issued_total(&cp.metrics()), 1);
+}
+
+#[tokio::test]
+async fn renews_over_mtls_for_its_own_identity_only() {
+    let cp = ControlPlane::start(&[]);
+    let svid = enroll(&cp, WEB, "127.0.0.1:7000").await;
+    let fresh = p256();
+    let renewed = cp
+        .certify(csr_for(&fresh, WEB), None, Some(&svid), "")
+        .await
+        .expect("renewal with the current SVID");
+    assert_eq!(renewed.spiffe_id, WEB);
+    assert_ne!(renewed.chain[0], svid.chain[0].to_vec());
+
+    let err = cp
+        .certify(csr_for(&p256(), DB), None, Some(&svid), "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(issued_total(&cp.metrics()), 2);
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1, "{workloads:?}");
+    assert_eq!(
+        workloads[0].address, "127.0.0.1:7000",
+        "renewal keeps the address"
+    );
+    assert_eq!(workloads[0].cert_expires_at_unix, renewed.expires_at_unix);
+}
+
+#[tokio::test]
+async fn reserved_identities_are_never_issued() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    let err = cp
+        .certify(
+            csr_for(&p256(), "spiffe://cluster.local/trellis/admin"),
+            Some(&token),
+            None,
+            "",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_nothing_issued(&cp).await;
+}

@@ -1,0 +1,331 @@
+//! Shared pieces of the control plane's integration tests: the real binary as
+//! a child process on free ports with its own temp state dir, gRPC clients
+//! over real TLS, and CSRs made with rcgen.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::transport::Channel;
+use trellis_control_plane::ctl::AdminCredentials;
+use trellis_core::tls::{
+    ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store,
+};
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{CreateJoinTokenRequest, ListWorkloadsRequest, Workload};
+use trellis_proto::identity::v1::identity_client::IdentityClient;
+use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, certify_request::Proof};
+
+pub const CP: &str = env!("CARGO_BIN_EXE_trellis-control-plane");
+pub const CTL: &str = env!("CARGO_BIN_EXE_trellisctl");
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Retries `f` until it returns `Some`, or panics naming `what` at the deadline.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`eventually`] for async checks, without blocking the runtime.
+pub async fn eventually_async<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running control plane process.
+pub struct ControlPlane {
+    child: Child,
+    pub tmp: Arc<tempfile::TempDir>,
+    pub state_dir: PathBuf,
+    pub grpc: String,
+    pub admin: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl ControlPlane {
+    pub fn start(extra: &[&str]) -> Self {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_in(tmp, extra)
+    }
+
+    /// Starts on the state dir inside `tmp` (a restart when it exists).
+    pub fn start_in(tmp: Arc<tempfile::TempDir>, extra: &[&str]) -> Self {
+        let state_dir = tmp.path().join("state");
+        let mut child = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("TRELLIS_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start trellis-control-plane");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut cp = Self {
+            child,
+            tmp,
+            state_dir,
+            grpc: String::new(),
+            admin: String::new(),
+            log,
+        };
+        let ready_line = eventually("the control plane to log `control plane ready`", || {
+            if let Ok(Some(status)) = cp.child.try_wait() {
+                panic!("control plane exited with {status}:\n{}", cp.log());
+            }
+            cp.log()
+                .lines()
+                .find(|l| l.contains("control plane ready"))
+                .map(str::to_string)
+        });
+        cp.grpc = field(&ready_line, "grpc");
+        cp.admin = field(&ready_line, "admin");
+        cp
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.grpc.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(self.state_dir.join("bundle.pem"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        eventually("the control plane to exit", || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
+    /// [`Self::stop`] from async code: the runtime keeps running, so the
+    /// test's own idle connections answer the server's graceful GOAWAY.
+    pub async fn stop_async(self) -> ExitStatus {
+        tokio::task::spawn_blocking(move || self.stop())
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_client(&self) -> AdminClient<Channel> {
+        AdminCredentials::in_state_dir(&self.state_dir)
+            .connect(&self.grpc)
+            .await
+            .expect("admin connects")
+    }
+
+    pub async fn token(&self, id: &str, ttl_seconds: u64) -> String {
+        let mut admin = self.admin_client().await;
+        admin
+            .create_join_token(CreateJoinTokenRequest {
+                spiffe_id: id.into(),
+                ttl_seconds,
+            })
+            .await
+            .expect("token created")
+            .into_inner()
+            .token
+    }
+
+    pub async fn workloads(&self) -> Vec<Workload> {
+        let mut admin = self.admin_client().await;
+        admin
+            .list_workloads(ListWorkloadsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workloads
+    }
+
+    /// A TLS client config trusting this control plane, optionally presenting
+    /// a client certificate.
+    pub fn client_config(&self, identity: Option<&Svid>) -> ClientConfig {
+        let roots = Arc::new(root_store(&self.bundle()).unwrap());
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let verifier =
+            SpiffeServerVerifier::new(roots, ExpectedServer::Exact(SpiffeId::control_plane(&td)));
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let config = match identity {
+            Some(svid) => builder
+                .with_client_auth_cert(svid.chain.clone(), svid.key_der())
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        trellis_core::grpc::with_h2_alpn(config)
+    }
+
+    pub async fn identity_client(&self, identity: Option<&Svid>) -> IdentityClient<Channel> {
+        let channel =
+            trellis_core::grpc::connect(&self.grpc, Arc::new(self.client_config(identity)))
+                .await
+                .expect("connects to the control plane");
+        IdentityClient::new(channel)
+    }
+
+    pub async fn certify(
+        &self,
+        csr: Vec<u8>,
+        token: Option<&str>,
+        identity: Option<&Svid>,
+        inbound: &str,
+    ) -> Result<CertifyResponse, tonic::Status> {
+        let mut client = self.identity_client(identity).await;
+        client
+            .certify(CertifyRequest {
+                csr,
+                proof: token.map(|t| Proof::JoinToken(t.to_string())),
+                inbound_address: inbound.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://{}/metrics", self.admin)])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "GET /metrics failed");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(CTL)
+            .args(["--control-plane", &self.grpc, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(args)
+            .output()
+            .expect("trellisctl runs")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `name=VALUE` in a log line.
+fn field(line: &str, name: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+        .to_string()
+}
+
+/// A workload key and, once certified, its chain.
+pub struct Svid {
+    pub key: KeyPair,
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+impl Svid {
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+}
+
+pub fn p256() -> KeyPair {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+}
+
+pub fn uri(id: &str) -> SanType {
+    SanType::URI(id.try_into().unwrap())
+}
+
+/// A DER CSR with these SANs, signed by `key`.
+pub fn csr_with(key: &KeyPair, sans: Vec<SanType>) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+pub fn csr_for(key: &KeyPair, id: &str) -> Vec<u8> {
+    csr_with(key, vec![uri(id)])
+}
+
+/// Certifies `id` with a fresh key and token; returns the SVID.
+pub async fn enroll(cp: &ControlPlane, id: &str, inbound: &str) -> Svid {
+    let token = cp.token(id, 0).await;
+    let key = p256();
+    let response = cp
+        .certify(csr_for(&key, id), Some(&token), None, inbound)
+        .await
+        .expect("certify with a fresh token");
+    Svid {
+        key,
+        chain: response
+            .chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    }
+}
+
+pub fn issued_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_certificates_issued_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("metrics have trellis_certificates_issued_total")
+}
+
+pub fn write_pem(path: &Path, der: &[u8]) {
+    std::fs::write(
+        path,
+        trellis_control_plane::ca::der_to_pem(&CertificateDer::from(der.to_vec())),
+    )
+    .unwrap();
+}

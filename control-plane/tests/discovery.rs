@@ -1,0 +1,224 @@
+//! Discovery.Watch against the real control plane: SVID required, Subscribe
+//! first, a snapshot on connect, a new one when a workload registers, and
+//! ACKs visible in ListWorkloads.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Ack, Nack, Subscribe, WatchRequest};
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
+
+async fn discovery_client(
+    cp: &ControlPlane,
+    svid: Option<&Svid>,
+) -> DiscoveryClient<tonic::transport::Channel> {
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(svid)))
+        .await
+        .unwrap();
+    DiscoveryClient::new(channel)
+}
+
+fn subscribe(inbound: &str) -> WatchRequest {
+    WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: inbound.into(),
+            last_version: 0,
+        })),
+    }
+}
+
+#[tokio::test]
+async fn watch_pushes_snapshots_and_records_acks() {
+    let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("127.0.0.1:7001")).await.unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch opens")
+        .into_inner();
+
+    let first = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a first snapshot");
+    assert!(first.version > 0);
+    assert_eq!(first.trust_bundle, vec![cp.bundle()[0].to_vec()]);
+    assert_eq!(first.endpoints.len(), 1);
+    assert_eq!(first.endpoints[0].spiffe_id, WEB);
+    assert_eq!(first.endpoints[0].address, "127.0.0.1:7001");
+    let mesh = first.mesh.clone().unwrap();
+    assert_eq!(mesh.default_policy, "allow-mesh");
+    assert_eq!(mesh.outbound_policy, "deny");
+    assert!(first.policies.is_empty());
+    tx.send(WatchRequest {
+        kind: Some(Kind::Ack(Ack {
+            version: first.version,
+        })),
+    })
+    .await
+    .unwrap();
+
+    enroll(&cp, DB, "127.0.0.1:7002").await;
+    let second = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a pushed snapshot");
+    assert!(second.version > first.version);
+    let ids: Vec<&str> = second
+        .endpoints
+        .iter()
+        .map(|e| e.spiffe_id.as_str())
+        .collect();
+    assert!(ids.contains(&WEB) && ids.contains(&DB), "{ids:?}");
+    tx.send(WatchRequest {
+        kind: Some(Kind::Nack(Nack {
+            version: second.version,
+            reason: "test refuses it".into(),
+        })),
+    })
+    .await
+    .unwrap();
+
+    let listed = eventually_async("the NACK to show in ListWorkloads", || async {
+        let workloads = cp.workloads().await;
+        let web = workloads.into_iter().find(|w| w.spiffe_id == WEB)?;
+        (!web.last_nack.is_empty()).then_some(web)
+    })
+    .await;
+    assert!(listed.connected);
+    assert_eq!(listed.acked_version, first.version);
+    assert_eq!(listed.last_nack, "test refuses it");
+    assert!(cp.metrics().contains("trellis_watch_streams 1"));
+
+    drop(tx);
+    drop(snapshots);
+    eventually_async("the stream to show as disconnected", || async {
+        let workloads = cp.workloads().await;
+        workloads
+            .iter()
+            .any(|w| w.spiffe_id == WEB && !w.connected)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watch_requires_an_svid_and_a_subscribe_first() {
+    let cp = ControlPlane::start(&[]);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(subscribe("")).await.unwrap();
+    let err = discovery_client(&cp, None)
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let web = enroll(&cp, WEB, "").await;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Ack(Ack { version: 1 })),
+    })
+    .await
+    .unwrap();
+    let err = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_watch_streams_and_exits_cleanly() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7003").await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("127.0.0.1:7003")).await.unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a first snapshot");
+    let stopping = tokio::spawn(cp.stop_async());
+    match snapshots.message().await {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(None) => {}
+        Ok(Some(s)) => panic!("unexpected snapshot {s:?} while stopping"),
+    }
+    drop(tx);
+    assert!(stopping.await.unwrap().success(), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7004").await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("127.0.0.1:7004")).await.unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let held = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a first snapshot");
+    drop((tx, snapshots));
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop_async().await.success());
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: "127.0.0.1:7004".into(),
+            last_version: held.version,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = eventually_async("the held version to count as acked", || async {
+        let workloads = cp.workloads().await;
+        workloads
+            .into_iter()
+            .find(|w| w.spiffe_id == WEB && w.connected && w.acked_version == held.version)
+    })
+    .await;
+    assert_eq!(listed.address, "127.0.0.1:7004");
+
+    enroll(&cp, DB, "127.0.0.1:7005").await;
+    let next = snapshots.message().await.unwrap().expect("the next change");
+    assert!(next.version > held.version, "versions survive the restart");
+    assert_eq!(next.endpoints.len(), 2);
+    drop(tx);
+}

@@ -1,0 +1,331 @@
+//! The control plane process: bad flags, corrupt state, restart on the same
+//! state dir, reflection through the real grpcurl, graceful shutdown.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use rustls_pki_types::pem::PemObject;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+#[test]
+fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    for (args, names) in [
+        (vec!["--cert-ttl", "5s"], "--cert-ttl"),
+        (vec!["--no-such-flag"], "--no-such-flag"),
+        (vec!["--default-policy", "maybe"], "--default-policy"),
+        (vec!["--listen", "not-an-address"], "--listen"),
+        (vec!["--trust-domain", "Bad.Domain"], "--trust-domain"),
+        (vec!["--ca-cert", "x.pem"], "--ca-key"),
+    ] {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(!state.exists(), "{args:?} must not create the state dir");
+    }
+    let out = Command::new(CP).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
+    let out = Command::new(CP).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_corrupt_ca_key_is_reported_and_left_alone() {
+    let cp = ControlPlane::start(&[]);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop().success());
+    let key = tmp.path().join("state/ca.key");
+    std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\nnot base64\n").unwrap();
+    let before = std::fs::read(&key).unwrap();
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ca.key"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        before,
+        "ca.key must be byte-identical"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_ca_tokens_and_workloads() {
+    let cp = ControlPlane::start(&[]);
+    let bundle = std::fs::read(cp.state_dir.join("bundle.pem")).unwrap();
+    let admin_cert = std::fs::read(cp.state_dir.join("admin.crt")).unwrap();
+    enroll(&cp, WEB, "127.0.0.1:9000").await;
+    let spare = cp.token("spiffe://cluster.local/ns/default/sa/db", 0).await;
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop_async().await.success(), "SIGTERM exits 0");
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    assert_eq!(
+        std::fs::read(cp.state_dir.join("bundle.pem")).unwrap(),
+        bundle
+    );
+    assert_eq!(
+        std::fs::read(cp.state_dir.join("admin.crt")).unwrap(),
+        admin_cert
+    );
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1);
+    assert_eq!(workloads[0].address, "127.0.0.1:9000");
+    cp.certify(
+        csr_for(&p256(), "spiffe://cluster.local/ns/default/sa/db"),
+        Some(&spare),
+        None,
+        "",
+    )
+    .await
+    .expect("a token made before the restart still works");
+}
+
+#[test]
+fn grpcurl_lists_the_services_through_reflection() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        println!("skipped: grpcurl not installed");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let out = Command::new("grpcurl")
+        .arg("-cacert")
+        .arg(cp.state_dir.join("bundle.pem"))
+        .arg(format!("localhost:{}", cp.port()))
+        .arg("list")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for service in [
+        "trellis.identity.v1.Identity",
+        "trellis.discovery.v1.Discovery",
+        "trellis.admin.v1.Admin",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == service),
+            "{service} missing:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_plaintext_client_is_refused_and_logged() {
+    let cp = ControlPlane::start(&[]);
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("http://{}/", cp.grpc)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    eventually("the handshake failure in the log", || {
+        cp.log()
+            .lines()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("not_tls"))
+            .then_some(())
+    });
+    assert!(
+        cp.metrics()
+            .contains("trellis_tls_handshake_failures_total{reason=\"not_tls\"} 1")
+    );
+}
+
+#[test]
+fn admin_port_reports_live_and_ready() {
+    let cp = ControlPlane::start(&[]);
+    for path in ["/live", "/ready"] {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://{}{path}", cp.admin)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_does_not_block_others() {
+    let cp = ControlPlane::start(&[]);
+    // Connects and never says a word: its handshake waits in its own task.
+    let _silent = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    let token = cp.token(WEB, 0).await;
+    cp.certify(csr_for(&p256(), WEB), Some(&token), None, "")
+        .await
+        .expect("a normal client is served meanwhile");
+}
+
+#[tokio::test]
+async fn serves_with_an_operator_supplied_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("root.crt");
+    let key = tmp.path().join("root.key");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Operator/CN=Operator root",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let cp = ControlPlane::start(&["--ca-cert", &cert_arg, "--ca-key", &key_arg]);
+    let root = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.bundle(), vec![root]);
+    assert!(
+        !cp.state_dir.join("ca.key").exists(),
+        "the operator key is not copied"
+    );
+    let token = cp.token(WEB, 0).await;
+    let response = cp
+        .certify(csr_for(&p256(), WEB), Some(&token), None, "")
+        .await
+        .expect("certify under the operator root");
+    assert_eq!(response.trust_bundle, vec![cp.bundle()[0].to_vec()]);
+}
+
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn signs_with_an_operator_supplied_intermediate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p256_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut root = vec!["req", "-x509", "-days", "30", "-subj", "/CN=Operator root"];
+    root.extend(p256_key);
+    root.extend([
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.crt",
+    ]);
+    openssl(&root, dir);
+    let mut csr = vec!["req", "-new", "-subj", "/CN=Operator intermediate"];
+    csr.extend(p256_key);
+    csr.extend(["-keyout", "int.key", "-out", "int.csr"]);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("int.ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "int.csr",
+            "-CA",
+            "root.crt",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "int.ext",
+            "-out",
+            "int.crt",
+        ],
+        dir,
+    );
+    let chain = [
+        std::fs::read(dir.join("int.crt")).unwrap(),
+        std::fs::read(dir.join("root.crt")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dir.join("chain.pem"), chain).unwrap();
+
+    let (cert_arg, key_arg) = (
+        dir.join("chain.pem").display().to_string(),
+        dir.join("int.key").display().to_string(),
+    );
+    let cp = ControlPlane::start(&["--ca-cert", &cert_arg, "--ca-key", &key_arg]);
+    let root = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("root.crt"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.bundle(), vec![root], "the bundle holds the root only");
+    // trellisctl's operator credential chains through the intermediate too.
+    let token = cp.token(WEB, 0).await;
+    let response = cp
+        .certify(csr_for(&p256(), WEB), Some(&token), None, "")
+        .await
+        .expect("certify under the intermediate");
+    assert_eq!(response.chain.len(), 2, "leaf, then the intermediate");
+    write_pem(&dir.join("leaf.pem"), &response.chain[0]);
+    openssl(
+        &[
+            "verify",
+            "-CAfile",
+            "root.crt",
+            "-untrusted",
+            "int.crt",
+            "leaf.pem",
+        ],
+        dir,
+    );
+}
