@@ -16,6 +16,7 @@ pub mod ca;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
+pub mod inject;
 pub mod metrics;
 pub mod run;
 pub mod server;

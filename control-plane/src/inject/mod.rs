@@ -1,0 +1,293 @@
+//! The Kubernetes admission webhooks, as pure functions from the body the API
+//! server sends to the body it expects back: `/inject` (mutating: adds the
+//! sidecar to a Pod) and `/validate` (validating: Trellis policy objects).
+//!
+//! This module owns what is injected and why, and the verdict on policy
+//! objects. It never talks to the API server and holds no state. Everything
+//! but [`server`] is pure: [`server::WebhookServer`] (HTTPS on port 15017)
+//! reads a body, calls [`review_pod`] or [`review_policy`], and writes
+//! [`AdmissionResponse::to_body`] back (or HTTP 400 with the [`ReviewError`]).
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `review` | the `admission.k8s.io/v1` AdmissionReview envelope, the base64 JSONPatch |
+//! | `pod` | whether a pod is injected, and what it gets |
+//! | `probes` | rewriting app probes to the sidecar's admin port |
+//! | `policy` | the `/validate` verdict on Trellis policy objects |
+//! | `settings` | the `--inject-config` file the chart renders |
+//! | [`server`] | the HTTPS port: TLS from the mounted Secret, routing, limits |
+//!
+//! # What a Pod gets
+//!
+//! In this order in `spec.initContainers`, ahead of the pod's own init
+//! containers (which may need the network, so the proxy must already run):
+//!
+//! 1. `trellis-init`: `trellis-proxy init` programs iptables in the pod's
+//!    network namespace. Root (`runAsUser: 0`, `runAsNonRoot: false`) with
+//!    only `NET_ADMIN` and `NET_RAW` added and `ALL` dropped, no privilege
+//!    escalation, read-only root filesystem (iptables' lock file goes to a
+//!    small `emptyDir`). The port-exclusion annotations become its flags.
+//! 2. `trellis-proxy`: the sidecar as a native sidecar (`restartPolicy:
+//!    Always`). Its `startupProbe` on the admin port's `/ready` makes the
+//!    kubelet start the next container only once the proxy holds a
+//!    certificate and a policy snapshot, and a Job's pod still completes
+//!    (native sidecars are stopped when the app containers finish). UID 1337,
+//!    non-root, read-only root filesystem, no privilege escalation, all
+//!    capabilities dropped, seccomp `RuntimeDefault`. Configured entirely
+//!    through `TRELLIS_*` environment variables (the flags' twins):
+//!    identity `spiffe://TD/ns/$(TRELLIS_POD_NAMESPACE)/sa/$(TRELLIS_SERVICE_ACCOUNT)`
+//!    expanded by the kubelet from the downward API, so it always names the
+//!    account the pod really runs as.
+//!
+//! A projected volume `trellis-identity`, mounted read-only only in the
+//! sidecar at `/var/run/trellis/identity`, holds `token` (a ServiceAccount
+//! token for audience `trellis`, [`InjectConfig::token_expiration_seconds`])
+//! and, by default, `bundle.pem`.
+//!
+//! # The trust bundle
+//!
+//! The sidecar needs the CA roots before its first contact with the control
+//! plane. A ConfigMap volume can only name a ConfigMap in the pod's own
+//! namespace, so a ConfigMap would have to be written into every meshed
+//! namespace, and the control plane's RBAC grants no such write. By default
+//! ([`TrustBundleSource::Annotation`]) the webhook therefore puts the PEM
+//! bundle it serves in the pod annotation `trellis.io/trust-bundle` and the
+//! projected volume turns that annotation into the file (downward API). The
+//! bundle is public, small (a few KiB), and only used for first contact:
+//! after that it arrives on the discovery stream. Operators who distribute a
+//! ConfigMap themselves choose [`TrustBundleSource::ConfigMap`].
+//!
+//! # Who is injected
+//!
+//! The webhook's `namespaceSelector` sends Pods of namespaces labelled
+//! `trellis.io/inject=enabled`; a second webhook entry sends Pods labelled
+//! `trellis.io/inject=enabled` from other namespaces (the API server selects
+//! on labels, never annotations). The server cannot see namespace labels
+//! without an RBAC grant on namespaces, so it passes
+//! [`NamespaceScope::SelectedByWebhook`]: being called means the namespace
+//! opted in. Callers that know the labels pass [`NamespaceScope::Labels`].
+//! On the pod, the annotation `trellis.io/inject` (`enabled`/`disabled`)
+//! decides first, then the pod label of the same name, then the namespace.
+//! Only CREATE is mutated.
+//!
+//! Idempotent: a pod with the annotation `trellis.io/injected` or a
+//! container named `trellis-proxy` or `trellis-init` gets no patch, so
+//! injecting twice equals injecting once (a re-invoked webhook, a pod
+//! manifest copied from a running pod).
+//!
+//! # Errors
+//!
+//! A body that is not an `AdmissionReview` is a [`ReviewError`]: the server
+//! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod that
+//! cannot be injected (an invalid `trellis.io/*` annotation, no trust bundle
+//! configured, not a Pod) follows [`InjectConfig::failure_policy`], which the
+//! chart sets from the same value as the webhook's `failurePolicy`: `Ignore`
+//! (default) admits it unchanged with a warning that `kubectl` prints;
+//! `Fail` denies it with the message. Injection problems never block pods
+//! unless an operator asked for that.
+//!
+//! The patch is a few `add` operations on whole fields
+//! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
+//! `/spec/volumes`); `add` replaces a member that exists, so the patch
+//! applies whether or not the pod had them.
+
+mod pod;
+mod policy;
+mod probes;
+mod review;
+pub mod server;
+mod settings;
+
+use std::collections::BTreeMap;
+
+use trellis_core::TrustDomain;
+
+pub use pod::{InjectError, Injection, Skip, inject_pod};
+pub use policy::{GROUP, respond_policy, review_policy};
+pub use probes::{PROBE_KINDS, app_health_path};
+pub use review::{
+    ADMISSION_API_VERSION, AdmissionRequest, AdmissionResponse, GroupVersionKind, PatchOp,
+    ReviewError,
+};
+pub use settings::InvalidSettings;
+
+/// Label and annotation: `enabled` or `disabled`.
+pub const INJECT_KEY: &str = "trellis.io/inject";
+/// Annotation set on an injected pod.
+pub const INJECTED_ANNOTATION: &str = "trellis.io/injected";
+/// Annotation holding the PEM trust bundle ([`TrustBundleSource::Annotation`]).
+pub const TRUST_BUNDLE_ANNOTATION: &str = "trellis.io/trust-bundle";
+/// Comma lists of ports (inbound, outbound) and CIDRs that bypass the sidecar.
+pub const EXCLUDE_INBOUND_PORTS: &str = "trellis.io/exclude-inbound-ports";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.io/exclude-outbound-cidrs";
+
+/// Names of what the injector adds.
+pub const INIT_CONTAINER: &str = "trellis-init";
+pub const PROXY_CONTAINER: &str = "trellis-proxy";
+pub const IDENTITY_VOLUME: &str = "trellis-identity";
+pub const XTABLES_VOLUME: &str = "trellis-xtables";
+pub const IDENTITY_DIR: &str = "/var/run/trellis/identity";
+
+/// The audience of the projected token; the control plane's TokenReview asks
+/// for exactly this one.
+pub const TOKEN_AUDIENCE: &str = "trellis";
+/// The shortest token lifetime Kubernetes accepts for a projected token.
+pub const MIN_TOKEN_EXPIRATION_SECONDS: i64 = 600;
+
+/// What an injection failure does to the pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Admit the pod unchanged, with a warning.
+    #[default]
+    Ignore,
+    /// Deny the pod with the message.
+    Fail,
+}
+
+/// Where the sidecar finds the trust bundle for its first contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustBundleSource {
+    /// This PEM, put in the pod annotation `trellis.io/trust-bundle` and
+    /// projected as a file; the control plane passes the bundle it serves.
+    Annotation(String),
+    /// A ConfigMap of this name in the pod's namespace, key `bundle.pem`,
+    /// distributed by the operator.
+    ConfigMap(String),
+}
+
+/// Compute resources of one container, as Kubernetes quantities; `None`
+/// leaves that one unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub requests_cpu: Option<String>,
+    pub requests_memory: Option<String>,
+    pub limits_cpu: Option<String>,
+    pub limits_memory: Option<String>,
+}
+
+impl Resources {
+    fn quantities(
+        requests_cpu: &str,
+        requests_memory: &str,
+        limits_cpu: &str,
+        limits_memory: &str,
+    ) -> Self {
+        Self {
+            requests_cpu: Some(requests_cpu.into()),
+            requests_memory: Some(requests_memory.into()),
+            limits_cpu: Some(limits_cpu.into()),
+            limits_memory: Some(limits_memory.into()),
+        }
+    }
+}
+
+/// Everything injection depends on besides the pod. The chart's values map
+/// onto these fields one to one (`injection.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// The one Trellis image; the sidecar and the init container run
+    /// `trellis-proxy` from it.
+    pub image: String,
+    /// `Always`, `IfNotPresent`, `Never`, or `None` for the cluster default.
+    pub image_pull_policy: Option<String>,
+    pub trust_domain: TrustDomain,
+    /// The control plane's gRPC address as pods reach it (the Service).
+    pub control_plane: String,
+    pub trust_bundle: TrustBundleSource,
+    /// Lifetime of the projected ServiceAccount token (at least 600).
+    pub token_expiration_seconds: i64,
+    pub proxy_resources: Resources,
+    pub init_resources: Resources,
+    pub proxy_uid: u32,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub admin_port: u16,
+    /// Excluded for every pod, before its own annotations.
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub exclude_outbound_cidrs: Vec<String>,
+    pub failure_policy: FailurePolicy,
+    /// `text` or `json`, the sidecar's `--log-format`.
+    pub log_format: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            image: concat!("trellis/trellis:", env!("CARGO_PKG_VERSION")).to_owned(),
+            image_pull_policy: None,
+            trust_domain: TrustDomain::new("cluster.local").expect("a valid trust domain"),
+            control_plane: "trellis-control-plane.trellis-system.svc:15012".to_owned(),
+            trust_bundle: TrustBundleSource::Annotation(String::new()),
+            token_expiration_seconds: 3600,
+            proxy_resources: Resources::quantities("50m", "64Mi", "1", "256Mi"),
+            init_resources: Resources::quantities("10m", "16Mi", "100m", "64Mi"),
+            proxy_uid: 1337,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            admin_port: 15020,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+            failure_policy: FailurePolicy::Ignore,
+            log_format: "json".to_owned(),
+        }
+    }
+}
+
+/// How the injector learns whether the pod's namespace opted in.
+#[derive(Debug, Clone, Copy)]
+pub enum NamespaceScope<'a> {
+    /// The webhook's selectors already chose the namespace (the server).
+    SelectedByWebhook,
+    /// The namespace's labels; injection needs `trellis.io/inject=enabled`.
+    Labels(&'a BTreeMap<String, String>),
+}
+
+/// The `/inject` webhook: reviews one Pod and answers with the patch that
+/// injects it, no patch, or a denial (see the module docs).
+pub fn review_pod(
+    body: &[u8],
+    scope: NamespaceScope<'_>,
+    config: &InjectConfig,
+) -> Result<AdmissionResponse, ReviewError> {
+    let request = AdmissionRequest::parse(body)?;
+    Ok(respond_pod(&request, scope, config))
+}
+
+/// [`review_pod`] for a request already read.
+pub fn respond_pod(
+    request: &AdmissionRequest,
+    scope: NamespaceScope<'_>,
+    config: &InjectConfig,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::allow(&request.uid);
+    if request.operation != "CREATE" {
+        return allow;
+    }
+    let result = if request.kind.group.is_empty() && request.kind.kind == "Pod" {
+        match &request.object {
+            Some(pod) => inject_pod(pod, scope, config),
+            None => Err(InjectError::NoObject),
+        }
+    } else {
+        Err(InjectError::NotAPod(request.kind.to_string()))
+    };
+    match result {
+        Ok(Injection::Injected { patch, warnings }) => AdmissionResponse {
+            patch,
+            warnings,
+            ..allow
+        },
+        Ok(Injection::Skipped(_)) => allow,
+        Err(e) => match config.failure_policy {
+            FailurePolicy::Ignore => {
+                allow.with_warning(format!("trellis: sidecar not injected: {e}"))
+            }
+            FailurePolicy::Fail => {
+                AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
+            }
+        },
+    }
+}

@@ -1,0 +1,583 @@
+//! Injecting one Pod: whether to, and the containers, volumes and
+//! annotations it gets (the module docs of [`super`] say what and why).
+//!
+//! The pod is handled as a `serde_json::Value`, never a typed struct, so
+//! fields this version does not know survive untouched.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde_json::{Map, Value, json};
+
+use super::probes;
+use super::review::PatchOp;
+use super::{
+    EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS, IDENTITY_DIR,
+    IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
+    MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, PROXY_CONTAINER, Resources, TOKEN_AUDIENCE,
+    TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
+};
+
+const XTABLES_DIR: &str = "/run/trellis-xtables";
+
+/// Why a pod cannot be injected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("the webhook only injects Pods, not {0}")]
+    NotAPod(String),
+    #[error("the review has no object")]
+    NoObject,
+    #[error("{0} is not an object")]
+    Malformed(&'static str),
+    #[error("metadata.annotations[{key}]: {message}")]
+    InvalidAnnotation { key: &'static str, message: String },
+    #[error("metadata.labels[{INJECT_KEY}]: expected \"enabled\" or \"disabled\", got {0:?}")]
+    InvalidLabel(String),
+    #[error(
+        "the injector has no trust bundle (the control plane has not loaded its CA, or injection.trustBundle is empty)"
+    )]
+    NoTrustBundle,
+    #[error(
+        "injection.tokenExpirationSeconds is {0}; Kubernetes requires at least {MIN_TOKEN_EXPIRATION_SECONDS}"
+    )]
+    TokenExpiration(i64),
+}
+
+/// Why a pod was left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// `trellis.io/inject: disabled` on the pod.
+    OptedOut,
+    /// Neither the namespace nor the pod opted in.
+    NotEnabled,
+    /// Injected before (the marker annotation or our containers).
+    AlreadyInjected,
+    /// The pod shares the node's network namespace: iptables there would
+    /// redirect the node's traffic.
+    HostNetwork,
+}
+
+/// What [`inject_pod`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Injection {
+    Injected {
+        patch: Vec<PatchOp>,
+        warnings: Vec<String>,
+    },
+    Skipped(Skip),
+}
+
+/// Decides and builds the injection of `pod`.
+pub fn inject_pod(
+    pod: &Value,
+    scope: NamespaceScope<'_>,
+    config: &InjectConfig,
+) -> Result<Injection, InjectError> {
+    let metadata = pod
+        .get("metadata")
+        .and_then(Value::as_object)
+        .ok_or(InjectError::Malformed("metadata"))?;
+    let annotations = string_map(metadata.get("annotations"));
+    let labels = string_map(metadata.get("labels"));
+    let spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or(InjectError::Malformed("spec"))?;
+
+    if let Some(skip) = skip_reason(&annotations, &labels, spec, scope)? {
+        return Ok(Injection::Skipped(skip));
+    }
+    if config.token_expiration_seconds < MIN_TOKEN_EXPIRATION_SECONDS {
+        return Err(InjectError::TokenExpiration(
+            config.token_expiration_seconds,
+        ));
+    }
+    let exclusions = Exclusions::read(&annotations, config)?;
+    if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
+        return Err(InjectError::NoTrustBundle);
+    }
+
+    let mut warnings = Vec::new();
+    let mut containers = array(spec.get("containers"));
+    let rewritten = probes::rewrite(&mut containers, config.admin_port);
+    warnings.extend(rewritten.warnings);
+    warnings.extend(proxy_uid_warnings(spec, &containers, config.proxy_uid));
+
+    let mut init_containers = vec![
+        init_container(config, &exclusions),
+        proxy_container(config, &rewritten.probes),
+    ];
+    init_containers.extend(array(spec.get("initContainers")));
+
+    let mut volumes = array(spec.get("volumes"));
+    volumes.push(identity_volume(config));
+    volumes.push(
+        json!({"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}),
+    );
+
+    let mut new_annotations = metadata
+        .get("annotations")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    new_annotations.insert(INJECTED_ANNOTATION.into(), json!("true"));
+    if let TrustBundleSource::Annotation(pem) = &config.trust_bundle {
+        new_annotations.insert(TRUST_BUNDLE_ANNOTATION.into(), json!(pem));
+    }
+
+    let mut patch = vec![
+        PatchOp {
+            path: "/metadata/annotations",
+            value: Value::Object(new_annotations),
+        },
+        PatchOp {
+            path: "/spec/initContainers",
+            value: Value::Array(init_containers),
+        },
+    ];
+    if Some(&Value::Array(containers.clone())) != spec.get("containers") {
+        patch.push(PatchOp {
+            path: "/spec/containers",
+            value: Value::Array(containers),
+        });
+    }
+    patch.push(PatchOp {
+        path: "/spec/volumes",
+        value: Value::Array(volumes),
+    });
+    Ok(Injection::Injected { patch, warnings })
+}
+
+/// Whether to leave the pod alone; the pod's annotation decides first, then
+/// its label, then the namespace.
+fn skip_reason(
+    annotations: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+    spec: &Map<String, Value>,
+    scope: NamespaceScope<'_>,
+) -> Result<Option<Skip>, InjectError> {
+    if annotations.contains_key(INJECTED_ANNOTATION) || has_our_containers(spec) {
+        return Ok(Some(Skip::AlreadyInjected));
+    }
+    let pod_choice = match annotations.get(INJECT_KEY) {
+        Some(value) => Some(
+            parse_switch(value).ok_or_else(|| InjectError::InvalidAnnotation {
+                key: INJECT_KEY,
+                message: format!("expected \"enabled\" or \"disabled\", got {value:?}"),
+            })?,
+        ),
+        None => match labels.get(INJECT_KEY) {
+            Some(value) => {
+                Some(parse_switch(value).ok_or_else(|| InjectError::InvalidLabel(value.clone()))?)
+            }
+            None => None,
+        },
+    };
+    let enabled = match (pod_choice, scope) {
+        (Some(choice), _) => choice,
+        (None, NamespaceScope::SelectedByWebhook) => true,
+        (None, NamespaceScope::Labels(ns)) => {
+            ns.get(INJECT_KEY).map(String::as_str) == Some("enabled")
+        }
+    };
+    if !enabled {
+        return Ok(Some(if pod_choice == Some(false) {
+            Skip::OptedOut
+        } else {
+            Skip::NotEnabled
+        }));
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Some(Skip::HostNetwork));
+    }
+    Ok(None)
+}
+
+fn parse_switch(value: &str) -> Option<bool> {
+    match value {
+        "enabled" => Some(true),
+        "disabled" => Some(false),
+        _ => None,
+    }
+}
+
+fn has_our_containers(spec: &Map<String, Value>) -> bool {
+    ["containers", "initContainers"].iter().any(|field| {
+        array(spec.get(*field)).iter().any(|c| {
+            matches!(c.get("name").and_then(Value::as_str),
+                     Some(name) if name == PROXY_CONTAINER || name == INIT_CONTAINER)
+        })
+    })
+}
+
+/// App containers running as the proxy's UID bypass interception (init
+/// never redirects that UID): say so rather than silently leak.
+fn proxy_uid_warnings(
+    spec: &Map<String, Value>,
+    containers: &[Value],
+    proxy_uid: u32,
+) -> Vec<String> {
+    let pod_uid = spec
+        .get("securityContext")
+        .and_then(|s| s.get("runAsUser"))
+        .and_then(Value::as_u64);
+    containers
+        .iter()
+        .filter(|c| {
+            let uid = c
+                .get("securityContext")
+                .and_then(|s| s.get("runAsUser"))
+                .and_then(Value::as_u64)
+                .or(pod_uid);
+            uid == Some(u64::from(proxy_uid))
+        })
+        .map(|c| {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            format!(
+                "container {name:?} runs as UID {proxy_uid}, the proxy's UID: its traffic bypasses the sidecar"
+            )
+        })
+        .collect()
+}
+
+/// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then
+/// the pod's annotations'.
+#[derive(Debug, Default)]
+struct Exclusions {
+    inbound_ports: Vec<u16>,
+    outbound_ports: Vec<u16>,
+    outbound_cidrs: Vec<String>,
+}
+
+impl Exclusions {
+    fn read(
+        annotations: &BTreeMap<String, String>,
+        config: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        // The admin port must stay reachable for the kubelet's probes;
+        // `--exclude-ports` replaces init's default, so it is always listed.
+        let mut inbound_ports = vec![config.admin_port];
+        inbound_ports.extend(&config.exclude_inbound_ports);
+        inbound_ports.extend(ports(annotations, EXCLUDE_INBOUND_PORTS)?);
+        let mut outbound_ports = config.exclude_outbound_ports.clone();
+        outbound_ports.extend(ports(annotations, EXCLUDE_OUTBOUND_PORTS)?);
+        let mut outbound_cidrs = config.exclude_outbound_cidrs.clone();
+        outbound_cidrs.extend(cidrs(annotations, EXCLUDE_OUTBOUND_CIDRS)?);
+        dedup(&mut inbound_ports);
+        dedup(&mut outbound_ports);
+        dedup(&mut outbound_cidrs);
+        Ok(Self {
+            inbound_ports,
+            outbound_ports,
+            outbound_cidrs,
+        })
+    }
+}
+
+fn dedup<T: PartialEq + Clone>(items: &mut Vec<T>) {
+    let mut seen = Vec::with_capacity(items.len());
+    items.retain(|item| {
+        if seen.contains(item) {
+            false
+        } else {
+            seen.push(item.clone());
+            true
+        }
+    });
+}
+
+fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
+    annotations
+        .get(key)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ports(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+) -> Result<Vec<u16>, InjectError> {
+    list(annotations, key)
+        .into_iter()
+        .map(|item| {
+            item.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                InjectError::InvalidAnnotation {
+                    key,
+                    message: format!("{item:?} is not a port (1-65535)"),
+                }
+            })
+        })
+        .collect()
+}
+
+fn cidrs(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+) -> Result<Vec<String>, InjectError> {
+    list(annotations, key)
+        .into_iter()
+        .map(|item| {
+            let invalid = |why: &str| InjectError::InvalidAnnotation {
+                key,
+                message: format!("{item:?} is not a CIDR: {why}"),
+            };
+            let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = if prefix.is_empty() {
+                max
+            } else {
+                prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| invalid(&format!("the prefix length must be 0-{max}")))?
+            };
+            Ok(format!("{addr}/{prefix}"))
+        })
+        .collect()
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
+    let mut args = vec![
+        "init".to_owned(),
+        "--proxy-uid".to_owned(),
+        config.proxy_uid.to_string(),
+        "--inbound-port".to_owned(),
+        config.inbound_port.to_string(),
+        "--outbound-port".to_owned(),
+        config.outbound_port.to_string(),
+        "--exclude-ports".to_owned(),
+        join(&exclusions.inbound_ports),
+    ];
+    if !exclusions.outbound_ports.is_empty() {
+        args.push("--exclude-outbound-ports".into());
+        args.push(join(&exclusions.outbound_ports));
+    }
+    if !exclusions.outbound_cidrs.is_empty() {
+        args.push("--exclude-outbound-cidrs".into());
+        args.push(join(&exclusions.outbound_cidrs));
+    }
+    let mut container = json!({
+        "name": INIT_CONTAINER,
+        "image": config.image,
+        "command": ["trellis-proxy"],
+        "args": args,
+        "env": [{"name": "XTABLES_LOCKFILE", "value": format!("{XTABLES_DIR}/xtables.lock")}],
+        "volumeMounts": [{"name": XTABLES_VOLUME, "mountPath": XTABLES_DIR}],
+        "resources": resources(&config.init_resources),
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": false,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    pull_policy(&mut container, config);
+    container
+}
+
+fn proxy_container(config: &InjectConfig, app_probes: &BTreeMap<String, Value>) -> Value {
+    let td = config.trust_domain.as_str();
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let value = |name: &str, value: String| json!({"name": name, "value": value});
+    let mut env = vec![
+        field("TRELLIS_POD_NAME", "metadata.name"),
+        field("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
+        field("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field("TRELLIS_POD_IP", "status.podIP"),
+        // $(VAR) is expanded by the kubelet from the variables above.
+        value(
+            "TRELLIS_IDENTITY",
+            format!("spiffe://{td}/ns/$(TRELLIS_POD_NAMESPACE)/sa/$(TRELLIS_SERVICE_ACCOUNT)"),
+        ),
+        value("TRELLIS_CONTROL_PLANE", config.control_plane.clone()),
+        value("TRELLIS_TRUST_BUNDLE", format!("{IDENTITY_DIR}/bundle.pem")),
+        value("TRELLIS_TOKEN_FILE", format!("{IDENTITY_DIR}/token")),
+        value(
+            "TRELLIS_INBOUND",
+            format!("0.0.0.0:{}", config.inbound_port),
+        ),
+        value(
+            "TRELLIS_OUTBOUND",
+            format!("127.0.0.1:{}", config.outbound_port),
+        ),
+        // The kubelet probes the pod IP, so the admin port listens on all
+        // addresses; init leaves it out of interception.
+        value("TRELLIS_ADMIN", format!("0.0.0.0:{}", config.admin_port)),
+        value(
+            "TRELLIS_ADVERTISE_ADDRESS",
+            format!("$(TRELLIS_POD_IP):{}", config.inbound_port),
+        ),
+        value("TRELLIS_LOG_FORMAT", config.log_format.clone()),
+    ];
+    if !app_probes.is_empty() {
+        let probes = serde_json::to_string(app_probes).unwrap_or_default();
+        env.push(value("TRELLIS_APP_PROBES", probes));
+    }
+    let admin = config.admin_port;
+    let mut container = json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "command": ["trellis-proxy"],
+        "restartPolicy": "Always",
+        "ports": [
+            {"name": "trellis-inbound", "containerPort": config.inbound_port, "protocol": "TCP"},
+            {"name": "trellis-admin", "containerPort": admin, "protocol": "TCP"},
+        ],
+        "env": env,
+        "volumeMounts": [{"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR, "readOnly": true}],
+        "resources": resources(&config.proxy_resources),
+        // Up to two minutes for the first certificate and snapshot.
+        "startupProbe": {
+            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 120,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": admin, "scheme": "HTTP"},
+            "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
+        },
+        "securityContext": {
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    pull_policy(&mut container, config);
+    container
+}
+
+/// One projected volume for what the sidecar reads at start: the token and
+/// the trust bundle. Mode 0444 because the kubelet would otherwise make the
+/// token readable only by root or the pod's `fsGroup`; only the sidecar
+/// mounts this volume, so no other container can read it.
+fn identity_volume(config: &InjectConfig) -> Value {
+    let token = json!({"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE,
+        "expirationSeconds": config.token_expiration_seconds,
+        "path": "token",
+    }});
+    let bundle = match &config.trust_bundle {
+        TrustBundleSource::Annotation(_) => json!({"downwardAPI": {"items": [{
+            "path": "bundle.pem",
+            "fieldRef": {"fieldPath": format!("metadata.annotations['{TRUST_BUNDLE_ANNOTATION}']")},
+        }]}}),
+        TrustBundleSource::ConfigMap(name) => json!({"configMap": {
+            "name": name,
+            "items": [{"key": "bundle.pem", "path": "bundle.pem"}],
+        }}),
+    };
+    json!({"name": IDENTITY_VOLUME, "projected": {"defaultMode": 0o444, "sources": [token, bundle]}})
+}
+
+fn resources(r: &Resources) -> Value {
+    let mut out = Map::new();
+    for (section, cpu, memory) in [
+        ("requests", &r.requests_cpu, &r.requests_memory),
+        ("limits", &r.limits_cpu, &r.limits_memory),
+    ] {
+        let mut q = Map::new();
+        if let Some(cpu) = cpu {
+            q.insert("cpu".into(), json!(cpu));
+        }
+        if let Some(memory) = memory {
+            q.insert("memory".into(), json!(memory));
+        }
+        if !q.is_empty() {
+            out.insert(section.into(), Value::Object(q));
+        }
+    }
+    Value::Object(out)
+}
+
+fn pull_policy(container: &mut Value, config: &InjectConfig) {
+    if let Some(policy) = &config.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy);
+    }
+}
+
+fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
+    value
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn array(value: Option<&Value>) -> Vec<Value> {
+    value.and_then(Value::as_array).cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_port_and_cidr_lists() {
+        let a = annotations(&[
+            (EXCLUDE_INBOUND_PORTS, "22, 9090,22"),
+            (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8,192.168.1.1"),
+        ]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap();
+        assert_eq!(e.inbound_ports, [15020, 22, 9090]);
+        assert_eq!(
+            e.outbound_cidrs,
+            ["10.0.0.0/8", "fd00::/8", "192.168.1.1/32"]
+        );
+    }
+
+    #[test]
+    fn names_a_bad_port_annotation() {
+        let a = annotations(&[(EXCLUDE_OUTBOUND_PORTS, "443,https")]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
+        );
+    }
+
+    #[test]
+    fn names_a_bad_cidr_annotation() {
+        let a = annotations(&[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33")]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("prefix length must be 0-32"), "{e}");
+    }
+}

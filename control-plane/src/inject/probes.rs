@@ -1,0 +1,213 @@
+//! Kubelet probes under strict mTLS: rewriting the app's network probes to
+//! the sidecar's admin port.
+//!
+//! The kubelet probes a container from outside the pod network namespace,
+//! without a client certificate. With every inbound port redirected to the
+//! sidecar's mTLS listener, an `httpGet` probe would fail the TLS handshake,
+//! and a `tcpSocket` probe would always pass (the sidecar accepts the TCP
+//! connection itself, whatever the app's state). We do not exclude probe
+//! ports from interception instead: that would open the app's port to
+//! plaintext from anyone in the cluster, for every path, which strict mTLS
+//! exists to prevent.
+//!
+//! So each `httpGet`, `tcpSocket` and `grpc` probe of an app container
+//! becomes an `httpGet` on the sidecar's admin port (excluded from
+//! interception by `trellis-proxy init`), path
+//! `/app-health/<container>/<liveness|readiness|startup>`. The original
+//! check is handed to the sidecar in `TRELLIS_APP_PROBES`, a JSON object from
+//! that path to `{"httpGet": {port, path, scheme, httpHeaders}}`,
+//! `{"tcpSocket": {port}}` or `{"grpc": {port, service}}` with named ports
+//! resolved to numbers; the sidecar runs it against `127.0.0.1` (loopback is
+//! never intercepted) and answers 200 when it passes. Timing fields
+//! (`periodSeconds`, `timeoutSeconds`, thresholds) stay as they were.
+//!
+//! Left alone: `exec` probes (they run inside the container), probes with an
+//! explicit `host` (they target another machine), and probes whose named port
+//! the container does not declare (the kubelet would fail them already; a
+//! warning says so).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+/// The probe fields of a container, and the path segment each becomes.
+pub const PROBE_KINDS: [(&str, &str); 3] = [
+    ("livenessProbe", "liveness"),
+    ("readinessProbe", "readiness"),
+    ("startupProbe", "startup"),
+];
+
+/// The admin path the rewritten probe of `container` calls.
+pub fn app_health_path(container: &str, kind: &str) -> String {
+    format!("/app-health/{container}/{kind}")
+}
+
+/// What rewriting the probes of a pod's app containers gave.
+#[derive(Debug, Default)]
+pub struct Rewritten {
+    /// Admin path -> the original check, for `TRELLIS_APP_PROBES`.
+    pub probes: BTreeMap<String, Value>,
+    pub warnings: Vec<String>,
+}
+
+/// Rewrites the network probes of every container in `containers` (the
+/// pod's `spec.containers`) to `admin_port`.
+pub fn rewrite(containers: &mut [Value], admin_port: u16) -> Rewritten {
+    let mut out = Rewritten::default();
+    for container in containers.iter_mut() {
+        let Some(container) = container.as_object_mut() else {
+            continue;
+        };
+        let name = container
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ports = container.get("ports").cloned().unwrap_or(Value::Null);
+        for (field, kind) in PROBE_KINDS {
+            let Some(probe) = container.get_mut(field).and_then(Value::as_object_mut) else {
+                continue;
+            };
+            match original_check(probe, &ports) {
+                Ok(Some(check)) => {
+                    let path = app_health_path(&name, kind);
+                    for handler in ["httpGet", "tcpSocket", "grpc"] {
+                        probe.remove(handler);
+                    }
+                    probe.insert(
+                        "httpGet".into(),
+                        json!({"path": path, "port": admin_port, "scheme": "HTTP"}),
+                    );
+                    out.probes.insert(path, check);
+                }
+                Ok(None) => {}
+                Err(why) => out.warnings.push(format!(
+                    "container {name:?} {field} is not rewritten for the sidecar ({why}); \
+                     it will fail under strict mTLS"
+                )),
+            }
+        }
+    }
+    out
+}
+
+/// The check a probe makes, with its port resolved, or `None` when the probe
+/// is left as it is.
+fn original_check(probe: &Map<String, Value>, ports: &Value) -> Result<Option<Value>, String> {
+    if let Some(http) = probe.get("httpGet").and_then(Value::as_object) {
+        if has_host(http) {
+            return Ok(None);
+        }
+        let mut check = Map::new();
+        check.insert("port".into(), json!(resolve_port(http.get("port"), ports)?));
+        check.insert(
+            "path".into(),
+            http.get("path").cloned().unwrap_or_else(|| json!("/")),
+        );
+        check.insert(
+            "scheme".into(),
+            http.get("scheme").cloned().unwrap_or_else(|| json!("HTTP")),
+        );
+        if let Some(headers) = http.get("httpHeaders").filter(|h| !h.is_null()) {
+            check.insert("httpHeaders".into(), headers.clone());
+        }
+        return Ok(Some(json!({"httpGet": check})));
+    }
+    if let Some(tcp) = probe.get("tcpSocket").and_then(Value::as_object) {
+        if has_host(tcp) {
+            return Ok(None);
+        }
+        let port = resolve_port(tcp.get("port"), ports)?;
+        return Ok(Some(json!({"tcpSocket": {"port": port}})));
+    }
+    if let Some(grpc) = probe.get("grpc").and_then(Value::as_object) {
+        let port = resolve_port(grpc.get("port"), ports)?;
+        let mut check = json!({"port": port});
+        if let Some(service) = grpc.get("service").filter(|s| !s.is_null()) {
+            check["service"] = service.clone();
+        }
+        return Ok(Some(json!({"grpc": check})));
+    }
+    Ok(None)
+}
+
+fn has_host(handler: &Map<String, Value>) -> bool {
+    handler
+        .get("host")
+        .and_then(Value::as_str)
+        .is_some_and(|h| !h.is_empty())
+}
+
+/// A probe port: a number, or the name of one of the container's ports.
+fn resolve_port(port: Option<&Value>, ports: &Value) -> Result<u16, String> {
+    match port {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("port {n} is out of range")),
+        Some(Value::String(name)) => {
+            if let Ok(n) = name.parse::<u16>() {
+                return Ok(n);
+            }
+            ports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+                .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| format!("the container declares no port named {name:?}"))
+        }
+        _ => Err("it has no port".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_named_ports() {
+        let ports = json!([{"name": "http", "containerPort": 8080}]);
+        assert_eq!(resolve_port(Some(&json!("http")), &ports), Ok(8080));
+        assert_eq!(resolve_port(Some(&json!(9090)), &ports), Ok(9090));
+        assert!(resolve_port(Some(&json!("metrics")), &ports).is_err());
+    }
+
+    #[test]
+    fn leaves_exec_and_host_probes_alone() {
+        let mut containers = vec![json!({
+            "name": "app",
+            "livenessProbe": {"exec": {"command": ["true"]}},
+            "readinessProbe": {"httpGet": {"host": "example.com", "port": 80}},
+        })];
+        let before = containers.clone();
+        let out = rewrite(&mut containers, 15020);
+        assert_eq!(containers, before);
+        assert!(out.probes.is_empty() && out.warnings.is_empty());
+    }
+
+    #[test]
+    fn rewrites_tcp_and_grpc_probes() {
+        let mut containers = vec![json!({
+            "name": "db",
+            "livenessProbe": {"tcpSocket": {"port": 5432}, "periodSeconds": 7},
+            "readinessProbe": {"grpc": {"port": 9000, "service": "health"}},
+        })];
+        let out = rewrite(&mut containers, 15020);
+        assert_eq!(
+            containers[0]["livenessProbe"],
+            json!({"httpGet": {"path": "/app-health/db/liveness", "port": 15020, "scheme": "HTTP"},
+                   "periodSeconds": 7})
+        );
+        assert_eq!(
+            out.probes["/app-health/db/readiness"],
+            json!({"grpc": {"port": 9000, "service": "health"}})
+        );
+        assert_eq!(
+            out.probes["/app-health/db/liveness"],
+            json!({"tcpSocket": {"port": 5432}})
+        );
+    }
+}

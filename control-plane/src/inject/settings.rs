@@ -1,0 +1,223 @@
+//! The injection settings file (`--inject-config FILE`), which the Helm chart
+//! renders from its `injection.*` values into a ConfigMap.
+//!
+//! This module owns that file's format and turning it into an
+//! [`InjectConfig`]. Every field is optional and defaults to
+//! [`InjectConfig::default`]; unknown fields are refused, so a typo in the
+//! chart fails the control plane's start (exit 64), not a pod later. The
+//! trust domain and the trust bundle are not in the file: the control plane
+//! passes its own.
+//!
+//! ```json
+//! {"image": "trellis/trellis:0.1.0", "imagePullPolicy": "IfNotPresent",
+//!  "controlPlane": "trellis-control-plane.trellis-system.svc:15012",
+//!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
+//!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
+//!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
+//!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json"}
+//! ```
+
+use serde::Deserialize;
+use serde_json::Value;
+use trellis_core::TrustDomain;
+
+use super::{
+    FailurePolicy, InjectConfig, MIN_TOKEN_EXPIRATION_SECONDS, Resources, TrustBundleSource,
+};
+
+/// Why a settings file was refused; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid injection settings: {0}")]
+pub struct InvalidSettings(String);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Settings {
+    image: Option<String>,
+    image_pull_policy: Option<String>,
+    control_plane: Option<String>,
+    token_expiration_seconds: Option<i64>,
+    trust_bundle_config_map: Option<String>,
+    proxy_resources: Option<KubeResources>,
+    init_resources: Option<KubeResources>,
+    exclude_inbound_ports: Option<Vec<u16>>,
+    exclude_outbound_ports: Option<Vec<u16>>,
+    #[serde(rename = "excludeOutboundCIDRs")]
+    exclude_outbound_cidrs: Option<Vec<String>>,
+    failure_policy: Option<String>,
+    log_format: Option<String>,
+}
+
+/// `{requests: {cpu, memory}, limits: {cpu, memory}}` as in a pod spec.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubeResources {
+    #[serde(default)]
+    requests: Quantities,
+    #[serde(default)]
+    limits: Quantities,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Quantities {
+    cpu: Option<Value>,
+    memory: Option<Value>,
+}
+
+fn quantity(value: Option<Value>) -> Option<String> {
+    match value? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl From<KubeResources> for Resources {
+    fn from(r: KubeResources) -> Self {
+        Self {
+            requests_cpu: quantity(r.requests.cpu),
+            requests_memory: quantity(r.requests.memory),
+            limits_cpu: quantity(r.limits.cpu),
+            limits_memory: quantity(r.limits.memory),
+        }
+    }
+}
+
+impl InjectConfig {
+    /// Reads the settings file for the mesh of `trust_domain`, whose sidecars
+    /// get `trust_bundle_pem` (unless the file names a ConfigMap).
+    pub fn from_settings(
+        json: &str,
+        trust_domain: TrustDomain,
+        trust_bundle_pem: String,
+    ) -> Result<Self, InvalidSettings> {
+        let s: Settings = serde_json::from_str(json).map_err(|e| InvalidSettings(e.to_string()))?;
+        let mut config = InjectConfig {
+            trust_domain,
+            trust_bundle: TrustBundleSource::Annotation(trust_bundle_pem),
+            ..InjectConfig::default()
+        };
+        if let Some(image) = s.image {
+            if image.trim().is_empty() {
+                return Err(InvalidSettings("image: must not be empty".into()));
+            }
+            config.image = image;
+        }
+        if let Some(policy) = s.image_pull_policy.filter(|p| !p.is_empty()) {
+            if !matches!(policy.as_str(), "Always" | "IfNotPresent" | "Never") {
+                return Err(InvalidSettings(format!(
+                    "imagePullPolicy: expected Always, IfNotPresent or Never, got {policy:?}"
+                )));
+            }
+            config.image_pull_policy = Some(policy);
+        }
+        if let Some(address) = s.control_plane {
+            config.control_plane = address;
+        }
+        if let Some(seconds) = s.token_expiration_seconds {
+            if seconds < MIN_TOKEN_EXPIRATION_SECONDS {
+                return Err(InvalidSettings(format!(
+                    "tokenExpirationSeconds: {seconds} is below the Kubernetes minimum of {MIN_TOKEN_EXPIRATION_SECONDS}"
+                )));
+            }
+            config.token_expiration_seconds = seconds;
+        }
+        if let Some(name) = s.trust_bundle_config_map.filter(|n| !n.is_empty()) {
+            config.trust_bundle = TrustBundleSource::ConfigMap(name);
+        }
+        if let Some(r) = s.proxy_resources {
+            config.proxy_resources = r.into();
+        }
+        if let Some(r) = s.init_resources {
+            config.init_resources = r.into();
+        }
+        if let Some(ports) = s.exclude_inbound_ports {
+            config.exclude_inbound_ports = nonzero(ports, "excludeInboundPorts")?;
+        }
+        if let Some(ports) = s.exclude_outbound_ports {
+            config.exclude_outbound_ports = nonzero(ports, "excludeOutboundPorts")?;
+        }
+        if let Some(cidrs) = s.exclude_outbound_cidrs {
+            config.exclude_outbound_cidrs = cidrs;
+        }
+        if let Some(policy) = s.failure_policy {
+            config.failure_policy = match policy.as_str() {
+                "Ignore" => FailurePolicy::Ignore,
+                "Fail" => FailurePolicy::Fail,
+                other => {
+                    return Err(InvalidSettings(format!(
+                        "failurePolicy: expected Ignore or Fail, got {other:?}"
+                    )));
+                }
+            };
+        }
+        if let Some(format) = s.log_format {
+            if !matches!(format.as_str(), "text" | "json") {
+                return Err(InvalidSettings(format!(
+                    "logFormat: expected text or json, got {format:?}"
+                )));
+            }
+            config.log_format = format;
+        }
+        Ok(config)
+    }
+}
+
+fn nonzero(ports: Vec<u16>, field: &str) -> Result<Vec<u16>, InvalidSettings> {
+    if ports.contains(&0) {
+        return Err(InvalidSettings(format!("{field}: 0 is not a port")));
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = InjectConfig::from_settings("{}", td(), "PEM".into()).unwrap();
+        assert_eq!(
+            config,
+            InjectConfig {
+                trust_bundle: TrustBundleSource::Annotation("PEM".into()),
+                ..InjectConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_fields() {
+        let e = InjectConfig::from_settings(r#"{"imagePullPolicies": "Always"}"#, td(), "".into())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `imagePullPolicies`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reads_resources_and_policy() {
+        let json = r#"{"proxyResources": {"requests": {"cpu": "20m"}, "limits": {"memory": 1073741824}},
+                       "failurePolicy": "Fail", "trustBundleConfigMap": "bundle"}"#;
+        let config = InjectConfig::from_settings(json, td(), "PEM".into()).unwrap();
+        assert_eq!(
+            config.proxy_resources,
+            Resources {
+                requests_cpu: Some("20m".into()),
+                limits_memory: Some("1073741824".into()),
+                ..Resources::default()
+            }
+        );
+        assert_eq!(config.failure_policy, FailurePolicy::Fail);
+        assert_eq!(
+            config.trust_bundle,
+            TrustBundleSource::ConfigMap("bundle".into())
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! The webhook port over real HTTPS: what the Kubernetes API server does
+//! when it calls `/inject` and `/validate`.
+//!
+//! No Kubernetes API server can run on these machines. This test plays its
+//! part: it trusts the serving certificate's CA (the `caBundle`), POSTs the
+//! real AdmissionReview documents of `fixtures/k8s/` over TLS 1.3 and reads
+//! the AdmissionReview answers.
+
+use trellis_control_plane::inject;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use inject::server::{ServingFiles, WebhookServer, tls_config};
+use inject::{InjectConfig, TrustBundleSource};
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+
+struct Webhook {
+    addr: std::net::SocketAddr,
+    ca: CertificateDer<'static>,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Webhook {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+    let server = WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let config = InjectConfig {
+        trust_bundle: TrustBundleSource::Annotation("-----BEGIN CERTIFICATE-----\n".into()),
+        ..InjectConfig::default()
+    };
+    let (_config_tx, config_rx) = watch::channel(Arc::new(config));
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _keep = _config_tx;
+        server
+            .run(config_rx, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Webhook {
+        addr,
+        ca: generated.cert.der().clone(),
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+async fn call(
+    webhook: &Webhook,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(webhook.ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body.to_vec())
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `/inject` answers a Pod review with a JSONPatch, over HTTPS, as the API
+/// server calls it.
+#[tokio::test]
+async fn inject_answers_with_a_patch_over_https() {
+    let webhook = start().await;
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject",
+        fixture("pod-deployment-http-probes.json"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["kind"], "AdmissionReview");
+    assert_eq!(review["response"]["allowed"], true);
+    assert_eq!(review["response"]["patchType"], "JSONPatch");
+    assert_eq!(
+        review["response"]["uid"],
+        "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11"
+    );
+}
+
+/// `/validate` denies an invalid policy with the lint message.
+#[tokio::test]
+async fn validate_denies_an_invalid_policy_over_https() {
+    let webhook = start().await;
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/validate",
+        fixture("authorizationpolicy-invalid-update.json"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], false);
+    let message = review["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("port 70000 is out of range"), "{message}");
+}
+
+/// A body that is not an AdmissionReview gets 400 (the webhook's
+/// failurePolicy then decides); other paths 404; other methods 405.
+#[tokio::test]
+async fn bad_requests_get_http_errors() {
+    let webhook = start().await;
+    let (status, body) = call(&webhook, Method::POST, "/inject", b"{}".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("AdmissionReview"));
+    let (status, _) = call(&webhook, Method::GET, "/inject", Vec::new()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _) = call(&webhook, Method::POST, "/mutate", Vec::new()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
