@@ -77,6 +77,16 @@ pub struct ProxyArgs {
     /// Log format: text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Close open inbound connections that a new policy denies (true or
+    /// false); new connections are always decided by the policies in force.
+    #[arg(
+        long,
+        env = "TRELLIS_CLOSE_DENIED_CONNECTIONS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "true|false"
+    )]
+    pub close_denied_connections: bool,
 }
 
 /// An invalid flag: names the flag and says what is wrong with its value.
@@ -166,6 +176,8 @@ pub struct Config {
     pub advertise_address: SocketAddr,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    /// Close open inbound connections that new policies deny.
+    pub close_denied_connections: bool,
 }
 
 /// A join token; its `Debug` never shows the secret.
@@ -251,6 +263,7 @@ impl Config {
             advertise_address,
             drain_timeout,
             log_format,
+            close_denied_connections: args.close_denied_connections,
         })
     }
 }
@@ -309,6 +322,15 @@ mod tests {
         assert_eq!(c.advertise_address, "127.0.0.1:15006".parse().unwrap());
         let c = args(&["--inbound", "10.1.2.3:7000"]).unwrap();
         assert_eq!(c.advertise_address, "10.1.2.3:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn closes_denied_connections_unless_told_not_to() {
+        assert!(args(&[]).unwrap().close_denied_connections);
+        let c = args(&["--close-denied-connections", "false"]).unwrap();
+        assert!(!c.close_denied_connections);
+        let argv = ["trellis-proxy", "--close-denied-connections", "no"];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

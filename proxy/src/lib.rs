@@ -21,6 +21,8 @@ pub mod policy;
 mod run;
 pub mod tls;
 
+pub use run::{Bind, Sidecar};
+
 use std::ffi::OsString;
 use std::process::ExitCode;
 

@@ -5,6 +5,7 @@
 //! module owns metric names; it must never take a lock on the data path
 //! beyond the registry's own per-family map.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
@@ -15,6 +16,9 @@ use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+/// `action` (static) and `policy` (a policy's `namespace/name` or
+/// `default:<mode>`: bounded by the policies selecting this workload).
+type DecisionLabels = (Labels1, [(&'static str, Arc<str>); 1]);
 
 /// Connection direction label values.
 pub const INBOUND: &str = "inbound";
@@ -26,6 +30,7 @@ struct Hot {
     open: Gauge,
     bytes: Counter,
     forwarded: Counter,
+    denied: Counter,
 }
 
 impl Hot {
@@ -35,18 +40,34 @@ impl Hot {
         bytes: &Family<Labels1, Counter>,
         connections: &Family<Labels2, Counter>,
     ) -> Self {
+        // One statement per series: a family's read guard lives to the end
+        // of its statement, and creating a second series of the same
+        // family while it lives would deadlock.
+        let outcome = |outcome| {
+            connections
+                .get_or_create(&[("direction", direction), ("outcome", outcome)])
+                .clone()
+        };
+        let forwarded = outcome(FORWARDED);
+        let denied = outcome(DENIED);
         Hot {
             open: open.get_or_create(&[("direction", direction)]).clone(),
             bytes: bytes.get_or_create(&[("direction", direction)]).clone(),
-            forwarded: connections
-                .get_or_create(&[("direction", direction), ("outcome", FORWARDED)])
-                .clone(),
+            forwarded,
+            denied,
         }
     }
 }
 
 /// The outcome of a connection that was forwarded and ended.
 pub const FORWARDED: &str = "forwarded";
+/// The outcome of an inbound connection that policy denied.
+pub const DENIED: &str = "denied";
+/// The outcome of an open inbound connection closed because a new policy
+/// denies it.
+pub const CLOSED_BY_POLICY: &str = "closed_by_policy";
+/// The `action` of a decision an AUDIT policy would have denied.
+pub const AUDIT: &str = "audit";
 
 /// Every metric of the sidecar.
 pub struct Metrics {
@@ -60,6 +81,9 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     renewals: Family<Labels1, Counter>,
     pub snapshot_version: Gauge<u64, AtomicU64>,
+    decisions: Family<DecisionLabels, Counter>,
+    /// Denials before the first snapshot, under the mesh default `deny`.
+    denied_without_snapshot: Counter,
 }
 
 impl Default for Metrics {
@@ -113,6 +137,22 @@ impl Metrics {
             "Version of the discovery snapshot in force",
             snapshot_version.clone(),
         );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "trellis_decisions",
+            "Authorization decisions on inbound connections, by action (allow, deny, audit) \
+             and deciding policy (namespace/name, or default:<mode>)",
+            decisions.clone(),
+        );
+        let denied_without_snapshot = decisions
+            .get_or_create(&(
+                [("action", "deny")],
+                [(
+                    "policy",
+                    Arc::from(trellis_core::policy::DefaultPolicy::Deny.label()),
+                )],
+            ))
+            .clone();
         Metrics {
             inbound: Hot::new(INBOUND, &open, &bytes, &connections),
             outbound: Hot::new(OUTBOUND, &open, &bytes, &connections),
@@ -124,6 +164,8 @@ impl Metrics {
             certificate_expiry,
             renewals,
             snapshot_version,
+            decisions,
+            denied_without_snapshot,
         }
     }
 
@@ -137,10 +179,13 @@ impl Metrics {
 
     /// Counts a finished or refused connection.
     pub fn connection(&self, direction: &'static str, outcome: &'static str) {
-        if outcome == FORWARDED
-            && let Some(hot) = self.hot(direction)
-        {
-            hot.forwarded.inc();
+        let hot = self.hot(direction).and_then(|hot| match outcome {
+            FORWARDED => Some(&hot.forwarded),
+            DENIED => Some(&hot.denied),
+            _ => None,
+        });
+        if let Some(counter) = hot {
+            counter.inc();
             return;
         }
         self.connections
@@ -162,6 +207,26 @@ impl Metrics {
                 .get_or_create(&[("direction", direction)])
                 .inc_by(n),
         };
+    }
+
+    /// The `trellis_decisions_total` series of `action` by `policy`, to be
+    /// resolved when policies are compiled, off the data path (the family
+    /// map takes a lock).
+    pub fn decision_counter(&self, action: &'static str, policy: &Arc<str>) -> Counter {
+        self.decisions
+            .get_or_create(&([("action", action)], [("policy", policy.clone())]))
+            .clone()
+    }
+
+    /// Counts one decision through the family map (allocates the label):
+    /// for decisions no resolved series covers.
+    pub fn decision(&self, action: &'static str, policy: &str) {
+        self.decision_counter(action, &Arc::from(policy)).inc();
+    }
+
+    /// Counts a connection denied because no snapshot has arrived yet.
+    pub fn denied_without_snapshot(&self) {
+        self.denied_without_snapshot.inc();
     }
 
     pub fn renewal(&self, outcome: &'static str) {
@@ -218,6 +283,8 @@ mod tests {
             "trellis_certificate_expiry_timestamp_seconds 0",
             "trellis_certificate_renewals_total{outcome=\"ok\"} 1",
             "trellis_snapshot_version 0",
+            "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
+            "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

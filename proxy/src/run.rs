@@ -1,9 +1,11 @@
-//! Wiring: binds every listener first, then starts the identity, TLS and
-//! discovery tasks and the listeners, and drains on SIGTERM/SIGINT.
+//! Wiring: [`Sidecar::bind`] binds every listener first; [`Sidecar::run`]
+//! then starts the identity, TLS and discovery tasks and the listeners, and
+//! drains when told to stop ([`run`]: on SIGTERM/SIGINT).
 //!
 //! This module owns the order of start-up and shutdown; it never handles a
 //! connection itself.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -37,7 +39,7 @@ pub fn init_logging(format: LogFormat) {
 /// Why start-up failed after the configuration was valid.
 #[derive(Debug, thiserror::Error)]
 #[error("binding --{flag} {addr}: {source}")]
-struct Bind {
+pub struct Bind {
     flag: &'static str,
     addr: SocketAddr,
     source: std::io::Error,
@@ -47,9 +49,13 @@ fn bind_error(flag: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Erro
     move |source| Bind { flag, addr, source }
 }
 
+/// Runs a sidecar until SIGTERM or SIGINT, then drains it.
 pub async fn run(config: Config) -> ExitCode {
-    match serve(config).await {
-        Ok(()) => ExitCode::SUCCESS,
+    match Sidecar::bind(config).await {
+        Ok(sidecar) => {
+            sidecar.run(wait_for_signal()).await;
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
@@ -57,12 +63,61 @@ pub async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<(), Bind> {
+/// A sidecar with every listener bound, not serving yet.
+pub struct Sidecar {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    inbound: Inbound,
+    admin: admin::Admin,
+    transparent: Transparent,
+    routes: Vec<RouteListener>,
+    channels: Channels,
+    shutdown: drain::Shutdown,
+    drain: drain::Drain,
+}
+
+/// The channels the background tasks write; the listeners already hold
+/// their receivers.
+struct Channels {
+    svid: watch::Sender<Option<Arc<identity::Svid>>>,
+    bundle: watch::Sender<identity::TrustBundle>,
+    snapshot: watch::Sender<Option<Arc<policy::Snapshot>>>,
+    policies: watch::Sender<Option<Arc<policy::Policies>>>,
+    tls: watch::Sender<Arc<TlsState>>,
+}
+
+impl Sidecar {
+    /// Binds every listener of `config`; nothing is served yet.
+    pub async fn bind(config: Config) -> Result<Self, Bind> {
+        bind(config).await
+    }
+
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `stop` resolves, then drains open connections for up to
+    /// `--drain-timeout`.
+    pub async fn run(self, stop: impl Future<Output = &'static str>) {
+        serve(self, stop).await
+    }
+}
+
+async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let (svid_tx, svid_rx) = watch::channel(None);
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(config.trust_bundle.clone()));
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let (policies_tx, policies_rx) = watch::channel(None);
     let (tls_tx, tls_rx) = watch::channel(Arc::new(TlsState::default()));
     let (shutdown, drain) = drain::channel();
 
@@ -77,7 +132,8 @@ async fn serve(config: Config) -> Result<(), Bind> {
                 .filter(|p| *p != 0)
                 .collect(),
             tls: tls_rx.clone(),
-            snapshot: snapshot_rx.clone(),
+            policies: policies_rx,
+            close_denied: config.close_denied_connections,
             metrics: metrics.clone(),
         },
         drain.clone(),
@@ -88,8 +144,8 @@ async fn serve(config: Config) -> Result<(), Bind> {
         config.admin,
         admin::State {
             config: config.clone(),
-            svid: svid_rx.clone(),
-            bundle: bundle_rx.clone(),
+            svid: svid_rx,
+            bundle: bundle_rx,
             snapshot: snapshot_rx.clone(),
             metrics: metrics.clone(),
         },
@@ -108,7 +164,7 @@ async fn serve(config: Config) -> Result<(), Bind> {
     own_addrs.extend(config.routes.iter().map(|r| r.local));
     let outbound_shared = Arc::new(outbound::Shared {
         tls: tls_rx.clone(),
-        snapshot: snapshot_rx.clone(),
+        snapshot: snapshot_rx,
         metrics: metrics.clone(),
         own_addrs,
     });
@@ -123,6 +179,37 @@ async fn serve(config: Config) -> Result<(), Bind> {
             .map_err(bind_error("route", local))?;
         routes.push(listener);
     }
+    Ok(Sidecar {
+        config,
+        metrics,
+        inbound,
+        admin,
+        transparent,
+        routes,
+        channels: Channels {
+            svid: svid_tx,
+            bundle: bundle_tx,
+            snapshot: snapshot_tx,
+            policies: policies_tx,
+            tls: tls_tx,
+        },
+        shutdown,
+        drain,
+    })
+}
+
+async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
+    let Sidecar {
+        config,
+        metrics,
+        inbound,
+        admin,
+        transparent,
+        routes,
+        channels,
+        shutdown,
+        drain,
+    } = sidecar;
     let route_addrs: Vec<String> = routes
         .iter()
         .filter_map(|r| r.local_addr().ok())
@@ -138,6 +225,22 @@ async fn serve(config: Config) -> Result<(), Bind> {
     );
 
     // Identity, TLS configs and discovery.
+    let Channels {
+        svid,
+        bundle,
+        snapshot,
+        policies,
+        tls,
+    } = channels;
+    tokio::spawn(tls::run(
+        config.trust_domain.clone(),
+        config.routes.iter().map(|r| r.spiffe_id.clone()).collect(),
+        svid.subscribe(),
+        bundle.subscribe(),
+        snapshot.subscribe(),
+        tls,
+    ));
+    let svid_rx = svid.subscribe();
     tokio::spawn(identity::run(
         CertifyParams {
             control_plane: config.control_plane.clone(),
@@ -145,17 +248,9 @@ async fn serve(config: Config) -> Result<(), Bind> {
             token: config.token.clone(),
             advertise_address: config.advertise_address,
         },
-        svid_tx,
-        bundle_tx.clone(),
+        svid,
+        bundle.clone(),
         metrics.clone(),
-    ));
-    tokio::spawn(tls::run(
-        config.trust_domain.clone(),
-        config.routes.iter().map(|r| r.spiffe_id.clone()).collect(),
-        svid_rx.clone(),
-        bundle_rx,
-        snapshot_rx,
-        tls_tx,
     ));
     tokio::spawn(policy::watch::run(
         WatchParams {
@@ -165,8 +260,9 @@ async fn serve(config: Config) -> Result<(), Bind> {
         },
         svid_rx,
         Outputs {
-            snapshot: snapshot_tx,
-            bundle: bundle_tx,
+            snapshot,
+            policies,
+            bundle,
             metrics: metrics.clone(),
         },
     ));
@@ -181,7 +277,7 @@ async fn serve(config: Config) -> Result<(), Bind> {
     }
     drop(drain);
 
-    let signal = wait_for_signal().await;
+    let signal = stop.await;
     tracing::info!(signal, drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
     let drained = shutdown.drain(config.drain_timeout).await;
     if drained {
@@ -190,7 +286,6 @@ async fn serve(config: Config) -> Result<(), Bind> {
         tracing::warn!("drain timeout reached; closing the remaining connections");
     }
     listeners.abort_all();
-    Ok(())
 }
 
 fn fmt_addr(addr: std::io::Result<SocketAddr>) -> String {

@@ -40,6 +40,10 @@ fn invalid_flags_exit_64_naming_the_flag() {
         (&["--token-file", "/nonexistent/token"], "--token-file"),
         (&["--drain-timeout", "soon"], "--drain-timeout"),
         (&["--log-format", "xml"], "--log-format"),
+        (
+            &["--close-denied-connections", "maybe"],
+            "--close-denied-connections",
+        ),
         (&["--advertise-address", "x"], "--advertise-address"),
         (&["--control-plane", "nohost"], "--control-plane"),
         (&["--no-such-flag"], "--no-such-flag"),
@@ -61,6 +65,15 @@ fn invalid_flags_exit_64_naming_the_flag() {
     let out = proxy(&[]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--identity"));
+    // Environment twins are checked the same way.
+    let out = Command::new(BIN)
+        .args(["--identity", ID])
+        .env_clear()
+        .env("TRELLIS_CLOSE_DENIED_CONNECTIONS", "maybe")
+        .output()
+        .expect("run trellis-proxy");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--close-denied-connections"));
 }
 
 #[test]

@@ -173,12 +173,13 @@ async fn a_connection_future_stays_small() {
     let app = echo_app().await;
     let (_tls_tx, tls) =
         tokio::sync::watch::channel(ca.tls_state(&ca.svid(&id("/ns/b/sa/s")), &[]));
-    let (_snapshot_tx, snapshot) = tokio::sync::watch::channel(None);
+    let (_policies_tx, policies) = tokio::sync::watch::channel(None);
     let shared = std::sync::Arc::new(trellis_proxy::inbound::Shared {
         app: app.addr,
         own_ports: Vec::new(),
         tls,
-        snapshot,
+        policies,
+        close_denied: true,
         metrics: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -138,6 +138,9 @@ struct ConfigView {
     certificate: Option<CertificateView>,
     bundle_size: usize,
     snapshot_version: Option<u64>,
+    /// The authorization policy in force (null before the first snapshot).
+    policy: Option<PolicyView>,
+    close_denied_connections: bool,
     control_plane: String,
     inbound: String,
     advertise_address: String,
@@ -145,6 +148,15 @@ struct ConfigView {
     app: String,
     admin: String,
     routes: Vec<RouteView>,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    /// The snapshot version the policies in force came with.
+    version: u64,
+    default_policy: &'static str,
+    /// `namespace/name` of each policy selecting this workload.
+    policies: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +174,8 @@ struct RouteView {
 
 fn config_view(state: &State) -> ConfigView {
     let c = &state.config;
+    // One `Arc` taken out: no channel lock held while building the view.
+    let snapshot = state.snapshot.borrow().clone();
     ConfigView {
         identity: c.identity.to_string(),
         certificate: state.svid.borrow().as_deref().map(|s| CertificateView {
@@ -169,7 +183,13 @@ fn config_view(state: &State) -> ConfigView {
             expires_at_unix: s.expires_at_unix(),
         }),
         bundle_size: state.bundle.borrow().len(),
-        snapshot_version: state.snapshot.borrow().as_ref().map(|s| s.version),
+        snapshot_version: snapshot.as_ref().map(|s| s.version),
+        policy: snapshot.as_ref().map(|s| PolicyView {
+            version: s.policies.version,
+            default_policy: s.policies.set.default_policy().as_str(),
+            policies: s.policies.names().map(str::to_owned).collect(),
+        }),
+        close_denied_connections: c.close_denied_connections,
         control_plane: c.control_plane.clone(),
         inbound: c.inbound.to_string(),
         advertise_address: c.advertise_address.to_string(),

@@ -2,9 +2,12 @@
 //! authenticated (TLS 1.3, client SVID mandatory), authorized and forwarded
 //! to the local application. [`serve`] is the whole path of one connection.
 //!
-//! This module never trusts a peer it has not verified: before the first
-//! certificate, and for any handshake failure, the connection is dropped
-//! without a byte reaching the application.
+//! This module never trusts a peer it has not verified and never forwards
+//! for one policy has not allowed: before the first certificate, for any
+//! handshake failure, before the first policy snapshot and for a denied
+//! peer, the connection is dropped without the application being dialled.
+//! A forwarded connection keeps watching the policies in force and is
+//! closed as soon as they deny it (unless `close_denied` is off).
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,10 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use trellis_core::SpiffeId;
+use trellis_core::policy::Decision;
+
 use crate::drain::{Drain, Tracker};
-use crate::metrics::{INBOUND, Metrics};
+use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
-use crate::policy::{self, Snapshot};
+use crate::policy::{self, Policies};
 use crate::tls::TlsState;
 
 /// Binds the inbound port; [`Inbound::run`] accepts on it.
@@ -38,7 +44,10 @@ pub struct Shared {
     /// Ports of the proxy's other listeners (outbound, admin, routes).
     pub own_ports: Vec<u16>,
     pub tls: watch::Receiver<Arc<TlsState>>,
-    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// The policies in force; `None` until the first snapshot (deny all).
+    pub policies: watch::Receiver<Option<Arc<Policies>>>,
+    /// Whether an open connection that new policies deny is closed.
+    pub close_denied: bool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -132,18 +141,22 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         }
     };
 
-    // Authorize, against the snapshot in force now (an `Arc`, so deciding
-    // never holds the channel's lock).
-    let snapshot = shared.snapshot.borrow().clone();
-    let decision = policy::authorize(snapshot.as_deref(), &peer, target.port());
-    drop(snapshot);
+    // Authorize on the peer's identity and the port it meant to reach,
+    // against the policies in force now (an `Arc`, so deciding never holds
+    // the channel's lock). Denied: closed before the app is dialled.
+    let port = target.port();
+    let mut policies = shared.policies.clone();
+    let current = policies.borrow_and_update().clone();
+    let decision = policy::authorize(current.as_deref(), &peer, port);
+    policy::count(current.as_deref(), &decision, metrics);
+    log_decision(&peer, target, &decision, current.is_some());
+    drop(current);
     if !decision.is_allowed() {
-        tracing::info!(%peer, app = %target, %decision, "inbound connection denied");
-        metrics.connection(INBOUND, "denied");
+        metrics.connection(INBOUND, DENIED);
         return;
     }
 
-    // Forward.
+    // Forward, until either side is done or new policies deny the peer.
     let mut app = match net::connect(target).await {
         Ok(app) => app,
         Err(e) => {
@@ -152,8 +165,33 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
             return;
         }
     };
-    tracing::info!(%peer, app = %target, %decision, "inbound connection");
-    let result = net::copy(&mut stream, &mut app).await;
+    let denied_later = async {
+        if shared.close_denied {
+            revoked(&mut policies, &peer, port).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let result = tokio::select! {
+        result = net::copy(&mut stream, &mut app) => result,
+        (decision, now) = denied_later => {
+            // Returning drops both sockets: the peer and the app both see
+            // the connection close.
+            policy::count(now.as_deref(), &decision, metrics);
+            tracing::info!(
+                %peer,
+                port,
+                app = %target,
+                decision = %"deny",
+                policy = %decision.policy_label(),
+                rule = decision.rule(),
+                version = now.as_ref().map(|p| p.version),
+                "open inbound connection closed: new policies deny it"
+            );
+            metrics.connection(INBOUND, CLOSED_BY_POLICY);
+            return;
+        }
+    };
     match result {
         Ok((from_peer, to_peer)) => {
             metrics.bytes(INBOUND, from_peer + to_peer);
@@ -163,6 +201,59 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         Err(e) => {
             metrics.connection(INBOUND, "error");
             tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
+        }
+    }
+}
+
+/// Logs one decision on a new connection: allowed or denied, naming the
+/// deciding policy and rule (no `rule` for the mesh default), then one
+/// "would deny" warning per AUDIT policy that matched. Text values are
+/// recorded with `Display`, so the text format shows `policy=ns/name`
+/// unquoted and JSON gets plain strings.
+fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_policies: bool) {
+    let port = app.port();
+    let policy = decision.policy_label();
+    let rule = decision.rule();
+    if decision.is_allowed() {
+        tracing::info!(%peer, port, %app, decision = %"allow", %policy, rule, "inbound connection allowed");
+    } else if have_policies {
+        tracing::info!(%peer, port, %app, decision = %"deny", %policy, rule, "inbound connection denied");
+    } else {
+        tracing::info!(
+            %peer, port, %app, decision = %"deny", %policy, rule,
+            "inbound connection denied: no policy snapshot yet"
+        );
+    }
+    for audit in &decision.audits {
+        tracing::warn!(
+            %peer,
+            port,
+            %app,
+            decision = %"audit",
+            policy = %audit.policy,
+            rule = audit.rule,
+            verdict = %decision.verdict.as_str(),
+            "inbound connection: would deny (AUDIT, not enforced)"
+        );
+    }
+}
+
+/// Waits until the policies in force deny `peer` on `port`; returns that
+/// decision and the policies that made it. Pends forever if the policies
+/// can no longer change.
+async fn revoked(
+    policies: &mut watch::Receiver<Option<Arc<Policies>>>,
+    peer: &SpiffeId,
+    port: u16,
+) -> (Decision, Option<Arc<Policies>>) {
+    loop {
+        if policies.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = policies.borrow_and_update().clone();
+        let decision = policy::authorize(now.as_deref(), peer, port);
+        if !decision.is_allowed() {
+            return (decision, now);
         }
     }
 }

@@ -1,21 +1,27 @@
 //! What the control plane says this sidecar must enforce: the last good
-//! discovery [`Snapshot`] and the authorization decision made from it.
+//! discovery [`Snapshot`], the [`Policies`] compiled from it, and the
+//! decision on each inbound connection ([`authorize`]).
 //!
 //! `watch` keeps the Discovery stream open and publishes snapshots; this
-//! file compiles a snapshot (rejecting it whole if any part is invalid) and
-//! decides. Deciding must stay cheap and lock-free: the caller holds an
-//! `Arc<Snapshot>` taken from a `watch::Receiver`.
+//! file validates a snapshot (rejecting it whole if any part is invalid,
+//! policies included) and `authz` compiles and applies its policies.
+//! Deciding must stay cheap and lock-free: a connection holds an
+//! `Arc<Policies>` taken from a `watch::Receiver`.
 
+mod authz;
 pub mod watch;
 
+pub use authz::{InvalidPolicies, Policies, authorize, count};
+
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use trellis_core::SpiffeId;
 use trellis_proto::discovery::v1 as pb;
+
+use crate::metrics::Metrics;
 
 /// What happens to an outbound connection whose destination is not a mesh
 /// endpoint.
@@ -27,7 +33,7 @@ pub enum OutboundPolicy {
 }
 
 /// A validated discovery snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
     /// DER roots; may be empty when the control plane sent none.
@@ -38,10 +44,10 @@ pub struct Snapshot {
     /// a redirected connection to any port of that IP goes to that identity.
     endpoint_ips: HashMap<IpAddr, SpiffeId>,
     pub outbound_policy: OutboundPolicy,
-    /// "deny", "allow-same-namespace" or "allow-mesh" (empty: unset).
-    pub default_policy: String,
-    /// The policies selecting this sidecar, as sent.
-    pub policies: Vec<trellis_proto::policy::v1::Policy>,
+    /// The authorization policy: the mesh default and the policies that
+    /// select this sidecar, compiled. Shared with the snapshots after this
+    /// one for as long as they do not change it.
+    pub policies: Arc<Policies>,
 }
 
 /// Why a snapshot was refused (sent back as the NACK reason).
@@ -59,11 +65,18 @@ pub enum InvalidSnapshot {
     },
     #[error("mesh.outbound_policy {0:?} is not \"deny\" or \"passthrough\"")]
     OutboundPolicy(String),
+    #[error(transparent)]
+    Policies(#[from] InvalidPolicies),
 }
 
 impl Snapshot {
-    /// Validates and compiles a snapshot as received.
-    pub fn compile(raw: pb::Snapshot) -> Result<Self, InvalidSnapshot> {
+    /// Validates and compiles a snapshot as received by the sidecar `local`;
+    /// `metrics` is where its policies' decisions will be counted.
+    pub fn compile(
+        raw: pb::Snapshot,
+        local: &SpiffeId,
+        metrics: &Metrics,
+    ) -> Result<Self, InvalidSnapshot> {
         let mut trust_bundle = Vec::with_capacity(raw.trust_bundle.len());
         for (index, der) in raw.trust_bundle.into_iter().enumerate() {
             if let Err(e) = x509_parser::parse_x509_certificate(&der) {
@@ -98,14 +111,20 @@ impl Snapshot {
             "passthrough" => OutboundPolicy::Passthrough,
             other => return Err(InvalidSnapshot::OutboundPolicy(other.to_string())),
         };
+        let policies = Policies::compile(
+            raw.version,
+            local,
+            mesh.default_policy,
+            raw.policies,
+            metrics,
+        )?;
         Ok(Snapshot {
             version: raw.version,
             trust_bundle,
             endpoints,
             endpoint_ips,
             outbound_policy,
-            default_policy: mesh.default_policy,
-            policies: raw.policies,
+            policies: Arc::new(policies),
         })
     }
 }
@@ -140,43 +159,14 @@ fn pod_ips(endpoints: &HashMap<SocketAddr, SpiffeId>) -> HashMap<IpAddr, SpiffeI
         .collect()
 }
 
-/// The outcome of authorizing one inbound connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow { reason: Arc<str> },
-    Deny { reason: Arc<str> },
-}
-
-impl Decision {
-    pub fn is_allowed(&self) -> bool {
-        matches!(self, Decision::Allow { .. })
-    }
-}
-
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Decision::Allow { reason } => write!(f, "allow ({reason})"),
-            Decision::Deny { reason } => write!(f, "deny ({reason})"),
-        }
-    }
-}
-
-/// Decides whether `peer` may connect to local `port` under `snapshot`.
-///
-/// For now every authenticated peer is allowed; the policy engine replaces
-/// the body of this one function.
-pub fn authorize(_snapshot: Option<&Snapshot>, _peer: &SpiffeId, _port: u16) -> Decision {
-    static AUTHENTICATED: std::sync::LazyLock<Arc<str>> =
-        std::sync::LazyLock::new(|| Arc::from("authenticated peer"));
-    Decision::Allow {
-        reason: AUTHENTICATED.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn compile(raw: pb::Snapshot) -> Result<Snapshot, InvalidSnapshot> {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        Snapshot::compile(raw, &local, &Metrics::new())
+    }
 
     fn endpoint(address: &str, id: &str) -> pb::Endpoint {
         pb::Endpoint {
@@ -187,7 +177,7 @@ mod tests {
 
     #[test]
     fn compiles_endpoints_and_mesh_config() {
-        let s = Snapshot::compile(pb::Snapshot {
+        let s = compile(pb::Snapshot {
             version: 7,
             endpoints: vec![endpoint("10.0.0.1:15006", "spiffe://td/ns/a/sa/b")],
             mesh: Some(pb::MeshConfig {
@@ -207,13 +197,13 @@ mod tests {
         let app_port = s.endpoint_for("10.0.0.1:8080".parse().unwrap()).unwrap();
         assert_eq!(app_port.as_str(), "spiffe://td/ns/a/sa/b");
         assert!(s.endpoint_for("10.0.0.2:8080".parse().unwrap()).is_none());
-        let s = Snapshot::compile(pb::Snapshot::default()).unwrap();
+        let s = compile(pb::Snapshot::default()).unwrap();
         assert_eq!(s.outbound_policy, OutboundPolicy::Deny);
     }
 
     #[test]
     fn rejects_invalid_snapshots_with_the_field() {
-        let bad = |s: pb::Snapshot| Snapshot::compile(s).unwrap_err().to_string();
+        let bad = |s: pb::Snapshot| compile(s).unwrap_err().to_string();
         let e = bad(pb::Snapshot {
             endpoints: vec![endpoint("nowhere", "spiffe://td/x")],
             ..Default::default()
@@ -239,9 +229,124 @@ mod tests {
         assert!(e.contains("outbound_policy"), "{e}");
     }
 
+    fn policy(yaml: &str) -> trellis_proto::policy::v1::Policy {
+        let td = trellis_core::TrustDomain::new("td").unwrap();
+        let loaded = trellis_core::policy::load_source("test.yaml", yaml, &td);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        loaded.policies[0].policy.to_proto()
+    }
+
+    const WEB_TO_API: &str = "
+apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-in, namespace: a}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/a/sa/web\"]}
+  action: ALLOW
+  rules:
+    - from: [{spiffeId: spiffe://td/ns/a/sa/client}]
+      to: [{ports: [8080]}]
+";
+
     #[test]
-    fn allows_every_authenticated_peer_for_now() {
+    fn rejects_invalid_policies_and_unknown_defaults() {
+        let mesh = |default: &str| {
+            Some(pb::MeshConfig {
+                default_policy: default.into(),
+                ..Default::default()
+            })
+        };
+        let e = compile(pb::Snapshot {
+            mesh: mesh("open"),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("mesh.default_policy: unknown default policy \"open\""),
+            "{e}"
+        );
+        let mut invalid = policy(WEB_TO_API);
+        invalid.rules[0].to[0].ports = vec![70000];
+        let e = compile(pb::Snapshot {
+            policies: vec![invalid],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("policies: policy a/web-in is invalid"), "{e}");
+        assert!(e.contains("70000"), "{e}");
+    }
+
+    #[test]
+    fn decides_and_counts_by_policy() {
+        let metrics = Metrics::new();
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let s = Snapshot::compile(
+            pb::Snapshot {
+                version: 3,
+                policies: vec![policy(WEB_TO_API)],
+                ..Default::default()
+            },
+            &local,
+            &metrics,
+        )
+        .unwrap();
+        let client = SpiffeId::parse("spiffe://td/ns/a/sa/client").unwrap();
+        let other = SpiffeId::parse("spiffe://td/ns/a/sa/other").unwrap();
+        let allowed = authorize(Some(&s.policies), &client, 8080);
+        assert_eq!(allowed.to_string(), "allow by a/web-in rule 0");
+        let denied = authorize(Some(&s.policies), &other, 8080);
+        assert_eq!(denied.to_string(), "deny by default:deny");
+        for d in [&allowed, &allowed, &denied] {
+            count(Some(&s.policies), d, &metrics);
+        }
+        let text = metrics.encode();
+        for line in [
+            "trellis_decisions_total{action=\"allow\",policy=\"a/web-in\"} 2",
+            "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 1",
+            "trellis_decisions_total{action=\"allow\",policy=\"default:deny\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert_eq!(s.policies.names().collect::<Vec<_>>(), ["a/web-in"]);
+    }
+
+    #[test]
+    fn denies_everything_before_the_first_snapshot() {
+        let metrics = Metrics::new();
         let peer = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
-        assert!(authorize(None, &peer, 8080).is_allowed());
+        let decision = authorize(None, &peer, 8080);
+        assert!(!decision.is_allowed());
+        assert_eq!(decision.policy_label(), "default:deny");
+        count(None, &decision, &metrics);
+        assert!(
+            metrics
+                .encode()
+                .contains("trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 1")
+        );
+    }
+
+    #[test]
+    fn tells_unchanged_policies_apart_from_new_versions() {
+        let a = compile(pb::Snapshot {
+            version: 1,
+            policies: vec![policy(WEB_TO_API)],
+            ..Default::default()
+        })
+        .unwrap();
+        let b = compile(pb::Snapshot {
+            version: 2,
+            policies: vec![policy(WEB_TO_API)],
+            ..Default::default()
+        })
+        .unwrap();
+        let c = compile(pb::Snapshot {
+            version: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(a.policies.same_as(&b.policies));
+        assert!(!a.policies.same_as(&c.policies));
     }
 }

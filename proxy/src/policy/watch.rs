@@ -3,7 +3,11 @@
 //!
 //! Every snapshot is compiled and answered: ACK and publish when valid, NACK
 //! with the reason and keep the last good one when not. While the control
-//! plane is away the last good snapshot stays in force. This module never
+//! plane is away, and across its restarts, the last good snapshot stays in
+//! force: nothing here ever clears it. Its [`Policies`] are published on
+//! their own channel, and only when they change what is enforced, so open
+//! connections are re-decided on a policy change and never on endpoint
+//! churn or a reconnect that resends the same policies. This module never
 //! decides anything about traffic.
 
 use std::net::SocketAddr;
@@ -16,7 +20,7 @@ use trellis_proto::discovery::v1::{
     Ack, Nack, Subscribe, WatchRequest, discovery_client::DiscoveryClient, watch_request::Kind,
 };
 
-use super::Snapshot;
+use super::{Policies, Snapshot};
 use crate::identity::schedule::backoff;
 use crate::identity::{self, Svid, TrustBundle};
 use crate::metrics::Metrics;
@@ -57,6 +61,8 @@ pub struct WatchParams {
 /// Published state the watch writes.
 pub struct Outputs {
     pub snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The policies in force; always sent before the snapshot holding them.
+    pub policies: watch::Sender<Option<Arc<Policies>>>,
     pub bundle: watch::Sender<TrustBundle>,
     pub metrics: Arc<Metrics>,
 }
@@ -131,22 +137,9 @@ async fn session_inner(
     while let Some(raw) = stream.message().await? {
         *received = true;
         let version = raw.version;
-        let answer = match Snapshot::compile(raw) {
+        let answer = match Snapshot::compile(raw, &params.identity, &out.metrics) {
             Ok(snapshot) => {
-                tracing::info!(
-                    version,
-                    endpoints = snapshot.endpoints.len(),
-                    policies = snapshot.policies.len(),
-                    "snapshot applied"
-                );
-                if !snapshot.trust_bundle.is_empty()
-                    && **out.bundle.borrow() != snapshot.trust_bundle
-                {
-                    out.bundle
-                        .send_replace(Arc::new(snapshot.trust_bundle.clone()));
-                }
-                out.metrics.snapshot_version.set(version);
-                out.snapshot.send_replace(Some(Arc::new(snapshot)));
+                apply(snapshot, out);
                 Kind::Ack(Ack { version })
             }
             Err(e) => {
@@ -162,4 +155,36 @@ async fn session_inner(
         }
     }
     Ok(())
+}
+
+/// Publishes a valid snapshot: its bundle if new, its policies if they
+/// change what is enforced (else the ones in force are kept, same `Arc`),
+/// then the snapshot itself.
+fn apply(mut snapshot: Snapshot, out: &Outputs) {
+    let version = snapshot.version;
+    let current = out.snapshot.borrow().as_ref().map(|s| s.policies.clone());
+    let policies_changed = match current {
+        Some(current) if current.same_as(&snapshot.policies) => {
+            snapshot.policies = current;
+            false
+        }
+        _ => true,
+    };
+    tracing::info!(
+        version,
+        endpoints = snapshot.endpoints.len(),
+        policies = snapshot.policies.names().count(),
+        default_policy = snapshot.policies.set.default_policy().as_str(),
+        policies_changed,
+        "snapshot applied"
+    );
+    if !snapshot.trust_bundle.is_empty() && **out.bundle.borrow() != snapshot.trust_bundle {
+        out.bundle
+            .send_replace(Arc::new(snapshot.trust_bundle.clone()));
+    }
+    out.metrics.snapshot_version.set(version);
+    if policies_changed {
+        out.policies.send_replace(Some(snapshot.policies.clone()));
+    }
+    out.snapshot.send_replace(Some(Arc::new(snapshot)));
 }

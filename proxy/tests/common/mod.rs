@@ -2,6 +2,9 @@
 //! app, and in-process listeners of the sidecar on free loopback ports.
 #![allow(dead_code)]
 
+pub mod control_plane;
+pub mod sidecar;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +22,7 @@ use trellis_proxy::drain::{self, Drain, Shutdown};
 use trellis_proxy::identity::Svid;
 use trellis_proxy::inbound::{self, Inbound};
 use trellis_proxy::metrics::Metrics;
+use trellis_proxy::policy::Policies;
 use trellis_proxy::tls::TlsState;
 
 pub const TD: &str = "td.test";
@@ -147,19 +151,41 @@ pub async fn echo_app() -> EchoApp {
     EchoApp { addr, accepted }
 }
 
+/// Policies under which the mesh default `allow-mesh` lets every peer of
+/// the test trust domain in: for tests about something other than policy.
+pub fn allow_mesh(metrics: &Metrics) -> Arc<Policies> {
+    let local = id("/ns/b/sa/server");
+    let policies = Policies::compile(1, &local, "allow-mesh".into(), Vec::new(), metrics);
+    Arc::new(policies.unwrap())
+}
+
 /// An inbound listener of a sidecar, running in this process.
 pub struct TestInbound {
     pub addr: SocketAddr,
     pub tls: watch::Sender<Arc<TlsState>>,
+    pub policies: watch::Sender<Option<Arc<Policies>>>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub drain: Drain,
 }
 
+/// An inbound listener under [`allow_mesh`] policies.
 pub async fn inbound(app: SocketAddr, state: Arc<TlsState>) -> TestInbound {
-    let (tls, tls_rx) = watch::channel(state);
-    let (_snapshot_tx, snapshot) = watch::channel(None);
     let metrics = Arc::new(Metrics::new());
+    let policies = allow_mesh(&metrics);
+    inbound_with(app, state, Some(policies), metrics).await
+}
+
+/// An inbound listener under `policies` (`None`: no snapshot yet), closing
+/// open connections that new policies deny.
+pub async fn inbound_with(
+    app: SocketAddr,
+    state: Arc<TlsState>,
+    policies: Option<Arc<Policies>>,
+    metrics: Arc<Metrics>,
+) -> TestInbound {
+    let (tls, tls_rx) = watch::channel(state);
+    let (policies, policies_rx) = watch::channel(policies);
     let (shutdown, drain) = drain::channel();
     let listener = Inbound::new(
         "127.0.0.1:0".parse().unwrap(),
@@ -167,7 +193,8 @@ pub async fn inbound(app: SocketAddr, state: Arc<TlsState>) -> TestInbound {
             app,
             own_ports: Vec::new(),
             tls: tls_rx,
-            snapshot,
+            policies: policies_rx,
+            close_denied: true,
             metrics: metrics.clone(),
         },
         drain.clone(),
@@ -179,6 +206,7 @@ pub async fn inbound(app: SocketAddr, state: Arc<TlsState>) -> TestInbound {
     TestInbound {
         addr,
         tls,
+        policies,
         metrics,
         shutdown,
         drain,

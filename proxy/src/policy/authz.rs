@@ -1,0 +1,161 @@
+//! The authorization policy in force ([`Policies`]) and the decision on one
+//! inbound connection ([`authorize`]).
+//!
+//! `Policies` is built once per snapshot whose policies changed, off the
+//! data path: compiling the engine's [`PolicySet`] and resolving the
+//! `trellis_decisions_total` series each policy can produce. Deciding and
+//! counting a connection then only reads it: no lock, no allocation beyond
+//! the engine's (none unless an AUDIT rule matches). This module never
+//! logs; the listener logs each decision where it knows the connection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use trellis_core::SpiffeId;
+use trellis_core::policy::{
+    CompileError, Decision, DefaultPolicy, PolicySet, Reason, Verdict, policy_key,
+};
+use trellis_proto::policy::v1 as pb;
+
+use crate::metrics::{AUDIT, Metrics};
+
+/// The compiled policies of one snapshot, as enforced.
+#[derive(Debug)]
+pub struct Policies {
+    /// The snapshot version these policies arrived with.
+    pub version: u64,
+    pub set: PolicySet,
+    /// The policy part of the snapshot as received, to tell whether a later
+    /// snapshot changes anything enforced.
+    received: (String, Vec<pb::Policy>),
+    counters: Counters,
+}
+
+/// The `trellis_decisions_total` series these policies can produce,
+/// resolved once. Each policy has one action, so one series.
+#[derive(Debug)]
+struct Counters {
+    by_policy: HashMap<Arc<str>, Counter>,
+    default_allow: Counter,
+    default_deny: Counter,
+}
+
+impl Policies {
+    /// Compiles the policies that select `local` under the mesh default
+    /// `default_policy` (`""` is `deny`).
+    pub fn compile(
+        version: u64,
+        local: &SpiffeId,
+        default_policy: String,
+        policies: Vec<pb::Policy>,
+        metrics: &Metrics,
+    ) -> Result<Self, InvalidPolicies> {
+        let default = match default_policy.as_str() {
+            "" => DefaultPolicy::Deny,
+            other => other.parse()?,
+        };
+        let set = PolicySet::compile(local, &policies, default)?;
+        // Only the policies that select this workload are in force.
+        let in_force: HashSet<&str> = set.policy_names().collect();
+        let mut by_policy = HashMap::new();
+        for policy in &policies {
+            let label = policy_key(&policy.namespace, &policy.name);
+            if !in_force.contains(label.as_str()) {
+                continue;
+            }
+            let action = match pb::Action::try_from(policy.action) {
+                Ok(pb::Action::Allow) => Verdict::Allow.as_str(),
+                Ok(pb::Action::Deny) => Verdict::Deny.as_str(),
+                // Validation refused anything else when the set compiled.
+                _ => AUDIT,
+            };
+            let label: Arc<str> = label.into();
+            let counter = metrics.decision_counter(action, &label);
+            by_policy.insert(label, counter);
+        }
+        let default_label: Arc<str> = default.label().into();
+        let counters = Counters {
+            by_policy,
+            default_allow: metrics.decision_counter(Verdict::Allow.as_str(), &default_label),
+            default_deny: metrics.decision_counter(Verdict::Deny.as_str(), &default_label),
+        };
+        Ok(Self {
+            version,
+            set,
+            received: (default_policy, policies),
+            counters,
+        })
+    }
+
+    /// Whether `other` enforces exactly what this does (same default, same
+    /// policies as received), so connections need not be re-decided.
+    pub fn same_as(&self, other: &Policies) -> bool {
+        self.received == other.received
+    }
+
+    /// `namespace/name` of each policy in force, in evaluation order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.set.policy_names()
+    }
+
+    /// Counts `decision` in `trellis_decisions_total`: its verdict under its
+    /// deciding policy, and each AUDIT policy that would have denied it.
+    pub fn count(&self, decision: &Decision, metrics: &Metrics) {
+        let counter = match &decision.reason {
+            Reason::Rule(rule) => self.counters.by_policy.get(&*rule.policy),
+            Reason::Default(_) => Some(match decision.verdict {
+                Verdict::Allow => &self.counters.default_allow,
+                Verdict::Deny => &self.counters.default_deny,
+            }),
+        };
+        match counter {
+            Some(counter) => {
+                counter.inc();
+            }
+            // Unreachable while the engine names only the policies it was
+            // given; counted the slow way rather than lost.
+            None => metrics.decision(decision.verdict.as_str(), decision.policy_label()),
+        }
+        for audit in &decision.audits {
+            match self.counters.by_policy.get(&*audit.policy) {
+                Some(counter) => {
+                    counter.inc();
+                }
+                None => metrics.decision(AUDIT, &audit.policy),
+            }
+        }
+    }
+}
+
+/// Why the policy part of a snapshot cannot be enforced (the NACK reason).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidPolicies {
+    #[error("mesh.default_policy: {0}")]
+    DefaultPolicy(#[from] trellis_core::policy::UnknownDefaultPolicy),
+    #[error("policies: {0}")]
+    Policy(#[from] CompileError),
+}
+
+/// Decides whether `peer` may connect to local `port` under the policies in
+/// force: a matching DENY rule denies, else a matching ALLOW rule allows,
+/// else the mesh default decides. Zero trust: with no snapshot yet (`None`)
+/// everything is denied, named as the mesh default `deny`.
+pub fn authorize(policies: Option<&Policies>, peer: &SpiffeId, port: u16) -> Decision {
+    match policies {
+        Some(policies) => policies.set.decide(peer, port),
+        None => Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::Default(DefaultPolicy::Deny),
+            audits: Vec::new(),
+        },
+    }
+}
+
+/// Counts `decision` when there may be no policies yet.
+pub fn count(policies: Option<&Policies>, decision: &Decision, metrics: &Metrics) {
+    match policies {
+        Some(policies) => policies.count(decision, metrics),
+        None => metrics.denied_without_snapshot(),
+    }
+}

@@ -1,0 +1,403 @@
+//! Enforcement, end to end inside one process: a whole sidecar, its real
+//! flags, a fake control plane pushing snapshots over real gRPC, clients
+//! with real SVIDs. Zero trust (nothing before the first snapshot), DENY
+//! over ALLOW over the mesh default, AUDIT logged and never enforced, open
+//! connections closed by a new policy (unless told not to), invalid
+//! policies NACKed with the last good ones still enforced, and every
+//! decision logged and counted by action and policy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::control_plane::FakeControlPlane;
+use common::sidecar::{Logs, TestSidecar, sidecar};
+use common::*;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use trellis_core::SpiffeId;
+use trellis_proto::discovery::v1::{self as pb, watch_request::Kind};
+use trellis_proto::policy::v1 as policy_pb;
+
+const CERT_TTL: Duration = Duration::from_secs(3600);
+
+/// A policy protecting the sidecar under test (`ns/b/sa/api`), in the
+/// operator's YAML, converted as the control plane would.
+fn policy(name: &str, action: &str, from: &str) -> policy_pb::Policy {
+    let yaml = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: b}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
+  action: {action}
+  rules:
+    - from: [{{spiffeId: \"spiffe://{TD}{from}\"}}]
+"
+    );
+    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.policies[0].policy.to_proto()
+}
+
+fn snapshot(version: u64, default: &str, policies: Vec<policy_pb::Policy>) -> pb::Snapshot {
+    pb::Snapshot {
+        version,
+        policies,
+        mesh: Some(pb::MeshConfig {
+            default_policy: default.into(),
+            outbound_policy: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn acked(cp: &FakeControlPlane, snapshot: pb::Snapshot) {
+    let version = snapshot.version;
+    let answer = cp.push_and_wait(snapshot).await;
+    assert!(
+        matches!(&answer, Kind::Ack(a) if a.version == version),
+        "{answer:?}"
+    );
+}
+
+/// Connects as `client`, retrying while the sidecar has no certificate yet.
+async fn connect(
+    cp: &FakeControlPlane,
+    s: &TestSidecar,
+    client: &SpiffeId,
+) -> TlsStream<TcpStream> {
+    let config = cp.ca.client_config(Some((&cp.ca, client)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tls_connect(s.inbound, config.clone()).await {
+            Ok(stream) => return stream,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no handshake: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Whether the sidecar lets `client` through to the echo app.
+async fn gets_through(cp: &FakeControlPlane, s: &TestSidecar, client: &SpiffeId) -> bool {
+    let mut stream = connect(cp, s, client).await;
+    round_trip(&mut stream, b"ping").await.is_ok()
+}
+
+fn web() -> SpiffeId {
+    id("/ns/a/sa/web")
+}
+
+fn other() -> SpiffeId {
+    id("/ns/a/sa/other")
+}
+
+fn decisions(action: &str, policy: &str) -> String {
+    format!("trellis_decisions_total{{action=\"{action}\",policy=\"{policy}\"}}")
+}
+
+#[tokio::test]
+async fn denies_everything_before_the_first_snapshot() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+
+    assert!(!gets_through(&cp, &s, &web()).await);
+    assert_eq!(*app.accepted.borrow(), 0, "the app was dialled");
+    logs.wait_for(&[
+        "inbound connection denied: no policy snapshot yet",
+        &format!("peer={}", web()),
+        "policy=default:deny",
+    ])
+    .await;
+    assert!(s.has_sample(&decisions("deny", "default:deny"), 1));
+    assert!(s.get("/ready").await.contains("no discovery snapshot yet"));
+}
+
+#[tokio::test]
+async fn the_default_deny_blocks_and_logs_json_fields() {
+    let (logs, _guard) = Logs::capture(true);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(&cp, snapshot(1, "deny", vec![])).await;
+
+    assert!(!gets_through(&cp, &s, &web()).await);
+    assert_eq!(*app.accepted.borrow(), 0, "the app was dialled");
+    let port = app.addr.port();
+    eventually("a JSON line naming the default", || {
+        logs.lines().iter().any(|line| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                return false;
+            };
+            let f = &v["fields"];
+            f["message"] == "inbound connection denied"
+                && f["peer"] == web().as_str()
+                && f["port"] == port
+                && f["decision"] == "deny"
+                && f["policy"] == "default:deny"
+                && f["rule"].is_null()
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_allow_lets_one_identity_in_and_keeps_another_out() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(
+        &cp,
+        snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
+    )
+    .await;
+
+    assert!(gets_through(&cp, &s, &web()).await);
+    assert!(!gets_through(&cp, &s, &other()).await);
+    assert_eq!(*app.accepted.borrow(), 1, "only web reached the app");
+    let port = format!("port={}", app.addr.port());
+    logs.wait_for(&[
+        "inbound connection allowed",
+        &format!("peer={}", web()),
+        &port,
+        "decision=allow",
+        "policy=b/web-in",
+        "rule=0",
+    ])
+    .await;
+    logs.wait_for(&[
+        "inbound connection denied",
+        &format!("peer={}", other()),
+        "decision=deny",
+        "policy=default:deny",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn deny_beats_allow() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("web-in", "ALLOW", "/ns/a/sa/web"),
+        policy("zz-no-web", "DENY", "/ns/a/sa/web"),
+    ];
+    acked(&cp, snapshot(1, "allow-mesh", policies)).await;
+
+    assert!(!gets_through(&cp, &s, &web()).await);
+    assert_eq!(*app.accepted.borrow(), 0, "the app was dialled");
+    // The mesh default still lets everyone else in.
+    assert!(gets_through(&cp, &s, &other()).await);
+    logs.wait_for(&[
+        "inbound connection denied",
+        &format!("peer={}", web()),
+        "policy=b/zz-no-web",
+        "rule=0",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn audit_passes_and_logs_would_deny() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("web-in", "ALLOW", "/ns/a/sa/web"),
+        policy("audit-web", "AUDIT", "/ns/a/sa/web"),
+    ];
+    acked(&cp, snapshot(1, "deny", policies)).await;
+
+    assert!(gets_through(&cp, &s, &web()).await);
+    logs.wait_for(&[
+        "WARN",
+        "would deny",
+        &format!("peer={}", web()),
+        "policy=b/audit-web",
+        "rule=0",
+    ])
+    .await;
+    assert!(s.has_sample(&decisions("audit", "b/audit-web"), 1));
+    assert!(s.has_sample(&decisions("allow", "b/web-in"), 1));
+}
+
+#[tokio::test]
+async fn a_new_policy_closes_an_open_connection_it_denies() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(
+        &cp,
+        snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
+    )
+    .await;
+    let mut open = connect(&cp, &s, &web()).await;
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+
+    acked(
+        &cp,
+        snapshot(2, "deny", vec![policy("no-web", "DENY", "/ns/a/sa/web")]),
+    )
+    .await;
+    // The sidecar closes it: the read ends (EOF or reset) without waiting
+    // for the 10 s timeout.
+    let _ = read_to_end(&mut open).await;
+    assert!(round_trip(&mut open, b"after").await.is_err());
+    logs.wait_for(&[
+        "open inbound connection closed",
+        &format!("peer={}", web()),
+        "policy=b/no-web",
+        "rule=0",
+        "version=2",
+    ])
+    .await;
+    assert!(s.has_sample(
+        "trellis_connections_total{direction=\"inbound\",outcome=\"closed_by_policy\"}",
+        1
+    ));
+    assert!(s.has_sample(&decisions("deny", "b/no-web"), 1));
+}
+
+#[tokio::test]
+async fn open_connections_stay_when_closing_is_off() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &["--close-denied-connections", "false"]).await;
+    acked(
+        &cp,
+        snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
+    )
+    .await;
+    let mut open = connect(&cp, &s, &web()).await;
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+
+    acked(&cp, snapshot(2, "deny", vec![])).await;
+    // New connections follow the new policy at once...
+    assert!(!gets_through(&cp, &s, &web()).await);
+    // ...while the open one is left alone.
+    assert_eq!(round_trip(&mut open, b"after").await.unwrap(), b"after");
+    assert!(
+        s.get("/config")
+            .await
+            .contains("\"close_denied_connections\": false")
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(
+        &cp,
+        snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
+    )
+    .await;
+
+    let mut invalid = policy("other-in", "ALLOW", "/ns/a/sa/other");
+    invalid.rules[0].to = vec![policy_pb::Destination { ports: vec![70000] }];
+    let answer = cp.push_and_wait(snapshot(2, "deny", vec![invalid])).await;
+    let Kind::Nack(nack) = answer else {
+        panic!("not a NACK: {answer:?}");
+    };
+    assert!(
+        nack.reason
+            .starts_with("policies: policy b/other-in is invalid")
+            && nack.reason.contains("70000"),
+        "{}",
+        nack.reason
+    );
+    let answer = cp.push_and_wait(snapshot(3, "open-door", vec![])).await;
+    let Kind::Nack(nack) = answer else {
+        panic!("not a NACK: {answer:?}");
+    };
+    assert!(
+        nack.reason
+            .starts_with("mesh.default_policy: unknown default policy \"open-door\""),
+        "{}",
+        nack.reason
+    );
+
+    assert!(gets_through(&cp, &s, &web()).await);
+    assert!(!gets_through(&cp, &s, &other()).await);
+    let config = s.get("/config").await;
+    assert!(config.contains("\"snapshot_version\": 1"), "{config}");
+    assert!(config.contains("\"b/web-in\""), "{config}");
+    assert!(!config.contains("other-in"), "{config}");
+}
+
+#[tokio::test]
+async fn decisions_are_counted_by_action_and_policy() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("web-in", "ALLOW", "/ns/a/sa/web"),
+        policy("audit-web", "AUDIT", "/ns/a/sa/web"),
+        policy("no-intruder", "DENY", "/ns/a/sa/intruder"),
+    ];
+    acked(&cp, snapshot(1, "deny", policies)).await;
+
+    for _ in 0..2 {
+        assert!(gets_through(&cp, &s, &web()).await);
+    }
+    assert!(!gets_through(&cp, &s, &other()).await);
+    assert!(!gets_through(&cp, &s, &id("/ns/a/sa/intruder")).await);
+    let metrics = s.get("/metrics").await;
+    for (series, value) in [
+        (decisions("allow", "b/web-in"), 2),
+        (decisions("audit", "b/audit-web"), 2),
+        (decisions("deny", "default:deny"), 1),
+        (decisions("deny", "b/no-intruder"), 1),
+        (decisions("allow", "default:deny"), 0),
+    ] {
+        let sample = format!("{series} {value}\n");
+        assert!(
+            metrics.contains(&sample),
+            "{sample} missing from\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keeps_enforcing_across_a_control_plane_reconnect() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    acked(
+        &cp,
+        snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
+    )
+    .await;
+    let mut open = connect(&cp, &s, &web()).await;
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+
+    // The control plane goes away; the sidecar reconnects from version 1
+    // and gets the same snapshot again.
+    let answers = cp.seen.lock().unwrap().answers.len();
+    cp.drop_streams();
+    let answer = cp.answer_after(answers, 1).await;
+    assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
+    assert_eq!(cp.seen.lock().unwrap().subscribes, [0, 1]);
+    assert!(
+        logs.find(&["snapshot applied", "version=1", "policies_changed=false"])
+            .is_some(),
+        "{:?}",
+        logs.lines()
+    );
+
+    // Nothing was reset: the open connection lives, the policy holds.
+    assert_eq!(round_trip(&mut open, b"after").await.unwrap(), b"after");
+    assert!(gets_through(&cp, &s, &web()).await);
+    assert!(!gets_through(&cp, &s, &other()).await);
+}
