@@ -32,8 +32,10 @@ impl Program {
     /// The workspace packages whose sources the binary is built from.
     fn source_dirs(self) -> &'static [&'static str] {
         match self {
-            Program::ControlPlane | Program::Ctl => &["control-plane", "core", "proto"],
-            Program::Proxy => &["proxy", "core", "proto"],
+            Program::ControlPlane | Program::Ctl => {
+                &["control-plane/src", "core/src", "proto/src", "proto/proto"]
+            }
+            Program::Proxy => &["proxy/src", "core/src", "proto/src", "proto/proto"],
         }
     }
 

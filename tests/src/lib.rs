@@ -47,3 +47,4 @@ pub use patience::{eventually, patience};
 pub use process::ChildProcess;
 pub use sidecar::{Route, Sidecar, SidecarBuilder, find_field};
 pub use traffic::{Traffic, TrafficReport};
+pub mod netns;
