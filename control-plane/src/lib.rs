@@ -1,7 +1,8 @@
 //! The Trellis control plane: the CA that issues X.509-SVIDs, the store of
-//! join tokens, workloads and issued certificates, discovery snapshots for
-//! sidecars, the gRPC API (Identity, Discovery, Admin) over TLS, and
-//! `trellisctl` ([`ctl`]).
+//! join tokens, workloads, issued certificates and versioned authorization
+//! policies, discovery snapshots for sidecars, the gRPC API (Identity,
+//! Discovery, Admin with the policy methods) over TLS, and `trellisctl`
+//! ([`ctl`]).
 //!
 //! The binaries only call [`cli_main`] and [`ctl::cli_main`]; both take the
 //! whole argv and ignore argv\[0\], so a harness may re-execute itself into

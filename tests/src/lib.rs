@@ -48,3 +48,4 @@ pub use process::ChildProcess;
 pub use sidecar::{Route, Sidecar, SidecarBuilder, find_field};
 pub use traffic::{Traffic, TrafficReport};
 pub mod netns;
+pub mod policy;

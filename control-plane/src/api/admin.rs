@@ -1,6 +1,7 @@
 //! `trellis.admin.v1.Admin`: the operators' API. Guarded by
 //! [`super::AdminOnly`], so every method here runs for the admin identity
 //! only. A token is returned once and never logged; only its hash is stored.
+//! The policy methods live in [`super::policy`].
 
 use std::time::Duration;
 
@@ -8,12 +9,14 @@ use tonic::{Request, Response, Status};
 use trellis_core::SpiffeId;
 use trellis_proto::admin::v1::admin_server::Admin;
 use trellis_proto::admin::v1::{
-    CreateJoinTokenRequest, CreateJoinTokenResponse, ListWorkloadsRequest, ListWorkloadsResponse,
-    Workload,
+    ApplyPolicyRequest, ApplyPolicyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
+    DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
+    GetPolicyResponse, ListPoliciesRequest, ListPoliciesResponse, ListWorkloadsRequest,
+    ListWorkloadsResponse, Workload,
 };
 
-use super::Mesh;
 use super::identity::unix_now;
+use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
 use crate::store::JoinToken;
@@ -110,5 +113,46 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(ListWorkloadsResponse { workloads }))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<ApplyPolicyRequest>,
+    ) -> Result<Response<ApplyPolicyResponse>, Status> {
+        policy::apply(&self.mesh, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
+        policy::get(&self.mesh, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_policies(
+        &self,
+        _request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        policy::list(&self.mesh).await.map(Response::new)
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        policy::delete(&self.mesh, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        policy::explain_request(&self.mesh, request.get_ref()).map(Response::new)
     }
 }

@@ -3,13 +3,16 @@
 //!
 //! The caller must present an SVID; the first message must be a Subscribe.
 //! A snapshot is sent first (unless the sidecar already holds the current
-//! version), then again whenever the sidecar's snapshot content changes. The
-//! stream ends with UNAVAILABLE when the control plane shuts down.
+//! version), then again whenever the sidecar's snapshot content changes:
+//! an announced change starts a [`COALESCE_WINDOW`], after which the stream
+//! rebuilds once. The stream ends with UNAVAILABLE when the control plane
+//! shuts down.
 
 use std::pin::Pin;
 
 use futures::Stream;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_core::SpiffeId;
@@ -18,7 +21,7 @@ use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Snapshot, WatchRequest};
 
 use super::{Mesh, require_svid};
-use crate::discovery::same_content;
+use crate::discovery::{COALESCE_WINDOW, same_content};
 
 pub struct DiscoveryService {
     mesh: Mesh,
@@ -83,34 +86,36 @@ async fn serve_stream(
     let _open = mesh.discovery.open_stream(id);
     let mut versions = mesh.discovery.subscribe();
     let mut shutdown = mesh.shutdown.clone();
+    versions.borrow_and_update();
     let mut last_sent: Option<Snapshot> = None;
-    versions.mark_changed();
+    // When to rebuild: now for the first snapshot, then one window after the
+    // first announcement of a burst.
+    let mut due = Some(Instant::now());
     loop {
         tokio::select! {
             changed = versions.changed() => {
                 if changed.is_err() {
                     return "control plane stopping";
                 }
-                let snapshot = match mesh.discovery.snapshot_for(id) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(spiffe_id = %id, error = %e, "could not build a snapshot");
-                        continue;
-                    }
-                };
+                due.get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
+            }
+            () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                due = None;
+                versions.borrow_and_update();
+                let snapshot = mesh.discovery.snapshot_for(id);
                 let first = last_sent.is_none();
                 let unchanged = last_sent.as_ref().is_some_and(|s| same_content(s, &snapshot));
                 // A reconnecting sidecar that holds the current version needs
                 // nothing until the next change.
                 let held = first && last_version != 0 && last_version == snapshot.version;
+                if unchanged {
+                    continue;
+                }
                 last_sent = Some(snapshot.clone());
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
                     mesh.discovery.ack(id, last_version);
-                    continue;
-                }
-                if unchanged {
                     continue;
                 }
                 if tx.send(Ok(snapshot)).await.is_err() {

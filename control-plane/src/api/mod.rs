@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod identity;
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,7 +4,11 @@
 //! `DIR/admin.key`, trusting `DIR/bundle.pem`, or `--ca/--cert/--key`) and
 //! verifies the server as `spiffe://TD/trellis/control-plane`, the trust
 //! domain taken from the credential's own SPIFFE ID. Results go to stdout,
-//! errors to stderr as one line. It never prints or logs the private key.
+//! errors to stderr as one line (policy diagnostics: one line each). It never
+//! prints or logs the private key. The `policy` subcommands are in
+//! [`policy`].
+
+pub mod policy;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,12 +21,14 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
-use trellis_core::SpiffeId;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store, spiffe_id_of,
 };
+use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{CreateJoinTokenRequest, ListWorkloadsRequest, Workload};
+
+use self::policy::PolicyCommand;
 
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 
@@ -71,6 +77,9 @@ pub enum Command {
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
     },
+    /// Authorization policies: apply, get, list, delete, lint, explain.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +120,26 @@ pub enum CtlError {
     Connect { addr: String, reason: String },
     #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
+    /// Already formatted for the operator (policy diagnostics); printed as is.
+    #[error("{0}")]
+    Reported(String),
+}
+
+/// What a subcommand prints, and whether it failed (exit 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Printed {
+    pub stdout: String,
+    pub stderr: String,
+    pub failed: bool,
+}
+
+impl Printed {
+    pub fn out(stdout: String) -> Self {
+        Self {
+            stdout,
+            ..Self::default()
+        }
+    }
 }
 
 /// Where the operator credential and the trust bundle are.
@@ -156,6 +185,16 @@ impl AdminCredentials {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain, key)?;
         Ok(trellis_core::grpc::with_h2_alpn(config))
+    }
+
+    /// The trust domain of the operator credential's SPIFFE ID.
+    pub fn trust_domain(&self) -> Result<TrustDomain, CtlError> {
+        let chain = read_certs(&self.cert)?;
+        let id = spiffe_id_of(&chain[0]).map_err(|e| CtlError::Invalid {
+            path: self.cert.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(id.trust_domain())
     }
 
     /// An Admin API client connected now.
@@ -251,9 +290,18 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
         }
     };
     match runtime.block_on(execute(&cli)) {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
+        Ok(printed) => {
+            print!("{}", printed.stdout);
+            eprint!("{}", printed.stderr);
+            if printed.failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(CtlError::Reported(report)) => {
+            eprint!("{report}");
+            ExitCode::FAILURE
         }
         Err(CtlError::Usage(message)) => {
             eprintln!("error: {message}");
@@ -266,8 +314,15 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-/// Runs one subcommand; returns what to print on stdout.
-pub async fn execute(cli: &Cli) -> Result<String, CtlError> {
+/// Runs one subcommand; returns what to print.
+pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
+    if let Command::Policy(PolicyCommand::Lint {
+        paths,
+        trust_domain,
+    }) = &cli.command
+    {
+        return policy::lint(paths, trust_domain);
+    }
     let credentials = cli.credentials()?;
     if let Command::Token(TokenCommand::Create { ttl: Some(ttl), .. }) = &cli.command
         && (ttl.as_secs() == 0 || ttl.subsec_nanos() != 0)
@@ -286,7 +341,7 @@ pub async fn execute(cli: &Cli) -> Result<String, CtlError> {
                 })
                 .await?
                 .into_inner();
-            Ok(format!("{}\n", response.token))
+            Ok(Printed::out(format!("{}\n", response.token)))
         }
         Command::Workloads { output } => {
             let mut workloads = client
@@ -295,10 +350,14 @@ pub async fn execute(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner()
                 .workloads;
             workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
-            Ok(match output {
+            Ok(Printed::out(match output {
                 Output::Table => workloads_table(&workloads),
                 Output::Json => workloads_json(&workloads),
-            })
+            }))
+        }
+        Command::Policy(command) => {
+            let td = credentials.trust_domain()?;
+            policy::run(&mut client, &td, command).await
         }
     }
 }
@@ -334,7 +393,13 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
             if w.connected { "yes" } else { "no" }.into(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    table(rows)
+}
+
+/// Rows (the first is the header) as aligned text columns.
+pub fn table(rows: Vec<Vec<String>>) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -2,28 +2,35 @@
 //! the mesh endpoints, the trust bundle, the mesh config), versioned.
 //!
 //! One persisted version counter increases with every change that can affect
-//! a snapshot; a change is announced on a `watch` channel. Each Watch stream
-//! rebuilds its sidecar's snapshot on an announcement and sends it only when
-//! its content differs from what that stream last sent, so sidecars a change
-//! does not affect see nothing (coalescing more announcements into one build
-//! fits here too). This module also tracks what each connected sidecar
-//! acknowledged. It never authenticates anyone: callers pass a verified ID.
+//! a snapshot (a new endpoint, a policy write, a changed mesh config). After
+//! each change this module reads the version together with the workloads and
+//! policies it stands for, in one store transaction, into an in-memory
+//! [`View`], and announces the version on a `watch` channel: a snapshot's
+//! version therefore always names exactly its content. Each Watch stream
+//! waits [`COALESCE_WINDOW`] after an announcement (so a burst of changes
+//! costs one rebuild), rebuilds its sidecar's snapshot from the view, and
+//! sends it only when its content differs from what that stream last sent:
+//! sidecars a change does not affect see nothing, and the version a sidecar
+//! sees moves only when its content changes. This module also tracks what
+//! each connected sidecar acknowledged. It never authenticates anyone:
+//! callers pass a verified ID.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
+use trellis_core::policy::{DefaultPolicy, WorkloadSelector};
 use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Snapshot};
 use trellis_proto::policy::v1::Policy;
 
-use crate::store::{Store, StoreError};
+use crate::store::{DiscoveryState, Store, StoreError};
 
-/// The policies that select `id`. Policies are not stored yet; the policy
-/// work fills this in.
-pub fn policies_for(_id: &SpiffeId) -> Vec<Policy> {
-    Vec::new()
-}
+/// How long a stream waits after a change before rebuilding, so that a
+/// burst of changes reaches each sidecar as one snapshot. Well under the
+/// 100 ms the design allows.
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(50);
 
 /// What the control plane knows about one sidecar's discovery streams.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,10 +48,58 @@ impl SidecarStatus {
     }
 }
 
+/// The content of every snapshot at one version.
+#[derive(Debug, Default)]
+pub struct View {
+    pub version: u64,
+    /// Every workload with an address, ordered by address then ID.
+    pub endpoints: Vec<Endpoint>,
+    /// Every policy with its selector parsed once, ordered by key.
+    pub policies: Vec<(WorkloadSelector, Policy)>,
+}
+
+impl View {
+    fn from_state(state: DiscoveryState) -> Self {
+        let mut endpoints: Vec<Endpoint> = state
+            .workloads
+            .into_iter()
+            .filter(|w| !w.address.is_empty())
+            .map(|w| Endpoint {
+                address: w.address,
+                spiffe_id: w.spiffe_id,
+            })
+            .collect();
+        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+        let policies = state
+            .policies
+            .into_iter()
+            .map(|p| (WorkloadSelector::of(&p), p))
+            .collect();
+        Self {
+            version: state.version,
+            endpoints,
+            policies,
+        }
+    }
+
+    /// The policies that select the workload `id`.
+    pub fn policies_for(&self, id: &SpiffeId) -> Vec<Policy> {
+        self.policies
+            .iter()
+            .filter(|(selector, _)| selector.selects(id))
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+}
+
 pub struct Discovery {
     store: Arc<dyn Store>,
     bundle: Vec<Vec<u8>>,
     mesh: MeshConfig,
+    default_policy: DefaultPolicy,
+    view: RwLock<Arc<View>>,
+    /// Serializes refreshes, so views are published in version order.
+    refreshing: Mutex<()>,
     version: watch::Sender<u64>,
     sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
 }
@@ -59,7 +114,7 @@ impl std::fmt::Debug for Discovery {
 
 impl Discovery {
     /// Settles the mesh config in the store (a changed config is a new
-    /// version) and starts announcing from the stored version.
+    /// version), loads the current view and starts announcing from it.
     pub fn new(
         store: Arc<dyn Store>,
         bundle: Vec<Vec<u8>>,
@@ -69,21 +124,40 @@ impl Discovery {
             "default_policy={};outbound_policy={}",
             mesh.default_policy, mesh.outbound_policy
         );
-        let version = store.settle_mesh_config(&encoded)?;
+        store.settle_mesh_config(&encoded)?;
+        let view = View::from_state(store.discovery_state()?);
+        // The flag parser only produces known names; deny is the safe reading.
+        let default_policy = mesh.default_policy.parse().unwrap_or_default();
         Ok(Self {
             store,
             bundle,
             mesh,
-            version: watch::Sender::new(version),
+            default_policy,
+            version: watch::Sender::new(view.version),
+            view: RwLock::new(Arc::new(view)),
+            refreshing: Mutex::new(()),
             sidecars: Mutex::new(BTreeMap::new()),
         })
     }
 
     /// Records that something snapshots contain has changed, and announces it.
     pub fn changed(&self) -> Result<u64, StoreError> {
-        let version = self.store.bump_snapshot_version()?;
-        self.version.send_replace(version);
-        Ok(version)
+        self.store.bump_snapshot_version()?;
+        self.refresh()
+    }
+
+    /// Reloads the view after the store's version moved (a policy write
+    /// bumps it in its own transaction) and announces the new version.
+    /// Blocks on the store: call it from blocking code.
+    pub fn refresh(&self) -> Result<u64, StoreError> {
+        let _serial = self.refreshing.lock().expect("not poisoned");
+        let state = self.store.discovery_state()?;
+        let version = state.version;
+        if version > self.current_version() {
+            *self.view.write().expect("not poisoned") = Arc::new(View::from_state(state));
+            self.version.send_replace(version);
+        }
+        Ok(self.current_version())
     }
 
     /// Announcements of new versions.
@@ -92,30 +166,34 @@ impl Discovery {
     }
 
     pub fn current_version(&self) -> u64 {
-        *self.version.borrow()
+        self.view.read().expect("not poisoned").version
+    }
+
+    /// The content of every snapshot at the current version.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().expect("not poisoned").clone()
+    }
+
+    /// The mesh default when no policy decides.
+    pub fn default_policy(&self) -> DefaultPolicy {
+        self.default_policy
+    }
+
+    /// The policies that select `id`, at the current version.
+    pub fn policies_for(&self, id: &SpiffeId) -> Vec<Policy> {
+        self.view().policies_for(id)
     }
 
     /// The snapshot for the sidecar `id` at the current version.
-    pub fn snapshot_for(&self, id: &SpiffeId) -> Result<Snapshot, StoreError> {
-        let version = self.current_version();
-        let mut endpoints: Vec<Endpoint> = self
-            .store
-            .workloads()?
-            .into_iter()
-            .filter(|w| !w.address.is_empty())
-            .map(|w| Endpoint {
-                address: w.address,
-                spiffe_id: w.spiffe_id,
-            })
-            .collect();
-        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
-        Ok(Snapshot {
-            version,
+    pub fn snapshot_for(&self, id: &SpiffeId) -> Snapshot {
+        let view = self.view();
+        Snapshot {
+            version: view.version,
             trust_bundle: self.bundle.clone(),
-            endpoints,
-            policies: policies_for(id),
+            endpoints: view.endpoints.clone(),
+            policies: view.policies_for(id),
             mesh: Some(self.mesh.clone()),
-        })
+        }
     }
 
     /// Marks a stream from `id` open until the returned guard is dropped.

@@ -3,18 +3,23 @@
 //! Values are JSON so records can gain fields without a migration. Every
 //! trait method runs in one redb transaction (crash-safe, all or nothing).
 //! Tables: `join_tokens` (hash -> JoinToken), `workloads` (SPIFFE ID ->
-//! WorkloadRecord), `issued_certificates` (serial -> IssuedCertRecord), `meta`
-//! (counters). Versioned policies get their own tables beside these.
+//! WorkloadRecord), `issued_certificates` (serial -> IssuedCertRecord),
+//! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
+//! included: the very form pushed to sidecars, whose fields are only ever
+//! added), `meta` (counters: snapshot version, policy generation).
 
 use std::path::{Path, PathBuf};
 
+use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use trellis_core::policy::policy_key;
+use trellis_proto::policy::v1::Policy;
 
 use super::{
-    EndpointChange, IssuedCertRecord, JoinToken, Store, StoreError, TokenClaim, TokenRefusal,
-    WorkloadRecord,
+    AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord, JoinToken,
+    PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
 
 /// The database file name inside the state dir.
@@ -23,9 +28,11 @@ pub const DB_FILE: &str = "trellis.redb";
 const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("join_tokens");
 const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
 const ISSUED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("issued_certificates");
+const POLICIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("policies");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const SNAPSHOT_VERSION: &str = "snapshot_version";
+const POLICY_GENERATION: &str = "policy_generation";
 const MESH_CONFIG: &str = "mesh_config";
 
 pub struct EmbeddedStore {
@@ -56,6 +63,7 @@ impl EmbeddedStore {
             txn.open_table(JOIN_TOKENS)?;
             txn.open_table(WORKLOADS)?;
             txn.open_table(ISSUED)?;
+            txn.open_table(POLICIES)?;
             txn.open_table(META)?;
             Ok(())
         })?;
@@ -132,11 +140,52 @@ fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError
     })
 }
 
-fn get_u64(table: &redb::Table<'_, &str, &[u8]>, key: &str) -> Result<u64, StoreError> {
+fn get_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<u64, StoreError> {
     match table.get(key)? {
         Some(v) => decode(v.value(), key),
         None => Ok(0),
     }
+}
+
+fn decode_policy(bytes: &[u8], key: &str) -> Result<Policy, StoreError> {
+    Policy::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("policy {key}"),
+        reason: e.to_string(),
+    })
+}
+
+fn read_policies(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<Policy>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        out.push(decode_policy(value.value(), key.value())?);
+    }
+    Ok(out)
+}
+
+/// Bumps the policy generation and the snapshot version together.
+fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation, StoreError> {
+    let generation = Generation {
+        policies: get_u64(meta, POLICY_GENERATION)? + 1,
+        snapshot: get_u64(meta, SNAPSHOT_VERSION)? + 1,
+    };
+    meta.insert(POLICY_GENERATION, encode(&generation.policies).as_slice())?;
+    meta.insert(SNAPSHOT_VERSION, encode(&generation.snapshot).as_slice())?;
+    Ok(generation)
+}
+
+fn current_generation(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Generation, StoreError> {
+    Ok(Generation {
+        policies: get_u64(meta, POLICY_GENERATION)?,
+        snapshot: get_u64(meta, SNAPSHOT_VERSION)?,
+    })
 }
 
 impl Store for EmbeddedStore {
@@ -239,6 +288,124 @@ impl Store for EmbeddedStore {
             Ok(version)
         })
     }
+
+    fn apply_policies(
+        &self,
+        policies: &[Policy],
+        dry_run: bool,
+    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+        if !dry_run {
+            return self.write(|txn| Self::apply_in(txn, policies));
+        }
+        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let mut result = Self::apply_in(&txn, policies)?;
+        txn.abort().map_err(|e| self.db_error(e))?;
+        // Nothing was committed: report the counters as they stand.
+        result.1 = self.generation()?;
+        Ok(result)
+    }
+
+    fn policies(&self) -> Result<Vec<Policy>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        read_policies(&txn.open_table(POLICIES)?)
+    }
+
+    fn policy(&self, namespace: &str, name: &str) -> Result<Option<Policy>, StoreError> {
+        let key = policy_key(namespace, name);
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = txn.open_table(POLICIES)?;
+        let value = table.get(key.as_str())?;
+        value.map(|v| decode_policy(v.value(), &key)).transpose()
+    }
+
+    fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError> {
+        let key = policy_key(namespace, name);
+        self.write(|txn| {
+            let mut table = txn.open_table(POLICIES)?;
+            if table.remove(key.as_str())?.is_none() {
+                return Ok(None);
+            }
+            let mut meta = txn.open_table(META)?;
+            bump_generation(&mut meta).map(Some)
+        })
+    }
+
+    fn generation(&self) -> Result<Generation, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        current_generation(&txn.open_table(META)?)
+    }
+
+    fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let version = get_u64(&txn.open_table(META)?, SNAPSHOT_VERSION)?;
+        let mut workloads = Vec::new();
+        for entry in txn.open_table(WORKLOADS)?.iter()? {
+            let (_, value) = entry?;
+            workloads.push(decode(value.value(), "workloads")?);
+        }
+        let policies = read_policies(&txn.open_table(POLICIES)?)?;
+        Ok(DiscoveryState {
+            version,
+            workloads,
+            policies,
+        })
+    }
+}
+
+impl EmbeddedStore {
+    fn apply_in(
+        txn: &redb::WriteTransaction,
+        policies: &[Policy],
+    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+        let mut table = txn.open_table(POLICIES)?;
+        let mut applied = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let key = policy_key(&policy.namespace, &policy.name);
+            let stored = match table.get(key.as_str())? {
+                Some(v) => Some(decode_policy(v.value(), &key)?),
+                None => None,
+            };
+            let (revision, outcome) = match &stored {
+                None => (1, PolicyOutcome::Created),
+                Some(old) if same_content(old, policy) => (old.revision, PolicyOutcome::Unchanged),
+                Some(old) => (old.revision + 1, PolicyOutcome::Updated),
+            };
+            if outcome != PolicyOutcome::Unchanged {
+                let record = Policy {
+                    revision,
+                    ..policy.clone()
+                };
+                table.insert(key.as_str(), record.encode_to_vec().as_slice())?;
+            }
+            applied.push(AppliedPolicy {
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+                revision,
+                outcome,
+            });
+        }
+        let mut meta = txn.open_table(META)?;
+        let generation = if applied
+            .iter()
+            .any(|a| a.outcome != PolicyOutcome::Unchanged)
+        {
+            bump_generation(&mut meta)?
+        } else {
+            current_generation(&meta)?
+        };
+        Ok((applied, generation))
+    }
+}
+
+/// Whether two policies differ in anything but their revision.
+fn same_content(a: &Policy, b: &Policy) -> bool {
+    Policy {
+        revision: 0,
+        ..a.clone()
+    } == Policy {
+        revision: 0,
+        ..b.clone()
+    }
 }
 
 #[cfg(test)]
@@ -324,6 +491,59 @@ mod tests {
         assert_eq!(store.settle_mesh_config("b").unwrap(), 2);
         assert_eq!(store.bump_snapshot_version().unwrap(), 3);
         assert_eq!(store.snapshot_version().unwrap(), 3);
+    }
+
+    fn policy(name: &str, ports: &[u32]) -> Policy {
+        use trellis_proto::policy::v1::{Destination, Rule};
+        Policy {
+            name: name.into(),
+            namespace: "default".into(),
+            rules: vec![Rule {
+                from: vec![],
+                to: vec![Destination {
+                    ports: ports.to_vec(),
+                }],
+            }],
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn policies_get_revisions_and_only_changes_bump_the_counters() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+        let outcomes = |applied: &[AppliedPolicy]| -> Vec<(u64, PolicyOutcome)> {
+            applied.iter().map(|a| (a.revision, a.outcome)).collect()
+        };
+        let (applied, g1) = store
+            .apply_policies(&[policy("a", &[1]), policy("b", &[2])], false)
+            .unwrap();
+        assert_eq!(
+            outcomes(&applied),
+            [(1, PolicyOutcome::Created), (1, PolicyOutcome::Created)]
+        );
+        assert_eq!(g1.policies, 1);
+        let (applied, g2) = store
+            .apply_policies(&[policy("a", &[1]), policy("b", &[3])], false)
+            .unwrap();
+        assert_eq!(
+            outcomes(&applied),
+            [(1, PolicyOutcome::Unchanged), (2, PolicyOutcome::Updated)]
+        );
+        assert_eq!((g2.policies, g2.snapshot), (2, g1.snapshot + 1));
+        let (applied, g3) = store.apply_policies(&[policy("c", &[4])], true).unwrap();
+        assert_eq!(outcomes(&applied), [(1, PolicyOutcome::Created)]);
+        assert_eq!(g3, g2, "a dry run moves nothing");
+        assert_eq!(store.policy("default", "c").unwrap(), None);
+        assert_eq!(store.policy("default", "b").unwrap().unwrap().revision, 2);
+
+        assert_eq!(store.delete_policy("default", "zzz").unwrap(), None);
+        let g4 = store.delete_policy("default", "a").unwrap().unwrap();
+        assert_eq!(g4.policies, 3);
+        let state = store.discovery_state().unwrap();
+        assert_eq!(state.version, g4.snapshot);
+        let names: Vec<_> = state.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
     }
 
     #[test]

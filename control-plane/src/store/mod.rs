@@ -1,5 +1,6 @@
 //! The control plane's state behind one trait: join tokens (hashed),
-//! workloads, the issued-certificate log, and the snapshot version counter.
+//! workloads, the issued-certificate log, versioned authorization policies,
+//! and the snapshot version counter.
 //!
 //! [`Store`] is what the API layer talks to, so a Kubernetes backend (CRDs and
 //! Secrets) can replace the embedded one. Every method is one transaction: a
@@ -10,6 +11,7 @@ pub mod embedded;
 
 use serde::{Deserialize, Serialize};
 use trellis_core::SpiffeId;
+use trellis_proto::policy::v1::Policy;
 
 pub use embedded::EmbeddedStore;
 
@@ -82,11 +84,44 @@ pub enum EndpointChange {
     Unchanged,
 }
 
+/// What applying one policy did (or, in a dry run, would do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyOutcome {
+    Created,
+    Updated,
+    /// Same content as stored: nothing written, the revision stays.
+    Unchanged,
+}
+
+/// One policy of a write: its revision after the write, and what happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub revision: u64,
+    pub outcome: PolicyOutcome,
+}
+
+/// The counters after a policy write. Both move only when something changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Generation {
+    /// Store-wide: increases with every write that changes a policy.
+    pub policies: u64,
+    /// The snapshot version, bumped in the same transaction.
+    pub snapshot: u64,
+}
+
+/// What discovery builds snapshots from, read in one transaction so a
+/// version always names exactly this content.
+#[derive(Clone, Debug, Default)]
+pub struct DiscoveryState {
+    pub version: u64,
+    pub workloads: Vec<WorkloadRecord>,
+    /// Ordered by `namespace/name`.
+    pub policies: Vec<Policy>,
+}
+
 /// The control plane's persistent state.
-///
-/// Versioned policies join this trait as their own methods (apply, list,
-/// delete, each bumping the snapshot version in the same transaction), with
-/// their own tables in the embedded store.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new join token under the SHA-256 hash of its value.
     fn add_join_token(&self, hash: &[u8; 32], token: &JoinToken) -> Result<(), StoreError>;
@@ -115,4 +150,30 @@ pub trait Store: Send + Sync + 'static {
     /// Stores the encoded mesh config, bumping the snapshot version when it
     /// differs from the stored one; returns the current version.
     fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError>;
+
+    /// Creates or updates `policies` (validated, unique by namespace/name)
+    /// in one transaction: a policy whose content differs from the stored
+    /// one gets the next revision; when any changed, the policy generation
+    /// and the snapshot version are bumped once. A `dry_run` reports the
+    /// same outcomes and commits nothing.
+    fn apply_policies(
+        &self,
+        policies: &[Policy],
+        dry_run: bool,
+    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError>;
+
+    /// Every policy, ordered by `namespace/name`.
+    fn policies(&self) -> Result<Vec<Policy>, StoreError>;
+
+    fn policy(&self, namespace: &str, name: &str) -> Result<Option<Policy>, StoreError>;
+
+    /// Removes a policy, bumping the generation and the snapshot version;
+    /// `None` (and nothing changed) when there is no such policy.
+    fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError>;
+
+    /// The current counters.
+    fn generation(&self) -> Result<Generation, StoreError>;
+
+    /// The snapshot version with the workloads and policies it stands for.
+    fn discovery_state(&self) -> Result<DiscoveryState, StoreError>;
 }

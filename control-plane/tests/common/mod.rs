@@ -3,6 +3,8 @@
 //! over real TLS, and CSRs made with rcgen.
 #![allow(dead_code)]
 
+pub mod policy;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

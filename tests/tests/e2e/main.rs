@@ -11,6 +11,7 @@ mod demo;
 mod inbound;
 mod mtls;
 mod outage;
+mod policy;
 mod rotation;
 mod trellisctl;
 

@@ -1,0 +1,454 @@
+//! `trellisctl policy ...`: authorization policies from files to the Admin
+//! API, and `policy lint`, which needs no control plane at all.
+//!
+//! Files are read and validated here first, by the same library function the
+//! control plane runs (`trellis_core::policy::load_paths`), so a mistake is
+//! reported at `file:line:column: field.path: message` before anything is
+//! sent; if any document is invalid nothing is applied. The valid documents
+//! of every file go to the control plane in one ApplyPolicy request, so a
+//! multi-file apply is all or nothing there too.
+//!
+//! `policy lint` prints its diagnostics on stdout, one per line, and a
+//! summary on stderr; it exits 1 when there is any error, 0 otherwise (also
+//! with warnings).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use tonic::transport::Channel;
+use trellis_core::policy::{
+    Document, Explanation, LoadedPolicy, document_from_proto, has_errors, lint_paths, load_paths,
+    policy_key,
+};
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{
+    ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, GetPolicyRequest,
+    ListPoliciesRequest, PolicyOutcome,
+};
+use trellis_proto::policy::v1::{Action, Policy};
+
+use super::{CtlError, Output, Printed};
+use crate::api::policy::policy_errors_of;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create or update policies from YAML/JSON files (several documents per
+    /// file; directories are searched for *.yaml, *.yml, *.json). Nothing is
+    /// applied if any document is invalid.
+    Apply {
+        /// A policy file or a directory; repeatable.
+        #[arg(
+            short = 'f',
+            long = "filename",
+            value_name = "FILE|DIR",
+            required = true,
+            env = "TRELLIS_FILENAME"
+        )]
+        files: Vec<PathBuf>,
+        /// Validate and show what would change and whom it would select.
+        #[arg(long, env = "TRELLIS_DRY_RUN")]
+        dry_run: bool,
+        /// Output format.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print one policy as a YAML document.
+    Get {
+        /// NAMESPACE/NAME
+        name: String,
+    },
+    /// List every policy.
+    List {
+        /// Output format.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete one policy.
+    Delete {
+        /// NAMESPACE/NAME
+        name: String,
+    },
+    /// Check policy files offline (no control plane needed). Diagnostics go to
+    /// stdout as `file:line:column: field.path: message`; exit 1 on any
+    /// error, 0 otherwise.
+    Lint {
+        /// Policy files or directories.
+        #[arg(value_name = "FILE|DIR", required = true)]
+        paths: Vec<PathBuf>,
+        /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
+        #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Explain which rule decides a connection, and why.
+    Explain {
+        /// SPIFFE ID of the connecting workload.
+        #[arg(long, value_name = "ID", env = "TRELLIS_FROM")]
+        from: String,
+        /// SPIFFE ID of the workload connected to.
+        #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
+        to: String,
+        /// Destination port.
+        #[arg(long, value_name = "P", env = "TRELLIS_PORT")]
+        port: u16,
+        /// Output format: `table` prints the trace as text.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// `policy lint`: no credentials, no network.
+pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> {
+    let td = TrustDomain::new(trust_domain)
+        .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
+    let diagnostics = lint_paths(paths, &td);
+    let mut stdout = String::new();
+    for d in &diagnostics {
+        stdout.push_str(&d.to_string());
+        stdout.push('\n');
+    }
+    let errors = diagnostics.iter().filter(|d| d.is_error()).count();
+    let warnings = diagnostics.len() - errors;
+    let stderr = format!(
+        "{errors} error{}, {warnings} warning{}\n",
+        plural(errors),
+        plural(warnings)
+    );
+    Ok(Printed {
+        stdout,
+        stderr,
+        failed: has_errors(&diagnostics),
+    })
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// Runs a subcommand that talks to the control plane; `td` is the trust
+/// domain of the operator credential.
+pub async fn run(
+    client: &mut AdminClient<Channel>,
+    td: &TrustDomain,
+    command: &PolicyCommand,
+) -> Result<Printed, CtlError> {
+    match command {
+        PolicyCommand::Apply {
+            files,
+            dry_run,
+            output,
+        } => apply(client, td, files, *dry_run, *output).await,
+        PolicyCommand::Get { name } => {
+            let (namespace, name) = split_name(name)?;
+            let response = client
+                .get_policy(GetPolicyRequest { namespace, name })
+                .await?
+                .into_inner();
+            let revision = response.policy.map(|p| p.revision).unwrap_or(0);
+            Ok(Printed::out(format!(
+                "# revision {revision}\n{}",
+                response.yaml
+            )))
+        }
+        PolicyCommand::List { output } => {
+            let response = client
+                .list_policies(ListPoliciesRequest {})
+                .await?
+                .into_inner();
+            Ok(Printed::out(match output {
+                Output::Table => policies_table(&response.policies),
+                Output::Json => policies_json(&response.policies, response.generation),
+            }))
+        }
+        PolicyCommand::Delete { name } => {
+            let (namespace, name) = split_name(name)?;
+            let key = policy_key(&namespace, &name);
+            let response = client
+                .delete_policy(DeletePolicyRequest { namespace, name })
+                .await?
+                .into_inner();
+            Ok(Printed::out(format!(
+                "{key}: deleted\nsnapshot version {}\n",
+                response.snapshot_version
+            )))
+        }
+        PolicyCommand::Explain {
+            from,
+            to,
+            port,
+            output,
+        } => {
+            parse_id("--from", from)?;
+            parse_id("--to", to)?;
+            let response = client
+                .explain(ExplainRequest {
+                    source: from.clone(),
+                    destination: to.clone(),
+                    port: u32::from(*port),
+                })
+                .await?
+                .into_inner();
+            let proto = response.explanation.unwrap_or_default();
+            let explanation = Explanation::from_proto(&proto).map_err(|e| {
+                CtlError::Usage(format!("the control plane sent an unreadable answer: {e}"))
+            })?;
+            Ok(Printed::out(match output {
+                Output::Table => explanation.to_string(),
+                Output::Json => explanation_json(&explanation),
+            }))
+        }
+        PolicyCommand::Lint {
+            paths,
+            trust_domain,
+        } => lint(paths, trust_domain),
+    }
+}
+
+fn split_name(text: &str) -> Result<(String, String), CtlError> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(CtlError::Usage(format!(
+            "{text:?} is not NAMESPACE/NAME, e.g. default/web-to-api"
+        ))),
+    }
+}
+
+async fn apply(
+    client: &mut AdminClient<Channel>,
+    td: &TrustDomain,
+    files: &[PathBuf],
+    dry_run: bool,
+    output: Output,
+) -> Result<Printed, CtlError> {
+    let loaded = load_paths(files, td);
+    let mut report = String::new();
+    for d in &loaded.diagnostics {
+        report.push_str(&d.to_string());
+        report.push('\n');
+    }
+    if loaded.has_errors() {
+        return Err(CtlError::Reported(format!(
+            "{report}nothing applied: fix the errors above\n"
+        )));
+    }
+    if loaded.policies.is_empty() {
+        return Err(CtlError::Usage(
+            "no AuthorizationPolicy documents found in the given files".into(),
+        ));
+    }
+    let (document, starts) = join_documents(&loaded.policies);
+    let response = match client
+        .apply_policy(ApplyPolicyRequest { document, dry_run })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => match policy_errors_of(&status) {
+            Some(errors) => {
+                for e in errors.errors {
+                    let v = e.violation.unwrap_or_default();
+                    let at = starts.iter().rposition(|&s| s <= e.line as usize);
+                    let file = at.map(|i| &loaded.policies[i]);
+                    let place = file.map_or_else(
+                        || format!("document:{}", e.line),
+                        |p| format!("{}:{}", p.file, p.line),
+                    );
+                    let path = if v.path.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}: ", v.path)
+                    };
+                    let warning = if v.warning { "warning: " } else { "" };
+                    report.push_str(&format!("{place}: {warning}{path}{}\n", v.message));
+                }
+                return Err(CtlError::Reported(format!(
+                    "{report}nothing applied: the control plane refused the policies\n"
+                )));
+            }
+            None => return Err(status.into()),
+        },
+    };
+    Ok(Printed {
+        stdout: match output {
+            Output::Table => apply_text(&response),
+            Output::Json => apply_json(&response),
+        },
+        stderr: report,
+        failed: false,
+    })
+}
+
+/// The valid documents as one YAML stream, and the line each starts on.
+fn join_documents(policies: &[LoadedPolicy]) -> (String, Vec<usize>) {
+    let mut text = String::new();
+    let mut starts = Vec::with_capacity(policies.len());
+    for p in policies {
+        if !text.is_empty() {
+            text.push_str("---\n");
+        }
+        starts.push(text.lines().count() + 1);
+        text.push_str(&Document::AuthorizationPolicy(p.policy.policy().clone()).to_yaml());
+    }
+    (text, starts)
+}
+
+fn outcome_word(outcome: i32, dry_run: bool) -> &'static str {
+    match (PolicyOutcome::try_from(outcome), dry_run) {
+        (Ok(PolicyOutcome::Created), false) => "created",
+        (Ok(PolicyOutcome::Created), true) => "would be created",
+        (Ok(PolicyOutcome::Updated), false) => "updated",
+        (Ok(PolicyOutcome::Updated), true) => "would be updated",
+        (Ok(PolicyOutcome::Unchanged), _) => "unchanged",
+        _ => "unknown",
+    }
+}
+
+fn apply_text(response: &ApplyPolicyResponse) -> String {
+    let mut out = String::new();
+    for r in &response.results {
+        let key = policy_key(&r.namespace, &r.name);
+        let word = outcome_word(r.outcome, response.dry_run);
+        let selects = if r.selected_workloads.is_empty() {
+            "selects no known workload".to_owned()
+        } else {
+            format!("selects {}", r.selected_workloads.join(", "))
+        };
+        out.push_str(&format!(
+            "{key}: {word} (revision {}); {selects}\n",
+            r.revision
+        ));
+        for w in &r.warnings {
+            out.push_str(&format!("  warning: {}: {}\n", w.path, w.message));
+        }
+    }
+    if response.dry_run {
+        out.push_str("dry run: nothing was stored\n");
+    } else {
+        out.push_str(&format!(
+            "policy generation {}, snapshot version {}\n",
+            response.generation, response.snapshot_version
+        ));
+    }
+    out
+}
+
+fn apply_json(response: &ApplyPolicyResponse) -> String {
+    let results: Vec<serde_json::Value> = response
+        .results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "policy": policy_key(&r.namespace, &r.name),
+                "revision": r.revision,
+                "outcome": outcome_word(r.outcome, false),
+                "selected_workloads": r.selected_workloads,
+                "warnings": r.warnings.iter().map(|w| format!("{}: {}", w.path, w.message)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    pretty(&serde_json::json!({
+        "results": results,
+        "dry_run": response.dry_run,
+        "generation": response.generation,
+        "snapshot_version": response.snapshot_version,
+    }))
+}
+
+fn action_name(action: i32) -> &'static str {
+    match Action::try_from(action) {
+        Ok(Action::Allow) => "ALLOW",
+        Ok(Action::Deny) => "DENY",
+        Ok(Action::Audit) => "AUDIT",
+        _ => "?",
+    }
+}
+
+fn policies_table(policies: &[Policy]) -> String {
+    let mut rows = vec![
+        ["POLICY", "ACTION", "REVISION", "RULES", "SELECTOR"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for p in policies {
+        rows.push(vec![
+            policy_key(&p.namespace, &p.name),
+            action_name(p.action).to_owned(),
+            p.revision.to_string(),
+            p.rules.len().to_string(),
+            p.selector
+                .as_ref()
+                .map(|s| s.spiffe_ids.join(","))
+                .unwrap_or_default(),
+        ]);
+    }
+    super::table(rows)
+}
+
+fn policies_json(policies: &[Policy], generation: u64) -> String {
+    let items: Vec<serde_json::Value> = policies
+        .iter()
+        .map(|p| {
+            let document = document_from_proto(p)
+                .map(|d| Document::AuthorizationPolicy(d).to_value())
+                .unwrap_or_default();
+            serde_json::json!({
+                "policy": policy_key(&p.namespace, &p.name),
+                "revision": p.revision,
+                "document": document,
+            })
+        })
+        .collect();
+    pretty(&serde_json::json!({ "generation": generation, "policies": items }))
+}
+
+fn explanation_json(e: &Explanation) -> String {
+    let rule = e.deciding_rule();
+    pretty(&serde_json::json!({
+        "source": e.source.as_str(),
+        "destination": e.destination.as_str(),
+        "port": e.port,
+        "verdict": e.decision.verdict.as_str(),
+        "decided_by": e.decision.policy_label(),
+        "deciding_rule": rule.map(|r| serde_json::json!({"policy": &*r.policy, "rule": r.rule})),
+        "audits": e.decision.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "trace": e.to_string(),
+    }))
+}
+
+fn pretty(value: &serde_json::Value) -> String {
+    let mut out = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
+    out.push('\n');
+    out
+}
+
+/// A SPIFFE ID flag value, checked before any call.
+fn parse_id(flag: &str, value: &str) -> Result<SpiffeId, CtlError> {
+    SpiffeId::parse(value).map_err(|e| CtlError::Usage(format!("{flag} {value:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::policy::load_source;
+
+    #[test]
+    fn joined_documents_start_where_the_control_plane_will_count_them() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let one = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: a, namespace: default}
+spec:
+  selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
+  action: DENY
+  rules: [{}]
+";
+        let text = format!("{one}---\n{}", one.replace("name: a", "name: b"));
+        let loaded = load_source("f.yaml", &text, &td);
+        assert_eq!(loaded.diagnostics, []);
+        let (joined, starts) = join_documents(&loaded.policies);
+        let again = load_source("document", &joined, &td);
+        let lines: Vec<usize> = again.policies.iter().map(|p| p.line).collect();
+        assert_eq!(lines, starts);
+    }
+}

@@ -1,0 +1,340 @@
+//! The policy half of the Admin API against the real control plane over
+//! real gRPC: apply, get, list, delete, dry runs, refusals that name the
+//! field and change nothing, the admin-only guard, persistence across
+//! restarts, and Explain.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::policy::*;
+use common::*;
+use tonic::Code;
+use trellis_control_plane::api::policy::policy_errors_of;
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{
+    DeletePolicyRequest, ExplainRequest, GetPolicyRequest, ListPoliciesRequest, PolicyOutcome,
+};
+
+fn get(namespace: &str, name: &str) -> GetPolicyRequest {
+    GetPolicyRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+#[tokio::test]
+async fn apply_get_list_delete() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, API, "127.0.0.1:7101").await;
+    enroll(&cp, WEB, "127.0.0.1:7102").await;
+    let mut admin = cp.admin_client().await;
+    let two = format!(
+        "{}---\n{}",
+        allow("web-to-api", API, WEB, 8080),
+        allow("api-to-web", WEB, API, 9090)
+    );
+
+    let created = apply(&mut admin, &two, false).await.unwrap();
+    assert!(!created.dry_run);
+    assert_eq!(created.generation, 1);
+    let outcomes: Vec<_> = created
+        .results
+        .iter()
+        .map(|r| (r.name.as_str(), r.revision, r.outcome()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("web-to-api", 1, PolicyOutcome::Created),
+            ("api-to-web", 1, PolicyOutcome::Created)
+        ]
+    );
+    assert_eq!(created.results[0].selected_workloads, [API]);
+    assert_eq!(created.results[1].selected_workloads, [WEB]);
+
+    // The same content again changes nothing, not even the counters.
+    let again = apply(&mut admin, &two, false).await.unwrap();
+    assert!(
+        again
+            .results
+            .iter()
+            .all(|r| r.outcome() == PolicyOutcome::Unchanged && r.revision == 1)
+    );
+    assert_eq!(
+        (again.generation, again.snapshot_version),
+        (created.generation, created.snapshot_version)
+    );
+
+    // A change is a new revision and a new snapshot version.
+    let updated = apply(&mut admin, &allow("web-to-api", API, WEB, 8443), false)
+        .await
+        .unwrap();
+    assert_eq!(updated.results[0].outcome(), PolicyOutcome::Updated);
+    assert_eq!(updated.results[0].revision, 2);
+    assert_eq!(updated.generation, 2);
+    assert!(updated.snapshot_version > created.snapshot_version);
+
+    let got = admin
+        .get_policy(get("default", "web-to-api"))
+        .await
+        .unwrap()
+        .into_inner();
+    let policy = got.policy.unwrap();
+    assert_eq!(policy.revision, 2);
+    assert_eq!(policy.rules[0].to[0].ports, [8443]);
+    assert!(got.yaml.contains("name: web-to-api"), "{}", got.yaml);
+    assert!(got.yaml.contains("8443"), "{}", got.yaml);
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = listed.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["api-to-web", "web-to-api"]);
+    assert_eq!(listed.generation, 2);
+
+    let deleted = admin
+        .delete_policy(DeletePolicyRequest {
+            namespace: "default".into(),
+            name: "web-to-api".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.generation, 3);
+    let err = admin
+        .delete_policy(DeletePolicyRequest {
+            namespace: "default".into(),
+            name: "web-to-api".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("default/web-to-api"), "{err:?}");
+    let err = admin
+        .get_policy(get("default", "web-to-api"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // JSON is accepted as well.
+    let json = r#"{"apiVersion": "trellis.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "from-json", "namespace": "data"},
+        "spec": {"selector": {"spiffeIds": ["spiffe://cluster.local/ns/data/*"]},
+                 "action": "DENY", "rules": [{"from": [{"namespace": "default"}]}]}}"#;
+    let created = apply(&mut admin, json, false).await.unwrap();
+    assert_eq!(created.results[0].name, "from-json");
+    assert_eq!(created.results[0].outcome(), PolicyOutcome::Created);
+}
+
+#[tokio::test]
+async fn an_invalid_policy_is_refused_at_its_field_and_the_stored_one_stays() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let good = allow("web-to-api", API, WEB, 8080);
+    let stored = apply(&mut admin, &good, false).await.unwrap();
+
+    // Port 70000 is on line 14, column 19 of the document.
+    let bad = allow("web-to-api", API, WEB, 70000);
+    let err = apply(&mut admin, &bad, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("document:14:19: spec.rules[0].to[0].ports[0]: port 70000 is out of range"),
+        "{}",
+        err.message()
+    );
+    let details = policy_errors_of(&err).expect("structured details");
+    assert_eq!(details.errors.len(), 1);
+    let e = &details.errors[0];
+    let violation = e.violation.as_ref().unwrap();
+    assert_eq!(violation.path, "spec.rules[0].to[0].ports[0]");
+    assert!(!violation.warning);
+    assert_eq!((e.line, e.column), (14, 19));
+
+    // A batch with one bad document stores none of them.
+    let batch = format!(
+        "{}---\n{bad}",
+        allow("another", WEB, API, 9090).replace("default", "other")
+    );
+    let err = apply(&mut admin, &batch, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("document:29:19"),
+        "{}",
+        err.message()
+    );
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.policies.len(), 1);
+    assert_eq!(listed.generation, stored.generation);
+    let policy = listed.policies[0].clone();
+    assert_eq!(policy.revision, 1);
+    assert_eq!(policy.rules[0].to[0].ports, [8080]);
+
+    for (document, needle) in [
+        ("", "holds no AuthorizationPolicy"),
+        ("apiVersion: v2\n", "apiVersion"),
+        ("{ not yaml", "document:"),
+    ] {
+        let err = apply(&mut admin, document, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{document:?}: {err:?}");
+        assert!(err.message().contains(needle), "{document:?}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, API, "127.0.0.1:7111").await;
+    enroll(&cp, DB, "127.0.0.1:7112").await;
+    let mut admin = cp.admin_client().await;
+    let before = apply(&mut admin, &allow("web-to-api", API, WEB, 8080), false)
+        .await
+        .unwrap();
+
+    let wide = allow("web-to-api", "spiffe://cluster.local/ns/*", WEB, 8080);
+    let dry = apply(&mut admin, &wide, true).await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(dry.results[0].outcome(), PolicyOutcome::Updated);
+    assert_eq!(dry.results[0].revision, 2, "the revision it would get");
+    let mut selected = dry.results[0].selected_workloads.clone();
+    selected.sort();
+    assert_eq!(selected, [DB, API]);
+    assert_eq!(
+        (dry.generation, dry.snapshot_version),
+        (before.generation, before.snapshot_version)
+    );
+
+    let got = admin
+        .get_policy(get("default", "web-to-api"))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(got.revision, 1);
+    assert_eq!(got.selector.unwrap().spiffe_ids, [API]);
+
+    let new = apply(&mut admin, &allow("new", DB, WEB, 1), true)
+        .await
+        .unwrap();
+    assert_eq!(new.results[0].outcome(), PolicyOutcome::Created);
+    let err = admin.get_policy(get("default", "new")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_sidecar_identity_may_not_apply_policies() {
+    let cp = ControlPlane::start(&[]);
+    let workload = enroll(&cp, WEB, "").await;
+    let channel =
+        trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(&workload))))
+            .await
+            .unwrap();
+    let mut as_sidecar = AdminClient::new(channel);
+    let err = apply(&mut as_sidecar, &allow("sneaky", WEB, WEB, 1), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(WEB), "{err:?}");
+    let err = as_sidecar
+        .explain(ExplainRequest {
+            source: WEB.into(),
+            destination: API.into(),
+            port: 80,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let mut admin = cp.admin_client().await;
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.policies.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_survive_a_restart() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("web-to-api", API, WEB, 8080), false)
+        .await
+        .unwrap();
+    let applied = apply(&mut admin, &allow("web-to-api", API, WEB, 8081), false)
+        .await
+        .unwrap();
+    drop(admin);
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop_async().await.success());
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let mut admin = cp.admin_client().await;
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.generation, applied.generation);
+    assert_eq!(listed.policies.len(), 1);
+    assert_eq!(listed.policies[0].revision, 2);
+    assert_eq!(listed.policies[0].rules[0].to[0].ports, [8081]);
+}
+
+#[tokio::test]
+async fn explain_names_the_deciding_rule() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("web-to-api", API, WEB, 8080), false)
+        .await
+        .unwrap();
+    let explain = |port| ExplainRequest {
+        source: WEB.into(),
+        destination: API.into(),
+        port,
+    };
+    let allowed = admin
+        .explain(explain(8080))
+        .await
+        .unwrap()
+        .into_inner()
+        .explanation
+        .unwrap();
+    assert_eq!(allowed.verdict, "allow");
+    let rule = allowed.deciding_rule.unwrap();
+    assert_eq!((rule.policy.as_str(), rule.rule), ("default/web-to-api", 0));
+    assert_eq!(allowed.policies.len(), 1);
+
+    let denied = admin
+        .explain(explain(9999))
+        .await
+        .unwrap()
+        .into_inner()
+        .explanation
+        .unwrap();
+    assert_eq!(denied.verdict, "deny");
+    assert!(denied.deciding_rule.is_none());
+    assert_eq!(denied.default_policy, "deny");
+
+    let err = admin.explain(explain(0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("port:"), "{err:?}");
+    let err = admin
+        .explain(ExplainRequest {
+            source: "web".into(),
+            ..explain(80)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("source:"), "{err:?}");
+}

@@ -1,0 +1,183 @@
+//! `trellisctl policy` against the real control plane, and `policy lint`
+//! offline, over the fixture files in `tests/fixtures/policies`.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::policy::API;
+use common::*;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/policies")
+}
+
+#[test]
+fn lint_reports_exit_codes_and_lines() {
+    let cp = ControlPlane::start(&[]);
+    let lint = fixtures().join("lint");
+    // Offline: no --control-plane or credentials needed.
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(CTL)
+            .args(["policy", "lint"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let good = run(&[lint.join("good").as_os_str()]);
+    assert_eq!(
+        good.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&good.stdout)
+    );
+    assert!(good.stdout.is_empty());
+
+    let all = run(&[lint.as_os_str()]);
+    assert_eq!(all.status.code(), Some(1));
+    let stdout = String::from_utf8(all.stdout).unwrap();
+    let lines: Vec<String> = stdout
+        .lines()
+        .map(|l| l.replace(&lint.display().to_string(), "LINT"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with(
+            "LINT/bad/bad-spiffe-id.yaml:12:21: spec.rules[0].from[0].spiffeId: invalid SPIFFE ID"
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "LINT/bad/port-out-of-range.yaml:27:25: spec.rules[0].to[0].ports[1]: port 70000"
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("LINT/bad/unknown-field.yaml:10:3: spec.rulez: unknown field"),
+        "{lines:?}"
+    );
+    assert!(String::from_utf8_lossy(&all.stderr).contains("3 errors"));
+
+    let missing = run(&[lint.join("missing.yaml").as_os_str()]);
+    assert_eq!(missing.status.code(), Some(1));
+
+    let other_td = run(&[
+        lint.join("good").as_os_str(),
+        "--trust-domain".as_ref(),
+        "example.org".as_ref(),
+    ]);
+    assert_eq!(
+        other_td.status.code(),
+        Some(1),
+        "IDs of another trust domain"
+    );
+    drop(cp);
+}
+
+#[test]
+fn ctl_applies_files_all_or_nothing_and_explains() {
+    let cp = ControlPlane::start(&[]);
+    let lint = fixtures().join("lint");
+    let out = cp.ctl(&[
+        "policy",
+        "apply",
+        "-f",
+        lint.join("good").to_str().unwrap(),
+        "-f",
+        lint.join("bad/port-out-of-range.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("port-out-of-range.yaml:27:25: spec.rules[0].to[0].ports[1]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing applied"), "{stderr}");
+    let out = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["policies"], serde_json::json!([]));
+
+    let out = cp.ctl(&[
+        "policy",
+        "apply",
+        "--dry-run",
+        "-f",
+        lint.join("good").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("default/web-to-api: would be created"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dry run"), "{stdout}");
+
+    let out = cp.ctl(&["policy", "apply", "-f", lint.join("good").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "data/audit-db",
+        "default/web-to-api",
+        "default/deny-untrusted",
+    ] {
+        assert!(stdout.contains(&format!("{key}: created")), "{stdout}");
+    }
+
+    let out = cp.ctl(&["policy", "get", "default/web-to-api"]);
+    assert!(out.status.success());
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(yaml.starts_with("# revision 1\n"), "{yaml}");
+    assert!(yaml.contains("kind: AuthorizationPolicy"), "{yaml}");
+    // What `get` prints applies again, unchanged.
+    let file = cp.tmp.path().join("got.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("default/web-to-api: unchanged (revision 1)"),
+        "{stdout}"
+    );
+
+    let out = cp.ctl(&["policy", "list"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.contains("default/deny-untrusted"), "{table}");
+
+    let out = cp.ctl(&[
+        "policy",
+        "explain",
+        "--from",
+        "spiffe://cluster.local/ns/monitoring/sa/prom",
+        "--to",
+        API,
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        trace.contains("decided by default/web-to-api rule 0"),
+        "{trace}"
+    );
+
+    let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
+    assert!(out.status.success());
+    let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+    let out = cp.ctl(&["policy", "get", "no-slash"]);
+    assert_eq!(out.status.code(), Some(64));
+}

@@ -1,0 +1,153 @@
+//! Discovery pushes of policies against the real control plane: a change
+//! reaches only the sidecars whose workloads a policy selects, a burst of
+//! changes is coalesced into fewer snapshots, and the acknowledged versions
+//! in ListWorkloads follow.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::policy::*;
+use common::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Ack, Snapshot, Subscribe, WatchRequest};
+
+/// An open Watch stream of one enrolled workload.
+struct Watcher {
+    acks: mpsc::Sender<WatchRequest>,
+    snapshots: tonic::Streaming<Snapshot>,
+}
+
+impl Watcher {
+    async fn open(cp: &ControlPlane, svid: &Svid, inbound: &str) -> Self {
+        let (acks, rx) = mpsc::channel(64);
+        acks.send(WatchRequest {
+            kind: Some(Kind::Subscribe(Subscribe {
+                inbound_address: inbound.into(),
+                last_version: 0,
+            })),
+        })
+        .await
+        .unwrap();
+        let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
+            .await
+            .unwrap();
+        let snapshots = DiscoveryClient::new(channel)
+            .watch(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { acks, snapshots }
+    }
+
+    /// The next snapshot, acknowledged.
+    async fn next(&mut self) -> Snapshot {
+        let snapshot = tokio::time::timeout(PATIENCE, self.snapshots.message())
+            .await
+            .expect("a snapshot in time")
+            .unwrap()
+            .expect("the stream stays open");
+        self.acks
+            .send(WatchRequest {
+                kind: Some(Kind::Ack(Ack {
+                    version: snapshot.version,
+                })),
+            })
+            .await
+            .unwrap();
+        snapshot
+    }
+}
+
+fn has_endpoint(snapshot: &Snapshot, id: &str) -> bool {
+    snapshot.endpoints.iter().any(|e| e.spiffe_id == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_policy_changes_reaches_only_the_selected_sidecar_coalesced() {
+    const BURST: usize = 20;
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7121").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7122").await;
+    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7121").await;
+    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7122").await;
+    let web_first = web_watch.next().await;
+    let db_first = db_watch.next().await;
+    assert!(web_first.policies.is_empty() && db_first.policies.is_empty());
+
+    // Twenty policies selecting web, applied at once.
+    let mut applies = Vec::new();
+    for i in 0..BURST {
+        let mut admin = cp.admin_client().await;
+        let document = allow(&format!("p{i}"), WEB, API, 8000 + i as u32);
+        applies.push(tokio::spawn(async move {
+            apply(&mut admin, &document, false).await.unwrap()
+        }));
+    }
+    let mut last_version = 0;
+    for handle in applies {
+        last_version = last_version.max(handle.await.unwrap().snapshot_version);
+    }
+
+    // Web receives them in fewer snapshots than changes, the last holding
+    // all twenty at a version that includes every apply.
+    let mut received = Vec::new();
+    loop {
+        let snapshot = web_watch.next().await;
+        let done = snapshot.policies.len() == BURST;
+        received.push(snapshot);
+        if done {
+            break;
+        }
+    }
+    let last = received.last().unwrap();
+    eprintln!(
+        "{BURST} changes reached web in {} snapshots",
+        received.len()
+    );
+    assert!(last.version >= last_version);
+    // Coalesced: some snapshot carried more than one change, so there are
+    // fewer snapshots than changes (a bound on counts, not on time; a busy
+    // machine gives more snapshots, never one per change).
+    assert!(
+        received.len() < BURST,
+        "{} snapshots for {BURST} changes: not coalesced",
+        received.len()
+    );
+    let mut seen = web_first.policies.len();
+    let mut jumps = 0;
+    for snapshot in &received {
+        assert!(
+            snapshot.policies.len() > seen,
+            "a snapshot without a change"
+        );
+        jumps += usize::from(snapshot.policies.len() > seen + 1);
+        seen = snapshot.policies.len();
+    }
+    assert!(jumps > 0, "every snapshot carried a single change");
+    let acked = eventually_async("web's ACK in ListWorkloads", || async {
+        let listed = cp.workloads().await;
+        let w = listed.into_iter().find(|w| w.spiffe_id == WEB)?;
+        (w.acked_version == last.version).then_some(w.acked_version)
+    })
+    .await;
+    assert!(acked >= last_version);
+
+    // A change both sidecars see: db's next snapshot is that one, with no
+    // policy, so no policy snapshot reached it before.
+    enroll(&cp, API, "127.0.0.1:7123").await;
+    let db_next = db_watch.next().await;
+    assert!(has_endpoint(&db_next, API), "{db_next:?}");
+    assert!(db_next.policies.is_empty());
+    let web_next = web_watch.next().await;
+    assert!(has_endpoint(&web_next, API));
+    assert_eq!(web_next.policies.len(), BURST);
+
+    // Db's acked version stayed where its content did.
+    let listed = cp.workloads().await;
+    let db_listed = listed.iter().find(|w| w.spiffe_id == DB).unwrap();
+    assert!(db_listed.acked_version <= db_next.version);
+}

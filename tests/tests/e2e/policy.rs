@@ -1,0 +1,327 @@
+//! Authorization policy end to end: the control plane at `--default-policy
+//! deny`, an app `api` behind its sidecar, and two callers, `web` and
+//! `intruder`, each with a route to it. Policies are applied with the real
+//! `trellisctl`; every assertion on traffic comes after the api sidecar has
+//! acknowledged the snapshot version that holds the change (read from
+//! `trellisctl workloads -o json`), never after a sleep.
+
+use std::path::PathBuf;
+
+use trellis_tests::http::HttpConnection;
+use trellis_tests::policy::{self, PolicyDoc, stream};
+use trellis_tests::{HttpApp, Mesh, Sidecar, eventually, http};
+
+use crate::SOON;
+
+/// Fields drop in order: sidecars stop before the control plane.
+struct Setup {
+    web: Sidecar,
+    intruder: Sidecar,
+    server: Sidecar,
+    api: HttpApp,
+    mesh: Mesh,
+}
+
+impl Setup {
+    async fn start() -> anyhow::Result<Setup> {
+        let mesh = Mesh::builder().default_policy(Some("deny")).start().await?;
+        let api = HttpApp::start("api").await?;
+        let server = mesh.sidecar("api").app(api.addr()).start().await?;
+        let web = mesh.sidecar("web").route_to(&server).start().await?;
+        let intruder = mesh.sidecar("intruder").route_to(&server).start().await?;
+        Ok(Setup {
+            web,
+            intruder,
+            server,
+            api,
+            mesh,
+        })
+    }
+
+    fn api_id(&self) -> &str {
+        self.server.identity()
+    }
+
+    /// The port the api sidecar authorizes on: its app's.
+    fn port(&self) -> u16 {
+        self.api.addr().port()
+    }
+
+    /// One request from `caller` to api over a new connection.
+    async fn call(&self, caller: &Sidecar) -> anyhow::Result<String> {
+        let addr = caller.route_addr(self.api_id());
+        Ok(http::get(addr, "/").await?.success()?.body)
+    }
+
+    async fn assert_allowed(&self, caller: &Sidecar) {
+        match self.call(caller).await {
+            Ok(body) => assert_eq!(body, self.api.greeting()),
+            Err(e) => panic!(
+                "{} should reach api: {e:#}\napi sidecar log:\n{}",
+                caller.name(),
+                self.server.log()
+            ),
+        }
+    }
+
+    async fn assert_denied(&self, caller: &Sidecar) {
+        if let Ok(body) = self.call(caller).await {
+            panic!(
+                "{} should be denied, got {body:?}\napi sidecar log:\n{}",
+                caller.name(),
+                self.server.log()
+            );
+        }
+    }
+
+    /// Applies `documents` and waits until api enforces them.
+    async fn apply(&self, documents: &[PolicyDoc]) -> anyhow::Result<u64> {
+        let applied = policy::apply(&self.mesh, &stream(documents)).await?;
+        policy::wait_for_ack(&self.mesh, self.api_id(), applied.snapshot_version).await
+    }
+
+    fn allow_web(&self) -> PolicyDoc {
+        PolicyDoc::allow("web-to-api", self.api_id())
+            .from(self.web.identity())
+            .port(self.port())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_deny_blocks_every_caller() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    s.assert_denied(&s.web).await;
+    s.assert_denied(&s.intruder).await;
+    let line = s
+        .server
+        .wait_for_log("inbound connection denied", SOON)
+        .await?;
+    assert!(line.contains("default:deny"), "{line}");
+    assert_eq!(
+        s.api.connections(),
+        0,
+        "a denied caller never reaches the app"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_lets_one_identity_in_after_the_ack_and_keeps_another_out() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    s.assert_denied(&s.web).await;
+    s.apply(&[s.allow_web()]).await?;
+    // Enforcement follows the ACK: no retry from here on.
+    s.assert_allowed(&s.web).await;
+    s.assert_denied(&s.intruder).await;
+    let line = s
+        .server
+        .wait_for_log("inbound connection allowed", SOON)
+        .await?;
+    assert!(line.contains("default/web-to-api"), "{line}");
+    let metrics = s.server.metrics().await?;
+    let allowed = metrics.counter(
+        "trellis_decisions_total",
+        &[("action", "allow"), ("policy", "default/web-to-api")],
+    );
+    assert!(allowed >= 1.0, "no allow counted for the policy");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_beats_allow() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    let everyone = PolicyDoc::allow("everyone-to-api", s.api_id());
+    let not_web = PolicyDoc::deny("deny-web", s.api_id()).from(s.web.identity());
+    s.apply(&[everyone, not_web]).await?;
+    s.assert_denied(&s.web).await;
+    s.assert_allowed(&s.intruder).await;
+    let line = s
+        .server
+        .wait_for_log("inbound connection denied", SOON)
+        .await?;
+    assert!(line.contains("default/deny-web"), "{line}");
+    assert!(line.contains("rule=0"), "{line}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_passes_and_logs_would_deny() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    let audit = PolicyDoc::audit("audit-web", s.api_id()).from(s.web.identity());
+    s.apply(&[s.allow_web(), audit]).await?;
+    s.assert_allowed(&s.web).await;
+    let line = s.server.wait_for_log("would deny", SOON).await?;
+    assert!(line.contains("default/audit-web"), "{line}");
+    s.assert_denied(&s.intruder).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_returns_to_the_default() -> anyhow::Result<()> {
+    let s = Setup::start().await?;
+    s.apply(&[s.allow_web()]).await?;
+    s.assert_allowed(&s.web).await;
+    let version = policy::delete(&s.mesh, "default/web-to-api").await?;
+    policy::wait_for_ack(&s.mesh, s.api_id(), version).await?;
+    s.assert_denied(&s.web).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_is_rejected_and_the_previous_version_stays_in_force()
+-> anyhow::Result<()> {
+    let s = Setup::start().await?;
+    let acked = s.apply(&[s.allow_web()]).await?;
+
+    // The same policy, now for intruder on a port that cannot exist: line 12
+    // holds `- ports: [70000]`.
+    let bad = PolicyDoc::allow("web-to-api", s.api_id())
+        .from(s.intruder.identity())
+        .to_yaml()
+        .replace(
+            "    - from:",
+            "    - to:\n        - ports: [70000]\n      from:",
+        );
+    let file = policy::write_file(&s.mesh, &bad)?;
+    let err = s
+        .mesh
+        .ctl([
+            "policy".as_ref(),
+            "apply".as_ref(),
+            "-f".as_ref(),
+            file.as_os_str(),
+        ])
+        .await
+        .expect_err("an invalid policy is refused");
+    let message = format!("{err:#}");
+    let expected = format!(
+        "{}:12:19: spec.rules[0].to[0].ports[0]: port 70000 is out of range",
+        file.display()
+    );
+    assert!(message.contains(&expected), "{message}");
+    assert!(message.contains("nothing applied"), "{message}");
+
+    let stored = s.mesh.ctl(["policy", "get", "default/web-to-api"]).await?;
+    assert!(stored.starts_with("# revision 1\n"), "{stored}");
+    assert!(stored.contains(s.web.identity()), "{stored}");
+    assert_eq!(policy::acked_version(&s.mesh, s.api_id()).await?, acked);
+    s.assert_allowed(&s.web).await;
+    s.assert_denied(&s.intruder).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_snapshot_is_enforced_while_the_control_plane_is_down() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    s.apply(&[s.allow_web()]).await?;
+    // Killed, not stopped: the sidecars get no goodbye.
+    let control_plane = s.mesh.control_plane().process();
+    control_plane
+        .expect("the control plane runs")
+        .signal(rustix::process::Signal::KILL)?;
+    s.mesh.stop_control_plane()?;
+    for _ in 0..3 {
+        s.assert_allowed(&s.web).await;
+        s.assert_denied(&s.intruder).await;
+    }
+    s.server.process().ensure_running()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_the_deciding_rule() -> anyhow::Result<()> {
+    let s = Setup::start().await?;
+    let not_intruder = PolicyDoc::deny("deny-intruder", s.api_id()).from(s.intruder.identity());
+    policy::apply(&s.mesh, &stream(&[s.allow_web(), not_intruder])).await?;
+    let port = s.port().to_string();
+    let explain = |from: String, port: String| {
+        let to = s.api_id().to_owned();
+        let mesh = &s.mesh;
+        async move {
+            mesh.ctl([
+                "policy", "explain", "--from", &from, "--to", &to, "--port", &port,
+            ])
+            .await
+        }
+    };
+    let web = explain(s.web.identity().to_owned(), port.clone()).await?;
+    assert!(web.contains("allow by default/web-to-api rule 0"), "{web}");
+    assert!(
+        web.contains("decided by default/web-to-api rule 0"),
+        "{web}"
+    );
+    let intruder = explain(s.intruder.identity().to_owned(), port).await?;
+    assert!(
+        intruder.contains("decided by default/deny-intruder rule 0"),
+        "{intruder}"
+    );
+    let elsewhere = explain(s.web.identity().to_owned(), "1".into()).await?;
+    assert!(
+        elsewhere.contains("no rule decided: mesh default deny"),
+        "{elsewhere}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_deny_closes_an_open_connection_it_now_denies() -> anyhow::Result<()> {
+    let s = Setup::start().await?;
+    s.apply(&[s.allow_web()]).await?;
+    let mut open = HttpConnection::open(s.web.route_addr(s.api_id())).await?;
+    assert_eq!(open.get("/before").await?.success()?.body, s.api.greeting());
+
+    let not_web = PolicyDoc::deny("deny-web", s.api_id()).from(s.web.identity());
+    s.apply(&[s.allow_web(), not_web]).await?;
+    let open = &tokio::sync::Mutex::new(open);
+    eventually("the open connection to be closed", SOON, || async move {
+        match open.lock().await.get("/after").await {
+            Ok(r) => Err(format!("still answered: {}", r.status)),
+            Err(_) => Ok(()),
+        }
+    })
+    .await?;
+    s.assert_denied(&s.web).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lint_over_a_directory_gives_exit_codes_and_lines() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let lint = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/policies/lint");
+
+    let good = policy::ctl_offline(
+        &mesh,
+        [
+            "policy".as_ref(),
+            "lint".as_ref(),
+            lint.join("good").as_os_str(),
+        ],
+    )
+    .await?;
+    assert_eq!(good.status.code(), Some(0), "{good:?}");
+
+    let all = policy::ctl_offline(
+        &mesh,
+        ["policy".as_ref(), "lint".as_ref(), lint.as_os_str()],
+    )
+    .await?;
+    assert_eq!(all.status.code(), Some(1), "{all:?}");
+    let stdout = String::from_utf8(all.stdout)?;
+    let at: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            let l = l.strip_prefix(&format!("{}/", lint.display())).unwrap_or(l);
+            l.split(": ").take(2).collect::<Vec<_>>().join(": ")
+        })
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "bad/bad-spiffe-id.yaml:12:21: spec.rules[0].from[0].spiffeId",
+            "bad/port-out-of-range.yaml:27:25: spec.rules[0].to[0].ports[1]",
+            "bad/unknown-field.yaml:10:3: spec.rulez",
+        ],
+        "{stdout}"
+    );
+    Ok(())
+}
