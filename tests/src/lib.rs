@@ -47,5 +47,6 @@ pub use patience::{eventually, patience};
 pub use process::ChildProcess;
 pub use sidecar::{Route, Sidecar, SidecarBuilder, find_field};
 pub use traffic::{Traffic, TrafficReport};
+pub mod bench;
 pub mod netns;
 pub mod policy;

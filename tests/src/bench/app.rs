@@ -1,0 +1,177 @@
+//! The application behind every pair: one loopback port that speaks two
+//! protocols, chosen by the first bytes of a connection.
+//!
+//! - HTTP/1.1 (the connection starts with a method): every request (any body,
+//!   sized by `Content-Length`) is answered with a 1 KiB body, keep-alive;
+//!   `Connection: close` ends the connection after the answer.
+//! - Anything else is a bulk stream: the bytes are counted and dropped, and
+//!   when the client half-closes the app writes the count (8 bytes, big
+//!   endian) and closes, so the client knows every byte arrived.
+//!
+//! It never dials anywhere and serves only the address it was given.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The size of every HTTP answer's body.
+pub const RESPONSE_BODY: usize = 1024;
+
+/// Largest request head the app accepts.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// The app; dropping it stops accepting (open connections end with their
+/// clients).
+pub struct BenchApp {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl BenchApp {
+    /// Listens on a free loopback port.
+    pub async fn start() -> anyhow::Result<BenchApp> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    // Out of descriptors or similar: back off, do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(serve(tcp));
+            }
+        });
+        Ok(BenchApp { addr, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for BenchApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The bytes of one HTTP answer.
+pub fn response_bytes() -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {RESPONSE_BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend(std::iter::repeat_n(b'x', RESPONSE_BODY));
+    out
+}
+
+async fn serve(mut tcp: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = match tcp.read(&mut buf).await {
+        Ok(0) | Err(_) => return,
+        Ok(n) => n,
+    };
+    if looks_like_http(&buf[..n]) {
+        serve_http(tcp, buf, n).await;
+    } else {
+        sink(tcp, buf, n as u64).await;
+    }
+}
+
+fn looks_like_http(first: &[u8]) -> bool {
+    [&b"GET "[..], b"POST ", b"PUT ", b"HEAD "]
+        .iter()
+        .any(|m| first.starts_with(m))
+}
+
+async fn sink(mut tcp: TcpStream, mut buf: Vec<u8>, mut total: u64) {
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = tcp.write_all(&total.to_be_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+async fn serve_http(mut tcp: TcpStream, mut buf: Vec<u8>, mut filled: usize) {
+    let response = response_bytes();
+    loop {
+        // Answer every complete request in the buffer.
+        while let Some(head_end) = find_head_end(&buf[..filled]) {
+            let head = &buf[..head_end];
+            let body = content_length(head).unwrap_or(0);
+            let close = wants_close(head);
+            let total = head_end + body;
+            if filled < total {
+                break;
+            }
+            if tcp.write_all(&response).await.is_err() {
+                return;
+            }
+            if close {
+                let _ = tcp.shutdown().await;
+                return;
+            }
+            buf.copy_within(total..filled, 0);
+            filled -= total;
+        }
+        if filled == buf.len() {
+            if buf.len() >= MAX_HEAD * 8 {
+                return;
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        match tcp.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => filled += n,
+        }
+    }
+}
+
+/// The length of the head (through the blank line), if it is complete.
+pub fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .take(MAX_HEAD)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+}
+
+/// The `Content-Length` of a head, if it has one.
+pub fn content_length(head: &[u8]) -> Option<usize> {
+    header_value(head, "content-length").and_then(|v| v.trim().parse().ok())
+}
+
+fn wants_close(head: &[u8]) -> bool {
+    header_value(head, "connection").is_some_and(|v| v.trim().eq_ignore_ascii_case("close"))
+}
+
+fn header_value(head: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_length_and_end_of_a_head() {
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nbody";
+        let end = find_head_end(head).unwrap();
+        assert_eq!(&head[end..], b"body");
+        assert_eq!(content_length(&head[..end]), Some(12));
+        assert!(!wants_close(&head[..end]));
+    }
+}

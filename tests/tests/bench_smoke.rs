@@ -1,0 +1,92 @@
+//! The benchmark's smoke test: `trellis-bench --smoke` runs its smallest
+//! scenario end to end (one 1-second bulk transfer through every contender:
+//! direct, Trellis with a real control plane and two sidecars, and each of
+//! Envoy, HAProxy and stunnel that is installed) and writes its JSON. This
+//! checks that numbers come out, never how large they are: timing belongs
+//! to the benchmark itself. A contender that is not installed is reported
+//! as missing and skipped here.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long the smoke run may take on a slow, busy machine.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+#[test]
+fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let json_path = dir.path().join("results.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-bench"))
+        .args(["--smoke", "--no-pin", "--json"])
+        .arg(&json_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("trellis-bench starts");
+    let deadline = Instant::now() + trellis_tests::patience(PATIENCE);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for trellis-bench") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("trellis-bench --smoke did not finish within {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = child.wait_with_output().expect("trellis-bench output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        status.success(),
+        "trellis-bench --smoke failed ({status}):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("bulk 1 stream"),
+        "no table printed:\n{stdout}"
+    );
+
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(&json_path).expect("the JSON report was written"),
+    )
+    .expect("the report is JSON");
+    let contenders = json["results"]["contenders"]
+        .as_array()
+        .expect("results.contenders is a list");
+    let names: Vec<&str> = contenders
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["direct", "trellis", "envoy", "haproxy", "stunnel"],
+        "every contender is reported, missing or not"
+    );
+    for contender in contenders {
+        let name = contender["name"].as_str().unwrap_or("?");
+        match contender["status"].as_str() {
+            Some("ok") => {
+                let rate = contender["bulk_1_stream_bytes_per_s"].as_f64();
+                assert!(
+                    rate.is_some_and(|r| r > 0.0),
+                    "{name} produced no throughput: {contender}"
+                );
+                if name != "direct" {
+                    assert!(
+                        json["ratios"][name]["bulk_1_stream_to_direct"]
+                            .as_f64()
+                            .is_some_and(|r| r > 0.0),
+                        "{name} has no ratio to direct: {}",
+                        json["ratios"]
+                    );
+                }
+            }
+            Some("missing") if name != "direct" && name != "trellis" => {
+                eprintln!("skipping {name}: {}", contender["reason"]);
+            }
+            other => panic!("{name} did not run ({other:?}): {contender}\n{stderr}"),
+        }
+    }
+}
