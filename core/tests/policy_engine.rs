@@ -211,9 +211,10 @@ fn compile_ignores_policies_for_other_workloads() {
 #[test]
 fn compile_rejects_an_invalid_policy_with_a_reason() {
     let mut bad = policies(&policy("p", "ALLOW", "    - {}\n"));
-    bad[0].rules[0]
-        .to
-        .push(proto::Destination { ports: vec![70000] });
+    bad[0].rules[0].to.push(proto::Destination {
+        ports: vec![70000],
+        ..Default::default()
+    });
     let err = PolicySet::compile(&id(API), &bad, DefaultPolicy::Deny).unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -15,7 +15,7 @@ use trellis_core::policy::{Severity, has_errors, lint_paths, lint_source, load_p
 const GOOD: &str = "tests/fixtures/policies/good";
 const BAD: &str = "tests/fixtures/policies/bad";
 const EXPECT_JSON: &str =
-    "9:41: spec.rules[0].to[0].methods: unknown field `methods`, expected `ports`";
+    "9:53: spec.rules[0].to[0].methods[0]: \"get\": methods are case-sensitive, write \"GET\"";
 
 fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()

@@ -87,6 +87,25 @@ pub struct ProxyArgs {
         value_name = "true|false"
     )]
     pub close_denied_connections: bool,
+    /// Inbound ports never inspected as HTTP (databases, SMTP, server-first
+    /// protocols): comma-separated; their traffic gets L4 decisions only.
+    #[arg(
+        long,
+        env = "TRELLIS_OPAQUE_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ','
+    )]
+    pub opaque_ports: Vec<u16>,
+    /// Write one JSON line per HTTP request to stdout (target
+    /// `trellis::access`), whatever --log-format says.
+    #[arg(
+        long,
+        env = "TRELLIS_ACCESS_LOG",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "true|false"
+    )]
+    pub access_log: bool,
 }
 
 /// An invalid flag: names the flag and says what is wrong with its value.
@@ -178,6 +197,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Close open inbound connections that new policies deny.
     pub close_denied_connections: bool,
+    /// Inbound ports whose traffic is never inspected as HTTP.
+    pub opaque_ports: Vec<u16>,
+    /// Whether HTTP requests are written to the access log.
+    pub access_log: bool,
 }
 
 /// A join token; its `Debug` never shows the secret.
@@ -264,6 +287,8 @@ impl Config {
             drain_timeout,
             log_format,
             close_denied_connections: args.close_denied_connections,
+            opaque_ports: args.opaque_ports.clone(),
+            access_log: args.access_log,
         })
     }
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod drain;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;

@@ -12,6 +12,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -84,7 +85,18 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     /// Denials before the first snapshot, under the mesh default `deny`.
     denied_without_snapshot: Counter,
+    /// `trellis_requests_total` by status class and request outcome,
+    /// resolved once: `[class 1xx..5xx][outcome]`.
+    requests: [[Counter; REQUEST_OUTCOMES.len()]; 5],
+    request_duration: Histogram,
+    rate_limited: Family<PolicyLabel, Counter>,
 }
+
+type PolicyLabel = [(&'static str, Arc<str>); 1];
+
+/// The `decision` label values of `trellis_requests_total`.
+pub const REQUEST_OUTCOMES: [&str; 4] = ["allow", "deny", "rate_limited", "invalid"];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -153,7 +165,36 @@ impl Metrics {
                 )],
             ))
             .clone();
+        let requests_family = Family::<Labels2, Counter>::default();
+        registry.register(
+            "trellis_requests",
+            "Inbound HTTP requests by status class (1xx..5xx) and decision \
+             (allow, deny, rate_limited, invalid)",
+            requests_family.clone(),
+        );
+        let requests = STATUS_CLASSES.map(|status| {
+            REQUEST_OUTCOMES.map(|decision| {
+                requests_family
+                    .get_or_create(&[("status", status), ("decision", decision)])
+                    .clone()
+            })
+        });
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "trellis_request_duration_seconds",
+            "Inbound HTTP request duration, from the request head to the end of the response body",
+            request_duration.clone(),
+        );
+        let rate_limited = Family::<PolicyLabel, Counter>::default();
+        registry.register(
+            "trellis_rate_limited",
+            "Inbound HTTP requests refused by a rate limit, by RateLimitPolicy (namespace/name)",
+            rate_limited.clone(),
+        );
         Metrics {
+            requests,
+            request_duration,
+            rate_limited,
             inbound: Hot::new(INBOUND, &open, &bytes, &connections),
             outbound: Hot::new(OUTBOUND, &open, &bytes, &connections),
             registry,
@@ -222,6 +263,26 @@ impl Metrics {
     /// for decisions no resolved series covers.
     pub fn decision(&self, action: &'static str, policy: &str) {
         self.decision_counter(action, &Arc::from(policy)).inc();
+    }
+
+    /// Counts one finished HTTP request: `outcome` is one of
+    /// [`REQUEST_OUTCOMES`]. No lock: every series was resolved up front.
+    pub fn request(&self, status: u16, outcome: &'static str, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        let index = REQUEST_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.requests[class][index].inc();
+        self.request_duration.observe(seconds);
+    }
+
+    /// The `trellis_rate_limited_total` series of `policy`, resolved when
+    /// limits are compiled (the family map takes a lock).
+    pub fn rate_limited_counter(&self, policy: &Arc<str>) -> Counter {
+        self.rate_limited
+            .get_or_create(&[("policy", policy.clone())])
+            .clone()
     }
 
     /// Counts a connection denied because no snapshot has arrived yet.

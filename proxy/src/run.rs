@@ -25,15 +25,36 @@ use crate::{admin, drain, policy, tls};
 
 /// Logs to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
     };
+    let is_access = |meta: &tracing::Metadata<'_>| meta.target() == crate::http::ACCESS_TARGET;
+    // Access lines are JSON on stdout whatever the log format, one object
+    // per request with its fields at the top level.
+    let access = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(std::io::stdout)
+        .with_filter(filter_fn(is_access));
+    let _ = tracing_subscriber::registry()
+        .with(
+            logs.with_filter(filter)
+                .with_filter(filter_fn(move |meta| !is_access(meta))),
+        )
+        .with(access)
+        .try_init();
 }
 
 /// Why start-up failed after the configuration was valid.
@@ -134,6 +155,11 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             tls: tls_rx.clone(),
             policies: policies_rx,
             close_denied: config.close_denied_connections,
+            opaque_ports: config.opaque_ports.clone(),
+            http: Arc::new(crate::http::Http::with_access_log(
+                metrics.clone(),
+                config.access_log,
+            )),
             metrics: metrics.clone(),
         },
         drain.clone(),
@@ -257,6 +283,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
             control_plane: config.control_plane.clone(),
             identity: config.identity.clone(),
             advertise_address: config.advertise_address,
+            opaque_ports: config.opaque_ports.clone(),
         },
         svid_rx,
         Outputs {

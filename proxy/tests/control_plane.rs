@@ -42,6 +42,7 @@ async fn certifies_renews_and_watches() {
             control_plane: cp.addr.clone(),
             identity: me.clone(),
             advertise_address: "127.0.0.1:15006".parse().unwrap(),
+            opaque_ports: Vec::new(),
         },
         svid.clone(),
         Outputs {

@@ -304,7 +304,10 @@ async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
     .await;
 
     let mut invalid = policy("other-in", "ALLOW", "/ns/a/sa/other");
-    invalid.rules[0].to = vec![policy_pb::Destination { ports: vec![70000] }];
+    invalid.rules[0].to = vec![policy_pb::Destination {
+        ports: vec![70000],
+        ..Default::default()
+    }];
     let answer = cp.push_and_wait(snapshot(2, "deny", vec![invalid])).await;
     let Kind::Nack(nack) = answer else {
         panic!("not a NACK: {answer:?}");

@@ -180,6 +180,8 @@ async fn a_connection_future_stays_small() {
         tls,
         policies,
         close_denied: true,
+        opaque_ports: Vec::new(),
+        http: std::sync::Arc::new(trellis_proxy::http::Http::new(Default::default())),
         metrics: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

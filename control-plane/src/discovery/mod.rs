@@ -193,6 +193,8 @@ impl Discovery {
             endpoints: view.endpoints.clone(),
             policies: view.policies_for(id),
             mesh: Some(self.mesh.clone()),
+            // Rate limits are not stored or pushed by the control plane yet.
+            rate_limits: Vec::new(),
         }
     }
 

@@ -502,6 +502,7 @@ mod tests {
                 from: vec![],
                 to: vec![Destination {
                     ports: ports.to_vec(),
+                    ..Destination::default()
                 }],
             }],
             ..Policy::default()

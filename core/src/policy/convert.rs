@@ -16,13 +16,13 @@ use trellis_proto::policy::v1 as proto;
 use std::sync::Arc;
 
 use super::document::{
-    API_VERSION, Action, AuthorizationPolicy, AuthorizationPolicySpec, Destination, Metadata, Rule,
-    Selector, Source,
+    API_VERSION, Action, AuthorizationPolicy, AuthorizationPolicySpec, Destination, GrpcMatch,
+    Metadata, Rule, Selector, Source,
 };
 use super::engine::{Decision, DefaultPolicy, Reason, RuleRef, Verdict};
 use super::explain::{Explanation, PolicyTrace, RuleTrace};
 use super::path::FieldPath;
-use super::validate::{Severity, ValidPolicy, Violation, validate};
+use super::validate::{Severity, ValidPolicy, ValidationContext, Violation, validate_in};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 impl From<Action> for proto::Action {
@@ -67,6 +67,18 @@ fn rule_to_proto(rule: &Rule) -> proto::Rule {
             .map(|d| proto::Destination {
                 // A valid policy holds only ports in 1..=65535.
                 ports: d.ports.iter().flatten().map(|&p| p as u32).collect(),
+                methods: d.methods.clone().unwrap_or_default(),
+                paths: d.paths.clone().unwrap_or_default(),
+                headers: d
+                    .headers
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                grpc: d.grpc.as_ref().map(|g| proto::GrpcMatch {
+                    service: g.service.clone(),
+                    method: g.method.clone().unwrap_or_default(),
+                }),
             })
             .collect(),
     }
@@ -160,6 +172,18 @@ fn rule_from_proto(rule: &proto::Rule) -> Rule {
         .iter()
         .map(|d| Destination {
             ports: (!d.ports.is_empty()).then(|| d.ports.iter().map(|&p| i64::from(p)).collect()),
+            methods: (!d.methods.is_empty()).then(|| d.methods.clone()),
+            paths: (!d.paths.is_empty()).then(|| d.paths.clone()),
+            headers: (!d.headers.is_empty()).then(|| {
+                d.headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            }),
+            grpc: d.grpc.as_ref().map(|g| GrpcMatch {
+                service: g.service.clone(),
+                method: (!g.method.is_empty()).then(|| g.method.clone()),
+            }),
         })
         .collect::<Vec<_>>();
     Rule {
@@ -174,7 +198,20 @@ pub fn validate_proto(
     policy: &proto::Policy,
     td: &TrustDomain,
 ) -> Result<ValidPolicy, Vec<Violation>> {
-    validate(&document_from_proto(policy).map_err(|v| vec![v])?, td)
+    validate_proto_in(policy, td, &ValidationContext::default())
+}
+
+/// [`validate_proto`], knowing the opaque ports of `context`.
+pub fn validate_proto_in(
+    policy: &proto::Policy,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Result<ValidPolicy, Vec<Violation>> {
+    validate_in(
+        &document_from_proto(policy).map_err(|v| vec![v])?,
+        td,
+        context,
+    )
 }
 
 impl Violation {
@@ -311,6 +348,7 @@ fn trace_from_proto(t: &proto::PolicyTrace) -> Result<PolicyTrace, InvalidExplan
 
 #[cfg(test)]
 mod tests {
+    use super::super::validate::validate;
     use super::*;
     use crate::policy::document::Document;
 
@@ -323,6 +361,7 @@ mod tests {
         let (nodes, _) = crate::policy::source::parse_stream(yaml);
         match Document::from_value(nodes[0].to_json()).unwrap() {
             Document::AuthorizationPolicy(p) => p,
+            other => panic!("not an AuthorizationPolicy: {other:?}"),
         }
     }
 

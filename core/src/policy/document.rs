@@ -14,17 +14,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::path::FieldPath;
+use super::ratelimit::RateLimitPolicy;
 
 /// The only `apiVersion` this version understands.
 pub const API_VERSION: &str = "trellis.io/v1alpha1";
 /// The kinds this version understands, in the order error messages list them.
-pub const KINDS: &[&str] = &[AuthorizationPolicy::KIND];
+pub const KINDS: &[&str] = &[AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
 /// Any policy document.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Document {
     AuthorizationPolicy(AuthorizationPolicy),
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 /// Who may connect to the selected workloads, and on which ports.
@@ -122,6 +124,38 @@ pub struct Destination {
         deserialize_with = "port_numbers"
     )]
     pub ports: Option<Vec<i64>>,
+    /// HTTP methods (exact, case-sensitive); HTTP requests only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Request paths: exact `/x`, prefix `/x/*`, templates `/users/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    /// Header name to exact value; every one must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// A gRPC service, and optionally one method of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMatch>,
+}
+
+impl Destination {
+    /// Whether this entry matches on anything beyond ports, so it can only
+    /// be decided per HTTP request.
+    pub fn has_l7(&self) -> bool {
+        self.methods.is_some()
+            || self.paths.is_some()
+            || self.headers.is_some()
+            || self.grpc.is_some()
+    }
+}
+
+/// A gRPC service (`package.Service`) and optionally one of its methods.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMatch {
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 /// Reads ports so that a wrong type says "expected a port number".
@@ -203,6 +237,7 @@ impl Document {
         }
         match header("kind")? {
             AuthorizationPolicy::KIND => typed(value).map(Document::AuthorizationPolicy),
+            RateLimitPolicy::KIND => typed(value).map(Document::RateLimitPolicy),
             other => Err(DocumentError::new(
                 root.field("kind"),
                 format!("unknown kind {other:?} (known kinds: {})", KINDS.join(", ")),
@@ -213,18 +248,21 @@ impl Document {
     pub fn kind(&self) -> &'static str {
         match self {
             Document::AuthorizationPolicy(_) => AuthorizationPolicy::KIND,
+            Document::RateLimitPolicy(_) => RateLimitPolicy::KIND,
         }
     }
 
     pub fn metadata(&self) -> &Metadata {
         match self {
             Document::AuthorizationPolicy(p) => &p.metadata,
+            Document::RateLimitPolicy(p) => &p.metadata,
         }
     }
 
     pub fn to_value(&self) -> Value {
         let value = match self {
             Document::AuthorizationPolicy(p) => serde_json::to_value(p),
+            Document::RateLimitPolicy(p) => serde_json::to_value(p),
         };
         value.expect("policy documents always serialize")
     }
@@ -360,7 +398,9 @@ mod tests {
     #[test]
     fn reads_an_authorization_policy() {
         let doc = Document::from_value(policy_value()).unwrap();
-        let Document::AuthorizationPolicy(p) = &doc;
+        let Document::AuthorizationPolicy(p) = &doc else {
+            panic!("not an AuthorizationPolicy: {doc:?}");
+        };
         assert_eq!(p.metadata.name, "web-to-api");
         assert_eq!(p.spec.action, Action::Allow);
         assert_eq!(
@@ -387,11 +427,11 @@ mod tests {
     #[test]
     fn names_an_unknown_kind() {
         let mut value = policy_value();
-        value["kind"] = json!("RateLimitPolicy");
+        value["kind"] = json!("TrafficPolicy");
         let err = Document::from_value(value).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "kind: unknown kind \"RateLimitPolicy\" (known kinds: AuthorizationPolicy)"
+            "kind: unknown kind \"TrafficPolicy\" (known kinds: AuthorizationPolicy, RateLimitPolicy)"
         );
     }
 

@@ -8,6 +8,31 @@
 //! `namespace/name` and rules by index, so the rule named in a [`Decision`]
 //! is always the first that matched. It never validates (it compiles only
 //! what `validate` accepted) and never logs: the caller logs the [`Decision`].
+//!
+//! # Connections and requests
+//!
+//! A `to` entry with L7 matches (methods, paths, headers, grpc) can only be
+//! decided on an HTTP request, so decisions come at two levels:
+//!
+//! - [`PolicySet::decide`] decides a whole connection (L4). Only entries
+//!   without L7 matches take part: an ALLOW on `GET /health` does not allow
+//!   raw TCP on the port, and a DENY on `/admin` does not block the
+//!   connection that `GET /` arrives on. This is the decision for opaque
+//!   traffic and the one an open connection is re-checked with.
+//! - [`PolicySet::admits_requests`] says whether a connection that `decide`
+//!   did not allow may still be served as HTTP: not denied by a DENY rule,
+//!   and some ALLOW rule for the source has an L7 entry on the port ("may
+//!   match"). Such a connection is refused if it turns out not to be HTTP.
+//! - [`PolicySet::decide_request`] decides each HTTP request with every
+//!   rule: an entry without L7 matches matches every request on its ports,
+//!   one with them only requests they match. DENY still wins over ALLOW,
+//!   and the mesh default decides when nothing matches, so a DENY rule on
+//!   `/admin` denies exactly those requests, also on connections that an L4
+//!   ALLOW let in.
+//!
+//! Entries of one rule are matched separately: `[{ports: [80], paths:
+//! [/a]}, {ports: [81]}]` matches `/a` on 80 and anything on 81, not `/b`
+//! on 80.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,10 +41,11 @@ use std::sync::Arc;
 
 use trellis_proto::policy::v1 as proto;
 
-use super::convert::validate_proto;
-use super::document::{Action, AuthorizationPolicy};
+use super::document::Action;
+use super::l7::HttpRequest;
 use super::pattern::IdPattern;
-use super::validate::{Violation, policy_key};
+pub(crate) use super::rules::{CompiledPolicy, CompiledRule};
+use super::validate::{ValidationContext, Violation};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What happens when no policy decides: the control plane's `--default-policy`.
@@ -187,7 +213,7 @@ pub fn selects(policy: &proto::Policy, id: &SpiffeId) -> bool {
 
 /// A policy's selector, parsed once, for matching many workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadSelector(Box<[IdPattern]>);
+pub struct WorkloadSelector(pub(crate) Box<[IdPattern]>);
 
 impl WorkloadSelector {
     /// The selector of `policy`; patterns that do not parse are left out
@@ -199,136 +225,6 @@ impl WorkloadSelector {
 
     pub fn selects(&self, id: &SpiffeId) -> bool {
         self.0.iter().any(|pattern| pattern.matches(id))
-    }
-}
-
-/// A source a rule names, ready to match.
-#[derive(Debug, Clone)]
-pub(crate) enum SourceMatch {
-    Id(IdPattern),
-    /// `/ns/<namespace>/`, within the mesh's trust domain.
-    Namespace(Box<str>),
-    TrustDomain(TrustDomain),
-}
-
-impl SourceMatch {
-    fn matches(&self, source: &SpiffeId, mesh: &TrustDomain) -> bool {
-        match self {
-            Self::Id(pattern) => pattern.matches(source),
-            Self::Namespace(prefix) => {
-                source.is_member_of(mesh) && source.path().starts_with(&**prefix)
-            }
-            Self::TrustDomain(td) => source.is_member_of(td),
-        }
-    }
-}
-
-impl fmt::Display for SourceMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Id(pattern) => write!(f, "spiffeId {pattern}"),
-            Self::Namespace(prefix) => write!(f, "namespace {}", &prefix[4..prefix.len() - 1]),
-            Self::TrustDomain(td) => write!(f, "trustDomain {td}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct CompiledRule {
-    /// Empty matches any source.
-    pub sources: Box<[SourceMatch]>,
-    /// `None` matches any port. The union of the ports of every `to` entry:
-    /// the same meaning as "any entry matches" while entries hold only ports
-    /// (L7 matches will pair with their entry's ports).
-    pub ports: Option<Box<[u16]>>,
-}
-
-impl CompiledRule {
-    pub fn source_match(
-        &self,
-        source: &SpiffeId,
-        mesh: &TrustDomain,
-    ) -> Option<Option<&SourceMatch>> {
-        if self.sources.is_empty() {
-            return Some(None);
-        }
-        self.sources
-            .iter()
-            .find(|s| s.matches(source, mesh))
-            .map(Some)
-    }
-
-    pub fn port_matches(&self, port: u16) -> bool {
-        self.ports
-            .as_ref()
-            .is_none_or(|ports| ports.contains(&port))
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct CompiledPolicy {
-    pub key: Arc<str>,
-    pub action: Action,
-    pub selector: WorkloadSelector,
-    pub rules: Box<[CompiledRule]>,
-}
-
-impl CompiledPolicy {
-    /// Validates `policy` for the mesh `td` and compiles it.
-    pub fn compile(policy: &proto::Policy, td: &TrustDomain) -> Result<Self, CompileError> {
-        let valid = validate_proto(policy, td).map_err(|violations| CompileError::Invalid {
-            policy: policy_key(&policy.namespace, &policy.name),
-            violations,
-        })?;
-        Ok(Self::from_valid(valid.policy()))
-    }
-
-    fn from_valid(policy: &AuthorizationPolicy) -> Self {
-        let pattern = |text: &String| IdPattern::parse(text).expect("validated pattern");
-        let rules = policy.spec.rules.iter().map(|rule| {
-            let sources = rule.from.iter().flatten().map(|s| {
-                if let Some(id) = &s.spiffe_id {
-                    SourceMatch::Id(pattern(id))
-                } else if let Some(ns) = &s.namespace {
-                    SourceMatch::Namespace(format!("/ns/{ns}/").into())
-                } else {
-                    let td = s.trust_domain.as_deref().unwrap_or_default();
-                    SourceMatch::TrustDomain(TrustDomain::new(td).expect("validated trust domain"))
-                }
-            });
-            let ports = rule.to.as_ref().map(|to| {
-                let mut ports: Vec<u16> = to
-                    .iter()
-                    .flat_map(|d| d.ports.iter().flatten())
-                    .map(|&p| u16::try_from(p).expect("validated port"))
-                    .collect();
-                ports.sort_unstable();
-                ports.dedup();
-                ports.into_boxed_slice()
-            });
-            CompiledRule {
-                sources: sources.collect(),
-                ports,
-            }
-        });
-        Self {
-            key: policy_key(&policy.metadata.namespace, &policy.metadata.name).into(),
-            action: policy.spec.action,
-            selector: WorkloadSelector(
-                policy
-                    .spec
-                    .selector
-                    .spiffe_ids
-                    .iter()
-                    .map(pattern)
-                    .collect(),
-            ),
-            rules: rules.collect(),
-        }
-    }
-
-    pub fn selects(&self, id: &SpiffeId) -> bool {
-        self.selector.selects(id)
     }
 }
 
@@ -389,6 +285,8 @@ pub struct PolicySet {
     deny: Table,
     allow: Table,
     audit: Table,
+    /// Whether any rule has L7 matches.
+    l7: bool,
 }
 
 impl PolicySet {
@@ -400,10 +298,21 @@ impl PolicySet {
         policies: &[proto::Policy],
         default: DefaultPolicy,
     ) -> Result<Self, CompileError> {
+        Self::compile_in(local, policies, default, &ValidationContext::default())
+    }
+
+    /// [`compile`](Self::compile), validating against `context` (the
+    /// sidecar's opaque ports: L7 rules on them are refused).
+    pub fn compile_in(
+        local: &SpiffeId,
+        policies: &[proto::Policy],
+        default: DefaultPolicy,
+        context: &ValidationContext,
+    ) -> Result<Self, CompileError> {
         let mesh = local.trust_domain();
         let mut compiled = Vec::new();
         for policy in policies {
-            let policy = CompiledPolicy::compile(policy, &mesh)?;
+            let policy = CompiledPolicy::compile(policy, &mesh, context)?;
             if policy.selects(local) {
                 compiled.push(policy);
             }
@@ -427,6 +336,10 @@ impl PolicySet {
             deny: Table::build(&policies, Action::Deny),
             allow: Table::build(&policies, Action::Allow),
             audit: Table::build(&policies, Action::Audit),
+            l7: policies
+                .iter()
+                .flat_map(|p| &p.rules)
+                .any(CompiledRule::has_l7),
             policies,
         })
     }
@@ -445,20 +358,63 @@ impl PolicySet {
         self.policies.iter().map(|p| &*p.key)
     }
 
-    /// The verdict on a connection from `source` to this workload's `port`.
+    /// The verdict on a whole connection from `source` to this workload's
+    /// `port` (L4). Rules with L7 matches take part only through their
+    /// entries without any: see the module docs.
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
-        let (verdict, reason) = if let Some(id) = self.first_match(&self.deny, source, port) {
-            (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
-        } else if let Some(id) = self.first_match(&self.allow, source, port) {
-            (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
-        } else {
-            (self.default_verdict(source), Reason::Default(self.default))
-        };
+        self.decide_by(source, port, |rule| rule.l4_matches(port))
+    }
+
+    /// The verdict on one HTTP request from `source` on `port`: every rule
+    /// takes part, an entry with L7 matches only when they match `req`.
+    pub fn decide_request(&self, source: &SpiffeId, port: u16, req: &HttpRequest<'_>) -> Decision {
+        self.decide_by(source, port, |rule| rule.request_matches(port, req))
+    }
+
+    /// Whether a connection that `decision` (from [`decide`](Self::decide))
+    /// did not allow may still carry HTTP requests that rules allow: it was
+    /// not denied by a DENY rule, and an ALLOW rule naming `source` has an
+    /// entry with L7 matches on `port`. Such a connection is served only as
+    /// HTTP, each request decided by [`decide_request`](Self::decide_request).
+    pub fn admits_requests(&self, decision: &Decision, source: &SpiffeId, port: u16) -> bool {
+        if decision.is_allowed() {
+            return true;
+        }
+        let denied_by_rule = matches!(decision.reason, Reason::Rule(_));
+        !denied_by_rule
+            && self
+                .first_match(&self.allow, source, port, |rule| rule.l7_may_match(port))
+                .is_some()
+    }
+
+    /// Whether any rule in force has L7 matches.
+    pub fn has_l7(&self) -> bool {
+        self.l7
+    }
+
+    fn decide_by(
+        &self,
+        source: &SpiffeId,
+        port: u16,
+        matches: impl Fn(&CompiledRule) -> bool + Copy,
+    ) -> Decision {
+        let (verdict, reason) =
+            if let Some(id) = self.first_match(&self.deny, source, port, matches) {
+                (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
+            } else if let Some(id) = self.first_match(&self.allow, source, port, matches) {
+                (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
+            } else {
+                (self.default_verdict(source), Reason::Default(self.default))
+            };
         Decision {
             verdict,
             reason,
-            audits: self.audits(source, port),
+            audits: self.audits(source, port, matches),
         }
+    }
+
+    fn rule(&self, id: RuleId) -> &CompiledRule {
+        &self.policies[id.policy as usize].rules[id.rule as usize]
     }
 
     fn rule_ref(&self, id: RuleId) -> RuleRef {
@@ -473,24 +429,35 @@ impl PolicySet {
         rule.source_match(source, &self.mesh).is_some()
     }
 
-    fn first_match(&self, table: &Table, source: &SpiffeId, port: u16) -> Option<RuleId> {
+    fn first_match(
+        &self,
+        table: &Table,
+        source: &SpiffeId,
+        port: u16,
+        matches: impl Fn(&CompiledRule) -> bool + Copy,
+    ) -> Option<RuleId> {
         table
             .candidates(port)
             .into_iter()
             .filter_map(|ids| {
                 ids.iter()
                     .copied()
-                    .find(|&id| self.source_matches(id, source))
+                    .find(|&id| matches(self.rule(id)) && self.source_matches(id, source))
             })
             .min()
     }
 
     /// The first matching rule of each AUDIT policy; allocates only on a match.
-    fn audits(&self, source: &SpiffeId, port: u16) -> Vec<RuleRef> {
+    fn audits(
+        &self,
+        source: &SpiffeId,
+        port: u16,
+        matches: impl Fn(&CompiledRule) -> bool + Copy,
+    ) -> Vec<RuleRef> {
         let mut matched: Vec<RuleId> = Vec::new();
         for ids in self.audit.candidates(port) {
             for &id in ids {
-                if self.source_matches(id, source) {
+                if matches(self.rule(id)) && self.source_matches(id, source) {
                     matched.push(id);
                 }
             }
@@ -524,6 +491,7 @@ impl PolicySet {
 
 #[cfg(test)]
 mod tests {
+    use super::super::rules::{CompiledDestination, SourceMatch};
     use super::*;
 
     fn id(s: &str) -> SpiffeId {
@@ -534,6 +502,14 @@ mod tests {
         CompiledRule {
             sources: Box::new([]),
             ports: ports.map(Box::from),
+            to: ports
+                .map(|p| {
+                    Box::from([CompiledDestination {
+                        ports: Some(Box::from(p)),
+                        l7: None,
+                    }])
+                })
+                .unwrap_or_default(),
         }
     }
 

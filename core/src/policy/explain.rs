@@ -69,7 +69,7 @@ pub fn explain(
     let mesh = destination.trust_domain();
     let mut compiled = policies
         .iter()
-        .map(|p| CompiledPolicy::compile(p, &mesh))
+        .map(|p| CompiledPolicy::compile(p, &mesh, &Default::default()))
         .collect::<Result<Vec<_>, _>>()?;
     compiled.sort_by(|a, b| a.key.cmp(&b.key));
     let traces = compiled
@@ -133,12 +133,15 @@ fn trace_rule(
     };
     let to = match &rule.ports {
         None => "any port".to_owned(),
+        Some(_) if rule.port_matches(port) && !rule.l4_matches(port) => {
+            format!("port {port} is listed with L7 matches (decided per HTTP request)")
+        }
         Some(_) if rule.port_matches(port) => format!("port {port} is listed"),
         Some(ports) => format!("port {port} is not in {ports:?}"),
     };
     RuleTrace {
         index,
-        matched: source_match.is_some() && rule.port_matches(port),
+        matched: source_match.is_some() && rule.l4_matches(port),
         why: format!("{from}; {to}"),
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::document::Document;
 use super::path::FieldPath;
+use super::ratelimit::{RateLimitPolicy, validate_rate_limit};
 use super::source::{Node, Pos, parse_stream};
 use super::validate::{Severity, ValidPolicy, Violation, duplicate_names, policy_key, validate};
 use crate::spiffe::TrustDomain;
@@ -82,7 +83,17 @@ pub struct LoadedPolicy {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     pub policies: Vec<LoadedPolicy>,
+    /// The valid `RateLimitPolicy` documents.
+    pub rate_limits: Vec<LoadedRateLimit>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+/// A valid `RateLimitPolicy` and where it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedRateLimit {
+    pub policy: RateLimitPolicy,
+    pub file: String,
+    pub line: usize,
 }
 
 impl Loaded {
@@ -101,7 +112,7 @@ pub fn lint_source(name: &str, text: &str, td: &TrustDomain) -> Vec<Diagnostic> 
 pub fn load_source(name: &str, text: &str, td: &TrustDomain) -> Loaded {
     let mut checked = Vec::new();
     let mut loaded = Loaded::default();
-    check_text(name, text, td, &mut checked, &mut loaded.diagnostics);
+    check_text(name, text, td, &mut checked, &mut loaded);
     finish(checked, loaded, &[name.to_owned()])
 }
 
@@ -127,7 +138,7 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
     let mut checked = Vec::new();
     for (file, name) in files.iter().zip(&names) {
         match fs::read_to_string(file) {
-            Ok(text) => check_text(name, &text, td, &mut checked, &mut loaded.diagnostics),
+            Ok(text) => check_text(name, &text, td, &mut checked, &mut loaded),
             Err(e) => loaded.diagnostics.push(unreadable(file, &e)),
         }
     }
@@ -182,7 +193,7 @@ fn check_text(
     text: &str,
     td: &TrustDomain,
     checked: &mut Vec<Checked>,
-    out: &mut Vec<Diagnostic>,
+    loaded: &mut Loaded,
 ) {
     let (documents, syntax) = parse_stream(text);
     for node in documents {
@@ -194,11 +205,34 @@ fn check_text(
                     at_key: e.at_key,
                     ..Violation::error(e.path, e.message)
                 };
-                out.push(Diagnostic::at(name, pos, violation));
+                loaded
+                    .diagnostics
+                    .push(Diagnostic::at(name, pos, violation));
                 continue;
             }
         };
-        let Document::AuthorizationPolicy(policy) = &document;
+        let policy = match &document {
+            Document::AuthorizationPolicy(policy) => policy,
+            Document::RateLimitPolicy(limit) => {
+                match validate_rate_limit(limit) {
+                    Ok(()) => loaded.rate_limits.push(LoadedRateLimit {
+                        policy: limit.clone(),
+                        file: name.to_owned(),
+                        line: node.pos().line,
+                    }),
+                    Err(violations) => {
+                        for violation in violations {
+                            let pos = node.locate(&violation.path, violation.at_key);
+                            loaded
+                                .diagnostics
+                                .push(Diagnostic::at(name, pos, violation));
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let out = &mut loaded.diagnostics;
         let (policy, violations) = match validate(policy, td) {
             Ok(valid) => {
                 let warnings = valid.warnings().to_vec();
@@ -220,7 +254,9 @@ fn check_text(
     }
     if let Some(e) = syntax {
         let violation = Violation::error(FieldPath::root(), e.message);
-        out.push(Diagnostic::at(name, e.pos, violation));
+        loaded
+            .diagnostics
+            .push(Diagnostic::at(name, e.pos, violation));
     }
 }
 

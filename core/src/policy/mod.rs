@@ -15,6 +15,8 @@
 //! | [`validate`](mod@validate) | every rule of a valid policy, as [`Violation`]s at field paths |
 //! | [`lint`] | files and directories to validated policies or `file:line:column` [`Diagnostic`]s |
 //! | [`convert`] | document ⇄ `trellis_proto::policy::v1::Policy` |
+//! | [`l7`] | HTTP/gRPC matches of `to` entries: syntax and matching one request |
+//! | [`ratelimit`] | the `RateLimitPolicy` kind, its validation and protobuf form |
 //! | [`engine`] | [`PolicySet`]: compiled policies of one workload, [`Decision`]s |
 //! | [`explain`](mod@explain) | an [`Explanation`] of one decision, rule by rule |
 //!
@@ -38,25 +40,34 @@ pub mod convert;
 pub mod document;
 pub mod engine;
 pub mod explain;
+pub mod l7;
 pub mod lint;
 pub mod path;
 pub mod pattern;
+pub mod ratelimit;
+mod rules;
 mod source;
 pub mod validate;
 
 pub use convert::{InvalidExplanation, document_from_proto, validate_proto};
 pub use document::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationPolicySpec, Destination, Document,
-    DocumentError, Metadata, Rule, Selector, Source,
+    DocumentError, GrpcMatch, Metadata, Rule, Selector, Source,
 };
 pub use engine::{
     CompileError, Decision, DefaultPolicy, PolicySet, Reason, RuleRef, UnknownDefaultPolicy,
     Verdict, WorkloadSelector, selects,
 };
 pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
+pub use l7::{HttpRequest, PathPattern};
 pub use lint::{
-    Diagnostic, Loaded, LoadedPolicy, has_errors, lint_paths, lint_source, load_paths, load_source,
+    Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
+    load_paths, load_source,
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
-pub use validate::{Severity, ValidPolicy, Violation, duplicate_names, policy_key, validate};
+pub use ratelimit::{LimitKey, RateLimitPolicy, validate_rate_limit};
+pub use validate::{
+    Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate,
+    validate_in,
+};

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::document::{API_VERSION, AuthorizationPolicy, Rule, Source};
+use super::document::{API_VERSION, AuthorizationPolicy, Destination, Rule, Source};
+use super::l7::{self, PathPattern};
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
 use crate::spiffe::TrustDomain;
@@ -97,14 +98,32 @@ pub fn policy_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// What validation knows about where a policy is enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ValidationContext {
+    /// Ports declared opaque (mesh-wide or on the sidecar): never parsed as
+    /// HTTP, so L7 matches on them could not be enforced and are refused.
+    pub opaque_ports: Vec<u16>,
+}
+
 /// Checks one policy for the mesh of trust domain `td`. Errors reject it;
 /// warnings come back in the `Err` with the errors, or in the [`ValidPolicy`].
 pub fn validate(
     policy: &AuthorizationPolicy,
     td: &TrustDomain,
 ) -> Result<ValidPolicy, Vec<Violation>> {
+    validate_in(policy, td, &ValidationContext::default())
+}
+
+/// [`validate`], knowing the opaque ports of `context`.
+pub fn validate_in(
+    policy: &AuthorizationPolicy,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Result<ValidPolicy, Vec<Violation>> {
     let mut check = Check {
         td,
+        opaque: &context.opaque_ports,
         found: Vec::new(),
     };
     check.policy(policy);
@@ -138,6 +157,7 @@ pub fn duplicate_names<'a>(
 
 struct Check<'a> {
     td: &'a TrustDomain,
+    opaque: &'a [u16],
     found: Vec<Violation>,
 }
 
@@ -258,15 +278,108 @@ impl Check<'_> {
                 );
             }
             for (i, destination) in destinations.iter().enumerate() {
-                let path = to.index(i);
-                match &destination.ports {
-                    None => self.error(
-                        path,
-                        "a destination must name ports: an entry that matches nothing in particular is ambiguous; leave `to` out to match any port",
-                    ),
-                    Some(ports) => self.ports(path.field("ports"), ports),
+                self.destination(to.index(i), destination);
+            }
+        }
+    }
+
+    fn destination(&mut self, path: FieldPath, d: &Destination) {
+        if d.ports.is_none() && !d.has_l7() {
+            self.error(
+                path.clone(),
+                "a destination must name ports or L7 matches (methods, paths, headers, grpc): an entry that matches nothing in particular is ambiguous; leave `to` out to match any port",
+            );
+        }
+        if let Some(ports) = &d.ports {
+            self.ports(path.field("ports"), ports);
+        }
+        if let Some(methods) = &d.methods {
+            let at = path.field("methods");
+            self.non_empty(&at, methods.is_empty(), "methods");
+            for (i, method) in methods.iter().enumerate() {
+                if let Err(e) = l7::check_method(method) {
+                    self.error(at.index(i), e);
                 }
             }
+        }
+        if let Some(paths) = &d.paths {
+            let at = path.field("paths");
+            self.non_empty(&at, paths.is_empty(), "paths");
+            for (i, text) in paths.iter().enumerate() {
+                if let Err(e) = PathPattern::parse(text) {
+                    self.error(at.index(i), e);
+                }
+            }
+        }
+        if let Some(headers) = &d.headers {
+            let at = path.field("headers");
+            self.non_empty(&at, headers.is_empty(), "headers");
+            for (name, value) in headers {
+                if !l7::is_token(name) {
+                    self.error(
+                        at.field(name.clone()),
+                        format!("{name:?} is not a valid header name"),
+                    );
+                } else if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                    self.error(
+                        at.field(name.clone()),
+                        "a header value must not contain control characters",
+                    );
+                }
+            }
+        }
+        if let Some(grpc) = &d.grpc {
+            let at = path.field("grpc");
+            if d.methods.is_some() || d.paths.is_some() {
+                self.error(
+                    at.clone(),
+                    "grpc cannot be combined with methods or paths in one entry (a gRPC call is POST /<service>/<method>); use separate entries",
+                );
+            }
+            if !l7::check_grpc_name(&grpc.service, true) {
+                self.error(
+                    at.field("service"),
+                    format!(
+                        "{:?} is not a gRPC service name like package.Service",
+                        grpc.service
+                    ),
+                );
+            }
+            if let Some(method) = &grpc.method
+                && !l7::check_grpc_name(method, false)
+            {
+                self.error(
+                    at.field("method"),
+                    format!("{method:?} is not a gRPC method name"),
+                );
+            }
+        }
+        if d.has_l7() && !self.opaque.is_empty() {
+            match &d.ports {
+                Some(ports) => {
+                    for (i, port) in ports.iter().enumerate() {
+                        if u16::try_from(*port).is_ok_and(|p| self.opaque.contains(&p)) {
+                            self.error(
+                                path.field("ports").index(i),
+                                format!("port {port} is declared opaque: its traffic is never parsed as HTTP, so methods, paths, headers and grpc cannot be enforced on it"),
+                            );
+                        }
+                    }
+                }
+                None => self.warning(
+                    path,
+                    format!("L7 matches are not enforced on the opaque ports {:?}: list ports to say which ones are meant", self.opaque),
+                ),
+            }
+        }
+    }
+
+    fn non_empty(&mut self, at: &FieldPath, empty: bool, what: &str) {
+        if empty {
+            self.error(
+                at.clone(),
+                format!("`{what}` is present but empty: list at least one, or leave it out"),
+            );
         }
     }
 
@@ -426,6 +539,7 @@ mod tests {
             from: None,
             to: Some(vec![Destination {
                 ports: Some(vec![8080, 8080]),
+                ..Destination::default()
             }]),
         }]);
         let valid = validate(&p, &td()).unwrap();

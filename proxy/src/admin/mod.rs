@@ -141,6 +141,8 @@ struct ConfigView {
     /// The authorization policy in force (null before the first snapshot).
     policy: Option<PolicyView>,
     close_denied_connections: bool,
+    opaque_ports: Vec<u16>,
+    access_log: bool,
     control_plane: String,
     inbound: String,
     advertise_address: String,
@@ -190,6 +192,8 @@ fn config_view(state: &State) -> ConfigView {
             policies: s.policies.names().map(str::to_owned).collect(),
         }),
         close_denied_connections: c.close_denied_connections,
+        opaque_ports: c.opaque_ports.clone(),
+        access_log: c.access_log,
         control_plane: c.control_plane.clone(),
         inbound: c.inbound.to_string(),
         advertise_address: c.advertise_address.to_string(),

@@ -8,19 +8,26 @@
 //! peer, the connection is dropped without the application being dialled.
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off).
+//!
+//! An allowed connection is forwarded by what it carries: on a port
+//! declared opaque, or when detection finds no HTTP, bytes are copied;
+//! HTTP is handed to [`crate::http`], which decides every request again.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
 use trellis_core::policy::Decision;
 
 use crate::drain::{Drain, Tracker};
+use crate::http;
 use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};
@@ -48,6 +55,10 @@ pub struct Shared {
     pub policies: watch::Receiver<Option<Arc<Policies>>>,
     /// Whether an open connection that new policies deny is closed.
     pub close_denied: bool,
+    /// Ports whose traffic is never inspected as HTTP (`--opaque-ports`).
+    pub opaque_ports: Vec<u16>,
+    /// The pooled clients to the app, for HTTP connections.
+    pub http: Arc<crate::http::Http>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -113,7 +124,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         return;
     };
     let accept = TlsAcceptor::from(config.clone()).accept(tcp);
-    let mut stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, accept).await {
+    let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
@@ -147,33 +158,34 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     let port = target.port();
     let mut policies = shared.policies.clone();
     let current = policies.borrow_and_update().clone();
+    // A connection only L7 rules may allow is served as HTTP or not at all;
+    // its requests are decided (and counted) one by one.
     let decision = policy::authorize(current.as_deref(), &peer, port);
-    policy::count(current.as_deref(), &decision, metrics);
-    log_decision(&peer, target, &decision, current.is_some());
-    drop(current);
-    if !decision.is_allowed() {
+    let http_only = !decision.is_allowed()
+        && policy::admits_requests(current.as_deref(), &decision, &peer, port);
+    if http_only {
+        tracing::info!(%peer, port, app = %target, "inbound connection allowed for HTTP requests only (L7 rules)");
+    } else {
+        policy::count(current.as_deref(), &decision, metrics);
+        log_decision(&peer, target, &decision, current.is_some());
+    }
+    if !decision.is_allowed() && !http_only {
         metrics.connection(INBOUND, DENIED);
         return;
     }
 
     // Forward, until either side is done or new policies deny the peer.
-    let mut app = match net::connect(target).await {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
-            metrics.connection(INBOUND, "app_unreachable");
-            return;
-        }
-    };
+    let per_request = policies.clone();
+    let is_http = std::sync::atomic::AtomicBool::new(false);
     let denied_later = async {
         if shared.close_denied {
-            revoked(&mut policies, &peer, port).await
+            revoked(&mut policies, &peer, port, &is_http).await
         } else {
             std::future::pending().await
         }
     };
     let result = tokio::select! {
-        result = net::copy(&mut stream, &mut app) => result,
+        result = Box::pin(forward(&shared, stream, &peer, target, per_request, http_only, &is_http)) => result,
         (decision, now) = denied_later => {
             // Returning drops both sockets: the peer and the app both see
             // the connection close.
@@ -193,16 +205,97 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         }
     };
     match result {
-        Ok((from_peer, to_peer)) => {
+        Ok(Forwarded::Tcp(from_peer, to_peer)) => {
             metrics.bytes(INBOUND, from_peer + to_peer);
             metrics.connection(INBOUND, "forwarded");
             tracing::debug!(%peer, from_peer, to_peer, "inbound connection closed");
+        }
+        Ok(Forwarded::Http) => {
+            metrics.connection(INBOUND, "forwarded");
+            tracing::debug!(%peer, "inbound HTTP connection closed");
+        }
+        Err(ForwardError::NotHttp) => {
+            let current = shared.policies.borrow().clone();
+            policy::count(current.as_deref(), &decision, metrics);
+            tracing::info!(
+                %peer, port, app = %target, decision = %"deny",
+                policy = %decision.policy_label(), rule = decision.rule(),
+                "inbound connection denied: only L7 rules allow it and it is not HTTP"
+            );
+            metrics.connection(INBOUND, DENIED);
+        }
+        Err(ForwardError::AppUnreachable(e)) => {
+            tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
+            metrics.connection(INBOUND, "app_unreachable");
         }
         Err(e) => {
             metrics.connection(INBOUND, "error");
             tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
         }
     }
+}
+
+/// How an allowed connection was forwarded.
+enum Forwarded {
+    /// Bytes copied, as (from the peer, to the peer).
+    Tcp(u64, u64),
+    /// Served request by request.
+    Http,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("not HTTP, and only L7 rules allow the connection")]
+    NotHttp,
+    #[error("app unreachable: {0}")]
+    AppUnreachable(io::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Forwards an allowed connection to the app at `target`: ports declared
+/// opaque and streams that are not HTTP as bytes (unless `http_only`),
+/// HTTP request by request. Sets `is_http` once it knows.
+async fn forward(
+    shared: &Shared,
+    stream: TlsStream<TcpStream>,
+    peer: &SpiffeId,
+    target: SocketAddr,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+    http_only: bool,
+    is_http: &std::sync::atomic::AtomicBool,
+) -> Result<Forwarded, ForwardError> {
+    if shared.opaque_ports.contains(&target.port()) {
+        if http_only {
+            return Err(ForwardError::NotHttp);
+        }
+        return copy_to_app(stream, target).await;
+    }
+    let (protocol, stream) = http::detect(stream).await?;
+    tracing::debug!(%peer, protocol = protocol.as_str(), "inbound protocol detected");
+    if protocol == http::Protocol::Opaque {
+        if http_only {
+            return Err(ForwardError::NotHttp);
+        }
+        return copy_to_app(stream, target).await;
+    }
+    is_http.store(true, std::sync::atomic::Ordering::Relaxed);
+    let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
+    http::serve(conn, protocol, stream).await?;
+    Ok(Forwarded::Http)
+}
+
+async fn copy_to_app<S>(mut stream: S, target: SocketAddr) -> Result<Forwarded, ForwardError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut app = net::connect(target)
+        .await
+        .map_err(ForwardError::AppUnreachable)?;
+    let (from_peer, to_peer) = net::copy(&mut stream, &mut app).await?;
+    Ok(Forwarded::Tcp(from_peer, to_peer))
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the
@@ -240,11 +333,13 @@ fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_poli
 
 /// Waits until the policies in force deny `peer` on `port`; returns that
 /// decision and the policies that made it. Pends forever if the policies
-/// can no longer change.
+/// can no longer change. A connection serving HTTP (`is_http`) stays open
+/// while L7 rules may still allow its requests.
 async fn revoked(
     policies: &mut watch::Receiver<Option<Arc<Policies>>>,
     peer: &SpiffeId,
     port: u16,
+    is_http: &std::sync::atomic::AtomicBool,
 ) -> (Decision, Option<Arc<Policies>>) {
     loop {
         if policies.changed().await.is_err() {
@@ -252,7 +347,9 @@ async fn revoked(
         }
         let now = policies.borrow_and_update().clone();
         let decision = policy::authorize(now.as_deref(), peer, port);
-        if !decision.is_allowed() {
+        let admitted = is_http.load(std::sync::atomic::Ordering::Relaxed)
+            && policy::admits_requests(now.as_deref(), &decision, peer, port);
+        if !decision.is_allowed() && !admitted {
             return (decision, now);
         }
     }

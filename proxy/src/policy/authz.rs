@@ -14,10 +14,12 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    CompileError, Decision, DefaultPolicy, PolicySet, Reason, Verdict, policy_key,
+    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, ValidationContext,
+    Verdict, policy_key,
 };
 use trellis_proto::policy::v1 as pb;
 
+use crate::http::ratelimit::{InvalidRateLimit, RateLimits};
 use crate::metrics::{AUDIT, Metrics};
 
 /// The compiled policies of one snapshot, as enforced.
@@ -26,9 +28,11 @@ pub struct Policies {
     /// The snapshot version these policies arrived with.
     pub version: u64,
     pub set: PolicySet,
+    /// The rate limits that select this workload, with their buckets.
+    pub rate_limits: RateLimits,
     /// The policy part of the snapshot as received, to tell whether a later
     /// snapshot changes anything enforced.
-    received: (String, Vec<pb::Policy>),
+    received: (String, Vec<pb::Policy>, Vec<pb::RateLimit>),
     counters: Counters,
 }
 
@@ -51,11 +55,37 @@ impl Policies {
         policies: Vec<pb::Policy>,
         metrics: &Metrics,
     ) -> Result<Self, InvalidPolicies> {
+        Self::compile_in(
+            version,
+            local,
+            default_policy,
+            policies,
+            Vec::new(),
+            &[],
+            metrics,
+        )
+    }
+
+    /// [`compile`](Self::compile) with `rate_limits`, refusing L7 matches
+    /// on `opaque_ports`.
+    pub fn compile_in(
+        version: u64,
+        local: &SpiffeId,
+        default_policy: String,
+        policies: Vec<pb::Policy>,
+        rate_limits: Vec<pb::RateLimit>,
+        opaque_ports: &[u16],
+        metrics: &Metrics,
+    ) -> Result<Self, InvalidPolicies> {
+        let limits = RateLimits::compile(&rate_limits, local, metrics)?;
         let default = match default_policy.as_str() {
             "" => DefaultPolicy::Deny,
             other => other.parse()?,
         };
-        let set = PolicySet::compile(local, &policies, default)?;
+        let context = ValidationContext {
+            opaque_ports: opaque_ports.to_vec(),
+        };
+        let set = PolicySet::compile_in(local, &policies, default, &context)?;
         // Only the policies that select this workload are in force.
         let in_force: HashSet<&str> = set.policy_names().collect();
         let mut by_policy = HashMap::new();
@@ -83,7 +113,8 @@ impl Policies {
         Ok(Self {
             version,
             set,
-            received: (default_policy, policies),
+            rate_limits: limits,
+            received: (default_policy, policies, rate_limits),
             counters,
         })
     }
@@ -135,6 +166,8 @@ pub enum InvalidPolicies {
     DefaultPolicy(#[from] trellis_core::policy::UnknownDefaultPolicy),
     #[error("policies: {0}")]
     Policy(#[from] CompileError),
+    #[error(transparent)]
+    RateLimit(#[from] InvalidRateLimit),
 }
 
 /// Decides whether `peer` may connect to local `port` under the policies in
@@ -157,5 +190,31 @@ pub fn count(policies: Option<&Policies>, decision: &Decision, metrics: &Metrics
     match policies {
         Some(policies) => policies.count(decision, metrics),
         None => metrics.denied_without_snapshot(),
+    }
+}
+
+/// Whether a connection that `decision` (L4) did not allow may still be
+/// served as HTTP, each request decided on its own: see
+/// [`PolicySet::admits_requests`].
+pub fn admits_requests(
+    policies: Option<&Policies>,
+    decision: &Decision,
+    peer: &SpiffeId,
+    port: u16,
+) -> bool {
+    policies.is_some_and(|p| p.set.admits_requests(decision, peer, port))
+}
+
+/// Decides one HTTP request from `peer` on local `port` under the policies
+/// in force; with no snapshot yet, denied like a connection.
+pub fn authorize_request(
+    policies: Option<&Policies>,
+    peer: &SpiffeId,
+    port: u16,
+    request: &HttpRequest<'_>,
+) -> Decision {
+    match policies {
+        Some(policies) => policies.set.decide_request(peer, port, request),
+        None => authorize(None, peer, port),
     }
 }

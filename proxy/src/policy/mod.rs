@@ -11,7 +11,7 @@
 mod authz;
 pub mod watch;
 
-pub use authz::{InvalidPolicies, Policies, authorize, count};
+pub use authz::{InvalidPolicies, Policies, admits_requests, authorize, authorize_request, count};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -77,6 +77,17 @@ impl Snapshot {
         local: &SpiffeId,
         metrics: &Metrics,
     ) -> Result<Self, InvalidSnapshot> {
+        Self::compile_in(raw, local, &[], metrics)
+    }
+
+    /// [`compile`](Self::compile) for a sidecar whose `opaque_ports` are
+    /// never parsed as HTTP: policies with L7 matches on them are refused.
+    pub fn compile_in(
+        raw: pb::Snapshot,
+        local: &SpiffeId,
+        opaque_ports: &[u16],
+        metrics: &Metrics,
+    ) -> Result<Self, InvalidSnapshot> {
         let mut trust_bundle = Vec::with_capacity(raw.trust_bundle.len());
         for (index, der) in raw.trust_bundle.into_iter().enumerate() {
             if let Err(e) = x509_parser::parse_x509_certificate(&der) {
@@ -111,11 +122,13 @@ impl Snapshot {
             "passthrough" => OutboundPolicy::Passthrough,
             other => return Err(InvalidSnapshot::OutboundPolicy(other.to_string())),
         };
-        let policies = Policies::compile(
+        let policies = Policies::compile_in(
             raw.version,
             local,
             mesh.default_policy,
             raw.policies,
+            raw.rate_limits,
+            opaque_ports,
             metrics,
         )?;
         Ok(Snapshot {

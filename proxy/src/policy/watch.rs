@@ -56,6 +56,8 @@ pub struct WatchParams {
     pub control_plane: String,
     pub identity: SpiffeId,
     pub advertise_address: SocketAddr,
+    /// Inbound ports never parsed as HTTP (`--opaque-ports`).
+    pub opaque_ports: Vec<u16>,
 }
 
 /// Published state the watch writes.
@@ -137,7 +139,12 @@ async fn session_inner(
     while let Some(raw) = stream.message().await? {
         *received = true;
         let version = raw.version;
-        let answer = match Snapshot::compile(raw, &params.identity, &out.metrics) {
+        let answer = match Snapshot::compile_in(
+            raw,
+            &params.identity,
+            &params.opaque_ports,
+            &out.metrics,
+        ) {
             Ok(snapshot) => {
                 apply(snapshot, out);
                 Kind::Ack(Ack { version })

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod http;
 pub mod sidecar;
 
 use std::net::SocketAddr;
@@ -195,6 +196,8 @@ pub async fn inbound_with(
             tls: tls_rx,
             policies: policies_rx,
             close_denied: true,
+            opaque_ports: Vec::new(),
+            http: Arc::new(trellis_proxy::http::Http::new(metrics.clone())),
             metrics: metrics.clone(),
         },
         drain.clone(),

@@ -31,12 +31,21 @@ pub struct TestSidecar {
 /// Starts the sidecar `spiffe://td.test/ns/b/sa/api` for `app`, on free
 /// loopback ports, with the flags `extra` added.
 pub async fn sidecar(cp: &FakeControlPlane, app: SocketAddr, extra: &[&str]) -> TestSidecar {
+    sidecar_as(cp, id("/ns/b/sa/api"), app, extra).await
+}
+
+/// Starts the sidecar `identity` for `app`, like [`sidecar`].
+pub async fn sidecar_as(
+    cp: &FakeControlPlane,
+    identity: SpiffeId,
+    app: SocketAddr,
+    extra: &[&str],
+) -> TestSidecar {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, cp.ca.root_pem()).unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
-    let identity = id("/ns/b/sa/api");
     let (identity_s, app_s) = (identity.to_string(), app.to_string());
     let mut argv = vec![
         "trellis-proxy",

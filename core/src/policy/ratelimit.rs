@@ -1,0 +1,284 @@
+//! The `RateLimitPolicy` document kind: how many requests per second the
+//! selected workloads accept, per caller, per route or both; its validation
+//! and its protobuf form (`trellis_proto::policy::v1::RateLimit`).
+//!
+//! ```yaml
+//! apiVersion: trellis.io/v1alpha1
+//! kind: RateLimitPolicy
+//! metadata: {name: api-limit, namespace: default}
+//! spec:
+//!   selector: {spiffeIds: ["spiffe://cluster.local/ns/default/sa/api"]}
+//!   limit: {requestsPerSecond: 50, burst: 100}
+//!   key: source            # source | route | source-and-route
+//!   match: [{paths: ["/search/*"]}]   # optional
+//! ```
+//!
+//! This module never counts requests: the sidecar's limiter does.
+
+use serde::{Deserialize, Serialize};
+use trellis_proto::policy::v1 as proto;
+
+use super::document::{API_VERSION, Metadata, Selector};
+use super::l7::PathPattern;
+use super::path::FieldPath;
+use super::pattern::IdPattern;
+use super::validate::Violation;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitPolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: RateLimitSpec,
+}
+
+impl RateLimitPolicy {
+    pub const KIND: &'static str = "RateLimitPolicy";
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    #[serde(default)]
+    pub selector: Selector,
+    pub limit: Limit,
+    #[serde(default)]
+    pub key: LimitKey,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Vec<LimitMatch>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limit {
+    pub requests_per_second: f64,
+    pub burst: i64,
+}
+
+/// What one bucket counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitKey {
+    /// One bucket per calling identity.
+    #[default]
+    Source,
+    /// One bucket per request path.
+    Route,
+    /// One bucket per caller and path.
+    SourceAndRoute,
+}
+
+impl LimitKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Route => "route",
+            Self::SourceAndRoute => "source-and-route",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Source, Self::Route, Self::SourceAndRoute]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// Which requests the limit applies to; any entry matching is enough.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitMatch {
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// Checks a rate limit; every broken rule as a [`Violation`].
+pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation>> {
+    let mut found = Vec::new();
+    let root = FieldPath::root();
+    if policy.api_version != API_VERSION {
+        found.push(Violation::error(
+            root.field("apiVersion"),
+            format!(
+                "unsupported apiVersion {:?} (expected {API_VERSION:?})",
+                policy.api_version
+            ),
+        ));
+    }
+    for (field, value) in [
+        ("name", &policy.metadata.name),
+        ("namespace", &policy.metadata.namespace),
+    ] {
+        if value.is_empty() {
+            found.push(Violation::error(
+                root.field("metadata").field(field),
+                format!("{field} must not be empty"),
+            ));
+        }
+    }
+    let spec = root.field("spec");
+    let ids = &policy.spec.selector.spiffe_ids;
+    let at = spec.field("selector").field("spiffeIds");
+    if ids.is_empty() {
+        found.push(Violation::error(at.clone(), "select at least one workload"));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(e) = IdPattern::parse(id) {
+            found.push(Violation::error(at.index(i), e.to_string()));
+        }
+    }
+    let limit = &policy.spec.limit;
+    let rps = limit.requests_per_second;
+    if !(rps.is_finite() && rps > 0.0) {
+        found.push(Violation::error(
+            spec.field("limit").field("requestsPerSecond"),
+            format!("requestsPerSecond must be a positive number, not {rps}"),
+        ));
+    }
+    if !(1..=1_000_000).contains(&limit.burst) {
+        found.push(Violation::error(
+            spec.field("limit").field("burst"),
+            format!("burst must be between 1 and 1000000, not {}", limit.burst),
+        ));
+    }
+    if let Some(matches) = &policy.spec.matches {
+        let at = spec.field("match");
+        if matches.is_empty() {
+            found.push(Violation::error(
+                at.clone(),
+                "`match` is present but empty: list at least one, or leave it out to limit every request",
+            ));
+        }
+        for (i, m) in matches.iter().enumerate() {
+            let at = at.index(i).field("paths");
+            if m.paths.is_empty() {
+                found.push(Violation::error(at.clone(), "list at least one path"));
+            }
+            for (j, path) in m.paths.iter().enumerate() {
+                if let Err(e) = PathPattern::parse(path) {
+                    found.push(Violation::error(at.index(j), e));
+                }
+            }
+        }
+    }
+    if found.is_empty() { Ok(()) } else { Err(found) }
+}
+
+impl RateLimitPolicy {
+    /// The protobuf form of a valid rate limit.
+    pub fn to_proto(&self) -> proto::RateLimit {
+        proto::RateLimit {
+            name: self.metadata.name.clone(),
+            namespace: self.metadata.namespace.clone(),
+            selector: Some(proto::Selector {
+                spiffe_ids: self.spec.selector.spiffe_ids.clone(),
+            }),
+            requests_per_second: self.spec.limit.requests_per_second,
+            burst: u32::try_from(self.spec.limit.burst).unwrap_or(0),
+            key: self.spec.key.as_str().to_owned(),
+            matches: self
+                .spec
+                .matches
+                .iter()
+                .flatten()
+                .map(|m| proto::RateLimitMatch {
+                    paths: m.paths.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The document a protobuf rate limit stands for; an unknown key fails.
+    pub fn from_proto(p: &proto::RateLimit) -> Result<Self, Violation> {
+        let key = match p.key.as_str() {
+            "" => LimitKey::Source,
+            other => LimitKey::parse(other).ok_or_else(|| {
+                Violation::error(
+                    FieldPath::root().field("spec").field("key"),
+                    format!("unknown key {other:?} (expected source, route or source-and-route)"),
+                )
+            })?,
+        };
+        Ok(Self {
+            api_version: API_VERSION.into(),
+            kind: Self::KIND.into(),
+            metadata: Metadata {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+            },
+            spec: RateLimitSpec {
+                selector: Selector {
+                    spiffe_ids: p
+                        .selector
+                        .iter()
+                        .flat_map(|s| s.spiffe_ids.clone())
+                        .collect(),
+                },
+                limit: Limit {
+                    requests_per_second: p.requests_per_second,
+                    burst: i64::from(p.burst),
+                },
+                key,
+                matches: (!p.matches.is_empty()).then(|| {
+                    p.matches
+                        .iter()
+                        .map(|m| LimitMatch {
+                            paths: m.paths.clone(),
+                        })
+                        .collect()
+                }),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RateLimitPolicy {
+        let yaml = serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": "RateLimitPolicy",
+            "metadata": {"name": "api-limit", "namespace": "default"},
+            "spec": {
+                "selector": {"spiffeIds": ["spiffe://cluster.local/ns/default/sa/api"]},
+                "limit": {"requestsPerSecond": 50, "burst": 100},
+                "key": "source-and-route",
+                "match": [{"paths": ["/search/*"]}]
+            }
+        });
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn accepts_the_issue_example_and_round_trips_through_protobuf() {
+        let p = sample();
+        validate_rate_limit(&p).unwrap();
+        assert_eq!(RateLimitPolicy::from_proto(&p.to_proto()).unwrap(), p);
+    }
+
+    #[test]
+    fn rejects_non_positive_limits_and_bad_paths() {
+        let mut p = sample();
+        p.spec.limit.requests_per_second = 0.0;
+        p.spec.limit.burst = 0;
+        p.spec.matches = Some(vec![LimitMatch {
+            paths: vec!["search".into()],
+        }]);
+        let errors: Vec<String> = validate_rate_limit(&p)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "spec.limit.requestsPerSecond: requestsPerSecond must be a positive number, not 0",
+                "spec.limit.burst: burst must be between 1 and 1000000, not 0",
+                "spec.match[0].paths[0]: path \"search\" must start with '/'",
+            ]
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! Policies compiled for matching: each rule's sources and `to` entries
+//! (ports with their L7 matches), built once from a validated policy so the
+//! engine only compares. The meaning of a match lives in `engine`'s docs.
+
+use std::fmt;
+use std::sync::Arc;
+
+use trellis_proto::policy::v1 as proto;
+
+use super::convert::validate_proto_in;
+use super::document::{Action, AuthorizationPolicy};
+use super::engine::{CompileError, WorkloadSelector};
+use super::l7::{HttpRequest, L7Match};
+use super::pattern::IdPattern;
+use super::validate::{ValidationContext, policy_key};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// A source a rule names, ready to match.
+#[derive(Debug, Clone)]
+pub(crate) enum SourceMatch {
+    Id(IdPattern),
+    /// `/ns/<namespace>/`, within the mesh's trust domain.
+    Namespace(Box<str>),
+    TrustDomain(TrustDomain),
+}
+
+impl SourceMatch {
+    pub(crate) fn matches(&self, source: &SpiffeId, mesh: &TrustDomain) -> bool {
+        match self {
+            Self::Id(pattern) => pattern.matches(source),
+            Self::Namespace(prefix) => {
+                source.is_member_of(mesh) && source.path().starts_with(&**prefix)
+            }
+            Self::TrustDomain(td) => source.is_member_of(td),
+        }
+    }
+}
+
+impl fmt::Display for SourceMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Id(pattern) => write!(f, "spiffeId {pattern}"),
+            Self::Namespace(prefix) => write!(f, "namespace {}", &prefix[4..prefix.len() - 1]),
+            Self::TrustDomain(td) => write!(f, "trustDomain {td}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledRule {
+    /// Empty matches any source.
+    pub sources: Box<[SourceMatch]>,
+    /// `None` matches any port. The union of the ports of every `to` entry
+    /// (`None` if one entry names no ports): the port index's key, and what
+    /// a rule "may match" before its L7 matches are known.
+    pub ports: Option<Box<[u16]>>,
+    /// The `to` entries, each matched on its own (its ports with its L7
+    /// matches); empty matches any port and any request.
+    pub to: Box<[CompiledDestination]>,
+}
+
+/// One `to` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledDestination {
+    /// `None` matches any port.
+    pub ports: Option<Box<[u16]>>,
+    /// `None`: the entry matches whole connections.
+    pub l7: Option<L7Match>,
+}
+
+impl CompiledDestination {
+    fn port_matches(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|p| p.contains(&port))
+    }
+}
+
+impl CompiledRule {
+    pub fn source_match(
+        &self,
+        source: &SpiffeId,
+        mesh: &TrustDomain,
+    ) -> Option<Option<&SourceMatch>> {
+        if self.sources.is_empty() {
+            return Some(None);
+        }
+        self.sources
+            .iter()
+            .find(|s| s.matches(source, mesh))
+            .map(Some)
+    }
+
+    pub fn port_matches(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+    }
+
+    /// Whether the rule matches a whole connection on `port`: an entry
+    /// without L7 matches names the port.
+    pub fn l4_matches(&self, port: u16) -> bool {
+        self.to.is_empty()
+            || self
+                .to
+                .iter()
+                .any(|d| d.l7.is_none() && d.port_matches(port))
+    }
+
+    /// Whether an entry with L7 matches names `port`: requests on it may
+    /// match.
+    pub fn l7_may_match(&self, port: u16) -> bool {
+        self.to
+            .iter()
+            .any(|d| d.l7.is_some() && d.port_matches(port))
+    }
+
+    /// Whether the rule matches one HTTP request on `port`.
+    pub fn request_matches(&self, port: u16, req: &HttpRequest<'_>) -> bool {
+        self.to.is_empty()
+            || self
+                .to
+                .iter()
+                .any(|d| d.port_matches(port) && d.l7.as_ref().is_none_or(|l7| l7.matches(req)))
+    }
+
+    pub fn has_l7(&self) -> bool {
+        self.to.iter().any(|d| d.l7.is_some())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledPolicy {
+    pub key: Arc<str>,
+    pub action: Action,
+    pub selector: WorkloadSelector,
+    pub rules: Box<[CompiledRule]>,
+}
+
+impl CompiledPolicy {
+    /// Validates `policy` for the mesh `td` and compiles it.
+    pub fn compile(
+        policy: &proto::Policy,
+        td: &TrustDomain,
+        context: &ValidationContext,
+    ) -> Result<Self, CompileError> {
+        let valid =
+            validate_proto_in(policy, td, context).map_err(|violations| CompileError::Invalid {
+                policy: policy_key(&policy.namespace, &policy.name),
+                violations,
+            })?;
+        Ok(Self::from_valid(valid.policy()))
+    }
+
+    fn from_valid(policy: &AuthorizationPolicy) -> Self {
+        let pattern = |text: &String| IdPattern::parse(text).expect("validated pattern");
+        let rules = policy.spec.rules.iter().map(|rule| {
+            let sources = rule.from.iter().flatten().map(|s| {
+                if let Some(id) = &s.spiffe_id {
+                    SourceMatch::Id(pattern(id))
+                } else if let Some(ns) = &s.namespace {
+                    SourceMatch::Namespace(format!("/ns/{ns}/").into())
+                } else {
+                    let td = s.trust_domain.as_deref().unwrap_or_default();
+                    SourceMatch::TrustDomain(TrustDomain::new(td).expect("validated trust domain"))
+                }
+            });
+            let port_list = |ports: &Vec<i64>| -> Box<[u16]> {
+                let mut ports: Vec<u16> = ports
+                    .iter()
+                    .map(|&p| u16::try_from(p).expect("validated port"))
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                ports.into()
+            };
+            let to: Box<[CompiledDestination]> = rule
+                .to
+                .iter()
+                .flatten()
+                .map(|d| CompiledDestination {
+                    ports: d.ports.as_ref().map(port_list),
+                    l7: L7Match::compile(d),
+                })
+                .collect();
+            let ports = match &rule.to {
+                None => None,
+                Some(entries) if entries.iter().any(|d| d.ports.is_none()) => None,
+                Some(entries) => {
+                    let all: Vec<i64> = entries
+                        .iter()
+                        .flat_map(|d| d.ports.iter().flatten().copied())
+                        .collect();
+                    Some(port_list(&all))
+                }
+            };
+            CompiledRule {
+                sources: sources.collect(),
+                ports,
+                to,
+            }
+        });
+        Self {
+            key: policy_key(&policy.metadata.namespace, &policy.metadata.name).into(),
+            action: policy.spec.action,
+            selector: WorkloadSelector(
+                policy
+                    .spec
+                    .selector
+                    .spiffe_ids
+                    .iter()
+                    .map(pattern)
+                    .collect(),
+            ),
+            rules: rules.collect(),
+        }
+    }
+
+    pub fn selects(&self, id: &SpiffeId) -> bool {
+        self.selector.selects(id)
+    }
+}

@@ -1,0 +1,199 @@
+//! L7 rules: methods, paths, headers and gRPC matches of `to` entries, the
+//! two levels of decision (connection and request), and validation against
+//! opaque ports.
+
+use http::HeaderMap;
+use trellis_core::SpiffeId;
+use trellis_core::TrustDomain;
+use trellis_core::policy::{
+    DefaultPolicy, HttpRequest, PolicySet, ValidationContext, Verdict, load_source, validate_proto,
+};
+use trellis_proto::policy::v1 as proto;
+
+const API: &str = "spiffe://cluster.local/ns/default/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn policies(yaml: &str) -> Vec<proto::Policy> {
+    let loaded = load_source("test.yaml", yaml, &td());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded
+        .policies
+        .iter()
+        .map(|p| p.policy.to_proto())
+        .collect()
+}
+
+fn policy(name: &str, action: &str, to: &str) -> String {
+    format!(
+        "---\napiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{spiffeIds: [\"{API}\"]}}\n  action: {action}\n  rules:\n    - from: [{{spiffeId: \"{WEB}\"}}]\n      to: {to}\n"
+    )
+}
+
+fn set(yaml: &str) -> PolicySet {
+    PolicySet::compile(&id(API), &policies(yaml), DefaultPolicy::Deny).unwrap()
+}
+
+fn request(set: &PolicySet, port: u16, method: &str, path: &str, headers: &HeaderMap) -> String {
+    let req = HttpRequest {
+        method,
+        path,
+        headers,
+    };
+    set.decide_request(&id(WEB), port, &req).to_string()
+}
+
+#[test]
+fn an_l7_allow_admits_http_requests_it_matches_and_no_raw_connection() {
+    let set = set(&policy(
+        "web-to-api",
+        "ALLOW",
+        "[{ports: [8080], methods: [GET], paths: [\"/users/{id}\", \"/public/*\"]}]",
+    ));
+    let h = HeaderMap::new();
+    assert_eq!(
+        request(&set, 8080, "GET", "/users/7", &h),
+        "allow by default/web-to-api rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/public/a/b", &h),
+        "allow by default/web-to-api rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "POST", "/users/7", &h),
+        "deny by default:deny"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/users/7/posts", &h),
+        "deny by default:deny"
+    );
+    assert_eq!(
+        request(&set, 9090, "GET", "/users/7", &h),
+        "deny by default:deny"
+    );
+
+    // At L4 the rule cannot match (raw TCP on 8080 stays denied), but the
+    // connection may carry HTTP requests the rule allows.
+    let l4 = set.decide(&id(WEB), 8080);
+    assert_eq!(l4.verdict, Verdict::Deny);
+    assert!(set.admits_requests(&l4, &id(WEB), 8080));
+    assert!(!set.admits_requests(&set.decide(&id(WEB), 9090), &id(WEB), 9090));
+}
+
+#[test]
+fn an_l7_deny_does_not_block_the_connection_only_its_requests() {
+    let yaml = policy("web-to-api", "ALLOW", "[{ports: [8080]}]")
+        + &policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]");
+    let set = set(&yaml);
+    assert!(set.decide(&id(WEB), 8080).is_allowed());
+    let h = HeaderMap::new();
+    assert_eq!(
+        request(&set, 8080, "GET", "/", &h),
+        "allow by default/web-to-api rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/admin/x", &h),
+        "deny by default/no-admin rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/admin", &h),
+        "deny by default/no-admin rule 0"
+    );
+}
+
+#[test]
+fn an_l4_deny_also_denies_every_request_and_admits_none() {
+    let yaml = policy("web-to-api", "ALLOW", "[{ports: [8080], methods: [GET]}]")
+        + &policy("block", "DENY", "[{ports: [8080]}]");
+    let set = set(&yaml);
+    let l4 = set.decide(&id(WEB), 8080);
+    assert!(!set.admits_requests(&l4, &id(WEB), 8080));
+    let h = HeaderMap::new();
+    assert_eq!(
+        request(&set, 8080, "GET", "/", &h),
+        "deny by default/block rule 0"
+    );
+}
+
+#[test]
+fn entries_match_separately_not_merged() {
+    let set = set(&policy(
+        "web-to-api",
+        "ALLOW",
+        "[{ports: [80], paths: [/a]}, {ports: [81]}]",
+    ));
+    let h = HeaderMap::new();
+    assert!(request(&set, 80, "GET", "/a", &h).starts_with("allow"));
+    assert!(request(&set, 80, "GET", "/b", &h).starts_with("deny"));
+    assert!(request(&set, 81, "GET", "/b", &h).starts_with("allow"));
+    assert!(set.decide(&id(WEB), 81).is_allowed());
+    assert!(!set.decide(&id(WEB), 80).is_allowed());
+}
+
+#[test]
+fn headers_and_grpc_match() {
+    let set = set(&policy(
+        "web-to-api",
+        "ALLOW",
+        "[{headers: {X-Env: prod}}, {grpc: {service: pkg.Greeter, method: SayHello}}, {grpc: {service: pkg.Health}}]",
+    ));
+    let mut prod = HeaderMap::new();
+    prod.insert("x-env", "prod".parse().unwrap());
+    let mut dev = HeaderMap::new();
+    dev.insert("x-env", "dev".parse().unwrap());
+    assert!(request(&set, 1, "GET", "/", &prod).starts_with("allow"));
+    assert!(request(&set, 1, "GET", "/", &dev).starts_with("deny"));
+    let none = HeaderMap::new();
+    assert!(request(&set, 1, "POST", "/pkg.Greeter/SayHello", &none).starts_with("allow"));
+    assert!(request(&set, 1, "POST", "/pkg.Greeter/SayBye", &none).starts_with("deny"));
+    assert!(request(&set, 1, "POST", "/pkg.Health/Check", &none).starts_with("allow"));
+}
+
+#[test]
+fn l7_matches_on_an_opaque_port_are_refused() {
+    let p = &policies(&policy(
+        "web-to-api",
+        "ALLOW",
+        "[{ports: [8080, 5432], methods: [GET]}]",
+    ))[0];
+    assert!(validate_proto(p, &td()).is_ok());
+    let context = ValidationContext {
+        opaque_ports: vec![5432],
+    };
+    let errors = trellis_core::policy::convert::validate_proto_in(p, &td(), &context).unwrap_err();
+    assert_eq!(
+        errors[0].to_string(),
+        "spec.rules[0].to[0].ports[1]: port 5432 is declared opaque: its traffic is never parsed as HTTP, so methods, paths, headers and grpc cannot be enforced on it"
+    );
+    let e = PolicySet::compile_in(
+        &id(API),
+        std::slice::from_ref(p),
+        DefaultPolicy::Deny,
+        &context,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("5432 is declared opaque"), "{e}");
+}
+
+#[test]
+fn l7_fields_survive_the_protobuf_round_trip() {
+    let p = &policies(&policy(
+        "web-to-api",
+        "ALLOW",
+        "[{ports: [8080], methods: [GET], paths: [/x], headers: {a: b}}, {grpc: {service: pkg.S}}]",
+    ))[0];
+    let d = &p.rules[0].to;
+    assert_eq!(d[0].methods, ["GET"]);
+    assert_eq!(d[0].paths, ["/x"]);
+    assert_eq!(d[0].headers.get("a").map(String::as_str), Some("b"));
+    assert_eq!(d[1].grpc.as_ref().unwrap().service, "pkg.S");
+    let back = validate_proto(p, &td()).unwrap();
+    assert_eq!(back.to_proto(), *p);
+}

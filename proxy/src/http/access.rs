@@ -1,0 +1,163 @@
+//! What happened to each request: one access-log line (target
+//! [`ACCESS_TARGET`], JSON on stdout whatever `--log-format` says) and the
+//! request metrics, both written once the request is over.
+//!
+//! An [`Entry`] is shared by the request body on its way to the app and
+//! the response body on its way back ([`Counted`]), which count the bytes;
+//! the last one dropped writes the entry. Fields, in every line:
+//! `timestamp` (RFC 3339, UTC), `source` (the caller's SPIFFE ID),
+//! `destination` (the app address), `method`, `path` (without the query),
+//! `status`, `bytes_in`, `bytes_out`, `duration_ms`, `decision` (allow,
+//! deny, rate_limited or invalid), `policy` and `rule` (what decided, when
+//! something did), `protocol` (`http1` or `h2`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::Method;
+use http::uri::PathAndQuery;
+use hyper::body::{Body, Frame, SizeHint};
+use trellis_core::policy::Decision;
+
+use super::Connection;
+
+/// The tracing target of access-log lines.
+pub const ACCESS_TARGET: &str = "trellis::access";
+
+/// One request, as it will be logged.
+pub struct Entry {
+    conn: Arc<Connection>,
+    start: Instant,
+    method: Method,
+    /// Shares the request's bytes: no copy.
+    path: Option<PathAndQuery>,
+    protocol: &'static str,
+    /// One of `metrics::REQUEST_OUTCOMES`.
+    pub outcome: &'static str,
+    pub decision: Option<Decision>,
+    /// The rate limit that refused the request, if one did.
+    pub limit: Option<Arc<str>>,
+    status: AtomicU16,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Entry {
+    pub fn start<B>(conn: Arc<Connection>, req: &http::Request<B>, protocol: &'static str) -> Self {
+        Entry {
+            conn,
+            start: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path_and_query().cloned(),
+            protocol,
+            outcome: "allow",
+            decision: None,
+            limit: None,
+            status: AtomicU16::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_status(&self, status: http::StatusCode) {
+        self.status.store(status.as_u16(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let status = self.status.load(Ordering::Relaxed);
+        let elapsed = self.start.elapsed();
+        self.conn
+            .http
+            .metrics
+            .request(status, self.outcome, elapsed.as_secs_f64());
+        if !self.conn.http.access_log {
+            return;
+        }
+        let (policy, rule) = match (&self.decision, &self.limit) {
+            (_, Some(limit)) => (Some(&**limit), None),
+            (Some(d), None) => (Some(d.policy_label()), d.rule()),
+            (None, None) => (None, None),
+        };
+        tracing::info!(
+            target: ACCESS_TARGET,
+            source = %self.conn.peer,
+            destination = %self.conn.target,
+            method = %self.method,
+            path = self.path.as_ref().map_or("/", PathAndQuery::path),
+            status,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out.load(Ordering::Relaxed),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            decision = self.outcome,
+            policy,
+            rule,
+            protocol = self.protocol,
+            "request"
+        );
+    }
+}
+
+/// Which way a [`Counted`] body goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    /// From the caller to the app.
+    In,
+    /// From the app (or the sidecar) to the caller.
+    Out,
+}
+
+/// A body that counts its data bytes into an [`Entry`].
+pub struct Counted<B> {
+    inner: B,
+    entry: Arc<Entry>,
+    direction: Direction,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, entry: Arc<Entry>, direction: Direction) -> Self {
+        Counted {
+            inner,
+            entry,
+            direction,
+        }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let counter = match self.direction {
+                Direction::In => &self.entry.bytes_in,
+                Direction::Out => &self.entry.bytes_out,
+            };
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,152 @@
+//! HTTP awareness on the inbound path: after the connection is
+//! authenticated and allowed at L4, [`detect`] tells HTTP/1.x and HTTP/2
+//! from opaque bytes, and [`serve`] proxies HTTP request by request to the
+//! local app with hyper.
+//!
+//! Each request is authorized on its own (method, path, headers, gRPC
+//! service), carries the caller's verified identity in
+//! [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app over pooled
+//! keep-alive connections (HTTP/2 when it came as HTTP/2, so gRPC works),
+//! and its body streams through, never buffered whole. Upgrades
+//! (WebSocket) switch to a byte copy once the app agrees. A denied request
+//! never reaches the app and does not end the connection.
+//!
+//! This module never decides at L4 and never touches TLS: the listener in
+//! `inbound` has done both before calling [`serve`].
+
+pub mod access;
+pub mod detect;
+pub mod headers;
+mod proxy;
+pub mod ratelimit;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::uri::Authority;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use trellis_core::SpiffeId;
+
+pub use access::ACCESS_TARGET;
+pub use detect::{Protocol, Rewind, detect};
+
+use access::Counted;
+
+use crate::metrics::Metrics;
+use crate::policy::Policies;
+
+/// A response body: the app's, streamed, or one the sidecar wrote,
+/// counted for the access log.
+pub type Body = Counted<Either<Incoming, Full<Bytes>>>;
+/// A request body on its way to the app, counted.
+type RequestBody = Counted<Incoming>;
+
+/// How long an idle pooled connection to the app is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// What every HTTP connection of the sidecar shares: the pooled clients to
+/// the app.
+pub struct Http {
+    h1: Client<HttpConnector, RequestBody>,
+    h2: Client<HttpConnector, RequestBody>,
+    pub metrics: Arc<Metrics>,
+    /// Whether each request is written to the access log.
+    pub access_log: bool,
+}
+
+impl Http {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_access_log(metrics, true)
+    }
+
+    pub fn with_access_log(metrics: Arc<Metrics>, access_log: bool) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(crate::net::CONNECT_TIMEOUT));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let h1 = builder.build(connector.clone());
+        let h2 = builder.http2_only(true).build(connector);
+        Http {
+            h1,
+            h2,
+            metrics,
+            access_log,
+        }
+    }
+}
+
+/// One HTTP connection from a verified peer, to the app at `target`.
+pub struct Connection {
+    pub http: Arc<Http>,
+    pub peer: SpiffeId,
+    /// The peer's SPIFFE ID as the header value, built once.
+    pub identity: HeaderValue,
+    pub target: SocketAddr,
+    /// `target` as a URI authority, built once.
+    pub authority: Authority,
+    pub policies: watch::Receiver<Option<Arc<Policies>>>,
+}
+
+impl Connection {
+    pub fn new(
+        http: Arc<Http>,
+        peer: SpiffeId,
+        target: SocketAddr,
+        policies: watch::Receiver<Option<Arc<Policies>>>,
+    ) -> Self {
+        let identity = HeaderValue::from_maybe_shared(Bytes::from(peer.to_string()))
+            .expect("a SPIFFE ID is a valid header value");
+        let authority =
+            Authority::try_from(target.to_string()).expect("a socket address is a valid authority");
+        Connection {
+            http,
+            peer,
+            identity,
+            target,
+            authority,
+            policies,
+        }
+    }
+}
+
+/// Serves HTTP (`protocol` as detected) on `io` until the client is done.
+pub async fn serve<S>(conn: Connection, protocol: Protocol, io: S) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(conn, req, protocol).await) }
+    });
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The access log and request metrics: one JSON line per request with the
+//! fields operators rely on, and bounded request series.
+
+mod common;
+
+use std::time::Duration;
+
+use common::control_plane::FakeControlPlane;
+use common::http::*;
+use common::sidecar::{Logs, sidecar};
+use common::*;
+
+const CERT_TTL: Duration = Duration::from_secs(3600);
+
+fn access_lines(logs: &Logs) -> Vec<serde_json::Value> {
+    logs.lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "trellis::access")
+        .collect()
+}
+
+#[tokio::test]
+async fn every_request_gets_one_json_access_line_and_is_counted() {
+    let (logs, _guard) = Logs::capture(true);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let web = id("/ns/a/sa/web");
+
+    let mut c = h1(&cp, s.inbound, &web).await;
+    let post = ::http::Request::post("/echo?token=secret")
+        .header("host", "api")
+        .body(http_body_util::Full::new(bytes::Bytes::from("12345")))
+        .unwrap();
+    let (status, body) = text(c.send_request(post).await.unwrap()).await;
+    assert_eq!(status, 200);
+    eventually("an access line", || access_lines(&logs).len() == 1).await;
+
+    let line = &access_lines(&logs)[0];
+    let f = &line["fields"];
+    assert!(line["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
+    assert_eq!(f["source"], web.to_string());
+    assert_eq!(f["destination"], app.addr.to_string());
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["path"], "/echo", "the query must not be logged");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["bytes_in"], 5);
+    assert_eq!(f["bytes_out"], body.len() as u64);
+    assert!(f["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(f["decision"], "allow");
+    assert_eq!(f["policy"], "default:allow-mesh");
+    assert_eq!(f["protocol"], "http1");
+
+    let metrics = s.metrics.encode();
+    assert!(
+        metrics.contains("trellis_requests_total{status=\"2xx\",decision=\"allow\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("trellis_request_duration_seconds_count 1"));
+}
+
+#[tokio::test]
+async fn the_access_log_can_be_switched_off() {
+    let (logs, _guard) = Logs::capture(true);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &["--access-log", "false"]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut c = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let (status, _) = text(c.send_request(get("/", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    eventually("the request counted", || {
+        s.metrics
+            .encode()
+            .contains("trellis_requests_total{status=\"2xx\",decision=\"allow\"} 1")
+    })
+    .await;
+    assert!(access_lines(&logs).is_empty());
+}

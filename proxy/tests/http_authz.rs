@@ -1,0 +1,143 @@
+//! Per-request authorization end to end: L7 rules decide each HTTP request
+//! and gRPC call, a denied one is answered by the sidecar (403 naming the
+//! rule, or PERMISSION_DENIED) without reaching the app, and the other
+//! requests on the same connection go on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::control_plane::FakeControlPlane;
+use common::http::*;
+use common::sidecar::sidecar;
+use common::*;
+use trellis_proto::policy::v1 as policy_pb;
+
+const CERT_TTL: Duration = Duration::from_secs(3600);
+
+fn web() -> trellis_core::SpiffeId {
+    id("/ns/a/sa/web")
+}
+
+/// A policy protecting `ns/b/sa/api` with one rule from `ns/a/sa/web`
+/// whose `to` is `to` (YAML flow syntax).
+fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
+    let yaml = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: b}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
+  action: {action}
+  rules:
+    - from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}]
+      to: {to}
+"
+    );
+    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.policies[0].policy.to_proto()
+}
+
+#[tokio::test]
+async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
+        policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]"),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(body, "denied by policy b/no-admin rule 0\n");
+    let (status, body) = text(c.send_request(get("/users/7", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "GET /users/7 HTTP/1.1")
+    );
+    let post = ::http::Request::post("/users/7")
+        .header("host", "api")
+        .body(http_body_util::Full::new(bytes::Bytes::from("x")))
+        .unwrap();
+    let (status, body) = text(c.send_request(post).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(body, "denied by policy default:deny\n");
+    let (status, _) = text(c.send_request(get("/a/../admin/x", &[])).await.unwrap()).await;
+    assert_eq!(status, 400, "a path that is not normalized is refused");
+    let (status, _) = text(c.send_request(get("/", &[])).await.unwrap()).await;
+    assert_eq!(status, 200, "the connection still serves requests");
+    assert_eq!(
+        app.seen.paths(),
+        ["/users/7", "/"],
+        "the app saw a denied request"
+    );
+
+    assert!(s.has_sample(
+        "trellis_decisions_total{action=\"deny\",policy=\"b/no-admin\"}",
+        1
+    ));
+}
+
+#[tokio::test]
+async fn only_l7_rules_allow_http_and_never_raw_bytes() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![policy("web-to-api", "ALLOW", "[{paths: [/health]}]")];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, _) = text(c.send_request(get("/health", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, _) = text(c.send_request(get("/other", &[])).await.unwrap()).await;
+    assert_eq!(status, 403);
+
+    // Not HTTP: no rule allows the connection itself.
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    assert!(round_trip(&mut tls, b"\x00\x01raw").await.is_err());
+}
+
+#[tokio::test]
+async fn a_denied_grpc_method_gets_permission_denied() {
+    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+    use trellis_proto::identity::v1::identity_client::IdentityClient;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = grpc_app().await;
+    let p = pair(&cp, app, &[]).await;
+    let policies = vec![
+        policy(
+            "web-to-api",
+            "ALLOW",
+            "[{grpc: {service: trellis.identity.v1.Identity}}, {grpc: {service: trellis.discovery.v1.Discovery}}]",
+        ),
+        policy(
+            "no-watch",
+            "DENY",
+            "[{grpc: {service: trellis.discovery.v1.Discovery, method: Watch}}]",
+        ),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 2).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
+    let status = DiscoveryClient::new(channel.clone())
+        .watch(requests)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "denied by policy b/no-watch rule 0");
+
+    let answer = IdentityClient::new(channel)
+        .certify(trellis_proto::identity::v1::CertifyRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().chain, [b"ok".to_vec()]);
+}

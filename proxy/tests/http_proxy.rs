@@ -1,0 +1,197 @@
+//! HTTP through the sidecar, end to end in one process: detection of
+//! HTTP/1.1 and HTTP/2, the verified identity header (never a client's),
+//! streamed bodies, Upgrade, gRPC unary and streaming calls, curl through
+//! a sidecar pair, and bytes that are not HTTP passing as TCP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::control_plane::FakeControlPlane;
+use common::http::*;
+use common::sidecar::sidecar;
+use common::*;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const CERT_TTL: Duration = Duration::from_secs(3600);
+
+fn web() -> trellis_core::SpiffeId {
+    id("/ns/a/sa/web")
+}
+
+#[tokio::test]
+async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let spoof = [(
+        "x-trellis-peer-identity",
+        "spiffe://td.test/ns/kube-system/sa/admin",
+    )];
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    for path in ["/one", "/two?secret=1"] {
+        let (status, body) = text(c1.send_request(get(path, &spoof)).await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("GET /"), "{body}");
+        assert!(body.ends_with("HTTP/1.1"), "{body}");
+    }
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    let mut req = get("http://api/three", &spoof);
+    *req.version_mut() = ::http::Version::HTTP_2;
+    let (status, body) = text(c2.send_request(req).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "GET /three HTTP/2.0");
+
+    assert_eq!(app.seen.paths(), ["/one", "/two", "/three"]);
+    for seen in app.seen.identities() {
+        assert_eq!(seen, [web().to_string()], "the app saw a spoofed identity");
+    }
+}
+
+#[tokio::test]
+async fn response_bodies_stream_and_upgrades_pass_through() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let response = c.send_request(get("/stream", &[])).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "chunk 0\n", "the first chunk arrives on its own");
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "chunk 1\nchunk 2\nchunk 3\nchunk 4\n");
+
+    let req = ::http::Request::get("/ws")
+        .header("host", "api")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    let echoed = round_trip(&mut upgraded, b"\x00binary after the upgrade\xff")
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"\x00binary after the upgrade\xff");
+}
+
+#[tokio::test]
+async fn curl_reaches_the_app_through_a_sidecar_pair_over_http1_and_h2() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let p = pair(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let url = format!("http://{}/hello", p.route);
+
+    let Some(body) = curl(&["--http1.1", &url]).await else {
+        return;
+    };
+    assert_eq!(body, "GET /hello HTTP/1.1");
+    let body = curl(&["--http2-prior-knowledge", &url]).await.unwrap();
+    assert_eq!(body, "GET /hello HTTP/2.0");
+    for seen in app.seen.identities() {
+        assert_eq!(seen, [p.client.identity.to_string()]);
+    }
+}
+
+#[tokio::test]
+async fn grpc_unary_and_streaming_calls_go_through_a_sidecar_pair() {
+    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+    use trellis_proto::identity::v1::identity_client::IdentityClient;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = grpc_app().await;
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let answer = IdentityClient::new(channel.clone())
+        .certify(trellis_proto::identity::v1::CertifyRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().chain, [b"ok".to_vec()]);
+
+    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
+    let mut stream = DiscoveryClient::new(channel)
+        .watch(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut versions = Vec::new();
+    while let Some(snapshot) = stream.message().await.unwrap() {
+        versions.push(snapshot.version);
+    }
+    assert_eq!(versions, [1, 2, 3]);
+}
+
+/// An app that speaks first (like SMTP), then echoes.
+async fn banner_app() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tcp.write_all(b"220 banner\r\n").await.unwrap();
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_http_pass_as_tcp() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let echo = echo_app().await;
+    let s = sidecar(&cp, echo.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let config = cp.ca.client_config(Some((&cp.ca, &web())));
+
+    // A client-first binary protocol, and text that is not an HTTP request.
+    let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+    let binary = b"\x16\x03\x01\x00\x05hello\x00";
+    assert_eq!(round_trip(&mut tls, binary).await.unwrap(), binary);
+    let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+    let line = b"SET key value\r\n";
+    assert_eq!(round_trip(&mut tls, line).await.unwrap(), line);
+
+    // A server-first protocol: nothing sent until the banner.
+    let banner = banner_app().await;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let s = sidecar(&cp, banner, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    let mut buf = [0; 12];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"220 banner\r\n");
+}
+
+#[tokio::test]
+async fn opaque_ports_are_never_inspected() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let echo = echo_app().await;
+    let port = echo.addr.port().to_string();
+    let s = sidecar(&cp, echo.addr, &["--opaque-ports", &port]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let config = cp.ca.client_config(Some((&cp.ca, &web())));
+    // An HTTP request on an opaque port is echoed back, not answered.
+    let mut tls = tls_connect(s.inbound, config).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    assert_eq!(round_trip(&mut tls, request).await.unwrap(), request);
+}
