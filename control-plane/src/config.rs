@@ -13,6 +13,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use trellis_core::TrustDomain;
 
+use crate::authn::tokenreview::KubeApi;
+use crate::inject::InjectConfig;
+
 /// The shortest `--cert-ttl` accepted.
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 
@@ -60,6 +63,17 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// What proves a workload's identity for its first certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum IdentityProvider {
+    /// Single-use join tokens made with `trellisctl token create` only.
+    #[default]
+    JoinToken,
+    /// Join tokens, and projected ServiceAccount tokens checked with the
+    /// Kubernetes TokenReview API (audience `trellis`).
+    Kubernetes,
 }
 
 /// The Trellis control plane: CA, identity issuance and discovery.
@@ -110,6 +124,52 @@ pub struct Config {
     /// Log output format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+
+    /// Address of the Kubernetes admission webhooks (HTTPS: /inject,
+    /// /validate); off unless given. Requires --webhook-cert and --webhook-key.
+    #[arg(long, env = "TRELLIS_WEBHOOK", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook: Option<SocketAddr>,
+
+    /// Serving certificate of --webhook (PEM, with its chain); re-read when it changes.
+    #[arg(long, env = "TRELLIS_WEBHOOK_CERT", requires = "webhook")]
+    pub webhook_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --webhook-cert.
+    #[arg(long, env = "TRELLIS_WEBHOOK_KEY", requires = "webhook")]
+    pub webhook_key: Option<PathBuf>,
+
+    /// Injection settings (JSON) for --webhook; defaults when not given.
+    #[arg(long, env = "TRELLIS_INJECT_CONFIG", requires = "webhook")]
+    pub inject_config: Option<PathBuf>,
+
+    /// The contents of --inject-config, read and checked while parsing.
+    #[arg(skip)]
+    pub inject_settings: Option<String>,
+
+    /// What proves a workload's identity for its first certificate.
+    /// `kubernetes` also accepts projected ServiceAccount tokens (TokenReview).
+    #[arg(long, env = "TRELLIS_IDENTITY_PROVIDER", value_enum, default_value_t)]
+    pub identity_provider: IdentityProvider,
+
+    /// Kubernetes API server URL (https://HOST:PORT); in a pod it defaults to
+    /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+    #[arg(long, env = "TRELLIS_KUBE_API")]
+    pub kube_api: Option<String>,
+
+    /// CA (PEM) that verifies the Kubernetes API server [default: the pod's
+    /// /var/run/secrets/kubernetes.io/serviceaccount/ca.crt].
+    #[arg(long, env = "TRELLIS_KUBE_CA")]
+    pub kube_ca: Option<PathBuf>,
+
+    /// Bearer token for the Kubernetes API, re-read every minute [default:
+    /// the pod's /var/run/secrets/kubernetes.io/serviceaccount/token].
+    #[arg(long, env = "TRELLIS_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+
+    /// The Kubernetes API as resolved from the --kube-* flags and the pod's
+    /// environment; set with --identity-provider kubernetes.
+    #[arg(skip)]
+    pub kube: Option<KubeApi>,
 }
 
 /// The outcome of parsing the command line.
@@ -125,9 +185,46 @@ impl Config {
     pub fn parse_args(args: Vec<OsString>) -> Parsed {
         let args = with_program_name("trellis-control-plane", args);
         match Self::try_parse_from(args) {
-            Ok(config) => Parsed::Run(Box::new(config)),
+            Ok(mut config) => match config.resolve() {
+                Ok(()) => Parsed::Run(Box::new(config)),
+                Err(message) => Parsed::Invalid(format!("error: {message}\n")),
+            },
             Err(e) => classify_clap_error(e),
         }
+    }
+
+    /// Checks what clap cannot: reads and validates `--inject-config`, and
+    /// resolves the Kubernetes API for `--identity-provider kubernetes`.
+    fn resolve(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.inject_config {
+            let json = std::fs::read_to_string(path)
+                .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
+            InjectConfig::from_settings(&json, self.trust_domain.clone(), String::new())
+                .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
+            self.inject_settings = Some(json);
+        }
+        let kube_flags = [
+            ("--kube-api", self.kube_api.is_some()),
+            ("--kube-ca", self.kube_ca.is_some()),
+            ("--kube-token-file", self.kube_token_file.is_some()),
+        ];
+        match self.identity_provider {
+            IdentityProvider::Kubernetes => {
+                self.kube = Some(KubeApi::resolve(
+                    self.kube_api.as_deref(),
+                    self.kube_ca.as_deref(),
+                    self.kube_token_file.as_deref(),
+                )?);
+            }
+            IdentityProvider::JoinToken => {
+                if let Some((flag, _)) = kube_flags.iter().find(|(_, given)| *given) {
+                    return Err(format!(
+                        "{flag} is only used with --identity-provider kubernetes"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -204,6 +301,74 @@ mod tests {
             panic!("5s must be refused")
         };
         assert!(msg.contains("--cert-ttl"), "{msg}");
+    }
+
+    #[test]
+    fn webhook_needs_its_certificate_and_key() {
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--webhook", "0.0.0.0:15017"])
+        else {
+            panic!("--webhook alone must be refused")
+        };
+        assert!(msg.contains("--webhook-cert"), "{msg}");
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--webhook-cert", "c.pem"])
+        else {
+            panic!("--webhook-cert without --webhook must be refused")
+        };
+        assert!(msg.contains("--webhook"), "{msg}");
+        let Parsed::Run(c) = parse(&[
+            "x",
+            "--state-dir",
+            "d",
+            "--webhook",
+            "0.0.0.0:15017",
+            "--webhook-cert",
+            "c",
+            "--webhook-key",
+            "k",
+        ]) else {
+            panic!("a complete webhook should parse")
+        };
+        assert_eq!(c.webhook.unwrap().port(), 15017);
+        assert!(c.inject_settings.is_none());
+    }
+
+    #[test]
+    fn kubernetes_identity_takes_the_kube_flags() {
+        let Parsed::Run(c) = parse(&[
+            "x",
+            "--state-dir",
+            "d",
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "https://127.0.0.1:6443",
+            "--kube-ca",
+            "ca.crt",
+            "--kube-token-file",
+            "token",
+        ]) else {
+            panic!("should parse")
+        };
+        let kube = c.kube.unwrap();
+        assert_eq!(kube.url.to_string(), "https://127.0.0.1:6443/");
+        assert_eq!(kube.ca, PathBuf::from("ca.crt"));
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--kube-api", "https://h"])
+        else {
+            panic!("--kube-api without the kubernetes provider must be refused")
+        };
+        assert!(msg.contains("--identity-provider kubernetes"), "{msg}");
+        let Parsed::Invalid(msg) = parse(&[
+            "x",
+            "--state-dir",
+            "d",
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "http://h",
+        ]) else {
+            panic!("plain http must be refused")
+        };
+        assert!(msg.contains("--kube-api"), "{msg}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Start-up and shutdown of the control plane process, in order: state dir,
-//! CA, operator credential, store, discovery, then both ports bound before
-//! anything is served; SIGTERM/SIGINT stops accepting and drains in-flight
-//! RPCs up to a deadline.
+//! CA, operator credential, store, discovery, the TokenReview client and the
+//! webhook's certificate and settings, then every port (gRPC, admin, and
+//! the webhook when `--webhook` is given) bound before anything is served;
+//! SIGTERM/SIGINT stops accepting everywhere and drains in-flight RPCs up to
+//! a deadline.
 //!
 //! Log lines worth asserting on: `control plane ready` (fields `grpc`,
-//! `admin`, `trust_domain`, `state_dir`) once both ports serve, and
-//! `control plane stopped` on a clean exit.
+//! `admin`, `webhook` (an address, or `off`), `trust_domain`, `state_dir`)
+//! once the ports serve, and `control plane stopped` on a clean exit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,9 +24,12 @@ use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
+use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::files::{ensure_admin_credential, open_ca};
 use crate::config::Config;
 use crate::discovery::Discovery;
+use crate::inject::InjectConfig;
+use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::metrics::Metrics;
 use crate::server::{GrpcListener, ServingCert, server_config};
 use crate::state_dir::StateDir;
@@ -50,6 +55,18 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on webhook address {addr}: {source}")]
+    WebhookBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("webhook serving certificate: {0}")]
+    WebhookTls(#[from] crate::inject::server::TlsFilesError),
+    #[error(transparent)]
+    InjectSettings(#[from] crate::inject::InvalidSettings),
+    #[error(transparent)]
+    KubeApi(#[from] crate::authn::tokenreview::KubeSetupError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -78,6 +95,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let reviewer = match &config.kube {
+        Some(api) => {
+            let reviewer = TokenReviewer::new(api, config.trust_domain.clone())?;
+            tracing::info!(api = %api.url, "service account tokens are checked with TokenReview");
+            Some(Arc::new(reviewer))
+        }
+        None => None,
+    };
+    let webhook_setup = match (&config.webhook, &config.webhook_cert, &config.webhook_key) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let files = Arc::new(ServingFiles::load(cert, key)?);
+            let inject = InjectConfig::from_settings(
+                config.inject_settings.as_deref().unwrap_or("{}"),
+                config.trust_domain.clone(),
+                ca.bundle_pem(),
+            )?;
+            Some((*addr, tls_config(files)?, inject))
+        }
+        _ => None,
+    };
+
     let serving = ServingCert::new(ca.clone(), &config.dns_names, config.listen.ip())?;
     let tls = server_config(&ca, serving.clone())?;
     let grpc = GrpcListener::bind(config.listen, tls).await?;
@@ -87,6 +125,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             addr: config.admin,
             source,
         })?;
+    let webhook = match webhook_setup {
+        Some((addr, tls, inject)) => Some((
+            WebhookServer::bind(addr, tls)
+                .await
+                .map_err(|source| RunError::WebhookBind { addr, source })?,
+            inject,
+        )),
+        None => None,
+    };
+    let webhook_addr = match &webhook {
+        Some((server, _)) => server.local_addr().map_err(RunError::Signal)?.to_string(),
+        None => "off".to_owned(),
+    };
     let grpc_addr = grpc.local_addr().map_err(RunError::Signal)?;
     let admin_addr = admin.local_addr().map_err(RunError::Signal)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -114,7 +165,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mut stop = shutdown_rx.clone();
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(IdentityServer::new(IdentityService::new(mesh.clone())))
+        .add_service(IdentityServer::new(
+            IdentityService::new(mesh.clone()).with_token_reviewer(reviewer),
+        ))
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(AdminServer::with_interceptor(
             AdminService::new(mesh),
@@ -126,12 +179,25 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             stopping(&mut stop).await;
         });
     let ready = Arc::new(AtomicBool::new(false));
+    if let Some((server, inject)) = webhook {
+        // The sender lives as long as the webhook. The bundle is fixed for
+        // the life of the process today; a CA rotation would send it here.
+        let (inject_tx, inject_rx) = watch::channel(Arc::new(inject));
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            server
+                .run(inject_rx, async move { stopping(&mut stop).await })
+                .await;
+            drop(inject_tx);
+        });
+    }
     tokio::spawn(admin.run(ready.clone(), metrics, shutdown_rx));
     tokio::pin!(serve);
     ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,
+        webhook = %webhook_addr,
         trust_domain = %config.trust_domain,
         state_dir = %config.state_dir.display(),
         "control plane ready"

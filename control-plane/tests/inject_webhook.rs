@@ -224,6 +224,8 @@ fn sidecar_gets_identity_token_and_bundle() {
         "trellis-control-plane.trellis-system.svc:15012"
     );
     assert_eq!(env["TRELLIS_TOKEN_FILE"], "/var/run/trellis/identity/token");
+    // The projected token is a ServiceAccount token, re-read for every Certify.
+    assert_eq!(env["TRELLIS_TOKEN_TYPE"], "service-account");
     assert_eq!(
         env["TRELLIS_TRUST_BUNDLE"],
         "/var/run/trellis/identity/bundle.pem"

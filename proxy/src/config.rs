@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -44,9 +44,16 @@ pub struct ProxyArgs {
     /// This workload's SPIFFE ID; its trust domain is the mesh's.
     #[arg(long, env = "TRELLIS_IDENTITY")]
     pub identity: Option<String>,
-    /// File holding the join token for the first certificate.
+    /// File holding the token that proves this workload's identity for its
+    /// first certificate.
     #[arg(long, env = "TRELLIS_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// What --token-file holds: `join` (a single-use token from `trellisctl
+    /// token create`) or `service-account` (a projected Kubernetes
+    /// ServiceAccount token with audience `trellis`, re-read for every
+    /// certificate because the kubelet rotates it).
+    #[arg(long, env = "TRELLIS_TOKEN_TYPE", default_value = "join")]
+    pub token_type: String,
     /// Inbound mTLS listener.
     #[arg(long, env = "TRELLIS_INBOUND", default_value = "0.0.0.0:15006")]
     pub inbound: String,
@@ -185,8 +192,8 @@ pub struct Config {
     pub trust_domain: TrustDomain,
     /// DER roots from --trust-bundle (empty when not given).
     pub trust_bundle: Vec<CertificateDer<'static>>,
-    /// The join token, trimmed. Never logged.
-    pub token: Option<Token>,
+    /// How the first certificate is proved. Never logged.
+    pub token: Option<Credential>,
     pub inbound: SocketAddr,
     pub app: SocketAddr,
     pub outbound: SocketAddr,
@@ -206,6 +213,16 @@ pub struct Config {
 /// A join token; its `Debug` never shows the secret.
 #[derive(Clone)]
 pub struct Token(pub String);
+
+/// What proves this workload's identity when it has no valid certificate.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// A single-use join token, read once at start-up.
+    JoinToken(Token),
+    /// The file of a projected ServiceAccount token. The kubelet rewrites it
+    /// before it expires, so it is read again for every Certify.
+    ServiceAccountToken(PathBuf),
+}
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -232,19 +249,19 @@ impl Config {
             None => Vec::new(),
             Some(path) => read_bundle(path).map_err(|e| invalid("trust-bundle", e))?,
         };
-        let token = match &args.token_file {
-            None => None,
-            Some(path) => {
-                let raw = std::fs::read_to_string(path)
-                    .map_err(|e| invalid("token-file", format_args!("{}: {e}", path.display())))?;
-                let token = raw.trim();
-                if token.is_empty() {
-                    return Err(invalid(
-                        "token-file",
-                        format_args!("{} is empty", path.display()),
-                    ));
-                }
-                Some(Token(token.to_string()))
+        let token = match (&args.token_file, args.token_type.as_str()) {
+            (None, "join" | "service-account") => None,
+            (Some(path), "join") => Some(Credential::JoinToken(Token(read_token(path)?))),
+            (Some(path), "service-account") => {
+                // Read once now so a missing or empty file fails start-up.
+                read_token(path)?;
+                Some(Credential::ServiceAccountToken(path.clone()))
+            }
+            (_, other) => {
+                return Err(invalid(
+                    "token-type",
+                    format_args!("{other:?} is not join or service-account"),
+                ));
             }
         };
         let inbound = addr("inbound", &args.inbound)?;
@@ -291,6 +308,20 @@ impl Config {
             access_log: args.access_log,
         })
     }
+}
+
+/// The trimmed contents of a token file, which must not be empty.
+pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| invalid("token-file", format_args!("{}: {e}", path.display())))?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(invalid(
+            "token-file",
+            format_args!("{} is empty", path.display()),
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// The inbound address, or loopback with its port when it is unspecified.

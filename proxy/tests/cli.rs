@@ -38,6 +38,16 @@ fn invalid_flags_exit_64_naming_the_flag() {
             "--trust-bundle",
         ),
         (&["--token-file", "/nonexistent/token"], "--token-file"),
+        (&["--token-type", "password"], "--token-type"),
+        (
+            &[
+                "--token-type",
+                "service-account",
+                "--token-file",
+                "/nonexistent/token",
+            ],
+            "--token-file",
+        ),
         (&["--drain-timeout", "soon"], "--drain-timeout"),
         (&["--log-format", "xml"], "--log-format"),
         (

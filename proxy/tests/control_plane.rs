@@ -30,7 +30,9 @@ async fn certifies_renews_and_watches() {
         CertifyParams {
             control_plane: cp.addr.clone(),
             identity: me.clone(),
-            token: Some(trellis_proxy::config::Token(TOKEN.into())),
+            token: Some(trellis_proxy::config::Credential::JoinToken(
+                trellis_proxy::config::Token(TOKEN.into()),
+            )),
             advertise_address: "127.0.0.1:15006".parse().unwrap(),
         },
         svid_tx,
@@ -115,4 +117,40 @@ async fn certifies_renews_and_watches() {
         &current.policies
     ));
     assert!(metrics.encode().contains("trellis_snapshot_version 1"));
+}
+
+/// A projected ServiceAccount token is rotated by the kubelet, so the sidecar
+/// reads its file when it certifies, not once at start-up.
+#[tokio::test]
+async fn service_account_token_is_read_from_its_file_when_certifying() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token-old\n").unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: id("/ns/a/sa/web"),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file.clone(),
+        )),
+        advertise_address: "127.0.0.1:15006".parse().unwrap(),
+    };
+    // The kubelet rewrote the token after the sidecar read its flags.
+    std::fs::write(&token_file, "sa-token-new\n").unwrap();
+    let (svid_tx, mut svid) = watch::channel(None);
+    let (bundle_tx, _bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
+    tokio::spawn(identity::run(
+        params,
+        svid_tx,
+        bundle_tx,
+        Arc::new(Metrics::new()),
+    ));
+    tokio::time::timeout(Duration::from_secs(20), svid.wait_for(|s| s.is_some()))
+        .await
+        .expect("a certificate within 20 s")
+        .unwrap();
+    assert_eq!(
+        cp.seen.lock().unwrap().service_account_tokens,
+        vec!["sa-token-new".to_string()]
+    );
 }

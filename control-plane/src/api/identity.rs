@@ -5,8 +5,16 @@
 //! consumed and the issuance recorded, in one store transaction. A refused
 //! Certify therefore issues nothing and records nothing. A caller only ever
 //! obtains its own identity. Tokens never reach a log.
+//!
+//! Proofs: a join token (consumed with the issuance), a Kubernetes
+//! ServiceAccount token when the service has a [`TokenReviewer`] (the CSR
+//! must name exactly the `spiffe://TD/ns/NS/sa/SA` the review derived; a
+//! token the API server does not vouch for is UNAUTHENTICATED, an API
+//! server that cannot be asked is UNAVAILABLE; without a reviewer such a
+//! proof is UNIMPLEMENTED), or none: a renewal with the current SVID.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
@@ -16,6 +24,7 @@ use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
 use super::{Mesh, peer_of};
 use crate::authn::hash_token;
+use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
 use crate::store::{
     EndpointChange, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
@@ -23,11 +32,21 @@ use crate::store::{
 
 pub struct IdentityService {
     mesh: Mesh,
+    reviewer: Option<Arc<TokenReviewer>>,
 }
 
 impl IdentityService {
     pub fn new(mesh: Mesh) -> Self {
-        Self { mesh }
+        Self {
+            mesh,
+            reviewer: None,
+        }
+    }
+
+    /// Accepts ServiceAccount token proofs, checked by `reviewer`.
+    pub fn with_token_reviewer(mut self, reviewer: Option<Arc<TokenReviewer>>) -> Self {
+        self.reviewer = reviewer;
+        self
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -67,13 +86,34 @@ impl Identity for IdentityService {
 
         let token_hash = match &req.proof {
             Some(Proof::JoinToken(token)) => Some(hash_token(token)),
-            Some(Proof::ServiceAccountToken(_)) => {
-                return Err(self.refuse(
-                    "unimplemented_proof",
-                    Status::unimplemented(
-                        "service_account_token proofs are not supported yet; use a join token",
-                    ),
-                ));
+            Some(Proof::ServiceAccountToken(token)) => {
+                let Some(reviewer) = &self.reviewer else {
+                    return Err(self.refuse(
+                        "unimplemented_proof",
+                        Status::unimplemented(
+                            "service_account_token proofs need Kubernetes: this control plane \
+                             was not started with --identity-provider kubernetes; use a join token",
+                        ),
+                    ));
+                };
+                let account = reviewer.review(token).await.map_err(|e| {
+                    let status = if e.is_callers_fault() {
+                        Status::unauthenticated(e.to_string())
+                    } else {
+                        Status::unavailable(e.to_string())
+                    };
+                    self.refuse(e.reason(), status)
+                })?;
+                if account.spiffe_id != id {
+                    return Err(self.refuse(
+                        "other_identity",
+                        Status::permission_denied(format!(
+                            "the service account token proves {}, not {id}; a pod can only obtain its own identity",
+                            account.spiffe_id
+                        )),
+                    ));
+                }
+                None
             }
             None => {
                 let caller = peer.as_ref().and_then(|p| p.spiffe_id.clone());
@@ -169,7 +209,11 @@ impl Identity for IdentityService {
             spiffe_id = %id,
             serial = %issued.serial_hex,
             not_after = issued.not_after_unix,
-            proof = if req.proof.is_some() { "join_token" } else { "renewal" },
+            proof = match req.proof {
+                Some(Proof::JoinToken(_)) => "join_token",
+                Some(Proof::ServiceAccountToken(_)) => "service_account_token",
+                None => "renewal",
+            },
             "issued SVID"
         );
         Ok(Response::new(CertifyResponse {

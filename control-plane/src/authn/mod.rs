@@ -1,9 +1,12 @@
-//! Who is asking: join tokens for a workload's first certificate.
+//! Who is asking: the proofs a workload presents for its first certificate.
 //!
 //! A join token is 256 bits from the OS RNG, shown once to the operator; the
 //! store keeps only its SHA-256 hash, so a copy of the database proves
-//! nothing. Kubernetes ServiceAccount tokens (TokenReview) come later. This
-//! module never logs a token and never stores one in clear.
+//! nothing. In Kubernetes a pod presents its projected ServiceAccount token
+//! instead, checked with the API server's TokenReview ([`tokenreview`]).
+//! This module never logs a token and never stores one in clear.
+
+pub mod tokenreview;
 
 use std::time::Duration;
 

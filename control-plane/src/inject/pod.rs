@@ -413,6 +413,7 @@ fn proxy_container(config: &InjectConfig, app_probes: &BTreeMap<String, Value>) 
         value("TRELLIS_CONTROL_PLANE", config.control_plane.clone()),
         value("TRELLIS_TRUST_BUNDLE", format!("{IDENTITY_DIR}/bundle.pem")),
         value("TRELLIS_TOKEN_FILE", format!("{IDENTITY_DIR}/token")),
+        value("TRELLIS_TOKEN_TYPE", "service-account".to_string()),
         value(
             "TRELLIS_INBOUND",
             format!("0.0.0.0:{}", config.inbound_port),

@@ -24,7 +24,7 @@ use trellis_proto::identity::v1::{
     CertifyRequest, certify_request::Proof, identity_client::IdentityClient,
 };
 
-use crate::config::Token;
+use crate::config::{Credential, read_token};
 use crate::metrics::Metrics;
 use crate::tls::SvidResolver;
 
@@ -158,6 +158,8 @@ pub enum CertifyError {
     Timeout,
     #[error("Certify answered an unusable certificate: {0}")]
     Response(#[from] InvalidSvid),
+    #[error("{0}")]
+    TokenFile(#[from] crate::config::InvalidFlag),
 }
 
 /// What a Certify call needs to know about this sidecar.
@@ -165,7 +167,7 @@ pub enum CertifyError {
 pub struct CertifyParams {
     pub control_plane: String,
     pub identity: SpiffeId,
-    pub token: Option<Token>,
+    pub token: Option<Credential>,
     pub advertise_address: SocketAddr,
 }
 
@@ -205,7 +207,10 @@ pub async fn certify(
     let current = current.filter(|s| s.is_valid_at(SystemTime::now()));
     let proof = match (current, &params.token) {
         (Some(_), _) => None,
-        (None, Some(token)) => Some(Proof::JoinToken(token.0.clone())),
+        (None, Some(Credential::JoinToken(token))) => Some(Proof::JoinToken(token.0.clone())),
+        (None, Some(Credential::ServiceAccountToken(path))) => {
+            Some(Proof::ServiceAccountToken(read_token(path)?))
+        }
         (None, None) => return Err(CertifyError::NoProof),
     };
     let tls = control_plane_tls(&params.identity, bundle, current)?;

@@ -34,6 +34,8 @@ pub struct Seen {
     /// For each Certify: whether it came with the token, and the client
     /// certificate's SPIFFE ID if any.
     pub certify: Vec<(bool, Option<SpiffeId>)>,
+    /// The ServiceAccount tokens Certify was proved with, in order.
+    pub service_account_tokens: Vec<String>,
     /// The `last_version` of each Subscribe, in order.
     pub subscribes: Vec<u64>,
     /// Every ACK and NACK, in order.
@@ -69,12 +71,17 @@ impl Identity for Service {
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = req.extensions().get::<PeerId>().and_then(|p| p.0.clone());
         let req = req.into_inner();
-        let token = matches!(&req.proof, Some(Proof::JoinToken(t)) if t == TOKEN);
-        self.seen
-            .lock()
-            .unwrap()
-            .certify
-            .push((token, peer.clone()));
+        let service_account = match &req.proof {
+            Some(Proof::ServiceAccountToken(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let token = service_account.is_some()
+            || matches!(&req.proof, Some(Proof::JoinToken(t)) if t == TOKEN);
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.certify.push((token, peer.clone()));
+            seen.service_account_tokens.extend(service_account);
+        }
         if !token && peer.is_none() {
             return Err(Status::unauthenticated("no proof"));
         }

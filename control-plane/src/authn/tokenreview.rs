@@ -1,0 +1,720 @@
+//! Kubernetes ServiceAccount tokens, checked with the TokenReview API.
+//!
+//! A meshed pod's sidecar presents the projected token of its
+//! ServiceAccount (audience `trellis`). [`TokenReviewer::review`] POSTs an
+//! `authentication.k8s.io/v1` TokenReview to the API server and accepts the
+//! token only when the answer says `status.authenticated: true`, lists
+//! `trellis` in `status.audiences` (an empty list means the API server's own
+//! audience, so it is refused), and names a ServiceAccount
+//! (`system:serviceaccount:NS:SA`). The identity is derived from that answer,
+//! never from the token: `spiffe://TD/ns/NS/sa/SA`.
+//!
+//! The API server is reached at `--kube-api` or, in a pod, at
+//! `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`, verified
+//! against `--kube-ca` (default: the pod's service-account `ca.crt`); the
+//! control plane authenticates with the bearer token in `--kube-token-file`
+//! (default: the pod's service-account `token`), re-read every minute because
+//! the kubelet rotates it. TLS 1.2 or 1.3: this is the cluster's API server,
+//! not a mesh peer.
+//!
+//! Successful reviews are cached under the SHA-256 of the token for at most
+//! [`CACHE_TTL`], and never past the token's own `exp` (read from the JWT
+//! payload without trusting it: it can only shorten the entry). Failures are
+//! never cached: a sidecar retrying with a fresh token is reviewed again.
+//!
+//! Neither the reviewed token nor the bearer token ever reaches a log or an
+//! error message.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio_rustls::TlsConnector;
+use trellis_core::{SpiffeId, TrustDomain};
+
+/// The audience the projected tokens are made for, and the only one asked for.
+pub const AUDIENCE: &str = crate::inject::TOKEN_AUDIENCE;
+/// Where TokenReviews are created.
+pub const TOKENREVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// The API server's CA inside a pod.
+pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// The control plane's own ServiceAccount token inside a pod.
+pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// The longest a successful review is trusted without asking again.
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long one review may take, connection included.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the bearer token file is re-read.
+pub const BEARER_RELOAD: Duration = Duration::from_secs(60);
+/// Tokens longer than this are refused without asking the API server.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// The largest API server answer read.
+const MAX_RESPONSE: usize = 1 << 20;
+/// Cached reviews kept at most; beyond, expired ones go, then all.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Where the Kubernetes API server is and how to trust and call it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeApi {
+    /// `https://host[:port][/prefix]`.
+    pub url: Uri,
+    /// PEM roots that verify the API server's certificate.
+    pub ca: PathBuf,
+    /// File holding the bearer token the control plane sends.
+    pub token_file: PathBuf,
+}
+
+impl KubeApi {
+    /// From the flags: `url` (else the pod's environment), `ca` and
+    /// `token_file` (else the pod's service-account files). The error is a
+    /// sentence naming the flag.
+    pub fn resolve(
+        url: Option<&str>,
+        ca: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, String> {
+        let url = match url {
+            Some(url) => parse_api_url(url).map_err(|e| format!("--kube-api {url:?}: {e}"))?,
+            None => in_cluster_url()?,
+        };
+        Ok(Self {
+            url,
+            ca: ca.map_or_else(|| IN_CLUSTER_CA.into(), Path::to_path_buf),
+            token_file: token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf),
+        })
+    }
+}
+
+/// Checks an API server URL: `https`, a host, no query.
+pub fn parse_api_url(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err("the Kubernetes API is only reached over https://".into());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("no host".into());
+    }
+    if uri.query().is_some() {
+        return Err("a query has no place in the API server URL".into());
+    }
+    Ok(uri)
+}
+
+fn in_cluster_url() -> Result<Uri, String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .filter(|h| !h.is_empty());
+    let port = std::env::var("KUBERNETES_SERVICE_PORT")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let Some(host) = host else {
+        return Err(
+            "--identity-provider kubernetes: no --kube-api given and KUBERNETES_SERVICE_HOST \
+             is not set (not running in a pod)"
+                .into(),
+        );
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let url = format!("https://{host}:{}", port.as_deref().unwrap_or("443"));
+    parse_api_url(&url).map_err(|e| format!("KUBERNETES_SERVICE_HOST/PORT give {url:?}: {e}"))
+}
+
+/// Why the reviewer cannot be set up (start-up fails naming the file).
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSetupError {
+    #[error("Kubernetes API CA {}: {message}", path.display())]
+    Ca { path: PathBuf, message: String },
+    #[error("Kubernetes API token {}: {message}", path.display())]
+    Token { path: PathBuf, message: String },
+    #[error("Kubernetes API TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A ServiceAccount the API server vouched for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewedAccount {
+    pub namespace: String,
+    pub service_account: String,
+    /// `spiffe://TD/ns/NS/sa/SA`.
+    pub spiffe_id: SpiffeId,
+}
+
+/// Why a token was not accepted. [`ReviewError::is_callers_fault`] splits the
+/// caller's problems (UNAUTHENTICATED) from ours (UNAVAILABLE).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the service account token is empty")]
+    Empty,
+    #[error("the service account token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    #[error("the Kubernetes API server did not authenticate the service account token: {0}")]
+    NotAuthenticated(String),
+    #[error(
+        "the service account token is not valid for audience \"trellis\" (the API server's review \
+         lists audiences {0:?}); mount a projected token with audience \"trellis\""
+    )]
+    WrongAudience(Vec<String>),
+    #[error("the token belongs to {0:?}, not to a Kubernetes ServiceAccount")]
+    NotAServiceAccount(String),
+    #[error("the ServiceAccount {0:?} does not make a valid SPIFFE ID")]
+    BadAccount(String),
+    #[error("cannot reach the Kubernetes API server for a TokenReview: {0}")]
+    Unreachable(String),
+    #[error(
+        "the Kubernetes API server refused the TokenReview ({code}: {message}); check the \
+         control plane's credentials and its RBAC (create tokenreviews)"
+    )]
+    Refused { code: u16, message: String },
+    #[error("unusable TokenReview answer from the Kubernetes API server: {0}")]
+    BadResponse(String),
+}
+
+impl ReviewError {
+    /// True when the token is at fault (UNAUTHENTICATED); false when the
+    /// review itself could not be made (UNAVAILABLE: try again later).
+    pub fn is_callers_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Empty
+                | Self::TooLong
+                | Self::NotAuthenticated(_)
+                | Self::WrongAudience(_)
+                | Self::NotAServiceAccount(_)
+                | Self::BadAccount(_)
+        )
+    }
+
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty | Self::TooLong => "sa_token_malformed",
+            Self::NotAuthenticated(_) => "sa_token_not_authenticated",
+            Self::WrongAudience(_) => "sa_token_wrong_audience",
+            Self::NotAServiceAccount(_) | Self::BadAccount(_) => "sa_token_not_service_account",
+            Self::Unreachable(_) => "kube_api_unreachable",
+            Self::Refused { .. } => "kube_api_refused",
+            Self::BadResponse(_) => "kube_api_bad_response",
+        }
+    }
+}
+
+struct Bearer {
+    token: String,
+    read_at: Instant,
+}
+
+struct CacheEntry {
+    account: ReviewedAccount,
+    until: Instant,
+}
+
+/// Reviews ServiceAccount tokens against one API server (see the module docs).
+pub struct TokenReviewer {
+    trust_domain: TrustDomain,
+    url: Uri,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    token_file: PathBuf,
+    bearer: Mutex<Bearer>,
+    cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    cache_ttl: Duration,
+    timeout: Duration,
+    bearer_reload: Duration,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("url", &self.url)
+            .field("token_file", &self.token_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenReviewer {
+    /// Reads the CA and the bearer token now, so a missing file fails the
+    /// start, not the first pod.
+    pub fn new(api: &KubeApi, trust_domain: TrustDomain) -> Result<Self, KubeSetupError> {
+        let ca_error = |message: String| KubeSetupError::Ca {
+            path: api.ca.clone(),
+            message,
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&api.ca).map_err(|e| ca_error(e.to_string()))? {
+            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(ca_error("no certificate in the file".into()));
+        }
+        let mut config = ClientConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let token = read_bearer(&api.token_file).map_err(|message| KubeSetupError::Token {
+            path: api.token_file.clone(),
+            message,
+        })?;
+        let raw_host = api.url.host().unwrap_or_default();
+        let host = raw_host.trim_start_matches('[').trim_end_matches(']');
+        let server_name =
+            ServerName::try_from(host.to_owned()).map_err(|e| KubeSetupError::Ca {
+                path: api.ca.clone(),
+                message: format!("cannot verify host {host:?}: {e}"),
+            })?;
+        Ok(Self {
+            trust_domain,
+            url: api.url.clone(),
+            host: host.to_owned(),
+            port: api.url.port_u16().unwrap_or(443),
+            server_name,
+            tls: TlsConnector::from(Arc::new(config)),
+            token_file: api.token_file.clone(),
+            bearer: Mutex::new(Bearer {
+                token,
+                read_at: Instant::now(),
+            }),
+            cache: Mutex::new(HashMap::new()),
+            cache_ttl: CACHE_TTL,
+            timeout: REVIEW_TIMEOUT,
+            bearer_reload: BEARER_RELOAD,
+        })
+    }
+
+    /// Replaces [`CACHE_TTL`] (zero disables the cache).
+    pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = ttl;
+        self
+    }
+
+    /// Replaces [`REVIEW_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Replaces [`BEARER_RELOAD`].
+    pub fn with_bearer_reload(mut self, every: Duration) -> Self {
+        self.bearer_reload = every;
+        self
+    }
+
+    /// The API server this reviewer asks.
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    /// Reviews `token`: the ServiceAccount it proves, or why not.
+    pub async fn review(&self, token: &str) -> Result<ReviewedAccount, ReviewError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ReviewError::Empty);
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(ReviewError::TooLong);
+        }
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(account) = self.cached(&key) {
+            tracing::debug!(spiffe_id = %account.spiffe_id, "token review answered from the cache");
+            return Ok(account);
+        }
+        let answer = match tokio::time::timeout(self.timeout, self.ask(token)).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                return Err(ReviewError::Unreachable(format!(
+                    "no answer from {} within {}",
+                    self.url,
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+        };
+        let account = verdict(answer, &self.trust_domain)?;
+        self.remember(key, token, &account);
+        Ok(account)
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<ReviewedAccount> {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        match cache.get(key) {
+            Some(entry) if entry.until > Instant::now() => Some(entry.account.clone()),
+            Some(_) => {
+                cache.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember(&self, key: [u8; 32], token: &str, account: &ReviewedAccount) {
+        let mut ttl = self.cache_ttl;
+        if let Some(left) = unverified_expiry(token) {
+            ttl = ttl.min(left);
+        }
+        if ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, entry| entry.until > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            key,
+            CacheEntry {
+                account: account.clone(),
+                until: now + ttl,
+            },
+        );
+    }
+
+    fn bearer(&self) -> String {
+        let mut bearer = self.bearer.lock().expect("not poisoned");
+        if bearer.read_at.elapsed() >= self.bearer_reload {
+            bearer.read_at = Instant::now();
+            match read_bearer(&self.token_file) {
+                Ok(token) => bearer.token = token,
+                Err(message) => tracing::warn!(
+                    file = %self.token_file.display(),
+                    error = %message,
+                    "cannot re-read the Kubernetes API token; keeping the last one"
+                ),
+            }
+        }
+        bearer.token.clone()
+    }
+
+    /// One POST; the decoded answer or why there is none.
+    async fn ask(&self, token: &str) -> Result<TokenReview, ReviewError> {
+        let unreachable = |what: &str, e: &dyn std::fmt::Display| {
+            ReviewError::Unreachable(format!("{what} {}: {e}", self.url))
+        };
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [AUDIENCE]},
+        });
+        let path = format!(
+            "{}{TOKENREVIEW_PATH}",
+            self.url.path().trim_end_matches('/')
+        );
+        let authority = self
+            .url
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(http::header::HOST, authority)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.bearer()),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("trellis-control-plane/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| ReviewError::BadResponse(format!("cannot build the request: {e}")))?;
+
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| unreachable("cannot connect to", &e))?;
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| unreachable("TLS with", &e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| unreachable("HTTP with", &e))?;
+        // Bounded like the review, so a hung API server leaves no task behind.
+        let deadline = self.timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(deadline, connection).await;
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable("no answer from", &e))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| unreachable("cannot read the answer of", &e))?
+            .to_bytes();
+        decode(status, &body)
+    }
+}
+
+/// The verdict on a decoded review for the mesh of `td`.
+pub fn verdict(review: TokenReview, td: &TrustDomain) -> Result<ReviewedAccount, ReviewError> {
+    let status = review.status;
+    if !status.authenticated {
+        let reason = if status.error.is_empty() {
+            "no reason given".to_owned()
+        } else {
+            status.error
+        };
+        return Err(ReviewError::NotAuthenticated(reason));
+    }
+    if !status.audiences.iter().any(|a| a == AUDIENCE) {
+        return Err(ReviewError::WrongAudience(status.audiences));
+    }
+    account_of(&status.user.username, td)
+}
+
+/// `system:serviceaccount:NS:SA` → the account and its SPIFFE ID.
+pub fn account_of(username: &str, td: &TrustDomain) -> Result<ReviewedAccount, ReviewError> {
+    let not_sa = || ReviewError::NotAServiceAccount(username.to_owned());
+    let rest = username
+        .strip_prefix("system:serviceaccount:")
+        .ok_or_else(not_sa)?;
+    let (namespace, service_account) = rest.split_once(':').ok_or_else(not_sa)?;
+    if !is_dns_label(namespace) || !is_dns_subdomain(service_account) {
+        return Err(ReviewError::BadAccount(username.to_owned()));
+    }
+    let spiffe_id = SpiffeId::workload(td, namespace, service_account)
+        .map_err(|_| ReviewError::BadAccount(username.to_owned()))?;
+    Ok(ReviewedAccount {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        spiffe_id,
+    })
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The parts of a TokenReview answer that matter.
+#[derive(Debug, Deserialize)]
+pub struct TokenReview {
+    #[serde(default)]
+    pub kind: String,
+    pub status: ReviewStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ReviewStatus {
+    #[serde(default)]
+    pub authenticated: bool,
+    #[serde(default)]
+    pub user: UserInfo,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub error: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct UserInfo {
+    #[serde(default)]
+    pub username: String,
+}
+
+/// A `Status` object, the API server's answer to a request it refused.
+#[derive(Debug, Default, Deserialize)]
+struct ApiStatus {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Decodes an API server answer to a TokenReview POST.
+pub fn decode(status: StatusCode, body: &[u8]) -> Result<TokenReview, ReviewError> {
+    if !status.is_success() {
+        let message = match serde_json::from_slice::<ApiStatus>(body) {
+            Ok(s) if !s.message.is_empty() => s.message,
+            Ok(s) if !s.reason.is_empty() => s.reason,
+            _ => status.canonical_reason().unwrap_or("no reason").to_owned(),
+        };
+        return Err(ReviewError::Refused {
+            code: status.as_u16(),
+            message,
+        });
+    }
+    let review: TokenReview = serde_json::from_slice(body)
+        .map_err(|e| ReviewError::BadResponse(format!("not a TokenReview: {e}")))?;
+    if !review.kind.is_empty() && review.kind != "TokenReview" {
+        return Err(ReviewError::BadResponse(format!(
+            "kind {:?}, expected TokenReview",
+            review.kind
+        )));
+    }
+    Ok(review)
+}
+
+fn read_bearer(path: &Path) -> Result<String, String> {
+    let token = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err("the token has characters a bearer token cannot have".into());
+    }
+    Ok(token.to_owned())
+}
+
+/// How long until the JWT's `exp`, read from its payload without checking
+/// the signature: it may only shorten a cache entry, never lengthen one.
+/// `Some(ZERO)` when already expired, `None` when there is no readable `exp`.
+pub fn unverified_expiry(token: &str) -> Option<Duration> {
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    #[test]
+    fn derives_the_workload_identity_from_the_username() {
+        let account = account_of("system:serviceaccount:shop:web", &td()).unwrap();
+        assert_eq!(
+            account.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(account.namespace, "shop");
+        assert_eq!(account.service_account, "web");
+        let dotted = account_of("system:serviceaccount:shop:web.v2", &td()).unwrap();
+        assert_eq!(
+            dotted.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web.v2"
+        );
+    }
+
+    #[test]
+    fn refuses_users_that_are_not_service_accounts() {
+        for name in [
+            "kubernetes-admin",
+            "system:node:kind-worker",
+            "system:serviceaccount:shop",
+            "",
+        ] {
+            let e = account_of(name, &td()).unwrap_err();
+            assert!(
+                matches!(e, ReviewError::NotAServiceAccount(_)),
+                "{name}: {e}"
+            );
+            assert!(e.is_callers_fault());
+        }
+        for name in [
+            "system:serviceaccount:shop:web:x",
+            "system:serviceaccount:Shop:web",
+            "system:serviceaccount:shop:../x",
+            "system:serviceaccount::web",
+        ] {
+            let e = account_of(name, &td()).unwrap_err();
+            assert!(matches!(e, ReviewError::BadAccount(_)), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn reads_the_expiry_without_trusting_it() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = |exp: u64| {
+            format!(
+                "{}.{}.sig",
+                b64(r#"{"alg":"RS256"}"#),
+                b64(&format!(r#"{{"exp":{exp}}}"#))
+            )
+        };
+        let left = unverified_expiry(&token(now + 30)).unwrap();
+        assert!(left <= Duration::from_secs(30) && left >= Duration::from_secs(28));
+        assert_eq!(unverified_expiry(&token(now - 5)), Some(Duration::ZERO));
+        assert_eq!(unverified_expiry("opaque-token"), None);
+        assert_eq!(unverified_expiry("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn api_urls_must_be_https_with_a_host() {
+        assert!(parse_api_url("https://10.96.0.1:443").is_ok());
+        assert!(parse_api_url("https://[fd00::1]:6443").is_ok());
+        assert!(parse_api_url("http://10.96.0.1").is_err());
+        assert!(parse_api_url("10.96.0.1:443").is_err());
+        assert!(parse_api_url("https://h/?x=1").is_err());
+    }
+
+    #[test]
+    fn an_empty_audience_list_means_the_api_servers_own_and_is_refused() {
+        let body = br#"{"kind":"TokenReview","apiVersion":"authentication.k8s.io/v1",
+            "status":{"authenticated":true,"user":{"username":"system:serviceaccount:shop:web"}}}"#;
+        let review = decode(StatusCode::CREATED, body).unwrap();
+        let e = verdict(review, &td()).unwrap_err();
+        assert!(
+            matches!(e, ReviewError::WrongAudience(ref a) if a.is_empty()),
+            "{e}"
+        );
+        let body =
+            br#"{"kind":"TokenReview","status":{"authenticated":true,"audiences":["trellis"],
+            "user":{"username":"system:serviceaccount:shop:web"}}}"#;
+        let account = verdict(decode(StatusCode::CREATED, body).unwrap(), &td()).unwrap();
+        assert_eq!(
+            account.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        let e = decode(StatusCode::CREATED, br#"{"kind":"Status"}"#).unwrap_err();
+        assert!(matches!(e, ReviewError::BadResponse(_)), "{e}");
+    }
+
+    #[test]
+    fn refusals_carry_the_api_servers_message() {
+        let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#;
+        let e = decode(StatusCode::UNAUTHORIZED, body).unwrap_err();
+        assert!(matches!(e, ReviewError::Refused { code: 401, .. }), "{e}");
+        assert!(!e.is_callers_fault());
+        let e = decode(StatusCode::BAD_GATEWAY, b"<html>").unwrap_err();
+        assert!(e.to_string().contains("Bad Gateway"), "{e}");
+    }
+}

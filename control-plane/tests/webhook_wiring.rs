@@ -1,0 +1,322 @@
+//! The admission webhooks as the real `trellis-control-plane` binary serves
+//! them with `--webhook`: its flags, its port, its settings file, its
+//! shutdown.
+//!
+//! No Kubernetes API server can run on these machines. This test plays its
+//! part with curl: it trusts the CA of a serving certificate made here (the
+//! `caBundle` of the webhook configurations) and POSTs the real
+//! AdmissionReview documents of `fixtures/k8s/` to `/inject` and `/validate`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use base64::Engine as _;
+use common::ControlPlane;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::Value;
+
+/// Serving certificate files for `localhost`, and the CA that signed them.
+struct ServingCert {
+    dir: tempfile::TempDir,
+}
+
+impl ServingCert {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(DnType::CommonName, "trellis webhook test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), leaf_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(name)
+}
+
+/// The `webhook=` field of the ready line.
+fn webhook_addr(cp: &ControlPlane) -> String {
+    let log = cp.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("control plane ready"))
+        .expect("a ready line");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("webhook="))
+        .unwrap_or_else(|| panic!("no webhook= in {line:?}"))
+        .to_owned()
+}
+
+/// POSTs a fixture to the webhook as the API server would: HTTPS, verified
+/// against the CA, by name. Returns the HTTP status and the body.
+fn post(addr: &str, certs: &ServingCert, path: &str, fixture: &str) -> (u16, String) {
+    let port = addr.rsplit(':').next().unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(["--cacert", &certs.path("ca.crt")])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", "content-type: application/json"])
+        .arg("--data-binary")
+        .arg(format!("@{}", fixture_path(fixture).display()))
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, code) = stdout.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+fn webhook_flags(certs: &ServingCert) -> Vec<String> {
+    vec![
+        "--webhook".into(),
+        "127.0.0.1:0".into(),
+        "--webhook-cert".into(),
+        certs.path("tls.crt"),
+        "--webhook-key".into(),
+        certs.path("tls.key"),
+    ]
+}
+
+fn start(extra: &[String]) -> ControlPlane {
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    ControlPlane::start(&args)
+}
+
+/// The binary serves `/inject` with the settings of `--inject-config`, its own
+/// trust domain and its own trust bundle, and `/validate`; SIGTERM stops the
+/// webhook with the rest.
+#[test]
+fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
+    let certs = ServingCert::new();
+    let settings = certs.dir.path().join("inject.json");
+    std::fs::write(
+        &settings,
+        r#"{"image": "registry.example/trellis:test", "controlPlane": "cp.example:15012"}"#,
+    )
+    .unwrap();
+    let mut flags = webhook_flags(&certs);
+    flags.extend([
+        "--inject-config".into(),
+        settings.display().to_string(),
+        "--trust-domain".into(),
+        "example.org".into(),
+    ]);
+    let cp = start(&flags);
+    let addr = webhook_addr(&cp);
+
+    let (status, body) = post(&addr, &certs, "/inject", "pod-deployment-http-probes.json");
+    assert_eq!(status, 200, "{body}");
+    let review: Value = serde_json::from_str(&body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["uid"], "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("a patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let request: Value = serde_json::from_slice(
+        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
+    )
+    .unwrap();
+    let mut pod = request["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+
+    let proxy = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "trellis-proxy")
+        .expect("the sidecar was injected");
+    assert_eq!(proxy["image"], "registry.example/trellis:test");
+    let env = |name: &str| {
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("no {name} in {proxy}"))
+            .to_owned()
+    };
+    assert!(
+        env("TRELLIS_IDENTITY").starts_with("spiffe://example.org/ns/"),
+        "the binary's trust domain"
+    );
+    assert_eq!(env("TRELLIS_CONTROL_PLANE"), "cp.example:15012");
+    let bundle = std::fs::read_to_string(cp.state_dir.join("bundle.pem")).unwrap();
+    assert_eq!(
+        pod["metadata"]["annotations"]["trellis.io/trust-bundle"], bundle,
+        "the bundle the control plane serves"
+    );
+
+    let (status, body) = post(
+        &addr,
+        &certs,
+        "/validate",
+        "authorizationpolicy-invalid-update.json",
+    );
+    assert_eq!(status, 200, "{body}");
+    let review: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], false, "{body}");
+
+    let status = cp.stop();
+    assert!(status.success(), "{status}");
+    let port = addr.rsplit(':').next().unwrap();
+    let refused = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert", &certs.path("ca.crt")])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .arg(format!("https://localhost:{port}/inject"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "the webhook stopped with the rest"
+    );
+}
+
+/// Without `--webhook` nothing listens for it and the ready line says so.
+#[test]
+fn the_webhook_is_off_unless_asked_for() {
+    let cp = ControlPlane::start(&[]);
+    assert_eq!(webhook_addr(&cp), "off");
+}
+
+fn run(args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(common::CP)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Invalid webhook flags exit 64 naming the flag, before any port is bound.
+#[test]
+fn invalid_webhook_flags_exit_64() {
+    let certs = ServingCert::new();
+    let (cert, key) = (certs.path("tls.crt"), certs.path("tls.key"));
+    let unknown_field = certs.dir.path().join("typo.json");
+    std::fs::write(&unknown_field, r#"{"imagePullPolicies": "Always"}"#).unwrap();
+    let bad_value = certs.dir.path().join("bad.json");
+    std::fs::write(&bad_value, r#"{"tokenExpirationSeconds": 60}"#).unwrap();
+    let (unknown_field, bad_value) = (
+        unknown_field.display().to_string(),
+        bad_value.display().to_string(),
+    );
+    let full = [
+        "--webhook",
+        "127.0.0.1:0",
+        "--webhook-cert",
+        &cert,
+        "--webhook-key",
+        &key,
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        full.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--webhook".into(), "127.0.0.1:0".into()],
+            "--webhook-cert",
+        ),
+        (
+            vec![
+                "--webhook".into(),
+                "127.0.0.1:0".into(),
+                "--webhook-cert".into(),
+                cert.clone(),
+            ],
+            "--webhook-key",
+        ),
+        (vec!["--webhook-cert".into(), cert.clone()], "--webhook"),
+        (vec!["--webhook-key".into(), key.clone()], "--webhook"),
+        (
+            vec!["--inject-config".into(), unknown_field.clone()],
+            "--webhook",
+        ),
+        (vec!["--webhook".into(), "localhost".into()], "--webhook"),
+        (
+            [with(&["--inject-config"]), vec![unknown_field.clone()]].concat(),
+            "unknown field `imagePullPolicies`",
+        ),
+        (
+            [with(&["--inject-config"]), vec![bad_value.clone()]].concat(),
+            "tokenExpirationSeconds",
+        ),
+        (
+            with(&["--inject-config", "/nonexistent/inject.json"]),
+            "/nonexistent/inject.json",
+        ),
+    ];
+    for (args, expect) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?} should name {expect}: {stderr}"
+        );
+    }
+}
+
+/// A serving certificate that cannot be read, or a webhook port in use, fails
+/// the start (exit 1) naming the file or the address.
+#[test]
+fn webhook_start_up_failures_name_the_cause() {
+    let certs = ServingCert::new();
+    let key = certs.path("tls.key");
+    let out = run(&[
+        "--webhook",
+        "127.0.0.1:0",
+        "--webhook-cert",
+        "/nonexistent/tls.crt",
+        "--webhook-key",
+        &key,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/tls.crt"), "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let flags = webhook_flags(&certs);
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args[1] = &addr;
+    let out = run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(stderr.contains("webhook"), "{stderr}");
+}
