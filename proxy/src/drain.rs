@@ -5,9 +5,16 @@
 //! This module never closes a connection itself: when the deadline passes the
 //! process exits and the sockets close with it.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+
+/// How long a listener waits after a failed accept (out of file descriptors,
+/// say) before it tries again, so the failure neither spins a core nor floods
+/// the log.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Held by a listener: tells it when to stop, and hands each connection a
 /// tracker.
@@ -49,6 +56,33 @@ impl Drain {
 
     pub fn tracker(&self) -> Tracker {
         Tracker(self.tracker.clone())
+    }
+
+    /// Accepts on `listener` until shutdown starts, handing every connection
+    /// to `serve` with its tracker. `what` names the listener in the log.
+    pub async fn accept(
+        mut self,
+        listener: &TcpListener,
+        what: &'static str,
+        mut serve: impl FnMut(TcpStream, SocketAddr, Tracker),
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.signaled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, client)) => serve(tcp, client, self.tracker()),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed; pausing");
+                    tokio::select! {
+                        _ = self.signaled() => break,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(listener = what, "listener stopped accepting");
     }
 }
 

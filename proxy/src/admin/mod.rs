@@ -56,24 +56,26 @@ impl Admin {
         self.listener.local_addr()
     }
 
-    pub async fn run(mut self) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.drain.signaled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            let Ok((tcp, _)) = accepted else { continue };
-            let state = self.state.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, &req)) }
+    pub async fn run(self) {
+        let Admin {
+            listener,
+            state,
+            drain,
+        } = self;
+        drain
+            .accept(&listener, "admin", |tcp, _, _tracker| {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(&state, &req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
+            })
+            .await;
     }
 }
 

@@ -77,22 +77,17 @@ impl Inbound {
     }
 
     /// Accepts until shutdown, one task per connection.
-    pub async fn run(mut self) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.drain.signaled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, client)) => {
-                    let shared = self.shared.clone();
-                    let tracker = self.drain.tracker();
-                    tokio::spawn(serve(shared, tcp, client, tracker));
-                }
-                Err(e) => tracing::warn!(error = %e, "inbound accept failed"),
-            }
-        }
-        tracing::info!("inbound listener stopped accepting");
+    pub async fn run(self) {
+        let Inbound {
+            listener,
+            shared,
+            drain,
+        } = self;
+        drain
+            .accept(&listener, "inbound", |tcp, client, tracker| {
+                tokio::spawn(serve(shared.clone(), tcp, client, tracker));
+            })
+            .await;
     }
 }
 

@@ -155,25 +155,18 @@ impl RouteListener {
         self.listener.local_addr()
     }
 
-    pub async fn run(mut self) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.drain.signaled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, _)) => {
-                    let (route, shared, tracker) = (
-                        self.route.clone(),
-                        self.shared.clone(),
-                        self.drain.tracker(),
-                    );
-                    tokio::spawn(serve_route(route, shared, tcp, tracker));
-                }
-                Err(e) => tracing::warn!(error = %e, "route accept failed"),
-            }
-        }
-        tracing::info!(route = %self.route, "route listener stopped accepting");
+    pub async fn run(self) {
+        let RouteListener {
+            listener,
+            route,
+            shared,
+            drain,
+        } = self;
+        drain
+            .accept(&listener, "route", |tcp, _, tracker| {
+                tokio::spawn(serve_route(route.clone(), shared.clone(), tcp, tracker));
+            })
+            .await;
     }
 }
 
@@ -212,21 +205,17 @@ impl Transparent {
         self.listener.local_addr()
     }
 
-    pub async fn run(mut self) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.drain.signaled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, client)) => {
-                    let (shared, tracker) = (self.shared.clone(), self.drain.tracker());
-                    tokio::spawn(serve_transparent(shared, tcp, client, tracker));
-                }
-                Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
-            }
-        }
-        tracing::info!("outbound listener stopped accepting");
+    pub async fn run(self) {
+        let Transparent {
+            listener,
+            shared,
+            drain,
+        } = self;
+        drain
+            .accept(&listener, "outbound", |tcp, client, tracker| {
+                tokio::spawn(serve_transparent(shared.clone(), tcp, client, tracker));
+            })
+            .await;
     }
 }
 
