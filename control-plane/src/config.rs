@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use trellis_core::TrustDomain;
 
@@ -22,23 +23,14 @@ pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 /// The exit code for invalid configuration (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 
-/// What happens when no policy decides, as pushed in every snapshot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum DefaultPolicy {
-    #[default]
-    Deny,
-    AllowSameNamespace,
-    AllowMesh,
-}
+/// What happens when no policy decides, as pushed in every snapshot: the
+/// engine's own type, so the flag and the sidecars agree on its values.
+pub use trellis_core::policy::DefaultPolicy;
 
-impl DefaultPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Deny => "deny",
-            Self::AllowSameNamespace => "allow-same-namespace",
-            Self::AllowMesh => "allow-mesh",
-        }
-    }
+/// `--default-policy` values, listed in `--help` and in errors.
+fn default_policy_parser() -> impl TypedValueParser<Value = DefaultPolicy> {
+    clap::builder::PossibleValuesParser::new(["deny", "allow-same-namespace", "allow-mesh"])
+        .try_map(|s| s.parse::<DefaultPolicy>())
 }
 
 /// What happens to outbound traffic to a destination outside the mesh.
@@ -101,7 +93,12 @@ pub struct Config {
     pub admin: SocketAddr,
 
     /// Mesh default when no policy decides.
-    #[arg(long, env = "TRELLIS_DEFAULT_POLICY", value_enum, default_value_t)]
+    #[arg(
+        long,
+        env = "TRELLIS_DEFAULT_POLICY",
+        value_parser = default_policy_parser(),
+        default_value = "deny"
+    )]
     pub default_policy: DefaultPolicy,
 
     /// Outbound traffic to destinations outside the mesh.

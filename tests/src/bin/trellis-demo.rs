@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use trellis_tests::apps::Handler;
 use trellis_tests::ports::preferred_or_free;
+use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::{HttpApp, Launcher, Mesh, Program, Sidecar, http};
 
 const USAGE: &str = "\
@@ -106,8 +107,11 @@ struct Demo {
 }
 
 async fn start() -> anyhow::Result<Demo> {
+    // Zero trust, as in production: nothing is allowed until a policy
+    // allows it.
     let mesh = Mesh::builder()
         .launcher(Launcher::self_exec()?)
+        .default_policy(Some("deny"))
         .log_tails_on_drop(false)
         .preferred_addrs(addr(15012), addr(15014))
         .start()
@@ -149,6 +153,18 @@ async fn start() -> anyhow::Result<Demo> {
         .preferred_addrs(addr(15206), addr(15201), addr(15220))
         .start()
         .await?;
+
+    // client may call web, and web may call api; nobody else may call either.
+    let policies = policy::stream(&[
+        PolicyDoc::allow("client-to-web", web.identity()).from(client.identity()),
+        PolicyDoc::allow("web-to-api", api.identity()).from(web.identity()),
+    ]);
+    let applied = policy::apply(&mesh, &policies)
+        .await
+        .context("applying the demo's policies")?;
+    for sidecar in [&web, &api] {
+        policy::wait_for_ack(&mesh, sidecar.identity(), applied.snapshot_version).await?;
+    }
 
     Ok(Demo {
         client,
@@ -307,6 +323,13 @@ fn print_instructions(demo: &Demo) {
         "trellisctl against this mesh (or `cargo run --bin trellisctl -- ...` with the same flags):"
     );
     println!("  {ctl} workloads");
+    println!("  {ctl} policy list");
+    println!(
+        "  {ctl} policy explain --from {} --to {} --port {}",
+        mesh.spiffe_id(NAMESPACE, "api"),
+        mesh.spiffe_id(NAMESPACE, "web"),
+        demo.web_app.addr().port()
+    );
     println!(
         "  {ctl} token create --spiffe-id {}",
         mesh.spiffe_id(NAMESPACE, "new")
