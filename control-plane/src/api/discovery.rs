@@ -5,7 +5,8 @@
 //! A snapshot is sent first (unless the sidecar already holds the current
 //! version), then again whenever the sidecar's snapshot content changes:
 //! an announced change starts a [`COALESCE_WINDOW`], after which the stream
-//! rebuilds once. The stream ends with UNAVAILABLE when the control plane
+//! derives its sidecar's content key from the shared view once and builds a
+//! snapshot only when that key changed. The stream ends with UNAVAILABLE when the control plane
 //! shuts down.
 
 use std::pin::Pin;
@@ -21,7 +22,7 @@ use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Snapshot, WatchRequest};
 
 use super::{Mesh, require_svid};
-use crate::discovery::{COALESCE_WINDOW, same_content};
+use crate::discovery::{COALESCE_WINDOW, ContentKey};
 
 pub struct DiscoveryService {
     mesh: Mesh,
@@ -87,7 +88,8 @@ async fn serve_stream(
     let mut versions = mesh.discovery.subscribe();
     let mut shutdown = mesh.shutdown.clone();
     versions.borrow_and_update();
-    let mut last_sent: Option<Snapshot> = None;
+    // What the stream last sent (or found the sidecar holding), by content.
+    let mut last_sent: Option<ContentKey> = None;
     // When to rebuild: now for the first snapshot, then one window after the
     // first announcement of a burst.
     let mut due = Some(Instant::now());
@@ -102,22 +104,26 @@ async fn serve_stream(
             () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 due = None;
                 versions.borrow_and_update();
-                let snapshot = mesh.discovery.snapshot_for(id);
+                // One shared view per version; only the key is per stream,
+                // and the snapshot is built only when it is sent.
+                let view = mesh.discovery.view();
+                let key = view.content_key(id);
                 let first = last_sent.is_none();
-                let unchanged = last_sent.as_ref().is_some_and(|s| same_content(s, &snapshot));
-                // A reconnecting sidecar that holds the current version needs
-                // nothing until the next change.
-                let held = first && last_version != 0 && last_version == snapshot.version;
-                if unchanged {
+                if last_sent.as_ref() == Some(&key) {
                     continue;
                 }
-                last_sent = Some(snapshot.clone());
+                // A reconnecting sidecar that holds the current version needs
+                // nothing until the next change.
+                let held = first && last_version != 0 && last_version == view.version;
+                last_sent = Some(key);
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
                     mesh.discovery.ack(id, last_version);
                     continue;
                 }
+                let snapshot = mesh.discovery.snapshot_in(&view, id);
+                drop(view);
                 if tx.send(Ok(snapshot)).await.is_err() {
                     return "sidecar went away";
                 }

@@ -6,10 +6,15 @@
 //! each change this module reads the version together with the workloads and
 //! policies it stands for, in one store transaction, into an in-memory
 //! [`View`], and announces the version on a `watch` channel: a snapshot's
-//! version therefore always names exactly its content. Each Watch stream
-//! waits [`COALESCE_WINDOW`] after an announcement (so a burst of changes
-//! costs one rebuild), rebuilds its sidecar's snapshot from the view, and
-//! sends it only when its content differs from what that stream last sent:
+//! version therefore always names exactly its content. The view is built
+//! once per version and shared (`Arc`) by every stream: its endpoint list is
+//! itself shared, and each part of it (the endpoint list, each policy) has a
+//! content token, reused from the previous view when that part did not
+//! change. Each Watch stream waits [`COALESCE_WINDOW`] after an announcement
+//! (so a burst of changes costs one rebuild), derives its sidecar's
+//! [`ContentKey`] from the view (which policies select it, and the tokens),
+//! and builds and sends a snapshot only when that key differs from what the
+//! stream last sent:
 //! sidecars a change does not affect see nothing, and the version a sidecar
 //! sees moves only when its content changes. This module also tracks what
 //! each connected sidecar acknowledged. It never authenticates anyone:
@@ -53,12 +58,68 @@ impl SidecarStatus {
 pub struct View {
     pub version: u64,
     /// Every workload with an address, ordered by address then ID.
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Arc<Vec<Endpoint>>,
     /// Every policy with its selector parsed once, ordered by key.
     pub policies: Vec<(WorkloadSelector, Policy)>,
+    /// Names the content of `endpoints`: equal tokens, equal content.
+    endpoints_token: u64,
+    /// Per entry of `policies`, a token naming its content.
+    policy_tokens: Vec<u64>,
+}
+
+/// What one sidecar's snapshot holds besides its version, named by content
+/// tokens: two keys from views of one [`Discovery`] are equal exactly when
+/// the snapshots they stand for have the same content. The trust bundle and
+/// the mesh config never change while the control plane runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentKey {
+    endpoints: u64,
+    /// The tokens of the policies that select the sidecar, in view order.
+    policies: Vec<u64>,
 }
 
 impl View {
+    /// The view of `state`, with content tokens reused from `previous` for
+    /// the parts that did not change and fresh ones (from `next_token`)
+    /// for the others.
+    fn from_state_after(state: DiscoveryState, previous: &View, next_token: &mut u64) -> Self {
+        let mut view = Self::from_state(state);
+        let mut fresh = || {
+            *next_token += 1;
+            *next_token
+        };
+        if view.endpoints == previous.endpoints {
+            view.endpoints = previous.endpoints.clone();
+            view.endpoints_token = previous.endpoints_token;
+        } else {
+            view.endpoints_token = fresh();
+        }
+        // Both lists are ordered by key: walk them together.
+        let mut old = previous
+            .policies
+            .iter()
+            .zip(&previous.policy_tokens)
+            .peekable();
+        view.policy_tokens = view
+            .policies
+            .iter()
+            .map(|(_, policy)| {
+                let key = (&policy.namespace, &policy.name);
+                while old
+                    .peek()
+                    .is_some_and(|((_, p), _)| (&p.namespace, &p.name) < key)
+                {
+                    old.next();
+                }
+                match old.peek() {
+                    Some(((_, p), token)) if p == policy => **token,
+                    _ => fresh(),
+                }
+            })
+            .collect();
+        view
+    }
+
     fn from_state(state: DiscoveryState) -> Self {
         let mut endpoints: Vec<Endpoint> = state
             .workloads
@@ -70,15 +131,32 @@ impl View {
             })
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
-        let policies = state
+        let policies: Vec<_> = state
             .policies
             .into_iter()
             .map(|p| (WorkloadSelector::of(&p), p))
             .collect();
+        let policy_tokens = (1..=policies.len() as u64).collect();
         Self {
             version: state.version,
-            endpoints,
+            endpoints: Arc::new(endpoints),
+            endpoints_token: 0,
             policies,
+            policy_tokens,
+        }
+    }
+
+    /// What the snapshot of the workload `id` holds, by content tokens.
+    pub fn content_key(&self, id: &SpiffeId) -> ContentKey {
+        ContentKey {
+            endpoints: self.endpoints_token,
+            policies: self
+                .policies
+                .iter()
+                .zip(&self.policy_tokens)
+                .filter(|((selector, _), _)| selector.selects(id))
+                .map(|(_, token)| *token)
+                .collect(),
         }
     }
 
@@ -98,8 +176,9 @@ pub struct Discovery {
     mesh: MeshConfig,
     default_policy: DefaultPolicy,
     view: RwLock<Arc<View>>,
-    /// Serializes refreshes, so views are published in version order.
-    refreshing: Mutex<()>,
+    /// Serializes refreshes, so views are published in version order; holds
+    /// the last content token handed out.
+    refreshing: Mutex<u64>,
     version: watch::Sender<u64>,
     sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
 }
@@ -126,6 +205,7 @@ impl Discovery {
         );
         store.settle_mesh_config(&encoded)?;
         let view = View::from_state(store.discovery_state()?);
+        let tokens = view.policy_tokens.len() as u64;
         // The flag parser only produces known names; deny is the safe reading.
         let default_policy = mesh.default_policy.parse().unwrap_or_default();
         Ok(Self {
@@ -135,7 +215,7 @@ impl Discovery {
             default_policy,
             version: watch::Sender::new(view.version),
             view: RwLock::new(Arc::new(view)),
-            refreshing: Mutex::new(()),
+            refreshing: Mutex::new(tokens),
             sidecars: Mutex::new(BTreeMap::new()),
         })
     }
@@ -150,11 +230,13 @@ impl Discovery {
     /// bumps it in its own transaction) and announces the new version.
     /// Blocks on the store: call it from blocking code.
     pub fn refresh(&self) -> Result<u64, StoreError> {
-        let _serial = self.refreshing.lock().expect("not poisoned");
+        let mut next_token = self.refreshing.lock().expect("not poisoned");
         let state = self.store.discovery_state()?;
         let version = state.version;
-        if version > self.current_version() {
-            *self.view.write().expect("not poisoned") = Arc::new(View::from_state(state));
+        let previous = self.view();
+        if version > previous.version {
+            let view = View::from_state_after(state, &previous, &mut next_token);
+            *self.view.write().expect("not poisoned") = Arc::new(view);
             self.version.send_replace(version);
         }
         Ok(self.current_version())
@@ -186,11 +268,15 @@ impl Discovery {
 
     /// The snapshot for the sidecar `id` at the current version.
     pub fn snapshot_for(&self, id: &SpiffeId) -> Snapshot {
-        let view = self.view();
+        self.snapshot_in(&self.view(), id)
+    }
+
+    /// The snapshot for the sidecar `id` in `view`.
+    pub fn snapshot_in(&self, view: &View, id: &SpiffeId) -> Snapshot {
         Snapshot {
             version: view.version,
             trust_bundle: self.bundle.clone(),
-            endpoints: view.endpoints.clone(),
+            endpoints: view.endpoints.as_ref().clone(),
             policies: view.policies_for(id),
             mesh: Some(self.mesh.clone()),
             // Rate limits are not stored or pushed by the control plane yet.
@@ -239,16 +325,5 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.discovery
             .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
-    }
-}
-
-/// Whether two snapshots differ in anything but their version.
-pub fn same_content(a: &Snapshot, b: &Snapshot) -> bool {
-    Snapshot {
-        version: 0,
-        ..a.clone()
-    } == Snapshot {
-        version: 0,
-        ..b.clone()
     }
 }

@@ -6,17 +6,16 @@
 //!   clients (join tokens made beforehand in bulk through the Admin API),
 //!   against raw rcgen signing of the same CSRs in this process;
 //! - propagation: N simulated sidecars hold open `Discovery.Watch` streams;
-//!   a change is applied and the time until each one has received the new
-//!   snapshot and sent its ACK is recorded (p50, p99, max);
+//!   a policy selecting all of them is changed through `Admin.ApplyPolicy`,
+//!   and the time from the call until each one has received a snapshot at
+//!   or above the response's `snapshot_version` (the first version holding
+//!   the write) and sent its ACK is recorded (p50, p99, max);
 //! - reconnection: every simulated sidecar drops its connection and all
 //!   come back at once (renew the certificate over mTLS, then Watch): the
 //!   time until the last one holds a certificate and a snapshot.
 //!
-//! The control plane has no policy Admin API yet, so the change that is
-//! propagated is a new workload registering (a Certify with a new inbound
-//! address), which gives every sidecar a new snapshot with one more mesh
-//! endpoint. Only loopback addresses are used; every loop is bounded in
-//! count and time.
+//! Only loopback addresses are used; every loop is bounded in count and
+//! time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,8 +32,8 @@ use tonic::transport::Channel;
 use trellis_control_plane::ctl::AdminCredentials;
 use trellis_core::tls::{ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
-use trellis_proto::admin::v1::CreateJoinTokenRequest;
 use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{ApplyPolicyRequest, CreateJoinTokenRequest};
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Ack, Subscribe, WatchRequest};
@@ -44,6 +43,35 @@ use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
 use crate::binaries::Launcher;
 use crate::mesh::Mesh;
+
+/// The namespace of the watching sims; the propagation policy selects it.
+const WATCH_NAMESPACE: &str = "bench-watch";
+
+/// The policy changed in each propagation round: it selects every watching
+/// sim and allows `port` from the same namespace.
+fn watchers_policy(port: u32) -> String {
+    let prefix = format!(
+        "spiffe://{}/ns/{WATCH_NAMESPACE}/*",
+        super::certs::TRUST_DOMAIN
+    );
+    format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: bench-propagation
+  namespace: default
+spec:
+  selector:
+    spiffeIds: [\"{prefix}\"]
+  action: ALLOW
+  rules:
+    - from:
+        - spiffeId: \"{prefix}\"
+      to:
+        - ports: [{port}]
+"
+    )
+}
 
 /// How long one RPC may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -349,14 +377,17 @@ async fn watch(
         .await?
         .into_inner();
     while let Some(snapshot) = stream.message().await? {
-        let received = Instant::now();
         tx.send(WatchRequest {
             kind: Some(Kind::Ack(Ack {
                 version: snapshot.version,
             })),
         })
         .await?;
-        if events.send((index, snapshot.version, received)).is_err() {
+        // The ACK is on its way: this sidecar holds the version.
+        if events
+            .send((index, snapshot.version, Instant::now()))
+            .is_err()
+        {
             break;
         }
     }
@@ -427,10 +458,11 @@ pub async fn run(launcher: &Launcher, sizes: &ControlSizes) -> anyhow::Result<Co
         issuance_clients: sizes.issuance_clients,
         issuance_certs: sizes.issuance_certs,
         watchers: sizes.watchers,
-        propagation_trigger: "a new workload registers (Certify with a new inbound address): \
-            every sidecar gets a snapshot with one more endpoint; the control plane has no \
-            policy Admin API yet"
-            .into(),
+        propagation_trigger: format!(
+            "Admin.ApplyPolicy changes one policy selecting all watchers \
+             ({WATCH_NAMESPACE}/*); measured from the call to each watcher's ACK of a \
+             version >= the response's snapshot_version"
+        ),
         ..ControlFigures::default()
     };
 
@@ -493,7 +525,7 @@ async fn propagation_and_reconnect(
     let mut sims = (0..n)
         .map(|i| {
             let port = 20_000 + (i % 40_000) as u16;
-            Sim::new("bench-watch", i, format!("127.0.0.2:{port}"))
+            Sim::new(WATCH_NAMESPACE, i, format!("127.0.0.2:{port}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     make_tokens(admin, &mut sims).await?;
@@ -515,23 +547,38 @@ async fn propagation_and_reconnect(
         control_plane_pid.and_then(super::system::rss_kib);
 
     let mut latencies = Vec::new();
+    let mut admin = admin.clone();
     for round in 0..sizes.propagation_rounds {
         // Let the previous round's stragglers settle.
         tokio::time::sleep(Duration::from_millis(200)).await;
         while events.try_recv().is_ok() {}
-        let mut trigger = vec![Sim::new(
-            "bench-trigger",
-            round,
-            format!("127.0.0.3:{}", 20_000 + round),
-        )?];
-        make_tokens(admin, &mut trigger).await?;
-        let channel = client.channel(None).await?;
+        // A new port each round: new content, so a new revision and version.
+        let document = watchers_policy(8000 + round as u32);
         let t0 = Instant::now();
-        let trigger = trigger.remove(0);
-        certify(channel, trigger.csr, Some(trigger.token), trigger.inbound).await?;
-        let (arrivals, newest) = collect(&mut events, n, version, Duration::from_secs(30))
-            .await
-            .with_context(|| format!("propagation round {round}"))?;
+        let applied = tokio::time::timeout(
+            RPC_TIMEOUT,
+            admin.apply_policy(ApplyPolicyRequest {
+                document,
+                dry_run: false,
+            }),
+        )
+        .await
+        .context("ApplyPolicy timed out")?
+        .with_context(|| format!("ApplyPolicy in propagation round {round}"))?
+        .into_inner();
+        anyhow::ensure!(
+            applied.snapshot_version > version,
+            "ApplyPolicy in round {round} made no new snapshot version ({} after {version})",
+            applied.snapshot_version
+        );
+        let (arrivals, newest) = collect(
+            &mut events,
+            n,
+            applied.snapshot_version - 1,
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("propagation round {round}"))?;
         version = newest;
         latencies.extend(
             arrivals
