@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use trellis_tests::apps::Handler;
-use trellis_tests::ports::preferred_or_free;
 use trellis_tests::policy::{self, PolicyDoc};
+use trellis_tests::ports::preferred_or_free;
 use trellis_tests::{HttpApp, Launcher, Mesh, Program, Sidecar, http};
 
 const USAGE: &str = "\
