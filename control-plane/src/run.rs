@@ -92,6 +92,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
     let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);
+    tokio::spawn(discovery.clone().expire_endpoints());
     let metrics = Arc::new(Metrics::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

@@ -222,3 +222,53 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     assert_eq!(next.endpoints.len(), 2);
     drop(tx);
 }
+
+/// A workload that goes away stops renewing: when its certificate ends it
+/// leaves the mesh endpoints, in a new snapshot version.
+#[tokio::test]
+async fn an_endpoint_leaves_when_its_certificate_expires() {
+    let cp = ControlPlane::start(&["--default-policy", "allow-mesh", "--cert-ttl", "10s"]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("127.0.0.1:7001")).await.unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch opens")
+        .into_inner();
+    let first = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a first snapshot");
+    assert_eq!(first.endpoints.len(), 1);
+
+    // db registers and never renews.
+    enroll(&cp, DB, "127.0.0.1:7002").await;
+    let mut last = first;
+    let mut saw_db = false;
+    // Each snapshot is a change: db arriving, then the certificates (web's
+    // too, which is not renewed here) ending; the control plane removes each
+    // endpoint at its expiry. Every wait is bounded.
+    while let Some(next) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), snapshots.message())
+            .await
+            .expect("a snapshot within 60 s")
+            .unwrap()
+    {
+        assert!(next.version > last.version);
+        let has_db = next.endpoints.iter().any(|e| e.spiffe_id == DB);
+        saw_db |= has_db;
+        last = next;
+        if saw_db && !has_db {
+            break;
+        }
+    }
+    assert!(saw_db, "db was an endpoint while its certificate was valid");
+    assert!(
+        last.endpoints.iter().all(|e| e.spiffe_id != DB),
+        "db left the endpoints: {:?}",
+        last.endpoints
+    );
+}

@@ -121,10 +121,16 @@ impl View {
     }
 
     fn from_state(state: DiscoveryState) -> Self {
-        let mut endpoints: Vec<Endpoint> = state
+        // A workload is an endpoint while it holds a valid certificate: one
+        // that is gone stops renewing, and leaves when its certificate ends.
+        let now = unix_now();
+        let live: Vec<_> = state
             .workloads
             .into_iter()
-            .filter(|w| !w.address.is_empty())
+            .filter(|w| !w.address.is_empty() && w.cert_expires_at_unix > now)
+            .collect();
+        let mut endpoints: Vec<Endpoint> = live
+            .into_iter()
             .map(|w| Endpoint {
                 address: w.address,
                 spiffe_id: w.spiffe_id,
@@ -242,6 +248,73 @@ impl Discovery {
         Ok(self.current_version())
     }
 
+    /// Removes workloads from the mesh endpoints when their certificates
+    /// expire: when an endpoint of the current view has expired it records a
+    /// change, so the endpoint leaves in a new version (a version always
+    /// names exactly its content). It sleeps until the soonest expiry in the
+    /// store, which renewals keep moving forward, so it wakes for workloads
+    /// that stopped renewing. Runs until the announcements end.
+    pub async fn expire_endpoints(self: Arc<Self>) {
+        let mut versions = self.subscribe();
+        loop {
+            let discovery = self.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let (due, next) = discovery.endpoint_expiries()?;
+                if due {
+                    let version = discovery.changed()?;
+                    tracing::info!(version, "expired endpoints removed");
+                }
+                Ok::<_, StoreError>(next)
+            })
+            .await;
+            let wait = match checked {
+                // One second past the expiry, so the check sees it expired.
+                Ok(Ok(Some(at))) => {
+                    Duration::from_secs(u64::try_from(at - unix_now() + 1).unwrap_or(1))
+                }
+                Ok(Ok(None)) => Duration::from_secs(3600),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "checking endpoint expiry failed");
+                    Duration::from_secs(5)
+                }
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = versions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether an endpoint of the current view has expired, and the soonest
+    /// certificate expiry still to come among workloads with an address.
+    fn endpoint_expiries(&self) -> Result<(bool, Option<i64>), StoreError> {
+        let now = unix_now();
+        let view = self.view();
+        let listed: std::collections::HashSet<&str> = view
+            .endpoints
+            .iter()
+            .map(|e| e.spiffe_id.as_str())
+            .collect();
+        let mut due = false;
+        let mut next: Option<i64> = None;
+        for w in self.store.workloads()? {
+            if w.address.is_empty() {
+                continue;
+            }
+            if w.cert_expires_at_unix <= now {
+                due |= listed.contains(w.spiffe_id.as_str());
+            } else {
+                next = Some(next.map_or(w.cert_expires_at_unix, |n| n.min(w.cert_expires_at_unix)));
+            }
+        }
+        Ok((due, next))
+    }
+
     /// Announcements of new versions.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
@@ -326,4 +399,10 @@ impl Drop for StreamGuard {
         self.discovery
             .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

@@ -234,12 +234,17 @@ impl Store for EmbeddedStore {
                     None => None,
                 };
             let mut record = workload.clone();
+            // A workload whose certificate had expired was no endpoint; its
+            // new certificate makes it one again.
+            let previously_live = previous
+                .as_ref()
+                .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
             let previous_address = previous.map(|p| p.address).unwrap_or_default();
             if record.address.is_empty() {
                 record.address = previous_address.clone();
             }
             workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
-            Ok(if record.address != previous_address {
+            Ok(if record.address != previous_address || !previously_live {
                 EndpointChange::Changed
             } else {
                 EndpointChange::Unchanged
@@ -480,6 +485,17 @@ mod tests {
             .unwrap();
         assert_eq!(change, EndpointChange::Unchanged);
         assert_eq!(store.workloads().unwrap()[0].address, "127.0.0.1:1");
+
+        // Certified again after its certificate ended: an endpoint again.
+        let returned = WorkloadRecord {
+            cert_expires_at_unix: 300,
+            last_seen_unix: 200,
+            ..workload(id.as_str(), "127.0.0.1:1")
+        };
+        let change = store
+            .record_issuance(None, &issued("06", id.as_str()), &returned)
+            .unwrap();
+        assert_eq!(change, EndpointChange::Changed);
     }
 
     #[test]
