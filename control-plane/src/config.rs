@@ -68,6 +68,20 @@ pub enum IdentityProvider {
     Kubernetes,
 }
 
+/// Where the control plane keeps its state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// One redb database and the CA files in --state-dir.
+    #[default]
+    Embedded,
+    /// Policies as `trellis.io` CRDs, endpoints from Pods, the CA in the
+    /// Secret --ca-secret: replicas are stateless.
+    Kubernetes,
+}
+
+/// Where the CA Secret's namespace is found inside a pod.
+pub const IN_CLUSTER_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
 /// The Trellis control plane: CA, identity issuance and discovery.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "trellis-control-plane", version, about)]
@@ -163,8 +177,25 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_KUBE_TOKEN_FILE")]
     pub kube_token_file: Option<PathBuf>,
 
+    /// Where state lives: `embedded` (--state-dir) or `kubernetes` (CRDs,
+    /// Pods and the CA Secret; needs --ca-secret and --identity-provider
+    /// kubernetes).
+    #[arg(long, env = "TRELLIS_STORE", value_enum, default_value_t)]
+    pub store: StoreKind,
+
+    /// Name of the Secret holding the mesh CA (`tls.crt`, `tls.key`) with
+    /// --store kubernetes; an empty or missing Secret gets a new root.
+    #[arg(long, env = "TRELLIS_CA_SECRET", value_parser = parse_object_name)]
+    pub ca_secret: Option<String>,
+
+    /// Namespace of --ca-secret [default: $POD_NAMESPACE, else the pod's
+    /// service-account namespace file].
+    #[arg(long, env = "TRELLIS_NAMESPACE", value_parser = parse_object_name)]
+    pub namespace: Option<String>,
+
     /// The Kubernetes API as resolved from the --kube-* flags and the pod's
-    /// environment; set with --identity-provider kubernetes.
+    /// environment; set with --identity-provider kubernetes or --store
+    /// kubernetes.
     #[arg(skip)]
     pub kube: Option<KubeApi>,
 }
@@ -205,21 +236,76 @@ impl Config {
             ("--kube-ca", self.kube_ca.is_some()),
             ("--kube-token-file", self.kube_token_file.is_some()),
         ];
-        match self.identity_provider {
-            IdentityProvider::Kubernetes => {
-                self.kube = Some(KubeApi::resolve(
-                    self.kube_api.as_deref(),
-                    self.kube_ca.as_deref(),
-                    self.kube_token_file.as_deref(),
-                )?);
-            }
-            IdentityProvider::JoinToken => {
-                if let Some((flag, _)) = kube_flags.iter().find(|(_, given)| *given) {
-                    return Err(format!(
-                        "{flag} is only used with --identity-provider kubernetes"
-                    ));
+        match self.store {
+            StoreKind::Kubernetes => self.resolve_kubernetes_store()?,
+            StoreKind::Embedded => {
+                for (flag, given) in [
+                    ("--ca-secret", self.ca_secret.is_some()),
+                    ("--namespace", self.namespace.is_some()),
+                ] {
+                    if given {
+                        return Err(format!("{flag} is only used with --store kubernetes"));
+                    }
                 }
             }
+        }
+        let uses_kube = self.identity_provider == IdentityProvider::Kubernetes
+            || self.store == StoreKind::Kubernetes;
+        if uses_kube {
+            self.kube = Some(KubeApi::resolve(
+                self.kube_api.as_deref(),
+                self.kube_ca.as_deref(),
+                self.kube_token_file.as_deref(),
+            )?);
+        } else if let Some((flag, _)) = kube_flags.iter().find(|(_, given)| *given) {
+            return Err(format!(
+                "{flag} is only used with --identity-provider kubernetes or --store kubernetes"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the flags `--store kubernetes` needs and finds the namespace
+    /// of the CA Secret.
+    fn resolve_kubernetes_store(&mut self) -> Result<(), String> {
+        if self.ca_secret.is_none() {
+            return Err(
+                "--store kubernetes needs --ca-secret NAME (the Secret of the mesh CA)".into(),
+            );
+        }
+        if self.ca_cert.is_some() {
+            return Err(
+                "--ca-cert/--ca-key cannot be used with --store kubernetes: the CA lives in \
+                 the Secret --ca-secret"
+                    .into(),
+            );
+        }
+        if self.identity_provider != IdentityProvider::Kubernetes {
+            return Err(
+                "--store kubernetes needs --identity-provider kubernetes: the Kubernetes store \
+                 keeps no join tokens, sidecars prove themselves with ServiceAccount tokens"
+                    .into(),
+            );
+        }
+        if self.namespace.is_none() {
+            let from_env = std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|n| !n.is_empty());
+            let from_file = || {
+                std::fs::read_to_string(IN_CLUSTER_NAMESPACE)
+                    .ok()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+            };
+            let namespace = from_env.or_else(from_file).ok_or_else(|| {
+                format!(
+                    "--store kubernetes: no --namespace given (TRELLIS_NAMESPACE), POD_NAMESPACE \
+                     is not set and {IN_CLUSTER_NAMESPACE} is missing (not running in a pod)"
+                )
+            })?;
+            self.namespace = Some(parse_object_name(&namespace).map_err(|e| {
+                format!("the namespace {namespace:?} of the pod is not usable: {e}")
+            })?);
         }
         Ok(())
     }
@@ -263,6 +349,28 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(ttl)
+}
+
+/// A Kubernetes object or namespace name (RFC 1123 DNS subdomain).
+fn parse_object_name(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a Kubernetes name (lower case letters, digits, '-' and '.')"
+        ))
+    }
 }
 
 fn parse_dns_name(s: &str) -> Result<String, String> {
@@ -366,6 +474,56 @@ mod tests {
             panic!("plain http must be refused")
         };
         assert!(msg.contains("--kube-api"), "{msg}");
+    }
+
+    #[test]
+    fn the_kubernetes_store_takes_its_flags_and_refuses_what_it_cannot_use() {
+        let kube = [
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "https://127.0.0.1:6443",
+        ];
+        let with = |extra: &[&str]| {
+            let mut args = vec!["x", "--state-dir", "d", "--store", "kubernetes"];
+            args.extend(extra);
+            parse(&args)
+        };
+        let mut complete = kube.to_vec();
+        complete.extend(["--ca-secret", "trellis-ca", "--namespace", "trellis"]);
+        let Parsed::Run(c) = with(&complete) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.store, StoreKind::Kubernetes);
+        assert_eq!(c.ca_secret.as_deref(), Some("trellis-ca"));
+        assert_eq!(c.namespace.as_deref(), Some("trellis"));
+        assert!(c.kube.is_some());
+
+        let Parsed::Invalid(msg) = with(&kube) else {
+            panic!("a missing --ca-secret must be refused")
+        };
+        assert!(msg.contains("--ca-secret"), "{msg}");
+        let Parsed::Invalid(msg) = with(&["--ca-secret", "c", "--namespace", "n"]) else {
+            panic!("join tokens cannot be kept in the Kubernetes store")
+        };
+        assert!(msg.contains("--identity-provider kubernetes"), "{msg}");
+        let mut operator_ca = complete.clone();
+        operator_ca.extend(["--ca-cert", "c.pem", "--ca-key", "k.pem"]);
+        let Parsed::Invalid(msg) = with(&operator_ca) else {
+            panic!("an operator CA cannot be used with the Secret")
+        };
+        assert!(msg.contains("--ca-cert"), "{msg}");
+        let mut bad_name = kube.to_vec();
+        bad_name.extend(["--ca-secret", "Trellis_CA", "--namespace", "n"]);
+        let Parsed::Invalid(msg) = with(&bad_name) else {
+            panic!("an invalid Secret name must be refused")
+        };
+        assert!(msg.contains("--ca-secret"), "{msg}");
+
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--ca-secret", "c"]) else {
+            panic!("--ca-secret without the Kubernetes store must be refused")
+        };
+        assert!(msg.contains("--store kubernetes"), "{msg}");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Start-up and shutdown of the control plane process, in order: state dir,
-//! CA, operator credential, store, discovery, the TokenReview client and the
+//! CA (files, or the Secret with `--store kubernetes`), operator credential,
+//! store (the embedded database, or the Kubernetes watches listed once),
+//! discovery, the TokenReview client and the
 //! webhook's certificate and settings, then every port (gRPC, admin, and
 //! the webhook when `--webhook` is given) bound before anything is served;
 //! SIGTERM/SIGINT stops accepting everywhere and drains in-flight RPCs up to
 //! a deadline.
 //!
 //! Log lines worth asserting on: `control plane ready` (fields `grpc`,
-//! `admin`, `webhook` (an address, or `off`), `trust_domain`, `state_dir`)
+//! `admin`, `webhook` (an address, or `off`), `trust_domain`, `store`,
+//! `state_dir`)
 //! once the ports serve, and `control plane stopped` on a clean exit.
 
 use std::sync::Arc;
@@ -25,15 +28,18 @@ use crate::api::discovery::DiscoveryService;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
 use crate::authn::tokenreview::TokenReviewer;
-use crate::ca::files::{ensure_admin_credential, open_ca};
-use crate::config::Config;
+use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
+use crate::ca::secret::open_ca_secret;
+use crate::config::{Config, IdentityProvider, StoreKind};
 use crate::discovery::Discovery;
 use crate::inject::InjectConfig;
 use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::metrics::Metrics;
 use crate::server::{GrpcListener, ServingCert, server_config};
-use crate::state_dir::StateDir;
+use crate::state_dir::{Secrecy, StateDir};
+use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
+use crate::store::kubernetes::{self, KubeStoreError, KubernetesStore, SYNC_TIMEOUT};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -67,6 +73,10 @@ pub enum RunError {
     InjectSettings(#[from] crate::inject::InvalidSettings),
     #[error(transparent)]
     KubeApi(#[from] crate::authn::tokenreview::KubeSetupError),
+    #[error(transparent)]
+    KubeStore(#[from] KubeStoreError),
+    #[error(transparent)]
+    CaSecret(#[from] crate::ca::secret::CaSecretError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -82,10 +92,31 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 
 pub async fn run(config: Config) -> Result<(), RunError> {
     let dir = StateDir::open(&config.state_dir)?;
-    let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
-    let ca = Arc::new(open_ca(&dir, &config.trust_domain, operator_ca)?);
+    let (ca, store, store_changes): (_, Arc<dyn Store>, _) = match (config.store, &config.kube) {
+        (StoreKind::Kubernetes, Some(api)) => {
+            let client = kubernetes::client(api)?;
+            let (namespace, secret) = (
+                config.namespace.as_deref().unwrap_or_default(),
+                config.ca_secret.as_deref().unwrap_or_default(),
+            );
+            let ca =
+                open_ca_secret(client.clone(), namespace, secret, &config.trust_domain).await?;
+            dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
+            let store =
+                KubernetesStore::connect(client, config.trust_domain.clone(), SYNC_TIMEOUT).await?;
+            tracing::info!(api = %api.url, "policies from CRDs, endpoints from Pods, CA from Secret {namespace}/{secret}");
+            let changes = store.changes();
+            (ca, Arc::new(store) as Arc<dyn Store>, Some(changes))
+        }
+        _ => {
+            let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
+            let ca = open_ca(&dir, &config.trust_domain, operator_ca)?;
+            let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
+            (ca, store as Arc<dyn Store>, None)
+        }
+    };
+    let ca = Arc::new(ca);
     ensure_admin_credential(&dir, &ca)?;
-    let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
     let mesh_config = MeshConfig {
         default_policy: config.default_policy.as_str().to_string(),
         outbound_policy: config.outbound_policy.as_str().to_string(),
@@ -93,16 +124,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
     let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);
     tokio::spawn(discovery.clone().expire_endpoints());
+    if let Some(changes) = store_changes {
+        tokio::spawn(follow_store(discovery.clone(), changes));
+    }
     let metrics = Arc::new(Metrics::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let reviewer = match &config.kube {
-        Some(api) => {
+    let reviewer = match (&config.kube, config.identity_provider) {
+        (Some(api), IdentityProvider::Kubernetes) => {
             let reviewer = TokenReviewer::new(api, config.trust_domain.clone())?;
             tracing::info!(api = %api.url, "service account tokens are checked with TokenReview");
             Some(Arc::new(reviewer))
         }
-        None => None,
+        _ => None,
     };
     let webhook_setup = match (&config.webhook, &config.webhook_cert, &config.webhook_key) {
         (Some(addr), Some(cert), Some(key)) => {
@@ -200,6 +234,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         admin = %admin_addr,
         webhook = %webhook_addr,
         trust_domain = %config.trust_domain,
+        store = ?config.store,
         state_dir = %config.state_dir.display(),
         "control plane ready"
     );
@@ -224,4 +259,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Announces what the Kubernetes store's watches changed: discovery reloads
+/// its view (and the Watch streams push) after every change of content.
+async fn follow_store(discovery: Arc<Discovery>, mut changes: watch::Receiver<u64>) {
+    while changes.changed().await.is_ok() {
+        let discovery = discovery.clone();
+        match tokio::task::spawn_blocking(move || discovery.refresh()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not reload the discovery view"),
+            Err(_) => return,
+        }
+    }
 }

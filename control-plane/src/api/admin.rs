@@ -19,7 +19,7 @@ use super::identity::unix_now;
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
-use crate::store::JoinToken;
+use crate::store::{JoinToken, StoreError};
 
 pub struct AdminService {
     mesh: Mesh,
@@ -78,7 +78,10 @@ impl Admin for AdminService {
         tokio::task::spawn_blocking(move || store.add_join_token(&hash, &record))
             .await
             .map_err(internal)?
-            .map_err(internal)?;
+            .map_err(|e| match e {
+                StoreError::Token(refusal) => Status::failed_precondition(refusal.to_string()),
+                other => internal(other),
+            })?;
         tracing::info!(spiffe_id = %id, expires_at = expires_at_unix, "created a join token");
         Ok(Response::new(CreateJoinTokenResponse {
             token: new.token,

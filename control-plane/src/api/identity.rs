@@ -193,6 +193,10 @@ impl Identity for IdentityService {
                         "token_used",
                         Status::unauthenticated("join token was already used"),
                     ),
+                    TokenRefusal::Disabled => (
+                        "join_tokens_disabled",
+                        Status::failed_precondition(TokenRefusal::Disabled.to_string()),
+                    ),
                     TokenRefusal::OtherIdentity { .. } => (
                         "other_identity",
                         Status::permission_denied(format!(

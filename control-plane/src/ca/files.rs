@@ -142,7 +142,7 @@ fn key_matches(cert: &X509Certificate<'_>, key: &KeyPair) -> bool {
     cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
 }
 
-fn load_ca(
+pub(super) fn load_ca(
     trust_domain: &trellis_core::TrustDomain,
     cert_pem: &[u8],
     cert_path: &Path,

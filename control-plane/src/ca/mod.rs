@@ -10,6 +10,7 @@
 
 pub mod csr;
 pub mod files;
+pub mod secret;
 
 use std::net::IpAddr;
 use std::time::Duration;

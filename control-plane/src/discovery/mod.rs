@@ -1,8 +1,10 @@
 //! Per-sidecar snapshots: what each sidecar needs to enforce (its policies,
 //! the mesh endpoints, the trust bundle, the mesh config), versioned.
 //!
-//! One persisted version counter increases with every change that can affect
-//! a snapshot (a new endpoint, a policy write, a changed mesh config). After
+//! The store's snapshot version changes with every change that can affect a
+//! snapshot (a new endpoint, a policy write, a changed mesh config): a
+//! persisted counter in the embedded store, a digest of the content in the
+//! Kubernetes store (so replicas agree on it). After
 //! each change this module reads the version together with the workloads and
 //! policies it stands for, in one store transaction, into an in-memory
 //! [`View`], and announces the version on a `watch` channel: a snapshot's
@@ -240,7 +242,9 @@ impl Discovery {
         let state = self.store.discovery_state()?;
         let version = state.version;
         let previous = self.view();
-        if version > previous.version {
+        // Versions name content; the embedded store's only ever grow, the
+        // Kubernetes store's are content digests: any other version is new.
+        if version != previous.version {
             let view = View::from_state_after(state, &previous, &mut next_token);
             *self.view.write().expect("not poisoned") = Arc::new(view);
             self.version.send_replace(version);

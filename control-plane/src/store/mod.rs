@@ -2,18 +2,20 @@
 //! workloads, the issued-certificate log, versioned authorization policies,
 //! and the snapshot version counter.
 //!
-//! [`Store`] is what the API layer talks to, so a Kubernetes backend (CRDs and
-//! Secrets) can replace the embedded one. Every method is one transaction: a
-//! refused call changes nothing. This module never sees a token in clear,
+//! [`Store`] is what the API layer talks to: the embedded backend (redb in
+//! the state dir) or the Kubernetes backend ([`kubernetes`]: CRDs, Pods and a
+//! Secret). Every method is one transaction: a refused call changes nothing. This module never sees a token in clear,
 //! only its SHA-256 hash, and never signs anything.
 
 pub mod embedded;
+pub mod kubernetes;
 
 use serde::{Deserialize, Serialize};
 use trellis_core::SpiffeId;
 use trellis_proto::policy::v1::Policy;
 
 pub use embedded::EmbeddedStore;
+pub use kubernetes::KubernetesStore;
 
 /// A join token as stored: the token itself is never kept, only its hash
 /// (the key of the record).
@@ -64,6 +66,11 @@ pub enum TokenRefusal {
     Used,
     #[error("join token grants {granted}, not the identity in the CSR")]
     OtherIdentity { granted: String },
+    #[error(
+        "join tokens are not used with the Kubernetes store: sidecars prove their identity \
+         with a projected ServiceAccount token"
+    )]
+    Disabled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +81,8 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error(transparent)]
     Token(#[from] TokenRefusal),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeStoreError),
 }
 
 /// What a recorded issuance changed for discovery.

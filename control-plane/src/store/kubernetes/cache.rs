@@ -1,0 +1,399 @@
+//! The in-memory reflection of what the API server holds: per object
+//! (kind, `namespace/name`), its resourceVersion and what it contributes to
+//! snapshots (a validated policy, or a Pod's mesh endpoints).
+//!
+//! The snapshot version is a name of the content, not a counter: every
+//! entry has a digest (SHA-256 of its kind, key and canonical content), the
+//! digests are combined with XOR (order-free, updated per event in O(1)),
+//! and the mesh config is mixed in. Two replicas holding the same objects
+//! therefore announce the same version whatever order or history brought
+//! them there, and different content gets a different version (a 63-bit
+//! collision aside). Versions are not ordered: a deletion may lower one.
+//!
+//! This module never talks to the API server and never validates a policy:
+//! the reflector hands it finished entries.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use trellis_proto::policy::v1::Policy;
+
+use crate::store::WorkloadRecord;
+
+/// The kinds the store reflects. A new kind (RateLimitPolicy) is a variant
+/// here, an [`Entry`] variant and a conversion in `objects`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    AuthorizationPolicy,
+    Pod,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Pod => "Pod",
+        }
+    }
+}
+
+/// What one object contributes to snapshots.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    /// A valid policy; its revision is the object's `metadata.generation`.
+    Policy(Policy),
+    /// A running, injected Pod: one endpoint per pod IP.
+    Endpoints(Vec<WorkloadRecord>),
+}
+
+/// An object as the reflector read it.
+#[derive(Clone, Debug)]
+pub struct Reflected {
+    pub resource_version: String,
+    pub entry: Entry,
+}
+
+#[derive(Debug)]
+struct Slot {
+    resource_version: String,
+    entry: Entry,
+    digest: u64,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Cache {
+    objects: BTreeMap<(Kind, String), Slot>,
+    /// XOR of every slot's digest.
+    content: u64,
+    /// XOR of the policy slots' digests.
+    policy_content: u64,
+    mesh_config: String,
+    synced: BTreeSet<Kind>,
+}
+
+const VERSION_MASK: u64 = (1 << 63) - 1;
+
+impl Cache {
+    /// The snapshot version: a name of the content (never 0, below 2^63).
+    pub fn version(&self) -> u64 {
+        let mesh = digest_bytes(&[b"mesh", self.mesh_config.as_bytes()]);
+        nonzero(self.content ^ mesh)
+    }
+
+    /// The policy generation: a name of the policies alone.
+    pub fn policy_generation(&self) -> u64 {
+        nonzero(self.policy_content)
+    }
+
+    /// Whether the first full list of `kind` has been read.
+    pub fn is_synced(&self, kind: Kind) -> bool {
+        self.synced.contains(&kind)
+    }
+
+    /// Stores the mesh config; true when it changed.
+    pub fn set_mesh_config(&mut self, encoded: &str) -> bool {
+        if self.mesh_config == encoded {
+            return false;
+        }
+        encoded.clone_into(&mut self.mesh_config);
+        true
+    }
+
+    /// Adds or updates one object; `None` (an invalid policy, a Pod that is
+    /// no endpoint) removes it. An event older than what is held (by
+    /// numeric resourceVersion, as every API server writes them) is ignored:
+    /// a write's own answer may arrive before its watch event. True when the
+    /// content changed.
+    pub fn apply(&mut self, kind: Kind, key: &str, object: Option<Reflected>) -> bool {
+        let Some(object) = object else {
+            return self.remove(kind, key);
+        };
+        let slot_key = (kind, key.to_owned());
+        if let Some(held) = self.objects.get(&slot_key)
+            && is_older(&object.resource_version, &held.resource_version)
+        {
+            return false;
+        }
+        let digest = entry_digest(kind, key, &object.entry);
+        let slot = Slot {
+            resource_version: object.resource_version,
+            entry: object.entry,
+            digest,
+        };
+        let old = self.objects.insert(slot_key, slot);
+        let old_digest = old.as_ref().map(|s| s.digest);
+        if let Some(old) = old_digest {
+            self.xor(kind, old);
+        }
+        self.xor(kind, digest);
+        old_digest != Some(digest)
+    }
+
+    /// Removes one object; true when it was held.
+    pub fn remove(&mut self, kind: Kind, key: &str) -> bool {
+        match self.objects.remove(&(kind, key.to_owned())) {
+            Some(slot) => {
+                self.xor(kind, slot.digest);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces every object of `kind` with a full list (the first list, or
+    /// a re-list after the watch expired): objects missing from it are gone.
+    /// Marks the kind synced. True when the content changed.
+    pub fn replace(&mut self, kind: Kind, listed: BTreeMap<String, Reflected>) -> bool {
+        let before = self.content;
+        let stale: Vec<String> = self
+            .objects
+            .range((kind, String::new())..)
+            .take_while(|((k, _), _)| *k == kind)
+            .map(|((_, key), _)| key.clone())
+            .filter(|key| !listed.contains_key(key))
+            .collect();
+        let mut changed = false;
+        for key in stale {
+            changed |= self.remove(kind, &key);
+        }
+        for (key, object) in listed {
+            // A re-list is the truth: no resourceVersion guard.
+            self.remove(kind, &key);
+            self.apply(kind, &key, Some(object));
+        }
+        self.synced.insert(kind);
+        changed || self.content != before
+    }
+
+    /// The resourceVersion held for an object.
+    pub fn resource_version(&self, kind: Kind, key: &str) -> Option<&str> {
+        self.objects
+            .get(&(kind, key.to_owned()))
+            .map(|s| s.resource_version.as_str())
+    }
+
+    /// Every valid policy, ordered by `namespace/name`.
+    pub fn policies(&self) -> Vec<Policy> {
+        self.of_kind(Kind::AuthorizationPolicy)
+            .filter_map(|entry| match entry {
+                Entry::Policy(p) => Some(p.clone()),
+                Entry::Endpoints(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn policy(&self, key: &str) -> Option<Policy> {
+        match self
+            .objects
+            .get(&(Kind::AuthorizationPolicy, key.to_owned()))
+        {
+            Some(Slot {
+                entry: Entry::Policy(p),
+                ..
+            }) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every endpoint of every running, injected Pod.
+    pub fn workloads(&self) -> Vec<WorkloadRecord> {
+        self.of_kind(Kind::Pod)
+            .filter_map(|entry| match entry {
+                Entry::Endpoints(e) => Some(e.iter().cloned()),
+                Entry::Policy(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Entry> {
+        self.objects
+            .range((kind, String::new())..)
+            .take_while(move |((k, _), _)| *k == kind)
+            .map(|(_, slot)| &slot.entry)
+    }
+
+    fn xor(&mut self, kind: Kind, digest: u64) {
+        self.content ^= digest;
+        if kind == Kind::AuthorizationPolicy {
+            self.policy_content ^= digest;
+        }
+    }
+}
+
+fn nonzero(v: u64) -> u64 {
+    match v & VERSION_MASK {
+        0 => 1,
+        v => v,
+    }
+}
+
+/// Whether resourceVersion `new` is older than `held`. They are opaque
+/// strings by contract; when either is not a number nothing is older.
+fn is_older(new: &str, held: &str) -> bool {
+    match (new.parse::<u64>(), held.parse::<u64>()) {
+        (Ok(new), Ok(held)) => new < held,
+        _ => false,
+    }
+}
+
+fn digest_bytes(parts: &[&[u8]]) -> u64 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let out = hasher.finalize();
+    u64::from_be_bytes(out[..8].try_into().expect("32 bytes"))
+}
+
+/// The digest of one entry, independent of the process: protobuf map fields
+/// (HTTP header matches) are hashed in key order, not in the encoding's.
+fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
+    match entry {
+        Entry::Policy(policy) => {
+            let mut plain = policy.clone();
+            let mut headers: Vec<(String, String)> = Vec::new();
+            for rule in &mut plain.rules {
+                for to in &mut rule.to {
+                    let mut these: Vec<_> = to.headers.drain().collect();
+                    these.sort();
+                    headers.push((String::new(), String::new()));
+                    headers.extend(these);
+                }
+            }
+            let mut parts: Vec<Vec<u8>> = vec![plain.encode_to_vec()];
+            for (k, v) in headers {
+                parts.push(k.into_bytes());
+                parts.push(v.into_bytes());
+            }
+            let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
+            refs.extend(parts.iter().map(Vec::as_slice));
+            digest_bytes(&refs)
+        }
+        Entry::Endpoints(records) => {
+            let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
+            for r in records {
+                refs.push(r.address.as_bytes());
+                refs.push(r.spiffe_id.as_bytes());
+            }
+            digest_bytes(&refs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(address: &str) -> Reflected {
+        Reflected {
+            resource_version: "10".into(),
+            entry: Entry::Endpoints(vec![WorkloadRecord {
+                spiffe_id: "spiffe://td/ns/a/sa/b".into(),
+                address: address.into(),
+                cert_expires_at_unix: i64::MAX,
+                last_seen_unix: 0,
+            }]),
+        }
+    }
+
+    fn policy(name: &str, rv: &str, port: u32) -> Reflected {
+        use trellis_proto::policy::v1::{Destination, Rule};
+        Reflected {
+            resource_version: rv.into(),
+            entry: Entry::Policy(Policy {
+                name: name.into(),
+                namespace: "default".into(),
+                revision: 1,
+                rules: vec![Rule {
+                    from: vec![],
+                    to: vec![Destination {
+                        ports: vec![port],
+                        headers: [("a".into(), "1".into()), ("b".into(), "2".into())].into(),
+                        ..Destination::default()
+                    }],
+                }],
+                ..Policy::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_version_names_the_content_whatever_the_history() {
+        let mut one = Cache::default();
+        one.set_mesh_config("m");
+        one.apply(Kind::Pod, "a/p1", Some(endpoint("10.0.0.1:15006")));
+        one.apply(
+            Kind::AuthorizationPolicy,
+            "default/x",
+            Some(policy("x", "5", 80)),
+        );
+        one.apply(
+            Kind::AuthorizationPolicy,
+            "default/y",
+            Some(policy("y", "6", 81)),
+        );
+        assert!(one.remove(Kind::AuthorizationPolicy, "default/y"));
+
+        let mut two = Cache::default();
+        two.set_mesh_config("m");
+        two.replace(
+            Kind::AuthorizationPolicy,
+            [("default/x".to_owned(), policy("x", "5", 80))].into(),
+        );
+        two.replace(
+            Kind::Pod,
+            [("a/p1".to_owned(), endpoint("10.0.0.1:15006"))].into(),
+        );
+        assert_eq!(one.version(), two.version());
+        assert_eq!(one.policy_generation(), two.policy_generation());
+
+        let before = two.version();
+        assert!(two.apply(Kind::Pod, "a/p1", Some(endpoint("10.0.0.2:15006"))));
+        assert_ne!(two.version(), before);
+        assert!(two.set_mesh_config("other"));
+        assert_ne!(two.version(), one.version());
+    }
+
+    #[test]
+    fn an_older_event_does_not_undo_a_newer_write() {
+        let mut cache = Cache::default();
+        cache.apply(
+            Kind::AuthorizationPolicy,
+            "default/x",
+            Some(policy("x", "20", 80)),
+        );
+        assert!(!cache.apply(
+            Kind::AuthorizationPolicy,
+            "default/x",
+            Some(policy("x", "19", 81))
+        ));
+        assert_eq!(
+            cache.policy("default/x").unwrap().rules[0].to[0].ports,
+            [80]
+        );
+        assert_eq!(
+            cache.resource_version(Kind::AuthorizationPolicy, "default/x"),
+            Some("20")
+        );
+    }
+
+    #[test]
+    fn a_relist_drops_what_it_does_not_name() {
+        let mut cache = Cache::default();
+        cache.apply(
+            Kind::AuthorizationPolicy,
+            "default/x",
+            Some(policy("x", "5", 80)),
+        );
+        cache.apply(Kind::Pod, "a/p1", Some(endpoint("10.0.0.1:15006")));
+        assert!(cache.replace(Kind::AuthorizationPolicy, BTreeMap::new()));
+        assert!(cache.policies().is_empty());
+        assert_eq!(cache.workloads().len(), 1, "other kinds are untouched");
+        assert!(cache.is_synced(Kind::AuthorizationPolicy));
+        assert!(!cache.is_synced(Kind::Pod));
+    }
+}

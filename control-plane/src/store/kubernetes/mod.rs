@@ -1,0 +1,460 @@
+//! The Kubernetes store (`--store kubernetes`): the API server is the
+//! distributed store, every replica is stateless.
+//!
+//! - Policies are `AuthorizationPolicy` objects (group `trellis.io`, version
+//!   `v1alpha1`, the documents `trellisctl` takes), reflected by a watch into
+//!   an in-memory [`cache::Cache`]; an Admin API apply creates or replaces
+//!   the object (optimistic on its resourceVersion) and a delete deletes it,
+//!   so every replica sees the write through its own watch.
+//! - Mesh endpoints come from Pods: each Running, injected Pod with an IP
+//!   is `pod IP:inbound port -> spiffe://TD/ns/NS/sa/SA`.
+//! - The snapshot version names the content (see [`cache`]), so two
+//!   replicas that see the same objects serve identical snapshots at the
+//!   same version.
+//! - Join tokens are refused: sidecars prove themselves with ServiceAccount
+//!   tokens (TokenReview).
+//! - The issued-certificate log is a bounded ring in memory
+//!   ([`ISSUED_LOG_CAPACITY`]): one API write per certificate would load the
+//!   API server with every renewal of every sidecar, and the `issued SVID`
+//!   log line is the durable record.
+//!
+//! The trait is synchronous and called from blocking threads; API writes
+//! block on the runtime the store was connected on. Nothing here holds the
+//! cache lock across an API call. A write of several policies is not one
+//! transaction (Kubernetes has none): each object is written in order and
+//! the first refusal stops the rest, leaving the earlier ones written.
+
+pub mod cache;
+pub mod objects;
+mod reflect;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
+use trellis_core::TrustDomain;
+use trellis_core::policy::policy_key;
+use trellis_proto::policy::v1::Policy;
+
+use self::cache::{Entry, Kind, Reflected};
+use self::objects::{
+    authorization_policy_resource, endpoints_from_pod, object_from_policy, policy_from_object,
+};
+use self::reflect::{Convert, Shared, reflect};
+use super::{
+    AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord, JoinToken,
+    PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+};
+use crate::authn::tokenreview::KubeApi;
+
+/// Issued certificates remembered per replica, newest last.
+pub const ISSUED_LOG_CAPACITY: usize = 10_000;
+
+/// How long start-up waits for the first full list of each kind.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Pods the store watches: only running ones can be endpoints.
+pub const POD_FIELD_SELECTOR: &str = "status.phase=Running";
+
+/// Why the Kubernetes store (or its client) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeStoreError {
+    #[error("Kubernetes API CA {path}: {message}")]
+    Ca { path: String, message: String },
+    #[error("Kubernetes API client: {0}")]
+    Client(String),
+    #[error("Kubernetes API server: listing {kind}s failed: {message}")]
+    List { kind: &'static str, message: String },
+    #[error("Kubernetes API server: no complete list of {kind}s within {timeout:?}")]
+    SyncTimeout {
+        kind: &'static str,
+        timeout: Duration,
+    },
+    #[error("Kubernetes API server refused to {action}: {message}")]
+    Write { action: String, message: String },
+    #[error("cannot turn policy {key} into an object: {message}")]
+    Encode { key: String, message: String },
+}
+
+/// A kube-rs client for the API server of `api`: verified against its CA,
+/// authenticated with the bearer token file (which kube-rs re-reads, as the
+/// kubelet rotates it).
+pub fn client(api: &KubeApi) -> Result<Client, KubeStoreError> {
+    let ca_error = |message: String| KubeStoreError::Ca {
+        path: api.ca.display().to_string(),
+        message,
+    };
+    let pem = std::fs::read(&api.ca).map_err(|e| ca_error(e.to_string()))?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_error(format!("bad PEM: {e}")))?;
+    if roots.is_empty() {
+        return Err(ca_error("no PEM certificate found".into()));
+    }
+    let mut config = kube::Config::new(api.url.clone());
+    config.root_cert = Some(roots);
+    config.auth_info.token_file = Some(api.token_file.display().to_string());
+    Client::try_from(config).map_err(|e| KubeStoreError::Client(e.to_string()))
+}
+
+/// A readable sentence from a kube-rs error: the API server's Status
+/// message and code when there is one.
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The API server's HTTP status code in an error, if it answered.
+pub fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+pub struct KubernetesStore {
+    shared: Arc<Shared>,
+    client: Client,
+    runtime: Handle,
+    issued: Mutex<VecDeque<IssuedCertRecord>>,
+    watches: Vec<AbortHandle>,
+}
+
+impl std::fmt::Debug for KubernetesStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesStore").finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubernetesStore {
+    fn drop(&mut self) {
+        for watch in &self.watches {
+            watch.abort();
+        }
+    }
+}
+
+impl KubernetesStore {
+    /// Starts the watches and returns once every kind has been listed once;
+    /// an API server error on the way (unreachable, 401, 403, a missing
+    /// CRD) is returned, naming the kind.
+    pub async fn connect(
+        client: Client,
+        trust_domain: TrustDomain,
+        sync_timeout: Duration,
+    ) -> Result<Self, KubeStoreError> {
+        let shared = Arc::new(Shared::new());
+        let mut watches = Vec::new();
+        let mut firsts = Vec::new();
+
+        let td = trust_domain.clone();
+        let policies: Convert<DynamicObject> =
+            Box::new(move |object| policy_from_object(object, &td).map(|p| Some(Entry::Policy(p))));
+        let api = Api::all_with(client.clone(), &authorization_policy_resource());
+        let (tx, rx) = oneshot::channel();
+        let task = reflect(
+            api,
+            watcher::Config::default(),
+            Kind::AuthorizationPolicy,
+            policies,
+            shared.clone(),
+            tx,
+        );
+        watches.push(tokio::spawn(task).abort_handle());
+        firsts.push((Kind::AuthorizationPolicy, rx));
+
+        let td = trust_domain.clone();
+        let pods: Convert<Pod> =
+            Box::new(move |pod| Ok(endpoints_from_pod(pod, &td).map(Entry::Endpoints)));
+        let api = Api::<Pod>::all(client.clone());
+        let (tx, rx) = oneshot::channel();
+        let config = watcher::Config::default().fields(POD_FIELD_SELECTOR);
+        let task = reflect(api, config, Kind::Pod, pods, shared.clone(), tx);
+        watches.push(tokio::spawn(task).abort_handle());
+        firsts.push((Kind::Pod, rx));
+
+        let store = Self {
+            shared,
+            client,
+            runtime: Handle::current(),
+            issued: Mutex::new(VecDeque::new()),
+            watches,
+        };
+        for (kind, first) in firsts {
+            let kind = kind.as_str();
+            match tokio::time::timeout(sync_timeout, first).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    return Err(KubeStoreError::List {
+                        kind,
+                        message: watch_error(&e),
+                    });
+                }
+                Ok(Err(_)) => {
+                    return Err(KubeStoreError::List {
+                        kind,
+                        message: "the watch ended".into(),
+                    });
+                }
+                Err(_) => {
+                    return Err(KubeStoreError::SyncTimeout {
+                        kind,
+                        timeout: sync_timeout,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The snapshot version after every change the watches (or writes) made.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    fn generation(&self) -> Generation {
+        self.shared.read(|c| Generation {
+            policies: c.policy_generation(),
+            snapshot: c.version(),
+        })
+    }
+
+    fn policy_api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &authorization_policy_resource(),
+        )
+    }
+
+    /// Writes one policy (create, or replace the version held) and puts the
+    /// API server's answer into the cache, so the caller reads its write.
+    fn write_policy(
+        &self,
+        policy: &Policy,
+        held_version: Option<String>,
+    ) -> Result<u64, StoreError> {
+        let key = policy_key(&policy.namespace, &policy.name);
+        let object = object_from_policy(policy, held_version.as_deref()).map_err(|message| {
+            KubeStoreError::Encode {
+                key: key.clone(),
+                message,
+            }
+        })?;
+        let api = self.policy_api(&policy.namespace);
+        let params = PostParams {
+            field_manager: Some("trellis-control-plane".into()),
+            ..PostParams::default()
+        };
+        let written = self.runtime.block_on(async {
+            match &held_version {
+                Some(_) => api.replace(&policy.name, &params, &object).await,
+                None => match api.create(&params, &object).await {
+                    // It exists but is not held (invalid, or not seen yet):
+                    // replace what is there.
+                    Err(e) if status_code(&e) == Some(409) => {
+                        let current = api.get(&policy.name).await?;
+                        let mut object = object.clone();
+                        object.metadata.resource_version = current.resource_version();
+                        api.replace(&policy.name, &params, &object).await
+                    }
+                    other => other,
+                },
+            }
+        });
+        let written = written.map_err(|e| KubeStoreError::Write {
+            action: format!(
+                "{} AuthorizationPolicy {key}",
+                if held_version.is_some() {
+                    "replace"
+                } else {
+                    "create"
+                }
+            ),
+            message: describe(&e),
+        })?;
+        let revision = written
+            .metadata
+            .generation
+            .and_then(|g| u64::try_from(g).ok())
+            .unwrap_or(1);
+        let reflected = Reflected {
+            resource_version: written.resource_version().unwrap_or_default(),
+            entry: Entry::Policy(Policy {
+                revision,
+                ..policy.clone()
+            }),
+        };
+        self.shared
+            .update(|c| c.apply(Kind::AuthorizationPolicy, &key, Some(reflected)));
+        Ok(revision)
+    }
+}
+
+fn watch_error(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => describe(e),
+        other => other.to_string(),
+    }
+}
+
+/// Whether two policies differ in anything but their revision.
+fn same_content(a: &Policy, b: &Policy) -> bool {
+    Policy {
+        revision: 0,
+        ..a.clone()
+    } == Policy {
+        revision: 0,
+        ..b.clone()
+    }
+}
+
+impl Store for KubernetesStore {
+    fn add_join_token(&self, _hash: &[u8; 32], _token: &JoinToken) -> Result<(), StoreError> {
+        Err(TokenRefusal::Disabled.into())
+    }
+
+    fn record_issuance(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        _workload: &WorkloadRecord,
+    ) -> Result<EndpointChange, StoreError> {
+        if claim.is_some() {
+            return Err(TokenRefusal::Disabled.into());
+        }
+        let mut log = self.issued.lock().expect("not poisoned");
+        if log.len() == ISSUED_LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(issued.clone());
+        // Endpoints come from Pods, not from what a sidecar reports.
+        Ok(EndpointChange::Unchanged)
+    }
+
+    fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
+        Ok(self.shared.read(|c| c.workloads()))
+    }
+
+    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
+        Ok(self
+            .issued
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .cloned()
+            .collect())
+    }
+
+    fn snapshot_version(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.read(|c| c.version()))
+    }
+
+    /// The version names the content: there is nothing to bump.
+    fn bump_snapshot_version(&self) -> Result<u64, StoreError> {
+        self.snapshot_version()
+    }
+
+    fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError> {
+        Ok(self.shared.update(|c| c.set_mesh_config(encoded)))
+    }
+
+    fn apply_policies(
+        &self,
+        policies: &[Policy],
+        dry_run: bool,
+    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+        let mut applied = Vec::with_capacity(policies.len());
+        for policy in policies {
+            let key = policy_key(&policy.namespace, &policy.name);
+            let (held, held_version) = self.shared.read(|c| {
+                (
+                    c.policy(&key),
+                    c.resource_version(Kind::AuthorizationPolicy, &key)
+                        .map(str::to_owned),
+                )
+            });
+            let (revision, outcome) = match &held {
+                None => (1, PolicyOutcome::Created),
+                Some(old) if same_content(old, policy) => (old.revision, PolicyOutcome::Unchanged),
+                Some(old) => (old.revision + 1, PolicyOutcome::Updated),
+            };
+            // An object held as invalid is not in `held` but exists: replace it.
+            let revision = if dry_run || outcome == PolicyOutcome::Unchanged {
+                revision
+            } else {
+                self.write_policy(policy, held_version)?
+            };
+            applied.push(AppliedPolicy {
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+                revision,
+                outcome,
+            });
+        }
+        Ok((applied, self.generation()))
+    }
+
+    fn policies(&self) -> Result<Vec<Policy>, StoreError> {
+        Ok(self.shared.read(|c| c.policies()))
+    }
+
+    fn policy(&self, namespace: &str, name: &str) -> Result<Option<Policy>, StoreError> {
+        let key = policy_key(namespace, name);
+        Ok(self.shared.read(|c| c.policy(&key)))
+    }
+
+    fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError> {
+        let key = policy_key(namespace, name);
+        if self.shared.read(|c| c.policy(&key)).is_none() {
+            return Ok(None);
+        }
+        let api = self.policy_api(namespace);
+        let deleted = self
+            .runtime
+            .block_on(api.delete(name, &DeleteParams::default()));
+        match deleted {
+            Ok(_) => {}
+            // Deleted meanwhile: the watch brings (or brought) the event.
+            Err(e) if status_code(&e) == Some(404) => {}
+            Err(e) => {
+                return Err(KubeStoreError::Write {
+                    action: format!("delete AuthorizationPolicy {key}"),
+                    message: describe(&e),
+                }
+                .into());
+            }
+        }
+        self.shared
+            .update(|c| c.remove(Kind::AuthorizationPolicy, &key));
+        Ok(Some(self.generation()))
+    }
+
+    fn generation(&self) -> Result<Generation, StoreError> {
+        Ok(KubernetesStore::generation(self))
+    }
+
+    fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
+        Ok(self.shared.read(|c| DiscoveryState {
+            version: c.version(),
+            workloads: c.workloads(),
+            policies: c.policies(),
+        }))
+    }
+}

@@ -1,0 +1,251 @@
+//! Between Kubernetes objects and what the store holds: a `trellis.io`
+//! policy object becomes a validated [`Policy`] (or is refused with the
+//! messages `policy lint` gives), a Pod becomes mesh endpoints, and a
+//! policy written through the Admin API becomes a CRD object.
+//!
+//! Kubernetes adds metadata (uid, labels, managedFields...) and a status
+//! that the document format does not have: only `metadata.name` and
+//! `metadata.namespace` are validated, exactly as the validating webhook
+//! does. This module never talks to the API server.
+
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::ResourceExt;
+use kube::api::DynamicObject;
+use kube::discovery::ApiResource;
+use serde_json::{Value, json};
+use trellis_core::policy::{AuthorizationPolicy, Document, document_from_proto, validate};
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::policy::v1::Policy;
+
+use crate::inject::{GROUP, INJECTED_ANNOTATION, PROXY_CONTAINER};
+use crate::store::WorkloadRecord;
+
+/// The API version of the policy CRDs.
+pub const VERSION: &str = "v1alpha1";
+/// The name of the sidecar's inbound port in the injected container.
+pub const INBOUND_PORT_NAME: &str = "trellis-inbound";
+/// The inbound port when the sidecar container does not name one.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+/// The `AuthorizationPolicy` resource (`authorizationpolicies.trellis.io`).
+pub fn authorization_policy_resource() -> ApiResource {
+    ApiResource {
+        group: GROUP.to_owned(),
+        version: VERSION.to_owned(),
+        api_version: format!("{GROUP}/{VERSION}"),
+        kind: AuthorizationPolicy::KIND.to_owned(),
+        plural: "authorizationpolicies".to_owned(),
+    }
+}
+
+/// `namespace/name` of any object.
+pub fn object_key(object: &impl ResourceExt) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
+}
+
+/// The validated policy an `AuthorizationPolicy` object stands for, its
+/// revision being the object's `metadata.generation` (so every replica
+/// agrees on it). The error lists what `policy lint` would say.
+pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Policy, String> {
+    let mut document = match &object.data {
+        Value::Object(map) => map.clone(),
+        _ => return Err("the object has no fields besides its metadata".into()),
+    };
+    document.remove("status");
+    document.insert("apiVersion".into(), json!(format!("{GROUP}/{VERSION}")));
+    document.insert("kind".into(), json!(AuthorizationPolicy::KIND));
+    document.insert(
+        "metadata".into(),
+        json!({
+            "name": object.name_any(),
+            "namespace": object.namespace().unwrap_or_default(),
+        }),
+    );
+    let policy = match Document::from_value(Value::Object(document)) {
+        Ok(Document::AuthorizationPolicy(policy)) => policy,
+        Ok(other) => {
+            return Err(format!(
+                "expected an AuthorizationPolicy, got a {}",
+                other.kind()
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let valid = validate(&policy, td).map_err(|violations| {
+        violations
+            .iter()
+            .filter(|v| v.is_error())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let revision = object
+        .metadata
+        .generation
+        .and_then(|g| u64::try_from(g).ok())
+        .unwrap_or(1);
+    Ok(Policy {
+        revision,
+        ..valid.to_proto()
+    })
+}
+
+/// The CRD object for a policy written through the Admin API; with
+/// `resource_version` it replaces exactly that version of the object.
+pub fn object_from_policy(
+    policy: &Policy,
+    resource_version: Option<&str>,
+) -> Result<DynamicObject, String> {
+    let document = document_from_proto(policy).map_err(|v| v.to_string())?;
+    let value = Document::AuthorizationPolicy(document).to_value();
+    let mut object = DynamicObject::new(&policy.name, &authorization_policy_resource())
+        .within(&policy.namespace)
+        .data(json!({ "spec": value["spec"] }));
+    object.metadata.resource_version = resource_version.map(str::to_owned);
+    Ok(object)
+}
+
+/// The mesh endpoints of a Pod: one per pod IP with the sidecar's inbound
+/// port, named `spiffe://TD/ns/NS/sa/SA`. `None` unless the Pod is Running,
+/// has an IP, and was injected (the injector's annotation or its sidecar
+/// container); host-network pods share the node's IP and are left out.
+pub fn endpoints_from_pod(pod: &Pod, td: &TrustDomain) -> Option<Vec<WorkloadRecord>> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") || spec.host_network == Some(true) {
+        return None;
+    }
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == PROXY_CONTAINER);
+    let injected = pod.annotations().contains_key(INJECTED_ANNOTATION);
+    if sidecar.is_none() && !injected {
+        return None;
+    }
+    let port = sidecar.map_or(DEFAULT_INBOUND_PORT, inbound_port);
+    let namespace = pod.namespace()?;
+    let account = spec
+        .service_account_name
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let spiffe_id = SpiffeId::workload(td, &namespace, account).ok()?;
+    let mut ips: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.as_deref());
+    }
+    let mut records: Vec<WorkloadRecord> = ips
+        .into_iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| WorkloadRecord {
+            spiffe_id: spiffe_id.to_string(),
+            address: SocketAddr::new(ip, port).to_string(),
+            // A Pod's endpoints live as long as the Pod runs, not as long as
+            // one certificate: the watch removes them.
+            cert_expires_at_unix: i64::MAX,
+            last_seen_unix: 0,
+        })
+        .collect();
+    records.sort_by(|a, b| a.address.cmp(&b.address));
+    records.dedup();
+    (!records.is_empty()).then_some(records)
+}
+
+fn inbound_port(container: &Container) -> u16 {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(INBOUND_PORT_NAME))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(DEFAULT_INBOUND_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn pod(phase: &str, injected: bool) -> Pod {
+        let containers = if injected {
+            json!([{"name": "trellis-proxy", "restartPolicy": "Always",
+                    "ports": [{"name": "trellis-inbound", "containerPort": 15106}]}])
+        } else {
+            json!([])
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "7"},
+            "spec": {"serviceAccountName": "web", "initContainers": containers,
+                     "containers": [{"name": "app"}]},
+            "status": {"phase": phase, "podIP": "10.1.0.5",
+                       "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_running_injected_pod_is_an_endpoint_per_ip() {
+        let records = endpoints_from_pod(&pod("Running", true), &td()).unwrap();
+        let addresses: Vec<_> = records.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(addresses, ["10.1.0.5:15106", "[fd00::5]:15106"]);
+        assert!(
+            records
+                .iter()
+                .all(|r| r.spiffe_id == "spiffe://cluster.local/ns/shop/sa/web")
+        );
+    }
+
+    #[test]
+    fn pending_or_plain_pods_are_no_endpoints() {
+        assert_eq!(endpoints_from_pod(&pod("Pending", true), &td()), None);
+        assert_eq!(endpoints_from_pod(&pod("Running", false), &td()), None);
+    }
+
+    #[test]
+    fn a_written_policy_reads_back_the_same() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "trellis.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web-to-api", "namespace": "shop", "generation": 3,
+                         "uid": "u", "managedFields": []},
+            "spec": {"selector": {"spiffeIds": ["spiffe://cluster.local/ns/shop/sa/api"]},
+                     "action": "ALLOW",
+                     "rules": [{"from": [{"namespace": "shop"}], "to": [{"ports": [8080]}]}]},
+            "status": {},
+        }))
+        .unwrap();
+        let policy = policy_from_object(&object, &td()).unwrap();
+        assert_eq!(policy.revision, 3);
+        let written = object_from_policy(&policy, Some("41")).unwrap();
+        assert_eq!(written.metadata.resource_version.as_deref(), Some("41"));
+        let again = policy_from_object(
+            &DynamicObject {
+                metadata: kube::api::ObjectMeta {
+                    generation: Some(3),
+                    ..written.metadata.clone()
+                },
+                ..written
+            },
+            &td(),
+        )
+        .unwrap();
+        assert_eq!(again, policy);
+    }
+}

@@ -1,0 +1,154 @@
+//! Watches: one task per kind keeps the [`Cache`] equal to what the API
+//! server holds, with kube-rs's watcher (list, then watch from the list's
+//! resourceVersion, with bookmarks; a `410 Gone` or a broken stream means a
+//! fresh list, which replaces the kind whole).
+//!
+//! Each object is turned into an [`Entry`] by the kind's conversion; one
+//! that does not convert (a policy that fails `policy lint`) is logged once
+//! per change and held as absent: it is never pushed, and never stops the
+//! watch. After every change of content the new version is announced.
+//! Errors before the first full list are returned to start-up; later ones
+//! are logged and retried with backoff while the cache keeps serving.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{oneshot, watch};
+
+use super::cache::{Cache, Entry, Kind, Reflected};
+use super::objects::object_key;
+
+/// The shortest and longest wait before polling a failed watch again.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The cache and its announcements, shared by the watch tasks and the store.
+#[derive(Debug)]
+pub struct Shared {
+    pub cache: RwLock<Cache>,
+    /// The version after every change of content.
+    pub changes: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub fn new() -> Self {
+        let cache = Cache::default();
+        let version = cache.version();
+        Self {
+            cache: RwLock::new(cache),
+            changes: watch::Sender::new(version),
+        }
+    }
+
+    /// Runs `f` on the cache and announces the version when it says the
+    /// content changed.
+    pub fn update(&self, f: impl FnOnce(&mut Cache) -> bool) -> u64 {
+        let mut cache = self.cache.write().expect("not poisoned");
+        let changed = f(&mut cache);
+        let version = cache.version();
+        drop(cache);
+        if changed {
+            self.changes.send_replace(version);
+        }
+        version
+    }
+
+    pub fn read<T>(&self, f: impl FnOnce(&Cache) -> T) -> T {
+        f(&self.cache.read().expect("not poisoned"))
+    }
+}
+
+/// How one kind's objects become entries: `Err` is why an object is
+/// skipped (logged), `Ok(None)` an object that contributes nothing.
+pub type Convert<K> = Box<dyn Fn(&K) -> Result<Option<Entry>, String> + Send + Sync>;
+
+/// Reads one object into what the cache holds.
+fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Option<Reflected> {
+    let entry = match convert(object) {
+        Ok(entry) => entry?,
+        Err(reason) => {
+            tracing::warn!(
+                kind = kind.as_str(),
+                object = %object_key(object),
+                resource_version = object.resource_version().unwrap_or_default(),
+                reason,
+                "skipped an invalid object: it is not pushed to any sidecar until it is fixed"
+            );
+            return None;
+        }
+    };
+    Some(Reflected {
+        resource_version: object.resource_version().unwrap_or_default(),
+        entry,
+    })
+}
+
+/// Keeps `kind` in the cache until the task is aborted. `first` gets the
+/// outcome of the first full list.
+pub async fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    convert: Convert<K>,
+    shared: Arc<Shared>,
+    first: oneshot::Sender<Result<(), watcher::Error>>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut first = Some(first);
+    let mut listing: Option<BTreeMap<String, Reflected>> = None;
+    let mut backoff = BACKOFF_MIN;
+    let stream = watcher(api, config);
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                    return;
+                }
+                tracing::warn!(kind = kind.as_str(), error = %e, retry_in = ?backoff, "watch failed; serving what was last seen");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        match event {
+            Event::Init => listing = Some(BTreeMap::new()),
+            Event::InitApply(object) => {
+                if let Some(found) = reflected(kind, &object, &convert) {
+                    listing
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(object_key(&object), found);
+                }
+            }
+            Event::InitDone => {
+                let listed = listing.take().unwrap_or_default();
+                let count = listed.len();
+                let version = shared.update(|cache| cache.replace(kind, listed));
+                tracing::info!(kind = kind.as_str(), count, version, "listed");
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                }
+            }
+            Event::Apply(object) => {
+                let found = reflected(kind, &object, &convert);
+                let key = object_key(&object);
+                shared.update(|cache| cache.apply(kind, &key, found));
+            }
+            Event::Delete(object) => {
+                let key = object_key(&object);
+                shared.update(|cache| cache.remove(kind, &key));
+            }
+        }
+    }
+}
