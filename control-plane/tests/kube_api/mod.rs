@@ -1,0 +1,421 @@
+//! A local HTTPS server standing in for the Kubernetes API server, for the
+//! Kubernetes store's tests. No Kubernetes API server can run on these
+//! machines.
+//!
+//! It answers kube-rs's requests with the response shapes kube-apiserver
+//! uses: lists (`kind: ...List` with `metadata.resourceVersion`) from
+//! recorded documents in `fixtures/k8s/store/`, watches as newline-delimited
+//! events (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, an `ERROR` carrying a
+//! `410 Gone` Status) that stay open so a test can publish more, `v1`
+//! Status documents for refusals, and the CA Secret as a small stateful
+//! object (GET, POST with 409 AlreadyExists, PUT with 409 Conflict on a
+//! stale resourceVersion). Writes of policy objects are echoed with a new
+//! resourceVersion and published to every open watch, as the API server
+//! would. Every request is recorded.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use trellis_control_plane::authn::tokenreview::KubeApi;
+
+pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
+pub const PODS: &str = "/api/v1/pods";
+pub const TOKENREVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+pub const CA_NAMESPACE: &str = "trellis-system";
+pub const CA_SECRET: &str = "trellis-ca";
+const SECRETS: &str = "/api/v1/namespaces/trellis-system/secrets";
+
+pub fn fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn fixture_json(name: &str) -> Value {
+    serde_json::from_str(&fixture(name)).unwrap()
+}
+
+/// One watch event line.
+pub fn event(kind: &str, object: &Value) -> String {
+    json!({"type": kind, "object": object}).to_string()
+}
+
+/// A `v1` Status as the API server sends it with an error code.
+pub fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: Value,
+    /// The HTTP status it was answered with.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per collection path: list answers in order; the last one repeats.
+    lists: HashMap<String, VecDeque<(u16, Value)>>,
+    /// Per collection path: lines each watch request starts with, in order;
+    /// once used up, watches start empty. Every watch then stays open.
+    watch_scripts: HashMap<String, VecDeque<Vec<String>>>,
+    /// Open watches per collection path.
+    watchers: HashMap<String, Vec<mpsc::UnboundedSender<String>>>,
+    secret: Option<Value>,
+    /// Objects written through the API, by path.
+    objects: HashMap<String, Value>,
+    next_rv: u64,
+    requests: Vec<Recorded>,
+}
+
+pub struct FakeKube {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    state: Arc<Mutex<State>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeKube {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_pem, chain, key) = make_ca_and_server_cert();
+        std::fs::write(dir.path().join("ca.crt"), ca_pem).unwrap();
+        // As the kubelet writes it: no trailing newline.
+        std::fs::write(dir.path().join("token"), "control-plane-sa-token").unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            next_rv: 50_000,
+            ..State::default()
+        }));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap().0,
+                    _ = &mut stopped => return,
+                };
+                let acceptor = acceptor.clone();
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(serve(req, &state).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            dir,
+            state,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    pub fn api(&self) -> KubeApi {
+        KubeApi::resolve(
+            Some(&self.url()),
+            Some(&self.ca()),
+            Some(&self.token_file()),
+        )
+        .unwrap()
+    }
+
+    /// Answers lists of `path` with `answers` in order, the last repeating.
+    pub fn lists(&self, path: &str, answers: Vec<(u16, Value)>) {
+        self.state
+            .lock()
+            .unwrap()
+            .lists
+            .insert(path.to_owned(), answers.into());
+    }
+
+    /// Starts the next watch of `path` with these event lines.
+    pub fn script_watch(&self, path: &str, lines: Vec<String>) {
+        self.state
+            .lock()
+            .unwrap()
+            .watch_scripts
+            .entry(path.to_owned())
+            .or_default()
+            .push_back(lines);
+    }
+
+    /// Sends an event line to every open watch of `path`.
+    pub fn publish(&self, path: &str, line: String) {
+        publish(&mut self.state.lock().unwrap(), path, line);
+    }
+
+    /// Open watches of `path`.
+    pub fn watching(&self, path: &str) -> usize {
+        let mut state = self.state.lock().unwrap();
+        let open = state.watchers.entry(path.to_owned()).or_default();
+        open.retain(|w| !w.is_closed());
+        open.len()
+    }
+
+    pub fn set_secret(&self, secret: Option<Value>) {
+        self.state.lock().unwrap().secret = secret;
+    }
+
+    pub fn secret(&self) -> Option<Value> {
+        self.state.lock().unwrap().secret.clone()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+fn publish(state: &mut State, path: &str, line: String) {
+    if let Some(open) = state.watchers.get_mut(path) {
+        open.retain(|w| w.send(line.clone()).is_ok());
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json_response(status: u16, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(value.to_string())).boxed())
+        .unwrap()
+}
+
+async fn serve(req: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    let mut state = state.lock().unwrap();
+    let (status, response) = if watch {
+        let mut lines = state
+            .watch_scripts
+            .get_mut(&path)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        state.watchers.entry(path.clone()).or_default().push(tx);
+        let scripted = futures::stream::iter(std::mem::take(&mut lines));
+        let live = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let frames = scripted
+            .chain(live)
+            .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
+        let response = Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap();
+        (200, response)
+    } else {
+        let (status, value) = answer(&mut state, &parts.method, &path, &body);
+        (status, json_response(status, &value))
+    };
+    state.requests.push(Recorded {
+        method: parts.method.to_string(),
+        path,
+        query,
+        body,
+        status,
+    });
+    response
+}
+
+fn answer(state: &mut State, method: &Method, path: &str, body: &Value) -> (u16, Value) {
+    let secret = format!("{SECRETS}/{CA_SECRET}");
+    if *method == Method::GET
+        && let Some(answers) = state.lists.get_mut(path)
+    {
+        let answer = if answers.len() > 1 {
+            answers.pop_front().unwrap()
+        } else {
+            answers.front().cloned().unwrap_or((200, json!({})))
+        };
+        return answer;
+    }
+    if path == TOKENREVIEWS && *method == Method::POST {
+        return (201, fixture_json("tokenreview/authenticated.json"));
+    }
+    if path == secret && *method == Method::GET {
+        return match &state.secret {
+            Some(s) => (200, s.clone()),
+            None => (404, fixture_json("store/secret-not-found-404.json")),
+        };
+    }
+    if path == SECRETS && *method == Method::POST {
+        if state.secret.is_some() {
+            let message = format!("secrets \"{CA_SECRET}\" already exists");
+            return (409, status(409, "AlreadyExists", &message));
+        }
+        let stored = stamp(state, body.clone(), None);
+        state.secret = Some(stored.clone());
+        return (201, stored);
+    }
+    if path == secret && *method == Method::PUT {
+        let held = state
+            .secret
+            .as_ref()
+            .map(|s| s["metadata"]["resourceVersion"].clone());
+        if held.is_none() || held.as_ref() != Some(&body["metadata"]["resourceVersion"]) {
+            let message = format!(
+                "Operation cannot be fulfilled on secrets \"{CA_SECRET}\": the object has been \
+                 modified; please apply your changes to the latest version and try again"
+            );
+            return (409, status(409, "Conflict", &message));
+        }
+        let stored = stamp(state, body.clone(), None);
+        state.secret = Some(stored.clone());
+        return (200, stored);
+    }
+    if let Some(rest) = path.strip_prefix("/apis/trellis.io/v1alpha1/namespaces/") {
+        return write_policy(state, method, path, rest, body);
+    }
+    let message = "the server could not find the requested resource";
+    (404, status(404, "NotFound", message))
+}
+
+/// POST/PUT/DELETE of an AuthorizationPolicy: echoed with a new
+/// resourceVersion (and generation), published to the watches.
+fn write_policy(
+    state: &mut State,
+    method: &Method,
+    path: &str,
+    rest: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (namespace, name) = match (method.as_str(), parts.as_slice()) {
+        ("POST", [ns, "authorizationpolicies"]) => {
+            (*ns, body["metadata"]["name"].as_str().unwrap_or_default())
+        }
+        (_, [ns, "authorizationpolicies", name]) => (*ns, *name),
+        _ => return (404, status(404, "NotFound", "no such resource")),
+    };
+    let key = format!("{namespace}/{name}");
+    let held = state.objects.get(&key).cloned();
+    let (code, kind, object) = match method.as_str() {
+        "POST" if held.is_some() => {
+            let message = format!("authorizationpolicies.trellis.io \"{name}\" already exists");
+            return (409, status(409, "AlreadyExists", &message));
+        }
+        "POST" => (201, "ADDED", stamp(state, body.clone(), Some(1))),
+        "PUT" => {
+            let Some(held) = held else {
+                return (404, status(404, "NotFound", "not found"));
+            };
+            if held["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] {
+                return (409, status(409, "Conflict", "the object has been modified"));
+            }
+            let generation = held["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            (
+                200,
+                "MODIFIED",
+                stamp(state, body.clone(), Some(generation)),
+            )
+        }
+        "DELETE" => {
+            let Some(held) = held else {
+                let message = format!("authorizationpolicies.trellis.io \"{name}\" not found");
+                return (404, status(404, "NotFound", &message));
+            };
+            let gone = stamp(state, held, None);
+            state.objects.remove(&key);
+            publish(state, POLICIES, event("DELETED", &gone));
+            return (200, gone);
+        }
+        _ => return (405, status(405, "MethodNotAllowed", path)),
+    };
+    state.objects.insert(key, object.clone());
+    publish(state, POLICIES, event(kind, &object));
+    (code, object)
+}
+
+/// Gives an object the next resourceVersion (and a generation), as stored.
+fn stamp(state: &mut State, mut object: Value, generation: Option<i64>) -> Value {
+    state.next_rv += 1;
+    let meta = &mut object["metadata"];
+    meta["resourceVersion"] = json!(state.next_rv.to_string());
+    if meta["uid"].is_null() {
+        meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", state.next_rv));
+    }
+    if let Some(generation) = generation {
+        meta["generation"] = json!(generation);
+    }
+    object
+}
+
+/// A CA (PEM) and a serving chain for 127.0.0.1 and localhost it signed.
+fn make_ca_and_server_cert() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "fake kubernetes CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+    (
+        ca_cert.pem(),
+        vec![leaf_cert.der().clone()],
+        PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+}

@@ -1,0 +1,657 @@
+//! The Kubernetes store against recorded API server responses.
+//!
+//! No Kubernetes API server can run on these machines. Every test here
+//! stands one in with a local HTTPS server (`kube_api`) that answers
+//! kube-rs's list and watch requests with recorded documents from
+//! `fixtures/k8s/store/` (lists with their resourceVersion, watch events,
+//! bookmarks, a `410 Gone`, `v1` Status refusals) and keeps the CA Secret
+//! and written policy objects as the API server would.
+
+mod common;
+mod kube_api;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{ControlPlane, csr_for, eventually_async, p256};
+use kube_api::{CA_NAMESPACE, CA_SECRET, FakeKube, PODS, POLICIES, event, fixture, fixture_json};
+use serde_json::{Value, json};
+use tonic::Code;
+use trellis_control_plane::ca::secret::{CaSecretError, open_ca_secret};
+use trellis_control_plane::discovery::Discovery;
+use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
+use trellis_control_plane::store::{DiscoveryState, PolicyOutcome, Store};
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::discovery::v1::MeshConfig;
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
+use trellis_proto::policy::v1::Policy;
+
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn policies_list() -> Value {
+    fixture_json("store/authorizationpolicies-list.json")
+}
+
+fn pods_list() -> Value {
+    fixture_json("store/pods-list.json")
+}
+
+/// A fake answering lists with the recorded policies and pods.
+async fn recorded_cluster() -> FakeKube {
+    let fake = FakeKube::start().await;
+    fake.lists(POLICIES, vec![(200, policies_list())]);
+    fake.lists(PODS, vec![(200, pods_list())]);
+    fake
+}
+
+async fn connect(fake: &FakeKube) -> KubernetesStore {
+    let client = kubernetes::client(&fake.api()).unwrap();
+    KubernetesStore::connect(client, td(), Duration::from_secs(20))
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` watches of each kind are open, so published events
+/// reach every store.
+async fn watched_by(fake: &FakeKube, n: usize) {
+    eventually_async("the stores to watch", || async {
+        (fake.watching(POLICIES) == n && fake.watching(PODS) == n).then_some(())
+    })
+    .await;
+}
+
+fn keys(state: &DiscoveryState) -> Vec<String> {
+    state
+        .policies
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect()
+}
+
+fn addresses(state: &DiscoveryState) -> Vec<String> {
+    let mut out: Vec<_> = state.workloads.iter().map(|w| w.address.clone()).collect();
+    out.sort();
+    out
+}
+
+/// Item `name` of a recorded list, with a new resourceVersion.
+fn item(list: &Value, name: &str, rv: u64) -> Value {
+    let mut object = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in the list"))
+        .clone();
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    object
+}
+
+fn mesh() -> MeshConfig {
+    MeshConfig {
+        default_policy: "deny".into(),
+        outbound_policy: "deny".into(),
+    }
+}
+
+/// No API server can run here: the fake answers the recorded lists. Valid
+/// CRD objects become policies (revision = metadata.generation) in the
+/// snapshots of the workloads they select; the object with a misspelt
+/// field is skipped and in no snapshot; injected running Pods are endpoints.
+#[tokio::test]
+async fn policies_from_crd_objects_reach_the_snapshots_and_invalid_ones_never_do() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    let state = store.discovery_state().unwrap();
+    assert_eq!(keys(&state), ["shop/deny-legacy", "shop/web-to-api"]);
+    let web_to_api = store.policy("shop", "web-to-api").unwrap().unwrap();
+    assert_eq!(web_to_api.revision, 2, "the object's metadata.generation");
+    assert_eq!(store.policy("shop", "misspelt-port").unwrap(), None);
+    assert_eq!(addresses(&state), ["10.244.1.17:15006", "10.244.2.9:15006"]);
+
+    let discovery = Discovery::new(store.clone(), Vec::new(), mesh()).unwrap();
+    let snapshot = discovery.snapshot_for(&SpiffeId::parse(API).unwrap());
+    let names: Vec<_> = snapshot.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["deny-legacy", "web-to-api"]);
+    let endpoints: Vec<_> = snapshot
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
+        .collect();
+    assert_eq!(
+        endpoints,
+        [("10.244.1.17:15006", WEB), ("10.244.2.9:15006", API)]
+    );
+    assert_eq!(snapshot.version, store.snapshot_version().unwrap());
+    let db = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/db").unwrap();
+    let names: Vec<_> = discovery
+        .snapshot_for(&db)
+        .policies
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["deny-legacy"],
+        "the invalid policy for db is never pushed"
+    );
+}
+
+/// No API server can run here: the fake streams recorded watch events. A
+/// DELETED event removes the policy and announces a new version; an update
+/// that fails validation drops the policy (never pushed), a fix brings it back.
+#[tokio::test]
+async fn watch_events_update_policies_and_invalid_updates_are_never_pushed() {
+    let fake = recorded_cluster().await;
+    let store = connect(&fake).await;
+    watched_by(&fake, 1).await;
+    let mut changes = store.changes();
+    let first = store.snapshot_version().unwrap();
+
+    let list = policies_list();
+    let mut broken = item(&list, "web-to-api", 48400);
+    broken["spec"]["rules"][0]["to"] = json!([{"port": 8080}]);
+    fake.publish(POLICIES, event("MODIFIED", &broken));
+    eventually_async("the invalid update to drop the policy", || async {
+        store
+            .policy("shop", "web-to-api")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(changes.has_changed().unwrap());
+    let broken_version = *changes.borrow_and_update();
+    assert_eq!(broken_version, store.snapshot_version().unwrap());
+    assert_ne!(broken_version, first);
+
+    let mut fixed = item(&list, "web-to-api", 48401);
+    fixed["metadata"]["generation"] = json!(4);
+    fake.publish(POLICIES, event("MODIFIED", &fixed));
+    let back = eventually_async("the fixed policy", || async {
+        store.policy("shop", "web-to-api").unwrap()
+    })
+    .await;
+    assert_eq!(back.revision, 4);
+    assert!(changes.has_changed().unwrap(), "the fix is announced");
+    assert_ne!(store.snapshot_version().unwrap(), broken_version);
+
+    fake.publish(
+        POLICIES,
+        event("DELETED", &item(&list, "deny-legacy", 48402)),
+    );
+    eventually_async("the DELETED event to remove the policy", || async {
+        store
+            .policy("shop", "deny-legacy")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(keys(&store.discovery_state().unwrap()), ["shop/web-to-api"]);
+    assert_ne!(store.snapshot_version().unwrap(), first);
+}
+
+/// No API server can run here: the fake streams recorded Pod events. A Pod
+/// becomes an endpoint once Running with an IP, and leaves when it is deleted.
+#[tokio::test]
+async fn pods_become_endpoints_and_leave() {
+    let fake = recorded_cluster().await;
+    let store = connect(&fake).await;
+    watched_by(&fake, 1).await;
+    let list = pods_list();
+    let mut pending = item(&list, "web-7d4b9c8f6d-x2x8q", 48500);
+    pending["metadata"]["name"] = json!("web-7d4b9c8f6d-n4k2z");
+    pending["status"] = json!({"phase": "Pending", "hostIP": "172.18.0.3"});
+    fake.publish(PODS, event("ADDED", &pending));
+    let mut running = pending.clone();
+    running["metadata"]["resourceVersion"] = json!("48510");
+    running["status"] = json!({"phase": "Running", "podIP": "10.244.1.30",
+                               "podIPs": [{"ip": "10.244.1.30"}]});
+    fake.publish(PODS, event("MODIFIED", &running));
+    eventually_async("the running pod to be an endpoint", || async {
+        let state = store.discovery_state().unwrap();
+        (addresses(&state) == ["10.244.1.17:15006", "10.244.1.30:15006", "10.244.2.9:15006"])
+            .then_some(())
+    })
+    .await;
+
+    fake.publish(
+        PODS,
+        event("DELETED", &item(&list, "api-5f6d8b7c4-q9v7m", 48520)),
+    );
+    eventually_async("the deleted pod to leave", || async {
+        let state = store.discovery_state().unwrap();
+        (addresses(&state) == ["10.244.1.17:15006", "10.244.1.30:15006"]).then_some(())
+    })
+    .await;
+    assert!(
+        store
+            .workloads()
+            .unwrap()
+            .iter()
+            .all(|w| !w.spiffe_id.contains("coredns")),
+        "pods without a sidecar are no endpoints"
+    );
+}
+
+/// No API server can run here: two stores (two replicas) watch the same
+/// fake and get the same recorded events; a third starts later from a list
+/// of the final state. All three hold the same snapshot version and serve
+/// identical snapshots.
+#[tokio::test]
+async fn replicas_fed_the_same_events_serve_identical_snapshots() {
+    let fake = recorded_cluster().await;
+    let one = Arc::new(connect(&fake).await);
+    let two = Arc::new(connect(&fake).await);
+    watched_by(&fake, 2).await;
+    let policies = policies_list();
+    let pods = pods_list();
+    let mut widened = item(&policies, "web-to-api", 48600);
+    widened["spec"]["rules"][0]["to"][0]["ports"] = json!([8080, 8443]);
+    widened["metadata"]["generation"] = json!(3);
+    let gone_pod = item(&pods, "web-7d4b9c8f6d-x2x8q", 48601);
+    fake.publish(POLICIES, event("MODIFIED", &widened));
+    fake.publish(POLICIES, fixture("store/bookmark.json").trim().to_owned());
+    fake.publish(PODS, event("DELETED", &gone_pod));
+    eventually_async("both replicas to see the events", || async {
+        let (a, b) = (
+            one.discovery_state().unwrap(),
+            two.discovery_state().unwrap(),
+        );
+        let seen = addresses(&a) == ["10.244.2.9:15006"]
+            && a.policies.iter().any(|p| p.revision == 3)
+            && addresses(&b) == addresses(&a)
+            && b.policies == a.policies;
+        seen.then_some(())
+    })
+    .await;
+    assert_eq!(
+        one.snapshot_version().unwrap(),
+        two.snapshot_version().unwrap()
+    );
+
+    let mut final_policies = policies.clone();
+    for item in final_policies["items"].as_array_mut().unwrap() {
+        if item["metadata"]["name"] == "web-to-api" {
+            *item = widened.clone();
+        }
+    }
+    let mut final_pods = pods.clone();
+    final_pods["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["metadata"]["name"] != "web-7d4b9c8f6d-x2x8q");
+    fake.lists(POLICIES, vec![(200, final_policies)]);
+    fake.lists(PODS, vec![(200, final_pods)]);
+    let late = Arc::new(connect(&fake).await);
+    assert_eq!(
+        late.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+
+    let api = SpiffeId::parse(API).unwrap();
+    let snapshots: Vec<_> = [one, two, late]
+        .into_iter()
+        .map(|store| {
+            let store: Arc<dyn Store> = store;
+            Discovery::new(store, Vec::new(), mesh())
+                .unwrap()
+                .snapshot_for(&api)
+        })
+        .collect();
+    assert_eq!(snapshots[0], snapshots[1]);
+    assert_eq!(snapshots[0], snapshots[2]);
+    assert_eq!(snapshots[0].policies.len(), 2);
+}
+
+/// No API server can run here: the fake's watch sends a bookmark, then the
+/// `410 Gone` an API server sends for an expired resourceVersion; the store
+/// lists again, and an object deleted meanwhile is gone.
+#[tokio::test]
+async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
+    let fake = FakeKube::start().await;
+    let mut later = policies_list();
+    later["metadata"]["resourceVersion"] = json!("48590");
+    later["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["metadata"]["name"] != "deny-legacy");
+    fake.lists(POLICIES, vec![(200, policies_list()), (200, later)]);
+    fake.lists(PODS, vec![(200, pods_list())]);
+    fake.script_watch(
+        POLICIES,
+        vec![
+            fixture("store/bookmark.json").trim().to_owned(),
+            fixture("store/gone-410.json").trim().to_owned(),
+        ],
+    );
+    let store = connect(&fake).await;
+    eventually_async("the re-list to drop deny-legacy", || async {
+        (keys(&store.discovery_state().unwrap()) == ["shop/web-to-api"]).then_some(())
+    })
+    .await;
+    let lists = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == POLICIES && !r.query.contains("watch=true"))
+        .count();
+    assert_eq!(lists, 2, "one list at start, one after the 410");
+}
+
+/// No API server can run here: the fake's lists answer with the recorded
+/// `403 Forbidden` Status of missing RBAC. Start-up fails with the API
+/// server's message, naming the kind.
+#[tokio::test]
+async fn an_api_server_refusal_is_a_clear_error() {
+    let fake = FakeKube::start().await;
+    let forbidden = fixture_json("store/forbidden-list-403.json");
+    fake.lists(POLICIES, vec![(403, forbidden)]);
+    fake.lists(PODS, vec![(200, pods_list())]);
+    let client = kubernetes::client(&fake.api()).unwrap();
+    let e = KubernetesStore::connect(client, td(), Duration::from_secs(20))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AuthorizationPolicy"), "{e}");
+    assert!(
+        e.contains("cannot list resource \"authorizationpolicies\""),
+        "{e}"
+    );
+    assert!(e.contains("403"), "{e}");
+}
+
+/// No API server can run here: the fake keeps the Secret as the API server
+/// would, starting from the empty Secret the chart creates. Two replicas
+/// starting together write the generated root once (the loser's update is a
+/// 409 Conflict and it reads the winner's); a later start only reads it.
+#[tokio::test]
+async fn the_ca_is_generated_once_and_then_read_from_the_secret() {
+    let fake = FakeKube::start().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let client = kubernetes::client(&fake.api()).unwrap();
+    let td = td();
+    let (a, b) = tokio::join!(
+        open_ca_secret(client.clone(), CA_NAMESPACE, CA_SECRET, &td),
+        open_ca_secret(client.clone(), CA_NAMESPACE, CA_SECRET, &td),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.bundle_pem(), b.bundle_pem());
+    let secret = fake.secret().unwrap();
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["tls.crt"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), a.bundle_pem());
+    assert!(secret["data"]["tls.key"].is_string());
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/name"],
+        "trellis"
+    );
+
+    let c = open_ca_secret(client, CA_NAMESPACE, CA_SECRET, &td)
+        .await
+        .unwrap();
+    assert_eq!(c.bundle_pem(), a.bundle_pem());
+    let written: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/secrets") && r.method != "GET")
+        .collect();
+    let succeeded = written.iter().filter(|r| r.status < 300).count();
+    assert_eq!(succeeded, 1, "one write of the CA: {written:?}");
+    assert!(written.iter().all(|r| r.status < 300 || r.status == 409));
+}
+
+/// No API server can run here: the fake answers the recorded 404 for a
+/// Secret that does not exist; the store creates it. A Secret with a
+/// certificate and no key is an error naming both, and is left alone.
+#[tokio::test]
+async fn a_missing_secret_is_created_and_a_half_one_is_refused() {
+    let fake = FakeKube::start().await;
+    let client = kubernetes::client(&fake.api()).unwrap();
+    let ca = open_ca_secret(client.clone(), CA_NAMESPACE, CA_SECRET, &td())
+        .await
+        .unwrap();
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.status == 201)
+    );
+    assert_eq!(fake.secret().unwrap()["type"], "Opaque");
+
+    let mut half = fake.secret().unwrap();
+    half["data"].as_object_mut().unwrap().remove("tls.key");
+    fake.set_secret(Some(half.clone()));
+    let e = open_ca_secret(client, CA_NAMESPACE, CA_SECRET, &td())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CaSecretError::Incomplete { .. }), "{e}");
+    let message = e.to_string();
+    assert!(message.contains("trellis-system/trellis-ca"), "{message}");
+    assert!(message.contains("tls.key"), "{message}");
+    assert_eq!(fake.secret().unwrap(), half, "left as it was");
+    drop(ca);
+}
+
+fn policy(name: &str, ports: &[u32]) -> Policy {
+    use trellis_proto::policy::v1::{Action, Destination, Rule, Selector, Source, source};
+    Policy {
+        name: name.into(),
+        namespace: "shop".into(),
+        revision: 0,
+        selector: Some(Selector {
+            spiffe_ids: vec![API.into()],
+        }),
+        action: Action::Allow.into(),
+        rules: vec![Rule {
+            from: vec![Source {
+                r#match: Some(source::Match::Namespace("shop".into())),
+            }],
+            to: vec![Destination {
+                ports: ports.to_vec(),
+                ..Destination::default()
+            }],
+        }],
+    }
+}
+
+/// No API server can run here: the fake stores written objects and
+/// publishes them to every open watch, as the API server does. An apply
+/// through one replica creates the CRD object, then replaces it on its
+/// resourceVersion; a delete deletes it; the other replica follows each
+/// write through its watch and ends with the same version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
+    let fake = recorded_cluster().await;
+    let one = Arc::new(connect(&fake).await);
+    let two = Arc::new(connect(&fake).await);
+    watched_by(&fake, 2).await;
+
+    let writer = one.clone();
+    let (applied, generation) = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied[0].outcome, PolicyOutcome::Created);
+    assert_eq!(applied[0].revision, 1);
+    assert_eq!(generation.snapshot, one.snapshot_version().unwrap());
+    let post = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    assert_eq!(
+        post.path,
+        "/apis/trellis.io/v1alpha1/namespaces/shop/authorizationpolicies"
+    );
+    assert_eq!(post.body["kind"], "AuthorizationPolicy");
+    assert_eq!(
+        post.body["spec"]["rules"][0]["to"][0]["ports"],
+        json!([9090])
+    );
+    eventually_async("the other replica to see the new policy", || async {
+        two.policy("shop", "from-shop").unwrap()
+    })
+    .await;
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+
+    let writer = one.clone();
+    let (applied, _) = tokio::task::spawn_blocking(move || {
+        let same = writer.apply_policies(&[policy("from-shop", &[9090])], false)?;
+        assert_eq!(same.0[0].outcome, PolicyOutcome::Unchanged);
+        writer.apply_policies(&[policy("from-shop", &[9091])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (applied[0].outcome, applied[0].revision),
+        (PolicyOutcome::Updated, 2)
+    );
+    let put = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PUT")
+        .unwrap();
+    assert!(
+        put.body["metadata"]["resourceVersion"].is_string(),
+        "{put:?}"
+    );
+    assert_eq!(
+        fake.requests().iter().filter(|r| r.method != "GET").count(),
+        2,
+        "an unchanged policy writes nothing"
+    );
+    eventually_async("the other replica to see the update", || async {
+        (two.policy("shop", "from-shop").unwrap()?.revision == 2).then_some(())
+    })
+    .await;
+
+    let writer = one.clone();
+    let deleted = tokio::task::spawn_blocking(move || writer.delete_policy("shop", "from-shop"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deleted.is_some());
+    eventually_async("the other replica to see the delete", || async {
+        two.policy("shop", "from-shop")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+}
+
+/// No API server can run here: the real `trellis-control-plane --store
+/// kubernetes` binary runs against the fake (lists, watches, the empty CA
+/// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
+/// certifies a sidecar by its ServiceAccount token, serves the CRD policies
+/// through the Admin API, logs the invalid one, and refuses join tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let flags: Vec<String> = [
+        "--store",
+        "kubernetes",
+        "--ca-secret",
+        CA_SECRET,
+        "--namespace",
+        CA_NAMESPACE,
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        &fake.url(),
+        "--kube-ca",
+        &fake.ca().display().to_string(),
+        "--kube-token-file",
+        &fake.token_file().display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ControlPlane::start(&flags)
+    })
+    .await
+    .unwrap();
+    let ready = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/ready", cp.admin))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "200");
+
+    let secret = fake.secret().unwrap();
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["tls.crt"].as_str().unwrap())
+        .unwrap();
+    let bundle = std::fs::read_to_string(cp.state_dir.join("bundle.pem")).unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), bundle);
+
+    let key = p256();
+    let mut identity = cp.identity_client(None).await;
+    let response = identity
+        .certify(CertifyRequest {
+            csr: csr_for(&key, WEB),
+            proof: Some(Proof::ServiceAccountToken(
+                "projected-token-of-shop-web".into(),
+            )),
+            inbound_address: "10.244.1.17:15006".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.spiffe_id, WEB);
+    assert_eq!(
+        response.trust_bundle,
+        cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>()
+    );
+
+    let listed = cp.ctl(&["policy", "list", "-o", "json"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("web-to-api") && stdout.contains("deny-legacy"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("misspelt-port"), "{stdout}");
+    let log = cp.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")),
+        "{log}"
+    );
+
+    let mut admin = cp.admin_client().await;
+    let status = admin
+        .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
+            spiffe_id: WEB.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("ServiceAccount token"),
+        "{status:?}"
+    );
+    cp.stop_async().await;
+}
