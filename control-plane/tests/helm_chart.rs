@@ -338,8 +338,9 @@ fn rules(role: &Value) -> Vec<Value> {
 }
 
 /// The control plane may create tokenreviews, read pods and the Trellis
-/// CRDs, and read and update the one CA Secret, by name, in its own
-/// namespace: nothing else, compared rule by rule.
+/// CRDs, write AuthorizationPolicies (the Admin API's applies and deletes
+/// with the Kubernetes store), and read and update the one CA Secret, by
+/// name, in its own namespace: nothing else, compared rule by rule.
 #[test]
 fn rbac_grants_nothing_beyond_the_list() {
     let Some((helm, _)) = tools() else { return };
@@ -352,6 +353,8 @@ fn rbac_grants_nothing_beyond_the_list() {
             json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["get", "list", "watch"]}),
+            json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies"],
+                   "verbs": ["create", "update", "delete"]}),
         ]
     );
     assert!(
@@ -364,7 +367,7 @@ fn rbac_grants_nothing_beyond_the_list() {
         rules(role),
         [
             json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trellis-ca"],
-                "verbs": ["get", "list", "watch", "update"]})
+                "verbs": ["get", "update"]})
         ]
     );
     // The named Secret is the CA the chart creates, kept on uninstall.
