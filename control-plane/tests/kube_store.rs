@@ -14,15 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{ControlPlane, csr_for, eventually_async, p256};
+use common::{ControlPlane, Svid, csr_for, eventually_async, p256};
 use kube_api::{CA_NAMESPACE, CA_SECRET, FakeKube, PODS, POLICIES, event, fixture, fixture_json};
+use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 use tonic::Code;
 use trellis_control_plane::discovery::Discovery;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, PolicyOutcome, Store};
 use trellis_core::{SpiffeId, TrustDomain};
-use trellis_proto::discovery::v1::MeshConfig;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::{MeshConfig, Subscribe, WatchRequest, watch_request};
 use trellis_proto::identity::v1::CertifyRequest;
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::policy::v1::Policy;
@@ -547,6 +549,15 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         .unwrap()
         .into_inner();
     assert_eq!(response.spiffe_id, WEB);
+    let svid = Svid {
+        key,
+        chain: response
+            .chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect(),
+    };
     assert_eq!(
         response.trust_bundle,
         cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>()
@@ -566,6 +577,50 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             .any(|l| l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")),
         "{log}"
     );
+
+    let workloads = cp.ctl(&["workloads"]);
+    let stdout = String::from_utf8_lossy(&workloads.stdout);
+    assert!(workloads.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("10.244.1.17:15006") && stdout.contains(API),
+        "{stdout}"
+    );
+
+    // The sidecar's snapshot: the policies that select it and the Pods as
+    // endpoints; a DELETED event reaches it as a new snapshot.
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(&svid))))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        kind: Some(watch_request::Kind::Subscribe(Subscribe {
+            inbound_address: "10.244.1.17:15006".into(),
+            last_version: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut snapshots = DiscoveryClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = snapshots.message().await.unwrap().unwrap();
+    let names: Vec<_> = first.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["deny-legacy"]);
+    let endpoints: Vec<_> = first.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(endpoints, ["10.244.1.17:15006", "10.244.2.9:15006"]);
+    eventually_async("the control plane to watch", || async {
+        (fake.watching(POLICIES) == 1).then_some(())
+    })
+    .await;
+    fake.publish(
+        POLICIES,
+        event("DELETED", &item(&policies_list(), "deny-legacy", 48700)),
+    );
+    let second = snapshots.message().await.unwrap().unwrap();
+    assert!(second.policies.is_empty(), "{second:?}");
+    assert_ne!(second.version, first.version);
 
     let mut admin = cp.admin_client().await;
     let status = admin

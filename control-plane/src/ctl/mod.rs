@@ -362,12 +362,22 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     }
 }
 
+/// A time for people, or `-` for none: 0, or beyond year 9999 (the
+/// Kubernetes store's Pod endpoints, which no certificate expiry ends).
 fn rfc3339(unix: i64) -> String {
-    if unix <= 0 {
+    use std::fmt::Write as _;
+    let Some(time) = u64::try_from(unix)
+        .ok()
+        .filter(|&u| u > 0)
+        .and_then(|u| UNIX_EPOCH.checked_add(Duration::from_secs(u)))
+    else {
         return "-".into();
+    };
+    let mut out = String::new();
+    match write!(out, "{}", humantime::format_rfc3339_seconds(time)) {
+        Ok(()) => out,
+        Err(_) => "-".into(),
     }
-    let time = UNIX_EPOCH + Duration::from_secs(unix as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
 }
 
 /// The workloads as an aligned text table.
