@@ -13,20 +13,17 @@ mod kube_api;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use common::{ControlPlane, Svid, csr_for, eventually_async, p256};
-use kube_api::{CA_NAMESPACE, CA_SECRET, FakeKube, PODS, POLICIES, event, fixture, fixture_json};
-use rustls_pki_types::CertificateDer;
-use serde_json::{Value, json};
-use tonic::Code;
+use common::eventually_async;
+use kube_api::{
+    FakeKube, PODS, POLICIES, event, fixture, fixture_json, item, pods_list, policies_list,
+    recorded_cluster,
+};
+use serde_json::json;
 use trellis_control_plane::discovery::Discovery;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, PolicyOutcome, Store};
 use trellis_core::{SpiffeId, TrustDomain};
-use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::v1::{MeshConfig, Subscribe, WatchRequest, watch_request};
-use trellis_proto::identity::v1::CertifyRequest;
-use trellis_proto::identity::v1::certify_request::Proof;
+use trellis_proto::discovery::v1::MeshConfig;
 use trellis_proto::policy::v1::Policy;
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -34,22 +31,6 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
 fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
-}
-
-fn policies_list() -> Value {
-    fixture_json("store/authorizationpolicies-list.json")
-}
-
-fn pods_list() -> Value {
-    fixture_json("store/pods-list.json")
-}
-
-/// A fake answering lists with the recorded policies and pods.
-async fn recorded_cluster() -> FakeKube {
-    let fake = FakeKube::start().await;
-    fake.lists(POLICIES, vec![(200, policies_list())]);
-    fake.lists(PODS, vec![(200, pods_list())]);
-    fake
 }
 
 async fn connect(fake: &FakeKube) -> KubernetesStore {
@@ -80,19 +61,6 @@ fn addresses(state: &DiscoveryState) -> Vec<String> {
     let mut out: Vec<_> = state.workloads.iter().map(|w| w.address.clone()).collect();
     out.sort();
     out
-}
-
-/// Item `name` of a recorded list, with a new resourceVersion.
-fn item(list: &Value, name: &str, rv: u64) -> Value {
-    let mut object = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} in the list"))
-        .clone();
-    object["metadata"]["resourceVersion"] = json!(rv.to_string());
-    object
 }
 
 fn mesh() -> MeshConfig {
@@ -485,155 +453,4 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         two.snapshot_version().unwrap(),
         one.snapshot_version().unwrap()
     );
-}
-
-/// No API server can run here: the real `trellis-control-plane --store
-/// kubernetes` binary runs against the fake (lists, watches, the empty CA
-/// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
-/// certifies a sidecar by its ServiceAccount token, serves the CRD policies
-/// through the Admin API, logs the invalid one, and refuses join tokens.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
-    let fake = recorded_cluster().await;
-    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
-    let flags: Vec<String> = [
-        "--store",
-        "kubernetes",
-        "--ca-secret",
-        CA_SECRET,
-        "--namespace",
-        CA_NAMESPACE,
-        "--identity-provider",
-        "kubernetes",
-        "--kube-api",
-        &fake.url(),
-        "--kube-ca",
-        &fake.ca().display().to_string(),
-        "--kube-token-file",
-        &fake.token_file().display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cp = tokio::task::spawn_blocking(move || {
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        ControlPlane::start(&flags)
-    })
-    .await
-    .unwrap();
-    let ready = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("http://{}/ready", cp.admin))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&ready.stdout), "200");
-
-    let secret = fake.secret().unwrap();
-    let stored = base64::engine::general_purpose::STANDARD
-        .decode(secret["data"]["tls.crt"].as_str().unwrap())
-        .unwrap();
-    let bundle = std::fs::read_to_string(cp.state_dir.join("bundle.pem")).unwrap();
-    assert_eq!(String::from_utf8(stored).unwrap(), bundle);
-
-    let key = p256();
-    let mut identity = cp.identity_client(None).await;
-    let response = identity
-        .certify(CertifyRequest {
-            csr: csr_for(&key, WEB),
-            proof: Some(Proof::ServiceAccountToken(
-                "projected-token-of-shop-web".into(),
-            )),
-            inbound_address: "10.244.1.17:15006".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.spiffe_id, WEB);
-    let svid = Svid {
-        key,
-        chain: response
-            .chain
-            .iter()
-            .cloned()
-            .map(CertificateDer::from)
-            .collect(),
-    };
-    assert_eq!(
-        response.trust_bundle,
-        cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>()
-    );
-
-    let listed = cp.ctl(&["policy", "list", "-o", "json"]);
-    let stdout = String::from_utf8_lossy(&listed.stdout);
-    assert!(listed.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("web-to-api") && stdout.contains("deny-legacy"),
-        "{stdout}"
-    );
-    assert!(!stdout.contains("misspelt-port"), "{stdout}");
-    let log = cp.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")),
-        "{log}"
-    );
-
-    let workloads = cp.ctl(&["workloads"]);
-    let stdout = String::from_utf8_lossy(&workloads.stdout);
-    assert!(workloads.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("10.244.1.17:15006") && stdout.contains(API),
-        "{stdout}"
-    );
-
-    // The sidecar's snapshot: the policies that select it and the Pods as
-    // endpoints; a DELETED event reaches it as a new snapshot.
-    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(&svid))))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WatchRequest {
-        kind: Some(watch_request::Kind::Subscribe(Subscribe {
-            inbound_address: "10.244.1.17:15006".into(),
-            last_version: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut snapshots = DiscoveryClient::new(channel)
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = snapshots.message().await.unwrap().unwrap();
-    let names: Vec<_> = first.policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["deny-legacy"]);
-    let endpoints: Vec<_> = first.endpoints.iter().map(|e| e.address.as_str()).collect();
-    assert_eq!(endpoints, ["10.244.1.17:15006", "10.244.2.9:15006"]);
-    eventually_async("the control plane to watch", || async {
-        (fake.watching(POLICIES) == 1).then_some(())
-    })
-    .await;
-    fake.publish(
-        POLICIES,
-        event("DELETED", &item(&policies_list(), "deny-legacy", 48700)),
-    );
-    let second = snapshots.message().await.unwrap().unwrap();
-    assert!(second.policies.is_empty(), "{second:?}");
-    assert_ne!(second.version, first.version);
-
-    let mut admin = cp.admin_client().await;
-    let status = admin
-        .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
-            spiffe_id: WEB.into(),
-            ttl_seconds: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert!(
-        status.message().contains("ServiceAccount token"),
-        "{status:?}"
-    );
-    cp.stop_async().await;
 }

@@ -398,6 +398,35 @@ fn stamp(state: &mut State, mut object: Value, generation: Option<i64>) -> Value
     object
 }
 
+pub fn policies_list() -> Value {
+    fixture_json("store/authorizationpolicies-list.json")
+}
+
+pub fn pods_list() -> Value {
+    fixture_json("store/pods-list.json")
+}
+
+/// A fake answering lists with the recorded policies and pods.
+pub async fn recorded_cluster() -> FakeKube {
+    let fake = FakeKube::start().await;
+    fake.lists(POLICIES, vec![(200, policies_list())]);
+    fake.lists(PODS, vec![(200, pods_list())]);
+    fake
+}
+
+/// Item `name` of a recorded list, with a new resourceVersion.
+pub fn item(list: &Value, name: &str, rv: u64) -> Value {
+    let mut object = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in the list"))
+        .clone();
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    object
+}
+
 /// A CA (PEM) and a serving chain for 127.0.0.1 and localhost it signed.
 fn make_ca_and_server_cert() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let ca_key = KeyPair::generate().unwrap();

@@ -1,0 +1,179 @@
+//! The real `trellis-control-plane --store kubernetes` binary against
+//! recorded API server answers.
+//!
+//! No Kubernetes API server can run on these machines. The test stands one
+//! in with a local HTTPS server (`kube_api`) that answers the binary's lists
+//! and watches with recorded documents from `fixtures/k8s/store/`, keeps the
+//! CA Secret as the API server does, and answers TokenReviews with the
+//! recorded review of a `shop/web` token.
+
+mod common;
+mod kube_api;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::{ControlPlane, Svid, csr_for, eventually_async, p256};
+use kube_api::{
+    CA_NAMESPACE, CA_SECRET, POLICIES, event, fixture_json, item, policies_list, recorded_cluster,
+};
+use rustls_pki_types::CertificateDer;
+use tonic::Code;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::{Subscribe, WatchRequest, watch_request};
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
+
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+/// No API server can run here: the real `trellis-control-plane --store
+/// kubernetes` binary runs against the fake (lists, watches, the empty CA
+/// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
+/// certifies a sidecar by its ServiceAccount token, serves the CRD policies
+/// through the Admin API, logs the invalid one, and refuses join tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let flags: Vec<String> = [
+        "--store",
+        "kubernetes",
+        "--ca-secret",
+        CA_SECRET,
+        "--namespace",
+        CA_NAMESPACE,
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        &fake.url(),
+        "--kube-ca",
+        &fake.ca().display().to_string(),
+        "--kube-token-file",
+        &fake.token_file().display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ControlPlane::start(&flags)
+    })
+    .await
+    .unwrap();
+    let ready = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/ready", cp.admin))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "200");
+
+    let secret = fake.secret().unwrap();
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["tls.crt"].as_str().unwrap())
+        .unwrap();
+    let bundle = std::fs::read_to_string(cp.state_dir.join("bundle.pem")).unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), bundle);
+
+    let key = p256();
+    let mut identity = cp.identity_client(None).await;
+    let response = identity
+        .certify(CertifyRequest {
+            csr: csr_for(&key, WEB),
+            proof: Some(Proof::ServiceAccountToken(
+                "projected-token-of-shop-web".into(),
+            )),
+            inbound_address: "10.244.1.17:15006".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.spiffe_id, WEB);
+    let svid = Svid {
+        key,
+        chain: response
+            .chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect(),
+    };
+    assert_eq!(
+        response.trust_bundle,
+        cp.bundle().iter().map(|c| c.to_vec()).collect::<Vec<_>>()
+    );
+
+    let listed = cp.ctl(&["policy", "list", "-o", "json"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("web-to-api") && stdout.contains("deny-legacy"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("misspelt-port"), "{stdout}");
+    let log = cp.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")),
+        "{log}"
+    );
+
+    let workloads = cp.ctl(&["workloads"]);
+    let stdout = String::from_utf8_lossy(&workloads.stdout);
+    assert!(workloads.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("10.244.1.17:15006") && stdout.contains(API),
+        "{stdout}"
+    );
+
+    // The sidecar's snapshot: the policies that select it and the Pods as
+    // endpoints; a DELETED event reaches it as a new snapshot.
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(&svid))))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        kind: Some(watch_request::Kind::Subscribe(Subscribe {
+            inbound_address: "10.244.1.17:15006".into(),
+            last_version: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut snapshots = DiscoveryClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = snapshots.message().await.unwrap().unwrap();
+    let names: Vec<_> = first.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["deny-legacy"]);
+    let endpoints: Vec<_> = first.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(endpoints, ["10.244.1.17:15006", "10.244.2.9:15006"]);
+    eventually_async("the control plane to watch", || async {
+        (fake.watching(POLICIES) == 1).then_some(())
+    })
+    .await;
+    fake.publish(
+        POLICIES,
+        event("DELETED", &item(&policies_list(), "deny-legacy", 48700)),
+    );
+    let second = snapshots.message().await.unwrap().unwrap();
+    assert!(second.policies.is_empty(), "{second:?}");
+    assert_ne!(second.version, first.version);
+
+    let mut admin = cp.admin_client().await;
+    let status = admin
+        .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
+            spiffe_id: WEB.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("ServiceAccount token"),
+        "{status:?}"
+    );
+    cp.stop_async().await;
+}
