@@ -177,3 +177,56 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     );
     cp.stop_async().await;
 }
+
+/// No API server can run here: the fake only proves that nothing asks it
+/// anything. Flags the Kubernetes store cannot work with exit 64 naming
+/// the flag, before any port, file or API request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_store_flags_exit_64_before_asking_the_api_server() {
+    let fake = recorded_cluster().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let url = fake.url();
+    let ca = fake.ca().display().to_string();
+    let store = [
+        "--store",
+        "kubernetes",
+        "--kube-api",
+        url.as_str(),
+        "--kube-ca",
+        ca.as_str(),
+    ];
+    let provider = ["--identity-provider", "kubernetes"];
+    let secret = ["--ca-secret", CA_SECRET, "--namespace", CA_NAMESPACE];
+    let operator_ca = ["--ca-cert", "c.pem", "--ca-key", "k.pem"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        ([&store[..], &provider[..]].concat(), "--ca-secret"),
+        (
+            [&store[..], &secret[..]].concat(),
+            "--identity-provider kubernetes",
+        ),
+        (
+            [&store[..], &provider, &secret, &operator_ca].concat(),
+            "--ca-cert",
+        ),
+        (
+            [&store[..], &provider, &["--ca-secret", "Not_A_Name"]].concat(),
+            "--ca-secret",
+        ),
+        (vec!["--ca-secret", CA_SECRET], "--store kubernetes"),
+        (vec!["--store", "etcd"], "--store"),
+    ];
+    for (args, names) in cases {
+        let out = std::process::Command::new(common::CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(!state.exists(), "{args:?} must not create the state dir");
+    }
+    assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+}

@@ -72,9 +72,9 @@ pub enum KubeStoreError {
     Ca { path: String, message: String },
     #[error("Kubernetes API client: {0}")]
     Client(String),
-    #[error("Kubernetes API server: listing {kind}s failed: {message}")]
+    #[error("Kubernetes API server: listing {kind} objects failed: {message}")]
     List { kind: &'static str, message: String },
-    #[error("Kubernetes API server: no complete list of {kind}s within {timeout:?}")]
+    #[error("Kubernetes API server: no complete list of {kind} objects within {timeout:?}")]
     SyncTimeout {
         kind: &'static str,
         timeout: Duration,
