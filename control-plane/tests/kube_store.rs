@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::eventually_async;
 use kube_api::{
-    FakeKube, PODS, POLICIES, event, fixture, fixture_json, item, pods_list, policies_list,
-    recorded_cluster,
+    FakeKube, PODS, POLICIES, RATE_LIMITS, event, fixture, fixture_json, item, pods_list,
+    policies_list, rate_limits_list, recorded_cluster,
 };
 use serde_json::json;
 use trellis_control_plane::discovery::Discovery;
@@ -168,6 +168,42 @@ async fn watch_events_update_policies_and_invalid_updates_are_never_pushed() {
     assert_ne!(store.snapshot_version().unwrap(), first);
 }
 
+/// No API server can run here: the fake answers the recorded
+/// RateLimitPolicy list and streams an event. Valid objects are held with
+/// their generation as revision and move the policy generation; the one
+/// selecting no workload is skipped.
+#[tokio::test]
+async fn rate_limit_objects_are_reflected_and_invalid_ones_skipped() {
+    let fake = recorded_cluster().await;
+    let store = connect(&fake).await;
+    let held = store.rate_limits();
+    assert_eq!(held.len(), 1, "{held:?}");
+    let (limit, revision) = &held[0];
+    assert_eq!(
+        (limit.namespace.as_str(), limit.name.as_str()),
+        ("shop", "api-search")
+    );
+    assert_eq!(
+        (limit.requests_per_second, limit.burst, *revision),
+        (50.0, 100, 3)
+    );
+    assert_eq!(limit.matches[0].paths, ["/search/*"]);
+
+    let generation = store.generation().unwrap();
+    eventually_async("the store to watch rate limits", || async {
+        (fake.watching(RATE_LIMITS) == 1).then_some(())
+    })
+    .await;
+    let mut fixed = item(&rate_limits_list(), "no-selector", 48800);
+    fixed["spec"]["selector"] = json!({"spiffeIds": ["spiffe://cluster.local/ns/shop/*"]});
+    fake.publish(RATE_LIMITS, event("MODIFIED", &fixed));
+    eventually_async("the fixed rate limit", || async {
+        (store.rate_limits().len() == 2).then_some(())
+    })
+    .await;
+    assert_ne!(store.generation().unwrap().policies, generation.policies);
+}
+
 /// No API server can run here: the fake streams recorded Pod events. A Pod
 /// becomes an endpoint once Running with an IP, and leaves when it is deleted.
 #[tokio::test]
@@ -294,6 +330,7 @@ async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
         .unwrap()
         .retain(|p| p["metadata"]["name"] != "deny-legacy");
     fake.lists(POLICIES, vec![(200, policies_list()), (200, later)]);
+    fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
     fake.lists(PODS, vec![(200, pods_list())]);
     fake.script_watch(
         POLICIES,
@@ -323,6 +360,7 @@ async fn an_api_server_refusal_is_a_clear_error() {
     let fake = FakeKube::start().await;
     let forbidden = fixture_json("store/forbidden-list-403.json");
     fake.lists(POLICIES, vec![(403, forbidden)]);
+    fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
     fake.lists(PODS, vec![(200, pods_list())]);
     let client = kubernetes::client(&fake.api()).unwrap();
     let e = KubernetesStore::connect(client, td(), Duration::from_secs(20))

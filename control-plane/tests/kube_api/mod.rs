@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use trellis_control_plane::authn::tokenreview::KubeApi;
 
 pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
+pub const RATE_LIMITS: &str = "/apis/trellis.io/v1alpha1/ratelimitpolicies";
 pub const PODS: &str = "/api/v1/pods";
 pub const TOKENREVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 pub const CA_NAMESPACE: &str = "trellis-system";
@@ -410,8 +411,13 @@ pub fn pods_list() -> Value {
 pub async fn recorded_cluster() -> FakeKube {
     let fake = FakeKube::start().await;
     fake.lists(POLICIES, vec![(200, policies_list())]);
+    fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
     fake.lists(PODS, vec![(200, pods_list())]);
     fake
+}
+
+pub fn rate_limits_list() -> Value {
+    fixture_json("store/ratelimitpolicies-list.json")
 }
 
 /// Item `name` of a recorded list, with a new resourceVersion.

@@ -1,6 +1,6 @@
 //! The in-memory reflection of what the API server holds: per object
 //! (kind, `namespace/name`), its resourceVersion and what it contributes to
-//! snapshots (a validated policy, or a Pod's mesh endpoints).
+//! snapshots (a validated policy or rate limit, or a Pod's mesh endpoints).
 //!
 //! The snapshot version is a name of the content, not a counter: every
 //! entry has a digest (SHA-256 of its kind, key and canonical content), the
@@ -17,15 +17,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::WorkloadRecord;
 
-/// The kinds the store reflects. A new kind (RateLimitPolicy) is a variant
-/// here, an [`Entry`] variant and a conversion in `objects`.
+/// The kinds the store reflects. A new kind is a variant here, an [`Entry`]
+/// variant, a conversion in `objects` and a watch in `connect`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     AuthorizationPolicy,
+    RateLimitPolicy,
     Pod,
 }
 
@@ -33,8 +34,14 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::Pod => "Pod",
         }
+    }
+
+    /// Whether the kind counts in the policy generation.
+    fn is_policy(self) -> bool {
+        matches!(self, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
     }
 }
 
@@ -43,6 +50,8 @@ impl Kind {
 pub enum Entry {
     /// A valid policy; its revision is the object's `metadata.generation`.
     Policy(Policy),
+    /// A valid rate limit and its revision (`metadata.generation`).
+    RateLimit(RateLimit, u64),
     /// A running, injected Pod: one endpoint per pod IP.
     Endpoints(Vec<WorkloadRecord>),
 }
@@ -67,7 +76,7 @@ pub struct Cache {
     objects: BTreeMap<(Kind, String), Slot>,
     /// XOR of every slot's digest.
     content: u64,
-    /// XOR of the policy slots' digests.
+    /// XOR of the policy and rate limit slots' digests.
     policy_content: u64,
     mesh_config: String,
     synced: BTreeSet<Kind>,
@@ -82,7 +91,7 @@ impl Cache {
         nonzero(self.content ^ mesh)
     }
 
-    /// The policy generation: a name of the policies alone.
+    /// The policy generation: a name of the policies and rate limits alone.
     pub fn policy_generation(&self) -> u64 {
         nonzero(self.policy_content)
     }
@@ -179,7 +188,17 @@ impl Cache {
         self.of_kind(Kind::AuthorizationPolicy)
             .filter_map(|entry| match entry {
                 Entry::Policy(p) => Some(p.clone()),
-                Entry::Endpoints(_) => None,
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every valid rate limit with its revision, ordered by `namespace/name`.
+    pub fn rate_limits(&self) -> Vec<(RateLimit, u64)> {
+        self.of_kind(Kind::RateLimitPolicy)
+            .filter_map(|entry| match entry {
+                Entry::RateLimit(limit, revision) => Some((limit.clone(), *revision)),
+                _ => None,
             })
             .collect()
     }
@@ -202,7 +221,7 @@ impl Cache {
         self.of_kind(Kind::Pod)
             .filter_map(|entry| match entry {
                 Entry::Endpoints(e) => Some(e.iter().cloned()),
-                Entry::Policy(_) => None,
+                _ => None,
             })
             .flatten()
             .collect()
@@ -217,7 +236,7 @@ impl Cache {
 
     fn xor(&mut self, kind: Kind, digest: u64) {
         self.content ^= digest;
-        if kind == Kind::AuthorizationPolicy {
+        if kind.is_policy() {
             self.policy_content ^= digest;
         }
     }
@@ -272,6 +291,15 @@ fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
             let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
             refs.extend(parts.iter().map(Vec::as_slice));
             digest_bytes(&refs)
+        }
+        Entry::RateLimit(limit, revision) => {
+            let encoded = limit.encode_to_vec();
+            digest_bytes(&[
+                kind.as_str().as_bytes(),
+                key.as_bytes(),
+                &encoded,
+                &revision.to_be_bytes(),
+            ])
         }
         Entry::Endpoints(records) => {
             let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];

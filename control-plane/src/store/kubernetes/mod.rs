@@ -3,7 +3,9 @@
 //!
 //! - Policies are `AuthorizationPolicy` objects (group `trellis.io`, version
 //!   `v1alpha1`, the documents `trellisctl` takes), reflected by a watch into
-//!   an in-memory [`cache::Cache`]; an Admin API apply creates or replaces
+//!   an in-memory [`cache::Cache`], and so are `RateLimitPolicy` objects
+//!   ([`KubernetesStore::rate_limits`]; the `Store` trait has no rate limits
+//!   yet, so they are held, not pushed); an Admin API apply creates or replaces
 //!   the object (optimistic on its resourceVersion) and a delete deletes it,
 //!   so every replica sees the write through its own watch.
 //! - Mesh endpoints come from Pods: each Running, injected Pod with an IP
@@ -43,11 +45,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 use trellis_core::TrustDomain;
 use trellis_core::policy::policy_key;
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use self::cache::{Entry, Kind, Reflected};
 use self::objects::{
     authorization_policy_resource, endpoints_from_pod, object_from_policy, policy_from_object,
+    rate_limit_from_object, rate_limit_resource,
 };
 use self::reflect::{Convert, Shared, reflect};
 use super::{
@@ -160,22 +163,30 @@ impl KubernetesStore {
         let shared = Arc::new(Shared::new());
         let mut watches = Vec::new();
         let mut firsts = Vec::new();
+        let mut watch = |task: tokio::task::JoinHandle<()>, kind, first| {
+            watches.push(task.abort_handle());
+            firsts.push((kind, first));
+        };
 
         let td = trust_domain.clone();
         let policies: Convert<DynamicObject> =
             Box::new(move |object| policy_from_object(object, &td).map(|p| Some(Entry::Policy(p))));
         let api = Api::all_with(client.clone(), &authorization_policy_resource());
         let (tx, rx) = oneshot::channel();
-        let task = reflect(
-            api,
-            watcher::Config::default(),
-            Kind::AuthorizationPolicy,
-            policies,
-            shared.clone(),
-            tx,
-        );
-        watches.push(tokio::spawn(task).abort_handle());
-        firsts.push((Kind::AuthorizationPolicy, rx));
+        let config = watcher::Config::default();
+        let kind = Kind::AuthorizationPolicy;
+        let task = reflect(api, config, kind, policies, shared.clone(), tx);
+        watch(tokio::spawn(task), kind, rx);
+
+        let rate_limits: Convert<DynamicObject> = Box::new(|object| {
+            rate_limit_from_object(object).map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
+        });
+        let api = Api::all_with(client.clone(), &rate_limit_resource());
+        let (tx, rx) = oneshot::channel();
+        let config = watcher::Config::default();
+        let kind = Kind::RateLimitPolicy;
+        let task = reflect(api, config, kind, rate_limits, shared.clone(), tx);
+        watch(tokio::spawn(task), kind, rx);
 
         let td = trust_domain.clone();
         let pods: Convert<Pod> =
@@ -184,8 +195,7 @@ impl KubernetesStore {
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default().fields(POD_FIELD_SELECTOR);
         let task = reflect(api, config, Kind::Pod, pods, shared.clone(), tx);
-        watches.push(tokio::spawn(task).abort_handle());
-        firsts.push((Kind::Pod, rx));
+        watch(tokio::spawn(task), Kind::Pod, rx);
 
         let store = Self {
             shared,
@@ -219,6 +229,12 @@ impl KubernetesStore {
             }
         }
         Ok(store)
+    }
+
+    /// Every valid `RateLimitPolicy` with its revision, ordered by
+    /// `namespace/name`.
+    pub fn rate_limits(&self) -> Vec<(RateLimit, u64)> {
+        self.shared.read(|c| c.rate_limits())
     }
 
     /// The snapshot version after every change the watches (or writes) made.

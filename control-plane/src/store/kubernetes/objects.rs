@@ -1,7 +1,7 @@
 //! Between Kubernetes objects and what the store holds: a `trellis.io`
-//! policy object becomes a validated [`Policy`] (or is refused with the
-//! messages `policy lint` gives), a Pod becomes mesh endpoints, and a
-//! policy written through the Admin API becomes a CRD object.
+//! object becomes a validated [`Policy`] or [`RateLimit`] (or is refused
+//! with the messages `policy lint` gives), a Pod becomes mesh endpoints, and
+//! a policy written through the Admin API becomes a CRD object.
 //!
 //! Kubernetes adds metadata (uid, labels, managedFields...) and a status
 //! that the document format does not have: only `metadata.name` and
@@ -15,9 +15,12 @@ use kube::ResourceExt;
 use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
-use trellis_core::policy::{AuthorizationPolicy, Document, document_from_proto, validate};
+use trellis_core::policy::{
+    AuthorizationPolicy, Document, RateLimitPolicy, document_from_proto, validate,
+    validate_rate_limit,
+};
 use trellis_core::{SpiffeId, TrustDomain};
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::inject::{GROUP, INJECTED_ANNOTATION, PROXY_CONTAINER};
 use crate::store::WorkloadRecord;
@@ -40,6 +43,17 @@ pub fn authorization_policy_resource() -> ApiResource {
     }
 }
 
+/// The `RateLimitPolicy` resource (`ratelimitpolicies.trellis.io`).
+pub fn rate_limit_resource() -> ApiResource {
+    ApiResource {
+        group: GROUP.to_owned(),
+        version: VERSION.to_owned(),
+        api_version: format!("{GROUP}/{VERSION}"),
+        kind: RateLimitPolicy::KIND.to_owned(),
+        plural: "ratelimitpolicies".to_owned(),
+    }
+}
+
 /// `namespace/name` of any object.
 pub fn object_key(object: &impl ResourceExt) -> String {
     format!(
@@ -53,21 +67,7 @@ pub fn object_key(object: &impl ResourceExt) -> String {
 /// revision being the object's `metadata.generation` (so every replica
 /// agrees on it). The error lists what `policy lint` would say.
 pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Policy, String> {
-    let mut document = match &object.data {
-        Value::Object(map) => map.clone(),
-        _ => return Err("the object has no fields besides its metadata".into()),
-    };
-    document.remove("status");
-    document.insert("apiVersion".into(), json!(format!("{GROUP}/{VERSION}")));
-    document.insert("kind".into(), json!(AuthorizationPolicy::KIND));
-    document.insert(
-        "metadata".into(),
-        json!({
-            "name": object.name_any(),
-            "namespace": object.namespace().unwrap_or_default(),
-        }),
-    );
-    let policy = match Document::from_value(Value::Object(document)) {
+    let policy = match Document::from_value(document_of(object, AuthorizationPolicy::KIND)?) {
         Ok(Document::AuthorizationPolicy(policy)) => policy,
         Ok(other) => {
             return Err(format!(
@@ -85,15 +85,62 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    let revision = object
+    Ok(Policy {
+        revision: revision_of(object),
+        ..valid.to_proto()
+    })
+}
+
+/// The validated rate limit a `RateLimitPolicy` object stands for, with its
+/// revision (`metadata.generation`).
+pub fn rate_limit_from_object(object: &DynamicObject) -> Result<(RateLimit, u64), String> {
+    let limit = match Document::from_value(document_of(object, RateLimitPolicy::KIND)?) {
+        Ok(Document::RateLimitPolicy(limit)) => limit,
+        Ok(other) => {
+            return Err(format!(
+                "expected a RateLimitPolicy, got a {}",
+                other.kind()
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    validate_rate_limit(&limit).map_err(|violations| {
+        violations
+            .iter()
+            .filter(|v| v.is_error())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok((limit.to_proto(), revision_of(object)))
+}
+
+/// The document an object of `kind` holds: its fields less `status`, with
+/// only the name and namespace of its metadata (as the webhook validates).
+fn document_of(object: &DynamicObject, kind: &str) -> Result<Value, String> {
+    let mut document = match &object.data {
+        Value::Object(map) => map.clone(),
+        _ => return Err("the object has no fields besides its metadata".into()),
+    };
+    document.remove("status");
+    document.insert("apiVersion".into(), json!(format!("{GROUP}/{VERSION}")));
+    document.insert("kind".into(), json!(kind));
+    document.insert(
+        "metadata".into(),
+        json!({
+            "name": object.name_any(),
+            "namespace": object.namespace().unwrap_or_default(),
+        }),
+    );
+    Ok(Value::Object(document))
+}
+
+fn revision_of(object: &DynamicObject) -> u64 {
+    object
         .metadata
         .generation
         .and_then(|g| u64::try_from(g).ok())
-        .unwrap_or(1);
-    Ok(Policy {
-        revision,
-        ..valid.to_proto()
-    })
+        .unwrap_or(1)
 }
 
 /// The CRD object for a policy written through the Admin API; with
