@@ -19,6 +19,7 @@ use kube_api::{
 };
 use rustls_pki_types::CertificateDer;
 use tonic::Code;
+use trellis_proto::admin::v1::ApplyPolicyRequest;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest, watch_request};
 use trellis_proto::identity::v1::CertifyRequest;
@@ -162,7 +163,45 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     assert!(second.policies.is_empty(), "{second:?}");
     assert_ne!(second.version, first.version);
 
+    // An apply through the Admin API becomes an object on the API server;
+    // a write the API server refuses (here: the validating webhook's denial)
+    // keeps its meaning for the caller.
     let mut admin = cp.admin_client().await;
+    let document = "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                    metadata: {name: from-shop, namespace: shop}\n\
+                    spec:\n  selector: {spiffeIds: [\"spiffe://cluster.local/ns/shop/sa/api\"]}\n  \
+                    action: ALLOW\n  rules: [{from: [{namespace: shop}], to: [{ports: [9090]}]}]\n";
+    let applied = admin
+        .apply_policy(ApplyPolicyRequest {
+            document: document.into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.results[0].revision, 1);
+    let post = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/namespaces/shop/authorizationpolicies"))
+        .expect("the apply creates the object");
+    assert_eq!(post.body["metadata"]["name"], "from-shop");
+    let denial = "admission webhook \"validate.trellis.io\" denied the request: \
+                  AuthorizationPolicy shop/from-shop is invalid";
+    fake.refuse_writes(400, kube_api::status(400, "BadRequest", denial));
+    let refused = admin
+        .apply_policy(ApplyPolicyRequest {
+            document: document.replace("9090", "9091"),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("denied the request"),
+        "{refused:?}"
+    );
+
     let status = admin
         .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
             spiffe_id: WEB.into(),

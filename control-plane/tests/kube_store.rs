@@ -474,6 +474,27 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
     })
     .await;
 
+    // Changed by another writer whose event has not arrived: the replace on
+    // the held resourceVersion is refused, and nothing changes here.
+    fake.change_unseen("shop/from-shop");
+    let writer = one.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9092])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("replace AuthorizationPolicy shop/from-shop"),
+        "{refused}"
+    );
+    assert!(refused.contains("409"), "{refused}");
+    assert_eq!(
+        one.policy("shop", "from-shop").unwrap().unwrap().rules[0].to[0].ports,
+        [9091]
+    );
+
     let writer = one.clone();
     let deleted = tokio::task::spawn_blocking(move || writer.delete_policy("shop", "from-shop"))
         .await

@@ -45,7 +45,25 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(internal)?
-        .map_err(internal)
+        .map_err(store_status)
+}
+
+/// The status of a failed store call. A write the Kubernetes API server
+/// refused keeps its meaning: a conflict is worth applying again, a
+/// denial (an admission webhook) is the document's fault, missing RBAC or
+/// an unreachable server is ours.
+fn store_status(e: crate::store::StoreError) -> Status {
+    use crate::store::{StoreError, kubernetes::KubeStoreError};
+    let message = e.to_string();
+    match e {
+        StoreError::Kubernetes(KubeStoreError::Write { status, .. }) => match status {
+            Some(409) => Status::aborted(format!("{message}; read it again and retry")),
+            Some(400 | 422) => Status::invalid_argument(message),
+            Some(401 | 403) => Status::failed_precondition(message),
+            _ => Status::unavailable(message),
+        },
+        _ => Status::internal(message),
+    }
 }
 
 pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyResponse, Status> {

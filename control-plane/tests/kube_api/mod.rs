@@ -88,6 +88,8 @@ struct State {
     /// Objects written through the API, by path.
     objects: HashMap<String, Value>,
     next_rv: u64,
+    /// When set, policy writes are answered with this instead.
+    refuse_writes: Option<(u16, Value)>,
     requests: Vec<Recorded>,
 }
 
@@ -202,6 +204,20 @@ impl FakeKube {
         let open = state.watchers.entry(path.to_owned()).or_default();
         open.retain(|w| !w.is_closed());
         open.len()
+    }
+
+    /// Answers every later policy write with `status` and this Status.
+    pub fn refuse_writes(&self, status: u16, answer: Value) {
+        self.state.lock().unwrap().refuse_writes = Some((status, answer));
+    }
+
+    /// Changes a stored policy object as a writer this test does not
+    /// watch would: a new resourceVersion, no event.
+    pub fn change_unseen(&self, key: &str) {
+        let mut state = self.state.lock().unwrap();
+        let object = state.objects.get(key).cloned().expect("a stored object");
+        let changed = stamp(&mut state, object, None);
+        state.objects.insert(key.to_owned(), changed);
     }
 
     pub fn set_secret(&self, secret: Option<Value>) {
@@ -346,6 +362,9 @@ fn write_policy(
         (_, [ns, "authorizationpolicies", name]) => (*ns, *name),
         _ => return (404, status(404, "NotFound", "no such resource")),
     };
+    if let Some(refusal) = &state.refuse_writes {
+        return refusal.clone();
+    }
     let key = format!("{namespace}/{name}");
     let held = state.objects.get(&key).cloned();
     let (code, kind, object) = match method.as_str() {

@@ -83,7 +83,12 @@ pub enum KubeStoreError {
         timeout: Duration,
     },
     #[error("Kubernetes API server refused to {action}: {message}")]
-    Write { action: String, message: String },
+    Write {
+        action: String,
+        message: String,
+        /// The API server's HTTP status, when it answered.
+        status: Option<u16>,
+    },
     #[error("cannot turn policy {key} into an object: {message}")]
     Encode { key: String, message: String },
 }
@@ -302,6 +307,7 @@ impl KubernetesStore {
                 }
             ),
             message: describe(&e),
+            status: status_code(&e),
         })?;
         let revision = written
             .metadata
@@ -453,6 +459,7 @@ impl Store for KubernetesStore {
                 return Err(KubeStoreError::Write {
                     action: format!("delete AuthorizationPolicy {key}"),
                     message: describe(&e),
+                    status: status_code(&e),
                 }
                 .into());
             }
