@@ -202,6 +202,17 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         "{refused:?}"
     );
 
+    // Join tokens have no place here: neither made nor accepted.
+    let refused = cp
+        .certify(
+            csr_for(&p256(), WEB),
+            Some("a-join-token"),
+            None,
+            "10.244.1.17:15006",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     let status = admin
         .create_join_token(trellis_proto::admin::v1::CreateJoinTokenRequest {
             spiffe_id: WEB.into(),
