@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mesh_config = MeshConfig {
         default_policy: config.default_policy.as_str().to_string(),
         outbound_policy: config.outbound_policy.as_str().to_string(),
+        opaque_ports: config.opaque_ports.iter().map(|p| u32::from(*p)).collect(),
     };
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
     let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);

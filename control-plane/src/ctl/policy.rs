@@ -1,5 +1,6 @@
-//! `trellisctl policy ...`: authorization policies from files to the Admin
-//! API, and `policy lint`, which needs no control plane at all.
+//! `trellisctl policy ...`: policy documents (AuthorizationPolicy and
+//! RateLimitPolicy, mixed freely in files) from files to the Admin API, and
+//! `policy lint`, which needs no control plane at all.
 //!
 //! Files are read and validated here first, by the same library function the
 //! control plane runs (`trellis_core::policy::load_paths`), so a mistake is
@@ -17,10 +18,11 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    Document, Explanation, LoadedPolicy, document_from_proto, has_errors, lint_paths, load_paths,
-    policy_key,
+    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, document_from_proto,
+    has_errors, lint_paths, load_paths, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, GetPolicyRequest,
@@ -57,6 +59,9 @@ pub enum PolicyCommand {
     Get {
         /// NAMESPACE/NAME
         name: String,
+        /// The document kind.
+        #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
+        kind: String,
     },
     /// List every policy.
     List {
@@ -68,6 +73,9 @@ pub enum PolicyCommand {
     Delete {
         /// NAMESPACE/NAME
         name: String,
+        /// The document kind.
+        #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
+        kind: String,
     },
     /// Check policy files offline (no control plane needed). Diagnostics go to
     /// stdout as `file:line:column: field.path: message`; exit 1 on any
@@ -96,6 +104,9 @@ pub enum PolicyCommand {
         output: Output,
     },
 }
+
+/// The kinds `--kind` accepts.
+const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
 /// `policy lint`: no credentials, no network.
 pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> {
@@ -138,13 +149,21 @@ pub async fn run(
             dry_run,
             output,
         } => apply(client, td, files, *dry_run, *output).await,
-        PolicyCommand::Get { name } => {
+        PolicyCommand::Get { name, kind } => {
             let (namespace, name) = split_name(name)?;
             let response = client
-                .get_policy(GetPolicyRequest { namespace, name })
+                .get_policy(GetPolicyRequest {
+                    namespace,
+                    name,
+                    kind: kind.clone(),
+                })
                 .await?
                 .into_inner();
-            let revision = response.policy.map(|p| p.revision).unwrap_or(0);
+            let revision = match (&response.policy, &response.rate_limit) {
+                (Some(p), _) => p.revision,
+                (None, Some(r)) => r.revision,
+                (None, None) => 0,
+            };
             Ok(Printed::out(format!(
                 "# revision {revision}\n{}",
                 response.yaml
@@ -156,19 +175,27 @@ pub async fn run(
                 .await?
                 .into_inner();
             Ok(Printed::out(match output {
-                Output::Table => policies_table(&response.policies),
-                Output::Json => policies_json(&response.policies, response.generation),
+                Output::Table => policies_table(&response.policies, &response.rate_limits),
+                Output::Json => policies_json(
+                    &response.policies,
+                    &response.rate_limits,
+                    response.generation,
+                ),
             }))
         }
-        PolicyCommand::Delete { name } => {
+        PolicyCommand::Delete { name, kind } => {
             let (namespace, name) = split_name(name)?;
             let key = policy_key(&namespace, &name);
             let response = client
-                .delete_policy(DeletePolicyRequest { namespace, name })
+                .delete_policy(DeletePolicyRequest {
+                    namespace,
+                    name,
+                    kind: kind.clone(),
+                })
                 .await?
                 .into_inner();
             Ok(Printed::out(format!(
-                "{key}: deleted\nsnapshot version {}\n",
+                "{kind} {key}: deleted\nsnapshot version {}\n",
                 response.snapshot_version
             )))
         }
@@ -233,12 +260,13 @@ async fn apply(
             "{report}nothing applied: fix the errors above\n"
         )));
     }
-    if loaded.policies.is_empty() {
+    let documents = documents_of(&loaded);
+    if documents.is_empty() {
         return Err(CtlError::Usage(
-            "no AuthorizationPolicy documents found in the given files".into(),
+            "no AuthorizationPolicy or RateLimitPolicy documents found in the given files".into(),
         ));
     }
-    let (document, starts) = join_documents(&loaded.policies);
+    let (document, starts) = join_documents(&documents);
     let response = match client
         .apply_policy(ApplyPolicyRequest { document, dry_run })
         .await
@@ -249,10 +277,10 @@ async fn apply(
                 for e in errors.errors {
                     let v = e.violation.unwrap_or_default();
                     let at = starts.iter().rposition(|&s| s <= e.line as usize);
-                    let file = at.map(|i| &loaded.policies[i]);
+                    let file = at.map(|i| &documents[i]);
                     let place = file.map_or_else(
                         || format!("document:{}", e.line),
-                        |p| format!("{}:{}", p.file, p.line),
+                        |d| format!("{}:{}", d.file, d.line),
                     );
                     let path = if v.path.is_empty() {
                         String::new()
@@ -279,16 +307,40 @@ async fn apply(
     })
 }
 
+/// A valid document of either kind and where it was read.
+struct Read {
+    document: Document,
+    file: String,
+    line: usize,
+}
+
+/// Every valid document, ordered by file and line.
+fn documents_of(loaded: &Loaded) -> Vec<Read> {
+    let policies = loaded.policies.iter().map(|p| Read {
+        document: Document::AuthorizationPolicy(p.policy.policy().clone()),
+        file: p.file.clone(),
+        line: p.line,
+    });
+    let limits = loaded.rate_limits.iter().map(|r| Read {
+        document: Document::RateLimitPolicy(r.policy.clone()),
+        file: r.file.clone(),
+        line: r.line,
+    });
+    let mut documents: Vec<Read> = policies.chain(limits).collect();
+    documents.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    documents
+}
+
 /// The valid documents as one YAML stream, and the line each starts on.
-fn join_documents(policies: &[LoadedPolicy]) -> (String, Vec<usize>) {
+fn join_documents(documents: &[Read]) -> (String, Vec<usize>) {
     let mut text = String::new();
-    let mut starts = Vec::with_capacity(policies.len());
-    for p in policies {
+    let mut starts = Vec::with_capacity(documents.len());
+    for d in documents {
         if !text.is_empty() {
             text.push_str("---\n");
         }
         starts.push(text.lines().count() + 1);
-        text.push_str(&Document::AuthorizationPolicy(p.policy.policy().clone()).to_yaml());
+        text.push_str(&d.document.to_yaml());
     }
     (text, starts)
 }
@@ -307,7 +359,7 @@ fn outcome_word(outcome: i32, dry_run: bool) -> &'static str {
 fn apply_text(response: &ApplyPolicyResponse) -> String {
     let mut out = String::new();
     for r in &response.results {
-        let key = policy_key(&r.namespace, &r.name);
+        let key = format!("{} {}", r.kind, policy_key(&r.namespace, &r.name));
         let word = outcome_word(r.outcome, response.dry_run);
         let selects = if r.selected_workloads.is_empty() {
             "selects no known workload".to_owned()
@@ -339,6 +391,7 @@ fn apply_json(response: &ApplyPolicyResponse) -> String {
         .iter()
         .map(|r| {
             serde_json::json!({
+                "kind": r.kind,
                 "policy": policy_key(&r.namespace, &r.name),
                 "revision": r.revision,
                 "outcome": outcome_word(r.outcome, false),
@@ -364,14 +417,17 @@ fn action_name(action: i32) -> &'static str {
     }
 }
 
-fn policies_table(policies: &[Policy]) -> String {
+/// Both kinds in one table: a rate limit's ACTION is its limit, its RULES
+/// the number of `match` entries.
+fn policies_table(policies: &[Policy], rate_limits: &[RateLimitRecord]) -> String {
     let mut rows = vec![
-        ["POLICY", "ACTION", "REVISION", "RULES", "SELECTOR"]
+        ["KIND", "POLICY", "ACTION", "REVISION", "RULES", "SELECTOR"]
             .map(String::from)
             .to_vec(),
     ];
     for p in policies {
         rows.push(vec![
+            AuthorizationPolicy::KIND.to_owned(),
             policy_key(&p.namespace, &p.name),
             action_name(p.action).to_owned(),
             p.revision.to_string(),
@@ -382,10 +438,24 @@ fn policies_table(policies: &[Policy]) -> String {
                 .unwrap_or_default(),
         ]);
     }
+    for r in rate_limits {
+        let l = r.rate_limit.clone().unwrap_or_default();
+        rows.push(vec![
+            RateLimitPolicy::KIND.to_owned(),
+            policy_key(&l.namespace, &l.name),
+            format!("{}/s burst {} by {}", l.requests_per_second, l.burst, l.key),
+            r.revision.to_string(),
+            l.matches.len().to_string(),
+            l.selector
+                .as_ref()
+                .map(|s| s.spiffe_ids.join(","))
+                .unwrap_or_default(),
+        ]);
+    }
     super::table(rows)
 }
 
-fn policies_json(policies: &[Policy], generation: u64) -> String {
+fn policies_json(policies: &[Policy], rate_limits: &[RateLimitRecord], generation: u64) -> String {
     let items: Vec<serde_json::Value> = policies
         .iter()
         .map(|p| {
@@ -399,7 +469,25 @@ fn policies_json(policies: &[Policy], generation: u64) -> String {
             })
         })
         .collect();
-    pretty(&serde_json::json!({ "generation": generation, "policies": items }))
+    let limits: Vec<serde_json::Value> = rate_limits
+        .iter()
+        .map(|r| {
+            let l = r.rate_limit.clone().unwrap_or_default();
+            let document = RateLimitPolicy::from_proto(&l)
+                .map(|d| Document::RateLimitPolicy(d).to_value())
+                .unwrap_or_default();
+            serde_json::json!({
+                "policy": policy_key(&l.namespace, &l.name),
+                "revision": r.revision,
+                "document": document,
+            })
+        })
+        .collect();
+    pretty(&serde_json::json!({
+        "generation": generation,
+        "policies": items,
+        "rate_limits": limits,
+    }))
 }
 
 fn explanation_json(e: &Explanation) -> String {
@@ -443,12 +531,37 @@ spec:
   action: DENY
   rules: [{}]
 ";
-        let text = format!("{one}---\n{}", one.replace("name: a", "name: b"));
+        let limit = "apiVersion: trellis.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: a, namespace: default}
+spec:
+  selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
+  limit: {requestsPerSecond: 5, burst: 10}
+  match: [{paths: [/search/*]}]
+";
+        let text = format!(
+            "{one}---\n{limit}---\n{}",
+            one.replace("name: a", "name: b")
+        );
         let loaded = load_source("f.yaml", &text, &td);
         assert_eq!(loaded.diagnostics, []);
-        let (joined, starts) = join_documents(&loaded.policies);
+        let documents = documents_of(&loaded);
+        let kinds: Vec<&str> = documents.iter().map(|d| d.document.kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "AuthorizationPolicy",
+                "RateLimitPolicy",
+                "AuthorizationPolicy"
+            ]
+        );
+        let (joined, starts) = join_documents(&documents);
         let again = load_source("document", &joined, &td);
-        let lines: Vec<usize> = again.policies.iter().map(|p| p.line).collect();
+        assert_eq!(again.diagnostics, []);
+        let mut lines: Vec<usize> = again.policies.iter().map(|p| p.line).collect();
+        lines.extend(again.rate_limits.iter().map(|r| r.line));
+        lines.sort_unstable();
         assert_eq!(lines, starts);
+        assert_eq!(again.rate_limits[0].policy, loaded.rate_limits[0].policy);
     }
 }

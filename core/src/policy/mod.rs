@@ -62,7 +62,7 @@ pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
 pub use l7::{HttpRequest, PathPattern};
 pub use lint::{
     Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
-    load_paths, load_source,
+    load_paths, load_source, load_source_in,
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
