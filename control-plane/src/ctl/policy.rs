@@ -260,13 +260,14 @@ async fn apply(
             "{report}nothing applied: fix the errors above\n"
         )));
     }
-    let documents = documents_of(&loaded);
-    if documents.is_empty() {
+    let names = files_with_documents(&loaded);
+    if names.is_empty() {
         return Err(CtlError::Usage(
             "no AuthorizationPolicy or RateLimitPolicy documents found in the given files".into(),
         ));
     }
-    let (document, starts) = join_documents(&documents);
+    let files = read_files(&names)?;
+    let (document, starts) = join_files(&files);
     let response = match client
         .apply_policy(ApplyPolicyRequest { document, dry_run })
         .await
@@ -276,11 +277,11 @@ async fn apply(
             Some(errors) => {
                 for e in errors.errors {
                     let v = e.violation.unwrap_or_default();
-                    let at = starts.iter().rposition(|&s| s <= e.line as usize);
-                    let file = at.map(|i| &documents[i]);
-                    let place = file.map_or_else(
-                        || format!("document:{}", e.line),
-                        |d| format!("{}:{}", d.file, d.line),
+                    let line = e.line as usize;
+                    let at = starts.iter().rposition(|&s| s <= line);
+                    let place = at.map_or_else(
+                        || format!("document:{}:{}", e.line, e.column),
+                        |i| format!("{}:{}:{}", files[i].0, line - starts[i] + 1, e.column),
                     );
                     let path = if v.path.is_empty() {
                         String::new()
@@ -307,40 +308,43 @@ async fn apply(
     })
 }
 
-/// A valid document of either kind and where it was read.
-struct Read {
-    document: Document,
-    file: String,
-    line: usize,
+/// The files that hold valid documents of either kind, in sorted order.
+fn files_with_documents(loaded: &Loaded) -> Vec<String> {
+    let policies = loaded.policies.iter().map(|p| p.file.clone());
+    let limits = loaded.rate_limits.iter().map(|r| r.file.clone());
+    let mut files: Vec<String> = policies.chain(limits).collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
-/// Every valid document, ordered by file and line.
-fn documents_of(loaded: &Loaded) -> Vec<Read> {
-    let policies = loaded.policies.iter().map(|p| Read {
-        document: Document::AuthorizationPolicy(p.policy.policy().clone()),
-        file: p.file.clone(),
-        line: p.line,
-    });
-    let limits = loaded.rate_limits.iter().map(|r| Read {
-        document: Document::RateLimitPolicy(r.policy.clone()),
-        file: r.file.clone(),
-        line: r.line,
-    });
-    let mut documents: Vec<Read> = policies.chain(limits).collect();
-    documents.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
-    documents
+/// Each file with its text.
+fn read_files(names: &[String]) -> Result<Vec<(String, String)>, CtlError> {
+    names
+        .iter()
+        .map(|name| {
+            std::fs::read_to_string(name)
+                .map(|text| (name.clone(), text))
+                .map_err(|e| CtlError::Usage(format!("{name}: cannot read: {e}")))
+        })
+        .collect()
 }
 
-/// The valid documents as one YAML stream, and the line each starts on.
-fn join_documents(documents: &[Read]) -> (String, Vec<usize>) {
+/// The files as one YAML stream, each as it was written, and the line each
+/// starts on: a position the control plane reports in the stream maps back
+/// to `file:line:column`. (The control plane validates every document again.)
+fn join_files(files: &[(String, String)]) -> (String, Vec<usize>) {
     let mut text = String::new();
-    let mut starts = Vec::with_capacity(documents.len());
-    for d in documents {
+    let mut starts = Vec::with_capacity(files.len());
+    for (_, contents) in files {
         if !text.is_empty() {
             text.push_str("---\n");
         }
         starts.push(text.lines().count() + 1);
-        text.push_str(&d.document.to_yaml());
+        text.push_str(contents);
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
     }
     (text, starts)
 }
@@ -521,7 +525,7 @@ mod tests {
     use trellis_core::policy::load_source;
 
     #[test]
-    fn joined_documents_start_where_the_control_plane_will_count_them() {
+    fn joined_files_map_positions_back_to_each_file() {
         let td = TrustDomain::new("cluster.local").unwrap();
         let one = "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -531,37 +535,27 @@ spec:
   action: DENY
   rules: [{}]
 ";
-        let limit = "apiVersion: trellis.io/v1alpha1
+        let limit = "# rate limits\napiVersion: trellis.io/v1alpha1
 kind: RateLimitPolicy
 metadata: {name: a, namespace: default}
 spec:
   selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
-  limit: {requestsPerSecond: 5, burst: 10}
-  match: [{paths: [/search/*]}]
-";
-        let text = format!(
-            "{one}---\n{limit}---\n{}",
-            one.replace("name: a", "name: b")
-        );
-        let loaded = load_source("f.yaml", &text, &td);
-        assert_eq!(loaded.diagnostics, []);
-        let documents = documents_of(&loaded);
-        let kinds: Vec<&str> = documents.iter().map(|d| d.document.kind()).collect();
-        assert_eq!(
-            kinds,
-            [
-                "AuthorizationPolicy",
-                "RateLimitPolicy",
-                "AuthorizationPolicy"
-            ]
-        );
-        let (joined, starts) = join_documents(&documents);
+  limit: {requestsPerSecond: 5, burst: 10}";
+        let first = format!("{one}---\n{}", one.replace("name: a", "name: b"));
+        let files = [
+            ("a.yaml".to_owned(), first),
+            ("b.yaml".to_owned(), limit.to_owned()),
+        ];
+        let (joined, starts) = join_files(&files);
+        assert_eq!(starts, [1, 17]);
         let again = load_source("document", &joined, &td);
         assert_eq!(again.diagnostics, []);
-        let mut lines: Vec<usize> = again.policies.iter().map(|p| p.line).collect();
-        lines.extend(again.rate_limits.iter().map(|r| r.line));
-        lines.sort_unstable();
-        assert_eq!(lines, starts);
-        assert_eq!(again.rate_limits[0].policy, loaded.rate_limits[0].policy);
+        assert_eq!(again.policies.len(), 2);
+        // The rate limit's document starts on line 2 of b.yaml.
+        let line = again.rate_limits[0].line;
+        assert_eq!(line - starts[1] + 1, 2);
+        let mut loaded = load_source("b.yaml", limit, &td);
+        loaded.policies = load_source("a.yaml", &files[0].1, &td).policies;
+        assert_eq!(files_with_documents(&loaded), ["a.yaml", "b.yaml"]);
     }
 }
