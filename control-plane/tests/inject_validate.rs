@@ -97,6 +97,22 @@ fn denies_unknown_fields_and_kinds() {
     assert!(message.contains("port"), "{message}");
 
     let mut review = fixture("authorizationpolicy-valid.json");
+    review["request"]["kind"]["kind"] = json!("Gateway");
+    review["request"]["object"]["kind"] = json!("Gateway");
+    let reply2 = reply(&review);
+    assert_eq!(reply2["response"]["allowed"], false);
+    let message = reply2["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown kind \"Gateway\""), "{message}");
+}
+
+/// A RateLimitPolicy gets the one rate-limit validation: admitted when
+/// valid, denied naming the field otherwise.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them
+/// (the AuthorizationPolicy fixture turned into a RateLimitPolicy); no
+/// Kubernetes API server can run here.
+#[test]
+fn validates_rate_limit_policies() {
+    let mut review = fixture("authorizationpolicy-valid.json");
     review["request"]["kind"]["kind"] = json!("RateLimitPolicy");
     review["request"]["object"]["kind"] = json!("RateLimitPolicy");
     review["request"]["object"]["spec"] = json!({
@@ -104,8 +120,16 @@ fn denies_unknown_fields_and_kinds() {
         "limit": {"requestsPerSecond": 50, "burst": 100},
         "key": "source",
     });
-    let reply2 = reply(&review);
-    assert_eq!(reply2["response"]["allowed"], false);
+    assert_eq!(reply(&review)["response"]["allowed"], true);
+
+    review["request"]["object"]["spec"]["limit"]["burst"] = json!(0);
+    let denied = reply(&review);
+    assert_eq!(denied["response"]["allowed"], false);
+    let message = denied["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.limit.burst: burst must be between 1 and 1000000, not 0"),
+        "{message}"
+    );
 }
 
 /// Deleting is always allowed (there is no object to judge), and objects

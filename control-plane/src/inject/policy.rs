@@ -3,7 +3,8 @@
 //!
 //! This is the validation `trellisctl policy lint` and the Admin API run:
 //! [`Document::from_value`] (shape, unknown fields, kind) and then
-//! [`validate`] (every rule of a valid policy), so a policy is rejected by
+//! [`validate`] (every rule of a valid AuthorizationPolicy) or
+//! [`validate_rate_limit`] (a RateLimitPolicy), so a policy is rejected by
 //! `kubectl apply` with the same field path and message as by `policy lint`,
 //! less the line number (the API server has no file). Warnings are admitted
 //! and shown by `kubectl`. It never stores anything: the CRD store backend
@@ -16,7 +17,7 @@
 
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
-use trellis_core::policy::{Document, validate};
+use trellis_core::policy::{Document, validate, validate_rate_limit};
 
 use super::review::{AdmissionRequest, AdmissionResponse, ReviewError};
 
@@ -50,8 +51,11 @@ pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> Admission
         );
         map.remove("status");
     }
-    let policy = match Document::from_value(document) {
-        Ok(Document::AuthorizationPolicy(policy)) => policy,
+    let checked = match Document::from_value(document) {
+        Ok(Document::AuthorizationPolicy(policy)) => {
+            validate(&policy, td).map(|valid| valid.warnings().to_vec())
+        }
+        Ok(Document::RateLimitPolicy(limit)) => validate_rate_limit(&limit).map(|()| Vec::new()),
         Ok(_) => {
             return AdmissionResponse::deny(
                 uid,
@@ -60,8 +64,8 @@ pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> Admission
         }
         Err(e) => return AdmissionResponse::deny(uid, format!("{what} is invalid: {e}")),
     };
-    let (errors, warnings): (Vec<_>, Vec<_>) = match validate(&policy, td) {
-        Ok(valid) => (Vec::new(), valid.warnings().to_vec()),
+    let (errors, warnings): (Vec<_>, Vec<_>) = match checked {
+        Ok(warnings) => (Vec::new(), warnings),
         Err(violations) => violations.into_iter().partition(|v| v.is_error()),
     };
     let mut response = if errors.is_empty() {
