@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::discovery::v1::MeshConfig;
 use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
@@ -33,6 +34,7 @@ use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::metrics::Metrics;
 use crate::server::{GrpcListener, ServingCert, server_config};
 use crate::state_dir::StateDir;
+use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
@@ -73,6 +75,42 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// A stored policy that the new mesh config makes invalid: sidecars
+    /// would refuse every snapshot holding it, so the control plane does not
+    /// start (exit 64, like any invalid configuration).
+    #[error(
+        "--opaque-ports: the stored policy {policy} cannot be enforced with these opaque ports ({violation}); change or delete it first, or leave the port out"
+    )]
+    OpaquePorts { policy: String, violation: String },
+}
+
+impl RunError {
+    /// Whether the configuration, not the environment, is at fault.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RunError::OpaquePorts { .. })
+    }
+}
+
+/// Refuses mesh-wide opaque ports that a stored policy has L7 rules on.
+fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunError> {
+    if config.opaque_ports.is_empty() {
+        return Ok(());
+    }
+    let context = ValidationContext {
+        opaque_ports: config.opaque_ports.clone(),
+    };
+    for policy in store.policies()? {
+        let Err(violations) = validate_proto_in(&policy, &config.trust_domain, &context) else {
+            continue;
+        };
+        if let Some(error) = violations.iter().find(|v| v.is_error()) {
+            return Err(RunError::OpaquePorts {
+                policy: policy_key(&policy.namespace, &policy.name),
+                violation: error.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -86,6 +124,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let ca = Arc::new(open_ca(&dir, &config.trust_domain, operator_ca)?);
     ensure_admin_credential(&dir, &ca)?;
     let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
+    check_stored_policies(store.as_ref(), &config)?;
     let mesh_config = MeshConfig {
         default_policy: config.default_policy.as_str().to_string(),
         outbound_policy: config.outbound_policy.as_str().to_string(),

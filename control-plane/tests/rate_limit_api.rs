@@ -336,3 +336,41 @@ async fn trellisctl_applies_gets_lists_and_deletes_rate_limits() {
     let out = cp.ctl(&["policy", "get", "default/web-to-api"]);
     assert!(out.status.success(), "the policy of the other kind stays");
 }
+
+#[tokio::test]
+async fn opaque_ports_that_a_stored_l7_policy_uses_stop_the_start() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
+    let mut admin = cp.admin_client().await;
+    let l7 = allow("web-to-db", API, WEB, 5432).replace(
+        "        - ports: [5432]\n",
+        "        - ports: [5432]\n          methods: [GET]\n",
+    );
+    apply(&mut admin, &l7, false).await.unwrap();
+    assert!(cp.stop_async().await.success());
+
+    let out = std::process::Command::new(CP)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--opaque-ports", "5432"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--opaque-ports: the stored policy default/web-to-db")
+            && stderr.contains("port 5432 is declared opaque"),
+        "{stderr}"
+    );
+    // Without the port, the same state starts and keeps the policy.
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let listed = cp
+        .admin_client()
+        .await
+        .list_policies(trellis_proto::admin::v1::ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.policies.len(), 1);
+}

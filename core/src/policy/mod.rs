@@ -49,7 +49,7 @@ mod rules;
 mod source;
 pub mod validate;
 
-pub use convert::{InvalidExplanation, document_from_proto, validate_proto};
+pub use convert::{InvalidExplanation, document_from_proto, validate_proto, validate_proto_in};
 pub use document::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationPolicySpec, Destination, Document,
     DocumentError, GrpcMatch, Metadata, Rule, Selector, Source,
