@@ -4,7 +4,7 @@
 //! This is the validation `trellisctl policy lint` and the Admin API run:
 //! [`Document::from_value`] (shape, unknown fields, kind) and then
 //! [`validate`] (every rule of a valid AuthorizationPolicy) or
-//! [`validate_rate_limit`] (a RateLimitPolicy), so a policy is rejected by
+//! [`validate_rate_limit_in`] (a RateLimitPolicy), so a policy is rejected by
 //! `kubectl apply` with the same field path and message as by `policy lint`,
 //! less the line number (the API server has no file). Warnings are admitted
 //! and shown by `kubectl`. It never stores anything: the CRD store backend
@@ -17,7 +17,7 @@
 
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
-use trellis_core::policy::{Document, validate, validate_rate_limit};
+use trellis_core::policy::{Document, validate, validate_rate_limit_in};
 
 use super::review::{AdmissionRequest, AdmissionResponse, ReviewError};
 
@@ -55,7 +55,9 @@ pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> Admission
         Ok(Document::AuthorizationPolicy(policy)) => {
             validate(&policy, td).map(|valid| valid.warnings().to_vec())
         }
-        Ok(Document::RateLimitPolicy(limit)) => validate_rate_limit(&limit).map(|()| Vec::new()),
+        Ok(Document::RateLimitPolicy(limit)) => {
+            validate_rate_limit_in(&limit, td).map(|()| Vec::new())
+        }
         Ok(_) => {
             return AdmissionResponse::deny(
                 uid,

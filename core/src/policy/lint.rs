@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::document::Document;
 use super::path::FieldPath;
-use super::ratelimit::{RateLimitPolicy, validate_rate_limit};
+use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in};
 use super::source::{Node, Pos, parse_stream};
 use super::validate::{
     Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate_in,
@@ -248,7 +248,7 @@ fn check_text(
         let policy = match &document {
             Document::AuthorizationPolicy(policy) => policy,
             Document::RateLimitPolicy(limit) => {
-                match validate_rate_limit(limit) {
+                match validate_rate_limit_in(limit, td) {
                     Ok(()) => limits.push(Checked {
                         policy: limit.clone(),
                         file: name.to_owned(),
