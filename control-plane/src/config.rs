@@ -119,6 +119,18 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_OUTBOUND_POLICY", value_enum, default_value_t)]
     pub outbound_policy: OutboundPolicy,
 
+    /// Inbound ports every sidecar treats as opaque TCP, never parsed as
+    /// HTTP (databases, SMTP), besides each sidecar's own --opaque-ports;
+    /// policies with L7 rules on them are refused.
+    #[arg(
+        long,
+        env = "TRELLIS_OPAQUE_PORTS",
+        value_name = "PORT,...",
+        value_delimiter = ',',
+        value_parser = parse_port
+    )]
+    pub opaque_ports: Vec<u16>,
+
     /// Operator-supplied CA certificate (PEM: the signing CA first, then its
     /// chain up to the root). Requires --ca-key.
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
@@ -373,6 +385,13 @@ fn parse_object_name(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!("{s:?} is not a port number (1-65535)")),
+    }
+}
+
 fn parse_dns_name(s: &str) -> Result<String, String> {
     rustls_pki_types::DnsName::try_from(s)
         .map(|_| s.to_ascii_lowercase())
@@ -524,6 +543,21 @@ mod tests {
             panic!("--ca-secret without the Kubernetes store must be refused")
         };
         assert!(msg.contains("--store kubernetes"), "{msg}");
+    }
+
+    #[test]
+    fn opaque_ports_are_a_list_of_ports() {
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--opaque-ports", "5432,25"]) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.opaque_ports, [5432, 25]);
+        for bad in ["0", "70000", "smtp", "25,"] {
+            let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--opaque-ports", bad])
+            else {
+                panic!("{bad} must be refused")
+            };
+            assert!(msg.contains("--opaque-ports"), "{msg}");
+        }
     }
 
     #[test]

@@ -59,7 +59,11 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "control plane failed");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if e.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::discovery::v1::MeshConfig;
 use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
@@ -83,6 +84,42 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// A stored policy that the new mesh config makes invalid: sidecars
+    /// would refuse every snapshot holding it, so the control plane does not
+    /// start (exit 64, like any invalid configuration).
+    #[error(
+        "--opaque-ports: the stored policy {policy} cannot be enforced with these opaque ports ({violation}); change or delete it first, or leave the port out"
+    )]
+    OpaquePorts { policy: String, violation: String },
+}
+
+impl RunError {
+    /// Whether the configuration, not the environment, is at fault.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, RunError::OpaquePorts { .. })
+    }
+}
+
+/// Refuses mesh-wide opaque ports that a stored policy has L7 rules on.
+fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunError> {
+    if config.opaque_ports.is_empty() {
+        return Ok(());
+    }
+    let context = ValidationContext {
+        opaque_ports: config.opaque_ports.clone(),
+    };
+    for policy in store.policies()? {
+        let Err(violations) = validate_proto_in(&policy, &config.trust_domain, &context) else {
+            continue;
+        };
+        if let Some(error) = violations.iter().find(|v| v.is_error()) {
+            return Err(RunError::OpaquePorts {
+                policy: policy_key(&policy.namespace, &policy.name),
+                violation: error.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -117,9 +154,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let ca = Arc::new(ca);
     ensure_admin_credential(&dir, &ca)?;
+    check_stored_policies(store.as_ref(), &config)?;
     let mesh_config = MeshConfig {
         default_policy: config.default_policy.as_str().to_string(),
         outbound_policy: config.outbound_policy.as_str().to_string(),
+        opaque_ports: config.opaque_ports.iter().map(|p| u32::from(*p)).collect(),
     };
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
     let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);
@@ -141,11 +180,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let webhook_setup = match (&config.webhook, &config.webhook_cert, &config.webhook_key) {
         (Some(addr), Some(cert), Some(key)) => {
             let files = Arc::new(ServingFiles::load(cert, key)?);
-            let inject = InjectConfig::from_settings(
+            let mut inject = InjectConfig::from_settings(
                 config.inject_settings.as_deref().unwrap_or("{}"),
                 config.trust_domain.clone(),
                 ca.bundle_pem(),
             )?;
+            inject.validation = ValidationContext {
+                opaque_ports: config.opaque_ports.clone(),
+            };
             Some((*addr, tls_config(files)?, inject))
         }
         _ => None,

@@ -255,6 +255,10 @@ fn default_values_render_valid_manifests() {
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--opaque-ports")),
+        "no mesh-wide opaque ports unless asked: {args:?}"
+    );
     assert_eq!(one(&docs, "Deployment")["spec"]["replicas"], 2);
 }
 
@@ -271,6 +275,7 @@ fn custom_values_render_valid_manifests() {
             "replicas=3",
             "defaultPolicy=allow-same-namespace",
             "outboundPolicy=passthrough",
+            "opaquePorts={5432,25}",
             "certTTL=30m",
             "antiAffinity=hard",
             "injection.failurePolicy=Fail",
@@ -290,6 +295,7 @@ fn custom_values_render_valid_manifests() {
         "--trust-domain=example.org",
         "--default-policy=allow-same-namespace",
         "--outbound-policy=passthrough",
+        "--opaque-ports=5432,25",
         "--cert-ttl=30m",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
@@ -325,6 +331,7 @@ fn invalid_values_are_refused() {
             "tokenExpirationSeconds",
         ),
         ("replicas=0", "replicas"),
+        ("opaquePorts={0}", "opaquePorts"),
         ("injection.failurePolicy=Maybe", "failurePolicy"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
@@ -353,7 +360,7 @@ fn rbac_grants_nothing_beyond_the_list() {
             json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["get", "list", "watch"]}),
-            json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies"],
+            json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["create", "update", "delete"]}),
         ]
     );

@@ -11,7 +11,7 @@ use trellis_control_plane::inject;
 use inject::review_policy;
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
-use trellis_core::policy::{Document, validate};
+use trellis_core::policy::{Document, ValidationContext, validate};
 
 fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
@@ -25,7 +25,7 @@ fn fixture(name: &str) -> Value {
 
 fn reply(review: &Value) -> Value {
     let body = serde_json::to_vec(review).unwrap();
-    let response = review_policy(&body, &td()).unwrap();
+    let response = review_policy(&body, &td(), &ValidationContext::default()).unwrap();
     serde_json::from_slice(&response.to_body()).unwrap()
 }
 
@@ -97,6 +97,22 @@ fn denies_unknown_fields_and_kinds() {
     assert!(message.contains("port"), "{message}");
 
     let mut review = fixture("authorizationpolicy-valid.json");
+    review["request"]["kind"]["kind"] = json!("Gateway");
+    review["request"]["object"]["kind"] = json!("Gateway");
+    let reply2 = reply(&review);
+    assert_eq!(reply2["response"]["allowed"], false);
+    let message = reply2["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown kind \"Gateway\""), "{message}");
+}
+
+/// A RateLimitPolicy gets the one rate-limit validation: admitted when
+/// valid, denied naming the field otherwise.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them
+/// (the AuthorizationPolicy fixture turned into a RateLimitPolicy); no
+/// Kubernetes API server can run here.
+#[test]
+fn validates_rate_limit_policies() {
+    let mut review = fixture("authorizationpolicy-valid.json");
     review["request"]["kind"]["kind"] = json!("RateLimitPolicy");
     review["request"]["object"]["kind"] = json!("RateLimitPolicy");
     review["request"]["object"]["spec"] = json!({
@@ -104,8 +120,16 @@ fn denies_unknown_fields_and_kinds() {
         "limit": {"requestsPerSecond": 50, "burst": 100},
         "key": "source",
     });
-    let reply2 = reply(&review);
-    assert_eq!(reply2["response"]["allowed"], false);
+    assert_eq!(reply(&review)["response"]["allowed"], true);
+
+    review["request"]["object"]["spec"]["limit"]["burst"] = json!(0);
+    let denied = reply(&review);
+    assert_eq!(denied["response"]["allowed"], false);
+    let message = denied["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.limit.burst: burst must be between 1 and 1000000, not 0"),
+        "{message}"
+    );
 }
 
 /// Deleting is always allowed (there is no object to judge), and objects
@@ -133,11 +157,42 @@ fn validates_against_the_mesh_trust_domain() {
     let review = fixture("authorizationpolicy-valid.json");
     let body = serde_json::to_vec(&review).unwrap();
     let other = TrustDomain::new("example.org").unwrap();
-    let response = review_policy(&body, &other).unwrap();
+    let response = review_policy(&body, &other, &ValidationContext::default()).unwrap();
     assert!(!response.allowed);
     let message = response.message.unwrap();
     assert!(
         message.contains("spec.selector.spiffeIds[0]: selects no workload of this mesh"),
         "{message}"
     );
+}
+
+/// With `--opaque-ports 5432` the mesh never parses port 5432 as HTTP, so a
+/// policy with L7 matches on it could not be enforced: `kubectl apply` is
+/// denied naming the port, as `trellisctl policy apply` is. The same rule on
+/// an HTTP port is admitted. Real AdmissionReview for a CREATE, its object
+/// given L7 matches; no API server here.
+#[test]
+fn denies_l7_rules_on_a_port_the_mesh_declares_opaque() {
+    let mut review = fixture("authorizationpolicy-valid.json");
+    review["request"]["object"]["spec"]["rules"][0]["to"] =
+        json!([{"ports": [5432], "methods": ["GET"], "paths": ["/health"]}]);
+    let body = serde_json::to_vec(&review).unwrap();
+    let mesh = ValidationContext {
+        opaque_ports: vec![5432],
+    };
+
+    let denied: Value =
+        serde_json::from_slice(&review_policy(&body, &td(), &mesh).unwrap().to_body()).unwrap();
+    assert_eq!(denied["response"]["allowed"], false, "{denied}");
+    let message = denied["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("5432"), "{message}");
+    assert!(message.contains("opaque"), "{message}");
+
+    let elsewhere = ValidationContext {
+        opaque_ports: vec![25],
+    };
+    let admitted: Value =
+        serde_json::from_slice(&review_policy(&body, &td(), &elsewhere).unwrap().to_body())
+            .unwrap();
+    assert_eq!(admitted["response"]["allowed"], true, "{admitted}");
 }

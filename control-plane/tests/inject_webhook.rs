@@ -519,6 +519,48 @@ fn an_invalid_annotation_follows_the_failure_policy() {
     assert!(patch_of(&denied).is_none());
 }
 
+/// `trellis.io/access-log: "false"` turns the sidecar's access log off;
+/// without the annotation (or with "true") the sidecar's default, on, holds.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them;
+/// no Kubernetes API server can run here.
+#[test]
+fn the_access_log_annotation_reaches_the_sidecar() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let proxy_env = |value: Option<&str>| {
+        let mut pod = review["request"]["object"].clone();
+        if let Some(value) = value {
+            pod["metadata"]["annotations"]["trellis.io/access-log"] = json!(value);
+        }
+        let pod = injected(&with_object(&review, pod));
+        env(container(&pod, "initContainers", "trellis-proxy"))
+    };
+    assert_eq!(proxy_env(Some("false"))["TRELLIS_ACCESS_LOG"], "false");
+    assert!(!proxy_env(None).contains_key("TRELLIS_ACCESS_LOG"));
+    assert!(!proxy_env(Some("true")).contains_key("TRELLIS_ACCESS_LOG"));
+}
+
+/// Anything but "true" or "false" is refused with an AdmissionReview error
+/// naming the annotation, not read as a guess.
+/// Real AdmissionReview documents (fixtures/k8s); no API server here.
+#[test]
+fn an_invalid_access_log_annotation_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["trellis.io/access-log"] = json!("off");
+    let review = with_object(&review, pod);
+    let strict = InjectConfig {
+        failure_policy: FailurePolicy::Fail,
+        ..config()
+    };
+    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &strict);
+    assert_eq!(denied["response"]["allowed"], false);
+    assert_eq!(
+        denied["response"]["status"]["message"],
+        "trellis: cannot inject: metadata.annotations[trellis.io/access-log]: expected \"true\" or \"false\", got \"off\""
+    );
+    assert!(patch_of(&denied).is_none());
+}
+
 /// An unknown value of `trellis.io/inject` is an error, not a guess.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.

@@ -24,7 +24,7 @@ use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, PolicyOutcome, Store};
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::discovery::v1::MeshConfig;
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -67,6 +67,7 @@ fn mesh() -> MeshConfig {
     MeshConfig {
         default_policy: "deny".into(),
         outbound_policy: "deny".into(),
+        ..MeshConfig::default()
     }
 }
 
@@ -176,15 +177,15 @@ async fn watch_events_update_policies_and_invalid_updates_are_never_pushed() {
 async fn rate_limit_objects_are_reflected_and_invalid_ones_skipped() {
     let fake = recorded_cluster().await;
     let store = connect(&fake).await;
-    let held = store.rate_limits();
+    let held = store.rate_limits().unwrap();
     assert_eq!(held.len(), 1, "{held:?}");
-    let (limit, revision) = &held[0];
+    let (limit, revision) = (held[0].rate_limit.as_ref().unwrap(), held[0].revision);
     assert_eq!(
         (limit.namespace.as_str(), limit.name.as_str()),
         ("shop", "api-search")
     );
     assert_eq!(
-        (limit.requests_per_second, limit.burst, *revision),
+        (limit.requests_per_second, limit.burst, revision),
         (50.0, 100, 3)
     );
     assert_eq!(limit.matches[0].paths, ["/search/*"]);
@@ -198,7 +199,7 @@ async fn rate_limit_objects_are_reflected_and_invalid_ones_skipped() {
     fixed["spec"]["selector"] = json!({"spiffeIds": ["spiffe://cluster.local/ns/shop/*"]});
     fake.publish(RATE_LIMITS, event("MODIFIED", &fixed));
     eventually_async("the fixed rate limit", || async {
-        (store.rate_limits().len() == 2).then_some(())
+        (store.rate_limits().unwrap().len() == 2).then_some(())
     })
     .await;
     assert_ne!(store.generation().unwrap().policies, generation.policies);
@@ -476,7 +477,7 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
 
     // Changed by another writer whose event has not arrived: the replace on
     // the held resourceVersion is refused, and nothing changes here.
-    fake.change_unseen("shop/from-shop");
+    fake.change_unseen("authorizationpolicies/shop/from-shop");
     let writer = one.clone();
     let refused = tokio::task::spawn_blocking(move || {
         writer.apply_policies(&[policy("from-shop", &[9092])], false)
@@ -512,4 +513,107 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         two.snapshot_version().unwrap(),
         one.snapshot_version().unwrap()
     );
+}
+
+fn rate_limit(name: &str, requests_per_second: f64) -> RateLimit {
+    use trellis_proto::policy::v1::Selector;
+    RateLimit {
+        name: name.into(),
+        namespace: "shop".into(),
+        selector: Some(Selector {
+            spiffe_ids: vec![API.into()],
+        }),
+        requests_per_second,
+        burst: 20,
+        key: "source".into(),
+        matches: vec![],
+    }
+}
+
+/// No API server can run here: the fake stores written objects and
+/// publishes them to every open watch. A RateLimitPolicy applied through one
+/// replica is created as an object of its own kind, reaches the other
+/// replica's snapshots, writes nothing when applied unchanged, and leaves
+/// both when deleted.
+#[tokio::test]
+async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
+    let fake = recorded_cluster().await;
+    let one = Arc::new(connect(&fake).await);
+    let two = Arc::new(connect(&fake).await);
+    eventually_async("both stores to watch rate limits", || async {
+        (fake.watching(RATE_LIMITS) == 2).then_some(())
+    })
+    .await;
+
+    let writer = one.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        writer.apply_documents(&[], &[rate_limit("api-burst", 5.0)], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied.rate_limits[0].outcome, PolicyOutcome::Created);
+    let post = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    assert_eq!(
+        post.path,
+        "/apis/trellis.io/v1alpha1/namespaces/shop/ratelimitpolicies"
+    );
+    assert_eq!(post.body["kind"], "RateLimitPolicy");
+    assert_eq!(post.body["spec"]["limit"]["requestsPerSecond"], json!(5.0));
+    let held = |store: &KubernetesStore| {
+        store
+            .discovery_state()
+            .unwrap()
+            .rate_limits
+            .iter()
+            .any(|l| l.name == "api-burst")
+    };
+    eventually_async("the other replica to see the rate limit", || async {
+        held(&two).then_some(())
+    })
+    .await;
+    assert!(held(&one));
+    assert_eq!(
+        two.rate_limit("shop", "api-burst")
+            .unwrap()
+            .unwrap()
+            .revision,
+        1
+    );
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+
+    let writer = one.clone();
+    let writes_before = fake.requests().iter().filter(|r| r.method != "GET").count();
+    let unchanged = tokio::task::spawn_blocking(move || {
+        writer.apply_documents(&[], &[rate_limit("api-burst", 5.0)], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(unchanged.rate_limits[0].outcome, PolicyOutcome::Unchanged);
+    assert_eq!(
+        fake.requests().iter().filter(|r| r.method != "GET").count(),
+        writes_before,
+        "an unchanged rate limit writes nothing"
+    );
+
+    let writer = one.clone();
+    let deleted =
+        tokio::task::spawn_blocking(move || writer.delete_rate_limit("shop", "api-burst"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(deleted.is_some());
+    eventually_async("the other replica to see the delete", || async {
+        (!held(&two)).then_some(())
+    })
+    .await;
+    assert!(!held(&one));
 }

@@ -21,6 +21,7 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
         (vec!["--listen", "not-an-address"], "--listen"),
         (vec!["--trust-domain", "Bad.Domain"], "--trust-domain"),
         (vec!["--ca-cert", "x.pem"], "--ca-key"),
+        (vec!["--opaque-ports", "5432,smtp"], "--opaque-ports"),
     ] {
         let out = Command::new(CP)
             .arg("--state-dir")
@@ -33,6 +34,16 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
         assert!(stderr.contains(names), "{args:?}: {stderr}");
         assert!(!state.exists(), "{args:?} must not create the state dir");
     }
+    // The environment twin is checked the same way.
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("TRELLIS_OPAQUE_PORTS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--opaque-ports"));
+    assert!(!state.exists());
     let out = Command::new(CP).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));

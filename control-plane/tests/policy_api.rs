@@ -20,6 +20,7 @@ fn get(namespace: &str, name: &str) -> GetPolicyRequest {
     GetPolicyRequest {
         namespace: namespace.into(),
         name: name.into(),
+        ..GetPolicyRequest::default()
     }
 }
 
@@ -99,6 +100,7 @@ async fn apply_get_list_delete() {
         .delete_policy(DeletePolicyRequest {
             namespace: "default".into(),
             name: "web-to-api".into(),
+            ..DeletePolicyRequest::default()
         })
         .await
         .unwrap()
@@ -108,6 +110,7 @@ async fn apply_get_list_delete() {
         .delete_policy(DeletePolicyRequest {
             namespace: "default".into(),
             name: "web-to-api".into(),
+            ..DeletePolicyRequest::default()
         })
         .await
         .unwrap_err();

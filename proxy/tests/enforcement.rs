@@ -46,7 +46,7 @@ fn snapshot(version: u64, default: &str, policies: Vec<policy_pb::Policy>) -> pb
         policies,
         mesh: Some(pb::MeshConfig {
             default_policy: default.into(),
-            outbound_policy: String::new(),
+            ..Default::default()
         }),
         ..Default::default()
     }

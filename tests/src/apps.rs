@@ -1,6 +1,6 @@
 //! The applications behind the sidecars, run in-process on loopback: an
-//! HTTP/1.1 server that greets and records what it was asked, and a raw TCP
-//! echo. Both count the connections they accept, so a test can show that a
+//! HTTP server (HTTP/1.1 and HTTP/2 with prior knowledge) that greets and
+//! records what it was asked, and a raw TCP echo. Both count the connections they accept, so a test can show that a
 //! refused client never reached the app.
 
 use std::convert::Infallible;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 pub struct RecordedRequest {
     pub method: http::Method,
     pub path: String,
+    pub version: http::Version,
     pub headers: http::HeaderMap,
 }
 
@@ -39,7 +40,7 @@ struct Record {
     connections: AtomicU64,
 }
 
-/// An HTTP/1.1 app. Dropping it stops it.
+/// An HTTP/1.1 and HTTP/2 app. Dropping it stops it.
 pub struct HttpApp {
     name: String,
     addr: SocketAddr,
@@ -132,6 +133,7 @@ async fn serve_http(listener: TcpListener, handler: Handler, record: Arc<Record>
                     let seen = RecordedRequest {
                         method: request.method().clone(),
                         path: request.uri().path().to_string(),
+                        version: request.version(),
                         headers: request.headers().clone(),
                     };
                     record
@@ -145,7 +147,7 @@ async fn serve_http(listener: TcpListener, handler: Handler, record: Arc<Record>
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });

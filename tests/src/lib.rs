@@ -48,5 +48,6 @@ pub use process::ChildProcess;
 pub use sidecar::{Route, Sidecar, SidecarBuilder, find_field};
 pub use traffic::{Traffic, TrafficReport};
 pub mod bench;
+pub mod grpc;
 pub mod netns;
 pub mod policy;

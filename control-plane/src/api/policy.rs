@@ -2,9 +2,13 @@
 //! DeletePolicy and Explain, called from [`super::admin`] (so only the
 //! operator identity ever reaches them).
 //!
+//! A request may mix AuthorizationPolicy and RateLimitPolicy documents; the
+//! two kinds are separate name spaces, and the read and delete methods take
+//! the kind (empty means AuthorizationPolicy, as before rate limits existed).
 //! Every document is checked by the one library validation
-//! (`trellis_core::policy::load_source`), the same code `trellisctl policy
-//! lint` and the sidecars run; a request with any error is refused whole
+//! (`trellis_core::policy::load_source_in`), the same code `trellisctl policy
+//! lint` and the sidecars run, knowing the mesh's opaque ports (an L7 rule on
+//! one could never be enforced); a request with any error is refused whole
 //! with INVALID_ARGUMENT and stores nothing. The message lists every error
 //! as `document:LINE:COLUMN: field.path: message`; the status details carry
 //! the same as a `google.rpc.Status` whose one detail is a
@@ -16,17 +20,18 @@ use prost::Message;
 use tonic::{Code, Status};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    Diagnostic, Document, WorkloadSelector, document_from_proto, explain, load_source, policy_key,
+    AuthorizationPolicy, Diagnostic, Document, RateLimitPolicy, WorkloadSelector,
+    document_from_proto, explain, load_source_in, policy_key,
 };
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, DeletePolicyResponse,
     ExplainRequest, ExplainResponse, GetPolicyRequest, GetPolicyResponse, ListPoliciesResponse,
     PolicyError, PolicyErrors, PolicyResult,
 };
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit, Selector, Violation};
 
 use super::Mesh;
-use crate::store::{Generation, PolicyOutcome};
+use crate::store::{AppliedPolicy, Generation, PolicyOutcome, WorkloadRecord};
 
 /// How the Admin API names the request's text in positions.
 pub const SOURCE_NAME: &str = "document";
@@ -67,13 +72,14 @@ fn store_status(e: crate::store::StoreError) -> Status {
 }
 
 pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyResponse, Status> {
-    let loaded = load_source(SOURCE_NAME, &req.document, &mesh.trust_domain);
+    let context = mesh.discovery.validation_context();
+    let loaded = load_source_in(SOURCE_NAME, &req.document, &mesh.trust_domain, &context);
     if loaded.has_errors() {
         return Err(invalid_policy(&loaded.diagnostics));
     }
-    if loaded.policies.is_empty() {
+    if loaded.policies.is_empty() && loaded.rate_limits.is_empty() {
         return Err(Status::invalid_argument(
-            "document: holds no AuthorizationPolicy document",
+            "document: holds no AuthorizationPolicy or RateLimitPolicy document",
         ));
     }
     let policies: Vec<Policy> = loaded
@@ -81,63 +87,116 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
         .iter()
         .map(|l| l.policy.to_proto())
         .collect();
+    let rate_limits: Vec<RateLimit> = loaded
+        .rate_limits
+        .iter()
+        .map(|l| l.policy.to_proto())
+        .collect();
     let dry_run = req.dry_run;
     let store = mesh.store.clone();
     let discovery = mesh.discovery.clone();
-    let to_store = policies.clone();
-    let (applied, generation, workloads) = blocking(move || {
-        let (applied, generation) = store.apply_policies(&to_store, dry_run)?;
-        let changed = applied
-            .iter()
-            .any(|a| a.outcome != PolicyOutcome::Unchanged);
-        if changed && !dry_run {
+    let (to_store, limits_to_store) = (policies.clone(), rate_limits.clone());
+    let (applied, workloads) = blocking(move || {
+        let applied = store.apply_documents(&to_store, &limits_to_store, dry_run)?;
+        if applied.changed() && !dry_run {
             discovery.refresh()?;
         }
-        Ok((applied, generation, store.workloads()?))
+        Ok((applied, store.workloads()?))
     })
     .await?;
-    let mut results = Vec::with_capacity(applied.len());
-    for ((applied, policy), loaded) in applied.into_iter().zip(&policies).zip(&loaded.policies) {
-        let selector = WorkloadSelector::of(policy);
-        let selected_workloads = workloads
+    let generation = applied.generation;
+    // Both kinds, in the order of their documents.
+    let mut results: Vec<(usize, PolicyResult)> = Vec::new();
+    for ((applied, policy), loaded) in applied
+        .policies
+        .into_iter()
+        .zip(&policies)
+        .zip(&loaded.policies)
+    {
+        let warnings = loaded
+            .policy
+            .warnings()
             .iter()
-            .filter(|w| SpiffeId::parse(&w.spiffe_id).is_ok_and(|id| selector.selects(&id)))
-            .map(|w| w.spiffe_id.clone())
+            .map(|w| w.to_proto())
             .collect();
-        let outcome = match applied.outcome {
-            PolicyOutcome::Created => trellis_proto::admin::v1::PolicyOutcome::Created,
-            PolicyOutcome::Updated => trellis_proto::admin::v1::PolicyOutcome::Updated,
-            PolicyOutcome::Unchanged => trellis_proto::admin::v1::PolicyOutcome::Unchanged,
-        };
-        if !dry_run && applied.outcome != PolicyOutcome::Unchanged {
+        let selector = policy.selector.as_ref();
+        let result = result_of(
+            applied,
+            AuthorizationPolicy::KIND,
+            selector,
+            &workloads,
+            warnings,
+        );
+        results.push((loaded.line, result));
+    }
+    for ((applied, limit), loaded) in applied
+        .rate_limits
+        .into_iter()
+        .zip(&rate_limits)
+        .zip(&loaded.rate_limits)
+    {
+        let selector = limit.selector.as_ref();
+        let result = result_of(
+            applied,
+            RateLimitPolicy::KIND,
+            selector,
+            &workloads,
+            Vec::new(),
+        );
+        results.push((loaded.line, result));
+    }
+    results.sort_by_key(|(line, _)| *line);
+    if !dry_run {
+        for (_, r) in results
+            .iter()
+            .filter(|(_, r)| r.outcome != trellis_proto::admin::v1::PolicyOutcome::Unchanged as i32)
+        {
             tracing::info!(
-                policy = %policy_key(&applied.namespace, &applied.name),
-                revision = applied.revision,
-                outcome = ?applied.outcome,
+                kind = %r.kind,
+                policy = %policy_key(&r.namespace, &r.name),
+                revision = r.revision,
                 snapshot_version = generation.snapshot,
                 "policy applied"
             );
         }
-        results.push(PolicyResult {
-            namespace: applied.namespace,
-            name: applied.name,
-            revision: applied.revision,
-            outcome: outcome.into(),
-            selected_workloads,
-            warnings: loaded
-                .policy
-                .warnings()
-                .iter()
-                .map(|w| w.to_proto())
-                .collect(),
-        });
     }
     Ok(ApplyPolicyResponse {
-        results,
+        results: results.into_iter().map(|(_, r)| r).collect(),
         generation: generation.policies,
         snapshot_version: generation.snapshot,
         dry_run,
     })
+}
+
+/// The result of one applied document: its outcome and the known workloads
+/// its selector matches.
+fn result_of(
+    applied: AppliedPolicy,
+    kind: &str,
+    selector: Option<&Selector>,
+    workloads: &[WorkloadRecord],
+    warnings: Vec<Violation>,
+) -> PolicyResult {
+    let selector = WorkloadSelector::of_selector(selector);
+    let selected_workloads = workloads
+        .iter()
+        .filter(|w| SpiffeId::parse(&w.spiffe_id).is_ok_and(|id| selector.selects(&id)))
+        .map(|w| w.spiffe_id.clone())
+        .collect();
+    let outcome = match applied.outcome {
+        PolicyOutcome::Created => trellis_proto::admin::v1::PolicyOutcome::Created,
+        PolicyOutcome::Updated => trellis_proto::admin::v1::PolicyOutcome::Updated,
+        PolicyOutcome::Unchanged => trellis_proto::admin::v1::PolicyOutcome::Unchanged,
+    };
+    PolicyResult {
+        namespace: applied.namespace,
+        name: applied.name,
+        revision: applied.revision,
+        outcome: outcome.into(),
+        selected_workloads,
+        warnings,
+        kind: kind.to_owned(),
+    }
 }
 
 /// INVALID_ARGUMENT listing every error, with the structured details.
@@ -221,49 +280,96 @@ fn require_name(namespace: &str, name: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn not_found(namespace: &str, name: &str) -> Status {
-    Status::not_found(format!("policy {} not found", policy_key(namespace, name)))
+fn not_found(kind: Kind, namespace: &str, name: &str) -> Status {
+    let what = match kind {
+        Kind::Authorization => "policy",
+        Kind::RateLimit => "rate limit",
+    };
+    Status::not_found(format!("{what} {} not found", policy_key(namespace, name)))
+}
+
+/// The document kinds the read and delete methods address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Authorization,
+    RateLimit,
+}
+
+impl Kind {
+    fn parse(kind: &str) -> Result<Self, Status> {
+        match kind {
+            "" | AuthorizationPolicy::KIND => Ok(Self::Authorization),
+            RateLimitPolicy::KIND => Ok(Self::RateLimit),
+            other => Err(Status::invalid_argument(format!(
+                "kind: unknown kind {other:?} (expected {} or {})",
+                AuthorizationPolicy::KIND,
+                RateLimitPolicy::KIND
+            ))),
+        }
+    }
 }
 
 pub async fn get(mesh: &Mesh, req: GetPolicyRequest) -> Result<GetPolicyResponse, Status> {
     require_name(&req.namespace, &req.name)?;
+    let kind = Kind::parse(&req.kind)?;
     let store = mesh.store.clone();
     let (namespace, name) = (req.namespace.clone(), req.name.clone());
+    let missing = || not_found(kind, &req.namespace, &req.name);
+    if kind == Kind::RateLimit {
+        let record = blocking(move || store.rate_limit(&namespace, &name))
+            .await?
+            .ok_or_else(missing)?;
+        let limit = record.rate_limit.clone().unwrap_or_default();
+        let document = RateLimitPolicy::from_proto(&limit).map_err(internal)?;
+        return Ok(GetPolicyResponse {
+            yaml: Document::RateLimitPolicy(document).to_yaml(),
+            policy: None,
+            rate_limit: Some(record),
+        });
+    }
     let policy = blocking(move || store.policy(&namespace, &name))
         .await?
-        .ok_or_else(|| not_found(&req.namespace, &req.name))?;
+        .ok_or_else(missing)?;
     let document = document_from_proto(&policy).map_err(internal)?;
     Ok(GetPolicyResponse {
         yaml: Document::AuthorizationPolicy(document).to_yaml(),
         policy: Some(policy),
+        rate_limit: None,
     })
 }
 
 pub async fn list(mesh: &Mesh) -> Result<ListPoliciesResponse, Status> {
     let store = mesh.store.clone();
-    let (policies, generation) =
-        blocking(move || Ok((store.policies()?, store.generation()?))).await?;
+    let (policies, rate_limits, generation) =
+        blocking(move || Ok((store.policies()?, store.rate_limits()?, store.generation()?)))
+            .await?;
     Ok(ListPoliciesResponse {
         policies,
+        rate_limits,
         generation: generation.policies,
     })
 }
 
 pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolicyResponse, Status> {
     require_name(&req.namespace, &req.name)?;
+    let kind = Kind::parse(&req.kind)?;
     let store = mesh.store.clone();
     let discovery = mesh.discovery.clone();
     let (namespace, name) = (req.namespace.clone(), req.name.clone());
     let deleted: Option<Generation> = blocking(move || {
-        let deleted = store.delete_policy(&namespace, &name)?;
+        let deleted = match kind {
+            Kind::Authorization => store.delete_policy(&namespace, &name)?,
+            Kind::RateLimit => store.delete_rate_limit(&namespace, &name)?,
+        };
         if deleted.is_some() {
             discovery.refresh()?;
         }
         Ok(deleted)
     })
     .await?;
-    let generation = deleted.ok_or_else(|| not_found(&req.namespace, &req.name))?;
+    let generation = deleted.ok_or_else(|| not_found(kind, &req.namespace, &req.name))?;
     tracing::info!(
+        kind = ?kind,
         policy = %policy_key(&req.namespace, &req.name),
         snapshot_version = generation.snapshot,
         "policy deleted"

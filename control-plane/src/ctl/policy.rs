@@ -1,5 +1,6 @@
-//! `trellisctl policy ...`: authorization policies from files to the Admin
-//! API, and `policy lint`, which needs no control plane at all.
+//! `trellisctl policy ...`: policy documents (AuthorizationPolicy and
+//! RateLimitPolicy, mixed freely in files) from files to the Admin API, and
+//! `policy lint`, which needs no control plane at all.
 //!
 //! Files are read and validated here first, by the same library function the
 //! control plane runs (`trellis_core::policy::load_paths`), so a mistake is
@@ -17,10 +18,11 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    Document, Explanation, LoadedPolicy, document_from_proto, has_errors, lint_paths, load_paths,
-    policy_key,
+    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, document_from_proto,
+    has_errors, lint_paths, load_paths, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, GetPolicyRequest,
@@ -57,6 +59,9 @@ pub enum PolicyCommand {
     Get {
         /// NAMESPACE/NAME
         name: String,
+        /// The document kind.
+        #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
+        kind: String,
     },
     /// List every policy.
     List {
@@ -68,6 +73,9 @@ pub enum PolicyCommand {
     Delete {
         /// NAMESPACE/NAME
         name: String,
+        /// The document kind.
+        #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
+        kind: String,
     },
     /// Check policy files offline (no control plane needed). Diagnostics go to
     /// stdout as `file:line:column: field.path: message`; exit 1 on any
@@ -96,6 +104,9 @@ pub enum PolicyCommand {
         output: Output,
     },
 }
+
+/// The kinds `--kind` accepts.
+const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
 /// `policy lint`: no credentials, no network.
 pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> {
@@ -138,13 +149,21 @@ pub async fn run(
             dry_run,
             output,
         } => apply(client, td, files, *dry_run, *output).await,
-        PolicyCommand::Get { name } => {
+        PolicyCommand::Get { name, kind } => {
             let (namespace, name) = split_name(name)?;
             let response = client
-                .get_policy(GetPolicyRequest { namespace, name })
+                .get_policy(GetPolicyRequest {
+                    namespace,
+                    name,
+                    kind: kind.clone(),
+                })
                 .await?
                 .into_inner();
-            let revision = response.policy.map(|p| p.revision).unwrap_or(0);
+            let revision = match (&response.policy, &response.rate_limit) {
+                (Some(p), _) => p.revision,
+                (None, Some(r)) => r.revision,
+                (None, None) => 0,
+            };
             Ok(Printed::out(format!(
                 "# revision {revision}\n{}",
                 response.yaml
@@ -156,19 +175,27 @@ pub async fn run(
                 .await?
                 .into_inner();
             Ok(Printed::out(match output {
-                Output::Table => policies_table(&response.policies),
-                Output::Json => policies_json(&response.policies, response.generation),
+                Output::Table => policies_table(&response.policies, &response.rate_limits),
+                Output::Json => policies_json(
+                    &response.policies,
+                    &response.rate_limits,
+                    response.generation,
+                ),
             }))
         }
-        PolicyCommand::Delete { name } => {
+        PolicyCommand::Delete { name, kind } => {
             let (namespace, name) = split_name(name)?;
             let key = policy_key(&namespace, &name);
             let response = client
-                .delete_policy(DeletePolicyRequest { namespace, name })
+                .delete_policy(DeletePolicyRequest {
+                    namespace,
+                    name,
+                    kind: kind.clone(),
+                })
                 .await?
                 .into_inner();
             Ok(Printed::out(format!(
-                "{key}: deleted\nsnapshot version {}\n",
+                "{kind} {key}: deleted\nsnapshot version {}\n",
                 response.snapshot_version
             )))
         }
@@ -233,12 +260,14 @@ async fn apply(
             "{report}nothing applied: fix the errors above\n"
         )));
     }
-    if loaded.policies.is_empty() {
+    let names = files_with_documents(&loaded);
+    if names.is_empty() {
         return Err(CtlError::Usage(
-            "no AuthorizationPolicy documents found in the given files".into(),
+            "no AuthorizationPolicy or RateLimitPolicy documents found in the given files".into(),
         ));
     }
-    let (document, starts) = join_documents(&loaded.policies);
+    let files = read_files(&names)?;
+    let (document, starts) = join_files(&files);
     let response = match client
         .apply_policy(ApplyPolicyRequest { document, dry_run })
         .await
@@ -248,11 +277,11 @@ async fn apply(
             Some(errors) => {
                 for e in errors.errors {
                     let v = e.violation.unwrap_or_default();
-                    let at = starts.iter().rposition(|&s| s <= e.line as usize);
-                    let file = at.map(|i| &loaded.policies[i]);
-                    let place = file.map_or_else(
-                        || format!("document:{}", e.line),
-                        |p| format!("{}:{}", p.file, p.line),
+                    let line = e.line as usize;
+                    let at = starts.iter().rposition(|&s| s <= line);
+                    let place = at.map_or_else(
+                        || format!("document:{}:{}", e.line, e.column),
+                        |i| format!("{}:{}:{}", files[i].0, line - starts[i] + 1, e.column),
                     );
                     let path = if v.path.is_empty() {
                         String::new()
@@ -279,16 +308,43 @@ async fn apply(
     })
 }
 
-/// The valid documents as one YAML stream, and the line each starts on.
-fn join_documents(policies: &[LoadedPolicy]) -> (String, Vec<usize>) {
+/// The files that hold valid documents of either kind, in sorted order.
+fn files_with_documents(loaded: &Loaded) -> Vec<String> {
+    let policies = loaded.policies.iter().map(|p| p.file.clone());
+    let limits = loaded.rate_limits.iter().map(|r| r.file.clone());
+    let mut files: Vec<String> = policies.chain(limits).collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// Each file with its text.
+fn read_files(names: &[String]) -> Result<Vec<(String, String)>, CtlError> {
+    names
+        .iter()
+        .map(|name| {
+            std::fs::read_to_string(name)
+                .map(|text| (name.clone(), text))
+                .map_err(|e| CtlError::Usage(format!("{name}: cannot read: {e}")))
+        })
+        .collect()
+}
+
+/// The files as one YAML stream, each as it was written, and the line each
+/// starts on: a position the control plane reports in the stream maps back
+/// to `file:line:column`. (The control plane validates every document again.)
+fn join_files(files: &[(String, String)]) -> (String, Vec<usize>) {
     let mut text = String::new();
-    let mut starts = Vec::with_capacity(policies.len());
-    for p in policies {
+    let mut starts = Vec::with_capacity(files.len());
+    for (_, contents) in files {
         if !text.is_empty() {
             text.push_str("---\n");
         }
         starts.push(text.lines().count() + 1);
-        text.push_str(&Document::AuthorizationPolicy(p.policy.policy().clone()).to_yaml());
+        text.push_str(contents);
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
     }
     (text, starts)
 }
@@ -307,7 +363,7 @@ fn outcome_word(outcome: i32, dry_run: bool) -> &'static str {
 fn apply_text(response: &ApplyPolicyResponse) -> String {
     let mut out = String::new();
     for r in &response.results {
-        let key = policy_key(&r.namespace, &r.name);
+        let key = format!("{} {}", r.kind, policy_key(&r.namespace, &r.name));
         let word = outcome_word(r.outcome, response.dry_run);
         let selects = if r.selected_workloads.is_empty() {
             "selects no known workload".to_owned()
@@ -339,6 +395,7 @@ fn apply_json(response: &ApplyPolicyResponse) -> String {
         .iter()
         .map(|r| {
             serde_json::json!({
+                "kind": r.kind,
                 "policy": policy_key(&r.namespace, &r.name),
                 "revision": r.revision,
                 "outcome": outcome_word(r.outcome, false),
@@ -364,14 +421,17 @@ fn action_name(action: i32) -> &'static str {
     }
 }
 
-fn policies_table(policies: &[Policy]) -> String {
+/// Both kinds in one table: a rate limit's ACTION is its limit, its RULES
+/// the number of `match` entries.
+fn policies_table(policies: &[Policy], rate_limits: &[RateLimitRecord]) -> String {
     let mut rows = vec![
-        ["POLICY", "ACTION", "REVISION", "RULES", "SELECTOR"]
+        ["KIND", "POLICY", "ACTION", "REVISION", "RULES", "SELECTOR"]
             .map(String::from)
             .to_vec(),
     ];
     for p in policies {
         rows.push(vec![
+            AuthorizationPolicy::KIND.to_owned(),
             policy_key(&p.namespace, &p.name),
             action_name(p.action).to_owned(),
             p.revision.to_string(),
@@ -382,10 +442,24 @@ fn policies_table(policies: &[Policy]) -> String {
                 .unwrap_or_default(),
         ]);
     }
+    for r in rate_limits {
+        let l = r.rate_limit.clone().unwrap_or_default();
+        rows.push(vec![
+            RateLimitPolicy::KIND.to_owned(),
+            policy_key(&l.namespace, &l.name),
+            format!("{}/s burst {} by {}", l.requests_per_second, l.burst, l.key),
+            r.revision.to_string(),
+            l.matches.len().to_string(),
+            l.selector
+                .as_ref()
+                .map(|s| s.spiffe_ids.join(","))
+                .unwrap_or_default(),
+        ]);
+    }
     super::table(rows)
 }
 
-fn policies_json(policies: &[Policy], generation: u64) -> String {
+fn policies_json(policies: &[Policy], rate_limits: &[RateLimitRecord], generation: u64) -> String {
     let items: Vec<serde_json::Value> = policies
         .iter()
         .map(|p| {
@@ -399,7 +473,25 @@ fn policies_json(policies: &[Policy], generation: u64) -> String {
             })
         })
         .collect();
-    pretty(&serde_json::json!({ "generation": generation, "policies": items }))
+    let limits: Vec<serde_json::Value> = rate_limits
+        .iter()
+        .map(|r| {
+            let l = r.rate_limit.clone().unwrap_or_default();
+            let document = RateLimitPolicy::from_proto(&l)
+                .map(|d| Document::RateLimitPolicy(d).to_value())
+                .unwrap_or_default();
+            serde_json::json!({
+                "policy": policy_key(&l.namespace, &l.name),
+                "revision": r.revision,
+                "document": document,
+            })
+        })
+        .collect();
+    pretty(&serde_json::json!({
+        "generation": generation,
+        "policies": items,
+        "rate_limits": limits,
+    }))
 }
 
 fn explanation_json(e: &Explanation) -> String {
@@ -433,7 +525,7 @@ mod tests {
     use trellis_core::policy::load_source;
 
     #[test]
-    fn joined_documents_start_where_the_control_plane_will_count_them() {
+    fn joined_files_map_positions_back_to_each_file() {
         let td = TrustDomain::new("cluster.local").unwrap();
         let one = "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -443,12 +535,27 @@ spec:
   action: DENY
   rules: [{}]
 ";
-        let text = format!("{one}---\n{}", one.replace("name: a", "name: b"));
-        let loaded = load_source("f.yaml", &text, &td);
-        assert_eq!(loaded.diagnostics, []);
-        let (joined, starts) = join_documents(&loaded.policies);
+        let limit = "# rate limits\napiVersion: trellis.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: a, namespace: default}
+spec:
+  selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
+  limit: {requestsPerSecond: 5, burst: 10}";
+        let first = format!("{one}---\n{}", one.replace("name: a", "name: b"));
+        let files = [
+            ("a.yaml".to_owned(), first),
+            ("b.yaml".to_owned(), limit.to_owned()),
+        ];
+        let (joined, starts) = join_files(&files);
+        assert_eq!(starts, [1, 17]);
         let again = load_source("document", &joined, &td);
-        let lines: Vec<usize> = again.policies.iter().map(|p| p.line).collect();
-        assert_eq!(lines, starts);
+        assert_eq!(again.diagnostics, []);
+        assert_eq!(again.policies.len(), 2);
+        // The rate limit's document starts on line 2 of b.yaml.
+        let line = again.rate_limits[0].line;
+        assert_eq!(line - starts[1] + 1, 2);
+        let mut loaded = load_source("b.yaml", limit, &td);
+        loaded.policies = load_source("a.yaml", &files[0].1, &td).policies;
+        assert_eq!(files_with_documents(&loaded), ["a.yaml", "b.yaml"]);
     }
 }

@@ -1,5 +1,6 @@
-//! Per-sidecar snapshots: what each sidecar needs to enforce (its policies,
-//! the mesh endpoints, the trust bundle, the mesh config), versioned.
+//! Per-sidecar snapshots: what each sidecar needs to enforce (its policies
+//! and rate limits, the mesh endpoints, the trust bundle, the mesh config),
+//! versioned.
 //!
 //! The store's snapshot version changes with every change that can affect a
 //! snapshot (a new endpoint, a policy write, a changed mesh config): a
@@ -10,11 +11,12 @@
 //! [`View`], and announces the version on a `watch` channel: a snapshot's
 //! version therefore always names exactly its content. The view is built
 //! once per version and shared (`Arc`) by every stream: its endpoint list is
-//! itself shared, and each part of it (the endpoint list, each policy) has a
-//! content token, reused from the previous view when that part did not
+//! itself shared, and each part of it (the endpoint list, each policy, each
+//! rate limit) has a content token, reused from the previous view when that part did not
 //! change. Each Watch stream waits [`COALESCE_WINDOW`] after an announcement
 //! (so a burst of changes costs one rebuild), derives its sidecar's
-//! [`ContentKey`] from the view (which policies select it, and the tokens),
+//! [`ContentKey`] from the view (which policies and rate limits select it,
+//! and the tokens),
 //! and builds and sends a snapshot only when that key differs from what the
 //! stream last sent:
 //! sidecars a change does not affect see nothing, and the version a sidecar
@@ -28,9 +30,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
-use trellis_core::policy::{DefaultPolicy, WorkloadSelector};
+use trellis_core::policy::{DefaultPolicy, ValidationContext, WorkloadSelector};
 use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Snapshot};
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Store, StoreError};
 
@@ -63,10 +65,54 @@ pub struct View {
     pub endpoints: Arc<Vec<Endpoint>>,
     /// Every policy with its selector parsed once, ordered by key.
     pub policies: Vec<(WorkloadSelector, Policy)>,
+    /// Every rate limit with its selector parsed once, ordered by key.
+    pub rate_limits: Vec<(WorkloadSelector, RateLimit)>,
     /// Names the content of `endpoints`: equal tokens, equal content.
     endpoints_token: u64,
     /// Per entry of `policies`, a token naming its content.
     policy_tokens: Vec<u64>,
+    /// Per entry of `rate_limits`, a token naming its content.
+    rate_limit_tokens: Vec<u64>,
+}
+
+/// What content tokens are kept for: a document with a name and a selector.
+trait Named: PartialEq {
+    fn key(&self) -> (&str, &str);
+}
+
+impl Named for Policy {
+    fn key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl Named for RateLimit {
+    fn key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+/// Tokens for `now`, reusing the one of an equal document in `before` (both
+/// ordered by key) and taking fresh ones for the others.
+fn tokens_after<T: Named>(
+    now: &[(WorkloadSelector, T)],
+    before: &[(WorkloadSelector, T)],
+    before_tokens: &[u64],
+    fresh: &mut impl FnMut() -> u64,
+) -> Vec<u64> {
+    let mut old = before.iter().zip(before_tokens).peekable();
+    now.iter()
+        .map(|(_, doc)| {
+            let key = doc.key();
+            while old.peek().is_some_and(|((_, d), _)| d.key() < key) {
+                old.next();
+            }
+            match old.peek() {
+                Some(((_, d), token)) if d == doc => **token,
+                _ => fresh(),
+            }
+        })
+        .collect()
 }
 
 /// What one sidecar's snapshot holds besides its version, named by content
@@ -78,6 +124,8 @@ pub struct ContentKey {
     endpoints: u64,
     /// The tokens of the policies that select the sidecar, in view order.
     policies: Vec<u64>,
+    /// The tokens of the rate limits that select the sidecar, in view order.
+    rate_limits: Vec<u64>,
 }
 
 impl View {
@@ -96,29 +144,18 @@ impl View {
         } else {
             view.endpoints_token = fresh();
         }
-        // Both lists are ordered by key: walk them together.
-        let mut old = previous
-            .policies
-            .iter()
-            .zip(&previous.policy_tokens)
-            .peekable();
-        view.policy_tokens = view
-            .policies
-            .iter()
-            .map(|(_, policy)| {
-                let key = (&policy.namespace, &policy.name);
-                while old
-                    .peek()
-                    .is_some_and(|((_, p), _)| (&p.namespace, &p.name) < key)
-                {
-                    old.next();
-                }
-                match old.peek() {
-                    Some(((_, p), token)) if p == policy => **token,
-                    _ => fresh(),
-                }
-            })
-            .collect();
+        view.policy_tokens = tokens_after(
+            &view.policies,
+            &previous.policies,
+            &previous.policy_tokens,
+            &mut fresh,
+        );
+        view.rate_limit_tokens = tokens_after(
+            &view.rate_limits,
+            &previous.rate_limits,
+            &previous.rate_limit_tokens,
+            &mut fresh,
+        );
         view
     }
 
@@ -144,13 +181,23 @@ impl View {
             .into_iter()
             .map(|p| (WorkloadSelector::of(&p), p))
             .collect();
+        let rate_limits: Vec<_> = state
+            .rate_limits
+            .into_iter()
+            .map(|r| (WorkloadSelector::of_selector(r.selector.as_ref()), r))
+            .collect();
         let policy_tokens = (1..=policies.len() as u64).collect();
+        let first_limit_token = policies.len() as u64 + 1;
+        let rate_limit_tokens =
+            (first_limit_token..first_limit_token + rate_limits.len() as u64).collect();
         Self {
             version: state.version,
             endpoints: Arc::new(endpoints),
             endpoints_token: 0,
             policies,
+            rate_limits,
             policy_tokens,
+            rate_limit_tokens,
         }
     }
 
@@ -165,7 +212,23 @@ impl View {
                 .filter(|((selector, _), _)| selector.selects(id))
                 .map(|(_, token)| *token)
                 .collect(),
+            rate_limits: self
+                .rate_limits
+                .iter()
+                .zip(&self.rate_limit_tokens)
+                .filter(|((selector, _), _)| selector.selects(id))
+                .map(|(_, token)| *token)
+                .collect(),
         }
+    }
+
+    /// The rate limits that select the workload `id`.
+    pub fn rate_limits_for(&self, id: &SpiffeId) -> Vec<RateLimit> {
+        self.rate_limits
+            .iter()
+            .filter(|(selector, _)| selector.selects(id))
+            .map(|(_, r)| r.clone())
+            .collect()
     }
 
     /// The policies that select the workload `id`.
@@ -207,13 +270,19 @@ impl Discovery {
         bundle: Vec<Vec<u8>>,
         mesh: MeshConfig,
     ) -> Result<Self, StoreError> {
-        let encoded = format!(
+        let mut encoded = format!(
             "default_policy={};outbound_policy={}",
             mesh.default_policy, mesh.outbound_policy
         );
+        // Written only when set, so a store from before the field existed
+        // sees the same config and keeps its version.
+        if !mesh.opaque_ports.is_empty() {
+            let ports: Vec<String> = mesh.opaque_ports.iter().map(u32::to_string).collect();
+            encoded.push_str(&format!(";opaque_ports={}", ports.join(",")));
+        }
         store.settle_mesh_config(&encoded)?;
         let view = View::from_state(store.discovery_state()?);
-        let tokens = view.policy_tokens.len() as u64;
+        let tokens = (view.policy_tokens.len() + view.rate_limit_tokens.len()) as u64;
         // The flag parser only produces known names; deny is the safe reading.
         let default_policy = mesh.default_policy.parse().unwrap_or_default();
         Ok(Self {
@@ -338,6 +407,19 @@ impl Discovery {
         self.default_policy
     }
 
+    /// What applied policies are validated against: the mesh's opaque
+    /// ports, where L7 rules could never be enforced.
+    pub fn validation_context(&self) -> ValidationContext {
+        ValidationContext {
+            opaque_ports: self
+                .mesh
+                .opaque_ports
+                .iter()
+                .filter_map(|p| u16::try_from(*p).ok())
+                .collect(),
+        }
+    }
+
     /// The policies that select `id`, at the current version.
     pub fn policies_for(&self, id: &SpiffeId) -> Vec<Policy> {
         self.view().policies_for(id)
@@ -356,8 +438,7 @@ impl Discovery {
             endpoints: view.endpoints.as_ref().clone(),
             policies: view.policies_for(id),
             mesh: Some(self.mesh.clone()),
-            // Rate limits are not stored or pushed by the control plane yet.
-            rate_limits: Vec::new(),
+            rate_limits: view.rate_limits_for(id),
         }
     }
 

@@ -37,7 +37,8 @@
 //!    through `TRELLIS_*` environment variables (the flags' twins):
 //!    identity `spiffe://TD/ns/$(TRELLIS_POD_NAMESPACE)/sa/$(TRELLIS_SERVICE_ACCOUNT)`
 //!    expanded by the kubelet from the downward API, so it always names the
-//!    account the pod really runs as.
+//!    account the pod really runs as. The annotation `trellis.io/access-log:
+//!    "false"` becomes `TRELLIS_ACCESS_LOG=false`.
 //!
 //! A projected volume `trellis-identity`, mounted read-only only in the
 //! sidecar at `/var/run/trellis/identity`, holds `token` (a ServiceAccount
@@ -91,6 +92,7 @@
 //! `/spec/volumes`); `add` replaces a member that exists, so the patch
 //! applies whether or not the pod had them.
 
+mod annotations;
 mod pod;
 mod policy;
 mod probes;
@@ -101,6 +103,7 @@ mod settings;
 use std::collections::BTreeMap;
 
 use trellis_core::TrustDomain;
+use trellis_core::policy::ValidationContext;
 
 pub use pod::{InjectError, Injection, Skip, inject_pod};
 pub use policy::{GROUP, respond_policy, review_policy};
@@ -121,6 +124,8 @@ pub const TRUST_BUNDLE_ANNOTATION: &str = "trellis.io/trust-bundle";
 pub const EXCLUDE_INBOUND_PORTS: &str = "trellis.io/exclude-inbound-ports";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.io/exclude-outbound-cidrs";
+/// Annotation: `"false"` turns the sidecar's access log off (default on).
+pub const ACCESS_LOG_ANNOTATION: &str = "trellis.io/access-log";
 
 /// Names of what the injector adds.
 pub const INIT_CONTAINER: &str = "trellis-init";
@@ -210,6 +215,10 @@ pub struct InjectConfig {
     pub failure_policy: FailurePolicy,
     /// `text` or `json`, the sidecar's `--log-format`.
     pub log_format: String,
+    /// What `/validate` checks policies against besides the trust domain:
+    /// the mesh's opaque ports (`--opaque-ports`), on which L7 rules are
+    /// refused.
+    pub validation: ValidationContext,
 }
 
 impl Default for InjectConfig {
@@ -232,6 +241,7 @@ impl Default for InjectConfig {
             exclude_outbound_cidrs: Vec::new(),
             failure_policy: FailurePolicy::Ignore,
             log_format: "json".to_owned(),
+            validation: ValidationContext::default(),
         }
     }
 }

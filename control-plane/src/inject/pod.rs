@@ -5,15 +5,14 @@
 //! fields this version does not know survive untouched.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use serde_json::{Map, Value, json};
 
+use super::annotations::{Exclusions, access_log, join};
 use super::probes;
 use super::review::PatchOp;
 use super::{
-    EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS, IDENTITY_DIR,
-    IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
+    IDENTITY_DIR, IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
     MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, PROXY_CONTAINER, Resources, TOKEN_AUDIENCE,
     TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
 };
@@ -93,6 +92,7 @@ pub fn inject_pod(
         ));
     }
     let exclusions = Exclusions::read(&annotations, config)?;
+    let access_log = access_log(&annotations)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -105,7 +105,7 @@ pub fn inject_pod(
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
-        proxy_container(config, &rewritten.probes),
+        proxy_container(config, &rewritten.probes, access_log),
     ];
     init_containers.extend(array(spec.get("initContainers")));
 
@@ -240,119 +240,6 @@ fn proxy_uid_warnings(
         .collect()
 }
 
-/// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then
-/// the pod's annotations'.
-#[derive(Debug, Default)]
-struct Exclusions {
-    inbound_ports: Vec<u16>,
-    outbound_ports: Vec<u16>,
-    outbound_cidrs: Vec<String>,
-}
-
-impl Exclusions {
-    fn read(
-        annotations: &BTreeMap<String, String>,
-        config: &InjectConfig,
-    ) -> Result<Self, InjectError> {
-        // The admin port must stay reachable for the kubelet's probes;
-        // `--exclude-ports` replaces init's default, so it is always listed.
-        let mut inbound_ports = vec![config.admin_port];
-        inbound_ports.extend(&config.exclude_inbound_ports);
-        inbound_ports.extend(ports(annotations, EXCLUDE_INBOUND_PORTS)?);
-        let mut outbound_ports = config.exclude_outbound_ports.clone();
-        outbound_ports.extend(ports(annotations, EXCLUDE_OUTBOUND_PORTS)?);
-        let mut outbound_cidrs = config.exclude_outbound_cidrs.clone();
-        outbound_cidrs.extend(cidrs(annotations, EXCLUDE_OUTBOUND_CIDRS)?);
-        dedup(&mut inbound_ports);
-        dedup(&mut outbound_ports);
-        dedup(&mut outbound_cidrs);
-        Ok(Self {
-            inbound_ports,
-            outbound_ports,
-            outbound_cidrs,
-        })
-    }
-}
-
-fn dedup<T: PartialEq + Clone>(items: &mut Vec<T>) {
-    let mut seen = Vec::with_capacity(items.len());
-    items.retain(|item| {
-        if seen.contains(item) {
-            false
-        } else {
-            seen.push(item.clone());
-            true
-        }
-    });
-}
-
-fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
-    annotations
-        .get(key)
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn ports(
-    annotations: &BTreeMap<String, String>,
-    key: &'static str,
-) -> Result<Vec<u16>, InjectError> {
-    list(annotations, key)
-        .into_iter()
-        .map(|item| {
-            item.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                InjectError::InvalidAnnotation {
-                    key,
-                    message: format!("{item:?} is not a port (1-65535)"),
-                }
-            })
-        })
-        .collect()
-}
-
-fn cidrs(
-    annotations: &BTreeMap<String, String>,
-    key: &'static str,
-) -> Result<Vec<String>, InjectError> {
-    list(annotations, key)
-        .into_iter()
-        .map(|item| {
-            let invalid = |why: &str| InjectError::InvalidAnnotation {
-                key,
-                message: format!("{item:?} is not a CIDR: {why}"),
-            };
-            let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let prefix = if prefix.is_empty() {
-                max
-            } else {
-                prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| invalid(&format!("the prefix length must be 0-{max}")))?
-            };
-            Ok(format!("{addr}/{prefix}"))
-        })
-        .collect()
-}
-
-fn join<T: ToString>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
     let mut args = vec![
         "init".to_owned(),
@@ -396,7 +283,11 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
     container
 }
 
-fn proxy_container(config: &InjectConfig, app_probes: &BTreeMap<String, Value>) -> Value {
+fn proxy_container(
+    config: &InjectConfig,
+    app_probes: &BTreeMap<String, Value>,
+    access_log: bool,
+) -> Value {
     let td = config.trust_domain.as_str();
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, value: String| json!({"name": name, "value": value});
@@ -431,6 +322,10 @@ fn proxy_container(config: &InjectConfig, app_probes: &BTreeMap<String, Value>) 
         ),
         value("TRELLIS_LOG_FORMAT", config.log_format.clone()),
     ];
+    // The sidecar logs requests unless told not to: only the opt-out is set.
+    if !access_log {
+        env.push(value("TRELLIS_ACCESS_LOG", "false".to_string()));
+    }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).unwrap_or_default();
         env.push(value("TRELLIS_APP_PROBES", probes));
@@ -538,47 +433,4 @@ fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
 
 fn array(value: Option<&Value>) -> Vec<Value> {
     value.and_then(Value::as_array).cloned().unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn parses_port_and_cidr_lists() {
-        let a = annotations(&[
-            (EXCLUDE_INBOUND_PORTS, "22, 9090,22"),
-            (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8,192.168.1.1"),
-        ]);
-        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap();
-        assert_eq!(e.inbound_ports, [15020, 22, 9090]);
-        assert_eq!(
-            e.outbound_cidrs,
-            ["10.0.0.0/8", "fd00::/8", "192.168.1.1/32"]
-        );
-    }
-
-    #[test]
-    fn names_a_bad_port_annotation() {
-        let a = annotations(&[(EXCLUDE_OUTBOUND_PORTS, "443,https")]);
-        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
-        );
-    }
-
-    #[test]
-    fn names_a_bad_cidr_annotation() {
-        let a = annotations(&[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33")]);
-        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("prefix length must be 0-32"), "{e}");
-    }
 }

@@ -3,7 +3,8 @@
 //!
 //! This is the validation `trellisctl policy lint` and the Admin API run:
 //! [`Document::from_value`] (shape, unknown fields, kind) and then
-//! [`validate`] (every rule of a valid policy), so a policy is rejected by
+//! [`validate_in`] (every rule of a valid AuthorizationPolicy) or
+//! [`validate_rate_limit_in`] (a RateLimitPolicy), so a policy is rejected by
 //! `kubectl apply` with the same field path and message as by `policy lint`,
 //! less the line number (the API server has no file). Warnings are admitted
 //! and shown by `kubectl`. It never stores anything: the CRD store backend
@@ -16,21 +17,31 @@
 
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
-use trellis_core::policy::{Document, validate};
+use trellis_core::policy::{Document, ValidationContext, validate_in, validate_rate_limit_in};
 
 use super::review::{AdmissionRequest, AdmissionResponse, ReviewError};
 
 /// The API group of Trellis policy objects.
 pub const GROUP: &str = "trellis.io";
 
-/// Reviews one Trellis policy object for the mesh of trust domain `td`.
-pub fn review_policy(body: &[u8], td: &TrustDomain) -> Result<AdmissionResponse, ReviewError> {
+/// Reviews one Trellis policy object for the mesh of trust domain `td`,
+/// knowing the mesh's opaque ports (`context`), as `trellisctl policy apply`
+/// is checked by the control plane.
+pub fn review_policy(
+    body: &[u8],
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Result<AdmissionResponse, ReviewError> {
     let request = AdmissionRequest::parse(body)?;
-    Ok(respond_policy(&request, td))
+    Ok(respond_policy(&request, td, context))
 }
 
 /// [`review_policy`] for a request already read.
-pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> AdmissionResponse {
+pub fn respond_policy(
+    request: &AdmissionRequest,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> AdmissionResponse {
     let uid = &request.uid;
     if !matches!(request.operation.as_str(), "CREATE" | "UPDATE") || request.kind.group != GROUP {
         return AdmissionResponse::allow(uid);
@@ -50,8 +61,13 @@ pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> Admission
         );
         map.remove("status");
     }
-    let policy = match Document::from_value(document) {
-        Ok(Document::AuthorizationPolicy(policy)) => policy,
+    let checked = match Document::from_value(document) {
+        Ok(Document::AuthorizationPolicy(policy)) => {
+            validate_in(&policy, td, context).map(|valid| valid.warnings().to_vec())
+        }
+        Ok(Document::RateLimitPolicy(limit)) => {
+            validate_rate_limit_in(&limit, td).map(|()| Vec::new())
+        }
         Ok(_) => {
             return AdmissionResponse::deny(
                 uid,
@@ -60,8 +76,8 @@ pub fn respond_policy(request: &AdmissionRequest, td: &TrustDomain) -> Admission
         }
         Err(e) => return AdmissionResponse::deny(uid, format!("{what} is invalid: {e}")),
     };
-    let (errors, warnings): (Vec<_>, Vec<_>) = match validate(&policy, td) {
-        Ok(valid) => (Vec::new(), valid.warnings().to_vec()),
+    let (errors, warnings): (Vec<_>, Vec<_>) = match checked {
+        Ok(warnings) => (Vec::new(), warnings),
         Err(violations) => violations.into_iter().partition(|v| v.is_error()),
     };
     let mut response = if errors.is_empty() {

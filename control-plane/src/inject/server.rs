@@ -258,7 +258,7 @@ pub fn respond(
             return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", message.into());
         }
         "/inject" => review_pod(body, NamespaceScope::SelectedByWebhook, config),
-        "/validate" => review_policy(body, &config.trust_domain),
+        "/validate" => review_policy(body, &config.trust_domain, &config.validation),
         _ => {
             let message = format!("not found: {path} (try /inject or /validate)\n");
             return (StatusCode::NOT_FOUND, "text/plain", message.into());

@@ -6,7 +6,9 @@
 //! WorkloadRecord), `issued_certificates` (serial -> IssuedCertRecord),
 //! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
 //! included: the very form pushed to sidecars, whose fields are only ever
-//! added), `meta` (counters: snapshot version, policy generation).
+//! added), `rate_limits` (`namespace/name` -> a `RateLimitRecord`'s protobuf
+//! encoding: the pushed form and its revision), `meta` (counters: snapshot
+//! version, policy generation).
 
 use std::path::{Path, PathBuf};
 
@@ -15,11 +17,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_core::policy::policy_key;
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::admin::v1::RateLimitRecord;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
-    AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord, JoinToken,
-    PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
+    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
 
 /// The database file name inside the state dir.
@@ -29,6 +32,7 @@ const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("joi
 const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
 const ISSUED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("issued_certificates");
 const POLICIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("policies");
+const RATE_LIMITS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rate_limits");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const SNAPSHOT_VERSION: &str = "snapshot_version";
@@ -64,6 +68,7 @@ impl EmbeddedStore {
             txn.open_table(WORKLOADS)?;
             txn.open_table(ISSUED)?;
             txn.open_table(POLICIES)?;
+            txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
             Ok(())
         })?;
@@ -166,6 +171,34 @@ fn read_policies(
         out.push(decode_policy(value.value(), key.value())?);
     }
     Ok(out)
+}
+
+fn decode_rate_limit(bytes: &[u8], key: &str) -> Result<RateLimitRecord, StoreError> {
+    RateLimitRecord::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("rate limit {key}"),
+        reason: e.to_string(),
+    })
+}
+
+fn read_rate_limits(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<RateLimitRecord>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        out.push(decode_rate_limit(value.value(), key.value())?);
+    }
+    Ok(out)
+}
+
+/// The revision a document gets and what applying it does, given the stored
+/// revision and whether the stored content is the same.
+fn revise(stored: Option<(u64, bool)>) -> (u64, PolicyOutcome) {
+    match stored {
+        None => (1, PolicyOutcome::Created),
+        Some((revision, true)) => (revision, PolicyOutcome::Unchanged),
+        Some((revision, false)) => (revision + 1, PolicyOutcome::Updated),
+    }
 }
 
 /// Bumps the policy generation and the snapshot version together.
@@ -294,20 +327,56 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn apply_policies(
+    fn apply_documents(
         &self,
         policies: &[Policy],
+        rate_limits: &[RateLimit],
         dry_run: bool,
-    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+    ) -> Result<AppliedDocuments, StoreError> {
         if !dry_run {
-            return self.write(|txn| Self::apply_in(txn, policies));
+            return self.write(|txn| Self::apply_in(txn, policies, rate_limits));
         }
         let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let mut result = Self::apply_in(&txn, policies)?;
+        let mut result = Self::apply_in(&txn, policies, rate_limits)?;
         txn.abort().map_err(|e| self.db_error(e))?;
         // Nothing was committed: report the counters as they stand.
-        result.1 = self.generation()?;
+        result.generation = self.generation()?;
         Ok(result)
+    }
+
+    fn rate_limits(&self) -> Result<Vec<RateLimitRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        read_rate_limits(&txn.open_table(RATE_LIMITS)?)
+    }
+
+    fn rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RateLimitRecord>, StoreError> {
+        let key = policy_key(namespace, name);
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = txn.open_table(RATE_LIMITS)?;
+        let value = table.get(key.as_str())?;
+        value
+            .map(|v| decode_rate_limit(v.value(), &key))
+            .transpose()
+    }
+
+    fn delete_rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Generation>, StoreError> {
+        let key = policy_key(namespace, name);
+        self.write(|txn| {
+            let mut table = txn.open_table(RATE_LIMITS)?;
+            if table.remove(key.as_str())?.is_none() {
+                return Ok(None);
+            }
+            let mut meta = txn.open_table(META)?;
+            bump_generation(&mut meta).map(Some)
+        })
     }
 
     fn policies(&self) -> Result<Vec<Policy>, StoreError> {
@@ -349,10 +418,15 @@ impl Store for EmbeddedStore {
             workloads.push(decode(value.value(), "workloads")?);
         }
         let policies = read_policies(&txn.open_table(POLICIES)?)?;
+        let rate_limits = read_rate_limits(&txn.open_table(RATE_LIMITS)?)?
+            .into_iter()
+            .filter_map(|r| r.rate_limit)
+            .collect();
         Ok(DiscoveryState {
             version,
             workloads,
             policies,
+            rate_limits,
         })
     }
 }
@@ -361,7 +435,8 @@ impl EmbeddedStore {
     fn apply_in(
         txn: &redb::WriteTransaction,
         policies: &[Policy],
-    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+        rate_limits: &[RateLimit],
+    ) -> Result<AppliedDocuments, StoreError> {
         let mut table = txn.open_table(POLICIES)?;
         let mut applied = Vec::with_capacity(policies.len());
         for policy in policies {
@@ -370,11 +445,8 @@ impl EmbeddedStore {
                 Some(v) => Some(decode_policy(v.value(), &key)?),
                 None => None,
             };
-            let (revision, outcome) = match &stored {
-                None => (1, PolicyOutcome::Created),
-                Some(old) if same_content(old, policy) => (old.revision, PolicyOutcome::Unchanged),
-                Some(old) => (old.revision + 1, PolicyOutcome::Updated),
-            };
+            let (revision, outcome) =
+                revise(stored.map(|old| (old.revision, same_content(&old, policy))));
             if outcome != PolicyOutcome::Unchanged {
                 let record = Policy {
                     revision,
@@ -389,16 +461,49 @@ impl EmbeddedStore {
                 outcome,
             });
         }
+        let mut result = AppliedDocuments {
+            policies: applied,
+            rate_limits: Self::apply_rate_limits_in(txn, rate_limits)?,
+            generation: Generation::default(),
+        };
         let mut meta = txn.open_table(META)?;
-        let generation = if applied
-            .iter()
-            .any(|a| a.outcome != PolicyOutcome::Unchanged)
-        {
+        result.generation = if result.changed() {
             bump_generation(&mut meta)?
         } else {
             current_generation(&meta)?
         };
-        Ok((applied, generation))
+        Ok(result)
+    }
+
+    fn apply_rate_limits_in(
+        txn: &redb::WriteTransaction,
+        rate_limits: &[RateLimit],
+    ) -> Result<Vec<AppliedPolicy>, StoreError> {
+        let mut table = txn.open_table(RATE_LIMITS)?;
+        let mut applied = Vec::with_capacity(rate_limits.len());
+        for limit in rate_limits {
+            let key = policy_key(&limit.namespace, &limit.name);
+            let stored = match table.get(key.as_str())? {
+                Some(v) => Some(decode_rate_limit(v.value(), &key)?),
+                None => None,
+            };
+            let (revision, outcome) =
+                revise(stored.map(|old| (old.revision, old.rate_limit.as_ref() == Some(limit))));
+            if outcome != PolicyOutcome::Unchanged {
+                let record = RateLimitRecord {
+                    rate_limit: Some(limit.clone()),
+                    revision,
+                };
+                table.insert(key.as_str(), record.encode_to_vec().as_slice())?;
+            }
+            applied.push(AppliedPolicy {
+                namespace: limit.namespace.clone(),
+                name: limit.name.clone(),
+                revision,
+                outcome,
+            });
+        }
+        Ok(applied)
     }
 }
 
@@ -414,162 +519,5 @@ fn same_content(a: &Policy, b: &Policy) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use trellis_core::SpiffeId;
-
-    fn issued(serial: &str, id: &str) -> IssuedCertRecord {
-        IssuedCertRecord {
-            serial_hex: serial.into(),
-            spiffe_id: id.into(),
-            not_after_unix: 100,
-            issued_at_unix: 1,
-        }
-    }
-
-    fn workload(id: &str, address: &str) -> WorkloadRecord {
-        WorkloadRecord {
-            spiffe_id: id.into(),
-            address: address.into(),
-            cert_expires_at_unix: 100,
-            last_seen_unix: 1,
-        }
-    }
-
-    #[test]
-    fn a_token_is_consumed_once_and_refusals_change_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
-        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
-        let other = SpiffeId::parse("spiffe://td/ns/a/sa/c").unwrap();
-        let hash = [7u8; 32];
-        let token = JoinToken {
-            spiffe_id: id.to_string(),
-            expires_at_unix: 50,
-            used: false,
-        };
-        store.add_join_token(&hash, &token).unwrap();
-        let claim = |spiffe_id, now_unix| TokenClaim {
-            hash: &hash,
-            spiffe_id,
-            now_unix,
-        };
-        let w = workload(id.as_str(), "127.0.0.1:1");
-        let err = store
-            .record_issuance(Some(claim(&other, 10)), &issued("01", other.as_str()), &w)
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::Token(TokenRefusal::OtherIdentity { .. })
-        ));
-        let err = store
-            .record_issuance(Some(claim(&id, 60)), &issued("02", id.as_str()), &w)
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Token(TokenRefusal::Expired)));
-        assert!(store.issued_certificates().unwrap().is_empty());
-        assert!(store.workloads().unwrap().is_empty());
-
-        let change = store
-            .record_issuance(Some(claim(&id, 10)), &issued("03", id.as_str()), &w)
-            .unwrap();
-        assert_eq!(change, EndpointChange::Changed);
-        let err = store
-            .record_issuance(Some(claim(&id, 10)), &issued("04", id.as_str()), &w)
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Token(TokenRefusal::Used)));
-        assert_eq!(store.issued_certificates().unwrap().len(), 1);
-
-        let renewal = workload(id.as_str(), "");
-        let change = store
-            .record_issuance(None, &issued("05", id.as_str()), &renewal)
-            .unwrap();
-        assert_eq!(change, EndpointChange::Unchanged);
-        assert_eq!(store.workloads().unwrap()[0].address, "127.0.0.1:1");
-
-        // Certified again after its certificate ended: an endpoint again.
-        let returned = WorkloadRecord {
-            cert_expires_at_unix: 300,
-            last_seen_unix: 200,
-            ..workload(id.as_str(), "127.0.0.1:1")
-        };
-        let change = store
-            .record_issuance(None, &issued("06", id.as_str()), &returned)
-            .unwrap();
-        assert_eq!(change, EndpointChange::Changed);
-    }
-
-    #[test]
-    fn mesh_config_bumps_the_version_only_when_it_changes() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
-        assert_eq!(store.settle_mesh_config("a").unwrap(), 1);
-        assert_eq!(store.settle_mesh_config("a").unwrap(), 1);
-        assert_eq!(store.settle_mesh_config("b").unwrap(), 2);
-        assert_eq!(store.bump_snapshot_version().unwrap(), 3);
-        assert_eq!(store.snapshot_version().unwrap(), 3);
-    }
-
-    fn policy(name: &str, ports: &[u32]) -> Policy {
-        use trellis_proto::policy::v1::{Destination, Rule};
-        Policy {
-            name: name.into(),
-            namespace: "default".into(),
-            rules: vec![Rule {
-                from: vec![],
-                to: vec![Destination {
-                    ports: ports.to_vec(),
-                    ..Destination::default()
-                }],
-            }],
-            ..Policy::default()
-        }
-    }
-
-    #[test]
-    fn policies_get_revisions_and_only_changes_bump_the_counters() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
-        let outcomes = |applied: &[AppliedPolicy]| -> Vec<(u64, PolicyOutcome)> {
-            applied.iter().map(|a| (a.revision, a.outcome)).collect()
-        };
-        let (applied, g1) = store
-            .apply_policies(&[policy("a", &[1]), policy("b", &[2])], false)
-            .unwrap();
-        assert_eq!(
-            outcomes(&applied),
-            [(1, PolicyOutcome::Created), (1, PolicyOutcome::Created)]
-        );
-        assert_eq!(g1.policies, 1);
-        let (applied, g2) = store
-            .apply_policies(&[policy("a", &[1]), policy("b", &[3])], false)
-            .unwrap();
-        assert_eq!(
-            outcomes(&applied),
-            [(1, PolicyOutcome::Unchanged), (2, PolicyOutcome::Updated)]
-        );
-        assert_eq!((g2.policies, g2.snapshot), (2, g1.snapshot + 1));
-        let (applied, g3) = store.apply_policies(&[policy("c", &[4])], true).unwrap();
-        assert_eq!(outcomes(&applied), [(1, PolicyOutcome::Created)]);
-        assert_eq!(g3, g2, "a dry run moves nothing");
-        assert_eq!(store.policy("default", "c").unwrap(), None);
-        assert_eq!(store.policy("default", "b").unwrap().unwrap().revision, 2);
-
-        assert_eq!(store.delete_policy("default", "zzz").unwrap(), None);
-        let g4 = store.delete_policy("default", "a").unwrap().unwrap();
-        assert_eq!(g4.policies, 3);
-        let state = store.discovery_state().unwrap();
-        assert_eq!(state.version, g4.snapshot);
-        let names: Vec<_> = state.policies.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["b"]);
-    }
-
-    #[test]
-    fn a_corrupt_file_is_reported_and_kept() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join(DB_FILE);
-        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        let err = EmbeddedStore::open(&path).unwrap_err();
-        assert!(err.to_string().contains(DB_FILE), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
-    }
-}
+#[path = "embedded_tests.rs"]
+mod tests;

@@ -1,6 +1,6 @@
 //! The control plane's state behind one trait: join tokens (hashed),
-//! workloads, the issued-certificate log, versioned authorization policies,
-//! and the snapshot version counter.
+//! workloads, the issued-certificate log, versioned authorization policies
+//! and rate limits (RateLimitPolicy), and the snapshot version counter.
 //!
 //! [`Store`] is what the API layer talks to: the embedded backend (redb in
 //! the state dir) or the Kubernetes backend ([`kubernetes`]: CRDs, Pods and a
@@ -12,7 +12,8 @@ pub mod kubernetes;
 
 use serde::{Deserialize, Serialize};
 use trellis_core::SpiffeId;
-use trellis_proto::policy::v1::Policy;
+use trellis_proto::admin::v1::RateLimitRecord;
+use trellis_proto::policy::v1::{Policy, RateLimit};
 
 pub use embedded::EmbeddedStore;
 pub use kubernetes::KubernetesStore;
@@ -111,10 +112,29 @@ pub struct AppliedPolicy {
     pub outcome: PolicyOutcome,
 }
 
+/// What one write of both policy kinds did, in the order they were given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedDocuments {
+    pub policies: Vec<AppliedPolicy>,
+    pub rate_limits: Vec<AppliedPolicy>,
+    pub generation: Generation,
+}
+
+impl AppliedDocuments {
+    /// Whether the write changed anything stored.
+    pub fn changed(&self) -> bool {
+        self.policies
+            .iter()
+            .chain(&self.rate_limits)
+            .any(|a| a.outcome != PolicyOutcome::Unchanged)
+    }
+}
+
 /// The counters after a policy write. Both move only when something changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Generation {
-    /// Store-wide: increases with every write that changes a policy.
+    /// Store-wide: increases with every write that changes a policy or a
+    /// rate limit.
     pub policies: u64,
     /// The snapshot version, bumped in the same transaction.
     pub snapshot: u64,
@@ -128,6 +148,8 @@ pub struct DiscoveryState {
     pub workloads: Vec<WorkloadRecord>,
     /// Ordered by `namespace/name`.
     pub policies: Vec<Policy>,
+    /// Every rate limit as pushed (no revision), ordered by `namespace/name`.
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// The control plane's persistent state.
@@ -160,16 +182,29 @@ pub trait Store: Send + Sync + 'static {
     /// differs from the stored one; returns the current version.
     fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError>;
 
-    /// Creates or updates `policies` (validated, unique by namespace/name)
-    /// in one transaction: a policy whose content differs from the stored
-    /// one gets the next revision; when any changed, the policy generation
-    /// and the snapshot version are bumped once. A `dry_run` reports the
-    /// same outcomes and commits nothing.
+    /// [`apply_documents`](Self::apply_documents) with authorization
+    /// policies only.
     fn apply_policies(
         &self,
         policies: &[Policy],
         dry_run: bool,
-    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError>;
+    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+        let applied = self.apply_documents(policies, &[], dry_run)?;
+        Ok((applied.policies, applied.generation))
+    }
+
+    /// Creates or updates `policies` and `rate_limits` (each validated and
+    /// unique by namespace/name within its kind; the two kinds are separate
+    /// name spaces) in one transaction: a document whose content differs
+    /// from the stored one of its kind gets the next revision; when any
+    /// changed, the policy generation and the snapshot version are bumped
+    /// once. A `dry_run` reports the same outcomes and commits nothing.
+    fn apply_documents(
+        &self,
+        policies: &[Policy],
+        rate_limits: &[RateLimit],
+        dry_run: bool,
+    ) -> Result<AppliedDocuments, StoreError>;
 
     /// Every policy, ordered by `namespace/name`.
     fn policies(&self) -> Result<Vec<Policy>, StoreError>;
@@ -180,9 +215,27 @@ pub trait Store: Send + Sync + 'static {
     /// `None` (and nothing changed) when there is no such policy.
     fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError>;
 
+    /// Every rate limit with its revision, ordered by `namespace/name`.
+    fn rate_limits(&self) -> Result<Vec<RateLimitRecord>, StoreError>;
+
+    fn rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RateLimitRecord>, StoreError>;
+
+    /// Removes a rate limit, bumping the generation and the snapshot
+    /// version; `None` (and nothing changed) when there is no such one.
+    fn delete_rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Generation>, StoreError>;
+
     /// The current counters.
     fn generation(&self) -> Result<Generation, StoreError>;
 
-    /// The snapshot version with the workloads and policies it stands for.
+    /// The snapshot version with the workloads, policies and rate limits it
+    /// stands for.
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError>;
 }

@@ -345,8 +345,9 @@ fn answer(state: &mut State, method: &Method, path: &str, body: &Value) -> (u16,
     (404, status(404, "NotFound", message))
 }
 
-/// POST/PUT/DELETE of an AuthorizationPolicy: echoed with a new
-/// resourceVersion (and generation), published to the watches.
+/// POST/PUT/DELETE of an AuthorizationPolicy or a RateLimitPolicy: echoed
+/// with a new resourceVersion (and generation), published to the watches of
+/// its kind.
 fn write_policy(
     state: &mut State,
     method: &Method,
@@ -355,21 +356,28 @@ fn write_policy(
     body: &Value,
 ) -> (u16, Value) {
     let parts: Vec<&str> = rest.split('/').collect();
-    let (namespace, name) = match (method.as_str(), parts.as_slice()) {
-        ("POST", [ns, "authorizationpolicies"]) => {
-            (*ns, body["metadata"]["name"].as_str().unwrap_or_default())
-        }
-        (_, [ns, "authorizationpolicies", name]) => (*ns, *name),
+    let (namespace, plural, name) = match (method.as_str(), parts.as_slice()) {
+        ("POST", [ns, plural]) => (
+            *ns,
+            *plural,
+            body["metadata"]["name"].as_str().unwrap_or_default(),
+        ),
+        (_, [ns, plural, name]) => (*ns, *plural, *name),
+        _ => return (404, status(404, "NotFound", "no such resource")),
+    };
+    let watched = match plural {
+        "authorizationpolicies" => POLICIES,
+        "ratelimitpolicies" => RATE_LIMITS,
         _ => return (404, status(404, "NotFound", "no such resource")),
     };
     if let Some(refusal) = &state.refuse_writes {
         return refusal.clone();
     }
-    let key = format!("{namespace}/{name}");
+    let key = format!("{plural}/{namespace}/{name}");
     let held = state.objects.get(&key).cloned();
     let (code, kind, object) = match method.as_str() {
         "POST" if held.is_some() => {
-            let message = format!("authorizationpolicies.trellis.io \"{name}\" already exists");
+            let message = format!("{plural}.trellis.io \"{name}\" already exists");
             return (409, status(409, "AlreadyExists", &message));
         }
         "POST" => (201, "ADDED", stamp(state, body.clone(), Some(1))),
@@ -389,18 +397,18 @@ fn write_policy(
         }
         "DELETE" => {
             let Some(held) = held else {
-                let message = format!("authorizationpolicies.trellis.io \"{name}\" not found");
+                let message = format!("{plural}.trellis.io \"{name}\" not found");
                 return (404, status(404, "NotFound", &message));
             };
             let gone = stamp(state, held, None);
             state.objects.remove(&key);
-            publish(state, POLICIES, event("DELETED", &gone));
+            publish(state, watched, event("DELETED", &gone));
             return (200, gone);
         }
         _ => return (405, status(405, "MethodNotAllowed", path)),
     };
     state.objects.insert(key, object.clone());
-    publish(state, POLICIES, event(kind, &object));
+    publish(state, watched, event(kind, &object));
     (code, object)
 }
 

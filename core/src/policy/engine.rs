@@ -219,7 +219,12 @@ impl WorkloadSelector {
     /// The selector of `policy`; patterns that do not parse are left out
     /// (validation rejects them before a policy is stored).
     pub fn of(policy: &proto::Policy) -> Self {
-        let ids = policy.selector.iter().flat_map(|s| &s.spiffe_ids);
+        Self::of_selector(policy.selector.as_ref())
+    }
+
+    /// A selector of any document kind (a rate limit has one too).
+    pub fn of_selector(selector: Option<&proto::Selector>) -> Self {
+        let ids = selector.iter().flat_map(|s| &s.spiffe_ids);
         Self(ids.filter_map(|text| IdPattern::parse(text).ok()).collect())
     }
 

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 use super::document::Document;
 use super::path::FieldPath;
-use super::ratelimit::{RateLimitPolicy, validate_rate_limit};
+use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in};
 use super::source::{Node, Pos, parse_stream};
-use super::validate::{Severity, ValidPolicy, Violation, duplicate_names, policy_key, validate};
+use super::validate::{
+    Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate_in,
+};
 use crate::spiffe::TrustDomain;
 
 /// One problem in one file. `line` and `column` are 1-based; both are 0 when
@@ -110,10 +112,30 @@ pub fn lint_source(name: &str, text: &str, td: &TrustDomain) -> Vec<Diagnostic> 
 /// Reads and validates the documents of one text; duplicate names within it
 /// are errors.
 pub fn load_source(name: &str, text: &str, td: &TrustDomain) -> Loaded {
+    load_source_in(name, text, td, &ValidationContext::default())
+}
+
+/// [`load_source`] for a mesh whose `context` is known (the control plane
+/// knows its mesh-wide opaque ports; offline lint does not).
+pub fn load_source_in(
+    name: &str,
+    text: &str,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Loaded {
     let mut checked = Vec::new();
     let mut loaded = Loaded::default();
-    check_text(name, text, td, &mut checked, &mut loaded);
-    finish(checked, loaded, &[name.to_owned()])
+    let mut limits = Vec::new();
+    check_text(
+        name,
+        text,
+        td,
+        context,
+        &mut checked,
+        &mut limits,
+        &mut loaded,
+    );
+    finish(checked, limits, loaded, &[name.to_owned()])
 }
 
 /// Checks files and directories (searched recursively for `*.yaml`, `*.yml`
@@ -136,13 +158,23 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
     files.dedup();
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let mut checked = Vec::new();
+    let mut limits = Vec::new();
+    let context = ValidationContext::default();
     for (file, name) in files.iter().zip(&names) {
         match fs::read_to_string(file) {
-            Ok(text) => check_text(name, &text, td, &mut checked, &mut loaded),
+            Ok(text) => check_text(
+                name,
+                &text,
+                td,
+                &context,
+                &mut checked,
+                &mut limits,
+                &mut loaded,
+            ),
             Err(e) => loaded.diagnostics.push(unreadable(file, &e)),
         }
     }
-    finish(checked, loaded, &names)
+    finish(checked, limits, loaded, &names)
 }
 
 fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
@@ -182,8 +214,8 @@ fn is_policy_file(path: &Path) -> bool {
 
 /// A policy that passed validation, with its document for locating a
 /// duplicate-name error.
-struct Checked {
-    policy: ValidPolicy,
+struct Checked<T> {
+    policy: T,
     file: String,
     node: Node,
 }
@@ -192,7 +224,9 @@ fn check_text(
     name: &str,
     text: &str,
     td: &TrustDomain,
-    checked: &mut Vec<Checked>,
+    context: &ValidationContext,
+    checked: &mut Vec<Checked<ValidPolicy>>,
+    limits: &mut Vec<Checked<RateLimitPolicy>>,
     loaded: &mut Loaded,
 ) {
     let (documents, syntax) = parse_stream(text);
@@ -214,11 +248,11 @@ fn check_text(
         let policy = match &document {
             Document::AuthorizationPolicy(policy) => policy,
             Document::RateLimitPolicy(limit) => {
-                match validate_rate_limit(limit) {
-                    Ok(()) => loaded.rate_limits.push(LoadedRateLimit {
+                match validate_rate_limit_in(limit, td) {
+                    Ok(()) => limits.push(Checked {
                         policy: limit.clone(),
                         file: name.to_owned(),
-                        line: node.pos().line,
+                        node,
                     }),
                     Err(violations) => {
                         for violation in violations {
@@ -233,7 +267,7 @@ fn check_text(
             }
         };
         let out = &mut loaded.diagnostics;
-        let (policy, violations) = match validate(policy, td) {
+        let (policy, violations) = match validate_in(policy, td, context) {
             Ok(valid) => {
                 let warnings = valid.warnings().to_vec();
                 (Some(valid), warnings)
@@ -260,28 +294,27 @@ fn check_text(
     }
 }
 
-/// Rejects duplicate names, then orders diagnostics by the position of their
-/// file in `files` (unreadable paths first), line and column.
-fn finish(checked: Vec<Checked>, mut loaded: Loaded, files: &[String]) -> Loaded {
-    let duplicates = duplicate_names(checked.iter().map(|c| c.policy.policy()));
-    let name_path = FieldPath::root().field("metadata").field("name");
-    let mut rejected = vec![false; checked.len()];
-    for (dup, first) in duplicates {
-        rejected[dup] = true;
-        let (d, f) = (&checked[dup], &checked[first]);
-        let meta = &d.policy.policy().metadata;
-        let first_pos = f.node.locate(&name_path, false);
-        let message = format!(
-            "duplicate policy {}: already defined at {}:{first_pos}",
-            policy_key(&meta.namespace, &meta.name),
-            f.file
-        );
-        let pos = d.node.locate(&name_path, false);
-        loaded.diagnostics.push(Diagnostic::at(
-            &d.file,
-            pos,
-            Violation::error(name_path.clone(), message),
-        ));
+/// Rejects duplicate names (per kind), then orders diagnostics by the
+/// position of their file in `files` (unreadable paths first), line and
+/// column.
+fn finish(
+    checked: Vec<Checked<ValidPolicy>>,
+    limits: Vec<Checked<RateLimitPolicy>>,
+    mut loaded: Loaded,
+    files: &[String],
+) -> Loaded {
+    let metadata = checked.iter().map(|c| &c.policy.policy().metadata);
+    let rejected = reject_duplicates(&checked, metadata, "policy", &mut loaded);
+    let metadata = limits.iter().map(|c| &c.policy.metadata);
+    let limits_rejected = reject_duplicates(&limits, metadata, "rate limit", &mut loaded);
+    for (c, rejected) in limits.into_iter().zip(limits_rejected) {
+        if !rejected {
+            loaded.rate_limits.push(LoadedRateLimit {
+                line: c.node.pos().line,
+                policy: c.policy,
+                file: c.file,
+            });
+        }
     }
     for (c, rejected) in checked.into_iter().zip(rejected) {
         if !rejected {
@@ -298,6 +331,37 @@ fn finish(checked: Vec<Checked>, mut loaded: Loaded, files: &[String]) -> Loaded
         (file, d.line, d.column)
     });
     loaded
+}
+
+/// Reports every document named like an earlier one of its kind; which of
+/// `checked` are rejected.
+fn reject_duplicates<'a, T>(
+    checked: &[Checked<T>],
+    metadata: impl Iterator<Item = &'a super::document::Metadata>,
+    what: &str,
+    loaded: &mut Loaded,
+) -> Vec<bool> {
+    let metadata: Vec<_> = metadata.collect();
+    let name_path = FieldPath::root().field("metadata").field("name");
+    let mut rejected = vec![false; checked.len()];
+    for (dup, first) in duplicate_names(metadata.iter().copied()) {
+        rejected[dup] = true;
+        let (d, f) = (&checked[dup], &checked[first]);
+        let meta = metadata[dup];
+        let first_pos = f.node.locate(&name_path, false);
+        let message = format!(
+            "duplicate {what} {}: already defined at {}:{first_pos}",
+            policy_key(&meta.namespace, &meta.name),
+            f.file
+        );
+        let pos = d.node.locate(&name_path, false);
+        loaded.diagnostics.push(Diagnostic::at(
+            &d.file,
+            pos,
+            Violation::error(name_path.clone(), message),
+        ));
+    }
+    rejected
 }
 
 #[cfg(test)]
@@ -341,6 +405,55 @@ spec:
             diagnostics[0].to_string(),
             "policies/bad.yaml:12:21: spec.rules[0].from[0].spiffeId: invalid SPIFFE ID \"spiffe://Bad\": the trust domain may hold only a-z, 0-9, '.', '-' and '_' (found 'B')"
         );
+    }
+
+    const LIMIT: &str = "apiVersion: trellis.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: web-to-api, namespace: default}
+spec:
+  selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
+  limit: {requestsPerSecond: 5, burst: 10}
+";
+
+    #[test]
+    fn both_kinds_load_from_one_text_and_may_share_a_name() {
+        let text = format!("{GOOD}---\n{LIMIT}");
+        let loaded = load_source("mixed.yaml", &text, &td());
+        assert_eq!(loaded.diagnostics, []);
+        assert_eq!(loaded.policies.len(), 1);
+        assert_eq!(loaded.rate_limits[0].line, 16);
+    }
+
+    #[test]
+    fn reports_duplicate_rate_limits() {
+        let text = format!("{LIMIT}---\n{LIMIT}");
+        let loaded = load_source("dup.yaml", &text, &td());
+        assert_eq!(
+            loaded.diagnostics[0].to_string(),
+            "dup.yaml:10:18: metadata.name: duplicate rate limit default/web-to-api: already defined at dup.yaml:3:18"
+        );
+        assert_eq!(loaded.rate_limits.len(), 1);
+    }
+
+    #[test]
+    fn refuses_l7_rules_on_ports_the_mesh_declares_opaque() {
+        let text = GOOD.replace(
+            "- ports: [8080]",
+            "- ports: [5432]\n          paths: [\"/x\"]",
+        );
+        let context = ValidationContext {
+            opaque_ports: vec![5432],
+        };
+        let loaded = load_source_in("l7.yaml", &text, &td(), &context);
+        assert!(loaded.policies.is_empty());
+        assert!(
+            loaded.diagnostics[0].to_string().starts_with(
+                "l7.yaml:14:19: spec.rules[0].to[0].ports[0]: port 5432 is declared opaque"
+            ),
+            "{}",
+            loaded.diagnostics[0]
+        );
+        assert_eq!(load_source("l7.yaml", &text, &td()).diagnostics, []);
     }
 
     #[test]

@@ -49,7 +49,7 @@ mod rules;
 mod source;
 pub mod validate;
 
-pub use convert::{InvalidExplanation, document_from_proto, validate_proto};
+pub use convert::{InvalidExplanation, document_from_proto, validate_proto, validate_proto_in};
 pub use document::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationPolicySpec, Destination, Document,
     DocumentError, GrpcMatch, Metadata, Rule, Selector, Source,
@@ -62,11 +62,11 @@ pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
 pub use l7::{HttpRequest, PathPattern};
 pub use lint::{
     Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
-    load_paths, load_source,
+    load_paths, load_source, load_source_in,
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
-pub use ratelimit::{LimitKey, RateLimitPolicy, validate_rate_limit};
+pub use ratelimit::{LimitKey, RateLimitPolicy, validate_rate_limit, validate_rate_limit_in};
 pub use validate::{
     Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate,
     validate_in,

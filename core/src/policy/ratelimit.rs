@@ -21,8 +21,9 @@ use trellis_proto::policy::v1 as proto;
 use super::document::{API_VERSION, Metadata, Selector};
 use super::l7::PathPattern;
 use super::path::FieldPath;
-use super::pattern::IdPattern;
+use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
 use super::validate::Violation;
+use crate::spiffe::TrustDomain;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -165,6 +166,46 @@ pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation
     if found.is_empty() { Ok(()) } else { Err(found) }
 }
 
+/// [`validate_rate_limit`] for the mesh of trust domain `td`, as the
+/// control plane stores it: names are DNS labels (they key the store as
+/// `namespace/name`) and the selector names workloads of this mesh.
+pub fn validate_rate_limit_in(
+    policy: &RateLimitPolicy,
+    td: &TrustDomain,
+) -> Result<(), Vec<Violation>> {
+    let mut found = validate_rate_limit(policy).err().unwrap_or_default();
+    let metadata = FieldPath::root().field("metadata");
+    for (field, value) in [
+        ("name", &policy.metadata.name),
+        ("namespace", &policy.metadata.namespace),
+    ] {
+        if !value.is_empty() && !is_dns_label(value) {
+            found.push(Violation::error(
+                metadata.field(field),
+                format!("invalid {field} {value:?}: {DNS_LABEL_RULE}"),
+            ));
+        }
+    }
+    let at = FieldPath::root()
+        .field("spec")
+        .field("selector")
+        .field("spiffeIds");
+    for (i, text) in policy.spec.selector.spiffe_ids.iter().enumerate() {
+        if let Ok(pattern) = IdPattern::parse(text)
+            && pattern.trust_domain_str() != td.as_str()
+        {
+            found.push(Violation::error(
+                at.index(i),
+                format!(
+                    "selects no workload of this mesh: {text:?} is outside trust domain {:?}",
+                    td.as_str()
+                ),
+            ));
+        }
+    }
+    if found.is_empty() { Ok(()) } else { Err(found) }
+}
+
 impl RateLimitPolicy {
     /// The protobuf form of a valid rate limit.
     pub fn to_proto(&self) -> proto::RateLimit {
@@ -257,6 +298,25 @@ mod tests {
         let p = sample();
         validate_rate_limit(&p).unwrap();
         assert_eq!(RateLimitPolicy::from_proto(&p.to_proto()).unwrap(), p);
+    }
+
+    #[test]
+    fn in_a_mesh_names_are_labels_and_the_selector_is_in_the_trust_domain() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        validate_rate_limit_in(&sample(), &td).unwrap();
+        let mut p = sample();
+        p.metadata.name = "api/limit".into();
+        p.spec.selector.spiffe_ids = vec!["spiffe://other.org/ns/default/sa/api".into()];
+        let errors: Vec<String> = validate_rate_limit_in(&p, &td)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("metadata.name: invalid name \"api/limit\""));
+        assert!(
+            errors[1].starts_with("spec.selector.spiffeIds[0]: selects no workload of this mesh")
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::document::{API_VERSION, AuthorizationPolicy, Destination, Rule, Source};
+use super::document::{API_VERSION, AuthorizationPolicy, Destination, Metadata, Rule, Source};
 use super::l7::{self, PathPattern};
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
@@ -136,15 +136,15 @@ pub fn validate_in(
     })
 }
 
-/// Policies named like an earlier one in `policies`, as
+/// Documents named like an earlier one in `documents` (their metadata), as
 /// `(index of the duplicate, index of the first)`.
 pub fn duplicate_names<'a>(
-    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+    documents: impl IntoIterator<Item = &'a Metadata>,
 ) -> Vec<(usize, usize)> {
     let mut first = HashMap::new();
     let mut duplicates = Vec::new();
-    for (i, policy) in policies.into_iter().enumerate() {
-        let key = (&policy.metadata.namespace, &policy.metadata.name);
+    for (i, metadata) in documents.into_iter().enumerate() {
+        let key = (&metadata.namespace, &metadata.name);
         match first.get(&key) {
             Some(&j) => duplicates.push((i, j)),
             None => {
@@ -554,6 +554,9 @@ mod tests {
         let a = policy(vec![Rule::default()]);
         let mut b = a.clone();
         b.metadata.name = "other".into();
-        assert_eq!(duplicate_names([&a, &b, &a]), [(2, 0)]);
+        assert_eq!(
+            duplicate_names([&a.metadata, &b.metadata, &a.metadata]),
+            [(2, 0)]
+        );
     }
 }

@@ -251,7 +251,7 @@ enum ForwardError {
 }
 
 /// Forwards an allowed connection to the app at `target`: ports declared
-/// opaque and streams that are not HTTP as bytes (unless `http_only`),
+/// opaque (here or mesh-wide) and streams that are not HTTP as bytes (unless `http_only`),
 /// HTTP request by request. Sets `is_http` once it knows.
 async fn forward(
     shared: &Shared,
@@ -262,7 +262,15 @@ async fn forward(
     http_only: bool,
     is_http: &std::sync::atomic::AtomicBool,
 ) -> Result<Forwarded, ForwardError> {
-    if shared.opaque_ports.contains(&target.port()) {
+    // Opaque: declared so on this sidecar, or mesh-wide (in the snapshot).
+    let port = target.port();
+    let mesh_opaque = || {
+        policies
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| p.is_opaque(port))
+    };
+    if shared.opaque_ports.contains(&port) || mesh_opaque() {
         if http_only {
             return Err(ForwardError::NotHttp);
         }

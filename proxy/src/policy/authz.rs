@@ -33,6 +33,8 @@ pub struct Policies {
     /// The policy part of the snapshot as received, to tell whether a later
     /// snapshot changes anything enforced.
     received: (String, Vec<pb::Policy>, Vec<pb::RateLimit>),
+    /// Inbound ports never parsed as HTTP: the sidecar's own and the mesh's.
+    opaque_ports: Vec<u16>,
     counters: Counters,
 }
 
@@ -115,6 +117,7 @@ impl Policies {
             set,
             rate_limits: limits,
             received: (default_policy, policies, rate_limits),
+            opaque_ports: opaque_ports.to_vec(),
             counters,
         })
     }
@@ -122,7 +125,12 @@ impl Policies {
     /// Whether `other` enforces exactly what this does (same default, same
     /// policies as received), so connections need not be re-decided.
     pub fn same_as(&self, other: &Policies) -> bool {
-        self.received == other.received
+        self.received == other.received && self.opaque_ports == other.opaque_ports
+    }
+
+    /// Whether traffic to `port` is never parsed as HTTP.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
     }
 
     /// `namespace/name` of each policy in force, in evaluation order.

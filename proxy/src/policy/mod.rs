@@ -65,6 +65,8 @@ pub enum InvalidSnapshot {
     },
     #[error("mesh.outbound_policy {0:?} is not \"deny\" or \"passthrough\"")]
     OutboundPolicy(String),
+    #[error("mesh.opaque_ports: {0} is not a port number (1-65535)")]
+    OpaquePort(u32),
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
 }
@@ -81,7 +83,8 @@ impl Snapshot {
     }
 
     /// [`compile`](Self::compile) for a sidecar whose `opaque_ports` are
-    /// never parsed as HTTP: policies with L7 matches on them are refused.
+    /// never parsed as HTTP; the mesh's opaque ports join them. Policies
+    /// with L7 matches on any of them are refused.
     pub fn compile_in(
         raw: pb::Snapshot,
         local: &SpiffeId,
@@ -122,13 +125,23 @@ impl Snapshot {
             "passthrough" => OutboundPolicy::Passthrough,
             other => return Err(InvalidSnapshot::OutboundPolicy(other.to_string())),
         };
+        let mut opaque = opaque_ports.to_vec();
+        for &port in &mesh.opaque_ports {
+            let port = u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or(InvalidSnapshot::OpaquePort(port))?;
+            if !opaque.contains(&port) {
+                opaque.push(port);
+            }
+        }
         let policies = Policies::compile_in(
             raw.version,
             local,
             mesh.default_policy,
             raw.policies,
             raw.rate_limits,
-            opaque_ports,
+            &opaque,
             metrics,
         )?;
         Ok(Snapshot {
@@ -196,6 +209,7 @@ mod tests {
             mesh: Some(pb::MeshConfig {
                 default_policy: "deny".into(),
                 outbound_policy: "passthrough".into(),
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -260,6 +274,38 @@ spec:
     - from: [{spiffeId: spiffe://td/ns/a/sa/client}]
       to: [{ports: [8080]}]
 ";
+
+    #[test]
+    fn mesh_opaque_ports_join_the_sidecars_own() {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let raw = |ports: Vec<u32>, policies| pb::Snapshot {
+            mesh: Some(pb::MeshConfig {
+                opaque_ports: ports,
+                ..Default::default()
+            }),
+            policies,
+            ..Default::default()
+        };
+        let s =
+            Snapshot::compile_in(raw(vec![5432], vec![]), &local, &[25], &Metrics::new()).unwrap();
+        assert!(s.policies.is_opaque(5432) && s.policies.is_opaque(25));
+        assert!(!s.policies.is_opaque(8080));
+
+        let l7 = WEB_TO_API.replace("{ports: [8080]}", "{ports: [5432], paths: [/x]}");
+        let e = Snapshot::compile_in(
+            raw(vec![5432], vec![policy(&l7)]),
+            &local,
+            &[],
+            &Metrics::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("port 5432 is declared opaque"), "{e}");
+        let e = Snapshot::compile_in(raw(vec![0], vec![]), &local, &[], &Metrics::new())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "mesh.opaque_ports: 0 is not a port number (1-65535)");
+    }
 
     #[test]
     fn rejects_invalid_policies_and_unknown_defaults() {

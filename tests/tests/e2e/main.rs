@@ -8,6 +8,7 @@
 //! parallel (separate `tests/*.rs` binaries would run one after another).
 
 mod demo;
+mod http;
 mod inbound;
 mod mtls;
 mod outage;

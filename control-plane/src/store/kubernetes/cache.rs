@@ -203,6 +203,16 @@ impl Cache {
             .collect()
     }
 
+    pub fn rate_limit(&self, key: &str) -> Option<(RateLimit, u64)> {
+        match self.objects.get(&(Kind::RateLimitPolicy, key.to_owned())) {
+            Some(Slot {
+                entry: Entry::RateLimit(limit, revision),
+                ..
+            }) => Some((limit.clone(), *revision)),
+            _ => None,
+        }
+    }
+
     pub fn policy(&self, key: &str) -> Option<Policy> {
         match self
             .objects

@@ -45,17 +45,18 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 use trellis_core::TrustDomain;
 use trellis_core::policy::policy_key;
+use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use self::cache::{Entry, Kind, Reflected};
 use self::objects::{
-    authorization_policy_resource, endpoints_from_pod, object_from_policy, policy_from_object,
-    rate_limit_from_object, rate_limit_resource,
+    authorization_policy_resource, endpoints_from_pod, object_from_policy, object_from_rate_limit,
+    policy_from_object, rate_limit_from_object, rate_limit_resource,
 };
 use self::reflect::{Convert, Shared, reflect};
 use super::{
-    AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord, JoinToken,
-    PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
+    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
 use crate::authn::tokenreview::KubeApi;
 
@@ -183,8 +184,10 @@ impl KubernetesStore {
         let task = reflect(api, config, kind, policies, shared.clone(), tx);
         watch(tokio::spawn(task), kind, rx);
 
-        let rate_limits: Convert<DynamicObject> = Box::new(|object| {
-            rate_limit_from_object(object).map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
+        let td = trust_domain.clone();
+        let rate_limits: Convert<DynamicObject> = Box::new(move |object| {
+            rate_limit_from_object(object, &td)
+                .map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
         });
         let api = Api::all_with(client.clone(), &rate_limit_resource());
         let (tx, rx) = oneshot::channel();
@@ -236,12 +239,6 @@ impl KubernetesStore {
         Ok(store)
     }
 
-    /// Every valid `RateLimitPolicy` with its revision, ordered by
-    /// `namespace/name`.
-    pub fn rate_limits(&self) -> Vec<(RateLimit, u64)> {
-        self.shared.read(|c| c.rate_limits())
-    }
-
     /// The snapshot version after every change the watches (or writes) made.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
@@ -254,44 +251,42 @@ impl KubernetesStore {
         })
     }
 
-    fn policy_api(&self, namespace: &str) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            namespace,
-            &authorization_policy_resource(),
-        )
+    /// The namespaced API of one of the two policy kinds.
+    fn document_api(&self, kind: Kind, namespace: &str) -> Api<DynamicObject> {
+        let resource = match kind {
+            Kind::RateLimitPolicy => rate_limit_resource(),
+            _ => authorization_policy_resource(),
+        };
+        Api::namespaced_with(self.client.clone(), namespace, &resource)
     }
 
-    /// Writes one policy (create, or replace the version held) and puts the
-    /// API server's answer into the cache, so the caller reads its write.
-    fn write_policy(
+    /// Writes one object (create, or replace the version held) and returns
+    /// the API server's answer with the revision it gave
+    /// (`metadata.generation`).
+    fn write_object(
         &self,
-        policy: &Policy,
-        held_version: Option<String>,
-    ) -> Result<u64, StoreError> {
-        let key = policy_key(&policy.namespace, &policy.name);
-        let object = object_from_policy(policy, held_version.as_deref()).map_err(|message| {
-            KubeStoreError::Encode {
-                key: key.clone(),
-                message,
-            }
-        })?;
-        let api = self.policy_api(&policy.namespace);
+        kind: Kind,
+        key: &str,
+        object: DynamicObject,
+        held_version: Option<&str>,
+    ) -> Result<(DynamicObject, u64), StoreError> {
+        let name = object.name_any();
+        let api = self.document_api(kind, &object.namespace().unwrap_or_default());
         let params = PostParams {
             field_manager: Some("trellis-control-plane".into()),
             ..PostParams::default()
         };
         let written = self.runtime.block_on(async {
-            match &held_version {
-                Some(_) => api.replace(&policy.name, &params, &object).await,
+            match held_version {
+                Some(_) => api.replace(&name, &params, &object).await,
                 None => match api.create(&params, &object).await {
                     // It exists but is not held (invalid, or not seen yet):
                     // replace what is there.
                     Err(e) if status_code(&e) == Some(409) => {
-                        let current = api.get(&policy.name).await?;
+                        let current = api.get(&name).await?;
                         let mut object = object.clone();
                         object.metadata.resource_version = current.resource_version();
-                        api.replace(&policy.name, &params, &object).await
+                        api.replace(&name, &params, &object).await
                     }
                     other => other,
                 },
@@ -299,12 +294,13 @@ impl KubernetesStore {
         });
         let written = written.map_err(|e| KubeStoreError::Write {
             action: format!(
-                "{} AuthorizationPolicy {key}",
+                "{} {} {key}",
                 if held_version.is_some() {
                     "replace"
                 } else {
                     "create"
-                }
+                },
+                kind.as_str()
             ),
             message: describe(&e),
             status: status_code(&e),
@@ -314,6 +310,20 @@ impl KubernetesStore {
             .generation
             .and_then(|g| u64::try_from(g).ok())
             .unwrap_or(1);
+        Ok((written, revision))
+    }
+
+    /// Writes one policy and puts the API server's answer into the cache, so
+    /// the caller reads its write.
+    fn write_policy(&self, policy: &Policy, held_version: Option<&str>) -> Result<u64, StoreError> {
+        let key = policy_key(&policy.namespace, &policy.name);
+        let object =
+            object_from_policy(policy, held_version).map_err(|message| KubeStoreError::Encode {
+                key: key.clone(),
+                message,
+            })?;
+        let kind = Kind::AuthorizationPolicy;
+        let (written, revision) = self.write_object(kind, &key, object, held_version)?;
         let reflected = Reflected {
             resource_version: written.resource_version().unwrap_or_default(),
             entry: Entry::Policy(Policy {
@@ -321,9 +331,74 @@ impl KubernetesStore {
                 ..policy.clone()
             }),
         };
-        self.shared
-            .update(|c| c.apply(Kind::AuthorizationPolicy, &key, Some(reflected)));
+        self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
         Ok(revision)
+    }
+
+    /// Writes one rate limit, as [`Self::write_policy`] does a policy.
+    fn write_rate_limit(
+        &self,
+        limit: &RateLimit,
+        held_version: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let key = policy_key(&limit.namespace, &limit.name);
+        let object = object_from_rate_limit(limit, held_version).map_err(|message| {
+            KubeStoreError::Encode {
+                key: key.clone(),
+                message,
+            }
+        })?;
+        let kind = Kind::RateLimitPolicy;
+        let (written, revision) = self.write_object(kind, &key, object, held_version)?;
+        let reflected = Reflected {
+            resource_version: written.resource_version().unwrap_or_default(),
+            entry: Entry::RateLimit(limit.clone(), revision),
+        };
+        self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
+        Ok(revision)
+    }
+
+    /// Deletes one object; `None` when the cache holds no such (valid)
+    /// object.
+    fn delete_object(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        held: bool,
+    ) -> Result<Option<Generation>, StoreError> {
+        let key = policy_key(namespace, name);
+        if !held {
+            return Ok(None);
+        }
+        let api = self.document_api(kind, namespace);
+        let deleted = self
+            .runtime
+            .block_on(api.delete(name, &DeleteParams::default()));
+        match deleted {
+            Ok(_) => {}
+            // Deleted meanwhile: the watch brings (or brought) the event.
+            Err(e) if status_code(&e) == Some(404) => {}
+            Err(e) => {
+                return Err(KubeStoreError::Write {
+                    action: format!("delete {} {key}", kind.as_str()),
+                    message: describe(&e),
+                    status: status_code(&e),
+                }
+                .into());
+            }
+        }
+        self.shared.update(|c| c.remove(kind, &key));
+        Ok(Some(self.generation()))
+    }
+}
+
+/// What a write of one document would do to what is held.
+fn outcome_of<T>(held: Option<(T, u64)>, same: impl FnOnce(&T) -> bool) -> (u64, PolicyOutcome) {
+    match held {
+        None => (1, PolicyOutcome::Created),
+        Some((old, revision)) if same(&old) => (revision, PolicyOutcome::Unchanged),
+        Some((_, revision)) => (revision + 1, PolicyOutcome::Updated),
     }
 }
 
@@ -397,40 +472,67 @@ impl Store for KubernetesStore {
         Ok(self.shared.update(|c| c.set_mesh_config(encoded)))
     }
 
-    fn apply_policies(
+    /// Kubernetes has no transaction over several objects: the documents
+    /// are written one by one, and a refusal stops the rest, leaving the
+    /// earlier ones written (each is whole; the answer names the refusal).
+    fn apply_documents(
         &self,
         policies: &[Policy],
+        rate_limits: &[RateLimit],
         dry_run: bool,
-    ) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
-        let mut applied = Vec::with_capacity(policies.len());
+    ) -> Result<AppliedDocuments, StoreError> {
+        let mut applied = AppliedDocuments::default();
         for policy in policies {
             let key = policy_key(&policy.namespace, &policy.name);
+            let kind = Kind::AuthorizationPolicy;
             let (held, held_version) = self.shared.read(|c| {
                 (
-                    c.policy(&key),
-                    c.resource_version(Kind::AuthorizationPolicy, &key)
-                        .map(str::to_owned),
+                    c.policy(&key).map(|p| {
+                        let revision = p.revision;
+                        (p, revision)
+                    }),
+                    c.resource_version(kind, &key).map(str::to_owned),
                 )
             });
-            let (revision, outcome) = match &held {
-                None => (1, PolicyOutcome::Created),
-                Some(old) if same_content(old, policy) => (old.revision, PolicyOutcome::Unchanged),
-                Some(old) => (old.revision + 1, PolicyOutcome::Updated),
-            };
-            // An object held as invalid is not in `held` but exists: replace it.
+            let (revision, outcome) = outcome_of(held, |old| same_content(old, policy));
+            // An object held as invalid is not in `held` but exists: the
+            // write replaces it.
             let revision = if dry_run || outcome == PolicyOutcome::Unchanged {
                 revision
             } else {
-                self.write_policy(policy, held_version)?
+                self.write_policy(policy, held_version.as_deref())?
             };
-            applied.push(AppliedPolicy {
+            applied.policies.push(AppliedPolicy {
                 namespace: policy.namespace.clone(),
                 name: policy.name.clone(),
                 revision,
                 outcome,
             });
         }
-        Ok((applied, self.generation()))
+        for limit in rate_limits {
+            let key = policy_key(&limit.namespace, &limit.name);
+            let kind = Kind::RateLimitPolicy;
+            let (held, held_version) = self.shared.read(|c| {
+                (
+                    c.rate_limit(&key),
+                    c.resource_version(kind, &key).map(str::to_owned),
+                )
+            });
+            let (revision, outcome) = outcome_of(held, |old| old == limit);
+            let revision = if dry_run || outcome == PolicyOutcome::Unchanged {
+                revision
+            } else {
+                self.write_rate_limit(limit, held_version.as_deref())?
+            };
+            applied.rate_limits.push(AppliedPolicy {
+                namespace: limit.namespace.clone(),
+                name: limit.name.clone(),
+                revision,
+                outcome,
+            });
+        }
+        applied.generation = KubernetesStore::generation(self);
+        Ok(applied)
     }
 
     fn policies(&self) -> Result<Vec<Policy>, StoreError> {
@@ -443,30 +545,48 @@ impl Store for KubernetesStore {
     }
 
     fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError> {
+        let held = self
+            .shared
+            .read(|c| c.policy(&policy_key(namespace, name)).is_some());
+        self.delete_object(Kind::AuthorizationPolicy, namespace, name, held)
+    }
+
+    fn rate_limits(&self) -> Result<Vec<RateLimitRecord>, StoreError> {
+        Ok(self
+            .shared
+            .read(|c| c.rate_limits())
+            .into_iter()
+            .map(|(limit, revision)| RateLimitRecord {
+                rate_limit: Some(limit),
+                revision,
+            })
+            .collect())
+    }
+
+    fn rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RateLimitRecord>, StoreError> {
         let key = policy_key(namespace, name);
-        if self.shared.read(|c| c.policy(&key)).is_none() {
-            return Ok(None);
-        }
-        let api = self.policy_api(namespace);
-        let deleted = self
-            .runtime
-            .block_on(api.delete(name, &DeleteParams::default()));
-        match deleted {
-            Ok(_) => {}
-            // Deleted meanwhile: the watch brings (or brought) the event.
-            Err(e) if status_code(&e) == Some(404) => {}
-            Err(e) => {
-                return Err(KubeStoreError::Write {
-                    action: format!("delete AuthorizationPolicy {key}"),
-                    message: describe(&e),
-                    status: status_code(&e),
-                }
-                .into());
-            }
-        }
-        self.shared
-            .update(|c| c.remove(Kind::AuthorizationPolicy, &key));
-        Ok(Some(self.generation()))
+        Ok(self
+            .shared
+            .read(|c| c.rate_limit(&key))
+            .map(|(limit, revision)| RateLimitRecord {
+                rate_limit: Some(limit),
+                revision,
+            }))
+    }
+
+    fn delete_rate_limit(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Generation>, StoreError> {
+        let held = self
+            .shared
+            .read(|c| c.rate_limit(&policy_key(namespace, name)).is_some());
+        self.delete_object(Kind::RateLimitPolicy, namespace, name, held)
     }
 
     fn generation(&self) -> Result<Generation, StoreError> {
@@ -478,6 +598,11 @@ impl Store for KubernetesStore {
             version: c.version(),
             workloads: c.workloads(),
             policies: c.policies(),
+            rate_limits: c
+                .rate_limits()
+                .into_iter()
+                .map(|(limit, _)| limit)
+                .collect(),
         }))
     }
 }

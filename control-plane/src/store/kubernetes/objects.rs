@@ -17,7 +17,7 @@ use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
     AuthorizationPolicy, Document, RateLimitPolicy, document_from_proto, validate,
-    validate_rate_limit,
+    validate_rate_limit_in,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -93,7 +93,10 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
 
 /// The validated rate limit a `RateLimitPolicy` object stands for, with its
 /// revision (`metadata.generation`).
-pub fn rate_limit_from_object(object: &DynamicObject) -> Result<(RateLimit, u64), String> {
+pub fn rate_limit_from_object(
+    object: &DynamicObject,
+    td: &TrustDomain,
+) -> Result<(RateLimit, u64), String> {
     let limit = match Document::from_value(document_of(object, RateLimitPolicy::KIND)?) {
         Ok(Document::RateLimitPolicy(limit)) => limit,
         Ok(other) => {
@@ -104,7 +107,7 @@ pub fn rate_limit_from_object(object: &DynamicObject) -> Result<(RateLimit, u64)
         }
         Err(e) => return Err(e.to_string()),
     };
-    validate_rate_limit(&limit).map_err(|violations| {
+    validate_rate_limit_in(&limit, td).map_err(|violations| {
         violations
             .iter()
             .filter(|v| v.is_error())
@@ -153,6 +156,21 @@ pub fn object_from_policy(
     let value = Document::AuthorizationPolicy(document).to_value();
     let mut object = DynamicObject::new(&policy.name, &authorization_policy_resource())
         .within(&policy.namespace)
+        .data(json!({ "spec": value["spec"] }));
+    object.metadata.resource_version = resource_version.map(str::to_owned);
+    Ok(object)
+}
+
+/// The `RateLimitPolicy` object of a rate limit written through the Admin
+/// API; with `resource_version`, a replace of exactly that version.
+pub fn object_from_rate_limit(
+    limit: &RateLimit,
+    resource_version: Option<&str>,
+) -> Result<DynamicObject, String> {
+    let document = RateLimitPolicy::from_proto(limit).map_err(|v| v.to_string())?;
+    let value = Document::RateLimitPolicy(document).to_value();
+    let mut object = DynamicObject::new(&limit.name, &rate_limit_resource())
+        .within(&limit.namespace)
         .data(json!({ "spec": value["spec"] }));
     object.metadata.resource_version = resource_version.map(str::to_owned);
     Ok(object)

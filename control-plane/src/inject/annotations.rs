@@ -1,0 +1,195 @@
+//! What a pod's annotations ask of its injection: the ports and CIDRs
+//! `trellis-proxy init` leaves alone, and whether the sidecar writes an
+//! access log. Every value is checked here; a bad one is an
+//! [`InjectError::InvalidAnnotation`] naming the annotation, and the pod is
+//! refused rather than injected with a guess.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::pod::InjectError;
+use super::{
+    ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
+    InjectConfig,
+};
+
+/// Whether the sidecar writes its access log: `trellis.io/access-log`,
+/// `"true"` (the default when absent) or `"false"`.
+pub(super) fn access_log(annotations: &BTreeMap<String, String>) -> Result<bool, InjectError> {
+    match annotations.get(ACCESS_LOG_ANNOTATION).map(String::as_str) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(InjectError::InvalidAnnotation {
+            key: ACCESS_LOG_ANNOTATION,
+            message: format!("expected \"true\" or \"false\", got {other:?}"),
+        }),
+    }
+}
+
+/// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then
+/// the pod's annotations'.
+#[derive(Debug, Default)]
+pub(super) struct Exclusions {
+    pub inbound_ports: Vec<u16>,
+    pub outbound_ports: Vec<u16>,
+    pub outbound_cidrs: Vec<String>,
+}
+
+impl Exclusions {
+    pub(super) fn read(
+        annotations: &BTreeMap<String, String>,
+        config: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        // The admin port must stay reachable for the kubelet's probes;
+        // `--exclude-ports` replaces init's default, so it is always listed.
+        let mut inbound_ports = vec![config.admin_port];
+        inbound_ports.extend(&config.exclude_inbound_ports);
+        inbound_ports.extend(ports(annotations, EXCLUDE_INBOUND_PORTS)?);
+        let mut outbound_ports = config.exclude_outbound_ports.clone();
+        outbound_ports.extend(ports(annotations, EXCLUDE_OUTBOUND_PORTS)?);
+        let mut outbound_cidrs = config.exclude_outbound_cidrs.clone();
+        outbound_cidrs.extend(cidrs(annotations, EXCLUDE_OUTBOUND_CIDRS)?);
+        dedup(&mut inbound_ports);
+        dedup(&mut outbound_ports);
+        dedup(&mut outbound_cidrs);
+        Ok(Self {
+            inbound_ports,
+            outbound_ports,
+            outbound_cidrs,
+        })
+    }
+}
+
+fn dedup<T: PartialEq + Clone>(items: &mut Vec<T>) {
+    let mut seen = Vec::with_capacity(items.len());
+    items.retain(|item| {
+        if seen.contains(item) {
+            false
+        } else {
+            seen.push(item.clone());
+            true
+        }
+    });
+}
+
+fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
+    annotations
+        .get(key)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ports(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+) -> Result<Vec<u16>, InjectError> {
+    list(annotations, key)
+        .into_iter()
+        .map(|item| {
+            item.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                InjectError::InvalidAnnotation {
+                    key,
+                    message: format!("{item:?} is not a port (1-65535)"),
+                }
+            })
+        })
+        .collect()
+}
+
+fn cidrs(
+    annotations: &BTreeMap<String, String>,
+    key: &'static str,
+) -> Result<Vec<String>, InjectError> {
+    list(annotations, key)
+        .into_iter()
+        .map(|item| {
+            let invalid = |why: &str| InjectError::InvalidAnnotation {
+                key,
+                message: format!("{item:?} is not a CIDR: {why}"),
+            };
+            let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = if prefix.is_empty() {
+                max
+            } else {
+                prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| invalid(&format!("the prefix length must be 0-{max}")))?
+            };
+            Ok(format!("{addr}/{prefix}"))
+        })
+        .collect()
+}
+
+pub(super) fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_port_and_cidr_lists() {
+        let a = annotations(&[
+            (EXCLUDE_INBOUND_PORTS, "22, 9090,22"),
+            (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,fd00::/8,192.168.1.1"),
+        ]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap();
+        assert_eq!(e.inbound_ports, [15020, 22, 9090]);
+        assert_eq!(
+            e.outbound_cidrs,
+            ["10.0.0.0/8", "fd00::/8", "192.168.1.1/32"]
+        );
+    }
+
+    #[test]
+    fn names_a_bad_port_annotation() {
+        let a = annotations(&[(EXCLUDE_OUTBOUND_PORTS, "443,https")]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
+        );
+    }
+
+    #[test]
+    fn the_access_log_is_on_unless_the_annotation_says_false() {
+        assert!(access_log(&annotations(&[])).unwrap());
+        assert!(access_log(&annotations(&[(ACCESS_LOG_ANNOTATION, "true")])).unwrap());
+        assert!(!access_log(&annotations(&[(ACCESS_LOG_ANNOTATION, "false")])).unwrap());
+        let e = access_log(&annotations(&[(ACCESS_LOG_ANNOTATION, "False")])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "metadata.annotations[trellis.io/access-log]: expected \"true\" or \"false\", got \"False\""
+        );
+    }
+
+    #[test]
+    fn names_a_bad_cidr_annotation() {
+        let a = annotations(&[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33")]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("prefix length must be 0-32"), "{e}");
+    }
+}

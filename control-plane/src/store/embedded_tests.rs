@@ -1,0 +1,222 @@
+use super::*;
+use trellis_core::SpiffeId;
+
+fn issued(serial: &str, id: &str) -> IssuedCertRecord {
+    IssuedCertRecord {
+        serial_hex: serial.into(),
+        spiffe_id: id.into(),
+        not_after_unix: 100,
+        issued_at_unix: 1,
+    }
+}
+
+fn workload(id: &str, address: &str) -> WorkloadRecord {
+    WorkloadRecord {
+        spiffe_id: id.into(),
+        address: address.into(),
+        cert_expires_at_unix: 100,
+        last_seen_unix: 1,
+    }
+}
+
+#[test]
+fn a_token_is_consumed_once_and_refusals_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+    let other = SpiffeId::parse("spiffe://td/ns/a/sa/c").unwrap();
+    let hash = [7u8; 32];
+    let token = JoinToken {
+        spiffe_id: id.to_string(),
+        expires_at_unix: 50,
+        used: false,
+    };
+    store.add_join_token(&hash, &token).unwrap();
+    let claim = |spiffe_id, now_unix| TokenClaim {
+        hash: &hash,
+        spiffe_id,
+        now_unix,
+    };
+    let w = workload(id.as_str(), "127.0.0.1:1");
+    let err = store
+        .record_issuance(Some(claim(&other, 10)), &issued("01", other.as_str()), &w)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Token(TokenRefusal::OtherIdentity { .. })
+    ));
+    let err = store
+        .record_issuance(Some(claim(&id, 60)), &issued("02", id.as_str()), &w)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Token(TokenRefusal::Expired)));
+    assert!(store.issued_certificates().unwrap().is_empty());
+    assert!(store.workloads().unwrap().is_empty());
+
+    let change = store
+        .record_issuance(Some(claim(&id, 10)), &issued("03", id.as_str()), &w)
+        .unwrap();
+    assert_eq!(change, EndpointChange::Changed);
+    let err = store
+        .record_issuance(Some(claim(&id, 10)), &issued("04", id.as_str()), &w)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Token(TokenRefusal::Used)));
+    assert_eq!(store.issued_certificates().unwrap().len(), 1);
+
+    let renewal = workload(id.as_str(), "");
+    let change = store
+        .record_issuance(None, &issued("05", id.as_str()), &renewal)
+        .unwrap();
+    assert_eq!(change, EndpointChange::Unchanged);
+    assert_eq!(store.workloads().unwrap()[0].address, "127.0.0.1:1");
+
+    // Certified again after its certificate ended: an endpoint again.
+    let returned = WorkloadRecord {
+        cert_expires_at_unix: 300,
+        last_seen_unix: 200,
+        ..workload(id.as_str(), "127.0.0.1:1")
+    };
+    let change = store
+        .record_issuance(None, &issued("06", id.as_str()), &returned)
+        .unwrap();
+    assert_eq!(change, EndpointChange::Changed);
+}
+
+#[test]
+fn mesh_config_bumps_the_version_only_when_it_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    assert_eq!(store.settle_mesh_config("a").unwrap(), 1);
+    assert_eq!(store.settle_mesh_config("a").unwrap(), 1);
+    assert_eq!(store.settle_mesh_config("b").unwrap(), 2);
+    assert_eq!(store.bump_snapshot_version().unwrap(), 3);
+    assert_eq!(store.snapshot_version().unwrap(), 3);
+}
+
+fn policy(name: &str, ports: &[u32]) -> Policy {
+    use trellis_proto::policy::v1::{Destination, Rule};
+    Policy {
+        name: name.into(),
+        namespace: "default".into(),
+        rules: vec![Rule {
+            from: vec![],
+            to: vec![Destination {
+                ports: ports.to_vec(),
+                ..Destination::default()
+            }],
+        }],
+        ..Policy::default()
+    }
+}
+
+#[test]
+fn policies_get_revisions_and_only_changes_bump_the_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let outcomes = |applied: &[AppliedPolicy]| -> Vec<(u64, PolicyOutcome)> {
+        applied.iter().map(|a| (a.revision, a.outcome)).collect()
+    };
+    let (applied, g1) = store
+        .apply_policies(&[policy("a", &[1]), policy("b", &[2])], false)
+        .unwrap();
+    assert_eq!(
+        outcomes(&applied),
+        [(1, PolicyOutcome::Created), (1, PolicyOutcome::Created)]
+    );
+    assert_eq!(g1.policies, 1);
+    let (applied, g2) = store
+        .apply_policies(&[policy("a", &[1]), policy("b", &[3])], false)
+        .unwrap();
+    assert_eq!(
+        outcomes(&applied),
+        [(1, PolicyOutcome::Unchanged), (2, PolicyOutcome::Updated)]
+    );
+    assert_eq!((g2.policies, g2.snapshot), (2, g1.snapshot + 1));
+    let (applied, g3) = store.apply_policies(&[policy("c", &[4])], true).unwrap();
+    assert_eq!(outcomes(&applied), [(1, PolicyOutcome::Created)]);
+    assert_eq!(g3, g2, "a dry run moves nothing");
+    assert_eq!(store.policy("default", "c").unwrap(), None);
+    assert_eq!(store.policy("default", "b").unwrap().unwrap().revision, 2);
+
+    assert_eq!(store.delete_policy("default", "zzz").unwrap(), None);
+    let g4 = store.delete_policy("default", "a").unwrap().unwrap();
+    assert_eq!(g4.policies, 3);
+    let state = store.discovery_state().unwrap();
+    assert_eq!(state.version, g4.snapshot);
+    let names: Vec<_> = state.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["b"]);
+}
+
+#[test]
+fn a_corrupt_file_is_reported_and_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = EmbeddedStore::open(&path).unwrap_err();
+    assert!(err.to_string().contains(DB_FILE), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+}
+
+fn rate_limit(name: &str, burst: u32) -> RateLimit {
+    RateLimit {
+        name: name.into(),
+        namespace: "default".into(),
+        requests_per_second: 5.0,
+        burst,
+        ..RateLimit::default()
+    }
+}
+
+#[test]
+fn rate_limits_share_the_write_and_the_counters_with_policies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let both = store
+        .apply_documents(&[policy("a", &[1])], &[rate_limit("a", 10)], false)
+        .unwrap();
+    assert_eq!(both.policies[0].outcome, PolicyOutcome::Created);
+    assert_eq!(both.rate_limits[0].outcome, PolicyOutcome::Created);
+    assert_eq!(both.generation.policies, 1, "one write, one generation");
+
+    let same = store
+        .apply_documents(&[], &[rate_limit("a", 10)], false)
+        .unwrap();
+    assert_eq!(
+        (same.rate_limits[0].revision, same.rate_limits[0].outcome),
+        (1, PolicyOutcome::Unchanged)
+    );
+    assert_eq!(
+        same.generation, both.generation,
+        "no change, no new version"
+    );
+
+    let dry = store
+        .apply_documents(&[], &[rate_limit("a", 20)], true)
+        .unwrap();
+    assert_eq!(
+        (dry.rate_limits[0].revision, dry.rate_limits[0].outcome),
+        (2, PolicyOutcome::Updated)
+    );
+    assert_eq!(
+        store.rate_limit("default", "a").unwrap().unwrap().revision,
+        1
+    );
+
+    let changed = store
+        .apply_documents(&[], &[rate_limit("a", 20)], false)
+        .unwrap();
+    assert_eq!(changed.generation.snapshot, both.generation.snapshot + 1);
+    let state = store.discovery_state().unwrap();
+    assert_eq!(state.version, changed.generation.snapshot);
+    assert_eq!(state.rate_limits, [rate_limit("a", 20)]);
+    assert_eq!(
+        state.policies.len(),
+        1,
+        "the kinds are separate name spaces"
+    );
+
+    assert_eq!(store.delete_rate_limit("default", "zzz").unwrap(), None);
+    let deleted = store.delete_rate_limit("default", "a").unwrap().unwrap();
+    assert_eq!(deleted.snapshot, changed.generation.snapshot + 1);
+    assert!(store.rate_limits().unwrap().is_empty());
+    assert!(store.policy("default", "a").unwrap().is_some());
+}
