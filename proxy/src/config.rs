@@ -6,7 +6,7 @@
 //! before any port is bound.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -54,15 +54,30 @@ pub struct ProxyArgs {
     /// certificate because the kubelet rotates it).
     #[arg(long, env = "TRELLIS_TOKEN_TYPE", default_value = "join")]
     pub token_type: String,
-    /// Inbound mTLS listener.
-    #[arg(long, env = "TRELLIS_INBOUND", default_value = "0.0.0.0:15006")]
-    pub inbound: String,
+    /// Inbound mTLS listeners (repeatable; comma-separated in the
+    /// environment). Default: 0.0.0.0:15006 and [::]:15006, the IPv6 one
+    /// only where the network namespace has IPv6.
+    #[arg(
+        long,
+        env = "TRELLIS_INBOUND",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub inbound: Vec<String>,
     /// The local application inbound connections are forwarded to.
     #[arg(long, env = "TRELLIS_APP", default_value = "127.0.0.1:8080")]
     pub app: String,
-    /// Transparent outbound listener (connections redirected by iptables).
-    #[arg(long, env = "TRELLIS_OUTBOUND", default_value = "127.0.0.1:15001")]
-    pub outbound: String,
+    /// Transparent outbound listeners, where iptables redirects the app's
+    /// connections (repeatable; comma-separated in the environment).
+    /// Default: 127.0.0.1:15001 and [::1]:15001, the IPv6 one only where
+    /// the network namespace has IPv6.
+    #[arg(
+        long,
+        env = "TRELLIS_OUTBOUND",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub outbound: Vec<String>,
     /// Explicit outbound route LOCAL_ADDR=SPIFFE_ID@REMOTE_ADDR (repeatable;
     /// comma-separated in the environment).
     #[arg(
@@ -75,9 +90,17 @@ pub struct ProxyArgs {
     /// Admin listener: /live /ready /metrics /config.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: String,
-    /// Inbound address reported to the control plane.
-    #[arg(long, env = "TRELLIS_ADVERTISE_ADDRESS")]
-    pub advertise_address: Option<String>,
+    /// Inbound address reported to the control plane, each a mesh endpoint
+    /// (repeatable, e.g. a pod's IPv4 and IPv6 address; comma-separated in
+    /// the environment). Default: the inbound addresses, an unspecified one
+    /// as loopback.
+    #[arg(
+        long,
+        env = "TRELLIS_ADVERTISE_ADDRESS",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub advertise_address: Vec<String>,
     /// How long open connections may drain after SIGTERM.
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
@@ -184,6 +207,42 @@ pub enum LogFormat {
     Json,
 }
 
+/// One address a listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// The IPv6 half of a default pair: where the namespace has no IPv6 it
+    /// is left out (and logged) instead of failing start-up. Addresses
+    /// named by a flag are never optional.
+    pub optional: bool,
+}
+
+/// The inbound listeners when `--inbound` is not given.
+pub const DEFAULT_INBOUND: [Listen; 2] = [
+    Listen {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006),
+        optional: false,
+    },
+    Listen {
+        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 15006),
+        optional: true,
+    },
+];
+
+/// The transparent outbound listeners when `--outbound` is not given:
+/// iptables redirects an app's IPv4 connections to 127.0.0.1 and its IPv6
+/// ones to ::1.
+pub const DEFAULT_OUTBOUND: [Listen; 2] = [
+    Listen {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001),
+        optional: false,
+    },
+    Listen {
+        addr: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 15001),
+        optional: true,
+    },
+];
+
 /// The validated configuration of a sidecar.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -194,12 +253,15 @@ pub struct Config {
     pub trust_bundle: Vec<CertificateDer<'static>>,
     /// How the first certificate is proved. Never logged.
     pub token: Option<Credential>,
-    pub inbound: SocketAddr,
+    /// Never empty.
+    pub inbound: Vec<Listen>,
     pub app: SocketAddr,
-    pub outbound: SocketAddr,
+    /// Never empty.
+    pub outbound: Vec<Listen>,
     pub routes: Vec<Route>,
     pub admin: SocketAddr,
-    pub advertise_address: SocketAddr,
+    /// Reported to the control plane; never empty.
+    pub advertise_addresses: Vec<SocketAddr>,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     /// Close open inbound connections that new policies deny.
@@ -235,6 +297,30 @@ fn addr(flag: &'static str, s: &str) -> Result<SocketAddr, InvalidFlag> {
         .map_err(|e| invalid(flag, format_args!("{s:?} is not an ip:port address ({e})")))
 }
 
+/// The addresses a repeatable listener flag names, or `default` when it is
+/// not given. Each address is bound once.
+fn listens(
+    flag: &'static str,
+    given: &[String],
+    default: &[Listen],
+) -> Result<Vec<Listen>, InvalidFlag> {
+    if given.is_empty() {
+        return Ok(default.to_vec());
+    }
+    let mut out: Vec<Listen> = Vec::with_capacity(given.len());
+    for s in given {
+        let addr = addr(flag, s.trim())?;
+        if out.iter().any(|l| l.addr == addr) {
+            return Err(invalid(flag, format_args!("{addr} is given twice")));
+        }
+        out.push(Listen {
+            addr,
+            optional: false,
+        });
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Validates parsed flags, reading the bundle and token files.
     pub fn from_args(args: &ProxyArgs) -> Result<Self, InvalidFlag> {
@@ -264,18 +350,32 @@ impl Config {
                 ));
             }
         };
-        let inbound = addr("inbound", &args.inbound)?;
+        let inbound = listens("inbound", &args.inbound, &DEFAULT_INBOUND)?;
         let app = addr("app", &args.app)?;
-        let outbound = addr("outbound", &args.outbound)?;
+        let outbound = listens("outbound", &args.outbound, &DEFAULT_OUTBOUND)?;
         let admin = addr("admin", &args.admin)?;
         let routes = args
             .routes
             .iter()
             .map(|r| r.parse::<Route>().map_err(|e| invalid("route", e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let advertise_address = match &args.advertise_address {
-            Some(a) => addr("advertise-address", a)?,
-            None => default_advertise(inbound),
+        let advertise_addresses = if args.advertise_address.is_empty() {
+            default_advertise(&inbound)
+        } else {
+            let mut out = Vec::with_capacity(args.advertise_address.len());
+            for a in &args.advertise_address {
+                let a = addr("advertise-address", a.trim())?;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return Err(invalid(
+                        "advertise-address",
+                        format_args!("{a} is not an address peers can dial"),
+                    ));
+                }
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+            out
         };
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
@@ -300,7 +400,7 @@ impl Config {
             outbound,
             routes,
             admin,
-            advertise_address,
+            advertise_addresses,
             drain_timeout,
             log_format,
             close_denied_connections: args.close_denied_connections,
@@ -324,13 +424,26 @@ pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
     Ok(token.to_string())
 }
 
-/// The inbound address, or loopback with its port when it is unspecified.
-fn default_advertise(inbound: SocketAddr) -> SocketAddr {
-    if inbound.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), inbound.port())
-    } else {
-        inbound
+/// The inbound addresses that are always bound, an unspecified one as the
+/// loopback address of its family. The optional IPv6 default is left out:
+/// it may not exist.
+fn default_advertise(inbound: &[Listen]) -> Vec<SocketAddr> {
+    let mut out = Vec::with_capacity(inbound.len());
+    for listen in inbound.iter().filter(|l| !l.optional) {
+        let addr = match listen.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.addr.port())
+            }
+            _ => listen.addr,
+        };
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
     }
+    out
 }
 
 fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -372,12 +485,64 @@ mod tests {
         assert!("nope=spiffe://td/x@1.2.3.4:5".parse::<Route>().is_err());
     }
 
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
     #[test]
     fn advertises_loopback_for_unspecified_inbound() {
         let c = args(&[]).unwrap();
-        assert_eq!(c.advertise_address, "127.0.0.1:15006".parse().unwrap());
+        assert_eq!(c.advertise_addresses, addrs(&["127.0.0.1:15006"]));
         let c = args(&["--inbound", "10.1.2.3:7000"]).unwrap();
-        assert_eq!(c.advertise_address, "10.1.2.3:7000".parse().unwrap());
+        assert_eq!(c.advertise_addresses, addrs(&["10.1.2.3:7000"]));
+        let c = args(&["--inbound", "0.0.0.0:7000", "--inbound", "[::]:7000"]).unwrap();
+        assert_eq!(
+            c.advertise_addresses,
+            addrs(&["127.0.0.1:7000", "[::1]:7000"])
+        );
+    }
+
+    #[test]
+    fn listens_on_both_families_by_default_ipv6_where_available() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.inbound, DEFAULT_INBOUND);
+        assert_eq!(c.outbound, DEFAULT_OUTBOUND);
+        let optional: Vec<bool> = c.outbound.iter().map(|l| l.optional).collect();
+        assert_eq!(optional, [false, true]);
+        assert!(c.outbound[1].addr.is_ipv6());
+    }
+
+    #[test]
+    fn listener_flags_bind_exactly_what_they_name() {
+        let c = args(&["--inbound", "0.0.0.0:7000", "--outbound", "[::1]:7001"]).unwrap();
+        let bound = |l: &[Listen]| -> Vec<(SocketAddr, bool)> {
+            l.iter().map(|l| (l.addr, l.optional)).collect()
+        };
+        assert_eq!(
+            bound(&c.inbound),
+            [("0.0.0.0:7000".parse().unwrap(), false)]
+        );
+        assert_eq!(bound(&c.outbound), [("[::1]:7001".parse().unwrap(), false)]);
+        // A list, as the environment twin gives it.
+        let c = args(&["--outbound", "127.0.0.1:7001,[::1]:7001"]).unwrap();
+        assert_eq!(
+            bound(&c.outbound),
+            [
+                ("127.0.0.1:7001".parse().unwrap(), false),
+                ("[::1]:7001".parse().unwrap(), false)
+            ]
+        );
+        let c = args(&[
+            "--advertise-address",
+            "10.0.0.1:15006",
+            "--advertise-address",
+            "[fd00::1]:15006",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.advertise_addresses,
+            addrs(&["10.0.0.1:15006", "[fd00::1]:15006"])
+        );
     }
 
     #[test]
@@ -392,6 +557,14 @@ mod tests {
     #[test]
     fn names_the_bad_flag() {
         assert_eq!(args(&["--inbound", "x"]).unwrap_err().flag, "inbound");
+        let twice = args(&["--inbound", "0.0.0.0:1,0.0.0.0:1"]).unwrap_err();
+        assert_eq!(twice.flag, "inbound");
+        assert!(twice.reason.contains("twice"), "{twice}");
+        let bad = args(&["--outbound", "127.0.0.1:1,nope"]).unwrap_err();
+        assert_eq!(bad.flag, "outbound");
+        assert!(bad.reason.contains("\"nope\""), "{bad}");
+        let unspecified = args(&["--advertise-address", "[::]:15006"]).unwrap_err();
+        assert_eq!(unspecified.flag, "advertise-address");
         assert_eq!(args(&["--route", "bad"]).unwrap_err().flag, "route");
         assert_eq!(
             args(&["--drain-timeout", "soon"]).unwrap_err().flag,

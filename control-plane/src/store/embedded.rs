@@ -239,16 +239,18 @@ impl Store for EmbeddedStore {
             let previously_live = previous
                 .as_ref()
                 .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
-            let previous_address = previous.map(|p| p.address).unwrap_or_default();
-            if record.address.is_empty() {
-                record.address = previous_address.clone();
+            let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
+            if record.addresses.is_empty() {
+                record.addresses = previous_addresses.clone();
             }
             workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
-            Ok(if record.address != previous_address || !previously_live {
-                EndpointChange::Changed
-            } else {
-                EndpointChange::Unchanged
-            })
+            Ok(
+                if record.addresses != previous_addresses || !previously_live {
+                    EndpointChange::Changed
+                } else {
+                    EndpointChange::Unchanged
+                },
+            )
         })
     }
 
@@ -430,7 +432,11 @@ mod tests {
     fn workload(id: &str, address: &str) -> WorkloadRecord {
         WorkloadRecord {
             spiffe_id: id.into(),
-            address: address.into(),
+            addresses: [address]
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .map(String::from)
+                .collect(),
             cert_expires_at_unix: 100,
             last_seen_unix: 1,
         }
@@ -484,7 +490,7 @@ mod tests {
             .record_issuance(None, &issued("05", id.as_str()), &renewal)
             .unwrap();
         assert_eq!(change, EndpointChange::Unchanged);
-        assert_eq!(store.workloads().unwrap()[0].address, "127.0.0.1:1");
+        assert_eq!(store.workloads().unwrap()[0].addresses, ["127.0.0.1:1"]);
 
         // Certified again after its certificate ended: an endpoint again.
         let returned = WorkloadRecord {

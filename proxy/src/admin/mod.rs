@@ -46,7 +46,7 @@ pub struct Admin {
 impl Admin {
     pub async fn new(addr: SocketAddr, state: State, drain: Drain) -> io::Result<Self> {
         Ok(Admin {
-            listener: TcpListener::bind(addr).await?,
+            listener: crate::net::bind(addr)?,
             state: Arc::new(state),
             drain,
         })
@@ -146,9 +146,9 @@ struct ConfigView {
     opaque_ports: Vec<u16>,
     access_log: bool,
     control_plane: String,
-    inbound: String,
-    advertise_address: String,
-    outbound: String,
+    inbound: Vec<String>,
+    advertise_addresses: Vec<String>,
+    outbound: Vec<String>,
     app: String,
     admin: String,
     routes: Vec<RouteView>,
@@ -197,9 +197,13 @@ fn config_view(state: &State) -> ConfigView {
         opaque_ports: c.opaque_ports.clone(),
         access_log: c.access_log,
         control_plane: c.control_plane.clone(),
-        inbound: c.inbound.to_string(),
-        advertise_address: c.advertise_address.to_string(),
-        outbound: c.outbound.to_string(),
+        inbound: c.inbound.iter().map(|l| l.addr.to_string()).collect(),
+        advertise_addresses: c
+            .advertise_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        outbound: c.outbound.iter().map(|l| l.addr.to_string()).collect(),
         app: c.app.to_string(),
         admin: c.admin.to_string(),
         routes: c
