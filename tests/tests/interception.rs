@@ -102,11 +102,15 @@ impl Cluster {
             .expect("this test has an outside host")
     }
 
-    /// Waits until pod A's sidecar has a snapshot that lists both pods, so
-    /// it knows pod B's address belongs to the mesh.
+    /// Waits until pod A's sidecar has a snapshot that lists both pods at
+    /// every address (IPv4, and IPv6 where the pods have it), so it knows
+    /// pod B's addresses belong to the mesh.
     async fn a_knows_b(&mut self) -> anyhow::Result<()> {
+        let addresses = |pod: &Pod| 1 + usize::from(pod.host().ipv6().is_some());
+        let endpoints = addresses(&self.a) + addresses(self.b());
+        let endpoints = format!("endpoints={endpoints}");
         self.a
-            .wait_for_sidecar_log(&["snapshot applied", "endpoints=2"], SOON)
+            .wait_for_sidecar_log(&["snapshot applied", &endpoints], SOON)
             .await
             .map(drop)
     }
@@ -236,8 +240,6 @@ async fn assert_only_tls_toward(cluster: &Cluster, dst: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the sidecar listens on IPv4 only (127.0.0.1:15001, 0.0.0.0:15006) and advertises one \
-            IPv4 address: ip6tables redirects to [::1]:15001, where nothing listens"]
 async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     if skipped() {
         return;
