@@ -16,6 +16,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use trellis_core::{SpiffeId, TrustDomain};
 
+use crate::admin::probes::AppProbes;
+
 /// `trellis-proxy`: the Trellis sidecar.
 #[derive(Debug, Parser)]
 #[command(name = "trellis-proxy", version, about = "The Trellis sidecar")]
@@ -136,6 +138,12 @@ pub struct ProxyArgs {
         value_name = "true|false"
     )]
     pub access_log: bool,
+    /// The app's own kubelet probes, served on the admin port at
+    /// /app-health/<container>/<kind>: a JSON object from that path to
+    /// {"httpGet": {...}}, {"tcpSocket": {...}} or {"grpc": {...}}, as the
+    /// injector writes it.
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]
+    pub app_probes: Option<String>,
 }
 
 /// An invalid flag: names the flag and says what is wrong with its value.
@@ -270,6 +278,8 @@ pub struct Config {
     pub opaque_ports: Vec<u16>,
     /// Whether HTTP requests are written to the access log.
     pub access_log: bool,
+    /// The app probes the admin port runs (`--app-probes`).
+    pub app_probes: AppProbes,
 }
 
 /// A join token; its `Debug` never shows the secret.
@@ -389,6 +399,10 @@ impl Config {
                 ));
             }
         };
+        let app_probes = match args.app_probes.as_deref().map(str::trim) {
+            None | Some("") => AppProbes::default(),
+            Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
+        };
         Ok(Config {
             control_plane: args.control_plane.clone(),
             identity,
@@ -406,6 +420,7 @@ impl Config {
             close_denied_connections: args.close_denied_connections,
             opaque_ports: args.opaque_ports.clone(),
             access_log: args.access_log,
+            app_probes,
         })
     }
 }
