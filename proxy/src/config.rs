@@ -94,8 +94,9 @@ pub struct ProxyArgs {
     pub admin: String,
     /// Inbound address reported to the control plane, each a mesh endpoint
     /// (repeatable, e.g. a pod's IPv4 and IPv6 address; comma-separated in
-    /// the environment). Default: the inbound addresses, an unspecified one
-    /// as loopback.
+    /// the environment). An IP without a port gets the port of the first
+    /// --inbound address. Default: the inbound addresses, an unspecified
+    /// one as loopback.
     #[arg(
         long,
         env = "TRELLIS_ADVERTISE_ADDRESS",
@@ -374,7 +375,12 @@ impl Config {
         } else {
             let mut out = Vec::with_capacity(args.advertise_address.len());
             for a in &args.advertise_address {
-                let a = addr("advertise-address", a.trim())?;
+                let a = a.trim();
+                // A bare IP, as Kubernetes gives the pod's (status.podIPs).
+                let a = match a.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, inbound[0].addr.port()),
+                    Err(_) => addr("advertise-address", a)?,
+                };
                 if a.ip().is_unspecified() || a.port() == 0 {
                     return Err(invalid(
                         "advertise-address",
@@ -557,6 +563,18 @@ mod tests {
         assert_eq!(
             c.advertise_addresses,
             addrs(&["10.0.0.1:15006", "[fd00::1]:15006"])
+        );
+        // Bare IPs, as Kubernetes lists a pod's: the inbound port is added.
+        let c = args(&[
+            "--inbound",
+            "0.0.0.0:7000",
+            "--advertise-address",
+            "10.0.0.1,fd00::1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.advertise_addresses,
+            addrs(&["10.0.0.1:7000", "[fd00::1]:7000"])
         );
     }
 
