@@ -164,6 +164,7 @@ async fn service_account_tokens_are_not_implemented_yet() {
                 ),
             ),
             inbound_address: String::new(),
+            inbound_addresses: Vec::new(),
         })
         .await
         .unwrap_err();

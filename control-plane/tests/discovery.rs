@@ -32,6 +32,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
         kind: Some(Kind::Subscribe(Subscribe {
             inbound_address: inbound.into(),
             last_version: 0,
+            inbound_addresses: Vec::new(),
         })),
     }
 }
@@ -197,6 +198,7 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
         kind: Some(Kind::Subscribe(Subscribe {
             inbound_address: "127.0.0.1:7004".into(),
             last_version: held.version,
+            inbound_addresses: Vec::new(),
         })),
     })
     .await

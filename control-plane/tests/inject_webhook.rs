@@ -231,7 +231,13 @@ fn sidecar_gets_identity_token_and_bundle() {
         "/var/run/trellis/identity/bundle.pem"
     );
     assert_eq!(env["TRELLIS_ADMIN"], "0.0.0.0:15020");
-    assert_eq!(env["TRELLIS_ADVERTISE_ADDRESS"], "$(TRELLIS_POD_IP):15006");
+    assert_eq!(env["TRELLIS_POD_IPS"], field("status.podIPs"));
+    // Every pod IP (IPv4 and IPv6 in a dual-stack cluster), each a mesh
+    // endpoint on the sidecar's inbound port.
+    assert_eq!(env["TRELLIS_ADVERTISE_ADDRESS"], "$(TRELLIS_POD_IPS)");
+    // The default ports: the sidecar listens on both IP families.
+    assert!(!env.contains_key("TRELLIS_INBOUND"), "{env:?}");
+    assert!(!env.contains_key("TRELLIS_OUTBOUND"), "{env:?}");
     // Kubernetes expands $(VAR) only from variables defined earlier.
     let order: Vec<&str> = proxy["env"]
         .as_array()
@@ -242,7 +248,7 @@ fn sidecar_gets_identity_token_and_bundle() {
     let at = |name| order.iter().position(|n| *n == name).unwrap();
     assert!(at("TRELLIS_POD_NAMESPACE") < at("TRELLIS_IDENTITY"));
     assert!(at("TRELLIS_SERVICE_ACCOUNT") < at("TRELLIS_IDENTITY"));
-    assert!(at("TRELLIS_POD_IP") < at("TRELLIS_ADVERTISE_ADDRESS"));
+    assert!(at("TRELLIS_POD_IPS") < at("TRELLIS_ADVERTISE_ADDRESS"));
 
     assert_eq!(
         proxy["volumeMounts"],

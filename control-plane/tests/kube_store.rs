@@ -58,7 +58,11 @@ fn keys(state: &DiscoveryState) -> Vec<String> {
 }
 
 fn addresses(state: &DiscoveryState) -> Vec<String> {
-    let mut out: Vec<_> = state.workloads.iter().map(|w| w.address.clone()).collect();
+    let mut out: Vec<_> = state
+        .workloads
+        .iter()
+        .flat_map(|w| w.addresses.clone())
+        .collect();
     out.sort();
     out
 }

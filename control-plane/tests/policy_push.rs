@@ -28,6 +28,7 @@ impl Watcher {
             kind: Some(Kind::Subscribe(Subscribe {
                 inbound_address: inbound.into(),
                 last_version: 0,
+                inbound_addresses: Vec::new(),
             })),
         })
         .await

@@ -480,6 +480,7 @@ async fn certify_with_sa_token(
             csr: csr_for(&p256(), id),
             proof: Some(Proof::ServiceAccountToken(token.into())),
             inbound_address: "127.0.0.1:15006".into(),
+            inbound_addresses: Vec::new(),
         })
         .await
         .map(|r| r.into_inner())

@@ -1,5 +1,5 @@
-//! Socket helpers shared by the listeners: the original destination of a
-//! redirected connection, dialling with a deadline, and the byte copy.
+//! Socket helpers shared by the listeners: binding, the original destination
+//! of a redirected connection, dialling with a deadline, and the byte copy.
 //!
 //! Each direction of the copy starts with a [`COPY_BUFFER_SMALL`] buffer
 //! (what a request/response exchange or an idle held connection needs) and
@@ -16,9 +16,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use socket2::SockRef;
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +29,39 @@ pub const COPY_BUFFER_SMALL: usize = 8 * 1024;
 /// The buffer a direction grows to once a read fills the small one: four
 /// full TLS records.
 pub const COPY_BUFFER_BULK: usize = 64 * 1024;
+
+/// How many connections may wait to be accepted on a listener.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// `EAFNOSUPPORT` on Linux: the kernel has no IPv6 at all.
+const EAFNOSUPPORT: i32 = 97;
+
+/// Binds a TCP listener on `addr`. An IPv6 address gets `IPV6_V6ONLY`, so
+/// `[::]:P` and `0.0.0.0:P` are two sockets side by side rather than one
+/// dual-stack socket: each family keeps its own addresses (no
+/// `::ffff:a.b.c.d` peers) and its own `SO_ORIGINAL_DST`, whatever the
+/// host's `net.ipv6.bindv6only` says, and an address given by a flag binds
+/// exactly that family.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As tokio does: a restarted sidecar rebinds while old connections
+    // sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether a bind failed because the namespace has no IPv6 (the kernel
+/// lacks it, or `::1` is not configured), rather than for a reason that
+/// must stop start-up (the port is taken, ...).
+pub fn ipv6_unavailable(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(EAFNOSUPPORT)
+}
 
 /// The destination a connection had before iptables redirected it to us,
 /// or `None` when it was not redirected (or the kernel cannot say).

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, Listen, LogFormat};
 use crate::identity::{self, CertifyParams};
 use crate::inbound::{self, Inbound};
 use crate::metrics::Metrics;
@@ -70,6 +70,31 @@ fn bind_error(flag: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Erro
     move |source| Bind { flag, addr, source }
 }
 
+/// Binds one listener address of `--flag` with `new`. An optional address
+/// (the IPv6 half of a default pair) that the namespace cannot have is
+/// logged and skipped (`None`); every other failure stops start-up.
+async fn bind_listen<L, F>(
+    flag: &'static str,
+    listen: Listen,
+    new: impl FnOnce(SocketAddr) -> F,
+) -> Result<Option<L>, Bind>
+where
+    F: Future<Output = std::io::Result<L>>,
+{
+    match new(listen.addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if listen.optional && crate::net::ipv6_unavailable(&e) => {
+            tracing::warn!(
+                addr = %listen.addr,
+                error = %e,
+                "no IPv6 in this network namespace: --{flag} serves IPv4 only"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(bind_error(flag, listen.addr)(e)),
+    }
+}
+
 /// Runs a sidecar until SIGTERM or SIGINT, then drains it.
 pub async fn run(config: Config) -> ExitCode {
     match Sidecar::bind(config).await {
@@ -88,9 +113,11 @@ pub async fn run(config: Config) -> ExitCode {
 pub struct Sidecar {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    inbound: Inbound,
+    /// One per inbound address bound (IPv4, IPv6); never empty.
+    inbound: Vec<Inbound>,
     admin: admin::Admin,
-    transparent: Transparent,
+    /// One per outbound address bound; never empty.
+    transparent: Vec<Transparent>,
     routes: Vec<RouteListener>,
     channels: Channels,
     shutdown: drain::Shutdown,
@@ -113,8 +140,25 @@ impl Sidecar {
         bind(config).await
     }
 
+    /// The first inbound address bound.
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
-        self.inbound.local_addr().ok()
+        self.inbound.first().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Every inbound address bound.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Every transparent outbound address bound.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        self.transparent
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -143,29 +187,34 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let (shutdown, drain) = drain::channel();
 
     // Bind everything before serving anything.
-    let inbound = Inbound::new(
-        config.inbound,
-        inbound::Shared {
-            app: config.app,
-            own_ports: std::iter::once(config.outbound.port())
-                .chain(std::iter::once(config.admin.port()))
-                .chain(config.routes.iter().map(|r| r.local.port()))
-                .filter(|p| *p != 0)
-                .collect(),
-            tls: tls_rx.clone(),
-            policies: policies_rx,
-            close_denied: config.close_denied_connections,
-            opaque_ports: config.opaque_ports.clone(),
-            http: Arc::new(crate::http::Http::with_access_log(
-                metrics.clone(),
-                config.access_log,
-            )),
-            metrics: metrics.clone(),
-        },
-        drain.clone(),
-    )
-    .await
-    .map_err(bind_error("inbound", config.inbound))?;
+    let inbound_shared = Arc::new(inbound::Shared {
+        app: config.app,
+        own_ports: config
+            .outbound
+            .iter()
+            .map(|l| l.addr.port())
+            .chain(std::iter::once(config.admin.port()))
+            .chain(config.routes.iter().map(|r| r.local.port()))
+            .filter(|p| *p != 0)
+            .collect(),
+        tls: tls_rx.clone(),
+        policies: policies_rx,
+        close_denied: config.close_denied_connections,
+        opaque_ports: config.opaque_ports.clone(),
+        http: Arc::new(crate::http::Http::with_access_log(
+            metrics.clone(),
+            config.access_log,
+        )),
+        metrics: metrics.clone(),
+    });
+    let mut inbound = Vec::with_capacity(config.inbound.len());
+    for listen in &config.inbound {
+        let bound = bind_listen("inbound", *listen, |addr| {
+            Inbound::new(addr, inbound_shared.clone(), drain.clone())
+        })
+        .await?;
+        inbound.extend(bound);
+    }
     let admin = admin::Admin::new(
         config.admin,
         admin::State {
@@ -179,13 +228,11 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     )
     .await
     .map_err(bind_error("admin", config.admin))?;
-    let mut own_addrs = vec![
-        config.inbound,
-        config.outbound,
-        config.admin,
-        config.advertise_address,
-    ];
-    own_addrs.extend(inbound.local_addr().ok());
+    let mut own_addrs = vec![config.admin];
+    own_addrs.extend(config.inbound.iter().map(|l| l.addr));
+    own_addrs.extend(config.outbound.iter().map(|l| l.addr));
+    own_addrs.extend(&config.advertise_addresses);
+    own_addrs.extend(inbound.iter().filter_map(|l| l.local_addr().ok()));
     own_addrs.extend(admin.local_addr().ok());
     own_addrs.extend(config.routes.iter().map(|r| r.local));
     let outbound_shared = Arc::new(outbound::Shared {
@@ -194,9 +241,14 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         metrics: metrics.clone(),
         own_addrs,
     });
-    let transparent = Transparent::new(config.outbound, outbound_shared.clone(), drain.clone())
-        .await
-        .map_err(bind_error("outbound", config.outbound))?;
+    let mut transparent = Vec::with_capacity(config.outbound.len());
+    for listen in &config.outbound {
+        let bound = bind_listen("outbound", *listen, |addr| {
+            Transparent::new(addr, outbound_shared.clone(), drain.clone())
+        })
+        .await?;
+        transparent.extend(bound);
+    }
     let mut routes = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let local = route.local;
@@ -241,10 +293,15 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         .filter_map(|r| r.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
+    let inbound_addrs: Vec<String> = inbound.iter().map(|l| fmt_addr(l.local_addr())).collect();
+    let outbound_addrs: Vec<String> = transparent
+        .iter()
+        .map(|l| fmt_addr(l.local_addr()))
+        .collect();
     tracing::info!(
         identity = %config.identity,
-        inbound = %fmt_addr(inbound.local_addr()),
-        outbound = %fmt_addr(transparent.local_addr()),
+        inbound = %inbound_addrs.join(","),
+        outbound = %outbound_addrs.join(","),
         admin = %fmt_addr(admin.local_addr()),
         routes = ?route_addrs,
         "listening"
@@ -272,7 +329,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
             control_plane: config.control_plane.clone(),
             identity: config.identity.clone(),
             token: config.token.clone(),
-            advertise_address: config.advertise_address,
+            advertise_addresses: config.advertise_addresses.clone(),
         },
         svid,
         bundle.clone(),
@@ -282,7 +339,7 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         WatchParams {
             control_plane: config.control_plane.clone(),
             identity: config.identity.clone(),
-            advertise_address: config.advertise_address,
+            advertise_addresses: config.advertise_addresses.clone(),
             opaque_ports: config.opaque_ports.clone(),
         },
         svid_rx,
@@ -296,9 +353,13 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
 
     // Serve.
     let mut listeners = tokio::task::JoinSet::new();
-    listeners.spawn(inbound.run());
+    for listener in inbound {
+        listeners.spawn(listener.run());
+    }
     listeners.spawn(admin.run());
-    listeners.spawn(transparent.run());
+    for listener in transparent {
+        listeners.spawn(listener.run());
+    }
     for route in routes {
         listeners.spawn(route.run());
     }

@@ -33,7 +33,7 @@ async fn certifies_renews_and_watches() {
             token: Some(trellis_proxy::config::Credential::JoinToken(
                 trellis_proxy::config::Token(TOKEN.into()),
             )),
-            advertise_address: "127.0.0.1:15006".parse().unwrap(),
+            advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
         },
         svid_tx,
         bundle_tx.clone(),
@@ -43,7 +43,7 @@ async fn certifies_renews_and_watches() {
         WatchParams {
             control_plane: cp.addr.clone(),
             identity: me.clone(),
-            advertise_address: "127.0.0.1:15006".parse().unwrap(),
+            advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
             opaque_ports: Vec::new(),
         },
         svid.clone(),
@@ -133,7 +133,7 @@ async fn service_account_token_is_read_from_its_file_when_certifying() {
         token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
             token_file.clone(),
         )),
-        advertise_address: "127.0.0.1:15006".parse().unwrap(),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
     };
     // The kubelet rewrote the token after the sidecar read its flags.
     std::fs::write(&token_file, "sa-token-new\n").unwrap();

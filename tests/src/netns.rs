@@ -725,9 +725,11 @@ pub struct Pod {
 
 impl Pod {
     /// Runs `init INIT_ARGS` on `host`, then the sidecar of identity
-    /// [`spiffe_id`]`(host label)`: inbound `0.0.0.0:15006`, outbound
-    /// `127.0.0.1:15001`, admin `0.0.0.0:15020`, advertising
-    /// `<host address>:15006`; waits until `/ready` answers 200.
+    /// [`spiffe_id`]`(host label)`: inbound and outbound on the defaults
+    /// (`0.0.0.0:15006` and `[::]:15006`, `127.0.0.1:15001` and
+    /// `[::1]:15001`), admin `0.0.0.0:15020`, advertising
+    /// `<host IPv4 address>:15006` and, when the host has one,
+    /// `[<host IPv6 address>]:15006`; waits until `/ready` answers 200.
     pub async fn start(
         lab: &Lab,
         host: Host,
@@ -787,15 +789,16 @@ impl Pod {
             .arg(&bundle)
             .args(["--identity", &identity, "--token-file"])
             .arg(&token_file)
-            .arg("--inbound")
-            .arg(format!("0.0.0.0:{INBOUND_PORT}"))
-            .arg("--outbound")
-            .arg(format!("127.0.0.1:{OUTBOUND_PORT}"))
             .arg("--admin")
             .arg(format!("0.0.0.0:{ADMIN_PORT}"))
             .arg("--advertise-address")
             .arg(host.addr(INBOUND_PORT).to_string())
             .args(["--drain-timeout", "1s"]);
+        if let Some(ipv6) = host.ipv6() {
+            command
+                .arg("--advertise-address")
+                .arg(SocketAddr::new(ipv6.into(), INBOUND_PORT).to_string());
+        }
         let name = format!("{}-sidecar", host.label());
         let mut sidecar = ChildProcess::spawn(&name, command, &lab.log(&name))?;
 

@@ -102,11 +102,15 @@ impl Cluster {
             .expect("this test has an outside host")
     }
 
-    /// Waits until pod A's sidecar has a snapshot that lists both pods, so
-    /// it knows pod B's address belongs to the mesh.
+    /// Waits until pod A's sidecar has a snapshot that lists both pods at
+    /// every address (IPv4, and IPv6 where the pods have it), so it knows
+    /// pod B's addresses belong to the mesh.
     async fn a_knows_b(&mut self) -> anyhow::Result<()> {
+        let addresses = |pod: &Pod| 1 + usize::from(pod.host().ipv6().is_some());
+        let endpoints = addresses(&self.a) + addresses(self.b());
+        let endpoints = format!("endpoints={endpoints}");
         self.a
-            .wait_for_sidecar_log(&["snapshot applied", "endpoints=2"], SOON)
+            .wait_for_sidecar_log(&["snapshot applied", &endpoints], SOON)
             .await
             .map(drop)
     }
@@ -236,8 +240,6 @@ async fn assert_only_tls_toward(cluster: &Cluster, dst: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the sidecar listens on IPv4 only (127.0.0.1:15001, 0.0.0.0:15006) and advertises one \
-            IPv4 address: ip6tables redirects to [::1]:15001, where nothing listens"]
 async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     if skipped() {
         return;
@@ -253,35 +255,56 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
         println!("skipped: IPv6 is off");
         return;
     };
+    // Not the sidecar's default --app port: reaching it shows pod B's
+    // sidecar read the IPv6 original destination.
+    const PORT: u16 = 8181;
     let b_app = cluster
         .b()
         .host()
-        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), APP_PORT, "hello from pod-b")
+        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), PORT, "hello from pod-b")
         .await
         .unwrap();
     cluster.apps.push(b_app);
     cluster.capture().await.unwrap();
     cluster.a_knows_b().await.unwrap();
 
-    let b_app_addr = SocketAddr::new(b_ipv6.into(), APP_PORT);
+    let b_app_addr = SocketAddr::new(b_ipv6.into(), PORT);
     let reply = cluster
         .a_calls(&format!("http://{b_app_addr}/"))
         .await
         .unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.body, "hello from pod-b");
-    let a_id = cluster.a.identity().to_string();
+    let (a_id, b_id) = (
+        cluster.a.identity().to_string(),
+        cluster.b().identity().to_string(),
+    );
     let b = cluster.b.as_mut().unwrap();
-    b.wait_for_sidecar_log(
-        &[
-            "inbound connection",
-            "decision=allow",
-            &format!("peer={a_id}"),
-        ],
-        SOON,
-    )
-    .await
-    .unwrap();
+    let line = b
+        .wait_for_sidecar_log(
+            &[
+                "inbound connection",
+                "decision=allow",
+                &format!("peer={a_id}"),
+            ],
+            SOON,
+        )
+        .await
+        .unwrap();
+    assert!(line.contains(&format!(":{PORT}")), "{line}");
+    // Pod A's sidecar found pod B's IPv6 address among the mesh endpoints.
+    cluster
+        .a
+        .wait_for_sidecar_log(
+            &[
+                "outbound connection",
+                &format!("peer={b_id}"),
+                &format!("remote={b_app_addr}"),
+            ],
+            SOON,
+        )
+        .await
+        .unwrap();
     assert_only_tls_toward(&cluster, b_app_addr).await;
 }
 

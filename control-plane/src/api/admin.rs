@@ -110,7 +110,8 @@ impl Admin for AdminService {
                     acked_version: status.acked_version,
                     last_nack: status.last_nack,
                     spiffe_id: w.spiffe_id,
-                    address: w.address,
+                    address: w.addresses.first().cloned().unwrap_or_default(),
+                    addresses: w.addresses,
                     cert_expires_at_unix: w.cert_expires_at_unix,
                 }
             })

@@ -64,7 +64,12 @@ impl DiscoveryApi for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
-            tracing::info!(spiffe_id = %id, inbound = %subscribe.inbound_address, last_version = subscribe.last_version, "discovery stream opened");
+            let addresses = if subscribe.inbound_addresses.is_empty() {
+                subscribe.inbound_address
+            } else {
+                subscribe.inbound_addresses.join(",")
+            };
+            tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
             let reason = serve_stream(&mesh, &id, subscribe.last_version, inbound, tx).await;
             mesh.metrics.watch_stream_closed();

@@ -56,6 +56,51 @@ impl IdentityService {
     }
 }
 
+/// The most inbound addresses one workload may report: a pod has one per
+/// IP family, a host a few more; anything near this is a mistake.
+pub const MAX_INBOUND_ADDRESSES: usize = 16;
+
+/// The inbound addresses of a Certify, canonical (`[fd00::1]:15006`, not
+/// `[fd00:0::1]:15006`) and without repeats: `inbound_addresses`, or the
+/// single `inbound_address` of a sidecar older than that field. The error
+/// names the field and the address that is wrong.
+fn inbound_addresses(req: &CertifyRequest) -> Result<Vec<String>, String> {
+    if req.inbound_addresses.is_empty() {
+        if req.inbound_address.is_empty() {
+            return Ok(Vec::new());
+        }
+        return match req.inbound_address.parse::<SocketAddr>() {
+            Ok(addr) => Ok(vec![addr.to_string()]),
+            Err(_) => Err(format!(
+                "inbound_address {:?} is not an ip:port address",
+                req.inbound_address
+            )),
+        };
+    }
+    if req.inbound_addresses.len() > MAX_INBOUND_ADDRESSES {
+        return Err(format!(
+            "inbound_addresses holds {} addresses; at most {MAX_INBOUND_ADDRESSES} are accepted",
+            req.inbound_addresses.len()
+        ));
+    }
+    let mut addresses = Vec::with_capacity(req.inbound_addresses.len());
+    for (index, raw) in req.inbound_addresses.iter().enumerate() {
+        let addr: SocketAddr = raw
+            .parse()
+            .map_err(|_| format!("inbound_addresses[{index}] {raw:?} is not an ip:port address"))?;
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(format!(
+                "inbound_addresses[{index}] {raw:?} is not an address peers can dial"
+            ));
+        }
+        let addr = addr.to_string();
+        if !addresses.contains(&addr) {
+            addresses.push(addr);
+        }
+    }
+    Ok(addresses)
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -74,15 +119,8 @@ impl Identity for IdentityService {
         let valid = csr::validate(&req.csr, &self.mesh.trust_domain)
             .map_err(|e| self.refuse(e.reason(), Status::invalid_argument(e.to_string())))?;
         let id = valid.spiffe_id.clone();
-        if !req.inbound_address.is_empty() && req.inbound_address.parse::<SocketAddr>().is_err() {
-            return Err(self.refuse(
-                "bad_inbound_address",
-                Status::invalid_argument(format!(
-                    "inbound_address {:?} is not an ip:port address",
-                    req.inbound_address
-                )),
-            ));
-        }
+        let addresses = inbound_addresses(&req)
+            .map_err(|e| self.refuse("bad_inbound_address", Status::invalid_argument(e)))?;
 
         let token_hash = match &req.proof {
             Some(Proof::JoinToken(token)) => Some(hash_token(token)),
@@ -153,7 +191,7 @@ impl Identity for IdentityService {
         };
         let workload = WorkloadRecord {
             spiffe_id: id.to_string(),
-            address: req.inbound_address.clone(),
+            addresses,
             cert_expires_at_unix: issued.not_after_unix,
             last_seen_unix: now,
         };

@@ -393,10 +393,10 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
     for w in workloads {
         rows.push(vec![
             w.spiffe_id.clone(),
-            if w.address.is_empty() {
-                "-".into()
-            } else {
-                w.address.clone()
+            match (w.addresses.is_empty(), w.address.is_empty()) {
+                (false, _) => w.addresses.join(","),
+                (true, false) => w.address.clone(),
+                (true, true) => "-".into(),
             },
             rfc3339(w.cert_expires_at_unix),
             w.acked_version.to_string(),
@@ -437,6 +437,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
             serde_json::json!({
                 "spiffe_id": w.spiffe_id,
                 "address": w.address,
+                "addresses": w.addresses,
                 "cert_expires_at_unix": w.cert_expires_at_unix,
                 "cert_expires": rfc3339(w.cert_expires_at_unix),
                 "cert_expired": w.cert_expires_at_unix <= now,

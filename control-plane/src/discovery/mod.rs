@@ -61,7 +61,7 @@ impl SidecarStatus {
 #[derive(Debug, Default)]
 pub struct View {
     pub version: u64,
-    /// Every workload with an address, ordered by address then ID.
+    /// One per address of every live workload, ordered by address then ID.
     pub endpoints: Arc<Vec<Endpoint>>,
     /// Every policy with its selector parsed once, ordered by key.
     pub policies: Vec<(WorkloadSelector, Policy)>,
@@ -163,16 +163,18 @@ impl View {
         // A workload is an endpoint while it holds a valid certificate: one
         // that is gone stops renewing, and leaves when its certificate ends.
         let now = unix_now();
-        let live: Vec<_> = state
+        // One endpoint per address, so an outbound lookup of any of a pod's
+        // addresses (IPv4 or IPv6) finds its SPIFFE ID.
+        let mut endpoints: Vec<Endpoint> = state
             .workloads
             .into_iter()
-            .filter(|w| !w.address.is_empty() && w.cert_expires_at_unix > now)
-            .collect();
-        let mut endpoints: Vec<Endpoint> = live
-            .into_iter()
-            .map(|w| Endpoint {
-                address: w.address,
-                spiffe_id: w.spiffe_id,
+            .filter(|w| w.cert_expires_at_unix > now)
+            .flat_map(|w| {
+                let id = w.spiffe_id;
+                w.addresses.into_iter().map(move |address| Endpoint {
+                    address,
+                    spiffe_id: id.clone(),
+                })
             })
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
@@ -376,7 +378,7 @@ impl Discovery {
         let mut due = false;
         let mut next: Option<i64> = None;
         for w in self.store.workloads()? {
-            if w.address.is_empty() {
+            if w.addresses.is_empty() {
                 continue;
             }
             if w.cert_expires_at_unix <= now {

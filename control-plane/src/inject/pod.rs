@@ -283,6 +283,10 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
     container
 }
 
+/// The ports the sidecar listens on when not told otherwise.
+const SIDECAR_INBOUND_PORT: u16 = 15006;
+const SIDECAR_OUTBOUND_PORT: u16 = 15001;
+
 fn proxy_container(
     config: &InjectConfig,
     app_probes: &BTreeMap<String, Value>,
@@ -296,6 +300,8 @@ fn proxy_container(
         field("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
         field("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field("TRELLIS_POD_IP", "status.podIP"),
+        // Every address of a dual-stack pod, comma-separated.
+        field("TRELLIS_POD_IPS", "status.podIPs"),
         // $(VAR) is expanded by the kubelet from the variables above.
         value(
             "TRELLIS_IDENTITY",
@@ -305,26 +311,35 @@ fn proxy_container(
         value("TRELLIS_TRUST_BUNDLE", format!("{IDENTITY_DIR}/bundle.pem")),
         value("TRELLIS_TOKEN_FILE", format!("{IDENTITY_DIR}/token")),
         value("TRELLIS_TOKEN_TYPE", "service-account".to_string()),
-        value(
-            "TRELLIS_INBOUND",
-            format!("0.0.0.0:{}", config.inbound_port),
-        ),
-        value(
-            "TRELLIS_OUTBOUND",
-            format!("127.0.0.1:{}", config.outbound_port),
-        ),
         // The kubelet probes the pod IP, so the admin port listens on all
         // addresses; init leaves it out of interception.
         value("TRELLIS_ADMIN", format!("0.0.0.0:{}", config.admin_port)),
+        // Bare IPs: the sidecar adds its inbound port to each.
         value(
             "TRELLIS_ADVERTISE_ADDRESS",
-            format!("$(TRELLIS_POD_IP):{}", config.inbound_port),
+            "$(TRELLIS_POD_IPS)".to_string(),
         ),
         value("TRELLIS_LOG_FORMAT", config.log_format.clone()),
     ];
     // The sidecar logs requests unless told not to: only the opt-out is set.
     if !access_log {
         env.push(value("TRELLIS_ACCESS_LOG", "false".to_string()));
+    }
+    // On the default ports the sidecar's own defaults apply: both IP
+    // families, the IPv6 half left out where the pod has no IPv6. Other
+    // ports are named, IPv4 only: a named address must bind, and ::1 is
+    // missing in pods with IPv6 disabled.
+    if config.inbound_port != SIDECAR_INBOUND_PORT {
+        env.push(value(
+            "TRELLIS_INBOUND",
+            format!("0.0.0.0:{}", config.inbound_port),
+        ));
+    }
+    if config.outbound_port != SIDECAR_OUTBOUND_PORT {
+        env.push(value(
+            "TRELLIS_OUTBOUND",
+            format!("127.0.0.1:{}", config.outbound_port),
+        ));
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).unwrap_or_default();

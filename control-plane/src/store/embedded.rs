@@ -272,16 +272,18 @@ impl Store for EmbeddedStore {
             let previously_live = previous
                 .as_ref()
                 .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
-            let previous_address = previous.map(|p| p.address).unwrap_or_default();
-            if record.address.is_empty() {
-                record.address = previous_address.clone();
+            let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
+            if record.addresses.is_empty() {
+                record.addresses = previous_addresses.clone();
             }
             workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
-            Ok(if record.address != previous_address || !previously_live {
-                EndpointChange::Changed
-            } else {
-                EndpointChange::Unchanged
-            })
+            Ok(
+                if record.addresses != previous_addresses || !previously_live {
+                    EndpointChange::Changed
+                } else {
+                    EndpointChange::Unchanged
+                },
+            )
         })
     }
 

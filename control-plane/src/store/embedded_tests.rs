@@ -13,7 +13,11 @@ fn issued(serial: &str, id: &str) -> IssuedCertRecord {
 fn workload(id: &str, address: &str) -> WorkloadRecord {
     WorkloadRecord {
         spiffe_id: id.into(),
-        address: address.into(),
+        addresses: [address]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect(),
         cert_expires_at_unix: 100,
         last_seen_unix: 1,
     }
@@ -67,7 +71,7 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
         .record_issuance(None, &issued("05", id.as_str()), &renewal)
         .unwrap();
     assert_eq!(change, EndpointChange::Unchanged);
-    assert_eq!(store.workloads().unwrap()[0].address, "127.0.0.1:1");
+    assert_eq!(store.workloads().unwrap()[0].addresses, ["127.0.0.1:1"]);
 
     // Certified again after its certificate ended: an endpoint again.
     let returned = WorkloadRecord {

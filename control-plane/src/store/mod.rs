@@ -28,14 +28,62 @@ pub struct JoinToken {
 }
 
 /// A workload the control plane has issued a certificate to.
+///
+/// Stored as JSON with both `addresses` and, for a control plane rolled
+/// back to the single-address format, `address` (the first one). A record
+/// written by that format (only `address`) reads as one address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredWorkload", into = "StoredWorkload")]
 pub struct WorkloadRecord {
     pub spiffe_id: String,
-    /// Its sidecar's inbound address ("ip:port"), empty when unknown.
-    pub address: String,
+    /// Every inbound address ("ip:port") its sidecar reported, each a mesh
+    /// endpoint (a dual-stack pod has an IPv4 and an IPv6 one); empty when
+    /// unknown.
+    pub addresses: Vec<String>,
     /// notAfter of the newest certificate issued to it.
     pub cert_expires_at_unix: i64,
     pub last_seen_unix: i64,
+}
+
+/// [`WorkloadRecord`] as stored, in the current and the previous format.
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredWorkload {
+    spiffe_id: String,
+    /// The first address; the only one in the previous format.
+    #[serde(default)]
+    address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    addresses: Option<Vec<String>>,
+    cert_expires_at_unix: i64,
+    last_seen_unix: i64,
+}
+
+impl From<StoredWorkload> for WorkloadRecord {
+    fn from(s: StoredWorkload) -> Self {
+        let addresses = match s.addresses {
+            Some(addresses) => addresses,
+            None if s.address.is_empty() => Vec::new(),
+            None => vec![s.address],
+        };
+        WorkloadRecord {
+            spiffe_id: s.spiffe_id,
+            addresses,
+            cert_expires_at_unix: s.cert_expires_at_unix,
+            last_seen_unix: s.last_seen_unix,
+        }
+    }
+}
+
+impl From<WorkloadRecord> for StoredWorkload {
+    fn from(w: WorkloadRecord) -> Self {
+        StoredWorkload {
+            spiffe_id: w.spiffe_id,
+            address: w.addresses.first().cloned().unwrap_or_default(),
+            addresses: Some(w.addresses),
+            cert_expires_at_unix: w.cert_expires_at_unix,
+            last_seen_unix: w.last_seen_unix,
+        }
+    }
 }
 
 /// One line of the issued-certificate log.
@@ -89,7 +137,7 @@ pub enum StoreError {
 /// What a recorded issuance changed for discovery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndpointChange {
-    /// A new workload with an address, or a new address for a known one.
+    /// A new workload with addresses, or new addresses for a known one.
     Changed,
     Unchanged,
 }
@@ -160,7 +208,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
-    /// nothing. An empty `workload.address` keeps the address already known.
+    /// nothing. Empty `workload.addresses` keep the addresses already known;
+    /// otherwise they replace them, all of them.
     fn record_issuance(
         &self,
         claim: Option<TokenClaim<'_>>,
@@ -238,4 +287,35 @@ pub trait Store: Send + Sync + 'static {
     /// The snapshot version with the workloads, policies and rate limits it
     /// stands for.
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_record_of_the_single_address_format_reads_as_one_address() {
+        let old = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"10.0.0.1:15006",
+                      "cert_expires_at_unix":100,"last_seen_unix":1}"#;
+        let record: WorkloadRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.addresses, ["10.0.0.1:15006"]);
+        let unknown = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"",
+                          "cert_expires_at_unix":100,"last_seen_unix":1}"#;
+        let record: WorkloadRecord = serde_json::from_str(unknown).unwrap();
+        assert!(record.addresses.is_empty());
+    }
+
+    #[test]
+    fn a_workload_record_keeps_its_first_address_for_the_single_address_format() {
+        let record = WorkloadRecord {
+            spiffe_id: "spiffe://td/ns/a/sa/b".into(),
+            addresses: vec!["10.0.0.1:15006".into(), "[fd00::1]:15006".into()],
+            cert_expires_at_unix: 100,
+            last_seen_unix: 1,
+        };
+        let stored: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(stored["address"], "10.0.0.1:15006");
+        let back: WorkloadRecord = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, record);
+    }
 }

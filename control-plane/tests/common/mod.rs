@@ -228,6 +228,7 @@ impl ControlPlane {
                 csr,
                 proof: token.map(|t| Proof::JoinToken(t.to_string())),
                 inbound_address: inbound.into(),
+                inbound_addresses: Vec::new(),
             })
             .await
             .map(|r| r.into_inner())

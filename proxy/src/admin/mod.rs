@@ -1,6 +1,7 @@
-//! The admin server on `--admin`: `/live`, `/ready`, `/metrics` and
-//! `/config`, plain HTTP/1.1 meant for the kubelet, Prometheus and operators
-//! on the same host.
+//! The admin server on `--admin`: `/live`, `/ready`, `/metrics`, `/config`
+//! and the app's own probes under `/app-health/` ([`probes`]), plain
+//! HTTP/1.1 meant for the kubelet, Prometheus and operators on the same
+//! host.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -20,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub mod probes;
 
 use crate::config::Config;
 use crate::drain::Drain;
@@ -46,7 +49,7 @@ pub struct Admin {
 impl Admin {
     pub async fn new(addr: SocketAddr, state: State, drain: Drain) -> io::Result<Self> {
         Ok(Admin {
-            listener: TcpListener::bind(addr).await?,
+            listener: crate::net::bind(addr)?,
             state: Arc::new(state),
             drain,
         })
@@ -68,7 +71,14 @@ impl Admin {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(&state, &req)) }
+                        async move {
+                            let response = if req.uri().path().starts_with(probes::PATH_PREFIX) {
+                                app_health(&state, &req).await
+                            } else {
+                                route(&state, &req)
+                            };
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), service)
@@ -121,6 +131,25 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Runs the app probe registered at the request's path: 200 when the app
+/// passes it, 503 with the reason when not, 404 for a path no probe has.
+async fn app_health(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let path = req.uri().path();
+    let Some(check) = state.config.app_probes.get(path) else {
+        return text(StatusCode::NOT_FOUND, format!("no app probe at {path}\n"));
+    };
+    match probes::run(check, probes::TIMEOUT).await {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(e) => {
+            tracing::info!(probe = %path, reason = %e, "app probe failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+        }
+    }
+}
+
 /// Why the sidecar is not ready, or `None` when it is.
 pub fn not_ready(state: &State, now: SystemTime) -> Option<&'static str> {
     match state.svid.borrow().as_deref() {
@@ -145,10 +174,12 @@ struct ConfigView {
     close_denied_connections: bool,
     opaque_ports: Vec<u16>,
     access_log: bool,
+    /// The admin paths of the app probes.
+    app_probes: Vec<String>,
     control_plane: String,
-    inbound: String,
-    advertise_address: String,
-    outbound: String,
+    inbound: Vec<String>,
+    advertise_addresses: Vec<String>,
+    outbound: Vec<String>,
     app: String,
     admin: String,
     routes: Vec<RouteView>,
@@ -196,10 +227,15 @@ fn config_view(state: &State) -> ConfigView {
         close_denied_connections: c.close_denied_connections,
         opaque_ports: c.opaque_ports.clone(),
         access_log: c.access_log,
+        app_probes: c.app_probes.paths(),
         control_plane: c.control_plane.clone(),
-        inbound: c.inbound.to_string(),
-        advertise_address: c.advertise_address.to_string(),
-        outbound: c.outbound.to_string(),
+        inbound: c.inbound.iter().map(|l| l.addr.to_string()).collect(),
+        advertise_addresses: c
+            .advertise_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        outbound: c.outbound.iter().map(|l| l.addr.to_string()).collect(),
         app: c.app.to_string(),
         admin: c.admin.to_string(),
         routes: c

@@ -168,7 +168,8 @@ pub struct CertifyParams {
     pub control_plane: String,
     pub identity: SpiffeId,
     pub token: Option<Credential>,
-    pub advertise_address: SocketAddr,
+    /// Every inbound address reported; never empty.
+    pub advertise_addresses: Vec<SocketAddr>,
 }
 
 /// Builds the TLS client config to reach the control plane, verified as
@@ -224,7 +225,17 @@ pub async fn certify(
     let request = CertifyRequest {
         csr,
         proof,
-        inbound_address: params.advertise_address.to_string(),
+        // The first address for control planes older than the list.
+        inbound_address: params
+            .advertise_addresses
+            .first()
+            .map(SocketAddr::to_string)
+            .unwrap_or_default(),
+        inbound_addresses: params
+            .advertise_addresses
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect(),
     };
     let mut client = IdentityClient::new(channel);
     let call = client.certify(request);

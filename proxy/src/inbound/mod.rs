@@ -33,7 +33,8 @@ use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
 
-/// Binds the inbound port; [`Inbound::run`] accepts on it.
+/// One bound inbound address; [`Inbound::run`] accepts on it. A sidecar
+/// has one per `--inbound` address (IPv4 and IPv6), sharing one [`Shared`].
 pub struct Inbound {
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -63,11 +64,11 @@ pub struct Shared {
 }
 
 impl Inbound {
-    pub async fn new(addr: SocketAddr, shared: Shared, drain: Drain) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+    pub async fn new(addr: SocketAddr, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
+        let listener = net::bind(addr)?;
         Ok(Inbound {
             listener,
-            shared: Arc::new(shared),
+            shared,
             drain,
         })
     }

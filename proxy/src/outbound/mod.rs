@@ -142,7 +142,7 @@ pub struct RouteListener {
 
 impl RouteListener {
     pub async fn new(route: Route, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
-        let listener = TcpListener::bind(route.local).await?;
+        let listener = net::bind(route.local)?;
         Ok(RouteListener {
             listener,
             route: Arc::new(route),
@@ -184,7 +184,8 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
     .await;
 }
 
-/// The transparent `--outbound` listener.
+/// One transparent `--outbound` listener (a sidecar has one per address:
+/// 127.0.0.1 and ::1 by default).
 pub struct Transparent {
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -193,7 +194,7 @@ pub struct Transparent {
 
 impl Transparent {
     pub async fn new(addr: SocketAddr, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = net::bind(addr)?;
         Ok(Transparent {
             listener,
             shared,

@@ -55,7 +55,8 @@ impl From<tonic::Status> for WatchError {
 pub struct WatchParams {
     pub control_plane: String,
     pub identity: SpiffeId,
-    pub advertise_address: SocketAddr,
+    /// Every inbound address reported; never empty.
+    pub advertise_addresses: Vec<SocketAddr>,
     /// Inbound ports never parsed as HTTP (`--opaque-ports`).
     pub opaque_ports: Vec<u16>,
 }
@@ -122,7 +123,16 @@ async fn session_inner(
     let last_version = out.snapshot.borrow().as_ref().map_or(0, |s| s.version);
     let (tx, rx) = mpsc::channel(4);
     let subscribe = Kind::Subscribe(Subscribe {
-        inbound_address: params.advertise_address.to_string(),
+        inbound_address: params
+            .advertise_addresses
+            .first()
+            .map(SocketAddr::to_string)
+            .unwrap_or_default(),
+        inbound_addresses: params
+            .advertise_addresses
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect(),
         last_version,
     });
     // The receiver is alive: it was just made.

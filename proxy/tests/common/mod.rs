@@ -190,7 +190,7 @@ pub async fn inbound_with(
     let (shutdown, drain) = drain::channel();
     let listener = Inbound::new(
         "127.0.0.1:0".parse().unwrap(),
-        inbound::Shared {
+        Arc::new(inbound::Shared {
             app,
             own_ports: Vec::new(),
             tls: tls_rx,
@@ -199,7 +199,7 @@ pub async fn inbound_with(
             opaque_ports: Vec::new(),
             http: Arc::new(trellis_proxy::http::Http::new(metrics.clone())),
             metrics: metrics.clone(),
-        },
+        }),
         drain.clone(),
     )
     .await

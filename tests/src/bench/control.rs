@@ -197,6 +197,7 @@ async fn certify(
         csr,
         proof: token.map(Proof::JoinToken),
         inbound_address: inbound,
+        inbound_addresses: Vec::new(),
     };
     let mut identity = IdentityClient::new(channel);
     let response = tokio::time::timeout(RPC_TIMEOUT, identity.certify(request))
@@ -369,6 +370,7 @@ async fn watch(
         kind: Some(Kind::Subscribe(Subscribe {
             inbound_address: inbound,
             last_version,
+            inbound_addresses: Vec::new(),
         })),
     })
     .await?;

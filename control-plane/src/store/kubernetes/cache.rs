@@ -314,8 +314,8 @@ fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
         Entry::Endpoints(records) => {
             let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
             for r in records {
-                refs.push(r.address.as_bytes());
                 refs.push(r.spiffe_id.as_bytes());
+                refs.extend(r.addresses.iter().map(|a| a.as_bytes()));
             }
             digest_bytes(&refs)
         }
@@ -331,7 +331,7 @@ mod tests {
             resource_version: "10".into(),
             entry: Entry::Endpoints(vec![WorkloadRecord {
                 spiffe_id: "spiffe://td/ns/a/sa/b".into(),
-                address: address.into(),
+                addresses: vec![address.into()],
                 cert_expires_at_unix: i64::MAX,
                 last_seen_unix: 0,
             }]),

@@ -213,21 +213,23 @@ pub fn endpoints_from_pod(pod: &Pod, td: &TrustDomain) -> Option<Vec<WorkloadRec
     if ips.is_empty() {
         ips.extend(status.pod_ip.as_deref());
     }
-    let mut records: Vec<WorkloadRecord> = ips
+    let mut addresses: Vec<String> = ips
         .into_iter()
         .filter_map(|ip| ip.parse::<IpAddr>().ok())
-        .map(|ip| WorkloadRecord {
+        .map(|ip| SocketAddr::new(ip, port).to_string())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    (!addresses.is_empty()).then(|| {
+        vec![WorkloadRecord {
             spiffe_id: spiffe_id.to_string(),
-            address: SocketAddr::new(ip, port).to_string(),
+            addresses,
             // A Pod's endpoints live as long as the Pod runs, not as long as
             // one certificate: the watch removes them.
             cert_expires_at_unix: i64::MAX,
             last_seen_unix: 0,
-        })
-        .collect();
-    records.sort_by(|a, b| a.address.cmp(&b.address));
-    records.dedup();
-    (!records.is_empty()).then_some(records)
+        }]
+    })
 }
 
 fn inbound_port(container: &Container) -> u16 {
@@ -268,7 +270,11 @@ mod tests {
     #[test]
     fn a_running_injected_pod_is_an_endpoint_per_ip() {
         let records = endpoints_from_pod(&pod("Running", true), &td()).unwrap();
-        let addresses: Vec<_> = records.iter().map(|r| r.address.as_str()).collect();
+        let addresses: Vec<_> = records
+            .iter()
+            .flat_map(|r| &r.addresses)
+            .map(String::as_str)
+            .collect();
         assert_eq!(addresses, ["10.1.0.5:15106", "[fd00::5]:15106"]);
         assert!(
             records

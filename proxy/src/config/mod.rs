@@ -6,7 +6,7 @@
 //! before any port is bound.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,6 +15,12 @@ use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use trellis_core::{SpiffeId, TrustDomain};
+
+use crate::admin::probes::AppProbes;
+
+mod listen;
+
+pub use listen::{DEFAULT_INBOUND, DEFAULT_OUTBOUND, Listen};
 
 /// `trellis-proxy`: the Trellis sidecar.
 #[derive(Debug, Parser)]
@@ -54,15 +60,30 @@ pub struct ProxyArgs {
     /// certificate because the kubelet rotates it).
     #[arg(long, env = "TRELLIS_TOKEN_TYPE", default_value = "join")]
     pub token_type: String,
-    /// Inbound mTLS listener.
-    #[arg(long, env = "TRELLIS_INBOUND", default_value = "0.0.0.0:15006")]
-    pub inbound: String,
+    /// Inbound mTLS listeners (repeatable; comma-separated in the
+    /// environment). Default: 0.0.0.0:15006 and [::]:15006, the IPv6 one
+    /// only where the network namespace has IPv6.
+    #[arg(
+        long,
+        env = "TRELLIS_INBOUND",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub inbound: Vec<String>,
     /// The local application inbound connections are forwarded to.
     #[arg(long, env = "TRELLIS_APP", default_value = "127.0.0.1:8080")]
     pub app: String,
-    /// Transparent outbound listener (connections redirected by iptables).
-    #[arg(long, env = "TRELLIS_OUTBOUND", default_value = "127.0.0.1:15001")]
-    pub outbound: String,
+    /// Transparent outbound listeners, where iptables redirects the app's
+    /// connections (repeatable; comma-separated in the environment).
+    /// Default: 127.0.0.1:15001 and [::1]:15001, the IPv6 one only where
+    /// the network namespace has IPv6.
+    #[arg(
+        long,
+        env = "TRELLIS_OUTBOUND",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub outbound: Vec<String>,
     /// Explicit outbound route LOCAL_ADDR=SPIFFE_ID@REMOTE_ADDR (repeatable;
     /// comma-separated in the environment).
     #[arg(
@@ -75,9 +96,18 @@ pub struct ProxyArgs {
     /// Admin listener: /live /ready /metrics /config.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: String,
-    /// Inbound address reported to the control plane.
-    #[arg(long, env = "TRELLIS_ADVERTISE_ADDRESS")]
-    pub advertise_address: Option<String>,
+    /// Inbound address reported to the control plane, each a mesh endpoint
+    /// (repeatable, e.g. a pod's IPv4 and IPv6 address; comma-separated in
+    /// the environment). An IP without a port gets the port of the first
+    /// --inbound address. Default: the inbound addresses, an unspecified
+    /// one as loopback.
+    #[arg(
+        long,
+        env = "TRELLIS_ADVERTISE_ADDRESS",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub advertise_address: Vec<String>,
     /// How long open connections may drain after SIGTERM.
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
@@ -113,6 +143,12 @@ pub struct ProxyArgs {
         value_name = "true|false"
     )]
     pub access_log: bool,
+    /// The app's own kubelet probes, served on the admin port at
+    /// /app-health/<container>/<kind>: a JSON object from that path to
+    /// {"httpGet": {...}}, {"tcpSocket": {...}} or {"grpc": {...}}, as the
+    /// injector writes it.
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]
+    pub app_probes: Option<String>,
 }
 
 /// An invalid flag: names the flag and says what is wrong with its value.
@@ -194,12 +230,15 @@ pub struct Config {
     pub trust_bundle: Vec<CertificateDer<'static>>,
     /// How the first certificate is proved. Never logged.
     pub token: Option<Credential>,
-    pub inbound: SocketAddr,
+    /// Never empty.
+    pub inbound: Vec<Listen>,
     pub app: SocketAddr,
-    pub outbound: SocketAddr,
+    /// Never empty.
+    pub outbound: Vec<Listen>,
     pub routes: Vec<Route>,
     pub admin: SocketAddr,
-    pub advertise_address: SocketAddr,
+    /// Reported to the control plane; never empty.
+    pub advertise_addresses: Vec<SocketAddr>,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     /// Close open inbound connections that new policies deny.
@@ -208,6 +247,8 @@ pub struct Config {
     pub opaque_ports: Vec<u16>,
     /// Whether HTTP requests are written to the access log.
     pub access_log: bool,
+    /// The app probes the admin port runs (`--app-probes`).
+    pub app_probes: AppProbes,
 }
 
 /// A join token; its `Debug` never shows the secret.
@@ -264,19 +305,16 @@ impl Config {
                 ));
             }
         };
-        let inbound = addr("inbound", &args.inbound)?;
+        let inbound = listen::listens("inbound", &args.inbound, &DEFAULT_INBOUND)?;
         let app = addr("app", &args.app)?;
-        let outbound = addr("outbound", &args.outbound)?;
+        let outbound = listen::listens("outbound", &args.outbound, &DEFAULT_OUTBOUND)?;
         let admin = addr("admin", &args.admin)?;
         let routes = args
             .routes
             .iter()
             .map(|r| r.parse::<Route>().map_err(|e| invalid("route", e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let advertise_address = match &args.advertise_address {
-            Some(a) => addr("advertise-address", a)?,
-            None => default_advertise(inbound),
-        };
+        let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
         let log_format = match args.log_format.as_str() {
@@ -289,6 +327,10 @@ impl Config {
                 ));
             }
         };
+        let app_probes = match args.app_probes.as_deref().map(str::trim) {
+            None | Some("") => AppProbes::default(),
+            Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
+        };
         Ok(Config {
             control_plane: args.control_plane.clone(),
             identity,
@@ -300,12 +342,13 @@ impl Config {
             outbound,
             routes,
             admin,
-            advertise_address,
+            advertise_addresses,
             drain_timeout,
             log_format,
             close_denied_connections: args.close_denied_connections,
             opaque_ports: args.opaque_ports.clone(),
             access_log: args.access_log,
+            app_probes,
         })
     }
 }
@@ -322,15 +365,6 @@ pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
         ));
     }
     Ok(token.to_string())
-}
-
-/// The inbound address, or loopback with its port when it is unspecified.
-fn default_advertise(inbound: SocketAddr) -> SocketAddr {
-    if inbound.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), inbound.port())
-    } else {
-        inbound
-    }
 }
 
 fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -370,14 +404,6 @@ mod tests {
                 .is_err()
         );
         assert!("nope=spiffe://td/x@1.2.3.4:5".parse::<Route>().is_err());
-    }
-
-    #[test]
-    fn advertises_loopback_for_unspecified_inbound() {
-        let c = args(&[]).unwrap();
-        assert_eq!(c.advertise_address, "127.0.0.1:15006".parse().unwrap());
-        let c = args(&["--inbound", "10.1.2.3:7000"]).unwrap();
-        assert_eq!(c.advertise_address, "10.1.2.3:7000".parse().unwrap());
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! A workload reports every inbound address its sidecar serves (IPv4 and
+//! IPv6): the control plane validates each one, stores them all, and lists
+//! one mesh endpoint per address. Sidecars that send the single
+//! `inbound_address`, and records written when a workload had one address,
+//! keep working.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use common::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Endpoint, Subscribe, WatchRequest};
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
+
+/// Certifies `id` with a fresh token, reporting `addresses` in the repeated
+/// field.
+async fn certify_dual(
+    cp: &ControlPlane,
+    id: &str,
+    addresses: &[&str],
+) -> Result<Svid, tonic::Status> {
+    let token = cp.token(id, 0).await;
+    certify_with_token(cp, id, &token, addresses).await
+}
+
+async fn certify_with_token(
+    cp: &ControlPlane,
+    id: &str,
+    token: &str,
+    addresses: &[&str],
+) -> Result<Svid, tonic::Status> {
+    let key = p256();
+    let response = cp
+        .identity_client(None)
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&key, id),
+            proof: Some(Proof::JoinToken(token.into())),
+            inbound_address: addresses.first().map(|a| a.to_string()).unwrap_or_default(),
+            inbound_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
+    Ok(Svid {
+        key,
+        chain: response.chain.into_iter().map(Into::into).collect(),
+    })
+}
+
+/// The endpoints of the first snapshot `svid`'s sidecar is sent.
+async fn endpoints(cp: &ControlPlane, svid: &Svid) -> Vec<Endpoint> {
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe::default())),
+    })
+    .await
+    .unwrap();
+    let mut snapshots = DiscoveryClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    snapshots.message().await.unwrap().unwrap().endpoints
+}
+
+fn endpoint(address: &str, id: &str) -> Endpoint {
+    Endpoint {
+        address: address.into(),
+        spiffe_id: id.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_dual_stack_workload_is_one_mesh_endpoint_per_address() {
+    let cp = ControlPlane::start(&[]);
+    // Written non-canonically and twice: stored once, canonical.
+    let web = certify_dual(
+        &cp,
+        WEB,
+        &["10.0.0.1:15006", "[fd00:0::1]:15006", "[fd00::1]:15006"],
+    )
+    .await
+    .unwrap();
+
+    let listed = endpoints(&cp, &web).await;
+    assert_eq!(
+        listed,
+        [
+            endpoint("10.0.0.1:15006", WEB),
+            endpoint("[fd00::1]:15006", WEB)
+        ]
+    );
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1);
+    assert_eq!(
+        workloads[0].addresses,
+        ["10.0.0.1:15006", "[fd00::1]:15006"]
+    );
+    assert_eq!(workloads[0].address, "10.0.0.1:15006");
+
+    // A renewal that reports nothing keeps both addresses.
+    let renewed = cp
+        .identity_client(Some(&web))
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), WEB),
+            ..CertifyRequest::default()
+        })
+        .await;
+    assert!(renewed.is_ok(), "{renewed:?}");
+    assert_eq!(
+        cp.workloads().await[0].addresses,
+        ["10.0.0.1:15006", "[fd00::1]:15006"]
+    );
+}
+
+#[tokio::test]
+async fn an_older_sidecars_single_address_is_still_an_endpoint() {
+    let cp = ControlPlane::start(&[]);
+    let db = enroll(&cp, DB, "127.0.0.1:7002").await;
+    assert_eq!(endpoints(&cp, &db).await, [endpoint("127.0.0.1:7002", DB)]);
+    assert_eq!(cp.workloads().await[0].addresses, ["127.0.0.1:7002"]);
+}
+
+#[tokio::test]
+async fn rejects_a_bad_inbound_address_naming_it_and_records_nothing() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    for (addresses, named) in [
+        (
+            &["10.0.0.1:15006", "fd00::1"][..],
+            "inbound_addresses[1] \"fd00::1\"",
+        ),
+        (&["web:15006"][..], "inbound_addresses[0] \"web:15006\""),
+        (&["[::]:15006"][..], "inbound_addresses[0] \"[::]:15006\""),
+    ] {
+        let err = certify_with_token(&cp, WEB, &token, addresses)
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{addresses:?}: {err:?}");
+        assert!(
+            err.message().contains(named),
+            "{addresses:?}: {}",
+            err.message()
+        );
+    }
+    let too_many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}:15006")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let err = certify_with_token(&cp, WEB, &token, &too_many)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 16"), "{}", err.message());
+
+    // Nothing was stored, and the token was not spent.
+    assert!(cp.workloads().await.is_empty());
+    certify_with_token(&cp, WEB, &token, &["10.0.0.1:15006"])
+        .await
+        .expect("the token still proves the identity");
+}
+
+#[tokio::test]
+async fn reads_workloads_stored_in_the_single_address_format() {
+    use redb::{Database, TableDefinition};
+    const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
+
+    // A database as the single-address control plane wrote it.
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let old = serde_json::json!({
+        "spiffe_id": DB,
+        "address": "10.0.0.2:15006",
+        "cert_expires_at_unix": 4_000_000_000i64,
+        "last_seen_unix": 1_700_000_000i64,
+    });
+    {
+        let db = Database::create(state.join("trellis.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(WORKLOADS)
+            .unwrap()
+            .insert(DB, serde_json::to_vec(&old).unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1, "{workloads:?}");
+    assert_eq!(workloads[0].addresses, ["10.0.0.2:15006"]);
+    let web = certify_dual(&cp, WEB, &["10.0.0.1:15006"]).await.unwrap();
+    assert_eq!(
+        endpoints(&cp, &web).await,
+        [
+            endpoint("10.0.0.1:15006", WEB),
+            endpoint("10.0.0.2:15006", DB)
+        ]
+    );
+}

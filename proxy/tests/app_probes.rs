@@ -1,0 +1,308 @@
+//! The app's kubelet probes on the sidecar's admin port, as the kubelet
+//! sees them: `GET /app-health/<container>/<kind>` answers 200 when the
+//! app passes its original probe and 503 when not, against real apps on
+//! loopback (an HTTP and an HTTPS server answering 200, 302 and 500, an open
+//! and a closed TCP port, a gRPC health server). The probes come from the
+//! injector itself, so the sidecar reads exactly what the injector writes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use trellis_control_plane::inject::{self, InjectConfig, Injection, NamespaceScope};
+use trellis_proxy::admin::probes::{self, Check, Failure, HttpGet};
+use trellis_proxy::config::{Cli, Config};
+
+const ID: &str = "spiffe://td.test/ns/default/sa/web";
+
+/// What the test app answers: 200 on `/ok`, 302 on `/moved`, 500 on
+/// `/fail`; `/header` is 200 only with `X-Probe: kubelet`.
+fn app_answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let status = match req.uri().path() {
+        "/ok" => StatusCode::OK,
+        "/moved" => StatusCode::FOUND,
+        "/header" if req.headers().get("x-probe").is_some_and(|v| v == "kubelet") => StatusCode::OK,
+        "/header" => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(b"app\n")));
+    *response.status_mut() = status;
+    if status == StatusCode::FOUND {
+        // Somewhere a probe must never go.
+        response
+            .headers_mut()
+            .insert(http::header::LOCATION, "http://192.0.2.1/".parse().unwrap());
+    }
+    response
+}
+
+/// Serves [`app_answer`] on a free loopback port, over TLS with a
+/// self-signed certificate when `tls`.
+async fn http_app(tls: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tls.then(|| {
+        let cert = rcgen::generate_simple_self_signed(vec!["app.invalid".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req| async move {
+                    Ok::<_, Infallible>(app_answer(&req))
+                });
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match acceptor {
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        http.serve_connection(TokioIo::new(tls), service).await
+                    }
+                    None => http.serve_connection(TokioIo::new(tcp), service).await,
+                };
+            });
+        }
+    });
+    port
+}
+
+/// A gRPC server with grpc.health.v1: "" and "orders" SERVING, "payments"
+/// NOT_SERVING, any other service unknown.
+async fn grpc_health_app() -> u16 {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("orders", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("payments", tonic_health::ServingStatus::NotServing)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+    });
+    port
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `TRELLIS_APP_PROBES` as the injector writes it for `pod`.
+fn injected_probes(pod: &Value) -> String {
+    let config = InjectConfig {
+        trust_bundle: inject::TrustBundleSource::Annotation("bundle".into()),
+        ..InjectConfig::default()
+    };
+    let Injection::Injected { patch, .. } =
+        inject::inject_pod(pod, NamespaceScope::SelectedByWebhook, &config).unwrap()
+    else {
+        panic!("the pod was not injected");
+    };
+    let patch: Vec<Value> = patch.into_iter().map(|op| op.value).collect();
+    find_env(&Value::Array(patch), "TRELLIS_APP_PROBES").expect("the sidecar gets the probes")
+}
+
+fn find_env(value: &Value, name: &str) -> Option<String> {
+    match value {
+        Value::Object(map) if map.get("name").and_then(Value::as_str) == Some(name) => {
+            map.get("value").and_then(Value::as_str).map(str::to_owned)
+        }
+        Value::Object(map) => map.values().find_map(|v| find_env(v, name)),
+        Value::Array(items) => items.iter().find_map(|v| find_env(v, name)),
+        _ => None,
+    }
+}
+
+fn http_probe(port: Value, path: &str) -> Value {
+    json!({"httpGet": {"port": port, "path": path}, "periodSeconds": 10})
+}
+
+/// A sidecar serving `probes` (the `--app-probes` JSON); returns its admin
+/// address.
+async fn sidecar(probes: &str) -> SocketAddr {
+    let argv = [
+        "trellis-proxy",
+        "--identity",
+        ID,
+        "--inbound",
+        "127.0.0.1:0",
+        "--outbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--app-probes",
+        probes,
+    ];
+    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
+    let admin = sidecar.admin_addr().unwrap();
+    tokio::spawn(sidecar.run(std::future::pending()));
+    admin
+}
+
+/// What the kubelet gets for `GET path` on the admin port.
+async fn kubelet_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(http::header::HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
+    let plain = http_app(false).await;
+    let secure = http_app(true).await;
+    let grpc = grpc_health_app().await;
+    let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (open_port, closed) = (open.local_addr().unwrap().port(), closed_port());
+
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "web",
+                    "ports": [{"name": "http", "containerPort": plain}],
+                    "livenessProbe": http_probe(json!("http"), "/ok"),
+                    "readinessProbe": http_probe(json!(plain), "/fail"),
+                    "startupProbe": http_probe(json!(plain), "/moved"),
+                },
+                {
+                    "name": "secure",
+                    "image": "secure",
+                    "livenessProbe": {"httpGet": {"port": secure, "path": "/header",
+                        "scheme": "HTTPS", "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}},
+                    "readinessProbe": {"httpGet": {"port": secure, "path": "/header",
+                        "scheme": "HTTPS"}},
+                },
+                {
+                    "name": "db",
+                    "image": "db",
+                    "livenessProbe": {"tcpSocket": {"port": open_port}},
+                    "readinessProbe": {"tcpSocket": {"port": closed}},
+                },
+                {
+                    "name": "grpc",
+                    "image": "grpc",
+                    "livenessProbe": {"grpc": {"port": grpc}},
+                    "readinessProbe": {"grpc": {"port": grpc, "service": "payments"}},
+                    "startupProbe": {"grpc": {"port": grpc, "service": "nobody"}},
+                },
+            ],
+        },
+    });
+    let admin = sidecar(&injected_probes(&pod)).await;
+
+    let expected = [
+        ("/app-health/web/liveness", 200, "ok"),
+        ("/app-health/web/readiness", 503, "answered 500"),
+        ("/app-health/web/startup", 200, "ok"),
+        ("/app-health/secure/liveness", 200, "ok"),
+        ("/app-health/secure/readiness", 503, "answered 400"),
+        ("/app-health/db/liveness", 200, "ok"),
+        ("/app-health/db/readiness", 503, "cannot connect"),
+        ("/app-health/grpc/liveness", 200, "ok"),
+        ("/app-health/grpc/readiness", 503, "NOT_SERVING"),
+        ("/app-health/grpc/startup", 503, "NotFound"),
+        ("/app-health/nobody/liveness", 404, "no app probe"),
+    ];
+    for (path, status, says) in expected {
+        let (got, body) = kubelet_get(admin, path).await;
+        assert_eq!(got.as_u16(), status, "{path}: {body}");
+        assert!(body.contains(says), "{path}: {body}");
+    }
+    drop(open);
+}
+
+#[tokio::test]
+async fn a_probe_gives_up_after_its_timeout() {
+    // Accepts, then never answers.
+    let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = hung.accept().await {
+            held.push(tcp);
+        }
+    });
+    let check = Check::Http(HttpGet {
+        port,
+        path: "/ok".into(),
+        https: false,
+        headers: Vec::new(),
+    });
+    let err = probes::run(&check, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Failure::Timeout(..)), "{err}");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+}
+
+#[test]
+fn invalid_probes_exit_64_naming_the_flag() {
+    let bin = env!("CARGO_BIN_EXE_trellis-proxy");
+    let bad = [
+        "{not json",
+        r#"{"/app-health/web/liveness": {"exec": {"command": ["true"]}}}"#,
+        r#"{"/app-health/web/liveness": {"httpGet": {"port": 8080, "scheme": "FTP"}}}"#,
+    ];
+    for json in bad {
+        let out = Command::new(bin)
+            .args(["--identity", ID, "--app-probes", json])
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{json}: {stderr}");
+        assert!(stderr.contains("--app-probes"), "{json}: {stderr}");
+    }
+    // The environment twin is checked the same way.
+    let out = Command::new(bin)
+        .args(["--identity", ID])
+        .env_clear()
+        .env("TRELLIS_APP_PROBES", "[]")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--app-probes"));
+}

@@ -1,0 +1,146 @@
+//! The environment the injector gives the sidecar container is a valid
+//! sidecar configuration: in a dual-stack pod the sidecar listens on both
+//! IP families and advertises every pod IP. The environment is taken from
+//! the injector's own output, with the downward API values a kubelet would
+//! fill in, so the two cannot drift.
+
+use std::collections::BTreeMap;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use trellis_control_plane::inject::{self, InjectConfig, Injection, NamespaceScope};
+use trellis_proxy::config::{Cli, Config, DEFAULT_INBOUND, DEFAULT_OUTBOUND};
+
+/// The sidecar container's environment as the injector writes it for `pod`.
+fn injected_env(pod: &Value) -> Vec<(String, Value)> {
+    let config = InjectConfig {
+        trust_bundle: inject::TrustBundleSource::Annotation("bundle".into()),
+        ..InjectConfig::default()
+    };
+    let Injection::Injected { patch, .. } =
+        inject::inject_pod(pod, NamespaceScope::SelectedByWebhook, &config).unwrap()
+    else {
+        panic!("the pod was not injected");
+    };
+    let patch = Value::Array(patch.into_iter().map(|op| op.value).collect());
+    let sidecar = find_container(&patch, "trellis-proxy").expect("a sidecar container");
+    sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let value = e
+                .get("value")
+                .cloned()
+                .unwrap_or_else(|| e["valueFrom"].clone());
+            (e["name"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+fn find_container<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
+    match value {
+        Value::Object(map)
+            if map.get("name").and_then(Value::as_str) == Some(name) && map.contains_key("env") =>
+        {
+            Some(value)
+        }
+        Value::Object(map) => map.values().find_map(|v| find_container(v, name)),
+        Value::Array(items) => items.iter().find_map(|v| find_container(v, name)),
+        _ => None,
+    }
+}
+
+/// What the kubelet makes of `env` in a pod with `pod_ips`: downward API
+/// fields filled in, `$(VAR)` expanded from earlier variables.
+fn kubelet_env(env: &[(String, Value)], pod_ips: &str) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in env {
+        let value = match value {
+            Value::String(s) => {
+                let mut s = s.clone();
+                for (earlier, v) in &out {
+                    s = s.replace(&format!("$({earlier})"), v);
+                }
+                s
+            }
+            field => match field["fieldRef"]["fieldPath"].as_str().unwrap() {
+                "metadata.name" => "web-1".into(),
+                "metadata.namespace" => "default".into(),
+                "spec.serviceAccountName" => "web".into(),
+                "status.podIP" => pod_ips.split(',').next().unwrap().into(),
+                "status.podIPs" => pod_ips.into(),
+                other => panic!("no downward API value for {other}"),
+            },
+        };
+        out.insert(name.clone(), value);
+    }
+    out
+}
+
+/// The sidecar's configuration from `env`, each `TRELLIS_<FLAG>` given as
+/// its flag. The files in the pod's identity volume do not exist here, and
+/// the pod-description variables are not flags.
+fn config_from(env: &BTreeMap<String, String>) -> Config {
+    let mut argv = vec!["trellis-proxy".to_string()];
+    for (name, value) in env {
+        let not_flags = [
+            "TRELLIS_POD_NAME",
+            "TRELLIS_POD_NAMESPACE",
+            "TRELLIS_SERVICE_ACCOUNT",
+            "TRELLIS_POD_IP",
+            "TRELLIS_POD_IPS",
+            "TRELLIS_TOKEN_FILE",
+            "TRELLIS_TRUST_BUNDLE",
+        ];
+        if not_flags.contains(&name.as_str()) {
+            continue;
+        }
+        let flag = name
+            .strip_prefix("TRELLIS_")
+            .unwrap()
+            .to_ascii_lowercase()
+            .replace('_', "-");
+        argv.push(format!("--{flag}"));
+        argv.push(value.clone());
+    }
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    Config::from_args(&cli.proxy).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+}
+
+#[test]
+fn an_injected_dual_stack_sidecar_listens_on_both_families_and_advertises_every_pod_ip() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "web",
+                "image": "web",
+                "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}},
+            }],
+        },
+    });
+    let env = injected_env(&pod);
+
+    let config = config_from(&kubelet_env(&env, "10.0.0.7,fd00:10::7"));
+    assert_eq!(
+        config.identity.as_str(),
+        "spiffe://cluster.local/ns/default/sa/web"
+    );
+    assert_eq!(config.inbound, DEFAULT_INBOUND);
+    assert_eq!(config.outbound, DEFAULT_OUTBOUND);
+    let advertised: Vec<String> = config
+        .advertise_addresses
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(advertised, ["10.0.0.7:15006", "[fd00:10::7]:15006"]);
+    assert!(config.app_probes.get("/app-health/web/readiness").is_some());
+
+    // A single-stack pod has one address.
+    let config = config_from(&kubelet_env(&env, "10.0.0.7"));
+    assert_eq!(config.advertise_addresses.len(), 1);
+}
