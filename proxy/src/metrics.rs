@@ -90,7 +90,14 @@ pub struct Metrics {
     requests: [[Counter; REQUEST_OUTCOMES.len()]; 5],
     request_duration: Histogram,
     rate_limited: Family<PolicyLabel, Counter>,
+    /// `trellis_alpn_total`, resolved once: `[inbound, outbound][ALPN_VALUES]`.
+    alpn: [[Counter; ALPN_VALUES.len()]; 2],
 }
+
+/// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
+/// between sidecars settled. Any other protocol ID counts as `none`, since
+/// the sidecar never serves it.
+pub const ALPN_VALUES: [&str; 3] = ["h2", "http/1.1", "none"];
 
 type PolicyLabel = [(&'static str, Arc<str>); 1];
 
@@ -191,7 +198,22 @@ impl Metrics {
             "Inbound HTTP requests refused by a rate limit, by RateLimitPolicy (namespace/name)",
             rate_limited.clone(),
         );
+        let alpn_family = Family::<Labels2, Counter>::default();
+        registry.register(
+            "trellis_alpn",
+            "mTLS connections between sidecars by direction and the ALPN protocol the \
+             handshake settled (h2, http/1.1, none)",
+            alpn_family.clone(),
+        );
+        let alpn = [INBOUND, OUTBOUND].map(|direction| {
+            ALPN_VALUES.map(|alpn| {
+                alpn_family
+                    .get_or_create(&[("direction", direction), ("alpn", alpn)])
+                    .clone()
+            })
+        });
         Metrics {
+            alpn,
             requests,
             request_duration,
             rate_limited,
@@ -275,6 +297,16 @@ impl Metrics {
             .unwrap_or(0);
         self.requests[class][index].inc();
         self.request_duration.observe(seconds);
+    }
+
+    /// Counts an established mTLS connection by the ALPN protocol its
+    /// handshake settled. No lock: every series was resolved up front.
+    pub fn alpn(&self, direction: &'static str, settled: Option<&[u8]>) {
+        let direction = usize::from(direction == OUTBOUND);
+        let value = settled
+            .and_then(|id| ALPN_VALUES.iter().position(|v| v.as_bytes() == id))
+            .unwrap_or(ALPN_VALUES.len() - 1);
+        self.alpn[direction][value].inc();
     }
 
     /// The `trellis_rate_limited_total` series of `policy`, resolved when
