@@ -86,8 +86,8 @@ pub struct Metrics {
     /// Denials before the first snapshot, under the mesh default `deny`.
     denied_without_snapshot: Counter,
     /// `trellis_requests_total` by status class and request outcome,
-    /// resolved once: `[class 1xx..5xx][outcome]`.
-    requests: [[Counter; REQUEST_OUTCOMES.len()]; 5],
+    /// resolved once: `[STATUS_CLASSES][REQUEST_OUTCOMES]`.
+    requests: [[Counter; REQUEST_OUTCOMES.len()]; STATUS_CLASSES.len()],
     request_duration: Histogram,
     rate_limited: Family<PolicyLabel, Counter>,
     /// `trellis_alpn_total`, resolved once: `[inbound, outbound][ALPN_VALUES]`.
@@ -103,7 +103,9 @@ type PolicyLabel = [(&'static str, Arc<str>); 1];
 
 /// The `decision` label values of `trellis_requests_total`.
 pub const REQUEST_OUTCOMES: [&str; 4] = ["allow", "deny", "rate_limited", "invalid"];
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The `status` label values of `trellis_requests_total`: the class of the
+/// answer, or `none` when the caller left before there was one.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -175,8 +177,8 @@ impl Metrics {
         let requests_family = Family::<Labels2, Counter>::default();
         registry.register(
             "trellis_requests",
-            "Inbound HTTP requests by status class (1xx..5xx) and decision \
-             (allow, deny, rate_limited, invalid)",
+            "Inbound HTTP requests by status class (1xx..5xx, none when the caller left \
+             before an answer) and decision (allow, deny, rate_limited, invalid)",
             requests_family.clone(),
         );
         let requests = STATUS_CLASSES.map(|status| {
@@ -289,8 +291,12 @@ impl Metrics {
 
     /// Counts one finished HTTP request: `outcome` is one of
     /// [`REQUEST_OUTCOMES`]. No lock: every series was resolved up front.
+    /// `status` 0 means there was no answer.
     pub fn request(&self, status: u16, outcome: &'static str, seconds: f64) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        let class = match status {
+            0 => STATUS_CLASSES.len() - 1,
+            _ => usize::from(status / 100).clamp(1, 5) - 1,
+        };
         let index = REQUEST_OUTCOMES
             .iter()
             .position(|o| *o == outcome)

@@ -85,6 +85,28 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
 }
 
 #[tokio::test]
+async fn an_upgrade_to_h2c_is_not_passed_to_the_app() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    // After an h2c switch every request would be bytes the sidecar copies
+    // undecided: the app gets a plain HTTP/1.1 request instead.
+    let req = ::http::Request::get("/h2c")
+        .header("host", "api")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQAAP__")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, body) = text(c.send_request(req).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "GET /h2c HTTP/1.1");
+}
+
+#[tokio::test]
 async fn curl_reaches_the_app_through_a_sidecar_pair_over_http1_and_h2() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
     let app = http_app().await;
