@@ -158,6 +158,101 @@ async fn grpc_unary_and_streaming_calls_go_through_a_sidecar_pair() {
     assert_eq!(versions, [1, 2, 3]);
 }
 
+/// A gRPC app whose `Discovery/Watch` answers each message the caller
+/// streams with a snapshot numbered by the messages so far, for as long as
+/// the caller keeps the call open.
+#[derive(Clone)]
+struct PingPong;
+
+#[tonic::codegen::async_trait]
+impl trellis_proto::discovery::v1::discovery_server::Discovery for PingPong {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<
+        Result<trellis_proto::discovery::v1::Snapshot, tonic::Status>,
+    >;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<tonic::Streaming<trellis_proto::discovery::v1::WatchRequest>>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let mut requests = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut version = 0;
+            while let Ok(Some(_)) = requests.message().await {
+                version += 1;
+                let snapshot = trellis_proto::discovery::v1::Snapshot {
+                    version,
+                    ..Default::default()
+                };
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_grpc_call_stays_open_across_new_policies() {
+    use trellis_proto::discovery::v1::WatchRequest;
+    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+    use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(PingPong))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut answers = DiscoveryClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(WatchRequest::default()).await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().version, 1);
+
+    // New policies reach the server sidecar while the call is open: a rate
+    // limit on another service, which this call is not under.
+    let mut snap = snapshot(2, "allow-mesh", vec![]);
+    snap.rate_limits = vec![trellis_proto::policy::v1::RateLimit {
+        name: "other".into(),
+        namespace: "b".into(),
+        selector: Some(trellis_proto::policy::v1::Selector {
+            spiffe_ids: vec![p.server.identity.to_string()],
+        }),
+        requests_per_second: 0.01,
+        burst: 1,
+        key: "source".into(),
+        matches: vec![trellis_proto::policy::v1::RateLimitMatch {
+            paths: vec!["/pkg.Other/*".into()],
+        }],
+    }];
+    push_to(&cp, snap, 2).await;
+    for version in 2..=5 {
+        tx.send(WatchRequest::default()).await.unwrap();
+        let answer = answers.message().await.unwrap().unwrap();
+        assert_eq!(answer.version, version);
+    }
+    drop(tx);
+    assert!(
+        answers.message().await.unwrap().is_none(),
+        "the call ends cleanly when the caller ends it"
+    );
+}
+
 /// An app that speaks first (like SMTP), then echoes.
 async fn banner_app() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,14 +9,17 @@
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off).
 //!
-//! An allowed connection is forwarded by what it carries: on a port
-//! declared opaque, or when detection finds no HTTP, bytes are copied;
-//! HTTP is handed to [`crate::http`], which decides every request again.
+//! An allowed connection is forwarded by what it carries: HTTP settled by
+//! ALPN in the handshake, or else found by detection, is handed to
+//! [`crate::http`], which decides every request again; on a port declared
+//! opaque (where the handshake never settles HTTP), or when detection
+//! finds no HTTP, bytes are copied.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use rustls::server::Acceptor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -306,7 +309,7 @@ async fn forward(
             return Err(ForwardError::NotHttp);
         }
         let (prefix, stream) = stream.into_parts();
-        return copy_to_app(stream, &prefix, target).await;
+        return copy_to_app(stream, prefix, target).await;
     }
     is_http.store(true, std::sync::atomic::Ordering::Relaxed);
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
@@ -318,15 +321,18 @@ async fn forward(
 /// between the TLS stream and the app until both are done.
 async fn copy_to_app(
     mut stream: TlsStream<TcpStream>,
-    prefix: &[u8],
+    prefix: BytesMut,
     target: SocketAddr,
 ) -> Result<Forwarded, ForwardError> {
     let mut app = net::connect(target)
         .await
         .map_err(ForwardError::AppUnreachable)?;
-    app.write_all(prefix).await?;
+    app.write_all(&prefix).await?;
+    // Not held for the life of the connection.
+    let prefix_len = prefix.len() as u64;
+    drop(prefix);
     let (from_peer, to_peer) = net::copy(&mut stream, &mut app).await?;
-    Ok(Forwarded::Tcp(from_peer + prefix.len() as u64, to_peer))
+    Ok(Forwarded::Tcp(from_peer + prefix_len, to_peer))
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the

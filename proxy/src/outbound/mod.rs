@@ -157,9 +157,12 @@ async fn forward_mesh<R>(
         tracing::debug!(remote = %remote, error = %e, "outbound connection ended with an error");
         return;
     }
+    // Not held for the life of the connection.
+    let prefix_len = prefix.len() as u64;
+    drop(prefix);
     match net::copy(&mut local, &mut upstream).await {
         Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, prefix.len() as u64 + up + down);
+            metrics.bytes(OUTBOUND, prefix_len + up + down);
             metrics.connection(OUTBOUND, "forwarded");
         }
         Err(e) => {
