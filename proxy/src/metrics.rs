@@ -388,4 +388,30 @@ mod tests {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
     }
+
+    #[test]
+    fn request_series_are_a_fixed_set_whatever_the_status() {
+        let m = Metrics::new();
+        for status in [0, 101, 200, 204, 302, 404, 429, 503, 599, 999] {
+            for outcome in REQUEST_OUTCOMES {
+                m.request(status, outcome, 0.001);
+            }
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("trellis_requests_total{"))
+            .count();
+        assert_eq!(
+            series,
+            STATUS_CLASSES.len() * REQUEST_OUTCOMES.len(),
+            "{text}"
+        );
+        assert!(text.contains("trellis_requests_total{status=\"none\",decision=\"deny\"} 1"));
+        assert!(text.contains("trellis_requests_total{status=\"5xx\",decision=\"allow\"} 3"));
+        assert!(
+            text.contains("trellis_request_duration_seconds_count 40"),
+            "one histogram without labels: {text}"
+        );
+    }
 }

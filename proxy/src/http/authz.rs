@@ -173,3 +173,99 @@ impl<S> Authorize<S> {
         refused
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::Request;
+    use tower::ServiceExt;
+    use trellis_core::TrustDomain;
+
+    use super::*;
+    use crate::http::access::Entry;
+    use crate::http::{Connection, Http};
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
+    }
+
+    /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with
+    /// one DENY of `/admin/*`.
+    fn no_admin(metrics: &Metrics) -> Policies {
+        let yaml = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: b}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
+  action: DENY
+  rules:
+    - to: [{paths: [\"/admin/*\"]}]
+";
+        let loaded =
+            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let policy = loaded.policies[0].policy.to_proto();
+        let api = id("/ns/b/sa/api");
+        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_layer_answers_a_denied_request_itself_and_never_calls_the_service() {
+        let metrics = Arc::new(Metrics::new());
+        let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let web = id("/ns/a/sa/web");
+        let conn = Arc::new(Connection::new(
+            Arc::new(Http::with_access_log(metrics.clone(), false)),
+            web.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+            policies.clone(),
+        ));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = tower::service_fn({
+            let calls = calls.clone();
+            move |exchange: Exchange<()>| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                let ok = local(false, StatusCode::OK, GrpcCode::Unavailable, "from the app");
+                ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
+            }
+        });
+        let mut service = AuthorizeLayer::new(web, 8080, policies, metrics.clone()).layer(app);
+        let exchange = |path: &str, grpc: bool| {
+            let request = Request::get(path).body(()).unwrap();
+            Exchange {
+                entry: Entry::start(conn.clone(), &request, "http1"),
+                request,
+                grpc,
+                upgrading: false,
+            }
+        };
+        let mut call = async |path: &str, grpc: bool| {
+            let ready = service.ready().await.unwrap();
+            ready.call(exchange(path, grpc)).await.unwrap()
+        };
+
+        assert_eq!(call("/users", false).await.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let denied = call("/admin/x", false).await;
+        assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+        let denied = call("/admin/x", true).await;
+        assert_eq!(
+            denied.status(),
+            StatusCode::OK,
+            "gRPC errors travel in trailers"
+        );
+        assert_eq!(denied.headers()["grpc-status"], "7");
+        assert_eq!(
+            denied.headers()["grpc-message"],
+            "denied by policy b/no-admin rule 0"
+        );
+        let odd = call("/users/../admin/x", false).await;
+        assert_eq!(odd.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "the service was called for a refused request"
+        );
+    }
+}
