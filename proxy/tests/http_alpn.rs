@@ -100,6 +100,36 @@ async fn an_http1_client_makes_the_sidecars_settle_http1() {
 }
 
 #[tokio::test]
+async fn an_upgrade_crosses_the_pair_over_settled_http1() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let p = pair(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+
+    let tcp = TcpStream::connect(p.route).await.unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = ::http::Request::get("/ws")
+        .header("host", "api")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut upgraded = TokioIo::new(upgraded);
+    let frame = b"\x81\x05hello, then bytes the sidecar never parses \x00\xff";
+    assert_eq!(round_trip(&mut upgraded, frame).await.unwrap(), frame);
+    settled(&p.client, "outbound", "http/1.1", 1).await;
+    settled(&p.server, "inbound", "http/1.1", 1).await;
+}
+
+#[tokio::test]
 async fn grpc_calls_settle_h2_and_stream_through() {
     use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
