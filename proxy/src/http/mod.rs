@@ -1,16 +1,17 @@
 //! HTTP awareness on the inbound path: after the connection is
 //! authenticated and allowed at L4, ALPN or [`detect`] tells HTTP/1.x and
 //! HTTP/2 from opaque bytes, and [`serve`] proxies HTTP request by request
-//! to the local app with hyper.
+//! to the local app with hyper. (The outbound listeners run [`detect`]
+//! too, only to choose the ALPN they offer.)
 //!
 //! Each request goes through a tower stack: authorized on its own (method,
-//! path, headers, gRPC service; [`authz`]), checked against the rate limits
-//! ([`ratelimit`]), then forwarded. It carries the caller's verified identity in
-//! [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app over pooled
-//! keep-alive connections (HTTP/2 when it came as HTTP/2, so gRPC works),
-//! and its body streams through, never buffered whole. Upgrades
-//! (WebSocket) switch to a byte copy once the app agrees. A denied request
-//! never reaches the app and does not end the connection.
+//! path, headers, gRPC service; [`authz`]), checked against the rate
+//! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
+//! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
+//! over pooled keep-alive connections (HTTP/2 when it came as HTTP/2, so
+//! gRPC works), and its body streams through, never buffered whole.
+//! Upgrades (WebSocket) switch to a byte copy once the app agrees. A
+//! denied request never reaches the app and does not end the connection.
 //!
 //! This module never decides at L4 and never touches TLS: the listener in
 //! `inbound` has done both before calling [`serve`].
