@@ -322,6 +322,23 @@ mod tests {
         assert_eq!(&prefix[..], b"GET /adm", "every byte read is handed back");
     }
 
+    #[tokio::test]
+    async fn a_request_line_longer_than_the_peek_is_still_http() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut line = b"GET /admin?q=".to_vec();
+        line.resize(MAX_PEEK + 100, b'a');
+        line.extend_from_slice(b" HTTP/1.1\r\nhost: api\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut client, &line)
+            .await
+            .unwrap();
+        let (protocol, _) = detect(server).await.unwrap();
+        assert_eq!(
+            protocol,
+            Protocol::Http1,
+            "a long query must not make it bytes"
+        );
+    }
+
     #[test]
     fn maps_alpn_ids_to_protocols_and_back() {
         assert_eq!(Protocol::from_alpn(b"h2"), Some(Protocol::Http2));
