@@ -52,6 +52,72 @@ async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
     }
 }
 
+/// An app that reads each request body to its end and answers with the
+/// `x-trellis-peer-identity` values of the request's trailers, one a line.
+async fn trailer_app() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: ::http::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?;
+                    let seen: Vec<String> = body
+                        .trailers()
+                        .map(|t| t.get_all("x-trellis-peer-identity").iter())
+                        .into_iter()
+                        .flatten()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect();
+                    Ok::<_, hyper::Error>(::http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(seen.join("\n")),
+                    )))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_forged_identity_in_request_trailers_never_reaches_the_app() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let s = sidecar(&cp, trailer_app().await, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let tls = connect(&cp, s.inbound, &web()).await;
+    let (mut c, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = ::http::HeaderMap::new();
+    trailers.insert(
+        "x-trellis-peer-identity",
+        "spiffe://td.test/ns/kube-system/sa/admin".parse().unwrap(),
+    );
+    trailers.insert("x-other", "kept".parse().unwrap());
+    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(bytes::Bytes::from("body"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = ::http::Request::post("http://api/upload")
+        .version(::http::Version::HTTP_2)
+        .body(StreamBody::new(tokio_stream::iter(frames)))
+        .unwrap();
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "", "the app saw an identity in the trailers");
+}
+
 #[tokio::test]
 async fn response_bodies_stream_and_upgrades_pass_through() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
