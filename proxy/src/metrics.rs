@@ -86,17 +86,26 @@ pub struct Metrics {
     /// Denials before the first snapshot, under the mesh default `deny`.
     denied_without_snapshot: Counter,
     /// `trellis_requests_total` by status class and request outcome,
-    /// resolved once: `[class 1xx..5xx][outcome]`.
-    requests: [[Counter; REQUEST_OUTCOMES.len()]; 5],
+    /// resolved once: `[STATUS_CLASSES][REQUEST_OUTCOMES]`.
+    requests: [[Counter; REQUEST_OUTCOMES.len()]; STATUS_CLASSES.len()],
     request_duration: Histogram,
     rate_limited: Family<PolicyLabel, Counter>,
+    /// `trellis_alpn_total`, resolved once: `[inbound, outbound][ALPN_VALUES]`.
+    alpn: [[Counter; ALPN_VALUES.len()]; 2],
 }
+
+/// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
+/// between sidecars settled. Any other protocol ID counts as `none`, since
+/// the sidecar never serves it.
+pub const ALPN_VALUES: [&str; 3] = ["h2", "http/1.1", "none"];
 
 type PolicyLabel = [(&'static str, Arc<str>); 1];
 
 /// The `decision` label values of `trellis_requests_total`.
 pub const REQUEST_OUTCOMES: [&str; 4] = ["allow", "deny", "rate_limited", "invalid"];
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The `status` label values of `trellis_requests_total`: the class of the
+/// answer, or `none` when the caller left before there was one.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -168,8 +177,8 @@ impl Metrics {
         let requests_family = Family::<Labels2, Counter>::default();
         registry.register(
             "trellis_requests",
-            "Inbound HTTP requests by status class (1xx..5xx) and decision \
-             (allow, deny, rate_limited, invalid)",
+            "Inbound HTTP requests by status class (1xx..5xx, none when the caller left \
+             before an answer) and decision (allow, deny, rate_limited, invalid)",
             requests_family.clone(),
         );
         let requests = STATUS_CLASSES.map(|status| {
@@ -191,7 +200,22 @@ impl Metrics {
             "Inbound HTTP requests refused by a rate limit, by RateLimitPolicy (namespace/name)",
             rate_limited.clone(),
         );
+        let alpn_family = Family::<Labels2, Counter>::default();
+        registry.register(
+            "trellis_alpn",
+            "mTLS connections between sidecars by direction and the ALPN protocol the \
+             handshake settled (h2, http/1.1, none)",
+            alpn_family.clone(),
+        );
+        let alpn = [INBOUND, OUTBOUND].map(|direction| {
+            ALPN_VALUES.map(|alpn| {
+                alpn_family
+                    .get_or_create(&[("direction", direction), ("alpn", alpn)])
+                    .clone()
+            })
+        });
         Metrics {
+            alpn,
             requests,
             request_duration,
             rate_limited,
@@ -267,14 +291,28 @@ impl Metrics {
 
     /// Counts one finished HTTP request: `outcome` is one of
     /// [`REQUEST_OUTCOMES`]. No lock: every series was resolved up front.
+    /// `status` 0 means there was no answer.
     pub fn request(&self, status: u16, outcome: &'static str, seconds: f64) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        let class = match status {
+            0 => STATUS_CLASSES.len() - 1,
+            _ => usize::from(status / 100).clamp(1, 5) - 1,
+        };
         let index = REQUEST_OUTCOMES
             .iter()
             .position(|o| *o == outcome)
             .unwrap_or(0);
         self.requests[class][index].inc();
         self.request_duration.observe(seconds);
+    }
+
+    /// Counts an established mTLS connection by the ALPN protocol its
+    /// handshake settled. No lock: every series was resolved up front.
+    pub fn alpn(&self, direction: &'static str, settled: Option<&[u8]>) {
+        let direction = usize::from(direction == OUTBOUND);
+        let value = settled
+            .and_then(|id| ALPN_VALUES.iter().position(|v| v.as_bytes() == id))
+            .unwrap_or(ALPN_VALUES.len() - 1);
+        self.alpn[direction][value].inc();
     }
 
     /// The `trellis_rate_limited_total` series of `policy`, resolved when
@@ -349,5 +387,31 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn request_series_are_a_fixed_set_whatever_the_status() {
+        let m = Metrics::new();
+        for status in [0, 101, 200, 204, 302, 404, 429, 503, 599, 999] {
+            for outcome in REQUEST_OUTCOMES {
+                m.request(status, outcome, 0.001);
+            }
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("trellis_requests_total{"))
+            .count();
+        assert_eq!(
+            series,
+            STATUS_CLASSES.len() * REQUEST_OUTCOMES.len(),
+            "{text}"
+        );
+        assert!(text.contains("trellis_requests_total{status=\"none\",decision=\"deny\"} 1"));
+        assert!(text.contains("trellis_requests_total{status=\"5xx\",decision=\"allow\"} 3"));
+        assert!(
+            text.contains("trellis_request_duration_seconds_count 40"),
+            "one histogram without labels: {text}"
+        );
     }
 }

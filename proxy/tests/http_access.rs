@@ -79,3 +79,29 @@ async fn the_access_log_can_be_switched_off() {
     .await;
     assert!(access_lines(&logs).is_empty());
 }
+
+#[tokio::test]
+async fn a_request_the_caller_abandons_is_counted_without_a_status() {
+    use tokio::io::AsyncWriteExt;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut tls = connect(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    tls.write_all(b"GET /hang HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the app got the request", || app.seen.paths() == ["/hang"]).await;
+    drop(tls);
+    eventually("the abandoned request counted with status none", || {
+        s.has_sample(
+            "trellis_requests_total{status=\"none\",decision=\"allow\"}",
+            1,
+        )
+    })
+    .await;
+    assert!(s.has_sample(
+        "trellis_requests_total{status=\"1xx\",decision=\"allow\"}",
+        0
+    ));
+}

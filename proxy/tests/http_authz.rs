@@ -83,6 +83,79 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
 }
 
 #[tokio::test]
+async fn new_policies_decide_the_next_request_on_an_open_connection() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    let h2_get = |path: &str| {
+        let mut req = get(&format!("http://api{path}"), &[]);
+        *req.version_mut() = ::http::Version::HTTP_2;
+        req
+    };
+    let (status, _) = text(c1.send_request(get("/admin/x", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, _) = text(c2.send_request(h2_get("/admin/x")).await.unwrap()).await;
+    assert_eq!(status, 200);
+
+    let policies = vec![policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]")];
+    push_to(&cp, snapshot(2, "allow-mesh", policies), 1).await;
+    let (status, body) = text(c1.send_request(get("/admin/x", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-admin rule 0\n")
+    );
+    let (status, _) = text(c2.send_request(h2_get("/admin/x")).await.unwrap()).await;
+    assert_eq!(status, 403);
+    let (status, _) = text(c2.send_request(h2_get("/other")).await.unwrap()).await;
+    assert_eq!(
+        status, 200,
+        "the open connections still serve what is allowed"
+    );
+}
+
+/// Writes `request` raw on a fresh mTLS connection and reads the answer.
+async fn raw_request(
+    cp: &FakeControlPlane,
+    inbound: std::net::SocketAddr,
+    request: &[u8],
+) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = connect(cp, inbound, &web()).await;
+    tls.write_all(request).await.unwrap();
+    String::from_utf8_lossy(&read_to_end(&mut tls).await.unwrap()).into_owned()
+}
+
+#[tokio::test]
+async fn a_request_behind_empty_lines_is_still_decided() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]")];
+    push_to(&cp, snapshot(1, "allow-mesh", policies), 1).await;
+
+    // HTTP servers skip empty lines before a request line (RFC 9112), so
+    // they must not turn the request into bytes that skip the rules.
+    let answer = raw_request(
+        &cp,
+        s.inbound,
+        b"\r\n\r\nGET /admin/users HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.ends_with("denied by policy b/no-admin rule 0\n"),
+        "{answer}"
+    );
+    assert!(
+        app.seen.paths().is_empty(),
+        "the app saw the denied request"
+    );
+}
+
+#[tokio::test]
 async fn only_l7_rules_allow_http_and_never_raw_bytes() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
     let app = http_app().await;

@@ -52,6 +52,72 @@ async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
     }
 }
 
+/// An app that reads each request body to its end and answers with the
+/// `x-trellis-peer-identity` values of the request's trailers, one a line.
+async fn trailer_app() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: ::http::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?;
+                    let seen: Vec<String> = body
+                        .trailers()
+                        .map(|t| t.get_all("x-trellis-peer-identity").iter())
+                        .into_iter()
+                        .flatten()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect();
+                    Ok::<_, hyper::Error>(::http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(seen.join("\n")),
+                    )))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_forged_identity_in_request_trailers_never_reaches_the_app() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let s = sidecar(&cp, trailer_app().await, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let tls = connect(&cp, s.inbound, &web()).await;
+    let (mut c, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = ::http::HeaderMap::new();
+    trailers.insert(
+        "x-trellis-peer-identity",
+        "spiffe://td.test/ns/kube-system/sa/admin".parse().unwrap(),
+    );
+    trailers.insert("x-other", "kept".parse().unwrap());
+    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(bytes::Bytes::from("body"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = ::http::Request::post("http://api/upload")
+        .version(::http::Version::HTTP_2)
+        .body(StreamBody::new(tokio_stream::iter(frames)))
+        .unwrap();
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "", "the app saw an identity in the trailers");
+}
+
 #[tokio::test]
 async fn response_bodies_stream_and_upgrades_pass_through() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
@@ -82,6 +148,28 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
         .await
         .unwrap();
     assert_eq!(echoed, b"\x00binary after the upgrade\xff");
+}
+
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_not_passed_to_the_app() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    // After an h2c switch every request would be bytes the sidecar copies
+    // undecided: the app gets a plain HTTP/1.1 request instead.
+    let req = ::http::Request::get("/h2c")
+        .header("host", "api")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQAAP__")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, body) = text(c.send_request(req).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "GET /h2c HTTP/1.1");
 }
 
 #[tokio::test]
@@ -134,6 +222,101 @@ async fn grpc_unary_and_streaming_calls_go_through_a_sidecar_pair() {
         versions.push(snapshot.version);
     }
     assert_eq!(versions, [1, 2, 3]);
+}
+
+/// A gRPC app whose `Discovery/Watch` answers each message the caller
+/// streams with a snapshot numbered by the messages so far, for as long as
+/// the caller keeps the call open.
+#[derive(Clone)]
+struct PingPong;
+
+#[tonic::codegen::async_trait]
+impl trellis_proto::discovery::v1::discovery_server::Discovery for PingPong {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<
+        Result<trellis_proto::discovery::v1::Snapshot, tonic::Status>,
+    >;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<tonic::Streaming<trellis_proto::discovery::v1::WatchRequest>>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let mut requests = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut version = 0;
+            while let Ok(Some(_)) = requests.message().await {
+                version += 1;
+                let snapshot = trellis_proto::discovery::v1::Snapshot {
+                    version,
+                    ..Default::default()
+                };
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_grpc_call_stays_open_across_new_policies() {
+    use trellis_proto::discovery::v1::WatchRequest;
+    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+    use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(PingPong))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let p = pair(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut answers = DiscoveryClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(WatchRequest::default()).await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().version, 1);
+
+    // New policies reach the server sidecar while the call is open: a rate
+    // limit on another service, which this call is not under.
+    let mut snap = snapshot(2, "allow-mesh", vec![]);
+    snap.rate_limits = vec![trellis_proto::policy::v1::RateLimit {
+        name: "other".into(),
+        namespace: "b".into(),
+        selector: Some(trellis_proto::policy::v1::Selector {
+            spiffe_ids: vec![p.server.identity.to_string()],
+        }),
+        requests_per_second: 0.01,
+        burst: 1,
+        key: "source".into(),
+        matches: vec![trellis_proto::policy::v1::RateLimitMatch {
+            paths: vec!["/pkg.Other/*".into()],
+        }],
+    }];
+    push_to(&cp, snap, 2).await;
+    for version in 2..=5 {
+        tx.send(WatchRequest::default()).await.unwrap();
+        let answer = answers.message().await.unwrap().unwrap();
+        assert_eq!(answer.version, version);
+    }
+    drop(tx);
+    assert!(
+        answers.message().await.unwrap().is_none(),
+        "the call ends cleanly when the caller ends it"
+    );
 }
 
 /// An app that speaks first (like SMTP), then echoes.

@@ -3,7 +3,8 @@
 //! request metrics, both written once the request is over.
 //!
 //! An [`Entry`] is shared by the request body on its way to the app and
-//! the response body on its way back ([`Counted`]), which count the bytes;
+//! the response body on its way back ([`Counted`]), which count the bytes
+//! (and drop a caller's `x-trellis-peer-identity` from request trailers);
 //! the last one dropped writes the entry. Fields, in every line:
 //! `timestamp` (RFC 3339, UTC), `source` (the caller's SPIFFE ID),
 //! `destination` (the app address), `method`, `path` (without the query),
@@ -24,6 +25,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use trellis_core::policy::Decision;
 
 use super::Connection;
+use super::headers::PEER_IDENTITY;
 
 /// The tracing target of access-log lines.
 pub const ACCESS_TARGET: &str = "trellis::access";
@@ -140,15 +142,19 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let counter = match self.direction {
-                Direction::In => &self.entry.bytes_in,
-                Direction::Out => &self.entry.bytes_out,
-            };
-            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(data) = frame.data_ref() {
+                let counter = match self.direction {
+                    Direction::In => &self.entry.bytes_in,
+                    Direction::Out => &self.entry.bytes_out,
+                };
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            } else if let (Direction::In, Some(trailers)) = (self.direction, frame.trailers_mut()) {
+                // An app may read trailers like headers: a caller must not
+                // slip a forged identity in there either.
+                trailers.remove(PEER_IDENTITY);
+            }
         }
         polled
     }

@@ -1,14 +1,22 @@
-//! Protocol detection on a decrypted inbound stream: HTTP/2 with prior
-//! knowledge, HTTP/1.x, or anything else (opaque TCP).
+//! Protocol detection on a plaintext stream: HTTP/2 with prior knowledge,
+//! HTTP/1.x, or anything else (opaque TCP). The inbound listener runs it on
+//! the decrypted stream when ALPN settled nothing; the outbound listeners
+//! run it on the app's first bytes to choose the ALPN they offer.
 //!
 //! Detection reads the first bytes the client sends, up to [`MAX_PEEK`] or
 //! [`DETECT_TIMEOUT`], and hands them back in front of the stream
 //! ([`Rewind`]), so whichever protocol serves the connection sees every
 //! byte. A server-first protocol (SMTP, MySQL) sends nothing and falls to
-//! opaque TCP when the timeout passes. Detection errs towards opaque: only
-//! a complete HTTP/1 request line (`TOKEN SP TARGET SP HTTP/1.x`) or the
-//! HTTP/2 preface count as HTTP, so a binary or line protocol that happens
-//! to start with letters is never fed to an HTTP parser.
+//! opaque TCP when the timeout passes. A complete HTTP/1 request line
+//! (`TOKEN SP TARGET SP HTTP/1.x`, after the empty lines RFC 9112 lets a
+//! server skip) or the HTTP/2 preface count as HTTP at once; bytes that
+//! cannot start either are opaque at once, so a binary or line protocol is
+//! never fed to an HTTP parser. What is still a likely start of HTTP when
+//! the timeout or [`MAX_PEEK`] ends the wait (a method and a space, part of
+//! a standard method, part of the preface) is served as HTTP: an HTTP
+//! server would go on reading it as a request, so passing it as bytes would
+//! let a client that trickles its request line slip past the per-request
+//! rules.
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +33,11 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 pub const MAX_PEEK: usize = 8 * 1024;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The ALPN protocol ID of HTTP/2 over TLS (RFC 9113).
+pub const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol ID of HTTP/1.1 (RFC 9112).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// What the client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +56,25 @@ impl Protocol {
             Self::Opaque => "tcp",
         }
     }
+
+    /// The ALPN protocol ID that announces this protocol on TLS; none for
+    /// opaque TCP, which must never be mistaken for HTTP.
+    pub fn alpn(self) -> Option<&'static [u8]> {
+        match self {
+            Self::Http1 => Some(ALPN_HTTP1),
+            Self::Http2 => Some(ALPN_H2),
+            Self::Opaque => None,
+        }
+    }
+
+    /// The protocol a settled ALPN protocol ID names, if it is HTTP.
+    pub fn from_alpn(id: &[u8]) -> Option<Self> {
+        match id {
+            ALPN_H2 => Some(Self::Http2),
+            ALPN_HTTP1 => Some(Self::Http1),
+            _ => None,
+        }
+    }
 }
 
 /// Reads from `io` until its protocol is known, then returns it with the
@@ -58,13 +90,13 @@ where
             break protocol;
         }
         if buf.len() >= MAX_PEEK {
-            break Protocol::Opaque;
+            break classify_unfinished(&buf);
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => break Protocol::Opaque,
+            Ok(Ok(0)) => break classify_unfinished(&buf),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => break Protocol::Opaque,
+            Err(_) => break classify_unfinished(&buf),
         }
     };
     Ok((protocol, Rewind { prefix: buf, io }))
@@ -73,6 +105,7 @@ where
 /// The protocol of a stream starting with `buf`, or `None` while more bytes
 /// could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    let buf = skip_empty_lines(buf);
     if buf.is_empty() {
         return None;
     }
@@ -83,6 +116,7 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     // HTTP/1: a method token, one space, then the rest of the request line.
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
     match buf.get(method_len) {
+        // No method is this long; a word that is would not be HTTP.
         None if method_len < 32 => return None,
         Some(b' ') if method_len > 0 => {}
         _ => return Some(Protocol::Opaque),
@@ -104,6 +138,56 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     })
 }
 
+/// The protocol of a stream that sent only `buf` before the wait ended
+/// (timeout, end of stream or [`MAX_PEEK`]). The start of a request an
+/// HTTP server would go on reading is HTTP: part of the preface, a standard
+/// method and a space (`GET /adm`), or part of a standard method (`GE`).
+/// Other text (`ping`, `hello mesh`) stays opaque, as line protocols that
+/// wait for an answer before ending their line need.
+fn classify_unfinished(buf: &[u8]) -> Protocol {
+    if let Some(protocol) = classify(buf) {
+        return protocol;
+    }
+    let start = skip_empty_lines(buf);
+    if start.is_empty() {
+        Protocol::Opaque
+    } else if H2_PREFACE.starts_with(start) {
+        Protocol::Http2
+    } else {
+        let token_len = start.iter().take_while(|b| is_tchar(**b)).count();
+        let (token, rest) = start.split_at(token_len);
+        let http = match rest.first() {
+            None => METHODS.iter().any(|m| m.starts_with(token)),
+            Some(b' ') => METHODS.contains(&token),
+            Some(_) => false,
+        };
+        if http {
+            Protocol::Http1
+        } else {
+            Protocol::Opaque
+        }
+    }
+}
+
+/// The methods of RFC 9110 and PATCH.
+const METHODS: [&[u8]; 9] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+];
+
+/// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
+/// a request line (RFC 9112 section 2.2).
+fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
+    loop {
+        if let Some(rest) = buf.strip_prefix(b"\r\n") {
+            buf = rest;
+        } else if let Some(rest) = buf.strip_prefix(b"\n") {
+            buf = rest;
+        } else {
+            return buf;
+        }
+    }
+}
+
 /// RFC 9110 `tchar`.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -117,8 +201,22 @@ pub struct Rewind<S> {
 }
 
 impl<S> Rewind<S> {
+    /// `io` with nothing put back.
+    pub fn new(io: S) -> Self {
+        Rewind {
+            prefix: BytesMut::new(),
+            io,
+        }
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.io
+    }
+
+    /// The bytes read so far and the stream after them: a byte copy
+    /// writes the prefix once, then runs on the stream itself.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.prefix, self.io)
     }
 }
 
@@ -183,6 +281,71 @@ mod tests {
     fn recognises_the_h2_preface_only_when_complete() {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
+    }
+
+    #[test]
+    fn skips_the_empty_lines_an_http1_server_skips() {
+        assert_eq!(
+            classify(b"\r\n\r\nGET /admin HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\nGET /admin HTTP/1.1\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\n"), None);
+    }
+
+    #[test]
+    fn what_could_still_be_http_when_the_wait_ends_is_http() {
+        // A trickled request line must not pass as bytes.
+        assert_eq!(classify_unfinished(b"GET /admin"), Protocol::Http1);
+        assert_eq!(classify_unfinished(b"DELE"), Protocol::Http1);
+        assert_eq!(classify_unfinished(b"DELETE /admin?q=a"), Protocol::Http1);
+        assert_eq!(classify_unfinished(&H2_PREFACE[..16]), Protocol::Http2);
+        // Nothing at all (server-first) and what cannot be HTTP stay opaque.
+        assert_eq!(classify_unfinished(b""), Protocol::Opaque);
+        assert_eq!(classify_unfinished(b"\r\n"), Protocol::Opaque);
+        assert_eq!(classify_unfinished(b"\x00\x01"), Protocol::Opaque);
+        assert_eq!(classify_unfinished(b"ping"), Protocol::Opaque);
+        assert_eq!(classify_unfinished(b"hello mesh"), Protocol::Opaque);
+        assert_eq!(classify_unfinished(&[b'A'; MAX_PEEK]), Protocol::Opaque);
+    }
+
+    #[tokio::test]
+    async fn a_request_line_trickled_past_the_timeout_is_still_http() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET /adm")
+            .await
+            .unwrap();
+        // The rest never comes before the timeout.
+        let (protocol, rewind) = detect(server).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        let (prefix, _) = rewind.into_parts();
+        assert_eq!(&prefix[..], b"GET /adm", "every byte read is handed back");
+    }
+
+    #[tokio::test]
+    async fn a_request_line_longer_than_the_peek_is_still_http() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut line = b"GET /admin?q=".to_vec();
+        line.resize(MAX_PEEK + 100, b'a');
+        line.extend_from_slice(b" HTTP/1.1\r\nhost: api\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut client, &line)
+            .await
+            .unwrap();
+        let (protocol, _) = detect(server).await.unwrap();
+        assert_eq!(
+            protocol,
+            Protocol::Http1,
+            "a long query must not make it bytes"
+        );
+    }
+
+    #[test]
+    fn maps_alpn_ids_to_protocols_and_back() {
+        assert_eq!(Protocol::from_alpn(b"h2"), Some(Protocol::Http2));
+        assert_eq!(Protocol::from_alpn(b"http/1.1"), Some(Protocol::Http1));
+        assert_eq!(Protocol::from_alpn(b"grpc-exp"), None);
+        assert_eq!(Protocol::Opaque.alpn(), None);
+        assert_eq!(Protocol::Http2.alpn(), Some(&b"h2"[..]));
     }
 
     #[test]

@@ -13,37 +13,57 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` with an
-/// `Upgrade` header), on HTTP/1.1.
+/// `Upgrade` header), on HTTP/1.1. An upgrade to `h2c` is not passed on:
+/// what follows it is HTTP/2 requests the sidecar would copy as bytes,
+/// undecided, so the app gets the request without it instead.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    headers.contains_key(header::UPGRADE)
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && !has_token(headers, header::UPGRADE, "h2c")
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+/// The comma-separated tokens of every `name` header, without parameters.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
-        .get_all(header::CONNECTION)
-        .iter()
+        .get_all(name)
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(|t| t.split(';').next().unwrap_or_default().trim())
 }
 
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// `Connection` tokens that need no lookup: headers removed anyway, and
+/// `close`. The usual `Connection: keep-alive` then costs no allocation.
+const REMOVED_ANYWAY: [&str; 8] = [
+    "close",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "transfer-encoding",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
 /// Removes the hop-by-hop headers: `Connection` and every header it names,
-/// `Keep-Alive`, `Proxy-*`, `TE` (except `TE: trailers`, which gRPC needs
-/// end to end), `Transfer-Encoding`, and `Upgrade` unless `upgrading`
-/// (then `Connection: upgrade` is kept with it).
+/// `Keep-Alive`, `Proxy-*`, `TE` (except its `trailers`, which gRPC needs
+/// end to end and which the sidecar honours by passing trailers on),
+/// `Transfer-Encoding`, and `Upgrade` unless `upgrading` (then
+/// `Connection: upgrade` is kept with it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Read first: a client sending TE also names it in `Connection`.
+    let te_trailers = has_token(headers, header::TE, "trailers");
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+            .filter(|t| !REMOVED_ANYWAY.iter().any(|r| t.eq_ignore_ascii_case(r)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if !(upgrading && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+            headers.remove(&name);
         }
         headers.remove(header::CONNECTION);
     }
@@ -52,10 +72,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     headers.remove(header::PROXY_AUTHENTICATE);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -114,6 +130,29 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn keeps_te_trailers_that_connection_names_or_that_come_with_other_codings() {
+        let mut h = map(&[("connection", "TE"), ("te", "trailers")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = map(&[("te", "gzip;q=0.5, Trailers")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_not_an_upgrade_and_is_removed() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!is_upgrade(&h));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

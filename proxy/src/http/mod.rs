@@ -1,33 +1,38 @@
 //! HTTP awareness on the inbound path: after the connection is
-//! authenticated and allowed at L4, [`detect`] tells HTTP/1.x and HTTP/2
-//! from opaque bytes, and [`serve`] proxies HTTP request by request to the
-//! local app with hyper.
+//! authenticated and allowed at L4, ALPN or [`detect`] tells HTTP/1.x and
+//! HTTP/2 from opaque bytes, and [`serve`] proxies HTTP request by request
+//! to the local app with hyper. (The outbound listeners run [`detect`]
+//! too, only to choose the ALPN they offer.)
 //!
-//! Each request is authorized on its own (method, path, headers, gRPC
-//! service), carries the caller's verified identity in
-//! [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app over pooled
-//! keep-alive connections (HTTP/2 when it came as HTTP/2, so gRPC works),
-//! and its body streams through, never buffered whole. Upgrades
-//! (WebSocket) switch to a byte copy once the app agrees. A denied request
-//! never reaches the app and does not end the connection.
+//! Each request goes through a tower stack: authorized on its own (method,
+//! path, headers, gRPC service; [`authz`]), checked against the rate
+//! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
+//! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
+//! over pooled keep-alive connections (HTTP/2 when it came as HTTP/2, so
+//! gRPC works), and its body streams through, never buffered whole.
+//! Upgrades (WebSocket) switch to a byte copy once the app agrees. A
+//! denied request never reaches the app and does not end the connection.
 //!
 //! This module never decides at L4 and never touches TLS: the listener in
 //! `inbound` has done both before calling [`serve`].
 
 pub mod access;
+pub mod authz;
 pub mod detect;
 pub mod headers;
-mod proxy;
+pub mod proxy;
 pub mod ratelimit;
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
 use http::uri::Authority;
+use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -35,12 +40,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 
 pub use access::ACCESS_TARGET;
 pub use detect::{Protocol, Rewind, detect};
 
 use access::Counted;
+use authz::AuthorizeLayer;
+use proxy::Exchange;
+use ratelimit::RateLimitLayer;
 
 use crate::metrics::Metrics;
 use crate::policy::Policies;
@@ -123,16 +132,36 @@ impl Connection {
     }
 }
 
-/// Serves HTTP (`protocol` as detected) on `io` until the client is done.
+/// Serves HTTP (`protocol` as settled by ALPN or detected) on `io` until
+/// the client is done. Each request goes through the connection's request
+/// stack: [`Authorize`](authz::Authorize), then
+/// [`RateLimit`](ratelimit::RateLimit), then [`proxy::forward`] to the app.
 pub async fn serve<S>(conn: Connection, protocol: Protocol, io: S) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
-    let service = hyper::service::service_fn(move |req| {
+    let forward = {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(conn, req, protocol).await) }
-    });
+        tower::service_fn(move |exchange| proxy::forward(conn.clone(), exchange))
+    };
+    let stack = ServiceBuilder::new()
+        .layer(AuthorizeLayer::new(
+            conn.peer.clone(),
+            conn.target.port(),
+            conn.policies.clone(),
+            conn.http.metrics.clone(),
+        ))
+        .layer(RateLimitLayer::new(
+            conn.peer.clone(),
+            conn.policies.clone(),
+        ))
+        .service(forward);
+    let service = Stack {
+        conn,
+        protocol,
+        stack: RefCell::new(stack),
+    };
     let io = TokioIo::new(io);
     match protocol {
         Protocol::Http2 => {
@@ -148,5 +177,35 @@ where
                 .with_upgrades()
                 .await
         }
+    }
+}
+
+/// The request stack of one connection, as hyper calls it.
+///
+/// hyper calls a connection's service from the connection's own task, one
+/// request at a time (HTTP/2 streams run concurrently only after `call`
+/// returns their future), so the stack needs no lock: a `RefCell` lends it
+/// to each call. Readiness is polled before every call, which is where the
+/// layers pick up new policies; every layer of this stack is always ready.
+struct Stack<S> {
+    conn: Arc<Connection>,
+    protocol: Protocol,
+    stack: RefCell<S>,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for Stack<S>
+where
+    S: tower::Service<Exchange, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn call(&self, req: Request<Incoming>) -> S::Future {
+        let exchange = Exchange::start(&self.conn, req, self.protocol);
+        let mut stack = self.stack.borrow_mut();
+        let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+        debug_assert!(ready.is_ready(), "request layers never apply backpressure");
+        stack.call(exchange)
     }
 }

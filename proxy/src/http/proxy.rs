@@ -1,7 +1,12 @@
-//! One request through the sidecar: authorized, cleaned of hop-by-hop
-//! headers, given the verified identity, sent to the app over the pooled
-//! client of its HTTP version, and answered with the app's streamed
-//! response, or with a short local answer when the sidecar refuses it.
+//! One request through the sidecar: taken from the caller ([`Exchange`],
+//! cleaned of hop-by-hop headers and given the verified identity), passed
+//! through the request stack's layers, sent to the app over the pooled
+//! client of its HTTP version ([`forward`]), and answered with the app's
+//! streamed response, or with a short local answer ([`local`]) when the
+//! sidecar refuses it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -12,17 +17,11 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use trellis_core::policy::HttpRequest;
-use trellis_core::policy::l7;
-
-use std::sync::Arc;
-
 use super::access::{Counted, Direction, Entry};
 use super::{Body, Connection, Protocol, headers};
-use crate::policy;
 
 /// The body of a response before it is counted: the app's or the sidecar's.
-type LocalBody = Either<Incoming, Full<Bytes>>;
+pub type LocalBody = Either<Incoming, Full<Bytes>>;
 
 /// gRPC status codes the sidecar answers with.
 #[derive(Debug, Clone, Copy)]
@@ -34,26 +33,57 @@ pub enum GrpcCode {
 }
 
 /// Whether the request is gRPC (its answers then carry `grpc-status`).
-pub fn is_grpc(req: &Request<Incoming>) -> bool {
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-pub(super) async fn handle(
-    conn: Arc<Connection>,
-    mut req: Request<Incoming>,
-    protocol: Protocol,
-) -> Response<Body> {
-    let mut entry = Entry::start(conn.clone(), &req, protocol.as_str());
-    let grpc = is_grpc(&req);
-    let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    headers::remove_hop_by_hop(req.headers_mut(), upgrading);
-    // Before deciding, so rules on headers see what the app will see.
-    headers::set_identity(req.headers_mut(), &conn.identity);
-    if let Some(refused) = authorize(&conn, &req, grpc, &mut entry) {
-        return finish(entry, refused);
+/// One request on its way through the request stack of a connection
+/// ([`Authorize`](super::authz::Authorize), then
+/// [`RateLimit`](super::ratelimit::RateLimit), then [`forward`]). A layer
+/// that refuses it answers with [`finish`], having said why in `entry`.
+pub struct Exchange<B = Incoming> {
+    pub request: Request<B>,
+    /// Written to the access log and the metrics when the request is over.
+    pub entry: Entry,
+    /// Whether answers carry `grpc-status` (a gRPC request).
+    pub grpc: bool,
+    /// Whether it asks to switch protocols (an HTTP/1.1 upgrade).
+    pub upgrading: bool,
+}
+
+impl Exchange {
+    /// Takes `req` from the caller: hop-by-hop headers removed and the
+    /// verified identity set before any layer decides, so rules on headers
+    /// see what the app will see.
+    pub fn start(conn: &Arc<Connection>, mut req: Request<Incoming>, protocol: Protocol) -> Self {
+        let entry = Entry::start(conn.clone(), &req, protocol.as_str());
+        let grpc = is_grpc(&req);
+        let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        headers::remove_hop_by_hop(req.headers_mut(), upgrading);
+        headers::set_identity(req.headers_mut(), &conn.identity);
+        Exchange {
+            request: req,
+            entry,
+            grpc,
+            upgrading,
+        }
     }
+}
+
+/// The end of the stack: sends the request to the app over the pooled
+/// client of its HTTP version and streams the app's response back.
+pub async fn forward(
+    conn: Arc<Connection>,
+    exchange: Exchange,
+) -> Result<Response<Body>, Infallible> {
+    let Exchange {
+        request: mut req,
+        entry,
+        grpc,
+        upgrading,
+    } = exchange;
     let entry = Arc::new(entry);
     let client = if req.version() == Version::HTTP_2 {
         &conn.http.h2
@@ -94,92 +124,14 @@ pub(super) async fn handle(
     }
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
     entry.set_status(response.status());
-    response.map(|body| Counted::new(body, entry, Direction::Out))
+    Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
 }
 
-/// A response the sidecar wrote, logged with `entry`.
-fn finish(entry: Entry, response: Response<LocalBody>) -> Response<Body> {
+/// A response the sidecar wrote instead of the app, logged with `entry`.
+pub fn finish(entry: Entry, response: Response<LocalBody>) -> Response<Body> {
     entry.set_status(response.status());
     let entry = Arc::new(entry);
     response.map(|body| Counted::new(body, entry, Direction::Out))
-}
-
-/// Decides `req` under the policies in force now; `Some` is the answer to
-/// send instead of forwarding it.
-fn authorize(
-    conn: &Connection,
-    req: &Request<Incoming>,
-    grpc: bool,
-    entry: &mut Entry,
-) -> Option<Response<LocalBody>> {
-    let metrics = &conn.http.metrics;
-    // An `Arc` out of the channel: the read lock is held only to clone it.
-    let current = conn.policies.borrow().clone();
-    let path = req.uri().path();
-    if current.as_ref().is_some_and(|p| p.set.has_l7()) && !l7::is_normalized(path) {
-        // Rules match paths as written: `/a/../admin` must not pass for
-        // something a rule on `/admin` does not see.
-        entry.outcome = "invalid";
-        return Some(local(
-            grpc,
-            StatusCode::BAD_REQUEST,
-            GrpcCode::InvalidArgument,
-            "path has empty, '.' or '..' segments",
-        ));
-    }
-    let request = HttpRequest {
-        method: req.method().as_str(),
-        path,
-        headers: req.headers(),
-    };
-    let port = conn.target.port();
-    let decision = policy::authorize_request(current.as_deref(), &conn.peer, port, &request);
-    policy::count(current.as_deref(), &decision, metrics);
-    for audit in &decision.audits {
-        tracing::warn!(
-            peer = %conn.peer,
-            port,
-            method = %request.method,
-            path,
-            decision = %"audit",
-            policy = %audit.policy,
-            rule = audit.rule,
-            "inbound request: would deny (AUDIT, not enforced)"
-        );
-    }
-    let allowed = decision.is_allowed();
-    let message = (!allowed).then(|| match decision.rule() {
-        Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
-        None => format!("denied by policy {}", decision.policy_label()),
-    });
-    entry.decision = Some(decision);
-    let Some(message) = message else {
-        let limits = &current.as_ref()?.rate_limits;
-        if limits.is_empty() {
-            return None;
-        }
-        let limited = limits.check(&conn.peer, path).err()?;
-        entry.outcome = "rate_limited";
-        let mut response = local(
-            grpc,
-            StatusCode::TOO_MANY_REQUESTS,
-            GrpcCode::ResourceExhausted,
-            format!("rate limited by policy {}", limited.policy),
-        );
-        let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        entry.limit = Some(limited.policy);
-        return Some(response);
-    };
-    entry.outcome = "deny";
-    Some(local(
-        grpc,
-        StatusCode::FORBIDDEN,
-        GrpcCode::PermissionDenied,
-        message,
-    ))
 }
 
 /// Copies bytes between the two upgraded connections until both are done.

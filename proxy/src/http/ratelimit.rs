@@ -1,6 +1,14 @@
 //! Rate limits in force on this sidecar ([`RateLimits`]), compiled from the
 //! snapshot's `RateLimitPolicy`s: token buckets of `burst` requests that
-//! refill at `requestsPerSecond`, one per key (caller, path, or both).
+//! refill at `requestsPerSecond`, one per key (caller, path, or both); and
+//! the tower layer that applies them to each request ([`RateLimitLayer`]):
+//! over a limit, the request is answered 429 with `Retry-After` (gRPC:
+//! `RESOURCE_EXHAUSTED`), counted in `trellis_rate_limited_total`, and
+//! never reaches the inner service.
+//!
+//! The layer reads the limits from the connection's policy `watch` channel
+//! when the stack is polled for readiness, and only when they changed, so
+//! a request takes no lock to find them.
 //!
 //! Buckets live in sharded maps (a short lock on one of [`SHARDS`] maps per
 //! request, never held across an await) with at most [`MAX_KEYS`] keys per
@@ -9,18 +17,29 @@
 //! shard starts over. Internal callers are limited like external ones.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::Either;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, validate_rate_limit,
 };
 use trellis_proto::policy::v1 as pb;
 
+use super::Body;
+use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 
 pub const SHARDS: usize = 16;
 pub const MAX_KEYS: usize = 4096;
@@ -196,12 +215,102 @@ impl Limit {
     }
 }
 
+/// Wraps a service in [`RateLimit`].
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    peer: SpiffeId,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+}
+
+impl RateLimitLayer {
+    /// Limits requests from `peer` by the rate limits of the policies
+    /// `policies` holds.
+    pub fn new(peer: SpiffeId, policies: watch::Receiver<Option<Arc<Policies>>>) -> Self {
+        RateLimitLayer { peer, policies }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        let mut policies = self.policies.clone();
+        let current = policies.borrow_and_update().clone();
+        RateLimit {
+            inner,
+            peer: self.peer.clone(),
+            policies,
+            current,
+        }
+    }
+}
+
+/// Answers requests over a rate limit; passes the others to `S`.
+pub struct RateLimit<S> {
+    inner: S,
+    peer: SpiffeId,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+    /// What `policies` held when last polled.
+    current: Option<Arc<Policies>>,
+}
+
+impl<S, B> Service<Exchange<B>> for RateLimit<S>
+where
+    S: Service<Exchange<B>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // An atomic load unless the policies changed; a closed channel
+        // keeps the last limits.
+        if self.policies.has_changed().unwrap_or(false) {
+            self.current = self.policies.borrow_and_update().clone();
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
+        let limits = self.current.as_ref().map(|p| &p.rate_limits);
+        let limited = match limits {
+            Some(limits) if !limits.is_empty() => limits
+                .check(&self.peer, exchange.request.uri().path())
+                .err(),
+            _ => None,
+        };
+        let Some(limited) = limited else {
+            return Either::Right(self.inner.call(exchange));
+        };
+        let response = too_many_requests(exchange.grpc, &limited);
+        exchange.entry.outcome = "rate_limited";
+        exchange.entry.limit = Some(limited.policy);
+        Either::Left(ready(Ok(finish(exchange.entry, response))))
+    }
+}
+
+/// 429 naming the limit, with `Retry-After` in whole seconds (at least 1);
+/// for gRPC, `RESOURCE_EXHAUSTED`.
+fn too_many_requests(grpc: bool, limited: &Limited) -> Response<LocalBody> {
+    let mut response = local(
+        grpc,
+        StatusCode::TOO_MANY_REQUESTS,
+        GrpcCode::ResourceExhausted,
+        format!("rate limited by policy {}", limited.policy),
+    );
+    let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn limits(rps: f64, burst: u32, key: &str) -> RateLimits {
-        let raw = pb::RateLimit {
+    fn raw(rps: f64, burst: u32, key: &str) -> pb::RateLimit {
+        pb::RateLimit {
             name: "l".into(),
             namespace: "n".into(),
             selector: Some(pb::Selector {
@@ -213,9 +322,15 @@ mod tests {
             matches: vec![pb::RateLimitMatch {
                 paths: vec!["/search/*".into()],
             }],
-        };
-        let local = SpiffeId::parse("spiffe://td/ns/b/sa/api").unwrap();
-        RateLimits::compile(&[raw], &local, &Metrics::new()).unwrap()
+        }
+    }
+
+    fn api() -> SpiffeId {
+        SpiffeId::parse("spiffe://td/ns/b/sa/api").unwrap()
+    }
+
+    fn limits(rps: f64, burst: u32, key: &str) -> RateLimits {
+        RateLimits::compile(&[raw(rps, burst, key)], &api(), &Metrics::new()).unwrap()
     }
 
     #[test]
@@ -246,5 +361,95 @@ mod tests {
         assert!(l.check(&a, "/search/x").is_ok());
         assert!(l.check(&b, "/search/x").is_err());
         assert!(l.check(&b, "/search/y").is_ok());
+    }
+
+    /// The layer over a service that counts its calls and answers 200.
+    #[tokio::test]
+    async fn the_layer_answers_over_the_limit_itself_and_never_calls_the_service() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use http::Request;
+        use tower::ServiceExt;
+
+        use crate::http::access::Entry;
+        use crate::http::{Connection, Http};
+
+        let metrics = Arc::new(Metrics::new());
+        let policies = Policies::compile_in(
+            1,
+            &api(),
+            "allow-mesh".into(),
+            Vec::new(),
+            vec![raw(0.001, 1, "source")],
+            &[],
+            &metrics,
+        )
+        .unwrap();
+        let (_keep, policies) = watch::channel(Some(Arc::new(policies)));
+        let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let conn = Arc::new(Connection::new(
+            Arc::new(Http::with_access_log(metrics.clone(), false)),
+            web.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+            policies.clone(),
+        ));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = tower::service_fn({
+            let calls = calls.clone();
+            move |exchange: Exchange<()>| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                let ok = local(false, StatusCode::OK, GrpcCode::Unavailable, "from the app");
+                ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
+            }
+        });
+        let mut service = RateLimitLayer::new(web, policies).layer(app);
+        let exchange = |grpc: bool| {
+            let request = Request::get("/search/q").body(()).unwrap();
+            Exchange {
+                entry: Entry::start(conn.clone(), &request, "http1"),
+                request,
+                grpc,
+                upgrading: false,
+            }
+        };
+
+        let first = service.ready().await.unwrap().call(exchange(false)).await;
+        assert_eq!(first.unwrap().status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        let limited = service.ready().await.unwrap().call(exchange(false)).await;
+        let limited = limited.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry_after: u64 = limited.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1, "Retry-After {retry_after}");
+
+        let grpc = service.ready().await.unwrap().call(exchange(true)).await;
+        let grpc = grpc.unwrap();
+        assert_eq!(
+            grpc.status(),
+            StatusCode::OK,
+            "gRPC errors travel in trailers"
+        );
+        assert_eq!(grpc.headers()["grpc-status"], "8");
+        assert_eq!(grpc.headers()["grpc-message"], "rate limited by policy n/l");
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "the service was called over the limit"
+        );
+
+        drop((limited, grpc));
+        let text = metrics.encode();
+        for sample in [
+            "trellis_rate_limited_total{policy=\"n/l\"} 2",
+            "trellis_requests_total{status=\"4xx\",decision=\"rate_limited\"} 1",
+            "trellis_requests_total{status=\"2xx\",decision=\"rate_limited\"} 1",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from\n{text}");
+        }
     }
 }

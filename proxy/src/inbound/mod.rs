@@ -9,18 +9,22 @@
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off).
 //!
-//! An allowed connection is forwarded by what it carries: on a port
-//! declared opaque, or when detection finds no HTTP, bytes are copied;
-//! HTTP is handed to [`crate::http`], which decides every request again.
+//! An allowed connection is forwarded by what it carries: HTTP settled by
+//! ALPN in the handshake, or else found by detection, is handed to
+//! [`crate::http`], which decides every request again; on a port declared
+//! opaque (where the handshake never settles HTTP), or when detection
+//! finds no HTTP, bytes are copied.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use rustls::server::Acceptor;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
@@ -61,6 +65,19 @@ pub struct Shared {
     /// The pooled clients to the app, for HTTP connections.
     pub http: Arc<crate::http::Http>,
     pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// Whether `port` is opaque: declared so on this sidecar, or mesh-wide
+    /// (in the snapshot in force).
+    fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
+            || self
+                .policies
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.is_opaque(port))
+    }
 }
 
 impl Inbound {
@@ -113,14 +130,30 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     // Authenticate: the configs current now serve this connection for its
     // whole life; a rotation only affects later connections.
     let tls = shared.tls.borrow().clone();
-    let Some(config) = tls.server() else {
+    let (Some(server), Some(http_server)) = (tls.server(), tls.http_server()) else {
         tracing::warn!(%client, "inbound connection refused: no certificate yet");
         metrics.handshake_failure(INBOUND, "no_local_certificate");
         metrics.connection(INBOUND, "refused");
         return;
     };
-    let accept = TlsAcceptor::from(config.clone()).accept(tcp);
-    let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, accept).await {
+    let opaque = shared.is_opaque(target.port());
+    let handshake = async {
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        // HTTP is settled by ALPN only where it may be served; any other
+        // offer (or none) gets the config that settles nothing, so the
+        // handshake goes on and detection decides.
+        let offers_http = hello
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut ids| ids.any(|id| http::Protocol::from_alpn(id).is_some()));
+        let config = if offers_http && !opaque {
+            http_server
+        } else {
+            server
+        };
+        hello.into_stream(config.clone()).await
+    };
+    let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
@@ -137,6 +170,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         }
     };
     drop(tls);
+    metrics.alpn(INBOUND, stream.get_ref().1.alpn_protocol());
     let peer = match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
         Ok(peer) => peer,
         Err(e) => {
@@ -252,8 +286,10 @@ enum ForwardError {
 }
 
 /// Forwards an allowed connection to the app at `target`: ports declared
-/// opaque (here or mesh-wide) and streams that are not HTTP as bytes (unless `http_only`),
-/// HTTP request by request. Sets `is_http` once it knows.
+/// opaque (here or mesh-wide) and streams that are not HTTP as bytes
+/// (unless `http_only`), HTTP request by request. The protocol ALPN settled
+/// is served without looking at the bytes; without one, detection decides.
+/// Sets `is_http` once it knows.
 async fn forward(
     shared: &Shared,
     stream: TlsStream<TcpStream>,
@@ -263,27 +299,31 @@ async fn forward(
     http_only: bool,
     is_http: &std::sync::atomic::AtomicBool,
 ) -> Result<Forwarded, ForwardError> {
-    // Opaque: declared so on this sidecar, or mesh-wide (in the snapshot).
-    let port = target.port();
-    let mesh_opaque = || {
-        policies
-            .borrow()
-            .as_ref()
-            .is_some_and(|p| p.is_opaque(port))
-    };
-    if shared.opaque_ports.contains(&port) || mesh_opaque() {
-        if http_only {
-            return Err(ForwardError::NotHttp);
+    let settled = stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .and_then(http::Protocol::from_alpn);
+    let (protocol, stream) = match settled {
+        Some(protocol) => (protocol, http::Rewind::new(stream)),
+        // The handshake never settles HTTP on an opaque port.
+        None if shared.is_opaque(target.port()) => {
+            (http::Protocol::Opaque, http::Rewind::new(stream))
         }
-        return copy_to_app(stream, target).await;
-    }
-    let (protocol, stream) = http::detect(stream).await?;
-    tracing::debug!(%peer, protocol = protocol.as_str(), "inbound protocol detected");
+        None => http::detect(stream).await?,
+    };
+    tracing::debug!(
+        %peer,
+        protocol = protocol.as_str(),
+        via = if settled.is_some() { "alpn" } else { "detection" },
+        "inbound protocol"
+    );
     if protocol == http::Protocol::Opaque {
         if http_only {
             return Err(ForwardError::NotHttp);
         }
-        return copy_to_app(stream, target).await;
+        let (prefix, stream) = stream.into_parts();
+        return copy_to_app(stream, prefix, target).await;
     }
     is_http.store(true, std::sync::atomic::Ordering::Relaxed);
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
@@ -291,15 +331,22 @@ async fn forward(
     Ok(Forwarded::Http)
 }
 
-async fn copy_to_app<S>(mut stream: S, target: SocketAddr) -> Result<Forwarded, ForwardError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Writes `prefix` (what detection read) to the app, then copies bytes
+/// between the TLS stream and the app until both are done.
+async fn copy_to_app(
+    mut stream: TlsStream<TcpStream>,
+    prefix: BytesMut,
+    target: SocketAddr,
+) -> Result<Forwarded, ForwardError> {
     let mut app = net::connect(target)
         .await
         .map_err(ForwardError::AppUnreachable)?;
+    app.write_all(&prefix).await?;
+    // Not held for the life of the connection.
+    let prefix_len = prefix.len() as u64;
+    drop(prefix);
     let (from_peer, to_peer) = net::copy(&mut stream, &mut app).await?;
-    Ok(Forwarded::Tcp(from_peer, to_peer))
+    Ok(Forwarded::Tcp(from_peer + prefix_len, to_peer))
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the

@@ -7,12 +7,17 @@
 //! A mesh destination is only ever reached over mTLS with its expected
 //! SPIFFE ID verified; this module never sends application bytes to a peer
 //! before that check, and never dials its own listeners.
+//!
+//! Before dialling a mesh peer it runs the HTTP detector on the app's
+//! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
+//! opaque TCP); it never parses or changes the bytes themselves.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -21,6 +26,7 @@ use trellis_core::SpiffeId;
 
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
+use crate::http::{self, Protocol};
 use crate::metrics::{Metrics, OUTBOUND};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
@@ -63,11 +69,13 @@ impl DialError {
     }
 }
 
-/// Dials `remote` with mTLS, accepting only a server presenting `expected`.
+/// Dials `remote` with mTLS, accepting only a server presenting `expected`
+/// and offering `protocol`'s ALPN (nothing for opaque TCP).
 async fn dial_mesh(
     shared: &Shared,
     remote: impl tokio::net::ToSocketAddrs,
     expected: &SpiffeId,
+    protocol: Protocol,
 ) -> Result<TlsStream<TcpStream>, DialError> {
     let config = shared
         .tls
@@ -75,10 +83,12 @@ async fn dial_mesh(
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
     let tcp = net::connect(remote).await.map_err(DialError::Connect)?;
-    let connect = TlsConnector::from(config).connect(
-        ServerName::DnsName(SNI.try_into().expect("valid name")),
-        tcp,
-    );
+    let connector = TlsConnector::from(config);
+    let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
+    let connect = match protocol.alpn() {
+        Some(id) => connector.with_alpn(vec![id.to_vec()]).connect(name, tcp),
+        None => connector.connect(name, tcp),
+    };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(DialError::Handshake(e)),
@@ -86,10 +96,12 @@ async fn dial_mesh(
     }
 }
 
-/// Dials the mesh peer and copies bytes until both sides close.
+/// Dials the mesh peer and copies bytes until both sides close. The app's
+/// first bytes (or its silence, for a server-first protocol) choose the
+/// ALPN offered, so the peer can serve HTTP without looking at the bytes.
 async fn forward_mesh<R>(
     shared: &Shared,
-    mut local: TcpStream,
+    local: TcpStream,
     remote: R,
     expected: &SpiffeId,
     via: &'static str,
@@ -97,7 +109,18 @@ async fn forward_mesh<R>(
     R: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
 {
     let metrics = &shared.metrics;
-    let mut upstream = match dial_mesh(shared, remote, expected).await {
+    let (protocol, local) = match http::detect(local).await {
+        Ok(detected) => detected,
+        Err(e) => {
+            tracing::debug!(remote = %remote, error = %e, "outbound connection ended before its protocol was known");
+            metrics.connection(OUTBOUND, "error");
+            return;
+        }
+    };
+    // From here the copy runs on the app's socket itself: what detection
+    // read is written once, ahead of it.
+    let (prefix, mut local) = local.into_parts();
+    let mut upstream = match dial_mesh(shared, remote, expected, protocol).await {
         Ok(upstream) => upstream,
         Err(e) => {
             let reason = e.reason();
@@ -119,10 +142,27 @@ async fn forward_mesh<R>(
             return;
         }
     };
-    tracing::info!(peer = %expected, remote = %remote, via = %via, "outbound connection");
+    let alpn = upstream.get_ref().1.alpn_protocol();
+    metrics.alpn(OUTBOUND, alpn);
+    tracing::info!(
+        peer = %expected,
+        remote = %remote,
+        via = %via,
+        protocol = protocol.as_str(),
+        alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
+        "outbound connection"
+    );
+    if let Err(e) = upstream.write_all(&prefix).await {
+        metrics.connection(OUTBOUND, "error");
+        tracing::debug!(remote = %remote, error = %e, "outbound connection ended with an error");
+        return;
+    }
+    // Not held for the life of the connection.
+    let prefix_len = prefix.len() as u64;
+    drop(prefix);
     match net::copy(&mut local, &mut upstream).await {
         Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, up + down);
+            metrics.bytes(OUTBOUND, prefix_len + up + down);
             metrics.connection(OUTBOUND, "forwarded");
         }
         Err(e) => {

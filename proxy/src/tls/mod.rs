@@ -6,6 +6,13 @@
 //! established connection and never takes a lock on the data path. This
 //! module never talks to the CA and never sees key bytes (only rustls'
 //! `CertifiedKey`).
+//!
+//! The inbound side has two server configs that differ only in ALPN: one
+//! that settles `h2` or `http/1.1` when the client offers it, for ports
+//! that may carry HTTP, and one that settles nothing, for opaque ports and
+//! clients that offer no HTTP protocol (so a foreign offer is ignored, not
+//! refused). The client configs offer nothing by themselves; the outbound
+//! dial adds the ALPN of the protocol it detected.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +26,7 @@ use tokio::sync::watch;
 use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
 
+use crate::http::detect::{ALPN_H2, ALPN_HTTP1};
 use crate::identity::{Svid, TrustBundle};
 use crate::policy::Snapshot;
 
@@ -47,6 +55,8 @@ impl ResolvesClientCert for SvidResolver {
 #[derive(Default)]
 pub struct TlsState {
     server: Option<Arc<ServerConfig>>,
+    /// `server` advertising the HTTP protocols the inbound serves.
+    http_server: Option<Arc<ServerConfig>>,
     client: Option<ClientParts>,
     /// Prebuilt client configs for every SPIFFE ID this sidecar expects to
     /// dial (routes and mesh endpoints), so dialling allocates no config.
@@ -81,6 +91,9 @@ impl TlsState {
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(resolver.clone());
+        let mut http_server = server.clone();
+        // Preference order: h2 first when a client offers both.
+        http_server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         let parts = ClientParts { roots, resolver };
         let mut clients = HashMap::new();
         for id in expected {
@@ -90,6 +103,7 @@ impl TlsState {
         }
         Ok(TlsState {
             server: Some(Arc::new(server)),
+            http_server: Some(Arc::new(http_server)),
             client: Some(parts),
             clients,
         })
@@ -116,14 +130,21 @@ impl TlsState {
         }
         Ok(TlsState {
             server: self.server.clone(),
+            http_server: self.http_server.clone(),
             client: self.client.clone(),
             clients,
         })
     }
 
-    /// The inbound config: client SVID mandatory, TLS 1.3 only.
+    /// The inbound config: client SVID mandatory, TLS 1.3 only, no ALPN.
     pub fn server(&self) -> Option<&Arc<ServerConfig>> {
         self.server.as_ref()
+    }
+
+    /// The inbound config for a client that offers HTTP on a port that may
+    /// carry it: [`server`](Self::server) settling `h2` or `http/1.1`.
+    pub fn http_server(&self) -> Option<&Arc<ServerConfig>> {
+        self.http_server.as_ref()
     }
 
     /// A client config presenting our SVID that accepts only a server

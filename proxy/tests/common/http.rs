@@ -62,8 +62,8 @@ pub struct HttpApp {
 type AppBody = BoxBody<Bytes, Infallible>;
 
 /// An HTTP/1.1 and HTTP/2 app. Answers `METHOD PATH VERSION` as text;
-/// `/stream` answers five chunks 20 ms apart; an `Upgrade` request gets
-/// 101 and an echo of every byte after it.
+/// `/stream` answers five chunks 20 ms apart; `/hang` never answers; an
+/// `Upgrade` request gets 101 and an echo of every byte after it.
 pub async fn http_app() -> HttpApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -76,9 +76,15 @@ pub async fn http_app() -> HttpApp {
             };
             let record = record.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let record = record.clone();
-                    async move { Ok::<_, Infallible>(answer(req, &record)) }
+                    async move {
+                        if req.uri().path() == "/hang" {
+                            record.0.lock().unwrap().push(("/hang".into(), Vec::new()));
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, Infallible>(answer(req, &record))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(tcp), service)

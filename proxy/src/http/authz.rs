@@ -1,0 +1,271 @@
+//! Per-request authorization as a tower layer: every request is decided by
+//! the L7 rules in force ([`PolicySet::decide_request`] through
+//! [`policy::authorize_request`]) before anything below it sees it.
+//!
+//! A refused request is answered here (403 naming the deciding policy and
+//! rule, gRPC `PERMISSION_DENIED`; 400 for a path with empty, `.` or `..`
+//! segments while L7 rules are in force) and never reaches the inner
+//! service. Each decision is counted in `trellis_decisions_total`, AUDIT
+//! matches are logged as "would deny", and the decision goes to the access
+//! log through the request's [`Entry`](super::access::Entry).
+//!
+//! The policies are read from the connection's `watch` channel when the
+//! stack is polled for readiness, and only when they changed: deciding a
+//! request takes no lock.
+//!
+//! [`PolicySet::decide_request`]: trellis_core::policy::PolicySet::decide_request
+
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::Either;
+use http::{Response, StatusCode};
+use tokio::sync::watch;
+use tower::{Layer, Service};
+use trellis_core::SpiffeId;
+use trellis_core::policy::{HttpRequest, l7};
+
+use super::Body;
+use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
+use crate::metrics::Metrics;
+use crate::policy::{self, Policies};
+
+/// Wraps a service in [`Authorize`].
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    peer: SpiffeId,
+    port: u16,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl AuthorizeLayer {
+    /// Decides requests from `peer` to the app's `port` under the policies
+    /// `policies` holds, counting decisions in `metrics`.
+    pub fn new(
+        peer: SpiffeId,
+        port: u16,
+        policies: watch::Receiver<Option<Arc<Policies>>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        AuthorizeLayer {
+            peer,
+            port,
+            policies,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        let mut policies = self.policies.clone();
+        let current = policies.borrow_and_update().clone();
+        Authorize {
+            inner,
+            peer: self.peer.clone(),
+            port: self.port,
+            metrics: self.metrics.clone(),
+            policies,
+            current,
+        }
+    }
+}
+
+/// Answers requests the policies deny; passes the others to `S`.
+pub struct Authorize<S> {
+    inner: S,
+    peer: SpiffeId,
+    port: u16,
+    metrics: Arc<Metrics>,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+    /// What `policies` held when last polled; `None` before the first
+    /// snapshot (deny all).
+    current: Option<Arc<Policies>>,
+}
+
+impl<S, B> Service<Exchange<B>> for Authorize<S>
+where
+    S: Service<Exchange<B>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // An atomic load unless the policies changed; a closed channel
+        // keeps the last policies.
+        if self.policies.has_changed().unwrap_or(false) {
+            self.current = self.policies.borrow_and_update().clone();
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
+        match self.refusal(&mut exchange) {
+            Some(response) => Either::Left(ready(Ok(finish(exchange.entry, response)))),
+            None => Either::Right(self.inner.call(exchange)),
+        }
+    }
+}
+
+impl<S> Authorize<S> {
+    /// Decides `exchange`; `Some` is the answer to send instead of passing
+    /// it on. Either way its entry says what decided.
+    fn refusal<B>(&self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
+        let Exchange {
+            request,
+            entry,
+            grpc,
+            ..
+        } = exchange;
+        let current = self.current.as_deref();
+        let path = request.uri().path();
+        if current.is_some_and(|p| p.set.has_l7()) && !l7::is_normalized(path) {
+            // Rules match paths as written: `/a/../admin` must not pass for
+            // something a rule on `/admin` does not see.
+            entry.outcome = "invalid";
+            return Some(local(
+                *grpc,
+                StatusCode::BAD_REQUEST,
+                GrpcCode::InvalidArgument,
+                "path has empty, '.' or '..' segments",
+            ));
+        }
+        let http = HttpRequest {
+            method: request.method().as_str(),
+            path,
+            headers: request.headers(),
+        };
+        let (peer, port) = (&self.peer, self.port);
+        let decision = policy::authorize_request(current, peer, port, &http);
+        policy::count(current, &decision, &self.metrics);
+        for audit in &decision.audits {
+            tracing::warn!(
+                %peer,
+                port,
+                method = %http.method,
+                path,
+                decision = %"audit",
+                policy = %audit.policy,
+                rule = audit.rule,
+                "inbound request: would deny (AUDIT, not enforced)"
+            );
+        }
+        let refused = (!decision.is_allowed()).then(|| {
+            let message = match decision.rule() {
+                Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
+                None => format!("denied by policy {}", decision.policy_label()),
+            };
+            entry.outcome = "deny";
+            local(
+                *grpc,
+                StatusCode::FORBIDDEN,
+                GrpcCode::PermissionDenied,
+                message,
+            )
+        });
+        entry.decision = Some(decision);
+        refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::Request;
+    use tower::ServiceExt;
+    use trellis_core::TrustDomain;
+
+    use super::*;
+    use crate::http::access::Entry;
+    use crate::http::{Connection, Http};
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
+    }
+
+    /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with
+    /// one DENY of `/admin/*`.
+    fn no_admin(metrics: &Metrics) -> Policies {
+        let yaml = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: b}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
+  action: DENY
+  rules:
+    - to: [{paths: [\"/admin/*\"]}]
+";
+        let loaded =
+            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let policy = loaded.policies[0].policy.to_proto();
+        let api = id("/ns/b/sa/api");
+        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_layer_answers_a_denied_request_itself_and_never_calls_the_service() {
+        let metrics = Arc::new(Metrics::new());
+        let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let web = id("/ns/a/sa/web");
+        let conn = Arc::new(Connection::new(
+            Arc::new(Http::with_access_log(metrics.clone(), false)),
+            web.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+            policies.clone(),
+        ));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = tower::service_fn({
+            let calls = calls.clone();
+            move |exchange: Exchange<()>| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                let ok = local(false, StatusCode::OK, GrpcCode::Unavailable, "from the app");
+                ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
+            }
+        });
+        let mut service = AuthorizeLayer::new(web, 8080, policies, metrics.clone()).layer(app);
+        let exchange = |path: &str, grpc: bool| {
+            let request = Request::get(path).body(()).unwrap();
+            Exchange {
+                entry: Entry::start(conn.clone(), &request, "http1"),
+                request,
+                grpc,
+                upgrading: false,
+            }
+        };
+        let mut call = async |path: &str, grpc: bool| {
+            let ready = service.ready().await.unwrap();
+            ready.call(exchange(path, grpc)).await.unwrap()
+        };
+
+        assert_eq!(call("/users", false).await.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let denied = call("/admin/x", false).await;
+        assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+        let denied = call("/admin/x", true).await;
+        assert_eq!(
+            denied.status(),
+            StatusCode::OK,
+            "gRPC errors travel in trailers"
+        );
+        assert_eq!(denied.headers()["grpc-status"], "7");
+        assert_eq!(
+            denied.headers()["grpc-message"],
+            "denied by policy b/no-admin rule 0"
+        );
+        let odd = call("/users/../admin/x", false).await;
+        assert_eq!(odd.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "the service was called for a refused request"
+        );
+    }
+}
