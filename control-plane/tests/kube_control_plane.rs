@@ -85,6 +85,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
                 "projected-token-of-shop-web".into(),
             )),
             inbound_address: "10.244.1.17:15006".into(),
+            inbound_addresses: vec!["10.244.1.17:15006".into()],
         })
         .await
         .unwrap()
@@ -136,6 +137,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     tx.send(WatchRequest {
         kind: Some(watch_request::Kind::Subscribe(Subscribe {
             inbound_address: "10.244.1.17:15006".into(),
+            inbound_addresses: vec!["10.244.1.17:15006".into()],
             last_version: 0,
         })),
     })

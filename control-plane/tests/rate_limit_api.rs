@@ -49,6 +49,7 @@ async fn watch(
     tx.send(WatchRequest {
         kind: Some(Kind::Subscribe(Subscribe {
             inbound_address: inbound.into(),
+            inbound_addresses: vec![inbound.into()],
             last_version: 0,
         })),
     })

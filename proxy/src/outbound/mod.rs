@@ -99,17 +99,25 @@ async fn dial_mesh(
 /// Dials the mesh peer and copies bytes until both sides close. The app's
 /// first bytes (or its silence, for a server-first protocol) choose the
 /// ALPN offered, so the peer can serve HTTP without looking at the bytes.
+/// A destination port the mesh declares `opaque` is never looked at, so a
+/// server-first protocol there (MySQL, SMTP) does not wait for detection.
 async fn forward_mesh<R>(
     shared: &Shared,
     local: TcpStream,
     remote: R,
     expected: &SpiffeId,
     via: &'static str,
+    opaque: bool,
 ) where
     R: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
 {
     let metrics = &shared.metrics;
-    let (protocol, local) = match http::detect(local).await {
+    let detected = if opaque {
+        Ok((Protocol::Opaque, http::Rewind::new(local)))
+    } else {
+        http::detect(local).await
+    };
+    let (protocol, local) = match detected {
         Ok(detected) => detected,
         Err(e) => {
             tracing::debug!(remote = %remote, error = %e, "outbound connection ended before its protocol was known");
@@ -220,6 +228,8 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
         route.remote.as_str(),
         &route.spiffe_id,
         "route",
+        // The remote app's port is the peer's business: detection decides.
+        false,
     )
     .await;
 }
@@ -288,16 +298,17 @@ async fn serve_transparent(
         metrics.connection(OUTBOUND, "loop");
         return;
     }
-    let (expected, policy) = {
+    let (expected, policy, opaque) = {
         let snapshot = shared.snapshot.borrow();
         let snapshot = snapshot.as_deref();
         (
             snapshot.and_then(|s| s.endpoint_for(dst).cloned()),
             snapshot.map(|s| s.outbound_policy).unwrap_or_default(),
+            snapshot.is_some_and(|s| s.policies.is_opaque(dst.port())),
         )
     };
     if let Some(expected) = expected {
-        forward_mesh(&shared, tcp, dst, &expected, "transparent").await;
+        forward_mesh(&shared, tcp, dst, &expected, "transparent", opaque).await;
         return;
     }
     match policy {
