@@ -172,6 +172,8 @@ struct ConfigView {
     /// The authorization policy in force (null before the first snapshot).
     policy: Option<PolicyView>,
     close_denied_connections: bool,
+    /// The ports never parsed as HTTP: the sidecar's own and, once a
+    /// snapshot is in force, the mesh's.
     opaque_ports: Vec<u16>,
     access_log: bool,
     /// The admin paths of the app probes.
@@ -225,7 +227,10 @@ fn config_view(state: &State) -> ConfigView {
             policies: s.policies.names().map(str::to_owned).collect(),
         }),
         close_denied_connections: c.close_denied_connections,
-        opaque_ports: c.opaque_ports.clone(),
+        opaque_ports: snapshot.as_ref().map_or_else(
+            || c.opaque_ports.clone(),
+            |s| s.policies.opaque_ports().to_vec(),
+        ),
         access_log: c.access_log,
         app_probes: c.app_probes.paths(),
         control_plane: c.control_plane.clone(),

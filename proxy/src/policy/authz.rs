@@ -133,6 +133,11 @@ impl Policies {
         self.opaque_ports.contains(&port)
     }
 
+    /// The ports never parsed as HTTP: the sidecar's own and the mesh's.
+    pub fn opaque_ports(&self) -> &[u16] {
+        &self.opaque_ports
+    }
+
     /// `namespace/name` of each policy in force, in evaluation order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.set.policy_names()

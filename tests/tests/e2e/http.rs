@@ -337,6 +337,14 @@ async fn tcp_stays_tcp_and_mesh_opaque_ports_refuse_l7_policies() -> anyhow::Res
     let request = b"GET / HTTP/1.1\r\nhost: db\r\n\r\n";
     let back = round_trip(web.route_addr(db_sidecar.identity()), request).await?;
     assert_eq!(back, request);
+    // The sidecar says which ports it holds opaque, the mesh's among them.
+    let config = db_sidecar.config().await?;
+    assert!(
+        config["opaque_ports"].as_array().is_some_and(|ports| ports
+            .iter()
+            .any(|p| p.as_u64() == Some(db.addr().port().into()))),
+        "{config}"
+    );
 
     let l7 = format!(
         "apiVersion: trellis.io/v1alpha1
