@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::control_plane::FakeControlPlane;
+use common::grpc::{self, GrpcApp};
 use common::http::*;
 use common::sidecar::{TestSidecar, sidecar};
 use common::*;
@@ -131,26 +132,12 @@ async fn an_upgrade_crosses_the_pair_over_settled_http1() {
 
 #[tokio::test]
 async fn grpc_calls_settle_h2_and_stream_through() {
-    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = grpc_app().await;
-    let p = pair(&cp, app, &[]).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut versions = Vec::new();
-    while let Some(snapshot) = stream.message().await.unwrap() {
-        versions.push(snapshot.version);
-    }
+    let channel = grpc::channel(p.route).await.unwrap();
+    let versions = grpc::watch_versions(channel).await.unwrap();
     assert_eq!(versions, [1, 2, 3]);
     settled(&p.client, "outbound", "h2", 1).await;
     settled(&p.server, "inbound", "h2", 1).await;

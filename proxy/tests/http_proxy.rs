@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
+use common::grpc::{self, GrpcApp};
 use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
@@ -193,34 +194,16 @@ async fn curl_reaches_the_app_through_a_sidecar_pair_over_http1_and_h2() {
 
 #[tokio::test]
 async fn grpc_unary_and_streaming_calls_go_through_a_sidecar_pair() {
-    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-    use trellis_proto::identity::v1::identity_client::IdentityClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = grpc_app().await;
-    let p = pair(&cp, app, &[]).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc::channel(p.route).await.unwrap();
 
-    let answer = IdentityClient::new(channel.clone())
-        .certify(trellis_proto::identity::v1::CertifyRequest::default())
-        .await
-        .unwrap();
-    assert_eq!(answer.into_inner().chain, [b"ok".to_vec()]);
+    let chain = grpc::certify(channel.clone()).await.unwrap();
+    assert_eq!(chain, [b"ok".to_vec()]);
 
-    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut versions = Vec::new();
-    while let Some(snapshot) = stream.message().await.unwrap() {
-        versions.push(snapshot.version);
-    }
+    let versions = grpc::watch_versions(channel).await.unwrap();
     assert_eq!(versions, [1, 2, 3]);
 }
 
@@ -276,11 +259,7 @@ async fn a_streaming_grpc_call_stays_open_across_new_policies() {
     );
     let p = pair(&cp, app, &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc::channel(p.route).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut answers = DiscoveryClient::new(channel)
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))

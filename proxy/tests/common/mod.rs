@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+// Shared with the end-to-end tests, which serve the same gRPC app.
+#[path = "../../../tests/src/grpc.rs"]
+pub mod grpc;
 pub mod http;
 pub mod sidecar;
 

@@ -9,10 +9,6 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_proto::discovery::v1::WatchRequest;
-use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-use trellis_proto::identity::v1::CertifyRequest;
-use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_tests::grpc::{self, GrpcApp, STREAMING_METHOD, STREAMING_SERVICE};
 use trellis_tests::http::{HttpConnection, StatusCode};
 use trellis_tests::policy::{self, write_file};
@@ -204,22 +200,8 @@ spec:
     s.apply(&document(allow, &s, port)).await?;
 
     let channel = grpc::channel(s.route()).await?;
-    let unary = || async {
-        let mut client = IdentityClient::new(channel.clone());
-        client.certify(CertifyRequest::default()).await
-    };
-    let streaming = || async {
-        let mut client = DiscoveryClient::new(channel.clone());
-        let requests = tokio_stream::iter(vec![WatchRequest::default()]);
-        let mut stream = client.watch(requests).await?.into_inner();
-        let mut versions = Vec::new();
-        while let Some(snapshot) = stream.message().await? {
-            versions.push(snapshot.version);
-        }
-        Ok::<_, tonic::Status>(versions)
-    };
-    assert_eq!(unary().await?.into_inner().chain, [b"ok".to_vec()]);
-    assert_eq!(streaming().await?, [1, 2, 3]);
+    assert_eq!(grpc::certify(channel.clone()).await?, [b"ok".to_vec()]);
+    assert_eq!(grpc::watch_versions(channel.clone()).await?, [1, 2, 3]);
 
     let deny = format!(
         "apiVersion: trellis.io/v1alpha1
@@ -233,13 +215,15 @@ spec:
         s.api.identity()
     );
     s.apply(&deny).await?;
-    let refused = streaming().await.expect_err("Watch is denied");
+    let refused = grpc::watch_versions(channel.clone())
+        .await
+        .expect_err("Watch is denied");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(
         refused.message().contains("default/no-watch"),
         "{refused:?}"
     );
-    assert_eq!(unary().await?.into_inner().chain, [b"ok".to_vec()]);
+    assert_eq!(grpc::certify(channel).await?, [b"ok".to_vec()]);
     Ok(())
 }
 
