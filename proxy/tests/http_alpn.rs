@@ -21,7 +21,7 @@ use common::*;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
@@ -141,22 +141,6 @@ async fn grpc_calls_settle_h2_and_stream_through() {
     assert_eq!(versions, [1, 2, 3]);
     settled(&p.client, "outbound", "h2", 1).await;
     settled(&p.server, "inbound", "h2", 1).await;
-}
-
-/// An app that speaks first (like SMTP), then echoes.
-async fn banner_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                tcp.write_all(b"220 banner\r\n").await.unwrap();
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
@@ -296,22 +296,6 @@ async fn a_streaming_grpc_call_stays_open_across_new_policies() {
         answers.message().await.unwrap().is_none(),
         "the call ends cleanly when the caller ends it"
     );
-}
-
-/// An app that speaks first (like SMTP), then echoes.
-async fn banner_app() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                tcp.write_all(b"220 banner\r\n").await.unwrap();
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

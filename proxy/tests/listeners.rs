@@ -8,14 +8,15 @@
 //! they print `skipped: needs root` and pass) and read its listening
 //! sockets with `ss`, as an operator would.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use trellis_proxy::config::{Cli, Config};
+use common::sidecar::{LOOPBACK_LISTENERS, config_from};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ID: &str = "spiffe://td.test/ns/a/sa/web";
@@ -244,18 +245,9 @@ fn an_ipv6_address_named_by_a_flag_must_bind() {
 
 #[tokio::test]
 async fn listener_flags_bind_exactly_the_addresses_they_name() {
-    let argv = [
-        "trellis-proxy",
-        "--identity",
-        ID,
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ];
-    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    let mut args = vec!["--identity", ID];
+    args.extend(LOOPBACK_LISTENERS);
+    let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let families = |addrs: Vec<std::net::SocketAddr>| -> Vec<bool> {
         addrs.iter().map(|a| a.is_ipv6()).collect()
@@ -276,8 +268,7 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         .unwrap()
         .port();
     let inbound = format!("0.0.0.0:{port},[::]:{port}");
-    let argv = [
-        "trellis-proxy",
+    let config = config_from(&[
         "--identity",
         ID,
         "--inbound",
@@ -286,8 +277,7 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         "[::1]:0",
         "--admin",
         "127.0.0.1:0",
-    ];
-    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    ]);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let inbound = sidecar.inbound_addrs();
     assert_eq!(families(inbound.clone()), [false, true]);

@@ -1,5 +1,6 @@
 //! Test fixtures: a throwaway CA made with rcgen, SVIDs it issues, an echo
-//! app, and in-process listeners of the sidecar on free loopback ports.
+//! app and a server-first one, and in-process listeners of the sidecar on
+//! free loopback ports.
 #![allow(dead_code)]
 
 pub mod control_plane;
@@ -7,6 +8,7 @@ pub mod control_plane;
 #[path = "../../../tests/src/grpc.rs"]
 pub mod grpc;
 pub mod http;
+pub mod injector;
 pub mod sidecar;
 
 use std::net::SocketAddr;
@@ -153,6 +155,22 @@ pub async fn echo_app() -> EchoApp {
         }
     });
     EchoApp { addr, accepted }
+}
+
+/// An app that speaks first (like SMTP), then echoes.
+pub async fn banner_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tcp.write_all(b"220 banner\r\n").await.unwrap();
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
 
 /// Policies under which the mesh default `allow-mesh` lets every peer of
