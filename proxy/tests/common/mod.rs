@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod grpc;
 pub mod http;
 pub mod injector;
+pub mod netns;
 pub mod sidecar;
 
 use std::net::SocketAddr;
