@@ -223,6 +223,14 @@ impl FakeKube {
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// The first `method` request it received; there must be one.
+    pub fn first(&self, method: &str) -> Recorded {
+        self.requests()
+            .into_iter()
+            .find(|r| r.method == method)
+            .unwrap_or_else(|| panic!("no {method} request"))
+    }
 }
 
 fn publish(state: &mut State, path: &str, line: String) {
