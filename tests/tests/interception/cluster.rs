@@ -89,6 +89,12 @@ impl Cluster {
             .expect("this test has an outside host")
     }
 
+    /// Starts pod B's app on `port` (IPv4), answering `body`.
+    pub async fn b_serves(&mut self, port: u16, body: &str) {
+        let app = self.b().host().serve_http(port, body).await.unwrap();
+        self.apps.push(app);
+    }
+
     /// Waits until pod A's sidecar has a snapshot that lists both pods at
     /// every address (IPv4, and IPv6 where the pods have it), so it knows
     /// pod B's addresses belong to the mesh.
@@ -175,23 +181,23 @@ pub async fn assert_only_tls_toward(cluster: &Cluster, dst: SocketAddr) {
     assert!(plain.is_empty(), "plaintext HTTP on the wire: {plain:?}");
 }
 
-/// A cluster of two pods under `--default-policy default_policy`, with pod
-/// B's app serving on [`APP_PORT`], once pod A knows pod B.
-pub async fn two_pods(default_policy: &str) -> Cluster {
-    let mut cluster = Cluster::start(Setup {
+/// A cluster of pods A and B under `--default-policy default_policy`,
+/// nothing served yet.
+pub async fn bare_two_pods(default_policy: &str) -> Cluster {
+    Cluster::start(Setup {
         control_plane: &["--default-policy", default_policy],
         init_b: Some(&[]),
         ..Setup::default()
     })
     .await
-    .unwrap();
-    let b_app = cluster
-        .b()
-        .host()
-        .serve_http(APP_PORT, "hello from pod-b")
-        .await
-        .unwrap();
-    cluster.apps.push(b_app);
+    .unwrap()
+}
+
+/// A cluster of two pods under `--default-policy default_policy`, with pod
+/// B's app serving on [`APP_PORT`], once pod A knows pod B.
+pub async fn two_pods(default_policy: &str) -> Cluster {
+    let mut cluster = bare_two_pods(default_policy).await;
+    cluster.b_serves(APP_PORT, "hello from pod-b").await;
     cluster.a_knows_b().await.unwrap();
     cluster
 }

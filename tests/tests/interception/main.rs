@@ -20,8 +20,8 @@ mod cluster;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use cluster::{
-    APP_PORT, Cluster, SOON, Setup, assert_only_tls_toward, contains, counted, outside_cluster,
-    skipped, two_pods,
+    APP_PORT, Cluster, SOON, Setup, assert_only_tls_toward, bare_two_pods, contains, counted,
+    outside_cluster, skipped, two_pods,
 };
 use trellis_tests::netns::Lab;
 use trellis_tests::{eventually, netns};
@@ -31,22 +31,8 @@ async fn plain_http_between_pods_crosses_the_wire_as_mtls_and_names_the_caller()
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
-    let b_app = cluster
-        .b()
-        .host()
-        .serve_http(APP_PORT, "hello from pod-b")
-        .await
-        .unwrap();
-    cluster.apps.push(b_app);
+    let mut cluster = two_pods("allow-mesh").await;
     cluster.capture().await.unwrap();
-    cluster.a_knows_b().await.unwrap();
 
     // Pod A's app calls pod B's address and port and gets pod B's answer.
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
@@ -81,13 +67,7 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
+    let mut cluster = bare_two_pods("allow-mesh").await;
     let Some(b_ipv6) = cluster.b().host().ipv6() else {
         println!("skipped: IPv6 is off");
         return;
@@ -297,13 +277,8 @@ async fn excluded_ports_bypass_the_proxy() {
     })
     .await
     .unwrap();
-    for (port, body) in [
-        (APP_PORT, "hello from pod-b"),
-        (EXCLUDED, "pod-b, unmeshed"),
-    ] {
-        let app = cluster.b().host().serve_http(port, body).await.unwrap();
-        cluster.apps.push(app);
-    }
+    cluster.b_serves(APP_PORT, "hello from pod-b").await;
+    cluster.b_serves(EXCLUDED, "pod-b, unmeshed").await;
     cluster.capture().await.unwrap();
     cluster.a_knows_b().await.unwrap();
 
@@ -360,13 +335,7 @@ async fn a_call_to_another_pods_sidecar_port_is_refused() {
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
+    let mut cluster = bare_two_pods("allow-mesh").await;
     cluster.a_knows_b().await.unwrap();
 
     // Redirected into pod B's inbound listener, whose original port is pod
