@@ -13,6 +13,9 @@ use trellis_tests::netns::{
 /// How long a test waits for something that should happen soon.
 pub const SOON: Duration = Duration::from_secs(20);
 
+/// What pod B's app answers.
+pub const B_GREETING: &str = "hello from pod-b";
+
 /// The port the apps serve on.
 pub const APP_PORT: u16 = 8080;
 
@@ -117,6 +120,18 @@ impl Cluster {
         b.wait_for_sidecar_log(&needles, SOON).await.unwrap()
     }
 
+    /// Asserts that pod A's app calling pod B's app at `b_app` in plain
+    /// HTTP gets its answer, and that pod B's sidecar let pod A in there.
+    pub async fn assert_a_reaches_b(&mut self, b_app: SocketAddr) {
+        let reply = self.a_calls(&format!("http://{b_app}/")).await.unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body, B_GREETING);
+        let line = self
+            .b_logs_inbound_from_a(&["inbound connection", "decision=allow"])
+            .await;
+        assert!(line.contains(&format!(":{}", b_app.port())), "{line}");
+    }
+
     /// Pod A's app calls `url` in plain HTTP.
     pub async fn a_calls(&self, url: &str) -> anyhow::Result<Reply> {
         self.a.host().http_get(Some(APP_UID), url).await
@@ -197,7 +212,7 @@ pub async fn bare_two_pods(default_policy: &str) -> Cluster {
 /// B's app serving on [`APP_PORT`], once pod A knows pod B.
 pub async fn two_pods(default_policy: &str) -> Cluster {
     let mut cluster = bare_two_pods(default_policy).await;
-    cluster.b_serves(APP_PORT, "hello from pod-b").await;
+    cluster.b_serves(APP_PORT, B_GREETING).await;
     cluster.a_knows_b().await.unwrap();
     cluster
 }

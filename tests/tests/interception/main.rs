@@ -20,8 +20,8 @@ mod cluster;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use cluster::{
-    APP_PORT, Cluster, SOON, Setup, assert_only_tls_toward, bare_two_pods, contains, counted,
-    outside_cluster, skipped, two_pods,
+    APP_PORT, B_GREETING, Cluster, SOON, Setup, assert_only_tls_toward, bare_two_pods, contains,
+    counted, outside_cluster, skipped, two_pods,
 };
 use trellis_tests::netns::Lab;
 use trellis_tests::{eventually, netns};
@@ -34,18 +34,12 @@ async fn plain_http_between_pods_crosses_the_wire_as_mtls_and_names_the_caller()
     let mut cluster = two_pods("allow-mesh").await;
     cluster.capture().await.unwrap();
 
-    // Pod A's app calls pod B's address and port and gets pod B's answer.
-    let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
-    let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, "hello from pod-b");
-
-    // Both sidecars were on the path, and pod B's knows who called.
-    let b_id = cluster.b().identity().to_string();
-    let line = cluster
-        .b_logs_inbound_from_a(&["inbound connection", "decision=allow"])
+    // Pod A's app calls pod B's address and port and gets pod B's answer;
+    // both sidecars were on the path, and pod B's knows who called.
+    cluster
+        .assert_a_reaches_b(cluster.b().host().addr(APP_PORT))
         .await;
-    assert!(line.contains(&format!(":{APP_PORT}")), "{line}");
+    let b_id = cluster.b().identity().to_string();
     cluster
         .a
         .wait_for_sidecar_log(&["outbound connection", &format!("peer={b_id}")], SOON)
@@ -78,7 +72,7 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     let b_app = cluster
         .b()
         .host()
-        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), PORT, "hello from pod-b")
+        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), PORT, B_GREETING)
         .await
         .unwrap();
     cluster.apps.push(b_app);
@@ -86,17 +80,8 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     cluster.a_knows_b().await.unwrap();
 
     let b_app_addr = SocketAddr::new(b_ipv6.into(), PORT);
-    let reply = cluster
-        .a_calls(&format!("http://{b_app_addr}/"))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, "hello from pod-b");
+    cluster.assert_a_reaches_b(b_app_addr).await;
     let b_id = cluster.b().identity().to_string();
-    let line = cluster
-        .b_logs_inbound_from_a(&["inbound connection", "decision=allow"])
-        .await;
-    assert!(line.contains(&format!(":{PORT}")), "{line}");
     // Pod A's sidecar found pod B's IPv6 address among the mesh endpoints.
     cluster
         .a
@@ -140,7 +125,7 @@ async fn a_deny_policy_blocks_pod_a_to_pod_b() {
     let mut cluster = two_pods("allow-mesh").await;
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
     let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_eq!(reply.body, "hello from pod-b");
+    assert_eq!(reply.body, B_GREETING);
 
     // An operator denies pod A on pod B, with the real trellisctl.
     let policy = cluster.lab.dir().join("deny-pod-a.yaml");
@@ -277,7 +262,7 @@ async fn excluded_ports_bypass_the_proxy() {
     })
     .await
     .unwrap();
-    cluster.b_serves(APP_PORT, "hello from pod-b").await;
+    cluster.b_serves(APP_PORT, B_GREETING).await;
     cluster.b_serves(EXCLUDED, "pod-b, unmeshed").await;
     cluster.capture().await.unwrap();
     cluster.a_knows_b().await.unwrap();
@@ -311,11 +296,8 @@ async fn excluded_ports_bypass_the_proxy() {
     .unwrap();
 
     // Any other port still goes through both sidecars.
-    let meshed = cluster.b().host().addr(APP_PORT);
-    let reply = cluster.a_calls(&format!("http://{meshed}/")).await.unwrap();
-    assert_eq!(reply.body, "hello from pod-b");
     cluster
-        .b_logs_inbound_from_a(&["inbound connection", "decision=allow"])
+        .assert_a_reaches_b(cluster.b().host().addr(APP_PORT))
         .await;
 
     let needle = format!(":{EXCLUDED}");
