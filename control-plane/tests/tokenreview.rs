@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,12 +18,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::serving::ServingCert;
+use common::serving::{Answering, ServingCert, serve_https};
 use common::{ControlPlane, csr_for, p256};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tonic::Code;
@@ -90,39 +88,18 @@ impl FakeApi {
         let cert = ServingCert::new("fake kubernetes CA");
         std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
         std::fs::write(dir.path().join("token"), format!("{BEARER}\n")).unwrap();
-        let acceptor = cert.acceptor();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (stop, mut stopped) = oneshot::channel::<()>();
         let record = requests.clone();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            loop {
-                let tcp = tokio::select! {
-                    accepted = listener.accept() => accepted.unwrap().0,
-                    _ = &mut stopped => return,
-                };
-                if silent {
-                    held.push(tcp);
-                    continue;
-                }
-                let acceptor = acceptor.clone();
-                let record = record.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let record = record.clone();
-                        async move { Ok::<_, Infallible>(serve(req, answer, &record).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let answering = if silent {
+            Answering::Never
+        } else {
+            Answering::Yes
+        };
+        let (addr, stop) = serve_https(&cert, answering, move |req| {
+            let record = record.clone();
+            async move { serve(req, answer, &record).await }
+        })
+        .await;
         Self {
             addr,
             dir,

@@ -1,9 +1,18 @@
-//! Serving certificates for the HTTPS servers of the tests: the stand-ins
+//! The HTTPS servers of the tests: serving certificates for the stand-ins
 //! for the Kubernetes API server (none can run here) and the webhooks the
-//! binary serves. A CA made with rcgen and a leaf it signed for `localhost`
-//! and 127.0.0.1; throwaway test material, never written to a log.
+//! binary serves (a CA made with rcgen and a leaf it signed for `localhost`
+//! and 127.0.0.1; throwaway test material, never written to a log), and the
+//! loop that serves a stand-in's answers over real TLS.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -56,4 +65,61 @@ impl ServingCert {
             .unwrap();
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
+}
+
+/// Whether a stand-in server answers the connections it accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answering {
+    Yes,
+    /// Accepts and holds every connection, never answering (a hung API
+    /// server).
+    Never,
+}
+
+/// Serves HTTP/1.1 over TLS with `cert` on a free loopback port, each
+/// request answered by `answer`, until the returned sender is dropped.
+pub async fn serve_https<F, Fut, B>(
+    cert: &ServingCert,
+    answering: Answering,
+    answer: F,
+) -> (SocketAddr, oneshot::Sender<()>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let acceptor = cert.acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let tcp = tokio::select! {
+                accepted = listener.accept() => accepted.unwrap().0,
+                _ = &mut stopped => return,
+            };
+            if answering == Answering::Never {
+                held.push(tcp);
+                continue;
+            }
+            let acceptor = acceptor.clone();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, stop)
 }

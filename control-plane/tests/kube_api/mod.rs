@@ -25,12 +25,11 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trellis_control_plane::authn::tokenreview::KubeApi;
 
-use crate::common::serving::ServingCert;
+use crate::common::serving::{Answering, ServingCert, serve_https};
 
 pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
 pub const RATE_LIMITS: &str = "/apis/trellis.io/v1alpha1/ratelimitpolicies";
@@ -105,37 +104,16 @@ impl FakeKube {
         std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
         // As the kubelet writes it: no trailing newline.
         std::fs::write(dir.path().join("token"), "control-plane-sa-token").unwrap();
-        let acceptor = cert.acceptor();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             next_rv: 50_000,
             ..State::default()
         }));
-        let (stop, mut stopped) = oneshot::channel::<()>();
         let shared = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let tcp = tokio::select! {
-                    accepted = listener.accept() => accepted.unwrap().0,
-                    _ = &mut stopped => return,
-                };
-                let acceptor = acceptor.clone();
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(serve(req, &state).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, stop) = serve_https(&cert, Answering::Yes, move |req| {
+            let state = shared.clone();
+            async move { serve(req, &state).await }
+        })
+        .await;
         Self {
             addr,
             dir,
