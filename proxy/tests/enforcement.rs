@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
+use common::http::snapshot;
 use common::sidecar::{Logs, TestSidecar, sidecar};
 use common::*;
 use tokio::net::TcpStream;
@@ -21,35 +22,14 @@ use trellis_proto::policy::v1 as policy_pb;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
-/// A policy protecting the sidecar under test (`ns/b/sa/api`), in the
-/// operator's YAML, converted as the control plane would.
+/// A policy protecting the sidecar under test whose one rule lets in
+/// `spiffe://td.test<from>`.
 fn policy(name: &str, action: &str, from: &str) -> policy_pb::Policy {
-    let yaml = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: b}}
-spec:
-  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
-  action: {action}
-  rules:
-    - from: [{{spiffeId: \"spiffe://{TD}{from}\"}}]
-"
-    );
-    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
-    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-    loaded.policies[0].policy.to_proto()
-}
-
-fn snapshot(version: u64, default: &str, policies: Vec<policy_pb::Policy>) -> pb::Snapshot {
-    pb::Snapshot {
-        version,
-        policies,
-        mesh: Some(pb::MeshConfig {
-            default_policy: default.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    api_policy(
+        name,
+        action,
+        &format!("{{from: [{{spiffeId: \"spiffe://{TD}{from}\"}}]}}"),
+    )
 }
 
 async fn acked(cp: &FakeControlPlane, snapshot: pb::Snapshot) {

@@ -23,21 +23,11 @@ fn web() -> trellis_core::SpiffeId {
 /// A policy protecting `ns/b/sa/api` with one rule from `ns/a/sa/web`
 /// whose `to` is `to` (YAML flow syntax).
 fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
-    let yaml = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: b}}
-spec:
-  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
-  action: {action}
-  rules:
-    - from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}]
-      to: {to}
-"
-    );
-    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
-    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-    loaded.policies[0].policy.to_proto()
+    api_policy(
+        name,
+        action,
+        &format!("{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}], to: {to}}}"),
+    )
 }
 
 #[tokio::test]

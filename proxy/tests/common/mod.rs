@@ -174,6 +174,26 @@ pub async fn banner_app() -> SocketAddr {
     addr
 }
 
+/// A policy `b/<name>` protecting the sidecar under test (`ns/b/sa/api`)
+/// with the one rule `rule` (a YAML flow mapping), loaded from the
+/// operator's YAML as the control plane would.
+pub fn api_policy(name: &str, action: &str, rule: &str) -> trellis_proto::policy::v1::Policy {
+    let yaml = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: b}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
+  action: {action}
+  rules:
+    - {rule}
+"
+    );
+    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.policies[0].policy.to_proto()
+}
+
 /// Policies under which the mesh default `allow-mesh` lets every peer of
 /// the test trust domain in: for tests about something other than policy.
 pub fn allow_mesh(metrics: &Metrics) -> Arc<Policies> {
