@@ -41,6 +41,15 @@ async fn acked(cp: &FakeControlPlane, snapshot: pb::Snapshot) {
     );
 }
 
+/// The sidecar under test (`ns/b/sa/api`, with the flags `extra`) in front
+/// of an echo app, against a fake control plane.
+async fn protected_echo(extra: &[&str]) -> (FakeControlPlane, EchoApp, TestSidecar) {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, extra).await;
+    (cp, app, s)
+}
+
 /// Connects as `client`, retrying while the sidecar has no certificate yet.
 async fn connect(
     cp: &FakeControlPlane,
@@ -81,9 +90,7 @@ fn decisions(action: &str, policy: &str) -> String {
 #[tokio::test]
 async fn denies_everything_before_the_first_snapshot() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
 
     assert!(!gets_through(&cp, &s, &web()).await);
     assert_eq!(*app.accepted.borrow(), 0, "the app was dialled");
@@ -100,9 +107,7 @@ async fn denies_everything_before_the_first_snapshot() {
 #[tokio::test]
 async fn the_default_deny_blocks_and_logs_json_fields() {
     let (logs, _guard) = Logs::capture(true);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     acked(&cp, snapshot(1, "deny", vec![])).await;
 
     assert!(!gets_through(&cp, &s, &web()).await);
@@ -128,9 +133,7 @@ async fn the_default_deny_blocks_and_logs_json_fields() {
 #[tokio::test]
 async fn an_allow_lets_one_identity_in_and_keeps_another_out() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -162,9 +165,7 @@ async fn an_allow_lets_one_identity_in_and_keeps_another_out() {
 #[tokio::test]
 async fn deny_beats_allow() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("zz-no-web", "DENY", "/ns/a/sa/web"),
@@ -187,9 +188,7 @@ async fn deny_beats_allow() {
 #[tokio::test]
 async fn audit_passes_and_logs_would_deny() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("audit-web", "AUDIT", "/ns/a/sa/web"),
@@ -212,9 +211,7 @@ async fn audit_passes_and_logs_would_deny() {
 #[tokio::test]
 async fn a_new_policy_closes_an_open_connection_it_denies() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -249,9 +246,7 @@ async fn a_new_policy_closes_an_open_connection_it_denies() {
 
 #[tokio::test]
 async fn open_connections_stay_when_closing_is_off() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &["--close-denied-connections", "false"]).await;
+    let (cp, _app, s) = protected_echo(&["--close-denied-connections", "false"]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -274,9 +269,7 @@ async fn open_connections_stay_when_closing_is_off() {
 
 #[tokio::test]
 async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -320,9 +313,7 @@ async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
 
 #[tokio::test]
 async fn decisions_are_counted_by_action_and_policy() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("audit-web", "AUDIT", "/ns/a/sa/web"),
@@ -354,9 +345,7 @@ async fn decisions_are_counted_by_action_and_policy() {
 #[tokio::test]
 async fn keeps_enforcing_across_a_control_plane_reconnect() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
