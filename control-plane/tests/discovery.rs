@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Ack, Nack, Subscribe, WatchRequest};
+use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, Subscribe, WatchRequest};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
@@ -37,18 +37,29 @@ fn subscribe(inbound: &str) -> WatchRequest {
     }
 }
 
-#[tokio::test]
-async fn watch_pushes_snapshots_and_records_acks() {
-    let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
-    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+/// `svid`'s Watch stream, subscribed as listening on `inbound`, and its
+/// request side for ACKs.
+async fn watch(
+    cp: &ControlPlane,
+    svid: &Svid,
+    inbound: &str,
+) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<Snapshot>) {
     let (tx, rx) = mpsc::channel(8);
-    tx.send(subscribe("127.0.0.1:7001")).await.unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
+    tx.send(subscribe(inbound)).await.unwrap();
+    let snapshots = discovery_client(cp, Some(svid))
         .await
         .watch(ReceiverStream::new(rx))
         .await
         .expect("watch opens")
         .into_inner();
+    (tx, snapshots)
+}
+
+#[tokio::test]
+async fn watch_pushes_snapshots_and_records_acks() {
+    let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7001").await;
 
     let first = snapshots
         .message()
@@ -148,14 +159,7 @@ async fn watch_requires_an_svid_and_a_subscribe_first() {
 async fn sigterm_ends_open_watch_streams_and_exits_cleanly() {
     let cp = ControlPlane::start(&[]);
     let web = enroll(&cp, WEB, "127.0.0.1:7003").await;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(subscribe("127.0.0.1:7003")).await.unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
-        .await
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7003").await;
     snapshots
         .message()
         .await
@@ -175,14 +179,7 @@ async fn sigterm_ends_open_watch_streams_and_exits_cleanly() {
 async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     let cp = ControlPlane::start(&[]);
     let web = enroll(&cp, WEB, "127.0.0.1:7004").await;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(subscribe("127.0.0.1:7004")).await.unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
-        .await
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7004").await;
     let held = snapshots
         .message()
         .await
@@ -231,14 +228,7 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
 async fn an_endpoint_leaves_when_its_certificate_expires() {
     let cp = ControlPlane::start(&["--default-policy", "allow-mesh", "--cert-ttl", "10s"]);
     let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(subscribe("127.0.0.1:7001")).await.unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
-        .await
-        .watch(ReceiverStream::new(rx))
-        .await
-        .expect("watch opens")
-        .into_inner();
+    let (_tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7001").await;
     let first = snapshots
         .message()
         .await

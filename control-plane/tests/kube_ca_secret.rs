@@ -5,6 +5,7 @@
 //! Secret as the API server does (recorded `404 NotFound`, `409 Conflict`
 //! and `409 AlreadyExists` answers) and records every request.
 
+mod common;
 mod kube_api;
 
 use base64::Engine as _;

@@ -424,11 +424,7 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
     assert_eq!(applied[0].outcome, PolicyOutcome::Created);
     assert_eq!(applied[0].revision, 1);
     assert_eq!(generation.snapshot, one.snapshot_version().unwrap());
-    let post = fake
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "POST")
-        .unwrap();
+    let post = fake.first("POST");
     assert_eq!(
         post.path,
         "/apis/trellis.io/v1alpha1/namespaces/shop/authorizationpolicies"
@@ -460,11 +456,7 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         (applied[0].outcome, applied[0].revision),
         (PolicyOutcome::Updated, 2)
     );
-    let put = fake
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "PUT")
-        .unwrap();
+    let put = fake.first("PUT");
     assert!(
         put.body["metadata"]["resourceVersion"].is_string(),
         "{put:?}"
@@ -557,11 +549,7 @@ async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
     .unwrap()
     .unwrap();
     assert_eq!(applied.rate_limits[0].outcome, PolicyOutcome::Created);
-    let post = fake
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "POST")
-        .unwrap();
+    let post = fake.first("POST");
     assert_eq!(
         post.path,
         "/apis/trellis.io/v1alpha1/namespaces/shop/ratelimitpolicies"

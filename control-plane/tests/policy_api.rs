@@ -12,17 +12,7 @@ use common::*;
 use tonic::Code;
 use trellis_control_plane::api::policy::policy_errors_of;
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{
-    DeletePolicyRequest, ExplainRequest, GetPolicyRequest, ListPoliciesRequest, PolicyOutcome,
-};
-
-fn get(namespace: &str, name: &str) -> GetPolicyRequest {
-    GetPolicyRequest {
-        namespace: namespace.into(),
-        name: name.into(),
-        ..GetPolicyRequest::default()
-    }
-}
+use trellis_proto::admin::v1::{ExplainRequest, PolicyOutcome};
 
 #[tokio::test]
 async fn apply_get_list_delete() {
@@ -77,7 +67,7 @@ async fn apply_get_list_delete() {
     assert!(updated.snapshot_version > created.snapshot_version);
 
     let got = admin
-        .get_policy(get("default", "web-to-api"))
+        .get_policy(get("default", "web-to-api", ""))
         .await
         .unwrap()
         .into_inner();
@@ -87,37 +77,25 @@ async fn apply_get_list_delete() {
     assert!(got.yaml.contains("name: web-to-api"), "{}", got.yaml);
     assert!(got.yaml.contains("8443"), "{}", got.yaml);
 
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     let names: Vec<_> = listed.policies.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["api-to-web", "web-to-api"]);
     assert_eq!(listed.generation, 2);
 
     let deleted = admin
-        .delete_policy(DeletePolicyRequest {
-            namespace: "default".into(),
-            name: "web-to-api".into(),
-            ..DeletePolicyRequest::default()
-        })
+        .delete_policy(delete("default", "web-to-api", ""))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(deleted.generation, 3);
     let err = admin
-        .delete_policy(DeletePolicyRequest {
-            namespace: "default".into(),
-            name: "web-to-api".into(),
-            ..DeletePolicyRequest::default()
-        })
+        .delete_policy(delete("default", "web-to-api", ""))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("default/web-to-api"), "{err:?}");
     let err = admin
-        .get_policy(get("default", "web-to-api"))
+        .get_policy(get("default", "web-to-api", ""))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -170,11 +148,7 @@ async fn an_invalid_policy_is_refused_at_its_field_and_the_stored_one_stays() {
         err.message()
     );
 
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert_eq!(listed.policies.len(), 1);
     assert_eq!(listed.generation, stored.generation);
     let policy = listed.policies[0].clone();
@@ -216,7 +190,7 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     );
 
     let got = admin
-        .get_policy(get("default", "web-to-api"))
+        .get_policy(get("default", "web-to-api", ""))
         .await
         .unwrap()
         .into_inner()
@@ -229,7 +203,10 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
         .await
         .unwrap();
     assert_eq!(new.results[0].outcome(), PolicyOutcome::Created);
-    let err = admin.get_policy(get("default", "new")).await.unwrap_err();
+    let err = admin
+        .get_policy(get("default", "new", ""))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -258,11 +235,7 @@ async fn a_sidecar_identity_may_not_apply_policies() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     let mut admin = cp.admin_client().await;
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert!(listed.policies.is_empty());
 }
 
@@ -282,11 +255,7 @@ async fn policies_survive_a_restart() {
 
     let cp = ControlPlane::start_in(tmp, &[]);
     let mut admin = cp.admin_client().await;
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert_eq!(listed.generation, applied.generation);
     assert_eq!(listed.policies.len(), 1);
     assert_eq!(listed.policies[0].revision, 2);

@@ -13,9 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use trellis_control_plane::api::policy::policy_errors_of;
-use trellis_proto::admin::v1::{
-    DeletePolicyRequest, GetPolicyRequest, ListPoliciesRequest, PolicyOutcome,
-};
+use trellis_proto::admin::v1::PolicyOutcome;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Ack, Snapshot, Subscribe, WatchRequest};
@@ -148,11 +146,7 @@ async fn a_mixed_file_is_one_write_and_each_sidecar_gets_only_its_rate_limits() 
     assert_eq!(api_next.rate_limits[0].burst, 10);
 
     let got = admin
-        .get_policy(GetPolicyRequest {
-            namespace: "default".into(),
-            name: "api-limit".into(),
-            kind: RATE_LIMIT.into(),
-        })
+        .get_policy(get("default", "api-limit", RATE_LIMIT))
         .await
         .unwrap()
         .into_inner();
@@ -161,20 +155,12 @@ async fn a_mixed_file_is_one_write_and_each_sidecar_gets_only_its_rate_limits() 
     assert!(got.yaml.contains("kind: RateLimitPolicy"), "{}", got.yaml);
     assert!(got.yaml.contains("burst: 10"), "{}", got.yaml);
 
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert_eq!(listed.policies.len(), 1);
     assert_eq!(listed.rate_limits.len(), 1);
 
     let err = admin
-        .get_policy(GetPolicyRequest {
-            namespace: "default".into(),
-            name: "api-limit".into(),
-            kind: "Gateway".into(),
-        })
+        .get_policy(get("default", "api-limit", "Gateway"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -184,11 +170,7 @@ async fn a_mixed_file_is_one_write_and_each_sidecar_gets_only_its_rate_limits() 
     );
 
     let deleted = admin
-        .delete_policy(DeletePolicyRequest {
-            namespace: "default".into(),
-            name: "api-limit".into(),
-            kind: RATE_LIMIT.into(),
-        })
+        .delete_policy(delete("default", "api-limit", RATE_LIMIT))
         .await
         .unwrap()
         .into_inner();
@@ -213,11 +195,7 @@ async fn an_invalid_rate_limit_refuses_the_whole_file() {
         "spec.limit.requestsPerSecond"
     );
     assert_eq!((e.line, e.column), (21, 30));
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert!(listed.policies.is_empty() && listed.rate_limits.is_empty());
     assert_eq!(listed.generation, 0);
 }
@@ -243,11 +221,7 @@ async fn mesh_opaque_ports_reach_sidecars_and_refuse_l7_rules_on_them() {
         "{err:?}"
     );
     // L4 rules on the port stay fine, and nothing was stored by the refusal.
-    let listed = admin
-        .list_policies(ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut admin).await;
     assert_eq!(listed.generation, 0);
     apply(&mut admin, &allow("web-to-db", API, WEB, 5432), false)
         .await
@@ -366,12 +340,6 @@ async fn opaque_ports_that_a_stored_l7_policy_uses_stop_the_start() {
     );
     // Without the port, the same state starts and keeps the policy.
     let cp = ControlPlane::start_in(tmp, &[]);
-    let listed = cp
-        .admin_client()
-        .await
-        .list_policies(trellis_proto::admin::v1::ListPoliciesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list(&mut cp.admin_client().await).await;
     assert_eq!(listed.policies.len(), 1);
 }

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,15 +18,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use common::serving::{Answering, ServingCert, serve_https};
 use common::{ControlPlane, csr_for, p256};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tonic::Code;
@@ -90,48 +85,21 @@ impl FakeApi {
     /// `silent`: accept connections but never answer (a hung API server).
     async fn start_with(answer: Answer, silent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (ca_pem, chain, key) = make_ca_and_server_cert();
-        std::fs::write(dir.path().join("ca.crt"), ca_pem).unwrap();
+        let cert = ServingCert::new("fake kubernetes CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
         std::fs::write(dir.path().join("token"), format!("{BEARER}\n")).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (stop, mut stopped) = oneshot::channel::<()>();
         let record = requests.clone();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            loop {
-                let tcp = tokio::select! {
-                    accepted = listener.accept() => accepted.unwrap().0,
-                    _ = &mut stopped => return,
-                };
-                if silent {
-                    held.push(tcp);
-                    continue;
-                }
-                let acceptor = acceptor.clone();
-                let record = record.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let record = record.clone();
-                        async move { Ok::<_, Infallible>(serve(req, answer, &record).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let answering = if silent {
+            Answering::Never
+        } else {
+            Answering::Yes
+        };
+        let (addr, stop) = serve_https(&cert, answering, move |req| {
+            let record = record.clone();
+            async move { serve(req, answer, &record).await }
+        })
+        .await;
         Self {
             addr,
             dir,
@@ -216,28 +184,6 @@ async fn serve(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(fixture(file))))
         .unwrap()
-}
-
-/// A CA (PEM) and a serving chain for 127.0.0.1 and localhost it signed.
-fn make_ca_and_server_cert() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(DnType::CommonName, "fake kubernetes CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
-    (
-        ca_cert.pem(),
-        vec![leaf_cert.der().clone()],
-        PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-    )
 }
 
 fn td() -> TrustDomain {
@@ -653,7 +599,11 @@ fn kubernetes_flags_are_checked_before_start() {
 #[test]
 fn in_a_pod_the_api_server_comes_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.crt"), make_ca_and_server_cert().0).unwrap();
+    std::fs::write(
+        dir.path().join("ca.crt"),
+        ServingCert::new("fake kubernetes CA").ca_pem,
+    )
+    .unwrap();
     std::fs::write(dir.path().join("token"), BEARER).unwrap();
     for (host, port, url) in [
         ("10.96.0.1", "443", "https://10.96.0.1:443/"),

@@ -14,7 +14,6 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 use common::ControlPlane;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::Value;
 
 /// Serving certificate files for `localhost`, and the CA that signed them.
@@ -25,20 +24,10 @@ struct ServingCert {
 impl ServingCert {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.distinguished_name
-            .push(DnType::CommonName, "trellis webhook test CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), leaf_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        let cert = common::serving::ServingCert::new("trellis webhook test CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), &cert.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &cert.key_pem).unwrap();
         Self { dir }
     }
 

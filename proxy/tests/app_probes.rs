@@ -5,6 +5,8 @@
 //! and a closed TCP port, a gRPC health server). The probes come from the
 //! injector itself, so the sidecar reads exactly what the injector writes.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -12,16 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
+use common::injector::sidecar_env;
+use common::sidecar::{LOOPBACK_LISTENERS, config_from};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use trellis_control_plane::inject::{self, InjectConfig, Injection, NamespaceScope};
 use trellis_proxy::admin::probes::{self, Check, Failure, HttpGet};
-use trellis_proxy::config::{Cli, Config};
 
 const ID: &str = "spiffe://td.test/ns/default/sa/web";
 
@@ -116,28 +117,11 @@ fn closed_port() -> u16 {
 
 /// `TRELLIS_APP_PROBES` as the injector writes it for `pod`.
 fn injected_probes(pod: &Value) -> String {
-    let config = InjectConfig {
-        trust_bundle: inject::TrustBundleSource::Annotation("bundle".into()),
-        ..InjectConfig::default()
-    };
-    let Injection::Injected { patch, .. } =
-        inject::inject_pod(pod, NamespaceScope::SelectedByWebhook, &config).unwrap()
-    else {
-        panic!("the pod was not injected");
-    };
-    let patch: Vec<Value> = patch.into_iter().map(|op| op.value).collect();
-    find_env(&Value::Array(patch), "TRELLIS_APP_PROBES").expect("the sidecar gets the probes")
-}
-
-fn find_env(value: &Value, name: &str) -> Option<String> {
-    match value {
-        Value::Object(map) if map.get("name").and_then(Value::as_str) == Some(name) => {
-            map.get("value").and_then(Value::as_str).map(str::to_owned)
-        }
-        Value::Object(map) => map.values().find_map(|v| find_env(v, name)),
-        Value::Array(items) => items.iter().find_map(|v| find_env(v, name)),
-        _ => None,
-    }
+    sidecar_env(pod)
+        .into_iter()
+        .find(|(name, _)| name == "TRELLIS_APP_PROBES")
+        .and_then(|(_, value)| value.as_str().map(str::to_owned))
+        .expect("the sidecar gets the probes")
 }
 
 fn http_probe(port: Value, path: &str) -> Value {
@@ -147,20 +131,9 @@ fn http_probe(port: Value, path: &str) -> Value {
 /// A sidecar serving `probes` (the `--app-probes` JSON); returns its admin
 /// address.
 async fn sidecar(probes: &str) -> SocketAddr {
-    let argv = [
-        "trellis-proxy",
-        "--identity",
-        ID,
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--app-probes",
-        probes,
-    ];
-    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    let mut args = vec!["--identity", ID, "--app-probes", probes];
+    args.extend(LOOPBACK_LISTENERS);
+    let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let admin = sidecar.admin_addr().unwrap();
     tokio::spawn(sidecar.run(std::future::pending()));

@@ -182,15 +182,9 @@ fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
         .unwrap();
 
     let mut child = Command::new(BIN)
-        .args([
-            "--identity",
-            ID,
-            "--inbound",
-            "127.0.0.1:0",
-            "--outbound",
-            "127.0.0.1:0",
-        ])
-        .args(["--admin", "127.0.0.1:0", "--drain-timeout", "5s"])
+        .args(["--identity", ID])
+        .args(common::sidecar::LOOPBACK_LISTENERS)
+        .args(["--drain-timeout", "5s"])
         .args([
             "--route",
             &format!("127.0.0.1:0=spiffe://td.test/ns/b/sa/api@{control_plane}"),

@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
+use common::http::snapshot;
 use common::sidecar::{Logs, TestSidecar, sidecar};
 use common::*;
 use tokio::net::TcpStream;
@@ -21,35 +22,14 @@ use trellis_proto::policy::v1 as policy_pb;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
-/// A policy protecting the sidecar under test (`ns/b/sa/api`), in the
-/// operator's YAML, converted as the control plane would.
+/// A policy protecting the sidecar under test whose one rule lets in
+/// `spiffe://td.test<from>`.
 fn policy(name: &str, action: &str, from: &str) -> policy_pb::Policy {
-    let yaml = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: b}}
-spec:
-  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
-  action: {action}
-  rules:
-    - from: [{{spiffeId: \"spiffe://{TD}{from}\"}}]
-"
-    );
-    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
-    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-    loaded.policies[0].policy.to_proto()
-}
-
-fn snapshot(version: u64, default: &str, policies: Vec<policy_pb::Policy>) -> pb::Snapshot {
-    pb::Snapshot {
-        version,
-        policies,
-        mesh: Some(pb::MeshConfig {
-            default_policy: default.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    api_policy(
+        name,
+        action,
+        &format!("{{from: [{{spiffeId: \"spiffe://{TD}{from}\"}}]}}"),
+    )
 }
 
 async fn acked(cp: &FakeControlPlane, snapshot: pb::Snapshot) {
@@ -59,6 +39,15 @@ async fn acked(cp: &FakeControlPlane, snapshot: pb::Snapshot) {
         matches!(&answer, Kind::Ack(a) if a.version == version),
         "{answer:?}"
     );
+}
+
+/// The sidecar under test (`ns/b/sa/api`, with the flags `extra`) in front
+/// of an echo app, against a fake control plane.
+async fn protected_echo(extra: &[&str]) -> (FakeControlPlane, EchoApp, TestSidecar) {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, extra).await;
+    (cp, app, s)
 }
 
 /// Connects as `client`, retrying while the sidecar has no certificate yet.
@@ -101,9 +90,7 @@ fn decisions(action: &str, policy: &str) -> String {
 #[tokio::test]
 async fn denies_everything_before_the_first_snapshot() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
 
     assert!(!gets_through(&cp, &s, &web()).await);
     assert_eq!(*app.accepted.borrow(), 0, "the app was dialled");
@@ -120,9 +107,7 @@ async fn denies_everything_before_the_first_snapshot() {
 #[tokio::test]
 async fn the_default_deny_blocks_and_logs_json_fields() {
     let (logs, _guard) = Logs::capture(true);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     acked(&cp, snapshot(1, "deny", vec![])).await;
 
     assert!(!gets_through(&cp, &s, &web()).await);
@@ -148,9 +133,7 @@ async fn the_default_deny_blocks_and_logs_json_fields() {
 #[tokio::test]
 async fn an_allow_lets_one_identity_in_and_keeps_another_out() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -182,9 +165,7 @@ async fn an_allow_lets_one_identity_in_and_keeps_another_out() {
 #[tokio::test]
 async fn deny_beats_allow() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("zz-no-web", "DENY", "/ns/a/sa/web"),
@@ -207,9 +188,7 @@ async fn deny_beats_allow() {
 #[tokio::test]
 async fn audit_passes_and_logs_would_deny() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("audit-web", "AUDIT", "/ns/a/sa/web"),
@@ -232,9 +211,7 @@ async fn audit_passes_and_logs_would_deny() {
 #[tokio::test]
 async fn a_new_policy_closes_an_open_connection_it_denies() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -269,9 +246,7 @@ async fn a_new_policy_closes_an_open_connection_it_denies() {
 
 #[tokio::test]
 async fn open_connections_stay_when_closing_is_off() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &["--close-denied-connections", "false"]).await;
+    let (cp, _app, s) = protected_echo(&["--close-denied-connections", "false"]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -294,9 +269,7 @@ async fn open_connections_stay_when_closing_is_off() {
 
 #[tokio::test]
 async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),
@@ -340,9 +313,7 @@ async fn an_invalid_policy_is_nacked_and_the_previous_stays_enforced() {
 
 #[tokio::test]
 async fn decisions_are_counted_by_action_and_policy() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("audit-web", "AUDIT", "/ns/a/sa/web"),
@@ -374,9 +345,7 @@ async fn decisions_are_counted_by_action_and_policy() {
 #[tokio::test]
 async fn keeps_enforcing_across_a_control_plane_reconnect() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = echo_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = protected_echo(&[]).await;
     acked(
         &cp,
         snapshot(1, "deny", vec![policy("web-in", "ALLOW", "/ns/a/sa/web")]),

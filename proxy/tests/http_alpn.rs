@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::control_plane::FakeControlPlane;
+use common::grpc::{self, GrpcApp};
 use common::http::*;
 use common::sidecar::{TestSidecar, sidecar};
 use common::*;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
@@ -131,45 +132,15 @@ async fn an_upgrade_crosses_the_pair_over_settled_http1() {
 
 #[tokio::test]
 async fn grpc_calls_settle_h2_and_stream_through() {
-    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = grpc_app().await;
-    let p = pair(&cp, app, &[]).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut versions = Vec::new();
-    while let Some(snapshot) = stream.message().await.unwrap() {
-        versions.push(snapshot.version);
-    }
+    let channel = grpc::channel(p.route).await.unwrap();
+    let versions = grpc::watch_versions(channel).await.unwrap();
     assert_eq!(versions, [1, 2, 3]);
     settled(&p.client, "outbound", "h2", 1).await;
     settled(&p.server, "inbound", "h2", 1).await;
-}
-
-/// An app that speaks first (like SMTP), then echoes.
-async fn banner_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                tcp.write_all(b"220 banner\r\n").await.unwrap();
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

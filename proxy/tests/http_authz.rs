@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
+use common::grpc::{self, GrpcApp};
 use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
@@ -22,21 +23,11 @@ fn web() -> trellis_core::SpiffeId {
 /// A policy protecting `ns/b/sa/api` with one rule from `ns/a/sa/web`
 /// whose `to` is `to` (YAML flow syntax).
 fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
-    let yaml = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: b}}
-spec:
-  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
-  action: {action}
-  rules:
-    - from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}]
-      to: {to}
-"
-    );
-    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
-    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-    loaded.policies[0].policy.to_proto()
+    api_policy(
+        name,
+        action,
+        &format!("{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}], to: {to}}}"),
+    )
 }
 
 #[tokio::test]
@@ -176,11 +167,9 @@ async fn only_l7_rules_allow_http_and_never_raw_bytes() {
 
 #[tokio::test]
 async fn a_denied_grpc_method_gets_permission_denied() {
-    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-    use trellis_proto::identity::v1::identity_client::IdentityClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = grpc_app().await;
-    let p = pair(&cp, app, &[]).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
     let policies = vec![
         policy(
             "web-to-api",
@@ -194,23 +183,12 @@ async fn a_denied_grpc_method_gets_permission_denied() {
         ),
     ];
     push_to(&cp, snapshot(1, "deny", policies), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc::channel(p.route).await.unwrap();
 
-    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
-    let status = DiscoveryClient::new(channel.clone())
-        .watch(requests)
-        .await
-        .unwrap_err();
+    let status = grpc::watch_versions(channel.clone()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert_eq!(status.message(), "denied by policy b/no-watch rule 0");
 
-    let answer = IdentityClient::new(channel)
-        .certify(trellis_proto::identity::v1::CertifyRequest::default())
-        .await
-        .unwrap();
-    assert_eq!(answer.into_inner().chain, [b"ok".to_vec()]);
+    let chain = grpc::certify(channel).await.unwrap();
+    assert_eq!(chain, [b"ok".to_vec()]);
 }

@@ -8,11 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
+use common::grpc::{self, GrpcApp};
 use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
@@ -193,34 +194,16 @@ async fn curl_reaches_the_app_through_a_sidecar_pair_over_http1_and_h2() {
 
 #[tokio::test]
 async fn grpc_unary_and_streaming_calls_go_through_a_sidecar_pair() {
-    use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-    use trellis_proto::identity::v1::identity_client::IdentityClient;
     let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = grpc_app().await;
-    let p = pair(&cp, app, &[]).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc::channel(p.route).await.unwrap();
 
-    let answer = IdentityClient::new(channel.clone())
-        .certify(trellis_proto::identity::v1::CertifyRequest::default())
-        .await
-        .unwrap();
-    assert_eq!(answer.into_inner().chain, [b"ok".to_vec()]);
+    let chain = grpc::certify(channel.clone()).await.unwrap();
+    assert_eq!(chain, [b"ok".to_vec()]);
 
-    let requests = tokio_stream::iter(vec![trellis_proto::discovery::v1::WatchRequest::default()]);
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut versions = Vec::new();
-    while let Some(snapshot) = stream.message().await.unwrap() {
-        versions.push(snapshot.version);
-    }
+    let versions = grpc::watch_versions(channel).await.unwrap();
     assert_eq!(versions, [1, 2, 3]);
 }
 
@@ -276,11 +259,7 @@ async fn a_streaming_grpc_call_stays_open_across_new_policies() {
     );
     let p = pair(&cp, app, &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.route))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc::channel(p.route).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut answers = DiscoveryClient::new(channel)
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -317,22 +296,6 @@ async fn a_streaming_grpc_call_stays_open_across_new_policies() {
         answers.message().await.unwrap().is_none(),
         "the call ends cleanly when the caller ends it"
     );
-}
-
-/// An app that speaks first (like SMTP), then echoes.
-async fn banner_app() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                tcp.write_all(b"220 banner\r\n").await.unwrap();
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
 //! `trellis-proxy init` against real iptables, each test in network namespaces of its
-//! own (`trellis-test-<pid>-<n>`), removed afterwards even when the test fails.
+//! own (`trellis-init-<pid>-<n>`), removed afterwards even when the test fails.
 //!
 //! Needs root, `ip` (iproute2) and iptables; prints `skipped: needs root` or
 //! `skipped: iptables not installed` and passes otherwise. Nothing here touches the
@@ -11,14 +11,16 @@
 //! otherwise this test executable re-run as [`child_process_entry`], which calls the
 //! library's `init::run` (and also serves as listener and client for the redirect test).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use common::netns::{Netns, is_root};
 use trellis_proxy::init::{Family, InitArgs};
 
 const ROLE: &str = "TRELLIS_INIT_TEST_ROLE";
@@ -29,16 +31,6 @@ const SEP: char = '\u{1f}';
 
 // ---------------------------------------------------------------------------------------
 // Preconditions and namespaces
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
 
 fn runs(program: &str, args: &[&str]) -> bool {
     Command::new(program)
@@ -69,52 +61,8 @@ fn can_run() -> bool {
     true
 }
 
-/// A network namespace that exists while this value does.
-struct Netns {
-    name: String,
-}
-
+/// What these tests do in a namespace of their own.
 impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("trellis-test-{}-{n}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            text(&out.stderr)
-        );
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n NS ARGS`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.name,
-            text(&out.stderr)
-        );
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
-        command
-    }
-
     /// Runs `trellis-proxy init ARGS` inside the namespace.
     fn init(&self, args: &[&str]) -> Output {
         match proxy_binary_with_init() {
@@ -187,14 +135,6 @@ impl Netns {
             .write_all(input.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -274,7 +214,7 @@ fn init_installs_our_chains_and_one_jump_each() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     ok(&ns.init(&[]));
 
     let v4 = ns.nat(Family::V4);
@@ -318,7 +258,7 @@ fn init_twice_gives_identical_rules() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let flags = ["--exclude-outbound-ports", "53", "--proxy-gid", "1337"];
     ok(&ns.init(&flags));
     let first = (ns.nat(Family::V4), ns.nat(Family::V6));
@@ -344,7 +284,7 @@ fn exclusions_are_split_by_family() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     ok(&ns.init(&[
         "--exclude-ports",
         "22,15020",
@@ -379,7 +319,7 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let before = (ns.nat(Family::V4), ns.nat(Family::V6));
     let printed = ok(&ns.init(&["--dry-run"]));
     for rule in V4_RULES {
@@ -400,7 +340,7 @@ fn cleanup_removes_ours_and_nothing_else() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     // Someone else's chain and jump, which must survive.
     ns.restore(
         Family::V4,
@@ -429,7 +369,7 @@ fn without_net_admin_init_says_what_is_missing() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let out = ns.child("init", &[]).env(AS_UID, "65534").output().unwrap();
     assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
@@ -444,7 +384,7 @@ fn without_iptables_init_says_which_program_is_missing() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let empty = tempfile::tempdir().unwrap();
     let out = ns
         .child("init", &[])
@@ -474,7 +414,7 @@ fn legacy_backend_works_alike() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     if nat_of(&ns, "iptables-legacy-save").is_none() {
         println!("skipped: iptables-legacy does not work here");
         return;
@@ -519,7 +459,7 @@ fn ipv6_auto_skips_a_namespace_with_ipv6_disabled() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let off = ns
         .exec("sysctl")
         .args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
@@ -548,7 +488,7 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
     if !can_run() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("init");
     let programs = [
         "iptables-nft-save",
         "iptables-nft-restore",
@@ -642,8 +582,8 @@ fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
     if !can_run() {
         return;
     }
-    let pod = Netns::new();
-    let peer = Netns::new();
+    let pod = Netns::new("init");
+    let peer = Netns::new("init");
     pod.ip(&[
         "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
     ]);

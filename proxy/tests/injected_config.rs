@@ -4,52 +4,14 @@
 //! the injector's own output, with the downward API values a kubelet would
 //! fill in, so the two cannot drift.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use clap::Parser;
+use common::injector::sidecar_env;
 use serde_json::{Value, json};
-use trellis_control_plane::inject::{self, InjectConfig, Injection, NamespaceScope};
 use trellis_proxy::config::{Cli, Config, DEFAULT_INBOUND, DEFAULT_OUTBOUND};
-
-/// The sidecar container's environment as the injector writes it for `pod`.
-fn injected_env(pod: &Value) -> Vec<(String, Value)> {
-    let config = InjectConfig {
-        trust_bundle: inject::TrustBundleSource::Annotation("bundle".into()),
-        ..InjectConfig::default()
-    };
-    let Injection::Injected { patch, .. } =
-        inject::inject_pod(pod, NamespaceScope::SelectedByWebhook, &config).unwrap()
-    else {
-        panic!("the pod was not injected");
-    };
-    let patch = Value::Array(patch.into_iter().map(|op| op.value).collect());
-    let sidecar = find_container(&patch, "trellis-proxy").expect("a sidecar container");
-    sidecar["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let value = e
-                .get("value")
-                .cloned()
-                .unwrap_or_else(|| e["valueFrom"].clone());
-            (e["name"].as_str().unwrap().to_owned(), value)
-        })
-        .collect()
-}
-
-fn find_container<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
-    match value {
-        Value::Object(map)
-            if map.get("name").and_then(Value::as_str) == Some(name) && map.contains_key("env") =>
-        {
-            Some(value)
-        }
-        Value::Object(map) => map.values().find_map(|v| find_container(v, name)),
-        Value::Array(items) => items.iter().find_map(|v| find_container(v, name)),
-        _ => None,
-    }
-}
 
 /// What the kubelet makes of `env` in a pod with `pod_ips`: downward API
 /// fields filled in, `$(VAR)` expanded from earlier variables.
@@ -123,7 +85,7 @@ fn an_injected_dual_stack_sidecar_listens_on_both_families_and_advertises_every_
             }],
         },
     });
-    let env = injected_env(&pod);
+    let env = sidecar_env(&pod);
 
     let config = config_from(&kubelet_env(&env, "10.0.0.7,fd00:10::7"));
     assert_eq!(

@@ -8,29 +8,20 @@
 //! they print `skipped: needs root` and pass) and read its listening
 //! sockets with `ss`, as an operator would.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use trellis_proxy::config::{Cli, Config};
+use common::netns::{Netns, is_root};
+use common::sidecar::{LOOPBACK_LISTENERS, config_from};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ID: &str = "spiffe://td.test/ns/a/sa/web";
 /// How long the sidecar may take to start listening.
 const START: Duration = Duration::from_secs(20);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
 
 fn skipped() -> bool {
     if !is_root() {
@@ -50,28 +41,8 @@ fn skipped() -> bool {
     false
 }
 
-/// A network namespace with `lo` up, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
+/// What these tests do in a namespace of their own.
 impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("trellis-listen-{}-{n}", std::process::id());
-        let ns = Netns { name };
-        ns.run("ip", &["netns", "add", &ns.name], false);
-        ns.run("ip", &["link", "set", "lo", "up"], true);
-        ns
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
-        command
-    }
-
     /// Runs `program args`, inside the namespace when `inside`; must succeed.
     fn run(&self, program: &str, args: &[&str], inside: bool) -> String {
         let mut command = if inside {
@@ -103,14 +74,6 @@ impl Netns {
             .lines()
             .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
             .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -176,7 +139,7 @@ fn listens_on_ipv4_and_ipv6_by_default() {
     if skipped() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("listen");
     let mut sidecar = Sidecar::start(&ns, &[]);
     let line = sidecar.wait_for(&["listening"]);
     assert!(line.contains("inbound=0.0.0.0:15006,[::]:15006"), "{line}");
@@ -203,7 +166,7 @@ fn without_ipv6_the_default_serves_ipv4_and_says_so() {
     if skipped() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("listen");
     ns.disable_ipv6();
     let mut sidecar = Sidecar::start(&ns, &[]);
     // There is no ::1 to bind. (The kernel still lets [::]:15006 bind,
@@ -234,7 +197,7 @@ fn an_ipv6_address_named_by_a_flag_must_bind() {
     if skipped() {
         return;
     }
-    let ns = Netns::new();
+    let ns = Netns::new("listen");
     ns.disable_ipv6();
     let mut sidecar = Sidecar::start(&ns, &["--outbound", "127.0.0.1:15001,[::1]:15001"]);
     sidecar.wait_for(&["binding --outbound [::1]:15001"]);
@@ -244,18 +207,9 @@ fn an_ipv6_address_named_by_a_flag_must_bind() {
 
 #[tokio::test]
 async fn listener_flags_bind_exactly_the_addresses_they_name() {
-    let argv = [
-        "trellis-proxy",
-        "--identity",
-        ID,
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ];
-    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    let mut args = vec!["--identity", ID];
+    args.extend(LOOPBACK_LISTENERS);
+    let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let families = |addrs: Vec<std::net::SocketAddr>| -> Vec<bool> {
         addrs.iter().map(|a| a.is_ipv6()).collect()
@@ -276,8 +230,7 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         .unwrap()
         .port();
     let inbound = format!("0.0.0.0:{port},[::]:{port}");
-    let argv = [
-        "trellis-proxy",
+    let config = config_from(&[
         "--identity",
         ID,
         "--inbound",
@@ -286,8 +239,7 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         "[::1]:0",
         "--admin",
         "127.0.0.1:0",
-    ];
-    let config = Config::from_args(&Cli::try_parse_from(argv).unwrap().proxy).unwrap();
+    ]);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let inbound = sidecar.inbound_addrs();
     assert_eq!(families(inbound.clone()), [false, true]);

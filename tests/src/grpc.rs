@@ -1,9 +1,13 @@
 //! A gRPC app for tests, served in-process on loopback: a unary method
 //! (`trellis.identity.v1.Identity/Certify`, answering a chain of one
 //! `b"ok"`) and a server-streaming one (`trellis.discovery.v1.Discovery/
-//! Watch`, streaming snapshots version 1 to 3). The services are Trellis's
-//! own protos only because they are at hand; nothing here is a control
-//! plane.
+//! Watch`, streaming snapshots version 1 to 3), and the client calls that
+//! check them. The services are Trellis's own protos only because they are
+//! at hand; nothing here is a control plane.
+//!
+//! The proxy's own tests include this file by path (they cannot depend on
+//! this crate, which depends on the proxy): it must use nothing of this
+//! crate, only tonic, tokio, tokio-stream, anyhow and trellis-proto.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,8 +17,10 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
 use trellis_proto::discovery::v1::{Snapshot, WatchRequest};
+use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_proto::identity::v1::identity_server::{Identity, IdentityServer};
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
@@ -63,6 +69,29 @@ pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
         .timeout(Duration::from_secs(10))
         .connect()
         .await?)
+}
+
+/// Calls the unary method through `channel`: the chain it answered.
+pub async fn certify(channel: Channel) -> Result<Vec<Vec<u8>>, Status> {
+    let answer = IdentityClient::new(channel)
+        .certify(CertifyRequest::default())
+        .await?;
+    Ok(answer.into_inner().chain)
+}
+
+/// Calls the streaming method through `channel`: the versions of the
+/// snapshots it streamed, in order.
+pub async fn watch_versions(channel: Channel) -> Result<Vec<u64>, Status> {
+    let requests = tokio_stream::iter(vec![WatchRequest::default()]);
+    let mut stream = DiscoveryClient::new(channel)
+        .watch(requests)
+        .await?
+        .into_inner();
+    let mut versions = Vec::new();
+    while let Some(snapshot) = stream.message().await? {
+        versions.push(snapshot.version);
+    }
+    Ok(versions)
 }
 
 #[derive(Clone, Copy)]

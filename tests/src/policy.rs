@@ -140,6 +140,23 @@ pub async fn apply(mesh: &Mesh, text: &str) -> anyhow::Result<Applied> {
     })
 }
 
+/// `trellisctl policy apply -f FILE` with `text` in the file, which must
+/// be refused: the file, and the error as `{:#}` prints it, for a test to
+/// check that it names the file and the place.
+pub async fn apply_refused(mesh: &Mesh, text: &str) -> anyhow::Result<(PathBuf, String)> {
+    let path = write_file(mesh, text)?;
+    let args = [
+        "policy".as_ref(),
+        "apply".as_ref(),
+        "-f".as_ref(),
+        path.as_os_str(),
+    ];
+    match mesh.ctl(args).await {
+        Ok(out) => anyhow::bail!("`policy apply` accepted {}: {out}", path.display()),
+        Err(e) => Ok((path, format!("{e:#}"))),
+    }
+}
+
 /// `trellisctl policy delete NS/NAME`; returns the snapshot version that no
 /// longer holds it.
 pub async fn delete(mesh: &Mesh, key: &str) -> anyhow::Result<u64> {

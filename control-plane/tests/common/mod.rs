@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod policy;
+pub mod serving;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,10 @@
 
 use tonic::transport::Channel;
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{ApplyPolicyRequest, ApplyPolicyResponse};
+use trellis_proto::admin::v1::{
+    ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, GetPolicyRequest,
+    ListPoliciesRequest, ListPoliciesResponse,
+};
 
 pub const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 pub const API: &str = "spiffe://cluster.local/ns/default/sa/api";
@@ -42,4 +45,31 @@ pub async fn apply(
         })
         .await
         .map(|r| r.into_inner())
+}
+
+/// GetPolicy for `namespace/name` of `kind` (`""`: an AuthorizationPolicy).
+pub fn get(namespace: &str, name: &str, kind: &str) -> GetPolicyRequest {
+    GetPolicyRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+        kind: kind.into(),
+    }
+}
+
+/// DeletePolicy for `namespace/name` of `kind`, like [`get`].
+pub fn delete(namespace: &str, name: &str, kind: &str) -> DeletePolicyRequest {
+    DeletePolicyRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+        kind: kind.into(),
+    }
+}
+
+/// What ListPolicies answers; it must answer.
+pub async fn list(admin: &mut AdminClient<Channel>) -> ListPoliciesResponse {
+    admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }

@@ -25,14 +25,11 @@ use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use trellis_control_plane::authn::tokenreview::KubeApi;
+
+use crate::common::serving::{Answering, ServingCert, serve_https};
 
 pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
 pub const RATE_LIMITS: &str = "/apis/trellis.io/v1alpha1/ratelimitpolicies";
@@ -103,47 +100,20 @@ pub struct FakeKube {
 impl FakeKube {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (ca_pem, chain, key) = make_ca_and_server_cert();
-        std::fs::write(dir.path().join("ca.crt"), ca_pem).unwrap();
+        let cert = ServingCert::new("fake kubernetes CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
         // As the kubelet writes it: no trailing newline.
         std::fs::write(dir.path().join("token"), "control-plane-sa-token").unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             next_rv: 50_000,
             ..State::default()
         }));
-        let (stop, mut stopped) = oneshot::channel::<()>();
         let shared = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let tcp = tokio::select! {
-                    accepted = listener.accept() => accepted.unwrap().0,
-                    _ = &mut stopped => return,
-                };
-                let acceptor = acceptor.clone();
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(serve(req, &state).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, stop) = serve_https(&cert, Answering::Yes, move |req| {
+            let state = shared.clone();
+            async move { serve(req, &state).await }
+        })
+        .await;
         Self {
             addr,
             dir,
@@ -230,6 +200,14 @@ impl FakeKube {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The first `method` request it received; there must be one.
+    pub fn first(&self, method: &str) -> Recorded {
+        self.requests()
+            .into_iter()
+            .find(|r| r.method == method)
+            .unwrap_or_else(|| panic!("no {method} request"))
     }
 }
 
@@ -458,26 +436,4 @@ pub fn item(list: &Value, name: &str, rv: u64) -> Value {
         .clone();
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
     object
-}
-
-/// A CA (PEM) and a serving chain for 127.0.0.1 and localhost it signed.
-fn make_ca_and_server_cert() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(DnType::CommonName, "fake kubernetes CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
-    (
-        ca_cert.pem(),
-        vec![leaf_cert.der().clone()],
-        PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-    )
 }

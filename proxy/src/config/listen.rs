@@ -122,17 +122,8 @@ fn default_advertise(inbound: &[Listen]) -> Vec<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-    use crate::config::{Cli, Config};
-
-    fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
-        let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
-        argv.extend_from_slice(extra);
-        let cli = Cli::try_parse_from(argv).expect("clap parses");
-        Config::from_args(&cli.proxy)
-    }
+    use crate::config::tests::args;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()

@@ -382,7 +382,9 @@ fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, S
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
+    /// The configuration of `trellis-proxy --identity spiffe://td/ns/a/sa/b
+    /// EXTRA`; also the listener tests'.
+    pub(super) fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
         let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from(argv).expect("clap parses");

@@ -172,6 +172,16 @@ pub struct CertifyParams {
     pub advertise_addresses: Vec<SocketAddr>,
 }
 
+/// The advertised inbound addresses as Certify and Subscribe carry them:
+/// the first alone, for control planes older than the list, then all.
+pub fn advertised(addresses: &[SocketAddr]) -> (String, Vec<String>) {
+    let first = addresses
+        .first()
+        .map(SocketAddr::to_string)
+        .unwrap_or_default();
+    (first, addresses.iter().map(SocketAddr::to_string).collect())
+}
+
 /// Builds the TLS client config to reach the control plane, verified as
 /// `spiffe://TD/trellis/control-plane`, presenting `svid` when given.
 pub fn control_plane_tls(
@@ -222,20 +232,12 @@ pub async fn certify(
             source,
         })?;
     let (key, csr) = key_and_csr(&params.identity)?;
+    let (inbound_address, inbound_addresses) = advertised(&params.advertise_addresses);
     let request = CertifyRequest {
         csr,
         proof,
-        // The first address for control planes older than the list.
-        inbound_address: params
-            .advertise_addresses
-            .first()
-            .map(SocketAddr::to_string)
-            .unwrap_or_default(),
-        inbound_addresses: params
-            .advertise_addresses
-            .iter()
-            .map(SocketAddr::to_string)
-            .collect(),
+        inbound_address,
+        inbound_addresses,
     };
     let mut client = IdentityClient::new(channel);
     let call = client.certify(request);

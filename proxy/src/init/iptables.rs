@@ -8,7 +8,7 @@
 use std::io::{self, Write};
 use std::process::{Command, Stdio};
 
-use super::rules::Family;
+use super::cidr::Family;
 
 /// Which iptables implementation to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

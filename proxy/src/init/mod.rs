@@ -38,14 +38,16 @@
 //! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
 //! allowed (not root / no NET_ADMIN), 1 anything else.
 
+mod cidr;
 mod iptables;
 mod rules;
 
 use std::io::Write;
 use std::process::ExitCode;
 
+pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
-pub use rules::{CHAINS, Cidr, CidrError, Family, Interception, NatTable};
+pub use rules::{CHAINS, Interception, NatTable};
 
 /// Flags of `trellis-proxy init`.
 #[derive(Debug, Clone, clap::Args)]

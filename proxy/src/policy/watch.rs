@@ -122,17 +122,10 @@ async fn session_inner(
         })?;
     let last_version = out.snapshot.borrow().as_ref().map_or(0, |s| s.version);
     let (tx, rx) = mpsc::channel(4);
+    let (inbound_address, inbound_addresses) = identity::advertised(&params.advertise_addresses);
     let subscribe = Kind::Subscribe(Subscribe {
-        inbound_address: params
-            .advertise_addresses
-            .first()
-            .map(SocketAddr::to_string)
-            .unwrap_or_default(),
-        inbound_addresses: params
-            .advertise_addresses
-            .iter()
-            .map(SocketAddr::to_string)
-            .collect(),
+        inbound_address,
+        inbound_addresses,
         last_version,
     });
     // The receiver is alive: it was just made.

@@ -1,7 +1,7 @@
 //! HTTP fixtures: an app that reports what reached it (method, path,
-//! version, the identity header) and echoes upgraded connections, a gRPC
-//! app (unary and streaming), hyper clients over mTLS, a sidecar pair with
-//! an outbound route for curl and tonic, and curl itself.
+//! version, the identity header) and echoes upgraded connections, hyper
+//! clients over mTLS, a sidecar pair with an outbound route for curl and
+//! tonic, and curl itself. The gRPC app is `common::grpc`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,12 +16,8 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::async_trait;
-use tonic::{Status, Streaming};
 use trellis_core::SpiffeId;
-use trellis_proto::discovery::v1::{self as dpb, discovery_server::Discovery};
-use trellis_proto::identity::v1::identity_server::Identity;
-use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
+use trellis_proto::discovery::v1 as dpb;
 
 use super::control_plane::FakeControlPlane;
 use super::sidecar::{TestSidecar, sidecar, sidecar_as};
@@ -136,64 +132,6 @@ fn answer(mut req: Request<Incoming>, seen: &Seen) -> Response<AppBody> {
         .header("x-app", "yes")
         .body(Full::new(Bytes::from(text)).boxed())
         .unwrap()
-}
-
-/// A gRPC app: `Identity/Certify` (unary) answers a chain of one
-/// `b"ok"`; `Discovery/Watch` streams snapshots version 1 to 3.
-#[derive(Clone)]
-pub struct GrpcApp;
-
-#[async_trait]
-impl Identity for GrpcApp {
-    async fn certify(
-        &self,
-        _req: tonic::Request<CertifyRequest>,
-    ) -> Result<tonic::Response<CertifyResponse>, Status> {
-        Ok(tonic::Response::new(CertifyResponse {
-            chain: vec![b"ok".to_vec()],
-            ..Default::default()
-        }))
-    }
-}
-
-#[async_trait]
-impl Discovery for GrpcApp {
-    type WatchStream = ReceiverStream<Result<dpb::Snapshot, Status>>;
-
-    async fn watch(
-        &self,
-        _req: tonic::Request<Streaming<dpb::WatchRequest>>,
-    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(async move {
-            for version in 1..=3 {
-                let snapshot = dpb::Snapshot {
-                    version,
-                    ..Default::default()
-                };
-                if tx.send(Ok(snapshot)).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-pub async fn grpc_app() -> SocketAddr {
-    use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
-    use trellis_proto::identity::v1::identity_server::IdentityServer;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(IdentityServer::new(GrpcApp))
-            .add_service(DiscoveryServer::new(GrpcApp))
-            .serve_with_incoming(incoming),
-    );
-    addr
 }
 
 pub type Client1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;

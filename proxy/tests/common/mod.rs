@@ -1,9 +1,15 @@
 //! Test fixtures: a throwaway CA made with rcgen, SVIDs it issues, an echo
-//! app, and in-process listeners of the sidecar on free loopback ports.
+//! app and a server-first one, and in-process listeners of the sidecar on
+//! free loopback ports.
 #![allow(dead_code)]
 
 pub mod control_plane;
+// Shared with the end-to-end tests, which serve the same gRPC app.
+#[path = "../../../tests/src/grpc.rs"]
+pub mod grpc;
 pub mod http;
+pub mod injector;
+pub mod netns;
 pub mod sidecar;
 
 use std::net::SocketAddr;
@@ -150,6 +156,42 @@ pub async fn echo_app() -> EchoApp {
         }
     });
     EchoApp { addr, accepted }
+}
+
+/// An app that speaks first (like SMTP), then echoes.
+pub async fn banner_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tcp.write_all(b"220 banner\r\n").await.unwrap();
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A policy `b/<name>` protecting the sidecar under test (`ns/b/sa/api`)
+/// with the one rule `rule` (a YAML flow mapping), loaded from the
+/// operator's YAML as the control plane would.
+pub fn api_policy(name: &str, action: &str, rule: &str) -> trellis_proto::policy::v1::Policy {
+    let yaml = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: b}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://{TD}/ns/b/sa/api\"]}}
+  action: {action}
+  rules:
+    - {rule}
+"
+    );
+    let loaded = trellis_core::policy::load_source("test.yaml", &yaml, &td());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.policies[0].policy.to_proto()
 }
 
 /// Policies under which the mesh default `allow-mesh` lets every peer of

@@ -18,6 +18,25 @@ use trellis_proxy::metrics::Metrics;
 use super::control_plane::{FakeControlPlane, TOKEN};
 use super::id;
 
+/// Every listener of a sidecar on a free loopback port, so that tests run
+/// in parallel.
+pub const LOOPBACK_LISTENERS: [&str; 6] = [
+    "--inbound",
+    "127.0.0.1:0",
+    "--outbound",
+    "127.0.0.1:0",
+    "--admin",
+    "127.0.0.1:0",
+];
+
+/// The configuration `trellis-proxy ARGS` stands for; the flags must be
+/// valid.
+pub fn config_from(args: &[&str]) -> Config {
+    let argv = std::iter::once("trellis-proxy").chain(args.iter().copied());
+    let cli = Cli::try_parse_from(argv).expect("valid flags");
+    Config::from_args(&cli.proxy).expect("valid configuration")
+}
+
 /// A running sidecar; stopped (drained) when dropped.
 pub struct TestSidecar {
     pub identity: SpiffeId,
@@ -47,8 +66,7 @@ pub async fn sidecar_as(
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let (identity_s, app_s) = (identity.to_string(), app.to_string());
-    let mut argv = vec![
-        "trellis-proxy",
+    let mut args = vec![
         "--identity",
         &identity_s,
         "--control-plane",
@@ -57,20 +75,11 @@ pub async fn sidecar_as(
         bundle.to_str().unwrap(),
         "--token-file",
         token.to_str().unwrap(),
-        "--inbound",
-        "127.0.0.1:0",
-        "--outbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--app",
-        &app_s,
-        "--drain-timeout",
-        "1s",
     ];
-    argv.extend_from_slice(extra);
-    let cli = Cli::try_parse_from(argv).expect("valid flags");
-    let config = Config::from_args(&cli.proxy).expect("valid configuration");
+    args.extend(LOOPBACK_LISTENERS);
+    args.extend(["--app", &app_s, "--drain-timeout", "1s"]);
+    args.extend_from_slice(extra);
+    let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let inbound = sidecar.inbound_addr().unwrap();
     let admin = sidecar.admin_addr().unwrap();

@@ -9,13 +9,9 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_proto::discovery::v1::WatchRequest;
-use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-use trellis_proto::identity::v1::CertifyRequest;
-use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_tests::grpc::{self, GrpcApp, STREAMING_METHOD, STREAMING_SERVICE};
 use trellis_tests::http::{HttpConnection, StatusCode};
-use trellis_tests::policy::{self, write_file};
+use trellis_tests::policy;
 use trellis_tests::{EchoApp, HttpApp, Mesh, Sidecar, eventually};
 
 use crate::SOON;
@@ -50,6 +46,16 @@ impl Setup {
         Ok(())
     }
 }
+
+/// Lets web call api on `{PORT}`.
+const WEB_TO_API: &str = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-to-api, namespace: default}
+spec:
+  selector: {spiffeIds: [\"{API}\"]}
+  action: ALLOW
+  rules: [{from: [{spiffeId: \"{WEB}\"}], to: [{ports: [{PORT}]}]}]
+";
 
 /// `trellisctl` takes the document as YAML; `{API}`, `{WEB}` and `{PORT}`
 /// are filled in.
@@ -148,14 +154,8 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() -> 
     let app = HttpApp::start("api").await?;
     let mesh = Mesh::builder().default_policy(Some("deny")).start().await?;
     let s = Setup::start(mesh, app.addr()).await?;
-    let policies = "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: web-to-api, namespace: default}
-spec:
-  selector: {spiffeIds: [\"{API}\"]}
-  action: ALLOW
-  rules: [{from: [{spiffeId: \"{WEB}\"}], to: [{ports: [{PORT}]}]}]
----
+    let policies = WEB_TO_API.to_owned()
+        + "---
 apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: no-admin, namespace: default}
@@ -164,7 +164,7 @@ spec:
   action: DENY
   rules: [{to: [{paths: [\"/admin/*\"]}]}]
 ";
-    s.apply(&document(policies, &s, app.addr().port())).await?;
+    s.apply(&document(&policies, &s, app.addr().port())).await?;
 
     let mut connection = HttpConnection::open(s.route()).await?;
     let denied = connection.get("/admin/users").await?;
@@ -192,34 +192,12 @@ async fn grpc_calls_cross_the_mesh_and_a_denied_method_gets_permission_denied() 
     let app = GrpcApp::start().await?;
     let mesh = Mesh::builder().default_policy(Some("deny")).start().await?;
     let s = Setup::start(mesh, app.addr()).await?;
-    let allow = "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: web-to-api, namespace: default}
-spec:
-  selector: {spiffeIds: [\"{API}\"]}
-  action: ALLOW
-  rules: [{from: [{spiffeId: \"{WEB}\"}], to: [{ports: [{PORT}]}]}]
-";
     let port = app.addr().port();
-    s.apply(&document(allow, &s, port)).await?;
+    s.apply(&document(WEB_TO_API, &s, port)).await?;
 
     let channel = grpc::channel(s.route()).await?;
-    let unary = || async {
-        let mut client = IdentityClient::new(channel.clone());
-        client.certify(CertifyRequest::default()).await
-    };
-    let streaming = || async {
-        let mut client = DiscoveryClient::new(channel.clone());
-        let requests = tokio_stream::iter(vec![WatchRequest::default()]);
-        let mut stream = client.watch(requests).await?.into_inner();
-        let mut versions = Vec::new();
-        while let Some(snapshot) = stream.message().await? {
-            versions.push(snapshot.version);
-        }
-        Ok::<_, tonic::Status>(versions)
-    };
-    assert_eq!(unary().await?.into_inner().chain, [b"ok".to_vec()]);
-    assert_eq!(streaming().await?, [1, 2, 3]);
+    assert_eq!(grpc::certify(channel.clone()).await?, [b"ok".to_vec()]);
+    assert_eq!(grpc::watch_versions(channel.clone()).await?, [1, 2, 3]);
 
     let deny = format!(
         "apiVersion: trellis.io/v1alpha1
@@ -233,13 +211,15 @@ spec:
         s.api.identity()
     );
     s.apply(&deny).await?;
-    let refused = streaming().await.expect_err("Watch is denied");
+    let refused = grpc::watch_versions(channel.clone())
+        .await
+        .expect_err("Watch is denied");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(
         refused.message().contains("default/no-watch"),
         "{refused:?}"
     );
-    assert_eq!(unary().await?.into_inner().chain, [b"ok".to_vec()]);
+    assert_eq!(grpc::certify(channel).await?, [b"ok".to_vec()]);
     Ok(())
 }
 
@@ -360,17 +340,8 @@ spec:
 ",
         db_sidecar.identity()
     );
-    let file = write_file(&mesh, &l7)?;
-    let refused = mesh
-        .ctl([
-            "policy".as_ref(),
-            "apply".as_ref(),
-            "-f".as_ref(),
-            file.as_os_str(),
-        ])
-        .await
-        .expect_err("an L7 rule on a mesh-opaque port is refused");
-    let message = format!("{refused:#}");
+    // An L7 rule on a mesh-opaque port is refused.
+    let (file, message) = policy::apply_refused(&mesh, &l7).await?;
     assert!(
         message.contains(&format!(
             "{}:9:19: spec.rules[0].to[0].ports[0]: port {db_port} is declared opaque",

@@ -182,18 +182,7 @@ async fn an_invalid_policy_is_rejected_and_the_previous_version_stays_in_force()
             "    - from:",
             "    - to:\n        - ports: [70000]\n      from:",
         );
-    let file = policy::write_file(&s.mesh, &bad)?;
-    let err = s
-        .mesh
-        .ctl([
-            "policy".as_ref(),
-            "apply".as_ref(),
-            "-f".as_ref(),
-            file.as_os_str(),
-        ])
-        .await
-        .expect_err("an invalid policy is refused");
-    let message = format!("{err:#}");
+    let (file, message) = policy::apply_refused(&s.mesh, &bad).await?;
     let expected = format!(
         "{}:12:19: spec.rules[0].to[0].ports[0]: port 70000 is out of range",
         file.display()

@@ -16,7 +16,7 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, document_from_proto, validate,
+    AuthorizationPolicy, Document, RateLimitPolicy, Violation, document_from_proto, validate,
     validate_rate_limit_in,
 };
 use trellis_core::{SpiffeId, TrustDomain};
@@ -34,23 +34,22 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 /// The `AuthorizationPolicy` resource (`authorizationpolicies.trellis.io`).
 pub fn authorization_policy_resource() -> ApiResource {
-    ApiResource {
-        group: GROUP.to_owned(),
-        version: VERSION.to_owned(),
-        api_version: format!("{GROUP}/{VERSION}"),
-        kind: AuthorizationPolicy::KIND.to_owned(),
-        plural: "authorizationpolicies".to_owned(),
-    }
+    trellis_resource(AuthorizationPolicy::KIND, "authorizationpolicies")
 }
 
 /// The `RateLimitPolicy` resource (`ratelimitpolicies.trellis.io`).
 pub fn rate_limit_resource() -> ApiResource {
+    trellis_resource(RateLimitPolicy::KIND, "ratelimitpolicies")
+}
+
+/// The `trellis.io` resource of `kind`, served at `plural`.
+fn trellis_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: GROUP.to_owned(),
         version: VERSION.to_owned(),
         api_version: format!("{GROUP}/{VERSION}"),
-        kind: RateLimitPolicy::KIND.to_owned(),
-        plural: "ratelimitpolicies".to_owned(),
+        kind: kind.to_owned(),
+        plural: plural.to_owned(),
     }
 }
 
@@ -77,14 +76,7 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
         }
         Err(e) => return Err(e.to_string()),
     };
-    let valid = validate(&policy, td).map_err(|violations| {
-        violations
-            .iter()
-            .filter(|v| v.is_error())
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    let valid = validate(&policy, td).map_err(|violations| errors_of(&violations))?;
     Ok(Policy {
         revision: revision_of(object),
         ..valid.to_proto()
@@ -107,15 +99,19 @@ pub fn rate_limit_from_object(
         }
         Err(e) => return Err(e.to_string()),
     };
-    validate_rate_limit_in(&limit, td).map_err(|violations| {
-        violations
-            .iter()
-            .filter(|v| v.is_error())
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    validate_rate_limit_in(&limit, td).map_err(|violations| errors_of(&violations))?;
     Ok((limit.to_proto(), revision_of(object)))
+}
+
+/// The errors among `violations`, as `policy lint` words them, in one
+/// line (warnings do not refuse an object).
+fn errors_of(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .filter(|v| v.is_error())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The document an object of `kind` holds: its fields less `status`, with

@@ -15,178 +15,31 @@
 //! prints `skipped: needs root` (or names what is missing) and passes.
 //! Namespaces and processes are removed after each test, also when it fails.
 
+mod cluster;
+
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::Duration;
 
-use trellis_tests::netns::{
-    APP_UID, Capture, ControlPlane, Host, HttpServer, Lab, Pod, Segment, unavailable,
+use cluster::{
+    APP_PORT, B_GREETING, Cluster, SOON, Setup, assert_only_tls_toward, bare_two_pods, contains,
+    counted, outside_cluster, skipped, two_pods,
 };
+use trellis_tests::netns::Lab;
 use trellis_tests::{eventually, netns};
-
-/// How long a test waits for something that should happen soon.
-const SOON: Duration = Duration::from_secs(20);
-
-/// The port the apps serve on.
-const APP_PORT: u16 = 8080;
-
-fn skipped() -> bool {
-    match unavailable() {
-        Some(reason) => {
-            println!("{reason}");
-            true
-        }
-        None => false,
-    }
-}
-
-/// What a test asks for.
-#[derive(Default)]
-struct Setup<'a> {
-    control_plane: &'a [&'a str],
-    init_a: &'a [&'a str],
-    /// `None`: no pod B.
-    init_b: Option<&'a [&'a str]>,
-    outside: bool,
-}
-
-/// A running pod network. Fields drop in order: the apps and the capture
-/// stop, then each pod's sidecar and namespace, then the control plane and
-/// its namespace, then the bridge and the working directory.
-struct Cluster {
-    apps: Vec<HttpServer>,
-    capture: Option<Capture>,
-    a: Pod,
-    b: Option<Pod>,
-    outside: Option<Host>,
-    control_plane: ControlPlane,
-    lab: Lab,
-}
-
-impl Cluster {
-    async fn start(setup: Setup<'_>) -> anyhow::Result<Cluster> {
-        let lab = Lab::new()?;
-        let cp_host = lab.host("cp", 10)?;
-        let control_plane = ControlPlane::start(&lab, cp_host, setup.control_plane).await?;
-        let outside = if setup.outside {
-            Some(lab.host("outside", 100)?)
-        } else {
-            None
-        };
-        let a = lab.host("pod-a", 1)?;
-        let a = Pod::start(&lab, a, &control_plane, setup.init_a).await?;
-        let b = match setup.init_b {
-            Some(init) => {
-                let b = lab.host("pod-b", 2)?;
-                Some(Pod::start(&lab, b, &control_plane, init).await?)
-            }
-            None => None,
-        };
-        Ok(Cluster {
-            apps: Vec::new(),
-            capture: None,
-            a,
-            b,
-            outside,
-            control_plane,
-            lab,
-        })
-    }
-
-    fn b(&self) -> &Pod {
-        self.b.as_ref().expect("this test has a pod B")
-    }
-
-    fn outside(&self) -> &Host {
-        self.outside
-            .as_ref()
-            .expect("this test has an outside host")
-    }
-
-    /// Waits until pod A's sidecar has a snapshot that lists both pods at
-    /// every address (IPv4, and IPv6 where the pods have it), so it knows
-    /// pod B's addresses belong to the mesh.
-    async fn a_knows_b(&mut self) -> anyhow::Result<()> {
-        let addresses = |pod: &Pod| 1 + usize::from(pod.host().ipv6().is_some());
-        let endpoints = addresses(&self.a) + addresses(self.b());
-        let endpoints = format!("endpoints={endpoints}");
-        self.a
-            .wait_for_sidecar_log(&["snapshot applied", &endpoints], SOON)
-            .await
-            .map(drop)
-    }
-
-    /// Pod A's app calls `url` in plain HTTP.
-    async fn a_calls(&self, url: &str) -> anyhow::Result<netns::Reply> {
-        self.a.host().http_get(Some(APP_UID), url).await
-    }
-
-    /// Starts recording the wire.
-    async fn capture(&mut self) -> anyhow::Result<()> {
-        self.capture = Some(self.lab.capture().await?);
-        Ok(())
-    }
-
-    fn segments(&self) -> Vec<Segment> {
-        self.capture
-            .as_ref()
-            .expect("the capture was started")
-            .segments()
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Whether a payload holds plaintext HTTP.
-fn is_plain_http(payload: &[u8]) -> bool {
-    contains(payload, b"GET /") || contains(payload, b"HTTP/1.")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_between_pods_crosses_the_wire_as_mtls_and_names_the_caller() {
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
-    let b_app = cluster
-        .b()
-        .host()
-        .serve_http(APP_PORT, "hello from pod-b")
-        .await
-        .unwrap();
-    cluster.apps.push(b_app);
+    let mut cluster = two_pods("allow-mesh").await;
     cluster.capture().await.unwrap();
-    cluster.a_knows_b().await.unwrap();
 
-    // Pod A's app calls pod B's address and port and gets pod B's answer.
-    let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
-    let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, "hello from pod-b");
-
-    // Both sidecars were on the path, and pod B's knows who called.
-    let a_id = cluster.a.identity().to_string();
+    // Pod A's app calls pod B's address and port and gets pod B's answer;
+    // both sidecars were on the path, and pod B's knows who called.
+    cluster
+        .assert_a_reaches_b(cluster.b().host().addr(APP_PORT))
+        .await;
     let b_id = cluster.b().identity().to_string();
-    let b = cluster.b.as_mut().unwrap();
-    let line = b
-        .wait_for_sidecar_log(
-            &[
-                "inbound connection",
-                "decision=allow",
-                &format!("peer={a_id}"),
-            ],
-            SOON,
-        )
-        .await
-        .unwrap();
-    assert!(line.contains(&format!(":{APP_PORT}")), "{line}");
     cluster
         .a
         .wait_for_sidecar_log(&["outbound connection", &format!("peer={b_id}")], SOON)
@@ -203,54 +56,12 @@ async fn plain_http_between_pods_crosses_the_wire_as_mtls_and_names_the_caller()
     assert_only_tls_toward(&cluster, cluster.b().host().addr(APP_PORT)).await;
 }
 
-/// Asserts that the capture saw a call to `dst` both ways, that its first
-/// bytes toward `dst` are a TLS handshake record, and that no plaintext
-/// HTTP crossed the wire at all.
-async fn assert_only_tls_toward(cluster: &Cluster, dst: SocketAddr) {
-    let what = format!("a call to {dst} in the capture");
-    let segments = eventually(&what, SOON, || {
-        let segments = cluster.segments();
-        let both_ways = segments
-            .iter()
-            .any(|s| s.dst == dst && !s.payload.is_empty())
-            && segments
-                .iter()
-                .any(|s| s.src == dst && !s.payload.is_empty());
-        std::future::ready(match both_ways {
-            true => Ok(segments),
-            false => Err(format!("{} segments, not both ways yet", segments.len())),
-        })
-    })
-    .await
-    .unwrap();
-    let first = segments
-        .iter()
-        .find(|s| s.dst == dst && !s.payload.is_empty())
-        .unwrap();
-    assert!(
-        first.payload.starts_with(&[0x16, 0x03]),
-        "the first bytes toward {dst} are not a TLS handshake record: {:?}",
-        String::from_utf8_lossy(&first.payload)
-    );
-    let plain: Vec<&Segment> = segments
-        .iter()
-        .filter(|s| is_plain_http(&s.payload))
-        .collect();
-    assert!(plain.is_empty(), "plaintext HTTP on the wire: {plain:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
+    let mut cluster = bare_two_pods("allow-mesh").await;
     let Some(b_ipv6) = cluster.b().host().ipv6() else {
         println!("skipped: IPv6 is off");
         return;
@@ -261,7 +72,7 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     let b_app = cluster
         .b()
         .host()
-        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), PORT, "hello from pod-b")
+        .serve_http_on(Ipv6Addr::UNSPECIFIED.into(), PORT, B_GREETING)
         .await
         .unwrap();
     cluster.apps.push(b_app);
@@ -269,29 +80,8 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     cluster.a_knows_b().await.unwrap();
 
     let b_app_addr = SocketAddr::new(b_ipv6.into(), PORT);
-    let reply = cluster
-        .a_calls(&format!("http://{b_app_addr}/"))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, "hello from pod-b");
-    let (a_id, b_id) = (
-        cluster.a.identity().to_string(),
-        cluster.b().identity().to_string(),
-    );
-    let b = cluster.b.as_mut().unwrap();
-    let line = b
-        .wait_for_sidecar_log(
-            &[
-                "inbound connection",
-                "decision=allow",
-                &format!("peer={a_id}"),
-            ],
-            SOON,
-        )
-        .await
-        .unwrap();
-    assert!(line.contains(&format!(":{PORT}")), "{line}");
+    cluster.assert_a_reaches_b(b_app_addr).await;
+    let b_id = cluster.b().identity().to_string();
     // Pod A's sidecar found pod B's IPv6 address among the mesh endpoints.
     cluster
         .a
@@ -308,27 +98,6 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     assert_only_tls_toward(&cluster, b_app_addr).await;
 }
 
-/// A cluster of two pods under `--default-policy default_policy`, with pod
-/// B's app serving on [`APP_PORT`], once pod A knows pod B.
-async fn two_pods(default_policy: &str) -> Cluster {
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", default_policy],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
-    let b_app = cluster
-        .b()
-        .host()
-        .serve_http(APP_PORT, "hello from pod-b")
-        .await
-        .unwrap();
-    cluster.apps.push(b_app);
-    cluster.a_knows_b().await.unwrap();
-    cluster
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_default_deny_blocks_pod_a_to_pod_b() {
     if skipped() {
@@ -341,14 +110,9 @@ async fn the_mesh_default_deny_blocks_pod_a_to_pod_b() {
     let call = cluster.a_calls(&b_url).await;
     assert!(call.is_err(), "pod A reached pod B: {call:?}");
 
-    let a_id = cluster.a.identity().to_string();
-    let b = cluster.b.as_mut().unwrap();
-    b.wait_for_sidecar_log(
-        &["inbound connection denied", &format!("peer={a_id}")],
-        SOON,
-    )
-    .await
-    .unwrap();
+    cluster
+        .b_logs_inbound_from_a(&["inbound connection denied"])
+        .await;
     let requests = cluster.apps[0].requests();
     assert!(requests.is_empty(), "the app was reached: {requests:?}");
 }
@@ -361,7 +125,7 @@ async fn a_deny_policy_blocks_pod_a_to_pod_b() {
     let mut cluster = two_pods("allow-mesh").await;
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
     let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_eq!(reply.body, "hello from pod-b");
+    assert_eq!(reply.body, B_GREETING);
 
     // An operator denies pod A on pod B, with the real trellisctl.
     let policy = cluster.lab.dir().join("deny-pod-a.yaml");
@@ -400,18 +164,9 @@ spec:
     let reached = cluster.apps[0].requests().len();
     let call = cluster.a_calls(&b_url).await;
     assert!(call.is_err(), "pod A reached pod B: {call:?}");
-    let a_id = a_id.to_string();
-    let b = cluster.b.as_mut().unwrap();
-    b.wait_for_sidecar_log(
-        &[
-            "inbound connection denied",
-            &format!("peer={a_id}"),
-            "deny-pod-a",
-        ],
-        SOON,
-    )
-    .await
-    .unwrap();
+    cluster
+        .b_logs_inbound_from_a(&["inbound connection denied", "deny-pod-a"])
+        .await;
     let requests = cluster.apps[0].requests();
     assert_eq!(requests.len(), reached, "the app was reached: {requests:?}");
 
@@ -423,51 +178,6 @@ spec:
         .unwrap();
     eventually("pod A to reach pod B again", SOON, || async {
         cluster.a_calls(&b_url).await.map(|r| r.body)
-    })
-    .await
-    .unwrap();
-}
-
-/// Pod A (no pod B) and an `outside` server under `--outbound-policy`.
-async fn outside_cluster(outbound_policy: &str) -> Cluster {
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &[
-            "--default-policy",
-            "allow-mesh",
-            "--outbound-policy",
-            outbound_policy,
-        ],
-        outside: true,
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
-    let server = cluster
-        .outside()
-        .serve_http(APP_PORT, "hello from outside")
-        .await
-        .unwrap();
-    cluster.apps.push(server);
-    cluster
-        .a
-        .wait_for_sidecar_log(&["snapshot applied"], SOON)
-        .await
-        .unwrap();
-    cluster
-}
-
-/// Waits until `pod`'s `trellis_connections_total{direction, outcome}` is
-/// at least 1.
-async fn counted(pod: &Pod, direction: &str, outcome: &str) {
-    let what = format!("a {direction} connection counted as {outcome}");
-    eventually(&what, SOON, || async {
-        let metrics = pod.metrics().await?;
-        let n = metrics.counter(
-            "trellis_connections_total",
-            &[("direction", direction), ("outcome", outcome)],
-        );
-        anyhow::ensure!(n >= 1.0, "{n}");
-        anyhow::Ok(())
     })
     .await
     .unwrap();
@@ -552,13 +262,8 @@ async fn excluded_ports_bypass_the_proxy() {
     })
     .await
     .unwrap();
-    for (port, body) in [
-        (APP_PORT, "hello from pod-b"),
-        (EXCLUDED, "pod-b, unmeshed"),
-    ] {
-        let app = cluster.b().host().serve_http(port, body).await.unwrap();
-        cluster.apps.push(app);
-    }
+    cluster.b_serves(APP_PORT, B_GREETING).await;
+    cluster.b_serves(EXCLUDED, "pod-b, unmeshed").await;
     cluster.capture().await.unwrap();
     cluster.a_knows_b().await.unwrap();
 
@@ -591,21 +296,9 @@ async fn excluded_ports_bypass_the_proxy() {
     .unwrap();
 
     // Any other port still goes through both sidecars.
-    let meshed = cluster.b().host().addr(APP_PORT);
-    let reply = cluster.a_calls(&format!("http://{meshed}/")).await.unwrap();
-    assert_eq!(reply.body, "hello from pod-b");
-    let a_id = cluster.a.identity().to_string();
-    let b = cluster.b.as_mut().unwrap();
-    b.wait_for_sidecar_log(
-        &[
-            "inbound connection",
-            "decision=allow",
-            &format!("peer={a_id}"),
-        ],
-        SOON,
-    )
-    .await
-    .unwrap();
+    cluster
+        .assert_a_reaches_b(cluster.b().host().addr(APP_PORT))
+        .await;
 
     let needle = format!(":{EXCLUDED}");
     for pod in [&cluster.a, cluster.b()] {
@@ -624,13 +317,7 @@ async fn a_call_to_another_pods_sidecar_port_is_refused() {
     if skipped() {
         return;
     }
-    let mut cluster = Cluster::start(Setup {
-        control_plane: &["--default-policy", "allow-mesh"],
-        init_b: Some(&[]),
-        ..Setup::default()
-    })
-    .await
-    .unwrap();
+    let mut cluster = bare_two_pods("allow-mesh").await;
     cluster.a_knows_b().await.unwrap();
 
     // Redirected into pod B's inbound listener, whose original port is pod
