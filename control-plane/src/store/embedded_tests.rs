@@ -291,6 +291,12 @@ fn concurrent_issuances_each_get_their_own_answer() {
         "a refused issuance is not logged"
     );
     assert_eq!(store.workloads().unwrap().len(), ids.len());
+    // Every batch of new endpoints bumped the version with its records.
+    let version = store.snapshot_version().unwrap();
+    assert!(
+        (1..=ids.len() as u64).contains(&version),
+        "version {version}"
+    );
 }
 
 /// The writer of issuances lets go of the database with the store, so a
@@ -311,4 +317,5 @@ fn a_closed_store_reopens_with_its_issuances() {
     drop(store);
     let store = EmbeddedStore::open(&path).unwrap();
     assert_eq!(store.issued_certificates().unwrap().len(), 1);
+    assert_eq!(store.snapshot_version().unwrap(), 1);
 }

@@ -7,7 +7,8 @@
 //! in a single write transaction and commits once, so concurrent Certify
 //! calls share one sync. Each caller gets its answer only after the commit
 //! that holds its record returned, so an answered issuance is as durable
-//! as before. Each issuance checks its token before it writes anything, so
+//! as before. A batch that changed the mesh endpoints bumps the snapshot
+//! version in the same commit, once. Each issuance checks its token before it writes anything, so
 //! a refused one changes nothing, whatever its neighbours in the batch do;
 //! a failed commit fails the whole batch and writes none of it.
 //!
@@ -21,7 +22,7 @@ use std::thread::JoinHandle;
 use redb::{Database, ReadableTable};
 use trellis_core::SpiffeId;
 
-use super::{ISSUED, JOIN_TOKENS, WORKLOADS, decode, encode};
+use super::{ISSUED, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
 use crate::store::{
     EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord,
@@ -159,6 +160,20 @@ fn commit(
         let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload)
             .map_err(|e| e.to_string())?;
         outcomes.push(outcome);
+    }
+    // New endpoints are a new snapshot version, in the same commit: one
+    // bump for the batch, never a version without its content.
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Ok(EndpointChange::Changed)))
+    {
+        let bump = || {
+            let mut meta = txn.open_table(META)?;
+            let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
+            meta.insert(SNAPSHOT_VERSION, encode(&next).as_slice())?;
+            Ok::<_, StoreError>(())
+        };
+        bump().map_err(|e| e.to_string())?;
     }
     txn.commit().map_err(|e| e.to_string())?;
     Ok(outcomes)
