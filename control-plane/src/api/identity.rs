@@ -205,9 +205,10 @@ impl Identity for IdentityService {
                 now_unix: now,
             });
             let change = store.record_issuance(claim, &record, &workload)?;
-            // A new endpoint is a new snapshot version for every sidecar.
+            // A new endpoint is a new snapshot version for every sidecar;
+            // the store bumped it with the record.
             if change == EndpointChange::Changed
-                && let Err(e) = discovery.changed()
+                && let Err(e) = discovery.refresh()
             {
                 tracing::error!(error = %e, "could not record a new snapshot version");
             }

@@ -310,6 +310,12 @@ impl Discovery {
     /// Blocks on the store: call it from blocking code.
     pub fn refresh(&self) -> Result<u64, StoreError> {
         let mut next_token = self.refreshing.lock().expect("not poisoned");
+        // Concurrent writers each refresh; the first one through loads the
+        // version they all wrote, so the others need not read the whole
+        // state again (a version names its content).
+        if self.store.snapshot_version()? == self.view().version {
+            return Ok(self.current_version());
+        }
         let state = self.store.discovery_state()?;
         let version = state.version;
         let previous = self.view();

@@ -9,8 +9,14 @@
 //! added), `rate_limits` (`namespace/name` -> a `RateLimitRecord`'s protobuf
 //! encoding: the pushed form and its revision), `meta` (counters: snapshot
 //! version, policy generation).
+//!
+//! Issuances are written by one thread in group commits ([`issuance`]);
+//! every other write is its own transaction.
+
+mod issuance;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
@@ -22,7 +28,7 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, WorkloadRecord,
 };
 
 /// The database file name inside the state dir.
@@ -40,8 +46,9 @@ const POLICY_GENERATION: &str = "policy_generation";
 const MESH_CONFIG: &str = "mesh_config";
 
 pub struct EmbeddedStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
+    issuances: issuance::IssuanceWriter,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -56,12 +63,17 @@ impl EmbeddedStore {
     /// Opens (or creates) the database at `path`. A file that is not a redb
     /// database is reported, never replaced.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let database_error = |reason: String| StoreError::Database {
+            path: path.display().to_string(),
+            reason,
+        };
+        let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
+        let issuances = issuance::IssuanceWriter::start(db.clone(), path.display().to_string())
+            .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
         let store = Self {
-            db: Database::create(path).map_err(|e| StoreError::Database {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?,
+            db,
             path: path.to_path_buf(),
+            issuances,
         };
         store.write(|txn| {
             txn.open_table(JOIN_TOKENS)?;
@@ -236,55 +248,7 @@ impl Store for EmbeddedStore {
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        self.write(|txn| {
-            if let Some(claim) = claim {
-                let mut tokens = txn.open_table(JOIN_TOKENS)?;
-                let mut token: JoinToken = match tokens.get(claim.hash.as_slice())? {
-                    Some(v) => decode(v.value(), "join token")?,
-                    None => return Err(TokenRefusal::Unknown.into()),
-                };
-                if token.used {
-                    return Err(TokenRefusal::Used.into());
-                }
-                if token.expires_at_unix <= claim.now_unix {
-                    return Err(TokenRefusal::Expired.into());
-                }
-                if token.spiffe_id != claim.spiffe_id.as_str() {
-                    return Err(TokenRefusal::OtherIdentity {
-                        granted: token.spiffe_id,
-                    }
-                    .into());
-                }
-                token.used = true;
-                tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
-            }
-            let mut log = txn.open_table(ISSUED)?;
-            log.insert(issued.serial_hex.as_str(), encode(issued).as_slice())?;
-            let mut workloads = txn.open_table(WORKLOADS)?;
-            let previous: Option<WorkloadRecord> =
-                match workloads.get(workload.spiffe_id.as_str())? {
-                    Some(v) => Some(decode(v.value(), "workload")?),
-                    None => None,
-                };
-            let mut record = workload.clone();
-            // A workload whose certificate had expired was no endpoint; its
-            // new certificate makes it one again.
-            let previously_live = previous
-                .as_ref()
-                .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
-            let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
-            if record.addresses.is_empty() {
-                record.addresses = previous_addresses.clone();
-            }
-            workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
-            Ok(
-                if record.addresses != previous_addresses || !previously_live {
-                    EndpointChange::Changed
-                } else {
-                    EndpointChange::Unchanged
-                },
-            )
-        })
+        self.issuances.record(claim, issued, workload)
     }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::store::TokenRefusal;
 use trellis_core::SpiffeId;
 
 fn issued(serial: &str, id: &str) -> IssuedCertRecord {
@@ -223,4 +224,98 @@ fn rate_limits_share_the_write_and_the_counters_with_policies() {
     assert_eq!(deleted.snapshot, changed.generation.snapshot + 1);
     assert!(store.rate_limits().unwrap().is_empty());
     assert!(store.policy("default", "a").unwrap().is_some());
+}
+
+/// Concurrent issuances are committed together, yet each answer is its
+/// own: a token claimed twice at once is consumed by exactly one, and the
+/// refused one leaves nothing behind.
+#[test]
+fn concurrent_issuances_each_get_their_own_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let ids: Vec<SpiffeId> = (0..32)
+        .map(|i| SpiffeId::parse(&format!("spiffe://td/ns/a/sa/w{i}")).unwrap())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let token = JoinToken {
+            spiffe_id: id.to_string(),
+            expires_at_unix: 50,
+            used: false,
+        };
+        store.add_join_token(&[i as u8; 32], &token).unwrap();
+    }
+    // Every workload claims its own token, and w0's token twice.
+    let claims: Vec<(usize, String)> = (0..ids.len())
+        .map(|i| (i, format!("{i:02x}")))
+        .chain([(0, "ff".to_string())])
+        .collect();
+    let outcomes: Vec<(String, Result<EndpointChange, StoreError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = claims
+            .iter()
+            .map(|(i, serial)| {
+                let (store, id) = (&store, &ids[*i]);
+                s.spawn(move || {
+                    let hash = [*i as u8; 32];
+                    let claim = TokenClaim {
+                        hash: &hash,
+                        spiffe_id: id,
+                        now_unix: 10,
+                    };
+                    let w = workload(id.as_str(), &format!("127.0.0.1:{}", 1000 + i));
+                    let outcome =
+                        store.record_issuance(Some(claim), &issued(serial, id.as_str()), &w);
+                    (serial.clone(), outcome)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<&String> = outcomes
+        .iter()
+        .filter_map(|(serial, outcome)| match outcome {
+            Err(StoreError::Token(TokenRefusal::Used)) => Some(serial),
+            Err(e) => panic!("unexpected error for {serial}: {e}"),
+            Ok(_) => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "w0's token must be consumed exactly once");
+    let logged: Vec<String> = store
+        .issued_certificates()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.serial_hex)
+        .collect();
+    assert_eq!(logged.len(), ids.len());
+    assert!(
+        !logged.contains(refused[0]),
+        "a refused issuance is not logged"
+    );
+    assert_eq!(store.workloads().unwrap().len(), ids.len());
+    // Every batch of new endpoints bumped the version with its records.
+    let version = store.snapshot_version().unwrap();
+    assert!(
+        (1..=ids.len() as u64).contains(&version),
+        "version {version}"
+    );
+}
+
+/// The writer of issuances lets go of the database with the store, so a
+/// restarted control plane opens it again at once.
+#[test]
+fn a_closed_store_reopens_with_its_issuances() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    store
+        .record_issuance(
+            None,
+            &issued("01", id.as_str()),
+            &workload(id.as_str(), "127.0.0.1:1"),
+        )
+        .unwrap();
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(store.issued_certificates().unwrap().len(), 1);
+    assert_eq!(store.snapshot_version().unwrap(), 1);
 }

@@ -209,7 +209,9 @@ pub trait Store: Send + Sync + 'static {
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
     /// nothing. Empty `workload.addresses` keep the addresses already known;
-    /// otherwise they replace them, all of them.
+    /// otherwise they replace them, all of them. A [`EndpointChange::Changed`]
+    /// issuance has bumped the snapshot version in that same transaction, so
+    /// the caller only refreshes discovery.
     fn record_issuance(
         &self,
         claim: Option<TokenClaim<'_>>,

@@ -138,7 +138,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     };
     let opaque = shared.is_opaque(target.port());
     let handshake = async {
-        let hello = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the
         // handshake goes on and detection decides.
@@ -292,7 +292,7 @@ enum ForwardError {
 /// Sets `is_http` once it knows.
 async fn forward(
     shared: &Shared,
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<net::ReadAhead<TcpStream>>,
     peer: &SpiffeId,
     target: SocketAddr,
     policies: watch::Receiver<Option<Arc<Policies>>>,
@@ -334,7 +334,7 @@ async fn forward(
 /// Writes `prefix` (what detection read) to the app, then copies bytes
 /// between the TLS stream and the app until both are done.
 async fn copy_to_app(
-    mut stream: TlsStream<TcpStream>,
+    mut stream: TlsStream<net::ReadAhead<TcpStream>>,
     prefix: BytesMut,
     target: SocketAddr,
 ) -> Result<Forwarded, ForwardError> {

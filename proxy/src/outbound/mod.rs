@@ -76,13 +76,14 @@ async fn dial_mesh(
     remote: impl tokio::net::ToSocketAddrs,
     expected: &SpiffeId,
     protocol: Protocol,
-) -> Result<TlsStream<TcpStream>, DialError> {
+) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
     let config = shared
         .tls
         .borrow()
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
     let tcp = net::connect(remote).await.map_err(DialError::Connect)?;
+    let tcp = net::ReadAhead::new(tcp);
     let connector = TlsConnector::from(config);
     let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
     let connect = match protocol.alpn() {

@@ -214,11 +214,18 @@ async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
         .ok()
         .filter(|w| w.parse::<u8>().is_ok_and(|w| w > 0))
         .unwrap_or_else(|| "1".into());
+    // The peers keep no access log; `TRELLIS_BENCH_SIDECAR_ACCESS_LOG=false`
+    // turns the sidecars' off too, to see what it costs.
+    let access_log = std::env::var("TRELLIS_BENCH_SIDECAR_ACCESS_LOG")
+        .ok()
+        .filter(|v| v == "true" || v == "false")
+        .unwrap_or_else(|| "true".into());
     let server = mesh
         .sidecar("bench-server")
         .identity(certs::SERVER_ID)
         .app(setup.app)
         .env("TOKIO_WORKER_THREADS", &workers)
+        .arg(format!("--access-log={access_log}"))
         .start()
         .await?;
     let client = mesh
@@ -226,6 +233,7 @@ async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
         .identity(certs::CLIENT_ID)
         .route_to(&server)
         .env("TOKIO_WORKER_THREADS", &workers)
+        .arg(format!("--access-log={access_log}"))
         .start()
         .await?;
     let entry = client.route_addr(server.identity());

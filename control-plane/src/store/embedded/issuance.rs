@@ -1,0 +1,257 @@
+//! Group commit of issuances for the embedded store.
+//!
+//! Every Certify ends in a durable write (the token consumed, the
+//! certificate logged, the workload upserted), and a durable redb commit
+//! costs an `fdatasync`. One writer thread owns these writes: it takes
+//! every issuance waiting when it is free, applies them one after another
+//! in a single write transaction and commits once, so concurrent Certify
+//! calls share one sync. Each caller gets its answer only after the commit
+//! that holds its record returned, so an answered issuance is as durable
+//! as before. A batch that changed the mesh endpoints bumps the snapshot
+//! version in the same commit, once. Each issuance checks its token before it writes anything, so
+//! a refused one changes nothing, whatever its neighbours in the batch do;
+//! a failed commit fails the whole batch and writes none of it.
+//!
+//! This module never decides who may have a certificate; it only makes
+//! the store's decision durable.
+
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::{Database, ReadableTable};
+use trellis_core::SpiffeId;
+
+use super::{ISSUED, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
+use crate::store::{
+    EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
+    WorkloadRecord,
+};
+
+/// The most issuances one commit holds: bounds the transaction and the
+/// wait of the first caller in it.
+const MAX_BATCH: usize = 256;
+
+/// An issuance waiting for its commit, owned so it can cross to the writer.
+struct Issuance {
+    claim: Option<OwnedClaim>,
+    issued: IssuedCertRecord,
+    workload: WorkloadRecord,
+    answer: SyncSender<Result<EndpointChange, StoreError>>,
+}
+
+struct OwnedClaim {
+    hash: [u8; 32],
+    spiffe_id: SpiffeId,
+    now_unix: i64,
+}
+
+/// The handle to the writer thread; dropping it stops the thread and waits
+/// for it, so the database file is closed when the store is.
+pub(super) struct IssuanceWriter {
+    queue: Mutex<Option<Sender<Issuance>>>,
+    thread: Option<JoinHandle<()>>,
+    path: String,
+}
+
+impl IssuanceWriter {
+    pub(super) fn start(db: Arc<Database>, path: String) -> std::io::Result<Self> {
+        let (queue, waiting) = mpsc::channel();
+        let thread_path = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-issuance".into())
+            .spawn(move || run(&db, &thread_path, &waiting))?;
+        Ok(IssuanceWriter {
+            queue: Mutex::new(Some(queue)),
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    /// Records one issuance and returns once it is durable (or refused).
+    /// Blocks the calling thread: call it where blocking is allowed.
+    pub(super) fn record(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        workload: &WorkloadRecord,
+    ) -> Result<EndpointChange, StoreError> {
+        let (answer, reply) = mpsc::sync_channel(1);
+        let issuance = Issuance {
+            claim: claim.map(|c| OwnedClaim {
+                hash: *c.hash,
+                spiffe_id: c.spiffe_id.clone(),
+                now_unix: c.now_unix,
+            }),
+            issued: issued.clone(),
+            workload: workload.clone(),
+            answer,
+        };
+        let sent = match &*self.queue.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(queue) => queue.send(issuance).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(self.stopped());
+        }
+        reply.recv().unwrap_or_else(|_| Err(self.stopped()))
+    }
+
+    fn stopped(&self) -> StoreError {
+        StoreError::Database {
+            path: self.path.clone(),
+            reason: "the issuance writer has stopped".into(),
+        }
+    }
+}
+
+impl Drop for IssuanceWriter {
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(db: &Database, path: &str, waiting: &Receiver<Issuance>) {
+    while let Ok(first) = waiting.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match waiting.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        match commit(db, &batch) {
+            Ok(outcomes) => {
+                for (issuance, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = issuance.answer.send(outcome);
+                }
+            }
+            Err(reason) => {
+                for issuance in batch {
+                    let _ = issuance.answer.send(Err(StoreError::Database {
+                        path: path.to_string(),
+                        reason: reason.clone(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Applies `batch` in order in one transaction and commits it. A refused
+/// issuance (or one that meets a corrupt record) gets its own answer;
+/// a failed write aborts the whole transaction and is every issuance's
+/// answer.
+fn commit(
+    db: &Database,
+    batch: &[Issuance],
+) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for issuance in batch {
+        let claim = issuance.claim.as_ref().map(|c| TokenClaim {
+            hash: &c.hash,
+            spiffe_id: &c.spiffe_id,
+            now_unix: c.now_unix,
+        });
+        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload)
+            .map_err(|e| e.to_string())?;
+        outcomes.push(outcome);
+    }
+    // New endpoints are a new snapshot version, in the same commit: one
+    // bump for the batch, never a version without its content.
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Ok(EndpointChange::Changed)))
+    {
+        let bump = || {
+            let mut meta = txn.open_table(META)?;
+            let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
+            meta.insert(SNAPSHOT_VERSION, encode(&next).as_slice())?;
+            Ok::<_, StoreError>(())
+        };
+        bump().map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(outcomes)
+}
+
+/// One issuance inside `txn`: the inner result is its answer, the outer
+/// error a failed write that must abort the transaction. Everything that
+/// may refuse is read and decided before the first write, so a refused
+/// issuance leaves the transaction as it found it.
+fn record_one(
+    txn: &redb::WriteTransaction,
+    claim: Option<TokenClaim<'_>>,
+    issued: &IssuedCertRecord,
+    workload: &WorkloadRecord,
+) -> Result<Result<EndpointChange, StoreError>, StoreError> {
+    let mut tokens = txn.open_table(JOIN_TOKENS)?;
+    let mut log = txn.open_table(ISSUED)?;
+    let mut workloads = txn.open_table(WORKLOADS)?;
+    let decided = (|| {
+        let token = match claim {
+            Some(claim) => Some(consume(&tokens, claim)?),
+            None => None,
+        };
+        let previous: Option<WorkloadRecord> = match workloads.get(workload.spiffe_id.as_str())? {
+            Some(v) => Some(decode(v.value(), "workload")?),
+            None => None,
+        };
+        Ok::<_, StoreError>((token, previous))
+    })();
+    let (token, previous) = match decided {
+        Ok(decided) => decided,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let (Some(claim), Some(token)) = (claim, token) {
+        tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
+    }
+    log.insert(issued.serial_hex.as_str(), encode(issued).as_slice())?;
+    let mut record = workload.clone();
+    // A workload whose certificate had expired was no endpoint; its new
+    // certificate makes it one again.
+    let previously_live = previous
+        .as_ref()
+        .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
+    let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
+    if record.addresses.is_empty() {
+        record.addresses = previous_addresses.clone();
+    }
+    workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
+    Ok(Ok(
+        if record.addresses != previous_addresses || !previously_live {
+            EndpointChange::Changed
+        } else {
+            EndpointChange::Unchanged
+        },
+    ))
+}
+
+/// The claimed token, marked used, if it proves the claim's identity now.
+fn consume(
+    tokens: &redb::Table<'_, &[u8], &[u8]>,
+    claim: TokenClaim<'_>,
+) -> Result<JoinToken, StoreError> {
+    let mut token: JoinToken = match tokens.get(claim.hash.as_slice())? {
+        Some(v) => decode(v.value(), "join token")?,
+        None => return Err(TokenRefusal::Unknown.into()),
+    };
+    if token.used {
+        return Err(TokenRefusal::Used.into());
+    }
+    if token.expires_at_unix <= claim.now_unix {
+        return Err(TokenRefusal::Expired.into());
+    }
+    if token.spiffe_id != claim.spiffe_id.as_str() {
+        return Err(TokenRefusal::OtherIdentity {
+            granted: token.spiffe_id,
+        }
+        .into());
+    }
+    token.used = true;
+    Ok(token)
+}
