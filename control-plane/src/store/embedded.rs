@@ -28,7 +28,7 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, WorkloadRecord,
+    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, WorkloadRecord, same_content,
 };
 
 /// The database file name inside the state dir.
@@ -470,17 +470,6 @@ impl EmbeddedStore {
             });
         }
         Ok(applied)
-    }
-}
-
-/// Whether two policies differ in anything but their revision.
-fn same_content(a: &Policy, b: &Policy) -> bool {
-    Policy {
-        revision: 0,
-        ..a.clone()
-    } == Policy {
-        revision: 0,
-        ..b.clone()
     }
 }
 

@@ -200,6 +200,18 @@ pub struct DiscoveryState {
     pub rate_limits: Vec<RateLimit>,
 }
 
+/// Whether two policies differ in anything but their revision: an apply of
+/// the same content writes nothing and keeps the revision.
+pub(crate) fn same_content(a: &Policy, b: &Policy) -> bool {
+    Policy {
+        revision: 0,
+        ..a.clone()
+    } == Policy {
+        revision: 0,
+        ..b.clone()
+    }
+}
+
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new join token under the SHA-256 hash of its value.

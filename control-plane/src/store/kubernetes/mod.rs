@@ -57,6 +57,7 @@ use self::reflect::{Convert, Shared, reflect};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
     JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    same_content,
 };
 use crate::authn::tokenreview::KubeApi;
 
@@ -408,17 +409,6 @@ fn watch_error(e: &watcher::Error) -> String {
         | watcher::Error::WatchStartFailed(e)
         | watcher::Error::WatchFailed(e) => describe(e),
         other => other.to_string(),
-    }
-}
-
-/// Whether two policies differ in anything but their revision.
-fn same_content(a: &Policy, b: &Policy) -> bool {
-    Policy {
-        revision: 0,
-        ..a.clone()
-    } == Policy {
-        revision: 0,
-        ..b.clone()
     }
 }
 
