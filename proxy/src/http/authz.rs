@@ -27,8 +27,8 @@ use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{HttpRequest, l7};
 
-use super::Body;
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
+use super::{Body, InForce};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
 
@@ -63,15 +63,12 @@ impl<S> Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
 
     fn layer(&self, inner: S) -> Authorize<S> {
-        let mut policies = self.policies.clone();
-        let current = policies.borrow_and_update().clone();
         Authorize {
             inner,
             peer: self.peer.clone(),
             port: self.port,
             metrics: self.metrics.clone(),
-            policies,
-            current,
+            policies: InForce::new(self.policies.clone()),
         }
     }
 }
@@ -82,10 +79,8 @@ pub struct Authorize<S> {
     peer: SpiffeId,
     port: u16,
     metrics: Arc<Metrics>,
-    policies: watch::Receiver<Option<Arc<Policies>>>,
-    /// What `policies` held when last polled; `None` before the first
-    /// snapshot (deny all).
-    current: Option<Arc<Policies>>,
+    /// Before the first snapshot, none: deny all.
+    policies: InForce,
 }
 
 impl<S, B> Service<Exchange<B>> for Authorize<S>
@@ -97,11 +92,7 @@ where
     type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // An atomic load unless the policies changed; a closed channel
-        // keeps the last policies.
-        if self.policies.has_changed().unwrap_or(false) {
-            self.current = self.policies.borrow_and_update().clone();
-        }
+        self.policies.refresh();
         self.inner.poll_ready(cx)
     }
 
@@ -123,7 +114,7 @@ impl<S> Authorize<S> {
             grpc,
             ..
         } = exchange;
-        let current = self.current.as_deref();
+        let current = self.policies.get();
         let path = request.uri().path();
         if current.is_some_and(|p| p.set.has_l7()) && !l7::is_normalized(path) {
             // Rules match paths as written: `/a/../admin` must not pass for

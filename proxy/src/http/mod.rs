@@ -209,3 +209,32 @@ where
         stack.call(exchange)
     }
 }
+
+/// The policies in force for one connection's request stack, as each layer
+/// of it reads them: a copy of the channel's value, refreshed when the
+/// stack is polled for readiness and only when the channel changed, so
+/// deciding a request takes no lock.
+struct InForce {
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+    current: Option<Arc<Policies>>,
+}
+
+impl InForce {
+    fn new(mut policies: watch::Receiver<Option<Arc<Policies>>>) -> Self {
+        let current = policies.borrow_and_update().clone();
+        InForce { policies, current }
+    }
+
+    /// An atomic load unless the policies changed; a closed channel keeps
+    /// the last policies.
+    fn refresh(&mut self) {
+        if self.policies.has_changed().unwrap_or(false) {
+            self.current = self.policies.borrow_and_update().clone();
+        }
+    }
+
+    /// `None` before the first snapshot.
+    fn get(&self) -> Option<&Policies> {
+        self.current.as_deref()
+    }
+}

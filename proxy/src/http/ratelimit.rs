@@ -36,8 +36,8 @@ use trellis_core::policy::{
 };
 use trellis_proto::policy::v1 as pb;
 
-use super::Body;
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
+use super::{Body, InForce};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 
@@ -234,13 +234,10 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> RateLimit<S> {
-        let mut policies = self.policies.clone();
-        let current = policies.borrow_and_update().clone();
         RateLimit {
             inner,
             peer: self.peer.clone(),
-            policies,
-            current,
+            policies: InForce::new(self.policies.clone()),
         }
     }
 }
@@ -249,9 +246,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     peer: SpiffeId,
-    policies: watch::Receiver<Option<Arc<Policies>>>,
-    /// What `policies` held when last polled.
-    current: Option<Arc<Policies>>,
+    policies: InForce,
 }
 
 impl<S, B> Service<Exchange<B>> for RateLimit<S>
@@ -263,16 +258,12 @@ where
     type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // An atomic load unless the policies changed; a closed channel
-        // keeps the last limits.
-        if self.policies.has_changed().unwrap_or(false) {
-            self.current = self.policies.borrow_and_update().clone();
-        }
+        self.policies.refresh();
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
-        let limits = self.current.as_ref().map(|p| &p.rate_limits);
+        let limits = self.policies.get().map(|p| &p.rate_limits);
         let limited = match limits {
             Some(limits) if !limits.is_empty() => limits
                 .check(&self.peer, exchange.request.uri().path())
