@@ -366,9 +366,12 @@ impl KubernetesStore {
         kind: Kind,
         namespace: &str,
         name: &str,
-        held: bool,
     ) -> Result<Option<Generation>, StoreError> {
         let key = policy_key(namespace, name);
+        let held = self.shared.read(|c| match kind {
+            Kind::RateLimitPolicy => c.rate_limit(&key).is_some(),
+            _ => c.policy(&key).is_some(),
+        });
         if !held {
             return Ok(None);
         }
@@ -535,10 +538,7 @@ impl Store for KubernetesStore {
     }
 
     fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError> {
-        let held = self
-            .shared
-            .read(|c| c.policy(&policy_key(namespace, name)).is_some());
-        self.delete_object(Kind::AuthorizationPolicy, namespace, name, held)
+        self.delete_object(Kind::AuthorizationPolicy, namespace, name)
     }
 
     fn rate_limits(&self) -> Result<Vec<RateLimitRecord>, StoreError> {
@@ -573,10 +573,7 @@ impl Store for KubernetesStore {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Generation>, StoreError> {
-        let held = self
-            .shared
-            .read(|c| c.rate_limit(&policy_key(namespace, name)).is_some());
-        self.delete_object(Kind::RateLimitPolicy, namespace, name, held)
+        self.delete_object(Kind::RateLimitPolicy, namespace, name)
     }
 
     fn generation(&self) -> Result<Generation, StoreError> {
