@@ -59,7 +59,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    run::init_logging(config.log_format);
+    let _access_log = run::init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,8 +23,13 @@ use crate::policy::watch::{Outputs, WatchParams};
 use crate::tls::TlsState;
 use crate::{admin, drain, policy, tls};
 
-/// Logs to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Logs to stderr, text or JSON, filtered by `RUST_LOG` (default `info`),
+/// and the access log to stdout through its writer thread. Keep the
+/// returned guard until exit: dropping it writes the access lines still
+/// queued. `None` if the writer thread could not start (the access log is
+/// then written line by line).
+pub fn init_logging(format: LogFormat) -> Option<crate::http::access::stdout::Flush> {
+    use crate::http::access::stdout::BatchedStdout;
     use tracing_subscriber::Layer;
     use tracing_subscriber::filter::filter_fn;
     use tracing_subscriber::layer::SubscriberExt;
@@ -45,16 +50,22 @@ pub fn init_logging(format: LogFormat) {
         .json()
         .flatten_event(true)
         .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(std::io::stdout)
-        .with_filter(filter_fn(is_access));
+        .with_span_list(false);
+    let (access, flush) = match BatchedStdout::start() {
+        Ok((batched, flush)) => (access.with_writer(batched).boxed(), Some(flush)),
+        Err(e) => {
+            eprintln!("trellis-proxy: starting the access-log writer: {e}; writing lines directly");
+            (access.with_writer(std::io::stdout).boxed(), None)
+        }
+    };
     let _ = tracing_subscriber::registry()
         .with(
             logs.with_filter(filter)
                 .with_filter(filter_fn(move |meta| !is_access(meta))),
         )
-        .with(access)
+        .with(access.with_filter(filter_fn(is_access)))
         .try_init();
+    flush
 }
 
 /// Why start-up failed after the configuration was valid.

@@ -1,0 +1,268 @@
+//! The access log's way to stdout: a request hands its formatted line to a
+//! writer thread, which writes lines in batches, so serving a request
+//! costs no system call and never waits on the disk or a slow log
+//! collector.
+//!
+//! The request path only moves the line into a queue: no lock, and no
+//! system call unless the writer thread sleeps waiting for a first line
+//! after an idle spell. The thread writes everything queued, then rests
+//! for [`FLUSH_INTERVAL`] while new lines gather, so a busy sidecar makes
+//! one `write` per interval instead of one per request and a quiet one
+//! writes each line at once. At most [`MAX_PENDING`] lines wait: beyond
+//! that a line is dropped and counted (reported on the sidecar's own log,
+//! at most once per batch) rather than growing memory or holding up a
+//! request. Dropping the [`Flush`] guard writes what is queued and stops
+//! the thread.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// How long the writer thread lets lines gather after writing a batch.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// Lines that may wait for the writer thread; more are dropped.
+pub const MAX_PENDING: usize = 65_536;
+
+/// The writer thread's batch buffer: one `write` holds this much.
+const BATCH: usize = 64 * 1024;
+
+/// Hands access-log lines to the writer thread; a [`MakeWriter`] for the
+/// access layer of the subscriber.
+#[derive(Clone)]
+pub struct BatchedStdout {
+    lines: Sender<Vec<u8>>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    pending: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// Writes what is queued and stops the writer thread when dropped.
+pub struct Flush {
+    lines: Sender<Vec<u8>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BatchedStdout {
+    /// Starts the writer thread. Keep the [`Flush`] until exit.
+    pub fn start() -> io::Result<(BatchedStdout, Flush)> {
+        Self::start_with(io::stdout())
+    }
+
+    fn start_with<W: Write + Send + 'static>(out: W) -> io::Result<(BatchedStdout, Flush)> {
+        let (tx, rx) = mpsc::channel();
+        let counts = Arc::new(Counts::default());
+        let thread = std::thread::Builder::new()
+            .name("access-log".into())
+            .stack_size(64 * 1024)
+            .spawn({
+                let counts = counts.clone();
+                move || write_batches(rx, out, &counts)
+            })?;
+        let writer = BatchedStdout {
+            lines: tx.clone(),
+            counts,
+        };
+        let flush = Flush {
+            lines: tx,
+            thread: Some(thread),
+        };
+        Ok((writer, flush))
+    }
+
+    /// Queues one line (never empty: an empty one tells the thread to stop).
+    fn send(&self, line: Vec<u8>) {
+        if self.counts.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.lines.send(line).is_err() {
+            // The thread is gone (exiting): nothing will write it.
+            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let _ = self.lines.send(Vec::new());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_batches<W: Write>(lines: Receiver<Vec<u8>>, out: W, counts: &Counts) {
+    let mut out = io::BufWriter::with_capacity(BATCH, out);
+    let mut reported = 0;
+    // Blocks only when nothing is queued: the first line after a quiet
+    // spell is written at once.
+    while let Ok(first) = lines.recv() {
+        let mut stop = first.is_empty();
+        let mut written = usize::from(!stop);
+        let _ = out.write_all(&first);
+        while !stop {
+            match lines.try_recv() {
+                Ok(line) if line.is_empty() => stop = true,
+                Ok(line) => {
+                    written += 1;
+                    let _ = out.write_all(&line);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => stop = true,
+            }
+        }
+        if let Err(e) = out.flush() {
+            tracing::warn!(error = %e, "writing the access log to stdout");
+        }
+        // Counted as pending until written: the bound covers the batch.
+        counts.pending.fetch_sub(written, Ordering::Relaxed);
+        let dropped = counts.dropped.load(Ordering::Relaxed);
+        if dropped != reported {
+            tracing::warn!(
+                dropped_total = dropped,
+                "access-log lines dropped: stdout is not keeping up"
+            );
+            reported = dropped;
+        }
+        if stop {
+            return;
+        }
+        std::thread::sleep(FLUSH_INTERVAL);
+    }
+}
+
+/// One event's output, sent as one line when the formatter is done.
+pub struct Line<'a> {
+    to: &'a BatchedStdout,
+    bytes: Vec<u8>,
+}
+
+impl Write for Line<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        if !self.bytes.is_empty() {
+            self.to.send(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchedStdout {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Line<'a> {
+        Line {
+            to: self,
+            bytes: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory stdout that also counts the `write` calls reaching it.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Recorded {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut r = self.0.lock().unwrap();
+            r.0.extend_from_slice(buf);
+            r.1 += 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(w: &BatchedStdout, text: &str) {
+        let mut l = w.make_writer();
+        l.write_all(text.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn every_line_is_written_whole_and_in_order_by_the_time_flush_returns() {
+        let out = Recorded::default();
+        let (w, flush) = BatchedStdout::start_with(out.clone()).unwrap();
+        let mut expected = String::new();
+        for i in 0..5_000 {
+            let text = format!("{{\"n\":{i}}}\n");
+            line(&w, &text);
+            expected.push_str(&text);
+        }
+        drop(flush);
+        let (bytes, writes) = out.0.lock().unwrap().clone();
+        assert_eq!(String::from_utf8(bytes).unwrap(), expected);
+        assert!(
+            writes < 5_000,
+            "lines must reach stdout in batches, not one write each ({writes} writes)"
+        );
+    }
+
+    #[test]
+    fn a_line_on_a_quiet_sidecar_is_written_without_waiting_for_more() {
+        let out = Recorded::default();
+        let (w, _flush) = BatchedStdout::start_with(out.clone()).unwrap();
+        line(&w, "one\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.0.lock().unwrap().0.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the line never reached stdout"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(out.0.lock().unwrap().0, b"one\n");
+    }
+
+    #[test]
+    fn lines_beyond_the_bound_are_dropped_and_counted_not_queued() {
+        /// A stdout that never accepts a byte until released.
+        struct Stuck(Arc<Mutex<()>>);
+        impl Write for Stuck {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                drop(self.0.lock().unwrap());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let (w, flush) = BatchedStdout::start_with(Stuck(gate.clone())).unwrap();
+        // Lines the thread took stay counted until written, so exactly
+        // the bound is held whether they wait in the queue or its batch.
+        for _ in 0..MAX_PENDING + 100 {
+            line(&w, "x\n");
+        }
+        assert_eq!(w.counts.dropped.load(Ordering::Relaxed), 100);
+        assert_eq!(w.counts.pending.load(Ordering::Relaxed), MAX_PENDING);
+        drop(held);
+        drop(flush);
+        assert_eq!(w.counts.pending.load(Ordering::Relaxed), 0);
+    }
+}
