@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod outbound;
@@ -59,7 +60,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let _access_log = run::init_logging(config.log_format);
+    let _logs = logging::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

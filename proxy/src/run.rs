@@ -6,15 +6,13 @@
 //! connection itself.
 
 use std::future::Future;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, Listen, LogFormat};
+use crate::config::{Config, Listen};
 use crate::identity::{self, CertifyParams};
 use crate::inbound::{self, Inbound};
 use crate::metrics::Metrics;
@@ -22,51 +20,6 @@ use crate::outbound::{self, RouteListener, Transparent};
 use crate::policy::watch::{Outputs, WatchParams};
 use crate::tls::TlsState;
 use crate::{admin, drain, policy, tls};
-
-/// Logs to stderr, text or JSON, filtered by `RUST_LOG` (default `info`),
-/// and the access log to stdout through its writer thread. Keep the
-/// returned guard until exit: dropping it writes the access lines still
-/// queued. `None` if the writer thread could not start (the access log is
-/// then written line by line).
-pub fn init_logging(format: LogFormat) -> Option<crate::http::access::stdout::Flush> {
-    use crate::http::access::stdout::BatchedStdout;
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::filter::filter_fn;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let logs = match format {
-        LogFormat::Text => logs.boxed(),
-        LogFormat::Json => logs.json().boxed(),
-    };
-    let is_access = |meta: &tracing::Metadata<'_>| meta.target() == crate::http::ACCESS_TARGET;
-    // Access lines are JSON on stdout whatever the log format, one object
-    // per request with its fields at the top level.
-    let access = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false);
-    let (access, flush) = match BatchedStdout::start() {
-        Ok((batched, flush)) => (access.with_writer(batched).boxed(), Some(flush)),
-        Err(e) => {
-            eprintln!("trellis-proxy: starting the access-log writer: {e}; writing lines directly");
-            (access.with_writer(std::io::stdout).boxed(), None)
-        }
-    };
-    let _ = tracing_subscriber::registry()
-        .with(
-            logs.with_filter(filter)
-                .with_filter(filter_fn(move |meta| !is_access(meta))),
-        )
-        .with(access.with_filter(filter_fn(is_access)))
-        .try_init();
-    flush
-}
 
 /// Why start-up failed after the configuration was valid.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,6 @@
 //! deny, rate_limited or invalid), `policy` and `rule` (what decided, when
 //! something did), `protocol` (`http1` or `h2`).
 
-pub mod stdout;
-
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};

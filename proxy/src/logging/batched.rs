@@ -1,16 +1,16 @@
-//! The access log's way to stdout: a request hands its formatted line to a
-//! writer thread, which writes lines in batches, so serving a request
-//! costs no system call and never waits on the disk or a slow log
-//! collector.
+//! A log stream (the access log on stdout, the sidecar's own log on
+//! stderr) written by a thread of its own, in batches, so that a request
+//! or a connection that logs costs no system call and never waits on the
+//! disk or a slow log collector.
 //!
-//! The request path only moves the line into a queue: no lock, and no
+//! Logging only moves the formatted line into a queue: no lock, and no
 //! system call unless the writer thread sleeps waiting for a first line
 //! after an idle spell. The thread writes everything queued, then rests
 //! for [`FLUSH_INTERVAL`] while new lines gather, so a busy sidecar makes
-//! one `write` per interval instead of one per request and a quiet one
+//! one `write` per interval instead of one per line and a quiet one
 //! writes each line at once. At most [`MAX_PENDING`] lines wait: beyond
-//! that a line is dropped and counted (reported on the sidecar's own log,
-//! at most once per batch) rather than growing memory or holding up a
+//! that a line is dropped and counted (reported on the sidecar's log, at
+//! most once per batch) rather than growing memory or holding up a
 //! request. Dropping the [`Flush`] guard writes what is queued and stops
 //! the thread.
 
@@ -31,10 +31,10 @@ pub const MAX_PENDING: usize = 65_536;
 /// The writer thread's batch buffer: one `write` holds this much.
 const BATCH: usize = 64 * 1024;
 
-/// Hands access-log lines to the writer thread; a [`MakeWriter`] for the
-/// access layer of the subscriber.
+/// Hands lines to a stream's writer thread; a [`MakeWriter`] for a layer
+/// of the subscriber.
 #[derive(Clone)]
-pub struct BatchedStdout {
+pub struct Batched {
     lines: Sender<Vec<u8>>,
     counts: Arc<Counts>,
 }
@@ -51,23 +51,20 @@ pub struct Flush {
     thread: Option<JoinHandle<()>>,
 }
 
-impl BatchedStdout {
-    /// Starts the writer thread. Keep the [`Flush`] until exit.
-    pub fn start() -> io::Result<(BatchedStdout, Flush)> {
-        Self::start_with(io::stdout())
-    }
-
-    fn start_with<W: Write + Send + 'static>(out: W) -> io::Result<(BatchedStdout, Flush)> {
+impl Batched {
+    /// Starts the thread `name` writing to `out`. Keep the [`Flush`] until
+    /// exit.
+    pub fn start<W: Write + Send + 'static>(name: &str, out: W) -> io::Result<(Batched, Flush)> {
         let (tx, rx) = mpsc::channel();
         let counts = Arc::new(Counts::default());
         let thread = std::thread::Builder::new()
-            .name("access-log".into())
+            .name(name.into())
             .stack_size(64 * 1024)
             .spawn({
                 let counts = counts.clone();
                 move || write_batches(rx, out, &counts)
             })?;
-        let writer = BatchedStdout {
+        let writer = Batched {
             lines: tx.clone(),
             counts,
         };
@@ -122,7 +119,7 @@ fn write_batches<W: Write>(lines: Receiver<Vec<u8>>, out: W, counts: &Counts) {
             }
         }
         if let Err(e) = out.flush() {
-            tracing::warn!(error = %e, "writing the access log to stdout");
+            tracing::warn!(error = %e, "writing a log stream");
         }
         // Counted as pending until written: the bound covers the batch.
         counts.pending.fetch_sub(written, Ordering::Relaxed);
@@ -130,7 +127,7 @@ fn write_batches<W: Write>(lines: Receiver<Vec<u8>>, out: W, counts: &Counts) {
         if dropped != reported {
             tracing::warn!(
                 dropped_total = dropped,
-                "access-log lines dropped: stdout is not keeping up"
+                "log lines dropped: their output is not keeping up"
             );
             reported = dropped;
         }
@@ -143,7 +140,7 @@ fn write_batches<W: Write>(lines: Receiver<Vec<u8>>, out: W, counts: &Counts) {
 
 /// One event's output, sent as one line when the formatter is done.
 pub struct Line<'a> {
-    to: &'a BatchedStdout,
+    to: &'a Batched,
     bytes: Vec<u8>,
 }
 
@@ -166,7 +163,7 @@ impl Drop for Line<'_> {
     }
 }
 
-impl<'a> MakeWriter<'a> for BatchedStdout {
+impl<'a> MakeWriter<'a> for Batched {
     type Writer = Line<'a>;
 
     fn make_writer(&'a self) -> Line<'a> {
@@ -198,7 +195,7 @@ mod tests {
         }
     }
 
-    fn line(w: &BatchedStdout, text: &str) {
+    fn line(w: &Batched, text: &str) {
         let mut l = w.make_writer();
         l.write_all(text.as_bytes()).unwrap();
     }
@@ -206,7 +203,7 @@ mod tests {
     #[test]
     fn every_line_is_written_whole_and_in_order_by_the_time_flush_returns() {
         let out = Recorded::default();
-        let (w, flush) = BatchedStdout::start_with(out.clone()).unwrap();
+        let (w, flush) = Batched::start("test", out.clone()).unwrap();
         let mut expected = String::new();
         for i in 0..5_000 {
             let text = format!("{{\"n\":{i}}}\n");
@@ -225,7 +222,7 @@ mod tests {
     #[test]
     fn a_line_on_a_quiet_sidecar_is_written_without_waiting_for_more() {
         let out = Recorded::default();
-        let (w, _flush) = BatchedStdout::start_with(out.clone()).unwrap();
+        let (w, _flush) = Batched::start("test", out.clone()).unwrap();
         line(&w, "one\n");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while out.0.lock().unwrap().0.is_empty() {
@@ -253,7 +250,7 @@ mod tests {
         }
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().unwrap();
-        let (w, flush) = BatchedStdout::start_with(Stuck(gate.clone())).unwrap();
+        let (w, flush) = Batched::start("test", Stuck(gate.clone())).unwrap();
         // Lines the thread took stay counted until written, so exactly
         // the bound is held whether they wait in the queue or its batch.
         for _ in 0..MAX_PENDING + 100 {
