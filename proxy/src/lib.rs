@@ -61,10 +61,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
         }
     };
     let _logs = logging::init(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("trellis-proxy: starting the runtime: {e}");
@@ -75,4 +72,22 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     // Connections still open after the drain deadline are dropped here.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// The runtime for the sidecar's tasks. A sidecar given one core (the
+/// usual pod limit, seen through the cgroup's CPU quota, or
+/// `TOKIO_WORKER_THREADS=1`) runs every task on its main thread: no work
+/// stealing, no wake-ups across threads. More cores get one worker each.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
 }

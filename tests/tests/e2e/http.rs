@@ -27,9 +27,22 @@ struct Setup {
 }
 
 impl Setup {
+    /// Both sidecars run as one-core pods do (`TOKIO_WORKER_THREADS=1`:
+    /// every task on one thread); the other suites use several workers.
     async fn start(mesh: Mesh, app: SocketAddr) -> anyhow::Result<Setup> {
-        let api = mesh.sidecar("api").app(app).start().await?;
-        let web = mesh.sidecar("web").route_to(&api).start().await?;
+        let one_core = ("TOKIO_WORKER_THREADS", "1");
+        let api = mesh
+            .sidecar("api")
+            .app(app)
+            .env(one_core.0, one_core.1)
+            .start()
+            .await?;
+        let web = mesh
+            .sidecar("web")
+            .route_to(&api)
+            .env(one_core.0, one_core.1)
+            .start()
+            .await?;
         Ok(Setup { web, api, mesh })
     }
 
