@@ -92,6 +92,9 @@ pub struct Metrics {
     rate_limited: Family<PolicyLabel, Counter>,
     /// `trellis_alpn_total`, resolved once: `[inbound, outbound][ALPN_VALUES]`.
     alpn: [[Counter; ALPN_VALUES.len()]; 2],
+    /// `trellis_tls_handshakes_total`, resolved once:
+    /// `[inbound, outbound][full, resumed]`.
+    handshakes: [[Counter; 2]; 2],
 }
 
 /// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
@@ -214,8 +217,23 @@ impl Metrics {
                     .clone()
             })
         });
+        let handshake_family = Family::<Labels2, Counter>::default();
+        registry.register(
+            "trellis_tls_handshakes",
+            "mTLS handshakes between sidecars by direction and kind: full (certificates signed \
+             and verified) or resumed (a session ticket from an earlier connection)",
+            handshake_family.clone(),
+        );
+        let handshakes = [INBOUND, OUTBOUND].map(|direction| {
+            ["full", "resumed"].map(|kind| {
+                handshake_family
+                    .get_or_create(&[("direction", direction), ("kind", kind)])
+                    .clone()
+            })
+        });
         Metrics {
             alpn,
+            handshakes,
             requests,
             request_duration,
             rate_limited,
@@ -303,6 +321,12 @@ impl Metrics {
             .unwrap_or(0);
         self.requests[class][index].inc();
         self.request_duration.observe(seconds);
+    }
+
+    /// Counts a completed mTLS handshake as full or resumed. No lock.
+    pub fn handshake(&self, direction: &'static str, resumed: bool) {
+        let direction = usize::from(direction == OUTBOUND);
+        self.handshakes[direction][usize::from(resumed)].inc();
     }
 
     /// Counts an established mTLS connection by the ALPN protocol its

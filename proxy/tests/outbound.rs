@@ -122,3 +122,58 @@ async fn transparent_refuses_a_connection_that_was_not_redirected() {
     .await;
     drop(shutdown);
 }
+
+/// A sidecar reconnecting to a peer resumes the session with a ticket
+/// from an earlier connection (no certificates signed or verified), also
+/// when it opens many connections at once, and both sides count it.
+#[tokio::test]
+async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+    let counted = |m: &Metrics, direction: &str, kind: &str| {
+        let series =
+            format!("trellis_tls_handshakes_total{{direction=\"{direction}\",kind=\"{kind}\"}} ");
+        m.encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Each round trip lets the client read the tickets the server sent.
+    async fn connection(local: std::net::SocketAddr) {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        assert_eq!(round_trip(&mut tcp, b"ping").await.unwrap(), b"ping");
+    }
+
+    // One after another first: each one uses a ticket and brings back two.
+    for _ in 0..10 {
+        connection(local).await;
+    }
+    let full_before = counted(&client.metrics, "outbound", "full");
+    for _ in 0..3 {
+        let many: Vec<_> = (0..12).map(|_| tokio::spawn(connection(local))).collect();
+        for c in many {
+            c.await.unwrap();
+        }
+    }
+    eventually("the inbound counts every handshake", || {
+        counted(&inbound.metrics, "inbound", "full")
+            + counted(&inbound.metrics, "inbound", "resumed")
+            == 46
+    })
+    .await;
+    let full = counted(&client.metrics, "outbound", "full");
+    let resumed = counted(&client.metrics, "outbound", "resumed");
+    assert_eq!(full + resumed, 46);
+    assert_eq!(counted(&inbound.metrics, "inbound", "resumed"), resumed);
+    // rustls' default store keeps 8 tickets per server: each burst of 12
+    // would need at least 4 full handshakes.
+    assert!(
+        full - full_before <= 2,
+        "{} full handshakes in 36 connections opened 12 at a time",
+        full - full_before
+    );
+}

@@ -153,6 +153,10 @@ async fn forward_mesh<R>(
     };
     let alpn = upstream.get_ref().1.alpn_protocol();
     metrics.alpn(OUTBOUND, alpn);
+    metrics.handshake(
+        OUTBOUND,
+        upstream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    );
     tracing::info!(
         peer = %expected,
         remote = %remote,

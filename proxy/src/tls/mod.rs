@@ -12,12 +12,15 @@
 //! that may carry HTTP, and one that settles nothing, for opaque ports and
 //! clients that offer no HTTP protocol (so a foreign offer is ignored, not
 //! refused). The client configs offer nothing by themselves; the outbound
-//! dial adds the ALPN of the protocol it detected.
+//! dial adds the ALPN of the protocol it detected, and each keeps the
+//! session tickets of its peer ([`tickets`]) so reconnecting resumes.
+
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::client::ResolvesClientCert;
+use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -29,6 +32,7 @@ use trellis_core::{SpiffeId, TrustDomain};
 use crate::http::detect::{ALPN_H2, ALPN_HTTP1};
 use crate::identity::{Svid, TrustBundle};
 use crate::policy::Snapshot;
+use tickets::PeerTickets;
 
 /// Presents one certificate, as a server and as a client.
 #[derive(Debug)]
@@ -168,11 +172,12 @@ impl ClientParts {
     fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
         let verifier =
             SpiffeServerVerifier::new(self.roots.clone(), ExpectedServer::Exact(expected.clone()));
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.resolver.clone());
+        config.resumption = Resumption::store(Arc::new(PeerTickets::default()));
         Ok(Arc::new(config))
     }
 }

@@ -1,0 +1,137 @@
+//! Session tickets a sidecar keeps for the peers it dials, so that a new
+//! connection to a peer it has talked to resumes the session: no
+//! certificate signing or chain verification on either side, while the
+//! key exchange still runs (resumed sessions keep forward secrecy).
+//!
+//! rustls' own cache keeps at most 8 tickets per server, and a sidecar
+//! opening connections to one peer faster than it gets tickets back ran
+//! out (a fifth of new connections fell back to full handshakes with 16
+//! dialling at once). [`PeerTickets`] keeps up to [`MAX_TICKETS`]. Each
+//! client config (one per expected peer identity) has its own store, and
+//! a config dies when the SVID or the trust bundle changes, so a ticket is
+//! never used with another identity or after a rotation.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use rustls::NamedGroup;
+use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
+use rustls::pki_types::ServerName;
+
+/// Tickets kept per peer identity (newest first out). Each holds the
+/// peer's certificate chain, about 1 KiB.
+pub const MAX_TICKETS: usize = 32;
+
+/// The ticket store of one client config. Taken once per handshake, never
+/// per request.
+#[derive(Debug, Default)]
+pub struct PeerTickets {
+    inner: Mutex<Tickets<Tls13ClientSessionValue>>,
+    kx_hint: Mutex<Option<(ServerName<'static>, NamedGroup)>>,
+}
+
+/// Bounded tickets keyed by server name, oldest dropped first.
+#[derive(Debug)]
+struct Tickets<T> {
+    queue: VecDeque<(ServerName<'static>, T)>,
+    max: usize,
+}
+
+impl<T> Default for Tickets<T> {
+    fn default() -> Self {
+        Tickets {
+            queue: VecDeque::new(),
+            max: MAX_TICKETS,
+        }
+    }
+}
+
+impl<T> Tickets<T> {
+    fn insert(&mut self, name: ServerName<'static>, ticket: T) {
+        if self.queue.len() >= self.max {
+            self.queue.pop_front();
+        }
+        self.queue.push_back((name, ticket));
+    }
+
+    /// The newest ticket for `name`, removed: a ticket is used once.
+    fn take(&mut self, name: &ServerName<'_>) -> Option<T> {
+        let at = self.queue.iter().rposition(|(n, _)| n == name)?;
+        self.queue.remove(at).map(|(_, ticket)| ticket)
+    }
+}
+
+impl ClientSessionStore for PeerTickets {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        *self.kx_hint.lock().unwrap_or_else(|e| e.into_inner()) = Some((server_name, group));
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        match &*self.kx_hint.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((name, group)) if name == server_name => Some(*group),
+            _ => None,
+        }
+    }
+
+    // TLS 1.2 is never negotiated between sidecars.
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(server_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: &str) -> ServerName<'static> {
+        ServerName::try_from(n.to_string()).unwrap()
+    }
+
+    #[test]
+    fn keeps_the_newest_tickets_up_to_the_bound_and_gives_each_once() {
+        let mut t = Tickets::default();
+        for i in 0..MAX_TICKETS + 5 {
+            t.insert(name("trellis.mesh"), i);
+        }
+        let mut taken = Vec::new();
+        while let Some(i) = t.take(&name("trellis.mesh")) {
+            taken.push(i);
+        }
+        let expected: Vec<usize> = (5..MAX_TICKETS + 5).rev().collect();
+        assert_eq!(taken, expected, "newest first, the 5 oldest dropped");
+    }
+
+    #[test]
+    fn a_ticket_is_only_given_for_the_name_it_came_from() {
+        let mut t = Tickets::default();
+        t.insert(name("a.mesh"), 1);
+        assert_eq!(t.take(&name("b.mesh")), None);
+        assert_eq!(t.take(&name("a.mesh")), Some(1));
+        assert_eq!(t.take(&name("a.mesh")), None);
+    }
+}
