@@ -128,6 +128,17 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
+    // One descriptor per connected sidecar: 10,000 sidecars need more than
+    // the usual soft limit, and raising it to the hard one is always allowed.
+    match crate::open_files::raise_to_hard_limit() {
+        Ok(limit) => tracing::info!(
+            open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
+            "open-files limit raised to the hard limit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit; fewer sidecars can connect")
+        }
+    }
     let dir = StateDir::open(&config.state_dir)?;
     let (ca, store, store_changes): (_, Arc<dyn Store>, _) = match (config.store, &config.kube) {
         (StoreKind::Kubernetes, Some(api)) => {
