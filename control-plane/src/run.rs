@@ -20,12 +20,12 @@ use tokio::sync::watch;
 use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::discovery::v1::MeshConfig;
-use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
 use trellis_proto::identity::v1::identity_server::IdentityServer;
 
 use crate::admin_http::AdminHttp;
 use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
+use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
 use crate::authn::tokenreview::TokenReviewer;
