@@ -63,8 +63,8 @@ pub struct ControlFigures {
     pub issuance_clients: usize,
     pub issuance_certs: usize,
     /// CPU time (user and system) per certificate while issuing, of the
-    /// control plane and of the clients (this process, 64 connections
-    /// opened beforehand included).
+    /// control plane and of the clients (this process), once the clients'
+    /// connections are open.
     pub issuance_control_plane_cpu_us_per_cert: Option<f64>,
     pub issuance_clients_cpu_us_per_cert: Option<f64>,
     pub propagation_trigger: String,
@@ -226,6 +226,7 @@ pub(super) async fn certify_all(
     client: &Client,
     sims: &mut [Sim],
     clients: usize,
+    connected: impl FnOnce(),
 ) -> anyhow::Result<f64> {
     let mut channels = Vec::with_capacity(clients);
     for _ in 0..clients {
@@ -237,6 +238,7 @@ pub(super) async fn certify_all(
         .map(|(i, s)| (i, s.csr.clone(), s.token.clone(), s.inbound.clone()))
         .collect();
     let jobs = Arc::new(std::sync::Mutex::new(jobs));
+    connected();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for channel in channels {
@@ -419,7 +421,8 @@ async fn issuance(
         .collect::<anyhow::Result<Vec<_>>>()?;
     figures.tokens_per_second = Some(make_tokens(&cp.admin, &mut sims).await?);
     // Where the time goes: the control plane's CPU and this process's (the
-    // clients' gRPC and TLS) per certificate.
+    // clients' gRPC and TLS) per certificate, from when the clients are
+    // connected.
     let pid = mesh_pid(&cp.mesh);
     let cpu = || {
         (
@@ -427,8 +430,11 @@ async fn issuance(
             super::system::cpu_seconds(std::process::id()),
         )
     };
-    let before = cpu();
-    let issued = certify_all(&cp.client, &mut sims, sizes.issuance_clients).await?;
+    let mut before = (None, None);
+    let issued = certify_all(&cp.client, &mut sims, sizes.issuance_clients, || {
+        before = cpu();
+    })
+    .await?;
     let after = cpu();
     let per_cert =
         |b: Option<f64>, a: Option<f64>| Some((a? - b?) * 1e6 / sizes.issuance_certs as f64);

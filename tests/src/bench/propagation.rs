@@ -343,7 +343,7 @@ pub(super) async fn run(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     make_tokens(admin, &mut sims).await?;
-    certify_all(client, &mut sims, SETUP_CONCURRENCY).await?;
+    certify_all(client, &mut sims, SETUP_CONCURRENCY, || ()).await?;
 
     // Every sim opens its own connection (with its SVID) and Watch stream.
     let (events_tx, mut events) = mpsc::unbounded_channel();
