@@ -19,10 +19,10 @@
 //! (the version, the policies and rate limits that select it) and sends
 //! those bytes with the shared ones ([`EncodedSnapshot`]).
 //!
-//! A Watch stream rebuilds at once when its sidecar has not been sent
-//! anything for [`COALESCE_WINDOW`], and otherwise when that window since
-//! the last rebuild ends (so a burst of changes costs each stream at most
-//! two rebuilds, and a lone change waits for nothing). It derives its
+//! A Watch stream rebuilds at once after a change when its last rebuild is
+//! at least [`COALESCE_WINDOW`] old, and otherwise when that window ends (so
+//! a stream rebuilds at most once per window, however many changes a burst
+//! holds, and a lone change waits for nothing). It derives its
 //! sidecar's [`ContentKey`] from the view (which policies and rate limits
 //! select it, and the tokens), and builds and sends a snapshot only when
 //! that key differs from what the stream last sent: sidecars a change does
@@ -548,4 +548,59 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::{DB_FILE, EmbeddedStore};
+    use crate::store::{IssuedCertRecord, WorkloadRecord};
+
+    const WEB: &str = "spiffe://td/ns/a/sa/web";
+    const DB: &str = "spiffe://td/ns/a/sa/db";
+
+    /// Records a renewal of `id` listening on `address`, valid for an hour.
+    fn register(store: &EmbeddedStore, id: &str, serial: &str, address: &str) {
+        let expires = unix_now() + 3600;
+        let issued = IssuedCertRecord {
+            serial_hex: serial.into(),
+            spiffe_id: id.into(),
+            not_after_unix: expires,
+            issued_at_unix: unix_now(),
+        };
+        let workload = WorkloadRecord {
+            spiffe_id: id.into(),
+            addresses: vec![address.into()],
+            cert_expires_at_unix: expires,
+            last_seen_unix: unix_now(),
+        };
+        store.record_issuance(None, &issued, &workload).unwrap();
+    }
+
+    #[test]
+    fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        register(&store, WEB, "01", "127.0.0.1:7001");
+        let mesh = MeshConfig {
+            default_policy: "deny".into(),
+            outbound_policy: "passthrough".into(),
+            opaque_ports: vec![5432],
+        };
+        let discovery = Discovery::new(store.clone(), vec![vec![1, 2, 3]], mesh).unwrap();
+        let web = SpiffeId::parse(WEB).unwrap();
+        let view = discovery.view();
+        let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+        assert_eq!(decoded, discovery.snapshot_in(&view, &web));
+        assert_eq!(decoded.endpoints.len(), 1);
+
+        // A new endpoint is a new version, whose endpoint part is new too.
+        register(&store, DB, "02", "127.0.0.1:7002");
+        discovery.refresh().unwrap();
+        let view = discovery.view();
+        let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+        assert_eq!(decoded, discovery.snapshot_in(&view, &web));
+        assert_eq!(decoded.endpoints.len(), 2);
+        assert_eq!(decoded.version, view.version);
+    }
 }
