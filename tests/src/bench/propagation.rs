@@ -67,10 +67,11 @@ pub struct WatchFigures {
 }
 
 /// How long every watcher may take to get one snapshot: every snapshot
-/// carries every watcher's endpoint, so the work grows with N x N.
+/// carries every watcher's endpoint, so the work grows with N x N (3.5
+/// minutes at 10,000, where streams that broke are re-opened in a round).
 fn patience(watchers: usize) -> Duration {
     let n = watchers as u64;
-    Duration::from_secs(30) + Duration::from_micros(n * n / 100 * 60)
+    Duration::from_secs(30) + Duration::from_micros(n * n / 100 * 180)
 }
 
 /// Memory this process needs at once for `watchers` (each snapshot is about
