@@ -20,12 +20,12 @@ use tokio::sync::watch;
 use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::discovery::v1::MeshConfig;
-use trellis_proto::discovery::v1::discovery_server::DiscoveryServer;
 use trellis_proto::identity::v1::identity_server::IdentityServer;
 
 use crate::admin_http::AdminHttp;
 use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
+use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
 use crate::authn::tokenreview::TokenReviewer;
@@ -128,6 +128,17 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
+    // One descriptor per connected sidecar: 10,000 sidecars need more than
+    // the usual soft limit, and raising it to the hard one is always allowed.
+    match crate::open_files::raise_to_hard_limit() {
+        Ok(limit) => tracing::info!(
+            open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
+            "open-files limit raised to the hard limit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit; fewer sidecars can connect")
+        }
+    }
     let dir = StateDir::open(&config.state_dir)?;
     let (ca, store, store_changes): (_, Arc<dyn Store>, _) = match (config.store, &config.kube) {
         (StoreKind::Kubernetes, Some(api)) => {

@@ -264,3 +264,86 @@ async fn an_endpoint_leaves_when_its_certificate_expires() {
         last.endpoints
     );
 }
+
+/// The snapshots leave pre-encoded, in parts; a client that knows only the
+/// `.proto` (grpcurl, Go's protobuf, the descriptor from reflection) must
+/// decode them as one `Snapshot`.
+#[tokio::test]
+async fn grpcurl_decodes_a_watch_snapshot() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        println!("skipped: grpcurl not installed");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7131").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("web.pem"), dir.path().join("web.key"));
+    write_pem(&cert, web.chain[0].as_ref());
+    std::fs::write(&key, web.key.serialize_pem()).unwrap();
+    // Messages come from stdin, which stays open, so the stream does too.
+    let mut grpcurl = Command::new("grpcurl")
+        .arg("-cacert")
+        .arg(cp.state_dir.join("bundle.pem"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-d", "@"])
+        .arg(format!("localhost:{}", cp.port()))
+        .arg("trellis.discovery.v1.Discovery/Watch")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = grpcurl.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        r#"{{"subscribe": {{"inbound_address": "127.0.0.1:7131"}}}}"#
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    // grpcurl prints each message as indented JSON ending in a "}" line.
+    let stdout = grpcurl.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut printed = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let end = line == "}";
+            printed.push_str(&line);
+            printed.push('\n');
+            if end {
+                break;
+            }
+        }
+        printed
+    });
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let done = reader.is_finished();
+    let _ = grpcurl.kill();
+    let output = grpcurl.wait_with_output().unwrap();
+    assert!(
+        done,
+        "grpcurl printed no snapshot in time: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = reader.join().unwrap();
+    drop(stdin);
+    for expected in [
+        r#""spiffeId": "spiffe://cluster.local/ns/default/sa/web""#,
+        r#""address": "127.0.0.1:7131""#,
+        r#""defaultPolicy": "#,
+        r#""trustBundle": ["#,
+        r#""version": "#,
+    ] {
+        assert!(
+            printed.contains(expected),
+            "{expected} missing from the snapshot grpcurl decoded:\n{printed}"
+        );
+    }
+}

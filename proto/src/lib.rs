@@ -15,6 +15,8 @@ pub mod identity {
 pub mod discovery {
     pub mod v1 {
         tonic::include_proto!("trellis.discovery.v1");
+
+        pub mod encoded;
     }
 }
 

@@ -4,10 +4,13 @@
 //! The caller must present an SVID; the first message must be a Subscribe.
 //! A snapshot is sent first (unless the sidecar already holds the current
 //! version), then again whenever the sidecar's snapshot content changes:
-//! an announced change starts a [`COALESCE_WINDOW`], after which the stream
-//! derives its sidecar's content key from the shared view once and builds a
-//! snapshot only when that key changed. The stream ends with UNAVAILABLE when the control plane
-//! shuts down.
+//! an announced change is looked at once the stream's last rebuild is a
+//! [`COALESCE_WINDOW`] old (at once after a quiet spell), when the stream
+//! derives its sidecar's content key from the shared view and builds a
+//! snapshot only when that key changed. Snapshots leave as
+//! [`EncodedSnapshot`]s, whose shared parts were encoded once per version
+//! (the route that writes them is `super::discovery_server`).
+//! The stream ends with UNAVAILABLE when the control plane shuts down.
 
 use std::pin::Pin;
 
@@ -17,12 +20,14 @@ use tokio::time::{Instant, sleep_until};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_core::SpiffeId;
-use trellis_proto::discovery::v1::discovery_server::Discovery as DiscoveryApi;
+use trellis_proto::discovery::v1::WatchRequest;
+use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Snapshot, WatchRequest};
 
 use super::{Mesh, require_svid};
 use crate::discovery::{COALESCE_WINDOW, ContentKey};
+
+pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Status>> + Send>>;
 
 pub struct DiscoveryService {
     mesh: Mesh,
@@ -32,18 +37,13 @@ impl DiscoveryService {
     pub fn new(mesh: Mesh) -> Self {
         Self { mesh }
     }
-}
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl DiscoveryApi for DiscoveryService {
-    type WatchStream = SnapshotStream;
-
-    async fn watch(
+    /// `Discovery.Watch`: checks the caller and its Subscribe, then serves
+    /// the stream from a task of its own.
+    pub async fn watch(
         &self,
         request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<Response<SnapshotStream>, Status> {
         let id = require_svid(&request, "Discovery.Watch")?;
         let mut inbound = request.into_inner();
         let subscribe = match inbound.message().await? {
@@ -79,7 +79,7 @@ impl DiscoveryApi for DiscoveryService {
     }
 }
 
-type Sender = mpsc::Sender<Result<Snapshot, Status>>;
+type Sender = mpsc::Sender<Result<EncodedSnapshot, Status>>;
 
 /// Runs one Watch stream until it ends; returns why it ended.
 async fn serve_stream(
@@ -95,19 +95,25 @@ async fn serve_stream(
     versions.borrow_and_update();
     // What the stream last sent (or found the sidecar holding), by content.
     let mut last_sent: Option<ContentKey> = None;
-    // When to rebuild: now for the first snapshot, then one window after the
-    // first announcement of a burst.
+    // When to rebuild: now for the first snapshot, then on an announcement
+    // at once or, within a window of the last rebuild, at its end (so a
+    // burst reaches the sidecar together).
     let mut due = Some(Instant::now());
+    let mut rebuilt: Option<Instant> = None;
     loop {
         tokio::select! {
             changed = versions.changed() => {
                 if changed.is_err() {
                     return "control plane stopping";
                 }
-                due.get_or_insert_with(|| Instant::now() + COALESCE_WINDOW);
+                due.get_or_insert_with(|| {
+                    let now = Instant::now();
+                    rebuilt.map_or(now, |at| (at + COALESCE_WINDOW).max(now))
+                });
             }
             () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 due = None;
+                rebuilt = Some(Instant::now());
                 versions.borrow_and_update();
                 // One shared view per version; only the key is per stream,
                 // and the snapshot is built only when it is sent.
@@ -127,7 +133,7 @@ async fn serve_stream(
                     mesh.discovery.ack(id, last_version);
                     continue;
                 }
-                let snapshot = mesh.discovery.snapshot_in(&view, id);
+                let snapshot = mesh.discovery.encoded_snapshot_in(&view, id);
                 drop(view);
                 if tx.send(Ok(snapshot)).await.is_err() {
                     return "sidecar went away";

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod discovery_server;
 pub mod identity;
 pub mod policy;
 

@@ -13,32 +13,41 @@
 //! once per version and shared (`Arc`) by every stream: its endpoint list is
 //! itself shared, and each part of it (the endpoint list, each policy, each
 //! rate limit) has a content token, reused from the previous view when that part did not
-//! change. Each Watch stream waits [`COALESCE_WINDOW`] after an announcement
-//! (so a burst of changes costs one rebuild), derives its sidecar's
-//! [`ContentKey`] from the view (which policies and rate limits select it,
-//! and the tokens),
-//! and builds and sends a snapshot only when that key differs from what the
-//! stream last sent:
-//! sidecars a change does not affect see nothing, and the version a sidecar
-//! sees moves only when its content changes. This module also tracks what
-//! each connected sidecar acknowledged. It never authenticates anyone:
-//! callers pass a verified ID.
+//! change. What every snapshot shares is encoded once: the trust bundle and
+//! the mesh config when the control plane starts, the endpoint list once per
+//! version that changes it; a stream encodes only its sidecar's own fields
+//! (the version, the policies and rate limits that select it) and sends
+//! those bytes with the shared ones ([`EncodedSnapshot`]).
+//!
+//! A Watch stream rebuilds at once after a change when its last rebuild is
+//! at least [`COALESCE_WINDOW`] old, and otherwise when that window ends (so
+//! a stream rebuilds at most once per window, however many changes a burst
+//! holds, and a lone change waits for nothing). It derives its
+//! sidecar's [`ContentKey`] from the view (which policies and rate limits
+//! select it, and the tokens), and builds and sends a snapshot only when
+//! that key differs from what the stream last sent: sidecars a change does
+//! not affect see nothing, and the version a sidecar sees moves only when
+//! its content changes. This module also tracks what each connected sidecar
+//! acknowledged. It never authenticates anyone: callers pass a verified ID.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{DefaultPolicy, ValidationContext, WorkloadSelector};
+use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Store, StoreError};
 
-/// How long a stream waits after a change before rebuilding, so that a
-/// burst of changes reaches each sidecar as one snapshot. Well under the
-/// 100 ms the design allows.
+/// The shortest time between two rebuilds of one stream's snapshot: a
+/// change that finds the stream idle for this long is sent at once, later
+/// changes of a burst wait for the end of the window and reach the sidecar
+/// together. Well under the 100 ms the design allows.
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(50);
 
 /// What the control plane knows about one sidecar's discovery streams.
@@ -63,6 +72,8 @@ pub struct View {
     pub version: u64,
     /// One per address of every live workload, ordered by address then ID.
     pub endpoints: Arc<Vec<Endpoint>>,
+    /// `endpoints` encoded as a snapshot part, shared like them.
+    endpoints_part: Bytes,
     /// Every policy with its selector parsed once, ordered by key.
     pub policies: Vec<(WorkloadSelector, Policy)>,
     /// Every rate limit with its selector parsed once, ordered by key.
@@ -140,8 +151,10 @@ impl View {
         };
         if view.endpoints == previous.endpoints {
             view.endpoints = previous.endpoints.clone();
+            view.endpoints_part = previous.endpoints_part.clone();
             view.endpoints_token = previous.endpoints_token;
         } else {
+            view.encode_endpoints();
             view.endpoints_token = fresh();
         }
         view.policy_tokens = tokens_after(
@@ -195,12 +208,23 @@ impl View {
         Self {
             version: state.version,
             endpoints: Arc::new(endpoints),
+            endpoints_part: Bytes::new(),
             endpoints_token: 0,
             policies,
             rate_limits,
             policy_tokens,
             rate_limit_tokens,
         }
+    }
+
+    /// Encodes the endpoint list once for every stream of this version.
+    fn encode_endpoints(&mut self) {
+        let fields = Snapshot {
+            endpoints: std::mem::take(Arc::make_mut(&mut self.endpoints)),
+            ..Snapshot::default()
+        };
+        self.endpoints_part = EncodedSnapshot::part(&fields);
+        self.endpoints = Arc::new(fields.endpoints);
     }
 
     /// What the snapshot of the workload `id` holds, by content tokens.
@@ -247,6 +271,9 @@ pub struct Discovery {
     store: Arc<dyn Store>,
     bundle: Vec<Vec<u8>>,
     mesh: MeshConfig,
+    /// The trust bundle and the mesh config, encoded as a snapshot part:
+    /// they never change while the control plane runs.
+    constant_part: Bytes,
     default_policy: DefaultPolicy,
     view: RwLock<Arc<View>>,
     /// Serializes refreshes, so views are published in version order; holds
@@ -283,7 +310,13 @@ impl Discovery {
             encoded.push_str(&format!(";opaque_ports={}", ports.join(",")));
         }
         store.settle_mesh_config(&encoded)?;
-        let view = View::from_state(store.discovery_state()?);
+        let mut view = View::from_state(store.discovery_state()?);
+        view.encode_endpoints();
+        let constant_part = EncodedSnapshot::part(&Snapshot {
+            trust_bundle: bundle.clone(),
+            mesh: Some(mesh.clone()),
+            ..Snapshot::default()
+        });
         let tokens = (view.policy_tokens.len() + view.rate_limit_tokens.len()) as u64;
         // The flag parser only produces known names; deny is the safe reading.
         let default_policy = mesh.default_policy.parse().unwrap_or_default();
@@ -291,6 +324,7 @@ impl Discovery {
             store,
             bundle,
             mesh,
+            constant_part,
             default_policy,
             version: watch::Sender::new(view.version),
             view: RwLock::new(Arc::new(view)),
@@ -450,6 +484,22 @@ impl Discovery {
         }
     }
 
+    /// The snapshot for the sidecar `id` in `view`, encoded: only its own
+    /// fields are encoded here, the shared ones were encoded with the view.
+    pub fn encoded_snapshot_in(&self, view: &View, id: &SpiffeId) -> EncodedSnapshot {
+        let own = Snapshot {
+            version: view.version,
+            policies: view.policies_for(id),
+            rate_limits: view.rate_limits_for(id),
+            ..Snapshot::default()
+        };
+        EncodedSnapshot::from_parts(vec![
+            EncodedSnapshot::part(&own),
+            self.constant_part.clone(),
+            view.endpoints_part.clone(),
+        ])
+    }
+
     /// Marks a stream from `id` open until the returned guard is dropped.
     pub fn open_stream(self: &Arc<Self>, id: &SpiffeId) -> StreamGuard {
         self.with_status(id, |s| s.streams += 1);
@@ -499,3 +549,6 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+mod tests;

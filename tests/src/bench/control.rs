@@ -5,14 +5,9 @@
 //! - issuance: certificates issued per second over gRPC by 64 concurrent
 //!   clients (join tokens made beforehand in bulk through the Admin API),
 //!   against raw rcgen signing of the same CSRs in this process;
-//! - propagation: N simulated sidecars hold open `Discovery.Watch` streams;
-//!   a policy selecting all of them is changed through `Admin.ApplyPolicy`,
-//!   and the time from the call until each one has received a snapshot at
-//!   or above the response's `snapshot_version` (the first version holding
-//!   the write) and sent its ACK is recorded (p50, p99, max);
-//! - reconnection: every simulated sidecar drops its connection and all
-//!   come back at once (renew the certificate over mTLS, then Watch): the
-//!   time until the last one holds a certificate and a snapshot.
+//! - propagation and reconnection ([`propagation`]), once per number of
+//!   watchers, each number against a control plane of its own (the first
+//!   shares the one that issued).
 //!
 //! Only loopback addresses are used; every loop is bounded in count and
 //! time.
@@ -27,67 +22,33 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use trellis_control_plane::ctl::AdminCredentials;
 use trellis_core::tls::{ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::admin::v1::CreateJoinTokenRequest;
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{ApplyPolicyRequest, CreateJoinTokenRequest};
-use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
-use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Ack, Subscribe, WatchRequest};
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
+use super::propagation::{self, WatchFigures};
 use crate::binaries::Launcher;
 use crate::mesh::Mesh;
 
-/// The namespace of the watching sims; the propagation policy selects it.
-const WATCH_NAMESPACE: &str = "bench-watch";
-
-/// The policy changed in each propagation round: it selects every watching
-/// sim and allows `port` from the same namespace.
-fn watchers_policy(port: u32) -> String {
-    let prefix = format!(
-        "spiffe://{}/ns/{WATCH_NAMESPACE}/*",
-        super::certs::TRUST_DOMAIN
-    );
-    format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: bench-propagation
-  namespace: default
-spec:
-  selector:
-    spiffeIds: [\"{prefix}\"]
-  action: ALLOW
-  rules:
-    - from:
-        - spiffeId: \"{prefix}\"
-      to:
-        - ports: [{port}]
-"
-    )
-}
-
 /// How long one RPC may take.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often a reconnecting sidecar tries before it counts as failed.
-const RECONNECT_ATTEMPTS: u32 = 4;
+pub(super) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many RPCs of one kind are in flight during set-up.
-const SETUP_CONCURRENCY: usize = 32;
+pub(super) const SETUP_CONCURRENCY: usize = 32;
 
 /// Sizes of the control-plane scenarios.
 #[derive(Clone, Debug)]
 pub struct ControlSizes {
     pub issuance_certs: usize,
     pub issuance_clients: usize,
-    pub watchers: usize,
+    /// One propagation scenario per entry, in order.
+    pub watchers: Vec<usize>,
     pub propagation_rounds: usize,
 }
 
@@ -101,31 +62,40 @@ pub struct ControlFigures {
     pub issuance_ratio_to_raw: Option<f64>,
     pub issuance_clients: usize,
     pub issuance_certs: usize,
-    pub watchers: usize,
+    /// CPU time (user and system) per certificate while issuing, of the
+    /// control plane and of the clients (this process), once the clients'
+    /// connections are open.
+    pub issuance_control_plane_cpu_us_per_cert: Option<f64>,
+    pub issuance_clients_cpu_us_per_cert: Option<f64>,
     pub propagation_trigger: String,
-    pub propagation_rounds: usize,
-    pub propagation_p50_ms: Option<f64>,
-    pub propagation_p99_ms: Option<f64>,
-    pub propagation_max_ms: Option<f64>,
-    pub reconnect_all_ready_ms: Option<f64>,
-    pub reconnect_p50_ms: Option<f64>,
-    pub reconnect_p99_ms: Option<f64>,
-    pub control_plane_rss_kib_with_watchers: Option<u64>,
+    /// Per number of watchers, in the order they ran.
+    pub watch: Vec<WatchFigures>,
     pub errors: Vec<String>,
 }
 
+impl ControlFigures {
+    /// The figures at 1,000 watchers (what the target is set for), or else
+    /// the first measured.
+    pub fn headline_watch(&self) -> Option<&WatchFigures> {
+        self.watch
+            .iter()
+            .find(|w| w.watchers == 1000)
+            .or(self.watch.first())
+    }
+}
+
 /// A simulated sidecar.
-struct Sim {
+pub(super) struct Sim {
     id: String,
-    inbound: String,
+    pub(super) inbound: String,
     key_der: Vec<u8>,
-    csr: Vec<u8>,
+    pub(super) csr: Vec<u8>,
     token: String,
-    chain: Vec<CertificateDer<'static>>,
+    pub(super) chain: Vec<CertificateDer<'static>>,
 }
 
 impl Sim {
-    fn new(namespace: &str, index: usize, inbound: String) -> anyhow::Result<Sim> {
+    pub(super) fn new(namespace: &str, index: usize, inbound: String) -> anyhow::Result<Sim> {
         let id = format!(
             "spiffe://{}/ns/{namespace}/sa/w{index}",
             super::certs::TRUST_DOMAIN
@@ -144,20 +114,20 @@ impl Sim {
         })
     }
 
-    fn key(&self) -> PrivateKeyDer<'static> {
+    pub(super) fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 }
 
 /// Connections to one control plane.
-struct Client {
-    addr: String,
+pub(super) struct Client {
+    pub(super) addr: String,
     bundle: Arc<rustls::RootCertStore>,
     trust_domain: TrustDomain,
 }
 
 impl Client {
-    fn tls(
+    pub(super) fn tls(
         &self,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> anyhow::Result<Arc<ClientConfig>> {
@@ -176,7 +146,7 @@ impl Client {
         Ok(Arc::new(trellis_core::grpc::with_h2_alpn(config)))
     }
 
-    async fn channel(
+    pub(super) async fn channel(
         &self,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> anyhow::Result<Channel> {
@@ -187,7 +157,7 @@ impl Client {
     }
 }
 
-async fn certify(
+pub(super) async fn certify(
     channel: Channel,
     csr: Vec<u8>,
     token: Option<String>,
@@ -216,7 +186,10 @@ fn chain_of(response: &CertifyResponse) -> Vec<CertificateDer<'static>> {
 
 /// Makes a join token for every sim, `SETUP_CONCURRENCY` at a time over
 /// one Admin connection; returns tokens per second.
-async fn make_tokens(admin: &AdminClient<Channel>, sims: &mut [Sim]) -> anyhow::Result<f64> {
+pub(super) async fn make_tokens(
+    admin: &AdminClient<Channel>,
+    sims: &mut [Sim],
+) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = 0;
@@ -249,7 +222,12 @@ async fn make_tokens(admin: &AdminClient<Channel>, sims: &mut [Sim]) -> anyhow::
 
 /// Certifies every sim with its token, `clients` at a time, each client on
 /// its own connection; returns certificates per second.
-async fn certify_all(client: &Client, sims: &mut [Sim], clients: usize) -> anyhow::Result<f64> {
+pub(super) async fn certify_all(
+    client: &Client,
+    sims: &mut [Sim],
+    clients: usize,
+    connected: impl FnOnce(),
+) -> anyhow::Result<f64> {
     let mut channels = Vec::with_capacity(clients);
     for _ in 0..clients {
         channels.push(client.channel(None).await?);
@@ -260,6 +238,7 @@ async fn certify_all(client: &Client, sims: &mut [Sim], clients: usize) -> anyho
         .map(|(i, s)| (i, s.csr.clone(), s.token.clone(), s.inbound.clone()))
         .collect();
     let jobs = Arc::new(std::sync::Mutex::new(jobs));
+    connected();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for channel in channels {
@@ -332,153 +311,89 @@ fn raw_signing(csrs: Vec<Vec<u8>>) -> anyhow::Result<f64> {
     Ok(signed as f64 / start.elapsed().as_secs_f64())
 }
 
-/// One reconnection: a new TLS connection with the current SVID, a renewal
-/// (the SVID is the proof), then Watch until the first snapshot; returns
-/// when that snapshot arrived.
-async fn reconnect(
-    addr: &str,
-    tls: Arc<ClientConfig>,
-    csr: Vec<u8>,
-    inbound: String,
-) -> anyhow::Result<Instant> {
-    let channel = trellis_core::grpc::connect(addr, tls).await?;
-    certify(channel.clone(), csr, None, inbound.clone()).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let stream = tokio::spawn(watch(channel, 0, inbound, 0, tx));
-    let first = tokio::time::timeout(RPC_TIMEOUT, rx.recv()).await;
-    stream.abort();
-    let (_, _, at) = first
-        .context("no snapshot after reconnecting")?
-        .context("the Watch stream ended before a snapshot")?;
-    Ok(at)
-}
-
-/// What a watcher reports: which sim, which snapshot version, when.
-type Event = (usize, u64, Instant);
-
-/// One simulated sidecar's Watch stream: Subscribe, then ACK every
-/// snapshot and report it. Runs until aborted or the stream ends.
-async fn watch(
-    channel: Channel,
-    index: usize,
-    inbound: String,
-    last_version: u64,
-    events: mpsc::UnboundedSender<Event>,
-) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel::<WatchRequest>(4);
-    tx.send(WatchRequest {
-        kind: Some(Kind::Subscribe(Subscribe {
-            inbound_address: inbound,
-            last_version,
-            inbound_addresses: Vec::new(),
-        })),
-    })
-    .await?;
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    while let Some(snapshot) = stream.message().await? {
-        tx.send(WatchRequest {
-            kind: Some(Kind::Ack(Ack {
-                version: snapshot.version,
-            })),
-        })
-        .await?;
-        // The ACK is on its way: this sidecar holds the version.
-        if events
-            .send((index, snapshot.version, Instant::now()))
-            .is_err()
-        {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Waits until every sim has reported a version above `above`; returns each
-/// sim's first such report time (or fails after `patience`, saying how many
-/// reported).
-async fn collect(
-    events: &mut mpsc::UnboundedReceiver<Event>,
-    sims: usize,
-    above: u64,
-    patience: Duration,
-) -> anyhow::Result<(Vec<Instant>, u64)> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut seen: Vec<Option<Instant>> = vec![None; sims];
-    let mut count = 0;
-    let mut newest = above;
-    while count < sims {
-        let event = tokio::time::timeout_at(deadline, events.recv()).await;
-        let Ok(Some((index, version, at))) = event else {
-            anyhow::bail!(
-                "only {count} of {sims} simulated sidecars got a snapshot above version {above} within {patience:?}"
-            );
-        };
-        newest = newest.max(version);
-        if version > above && seen[index].is_none() {
-            seen[index] = Some(at);
-            count += 1;
-        }
-    }
-    Ok((seen.into_iter().flatten().collect(), newest))
-}
-
-fn percentile_ms(mut values: Vec<f64>, q: f64) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-    Some(values[rank - 1])
-}
-
-/// Runs the control-plane scenarios on a fresh control plane.
+/// Runs the control-plane scenarios: issuance, then propagation and
+/// reconnection for each number of watchers.
 pub async fn run(launcher: &Launcher, sizes: &ControlSizes) -> anyhow::Result<ControlFigures> {
-    let mesh = Mesh::builder()
-        .launcher(launcher.clone())
-        .trust_domain(super::certs::TRUST_DOMAIN)
-        .log_tails_on_drop(false)
-        .start()
-        .await
-        .context("the control plane did not start")?;
-    let addr = mesh.control_plane_addr().to_string();
-    let admin = AdminCredentials::in_state_dir(mesh.state_dir())
-        .connect(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("the Admin API: {e}"))?;
-    let bundle_pem = std::fs::read(mesh.bundle_path())?;
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&bundle_pem).collect::<Result<_, _>>()?;
-    let client = Client {
-        addr,
-        bundle: Arc::new(trellis_core::tls::root_store(&roots)?),
-        trust_domain: TrustDomain::new(super::certs::TRUST_DOMAIN)?,
-    };
     let mut figures = ControlFigures {
         issuance_clients: sizes.issuance_clients,
         issuance_certs: sizes.issuance_certs,
-        watchers: sizes.watchers,
-        propagation_trigger: format!(
-            "Admin.ApplyPolicy changes one policy selecting all watchers \
-             ({WATCH_NAMESPACE}/*); measured from the call to each watcher's ACK of a \
-             version >= the response's snapshot_version"
-        ),
+        propagation_trigger: propagation::TRIGGER.to_string(),
         ..ControlFigures::default()
     };
-
-    if let Err(e) = issuance(&client, &admin, sizes, &mut figures).await {
+    let mut plane = Some(ControlPlane::start(launcher).await?);
+    if let Some(cp) = &plane
+        && let Err(e) = issuance(cp, sizes, &mut figures).await
+    {
         figures.errors.push(format!("issuance: {e:#}"));
     }
-    let pid = mesh_pid(&mesh);
-    if let Err(e) = propagation_and_reconnect(&client, &admin, sizes, pid, &mut figures).await {
-        figures
-            .errors
-            .push(format!("propagation/reconnection: {e:#}"));
+    for &watchers in &sizes.watchers {
+        // The first number of watchers meets the control plane that issued,
+        // the others one of their own (the previous one is stopped first).
+        let cp = match plane.take() {
+            Some(cp) => cp,
+            None => ControlPlane::start(launcher).await?,
+        };
+        let mut watch = WatchFigures {
+            watchers,
+            ..WatchFigures::default()
+        };
+        let pid = mesh_pid(&cp.mesh);
+        if let Err(e) = propagation::run(
+            &cp.client,
+            &cp.admin,
+            cp.mesh.state_dir(),
+            watchers,
+            sizes,
+            pid,
+            &mut watch,
+        )
+        .await
+        {
+            watch
+                .errors
+                .push(format!("propagation/reconnection: {e:#}"));
+        }
+        figures.watch.push(watch);
     }
-    drop(mesh);
     Ok(figures)
+}
+
+/// A running control plane and the two ways in: as a sidecar and as the
+/// operator.
+struct ControlPlane {
+    mesh: Mesh,
+    client: Client,
+    admin: AdminClient<Channel>,
+}
+
+impl ControlPlane {
+    async fn start(launcher: &Launcher) -> anyhow::Result<ControlPlane> {
+        let mesh = Mesh::builder()
+            .launcher(launcher.clone())
+            .trust_domain(super::certs::TRUST_DOMAIN)
+            .log_tails_on_drop(false)
+            .start()
+            .await
+            .context("the control plane did not start")?;
+        let addr = mesh.control_plane_addr().to_string();
+        let admin = AdminCredentials::in_state_dir(mesh.state_dir())
+            .connect(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("the Admin API: {e}"))?;
+        let bundle_pem = std::fs::read(mesh.bundle_path())?;
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&bundle_pem).collect::<Result<_, _>>()?;
+        let client = Client {
+            addr,
+            bundle: Arc::new(trellis_core::tls::root_store(&roots)?),
+            trust_domain: TrustDomain::new(super::certs::TRUST_DOMAIN)?,
+        };
+        Ok(ControlPlane {
+            mesh,
+            client,
+            admin,
+        })
+    }
 }
 
 fn mesh_pid(mesh: &Mesh) -> Option<u32> {
@@ -497,150 +412,38 @@ fn mesh_pid(mesh: &Mesh) -> Option<u32> {
 }
 
 async fn issuance(
-    client: &Client,
-    admin: &AdminClient<Channel>,
+    cp: &ControlPlane,
     sizes: &ControlSizes,
     figures: &mut ControlFigures,
 ) -> anyhow::Result<()> {
     let mut sims = (0..sizes.issuance_certs)
         .map(|i| Sim::new("bench-issue", i, String::new()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    figures.tokens_per_second = Some(make_tokens(admin, &mut sims).await?);
-    let issued = certify_all(client, &mut sims, sizes.issuance_clients).await?;
+    figures.tokens_per_second = Some(make_tokens(&cp.admin, &mut sims).await?);
+    // Where the time goes: the control plane's CPU and this process's (the
+    // clients' gRPC and TLS) per certificate, from when the clients are
+    // connected.
+    let pid = mesh_pid(&cp.mesh);
+    let cpu = || {
+        (
+            pid.and_then(super::system::cpu_seconds),
+            super::system::cpu_seconds(std::process::id()),
+        )
+    };
+    let mut before = (None, None);
+    let issued = certify_all(&cp.client, &mut sims, sizes.issuance_clients, || {
+        before = cpu();
+    })
+    .await?;
+    let after = cpu();
+    let per_cert =
+        |b: Option<f64>, a: Option<f64>| Some((a? - b?) * 1e6 / sizes.issuance_certs as f64);
+    figures.issuance_control_plane_cpu_us_per_cert = per_cert(before.0, after.0);
+    figures.issuance_clients_cpu_us_per_cert = per_cert(before.1, after.1);
     figures.issued_per_second = Some(issued);
     let csrs = sims.iter().map(|s| s.csr.clone()).collect();
     let raw = tokio::task::spawn_blocking(move || raw_signing(csrs)).await??;
     figures.raw_signing_per_second = Some(raw);
     figures.issuance_ratio_to_raw = Some(issued / raw);
-    Ok(())
-}
-
-async fn propagation_and_reconnect(
-    client: &Client,
-    admin: &AdminClient<Channel>,
-    sizes: &ControlSizes,
-    control_plane_pid: Option<u32>,
-    figures: &mut ControlFigures,
-) -> anyhow::Result<()> {
-    let n = sizes.watchers;
-    // Advertised addresses only: nothing ever dials them.
-    let mut sims = (0..n)
-        .map(|i| {
-            let port = 20_000 + (i % 40_000) as u16;
-            Sim::new(WATCH_NAMESPACE, i, format!("127.0.0.2:{port}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    make_tokens(admin, &mut sims).await?;
-    certify_all(client, &mut sims, SETUP_CONCURRENCY).await?;
-
-    // Every sim opens its own connection (with its SVID) and Watch stream.
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watchers = tokio::task::JoinSet::new();
-    for (index, sim) in sims.iter().enumerate() {
-        let channel = client.channel(Some((sim.chain.clone(), sim.key()))).await?;
-        let (tx, inbound) = (events_tx.clone(), sim.inbound.clone());
-        watchers.spawn(watch(channel, index, inbound, 0, tx));
-    }
-    let patience = Duration::from_secs(60);
-    let (_, mut version) = collect(&mut events, n, 0, patience)
-        .await
-        .context("waiting for the first snapshots")?;
-    figures.control_plane_rss_kib_with_watchers =
-        control_plane_pid.and_then(super::system::rss_kib);
-
-    let mut latencies = Vec::new();
-    let mut admin = admin.clone();
-    for round in 0..sizes.propagation_rounds {
-        // Let the previous round's stragglers settle.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        while events.try_recv().is_ok() {}
-        // A new port each round: new content, so a new revision and version.
-        let document = watchers_policy(8000 + round as u32);
-        let t0 = Instant::now();
-        let applied = tokio::time::timeout(
-            RPC_TIMEOUT,
-            admin.apply_policy(ApplyPolicyRequest {
-                document,
-                dry_run: false,
-            }),
-        )
-        .await
-        .context("ApplyPolicy timed out")?
-        .with_context(|| format!("ApplyPolicy in propagation round {round}"))?
-        .into_inner();
-        anyhow::ensure!(
-            applied.snapshot_version > version,
-            "ApplyPolicy in round {round} made no new snapshot version ({} after {version})",
-            applied.snapshot_version
-        );
-        let (arrivals, newest) = collect(
-            &mut events,
-            n,
-            applied.snapshot_version - 1,
-            Duration::from_secs(30),
-        )
-        .await
-        .with_context(|| format!("propagation round {round}"))?;
-        version = newest;
-        latencies.extend(
-            arrivals
-                .iter()
-                .map(|at| at.duration_since(t0).as_secs_f64() * 1000.0),
-        );
-    }
-    figures.propagation_rounds = sizes.propagation_rounds;
-    figures.propagation_p50_ms = percentile_ms(latencies.clone(), 0.50);
-    figures.propagation_p99_ms = percentile_ms(latencies.clone(), 0.99);
-    figures.propagation_max_ms = percentile_ms(latencies, 1.0);
-
-    // Everyone drops, then everyone comes back at once.
-    watchers.abort_all();
-    while watchers.join_next().await.is_some() {}
-    drop(events);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let t0 = Instant::now();
-    let mut back = tokio::task::JoinSet::new();
-    for sim in &sims {
-        let tls = client.tls(Some((sim.chain.clone(), sim.key())))?;
-        let (addr, csr, inbound) = (client.addr.clone(), sim.csr.clone(), sim.inbound.clone());
-        back.spawn(async move {
-            // A real sidecar retries with backoff; so does this one, a few
-            // times, and reports the last failure.
-            let mut last = None;
-            for attempt in 0..RECONNECT_ATTEMPTS {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-                match reconnect(&addr, tls.clone(), csr.clone(), inbound.clone()).await {
-                    Ok(at) => return Ok(at.duration_since(t0).as_secs_f64() * 1000.0),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt was made")))
-        });
-    }
-    let mut ready = Vec::with_capacity(n);
-    let mut failures = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while let Ok(Some(result)) = tokio::time::timeout_at(deadline, back.join_next()).await {
-        match result {
-            Ok(Ok(ms)) => ready.push(ms),
-            Ok(Err(e)) => failures.push(format!("{e:#}")),
-            Err(e) => failures.push(e.to_string()),
-        }
-    }
-    anyhow::ensure!(
-        ready.len() == n,
-        "after reconnecting, {} of {n} simulated sidecars held a certificate and a snapshot; \
-         {} failed, the first: {}",
-        ready.len(),
-        failures.len(),
-        failures
-            .first()
-            .map_or("(none; time ran out)", String::as_str)
-    );
-    figures.reconnect_all_ready_ms = percentile_ms(ready.clone(), 1.0);
-    figures.reconnect_p50_ms = percentile_ms(ready.clone(), 0.50);
-    figures.reconnect_p99_ms = percentile_ms(ready, 0.99);
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! Layout: [`certs`] makes the shared credentials, [`app`] is the server
 //! behind every pair, [`contenders`] starts the pairs, [`load`] drives
 //! traffic, [`system`] reads CPU and memory and pins processes,
-//! [`control`] runs the control-plane scenarios and [`report`] prints the
+//! [`control`] and [`propagation`] run the control-plane scenarios and
+//! [`report`] prints the
 //! table, writes the JSON and checks the targets.
 //!
 //! It only ever listens on and dials loopback addresses.
@@ -17,6 +18,7 @@ pub mod certs;
 pub mod contenders;
 pub mod control;
 pub mod load;
+pub mod propagation;
 pub mod report;
 pub mod system;
 
@@ -93,7 +95,7 @@ impl Mode {
                 control: Some(control::ControlSizes {
                     issuance_certs: 500,
                     issuance_clients: 64,
-                    watchers: 1000,
+                    watchers: vec![1000],
                     propagation_rounds: 3,
                 }),
             },
@@ -111,7 +113,7 @@ impl Mode {
                 control: Some(control::ControlSizes {
                     issuance_certs: 3000,
                     issuance_clients: 64,
-                    watchers: 1000,
+                    watchers: vec![1000, 10_000],
                     propagation_rounds: 10,
                 }),
             },
@@ -189,7 +191,7 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
         system::raise_open_files(((sizes.held_connections as u64) * 3 + 4096).max(OPEN_FILES));
     let mut sizes = sizes;
     if let (Some(control), Some(watchers)) = (sizes.control.as_mut(), options.watchers) {
-        control.watchers = watchers;
+        control.watchers = vec![watchers];
     }
     sizes.held_connections_requested = sizes.held_connections;
     // Each side of a held connection is a descriptor in this process (and

@@ -59,14 +59,39 @@ fn target(name: &str, bound: &str, value: Option<f64>, met: Option<bool>) -> Val
 
 /// Trellis against the targets of issue 7.
 pub fn targets(results: &Results) -> Vec<Value> {
-    let Some(t) = find(results, "trellis") else {
-        return vec![target(
+    let mut out = match find(results, "trellis") {
+        Some(t) => data_plane_targets(results, t),
+        None => vec![target(
             "Trellis was not measured in this run",
             "-",
             None,
             None,
-        )];
+        )],
     };
+    if let Some(c) = &results.control_plane {
+        out.push(target(
+            "end-to-end issuance to raw signing",
+            ">= 0.25",
+            c.issuance_ratio_to_raw,
+            c.issuance_ratio_to_raw.map(|v| v >= 0.25),
+        ));
+        let watch = c.headline_watch();
+        let p99 = watch.and_then(|w| w.propagation_p99_ms);
+        out.push(target(
+            &format!(
+                "propagation p99 to {} watchers (ms)",
+                watch.map_or(0, |w| w.watchers)
+            ),
+            "< 250 (at 1,000)",
+            p99,
+            p99.map(|v| v < 250.0),
+        ));
+    }
+    out
+}
+
+/// The targets of the Trellis pair.
+fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
     let r = ratios(results, t);
     let get = |k: &str| r.get(k).and_then(Value::as_f64);
     let peers: Vec<&PairFigures> = ["envoy", "haproxy", "stunnel"]
@@ -80,7 +105,7 @@ pub fn targets(results: &Results) -> Vec<Value> {
         .collect();
     let added_p99 = get("added_p99_us");
     let idle_mib = max_kib(&t.rss_idle_kib).map(|k| k / 1024.0);
-    let mut out = vec![
+    vec![
         target(
             "bulk throughput, 1 stream, to direct",
             ">= 0.55",
@@ -117,22 +142,7 @@ pub fn targets(results: &Results) -> Vec<Value> {
             t.kib_per_held_connection,
             t.kib_per_held_connection.map(|v| v <= 30.0),
         ),
-    ];
-    if let Some(c) = &results.control_plane {
-        out.push(target(
-            "end-to-end issuance to raw signing",
-            ">= 0.25",
-            c.issuance_ratio_to_raw,
-            c.issuance_ratio_to_raw.map(|v| v >= 0.25),
-        ));
-        out.push(target(
-            &format!("propagation p99 to {} watchers (ms)", c.watchers),
-            "< 250 (at 1,000)",
-            c.propagation_p99_ms,
-            c.propagation_p99_ms.map(|v| v < 250.0),
-        ));
-    }
-    out
+    ]
 }
 
 /// The JSON document of a run.
@@ -249,11 +259,16 @@ pub fn table(results: &Results) -> String {
         "trellis-bench ({:?}) on {} cores ({}), {}\n",
         results.mode, results.machine.cpus, results.machine.cpu_model, results.pinning
     );
-    out.push_str(&format!("{:width$}", ""));
-    for c in &cols {
-        out.push_str(&format!("{:>col$}", c.name));
+    // A control-plane-only run has no contender columns to show.
+    if cols.is_empty() {
+        rows.clear();
+    } else {
+        out.push_str(&format!("{:width$}", ""));
+        for c in &cols {
+            out.push_str(&format!("{:>col$}", c.name));
+        }
+        out.push('\n');
     }
-    out.push('\n');
     for (label, cells) in rows {
         out.push_str(&format!("{label:width$}"));
         for cell in cells {
@@ -278,24 +293,46 @@ pub fn table(results: &Results) -> String {
             fmt_opt(cp.issuance_ratio_to_raw, |x| format!("{x:.3}")),
         ));
         out.push_str(&format!(
+            "  CPU per certificate: control plane {}, clients {}\n",
+            f(cp.issuance_control_plane_cpu_us_per_cert, " us"),
+            f(cp.issuance_clients_cpu_us_per_cert, " us"),
+        ));
+        out.push_str(&format!(
             "  join tokens via the Admin API: {} /s\n",
             f(cp.tokens_per_second, "")
         ));
-        out.push_str(&format!(
-            "  propagation to {} watchers ({} rounds): p50 {}, p99 {}, max {}\n",
-            cp.watchers,
-            cp.propagation_rounds,
-            f(cp.propagation_p50_ms, " ms"),
-            f(cp.propagation_p99_ms, " ms"),
-            f(cp.propagation_max_ms, " ms"),
-        ));
-        out.push_str(&format!(
-            "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
-            cp.watchers,
-            f(cp.reconnect_all_ready_ms, " ms"),
-            f(cp.reconnect_p50_ms, " ms"),
-            f(cp.reconnect_p99_ms, " ms"),
-        ));
+        for w in &cp.watch {
+            out.push_str(&format!(
+                "  propagation to {} watchers ({} rounds): p50 {}, p99 {}, max {}{}\n",
+                w.watchers,
+                w.propagation_rounds,
+                f(w.propagation_p50_ms, " ms"),
+                f(w.propagation_p99_ms, " ms"),
+                f(w.propagation_max_ms, " ms"),
+                match w.watch_streams_reopened {
+                    0 => String::new(),
+                    n => format!(" ({n} broken streams re-opened)"),
+                },
+            ));
+            out.push_str(&format!(
+                "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
+                w.watchers,
+                f(w.reconnect_all_ready_ms, " ms"),
+                f(w.reconnect_p50_ms, " ms"),
+                f(w.reconnect_p99_ms, " ms"),
+            ));
+            if let Some(kib) = w.control_plane_rss_kib_with_watchers {
+                out.push_str(&format!(
+                    "  control plane with {} watchers: RSS {:.0} MiB, CPU {} per round\n",
+                    w.watchers,
+                    kib as f64 / 1024.0,
+                    f(w.control_plane_cpu_seconds_per_round, " s"),
+                ));
+            }
+            for e in &w.errors {
+                out.push_str(&format!("  error ({} watchers): {e}\n", w.watchers));
+            }
+        }
         out.push_str(&format!("  trigger: {}\n", cp.propagation_trigger));
         for e in &cp.errors {
             out.push_str(&format!("  error: {e}\n"));

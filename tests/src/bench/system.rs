@@ -134,6 +134,14 @@ pub fn raise_open_files(wanted: u64) -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in MiB.
+pub fn available_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// The machine, by its properties.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Machine {

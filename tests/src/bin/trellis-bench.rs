@@ -25,7 +25,7 @@ const USAGE: &str = "\
 trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel on loopback, and the control plane at scale
 
 Usage: trellis-bench [--quick | --smoke] [--json FILE] [--only NAME,NAME] [--no-pin] [--no-control-plane] [--no-wrk]
-                     [--watchers N]
+                     [--watchers N] [--control-plane-only]
 
 Options:
   --quick             short run (under 3 minutes on 2 cores)
@@ -35,7 +35,9 @@ Options:
                       (direct is always added: every ratio needs it)
   --no-pin            do not pin the proxies to cores
   --no-control-plane  skip the control-plane scenarios
-  --watchers N        simulated sidecars watching the control plane (default 1000)
+  --control-plane-only  run only the control-plane scenarios (no contender)
+  --watchers N        simulated sidecars watching the control plane (default 1000, and
+                      10000 after it in the full run; 10000 need about 11 GiB of memory)
   --no-wrk            measure the keep-alive rate with the built-in client even if wrk is installed
   -h, --help          print this help
 
@@ -118,6 +120,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
             Some("--smoke") => options.mode = Mode::Smoke,
             Some("--no-pin") => options.pin = false,
             Some("--no-control-plane") => options.control_plane = false,
+            Some("--control-plane-only") => options.contenders.clear(),
             Some("--no-wrk") => options.wrk = false,
             Some("--json") => {
                 let file = args.next().ok_or("--json needs a file")?;

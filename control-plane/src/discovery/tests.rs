@@ -1,0 +1,53 @@
+//! Encoded snapshots against the snapshots they stand for.
+
+use super::*;
+use crate::store::embedded::{DB_FILE, EmbeddedStore};
+use crate::store::{IssuedCertRecord, WorkloadRecord};
+
+const WEB: &str = "spiffe://td/ns/a/sa/web";
+const DB: &str = "spiffe://td/ns/a/sa/db";
+
+/// Records a renewal of `id` listening on `address`, valid for an hour.
+fn register(store: &EmbeddedStore, id: &str, serial: &str, address: &str) {
+    let expires = unix_now() + 3600;
+    let issued = IssuedCertRecord {
+        serial_hex: serial.into(),
+        spiffe_id: id.into(),
+        not_after_unix: expires,
+        issued_at_unix: unix_now(),
+    };
+    let workload = WorkloadRecord {
+        spiffe_id: id.into(),
+        addresses: vec![address.into()],
+        cert_expires_at_unix: expires,
+        last_seen_unix: unix_now(),
+    };
+    store.record_issuance(None, &issued, &workload).unwrap();
+}
+
+#[test]
+fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    register(&store, WEB, "01", "127.0.0.1:7001");
+    let mesh = MeshConfig {
+        default_policy: "deny".into(),
+        outbound_policy: "passthrough".into(),
+        opaque_ports: vec![5432],
+    };
+    let discovery = Discovery::new(store.clone(), vec![vec![1, 2, 3]], mesh).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let view = discovery.view();
+    let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+    assert_eq!(decoded, discovery.snapshot_in(&view, &web));
+    assert_eq!(decoded.endpoints.len(), 1);
+
+    // A new endpoint is a new version, whose endpoint part is new too.
+    register(&store, DB, "02", "127.0.0.1:7002");
+    discovery.refresh().unwrap();
+    let view = discovery.view();
+    let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+    assert_eq!(decoded, discovery.snapshot_in(&view, &web));
+    assert_eq!(decoded.endpoints.len(), 2);
+    assert_eq!(decoded.version, view.version);
+}

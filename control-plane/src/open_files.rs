@@ -1,0 +1,47 @@
+//! The process's open-files limit. Every Watch stream of a sidecar is a
+//! socket held open, so a control plane serving 10,000 sidecars needs more
+//! descriptors than the usual soft limit of 1,024: at start-up the soft
+//! limit is raised to the hard limit, which needs no privilege. This module
+//! never raises the hard limit.
+
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+/// The soft and hard limits after raising: what the process may now open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// `None` is unlimited.
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+/// Raises the soft limit on open files to the hard limit; returns both as
+/// they are afterwards (unchanged when the kernel refused).
+pub fn raise_to_hard_limit() -> Result<OpenFiles, rustix::io::Errno> {
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: now.maximum,
+                maximum: now.maximum,
+            },
+        )?;
+    }
+    let after = getrlimit(Resource::Nofile);
+    Ok(OpenFiles {
+        soft: after.current,
+        hard: after.maximum,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_limit_reaches_the_hard_limit() {
+        let raised = raise_to_hard_limit().expect("raising to the hard limit needs no privilege");
+        assert_eq!(raised.soft, raised.hard);
+        assert_eq!(getrlimit(Resource::Nofile).current, raised.hard);
+    }
+}
