@@ -45,14 +45,38 @@ async fn route(
     (addr, shutdown)
 }
 
+/// A client sidecar's route to a server sidecar in front of an echo app.
+struct Pair {
+    client: Arc<Shared>,
+    inbound: TestInbound,
+    /// The route's local address.
+    local: std::net::SocketAddr,
+    _app: EchoApp,
+    _shutdown: drain::Shutdown,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let ca = Ca::new();
+        let app = echo_app().await;
+        let server = id("/ns/b/sa/server");
+        let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+        let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+        let (local, shutdown) = route(client.clone(), server, inbound.addr).await;
+        Pair {
+            client,
+            inbound,
+            local,
+            _app: app,
+            _shutdown: shutdown,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_route_reaches_the_expected_identity() {
-    let ca = Ca::new();
-    let app = echo_app().await;
-    let server = id("/ns/b/sa/server");
-    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
-    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
-    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+    let pair = Pair::start().await;
+    let (client, inbound, local) = (&pair.client, &pair.inbound, pair.local);
 
     let mut tcp = TcpStream::connect(local).await.unwrap();
     assert_eq!(
@@ -128,12 +152,8 @@ async fn transparent_refuses_a_connection_that_was_not_redirected() {
 /// when it opens many connections at once, and both sides count it.
 #[tokio::test]
 async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
-    let ca = Ca::new();
-    let app = echo_app().await;
-    let server = id("/ns/b/sa/server");
-    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
-    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
-    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+    let pair = Pair::start().await;
+    let (client, inbound, local) = (&pair.client, &pair.inbound, pair.local);
     let counted = |m: &Metrics, direction: &str, kind: &str| {
         let series =
             format!("trellis_tls_handshakes_total{{direction=\"{direction}\",kind=\"{kind}\"}} ");
