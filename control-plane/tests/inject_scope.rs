@@ -1,0 +1,169 @@
+//! Which pods the `/inject` webhook changes: opt-outs, namespace selection,
+//! host-network pods, invalid annotations under each failure policy, and
+//! pods it cannot inject.
+//!
+//! No Kubernetes API server can run on these machines. The fixtures in
+//! `fixtures/k8s/` are real `admission.k8s.io/v1` AdmissionReview documents
+//! as the API server sends them to a webhook.
+
+mod admission;
+
+use admission::*;
+use serde_json::json;
+use trellis_control_plane::inject::{FailurePolicy, InjectConfig, NamespaceScope};
+
+/// `trellis.io/inject: disabled` on a pod in an enabled namespace leaves it
+/// alone. Real AdmissionReview from the Job controller; no API server here.
+#[test]
+fn an_opted_out_pod_is_untouched() {
+    let review = fixture("pod-opt-out.json");
+    let enabled = labels(&[("trellis.io/inject", "enabled")]);
+    for scope in [
+        NamespaceScope::SelectedByWebhook,
+        NamespaceScope::Labels(&enabled),
+    ] {
+        let reply = answer(&review, scope, &config());
+        assert_eq!(reply["response"]["allowed"], true);
+        assert!(patch_of(&reply).is_none(), "{reply}");
+    }
+}
+
+/// A pod in a namespace without `trellis.io/inject=enabled` is untouched,
+/// unless the pod opts in itself. Real AdmissionReview from `kubectl run`;
+/// no API server here (the namespace's labels are given as the chart's
+/// namespaceSelector would see them).
+#[test]
+fn a_pod_in_an_unlabelled_namespace_is_untouched_unless_it_opts_in() {
+    let review = fixture("pod-unlabelled-namespace.json");
+    let ns = labels(&[("kubernetes.io/metadata.name", "legacy")]);
+    let answer1 = answer(&review, NamespaceScope::Labels(&ns), &config());
+    assert_eq!(answer1["response"]["allowed"], true);
+    assert!(patch_of(&answer1).is_none());
+
+    let disabled = labels(&[("trellis.io/inject", "disabled")]);
+    let answer2 = answer(&review, NamespaceScope::Labels(&disabled), &config());
+    assert!(patch_of(&answer2).is_none());
+
+    // Opting in by pod label (what the chart's second webhook selects on)
+    // or by annotation.
+    for field in ["labels", "annotations"] {
+        let mut pod = review["request"]["object"].clone();
+        pod["metadata"][field] = json!({"trellis.io/inject": "enabled"});
+        let reply = answer(
+            &with_object(&review, pod.clone()),
+            NamespaceScope::Labels(&ns),
+            &config(),
+        );
+        let patched = apply(&pod, &patch_of(&reply).expect("opted in"));
+        assert_eq!(
+            names(&patched["spec"]["initContainers"]),
+            ["trellis-init", "trellis-proxy"]
+        );
+    }
+}
+
+/// A pod in the host's network namespace is never injected: iptables there
+/// would capture the node's traffic.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
+/// Kubernetes API server can run here.
+#[test]
+fn a_host_network_pod_is_untouched() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["hostNetwork"] = json!(true);
+    assert!(patch_of(&answer_for(&with_object(&review, pod))).is_none());
+}
+
+/// A bad exclusion annotation never blocks the pod by default: it is
+/// admitted unchanged with a warning naming the annotation. With
+/// `failurePolicy: Fail` it is denied with the same message.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
+/// Kubernetes API server can run here.
+#[test]
+fn an_invalid_annotation_follows_the_failure_policy() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["trellis.io/exclude-outbound-ports"] = json!("443,https");
+    let review = with_object(&review, pod);
+
+    let ignored = answer_for(&review);
+    assert_eq!(ignored["response"]["allowed"], true);
+    assert!(patch_of(&ignored).is_none());
+    assert_eq!(
+        ignored["response"]["warnings"],
+        json!([
+            "trellis: sidecar not injected: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
+        ])
+    );
+
+    let strict = InjectConfig {
+        failure_policy: FailurePolicy::Fail,
+        ..config()
+    };
+    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &strict);
+    assert_eq!(denied["response"]["allowed"], false);
+    assert_eq!(denied["response"]["status"]["code"], 403);
+    assert_eq!(
+        denied["response"]["status"]["message"],
+        "trellis: cannot inject: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
+    );
+    assert!(patch_of(&denied).is_none());
+}
+
+/// `trellis.io/access-log: "false"` turns the sidecar's access log off;
+/// without the annotation (or with "true") the sidecar's default, on, holds.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them;
+/// no Kubernetes API server can run here.
+#[test]
+fn the_access_log_annotation_reaches_the_sidecar() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let proxy_env = |value: Option<&str>| {
+        let mut pod = review["request"]["object"].clone();
+        if let Some(value) = value {
+            pod["metadata"]["annotations"]["trellis.io/access-log"] = json!(value);
+        }
+        let pod = injected(&with_object(&review, pod));
+        env(container(&pod, "initContainers", "trellis-proxy"))
+    };
+    assert_eq!(proxy_env(Some("false"))["TRELLIS_ACCESS_LOG"], "false");
+    assert!(!proxy_env(None).contains_key("TRELLIS_ACCESS_LOG"));
+    assert!(!proxy_env(Some("true")).contains_key("TRELLIS_ACCESS_LOG"));
+}
+
+/// Anything but "true" or "false" is refused with an AdmissionReview error
+/// naming the annotation, not read as a guess.
+/// Real AdmissionReview documents (fixtures/k8s); no API server here.
+#[test]
+fn an_invalid_access_log_annotation_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["trellis.io/access-log"] = json!("off");
+    let review = with_object(&review, pod);
+    let strict = InjectConfig {
+        failure_policy: FailurePolicy::Fail,
+        ..config()
+    };
+    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &strict);
+    assert_eq!(denied["response"]["allowed"], false);
+    assert_eq!(
+        denied["response"]["status"]["message"],
+        "trellis: cannot inject: metadata.annotations[trellis.io/access-log]: expected \"true\" or \"false\", got \"off\""
+    );
+    assert!(patch_of(&denied).is_none());
+}
+
+/// An unknown value of `trellis.io/inject` is an error, not a guess.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
+/// Kubernetes API server can run here.
+#[test]
+fn an_unknown_inject_value_is_reported() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["trellis.io/inject"] = json!("yes");
+    let reply = answer_for(&with_object(&review, pod));
+    let warning = reply["response"]["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("metadata.annotations[trellis.io/inject]: expected \"enabled\" or \"disabled\", got \"yes\""),
+        "{warning}"
+    );
+}
