@@ -1,0 +1,197 @@
+//! A local HTTPS server (a self-made CA, tokio-rustls + hyper) that plays
+//! the Kubernetes API server for TokenReview: it answers `POST
+//! /apis/authentication.k8s.io/v1/tokenreviews` with the API server
+//! responses in `fixtures/k8s/tokenreview/` (stand-ins for recorded
+//! responses; see the README there) and records every request it gets.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::common::serving::{Answering, ServingCert, serve_https};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use trellis_control_plane::authn::tokenreview::{KubeApi, TOKENREVIEW_PATH, TokenReviewer};
+use trellis_core::TrustDomain;
+
+/// The control plane's own bearer token, as its pod would mount it.
+pub const BEARER: &str = "control-plane-sa-token";
+/// Tokens the fake API server knows, and the answer each gets.
+pub const WEB_TOKEN: &str = "projected-token-of-shop-web";
+pub const EXPIRED_TOKEN: &str = "expired-projected-token";
+pub const API_AUDIENCE_TOKEN: &str = "token-for-the-api-servers-audience";
+pub const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+pub fn fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s/tokenreview")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What the fake API server answers for a reviewed token.
+type Answer = fn(&str) -> (u16, &'static str);
+
+/// Answers by token, as the API server would for these tokens.
+pub fn by_token(token: &str) -> (u16, &'static str) {
+    match token {
+        WEB_TOKEN => (201, "authenticated.json"),
+        API_AUDIENCE_TOKEN => (201, "wrong-audience.json"),
+        _ => (201, "not-authenticated.json"),
+    }
+}
+
+/// One request as the fake API server received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+}
+
+/// A local HTTPS server standing in for the Kubernetes API server.
+pub struct FakeApi {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeApi {
+    pub async fn start(answer: Answer) -> Self {
+        Self::start_with(answer, false).await
+    }
+
+    /// `silent`: accept connections but never answer (a hung API server).
+    pub async fn start_with(answer: Answer, silent: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = ServingCert::new("fake kubernetes CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
+        std::fs::write(dir.path().join("token"), format!("{BEARER}\n")).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let record = requests.clone();
+        let answering = if silent {
+            Answering::Never
+        } else {
+            Answering::Yes
+        };
+        let (addr, stop) = serve_https(&cert, answering, move |req| {
+            let record = record.clone();
+            async move { serve(req, answer, &record).await }
+        })
+        .await;
+        Self {
+            addr,
+            dir,
+            requests,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    pub fn api(&self) -> KubeApi {
+        KubeApi::resolve(
+            Some(&self.url()),
+            Some(&self.ca()),
+            Some(&self.token_file()),
+        )
+        .unwrap()
+    }
+
+    pub fn reviewer(&self) -> TokenReviewer {
+        TokenReviewer::new(&self.api(), td()).unwrap()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The flags that point the control plane at this server.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--identity-provider".into(),
+            "kubernetes".into(),
+            "--kube-api".into(),
+            self.url(),
+            "--kube-ca".into(),
+            self.ca().display().to_string(),
+            "--kube-token-file".into(),
+            self.token_file().display().to_string(),
+        ]
+    }
+}
+
+pub async fn serve(
+    req: Request<Incoming>,
+    answer: Answer,
+    record: &Mutex<Vec<Recorded>>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let token = body["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    record.lock().unwrap().push(Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect(),
+        body,
+    });
+    let (status, file) = if parts.uri.path() == TOKENREVIEW_PATH {
+        answer(&token)
+    } else {
+        (404, "unauthorized-401.json")
+    };
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(fixture(file))))
+        .unwrap()
+}
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+/// A JWT-shaped token whose payload says it expires at `exp` (unsigned: the
+/// fake API server does not look at it, and the reviewer only reads `exp`).
+pub fn jwt_expiring_at(exp: u64) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(r#"{"alg":"RS256","kid":"k"}"#),
+        b64(&format!(r#"{{"aud":["trellis"],"exp":{exp}}}"#))
+    )
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
