@@ -323,20 +323,18 @@ impl Metrics {
         self.request_duration.observe(seconds);
     }
 
-    /// Counts a completed mTLS handshake as full or resumed. No lock.
-    pub fn handshake(&self, direction: &'static str, resumed: bool) {
+    /// Counts an established mTLS connection between sidecars by the ALPN
+    /// protocol its handshake settled and by whether it resumed a session.
+    /// No lock: every series was resolved up front.
+    pub fn established(&self, direction: &'static str, tls: &rustls::CommonState) {
         let direction = usize::from(direction == OUTBOUND);
-        self.handshakes[direction][usize::from(resumed)].inc();
-    }
-
-    /// Counts an established mTLS connection by the ALPN protocol its
-    /// handshake settled. No lock: every series was resolved up front.
-    pub fn alpn(&self, direction: &'static str, settled: Option<&[u8]>) {
-        let direction = usize::from(direction == OUTBOUND);
-        let value = settled
+        let alpn = tls
+            .alpn_protocol()
             .and_then(|id| ALPN_VALUES.iter().position(|v| v.as_bytes() == id))
             .unwrap_or(ALPN_VALUES.len() - 1);
-        self.alpn[direction][value].inc();
+        self.alpn[direction][alpn].inc();
+        let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        self.handshakes[direction][usize::from(resumed)].inc();
     }
 
     /// The `trellis_rate_limited_total` series of `policy`, resolved when

@@ -170,11 +170,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         }
     };
     drop(tls);
-    metrics.alpn(INBOUND, stream.get_ref().1.alpn_protocol());
-    metrics.handshake(
-        INBOUND,
-        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-    );
+    metrics.established(INBOUND, stream.get_ref().1);
     let peer = match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
         Ok(peer) => peer,
         Err(e) => {

@@ -151,12 +151,8 @@ async fn forward_mesh<R>(
             return;
         }
     };
+    metrics.established(OUTBOUND, upstream.get_ref().1);
     let alpn = upstream.get_ref().1.alpn_protocol();
-    metrics.alpn(OUTBOUND, alpn);
-    metrics.handshake(
-        OUTBOUND,
-        upstream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-    );
     tracing::info!(
         peer = %expected,
         remote = %remote,
