@@ -2,18 +2,18 @@
 //! real control-plane binary, which checks the token with TokenReview.
 //!
 //! No Kubernetes API server can run on these machines. Each test points the
-//! control plane at a local HTTPS server (`fake_kube_api`) that answers
+//! control plane at a local HTTPS server (`tokenreview_api`) that answers
 //! TokenReviews with the API server responses in `fixtures/k8s/tokenreview/`
 //! and records every request it gets.
 
 mod common;
-mod fake_kube_api;
+mod tokenreview_api;
 
 use std::time::Duration;
 
 use common::serving::ServingCert;
 use common::{ControlPlane, csr_for, p256};
-use fake_kube_api::*;
+use tokenreview_api::*;
 use tonic::Code;
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};

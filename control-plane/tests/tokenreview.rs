@@ -2,16 +2,16 @@
 //! its own, against a stand-in API server.
 //!
 //! No Kubernetes API server can run on these machines. Each test stands up a
-//! local HTTPS server (`fake_kube_api`) that answers TokenReviews with the
+//! local HTTPS server (`tokenreview_api`) that answers TokenReviews with the
 //! API server responses in `fixtures/k8s/tokenreview/` and records every
 //! request it gets, so the tests check what the control plane sent too.
 
 mod common;
-mod fake_kube_api;
+mod tokenreview_api;
 
 use std::time::Duration;
 
-use fake_kube_api::*;
+use tokenreview_api::*;
 use trellis_control_plane::authn::tokenreview::{ReviewError, TokenReviewer};
 
 /// No Kubernetes API server can run here; the fake answers with the stand-in
