@@ -9,7 +9,8 @@
 #                        schemas it bundles, offline
 #
 # Idempotent: tools already installed are kept. The tests (control-plane/tests/helm_chart.rs,
-# inject_webhook.rs) look in target/tools/bin first, then on PATH.
+# helm_rendered.rs, inject_webhook.rs, through tests/chart) look in target/tools/bin first, then
+# on PATH.
 #
 #   scripts/install-helm.sh            install both
 #   TRELLIS_TOOLS_DIR=DIR scripts/...  install into DIR instead of target/tools
