@@ -195,27 +195,33 @@ impl Identity for IdentityService {
             cert_expires_at_unix: issued.not_after_unix,
             last_seen_unix: now,
         };
-        let store = self.mesh.store.clone();
-        let discovery = self.mesh.discovery.clone();
-        let claim_id = id.clone();
-        let recorded = tokio::task::spawn_blocking(move || {
-            let claim = token_hash.as_ref().map(|hash| TokenClaim {
-                hash,
-                spiffe_id: &claim_id,
-                now_unix: now,
-            });
-            let change = store.record_issuance(claim, &record, &workload)?;
-            // A new endpoint is a new snapshot version for every sidecar;
-            // the store bumped it with the record.
-            if change == EndpointChange::Changed
-                && let Err(e) = discovery.refresh()
-            {
+        let claim = token_hash.as_ref().map(|hash| TokenClaim {
+            hash,
+            spiffe_id: &id,
+            now_unix: now,
+        });
+        // The store's writer answers once the record is durable; this task
+        // waits for it without holding a thread.
+        let Ok(recorded) = self
+            .mesh
+            .store
+            .queue_issuance(claim, &record, &workload)
+            .await
+        else {
+            return Err(self.refuse(
+                "store_error",
+                Status::unavailable("the store stopped before recording the certificate"),
+            ));
+        };
+        // A new endpoint is a new snapshot version for every sidecar; the
+        // store bumped it with the record. Loading it reads the store.
+        if matches!(recorded, Ok(EndpointChange::Changed)) {
+            let discovery = self.mesh.discovery.clone();
+            let refreshed = tokio::task::spawn_blocking(move || discovery.refresh()).await;
+            if let Ok(Err(e)) = refreshed {
                 tracing::error!(error = %e, "could not record a new snapshot version");
             }
-            Ok(change)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
+        }
         match recorded {
             Ok(_) => {}
             Err(StoreError::Token(refusal)) => {

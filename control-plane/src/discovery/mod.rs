@@ -84,6 +84,9 @@ pub struct View {
     policy_tokens: Vec<u64>,
     /// Per entry of `rate_limits`, a token naming its content.
     rate_limit_tokens: Vec<u64>,
+    /// The soonest certificate expiry among the endpoints' workloads when
+    /// the view was built (renewals may have moved it on since).
+    soonest_expiry: Option<i64>,
 }
 
 /// What content tokens are kept for: a document with a name and a selector.
@@ -176,12 +179,17 @@ impl View {
         // A workload is an endpoint while it holds a valid certificate: one
         // that is gone stops renewing, and leaves when its certificate ends.
         let now = unix_now();
+        let mut soonest_expiry: Option<i64> = None;
         // One endpoint per address, so an outbound lookup of any of a pod's
         // addresses (IPv4 or IPv6) finds its SPIFFE ID.
         let mut endpoints: Vec<Endpoint> = state
             .workloads
             .into_iter()
-            .filter(|w| w.cert_expires_at_unix > now)
+            .filter(|w| w.cert_expires_at_unix > now && !w.addresses.is_empty())
+            .inspect(|w| {
+                let at = w.cert_expires_at_unix;
+                soonest_expiry = Some(soonest_expiry.map_or(at, |s| s.min(at)));
+            })
             .flat_map(|w| {
                 let id = w.spiffe_id;
                 w.addresses.into_iter().map(move |address| Endpoint {
@@ -214,6 +222,7 @@ impl View {
             rate_limits,
             policy_tokens,
             rate_limit_tokens,
+            soonest_expiry,
         }
     }
 
@@ -366,22 +375,42 @@ impl Discovery {
     /// Removes workloads from the mesh endpoints when their certificates
     /// expire: when an endpoint of the current view has expired it records a
     /// change, so the endpoint leaves in a new version (a version always
-    /// names exactly its content). It sleeps until the soonest expiry in the
-    /// store, which renewals keep moving forward, so it wakes for workloads
-    /// that stopped renewing. Runs until the announcements end.
+    /// names exactly its content). It sleeps until the soonest expiry the
+    /// current view knows; only then does it read the store's workloads,
+    /// whose renewals may have moved that expiry on, so a new version costs
+    /// no read of every workload, and it still wakes for workloads that
+    /// stopped renewing. Runs until the announcements end.
     pub async fn expire_endpoints(self: Arc<Self>) {
         let mut versions = self.subscribe();
+        // What the last read of the store found, for the view it was made on.
+        let mut checked_on: Option<(u64, Option<i64>)> = None;
         loop {
-            let discovery = self.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                let (due, next) = discovery.endpoint_expiries()?;
-                if due {
-                    let version = discovery.changed()?;
-                    tracing::info!(version, "expired endpoints removed");
-                }
-                Ok::<_, StoreError>(next)
-            })
-            .await;
+            let view = self.view();
+            let soonest = match checked_on {
+                Some((version, next)) if version == view.version => next,
+                _ => view.soonest_expiry,
+            };
+            let checked = if soonest.is_some_and(|at| at <= unix_now()) {
+                let discovery = self.clone();
+                let version = view.version;
+                tokio::task::spawn_blocking(move || {
+                    let (due, next) = discovery.endpoint_expiries()?;
+                    if due {
+                        let removed_in = discovery.changed()?;
+                        tracing::info!(version = removed_in, "expired endpoints removed");
+                    }
+                    Ok::<_, StoreError>((version, next))
+                })
+                .await
+                .map(|checked| {
+                    checked.map(|(version, next)| {
+                        checked_on = Some((version, next));
+                        next
+                    })
+                })
+            } else {
+                Ok(Ok(soonest))
+            };
             let wait = match checked {
                 // One second past the expiry, so the check sees it expired.
                 Ok(Ok(Some(at))) => {

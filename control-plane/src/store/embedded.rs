@@ -251,6 +251,15 @@ impl Store for EmbeddedStore {
         self.issuances.record(claim, issued, workload)
     }
 
+    fn queue_issuance(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        workload: &WorkloadRecord,
+    ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
+        self.issuances.queue(claim, issued, workload)
+    }
+
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
         self.read_all(WORKLOADS)
     }

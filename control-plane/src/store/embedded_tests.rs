@@ -86,6 +86,31 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
     assert_eq!(change, EndpointChange::Changed);
 }
 
+/// A workload without an inbound address is no endpoint: its first
+/// certificate and its renewals leave the snapshot version where it was,
+/// until it reports an address.
+#[test]
+fn a_client_only_workload_changes_no_endpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let id = "spiffe://td/ns/a/sa/job";
+    let before = store.snapshot_version().unwrap();
+    for serial in ["01", "02"] {
+        let change = store
+            .record_issuance(None, &issued(serial, id), &workload(id, ""))
+            .unwrap();
+        assert_eq!(change, EndpointChange::Unchanged, "certificate {serial}");
+    }
+    assert_eq!(store.snapshot_version().unwrap(), before);
+    assert_eq!(store.workloads().unwrap().len(), 1, "the workload is known");
+
+    let change = store
+        .record_issuance(None, &issued("03", id), &workload(id, "127.0.0.1:1"))
+        .unwrap();
+    assert_eq!(change, EndpointChange::Changed);
+    assert_eq!(store.snapshot_version().unwrap(), before + 1);
+}
+
 #[test]
 fn mesh_config_bumps_the_version_only_when_it_changes() {
     let tmp = tempfile::tempdir().unwrap();

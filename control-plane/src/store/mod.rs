@@ -137,7 +137,8 @@ pub enum StoreError {
 /// What a recorded issuance changed for discovery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndpointChange {
-    /// A new workload with addresses, or new addresses for a known one.
+    /// The mesh endpoints changed: a workload with addresses joined, came
+    /// back after its certificate ended, or changed its addresses.
     Changed,
     Unchanged,
 }
@@ -230,6 +231,22 @@ pub trait Store: Send + Sync + 'static {
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError>;
+
+    /// [`Store::record_issuance`] for async callers: the answer comes on the
+    /// receiver, and the caller's thread is not held meanwhile. A closed
+    /// receiver means the store stopped before answering. The default
+    /// answers at once, which suits stores whose `record_issuance` does not
+    /// block.
+    fn queue_issuance(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        workload: &WorkloadRecord,
+    ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
+        let (answer, reply) = tokio::sync::oneshot::channel();
+        let _ = answer.send(self.record_issuance(claim, issued, workload));
+        reply
+    }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
 

@@ -7,7 +7,8 @@
 //! in a single write transaction and commits once, so concurrent Certify
 //! calls share one sync. Each caller gets its answer only after the commit
 //! that holds its record returned, so an answered issuance is as durable
-//! as before. A batch that changed the mesh endpoints bumps the snapshot
+//! as before. The answer travels on a oneshot channel, so an async caller
+//! awaits it without holding a thread of its own. A batch that changed the mesh endpoints bumps the snapshot
 //! version in the same commit, once. Each issuance checks its token before it writes anything, so
 //! a refused one changes nothing, whatever its neighbours in the batch do;
 //! a failed commit fails the whole batch and writes none of it.
@@ -15,11 +16,12 @@
 //! This module never decides who may have a certificate; it only makes
 //! the store's decision durable.
 
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use redb::{Database, ReadableTable};
+use tokio::sync::oneshot;
 use trellis_core::SpiffeId;
 
 use super::{ISSUED, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
@@ -37,7 +39,7 @@ struct Issuance {
     claim: Option<OwnedClaim>,
     issued: IssuedCertRecord,
     workload: WorkloadRecord,
-    answer: SyncSender<Result<EndpointChange, StoreError>>,
+    answer: oneshot::Sender<Result<EndpointChange, StoreError>>,
 }
 
 struct OwnedClaim {
@@ -76,7 +78,20 @@ impl IssuanceWriter {
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        let (answer, reply) = mpsc::sync_channel(1);
+        self.queue(claim, issued, workload)
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(self.stopped()))
+    }
+
+    /// Queues one issuance without blocking; the answer arrives once it is
+    /// durable (or refused).
+    pub(super) fn queue(
+        &self,
+        claim: Option<TokenClaim<'_>>,
+        issued: &IssuedCertRecord,
+        workload: &WorkloadRecord,
+    ) -> oneshot::Receiver<Result<EndpointChange, StoreError>> {
+        let (answer, reply) = oneshot::channel();
         let issuance = Issuance {
             claim: claim.map(|c| OwnedClaim {
                 hash: *c.hash,
@@ -87,14 +102,12 @@ impl IssuanceWriter {
             workload: workload.clone(),
             answer,
         };
-        let sent = match &*self.queue.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(queue) => queue.send(issuance).is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Err(self.stopped());
+        // A stopped writer drops the issuance, and with it the answer's
+        // sender: the caller hears that the writer has stopped.
+        if let Some(queue) = &*self.queue.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = queue.send(issuance);
         }
-        reply.recv().unwrap_or_else(|_| Err(self.stopped()))
+        reply
     }
 
     fn stopped(&self) -> StoreError {
@@ -222,8 +235,13 @@ fn record_one(
         record.addresses = previous_addresses.clone();
     }
     workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
+    // Only a workload with an address is an endpoint: a client-only
+    // workload (no inbound address) joining or renewing changes no
+    // snapshot, so it costs no push to every sidecar.
+    let was_endpoint = previously_live && !previous_addresses.is_empty();
+    let is_endpoint = !record.addresses.is_empty();
     Ok(Ok(
-        if record.addresses != previous_addresses || !previously_live {
+        if was_endpoint != is_endpoint || (is_endpoint && record.addresses != previous_addresses) {
             EndpointChange::Changed
         } else {
             EndpointChange::Unchanged
