@@ -33,6 +33,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
             inbound_address: inbound.into(),
             last_version: 0,
             inbound_addresses: Vec::new(),
+            accepts_endpoints_version: false,
         })),
     }
 }
@@ -196,6 +197,7 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
             inbound_address: "127.0.0.1:7004".into(),
             last_version: held.version,
             inbound_addresses: Vec::new(),
+            accepts_endpoints_version: false,
         })),
     })
     .await

@@ -139,6 +139,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             inbound_address: "10.244.1.17:15006".into(),
             inbound_addresses: vec!["10.244.1.17:15006".into()],
             last_version: 0,
+            accepts_endpoints_version: false,
         })),
     })
     .await

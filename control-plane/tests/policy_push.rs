@@ -23,12 +23,23 @@ struct Watcher {
 
 impl Watcher {
     async fn open(cp: &ControlPlane, svid: &Svid, inbound: &str) -> Self {
+        Self::open_with(cp, svid, inbound, false).await
+    }
+
+    /// A stream whose Subscribe says whether it takes `endpoints_version`.
+    async fn open_with(
+        cp: &ControlPlane,
+        svid: &Svid,
+        inbound: &str,
+        accepts_endpoints_version: bool,
+    ) -> Self {
         let (acks, rx) = mpsc::channel(64);
         acks.send(WatchRequest {
             kind: Some(Kind::Subscribe(Subscribe {
                 inbound_address: inbound.into(),
                 last_version: 0,
                 inbound_addresses: Vec::new(),
+                accepts_endpoints_version,
             })),
         })
         .await
@@ -44,13 +55,18 @@ impl Watcher {
         Self { acks, snapshots }
     }
 
-    /// The next snapshot, acknowledged.
-    async fn next(&mut self) -> Snapshot {
-        let snapshot = tokio::time::timeout(PATIENCE, self.snapshots.message())
+    /// The next snapshot, not answered.
+    async fn receive(&mut self) -> Snapshot {
+        tokio::time::timeout(PATIENCE, self.snapshots.message())
             .await
             .expect("a snapshot in time")
             .unwrap()
-            .expect("the stream stays open");
+            .expect("the stream stays open")
+    }
+
+    /// The next snapshot, acknowledged.
+    async fn next(&mut self) -> Snapshot {
+        let snapshot = self.receive().await;
         self.acks
             .send(WatchRequest {
                 kind: Some(Kind::Ack(Ack {
@@ -151,4 +167,67 @@ async fn a_burst_of_policy_changes_reaches_only_the_selected_sidecar_coalesced()
     let listed = cp.workloads().await;
     let db_listed = listed.iter().find(|w| w.spiffe_id == DB).unwrap();
     assert!(db_listed.acked_version <= db_next.version);
+}
+
+/// A sidecar that takes `endpoints_version` is not sent the endpoints it
+/// holds: after it acknowledged a snapshot, a policy change refers to that
+/// snapshot's endpoints. While a snapshot is unanswered, or after the
+/// endpoints changed, the next one carries them all; a sidecar that did not
+/// ask for references always gets them.
+#[tokio::test]
+async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7131").await;
+    let mut web_watch = Watcher::open_with(&cp, &web, "127.0.0.1:7131", true).await;
+    let mut old_watch = Watcher::open(&cp, &web, "127.0.0.1:7131").await;
+    let first = web_watch.next().await;
+    assert_eq!(first.endpoints_version, 0);
+    assert!(has_endpoint(&first, WEB));
+    // The old-style stream never answers, so the ACKs seen are web_watch's.
+    old_watch.receive().await;
+    // The ACK travels on the stream, the change on an Admin connection:
+    // the control plane has the ACK before the change is made.
+    acked(&cp, WEB, first.version).await;
+
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("p1", WEB, API, 8001), false)
+        .await
+        .unwrap();
+    let second = web_watch.next().await;
+    assert_eq!(second.policies.len(), 1);
+    assert_eq!(second.endpoints_version, first.version);
+    assert!(second.endpoints.is_empty(), "{second:?}");
+    let old = old_watch.receive().await;
+    assert_eq!((old.policies.len(), old.endpoints_version), (1, 0));
+    assert!(has_endpoint(&old, WEB), "without the flag: every endpoint");
+    acked(&cp, WEB, second.version).await;
+
+    // Unanswered: the sidecar may hold it or not, so the next one is whole.
+    apply(&mut admin, &allow("p2", WEB, API, 8002), false)
+        .await
+        .unwrap();
+    let third = web_watch.receive().await;
+    assert_eq!(third.endpoints_version, second.version);
+    apply(&mut admin, &allow("p3", WEB, API, 8003), false)
+        .await
+        .unwrap();
+    let fourth = web_watch.next().await;
+    assert_eq!((fourth.policies.len(), fourth.endpoints_version), (3, 0));
+    assert!(has_endpoint(&fourth, WEB));
+
+    // New endpoints are sent whole.
+    enroll(&cp, DB, "127.0.0.1:7132").await;
+    let fifth = web_watch.next().await;
+    assert_eq!(fifth.endpoints_version, 0);
+    assert!(has_endpoint(&fifth, WEB) && has_endpoint(&fifth, DB));
+}
+
+/// Waits until ListWorkloads shows `id` acknowledging `version`.
+async fn acked(cp: &ControlPlane, id: &str, version: u64) {
+    eventually_async("the ACK in ListWorkloads", || async {
+        let listed = cp.workloads().await;
+        let w = listed.into_iter().find(|w| w.spiffe_id == id)?;
+        (w.acked_version >= version).then_some(())
+    })
+    .await;
 }

@@ -49,6 +49,7 @@ async fn watch(
             inbound_address: inbound.into(),
             inbound_addresses: vec![inbound.into()],
             last_version: 0,
+            accepts_endpoints_version: false,
         })),
     })
     .await

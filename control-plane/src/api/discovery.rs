@@ -7,7 +7,10 @@
 //! an announced change is looked at once the stream's last rebuild is a
 //! [`COALESCE_WINDOW`] old (at once after a quiet spell), when the stream
 //! derives its sidecar's content key from the shared view and builds a
-//! snapshot only when that key changed. Snapshots leave as
+//! snapshot only when that key changed. A sidecar that subscribed with
+//! `accepts_endpoints_version` and acknowledged the last snapshot sent is
+//! not sent endpoints it holds: the snapshot names the version they come
+//! from instead. Snapshots leave as
 //! [`EncodedSnapshot`]s, whose shared parts were encoded once per version
 //! (the route that writes them is `super::discovery_server`).
 //! The stream ends with UNAVAILABLE when the control plane shuts down.
@@ -20,9 +23,9 @@ use tokio::time::{Instant, sleep_until};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_core::SpiffeId;
-use trellis_proto::discovery::v1::WatchRequest;
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
 use super::{Mesh, require_svid};
 use crate::discovery::{COALESCE_WINDOW, ContentKey};
@@ -65,13 +68,13 @@ impl DiscoveryService {
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
             let addresses = if subscribe.inbound_addresses.is_empty() {
-                subscribe.inbound_address
+                subscribe.inbound_address.clone()
             } else {
                 subscribe.inbound_addresses.join(",")
             };
             tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
-            let reason = serve_stream(&mesh, &id, subscribe.last_version, inbound, tx).await;
+            let reason = serve_stream(&mesh, &id, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");
         });
@@ -81,14 +84,53 @@ impl DiscoveryService {
 
 type Sender = mpsc::Sender<Result<EncodedSnapshot, Status>>;
 
+/// What the sidecar at the other end of a stream holds, as far as the
+/// stream knows: which snapshot it sent last, and which one the sidecar
+/// last acknowledged, each with the token of its endpoints.
+#[derive(Default)]
+struct Held {
+    /// The sidecar understands `Snapshot.endpoints_version`.
+    accepts_reference: bool,
+    /// The last snapshot sent and not yet answered.
+    in_flight: Option<(u64, u64)>,
+    /// The last snapshot the sidecar accepted (what it holds when nothing
+    /// is in flight: a refused snapshot leaves the last good one).
+    acked: Option<(u64, u64)>,
+}
+
+impl Held {
+    /// The version whose endpoints the next snapshot may refer to instead
+    /// of carrying them: only when the sidecar holds them for sure.
+    fn reference_for(&self, endpoints_token: u64) -> Option<u64> {
+        match (self.accepts_reference, self.in_flight, self.acked) {
+            (true, None, Some((version, token))) if token == endpoints_token => Some(version),
+            _ => None,
+        }
+    }
+
+    fn answered(&mut self, version: u64, accepted: bool) {
+        if let Some(sent) = self.in_flight.filter(|(v, _)| *v == version) {
+            self.in_flight = None;
+            if accepted {
+                self.acked = Some(sent);
+            }
+        }
+    }
+}
+
 /// Runs one Watch stream until it ends; returns why it ended.
 async fn serve_stream(
     mesh: &Mesh,
     id: &SpiffeId,
-    last_version: u64,
+    subscribe: &Subscribe,
     mut inbound: Streaming<WatchRequest>,
     tx: Sender,
 ) -> &'static str {
+    let last_version = subscribe.last_version;
+    let mut sidecar = Held {
+        accepts_reference: subscribe.accepts_endpoints_version,
+        ..Held::default()
+    };
     let _open = mesh.discovery.open_stream(id);
     let mut versions = mesh.discovery.subscribe();
     let mut shutdown = mesh.shutdown.clone();
@@ -131,9 +173,14 @@ async fn serve_stream(
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
                     mesh.discovery.ack(id, last_version);
+                    sidecar.acked = Some((last_version, view.endpoints_token()));
                     continue;
                 }
-                let snapshot = mesh.discovery.encoded_snapshot_in(&view, id);
+                // Endpoints the sidecar holds are not sent again: with every
+                // workload an endpoint, they are most of every snapshot.
+                let reference = sidecar.reference_for(view.endpoints_token());
+                let snapshot = mesh.discovery.encoded_snapshot_in(&view, id, reference);
+                sidecar.in_flight = Some((view.version, view.endpoints_token()));
                 drop(view);
                 if tx.send(Ok(snapshot)).await.is_err() {
                     return "sidecar went away";
@@ -141,9 +188,11 @@ async fn serve_stream(
             }
             message = inbound.message() => match message {
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
+                    sidecar.answered(ack.version, true);
                     mesh.discovery.ack(id, ack.version);
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
+                    sidecar.answered(nack.version, false);
                     tracing::warn!(spiffe_id = %id, version = nack.version, reason = %nack.reason, "sidecar refused a snapshot");
                     mesh.discovery.nack(id, &nack.reason);
                 }

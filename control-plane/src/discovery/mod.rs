@@ -236,6 +236,12 @@ impl View {
         self.endpoints = Arc::new(fields.endpoints);
     }
 
+    /// Names the content of the endpoints: equal tokens, equal endpoints
+    /// (for views of one [`Discovery`]).
+    pub fn endpoints_token(&self) -> u64 {
+        self.endpoints_token
+    }
+
     /// What the snapshot of the workload `id` holds, by content tokens.
     pub fn content_key(&self, id: &SpiffeId) -> ContentKey {
         ContentKey {
@@ -510,23 +516,33 @@ impl Discovery {
             policies: view.policies_for(id),
             mesh: Some(self.mesh.clone()),
             rate_limits: view.rate_limits_for(id),
+            endpoints_version: 0,
         }
     }
 
     /// The snapshot for the sidecar `id` in `view`, encoded: only its own
     /// fields are encoded here, the shared ones were encoded with the view.
-    pub fn encoded_snapshot_in(&self, view: &View, id: &SpiffeId) -> EncodedSnapshot {
+    /// With `endpoints_version`, the sidecar holds the snapshot of that
+    /// version, whose endpoints are `view`'s: they are left out and the
+    /// snapshot refers to them.
+    pub fn encoded_snapshot_in(
+        &self,
+        view: &View,
+        id: &SpiffeId,
+        endpoints_version: Option<u64>,
+    ) -> EncodedSnapshot {
         let own = Snapshot {
             version: view.version,
             policies: view.policies_for(id),
             rate_limits: view.rate_limits_for(id),
+            endpoints_version: endpoints_version.unwrap_or(0),
             ..Snapshot::default()
         };
-        EncodedSnapshot::from_parts(vec![
-            EncodedSnapshot::part(&own),
-            self.constant_part.clone(),
-            view.endpoints_part.clone(),
-        ])
+        let mut parts = vec![EncodedSnapshot::part(&own), self.constant_part.clone()];
+        if endpoints_version.is_none() {
+            parts.push(view.endpoints_part.clone());
+        }
+        EncodedSnapshot::from_parts(parts)
     }
 
     /// Marks a stream from `id` open until the returned guard is dropped.

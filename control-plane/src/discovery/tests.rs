@@ -38,7 +38,10 @@ fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
     let discovery = Discovery::new(store.clone(), vec![vec![1, 2, 3]], mesh).unwrap();
     let web = SpiffeId::parse(WEB).unwrap();
     let view = discovery.view();
-    let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+    let decoded = discovery
+        .encoded_snapshot_in(&view, &web, None)
+        .decode()
+        .unwrap();
     assert_eq!(decoded, discovery.snapshot_in(&view, &web));
     assert_eq!(decoded.endpoints.len(), 1);
 
@@ -46,8 +49,38 @@ fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
     register(&store, DB, "02", "127.0.0.1:7002");
     discovery.refresh().unwrap();
     let view = discovery.view();
-    let decoded = discovery.encoded_snapshot_in(&view, &web).decode().unwrap();
+    let decoded = discovery
+        .encoded_snapshot_in(&view, &web, None)
+        .decode()
+        .unwrap();
     assert_eq!(decoded, discovery.snapshot_in(&view, &web));
     assert_eq!(decoded.endpoints.len(), 2);
     assert_eq!(decoded.version, view.version);
+}
+
+/// A snapshot that refers to the endpoints of a version the sidecar holds
+/// carries everything else and no endpoint.
+#[test]
+fn a_snapshot_that_refers_to_held_endpoints_leaves_them_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    register(&store, WEB, "01", "127.0.0.1:7001");
+    let discovery =
+        Discovery::new(store.clone(), vec![vec![1, 2, 3]], MeshConfig::default()).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let view = discovery.view();
+    let full = discovery.snapshot_in(&view, &web);
+    let encoded = discovery.encoded_snapshot_in(&view, &web, Some(view.version - 1));
+    let decoded = encoded.decode().unwrap();
+    assert_eq!(decoded.endpoints_version, view.version - 1);
+    assert!(decoded.endpoints.is_empty());
+    assert_eq!(
+        Snapshot {
+            endpoints: full.endpoints.clone(),
+            endpoints_version: 0,
+            ..decoded
+        },
+        full,
+        "everything but the endpoints is sent"
+    );
 }

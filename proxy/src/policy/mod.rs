@@ -38,11 +38,12 @@ pub struct Snapshot {
     pub version: u64,
     /// DER roots; may be empty when the control plane sent none.
     pub trust_bundle: Vec<CertificateDer<'static>>,
-    /// Mesh endpoints: sidecar inbound address -> its SPIFFE ID.
-    pub endpoints: HashMap<SocketAddr, SpiffeId>,
+    /// Mesh endpoints: sidecar inbound address -> its SPIFFE ID; shared
+    /// with the snapshots after this one that leave them unchanged.
+    pub endpoints: Arc<HashMap<SocketAddr, SpiffeId>>,
     /// Endpoint IPs that belong to exactly one identity (a pod address):
     /// a redirected connection to any port of that IP goes to that identity.
-    endpoint_ips: HashMap<IpAddr, SpiffeId>,
+    endpoint_ips: Arc<HashMap<IpAddr, SpiffeId>>,
     pub outbound_policy: OutboundPolicy,
     /// The authorization policy: the mesh default and the policies that
     /// select this sidecar, compiled. Shared with the snapshots after this
@@ -67,6 +68,13 @@ pub enum InvalidSnapshot {
     OutboundPolicy(String),
     #[error("mesh.opaque_ports: {0} is not a port number (1-65535)")]
     OpaquePort(u32),
+    #[error(
+        "endpoints_version {refers}: the endpoints of that version are not held here \
+         (this sidecar holds {holds})"
+    )]
+    EndpointsNotHeld { refers: u64, holds: String },
+    #[error("endpoints_version is set and endpoints are sent too: one or the other")]
+    EndpointsTwice,
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
 }
@@ -79,18 +87,37 @@ impl Snapshot {
         local: &SpiffeId,
         metrics: &Metrics,
     ) -> Result<Self, InvalidSnapshot> {
-        Self::compile_in(raw, local, &[], metrics)
+        Self::compile_in(raw, None, local, &[], metrics)
     }
 
     /// [`compile`](Self::compile) for a sidecar whose `opaque_ports` are
     /// never parsed as HTTP; the mesh's opaque ports join them. Policies
-    /// with L7 matches on any of them are refused.
+    /// with L7 matches on any of them are refused. A snapshot whose
+    /// `endpoints_version` is set takes its endpoints from `held`, which
+    /// must be the snapshot of that version.
     pub fn compile_in(
         raw: pb::Snapshot,
+        held: Option<&Snapshot>,
         local: &SpiffeId,
         opaque_ports: &[u16],
         metrics: &Metrics,
     ) -> Result<Self, InvalidSnapshot> {
+        let shared = match raw.endpoints_version {
+            0 => None,
+            _ if !raw.endpoints.is_empty() => return Err(InvalidSnapshot::EndpointsTwice),
+            refers => match held {
+                Some(held) if held.version == refers => {
+                    Some((held.endpoints.clone(), held.endpoint_ips.clone()))
+                }
+                _ => {
+                    return Err(InvalidSnapshot::EndpointsNotHeld {
+                        refers,
+                        holds: held
+                            .map_or("no snapshot".into(), |h| format!("version {}", h.version)),
+                    });
+                }
+            },
+        };
         let mut trust_bundle = Vec::with_capacity(raw.trust_bundle.len());
         for (index, der) in raw.trust_bundle.into_iter().enumerate() {
             if let Err(e) = x509_parser::parse_x509_certificate(&der) {
@@ -101,24 +128,14 @@ impl Snapshot {
             }
             trust_bundle.push(CertificateDer::from(der));
         }
-        let mut endpoints = HashMap::with_capacity(raw.endpoints.len());
-        for (index, ep) in raw.endpoints.into_iter().enumerate() {
-            let address: SocketAddr =
-                ep.address
-                    .parse()
-                    .map_err(|_| InvalidSnapshot::EndpointAddress {
-                        index,
-                        address: ep.address.clone(),
-                    })?;
-            let id =
-                SpiffeId::parse(&ep.spiffe_id).map_err(|reason| InvalidSnapshot::EndpointId {
-                    index,
-                    id: ep.spiffe_id.clone(),
-                    reason,
-                })?;
-            endpoints.insert(address, id);
-        }
-        let endpoint_ips = pod_ips(&endpoints);
+        let (endpoints, endpoint_ips) = match shared {
+            Some(shared) => shared,
+            None => {
+                let endpoints = compile_endpoints(raw.endpoints)?;
+                let endpoint_ips = pod_ips(&endpoints);
+                (Arc::new(endpoints), Arc::new(endpoint_ips))
+            }
+        };
         let mesh = raw.mesh.unwrap_or_default();
         let outbound_policy = match mesh.outbound_policy.as_str() {
             "" | "deny" => OutboundPolicy::Deny,
@@ -163,6 +180,29 @@ impl Snapshot {
             .get(&dst)
             .or_else(|| self.endpoint_ips.get(&dst.ip()))
     }
+}
+
+/// The endpoints of a snapshot that carries them, by address.
+fn compile_endpoints(
+    raw: Vec<pb::Endpoint>,
+) -> Result<HashMap<SocketAddr, SpiffeId>, InvalidSnapshot> {
+    let mut endpoints = HashMap::with_capacity(raw.len());
+    for (index, ep) in raw.into_iter().enumerate() {
+        let address: SocketAddr =
+            ep.address
+                .parse()
+                .map_err(|_| InvalidSnapshot::EndpointAddress {
+                    index,
+                    address: ep.address.clone(),
+                })?;
+        let id = SpiffeId::parse(&ep.spiffe_id).map_err(|reason| InvalidSnapshot::EndpointId {
+            index,
+            id: ep.spiffe_id.clone(),
+            reason,
+        })?;
+        endpoints.insert(address, id);
+    }
+    Ok(endpoints)
 }
 
 /// Non-loopback endpoint IPs held by exactly one identity.
@@ -228,6 +268,58 @@ mod tests {
         assert_eq!(s.outbound_policy, OutboundPolicy::Deny);
     }
 
+    /// A snapshot that names the version its endpoints come from takes
+    /// them from the snapshot held, shared; one that names a version not
+    /// held, or sends endpoints as well, is refused with what was wrong.
+    #[test]
+    fn endpoints_of_a_held_version_are_kept() {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let metrics = Metrics::new();
+        let held = compile(pb::Snapshot {
+            version: 7,
+            endpoints: vec![endpoint("10.0.0.1:15006", "spiffe://td/ns/a/sa/b")],
+            ..Default::default()
+        })
+        .unwrap();
+        let next = |endpoints_version, endpoints| pb::Snapshot {
+            version: 9,
+            endpoints,
+            endpoints_version,
+            mesh: Some(pb::MeshConfig {
+                outbound_policy: "passthrough".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = Snapshot::compile_in(next(7, vec![]), Some(&held), &local, &[], &metrics).unwrap();
+        assert_eq!(s.version, 9);
+        assert_eq!(s.outbound_policy, OutboundPolicy::Passthrough);
+        assert!(
+            Arc::ptr_eq(&s.endpoints, &held.endpoints),
+            "shared, not copied"
+        );
+        let pod = s.endpoint_for("10.0.0.1:8080".parse().unwrap()).unwrap();
+        assert_eq!(pod.as_str(), "spiffe://td/ns/a/sa/b");
+
+        let e = Snapshot::compile_in(next(6, vec![]), Some(&held), &local, &[], &metrics)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "endpoints_version 6: the endpoints of that version are not held here \
+             (this sidecar holds version 7)"
+        );
+        let e = Snapshot::compile_in(next(7, vec![]), None, &local, &[], &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("(this sidecar holds no snapshot)"), "{e}");
+        let both = next(7, vec![endpoint("10.0.0.2:15006", "spiffe://td/ns/a/sa/c")]);
+        let e = Snapshot::compile_in(both, Some(&held), &local, &[], &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one or the other"), "{e}");
+    }
+
     #[test]
     fn rejects_invalid_snapshots_with_the_field() {
         let bad = |s: pb::Snapshot| compile(s).unwrap_err().to_string();
@@ -286,14 +378,21 @@ spec:
             policies,
             ..Default::default()
         };
-        let s =
-            Snapshot::compile_in(raw(vec![5432], vec![]), &local, &[25], &Metrics::new()).unwrap();
+        let s = Snapshot::compile_in(
+            raw(vec![5432], vec![]),
+            None,
+            &local,
+            &[25],
+            &Metrics::new(),
+        )
+        .unwrap();
         assert!(s.policies.is_opaque(5432) && s.policies.is_opaque(25));
         assert!(!s.policies.is_opaque(8080));
 
         let l7 = WEB_TO_API.replace("{ports: [8080]}", "{ports: [5432], paths: [/x]}");
         let e = Snapshot::compile_in(
             raw(vec![5432], vec![policy(&l7)]),
+            None,
             &local,
             &[],
             &Metrics::new(),
@@ -301,7 +400,7 @@ spec:
         .unwrap_err()
         .to_string();
         assert!(e.contains("port 5432 is declared opaque"), "{e}");
-        let e = Snapshot::compile_in(raw(vec![0], vec![]), &local, &[], &Metrics::new())
+        let e = Snapshot::compile_in(raw(vec![0], vec![]), None, &local, &[], &Metrics::new())
             .unwrap_err()
             .to_string();
         assert_eq!(e, "mesh.opaque_ports: 0 is not a port number (1-65535)");

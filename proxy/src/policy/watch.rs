@@ -127,6 +127,7 @@ async fn session_inner(
         inbound_address,
         inbound_addresses,
         last_version,
+        accepts_endpoints_version: true,
     });
     // The receiver is alive: it was just made.
     let _ = tx
@@ -142,14 +143,17 @@ async fn session_inner(
     while let Some(raw) = stream.message().await? {
         *received = true;
         let version = raw.version;
+        let endpoints_from = raw.endpoints_version;
+        let held = out.snapshot.borrow().clone();
         let answer = match Snapshot::compile_in(
             raw,
+            held.as_deref(),
             &params.identity,
             &params.opaque_ports,
             &out.metrics,
         ) {
             Ok(snapshot) => {
-                apply(snapshot, out);
+                apply(snapshot, endpoints_from, out);
                 Kind::Ack(Ack { version })
             }
             Err(e) => {
@@ -169,8 +173,9 @@ async fn session_inner(
 
 /// Publishes a valid snapshot: its bundle if new, its policies if they
 /// change what is enforced (else the ones in force are kept, same `Arc`),
-/// then the snapshot itself.
-fn apply(mut snapshot: Snapshot, out: &Outputs) {
+/// then the snapshot itself. `endpoints_from` is the version whose
+/// endpoints it kept (0: it carried them).
+fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
     let version = snapshot.version;
     let current = out.snapshot.borrow().as_ref().map(|s| s.policies.clone());
     let policies_changed = match current {
@@ -183,6 +188,7 @@ fn apply(mut snapshot: Snapshot, out: &Outputs) {
     tracing::info!(
         version,
         endpoints = snapshot.endpoints.len(),
+        endpoints_from,
         policies = snapshot.policies.names().count(),
         default_policy = snapshot.policies.set.default_policy().as_str(),
         policies_changed,

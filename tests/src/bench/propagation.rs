@@ -190,6 +190,7 @@ async fn watch(
             inbound_address: inbound,
             last_version: *last_version,
             inbound_addresses: Vec::new(),
+            accepts_endpoints_version: true,
         })),
     })
     .await?;

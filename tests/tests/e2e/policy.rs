@@ -124,6 +124,15 @@ async fn an_allow_lets_one_identity_in_after_the_ack_and_keeps_another_out() -> 
         &[("action", "allow"), ("policy", "default/web-to-api")],
     );
     assert!(allowed >= 1.0, "no allow counted for the policy");
+    // The change left the mesh endpoints as they were: api still holds all
+    // three (sent again, or kept from the version it acknowledged).
+    let log = s.server.log();
+    let applied = log
+        .lines()
+        .filter(|l| l.contains("snapshot applied"))
+        .next_back()
+        .expect("api applied snapshots");
+    assert!(applied.contains(" endpoints=3 "), "{applied}");
     Ok(())
 }
 
