@@ -4,7 +4,11 @@
 //! TLS 1.3 only, ALPN h2, client certificate optional (a first Certify has
 //! only a token) but fully verified against the bundle when presented. Each
 //! handshake runs in its own task with a deadline, so a slow or silent client
-//! never holds up accept. Handshake failures are logged with a bounded reason.
+//! never holds up accept. At most [`MAX_CONCURRENT_HANDSHAKES`] run at once,
+//! the others wait their turn in arrival order: when a whole fleet of sidecars
+//! reconnects at once (a control plane restart), handshakes finish one batch
+//! after another instead of all progressing together until every one of them
+//! misses its deadline. Handshake failures are logged with a bounded reason.
 //! This module authenticates connections; it never authorizes a request.
 
 use std::io;
@@ -18,9 +22,9 @@ use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -33,8 +37,19 @@ use crate::api::PeerInfo;
 use crate::ca::{CertificateAuthority, ExtraSans};
 use crate::metrics::Metrics;
 
-/// The longest a client may take to finish the TLS handshake.
+/// The longest a client may take to finish the TLS handshake, from when
+/// its turn came.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once; more wait for a turn. Each costs about a
+/// millisecond of CPU, so this keeps every core busy while a turn comes
+/// within a fraction of a second, and a client that sent its first bytes
+/// and then stalls holds a turn for at most [`HANDSHAKE_TIMEOUT`].
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+
+/// The longest an accepted connection waits for its handshake's turn; a
+/// client still there after it is closed (and retries with backoff).
+pub const HANDSHAKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Lifetime of the control plane's own serving certificate; renewed at half.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -221,6 +236,7 @@ impl GrpcListener {
         metrics: Arc<Metrics>,
     ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
+        let turns = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -239,8 +255,45 @@ impl GrpcListener {
                 let acceptor = self.acceptor.clone();
                 let tx = tx.clone();
                 let metrics = metrics.clone();
+                let turns = turns.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    // A connection that has sent nothing takes no turn (a
+                    // peek, because readiness alone may be a false positive).
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return,
+                        Err(_) => {
+                            metrics.handshake_failed("timeout");
+                            tracing::warn!(peer = %remote, reason = "timeout", "TLS handshake failed: nothing received");
+                            return;
+                        }
+                    }
+                    // Tokio's semaphore is fair: turns come in arrival order.
+                    let Ok(Ok(turn)) =
+                        tokio::time::timeout(HANDSHAKE_QUEUE_TIMEOUT, turns.acquire_owned()).await
+                    else {
+                        metrics.handshake_failed("overloaded");
+                        tracing::warn!(peer = %remote, reason = "overloaded", "TLS handshake never started: too many handshakes waiting");
+                        return;
+                    };
+                    // A client that gave up while it waited (its connect
+                    // timeout) has closed its side: no work for it, so a
+                    // backlog of abandoned connections cannot starve the
+                    // ones still waiting.
+                    if tcp
+                        .ready(Interest::READABLE)
+                        .await
+                        .is_ok_and(|ready| ready.is_read_closed())
+                    {
+                        metrics.handshake_failed("client_gone");
+                        tracing::debug!(peer = %remote, "client left before its handshake's turn");
+                        return;
+                    }
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(turn);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let (_, session) = stream.get_ref();
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();

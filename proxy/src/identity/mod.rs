@@ -305,7 +305,7 @@ pub async fn run(
             }
             Err(e) => {
                 metrics.renewal("error");
-                let delay = schedule::backoff(attempt);
+                let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
                 delay

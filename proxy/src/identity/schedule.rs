@@ -33,6 +33,19 @@ pub fn backoff(attempt: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
+/// `delay` spread over its upper half by `spread` (0..=1): a fleet of
+/// sidecars that lost the control plane together does not come back in
+/// lockstep at every retry.
+pub fn spread(delay: Duration, spread: f64) -> Duration {
+    delay / 2 + (delay / 2).mul_f64(spread.clamp(0.0, 1.0))
+}
+
+/// A retry delay after failure number `attempt`: [`backoff`], spread at
+/// random over its upper half.
+pub fn retry_delay(attempt: u32) -> Duration {
+    spread(backoff(attempt), rand::random_range(0.0..=1.0))
+}
+
 /// A random jitter in -0.1..=0.1.
 pub fn random_jitter() -> f64 {
     rand::random_range(-0.1..=0.1)
@@ -76,5 +89,18 @@ mod tests {
         let delays: Vec<u64> = (0..8).map(|a| backoff(a).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn retries_spread_over_the_upper_half_of_the_backoff() {
+        let four = Duration::from_secs(4);
+        assert_eq!(spread(four, 0.0), Duration::from_secs(2));
+        assert_eq!(spread(four, 0.5), Duration::from_secs(3));
+        assert_eq!(spread(four, 1.0), four);
+        assert_eq!(spread(four, 7.0), four, "clamped");
+        for attempt in 0..8 {
+            let delay = retry_delay(attempt);
+            assert!(delay >= backoff(attempt) / 2 && delay <= backoff(attempt));
+        }
     }
 }

@@ -21,7 +21,7 @@ use trellis_proto::discovery::v1::{
 };
 
 use super::{Policies, Snapshot};
-use crate::identity::schedule::backoff;
+use crate::identity::schedule::retry_delay;
 use crate::identity::{self, Svid, TrustBundle};
 use crate::metrics::Metrics;
 
@@ -84,7 +84,7 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         if received {
             attempt = 0;
         }
-        let delay = backoff(attempt);
+        let delay = retry_delay(attempt);
         attempt = attempt.saturating_add(1);
         tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot");
         tokio::time::sleep(delay).await;

@@ -31,6 +31,7 @@ use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Ack, Subscribe, WatchRequest};
+use trellis_proxy::identity::schedule::retry_delay;
 
 use super::control::{
     Client, ControlSizes, RPC_TIMEOUT, SETUP_CONCURRENCY, Sim, certify, certify_all, make_tokens,
@@ -41,8 +42,9 @@ pub const TRIGGER: &str = "Admin.ApplyPolicy changes one policy selecting all wa
      (bench-watch/*); measured from the call to each watcher's ACK of a version >= the \
      response's snapshot_version";
 
-/// How often a reconnecting sidecar tries before it counts as failed.
-const RECONNECT_ATTEMPTS: u32 = 4;
+/// How long a reconnecting sidecar keeps trying before it counts as failed
+/// (a real one never stops).
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Figures of one number of watchers; `None` where a scenario failed (the
 /// reason is in `errors`).
@@ -431,19 +433,20 @@ pub(super) async fn run(
         let tls = client.tls(Some((sim.chain.clone(), sim.key())))?;
         let (addr, csr, inbound) = (client.addr.clone(), sim.csr.clone(), sim.inbound.clone());
         back.spawn(async move {
-            // A real sidecar retries with backoff; so does this one, a few
-            // times, and reports the last failure.
-            let mut last = None;
-            for attempt in 0..RECONNECT_ATTEMPTS {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
+            // A real sidecar retries with the same spread backoff; this one
+            // gives up after RECONNECT_PATIENCE and reports the last failure.
+            let mut attempt = 0;
+            loop {
                 match reconnect(&addr, tls.clone(), csr.clone(), inbound.clone()).await {
                     Ok(at) => return Ok(at.duration_since(t0).as_secs_f64() * 1000.0),
-                    Err(e) => last = Some(e),
+                    Err(e) if t0.elapsed() >= RECONNECT_PATIENCE => {
+                        return Err(e.context(format!("still failing after {attempt} retries")));
+                    }
+                    Err(_) => {}
                 }
+                tokio::time::sleep(retry_delay(attempt)).await;
+                attempt += 1;
             }
-            Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt was made")))
         });
     }
     let mut ready = Vec::with_capacity(n);

@@ -129,8 +129,7 @@ async fn an_allow_lets_one_identity_in_after_the_ack_and_keeps_another_out() -> 
     let log = s.server.log();
     let applied = log
         .lines()
-        .filter(|l| l.contains("snapshot applied"))
-        .next_back()
+        .rfind(|l| l.contains("snapshot applied"))
         .expect("api applied snapshots");
     assert!(applied.contains(" endpoints=3 "), "{applied}");
     Ok(())

@@ -90,6 +90,7 @@ mod tests {
                 opaque_ports: vec![5432],
             }),
             rate_limits: Vec::new(),
+            endpoints_version: 0,
         };
         // The per-sidecar fields first, then the shared ones, as the control
         // plane sends them: the order of fields does not matter.
