@@ -388,32 +388,23 @@ impl Discovery {
     /// stopped renewing. Runs until the announcements end.
     pub async fn expire_endpoints(self: Arc<Self>) {
         let mut versions = self.subscribe();
-        // What the last read of the store found, for the view it was made on.
-        let mut checked_on: Option<(u64, Option<i64>)> = None;
         loop {
-            let view = self.view();
-            let soonest = match checked_on {
-                Some((version, next)) if version == view.version => next,
-                _ => view.soonest_expiry,
-            };
+            // The view's soonest expiry only moves on with a new version;
+            // once it has passed, the store tells when the next one is due
+            // (after a wait for that, the view's is still in the past, so
+            // the store is read again).
+            let soonest = self.view().soonest_expiry;
             let checked = if soonest.is_some_and(|at| at <= unix_now()) {
                 let discovery = self.clone();
-                let version = view.version;
                 tokio::task::spawn_blocking(move || {
                     let (due, next) = discovery.endpoint_expiries()?;
                     if due {
-                        let removed_in = discovery.changed()?;
-                        tracing::info!(version = removed_in, "expired endpoints removed");
+                        let version = discovery.changed()?;
+                        tracing::info!(version, "expired endpoints removed");
                     }
-                    Ok::<_, StoreError>((version, next))
+                    Ok::<_, StoreError>(next)
                 })
                 .await
-                .map(|checked| {
-                    checked.map(|(version, next)| {
-                        checked_on = Some((version, next));
-                        next
-                    })
-                })
             } else {
                 Ok(Ok(soonest))
             };

@@ -8,10 +8,11 @@
 //! calls share one sync. Each caller gets its answer only after the commit
 //! that holds its record returned, so an answered issuance is as durable
 //! as before. The answer travels on a oneshot channel, so an async caller
-//! awaits it without holding a thread of its own. A batch that changed the mesh endpoints bumps the snapshot
-//! version in the same commit, once. Each issuance checks its token before it writes anything, so
-//! a refused one changes nothing, whatever its neighbours in the batch do;
-//! a failed commit fails the whole batch and writes none of it.
+//! awaits it without holding a thread of its own. A batch that changed the
+//! mesh endpoints bumps the snapshot version in the same commit, once. Each
+//! issuance checks its token before it writes anything, so a refused one
+//! changes nothing, whatever its neighbours in the batch do; a failed
+//! commit fails the whole batch and writes none of it.
 //!
 //! This module never decides who may have a certificate; it only makes
 //! the store's decision durable.
