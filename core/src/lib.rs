@@ -4,12 +4,14 @@
 //! and valid afterwards. `tls` owns the rustls pieces both sides need to
 //! verify peers by SPIFFE ID against a trust bundle, never by hostname.
 //! `policy` owns authorization policies: documents, validation, the protobuf
-//! form and the engine that decides connections.
+//! form and the engine that decides connections. `logging` reads the log
+//! filter both binaries share.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod grpc;
+pub mod logging;
 pub mod policy;
 pub mod spiffe;
 pub mod tls;

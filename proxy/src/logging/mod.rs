@@ -1,20 +1,22 @@
 //! Where the sidecar's lines go: its own log on stderr (text or JSON,
-//! filtered by `RUST_LOG`, default `info`) and the access log on stdout
+//! filtered by `TRELLIS_LOG`, default `info`) and the access log on stdout
 //! (target [`ACCESS_TARGET`](crate::http::ACCESS_TARGET), JSON whatever
 //! `--log-format` says, one object per request with its fields at the top
-//! level). Each stream is written in batches by a thread of its own
-//! ([`batched`]), so nothing on the data path waits for a write.
+//! level, written by [`access`]). Each stream is written in batches by a
+//! thread of its own ([`batched`]), so nothing on the data path waits for a
+//! write.
 
+pub mod access;
 pub mod batched;
 
 use std::io::{IsTerminal, Write};
 
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::EitherWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 use batched::{Batched, Flush};
@@ -32,7 +34,7 @@ pub fn init(format: LogFormat) -> Guard {
     let stdout = stream("access-log", std::io::stdout, &mut flushes);
     let stderr = stream("log", std::io::stderr, &mut flushes);
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, bad_filter) = trellis_core::logging::filter_from_env();
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(stderr)
         .with_ansi(std::io::stderr().is_terminal());
@@ -41,12 +43,7 @@ pub fn init(format: LogFormat) -> Guard {
         LogFormat::Json => logs.json().boxed(),
     };
     let is_access = |meta: &tracing::Metadata<'_>| meta.target() == crate::http::ACCESS_TARGET;
-    let access = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(stdout);
+    let access = access::AccessLayer::new(stdout);
     let _ = tracing_subscriber::registry()
         .with(
             logs.with_filter(filter)
@@ -54,6 +51,9 @@ pub fn init(format: LogFormat) -> Guard {
         )
         .with(access.with_filter(filter_fn(is_access)))
         .try_init();
+    if let Some(error) = bad_filter {
+        tracing::warn!(%error, "{} is not a log filter; logging at info", trellis_core::logging::FILTER_VAR);
+    }
     Guard { _flushes: flushes }
 }
 

@@ -1,0 +1,80 @@
+//! The log filter both binaries read from `TRELLIS_LOG`: a default level
+//! and levels per module (`info`, `warn,trellis_proxy=debug`), as
+//! `tracing_subscriber`'s `Targets` parses it.
+
+use tracing_subscriber::filter::Targets;
+
+/// The variable holding the log filter.
+pub const FILTER_VAR: &str = "TRELLIS_LOG";
+
+/// The filter in [`FILTER_VAR`]: `info` when it is unset or empty, and
+/// `info` with the reason when it cannot be read, for the caller to log
+/// once its subscriber is installed.
+pub fn filter_from_env() -> (Targets, Option<String>) {
+    parse(std::env::var(FILTER_VAR))
+}
+
+fn parse(var: Result<String, std::env::VarError>) -> (Targets, Option<String>) {
+    let info = || Targets::new().with_default(tracing::Level::INFO);
+    match var {
+        Err(std::env::VarError::NotPresent) => (info(), None),
+        Err(e) => (info(), Some(e.to_string())),
+        Ok(text) if text.trim().is_empty() => (info(), None),
+        Ok(text) => match text.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(e) => (info(), Some(format!("{text:?}: {e}"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    fn level_for(filter: &Targets, target: &str) -> Option<Level> {
+        [
+            Level::TRACE,
+            Level::DEBUG,
+            Level::INFO,
+            Level::WARN,
+            Level::ERROR,
+        ]
+        .into_iter()
+        .find(|l| filter.would_enable(target, l))
+    }
+
+    #[test]
+    fn unset_or_empty_means_info() {
+        for var in [Err(std::env::VarError::NotPresent), Ok(" ".to_string())] {
+            let (filter, error) = parse(var);
+            assert_eq!(error, None);
+            assert_eq!(
+                level_for(&filter, "trellis_proxy::inbound"),
+                Some(Level::INFO)
+            );
+        }
+    }
+
+    #[test]
+    fn a_default_and_levels_per_module() {
+        let (filter, error) = parse(Ok("warn,trellis_proxy::identity=debug".into()));
+        assert_eq!(error, None);
+        assert_eq!(
+            level_for(&filter, "trellis_proxy::identity"),
+            Some(Level::DEBUG)
+        );
+        assert_eq!(
+            level_for(&filter, "trellis_proxy::inbound"),
+            Some(Level::WARN)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_filter_falls_back_to_info_and_says_why() {
+        let (filter, error) = parse(Ok("trellis_proxy=loud".into()));
+        let error = error.expect("an error");
+        assert!(error.contains("trellis_proxy=loud"), "{error}");
+        assert_eq!(level_for(&filter, "trellis_proxy"), Some(Level::INFO));
+    }
+}
