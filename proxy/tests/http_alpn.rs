@@ -254,38 +254,10 @@ async fn openssl_s_client_sees_h2_settled_by_the_inbound() {
     let app = http_app().await;
     let s = sidecar(&cp, app.addr, &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (chain, key) = cp.ca.leaf(&web());
-    let (cert_file, key_file, ca_file) = (
-        dir.path().join("web.der"),
-        dir.path().join("web.key.der"),
-        dir.path().join("bundle.pem"),
-    );
-    std::fs::write(&cert_file, &chain[0]).unwrap();
-    std::fs::write(&key_file, key.secret_der()).unwrap();
-    std::fs::write(&ca_file, cp.ca.root_pem()).unwrap();
-    let connect = s.inbound.to_string();
-    let output = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &connect, "-alpn", "h2"])
-        .args(["-cert", cert_file.to_str().unwrap(), "-certform", "DER"])
-        .args(["-key", key_file.to_str().unwrap(), "-keyform", "DER"])
-        .args(["-CAfile", ca_file.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await;
-    let output = match output {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: openssl not installed");
-            return;
-        }
-        Err(e) => panic!("openssl: {e}"),
+    let Some(seen) = common::openssl::s_client(s.inbound, &cp.ca, &web(), &["-alpn", "h2"]).await
+    else {
+        return;
     };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        stdout.contains("ALPN protocol: h2"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(seen.contains("ALPN protocol: h2"), "{seen}");
     settled(&s, "inbound", "h2", 1).await;
 }

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod http;
 pub mod injector;
 pub mod netns;
+pub mod openssl;
 pub mod sidecar;
 
 use std::net::SocketAddr;

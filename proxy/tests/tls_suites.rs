@@ -1,0 +1,57 @@
+//! What TLS the inbound port speaks: two sidecars settle AES-128-GCM with
+//! SHA-256 (their handshakes hash with SHA-256, which CPUs accelerate);
+//! a client that offers only AES-256-GCM is still served, and TLS 1.2 is
+//! refused, as `openssl s_client` reports.
+
+mod common;
+
+use common::openssl::s_client;
+use common::*;
+
+async fn sidecar() -> (Ca, TestInbound, EchoApp) {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = ca.svid(&id("/ns/b/sa/server"));
+    let inbound = inbound(app.addr, ca.tls_state(&server, &[])).await;
+    (ca, inbound, app)
+}
+
+#[tokio::test]
+async fn two_sidecars_settle_aes_128_gcm_sha256() {
+    let (ca, inbound, _app) = sidecar().await;
+    // The client side exactly as an outbound sidecar dials a peer.
+    let client = ca.tls_state(&ca.svid(&id("/ns/a/sa/client")), &[]);
+    let config = client.client_for(&id("/ns/b/sa/server")).unwrap();
+    let stream = tls_connect(inbound.addr, config).await.unwrap();
+    let (_, session) = stream.get_ref();
+    assert_eq!(
+        session.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(
+        session.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[tokio::test]
+async fn a_client_offering_only_aes_256_is_served_with_it() {
+    let (ca, inbound, _app) = sidecar().await;
+    let client = id("/ns/a/sa/client");
+    let args = ["-ciphersuites", "TLS_AES_256_GCM_SHA384"];
+    let Some(seen) = s_client(inbound.addr, &ca, &client, &args).await else {
+        return;
+    };
+    assert!(seen.contains("Cipher is TLS_AES_256_GCM_SHA384"), "{seen}");
+}
+
+#[tokio::test]
+async fn tls_1_2_is_refused() {
+    let (ca, inbound, app) = sidecar().await;
+    let client = id("/ns/a/sa/client");
+    let Some(seen) = s_client(inbound.addr, &ca, &client, &["-tls1_2"]).await else {
+        return;
+    };
+    assert!(seen.contains("Cipher is (NONE)"), "{seen}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app must not be reached");
+}
