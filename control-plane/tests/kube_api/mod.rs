@@ -14,6 +14,8 @@
 //! would. Every request is recorded.
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;

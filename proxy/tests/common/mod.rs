@@ -8,6 +8,7 @@ pub mod control_plane;
 #[path = "../../../tests/src/grpc.rs"]
 pub mod grpc;
 pub mod http;
+pub mod init;
 pub mod injector;
 pub mod netns;
 pub mod openssl;

@@ -1,0 +1,34 @@
+//! Kubernetes stores connected to the stand-in API server, for the tests of
+//! the store's reads and of its writes.
+
+use std::time::Duration;
+
+use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
+use trellis_core::TrustDomain;
+
+use super::{FakeKube, PODS, POLICIES};
+use crate::common::eventually_async;
+
+/// The workload the recorded policies select.
+pub const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+/// A store of trust domain `cluster.local` reading from and writing to `fake`.
+pub async fn connect(fake: &FakeKube) -> KubernetesStore {
+    let client = kubernetes::client(&fake.api()).unwrap();
+    KubernetesStore::connect(client, td(), Duration::from_secs(20))
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` watches of each kind are open, so published events
+/// reach every store.
+pub async fn watched_by(fake: &FakeKube, n: usize) {
+    eventually_async("the stores to watch", || async {
+        (fake.watching(POLICIES) == n && fake.watching(PODS) == n).then_some(())
+    })
+    .await;
+}

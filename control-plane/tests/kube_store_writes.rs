@@ -1,0 +1,251 @@
+//! Writes through the Kubernetes store against a stand-in API server: what
+//! an operator applies through one control-plane replica is written as a
+//! CRD object and reaches every replica by its watch.
+//!
+//! No Kubernetes API server can run on these machines. The stand-in
+//! (`kube_api`) serves the recorded documents of `fixtures/k8s/store/`,
+//! stores written objects and publishes them to every open watch, as the
+//! API server does.
+
+mod common;
+mod kube_api;
+
+use std::sync::Arc;
+
+use common::eventually_async;
+use kube_api::store::{API, connect, watched_by};
+use kube_api::{RATE_LIMITS, recorded_cluster};
+use serde_json::json;
+use trellis_control_plane::store::kubernetes::KubernetesStore;
+use trellis_control_plane::store::{PolicyOutcome, Store};
+use trellis_proto::policy::v1::{Policy, RateLimit};
+
+fn policy(name: &str, ports: &[u32]) -> Policy {
+    use trellis_proto::policy::v1::{Action, Destination, Rule, Selector, Source, source};
+    Policy {
+        name: name.into(),
+        namespace: "shop".into(),
+        revision: 0,
+        selector: Some(Selector {
+            spiffe_ids: vec![API.into()],
+        }),
+        action: Action::Allow.into(),
+        rules: vec![Rule {
+            from: vec![Source {
+                r#match: Some(source::Match::Namespace("shop".into())),
+            }],
+            to: vec![Destination {
+                ports: ports.to_vec(),
+                ..Destination::default()
+            }],
+        }],
+    }
+}
+
+/// No API server can run here: the fake stores written objects and
+/// publishes them to every open watch, as the API server does. An apply
+/// through one replica creates the CRD object, then replaces it on its
+/// resourceVersion; a delete deletes it; the other replica follows each
+/// write through its watch and ends with the same version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
+    let fake = recorded_cluster().await;
+    let one = Arc::new(connect(&fake).await);
+    let two = Arc::new(connect(&fake).await);
+    watched_by(&fake, 2).await;
+
+    let writer = one.clone();
+    let (applied, generation) = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied[0].outcome, PolicyOutcome::Created);
+    assert_eq!(applied[0].revision, 1);
+    assert_eq!(generation.snapshot, one.snapshot_version().unwrap());
+    let post = fake.first("POST");
+    assert_eq!(
+        post.path,
+        "/apis/trellis.io/v1alpha1/namespaces/shop/authorizationpolicies"
+    );
+    assert_eq!(post.body["kind"], "AuthorizationPolicy");
+    assert_eq!(
+        post.body["spec"]["rules"][0]["to"][0]["ports"],
+        json!([9090])
+    );
+    eventually_async("the other replica to see the new policy", || async {
+        two.policy("shop", "from-shop").unwrap()
+    })
+    .await;
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+
+    let writer = one.clone();
+    let (applied, _) = tokio::task::spawn_blocking(move || {
+        let same = writer.apply_policies(&[policy("from-shop", &[9090])], false)?;
+        assert_eq!(same.0[0].outcome, PolicyOutcome::Unchanged);
+        writer.apply_policies(&[policy("from-shop", &[9091])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (applied[0].outcome, applied[0].revision),
+        (PolicyOutcome::Updated, 2)
+    );
+    let put = fake.first("PUT");
+    assert!(
+        put.body["metadata"]["resourceVersion"].is_string(),
+        "{put:?}"
+    );
+    assert_eq!(
+        fake.requests().iter().filter(|r| r.method != "GET").count(),
+        2,
+        "an unchanged policy writes nothing"
+    );
+    eventually_async("the other replica to see the update", || async {
+        (two.policy("shop", "from-shop").unwrap()?.revision == 2).then_some(())
+    })
+    .await;
+
+    // Changed by another writer whose event has not arrived: the replace on
+    // the held resourceVersion is refused, and nothing changes here.
+    fake.change_unseen("authorizationpolicies/shop/from-shop");
+    let writer = one.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9092])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("replace AuthorizationPolicy shop/from-shop"),
+        "{refused}"
+    );
+    assert!(refused.contains("409"), "{refused}");
+    assert_eq!(
+        one.policy("shop", "from-shop").unwrap().unwrap().rules[0].to[0].ports,
+        [9091]
+    );
+
+    let writer = one.clone();
+    let deleted = tokio::task::spawn_blocking(move || writer.delete_policy("shop", "from-shop"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deleted.is_some());
+    eventually_async("the other replica to see the delete", || async {
+        two.policy("shop", "from-shop")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+}
+
+fn rate_limit(name: &str, requests_per_second: f64) -> RateLimit {
+    use trellis_proto::policy::v1::Selector;
+    RateLimit {
+        name: name.into(),
+        namespace: "shop".into(),
+        selector: Some(Selector {
+            spiffe_ids: vec![API.into()],
+        }),
+        requests_per_second,
+        burst: 20,
+        key: "source".into(),
+        matches: vec![],
+    }
+}
+
+/// No API server can run here: the fake stores written objects and
+/// publishes them to every open watch. A RateLimitPolicy applied through one
+/// replica is created as an object of its own kind, reaches the other
+/// replica's snapshots, writes nothing when applied unchanged, and leaves
+/// both when deleted.
+#[tokio::test]
+async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
+    let fake = recorded_cluster().await;
+    let one = Arc::new(connect(&fake).await);
+    let two = Arc::new(connect(&fake).await);
+    eventually_async("both stores to watch rate limits", || async {
+        (fake.watching(RATE_LIMITS) == 2).then_some(())
+    })
+    .await;
+
+    let writer = one.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        writer.apply_documents(&[], &[rate_limit("api-burst", 5.0)], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied.rate_limits[0].outcome, PolicyOutcome::Created);
+    let post = fake.first("POST");
+    assert_eq!(
+        post.path,
+        "/apis/trellis.io/v1alpha1/namespaces/shop/ratelimitpolicies"
+    );
+    assert_eq!(post.body["kind"], "RateLimitPolicy");
+    assert_eq!(post.body["spec"]["limit"]["requestsPerSecond"], json!(5.0));
+    let held = |store: &KubernetesStore| {
+        store
+            .discovery_state()
+            .unwrap()
+            .rate_limits
+            .iter()
+            .any(|l| l.name == "api-burst")
+    };
+    eventually_async("the other replica to see the rate limit", || async {
+        held(&two).then_some(())
+    })
+    .await;
+    assert!(held(&one));
+    assert_eq!(
+        two.rate_limit("shop", "api-burst")
+            .unwrap()
+            .unwrap()
+            .revision,
+        1
+    );
+    assert_eq!(
+        two.snapshot_version().unwrap(),
+        one.snapshot_version().unwrap()
+    );
+
+    let writer = one.clone();
+    let writes_before = fake.requests().iter().filter(|r| r.method != "GET").count();
+    let unchanged = tokio::task::spawn_blocking(move || {
+        writer.apply_documents(&[], &[rate_limit("api-burst", 5.0)], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(unchanged.rate_limits[0].outcome, PolicyOutcome::Unchanged);
+    assert_eq!(
+        fake.requests().iter().filter(|r| r.method != "GET").count(),
+        writes_before,
+        "an unchanged rate limit writes nothing"
+    );
+
+    let writer = one.clone();
+    let deleted =
+        tokio::task::spawn_blocking(move || writer.delete_rate_limit("shop", "api-burst"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(deleted.is_some());
+    eventually_async("the other replica to see the delete", || async {
+        (!held(&two)).then_some(())
+    })
+    .await;
+    assert!(!held(&one));
+}

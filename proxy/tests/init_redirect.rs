@@ -1,0 +1,119 @@
+//! `trellis-proxy init` redirects for real: a pod namespace and a peer namespace joined by a
+//! veth pair, listeners standing in for the sidecar's ports and the app, and connections
+//! from both sides, IPv4 and (where the namespace has it) IPv6.
+//!
+//! Needs root, `ip` (iproute2) and iptables; prints `skipped: needs root` or
+//! `skipped: iptables not installed` and passes otherwise. Every namespace is the test's
+//! own (`trellis-init-<pid>-<n>`) and removed afterwards, even when the test fails.
+
+mod common;
+
+use common::init::{self, can_run, connect, ipv6_usable, ok, serve};
+use common::netns::Netns;
+
+#[test]
+fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
+    if !can_run() {
+        return;
+    }
+    let pod = Netns::new("init");
+    let peer = Netns::new("init");
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ]);
+    let six = ipv6_usable(&pod);
+    for (ns, v4, v6) in [
+        (&pod, "192.0.2.1/24", "fd00:7e11::1/64"),
+        (&peer, "192.0.2.2/24", "fd00:7e11::2/64"),
+    ] {
+        ns.ip(&["addr", "add", v4, "dev", "eth0"]);
+        if six {
+            ns.ip(&["addr", "add", v6, "dev", "eth0", "nodad"]);
+        }
+        ns.ip(&["link", "set", "eth0", "up"]);
+    }
+
+    let _inbound = serve(&pod, 15006, "inbound");
+    let _outbound = serve(&pod, 15001, "outbound");
+    let _admin = serve(&pod, 15020, "admin");
+    let _app = serve(&pod, 7070, "app");
+    let _remote = serve(&peer, 9090, "remote");
+
+    ok(&pod.init(&[]));
+
+    let mut cases = vec![
+        // Inbound to any port lands on the inbound listener, original port kept.
+        (
+            &peer,
+            "192.0.2.1:8080",
+            None,
+            "inbound",
+            "orig=192.0.2.1:8080",
+        ),
+        (
+            &peer,
+            "192.0.2.1:7070",
+            None,
+            "inbound",
+            "orig=192.0.2.1:7070",
+        ),
+        // The admin port is excluded: probes reach it directly.
+        (&peer, "192.0.2.1:15020", None, "admin", ""),
+        // The app's outbound connection lands on the outbound listener.
+        (
+            &pod,
+            "192.0.2.2:9090",
+            None,
+            "outbound",
+            "orig=192.0.2.2:9090",
+        ),
+        // The proxy's own (UID 1337) goes out untouched: no loop.
+        (&pod, "192.0.2.2:9090", Some(1337), "remote", ""),
+        // Loopback and the pod's own address stay inside the pod.
+        (&pod, "127.0.0.1:7070", None, "app", ""),
+        (&pod, "192.0.2.1:7070", None, "app", ""),
+    ];
+    if six {
+        cases.extend([
+            (
+                &peer,
+                "[fd00:7e11::1]:8080",
+                None,
+                "inbound",
+                "orig=[fd00:7e11::1]:8080",
+            ),
+            (
+                &pod,
+                "[fd00:7e11::2]:9090",
+                None,
+                "outbound",
+                "orig=[fd00:7e11::2]:9090",
+            ),
+            (&pod, "[fd00:7e11::2]:9090", Some(1337), "remote", ""),
+            (&pod, "[::1]:7070", None, "app", ""),
+        ]);
+    }
+    let mut failures = Vec::new();
+    for (from, to, uid, expect, orig) in cases {
+        let reply = connect(from, to, uid);
+        println!("{} -> {to} (uid {uid:?}): {reply}", from.name);
+        if !reply.starts_with(&format!("{expect} ")) || !reply.contains(orig) {
+            failures.push(format!(
+                "{} -> {to} (uid {uid:?}): wanted {expect} {orig}, got {reply}",
+                from.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // After cleanup nothing is redirected any more.
+    ok(&pod.init(&["--cleanup"]));
+    let reply = connect(&pod, "192.0.2.2:9090", None);
+    assert!(reply.starts_with("remote "), "{reply}");
+}
+
+/// Not a test by itself: the child processes' entry ([`init::child_process_entry`]).
+#[test]
+fn child_process_entry() {
+    init::child_process_entry();
+}
