@@ -1,6 +1,7 @@
 //! The `trellis-proxy` binary: invalid configuration exits 64 naming the
 //! flag before any port is bound; a valid one binds, serves the admin
-//! endpoints while it has no certificate, and drains on SIGTERM.
+//! endpoints while it has no certificate, drains on SIGTERM, and logs at
+//! the level `TRELLIS_LOG` sets.
 
 mod common;
 
@@ -168,20 +169,25 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-#[test]
-fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
+/// A sidecar whose control plane does not answer (Certify fails and is
+/// retried), with `env` as its whole environment; its stderr piped.
+struct Unanswered {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, common::Ca::new().root_pem()).unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "  secret-join-token\n").unwrap();
-    // Nothing listens there: Certify fails and is retried.
+    // Nothing listens there.
     let control_plane = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--identity", ID])
         .args(common::sidecar::LOOPBACK_LISTENERS)
         .args(["--drain-timeout", "5s"])
@@ -196,11 +202,26 @@ fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
         .arg("--token-file")
         .arg(&token)
         .env_clear()
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let rx = lines(&mut child);
+    Unanswered { child, _dir: dir }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
+    let mut sidecar = start_unanswered(&[]);
+    let child = &mut sidecar.child;
+    let rx = lines(child);
     let listening = wait_for_line(&rx, "listening");
     let admin: SocketAddr = field(&listening, "admin").parse().unwrap();
     wait_for_line(&rx, "certify failed");
@@ -229,7 +250,32 @@ fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
         .status()
         .unwrap();
     assert!(kill.success());
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(wait_exit(child).code(), Some(0));
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.iter().all(|l| !l.contains("secret-join-token")));
+}
+
+#[test]
+fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
+    // At warn, the info line "listening" is left out; the retried Certify
+    // (a warning) is not.
+    let mut quiet = start_unanswered(&[("TRELLIS_LOG", "warn")]);
+    let rx = lines(&mut quiet.child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l: &String| l.contains("certify failed")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        seen.push(rx.recv_timeout(left).expect("no certify failure logged"));
+    }
+    assert!(
+        seen.iter().all(|l| !l.contains("listening")),
+        "an info line at TRELLIS_LOG=warn: {seen:#?}"
+    );
+
+    // A filter that cannot be read is named, and the sidecar logs at info.
+    let mut bad = start_unanswered(&[("TRELLIS_LOG", "trellis_proxy=loud")]);
+    let rx = lines(&mut bad.child);
+    let warning = wait_for_line(&rx, "TRELLIS_LOG is not a log filter");
+    assert!(warning.contains("trellis_proxy=loud"), "{warning}");
+    wait_for_line(&rx, "listening");
 }
