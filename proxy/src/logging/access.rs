@@ -14,31 +14,30 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 
 /// Typical line length: one allocation per line, no regrowth.
 const LINE_CAPACITY: usize = 384;
 
-/// Writes each event it sees as one JSON line to `W`'s writer.
-pub struct AccessLayer<W> {
-    out: W,
+/// Where finished lines go: each is handed over whole, not copied.
+pub trait Lines: Send + Sync + 'static {
+    fn line(&self, line: Vec<u8>);
 }
 
-impl<W> AccessLayer<W> {
-    pub fn new(out: W) -> Self {
+/// Writes each event it sees as one JSON line to its [`Lines`].
+pub struct AccessLayer<L> {
+    out: L,
+}
+
+impl<L> AccessLayer<L> {
+    pub fn new(out: L) -> Self {
         AccessLayer { out }
     }
 }
 
-impl<S, W> Layer<S> for AccessLayer<W>
-where
-    S: Subscriber,
-    W: for<'a> MakeWriter<'a> + 'static,
-{
+impl<S: Subscriber, L: Lines> Layer<S> for AccessLayer<L> {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-        let line = format_line(event, SystemTime::now());
-        let _ = self.out.make_writer().write_all(&line);
+        self.out.line(format_line(event, SystemTime::now()));
     }
 }
 
@@ -188,21 +187,15 @@ mod tests {
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
 
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
+    impl Lines for Captured {
+        fn line(&self, line: Vec<u8>) {
+            self.0.lock().unwrap().extend_from_slice(&line);
         }
     }
 
     fn logged(emit: impl FnOnce()) -> String {
         let out = Captured::default();
-        let writer = out.clone();
-        let subscriber =
-            tracing_subscriber::registry().with(AccessLayer::new(move || writer.clone()));
+        let subscriber = tracing_subscriber::registry().with(AccessLayer::new(out.clone()));
         tracing::subscriber::with_default(subscriber, emit);
         String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
     }

@@ -76,7 +76,7 @@ impl Batched {
     }
 
     /// Queues one line (never empty: an empty one tells the thread to stop).
-    fn send(&self, line: Vec<u8>) {
+    pub fn send(&self, line: Vec<u8>) {
         if self.counts.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
             self.counts.pending.fetch_sub(1, Ordering::Relaxed);
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);

@@ -83,6 +83,22 @@ enum Output<W> {
     Direct(fn() -> W),
 }
 
+/// The access log's lines, handed to the writer thread as they are.
+impl<W: Write + 'static> access::Lines for Output<W> {
+    fn line(&self, line: Vec<u8>) {
+        match self {
+            Output::Batched(batched) => {
+                if !line.is_empty() {
+                    batched.send(line);
+                }
+            }
+            Output::Direct(out) => {
+                let _ = out().write_all(&line);
+            }
+        }
+    }
+}
+
 impl<'a, W: Write + 'a> MakeWriter<'a> for Output<W> {
     type Writer = EitherWriter<batched::Line<'a>, W>;
 
