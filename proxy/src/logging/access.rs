@@ -146,35 +146,11 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[plain..]);
 }
 
-/// `now` as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+/// `now` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (a clock set before 1970 reads
+/// as 1970: the formatter refuses earlier times).
 fn rfc3339(out: &mut Vec<u8>, now: SystemTime) {
-    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let of_day = secs % 86_400;
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since.subsec_micros()
-    );
-}
-
-/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    let now = now.max(UNIX_EPOCH);
+    let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
 }
 
 #[cfg(test)]
@@ -266,5 +242,8 @@ mod tests {
         assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
         assert_eq!(at(1_735_689_599, 999_999), "2024-12-31T23:59:59.999999Z");
         assert_eq!(at(1_795_996_800 + 3_723, 0), "2026-11-30T01:02:03.000000Z");
+        let mut before_1970 = Vec::new();
+        rfc3339(&mut before_1970, UNIX_EPOCH - Duration::from_secs(5));
+        assert_eq!(before_1970, b"1970-01-01T00:00:00.000000Z");
     }
 }
