@@ -127,16 +127,27 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+/// Every line up to and including the first containing `needle`.
+fn lines_until(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
             Err(_) => panic!("no log line containing {needle:?}"),
         }
     }
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+    lines_until(rx, needle).pop().expect("the line found")
 }
 
 fn field(line: &str, name: &str) -> String {
@@ -172,7 +183,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 /// A sidecar whose control plane does not answer (Certify fails and is
 /// retried), with `env` as its whole environment; its stderr piped.
 struct Unanswered {
-    child: Child,
+    process: common::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -207,20 +218,16 @@ fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    Unanswered { child, _dir: dir }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    Unanswered {
+        process: common::Running(child),
+        _dir: dir,
     }
 }
 
 #[test]
 fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
     let mut sidecar = start_unanswered(&[]);
-    let child = &mut sidecar.child;
+    let child = &mut sidecar.process.0;
     let rx = lines(child);
     let listening = wait_for_line(&rx, "listening");
     let admin: SocketAddr = field(&listening, "admin").parse().unwrap();
@@ -260,13 +267,8 @@ fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
     // At warn, the info line "listening" is left out; the retried Certify
     // (a warning) is not.
     let mut quiet = start_unanswered(&[("TRELLIS_LOG", "warn")]);
-    let rx = lines(&mut quiet.child);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !seen.iter().any(|l: &String| l.contains("certify failed")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        seen.push(rx.recv_timeout(left).expect("no certify failure logged"));
-    }
+    let rx = lines(&mut quiet.process.0);
+    let seen = lines_until(&rx, "certify failed");
     assert!(
         seen.iter().all(|l| !l.contains("listening")),
         "an info line at TRELLIS_LOG=warn: {seen:#?}"
@@ -274,7 +276,7 @@ fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
 
     // A filter that cannot be read is named, and the sidecar logs at info.
     let mut bad = start_unanswered(&[("TRELLIS_LOG", "trellis_proxy=loud")]);
-    let rx = lines(&mut bad.child);
+    let rx = lines(&mut bad.process.0);
     let warning = wait_for_line(&rx, "TRELLIS_LOG is not a log filter");
     assert!(warning.contains("trellis_proxy=loud"), "{warning}");
     wait_for_line(&rx, "listening");

@@ -10,12 +10,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
 use trellis_proxy::init::{Family, InitArgs};
 
+use super::Running;
 use super::netns::{Netns, is_root};
 
 pub const ROLE: &str = "TRELLIS_INIT_TEST_ROLE";
@@ -130,16 +131,6 @@ impl Netns {
             .write_all(input.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success());
-    }
-}
-
-/// A process this test started; killed (by its own id) when dropped.
-pub struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
