@@ -3,7 +3,8 @@
 //! Values are JSON so records can gain fields without a migration. Every
 //! trait method runs in one redb transaction (crash-safe, all or nothing).
 //! Tables: `join_tokens` (hash -> JoinToken), `workloads` (SPIFFE ID ->
-//! WorkloadRecord), `issued_certificates` (serial -> IssuedCertRecord),
+//! WorkloadRecord), `issued_log` (sequence number -> IssuedCertRecord, the
+//! newest [`ISSUED_LOG_RETAINED`] issuances, oldest first),
 //! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
 //! included: the very form pushed to sidecars, whose fields are only ever
 //! added), `rate_limits` (`namespace/name` -> a `RateLimitRecord`'s protobuf
@@ -19,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_core::policy::policy_key;
@@ -34,9 +37,20 @@ use super::{
 /// The database file name inside the state dir.
 pub const DB_FILE: &str = "trellis.redb";
 
+/// How many issuances the issued-certificate log keeps, the newest. Every
+/// renewal of every sidecar adds one, so an unbounded log would grow for as
+/// long as the mesh runs; at about 150 bytes a record this is some 15 MB,
+/// days of renewals for a mesh of thousands of workloads. Each issuance is
+/// also logged (`issued SVID`) as it happens.
+pub const ISSUED_LOG_RETAINED: u64 = 100_000;
+
 const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("join_tokens");
 const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
-const ISSUED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("issued_certificates");
+const ISSUED_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("issued_log");
+/// The log as the first releases kept it: by serial, never pruned. Moved
+/// into [`ISSUED_LOG`] when such a database is opened.
+const ISSUED_BY_SERIAL: TableDefinition<'_, &str, &[u8]> =
+    TableDefinition::new("issued_certificates");
 const POLICIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("policies");
 const RATE_LIMITS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rate_limits");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -63,13 +77,20 @@ impl EmbeddedStore {
     /// Opens (or creates) the database at `path`. A file that is not a redb
     /// database is reported, never replaced.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_retaining(path, ISSUED_LOG_RETAINED)
+    }
+
+    /// [`EmbeddedStore::open`] with an issued-certificate log that keeps the
+    /// newest `retained` issuances.
+    pub(crate) fn open_retaining(path: &Path, retained: u64) -> Result<Self, StoreError> {
         let database_error = |reason: String| StoreError::Database {
             path: path.display().to_string(),
             reason,
         };
         let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
-        let issuances = issuance::IssuanceWriter::start(db.clone(), path.display().to_string())
-            .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
+        let issuances =
+            issuance::IssuanceWriter::start(db.clone(), path.display().to_string(), retained)
+                .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
         let store = Self {
             db,
             path: path.to_path_buf(),
@@ -78,10 +99,20 @@ impl EmbeddedStore {
         store.write(|txn| {
             txn.open_table(JOIN_TOKENS)?;
             txn.open_table(WORKLOADS)?;
-            txn.open_table(ISSUED)?;
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
+            let mut log = txn.open_table(ISSUED_LOG)?;
+            let moved = move_log_by_serial(txn, &mut log)?;
+            issuance::prune_log(&mut log, retained)?;
+            if moved > 0 {
+                tracing::info!(
+                    path = %path.display(),
+                    moved,
+                    kept = log.len()?,
+                    "moved the issued-certificate log to its bounded table"
+                );
+            }
             Ok(())
         })?;
         Ok(store)
@@ -119,6 +150,34 @@ impl EmbeddedStore {
         }
         Ok(out)
     }
+}
+
+/// Moves the records of a log kept by serial ([`ISSUED_BY_SERIAL`]) into
+/// `log`, oldest issuance first, and drops the old table; returns how many
+/// moved. Runs in the opening transaction, so a failure leaves the old
+/// table as it was.
+fn move_log_by_serial(
+    txn: &redb::WriteTransaction,
+    log: &mut redb::Table<'_, u64, &[u8]>,
+) -> Result<u64, StoreError> {
+    let old_name = ISSUED_BY_SERIAL.name();
+    if !txn.list_tables()?.any(|t| t.name() == old_name) {
+        return Ok(0);
+    }
+    let mut records = Vec::new();
+    for entry in txn.open_table(ISSUED_BY_SERIAL)?.iter()? {
+        let (_, value) = entry?;
+        let record: IssuedCertRecord = decode(value.value(), old_name)?;
+        records.push((record.issued_at_unix, value.value().to_vec()));
+    }
+    // Stable: records issued in the same second keep their serial order.
+    records.sort_by_key(|(issued_at, _)| *issued_at);
+    let first = issuance::next_sequence(log)?;
+    for (sequence, (_, value)) in (first..).zip(&records) {
+        log.insert(sequence, value.as_slice())?;
+    }
+    txn.delete_table(ISSUED_BY_SERIAL)?;
+    Ok(records.len() as u64)
 }
 
 impl From<redb::Error> for StoreError {
@@ -265,7 +324,7 @@ impl Store for EmbeddedStore {
     }
 
     fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
-        self.read_all(ISSUED)
+        self.read_all(ISSUED_LOG)
     }
 
     fn snapshot_version(&self) -> Result<u64, StoreError> {

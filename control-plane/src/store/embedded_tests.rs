@@ -344,3 +344,93 @@ fn a_closed_store_reopens_with_its_issuances() {
     assert_eq!(store.issued_certificates().unwrap().len(), 1);
     assert_eq!(store.snapshot_version().unwrap(), 1);
 }
+
+fn serials(store: &EmbeddedStore) -> Vec<String> {
+    store
+        .issued_certificates()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial_hex)
+        .collect()
+}
+
+#[test]
+fn the_issued_log_keeps_the_newest_issuances_in_the_order_they_were_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let store = EmbeddedStore::open_retaining(&path, 3).unwrap();
+    let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+    let w = workload(id.as_str(), "127.0.0.1:1");
+    for serial in ["0f", "03", "a1"] {
+        store
+            .record_issuance(None, &issued(serial, id.as_str()), &w)
+            .unwrap();
+    }
+    // A refused issuance takes no place in the log.
+    let unknown = TokenClaim {
+        hash: &[9; 32],
+        spiffe_id: &id,
+        now_unix: 1,
+    };
+    store
+        .record_issuance(Some(unknown), &issued("ee", id.as_str()), &w)
+        .unwrap_err();
+    for serial in ["07", "22"] {
+        store
+            .record_issuance(None, &issued(serial, id.as_str()), &w)
+            .unwrap();
+    }
+    assert_eq!(serials(&store), ["a1", "07", "22"]);
+    drop(store);
+
+    // Reopened, the log goes on after its newest record.
+    let store = EmbeddedStore::open_retaining(&path, 3).unwrap();
+    store
+        .record_issuance(None, &issued("01", id.as_str()), &w)
+        .unwrap();
+    assert_eq!(serials(&store), ["07", "22", "01"]);
+    drop(store);
+
+    // A smaller retention prunes the log when the store opens.
+    let store = EmbeddedStore::open_retaining(&path, 2).unwrap();
+    assert_eq!(serials(&store), ["22", "01"]);
+}
+
+/// A database written before the log was bounded kept it by serial; opening
+/// it moves the records, oldest issuance first, and drops the old table.
+#[test]
+fn a_log_kept_by_serial_is_moved_to_the_bounded_log_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut old = txn.open_table(ISSUED_BY_SERIAL).unwrap();
+            for (serial, issued_at) in [("aa", 30), ("bb", 10), ("cc", 20)] {
+                let record = IssuedCertRecord {
+                    issued_at_unix: issued_at,
+                    ..issued(serial, "spiffe://td/ns/a/sa/b")
+                };
+                old.insert(serial, encode(&record).as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open_retaining(&path, 2).unwrap();
+    assert_eq!(serials(&store), ["cc", "aa"]);
+    drop(store);
+
+    let db = Database::open(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    let tables: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(tables.contains(&"issued_log".to_string()), "{tables:?}");
+    assert!(
+        !tables.contains(&"issued_certificates".to_string()),
+        "{tables:?}"
+    );
+}

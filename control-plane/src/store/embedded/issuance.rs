@@ -9,7 +9,11 @@
 //! that holds its record returned, so an answered issuance is as durable
 //! as before. The answer travels on a oneshot channel, so an async caller
 //! awaits it without holding a thread of its own. A batch that changed the
-//! mesh endpoints bumps the snapshot version in the same commit, once. Each
+//! mesh endpoints bumps the snapshot version in the same commit, once. The
+//! issued-certificate log is appended to in sequence (new records fill its
+//! last page instead of landing on random pages, as records keyed by serial
+//! did) and pruned from its oldest end to the store's retention in the same
+//! commit. Each
 //! issuance checks its token before it writes anything, so a refused one
 //! changes nothing, whatever its neighbours in the batch do; a failed
 //! commit fails the whole batch and writes none of it.
@@ -21,11 +25,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::oneshot;
 use trellis_core::SpiffeId;
 
-use super::{ISSUED, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
+use super::{ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
 use crate::store::{
     EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord,
@@ -58,12 +62,14 @@ pub(super) struct IssuanceWriter {
 }
 
 impl IssuanceWriter {
-    pub(super) fn start(db: Arc<Database>, path: String) -> std::io::Result<Self> {
+    /// Starts the writer; the issued-certificate log keeps the newest
+    /// `retained` issuances.
+    pub(super) fn start(db: Arc<Database>, path: String, retained: u64) -> std::io::Result<Self> {
         let (queue, waiting) = mpsc::channel();
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("store-issuance".into())
-            .spawn(move || run(&db, &thread_path, &waiting))?;
+            .spawn(move || run(&db, &thread_path, retained, &waiting))?;
         Ok(IssuanceWriter {
             queue: Mutex::new(Some(queue)),
             thread: Some(thread),
@@ -128,7 +134,7 @@ impl Drop for IssuanceWriter {
     }
 }
 
-fn run(db: &Database, path: &str, waiting: &Receiver<Issuance>) {
+fn run(db: &Database, path: &str, retained: u64, waiting: &Receiver<Issuance>) {
     while let Ok(first) = waiting.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -137,7 +143,7 @@ fn run(db: &Database, path: &str, waiting: &Receiver<Issuance>) {
                 Err(_) => break,
             }
         }
-        match commit(db, &batch) {
+        match commit(db, &batch, retained) {
             Ok(outcomes) => {
                 for (issuance, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = issuance.answer.send(outcome);
@@ -162,19 +168,32 @@ fn run(db: &Database, path: &str, waiting: &Receiver<Issuance>) {
 fn commit(
     db: &Database,
     batch: &[Issuance],
+    retained: u64,
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut sequence = txn
+        .open_table(ISSUED_LOG)
+        .map_err(StoreError::from)
+        .and_then(|log| next_sequence(&log))
+        .map_err(|e| e.to_string())?;
     for issuance in batch {
         let claim = issuance.claim.as_ref().map(|c| TokenClaim {
             hash: &c.hash,
             spiffe_id: &c.spiffe_id,
             now_unix: c.now_unix,
         });
-        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload)
+        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload, sequence)
             .map_err(|e| e.to_string())?;
+        if outcome.is_ok() {
+            sequence += 1;
+        }
         outcomes.push(outcome);
     }
+    txn.open_table(ISSUED_LOG)
+        .map_err(StoreError::from)
+        .and_then(|mut log| prune_log(&mut log, retained))
+        .map_err(|e| e.to_string())?;
     // New endpoints are a new snapshot version, in the same commit: one
     // bump for the batch, never a version without its content.
     if outcomes
@@ -202,9 +221,10 @@ fn record_one(
     claim: Option<TokenClaim<'_>>,
     issued: &IssuedCertRecord,
     workload: &WorkloadRecord,
+    sequence: u64,
 ) -> Result<Result<EndpointChange, StoreError>, StoreError> {
     let mut tokens = txn.open_table(JOIN_TOKENS)?;
-    let mut log = txn.open_table(ISSUED)?;
+    let mut log = txn.open_table(ISSUED_LOG)?;
     let mut workloads = txn.open_table(WORKLOADS)?;
     let decided = (|| {
         let token = match claim {
@@ -224,7 +244,7 @@ fn record_one(
     if let (Some(claim), Some(token)) = (claim, token) {
         tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
     }
-    log.insert(issued.serial_hex.as_str(), encode(issued).as_slice())?;
+    log.insert(sequence, encode(issued).as_slice())?;
     let mut record = workload.clone();
     // A workload whose certificate had expired was no endpoint; its new
     // certificate makes it one again.
@@ -248,6 +268,22 @@ fn record_one(
             EndpointChange::Unchanged
         },
     ))
+}
+
+/// The sequence number the log's next record takes.
+pub(super) fn next_sequence(log: &redb::Table<'_, u64, &[u8]>) -> Result<u64, StoreError> {
+    Ok(log.last()?.map_or(0, |(key, _)| key.value() + 1))
+}
+
+/// Drops the log's oldest records until it holds at most `retained`.
+pub(super) fn prune_log(
+    log: &mut redb::Table<'_, u64, &[u8]>,
+    retained: u64,
+) -> Result<(), StoreError> {
+    while log.len()? > retained {
+        log.pop_first()?;
+    }
+    Ok(())
 }
 
 /// The claimed token, marked used, if it proves the claim's identity now.
