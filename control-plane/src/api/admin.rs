@@ -67,7 +67,8 @@ impl Admin for AdminService {
             )));
         }
         let new = new_join_token();
-        let expires_at_unix = unix_now() + ttl.as_secs() as i64;
+        let now = unix_now();
+        let expires_at_unix = now + ttl.as_secs() as i64;
         let record = JoinToken {
             spiffe_id: id.to_string(),
             expires_at_unix,
@@ -75,7 +76,7 @@ impl Admin for AdminService {
         };
         let store = self.mesh.store.clone();
         let hash = new.hash;
-        tokio::task::spawn_blocking(move || store.add_join_token(&hash, &record))
+        tokio::task::spawn_blocking(move || store.add_join_token(&hash, &record, now))
             .await
             .map_err(internal)?
             .map_err(|e| match e {

@@ -2,7 +2,9 @@
 //!
 //! Values are JSON so records can gain fields without a migration. Every
 //! trait method runs in one redb transaction (crash-safe, all or nothing).
-//! Tables: `join_tokens` (hash -> JoinToken), `workloads` (SPIFFE ID ->
+//! Tables: `join_tokens` (hash -> JoinToken), `join_tokens_by_expiry`
+//! ((expiry, hash) -> (), so that tokens long expired are found from its
+//! start and removed when a token is added), `workloads` (SPIFFE ID ->
 //! WorkloadRecord), `issued_log` (sequence number -> IssuedCertRecord, the
 //! newest [`ISSUED_LOG_RETAINED`] issuances, oldest first),
 //! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
@@ -37,6 +39,12 @@ use super::{
 /// The database file name inside the state dir.
 pub const DB_FILE: &str = "trellis.redb";
 
+/// How long a join token is kept after it expires, used or not: a late
+/// claim hears that the token expired (or was used), not that it is
+/// unknown. After that the token is removed, the next time a token is
+/// added.
+pub const EXPIRED_TOKENS_KEPT_SECONDS: i64 = 24 * 3600;
+
 /// How many issuances the issued-certificate log keeps, the newest. Every
 /// renewal of every sidecar adds one, so an unbounded log would grow for as
 /// long as the mesh runs; at about 150 bytes a record this is some 15 MB,
@@ -45,6 +53,8 @@ pub const DB_FILE: &str = "trellis.redb";
 pub const ISSUED_LOG_RETAINED: u64 = 100_000;
 
 const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("join_tokens");
+const TOKENS_BY_EXPIRY: TableDefinition<'_, (i64, [u8; 32]), ()> =
+    TableDefinition::new("join_tokens_by_expiry");
 const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
 const ISSUED_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("issued_log");
 /// The log as the first releases kept it: by serial, never pruned. Moved
@@ -97,7 +107,7 @@ impl EmbeddedStore {
             issuances,
         };
         store.write(|txn| {
-            txn.open_table(JOIN_TOKENS)?;
+            index_tokens_by_expiry(txn)?;
             txn.open_table(WORKLOADS)?;
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
@@ -150,6 +160,27 @@ impl EmbeddedStore {
         }
         Ok(out)
     }
+}
+
+/// Opens the join-token tables and, where the expiry index does not cover
+/// every token (a database written before there was one), builds it anew.
+fn index_tokens_by_expiry(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let tokens = txn.open_table(JOIN_TOKENS)?;
+    if txn.open_table(TOKENS_BY_EXPIRY)?.len()? == tokens.len()? {
+        return Ok(());
+    }
+    txn.delete_table(TOKENS_BY_EXPIRY)?;
+    let mut by_expiry = txn.open_table(TOKENS_BY_EXPIRY)?;
+    for entry in tokens.iter()? {
+        let (hash, value) = entry?;
+        let token: JoinToken = decode(value.value(), JOIN_TOKENS.name())?;
+        let hash: [u8; 32] = hash.value().try_into().map_err(|_| StoreError::Corrupt {
+            what: JOIN_TOKENS.name().to_string(),
+            reason: format!("a key of {} bytes, not a SHA-256 hash", hash.value().len()),
+        })?;
+        by_expiry.insert((token.expires_at_unix, hash), ())?;
+    }
+    Ok(())
 }
 
 /// Moves the records of a log kept by serial ([`ISSUED_BY_SERIAL`]) into
@@ -293,12 +324,30 @@ fn current_generation(
 }
 
 impl Store for EmbeddedStore {
-    fn add_join_token(&self, hash: &[u8; 32], token: &JoinToken) -> Result<(), StoreError> {
-        self.write(|txn| {
-            let mut table = txn.open_table(JOIN_TOKENS)?;
-            table.insert(hash.as_slice(), encode(token).as_slice())?;
-            Ok(())
-        })
+    fn add_join_token(
+        &self,
+        hash: &[u8; 32],
+        token: &JoinToken,
+        now_unix: i64,
+    ) -> Result<(), StoreError> {
+        let removed = self.write(|txn| {
+            let mut tokens = txn.open_table(JOIN_TOKENS)?;
+            let mut by_expiry = txn.open_table(TOKENS_BY_EXPIRY)?;
+            tokens.insert(hash.as_slice(), encode(token).as_slice())?;
+            by_expiry.insert((token.expires_at_unix, *hash), ())?;
+            let horizon = now_unix.saturating_sub(EXPIRED_TOKENS_KEPT_SECONDS);
+            let mut removed = 0u64;
+            for entry in by_expiry.extract_from_if(..(horizon, [0u8; 32]), |_, _| true)? {
+                let (key, _) = entry?;
+                tokens.remove(key.value().1.as_slice())?;
+                removed += 1;
+            }
+            Ok(removed)
+        })?;
+        if removed > 0 {
+            tracing::debug!(removed, "removed join tokens expired over a day ago");
+        }
+        Ok(())
     }
 
     fn record_issuance(

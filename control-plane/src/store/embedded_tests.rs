@@ -36,7 +36,7 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
         expires_at_unix: 50,
         used: false,
     };
-    store.add_join_token(&hash, &token).unwrap();
+    store.add_join_token(&hash, &token, 0).unwrap();
     let claim = |spiffe_id, now_unix| TokenClaim {
         hash: &hash,
         spiffe_id,
@@ -267,7 +267,7 @@ fn concurrent_issuances_each_get_their_own_answer() {
             expires_at_unix: 50,
             used: false,
         };
-        store.add_join_token(&[i as u8; 32], &token).unwrap();
+        store.add_join_token(&[i as u8; 32], &token, 0).unwrap();
     }
     // Every workload claims its own token, and w0's token twice.
     let claims: Vec<(usize, String)> = (0..ids.len())
@@ -432,5 +432,119 @@ fn a_log_kept_by_serial_is_moved_to_the_bounded_log_on_open() {
     assert!(
         !tables.contains(&"issued_certificates".to_string()),
         "{tables:?}"
+    );
+}
+
+fn claim_at<'a>(hash: &'a [u8; 32], id: &'a SpiffeId, now_unix: i64) -> TokenClaim<'a> {
+    TokenClaim {
+        hash,
+        spiffe_id: id,
+        now_unix,
+    }
+}
+
+fn token_for(id: &SpiffeId, expires_at_unix: i64) -> JoinToken {
+    JoinToken {
+        spiffe_id: id.to_string(),
+        expires_at_unix,
+        used: false,
+    }
+}
+
+#[test]
+fn tokens_expired_over_a_day_ago_are_removed_when_a_token_is_added() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+    let w = workload(id.as_str(), "");
+    let (old, young, new) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    store
+        .add_join_token(&old, &token_for(&id, 1_000), 0)
+        .unwrap();
+    store
+        .add_join_token(&young, &token_for(&id, 5_000), 0)
+        .unwrap();
+    // Within the day after it expired, a claim hears why it is refused.
+    let err = store
+        .record_issuance(
+            Some(claim_at(&old, &id, 2_000)),
+            &issued("01", id.as_str()),
+            &w,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Token(TokenRefusal::Expired)),
+        "{err}"
+    );
+
+    let later = 1_000 + EXPIRED_TOKENS_KEPT_SECONDS + 1;
+    store
+        .add_join_token(&new, &token_for(&id, later + 60), later)
+        .unwrap();
+    let err = store
+        .record_issuance(
+            Some(claim_at(&old, &id, later)),
+            &issued("02", id.as_str()),
+            &w,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Token(TokenRefusal::Unknown)),
+        "{err}"
+    );
+    // A token expired less than a day ago stays, and so does the new one.
+    let err = store
+        .record_issuance(
+            Some(claim_at(&young, &id, later)),
+            &issued("03", id.as_str()),
+            &w,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Token(TokenRefusal::Expired)),
+        "{err}"
+    );
+    store
+        .record_issuance(
+            Some(claim_at(&new, &id, later)),
+            &issued("04", id.as_str()),
+            &w,
+        )
+        .unwrap();
+}
+
+/// Tokens written before the expiry index existed are indexed when the
+/// database is opened, and so removed like any other once long expired.
+#[test]
+fn tokens_from_before_the_expiry_index_are_indexed_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+    let old = [4u8; 32];
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(JOIN_TOKENS)
+            .unwrap()
+            .insert(old.as_slice(), encode(&token_for(&id, 1_000)).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(&path).unwrap();
+    let w = workload(id.as_str(), "");
+    let later = 1_000 + EXPIRED_TOKENS_KEPT_SECONDS + 1;
+    store
+        .add_join_token(&[5u8; 32], &token_for(&id, later + 60), later)
+        .unwrap();
+    let err = store
+        .record_issuance(
+            Some(claim_at(&old, &id, later)),
+            &issued("01", id.as_str()),
+            &w,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Token(TokenRefusal::Unknown)),
+        "{err}"
     );
 }

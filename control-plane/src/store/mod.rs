@@ -215,8 +215,14 @@ pub(crate) fn same_content(a: &Policy, b: &Policy) -> bool {
 
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
-    /// Stores a new join token under the SHA-256 hash of its value.
-    fn add_join_token(&self, hash: &[u8; 32], token: &JoinToken) -> Result<(), StoreError>;
+    /// Stores a new join token under the SHA-256 hash of its value. A store
+    /// may drop tokens that expired long before `now_unix` in the same write.
+    fn add_join_token(
+        &self,
+        hash: &[u8; 32],
+        token: &JoinToken,
+        now_unix: i64,
+    ) -> Result<(), StoreError>;
 
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the

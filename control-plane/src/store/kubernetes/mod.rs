@@ -416,7 +416,12 @@ fn watch_error(e: &watcher::Error) -> String {
 }
 
 impl Store for KubernetesStore {
-    fn add_join_token(&self, _hash: &[u8; 32], _token: &JoinToken) -> Result<(), StoreError> {
+    fn add_join_token(
+        &self,
+        _hash: &[u8; 32],
+        _token: &JoinToken,
+        _now_unix: i64,
+    ) -> Result<(), StoreError> {
         Err(TokenRefusal::Disabled.into())
     }
 
