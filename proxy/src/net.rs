@@ -29,7 +29,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialling an upstream may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The buffer each direction of a copy starts with.
-pub const COPY_BUFFER_SMALL: usize = 8 * 1024;
+pub const COPY_BUFFER_SMALL: usize = 4 * 1024;
 /// The buffer a direction grows to once a read fills the small one: four
 /// full TLS records.
 pub const COPY_BUFFER_BULK: usize = 64 * 1024;
