@@ -1,6 +1,7 @@
 //! The benchmark's smoke test: `trellis-bench --smoke` runs its smallest
 //! scenario end to end (one 1-second bulk transfer through every contender:
-//! direct, Trellis with a real control plane and two sidecars, and each of
+//! direct, Trellis with a real control plane and two sidecars, the same
+//! with the app's port opaque (`trellis-l4`), and each of
 //! Envoy, HAProxy and stunnel that is installed) and writes its JSON. This
 //! checks that numbers come out, never how large they are: timing belongs
 //! to the benchmark itself. A contender that is not installed is reported
@@ -61,7 +62,14 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
         .collect();
     assert_eq!(
         names,
-        ["direct", "trellis", "envoy", "haproxy", "stunnel"],
+        [
+            "direct",
+            "trellis",
+            "trellis-l4",
+            "envoy",
+            "haproxy",
+            "stunnel"
+        ],
         "every contender is reported, missing or not"
     );
     for contender in contenders {
@@ -83,7 +91,7 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
                     );
                 }
             }
-            Some("missing") if name != "direct" && name != "trellis" => {
+            Some("missing") if !["direct", "trellis", "trellis-l4"].contains(&name) => {
                 eprintln!("skipping {name}: {}", contender["reason"]);
             }
             other => panic!("{name} did not run ({other:?}): {contender}\n{stderr}"),

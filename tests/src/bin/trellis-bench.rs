@@ -31,7 +31,8 @@ Options:
   --quick             short run (under 3 minutes on 2 cores)
   --smoke             one tiny bulk transfer per contender, no control plane (the smoke test)
   --json FILE         where to write the JSON (default target/bench/results.json)
-  --only LIST         contenders to run, comma separated: direct,trellis,envoy,haproxy,stunnel
+  --only LIST         contenders to run, comma separated: direct,trellis,trellis-l4,envoy,haproxy,stunnel
+                      (trellis-l4: the app port opaque, no HTTP inspection, as the peers run)
                       (direct is always added: every ratio needs it)
   --no-pin            do not pin the proxies to cores
   --no-control-plane  skip the control-plane scenarios
