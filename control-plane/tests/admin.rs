@@ -1,5 +1,6 @@
 //! The Admin API and trellisctl against the real control plane: only the
-//! operator identity may call it, tokens print alone, workloads list.
+//! operator identity may call it, tokens print alone, workloads and issued
+//! certificates list.
 
 mod common;
 
@@ -9,6 +10,7 @@ use trellis_proto::admin::v1::ListWorkloadsRequest;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const API: &str = "spiffe://cluster.local/ns/default/sa/api";
 
 #[tokio::test]
 async fn token_create_prints_only_the_token() {
@@ -140,4 +142,86 @@ async fn ctl_without_credentials_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
+}
+
+/// The serial number of an SVID's leaf as openssl prints it: uppercase hex
+/// pairs joined by colons.
+fn openssl_serial(svid: &Svid) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.chain[0].as_ref()).unwrap();
+    cert.raw_serial_as_string().to_uppercase()
+}
+
+fn log_serial(svid: &Svid) -> String {
+    openssl_serial(svid).replace(':', "").to_lowercase()
+}
+
+#[tokio::test]
+async fn certs_lists_what_was_issued_newest_first_by_identity_or_serial() {
+    let cp = ControlPlane::start(&[]);
+    let first = enroll(&cp, WEB, "").await;
+    let api = enroll(&cp, API, "").await;
+    let second = enroll(&cp, WEB, "").await;
+
+    let out = cp.ctl(&["certs"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three certificates:\n{table}");
+    for column in ["SERIAL", "SPIFFE ID", "ISSUED", "EXPIRES"] {
+        assert!(lines[0].contains(column), "{table}");
+    }
+    for (line, (svid, id)) in lines[1..]
+        .iter()
+        .zip([(&second, WEB), (&api, API), (&first, WEB)])
+    {
+        assert!(
+            line.starts_with(&log_serial(svid)) && line.contains(id),
+            "newest first:\n{table}"
+        );
+    }
+
+    let out = cp.ctl(&["certs", "--spiffe-id", WEB, "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [log_serial(&second), log_serial(&first)]);
+    assert!(json[0]["not_after_unix"].as_i64() > json[0]["issued_at_unix"].as_i64());
+
+    // Found by the serial as openssl prints it.
+    let out = cp.ctl(&["certs", "--serial", &openssl_serial(&first), "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(json[0]["spiffe_id"], WEB);
+    assert_eq!(json[0]["serial"], log_serial(&first).as_str());
+
+    // A limit keeps the newest and says that more match.
+    let out = cp.ctl(&["certs", "--limit", "1"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with(&log_serial(&second))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--limit"));
+
+    // A serial that is not hex is refused, by name.
+    let out = cp.ctl(&["certs", "--serial", "serial=4A3B"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("serial=4A3B"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
 }

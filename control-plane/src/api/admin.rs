@@ -11,8 +11,9 @@ use trellis_proto::admin::v1::admin_server::Admin;
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
     DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
-    GetPolicyResponse, ListPoliciesRequest, ListPoliciesResponse, ListWorkloadsRequest,
-    ListWorkloadsResponse, Workload,
+    GetPolicyResponse, IssuedCertificate, ListIssuedCertificatesRequest,
+    ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse,
+    ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
 
 use super::identity::unix_now;
@@ -33,6 +34,32 @@ impl AdminService {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// How many issued certificates a listing returns when it names no limit.
+pub const ISSUED_DEFAULT_LIMIT: usize = 100;
+/// The most issued certificates one listing returns.
+pub const ISSUED_MAX_LIMIT: usize = 10_000;
+
+/// A serial number as the issued-certificate log keeps it (lowercase hex,
+/// no separators), from hex in any case with or without colons; `None`
+/// for an empty one.
+pub fn normalize_serial(serial: &str) -> Result<Option<String>, String> {
+    let hex: String = serial
+        .trim()
+        .chars()
+        .filter(|&c| c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.is_empty() {
+        return Ok(None);
+    }
+    if !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "serial {serial:?} is not a hexadecimal serial number"
+        ));
+    }
+    Ok(Some(hex))
 }
 
 #[tonic::async_trait]
@@ -159,5 +186,62 @@ impl Admin for AdminService {
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         policy::explain_request(&self.mesh, request.get_ref()).map(Response::new)
+    }
+
+    async fn list_issued_certificates(
+        &self,
+        request: Request<ListIssuedCertificatesRequest>,
+    ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
+        let req = request.into_inner();
+        if !req.spiffe_id.is_empty() {
+            SpiffeId::parse(&req.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
+            })?;
+        }
+        let serial = normalize_serial(&req.serial).map_err(Status::invalid_argument)?;
+        let limit = match req.limit {
+            0 => ISSUED_DEFAULT_LIMIT,
+            n => (n as usize).min(ISSUED_MAX_LIMIT),
+        };
+        let store = self.mesh.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.issued_certificates())
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let mut matching = records.into_iter().rev().filter(|r| {
+            (req.spiffe_id.is_empty() || r.spiffe_id == req.spiffe_id)
+                && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
+        });
+        let certificates = matching
+            .by_ref()
+            .take(limit)
+            .map(|r| IssuedCertificate {
+                serial: r.serial_hex,
+                spiffe_id: r.spiffe_id,
+                issued_at_unix: r.issued_at_unix,
+                not_after_unix: r.not_after_unix,
+            })
+            .collect();
+        let truncated = matching.next().is_some();
+        Ok(Response::new(ListIssuedCertificatesResponse {
+            certificates,
+            truncated,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_serial;
+
+    #[test]
+    fn serials_read_as_openssl_and_the_log_write_them() {
+        assert_eq!(
+            normalize_serial(" 4A:3b:00:FF ").unwrap().as_deref(),
+            Some("4a3b00ff")
+        );
+        assert_eq!(normalize_serial("").unwrap(), None);
+        let err = normalize_serial("serial=4A3B").unwrap_err();
+        assert!(err.contains("serial=4A3B"), "{err}");
     }
 }

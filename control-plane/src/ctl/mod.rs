@@ -26,7 +26,10 @@ use trellis_core::tls::{
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{CreateJoinTokenRequest, ListWorkloadsRequest, Workload};
+use trellis_proto::admin::v1::{
+    CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListWorkloadsRequest,
+    Workload,
+};
 
 use self::policy::PolicyCommand;
 
@@ -73,6 +76,22 @@ pub enum Command {
     Token(TokenCommand),
     /// The workloads the control plane has seen.
     Workloads {
+        /// Output format.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
+    },
+    /// The certificates the control plane issued, newest first.
+    Certs {
+        /// Only those for this SPIFFE ID.
+        #[arg(long, env = "TRELLIS_SPIFFE_ID")]
+        spiffe_id: Option<String>,
+        /// Only the one with this serial number (hex, with or without
+        /// colons, as `openssl x509 -serial` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// At most this many, the newest (at most 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
@@ -355,6 +374,33 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
                 Output::Json => workloads_json(&workloads),
             }))
         }
+        Command::Certs {
+            spiffe_id,
+            serial,
+            limit,
+            output,
+        } => {
+            let response = client
+                .list_issued_certificates(ListIssuedCertificatesRequest {
+                    spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                    serial: serial.clone().unwrap_or_default(),
+                    limit: *limit,
+                })
+                .await?
+                .into_inner();
+            Ok(Printed {
+                stdout: match output {
+                    Output::Table => certs_table(&response.certificates),
+                    Output::Json => certs_json(&response.certificates),
+                },
+                stderr: if response.truncated {
+                    format!("more certificates match: these are the newest {limit} (--limit)\n")
+                } else {
+                    String::new()
+                },
+                failed: false,
+            })
+        }
         Command::Policy(command) => {
             let td = credentials.trust_domain()?;
             policy::run(&mut client, &td, command).await
@@ -404,6 +450,41 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
         ]);
     }
     table(rows)
+}
+
+/// Issued certificates as an aligned text table, in the order given.
+pub fn certs_table(certs: &[IssuedCertificate]) -> String {
+    let header = ["SERIAL", "SPIFFE ID", "ISSUED", "EXPIRES"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for c in certs {
+        rows.push(vec![
+            c.serial.clone(),
+            c.spiffe_id.clone(),
+            rfc3339(c.issued_at_unix),
+            rfc3339(c.not_after_unix),
+        ]);
+    }
+    table(rows)
+}
+
+/// Issued certificates as a JSON array, in the order given.
+pub fn certs_json(certs: &[IssuedCertificate]) -> String {
+    let items: Vec<serde_json::Value> = certs
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "serial": c.serial,
+                "spiffe_id": c.spiffe_id,
+                "issued_at_unix": c.issued_at_unix,
+                "issued_at": rfc3339(c.issued_at_unix),
+                "not_after_unix": c.not_after_unix,
+                "not_after": rfc3339(c.not_after_unix),
+            })
+        })
+        .collect();
+    let mut out = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
+    out.push('\n');
+    out
 }
 
 /// Rows (the first is the header) as aligned text columns.
