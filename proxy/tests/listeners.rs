@@ -15,7 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::netns::{Netns, is_root};
+use common::machine::is_root;
+use common::netns::Netns;
 use common::sidecar::{LOOPBACK_LISTENERS, config_from};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");

@@ -49,5 +49,6 @@ pub use sidecar::{Route, Sidecar, SidecarBuilder, find_field};
 pub use traffic::{Traffic, TrafficReport};
 pub mod bench;
 pub mod grpc;
+pub mod machine;
 pub mod netns;
 pub mod policy;

@@ -17,7 +17,8 @@ use clap::Parser;
 use trellis_proxy::init::{Family, InitArgs};
 
 use super::Running;
-use super::netns::{Netns, is_root};
+use super::machine::{is_root, runs};
+use super::netns::Netns;
 
 pub const ROLE: &str = "TRELLIS_INIT_TEST_ROLE";
 pub const ARGS: &str = "TRELLIS_INIT_TEST_ARGS";
@@ -27,15 +28,6 @@ pub const SEP: char = '\u{1f}';
 
 // ---------------------------------------------------------------------------------------
 // Preconditions and namespaces
-
-pub fn runs(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// Whether this machine can run the tests; says why not when it cannot.
 pub fn can_run() -> bool {
@@ -113,7 +105,7 @@ impl Netns {
             Family::V4 => "iptables",
             Family::V6 => "ip6tables",
         };
-        let backend = if runs(&format!("{prefix}-nft-save"), &["-V"]) {
+        let backend = if runs(format!("{prefix}-nft-save"), &["-V"]) {
             "nft"
         } else {
             "legacy"

@@ -10,6 +10,8 @@ pub mod grpc;
 pub mod http;
 pub mod init;
 pub mod injector;
+#[path = "../../../tests/src/machine.rs"]
+pub mod machine;
 pub mod netns;
 pub mod openssl;
 pub mod sidecar;

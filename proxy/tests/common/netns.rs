@@ -5,17 +5,6 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Whether this process runs as root, which `ip netns` needs.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
 /// A network namespace `trellis-<label>-<pid>-<n>` with `lo` up, which
 /// exists while this value does.
 pub struct Netns {

@@ -2,11 +2,12 @@
 //! iptables, and the programs run inside the namespaces ([`Tools`]), found
 //! once per test process. Never creates or changes anything: it only looks.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use super::APP_UID;
+use crate::machine::{is_root, runs};
 
 /// The programs run inside the namespaces, found on `PATH`.
 #[derive(Debug)]
@@ -63,37 +64,18 @@ pub fn unavailable() -> Option<String> {
     if !is_root() {
         return Some("skipped: needs root".into());
     }
-    if !runs(Path::new("ip"), &["-V"]) {
+    if !runs("ip", &["-V"]) {
         return Some("skipped: ip not installed".into());
     }
     let iptables = ["iptables-nft-save", "iptables-legacy-save"]
         .iter()
-        .any(|p| runs(Path::new(p), &["--version"]));
+        .any(|p| runs(p, &["--version"]));
     if !iptables {
         return Some("skipped: iptables not installed".into());
     }
     Tools::get()
         .err()
         .map(|missing| format!("skipped: {missing}"))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
-fn runs(program: &Path, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Every file called `program` in the directories of `PATH`, in order.
