@@ -33,6 +33,7 @@ use trellis_proto::admin::v1::{
 
 use self::policy::PolicyCommand;
 
+use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 
 /// Operate a Trellis mesh through the control plane's Admin API.
@@ -90,7 +91,11 @@ pub enum Command {
         #[arg(long)]
         serial: Option<String>,
         /// At most this many, the newest (at most 10000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        #[arg(
+            long,
+            default_value_t = ISSUED_DEFAULT_LIMIT as u32,
+            value_parser = clap::value_parser!(u32).range(1..=ISSUED_MAX_LIMIT as i64)
+        )]
         limit: u32,
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
@@ -469,7 +474,7 @@ pub fn certs_table(certs: &[IssuedCertificate]) -> String {
 
 /// Issued certificates as a JSON array, in the order given.
 pub fn certs_json(certs: &[IssuedCertificate]) -> String {
-    let items: Vec<serde_json::Value> = certs
+    let items: serde_json::Value = certs
         .iter()
         .map(|c| {
             serde_json::json!({
@@ -482,7 +487,12 @@ pub fn certs_json(certs: &[IssuedCertificate]) -> String {
             })
         })
         .collect();
-    let mut out = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
+    pretty(&items)
+}
+
+/// `value` as indented JSON, ending in a newline.
+fn pretty(value: &serde_json::Value) -> String {
+    let mut out = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
     out.push('\n');
     out
 }
@@ -512,7 +522,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let items: Vec<serde_json::Value> = workloads
+    let items: serde_json::Value = workloads
         .iter()
         .map(|w| {
             serde_json::json!({
@@ -528,7 +538,5 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
             })
         })
         .collect();
-    let mut out = serde_json::to_string_pretty(&items).unwrap_or_else(|_| "[]".into());
-    out.push('\n');
-    out
+    pretty(&items)
 }

@@ -30,7 +30,7 @@ use trellis_proto::admin::v1::{
 };
 use trellis_proto::policy::v1::{Action, Policy};
 
-use super::{CtlError, Output, Printed};
+use super::{CtlError, Output, Printed, pretty};
 use crate::api::policy::policy_errors_of;
 
 #[derive(Debug, Subcommand)]
@@ -506,12 +506,6 @@ fn explanation_json(e: &Explanation) -> String {
         "audits": e.decision.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "trace": e.to_string(),
     }))
-}
-
-fn pretty(value: &serde_json::Value) -> String {
-    let mut out = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
-    out.push('\n');
-    out
 }
 
 /// A SPIFFE ID flag value, checked before any call.
