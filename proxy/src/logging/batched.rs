@@ -75,8 +75,12 @@ impl Batched {
         Ok((writer, flush))
     }
 
-    /// Queues one line (never empty: an empty one tells the thread to stop).
+    /// Queues one line; an empty one is ignored (on the queue, an empty
+    /// line is what tells the thread to stop).
     pub fn send(&self, line: Vec<u8>) {
+        if line.is_empty() {
+            return;
+        }
         if self.counts.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
             self.counts.pending.fetch_sub(1, Ordering::Relaxed);
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);
@@ -157,9 +161,7 @@ impl Write for Line<'_> {
 
 impl Drop for Line<'_> {
     fn drop(&mut self) {
-        if !self.bytes.is_empty() {
-            self.to.send(std::mem::take(&mut self.bytes));
-        }
+        self.to.send(std::mem::take(&mut self.bytes));
     }
 }
 
@@ -217,6 +219,16 @@ mod tests {
             writes < 5_000,
             "lines must reach stdout in batches, not one write each ({writes} writes)"
         );
+    }
+
+    #[test]
+    fn an_empty_line_is_ignored_and_does_not_stop_the_writer() {
+        let out = Recorded::default();
+        let (w, flush) = Batched::start("test", out.clone()).unwrap();
+        w.send(Vec::new());
+        line(&w, "after\n");
+        drop(flush);
+        assert_eq!(out.0.lock().unwrap().0, b"after\n");
     }
 
     #[test]

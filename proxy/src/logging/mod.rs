@@ -87,11 +87,7 @@ enum Output<W> {
 impl<W: Write + 'static> access::Lines for Output<W> {
     fn line(&self, line: Vec<u8>) {
         match self {
-            Output::Batched(batched) => {
-                if !line.is_empty() {
-                    batched.send(line);
-                }
-            }
+            Output::Batched(batched) => batched.send(line),
             Output::Direct(out) => {
                 let _ = out().write_all(&line);
             }
