@@ -172,22 +172,14 @@ fn commit(
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut sequence = txn
-        .open_table(ISSUED_LOG)
-        .map_err(StoreError::from)
-        .and_then(|log| next_sequence(&log))
-        .map_err(|e| e.to_string())?;
     for issuance in batch {
         let claim = issuance.claim.as_ref().map(|c| TokenClaim {
             hash: &c.hash,
             spiffe_id: &c.spiffe_id,
             now_unix: c.now_unix,
         });
-        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload, sequence)
+        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload)
             .map_err(|e| e.to_string())?;
-        if outcome.is_ok() {
-            sequence += 1;
-        }
         outcomes.push(outcome);
     }
     txn.open_table(ISSUED_LOG)
@@ -221,7 +213,6 @@ fn record_one(
     claim: Option<TokenClaim<'_>>,
     issued: &IssuedCertRecord,
     workload: &WorkloadRecord,
-    sequence: u64,
 ) -> Result<Result<EndpointChange, StoreError>, StoreError> {
     let mut tokens = txn.open_table(JOIN_TOKENS)?;
     let mut log = txn.open_table(ISSUED_LOG)?;
@@ -244,7 +235,7 @@ fn record_one(
     if let (Some(claim), Some(token)) = (claim, token) {
         tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
     }
-    log.insert(sequence, encode(issued).as_slice())?;
+    log.insert(next_sequence(&log)?, encode(issued).as_slice())?;
     let mut record = workload.clone();
     // A workload whose certificate had expired was no endpoint; its new
     // certificate makes it one again.
