@@ -166,6 +166,7 @@ impl FakeControlPlane {
     /// Starts a fake that issues certificates valid for `cert_ttl` and
     /// streams no snapshot until one is pushed.
     pub async fn start(cert_ttl: Duration) -> Self {
+        super::sidecar::install_log_capture();
         let ca = Arc::new(Ca::new());
         let root = ca.root();
         let td = td();

@@ -2,15 +2,17 @@
 //! by its real flags against a [`FakeControlPlane`], plus log capture and
 //! admin requests.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tracing::subscriber::DefaultGuard;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
 use trellis_core::SpiffeId;
 use trellis_proxy::config::{Cli, Config};
 use trellis_proxy::metrics::Metrics;
@@ -50,6 +52,7 @@ pub struct TestSidecar {
 /// Starts the sidecar `spiffe://td.test/ns/b/sa/api` for `app`, on free
 /// loopback ports, with the flags `extra` added.
 pub async fn sidecar(cp: &FakeControlPlane, app: SocketAddr, extra: &[&str]) -> TestSidecar {
+    install_log_capture();
     sidecar_as(cp, id("/ns/b/sa/api"), app, extra).await
 }
 
@@ -122,14 +125,34 @@ impl TestSidecar {
 /// Everything logged on this thread while the guard lives. A
 /// `#[tokio::test]` runs every task on the test's thread, so this sees the
 /// sidecar's logs and no other test's.
+///
+/// One subscriber, the process's global one, serves every test and writes
+/// each event to the capture of the thread it happens on, if that thread
+/// has one. A subscriber set per thread instead made tracing's per-callsite
+/// cache racy: a test that captured nothing could hit a callsite first and
+/// have it cached as disabled, and another test's capture then missed the
+/// sidecar's lines.
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<u8>>>);
 
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
+thread_local! {
+    /// This thread's capture and whether it takes JSON lines.
+    static CAPTURE: RefCell<Option<(Logs, bool)>> = const { RefCell::new(None) };
+}
 
-impl Write for LogWriter {
+/// Writes for the global subscriber's layer of one format: to this
+/// thread's capture when it asked for that format, nowhere otherwise.
+struct ToCapture {
+    json: bool,
+}
+
+struct CaptureWriter(Option<Logs>);
+
+impl Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        if let Some(logs) = &self.0 {
+            logs.0.lock().unwrap().extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -137,20 +160,58 @@ impl Write for LogWriter {
     }
 }
 
+impl<'a> MakeWriter<'a> for ToCapture {
+    type Writer = CaptureWriter;
+
+    fn make_writer(&'a self) -> CaptureWriter {
+        CaptureWriter(CAPTURE.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|(_, json)| *json == self.json)
+                .map(|(logs, _)| logs.clone())
+        }))
+    }
+}
+
+/// Ends this thread's capture when dropped.
+pub struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// Sets the process's global subscriber that writes each event to its
+/// thread's capture, once, before any test logs: every test that starts a
+/// sidecar or a capture calls it.
+pub fn install_log_capture() {
+    static GLOBAL: Once = Once::new();
+    GLOBAL.call_once(|| {
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::filter::LevelFilter::INFO)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(ToCapture { json: false }),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(ToCapture { json: true }),
+            );
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the sidecar's tests");
+    });
+}
+
 impl Logs {
     /// Captures text logs (`json`: JSON lines) at `info` and above.
-    pub fn capture(json: bool) -> (Self, DefaultGuard) {
+    pub fn capture(json: bool) -> (Self, CaptureGuard) {
+        install_log_capture();
         let logs = Logs::default();
-        let buf = logs.0.clone();
-        let builder = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || LogWriter(buf.clone()));
-        let guard = if json {
-            tracing::subscriber::set_default(builder.json().finish())
-        } else {
-            tracing::subscriber::set_default(builder.finish())
-        };
-        (logs, guard)
+        CAPTURE.with(|c| *c.borrow_mut() = Some((logs.clone(), json)));
+        (logs, CaptureGuard(()))
     }
 
     pub fn lines(&self) -> Vec<String> {
