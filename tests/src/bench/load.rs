@@ -176,6 +176,13 @@ pub struct Latency {
 /// late is timed from when it should have been sent (the correction for
 /// coordinated omission, as wrk2 does), one sent late only by this
 /// process's timer from when it was sent.
+///
+/// Every connection is opened and answers one request before the schedule
+/// starts, so the figures are those of requests on established
+/// connections: through a pair, a connection's first request also waits
+/// for the mTLS handshake and the server side's first connection to the
+/// app, which the new-connection scenario measures (wrk2 likewise leaves
+/// its warm-up out).
 pub async fn fixed_rate(
     addr: SocketAddr,
     connections: usize,
@@ -184,15 +191,23 @@ pub async fn fixed_rate(
 ) -> anyhow::Result<Latency> {
     let interval = Duration::from_secs_f64(connections as f64 / rate);
     let per_connection = (duration.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    let mut warm = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let mut conn = HttpConn::connect(addr, false).await?;
+        tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange())
+            .await
+            .context("the warm-up request timed out")?
+            .context("the warm-up request")?;
+        warm.push(conn);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now() + Duration::from_millis(50);
-    for c in 0..connections {
+    for (c, mut conn) in warm.into_iter().enumerate() {
         // Stagger the connections over one interval.
         let offset = interval.mul_f64(c as f64 / connections as f64);
         tasks.spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut errors = 0u64;
-            let mut conn = HttpConn::connect(addr, false).await?;
             let mut previous_done = start;
             for i in 0..per_connection {
                 let intended = start + offset + interval.mul_f64(i as f64);

@@ -93,7 +93,7 @@ impl Mode {
                 held_connections: 1000,
                 held_connections_requested: 1000,
                 control: Some(control::ControlSizes {
-                    issuance_certs: 500,
+                    issuance_certs: 2000,
                     issuance_clients: 64,
                     watchers: vec![1000],
                     propagation_rounds: 3,
@@ -111,7 +111,7 @@ impl Mode {
                 held_connections: 10_000,
                 held_connections_requested: 10_000,
                 control: Some(control::ControlSizes {
-                    issuance_certs: 3000,
+                    issuance_certs: 10_000,
                     issuance_clients: 64,
                     watchers: vec![1000, 10_000],
                     propagation_rounds: 10,
