@@ -43,7 +43,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(config.log_format);
+    let log = init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("trellis-cp")
@@ -55,10 +55,17 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::run(config)) {
+    let result = runtime.block_on(run::run(config));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "control plane failed");
+    }
+    // The runtime's tasks may still log while it stops; then everything
+    // queued is written, before the last word on stderr.
+    drop(runtime);
+    drop(log);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "control plane failed");
             eprintln!("error: {e}");
             if e.is_usage() {
                 ExitCode::from(EXIT_USAGE)
@@ -69,13 +76,23 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Installs the global subscriber, writing to stderr from a thread of its
+/// own: a Certify or a policy push never waits for a slow log collector.
+/// Dropping what it returns writes the lines still queued.
+fn init_logging(format: LogFormat) -> Vec<trellis_core::logging::batched::Flush> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    let mut flushes = Vec::new();
+    let stderr = trellis_core::logging::stream(
+        "trellis-control-plane",
+        "log",
+        std::io::stderr,
+        &mut flushes,
+    );
     let (filter, bad_filter) = trellis_core::logging::filter_from_env();
     let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let logs = match format {
         LogFormat::Text => logs.boxed(),
@@ -91,4 +108,5 @@ fn init_logging(format: LogFormat) {
             trellis_core::logging::FILTER_VAR
         );
     }
+    flushes
 }

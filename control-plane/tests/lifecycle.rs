@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 
 use common::*;
 use rustls_pki_types::pem::PemObject;
@@ -350,4 +351,48 @@ async fn signs_with_an_operator_supplied_intermediate() {
         ],
         dir,
     );
+}
+
+/// The control plane's log is written by a thread of its own in batches;
+/// a burst of issuances followed at once by SIGTERM loses no line: every
+/// `issued SVID` line and the last word, `control plane stopped`, are on
+/// stderr when the process has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_log_lines_is_written_whole_before_exit() {
+    const BURST: usize = 40;
+    let cp = ControlPlane::start(&[]);
+    let ids: Vec<String> = (0..BURST)
+        .map(|i| format!("spiffe://cluster.local/ns/burst/sa/w{i:02}"))
+        .collect();
+    let mut tokens = Vec::new();
+    for id in &ids {
+        tokens.push(cp.token(id, 0).await);
+    }
+    let cp = Arc::new(cp);
+    let mut calls = tokio::task::JoinSet::new();
+    for (id, token) in ids.iter().cloned().zip(tokens) {
+        let cp = cp.clone();
+        calls.spawn(async move {
+            cp.certify(csr_for(&p256(), &id), Some(&token), None, "")
+                .await
+                .expect("certify with a fresh token");
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.unwrap();
+    }
+    let cp = Arc::into_inner(cp).expect("no call holds the control plane");
+    let log = cp.log.clone();
+    assert!(cp.stop_async().await.success(), "SIGTERM exits 0");
+    let text = eventually("the last line of the log after exit", || {
+        let text = log.lock().unwrap().clone();
+        text.contains("control plane stopped").then_some(text)
+    });
+    for id in &ids {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("issued SVID") && l.contains(id.as_str())),
+            "no `issued SVID` line for {id}:\n{text}"
+        );
+    }
 }

@@ -1,8 +1,19 @@
-//! The log filter both binaries read from `TRELLIS_LOG`: a default level
-//! and levels per module (`info`, `warn,trellis_proxy=debug`), as
-//! `tracing_subscriber`'s `Targets` parses it.
+//! What both binaries' logging shares: the filter they read from
+//! `TRELLIS_LOG` (a default level and levels per module, `info`,
+//! `warn,trellis_proxy=debug`, as `tracing_subscriber`'s `Targets` parses
+//! it), and the output streams written in batches by a thread of their own
+//! ([`batched`]), so that no request, connection or Certify waits for a
+//! write to a slow log collector.
+
+pub mod batched;
+
+use std::io::Write;
 
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::writer::EitherWriter;
+
+use batched::{Batched, Flush};
 
 /// The variable holding the log filter.
 pub const FILTER_VAR: &str = "TRELLIS_LOG";
@@ -24,6 +35,56 @@ fn parse(var: Result<String, std::env::VarError>) -> (Targets, Option<String>) {
             Ok(filter) => (filter, None),
             Err(e) => (info(), Some(format!("{text:?}: {e}"))),
         },
+    }
+}
+
+/// A stream written by the thread `name`, or line by line if the thread
+/// cannot start (`program` says so on stderr). Keep the [`Flush`] pushed
+/// onto `flushes` until exit: dropping it writes what is still queued.
+pub fn stream<W: Write + Send + 'static>(
+    program: &str,
+    name: &str,
+    out: fn() -> W,
+    flushes: &mut Vec<Flush>,
+) -> Output<W> {
+    match Batched::start(name, out()) {
+        Ok((batched, flush)) => {
+            flushes.push(flush);
+            Output::Batched(batched)
+        }
+        Err(e) => {
+            eprintln!("{program}: starting the {name} writer thread: {e}; writing lines directly");
+            Output::Direct(out)
+        }
+    }
+}
+
+/// One stream's output: batched, or direct when its thread could not start.
+pub enum Output<W> {
+    Batched(Batched),
+    Direct(fn() -> W),
+}
+
+impl<W: Write> Output<W> {
+    /// Writes one whole line (a formatted record, newline included).
+    pub fn line(&self, line: Vec<u8>) {
+        match self {
+            Output::Batched(batched) => batched.send(line),
+            Output::Direct(out) => {
+                let _ = out().write_all(&line);
+            }
+        }
+    }
+}
+
+impl<'a, W: Write + 'a> MakeWriter<'a> for Output<W> {
+    type Writer = EitherWriter<batched::Line<'a>, W>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        match self {
+            Output::Batched(batched) => EitherWriter::A(batched.make_writer()),
+            Output::Direct(out) => EitherWriter::B(out()),
+        }
     }
 }
 

@@ -7,19 +7,19 @@
 //! write.
 
 pub mod access;
-pub mod batched;
+
+pub use trellis_core::logging::batched;
 
 use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::filter_fn;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::writer::EitherWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use trellis_core::logging::{Output, stream};
 
 use crate::config::LogFormat;
-use batched::{Batched, Flush};
+use batched::Flush;
 
 /// Writes the lines still queued when dropped: keep it until exit.
 pub struct Guard {
@@ -31,8 +31,8 @@ pub struct Guard {
 pub fn init(format: LogFormat) -> Guard {
     let mut flushes = Vec::new();
     // The access log first: its writer reports dropped lines on stderr.
-    let stdout = stream("access-log", std::io::stdout, &mut flushes);
-    let stderr = stream("log", std::io::stderr, &mut flushes);
+    let stdout = stream(PROGRAM, "access-log", std::io::stdout, &mut flushes);
+    let stderr = stream(PROGRAM, "log", std::io::stderr, &mut flushes);
 
     let (filter, bad_filter) = trellis_core::logging::filter_from_env();
     let logs = tracing_subscriber::fmt::layer()
@@ -57,51 +57,12 @@ pub fn init(format: LogFormat) -> Guard {
     Guard { _flushes: flushes }
 }
 
-/// A stream written by the thread `name`, or directly if it cannot start.
-fn stream<W: Write + Send + 'static>(
-    name: &str,
-    out: fn() -> W,
-    flushes: &mut Vec<Flush>,
-) -> Output<W> {
-    match Batched::start(name, out()) {
-        Ok((batched, flush)) => {
-            flushes.push(flush);
-            Output::Batched(batched)
-        }
-        Err(e) => {
-            eprintln!(
-                "trellis-proxy: starting the {name} writer thread: {e}; writing lines directly"
-            );
-            Output::Direct(out)
-        }
-    }
-}
-
-/// One stream's output: batched, or direct when its thread could not start.
-enum Output<W> {
-    Batched(Batched),
-    Direct(fn() -> W),
-}
+/// How the sidecar names itself when its log cannot start.
+const PROGRAM: &str = "trellis-proxy";
 
 /// The access log's lines, handed to the writer thread as they are.
 impl<W: Write + 'static> access::Lines for Output<W> {
     fn line(&self, line: Vec<u8>) {
-        match self {
-            Output::Batched(batched) => batched.send(line),
-            Output::Direct(out) => {
-                let _ = out().write_all(&line);
-            }
-        }
-    }
-}
-
-impl<'a, W: Write + 'a> MakeWriter<'a> for Output<W> {
-    type Writer = EitherWriter<batched::Line<'a>, W>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        match self {
-            Output::Batched(batched) => EitherWriter::A(batched.make_writer()),
-            Output::Direct(out) => EitherWriter::B(out()),
-        }
+        Output::line(self, line);
     }
 }
