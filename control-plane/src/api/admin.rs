@@ -204,17 +204,21 @@ impl Admin for AdminService {
             n => (n as usize).min(ISSUED_MAX_LIMIT),
         };
         let store = self.mesh.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.issued_certificates())
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
-        let mut matching = records.into_iter().rev().filter(|r| {
-            (req.spiffe_id.is_empty() || r.spiffe_id == req.spiffe_id)
-                && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
-        });
-        let certificates = matching
-            .by_ref()
-            .take(limit)
+        let spiffe_id = req.spiffe_id;
+        // One more than the limit tells whether more match.
+        let mut records = tokio::task::spawn_blocking(move || {
+            store.newest_issued(limit + 1, &|r| {
+                (spiffe_id.is_empty() || r.spiffe_id == spiffe_id)
+                    && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
+            })
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let truncated = records.len() > limit;
+        records.truncate(limit);
+        let certificates = records
+            .into_iter()
             .map(|r| IssuedCertificate {
                 serial: r.serial_hex,
                 spiffe_id: r.spiffe_id,
@@ -222,7 +226,6 @@ impl Admin for AdminService {
                 not_after_unix: r.not_after_unix,
             })
             .collect();
-        let truncated = matching.next().is_some();
         Ok(Response::new(ListIssuedCertificatesResponse {
             certificates,
             truncated,

@@ -376,6 +376,28 @@ impl Store for EmbeddedStore {
         self.read_all(ISSUED_LOG)
     }
 
+    /// Reads the log from its newest record back, and stops at `limit`.
+    fn newest_issued(
+        &self,
+        limit: usize,
+        matches: &dyn Fn(&IssuedCertRecord) -> bool,
+    ) -> Result<Vec<IssuedCertRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let log = txn.open_table(ISSUED_LOG).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for entry in log.iter().map_err(|e| self.db_error(e))?.rev() {
+            if out.len() == limit {
+                break;
+            }
+            let (_, value) = entry.map_err(|e| self.db_error(e))?;
+            let record: IssuedCertRecord = decode(value.value(), ISSUED_LOG.name())?;
+            if matches(&record) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     fn snapshot_version(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let table = txn.open_table(META).map_err(|e| self.db_error(e))?;

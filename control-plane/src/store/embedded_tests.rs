@@ -396,6 +396,33 @@ fn the_issued_log_keeps_the_newest_issuances_in_the_order_they_were_made() {
     assert_eq!(serials(&store), ["22", "01"]);
 }
 
+/// A listing reads the log from the newest end: newest first, only what
+/// `matches` keeps, at most `limit`.
+#[test]
+fn the_newest_issuances_come_first_filtered_and_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let (a, b) = ("spiffe://td/ns/a/sa/a", "spiffe://td/ns/a/sa/b");
+    for (serial, id) in [("01", a), ("02", b), ("03", a), ("04", b), ("05", a)] {
+        store
+            .record_issuance(None, &issued(serial, id), &workload(id, ""))
+            .unwrap();
+    }
+    let newest = |limit, id: &str| -> Vec<String> {
+        store
+            .newest_issued(limit, &|r| id.is_empty() || r.spiffe_id == id)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial_hex)
+            .collect()
+    };
+    assert_eq!(newest(10, ""), ["05", "04", "03", "02", "01"]);
+    assert_eq!(newest(2, ""), ["05", "04"]);
+    assert_eq!(newest(10, b), ["04", "02"]);
+    assert_eq!(newest(2, a), ["05", "03"]);
+    assert!(newest(0, "").is_empty());
+}
+
 /// A database written before the log was bounded kept it by serial; opening
 /// it moves the records, oldest issuance first, and drops the old table.
 #[test]

@@ -256,7 +256,17 @@ pub trait Store: Send + Sync + 'static {
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
 
+    /// Every record of the issued-certificate log, oldest first.
     fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError>;
+
+    /// The newest `limit` records of the issued-certificate log that
+    /// `matches` keeps, newest first, read from the newest end: a listing
+    /// reads what it returns and what it skips, not the whole log.
+    fn newest_issued(
+        &self,
+        limit: usize,
+        matches: &dyn Fn(&IssuedCertRecord) -> bool,
+    ) -> Result<Vec<IssuedCertRecord>, StoreError>;
 
     /// The current snapshot version (0 before the first change).
     fn snapshot_version(&self) -> Result<u64, StoreError>;

@@ -457,6 +457,23 @@ impl Store for KubernetesStore {
             .collect())
     }
 
+    fn newest_issued(
+        &self,
+        limit: usize,
+        matches: &dyn Fn(&IssuedCertRecord) -> bool,
+    ) -> Result<Vec<IssuedCertRecord>, StoreError> {
+        Ok(self
+            .issued
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .rev()
+            .filter(|r| matches(r))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     fn snapshot_version(&self) -> Result<u64, StoreError> {
         Ok(self.shared.read(|c| c.version()))
     }
