@@ -79,17 +79,13 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
 /// Installs the global subscriber, writing to stderr from a thread of its
 /// own: a Certify or a policy push never waits for a slow log collector.
 /// Dropping what it returns writes the lines still queued.
-fn init_logging(format: LogFormat) -> Vec<trellis_core::logging::batched::Flush> {
+fn init_logging(format: LogFormat) -> trellis_core::logging::Guard {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let mut flushes = Vec::new();
-    let stderr = trellis_core::logging::stream(
-        "trellis-control-plane",
-        "log",
-        std::io::stderr,
-        &mut flushes,
-    );
+    let mut guard = trellis_core::logging::Guard::default();
+    let stderr =
+        trellis_core::logging::stream("trellis-control-plane", "log", std::io::stderr, &mut guard);
     let (filter, bad_filter) = trellis_core::logging::filter_from_env();
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(stderr)
@@ -108,5 +104,5 @@ fn init_logging(format: LogFormat) -> Vec<trellis_core::logging::batched::Flush>
             trellis_core::logging::FILTER_VAR
         );
     }
-    flushes
+    guard
 }

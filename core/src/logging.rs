@@ -38,18 +38,25 @@ fn parse(var: Result<String, std::env::VarError>) -> (Targets, Option<String>) {
     }
 }
 
+/// Writes the lines still queued by its streams when dropped: keep it
+/// until exit.
+#[derive(Default)]
+pub struct Guard {
+    flushes: Vec<Flush>,
+}
+
 /// A stream written by the thread `name`, or line by line if the thread
-/// cannot start (`program` says so on stderr). Keep the [`Flush`] pushed
-/// onto `flushes` until exit: dropping it writes what is still queued.
+/// cannot start (`program` says so on stderr); `guard` writes what is
+/// still queued when it is dropped.
 pub fn stream<W: Write + Send + 'static>(
     program: &str,
     name: &str,
     out: fn() -> W,
-    flushes: &mut Vec<Flush>,
+    guard: &mut Guard,
 ) -> Output<W> {
     match Batched::start(name, out()) {
         Ok((batched, flush)) => {
-            flushes.push(flush);
+            guard.flushes.push(flush);
             Output::Batched(batched)
         }
         Err(e) => {

@@ -18,21 +18,17 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use trellis_core::logging::{Output, stream};
 
-use crate::config::LogFormat;
-use batched::Flush;
+pub use trellis_core::logging::Guard;
 
-/// Writes the lines still queued when dropped: keep it until exit.
-pub struct Guard {
-    _flushes: Vec<Flush>,
-}
+use crate::config::LogFormat;
 
 /// Installs the global subscriber. A stream whose writer thread cannot
 /// start is written line by line instead (and says so).
 pub fn init(format: LogFormat) -> Guard {
-    let mut flushes = Vec::new();
+    let mut guard = Guard::default();
     // The access log first: its writer reports dropped lines on stderr.
-    let stdout = stream(PROGRAM, "access-log", std::io::stdout, &mut flushes);
-    let stderr = stream(PROGRAM, "log", std::io::stderr, &mut flushes);
+    let stdout = stream(PROGRAM, "access-log", std::io::stdout, &mut guard);
+    let stderr = stream(PROGRAM, "log", std::io::stderr, &mut guard);
 
     let (filter, bad_filter) = trellis_core::logging::filter_from_env();
     let logs = tracing_subscriber::fmt::layer()
@@ -54,7 +50,7 @@ pub fn init(format: LogFormat) -> Guard {
     if let Some(error) = bad_filter {
         tracing::warn!(%error, "{} is not a log filter; logging at info", trellis_core::logging::FILTER_VAR);
     }
-    Guard { _flushes: flushes }
+    guard
 }
 
 /// How the sidecar names itself when its log cannot start.
