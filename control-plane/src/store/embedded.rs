@@ -160,6 +160,13 @@ impl EmbeddedStore {
         }
         Ok(out)
     }
+
+    /// Every record of the issued-certificate log, oldest first: what the
+    /// tests check the log's order and bound against.
+    #[cfg(test)]
+    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
+        self.read_all(ISSUED_LOG)
+    }
 }
 
 /// Opens the join-token tables and, where the expiry index does not cover
@@ -370,10 +377,6 @@ impl Store for EmbeddedStore {
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
         self.read_all(WORKLOADS)
-    }
-
-    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
-        self.read_all(ISSUED_LOG)
     }
 
     /// Reads the log from its newest record back, and stops at `limit`.

@@ -256,9 +256,6 @@ pub trait Store: Send + Sync + 'static {
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
 
-    /// Every record of the issued-certificate log, oldest first.
-    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError>;
-
     /// The newest `limit` records of the issued-certificate log that
     /// `matches` keeps, newest first, read from the newest end: a listing
     /// reads what it returns and what it skips, not the whole log.

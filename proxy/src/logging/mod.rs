@@ -3,12 +3,10 @@
 //! (target [`ACCESS_TARGET`](crate::http::ACCESS_TARGET), JSON whatever
 //! `--log-format` says, one object per request with its fields at the top
 //! level, written by [`access`]). Each stream is written in batches by a
-//! thread of its own ([`batched`]), so nothing on the data path waits for a
-//! write.
+//! thread of its own ([`trellis_core::logging::batched`]), so nothing on the
+//! data path waits for a write.
 
 pub mod access;
-
-pub use trellis_core::logging::batched;
 
 use std::io::{IsTerminal, Write};
 

@@ -447,16 +447,6 @@ impl Store for KubernetesStore {
         Ok(self.shared.read(|c| c.workloads()))
     }
 
-    fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
-        Ok(self
-            .issued
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .cloned()
-            .collect())
-    }
-
     fn newest_issued(
         &self,
         limit: usize,
