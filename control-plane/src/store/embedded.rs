@@ -13,7 +13,7 @@
 //! encoding: the pushed form and its revision), `meta` (counters: snapshot
 //! version, policy generation).
 //!
-//! Issuances are written by one thread in group commits ([`issuance`]);
+//! Issuances are written by one thread in group commits (the `issuance` module);
 //! every other write is its own transaction.
 
 mod issuance;

@@ -61,7 +61,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "TRELLIS_TOKEN_TYPE", default_value = "join")]
     pub token_type: String,
     /// Inbound mTLS listeners (repeatable; comma-separated in the
-    /// environment). Default: 0.0.0.0:15006 and [::]:15006, the IPv6 one
+    /// environment). Default: `0.0.0.0:15006` and `[::]:15006`, the IPv6 one
     /// only where the network namespace has IPv6.
     #[arg(
         long,
@@ -75,7 +75,7 @@ pub struct ProxyArgs {
     pub app: String,
     /// Transparent outbound listeners, where iptables redirects the app's
     /// connections (repeatable; comma-separated in the environment).
-    /// Default: 127.0.0.1:15001 and [::1]:15001, the IPv6 one only where
+    /// Default: `127.0.0.1:15001` and `[::1]:15001`, the IPv6 one only where
     /// the network namespace has IPv6.
     #[arg(
         long,
@@ -144,7 +144,7 @@ pub struct ProxyArgs {
     )]
     pub access_log: bool,
     /// The app's own kubelet probes, served on the admin port at
-    /// /app-health/<container>/<kind>: a JSON object from that path to
+    /// `/app-health/<container>/<kind>`: a JSON object from that path to
     /// {"httpGet": {...}}, {"tcpSocket": {...}} or {"grpc": {...}}, as the
     /// injector writes it.
     #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]

@@ -1,7 +1,7 @@
 //! HTTP awareness on the inbound path: after the connection is
-//! authenticated and allowed at L4, ALPN or [`detect`] tells HTTP/1.x and
+//! authenticated and allowed at L4, ALPN or [`detect()`] tells HTTP/1.x and
 //! HTTP/2 from opaque bytes, and [`serve`] proxies HTTP request by request
-//! to the local app with hyper. (The outbound listeners run [`detect`]
+//! to the local app with hyper. (The outbound listeners run [`detect()`]
 //! too, only to choose the ALPN they offer.)
 //!
 //! Each request goes through a tower stack: authorized on its own (method,

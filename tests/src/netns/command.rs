@@ -33,7 +33,7 @@ pub(super) fn run_ok(command: &mut Command) -> anyhow::Result<Output> {
 }
 
 /// Runs a command to the end without blocking the runtime, killed after
-/// [`COMMAND_TIMEOUT`]; returns its output whatever its exit status.
+/// `COMMAND_TIMEOUT`; returns its output whatever its exit status.
 pub async fn output(command: Command) -> anyhow::Result<Output> {
     let shown = format!("{command:?}");
     let run = tokio::process::Command::from(command)
