@@ -144,6 +144,117 @@ async fn ctl_without_credentials_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
 }
 
+/// What an operator gets wrong most: credentials of another control plane
+/// (its bundle, or its operator certificate), a key that is not the
+/// certificate's, the admin port instead of the gRPC one, a control plane
+/// that is not running. Each is one line that names the file or the address
+/// to check and says what is wrong with it, each cause once.
+#[tokio::test]
+async fn ctl_names_the_credential_or_address_it_cannot_use() {
+    let cp = ControlPlane::start(&[]);
+    let other = ControlPlane::start(&[]);
+    let file = |cp: &ControlPlane, name: &str| cp.state_dir.join(name).display().to_string();
+    let stopped = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let cases: [(Vec<String>, Vec<String>); 5] = [
+        (
+            vec![
+                "--control-plane".into(),
+                cp.grpc.clone(),
+                "--state-dir".into(),
+                other.state_dir.display().to_string(),
+            ],
+            vec![
+                format!("not issued by the CA in {}", file(&other, "bundle.pem")),
+                "BadSignature".into(),
+            ],
+        ),
+        (
+            vec![
+                "--control-plane".into(),
+                cp.grpc.clone(),
+                "--ca".into(),
+                file(&cp, "bundle.pem"),
+                "--cert".into(),
+                file(&other, "admin.crt"),
+                "--key".into(),
+                file(&other, "admin.key"),
+            ],
+            vec![format!(
+                "the control plane at {} refused the operator certificate {}",
+                cp.grpc,
+                file(&other, "admin.crt")
+            )],
+        ),
+        (
+            vec![
+                "--control-plane".into(),
+                cp.grpc.clone(),
+                "--ca".into(),
+                file(&cp, "bundle.pem"),
+                "--cert".into(),
+                file(&cp, "admin.crt"),
+                "--key".into(),
+                file(&other, "admin.key"),
+            ],
+            vec![format!(
+                "{}: not the private key of the certificate in {}",
+                file(&other, "admin.key"),
+                file(&cp, "admin.crt")
+            )],
+        ),
+        (
+            vec![
+                "--control-plane".into(),
+                cp.admin.clone(),
+                "--state-dir".into(),
+                cp.state_dir.display().to_string(),
+            ],
+            vec![
+                format!("{}: it does not answer in TLS", cp.admin),
+                "gRPC address".into(),
+            ],
+        ),
+        (
+            vec![
+                "--control-plane".into(),
+                stopped.clone(),
+                "--state-dir".into(),
+                cp.state_dir.display().to_string(),
+            ],
+            vec![format!("{stopped}: nothing listens there")],
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = std::process::Command::new(CTL)
+            .args(&args)
+            .arg("workloads")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        for part in expected {
+            assert!(stderr.contains(&part), "{args:?}: {part:?} in {stderr}");
+        }
+        // Each cause is said once.
+        let mut said = std::collections::HashSet::new();
+        for part in stderr.trim_end().split(": ") {
+            assert!(said.insert(part), "{args:?}: {part:?} twice in {stderr}");
+        }
+    }
+    // Nothing was refused in a way that changed the control plane.
+    let out = cp.ctl(&["workloads"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The serial number of an SVID's leaf as openssl prints it: uppercase hex
 /// pairs joined by colons.
 fn openssl_serial(svid: &Svid) -> String {

@@ -79,3 +79,123 @@ fn connector(
         }) as Dial
     })
 }
+
+/// Why dialling a gRPC server failed, in words an operator can act on: the
+/// error's chain with each cause said once (tonic's transport error shows
+/// only "transport error" on its own, and I/O errors repeat the text of
+/// the TLS error they carry), led by what to check when the cause is a known
+/// one. `trusted` names where the CAs that verify the server come from, for
+/// a server certificate they did not issue (e.g. "the CA in bundle.pem").
+pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> String {
+    use rustls::CertificateError as Cert;
+    let chain = error_chain(e);
+    let hint = causes(e).find_map(|cause| {
+        if let Some(tls) = rustls_error(cause) {
+            return match tls {
+                rustls::Error::InvalidCertificate(Cert::BadSignature | Cert::UnknownIssuer) => {
+                    Some(format!(
+                        "its certificate was not issued by {trusted}: is that the trust \
+                         bundle of this control plane?"
+                    ))
+                }
+                rustls::Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+                    Some("its certificate has expired, or this machine's clock is ahead".into())
+                }
+                rustls::Error::InvalidMessage(_) => Some(
+                    "it does not answer in TLS: give --control-plane the control plane's gRPC \
+                     address (its --listen), not its admin or webhook port"
+                        .into(),
+                ),
+                _ => None,
+            };
+        }
+        let io = cause.downcast_ref::<io::Error>()?;
+        (io.kind() == io::ErrorKind::ConnectionRefused).then(|| {
+            "nothing listens there: is the control plane running, and is --control-plane its \
+             gRPC address?"
+                .into()
+        })
+    });
+    match hint {
+        Some(hint) => format!("{hint} ({chain})"),
+        None => chain,
+    }
+}
+
+/// The rustls error `e` is, or carries as an I/O error's inner error.
+pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<io::Error>()?
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+    })
+}
+
+/// `e` and its sources, outermost first.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// `e`'s message and its sources', each said once: a layer whose text ends
+/// with its source's is not followed by that text again.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = String::new();
+    for cause in causes(e) {
+        let text = cause.to_string();
+        if message.ends_with(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<dyn std::error::Error + 'static>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref()
+        }
+    }
+
+    #[test]
+    fn a_chain_says_each_cause_once_and_leads_with_what_to_check() {
+        // As hyper-util wraps a refused handshake: an I/O error carrying the
+        // rustls error, whose text it repeats.
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = io::Error::new(io::ErrorKind::InvalidData, tls);
+        let e = Layer(
+            "transport error",
+            Some(Box::new(Layer("connect", Some(Box::new(io))))),
+        );
+        assert_eq!(
+            why_unreachable(&e, "the CA in b.pem"),
+            "its certificate was not issued by the CA in b.pem: is that the trust bundle of \
+             this control plane? (transport error: connect: invalid peer certificate: \
+             UnknownIssuer)"
+        );
+
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let e = Layer("transport error", Some(Box::new(refused)));
+        assert!(why_unreachable(&e, "-").starts_with("nothing listens there"));
+
+        let e = Layer("transport error", Some(Box::new(Layer("timed out", None))));
+        assert_eq!(why_unreachable(&e, "-"), "transport error: timed out");
+    }
+}

@@ -231,7 +231,8 @@ fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
     let rx = lines(child);
     let listening = wait_for_line(&rx, "listening");
     let admin: SocketAddr = field(&listening, "admin").parse().unwrap();
-    wait_for_line(&rx, "certify failed");
+    let failed = wait_for_line(&rx, "certify failed");
+    assert!(failed.contains("nothing listens there"), "{failed}");
 
     assert_eq!(get(admin, "/live").0, 200);
     let (status, body) = get(admin, "/ready");

@@ -154,3 +154,56 @@ async fn service_account_token_is_read_from_its_file_when_certifying() {
         vec!["sa-token-new".to_string()]
     );
 }
+
+/// A sidecar given the wrong `--trust-bundle`, or the wrong address, says
+/// which and why, each cause once, instead of tonic's bare "transport
+/// error"; and nothing is asked of the control plane.
+#[tokio::test]
+async fn a_failed_dial_says_what_to_check() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let params = |control_plane: String| CertifyParams {
+        control_plane,
+        identity: id("/ns/a/sa/web"),
+        token: Some(trellis_proxy::config::Credential::JoinToken(
+            trellis_proxy::config::Token(TOKEN.into()),
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+
+    let foreign = Ca::new().root();
+    let e = identity::certify(&params(cp.addr.clone()), &[foreign], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "connecting to the control plane at {}: its certificate was not issued by a CA of \
+             --trust-bundle",
+            cp.addr
+        )),
+        "{e}"
+    );
+    assert_eq!(e.matches("invalid peer certificate").count(), 1, "{e}");
+    assert!(cp.seen.lock().unwrap().certify.is_empty());
+
+    let stopped = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let e = identity::certify(
+        &params(stopped.clone()),
+        std::slice::from_ref(&cp.root),
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "connecting to the control plane at {stopped}: nothing listens there"
+        )),
+        "{e}"
+    );
+    assert_eq!(e.matches("Connection refused").count(), 1, "{e}");
+}

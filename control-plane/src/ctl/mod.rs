@@ -142,6 +142,9 @@ pub enum CtlError {
     Tls(#[from] rustls::Error),
     #[error("cannot reach the control plane at {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    /// The control plane refused the operator credential in the handshake.
+    #[error("{0}")]
+    Refused(String),
     #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     /// Already formatted for the operator (policy diagnostics); printed as is.
@@ -207,7 +210,17 @@ impl AdminCredentials {
             .with_protocol_versions(PROTOCOL_VERSIONS)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(chain, key)?;
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => CtlError::Invalid {
+                    path: self.key.clone(),
+                    reason: format!(
+                        "not the private key of the certificate in {}",
+                        self.cert.display()
+                    ),
+                },
+                e => CtlError::Tls(e),
+            })?;
         Ok(trellis_core::grpc::with_h2_alpn(config))
     }
 
@@ -229,21 +242,74 @@ impl AdminCredentials {
                 .await
                 .map_err(|e| CtlError::Connect {
                     addr: addr.to_string(),
-                    reason: error_chain(&e),
+                    reason: trellis_core::grpc::why_unreachable(
+                        &e,
+                        &format!("the CA in {}", self.bundle.display()),
+                    ),
                 })?;
         Ok(AdminClient::new(channel))
     }
-}
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
+    /// Why the control plane hung up on a call, when it refused this
+    /// credential. In TLS 1.3 the server checks the client's certificate
+    /// after the client has finished its handshake, so a refused operator
+    /// certificate reaches the call only as a closed connection; one more
+    /// handshake, reading the server's first bytes, gets the alert that
+    /// says why. `None` when that handshake is accepted or fails otherwise.
+    pub async fn refusal(&self, addr: &str) -> Option<String> {
+        const PATIENCE: Duration = Duration::from_secs(5);
+        let tls = Arc::new(self.client_config().ok()?);
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(host, _)| host)
+            .trim_matches(['[', ']']);
+        let name = rustls_pki_types::ServerName::try_from(host.to_string()).ok()?;
+        let tcp = tokio::time::timeout(PATIENCE, tokio::net::TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let mut stream = tokio::time::timeout(
+            PATIENCE,
+            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let mut first = [0u8; 1];
+        let read = tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read(&mut stream, &mut first),
+        )
+        .await
+        .ok()?;
+        let alert = match read
+            .err()
+            .as_ref()
+            .and_then(|e| trellis_core::grpc::rustls_error(e))
+        {
+            Some(rustls::Error::AlertReceived(alert)) => *alert,
+            _ => return None,
+        };
+        let cert = self.cert.display();
+        let why = match alert {
+            rustls::AlertDescription::CertificateExpired => {
+                "it has expired, or the control plane's clock is ahead".to_string()
+            }
+            rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::DecryptError
+            | rustls::AlertDescription::CertificateUnknown => {
+                "it was not issued by this control plane's CA, or is not a SPIFFE certificate \
+                 of its trust domain"
+                    .to_string()
+            }
+            _ => "it ended the handshake".to_string(),
+        };
+        Some(format!(
+            "the control plane at {addr} refused the operator certificate {cert}: {why} \
+             (TLS alert {alert:?})"
+        ))
     }
-    message
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CtlError> {
@@ -356,6 +422,30 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
         ));
     }
     let mut client = credentials.connect(&cli.control_plane).await?;
+    match run(cli, &credentials, &mut client).await {
+        // A connection closed under the call: if the control plane refused
+        // the operator certificate, say so rather than "canceled".
+        Err(CtlError::Rpc(status))
+            if matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ) =>
+        {
+            match credentials.refusal(&cli.control_plane).await {
+                Some(refusal) => Err(CtlError::Refused(refusal)),
+                None => Err(CtlError::Rpc(status)),
+            }
+        }
+        result => result,
+    }
+}
+
+/// The subcommand's calls over `client`.
+async fn run(
+    cli: &Cli,
+    credentials: &AdminCredentials,
+    client: &mut AdminClient<Channel>,
+) -> Result<Printed, CtlError> {
     match &cli.command {
         Command::Token(TokenCommand::Create { spiffe_id, ttl }) => {
             let response = client
@@ -408,7 +498,7 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
         }
         Command::Policy(command) => {
             let td = credentials.trust_domain()?;
-            policy::run(&mut client, &td, command).await
+            policy::run(client, &td, command).await
         }
     }
 }

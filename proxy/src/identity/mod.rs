@@ -147,7 +147,10 @@ pub enum CertifyError {
     NoBundle,
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("connecting to the control plane at {addr}: {source}")]
+    #[error(
+        "connecting to the control plane at {addr}: {}",
+        trellis_core::grpc::why_unreachable(source, "a CA of --trust-bundle")
+    )]
     Connect {
         addr: String,
         source: tonic::transport::Error,
