@@ -7,12 +7,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
+use trellis_control_plane::authn::tokenreview::KubeApi;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -122,4 +124,58 @@ where
         }
     });
     (addr, stop)
+}
+
+/// A stand-in for the Kubernetes API server as a client in a pod finds it:
+/// its HTTPS address (a CA of its own), and the CA and bearer-token files
+/// the pod would have mounted. Serves until dropped.
+pub struct ApiServer {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    _stop: oneshot::Sender<()>,
+}
+
+impl ApiServer {
+    /// Serves `answer`, with `token` as the mounted token file's contents.
+    pub async fn start<F, Fut, B>(token: &str, answering: Answering, answer: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = ServingCert::new("fake kubernetes CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
+        std::fs::write(dir.path().join("token"), token).unwrap();
+        let (addr, stop) = serve_https(&cert, answering, answer).await;
+        ApiServer {
+            addr,
+            dir,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// The control plane's client settings for this server.
+    pub fn api(&self) -> KubeApi {
+        KubeApi::resolve(
+            Some(&self.url()),
+            Some(&self.ca()),
+            Some(&self.token_file()),
+        )
+        .unwrap()
+    }
 }

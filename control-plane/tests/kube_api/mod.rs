@@ -18,7 +18,6 @@ pub mod store;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -28,10 +27,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
-use trellis_control_plane::authn::tokenreview::KubeApi;
+use tokio::sync::mpsc;
 
-use crate::common::serving::{Answering, ServingCert, serve_https};
+use crate::common::serving::{Answering, ApiServer};
 
 pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
 pub const RATE_LIMITS: &str = "/apis/trellis.io/v1alpha1/ratelimitpolicies";
@@ -93,56 +91,32 @@ struct State {
 }
 
 pub struct FakeKube {
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
+    server: ApiServer,
     state: Arc<Mutex<State>>,
-    _stop: oneshot::Sender<()>,
+}
+
+impl std::ops::Deref for FakeKube {
+    type Target = ApiServer;
+
+    fn deref(&self) -> &ApiServer {
+        &self.server
+    }
 }
 
 impl FakeKube {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = ServingCert::new("fake kubernetes CA");
-        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
-        // As the kubelet writes it: no trailing newline.
-        std::fs::write(dir.path().join("token"), "control-plane-sa-token").unwrap();
         let state = Arc::new(Mutex::new(State {
             next_rv: 50_000,
             ..State::default()
         }));
         let shared = state.clone();
-        let (addr, stop) = serve_https(&cert, Answering::Yes, move |req| {
+        // As the kubelet writes it: no trailing newline.
+        let server = ApiServer::start("control-plane-sa-token", Answering::Yes, move |req| {
             let state = shared.clone();
             async move { serve(req, &state).await }
         })
         .await;
-        Self {
-            addr,
-            dir,
-            state,
-            _stop: stop,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
-    }
-
-    pub fn token_file(&self) -> PathBuf {
-        self.dir.path().join("token")
-    }
-
-    pub fn api(&self) -> KubeApi {
-        KubeApi::resolve(
-            Some(&self.url()),
-            Some(&self.ca()),
-            Some(&self.token_file()),
-        )
-        .unwrap()
+        Self { server, state }
     }
 
     /// Answers lists of `path` with `answers` in order, the last repeating.

@@ -6,19 +6,17 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::common::serving::{Answering, ServingCert, serve_https};
+use crate::common::serving::{Answering, ApiServer};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::Value;
-use tokio::sync::oneshot;
-use trellis_control_plane::authn::tokenreview::{KubeApi, TOKENREVIEW_PATH, TokenReviewer};
+use trellis_control_plane::authn::tokenreview::{TOKENREVIEW_PATH, TokenReviewer};
 use trellis_core::TrustDomain;
 
 /// The control plane's own bearer token, as its pod would mount it.
@@ -59,10 +57,16 @@ pub struct Recorded {
 
 /// A local HTTPS server standing in for the Kubernetes API server.
 pub struct FakeApi {
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
+    server: ApiServer,
     requests: Arc<Mutex<Vec<Recorded>>>,
-    _stop: oneshot::Sender<()>,
+}
+
+impl std::ops::Deref for FakeApi {
+    type Target = ApiServer;
+
+    fn deref(&self) -> &ApiServer {
+        &self.server
+    }
 }
 
 impl FakeApi {
@@ -72,10 +76,6 @@ impl FakeApi {
 
     /// `silent`: accept connections but never answer (a hung API server).
     pub async fn start_with(answer: Answer, silent: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = ServingCert::new("fake kubernetes CA");
-        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
-        std::fs::write(dir.path().join("token"), format!("{BEARER}\n")).unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let record = requests.clone();
         let answering = if silent {
@@ -83,38 +83,12 @@ impl FakeApi {
         } else {
             Answering::Yes
         };
-        let (addr, stop) = serve_https(&cert, answering, move |req| {
+        let server = ApiServer::start(&format!("{BEARER}\n"), answering, move |req| {
             let record = record.clone();
             async move { serve(req, answer, &record).await }
         })
         .await;
-        Self {
-            addr,
-            dir,
-            requests,
-            _stop: stop,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
-    }
-
-    pub fn token_file(&self) -> PathBuf {
-        self.dir.path().join("token")
-    }
-
-    pub fn api(&self) -> KubeApi {
-        KubeApi::resolve(
-            Some(&self.url()),
-            Some(&self.ca()),
-            Some(&self.token_file()),
-        )
-        .unwrap()
+        Self { server, requests }
     }
 
     pub fn reviewer(&self) -> TokenReviewer {
