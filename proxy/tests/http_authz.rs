@@ -192,3 +192,66 @@ async fn a_denied_grpc_method_gets_permission_denied() {
     let chain = grpc::certify(channel).await.unwrap();
     assert_eq!(chain, [b"ok".to_vec()]);
 }
+
+/// A caller that no policy lets in on the port at all, through its own
+/// sidecar: each request gets 403 naming the deciding policy (HTTP/1.1 and
+/// HTTP/2 alike), as a request refused by an L7 rule does, instead of a
+/// connection closed without a word; the app is never dialled.
+#[tokio::test]
+async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let p = pair(&cp, app.addr, &[]).await;
+    let url = format!("http://{}/users/7", p.route);
+    let status_and_body = ["-w", "\n%{http_code}"];
+
+    push_to(&cp, snapshot(1, "deny", vec![]), 2).await;
+    let mut args = vec!["--http1.1", url.as_str()];
+    args.extend(status_and_body);
+    let Some(out) = curl(&args).await else {
+        return;
+    };
+    assert_eq!(out, "denied by policy default:deny\n\n403");
+    let mut args = vec!["--http2-prior-knowledge", url.as_str()];
+    args.extend(status_and_body);
+    let out = curl(&args).await.unwrap();
+    assert_eq!(out, "denied by policy default:deny\n\n403");
+
+    let no_web = api_policy(
+        "no-web",
+        "DENY",
+        &format!("{{from: [{{spiffeId: \"spiffe://{TD}/ns/a/sa/web\"}}]}}"),
+    );
+    push_to(&cp, snapshot(2, "allow-mesh", vec![no_web]), 2).await;
+    let mut args = vec!["--http1.1", url.as_str()];
+    args.extend(status_and_body);
+    let out = curl(&args).await.unwrap();
+    assert_eq!(out, "denied by policy b/no-web rule 0\n\n403");
+
+    assert!(
+        app.seen.paths().is_empty(),
+        "a denied caller reached the app"
+    );
+    assert!(p.server.has_sample(
+        "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"}",
+        2
+    ));
+    assert!(p.server.has_sample(
+        "trellis_decisions_total{action=\"deny\",policy=\"b/no-web\"}",
+        1
+    ));
+}
+
+/// The same for a gRPC caller: PERMISSION_DENIED naming the policy, not
+/// UNAVAILABLE as for a control plane that is down.
+#[tokio::test]
+async fn a_grpc_caller_denied_outright_gets_permission_denied() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = GrpcApp::start().await.unwrap();
+    let p = pair(&cp, app.addr(), &[]).await;
+    push_to(&cp, snapshot(1, "deny", vec![]), 2).await;
+    let channel = grpc::channel(p.route).await.unwrap();
+    let status = grpc::certify(channel).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "denied by policy default:deny");
+}

@@ -25,7 +25,7 @@ use http::{Response, StatusCode};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
-use trellis_core::policy::{HttpRequest, l7};
+use trellis_core::policy::{Decision, HttpRequest, l7};
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
 use super::{Body, InForce};
@@ -148,20 +148,25 @@ impl<S> Authorize<S> {
             );
         }
         let refused = (!decision.is_allowed()).then(|| {
-            let message = match decision.rule() {
-                Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
-                None => format!("denied by policy {}", decision.policy_label()),
-            };
             entry.outcome = "deny";
             local(
                 *grpc,
                 StatusCode::FORBIDDEN,
                 GrpcCode::PermissionDenied,
-                message,
+                denial(&decision),
             )
         });
         entry.decision = Some(decision);
         refused
+    }
+}
+
+/// What a refused caller is told: the deciding policy and rule
+/// (`denied by policy NS/NAME rule N`, or the mesh default's label).
+pub fn denial(decision: &Decision) -> String {
+    match decision.rule() {
+        Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
+        None => format!("denied by policy {}", decision.policy_label()),
     }
 }
 

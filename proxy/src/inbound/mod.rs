@@ -5,7 +5,9 @@
 //! This module never trusts a peer it has not verified and never forwards
 //! for one policy has not allowed: before the first certificate, for any
 //! handshake failure, before the first policy snapshot and for a denied
-//! peer, the connection is dropped without the application being dialled.
+//! peer, the connection ends without the application being dialled (a
+//! denied peer that settled HTTP by ALPN is first told, in a 403 to its
+//! first request, which policy refused it).
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off).
 //!
@@ -110,9 +112,9 @@ impl Inbound {
 }
 
 /// One inbound connection, from accept to close.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tracker: Tracker) {
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, tracker: Tracker) {
     let metrics = &shared.metrics;
-    let _open = metrics.open(INBOUND);
+    let open = metrics.open(INBOUND);
     let _ = tcp.set_nodelay(true);
 
     // Where the caller meant to go: its original port when iptables
@@ -201,6 +203,15 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     }
     if !decision.is_allowed() && !http_only {
         metrics.connection(INBOUND, DENIED);
+        // A caller that settled HTTP is told which policy refused it, on a
+        // task of its own that keeps the connection counted and tracked:
+        // awaited here, it would make every connection's future larger.
+        if let Some(refusal) = refusal(stream, &decision) {
+            tokio::spawn(async move {
+                refusal.await;
+                drop((open, tracker));
+            });
+        }
         return;
     }
 
@@ -263,6 +274,23 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
             tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
         }
     }
+}
+
+/// For a denied caller that settled HTTP by ALPN, the answer that tells it
+/// which policy refused it ([`http::refuse`]).
+fn refusal(
+    stream: TlsStream<net::ReadAhead<TcpStream>>,
+    decision: &Decision,
+) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    let protocol = stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .and_then(http::Protocol::from_alpn)?;
+    let message = http::authz::denial(decision);
+    Some(Box::pin(async move {
+        http::refuse(protocol, stream, &message).await
+    }))
 }
 
 /// How an allowed connection was forwarded.

@@ -107,8 +107,13 @@ async fn the_mesh_default_deny_blocks_pod_a_to_pod_b() {
     let mut cluster = two_pods("deny").await;
 
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
-    let call = cluster.a_calls(&b_url).await;
-    assert!(call.is_err(), "pod A reached pod B: {call:?}");
+    // Pod A's app is told by pod B's sidecar which policy refused it.
+    let reply = cluster.a_calls(&b_url).await.unwrap();
+    assert_eq!(reply.status, 403, "pod A reached pod B: {reply:?}");
+    assert!(
+        reply.body.contains("denied by policy default:deny"),
+        "{reply:?}"
+    );
 
     cluster
         .b_logs_inbound_from_a(&["inbound connection denied"])
@@ -154,16 +159,24 @@ spec:
         .unwrap();
     eventually("the deny policy to block pod A", SOON, || async {
         match cluster.a_calls(&b_url).await {
-            Err(_) => Ok(()),
+            Ok(reply) if reply.status == 403 => Ok(()),
             Ok(reply) => Err(format!("pod B still answered {}", reply.status)),
+            Err(e) => Err(format!("{e:#}")),
         }
     })
     .await
     .unwrap();
-    // From now on every call is refused before pod B's app.
+    // From now on every call is refused before pod B's app, naming the
+    // policy.
     let reached = cluster.apps[0].requests().len();
-    let call = cluster.a_calls(&b_url).await;
-    assert!(call.is_err(), "pod A reached pod B: {call:?}");
+    let reply = cluster.a_calls(&b_url).await.unwrap();
+    assert_eq!(reply.status, 403, "pod A reached pod B: {reply:?}");
+    assert!(
+        reply
+            .body
+            .contains("denied by policy default/deny-pod-a rule 0"),
+        "{reply:?}"
+    );
     cluster
         .b_logs_inbound_from_a(&["inbound connection denied", "deny-pod-a"])
         .await;
@@ -177,7 +190,11 @@ spec:
         .await
         .unwrap();
     eventually("pod A to reach pod B again", SOON, || async {
-        cluster.a_calls(&b_url).await.map(|r| r.body)
+        match cluster.a_calls(&b_url).await {
+            Ok(reply) if reply.status == 200 && reply.body == B_GREETING => Ok(()),
+            Ok(reply) => Err(format!("pod B answered {reply:?}")),
+            Err(e) => Err(format!("{e:#}")),
+        }
     })
     .await
     .unwrap();
