@@ -307,7 +307,8 @@ impl GrpcListener {
                                 .map(failure_reason)
                                 .unwrap_or("io_error");
                             metrics.handshake_failed(reason);
-                            tracing::warn!(peer = %remote, reason, error = %e, "TLS handshake failed");
+                            let error = trellis_core::tls::Described(&e);
+                            tracing::warn!(peer = %remote, reason, %error, "TLS handshake failed");
                         }
                         Err(_) => {
                             metrics.handshake_failed("timeout");

@@ -143,7 +143,7 @@ fn causes<'a>(
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut message = String::new();
     for cause in causes(e) {
-        let text = cause.to_string();
+        let text = crate::tls::Described(cause).to_string();
         if message.ends_with(&text) {
             continue;
         }

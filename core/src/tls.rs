@@ -305,6 +305,31 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// A TLS error, or an I/O error carrying one, as people read it. rustls
+/// writes what a verifier of ours refused with `Debug`
+/// (`invalid peer certificate: Other(OtherError(UnexpectedId { .. }))`);
+/// this writes the SVID check's own message instead (`invalid peer
+/// certificate: peer presented spiffe://.., expected spiffe://..`). Any
+/// other error is its usual text.
+pub struct Described<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tls = self.0.downcast_ref::<rustls::Error>().or_else(|| {
+            self.0
+                .downcast_ref::<std::io::Error>()?
+                .get_ref()?
+                .downcast_ref::<rustls::Error>()
+        });
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls
+            && let Some(svid) = other.0.downcast_ref::<SvidError>()
+        {
+            return write!(f, "invalid peer certificate: {svid}");
+        }
+        fmt::Display::fmt(self.0, f)
+    }
+}
+
 /// Names a handshake failure for metrics and logs with a short, bounded label.
 pub fn failure_reason(e: &rustls::Error) -> &'static str {
     use rustls::Error as E;
@@ -326,5 +351,34 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
         E::PeerIncompatible(_) => "incompatible_peer",
         E::AlertReceived(_) => "alert_received",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_refused_svid_reads_as_the_check_that_refused_it() {
+        let refused = svid_error(SvidError::UnexpectedId {
+            found: id("spiffe://td/ns/b/sa/impostor"),
+            expected: id("spiffe://td/ns/b/sa/api"),
+        });
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, refused.clone());
+        let words = "invalid peer certificate: peer presented spiffe://td/ns/b/sa/impostor, \
+                     expected spiffe://td/ns/b/sa/api";
+        assert_eq!(Described(&refused).to_string(), words);
+        assert_eq!(Described(&io).to_string(), words);
+        assert!(
+            refused.to_string().contains("OtherError"),
+            "rustls' own text"
+        );
+
+        let other = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert_eq!(Described(&other).to_string(), other.to_string());
     }
 }

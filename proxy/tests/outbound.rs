@@ -98,6 +98,7 @@ async fn a_route_reaches_the_expected_identity() {
 
 #[tokio::test]
 async fn a_route_refuses_a_server_presenting_another_identity() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
     let inbound = inbound(
@@ -122,6 +123,14 @@ async fn a_route_refuses_a_server_presenting_another_identity() {
     })
     .await;
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+    // The log says who answered and who was expected, in words.
+    logs.wait_for(&[
+        "outbound connection refused",
+        "reason=unexpected_identity",
+        "error=handshake: invalid peer certificate: peer presented \
+         spiffe://td.test/ns/b/sa/impostor, expected spiffe://td.test/ns/b/sa/server",
+    ])
+    .await;
 }
 
 #[tokio::test]

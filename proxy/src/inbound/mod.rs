@@ -159,7 +159,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
-            tracing::warn!(%client, reason = %reason, error = %e, "inbound handshake failed");
+            let error = trellis_core::tls::Described(&e);
+            tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
             metrics.handshake_failure(INBOUND, reason);
             metrics.connection(INBOUND, "refused");
             return;

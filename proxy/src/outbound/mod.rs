@@ -52,7 +52,7 @@ enum DialError {
     NoCertificate,
     #[error("connect: {0}")]
     Connect(io::Error),
-    #[error("handshake: {0}")]
+    #[error("handshake: {}", trellis_core::tls::Described(.0))]
     Handshake(io::Error),
     #[error("handshake timed out")]
     Timeout,
