@@ -64,13 +64,23 @@ impl Setup {
         }
     }
 
-    async fn assert_denied(&self, caller: &Sidecar) {
-        if let Ok(body) = self.call(caller).await {
-            panic!(
-                "{} should be denied, got {body:?}\napi sidecar log:\n{}",
+    /// `caller`'s request is refused by api's sidecar, and the caller is
+    /// told so by `policy` (`default:deny`, or `NS/NAME rule N`).
+    async fn assert_denied(&self, caller: &Sidecar, policy: &str) {
+        let addr = caller.route_addr(self.api_id());
+        let response = http::get(addr, "/").await;
+        match response {
+            Ok(r) if r.status == ::http::StatusCode::FORBIDDEN => assert_eq!(
+                r.body,
+                format!("denied by policy {policy}\n"),
+                "{} was refused by another policy",
+                caller.name()
+            ),
+            other => panic!(
+                "{} should be refused by {policy}, got {other:?}\napi sidecar log:\n{}",
                 caller.name(),
                 self.server.log()
-            );
+            ),
         }
     }
 
@@ -90,8 +100,8 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_deny_blocks_every_caller() -> anyhow::Result<()> {
     let mut s = Setup::start().await?;
-    s.assert_denied(&s.web).await;
-    s.assert_denied(&s.intruder).await;
+    s.assert_denied(&s.web, "default:deny").await;
+    s.assert_denied(&s.intruder, "default:deny").await;
     let line = s
         .server
         .wait_for_log("inbound connection denied", SOON)
@@ -108,11 +118,11 @@ async fn default_deny_blocks_every_caller() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allow_lets_one_identity_in_after_the_ack_and_keeps_another_out() -> anyhow::Result<()> {
     let mut s = Setup::start().await?;
-    s.assert_denied(&s.web).await;
+    s.assert_denied(&s.web, "default:deny").await;
     s.apply(&[s.allow_web()]).await?;
     // Enforcement follows the ACK: no retry from here on.
     s.assert_allowed(&s.web).await;
-    s.assert_denied(&s.intruder).await;
+    s.assert_denied(&s.intruder, "default:deny").await;
     let line = s
         .server
         .wait_for_log("inbound connection allowed", SOON)
@@ -141,7 +151,7 @@ async fn deny_beats_allow() -> anyhow::Result<()> {
     let everyone = PolicyDoc::allow("everyone-to-api", s.api_id());
     let not_web = PolicyDoc::deny("deny-web", s.api_id()).from(s.web.identity());
     s.apply(&[everyone, not_web]).await?;
-    s.assert_denied(&s.web).await;
+    s.assert_denied(&s.web, "default/deny-web rule 0").await;
     s.assert_allowed(&s.intruder).await;
     let line = s
         .server
@@ -160,7 +170,7 @@ async fn audit_passes_and_logs_would_deny() -> anyhow::Result<()> {
     s.assert_allowed(&s.web).await;
     let line = s.server.wait_for_log("would deny", SOON).await?;
     assert!(line.contains("default/audit-web"), "{line}");
-    s.assert_denied(&s.intruder).await;
+    s.assert_denied(&s.intruder, "default:deny").await;
     Ok(())
 }
 
@@ -171,7 +181,7 @@ async fn delete_returns_to_the_default() -> anyhow::Result<()> {
     s.assert_allowed(&s.web).await;
     let version = policy::delete(&s.mesh, "default/web-to-api").await?;
     policy::wait_for_ack(&s.mesh, s.api_id(), version).await?;
-    s.assert_denied(&s.web).await;
+    s.assert_denied(&s.web, "default:deny").await;
     Ok(())
 }
 
@@ -203,7 +213,7 @@ async fn an_invalid_policy_is_rejected_and_the_previous_version_stays_in_force()
     assert!(stored.contains(s.web.identity()), "{stored}");
     assert_eq!(policy::acked_version(&s.mesh, s.api_id()).await?, acked);
     s.assert_allowed(&s.web).await;
-    s.assert_denied(&s.intruder).await;
+    s.assert_denied(&s.intruder, "default:deny").await;
     Ok(())
 }
 
@@ -219,7 +229,7 @@ async fn the_last_snapshot_is_enforced_while_the_control_plane_is_down() -> anyh
     s.mesh.stop_control_plane()?;
     for _ in 0..3 {
         s.assert_allowed(&s.web).await;
-        s.assert_denied(&s.intruder).await;
+        s.assert_denied(&s.intruder, "default:deny").await;
     }
     s.server.process().ensure_running()?;
     Ok(())
@@ -277,7 +287,7 @@ async fn a_new_deny_closes_an_open_connection_it_now_denies() -> anyhow::Result<
         }
     })
     .await?;
-    s.assert_denied(&s.web).await;
+    s.assert_denied(&s.web, "default/deny-web rule 0").await;
     Ok(())
 }
 
