@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use trellis_core::SpiffeId;
+use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     PROTOCOL_VERSIONS, SpiffeClientVerifier, failure_reason, peer_spiffe_id, provider, root_store,
 };
@@ -40,6 +41,10 @@ use crate::metrics::Metrics;
 /// The longest a client may take to finish the TLS handshake, from when
 /// its turn came.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a plaintext client of the gRPC port is told.
+const PLAINTEXT_ANSWER: &str = "this is the Trellis control plane's gRPC port: it speaks only TLS \
+     (a client must trust the mesh's bundle.pem, as trellisctl and the sidecars do)";
 
 /// Handshakes in progress at once; more wait for a turn. Each costs about a
 /// millisecond of CPU, so this keeps every core busy while a turn comes
@@ -269,6 +274,15 @@ impl GrpcListener {
                             return;
                         }
                     }
+                    // Plaintext (curl http://, grpcurl -plaintext) is told
+                    // in its own protocol that this port speaks TLS.
+                    let Some(tcp) =
+                        refuse_plaintext(tcp, PLAINTEXT_ANSWER, HANDSHAKE_TIMEOUT).await
+                    else {
+                        metrics.handshake_failed("not_tls");
+                        tracing::warn!(peer = %remote, reason = "not_tls", "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
+                        return;
+                    };
                     // Tokio's semaphore is fair: turns come in arrival order.
                     let Ok(Ok(turn)) =
                         tokio::time::timeout(HANDSHAKE_QUEUE_TIMEOUT, turns.acquire_owned()).await

@@ -144,10 +144,22 @@ fn grpcurl_lists_the_services_through_reflection() {
 fn a_plaintext_client_is_refused_and_logged() {
     let cp = ControlPlane::start(&[]);
     let out = Command::new("curl")
-        .args(["-s", "--max-time", "5", &format!("http://{}/", cp.grpc)])
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}/", cp.grpc),
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // curl is told what the port is, not sent a TLS alert it cannot read.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "this is the Trellis control plane's gRPC port: it speaks only TLS (a client must trust \
+         the mesh's bundle.pem, as trellisctl and the sidecars do)\n400"
+    );
     eventually("the handshake failure in the log", || {
         cp.log()
             .lines()
@@ -157,6 +169,31 @@ fn a_plaintext_client_is_refused_and_logged() {
     assert!(
         cp.metrics()
             .contains("trellis_tls_handshake_failures_total{reason=\"not_tls\"} 1")
+    );
+}
+
+/// `grpcurl -plaintext` against the TLS port, the mistake everyone makes
+/// once, gets UNAVAILABLE saying what the port wants, not a closed
+/// connection.
+#[test]
+fn grpcurl_without_tls_is_told_the_port_speaks_tls() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        println!("skipped: grpcurl not installed");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let out = Command::new("grpcurl")
+        .args(["-plaintext", "-max-time", "10", &cp.grpc, "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "code = Unavailable desc = this is the Trellis control plane's gRPC port: it speaks \
+             only TLS"
+        ),
+        "{stderr}"
     );
 }
 

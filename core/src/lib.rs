@@ -13,6 +13,7 @@
 pub mod grpc;
 pub mod logging;
 pub mod policy;
+pub mod refusal;
 pub mod spiffe;
 pub mod tls;
 

@@ -60,7 +60,15 @@ async fn refuses_plaintext() {
         .await
         .unwrap();
     let answer = read_to_end(&mut tcp).await.unwrap_or_default();
-    assert!(!answer.starts_with(b"GET"), "plaintext was echoed back");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n")
+            && answer.contains("connection: close\r\n")
+            && answer.contains(
+                "\r\n\r\nthis is a Trellis sidecar's inbound port: it accepts only mutual TLS"
+            ),
+        "{answer:?}"
+    );
     eventually("a not_tls failure is counted", || {
         failures(&inbound.metrics, "not_tls")
     })

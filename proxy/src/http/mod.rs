@@ -194,54 +194,21 @@ pub async fn refuse<S>(protocol: Protocol, io: S, message: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let answered = Arc::new(tokio::sync::Notify::new());
+    use trellis_core::refusal::{self, GRPC_PERMISSION_DENIED, Version};
+    let version = match protocol {
+        Protocol::Http2 => Version::Http2,
+        _ => Version::Http1,
+    };
     let message = Bytes::copy_from_slice(message.as_bytes());
-    let service = {
-        let answered = answered.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            answered.notify_one();
-            let response = proxy::local(
-                proxy::is_grpc(&req),
-                http::StatusCode::FORBIDDEN,
-                proxy::GrpcCode::PermissionDenied,
-                message.clone(),
-            );
-            std::future::ready(Ok::<_, Infallible>(response))
-        })
-    };
-    let io = TokioIo::new(io);
-    let served = async {
-        match protocol {
-            Protocol::Http2 => {
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .serve_connection(io, service);
-                until_answered(conn, &answered).await;
-            }
-            _ => {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .keep_alive(false)
-                    .serve_connection(io, service);
-                until_answered(conn, &answered).await;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REFUSAL_PATIENCE, served).await;
-}
-
-/// Serves `conn` until its first request is answered, then shuts it down
-/// gracefully (HTTP/2: GOAWAY once that stream is done).
-async fn until_answered<C>(conn: C, answered: &tokio::sync::Notify)
-where
-    C: hyper_util::server::graceful::GracefulConnection,
-{
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = answered.notified() => conn.as_mut().graceful_shutdown(),
-    }
-    let _ = conn.await;
+    refusal::answer_first_request(io, version, REFUSAL_PATIENCE, move |req| {
+        refusal::local_answer(
+            refusal::is_grpc(req),
+            http::StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            message.clone(),
+        )
+    })
+    .await;
 }
 
 /// The request stack of one connection, as hyper calls it.

@@ -9,13 +9,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+
+use trellis_core::refusal;
 
 use super::access::{Counted, Direction, Entry};
 use super::{Body, Connection, Protocol, headers};
@@ -26,18 +27,13 @@ pub type LocalBody = Either<Incoming, Full<Bytes>>;
 /// gRPC status codes the sidecar answers with.
 #[derive(Debug, Clone, Copy)]
 pub enum GrpcCode {
-    InvalidArgument = 3,
-    PermissionDenied = 7,
-    ResourceExhausted = 8,
-    Unavailable = 14,
+    InvalidArgument = refusal::GRPC_INVALID_ARGUMENT as isize,
+    PermissionDenied = refusal::GRPC_PERMISSION_DENIED as isize,
+    ResourceExhausted = refusal::GRPC_RESOURCE_EXHAUSTED as isize,
+    Unavailable = refusal::GRPC_UNAVAILABLE as isize,
 }
 
-/// Whether the request is gRPC (its answers then carry `grpc-status`).
-pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
+pub use refusal::is_grpc;
 
 /// One request on its way through the request stack of a connection
 /// ([`Authorize`](super::authz::Authorize), then
@@ -151,34 +147,12 @@ async fn splice(client: OnUpgrade, app: OnUpgrade) {
 
 /// An answer from the sidecar itself: `status` with `message` as a text
 /// body, or for gRPC HTTP 200 with `grpc-status` and `grpc-message` in a
-/// trailers-only response.
+/// trailers-only response ([`refusal::local_answer`]).
 pub fn local(
     grpc: bool,
     status: StatusCode,
     code: GrpcCode,
     message: impl Into<Bytes>,
 ) -> Response<LocalBody> {
-    let message = message.into();
-    let mut response = Response::builder();
-    let body = if grpc {
-        response = response
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", code as u16);
-        if let Ok(value) = HeaderValue::from_maybe_shared(message) {
-            response = response.header("grpc-message", value);
-        }
-        Bytes::new()
-    } else {
-        response = response
-            .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
-        let mut text = Vec::with_capacity(message.len() + 1);
-        text.extend_from_slice(&message);
-        text.push(b'\n');
-        text.into()
-    };
-    response
-        .body(Either::Right(Full::new(body)))
-        .expect("static headers are valid")
+    refusal::local_answer(grpc, status, code as u16, message.into()).map(Either::Right)
 }

@@ -31,6 +31,7 @@ use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
 use trellis_core::policy::Decision;
+use trellis_core::refusal::refuse_plaintext;
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
@@ -111,6 +112,12 @@ impl Inbound {
     }
 }
 
+/// What a client that sends plaintext to the inbound port is told (a caller
+/// outside the mesh whose connection to the app was redirected here, or
+/// curl pointed at the port).
+const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual \
+     TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
+
 /// One inbound connection, from accept to close.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, tracker: Tracker) {
     let metrics = &shared.metrics;
@@ -140,6 +147,13 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
     };
     let opaque = shared.is_opaque(target.port());
     let handshake = async {
+        let Some(tcp) = refuse_plaintext(tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                net::PlaintextAnswered,
+            ));
+        };
         let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the

@@ -28,7 +28,7 @@ async fn assert_refused(
 ) -> anyhow::Result<()> {
     let text = probe.received_text();
     assert!(
-        !text.contains(&server.app.greeting()) && !text.starts_with("HTTP/"),
+        !text.contains(&server.app.greeting()) && !text.starts_with("HTTP/1.1 2"),
         "the client got an answer from the app: {probe:?}"
     );
     assert_eq!(server.app.connections(), 0, "the app must not be reached");
@@ -49,6 +49,17 @@ async fn inbound_refuses_a_plaintext_client() -> anyhow::Result<()> {
 
     let probe = probes::plaintext(inbound, &probes::http_request(inbound)).await?;
 
+    // Told in its own protocol what the port is, rather than sent a TLS
+    // alert that an HTTP client shows as garbage.
+    let text = probe.received_text();
+    assert!(
+        text.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{probe:?}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\nthis is a Trellis sidecar's inbound port: it accepts only mutual TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar\n"),
+        "{probe:?}"
+    );
     assert_refused(&server, &probe, before).await
 }
 

@@ -1,0 +1,226 @@
+//! Refusing a connection in words its client can show: one short answer to
+//! its first HTTP request (a text body, or for gRPC `grpc-status` and
+//! `grpc-message`), then the connection closes.
+//!
+//! Two places use it. A sidecar tells a caller that no policy lets in which
+//! policy refused it (over mTLS). And both binaries tell a client that sent
+//! plaintext to a TLS port what the port is ([`refuse_plaintext`]): left to
+//! the TLS library, such a client gets a TLS alert, which curl shows as
+//! "Received HTTP/0.9 when not allowed" and a gRPC client as a closed
+//! connection or a timeout.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// The HTTP version a refused connection is answered in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The HTTP/2 connection preface a client without TLS starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes a client sent to a TLS port (at least one) are
+/// plaintext HTTP, and which version: `None` for a TLS handshake and for
+/// bytes that are not text a person or an HTTP client would send.
+pub fn plaintext_version(first: &[u8]) -> Option<Version> {
+    let &byte = first.first()?;
+    if byte == TLS_HANDSHAKE_RECORD || !byte.is_ascii_uppercase() {
+        return None;
+    }
+    let seen = first.len().min(H2_PREFACE.len());
+    if seen >= 3 && H2_PREFACE.starts_with(&first[..seen]) {
+        Some(Version::Http2)
+    } else {
+        Some(Version::Http1)
+    }
+}
+
+/// Peeks at what a new connection to a TLS port sent first (waiting for it
+/// at most `patience`) and, when it is plaintext HTTP, answers its first
+/// request in its own protocol: `400 Bad Request` with `message` as the
+/// body, or for a gRPC call `UNAVAILABLE` with `message`. Gives the
+/// connection back, untouched, when it is not plaintext HTTP (or sent
+/// nothing in time); `None` when it was answered.
+pub async fn refuse_plaintext(
+    tcp: TcpStream,
+    message: &str,
+    patience: Duration,
+) -> Option<TcpStream> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        _ => return Some(tcp),
+    };
+    let Some(version) = plaintext_version(&first[..n]) else {
+        return Some(tcp);
+    };
+    let message = Bytes::copy_from_slice(message.as_bytes());
+    // Boxed: a caller's future keeps room only for the pointer.
+    Box::pin(answer_first_request(tcp, version, patience, move |req| {
+        local_answer(
+            is_grpc(req),
+            StatusCode::BAD_REQUEST,
+            GRPC_UNAVAILABLE,
+            message.clone(),
+        )
+    }))
+    .await;
+    None
+}
+
+/// gRPC status codes a refusal answers with.
+pub const GRPC_INVALID_ARGUMENT: u16 = 3;
+pub const GRPC_PERMISSION_DENIED: u16 = 7;
+pub const GRPC_RESOURCE_EXHAUSTED: u16 = 8;
+pub const GRPC_UNAVAILABLE: u16 = 14;
+
+/// Whether the request is gRPC (its answers then carry `grpc-status`).
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An answer written by Trellis itself: `status` with `message` and a
+/// newline as a text body, or for gRPC HTTP 200 with `grpc-status:
+/// grpc_code` and `grpc-message: message` in a trailers-only response.
+pub fn local_answer(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u16,
+    message: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::builder();
+    let body = if grpc {
+        response = response
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", grpc_code);
+        if let Ok(value) = HeaderValue::from_maybe_shared(message) {
+            response = response.header("grpc-message", value);
+        }
+        Bytes::new()
+    } else {
+        response = response
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        let mut text = Vec::with_capacity(message.len() + 1);
+        text.extend_from_slice(&message);
+        text.push(b'\n');
+        text.into()
+    };
+    response
+        .body(Full::new(body))
+        .expect("static headers are valid")
+}
+
+/// Serves `io` as `version` until its first request has been answered by
+/// `answer`, then closes it (HTTP/1.1 without keep-alive; HTTP/2 with
+/// GOAWAY once that stream is done). Nothing is read past what hyper needs
+/// for that request; a client that sends none is closed after `patience`.
+pub async fn answer_first_request<S, F>(io: S, version: Version, patience: Duration, answer: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let answered = Arc::new(Notify::new());
+    let service = {
+        let answered = answered.clone();
+        let answer = Arc::new(answer);
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            answered.notify_one();
+            std::future::ready(Ok::<_, Infallible>(answer(&req)))
+        })
+    };
+    let io = TokioIo::new(io);
+    let served = async {
+        match version {
+            Version::Http2 => {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, service);
+                until_answered(conn, &answered).await;
+            }
+            Version::Http1 => {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .keep_alive(false)
+                    .serve_connection(io, service);
+                until_answered(conn, &answered).await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(patience, served).await;
+}
+
+/// Serves `conn` until its first request is answered, then shuts it down
+/// gracefully.
+async fn until_answered<C: GracefulConnection>(conn: C, answered: &Notify) {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = answered.notified() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_is_told_from_tls_by_its_first_bytes() {
+        assert_eq!(
+            plaintext_version(b"GET / HTTP/1.1\r\n"),
+            Some(Version::Http1)
+        );
+        assert_eq!(plaintext_version(b"POST"), Some(Version::Http1));
+        assert_eq!(plaintext_version(b"PUT /x"), Some(Version::Http1));
+        assert_eq!(plaintext_version(H2_PREFACE), Some(Version::Http2));
+        assert_eq!(plaintext_version(b"PRI * HT"), Some(Version::Http2));
+        // A ClientHello, and bytes nobody typed, are not plaintext HTTP.
+        assert_eq!(plaintext_version(&[0x16, 3, 1, 0, 200]), None);
+        assert_eq!(plaintext_version(&[0, 1, 2]), None);
+        assert_eq!(plaintext_version(b""), None);
+    }
+
+    #[test]
+    fn a_local_answer_is_text_or_grpc_trailers() {
+        let text = local_answer(
+            false,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            Bytes::from_static(b"denied"),
+        );
+        assert_eq!(text.status(), StatusCode::FORBIDDEN);
+        assert_eq!(text.headers()["content-type"], "text/plain; charset=utf-8");
+
+        let grpc = local_answer(
+            true,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            Bytes::from_static(b"denied"),
+        );
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "7");
+        assert_eq!(grpc.headers()["grpc-message"], "denied");
+    }
+}
