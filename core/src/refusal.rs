@@ -86,6 +86,56 @@ pub async fn refuse_plaintext(
     None
 }
 
+/// Like [`refuse_plaintext`], without an HTTP server: an HTTP/1.x client
+/// gets the same `400` written as bytes, an HTTP/2 client the server
+/// preface and a GOAWAY whose debug data is `message` (which gRPC clients
+/// log but do not show). For a binary that must stay small (the sidecar).
+/// Returns whether it answered; the connection is then done.
+pub async fn refuse_plaintext_briefly(
+    tcp: &mut TcpStream,
+    message: &str,
+    patience: Duration,
+) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        _ => return false,
+    };
+    let answer = match plaintext_version(&first[..n]) {
+        None => return false,
+        Some(Version::Http1) => format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{message}\n",
+            message.len() + 1
+        )
+        .into_bytes(),
+        Some(Version::Http2) => goaway(message),
+    };
+    let write = async {
+        tcp.write_all(&answer).await?;
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(patience, write).await;
+    true
+}
+
+/// An empty SETTINGS frame (the server preface), then GOAWAY: last stream
+/// 0, `PROTOCOL_ERROR`, `message` as debug data.
+fn goaway(message: &str) -> Vec<u8> {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const PROTOCOL_ERROR: u32 = 0x1;
+    let mut frames = vec![0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
+    let length = (8 + message.len()) as u32;
+    frames.extend_from_slice(&length.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[GOAWAY, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&PROTOCOL_ERROR.to_be_bytes());
+    frames.extend_from_slice(message.as_bytes());
+    frames
+}
+
 /// gRPC status codes a refusal answers with.
 pub const GRPC_INVALID_ARGUMENT: u16 = 3;
 pub const GRPC_PERMISSION_DENIED: u16 = 7;
@@ -200,6 +250,17 @@ mod tests {
         assert_eq!(plaintext_version(&[0x16, 3, 1, 0, 200]), None);
         assert_eq!(plaintext_version(&[0, 1, 2]), None);
         assert_eq!(plaintext_version(b""), None);
+    }
+
+    #[test]
+    fn a_goaway_carries_the_message_after_the_server_preface() {
+        let frames = goaway("TLS only");
+        // SETTINGS, empty.
+        assert_eq!(frames[..9], [0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        // GOAWAY on stream 0: last stream 0, PROTOCOL_ERROR, the message.
+        assert_eq!(frames[9..18], [0, 0, 16, 7, 0, 0, 0, 0, 0]);
+        assert_eq!(frames[18..26], [0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&frames[26..], b"TLS only");
     }
 
     #[test]

@@ -180,37 +180,6 @@ where
     }
 }
 
-/// How long a connection denied outright is kept for its answer.
-const REFUSAL_PATIENCE: Duration = Duration::from_secs(10);
-
-/// Answers a connection the policies deny outright (its peer on its port,
-/// before any request), when ALPN settled HTTP: the first request gets the
-/// answer a request denied by an L7 rule gets, 403 with `message` naming the
-/// deciding policy (gRPC: `PERMISSION_DENIED`), instead of a bare close the
-/// caller cannot tell from a network failure. Then the connection closes;
-/// the app is never dialled, and a caller that sends nothing is closed after
-/// `REFUSAL_PATIENCE` (10 s).
-pub async fn refuse<S>(protocol: Protocol, io: S, message: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    use trellis_core::refusal::{self, GRPC_PERMISSION_DENIED, Version};
-    let version = match protocol {
-        Protocol::Http2 => Version::Http2,
-        _ => Version::Http1,
-    };
-    let message = Bytes::copy_from_slice(message.as_bytes());
-    refusal::answer_first_request(io, version, REFUSAL_PATIENCE, move |req| {
-        refusal::local_answer(
-            refusal::is_grpc(req),
-            http::StatusCode::FORBIDDEN,
-            GRPC_PERMISSION_DENIED,
-            message.clone(),
-        )
-    })
-    .await;
-}
-
 /// The request stack of one connection, as hyper calls it.
 ///
 /// hyper calls a connection's service from the connection's own task, one

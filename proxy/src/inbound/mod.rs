@@ -5,9 +5,9 @@
 //! This module never trusts a peer it has not verified and never forwards
 //! for one policy has not allowed: before the first certificate, for any
 //! handshake failure, before the first policy snapshot and for a denied
-//! peer, the connection ends without the application being dialled (a
-//! denied peer that settled HTTP by ALPN is first told, in a 403 to its
-//! first request, which policy refused it).
+//! peer, the application is never dialled (a denied peer that settled HTTP
+//! by ALPN is served as HTTP all the same, every request refused with 403
+//! naming the policy; any other denied connection is dropped).
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off).
 //!
@@ -31,7 +31,7 @@ use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
 use trellis_core::policy::Decision;
-use trellis_core::refusal::refuse_plaintext;
+use trellis_core::refusal::refuse_plaintext_briefly;
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
@@ -119,9 +119,9 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
      TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
 
 /// One inbound connection, from accept to close.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, tracker: Tracker) {
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tracker: Tracker) {
     let metrics = &shared.metrics;
-    let open = metrics.open(INBOUND);
+    let _open = metrics.open(INBOUND);
     let _ = tcp.set_nodelay(true);
 
     // Where the caller meant to go: its original port when iptables
@@ -147,13 +147,13 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
     };
     let opaque = shared.is_opaque(target.port());
     let handshake = async {
-        let Some(tcp) = refuse_plaintext(tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await
-        else {
+        let mut tcp = tcp;
+        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 net::PlaintextAnswered,
             ));
-        };
+        }
         let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the
@@ -208,25 +208,32 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
     // A connection only L7 rules may allow is served as HTTP or not at all;
     // its requests are decided (and counted) one by one.
     let decision = policy::authorize(current.as_deref(), &peer, port);
-    let http_only = !decision.is_allowed()
+    let admitted = !decision.is_allowed()
         && policy::admits_requests(current.as_deref(), &decision, &peer, port);
-    if http_only {
+    // A denied caller that settled HTTP by ALPN (a Trellis sidecar calling)
+    // is served as HTTP all the same, without the app: every request it
+    // sends is refused by the request layer with 403 naming the deciding
+    // policy, the answer an L7 refusal gets, instead of a closed connection
+    // its app cannot tell from a network failure.
+    let refused_http = !decision.is_allowed()
+        && !admitted
+        && stream
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .is_some_and(|id| http::Protocol::from_alpn(id).is_some());
+    let http_only = admitted || refused_http;
+    if admitted {
         tracing::info!(%peer, port, app = %target, "inbound connection allowed for HTTP requests only (L7 rules)");
     } else {
-        policy::count(current.as_deref(), &decision, metrics);
+        // A refused HTTP connection's requests are counted one by one.
+        if !refused_http {
+            policy::count(current.as_deref(), &decision, metrics);
+        }
         log_decision(&peer, target, &decision, current.is_some());
     }
     if !decision.is_allowed() && !http_only {
         metrics.connection(INBOUND, DENIED);
-        // A caller that settled HTTP is told which policy refused it, on a
-        // task of its own that keeps the connection counted and tracked:
-        // awaited here, it would make every connection's future larger.
-        if let Some(refusal) = refusal(stream, &decision) {
-            tokio::spawn(async move {
-                refusal.await;
-                drop((open, tracker));
-            });
-        }
         return;
     }
 
@@ -266,6 +273,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
             metrics.connection(INBOUND, "forwarded");
             tracing::debug!(%peer, from_peer, to_peer, "inbound connection closed");
         }
+        Ok(Forwarded::Http) if refused_http => metrics.connection(INBOUND, DENIED),
         Ok(Forwarded::Http) => {
             metrics.connection(INBOUND, "forwarded");
             tracing::debug!(%peer, "inbound HTTP connection closed");
@@ -289,23 +297,6 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
             tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
         }
     }
-}
-
-/// For a denied caller that settled HTTP by ALPN, the answer that tells it
-/// which policy refused it ([`http::refuse`]).
-fn refusal(
-    stream: TlsStream<net::ReadAhead<TcpStream>>,
-    decision: &Decision,
-) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
-    let protocol = stream
-        .get_ref()
-        .1
-        .alpn_protocol()
-        .and_then(http::Protocol::from_alpn)?;
-    let message = http::authz::denial(decision);
-    Some(Box::pin(async move {
-        http::refuse(protocol, stream, &message).await
-    }))
 }
 
 /// How an allowed connection was forwarded.
