@@ -353,6 +353,39 @@ async fn a_call_to_another_pods_sidecar_port_is_refused() {
     counted(cluster.b(), "inbound", "loop").await;
 }
 
+/// A caller outside the mesh (no sidecar) calling pod B's app port is
+/// redirected to pod B's inbound listener, which accepts only mutual TLS:
+/// it is told so in an HTTP answer it can show, and pod B's app never sees
+/// the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_outside_the_mesh_is_told_the_pod_accepts_only_mtls() {
+    if skipped() {
+        return;
+    }
+    let mut cluster = Cluster::start(Setup {
+        control_plane: &["--default-policy", "allow-mesh"],
+        init_b: Some(&[]),
+        outside: true,
+        ..Setup::default()
+    })
+    .await
+    .unwrap();
+    cluster.b_serves(APP_PORT, B_GREETING).await;
+
+    let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
+    let reply = cluster.outside().http_get(None, &b_url).await.unwrap();
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply
+            .body
+            .contains("this is a Trellis sidecar's inbound port: it accepts only mutual TLS"),
+        "{reply:?}"
+    );
+    let requests = cluster.apps[0].requests();
+    assert!(requests.is_empty(), "the app was reached: {requests:?}");
+    counted(cluster.b(), "inbound", "refused").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_twice_leaves_one_set_of_rules_and_cleanup_leaves_none() {
     if skipped() {
