@@ -32,6 +32,7 @@ use trellis_core::SpiffeId;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     PROTOCOL_VERSIONS, SpiffeClientVerifier, failure_reason, peer_spiffe_id, provider, root_store,
+    rustls_error,
 };
 
 use crate::api::PeerInfo;
@@ -315,11 +316,7 @@ impl GrpcListener {
                             let _ = tx.send(Ok(TlsConn { stream, peer })).await;
                         }
                         Ok(Err(e)) => {
-                            let reason = e
-                                .get_ref()
-                                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                                .map(failure_reason)
-                                .unwrap_or("io_error");
+                            let reason = rustls_error(&e).map(failure_reason).unwrap_or("io_error");
                             metrics.handshake_failed(reason);
                             let error = trellis_core::tls::Described(&e);
                             tracing::warn!(peer = %remote, reason, %error, "TLS handshake failed");

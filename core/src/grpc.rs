@@ -90,7 +90,7 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
     use rustls::CertificateError as Cert;
     let chain = error_chain(e);
     let hint = causes(e).find_map(|cause| {
-        if let Some(tls) = rustls_error(cause) {
+        if let Some(tls) = crate::tls::rustls_error(cause) {
             return match tls {
                 rustls::Error::InvalidCertificate(Cert::BadSignature | Cert::UnknownIssuer) => {
                     Some(format!(
@@ -120,15 +120,6 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
         Some(hint) => format!("{hint} ({chain})"),
         None => chain,
     }
-}
-
-/// The rustls error `e` is, or carries as an I/O error's inner error.
-pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    e.downcast_ref::<rustls::Error>().or_else(|| {
-        e.downcast_ref::<io::Error>()?
-            .get_ref()?
-            .downcast_ref::<rustls::Error>()
-    })
 }
 
 /// `e` and its sources, outermost first.

@@ -1,12 +1,12 @@
-//! Refusing a connection in words its client can show: one short answer to
-//! its first HTTP request (a text body, or for gRPC `grpc-status` and
-//! `grpc-message`), then the connection closes.
+//! Refusing in words a client can show, instead of a TLS alert or a closed
+//! connection.
 //!
-//! Two places use it. A sidecar tells a caller that no policy lets in which
-//! policy refused it (over mTLS). And both binaries tell a client that sent
-//! plaintext to a TLS port what the port is ([`refuse_plaintext`]): left to
-//! the TLS library, such a client gets a TLS alert, which curl shows as
-//! "Received HTTP/0.9 when not allowed" and a gRPC client as a closed
+//! [`local_answer`] is the answer Trellis writes itself (a text body, or for
+//! gRPC `grpc-status` and `grpc-message`): the sidecar's request layer
+//! refuses with it. [`refuse_plaintext`] and [`refuse_plaintext_briefly`]
+//! tell a client that sent plaintext HTTP to a TLS port what the port is:
+//! left to the TLS library, such a client gets a TLS alert, which curl shows
+//! as "Received HTTP/0.9 when not allowed" and a gRPC client as a closed
 //! connection or a timeout.
 
 use std::convert::Infallible;
@@ -20,7 +20,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -53,6 +52,16 @@ pub fn plaintext_version(first: &[u8]) -> Option<Version> {
     }
 }
 
+/// Waits at most `patience` for a new connection's first bytes and peeks at
+/// them: the HTTP version when they are plaintext HTTP.
+async fn peek_plaintext(tcp: &TcpStream, patience: Duration) -> Option<Version> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => plaintext_version(&first[..n]),
+        _ => None,
+    }
+}
+
 /// Peeks at what a new connection to a TLS port sent first (waiting for it
 /// at most `patience`) and, when it is plaintext HTTP, answers its first
 /// request in its own protocol: `400 Bad Request` with `message` as the
@@ -64,25 +73,12 @@ pub async fn refuse_plaintext(
     message: &str,
     patience: Duration,
 ) -> Option<TcpStream> {
-    let mut first = [0u8; H2_PREFACE.len()];
-    let n = match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
-        Ok(Ok(n)) => n,
-        _ => return Some(tcp),
-    };
-    let Some(version) = plaintext_version(&first[..n]) else {
+    let Some(version) = peek_plaintext(&tcp, patience).await else {
         return Some(tcp);
     };
     let message = Bytes::copy_from_slice(message.as_bytes());
     // Boxed: a caller's future keeps room only for the pointer.
-    Box::pin(answer_first_request(tcp, version, patience, move |req| {
-        local_answer(
-            is_grpc(req),
-            StatusCode::BAD_REQUEST,
-            GRPC_UNAVAILABLE,
-            message.clone(),
-        )
-    }))
-    .await;
+    Box::pin(answer_first_request(tcp, version, patience, message)).await;
     None
 }
 
@@ -97,12 +93,7 @@ pub async fn refuse_plaintext_briefly(
     patience: Duration,
 ) -> bool {
     use tokio::io::AsyncWriteExt;
-    let mut first = [0u8; H2_PREFACE.len()];
-    let n = match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
-        Ok(Ok(n)) => n,
-        _ => return false,
-    };
-    let answer = match plaintext_version(&first[..n]) {
+    let answer = match peek_plaintext(tcp, patience).await {
         None => return false,
         Some(Version::Http1) => format!(
             "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -182,25 +173,32 @@ pub fn local_answer(
         .expect("static headers are valid")
 }
 
-/// Serves `io` as `version` until its first request has been answered by
-/// `answer`, then closes it (HTTP/1.1 without keep-alive; HTTP/2 with
-/// GOAWAY once that stream is done). Nothing is read past what hyper needs
-/// for that request; a client that sends none is closed after `patience`.
-pub async fn answer_first_request<S, F>(io: S, version: Version, patience: Duration, answer: F)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
-{
+/// Serves `tcp` as `version` until its first request has been answered
+/// with `400` and `message` (gRPC: `UNAVAILABLE`), then closes it
+/// (HTTP/1.1 without keep-alive; HTTP/2 with GOAWAY once that stream is
+/// done). Nothing is read past what hyper needs for that request; a client
+/// that sends none is closed after `patience`.
+async fn answer_first_request(
+    tcp: TcpStream,
+    version: Version,
+    patience: Duration,
+    message: Bytes,
+) {
     let answered = Arc::new(Notify::new());
     let service = {
         let answered = answered.clone();
-        let answer = Arc::new(answer);
         hyper::service::service_fn(move |req: Request<Incoming>| {
             answered.notify_one();
-            std::future::ready(Ok::<_, Infallible>(answer(&req)))
+            let response = local_answer(
+                is_grpc(&req),
+                StatusCode::BAD_REQUEST,
+                GRPC_UNAVAILABLE,
+                message.clone(),
+            );
+            std::future::ready(Ok::<_, Infallible>(response))
         })
     };
-    let io = TokioIo::new(io);
+    let io = TokioIo::new(tcp);
     let served = async {
         match version {
             Version::Http2 => {

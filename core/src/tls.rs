@@ -315,19 +315,24 @@ pub struct Described<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Described<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tls = self.0.downcast_ref::<rustls::Error>().or_else(|| {
-            self.0
-                .downcast_ref::<std::io::Error>()?
-                .get_ref()?
-                .downcast_ref::<rustls::Error>()
-        });
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
+            rustls_error(self.0)
             && let Some(svid) = other.0.downcast_ref::<SvidError>()
         {
             return write!(f, "invalid peer certificate: {svid}");
         }
         fmt::Display::fmt(self.0, f)
     }
+}
+
+/// The rustls error `e` is, or carries as an I/O error's inner error (as
+/// tokio-rustls and hyper-util report a failed handshake).
+pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()?
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+    })
 }
 
 /// Names a handshake failure for metrics and logs with a short, bounded label.

@@ -302,7 +302,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 
 /// A handshake that never began: the client sent plaintext, and was told in
 /// its own protocol that the port speaks TLS
-/// ([`trellis_core::refusal::refuse_plaintext`]).
+/// ([`trellis_core::refusal::refuse_plaintext_briefly`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the client sent plaintext; answered that this port speaks only mutual TLS")]
 pub struct PlaintextAnswered;
@@ -310,11 +310,12 @@ pub struct PlaintextAnswered;
 /// The rustls error inside an I/O error from a TLS handshake, named for
 /// metrics; `"io"` when it is not a TLS error.
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
-    let inner = e.get_ref();
-    if inner.is_some_and(|inner| inner.is::<PlaintextAnswered>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<PlaintextAnswered>())
+    {
         return "not_tls";
     }
-    match inner.and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match trellis_core::tls::rustls_error(e) {
         Some(tls) => trellis_core::tls::failure_reason(tls),
         None if e.kind() == io::ErrorKind::UnexpectedEof => "closed",
         None => "io",

@@ -285,7 +285,7 @@ impl AdminCredentials {
         let alert = match read
             .err()
             .as_ref()
-            .and_then(|e| trellis_core::grpc::rustls_error(e))
+            .and_then(|e| trellis_core::tls::rustls_error(e))
         {
             Some(rustls::Error::AlertReceived(alert)) => *alert,
             _ => return None,

@@ -163,7 +163,7 @@ impl<S> Authorize<S> {
 
 /// What a refused caller is told: the deciding policy and rule
 /// (`denied by policy NS/NAME rule N`, or the mesh default's label).
-pub fn denial(decision: &Decision) -> String {
+fn denial(decision: &Decision) -> String {
     match decision.rule() {
         Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
         None => format!("denied by policy {}", decision.policy_label()),
