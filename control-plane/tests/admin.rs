@@ -255,6 +255,26 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
     );
 }
 
+/// A control plane on an IPv6 address, written `[::1]:PORT` as it logs
+/// it: trellisctl dials it (with the sidecar's dial, which took the
+/// brackets for part of a host name).
+#[tokio::test]
+async fn ctl_reaches_a_control_plane_on_an_ipv6_address() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        println!("skipped: no IPv6 loopback");
+        return;
+    }
+    let cp = ControlPlane::start(&["--listen", "[::1]:0"]);
+    assert!(cp.grpc.starts_with("[::1]:"), "{}", cp.grpc);
+    let out = cp.ctl(&["workloads"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("SPIFFE ID"));
+}
+
 /// The serial number of an SVID's leaf as openssl prints it: uppercase hex
 /// pairs joined by colons.
 fn openssl_serial(svid: &Svid) -> String {

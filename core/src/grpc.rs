@@ -66,18 +66,29 @@ fn connector(
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?
                 .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            // The name is not verified (peers are verified by SPIFFE ID); it
-            // only fills SNI.
-            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(dial(&host, port, tls).await?))
         }) as Dial
     })
+}
+
+/// TCP to `host:port` (a name, an IPv4 address, or an IPv6 address with or
+/// without brackets, as a URI or `host:port` writes it), then the TLS
+/// handshake with `tls`.
+pub async fn dial(
+    host: &str,
+    port: u16,
+    tls: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let host = host.trim_matches(['[', ']']);
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    // The name is not verified (peers are verified by SPIFFE ID); it only
+    // fills SNI.
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
 }
 
 /// Why dialling a gRPC server failed, in words an operator can act on: the

@@ -259,22 +259,9 @@ impl AdminCredentials {
     pub async fn refusal(&self, addr: &str) -> Option<String> {
         const PATIENCE: Duration = Duration::from_secs(5);
         let tls = Arc::new(self.client_config().ok()?);
-        let host = addr
-            .rsplit_once(':')
-            .map_or(addr, |(host, _)| host)
-            .trim_matches(['[', ']']);
-        let name = rustls_pki_types::ServerName::try_from(host.to_string()).ok()?;
-        let tcp = tokio::time::timeout(PATIENCE, tokio::net::TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
-        let mut stream = tokio::time::timeout(
-            PATIENCE,
-            tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-        )
-        .await
-        .ok()?
-        .ok()?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let dial = trellis_core::grpc::dial(host, port.parse().ok()?, tls);
+        let mut stream = tokio::time::timeout(PATIENCE, dial).await.ok()?.ok()?;
         let mut first = [0u8; 1];
         let read = tokio::time::timeout(
             PATIENCE,

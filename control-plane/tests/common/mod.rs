@@ -75,13 +75,19 @@ impl ControlPlane {
         Self::start_in(tmp, extra)
     }
 
-    /// Starts on the state dir inside `tmp` (a restart when it exists).
+    /// Starts on the state dir inside `tmp` (a restart when it exists); the
+    /// gRPC API on a free IPv4 loopback port unless `extra` gives `--listen`.
     pub fn start_in(tmp: Arc<tempfile::TempDir>, extra: &[&str]) -> Self {
         let state_dir = tmp.path().join("state");
         let mut child = Command::new(CP)
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .args(["--admin", "127.0.0.1:0"])
             .args(extra)
             .env_remove("TRELLIS_LOG")
             .stdin(Stdio::null())
