@@ -158,30 +158,46 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().to_string()
     };
+    // trellisctl's flags: the address, and the credential in a state dir
+    // or as three files (bundle, certificate, key).
+    let in_dir = |addr: &str, dir: &ControlPlane| {
+        let dir = dir.state_dir.display().to_string();
+        vec![
+            "--control-plane".into(),
+            addr.to_string(),
+            "--state-dir".into(),
+            dir,
+        ]
+    };
+    let files = |bundle: String, cert: String, key: String| {
+        let addr = cp.grpc.clone();
+        [
+            "--control-plane",
+            &addr,
+            "--ca",
+            &bundle,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     let cases: [(Vec<String>, Vec<String>); 5] = [
         (
-            vec![
-                "--control-plane".into(),
-                cp.grpc.clone(),
-                "--state-dir".into(),
-                other.state_dir.display().to_string(),
-            ],
+            in_dir(&cp.grpc, &other),
             vec![
                 format!("not issued by the CA in {}", file(&other, "bundle.pem")),
                 "BadSignature".into(),
             ],
         ),
         (
-            vec![
-                "--control-plane".into(),
-                cp.grpc.clone(),
-                "--ca".into(),
+            files(
                 file(&cp, "bundle.pem"),
-                "--cert".into(),
                 file(&other, "admin.crt"),
-                "--key".into(),
                 file(&other, "admin.key"),
-            ],
+            ),
             vec![format!(
                 "the control plane at {} refused the operator certificate {}",
                 cp.grpc,
@@ -189,16 +205,11 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
             )],
         ),
         (
-            vec![
-                "--control-plane".into(),
-                cp.grpc.clone(),
-                "--ca".into(),
+            files(
                 file(&cp, "bundle.pem"),
-                "--cert".into(),
                 file(&cp, "admin.crt"),
-                "--key".into(),
                 file(&other, "admin.key"),
-            ],
+            ),
             vec![format!(
                 "{}: not the private key of the certificate in {}",
                 file(&other, "admin.key"),
@@ -206,24 +217,14 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
             )],
         ),
         (
-            vec![
-                "--control-plane".into(),
-                cp.admin.clone(),
-                "--state-dir".into(),
-                cp.state_dir.display().to_string(),
-            ],
+            in_dir(&cp.admin, &cp),
             vec![
                 format!("{}: it does not answer in TLS", cp.admin),
                 "gRPC address".into(),
             ],
         ),
         (
-            vec![
-                "--control-plane".into(),
-                stopped.clone(),
-                "--state-dir".into(),
-                cp.state_dir.display().to_string(),
-            ],
+            in_dir(&stopped, &cp),
             vec![format!("{stopped}: nothing listens there")],
         ),
     ];

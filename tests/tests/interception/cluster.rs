@@ -151,6 +151,13 @@ impl Cluster {
     }
 }
 
+/// Asserts that a call was answered by a sidecar, not the app: `status`,
+/// and a body saying `says`.
+pub fn assert_refused(reply: &Reply, status: u16, says: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert!(reply.body.contains(says), "{says:?} not in {reply:?}");
+}
+
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
