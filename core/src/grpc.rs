@@ -60,26 +60,33 @@ fn connector(
 {
     tower::service_fn(move |uri: Uri| {
         let tls = tls.clone();
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?
-                .to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            Ok(TokioIo::new(dial(&host, port, tls).await?))
-        }) as Dial
+        Box::pin(async move { Ok(TokioIo::new(dial_uri(&uri, tls).await?)) }) as Dial
     })
 }
 
-/// TCP to `host:port` (a name, an IPv4 address, or an IPv6 address with or
-/// without brackets, as a URI or `host:port` writes it), then the TLS
-/// handshake with `tls`.
+/// The connection a channel to `addr` ("host:port", as [`connect`] takes it)
+/// makes: TCP, then the TLS handshake with `tls`. For a caller that needs
+/// the TLS stream itself (what the server says in the handshake).
 pub async fn dial(
-    host: &str,
-    port: u16,
+    addr: &str,
     tls: Arc<ClientConfig>,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let host = host.trim_matches(['[', ']']);
+    let uri = Uri::try_from(format!("http://{addr}"))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    dial_uri(&uri, tls).await
+}
+
+/// TCP to the URI's host and port (a name, an IPv4 address, or a bracketed
+/// IPv6 address), then the TLS handshake with `tls`.
+async fn dial_uri(
+    uri: &Uri,
+    tls: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let host = uri
+        .host()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?
+        .trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(443);
     let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     // The name is not verified (peers are verified by SPIFFE ID); it only

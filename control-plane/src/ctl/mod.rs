@@ -259,8 +259,7 @@ impl AdminCredentials {
     pub async fn refusal(&self, addr: &str) -> Option<String> {
         const PATIENCE: Duration = Duration::from_secs(5);
         let tls = Arc::new(self.client_config().ok()?);
-        let (host, port) = addr.rsplit_once(':')?;
-        let dial = trellis_core::grpc::dial(host, port.parse().ok()?, tls);
+        let dial = trellis_core::grpc::dial(addr, tls);
         let mut stream = tokio::time::timeout(PATIENCE, dial).await.ok()?.ok()?;
         let mut first = [0u8; 1];
         let read = tokio::time::timeout(
