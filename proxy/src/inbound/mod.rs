@@ -215,13 +215,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     // sends is refused by the request layer with 403 naming the deciding
     // policy, the answer an L7 refusal gets, instead of a closed connection
     // its app cannot tell from a network failure.
-    let refused_http = !decision.is_allowed()
-        && !admitted
-        && stream
-            .get_ref()
-            .1
-            .alpn_protocol()
-            .is_some_and(|id| http::Protocol::from_alpn(id).is_some());
+    let refused_http = !decision.is_allowed() && !admitted && settled_by_alpn(&stream).is_some();
     let http_only = admitted || refused_http;
     if admitted {
         tracing::info!(%peer, port, app = %target, "inbound connection allowed for HTTP requests only (L7 rules)");
@@ -319,6 +313,15 @@ enum ForwardError {
     Http(#[from] hyper::Error),
 }
 
+/// The HTTP protocol the handshake settled by ALPN, if it settled one.
+fn settled_by_alpn(stream: &TlsStream<net::ReadAhead<TcpStream>>) -> Option<http::Protocol> {
+    stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .and_then(http::Protocol::from_alpn)
+}
+
 /// Forwards an allowed connection to the app at `target`: ports declared
 /// opaque (here or mesh-wide) and streams that are not HTTP as bytes
 /// (unless `http_only`), HTTP request by request. The protocol ALPN settled
@@ -333,11 +336,7 @@ async fn forward(
     http_only: bool,
     is_http: &std::sync::atomic::AtomicBool,
 ) -> Result<Forwarded, ForwardError> {
-    let settled = stream
-        .get_ref()
-        .1
-        .alpn_protocol()
-        .and_then(http::Protocol::from_alpn);
+    let settled = settled_by_alpn(&stream);
     let (protocol, stream) = match settled {
         Some(protocol) => (protocol, http::Rewind::new(stream)),
         // The handshake never settles HTTP on an opaque port.
