@@ -129,7 +129,9 @@ async fn forward_mesh<R>(
     // From here the copy runs on the app's socket itself: what detection
     // read is written once, ahead of it.
     let (prefix, mut local) = local.into_parts();
-    let mut upstream = match dial_mesh(shared, remote, expected, protocol).await {
+    // Boxed, so the handshake's state is freed once it is over instead of
+    // sizing this connection's task for as long as it is open.
+    let mut upstream = match Box::pin(dial_mesh(shared, remote, expected, protocol)).await {
         Ok(upstream) => upstream,
         Err(e) => {
             let reason = e.reason();
