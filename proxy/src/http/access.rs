@@ -72,6 +72,8 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
+        // The request is over: its app connection can serve the next one.
+        self.conn.upstream.release();
         let status = self.status.load(Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.conn

@@ -8,8 +8,9 @@
 //! path, headers, gRPC service; [`authz`]), checked against the rate
 //! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
 //! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
-//! over pooled keep-alive connections (HTTP/2 when it came as HTTP/2, so
-//! gRPC works), and its body streams through, never buffered whole.
+//! over keep-alive connections (HTTP/1 on app connections parked between
+//! requests, [`upstream`]; HTTP/2 on the pooled client, so gRPC works), and
+//! its body streams through, never buffered whole.
 //! Upgrades (WebSocket) switch to a byte copy once the app agrees. A
 //! denied request never reaches the app and does not end the connection.
 //!
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod headers;
 pub mod proxy;
 pub mod ratelimit;
+pub mod upstream;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -50,6 +52,7 @@ use access::Counted;
 use authz::AuthorizeLayer;
 use proxy::Exchange;
 use ratelimit::RateLimitLayer;
+use upstream::{AppConnections, Upstream};
 
 use crate::metrics::Metrics;
 use crate::policy::Policies;
@@ -60,13 +63,13 @@ pub type Body = Counted<Either<Incoming, Full<Bytes>>>;
 /// A request body on its way to the app, counted.
 type RequestBody = Counted<Incoming>;
 
-/// How long an idle pooled connection to the app is kept.
-const POOL_IDLE: Duration = Duration::from_secs(90);
+/// How long an idle pooled HTTP/2 connection to the app is kept.
+const POOL_IDLE: Duration = upstream::IDLE;
 
-/// What every HTTP connection of the sidecar shares: the pooled clients to
-/// the app.
+/// What every HTTP connection of the sidecar shares: the app connections
+/// parked between HTTP/1 callers, and the pooled HTTP/2 client.
 pub struct Http {
-    h1: Client<HttpConnector, RequestBody>,
+    app: Arc<AppConnections>,
     h2: Client<HttpConnector, RequestBody>,
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
@@ -87,10 +90,9 @@ impl Http {
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
-        let h1 = builder.build(connector.clone());
         let h2 = builder.http2_only(true).build(connector);
         Http {
-            h1,
+            app: Arc::default(),
             h2,
             metrics,
             access_log,
@@ -108,6 +110,8 @@ pub struct Connection {
     /// `target` as a URI authority, built once.
     pub authority: Authority,
     pub policies: watch::Receiver<Option<Arc<Policies>>>,
+    /// The app connection of this connection's HTTP/1 request in flight.
+    upstream: Upstream,
 }
 
 impl Connection {
@@ -121,6 +125,7 @@ impl Connection {
             .expect("a SPIFFE ID is a valid header value");
         let authority =
             Authority::try_from(target.to_string()).expect("a socket address is a valid authority");
+        let upstream = Upstream::new(http.app.clone(), target);
         Connection {
             http,
             peer,
@@ -128,6 +133,7 @@ impl Connection {
             target,
             authority,
             policies,
+            upstream,
         }
     }
 }

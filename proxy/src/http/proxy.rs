@@ -1,7 +1,8 @@
 //! One request through the sidecar: taken from the caller ([`Exchange`],
 //! cleaned of hop-by-hop headers and given the verified identity), passed
-//! through the request stack's layers, sent to the app over the pooled
-//! client of its HTTP version ([`forward`]), and answered with the app's
+//! through the request stack's layers, sent to the app ([`forward`]: over a
+//! parked app connection for HTTP/1, the pooled client for HTTP/2), and
+//! answered with the app's
 //! streamed response, or with a short local answer ([`local`]) when the
 //! sidecar refuses it.
 
@@ -19,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use trellis_core::refusal;
 
 use super::access::{Counted, Direction, Entry};
-use super::{Body, Connection, Protocol, headers};
+use super::{Body, Connection, Protocol, RequestBody, headers};
 
 /// The body of a response before it is counted: the app's or the sidecar's.
 pub type LocalBody = Either<Incoming, Full<Bytes>>;
@@ -68,8 +69,8 @@ impl Exchange {
     }
 }
 
-/// The end of the stack: sends the request to the app over the pooled
-/// client of its HTTP version and streams the app's response back.
+/// The end of the stack: sends the request to the app and streams the
+/// app's response back.
 pub async fn forward(
     conn: Arc<Connection>,
     exchange: Exchange,
@@ -81,24 +82,17 @@ pub async fn forward(
         upgrading,
     } = exchange;
     let entry = Arc::new(entry);
-    let client = if req.version() == Version::HTTP_2 {
-        &conn.http.h2
-    } else {
-        &conn.http.h1
-    };
-
-    // The pooled client dials the URI's authority: always the app.
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(conn.authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
-
     let from_client = upgrading.then(|| hyper::upgrade::on(&mut req));
     let req = req.map(|body| Counted::new(body, entry.clone(), Direction::In));
-    let mut response = match client.request(req).await {
+    let sent = if req.version() == Version::HTTP_2 {
+        to_pool(&conn, req).await
+    } else {
+        conn.upstream
+            .send(req, &conn.authority, !upgrading)
+            .await
+            .map_err(Into::into)
+    };
+    let mut response = match sent {
         Ok(response) => response.map(Either::Left),
         Err(e) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
@@ -121,6 +115,22 @@ pub async fn forward(
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
     entry.set_status(response.status());
     Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
+}
+
+/// Sends an HTTP/2 request over the pooled client, which dials the URI's
+/// authority: always the app.
+async fn to_pool(
+    conn: &Connection,
+    mut req: Request<RequestBody>,
+) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(conn.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+    Ok(conn.http.h2.request(req).await?)
 }
 
 /// A response the sidecar wrote instead of the app, logged with `entry`.

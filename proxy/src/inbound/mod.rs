@@ -65,7 +65,8 @@ pub struct Shared {
     pub close_denied: bool,
     /// Ports whose traffic is never inspected as HTTP (`--opaque-ports`).
     pub opaque_ports: Vec<u16>,
-    /// The pooled clients to the app, for HTTP connections.
+    /// The connections to the app for HTTP: parked HTTP/1 ones and the
+    /// pooled HTTP/2 client.
     pub http: Arc<crate::http::Http>,
     pub metrics: Arc<Metrics>,
 }

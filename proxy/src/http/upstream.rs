@@ -1,0 +1,405 @@
+//! HTTP/1 connections to the app.
+//!
+//! An HTTP/1 connection carries one request at a time. A request goes out
+//! on an app connection taken from [`AppConnections`] (the one parked
+//! last) or dialled for it; when the request is over (its response
+//! written to the caller or dropped), the app connection is parked again
+//! for the next request of any caller ([`Upstream::release`]). So a
+//! keep-alive caller, a caller that opens a connection per request and an
+//! idle caller all cost the app as few connections as the requests in
+//! flight. A request locks the shared list twice (uncontended on the
+//! sidecar's one-thread runtime) and, unless its app connection is still
+//! reading the end of the response when the request is over, spawns
+//! nothing and allocates no future of its own (hyper-util's pooled client
+//! boxed a 3 KiB one and spawned a task for every request).
+//!
+//! Each app connection is driven by a task of its own, which also notices
+//! when the app closes an idle one. A parked connection unused for
+//! [`IDLE`] is dropped, and at most [`MAX_PARKED`] are kept.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+use super::RequestBody;
+
+/// How long a parked app connection is kept unused.
+pub const IDLE: Duration = Duration::from_secs(90);
+/// The most app connections parked at once; beyond it the oldest is closed.
+pub const MAX_PARKED: usize = 1024;
+
+/// Why a request could not be sent to the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connecting to the app: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP/1 handshake with the app: {0}")]
+    Handshake(hyper::Error),
+    #[error(transparent)]
+    Request(hyper::Error),
+}
+
+/// App connections parked between requests, newest last.
+pub struct AppConnections<B = RequestBody> {
+    parked: Mutex<VecDeque<(SendRequest<B>, Instant)>>,
+}
+
+impl<B> Default for AppConnections<B> {
+    fn default() -> Self {
+        AppConnections {
+            parked: Mutex::default(),
+        }
+    }
+}
+
+impl<B> AppConnections<B> {
+    /// Parks `sender` for a later request, unless the app closed it; drops the connections parked too long, and the oldest
+    /// beyond [`MAX_PARKED`].
+    fn park(&self, sender: SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((_, since)) = parked.front() {
+            if now.duration_since(*since) < IDLE && parked.len() < MAX_PARKED {
+                break;
+            }
+            parked.pop_front();
+        }
+        parked.push_back((sender, now));
+    }
+
+    /// The most recently parked connection that is still open, if any.
+    fn unpark(&self) -> Option<SendRequest<B>> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((sender, since)) = parked.pop_back() {
+            if !sender.is_closed() && since.elapsed() < IDLE {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// How many connections are parked.
+    #[cfg(test)]
+    fn parked(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The app connection of one inbound HTTP/1 connection's request in
+/// flight, parked when the request is over or the connection ends.
+pub struct Upstream<B = RequestBody> {
+    pool: Arc<AppConnections<B>>,
+    target: SocketAddr,
+    /// Set once a request is on its way, until [`release`](Self::release);
+    /// never locked across an await.
+    current: Mutex<Option<SendRequest<B>>>,
+}
+
+impl<B> Upstream<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn new(pool: Arc<AppConnections<B>>, target: SocketAddr) -> Self {
+        Upstream {
+            pool,
+            target,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Sends `req` to the app at `authority` over this connection's app
+    /// connection, a parked one or a new one, in that order. A request
+    /// that never left a reused connection (the app had closed it) is sent
+    /// again on the next. `keep` is false for an upgrade: its connection
+    /// is the upgraded stream's afterwards, not this one's.
+    pub async fn send(
+        &self,
+        mut req: Request<B>,
+        authority: &Authority,
+        keep: bool,
+    ) -> Result<Response<Incoming>, SendError> {
+        prepare(&mut req, authority);
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                // Boxed: a dial is rare (once per app connection), and its
+                // state would otherwise enlarge the slot hyper keeps for the
+                // request in flight on every caller connection.
+                None => (Box::pin(dial(self.target)).await?, false),
+            };
+            // A parked connection was ready when it was parked; this only
+            // fails if the app has closed it since: try the next.
+            if reused && sender.ready().await.is_err() {
+                continue;
+            }
+            let sent = sender.try_send_request(req);
+            // Dropped once the response is in, not before: the connection
+            // must live to deliver it.
+            let _held = if keep {
+                *self.lock() = Some(sender);
+                None
+            } else {
+                Some(sender)
+            };
+            match sent.await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => {
+                    if keep {
+                        self.lock().take();
+                    }
+                    match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(SendError::Request(e.into_error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Called when a request is over: parks its app connection for the
+    /// next request. One still reading the end of the last response (its
+    /// task has not run since) is parked once it is ready, by a task of its
+    /// own, so an idle caller never holds an app connection.
+    pub fn release(&self) {
+        let Some(mut sender) = self.lock().take() else {
+            return;
+        };
+        if sender.is_ready() {
+            self.pool.park(sender);
+        } else if !sender.is_closed() {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.park(sender);
+                }
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<B>>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The app connection this caller's last request kept, else a parked
+    /// one.
+    fn checkout(&self) -> Option<SendRequest<B>> {
+        let held = self.lock().take();
+        held.or_else(|| self.pool.unpark())
+    }
+}
+
+/// A new HTTP/1 connection to the app at `target`, driven by a task of
+/// its own.
+async fn dial<B>(target: SocketAddr) -> Result<SendRequest<B>, SendError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = crate::net::connect(target)
+        .await
+        .map_err(SendError::Connect)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(SendError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "app connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+impl<B> Drop for Upstream<B> {
+    fn drop(&mut self) {
+        let current = self.current.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = current.take() {
+            self.pool.park(sender);
+        }
+    }
+}
+
+/// Puts `req` in the form an HTTP/1 server expects from a client: the
+/// request target in origin form (authority form for `CONNECT`) and a
+/// `Host` header, the app's address when the caller sent none.
+fn prepare<B>(req: &mut Request<B>, authority: &Authority) {
+    let mut parts = http::uri::Parts::default();
+    if req.method() == Method::CONNECT {
+        parts.authority = Some(authority.clone());
+    } else {
+        let path = req.uri().path_and_query().cloned();
+        parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).expect("a path or an authority alone is a valid URI");
+    if !req.headers().contains_key(HOST) {
+        let host = HeaderValue::from_str(authority.as_str())
+            .expect("a socket address is a valid header value");
+        req.headers_mut().insert(HOST, host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against real apps on loopback sockets: hyper's HTTP/1 server, and a
+    //! bare one that closes each connection after its answer.
+
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+    /// An HTTP/1.1 app that answers every request with 200, and counts the
+    /// connections it accepted and records each request's target and `Host`.
+    async fn app() -> (SocketAddr, Arc<AtomicUsize>, Seen) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = Seen::default();
+        let (count, record) = (accepted.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let record = record.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let host = req
+                        .headers()
+                        .get(HOST)
+                        .map(|h| h.to_str().unwrap().to_owned());
+                    record
+                        .lock()
+                        .unwrap()
+                        .push((req.uri().to_string(), host.unwrap_or_default()));
+                    std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (addr, accepted, seen)
+    }
+
+    fn get(uri: &str) -> Request<Empty<Bytes>> {
+        Request::get(uri).body(Empty::new()).unwrap()
+    }
+
+    async fn send(upstream: &Upstream<Empty<Bytes>>, req: Request<Empty<Bytes>>) -> u16 {
+        let authority = Authority::from_maybe_shared(upstream.target.to_string()).unwrap();
+        let response = upstream.send(req, &authority, true).await.unwrap();
+        let status = response.status().as_u16();
+        response.into_body().collect().await.unwrap();
+        // As the access-log entry does when the request is over.
+        upstream.release();
+        status
+    }
+
+    #[tokio::test]
+    async fn callers_take_turns_on_one_app_connection_while_their_requests_do() {
+        let (addr, accepted, seen) = app().await;
+        let pool = Arc::new(AppConnections::default());
+
+        let first = Upstream::new(pool.clone(), addr);
+        assert_eq!(send(&first, get("http://api.example/a?x=1")).await, 200);
+        let mut with_host = get("/b");
+        with_host
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static("api.example"));
+        assert_eq!(send(&first, with_host).await, 200);
+        assert_eq!(send(&first, get("/")).await, 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one caller, one app connection"
+        );
+
+        // The first caller is idle now, and holds no app connection.
+        let second = Upstream::new(pool.clone(), addr);
+        assert_eq!(send(&second, get("/c")).await, 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "an idle caller held the app connection"
+        );
+        drop((first, second));
+        assert_eq!(pool.parked(), 1, "the app connection was not parked");
+
+        // Origin form, and the app's address as `Host` when the caller sent none.
+        let app = addr.to_string();
+        let expected = [
+            ("/a?x=1", app.as_str()),
+            ("/b", "api.example"),
+            ("/", &app),
+            ("/c", &app),
+        ];
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            expected.map(|(t, h)| (t.to_owned(), h.to_owned())).to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_is_never_used_again() {
+        // Answers one request per connection, then closes it, without
+        // saying so (an app whose idle timeout is shorter than ours).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let n = tcp.read(&mut buf).await.unwrap();
+                        assert!(n > 0, "the request ended early");
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
+                });
+            }
+        });
+
+        let pool = Arc::new(AppConnections::default());
+        let upstream = Upstream::new(pool.clone(), addr);
+        for round in 1..=3 {
+            assert_eq!(send(&upstream, get("/")).await, 200, "request {round}");
+            // Until the sidecar has seen the close, the next request could
+            // race it; that race is a retry's business, not this test's.
+            let mut waited = 0;
+            while !upstream.lock().as_ref().is_none_or(SendRequest::is_closed) {
+                assert!(waited < 5_000, "the close was never noticed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                waited += 1;
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        drop(upstream);
+        assert_eq!(pool.parked(), 0, "a closed connection was parked");
+    }
+}
