@@ -224,9 +224,13 @@ where
 }
 
 impl<B> Drop for Upstream<B> {
+    /// Every request's [`release`](Upstream::release) has emptied `current`
+    /// by the time the connection ends; should one not have, its app
+    /// connection is parked only if ready, as `release` would, since `send`
+    /// trusts a parked connection to be ready.
     fn drop(&mut self) {
         let current = self.current.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = current.take() {
+        if let Some(sender) = current.take().filter(SendRequest::is_ready) {
             self.pool.park(sender);
         }
     }
