@@ -71,11 +71,19 @@ impl DialError {
 
 /// Dials `remote` with mTLS, accepting only a server presenting `expected`
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
+///
+/// `first` (the app's bytes read by detection, at most
+/// [`http::detect::MAX_PEEK`]) is handed to the TLS session before the handshake:
+/// rustls holds it until the server has been verified and then sends it
+/// in the same write as the client's `Finished`, so the peer gets the
+/// handshake's end and the first request in one segment. It is never sent
+/// as 0-RTT early data.
 async fn dial_mesh(
     shared: &Shared,
     remote: impl tokio::net::ToSocketAddrs,
     expected: &SpiffeId,
     protocol: Protocol,
+    first: &[u8],
 ) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
     let config = shared
         .tls
@@ -86,12 +94,27 @@ async fn dial_mesh(
     let tcp = net::ReadAhead::new(tcp);
     let connector = TlsConnector::from(config);
     let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
+    // rustls buffers up to 64 KiB of plaintext before the handshake ends
+    // (`first` is at most 8 KiB); whatever it did not take is written
+    // after the handshake.
+    let queued = std::cell::Cell::new(0);
+    let queue = |conn: &mut rustls::ClientConnection| {
+        queued.set(std::io::Write::write(&mut conn.writer(), first).unwrap_or(0));
+    };
     let connect = match protocol.alpn() {
-        Some(id) => connector.with_alpn(vec![id.to_vec()]).connect(name, tcp),
-        None => connector.connect(name, tcp),
+        Some(id) => connector
+            .with_alpn(vec![id.to_vec()])
+            .connect_with(name, tcp, queue),
+        None => connector.connect_with(name, tcp, queue),
     };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(mut stream)) => {
+            let rest = &first[queued.get()..];
+            if !rest.is_empty() {
+                stream.write_all(rest).await.map_err(DialError::Handshake)?;
+            }
+            Ok(stream)
+        }
         Ok(Err(e)) => Err(DialError::Handshake(e)),
         Err(_) => Err(DialError::Timeout),
     }
@@ -131,7 +154,8 @@ async fn forward_mesh<R>(
     let (prefix, mut local) = local.into_parts();
     // Boxed, so the handshake's state is freed once it is over instead of
     // sizing this connection's task for as long as it is open.
-    let mut upstream = match Box::pin(dial_mesh(shared, remote, expected, protocol)).await {
+    let mut upstream = match Box::pin(dial_mesh(shared, remote, expected, protocol, &prefix)).await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
             let reason = e.reason();
@@ -163,12 +187,8 @@ async fn forward_mesh<R>(
         alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
         "outbound connection"
     );
-    if let Err(e) = upstream.write_all(&prefix).await {
-        metrics.connection(OUTBOUND, "error");
-        tracing::debug!(remote = %remote, error = %e, "outbound connection ended with an error");
-        return;
-    }
-    // Not held for the life of the connection.
+    // The prefix went out with the handshake's end. Not held for the life
+    // of the connection.
     let prefix_len = prefix.len() as u64;
     drop(prefix);
     match net::copy(&mut local, &mut upstream).await {
