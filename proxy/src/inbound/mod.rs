@@ -123,7 +123,6 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tracker: Tracker) {
     let metrics = &shared.metrics;
     let _open = metrics.open(INBOUND);
-    let _ = tcp.set_nodelay(true);
 
     // Where the caller meant to go: its original port when iptables
     // redirected it here, else the configured app.

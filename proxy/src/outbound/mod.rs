@@ -244,7 +244,6 @@ impl RouteListener {
 /// One connection on a route: straight to the route's remote over mTLS.
 async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tracker: Tracker) {
     let _open = shared.metrics.open(OUTBOUND);
-    let _ = tcp.set_nodelay(true);
     forward_mesh(
         &shared,
         tcp,
@@ -309,7 +308,6 @@ async fn serve_transparent(
 ) {
     let metrics = &shared.metrics;
     let _open = metrics.open(OUTBOUND);
-    let _ = tcp.set_nodelay(true);
 
     let Some(dst) = net::original_dst(&tcp) else {
         tracing::warn!(%client, "outbound connection refused: no original destination (not redirected)");
