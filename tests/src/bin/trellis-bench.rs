@@ -21,6 +21,11 @@ use trellis_tests::bench::contenders::Kind;
 use trellis_tests::bench::{self, Mode, Options};
 use trellis_tests::{Launcher, Program};
 
+/// The sidecar's allocator, for when this program runs as the sidecar
+/// (see [`trellis_alloc`]).
+#[global_allocator]
+static ALLOC: trellis_alloc::LineAligned = trellis_alloc::LineAligned;
+
 const USAGE: &str = "\
 trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel on loopback, and the control plane at scale
 

@@ -29,6 +29,11 @@ use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::ports::preferred_or_free;
 use trellis_tests::{HttpApp, Launcher, Mesh, Program, Sidecar, http};
 
+/// The sidecar's allocator, for when this program runs as the sidecar
+/// (see [`trellis_alloc`]).
+#[global_allocator]
+static ALLOC: trellis_alloc::LineAligned = trellis_alloc::LineAligned;
+
 const USAGE: &str = "\
 trellis-demo: start a local Trellis mesh, show an mTLS call, stay up until Ctrl-C
 
