@@ -56,6 +56,8 @@ enum DialError {
     Handshake(io::Error),
     #[error("handshake timed out")]
     Timeout,
+    #[error("sending the app's first bytes: {0}")]
+    FirstBytes(io::Error),
 }
 
 impl DialError {
@@ -65,6 +67,7 @@ impl DialError {
             DialError::Connect(_) => "connect_failed",
             DialError::Handshake(e) => net::handshake_failure_reason(e),
             DialError::Timeout => "timeout",
+            DialError::FirstBytes(_) => "write_failed",
         }
     }
 }
@@ -111,7 +114,10 @@ async fn dial_mesh(
         Ok(Ok(mut stream)) => {
             let rest = &first[queued.get()..];
             if !rest.is_empty() {
-                stream.write_all(rest).await.map_err(DialError::Handshake)?;
+                stream
+                    .write_all(rest)
+                    .await
+                    .map_err(DialError::FirstBytes)?;
             }
             Ok(stream)
         }
