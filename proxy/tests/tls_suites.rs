@@ -1,7 +1,8 @@
 //! What TLS the inbound port speaks: two sidecars settle AES-128-GCM with
 //! SHA-256 (their handshakes hash with SHA-256, which CPUs accelerate);
 //! a client that offers only AES-256-GCM is still served, and TLS 1.2 is
-//! refused, as `openssl s_client` reports.
+//! refused, as `openssl s_client` reports; a sidecar called by hundreds
+//! of others resumes every one of their sessions.
 
 mod common;
 
@@ -54,4 +55,53 @@ async fn tls_1_2_is_refused() {
     };
     assert!(seen.contains("Cipher is (NONE)"), "{seen}");
     assert_eq!(*app.accepted.borrow(), 0, "the app must not be reached");
+}
+
+/// A sidecar called by many others keeps no session state of its own: its
+/// session tickets are sealed with a key of its TLS config, so every
+/// caller's ticket is good however many callers there are (a cache of
+/// sessions on the server, rustls' default, keeps the latest 256, which
+/// two tickets for each of 300 callers overflow). Each caller connects
+/// once with a full handshake and once more later, and the second
+/// connection of every one of them is resumed.
+#[tokio::test]
+async fn every_one_of_hundreds_of_callers_resumes_its_session() {
+    const CALLERS: usize = 300;
+    let (ca, inbound, _app) = sidecar().await;
+    let server = id("/ns/b/sa/server");
+    let configs: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let caller = ca.tls_state(&ca.svid(&id(&format!("/ns/a/sa/caller-{i}"))), &[]);
+            caller.client_for(&server).unwrap()
+        })
+        .collect();
+    // A round trip lets the caller read the tickets sent after the
+    // handshake; the newline makes the bytes plainly not HTTP, so the
+    // sidecar forwards them without waiting for more.
+    async fn connect(
+        addr: std::net::SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Option<rustls::HandshakeKind> {
+        let mut stream = tls_connect(addr, config).await.unwrap();
+        assert_eq!(round_trip(&mut stream, b"ping\n").await.unwrap(), b"ping\n");
+        stream.get_ref().1.handshake_kind()
+    }
+    for config in &configs {
+        assert_eq!(
+            connect(inbound.addr, config.clone()).await,
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
+    let mut full = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        if connect(inbound.addr, config.clone()).await != Some(rustls::HandshakeKind::Resumed) {
+            full.push(i);
+        }
+    }
+    assert!(
+        full.is_empty(),
+        "{} of {CALLERS} callers could not resume, the first {:?}",
+        full.len(),
+        &full[..full.len().min(5)]
+    );
 }

@@ -95,6 +95,14 @@ impl TlsState {
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(resolver.clone());
+        let mut server = server;
+        // Stateless session tickets: the session, the caller's verified
+        // chain with it, sealed with a key of this config, so resumption
+        // holds for any number of callers (a server-side cache keeps only
+        // the latest sessions) and the key dies with the config, when the
+        // SVID or the bundle changes.
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut http_server = server.clone();
         // Preference order: h2 first when a client offers both.
         http_server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
