@@ -61,8 +61,9 @@ impl<B> Default for AppConnections<B> {
 }
 
 impl<B> AppConnections<B> {
-    /// Parks `sender` for a later request, unless the app closed it; drops the connections parked too long, and the oldest
-    /// beyond [`MAX_PARKED`].
+    /// Parks `sender` for a later request, unless the app closed it; drops
+    /// the connections parked too long, and the oldest beyond
+    /// [`MAX_PARKED`].
     fn park(&self, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;

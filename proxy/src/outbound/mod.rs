@@ -76,11 +76,11 @@ impl DialError {
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
 ///
 /// `first` (the app's bytes read by detection, at most
-/// [`http::detect::MAX_PEEK`]) is handed to the TLS session before the handshake:
-/// rustls holds it until the server has been verified and then sends it
-/// in the same write as the client's `Finished`, so the peer gets the
-/// handshake's end and the first request in one segment. It is never sent
-/// as 0-RTT early data.
+/// [`http::detect::MAX_PEEK`]) is handed to the TLS session before the
+/// handshake: rustls holds it until the server has been verified and then
+/// sends it in the same write as the client's `Finished`, so the peer gets
+/// the handshake's end and the first request in one segment. It is never
+/// sent as 0-RTT early data.
 async fn dial_mesh(
     shared: &Shared,
     remote: impl tokio::net::ToSocketAddrs,

@@ -91,11 +91,10 @@ impl TlsState {
         let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
         let resolver = Arc::new(SvidResolver(svid.certified.clone()));
         let verifier = SpiffeClientVerifier::new(roots.clone(), trust_domain.clone(), true)?;
-        let server = ServerConfig::builder_with_provider(provider())
+        let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(resolver.clone());
-        let mut server = server;
         // Stateless session tickets: the session, the caller's verified
         // chain with it, sealed with a key of this config, so resumption
         // holds for any number of callers (a server-side cache keeps only
