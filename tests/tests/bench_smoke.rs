@@ -2,7 +2,8 @@
 //! scenario end to end (one 1-second bulk transfer through every contender:
 //! direct, Trellis with a real control plane and two sidecars, the same
 //! with the app's port opaque (`trellis-l4`), and each of
-//! Envoy, HAProxy and stunnel that is installed) and writes its JSON. This
+//! Envoy, HAProxy, stunnel and the plaintext HAProxy pair that is
+//! installed) and writes its JSON. This
 //! checks that numbers come out, never how large they are: timing belongs
 //! to the benchmark itself. A contender that is not installed is reported
 //! as missing and skipped here.
@@ -68,7 +69,8 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
             "trellis-l4",
             "envoy",
             "haproxy",
-            "stunnel"
+            "stunnel",
+            "haproxy-plain"
         ],
         "every contender is reported, missing or not"
     );

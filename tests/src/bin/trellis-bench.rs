@@ -27,7 +27,7 @@ use trellis_tests::{Launcher, Program};
 static ALLOC: trellis_alloc::LineAligned = trellis_alloc::LineAligned;
 
 const USAGE: &str = "\
-trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel on loopback, and the control plane at scale
+trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel (and a plaintext HAProxy pair) on loopback, and the control plane at scale
 
 Usage: trellis-bench [--quick | --smoke] [--json FILE] [--only NAME,NAME] [--no-pin] [--no-control-plane] [--no-wrk]
                      [--watchers N] [--control-plane-only]
@@ -36,8 +36,10 @@ Options:
   --quick             short run (under 3 minutes on 2 cores)
   --smoke             one tiny bulk transfer per contender, no control plane (the smoke test)
   --json FILE         where to write the JSON (default target/bench/results.json)
-  --only LIST         contenders to run, comma separated: direct,trellis,trellis-l4,envoy,haproxy,stunnel
-                      (trellis-l4: the app port opaque, no HTTP inspection, as the peers run)
+  --only LIST         contenders to run, comma separated:
+                      direct,trellis,trellis-l4,envoy,haproxy,stunnel,haproxy-plain
+                      (trellis-l4: the app port opaque, no HTTP inspection, as the peers run;
+                      haproxy-plain: HAProxy with no TLS, splicing: the best a pair can do here)
                       (direct is always added: every ratio needs it)
   --no-pin            do not pin the proxies to cores
   --no-control-plane  skip the control-plane scenarios
