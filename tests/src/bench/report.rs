@@ -391,3 +391,86 @@ pub fn table(results: &Results) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Mode, system::Machine};
+    use super::*;
+
+    fn pair(name: &str, bulk: f64, keepalive: f64) -> PairFigures {
+        PairFigures {
+            name: name.into(),
+            status: "ok".into(),
+            bulk_1_stream_bytes_per_s: Some(bulk),
+            keepalive_requests_per_s: Some(keepalive),
+            ..PairFigures::default()
+        }
+    }
+
+    fn results(contenders: Vec<PairFigures>) -> Results {
+        Results {
+            mode: Mode::Quick,
+            machine: Machine {
+                cpus: 2,
+                cpu_model: "test".into(),
+                memory_mib: 0,
+                kernel: String::new(),
+            },
+            pinning: String::new(),
+            open_files_limit: 0,
+            sizes: Mode::Quick.sizes(),
+            contenders,
+            control_plane: None,
+            seconds: 0.0,
+        }
+    }
+
+    fn target<'a>(targets: &'a [Value], prefix: &str) -> &'a Value {
+        targets
+            .iter()
+            .find(|t| t["target"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no target {prefix}: {targets:?}"))
+    }
+
+    #[test]
+    fn bulk_and_keepalive_targets_show_the_plaintext_pair_when_it_ran() {
+        let run = results(vec![
+            pair("direct", 3e9, 100_000.0),
+            pair("trellis", 1.2e9, 30_000.0),
+            pair("haproxy-plain", 1.5e9, 40_000.0),
+        ]);
+        let targets = targets(&run);
+        let bulk = target(&targets, "bulk throughput");
+        assert_eq!(bulk["value"].as_f64(), Some(0.4));
+        assert_eq!(bulk["plaintext_pair"].as_f64(), Some(0.5));
+        assert_eq!(bulk["met"].as_bool(), Some(false));
+        let keepalive = target(&targets, "keep-alive");
+        assert_eq!(keepalive["plaintext_pair"].as_f64(), Some(0.4));
+        // Only those two compare with the ceiling.
+        assert!(target(&targets, "new mTLS").get("plaintext_pair").is_none());
+        let table = table(&run);
+        assert!(
+            table.contains("NOT met (plaintext pair 0.500)"),
+            "the table names the ceiling:\n{table}"
+        );
+        assert!(table.contains("haproxy-plain: the HAProxy pair with no TLS"));
+    }
+
+    #[test]
+    fn without_the_plaintext_pair_no_ceiling_is_claimed() {
+        let mut plain = pair("haproxy-plain", 0.0, 0.0);
+        plain.status = "missing".into();
+        let run = results(vec![
+            pair("direct", 3e9, 100_000.0),
+            pair("trellis", 1.2e9, 30_000.0),
+            plain,
+        ]);
+        let targets = targets(&run);
+        assert!(
+            target(&targets, "bulk throughput")
+                .get("plaintext_pair")
+                .is_none()
+        );
+        assert!(!table(&run).contains("plaintext pair 0"));
+    }
+}
