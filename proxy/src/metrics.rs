@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+type Labels3 = [(&'static str, &'static str); 3];
 /// `action` (static) and `policy` (a policy's `namespace/name` or
 /// `default:<mode>`: bounded by the policies selecting this workload).
 type DecisionLabels = (Labels1, [(&'static str, Arc<str>); 1]);
@@ -93,9 +94,14 @@ pub struct Metrics {
     /// `trellis_alpn_total`, resolved once: `[inbound, outbound][ALPN_VALUES]`.
     alpn: [[Counter; ALPN_VALUES.len()]; 2],
     /// `trellis_tls_handshakes_total`, resolved once:
+    /// `[inbound, outbound][full, resumed][KX_GROUP_VALUES]`.
     /// `[inbound, outbound][full, resumed]`.
-    handshakes: [[Counter; 2]; 2],
+    handshakes: [[[Counter; KX_GROUP_VALUES.len()]; 2]; 2],
 }
+
+/// The `group` label values of `trellis_tls_handshakes_total`: the key
+/// exchange of the handshake. Any group but these two counts as `other`.
+pub const KX_GROUP_VALUES: [&str; 3] = ["X25519MLKEM768", "X25519", "other"];
 
 /// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
 /// between sidecars settled. Any other protocol ID counts as `none`, since
@@ -217,18 +223,25 @@ impl Metrics {
                     .clone()
             })
         });
-        let handshake_family = Family::<Labels2, Counter>::default();
+        let handshake_family = Family::<Labels3, Counter>::default();
         registry.register(
             "trellis_tls_handshakes",
-            "mTLS handshakes between sidecars by direction and kind: full (certificates signed \
-             and verified) or resumed (a session ticket from an earlier connection)",
+            "mTLS handshakes between sidecars by direction, kind (full: certificates signed \
+             and verified; resumed: a session ticket from an earlier connection) and key \
+             exchange group",
             handshake_family.clone(),
         );
         let handshakes = [INBOUND, OUTBOUND].map(|direction| {
             ["full", "resumed"].map(|kind| {
-                handshake_family
-                    .get_or_create(&[("direction", direction), ("kind", kind)])
-                    .clone()
+                KX_GROUP_VALUES.map(|group| {
+                    handshake_family
+                        .get_or_create(&[
+                            ("direction", direction),
+                            ("kind", kind),
+                            ("group", group),
+                        ])
+                        .clone()
+                })
             })
         });
         Metrics {
@@ -334,7 +347,12 @@ impl Metrics {
             .unwrap_or(ALPN_VALUES.len() - 1);
         self.alpn[direction][alpn].inc();
         let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        self.handshakes[direction][usize::from(resumed)].inc();
+        let group = match tls.negotiated_key_exchange_group().map(|g| g.name()) {
+            Some(rustls::NamedGroup::X25519MLKEM768) => 0,
+            Some(rustls::NamedGroup::X25519) => 1,
+            _ => 2,
+        };
+        self.handshakes[direction][usize::from(resumed)][group].inc();
     }
 
     /// The `trellis_rate_limited_total` series of `policy`, resolved when

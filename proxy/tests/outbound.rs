@@ -47,11 +47,13 @@ async fn route(
 
 /// A client sidecar's route to a server sidecar in front of an echo app.
 struct Pair {
+    ca: Ca,
+    server: SpiffeId,
     client: Arc<Shared>,
     inbound: TestInbound,
     /// The route's local address.
     local: std::net::SocketAddr,
-    _app: EchoApp,
+    app: EchoApp,
     _shutdown: drain::Shutdown,
 }
 
@@ -62,12 +64,14 @@ impl Pair {
         let server = id("/ns/b/sa/server");
         let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
         let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
-        let (local, shutdown) = route(client.clone(), server, inbound.addr).await;
+        let (local, shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
         Pair {
+            ca,
+            server,
             client,
             inbound,
             local,
-            _app: app,
+            app,
             _shutdown: shutdown,
         }
     }
@@ -156,26 +160,53 @@ async fn transparent_refuses_a_connection_that_was_not_redirected() {
     drop(shutdown);
 }
 
+/// `trellis_tls_handshakes_total` of `direction` and `kind`, of the key
+/// exchange `group` or (`None`) of every group.
+fn handshakes(m: &Metrics, direction: &str, kind: &str, group: Option<&str>) -> u64 {
+    let prefix =
+        format!("trellis_tls_handshakes_total{{direction=\"{direction}\",kind=\"{kind}\",group=\"");
+    m.encode()
+        .lines()
+        .filter_map(|l| {
+            let (g, value) = l.strip_prefix(prefix.as_str())?.split_once("\"} ")?;
+            group
+                .is_none_or(|want| want == g)
+                .then(|| value.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// Attempts to resume that the peer refused, redialled with the hybrid.
+fn not_resumed(m: &Metrics) -> u64 {
+    m.encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "trellis_handshake_failures_total{direction=\"outbound\",reason=\"not_resumed\"} ",
+            )?
+            .parse::<u64>()
+            .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A connection through the route; the round trip lets the client read
+/// the tickets the server sent after the handshake.
+async fn connection(local: std::net::SocketAddr) {
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    assert_eq!(round_trip(&mut tcp, b"ping").await.unwrap(), b"ping");
+}
+
 /// A sidecar reconnecting to a peer resumes the session with a ticket
 /// from an earlier connection (no certificates signed or verified), also
-/// when it opens many connections at once, and both sides count it.
+/// when it opens many connections at once, and both sides count it. Full
+/// handshakes settle the hybrid X25519MLKEM768 key exchange, resumed ones
+/// X25519 alone.
 #[tokio::test]
 async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
     let pair = Pair::start().await;
     let (client, inbound, local) = (&pair.client, &pair.inbound, pair.local);
-    let counted = |m: &Metrics, direction: &str, kind: &str| {
-        let series =
-            format!("trellis_tls_handshakes_total{{direction=\"{direction}\",kind=\"{kind}\"}} ");
-        m.encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Each round trip lets the client read the tickets the server sent.
-    async fn connection(local: std::net::SocketAddr) {
-        let mut tcp = TcpStream::connect(local).await.unwrap();
-        assert_eq!(round_trip(&mut tcp, b"ping").await.unwrap(), b"ping");
-    }
+    let counted = |m: &Metrics, direction: &str, kind: &str| handshakes(m, direction, kind, None);
 
     // One after another first: each one uses a ticket and brings back two.
     for _ in 0..10 {
@@ -205,4 +236,70 @@ async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
         "{} full handshakes in 36 connections opened 12 at a time",
         full - full_before
     );
+    // A dial resumes only with a ticket no other dial under way counts on.
+    assert_eq!(
+        not_resumed(&client.metrics),
+        0,
+        "no attempt to resume failed"
+    );
+    for (m, direction) in [(&client.metrics, "outbound"), (&inbound.metrics, "inbound")] {
+        assert_eq!(
+            handshakes(m, direction, "full", Some("X25519MLKEM768")),
+            counted(m, direction, "full"),
+            "every {direction} full handshake is hybrid"
+        );
+        assert_eq!(
+            handshakes(m, direction, "resumed", Some("X25519")),
+            counted(m, direction, "resumed"),
+            "every {direction} resumption settles X25519"
+        );
+    }
+}
+
+/// When the peer no longer accepts the tickets held for it (it restarted
+/// or its certificate rotated, and its ticket key with it), the attempt to
+/// resume ends before a session begins: no full handshake ever settles
+/// X25519 alone, nothing reaches the app twice, the tickets of the old
+/// key are dropped at once, and the connection goes through with a hybrid
+/// full handshake. The next one resumes again.
+#[tokio::test]
+async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
+    let pair = Pair::start().await;
+    let (client, inbound, local) = (&pair.client, &pair.inbound, pair.local);
+    for _ in 0..3 {
+        connection(local).await;
+    }
+    assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 1);
+    assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 2);
+
+    // The peer's certificate rotates: a new server config, a new ticket key.
+    let rotated = pair.ca.svid(&pair.server);
+    inbound.tls.send_replace(pair.ca.tls_state(&rotated, &[]));
+    let accepted_before = *pair.app.accepted.borrow();
+    connection(local).await;
+    assert_eq!(not_resumed(&client.metrics), 1, "one refused attempt");
+    assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 2);
+    assert_eq!(
+        *pair.app.accepted.borrow(),
+        accepted_before + 1,
+        "the refused attempt never reached the app"
+    );
+    // Its tickets came from the new key: the next connections resume.
+    for _ in 0..3 {
+        connection(local).await;
+    }
+    assert_eq!(
+        not_resumed(&client.metrics),
+        1,
+        "the old tickets were dropped"
+    );
+    assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 2);
+    assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 5);
+    for (m, direction) in [(&client.metrics, "outbound"), (&inbound.metrics, "inbound")] {
+        assert_eq!(
+            handshakes(m, direction, "full", Some("X25519")),
+            0,
+            "no {direction} full handshake without the hybrid"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use crate::http::{self, Protocol};
 use crate::metrics::{Metrics, OUTBOUND};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
-use crate::tls::TlsState;
+use crate::tls::{self, NotResumed, TlsState};
 
 /// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
 /// value carries no meaning.
@@ -75,28 +75,58 @@ impl DialError {
 /// Dials `remote` with mTLS, accepting only a server presenting `expected`
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
 ///
+/// While a ticket of the peer is held the dial resumes with X25519 alone;
+/// if the peer does not accept the ticket, that attempt ends before a
+/// session begins, the peer's tickets are forgotten and the dial starts
+/// again with the hybrid key exchange (see [`crate::tls`]).
+///
 /// `first` (the app's bytes read by detection, at most
 /// [`http::detect::MAX_PEEK`]) is handed to the TLS session before the
 /// handshake: rustls holds it until the server has been verified and then
 /// sends it in the same write as the client's `Finished`, so the peer gets
 /// the handshake's end and the first request in one segment. It is never
 /// sent as 0-RTT early data.
-async fn dial_mesh(
+async fn dial_mesh<R>(
     shared: &Shared,
-    remote: impl tokio::net::ToSocketAddrs,
+    remote: R,
     expected: &SpiffeId,
     protocol: Protocol,
     first: &[u8],
-) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
-    let config = shared
+) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError>
+where
+    R: tokio::net::ToSocketAddrs + Copy,
+{
+    let peer = shared
         .tls
         .borrow()
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
+    let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
+    let Some(_reserved) = peer.tickets.reserve(&name) else {
+        return handshake(&peer.full, remote, &name, protocol, first).await;
+    };
+    match tls::resuming(handshake(&peer.resume, remote, &name, protocol, first)).await {
+        Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
+            tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
+            shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
+            peer.tickets.forget(&name);
+            handshake(&peer.full, remote, &name, protocol, first).await
+        }
+        other => other,
+    }
+}
+
+/// One connection and handshake of [`dial_mesh`] with `config`.
+async fn handshake(
+    config: &Arc<rustls::ClientConfig>,
+    remote: impl tokio::net::ToSocketAddrs,
+    name: &ServerName<'static>,
+    protocol: Protocol,
+    first: &[u8],
+) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
     let tcp = net::connect(remote).await.map_err(DialError::Connect)?;
     let tcp = net::ReadAhead::new(tcp);
-    let connector = TlsConnector::from(config);
-    let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
+    let connector = TlsConnector::from(config.clone());
     // rustls buffers up to 64 KiB of plaintext before the handshake ends
     // (`first` is at most 8 KiB); whatever it did not take is written
     // after the handshake.
@@ -107,8 +137,8 @@ async fn dial_mesh(
     let connect = match protocol.alpn() {
         Some(id) => connector
             .with_alpn(vec![id.to_vec()])
-            .connect_with(name, tcp, queue),
-        None => connector.connect_with(name, tcp, queue),
+            .connect_with(name.clone(), tcp, queue),
+        None => connector.connect_with(name.clone(), tcp, queue),
     };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(mut stream)) => {

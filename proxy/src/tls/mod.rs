@@ -12,19 +12,36 @@
 //! that may carry HTTP, and one that settles nothing, for opaque ports and
 //! clients that offer no HTTP protocol (so a foreign offer is ignored, not
 //! refused). The client configs offer nothing by themselves; the outbound
-//! dial adds the ALPN of the protocol it detected, and each keeps the
-//! session tickets of its peer ([`tickets`]) so reconnecting resumes.
+//! dial adds the ALPN of the protocol it detected, and the configs of a
+//! peer keep its session tickets ([`tickets`]) so reconnecting resumes.
+//!
+//! Each expected peer has two client configs ([`PeerClient`]). A full
+//! handshake always offers the hybrid X25519MLKEM768 key exchange first,
+//! which keeps recorded traffic secret from a future quantum computer. A
+//! resumed session's keys come from its ticket's secret, which a chain of
+//! sessions begun by such a hybrid handshake carries, and from a fresh
+//! exchange, so resuming offers X25519 alone: the 1,184-byte ML-KEM key
+//! and its 1,088-byte answer and their computation are about a tenth of a
+//! resumed handshake's work on each side. A handshake of the resuming
+//! config runs inside [`resuming`], where the certificate verifier (which
+//! rustls calls only for a full handshake) refuses, so a session never
+//! begins without the hybrid: when
+//! the peer no longer accepts the ticket (it restarted or rotated its
+//! certificate), that attempt ends before any session, ticket or byte of
+//! the app exists, and the dial forgets the peer's tickets and starts
+//! again with the hybrid.
 
 pub mod tickets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::sync::watch;
 use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
@@ -64,7 +81,7 @@ pub struct TlsState {
     client: Option<ClientParts>,
     /// Prebuilt client configs for every SPIFFE ID this sidecar expects to
     /// dial (routes and mesh endpoints), so dialling allocates no config.
-    clients: HashMap<SpiffeId, Arc<ClientConfig>>,
+    clients: HashMap<SpiffeId, Arc<PeerClient>>,
 }
 
 #[derive(Clone)]
@@ -158,9 +175,9 @@ impl TlsState {
         self.http_server.as_ref()
     }
 
-    /// A client config presenting our SVID that accepts only a server
+    /// The client configs presenting our SVID that accept only a server
     /// presenting `expected`. `None` without a certificate.
-    pub fn client_for(&self, expected: &SpiffeId) -> Option<Arc<ClientConfig>> {
+    pub fn client_for(&self, expected: &SpiffeId) -> Option<Arc<PeerClient>> {
         if let Some(config) = self.clients.get(expected) {
             return Some(config.clone());
         }
@@ -175,17 +192,119 @@ impl TlsState {
     }
 }
 
+/// The client configs of one expected peer identity, sharing its tickets.
+pub struct PeerClient {
+    /// For a full handshake: X25519MLKEM768 offered first.
+    pub full: Arc<ClientConfig>,
+    /// For resuming a session: X25519 alone. Dial it inside [`resuming`],
+    /// which refuses every full handshake with [`NotResumed`].
+    pub resume: Arc<ClientConfig>,
+    pub tickets: Arc<PeerTickets>,
+}
+
+/// Why the resuming config ended a handshake: the peer did not accept the
+/// ticket, and a session that begins needs the hybrid key exchange.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer did not resume the session; a full handshake needs the hybrid key exchange")]
+pub struct NotResumed;
+
+impl NotResumed {
+    fn error() -> rustls::Error {
+        rustls::Error::Other(rustls::OtherError(Arc::new(NotResumed)))
+    }
+
+    /// Whether a failed handshake was ended by the resuming config.
+    pub fn caused(e: &std::io::Error) -> bool {
+        matches!(
+            trellis_core::tls::rustls_error(e),
+            Some(rustls::Error::Other(other)) if other.0.is::<NotResumed>()
+        )
+    }
+}
+
+tokio::task_local! {
+    /// Set while a handshake of [`PeerClient::resume`] runs ([`resuming`]).
+    static RESUMING: ();
+}
+
+/// Runs the handshake `f` of [`PeerClient::resume`]: a full handshake
+/// inside it is refused with [`NotResumed`].
+pub async fn resuming<F: std::future::Future>(f: F) -> F::Output {
+    RESUMING.scope((), f).await
+}
+
+/// The server verifier of both configs of a peer (rustls resumes a session
+/// only with the verifier that began it): the peer's SPIFFE ID checked,
+/// and every full handshake refused inside [`resuming`]. rustls asks it
+/// only when the peer did not resume.
+#[derive(Debug)]
+struct Verifier(SpiffeServerVerifier);
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if RESUMING.try_with(|_| ()).is_ok() {
+            return Err(NotResumed::error());
+        }
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 impl ClientParts {
-    fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let verifier =
-            SpiffeServerVerifier::new(self.roots.clone(), ExpectedServer::Exact(expected.clone()));
-        let mut config = ClientConfig::builder_with_provider(provider())
+    fn client_config(&self, expected: &SpiffeId) -> Result<Arc<PeerClient>, rustls::Error> {
+        let verifier = Arc::new(Verifier(SpiffeServerVerifier::new(
+            self.roots.clone(),
+            ExpectedServer::Exact(expected.clone()),
+        )));
+        let tickets = Arc::new(PeerTickets::default());
+        let mut full = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(self.resolver.clone());
-        config.resumption = Resumption::store(Arc::new(PeerTickets::default()));
-        Ok(Arc::new(config))
+        full.resumption = Resumption::store(Arc::new(tickets.store()));
+        let mut resuming = (*provider()).clone();
+        resuming.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        let mut resume = ClientConfig::builder_with_provider(Arc::new(resuming))
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(self.resolver.clone());
+        resume.resumption = Resumption::store(Arc::new(tickets.store()));
+        Ok(Arc::new(PeerClient {
+            full: Arc::new(full),
+            resume: Arc::new(resume),
+            tickets,
+        }))
     }
 }
 

@@ -7,12 +7,15 @@
 //! opening connections to one peer faster than it gets tickets back ran
 //! out (a fifth of new connections fell back to full handshakes with 16
 //! dialling at once). [`PeerTickets`] keeps up to [`MAX_TICKETS`]. Each
-//! client config (one per expected peer identity) has its own store, and
-//! a config dies when the SVID or the trust bundle changes, so a ticket is
-//! never used with another identity or after a rotation.
+//! expected peer identity has its own tickets, shared by its two client
+//! configs (the hybrid one for full handshakes and the one for resuming,
+//! see [`super::PeerClient`]), each config with its own store
+//! ([`PeerTickets::store`]) remembering the key-exchange group it last
+//! used. The configs die when the SVID or the trust bundle changes, so a
+//! ticket is never used with another identity or after a rotation.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustls::NamedGroup;
 use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
@@ -22,12 +25,58 @@ use rustls::pki_types::ServerName;
 /// peer's certificate chain, about 1 KiB.
 pub const MAX_TICKETS: usize = 32;
 
-/// The ticket store of one client config. Taken once per handshake, never
-/// per request.
+/// The tickets of one peer identity. Taken once per handshake, never per
+/// request.
 #[derive(Debug, Default)]
 pub struct PeerTickets {
     inner: Mutex<Tickets<Tls13ClientSessionValue>>,
+}
+
+impl PeerTickets {
+    /// A session store for one client config, on these tickets.
+    pub fn store(self: &Arc<Self>) -> ConfigStore {
+        ConfigStore {
+            tickets: self.clone(),
+            kx_hint: Mutex::default(),
+        }
+    }
+
+    /// Reserves a ticket for `name` for one dial, until the reservation
+    /// is dropped: `None` when no ticket is held that another dial under
+    /// way has not reserved (rustls takes the ticket only when it writes
+    /// the ClientHello, after the TCP connect). The sidecar dials every
+    /// peer with one name, so reservations are counted per peer.
+    pub fn reserve(self: &Arc<Self>, name: &ServerName<'_>) -> Option<Reserved> {
+        self.lock().reserve(name).then(|| Reserved(self.clone()))
+    }
+
+    /// Drops every ticket for `name` (the peer no longer accepts them).
+    pub fn forget(&self, name: &ServerName<'_>) {
+        self.lock().forget(name);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tickets<Tls13ClientSessionValue>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The session store of one client config: the peer's shared tickets and
+/// the group this config last settled with the peer (the key share its
+/// next ClientHello sends).
+#[derive(Debug)]
+pub struct ConfigStore {
+    tickets: Arc<PeerTickets>,
     kx_hint: Mutex<Option<(ServerName<'static>, NamedGroup)>>,
+}
+
+/// A ticket reserved for one dial ([`PeerTickets::reserve`]).
+#[derive(Debug)]
+pub struct Reserved(Arc<PeerTickets>);
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.0.lock().release();
+    }
 }
 
 /// Bounded tickets keyed by server name, oldest dropped first.
@@ -35,6 +84,8 @@ pub struct PeerTickets {
 struct Tickets<T> {
     queue: VecDeque<(ServerName<'static>, T)>,
     max: usize,
+    /// Dials under way that hold a reservation.
+    reserved: usize,
 }
 
 impl<T> Default for Tickets<T> {
@@ -42,6 +93,7 @@ impl<T> Default for Tickets<T> {
         Tickets {
             queue: VecDeque::new(),
             max: MAX_TICKETS,
+            reserved: 0,
         }
     }
 }
@@ -54,6 +106,23 @@ impl<T> Tickets<T> {
         self.queue.push_back((name, ticket));
     }
 
+    /// Counts one more dial counting on a ticket for `name`, if one is
+    /// held beyond those already counted on.
+    fn reserve(&mut self, name: &ServerName<'_>) -> bool {
+        let held = self.queue.iter().filter(|(n, _)| n == name).count();
+        let free = held > self.reserved;
+        self.reserved += usize::from(free);
+        free
+    }
+
+    fn release(&mut self) {
+        self.reserved = self.reserved.saturating_sub(1);
+    }
+
+    fn forget(&mut self, name: &ServerName<'_>) {
+        self.queue.retain(|(n, _)| n != name);
+    }
+
     /// The newest ticket for `name`, removed: a ticket is used once.
     fn take(&mut self, name: &ServerName<'_>) -> Option<T> {
         let at = self.queue.iter().rposition(|(n, _)| n == name)?;
@@ -61,7 +130,7 @@ impl<T> Tickets<T> {
     }
 }
 
-impl ClientSessionStore for PeerTickets {
+impl ClientSessionStore for ConfigStore {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
         *self.kx_hint.lock().unwrap_or_else(|e| e.into_inner()) = Some((server_name, group));
     }
@@ -87,20 +156,14 @@ impl ClientSessionStore for PeerTickets {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(server_name, value);
+        self.tickets.lock().insert(server_name, value);
     }
 
     fn take_tls13_ticket(
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(server_name)
+        self.tickets.lock().take(server_name)
     }
 }
 
@@ -124,6 +187,27 @@ mod tests {
         }
         let expected: Vec<usize> = (5..MAX_TICKETS + 5).rev().collect();
         assert_eq!(taken, expected, "newest first, the 5 oldest dropped");
+    }
+
+    #[test]
+    fn a_dial_counts_on_a_ticket_no_other_dial_under_way_counts_on() {
+        let mut t = Tickets::default();
+        assert!(!t.reserve(&name("a.mesh")), "no ticket held");
+        t.insert(name("a.mesh"), 1);
+        t.insert(name("a.mesh"), 2);
+        assert!(t.reserve(&name("a.mesh")));
+        assert!(t.reserve(&name("a.mesh")));
+        assert!(!t.reserve(&name("a.mesh")), "both are counted on");
+        // One dial took its ticket and ended.
+        assert_eq!(t.take(&name("a.mesh")), Some(2));
+        t.release();
+        assert!(!t.reserve(&name("a.mesh")), "the other is still counted on");
+        t.release();
+        assert!(t.reserve(&name("a.mesh")));
+        t.release();
+        t.forget(&name("a.mesh"));
+        assert!(!t.reserve(&name("a.mesh")), "forgotten");
+        assert_eq!(t.take(&name("a.mesh")), None);
     }
 
     #[test]
