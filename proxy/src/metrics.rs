@@ -95,13 +95,16 @@ pub struct Metrics {
     alpn: [[Counter; ALPN_VALUES.len()]; 2],
     /// `trellis_tls_handshakes_total`, resolved once:
     /// `[inbound, outbound][full, resumed][KX_GROUP_VALUES]`.
-    /// `[inbound, outbound][full, resumed]`.
     handshakes: [[[Counter; KX_GROUP_VALUES.len()]; 2]; 2],
 }
 
 /// The `group` label values of `trellis_tls_handshakes_total`: the key
-/// exchange of the handshake. Any group but these two counts as `other`.
+/// exchange of the handshake: the hybrid, X25519 alone, or any other.
 pub const KX_GROUP_VALUES: [&str; 3] = ["X25519MLKEM768", "X25519", "other"];
+const KX_GROUPS: [rustls::NamedGroup; 2] = [
+    rustls::NamedGroup::X25519MLKEM768,
+    rustls::NamedGroup::X25519,
+];
 
 /// The `alpn` label values of `trellis_alpn_total`: what an mTLS handshake
 /// between sidecars settled. Any other protocol ID counts as `none`, since
@@ -347,11 +350,11 @@ impl Metrics {
             .unwrap_or(ALPN_VALUES.len() - 1);
         self.alpn[direction][alpn].inc();
         let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let group = match tls.negotiated_key_exchange_group().map(|g| g.name()) {
-            Some(rustls::NamedGroup::X25519MLKEM768) => 0,
-            Some(rustls::NamedGroup::X25519) => 1,
-            _ => 2,
-        };
+        let group = tls.negotiated_key_exchange_group().map(|g| g.name());
+        let group = KX_GROUPS
+            .iter()
+            .position(|g| Some(*g) == group)
+            .unwrap_or(KX_GROUP_VALUES.len() - 1);
         self.handshakes[direction][usize::from(resumed)][group].inc();
     }
 

@@ -25,11 +25,10 @@
 //! resumed handshake's work on each side. A handshake of the resuming
 //! config runs inside [`resuming`], where the certificate verifier (which
 //! rustls calls only for a full handshake) refuses, so a session never
-//! begins without the hybrid: when
-//! the peer no longer accepts the ticket (it restarted or rotated its
-//! certificate), that attempt ends before any session, ticket or byte of
-//! the app exists, and the dial forgets the peer's tickets and starts
-//! again with the hybrid.
+//! begins without the hybrid: when the peer no longer accepts the ticket
+//! (it restarted or rotated its certificate), that attempt ends before any
+//! session, ticket or byte of the app exists, and the dial forgets the
+//! peer's tickets and starts again with the hybrid.
 
 pub mod tickets;
 
