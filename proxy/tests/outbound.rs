@@ -256,8 +256,8 @@ async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
     }
 }
 
-/// When the peer no longer accepts the tickets held for it (it restarted
-/// or its certificate rotated, and its ticket key with it), the attempt to
+/// When the peer no longer accepts the tickets held for it (it restarted,
+/// or took a new trust bundle, and has a new ticket key), the attempt to
 /// resume ends before a session begins: no full handshake ever settles
 /// X25519 alone, nothing reaches the app twice, the tickets of the old
 /// key are dropped at once, and the connection goes through with a hybrid
@@ -272,7 +272,7 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
     assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 1);
     assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 2);
 
-    // The peer's certificate rotates: a new server config, a new ticket key.
+    // The peer restarts: new configs, a new ticket key.
     let rotated = pair.ca.svid(&pair.server);
     inbound.tls.send_replace(pair.ca.tls_state(&rotated, &[]));
     let accepted_before = *pair.app.accepted.borrow();

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use common::*;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
+use trellis_proxy::tls::TlsState;
 
 fn server_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     stream.get_ref().1.peer_certificates().unwrap()[0]
@@ -82,4 +84,59 @@ fn new_endpoints_reuse_the_configs_already_built() {
         &next.client_for(&a).unwrap()
     ));
     assert!(next.client_for(&b).is_some());
+}
+
+/// The callee's session-ticket key outlives a new certificate of its own
+/// under the same trust bundle, as the sidecar's TLS task rebuilds its
+/// configs, so its callers go on resuming; with a new bundle (or after a
+/// restart) the key is new and the tickets it sealed are refused.
+#[tokio::test]
+async fn tickets_outlive_a_new_certificate_but_not_a_new_bundle() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let (svid_tx, svid_rx) = watch::channel(Some(Arc::new(ca.svid(&server))));
+    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(vec![ca.root()]));
+    let (_snapshot_tx, snapshot_rx) = watch::channel(None);
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(TlsState::default()));
+    tokio::spawn(trellis_proxy::tls::run(
+        td(),
+        Vec::new(),
+        svid_rx,
+        bundle_rx,
+        snapshot_rx,
+        state_tx,
+    ));
+    let mut next_state = async || {
+        state_rx.changed().await.unwrap();
+        state_rx.borrow_and_update().clone()
+    };
+    let inbound = inbound(app.addr, next_state().await).await;
+    let client = ca.tls_state(&ca.svid(&id("/ns/a/sa/client")), &[]);
+    let peer = client.client_for(&server).unwrap();
+    // The hybrid config, as a dial with no ticket held; the round trip
+    // brings the tickets back.
+    let kind = async || {
+        let mut stream = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
+        assert_eq!(round_trip(&mut stream, b"ping\n").await.unwrap(), b"ping\n");
+        stream.get_ref().1.handshake_kind()
+    };
+    assert_eq!(kind().await, Some(rustls::HandshakeKind::Full));
+
+    svid_tx.send_replace(Some(Arc::new(ca.svid(&server))));
+    inbound.tls.send_replace(next_state().await);
+    assert_eq!(
+        kind().await,
+        Some(rustls::HandshakeKind::Resumed),
+        "a ticket sealed before the new certificate resumes"
+    );
+
+    // A new bundle (the same root, read again).
+    bundle_tx.send_replace(Arc::new(vec![ca.root()]));
+    inbound.tls.send_replace(next_state().await);
+    assert_eq!(
+        kind().await,
+        Some(rustls::HandshakeKind::Full),
+        "a ticket sealed before the new bundle is refused"
+    );
 }

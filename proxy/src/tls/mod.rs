@@ -26,7 +26,7 @@
 //! config runs inside [`resuming`], where the certificate verifier (which
 //! rustls calls only for a full handshake) refuses, so a session never
 //! begins without the hybrid: when the peer no longer accepts the ticket
-//! (it restarted or rotated its certificate), that attempt ends before any
+//! (it restarted, or its trust bundle changed), that attempt ends before any
 //! session, ticket or byte of the app exists, and the dial forgets the
 //! peer's tickets and starts again with the hybrid.
 
@@ -114,8 +114,9 @@ impl TlsState {
         // Stateless session tickets: the session, the caller's verified
         // chain with it, sealed with a key of this config, so resumption
         // holds for any number of callers (a server-side cache keeps only
-        // the latest sessions) and the key dies with the config, when the
-        // SVID or the bundle changes.
+        // the latest sessions). The key is passed on to the next config
+        // when only the SVID changes (`keeping_tickets`) and dies with a
+        // new bundle.
         server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut http_server = server.clone();
@@ -161,6 +162,23 @@ impl TlsState {
             client: self.client.clone(),
             clients,
         })
+    }
+
+    /// This state with the session-ticket key of `previous`, so tickets
+    /// it sealed still resume: for a new SVID under the same trust
+    /// bundle. The callers' identities were verified against that bundle,
+    /// and this sidecar's own identity does not change with its
+    /// certificate; a new bundle or a restart gets a new key.
+    pub fn keeping_tickets(mut self, previous: &TlsState) -> Self {
+        if let Some(previous) = &previous.server {
+            for config in [&mut self.server, &mut self.http_server]
+                .into_iter()
+                .flatten()
+            {
+                Arc::make_mut(config).ticketer = previous.ticketer.clone();
+            }
+        }
+        self
     }
 
     /// The inbound config: client SVID mandatory, TLS 1.3 only, no ALPN.
@@ -332,6 +350,15 @@ pub async fn run(
             {
                 state.with_expected(expected)
             }
+            // A new certificate under the same bundle: the callers' tickets
+            // still resume.
+            Some((_, bundle, state)) if Arc::ptr_eq(bundle, &current_bundle) => TlsState::build(
+                current_svid.as_deref(),
+                &current_bundle,
+                &trust_domain,
+                expected,
+            )
+            .map(|new| new.keeping_tickets(state)),
             _ => TlsState::build(
                 current_svid.as_deref(),
                 &current_bundle,
