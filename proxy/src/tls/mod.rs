@@ -344,27 +344,24 @@ pub async fn run(
         let current_snapshot = snapshot.borrow_and_update().clone();
         let endpoint_ids = current_snapshot.iter().flat_map(|s| s.endpoints.values());
         let expected = routes.iter().chain(endpoint_ids);
-        let result = match &built {
-            Some((svid, bundle, state))
-                if same(svid, &current_svid) && Arc::ptr_eq(bundle, &current_bundle) =>
-            {
-                state.with_expected(expected)
-            }
-            // A new certificate under the same bundle: the callers' tickets
-            // still resume.
-            Some((_, bundle, state)) if Arc::ptr_eq(bundle, &current_bundle) => TlsState::build(
-                current_svid.as_deref(),
-                &current_bundle,
-                &trust_domain,
-                expected,
-            )
-            .map(|new| new.keeping_tickets(state)),
+        // The state in force, if the bundle is still the one it was built on.
+        let same_bundle = built
+            .as_ref()
+            .filter(|(_, bundle, _)| Arc::ptr_eq(bundle, &current_bundle));
+        let result = match same_bundle {
+            Some((svid, _, state)) if same(svid, &current_svid) => state.with_expected(expected),
             _ => TlsState::build(
                 current_svid.as_deref(),
                 &current_bundle,
                 &trust_domain,
                 expected,
-            ),
+            )
+            // A new certificate under the same bundle: the callers' tickets
+            // still resume.
+            .map(|new| match same_bundle {
+                Some((_, _, state)) => new.keeping_tickets(state),
+                None => new,
+            }),
         };
         match result {
             Ok(state) => {
