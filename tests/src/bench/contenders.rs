@@ -481,19 +481,19 @@ fn start_haproxy(setup: &Setup<'_>, haproxy: &Path, tls: bool) -> anyhow::Result
     // HAProxy reserves two descriptors per connection up front and refuses
     // to start when the limit is lower.
     let maxconn = (setup.open_files.saturating_sub(500) / 2).min(30_000);
+    // A side's TLS settings: its certificate, the peer verified by the CA.
+    let mtls = |crt: &Path| {
+        format!(
+            " ssl crt {} ca-file {} verify required",
+            crt.display(),
+            c.ca_cert.display()
+        )
+    };
     let (kind, client_tls, server_tls, splice) = if tls {
         (
             Kind::Haproxy,
-            format!(
-                " ssl crt {} ca-file {} verify required",
-                c.client.combined.display(),
-                c.ca_cert.display()
-            ),
-            format!(
-                " ssl crt {} ca-file {} verify required",
-                c.server.combined.display(),
-                c.ca_cert.display()
-            ),
+            mtls(&c.client.combined),
+            mtls(&c.server.combined),
             "",
         )
     } else {
