@@ -341,3 +341,236 @@ async fn opaque_ports_are_never_inspected() {
     let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
     assert_eq!(round_trip(&mut tls, request).await.unwrap(), request);
 }
+
+/// An HTTP/1.1 app that counts the connections it accepted and those
+/// still open. `/echo` streams the request body back as it arrives, `/big`
+/// answers [`BIG`] bytes, `/drip` sends a chunk every 20 ms until the caller goes away, and
+/// `/hang` never answers.
+struct CountingApp {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const BIG: usize = 8 << 20;
+
+impl CountingApp {
+    async fn start() -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        type AppBody = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: ::http::Request<hyper::body::Incoming>| async move {
+                            let body: AppBody = match req.uri().path() {
+                                "/echo" => req.into_body().boxed(),
+                                "/big" => {
+                                    http_body_util::Full::new(bytes::Bytes::from(vec![7u8; BIG]))
+                                        .map_err(|never| match never {})
+                                        .boxed()
+                                }
+                                "/drip" => {
+                                    let chunks = tokio_stream::StreamExt::throttle(
+                                        tokio_stream::iter(std::iter::repeat_with(|| {
+                                            Ok(hyper::body::Frame::data(bytes::Bytes::from(
+                                                "drip\n",
+                                            )))
+                                        })),
+                                        Duration::from_millis(20),
+                                    );
+                                    http_body_util::StreamBody::new(chunks).boxed()
+                                }
+                                "/hang" => std::future::pending().await,
+                                _ => http_body_util::Full::new(bytes::Bytes::from("ok"))
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            };
+                            Ok::<_, hyper::Error>(::http::Response::new(body))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingApp {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn post(path: &str, body: Vec<u8>) -> ::http::Request<http_body_util::Full<bytes::Bytes>> {
+    ::http::Request::post(path)
+        .header("host", "api")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap()
+}
+
+/// Bodies far larger than the socket buffers stream through the sidecar
+/// both ways, the app connection driven by whoever waits on it, and a
+/// caller's requests one after another take one app connection.
+#[tokio::test]
+async fn large_bodies_stream_both_ways_over_one_app_connection() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = CountingApp::start().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let sent: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    for round in 1..=2 {
+        let exchange = async {
+            let echoed = c.send_request(post("/echo", sent.clone())).await.unwrap();
+            assert_eq!(echoed.status(), 200);
+            let echoed = echoed.into_body().collect().await.unwrap().to_bytes();
+            assert!(echoed == sent, "round {round}: the echo differs");
+            let big = c.send_request(get("/big", &[])).await.unwrap();
+            let big = big.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(big.len(), BIG, "round {round}");
+            let (status, body) = text(c.send_request(get("/", &[])).await.unwrap()).await;
+            assert_eq!((status.as_u16(), body.as_str()), (200, "ok"));
+        };
+        tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("round {round} stalled"));
+    }
+    assert_eq!(
+        app.accepted(),
+        1,
+        "one caller's requests took more than one app connection"
+    );
+}
+
+/// An HTTP/1.1 app that answers every request as soon as it has the head,
+/// `early` in the body, and only 100 ms later reads the request body,
+/// counting its bytes; then the next request on the connection.
+async fn early_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = read.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::io::BufReader::new(tcp);
+                loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if tcp.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.to_ascii_lowercase();
+                        if let Some(value) = line.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
+                    tcp.get_mut().write_all(answer).await.unwrap();
+                    // Slow to read: the body fills the sockets meanwhile.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut body = (&mut tcp).take(length as u64);
+                    let n = tokio::io::copy(&mut body, &mut tokio::io::sink())
+                        .await
+                        .unwrap();
+                    counted.fetch_add(n as usize, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, read)
+}
+
+/// An app that answers before it has read the request body: the caller
+/// gets the answer while its body is still on the way (larger than the
+/// sockets hold), the whole body still reaches the app, and the next
+/// request is served.
+#[tokio::test]
+async fn an_answer_before_the_request_body_is_read_reaches_the_caller() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, read) = early_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let exchange = async {
+        let upload = post("/upload", vec![1; 4 * BIG]);
+        for (req, expected) in [(upload, 4 * BIG), (get("/", &[]), 4 * BIG)] {
+            let mut c = h1(&cp, s.inbound, &web()).await;
+            let (status, body) = text(c.send_request(req).await.unwrap()).await;
+            assert_eq!((status.as_u16(), body.as_str()), (200, "early"));
+            eventually("the whole body read after the answer", || {
+                read.load(std::sync::atomic::Ordering::SeqCst) == expected
+            })
+            .await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .expect("the sidecar stalled");
+}
+
+/// A caller that goes away while the app is still answering, or before it
+/// has, frees the app connection its request had: the sidecar closes it,
+/// and holds nothing for the caller that left.
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_request_frees_its_app_connection() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = CountingApp::start().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    // Mid-response: one chunk read, then the caller's connection dropped.
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let mut drip = c.send_request(get("/drip", &[])).await.unwrap().into_body();
+    let first = drip.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "drip\n");
+    assert_eq!(app.open(), 1);
+    drop((drip, c));
+    eventually(
+        "the app connection of a response cut short is closed",
+        || app.open() == 0,
+    )
+    .await;
+
+    // Before the answer: the app has the request and never answers.
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let pending = tokio::spawn(async move {
+        let _ = c.send_request(get("/hang", &[])).await;
+    });
+    eventually("the app has the request", || app.open() == 1).await;
+    pending.abort();
+    eventually(
+        "the app connection of an unanswered request is closed",
+        || app.open() == 0,
+    )
+    .await;
+    assert_eq!(app.accepted(), 2);
+}
