@@ -176,6 +176,18 @@ fn handshakes(m: &Metrics, direction: &str, kind: &str, group: Option<&str>) -> 
         .sum()
 }
 
+/// Failed handshakes in `direction`, by reason.
+fn failures(m: &Metrics, direction: &str) -> Vec<(String, u64)> {
+    let prefix = format!("trellis_handshake_failures_total{{direction=\"{direction}\",reason=\"");
+    m.encode()
+        .lines()
+        .filter_map(|l| {
+            let (reason, value) = l.strip_prefix(prefix.as_str())?.split_once("\"} ")?;
+            Some((reason.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Attempts to resume that the peer refused, redialled with the hybrid.
 fn not_resumed(m: &Metrics) -> u64 {
     m.encode()
@@ -261,7 +273,8 @@ async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
 /// resume ends before a session begins: no full handshake ever settles
 /// X25519 alone, nothing reaches the app twice, the tickets of the old
 /// key are dropped at once, and the connection goes through with a hybrid
-/// full handshake. The next one resumes again.
+/// full handshake; both sides count the refused attempt as `not_resumed`.
+/// The next one resumes again.
 #[tokio::test]
 async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
     let pair = Pair::start().await;
@@ -278,6 +291,11 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
     let accepted_before = *pair.app.accepted.borrow();
     connection(local).await;
     assert_eq!(not_resumed(&client.metrics), 1, "one refused attempt");
+    assert_eq!(
+        failures(&inbound.metrics, "inbound"),
+        [("not_resumed".to_owned(), 1)],
+        "the peer counts the refused attempt as what it is, and nothing else"
+    );
     assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 2);
     assert_eq!(
         *pair.app.accepted.borrow(),

@@ -20,6 +20,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use rustls::server::Acceptor;
@@ -149,6 +150,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
     // the connection.
+    let resuming = AtomicBool::new(false);
     let handshake = Box::pin(async {
         let mut tcp = tcp;
         if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await {
@@ -158,6 +160,10 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
             ));
         }
         let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
+        resuming.store(
+            offers_x25519_alone(&hello.client_hello()),
+            Ordering::Relaxed,
+        );
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the
         // handshake goes on and detection decides.
@@ -174,6 +180,15 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     });
     let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => Box::new(stream),
+        Ok(Err(e)) if resuming.load(Ordering::Relaxed) && ended_by_the_caller(&e) => {
+            // A sidecar whose ticket this one no longer accepts (it
+            // restarted, or took a new trust bundle) ends the attempt and
+            // dials again with a full handshake: expected, once per caller.
+            tracing::debug!(%client, "a caller's session was not resumed; it dials again");
+            metrics.handshake_failure(INBOUND, "not_resumed");
+            metrics.connection(INBOUND, "refused");
+            return;
+        }
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
             let error = trellis_core::tls::Described(&e);
@@ -236,7 +251,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
 
     // Forward, until either side is done or new policies deny the peer.
     let per_request = policies.clone();
-    let is_http = std::sync::atomic::AtomicBool::new(false);
+    let is_http = AtomicBool::new(false);
     let denied_later = async {
         if shared.close_denied {
             revoked(&mut policies, &peer, port, &is_http).await
@@ -344,7 +359,7 @@ async fn forward(
     target: SocketAddr,
     policies: watch::Receiver<Option<Arc<Policies>>>,
     http_only: bool,
-    is_http: &std::sync::atomic::AtomicBool,
+    is_http: &AtomicBool,
 ) -> Result<Forwarded, ForwardError> {
     let settled = settled_by_alpn(&stream);
     let (protocol, stream) = match settled {
@@ -368,7 +383,7 @@ async fn forward(
         let (prefix, stream) = stream.into_parts();
         return copy_to_app(stream, prefix, target).await;
     }
-    is_http.store(true, std::sync::atomic::Ordering::Relaxed);
+    is_http.store(true, Ordering::Relaxed);
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
     http::serve(conn, protocol, stream).await?;
     Ok(Forwarded::Http)
@@ -433,7 +448,7 @@ async fn revoked(
     policies: &mut watch::Receiver<Option<Arc<Policies>>>,
     peer: &SpiffeId,
     port: u16,
-    is_http: &std::sync::atomic::AtomicBool,
+    is_http: &AtomicBool,
 ) -> (Decision, Option<Arc<Policies>>) {
     loop {
         if policies.changed().await.is_err() {
@@ -441,10 +456,28 @@ async fn revoked(
         }
         let now = policies.borrow_and_update().clone();
         let decision = policy::authorize(now.as_deref(), peer, port);
-        let admitted = is_http.load(std::sync::atomic::Ordering::Relaxed)
+        let admitted = is_http.load(Ordering::Relaxed)
             && policy::admits_requests(now.as_deref(), &decision, peer, port);
         if !decision.is_allowed() && !admitted {
             return (decision, now);
         }
     }
+}
+
+/// Whether a ClientHello offers X25519 alone, as a sidecar's resuming
+/// config does (`tls::PeerClient::resume`); its full handshakes offer the
+/// hybrid first.
+fn offers_x25519_alone(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello.named_groups() == Some(&[rustls::NamedGroup::X25519][..])
+}
+
+/// Whether the caller ended the handshake with the alert a sidecar sends
+/// when a session it meant to resume would begin instead.
+fn ended_by_the_caller(e: &io::Error) -> bool {
+    matches!(
+        trellis_core::tls::rustls_error(e),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure
+        ))
+    )
 }
