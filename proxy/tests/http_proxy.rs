@@ -1,7 +1,9 @@
 //! HTTP through the sidecar, end to end in one process: detection of
 //! HTTP/1.1 and HTTP/2, the verified identity header (never a client's),
 //! streamed bodies, Upgrade, gRPC unary and streaming calls, curl through
-//! a sidecar pair, and bytes that are not HTTP passing as TCP.
+//! a sidecar pair, bytes that are not HTTP passing as TCP, and the app
+//! connections under bodies larger than the sockets hold, answers that
+//! come before the body, and callers that leave mid-request.
 
 mod common;
 
