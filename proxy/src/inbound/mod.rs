@@ -147,10 +147,11 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         return;
     };
     let opaque = shared.is_opaque(target.port());
+    // Set when the ClientHello is one of a sidecar's resumptions.
+    let resuming = AtomicBool::new(false);
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
     // the connection.
-    let resuming = AtomicBool::new(false);
     let handshake = Box::pin(async {
         let mut tcp = tcp;
         if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await {
