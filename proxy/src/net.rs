@@ -310,13 +310,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 #[error("the client sent plaintext; answered that this port speaks only mutual TLS")]
 pub struct PlaintextAnswered;
 
+/// Why an inbound handshake ended when a sidecar's resumption met a ticket
+/// this sidecar no longer accepts (it restarted, or took a new trust
+/// bundle): the caller ends the attempt and dials again with a full
+/// handshake, so this is expected once per caller.
+#[derive(Debug, thiserror::Error)]
+#[error("the caller's session was not resumed; it dials again with a full handshake")]
+pub struct ResumptionRefused;
+
 /// The rustls error inside an I/O error from a TLS handshake, named for
 /// metrics; `"io"` when it is not a TLS error.
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
-    if e.get_ref()
-        .is_some_and(|inner| inner.is::<PlaintextAnswered>())
-    {
-        return "not_tls";
+    if let Some(inner) = e.get_ref() {
+        if inner.is::<PlaintextAnswered>() {
+            return "not_tls";
+        }
+        if inner.is::<ResumptionRefused>() {
+            return "not_resumed";
+        }
     }
     match trellis_core::tls::rustls_error(e) {
         Some(tls) => trellis_core::tls::failure_reason(tls),

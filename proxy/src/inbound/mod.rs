@@ -147,8 +147,6 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         return;
     };
     let opaque = shared.is_opaque(target.port());
-    // Set when the ClientHello is one of a sidecar's resumptions.
-    let resuming = AtomicBool::new(false);
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
     // the connection.
@@ -161,10 +159,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
             ));
         }
         let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
-        resuming.store(
-            offers_x25519_alone(&hello.client_hello()),
-            Ordering::Relaxed,
-        );
+        let resuming = offers_x25519_alone(&hello.client_hello());
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the
         // handshake goes on and detection decides.
@@ -177,23 +172,26 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         } else {
             server
         };
-        hello.into_stream(config.clone()).await
+        hello.into_stream(config.clone()).await.map_err(|e| {
+            if resuming && ended_by_the_caller(&e) {
+                io::Error::other(net::ResumptionRefused)
+            } else {
+                e
+            }
+        })
     });
     let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => Box::new(stream),
-        Ok(Err(e)) if resuming.load(Ordering::Relaxed) && ended_by_the_caller(&e) => {
-            // A sidecar whose ticket this one no longer accepts (it
-            // restarted, or took a new trust bundle) ends the attempt and
-            // dials again with a full handshake: expected, once per caller.
-            tracing::debug!(%client, "a caller's session was not resumed; it dials again");
-            metrics.handshake_failure(INBOUND, "not_resumed");
-            metrics.connection(INBOUND, "refused");
-            return;
-        }
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
             let error = trellis_core::tls::Described(&e);
-            tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
+            if reason == "not_resumed" {
+                // Expected once per caller holding tickets
+                // (`net::ResumptionRefused`): not a warning.
+                tracing::debug!(%client, reason = %reason, %error, "inbound handshake ended");
+            } else {
+                tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
+            }
             metrics.handshake_failure(INBOUND, reason);
             metrics.connection(INBOUND, "refused");
             return;
