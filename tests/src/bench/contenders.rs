@@ -489,12 +489,15 @@ fn start_haproxy(setup: &Setup<'_>, haproxy: &Path, tls: bool) -> anyhow::Result
             c.ca_cert.display()
         )
     };
-    let (kind, client_tls, server_tls, splice) = if tls {
+    // Splicing takes a pipe (two descriptors) per active stream; a few
+    // hundred cover every scenario and leave the connections their share.
+    let (kind, client_tls, server_tls, splice, maxpipes) = if tls {
         (
             Kind::Haproxy,
             mtls(&c.client.combined),
             mtls(&c.server.combined),
             "",
+            0,
         )
     } else {
         (
@@ -502,11 +505,9 @@ fn start_haproxy(setup: &Setup<'_>, haproxy: &Path, tls: bool) -> anyhow::Result
             String::new(),
             String::new(),
             "  option splice-auto\n",
+            256,
         )
     };
-    // Splicing takes a pipe (two descriptors) per active stream; a few
-    // hundred cover every scenario and leave the connections their share.
-    let maxpipes = if tls { 0 } else { 256 };
     let maxconn = maxconn.saturating_sub(maxpipes);
     let common = format!(
         "global\n  maxconn {maxconn}\n  maxpipes {maxpipes}\n  nbthread 1\n  \
