@@ -11,6 +11,9 @@
 //! It never dials anywhere and serves only the address it was given.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +30,23 @@ const MAX_HEAD: usize = 16 * 1024;
 pub struct BenchApp {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Counts one open app connection for as long as it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(open: &Arc<AtomicUsize>) -> Open {
+        open.fetch_add(1, Ordering::Relaxed);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BenchApp {
@@ -34,22 +54,45 @@ impl BenchApp {
     pub async fn start() -> anyhow::Result<BenchApp> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let open = Arc::new(AtomicUsize::new(0));
+        let counter = open.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     // Out of descriptors or similar: back off, do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(serve(tcp));
+                let open = Open::new(&counter);
+                tokio::spawn(async move {
+                    serve(tcp).await;
+                    drop(open);
+                });
             }
         });
-        Ok(BenchApp { addr, task })
+        Ok(BenchApp { addr, task, open })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections the app has accepted and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the app holds no connection, for at most `patience`:
+    /// a pair that was holding thousands of connections may take seconds
+    /// to close them all, and until then their descriptors in this process
+    /// count against the next scenario's. Returns how many are still open.
+    pub async fn wait_until_idle(&self, patience: Duration) -> usize {
+        let deadline = Instant::now() + patience;
+        while self.open_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.open_connections()
     }
 }
 
@@ -173,5 +216,25 @@ mod tests {
         assert_eq!(&head[end..], b"body");
         assert_eq!(content_length(&head[..end]), Some(12));
         assert!(!wants_close(&head[..end]));
+    }
+
+    #[tokio::test]
+    async fn counts_its_open_connections_until_their_clients_leave() {
+        let app = BenchApp::start().await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut tcp = TcpStream::connect(app.addr()).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            // The answer proves the app accepted and serves the connection.
+            let mut answer = vec![0u8; 64];
+            tcp.read_exact(&mut answer).await.unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 200"));
+            held.push(tcp);
+        }
+        assert_eq!(app.wait_until_idle(Duration::from_millis(200)).await, 3);
+        drop(held);
+        assert_eq!(app.wait_until_idle(Duration::from_secs(10)).await, 0);
     }
 }

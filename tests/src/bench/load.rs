@@ -157,17 +157,34 @@ pub async fn bulk(
     })
 }
 
-/// Latency at a fixed request rate.
+/// Latency at a fixed request rate: every answered request's time, in
+/// microseconds, and the requests that failed.
 #[derive(Clone, Debug)]
 pub struct Latency {
-    pub rate: f64,
-    pub connections: usize,
-    pub requests: u64,
+    pub histogram: Histogram<u64>,
     pub errors: u64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
+}
+
+impl Latency {
+    /// An empty record, to merge rounds into.
+    pub fn new() -> anyhow::Result<Latency> {
+        Ok(Latency {
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            errors: 0,
+        })
+    }
+
+    /// Adds another run's requests to this one.
+    pub fn merge(&mut self, other: &Latency) -> anyhow::Result<()> {
+        self.histogram.add(&other.histogram)?;
+        self.errors += other.errors;
+        Ok(())
+    }
+
+    /// The time under which a share `q` of the answered requests came back.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        self.histogram.value_at_quantile(q) as f64
+    }
 }
 
 /// HTTP/1.1 at `rate` requests per second in total, spread over
@@ -234,23 +251,12 @@ pub async fn fixed_rate(
             anyhow::Ok((histogram, errors))
         });
     }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors = 0;
+    let mut total = Latency::new()?;
     while let Some(result) = tasks.join_next().await {
-        let (histogram, e) = result??;
-        total.add(histogram)?;
-        errors += e;
+        let (histogram, errors) = result??;
+        total.merge(&Latency { histogram, errors })?;
     }
-    Ok(Latency {
-        rate,
-        connections,
-        requests: total.len(),
-        errors,
-        p50_us: total.value_at_quantile(0.50) as f64,
-        p99_us: total.value_at_quantile(0.99) as f64,
-        p999_us: total.value_at_quantile(0.999) as f64,
-        max_us: total.max() as f64,
-    })
+    Ok(total)
 }
 
 /// Requests per second on `connections` kept-alive connections, each

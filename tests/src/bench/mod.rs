@@ -49,6 +49,9 @@ pub enum Mode {
 /// Durations and sizes of a mode.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sizes {
+    /// How many rounds the rate and latency scenarios are split into; the
+    /// durations below are those of all the rounds together.
+    pub rounds: usize,
     pub bulk_seconds: f64,
     pub bulk_max_bytes_per_stream: u64,
     pub latency_seconds: f64,
@@ -69,6 +72,7 @@ impl Mode {
     pub fn sizes(self) -> Sizes {
         match self {
             Mode::Smoke => Sizes {
+                rounds: 1,
                 bulk_seconds: 1.0,
                 bulk_max_bytes_per_stream: 16 << 20,
                 latency_seconds: 0.0,
@@ -82,6 +86,7 @@ impl Mode {
                 control: None,
             },
             Mode::Quick => Sizes {
+                rounds: 2,
                 bulk_seconds: 2.0,
                 bulk_max_bytes_per_stream: 64 << 30,
                 latency_seconds: 3.0,
@@ -100,6 +105,7 @@ impl Mode {
                 }),
             },
             Mode::Full => Sizes {
+                rounds: 5,
                 bulk_seconds: 5.0,
                 bulk_max_bytes_per_stream: 64 << 30,
                 latency_seconds: 10.0,
@@ -151,6 +157,8 @@ pub struct PairFigures {
     pub latency_p99_us: Option<f64>,
     pub latency_p999_us: Option<f64>,
     pub latency_max_us: Option<f64>,
+    /// Requests answered in all the fixed-rate rounds together.
+    pub latency_requests: Option<u64>,
     pub latency_errors: Option<u64>,
     pub keepalive_requests_per_s: Option<f64>,
     pub keepalive_tool: Option<String>,
@@ -164,6 +172,19 @@ pub struct PairFigures {
     /// The larger of the two proxies' (held - idle) / connections.
     pub kib_per_held_connection: Option<f64>,
     pub errors: Vec<String>,
+    /// Each round's figure, in the order of the rounds.
+    pub rounds: RoundFigures,
+}
+
+/// The figures of each round of a contender (see `measure`): round `i` of
+/// every contender ran within the same few seconds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RoundFigures {
+    pub bulk_1_stream_bytes_per_s: Vec<f64>,
+    pub bulk_8_streams_bytes_per_s: Vec<f64>,
+    pub latency_p99_us: Vec<f64>,
+    pub keepalive_requests_per_s: Vec<f64>,
+    pub new_connections_per_s: Vec<f64>,
 }
 
 /// Everything a run measured.
@@ -215,35 +236,50 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
     };
     let wrk = options.wrk.then(|| system::find_program("wrk")).flatten();
 
-    let mut figures = Vec::new();
+    // Every pair is started first and stays up, idle while the others are
+    // measured, so that the scenarios can interleave them (see `measure`).
+    let mut contenders = Vec::new();
     for &kind in &options.contenders {
-        eprintln!("trellis-bench: {} ...", kind.name());
+        eprintln!("trellis-bench: starting {} ...", kind.name());
         let mut f = PairFigures {
             name: kind.name().to_string(),
             ..PairFigures::default()
         };
-        match contenders::start(kind, &setup).await {
+        let pair = match contenders::start(kind, &setup).await {
             Ok(Start::Missing(reason)) => {
                 eprintln!("trellis-bench: {} is missing: {reason}", kind.name());
                 f.status = "missing".into();
                 f.reason = Some(reason);
+                None
             }
             Err(e) => {
                 eprintln!("trellis-bench: {} did not start: {e:#}", kind.name());
                 f.status = "failed".into();
                 f.reason = Some(format!("{e:#}"));
+                None
             }
             Ok(Start::Ready(pair)) => {
                 f.status = "ok".into();
                 f.version = pair.version.clone();
-                measure_pair(&pair, &sizes, wrk.as_deref(), dir.path(), &mut f).await;
-                pair.stop();
-                for e in &f.errors {
-                    eprintln!("trellis-bench: {}: {e}", kind.name());
-                }
+                Some(pair)
             }
+        };
+        contenders.push(Contender {
+            figures: f,
+            pair,
+            totals: Totals::default(),
+        });
+    }
+    measure(&mut contenders, &app, &sizes, wrk.as_deref(), dir.path()).await;
+    let mut figures = Vec::new();
+    for c in contenders {
+        for e in &c.figures.errors {
+            eprintln!("trellis-bench: {}: {e}", c.figures.name);
         }
-        figures.push(f);
+        if let Some(pair) = c.pair {
+            pair.stop();
+        }
+        figures.push(c.figures);
     }
     drop(app);
 
@@ -288,119 +324,288 @@ fn pair_rss(pair: &contenders::Pair) -> Vec<u64> {
     pair.proxies.iter().filter_map(|p| rss_kib(p.pid)).collect()
 }
 
-/// Every data-plane scenario against one running pair; a failed scenario
+/// A contender of the run: its figures, its pair while it runs, and what
+/// its rounds add up to.
+struct Contender {
+    figures: PairFigures,
+    pair: Option<Box<contenders::Pair>>,
+    totals: Totals,
+}
+
+/// The sums over one contender's rounds, from which its figures are made.
+#[derive(Default)]
+struct Totals {
+    /// Bytes and seconds of the bulk runs, one stream then eight.
+    bulk: [(u64, f64); 2],
+    /// CPU seconds of both proxies during the bulk runs.
+    bulk_cpu_seconds: Option<f64>,
+    latency: Option<load::Latency>,
+    keepalive_requests_per_s: Vec<f64>,
+    new_connections_per_s: Vec<f64>,
+    new_connection_errors: u64,
+    /// Scenarios that failed once: they are not run again, and their
+    /// figures are left out.
+    failed: Vec<Scenario>,
+}
+
+/// The scenarios that run in rounds, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Bulk1,
+    Bulk8,
+    FixedRate,
+    KeepAlive,
+    NewConnections,
+}
+
+impl Scenario {
+    fn describe(self) -> &'static str {
+        match self {
+            Scenario::Bulk1 => "bulk 1 stream",
+            Scenario::Bulk8 => "bulk 8 streams",
+            Scenario::FixedRate => "fixed-rate latency",
+            Scenario::KeepAlive => "keep-alive rate",
+            Scenario::NewConnections => "new connections",
+        }
+    }
+}
+
+/// Every data-plane scenario against every running pair.
+///
+/// The scenarios that measure a rate or a latency run in `sizes.rounds`
+/// short rounds, and each round runs every contender (direct too) one
+/// after the other, starting one further along the list each time. A
+/// contender's figure sums its rounds. A burst of load from elsewhere on
+/// the host then falls on every contender about alike, and the ratio of
+/// each to direct compares runs a few seconds apart instead of minutes.
+/// The memory figures follow, one contender at a time. A failed scenario
 /// is recorded and the next one runs.
-async fn measure_pair(
+async fn measure(
+    contenders: &mut [Contender],
+    app: &app::BenchApp,
+    sizes: &Sizes,
+    wrk: Option<&std::path::Path>,
+    dir: &std::path::Path,
+) {
+    for c in contenders.iter_mut() {
+        if let Some(pair) = &c.pair {
+            c.figures.rss_idle_kib = pair_rss(pair);
+        }
+    }
+    let scenarios: &[Scenario] = if sizes.http_connections == 0 {
+        &[Scenario::Bulk1] // smoke: one stream only
+    } else {
+        &[
+            Scenario::Bulk1,
+            Scenario::Bulk8,
+            Scenario::FixedRate,
+            Scenario::KeepAlive,
+            Scenario::NewConnections,
+        ]
+    };
+    let n = contenders.len();
+    for &scenario in scenarios {
+        eprintln!(
+            "trellis-bench: {} ({} rounds) ...",
+            scenario.describe(),
+            sizes.rounds
+        );
+        for round in 0..sizes.rounds {
+            for i in round_order(round, n) {
+                let c = &mut contenders[i];
+                let Some(pair) = &c.pair else { continue };
+                if c.totals.failed.contains(&scenario) {
+                    continue;
+                }
+                if let Err(e) = run_round(
+                    scenario,
+                    pair,
+                    sizes,
+                    wrk,
+                    dir,
+                    &mut c.totals,
+                    &mut c.figures,
+                )
+                .await
+                {
+                    c.figures
+                        .errors
+                        .push(format!("{}: {e:#}", scenario.describe()));
+                    c.totals.failed.push(scenario);
+                }
+            }
+        }
+    }
+    for c in contenders.iter_mut() {
+        sum_rounds(&c.totals, &mut c.figures);
+    }
+    if sizes.held_connections == 0 {
+        return;
+    }
+    // Let closed connections leave the proxies before measuring memory.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for c in contenders.iter_mut() {
+        let Some(pair) = &c.pair else { continue };
+        eprintln!(
+            "trellis-bench: {} holding {} connections ...",
+            c.figures.name, sizes.held_connections
+        );
+        hold(pair, sizes.held_connections, &mut c.figures).await;
+        // The pair closes its side of the held connections on its own
+        // time (stunnel ends a thread for each); the next pair's must not
+        // find this process out of descriptors.
+        let open = app.wait_until_idle(Duration::from_secs(60)).await;
+        if open > 0 {
+            c.figures.errors.push(format!(
+                "{open} of its connections to the app were still open 60 s after the held \
+                 connections closed"
+            ));
+        }
+    }
+}
+
+/// The order of the contenders in round `round`: all `n` of them, the
+/// first one further along the list each round, so that no contender
+/// always runs first, or always right after the same one.
+fn round_order(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (round + i) % n)
+}
+
+/// One round of one scenario against one pair, its figure added to
+/// `totals` and to the round-by-round figures.
+async fn run_round(
+    scenario: Scenario,
     pair: &contenders::Pair,
     sizes: &Sizes,
     wrk: Option<&std::path::Path>,
     dir: &std::path::Path,
+    totals: &mut Totals,
     f: &mut PairFigures,
-) {
+) -> anyhow::Result<()> {
     let entry = pair.entry;
-    f.rss_idle_kib = pair_rss(pair);
-
-    // Bulk, with the proxies' CPU time over both runs.
-    let cpu_before = pair_cpu(pair);
-    let mut moved = 0u64;
-    for streams in [1usize, 8] {
-        if streams > 1 && sizes.http_connections == 0 {
-            break; // smoke: one stream only
-        }
-        let per_stream = sizes.bulk_max_bytes_per_stream / streams as u64;
-        match load::bulk(entry, streams, secs(sizes.bulk_seconds), per_stream).await {
-            Ok(b) => {
-                moved += b.bytes;
-                let rate = Some(b.bytes_per_second());
-                if streams == 1 {
-                    f.bulk_1_stream_bytes_per_s = rate;
-                } else {
-                    f.bulk_8_streams_bytes_per_s = rate;
-                }
+    let rounds = sizes.rounds as f64;
+    match scenario {
+        Scenario::Bulk1 | Scenario::Bulk8 => {
+            let (which, streams) = if scenario == Scenario::Bulk1 {
+                (0, 1)
+            } else {
+                (1, 8)
+            };
+            let per_stream = sizes.bulk_max_bytes_per_stream / streams as u64;
+            let cpu_before = pair_cpu(pair);
+            let b = load::bulk(
+                entry,
+                streams,
+                secs(sizes.bulk_seconds / rounds),
+                per_stream,
+            )
+            .await?;
+            if !pair.proxies.is_empty()
+                && let (Some(before), Some(after)) = (cpu_before, pair_cpu(pair))
+            {
+                *totals.bulk_cpu_seconds.get_or_insert(0.0) += after - before;
             }
-            Err(e) => f.errors.push(format!("bulk {streams} streams: {e:#}")),
+            totals.bulk[which].0 += b.bytes;
+            totals.bulk[which].1 += b.seconds;
+            let per_round = if which == 0 {
+                &mut f.rounds.bulk_1_stream_bytes_per_s
+            } else {
+                &mut f.rounds.bulk_8_streams_bytes_per_s
+            };
+            per_round.push(b.bytes_per_second());
         }
-    }
-    if let (Some(before), Some(after)) = (cpu_before, pair_cpu(pair))
-        && moved > 0
-        && !pair.proxies.is_empty()
-    {
-        f.cpu_seconds_per_gb = Some((after - before) / (moved as f64 / 1e9));
-    }
-    if sizes.http_connections == 0 {
-        return;
-    }
-
-    match load::fixed_rate(
-        entry,
-        sizes.http_connections,
-        sizes.latency_rate,
-        secs(sizes.latency_seconds),
-    )
-    .await
-    {
-        Ok(l) => {
-            f.latency_rate_per_s = Some(l.rate);
-            f.latency_p50_us = Some(l.p50_us);
-            f.latency_p99_us = Some(l.p99_us);
-            f.latency_p999_us = Some(l.p999_us);
-            f.latency_max_us = Some(l.max_us);
-            f.latency_errors = Some(l.errors);
-        }
-        Err(e) => f.errors.push(format!("fixed-rate latency: {e:#}")),
-    }
-
-    let keepalive = match wrk {
-        Some(wrk) => {
-            f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
-            load::keepalive_rate_wrk(
-                wrk,
-                dir,
+        Scenario::FixedRate => {
+            let l = load::fixed_rate(
                 entry,
                 sizes.http_connections,
-                secs(sizes.keepalive_seconds),
+                sizes.latency_rate,
+                secs(sizes.latency_seconds / rounds),
             )
-            .await
+            .await?;
+            f.latency_rate_per_s = Some(sizes.latency_rate);
+            f.rounds.latency_p99_us.push(l.quantile_us(0.99));
+            match &mut totals.latency {
+                Some(total) => total.merge(&l)?,
+                None => totals.latency = Some(l),
+            }
         }
-        None => {
-            f.keepalive_tool = Some(format!(
-                "trellis-bench closed loop, {} connections",
-                sizes.http_connections
-            ));
-            load::keepalive_rate(
+        Scenario::KeepAlive => {
+            let duration = secs(sizes.keepalive_seconds / rounds);
+            let rate = match wrk {
+                Some(wrk) => {
+                    f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
+                    load::keepalive_rate_wrk(wrk, dir, entry, sizes.http_connections, duration)
+                        .await?
+                }
+                None => {
+                    f.keepalive_tool = Some(format!(
+                        "trellis-bench closed loop, {} connections",
+                        sizes.http_connections
+                    ));
+                    load::keepalive_rate(entry, sizes.http_connections, duration, 10_000_000)
+                        .await?
+                }
+            };
+            totals.keepalive_requests_per_s.push(rate);
+            f.rounds.keepalive_requests_per_s.push(rate);
+        }
+        Scenario::NewConnections => {
+            let (rate, errors) = load::connection_rate(
                 entry,
-                sizes.http_connections,
-                secs(sizes.keepalive_seconds),
-                10_000_000,
+                sizes.connection_concurrency,
+                secs(sizes.connection_seconds / rounds),
+                1_000_000,
             )
-            .await
+            .await?;
+            totals.new_connections_per_s.push(rate);
+            totals.new_connection_errors += errors;
+            f.rounds.new_connections_per_s.push(rate);
         }
-    };
-    match keepalive {
-        Ok(rate) => f.keepalive_requests_per_s = Some(rate),
-        Err(e) => f.errors.push(format!("keep-alive rate: {e:#}")),
     }
+    Ok(())
+}
 
-    match load::connection_rate(
-        entry,
-        sizes.connection_concurrency,
-        secs(sizes.connection_seconds),
-        1_000_000,
-    )
-    .await
-    {
-        Ok((rate, errors)) => {
-            f.new_connections_per_s = Some(rate);
-            f.new_connection_errors = Some(errors);
-        }
-        Err(e) => f.errors.push(format!("new connections: {e:#}")),
+/// A contender's figures from the sums of its rounds. Rounds of a rate
+/// last equally long, so the rate of all of them is their mean.
+fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
+    let ok = |s: Scenario| !totals.failed.contains(&s);
+    let rate = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / seconds);
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    if ok(Scenario::Bulk1) {
+        f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
     }
-    // Let closed connections leave the proxies before measuring memory.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    if ok(Scenario::Bulk8) {
+        f.bulk_8_streams_bytes_per_s = rate(totals.bulk[1]);
+    }
+    let moved = totals.bulk[0].0 + totals.bulk[1].0;
+    if ok(Scenario::Bulk1) && ok(Scenario::Bulk8) && moved > 0 {
+        f.cpu_seconds_per_gb = totals
+            .bulk_cpu_seconds
+            .map(|cpu| cpu / (moved as f64 / 1e9));
+    }
+    if let Some(l) = totals.latency.as_ref().filter(|_| ok(Scenario::FixedRate)) {
+        f.latency_p50_us = Some(l.quantile_us(0.50));
+        f.latency_p99_us = Some(l.quantile_us(0.99));
+        f.latency_p999_us = Some(l.quantile_us(0.999));
+        f.latency_max_us = Some(l.histogram.max() as f64);
+        f.latency_requests = Some(l.histogram.len());
+        f.latency_errors = Some(l.errors);
+    }
+    if ok(Scenario::KeepAlive) {
+        f.keepalive_requests_per_s = mean(&totals.keepalive_requests_per_s);
+    }
+    if ok(Scenario::NewConnections) {
+        f.new_connections_per_s = mean(&totals.new_connections_per_s);
+        f.new_connection_errors = f
+            .new_connections_per_s
+            .map(|_| totals.new_connection_errors);
+    }
+}
 
+/// Memory of a pair, idle and holding `n` open connections.
+async fn hold(pair: &contenders::Pair, n: usize, f: &mut PairFigures) {
     let idle = pair_rss(pair);
-    let n = sizes.held_connections;
-    match load::hold_connections(entry, n, 64, Duration::from_secs(120)).await {
+    match load::hold_connections(pair.entry, n, 64, Duration::from_secs(120)).await {
         Ok(held) => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let with = pair_rss(pair);
@@ -426,4 +631,80 @@ pub fn write_json(results: &Results, path: &std::path::Path) -> anyhow::Result<(
     let json = report::json(results);
     std::fs::write(path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_round_runs_every_contender_once_starting_one_further_along() {
+        let orders: Vec<Vec<usize>> = (0..4).map(|r| round_order(r, 3).collect()).collect();
+        assert_eq!(
+            orders,
+            [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]].map(Vec::from)
+        );
+    }
+
+    fn latency(times_us: &[u64], errors: u64) -> load::Latency {
+        let mut l = load::Latency::new().unwrap();
+        for &t in times_us {
+            l.histogram.record(t).unwrap();
+        }
+        l.errors = errors;
+        l
+    }
+
+    #[test]
+    fn a_contenders_figures_are_those_of_all_its_rounds_together() {
+        let mut merged = latency(&[100; 98], 1);
+        merged.merge(&latency(&[100, 5000], 2)).unwrap();
+        let totals = Totals {
+            // 3 GB in 1.0 s, then 1 GB in 2.0 s: 4 GB in 3 s, not the mean
+            // of 3 and 0.5 GB/s.
+            bulk: [(4_000_000_000, 3.0), (8_000_000_000, 4.0)],
+            bulk_cpu_seconds: Some(6.0),
+            latency: Some(merged),
+            keepalive_requests_per_s: vec![30_000.0, 20_000.0],
+            new_connections_per_s: vec![4_000.0, 5_000.0],
+            new_connection_errors: 3,
+            failed: Vec::new(),
+        };
+        let mut f = PairFigures::default();
+        sum_rounds(&totals, &mut f);
+        assert_eq!(
+            f.bulk_1_stream_bytes_per_s.map(f64::round),
+            Some(1_333_333_333.0)
+        );
+        assert_eq!(f.bulk_8_streams_bytes_per_s, Some(2e9));
+        assert_eq!(f.cpu_seconds_per_gb, Some(0.5));
+        // 100 requests: the p99 is the 99th fastest, one of the 100 us.
+        assert_eq!(f.latency_requests, Some(100));
+        assert!((f.latency_p99_us.unwrap() - 100.0).abs() < 1.0);
+        assert!((f.latency_max_us.unwrap() - 5000.0).abs() < 5.0);
+        assert_eq!(f.latency_errors, Some(3));
+        assert_eq!(f.keepalive_requests_per_s, Some(25_000.0));
+        assert_eq!(f.new_connections_per_s, Some(4_500.0));
+        assert_eq!(f.new_connection_errors, Some(3));
+    }
+
+    #[test]
+    fn a_scenario_that_failed_in_any_round_has_no_figure() {
+        let totals = Totals {
+            bulk: [(1_000_000_000, 1.0), (1_000_000_000, 1.0)],
+            bulk_cpu_seconds: Some(1.0),
+            keepalive_requests_per_s: vec![30_000.0],
+            failed: vec![Scenario::Bulk8, Scenario::KeepAlive],
+            ..Totals::default()
+        };
+        let mut f = PairFigures::default();
+        sum_rounds(&totals, &mut f);
+        assert_eq!(f.bulk_1_stream_bytes_per_s, Some(1e9));
+        assert_eq!(f.bulk_8_streams_bytes_per_s, None);
+        // CPU per GB needs both bulk scenarios.
+        assert_eq!(f.cpu_seconds_per_gb, None);
+        assert_eq!(f.keepalive_requests_per_s, None);
+        assert_eq!(f.latency_p99_us, None);
+        assert_eq!(f.new_connections_per_s, None);
+    }
 }

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::{PairFigures, Results};
+use super::{PairFigures, Results, RoundFigures};
 
 /// One figure of a contender relative to direct (or, for figures direct
 /// does not have, to Envoy).
@@ -30,6 +30,23 @@ fn max_kib(v: &[u64]) -> Option<f64> {
     v.iter().max().map(|&k| k as f64)
 }
 
+/// A contender's figure in each round over direct's in the same round.
+fn round_ratios(
+    c: &PairFigures,
+    direct: Option<&PairFigures>,
+    get: fn(&RoundFigures) -> &[f64],
+) -> Vec<f64> {
+    let Some(direct) = direct else {
+        return Vec::new();
+    };
+    get(&c.rounds)
+        .iter()
+        .zip(get(&direct.rounds))
+        .filter(|(_, d)| **d > 0.0)
+        .map(|(c, d)| c / d)
+        .collect()
+}
+
 /// Ratios of one contender to direct (and a few to Envoy).
 pub fn ratios(results: &Results, c: &PairFigures) -> Value {
     let direct = find(results, "direct");
@@ -37,11 +54,16 @@ pub fn ratios(results: &Results, c: &PairFigures) -> Value {
     let d = |get: fn(&PairFigures) -> Option<f64>| ratio(get(c), direct.and_then(get));
     let e = |get: fn(&PairFigures) -> Option<f64>| ratio(get(c), envoy.and_then(get));
     let added = |get: fn(&PairFigures) -> Option<f64>| diff(get(c), direct.and_then(get));
+    let rounds = |get: fn(&RoundFigures) -> &[f64]| round_ratios(c, direct, get);
     json!({
         "bulk_1_stream_to_direct": d(|f| f.bulk_1_stream_bytes_per_s),
+        "bulk_1_stream_to_direct_by_round": rounds(|r| &r.bulk_1_stream_bytes_per_s),
         "bulk_8_streams_to_direct": d(|f| f.bulk_8_streams_bytes_per_s),
+        "bulk_8_streams_to_direct_by_round": rounds(|r| &r.bulk_8_streams_bytes_per_s),
         "keepalive_requests_to_direct": d(|f| f.keepalive_requests_per_s),
+        "keepalive_requests_to_direct_by_round": rounds(|r| &r.keepalive_requests_per_s),
         "new_connections_to_direct": d(|f| f.new_connections_per_s),
+        "new_connections_to_direct_by_round": rounds(|r| &r.new_connections_per_s),
         "added_p50_us": added(|f| f.latency_p50_us),
         "added_p99_us": added(|f| f.latency_p99_us),
         "added_p999_us": added(|f| f.latency_p999_us),
@@ -59,11 +81,22 @@ fn target(name: &str, bound: &str, value: Option<f64>, met: Option<bool>) -> Val
 
 /// The same figure of the plaintext pair (`haproxy-plain`) in this run,
 /// when it ran: the best any pair of proxies reached on this machine,
-/// with no cipher and no copy through user space.
+/// with no cipher and no copy through user space. And, when the run had
+/// more than one round, the lowest and highest of Trellis's ratios to
+/// direct round by round, how much the host moved them.
 fn with_ceiling(mut target: Value, results: &Results, key: &str) -> Value {
     let ceiling = find(results, "haproxy-plain").and_then(|p| ratios(results, p)[key].as_f64());
     if let Some(ceiling) = ceiling {
         target["plaintext_pair"] = json!(ceiling);
+    }
+    let by_round: Vec<f64> = find(results, "trellis")
+        .map(|t| ratios(results, t)[format!("{key}_by_round")].clone())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    if by_round.len() > 1 {
+        let low = by_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = by_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        target["rounds"] = json!([low, high]);
     }
     target
 }
@@ -278,6 +311,13 @@ pub fn table(results: &Results) -> String {
         "trellis-bench ({:?}) on {} cores ({}), {}\n",
         results.mode, results.machine.cpus, results.machine.cpu_model, results.pinning
     );
+    if results.sizes.rounds > 1 && !cols.is_empty() {
+        out.push_str(&format!(
+            "bulk, fixed rate, keep-alive and new connections in {} interleaved rounds (each \
+             round runs every contender in turn); figures are of all rounds together\n",
+            results.sizes.rounds
+        ));
+    }
     // A control-plane-only run has no contender columns to show.
     if cols.is_empty() {
         rows.clear();
@@ -378,10 +418,18 @@ pub fn table(results: &Results) -> String {
             Some(false) => "NOT met",
             None => "not measured",
         };
-        let ceiling = t["plaintext_pair"]
-            .as_f64()
-            .map(|c| format!(" (plaintext pair {c:.3})"))
-            .unwrap_or_default();
+        let mut notes = Vec::new();
+        if let Some(c) = t["plaintext_pair"].as_f64() {
+            notes.push(format!("plaintext pair {c:.3}"));
+        }
+        if let (Some(low), Some(high)) = (t["rounds"][0].as_f64(), t["rounds"][1].as_f64()) {
+            notes.push(format!("rounds {low:.3} to {high:.3}"));
+        }
+        let ceiling = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join("; "))
+        };
         out.push_str(&format!(
             "  {:<48} {:<30} {:>10}  {met}{ceiling}\n",
             t["target"].as_str().unwrap_or(""),
@@ -454,6 +502,31 @@ mod tests {
             "the table names the ceiling:\n{table}"
         );
         assert!(table.contains("haproxy-plain: the HAProxy pair with no TLS"));
+    }
+
+    #[test]
+    fn bulk_and_keepalive_targets_show_the_spread_of_the_rounds() {
+        let mut direct = pair("direct", 3e9, 100_000.0);
+        direct.rounds.keepalive_requests_per_s = vec![120_000.0, 80_000.0, 100_000.0];
+        let mut trellis = pair("trellis", 1.2e9, 30_000.0);
+        trellis.rounds.keepalive_requests_per_s = vec![30_000.0, 24_000.0, 36_000.0];
+        let run = results(vec![direct, trellis]);
+        let keepalive = target(&targets(&run), "keep-alive").clone();
+        assert_eq!(keepalive["rounds"], json!([0.25, 0.36]));
+        let by_round = &ratios(&run, &run.contenders[1])["keepalive_requests_to_direct_by_round"];
+        assert_eq!(by_round, &json!([0.25, 0.3, 0.36]));
+        // One round (or none recorded) shows no spread.
+        assert!(
+            target(&targets(&run), "bulk throughput")
+                .get("rounds")
+                .is_none()
+        );
+        let table = table(&run);
+        assert!(
+            table.contains("NOT met (rounds 0.250 to 0.360)"),
+            "the table shows the rounds' spread:\n{table}"
+        );
+        assert!(table.contains("in 2 interleaved rounds"), "{table}");
     }
 
     #[test]
