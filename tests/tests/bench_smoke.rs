@@ -100,3 +100,107 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
         }
     }
 }
+
+/// The direct children of process `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                // The parent is the second field after the command's
+                // closing bracket.
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Whether `pid` is still a running (not yet reaped, not zombie) process.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// A run stopped with SIGTERM (as a CI job's timeout or `kill` does)
+/// stops the control plane and sidecars it started instead of leaving
+/// them running: a later run would share the cores with them.
+#[test]
+fn a_run_stopped_by_a_signal_leaves_no_process_behind() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-bench"))
+        .args([
+            "--quick",
+            "--only",
+            "trellis",
+            "--no-pin",
+            "--no-control-plane",
+            "--no-wrk",
+            "--json",
+        ])
+        .arg(dir.path().join("results.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("trellis-bench starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    // Once the first scenario runs, the pair is up.
+    let mut log = Vec::new();
+    let deadline = Instant::now() + trellis_tests::patience(Duration::from_secs(120));
+    while !log.iter().any(|l: &String| l.contains("bulk 1 stream")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match said.recv_timeout(left) {
+            Ok(line) => log.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the run never reached its first scenario:\n{}",
+                    log.join("\n")
+                );
+            }
+        }
+    }
+    let started = children_of(child.id());
+    assert!(
+        started.len() >= 3,
+        "a control plane and two sidecars run as children of the benchmark, found {started:?}"
+    );
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM sent");
+    let status = child.wait().expect("trellis-bench exits");
+    assert!(!status.success(), "a stopped run does not report success");
+    let rest: Vec<String> = said.iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("terminated")),
+        "the run says it was stopped:\n{}",
+        rest.join("\n")
+    );
+    let left: Vec<u32> = started.into_iter().filter(|&pid| running(pid)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}

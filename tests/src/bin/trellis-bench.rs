@@ -17,6 +17,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tokio::signal::unix::{SignalKind, signal};
+
 use trellis_tests::bench::contenders::Kind;
 use trellis_tests::bench::{self, Mode, Options};
 use trellis_tests::{Launcher, Program};
@@ -96,7 +98,15 @@ fn main() -> ExitCode {
             "trellis-bench: running the sidecar as {}",
             launcher.describe(Program::Proxy)
         );
-        let results = bench::run(&options, &launcher).await?;
+        // Stopped by a signal, the run is dropped, which stops every proxy,
+        // app and control plane it started: none is left behind.
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let results = tokio::select! {
+            results = bench::run(&options, &launcher) => results?,
+            _ = interrupt.recv() => anyhow::bail!("interrupted; every process it started is stopped"),
+            _ = terminate.recv() => anyhow::bail!("terminated; every process it started is stopped"),
+        };
         print!("{}", bench::report::table(&results));
         bench::write_json(&results, &options.json)?;
         println!("\nJSON written to {}", options.json.display());
