@@ -189,10 +189,11 @@ impl Latency {
 
 /// HTTP/1.1 at `rate` requests per second in total, spread over
 /// `connections` kept-alive connections, for `duration`: open loop. Each
-/// connection has a fixed schedule; a request whose predecessor answered
+/// connection has a fixed schedule, released by a thread of its own to
+/// within tens of microseconds; a request whose predecessor answered
 /// late is timed from when it should have been sent (the correction for
 /// coordinated omission, as wrk2 does), one sent late only by this
-/// process's timer from when it was sent.
+/// process (the pacer's wake-up, the runtime's) from when it was sent.
 ///
 /// Every connection is opened and answers one request before the schedule
 /// starts, so the figures are those of requests on established
@@ -217,18 +218,22 @@ pub async fn fixed_rate(
             .context("the warm-up request")?;
         warm.push(conn);
     }
-    let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now() + Duration::from_millis(50);
-    for (c, mut conn) in warm.into_iter().enumerate() {
-        // Stagger the connections over one interval.
-        let offset = interval.mul_f64(c as f64 / connections as f64);
+    // Each connection's schedule, staggered over one interval.
+    let offsets: Vec<Duration> = (0..connections)
+        .map(|c| interval.mul_f64(c as f64 / connections as f64))
+        .collect();
+    let mut releases = Vec::with_capacity(connections);
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conn in warm {
+        let (release, mut released) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        releases.push(release);
         tasks.spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut errors = 0u64;
             let mut previous_done = start;
-            for i in 0..per_connection {
-                let intended = start + offset + interval.mul_f64(i as f64);
-                tokio::time::sleep_until(intended.into()).await;
+            // Each request's intended send time, released at that time.
+            while let Some(intended) = released.recv().await {
                 let sent = Instant::now();
                 let began = if previous_done > intended {
                     intended
@@ -251,11 +256,32 @@ pub async fn fixed_rate(
             anyhow::Ok((histogram, errors))
         });
     }
+    // A thread of its own releases the requests: the runtime's timer
+    // fires on whole milliseconds, so at 2,000 requests a second (one
+    // every 0.5 ms) it would send them two at a time; a thread's sleep
+    // wakes within tens of microseconds of the schedule.
+    let pacer = std::thread::Builder::new()
+        .name("fixed-rate pacer".into())
+        .spawn(move || {
+            for i in 0..per_connection {
+                for (release, offset) in releases.iter().zip(&offsets) {
+                    let intended = start + *offset + interval.mul_f64(i as f64);
+                    let now = Instant::now();
+                    if intended > now {
+                        std::thread::sleep(intended - now);
+                    }
+                    if release.send(intended).is_err() {
+                        return; // the run was dropped
+                    }
+                }
+            }
+        })?;
     let mut total = Latency::new()?;
     while let Some(result) = tasks.join_next().await {
         let (histogram, errors) = result??;
         total.merge(&Latency { histogram, errors })?;
     }
+    let _ = pacer.join();
     Ok(total)
 }
 
