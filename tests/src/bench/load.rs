@@ -427,3 +427,23 @@ pub async fn hold_connections(
     }
     Ok(held)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::app::BenchApp;
+
+    /// Every request of the schedule is released once, sent, answered and
+    /// counted once, whatever the pacer's timing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fixed_rate_run_sends_every_scheduled_request_once() {
+        let app = BenchApp::start().await.unwrap();
+        // 4 connections at 256 requests a second in all: one request on
+        // each every 15.625 ms, 16 each in 250 ms.
+        let l = fixed_rate(app.addr(), 4, 256.0, Duration::from_millis(250))
+            .await
+            .unwrap();
+        assert_eq!(l.histogram.len(), 64);
+        assert_eq!(l.errors, 0);
+    }
+}
