@@ -190,15 +190,9 @@ fn failures(m: &Metrics, direction: &str) -> Vec<(String, u64)> {
 
 /// Attempts to resume that the peer refused, redialled with the hybrid.
 fn not_resumed(m: &Metrics) -> u64 {
-    m.encode()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "trellis_handshake_failures_total{direction=\"outbound\",reason=\"not_resumed\"} ",
-            )?
-            .parse::<u64>()
-            .ok()
-        })
+    failures(m, "outbound")
+        .into_iter()
+        .find_map(|(reason, n)| (reason == "not_resumed").then_some(n))
         .unwrap_or(0)
 }
 

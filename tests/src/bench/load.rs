@@ -229,8 +229,7 @@ pub async fn fixed_rate(
         let (release, mut released) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         releases.push(release);
         tasks.spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let mut errors = 0u64;
+            let mut record = Latency::new()?;
             let mut previous_done = start;
             // Each request's intended send time, released at that time.
             while let Some(intended) = released.recv().await {
@@ -243,17 +242,19 @@ pub async fn fixed_rate(
                 match tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange()).await {
                     Ok(Ok(())) => {
                         let done = Instant::now();
-                        histogram.saturating_record(done.duration_since(began).as_micros() as u64);
+                        record
+                            .histogram
+                            .saturating_record(done.duration_since(began).as_micros() as u64);
                         previous_done = done;
                     }
                     _ => {
-                        errors += 1;
+                        record.errors += 1;
                         previous_done = Instant::now();
                         conn = HttpConn::connect(addr, false).await?;
                     }
                 }
             }
-            anyhow::Ok((histogram, errors))
+            anyhow::Ok(record)
         });
     }
     // A thread of its own releases the requests: the runtime's timer
@@ -278,8 +279,7 @@ pub async fn fixed_rate(
         })?;
     let mut total = Latency::new()?;
     while let Some(result) = tasks.join_next().await {
-        let (histogram, errors) = result??;
-        total.merge(&Latency { histogram, errors })?;
+        total.merge(&result??)?;
     }
     let _ = pacer.join();
     Ok(total)

@@ -340,8 +340,6 @@ struct Totals {
     /// CPU seconds of both proxies during the bulk runs.
     bulk_cpu_seconds: Option<f64>,
     latency: Option<load::Latency>,
-    keepalive_requests_per_s: Vec<f64>,
-    new_connections_per_s: Vec<f64>,
     new_connection_errors: u64,
     /// Scenarios that failed once: they are not run again, and their
     /// figures are left out.
@@ -542,7 +540,6 @@ async fn run_round(
                         .await?
                 }
             };
-            totals.keepalive_requests_per_s.push(rate);
             f.rounds.keepalive_requests_per_s.push(rate);
         }
         Scenario::NewConnections => {
@@ -553,7 +550,6 @@ async fn run_round(
                 1_000_000,
             )
             .await?;
-            totals.new_connections_per_s.push(rate);
             totals.new_connection_errors += errors;
             f.rounds.new_connections_per_s.push(rate);
         }
@@ -561,8 +557,9 @@ async fn run_round(
     Ok(())
 }
 
-/// A contender's figures from the sums of its rounds. Rounds of a rate
-/// last equally long, so the rate of all of them is their mean.
+/// A contender's figures from the sums of its rounds (and, for the rates,
+/// from its round-by-round figures: rounds of a rate last equally long, so
+/// the rate of all of them is their mean).
 fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     let ok = |s: Scenario| !totals.failed.contains(&s);
     let rate = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / seconds);
@@ -588,10 +585,10 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_errors = Some(l.errors);
     }
     if ok(Scenario::KeepAlive) {
-        f.keepalive_requests_per_s = mean(&totals.keepalive_requests_per_s);
+        f.keepalive_requests_per_s = mean(&f.rounds.keepalive_requests_per_s);
     }
     if ok(Scenario::NewConnections) {
-        f.new_connections_per_s = mean(&totals.new_connections_per_s);
+        f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
         f.new_connection_errors = f
             .new_connections_per_s
             .map(|_| totals.new_connection_errors);
@@ -661,12 +658,12 @@ mod tests {
             bulk: [(4_000_000_000, 3.0), (8_000_000_000, 4.0)],
             bulk_cpu_seconds: Some(6.0),
             latency: Some(merged),
-            keepalive_requests_per_s: vec![30_000.0, 20_000.0],
-            new_connections_per_s: vec![4_000.0, 5_000.0],
             new_connection_errors: 3,
             failed: Vec::new(),
         };
         let mut f = PairFigures::default();
+        f.rounds.keepalive_requests_per_s = vec![30_000.0, 20_000.0];
+        f.rounds.new_connections_per_s = vec![4_000.0, 5_000.0];
         sum_rounds(&totals, &mut f);
         assert_eq!(
             f.bulk_1_stream_bytes_per_s.map(f64::round),
@@ -689,11 +686,11 @@ mod tests {
         let totals = Totals {
             bulk: [(1_000_000_000, 1.0), (1_000_000_000, 1.0)],
             bulk_cpu_seconds: Some(1.0),
-            keepalive_requests_per_s: vec![30_000.0],
             failed: vec![Scenario::Bulk8, Scenario::KeepAlive],
             ..Totals::default()
         };
         let mut f = PairFigures::default();
+        f.rounds.keepalive_requests_per_s = vec![30_000.0];
         sum_rounds(&totals, &mut f);
         assert_eq!(f.bulk_1_stream_bytes_per_s, Some(1e9));
         assert_eq!(f.bulk_8_streams_bytes_per_s, None);
