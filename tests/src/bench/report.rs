@@ -83,15 +83,16 @@ fn target(name: &str, bound: &str, value: Option<f64>, met: Option<bool>) -> Val
 /// when it ran: the best any pair of proxies reached on this machine,
 /// with no cipher and no copy through user space. And, when the run had
 /// more than one round, the lowest and highest of Trellis's ratios to
-/// direct round by round, how much the host moved them.
-fn with_ceiling(mut target: Value, results: &Results, key: &str) -> Value {
+/// direct round by round (from `trellis`, its ratios), how much the host
+/// moved them.
+fn with_ceiling(mut target: Value, results: &Results, trellis: &Value, key: &str) -> Value {
     let ceiling = find(results, "haproxy-plain").and_then(|p| ratios(results, p)[key].as_f64());
     if let Some(ceiling) = ceiling {
         target["plaintext_pair"] = json!(ceiling);
     }
-    let by_round: Vec<f64> = find(results, "trellis")
-        .map(|t| ratios(results, t)[format!("{key}_by_round")].clone())
-        .and_then(|v| serde_json::from_value(v).ok())
+    let by_round: Vec<f64> = trellis[format!("{key}_by_round")]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
     if by_round.len() > 1 {
         let low = by_round.iter().copied().fold(f64::INFINITY, f64::min);
@@ -158,6 +159,7 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
                 get("bulk_1_stream_to_direct").map(|v| v >= 0.55),
             ),
             results,
+            &r,
             "bulk_1_stream_to_direct",
         ),
         with_ceiling(
@@ -168,6 +170,7 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
                 get("keepalive_requests_to_direct").map(|v| v >= 0.45),
             ),
             results,
+            &r,
             "keepalive_requests_to_direct",
         ),
         target(
@@ -425,13 +428,13 @@ pub fn table(results: &Results) -> String {
         if let (Some(low), Some(high)) = (t["rounds"][0].as_f64(), t["rounds"][1].as_f64()) {
             notes.push(format!("rounds {low:.3} to {high:.3}"));
         }
-        let ceiling = if notes.is_empty() {
+        let notes = if notes.is_empty() {
             String::new()
         } else {
             format!(" ({})", notes.join("; "))
         };
         out.push_str(&format!(
-            "  {:<48} {:<30} {:>10}  {met}{ceiling}\n",
+            "  {:<48} {:<30} {:>10}  {met}{notes}\n",
             t["target"].as_str().unwrap_or(""),
             t["bound"].as_str().unwrap_or(""),
             fmt_opt(t["value"].as_f64(), |x| format!("{x:.3}")),
