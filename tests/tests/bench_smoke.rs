@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use trellis_tests::bench::system::stat_fields;
 
 /// How long the smoke run may take on a slow, busy machine.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -108,29 +109,15 @@ fn children_of(pid: u32) -> Vec<u32> {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                // The parent is the second field after the command's
-                // closing bracket.
-                .and_then(|stat| {
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
+        .filter(|&child| {
+            stat_fields(child).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid)
         })
         .collect()
 }
 
 /// Whether `pid` is still a running (not yet reaped, not zombie) process.
 fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|state| state != "Z")
-        })
-        .unwrap_or(false)
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|state| state != "Z"))
 }
 
 /// A run stopped with SIGTERM (as a CI job's timeout or `kill` does)
