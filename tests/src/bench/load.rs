@@ -285,6 +285,18 @@ pub async fn fixed_rate(
     Ok(total)
 }
 
+/// What a closed loop measured: its request rate, and the time each
+/// request took from being written to its whole answer read. In a closed
+/// loop every connection waits for its answer before the next request, so
+/// these are the latencies "under wrk -c16" of issue 7, not corrected for
+/// coordinated omission (the fixed-rate scenario is).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClosedLoop {
+    pub requests_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
 /// Requests per second on `connections` kept-alive connections, each
 /// sending its next request as soon as the previous one is answered (closed
 /// loop, like wrk), for `duration` and at most `max_requests` per
@@ -294,44 +306,62 @@ pub async fn keepalive_rate(
     connections: usize,
     duration: Duration,
     max_requests: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<ClosedLoop> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
         tasks.spawn(async move {
             let mut conn = HttpConn::connect(addr, false).await?;
-            let mut done = 0u64;
-            while Instant::now() < deadline && done < max_requests {
+            let mut latency = Latency::new()?;
+            while Instant::now() < deadline && latency.histogram.len() < max_requests {
+                let sent = Instant::now();
                 tokio::time::timeout(REQUEST_TIMEOUT, conn.exchange())
                     .await
                     .context("a request timed out")??;
-                done += 1;
+                latency
+                    .histogram
+                    .saturating_record(sent.elapsed().as_micros() as u64);
             }
-            anyhow::Ok(done)
+            anyhow::Ok(latency)
         });
     }
-    let mut total = 0;
+    let mut total = Latency::new()?;
     while let Some(result) = tasks.join_next().await {
-        total += result??;
+        total.merge(&result??)?;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok(ClosedLoop {
+        requests_per_s: total.histogram.len() as f64 / start.elapsed().as_secs_f64(),
+        p50_us: total.quantile_us(0.50),
+        p99_us: total.quantile_us(0.99),
+    })
 }
 
+/// The line the wrk script's `done` writes, before the p50 and p99 in
+/// microseconds.
+const WRK_LATENCY: &str = "trellis-bench latency_us";
+
 /// The same closed loop measured by `wrk` (one thread, `connections`
-/// connections, a 1 KiB POST body via a Lua one-liner), when wrk is
-/// installed.
+/// connections, a 1 KiB POST body via a Lua script that also prints wrk's
+/// own p50 and p99), when wrk is installed.
 pub async fn keepalive_rate_wrk(
     wrk: &std::path::Path,
     dir: &std::path::Path,
     addr: SocketAddr,
     connections: usize,
     duration: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<ClosedLoop> {
     let script = dir.join("post-1k.lua");
     std::fs::write(
         &script,
-        format!("wrk.method = \"POST\"\nwrk.body = string.rep(\"r\", {REQUEST_BODY})\n"),
+        format!(
+            "wrk.method = \"POST\"\n\
+             wrk.body = string.rep(\"r\", {REQUEST_BODY})\n\
+             done = function(summary, latency, requests)\n  \
+             io.write(string.format(\"{WRK_LATENCY} %d %d\\n\", \
+             latency:percentile(50), latency:percentile(99)))\n\
+             end\n"
+        ),
     )?;
     let seconds = duration.as_secs().max(1);
     let run = tokio::process::Command::new(wrk)
@@ -344,15 +374,37 @@ pub async fn keepalive_rate_wrk(
     let out = tokio::time::timeout(duration + Duration::from_secs(30), run)
         .await
         .context("wrk did not finish")??;
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The rate and latencies in wrk's output (with the script's line).
+fn parse_wrk(text: &str) -> anyhow::Result<ClosedLoop> {
     anyhow::ensure!(
         !text.contains("Non-2xx") && !text.contains("Socket errors"),
         "wrk saw errors:\n{text}"
     );
-    text.lines()
+    let requests_per_s = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    let latency: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix(WRK_LATENCY))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let [p50_us, p99_us] = latency[..] else {
+        anyhow::bail!("no latencies from the script in wrk's output:\n{text}");
+    };
+    Ok(ClosedLoop {
+        requests_per_s,
+        p50_us,
+        p99_us,
+    })
 }
 
 /// New connections per second: `concurrency` loops each open a connection,
@@ -445,5 +497,73 @@ mod tests {
             .unwrap();
         assert_eq!(l.histogram.len(), 64);
         assert_eq!(l.errors, 0);
+    }
+
+    /// The built-in closed loop counts every request it makes and times
+    /// each one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_loop_reports_its_rate_and_latencies() {
+        let app = BenchApp::start().await.unwrap();
+        let start = Instant::now();
+        let closed = keepalive_rate(app.addr(), 2, Duration::from_secs(30), 50)
+            .await
+            .unwrap();
+        // Bounded by the count, not the 30 s: 100 requests.
+        let seconds = start.elapsed().as_secs_f64();
+        assert!(seconds < 30.0);
+        assert!(
+            (closed.requests_per_s * seconds - 100.0).abs() < 5.0,
+            "{closed:?}"
+        );
+        assert!(
+            closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
+            "{closed:?}"
+        );
+    }
+
+    /// wrk runs the script, and its rate and percentiles are read from its
+    /// output: real wrk against the benchmark's app.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrk_reports_its_rate_and_latencies() {
+        let Some(wrk) = crate::bench::system::find_program("wrk") else {
+            println!("skipped: needs wrk");
+            return;
+        };
+        let app = BenchApp::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let closed = keepalive_rate_wrk(&wrk, dir.path(), app.addr(), 2, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(closed.requests_per_s > 0.0, "{closed:?}");
+        assert!(
+            closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
+            "{closed:?}"
+        );
+    }
+
+    /// wrk's output without the script's line is an error that says so,
+    /// as is one with failed requests.
+    #[test]
+    fn wrk_output_without_latencies_or_with_errors_is_refused() {
+        let plain = "Running 1s test @ http://127.0.0.1:1/\n  1 threads and 2 connections\n\
+                     Requests/sec:  21000.50\nTransfer/sec:      23.00MB\n";
+        let e = parse_wrk(plain).unwrap_err().to_string();
+        assert!(e.contains("no latencies from the script"), "{e}");
+        let with = format!("{plain}{WRK_LATENCY} 75 240\n");
+        assert_eq!(
+            parse_wrk(&with).unwrap(),
+            ClosedLoop {
+                requests_per_s: 21000.5,
+                p50_us: 75.0,
+                p99_us: 240.0
+            }
+        );
+        let failed = format!("{with}  Non-2xx or 3xx responses: 12\n");
+        assert!(
+            parse_wrk(&failed)
+                .unwrap_err()
+                .to_string()
+                .contains("wrk saw errors")
+        );
     }
 }

@@ -161,6 +161,11 @@ pub struct PairFigures {
     pub latency_requests: Option<u64>,
     pub latency_errors: Option<u64>,
     pub keepalive_requests_per_s: Option<f64>,
+    /// The closed loop's latencies ("under wrk -c16"): the mean of the
+    /// rounds' percentiles, since wrk reports percentiles, not its
+    /// histogram.
+    pub keepalive_p50_us: Option<f64>,
+    pub keepalive_p99_us: Option<f64>,
     pub keepalive_tool: Option<String>,
     pub new_connections_per_s: Option<f64>,
     pub new_connection_errors: Option<u64>,
@@ -184,6 +189,8 @@ pub struct RoundFigures {
     pub bulk_8_streams_bytes_per_s: Vec<f64>,
     pub latency_p99_us: Vec<f64>,
     pub keepalive_requests_per_s: Vec<f64>,
+    pub keepalive_p50_us: Vec<f64>,
+    pub keepalive_p99_us: Vec<f64>,
     pub new_connections_per_s: Vec<f64>,
 }
 
@@ -525,7 +532,7 @@ async fn run_round(
         }
         Scenario::KeepAlive => {
             let duration = secs(sizes.keepalive_seconds / rounds);
-            let rate = match wrk {
+            let closed = match wrk {
                 Some(wrk) => {
                     f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
                     load::keepalive_rate_wrk(wrk, dir, entry, sizes.http_connections, duration)
@@ -540,7 +547,11 @@ async fn run_round(
                         .await?
                 }
             };
-            f.rounds.keepalive_requests_per_s.push(rate);
+            f.rounds
+                .keepalive_requests_per_s
+                .push(closed.requests_per_s);
+            f.rounds.keepalive_p50_us.push(closed.p50_us);
+            f.rounds.keepalive_p99_us.push(closed.p99_us);
         }
         Scenario::NewConnections => {
             let (rate, errors) = load::connection_rate(
@@ -586,6 +597,8 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     }
     if ok(Scenario::KeepAlive) {
         f.keepalive_requests_per_s = mean(&f.rounds.keepalive_requests_per_s);
+        f.keepalive_p50_us = mean(&f.rounds.keepalive_p50_us);
+        f.keepalive_p99_us = mean(&f.rounds.keepalive_p99_us);
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
@@ -663,6 +676,8 @@ mod tests {
         };
         let mut f = PairFigures::default();
         f.rounds.keepalive_requests_per_s = vec![30_000.0, 20_000.0];
+        f.rounds.keepalive_p50_us = vec![500.0, 700.0];
+        f.rounds.keepalive_p99_us = vec![900.0, 1_300.0];
         f.rounds.new_connections_per_s = vec![4_000.0, 5_000.0];
         sum_rounds(&totals, &mut f);
         assert_eq!(
@@ -677,6 +692,8 @@ mod tests {
         assert!((f.latency_max_us.unwrap() - 5000.0).abs() < 5.0);
         assert_eq!(f.latency_errors, Some(3));
         assert_eq!(f.keepalive_requests_per_s, Some(25_000.0));
+        assert_eq!(f.keepalive_p50_us, Some(600.0));
+        assert_eq!(f.keepalive_p99_us, Some(1_100.0));
         assert_eq!(f.new_connections_per_s, Some(4_500.0));
         assert_eq!(f.new_connection_errors, Some(3));
     }
@@ -697,6 +714,7 @@ mod tests {
         // CPU per GB needs both bulk scenarios.
         assert_eq!(f.cpu_seconds_per_gb, None);
         assert_eq!(f.keepalive_requests_per_s, None);
+        assert_eq!(f.keepalive_p99_us, None);
         assert_eq!(f.latency_p99_us, None);
         assert_eq!(f.new_connections_per_s, None);
     }
