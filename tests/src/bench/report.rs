@@ -225,6 +225,25 @@ fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
+/// Percentiles in whole microseconds, "a / b", signed for amounts added;
+/// "-" unless every one was measured.
+fn micros(values: &[Option<f64>], signed: bool) -> String {
+    let Some(values) = values.iter().copied().collect::<Option<Vec<f64>>>() else {
+        return "-".into();
+    };
+    let cells: Vec<String> = values
+        .iter()
+        .map(|x| {
+            if signed {
+                format!("{x:+.0}")
+            } else {
+                format!("{x:.0}")
+            }
+        })
+        .collect();
+    cells.join(" / ")
+}
+
 /// The table printed at the end of a run.
 pub fn table(results: &Results) -> String {
     let cols: Vec<&PairFigures> = results.contenders.iter().collect();
@@ -255,20 +274,12 @@ pub fn table(results: &Results) -> String {
     row("  ratio to direct", &|_, v| {
         fmt_opt(r(v, "bulk_8_streams_to_direct"), |x| format!("{x:.2}"))
     });
-    row(
-        "fixed rate p50 / p99 (us)",
-        &|c, _| match (c.latency_p50_us, c.latency_p99_us) {
-            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
-            _ => "-".into(),
-        },
-    );
-    row("  added p50 / p99 / p99.9", &|_, v| match (
-        r(v, "added_p50_us"),
-        r(v, "added_p99_us"),
-        r(v, "added_p999_us"),
-    ) {
-        (Some(a), Some(b), Some(c)) => format!("{a:+.0} / {b:+.0} / {c:+.0}"),
-        _ => "-".into(),
+    row("fixed rate p50 / p99 (us)", &|c, _| {
+        micros(&[c.latency_p50_us, c.latency_p99_us], false)
+    });
+    row("  added p50 / p99 / p99.9", &|_, v| {
+        let added = ["added_p50_us", "added_p99_us", "added_p999_us"];
+        micros(&added.map(|k| r(v, k)), true)
     });
     row("keep-alive req/s", &|c, _| {
         fmt_opt(c.keepalive_requests_per_s, |x| format!("{x:.0}"))
@@ -276,19 +287,12 @@ pub fn table(results: &Results) -> String {
     row("  ratio to direct", &|_, v| {
         fmt_opt(r(v, "keepalive_requests_to_direct"), |x| format!("{x:.2}"))
     });
-    row(
-        "  its p50 / p99 (us)",
-        &|c, _| match (c.keepalive_p50_us, c.keepalive_p99_us) {
-            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
-            _ => "-".into(),
-        },
-    );
-    row("  added p50 / p99", &|_, v| match (
-        r(v, "keepalive_added_p50_us"),
-        r(v, "keepalive_added_p99_us"),
-    ) {
-        (Some(a), Some(b)) => format!("{a:+.0} / {b:+.0}"),
-        _ => "-".into(),
+    row("  its p50 / p99 (us)", &|c, _| {
+        micros(&[c.keepalive_p50_us, c.keepalive_p99_us], false)
+    });
+    row("  added p50 / p99", &|_, v| {
+        let added = ["keepalive_added_p50_us", "keepalive_added_p99_us"];
+        micros(&added.map(|k| r(v, k)), true)
     });
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
@@ -552,6 +556,16 @@ mod tests {
         let closed = target(&targets, "added p99 under wrk -t1 -c16");
         assert_eq!(closed["value"].as_f64(), Some(400.0));
         assert_eq!(closed["met"], json!(true));
+    }
+
+    #[test]
+    fn percentiles_print_whole_and_signed_or_not_at_all() {
+        assert_eq!(micros(&[Some(33.0), Some(81.4)], false), "33 / 81");
+        assert_eq!(
+            micros(&[Some(0.0), Some(118.0), Some(-8.0)], true),
+            "+0 / +118 / -8"
+        );
+        assert_eq!(micros(&[Some(33.0), None], false), "-");
     }
 
     #[test]
