@@ -9,6 +9,11 @@
 //! own chunked decoder) that records every request it frames and whether
 //! its framing was ambiguous. A policy denies `/admin/*`: a request for it
 //! reaching the app would be a request the sidecar never decided.
+//!
+//! The other way, an app's answer framed two ways (a length beside
+//! `chunked`, two lengths) followed by bytes that read as a second answer:
+//! app connections are shared by callers between requests, so those bytes
+//! must never become another caller's answer.
 
 mod common;
 
@@ -379,4 +384,100 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
         assert!(seen.requests().is_empty(), "{case}: {:?}", seen.requests());
     }
     assert_nothing_smuggled(&seen);
+}
+
+/// An app that answers `/poison` with a response framed two ways (or
+/// with two lengths), bytes after it that read as a second response, and
+/// every other request honestly.
+async fn poisoning_app(poison: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let answer: &[u8] = if head.starts_with(b"GET /poison ") {
+                            poison
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhonest"
+                        };
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// App connections are shared by callers between requests, so an answer
+/// the app frames ambiguously must not leave bytes that the next caller
+/// would get as its own answer: the sidecar reads it one way only and
+/// drops an app connection that sent more than one answer.
+#[tokio::test]
+async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
+    // Each answer, and how the first caller gets it: as chunked alone,
+    // its length dropped, or refused as invalid.
+    let poisons: [(&str, &'static [u8], &str); 2] = [
+        (
+            "a length beside chunked",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+              0\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n",
+        ),
+        (
+            "two different lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 45\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
+            "HTTP/1.1 502 Bad Gateway\r\n",
+        ),
+    ];
+    for (case, poison, expected) in poisons {
+        let cp = FakeControlPlane::start(CERT_TTL).await;
+        let s = sidecar(&cp, poisoning_app(poison).await, &[]).await;
+        push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+        let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+        let mut first = tls_connect(s.inbound, config).await.unwrap();
+        first
+            .write_all(b"GET /poison HTTP/1.1\r\nhost: api\r\n\r\n")
+            .await
+            .unwrap();
+        // Whatever the answer, until 1 s of silence or the end.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(1), first.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(expected), "{case}: the caller got {got:?}");
+        assert!(!got.contains("content-length: 5"), "{case}: {got:?}");
+        assert!(!got.contains("injected"), "{case}: the caller got {got:?}");
+        if expected.contains("502") {
+            assert!(
+                got.ends_with("invalid answer from the app\n"),
+                "{case}: {got:?}"
+            );
+        }
+        for _ in 0..3 {
+            let mut next = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+            let (status, body) = text(next.send_request(get("/next", &[])).await.unwrap()).await;
+            assert_eq!((status.as_u16(), body.as_str()), (200, "honest"), "{case}");
+        }
+    }
 }

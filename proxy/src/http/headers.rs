@@ -52,8 +52,9 @@ const REMOVED_ANYWAY: [&str; 8] = [
 /// Removes the hop-by-hop headers: `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-*`, `TE` (except its `trailers`, which gRPC needs
 /// end to end and which the sidecar honours by passing trailers on),
-/// `Transfer-Encoding`, and `Upgrade` unless `upgrading` (then
-/// `Connection: upgrade` is kept with it).
+/// `Transfer-Encoding` (and a `Content-Length` sent beside it), and
+/// `Upgrade` unless `upgrading` (then `Connection: upgrade` is kept with
+/// it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Read first: a client sending TE also names it in `Connection`.
     let te_trailers = has_token(headers, header::TE, "trailers");
@@ -71,6 +72,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     headers.remove(PROXY_CONNECTION);
     headers.remove(header::PROXY_AUTHENTICATE);
     headers.remove(header::PROXY_AUTHORIZATION);
+    // A message that came framed by Transfer-Encoding was read by it, and
+    // leaves decoded: a Content-Length beside it describes neither, so it
+    // goes too (RFC 9112, section 6.3). hyper drops it from requests; an
+    // app's answer keeps it unless removed here, and the caller would get
+    // a length its body does not have.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::TE);
     if te_trailers {
@@ -99,6 +108,16 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn a_length_sent_beside_transfer_encoding_goes_with_it() {
+        let mut h = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = map(&[("content-length", "5")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["content-length"], "5", "a length alone is the framing");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use trellis_core::refusal;
 
 use super::access::{Counted, Direction, Entry};
+use super::upstream::SendError;
 use super::{Body, Connection, Protocol, RequestBody, headers};
 
 /// The body of a response before it is counted: the app's or the sidecar's.
@@ -96,11 +97,21 @@ pub async fn forward(
         Ok(response) => response.map(Either::Left),
         Err(e) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
+            // An answer hyper could not read one way only (two lengths, a
+            // malformed head) is the app's fault, not its absence.
+            let invalid = e
+                .downcast_ref::<SendError>()
+                .is_some_and(|e| matches!(e, SendError::Request(e) if e.is_parse()));
+            let message = if invalid {
+                "invalid answer from the app"
+            } else {
+                "app unreachable"
+            };
             local(
                 grpc,
                 StatusCode::BAD_GATEWAY,
                 GrpcCode::Unavailable,
-                "app unreachable",
+                message,
             )
         }
     };
