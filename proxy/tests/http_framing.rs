@@ -218,22 +218,28 @@ async fn send_raw(cp: &FakeControlPlane, inbound: SocketAddr, bytes: &[u8]) -> A
     let mut tls = tls_connect(inbound, config).await.unwrap();
     tls.write_all(bytes).await.unwrap();
     tls.flush().await.unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut closed = false;
-    while let Ok(read) = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut chunk)).await {
-        match read {
-            Ok(0) | Err(_) => {
-                closed = true;
-                break;
-            }
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
     Answers {
         status: status_lines(&got),
         closed,
     }
+}
+
+/// What `stream` sends until it ends or falls silent for `quiet`, and
+/// whether it ended.
+async fn read_until_quiet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    quiet: Duration,
+) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(read) = tokio::time::timeout(quiet, stream.read(&mut chunk)).await {
+        match read {
+            Ok(0) | Err(_) => return (got, true),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    (got, false)
 }
 
 /// The status line of each answer in `bytes`, bodies framed by their
@@ -454,16 +460,7 @@ async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
             .await
             .unwrap();
         // Whatever the answer, until 1 s of silence or the end.
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_secs(1), first.read(&mut chunk)).await
-        {
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let (got, _) = read_until_quiet(&mut first, Duration::from_secs(1)).await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with(expected), "{case}: the caller got {got:?}");
         assert!(!got.contains("content-length: 5"), "{case}: {got:?}");
