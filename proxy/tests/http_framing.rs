@@ -4,10 +4,10 @@
 //! Raw bytes go over mTLS to a real sidecar's inbound listener, crafted
 //! the way request-smuggling attacks are: `Content-Length` beside
 //! `Transfer-Encoding`, two lengths, an encoding that is not `chunked`, a
-//! folded header, a request hidden in a body. The app behind it is a
-//! strict HTTP/1.1 server of the test's own (httparse for the head, its
-//! own chunked decoder) that records every request it frames and whether
-//! its framing was ambiguous. A policy denies `/admin/*`: a request for it
+//! folded header, a request hidden in a body (also in a denied one's).
+//! The app behind it is a strict HTTP/1.1 server of the test's own
+//! (httparse for the head, its own chunked decoder) that records every
+//! request it frames and whether its framing was ambiguous. A policy denies `/admin/*`: a request for it
 //! reaching the app would be a request the sidecar never decided.
 //!
 //! The other way, an app's answer framed two ways (a length beside
@@ -352,6 +352,31 @@ async fn a_request_inside_a_chunked_body_stays_body() {
     assert_eq!(answers.status, ["HTTP/1.1 200 OK"]);
     assert!(answers.closed);
     assert_eq!(bodies, [&hidden[..]]);
+}
+
+/// A denied request's body is skipped, never read as the next request:
+/// the sidecar answers 403 and goes on with the request after the body.
+#[tokio::test]
+async fn a_denied_requests_body_is_never_read_as_a_request() {
+    let (cp, s, seen) = setup().await;
+    let hidden = b"GET /inside HTTP/1.1\r\nhost: api\r\n\r\n";
+    let mut bytes = format!(
+        "POST /admin/x HTTP/1.1\r\nhost: api\r\ncontent-length: {}\r\n\r\n",
+        hidden.len()
+    )
+    .into_bytes();
+    bytes.extend(hidden);
+    bytes.extend(b"GET /after HTTP/1.1\r\nhost: api\r\n\r\n");
+    let answers = send_raw(&cp, s.inbound, &bytes).await;
+    assert_nothing_smuggled(&seen);
+    let paths: Vec<String> = seen.requests().into_iter().map(|r| r.path).collect();
+    assert!(!paths.contains(&"/inside".to_string()), "{paths:?}");
+    assert_eq!(
+        answers.status,
+        ["HTTP/1.1 403 Forbidden", "HTTP/1.1 200 OK"]
+    );
+    assert!(!answers.closed);
+    assert_eq!(paths, ["/after"]);
 }
 
 /// Framing the sidecar cannot read one way only is refused with 400, and
