@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
@@ -58,20 +59,28 @@ impl Seen {
     }
 }
 
-/// The strict app: answers each request it frames with `200 ok`.
-async fn strict_app() -> (SocketAddr, Seen) {
+/// An app on a free loopback port that serves each connection with
+/// `serve` until it returns.
+async fn app<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = Seen::default();
-    let record = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let _ = serve(tcp, record).await;
-            });
+            tokio::spawn(serve(tcp));
         }
     });
+    addr
+}
+
+/// The strict app: answers each request it frames with `200 ok`.
+async fn strict_app() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    let addr = app(move |tcp| serve(tcp, record.clone())).await;
     (addr, seen)
 }
 
@@ -102,8 +111,9 @@ impl<S: AsyncRead + Unpin> Reader<S> {
     async fn line(&mut self) -> std::io::Result<Vec<u8>> {
         loop {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = self.buf.drain(..end + 2).collect::<Vec<_>>();
-                return Ok(line[..end].to_vec());
+                let mut line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                line.truncate(end);
+                return Ok(line);
             }
             if !self.fill().await? {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -132,7 +142,7 @@ impl<S: AsyncRead + Unpin> Reader<S> {
     }
 }
 
-async fn serve(tcp: tokio::net::TcpStream, seen: Seen) -> std::io::Result<()> {
+async fn serve(tcp: TcpStream, seen: Seen) -> std::io::Result<()> {
     let (read, mut write) = tcp.into_split();
     let mut r = Reader {
         io: read,
@@ -421,34 +431,26 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
 /// with two lengths), bytes after it that read as a second response, and
 /// every other request honestly.
 async fn poisoning_app(poison: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = buf.drain(..end + 4).collect();
-                        let answer: &[u8] = if head.starts_with(b"GET /poison ") {
-                            poison
-                        } else {
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhonest"
-                        };
-                        if tcp.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
+    app(move |tcp| answer_heads(tcp, poison)).await
+}
+
+/// Answers each request head on `tcp` (these requests have no body).
+async fn answer_heads(tcp: TcpStream, poison: &'static [u8]) -> std::io::Result<()> {
+    let (read, mut write) = tcp.into_split();
+    let mut r = Reader {
+        io: read,
+        buf: Vec::new(),
+    };
+    loop {
+        let request_line = r.line().await?;
+        while !r.line().await?.is_empty() {}
+        let answer: &[u8] = if request_line.starts_with(b"GET /poison ") {
+            poison
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhonest"
+        };
+        write.write_all(answer).await?;
+    }
 }
 
 /// App connections are shared by callers between requests, so an answer
