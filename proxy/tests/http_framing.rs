@@ -79,9 +79,13 @@ where
 /// The strict app: answers each request it frames with `200 ok`.
 async fn strict_app() -> (SocketAddr, Seen) {
     let seen = Seen::default();
+    (strict_app_addr(&seen).await, seen)
+}
+
+/// Another strict app, recording into `seen`.
+async fn strict_app_addr(seen: &Seen) -> SocketAddr {
     let record = seen.clone();
-    let addr = app(move |tcp| serve(tcp, record.clone())).await;
-    (addr, seen)
+    app(move |tcp| serve(tcp, record.clone())).await
 }
 
 /// Bytes read from a connection and not yet used.
@@ -427,9 +431,196 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
     assert_nothing_smuggled(&seen);
 }
 
-/// An app that answers `/poison` with a response framed two ways (or
-/// with two lengths), bytes after it that read as a second response, and
-/// every other request honestly.
+/// Requests sent one after another without waiting (pipelined) are
+/// answered in order, each decided on its own: a denied one in the middle
+/// is answered 403 in its place, and its neighbours, with bodies framed by
+/// a length or chunked, reach the app whole.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_each_decided() {
+    let (cp, s, seen) = setup().await;
+    let answers = send_raw(
+        &cp,
+        s.inbound,
+        b"GET /1 HTTP/1.1\r\nhost: api\r\n\r\n\
+          POST /2 HTTP/1.1\r\nhost: api\r\ncontent-length: 3\r\n\r\nabc\
+          GET /admin/3 HTTP/1.1\r\nhost: api\r\n\r\n\
+          POST /4 HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n\
+          GET /5 HTTP/1.1\r\nhost: api\r\n\r\n",
+    )
+    .await;
+    assert_nothing_smuggled(&seen);
+    assert_eq!(
+        answers.status,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 403 Forbidden",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK"
+        ]
+    );
+    assert!(!answers.closed);
+    let requests: Vec<(String, Vec<u8>)> = seen
+        .requests()
+        .into_iter()
+        .map(|r| (r.path, r.body))
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            ("/1".into(), Vec::new()),
+            ("/2".into(), b"abc".to_vec()),
+            ("/4".into(), b"xyz".to_vec()),
+            ("/5".into(), Vec::new())
+        ]
+    );
+}
+
+/// Reads one answer's head (through its blank line) from `stream`.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+        match read {
+            Ok(Ok(1)) => head.push(byte[0]),
+            other => panic!("no whole head: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// `Expect: 100-continue`: an allowed request's caller is told to go on
+/// and its body reaches the app; a denied one's caller is not, gets 403,
+/// and the connection closes, so a body sent anyway (here, a request for
+/// a denied path) is never read as a request.
+#[tokio::test]
+async fn only_an_allowed_request_is_told_to_continue() {
+    let (cp, s, seen) = setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+
+    let mut allowed = tls_connect(s.inbound, config.clone()).await.unwrap();
+    allowed
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read_head(&mut allowed).await,
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
+    allowed.write_all(b"hello").await.unwrap();
+    assert!(
+        read_head(&mut allowed)
+            .await
+            .starts_with("HTTP/1.1 200 OK\r\n")
+    );
+    assert_eq!(
+        seen.requests(),
+        [Framed {
+            method: "POST".into(),
+            path: "/upload".into(),
+            body: b"hello".to_vec()
+        }]
+    );
+
+    let hidden = b"GET /admin/x HTTP/1.1\r\nhost: api\r\n\r\n";
+    let mut denied = tls_connect(s.inbound, config).await.unwrap();
+    let head = format!(
+        "POST /admin/upload HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        hidden.len()
+    );
+    denied.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut denied).await;
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    // The body anyway; the sidecar may already have closed.
+    let _ = denied.write_all(hidden).await;
+    let _ = denied.flush().await;
+    let (rest, closed) = read_until_quiet(&mut denied, Duration::from_secs(3)).await;
+    assert!(closed, "the connection of a refused 100-continue closes");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("HTTP/1.1"),
+        "no second answer: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_nothing_smuggled(&seen);
+    assert_eq!(seen.requests().len(), 1);
+}
+
+/// `CONNECT` would turn the connection into a tunnel whose requests no
+/// rule decides, so it is refused with 501 saying so, with or without L7
+/// rules and over HTTP/1.1 or HTTP/2, and the connection goes on; `OPTIONS *` is decided by the rules
+/// like any request (no rule's path matches `*`) and reaches the app.
+#[tokio::test]
+async fn connect_is_refused_by_name_and_options_asterisk_is_decided() {
+    // With L7 rules in force, then with none.
+    let (cp, s, seen) = setup().await;
+    let other = FakeControlPlane::start(CERT_TTL).await;
+    let without_rules = sidecar(&other, strict_app_addr(&seen).await, &[]).await;
+    push_to(&other, snapshot(1, "allow-mesh", vec![]), 1).await;
+    for (cp, inbound) in [(&cp, s.inbound), (&other, without_rules.inbound)] {
+        let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+        let mut tls = tls_connect(inbound, config).await.unwrap();
+        tls.write_all(b"CONNECT api:8080 HTTP/1.1\r\nhost: api:8080\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(
+            head.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
+            "{head}"
+        );
+        let expected = format!("{}\n", trellis_proxy::http::authz::CONNECT_REFUSED);
+        let mut body = vec![0u8; expected.len()];
+        tls.read_exact(&mut body).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&body), expected);
+        tls.write_all(b"OPTIONS * HTTP/1.1\r\nhost: api\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    }
+    // Over HTTP/2 the same.
+    let mut h2 = h2(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let connect = ::http::Request::connect("api:8080")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, body) = text(h2.send_request(connect).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.trim_end()),
+        (501, trellis_proxy::http::authz::CONNECT_REFUSED)
+    );
+    let requests: Vec<(String, String)> = seen
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    let options = ("OPTIONS".to_string(), "*".to_string());
+    assert_eq!(requests, [options.clone(), options]);
+}
+
+/// A request head larger than the sidecar reads (more than 100 header
+/// fields) is answered 431 and the connection closed, before the app.
+#[tokio::test]
+async fn a_head_too_large_is_refused_before_the_app() {
+    let (cp, s, seen) = setup().await;
+    let mut head = b"GET /big HTTP/1.1\r\nhost: api\r\n".to_vec();
+    for i in 0..120 {
+        head.extend(format!("x-field-{i}: {}\r\n", "a".repeat(100)).as_bytes());
+    }
+    head.extend(b"\r\n");
+    let answers = send_raw(&cp, s.inbound, &head).await;
+    assert_eq!(
+        answers.status,
+        ["HTTP/1.1 431 Request Header Fields Too Large"]
+    );
+    assert!(answers.closed);
+    assert!(seen.requests().is_empty(), "{:?}", seen.requests());
+}
+
+/// An app that answers `/poison` with `poison` (an answer framed two
+/// ways, or bytes after an answer that read as a second one) and every
+/// other request honestly.
 async fn poisoning_app(poison: &'static [u8]) -> SocketAddr {
     app(move |tcp| answer_heads(tcp, poison)).await
 }
@@ -444,7 +635,8 @@ async fn answer_heads(tcp: TcpStream, poison: &'static [u8]) -> std::io::Result<
     loop {
         let request_line = r.line().await?;
         while !r.line().await?.is_empty() {}
-        let answer: &[u8] = if request_line.starts_with(b"GET /poison ") {
+        let target = request_line.split(|b| *b == b' ').nth(1);
+        let answer: &[u8] = if target == Some(&b"/poison"[..]) {
             poison
         } else {
             b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhonest"
@@ -453,50 +645,112 @@ async fn answer_heads(tcp: TcpStream, poison: &'static [u8]) -> std::io::Result<
     }
 }
 
+/// An answer the app sends to `/poison`, and what the first caller must
+/// get of it.
+struct Poison {
+    case: &'static str,
+    method: &'static str,
+    answer: &'static [u8],
+    /// How the caller's answer starts.
+    expected: &'static str,
+    /// What the caller's answer must not hold.
+    absent: &'static str,
+}
+
 /// App connections are shared by callers between requests, so an answer
-/// the app frames ambiguously must not leave bytes that the next caller
-/// would get as its own answer: the sidecar reads it one way only and
-/// drops an app connection that sent more than one answer.
+/// the app frames ambiguously, or bytes it sends after an answer, must
+/// not reach the next caller as its own answer: the sidecar reads each
+/// answer one way only, and drops an app connection that sent more than
+/// one. An answer to `HEAD`, a 204 and a 304 have no body whatever their
+/// headers say, so what follows them is such bytes; a 1xx answer is
+/// followed by the real one.
 #[tokio::test]
 async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
-    // Each answer, and how the first caller gets it: as chunked alone,
-    // its length dropped, or refused as invalid.
-    let poisons: [(&str, &'static [u8], &str); 2] = [
-        (
-            "a length beside chunked",
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+    // A whole second answer, as the stray bytes.
+    const INJECTED: &str = "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected";
+    let poisons = [
+        Poison {
+            case: "a length beside chunked",
+            method: "GET",
+            answer: b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
               0\r\n\r\n\
               HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n",
-        ),
-        (
-            "two different lengths",
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 45\r\n\r\n\
+            expected: "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n",
+            absent: "content-length: 5",
+        },
+        Poison {
+            case: "two different lengths",
+            method: "GET",
+            answer: b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 45\r\n\r\n\
               HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
-            "HTTP/1.1 502 Bad Gateway\r\n",
-        ),
+            expected: "HTTP/1.1 502 Bad Gateway\r\n",
+            absent: "content-length: 45",
+        },
+        Poison {
+            case: "a body after an answer to HEAD",
+            method: "HEAD",
+            answer: b"HTTP/1.1 200 OK\r\ncontent-length: 46\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
+            expected: "HTTP/1.1 200 OK\r\ncontent-length: 46\r\n",
+            absent: INJECTED,
+        },
+        Poison {
+            case: "a body after a 204 with a length",
+            method: "GET",
+            answer: b"HTTP/1.1 204 No Content\r\ncontent-length: 46\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
+            expected: "HTTP/1.1 204 No Content\r\n",
+            absent: INJECTED,
+        },
+        Poison {
+            case: "an answer after a 304",
+            method: "GET",
+            answer: b"HTTP/1.1 304 Not Modified\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\ninjected",
+            expected: "HTTP/1.1 304 Not Modified\r\n",
+            absent: INJECTED,
+        },
+        Poison {
+            case: "an informational answer before the answer",
+            method: "GET",
+            answer: b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            expected: "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n",
+            absent: "Early Hints",
+        },
     ];
-    for (case, poison, expected) in poisons {
+    assert_eq!(INJECTED.len(), 46, "the lengths above frame exactly it");
+    for Poison {
+        case,
+        method,
+        answer,
+        expected,
+        absent,
+    } in poisons
+    {
         let cp = FakeControlPlane::start(CERT_TTL).await;
-        let s = sidecar(&cp, poisoning_app(poison).await, &[]).await;
+        let s = sidecar(&cp, poisoning_app(answer).await, &[]).await;
         push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
         let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
         let mut first = tls_connect(s.inbound, config).await.unwrap();
         first
-            .write_all(b"GET /poison HTTP/1.1\r\nhost: api\r\n\r\n")
+            .write_all(format!("{method} /poison HTTP/1.1\r\nhost: api\r\n\r\n").as_bytes())
             .await
             .unwrap();
         // Whatever the answer, until 1 s of silence or the end.
         let (got, _) = read_until_quiet(&mut first, Duration::from_secs(1)).await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with(expected), "{case}: the caller got {got:?}");
-        assert!(!got.contains("content-length: 5"), "{case}: {got:?}");
+        assert!(!got.contains(absent), "{case}: the caller got {got:?}");
         assert!(!got.contains("injected"), "{case}: the caller got {got:?}");
         if expected.contains("502") {
             assert!(
                 got.ends_with("invalid answer from the app\n"),
                 "{case}: {got:?}"
             );
+        }
+        if case.contains("informational") {
+            assert!(got.ends_with("\r\n\r\nfinal"), "{case}: {got:?}");
         }
         for _ in 0..3 {
             let mut next = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;

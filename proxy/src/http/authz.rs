@@ -4,8 +4,8 @@
 //!
 //! A refused request is answered here (403 naming the deciding policy and
 //! rule, gRPC `PERMISSION_DENIED`; 400 for a path with empty, `.` or `..`
-//! segments while L7 rules are in force) and never reaches the inner
-//! service. Each decision is counted in `trellis_decisions_total`, AUDIT
+//! segments while L7 rules are in force; 501 for `CONNECT`, whatever the
+//! rules) and never reaches the inner service. Each decision is counted in `trellis_decisions_total`, AUDIT
 //! matches are logged as "would deny", and the decision goes to the access
 //! log through the request's [`Entry`](super::access::Entry).
 //!
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::Either;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
@@ -31,6 +31,10 @@ use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
 use super::{Body, InForce};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
+
+/// What a `CONNECT` request is answered, with 501.
+pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
+     (declare the port opaque to pass its connections as TCP)";
 
 /// Wraps a service in [`Authorize`].
 #[derive(Clone)]
@@ -114,9 +118,24 @@ impl<S> Authorize<S> {
             grpc,
             ..
         } = exchange;
+        if request.method() == Method::CONNECT {
+            // A tunnel's bytes would reach the app with no request in them
+            // decided; the app's address also replaces the target, so no
+            // tunnel could work. Refused whatever the policies say.
+            entry.outcome = "invalid";
+            return Some(local(
+                *grpc,
+                StatusCode::NOT_IMPLEMENTED,
+                GrpcCode::InvalidArgument,
+                CONNECT_REFUSED,
+            ));
+        }
         let current = self.policies.get();
         let path = request.uri().path();
-        if current.is_some_and(|p| p.set.has_l7()) && !l7::is_normalized(path) {
+        // `OPTIONS *` asks about the server as a whole: decided with `*` as
+        // its path, which no path in a rule matches.
+        let asterisk = path == "*" && request.method() == Method::OPTIONS;
+        if current.is_some_and(|p| p.set.has_l7()) && !asterisk && !l7::is_normalized(path) {
             // Rules match paths as written: `/a/../admin` must not pass for
             // something a rule on `/admin` does not see.
             entry.outcome = "invalid";
@@ -124,7 +143,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
-                "path has empty, '.' or '..' segments",
+                "path has an empty, '.' or '..' segment",
             ));
         }
         let http = HttpRequest {
