@@ -5,9 +5,10 @@
 //! A refused request is answered here (403 naming the deciding policy and
 //! rule, gRPC `PERMISSION_DENIED`; 400 for a path with empty, `.` or `..`
 //! segments while L7 rules are in force; 501 for `CONNECT`, whatever the
-//! rules) and never reaches the inner service. Each decision is counted in `trellis_decisions_total`, AUDIT
-//! matches are logged as "would deny", and the decision goes to the access
-//! log through the request's [`Entry`](super::access::Entry).
+//! rules) and never reaches the inner service. Each decision is counted in
+//! `trellis_decisions_total`, AUDIT matches are logged as "would deny", and
+//! the decision goes to the access log through the request's
+//! [`Entry`](super::access::Entry).
 //!
 //! The policies are read from the connection's `watch` channel when the
 //! stack is polled for readiness, and only when they changed: deciding a
