@@ -308,7 +308,7 @@ impl ClientParts {
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(self.resolver.clone());
-        full.resumption = Resumption::store(Arc::new(tickets.store()));
+        full.resumption = Resumption::store(Arc::new(tickets.collecting_store()));
         let mut resuming = (*provider()).clone();
         resuming.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
         let mut resume = ClientConfig::builder_with_provider(Arc::new(resuming))

@@ -10,8 +10,10 @@
 //! expected peer identity has its own tickets, shared by its two client
 //! configs (the hybrid one for full handshakes and the one for resuming,
 //! see [`super::PeerClient`]), each config with its own store
-//! ([`PeerTickets::store`]) remembering the key-exchange group it last
-//! used. The configs die when the SVID or the trust bundle changes, so a
+//! remembering the key-exchange group it last used: both keep the tickets
+//! their sessions bring back, and only the resuming config's
+//! ([`PeerTickets::store`]) resumes with them
+//! ([`PeerTickets::collecting_store`]). The configs die when the SVID or the trust bundle changes, so a
 //! ticket is never used with another identity or after a rotation.
 
 use std::collections::VecDeque;
@@ -33,11 +35,26 @@ pub struct PeerTickets {
 }
 
 impl PeerTickets {
-    /// A session store for one client config, on these tickets.
+    /// The session store of the resuming config: it keeps the tickets its
+    /// sessions bring back and resumes with them.
     pub fn store(self: &Arc<Self>) -> ConfigStore {
         ConfigStore {
             tickets: self.clone(),
             kx_hint: Mutex::default(),
+            resumes: true,
+        }
+    }
+
+    /// The session store of the hybrid config: it keeps the tickets its
+    /// sessions bring back, for the resuming config, and never resumes
+    /// with one. A dial that could not reserve a ticket begins a session;
+    /// were it to take a ticket that came back while it connected, it
+    /// would resume with the hybrid key exchange and could leave a dial
+    /// that reserved a ticket without one.
+    pub fn collecting_store(self: &Arc<Self>) -> ConfigStore {
+        ConfigStore {
+            resumes: false,
+            ..self.store()
         }
     }
 
@@ -67,6 +84,8 @@ impl PeerTickets {
 pub struct ConfigStore {
     tickets: Arc<PeerTickets>,
     kx_hint: Mutex<Option<(ServerName<'static>, NamedGroup)>>,
+    /// Whether this config's handshakes take a ticket to resume.
+    resumes: bool,
 }
 
 /// A ticket reserved for one dial ([`PeerTickets::reserve`]).
@@ -163,6 +182,9 @@ impl ClientSessionStore for ConfigStore {
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
+        if !self.resumes {
+            return None;
+        }
         self.tickets.lock().take(server_name)
     }
 }
@@ -208,6 +230,73 @@ mod tests {
         t.forget(&name("a.mesh"));
         assert!(!t.reserve(&name("a.mesh")), "forgotten");
         assert_eq!(t.take(&name("a.mesh")), None);
+    }
+
+    /// Real handshakes in memory with a server that sends tickets: the
+    /// hybrid config's store keeps what its sessions bring back and never
+    /// resumes with it; the resuming config's store resumes with it.
+    #[test]
+    fn only_the_resuming_store_resumes() {
+        use rustls::client::Resumption;
+        use rustls::{
+            ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
+        };
+
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["a.mesh".into()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let server = Arc::new(
+            ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.cert.der().clone()], key)
+                .unwrap(),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let tickets = Arc::new(PeerTickets::default());
+        // Two configs with one verifier and one client-certificate resolver,
+        // as a peer's two configs share them: rustls resumes only then.
+        let mut hybrid = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut resuming = hybrid.clone();
+        hybrid.resumption = Resumption::store(Arc::new(tickets.collecting_store()));
+        resuming.resumption = Resumption::store(Arc::new(tickets.store()));
+        let (hybrid, resuming) = (Arc::new(hybrid), Arc::new(resuming));
+        // One handshake, then the server's tickets read by the client.
+        let handshake = |config: &Arc<ClientConfig>| {
+            let mut c = ClientConnection::new(config.clone(), name("a.mesh")).unwrap();
+            let mut s = ServerConnection::new(server.clone()).unwrap();
+            for _ in 0..10 {
+                let mut wire = Vec::new();
+                c.write_tls(&mut wire).unwrap();
+                s.read_tls(&mut &wire[..]).unwrap();
+                s.process_new_packets().unwrap();
+                wire.clear();
+                s.write_tls(&mut wire).unwrap();
+                c.read_tls(&mut &wire[..]).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            assert!(!c.is_handshaking() && !s.is_handshaking());
+            c.handshake_kind().unwrap()
+        };
+
+        assert_eq!(handshake(&hybrid), HandshakeKind::Full);
+        assert!(
+            tickets.reserve(&name("a.mesh")).is_some(),
+            "the hybrid config's session brought tickets back"
+        );
+        assert_eq!(
+            handshake(&hybrid),
+            HandshakeKind::Full,
+            "the hybrid config never resumes, tickets held or not"
+        );
+        assert_eq!(handshake(&resuming), HandshakeKind::Resumed);
     }
 
     #[test]
