@@ -114,29 +114,39 @@ async fn tickets_outlive_a_new_certificate_but_not_a_new_bundle() {
     let inbound = inbound(app.addr, next_state().await).await;
     let client = ca.tls_state(&ca.svid(&id("/ns/a/sa/client")), &[]);
     let peer = client.client_for(&server).unwrap();
-    // The hybrid config, as a dial with no ticket held; the round trip
+    // A dial as the sidecar makes it: the hybrid config while no ticket is
+    // held, the resuming one (inside `resuming`) with one. The round trip
     // brings the tickets back.
-    let kind = async || {
-        let mut stream = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
-        assert_eq!(round_trip(&mut stream, b"ping\n").await.unwrap(), b"ping\n");
-        stream.get_ref().1.handshake_kind()
+    let dial = async |resume: bool| -> std::io::Result<rustls::HandshakeKind> {
+        let mut stream = if resume {
+            trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone())).await?
+        } else {
+            tls_connect(inbound.addr, peer.full.clone()).await?
+        };
+        assert_eq!(round_trip(&mut stream, b"ping\n").await?, b"ping\n");
+        Ok(stream
+            .get_ref()
+            .1
+            .handshake_kind()
+            .expect("the handshake is over"))
     };
-    assert_eq!(kind().await, Some(rustls::HandshakeKind::Full));
+    assert_eq!(dial(false).await.unwrap(), rustls::HandshakeKind::Full);
 
     svid_tx.send_replace(Some(Arc::new(ca.svid(&server))));
     inbound.tls.send_replace(next_state().await);
     assert_eq!(
-        kind().await,
-        Some(rustls::HandshakeKind::Resumed),
+        dial(true).await.unwrap(),
+        rustls::HandshakeKind::Resumed,
         "a ticket sealed before the new certificate resumes"
     );
 
     // A new bundle (the same root, read again).
     bundle_tx.send_replace(Arc::new(vec![ca.root()]));
     inbound.tls.send_replace(next_state().await);
-    assert_eq!(
-        kind().await,
-        Some(rustls::HandshakeKind::Full),
-        "a ticket sealed before the new bundle is refused"
+    let refused = dial(true).await.unwrap_err();
+    assert!(
+        trellis_proxy::tls::NotResumed::caused(&refused),
+        "a ticket sealed before the new bundle is refused: {refused}"
     );
+    assert_eq!(dial(false).await.unwrap(), rustls::HandshakeKind::Full);
 }
