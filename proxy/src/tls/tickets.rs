@@ -10,11 +10,12 @@
 //! expected peer identity has its own tickets, shared by its two client
 //! configs (the hybrid one for full handshakes and the one for resuming,
 //! see [`super::PeerClient`]), each config with its own store
-//! remembering the key-exchange group it last used: both keep the tickets
-//! their sessions bring back, and only the resuming config's
-//! ([`PeerTickets::store`]) resumes with them
-//! ([`PeerTickets::collecting_store`]). The configs die when the SVID or the trust bundle changes, so a
-//! ticket is never used with another identity or after a rotation.
+//! remembering the key-exchange group it last used. Both stores keep the
+//! tickets their sessions bring back; only the resuming config's
+//! ([`PeerTickets::store`]) resumes with them, the hybrid config's
+//! ([`PeerTickets::collecting_store`]) never does. The configs die when
+//! the SVID or the trust bundle changes, so a ticket is never used with
+//! another identity or after a rotation.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
