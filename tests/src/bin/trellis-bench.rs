@@ -39,8 +39,9 @@ Options:
   --smoke             one tiny bulk transfer per contender, no control plane (the smoke test)
   --json FILE         where to write the JSON (default target/bench/results.json)
   --only LIST         contenders to run, comma separated:
-                      direct,trellis,trellis-l4,envoy,haproxy,stunnel,haproxy-plain
-                      (trellis-l4: the app port opaque, no HTTP inspection, as the peers run;
+                      direct,trellis,trellis-l4,envoy,envoy-http,haproxy,stunnel,haproxy-plain
+                      (trellis-l4: the app port opaque, no HTTP inspection, as the TCP-mode peers run;
+                      envoy-http: Envoy inspecting HTTP with per-request RBAC, as a mesh's sidecar;
                       haproxy-plain: HAProxy with no TLS, splicing: the best a pair can do here)
                       (direct is always added: every ratio needs it)
   --no-pin            do not pin the proxies to cores
