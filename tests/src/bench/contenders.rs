@@ -409,44 +409,53 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
             server_id = c.server.spiffe_id,
         )
     };
-    // The client side: plain TCP in, mTLS out; sniffing HTTP (as a mesh's
-    // outbound listener does) only to offer it in ALPN.
-    let client_config = if http {
+    // The head of a listener: its address and, when it reads the protocol
+    // before choosing a filter chain, that listener filter.
+    let listener = |name: &str, port: u16, inspector: Option<(&str, &str)>| {
+        let filters = inspector.map_or(String::new(), |(filter, type_name)| {
+            format!(
+                r#"    listener_filters:
+    - name: envoy.filters.listener.{filter}
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.{filter}.v3.{type_name} }}
+"#
+            )
+        });
         format!(
             r#"static_resources:
   listeners:
-  - name: plain_in
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
-    listener_filters:
-    - name: envoy.filters.listener.http_inspector
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector
-    filter_chains:
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+{filters}"#
+        )
+    };
+    // The client side: plain TCP in, mTLS out; sniffing HTTP (as a mesh's
+    // outbound listener does) only to offer it in ALPN.
+    let tcp_chain = tcp_proxy("bench_client", "server_side");
+    let tcp_cluster = to_server("server_side", false);
+    let client_config = if http {
+        let head = listener(
+            "plain_in",
+            entry.port(),
+            Some(("http_inspector", "HttpInspector")),
+        );
+        let http_chain = tcp_proxy("bench_client_http", "server_side_http");
+        let http_cluster = to_server("server_side_http", true);
+        format!(
+            r#"{head}    filter_chains:
     - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
       filters: [ {http_chain} ]
     default_filter_chain:
       filters: [ {tcp_chain} ]
   clusters:
-{http_cluster}{tcp_cluster}"#,
-            entry_port = entry.port(),
-            http_chain = tcp_proxy("bench_client_http", "server_side_http"),
-            tcp_chain = tcp_proxy("bench_client", "server_side"),
-            http_cluster = to_server("server_side_http", true),
-            tcp_cluster = to_server("server_side", false),
+{http_cluster}{tcp_cluster}"#
         )
     } else {
+        let head = listener("plain_in", entry.port(), None);
         format!(
-            r#"static_resources:
-  listeners:
-  - name: plain_in
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {entry_port} }} }}
-    filter_chains:
+            r#"{head}    filter_chains:
     - filters: [ {tcp_chain} ]
   clusters:
-{tcp_cluster}"#,
-            entry_port = entry.port(),
-            tcp_chain = tcp_proxy("bench_client", "server_side"),
-            tcp_cluster = to_server("server_side", false),
+{tcp_cluster}"#
         )
     };
     let downstream_tls = |http: bool| {
@@ -466,17 +475,18 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
     // `x-forwarded-client-cert`, and the router sends each request over
     // pooled app connections. No access log: the one a mesh's Envoy keeps
     // is off by default.
-    let server_config = if http {
+    let tcp_tls = downstream_tls(false);
+    let tcp_chain = tcp_proxy("bench_server", "app");
+    let listeners = if http {
+        let head = listener(
+            "mtls_in",
+            server.port(),
+            Some(("tls_inspector", "TlsInspector")),
+        );
+        let http_tls = downstream_tls(true);
+        let client_id = c.client.spiffe_id;
         format!(
-            r#"static_resources:
-  listeners:
-  - name: mtls_in
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }}
-    listener_filters:
-    - name: envoy.filters.listener.tls_inspector
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
-    filter_chains:
+            r#"{head}    filter_chains:
     - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
       transport_socket: {http_tls}
       filters:
@@ -510,30 +520,19 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
     default_filter_chain:
       transport_socket: {tcp_tls}
       filters: [ {tcp_chain} ]
-"#,
-            http_tls = downstream_tls(true),
-            tcp_tls = downstream_tls(false),
-            tcp_chain = tcp_proxy("bench_server", "app"),
-            client_id = c.client.spiffe_id,
-            server_port = server.port(),
+"#
         )
     } else {
+        let head = listener("mtls_in", server.port(), None);
         format!(
-            r#"static_resources:
-  listeners:
-  - name: mtls_in
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server_port} }} }}
-    filter_chains:
+            r#"{head}    filter_chains:
     - transport_socket: {tcp_tls}
       filters: [ {tcp_chain} ]
-"#,
-            tcp_tls = downstream_tls(false),
-            tcp_chain = tcp_proxy("bench_server", "app"),
-            server_port = server.port(),
+"#
         )
     };
     let server_config = format!(
-        r#"{server_config}  clusters:
+        r#"{listeners}  clusters:
   - name: app
     type: STATIC
     connect_timeout: 5s
