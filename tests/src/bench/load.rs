@@ -128,10 +128,10 @@ pub async fn bulk(
         tasks.spawn(async move {
             let mut tcp = connect(addr).await?;
             // Not an HTTP method: the app treats the stream as bulk. Lines
-            // of 1 KiB, so that a proxy sniffing for HTTP finds the first
-            // line is not (Envoy's `http_inspector` drops a stream it has
-            // not told from HTTP when its buffer is full, as it is before a
-            // line break when there is none).
+            // of 1 KiB, so that a proxy sniffing for HTTP reads a first
+            // line and finds it is not HTTP. (Envoy's `http_inspector`
+            // cannot tell a stream with no line break from HTTP, and drops
+            // it once its buffer is full.)
             let mut chunk = vec![0x5au8; 64 * 1024];
             for line in chunk.chunks_mut(1024) {
                 line[1022..].copy_from_slice(b"\r\n");
