@@ -252,6 +252,29 @@ fn rounds_below_every_peer(
     (below, rounds)
 }
 
+/// What the table says under it about each contender that is not what its
+/// name alone says, in the order the notes are printed.
+const CONTENDER_NOTES: [(&str, &str); 3] = [
+    (
+        "trellis-l4",
+        "Trellis with the app's port opaque (bytes copied, no HTTP parsed, no per-request policy \
+         or access log), the work the peers' TCP-mode pairs do; the targets are Trellis's own \
+         defaults (HTTP inspected)",
+    ),
+    (
+        "envoy-http",
+        "the Envoy pair inspecting HTTP as a mesh's sidecars do (protocol sniffed, ALPN, \
+         per-request RBAC on the caller's SPIFFE ID, its identity in x-forwarded-client-cert, no \
+         access log), the work Trellis's defaults do; a peer in the targets",
+    ),
+    (
+        "haproxy-plain",
+        "the HAProxy pair with no TLS, moving bytes with splice: the least work a pair of \
+         proxies can do here, so the best ratio any pair could reach on this machine; not a peer \
+         in the targets",
+    ),
+];
+
 /// The JSON document of a run.
 pub fn json(results: &Results) -> Value {
     let ratios: serde_json::Map<String, Value> = results
@@ -413,27 +436,10 @@ pub fn table(results: &Results) -> String {
             out.push_str(&format!("{} {}: {reason}\n", c.name, c.status));
         }
     }
-    if cols.iter().any(|c| c.name == "trellis-l4") {
-        out.push_str(
-            "trellis-l4: Trellis with the app's port opaque (bytes copied, no HTTP parsed, no \
-             per-request policy or access log), the work the peers' TCP-mode pairs do; the \
-             targets are Trellis's own defaults (HTTP inspected)\n",
-        );
-    }
-    if cols.iter().any(|c| c.name == "envoy-http") {
-        out.push_str(
-            "envoy-http: the Envoy pair inspecting HTTP as a mesh's sidecars do (protocol sniffed, \
-             ALPN, per-request RBAC on the caller's SPIFFE ID, its identity in \
-             x-forwarded-client-cert, no access log), the work Trellis's defaults do; a peer in \
-             the targets\n",
-        );
-    }
-    if cols.iter().any(|c| c.name == "haproxy-plain") {
-        out.push_str(
-            "haproxy-plain: the HAProxy pair with no TLS, moving bytes with splice: the least \
-             work a pair of proxies can do here, so the best ratio any pair could reach on this \
-             machine; not a peer in the targets\n",
-        );
+    for (name, note) in CONTENDER_NOTES {
+        if cols.iter().any(|c| c.name == name) {
+            out.push_str(&format!("{name}: {note}\n"));
+        }
     }
     if let Some(cp) = &results.control_plane {
         out.push_str("\ncontrol plane\n");
