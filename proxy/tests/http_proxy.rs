@@ -550,6 +550,10 @@ async fn an_answer_before_the_request_body_is_read_reaches_the_caller() {
     to.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
         .await
         .unwrap();
+    // The TLS writer accepts what the socket cannot take yet and sends it
+    // only when written to or flushed again: without this, the end of the
+    // body and the second request could wait in it for ever.
+    to.flush().await.unwrap();
     let answers = tokio::time::timeout(Duration::from_secs(30), answers)
         .await
         .expect("the second request was never answered")
