@@ -1,8 +1,8 @@
 //! HTTP/1 connections to the app.
 //!
 //! An HTTP/1 connection carries one request at a time. A request goes out
-//! on an app connection taken from [`AppConnections`] (the one parked
-//! last) or dialled for it; when the request is over (its response
+//! on an app connection taken from [`AppConnections`] (the one to the same
+//! app port parked last) or dialled for it; when the request is over (its response
 //! written to the caller or dropped), the app connection is parked again
 //! for the next request of any caller ([`Upstream::release`]). So a
 //! keep-alive caller, a caller that opens a connection per request and an
@@ -47,9 +47,18 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-/// App connections parked between requests, newest last.
+/// App connections parked between requests, newest last, each with the
+/// app address it was dialled to: a sidecar serves every port of its app,
+/// and a request decided for one port must never go out on a connection
+/// to another.
 pub struct AppConnections<B = RequestBody> {
-    parked: Mutex<VecDeque<(SendRequest<B>, Instant)>>,
+    parked: Mutex<VecDeque<Parked<B>>>,
+}
+
+struct Parked<B> {
+    target: SocketAddr,
+    sender: SendRequest<B>,
+    since: Instant,
 }
 
 impl<B> Default for AppConnections<B> {
@@ -64,25 +73,39 @@ impl<B> AppConnections<B> {
     /// Parks `sender` for a later request, unless the app closed it; drops
     /// the connections parked too long, and the oldest beyond
     /// [`MAX_PARKED`].
-    fn park(&self, sender: SendRequest<B>) {
+    fn park(&self, target: SocketAddr, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((_, since)) = parked.front() {
-            if now.duration_since(*since) < IDLE && parked.len() < MAX_PARKED {
+        while let Some(oldest) = parked.front() {
+            if now.duration_since(oldest.since) < IDLE && parked.len() < MAX_PARKED {
                 break;
             }
             parked.pop_front();
         }
-        parked.push_back((sender, now));
+        parked.push_back(Parked {
+            target,
+            sender,
+            since: now,
+        });
     }
 
-    /// The most recently parked connection that is still open, if any.
-    fn unpark(&self) -> Option<SendRequest<B>> {
+    /// The most recently parked connection to `target` that is still
+    /// open, if any. With one app port, the newest parked connection is
+    /// the one; the search goes further back only past other ports'.
+    fn unpark(&self, target: SocketAddr) -> Option<SendRequest<B>> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((sender, since)) = parked.pop_back() {
+        let mut at = parked.len();
+        while at > 0 {
+            at -= 1;
+            if parked[at].target != target {
+                continue;
+            }
+            let Some(Parked { sender, since, .. }) = parked.remove(at) else {
+                break;
+            };
             if !sender.is_closed() && since.elapsed() < IDLE {
                 return Some(sender);
             }
@@ -179,12 +202,12 @@ where
             return;
         };
         if sender.is_ready() {
-            self.pool.park(sender);
+            self.pool.park(self.target, sender);
         } else if !sender.is_closed() {
-            let pool = self.pool.clone();
+            let (pool, target) = (self.pool.clone(), self.target);
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
-                    pool.park(sender);
+                    pool.park(target, sender);
                 }
             });
         }
@@ -194,11 +217,11 @@ where
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The app connection this caller's last request kept, else a parked
-    /// one.
+    /// The app connection this caller's last request kept, else one
+    /// parked to the same app address.
     fn checkout(&self) -> Option<SendRequest<B>> {
         let held = self.lock().take();
-        held.or_else(|| self.pool.unpark())
+        held.or_else(|| self.pool.unpark(self.target))
     }
 }
 
@@ -232,7 +255,7 @@ impl<B> Drop for Upstream<B> {
     fn drop(&mut self) {
         let current = self.current.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(sender) = current.take().filter(SendRequest::is_ready) {
-            self.pool.park(sender);
+            self.pool.park(self.target, sender);
         }
     }
 }
@@ -362,6 +385,47 @@ mod tests {
             seen,
             expected.map(|(t, h)| (t.to_owned(), h.to_owned())).to_vec()
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_only_on_a_connection_to_its_own_app_port() {
+        // One sidecar serves every port of its app: a request decided for
+        // one port must reach that port, whatever another left parked.
+        let (web, web_accepted, web_seen) = app().await;
+        let (admin, admin_accepted, admin_seen) = app().await;
+        let pool = Arc::new(AppConnections::default());
+
+        let to_web = Upstream::new(pool.clone(), web);
+        assert_eq!(send(&to_web, get("/public")).await, 200);
+        drop(to_web);
+        assert_eq!(pool.parked(), 1);
+
+        let to_admin = Upstream::new(pool.clone(), admin);
+        assert_eq!(send(&to_admin, get("/admin")).await, 200);
+        drop(to_admin);
+        assert_eq!(
+            admin_seen.lock().unwrap().len(),
+            1,
+            "the request for the admin port did not reach it"
+        );
+        assert_eq!(admin_accepted.load(Ordering::SeqCst), 1);
+
+        // Each port's parked connection is still there for its own callers.
+        assert_eq!(pool.parked(), 2);
+        let again = Upstream::new(pool.clone(), web);
+        assert_eq!(send(&again, get("/public/2")).await, 200);
+        assert_eq!(
+            web_accepted.load(Ordering::SeqCst),
+            1,
+            "web's was not reused"
+        );
+        let web_targets: Vec<String> = web_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect();
+        assert_eq!(web_targets, ["/public", "/public/2"]);
     }
 
     #[tokio::test]
