@@ -170,9 +170,9 @@ fn rules(role: &Value) -> Vec<Value> {
     role["rules"].as_array().unwrap().clone()
 }
 
-/// The control plane may create tokenreviews, read pods and the Trellis
-/// CRDs, write AuthorizationPolicies (the Admin API's applies and deletes
-/// with the Kubernetes store), and read and update the one CA Secret, by
+/// The control plane may create tokenreviews, list and watch pods (never
+/// get one), read the Trellis CRDs, write AuthorizationPolicies (the Admin
+/// API's applies and deletes with the Kubernetes store), and read and update the one CA Secret, by
 /// name, in its own namespace: nothing else, compared rule by rule.
 #[test]
 fn rbac_grants_nothing_beyond_the_list() {
@@ -183,7 +183,9 @@ fn rbac_grants_nothing_beyond_the_list() {
         rules(cluster_role),
         [
             json!({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}),
-            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}),
+            // Pods are only listed and watched (the endpoints watcher); no
+            // single pod is ever read.
+            json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
