@@ -20,6 +20,12 @@ use crate::inject::InjectConfig;
 /// The shortest `--cert-ttl` accepted.
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 
+/// The longest `--cert-ttl` accepted: 30 days. Workload certificates are
+/// short-lived on purpose (the design's default is an hour): a leaf is never
+/// revoked, so its lifetime is how long a stolen key stays useful. Longer
+/// would also outlive the windows a CA rotation is planned around.
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The exit code for invalid configuration (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 
@@ -98,7 +104,9 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_STATE_DIR")]
     pub state_dir: PathBuf,
 
-    /// Lifetime of issued workload certificates (at least 10s).
+    /// Lifetime of issued workload certificates (at least 10s, at most 30
+    /// days: a leaf is never revoked, so its lifetime bounds how long a
+    /// stolen key is useful).
     #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
 
@@ -360,6 +368,12 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
             humantime::format_duration(MIN_CERT_TTL)
         ));
     }
+    if ttl > MAX_CERT_TTL {
+        return Err(format!(
+            "{s} is longer than the maximum of 30d: a workload certificate is never revoked, \
+             so its lifetime bounds how long a stolen key is useful"
+        ));
+    }
     Ok(ttl)
 }
 
@@ -425,6 +439,20 @@ mod tests {
             panic!("5s must be refused")
         };
         assert!(msg.contains("--cert-ttl"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_a_ttl_above_thirty_days_naming_the_flag() {
+        for long in ["31d", "1000y", "18446744073709551615s"] {
+            let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--cert-ttl", long]) else {
+                panic!("{long} must be refused")
+            };
+            assert!(msg.contains("--cert-ttl"), "{long}: {msg}");
+        }
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--cert-ttl", "30d"]) else {
+            panic!("30 days is the longest lifetime accepted")
+        };
+        assert_eq!(c.cert_ttl, MAX_CERT_TTL);
     }
 
     #[test]

@@ -17,6 +17,7 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
     let state = tmp.path().join("state");
     for (args, names) in [
         (vec!["--cert-ttl", "5s"], "--cert-ttl"),
+        (vec!["--cert-ttl", "31d"], "--cert-ttl"),
         (vec!["--no-such-flag"], "--no-such-flag"),
         (vec!["--default-policy", "maybe"], "--default-policy"),
         (vec!["--listen", "not-an-address"], "--listen"),

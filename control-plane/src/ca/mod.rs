@@ -39,6 +39,8 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
     #[error("invalid SAN {0:?}")]
     San(String),
+    #[error("a lifetime of {0:?} ends past the latest date a certificate can hold")]
+    Lifetime(Duration),
 }
 
 /// A freshly signed certificate and the facts recorded about it.
@@ -208,7 +210,13 @@ impl CertificateAuthority {
         params.serial_number = Some(serial);
         let now = now_seconds();
         params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
+        // X.509 times end with the year 9999; configuration bounds the
+        // lifetime far below that, this keeps a mistake from panicking.
+        params.not_after = time::Duration::try_from(ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add(ttl))
+            .filter(|at| at.year() <= 9999)
+            .ok_or(CaError::Lifetime(ttl))?;
         let cert = params.signed_by(public_key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
@@ -292,6 +300,23 @@ mod tests {
         let (_, root) = parse_x509_certificate(&ca.bundle()[0]).unwrap();
         cert.verify_signature(Some(root.public_key())).unwrap();
         assert!(ca.bundle_pem().starts_with("-----BEGIN CERTIFICATE-----\n"));
+    }
+
+    #[test]
+    fn a_lifetime_past_what_x509_can_hold_is_an_error_not_a_panic() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        for ttl in [
+            Duration::from_secs(10_000 * 365 * 24 * 3600),
+            Duration::from_secs(u64::MAX),
+        ] {
+            let err = ca
+                .issue_with_key(&id, &ExtraSans::default(), ttl)
+                .map(drop)
+                .unwrap_err();
+            assert!(matches!(err, CaError::Lifetime(t) if t == ttl), "{err}");
+        }
     }
 
     #[test]
