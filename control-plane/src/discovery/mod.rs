@@ -53,6 +53,7 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(50);
 /// What the control plane knows about one sidecar's discovery streams.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SidecarStatus {
+    /// The version it acknowledged last (0 before any).
     pub acked_version: u64,
     /// The reason of the last NACK, cleared by a later ACK.
     pub last_nack: String,
@@ -545,9 +546,12 @@ impl Discovery {
         }
     }
 
+    /// Records that `id` acknowledged `version`: the last acknowledged, not
+    /// the greatest, as versions of the Kubernetes store are content
+    /// digests with no order.
     pub fn ack(&self, id: &SpiffeId, version: u64) {
         self.with_status(id, |s| {
-            s.acked_version = s.acked_version.max(version);
+            s.acked_version = version;
             s.last_nack.clear();
         });
     }

@@ -84,3 +84,19 @@ fn a_snapshot_that_refers_to_held_endpoints_leaves_them_out() {
         "everything but the endpoints is sent"
     );
 }
+
+/// Versions of the Kubernetes store are content digests: a smaller number
+/// may be the newer snapshot, so the status keeps the last acknowledged.
+#[test]
+fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    let discovery = Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    discovery.ack(&web, 0x9f3a_0000_0000_0001);
+    discovery.nack(&web, "bad policy");
+    discovery.ack(&web, 0x1b20_0000_0000_0002);
+    let status = discovery.status(&web).unwrap();
+    assert_eq!(status.acked_version, 0x1b20_0000_0000_0002);
+    assert!(status.last_nack.is_empty(), "{status:?}");
+}
