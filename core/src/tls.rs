@@ -65,12 +65,29 @@ pub enum SvidError {
     UnexpectedId { found: SpiffeId, expected: SpiffeId },
     #[error("no peer certificate was presented")]
     NoCertificate,
+    #[error(
+        "the certificate is outside its validity period (not before {not_before}, not after {not_after})"
+    )]
+    OutsideValidity {
+        not_before: String,
+        not_after: String,
+    },
 }
 
 /// The SPIFFE ID held in a certificate's single URI SAN.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    id_in(&parse(cert)?)
+}
+
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, SvidError> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, parsed)| parsed)
+        .map_err(|e| SvidError::Malformed(e.to_string()))
+}
+
+fn id_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let mut uris = Vec::new();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -85,11 +102,29 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     }
 }
 
-/// The SPIFFE ID of the peer of an established TLS connection.
+/// The SPIFFE ID of the peer of an established TLS connection, whose
+/// certificate must be valid now.
+///
+/// A full handshake's verifier has already checked the validity period. A
+/// resumed session's has not: rustls restores the peer's chain from the
+/// session (a ticket, sealed when the chain was verified) and calls no
+/// verifier, and each resumption is handed fresh tickets carrying the same
+/// chain. Without this check a caller whose SVID expired, or was never
+/// renewed, could resume its way in for as long as the ticket key lives.
 pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, SvidError> {
-    match peer_certs.and_then(|c| c.first()) {
-        Some(leaf) => spiffe_id_of(leaf),
-        None => Err(SvidError::NoCertificate),
+    let leaf = peer_certs
+        .and_then(|c| c.first())
+        .ok_or(SvidError::NoCertificate)?;
+    let parsed = parse(leaf)?;
+    let id = id_in(&parsed)?;
+    let validity = parsed.validity();
+    if validity.is_valid_at(x509_parser::time::ASN1Time::now()) {
+        Ok(id)
+    } else {
+        Err(SvidError::OutsideValidity {
+            not_before: validity.not_before.to_string(),
+            not_after: validity.not_after.to_string(),
+        })
     }
 }
 

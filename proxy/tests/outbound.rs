@@ -315,3 +315,68 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
         );
     }
 }
+
+/// A resumed session brings back the peer's certificate as it was when the
+/// session began, and no verifier looks at it again. A peer whose SVID has
+/// expired since (one the control plane stopped renewing) is not trusted
+/// on the strength of an old ticket: the sidecar checks the resumed
+/// certificate before the app's first bytes leave, drops the peer's
+/// tickets and dials it again with a full handshake, which the expired
+/// certificate fails. Nothing the app sent reaches the peer.
+#[tokio::test]
+async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
+    let ca = Ca::new();
+    let server = id("/ns/b/sa/server");
+    // An app that keeps every byte it is sent, and echoes them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (received_tx, received) = watch::channel(Vec::<u8>::new());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let received_tx = received_tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    received_tx.send_modify(|r| r.extend_from_slice(&buf[..n]));
+                    if tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (chain, key) = ca.leaf_valid_for(&server, time::Duration::seconds(2));
+    let short_lived = trellis_proxy::identity::Svid::new(&server, chain, key).unwrap();
+    let inbound = inbound(app, ca.tls_state(&short_lived, &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
+
+    connection(local).await;
+    connection(local).await;
+    assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 1);
+    assert_eq!(received.borrow().as_slice(), b"pingping");
+
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    assert!(
+        round_trip(&mut tcp, b"late").await.is_err(),
+        "a peer with an expired certificate was reached"
+    );
+    assert_eq!(
+        failures(&client.metrics, "outbound"),
+        [("expired_certificate".to_owned(), 2)],
+        "the resumed session was refused, then the full handshake"
+    );
+    assert_eq!(
+        handshakes(&client.metrics, "outbound", "resumed", None),
+        1,
+        "no new session was resumed"
+    );
+    assert_eq!(
+        received.borrow().as_slice(),
+        b"pingping",
+        "the app's bytes reached a peer whose certificate had expired"
+    );
+}

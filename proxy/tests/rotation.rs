@@ -150,3 +150,59 @@ async fn tickets_outlive_a_new_certificate_but_not_a_new_bundle() {
     );
     assert_eq!(dial(false).await.unwrap(), rustls::HandshakeKind::Full);
 }
+
+/// A resumed session brings back the caller's certificate as it was when
+/// the session began, and no verifier looks at it again; each resumption
+/// is also handed fresh tickets. A caller whose SVID has expired since
+/// (one the control plane stopped renewing) must not resume its way in:
+/// the sidecar checks the resumed certificate's validity itself.
+#[tokio::test]
+async fn a_caller_whose_certificate_expired_cannot_resume_its_session() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let caller = id("/ns/a/sa/client");
+    let (chain, key) = ca.leaf_valid_for(&caller, time::Duration::seconds(2));
+    let short_lived = trellis_proxy::identity::Svid::new(&caller, chain, key).unwrap();
+    let client = ca.tls_state(&short_lived, &[]);
+    let peer = client.client_for(&server).unwrap();
+
+    // While the certificate is valid: a full handshake, then a resumed one.
+    let mut first = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
+    assert_eq!(round_trip(&mut first, b"one").await.unwrap(), b"one");
+    let mut resumed = trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone()))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut resumed, b"two").await.unwrap(), b"two");
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+
+    // Expired: the resumed session is refused once its certificate is
+    // seen, before the app is dialled.
+    let refused =
+        match trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone())).await {
+            Err(_) => true,
+            Ok(mut stream) => round_trip(&mut stream, b"three").await.is_err(),
+        };
+    assert!(refused, "a session of an expired certificate was resumed");
+    assert!(
+        inbound.metrics.encode().contains(
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"expired_certificate\"} 1"
+        ),
+        "the refusal was not counted as an expired certificate:\n{}",
+        inbound.metrics.encode()
+    );
+    // A full handshake with it is refused by the verifier, as before.
+    let full = match tls_connect(inbound.addr, peer.full.clone()).await {
+        Err(_) => true,
+        Ok(mut stream) => round_trip(&mut stream, b"four").await.is_err(),
+    };
+    assert!(full, "an expired certificate was accepted");
+    // The connection made while it was valid is not cut by the check.
+    assert_eq!(round_trip(&mut first, b"five").await.unwrap(), b"five");
+}

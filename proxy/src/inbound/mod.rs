@@ -208,9 +208,15 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
     let peer = match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
         Ok(peer) => peer,
         Err(e) => {
-            // The verifier already checked the SVID; this is defence in depth.
-            tracing::warn!(%client, reason = %"invalid_svid", error = %e, "inbound handshake failed");
-            metrics.handshake_failure(INBOUND, "invalid_svid");
+            // A full handshake's verifier has checked the SVID already; a
+            // resumed session's certificate is checked only here, and one
+            // that has expired since the session began is refused.
+            let reason = match e {
+                trellis_core::tls::SvidError::OutsideValidity { .. } => "expired_certificate",
+                _ => "invalid_svid",
+            };
+            tracing::warn!(%client, reason = %reason, error = %e, "inbound handshake failed");
+            metrics.handshake_failure(INBOUND, reason);
             metrics.connection(INBOUND, "refused");
             return;
         }

@@ -105,12 +105,41 @@ where
     let Some(_reserved) = peer.tickets.reserve(&name) else {
         return handshake(&peer.full, remote, &name, protocol, first).await;
     };
-    match tls::resuming(handshake(&peer.resume, remote, &name, protocol, first)).await {
+    // The app's first bytes wait until the resumed session's certificate
+    // is checked (below), instead of leaving with the handshake.
+    match tls::resuming(handshake(&peer.resume, remote, &name, protocol, &[])).await {
         Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
             peer.tickets.forget(&name);
             handshake(&peer.full, remote, &name, protocol, first).await
+        }
+        // A resumed session brings back the peer's certificate as it was
+        // verified when the session began, and no verifier looks at it
+        // again: one that has expired since is not trusted, and the peer
+        // is dialled again with a full handshake, which verifies its
+        // current one.
+        Ok(mut stream) => {
+            match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
+                Ok(_) => {
+                    if !first.is_empty() {
+                        stream
+                            .write_all(first)
+                            .await
+                            .map_err(DialError::FirstBytes)?;
+                    }
+                    Ok(stream)
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %expected, error = %e, "resumed session's certificate no longer valid; dialling again with a full handshake");
+                    shared
+                        .metrics
+                        .handshake_failure(OUTBOUND, "expired_certificate");
+                    peer.tickets.forget(&name);
+                    drop(stream);
+                    handshake(&peer.full, remote, &name, protocol, first).await
+                }
+            }
         }
         other => other,
     }

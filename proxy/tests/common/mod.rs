@@ -85,6 +85,15 @@ impl Ca {
 
     /// A leaf X.509-SVID for `id` and its PKCS#8 key.
     pub fn leaf(&self, id: &SpiffeId) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.leaf_valid_for(id, time::Duration::hours(1))
+    }
+
+    /// A leaf X.509-SVID for `id` that expires `lifetime` from now.
+    pub fn leaf_valid_for(
+        &self,
+        id: &SpiffeId,
+        lifetime: time::Duration,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -96,7 +105,7 @@ impl Ca {
         ];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::hours(1);
+        params.not_after = now + lifetime;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         (vec![cert.der().clone()], der)
