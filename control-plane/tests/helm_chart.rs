@@ -299,3 +299,42 @@ fn control_plane_deployment_is_hardened() {
         ]
     );
 }
+
+/// Required anti-affinity matches the old pods as well as the new: with as
+/// many nodes as replicas a surge pod never schedules and the rollout never
+/// ends. So with `antiAffinity: hard` an old pod stops first (maxSurge 0,
+/// maxUnavailable 1, what the PodDisruptionBudget allows); with soft or
+/// none a new pod starts first. Rendered with the real helm; no API server
+/// here, so no rollout runs.
+#[test]
+fn hard_anti_affinity_rolls_out_without_a_surge_pod() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    for (value, surge, unavailable) in [("soft", 1, 0), ("none", 1, 0), ("hard", 0, 1)] {
+        let rendered = template(&helm, &[&format!("antiAffinity={value}")]).unwrap();
+        validate_manifests(&validate, &rendered);
+        let docs = documents(&rendered);
+        let deployment = one(&docs, "Deployment");
+        assert_eq!(
+            deployment["spec"]["strategy"],
+            json!({"type": "RollingUpdate",
+                   "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}),
+            "antiAffinity={value}"
+        );
+        let affinity = &deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+        let required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution");
+        assert_eq!(required.is_some(), value == "hard", "antiAffinity={value}");
+        // The budget allows the one pod the rollout takes down.
+        assert_eq!(
+            one(&docs, "PodDisruptionBudget")["spec"]["maxUnavailable"],
+            1
+        );
+    }
+    // The default is soft: a new pod starts before an old one stops.
+    let docs = documents(&template(&helm, &[]).unwrap());
+    assert_eq!(
+        one(&docs, "Deployment")["spec"]["strategy"]["rollingUpdate"],
+        json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+}
