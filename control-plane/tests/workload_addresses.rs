@@ -175,6 +175,49 @@ async fn rejects_a_bad_inbound_address_naming_it_and_records_nothing() {
 }
 
 #[tokio::test]
+async fn refuses_a_huge_inbound_address_with_a_short_answer_and_a_short_log_line() {
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    let huge = "9".repeat(3 << 20);
+    let newer = CertifyRequest {
+        csr: csr_for(&p256(), WEB),
+        proof: Some(Proof::JoinToken(token.clone())),
+        inbound_address: String::new(),
+        inbound_addresses: vec!["10.0.0.1:15006".into(), huge.clone()],
+    };
+    let older = CertifyRequest {
+        inbound_address: huge,
+        inbound_addresses: Vec::new(),
+        ..newer.clone()
+    };
+    for (request, field) in [(newer, "inbound_addresses[1]"), (older, "inbound_address")] {
+        let err = cp
+            .identity_client(None)
+            .await
+            .certify(request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().starts_with(field) && err.message().contains("at most 64"),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().len() < 300, "{} bytes", err.message().len());
+    }
+    let log = cp.log();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(log.contains("bad_inbound_address"), "{log}");
+    assert!(longest < 1000, "a log line of {longest} bytes");
+
+    // Nothing was stored, and the token was not spent.
+    assert!(cp.workloads().await.is_empty());
+    certify_with_token(&cp, WEB, &token, &["10.0.0.1:15006"])
+        .await
+        .expect("the token still proves the identity");
+}
+
+#[tokio::test]
 async fn reads_workloads_stored_in_the_single_address_format() {
     use redb::{Database, TableDefinition};
     const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");

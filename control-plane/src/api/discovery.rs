@@ -27,8 +27,12 @@ use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
-use super::{Mesh, require_svid};
+use super::{Mesh, quoted_up_to, require_svid};
 use crate::discovery::{COALESCE_WINDOW, ContentKey};
+
+/// At most this many characters of what a sidecar sent (its addresses, a
+/// NACK's reason) are logged.
+const LOGGED_CHARS: usize = 512;
 
 pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Status>> + Send>>;
 
@@ -67,10 +71,12 @@ impl DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
+            // What the sidecar sent, bounded: a log line never grows with
+            // a caller's input.
             let addresses = if subscribe.inbound_addresses.is_empty() {
-                subscribe.inbound_address.clone()
+                quoted_up_to(&subscribe.inbound_address, LOGGED_CHARS)
             } else {
-                subscribe.inbound_addresses.join(",")
+                quoted_up_to(&subscribe.inbound_addresses.join(","), LOGGED_CHARS)
             };
             tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
@@ -193,7 +199,7 @@ async fn serve_stream(
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);
-                    tracing::warn!(spiffe_id = %id, version = nack.version, reason = %nack.reason, "sidecar refused a snapshot");
+                    tracing::warn!(spiffe_id = %id, version = nack.version, reason = %quoted_up_to(&nack.reason, LOGGED_CHARS), "sidecar refused a snapshot");
                     mesh.discovery.nack(id, &nack.reason);
                 }
                 Ok(Some(_)) => {

@@ -22,7 +22,7 @@ use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
-use super::{Mesh, peer_of};
+use super::{Mesh, peer_of, quoted};
 use crate::authn::hash_token;
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
@@ -60,22 +60,21 @@ impl IdentityService {
 /// IP family, a host a few more; anything near this is a mistake.
 pub const MAX_INBOUND_ADDRESSES: usize = 16;
 
+/// The longest inbound address accepted, in bytes: the longest `ip:port`
+/// there is (an IPv6 address with a scope, `[...%4294967295]:65535`) fits.
+pub const MAX_ADDRESS_LEN: usize = 64;
+
 /// The inbound addresses of a Certify, canonical (`[fd00::1]:15006`, not
 /// `[fd00:0::1]:15006`) and without repeats: `inbound_addresses`, or the
 /// single `inbound_address` of a sidecar older than that field. The error
-/// names the field and the address that is wrong.
+/// names the field and the address that is wrong, quoting at most a short
+/// prefix of it.
 fn inbound_addresses(req: &CertifyRequest) -> Result<Vec<String>, String> {
     if req.inbound_addresses.is_empty() {
         if req.inbound_address.is_empty() {
             return Ok(Vec::new());
         }
-        return match req.inbound_address.parse::<SocketAddr>() {
-            Ok(addr) => Ok(vec![addr.to_string()]),
-            Err(_) => Err(format!(
-                "inbound_address {:?} is not an ip:port address",
-                req.inbound_address
-            )),
-        };
+        return inbound_address("inbound_address", &req.inbound_address).map(|a| vec![a]);
     }
     if req.inbound_addresses.len() > MAX_INBOUND_ADDRESSES {
         return Err(format!(
@@ -85,20 +84,32 @@ fn inbound_addresses(req: &CertifyRequest) -> Result<Vec<String>, String> {
     }
     let mut addresses = Vec::with_capacity(req.inbound_addresses.len());
     for (index, raw) in req.inbound_addresses.iter().enumerate() {
-        let addr: SocketAddr = raw
-            .parse()
-            .map_err(|_| format!("inbound_addresses[{index}] {raw:?} is not an ip:port address"))?;
-        if addr.ip().is_unspecified() || addr.port() == 0 {
-            return Err(format!(
-                "inbound_addresses[{index}] {raw:?} is not an address peers can dial"
-            ));
-        }
-        let addr = addr.to_string();
+        let addr = inbound_address(&format!("inbound_addresses[{index}]"), raw)?;
         if !addresses.contains(&addr) {
             addresses.push(addr);
         }
     }
     Ok(addresses)
+}
+
+/// One inbound address, canonical; the error names `field`.
+fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
+    if raw.len() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{field} is {} bytes long; an ip:port address is at most {MAX_ADDRESS_LEN}",
+            raw.len()
+        ));
+    }
+    let Ok(addr) = raw.parse::<SocketAddr>() else {
+        return Err(format!("{field} {} is not an ip:port address", quoted(raw)));
+    };
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!(
+            "{field} {} is not an address peers can dial",
+            quoted(raw)
+        ));
+    }
+    Ok(addr.to_string())
 }
 
 pub fn unix_now() -> i64 {

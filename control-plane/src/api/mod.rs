@@ -60,6 +60,32 @@ pub fn require_svid<T>(request: &Request<T>, what: &str) -> Result<SpiffeId, Sta
         })
 }
 
+/// At most this many characters of a caller's bad input are quoted in a
+/// status or a log line, so a huge field costs neither a huge answer nor a
+/// huge log.
+pub const QUOTED_CHARS: usize = 48;
+
+/// `raw` quoted and escaped as `{:?}` does, cut after [`QUOTED_CHARS`]
+/// escaped characters (marked with `...` and the full length in bytes).
+pub fn quoted(raw: &str) -> String {
+    quoted_up_to(raw, QUOTED_CHARS)
+}
+
+/// [`quoted`], cut after `max` escaped characters.
+pub fn quoted_up_to(raw: &str, max: usize) -> String {
+    let mut out = String::from("\"");
+    for c in raw.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() - 1 + escaped.len() > max {
+            out.push_str(&format!("\"... ({} bytes)", raw.len()));
+            return out;
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
+}
+
 /// The single guard of the Admin service: only `spiffe://TD/trellis/admin`.
 #[derive(Clone, Debug)]
 pub struct AdminOnly {
@@ -85,5 +111,22 @@ impl tonic::service::Interceptor for AdminOnly {
             )));
         }
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_bad_input_is_bounded() {
+        assert_eq!(quoted("web:15006"), "\"web:15006\"");
+        let huge = "\u{7}".repeat(4 << 20);
+        let shown = quoted(&huge);
+        assert!(shown.len() < 80, "{shown}");
+        assert!(
+            shown.ends_with(&format!("... ({} bytes)", huge.len())),
+            "{shown}"
+        );
     }
 }
