@@ -255,3 +255,82 @@ async fn a_grpc_caller_denied_outright_gets_permission_denied() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert_eq!(status.message(), "denied by policy default:deny");
 }
+
+/// An app that reads one line, keeps it, answers `ok` and closes.
+async fn line_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::io::BufReader::new(tcp);
+                let mut line = Vec::new();
+                if tcp.read_until(b'\n', &mut line).await.is_ok() {
+                    kept.lock().unwrap().extend_from_slice(&line);
+                    let _ = tcp.get_mut().write_all(b"ok\n").await;
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Request lines an app may accept but detection does not take for HTTP
+/// (`HTTP/1.2`, which Go's server accepts; two spaces or tabs, which
+/// Python's accepts) cannot be held to a DENY rule's HTTP conditions, so
+/// such a rule denies the connection whole, naming itself, instead of the
+/// bytes passing to the app. With no such rule, bytes that are not HTTP
+/// still pass.
+#[tokio::test]
+async fn bytes_that_are_not_http_do_not_pass_a_deny_rule_with_http_conditions() {
+    use tokio::io::AsyncWriteExt;
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, received) = line_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    let policies = vec![policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]")];
+    push_to(&cp, snapshot(1, "allow-mesh", policies), 1).await;
+
+    let send = async |bytes: &[u8]| {
+        let mut tls = connect(&cp, s.inbound, &web()).await;
+        tls.write_all(bytes).await.unwrap();
+        read_to_end(&mut tls).await.unwrap_or_default()
+    };
+    for line in [
+        &b"GET /admin/users HTTP/1.2\r\nhost: api\r\n\r\n"[..],
+        b"GET  /admin/users HTTP/1.1\r\nhost: api\r\n\r\n",
+        b"GET\t/admin/users\tHTTP/1.1\r\nhost: api\r\n\r\n",
+        b"hello\n",
+    ] {
+        let answer = send(line).await;
+        assert!(
+            answer.is_empty(),
+            "{:?} was answered: {:?}",
+            String::from_utf8_lossy(line),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "bytes reached the app past the DENY rule: {:?}",
+        String::from_utf8_lossy(&received.lock().unwrap())
+    );
+    logs.wait_for(&[
+        "the rule has HTTP conditions on this port and the connection is not HTTP",
+        "policy=b/no-admin",
+    ])
+    .await;
+
+    // A DENY rule with no HTTP conditions for this caller: bytes pass.
+    let policies = vec![policy("no-admin", "DENY", "[{ports: [1]}]")];
+    push_to(&cp, snapshot(2, "allow-mesh", policies), 1).await;
+    assert_eq!(send(b"hello\n").await, b"ok\n");
+    assert_eq!(received.lock().unwrap().as_slice(), b"hello\n");
+}

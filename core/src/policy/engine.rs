@@ -397,6 +397,23 @@ impl PolicySet {
         self.l7
     }
 
+    /// The verdict on a connection from `source` on `port` that is not
+    /// HTTP, when a DENY rule naming `source` has HTTP conditions on
+    /// `port`: such a connection's requests cannot be held to them, so
+    /// the rule denies it whole (fails closed) rather than letting it
+    /// through as bytes. `None` when no such rule applies, and the
+    /// connection's L4 decision stands. Without this, a request line an
+    /// app accepts but detection does not take for HTTP (`HTTP/1.2`, two
+    /// spaces, a tab) would reach the app past the DENY rule.
+    pub fn denies_unless_http(&self, source: &SpiffeId, port: u16) -> Option<Decision> {
+        let id = self.first_match(&self.deny, source, port, |rule| rule.l7_may_match(port))?;
+        Some(Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::Rule(self.rule_ref(id)),
+            audits: Vec::new(),
+        })
+    }
+
     fn decide_by(
         &self,
         source: &SpiffeId,

@@ -305,6 +305,16 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
             );
             metrics.connection(INBOUND, DENIED);
         }
+        Err(ForwardError::DeniedNotHttp(decision)) => {
+            let current = shared.policies.borrow().clone();
+            policy::count(current.as_deref(), &decision, metrics);
+            tracing::info!(
+                %peer, port, app = %target, decision = %"deny",
+                policy = %decision.policy_label(), rule = decision.rule(),
+                "inbound connection denied: the rule has HTTP conditions on this port and the connection is not HTTP"
+            );
+            metrics.connection(INBOUND, DENIED);
+        }
         Err(ForwardError::AppUnreachable(e)) => {
             tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
             metrics.connection(INBOUND, "app_unreachable");
@@ -328,6 +338,8 @@ enum Forwarded {
 enum ForwardError {
     #[error("not HTTP, and only L7 rules allow the connection")]
     NotHttp,
+    #[error("not HTTP, and a DENY rule has HTTP conditions on its port")]
+    DeniedNotHttp(Decision),
     #[error("app unreachable: {0}")]
     AppUnreachable(io::Error),
     #[error(transparent)]
@@ -384,6 +396,18 @@ async fn forward(
     if protocol == http::Protocol::Opaque {
         if http_only {
             return Err(ForwardError::NotHttp);
+        }
+        // A DENY rule's HTTP conditions cannot be checked on bytes that are
+        // not HTTP (or that an app reads as HTTP while detection does not:
+        // `HTTP/1.2`, two spaces, a tab): such a rule denies the whole
+        // connection. A port declared opaque carries no HTTP conditions.
+        if !shared.is_opaque(target.port()) {
+            let current = policies.borrow().clone();
+            if let Some(decision) =
+                policy::denies_unless_http(current.as_deref(), peer, target.port())
+            {
+                return Err(ForwardError::DeniedNotHttp(decision));
+            }
         }
         let (prefix, stream) = stream.into_parts();
         return copy_to_app(stream, prefix, target).await;

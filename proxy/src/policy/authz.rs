@@ -218,6 +218,17 @@ pub fn admits_requests(
     policies.is_some_and(|p| p.set.admits_requests(decision, peer, port))
 }
 
+/// The verdict on an allowed connection from `peer` on local `port` that
+/// is not HTTP, when a DENY rule with HTTP conditions there denies it
+/// whole: see [`PolicySet::denies_unless_http`].
+pub fn denies_unless_http(
+    policies: Option<&Policies>,
+    peer: &SpiffeId,
+    port: u16,
+) -> Option<Decision> {
+    policies.and_then(|p| p.set.denies_unless_http(peer, port))
+}
+
 /// Decides one HTTP request from `peer` on local `port` under the policies
 /// in force; with no snapshot yet, denied like a connection.
 pub fn authorize_request(

@@ -11,7 +11,10 @@
 mod authz;
 pub mod watch;
 
-pub use authz::{InvalidPolicies, Policies, admits_requests, authorize, authorize_request, count};
+pub use authz::{
+    InvalidPolicies, Policies, admits_requests, authorize, authorize_request, count,
+    denies_unless_http,
+};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
