@@ -280,6 +280,105 @@ fn rewrites_app_probes_to_the_sidecar_admin_port() {
     );
 }
 
+/// The pod's own native sidecar (an init container with `restartPolicy:
+/// Always`, here cloud-sql-proxy) is probed on the pod IP like an app
+/// container, so its probes go to the sidecar's admin port too, or the
+/// kubelet's probes would meet the mTLS port and the pod would never start;
+/// an ordinary init container is left exactly as it was. Real
+/// AdmissionReview from the ReplicaSet controller (fixtures/k8s); no
+/// Kubernetes API server can run here.
+#[test]
+fn rewrites_probes_of_the_pods_own_native_sidecars() {
+    let review = fixture("pod-native-sidecar-probes.json");
+    let before = &review["request"]["object"];
+    let pod = injected(&review);
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        [
+            "trellis-init",
+            "trellis-proxy",
+            "cloud-sql-proxy",
+            "migrate"
+        ]
+    );
+    let sql = container(&pod, "initContainers", "cloud-sql-proxy");
+    assert_eq!(sql["restartPolicy"], "Always");
+    assert_eq!(
+        sql["startupProbe"],
+        json!({
+            "httpGet": {"path": "/app-health/cloud-sql-proxy/startup", "port": 15020, "scheme": "HTTP"},
+            "timeoutSeconds": 5, "periodSeconds": 1, "successThreshold": 1, "failureThreshold": 20,
+        })
+    );
+    assert_eq!(
+        sql["livenessProbe"]["httpGet"],
+        json!({"path": "/app-health/cloud-sql-proxy/liveness", "port": 15020, "scheme": "HTTP"})
+    );
+    assert_eq!(
+        sql["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/cloud-sql-proxy/readiness", "port": 15020, "scheme": "HTTP"})
+    );
+    assert!(sql["readinessProbe"].get("tcpSocket").is_none());
+    // Nothing else of it changes.
+    let strip = |c: &Value| {
+        let mut c = c.clone();
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            c.as_object_mut().unwrap().remove(probe);
+        }
+        c
+    };
+    assert_eq!(strip(sql), strip(&before["spec"]["initContainers"][0]));
+    // The ordinary init container is untouched.
+    assert_eq!(
+        container(&pod, "initContainers", "migrate"),
+        &before["spec"]["initContainers"][1]
+    );
+    // The app container's probe is rewritten as before.
+    assert_eq!(
+        container(&pod, "containers", "orders")["readinessProbe"]["httpGet"]["path"],
+        "/app-health/orders/readiness"
+    );
+
+    // The sidecar runs the original checks, named ports resolved.
+    let proxy = container(&pod, "initContainers", "trellis-proxy");
+    let probes: Value =
+        serde_json::from_str(env(proxy)["TRELLIS_APP_PROBES"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes,
+        json!({
+            "/app-health/cloud-sql-proxy/startup": {"httpGet": {"port": 9090, "path": "/startup", "scheme": "HTTP"}},
+            "/app-health/cloud-sql-proxy/liveness": {"httpGet": {"port": 9090, "path": "/liveness", "scheme": "HTTP"}},
+            "/app-health/cloud-sql-proxy/readiness": {"tcpSocket": {"port": 5432}},
+            "/app-health/orders/readiness": {"httpGet": {"port": 8080, "path": "/ready", "scheme": "HTTP"}},
+        })
+    );
+    let reply = answer_for(&review);
+    assert!(reply["response"].get("warnings").is_none(), "{reply}");
+}
+
+/// A native sidecar of the pod running as the proxy's UID bypasses the mesh
+/// as an app container would: the warning names it, and not the ordinary
+/// init container that inherits the same UID. Real AdmissionReview
+/// (fixtures/k8s); no Kubernetes API server can run here.
+#[test]
+fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
+    let review = fixture("pod-native-sidecar-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    pod["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 10001});
+    let reply = answer_for(&with_object(&review, pod));
+    assert!(patch_of(&reply).is_some());
+    let warnings = reply["response"]["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("\"cloud-sql-proxy\""),
+        "{warnings:?}"
+    );
+}
+
 /// Injecting an injected pod changes nothing: the second answer has no
 /// patch. Real AdmissionReview, re-sent with the patched pod as the API
 /// server re-invokes webhooks (`reinvocationPolicy: IfNeeded`).
@@ -471,9 +570,14 @@ fn the_injected_pod_passes_strict_schema_validation() {
         println!("skipped: kubernetes-validate not installed (run scripts/install-helm.sh)");
         return;
     };
-    let mut pod = injected(&fixture("pod-deployment-http-probes.json"));
-    // As stored: the API server fills the name from generateName.
-    pod["metadata"]["name"] = json!("web-6b7f9c5d8-x2x7k");
-    // JSON is YAML: the pod goes through the chart tests' validation.
-    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
+    for (fixture_name, name) in [
+        ("pod-deployment-http-probes.json", "web-6b7f9c5d8-x2x7k"),
+        ("pod-native-sidecar-probes.json", "orders-5c9d7f8b6-q4w9z"),
+    ] {
+        let mut pod = injected(&fixture(fixture_name));
+        // As stored: the API server fills the name from generateName.
+        pod["metadata"]["name"] = json!(name);
+        // JSON is YAML: the pod goes through the chart tests' validation.
+        chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
+    }
 }

@@ -99,15 +99,32 @@ pub fn inject_pod(
 
     let mut warnings = Vec::new();
     let mut containers = array(spec.get("containers"));
-    let rewritten = probes::rewrite(&mut containers, config.admin_port);
+    let mut own_init_containers = array(spec.get("initContainers"));
+    // The pod's own native sidecars run beside the app for the pod's whole
+    // life and are probed on the pod IP like it; ordinary init containers
+    // cannot have probes and are left as they are.
+    let rewritten = probes::rewrite(
+        containers.iter_mut().chain(
+            own_init_containers
+                .iter_mut()
+                .filter(|c| is_native_sidecar(c)),
+        ),
+        config.admin_port,
+    );
     warnings.extend(rewritten.warnings);
-    warnings.extend(proxy_uid_warnings(spec, &containers, config.proxy_uid));
+    warnings.extend(proxy_uid_warnings(
+        spec,
+        containers
+            .iter()
+            .chain(own_init_containers.iter().filter(|c| is_native_sidecar(c))),
+        config.proxy_uid,
+    ));
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
         proxy_container(config, &rewritten.probes, access_log),
     ];
-    init_containers.extend(array(spec.get("initContainers")));
+    init_containers.extend(own_init_containers);
 
     let mut volumes = array(spec.get("volumes"));
     volumes.push(identity_volume(config));
@@ -210,11 +227,18 @@ fn has_our_containers(spec: &Map<String, Value>) -> bool {
     })
 }
 
-/// App containers running as the proxy's UID bypass interception (init
-/// never redirects that UID): say so rather than silently leak.
-fn proxy_uid_warnings(
+/// Whether an init container is a native sidecar (`restartPolicy:
+/// Always`): it keeps running beside the app containers, with probes.
+fn is_native_sidecar(container: &Value) -> bool {
+    container.get("restartPolicy").and_then(Value::as_str) == Some("Always")
+}
+
+/// App containers (and the pod's own native sidecars) running as the
+/// proxy's UID bypass interception (init never redirects that UID): say so
+/// rather than silently leak.
+fn proxy_uid_warnings<'a>(
     spec: &Map<String, Value>,
-    containers: &[Value],
+    containers: impl Iterator<Item = &'a Value>,
     proxy_uid: u32,
 ) -> Vec<String> {
     let pod_uid = spec
@@ -222,7 +246,6 @@ fn proxy_uid_warnings(
         .and_then(|s| s.get("runAsUser"))
         .and_then(Value::as_u64);
     containers
-        .iter()
         .filter(|c| {
             let uid = c
                 .get("securityContext")

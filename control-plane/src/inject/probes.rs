@@ -10,8 +10,10 @@
 //! plaintext from anyone in the cluster, for every path, which strict mTLS
 //! exists to prevent.
 //!
-//! So each `httpGet`, `tcpSocket` and `grpc` probe of an app container
-//! becomes an `httpGet` on the sidecar's admin port (excluded from
+//! So each `httpGet`, `tcpSocket` and `grpc` probe of an app container, and
+//! of each of the pod's own native sidecars (init containers with
+//! `restartPolicy: Always`, e.g. a database proxy, probed on the pod IP like
+//! the app), becomes an `httpGet` on the sidecar's admin port (excluded from
 //! interception by `trellis-proxy init`), path
 //! `/app-health/<container>/<liveness|readiness|startup>`. The original
 //! check is handed to the sidecar in `TRELLIS_APP_PROBES`, a JSON object from
@@ -42,7 +44,7 @@ pub fn app_health_path(container: &str, kind: &str) -> String {
     format!("/app-health/{container}/{kind}")
 }
 
-/// What rewriting the probes of a pod's app containers gave.
+/// What rewriting the probes of a pod's containers gave.
 #[derive(Debug, Default)]
 pub struct Rewritten {
     /// Admin path -> the original check, for `TRELLIS_APP_PROBES`.
@@ -51,10 +53,15 @@ pub struct Rewritten {
 }
 
 /// Rewrites the network probes of every container in `containers` (the
-/// pod's `spec.containers`) to `admin_port`.
-pub fn rewrite(containers: &mut [Value], admin_port: u16) -> Rewritten {
+/// pod's `spec.containers` and its own native sidecars) to `admin_port`.
+/// Container names are unique across a pod's containers and init
+/// containers, so every path names one probe.
+pub fn rewrite<'a>(
+    containers: impl IntoIterator<Item = &'a mut Value>,
+    admin_port: u16,
+) -> Rewritten {
     let mut out = Rewritten::default();
-    for container in containers.iter_mut() {
+    for container in containers {
         let Some(container) = container.as_object_mut() else {
             continue;
         };
