@@ -197,3 +197,16 @@ fn l7_fields_survive_the_protobuf_round_trip() {
     let back = validate_proto(p, &td()).unwrap();
     assert_eq!(back.to_proto(), *p);
 }
+
+#[test]
+fn a_path_rule_that_could_never_match_is_refused_at_its_line() {
+    let yaml = policy("no-admin", "DENY", "[{paths: [\"/%61dmin/*\"]}]");
+    let loaded = load_source("test.yaml", &yaml, &td());
+    let diagnostics: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        diagnostics,
+        [
+            "test.yaml:10:21: spec.rules[0].to[0].paths[0]: path \"/%61dmin/*\" could never match: path encodes 'a' as %61: send unreserved characters as they are (RFC 3986) (requests with it are refused)"
+        ]
+    );
+}

@@ -73,6 +73,115 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     ));
 }
 
+/// Apps decode and resolve a path before routing it, so a path that spells
+/// `/admin/users` another way is refused with 400 saying what is wrong with
+/// it, never decided as the unknown path it looks like; other escapes are
+/// decided as sent.
+#[tokio::test]
+async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
+        policy(
+            "no-admin",
+            "DENY",
+            "[{paths: [\"/admin/*\", \"/old%20admin/*\"]}]",
+        ),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    for (path, problem) in [
+        (
+            "/%61dmin/users",
+            "path encodes 'a' as %61: send unreserved characters as they are (RFC 3986)",
+        ),
+        (
+            "/admin%2Fusers",
+            "path encodes '/' as %2F: an app could read it as a separator",
+        ),
+        (
+            "/%2e%2e/admin/users",
+            "path encodes '.' as %2e: send unreserved characters as they are (RFC 3986)",
+        ),
+        (
+            "/admin%5Cusers",
+            "path encodes '\\' as %5C: an app could read it as a separator",
+        ),
+        (
+            "/admin\\users",
+            "path contains '\\': an app could read it as a separator",
+        ),
+    ] {
+        let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        assert_eq!(
+            (status.as_u16(), body.as_str()),
+            (400, format!("{problem}\n").as_str()),
+            "{path}"
+        );
+    }
+    let (status, body) = text(c.send_request(get("/old%20admin/x", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-admin rule 0\n"),
+        "other escapes are matched as sent"
+    );
+    let (status, body) = text(c.send_request(get("/old%20Admin/x", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "GET /old%20Admin/x HTTP/1.1"),
+    );
+    let (status, body) = text(c.send_request(get("/a%20b", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "GET /a%20b HTTP/1.1")
+    );
+    assert_eq!(
+        app.seen.paths(),
+        ["/old%20Admin/x", "/a%20b"],
+        "the app saw a refused request"
+    );
+}
+
+/// A rate limit on `/search/*` cannot be escaped by spelling the path
+/// another way, even with no L7 rule in force.
+#[tokio::test]
+async fn an_encoded_path_cannot_escape_a_rate_limit() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let mut snap = snapshot(1, "allow-mesh", vec![]);
+    snap.rate_limits = vec![policy_pb::RateLimit {
+        name: "search".into(),
+        namespace: "b".into(),
+        selector: Some(policy_pb::Selector {
+            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
+        }),
+        requests_per_second: 0.01,
+        burst: 1,
+        key: "source".into(),
+        matches: vec![policy_pb::RateLimitMatch {
+            paths: vec!["/search/*".into()],
+        }],
+    }];
+    push_to(&cp, snap, 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, _) = text(c.send_request(get("/search/q", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, _) = text(c.send_request(get("/search/q", &[])).await.unwrap()).await;
+    assert_eq!(status, 429);
+    for path in ["/%73earch/q", "/x/../search/q"] {
+        let (status, _) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        assert_eq!(status, 400, "{path}");
+    }
+    let (status, _) = text(c.send_request(get("/other", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.seen.paths(), ["/search/q", "/other"]);
+}
+
 #[tokio::test]
 async fn new_policies_decide_the_next_request_on_an_open_connection() {
     let cp = FakeControlPlane::start(CERT_TTL).await;

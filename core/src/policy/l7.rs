@@ -8,8 +8,19 @@
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
 //! `/users/{id}/*` matches both of the first two). A gRPC match is a path
 //! match on `/<service>/<method>`. Header names are case-insensitive and
-//! values exact. The proxy refuses paths with `.`/`..` or empty segments
-//! before matching, so `/a/../admin` cannot slip past a rule on `/admin`.
+//! values exact.
+//!
+//! Apps decode and resolve a path before routing it, so a path that names
+//! the same resource in another spelling must not reach them past a rule
+//! written for the plain one. While rules or rate limits match on paths,
+//! the proxy refuses ([`check_path`]) paths with `.`/`..` or empty
+//! segments (`/a/../admin`), a percent-encoded unreserved character
+//! (`/%61dmin`: RFC 3986 says those are decoded, so no rule written as
+//! sent could match), an encoded `/` or `\` (`/admin%2Fx`), a raw `\`, or
+//! a `%` not followed by two hex digits. Other escapes (`%20`) are matched
+//! as sent, their hex digits in either case.
+
+use std::fmt;
 
 use http::HeaderMap;
 
@@ -54,6 +65,11 @@ impl PathPattern {
                 "path {text:?} must not contain {bad:?} (queries are not matched)"
             ));
         }
+        if let Err(problem) = check_escapes(text) {
+            return Err(format!(
+                "path {text:?} could never match: {problem} (requests with it are refused)"
+            ));
+        }
         let (rest, prefix) = match rest.strip_suffix("/*") {
             Some(base) => (base, true),
             None if rest == "*" => ("", true),
@@ -85,7 +101,7 @@ impl PathPattern {
                 return false;
             };
             let ok = match segment {
-                Segment::Literal(lit) => **lit == *part,
+                Segment::Literal(lit) => segment_is(lit, part),
                 Segment::Param => !part.is_empty(),
             };
             if !ok {
@@ -123,17 +139,120 @@ fn parse_segment(text: &str, segment: &str) -> Result<Segment, String> {
     Ok(Segment::Literal(segment.into()))
 }
 
-/// Whether `path` is one the proxy decides on: no `.`/`..` or empty
-/// segments (a trailing `/` is fine).
-pub fn is_normalized(path: &str) -> bool {
+/// Whether the request segment `part` is the literal `lit`: byte for
+/// byte, except that the hex digits of a `%XX` escape match in either case
+/// (`%3a` is `%3A`, RFC 3986 section 6.2.2.1).
+fn segment_is(lit: &str, part: &str) -> bool {
+    let (lit, part) = (lit.as_bytes(), part.as_bytes());
+    lit == part
+        || (lit.len() == part.len()
+            && lit.iter().zip(part).enumerate().all(|(i, (a, b))| {
+                a == b
+                    || (a.is_ascii_hexdigit()
+                        && a.eq_ignore_ascii_case(b)
+                        && lit[i.saturating_sub(2)..i].contains(&b'%'))
+            }))
+}
+
+/// Why the proxy will not decide on a request path: an app could read it
+/// as another path than the one rules compare (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathProblem {
+    /// An empty, `.` or `..` segment.
+    Segment,
+    /// `%XX` encoding an unreserved character (ALPHA, DIGIT, `-._~`).
+    EncodedUnreserved([u8; 3]),
+    /// `%2F`: an encoded `/`.
+    EncodedSlash([u8; 3]),
+    /// `%5C`: an encoded `\`.
+    EncodedBackslash([u8; 3]),
+    /// A raw `\`.
+    Backslash,
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+}
+
+impl fmt::Display for PathProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = |escape: &[u8; 3]| String::from_utf8_lossy(escape).into_owned();
+        match self {
+            Self::Segment => f.write_str("path has an empty, '.' or '..' segment"),
+            Self::EncodedUnreserved(escape) => {
+                let c = char::from(decode(escape));
+                write!(
+                    f,
+                    "path encodes {c:?} as {}: send unreserved characters as they are (RFC 3986)",
+                    text(escape)
+                )
+            }
+            Self::EncodedSlash(escape) => write!(
+                f,
+                "path encodes '/' as {}: an app could read it as a separator",
+                text(escape)
+            ),
+            Self::EncodedBackslash(escape) => write!(
+                f,
+                "path encodes '\\' as {}: an app could read it as a separator",
+                text(escape)
+            ),
+            Self::Backslash => {
+                f.write_str("path contains '\\': an app could read it as a separator")
+            }
+            Self::BadEscape => f.write_str("path has a '%' not followed by two hex digits"),
+        }
+    }
+}
+
+/// The byte a well-formed `%XX` escape stands for.
+fn decode(escape: &[u8; 3]) -> u8 {
+    let digit = |b: u8| (b as char).to_digit(16).expect("checked hex digit") as u8;
+    digit(escape[1]) << 4 | digit(escape[2])
+}
+
+/// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
+/// segments (a trailing `/` is fine), and no escapes or backslashes an app
+/// could read as another path (see the module docs).
+pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let Some(rest) = path.strip_prefix('/') else {
-        return false;
+        return Err(PathProblem::Segment);
     };
+    check_escapes(path)?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    rest.is_empty()
-        || !rest
+    if !rest.is_empty()
+        && rest
             .split('/')
             .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(PathProblem::Segment);
+    }
+    Ok(())
+}
+
+/// The first escape or backslash in `path` that an app could read as
+/// another path than the one written.
+fn check_escapes(path: &str) -> Result<(), PathProblem> {
+    let bytes = path.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return Err(PathProblem::Backslash),
+            b'%' => {
+                let escape = match bytes.get(i..i + 3) {
+                    Some(&[p, h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => [p, h, l],
+                    _ => return Err(PathProblem::BadEscape),
+                };
+                match decode(&escape) {
+                    b'/' => return Err(PathProblem::EncodedSlash(escape)),
+                    b'\\' => return Err(PathProblem::EncodedBackslash(escape)),
+                    c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                        return Err(PathProblem::EncodedUnreserved(escape));
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// RFC 9110 `token`.
@@ -259,11 +378,66 @@ mod tests {
     }
 
     #[test]
-    fn normalized_paths() {
-        assert!(is_normalized("/"));
-        assert!(is_normalized("/a/b/"));
-        assert!(!is_normalized("/a//b"));
-        assert!(!is_normalized("/a/../admin"));
-        assert!(!is_normalized("/./a"));
+    fn refuses_paths_an_app_could_read_as_another() {
+        assert_eq!(check_path("/"), Ok(()));
+        assert_eq!(check_path("/a/b/"), Ok(()));
+        assert_eq!(
+            check_path("/a%20b/%25/%3a"),
+            Ok(()),
+            "other escapes are fine"
+        );
+        assert_eq!(check_path("/a//b"), Err(PathProblem::Segment));
+        assert_eq!(check_path("/a/../admin"), Err(PathProblem::Segment));
+        assert_eq!(check_path("/./a"), Err(PathProblem::Segment));
+        for (path, problem) in [
+            (
+                "/%61dmin/x",
+                "path encodes 'a' as %61: send unreserved characters as they are (RFC 3986)",
+            ),
+            (
+                "/%2e%2e/admin",
+                "path encodes '.' as %2e: send unreserved characters as they are (RFC 3986)",
+            ),
+            (
+                "/x/%7E",
+                "path encodes '~' as %7E: send unreserved characters as they are (RFC 3986)",
+            ),
+            (
+                "/admin%2Fx",
+                "path encodes '/' as %2F: an app could read it as a separator",
+            ),
+            (
+                "/admin%2fx",
+                "path encodes '/' as %2f: an app could read it as a separator",
+            ),
+            (
+                "/admin%5cx",
+                "path encodes '\\' as %5c: an app could read it as a separator",
+            ),
+            (
+                "/admin\\x",
+                "path contains '\\': an app could read it as a separator",
+            ),
+            ("/a%zzb", "path has a '%' not followed by two hex digits"),
+            ("/a%u0061", "path has a '%' not followed by two hex digits"),
+            ("/a%2", "path has a '%' not followed by two hex digits"),
+        ] {
+            assert_eq!(check_path(path).unwrap_err().to_string(), problem, "{path}");
+        }
+    }
+
+    #[test]
+    fn escapes_match_in_either_case_and_patterns_that_could_never_match_are_refused() {
+        assert!(matches("/a%3Ab/*", "/a%3ab/c"));
+        assert!(matches("/a%3ab", "/a%3Ab"));
+        assert!(!matches("/a%3Ab", "/a%3Bb"));
+        assert!(!matches("/aB", "/ab"), "only escapes ignore case");
+        assert_eq!(
+            PathPattern::parse("/%61dmin/*").unwrap_err(),
+            "path \"/%61dmin/*\" could never match: path encodes 'a' as %61: send unreserved characters as they are (RFC 3986) (requests with it are refused)"
+        );
+        assert!(PathPattern::parse("/a%2Fb").is_err());
+        assert!(PathPattern::parse("/a\\b").is_err());
+        assert!(PathPattern::parse("/a%20b").is_ok());
     }
 }

@@ -3,12 +3,14 @@
 //! [`policy::authorize_request`]) before anything below it sees it.
 //!
 //! A refused request is answered here (403 naming the deciding policy and
-//! rule, gRPC `PERMISSION_DENIED`; 400 for a path with empty, `.` or `..`
-//! segments while L7 rules are in force; 501 for `CONNECT`, whatever the
-//! rules) and never reaches the inner service. Each decision is counted in
-//! `trellis_decisions_total`, AUDIT matches are logged as "would deny", and
-//! the decision goes to the access log through the request's
-//! [`Entry`](super::access::Entry).
+//! rule, gRPC `PERMISSION_DENIED`; 400 naming what is wrong with a path
+//! an app could read as another one, [`l7::check_path`], while L7 rules or
+//! rate limits on paths are in force; 501 for `CONNECT`, whatever the
+//! rules) and never reaches the inner service; being the first layer, it
+//! also keeps such paths from the rate limits below it. Each decision is
+//! counted in `trellis_decisions_total`, AUDIT matches are logged as
+//! "would deny", and the decision goes to the access log through the
+//! request's [`Entry`](super::access::Entry).
 //!
 //! The policies are read from the connection's `watch` channel when the
 //! stack is polled for readiness, and only when they changed: deciding a
@@ -136,15 +138,20 @@ impl<S> Authorize<S> {
         // `OPTIONS *` asks about the server as a whole: decided with `*` as
         // its path, which no path in a rule matches.
         let asterisk = path == "*" && request.method() == Method::OPTIONS;
-        if current.is_some_and(|p| p.set.has_l7()) && !asterisk && !l7::is_normalized(path) {
-            // Rules match paths as written: `/a/../admin` must not pass for
-            // something a rule on `/admin` does not see.
+        // Rules and rate limits match paths as written, apps route them
+        // decoded and resolved: `/a/../admin`, `/%61dmin` or `/admin%2Fx`
+        // must not pass for something a rule on `/admin/*` does not see.
+        let reads_paths = current.is_some_and(|p| p.set.has_l7() || p.rate_limits.reads_paths());
+        if reads_paths
+            && !asterisk
+            && let Err(problem) = l7::check_path(path)
+        {
             entry.outcome = "invalid";
             return Some(local(
                 *grpc,
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
-                "path has an empty, '.' or '..' segment",
+                problem.to_string(),
             ));
         }
         let http = HttpRequest {
@@ -276,11 +283,13 @@ spec:
             denied.headers()["grpc-message"],
             "denied by policy b/no-admin rule 0"
         );
-        let odd = call("/users/../admin/x", false).await;
-        assert_eq!(odd.status(), StatusCode::BAD_REQUEST);
+        for odd in ["/users/../admin/x", "/%61dmin/x", "/admin%2Fx"] {
+            assert_eq!(call(odd, false).await.status(), StatusCode::BAD_REQUEST);
+        }
+        assert_eq!(call("/a%20b", false).await.status(), StatusCode::OK);
         assert_eq!(
             calls.load(Ordering::Relaxed),
-            1,
+            2,
             "the service was called for a refused request"
         );
     }

@@ -156,6 +156,15 @@ impl RateLimits {
         self.limits.is_empty()
     }
 
+    /// Whether some limit looks at the request path (it matches paths, or
+    /// keys buckets by route): then a path an app could read as another
+    /// must be refused before it gets here, or it would escape the limit.
+    pub fn reads_paths(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| !l.paths.is_empty() || l.key != LimitKey::Source)
+    }
+
     /// Takes a token for a request from `source` to `path` from every limit
     /// that applies; the first limit without one refuses the request.
     pub fn check(&self, source: &SpiffeId, path: &str) -> Result<(), Limited> {
