@@ -217,6 +217,58 @@ async fn refuses_a_huge_inbound_address_with_a_short_answer_and_a_short_log_line
         .expect("the token still proves the identity");
 }
 
+/// A workload with a valid proof cannot take the address another live
+/// workload holds: sidecars would expect the wrong identity there.
+#[tokio::test]
+async fn refuses_an_address_another_live_workload_holds_and_spends_nothing() {
+    let cp = ControlPlane::start(&[]);
+    let victim = certify_dual(&cp, DB, &["10.0.0.2:15006"]).await.unwrap();
+    let token = cp.token(WEB, 0).await;
+    for claimed in [
+        &["10.0.0.2:15006"][..],
+        &["10.0.0.1:15006", "10.0.0.2:15006"][..],
+    ] {
+        let err = certify_with_token(&cp, WEB, &token, claimed)
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{claimed:?}: {err:?}");
+        assert!(
+            err.message().contains("inbound address 10.0.0.2:15006"),
+            "{}",
+            err.message()
+        );
+    }
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1, "{workloads:?}");
+    assert_eq!(workloads[0].spiffe_id, DB);
+
+    // The token was not spent: it proves WEB at its own address.
+    let web = certify_with_token(&cp, WEB, &token, &["10.0.0.1:15006"])
+        .await
+        .expect("the token still proves the identity");
+    let expected = [
+        endpoint("10.0.0.1:15006", WEB),
+        endpoint("10.0.0.2:15006", DB),
+    ];
+    assert_eq!(endpoints(&cp, &web).await, expected);
+    assert_eq!(endpoints(&cp, &victim).await, expected);
+
+    // A renewal that moves onto the victim's address is refused as well.
+    let err = cp
+        .identity_client(Some(&web))
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), WEB),
+            inbound_addresses: vec!["10.0.0.2:15006".into()],
+            ..CertifyRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(endpoints(&cp, &victim).await, expected);
+}
+
 #[tokio::test]
 async fn reads_workloads_stored_in_the_single_address_format() {
     use redb::{Database, TableDefinition};

@@ -12,6 +12,11 @@
 //! token the API server does not vouch for is UNAUTHENTICATED, an API
 //! server that cannot be asked is UNAVAILABLE; without a reviewer such a
 //! proof is UNIMPLEMENTED), or none: a renewal with the current SVID.
+//!
+//! An inbound address is one workload's: a Certify reporting an address
+//! that another workload with a valid certificate holds is refused
+//! (ALREADY_EXISTS, naming the address), decided by the store in the
+//! transaction that would consume the token, so it consumes nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -261,6 +266,17 @@ impl Identity for IdentityService {
                     ),
                 };
                 return Err(self.refuse(reason, status));
+            }
+            Err(StoreError::AddressHeld { address, holder }) => {
+                // Who holds it is for the operator, not for the caller.
+                tracing::warn!(spiffe_id = %id, address, holder, "refused an inbound address another workload holds");
+                return Err(self.refuse(
+                    "address_held",
+                    Status::already_exists(format!(
+                        "inbound address {address} is held by another workload whose \
+                         certificate is still valid; a workload can only report its own addresses"
+                    )),
+                ));
             }
             Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
         }

@@ -71,7 +71,8 @@ impl SidecarStatus {
 #[derive(Debug, Default)]
 pub struct View {
     pub version: u64,
-    /// One per address of every live workload, ordered by address then ID.
+    /// One per address of live workloads, ordered by address: never two
+    /// for one address.
     pub endpoints: Arc<Vec<Endpoint>>,
     /// `endpoints` encoded as a snapshot part, shared like them.
     endpoints_part: Bytes,
@@ -200,6 +201,23 @@ impl View {
             })
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+        // One address, one owner: sidecars map an address to the identity
+        // they expect, so a second owner would silently replace the first.
+        // The embedded store refuses a second live claim; this keeps a store
+        // written before it did (or two Pods reporting one address) from
+        // publishing both. The one kept is the first by SPIFFE ID.
+        endpoints.dedup_by(|later, kept| {
+            let shared = later.address == kept.address;
+            if shared {
+                tracing::warn!(
+                    address = %kept.address,
+                    kept = %kept.spiffe_id,
+                    left_out = %later.spiffe_id,
+                    "two live workloads report one inbound address; only one is published"
+                );
+            }
+            shared
+        });
         let policies: Vec<_> = state
             .policies
             .into_iter()

@@ -100,3 +100,37 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     assert_eq!(status.acked_version, 0x1b20_0000_0000_0002);
     assert!(status.last_nack.is_empty(), "{status:?}");
 }
+
+/// Two live workloads that report one address (a store written before
+/// addresses were owned) are never both published: a sidecar would expect
+/// whichever it read last.
+#[test]
+fn one_address_is_published_with_one_owner() {
+    let live = |id: &str, addresses: &[&str]| WorkloadRecord {
+        spiffe_id: id.into(),
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        cert_expires_at_unix: unix_now() + 3600,
+        last_seen_unix: unix_now(),
+    };
+    let view = View::from_state(DiscoveryState {
+        version: 7,
+        workloads: vec![
+            live(WEB, &["10.0.0.1:15006", "10.0.0.2:15006"]),
+            live(DB, &["10.0.0.1:15006", "10.0.0.3:15006"]),
+        ],
+        ..DiscoveryState::default()
+    });
+    let listed: Vec<(&str, &str)> = view
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("10.0.0.1:15006", DB),
+            ("10.0.0.2:15006", WEB),
+            ("10.0.0.3:15006", DB)
+        ]
+    );
+}

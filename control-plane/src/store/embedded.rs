@@ -5,7 +5,9 @@
 //! Tables: `join_tokens` (hash -> JoinToken), `join_tokens_by_expiry`
 //! ((expiry, hash) -> (), so that tokens long expired are found from its
 //! start and removed when a token is added), `workloads` (SPIFFE ID ->
-//! WorkloadRecord), `issued_log` (sequence number -> IssuedCertRecord, the
+//! WorkloadRecord), `endpoint_owners` (inbound address -> the SPIFFE ID
+//! that holds it, so an issuance finds an address's owner without reading
+//! every workload; rebuilt from `workloads` on open), `issued_log` (sequence number -> IssuedCertRecord, the
 //! newest [`ISSUED_LOG_RETAINED`] issuances, oldest first),
 //! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
 //! included: the very form pushed to sidecars, whose fields are only ever
@@ -56,6 +58,7 @@ const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("joi
 const TOKENS_BY_EXPIRY: TableDefinition<'_, (i64, [u8; 32]), ()> =
     TableDefinition::new("join_tokens_by_expiry");
 const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
+const ENDPOINT_OWNERS: TableDefinition<'_, &str, &str> = TableDefinition::new("endpoint_owners");
 const ISSUED_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("issued_log");
 /// The log as the first releases kept it: by serial, never pruned. Moved
 /// into [`ISSUED_LOG`] when such a database is opened.
@@ -108,7 +111,7 @@ impl EmbeddedStore {
         };
         store.write(|txn| {
             index_tokens_by_expiry(txn)?;
-            txn.open_table(WORKLOADS)?;
+            index_endpoint_owners(txn)?;
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
@@ -186,6 +189,34 @@ fn index_tokens_by_expiry(txn: &redb::WriteTransaction) -> Result<(), StoreError
             reason: format!("a key of {} bytes, not a SHA-256 hash", hash.value().len()),
         })?;
         by_expiry.insert((token.expires_at_unix, hash), ())?;
+    }
+    Ok(())
+}
+
+/// Builds the address -> owner index anew from the workloads: each address
+/// goes to a workload whose certificate is valid, where one is (the first
+/// by SPIFFE ID, should a store written before there was an index hold the
+/// address twice), else to the first that reported it.
+fn index_endpoint_owners(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    txn.delete_table(ENDPOINT_OWNERS)?;
+    let workloads = txn.open_table(WORKLOADS)?;
+    let mut owners = txn.open_table(ENDPOINT_OWNERS)?;
+    // Whether each address's owner so far is live.
+    let mut live_owner = std::collections::HashMap::new();
+    for entry in workloads.iter()? {
+        let (_, value) = entry?;
+        let workload: WorkloadRecord = decode(value.value(), WORKLOADS.name())?;
+        let live = workload.cert_expires_at_unix > now;
+        for address in &workload.addresses {
+            let taken = live_owner.get(address.as_str()).copied();
+            if taken.is_none() || (taken == Some(false) && live) {
+                owners.insert(address.as_str(), workload.spiffe_id.as_str())?;
+                live_owner.insert(address.clone(), live);
+            }
+        }
     }
     Ok(())
 }

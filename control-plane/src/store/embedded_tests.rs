@@ -86,6 +86,96 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
     assert_eq!(change, EndpointChange::Changed);
 }
 
+/// An inbound address has one owner: a second workload reporting an
+/// address a live one holds is refused, and the refusal writes nothing, its
+/// token included; once the holder's certificate has ended the address is
+/// free again.
+#[test]
+fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let victim = "spiffe://td/ns/a/sa/victim";
+    let thief = SpiffeId::parse("spiffe://td/ns/a/sa/thief").unwrap();
+    let hash = [9u8; 32];
+    store
+        .add_join_token(&hash, &token_for(&thief, 1000), 0)
+        .unwrap();
+    store
+        .record_issuance(
+            None,
+            &issued("01", victim),
+            &workload(victim, "10.0.0.1:15006"),
+        )
+        .unwrap();
+    let version = store.snapshot_version().unwrap();
+
+    // Checked again after a restart: the index is rebuilt from the workloads.
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let claim = claim_at(&hash, &thief, 10);
+    let mut taking = workload(thief.as_str(), "10.0.0.2:15006");
+    taking.addresses.push("10.0.0.1:15006".into());
+    let err = store
+        .record_issuance(Some(claim), &issued("02", thief.as_str()), &taking)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AddressHeld { address, holder }
+            if address == "10.0.0.1:15006" && holder == victim),
+        "{err}"
+    );
+    assert_eq!(store.workloads().unwrap().len(), 1);
+    assert_eq!(store.issued_certificates().unwrap().len(), 1);
+    assert_eq!(store.snapshot_version().unwrap(), version);
+
+    // The token was not spent: it proves the identity at its own address.
+    let own = workload(thief.as_str(), "10.0.0.2:15006");
+    let change = store
+        .record_issuance(Some(claim), &issued("03", thief.as_str()), &own)
+        .unwrap();
+    assert_eq!(change, EndpointChange::Changed);
+
+    // A renewal that moves onto the victim's address is refused too.
+    let err = store
+        .record_issuance(None, &issued("04", thief.as_str()), &taking)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AddressHeld { .. }), "{err}");
+
+    // The victim's certificate ended (at 100): the address is free.
+    let later = WorkloadRecord {
+        cert_expires_at_unix: 400,
+        last_seen_unix: 200,
+        ..workload(thief.as_str(), "10.0.0.1:15006")
+    };
+    store
+        .record_issuance(None, &issued("05", thief.as_str()), &later)
+        .unwrap();
+    // The victim, back with a join token and no address, does not keep the
+    // address it lost.
+    let back = WorkloadRecord {
+        cert_expires_at_unix: 400,
+        last_seen_unix: 201,
+        ..workload(victim, "")
+    };
+    store
+        .record_issuance(None, &issued("06", victim), &back)
+        .unwrap();
+    let mut owners: Vec<(String, Vec<String>)> = store
+        .workloads()
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.spiffe_id, w.addresses))
+        .collect();
+    owners.sort();
+    assert_eq!(
+        owners,
+        [
+            (thief.to_string(), vec!["10.0.0.1:15006".to_string()]),
+            (victim.to_string(), vec![])
+        ]
+    );
+}
+
 /// A workload without an inbound address is no endpoint: its first
 /// certificate and its renewals leave the snapshot version where it was,
 /// until it reports an address.

@@ -130,6 +130,10 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error(transparent)]
     Token(#[from] TokenRefusal),
+    /// An issuance reported an inbound address another workload holds (its
+    /// certificate still valid): one address has one owner.
+    #[error("inbound address {address} is held by {holder}, whose certificate is still valid")]
+    AddressHeld { address: String, holder: String },
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeStoreError),
 }
@@ -227,8 +231,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
-    /// nothing. Empty `workload.addresses` keep the addresses already known;
-    /// otherwise they replace them, all of them. A [`EndpointChange::Changed`]
+    /// nothing. Empty `workload.addresses` keep the addresses already known
+    /// (less any another live workload has taken since); otherwise they
+    /// replace them, all of them. A store that takes addresses from what
+    /// sidecars report refuses one that a different workload with a valid
+    /// certificate holds ([`StoreError::AddressHeld`]), deciding it in the
+    /// same transaction, and changes nothing. A [`EndpointChange::Changed`]
     /// issuance has bumped the snapshot version in that same transaction, so
     /// the caller only refreshes discovery.
     fn record_issuance(

@@ -15,8 +15,10 @@
 //! last page instead of landing on random pages, as records keyed by serial
 //! did) and pruned from its oldest end to the store's retention in the same
 //! commit. Each
-//! issuance checks its token before it writes anything, so a refused one
-//! changes nothing, whatever its neighbours in the batch do; a failed
+//! issuance checks its token, and that no other live workload holds an
+//! address it reports, before it writes anything, so a refused one changes
+//! nothing, whatever its neighbours in the batch do (two in one batch
+//! claiming one address: the second sees the first's claim); a failed
 //! commit fails the whole batch and writes none of it.
 //!
 //! This module never decides who may have a certificate; it only makes
@@ -31,7 +33,10 @@ use redb::{Database, ReadableTable, ReadableTableMetadata};
 use tokio::sync::oneshot;
 use trellis_core::SpiffeId;
 
-use super::{ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode, get_u64};
+use super::{
+    ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode,
+    get_u64,
+};
 use crate::store::{
     EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord,
@@ -220,7 +225,9 @@ fn commit(
 /// One issuance inside `txn`: the inner result is its answer, the outer
 /// error a failed write that must abort the transaction. Everything that
 /// may refuse is read and decided before the first write, so a refused
-/// issuance leaves the transaction as it found it.
+/// issuance leaves the transaction as it found it. The token is checked
+/// before the addresses, so only a caller with a proof hears whether an
+/// address is held.
 fn record_one(
     txn: &redb::WriteTransaction,
     claim: Option<TokenClaim<'_>>,
@@ -230,6 +237,8 @@ fn record_one(
     let mut tokens = txn.open_table(JOIN_TOKENS)?;
     let mut log = txn.open_table(ISSUED_LOG)?;
     let mut workloads = txn.open_table(WORKLOADS)?;
+    let mut owners = txn.open_table(ENDPOINT_OWNERS)?;
+    let now = workload.last_seen_unix;
     let decided = (|| {
         let token = match claim {
             Some(claim) => Some(consume(&tokens, claim)?),
@@ -239,25 +248,51 @@ fn record_one(
             Some(v) => Some(decode(v.value(), "workload")?),
             None => None,
         };
+        for address in &workload.addresses {
+            if let Some(holder) = live_holder(&owners, &workloads, address, workload, now)? {
+                return Err(StoreError::AddressHeld {
+                    address: address.clone(),
+                    holder,
+                });
+            }
+        }
         Ok::<_, StoreError>((token, previous))
     })();
     let (token, previous) = match decided {
         Ok(decided) => decided,
         Err(e) => return Ok(Err(e)),
     };
-    if let (Some(claim), Some(token)) = (claim, token) {
-        tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
-    }
-    log.insert(next_sequence(&log)?, encode(issued).as_slice())?;
     let mut record = workload.clone();
     // A workload whose certificate had expired was no endpoint; its new
     // certificate makes it one again.
     let previously_live = previous
         .as_ref()
-        .is_some_and(|p| p.cert_expires_at_unix > record.last_seen_unix);
+        .is_some_and(|p| p.cert_expires_at_unix > now);
     let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
     if record.addresses.is_empty() {
-        record.addresses = previous_addresses.clone();
+        // The addresses it reported before, less those another workload
+        // took while its certificate had ended.
+        for address in &previous_addresses {
+            if live_holder(&owners, &workloads, address, workload, now)?.is_none() {
+                record.addresses.push(address.clone());
+            }
+        }
+    }
+    if let (Some(claim), Some(token)) = (claim, token) {
+        tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
+    }
+    log.insert(next_sequence(&log)?, encode(issued).as_slice())?;
+    for address in &previous_addresses {
+        if !record.addresses.contains(address)
+            && owners
+                .get(address.as_str())?
+                .is_some_and(|owner| owner.value() == record.spiffe_id)
+        {
+            owners.remove(address.as_str())?;
+        }
+    }
+    for address in &record.addresses {
+        owners.insert(address.as_str(), record.spiffe_id.as_str())?;
     }
     workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
     // Only a workload with an address is an endpoint: a client-only
@@ -272,6 +307,30 @@ fn record_one(
             EndpointChange::Unchanged
         },
     ))
+}
+
+/// The workload other than `claimant` that holds `address` at `now`: the
+/// owner the index names, while its certificate is valid and it still
+/// reports the address.
+fn live_holder(
+    owners: &redb::Table<'_, &str, &str>,
+    workloads: &redb::Table<'_, &str, &[u8]>,
+    address: &str,
+    claimant: &WorkloadRecord,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    let Some(owner) = owners.get(address)?.map(|o| o.value().to_owned()) else {
+        return Ok(None);
+    };
+    if owner == claimant.spiffe_id {
+        return Ok(None);
+    }
+    let Some(value) = workloads.get(owner.as_str())? else {
+        return Ok(None);
+    };
+    let holder: WorkloadRecord = decode(value.value(), "workload")?;
+    let holds = holder.cert_expires_at_unix > now && holder.addresses.iter().any(|a| a == address);
+    Ok(holds.then_some(owner))
 }
 
 /// The sequence number the log's next record takes.
