@@ -25,7 +25,7 @@ pub struct AdminHttp {
 impl AdminHttp {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         Ok(Self {
-            listener: TcpListener::bind(addr).await?,
+            listener: crate::net::bind(addr)?,
         })
     }
 

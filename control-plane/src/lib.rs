@@ -19,6 +19,7 @@ pub mod ctl;
 pub mod discovery;
 pub mod inject;
 pub mod metrics;
+pub mod net;
 pub mod open_files;
 pub mod run;
 pub mod server;

@@ -222,9 +222,8 @@ pub struct GrpcListener {
 
 impl GrpcListener {
     pub async fn bind(addr: SocketAddr, config: Arc<ServerConfig>) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener =
+            crate::net::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(config),

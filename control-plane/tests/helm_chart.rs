@@ -74,10 +74,10 @@ fn default_values_render_valid_manifests() {
         "--cert-ttl=1h",
         "--default-policy=deny",
         "--outbound-policy=deny",
-        "--listen=0.0.0.0:15012",
-        "--admin=0.0.0.0:15014",
+        "--listen=[::]:15012",
+        "--admin=[::]:15014",
         "--store=kubernetes",
-        "--webhook=0.0.0.0:15017",
+        "--webhook=[::]:15017",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -159,6 +159,8 @@ fn invalid_values_are_refused() {
         ("replicas=0", "replicas"),
         ("opaquePorts={0}", "opaquePorts"),
         ("injection.failurePolicy=Maybe", "failurePolicy"),
+        ("injection.ipFamilies={IPv4,IPv4}", "ipFamilies"),
+        ("injection.ipFamilies={ipv6}", "ipFamilies"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");
@@ -337,4 +339,33 @@ fn hard_anti_affinity_rolls_out_without_a_surge_pod() {
         one(&docs, "Deployment")["spec"]["strategy"]["rollingUpdate"],
         json!({"maxSurge": 1, "maxUnavailable": 0})
     );
+}
+
+/// The control plane's listeners take connections of both IP families, so
+/// the kubelet's probes, the webhook calls and the sidecars reach it in
+/// IPv4-only, IPv6-only and dual-stack clusters: each address the chart
+/// passes is bound with the control plane's own binder (on a free port)
+/// and dialled over 127.0.0.1 and ::1 with real sockets. Rendered with the
+/// real helm; no API server here.
+#[tokio::test]
+async fn control_plane_listens_on_both_ip_families() {
+    let Some((helm, _)) = tools() else { return };
+    let args = args(&documents(&template(&helm, &[]).unwrap()));
+    for flag in ["--listen=", "--admin=", "--webhook="] {
+        let value = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("{flag} in {args:?}"));
+        let mut addr: std::net::SocketAddr = value.parse().unwrap();
+        addr.set_port(0);
+        let listener = trellis_control_plane::net::bind(addr).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for peer in ["127.0.0.1", "::1"] {
+            let peer: std::net::IpAddr = peer.parse().unwrap();
+            tokio::net::TcpStream::connect((peer, port))
+                .await
+                .unwrap_or_else(|e| panic!("{flag}{value}: no connection from {peer}: {e}"));
+            listener.accept().await.unwrap();
+        }
+    }
 }

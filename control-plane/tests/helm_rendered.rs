@@ -109,6 +109,7 @@ fn rendered_injection_settings_parse() {
             &[
                 "injection.tokenExpirationSeconds=7200",
                 "injection.excludeOutboundCIDRs={169.254.169.254/32}",
+                "injection.ipFamilies={IPv6,IPv4}",
             ],
         )
         .unwrap(),
@@ -132,6 +133,19 @@ fn rendered_injection_settings_parse() {
         config.trust_bundle,
         inject::TrustBundleSource::Annotation("PEM".into())
     );
+    assert_eq!(
+        config.ip_families,
+        [inject::IpFamily::V6, inject::IpFamily::V4]
+    );
+    // By default the pods are IPv4 (only or primary).
+    let docs = documents(&template(&helm, &[]).unwrap());
+    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
+    assert_eq!(config.ip_families, [inject::IpFamily::V4]);
 }
 
 /// Every field of the policy documents (issue 3) has a place in the CRD

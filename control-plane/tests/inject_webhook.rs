@@ -13,7 +13,9 @@ mod chart;
 
 use admission::*;
 use serde_json::{Value, json};
-use trellis_control_plane::inject::{InjectConfig, NamespaceScope, TrustBundleSource, review_pod};
+use trellis_control_plane::inject::{
+    InjectConfig, IpFamily, NamespaceScope, TrustBundleSource, review_pod,
+};
 
 /// A Deployment's pod gets the init container, then the native sidecar,
 /// then its own init containers; its app containers stay where they were.
@@ -129,6 +131,7 @@ fn sidecar_gets_identity_token_and_bundle() {
         env["TRELLIS_TRUST_BUNDLE"],
         "/var/run/trellis/identity/bundle.pem"
     );
+    // IPv4 pods by default (`ip_families_decide_the_sidecars_addresses`).
     assert_eq!(env["TRELLIS_ADMIN"], "0.0.0.0:15020");
     assert_eq!(env["TRELLIS_POD_IPS"], field("status.podIPs"));
     // Every pod IP (IPv4 and IPv6 in a dual-stack cluster), each a mesh
@@ -377,6 +380,71 @@ fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
             .contains("\"cloud-sql-proxy\""),
         "{warnings:?}"
     );
+}
+
+/// The kubelet probes a pod at `status.podIP`, an address of the cluster's
+/// primary family, and the sidecar binds an IPv6 address for IPv6 only: so
+/// the admin port (where the rewritten probes go) listens on every address
+/// of the primary family, and named listeners on each family the cluster
+/// has. The admin address is bound as the sidecar binds it (`IPV6_V6ONLY`
+/// on an IPv6 address) and dialled from that family's loopback, standing in
+/// for the pod IP. Real AdmissionReview (fixtures/k8s); no Kubernetes API
+/// server can run here.
+#[test]
+fn ip_families_decide_the_sidecars_addresses() {
+    use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+    let review = fixture("pod-deployment-http-probes.json");
+    for (families, admin, loopback) in [
+        (vec![IpFamily::V4], "0.0.0.0:15020", "127.0.0.1"),
+        (vec![IpFamily::V6], "[::]:15020", "::1"),
+        (
+            vec![IpFamily::V4, IpFamily::V6],
+            "0.0.0.0:15020",
+            "127.0.0.1",
+        ),
+        (vec![IpFamily::V6, IpFamily::V4], "[::]:15020", "::1"),
+    ] {
+        let config = InjectConfig {
+            ip_families: families.clone(),
+            ..config()
+        };
+        let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+        let pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
+        let env = env(container(&pod, "initContainers", "trellis-proxy"));
+        assert_eq!(env["TRELLIS_ADMIN"], admin, "{families:?}");
+
+        let mut addr: SocketAddr = admin.parse().unwrap();
+        addr.set_port(0);
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        if addr.is_ipv6() {
+            socket.set_only_v6(true).unwrap();
+        }
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(8).unwrap();
+        let listener = TcpListener::from(socket);
+        let port = listener.local_addr().unwrap().port();
+        let peer: IpAddr = loopback.parse().unwrap();
+        TcpStream::connect((peer, port))
+            .unwrap_or_else(|e| panic!("{families:?}: {admin} refuses {peer}: {e}"));
+    }
+
+    // Ports other than the sidecar's defaults are named, once per family.
+    let config = InjectConfig {
+        ip_families: vec![IpFamily::V6, IpFamily::V4],
+        inbound_port: 16006,
+        outbound_port: 16001,
+        ..config()
+    };
+    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+    let pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
+    let env = env(container(&pod, "initContainers", "trellis-proxy"));
+    assert_eq!(env["TRELLIS_INBOUND"], "[::]:16006,0.0.0.0:16006");
+    assert_eq!(env["TRELLIS_OUTBOUND"], "[::1]:16001,127.0.0.1:16001");
 }
 
 /// Injecting an injected pod changes nothing: the second answer has no

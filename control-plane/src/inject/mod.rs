@@ -101,6 +101,7 @@ pub mod server;
 mod settings;
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
@@ -187,6 +188,31 @@ impl Resources {
     }
 }
 
+/// An IP family of the cluster's pod addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// `0.0.0.0` or `::`: every address of the family.
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            Self::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// `127.0.0.1` or `::1`.
+    pub fn loopback(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::LOCALHOST.into(),
+            Self::V6 => Ipv6Addr::LOCALHOST.into(),
+        }
+    }
+}
+
 /// Everything injection depends on besides the pod. The chart's values map
 /// onto these fields one to one (`injection.*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +234,12 @@ pub struct InjectConfig {
     pub inbound_port: u16,
     pub outbound_port: u16,
     pub admin_port: u16,
+    /// The IP families of the cluster's pod addresses, primary first, as
+    /// Kubernetes orders `status.podIPs`; never empty. The kubelet probes
+    /// `status.podIP`, an address of the first, so the sidecar's admin port
+    /// listens on that family. The sidecar binds an IPv6 address for IPv6
+    /// only, so no one address serves both.
+    pub ip_families: Vec<IpFamily>,
     /// Excluded for every pod, before its own annotations.
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
@@ -236,6 +268,7 @@ impl Default for InjectConfig {
             inbound_port: 15006,
             outbound_port: 15001,
             admin_port: 15020,
+            ip_families: vec![IpFamily::V4],
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),

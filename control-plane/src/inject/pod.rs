@@ -5,6 +5,7 @@
 //! fields this version does not know survive untouched.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Map, Value, json};
 
@@ -13,8 +14,8 @@ use super::probes;
 use super::review::PatchOp;
 use super::{
     IDENTITY_DIR, IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
-    MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, PROXY_CONTAINER, Resources, TOKEN_AUDIENCE,
-    TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
+    IpFamily, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, PROXY_CONTAINER, Resources,
+    TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
 };
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
@@ -334,9 +335,10 @@ fn proxy_container(
         value("TRELLIS_TRUST_BUNDLE", format!("{IDENTITY_DIR}/bundle.pem")),
         value("TRELLIS_TOKEN_FILE", format!("{IDENTITY_DIR}/token")),
         value("TRELLIS_TOKEN_TYPE", "service-account".to_string()),
-        // The kubelet probes the pod IP, so the admin port listens on all
-        // addresses; init leaves it out of interception.
-        value("TRELLIS_ADMIN", format!("0.0.0.0:{}", config.admin_port)),
+        // The kubelet probes the pod IP (status.podIP, of the primary
+        // family), so the admin port listens on every address of that
+        // family; init leaves it out of interception.
+        value("TRELLIS_ADMIN", admin_address(config).to_string()),
         // Bare IPs: the sidecar adds its inbound port to each.
         value(
             "TRELLIS_ADVERTISE_ADDRESS",
@@ -350,19 +352,15 @@ fn proxy_container(
     }
     // On the default ports the sidecar's own defaults apply: both IP
     // families, the IPv6 half left out where the pod has no IPv6. Other
-    // ports are named, IPv4 only: a named address must bind, and ::1 is
-    // missing in pods with IPv6 disabled.
+    // ports are named, for the cluster's families only: a named address
+    // must bind, and ::1 is missing in pods with IPv6 disabled.
     if config.inbound_port != SIDECAR_INBOUND_PORT {
-        env.push(value(
-            "TRELLIS_INBOUND",
-            format!("0.0.0.0:{}", config.inbound_port),
-        ));
+        let addrs = per_family(config, IpFamily::unspecified, config.inbound_port);
+        env.push(value("TRELLIS_INBOUND", addrs));
     }
     if config.outbound_port != SIDECAR_OUTBOUND_PORT {
-        env.push(value(
-            "TRELLIS_OUTBOUND",
-            format!("127.0.0.1:{}", config.outbound_port),
-        ));
+        let addrs = per_family(config, IpFamily::loopback, config.outbound_port);
+        env.push(value("TRELLIS_OUTBOUND", addrs));
     }
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).unwrap_or_default();
@@ -407,6 +405,23 @@ fn proxy_container(
     });
     pull_policy(&mut container, config);
     container
+}
+
+/// Every address of the primary family, which the kubelet's probes reach:
+/// `0.0.0.0:15020` or `[::]:15020`.
+fn admin_address(config: &InjectConfig) -> SocketAddr {
+    let primary = config.ip_families.first().copied().unwrap_or(IpFamily::V4);
+    SocketAddr::new(primary.unspecified(), config.admin_port)
+}
+
+/// `ip:port` for each of the cluster's families, comma-separated.
+fn per_family(config: &InjectConfig, ip: fn(IpFamily) -> IpAddr, port: u16) -> String {
+    let addrs: Vec<String> = config
+        .ip_families
+        .iter()
+        .map(|f| SocketAddr::new(ip(*f), port).to_string())
+        .collect();
+    addrs.join(",")
 }
 
 /// One projected volume for what the sidecar reads at start: the token and

@@ -165,7 +165,7 @@ pub struct WebhookServer {
 impl WebhookServer {
     pub async fn bind(addr: SocketAddr, tls: Arc<ServerConfig>) -> std::io::Result<Self> {
         Ok(Self {
-            listener: TcpListener::bind(addr).await?,
+            listener: crate::net::bind(addr)?,
             acceptor: TlsAcceptor::from(tls),
         })
     }

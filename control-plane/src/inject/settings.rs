@@ -14,7 +14,8 @@
 //!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
-//!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json"}
+//!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json",
+//!  "ipFamilies": ["IPv4"]}
 //! ```
 
 use serde::Deserialize;
@@ -22,7 +23,8 @@ use serde_json::Value;
 use trellis_core::TrustDomain;
 
 use super::{
-    FailurePolicy, InjectConfig, MIN_TOKEN_EXPIRATION_SECONDS, Resources, TrustBundleSource,
+    FailurePolicy, InjectConfig, IpFamily, MIN_TOKEN_EXPIRATION_SECONDS, Resources,
+    TrustBundleSource,
 };
 
 /// Why a settings file was refused; the message names the field.
@@ -46,6 +48,8 @@ struct Settings {
     exclude_outbound_cidrs: Option<Vec<String>>,
     failure_policy: Option<String>,
     log_format: Option<String>,
+    #[serde(rename = "ipFamilies")]
+    ip_families: Option<Vec<String>>,
 }
 
 /// `{requests: {cpu, memory}, limits: {cpu, memory}}` as in a pod spec.
@@ -160,8 +164,40 @@ impl InjectConfig {
             }
             config.log_format = format;
         }
+        if let Some(families) = s.ip_families {
+            config.ip_families = ip_families(&families)?;
+        }
         Ok(config)
     }
+}
+
+/// `["IPv4"]`, `["IPv6"]`, or both in the cluster's order, as a Service's
+/// `ipFamilies` names them.
+fn ip_families(names: &[String]) -> Result<Vec<IpFamily>, InvalidSettings> {
+    let mut families = Vec::with_capacity(names.len());
+    for name in names {
+        let family = match name.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            other => {
+                return Err(InvalidSettings(format!(
+                    "ipFamilies: expected IPv4 or IPv6, got {other:?}"
+                )));
+            }
+        };
+        if families.contains(&family) {
+            return Err(InvalidSettings(format!(
+                "ipFamilies: {name} is given twice"
+            )));
+        }
+        families.push(family);
+    }
+    if families.is_empty() {
+        return Err(InvalidSettings(
+            "ipFamilies: name at least the primary family".into(),
+        ));
+    }
+    Ok(families)
 }
 
 fn nonzero(ports: Vec<u16>, field: &str) -> Result<Vec<u16>, InvalidSettings> {
@@ -199,6 +235,22 @@ mod tests {
             e.to_string().contains("unknown field `imagePullPolicies`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn reads_ip_families_primary_first() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        assert_eq!(read("{}").unwrap().ip_families, [IpFamily::V4]);
+        let config = read(r#"{"ipFamilies": ["IPv6", "IPv4"]}"#).unwrap();
+        assert_eq!(config.ip_families, [IpFamily::V6, IpFamily::V4]);
+        for (bad, says) in [
+            (r#"{"ipFamilies": []}"#, "primary"),
+            (r#"{"ipFamilies": ["IPv6", "IPv6"]}"#, "twice"),
+            (r#"{"ipFamilies": ["ipv6"]}"#, "expected IPv4 or IPv6"),
+        ] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(e.contains("ipFamilies") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]
