@@ -216,28 +216,32 @@ impl Identity for IdentityService {
             spiffe_id: &id,
             now_unix: now,
         });
-        // The store's writer answers once the record is durable; this task
-        // waits for it without holding a thread.
-        let Ok(recorded) = self
-            .mesh
-            .store
-            .queue_issuance(claim, &record, &workload)
-            .await
-        else {
+        // The store's writer answers once the record is durable. Waiting for
+        // that answer and refreshing discovery after it run in a task of
+        // their own: a caller that goes away (a reset stream, a deadline)
+        // drops this future, yet the writer still commits, and a commit that
+        // changed the endpoints must reach discovery all the same.
+        let reply = self.mesh.store.queue_issuance(claim, &record, &workload);
+        let discovery = self.mesh.discovery.clone();
+        let recorded = tokio::spawn(async move {
+            let recorded = reply.await.ok()?;
+            // A new endpoint is a new snapshot version for every sidecar;
+            // the store bumped it with the record. Loading it reads the store.
+            if matches!(recorded, Ok(EndpointChange::Changed)) {
+                let refreshed = tokio::task::spawn_blocking(move || discovery.refresh()).await;
+                if let Ok(Err(e)) = refreshed {
+                    tracing::error!(error = %e, "could not record a new snapshot version");
+                }
+            }
+            Some(recorded)
+        })
+        .await;
+        let Ok(Some(recorded)) = recorded else {
             return Err(self.refuse(
                 "store_error",
                 Status::unavailable("the store stopped before recording the certificate"),
             ));
         };
-        // A new endpoint is a new snapshot version for every sidecar; the
-        // store bumped it with the record. Loading it reads the store.
-        if matches!(recorded, Ok(EndpointChange::Changed)) {
-            let discovery = self.mesh.discovery.clone();
-            let refreshed = tokio::task::spawn_blocking(move || discovery.refresh()).await;
-            if let Ok(Err(e)) = refreshed {
-                tracing::error!(error = %e, "could not record a new snapshot version");
-            }
-        }
         match recorded {
             Ok(_) => {}
             Err(StoreError::Token(refusal)) => {
@@ -298,5 +302,93 @@ impl Identity for IdentityService {
             expires_at_unix: issued.not_after_unix,
             spiffe_id: id.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use trellis_core::{SpiffeId, TrustDomain};
+    use trellis_proto::discovery::v1::MeshConfig;
+
+    use super::*;
+    use crate::ca::CertificateAuthority;
+    use crate::discovery::Discovery;
+    use crate::metrics::Metrics;
+    use crate::store::embedded::{DB_FILE, EmbeddedStore};
+    use crate::store::{JoinToken, Store};
+
+    const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+    /// A caller that goes away while its issuance waits for the commit
+    /// (a reset stream, a deadline) drops the Certify future; the writer
+    /// still commits the issuance, and discovery must still publish the
+    /// endpoint it added.
+    #[tokio::test]
+    async fn a_certify_dropped_before_its_commit_still_reaches_discovery() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let discovery =
+            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let service = IdentityService::new(Mesh {
+            trust_domain: td,
+            ca: Arc::new(ca),
+            store: store.clone(),
+            discovery: discovery.clone(),
+            metrics: Arc::new(Metrics::default()),
+            cert_ttl: Duration::from_secs(3600),
+            shutdown,
+        });
+        let token = "a-join-token";
+        let web = SpiffeId::parse(WEB).unwrap();
+        let grant = JoinToken {
+            spiffe_id: WEB.into(),
+            expires_at_unix: unix_now() + 600,
+            used: false,
+        };
+        store
+            .add_join_token(&hash_token(token), &grant, unix_now())
+            .unwrap();
+        let before = discovery.current_version();
+        let mut versions = discovery.subscribe();
+
+        // Commits wait until the held transaction ends, so the issuance is
+        // queued and unanswered when the caller goes away.
+        let held = store.hold_writes();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(WEB.try_into().unwrap())];
+        let request = Request::new(CertifyRequest {
+            csr: params.serialize_request(&key).unwrap().der().to_vec(),
+            proof: Some(Proof::JoinToken(token.into())),
+            inbound_address: String::new(),
+            inbound_addresses: vec!["10.0.0.1:15006".into()],
+        });
+        let mut certify = Box::pin(service.certify(request));
+        assert!(
+            matches!(futures::poll!(certify.as_mut()), Poll::Pending),
+            "the issuance waits for its commit"
+        );
+        drop(certify);
+        held.abort().unwrap();
+
+        tokio::time::timeout(Duration::from_secs(10), versions.changed())
+            .await
+            .expect("discovery announces the committed issuance")
+            .unwrap();
+        let view = discovery.view();
+        assert!(view.version > before);
+        assert_eq!(view.version, store.snapshot_version().unwrap());
+        let listed: Vec<(&str, &str)> = view
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
+            .collect();
+        assert_eq!(listed, [("10.0.0.1:15006", web.as_str())]);
     }
 }

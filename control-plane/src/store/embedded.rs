@@ -170,6 +170,14 @@ impl EmbeddedStore {
     fn issued_certificates(&self) -> Result<Vec<IssuedCertRecord>, StoreError> {
         self.read_all(ISSUED_LOG)
     }
+
+    /// Opens a write transaction, so every other write (the issuance
+    /// writer's included) waits until it is dropped: what the tests hold a
+    /// commit back with.
+    #[cfg(test)]
+    pub(crate) fn hold_writes(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("a write transaction")
+    }
 }
 
 /// Opens the join-token tables and, where the expiry index does not cover
