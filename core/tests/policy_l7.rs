@@ -210,3 +210,53 @@ fn a_path_rule_that_could_never_match_is_refused_at_its_line() {
         ]
     );
 }
+
+/// Apps mostly read the first value of a header sent twice, some the last:
+/// a repeated header must never help a request get allowed.
+#[test]
+fn a_repeated_header_matches_an_allow_only_if_every_value_does() {
+    let set = set(&policy("canary", "ALLOW", "[{headers: {x-env: canary}}]"));
+    let headers = |values: &[&str]| {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-env", v.parse().unwrap());
+        }
+        h
+    };
+    assert_eq!(
+        request(&set, 1, "GET", "/", &headers(&["canary"])),
+        "allow by default/canary rule 0"
+    );
+    assert_eq!(
+        request(&set, 1, "GET", "/", &headers(&["canary", "canary"])),
+        "allow by default/canary rule 0"
+    );
+    for values in [&["prod", "canary"][..], &["canary", "prod"], &[]] {
+        assert_eq!(
+            request(&set, 1, "GET", "/", &headers(values)),
+            "deny by default:deny",
+            "{values:?}"
+        );
+    }
+}
+
+#[test]
+fn a_repeated_header_matches_a_deny_or_audit_if_any_value_does() {
+    let yaml = policy("web-to-api", "ALLOW", "[{ports: [1]}]")
+        + &policy("no-canary", "DENY", "[{headers: {x-env: canary}}]")
+        + &policy("watch-canary", "AUDIT", "[{headers: {x-env: canary}}]");
+    let set = set(&yaml);
+    let mut h = HeaderMap::new();
+    h.append("x-env", "prod".parse().unwrap());
+    h.append("x-env", "canary".parse().unwrap());
+    assert_eq!(
+        request(&set, 1, "GET", "/", &h),
+        "deny by default/no-canary rule 0; would deny by default/watch-canary rule 0"
+    );
+    let mut prod = HeaderMap::new();
+    prod.append("x-env", "prod".parse().unwrap());
+    assert_eq!(
+        request(&set, 1, "GET", "/", &prod),
+        "allow by default/web-to-api rule 0"
+    );
+}

@@ -182,6 +182,42 @@ async fn an_encoded_path_cannot_escape_a_rate_limit() {
     assert_eq!(app.seen.paths(), ["/search/q", "/other"]);
 }
 
+/// Most apps read the first value of a header sent twice: a second copy
+/// must not buy a request an ALLOW, while a DENY matches any copy.
+#[tokio::test]
+async fn a_repeated_header_cannot_help_a_request_get_allowed() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("canary", "ALLOW", "[{headers: {x-env: canary}}]"),
+        policy("no-debug", "DENY", "[{headers: {x-debug: \"on\"}}]"),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let mut send = async |path: &str, headers: &[(&str, &str)]| {
+        text(c.send_request(get(path, headers)).await.unwrap()).await
+    };
+    let (status, _) = send("/one", &[("x-env", "canary")]).await;
+    assert_eq!(status, 200);
+    let (status, body) = send("/two", &[("x-env", "prod"), ("x-env", "canary")]).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy default:deny\n")
+    );
+    let (status, body) = send(
+        "/three",
+        &[("x-env", "canary"), ("x-debug", "off"), ("x-debug", "on")],
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-debug rule 0\n")
+    );
+    assert_eq!(app.seen.paths(), ["/one"], "the app saw a denied request");
+}
+
 #[tokio::test]
 async fn new_policies_decide_the_next_request_on_an_open_connection() {
     let cp = FakeControlPlane::start(CERT_TTL).await;

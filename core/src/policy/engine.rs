@@ -28,7 +28,9 @@
 //!   one with them only requests they match. DENY still wins over ALLOW,
 //!   and the mesh default decides when nothing matches, so a DENY rule on
 //!   `/admin` denies exactly those requests, also on connections that an L4
-//!   ALLOW let in.
+//!   ALLOW let in. A header sent more than once never helps a request get
+//!   allowed: an ALLOW rule's header condition needs every value to match,
+//!   a DENY's (and an AUDIT's "would deny") any one.
 //!
 //! Entries of one rule are matched separately: `[{ports: [80], paths:
 //! [/a]}, {ports: [81]}]` matches `/a` on 80 and anything on 81, not `/b`
@@ -367,13 +369,15 @@ impl PolicySet {
     /// `port` (L4). Rules with L7 matches take part only through their
     /// entries without any: see the module docs.
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
-        self.decide_by(source, port, |rule| rule.l4_matches(port))
+        self.decide_by(source, port, |rule, _| rule.l4_matches(port))
     }
 
     /// The verdict on one HTTP request from `source` on `port`: every rule
     /// takes part, an entry with L7 matches only when they match `req`.
     pub fn decide_request(&self, source: &SpiffeId, port: u16, req: &HttpRequest<'_>) -> Decision {
-        self.decide_by(source, port, |rule| rule.request_matches(port, req))
+        self.decide_by(source, port, |rule, action| {
+            rule.request_matches(port, req, action)
+        })
     }
 
     /// Whether a connection that `decision` (from [`decide`](Self::decide))
@@ -414,24 +418,31 @@ impl PolicySet {
         })
     }
 
+    /// The verdict by the rules `matches`, which is told the action of the
+    /// rule it is asked about (see [`L7Match`](super::l7::L7Match) for why
+    /// a header condition needs it).
     fn decide_by(
         &self,
         source: &SpiffeId,
         port: u16,
-        matches: impl Fn(&CompiledRule) -> bool + Copy,
+        matches: impl Fn(&CompiledRule, Action) -> bool + Copy,
     ) -> Decision {
-        let (verdict, reason) =
-            if let Some(id) = self.first_match(&self.deny, source, port, matches) {
-                (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
-            } else if let Some(id) = self.first_match(&self.allow, source, port, matches) {
-                (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
-            } else {
-                (self.default_verdict(source), Reason::Default(self.default))
-            };
+        let as_rule_of = |action| move |rule: &CompiledRule| matches(rule, action);
+        let (verdict, reason) = if let Some(id) =
+            self.first_match(&self.deny, source, port, as_rule_of(Action::Deny))
+        {
+            (Verdict::Deny, Reason::Rule(self.rule_ref(id)))
+        } else if let Some(id) =
+            self.first_match(&self.allow, source, port, as_rule_of(Action::Allow))
+        {
+            (Verdict::Allow, Reason::Rule(self.rule_ref(id)))
+        } else {
+            (self.default_verdict(source), Reason::Default(self.default))
+        };
         Decision {
             verdict,
             reason,
-            audits: self.audits(source, port, matches),
+            audits: self.audits(source, port, as_rule_of(Action::Audit)),
         }
     }
 

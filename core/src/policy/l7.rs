@@ -8,7 +8,9 @@
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
 //! `/users/{id}/*` matches both of the first two). A gRPC match is a path
 //! match on `/<service>/<method>`. Header names are case-insensitive and
-//! values exact.
+//! values exact; a header sent more than once matches an ALLOW rule only
+//! if every value does, a DENY or AUDIT rule if any does
+//! ([`L7Match::matches`]).
 //!
 //! Apps decode and resolve a path before routing it, so a path that names
 //! the same resource in another spelling must not reach them past a rule
@@ -22,9 +24,9 @@
 
 use std::fmt;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
-use super::document::{Destination, GrpcMatch};
+use super::document::{Action, Destination, GrpcMatch};
 
 /// The attributes of one HTTP request that rules match on.
 #[derive(Debug, Clone, Copy)]
@@ -331,14 +333,23 @@ impl L7Match {
         })
     }
 
-    pub fn matches(&self, req: &HttpRequest<'_>) -> bool {
+    /// Whether `req` matches, for a rule of a policy with `action`.
+    ///
+    /// A header sent more than once must never help a request get allowed:
+    /// apps mostly read the first value, some the last or all of them. So
+    /// for ALLOW a header condition holds only if the header is there and
+    /// every value of it matches; for DENY, and AUDIT's "would deny", if
+    /// any value matches.
+    pub fn matches(&self, req: &HttpRequest<'_>, action: Action) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| **m == *req.method))
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
             && self.headers.iter().all(|(name, value)| {
-                req.headers
-                    .get_all(&**name)
-                    .iter()
-                    .any(|v| v.as_bytes() == value.as_bytes())
+                let mut values = req.headers.get_all(&**name).iter();
+                let is = |v: &HeaderValue| v.as_bytes() == value.as_bytes();
+                match action {
+                    Action::Allow => values.next().is_some_and(is) && values.all(is),
+                    Action::Deny | Action::Audit => values.any(is),
+                }
             })
     }
 }

@@ -113,13 +113,13 @@ impl CompiledRule {
             .any(|d| d.l7.is_some() && d.port_matches(port))
     }
 
-    /// Whether the rule matches one HTTP request on `port`.
-    pub fn request_matches(&self, port: u16, req: &HttpRequest<'_>) -> bool {
+    /// Whether the rule, of a policy with `action`, matches one HTTP
+    /// request on `port`.
+    pub fn request_matches(&self, port: u16, req: &HttpRequest<'_>, action: Action) -> bool {
         self.to.is_empty()
-            || self
-                .to
-                .iter()
-                .any(|d| d.port_matches(port) && d.l7.as_ref().is_none_or(|l7| l7.matches(req)))
+            || self.to.iter().any(|d| {
+                d.port_matches(port) && d.l7.as_ref().is_none_or(|l7| l7.matches(req, action))
+            })
     }
 
     pub fn has_l7(&self) -> bool {
