@@ -179,6 +179,9 @@ where
         _ => {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                // A caller may close its side once its request is sent
+                // (HTTP/1.0 clients, scripts): its answer is still owed.
+                .half_close(true)
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
