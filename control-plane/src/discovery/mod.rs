@@ -178,9 +178,13 @@ impl View {
     }
 
     fn from_state(state: DiscoveryState) -> Self {
+        Self::from_state_at(state, unix_now())
+    }
+
+    /// The view of `state` at `now`.
+    fn from_state_at(state: DiscoveryState, now: i64) -> Self {
         // A workload is an endpoint while it holds a valid certificate: one
         // that is gone stops renewing, and leaves when its certificate ends.
-        let now = unix_now();
         let mut soonest_expiry: Option<i64> = None;
         // One endpoint per address, so an outbound lookup of any of a pod's
         // addresses (IPv4 or IPv6) finds its SPIFFE ID.
@@ -327,7 +331,9 @@ impl std::fmt::Debug for Discovery {
 
 impl Discovery {
     /// Settles the mesh config in the store (a changed config is a new
-    /// version), loads the current view and starts announcing from it.
+    /// version), withdraws in a new version the endpoints whose
+    /// certificates ended while the control plane was stopped, loads the
+    /// current view and starts announcing from it.
     pub fn new(
         store: Arc<dyn Store>,
         bundle: Vec<Vec<u8>>,
@@ -344,7 +350,21 @@ impl Discovery {
             encoded.push_str(&format!(";opaque_ports={}", ports.join(",")));
         }
         store.settle_mesh_config(&encoded)?;
-        let mut view = View::from_state(store.discovery_state()?);
+        let now = unix_now();
+        let mut state = store.discovery_state()?;
+        // Sidecars that reconnect holding the stored version are sent
+        // nothing until the next change: when an endpoint that version
+        // published has expired since (the control plane was stopped when
+        // it did, so no expiry check ran), its leaving is a new version.
+        if published_since_expired(&state, now) {
+            store.bump_snapshot_version()?;
+            state = store.discovery_state()?;
+            tracing::info!(
+                version = state.version,
+                "endpoints whose certificates ended while the control plane was stopped are withdrawn"
+            );
+        }
+        let mut view = View::from_state_at(state, now);
         view.encode_endpoints();
         let constant_part = EncodedSnapshot::part(&Snapshot {
             trust_bundle: bundle.clone(),
@@ -600,6 +620,19 @@ impl Drop for StreamGuard {
         self.discovery
             .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
     }
+}
+
+/// Whether a workload with an address that `state`'s version published (its
+/// certificate still valid when the version was set; any, when the store
+/// does not know when that was) has a certificate that ended by `now`.
+fn published_since_expired(state: &DiscoveryState, now: i64) -> bool {
+    state.workloads.iter().any(|w| {
+        !w.addresses.is_empty()
+            && w.cert_expires_at_unix <= now
+            && state
+                .version_set_at_unix
+                .is_none_or(|set_at| w.cert_expires_at_unix > set_at)
+    })
 }
 
 fn unix_now() -> i64 {

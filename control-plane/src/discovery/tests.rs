@@ -134,3 +134,71 @@ fn one_address_is_published_with_one_owner() {
         ]
     );
 }
+
+/// An endpoint whose certificate ended while the control plane was stopped
+/// leaves in a new version when it starts again: a sidecar that reconnects
+/// holding the stored version would otherwise keep the endpoint, as nothing
+/// is sent to a sidecar that holds the current version. A restart with
+/// nothing expired keeps the version, so such sidecars are sent nothing.
+#[test]
+fn endpoints_that_expired_while_stopped_leave_in_a_new_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    let start = || Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap();
+    let expires = unix_now() + 3;
+    let short_lived = WorkloadRecord {
+        spiffe_id: WEB.into(),
+        addresses: vec!["127.0.0.1:7001".into()],
+        cert_expires_at_unix: expires,
+        last_seen_unix: unix_now(),
+    };
+    let issued = IssuedCertRecord {
+        serial_hex: "01".into(),
+        spiffe_id: WEB.into(),
+        not_after_unix: expires,
+        issued_at_unix: unix_now(),
+    };
+    store.record_issuance(None, &issued, &short_lived).unwrap();
+    register(&store, DB, "02", "127.0.0.1:7002");
+    let published = start().view();
+    assert_eq!(published.endpoints.len(), 2);
+    assert_eq!(start().current_version(), published.version);
+
+    while unix_now() < expires {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let restarted = start();
+    let view = restarted.view();
+    assert!(view.version > published.version, "version {}", view.version);
+    assert_eq!(view.version, store.snapshot_version().unwrap());
+    let listed: Vec<&str> = view
+        .endpoints
+        .iter()
+        .map(|e| e.spiffe_id.as_str())
+        .collect();
+    assert_eq!(listed, [DB]);
+    drop(restarted);
+    assert_eq!(start().current_version(), view.version, "withdrawn once");
+}
+
+/// A store that does not say when its version was set counts every
+/// expired endpoint as published by it.
+#[test]
+fn without_the_time_of_the_version_any_expired_endpoint_counts() {
+    let now = unix_now();
+    let expired = WorkloadRecord {
+        spiffe_id: WEB.into(),
+        addresses: vec!["127.0.0.1:7001".into()],
+        cert_expires_at_unix: now - 60,
+        last_seen_unix: now - 3660,
+    };
+    let state = |set_at| DiscoveryState {
+        version: 4,
+        version_set_at_unix: set_at,
+        workloads: vec![expired.clone()],
+        ..DiscoveryState::default()
+    };
+    assert!(published_since_expired(&state(None), now));
+    assert!(published_since_expired(&state(Some(now - 120)), now));
+    assert!(!published_since_expired(&state(Some(now - 30)), now));
+}

@@ -13,7 +13,7 @@
 //! included: the very form pushed to sidecars, whose fields are only ever
 //! added), `rate_limits` (`namespace/name` -> a `RateLimitRecord`'s protobuf
 //! encoding: the pushed form and its revision), `meta` (counters: snapshot
-//! version, policy generation).
+//! version and when it was set, policy generation).
 //!
 //! Issuances are written by one thread in group commits (the `issuance` module);
 //! every other write is its own transaction.
@@ -69,6 +69,9 @@ const RATE_LIMITS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rate
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const SNAPSHOT_VERSION: &str = "snapshot_version";
+/// When the snapshot version was last set, Unix seconds: the endpoints it
+/// published are the workloads whose certificates were valid then.
+const SNAPSHOT_VERSION_SET_AT: &str = "snapshot_version_set_at";
 const POLICY_GENERATION: &str = "policy_generation";
 const MESH_CONFIG: &str = "mesh_config";
 
@@ -206,9 +209,7 @@ fn index_tokens_by_expiry(txn: &redb::WriteTransaction) -> Result<(), StoreError
 /// by SPIFFE ID, should a store written before there was an index hold the
 /// address twice), else to the first that reported it.
 fn index_endpoint_owners(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = unix_now();
     txn.delete_table(ENDPOINT_OWNERS)?;
     let workloads = txn.open_table(WORKLOADS)?;
     let mut owners = txn.open_table(ENDPOINT_OWNERS)?;
@@ -349,6 +350,22 @@ fn revise(stored: Option<(u64, bool)>) -> (u64, PolicyOutcome) {
     }
 }
 
+/// Sets the snapshot version, and records when.
+fn set_snapshot_version(
+    meta: &mut redb::Table<'_, &str, &[u8]>,
+    version: u64,
+) -> Result<(), StoreError> {
+    meta.insert(SNAPSHOT_VERSION, encode(&version).as_slice())?;
+    meta.insert(SNAPSHOT_VERSION_SET_AT, encode(&unix_now()).as_slice())?;
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Bumps the policy generation and the snapshot version together.
 fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation, StoreError> {
     let generation = Generation {
@@ -356,7 +373,7 @@ fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation
         snapshot: get_u64(meta, SNAPSHOT_VERSION)? + 1,
     };
     meta.insert(POLICY_GENERATION, encode(&generation.policies).as_slice())?;
-    meta.insert(SNAPSHOT_VERSION, encode(&generation.snapshot).as_slice())?;
+    set_snapshot_version(meta, generation.snapshot)?;
     Ok(generation)
 }
 
@@ -453,7 +470,7 @@ impl Store for EmbeddedStore {
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
-            meta.insert(SNAPSHOT_VERSION, encode(&next).as_slice())?;
+            set_snapshot_version(&mut meta, next)?;
             Ok(next)
         })
     }
@@ -467,7 +484,7 @@ impl Store for EmbeddedStore {
             let mut version = get_u64(&meta, SNAPSHOT_VERSION)?;
             if stored.as_deref() != Some(encoded) {
                 version += 1;
-                meta.insert(SNAPSHOT_VERSION, encode(&version).as_slice())?;
+                set_snapshot_version(&mut meta, version)?;
                 meta.insert(MESH_CONFIG, encoded.as_bytes())?;
             }
             Ok(version)
@@ -558,7 +575,12 @@ impl Store for EmbeddedStore {
 
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let version = get_u64(&txn.open_table(META)?, SNAPSHOT_VERSION)?;
+        let meta = txn.open_table(META)?;
+        let version = get_u64(&meta, SNAPSHOT_VERSION)?;
+        let version_set_at_unix = match meta.get(SNAPSHOT_VERSION_SET_AT)? {
+            Some(v) => Some(decode(v.value(), SNAPSHOT_VERSION_SET_AT)?),
+            None => None,
+        };
         let mut workloads = Vec::new();
         for entry in txn.open_table(WORKLOADS)?.iter()? {
             let (_, value) = entry?;
@@ -571,6 +593,7 @@ impl Store for EmbeddedStore {
             .collect();
         Ok(DiscoveryState {
             version,
+            version_set_at_unix,
             workloads,
             policies,
             rate_limits,

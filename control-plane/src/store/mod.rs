@@ -198,6 +198,10 @@ pub struct Generation {
 #[derive(Clone, Debug, Default)]
 pub struct DiscoveryState {
     pub version: u64,
+    /// When `version` was set, Unix seconds; `None` when the store does not
+    /// know. The endpoints it published were the workloads whose
+    /// certificates were valid then.
+    pub version_set_at_unix: Option<i64>,
     pub workloads: Vec<WorkloadRecord>,
     /// Ordered by `namespace/name`.
     pub policies: Vec<Policy>,

@@ -35,7 +35,7 @@ use trellis_core::SpiffeId;
 
 use super::{
     ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode,
-    get_u64,
+    get_u64, set_snapshot_version,
 };
 use crate::store::{
     EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
@@ -213,7 +213,7 @@ fn commit(
         let bump = || {
             let mut meta = txn.open_table(META)?;
             let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
-            meta.insert(SNAPSHOT_VERSION, encode(&next).as_slice())?;
+            set_snapshot_version(&mut meta, next)?;
             Ok::<_, StoreError>(())
         };
         bump().map_err(|e| e.to_string())?;

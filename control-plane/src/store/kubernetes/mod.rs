@@ -595,6 +595,8 @@ impl Store for KubernetesStore {
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
         Ok(self.shared.read(|c| DiscoveryState {
             version: c.version(),
+            // Endpoints are Pods, which no certificate expiry removes.
+            version_set_at_unix: None,
             workloads: c.workloads(),
             policies: c.policies(),
             rate_limits: c
