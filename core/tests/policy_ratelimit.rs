@@ -64,3 +64,29 @@ fn rejects_bad_limits_at_their_lines() {
     );
     assert!(loaded.rate_limits.is_empty());
 }
+
+/// A bucket refilling slower than once a day is no rate limit, and at the
+/// extreme a wait no clock can hold: refused where it is written.
+#[test]
+fn rejects_a_rate_below_one_request_per_day_at_its_line() {
+    let rate = |rps: &str| {
+        let text = GOOD.replace(
+            "requestsPerSecond: 50",
+            &format!("requestsPerSecond: {rps}"),
+        );
+        let loaded = load_source("limit.yaml", &text, &td());
+        let diagnostics: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+        (diagnostics, loaded.rate_limits.len())
+    };
+    assert_eq!(
+        rate("1e-300"),
+        (
+            vec![
+                "limit.yaml:6:30: spec.limit.requestsPerSecond: requestsPerSecond must be at least one request per day (1/86400, about 0.0000116), not 1e-300".to_owned()
+            ],
+            0
+        )
+    );
+    assert_eq!(rate("0.0000115").1, 0);
+    assert_eq!(rate("0.0000116"), (vec![], 1), "one a day is the least");
+}

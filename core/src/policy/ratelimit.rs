@@ -94,6 +94,12 @@ pub struct LimitMatch {
     pub paths: Vec<String>,
 }
 
+/// The lowest `requestsPerSecond` accepted: one request per day. A bucket
+/// that refills slower would tell a refused caller to come back in more
+/// than a day, which is no rate limit but a DENY, and at the extreme a
+/// wait no clock can hold.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+
 /// Checks a rate limit; every broken rule as a [`Violation`].
 pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation>> {
     let mut found = Vec::new();
@@ -135,6 +141,13 @@ pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation
         found.push(Violation::error(
             spec.field("limit").field("requestsPerSecond"),
             format!("requestsPerSecond must be a positive number, not {rps}"),
+        ));
+    } else if rps < MIN_REQUESTS_PER_SECOND {
+        found.push(Violation::error(
+            spec.field("limit").field("requestsPerSecond"),
+            format!(
+                "requestsPerSecond must be at least one request per day (1/86400, about 0.0000116), not {rps:?}"
+            ),
         ));
     }
     if !(1..=1_000_000).contains(&limit.burst) {

@@ -214,7 +214,7 @@ impl Limit {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+            Err(retry_after((1.0 - bucket.tokens) / self.rate))
         }
     }
 
@@ -222,6 +222,19 @@ impl Limit {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         (bucket.tokens + elapsed * self.rate).min(self.burst)
     }
+}
+
+/// The longest wait a refused caller is told: a day, what the slowest rate
+/// validation accepts takes to refill a token.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// `seconds` until a token is there again, as a wait of at most
+/// [`MAX_RETRY_AFTER`]: never a panic on the request path, whatever rate
+/// reached the limiter.
+fn retry_after(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds)
+        .unwrap_or(MAX_RETRY_AFTER)
+        .min(MAX_RETRY_AFTER)
 }
 
 /// Wraps a service in [`RateLimit`].
@@ -361,6 +374,39 @@ mod tests {
         assert!(l.check(&a, "/search/x").is_ok());
         assert!(l.check(&b, "/search/x").is_err());
         assert!(l.check(&b, "/search/y").is_ok());
+    }
+
+    #[test]
+    fn a_rate_below_one_request_per_day_is_refused_with_the_field() {
+        let e =
+            RateLimits::compile(&[raw(1e-9, 1, "source")], &api(), &Metrics::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rate_limits[0] (n/l): spec.limit.requestsPerSecond: requestsPerSecond must be at least one request per day (1/86400, about 0.0000116), not 1e-9"
+        );
+    }
+
+    /// Validation keeps such rates out; should one get in all the same, a
+    /// refused caller is told to wait a day, and the request path never
+    /// panics computing it.
+    #[test]
+    fn the_wait_is_capped_at_a_day_and_never_panics() {
+        let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
+        for rate in [1e-300, f64::MIN_POSITIVE, 1e-9] {
+            let mut l = limits(1.0, 1, "source");
+            l.limits[0].rate = rate;
+            assert!(l.check(&a, "/search/x").is_ok());
+            let limited = l.check(&a, "/search/x").unwrap_err();
+            assert_eq!(limited.retry_after, MAX_RETRY_AFTER, "{rate}");
+        }
+        let slowest = limits(1.0 / 86_400.0, 1, "source");
+        assert!(slowest.check(&a, "/search/x").is_ok());
+        let limited = slowest.check(&a, "/search/x").unwrap_err();
+        assert!(
+            limited.retry_after > Duration::from_secs(86_000),
+            "{limited:?}"
+        );
+        assert!(limited.retry_after <= MAX_RETRY_AFTER, "{limited:?}");
     }
 
     /// The layer over a service that counts its calls and answers 200.
