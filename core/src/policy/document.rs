@@ -127,10 +127,14 @@ pub struct Destination {
     /// HTTP methods (exact, case-sensitive); HTTP requests only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
-    /// Request paths: exact `/x`, prefix `/x/*`, templates `/users/{id}`.
+    /// Request paths: exact `/x`, prefix `/x/*`, templates `/users/{id}`,
+    /// matched as sent; paths an app could read as another one are refused
+    /// before matching ([`check_path`](super::l7::check_path)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<String>>,
-    /// Header name to exact value; every one must match.
+    /// Header name to exact value; every one must match. A header sent more
+    /// than once matches an ALLOW rule only if every value does, a DENY or
+    /// AUDIT rule if any does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<std::collections::BTreeMap<String, String>>,
     /// A gRPC service, and optionally one method of it.

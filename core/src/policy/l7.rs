@@ -10,7 +10,7 @@
 //! match on `/<service>/<method>`. Header names are case-insensitive and
 //! values exact; a header sent more than once matches an ALLOW rule only
 //! if every value does, a DENY or AUDIT rule if any does
-//! ([`L7Match::matches`]).
+//! (`L7Match::matches`).
 //!
 //! Apps decode and resolve a path before routing it, so a path that names
 //! the same resource in another spelling must not reach them past a rule
