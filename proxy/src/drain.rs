@@ -24,9 +24,23 @@ pub struct Drain {
     tracker: mpsc::Sender<()>,
 }
 
-/// Held by one open connection until it ends.
+/// Held by one open connection until it ends; tells it when shutdown has
+/// started, so a connection that can end cleanly early (an HTTP one,
+/// between requests) does.
 #[derive(Clone)]
-pub struct Tracker(#[allow(dead_code)] mpsc::Sender<()>);
+pub struct Tracker {
+    _open: mpsc::Sender<()>,
+    signal: watch::Receiver<bool>,
+}
+
+impl Tracker {
+    /// Resolves once shutdown has started.
+    pub async fn draining(&self) {
+        let mut signal = self.signal.clone();
+        // An error means the Shutdown is gone: the process is stopping.
+        let _ = signal.wait_for(|stop| *stop).await;
+    }
+}
 
 /// Owned by the process: starts the drain and waits for it.
 pub struct Shutdown {
@@ -55,7 +69,10 @@ impl Drain {
     }
 
     pub fn tracker(&self) -> Tracker {
-        Tracker(self.tracker.clone())
+        Tracker {
+            _open: self.tracker.clone(),
+            signal: self.signal.clone(),
+        }
     }
 
     /// Accepts on `listener` until shutdown starts, handing every connection

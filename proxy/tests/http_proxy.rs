@@ -653,3 +653,40 @@ async fn a_caller_that_closes_its_side_after_the_request_gets_the_answer() {
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
     assert!(answer.ends_with("later\n"), "{answer:?}");
 }
+
+/// A connection that switched protocols (a WebSocket, say) stays the
+/// sidecar's connection: new policies that deny the caller close it, as
+/// they close any other connection of a denied caller.
+#[tokio::test]
+async fn an_upgraded_connection_is_closed_when_new_policies_deny_the_caller() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let req = ::http::Request::get("/ws")
+        .header("host", "api")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    assert_eq!(
+        round_trip(&mut upgraded, b"before").await.unwrap(),
+        b"before"
+    );
+
+    push_to(&cp, snapshot(2, "deny", vec![]), 1).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), upgraded.read_to_end(&mut rest))
+        .await
+        .expect("the upgraded connection of a denied caller stayed open");
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "the upgraded connection still carried bytes: {rest:?}"
+    );
+}

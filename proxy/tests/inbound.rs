@@ -205,3 +205,56 @@ async fn a_connection_future_stays_small() {
     assert!(size < 4096, "an inbound connection future is {size} bytes");
     drop(client);
 }
+
+/// On shutdown an HTTP connection ends as soon as it can without cutting a
+/// request: the answer in flight says `connection: close` and the
+/// connection closes after it, so callers go to another replica instead
+/// of sending more requests to a stopping pod, and the drain ends without
+/// waiting for its deadline even while a caller keeps its connection.
+#[tokio::test]
+async fn shutdown_closes_http_connections_between_requests() {
+    use http_body_util::{BodyExt, Empty};
+    let ca = Ca::new();
+    let app = common::http::http_app().await;
+    let TestInbound {
+        addr,
+        shutdown,
+        drain,
+        ..
+    } = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+    drop(drain);
+    let mut config = (*ca.client_config(Some((&ca, &id("/ns/a/sa/client"))))).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let stream = tls_connect(addr, std::sync::Arc::new(config))
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        ::http::Request::get("/before")
+            .header("host", "api")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let response = send.send_request(get()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!response.headers().contains_key("connection"));
+    response.into_body().collect().await.unwrap();
+
+    // The caller keeps its connection open; the drain must not wait for it.
+    assert!(
+        shutdown.drain(std::time::Duration::from_secs(20)).await,
+        "the drain waited for an idle HTTP connection"
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), conn)
+        .await
+        .expect("the sidecar kept the idle connection open");
+    assert!(ended.unwrap().is_ok(), "the connection did not end cleanly");
+}

@@ -112,7 +112,16 @@ pub struct Connection {
     pub policies: watch::Receiver<Option<Arc<Policies>>>,
     /// The app connection of this connection's HTTP/1 request in flight.
     upstream: Upstream,
+    /// The byte copy between the caller and the app once an HTTP/1
+    /// request has switched protocols (a WebSocket, say), run by
+    /// [`serve`] after hyper hands the connection over: it stays part of
+    /// the connection's life, so new policies that deny the caller and
+    /// the sidecar's drain reach it as they reach any other connection.
+    upgraded: std::sync::Mutex<Option<Upgraded>>,
 }
+
+/// The byte copy of an upgraded connection.
+pub type Upgraded = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl Connection {
     pub fn new(
@@ -134,7 +143,21 @@ impl Connection {
             authority,
             policies,
             upstream,
+            upgraded: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Keeps the byte copy of the connection's upgraded stream for
+    /// [`serve`] to run.
+    pub fn hold_upgraded(&self, copy: Upgraded) {
+        *self.upgraded.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy);
+    }
+
+    fn take_upgraded(&self) -> Option<Upgraded> {
+        self.upgraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 
@@ -142,11 +165,24 @@ impl Connection {
 /// the client is done. Each request goes through the connection's request
 /// stack: [`Authorize`](authz::Authorize), then
 /// [`RateLimit`](ratelimit::RateLimit), then [`proxy::forward`] to the app.
-pub async fn serve<S>(conn: Connection, protocol: Protocol, io: S) -> Result<(), hyper::Error>
+///
+/// Once `draining` resolves (the sidecar is shutting down), the connection
+/// ends as soon as it can without cutting a request: an idle HTTP/1
+/// connection is closed and the answer in flight says `connection: close`;
+/// HTTP/2 sends GOAWAY and finishes the streams already open. Callers move
+/// to another replica instead of sending more requests to a stopping pod,
+/// and the drain ends early.
+pub async fn serve<S>(
+    conn: Connection,
+    protocol: Protocol,
+    io: S,
+    draining: impl std::future::Future<Output = ()>,
+) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
+    let held = conn.clone();
     let forward = {
         let conn = conn.clone();
         tower::service_fn(move |exchange| proxy::forward(conn.clone(), exchange))
@@ -169,24 +205,51 @@ where
         stack: RefCell::new(stack),
     };
     let io = TokioIo::new(io);
+    let draining = std::pin::pin!(draining);
     match protocol {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            until_drained(served, draining, |c| c.graceful_shutdown()).await
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 // A caller may close its side once its request is sent
                 // (HTTP/1.0 clients, scripts): its answer is still owed.
                 .half_close(true)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            until_drained(served, draining, |c| c.graceful_shutdown()).await?;
+            // hyper is done with a connection that switched protocols once
+            // it has handed the stream over: the copy runs here, inside
+            // the connection's life (a drain waits for it, as for any byte
+            // copy).
+            if let Some(upgraded) = held.take_upgraded() {
+                upgraded.await;
+            }
+            Ok(())
         }
     }
+}
+
+/// Runs `served` to its end, asking it to finish gracefully (`shut`) once
+/// `draining` resolves.
+async fn until_drained<C, T>(
+    served: C,
+    mut draining: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    shut: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<T, hyper::Error>
+where
+    C: std::future::Future<Output = Result<T, hyper::Error>>,
+{
+    let mut served = std::pin::pin!(served);
+    tokio::select! {
+        result = served.as_mut() => return result,
+        () = draining.as_mut() => shut(served.as_mut()),
+    }
+    served.await
 }
 
 /// The request stack of one connection, as hyper calls it.

@@ -119,7 +119,7 @@ pub async fn forward(
     match from_client {
         Some(from_client) if switched => {
             let from_app = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(from_client, from_app));
+            conn.hold_upgraded(Box::pin(splice(from_client, from_app)));
         }
         _ => {}
     }

@@ -121,7 +121,7 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
      TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
 
 /// One inbound connection, from accept to close.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tracker: Tracker) {
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, tracker: Tracker) {
     let metrics = &shared.metrics;
     let _open = metrics.open(INBOUND);
 
@@ -265,7 +265,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, _tra
         }
     };
     let result = tokio::select! {
-        result = Box::pin(forward(&shared, stream, &peer, target, per_request, http_only, &is_http)) => result,
+        result = Box::pin(forward(&shared, stream, &peer, target, per_request, http_only, &is_http, &tracker)) => result,
         (decision, now) = denied_later => {
             // Returning drops both sockets: the peer and the app both see
             // the connection close.
@@ -377,6 +377,7 @@ async fn forward(
     policies: watch::Receiver<Option<Arc<Policies>>>,
     http_only: bool,
     is_http: &AtomicBool,
+    tracker: &Tracker,
 ) -> Result<Forwarded, ForwardError> {
     let settled = settled_by_alpn(&stream);
     let (protocol, stream) = match settled {
@@ -414,7 +415,7 @@ async fn forward(
     }
     is_http.store(true, Ordering::Relaxed);
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
-    http::serve(conn, protocol, stream).await?;
+    http::serve(conn, protocol, stream, tracker.draining()).await?;
     Ok(Forwarded::Http)
 }
 
