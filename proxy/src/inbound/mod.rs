@@ -265,7 +265,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         }
     };
     let result = tokio::select! {
-        result = Box::pin(forward(&shared, stream, &peer, target, per_request, http_only, &is_http, &tracker)) => result,
+        result = Box::pin(forward(&shared, stream, (&peer, target), per_request, http_only, &is_http, &tracker)) => result,
         (decision, now) = denied_later => {
             // Returning drops both sockets: the peer and the app both see
             // the connection close.
@@ -372,8 +372,7 @@ fn settled_by_alpn(stream: &PeerStream) -> Option<http::Protocol> {
 async fn forward(
     shared: &Shared,
     stream: PeerStream,
-    peer: &SpiffeId,
-    target: SocketAddr,
+    (peer, target): (&SpiffeId, SocketAddr),
     policies: watch::Receiver<Option<Arc<Policies>>>,
     http_only: bool,
     is_http: &AtomicBool,
