@@ -604,56 +604,6 @@ async fn a_caller_that_goes_away_mid_request_frees_its_app_connection() {
     assert_eq!(app.accepted(), 2);
 }
 
-/// A caller may send its whole request and then close its side (an
-/// HTTP/1.0 client, `nc -N`, a script): the answer still reaches it, as
-/// it would through a byte copy.
-#[tokio::test]
-async fn a_caller_that_closes_its_side_after_the_request_gets_the_answer() {
-    use tokio::io::AsyncWriteExt;
-    // An app that answers a moment after the request, so that the
-    // caller's close arrives while the request is in flight.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
-    let notify = arrived.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let notify = notify.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
-                }
-                notify.notify_one();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nlater\n")
-                    .await;
-            });
-        }
-    });
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let s = sidecar(&cp, app, &[]).await;
-    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
-
-    let mut tls = connect(&cp, s.inbound, &web()).await;
-    tls.write_all(b"GET /report HTTP/1.1\r\nhost: api\r\n\r\n")
-        .await
-        .unwrap();
-    tls.flush().await.unwrap();
-    // Once the request is at the app: close_notify, then the TCP FIN.
-    arrived.notified().await;
-    tls.shutdown().await.unwrap();
-    let answer = read_to_end(&mut tls).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
-    assert!(answer.ends_with("later\n"), "{answer:?}");
-}
-
 /// A connection that switched protocols (a WebSocket, say) stays the
 /// sidecar's connection: new policies that deny the caller close it, as
 /// they close any other connection of a denied caller.

@@ -216,9 +216,11 @@ where
         _ => {
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                // A caller may close its side once its request is sent
-                // (HTTP/1.0 clients, scripts): its answer is still owed.
-                .half_close(true)
+                // Half-closed callers are not supported (hyper's default):
+                // with them, hyper stops reading while a request is in
+                // flight, so a caller that went away would hold its app
+                // connection until the app answered, and a hung app for
+                // ever.
                 .serve_connection(io, service)
                 .with_upgrades();
             until_drained(served, draining, |c| c.graceful_shutdown()).await?;
