@@ -128,6 +128,16 @@ pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Spiff
     }
 }
 
+/// The validity period of `cert`, as Unix seconds (not before, not after).
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(i64, i64), SvidError> {
+    let parsed = parse(cert)?;
+    let validity = parsed.validity();
+    Ok((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
 /// Builds a root store from the DER roots of a trust bundle.
 pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {
     let mut roots = RootCertStore::empty();

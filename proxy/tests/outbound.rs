@@ -346,7 +346,8 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
             });
         }
     });
-    let (chain, key) = ca.leaf_valid_for(&server, time::Duration::seconds(2));
+    let (chain, key) = ca.leaf_valid_for(&server, time::Duration::seconds(4));
+    let expires = trellis_core::tls::validity_of(&chain[0]).unwrap().1;
     let short_lived = trellis_proxy::identity::Svid::new(&server, chain, key).unwrap();
     let inbound = inbound(app, ca.tls_state(&short_lived, &[])).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
@@ -357,7 +358,7 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
     assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 1);
     assert_eq!(received.borrow().as_slice(), b"pingping");
 
-    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    past(expires).await;
 
     let mut tcp = TcpStream::connect(local).await.unwrap();
     assert!(

@@ -163,7 +163,8 @@ async fn a_caller_whose_certificate_expired_cannot_resume_its_session() {
     let server = id("/ns/b/sa/server");
     let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
     let caller = id("/ns/a/sa/client");
-    let (chain, key) = ca.leaf_valid_for(&caller, time::Duration::seconds(2));
+    let (chain, key) = ca.leaf_valid_for(&caller, time::Duration::seconds(4));
+    let expires = trellis_core::tls::validity_of(&chain[0]).unwrap().1;
     let short_lived = trellis_proxy::identity::Svid::new(&caller, chain, key).unwrap();
     let client = ca.tls_state(&short_lived, &[]);
     let peer = client.client_for(&server).unwrap();
@@ -180,7 +181,7 @@ async fn a_caller_whose_certificate_expired_cannot_resume_its_session() {
         Some(rustls::HandshakeKind::Resumed)
     );
 
-    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    past(expires).await;
 
     // Expired: the resumed session is refused once its certificate is
     // seen, before the app is dialled.

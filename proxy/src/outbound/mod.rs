@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
+use trellis_core::tls::SvidError;
 
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
@@ -81,11 +82,14 @@ impl DialError {
 /// again with the hybrid key exchange (see [`crate::tls`]).
 ///
 /// `first` (the app's bytes read by detection, at most
-/// [`http::detect::MAX_PEEK`]) is handed to the TLS session before the
-/// handshake: rustls holds it until the server has been verified and then
-/// sends it in the same write as the client's `Finished`, so the peer gets
-/// the handshake's end and the first request in one segment. It is never
-/// sent as 0-RTT early data.
+/// [`http::detect::MAX_PEEK`]) is handed to a full handshake's TLS session
+/// before the handshake: rustls holds it until the server has been
+/// verified and then sends it in the same write as the client's
+/// `Finished`, so the peer gets the handshake's end and the first request
+/// in one segment. A resumed session verifies no certificate, so there
+/// the sidecar first checks that the certificate the session brought back
+/// is still valid and then writes `first` itself. It is never sent as
+/// 0-RTT early data.
 async fn dial_mesh<R>(
     shared: &Shared,
     remote: R,
@@ -120,8 +124,16 @@ where
         // is dialled again with a full handshake, which verifies its
         // current one.
         Ok(mut stream) => {
-            match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
-                Ok(_) => {
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            let valid = leaf.map_or(Err(SvidError::NoCertificate), |leaf| {
+                peer.tickets.still_valid(leaf)
+            });
+            match valid {
+                Ok(()) => {
                     if !first.is_empty() {
                         stream
                             .write_all(first)

@@ -22,7 +22,14 @@ use std::sync::{Arc, Mutex};
 
 use rustls::NamedGroup;
 use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
+use trellis_core::tls::SvidError;
+
+/// `secs` since the Unix epoch, written as certificates' times are.
+fn unix_time(secs: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(secs)
+        .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
+}
 
 /// Tickets kept per peer identity (newest first out). Each holds the
 /// peer's certificate chain, about 1 KiB.
@@ -33,6 +40,10 @@ pub const MAX_TICKETS: usize = 32;
 #[derive(Debug, Default)]
 pub struct PeerTickets {
     inner: Mutex<Tickets<Tls13ClientSessionValue>>,
+    /// The peer certificate a resumed session last brought back, with its
+    /// validity period (Unix seconds): sessions resumed from one full
+    /// handshake all bring back the same certificate, parsed once.
+    checked: Mutex<Option<(CertificateDer<'static>, i64, i64)>>,
 }
 
 impl PeerTickets {
@@ -71,6 +82,36 @@ impl PeerTickets {
     /// Drops every ticket for `name` (the peer no longer accepts them).
     pub fn forget(&self, name: &ServerName<'_>) {
         self.lock().forget(name);
+    }
+
+    /// Whether the peer certificate `leaf` that a resumed session brought
+    /// back is inside its validity period now. rustls restores it from the
+    /// ticket and verifies nothing on resumption, so a certificate that
+    /// expired after the session began is caught only here.
+    pub fn still_valid(&self, leaf: &CertificateDer<'_>) -> Result<(), SvidError> {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        let (not_before, not_after) = match &*checked {
+            Some((cert, not_before, not_after)) if cert.as_ref() == leaf.as_ref() => {
+                (*not_before, *not_after)
+            }
+            _ => {
+                let (not_before, not_after) = trellis_core::tls::validity_of(leaf)?;
+                *checked = Some((leaf.clone().into_owned(), not_before, not_after));
+                (not_before, not_after)
+            }
+        };
+        drop(checked);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if (not_before..=not_after).contains(&now) {
+            Ok(())
+        } else {
+            Err(SvidError::OutsideValidity {
+                not_before: unix_time(not_before),
+                not_after: unix_time(not_after),
+            })
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tickets<Tls13ClientSessionValue>> {

@@ -330,3 +330,15 @@ impl Drop for Running {
         let _ = self.0.wait();
     }
 }
+
+/// Sleeps until the wall clock is past `unix_secs` (a certificate's "not
+/// after", which is inclusive and in whole seconds).
+pub async fn past(unix_secs: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let until = Duration::from_secs(u64::try_from(unix_secs + 1).unwrap());
+    if let Some(wait) = until.checked_sub(now) {
+        tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    }
+}
