@@ -1,4 +1,6 @@
-//! Binding the control plane's listeners (gRPC, admin, webhook).
+//! Binding the control plane's listeners (gRPC, admin, webhook), and
+//! telling an address every network namespace has of its own (loopback,
+//! unspecified) from one that names a single workload.
 //!
 //! `[::]:PORT` means every address of both IP families: one dual-stack
 //! socket (`IPV6_V6ONLY` off, whatever the host's `net.ipv6.bindv6only`
@@ -20,6 +22,19 @@ const LISTEN_BACKLOG: i32 = 1024;
 
 /// `EAFNOSUPPORT` on Linux: the kernel has no IPv6 at all.
 const EAFNOSUPPORT: i32 = 97;
+
+/// Whether `address` (an `ip:port`) is one that every network namespace
+/// has of its own: loopback or unspecified, IPv4-mapped ones included. A
+/// sidecar with default flags advertises `127.0.0.1:15006`, so such an
+/// address says nothing about which workload is behind it, and two
+/// workloads in separate namespaces (containers, VMs) reporting it are not
+/// contending for one address. Anything that does not parse is not.
+pub fn is_namespace_local(address: &str) -> bool {
+    address.parse::<SocketAddr>().is_ok_and(|a| {
+        let ip = a.ip().to_canonical();
+        ip.is_loopback() || ip.is_unspecified()
+    })
+}
 
 /// Binds a TCP listener on `addr`; `[::]` is dual-stack (see the module
 /// docs). Must be called inside a tokio runtime.
@@ -102,6 +117,28 @@ mod tests {
             IpAddr::from(Ipv4Addr::LOCALHOST)
         );
         round_trip(&listener, Ipv4Addr::LOCALHOST.into()).await;
+    }
+
+    #[test]
+    fn loopback_and_unspecified_addresses_are_every_namespace_s_own() {
+        for local in [
+            "127.0.0.1:15006",
+            "127.3.4.5:80",
+            "[::1]:15006",
+            "[::ffff:127.0.0.1]:15006",
+            "0.0.0.0:15006",
+            "[::]:15006",
+        ] {
+            assert!(is_namespace_local(local), "{local}");
+        }
+        for owned in [
+            "10.0.0.1:15006",
+            "[fd00::1]:15006",
+            "[::ffff:10.0.0.1]:1",
+            "junk",
+        ] {
+            assert!(!is_namespace_local(owned), "{owned}");
+        }
     }
 
     #[test]

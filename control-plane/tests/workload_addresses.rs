@@ -269,6 +269,53 @@ async fn refuses_an_address_another_live_workload_holds_and_spends_nothing() {
     assert_eq!(endpoints(&cp, &victim).await, expected);
 }
 
+/// Every sidecar with default flags advertises `127.0.0.1:15006`, its own
+/// loopback: sidecars in separate network namespaces (containers, VMs)
+/// share one control plane and all become ready. No one identity stands
+/// behind such an address, so it is not published while several report
+/// it; a routable address still has one owner.
+#[tokio::test]
+async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_owned() {
+    let cp = ControlPlane::start(&[]);
+    let db = certify_dual(&cp, DB, &["127.0.0.1:15006", "10.0.0.2:15006"])
+        .await
+        .expect("the first sidecar on loopback certifies");
+    let web = certify_dual(&cp, WEB, &["127.0.0.1:15006", "[::1]:15006"])
+        .await
+        .expect("a second sidecar on the same loopback address certifies");
+    let expected = [endpoint("10.0.0.2:15006", DB), endpoint("[::1]:15006", WEB)];
+    assert_eq!(endpoints(&cp, &web).await, expected);
+    assert_eq!(endpoints(&cp, &db).await, expected);
+
+    // Renewals reporting the loopback address again are refused nothing.
+    for (svid, id, other) in [(&db, DB, "10.0.0.2:15006"), (&web, WEB, "[::1]:15006")] {
+        cp.identity_client(Some(svid))
+            .await
+            .certify(CertifyRequest {
+                csr: csr_for(&p256(), id),
+                inbound_addresses: vec!["127.0.0.1:15006".into(), other.into()],
+                ..CertifyRequest::default()
+            })
+            .await
+            .expect("a renewal on loopback is refused nothing");
+    }
+
+    let err = certify_dual(
+        &cp,
+        "spiffe://cluster.local/ns/default/sa/thief",
+        &["127.0.0.1:15006", "10.0.0.2:15006"],
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("inbound address 10.0.0.2:15006"),
+        "{}",
+        err.message()
+    );
+}
+
 #[tokio::test]
 async fn reads_workloads_stored_in_the_single_address_format() {
     use redb::{Database, TableDefinition};

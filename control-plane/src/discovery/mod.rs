@@ -72,7 +72,7 @@ impl SidecarStatus {
 pub struct View {
     pub version: u64,
     /// One per address of live workloads, ordered by address: never two
-    /// for one address.
+    /// for one address, and no loopback address several workloads report.
     pub endpoints: Arc<Vec<Endpoint>>,
     /// `endpoints` encoded as a snapshot part, shared like them.
     endpoints_part: Bytes,
@@ -144,6 +144,34 @@ pub struct ContentKey {
     rate_limits: Vec<u64>,
 }
 
+/// Leaves out of `sorted` (by address, then SPIFFE ID) every loopback or
+/// unspecified address that more than one workload reports. Sidecars in
+/// separate network namespaces (containers, VMs) with default flags all
+/// advertise `127.0.0.1:15006`, each its own: no one identity is behind
+/// it, so none is published, and the store does not refuse the claims. A
+/// loopback address only one workload reports (sidecars sharing one
+/// machine, each on its own port) is still an endpoint.
+fn leave_out_shared_local(sorted: &mut Vec<Endpoint>) {
+    let mut shared: Vec<String> = sorted
+        .windows(2)
+        .filter(|w| {
+            w[0].address == w[1].address
+                && w[0].spiffe_id != w[1].spiffe_id
+                && crate::net::is_namespace_local(&w[0].address)
+        })
+        .map(|w| w[0].address.clone())
+        .collect();
+    if shared.is_empty() {
+        return;
+    }
+    shared.dedup();
+    tracing::debug!(
+        addresses = ?shared,
+        "loopback addresses reported by several workloads are not published"
+    );
+    sorted.retain(|e| shared.binary_search(&e.address).is_err());
+}
+
 impl View {
     /// The view of `state`, with content tokens reused from `previous` for
     /// the parts that did not change and fresh ones (from `next_token`)
@@ -205,6 +233,7 @@ impl View {
             })
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+        leave_out_shared_local(&mut endpoints);
         // One address, one owner: sidecars map an address to the identity
         // they expect, so a second owner would silently replace the first.
         // The embedded store refuses a second live claim; this keeps a store
@@ -524,6 +553,7 @@ impl Discovery {
                 .iter()
                 .filter_map(|p| u16::try_from(*p).ok())
                 .collect(),
+            ..ValidationContext::default()
         }
     }
 

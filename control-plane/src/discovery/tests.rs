@@ -202,3 +202,40 @@ fn without_the_time_of_the_version_any_expired_endpoint_counts() {
     assert!(published_since_expired(&state(Some(now - 120)), now));
     assert!(!published_since_expired(&state(Some(now - 30)), now));
 }
+
+/// Sidecars in separate network namespaces all advertise their own
+/// `127.0.0.1:15006`: no one identity is behind it, so it is not published
+/// while several report it. A loopback address one workload reports (a
+/// mesh on one machine, one port each) still is.
+#[test]
+fn a_loopback_address_several_workloads_report_is_not_published() {
+    const API: &str = "spiffe://td/ns/a/sa/api";
+    let live = |id: &str, addresses: &[&str]| WorkloadRecord {
+        spiffe_id: id.into(),
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        cert_expires_at_unix: unix_now() + 3600,
+        last_seen_unix: unix_now(),
+    };
+    let view = View::from_state(DiscoveryState {
+        version: 7,
+        workloads: vec![
+            live(WEB, &["127.0.0.1:15006", "10.0.0.2:15006"]),
+            live(DB, &["127.0.0.1:15006", "[::1]:15006"]),
+            live(API, &["127.0.0.1:15006", "127.0.0.1:7003"]),
+        ],
+        ..DiscoveryState::default()
+    });
+    let listed: Vec<(&str, &str)> = view
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("10.0.0.2:15006", WEB),
+            ("127.0.0.1:7003", API),
+            ("[::1]:15006", DB)
+        ]
+    );
+}

@@ -7,7 +7,8 @@
 //! start and removed when a token is added), `workloads` (SPIFFE ID ->
 //! WorkloadRecord), `endpoint_owners` (inbound address -> the SPIFFE ID
 //! that holds it, so an issuance finds an address's owner without reading
-//! every workload; rebuilt from `workloads` on open), `issued_log` (sequence number -> IssuedCertRecord, the
+//! every workload; rebuilt from `workloads` on open; loopback and
+//! unspecified addresses, every namespace's own, are never in it), `issued_log` (sequence number -> IssuedCertRecord, the
 //! newest [`ISSUED_LOG_RETAINED`] issuances, oldest first),
 //! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
 //! included: the very form pushed to sidecars, whose fields are only ever
@@ -219,7 +220,11 @@ fn index_endpoint_owners(txn: &redb::WriteTransaction) -> Result<(), StoreError>
         let (_, value) = entry?;
         let workload: WorkloadRecord = decode(value.value(), WORKLOADS.name())?;
         let live = workload.cert_expires_at_unix > now;
-        for address in &workload.addresses {
+        for address in workload
+            .addresses
+            .iter()
+            .filter(|a| !crate::net::is_namespace_local(a))
+        {
             let taken = live_owner.get(address.as_str()).copied();
             if taken.is_none() || (taken == Some(false) && live) {
                 owners.insert(address.as_str(), workload.spiffe_id.as_str())?;

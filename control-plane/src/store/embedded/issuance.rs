@@ -16,7 +16,8 @@
 //! did) and pruned from its oldest end to the store's retention in the same
 //! commit. Each
 //! issuance checks its token, and that no other live workload holds an
-//! address it reports, before it writes anything, so a refused one changes
+//! address it reports (loopback and unspecified addresses are every
+//! network namespace's own and have no owner), before it writes anything, so a refused one changes
 //! nothing, whatever its neighbours in the batch do (two in one batch
 //! claiming one address: the second sees the first's claim); a failed
 //! commit fails the whole batch and writes none of it.
@@ -37,6 +38,7 @@ use super::{
     ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode,
     get_u64, set_snapshot_version,
 };
+use crate::net::is_namespace_local;
 use crate::store::{
     EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord,
@@ -248,7 +250,7 @@ fn record_one(
             Some(v) => Some(decode(v.value(), "workload")?),
             None => None,
         };
-        for address in &workload.addresses {
+        for address in workload.addresses.iter().filter(|a| !is_namespace_local(a)) {
             if let Some(holder) = live_holder(&owners, &workloads, address, workload, now)? {
                 return Err(StoreError::AddressHeld {
                     address: address.clone(),
@@ -273,7 +275,9 @@ fn record_one(
         // The addresses it reported before, less those another workload
         // took while its certificate had ended.
         for address in &previous_addresses {
-            if live_holder(&owners, &workloads, address, workload, now)?.is_none() {
+            if is_namespace_local(address)
+                || live_holder(&owners, &workloads, address, workload, now)?.is_none()
+            {
                 record.addresses.push(address.clone());
             }
         }
@@ -291,7 +295,7 @@ fn record_one(
             owners.remove(address.as_str())?;
         }
     }
-    for address in &record.addresses {
+    for address in record.addresses.iter().filter(|a| !is_namespace_local(a)) {
         owners.insert(address.as_str(), record.spiffe_id.as_str())?;
     }
     workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
