@@ -303,17 +303,19 @@ fn control_plane_deployment_is_hardened() {
 }
 
 /// Required anti-affinity matches the old pods as well as the new: with as
-/// many nodes as replicas a surge pod never schedules and the rollout never
-/// ends. So with `antiAffinity: hard` an old pod stops first (maxSurge 0,
-/// maxUnavailable 1, what the PodDisruptionBudget allows); with soft or
-/// none a new pod starts first. Rendered with the real helm; no API server
-/// here, so no rollout runs.
+/// many nodes as replicas a surge pod never schedules. So with
+/// `antiAffinity: hard` an old pod may stop while it waits (maxSurge 1,
+/// maxUnavailable 1, what the PodDisruptionBudget allows): the rollout
+/// progresses without a spare node and uses one when there is. One replica
+/// would then leave none, so the chart refuses hard with one replica,
+/// naming both values. With soft or none a new pod starts first. Rendered
+/// with the real helm; no API server here, so no rollout runs.
 #[test]
-fn hard_anti_affinity_rolls_out_without_a_surge_pod() {
+fn hard_anti_affinity_rolls_out_with_a_replica_always_running() {
     let Some((helm, validate)) = tools() else {
         return;
     };
-    for (value, surge, unavailable) in [("soft", 1, 0), ("none", 1, 0), ("hard", 0, 1)] {
+    for (value, surge, unavailable) in [("soft", 1, 0), ("none", 1, 0), ("hard", 1, 1)] {
         let rendered = template(&helm, &[&format!("antiAffinity={value}")]).unwrap();
         validate_manifests(&validate, &rendered);
         let docs = documents(&rendered);
@@ -339,6 +341,37 @@ fn hard_anti_affinity_rolls_out_without_a_surge_pod() {
         one(&docs, "Deployment")["spec"]["strategy"]["rollingUpdate"],
         json!({"maxSurge": 1, "maxUnavailable": 0})
     );
+
+    // One replica: soft may surge, hard would stop the only one.
+    template(&helm, &["antiAffinity=soft", "replicas=1"]).unwrap();
+    let e = template(&helm, &["antiAffinity=hard", "replicas=1"]).unwrap_err();
+    assert!(
+        e.contains("antiAffinity: hard") && e.contains("replicas"),
+        "{e}"
+    );
+    template(&helm, &["antiAffinity=hard", "replicas=3"]).unwrap();
+}
+
+/// The control plane refuses a `--cert-ttl` outside 10s..720h (30 days),
+/// exiting before it serves anything; the chart refuses such a `certTTL`
+/// at `helm template` instead, naming it, and renders what the binary
+/// takes.
+#[test]
+fn cert_ttl_beyond_what_the_control_plane_accepts_is_refused() {
+    let Some((helm, _)) = tools() else { return };
+    for ttl in ["1000h", "721h", "31d", "9s", "0s", "99999999999h1h", "1h "] {
+        let e = template(&helm, &[&format!("certTTL={ttl}")]).unwrap_err();
+        assert!(e.contains("certTTL"), "{ttl}: {e}");
+    }
+    for ttl in ["10s", "1h", "1h30m", "720h", "719h30m", "2592000000ms"] {
+        let args = args(&documents(
+            &template(&helm, &[&format!("certTTL={ttl}")]).unwrap(),
+        ));
+        assert!(
+            args.contains(&format!("--cert-ttl={ttl}")),
+            "{ttl}: {args:?}"
+        );
+    }
 }
 
 /// The control plane's listeners take connections of both IP families, so

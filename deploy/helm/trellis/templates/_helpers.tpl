@@ -51,3 +51,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- range .Values.injection.excludeNamespaces }}{{ $names = append $names . }}{{ end -}}
 {{- toJson ($names | uniq) -}}
 {{- end -}}
+
+{{/*
+Values the schema cannot relate or add up; checked before anything renders, each failure naming
+the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
+64, so a release that passed would never start. antiAffinity hard with one replica: a rollout
+stops that replica before its replacement runs, and pods created meanwhile get no sidecar (the
+webhook fails open).
+*/}}
+{{- define "trellis.checkValues" -}}
+{{- $ms := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .Values.certTTL) -1 -}}
+{{- $unit := regexFind "[a-z]+$" . -}}
+{{- $n := trimSuffix $unit . | atoi -}}
+{{- $per := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit -}}
+{{- $ms = add $ms (mul $n $per) -}}
+{{- end -}}
+{{- if or (lt (int64 $ms) 10000) (gt (int64 $ms) 2592000000) -}}
+{{- fail (printf "certTTL %s is outside 10s..720h: the control plane issues certificates for at least 10 seconds and at most 30 days" (toString .Values.certTTL)) -}}
+{{- end -}}
+{{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
+{{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile get no sidecar" -}}
+{{- end -}}
+{{- end -}}
