@@ -106,6 +106,11 @@ mod tests {
         }
         assert!(!SockRef::from(&listener).only_v6().unwrap());
         round_trip(&listener, Ipv4Addr::LOCALHOST.into()).await;
+        // The kernel may have IPv6 while loopback has no `::1`.
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            println!("skipped: no IPv6 loopback");
+            return;
+        }
         round_trip(&listener, Ipv6Addr::LOCALHOST.into()).await;
     }
 

@@ -394,6 +394,10 @@ fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
 fn ip_families_decide_the_sidecars_addresses() {
     use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
     let review = fixture("pod-deployment-http-probes.json");
+    let has_ipv6 = TcpListener::bind("[::1]:0").is_ok();
+    if !has_ipv6 {
+        println!("skipped: no IPv6 loopback (the [::] admin addresses are rendered, not dialled)");
+    }
     for (families, admin, loopback) in [
         (vec![IpFamily::V4], "0.0.0.0:15020", "127.0.0.1"),
         (vec![IpFamily::V6], "[::]:15020", "::1"),
@@ -414,6 +418,9 @@ fn ip_families_decide_the_sidecars_addresses() {
         assert_eq!(env["TRELLIS_ADMIN"], admin, "{families:?}");
 
         let mut addr: SocketAddr = admin.parse().unwrap();
+        if addr.is_ipv6() && !has_ipv6 {
+            continue;
+        }
         addr.set_port(0);
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
