@@ -117,6 +117,24 @@ async fn watch_pushes_snapshots_and_records_acks() {
     assert_eq!(listed.last_nack, "test refuses it");
     assert!(cp.metrics().contains("trellis_watch_streams 1"));
 
+    // A huge reason is kept as far as the log line shows it, with its
+    // length, never whole.
+    tx.send(WatchRequest {
+        kind: Some(Kind::Nack(Nack {
+            version: second.version,
+            reason: "x".repeat(100_000),
+        })),
+    })
+    .await
+    .unwrap();
+    let bounded = format!("{}... (100000 bytes)", "x".repeat(512));
+    eventually_async("the long NACK to show, bounded", || async {
+        let workloads = cp.workloads().await;
+        let web = workloads.into_iter().find(|w| w.spiffe_id == WEB)?;
+        (web.last_nack == bounded).then_some(())
+    })
+    .await;
+
     drop(tx);
     drop(snapshots);
     eventually_async("the stream to show as disconnected", || async {

@@ -76,7 +76,7 @@ impl DiscoveryService {
             let addresses = if subscribe.inbound_addresses.is_empty() {
                 quoted_up_to(&subscribe.inbound_address, LOGGED_CHARS)
             } else {
-                quoted_up_to(&subscribe.inbound_addresses.join(","), LOGGED_CHARS)
+                quoted_list_up_to(&subscribe.inbound_addresses, LOGGED_CHARS)
             };
             tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
@@ -200,7 +200,8 @@ async fn serve_stream(
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);
                     tracing::warn!(spiffe_id = %id, version = nack.version, reason = %quoted_up_to(&nack.reason, LOGGED_CHARS), "sidecar refused a snapshot");
-                    mesh.discovery.nack(id, &nack.reason);
+                    // The status keeps what the log line shows, unquoted.
+                    mesh.discovery.nack(id, &shown_up_to(&nack.reason, LOGGED_CHARS));
                 }
                 Ok(Some(_)) => {
                     let _ = tx.send(Err(Status::invalid_argument(
@@ -215,6 +216,88 @@ async fn serve_stream(
                 let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
                 return "control plane shutting down";
             }
+        }
+    }
+}
+
+/// `pieces` joined with `,` and quoted as [`quoted_up_to`] quotes the
+/// joined text, without joining them: only the characters the quote shows
+/// are read, so a huge list costs no huge string.
+fn quoted_list_up_to(pieces: &[String], max: usize) -> String {
+    let total = pieces.iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+    let chars = pieces
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (i > 0).then_some(',').into_iter().chain(p.chars()));
+    let mut out = String::from("\"");
+    for c in chars {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() - 1 + escaped.len() > max {
+            out.push_str(&format!("\"... ({total} bytes)"));
+            return out;
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
+}
+
+/// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,
+/// followed by `... (N bytes)` when that is not all of it: what is kept of
+/// a sidecar's text, so it is bounded as the log line is.
+fn shown_up_to(raw: &str, max: usize) -> String {
+    let mut escaped = 0;
+    for (at, c) in raw.char_indices() {
+        escaped += c.escape_debug().map(char::len_utf8).sum::<usize>();
+        if escaped > max {
+            return format!("{}... ({} bytes)", &raw[..at], raw.len());
+        }
+    }
+    raw.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_is_quoted_as_its_joined_text_is() {
+        let few: Vec<String> = vec!["10.0.0.1:15006".into(), "[fd00::1]:15006".into()];
+        let many: Vec<String> = (0..100_000).map(|i| format!("10.0.{i}:15006")).collect();
+        let odd: Vec<String> = vec!["".into(), "\u{1b}[2J".repeat(200), "é".repeat(400)];
+        for list in [&few, &many, &odd] {
+            assert_eq!(
+                quoted_list_up_to(list, LOGGED_CHARS),
+                quoted_up_to(&list.join(","), LOGGED_CHARS)
+            );
+        }
+        assert_eq!(
+            quoted_list_up_to(&few, 64),
+            "\"10.0.0.1:15006,[fd00::1]:15006\""
+        );
+        assert!(quoted_list_up_to(&many, LOGGED_CHARS).len() < LOGGED_CHARS + 32);
+    }
+
+    #[test]
+    fn a_nack_reason_is_kept_as_far_as_the_log_line_shows_it() {
+        assert_eq!(
+            shown_up_to("policy 3: bad port", LOGGED_CHARS),
+            "policy 3: bad port"
+        );
+        let long = "x".repeat(10_000);
+        assert_eq!(
+            shown_up_to(&long, LOGGED_CHARS),
+            format!("{}... (10000 bytes)", "x".repeat(LOGGED_CHARS))
+        );
+        for raw in [long, "\u{1b}[31m".repeat(500), "é".repeat(1000)] {
+            let kept = shown_up_to(&raw, LOGGED_CHARS);
+            let (start, marker) = kept.rsplit_once("... (").unwrap();
+            // The same start as the log line, and the same full length.
+            assert_eq!(
+                quoted_up_to(&raw, LOGGED_CHARS),
+                format!("{}... ({marker}", quoted_up_to(start, usize::MAX))
+            );
+            assert!(kept.len() <= LOGGED_CHARS + 32, "{}", kept.len());
         }
     }
 }

@@ -624,9 +624,10 @@ impl Discovery {
         });
     }
 
+    /// Records that `id` refused a snapshot for `reason`, which the caller
+    /// has bounded (the Watch stream keeps what its log line shows).
     pub fn nack(&self, id: &SpiffeId, reason: &str) {
-        let reason: String = reason.chars().take(512).collect();
-        self.with_status(id, |s| s.last_nack = reason);
+        self.with_status(id, |s| s.last_nack = reason.to_owned());
     }
 
     pub fn status(&self, id: &SpiffeId) -> Option<SidecarStatus> {
