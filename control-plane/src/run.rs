@@ -105,8 +105,11 @@ fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunEr
     if config.opaque_ports.is_empty() {
         return Ok(());
     }
+    // Stored policies: a check added since one was stored relaxes to what
+    // can still be enforced, it does not stop the control plane.
     let context = ValidationContext {
         opaque_ports: config.opaque_ports.clone(),
+        stored: true,
     };
     for policy in store.policies()? {
         let Err(violations) = validate_proto_in(&policy, &config.trust_domain, &context) else {
@@ -198,6 +201,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             )?;
             inject.validation = ValidationContext {
                 opaque_ports: config.opaque_ports.clone(),
+                ..ValidationContext::default()
             };
             Some((*addr, tls_config(files)?, inject))
         }

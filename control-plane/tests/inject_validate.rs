@@ -179,6 +179,7 @@ fn denies_l7_rules_on_a_port_the_mesh_declares_opaque() {
     let body = serde_json::to_vec(&review).unwrap();
     let mesh = ValidationContext {
         opaque_ports: vec![5432],
+        ..ValidationContext::default()
     };
 
     let denied: Value =
@@ -190,6 +191,7 @@ fn denies_l7_rules_on_a_port_the_mesh_declares_opaque() {
 
     let elsewhere = ValidationContext {
         opaque_ports: vec![25],
+        ..ValidationContext::default()
     };
     let admitted: Value =
         serde_json::from_slice(&review_policy(&body, &td(), &elsewhere).unwrap().to_body())

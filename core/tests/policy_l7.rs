@@ -166,6 +166,7 @@ fn l7_matches_on_an_opaque_port_are_refused() {
     assert!(validate_proto(p, &td()).is_ok());
     let context = ValidationContext {
         opaque_ports: vec![5432],
+        ..ValidationContext::default()
     };
     let errors = trellis_core::policy::convert::validate_proto_in(p, &td(), &context).unwrap_err();
     assert_eq!(

@@ -479,3 +479,142 @@ async fn bytes_that_are_not_http_do_not_pass_a_deny_rule_with_http_conditions() 
     assert_eq!(send(b"hello\n").await, b"ok\n");
     assert_eq!(received.lock().unwrap().as_slice(), b"hello\n");
 }
+
+/// A snapshot carries stored documents. One stored before path patterns
+/// that could never match and rates below one a day were refused is still
+/// enforced (ACKed): such a path matches nothing (and requests with it
+/// get 400 anyway), the rate is raised to one a day, the rest of the
+/// policy holds, and the sidecar says once what it relaxed.
+#[tokio::test]
+async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_be() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let mut no_admin = policy(
+        "no-admin",
+        "DENY",
+        "[{paths: [\"/admin/*\", \"/placeholder\", \"/placeholder\"]}]",
+    );
+    no_admin.rules[0].to[0].paths[1] = "/files/a%2Fb".into();
+    no_admin.rules[0].to[0].paths[2] = "/%7Euser/*".into();
+    let mut snap = snapshot(
+        1,
+        "allow-mesh",
+        vec![
+            no_admin,
+            policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
+        ],
+    );
+    snap.rate_limits = vec![policy_pb::RateLimit {
+        name: "slow".into(),
+        namespace: "b".into(),
+        selector: Some(policy_pb::Selector {
+            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
+        }),
+        requests_per_second: 1e-9,
+        burst: 1,
+        key: "source".into(),
+        matches: vec![policy_pb::RateLimitMatch {
+            paths: vec!["/slow/*".into()],
+        }],
+    }];
+    push_to(&cp, snap, 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-admin rule 0\n")
+    );
+    let (status, _) = text(c.send_request(get("/files/a%2Fb", &[])).await.unwrap()).await;
+    assert_eq!(status, 400);
+    let (status, _) = text(c.send_request(get("/slow/x", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let response = c.send_request(get("/slow/x", &[])).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "86400");
+    let (status, _) = text(c.send_request(get("/users/7", &[])).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.seen.paths(), ["/slow/x", "/users/7"]);
+    logs.wait_for(&[
+        "stored policy fails a check added since it was stored",
+        "policy=b/no-admin",
+        "spec.rules[0].to[0].paths[1]",
+        "/files/a%2Fb",
+    ])
+    .await;
+    logs.wait_for(&[
+        "stored policy fails a check added since it was stored",
+        "policy=b/slow",
+        "enforced as one request per day",
+    ])
+    .await;
+}
+
+/// Only a path a rule or rate limit compares could be read as another one
+/// by the app: `%2F` in an ID passes where no rule on the port matches
+/// paths, and gets 400 where one does.
+#[tokio::test]
+async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let port = app.addr.port();
+    let allow = || policy("web-to-api", "ALLOW", "[{methods: [GET]}]");
+    push_to(&cp, snapshot(1, "deny", vec![allow()]), 1).await;
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    assert_eq!(status, 200, "a methods-only rule does not read paths");
+
+    let elsewhere = policy("no-admin", "DENY", "[{ports: [1], paths: [\"/admin/*\"]}]");
+    push_to(&cp, snapshot(2, "deny", vec![allow(), elsewhere]), 1).await;
+    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    assert_eq!(status, 200, "a path rule on another port does not either");
+
+    let here = policy(
+        "no-admin",
+        "DENY",
+        &format!("[{{ports: [{port}], paths: [\"/admin/*\"]}}]"),
+    );
+    push_to(&cp, snapshot(3, "deny", vec![allow(), here]), 1).await;
+    let (status, body) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (
+            400,
+            "path encodes '/' as %2F: an app could read it as a separator\n"
+        )
+    );
+    assert_eq!(app.seen.paths(), ["/group%2Fproject", "/group%2Fproject"]);
+}
+
+/// AUDIT is the dry run of DENY: where a DENY rule with HTTP conditions
+/// would deny a connection that is not HTTP, an AUDIT rule logs "would
+/// deny" naming itself and the bytes still pass.
+#[tokio::test]
+async fn bytes_that_are_not_http_are_logged_by_an_audit_rule_with_http_conditions() {
+    use tokio::io::AsyncWriteExt;
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, received) = line_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    let policies = vec![policy("try-no-admin", "AUDIT", "[{paths: [\"/admin/*\"]}]")];
+    push_to(&cp, snapshot(1, "allow-mesh", policies), 1).await;
+
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tls.write_all(b"GET /admin/users HTTP/1.2\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_to_end(&mut tls).await.unwrap_or_default(), b"ok\n");
+    assert_eq!(
+        received.lock().unwrap().as_slice(),
+        b"GET /admin/users HTTP/1.2\r\n"
+    );
+    logs.wait_for(&[
+        "inbound connection is not HTTP: would deny (AUDIT, not enforced)",
+        "policy=b/try-no-admin",
+        "rule=0",
+    ])
+    .await;
+}

@@ -36,7 +36,7 @@
 //! [/a]}, {ports: [81]}]` matches `/a` on 80 and anything on 81, not `/b`
 //! on 80.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -292,8 +292,29 @@ pub struct PolicySet {
     deny: Table,
     allow: Table,
     audit: Table,
-    /// Whether any rule has L7 matches.
-    l7: bool,
+    /// Where a rule matches request paths (paths or gRPC), of any action.
+    path_ports: PathPorts,
+}
+
+/// The ports on which some rule matches request paths, known once per set
+/// so that a request only looks its port up.
+#[derive(Debug, Default)]
+struct PathPorts {
+    any_port: bool,
+    ports: HashSet<u16>,
+}
+
+impl PathPorts {
+    fn build(policies: &[CompiledPolicy]) -> Self {
+        let mut found = Self::default();
+        for rule in policies.iter().flat_map(|p| &p.rules) {
+            match rule.path_ports() {
+                None => found.any_port = true,
+                Some(ports) => found.ports.extend(ports),
+            }
+        }
+        found
+    }
 }
 
 impl PolicySet {
@@ -343,10 +364,7 @@ impl PolicySet {
             deny: Table::build(&policies, Action::Deny),
             allow: Table::build(&policies, Action::Allow),
             audit: Table::build(&policies, Action::Audit),
-            l7: policies
-                .iter()
-                .flat_map(|p| &p.rules)
-                .any(CompiledRule::has_l7),
+            path_ports: PathPorts::build(&policies),
             policies,
         })
     }
@@ -396,9 +414,21 @@ impl PolicySet {
                 .is_some()
     }
 
-    /// Whether any rule in force has L7 matches.
-    pub fn has_l7(&self) -> bool {
-        self.l7
+    /// Whether a rule in force matches the paths of requests on `port`
+    /// (paths or a gRPC service, any action): then a request path an app
+    /// could read as another must be refused on it, or it would slip past
+    /// the rule.
+    pub fn matches_paths_on(&self, port: u16) -> bool {
+        self.path_ports.any_port || self.path_ports.ports.contains(&port)
+    }
+
+    /// What the policies in force, stored before a check got stricter,
+    /// fail of it and how each is enforced instead, with the policy's
+    /// `namespace/name` (see [`ValidationContext::stored`]).
+    pub fn relaxed(&self) -> impl Iterator<Item = (&str, &Violation)> {
+        self.policies
+            .iter()
+            .flat_map(|p| p.relaxed.iter().map(|v| (&*p.key, v)))
     }
 
     /// The verdict on a connection from `source` on `port` that is not
@@ -416,6 +446,14 @@ impl PolicySet {
             reason: Reason::Rule(self.rule_ref(id)),
             audits: Vec::new(),
         })
+    }
+
+    /// The AUDIT policies that would deny a connection from `source` on
+    /// `port` that is not HTTP: the dry run of
+    /// [`denies_unless_http`](Self::denies_unless_http), the first rule of
+    /// each AUDIT policy naming `source` with HTTP conditions on `port`.
+    pub fn audits_unless_http(&self, source: &SpiffeId, port: u16) -> Vec<RuleRef> {
+        self.audits(source, port, |rule| rule.l7_may_match(port))
     }
 
     /// The verdict by the rules `matches`, which is told the action of the
@@ -552,6 +590,7 @@ mod tests {
             action,
             selector: WorkloadSelector(Box::new([IdPattern::parse("spiffe://td/*").unwrap()])),
             rules: rules.into_boxed_slice(),
+            relaxed: Box::new([]),
         }
     }
 

@@ -51,11 +51,27 @@ pub struct PathPattern {
     segments: Box<[Segment]>,
     /// Ends in `/*`: the path and everything under it.
     prefix: bool,
+    /// Could never match as written (see [`PathPattern::parse_stored`]).
+    nothing: bool,
 }
 
 impl PathPattern {
     /// Parses a path pattern, or says what is wrong with it.
     pub fn parse(text: &str) -> Result<Self, String> {
+        match Self::parse_stored(text)? {
+            (_, Some(never)) => Err(never),
+            (pattern, None) => Ok(pattern),
+        }
+    }
+
+    /// Parses a path pattern that was accepted before patterns that could
+    /// never match were refused (a stored document): such a pattern
+    /// compiles to one that matches nothing, with the reason [`parse`]
+    /// refuses it. That is safe: requests with such a path are refused
+    /// before rules see them. Any other problem is still an error.
+    ///
+    /// [`parse`]: Self::parse
+    pub fn parse_stored(text: &str) -> Result<(Self, Option<String>), String> {
         let Some(rest) = text.strip_prefix('/') else {
             return Err(format!("path {text:?} must start with '/'"));
         };
@@ -67,11 +83,9 @@ impl PathPattern {
                 "path {text:?} must not contain {bad:?} (queries are not matched)"
             ));
         }
-        if let Err(problem) = check_escapes(text) {
-            return Err(format!(
-                "path {text:?} could never match: {problem} (requests with it are refused)"
-            ));
-        }
+        let never = check_escapes(text).err().map(|problem| {
+            format!("path {text:?} could never match: {problem} (requests with it are refused)")
+        });
         let (rest, prefix) = match rest.strip_suffix("/*") {
             Some(base) => (base, true),
             None if rest == "*" => ("", true),
@@ -83,13 +97,20 @@ impl PathPattern {
                 segments.push(parse_segment(text, segment)?);
             }
         }
-        Ok(Self {
-            segments: segments.into(),
-            prefix,
-        })
+        Ok((
+            Self {
+                segments: segments.into(),
+                prefix,
+                nothing: never.is_some(),
+            },
+            never,
+        ))
     }
 
     pub fn matches(&self, path: &str) -> bool {
+        if self.nothing {
+            return false;
+        }
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -307,7 +328,7 @@ impl L7Match {
             .paths
             .iter()
             .flatten()
-            .map(|p| PathPattern::parse(p).expect("validated path"))
+            .map(|p| PathPattern::parse_stored(p).expect("validated path").0)
             .collect();
         if let Some(GrpcMatch { service, method }) = &d.grpc {
             let text = match method {
@@ -331,6 +352,11 @@ impl L7Match {
                 .map(|(k, v)| (k.to_ascii_lowercase().into(), v.as_str().into()))
                 .collect(),
         })
+    }
+
+    /// Whether the entry matches request paths (paths or a gRPC service).
+    pub fn reads_paths(&self) -> bool {
+        !self.paths.is_empty()
     }
 
     /// Whether `req` matches, for a rule of a policy with `action`.

@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::document::Document;
+use super::document::{Action, AuthorizationPolicy, Document};
 use super::path::FieldPath;
 use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in};
 use super::source::{Node, Pos, parse_stream};
@@ -269,7 +269,8 @@ fn check_text(
         let out = &mut loaded.diagnostics;
         let (policy, violations) = match validate_in(policy, td, context) {
             Ok(valid) => {
-                let warnings = valid.warnings().to_vec();
+                let mut warnings = valid.warnings().to_vec();
+                warnings.extend(denies_connections(policy, context));
                 (Some(valid), warnings)
             }
             Err(violations) => (None, violations),
@@ -292,6 +293,37 @@ fn check_text(
             .diagnostics
             .push(Diagnostic::at(name, e.pos, violation));
     }
+}
+
+/// Warns of each `to` entry of a DENY or AUDIT rule with HTTP conditions
+/// and no ports: the sidecar cannot hold a connection that is not HTTP to
+/// those conditions, so the rule denies (AUDIT: would deny) every such
+/// connection from its sources, on every port not declared opaque.
+fn denies_connections(policy: &AuthorizationPolicy, context: &ValidationContext) -> Vec<Violation> {
+    let verb = match policy.spec.action {
+        Action::Deny => "denies",
+        Action::Audit => "would deny (AUDIT)",
+        Action::Allow => return Vec::new(),
+    };
+    let opaque = match context.opaque_ports.as_slice() {
+        [] => String::new(),
+        ports => format!(" {ports:?}"),
+    };
+    let rules = FieldPath::root().field("spec").field("rules");
+    let mut found = Vec::new();
+    for (i, rule) in policy.spec.rules.iter().enumerate() {
+        for (j, d) in rule.to.iter().flatten().enumerate() {
+            if d.has_l7() && d.ports.is_none() {
+                found.push(Violation::warning(
+                    rules.index(i).field("to").index(j),
+                    format!(
+                        "this rule also {verb} every connection that is not HTTP from its sources, on every port not declared opaque{opaque}: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+                    ),
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// Rejects duplicate names (per kind), then orders diagnostics by the
@@ -388,6 +420,50 @@ spec:
         - ports: [8080]
 ";
 
+    /// Such a rule cannot hold a connection that is not HTTP to its HTTP
+    /// conditions, so it denies the whole connection: say so where it
+    /// does that on every port.
+    #[test]
+    fn a_deny_or_audit_rule_with_http_conditions_and_no_ports_warns_that_it_denies_connections() {
+        for (action, verb) in [("DENY", "denies"), ("AUDIT", "would deny (AUDIT)")] {
+            let text = GOOD
+                .replace("ALLOW", action)
+                .replace("- ports: [8080]", "- paths: [\"/admin/*\"]");
+            let loaded = load_source("deny.yaml", &text, &td());
+            assert_eq!(loaded.policies.len(), 1);
+            let found: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                found,
+                [format!(
+                    "deny.yaml:14:11: warning: spec.rules[0].to[0]: this rule also {verb} every connection that is not HTTP from its sources, on every port not declared opaque: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+                )]
+            );
+        }
+        let with_ports = GOOD.replace("ALLOW", "DENY").replace(
+            "- ports: [8080]",
+            "- ports: [8080]\n          paths: [\"/admin/*\"]",
+        );
+        assert_eq!(load_source("deny.yaml", &with_ports, &td()).diagnostics, []);
+        let allow = GOOD.replace("- ports: [8080]", "- paths: [\"/admin/*\"]");
+        assert_eq!(load_source("allow.yaml", &allow, &td()).diagnostics, []);
+    }
+
+    /// What a sidecar or the reflector relaxes in a stored policy is still
+    /// refused when the policy is applied.
+    #[test]
+    fn a_path_that_could_never_match_is_refused_at_its_line() {
+        let text = GOOD.replace(
+            "- ports: [8080]",
+            "- ports: [8080]\n          paths: [\"/files/a%2Fb\"]",
+        );
+        let loaded = load_source("p.yaml", &text, &td());
+        assert!(loaded.policies.is_empty());
+        assert_eq!(
+            loaded.diagnostics[0].to_string(),
+            "p.yaml:15:19: spec.rules[0].to[0].paths[0]: path \"/files/a%2Fb\" could never match: path encodes '/' as %2F: an app could read it as a separator (requests with it are refused)"
+        );
+    }
+
     #[test]
     fn a_good_file_has_no_diagnostics() {
         let loaded = load_source("good.yaml", GOOD, &td());
@@ -443,6 +519,7 @@ spec:
         );
         let context = ValidationContext {
             opaque_ports: vec![5432],
+            ..ValidationContext::default()
         };
         let loaded = load_source_in("l7.yaml", &text, &td(), &context);
         assert!(loaded.policies.is_empty());

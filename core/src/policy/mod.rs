@@ -66,7 +66,10 @@ pub use lint::{
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
-pub use ratelimit::{LimitKey, RateLimitPolicy, validate_rate_limit, validate_rate_limit_in};
+pub use ratelimit::{
+    LimitKey, RateLimitPolicy, validate_rate_limit, validate_rate_limit_in,
+    validate_rate_limit_in_with, validate_rate_limit_with,
+};
 pub use validate::{
     Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate,
     validate_in,

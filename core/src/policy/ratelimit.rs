@@ -19,10 +19,9 @@ use serde::{Deserialize, Serialize};
 use trellis_proto::policy::v1 as proto;
 
 use super::document::{API_VERSION, Metadata, Selector};
-use super::l7::PathPattern;
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
-use super::validate::Violation;
+use super::validate::{ValidationContext, Violation, check_path_pattern};
 use crate::spiffe::TrustDomain;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,7 +101,19 @@ pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
 
 /// Checks a rate limit; every broken rule as a [`Violation`].
 pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation>> {
+    validate_rate_limit_with(policy, &ValidationContext::default()).map(drop)
+}
+
+/// [`validate_rate_limit`] under `context`: with
+/// [`stored`](ValidationContext::stored), what it relaxes comes back as
+/// warnings (a rate below [`MIN_REQUESTS_PER_SECOND`] is enforced at it:
+/// [`Limit::enforced_rate`]).
+pub fn validate_rate_limit_with(
+    policy: &RateLimitPolicy,
+    context: &ValidationContext,
+) -> Result<Vec<Violation>, Vec<Violation>> {
     let mut found = Vec::new();
+    let mut relaxed = Vec::new();
     let root = FieldPath::root();
     if policy.api_version != API_VERSION {
         found.push(Violation::error(
@@ -142,6 +153,13 @@ pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation
             spec.field("limit").field("requestsPerSecond"),
             format!("requestsPerSecond must be a positive number, not {rps}"),
         ));
+    } else if rps < MIN_REQUESTS_PER_SECOND && context.stored {
+        relaxed.push(Violation::warning(
+            spec.field("limit").field("requestsPerSecond"),
+            format!(
+                "requestsPerSecond {rps:?} is below one request per day (1/86400); stored before such rates were refused, it is enforced as one request per day"
+            ),
+        ));
     } else if rps < MIN_REQUESTS_PER_SECOND {
         found.push(Violation::error(
             spec.field("limit").field("requestsPerSecond"),
@@ -170,13 +188,15 @@ pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation
                 found.push(Violation::error(at.clone(), "list at least one path"));
             }
             for (j, path) in m.paths.iter().enumerate() {
-                if let Err(e) = PathPattern::parse(path) {
-                    found.push(Violation::error(at.index(j), e));
-                }
+                check_path_pattern(at.index(j), path, context.stored, &mut found, &mut relaxed);
             }
         }
     }
-    if found.is_empty() { Ok(()) } else { Err(found) }
+    if found.is_empty() {
+        Ok(relaxed)
+    } else {
+        Err(found)
+    }
 }
 
 /// [`validate_rate_limit`] for the mesh of trust domain `td`, as the
@@ -186,7 +206,20 @@ pub fn validate_rate_limit_in(
     policy: &RateLimitPolicy,
     td: &TrustDomain,
 ) -> Result<(), Vec<Violation>> {
-    let mut found = validate_rate_limit(policy).err().unwrap_or_default();
+    validate_rate_limit_in_with(policy, td, &ValidationContext::default()).map(drop)
+}
+
+/// [`validate_rate_limit_in`] under `context`, as
+/// [`validate_rate_limit_with`].
+pub fn validate_rate_limit_in_with(
+    policy: &RateLimitPolicy,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Result<Vec<Violation>, Vec<Violation>> {
+    let (mut found, relaxed) = match validate_rate_limit_with(policy, context) {
+        Ok(relaxed) => (Vec::new(), relaxed),
+        Err(found) => (found, Vec::new()),
+    };
     let metadata = FieldPath::root().field("metadata");
     for (field, value) in [
         ("name", &policy.metadata.name),
@@ -216,7 +249,19 @@ pub fn validate_rate_limit_in(
             ));
         }
     }
-    if found.is_empty() { Ok(()) } else { Err(found) }
+    if found.is_empty() {
+        Ok(relaxed)
+    } else {
+        Err(found)
+    }
+}
+
+impl Limit {
+    /// The rate a valid limit is enforced at: as written, or
+    /// [`MIN_REQUESTS_PER_SECOND`] for a stored one below it.
+    pub fn enforced_rate(&self) -> f64 {
+        self.requests_per_second.max(MIN_REQUESTS_PER_SECOND)
+    }
 }
 
 impl RateLimitPolicy {

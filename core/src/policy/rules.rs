@@ -12,7 +12,7 @@ use super::document::{Action, AuthorizationPolicy};
 use super::engine::{CompileError, WorkloadSelector};
 use super::l7::{HttpRequest, L7Match};
 use super::pattern::IdPattern;
-use super::validate::{ValidationContext, policy_key};
+use super::validate::{ValidationContext, Violation, policy_key};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// A source a rule names, ready to match.
@@ -122,8 +122,17 @@ impl CompiledRule {
             })
     }
 
-    pub fn has_l7(&self) -> bool {
-        self.to.iter().any(|d| d.l7.is_some())
+    /// The ports on which an entry matches request paths (paths or a gRPC
+    /// service): `None` if such an entry names no ports, empty if there is
+    /// no such entry.
+    pub fn path_ports(&self) -> Option<Vec<u16>> {
+        let mut ports = Vec::new();
+        for d in self.to.iter() {
+            if d.l7.as_ref().is_some_and(L7Match::reads_paths) {
+                ports.extend(d.ports.as_deref()?);
+            }
+        }
+        Some(ports)
     }
 }
 
@@ -133,6 +142,9 @@ pub(crate) struct CompiledPolicy {
     pub action: Action,
     pub selector: WorkloadSelector,
     pub rules: Box<[CompiledRule]>,
+    /// What this policy, stored before a check got stricter, fails of it
+    /// and how it is enforced instead ([`ValidationContext::stored`]).
+    pub relaxed: Box<[Violation]>,
 }
 
 impl CompiledPolicy {
@@ -147,7 +159,10 @@ impl CompiledPolicy {
                 policy: policy_key(&policy.namespace, &policy.name),
                 violations,
             })?;
-        Ok(Self::from_valid(valid.policy()))
+        Ok(Self {
+            relaxed: valid.relaxed().into(),
+            ..Self::from_valid(valid.policy())
+        })
     }
 
     fn from_valid(policy: &AuthorizationPolicy) -> Self {
@@ -211,6 +226,7 @@ impl CompiledPolicy {
                     .collect(),
             ),
             rules: rules.collect(),
+            relaxed: Box::new([]),
         }
     }
 

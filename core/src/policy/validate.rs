@@ -72,6 +72,7 @@ impl fmt::Display for Violation {
 pub struct ValidPolicy {
     policy: AuthorizationPolicy,
     warnings: Vec<Violation>,
+    relaxed: Vec<Violation>,
 }
 
 impl ValidPolicy {
@@ -85,6 +86,13 @@ impl ValidPolicy {
 
     pub fn warnings(&self) -> &[Violation] {
         &self.warnings
+    }
+
+    /// What a stored policy fails of the checks added since it could have
+    /// been stored, and how it is enforced instead (warnings; only with
+    /// [`ValidationContext::stored`]).
+    pub fn relaxed(&self) -> &[Violation] {
+        &self.relaxed
     }
 
     /// `namespace/name`, unique in a mesh.
@@ -104,6 +112,16 @@ pub struct ValidationContext {
     /// Ports declared opaque (mesh-wide or on the sidecar): never parsed as
     /// HTTP, so L7 matches on them could not be enforced and are refused.
     pub opaque_ports: Vec<u16>,
+    /// The documents come from storage or a snapshot (the sidecar, the
+    /// Kubernetes reflector, the control plane's start-up check), not from
+    /// an operator applying them now. A document valid when it was stored
+    /// must not break enforcement once a check gets stricter: a path
+    /// pattern that could never match as written matches nothing (requests
+    /// with such a path are refused anyway), and a rate limit below the
+    /// minimum is enforced at the minimum. Each such relaxation is a
+    /// warning in [`ValidPolicy::relaxed`]; applying the document again is
+    /// still refused.
+    pub stored: bool,
 }
 
 /// Checks one policy for the mesh of trust domain `td`. Errors reject it;
@@ -124,7 +142,9 @@ pub fn validate_in(
     let mut check = Check {
         td,
         opaque: &context.opaque_ports,
+        stored: context.stored,
         found: Vec::new(),
+        relaxed: Vec::new(),
     };
     check.policy(policy);
     if check.found.iter().any(Violation::is_error) {
@@ -133,7 +153,28 @@ pub fn validate_in(
     Ok(ValidPolicy {
         policy: policy.clone(),
         warnings: check.found,
+        relaxed: check.relaxed,
     })
+}
+
+/// Checks the path pattern `text` at `at`: errors and relaxations (see
+/// [`ValidationContext::stored`]) go to `found` and `relaxed`.
+pub(crate) fn check_path_pattern(
+    at: FieldPath,
+    text: &str,
+    stored: bool,
+    found: &mut Vec<Violation>,
+    relaxed: &mut Vec<Violation>,
+) {
+    match PathPattern::parse_stored(text) {
+        Err(e) => found.push(Violation::error(at, e)),
+        Ok((_, Some(never))) if stored => relaxed.push(Violation::warning(
+            at,
+            format!("{never}; stored before such patterns were refused, it matches nothing"),
+        )),
+        Ok((_, Some(never))) => found.push(Violation::error(at, never)),
+        Ok((_, None)) => {}
+    }
 }
 
 /// Documents named like an earlier one in `documents` (their metadata), as
@@ -158,7 +199,9 @@ pub fn duplicate_names<'a>(
 struct Check<'a> {
     td: &'a TrustDomain,
     opaque: &'a [u16],
+    stored: bool,
     found: Vec<Violation>,
+    relaxed: Vec<Violation>,
 }
 
 impl Check<'_> {
@@ -306,9 +349,8 @@ impl Check<'_> {
             let at = path.field("paths");
             self.non_empty(&at, paths.is_empty(), "paths");
             for (i, text) in paths.iter().enumerate() {
-                if let Err(e) = PathPattern::parse(text) {
-                    self.error(at.index(i), e);
-                }
+                let (found, relaxed) = (&mut self.found, &mut self.relaxed);
+                check_path_pattern(at.index(i), text, self.stored, found, relaxed);
             }
         }
         if let Some(headers) = &d.headers {

@@ -141,7 +141,10 @@ impl<S> Authorize<S> {
         // Rules and rate limits match paths as written, apps route them
         // decoded and resolved: `/a/../admin`, `/%61dmin` or `/admin%2Fx`
         // must not pass for something a rule on `/admin/*` does not see.
-        let reads_paths = current.is_some_and(|p| p.set.has_l7() || p.rate_limits.reads_paths());
+        // Only where a rule on this port or a rate limit reads paths: an
+        // encoded `/` in an ID (`group%2Fproject`) is no one's business
+        // where nothing compares paths.
+        let reads_paths = current.is_some_and(|p| p.checks_paths(self.port));
         if reads_paths
             && !asterisk
             && let Err(problem) = l7::check_path(path)

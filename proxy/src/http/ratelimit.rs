@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    IdPattern, LimitKey, PathPattern, RateLimitPolicy, validate_rate_limit,
+    IdPattern, LimitKey, PathPattern, RateLimitPolicy, ValidationContext, validate_rate_limit_with,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -48,6 +48,9 @@ pub const MAX_KEYS: usize = 4096;
 #[derive(Debug, Default)]
 pub struct RateLimits {
     limits: Box<[Limit]>,
+    /// What the limits in force, stored before a check got stricter, fail
+    /// of it and how they are enforced instead: `(namespace/name, what)`.
+    relaxed: Box<[(Arc<str>, String)]>,
 }
 
 struct Limit {
@@ -102,6 +105,13 @@ impl RateLimits {
         metrics: &Metrics,
     ) -> Result<Self, InvalidRateLimit> {
         let mut limits = Vec::new();
+        let mut relaxed = Vec::new();
+        // Stored documents: valid when stored, they are enforced even if a
+        // check got stricter since (see `ValidationContext::stored`).
+        let context = ValidationContext {
+            stored: true,
+            ..ValidationContext::default()
+        };
         for (index, p) in raw.iter().enumerate() {
             let invalid = |reason: String| InvalidRateLimit {
                 index,
@@ -109,7 +119,7 @@ impl RateLimits {
                 reason,
             };
             let doc = RateLimitPolicy::from_proto(p).map_err(|v| invalid(v.to_string()))?;
-            validate_rate_limit(&doc).map_err(|vs| {
+            let warnings = validate_rate_limit_with(&doc, &context).map_err(|vs| {
                 invalid(
                     vs.iter()
                         .map(ToString::to_string)
@@ -128,18 +138,19 @@ impl RateLimits {
                 continue;
             }
             let name: Arc<str> = format!("{}/{}", p.namespace, p.name).into();
+            relaxed.extend(warnings.iter().map(|v| (name.clone(), v.to_string())));
             let paths = doc
                 .spec
                 .matches
                 .iter()
                 .flatten()
                 .flat_map(|m| &m.paths)
-                .map(|text| PathPattern::parse(text).expect("validated path"))
+                .map(|text| PathPattern::parse_stored(text).expect("validated path").0)
                 .collect();
             limits.push(Limit {
                 counter: metrics.rate_limited_counter(&name),
                 name,
-                rate: doc.spec.limit.requests_per_second,
+                rate: doc.spec.limit.enforced_rate(),
                 burst: doc.spec.limit.burst as f64,
                 key: doc.spec.key,
                 paths,
@@ -149,7 +160,15 @@ impl RateLimits {
         }
         Ok(Self {
             limits: limits.into(),
+            relaxed: relaxed.into(),
         })
+    }
+
+    /// See [`Policies::relaxed`].
+    pub fn relaxed(&self) -> impl Iterator<Item = (&str, String)> {
+        self.relaxed
+            .iter()
+            .map(|(name, what)| (&**name, what.clone()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -376,13 +395,28 @@ mod tests {
         assert!(l.check(&b, "/search/y").is_ok());
     }
 
+    /// A snapshot carries stored limits: one stored before rates below a
+    /// day were refused is enforced at one a day, and said so, rather than
+    /// making the sidecar refuse every snapshot.
     #[test]
-    fn a_rate_below_one_request_per_day_is_refused_with_the_field() {
-        let e =
-            RateLimits::compile(&[raw(1e-9, 1, "source")], &api(), &Metrics::new()).unwrap_err();
+    fn a_stored_rate_below_one_request_per_day_is_enforced_at_one_a_day() {
+        let l = RateLimits::compile(&[raw(1e-9, 1, "source")], &api(), &Metrics::new()).unwrap();
+        assert_eq!(l.limits[0].rate, 1.0 / 86_400.0);
+        let relaxed: Vec<_> = l.relaxed().collect();
         assert_eq!(
-            e.to_string(),
-            "rate_limits[0] (n/l): spec.limit.requestsPerSecond: requestsPerSecond must be at least one request per day (1/86400, about 0.0000116), not 1e-9"
+            relaxed,
+            [(
+                "n/l",
+                "warning: spec.limit.requestsPerSecond: requestsPerSecond 1e-9 is below one request per day (1/86400); stored before such rates were refused, it is enforced as one request per day".to_owned()
+            )]
+        );
+        let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
+        assert!(l.check(&a, "/search/x").is_ok());
+        let limited = l.check(&a, "/search/x").unwrap_err();
+        assert!(
+            limited.retry_after > Duration::from_secs(86_399),
+            "{:?}",
+            limited.retry_after
         );
     }
 

@@ -408,6 +408,20 @@ async fn forward(
             {
                 return Err(ForwardError::DeniedNotHttp(decision));
             }
+            // The dry run of the same: an AUDIT rule with HTTP conditions
+            // here would deny this connection once it is a DENY.
+            let port = target.port();
+            for audit in policy::audits_unless_http(current.as_deref(), peer, port) {
+                tracing::warn!(
+                    %peer,
+                    port,
+                    app = %target,
+                    decision = %"audit",
+                    policy = %audit.policy,
+                    rule = audit.rule,
+                    "inbound connection is not HTTP: would deny (AUDIT, not enforced)"
+                );
+            }
         }
         let (prefix, stream) = stream.into_parts();
         return copy_to_app(stream, prefix, target).await;

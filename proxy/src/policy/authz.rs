@@ -14,8 +14,8 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, ValidationContext,
-    Verdict, policy_key,
+    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, RuleRef,
+    ValidationContext, Verdict, policy_key,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -35,6 +35,8 @@ pub struct Policies {
     received: (String, Vec<pb::Policy>, Vec<pb::RateLimit>),
     /// Inbound ports never parsed as HTTP: the sidecar's own and the mesh's.
     opaque_ports: Vec<u16>,
+    /// Whether a rate limit in force reads request paths.
+    limits_read_paths: bool,
     counters: Counters,
 }
 
@@ -84,8 +86,12 @@ impl Policies {
             "" => DefaultPolicy::Deny,
             other => other.parse()?,
         };
+        // A snapshot carries stored documents: one valid when it was stored
+        // must not make the sidecar refuse every snapshot after a check got
+        // stricter.
         let context = ValidationContext {
             opaque_ports: opaque_ports.to_vec(),
+            stored: true,
         };
         let set = PolicySet::compile_in(local, &policies, default, &context)?;
         // Only the policies that select this workload are in force.
@@ -115,6 +121,7 @@ impl Policies {
         Ok(Self {
             version,
             set,
+            limits_read_paths: limits.reads_paths(),
             rate_limits: limits,
             received: (default_policy, policies, rate_limits),
             opaque_ports: opaque_ports.to_vec(),
@@ -126,6 +133,21 @@ impl Policies {
     /// policies as received), so connections need not be re-decided.
     pub fn same_as(&self, other: &Policies) -> bool {
         self.received == other.received && self.opaque_ports == other.opaque_ports
+    }
+
+    /// Whether requests to `port` have their paths checked
+    /// ([`l7::check_path`](trellis_core::policy::l7::check_path)): a rule
+    /// matches request paths on it, or a rate limit reads paths.
+    pub fn checks_paths(&self, port: u16) -> bool {
+        self.limits_read_paths || self.set.matches_paths_on(port)
+    }
+
+    /// What the stored documents in force fail of checks added since they
+    /// were stored, and how they are enforced instead: one
+    /// `(namespace/name, what)` each, to be logged once per change.
+    pub fn relaxed(&self) -> Vec<(&str, String)> {
+        let policies = self.set.relaxed().map(|(key, v)| (key, v.to_string()));
+        policies.chain(self.rate_limits.relaxed()).collect()
     }
 
     /// Whether traffic to `port` is never parsed as HTTP.
@@ -227,6 +249,12 @@ pub fn denies_unless_http(
     port: u16,
 ) -> Option<Decision> {
     policies.and_then(|p| p.set.denies_unless_http(peer, port))
+}
+
+/// The AUDIT rules that would deny a connection from `peer` on local
+/// `port` that is not HTTP: see [`PolicySet::audits_unless_http`].
+pub fn audits_unless_http(policies: Option<&Policies>, peer: &SpiffeId, port: u16) -> Vec<RuleRef> {
+    policies.map_or_else(Vec::new, |p| p.set.audits_unless_http(peer, port))
 }
 
 /// Decides one HTTP request from `peer` on local `port` under the policies

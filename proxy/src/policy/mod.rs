@@ -12,8 +12,8 @@ mod authz;
 pub mod watch;
 
 pub use authz::{
-    InvalidPolicies, Policies, admits_requests, authorize, authorize_request, count,
-    denies_unless_http,
+    InvalidPolicies, Policies, admits_requests, audits_unless_http, authorize, authorize_request,
+    count, denies_unless_http,
 };
 
 use std::collections::HashMap;

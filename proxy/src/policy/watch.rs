@@ -185,6 +185,18 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
         }
         _ => true,
     };
+    if policies_changed {
+        // Once per change, not per snapshot: the operator should re-apply
+        // a fixed version, which the Admin API would check strictly.
+        for (policy, what) in snapshot.policies.relaxed() {
+            tracing::warn!(
+                version,
+                %policy,
+                problem = %what,
+                "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
+            );
+        }
+    }
     tracing::info!(
         version,
         endpoints = snapshot.endpoints.len(),

@@ -16,8 +16,8 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, Violation, document_from_proto, validate,
-    validate_rate_limit_in,
+    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation,
+    document_from_proto, validate_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -76,7 +76,8 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
         }
         Err(e) => return Err(e.to_string()),
     };
-    let valid = validate(&policy, td).map_err(|violations| errors_of(&violations))?;
+    let valid = validate_in(&policy, td, &STORED).map_err(|violations| errors_of(&violations))?;
+    warn_relaxed(object, valid.relaxed());
     Ok(Policy {
         revision: revision_of(object),
         ..valid.to_proto()
@@ -99,8 +100,30 @@ pub fn rate_limit_from_object(
         }
         Err(e) => return Err(e.to_string()),
     };
-    validate_rate_limit_in(&limit, td).map_err(|violations| errors_of(&violations))?;
+    let relaxed = validate_rate_limit_in_with(&limit, td, &STORED)
+        .map_err(|violations| errors_of(&violations))?;
+    warn_relaxed(object, &relaxed);
     Ok((limit.to_proto(), revision_of(object)))
+}
+
+/// Objects are stored documents: one the webhook admitted before a check
+/// got stricter is relaxed to what can still be enforced safely (a path
+/// that could never match matches nothing, a rate below the minimum is
+/// raised to it), not dropped whole with the rules it holds.
+const STORED: ValidationContext = ValidationContext {
+    opaque_ports: Vec::new(),
+    stored: true,
+};
+
+/// Logs what `object` fails of checks added since it was admitted.
+fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
+    for violation in relaxed {
+        tracing::warn!(
+            object = %object_key(object),
+            problem = %violation,
+            "stored policy fails a check added since it was admitted; enforced as the problem says (fix and apply it again)"
+        );
+    }
 }
 
 /// The errors among `violations`, as `policy lint` words them, in one
