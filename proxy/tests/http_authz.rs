@@ -572,12 +572,22 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
     let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
     assert_eq!(status, 200, "a path rule on another port does not either");
 
+    // AUDIT is a dry run: it never changes what a request gets.
+    let dry_run = policy(
+        "try-no-admin",
+        "AUDIT",
+        &format!("[{{ports: [{port}], paths: [\"/admin/*\"]}}]"),
+    );
+    push_to(&cp, snapshot(3, "deny", vec![allow(), dry_run]), 1).await;
+    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    assert_eq!(status, 200, "an AUDIT path rule refused a request");
+
     let here = policy(
         "no-admin",
         "DENY",
         &format!("[{{ports: [{port}], paths: [\"/admin/*\"]}}]"),
     );
-    push_to(&cp, snapshot(3, "deny", vec![allow(), here]), 1).await;
+    push_to(&cp, snapshot(4, "deny", vec![allow(), here]), 1).await;
     let (status, body) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
@@ -586,7 +596,10 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
             "path encodes '/' as %2F: an app could read it as a separator\n"
         )
     );
-    assert_eq!(app.seen.paths(), ["/group%2Fproject", "/group%2Fproject"]);
+    assert_eq!(
+        app.seen.paths(),
+        ["/group%2Fproject", "/group%2Fproject", "/group%2Fproject"]
+    );
 }
 
 /// AUDIT is the dry run of DENY: where a DENY rule with HTTP conditions

@@ -292,7 +292,7 @@ pub struct PolicySet {
     deny: Table,
     allow: Table,
     audit: Table,
-    /// Where a rule matches request paths (paths or gRPC), of any action.
+    /// Where an ALLOW or DENY rule matches request paths (paths or gRPC).
     path_ports: PathPorts,
 }
 
@@ -305,9 +305,12 @@ struct PathPorts {
 }
 
 impl PathPorts {
+    /// AUDIT rules are left out: a dry run never changes what a request
+    /// gets, so it does not turn the refusal of such paths on either.
     fn build(policies: &[CompiledPolicy]) -> Self {
         let mut found = Self::default();
-        for rule in policies.iter().flat_map(|p| &p.rules) {
+        let enforced = policies.iter().filter(|p| p.action != Action::Audit);
+        for rule in enforced.flat_map(|p| &p.rules) {
             match rule.path_ports() {
                 None => found.any_port = true,
                 Some(ports) => found.ports.extend(ports),
@@ -414,8 +417,8 @@ impl PolicySet {
                 .is_some()
     }
 
-    /// Whether a rule in force matches the paths of requests on `port`
-    /// (paths or a gRPC service, any action): then a request path an app
+    /// Whether an ALLOW or DENY rule in force matches the paths of requests
+    /// on `port` (paths or a gRPC service): then a request path an app
     /// could read as another must be refused on it, or it would slip past
     /// the rule.
     pub fn matches_paths_on(&self, port: u16) -> bool {
