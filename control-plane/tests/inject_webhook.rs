@@ -258,9 +258,7 @@ fn rewrites_app_probes_to_the_sidecar_admin_port() {
         before["spec"]["containers"][1]["readinessProbe"]
     );
 
-    let proxy = container(&pod, "initContainers", "trellis-proxy");
-    let probes: Value =
-        serde_json::from_str(env(proxy)["TRELLIS_APP_PROBES"].as_str().unwrap()).unwrap();
+    let probes = app_probes(&pod);
     assert_eq!(
         probes,
         json!({
@@ -343,9 +341,7 @@ fn rewrites_probes_of_the_pods_own_native_sidecars() {
     );
 
     // The sidecar runs the original checks, named ports resolved.
-    let proxy = container(&pod, "initContainers", "trellis-proxy");
-    let probes: Value =
-        serde_json::from_str(env(proxy)["TRELLIS_APP_PROBES"].as_str().unwrap()).unwrap();
+    let probes = app_probes(&pod);
     assert_eq!(
         probes,
         json!({
@@ -655,4 +651,10 @@ fn the_injected_pod_passes_strict_schema_validation() {
         // JSON is YAML: the pod goes through the chart tests' validation.
         chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
     }
+}
+
+/// The app probes the injected sidecar is told to run (`TRELLIS_APP_PROBES`).
+fn app_probes(pod: &Value) -> Value {
+    let proxy = container(pod, "initContainers", "trellis-proxy");
+    serde_json::from_str(env(proxy)["TRELLIS_APP_PROBES"].as_str().unwrap()).unwrap()
 }

@@ -121,6 +121,23 @@ async fn a_forged_identity_in_request_trailers_never_reaches_the_app() {
     assert_eq!(body, "", "the app saw an identity in the trailers");
 }
 
+/// A new connection to `inbound` switched to the app's echo protocol.
+async fn upgrade_to_echo(
+    cp: &FakeControlPlane,
+    inbound: std::net::SocketAddr,
+) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    let req = ::http::Request::get("/ws")
+        .header("host", "api")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut c = h1(cp, inbound, &web()).await;
+    let response = c.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    hyper_util::rt::TokioIo::new(hyper::upgrade::on(response).await.unwrap())
+}
+
 #[tokio::test]
 async fn response_bodies_stream_and_upgrades_pass_through() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
@@ -136,17 +153,7 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "chunk 1\nchunk 2\nchunk 3\nchunk 4\n");
 
-    let req = ::http::Request::get("/ws")
-        .header("host", "api")
-        .header("connection", "upgrade")
-        .header("upgrade", "echo")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let mut c = h1(&cp, s.inbound, &web()).await;
-    let response = c.send_request(req).await.unwrap();
-    assert_eq!(response.status(), 101);
-    let upgraded = hyper::upgrade::on(response).await.unwrap();
-    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    let mut upgraded = upgrade_to_echo(&cp, s.inbound).await;
     let echoed = round_trip(&mut upgraded, b"\x00binary after the upgrade\xff")
         .await
         .unwrap();
@@ -614,17 +621,7 @@ async fn an_upgraded_connection_is_closed_when_new_policies_deny_the_caller() {
     let s = sidecar(&cp, app.addr, &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
-    let req = ::http::Request::get("/ws")
-        .header("host", "api")
-        .header("connection", "upgrade")
-        .header("upgrade", "echo")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let mut c = h1(&cp, s.inbound, &web()).await;
-    let response = c.send_request(req).await.unwrap();
-    assert_eq!(response.status(), 101);
-    let upgraded = hyper::upgrade::on(response).await.unwrap();
-    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    let mut upgraded = upgrade_to_echo(&cp, s.inbound).await;
     assert_eq!(
         round_trip(&mut upgraded, b"before").await.unwrap(),
         b"before"

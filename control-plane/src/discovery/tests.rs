@@ -101,17 +101,29 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     assert!(status.last_nack.is_empty(), "{status:?}");
 }
 
+/// A workload seen now whose certificate is good for an hour.
+fn live(id: &str, addresses: &[&str]) -> WorkloadRecord {
+    WorkloadRecord {
+        spiffe_id: id.into(),
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        cert_expires_at_unix: unix_now() + 3600,
+        last_seen_unix: unix_now(),
+    }
+}
+
+/// The view's endpoints as (address, SPIFFE ID).
+fn endpoints_of(view: &View) -> Vec<(&str, &str)> {
+    view.endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
+        .collect()
+}
+
 /// Two live workloads that report one address (a store written before
 /// addresses were owned) are never both published: a sidecar would expect
 /// whichever it read last.
 #[test]
 fn one_address_is_published_with_one_owner() {
-    let live = |id: &str, addresses: &[&str]| WorkloadRecord {
-        spiffe_id: id.into(),
-        addresses: addresses.iter().map(|a| a.to_string()).collect(),
-        cert_expires_at_unix: unix_now() + 3600,
-        last_seen_unix: unix_now(),
-    };
     let view = View::from_state(DiscoveryState {
         version: 7,
         workloads: vec![
@@ -120,11 +132,7 @@ fn one_address_is_published_with_one_owner() {
         ],
         ..DiscoveryState::default()
     });
-    let listed: Vec<(&str, &str)> = view
-        .endpoints
-        .iter()
-        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
-        .collect();
+    let listed = endpoints_of(&view);
     assert_eq!(
         listed,
         [
@@ -210,12 +218,6 @@ fn without_the_time_of_the_version_any_expired_endpoint_counts() {
 #[test]
 fn a_loopback_address_several_workloads_report_is_not_published() {
     const API: &str = "spiffe://td/ns/a/sa/api";
-    let live = |id: &str, addresses: &[&str]| WorkloadRecord {
-        spiffe_id: id.into(),
-        addresses: addresses.iter().map(|a| a.to_string()).collect(),
-        cert_expires_at_unix: unix_now() + 3600,
-        last_seen_unix: unix_now(),
-    };
     let view = View::from_state(DiscoveryState {
         version: 7,
         workloads: vec![
@@ -225,11 +227,7 @@ fn a_loopback_address_several_workloads_report_is_not_published() {
         ],
         ..DiscoveryState::default()
     });
-    let listed: Vec<(&str, &str)> = view
-        .endpoints
-        .iter()
-        .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
-        .collect();
+    let listed = endpoints_of(&view);
     assert_eq!(
         listed,
         [
