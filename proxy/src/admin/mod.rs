@@ -39,6 +39,17 @@ pub struct State {
     pub metrics: Arc<Metrics>,
 }
 
+/// How long a client of the admin port has to send a request's head,
+/// and how long an idle connection is kept waiting for the next one: the
+/// kubelet and Prometheus send theirs at once.
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Admin connections served at once; more are closed as they are
+/// accepted. The port is reachable from every pod of the cluster (it is
+/// the kubelet's probe target), so a client that opens connections and
+/// sends nothing must not grow the sidecar's memory without bound.
+pub const MAX_CONNECTIONS: usize = 128;
+
 /// Binds the admin port; [`Admin::run`] serves it.
 pub struct Admin {
     listener: TcpListener,
@@ -65,10 +76,16 @@ impl Admin {
             state,
             drain,
         } = self;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         drain
-            .accept(&listener, "admin", |tcp, _, _tracker| {
+            .accept(&listener, "admin", |tcp, client, _tracker| {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%client, limit = MAX_CONNECTIONS, "admin connection refused: too many open");
+                    return;
+                };
                 let state = state.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move {
@@ -81,6 +98,8 @@ impl Admin {
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEAD_TIMEOUT)
                         .serve_connection(TokioIo::new(tcp), service)
                         .await;
                 });

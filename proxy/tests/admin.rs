@@ -1,0 +1,93 @@
+//! The admin port is reachable from every pod of the cluster (it is the
+//! kubelet's probe target): a client cannot hold its connections open
+//! without sending requests, nor open more than the sidecar serves at once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::control_plane::FakeControlPlane;
+use common::http::*;
+use common::sidecar::sidecar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS};
+
+/// Reads until the server closes the connection, or fails after `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(within, tcp.read_to_end(&mut seen))
+        .await
+        .expect("the admin port kept the connection open")
+        .ok();
+    seen
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_closed() {
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let within = HEAD_TIMEOUT + Duration::from_secs(5);
+
+    // Half a request head, then nothing.
+    let mut partial = TcpStream::connect(s.admin).await.unwrap();
+    partial.write_all(b"GET /live HTTP/1.1\r\n").await.unwrap();
+    // A keep-alive connection left idle after its answer.
+    let mut idle = TcpStream::connect(s.admin).await.unwrap();
+    idle.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+
+    let answer = String::from_utf8(closed_within(&mut idle, within).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("live\n"), "{answer}");
+    closed_within(&mut partial, within).await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut tcp = TcpStream::connect(s.admin).await.unwrap();
+        // Proves the connection is being served before the next opens.
+        tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(tcp);
+    }
+    let mut over = TcpStream::connect(s.admin).await.unwrap();
+    let _ = over
+        .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await;
+    assert!(
+        closed_within(&mut over, Duration::from_secs(5)).await.is_empty(),
+        "a connection beyond the limit was served"
+    );
+
+    // One closes: a new one is served again.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut tcp = TcpStream::connect(s.admin).await.unwrap();
+        let _ = tcp
+            .write_all(b"GET /live HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await;
+        let answer = closed_within(&mut tcp, Duration::from_secs(10)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection was served after one closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
