@@ -57,6 +57,9 @@ fn invalid_flags_exit_64_naming_the_flag() {
         ),
         (&["--advertise-address", "x"], "--advertise-address"),
         (&["--control-plane", "nohost"], "--control-plane"),
+        (&["--control-plane", "https://cp:15012"], "--control-plane"),
+        (&["--control-plane", "::1:15012"], "--control-plane"),
+        (&["--control-plane", "cp:15012/path"], "--control-plane"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];
     for (extra, flag) in cases {
