@@ -207,3 +207,47 @@ async fn a_failed_dial_says_what_to_check() {
     );
     assert_eq!(e.matches("Connection refused").count(), 1, "{e}");
 }
+
+/// A trust bundle the sidecar cannot use, sent with a certificate, is not
+/// taken: every later call to the control plane trusts the bundle, so
+/// taking it would cut the sidecar off (no renewal, no discovery) until a
+/// restart. The certificate is taken and renewals go on.
+#[tokio::test]
+async fn an_unusable_trust_bundle_from_certify_is_not_taken() {
+    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
+    cp.seen.lock().unwrap().bundle_extra = vec![b"not a certificate".to_vec()];
+    let me = id("/ns/a/sa/web");
+    let metrics = Arc::new(Metrics::new());
+    let (svid_tx, svid) = watch::channel(None);
+    let (bundle_tx, bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
+    tokio::spawn(identity::run(
+        CertifyParams {
+            control_plane: cp.addr.clone(),
+            identity: me.clone(),
+            token: Some(trellis_proxy::config::Credential::JoinToken(
+                trellis_proxy::config::Token(TOKEN.into()),
+            )),
+            advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+        },
+        svid_tx,
+        bundle_tx,
+        metrics.clone(),
+    ));
+    // Two renewals proved by the current SVID: the calls after the bad
+    // bundle still trust the control plane.
+    eventually("two renewals after the unusable bundle", || {
+        let seen = cp.seen.lock().unwrap();
+        seen.certify
+            .iter()
+            .filter(|(token, peer)| !token && peer.as_ref() == Some(&me))
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(svid.borrow().is_some());
+    assert_eq!(
+        bundle.borrow().as_slice(),
+        std::slice::from_ref(&cp.root),
+        "the unusable bundle was taken"
+    );
+}

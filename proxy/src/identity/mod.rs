@@ -298,7 +298,19 @@ pub async fn run(
                     "certificate issued"
                 );
                 if !new_bundle.is_empty() && new_bundle != **bundle {
-                    bundle_tx.send_replace(Arc::new(new_bundle));
+                    // Every later call to the control plane trusts this
+                    // bundle: one that cannot make a root store would cut
+                    // the sidecar off until a restart. Keep the current
+                    // one, as a snapshot carrying such a bundle is refused.
+                    match trellis_core::tls::root_store(&new_bundle) {
+                        Ok(_) => {
+                            bundle_tx.send_replace(Arc::new(new_bundle));
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "the trust bundle the control plane sent with the certificate is not usable; keeping the current one"
+                        ),
+                    }
                 }
                 svid_tx.send_replace(Some(Arc::new(svid)));
                 renew

@@ -40,6 +40,9 @@ pub struct Seen {
     pub subscribes: Vec<u64>,
     /// Every ACK and NACK, in order.
     pub answers: Vec<Kind>,
+    /// Entries Certify adds to the trust bundle after the root (a broken
+    /// control plane's).
+    pub bundle_extra: Vec<Vec<u8>>,
 }
 
 /// A running fake; dropped with the test's runtime.
@@ -92,9 +95,11 @@ impl Identity for Service {
         csr.params.not_before = now - time::Duration::minutes(5);
         csr.params.not_after = now + self.cert_ttl;
         let cert = self.ca.sign(&csr);
+        let mut trust_bundle = vec![self.root.to_vec()];
+        trust_bundle.extend(self.seen.lock().unwrap().bundle_extra.iter().cloned());
         Ok(Response::new(CertifyResponse {
             chain: vec![cert.to_vec()],
-            trust_bundle: vec![self.root.to_vec()],
+            trust_bundle,
             expires_at_unix: 0,
             spiffe_id: String::new(),
         }))
