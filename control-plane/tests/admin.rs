@@ -47,6 +47,10 @@ async fn token_create_refuses_bad_input() {
             vec!["--spiffe-id", "spiffe://cluster.local/trellis/admin"],
             "reserved",
         ),
+        (
+            vec!["--spiffe-id", "spiffe://cluster.local"],
+            "names the trust domain itself",
+        ),
         (vec!["--spiffe-id", WEB, "--ttl", "25h"], "ttl_seconds"),
     ] {
         let mut full = vec!["token", "create"];

@@ -77,6 +77,11 @@ impl Admin for AdminService {
                 self.mesh.trust_domain
             )));
         }
+        if id.path().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
+            )));
+        }
         if is_reserved(&id) {
             return Err(Status::invalid_argument(format!(
                 "spiffe_id {id} is reserved for the control plane"

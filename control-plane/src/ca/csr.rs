@@ -37,6 +37,10 @@ pub enum CsrError {
     },
     #[error("csr SPIFFE ID {0} is reserved for the control plane")]
     Reserved(SpiffeId),
+    #[error(
+        "csr SPIFFE ID {0} names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
+    )]
+    NoPath(SpiffeId),
 }
 
 impl CsrError {
@@ -47,7 +51,7 @@ impl CsrError {
             Self::BadSignature => "csr_bad_signature",
             Self::KeyType(_) => "csr_key_type",
             Self::SanCount(_) | Self::NotUri(_) => "csr_san",
-            Self::InvalidId(_) => "csr_invalid_id",
+            Self::InvalidId(_) | Self::NoPath(_) => "csr_invalid_id",
             Self::ForeignTrustDomain { .. } => "csr_foreign_trust_domain",
             Self::Reserved(_) => "csr_reserved_id",
         }
@@ -121,6 +125,11 @@ pub fn validate(der: &[u8], trust_domain: &TrustDomain) -> Result<ValidCsr, CsrE
             expected: trust_domain.clone(),
         });
     }
+    // The X509-SVID specification: a leaf's SPIFFE ID has a path; the
+    // trust domain's own ID is the root CA's.
+    if spiffe_id.path().is_empty() {
+        return Err(CsrError::NoPath(spiffe_id));
+    }
     if is_reserved(&spiffe_id) {
         return Err(CsrError::Reserved(spiffe_id));
     }
@@ -191,6 +200,8 @@ mod tests {
             validate(&foreign, &td()),
             Err(CsrError::ForeignTrustDomain { .. })
         ));
+        let root = csr(vec![uri("spiffe://cluster.local")], &key);
+        assert!(matches!(validate(&root, &td()), Err(CsrError::NoPath(_))));
         let reserved = csr(vec![uri("spiffe://cluster.local/trellis/admin")], &key);
         assert!(matches!(
             validate(&reserved, &td()),
