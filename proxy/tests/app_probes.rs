@@ -26,11 +26,12 @@ use trellis_proxy::admin::probes::{self, Check, Failure, HttpGet};
 
 const ID: &str = "spiffe://td.test/ns/default/sa/web";
 
-/// What the test app answers: 200 on `/ok`, 302 on `/moved`, 500 on
-/// `/fail`; `/header` is 200 only with `X-Probe: kubelet`.
+/// What the test app answers: 200 on `/ok` and on `/a%20b` exactly as
+/// escaped, 302 on `/moved`, 500 on `/fail`; `/header` is 200 only with
+/// `X-Probe: kubelet`.
 fn app_answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let status = match req.uri().path() {
-        "/ok" => StatusCode::OK,
+        "/ok" | "/a%20b" => StatusCode::OK,
         "/moved" => StatusCode::FOUND,
         "/header" if req.headers().get("x-probe").is_some_and(|v| v == "kubelet") => StatusCode::OK,
         "/header" => StatusCode::BAD_REQUEST,
@@ -50,19 +51,44 @@ fn app_answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// Serves [`app_answer`] on a free loopback port, over TLS with a
 /// self-signed certificate when `tls`.
 async fn http_app(tls: bool) -> u16 {
+    serve_app(tls.then(|| {
+        app_tls(
+            rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap(),
+        )
+    }))
+    .await
+}
+
+/// Serves [`app_answer`] over TLS 1.2 only, as an app on an older TLS
+/// stack does.
+async fn tls12_app() -> u16 {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    serve_app(Some(app_tls(
+        rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap(),
+    )))
+    .await
+}
+
+/// A self-signed certificate on `config`.
+fn app_tls(
+    config: rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>,
+) -> tokio_rustls::TlsAcceptor {
+    let cert = rcgen::generate_simple_self_signed(vec!["app.invalid".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = config
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn serve_app(acceptor: Option<tokio_rustls::TlsAcceptor>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let acceptor = tls.then(|| {
-        let cert = rcgen::generate_simple_self_signed(vec!["app.invalid".into()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    });
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -251,15 +277,90 @@ async fn a_probe_gives_up_after_its_timeout() {
     assert!(err.to_string().contains("did not answer"), "{err}");
 }
 
+#[tokio::test]
+async fn paths_are_requested_as_the_kubelet_requests_them() {
+    let app = http_app(false).await;
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "web",
+                "image": "web",
+                // Kubernetes only wants a non-empty path: the kubelet adds
+                // the leading slash and escapes the space.
+                "livenessProbe": http_probe(json!(app), "ok"),
+                "readinessProbe": http_probe(json!(app), "/a b"),
+            }],
+        },
+    });
+    let admin = sidecar(&injected_probes(&pod)).await;
+    for path in ["/app-health/web/liveness", "/app-health/web/readiness"] {
+        let (status, body) = kubelet_get(admin, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_probe_that_cannot_make_its_request_fails_without_panicking() {
+    // Only a hand-built probe can hold such a path: parsing escapes it.
+    let app = http_app(false).await;
+    let check = Check::Http(HttpGet {
+        port: app,
+        path: "/a b".into(),
+        https: false,
+        headers: Vec::new(),
+    });
+    let err = probes::run(&check, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Failure::Request(..)), "{err}");
+}
+
+#[tokio::test]
+async fn https_probes_reach_an_app_limited_to_tls_1_2() {
+    let app = tls12_app().await;
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "legacy",
+                "image": "legacy",
+                "livenessProbe": {"httpGet": {"port": app, "path": "/ok", "scheme": "HTTPS"}},
+            }],
+        },
+    });
+    let admin = sidecar(&injected_probes(&pod)).await;
+    let (status, body) = kubelet_get(admin, "/app-health/legacy/liveness").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 #[test]
 fn invalid_probes_exit_64_naming_the_flag() {
     let bin = env!("CARGO_BIN_EXE_trellis-proxy");
     let bad = [
-        "{not json",
-        r#"{"/app-health/web/liveness": {"exec": {"command": ["true"]}}}"#,
-        r#"{"/app-health/web/liveness": {"httpGet": {"port": 8080, "scheme": "FTP"}}}"#,
+        ("{not json", "--app-probes"),
+        (
+            r#"{"/app-health/web/liveness": {"exec": {"command": ["true"]}}}"#,
+            "--app-probes",
+        ),
+        (
+            r#"{"/app-health/web/liveness": {"httpGet": {"port": 8080, "scheme": "FTP"}}}"#,
+            "--app-probes",
+        ),
+        // A path the kubelet would read as a URL, not a path: refused at
+        // start-up naming the probe, rather than failing every probe.
+        (
+            r#"{"/app-health/web/liveness": {"httpGet": {"port": 8080, "path": "healthz:8080"}}}"#,
+            r#""/app-health/web/liveness": path "healthz:8080""#,
+        ),
     ];
-    for json in bad {
+    for (json, says) in bad {
         let out = Command::new(bin)
             .args(["--identity", ID, "--app-probes", json])
             .env_clear()
@@ -268,6 +369,7 @@ fn invalid_probes_exit_64_naming_the_flag() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{json}: {stderr}");
         assert!(stderr.contains("--app-probes"), "{json}: {stderr}");
+        assert!(stderr.contains(says), "{json}: {stderr}");
     }
     // The environment twin is checked the same way.
     let out = Command::new(bin)

@@ -62,6 +62,8 @@ pub enum Check {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpGet {
     pub port: u16,
+    /// The request target the kubelet would send (path and query), as
+    /// [`AppProbes::parse`] makes it from `httpGet.path`.
     pub path: String,
     pub https: bool,
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -156,13 +158,10 @@ fn check(path: &str, raw: RawCheck) -> Result<Check, String> {
                 Some("HTTPS") => true,
                 Some(other) => return Err(format!("scheme {other:?} is not HTTP or HTTPS")),
             };
-            let path = h
-                .path
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "/".into());
-            if !path.starts_with('/') {
-                return Err(format!("path {path:?} must start with /"));
-            }
+            let path = match h.path.as_deref() {
+                None | Some("") => "/".to_string(),
+                Some(path) => request_target(path)?,
+            };
             let headers = h
                 .http_headers
                 .into_iter()
@@ -191,6 +190,147 @@ fn check(path: &str, raw: RawCheck) -> Result<Check, String> {
     })
 }
 
+/// The request target the kubelet sends for an `httpGet.path`, which
+/// Kubernetes only requires to be non-empty: the kubelet reads it with Go's
+/// `url.Parse` (falling back to the whole string as a path when that fails)
+/// and writes the request from the URL's string form. So a missing leading
+/// `/` is added (`healthz` asks for `/healthz`), a fragment is dropped, a
+/// path already validly escaped is kept as written, and otherwise the
+/// bytes a path may not hold are percent-encoded (`/a b` asks for
+/// `/a%20b`). The query is kept, with the bytes a URI may not hold
+/// percent-encoded (the kubelet would write them raw onto the request
+/// line). A path Go reads as a URL with a scheme or a host is refused: the
+/// kubelet would not ask for it as written.
+fn request_target(raw: &str) -> Result<String, String> {
+    let refused = |why: String| Err(format!("path {raw:?} {why}"));
+    let (target, fragment) = raw.split_once('#').unwrap_or((raw, ""));
+    let (path, query) = target
+        .split_once('?')
+        .map_or((target, None), |(p, q)| (p, Some(q)));
+    let controls = target.bytes().any(|b| b < 0x20 || b == 0x7f);
+    if let Some(scheme) = url_scheme(path).filter(|_| !controls) {
+        return refused(format!(
+            "reads as a URL with the scheme {scheme:?}, not a path"
+        ));
+    }
+    // What Go's `url.Parse` refuses, so that the kubelet takes the whole
+    // string as the path.
+    let go_parses = !controls
+        && !target.starts_with(':')
+        && (path.starts_with('/') || !path.split('/').next().unwrap_or("").contains(':'))
+        && percent_escapes_are_valid(path)
+        && percent_escapes_are_valid(fragment);
+    let (path, query) = if !go_parses {
+        (escape_path(raw.as_bytes()), None)
+    } else if path.starts_with("//") && !path.starts_with("///") {
+        return refused("reads as a URL with a host, not a path".into());
+    } else if path.bytes().all(|b| b == b'%' || path_keeps_escaped(b)) {
+        (path.to_string(), query)
+    } else {
+        (escape_path(&percent_decode(path)), query)
+    };
+    let slash = if path.starts_with('/') { "" } else { "/" };
+    let target = match query {
+        Some(query) => format!("{slash}{path}?{}", escape_query(query)),
+        None => format!("{slash}{path}"),
+    };
+    match http::uri::PathAndQuery::try_from(target.as_str()) {
+        Ok(_) => Ok(target),
+        Err(e) => refused(format!("cannot make a request ({target:?}: {e})")),
+    }
+}
+
+/// The scheme Go's `url.Parse` finds before a `:`, if any.
+fn url_scheme(path: &str) -> Option<&str> {
+    let (scheme, _) = path.split_once(':')?;
+    let mut bytes = scheme.bytes();
+    let first = bytes.next()?;
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    (first.is_ascii_alphabetic() && rest_ok).then_some(scheme)
+}
+
+/// Whether every `%` starts two hex digits, as Go's `url.Parse` requires.
+fn percent_escapes_are_valid(s: &str) -> bool {
+    let b = s.as_bytes();
+    (0..b.len()).filter(|&i| b[i] == b'%').all(|i| {
+        b.get(i + 1..i + 3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    })
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// What Go's escaping of a URL path (`shouldEscape`) leaves as it is.
+fn path_keeps(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'_'
+                | b'.'
+                | b'~'
+                | b'$'
+                | b'&'
+                | b'+'
+                | b','
+                | b'/'
+                | b':'
+                | b';'
+                | b'='
+                | b'@'
+        )
+}
+
+/// What Go accepts in a path already escaped (besides `%`), so keeps as
+/// written.
+fn path_keeps_escaped(b: u8) -> bool {
+    path_keeps(b) || matches!(b, b'!' | b'\'' | b'(' | b')' | b'*' | b'[' | b']')
+}
+
+fn escape_path(bytes: &[u8]) -> String {
+    escape(bytes, path_keeps)
+}
+
+/// A URI query keeps RFC 3986's query characters and existing escapes.
+fn escape_query(query: &str) -> String {
+    escape(query.as_bytes(), |b| {
+        b == b'%' || b == b'?' || path_keeps_escaped(b) && b != b'[' && b != b']'
+    })
+}
+
+fn escape(bytes: &[u8], keeps: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if keeps(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Why a check failed, as the 503 body says it.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
@@ -200,6 +340,8 @@ pub enum Failure {
     Connect(Target, std::io::Error),
     #[error("TLS with {0}: {1}")]
     Tls(Target, std::io::Error),
+    #[error("cannot make the request for {0}: {1}")]
+    Request(Target, http::Error),
     #[error("HTTP to {0}: {1}")]
     Http(Target, hyper::Error),
     #[error("{0} answered {1}")]
@@ -249,15 +391,19 @@ async fn run_check(check: &Check, target: &Target) -> Result<(), Failure> {
     match check {
         Check::Tcp { port } => connect(*port).await.map(drop),
         Check::Http(h) => {
+            // Built before connecting: a probe that cannot make its request
+            // fails without touching the app.
+            let request =
+                http_request(h).map_err(|e| Failure::Request(Target(target.0.clone()), e))?;
             let tcp = connect(h.port).await?;
             let status = if h.https {
                 let tls = tokio_rustls::TlsConnector::from(insecure_tls())
                     .connect(ServerName::from(Ipv4Addr::LOCALHOST), tcp)
                     .await
                     .map_err(|e| Failure::Tls(Target(target.0.clone()), e))?;
-                http_get(tls, h).await
+                http_get(tls, request).await
             } else {
-                http_get(tcp, h).await
+                http_get(tcp, request).await
             }
             .map_err(|e| Failure::Http(Target(target.0.clone()), e))?;
             // As the kubelet counts it: 200-399 passes.
@@ -273,13 +419,9 @@ async fn run_check(check: &Check, target: &Target) -> Result<(), Failure> {
     }
 }
 
-/// One HTTP/1.1 GET on `io`; only the status matters.
-async fn http_get<IO>(io: IO, h: &HttpGet) -> Result<StatusCode, hyper::Error>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    let conn = tokio::spawn(conn);
+/// The probe's GET. [`AppProbes::parse`] only makes probes whose request
+/// can be made; a hand-built one that cannot is an error, never a panic.
+fn http_request(h: &HttpGet) -> Result<Request<Empty<Bytes>>, http::Error> {
     let mut request = Request::get(h.path.as_str())
         .header(header::HOST, local(h.port).to_string())
         .header(header::USER_AGENT, USER_AGENT)
@@ -290,9 +432,16 @@ where
             headers.insert(name.clone(), value.clone());
         }
     }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .expect("a checked path and headers make a valid request");
+    request.body(Empty::<Bytes>::new())
+}
+
+/// One HTTP/1.1 GET on `io`; only the status matters.
+async fn http_get<IO>(io: IO, request: Request<Empty<Bytes>>) -> Result<StatusCode, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let conn = tokio::spawn(conn);
     let response = sender.send_request(request).await?;
     conn.abort();
     Ok(response.status())
@@ -326,12 +475,17 @@ async fn grpc_check(port: u16, service: &str) -> Result<(), String> {
 /// A client config that accepts any server certificate, as the kubelet's
 /// HTTPS probes do (`InsecureSkipVerify`); handshake signatures are still
 /// checked. Used only for the app on loopback.
+///
+/// Unlike the mesh's own TLS (1.3 only, `trellis_core::tls::provider`), it
+/// offers TLS 1.2 and 1.3 with rustls' default aws-lc-rs suites: the
+/// kubelet speaks TLS 1.2, so an app limited to it passed its probes before
+/// injection and must pass them after.
 fn insecure_tls() -> Arc<rustls::ClientConfig> {
-    let provider = trellis_core::tls::provider();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = Arc::new(AnyCertificate(provider.clone()));
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("the default provider supports the default versions")
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("the default provider supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -419,6 +573,48 @@ mod tests {
         );
     }
 
+    fn requested(path: &str) -> String {
+        let json =
+            serde_json::json!({"/app-health/web/liveness": {"httpGet": {"port": 1, "path": path}}});
+        match AppProbes::parse(&json.to_string())
+            .unwrap()
+            .get("/app-health/web/liveness")
+        {
+            Some(Check::Http(h)) => h.path.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_what_the_kubelet_would_for_a_path() {
+        for (path, target) in [
+            ("healthz", "/healthz"),
+            ("healthz/deep?full=1", "/healthz/deep?full=1"),
+            ("/healthz", "/healthz"),
+            ("", "/"),
+            ("/a b", "/a%20b"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/a\"b<c>{d}|e^`", "/a%22b%3Cc%3E%7Bd%7D%7Ce%5E%60"),
+            // Already escaped, or characters a path may hold: as written.
+            ("/a%2Fb/(x)!*[y];k=v@h:1", "/a%2Fb/(x)!*[y];k=v@h:1"),
+            // Once anything must be escaped, Go re-escapes the decoded path.
+            ("/a%41 b!", "/aA%20b%21"),
+            ("/x?q=a b&r=%41", "/x?q=a%20b&r=%41"),
+            ("/x#frag ment", "/x"),
+            ("/x?", "/x?"),
+            ("*", "/*"),
+            ("///x", "///x"),
+            // What Go's url.Parse refuses is all path, escaped as it is.
+            ("/bad%zz?q", "/bad%25zz%3Fq"),
+            ("/tab\there#f", "/tab%09here%23f"),
+            ("1a:b", "/1a:b"),
+            (":x", "/:x"),
+        ] {
+            assert_eq!(requested(path), target, "{path:?}");
+            http::uri::PathAndQuery::try_from(target).unwrap();
+        }
+    }
+
     #[test]
     fn refuses_bad_probes_naming_the_path() {
         for (json, says) in [
@@ -447,6 +643,14 @@ mod tests {
                 r#"{"/app-health/a/liveness": {"httpGet": {"port": 1,
                     "httpHeaders": [{"name": "bad name", "value": "x"}]}}}"#,
                 "header name \"bad name\"",
+            ),
+            (
+                r#"{"/app-health/a/liveness": {"httpGet": {"port": 1, "path": "healthz:8080"}}}"#,
+                "\"/app-health/a/liveness\": path \"healthz:8080\" reads as a URL with the scheme \"healthz\"",
+            ),
+            (
+                r#"{"/app-health/a/liveness": {"httpGet": {"port": 1, "path": "//host/x"}}}"#,
+                "reads as a URL with a host",
             ),
         ] {
             let err = AppProbes::parse(json).unwrap_err();
