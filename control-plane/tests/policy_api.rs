@@ -166,6 +166,49 @@ async fn an_invalid_policy_is_refused_at_its_field_and_the_stored_one_stays() {
     }
 }
 
+/// Thirty errors would not fit in the headers a client accepts (16 KiB by
+/// default): the refusal lists the first ones and counts the rest.
+#[tokio::test]
+async fn a_refusal_with_many_errors_reaches_the_client_whole() {
+    let cp = ControlPlane::start(&["--opaque-ports", "5432"]);
+    let mut admin = cp.admin_client().await;
+    let rules: String = (0..30)
+        .map(|i| format!("    - to: [{{ports: [5432], paths: [\"/p{i}\"]}}]\n"))
+        .collect();
+    let document = allow("many", API, WEB, 5432).replace(
+        "    - from:\n        - spiffeId: spiffe://cluster.local/ns/default/sa/web\n      to:\n        - ports: [5432]\n",
+        &rules,
+    );
+    assert!(document.ends_with("paths: [\"/p29\"]}]\n"), "{document}");
+
+    let err = apply(&mut admin, &document, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let message = err.message();
+    assert!(
+        message.starts_with(
+            "invalid policy (30 errors): \
+             document:11:21: spec.rules[0].to[0].ports[0]: port 5432 is declared opaque"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("; document:12:21: spec.rules[1]"),
+        "{message}"
+    );
+    let errors = policy_errors_of(&err).expect("structured details").errors;
+    let listed = errors.len() - 1;
+    assert!((5..30).contains(&listed), "{errors:?}");
+    let more = format!(
+        "and {} more errors (run `trellisctl policy lint` for all)",
+        30 - listed
+    );
+    assert!(message.ends_with(&format!("; {more}")), "{message}");
+    assert_eq!((errors[0].line, errors[0].column), (11, 21));
+    assert_eq!(errors[listed].line, 0);
+    assert_eq!(errors[listed].violation.as_ref().unwrap().message, more);
+    assert_eq!(list(&mut admin).await.generation, 0);
+}
+
 #[tokio::test]
 async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     let cp = ControlPlane::start(&[]);

@@ -9,10 +9,12 @@
 //! (`trellis_core::policy::load_source_in`), the same code `trellisctl policy
 //! lint` and the sidecars run, knowing the mesh's opaque ports (an L7 rule on
 //! one could never be enforced); a request with any error is refused whole
-//! with INVALID_ARGUMENT and stores nothing. The message lists every error
-//! as `document:LINE:COLUMN: field.path: message`; the status details carry
-//! the same as a `google.rpc.Status` whose one detail is a
-//! `trellis.admin.v1.PolicyErrors` ([`policy_errors_of`] reads it back).
+//! with INVALID_ARGUMENT and stores nothing. The message lists the first
+//! errors as `document:LINE:COLUMN: field.path: message`, then how many more
+//! there were (all of them would not fit in the headers a client accepts);
+//! the status details carry the same as a `google.rpc.Status` whose one
+//! detail is a `trellis.admin.v1.PolicyErrors` ([`policy_errors_of`] reads
+//! it back), the count of the others as a last error without a line.
 //! A successful write bumps the snapshot version in its own transaction and
 //! then refreshes discovery, which pushes to the sidecars it affects.
 
@@ -199,33 +201,66 @@ fn result_of(
     }
 }
 
-/// INVALID_ARGUMENT listing every error, with the structured details.
+/// At most this many errors are listed in a refusal; `trellisctl policy
+/// lint` lists them all.
+const LISTED_ERRORS: usize = 20;
+/// The most one listed error may take in `grpc-message` once
+/// percent-encoded; a longer one is cut.
+const ERROR_BUDGET: usize = 256;
+/// The most the listed errors together may take there. The details repeat
+/// the message and each listed error's path and message, base64-encoded;
+/// with this budget a refusal's headers stay under 8 KiB, half of the 16 KiB
+/// an HTTP/2 client accepts by default (more, and the caller sees only
+/// "h2 protocol error").
+const LIST_BUDGET: usize = 1920;
+
+/// INVALID_ARGUMENT listing the first errors, with the same errors as
+/// structured details; how many more there were closes both lists.
 fn invalid_policy(diagnostics: &[Diagnostic]) -> Status {
-    let errors: Vec<String> = diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .map(ToString::to_string)
-        .collect();
+    let errors = diagnostics.iter().filter(|d| d.is_error());
+    let total = errors.clone().count();
+    let mut lines = Vec::new();
+    let mut details = PolicyErrors::default();
+    let mut spent = 0;
+    for d in errors.take(LISTED_ERRORS) {
+        let line = cut(&d.to_string(), ERROR_BUDGET, wire_len);
+        let cost = wire_len(&line) + 2;
+        if spent + cost > LIST_BUDGET {
+            break;
+        }
+        spent += cost;
+        lines.push(line);
+        let path = cut(&d.path.to_string(), ERROR_BUDGET / 2, str::len);
+        let message = cut(&d.message, ERROR_BUDGET - path.len(), str::len);
+        details.errors.push(PolicyError {
+            violation: Some(Violation {
+                path,
+                message,
+                warning: false,
+            }),
+            line: d.line as u32,
+            column: d.column as u32,
+        });
+    }
+    let more = total - lines.len();
+    if more > 0 {
+        let line = more_errors(more);
+        details.errors.push(PolicyError {
+            violation: Some(Violation {
+                path: String::new(),
+                message: line.clone(),
+                warning: false,
+            }),
+            line: 0,
+            column: 0,
+        });
+        lines.push(line);
+    }
     let message = format!(
-        "invalid policy ({} error{}): {}",
-        errors.len(),
-        if errors.len() == 1 { "" } else { "s" },
-        errors.join("; ")
+        "invalid policy ({total} error{}): {}",
+        if total == 1 { "" } else { "s" },
+        lines.join("; ")
     );
-    let details = PolicyErrors {
-        errors: diagnostics
-            .iter()
-            .map(|d| PolicyError {
-                violation: Some(trellis_proto::policy::v1::Violation {
-                    path: d.path.to_string(),
-                    message: d.message.clone(),
-                    warning: !d.is_error(),
-                }),
-                line: d.line as u32,
-                column: d.column as u32,
-            })
-            .collect(),
-    };
     let status = RpcStatus {
         code: Code::InvalidArgument as i32,
         message: message.clone(),
@@ -239,6 +274,45 @@ fn invalid_policy(diagnostics: &[Diagnostic]) -> Status {
         message,
         status.encode_to_vec().into(),
     )
+}
+
+/// The line that closes a refusal listing only its first errors.
+fn more_errors(more: usize) -> String {
+    format!(
+        "and {more} more error{} (run `trellisctl policy lint` for all)",
+        if more == 1 { "" } else { "s" }
+    )
+}
+
+/// The length of `text` in `grpc-message`, which percent-encodes controls,
+/// non-ASCII bytes, spaces and `"#%<>`?{}`.
+fn wire_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b' ' | b'"' | b'#' | b'%' | b'<' | b'>' | b'`' | b'?' | b'{' | b'}' => 3,
+            0x21..=0x7e => 1,
+            _ => 3,
+        })
+        .sum()
+}
+
+/// `text` if `len` finds it at most `max` long, else its longest prefix
+/// (on a character boundary) that fits with "..." after it.
+fn cut(text: &str, max: usize, len: fn(&str) -> usize) -> String {
+    if len(text) <= max {
+        return text.to_owned();
+    }
+    let mut spent = len("...");
+    let mut end = 0;
+    for (i, c) in text.char_indices() {
+        let next = i + c.len_utf8();
+        spent += len(&text[i..next]);
+        if spent > max {
+            break;
+        }
+        end = next;
+    }
+    format!("{}...", &text[..end])
 }
 
 /// The structured errors of a rejected ApplyPolicy, if the status has them.
@@ -405,4 +479,123 @@ pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainRespo
     Ok(ExplainResponse {
         explanation: Some(explanation.to_proto()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::policy::{FieldPath, Severity};
+
+    fn error(line: usize, path: &str, message: &str) -> Diagnostic {
+        Diagnostic {
+            file: SOURCE_NAME.to_owned(),
+            line,
+            column: 7,
+            severity: Severity::Error,
+            path: FieldPath::parse(path),
+            message: message.to_owned(),
+        }
+    }
+
+    /// The bytes the status takes in the response's trailers.
+    fn header_bytes(status: &Status) -> usize {
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).unwrap();
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum()
+    }
+
+    #[test]
+    fn a_refusal_of_many_errors_lists_the_first_and_counts_the_rest() {
+        let diagnostics: Vec<Diagnostic> = (0..1000)
+            .map(|i| {
+                let path = format!("spec.rules[{i}].to[0].ports[0]");
+                error(10 + i, &path, "port 5432 is declared opaque")
+            })
+            .collect();
+        let status = invalid_policy(&diagnostics);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let message = status.message();
+        assert!(
+            message.starts_with(
+                "invalid policy (1000 errors): \
+                 document:10:7: spec.rules[0].to[0].ports[0]: port 5432 is declared opaque; \
+                 document:11:7: "
+            ),
+            "{message}"
+        );
+        let errors = policy_errors_of(&status).unwrap().errors;
+        let listed = errors.len() - 1;
+        assert!((10..=LISTED_ERRORS).contains(&listed), "{listed}");
+        let more = format!(
+            "and {} more errors (run `trellisctl policy lint` for all)",
+            1000 - listed
+        );
+        assert!(message.ends_with(&format!("; {more}")), "{message}");
+        assert_eq!((errors[1].line, errors[1].column), (11, 7));
+        let last = &errors[listed];
+        assert_eq!(
+            (last.line, last.violation.as_ref().unwrap()),
+            (
+                0,
+                &Violation {
+                    path: String::new(),
+                    message: more,
+                    warning: false,
+                }
+            )
+        );
+        assert!(
+            header_bytes(&status) < 8 * 1024,
+            "{}",
+            header_bytes(&status)
+        );
+    }
+
+    #[test]
+    fn a_refusal_stays_small_whatever_its_errors_hold() {
+        // Text that percent-encodes to three times its length, and text
+        // that does not encode at all (the most bytes in the details).
+        let encoded = (
+            "é \"?%".repeat(10_000),
+            format!("spec.{}", "fêld{ }.".repeat(500)),
+        );
+        let plain = (
+            "x".repeat(100_000),
+            format!("spec.{}", "field.".repeat(500)),
+        );
+        for (message, path) in [&encoded, &plain] {
+            let diagnostics: Vec<Diagnostic> = (1..=50).map(|i| error(i, path, message)).collect();
+            let status = invalid_policy(&diagnostics);
+            let size = header_bytes(&status);
+            assert!(size < 8 * 1024, "{size}");
+            let errors = policy_errors_of(&status).unwrap().errors;
+            assert!(errors.len() >= 2, "{errors:?}");
+            assert_eq!(errors[0].line, 1);
+            let first = errors[0].violation.as_ref().unwrap();
+            assert!(first.message.starts_with(&message[..5]), "{first:?}");
+            assert!(first.message.ends_with("..."), "{first:?}");
+            assert!(status.message().contains("more errors"));
+        }
+
+        // One short error is listed whole, with no count of others.
+        let status = invalid_policy(&[error(3, "metadata.name", "must be set")]);
+        assert_eq!(
+            status.message(),
+            "invalid policy (1 error): document:3:7: metadata.name: must be set"
+        );
+        assert_eq!(policy_errors_of(&status).unwrap().errors.len(), 1);
+    }
+
+    #[test]
+    fn cut_keeps_characters_whole() {
+        assert_eq!(cut("short", 5, str::len), "short");
+        assert_eq!(cut("abcdefgh", 6, str::len), "abc...");
+        assert_eq!(cut("ééé", 5, str::len), "é...");
+        assert_eq!(cut("ééé", 4, str::len), "...");
+        assert_eq!(cut("a b c", 7, wire_len), "a ...");
+        assert_eq!(cut("a b c", 6, wire_len), "a...");
+    }
 }
