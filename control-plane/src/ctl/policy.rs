@@ -113,11 +113,7 @@ pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> 
     let td = TrustDomain::new(trust_domain)
         .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
     let diagnostics = lint_paths(paths, &td);
-    let mut stdout = String::new();
-    for d in &diagnostics {
-        stdout.push_str(&d.to_string());
-        stdout.push('\n');
-    }
+    let stdout = listing(&diagnostics);
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
     let warnings = diagnostics.len() - errors;
     let stderr = format!(
@@ -130,6 +126,25 @@ pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> 
         stderr,
         failed: has_errors(&diagnostics),
     })
+}
+
+/// The most diagnostics one command prints: past that many a file is
+/// usually one mistake repeated, and printing them all only costs memory.
+const PRINTED_DIAGNOSTICS: usize = 1000;
+
+/// The diagnostics, one a line, at most [`PRINTED_DIAGNOSTICS`] of them and
+/// then how many more there were.
+fn listing(diagnostics: &[trellis_core::policy::Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diagnostics.iter().take(PRINTED_DIAGNOSTICS) {
+        out.push_str(&d.to_string());
+        out.push('\n');
+    }
+    let more = diagnostics.len().saturating_sub(PRINTED_DIAGNOSTICS);
+    if more > 0 {
+        out.push_str(&format!("and {more} more diagnostic{}\n", plural(more)));
+    }
+    out
 }
 
 fn plural(n: usize) -> &'static str {
@@ -250,11 +265,7 @@ async fn apply(
     output: Output,
 ) -> Result<Printed, CtlError> {
     let loaded = load_paths(files, td);
-    let mut report = String::new();
-    for d in &loaded.diagnostics {
-        report.push_str(&d.to_string());
-        report.push('\n');
-    }
+    let mut report = listing(&loaded.diagnostics);
     if loaded.has_errors() {
         return Err(CtlError::Reported(format!(
             "{report}nothing applied: fix the errors above\n"
@@ -277,12 +288,12 @@ async fn apply(
             Some(errors) => {
                 for e in errors.errors {
                     let v = e.violation.unwrap_or_default();
-                    let line = e.line as usize;
-                    let at = starts.iter().rposition(|&s| s <= line);
-                    let place = at.map_or_else(
-                        || format!("document:{}:{}", e.line, e.column),
-                        |i| format!("{}:{}:{}", files[i].0, line - starts[i] + 1, e.column),
-                    );
+                    if e.line == 0 {
+                        // Not a place: how many errors the refusal left out.
+                        report.push_str(&format!("{}\n", v.message));
+                        continue;
+                    }
+                    let place = place(&files, &starts, e.line as usize, e.column);
                     let path = if v.path.is_empty() {
                         String::new()
                     } else {
@@ -330,23 +341,41 @@ fn read_files(names: &[String]) -> Result<Vec<(String, String)>, CtlError> {
         .collect()
 }
 
-/// The files as one YAML stream, each as it was written, and the line each
-/// starts on: a position the control plane reports in the stream maps back
-/// to `file:line:column`. (The control plane validates every document again.)
+/// The files as one YAML stream, each as it was written but for a leading
+/// byte order mark, and the line each starts on: a position the control
+/// plane reports in the stream maps back to `file:line:column` ([`place`]).
+/// (The control plane validates every document again.)
+///
+/// Each file but the last ends with a document end marker (`...`), after
+/// which a new document may begin with directives (`%YAML 1.2`) as at the
+/// top of a file; a `---` would leave that directive inside a document.
+/// A byte order mark may only start the stream, so none is kept.
 fn join_files(files: &[(String, String)]) -> (String, Vec<usize>) {
     let mut text = String::new();
+    let mut lines = 0;
     let mut starts = Vec::with_capacity(files.len());
     for (_, contents) in files {
         if !text.is_empty() {
-            text.push_str("---\n");
+            text.push_str("...\n");
+            lines += 1;
         }
-        starts.push(text.lines().count() + 1);
+        starts.push(lines + 1);
+        let contents = contents.strip_prefix('\u{feff}').unwrap_or(contents);
         text.push_str(contents);
+        lines += contents.lines().count();
         if !text.ends_with('\n') {
             text.push('\n');
         }
     }
     (text, starts)
+}
+
+/// `file:line:column` of a position in the stream [`join_files`] made.
+fn place(files: &[(String, String)], starts: &[usize], line: usize, column: u32) -> String {
+    match starts.iter().rposition(|&s| s <= line) {
+        Some(i) => format!("{}:{}:{column}", files[i].0, line - starts[i] + 1),
+        None => format!("document:{line}:{column}"),
+    }
 }
 
 fn outcome_word(outcome: i32, dry_run: bool) -> &'static str {
@@ -516,7 +545,7 @@ fn parse_id(flag: &str, value: &str) -> Result<SpiffeId, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::policy::load_source;
+    use trellis_core::policy::{lint_source, load_source};
 
     #[test]
     fn joined_files_map_positions_back_to_each_file() {
@@ -551,5 +580,60 @@ spec:
         let mut loaded = load_source("b.yaml", limit, &td);
         loaded.policies = load_source("a.yaml", &files[0].1, &td).policies;
         assert_eq!(files_with_documents(&loaded), ["a.yaml", "b.yaml"]);
+    }
+
+    #[test]
+    fn joined_files_may_start_with_a_byte_order_mark_or_a_directive() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let policy = |name: &str, port: u32| {
+            format!(
+                "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}}
+  action: ALLOW
+  rules: [{{to: [{{ports: [{port}]}}]}}]
+"
+            )
+        };
+        let files = |third: String| {
+            vec![
+                ("a.yaml".to_owned(), policy("a", 80)),
+                ("b.yaml".to_owned(), format!("\u{feff}{}", policy("b", 80))),
+                ("c.yaml".to_owned(), format!("%YAML 1.2\n---\n{third}")),
+            ]
+        };
+        let valid = files(policy("c", 80));
+        for (name, text) in &valid {
+            assert_eq!(load_source(name, text, &td).diagnostics, [], "{name}");
+        }
+        let (joined, starts) = join_files(&valid);
+        assert_eq!(starts, [1, 9, 17]);
+        let loaded = load_source("document", &joined, &td);
+        assert_eq!(loaded.diagnostics, []);
+        let names: Vec<_> = loaded.policies.iter().map(|p| p.policy.key()).collect();
+        assert_eq!(names, ["default/a", "default/b", "default/c"]);
+
+        // Port 70000 is on line 9, column 26 of c.yaml.
+        let invalid = files(policy("c", 70000));
+        let alone = load_source("c.yaml", &invalid[2].1, &td).diagnostics;
+        assert_eq!((alone[0].line, alone[0].column), (9, 26));
+        let (joined, starts) = join_files(&invalid);
+        let again = load_source("document", &joined, &td).diagnostics;
+        assert_eq!(again.len(), 1, "{again:?}");
+        let at = place(&invalid, &starts, again[0].line, again[0].column as u32);
+        assert_eq!(at, "c.yaml:9:26");
+    }
+
+    #[test]
+    fn a_listing_stops_after_a_thousand_diagnostics() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let one = lint_source("x.yaml", "apiVersion: v2\n", &td);
+        let many: Vec<_> = one.iter().cycle().take(1003).cloned().collect();
+        let listing = listing(&many);
+        assert_eq!(listing.lines().count(), 1001);
+        assert!(listing.ends_with("\nand 3 more diagnostics\n"), "{listing}");
+        assert_eq!(super::listing(&one), format!("{}\n", one[0]));
     }
 }
