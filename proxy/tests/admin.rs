@@ -68,7 +68,9 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
         .await;
     assert!(
-        closed_within(&mut over, Duration::from_secs(5)).await.is_empty(),
+        closed_within(&mut over, Duration::from_secs(5))
+            .await
+            .is_empty(),
         "a connection beyond the limit was served"
     );
 
