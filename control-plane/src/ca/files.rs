@@ -151,6 +151,24 @@ pub(super) fn load_ca(
 ) -> Result<CertificateAuthority, CaFilesError> {
     let certs = parse_certs(cert_pem, cert_path)?;
     let key = parse_key(key_pem, key_path)?;
+    // A CA outside its validity period signs certificates no peer accepts:
+    // refuse it at start rather than issue them.
+    for (at, der) in certs.iter().enumerate() {
+        let (_, cert) = parse_x509_certificate(der)
+            .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+        let validity = cert.validity();
+        if !validity.is_valid() {
+            return Err(invalid(
+                cert_path,
+                format!(
+                    "certificate {} of the chain is outside its validity period (not before {}, not after {})",
+                    at + 1,
+                    validity.not_before,
+                    validity.not_after
+                ),
+            ));
+        }
+    }
     let (_, signing) = parse_x509_certificate(&certs[0])
         .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
     if !signing.is_ca() {
@@ -255,6 +273,43 @@ mod tests {
         ensure_admin_credential(&dir, &ca).unwrap();
         let after: Vec<_> = files.iter().map(|f| dir.read(f).unwrap()).collect();
         assert_eq!(before, after);
+    }
+
+    #[test]
+    fn an_expired_ca_is_refused_naming_its_file() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let now = ::time::OffsetDateTime::now_utc();
+        params.not_before = now - ::time::Duration::days(30);
+        params.not_after = now - ::time::Duration::days(1);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (Path::new("operator/ca.pem"), Path::new("operator/ca.key"));
+        let Err(err) = load_ca(
+            &td(),
+            cert.pem().as_bytes(),
+            cert_path,
+            key.serialize_pem().as_bytes(),
+            key_path,
+        ) else {
+            panic!("an expired CA was loaded");
+        };
+        let err = err.to_string();
+        assert!(err.contains("operator/ca.pem"), "{err}");
+        assert!(err.contains("outside its validity period"), "{err}");
+
+        params.not_after = now + ::time::Duration::days(1);
+        let cert = params.self_signed(&key).unwrap();
+        assert!(
+            load_ca(
+                &td(),
+                cert.pem().as_bytes(),
+                cert_path,
+                key.serialize_pem().as_bytes(),
+                key_path,
+            )
+            .is_ok()
+        );
     }
 
     #[test]
