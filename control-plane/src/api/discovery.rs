@@ -27,7 +27,7 @@ use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
-use super::{Mesh, quoted_up_to, require_svid};
+use super::{Mesh, quoted_chars, quoted_up_to, require_svid};
 use crate::discovery::{COALESCE_WINDOW, ContentKey};
 
 /// At most this many characters of what a sidecar sent (its addresses, a
@@ -224,22 +224,16 @@ async fn serve_stream(
 /// joined text, without joining them: only the characters the quote shows
 /// are read, so a huge list costs no huge string.
 fn quoted_list_up_to(pieces: &[String], max: usize) -> String {
-    let total = pieces.iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+    let total = pieces
+        .iter()
+        .map(|p| p.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
     let chars = pieces
         .iter()
         .enumerate()
         .flat_map(|(i, p)| (i > 0).then_some(',').into_iter().chain(p.chars()));
-    let mut out = String::from("\"");
-    for c in chars {
-        let escaped: String = c.escape_debug().collect();
-        if out.len() - 1 + escaped.len() > max {
-            out.push_str(&format!("\"... ({total} bytes)"));
-            return out;
-        }
-        out.push_str(&escaped);
-    }
-    out.push('"');
-    out
+    quoted_chars(chars, total, max)
 }
 
 /// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,

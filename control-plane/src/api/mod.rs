@@ -73,11 +73,18 @@ pub fn quoted(raw: &str) -> String {
 
 /// [`quoted`], cut after `max` escaped characters.
 pub fn quoted_up_to(raw: &str, max: usize) -> String {
+    quoted_chars(raw.chars(), raw.len(), max)
+}
+
+/// The text `chars` (`len` bytes in all) quoted as [`quoted_up_to`] does,
+/// reading only the characters the quote shows: a caller can quote text it
+/// never builds whole.
+pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -> String {
     let mut out = String::from("\"");
-    for c in raw.chars() {
+    for c in chars {
         let escaped: String = c.escape_debug().collect();
         if out.len() - 1 + escaped.len() > max {
-            out.push_str(&format!("\"... ({} bytes)", raw.len()));
+            out.push_str(&format!("\"... ({len} bytes)"));
             return out;
         }
         out.push_str(&escaped);
