@@ -117,25 +117,42 @@ pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Spiff
         .ok_or(SvidError::NoCertificate)?;
     let parsed = parse(leaf)?;
     let id = id_in(&parsed)?;
-    let validity = parsed.validity();
-    if validity.is_valid_at(x509_parser::time::ASN1Time::now()) {
-        Ok(id)
-    } else {
-        Err(SvidError::OutsideValidity {
-            not_before: validity.not_before.to_string(),
-            not_after: validity.not_after.to_string(),
-        })
-    }
+    let (not_before, not_after) = period(&parsed);
+    within_validity(not_before, not_after)?;
+    Ok(id)
 }
 
 /// The validity period of `cert`, as Unix seconds (not before, not after).
 pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(i64, i64), SvidError> {
-    let parsed = parse(cert)?;
+    Ok(period(&parse(cert)?))
+}
+
+fn period(parsed: &x509_parser::certificate::X509Certificate<'_>) -> (i64, i64) {
     let validity = parsed.validity();
-    Ok((
+    (
         validity.not_before.timestamp(),
         validity.not_after.timestamp(),
-    ))
+    )
+}
+
+/// Whether now lies in the validity period `not_before..=not_after` (Unix
+/// seconds, as [`validity_of`] gives them); the error gives both ends as
+/// certificates write their times.
+pub fn within_validity(not_before: i64, not_after: i64) -> Result<(), SvidError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if (not_before..=not_after).contains(&now) {
+        return Ok(());
+    }
+    let written = |secs: i64| {
+        x509_parser::time::ASN1Time::from_timestamp(secs)
+            .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
+    };
+    Err(SvidError::OutsideValidity {
+        not_before: written(not_before),
+        not_after: written(not_after),
+    })
 }
 
 /// Builds a root store from the DER roots of a trust bundle.

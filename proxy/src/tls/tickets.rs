@@ -25,12 +25,6 @@ use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSes
 use rustls::pki_types::{CertificateDer, ServerName};
 use trellis_core::tls::SvidError;
 
-/// `secs` since the Unix epoch, written as certificates' times are.
-fn unix_time(secs: i64) -> String {
-    x509_parser::time::ASN1Time::from_timestamp(secs)
-        .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
-}
-
 /// Tickets kept per peer identity (newest first out). Each holds the
 /// peer's certificate chain, about 1 KiB.
 pub const MAX_TICKETS: usize = 32;
@@ -101,17 +95,7 @@ impl PeerTickets {
             }
         };
         drop(checked);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        if (not_before..=not_after).contains(&now) {
-            Ok(())
-        } else {
-            Err(SvidError::OutsideValidity {
-                not_before: unix_time(not_before),
-                not_after: unix_time(not_after),
-            })
-        }
+        trellis_core::tls::within_validity(not_before, not_after)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tickets<Tls13ClientSessionValue>> {
