@@ -17,15 +17,16 @@ use trellis_proxy::identity::{self, CertifyParams};
 use trellis_proxy::metrics::Metrics;
 use trellis_proxy::policy::watch::{Outputs, WatchParams};
 
-#[tokio::test]
-async fn certifies_renews_and_watches() {
-    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
-    let me = id("/ns/a/sa/web");
-    let metrics = Arc::new(Metrics::new());
+/// Runs the sidecar's identity task as `me` against `cp`, proving the
+/// first certificate with the join token; its certificates come out of
+/// the returned channel, its trust bundles out of `bundle_tx`'s.
+fn start_identity(
+    cp: &FakeControlPlane,
+    me: &trellis_core::SpiffeId,
+    bundle_tx: watch::Sender<trellis_proxy::identity::TrustBundle>,
+    metrics: &Arc<Metrics>,
+) -> watch::Receiver<Option<Arc<trellis_proxy::identity::Svid>>> {
     let (svid_tx, svid) = watch::channel(None);
-    let (bundle_tx, bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
-    let (snapshot_tx, mut snapshot) = watch::channel(None);
-    let (policies_tx, policies) = watch::channel(None);
     tokio::spawn(identity::run(
         CertifyParams {
             control_plane: cp.addr.clone(),
@@ -36,9 +37,21 @@ async fn certifies_renews_and_watches() {
             advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
         },
         svid_tx,
-        bundle_tx.clone(),
+        bundle_tx,
         metrics.clone(),
     ));
+    svid
+}
+
+#[tokio::test]
+async fn certifies_renews_and_watches() {
+    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
+    let me = id("/ns/a/sa/web");
+    let metrics = Arc::new(Metrics::new());
+    let (bundle_tx, bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
+    let (snapshot_tx, mut snapshot) = watch::channel(None);
+    let (policies_tx, policies) = watch::channel(None);
+    let svid = start_identity(&cp, &me, bundle_tx.clone(), &metrics);
     tokio::spawn(trellis_proxy::policy::watch::run(
         WatchParams {
             control_plane: cp.addr.clone(),
@@ -218,21 +231,8 @@ async fn an_unusable_trust_bundle_from_certify_is_not_taken() {
     cp.seen.lock().unwrap().bundle_extra = vec![b"not a certificate".to_vec()];
     let me = id("/ns/a/sa/web");
     let metrics = Arc::new(Metrics::new());
-    let (svid_tx, svid) = watch::channel(None);
     let (bundle_tx, bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
-    tokio::spawn(identity::run(
-        CertifyParams {
-            control_plane: cp.addr.clone(),
-            identity: me.clone(),
-            token: Some(trellis_proxy::config::Credential::JoinToken(
-                trellis_proxy::config::Token(TOKEN.into()),
-            )),
-            advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-        },
-        svid_tx,
-        bundle_tx,
-        metrics.clone(),
-    ));
+    let svid = start_identity(&cp, &me, bundle_tx, &metrics);
     // Two renewals proved by the current SVID: the calls after the bad
     // bundle still trust the control plane.
     eventually("two renewals after the unusable bundle", || {
