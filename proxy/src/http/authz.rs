@@ -4,9 +4,10 @@
 //!
 //! A refused request is answered here (403 naming the deciding policy and
 //! rule, gRPC `PERMISSION_DENIED`; 400 naming what is wrong with a path
-//! an app could read as another one, [`l7::check_path`], while L7 rules or
-//! rate limits on paths are in force; 501 for `CONNECT`, whatever the
-//! rules) and never reaches the inner service; being the first layer, it
+//! an app could read as another one, [`l7::check_path`], where an ALLOW or
+//! DENY rule on the request's port or a rate limit reads paths; 501 for
+//! `CONNECT`, whatever the rules) and never reaches the inner service;
+//! being the first layer, it
 //! also keeps such paths from the rate limits below it. Each decision is
 //! counted in `trellis_decisions_total`, AUDIT matches are logged as
 //! "would deny", and the decision goes to the access log through the
