@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{DefaultPolicy, ValidationContext, WorkloadSelector};
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
-use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Snapshot};
+use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Service, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Store, StoreError};
@@ -74,13 +74,18 @@ pub struct View {
     /// One per address of live workloads, ordered by address: never two
     /// for one address, and no loopback address several workloads report.
     pub endpoints: Arc<Vec<Endpoint>>,
-    /// `endpoints` encoded as a snapshot part, shared like them.
+    /// Every virtual address with its backends, ordered by address; they
+    /// travel with the endpoints (one part, one token).
+    pub services: Arc<Vec<Service>>,
+    /// `endpoints` and `services` encoded as a snapshot part, shared like
+    /// them.
     endpoints_part: Bytes,
     /// Every policy with its selector parsed once, ordered by key.
     pub policies: Vec<(WorkloadSelector, Policy)>,
     /// Every rate limit with its selector parsed once, ordered by key.
     pub rate_limits: Vec<(WorkloadSelector, RateLimit)>,
-    /// Names the content of `endpoints`: equal tokens, equal content.
+    /// Names the content of `endpoints` and `services`: equal tokens, equal
+    /// content.
     endpoints_token: u64,
     /// Per entry of `policies`, a token naming its content.
     policy_tokens: Vec<u64>,
@@ -182,8 +187,9 @@ impl View {
             *next_token += 1;
             *next_token
         };
-        if view.endpoints == previous.endpoints {
+        if view.endpoints == previous.endpoints && view.services == previous.services {
             view.endpoints = previous.endpoints.clone();
+            view.services = previous.services.clone();
             view.endpoints_part = previous.endpoints_part.clone();
             view.endpoints_token = previous.endpoints_token;
         } else {
@@ -268,6 +274,7 @@ impl View {
         Self {
             version: state.version,
             endpoints: Arc::new(endpoints),
+            services: Arc::new(state.services),
             endpoints_part: Bytes::new(),
             endpoints_token: 0,
             policies,
@@ -278,14 +285,17 @@ impl View {
         }
     }
 
-    /// Encodes the endpoint list once for every stream of this version.
+    /// Encodes the endpoint and service lists once for every stream of
+    /// this version.
     fn encode_endpoints(&mut self) {
         let fields = Snapshot {
             endpoints: std::mem::take(Arc::make_mut(&mut self.endpoints)),
+            services: std::mem::take(Arc::make_mut(&mut self.services)),
             ..Snapshot::default()
         };
         self.endpoints_part = EncodedSnapshot::part(&fields);
         self.endpoints = Arc::new(fields.endpoints);
+        self.services = Arc::new(fields.services);
     }
 
     /// Names the content of the endpoints: equal tokens, equal endpoints
@@ -577,14 +587,15 @@ impl Discovery {
             mesh: Some(self.mesh.clone()),
             rate_limits: view.rate_limits_for(id),
             endpoints_version: 0,
+            services: view.services.as_ref().clone(),
         }
     }
 
     /// The snapshot for the sidecar `id` in `view`, encoded: only its own
     /// fields are encoded here, the shared ones were encoded with the view.
     /// With `endpoints_version`, the sidecar holds the snapshot of that
-    /// version, whose endpoints are `view`'s: they are left out and the
-    /// snapshot refers to them.
+    /// version, whose endpoints and services are `view`'s: they are left
+    /// out and the snapshot refers to them.
     pub fn encoded_snapshot_in(
         &self,
         view: &View,

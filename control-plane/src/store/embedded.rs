@@ -602,6 +602,7 @@ impl Store for EmbeddedStore {
             workloads,
             policies,
             rate_limits,
+            services: Vec::new(),
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod kubernetes;
 use serde::{Deserialize, Serialize};
 use trellis_core::SpiffeId;
 use trellis_proto::admin::v1::RateLimitRecord;
+use trellis_proto::discovery::v1::Service;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 pub use embedded::EmbeddedStore;
@@ -207,6 +208,10 @@ pub struct DiscoveryState {
     pub policies: Vec<Policy>,
     /// Every rate limit as pushed (no revision), ordered by `namespace/name`.
     pub rate_limits: Vec<RateLimit>,
+    /// Every virtual address (a Kubernetes Service's cluster IP and port)
+    /// with its backends, ordered by address; empty in the embedded store,
+    /// which knows no Services.
+    pub services: Vec<Service>,
 }
 
 /// Whether two policies differ in anything but their revision: an apply of

@@ -604,6 +604,7 @@ impl Store for KubernetesStore {
                 .into_iter()
                 .map(|(limit, _)| limit)
                 .collect(),
+            services: Vec::new(),
         }))
     }
 }

@@ -60,7 +60,7 @@ impl EncodedSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::v1::{Endpoint, MeshConfig};
+    use crate::discovery::v1::{Endpoint, MeshConfig, Service};
     use crate::policy::v1::Policy;
 
     fn endpoint(address: &str, id: &str) -> Endpoint {
@@ -91,6 +91,11 @@ mod tests {
             }),
             rate_limits: Vec::new(),
             endpoints_version: 0,
+            services: vec![Service {
+                address: "10.96.0.10:80".into(),
+                name: "a/web".into(),
+                backends: vec!["10.0.0.1:8080".into()],
+            }],
         };
         // The per-sidecar fields first, then the shared ones, as the control
         // plane sends them: the order of fields does not matter.
@@ -102,6 +107,7 @@ mod tests {
         let shared = Snapshot {
             trust_bundle: whole.trust_bundle.clone(),
             endpoints: whole.endpoints.clone(),
+            services: whole.services.clone(),
             mesh: whole.mesh.clone(),
             ..Snapshot::default()
         };
