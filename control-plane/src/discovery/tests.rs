@@ -237,3 +237,53 @@ fn a_loopback_address_several_workloads_report_is_not_published() {
         ]
     );
 }
+
+fn service(address: &str, backends: &[&str]) -> Service {
+    Service {
+        address: address.into(),
+        name: "shop/api".into(),
+        backends: backends.iter().map(|b| b.to_string()).collect(),
+    }
+}
+
+/// Services travel with the endpoints: in the part every stream shares,
+/// under the endpoints' content token. A changed backend is new content
+/// (a sidecar holding the old list must be sent the new one); the same
+/// services again are not (a sidecar that holds them is sent a reference).
+#[test]
+fn services_travel_with_the_endpoints_and_change_their_token() {
+    let state = |backends: &[&str]| DiscoveryState {
+        version: 3,
+        workloads: vec![live(WEB, &["10.0.0.1:15006"])],
+        services: vec![service("10.96.0.10:80", backends)],
+        ..DiscoveryState::default()
+    };
+    let mut tokens = 0;
+    let first = View::from_state_after(state(&["10.0.0.1:8080"]), &View::default(), &mut tokens);
+    let decoded = EncodedSnapshot::from_parts(vec![first.endpoints_part.clone()])
+        .decode()
+        .unwrap();
+    assert_eq!(decoded.endpoints.len(), 1);
+    assert_eq!(
+        decoded.services,
+        vec![service("10.96.0.10:80", &["10.0.0.1:8080"])]
+    );
+
+    let same = View::from_state_after(state(&["10.0.0.1:8080"]), &first, &mut tokens);
+    assert_eq!(same.endpoints_token(), first.endpoints_token());
+
+    let moved = View::from_state_after(
+        state(&["10.0.0.1:8080", "10.0.0.2:8080"]),
+        &same,
+        &mut tokens,
+    );
+    assert_ne!(
+        moved.endpoints_token(),
+        first.endpoints_token(),
+        "a new backend is new content even though no endpoint changed"
+    );
+    let decoded = EncodedSnapshot::from_parts(vec![moved.endpoints_part.clone()])
+        .decode()
+        .unwrap();
+    assert_eq!(decoded.services[0].backends.len(), 2);
+}
