@@ -68,6 +68,13 @@ pub const DENIED: &str = "denied";
 /// The outcome of an open inbound connection closed because a new policy
 /// denies it.
 pub const CLOSED_BY_POLICY: &str = "closed_by_policy";
+/// The outcome of an outbound call to a service's virtual address while
+/// the service has no ready backend: refused.
+pub const NO_BACKEND: &str = "no_backend";
+/// The outcome of an outbound connection to an address of this pod (a
+/// service's backend that is this pod): plain TCP that never leaves the
+/// pod, as the app's own call to that address would be.
+pub const SAME_POD: &str = "same_pod";
 /// The `action` of a decision an AUDIT policy would have denied.
 pub const AUDIT: &str = "audit";
 
@@ -276,7 +283,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished or refused connection.
+    /// Counts a finished or refused connection. Outbound outcomes:
+    /// `forwarded` (over mTLS to a mesh peer), `passthrough` and
+    /// [`SAME_POD`] (plain TCP), `denied` (outside the mesh under outbound
+    /// `deny`), `refused` (not redirected, or the mesh dial failed),
+    /// [`NO_BACKEND`], `loop`, `connect_failed`, `error`.
     pub fn connection(&self, direction: &'static str, outcome: &'static str) {
         let hot = self.hot(direction).and_then(|hot| match outcome {
             FORWARDED => Some(&hot.forwarded),

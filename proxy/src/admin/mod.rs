@@ -190,6 +190,9 @@ struct ConfigView {
     snapshot_version: Option<u64>,
     /// The authorization policy in force (null before the first snapshot).
     policy: Option<PolicyView>,
+    /// The services a call may be addressed to (null before the first
+    /// snapshot): an operator checks here that a Service resolved.
+    services: Option<ServicesView>,
     close_denied_connections: bool,
     /// The ports never parsed as HTTP: the sidecar's own and, once a
     /// snapshot is in force, the mesh's.
@@ -213,6 +216,45 @@ struct PolicyView {
     default_policy: &'static str,
     /// `namespace/name` of each policy selecting this workload.
     policies: Vec<String>,
+}
+
+/// At most this many services are listed in `/config`; the count says
+/// how many there are. The page stays small in a cluster of thousands.
+pub const SERVICES_SHOWN: usize = 100;
+
+#[derive(Serialize)]
+struct ServicesView {
+    /// How many virtual addresses the snapshot has.
+    count: usize,
+    /// The first [`SERVICES_SHOWN`] of them, by name and address.
+    shown: Vec<ServiceView>,
+}
+
+#[derive(Serialize)]
+struct ServiceView {
+    name: String,
+    address: String,
+    /// How many ready backends calls to `address` go to (0: refused).
+    backends: usize,
+}
+
+impl ServicesView {
+    fn of(snapshot: &Snapshot) -> Self {
+        let mut all: Vec<_> = snapshot.services.iter().collect();
+        all.sort_unstable_by(|(a, sa), (b, sb)| (&sa.name, a).cmp(&(&sb.name, b)));
+        ServicesView {
+            count: all.len(),
+            shown: all
+                .into_iter()
+                .take(SERVICES_SHOWN)
+                .map(|(address, s)| ServiceView {
+                    name: s.name.to_string(),
+                    address: address.to_string(),
+                    backends: s.backends.len(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -245,6 +287,7 @@ fn config_view(state: &State) -> ConfigView {
             default_policy: s.policies.set.default_policy().as_str(),
             policies: s.policies.names().map(str::to_owned).collect(),
         }),
+        services: snapshot.as_deref().map(ServicesView::of),
         close_denied_connections: c.close_denied_connections,
         opaque_ports: snapshot.as_ref().map_or_else(
             || c.opaque_ports.clone(),
@@ -271,5 +314,52 @@ fn config_view(state: &State) -> ConfigView {
                 remote: r.remote.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::SpiffeId;
+    use trellis_proto::discovery::v1 as pb;
+
+    #[test]
+    fn config_lists_services_by_name_up_to_a_bound() {
+        let service = |i: usize, backends: usize| pb::Service {
+            address: format!("10.96.{}.{}:80", i / 250, i % 250 + 1),
+            name: format!("shop/svc-{i:04}"),
+            backends: (0..backends)
+                .map(|b| format!("10.0.0.{}:8080", b + 1))
+                .collect(),
+        };
+        let mut services: Vec<pb::Service> = (0..SERVICES_SHOWN + 20)
+            .rev()
+            .map(|i| service(i, i % 3))
+            .collect();
+        services.push(pb::Service {
+            address: "10.96.9.9:443".into(),
+            ..service(0, 1)
+        });
+        let local = SpiffeId::parse("spiffe://td/ns/shop/sa/web").unwrap();
+        let raw = pb::Snapshot {
+            services,
+            ..Default::default()
+        };
+        let snapshot = Snapshot::compile(raw, &local, &Metrics::new()).unwrap();
+        let view = serde_json::to_value(ServicesView::of(&snapshot)).unwrap();
+        assert_eq!(view["count"], SERVICES_SHOWN + 21);
+        let shown = view["shown"].as_array().unwrap();
+        assert_eq!(shown.len(), SERVICES_SHOWN);
+        // One name, two ports: both listed, by address.
+        assert_eq!(
+            shown[0],
+            serde_json::json!({"name": "shop/svc-0000", "address": "10.96.0.1:80", "backends": 0})
+        );
+        assert_eq!(
+            shown[1],
+            serde_json::json!({"name": "shop/svc-0000", "address": "10.96.9.9:443", "backends": 1})
+        );
+        assert_eq!(shown[2]["name"], "shop/svc-0001");
+        assert_eq!(shown[2]["backends"], 1);
     }
 }

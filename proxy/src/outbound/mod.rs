@@ -8,9 +8,25 @@
 //! SPIFFE ID verified; this module never sends application bytes to a peer
 //! before that check, and never dials its own listeners.
 //!
+//! Where a transparent connection goes is decided by `target::resolve`
+//! from the snapshot alone. An original destination that is a service's
+//! virtual address (a Kubernetes Service's cluster IP and port, which
+//! kube-proxy has not translated yet) is first replaced by one of the
+//! service's backends, picked in turn; a service without a ready backend
+//! is refused (`no_backend`). The backend, or the original destination when no
+//! service has it, is then: one of the proxy's own listeners (refused, a
+//! loop); a mesh endpoint (mTLS to that address, expecting its SPIFFE ID);
+//! an address of this pod that is no endpoint's inbound (plain TCP, which
+//! stays inside the pod as the app's own call to it would); or outside the
+//! mesh (refused or plain TCP to it, as the outbound policy says). The
+//! virtual address itself is never dialled. Log lines of a call to a
+//! service name it (`service`, `dst` the virtual address, `backend`).
+//!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
 //! opaque TCP); it never parses or changes the bytes themselves.
+
+mod target;
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,10 +44,11 @@ use trellis_core::tls::SvidError;
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
 use crate::http::{self, Protocol};
-use crate::metrics::{Metrics, OUTBOUND};
+use crate::metrics::{Metrics, NO_BACKEND, OUTBOUND, SAME_POD};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
+use target::{Resolved, Target, resolve};
 
 /// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
 /// value carries no meaning.
@@ -202,12 +219,14 @@ async fn handshake(
 /// ALPN offered, so the peer can serve HTTP without looking at the bytes.
 /// A destination port the mesh declares `opaque` is never looked at, so a
 /// server-first protocol there (MySQL, SMTP) does not wait for detection.
+/// `service` is the service the app called, when `remote` is its backend.
 async fn forward_mesh<R>(
     shared: &Shared,
     local: TcpStream,
     remote: R,
     expected: &SpiffeId,
     via: &'static str,
+    service: Option<ServiceCall<'_>>,
     opaque: bool,
 ) where
     R: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
@@ -221,7 +240,7 @@ async fn forward_mesh<R>(
     let (protocol, local) = match detected {
         Ok(detected) => detected,
         Err(e) => {
-            tracing::debug!(remote = %remote, error = %e, "outbound connection ended before its protocol was known");
+            tracing::debug!(remote = %remote, service = service.map(|s| s.name), error = %e, "outbound connection ended before its protocol was known");
             metrics.connection(OUTBOUND, "error");
             return;
         }
@@ -240,6 +259,8 @@ async fn forward_mesh<R>(
                 remote = %remote,
                 expected = %expected,
                 via = %via,
+                service = service.map(|s| s.name),
+                dst = service.map(|s| tracing::field::display(s.dst)),
                 reason = %reason,
                 error = %e,
                 "outbound connection refused"
@@ -260,6 +281,8 @@ async fn forward_mesh<R>(
         peer = %expected,
         remote = %remote,
         via = %via,
+        service = service.map(|s| s.name),
+        dst = service.map(|s| tracing::field::display(s.dst)),
         protocol = protocol.as_str(),
         alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
         "outbound connection"
@@ -275,7 +298,7 @@ async fn forward_mesh<R>(
         }
         Err(e) => {
             metrics.connection(OUTBOUND, "error");
-            tracing::debug!(remote = %remote, error = %e, "outbound connection ended with an error");
+            tracing::debug!(remote = %remote, service = service.map(|s| s.name), error = %e, "outbound connection ended with an error");
         }
     }
 }
@@ -327,6 +350,7 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
         route.remote.as_str(),
         &route.spiffe_id,
         "route",
+        None,
         // The remote app's port is the peer's business: detection decides.
         false,
     )
@@ -369,17 +393,20 @@ impl Transparent {
     }
 }
 
-/// Whether `dst` is one of the proxy's own listeners.
-fn is_own(own: &[SocketAddr], dst: SocketAddr) -> bool {
-    own.iter()
-        .any(|a| a.port() == dst.port() && (a.ip() == dst.ip() || dst.ip().is_loopback()))
+/// The service a transparent connection was addressed to: its name and the
+/// virtual address the app dialled.
+#[derive(Debug, Clone, Copy)]
+struct ServiceCall<'a> {
+    name: &'a str,
+    dst: SocketAddr,
 }
 
 /// One redirected connection: mesh destinations over mTLS, others per the
-/// mesh's outbound policy.
+/// mesh's outbound policy, a service's virtual address by one of its
+/// backends (see [`resolve`]).
 async fn serve_transparent(
     shared: Arc<Shared>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     client: SocketAddr,
     _tracker: Tracker,
 ) {
@@ -391,64 +418,78 @@ async fn serve_transparent(
         metrics.connection(OUTBOUND, "refused");
         return;
     };
-    if is_own(&shared.own_addrs, dst) {
-        tracing::warn!(%client, %dst, "outbound connection refused: destination is this proxy (loop)");
-        metrics.connection(OUTBOUND, "loop");
-        return;
-    }
-    let (expected, policy, opaque) = {
+    let Resolved { service, target } = {
         let snapshot = shared.snapshot.borrow();
-        let snapshot = snapshot.as_deref();
-        (
-            snapshot.and_then(|s| s.endpoint_for(dst).cloned()),
-            snapshot.map(|s| s.outbound_policy).unwrap_or_default(),
-            snapshot.is_some_and(|s| s.policies.is_opaque(dst.port())),
-        )
+        resolve(&shared.own_addrs, snapshot.as_deref(), dst)
     };
-    if let Some(expected) = expected {
-        forward_mesh(&shared, tcp, dst, &expected, "transparent", opaque).await;
-        return;
-    }
-    match policy {
-        OutboundPolicy::Deny => {
-            tracing::info!(%client, %dst, "outbound connection denied: destination outside the mesh");
+    let call = service.as_deref().map(|name| ServiceCall { name, dst });
+    let name = call.map(|c| c.name);
+    // The backend picked is logged only when there was a service to pick
+    // it: otherwise it is `dst`.
+    let backend = |addr: SocketAddr| call.map(|_| tracing::field::display(addr));
+    match target {
+        Target::Loop(addr) => {
+            tracing::warn!(%client, %dst, service = name, backend = backend(addr), "outbound connection refused: destination is this proxy (loop)");
+            metrics.connection(OUTBOUND, "loop");
+        }
+        Target::NoBackend => {
+            tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
+            metrics.connection(OUTBOUND, NO_BACKEND);
+        }
+        Target::Mesh { addr, id, opaque } => {
+            let via = if call.is_some() {
+                "service"
+            } else {
+                "transparent"
+            };
+            forward_mesh(&shared, tcp, addr, &id, via, call, opaque).await;
+        }
+        Target::SamePod(addr) => match net::connect(addr).await {
+            Ok(upstream) => {
+                tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection within the pod: plain TCP to this pod's own address");
+                copy_plain(metrics, tcp, upstream, SAME_POD).await;
+            }
+            Err(e) => {
+                tracing::warn!(%dst, service = name, backend = backend(addr), error = %e, "outbound connection within the pod failed");
+                metrics.connection(OUTBOUND, "connect_failed");
+            }
+        },
+        Target::Outside {
+            addr,
+            policy: OutboundPolicy::Deny,
+        } => {
+            tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection denied: destination outside the mesh");
             metrics.connection(OUTBOUND, "denied");
         }
-        OutboundPolicy::Passthrough => {
-            let mut upstream = match net::connect(dst).await {
-                Ok(up) => up,
-                Err(e) => {
-                    tracing::warn!(%dst, error = %e, "outbound passthrough failed");
-                    metrics.connection(OUTBOUND, "connect_failed");
-                    return;
-                }
-            };
-            tracing::info!(%client, %dst, "outbound connection passthrough: destination outside the mesh");
-            match net::copy(&mut tcp, &mut upstream).await {
-                Ok((up, down)) => {
-                    metrics.bytes(OUTBOUND, up + down);
-                    metrics.connection(OUTBOUND, "passthrough");
-                }
-                Err(_) => metrics.connection(OUTBOUND, "error"),
+        Target::Outside {
+            addr,
+            policy: OutboundPolicy::Passthrough,
+        } => match net::connect(addr).await {
+            Ok(upstream) => {
+                tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection passthrough: destination outside the mesh");
+                copy_plain(metrics, tcp, upstream, "passthrough").await;
             }
-        }
+            Err(e) => {
+                tracing::warn!(%dst, service = name, backend = backend(addr), error = %e, "outbound passthrough failed");
+                metrics.connection(OUTBOUND, "connect_failed");
+            }
+        },
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognises_its_own_listeners() {
-        let own: Vec<SocketAddr> = vec![
-            "0.0.0.0:15006".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
-        ];
-        assert!(is_own(&own, "127.0.0.1:15006".parse().unwrap()));
-        assert!(!is_own(&own, "10.0.0.5:15006".parse().unwrap()));
-        assert!(is_own(&own, "127.0.0.1:15001".parse().unwrap()));
-        assert!(!is_own(&own, "10.0.0.5:15001".parse().unwrap()));
-        assert!(!is_own(&own, "10.0.0.5:8080".parse().unwrap()));
+/// Copies a plain connection both ways until both sides close; counted as
+/// `outcome` when it ends well.
+async fn copy_plain(
+    metrics: &Metrics,
+    mut local: TcpStream,
+    mut upstream: TcpStream,
+    outcome: &'static str,
+) {
+    match net::copy(&mut local, &mut upstream).await {
+        Ok((up, down)) => {
+            metrics.bytes(OUTBOUND, up + down);
+            metrics.connection(OUTBOUND, outcome);
+        }
+        Err(_) => metrics.connection(OUTBOUND, "error"),
     }
 }

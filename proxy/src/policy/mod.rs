@@ -4,17 +4,29 @@
 //!
 //! `watch` keeps the Discovery stream open and publishes snapshots; this
 //! file validates a snapshot (rejecting it whole if any part is invalid,
-//! policies included) and `authz` compiles and applies its policies.
+//! policies included), `authz` compiles and applies its policies and
+//! `services` compiles its services.
 //! Deciding must stay cheap and lock-free: a connection holds an
 //! `Arc<Policies>` taken from a `watch::Receiver`.
+//!
+//! Where an outbound connection goes is read from the snapshot too: its
+//! mesh endpoints ([`Snapshot::endpoint_for`]: address -> SPIFFE ID) and
+//! its services ([`Snapshot::service_for`]: a Kubernetes Service's cluster
+//! IP and port -> the backends behind it, picked in turn by
+//! [`Service::pick`]). A call to a service is resolved to one backend first,
+//! and that backend is then looked up as a destination of its own. The
+//! endpoints and services travel together: a snapshot that refers to the
+//! endpoints of a held version keeps that version's services as well.
 
 mod authz;
+mod services;
 pub mod watch;
 
 pub use authz::{
     InvalidPolicies, Policies, admits_requests, audits_unless_http, authorize, authorize_request,
     count, denies_unless_http,
 };
+pub use services::{Service, Services};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +59,9 @@ pub struct Snapshot {
     /// Endpoint IPs that belong to exactly one identity (a pod address):
     /// a redirected connection to any port of that IP goes to that identity.
     endpoint_ips: Arc<HashMap<IpAddr, SpiffeId>>,
+    /// Virtual addresses -> their backends; they come and are shared with
+    /// the endpoints.
+    pub services: Arc<Services>,
     pub outbound_policy: OutboundPolicy,
     /// The authorization policy: the mesh default and the policies that
     /// select this sidecar, compiled. Shared with the snapshots after this
@@ -59,7 +74,7 @@ pub struct Snapshot {
 pub enum InvalidSnapshot {
     #[error("trust_bundle[{index}] is not a certificate: {reason}")]
     Bundle { index: usize, reason: String },
-    #[error("endpoints[{index}].address {address:?} is not ip:port")]
+    #[error("endpoints[{index}].address {address} is not ip:port")]
     EndpointAddress { index: usize, address: String },
     #[error("endpoints[{index}].spiffe_id {id:?}: {reason}")]
     EndpointId {
@@ -78,6 +93,26 @@ pub enum InvalidSnapshot {
     EndpointsNotHeld { refers: u64, holds: String },
     #[error("endpoints_version is set and endpoints are sent too: one or the other")]
     EndpointsTwice,
+    #[error("services[{index}].address {address} is not a dialable ip:port")]
+    ServiceAddress { index: usize, address: String },
+    #[error("services[{index}] ({name}): backends[{backend}] {address} is not a dialable ip:port")]
+    ServiceBackend {
+        index: usize,
+        name: String,
+        backend: usize,
+        address: String,
+    },
+    #[error("services[{index}].address {address} is given twice (also services[{first}])")]
+    DuplicateService {
+        index: usize,
+        first: usize,
+        address: SocketAddr,
+    },
+    #[error(
+        "endpoints_version is set and services are sent too: they come with the endpoints, \
+         one or the other"
+    )]
+    ServicesTwice,
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
 }
@@ -96,8 +131,8 @@ impl Snapshot {
     /// [`compile`](Self::compile) for a sidecar whose `opaque_ports` are
     /// never parsed as HTTP; the mesh's opaque ports join them. Policies
     /// with L7 matches on any of them are refused. A snapshot whose
-    /// `endpoints_version` is set takes its endpoints from `held`, which
-    /// must be the snapshot of that version.
+    /// `endpoints_version` is set takes its endpoints and services from
+    /// `held`, which must be the snapshot of that version.
     pub fn compile_in(
         raw: pb::Snapshot,
         held: Option<&Snapshot>,
@@ -108,10 +143,13 @@ impl Snapshot {
         let shared = match raw.endpoints_version {
             0 => None,
             _ if !raw.endpoints.is_empty() => return Err(InvalidSnapshot::EndpointsTwice),
+            _ if !raw.services.is_empty() => return Err(InvalidSnapshot::ServicesTwice),
             refers => match held {
-                Some(held) if held.version == refers => {
-                    Some((held.endpoints.clone(), held.endpoint_ips.clone()))
-                }
+                Some(held) if held.version == refers => Some((
+                    held.endpoints.clone(),
+                    held.endpoint_ips.clone(),
+                    held.services.clone(),
+                )),
                 _ => {
                     return Err(InvalidSnapshot::EndpointsNotHeld {
                         refers,
@@ -131,12 +169,17 @@ impl Snapshot {
             }
             trust_bundle.push(CertificateDer::from(der));
         }
-        let (endpoints, endpoint_ips) = match shared {
+        let (endpoints, endpoint_ips, services) = match shared {
             Some(shared) => shared,
             None => {
                 let endpoints = compile_endpoints(raw.endpoints)?;
                 let endpoint_ips = pod_ips(&endpoints);
-                (Arc::new(endpoints), Arc::new(endpoint_ips))
+                let services = services::compile(raw.services)?;
+                (
+                    Arc::new(endpoints),
+                    Arc::new(endpoint_ips),
+                    Arc::new(services),
+                )
             }
         };
         let mesh = raw.mesh.unwrap_or_default();
@@ -169,6 +212,7 @@ impl Snapshot {
             trust_bundle,
             endpoints,
             endpoint_ips,
+            services,
             outbound_policy,
             policies: Arc::new(policies),
         })
@@ -183,6 +227,11 @@ impl Snapshot {
             .get(&dst)
             .or_else(|| self.endpoint_ips.get(&dst.ip()))
     }
+
+    /// The service whose virtual address `dst` is.
+    pub fn service_for(&self, dst: SocketAddr) -> Option<&Service> {
+        self.services.get(&dst)
+    }
 }
 
 /// The endpoints of a snapshot that carries them, by address.
@@ -196,7 +245,7 @@ fn compile_endpoints(
                 .parse()
                 .map_err(|_| InvalidSnapshot::EndpointAddress {
                     index,
-                    address: ep.address.clone(),
+                    address: services::quoted(&ep.address),
                 })?;
         let id = SpiffeId::parse(&ep.spiffe_id).map_err(|reason| InvalidSnapshot::EndpointId {
             index,
@@ -323,6 +372,14 @@ mod tests {
         assert!(e.contains("one or the other"), "{e}");
     }
 
+    fn service(address: &str, name: &str, backends: &[&str]) -> pb::Service {
+        pb::Service {
+            address: address.into(),
+            name: name.into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn rejects_invalid_snapshots_with_the_field() {
         let bad = |s: pb::Snapshot| compile(s).unwrap_err().to_string();
@@ -349,6 +406,22 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("outbound_policy"), "{e}");
+        let e = bad(pb::Snapshot {
+            services: vec![service("10.96.0.10:80", "shop/api", &["pod-a:8080"])],
+            ..Default::default()
+        });
+        assert_eq!(
+            e,
+            "services[0] (\"shop/api\"): backends[0] \"pod-a:8080\" is not a dialable ip:port"
+        );
+        let e = bad(pb::Snapshot {
+            services: vec![
+                service("10.96.0.10:80", "shop/api", &[]),
+                service("10.96.0.10:80", "shop/web", &[]),
+            ],
+            ..Default::default()
+        });
+        assert!(e.contains("10.96.0.10:80 is given twice"), "{e}");
     }
 
     fn policy(yaml: &str) -> trellis_proto::policy::v1::Policy {

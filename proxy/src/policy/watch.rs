@@ -174,7 +174,7 @@ async fn session_inner(
 /// Publishes a valid snapshot: its bundle if new, its policies if they
 /// change what is enforced (else the ones in force are kept, same `Arc`),
 /// then the snapshot itself. `endpoints_from` is the version whose
-/// endpoints it kept (0: it carried them).
+/// endpoints and services it kept (0: it carried them).
 fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
     let version = snapshot.version;
     let current = out.snapshot.borrow().as_ref().map(|s| s.policies.clone());
@@ -200,6 +200,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
     tracing::info!(
         version,
         endpoints = snapshot.endpoints.len(),
+        services = snapshot.services.len(),
         endpoints_from,
         policies = snapshot.policies.names().count(),
         default_policy = snapshot.policies.set.default_policy().as_str(),
