@@ -172,8 +172,8 @@ fn rules(role: &Value) -> Vec<Value> {
     role["rules"].as_array().unwrap().clone()
 }
 
-/// The control plane may create tokenreviews, list and watch pods (never
-/// get one), read the Trellis CRDs, write AuthorizationPolicies (the Admin
+/// The control plane may create tokenreviews, list and watch pods, services
+/// and endpointslices (never get one), read the Trellis CRDs, write AuthorizationPolicies (the Admin
 /// API's applies and deletes with the Kubernetes store), and read and update the one CA Secret, by
 /// name, in its own namespace: nothing else, compared rule by rule.
 #[test]
@@ -188,6 +188,13 @@ fn rbac_grants_nothing_beyond_the_list() {
             // Pods are only listed and watched (the endpoints watcher); no
             // single pod is ever read.
             json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}),
+            // A call to a Service reaches the sidecar with the Service's
+            // cluster IP as its destination: the cluster IP must resolve to
+            // the ready backends its EndpointSlices list. Both are only
+            // listed and watched.
+            json!({"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}),
+            json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                   "verbs": ["list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],

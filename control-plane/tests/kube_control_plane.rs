@@ -32,7 +32,8 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// kubernetes` binary runs against the fake (lists, watches, the empty CA
 /// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
 /// certifies a sidecar by its ServiceAccount token, serves the CRD policies
-/// through the Admin API, logs the invalid one, and refuses join tokens.
+/// through the Admin API, logs the invalid one, pushes the Pods as
+/// endpoints and the Services with their backends, and refuses join tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     let fake = recorded_cluster().await;
@@ -154,6 +155,24 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     assert_eq!(names, ["deny-legacy"]);
     let endpoints: Vec<_> = first.endpoints.iter().map(|e| e.address.as_str()).collect();
     assert_eq!(endpoints, ["10.244.1.17:15006", "10.244.2.9:15006"]);
+    // The recorded Services: each cluster IP and TCP port with the ready
+    // endpoints of its EndpointSlices.
+    let services: Vec<_> = first
+        .services
+        .iter()
+        .map(|s| format!("{} {} [{}]", s.address, s.name, s.backends.join(" ")))
+        .collect();
+    assert_eq!(
+        services,
+        [
+            "10.96.0.10:53 kube-system/kube-dns [10.244.0.3:53]",
+            "10.96.0.10:9153 kube-system/kube-dns [10.244.0.3:9153]",
+            "10.96.0.1:443 default/kubernetes [172.18.0.2:6443]",
+            "10.96.120.34:80 shop/web [10.244.1.17:8080]",
+            "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
+            "10.96.45.210:9090 shop/api []",
+        ]
+    );
     eventually_async("the control plane to watch", || async {
         (fake.watching(POLICIES) == 1).then_some(())
     })

@@ -16,10 +16,11 @@ use std::time::Duration;
 use common::eventually_async;
 use kube_api::store::{API, connect, td, watched_by};
 use kube_api::{
-    FakeKube, PODS, POLICIES, RATE_LIMITS, event, fixture, fixture_json, item, pods_list,
-    policies_list, rate_limits_list, recorded_cluster,
+    ENDPOINT_SLICES, PODS, POLICIES, RATE_LIMITS, SERVICES, endpoint_slices_list, event, fixture,
+    fixture_json, item, pods_list, policies_list, rate_limits_list, recorded_cluster,
+    services_list,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use trellis_control_plane::discovery::Discovery;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, Store};
@@ -44,6 +45,15 @@ fn addresses(state: &DiscoveryState) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// `address namespace/name [backend ...]` of every published service.
+fn services(state: &DiscoveryState) -> Vec<String> {
+    state
+        .services
+        .iter()
+        .map(|s| format!("{} {} [{}]", s.address, s.name, s.backends.join(" ")))
+        .collect()
 }
 
 fn mesh() -> MeshConfig {
@@ -306,7 +316,7 @@ async fn replicas_fed_the_same_events_serve_identical_snapshots() {
 /// lists again, and an object deleted meanwhile is gone.
 #[tokio::test]
 async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
-    let fake = FakeKube::start().await;
+    let fake = recorded_cluster().await;
     let mut later = policies_list();
     later["metadata"]["resourceVersion"] = json!("48590");
     later["items"]
@@ -314,8 +324,6 @@ async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
         .unwrap()
         .retain(|p| p["metadata"]["name"] != "deny-legacy");
     fake.lists(POLICIES, vec![(200, policies_list()), (200, later)]);
-    fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
-    fake.lists(PODS, vec![(200, pods_list())]);
     fake.script_watch(
         POLICIES,
         vec![
@@ -336,25 +344,137 @@ async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
     assert_eq!(lists, 2, "one list at start, one after the 410");
 }
 
-/// No API server can run here: the fake's lists answer with the recorded
-/// `403 Forbidden` Status of missing RBAC. Start-up fails with the API
-/// server's message, naming the kind.
+/// The `403 Forbidden` Status kube-apiserver answers a list of `resource`
+/// (of API `group`, "" for the core group) with when RBAC does not allow it,
+/// shaped as the recorded `forbidden-list-403.json`.
+fn forbidden(resource: &str, group: &str) -> Value {
+    let qualified = match group {
+        "" => resource.to_owned(),
+        group => format!("{resource}.{group}"),
+    };
+    let mut details = json!({"kind": resource});
+    if !group.is_empty() {
+        details["group"] = json!(group);
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("{qualified} is forbidden: User \"system:serviceaccount:trellis-system:trellis-control-plane\" \
+                               cannot list resource \"{resource}\" in API group \"{group}\" at the cluster scope"),
+           "reason": "Forbidden", "details": details, "code": 403})
+}
+
+/// No API server can run here: the fake answers the list of one kind at a
+/// time with the `403 Forbidden` Status of missing RBAC (the recorded one
+/// for AuthorizationPolicies), the others with the recorded lists. Start-up
+/// fails with the API server's message, naming the kind.
 #[tokio::test]
-async fn an_api_server_refusal_is_a_clear_error() {
-    let fake = FakeKube::start().await;
-    let forbidden = fixture_json("store/forbidden-list-403.json");
-    fake.lists(POLICIES, vec![(403, forbidden)]);
-    fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
-    fake.lists(PODS, vec![(200, pods_list())]);
-    let client = kubernetes::client(&fake.api()).unwrap();
-    let e = KubernetesStore::connect(client, td(), Duration::from_secs(20))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("AuthorizationPolicy"), "{e}");
+async fn an_api_server_refusal_of_any_kind_is_a_clear_error_naming_it() {
+    let cases = [
+        (
+            POLICIES,
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+            fixture_json("store/forbidden-list-403.json"),
+        ),
+        (
+            RATE_LIMITS,
+            "RateLimitPolicy",
+            "ratelimitpolicies",
+            forbidden("ratelimitpolicies", "trellis.io"),
+        ),
+        (PODS, "Pod", "pods", forbidden("pods", "")),
+        (SERVICES, "Service", "services", forbidden("services", "")),
+        (
+            ENDPOINT_SLICES,
+            "EndpointSlice",
+            "endpointslices",
+            forbidden("endpointslices", "discovery.k8s.io"),
+        ),
+    ];
+    for (path, kind, resource, answer) in cases {
+        let fake = recorded_cluster().await;
+        fake.lists(path, vec![(403, answer)]);
+        let client = kubernetes::client(&fake.api()).unwrap();
+        let e = KubernetesStore::connect(client, td(), Duration::from_secs(20))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("listing {kind} objects failed")), "{e}");
+        assert!(
+            e.contains(&format!("cannot list resource \"{resource}\"")),
+            "{e}"
+        );
+        assert!(e.contains("403"), "{e}");
+    }
+}
+
+/// No API server can run here: the fake answers the recorded Service and
+/// EndpointSlice lists and streams events. Every cluster IP and TCP port
+/// of a Service is published with the ready endpoints of its slices at the
+/// target port (none for a port no slice serves); headless and ExternalName
+/// Services, UDP ports and endpoints not ready are not. A backend that
+/// stops being ready and a deleted Service change the services and the
+/// version; the snapshots carry them.
+#[tokio::test]
+async fn services_are_published_with_their_ready_backends_and_follow_events() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    watched_by(&fake, 1).await;
+    let recorded = [
+        "10.96.0.10:53 kube-system/kube-dns [10.244.0.3:53]",
+        "10.96.0.10:9153 kube-system/kube-dns [10.244.0.3:9153]",
+        "10.96.0.1:443 default/kubernetes [172.18.0.2:6443]",
+        "10.96.120.34:80 shop/web [10.244.1.17:8080]",
+        "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
+        "10.96.45.210:9090 shop/api []",
+    ];
+    assert_eq!(services(&store.discovery_state().unwrap()), recorded);
+    let slice_list = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path == ENDPOINT_SLICES)
+        .expect("a list of EndpointSlices");
     assert!(
-        e.contains("cannot list resource \"authorizationpolicies\""),
-        "{e}"
+        slice_list
+            .query
+            .contains("labelSelector=kubernetes.io%2Fservice-name"),
+        "only the slices of a Service are watched: {}",
+        slice_list.query
     );
-    assert!(e.contains("403"), "{e}");
+
+    let mut changes = store.changes();
+    let first = store.snapshot_version().unwrap();
+    // The api pod's readiness probe fails: its endpoint stays in the slice,
+    // no longer ready.
+    let mut unready = item(&endpoint_slices_list(), "api-7h5tq", 48900);
+    unready["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": false, "terminating": false});
+    fake.publish(ENDPOINT_SLICES, event("MODIFIED", &unready));
+    eventually_async("the unready backend to leave", || async {
+        let state = store.discovery_state().unwrap();
+        services(&state)
+            .contains(&"10.96.45.210:8080 shop/api []".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert!(changes.has_changed().unwrap(), "the change is announced");
+    let unready_version = *changes.borrow_and_update();
+    assert_ne!(unready_version, first);
+
+    fake.publish(
+        SERVICES,
+        event("DELETED", &item(&services_list(), "web", 48901)),
+    );
+    eventually_async("the deleted Service to leave", || async {
+        let state = store.discovery_state().unwrap();
+        (!services(&state).iter().any(|s| s.contains("shop/web"))).then_some(())
+    })
+    .await;
+    assert_ne!(store.snapshot_version().unwrap(), unready_version);
+    let state = store.discovery_state().unwrap();
+    assert_eq!(services(&state).len(), recorded.len() - 1);
+
+    let discovery = Discovery::new(store.clone(), Vec::new(), mesh()).unwrap();
+    let snapshot = discovery.snapshot_for(&SpiffeId::parse(WEB).unwrap());
+    assert_eq!(snapshot.services, state.services);
+    assert_eq!(snapshot.version, store.snapshot_version().unwrap());
 }

@@ -3,9 +3,10 @@
 //! and rate limits (RateLimitPolicy), and the snapshot version counter.
 //!
 //! [`Store`] is what the API layer talks to: the embedded backend (redb in
-//! the state dir) or the Kubernetes backend ([`kubernetes`]: CRDs, Pods and a
-//! Secret). Every method is one transaction: a refused call changes nothing. This module never sees a token in clear,
-//! only its SHA-256 hash, and never signs anything.
+//! the state dir) or the Kubernetes backend ([`kubernetes`]: CRDs, Pods,
+//! Services and EndpointSlices, and a Secret). Every method is one
+//! transaction: a refused call changes nothing. This module never sees a
+//! token in clear, only its SHA-256 hash, and never signs anything.
 
 pub mod embedded;
 pub mod kubernetes;

@@ -34,6 +34,8 @@ use crate::common::serving::{Answering, ApiServer};
 pub const POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
 pub const RATE_LIMITS: &str = "/apis/trellis.io/v1alpha1/ratelimitpolicies";
 pub const PODS: &str = "/api/v1/pods";
+pub const SERVICES: &str = "/api/v1/services";
+pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const TOKENREVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 pub const CA_NAMESPACE: &str = "trellis-system";
 pub const CA_SECRET: &str = "trellis-ca";
@@ -388,12 +390,24 @@ pub fn pods_list() -> Value {
     fixture_json("store/pods-list.json")
 }
 
-/// A fake answering lists with the recorded policies and pods.
+pub fn services_list() -> Value {
+    fixture_json("store/services-list.json")
+}
+
+pub fn endpoint_slices_list() -> Value {
+    fixture_json("store/endpointslices-list.json")
+}
+
+/// A fake answering lists of every kind the store watches with the
+/// recorded policies, rate limits, pods, Services and EndpointSlices (a
+/// store starts only once each kind is listed).
 pub async fn recorded_cluster() -> FakeKube {
     let fake = FakeKube::start().await;
     fake.lists(POLICIES, vec![(200, policies_list())]);
     fake.lists(RATE_LIMITS, vec![(200, rate_limits_list())]);
     fake.lists(PODS, vec![(200, pods_list())]);
+    fake.lists(SERVICES, vec![(200, services_list())]);
+    fake.lists(ENDPOINT_SLICES, vec![(200, endpoint_slices_list())]);
     fake
 }
 

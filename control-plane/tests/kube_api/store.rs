@@ -6,7 +6,7 @@ use std::time::Duration;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_core::TrustDomain;
 
-use super::{FakeKube, PODS, POLICIES};
+use super::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, SERVICES};
 use crate::common::eventually_async;
 
 /// The workload the recorded policies select.
@@ -28,7 +28,10 @@ pub async fn connect(fake: &FakeKube) -> KubernetesStore {
 /// reach every store.
 pub async fn watched_by(fake: &FakeKube, n: usize) {
     eventually_async("the stores to watch", || async {
-        (fake.watching(POLICIES) == n && fake.watching(PODS) == n).then_some(())
+        [POLICIES, PODS, SERVICES, ENDPOINT_SLICES]
+            .iter()
+            .all(|path| fake.watching(path) == n)
+            .then_some(())
     })
     .await;
 }

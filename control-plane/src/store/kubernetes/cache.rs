@@ -1,6 +1,10 @@
 //! The in-memory reflection of what the API server holds: per object
 //! (kind, `namespace/name`), its resourceVersion and what it contributes to
-//! snapshots (a validated policy or rate limit, or a Pod's mesh endpoints).
+//! snapshots (a validated policy or rate limit, a Pod's mesh endpoints, a
+//! Service's cluster IPs and ports, an EndpointSlice's ready backends).
+//! Services and EndpointSlices are held apart, as the API server holds
+//! them, and joined when a snapshot is read ([`Cache::services`]), so an
+//! event changes one entry whatever the other kind holds.
 //!
 //! The snapshot version is a name of the content, not a counter: every
 //! entry has a digest (SHA-256 of its kind, key and canonical content), the
@@ -17,17 +21,22 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
+use trellis_proto::discovery::v1::Service;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
+use super::services::{ClusterIpService, NamedPort, SliceBackends, virtual_services};
 use crate::store::WorkloadRecord;
 
 /// The kinds the store reflects. A new kind is a variant here, an [`Entry`]
-/// variant, a conversion in `objects` and a watch in `connect`.
+/// variant, a conversion (in `objects`, or `services` for Services and
+/// EndpointSlices) and a watch in `connect`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     AuthorizationPolicy,
     RateLimitPolicy,
     Pod,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
@@ -36,6 +45,8 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -54,6 +65,10 @@ pub enum Entry {
     RateLimit(RateLimit, u64),
     /// A running, injected Pod: one endpoint per pod IP.
     Endpoints(Vec<WorkloadRecord>),
+    /// A Service with cluster IPs: its virtual addresses.
+    Service(ClusterIpService),
+    /// An EndpointSlice: the ready backends of one Service.
+    Backends(SliceBackends),
 }
 
 /// An object as the reflector read it.
@@ -237,11 +252,34 @@ impl Cache {
             .collect()
     }
 
+    /// Every Service's cluster IPs and ports with the ready backends its
+    /// EndpointSlices list, ordered by address (see [`virtual_services`]).
+    pub fn services(&self) -> Vec<Service> {
+        let services = self
+            .keyed_of_kind(Kind::Service)
+            .filter_map(|(key, entry)| match entry {
+                Entry::Service(service) => Some((key, service)),
+                _ => None,
+            });
+        let slices = self
+            .of_kind(Kind::EndpointSlice)
+            .filter_map(|entry| match entry {
+                Entry::Backends(backends) => Some(backends),
+                _ => None,
+            });
+        virtual_services(services, slices)
+    }
+
     fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Entry> {
+        self.keyed_of_kind(kind).map(|(_, entry)| entry)
+    }
+
+    /// The entries of `kind` with their `namespace/name`, in that order.
+    fn keyed_of_kind(&self, kind: Kind) -> impl Iterator<Item = (&str, &Entry)> {
         self.objects
             .range((kind, String::new())..)
             .take_while(move |((k, _), _)| *k == kind)
-            .map(|(_, slot)| &slot.entry)
+            .map(|((_, key), slot)| (key.as_str(), &slot.entry))
     }
 
     fn xor(&mut self, kind: Kind, digest: u64) {
@@ -319,12 +357,54 @@ fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
             }
             digest_bytes(&refs)
         }
+        // Each list is preceded by its length, so no two contents encode
+        // alike.
+        Entry::Service(service) => {
+            let mut parts = vec![count(service.cluster_ips.len())];
+            parts.extend(
+                service
+                    .cluster_ips
+                    .iter()
+                    .map(|ip| ip.to_string().into_bytes()),
+            );
+            push_ports(&mut parts, &service.ports);
+            digest_parts(kind, key, &parts)
+        }
+        Entry::Backends(backends) => {
+            let mut parts = vec![
+                backends.service.clone().into_bytes(),
+                backends.family.as_str().as_bytes().to_vec(),
+            ];
+            push_ports(&mut parts, &backends.ports);
+            parts.push(count(backends.ready.len()));
+            parts.extend(backends.ready.iter().map(|ip| ip.to_string().into_bytes()));
+            digest_parts(kind, key, &parts)
+        }
+    }
+}
+
+fn digest_parts(kind: Kind, key: &str, parts: &[Vec<u8>]) -> u64 {
+    let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
+    refs.extend(parts.iter().map(Vec::as_slice));
+    digest_bytes(&refs)
+}
+
+fn count(n: usize) -> Vec<u8> {
+    (n as u64).to_be_bytes().to_vec()
+}
+
+fn push_ports(parts: &mut Vec<Vec<u8>>, ports: &[NamedPort]) {
+    parts.push(count(ports.len()));
+    for port in ports {
+        parts.push(port.name.clone().into_bytes());
+        parts.push(port.port.to_be_bytes().to_vec());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::kubernetes::services::Family;
 
     fn endpoint(address: &str) -> Reflected {
         Reflected {
@@ -416,6 +496,112 @@ mod tests {
         assert_eq!(
             cache.resource_version(Kind::AuthorizationPolicy, "default/x"),
             Some("20")
+        );
+    }
+
+    fn service(rv: &str, ip: &str) -> Reflected {
+        Reflected {
+            resource_version: rv.into(),
+            entry: Entry::Service(ClusterIpService {
+                cluster_ips: vec![ip.parse().unwrap()],
+                ports: vec![NamedPort {
+                    name: "http".into(),
+                    port: 8080,
+                }],
+            }),
+        }
+    }
+
+    fn slice(rv: &str, ready: &[&str]) -> Reflected {
+        Reflected {
+            resource_version: rv.into(),
+            entry: Entry::Backends(SliceBackends {
+                service: "shop/api".into(),
+                family: Family::V4,
+                ports: vec![NamedPort {
+                    name: "http".into(),
+                    port: 8081,
+                }],
+                ready: ready.iter().map(|ip| ip.parse().unwrap()).collect(),
+            }),
+        }
+    }
+
+    fn backends_of(cache: &Cache) -> Vec<(String, Vec<String>)> {
+        cache
+            .services()
+            .into_iter()
+            .map(|s| (s.address, s.backends))
+            .collect()
+    }
+
+    #[test]
+    fn services_and_slices_join_and_name_the_version_whatever_the_order() {
+        let mut slices_first = Cache::default();
+        slices_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice("7", &["10.244.2.9"])),
+        );
+        slices_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-b",
+            Some(slice("8", &["10.244.1.50"])),
+        );
+        slices_first.apply(Kind::Service, "shop/api", Some(service("3", "10.96.14.2")));
+
+        let mut service_first = Cache::default();
+        service_first.replace(
+            Kind::Service,
+            [("shop/api".to_owned(), service("3", "10.96.14.2"))].into(),
+        );
+        service_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-b",
+            Some(slice("8", &["10.244.1.50"])),
+        );
+        service_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice("6", &["10.244.2.9", "10.244.2.10"])),
+        );
+        service_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice("7", &["10.244.2.9"])),
+        );
+
+        assert_eq!(slices_first.version(), service_first.version());
+        let expected = vec![(
+            "10.96.14.2:8080".to_owned(),
+            vec!["10.244.1.50:8081".to_owned(), "10.244.2.9:8081".to_owned()],
+        )];
+        assert_eq!(backends_of(&slices_first), expected);
+        assert_eq!(backends_of(&service_first), expected);
+
+        // A backend that is no longer ready changes the content.
+        let before = service_first.version();
+        assert!(service_first.apply(Kind::EndpointSlice, "shop/api-b", Some(slice("9", &[]))));
+        assert_ne!(service_first.version(), before);
+        assert_eq!(
+            backends_of(&service_first),
+            [(
+                "10.96.14.2:8080".to_owned(),
+                vec!["10.244.2.9:8081".to_owned()]
+            )]
+        );
+        // A change the entry does not see (a new resourceVersion only) does not.
+        let after = service_first.version();
+        assert!(!service_first.apply(Kind::EndpointSlice, "shop/api-b", Some(slice("10", &[]))));
+        assert_eq!(service_first.version(), after);
+        // The Service gone, its slices publish nothing.
+        assert!(service_first.remove(Kind::Service, "shop/api"));
+        assert!(service_first.services().is_empty());
+        assert_ne!(service_first.version(), after);
+        assert_eq!(
+            service_first.policy_generation(),
+            Cache::default().policy_generation(),
+            "Services and slices are no policies"
         );
     }
 

@@ -10,6 +10,10 @@
 //!   so every replica sees the write through its own watch.
 //! - Mesh endpoints come from Pods: each Running, injected Pod with an IP
 //!   is `pod IP:inbound port -> spiffe://TD/ns/NS/sa/SA`.
+//! - Services come from Services and EndpointSlices ([`services`]): each
+//!   cluster IP and TCP port of a Service is a virtual address whose
+//!   backends are the ready endpoints its EndpointSlices list, so a sidecar
+//!   that reads a cluster IP as an original destination knows where to go.
 //! - The snapshot version names the content (see [`cache`]), so two
 //!   replicas that see the same objects serve identical snapshots at the
 //!   same version.
@@ -29,12 +33,14 @@
 pub mod cache;
 pub mod objects;
 mod reflect;
+pub mod services;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -54,6 +60,7 @@ use self::objects::{
     policy_from_object, rate_limit_from_object, rate_limit_resource,
 };
 use self::reflect::{Convert, Shared, reflect};
+use self::services::{SERVICE_NAME_LABEL, cluster_ip_service, slice_backends};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
     JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
@@ -69,6 +76,10 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Pods the store watches: only running ones can be endpoints.
 pub const POD_FIELD_SELECTOR: &str = "status.phase=Running";
+
+/// The EndpointSlices the store watches: only those of a Service (the label
+/// exists) can hold its backends.
+pub const SLICE_LABEL_SELECTOR: &str = SERVICE_NAME_LABEL;
 
 /// Why the Kubernetes store (or its client) failed.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +216,23 @@ impl KubernetesStore {
         let config = watcher::Config::default().fields(POD_FIELD_SELECTOR);
         let task = reflect(api, config, Kind::Pod, pods, shared.clone(), tx);
         watch(tokio::spawn(task), Kind::Pod, rx);
+
+        let services: Convert<KubeService> =
+            Box::new(|service| Ok(cluster_ip_service(service).map(Entry::Service)));
+        let api = Api::<KubeService>::all(client.clone());
+        let (tx, rx) = oneshot::channel();
+        let config = watcher::Config::default();
+        let task = reflect(api, config, Kind::Service, services, shared.clone(), tx);
+        watch(tokio::spawn(task), Kind::Service, rx);
+
+        let slices: Convert<EndpointSlice> =
+            Box::new(|slice| Ok(slice_backends(slice).map(Entry::Backends)));
+        let api = Api::<EndpointSlice>::all(client.clone());
+        let (tx, rx) = oneshot::channel();
+        let config = watcher::Config::default().labels(SLICE_LABEL_SELECTOR);
+        let kind = Kind::EndpointSlice;
+        let task = reflect(api, config, kind, slices, shared.clone(), tx);
+        watch(tokio::spawn(task), kind, rx);
 
         let store = Self {
             shared,
@@ -604,7 +632,7 @@ impl Store for KubernetesStore {
                 .into_iter()
                 .map(|(limit, _)| limit)
                 .collect(),
-            services: Vec::new(),
+            services: c.services(),
         }))
     }
 }
