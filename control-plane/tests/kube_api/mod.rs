@@ -89,6 +89,8 @@ struct State {
     next_rv: u64,
     /// When set, policy writes are answered with this instead.
     refuse_writes: Option<(u16, Value)>,
+    /// Per token: the TokenReview answered instead of the recorded one.
+    reviews: HashMap<String, Value>,
     requests: Vec<Recorded>,
 }
 
@@ -166,6 +168,14 @@ impl FakeKube {
         let object = state.objects.get(key).cloned().expect("a stored object");
         let changed = stamp(&mut state, object, None);
         state.objects.insert(key.to_owned(), changed);
+    }
+
+    /// Answers TokenReviews of `token` with `review` instead of the
+    /// recorded review of a `shop/web` token: pods of several service
+    /// accounts.
+    pub fn review(&self, token: &str, review: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.reviews.insert(token.to_owned(), review);
     }
 
     pub fn set_secret(&self, secret: Option<Value>) {
@@ -261,6 +271,10 @@ fn answer(state: &mut State, method: &Method, path: &str, body: &Value) -> (u16,
         return answer;
     }
     if path == TOKENREVIEWS && *method == Method::POST {
+        let token = body["spec"]["token"].as_str().unwrap_or_default();
+        if let Some(review) = state.reviews.get(token) {
+            return (201, review.clone());
+        }
         return (201, fixture_json("tokenreview/authenticated.json"));
     }
     if path == secret && *method == Method::GET {

@@ -6,7 +6,9 @@
 //! `trellis-proxy init` then the sidecar as UID 1337; the apps are
 //! unmodified programs run as another UID (`python3 -m http.server`
 //! ([`HttpServer`]), curl or python3 as the client ([`Host::http_get`])), and
-//! a [`Capture`] records every frame crossing the bridge.
+//! a [`Capture`] records every frame crossing the bridge. A server of the
+//! test's own (a stand-in API server) runs inside a namespace on a
+//! [`NetnsRuntime`].
 //!
 //! Everything is made with `ip -n NS ...` and `ip netns exec NS ...`: nothing
 //! touches the machine's own namespace, and the only addresses are
@@ -36,8 +38,8 @@ pub use command::output;
 pub use control_plane::{ControlPlane, spiffe_id};
 pub use host::{Host, HttpServer, Reply};
 pub use lab::Lab;
-pub use namespace::Netns;
-pub use pod::Pod;
+pub use namespace::{Netns, NetnsRuntime};
+pub use pod::{Credential, Pod};
 pub use tools::{Tools, unavailable};
 
 /// The UID (and GID) the sidecars run as; `init` never redirects it.

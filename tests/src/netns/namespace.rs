@@ -1,10 +1,17 @@
-//! One network namespace ([`Netns`]) and the commands run inside it, as
-//! root or as another UID. A namespace is deleted when its handle drops;
+//! One network namespace ([`Netns`]), the commands run inside it, as root
+//! or as another UID, and the test's own in-process servers run inside it
+//! ([`NetnsRuntime`]). A namespace is deleted when its handle drops;
 //! nothing here touches the machine's own namespace.
 
 use std::ffi::OsStr;
+use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context;
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use super::command::{run_ok, text};
 use super::tools::{Tools, as_user_args};
@@ -87,6 +94,75 @@ impl Netns {
             }
         }
         rules
+    }
+
+    /// A tokio runtime whose threads live in this namespace, for a server
+    /// of the test's own (a stand-in API server) that a program in the
+    /// namespace must reach at its loopback: a socket keeps the namespace
+    /// of the thread that made it, so whatever its tasks bind or dial is
+    /// here, while the test's own threads stay where they are.
+    pub fn runtime(&self) -> anyhow::Result<NetnsRuntime> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        let netns = Arc::new(OwnedFd::from(file));
+        // Entered once here first, so a failure is an error, not a panic in
+        // a worker thread.
+        let probe = netns.clone();
+        std::thread::spawn(move || {
+            move_into_link_name_space(probe.as_fd(), Some(LinkNameSpaceType::Network))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread entering {} panicked", self.name))?
+        .with_context(|| format!("cannot enter the network namespace {}", self.name))?;
+        let name = self.name.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("in-{}", self.name))
+            .enable_all()
+            .on_thread_start(move || {
+                if let Err(e) =
+                    move_into_link_name_space(netns.as_fd(), Some(LinkNameSpaceType::Network))
+                {
+                    panic!("cannot enter the network namespace {name}: {e}");
+                }
+            })
+            .build()?;
+        Ok(NetnsRuntime {
+            runtime: Some(runtime),
+        })
+    }
+}
+
+/// A tokio runtime running inside one network namespace (see
+/// [`Netns::runtime`]); its tasks stop when it drops.
+#[derive(Debug)]
+pub struct NetnsRuntime {
+    // Taken on drop: a runtime must be shut down without blocking when the
+    // test's own runtime drops it.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl NetnsRuntime {
+    /// Runs `future` on a thread in the namespace and waits for its output:
+    /// whatever it binds, it binds there, and tasks it spawns run there.
+    pub async fn run<F>(&self, future: F) -> anyhow::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = self.runtime.as_ref().expect("running until dropped");
+        runtime
+            .spawn(future)
+            .await
+            .context("the task in the namespace failed")
+    }
+}
+
+impl Drop for NetnsRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

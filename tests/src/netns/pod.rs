@@ -1,6 +1,8 @@
 //! A meshed pod ([`Pod`]): `trellis-proxy init` on its host, then the
-//! sidecar as [`PROXY_UID`] with a join token and the trust bundle in files
-//! only that UID can read. The sidecar stops before the namespace goes.
+//! sidecar as [`PROXY_UID`] with its [`Credential`] (a join token, or a
+//! ServiceAccount token where the control plane runs on the Kubernetes
+//! store) and the trust bundle in files only that UID can read. The sidecar
+//! stops before the namespace goes.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +19,18 @@ use crate::binaries::Program;
 use crate::metrics::Metrics;
 use crate::patience::eventually;
 use crate::process::ChildProcess;
+
+/// What a pod's sidecar proves its identity with for its first certificate.
+#[derive(Clone, Debug, Default)]
+pub enum Credential {
+    /// A join token for [`spiffe_id`]`(host label)`, made with `trellisctl
+    /// token create`.
+    #[default]
+    JoinToken,
+    /// A Kubernetes ServiceAccount token (`--token-type service-account`)
+    /// for `identity`, which the control plane reviews.
+    ServiceAccountToken { identity: String, token: String },
+}
 
 /// A pod: its host, where `trellis-proxy init` ran, and its sidecar running
 /// as [`PROXY_UID`]. The sidecar stops before the namespace goes.
@@ -40,10 +54,30 @@ impl Pod {
         control_plane: &ControlPlane,
         init_args: &[&str],
     ) -> anyhow::Result<Pod> {
+        Pod::start_with(lab, host, control_plane, init_args, &Credential::JoinToken).await
+    }
+
+    /// Like [`Pod::start`], the sidecar proving its identity with
+    /// `credential`.
+    pub async fn start_with(
+        lab: &Lab,
+        host: Host,
+        control_plane: &ControlPlane,
+        init_args: &[&str],
+        credential: &Credential,
+    ) -> anyhow::Result<Pod> {
         host.init_ok(lab.launcher(), init_args).await?;
 
-        let identity = spiffe_id(host.label());
-        let token = control_plane.token(&identity).await?;
+        let (identity, token, token_type) = match credential {
+            Credential::JoinToken => {
+                let identity = spiffe_id(host.label());
+                let token = control_plane.token(&identity).await?;
+                (identity, token, "join")
+            }
+            Credential::ServiceAccountToken { identity, token } => {
+                (identity.clone(), token.clone(), "service-account")
+            }
+        };
         // The sidecar's own files, readable by its UID only.
         let dir = lab.dir().join(format!("{}-sidecar", host.label()));
         std::fs::create_dir_all(&dir)?;
@@ -91,7 +125,13 @@ impl Pod {
             .arg(control_plane.addr().to_string())
             .arg("--trust-bundle")
             .arg(&bundle)
-            .args(["--identity", &identity, "--token-file"])
+            .args([
+                "--identity",
+                &identity,
+                "--token-type",
+                token_type,
+                "--token-file",
+            ])
             .arg(&token_file)
             .arg("--admin")
             .arg(format!("0.0.0.0:{ADMIN_PORT}"))

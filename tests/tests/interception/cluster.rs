@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use trellis_tests::eventually;
 use trellis_tests::netns::{
-    APP_UID, Capture, ControlPlane, Host, HttpServer, Lab, Pod, Reply, Segment, unavailable,
+    APP_UID, Capture, ControlPlane, Credential, Host, HttpServer, Lab, Pod, Reply, Segment,
+    unavailable,
 };
 
 /// How long a test waits for something that should happen soon.
@@ -37,6 +38,9 @@ pub struct Setup<'a> {
     /// `None`: no pod B.
     pub init_b: Option<&'a [&'a str]>,
     pub outside: bool,
+    /// What each sidecar proves its identity with; join tokens by default.
+    pub credential_a: Credential,
+    pub credential_b: Credential,
 }
 
 /// A running pod network. Fields drop in order: the apps and the capture
@@ -56,6 +60,13 @@ impl Cluster {
     pub async fn start(setup: Setup<'_>) -> anyhow::Result<Cluster> {
         let lab = Lab::new()?;
         let cp_host = lab.host("cp", 10)?;
+        Cluster::start_in(lab, cp_host, setup).await
+    }
+
+    /// Like [`Cluster::start`] in a lab the test made, with the control
+    /// plane's host `cp_host` (`cp`, 192.0.2.10) already on its bridge, so
+    /// that what the control plane needs there runs before it starts.
+    pub async fn start_in(lab: Lab, cp_host: Host, setup: Setup<'_>) -> anyhow::Result<Cluster> {
         let control_plane = ControlPlane::start(&lab, cp_host, setup.control_plane).await?;
         let outside = if setup.outside {
             Some(lab.host("outside", 100)?)
@@ -63,11 +74,12 @@ impl Cluster {
             None
         };
         let a = lab.host("pod-a", 1)?;
-        let a = Pod::start(&lab, a, &control_plane, setup.init_a).await?;
+        let a = Pod::start_with(&lab, a, &control_plane, setup.init_a, &setup.credential_a).await?;
         let b = match setup.init_b {
             Some(init) => {
                 let b = lab.host("pod-b", 2)?;
-                Some(Pod::start(&lab, b, &control_plane, init).await?)
+                let credential = &setup.credential_b;
+                Some(Pod::start_with(&lab, b, &control_plane, init, credential).await?)
             }
             None => None,
         };

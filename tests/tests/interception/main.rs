@@ -9,13 +9,23 @@
 //! (192.0.2.100). The apps are unmodified and run as UID 1000:
 //! `python3 -m http.server` serves, curl (or python3) calls plain
 //! `http://<address>:<port>/`. A raw capture on the bridge shows what
-//! crosses the wire.
+//! crosses the wire. The tests of calls to Kubernetes Services
+//! (`services`) run the control plane on the Kubernetes store against the
+//! control plane's stand-in API server (`kube_api`, included from its
+//! tests), and the sidecars certify with ServiceAccount tokens.
 //!
 //! Needs root, iproute2, iptables, python3 and setpriv; elsewhere each test
 //! prints `skipped: needs root` (or names what is missing) and passes.
 //! Namespaces and processes are removed after each test, also when it fails.
 
 mod cluster;
+mod common;
+// The control plane's stand-in for the Kubernetes API server, compiled into
+// this test too: one stand-in for both crates, and neither crate's tests
+// depend on the other's (this crate depends on the control plane).
+#[path = "../../../control-plane/tests/kube_api/mod.rs"]
+mod kube_api;
+mod services;
 
 use std::net::{Ipv6Addr, SocketAddr};
 
