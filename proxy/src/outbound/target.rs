@@ -154,6 +154,7 @@ mod tests {
                 address: "10.96.0.10:80".into(),
                 name: "shop/api".into(),
                 backends: backends.iter().map(|b| b.to_string()).collect(),
+                ..Default::default()
             }],
             mesh: Some(pb::MeshConfig {
                 outbound_policy: outbound_policy.into(),

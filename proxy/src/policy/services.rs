@@ -143,6 +143,7 @@ mod tests {
             address: address.into(),
             name: name.into(),
             backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..Default::default()
         }
     }
 

@@ -226,6 +226,7 @@ pub fn virtual_services<'a>(
                     address: SocketAddr::new(*ip, port.port).to_string(),
                     name: name.to_owned(),
                     backends: backends.iter().map(ToString::to_string).collect(),
+                    client_affinity: false,
                 });
             }
         }

@@ -95,6 +95,7 @@ mod tests {
                 address: "10.96.0.10:80".into(),
                 name: "a/web".into(),
                 backends: vec!["10.0.0.1:8080".into()],
+                client_affinity: false,
             }],
         };
         // The per-sidecar fields first, then the shared ones, as the control
