@@ -331,7 +331,7 @@ mod tests {
             backends: (0..backends)
                 .map(|b| format!("10.0.0.{}:8080", b + 1))
                 .collect(),
-                ..Default::default()
+            ..Default::default()
         };
         let mut services: Vec<pb::Service> = (0..SERVICES_SHOWN + 20)
             .rev()
