@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
+use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
 
 use crate::authn::tokenreview::KubeApi;
+use crate::ca::load_trust_anchors;
 use crate::inject::InjectConfig;
 
 /// The shortest `--cert-ttl` accepted.
@@ -148,6 +150,16 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
 
+    /// Roots (PEM CA certificates) to trust and publish in the trust bundle
+    /// beside the signing CA's own: a new root before it signs, an old one
+    /// until every certificate it signed has been renewed.
+    #[arg(long, env = "TRELLIS_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+
+    /// The certificates of --trust-anchors, read and checked while parsing.
+    #[arg(skip)]
+    pub trust_anchor_roots: Vec<CertificateDer<'static>>,
+
     /// Extra DNS name for the control plane's serving certificate (repeatable).
     #[arg(long = "dns-name", env = "TRELLIS_DNS_NAME", value_delimiter = ',', value_parser = parse_dns_name)]
     pub dns_names: Vec<String>,
@@ -241,9 +253,14 @@ impl Config {
         }
     }
 
-    /// Checks what clap cannot: reads and validates `--inject-config`, and
-    /// resolves the Kubernetes API for `--identity-provider kubernetes`.
+    /// Checks what clap cannot: reads and validates `--inject-config` and
+    /// `--trust-anchors`, and resolves the Kubernetes API for
+    /// `--identity-provider kubernetes`.
     fn resolve(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.trust_anchors {
+            self.trust_anchor_roots =
+                load_trust_anchors(path).map_err(|e| format!("--trust-anchors {e}"))?;
+        }
         if let Some(path) = &self.inject_config {
             let json = std::fs::read_to_string(path)
                 .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
@@ -585,6 +602,59 @@ mod tests {
                 panic!("{bad} must be refused")
             };
             assert!(msg.contains("--opaque-ports"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn trust_anchors_are_read_from_the_flag_or_its_environment_twin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("anchors.pem");
+        let (ca, root_pem, _) =
+            crate::ca::CertificateAuthority::generate(&TrustDomain::new("td").unwrap()).unwrap();
+        std::fs::write(&file, root_pem).unwrap();
+        let path = file.to_str().unwrap();
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--trust-anchors", path]) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.trust_anchors.as_deref(), Some(file.as_path()));
+        assert_eq!(c.trust_anchor_roots, ca.bundle());
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d"]) else {
+            panic!("should parse")
+        };
+        assert!(c.trust_anchor_roots.is_empty());
+
+        // The twin is read from the process environment (which tests leave
+        // alone); the binary's tests set it.
+        let command = <Config as clap::CommandFactory>::command();
+        let flag = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some("trust-anchors"))
+            .expect("--trust-anchors is a flag");
+        assert_eq!(
+            flag.get_env(),
+            Some(std::ffi::OsStr::new("TRELLIS_TRUST_ANCHORS"))
+        );
+    }
+
+    #[test]
+    fn unusable_trust_anchors_are_invalid_configuration_naming_flag_and_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("anchors.pem");
+        std::fs::write(&file, "").unwrap();
+        let path = file.to_str().unwrap();
+        let missing = tmp.path().join("missing.pem");
+        for (file, why) in [
+            (path, "no certificate in it"),
+            (missing.to_str().unwrap(), "cannot read it"),
+        ] {
+            let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--trust-anchors", file])
+            else {
+                panic!("{file} must be refused")
+            };
+            assert!(
+                msg.starts_with(&format!("error: --trust-anchors {file}: {why}")),
+                "{msg}"
+            );
         }
     }
 

@@ -1,5 +1,6 @@
 //! Start-up and shutdown of the control plane process, in order: state dir,
-//! CA (files, or the Secret with `--store kubernetes`), operator credential,
+//! CA (files, or the Secret with `--store kubernetes`) and its trust bundle
+//! (its root and the `--trust-anchors`), operator credential,
 //! store (the embedded database, or the Kubernetes watches listed once),
 //! discovery, the TokenReview client and the
 //! webhook's certificate and settings, then every port (gRPC, admin, and
@@ -7,9 +8,10 @@
 //! SIGTERM/SIGINT stops accepting everywhere and drains in-flight RPCs up to
 //! a deadline.
 //!
-//! Log lines worth asserting on: `control plane ready` (fields `grpc`,
-//! `admin`, `webhook` (an address, or `off`), `trust_domain`, `store`,
-//! `state_dir`)
+//! Log lines worth asserting on: `trust bundle loaded` (fields `roots`, the
+//! count, and `bundle`, each root's subject and expiry date) once the CA is
+//! loaded, `control plane ready` (fields `grpc`, `admin`, `webhook` (an
+//! address, or `off`), `trust_domain`, `store`, `state_dir`)
 //! once the ports serve, and `control plane stopped` on a clean exit.
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
 use crate::authn::tokenreview::TokenReviewer;
+use crate::ca::anchors::describe_roots;
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
 use crate::ca::secret::open_ca_secret;
 use crate::config::{Config, IdentityProvider, StoreKind};
@@ -150,8 +153,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 config.namespace.as_deref().unwrap_or_default(),
                 config.ca_secret.as_deref().unwrap_or_default(),
             );
-            let ca =
-                open_ca_secret(client.clone(), namespace, secret, &config.trust_domain).await?;
+            let ca = open_ca_secret(client.clone(), namespace, secret, &config.trust_domain)
+                .await?
+                .with_trust_anchors(&config.trust_anchor_roots);
             dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
             let store =
                 KubernetesStore::connect(client, config.trust_domain.clone(), SYNC_TIMEOUT).await?;
@@ -161,12 +165,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
         _ => {
             let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
-            let ca = open_ca(&dir, &config.trust_domain, operator_ca)?;
+            let ca = open_ca(
+                &dir,
+                &config.trust_domain,
+                operator_ca,
+                &config.trust_anchor_roots,
+            )?;
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             (ca, store as Arc<dyn Store>, None)
         }
     };
     let ca = Arc::new(ca);
+    // Subjects and expiry dates only: roots are public, and short enough
+    // for one line.
+    tracing::info!(
+        roots = ca.bundle().len(),
+        bundle = ?describe_roots(ca.bundle()),
+        "trust bundle loaded"
+    );
     ensure_admin_credential(&dir, &ca)?;
     check_stored_policies(store.as_ref(), &config)?;
     let mesh_config = MeshConfig {
@@ -273,7 +289,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let ready = Arc::new(AtomicBool::new(false));
     if let Some((server, inject)) = webhook {
         // The sender lives as long as the webhook. The bundle is fixed for
-        // the life of the process today; a CA rotation would send it here.
+        // the life of the process: a change of the signing CA or of the
+        // trust anchors takes a restart.
         let (inject_tx, inject_rx) = watch::channel(Arc::new(inject));
         let mut stop = shutdown_rx.clone();
         tokio::spawn(async move {

@@ -46,7 +46,9 @@ pub enum CaFilesError {
     #[error("{present} exists but {missing} does not; refusing to overwrite, restore or remove it")]
     Incomplete { present: PathBuf, missing: PathBuf },
     #[error(
-        "the state dir already holds a generated CA ({path}); remove it or drop --ca-cert/--ca-key"
+        "the state dir already holds a generated CA ({path}); to sign with --ca-cert/--ca-key, \
+         move ca.crt and ca.key out of the state dir (they can be given as --ca-cert/--ca-key, or \
+         ca.crt as --trust-anchors), or drop --ca-cert/--ca-key"
     )]
     ConflictingCa { path: PathBuf },
     #[error(transparent)]
@@ -61,11 +63,13 @@ fn invalid(path: &Path, reason: impl ToString) -> CaFilesError {
 }
 
 /// Loads the CA (from the operator's files, or the state dir, generating a
-/// root on first start) and writes `bundle.pem` if it changed.
+/// root on first start), adds the trust anchors to its bundle and writes
+/// `bundle.pem` if it changed.
 pub fn open_ca(
     dir: &StateDir,
     trust_domain: &trellis_core::TrustDomain,
     operator: Option<(&Path, &Path)>,
+    anchors: &[CertificateDer<'static>],
 ) -> Result<CertificateAuthority, CaFilesError> {
     let ca = match operator {
         Some((cert, key)) => {
@@ -107,7 +111,8 @@ pub fn open_ca(
                 });
             }
         },
-    };
+    }
+    .with_trust_anchors(anchors);
     dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
     Ok(ca)
 }
@@ -265,11 +270,11 @@ mod tests {
     fn restart_loads_the_same_ca_and_credential() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("s")).unwrap();
-        let ca = open_ca(&dir, &td(), None).unwrap();
+        let ca = open_ca(&dir, &td(), None, &[]).unwrap();
         ensure_admin_credential(&dir, &ca).unwrap();
         let files = [CA_CERT, CA_KEY, BUNDLE, ADMIN_CERT, ADMIN_KEY];
         let before: Vec<_> = files.iter().map(|f| dir.read(f).unwrap()).collect();
-        let ca = open_ca(&dir, &td(), None).unwrap();
+        let ca = open_ca(&dir, &td(), None, &[]).unwrap();
         ensure_admin_credential(&dir, &ca).unwrap();
         let after: Vec<_> = files.iter().map(|f| dir.read(f).unwrap()).collect();
         assert_eq!(before, after);
@@ -316,10 +321,10 @@ mod tests {
     fn corrupt_key_is_reported_and_kept() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("s")).unwrap();
-        open_ca(&dir, &td(), None).unwrap();
+        open_ca(&dir, &td(), None, &[]).unwrap();
         dir.write_atomic(CA_KEY, b"garbage", Secrecy::Secret)
             .unwrap();
-        let err = open_ca(&dir, &td(), None).unwrap_err();
+        let err = open_ca(&dir, &td(), None, &[]).unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
         assert_eq!(dir.read(CA_KEY).unwrap().unwrap(), b"garbage");
     }
@@ -328,7 +333,7 @@ mod tests {
     fn a_stale_or_foreign_admin_credential_is_reissued() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("s")).unwrap();
-        let ca = open_ca(&dir, &td(), None).unwrap();
+        let ca = open_ca(&dir, &td(), None, &[]).unwrap();
         let admin = SpiffeId::admin(&td());
         let cases = [
             // About to expire: less than the one-day margin left.
@@ -355,15 +360,90 @@ mod tests {
         }
     }
 
+    fn bundle_of(dir: &StateDir, name: &str) -> Vec<CertificateDer<'static>> {
+        parse_certs(&dir.read(name).unwrap().unwrap(), &dir.path(name)).unwrap()
+    }
+
+    #[test]
+    fn trust_anchors_join_the_bundle_once_after_the_signing_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        let signing = open_ca(&dir, &td(), None, &[]).unwrap().bundle()[0].clone();
+        let (other, _, _) = CertificateAuthority::generate(&td()).unwrap();
+        let other = other.bundle()[0].clone();
+        let anchors = [other.clone(), signing.clone(), other.clone()];
+        let ca = open_ca(&dir, &td(), None, &anchors).unwrap();
+        assert_eq!(ca.bundle(), [signing.clone(), other.clone()]);
+        assert_eq!(ca.signing_cert(), &signing);
+        assert_eq!(bundle_of(&dir, BUNDLE), [signing.clone(), other]);
+        // Dropping the anchor leaves the signing root alone again.
+        open_ca(&dir, &td(), None, &[]).unwrap();
+        assert_eq!(bundle_of(&dir, BUNDLE), [signing]);
+    }
+
+    /// The rotation the docs describe, on a state dir that generated its
+    /// CA: the generated files, moved out, are the operator CA of the old
+    /// root; then the new root signs and the old one stays trusted.
+    #[test]
+    fn a_generated_ca_moved_out_of_the_state_dir_rotates_to_a_new_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        let old = open_ca(&dir, &td(), None, &[]).unwrap();
+        ensure_admin_credential(&dir, &old).unwrap();
+        let old_root = old.bundle()[0].clone();
+        let (new, new_cert, new_key) = CertificateAuthority::generate(&td()).unwrap();
+        let new_root = new.bundle()[0].clone();
+        let new_files = (tmp.path().join("new.crt"), tmp.path().join("new.key"));
+        std::fs::write(&new_files.0, new_cert).unwrap();
+        std::fs::write(&new_files.1, new_key).unwrap();
+        let old_files = (tmp.path().join("old.crt"), tmp.path().join("old.key"));
+
+        // The generated CA and an operator CA cannot both be used.
+        let operator = Some((new_files.0.as_path(), new_files.1.as_path()));
+        let err = open_ca(&dir, &td(), operator, &[]).unwrap_err();
+        assert!(matches!(err, CaFilesError::ConflictingCa { .. }), "{err}");
+        assert!(
+            err.to_string().contains("move ca.crt and ca.key out"),
+            "{err}"
+        );
+
+        // Step 1: the old root signs from outside the state dir, the new
+        // one is an anchor; the operator credential stays as it was.
+        std::fs::rename(dir.path(CA_CERT), &old_files.0).unwrap();
+        std::fs::rename(dir.path(CA_KEY), &old_files.1).unwrap();
+        let admin = dir.read(ADMIN_CERT).unwrap();
+        let operator = Some((old_files.0.as_path(), old_files.1.as_path()));
+        let ca = open_ca(&dir, &td(), operator, std::slice::from_ref(&new_root)).unwrap();
+        assert_eq!(ca.bundle(), [old_root.clone(), new_root.clone()]);
+        ensure_admin_credential(&dir, &ca).unwrap();
+        assert_eq!(dir.read(ADMIN_CERT).unwrap(), admin);
+
+        // Step 2: the new root signs, the old one is an anchor; the
+        // operator credential is re-issued by the new root.
+        let operator = Some((new_files.0.as_path(), new_files.1.as_path()));
+        let ca = open_ca(&dir, &td(), operator, std::slice::from_ref(&old_root)).unwrap();
+        assert_eq!(ca.bundle(), [new_root.clone(), old_root]);
+        ensure_admin_credential(&dir, &ca).unwrap();
+        let admin = bundle_of(&dir, ADMIN_CERT);
+        let (_, leaf) = parse_x509_certificate(&admin[0]).unwrap();
+        assert!(signed_by_ca(&leaf, &ca));
+
+        // Step 3: the new root alone.
+        let ca = open_ca(&dir, &td(), operator, &[]).unwrap();
+        assert_eq!(bundle_of(&dir, BUNDLE), ca.bundle());
+        assert_eq!(ca.bundle(), [new_root]);
+        assert!(dir.read(CA_CERT).unwrap().is_none(), "nothing generated");
+    }
+
     #[test]
     fn mismatched_key_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&tmp.path().join("s")).unwrap();
-        open_ca(&dir, &td(), None).unwrap();
+        open_ca(&dir, &td(), None, &[]).unwrap();
         let (_, _, other_key) = CertificateAuthority::generate(&td()).unwrap();
         dir.write_atomic(CA_KEY, other_key.as_bytes(), Secrecy::Secret)
             .unwrap();
-        let err = open_ca(&dir, &td(), None).unwrap_err();
+        let err = open_ca(&dir, &td(), None, &[]).unwrap_err();
         assert!(matches!(err, CaFilesError::KeyMismatch { .. }), "{err}");
     }
 }

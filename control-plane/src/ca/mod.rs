@@ -1,6 +1,7 @@
 //! The certificate authority: the signing key and certificate (a root we
-//! generate, or an operator's root or intermediate), the trust bundle, and
-//! the signing of X.509-SVIDs.
+//! generate, or an operator's root or intermediate), the trust bundle (the
+//! signing CA's root, then the operator's trust anchors), and the signing of
+//! X.509-SVIDs.
 //!
 //! Every leaf follows the SPIFFE X509-SVID specification: one URI SAN, not a
 //! CA, key usage digitalSignature, EKU serverAuth + clientAuth, a random
@@ -8,6 +9,7 @@
 //! is given; it never decides who may have which identity (that is `authn`
 //! and `api::identity`) and never logs key material.
 
+pub mod anchors;
 pub mod csr;
 pub mod files;
 pub mod secret;
@@ -24,6 +26,7 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use trellis_core::{SpiffeId, TrustDomain};
 
+pub use anchors::{TrustAnchorsError, load_trust_anchors};
 pub use csr::{CsrError, ValidCsr};
 pub use files::{AdminCredential, CaFilesError};
 
@@ -60,6 +63,7 @@ pub struct CertificateAuthority {
     /// Certificates between a leaf and the root: the signing CA when it is an
     /// intermediate, then its parents; empty when we sign with the root.
     intermediates: Vec<CertificateDer<'static>>,
+    /// The root of the signing CA first, then the trust anchors, each once.
     bundle: Vec<CertificateDer<'static>>,
 }
 
@@ -139,7 +143,21 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
-    /// The DER roots of the trust domain.
+    /// Adds `anchors` to the trust bundle after the signing CA's root,
+    /// leaving out any already in it (the signing root itself, a root
+    /// listed twice).
+    pub fn with_trust_anchors(mut self, anchors: &[CertificateDer<'static>]) -> Self {
+        for anchor in anchors {
+            if !self.bundle.contains(anchor) {
+                self.bundle.push(anchor.clone());
+            }
+        }
+        self
+    }
+
+    /// The DER roots of the trust domain: the signing CA's root first, then
+    /// the trust anchors. Everything that verifies a mesh certificate or
+    /// hands roots to sidecars takes all of them.
     pub fn bundle(&self) -> &[CertificateDer<'static>] {
         &self.bundle
     }

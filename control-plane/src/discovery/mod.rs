@@ -3,7 +3,8 @@
 //! versioned.
 //!
 //! The store's snapshot version changes with every change that can affect a
-//! snapshot (a new endpoint, a policy write, a changed mesh config): a
+//! snapshot (a new endpoint, a policy write, a changed mesh config or trust
+//! bundle, which a restart brings): a
 //! persisted counter in the embedded store, a digest of the content in the
 //! Kubernetes store (so replicas agree on it). After
 //! each change this module reads the version together with the workloads and
@@ -369,26 +370,16 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    /// Settles the mesh config in the store (a changed config is a new
-    /// version), withdraws in a new version the endpoints whose
-    /// certificates ended while the control plane was stopped, loads the
-    /// current view and starts announcing from it.
+    /// Settles the mesh config and the trust bundle in the store (a change
+    /// of either is a new version), withdraws in a new version the
+    /// endpoints whose certificates ended while the control plane was
+    /// stopped, loads the current view and starts announcing from it.
     pub fn new(
         store: Arc<dyn Store>,
         bundle: Vec<Vec<u8>>,
         mesh: MeshConfig,
     ) -> Result<Self, StoreError> {
-        let mut encoded = format!(
-            "default_policy={};outbound_policy={}",
-            mesh.default_policy, mesh.outbound_policy
-        );
-        // Written only when set, so a store from before the field existed
-        // sees the same config and keeps its version.
-        if !mesh.opaque_ports.is_empty() {
-            let ports: Vec<String> = mesh.opaque_ports.iter().map(u32::to_string).collect();
-            encoded.push_str(&format!(";opaque_ports={}", ports.join(",")));
-        }
-        store.settle_mesh_config(&encoded)?;
+        store.settle_mesh_config(&encode_constant_part(&mesh, &bundle))?;
         let now = unix_now();
         let mut state = store.discovery_state()?;
         // Sidecars that reconnect holding the stored version are sent
@@ -662,6 +653,34 @@ impl Drop for StreamGuard {
         self.discovery
             .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
     }
+}
+
+/// What every snapshot shares, as the store settles it: sidecars that
+/// reconnect holding the stored version are sent nothing until the next
+/// change, so a restart with another mesh config or trust bundle (a new
+/// signing CA, an added or dropped trust anchor) must be a new version.
+fn encode_constant_part(mesh: &MeshConfig, bundle: &[Vec<u8>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut encoded = format!(
+        "default_policy={};outbound_policy={}",
+        mesh.default_policy, mesh.outbound_policy
+    );
+    // Written only when set, so a store from before the field existed
+    // sees the same config and keeps its version.
+    if !mesh.opaque_ports.is_empty() {
+        let ports: Vec<String> = mesh.opaque_ports.iter().map(u32::to_string).collect();
+        encoded.push_str(&format!(";opaque_ports={}", ports.join(",")));
+    }
+    // Always written, unlike the ports: a store from before it sees one new
+    // version, once; in exchange every bundle, a lone root included, has a
+    // version of its own. DER is self-delimiting, so the roots in order
+    // need no separator.
+    let mut digest = Sha256::new();
+    for root in bundle {
+        digest.update(root);
+    }
+    encoded.push_str(&format!(";trust_bundle={}", hex::encode(digest.finalize())));
+    encoded
 }
 
 /// Whether a workload with an address that `state`'s version published (its

@@ -243,6 +243,7 @@ fn service(address: &str, backends: &[&str]) -> Service {
         address: address.into(),
         name: "shop/api".into(),
         backends: backends.iter().map(|b| b.to_string()).collect(),
+        client_affinity: false,
     }
 }
 
@@ -286,4 +287,48 @@ fn services_travel_with_the_endpoints_and_change_their_token() {
         .decode()
         .unwrap();
     assert_eq!(decoded.services[0].backends.len(), 2);
+}
+
+/// Sidecars that reconnect holding the stored version are sent nothing
+/// until the next change: a restart with an added trust anchor must be a
+/// new version, whose snapshots carry both roots; a restart with the same
+/// bundle keeps the version, and dropping the anchor is a new one again.
+#[test]
+fn a_restart_with_another_trust_bundle_is_a_new_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    register(&store, WEB, "01", "127.0.0.1:7001");
+    let (signing, anchor) = (vec![0x30, 1, 1], vec![0x30, 1, 2]);
+    let start = |bundle: &[&Vec<u8>]| {
+        let bundle = bundle.iter().map(|r| r.to_vec()).collect();
+        Discovery::new(store.clone(), bundle, MeshConfig::default()).unwrap()
+    };
+    let web = SpiffeId::parse(WEB).unwrap();
+
+    let alone = start(&[&signing]).current_version();
+    assert_eq!(start(&[&signing]).current_version(), alone);
+
+    let both = start(&[&signing, &anchor]);
+    let version = both.current_version();
+    assert_ne!(version, alone);
+    let view = both.view();
+    let snapshot = both.snapshot_in(&view, &web);
+    assert_eq!(snapshot.version, version);
+    assert_eq!(snapshot.trust_bundle, [signing.clone(), anchor.clone()]);
+    let encoded = both
+        .encoded_snapshot_in(&view, &web, None)
+        .decode()
+        .unwrap();
+    assert_eq!(encoded, snapshot);
+    assert_eq!(start(&[&signing, &anchor]).current_version(), version);
+
+    // The order is part of the bundle: the signing CA's root comes first.
+    let swapped = start(&[&anchor, &signing]).current_version();
+    assert_ne!(swapped, version);
+    let dropped = start(&[&signing]).current_version();
+    assert!(![alone, version, swapped].contains(&dropped));
+    assert_eq!(
+        start(&[&signing]).snapshot_for(&web).trust_bundle,
+        [signing]
+    );
 }

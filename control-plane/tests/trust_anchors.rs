@@ -1,0 +1,318 @@
+//! `--trust-anchors` against the real control plane: the anchors join the
+//! trust bundle that Certify, Watch and `bundle.pem` hand out; unusable
+//! anchors stop the start with exit 64; and a root is rotated as
+//! docs/ARCHITECTURE.md describes, with restarts only: a new version reaches
+//! reconnecting sidecars at each step, and a certificate of the old root
+//! renews during the overlap.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_control_plane::ca::CertificateAuthority;
+use trellis_core::TrustDomain;
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Snapshot, Subscribe, WatchRequest};
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::identity_client::IdentityClient;
+use x509_parser::prelude::*;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const INBOUND: &str = "127.0.0.1:7001";
+
+/// A new root of the mesh's trust domain, written as `name.crt` and
+/// `name.key` into `dir`; returns its DER and the two paths.
+fn new_root(dir: &Path, name: &str) -> (CertificateDer<'static>, PathBuf, PathBuf) {
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let (ca, cert_pem, key_pem) = CertificateAuthority::generate(&td).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    (ca.bundle()[0].clone(), cert, key)
+}
+
+fn der(roots: &[&CertificateDer<'static>]) -> Vec<Vec<u8>> {
+    roots.iter().map(|r| r.to_vec()).collect()
+}
+
+fn arg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `svid`'s Watch stream, subscribed holding `last_version`.
+async fn watch(
+    cp: &ControlPlane,
+    svid: &Svid,
+    last_version: u64,
+) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<Snapshot>) {
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: INBOUND.into(),
+            last_version,
+            inbound_addresses: Vec::new(),
+            accepts_endpoints_version: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let snapshots = DiscoveryClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch opens")
+        .into_inner();
+    (tx, snapshots)
+}
+
+/// The first snapshot of a Watch subscribed holding `last_version`, or
+/// `None` when the control plane sends nothing (the sidecar is current).
+async fn first_snapshot(cp: &ControlPlane, svid: &Svid, last_version: u64) -> Option<Snapshot> {
+    let (_tx, mut snapshots) = watch(cp, svid, last_version).await;
+    let wait = Duration::from_millis(800);
+    match tokio::time::timeout(wait, snapshots.message()).await {
+        Ok(message) => Some(message.unwrap().expect("a snapshot")),
+        Err(_) => None,
+    }
+}
+
+/// A renewal with `svid` as the client certificate: `Err` when the control
+/// plane refuses the certificate (in TLS 1.3 that may surface at connect or
+/// at the call).
+async fn renew(cp: &ControlPlane, svid: &Svid) -> Result<Svid, String> {
+    let channel =
+        trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid)))).await;
+    let key = p256();
+    let response = IdentityClient::new(channel.map_err(|e| e.to_string())?)
+        .certify(CertifyRequest {
+            csr: csr_for(&key, WEB),
+            proof: None,
+            inbound_address: INBOUND.into(),
+            inbound_addresses: Vec::new(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    assert_eq!(
+        response.trust_bundle,
+        der(&cp.bundle().iter().collect::<Vec<_>>())
+    );
+    Ok(Svid {
+        key,
+        chain: response
+            .chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    })
+}
+
+fn signed_by(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
+    let (_, leaf) = parse_x509_certificate(leaf).unwrap();
+    let (_, root) = parse_x509_certificate(root).unwrap();
+    leaf.verify_signature(Some(root.public_key())).is_ok()
+}
+
+#[tokio::test]
+async fn certify_the_first_snapshot_and_bundle_pem_carry_the_trust_anchors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (anchor, anchor_file, _) = new_root(tmp.path(), "next");
+    // The same root twice in the file is published once.
+    let twice = tmp.path().join("anchors.pem");
+    let pem = std::fs::read_to_string(&anchor_file).unwrap();
+    std::fs::write(&twice, format!("{pem}{pem}")).unwrap();
+    let cp = ControlPlane::start(&["--trust-anchors", arg(&twice)]);
+
+    let bundle = cp.bundle();
+    assert_eq!(
+        bundle.len(),
+        2,
+        "bundle.pem holds the signing root and the anchor"
+    );
+    let signing = bundle[0].clone();
+    assert_eq!(bundle[1], anchor);
+    let log = cp.log();
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("trust bundle loaded"))
+        .unwrap_or_else(|| panic!("no `trust bundle loaded` in {log}"));
+    assert!(loaded.contains("roots=2"), "{loaded}");
+    assert!(
+        loaded.contains("CN=Trellis root CA cluster.local (until "),
+        "{loaded}"
+    );
+    assert!(!log.contains("PRIVATE KEY"), "{log}");
+
+    let token = cp.token(WEB, 0).await;
+    let key = p256();
+    let response = cp
+        .certify(csr_for(&key, WEB), Some(&token), None, INBOUND)
+        .await
+        .expect("certify with a join token");
+    assert_eq!(response.trust_bundle, der(&[&signing, &anchor]));
+    let web = Svid {
+        key,
+        chain: response
+            .chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    };
+    assert!(
+        signed_by(&web.chain[0], &signing),
+        "the signing CA signs, not the anchor"
+    );
+
+    let snapshot = first_snapshot(&cp, &web, 0)
+        .await
+        .expect("a first snapshot");
+    assert_eq!(snapshot.trust_bundle, der(&[&signing, &anchor]));
+}
+
+#[test]
+fn unusable_trust_anchors_exit_64_naming_the_file_and_touch_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let empty = tmp.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let leaf = tmp.path().join("leaf.pem");
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+    let (issued, _) = ca
+        .issue_with_key(
+            &trellis_core::SpiffeId::parse(WEB).unwrap(),
+            &Default::default(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    write_pem(&leaf, &issued.chain[0]);
+    for (file, why) in [
+        (&empty, "no certificate in it".to_owned()),
+        (
+            &leaf,
+            "certificate 1 (O=Trellis): not a CA certificate".to_owned(),
+        ),
+    ] {
+        let flag = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--trust-anchors")
+            .arg(file)
+            .output()
+            .unwrap();
+        let twin = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("TRELLIS_TRUST_ANCHORS", file)
+            .output()
+            .unwrap();
+        for out in [flag, twin] {
+            assert_eq!(out.status.code(), Some(64), "{}", file.display());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let expected = format!("error: --trust-anchors {}: {why}", file.display());
+            assert!(stderr.contains(&expected), "{expected} in {stderr}");
+            assert!(
+                !state.exists(),
+                "{} must not create the state dir",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The procedure of docs/ARCHITECTURE.md ("Rotating the root") on a state
+/// dir whose control plane generated its root.
+#[tokio::test]
+async fn a_root_is_rotated_with_restarts_and_an_overlap() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (new_root, new_cert, new_key) = new_root(tmp.path(), "new");
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
+    let old_root = cp.bundle()[0].clone();
+    let web = enroll(&cp, WEB, INBOUND).await;
+    let before = first_snapshot(&cp, &web, 0)
+        .await
+        .expect("a first snapshot");
+    assert_eq!(before.trust_bundle, der(&[&old_root]));
+    cp.stop_async().await;
+
+    // (1) The generated CA, moved out of the state dir, signs as the
+    // operator's; the new root is an anchor. A sidecar that reconnects
+    // holding the last version gets the new one, with both roots.
+    let (old_cert, old_key) = (tmp.path().join("old.crt"), tmp.path().join("old.key"));
+    let state = tmp.path().join("state");
+    std::fs::rename(state.join("ca.crt"), &old_cert).unwrap();
+    std::fs::rename(state.join("ca.key"), &old_key).unwrap();
+    let step1 = [
+        "--ca-cert",
+        arg(&old_cert),
+        "--ca-key",
+        arg(&old_key),
+        "--trust-anchors",
+        arg(&new_cert),
+    ];
+    let cp = ControlPlane::start_in(tmp.clone(), &step1);
+    assert_eq!(cp.bundle(), [old_root.clone(), new_root.clone()]);
+    let both = first_snapshot(&cp, &web, before.version)
+        .await
+        .expect("a new version for the new bundle");
+    assert_ne!(both.version, before.version);
+    assert_eq!(both.trust_bundle, der(&[&old_root, &new_root]));
+    cp.stop_async().await;
+    // The same flags again: the sidecar is current, nothing is sent.
+    let cp = ControlPlane::start_in(tmp.clone(), &step1);
+    assert_eq!(first_snapshot(&cp, &web, both.version).await, None);
+    cp.stop_async().await;
+
+    // (2) The new root signs, the old one is an anchor: the certificate
+    // the old root signed still renews, and the new one chains to the new
+    // root.
+    let step2 = [
+        "--ca-cert",
+        arg(&new_cert),
+        "--ca-key",
+        arg(&new_key),
+        "--trust-anchors",
+        arg(&old_cert),
+    ];
+    let cp = ControlPlane::start_in(tmp.clone(), &step2);
+    assert_eq!(cp.bundle(), [new_root.clone(), old_root.clone()]);
+    let swapped = first_snapshot(&cp, &web, both.version)
+        .await
+        .expect("a new version for the reordered bundle");
+    assert_eq!(swapped.trust_bundle, der(&[&new_root, &old_root]));
+    let renewed = renew(&cp, &web)
+        .await
+        .expect("the old root's certificate renews");
+    assert!(signed_by(&renewed.chain[0], &new_root));
+    cp.stop_async().await;
+
+    // (3) The old anchor dropped: the new root alone; the old root's
+    // certificates are refused, the new ones renew.
+    let step3 = ["--ca-cert", arg(&new_cert), "--ca-key", arg(&new_key)];
+    let cp = ControlPlane::start_in(tmp.clone(), &step3);
+    assert_eq!(cp.bundle(), std::slice::from_ref(&new_root));
+    let alone = first_snapshot(&cp, &renewed, swapped.version)
+        .await
+        .expect("a new version for the new root alone");
+    assert_eq!(alone.trust_bundle, der(&[&new_root]));
+    assert!(
+        renew(&cp, &web).await.is_err(),
+        "the old root is no longer trusted"
+    );
+    renew(&cp, &renewed)
+        .await
+        .expect("the new root's certificate renews");
+}
