@@ -1,7 +1,8 @@
 //! What the rendered Helm chart carries besides the control plane itself:
 //! the webhooks and their generated serving certificate, the injection
-//! settings the control plane parses, the CRDs (and leaving them out), and
-//! the install notes. Checked on `helm template` output with the real tools.
+//! settings the control plane parses, the trust anchors, the CRDs (and
+//! leaving them out), and the install notes. Checked on `helm template`
+//! output with the real tools.
 //!
 //! No Kubernetes API server can run on these machines, so nothing is
 //! installed: the rendered manifests stand in for what `helm install` would
@@ -13,6 +14,7 @@ mod chart;
 
 use chart::*;
 use serde_json::{Value, json};
+use trellis_control_plane::ca::{CertificateAuthority, load_trust_anchors};
 use trellis_control_plane::inject;
 use trellis_core::TrustDomain;
 
@@ -287,4 +289,101 @@ fn notes_name_the_next_steps() {
             assert!(notes.contains("allow-same-namespace"));
         }
     }
+}
+
+/// `trustAnchorsPEM` (set from a file of roots) renders a ConfigMap that the
+/// control plane's own loader accepts, mounted read-only where
+/// `--trust-anchors` reads it, and a checksum that rolls the control plane
+/// when it changes; every manifest still validates. Without the value none
+/// of it is rendered. A value holding a private key, or no certificate, is
+/// refused, and the key is never echoed.
+#[test]
+fn trust_anchors_reach_the_control_plane() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let chart = chart();
+    let render = |name: &str, pem: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, pem).unwrap();
+        let value = format!("trustAnchorsPEM={}", file.display());
+        let args = ["template", "trellis", chart.to_str().unwrap()];
+        run_helm(
+            &helm,
+            &[&args[..], &["--namespace", NAMESPACE, "--set-file", &value]].concat(),
+        )
+    };
+    let (ca, root_pem, key_pem) = CertificateAuthority::generate(&td).unwrap();
+    let rendered = render("roots.pem", &root_pem).unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+
+    let config_map = find(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "trellis-trust-anchors")
+        .expect("the trust anchors ConfigMap");
+    assert_eq!(config_map["metadata"]["namespace"], NAMESPACE);
+    let mounted = dir.path().join("trust-anchors.pem");
+    std::fs::write(
+        &mounted,
+        config_map["data"]["trust-anchors.pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(load_trust_anchors(&mounted).unwrap(), ca.bundle());
+
+    let args = args(&docs);
+    assert!(
+        args.iter()
+            .any(|a| a == "--trust-anchors=/etc/trellis/trust-anchors/trust-anchors.pem"),
+        "{args:?}"
+    );
+    let pod_template = &one(&docs, "Deployment")["spec"]["template"];
+    let pod = &pod_template["spec"];
+    assert!(
+        pod["volumes"].as_array().unwrap().contains(&json!({
+            "name": "trust-anchors",
+            "configMap": {"name": "trellis-trust-anchors"}
+        })),
+        "{}",
+        pod["volumes"]
+    );
+    assert!(
+        pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({
+                "name": "trust-anchors",
+                "mountPath": "/etc/trellis/trust-anchors",
+                "readOnly": true
+            })),
+        "{}",
+        pod["containers"][0]["volumeMounts"]
+    );
+    let checksum = pod_template["metadata"]["annotations"]["checksum/trust-anchors"].clone();
+    assert!(checksum.is_string(), "{}", pod_template["metadata"]);
+    let (_, other_pem, _) = CertificateAuthority::generate(&td).unwrap();
+    let both = documents(&render("both.pem", &format!("{root_pem}{other_pem}")).unwrap());
+    let annotations = &one(&both, "Deployment")["spec"]["template"]["metadata"]["annotations"];
+    assert_ne!(
+        annotations["checksum/trust-anchors"], checksum,
+        "a change of the anchors rolls the control plane"
+    );
+
+    let rendered = template(&helm, &[]).unwrap();
+    assert!(
+        !rendered.contains("trust-anchors"),
+        "nothing without the value"
+    );
+
+    let err = render("with-key.pem", &format!("{root_pem}{key_pem}")).unwrap_err();
+    assert!(err.contains("trustAnchorsPEM holds a private key"), "{err}");
+    let key_line = key_pem.lines().nth(1).unwrap();
+    assert!(!err.contains(key_line), "the key is echoed: {err}");
+    let err = render("notes.txt", "the new root, to add later\n").unwrap_err();
+    assert!(
+        err.contains("trustAnchorsPEM holds no PEM certificate"),
+        "{err}"
+    );
 }

@@ -478,3 +478,32 @@ async fn services_are_published_with_their_ready_backends_and_follow_events() {
     assert_eq!(snapshot.services, state.services);
     assert_eq!(snapshot.version, store.snapshot_version().unwrap());
 }
+
+/// No API server can run here: the fake answers the recorded lists. The
+/// version is a digest of the content and of what the control plane
+/// settles, the trust bundle included: replicas with one bundle agree on
+/// it, a replica started with an added trust anchor announces another one
+/// (whose snapshots carry both roots), and the same bundle again gives the
+/// same version.
+#[tokio::test]
+async fn the_trust_bundle_is_part_of_the_version() {
+    let fake = recorded_cluster().await;
+    let (signing, anchor) = (vec![0x30, 1, 1], vec![0x30, 1, 2]);
+    let started = async |bundle: &[&Vec<u8>]| {
+        let store: Arc<dyn Store> = Arc::new(connect(&fake).await);
+        let bundle = bundle.iter().map(|r| r.to_vec()).collect();
+        Discovery::new(store, bundle, mesh()).unwrap()
+    };
+    let one = started(&[&signing]).await.current_version();
+    assert_eq!(started(&[&signing]).await.current_version(), one);
+
+    let anchored = started(&[&signing, &anchor]).await;
+    assert_ne!(anchored.current_version(), one);
+    let snapshot = anchored.snapshot_for(&SpiffeId::parse(API).unwrap());
+    assert_eq!(snapshot.version, anchored.current_version());
+    assert_eq!(snapshot.trust_bundle, [signing.clone(), anchor.clone()]);
+    assert_eq!(
+        started(&[&signing, &anchor]).await.current_version(),
+        anchored.current_version()
+    );
+}

@@ -23,6 +23,11 @@
 {{- printf "%s-webhook-tls" (include "trellis.fullname" .) -}}
 {{- end -}}
 
+{{/* The ConfigMap of the trust anchors (trustAnchorsPEM). */}}
+{{- define "trellis.trustAnchors" -}}
+{{- printf "%s-trust-anchors" (include "trellis.fullname" .) -}}
+{{- end -}}
+
 {{- define "trellis.injectConfig" -}}
 {{- printf "%s-inject" (include "trellis.fullname" .) -}}
 {{- end -}}
@@ -57,7 +62,9 @@ Values the schema cannot relate or add up; checked before anything renders, each
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
 64, so a release that passed would never start. antiAffinity hard with one replica: a rollout
 stops that replica before its replacement runs, and pods created meanwhile get no sidecar (the
-webhook fails open).
+webhook fails open). trustAnchorsPEM without a certificate: the control plane would exit 64; with
+a private key: a key would be published in a ConfigMap (checked here, not by a schema pattern,
+whose refusal would echo the value).
 */}}
 {{- define "trellis.checkValues" -}}
 {{- $ms := 0 -}}
@@ -69,6 +76,12 @@ webhook fails open).
 {{- end -}}
 {{- if or (lt (int64 $ms) 10000) (gt (int64 $ms) 2592000000) -}}
 {{- fail (printf "certTTL %s is outside 10s..720h: the control plane issues certificates for at least 10 seconds and at most 30 days" (toString .Values.certTTL)) -}}
+{{- end -}}
+{{- if contains "PRIVATE KEY" .Values.trustAnchorsPEM -}}
+{{- fail "trustAnchorsPEM holds a private key: it becomes a ConfigMap, which anyone who can read the namespace reads; give the root certificates only" -}}
+{{- end -}}
+{{- if and .Values.trustAnchorsPEM (not (contains "-----BEGIN CERTIFICATE-----" .Values.trustAnchorsPEM)) -}}
+{{- fail "trustAnchorsPEM holds no PEM certificate (-----BEGIN CERTIFICATE-----): set it to the roots to trust, e.g. --set-file trustAnchorsPEM=roots.pem" -}}
 {{- end -}}
 {{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
 {{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile get no sidecar" -}}
