@@ -1,0 +1,90 @@
+//! `--trust-anchors` with `--store kubernetes`, as the chart's
+//! `trustAnchorsPEM` passes it: the real binary against recorded API server
+//! answers (no Kubernetes API server can run on these machines; `kube_api`
+//! stands one in and keeps the CA Secret).
+
+mod common;
+mod kube_api;
+
+use base64::Engine as _;
+use common::{ControlPlane, csr_for, p256};
+use kube_api::{CA_NAMESPACE, CA_SECRET, fixture_json, recorded_cluster};
+use serde_json::json;
+use trellis_control_plane::ca::CertificateAuthority;
+use trellis_core::TrustDomain;
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+/// The CA Secret holds a root; the anchors hold that root and a new one
+/// (step 1 of a rotation in Kubernetes). The bundle is the Secret's root,
+/// then the new one, each once: in `bundle.pem` and in a Certify response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_anchors_join_the_root_of_the_ca_secret() {
+    let fake = recorded_cluster().await;
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let (secret_ca, secret_cert, secret_key) = CertificateAuthority::generate(&td).unwrap();
+    let (next, next_cert, _) = CertificateAuthority::generate(&td).unwrap();
+    let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+    let mut secret = fixture_json("store/secret-empty.json");
+    secret["data"] = json!({"tls.crt": b64(&secret_cert), "tls.key": b64(&secret_key)});
+    fake.set_secret(Some(secret));
+    let dir = tempfile::tempdir().unwrap();
+    let anchors = dir.path().join("trust-anchors.pem");
+    std::fs::write(&anchors, format!("{secret_cert}{next_cert}")).unwrap();
+
+    let flags: Vec<String> = [
+        "--store",
+        "kubernetes",
+        "--ca-secret",
+        CA_SECRET,
+        "--namespace",
+        CA_NAMESPACE,
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        &fake.url(),
+        "--kube-ca",
+        &fake.ca().display().to_string(),
+        "--kube-token-file",
+        &fake.token_file().display().to_string(),
+        "--trust-anchors",
+        &anchors.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cp = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ControlPlane::start(&flags)
+    })
+    .await
+    .unwrap();
+    let roots = [secret_ca.bundle()[0].clone(), next.bundle()[0].clone()];
+    assert_eq!(cp.bundle(), roots);
+    assert_eq!(
+        fake.secret().unwrap()["data"]["tls.crt"],
+        b64(&secret_cert),
+        "the Secret is read, never written"
+    );
+
+    let response = cp
+        .identity_client(None)
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), WEB),
+            proof: Some(Proof::ServiceAccountToken(
+                "projected-token-of-shop-web".into(),
+            )),
+            inbound_address: "10.244.1.17:15006".into(),
+            inbound_addresses: vec!["10.244.1.17:15006".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.trust_bundle,
+        roots.iter().map(|r| r.to_vec()).collect::<Vec<_>>()
+    );
+}
