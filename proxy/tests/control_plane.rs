@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::control_plane::{FakeControlPlane, TOKEN};
+use common::sidecar::Logs;
 use common::*;
 use tokio::sync::watch;
-use trellis_proto::discovery::v1::{self as pb, watch_request::Kind};
+use trellis_proto::discovery::v1::{self as pb, encoded::EncodedSnapshot, watch_request::Kind};
 use trellis_proxy::identity::{self, CertifyParams};
 use trellis_proxy::metrics::Metrics;
-use trellis_proxy::policy::watch::{Outputs, WatchParams};
+use trellis_proxy::policy::Snapshot;
+use trellis_proxy::policy::watch::{MAX_SNAPSHOT_BYTES, Outputs, WatchParams};
 
 /// Runs the sidecar's identity task as `me` against `cp`, proving the
 /// first certificate with the join token; its certificates come out of
@@ -250,4 +252,111 @@ async fn an_unusable_trust_bundle_from_certify_is_not_taken() {
         std::slice::from_ref(&cp.root),
         "the unusable bundle was taken"
     );
+}
+
+/// Runs the sidecar's identity and discovery tasks as `me` against `cp`;
+/// the snapshots it applies come out of the returned channel.
+fn start_watch(
+    cp: &FakeControlPlane,
+    me: &trellis_core::SpiffeId,
+) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    let metrics = Arc::new(Metrics::new());
+    let (bundle_tx, _) = watch::channel(Arc::new(vec![cp.root.clone()]));
+    let (snapshot_tx, snapshot) = watch::channel(None);
+    let (policies_tx, _) = watch::channel(None);
+    let svid = start_identity(cp, me, bundle_tx.clone(), &metrics);
+    tokio::spawn(trellis_proxy::policy::watch::run(
+        WatchParams {
+            control_plane: cp.addr.clone(),
+            identity: me.clone(),
+            advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+            opaque_ports: Vec::new(),
+        },
+        svid,
+        Outputs {
+            snapshot: snapshot_tx,
+            policies: policies_tx,
+            bundle: bundle_tx,
+            metrics,
+        },
+    ));
+    snapshot
+}
+
+/// The snapshot of a mesh of `pods` pods (one endpoint each) and `services`
+/// Services of four backends each.
+fn mesh_of(version: u64, pods: u32, services: u32) -> pb::Snapshot {
+    let ip = |n: u32| format!("10.{}.{}.{}", n >> 16 & 0xff, n >> 8 & 0xff, n & 0xff);
+    pb::Snapshot {
+        version,
+        endpoints: (0..pods)
+            .map(|n| pb::Endpoint {
+                address: format!("{}:15006", ip(n)),
+                spiffe_id: format!("spiffe://td.test/ns/team-{}/sa/workload-{n}", n % 200),
+            })
+            .collect(),
+        services: (0..services)
+            .map(|n| pb::Service {
+                address: format!("172.20.{}.{}:8080", n >> 8 & 0xff, n & 0xff),
+                name: format!("team-{}/service-{n}", n % 200),
+                backends: (0..4)
+                    .map(|b| format!("{}:8080", ip((n * 4 + b) % pods)))
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A large mesh's snapshot is more than gRPC's usual 4 MiB: the sidecar
+/// still reads it, instead of failing and reconnecting for ever.
+#[tokio::test]
+async fn a_snapshot_past_grpcs_default_size_is_taken() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let mut snapshot = start_watch(&cp, &id("/ns/a/sa/web"));
+    let large = mesh_of(1, 60_000, 15_000);
+    let size = EncodedSnapshot::part(&large).len();
+    assert!(size > 5 << 20, "{size} bytes");
+    let answer = cp.push_and_wait(large).await;
+    assert!(
+        matches!(&answer, Kind::Ack(a) if a.version == 1),
+        "{answer:?}"
+    );
+    let current = snapshot.borrow_and_update().clone().unwrap();
+    assert_eq!(current.endpoints.len(), 60_000);
+    assert_eq!(current.services.len(), 15_000);
+}
+
+/// A snapshot larger than the sidecar reads is refused before it is read,
+/// with an error naming its size and the limit; the last good snapshot
+/// stays in force.
+#[tokio::test]
+async fn a_snapshot_past_the_limit_is_refused_saying_how_large() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let snapshot = start_watch(&cp, &id("/ns/a/sa/web"));
+    let answer = cp.push_and_wait(mesh_of(1, 10, 2)).await;
+    assert!(matches!(answer, Kind::Ack(_)), "{answer:?}");
+
+    let huge = pb::Snapshot {
+        version: 2,
+        endpoints: vec![pb::Endpoint {
+            address: "10.0.0.1:15006".into(),
+            spiffe_id: "x".repeat(MAX_SNAPSHOT_BYTES),
+        }],
+        ..Default::default()
+    };
+    let size = EncodedSnapshot::part(&huge).len();
+    cp.push(huge);
+    let line = logs
+        .wait_for(&["discovery snapshot too large to read"])
+        .await;
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&format!("size={size}")), "{line}");
+    assert!(
+        line.contains(&format!("limit={MAX_SNAPSHOT_BYTES}")),
+        "{line}"
+    );
+    assert_eq!(snapshot.borrow().as_ref().unwrap().version, 1);
 }

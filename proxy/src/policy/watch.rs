@@ -9,12 +9,18 @@
 //! connections are re-decided on a policy change and never on endpoint
 //! churn or a reconnect that resends the same policies. This module never
 //! decides anything about traffic.
+//!
+//! A snapshot holds every endpoint and Service of the mesh, so it is taken
+//! up to [`MAX_SNAPSHOT_BYTES`], far above gRPC's usual 4 MiB; a larger one
+//! cannot be read, and the sidecar says so (an error naming both sizes)
+//! and keeps its last good snapshot while it retries.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use trellis_core::SpiffeId;
 use trellis_proto::discovery::v1::{
     Ack, Nack, Subscribe, WatchRequest, discovery_client::DiscoveryClient, watch_request::Kind,
@@ -24,6 +30,17 @@ use super::{Policies, Snapshot};
 use crate::identity::schedule::retry_delay;
 use crate::identity::{self, Svid, TrustBundle};
 use crate::metrics::Metrics;
+
+/// The largest snapshot the sidecar reads, encoded. tonic's default
+/// (4 MiB) is reached by a mesh of some 30 000 pods with their Services:
+/// past it every Watch would fail and reconnect for ever. An endpoint takes
+/// some 60 bytes and a Service's backend some 20, so 64 MiB holds a mesh
+/// several times the size Kubernetes supports (150 000 pods), while a bound
+/// still keeps a broken control plane from making the sidecar allocate
+/// without limit. A larger snapshot ends the stream before it is read:
+/// the sidecar logs an error naming its size and this limit, keeps the
+/// last good snapshot and retries with backoff.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Why a Watch session ended.
 #[derive(Debug, thiserror::Error)]
@@ -37,17 +54,33 @@ pub enum WatchError {
     },
     #[error("Watch failed: {code:?}: {message}")]
     Stream { code: tonic::Code, message: String },
+    #[error("a snapshot of {size} bytes is larger than the {limit} bytes this sidecar reads")]
+    TooLarge { size: usize, limit: usize },
     #[error("the control plane ended the stream")]
     Ended,
 }
 
 impl From<tonic::Status> for WatchError {
     fn from(s: tonic::Status) -> Self {
+        if s.code() == tonic::Code::OutOfRange
+            && let Some((size, limit)) = too_large(s.message())
+        {
+            return WatchError::TooLarge { size, limit };
+        }
         WatchError::Stream {
             code: s.code(),
             message: s.message().to_string(),
         }
     }
+}
+
+/// The size and limit tonic names when a message is larger than it reads:
+/// "... found {size} bytes, the limit is: {limit} bytes".
+fn too_large(message: &str) -> Option<(usize, usize)> {
+    let rest = message.split_once("found ")?.1;
+    let (size, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.strip_suffix(" bytes")?;
+    Some((size.parse().ok()?, limit.parse().ok()?))
 }
 
 /// Where and as whom to watch.
@@ -86,7 +119,19 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
         }
         let delay = retry_delay(attempt);
         attempt = attempt.saturating_add(1);
-        tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot");
+        match e {
+            // No retry reads it either, unless the control plane comes to
+            // send less: an operator must know.
+            WatchError::TooLarge { size, limit } => tracing::error!(
+                size,
+                limit,
+                retry_in = ?delay,
+                "discovery snapshot too large to read; keeping the last good snapshot"
+            ),
+            e => {
+                tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot")
+            }
+        }
         tokio::time::sleep(delay).await;
     }
 }
@@ -135,7 +180,7 @@ async fn session_inner(
             kind: Some(subscribe),
         })
         .await;
-    let mut stream = DiscoveryClient::new(channel)
+    let mut stream = discovery_client(channel)
         .watch(ReceiverStream::new(rx))
         .await?
         .into_inner();
@@ -169,6 +214,11 @@ async fn session_inner(
         }
     }
     Ok(())
+}
+
+/// The Discovery client, reading snapshots up to [`MAX_SNAPSHOT_BYTES`].
+fn discovery_client(channel: Channel) -> DiscoveryClient<Channel> {
+    DiscoveryClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES)
 }
 
 /// Publishes a valid snapshot: its bundle if new, its policies if they
@@ -216,4 +266,36 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
         out.policies.send_replace(Some(snapshot.policies.clone()));
     }
     out.snapshot.send_replace(Some(Arc::new(snapshot)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What tonic says when a snapshot is larger than the client reads, and
+    /// what the sidecar makes of it: both sizes, not a generic stream loss.
+    #[test]
+    fn a_snapshot_past_the_limit_is_told_apart() {
+        let status = tonic::Status::out_of_range(format!(
+            "Error, decoded message length too large: found 70000000 bytes, the limit is: \
+             {MAX_SNAPSHOT_BYTES} bytes"
+        ));
+        let e = WatchError::from(status);
+        assert!(
+            matches!(
+                e,
+                WatchError::TooLarge {
+                    size: 70_000_000,
+                    limit: MAX_SNAPSHOT_BYTES
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "a snapshot of 70000000 bytes is larger than the 67108864 bytes this sidecar reads"
+        );
+        let other = WatchError::from(tonic::Status::out_of_range("no such version"));
+        assert!(matches!(other, WatchError::Stream { .. }), "{other:?}");
+    }
 }
