@@ -71,6 +71,10 @@ pub const CLOSED_BY_POLICY: &str = "closed_by_policy";
 /// The outcome of an outbound call to a service's virtual address while
 /// the service has no ready backend: refused.
 pub const NO_BACKEND: &str = "no_backend";
+/// The outcome of an outbound call to a service's virtual address under
+/// outbound `deny` while every ready backend of the service is outside the
+/// mesh (none is picked, since each would be denied): refused.
+pub const NO_MESH_BACKEND: &str = "no_mesh_backend";
 /// The outcome of an outbound connection to an address of this pod (a
 /// service's backend that is this pod): plain TCP that never leaves the
 /// pod, as the app's own call to that address would be.
@@ -287,7 +291,10 @@ impl Metrics {
     /// `forwarded` (over mTLS to a mesh peer), `passthrough` and
     /// [`SAME_POD`] (plain TCP), `denied` (outside the mesh under outbound
     /// `deny`), `refused` (not redirected, or the mesh dial failed),
-    /// [`NO_BACKEND`], `loop`, `connect_failed`, `error`.
+    /// [`NO_BACKEND`] (a service with no ready backend),
+    /// [`NO_MESH_BACKEND`] (a service whose ready backends are all outside
+    /// the mesh, under outbound `deny`; a service with some in the mesh
+    /// only ever sends calls to those), `loop`, `connect_failed`, `error`.
     pub fn connection(&self, direction: &'static str, outcome: &'static str) {
         let hot = self.hot(direction).and_then(|hot| match outcome {
             FORWARDED => Some(&hot.forwarded),

@@ -234,8 +234,14 @@ struct ServicesView {
 struct ServiceView {
     name: String,
     address: String,
-    /// How many ready backends calls to `address` go to (0: refused).
+    /// How many ready backends `address` has (0: calls are refused).
     backends: usize,
+    /// How many of them are in the mesh: under outbound `deny`, the only
+    /// ones calls go to (0: calls are refused).
+    mesh_backends: usize,
+    /// Every call from this pod goes to one backend (`sessionAffinity:
+    /// ClientIP`) instead of each in turn.
+    client_affinity: bool,
 }
 
 impl ServicesView {
@@ -250,7 +256,9 @@ impl ServicesView {
                 .map(|(address, s)| ServiceView {
                     name: s.name.to_string(),
                     address: address.to_string(),
-                    backends: s.backends.len(),
+                    backends: s.backends().len(),
+                    mesh_backends: s.mesh_backends().len(),
+                    client_affinity: s.has_affinity(),
                 })
                 .collect(),
         }
@@ -339,10 +347,16 @@ mod tests {
             .collect();
         services.push(pb::Service {
             address: "10.96.9.9:443".into(),
+            client_affinity: true,
             ..service(0, 1)
         });
         let local = SpiffeId::parse("spiffe://td/ns/shop/sa/web").unwrap();
+        // Only the pod 10.0.0.1 is in the mesh.
         let raw = pb::Snapshot {
+            endpoints: vec![pb::Endpoint {
+                address: "10.0.0.1:15006".into(),
+                spiffe_id: "spiffe://td/ns/shop/sa/api".into(),
+            }],
             services,
             ..Default::default()
         };
@@ -354,13 +368,28 @@ mod tests {
         // One name, two ports: both listed, by address.
         assert_eq!(
             shown[0],
-            serde_json::json!({"name": "shop/svc-0000", "address": "10.96.0.1:80", "backends": 0})
+            serde_json::json!({
+                "name": "shop/svc-0000",
+                "address": "10.96.0.1:80",
+                "backends": 0,
+                "mesh_backends": 0,
+                "client_affinity": false,
+            })
         );
         assert_eq!(
             shown[1],
-            serde_json::json!({"name": "shop/svc-0000", "address": "10.96.9.9:443", "backends": 1})
+            serde_json::json!({
+                "name": "shop/svc-0000",
+                "address": "10.96.9.9:443",
+                "backends": 1,
+                "mesh_backends": 1,
+                "client_affinity": true,
+            })
         );
         assert_eq!(shown[2]["name"], "shop/svc-0001");
         assert_eq!(shown[2]["backends"], 1);
+        assert_eq!(shown[3]["name"], "shop/svc-0002");
+        assert_eq!(shown[3]["backends"], 2);
+        assert_eq!(shown[3]["mesh_backends"], 1, "10.0.0.2 is outside");
     }
 }

@@ -12,19 +12,26 @@
 //! from the snapshot alone. An original destination that is a service's
 //! virtual address (a Kubernetes Service's cluster IP and port, which
 //! kube-proxy has not translated yet) is first replaced by one of the
-//! service's backends, picked in turn; a service without a ready backend
-//! is refused (`no_backend`). The backend, or the original destination when no
-//! service has it, is then: one of the proxy's own listeners (refused, a
-//! loop); a mesh endpoint (mTLS to that address, expecting its SPIFFE ID);
-//! an address of this pod that is no endpoint's inbound (plain TCP, which
-//! stays inside the pod as the app's own call to it would); or outside the
-//! mesh (refused or plain TCP to it, as the outbound policy says). The
-//! virtual address itself is never dialled. Log lines of a call to a
-//! service name it (`service`, `dst` the virtual address, `backend`).
+//! service's backends: under outbound `deny` only its mesh backends are
+//! candidates, under `passthrough` all; they are taken in turn, or always
+//! the same one for a service with client affinity. A service without a
+//! ready backend is refused (`no_backend`), and one whose ready backends
+//! are all outside the mesh under `deny` is refused too
+//! (`no_mesh_backend`), unless one of them is this pod itself. The backend,
+//! or the original destination when no service has it, is then: one of
+//! the proxy's own listeners (refused, a loop); a mesh endpoint (mTLS to
+//! that address, expecting its SPIFFE ID); an address of this pod that is
+//! no endpoint's inbound (plain TCP, which stays inside the pod as the
+//! app's own call to it would); or outside the mesh (refused or plain TCP
+//! to it, as the outbound policy says). The virtual address itself is
+//! never dialled. Log lines of a call to a service name it (`service`,
+//! `dst` the virtual address, `backend`).
 //!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
-//! opaque TCP); it never parses or changes the bytes themselves.
+//! opaque TCP); it never parses or changes the bytes themselves. A port
+//! the mesh declares opaque skips detection: the backend's, or, for a
+//! call to a service, the service's port the app dialled.
 
 mod target;
 
@@ -44,7 +51,7 @@ use trellis_core::tls::SvidError;
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
 use crate::http::{self, Protocol};
-use crate::metrics::{Metrics, NO_BACKEND, OUTBOUND, SAME_POD};
+use crate::metrics::{Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
@@ -217,7 +224,7 @@ async fn handshake(
 /// Dials the mesh peer and copies bytes until both sides close. The app's
 /// first bytes (or its silence, for a server-first protocol) choose the
 /// ALPN offered, so the peer can serve HTTP without looking at the bytes.
-/// A destination port the mesh declares `opaque` is never looked at, so a
+/// An `opaque` connection (see [`Target::Mesh`]) is never looked at, so a
 /// server-first protocol there (MySQL, SMTP) does not wait for detection.
 /// `service` is the service the app called, when `remote` is its backend.
 async fn forward_mesh<R>(
@@ -435,6 +442,10 @@ async fn serve_transparent(
         Target::NoBackend => {
             tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
             metrics.connection(OUTBOUND, NO_BACKEND);
+        }
+        Target::NoMeshBackend { backends } => {
+            tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
+            metrics.connection(OUTBOUND, NO_MESH_BACKEND);
         }
         Target::Mesh { addr, id, opaque } => {
             let via = if call.is_some() {

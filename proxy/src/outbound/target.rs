@@ -1,13 +1,23 @@
 //! Where a redirected outbound connection goes, decided from the snapshot
 //! and the proxy's own addresses alone: no socket, no I/O, so every case is
 //! a unit test (the listener that acts on it needs iptables).
+//!
+//! A call to a service's virtual address is resolved to one backend
+//! ([`Service::pick`](crate::policy::Service::pick): a mesh backend under
+//! outbound `deny`, any under `passthrough`), whose identity was looked up
+//! when the snapshot was compiled; the backend is then judged as a direct
+//! destination is, with its port or the virtual address's marking the
+//! connection opaque. A destination that is one of the proxy's own
+//! listeners is always a loop, and an address of this pod that is no
+//! endpoint's inbound always stays inside the pod, whatever the endpoints
+//! say about it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use trellis_core::SpiffeId;
 
-use crate::policy::{OutboundPolicy, Snapshot};
+use crate::policy::{Backend, OutboundPolicy, Peer, Pick, Snapshot};
 
 /// Whether `dst` is one of the proxy's own listeners.
 fn is_own(own: &[SocketAddr], dst: SocketAddr) -> bool {
@@ -36,8 +46,12 @@ pub(super) enum Target {
     Loop(SocketAddr),
     /// A service with no ready backend: refused.
     NoBackend,
-    /// A mesh endpoint: mTLS to `addr`, the server must present `id`. An
-    /// `opaque` port is never parsed as HTTP.
+    /// A service whose ready backends are all outside the mesh, under
+    /// outbound `deny`: refused. `backends` is how many there are.
+    NoMeshBackend { backends: usize },
+    /// A mesh endpoint: mTLS to `addr`, the server must present `id`.
+    /// `opaque` (the port of `addr`, or of the virtual address the app
+    /// dialled, is declared opaque): never parsed as HTTP.
     Mesh {
         addr: SocketAddr,
         id: SpiffeId,
@@ -57,27 +71,42 @@ pub(super) enum Target {
 /// Decides where a connection redirected from `dst` goes, from the snapshot
 /// (`None` before the first: nothing is in the mesh, outbound `deny`) and
 /// the proxy's own addresses. A service's virtual address is replaced by
-/// the next of its backends, which is then judged as any destination is.
+/// the backend picked, which is then judged as any destination is.
 pub(super) fn resolve(
     own: &[SocketAddr],
     snapshot: Option<&Snapshot>,
     dst: SocketAddr,
 ) -> Resolved {
-    if is_own(own, dst) {
-        return Resolved {
-            service: None,
-            target: Target::Loop(dst),
-        };
-    }
-    let Some(service) = snapshot.and_then(|s| s.service_for(dst)) else {
-        return Resolved {
-            service: None,
-            target: destination(own, snapshot, dst),
-        };
+    let direct = |target| Resolved {
+        service: None,
+        target,
     };
-    let target = match service.pick() {
-        Some(backend) => destination(own, snapshot, backend),
-        None => Target::NoBackend,
+    if is_own(own, dst) {
+        return direct(Target::Loop(dst));
+    }
+    let Some(snapshot) = snapshot else {
+        return direct(Target::Outside {
+            addr: dst,
+            policy: OutboundPolicy::default(),
+        });
+    };
+    let Some(service) = snapshot.service_for(dst) else {
+        return direct(destination(own, snapshot, dst, &snapshot.peer(dst), dst));
+    };
+    let target = match service.pick(snapshot.outbound_policy) {
+        Pick::Backend(backend) => destination(own, snapshot, backend.addr, &backend.peer, dst),
+        Pick::NoBackend => Target::NoBackend,
+        // None of them would be allowed out, but one that is this pod
+        // itself (its own endpoint not known yet, or its address shared
+        // by several identities) never leaves it.
+        Pick::NoMeshBackend(outside) => {
+            match outside.iter().find(|b| is_own_ip(own, b.addr.ip())) {
+                Some(Backend { addr, peer }) => destination(own, snapshot, *addr, peer, dst),
+                None => Target::NoMeshBackend {
+                    backends: outside.len(),
+                },
+            }
+        }
     };
     Resolved {
         service: Some(service.name.clone()),
@@ -85,28 +114,32 @@ pub(super) fn resolve(
     }
 }
 
-/// What `addr`, a destination that is no virtual address, is.
-fn destination(own: &[SocketAddr], snapshot: Option<&Snapshot>, addr: SocketAddr) -> Target {
+/// What `addr` is, `peer` being who the endpoints say is there; `dst` is
+/// the address the app dialled (`addr` itself, or the service's virtual
+/// address whose backend `addr` is): the connection is opaque if either
+/// port is.
+fn destination(
+    own: &[SocketAddr],
+    snapshot: &Snapshot,
+    addr: SocketAddr,
+    peer: &Peer,
+    dst: SocketAddr,
+) -> Target {
     if is_own(own, addr) {
         return Target::Loop(addr);
     }
-    let Some(snapshot) = snapshot else {
-        return Target::Outside {
-            addr,
-            policy: OutboundPolicy::default(),
-        };
-    };
     // Another sidecar's inbound on an address this pod shares (several
     // sidecars on one host) is still a mesh peer; any other port of this
     // pod's address is the pod itself, whose one identity is this one.
-    if is_own_ip(own, addr.ip()) && !snapshot.endpoints.contains_key(&addr) {
+    if is_own_ip(own, addr.ip()) && !matches!(peer, Peer::Endpoint(_)) {
         return Target::SamePod(addr);
     }
-    match snapshot.endpoint_for(addr) {
+    match peer.id() {
         Some(id) => Target::Mesh {
             addr,
             id: id.clone(),
-            opaque: snapshot.policies.is_opaque(addr.port()),
+            opaque: snapshot.policies.is_opaque(addr.port())
+                || snapshot.policies.is_opaque(dst.port()),
         },
         None => Target::Outside {
             addr,
@@ -135,10 +168,25 @@ mod tests {
             .collect()
     }
 
-    /// A snapshot whose mesh has the pods 10.0.0.1 (api), 10.0.0.5 (this
-    /// one, web) and, on 10.0.0.5:16006, another sidecar sharing the
-    /// address; the service shop/api (10.96.0.10:80) stands for `backends`.
+    /// A snapshot whose mesh has the pods 10.0.0.1 and 10.0.0.2 (api),
+    /// 10.0.0.5 (this one, web) and, on 10.0.0.5:16006, another sidecar
+    /// sharing the address; the service shop/api (10.96.0.10:80) stands
+    /// for `backends`. Port 5432 is opaque.
     fn snapshot(outbound_policy: &str, backends: &[&str]) -> Snapshot {
+        snapshot_of(outbound_policy, vec![api_service(VIP, backends)])
+    }
+
+    fn api_service(address: &str, backends: &[&str]) -> pb::Service {
+        pb::Service {
+            address: address.into(),
+            name: "shop/api".into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The mesh of [`snapshot`] with `services`.
+    fn snapshot_of(outbound_policy: &str, services: Vec<pb::Service>) -> Snapshot {
         let endpoint = |address: &str, id: &str| pb::Endpoint {
             address: address.into(),
             spiffe_id: id.into(),
@@ -147,15 +195,11 @@ mod tests {
             version: 1,
             endpoints: vec![
                 endpoint("10.0.0.1:15006", "spiffe://td/ns/shop/sa/api"),
+                endpoint("10.0.0.2:15006", "spiffe://td/ns/shop/sa/api"),
                 endpoint("10.0.0.5:15006", "spiffe://td/ns/shop/sa/web"),
                 endpoint("10.0.0.5:16006", "spiffe://td/ns/shop/sa/other"),
             ],
-            services: vec![pb::Service {
-                address: "10.96.0.10:80".into(),
-                name: "shop/api".into(),
-                backends: backends.iter().map(|b| b.to_string()).collect(),
-                ..Default::default()
-            }],
+            services,
             mesh: Some(pb::MeshConfig {
                 outbound_policy: outbound_policy.into(),
                 opaque_ports: vec![5432],
@@ -201,7 +245,7 @@ mod tests {
             Target::Mesh { addr, .. } => addr,
             _ => panic!("not a mesh target: {r:?}"),
         });
-        // The opaque port is the backend's, not the virtual address's.
+        // A backend on an opaque port is opaque.
         assert_eq!(
             seen,
             [mesh("10.0.0.1:5432", true), mesh("10.0.0.1:8080", false)]
@@ -217,30 +261,117 @@ mod tests {
         );
     }
 
+    /// Under `passthrough` a backend outside the mesh is reached in plain
+    /// TCP; under `deny` a service whose backends are all outside is
+    /// refused as such, never picked and then denied.
     #[test]
     fn a_backend_outside_the_mesh_follows_the_outbound_policy() {
-        for (policy, expected) in [
-            ("deny", OutboundPolicy::Deny),
-            ("passthrough", OutboundPolicy::Passthrough),
-        ] {
-            let s = snapshot(policy, &["192.0.2.7:8080"]);
-            assert_eq!(
-                resolve(&own(), Some(&s), addr(VIP)),
-                via_service(Target::Outside {
-                    addr: addr("192.0.2.7:8080"),
-                    policy: expected,
-                }),
-                "{policy}"
-            );
+        let s = snapshot("passthrough", &["192.0.2.7:8080"]);
+        assert_eq!(
+            resolve(&own(), Some(&s), addr(VIP)),
+            via_service(Target::Outside {
+                addr: addr("192.0.2.7:8080"),
+                policy: OutboundPolicy::Passthrough,
+            })
+        );
+        let s = snapshot("deny", &["192.0.2.7:8080", "192.0.2.8:8080"]);
+        assert_eq!(
+            resolve(&own(), Some(&s), addr(VIP)),
+            via_service(Target::NoMeshBackend { backends: 2 })
+        );
+    }
+
+    /// A service part in the mesh and part out (a migration under way, or a
+    /// pod whose EndpointSlice came before its Pod): under `deny` every
+    /// call goes to a mesh backend, none is a coin flip; under
+    /// `passthrough` every backend takes calls.
+    #[test]
+    fn under_deny_a_mixed_service_sends_every_call_to_its_mesh_backends() {
+        let backends = ["10.0.0.1:8080", "192.0.2.7:8080", "10.0.0.2:8080"];
+        let s = snapshot("deny", &backends);
+        let mut seen: Vec<SocketAddr> = (0..6)
+            .map(|_| match resolve(&own(), Some(&s), addr(VIP)).target {
+                Target::Mesh { addr, id, .. } => {
+                    assert_eq!(id, api());
+                    addr
+                }
+                other => panic!("not a mesh target: {other:?}"),
+            })
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, [addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]);
+
+        let s = snapshot("passthrough", &backends);
+        let outside = (0..3)
+            .filter(|_| {
+                matches!(
+                    resolve(&own(), Some(&s), addr(VIP)).target,
+                    Target::Outside { .. }
+                )
+            })
+            .count();
+        assert_eq!(outside, 1, "one call in three, in turn");
+    }
+
+    /// `sessionAffinity: ClientIP`: every call from this pod goes to one
+    /// backend.
+    #[test]
+    fn a_service_with_client_affinity_keeps_to_one_backend() {
+        let s = snapshot_of(
+            "deny",
+            vec![pb::Service {
+                client_affinity: true,
+                ..api_service(VIP, &["10.0.0.1:8080", "10.0.0.2:8080", "192.0.2.7:8080"])
+            }],
+        );
+        let first = resolve(&own(), Some(&s), addr(VIP));
+        assert!(matches!(first.target, Target::Mesh { .. }), "{first:?}");
+        for _ in 0..10 {
+            assert_eq!(resolve(&own(), Some(&s), addr(VIP)), first);
         }
+    }
+
+    /// A server-first protocol behind a Service whose port (not only the
+    /// target port) is declared opaque must not wait for detection.
+    #[test]
+    fn a_service_port_declared_opaque_makes_its_calls_opaque() {
+        let s = snapshot_of(
+            "deny",
+            vec![
+                api_service("10.96.0.11:5432", &["10.0.0.1:5433"]),
+                api_service("10.96.0.12:80", &["10.0.0.1:5432"]),
+                api_service("10.96.0.13:80", &["10.0.0.1:8080"]),
+            ],
+        );
+        let opaque = |vip| match resolve(&own(), Some(&s), addr(vip)).target {
+            Target::Mesh { opaque, .. } => opaque,
+            other => panic!("not a mesh target: {other:?}"),
+        };
+        assert!(opaque("10.96.0.11:5432"), "the service port");
+        assert!(opaque("10.96.0.12:80"), "the backend port");
+        assert!(!opaque("10.96.0.13:80"));
     }
 
     #[test]
     fn a_backend_that_is_this_pod_stays_inside_it() {
-        let s = snapshot("deny", &["10.0.0.5:8080"]);
+        // This pod's address holds two identities, so no endpoint stands for
+        // its port 8080: under `deny` that backend is still this pod, and
+        // taken although no backend is in the mesh.
+        let s = snapshot("deny", &["10.0.0.5:8080", "192.0.2.7:8080"]);
+        for _ in 0..2 {
+            assert_eq!(
+                resolve(&own(), Some(&s), addr(VIP)),
+                via_service(Target::SamePod(addr("10.0.0.5:8080")))
+            );
+        }
+        // A pod address with one identity makes a mesh backend, which is
+        // still this pod when the pod is this one.
+        let api_pod = [addr("0.0.0.0:15006"), addr("10.0.0.1:15006")];
+        let s = snapshot("deny", &["10.0.0.1:8080"]);
         assert_eq!(
-            resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::SamePod(addr("10.0.0.5:8080")))
+            resolve(&api_pod, Some(&s), addr(VIP)),
+            via_service(Target::SamePod(addr("10.0.0.1:8080")))
         );
         // Its own inbound listener is a loop, as a direct call to it is.
         let s = snapshot("passthrough", &["10.0.0.5:15006"]);

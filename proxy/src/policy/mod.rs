@@ -10,13 +10,15 @@
 //! `Arc<Policies>` taken from a `watch::Receiver`.
 //!
 //! Where an outbound connection goes is read from the snapshot too: its
-//! mesh endpoints ([`Snapshot::endpoint_for`]: address -> SPIFFE ID) and
-//! its services ([`Snapshot::service_for`]: a Kubernetes Service's cluster
-//! IP and port -> the backends behind it, picked in turn by
-//! [`Service::pick`]). A call to a service is resolved to one backend first,
-//! and that backend is then looked up as a destination of its own. The
-//! endpoints and services travel together: a snapshot that refers to the
-//! endpoints of a held version keeps that version's services as well.
+//! mesh endpoints ([`Snapshot::peer`]: address -> who is there, and the
+//! SPIFFE ID expected) and its services ([`Snapshot::service_for`]: a
+//! Kubernetes Service's cluster IP and port -> the backends behind it,
+//! picked by [`Service::pick`]). Each backend's [`Peer`] is looked up once,
+//! when the services are compiled against the endpoints of the same
+//! snapshot. The endpoints and services travel together: a snapshot that
+//! refers to the endpoints of a held version keeps that version's services
+//! as well, and one that would pair services with endpoints they were not
+//! sent with is refused.
 
 mod authz;
 mod services;
@@ -26,7 +28,7 @@ pub use authz::{
     InvalidPolicies, Policies, admits_requests, audits_unless_http, authorize, authorize_request,
     count, denies_unless_http,
 };
-pub use services::{Service, Services};
+pub use services::{Backend, Peer, Pick, Service, Services};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,8 +61,8 @@ pub struct Snapshot {
     /// Endpoint IPs that belong to exactly one identity (a pod address):
     /// a redirected connection to any port of that IP goes to that identity.
     endpoint_ips: Arc<HashMap<IpAddr, SpiffeId>>,
-    /// Virtual addresses -> their backends; they come and are shared with
-    /// the endpoints.
+    /// Virtual addresses -> their backends, whose peers were looked up in
+    /// `endpoints`; they come and are shared with the endpoints.
     pub services: Arc<Services>,
     pub outbound_policy: OutboundPolicy,
     /// The authorization policy: the mesh default and the policies that
@@ -143,6 +145,8 @@ impl Snapshot {
         let shared = match raw.endpoints_version {
             0 => None,
             _ if !raw.endpoints.is_empty() => return Err(InvalidSnapshot::EndpointsTwice),
+            // A service's backends are judged against the endpoints sent
+            // with it; held endpoints come with their own services.
             _ if !raw.services.is_empty() => return Err(InvalidSnapshot::ServicesTwice),
             refers => match held {
                 Some(held) if held.version == refers => Some((
@@ -174,7 +178,8 @@ impl Snapshot {
             None => {
                 let endpoints = compile_endpoints(raw.endpoints)?;
                 let endpoint_ips = pod_ips(&endpoints);
-                let services = services::compile(raw.services)?;
+                let services =
+                    services::compile(raw.services, |addr| peer(&endpoints, &endpoint_ips, addr))?;
                 (
                     Arc::new(endpoints),
                     Arc::new(endpoint_ips),
@@ -228,6 +233,12 @@ impl Snapshot {
             .or_else(|| self.endpoint_ips.get(&dst.ip()))
     }
 
+    /// Who is at `dst`, as [`endpoint_for`](Self::endpoint_for) finds it,
+    /// and whether `dst` is the endpoint itself or another port of its pod.
+    pub fn peer(&self, dst: SocketAddr) -> Peer {
+        peer(&self.endpoints, &self.endpoint_ips, dst)
+    }
+
     /// The service whose virtual address `dst` is.
     pub fn service_for(&self, dst: SocketAddr) -> Option<&Service> {
         self.services.get(&dst)
@@ -255,6 +266,20 @@ fn compile_endpoints(
         endpoints.insert(address, id);
     }
     Ok(endpoints)
+}
+
+/// Who is at `dst` among `endpoints` and their `pod_ips`.
+fn peer(
+    endpoints: &HashMap<SocketAddr, SpiffeId>,
+    pod_ips: &HashMap<IpAddr, SpiffeId>,
+    dst: SocketAddr,
+) -> Peer {
+    match endpoints.get(&dst) {
+        Some(id) => Peer::Endpoint(id.clone()),
+        None => pod_ips
+            .get(&dst.ip())
+            .map_or(Peer::Outside, |id| Peer::Pod(id.clone())),
+    }
 }
 
 /// Non-loopback endpoint IPs held by exactly one identity.

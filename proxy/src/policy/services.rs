@@ -3,68 +3,184 @@
 //!
 //! An app that calls a Service connects to its cluster IP; the sidecar sees
 //! that address as the original destination, which is no mesh endpoint. It
-//! picks one of the service's backends in turn ([`Service::pick`]) and
-//! treats it as the destination. Picking must stay lock-free and allocate
-//! nothing: it runs once per connection.
+//! picks one of the service's backends ([`Service::pick`]) and treats it as
+//! the destination.
+//!
+//! Who each backend is (its [`Peer`]: the SPIFFE ID expected there, found
+//! as [`Snapshot::peer`](super::Snapshot::peer) finds it) is looked up
+//! once, when the services are compiled, against the endpoints sent in the
+//! same snapshot; a snapshot that keeps the endpoints of a held version
+//! keeps that version's services with them, so the two always agree. The
+//! backends are held sorted, the mesh ones first. Under outbound `deny`
+//! only the mesh backends are picked: a backend outside the mesh (a
+//! workload not yet migrated into it, or a pod whose EndpointSlice came
+//! before its Pod) would be refused, and a call must not be a coin flip
+//! between a peer and a refusal. Under `passthrough` every backend is.
+//!
+//! Among those candidates a service takes each in turn or, when it asks
+//! for client affinity (`sessionAffinity: ClientIP`), always the one at
+//! this process's random seed modulo their number: every call from this
+//! pod goes to one backend for as long as the candidates stay the same,
+//! while pods spread over the backends.
+//!
+//! Picking must stay lock-free and allocate nothing: it runs once per
+//! connection. This module judges a backend by its identity alone: loops
+//! and this pod's own addresses are the caller's to check.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
+use trellis_core::SpiffeId;
 use trellis_proto::discovery::v1 as pb;
 
-use super::InvalidSnapshot;
+use super::{InvalidSnapshot, OutboundPolicy};
 
 /// The services of a snapshot, by virtual address.
 pub type Services = HashMap<SocketAddr, Service>;
+
+/// Who is at an address, as the mesh endpoints say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A sidecar's inbound address: that sidecar, with this identity.
+    Endpoint(SpiffeId),
+    /// Another port of a pod address that only this identity holds: the
+    /// pod's sidecar redirects it to its inbound.
+    Pod(SpiffeId),
+    /// No mesh endpoint.
+    Outside,
+}
+
+impl Peer {
+    /// The SPIFFE ID expected at the address, `None` outside the mesh.
+    pub fn id(&self) -> Option<&SpiffeId> {
+        match self {
+            Peer::Endpoint(id) | Peer::Pod(id) => Some(id),
+            Peer::Outside => None,
+        }
+    }
+}
+
+/// One ready backend of a service, with who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub peer: Peer,
+}
 
 /// One virtual address with the addresses of its ready backends.
 #[derive(Debug)]
 pub struct Service {
     /// `namespace/name`, for logs and `/config`.
     pub name: Arc<str>,
-    /// Where calls to the virtual address go; empty when none is ready.
-    pub backends: Box<[SocketAddr]>,
+    /// Every ready backend, sorted by address, the mesh ones first; empty
+    /// when none is ready.
+    backends: Box<[Backend]>,
+    /// How many of `backends` are in the mesh.
+    mesh: usize,
+    /// Every call goes to the same candidate (`client_affinity`).
+    affinity: bool,
     /// Counts picks; the next backend is this modulo their number.
     next: AtomicUsize,
 }
 
+/// What [`Service::pick`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pick<'a> {
+    Backend(&'a Backend),
+    /// No backend is ready.
+    NoBackend,
+    /// Under outbound `deny`: backends are ready, none is in the mesh, and
+    /// these are they.
+    NoMeshBackend(&'a [Backend]),
+}
+
+/// This process's seed for client affinity, drawn once: the same for
+/// every pick for as long as the sidecar runs, different from one pod to
+/// the next.
+static AFFINITY_SEED: LazyLock<usize> = LazyLock::new(|| rand::random_range(0..=usize::MAX));
+
 impl Service {
-    /// A service whose first pick is at a random place among its backends,
-    /// so sidecars that receive the same list do not all start with the
-    /// same backend.
-    pub fn new(name: Arc<str>, backends: Box<[SocketAddr]>) -> Self {
+    /// A service of `backends` (in any order) whose first pick in turn is
+    /// at a random place, so sidecars that receive the same list do not all
+    /// start with the same backend; with `affinity`, every pick is the same
+    /// one.
+    pub fn new(name: Arc<str>, mut backends: Vec<Backend>, affinity: bool) -> Self {
+        // Sorted, so a pick by affinity depends on which backends there
+        // are, not on the order they were sent in.
+        backends.sort_by_key(|b| (b.peer == Peer::Outside, b.addr));
+        backends.dedup_by_key(|b| b.addr);
+        let mesh = backends.partition_point(|b| b.peer != Peer::Outside);
         let start = match backends.len() {
             0 => 0,
             n => rand::random_range(0..n),
         };
         Service {
             name,
-            backends,
+            backends: backends.into(),
+            mesh,
+            affinity,
             next: AtomicUsize::new(start),
         }
     }
 
-    /// The next backend in turn, or `None` when none is ready.
-    pub fn pick(&self) -> Option<SocketAddr> {
-        if self.backends.is_empty() {
-            return None;
+    /// Every ready backend, the mesh ones first.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The ready backends that are in the mesh.
+    pub fn mesh_backends(&self) -> &[Backend] {
+        &self.backends[..self.mesh]
+    }
+
+    /// Whether every call goes to one backend (`client_affinity`).
+    pub fn has_affinity(&self) -> bool {
+        self.affinity
+    }
+
+    /// The backend for the next call under the outbound `policy`: among
+    /// the mesh backends under `deny`, among all under `passthrough`; the
+    /// next in turn, or the one of this process's seed with affinity.
+    pub fn pick(&self, policy: OutboundPolicy) -> Pick<'_> {
+        self.pick_seeded(policy, *AFFINITY_SEED)
+    }
+
+    fn pick_seeded(&self, policy: OutboundPolicy, seed: usize) -> Pick<'_> {
+        let candidates = match policy {
+            OutboundPolicy::Deny => self.mesh_backends(),
+            OutboundPolicy::Passthrough => self.backends(),
+        };
+        if candidates.is_empty() {
+            return if self.backends.is_empty() {
+                Pick::NoBackend
+            } else {
+                Pick::NoMeshBackend(&self.backends[self.mesh..])
+            };
         }
-        // Relaxed: the counter orders nothing else; at worst two concurrent
-        // picks see each other's increment late, and both still get a
-        // backend of the list.
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(self.backends[n % self.backends.len()])
+        let n = if self.affinity {
+            seed
+        } else {
+            // Relaxed: the counter orders nothing else; at worst two
+            // concurrent picks see each other's increment late, and both
+            // still get a candidate.
+            self.next.fetch_add(1, Ordering::Relaxed)
+        };
+        Pick::Backend(&candidates[n % candidates.len()])
     }
 }
 
-/// Compiles the services of a snapshot that carries them. Every address
-/// must be a dialable `ip:port` (no unspecified IP, no port 0), and no
-/// virtual address may be given twice: which backends it stands for would
-/// be a guess.
-pub(super) fn compile(raw: Vec<pb::Service>) -> Result<Services, InvalidSnapshot> {
+/// Compiles the services of a snapshot that carries them, each backend's
+/// [`Peer`] found by `peer` among the endpoints of the same snapshot. Every
+/// address must be a dialable `ip:port` (no unspecified IP, no port 0), and
+/// no virtual address may be given twice: which backends it stands for
+/// would be a guess.
+pub(super) fn compile(
+    raw: Vec<pb::Service>,
+    peer: impl Fn(SocketAddr) -> Peer,
+) -> Result<Services, InvalidSnapshot> {
     let mut services = HashMap::with_capacity(raw.len());
     let mut index_of = HashMap::with_capacity(raw.len());
     for (index, service) in raw.into_iter().enumerate() {
@@ -77,15 +193,19 @@ pub(super) fn compile(raw: Vec<pb::Service>) -> Result<Services, InvalidSnapshot
             .backends
             .iter()
             .enumerate()
-            .map(|(backend, raw)| {
-                dialable(raw).ok_or_else(|| InvalidSnapshot::ServiceBackend {
+            .map(|(backend, raw)| match dialable(raw) {
+                Some(addr) => Ok(Backend {
+                    addr,
+                    peer: peer(addr),
+                }),
+                None => Err(InvalidSnapshot::ServiceBackend {
                     index,
                     name: quoted(&service.name),
                     backend,
                     address: quoted(raw),
-                })
+                }),
             })
-            .collect::<Result<Box<[_]>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         match index_of.entry(address) {
             Entry::Occupied(first) => {
                 return Err(InvalidSnapshot::DuplicateService {
@@ -98,7 +218,8 @@ pub(super) fn compile(raw: Vec<pb::Service>) -> Result<Services, InvalidSnapshot
                 slot.insert(index);
             }
         }
-        services.insert(address, Service::new(service.name.into(), backends));
+        let service = Service::new(service.name.into(), backends, service.client_affinity);
+        services.insert(address, service);
     }
     Ok(services)
 }
@@ -133,10 +254,11 @@ pub(super) fn quoted(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::SpiffeId;
 
     use crate::metrics::Metrics;
     use crate::policy::Snapshot;
+
+    use OutboundPolicy::{Deny, Passthrough};
 
     fn service(address: &str, name: &str, backends: &[&str]) -> pb::Service {
         pb::Service {
@@ -151,6 +273,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
     fn endpoint(address: &str, id: &str) -> pb::Endpoint {
         pb::Endpoint {
             address: address.into(),
@@ -158,44 +284,143 @@ mod tests {
         }
     }
 
+    /// Every backend outside the mesh.
+    fn outside(_: SocketAddr) -> Peer {
+        Peer::Outside
+    }
+
+    fn addrs(backends: &[Backend]) -> Vec<SocketAddr> {
+        backends.iter().map(|b| b.addr).collect()
+    }
+
+    /// A service of backends whose peers are given, in that order.
+    fn of(backends: &[(&str, Peer)], affinity: bool) -> Service {
+        let backends = backends
+            .iter()
+            .map(|(a, peer)| Backend {
+                addr: addr(a),
+                peer: peer.clone(),
+            })
+            .collect();
+        Service::new("shop/api".into(), backends, affinity)
+    }
+
+    fn picked(pick: Pick<'_>) -> SocketAddr {
+        match pick {
+            Pick::Backend(b) => b.addr,
+            other => panic!("no backend picked: {other:?}"),
+        }
+    }
+
     #[test]
     fn compiles_virtual_addresses_with_their_backends() {
-        let services = compile(vec![
-            service(
-                "10.96.0.10:80",
-                "shop/web",
-                &["10.0.0.1:8080", "10.0.0.2:8080"],
-            ),
-            service("[fd00::10]:80", "shop/web", &["[fd00::1]:8080"]),
-            service("10.96.0.11:5432", "shop/db", &[]),
-        ])
+        let services = compile(
+            vec![
+                service(
+                    "10.96.0.10:80",
+                    "shop/web",
+                    &["10.0.0.1:8080", "10.0.0.2:8080"],
+                ),
+                service("[fd00::10]:80", "shop/web", &["[fd00::1]:8080"]),
+                service("10.96.0.11:5432", "shop/db", &[]),
+            ],
+            outside,
+        )
         .unwrap();
         assert_eq!(services.len(), 3);
         let web = &services[&addr("10.96.0.10:80")];
         assert_eq!(&*web.name, "shop/web");
         assert_eq!(
-            &*web.backends,
+            addrs(web.backends()),
             [addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]
         );
         assert_eq!(
-            &*services[&addr("[fd00::10]:80")].backends,
+            addrs(services[&addr("[fd00::10]:80")].backends()),
             [addr("[fd00::1]:8080")]
         );
-        assert!(services[&addr("10.96.0.11:5432")].backends.is_empty());
+        assert!(services[&addr("10.96.0.11:5432")].backends().is_empty());
+    }
+
+    /// Each backend's identity is found once, against the endpoints of the
+    /// same snapshot, as a direct call to its address would find it: the
+    /// endpoint itself, another port of a pod with one identity, or none.
+    #[test]
+    fn backends_are_looked_up_in_the_endpoints_they_came_with() {
+        let local = id("spiffe://td/ns/a/sa/web");
+        let s = Snapshot::compile(
+            pb::Snapshot {
+                endpoints: vec![
+                    endpoint("10.0.0.1:15006", "spiffe://td/ns/shop/sa/api"),
+                    // Two identities on one address: neither owns its ports.
+                    endpoint("10.0.0.9:15006", "spiffe://td/ns/shop/sa/one"),
+                    endpoint("10.0.0.9:16006", "spiffe://td/ns/shop/sa/two"),
+                ],
+                services: vec![service(
+                    "10.96.0.10:80",
+                    "shop/api",
+                    &[
+                        "192.0.2.7:8080",
+                        "10.0.0.1:8080",
+                        "10.0.0.9:8080",
+                        "10.0.0.1:15006",
+                        "10.0.0.9:16006",
+                    ],
+                )],
+                ..Default::default()
+            },
+            &local,
+            &Metrics::new(),
+        )
+        .unwrap();
+        let api = s.service_for(addr("10.96.0.10:80")).unwrap();
+        let found: Vec<(SocketAddr, Peer)> = api
+            .backends()
+            .iter()
+            .map(|b| (b.addr, b.peer.clone()))
+            .collect();
+        // Sorted by address, the mesh backends first.
+        assert_eq!(
+            found,
+            [
+                (
+                    addr("10.0.0.1:8080"),
+                    Peer::Pod(id("spiffe://td/ns/shop/sa/api"))
+                ),
+                (
+                    addr("10.0.0.1:15006"),
+                    Peer::Endpoint(id("spiffe://td/ns/shop/sa/api"))
+                ),
+                (
+                    addr("10.0.0.9:16006"),
+                    Peer::Endpoint(id("spiffe://td/ns/shop/sa/two"))
+                ),
+                (addr("10.0.0.9:8080"), Peer::Outside),
+                (addr("192.0.2.7:8080"), Peer::Outside),
+            ]
+        );
+        assert_eq!(api.mesh_backends().len(), 3);
+        for b in api.backends() {
+            assert_eq!(b.peer, s.peer(b.addr), "{}", b.addr);
+            assert_eq!(b.peer.id(), s.endpoint_for(b.addr), "{}", b.addr);
+        }
     }
 
     /// Services come with the endpoints: compiled when a snapshot carries
-    /// them, kept (shared, with their round-robin place) when it refers to
-    /// the endpoints of the version held, and refused when it does both.
+    /// them, kept (shared, with their round-robin place and the identities
+    /// found in the endpoints kept with them) when it refers to the
+    /// endpoints of the version held, and refused when it does both.
     #[test]
     fn services_are_compiled_and_kept_with_held_endpoints() {
-        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let local = id("spiffe://td/ns/a/sa/web");
         let metrics = Metrics::new();
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let held = Snapshot::compile(
             pb::Snapshot {
                 version: 7,
-                endpoints: vec![endpoint("10.0.0.1:15006", "spiffe://td/ns/shop/sa/api")],
+                endpoints: vec![
+                    endpoint("10.0.0.1:15006", "spiffe://td/ns/shop/sa/api"),
+                    endpoint("10.0.0.2:15006", "spiffe://td/ns/shop/sa/api"),
+                ],
                 services: vec![service(
                     "10.96.0.10:80",
                     "shop/api",
@@ -209,9 +434,9 @@ mod tests {
         .unwrap();
         let api = held.service_for(vip).unwrap();
         assert_eq!(&*api.name, "shop/api");
-        assert_eq!(api.backends.len(), 2);
+        assert_eq!(api.backends().len(), 2);
         assert!(held.service_for("10.0.0.1:8080".parse().unwrap()).is_none());
-        let first = api.pick().unwrap();
+        let first = picked(api.pick(Deny));
 
         let next = |services| pb::Snapshot {
             version: 9,
@@ -224,9 +449,15 @@ mod tests {
             Arc::ptr_eq(&s.services, &held.services),
             "shared, not copied"
         );
+        assert!(Arc::ptr_eq(&s.endpoints, &held.endpoints));
         let api = s.service_for(vip).unwrap();
-        assert_ne!(api.pick(), Some(first), "the round robin goes on");
+        assert_ne!(picked(api.pick(Deny)), first, "the round robin goes on");
+        for b in api.backends() {
+            assert_eq!(b.peer, s.peer(b.addr), "{}", b.addr);
+        }
 
+        // Services sent with held endpoints would be judged against
+        // endpoints they did not come with.
         let again = next(vec![service("10.96.0.10:80", "shop/api", &[])]);
         let e = Snapshot::compile_in(again, Some(&held), &local, &[], &metrics)
             .unwrap_err()
@@ -253,32 +484,137 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_through_every_backend() {
-        let backends: Vec<SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
-            .iter()
-            .map(|a| addr(a))
-            .collect();
-        let service = Service::new("shop/web".into(), backends.clone().into());
-        let first: Vec<SocketAddr> = (0..3).map(|_| service.pick().unwrap()).collect();
+        let backends = [
+            addr("10.0.0.1:80"),
+            addr("10.0.0.2:80"),
+            addr("10.0.0.3:80"),
+        ];
+        let service = of(
+            &[
+                ("10.0.0.3:80", Peer::Outside),
+                ("10.0.0.1:80", Peer::Outside),
+                ("10.0.0.2:80", Peer::Outside),
+            ],
+            false,
+        );
+        let first: Vec<SocketAddr> = (0..3).map(|_| picked(service.pick(Passthrough))).collect();
         let mut sorted = first.clone();
         sorted.sort();
         assert_eq!(sorted, backends, "each backend once per round");
-        let second: Vec<SocketAddr> = (0..3).map(|_| service.pick().unwrap()).collect();
+        let second: Vec<SocketAddr> = (0..3).map(|_| picked(service.pick(Passthrough))).collect();
         assert_eq!(first, second, "the same order every round");
 
-        let one = Service::new("shop/one".into(), vec![addr("10.0.0.9:80")].into());
-        assert!((0..4).all(|_| one.pick() == Some(addr("10.0.0.9:80"))));
+        let one = of(&[("10.0.0.9:80", Peer::Outside)], false);
+        assert!((0..4).all(|_| picked(one.pick(Passthrough)) == addr("10.0.0.9:80")));
+    }
+
+    /// Under outbound `deny` a backend outside the mesh would be refused:
+    /// while the service has mesh backends, only they are picked, so no
+    /// call is a coin flip. Under `passthrough` every backend is picked.
+    #[test]
+    fn under_deny_only_mesh_backends_are_picked() {
+        let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
+        let service = of(
+            &[
+                ("10.0.0.1:8080", api()),
+                ("10.0.0.7:8080", Peer::Outside),
+                ("10.0.0.2:8080", api()),
+                ("10.0.0.8:8080", Peer::Outside),
+            ],
+            false,
+        );
+        let mut seen: Vec<SocketAddr> = (0..8).map(|_| picked(service.pick(Deny))).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, [addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]);
+
+        let mut seen: Vec<SocketAddr> = (0..8).map(|_| picked(service.pick(Passthrough))).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "{seen:?}");
     }
 
     #[test]
-    fn a_service_without_backends_picks_none() {
-        let none = Service::new("shop/web".into(), Box::new([]));
-        assert_eq!(none.pick(), None);
-        assert_eq!(none.pick(), None);
+    fn a_service_without_mesh_backends_picks_none_under_deny() {
+        let none = of(&[], false);
+        assert_eq!(none.pick(Deny), Pick::NoBackend);
+        assert_eq!(none.pick(Passthrough), Pick::NoBackend);
+
+        let unmeshed = of(
+            &[
+                ("10.0.0.8:8080", Peer::Outside),
+                ("10.0.0.7:8080", Peer::Outside),
+            ],
+            false,
+        );
+        match unmeshed.pick(Deny) {
+            Pick::NoMeshBackend(outside) => assert_eq!(
+                addrs(outside),
+                [addr("10.0.0.7:8080"), addr("10.0.0.8:8080")]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(unmeshed.pick(Passthrough), Pick::Backend(_)));
+    }
+
+    /// With client affinity every call goes to the candidate at this
+    /// process's seed: the same one call after call, and in a later
+    /// snapshot with the same backends in any order; another process (seed)
+    /// lands elsewhere. Under `deny` the candidates are the mesh backends.
+    #[test]
+    fn client_affinity_keeps_to_one_backend_while_the_backends_stay() {
+        let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
+        let listed = [
+            ("10.0.0.3:8080", api()),
+            ("10.0.0.1:8080", api()),
+            ("10.0.0.9:8080", Peer::Outside),
+            ("10.0.0.2:8080", api()),
+        ];
+        let service = of(&listed, true);
+        let mesh = addrs(service.mesh_backends());
+        assert_eq!(mesh.len(), 3);
+        let expected = mesh[*AFFINITY_SEED % 3];
+        assert!((0..10).all(|_| picked(service.pick(Deny)) == expected));
+        let mut reordered = listed.clone();
+        reordered.reverse();
+        let later = of(&reordered, true);
+        assert!((0..10).all(|_| picked(later.pick(Deny)) == expected));
+
+        // Other pods' seeds spread over every candidate.
+        let mut spread: Vec<SocketAddr> = (0..3)
+            .map(|seed| picked(service.pick_seeded(Deny, seed)))
+            .collect();
+        spread.sort();
+        assert_eq!(spread, mesh);
+        // Under passthrough every backend is a candidate.
+        let all = addrs(service.backends());
+        assert_eq!(
+            picked(service.pick_seeded(Passthrough, 3)),
+            all[3],
+            "the one outside, last"
+        );
+        assert!((0..10).all(|_| picked(service.pick(Passthrough)) == all[*AFFINITY_SEED % 4]));
+    }
+
+    #[test]
+    fn a_backend_given_twice_counts_once() {
+        let service = of(
+            &[
+                ("10.0.0.1:8080", Peer::Outside),
+                ("10.0.0.2:8080", Peer::Outside),
+                ("10.0.0.1:8080", Peer::Outside),
+            ],
+            false,
+        );
+        assert_eq!(
+            addrs(service.backends()),
+            [addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]
+        );
     }
 
     #[test]
     fn refuses_bad_addresses_and_backends_naming_them() {
-        let bad = |raw| compile(raw).unwrap_err().to_string();
+        let bad = |raw| compile(raw, outside).unwrap_err().to_string();
         assert_eq!(
             bad(vec![
                 service("10.96.0.10:80", "shop/web", &[]),
@@ -306,11 +642,14 @@ mod tests {
 
     #[test]
     fn refuses_a_virtual_address_given_twice() {
-        let e = compile(vec![
-            service("10.96.0.10:80", "shop/web", &["10.0.0.1:8080"]),
-            service("10.96.0.11:80", "shop/api", &[]),
-            service("10.96.0.10:80", "shop/other", &[]),
-        ])
+        let e = compile(
+            vec![
+                service("10.96.0.10:80", "shop/web", &["10.0.0.1:8080"]),
+                service("10.96.0.11:80", "shop/api", &[]),
+                service("10.96.0.10:80", "shop/other", &[]),
+            ],
+            outside,
+        )
         .unwrap_err()
         .to_string();
         assert_eq!(
