@@ -155,8 +155,8 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     assert_eq!(names, ["deny-legacy"]);
     let endpoints: Vec<_> = first.endpoints.iter().map(|e| e.address.as_str()).collect();
     assert_eq!(endpoints, ["10.244.1.17:15006", "10.244.2.9:15006"]);
-    // The recorded Services: each cluster IP and TCP port with the ready
-    // endpoints of its EndpointSlices.
+    // The recorded Services in the mesh: each virtual IP and TCP port with
+    // the ready endpoints of its EndpointSlices.
     let services: Vec<_> = first
         .services
         .iter()
@@ -165,12 +165,12 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     assert_eq!(
         services,
         [
-            "10.96.0.10:53 kube-system/kube-dns [10.244.0.3:53]",
-            "10.96.0.10:9153 kube-system/kube-dns [10.244.0.3:9153]",
-            "10.96.0.1:443 default/kubernetes [172.18.0.2:6443]",
             "10.96.120.34:80 shop/web [10.244.1.17:8080]",
+            "10.96.200.5:80 shop/storefront [10.244.1.17:8080]",
             "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
             "10.96.45.210:9090 shop/api []",
+            "172.18.255.200:80 shop/storefront [10.244.1.17:8080]",
+            "198.51.100.7:80 shop/storefront [10.244.1.17:8080]",
         ]
     );
     eventually_async("the control plane to watch", || async {

@@ -407,27 +407,45 @@ async fn an_api_server_refusal_of_any_kind_is_a_clear_error_naming_it() {
     }
 }
 
+/// The recorded Services as the store publishes them.
+const RECORDED_SERVICES: [&str; 6] = [
+    "10.96.120.34:80 shop/web [10.244.1.17:8080]",
+    "10.96.200.5:80 shop/storefront [10.244.1.17:8080]",
+    "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
+    "10.96.45.210:9090 shop/api []",
+    "172.18.255.200:80 shop/storefront [10.244.1.17:8080]",
+    "198.51.100.7:80 shop/storefront [10.244.1.17:8080]",
+];
+
 /// No API server can run here: the fake answers the recorded Service and
-/// EndpointSlice lists and streams events. Every cluster IP and TCP port
-/// of a Service is published with the ready endpoints of its slices at the
-/// target port (none for a port no slice serves); headless and ExternalName
-/// Services, UDP ports and endpoints not ready are not. A backend that
-/// stops being ready and a deleted Service change the services and the
-/// version; the snapshots carry them.
+/// EndpointSlice lists and streams events. Every cluster IP, external IP
+/// and load-balancer IP of a Service in the mesh, with each TCP port, is
+/// published with the ready endpoints of its slices at the target port
+/// (none for a port no slice serves), and `sessionAffinity: ClientIP` asks
+/// for client affinity; headless and ExternalName Services, those with
+/// `internalTrafficPolicy: Local`, those with no mesh endpoint (`kubernetes`,
+/// `kube-dns`), node ports, UDP ports and endpoints not ready are not. A
+/// backend that stops being ready and a deleted Service change the services
+/// and the version; the snapshots carry them.
 #[tokio::test]
 async fn services_are_published_with_their_ready_backends_and_follow_events() {
     let fake = recorded_cluster().await;
     let store = Arc::new(connect(&fake).await);
     watched_by(&fake, 1).await;
-    let recorded = [
-        "10.96.0.10:53 kube-system/kube-dns [10.244.0.3:53]",
-        "10.96.0.10:9153 kube-system/kube-dns [10.244.0.3:9153]",
-        "10.96.0.1:443 default/kubernetes [172.18.0.2:6443]",
-        "10.96.120.34:80 shop/web [10.244.1.17:8080]",
-        "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
-        "10.96.45.210:9090 shop/api []",
-    ];
-    assert_eq!(services(&store.discovery_state().unwrap()), recorded);
+    let recorded = RECORDED_SERVICES;
+    let state = store.discovery_state().unwrap();
+    assert_eq!(services(&state), recorded);
+    let affinity: Vec<_> = state
+        .services
+        .iter()
+        .filter(|s| s.client_affinity)
+        .map(|s| s.address.as_str())
+        .collect();
+    assert_eq!(
+        affinity,
+        ["10.96.200.5:80", "172.18.255.200:80", "198.51.100.7:80"],
+        "shop/storefront asks that a client keep to one backend"
+    );
     let slice_list = fake
         .requests()
         .into_iter()
@@ -456,6 +474,11 @@ async fn services_are_published_with_their_ready_backends_and_follow_events() {
             .then_some(())
     })
     .await;
+    assert!(
+        services(&store.discovery_state().unwrap())
+            .contains(&"10.96.45.210:9090 shop/api []".to_owned()),
+        "its pod is still a mesh endpoint: shop/api stays, with no ready backend"
+    );
     assert!(changes.has_changed().unwrap(), "the change is announced");
     let unready_version = *changes.borrow_and_update();
     assert_ne!(unready_version, first);
@@ -506,4 +529,68 @@ async fn the_trust_bundle_is_part_of_the_version() {
         started(&[&signing, &anchor]).await.current_version(),
         anchored.current_version()
     );
+}
+
+/// No API server can run here: the fake streams recorded events. The
+/// unmeshed `kube-dns` loses its ready endpoint while `shop/web`'s pod
+/// fails its readiness probe and recovers: only the second is announced,
+/// and once it recovered the version is the first one again, as a replica
+/// that never saw `kube-dns` change would announce. A mesh pod that goes
+/// takes the Services it alone stood behind out of the snapshots.
+#[tokio::test]
+async fn only_what_the_snapshots_carry_moves_the_version() {
+    let fake = recorded_cluster().await;
+    let store = connect(&fake).await;
+    watched_by(&fake, 1).await;
+    let mut changes = store.changes();
+    let first = *changes.borrow_and_update();
+    assert_eq!(first, store.snapshot_version().unwrap());
+
+    let slices = endpoint_slices_list();
+    let mut dns_unready = item(&slices, "kube-dns-8qzwn", 49000);
+    dns_unready["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": false, "terminating": false});
+    fake.publish(ENDPOINT_SLICES, event("MODIFIED", &dns_unready));
+    let mut web_unready = item(&slices, "web-2xk8d", 49001);
+    web_unready["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": false, "terminating": false});
+    fake.publish(ENDPOINT_SLICES, event("MODIFIED", &web_unready));
+    eventually_async("shop/web's backend to leave", || async {
+        let state = store.discovery_state().unwrap();
+        services(&state)
+            .contains(&"10.96.120.34:80 shop/web []".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert!(changes.has_changed().unwrap());
+    assert_ne!(*changes.borrow_and_update(), first);
+
+    fake.publish(
+        ENDPOINT_SLICES,
+        event("MODIFIED", &item(&slices, "web-2xk8d", 49002)),
+    );
+    eventually_async("shop/web's backend to come back", || async {
+        let state = store.discovery_state().unwrap();
+        (services(&state) == RECORDED_SERVICES).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.snapshot_version().unwrap(),
+        first,
+        "kube-dns's slice is in no snapshot"
+    );
+    assert_eq!(*changes.borrow_and_update(), first);
+
+    let web_pod = item(&pods_list(), "web-7d4b9c8f6d-x2x8q", 49003);
+    fake.publish(PODS, event("DELETED", &web_pod));
+    let api_only = [
+        "10.96.45.210:8080 shop/api [10.244.2.9:8080]",
+        "10.96.45.210:9090 shop/api []",
+    ];
+    eventually_async("the Services of the web pod to leave", || async {
+        let state = store.discovery_state().unwrap();
+        (services(&state) == api_only).then_some(())
+    })
+    .await;
+    assert_ne!(store.snapshot_version().unwrap(), first);
 }

@@ -6,11 +6,12 @@
 //! No Kubernetes API server can run on these machines. The control plane
 //! runs `--store kubernetes --identity-provider kubernetes` against the
 //! stand-in the control plane's own tests use (`kube_api`), serving what
-//! kube-apiserver would list for this lab: the two pods as Pods, the
-//! Services and their EndpointSlices (written below, shaped like the
-//! recorded documents of `control-plane/tests/fixtures/k8s/store/`), the
-//! chart's empty CA Secret, and for each sidecar's token the recorded
-//! TokenReview of a `shop/web` token (renamed to `shop/api` for pod B). The
+//! kube-apiserver would list for this lab: the two pods and a third one
+//! that is not ready as Pods, the Services and their EndpointSlices
+//! (written below, shaped like the recorded documents of
+//! `control-plane/tests/fixtures/k8s/store/`), the chart's empty CA
+//! Secret, and for each sidecar's token the recorded TokenReview of a
+//! `shop/web` token (renamed to `shop/api` for pod B). The
 //! stand-in runs in this test process on a thread inside the `cp`
 //! namespace, so the control plane reaches it at that namespace's
 //! 127.0.0.1; nothing touches the machine's own network.
@@ -43,8 +44,12 @@ const API_TOKEN: &str = "projected-token-of-shop-api";
 /// `shop/api`: port 80 to the target port named `http`, pod B ready
 /// behind it.
 const API_SERVICE: &str = "10.96.0.10:80";
-/// `shop/checkout`: its only pod is still starting (not ready).
+/// `shop/checkout`: its only pod runs with a sidecar but is not ready
+/// (its readiness probe fails).
 const CHECKOUT_SERVICE: &str = "10.96.0.11:80";
+/// `shop/legacy`: its only pod is ready but has no sidecar, so the Service
+/// is outside the mesh and not published.
+const LEGACY_SERVICE: &str = "10.96.0.12:80";
 /// A cluster IP no Service has.
 const NO_SERVICE: &str = "10.96.0.99:80";
 
@@ -53,8 +58,11 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const POD_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// The checkout pod that is not ready: no host has it.
 const CHECKOUT_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+/// The legacy pod without a sidecar: no host has it either.
+const LEGACY_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
 const WEB_POD: &str = "web-7d4b9c8f6d-x2x8q";
 const API_POD: &str = "api-5f6d8b7c4-q9v7m";
+const CHECKOUT_POD_NAME: &str = "checkout-6c9f4d7b8-p3j5r";
 
 /// Pods A and B under a control plane on the Kubernetes store. Fields drop
 /// in order: the cluster (apps, sidecars, control plane, namespaces), then
@@ -126,13 +134,14 @@ async fn a_call_to_a_service_reaches_its_ready_backend_over_mtls() {
     );
 }
 
-/// A call to a Service none of whose endpoints is ready is refused by pod
-/// A's sidecar, which names the Service; so is a call to a cluster IP that
-/// is no Service's, as a destination outside the mesh. Nothing reaches pod
-/// B's app. As above, the control plane's Kubernetes store reads a stand-in
-/// API server: none can run on these machines.
+/// A call to a Service in the mesh none of whose endpoints is ready is
+/// refused by pod A's sidecar, which names the Service; a call to a
+/// Service with no sidecar behind it (not published) and one to a cluster
+/// IP that is no Service's are refused as destinations outside the mesh.
+/// Nothing reaches pod B's app. As above, the control plane's Kubernetes
+/// store reads a stand-in API server: none can run on these machines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_without_a_ready_backend_and_an_unknown_cluster_ip_are_refused() {
+async fn a_service_without_a_ready_backend_and_ones_outside_the_mesh_are_refused() {
     if skipped() {
         return;
     }
@@ -157,20 +166,26 @@ async fn a_service_without_a_ready_backend_and_an_unknown_cluster_ip_are_refused
         .unwrap();
     counted(&cluster.a, "outbound", "no_backend").await;
 
-    let call = cluster.a_calls(&format!("http://{NO_SERVICE}/")).await;
-    assert!(call.is_err(), "pod A reached {NO_SERVICE}: {call:?}");
-    cluster
-        .a
-        .wait_for_sidecar_log(
-            &[
-                "outbound connection denied",
-                "outside the mesh",
-                &format!("dst={NO_SERVICE}"),
-            ],
-            SOON,
-        )
-        .await
-        .unwrap();
+    for outside in [LEGACY_SERVICE, NO_SERVICE] {
+        let call = cluster.a_calls(&format!("http://{outside}/")).await;
+        assert!(call.is_err(), "pod A reached {outside}: {call:?}");
+        let line = cluster
+            .a
+            .wait_for_sidecar_log(
+                &[
+                    "outbound connection denied",
+                    "outside the mesh",
+                    &format!("dst={outside}"),
+                ],
+                SOON,
+            )
+            .await
+            .unwrap();
+        assert!(
+            !line.contains("service="),
+            "no published Service stands behind {outside}: {line}"
+        );
+    }
 
     let requests = cluster.apps[0].requests();
     assert!(requests.is_empty(), "pod B's app was reached: {requests:?}");
@@ -204,11 +219,16 @@ async fn service_cluster() -> ServiceCluster {
             list("trellis.io/v1alpha1", "RateLimitPolicyList", vec![]),
         )],
     );
-    let pods = vec![pod(WEB_POD, "web", POD_A), pod(API_POD, "api", POD_B)];
+    let pods = vec![
+        pod(WEB_POD, "web", POD_A),
+        pod(API_POD, "api", POD_B),
+        pod(CHECKOUT_POD_NAME, "checkout", CHECKOUT_POD),
+    ];
     kube.lists(PODS, vec![(200, list("v1", "PodList", pods))]);
     let services = vec![
         service("api", API_SERVICE),
         service("checkout", CHECKOUT_SERVICE),
+        service("legacy", LEGACY_SERVICE),
     ];
     kube.lists(SERVICES, vec![(200, list("v1", "ServiceList", services))]);
     let slices = vec![
@@ -217,8 +237,15 @@ async fn service_cluster() -> ServiceCluster {
             "checkout",
             "checkout-c2n6w",
             CHECKOUT_POD,
-            "checkout-6c9f4d7b8-p3j5r",
+            CHECKOUT_POD_NAME,
             false,
+        ),
+        endpoint_slice(
+            "legacy",
+            "legacy-q8w2d",
+            LEGACY_POD,
+            "legacy-5d8f7c6b9-t4m2x",
+            true,
         ),
     ];
     kube.lists(
@@ -282,10 +309,12 @@ async fn service_cluster() -> ServiceCluster {
         .ip(&["route", "add", "default", "dev", "eth0"])
         .unwrap();
     cluster.b_serves(APP_PORT, B_GREETING).await;
-    // The Pods list IPv4 addresses only: one endpoint each.
+    // The Pods list IPv4 addresses only: one endpoint each. `shop/legacy`
+    // has no mesh endpoint behind it: only `api` and `checkout` are
+    // published.
     cluster
         .a
-        .wait_for_sidecar_log(&["snapshot applied", "endpoints=2"], SOON)
+        .wait_for_sidecar_log(&["snapshot applied", "endpoints=3", "services=2"], SOON)
         .await
         .unwrap();
     ServiceCluster {

@@ -1,30 +1,39 @@
 //! The in-memory reflection of what the API server holds: per object
 //! (kind, `namespace/name`), its resourceVersion and what it contributes to
 //! snapshots (a validated policy or rate limit, a Pod's mesh endpoints, a
-//! Service's cluster IPs and ports, an EndpointSlice's ready backends).
+//! Service's virtual IPs and ports, an EndpointSlice's endpoints).
 //! Services and EndpointSlices are held apart, as the API server holds
-//! them, and joined when a snapshot is read ([`Cache::services`]), so an
-//! event changes one entry whatever the other kind holds.
+//! them, so an event changes one entry whatever the other kind holds; the
+//! join that publishes them with the mesh endpoints ([`Cache::services`])
+//! is rebuilt whenever a Service, an EndpointSlice or a mesh endpoint
+//! changes (linear in those objects, once per change rather than once per
+//! snapshot read).
 //!
-//! The snapshot version is a name of the content, not a counter: every
-//! entry has a digest (SHA-256 of its kind, key and canonical content), the
-//! digests are combined with XOR (order-free, updated per event in O(1)),
-//! and the mesh config is mixed in. Two replicas holding the same objects
-//! therefore announce the same version whatever order or history brought
-//! them there, and different content gets a different version (a 63-bit
-//! collision aside). Versions are not ordered: a deletion may lower one.
+//! The snapshot version is a name of the published content, not a counter:
+//! every policy, rate limit and Pod entry has a digest (SHA-256 of its kind,
+//! key and canonical content), the digests are combined with XOR
+//! (order-free, updated per event in O(1)), and the digest of the published
+//! services and the mesh config are mixed in. Services and EndpointSlices
+//! count only through what they publish: a change no sidecar would see (a
+//! Service outside the mesh, a headless one, a slice's new resourceVersion)
+//! moves no version and announces nothing. Two replicas holding the same
+//! objects therefore announce the same version whatever order or history
+//! brought them there, and different content gets a different version (a
+//! 63-bit collision aside). Versions are not ordered: a deletion may lower
+//! one.
 //!
 //! This module never talks to the API server and never validates a policy:
 //! the reflector hands it finished entries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
 use trellis_proto::discovery::v1::Service;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use super::services::{ClusterIpService, NamedPort, SliceBackends, virtual_services};
+use super::services::{SliceBackends, VirtualIps, virtual_services};
 use crate::store::WorkloadRecord;
 
 /// The kinds the store reflects. A new kind is a variant here, an [`Entry`]
@@ -54,6 +63,11 @@ impl Kind {
     fn is_policy(self) -> bool {
         matches!(self, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
     }
+
+    /// Whether the kind's objects are joined into the published services.
+    fn feeds_services(self) -> bool {
+        matches!(self, Kind::Pod | Kind::Service | Kind::EndpointSlice)
+    }
 }
 
 /// What one object contributes to snapshots.
@@ -65,9 +79,9 @@ pub enum Entry {
     RateLimit(RateLimit, u64),
     /// A running, injected Pod: one endpoint per pod IP.
     Endpoints(Vec<WorkloadRecord>),
-    /// A Service with cluster IPs: its virtual addresses.
-    Service(ClusterIpService),
-    /// An EndpointSlice: the ready backends of one Service.
+    /// A Service with cluster IPs: its virtual IPs and ports.
+    Service(VirtualIps),
+    /// An EndpointSlice: the endpoints of one Service.
     Backends(SliceBackends),
 }
 
@@ -82,19 +96,39 @@ pub struct Reflected {
 struct Slot {
     resource_version: String,
     entry: Entry,
+    /// 0 for Services and EndpointSlices, which count through
+    /// `services_digest`.
     digest: u64,
 }
 
 /// See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cache {
     objects: BTreeMap<(Kind, String), Slot>,
     /// XOR of every slot's digest.
     content: u64,
     /// XOR of the policy and rate limit slots' digests.
     policy_content: u64,
+    /// What Services and EndpointSlices publish, joined with the mesh
+    /// endpoints.
+    services: Vec<Service>,
+    services_digest: u64,
     mesh_config: String,
     synced: BTreeSet<Kind>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            content: 0,
+            policy_content: 0,
+            services: Vec::new(),
+            services_digest: services_digest(&[]),
+            mesh_config: String::new(),
+            synced: BTreeSet::new(),
+        }
+    }
 }
 
 const VERSION_MASK: u64 = (1 << 63) - 1;
@@ -103,7 +137,7 @@ impl Cache {
     /// The snapshot version: a name of the content (never 0, below 2^63).
     pub fn version(&self) -> u64 {
         let mesh = digest_bytes(&[b"mesh", self.mesh_config.as_bytes()]);
-        nonzero(self.content ^ mesh)
+        nonzero(self.content ^ self.services_digest ^ mesh)
     }
 
     /// The policy generation: a name of the policies and rate limits alone.
@@ -129,34 +163,77 @@ impl Cache {
     /// no endpoint) removes it. An event older than what is held (by
     /// numeric resourceVersion, as every API server writes them) is ignored:
     /// a write's own answer may arrive before its watch event. True when the
-    /// content changed.
+    /// published content (so the version) changed.
     pub fn apply(&mut self, kind: Kind, key: &str, object: Option<Reflected>) -> bool {
+        let before = self.version();
+        if self.put(kind, key, object) && kind.feeds_services() {
+            self.publish_services();
+        }
+        self.version() != before
+    }
+
+    /// Removes one object; true when the published content changed.
+    pub fn remove(&mut self, kind: Kind, key: &str) -> bool {
+        self.apply(kind, key, None)
+    }
+
+    /// Replaces every object of `kind` with a full list (the first list, or
+    /// a re-list after the watch expired): objects missing from it are gone.
+    /// Marks the kind synced. True when the published content changed.
+    pub fn replace(&mut self, kind: Kind, listed: BTreeMap<String, Reflected>) -> bool {
+        let before = self.version();
+        let stale: Vec<String> = self
+            .objects
+            .range((kind, String::new())..)
+            .take_while(|((k, _), _)| *k == kind)
+            .map(|((_, key), _)| key.clone())
+            .filter(|key| !listed.contains_key(key))
+            .collect();
+        for key in stale {
+            self.take(kind, &key);
+        }
+        for (key, object) in listed {
+            // A re-list is the truth: no resourceVersion guard.
+            self.take(kind, &key);
+            self.put(kind, &key, Some(object));
+        }
+        if kind.feeds_services() {
+            self.publish_services();
+        }
+        self.synced.insert(kind);
+        self.version() != before
+    }
+
+    /// Stores one object (or removes it, for `None`) without rebuilding the
+    /// published services; true when its entry changed.
+    fn put(&mut self, kind: Kind, key: &str, object: Option<Reflected>) -> bool {
         let Some(object) = object else {
-            return self.remove(kind, key);
+            return self.take(kind, key);
         };
         let slot_key = (kind, key.to_owned());
-        if let Some(held) = self.objects.get(&slot_key)
-            && is_older(&object.resource_version, &held.resource_version)
-        {
-            return false;
-        }
+        let changed = match self.objects.get(&slot_key) {
+            Some(held) if is_older(&object.resource_version, &held.resource_version) => {
+                return false;
+            }
+            Some(held) => held.entry != object.entry,
+            None => true,
+        };
         let digest = entry_digest(kind, key, &object.entry);
         let slot = Slot {
             resource_version: object.resource_version,
             entry: object.entry,
             digest,
         };
-        let old = self.objects.insert(slot_key, slot);
-        let old_digest = old.as_ref().map(|s| s.digest);
-        if let Some(old) = old_digest {
-            self.xor(kind, old);
+        if let Some(old) = self.objects.insert(slot_key, slot) {
+            self.xor(kind, old.digest);
         }
         self.xor(kind, digest);
-        old_digest != Some(digest)
+        changed
     }
 
-    /// Removes one object; true when it was held.
-    pub fn remove(&mut self, kind: Kind, key: &str) -> bool {
+    /// Removes one object without rebuilding the published services; true
+    /// when it was held.
+    fn take(&mut self, kind: Kind, key: &str) -> bool {
         match self.objects.remove(&(kind, key.to_owned())) {
             Some(slot) => {
                 self.xor(kind, slot.digest);
@@ -166,29 +243,30 @@ impl Cache {
         }
     }
 
-    /// Replaces every object of `kind` with a full list (the first list, or
-    /// a re-list after the watch expired): objects missing from it are gone.
-    /// Marks the kind synced. True when the content changed.
-    pub fn replace(&mut self, kind: Kind, listed: BTreeMap<String, Reflected>) -> bool {
-        let before = self.content;
-        let stale: Vec<String> = self
-            .objects
-            .range((kind, String::new())..)
-            .take_while(|((k, _), _)| *k == kind)
-            .map(|((_, key), _)| key.clone())
-            .filter(|key| !listed.contains_key(key))
+    /// Rebuilds the published services from the Services, the EndpointSlices
+    /// and the mesh endpoints' IPs.
+    fn publish_services(&mut self) {
+        let mesh: HashSet<IpAddr> = self
+            .workloads_iter()
+            .flat_map(|w| &w.addresses)
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
             .collect();
-        let mut changed = false;
-        for key in stale {
-            changed |= self.remove(kind, &key);
-        }
-        for (key, object) in listed {
-            // A re-list is the truth: no resourceVersion guard.
-            self.remove(kind, &key);
-            self.apply(kind, &key, Some(object));
-        }
-        self.synced.insert(kind);
-        changed || self.content != before
+        let services = self
+            .keyed_of_kind(Kind::Service)
+            .filter_map(|(key, entry)| match entry {
+                Entry::Service(service) => Some((key, service)),
+                _ => None,
+            });
+        let slices = self
+            .of_kind(Kind::EndpointSlice)
+            .filter_map(|entry| match entry {
+                Entry::Backends(backends) => Some(backends),
+                _ => None,
+            });
+        let published = virtual_services(services, slices, &mesh);
+        self.services_digest = services_digest(&published);
+        self.services = published;
     }
 
     /// The resourceVersion held for an object.
@@ -243,31 +321,23 @@ impl Cache {
 
     /// Every endpoint of every running, injected Pod.
     pub fn workloads(&self) -> Vec<WorkloadRecord> {
+        self.workloads_iter().cloned().collect()
+    }
+
+    fn workloads_iter(&self) -> impl Iterator<Item = &WorkloadRecord> {
         self.of_kind(Kind::Pod)
             .filter_map(|entry| match entry {
-                Entry::Endpoints(e) => Some(e.iter().cloned()),
+                Entry::Endpoints(e) => Some(e.iter()),
                 _ => None,
             })
             .flatten()
-            .collect()
     }
 
-    /// Every Service's cluster IPs and ports with the ready backends its
-    /// EndpointSlices list, ordered by address (see [`virtual_services`]).
+    /// The virtual IPs and ports of every Service in the mesh with the ready
+    /// backends its EndpointSlices list, ordered by address (see
+    /// [`virtual_services`]).
     pub fn services(&self) -> Vec<Service> {
-        let services = self
-            .keyed_of_kind(Kind::Service)
-            .filter_map(|(key, entry)| match entry {
-                Entry::Service(service) => Some((key, service)),
-                _ => None,
-            });
-        let slices = self
-            .of_kind(Kind::EndpointSlice)
-            .filter_map(|entry| match entry {
-                Entry::Backends(backends) => Some(backends),
-                _ => None,
-            });
-        virtual_services(services, slices)
+        self.services.clone()
     }
 
     fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Entry> {
@@ -357,54 +427,24 @@ fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
             }
             digest_bytes(&refs)
         }
-        // Each list is preceded by its length, so no two contents encode
-        // alike.
-        Entry::Service(service) => {
-            let mut parts = vec![count(service.cluster_ips.len())];
-            parts.extend(
-                service
-                    .cluster_ips
-                    .iter()
-                    .map(|ip| ip.to_string().into_bytes()),
-            );
-            push_ports(&mut parts, &service.ports);
-            digest_parts(kind, key, &parts)
-        }
-        Entry::Backends(backends) => {
-            let mut parts = vec![
-                backends.service.clone().into_bytes(),
-                backends.family.as_str().as_bytes().to_vec(),
-            ];
-            push_ports(&mut parts, &backends.ports);
-            parts.push(count(backends.ready.len()));
-            parts.extend(backends.ready.iter().map(|ip| ip.to_string().into_bytes()));
-            digest_parts(kind, key, &parts)
-        }
+        // Counted through what they publish (`services_digest`).
+        Entry::Service(_) | Entry::Backends(_) => 0,
     }
 }
 
-fn digest_parts(kind: Kind, key: &str, parts: &[Vec<u8>]) -> u64 {
-    let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
-    refs.extend(parts.iter().map(Vec::as_slice));
-    digest_bytes(&refs)
-}
-
-fn count(n: usize) -> Vec<u8> {
-    (n as u64).to_be_bytes().to_vec()
-}
-
-fn push_ports(parts: &mut Vec<Vec<u8>>, ports: &[NamedPort]) {
-    parts.push(count(ports.len()));
-    for port in ports {
-        parts.push(port.name.clone().into_bytes());
-        parts.push(port.port.to_be_bytes().to_vec());
-    }
+/// The digest of the published services. Their encoding is deterministic
+/// (no map fields) and the list is ordered, so replicas agree on it.
+fn services_digest(services: &[Service]) -> u64 {
+    let encoded: Vec<Vec<u8>> = services.iter().map(Message::encode_to_vec).collect();
+    let mut parts: Vec<&[u8]> = vec![b"services"];
+    parts.extend(encoded.iter().map(Vec::as_slice));
+    digest_bytes(&parts)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::kubernetes::services::Family;
+    use crate::store::kubernetes::services::{Family, NamedPort};
 
     fn endpoint(address: &str) -> Reflected {
         Reflected {
@@ -502,29 +542,41 @@ mod tests {
     fn service(rv: &str, ip: &str) -> Reflected {
         Reflected {
             resource_version: rv.into(),
-            entry: Entry::Service(ClusterIpService {
-                cluster_ips: vec![ip.parse().unwrap()],
+            entry: Entry::Service(VirtualIps {
+                ips: vec![ip.parse().unwrap()],
                 ports: vec![NamedPort {
                     name: "http".into(),
                     port: 8080,
                 }],
+                client_affinity: false,
             }),
         }
     }
 
-    fn slice(rv: &str, ready: &[&str]) -> Reflected {
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
+    /// A slice of `service` with `ready` and `not_ready` endpoints at port
+    /// `http` = 8081.
+    fn slice_of(service: &str, rv: &str, ready: &[&str], not_ready: &[&str]) -> Reflected {
         Reflected {
             resource_version: rv.into(),
             entry: Entry::Backends(SliceBackends {
-                service: "shop/api".into(),
+                service: service.into(),
                 family: Family::V4,
                 ports: vec![NamedPort {
                     name: "http".into(),
                     port: 8081,
                 }],
-                ready: ready.iter().map(|ip| ip.parse().unwrap()).collect(),
+                ready: ips(ready),
+                not_ready: ips(not_ready),
             }),
         }
+    }
+
+    fn slice(rv: &str, ready: &[&str]) -> Reflected {
+        slice_of("shop/api", rv, ready, &[])
     }
 
     fn backends_of(cache: &Cache) -> Vec<(String, Vec<String>)> {
@@ -538,6 +590,7 @@ mod tests {
     #[test]
     fn services_and_slices_join_and_name_the_version_whatever_the_order() {
         let mut slices_first = Cache::default();
+        slices_first.apply(Kind::Pod, "shop/api-1", Some(endpoint("10.244.2.9:15006")));
         slices_first.apply(
             Kind::EndpointSlice,
             "shop/api-a",
@@ -570,6 +623,10 @@ mod tests {
             "shop/api-a",
             Some(slice("7", &["10.244.2.9"])),
         );
+        service_first.replace(
+            Kind::Pod,
+            [("shop/api-1".to_owned(), endpoint("10.244.2.9:15006"))].into(),
+        );
 
         assert_eq!(slices_first.version(), service_first.version());
         let expected = vec![(
@@ -581,7 +638,11 @@ mod tests {
 
         // A backend that is no longer ready changes the content.
         let before = service_first.version();
-        assert!(service_first.apply(Kind::EndpointSlice, "shop/api-b", Some(slice("9", &[]))));
+        assert!(service_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-b",
+            Some(slice_of("shop/api", "9", &[], &["10.244.1.50"]))
+        ));
         assert_ne!(service_first.version(), before);
         assert_eq!(
             backends_of(&service_first),
@@ -592,7 +653,11 @@ mod tests {
         );
         // A change the entry does not see (a new resourceVersion only) does not.
         let after = service_first.version();
-        assert!(!service_first.apply(Kind::EndpointSlice, "shop/api-b", Some(slice("10", &[]))));
+        assert!(!service_first.apply(
+            Kind::EndpointSlice,
+            "shop/api-b",
+            Some(slice_of("shop/api", "10", &[], &["10.244.1.50"]))
+        ));
         assert_eq!(service_first.version(), after);
         // The Service gone, its slices publish nothing.
         assert!(service_first.remove(Kind::Service, "shop/api"));
@@ -602,6 +667,90 @@ mod tests {
             service_first.policy_generation(),
             Cache::default().policy_generation(),
             "Services and slices are no policies"
+        );
+    }
+
+    /// The meshed `shop/api` (pod 10.244.2.9 injected) and the unmeshed
+    /// `kube-system/kube-dns`.
+    fn meshed_and_unmeshed() -> Cache {
+        let mut cache = Cache::default();
+        cache.apply(Kind::Pod, "shop/api-1", Some(endpoint("10.244.2.9:15006")));
+        cache.apply(Kind::Service, "shop/api", Some(service("3", "10.96.14.2")));
+        cache.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice("7", &["10.244.2.9"])),
+        );
+        cache.apply(
+            Kind::Service,
+            "kube-system/kube-dns",
+            Some(service("4", "10.96.0.10")),
+        );
+        cache.apply(
+            Kind::EndpointSlice,
+            "kube-system/kube-dns-x",
+            Some(slice_of("kube-system/kube-dns", "8", &["10.244.0.3"], &[])),
+        );
+        cache
+    }
+
+    #[test]
+    fn only_services_with_a_mesh_endpoint_are_published_and_move_the_version() {
+        let mut cache = meshed_and_unmeshed();
+        let published = vec![(
+            "10.96.14.2:8080".to_owned(),
+            vec!["10.244.2.9:8081".to_owned()],
+        )];
+        assert_eq!(backends_of(&cache), published);
+        let first = cache.version();
+
+        // Changes of the unmeshed Service are seen by no sidecar.
+        assert!(!cache.apply(
+            Kind::EndpointSlice,
+            "kube-system/kube-dns-x",
+            Some(slice_of("kube-system/kube-dns", "9", &[], &["10.244.0.3"]))
+        ));
+        assert!(!cache.remove(Kind::Service, "kube-system/kube-dns"));
+        assert_eq!(cache.version(), first);
+        let mut meshed_only = Cache::default();
+        meshed_only.apply(Kind::Pod, "shop/api-1", Some(endpoint("10.244.2.9:15006")));
+        meshed_only.apply(Kind::Service, "shop/api", Some(service("3", "10.96.14.2")));
+        meshed_only.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice("7", &["10.244.2.9"])),
+        );
+        assert_eq!(
+            meshed_only.version(),
+            first,
+            "a replica that never saw the unmeshed Service announces the same version"
+        );
+
+        // Its pod gone, shop/api has no mesh endpoint left; back, it is
+        // published again under the first version.
+        assert!(cache.remove(Kind::Pod, "shop/api-1"));
+        assert!(cache.services().is_empty());
+        assert_ne!(cache.version(), first);
+        assert!(cache.apply(Kind::Pod, "shop/api-1", Some(endpoint("10.244.2.9:15006"))));
+        assert_eq!(backends_of(&cache), published);
+        assert_eq!(cache.version(), first);
+
+        // A pod that is no mesh endpoint (none is held) changes nothing.
+        assert!(!cache.apply(Kind::Pod, "kube-system/coredns", None));
+    }
+
+    #[test]
+    fn a_meshed_service_whose_endpoints_are_not_ready_stays_published_without_backends() {
+        let mut cache = meshed_and_unmeshed();
+        assert!(cache.apply(
+            Kind::EndpointSlice,
+            "shop/api-a",
+            Some(slice_of("shop/api", "8", &[], &["10.244.2.9"]))
+        ));
+        assert_eq!(
+            backends_of(&cache),
+            [("10.96.14.2:8080".to_owned(), vec![])],
+            "the sidecar refuses the call as having no ready backend"
         );
     }
 

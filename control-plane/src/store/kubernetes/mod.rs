@@ -11,12 +11,14 @@
 //! - Mesh endpoints come from Pods: each Running, injected Pod with an IP
 //!   is `pod IP:inbound port -> spiffe://TD/ns/NS/sa/SA`.
 //! - Services come from Services and EndpointSlices ([`services`]): each
-//!   cluster IP and TCP port of a Service is a virtual address whose
-//!   backends are the ready endpoints its EndpointSlices list, so a sidecar
-//!   that reads a cluster IP as an original destination knows where to go.
-//! - The snapshot version names the content (see [`cache`]), so two
-//!   replicas that see the same objects serve identical snapshots at the
-//!   same version.
+//!   cluster IP, external IP and load-balancer IP of a Service, with each
+//!   TCP port, is a virtual address whose backends are the ready endpoints
+//!   its EndpointSlices list, so a sidecar that reads one as an original
+//!   destination knows where to go. Only Services with an endpoint in the
+//!   mesh are published, and none with `internalTrafficPolicy: Local`.
+//! - The snapshot version names the published content (see [`cache`]), so
+//!   two replicas that see the same objects serve identical snapshots at
+//!   the same version, and a change no sidecar would see moves nothing.
 //! - Join tokens are refused: sidecars prove themselves with ServiceAccount
 //!   tokens (TokenReview).
 //! - The issued-certificate log is a bounded ring in memory
@@ -60,7 +62,7 @@ use self::objects::{
     policy_from_object, rate_limit_from_object, rate_limit_resource,
 };
 use self::reflect::{Convert, Shared, reflect};
-use self::services::{SERVICE_NAME_LABEL, cluster_ip_service, slice_backends};
+use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
     JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
@@ -218,7 +220,7 @@ impl KubernetesStore {
         watch(tokio::spawn(task), Kind::Pod, rx);
 
         let services: Convert<KubeService> =
-            Box::new(|service| Ok(cluster_ip_service(service).map(Entry::Service)));
+            Box::new(|service| Ok(virtual_ips(service).map(Entry::Service)));
         let api = Api::<KubeService>::all(client.clone());
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default();

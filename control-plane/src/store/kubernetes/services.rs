@@ -1,6 +1,6 @@
 //! Kubernetes Services as virtual addresses: what a Service and an
 //! EndpointSlice contribute to the cache, and the join that turns them into
-//! the snapshot's [`Service`]s (each cluster IP and port with the ready
+//! the snapshot's [`Service`]s (each virtual IP and port with the ready
 //! backends behind it).
 //!
 //! An app calls `api.shop.svc:8080`; its sidecar reads the Service's cluster
@@ -8,7 +8,39 @@
 //! which is no mesh endpoint. The snapshot tells it which backends stand
 //! behind that address, so it dials one of them itself.
 //!
+//! Which Services are published: those with at least one endpoint, ready
+//! or not, that is a mesh endpoint (its IP is the IP of a running, injected
+//! Pod). Only there does the sidecar gain anything: for any other Service
+//! it would treat every backend as outside the mesh, exactly as it treats
+//! the cluster IP itself (refused under the outbound policy `deny`; under
+//! `passthrough` kube-proxy keeps handling it, node-local policies
+//! included), and publishing it would only make snapshots grow with the
+//! cluster. A published Service carries all its ready backends, meshed or
+//! not; the sidecar chooses among them as the outbound policy says.
+//! Endpoints that are not ready count toward the choice so that a meshed
+//! Service whose pods all fail their readiness probe stays published with
+//! no backend, and a call to it is refused as such, instead of flipping to
+//! "outside the mesh" and back. A meshed Service whose endpoints are all
+//! gone (scaled to zero, or only Pending pods) is no longer published: it
+//! is outside the mesh.
+//!
 //! Kubernetes semantics kept here, as kube-proxy reads the same objects:
+//! - The virtual IPs of a Service are its cluster IPs, its `externalIPs`
+//!   and the IPs of `status.loadBalancer.ingress`, with the same ports and
+//!   backends, each taking backends of its own family; an external or
+//!   load-balancer IP of a family the Service has no cluster IP of is left
+//!   out, as kube-proxy ignores it. A load-balancer IP with `ipMode: Proxy`
+//!   (the load balancer must see the traffic) and the load-balancer IPs of a
+//!   Service with `loadBalancerSourceRanges` (kube-proxy filters callers by
+//!   source there) are left out too. `externalTrafficPolicy` is not read:
+//!   kube-proxy too sends a pod's call to an external or load-balancer IP
+//!   to any endpoint. Node ports are not published: a call to a node's IP
+//!   follows the outbound policy.
+//! - A Service with `internalTrafficPolicy: Local` is not published: the
+//!   sidecar does not know which node a backend runs on, so it cannot keep
+//!   to the local ones. A call to it follows the outbound policy: refused
+//!   under `deny`, left to kube-proxy under `passthrough`.
+//! - `sessionAffinity: ClientIP` is published as `client_affinity`.
 //! - Only TCP ports (a port without `protocol` is TCP): the sidecar only
 //!   intercepts TCP.
 //! - A Service port is matched to an EndpointSlice port by name (the single
@@ -22,13 +54,13 @@
 //!   `publishNotReadyAddresses`. kube-proxy's fallback to terminating
 //!   endpoints when none is ready is not copied: such a call is refused
 //!   with the reason that no backend is ready.
-//! - A cluster IP takes backends of its own family only (the slice's
+//! - A virtual IP takes backends of its own family only (the slice's
 //!   `addressType`); FQDN slices are not read.
 //!
 //! This module never talks to the API server; odd objects (an unparseable
 //! IP, a port out of range) lose the odd part and never panic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::Service as KubeService;
@@ -36,10 +68,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use trellis_proto::discovery::v1::Service;
 
+use super::objects::object_key;
+
 /// The label that names the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The address family of a cluster IP or of an EndpointSlice.
+/// The address family of a virtual IP or of an EndpointSlice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Family {
     V4,
@@ -70,15 +104,18 @@ pub struct NamedPort {
     pub port: u16,
 }
 
-/// What a Service with cluster IPs contributes: its virtual addresses.
-/// Both lists are sorted and without duplicates.
+/// What a Service contributes: the addresses a caller in the cluster may
+/// dial for it. Both lists are sorted and without duplicates.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterIpService {
-    pub cluster_ips: Vec<IpAddr>,
+pub struct VirtualIps {
+    /// Cluster IPs, external IPs and load-balancer IPs.
+    pub ips: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,
+    /// `sessionAffinity: ClientIP`.
+    pub client_affinity: bool,
 }
 
-/// What an EndpointSlice contributes: ready backends of one Service in one
+/// What an EndpointSlice contributes: the endpoints of one Service in one
 /// address family, at its (resolved) target ports. Lists are sorted and
 /// without duplicates.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,31 +124,66 @@ pub struct SliceBackends {
     pub service: String,
     pub family: Family,
     pub ports: Vec<NamedPort>,
-    /// The addresses of the endpoints that are ready.
+    /// The addresses of the endpoints that are ready: the backends.
     pub ready: Vec<IpAddr>,
+    /// The addresses of the endpoints that are not (starting, failing a
+    /// probe, terminating): no backends, but they tell whether the Service
+    /// is in the mesh.
+    pub not_ready: Vec<IpAddr>,
 }
 
-/// The virtual addresses of a Service: `None` for a headless Service
-/// (`clusterIP: None`), an ExternalName one, one without a cluster IP, or
-/// one without TCP ports, none of which a sidecar can see as a destination.
-pub fn cluster_ip_service(service: &KubeService) -> Option<ClusterIpService> {
+impl SliceBackends {
+    fn endpoints(&self) -> impl Iterator<Item = &IpAddr> {
+        self.ready.iter().chain(&self.not_ready)
+    }
+}
+
+/// The virtual IPs of a Service: `None` for a headless Service
+/// (`clusterIP: None`), an ExternalName one, one without a cluster IP, one
+/// without TCP ports, none of which a sidecar can see as a destination, and
+/// one with `internalTrafficPolicy: Local`, which a sidecar cannot honour.
+pub fn virtual_ips(service: &KubeService) -> Option<VirtualIps> {
     let spec = service.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
     // `clusterIPs` (dual-stack) holds `clusterIP` first; older objects only
     // have `clusterIP`.
-    let ips: Vec<&String> = match spec.cluster_ips.as_deref() {
+    let cluster_ips: Vec<&String> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().collect(),
         _ => spec.cluster_ip.iter().collect(),
     };
-    let mut cluster_ips: Vec<IpAddr> = ips
+    let mut ips: Vec<IpAddr> = cluster_ips
         .into_iter()
         // "None" (headless) and "" (not allocated) do not parse.
         .filter_map(|ip| ip.parse().ok())
         .collect();
-    cluster_ips.sort();
-    cluster_ips.dedup();
+    let families: Vec<Family> = ips.iter().map(Family::of).collect();
+    let external = spec.external_ips.iter().flatten().map(String::as_str);
+    // Callers the ranges leave out are dropped by kube-proxy, which the
+    // sidecar cannot tell apart.
+    let filtered = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|ranges| !ranges.is_empty());
+    let load_balancer = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|_| !filtered)
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ingress| ingress.ip.as_deref());
+    ips.extend(
+        external
+            .chain(load_balancer)
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .filter(|ip| families.contains(&Family::of(ip))),
+    );
+    ips.sort();
+    ips.dedup();
     let mut ports: Vec<NamedPort> = spec
         .ports
         .iter()
@@ -121,13 +193,27 @@ pub fn cluster_ip_service(service: &KubeService) -> Option<ClusterIpService> {
         .collect();
     ports.sort();
     ports.dedup();
-    (!cluster_ips.is_empty() && !ports.is_empty())
-        .then_some(ClusterIpService { cluster_ips, ports })
+    if ips.is_empty() || ports.is_empty() {
+        return None;
+    }
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        tracing::debug!(
+            service = %object_key(service),
+            "Service not published: internalTrafficPolicy Local needs the caller's node, \
+             which a sidecar does not know; kube-proxy keeps handling it"
+        );
+        return None;
+    }
+    Some(VirtualIps {
+        ips,
+        ports,
+        client_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+    })
 }
 
-/// The ready backends an EndpointSlice lists: `None` for a slice that names
-/// no Service (label `kubernetes.io/service-name`), an FQDN slice, or one
-/// without a TCP port or a ready endpoint, none of which adds a backend.
+/// The endpoints an EndpointSlice lists: `None` for a slice that names no
+/// Service (label `kubernetes.io/service-name`), an FQDN slice, or one
+/// without an endpoint address of its family.
 pub fn slice_backends(slice: &EndpointSlice) -> Option<SliceBackends> {
     let service = slice
         .labels()
@@ -149,18 +235,23 @@ pub fn slice_backends(slice: &EndpointSlice) -> Option<SliceBackends> {
         .collect();
     ports.sort();
     ports.dedup();
-    let mut ready: Vec<IpAddr> = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .flat_map(|e| &e.addresses)
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .filter(|ip| Family::of(ip) == family)
-        .collect();
-    ready.sort();
-    ready.dedup();
-    if ports.is_empty() || ready.is_empty() {
+    let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
+    for endpoint in slice.endpoints.iter().flatten() {
+        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+        let list = if is_ready { &mut ready } else { &mut not_ready };
+        list.extend(
+            endpoint
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .filter(|ip| Family::of(ip) == family),
+        );
+    }
+    for list in [&mut ready, &mut not_ready] {
+        list.sort();
+        list.dedup();
+    }
+    if ready.is_empty() && not_ready.is_empty() {
         return None;
     }
     Some(SliceBackends {
@@ -168,6 +259,7 @@ pub fn slice_backends(slice: &EndpointSlice) -> Option<SliceBackends> {
         family,
         ports,
         ready,
+        not_ready,
     })
 }
 
@@ -183,19 +275,23 @@ fn named_port(name: Option<&str>, port: Option<i32>) -> Option<NamedPort> {
     })
 }
 
-/// One [`Service`] per cluster IP and port of every Service in `services`
-/// (`namespace/name` and what it contributes), with the ready backends the
-/// `slices` of that Service list for the port's name in the IP's family,
-/// sorted; a port no slice serves has none (a sidecar then refuses the call
-/// and says why). The list is ordered by address, one entry per address:
-/// the API server never gives two Services one cluster IP, and should two
-/// objects claim one anyway, the first by name is kept.
+/// One [`Service`] per virtual IP and port of every Service in `services`
+/// (`namespace/name` and what it contributes) that is in the mesh: one of
+/// the endpoints its `slices` list, ready or not, has an IP in `mesh` (the
+/// IPs of the mesh endpoints). Each gets the ready backends the slices of
+/// that Service list for the port's name in the IP's family, sorted; a port
+/// no slice serves has none (a sidecar then refuses the call and says why).
+/// The list is ordered by address, one entry per address: should two
+/// Services claim one (the API server never gives two Services one cluster
+/// IP, but external and load-balancer IPs are not checked), the first by
+/// name is kept.
 ///
 /// The work is linear in the objects (plus sorting), as for Pods: slices
 /// are grouped by Service once, not searched per port.
 pub fn virtual_services<'a>(
-    services: impl Iterator<Item = (&'a str, &'a ClusterIpService)>,
+    services: impl Iterator<Item = (&'a str, &'a VirtualIps)>,
     slices: impl Iterator<Item = &'a SliceBackends>,
+    mesh: &HashSet<IpAddr>,
 ) -> Vec<Service> {
     let mut by_service: BTreeMap<&str, Vec<&SliceBackends>> = BTreeMap::new();
     for slice in slices {
@@ -207,8 +303,15 @@ pub fn virtual_services<'a>(
     let mut out = Vec::new();
     for (name, service) in services {
         let slices = by_service.get(name).map_or(&[][..], Vec::as_slice);
+        let meshed = slices
+            .iter()
+            .flat_map(|s| s.endpoints())
+            .any(|ip| mesh.contains(ip));
+        if !meshed {
+            continue;
+        }
         for port in &service.ports {
-            for ip in &service.cluster_ips {
+            for ip in &service.ips {
                 let family = Family::of(ip);
                 let mut backends: Vec<SocketAddr> = slices
                     .iter()
@@ -226,7 +329,7 @@ pub fn virtual_services<'a>(
                     address: SocketAddr::new(*ip, port.port).to_string(),
                     name: name.to_owned(),
                     backends: backends.iter().map(ToString::to_string).collect(),
-                    client_affinity: false,
+                    client_affinity: service.client_affinity,
                 });
             }
         }
@@ -239,7 +342,7 @@ pub fn virtual_services<'a>(
                 address = %kept.address,
                 kept = %kept.name,
                 left_out = %later.name,
-                "two Services claim one cluster IP and port; only one is published"
+                "two Services claim one address and port; only one is published"
             );
         }
         shared
@@ -254,11 +357,16 @@ mod tests {
     use super::*;
 
     fn service(spec: Value) -> KubeService {
+        service_with_status(spec, json!({"loadBalancer": {}}))
+    }
+
+    fn service_with_status(spec: Value, status: Value) -> KubeService {
         serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": "api", "namespace": "shop", "resourceVersion": "4100"},
             "spec": spec,
+            "status": status,
         }))
         .unwrap()
     }
@@ -303,62 +411,126 @@ mod tests {
                 {"name": "grpc", "port": 9090, "targetPort": "rpc"},
                 {"name": "stats", "port": 8125, "targetPort": 8125, "protocol": "UDP"},
             ],
+            "sessionAffinity": "None",
+            "internalTrafficPolicy": "Cluster",
         }))
     }
 
     #[test]
     fn a_dual_stack_service_is_its_cluster_ips_and_tcp_ports() {
-        let converted = cluster_ip_service(&dual_stack_api()).unwrap();
-        assert_eq!(
-            converted.cluster_ips,
-            ips(&["10.96.14.2", "fd00:10:96::e02"])
-        );
+        let converted = virtual_ips(&dual_stack_api()).unwrap();
+        assert_eq!(converted.ips, ips(&["10.96.14.2", "fd00:10:96::e02"]));
         assert_eq!(converted.ports, [port("grpc", 9090), port("http", 8080)]);
+        assert!(!converted.client_affinity);
     }
 
     #[test]
     fn an_older_service_with_only_a_cluster_ip_is_read_from_it() {
-        let converted = cluster_ip_service(&service(json!({
+        let converted = virtual_ips(&service(json!({
             "clusterIP": "10.96.0.10",
             "ports": [{"port": 53, "protocol": "UDP"}, {"port": 9153}],
         })))
         .unwrap();
-        assert_eq!(converted.cluster_ips, ips(&["10.96.0.10"]));
+        assert_eq!(converted.ips, ips(&["10.96.0.10"]));
         assert_eq!(converted.ports, [port("", 9153)], "no protocol is TCP");
+    }
+
+    #[test]
+    fn session_affinity_client_ip_asks_for_client_affinity() {
+        let converted = virtual_ips(&service(json!({
+            "clusterIP": "10.96.0.12",
+            "ports": [{"port": 80}],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}},
+        })))
+        .unwrap();
+        assert!(converted.client_affinity);
+    }
+
+    /// A LoadBalancer Service as a cloud (or MetalLB) leaves it: external
+    /// IPs of both families on a single-stack IPv4 Service, an ingress IP
+    /// and an ingress hostname.
+    #[test]
+    fn external_and_load_balancer_ips_of_the_services_family_are_virtual_ips() {
+        let spec = json!({
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.200.5",
+            "clusterIPs": ["10.96.200.5"],
+            "ipFamilies": ["IPv4"],
+            "externalIPs": ["198.51.100.7", "2001:db8::7", "not-an-ip", "10.96.200.5"],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 31380}],
+        });
+        let status = json!({"loadBalancer": {"ingress": [
+            {"ip": "172.18.255.200", "ipMode": "VIP"},
+            {"ip": "172.18.255.201"},
+            {"ip": "172.18.255.202", "ipMode": "Proxy"},
+            {"hostname": "storefront.example.com"},
+        ]}});
+        let converted = virtual_ips(&service_with_status(spec.clone(), status.clone())).unwrap();
+        assert_eq!(
+            converted.ips,
+            ips(&[
+                "10.96.200.5",
+                "172.18.255.200",
+                "172.18.255.201",
+                "198.51.100.7"
+            ]),
+            "an IP of the other family, a hostname and an ingress the load balancer \
+             must see (ipMode Proxy) are left out"
+        );
+        assert_eq!(converted.ports, [port("http", 80)], "node ports are not");
+
+        let mut ranged = spec;
+        ranged["loadBalancerSourceRanges"] = json!(["203.0.113.0/24"]);
+        let converted = virtual_ips(&service_with_status(ranged, status)).unwrap();
+        assert_eq!(
+            converted.ips,
+            ips(&["10.96.200.5", "198.51.100.7"]),
+            "kube-proxy filters callers of the load-balancer IPs by source"
+        );
+    }
+
+    #[test]
+    fn a_service_with_internal_traffic_policy_local_is_not_published() {
+        let mut local = dual_stack_api();
+        local.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        assert_eq!(virtual_ips(&local), None);
     }
 
     #[test]
     fn headless_external_name_and_odd_services_are_no_virtual_address() {
         let headless = service(json!({
             "clusterIP": "None", "clusterIPs": ["None"], "selector": {"app": "db"},
+            "externalIPs": ["198.51.100.8"],
             "ports": [{"name": "pg", "port": 5432}],
         }));
-        assert_eq!(cluster_ip_service(&headless), None);
+        assert_eq!(virtual_ips(&headless), None);
         let external = service(json!({
             "type": "ExternalName", "externalName": "db.example.com",
             "ports": [{"port": 5432}],
         }));
-        assert_eq!(cluster_ip_service(&external), None);
+        assert_eq!(virtual_ips(&external), None);
         let unallocated = service(json!({"clusterIP": "", "ports": [{"port": 80}]}));
-        assert_eq!(cluster_ip_service(&unallocated), None);
+        assert_eq!(virtual_ips(&unallocated), None);
         let udp_only = service(json!({"clusterIP": "10.96.0.10",
                                       "ports": [{"port": 53, "protocol": "UDP"}]}));
-        assert_eq!(cluster_ip_service(&udp_only), None);
+        assert_eq!(virtual_ips(&udp_only), None);
         let odd = service(json!({"clusterIPs": ["10.96.0.300", "10.96.0.11"],
                                  "ports": [{"port": 70000}, {"port": 0}, {"port": 80}]}));
         assert_eq!(
-            cluster_ip_service(&odd),
-            Some(ClusterIpService {
-                cluster_ips: ips(&["10.96.0.11"]),
+            virtual_ips(&odd),
+            Some(VirtualIps {
+                ips: ips(&["10.96.0.11"]),
                 ports: vec![port("", 80)],
+                client_affinity: false,
             }),
             "the odd parts are dropped, the rest kept"
         );
-        assert_eq!(cluster_ip_service(&KubeService::default()), None);
+        assert_eq!(virtual_ips(&KubeService::default()), None);
     }
 
     #[test]
-    fn a_slice_lists_ready_and_unset_ready_endpoints_only() {
+    fn a_slice_lists_ready_and_unset_ready_endpoints_as_backends() {
         let slice = slice(
             "api-x7k2p",
             "IPv4",
@@ -382,10 +554,11 @@ mod tests {
             ips(&["10.244.2.9", "10.244.3.5", "10.244.3.6"]),
             "not ready (terminating included), unparseable and the other family are left out"
         );
+        assert_eq!(backends.not_ready, ips(&["10.244.1.40", "10.244.1.41"]));
     }
 
     #[test]
-    fn slices_that_add_no_backend_are_left_out() {
+    fn slices_without_endpoints_are_left_out() {
         let ready = json!([{"addresses": ["10.244.2.9"]}]);
         let http = json!([{"name": "http", "port": 8080}]);
         let mut unlabelled = slice("api-1", "IPv4", http.clone(), ready.clone());
@@ -398,16 +571,28 @@ mod tests {
             json!([{"addresses": ["db.example.com"]}]),
         );
         assert_eq!(slice_backends(&fqdn), None);
-        let all_ports = slice("api-3", "IPv4", json!([{"name": ""}]), ready.clone());
-        assert_eq!(slice_backends(&all_ports), None);
+        let placeholder = slice("api-3", "IPv4", Value::Null, Value::Null);
+        assert_eq!(slice_backends(&placeholder), None);
+        assert_eq!(slice_backends(&EndpointSlice::default()), None);
+
+        // Slices whose endpoints give no backend still say which pods stand
+        // behind the Service.
+        let all_ports = slice("api-4", "IPv4", json!([{"name": ""}]), ready);
+        let all_ports = slice_backends(&all_ports).unwrap();
+        assert_eq!(
+            (all_ports.ports.len(), all_ports.ready.len()),
+            (0, 1),
+            "a port without a number is no address to dial"
+        );
         let none_ready = slice(
-            "api-4",
+            "api-5",
             "IPv4",
             http,
             json!([{"addresses": ["10.244.2.9"], "conditions": {"ready": false}}]),
         );
-        assert_eq!(slice_backends(&none_ready), None);
-        assert_eq!(slice_backends(&EndpointSlice::default()), None);
+        let none_ready = slice_backends(&none_ready).unwrap();
+        assert!(none_ready.ready.is_empty());
+        assert_eq!(none_ready.not_ready, ips(&["10.244.2.9"]));
     }
 
     fn backends(
@@ -421,7 +606,12 @@ mod tests {
             family,
             ports: ports.iter().map(|(n, p)| port(n, *p)).collect(),
             ready: ips(ready),
+            not_ready: Vec::new(),
         }
+    }
+
+    fn mesh(list: &[&str]) -> HashSet<IpAddr> {
+        ips(list).into_iter().collect()
     }
 
     fn entries(services: &[Service]) -> Vec<(&str, &str, Vec<&str>)> {
@@ -435,14 +625,17 @@ mod tests {
     }
 
     #[test]
-    fn each_cluster_ip_and_port_gets_the_ready_backends_of_its_family_and_port_name() {
-        let api = cluster_ip_service(&dual_stack_api()).unwrap();
-        let web = ClusterIpService {
-            cluster_ips: ips(&["10.96.30.7"]),
+    fn each_virtual_ip_and_port_gets_the_ready_backends_of_its_family_and_port_name() {
+        let api = virtual_ips(&dual_stack_api()).unwrap();
+        let web = VirtualIps {
+            ips: ips(&["10.96.30.7", "198.51.100.7"]),
             ports: vec![port("", 80)],
+            client_affinity: true,
         };
         // The targetPorts "web" and "rpc" were resolved by the controller:
         // 8080 and 9000 on one set of pods, 8081 on a second slice's pod.
+        let mut starting = backends("shop/web", Family::V4, &[("", 8080)], &[]);
+        starting.not_ready = ips(&["10.244.5.5"]);
         let slices = [
             backends(
                 "shop/api",
@@ -463,10 +656,12 @@ mod tests {
                 &["fd00:10:244:2::9"],
             ),
             backends("other/api", Family::V4, &[("http", 7000)], &["10.244.9.9"]),
+            starting,
         ];
         let joined = virtual_services(
             [("shop/api", &api), ("shop/web", &web)].into_iter(),
             slices.iter(),
+            &mesh(&["10.244.2.9", "10.244.5.5", "10.244.9.9"]),
         );
         assert_eq!(
             entries(&joined),
@@ -478,6 +673,7 @@ mod tests {
                 ),
                 ("10.96.14.2:9090", "shop/api", vec!["10.244.2.9:9000"]),
                 ("10.96.30.7:80", "shop/web", vec![]),
+                ("198.51.100.7:80", "shop/web", vec![]),
                 (
                     "[fd00:10:96::e02]:8080",
                     "shop/api",
@@ -485,20 +681,77 @@ mod tests {
                 ),
                 ("[fd00:10:96::e02]:9090", "shop/api", vec![]),
             ],
-            "a Service without slices, or a port no slice of the family serves, has no backends"
+            "a Service whose endpoints are not ready, or a port no slice of the family \
+             serves, has no backends"
         );
+        let affinity: Vec<_> = joined.iter().map(|s| s.client_affinity).collect();
+        assert_eq!(affinity, [false, false, true, true, false, false]);
+    }
+
+    #[test]
+    fn only_services_with_a_mesh_endpoint_are_published() {
+        let one_port = |ip: &str| VirtualIps {
+            ips: ips(&[ip]),
+            ports: vec![port("", 80)],
+            client_affinity: false,
+        };
+        let (mixed, unmeshed, empty) = (
+            one_port("10.96.0.1"),
+            one_port("10.96.0.2"),
+            one_port("10.96.0.3"),
+        );
+        let slices = [
+            backends(
+                "shop/mixed",
+                Family::V4,
+                &[("", 8080)],
+                &["10.244.1.1", "10.244.7.7"],
+            ),
+            backends(
+                "kube-system/unmeshed",
+                Family::V4,
+                &[("", 53)],
+                &["10.244.0.3"],
+            ),
+        ];
+        let services = [
+            ("kube-system/unmeshed", &unmeshed),
+            ("shop/empty", &empty),
+            ("shop/mixed", &mixed),
+        ];
+        let joined = virtual_services(services.into_iter(), slices.iter(), &mesh(&["10.244.1.1"]));
+        assert_eq!(
+            entries(&joined),
+            [(
+                "10.96.0.1:80",
+                "shop/mixed",
+                vec!["10.244.1.1:8080", "10.244.7.7:8080"]
+            )],
+            "a Service with a mesh endpoint keeps its other backends; one without \
+             (no sidecar behind it, or no endpoint at all) is not published"
+        );
+        assert!(virtual_services(services.into_iter(), slices.iter(), &HashSet::new()).is_empty());
     }
 
     #[test]
     fn two_services_claiming_one_address_publish_one() {
-        let one = ClusterIpService {
-            cluster_ips: ips(&["10.96.0.5"]),
+        let one = VirtualIps {
+            ips: ips(&["198.51.100.5"]),
             ports: vec![port("", 80)],
+            client_affinity: false,
         };
+        let slices = [
+            backends("a/first", Family::V4, &[("", 80)], &["10.244.1.1"]),
+            backends("b/second", Family::V4, &[("", 80)], &["10.244.1.2"]),
+        ];
         let joined = virtual_services(
             [("b/second", &one), ("a/first", &one)].into_iter(),
-            std::iter::empty(),
+            slices.iter(),
+            &mesh(&["10.244.1.1", "10.244.1.2"]),
         );
-        assert_eq!(entries(&joined), [("10.96.0.5:80", "a/first", vec![])]);
+        assert_eq!(
+            entries(&joined),
+            [("198.51.100.5:80", "a/first", vec!["10.244.1.1:80"])]
+        );
     }
 }
