@@ -454,6 +454,21 @@ impl Mesh {
         }
     }
 
+    /// Like [`Mesh::restart_control_plane`], with `args` in place of the
+    /// extra arguments it ran with ([`MeshBuilder::arg`]), for this start
+    /// and the later ones: an operator restarting it with another CA, say.
+    pub async fn restart_control_plane_with_args<I, S>(&mut self, args: I) -> anyhow::Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.control_plane.settings.args = args
+            .into_iter()
+            .map(|arg| arg.as_ref().to_owned())
+            .collect();
+        self.restart_control_plane().await
+    }
+
     /// Runs `trellisctl --control-plane ADDR --state-dir DIR <args>` and
     /// returns its stdout; fails with its stderr unless it exits 0.
     pub async fn ctl<I, S>(&self, args: I) -> anyhow::Result<String>
