@@ -31,6 +31,41 @@ use crate::tls::SvidResolver;
 /// The DER roots of the trust domain, shared by every reader.
 pub type TrustBundle = Arc<Vec<CertificateDer<'static>>>;
 
+/// Puts `roots` in force on `tx` and logs the change with each root's
+/// subject and expiry (public parts only), so an operator rotating the
+/// root sees when a sidecar took the new bundle. `from` says what brought
+/// it (`certify` or `snapshot`).
+pub fn publish_bundle(
+    tx: &watch::Sender<TrustBundle>,
+    roots: Vec<CertificateDer<'static>>,
+    from: &'static str,
+) {
+    tracing::info!(
+        from,
+        roots = roots.len(),
+        bundle = %describe_roots(&roots),
+        "trust bundle updated"
+    );
+    tx.send_replace(Arc::new(roots));
+}
+
+/// `subject (until YYYY-MM-DD); ...` for each root, for logs.
+fn describe_roots(roots: &[CertificateDer<'static>]) -> String {
+    roots
+        .iter()
+        .map(
+            |der| match x509_parser::parse_x509_certificate(der.as_ref()) {
+                Ok((_, cert)) => {
+                    let until = cert.validity().not_after.to_datetime().date();
+                    format!("{} (until {until})", cert.subject())
+                }
+                Err(_) => "unparsable certificate".to_string(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// A certificate this sidecar holds with its key.
 pub struct Svid {
     pub id: SpiffeId,
@@ -303,9 +338,7 @@ pub async fn run(
                     // the sidecar off until a restart. Keep the current
                     // one, as a snapshot carrying such a bundle is refused.
                     match trellis_core::tls::root_store(&new_bundle) {
-                        Ok(_) => {
-                            bundle_tx.send_replace(Arc::new(new_bundle));
-                        }
+                        Ok(_) => publish_bundle(&bundle_tx, new_bundle, "certify"),
                         Err(e) => tracing::warn!(
                             error = %e,
                             "the trust bundle the control plane sent with the certificate is not usable; keeping the current one"

@@ -258,8 +258,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
         "snapshot applied"
     );
     if !snapshot.trust_bundle.is_empty() && **out.bundle.borrow() != snapshot.trust_bundle {
-        out.bundle
-            .send_replace(Arc::new(snapshot.trust_bundle.clone()));
+        identity::publish_bundle(&out.bundle, snapshot.trust_bundle.clone(), "snapshot");
     }
     out.metrics.snapshot_version.set(version);
     if policies_changed {

@@ -253,6 +253,15 @@ async fn rotate(pair: &mut Pair, old: &Root, new: &Root) -> anyhow::Result<u32> 
         "bundle.pem should hold the old and the new root"
     );
     wait_for_bundle_size(pair, 2).await?;
+    for sidecar in [&pair.client, &pair.server] {
+        let log = sidecar.log();
+        anyhow::ensure!(
+            log.lines()
+                .any(|l| l.contains("trust bundle updated") && l.contains("roots=2")),
+            "sidecar {} should log that it took the two-root bundle",
+            sidecar.name()
+        );
+    }
     http::get(route, "/").await?.success()?;
 
     // 2. The new root signs; the old one is still trusted while the
