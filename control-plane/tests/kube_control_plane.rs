@@ -38,25 +38,7 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     let fake = recorded_cluster().await;
     fake.set_secret(Some(fixture_json("store/secret-empty.json")));
-    let flags: Vec<String> = [
-        "--store",
-        "kubernetes",
-        "--ca-secret",
-        CA_SECRET,
-        "--namespace",
-        CA_NAMESPACE,
-        "--identity-provider",
-        "kubernetes",
-        "--kube-api",
-        &fake.url(),
-        "--kube-ca",
-        &fake.ca().display().to_string(),
-        "--kube-token-file",
-        &fake.token_file().display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let flags = fake.control_plane_flags();
     let cp = tokio::task::spawn_blocking(move || {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         ControlPlane::start(&flags)

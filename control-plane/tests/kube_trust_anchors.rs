@@ -8,7 +8,7 @@ mod kube_api;
 
 use base64::Engine as _;
 use common::{ControlPlane, csr_for, p256};
-use kube_api::{CA_NAMESPACE, CA_SECRET, fixture_json, recorded_cluster};
+use kube_api::{fixture_json, recorded_cluster};
 use serde_json::json;
 use trellis_control_plane::ca::CertificateAuthority;
 use trellis_core::TrustDomain;
@@ -34,27 +34,8 @@ async fn trust_anchors_join_the_root_of_the_ca_secret() {
     let anchors = dir.path().join("trust-anchors.pem");
     std::fs::write(&anchors, format!("{secret_cert}{next_cert}")).unwrap();
 
-    let flags: Vec<String> = [
-        "--store",
-        "kubernetes",
-        "--ca-secret",
-        CA_SECRET,
-        "--namespace",
-        CA_NAMESPACE,
-        "--identity-provider",
-        "kubernetes",
-        "--kube-api",
-        &fake.url(),
-        "--kube-ca",
-        &fake.ca().display().to_string(),
-        "--kube-token-file",
-        &fake.token_file().display().to_string(),
-        "--trust-anchors",
-        &anchors.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut flags = fake.control_plane_flags();
+    flags.extend(["--trust-anchors".into(), anchors.display().to_string()]);
     let cp = tokio::task::spawn_blocking(move || {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         ControlPlane::start(&flags)

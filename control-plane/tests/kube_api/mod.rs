@@ -178,6 +178,31 @@ impl FakeKube {
         state.reviews.insert(token.to_owned(), review);
     }
 
+    /// The flags that run `trellis-control-plane` on the Kubernetes store
+    /// against this stand-in: store, identity provider, API address, CA and
+    /// token, and the CA Secret.
+    pub fn control_plane_flags(&self) -> Vec<String> {
+        [
+            "--store",
+            "kubernetes",
+            "--ca-secret",
+            CA_SECRET,
+            "--namespace",
+            CA_NAMESPACE,
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            &self.url(),
+            "--kube-ca",
+            &self.ca().display().to_string(),
+            "--kube-token-file",
+            &self.token_file().display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
     pub fn set_secret(&self, secret: Option<Value>) {
         self.state.lock().unwrap().secret = secret;
     }

@@ -31,9 +31,7 @@ use trellis_tests::netns::{Credential, Lab, NetnsRuntime};
 use crate::cluster::{
     APP_PORT, B_GREETING, Cluster, SOON, Setup, assert_only_tls_toward, counted, skipped,
 };
-use crate::kube_api::{
-    CA_NAMESPACE, CA_SECRET, ENDPOINT_SLICES, FakeKube, PODS, POLICIES, RATE_LIMITS, SERVICES,
-};
+use crate::kube_api::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, RATE_LIMITS, SERVICES};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -256,27 +254,9 @@ async fn service_cluster() -> ServiceCluster {
         )],
     );
 
-    let url = kube.url();
-    let ca = kube.ca().display().to_string();
-    let token = kube.token_file().display().to_string();
-    let flags = [
-        "--store",
-        "kubernetes",
-        "--identity-provider",
-        "kubernetes",
-        "--kube-api",
-        &url,
-        "--kube-ca",
-        &ca,
-        "--kube-token-file",
-        &token,
-        "--ca-secret",
-        CA_SECRET,
-        "--namespace",
-        CA_NAMESPACE,
-        "--default-policy",
-        "allow-mesh",
-    ];
+    let mut flags = kube.control_plane_flags();
+    flags.extend(["--default-policy".into(), "allow-mesh".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let credential = |identity: &str, token: &str| Credential::ServiceAccountToken {
         identity: identity.into(),
         token: token.into(),
