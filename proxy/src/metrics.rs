@@ -107,7 +107,15 @@ pub struct Metrics {
     /// `trellis_tls_handshakes_total`, resolved once:
     /// `[inbound, outbound][full, resumed][KX_GROUP_VALUES]`.
     handshakes: [[[Counter; KX_GROUP_VALUES.len()]; 2]; 2],
+    /// `trellis_service_connect_retries_total`, resolved once:
+    /// `[CONNECT_FAILURES]`.
+    service_retries: [Counter; CONNECT_FAILURES.len()],
 }
+
+/// The `reason` label values of `trellis_service_connect_retries_total`:
+/// why connecting to a Service's backend failed (see
+/// [`crate::net::connect_failure_reason`]).
+pub const CONNECT_FAILURES: [&str; 5] = ["refused", "unreachable", "timeout", "reset", "other"];
 
 /// The `group` label values of `trellis_tls_handshakes_total`: the key
 /// exchange of the handshake: the hybrid, X25519 alone, or any other.
@@ -258,9 +266,20 @@ impl Metrics {
                 })
             })
         });
+        let retries_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "trellis_service_connect_retries",
+            "Calls to a Service sent on to another of its backends because connecting to \
+             the one tried failed (before any byte of the app's was sent), by why \
+             (refused, unreachable, timeout, reset, other)",
+            retries_family.clone(),
+        );
+        let service_retries = CONNECT_FAILURES
+            .map(|reason| retries_family.get_or_create(&[("reason", reason)]).clone());
         Metrics {
             alpn,
             handshakes,
+            service_retries,
             requests,
             request_duration,
             rate_limited,
@@ -294,7 +313,10 @@ impl Metrics {
     /// [`NO_BACKEND`] (a service with no ready backend),
     /// [`NO_MESH_BACKEND`] (a service whose ready backends are all outside
     /// the mesh, under outbound `deny`; a service with some in the mesh
-    /// only ever sends calls to those), `loop`, `connect_failed`, `error`.
+    /// only ever sends calls to those), `loop`, `connect_failed` (plain
+    /// TCP), `error`. A call to a service counts once, by its last
+    /// backend: the ones it could not connect to before count in
+    /// [`Metrics::service_retry`].
     pub fn connection(&self, direction: &'static str, outcome: &'static str) {
         let hot = self.hot(direction).and_then(|hot| match outcome {
             FORWARDED => Some(&hot.forwarded),
@@ -376,6 +398,18 @@ impl Metrics {
         self.handshakes[direction][usize::from(resumed)][group].inc();
     }
 
+    /// Counts a call to a service that went on to another backend because
+    /// connecting to one failed, `reason` being one of
+    /// [`CONNECT_FAILURES`] (any other counts as `other`). No lock: every
+    /// series was resolved up front.
+    pub fn service_retry(&self, reason: &'static str) {
+        let index = CONNECT_FAILURES
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(CONNECT_FAILURES.len() - 1);
+        self.service_retries[index].inc();
+    }
+
     /// The `trellis_rate_limited_total` series of `policy`, resolved when
     /// limits are compiled (the family map takes a lock).
     pub fn rate_limited_counter(&self, policy: &Arc<str>) -> Counter {
@@ -445,6 +479,7 @@ mod tests {
             "trellis_snapshot_version 0",
             "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
+            "trellis_service_connect_retries_total{reason=\"refused\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -98,6 +98,18 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStre
     Ok(stream)
 }
 
+/// Why a [`connect`] failed, as a `reason` label of
+/// [`CONNECT_FAILURES`](crate::metrics::CONNECT_FAILURES).
+pub fn connect_failure_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused",
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
+        io::ErrorKind::TimedOut => "timeout",
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "reset",
+        _ => "other",
+    }
+}
+
 /// Copies both ways until both sides are done; an EOF on one side is passed
 /// on as a half-close (shutdown of the write side) of the other. Returns
 /// the bytes moved as (a to b, b to a). The first error ends both ways.

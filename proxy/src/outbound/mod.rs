@@ -27,6 +27,21 @@
 //! never dialled. Log lines of a call to a service name it (`service`,
 //! `dst` the virtual address, `backend`).
 //!
+//! A pod that died stays among its service's backends until its
+//! EndpointSlice is updated. A call to a service whose backend cannot be
+//! connected to (refused, unreachable, reset, or no answer within
+//! [`net::CONNECT_TIMEOUT`]) goes on to another candidate it has not tried
+//! (`target::retry`; with client affinity too, the affinity choosing only
+//! the first), up to [`MAX_BACKENDS`] in all, and is refused as before
+//! when none could be connected to, the log naming the backends `tried`.
+//! Nothing of the app's has left while no connection exists; once one
+//! does, nothing is retried: a handshake that fails (a peer that is not
+//! who the mesh says) is a refusal, never a reason to look elsewhere. A
+//! direct destination and a route are never retried. Each backend given
+//! up is logged at debug level and counted in
+//! `trellis_service_connect_retries_total{reason}`; a call counts once in
+//! `trellis_connections_total`, by its last attempt.
+//!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
 //! opaque TCP); it never parses or changes the bytes themselves. A port
@@ -39,6 +54,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -221,93 +237,103 @@ async fn handshake(
     }
 }
 
-/// Dials the mesh peer and copies bytes until both sides close. The app's
-/// first bytes (or its silence, for a server-first protocol) choose the
-/// ALPN offered, so the peer can serve HTTP without looking at the bytes.
-/// An `opaque` connection (see [`Target::Mesh`]) is never looked at, so a
-/// server-first protocol there (MySQL, SMTP) does not wait for detection.
-/// `service` is the service the app called, when `remote` is its backend.
-async fn forward_mesh<R>(
-    shared: &Shared,
-    local: TcpStream,
+/// The mesh peer a connection is dialled to, and how it was chosen: what
+/// the log lines of the connection name.
+#[derive(Clone, Copy)]
+struct Upstream<'a, R> {
     remote: R,
-    expected: &SpiffeId,
+    expected: &'a SpiffeId,
+    /// `route`, `transparent` or `service`.
     via: &'static str,
-    service: Option<ServiceCall<'_>>,
-    opaque: bool,
-) where
-    R: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
-{
-    let metrics = &shared.metrics;
-    let detected = if opaque {
-        Ok((Protocol::Opaque, http::Rewind::new(local)))
-    } else {
-        http::detect(local).await
-    };
-    let (protocol, local) = match detected {
-        Ok(detected) => detected,
+    /// The service the app called, when `remote` is its backend.
+    service: Option<ServiceCall<'a>>,
+}
+
+/// Runs the HTTP detector on the app's first bytes, which (or whose
+/// silence, for a server-first protocol) choose the ALPN offered to `to`
+/// so the peer can serve HTTP without looking at the bytes; returns the
+/// protocol and the bytes read. `None` (logged and
+/// counted) when the app ended the connection first.
+async fn detect<R: std::fmt::Display>(
+    metrics: &Metrics,
+    local: &mut TcpStream,
+    to: &Upstream<'_, R>,
+) -> Option<(Protocol, BytesMut)> {
+    match http::detect(local).await {
+        Ok((protocol, local)) => Some((protocol, local.into_parts().0)),
         Err(e) => {
-            tracing::debug!(remote = %remote, service = service.map(|s| s.name), error = %e, "outbound connection ended before its protocol was known");
+            tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended before its protocol was known");
             metrics.connection(OUTBOUND, "error");
-            return;
+            None
         }
-    };
-    // From here the copy runs on the app's socket itself: what detection
-    // read is written once, ahead of it.
-    let (prefix, mut local) = local.into_parts();
-    // Boxed, so the handshake's state is freed once it is over instead of
-    // sizing this connection's task for as long as it is open.
-    let mut upstream = match Box::pin(dial_mesh(shared, remote, expected, protocol, &prefix)).await
-    {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            let reason = e.reason();
-            tracing::warn!(
-                remote = %remote,
-                expected = %expected,
-                via = %via,
-                service = service.map(|s| s.name),
-                dst = service.map(|s| tracing::field::display(s.dst)),
-                reason = %reason,
-                error = %e,
-                "outbound connection refused"
-            );
-            if matches!(
-                e,
-                DialError::Handshake(_) | DialError::Timeout | DialError::NoCertificate
-            ) {
-                metrics.handshake_failure(OUTBOUND, reason);
-            }
-            metrics.connection(OUTBOUND, "refused");
-            return;
-        }
-    };
+    }
+}
+
+/// Copies bytes between the app and the mesh peer dialled for it until
+/// both sides close. `sent` bytes of the app's, read by detection, went
+/// out with the handshake. A call to a service that reached its peer
+/// after others could not be connected to names them all (`tried`).
+async fn relay<R: std::fmt::Display>(
+    metrics: &Metrics,
+    mut local: TcpStream,
+    mut upstream: TlsStream<net::ReadAhead<TcpStream>>,
+    sent: u64,
+    protocol: Protocol,
+    to: &Upstream<'_, R>,
+    tried: Option<&Tried>,
+) {
     metrics.established(OUTBOUND, upstream.get_ref().1);
     let alpn = upstream.get_ref().1.alpn_protocol();
     tracing::info!(
-        peer = %expected,
-        remote = %remote,
-        via = %via,
-        service = service.map(|s| s.name),
-        dst = service.map(|s| tracing::field::display(s.dst)),
+        peer = %to.expected,
+        remote = %to.remote,
+        via = %to.via,
+        service = to.service.map(|s| s.name),
+        dst = to.service.map(|s| tracing::field::display(s.dst)),
+        tried = Tried::detour(tried),
         protocol = protocol.as_str(),
         alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
         "outbound connection"
     );
-    // The prefix went out with the handshake's end. Not held for the life
-    // of the connection.
-    let prefix_len = prefix.len() as u64;
-    drop(prefix);
     match net::copy(&mut local, &mut upstream).await {
         Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, prefix_len + up + down);
+            metrics.bytes(OUTBOUND, sent + up + down);
             metrics.connection(OUTBOUND, "forwarded");
         }
         Err(e) => {
             metrics.connection(OUTBOUND, "error");
-            tracing::debug!(remote = %remote, service = service.map(|s| s.name), error = %e, "outbound connection ended with an error");
+            tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
         }
     }
+}
+
+/// Logs and counts a connection refused because its mesh dial to `to`
+/// failed; `tried` names a service's backends tried, this one last.
+fn refused<R: std::fmt::Display>(
+    metrics: &Metrics,
+    e: &DialError,
+    to: &Upstream<'_, R>,
+    tried: Option<&Tried>,
+) {
+    let reason = e.reason();
+    tracing::warn!(
+        remote = %to.remote,
+        expected = %to.expected,
+        via = %to.via,
+        service = to.service.map(|s| s.name),
+        dst = to.service.map(|s| tracing::field::display(s.dst)),
+        tried = tried.map(tracing::field::display),
+        reason = %reason,
+        error = %e,
+        "outbound connection refused"
+    );
+    if matches!(
+        e,
+        DialError::Handshake(_) | DialError::Timeout | DialError::NoCertificate
+    ) {
+        metrics.handshake_failure(OUTBOUND, reason);
+    }
+    metrics.connection(OUTBOUND, "refused");
 }
 
 /// A `--route` listener: plaintext on `route.local`, mTLS to `route.remote`.
@@ -348,20 +374,35 @@ impl RouteListener {
     }
 }
 
-/// One connection on a route: straight to the route's remote over mTLS.
+/// One connection on a route: straight to the route's remote over mTLS,
+/// never retried elsewhere. The remote app's port is the peer's business:
+/// detection decides.
 async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tracker: Tracker) {
-    let _open = shared.metrics.open(OUTBOUND);
-    forward_mesh(
-        &shared,
-        tcp,
-        route.remote.as_str(),
-        &route.spiffe_id,
-        "route",
-        None,
-        // The remote app's port is the peer's business: detection decides.
-        false,
-    )
-    .await;
+    let metrics = &shared.metrics;
+    let _open = metrics.open(OUTBOUND);
+    let to = Upstream {
+        remote: route.remote.as_str(),
+        expected: &route.spiffe_id,
+        via: "route",
+        service: None,
+    };
+    let mut local = tcp;
+    let Some((protocol, first)) = detect(metrics, &mut local, &to).await else {
+        return;
+    };
+    // Boxed, so the handshake's state is freed once it is over instead of
+    // sizing this connection's task for as long as it is open.
+    let dialled = Box::pin(dial_mesh(&shared, to.remote, to.expected, protocol, &first)).await;
+    match dialled {
+        Ok(upstream) => {
+            // The first bytes went out with the handshake's end. Not held
+            // for the life of the connection.
+            let sent = first.len() as u64;
+            drop(first);
+            relay(metrics, local, upstream, sent, protocol, &to, None).await;
+        }
+        Err(e) => refused(metrics, &e, &to, None),
+    }
 }
 
 /// One transparent `--outbound` listener (a sidecar has one per address:
@@ -408,9 +449,113 @@ struct ServiceCall<'a> {
     dst: SocketAddr,
 }
 
-/// One redirected connection: mesh destinations over mTLS, others per the
-/// mesh's outbound policy, a service's virtual address by one of its
-/// backends (see [`resolve`]).
+/// The most backends one call to a service tries: the one picked and,
+/// while connecting fails, others ([`target::retry`]). A pod that died is
+/// listed until its EndpointSlice is updated, seconds later, and a call
+/// picked for it meanwhile should not fail while others answer; the bound
+/// keeps a call whose backends are all gone from trying each in turn (each
+/// may take [`net::CONNECT_TIMEOUT`]).
+const MAX_BACKENDS: usize = 3;
+
+/// The backends a call to a service went to, in order, held inline: a
+/// retry allocates nothing.
+struct Tried {
+    addrs: [SocketAddr; MAX_BACKENDS],
+    len: usize,
+}
+
+impl Tried {
+    fn new() -> Self {
+        Tried {
+            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_BACKENDS],
+            len: 0,
+        }
+    }
+
+    /// Records an attempt at `addr`; no call makes more than
+    /// [`MAX_BACKENDS`].
+    fn push(&mut self, addr: SocketAddr) {
+        if let Some(slot) = self.addrs.get_mut(self.len) {
+            *slot = addr;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+
+    /// `tried` as a log field when the call went to more than one backend.
+    fn detour(tried: Option<&Tried>) -> Option<tracing::field::DisplayValue<&Tried>> {
+        tried.filter(|t| t.len > 1).map(tracing::field::display)
+    }
+}
+
+/// `a, b, c`, in the order tried.
+impl std::fmt::Display for Tried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, addr) in self.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A call to a service, whose backends are tried one after another while
+/// connecting to them fails.
+struct Retry<'a> {
+    shared: &'a Shared,
+    call: ServiceCall<'a>,
+    tried: Tried,
+}
+
+impl Retry<'_> {
+    /// The backend to try now that connecting to the last one tried failed
+    /// with `error` (logged at debug level and counted), or `None` once
+    /// [`MAX_BACKENDS`] were tried or no other candidate is left. Reads
+    /// the snapshot in force now.
+    fn next(&mut self, error: &io::Error) -> Option<Target> {
+        let tried = self.tried.as_slice();
+        if tried.len() >= MAX_BACKENDS {
+            return None;
+        }
+        let next = {
+            let snapshot = self.shared.snapshot.borrow();
+            target::retry(
+                &self.shared.own_addrs,
+                snapshot.as_deref(),
+                self.call.dst,
+                tried,
+            )
+        }?;
+        let reason = net::connect_failure_reason(error);
+        tracing::debug!(
+            dst = %self.call.dst,
+            service = self.call.name,
+            backend = tried.last().map(tracing::field::display),
+            next = next.dialled().map(tracing::field::display),
+            reason,
+            error = %error,
+            "outbound connection to a service backend failed; trying another backend"
+        );
+        self.shared.metrics.service_retry(reason);
+        Some(next)
+    }
+}
+
+/// The app's side of a transparent connection and, once a mesh dial
+/// needed them, the protocol detected and the bytes detection read: an
+/// attempt at another backend after it uses them, never reading the app
+/// again.
+struct App {
+    tcp: TcpStream,
+    detected: Option<(Protocol, BytesMut)>,
+}
+
+/// One redirected connection (see [`forward_transparent`]).
 async fn serve_transparent(
     shared: Arc<Shared>,
     tcp: TcpStream,
@@ -425,82 +570,190 @@ async fn serve_transparent(
         metrics.connection(OUTBOUND, "refused");
         return;
     };
-    let Resolved { service, target } = {
+    forward_transparent(&shared, tcp, client, dst).await;
+}
+
+/// A connection from `client` that the app made to `dst`: mesh
+/// destinations over mTLS, others per the mesh's outbound policy, a
+/// service's virtual address by one of its backends (see [`resolve`]). A
+/// call to a service whose backend cannot be connected to goes on to
+/// another ([`Retry`]); nothing else is ever tried twice.
+async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr, dst: SocketAddr) {
+    let metrics = &shared.metrics;
+    let Resolved {
+        service,
+        mut target,
+    } = {
         let snapshot = shared.snapshot.borrow();
         resolve(&shared.own_addrs, snapshot.as_deref(), dst)
     };
     let call = service.as_deref().map(|name| ServiceCall { name, dst });
     let name = call.map(|c| c.name);
+    let via = if call.is_some() {
+        "service"
+    } else {
+        "transparent"
+    };
     // The backend picked is logged only when there was a service to pick
     // it: otherwise it is `dst`.
     let backend = |addr: SocketAddr| call.map(|_| tracing::field::display(addr));
-    match target {
-        Target::Loop(addr) => {
-            tracing::warn!(%client, %dst, service = name, backend = backend(addr), "outbound connection refused: destination is this proxy (loop)");
-            metrics.connection(OUTBOUND, "loop");
+    let mut app = App {
+        tcp,
+        detected: None,
+    };
+    // A direct destination has no other to try.
+    let mut retry = call.map(|call| Retry {
+        shared,
+        call,
+        tried: Tried::new(),
+    });
+    loop {
+        if let (Some(retry), Some(addr)) = (&mut retry, target.dialled()) {
+            retry.tried.push(addr);
         }
-        Target::NoBackend => {
-            tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
-            metrics.connection(OUTBOUND, NO_BACKEND);
-        }
-        Target::NoMeshBackend { backends } => {
-            tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
-            metrics.connection(OUTBOUND, NO_MESH_BACKEND);
-        }
-        Target::Mesh { addr, id, opaque } => {
-            let via = if call.is_some() {
-                "service"
-            } else {
-                "transparent"
-            };
-            forward_mesh(&shared, tcp, addr, &id, via, call, opaque).await;
-        }
-        Target::SamePod(addr) => match net::connect(addr).await {
-            Ok(upstream) => {
-                tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection within the pod: plain TCP to this pod's own address");
-                copy_plain(metrics, tcp, upstream, SAME_POD).await;
+        // Every arm ends the connection but for a failed connect, after
+        // which nothing of the app's has left and another backend of a
+        // service may be tried.
+        let next = match &target {
+            Target::Loop(addr) => {
+                tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
+                metrics.connection(OUTBOUND, "loop");
+                return;
             }
-            Err(e) => {
-                tracing::warn!(%dst, service = name, backend = backend(addr), error = %e, "outbound connection within the pod failed");
-                metrics.connection(OUTBOUND, "connect_failed");
+            Target::NoBackend => {
+                tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
+                metrics.connection(OUTBOUND, NO_BACKEND);
+                return;
             }
-        },
-        Target::Outside {
-            addr,
-            policy: OutboundPolicy::Deny,
-        } => {
-            tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection denied: destination outside the mesh");
-            metrics.connection(OUTBOUND, "denied");
-        }
-        Target::Outside {
-            addr,
-            policy: OutboundPolicy::Passthrough,
-        } => match net::connect(addr).await {
-            Ok(upstream) => {
-                tracing::info!(%client, %dst, service = name, backend = backend(addr), "outbound connection passthrough: destination outside the mesh");
-                copy_plain(metrics, tcp, upstream, "passthrough").await;
+            Target::NoMeshBackend { backends } => {
+                tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
+                metrics.connection(OUTBOUND, NO_MESH_BACKEND);
+                return;
             }
-            Err(e) => {
-                tracing::warn!(%dst, service = name, backend = backend(addr), error = %e, "outbound passthrough failed");
-                metrics.connection(OUTBOUND, "connect_failed");
+            Target::Outside {
+                addr,
+                policy: OutboundPolicy::Deny,
+            } => {
+                tracing::info!(%client, %dst, service = name, backend = backend(*addr), "outbound connection denied: destination outside the mesh");
+                metrics.connection(OUTBOUND, "denied");
+                return;
             }
-        },
+            Target::Mesh { addr, id, opaque } => {
+                let to = Upstream {
+                    remote: *addr,
+                    expected: id,
+                    via,
+                    service: call,
+                };
+                // An `opaque` connection (see [`Target::Mesh`]) is never
+                // looked at, so a server-first protocol there (MySQL,
+                // SMTP) does not wait for detection; it offers no ALPN.
+                if app.detected.is_none() && !opaque {
+                    match detect(metrics, &mut app.tcp, &to).await {
+                        Some(detected) => app.detected = Some(detected),
+                        None => return,
+                    }
+                }
+                let (protocol, first) = match &app.detected {
+                    Some((protocol, first)) if !opaque => (*protocol, &first[..]),
+                    Some((_, first)) => (Protocol::Opaque, &first[..]),
+                    None => (Protocol::Opaque, &[][..]),
+                };
+                // Boxed, so the handshake's state is freed once it is over
+                // instead of sizing this connection's task for as long as
+                // it is open.
+                let dialled = Box::pin(dial_mesh(shared, *addr, id, protocol, first)).await;
+                match dialled {
+                    Ok(upstream) => {
+                        // The first bytes went out with the handshake's
+                        // end. Not held for the life of the connection.
+                        let App { tcp, detected } = app;
+                        let sent = detected.map_or(0, |(_, first)| first.len() as u64);
+                        let tried = retry.as_ref().map(|r| &r.tried);
+                        relay(metrics, tcp, upstream, sent, protocol, &to, tried).await;
+                        return;
+                    }
+                    Err(DialError::Connect(e)) => match retry.as_mut().and_then(|r| r.next(&e)) {
+                        Some(next) => next,
+                        None => {
+                            let tried = retry.as_ref().map(|r| &r.tried);
+                            refused(metrics, &DialError::Connect(e), &to, tried);
+                            return;
+                        }
+                    },
+                    // Once the connection is made nothing is retried: a
+                    // peer that is not who the mesh says is a refusal.
+                    Err(e) => {
+                        refused(metrics, &e, &to, retry.as_ref().map(|r| &r.tried));
+                        return;
+                    }
+                }
+            }
+            Target::SamePod(addr)
+            | Target::Outside {
+                addr,
+                policy: OutboundPolicy::Passthrough,
+            } => {
+                let same_pod = matches!(target, Target::SamePod(_));
+                match net::connect(*addr).await {
+                    Ok(upstream) => {
+                        let tried = Tried::detour(retry.as_ref().map(|r| &r.tried));
+                        let outcome = if same_pod {
+                            tracing::info!(%client, %dst, service = name, backend = backend(*addr), tried, "outbound connection within the pod: plain TCP to this pod's own address");
+                            SAME_POD
+                        } else {
+                            tracing::info!(%client, %dst, service = name, backend = backend(*addr), tried, "outbound connection passthrough: destination outside the mesh");
+                            "passthrough"
+                        };
+                        copy_plain(metrics, app, upstream, outcome).await;
+                        return;
+                    }
+                    Err(e) => match retry.as_mut().and_then(|r| r.next(&e)) {
+                        Some(next) => next,
+                        None => {
+                            let tried = retry.as_ref().map(|r| tracing::field::display(&r.tried));
+                            if same_pod {
+                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound connection within the pod failed");
+                            } else {
+                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound passthrough failed");
+                            }
+                            metrics.connection(OUTBOUND, "connect_failed");
+                            return;
+                        }
+                    },
+                }
+            }
+        };
+        target = next;
     }
 }
 
-/// Copies a plain connection both ways until both sides close; counted as
-/// `outcome` when it ends well.
-async fn copy_plain(
-    metrics: &Metrics,
-    mut local: TcpStream,
-    mut upstream: TcpStream,
-    outcome: &'static str,
-) {
+/// Copies a plain connection both ways until both sides close, after the
+/// bytes detection read from the app, if it ran; counted as `outcome`
+/// when it ends well.
+async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcome: &'static str) {
+    let App {
+        tcp: mut local,
+        detected,
+    } = app;
+    let mut sent = 0;
+    if let Some((_, first)) = detected
+        && !first.is_empty()
+    {
+        if upstream.write_all(&first).await.is_err() {
+            metrics.connection(OUTBOUND, "error");
+            return;
+        }
+        sent = first.len() as u64;
+    }
     match net::copy(&mut local, &mut upstream).await {
         Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, up + down);
+            metrics.bytes(OUTBOUND, sent + up + down);
             metrics.connection(OUTBOUND, outcome);
         }
         Err(_) => metrics.connection(OUTBOUND, "error"),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,12 @@
 //! listeners is always a loop, and an address of this pod that is no
 //! endpoint's inbound always stays inside the pod, whatever the endpoints
 //! say about it.
+//!
+//! A call whose connection to its backend could not be made is offered
+//! another backend by [`retry`]: the next untried candidate
+//! ([`Service::retry`](crate::policy::Service::retry)) in the snapshot in
+//! force then, judged the same way; one that would be refused (a loop) is
+//! passed over.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -68,6 +74,28 @@ pub(super) enum Target {
     },
 }
 
+impl Target {
+    /// The address a connection is made to (mTLS or plain TCP), `None`
+    /// when the call is refused.
+    pub(super) fn dialled(&self) -> Option<SocketAddr> {
+        match self {
+            Target::Mesh { addr, .. }
+            | Target::SamePod(addr)
+            | Target::Outside {
+                addr,
+                policy: OutboundPolicy::Passthrough,
+            } => Some(*addr),
+            Target::Loop(_)
+            | Target::NoBackend
+            | Target::NoMeshBackend { .. }
+            | Target::Outside {
+                policy: OutboundPolicy::Deny,
+                ..
+            } => None,
+        }
+    }
+}
+
 /// Decides where a connection redirected from `dst` goes, from the snapshot
 /// (`None` before the first: nothing is in the mesh, outbound `deny`) and
 /// the proxy's own addresses. A service's virtual address is replaced by
@@ -112,6 +140,27 @@ pub(super) fn resolve(
         service: Some(service.name.clone()),
         target,
     }
+}
+
+/// Where another attempt at a call to the service at `dst` goes, once
+/// connecting to each of `tried` (its backends so far) failed: the first
+/// of the service's remaining candidates that a connection is made to,
+/// judged as [`resolve`] judges a backend, in `snapshot`, the one in force
+/// now (the backends may have changed since the first pick). `None` when
+/// there is none: the service is gone, every candidate was tried, or the
+/// rest would be refused.
+pub(super) fn retry(
+    own: &[SocketAddr],
+    snapshot: Option<&Snapshot>,
+    dst: SocketAddr,
+    tried: &[SocketAddr],
+) -> Option<Target> {
+    let snapshot = snapshot?;
+    let service = snapshot.service_for(dst)?;
+    service
+        .retry(snapshot.outbound_policy, tried)
+        .map(|b| destination(own, snapshot, b.addr, &b.peer, dst))
+        .find(|target| target.dialled().is_some())
 }
 
 /// What `addr` is, `peer` being who the endpoints say is there; `dst` is
@@ -388,6 +437,92 @@ mod tests {
                 id: SpiffeId::parse("spiffe://td/ns/shop/sa/other").unwrap(),
                 opaque: false,
             })
+        );
+    }
+
+    /// A call whose backend could not be reached goes to another one,
+    /// judged as the first: never one it tried, nor one that would be a
+    /// loop; none is left once every candidate was tried.
+    #[test]
+    fn a_retry_goes_to_an_untried_backend_judged_as_the_first() {
+        let mesh = |a: &str| Target::Mesh {
+            addr: addr(a),
+            id: api(),
+            opaque: false,
+        };
+        let s = snapshot("deny", &["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let after = |tried: &[&str]| {
+            let tried: Vec<SocketAddr> = tried.iter().map(|a| addr(a)).collect();
+            retry_in(&s, &tried)
+        };
+        for _ in 0..3 {
+            assert_eq!(after(&["10.0.0.1:8080"]), Some(mesh("10.0.0.2:8080")));
+            assert_eq!(after(&["10.0.0.2:8080"]), Some(mesh("10.0.0.1:8080")));
+        }
+        assert_eq!(after(&["10.0.0.1:8080", "10.0.0.2:8080"]), None);
+
+        // Under passthrough a backend outside the mesh is plain TCP; this
+        // pod's own inbound listener is never dialled.
+        let s = snapshot(
+            "passthrough",
+            &["10.0.0.5:15006", "10.0.0.1:8080", "192.0.2.7:8080"],
+        );
+        let tried = [addr("10.0.0.1:8080")];
+        for _ in 0..3 {
+            assert_eq!(
+                retry_in(&s, &tried),
+                Some(Target::Outside {
+                    addr: addr("192.0.2.7:8080"),
+                    policy: OutboundPolicy::Passthrough,
+                })
+            );
+        }
+        assert_eq!(
+            retry_in(&s, &[addr("10.0.0.1:8080"), addr("192.0.2.7:8080")]),
+            None,
+            "the loop is left"
+        );
+
+        // A mesh backend that is this pod itself takes the retry in plain
+        // TCP that never leaves the pod.
+        let api_pod = [addr("0.0.0.0:15006"), addr("10.0.0.1:15006")];
+        let s = snapshot("deny", &["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(
+            retry(&api_pod, Some(&s), addr(VIP), &[addr("10.0.0.2:8080")]),
+            Some(Target::SamePod(addr("10.0.0.1:8080")))
+        );
+    }
+
+    fn retry_in(s: &Snapshot, tried: &[SocketAddr]) -> Option<Target> {
+        retry(&own(), Some(s), addr(VIP), tried)
+    }
+
+    /// The retry reads the snapshot in force at its time: a backend the
+    /// service lost since the first pick is not offered, and a service
+    /// that is gone has none. A direct destination has no other.
+    #[test]
+    fn a_retry_takes_the_backends_in_force_then() {
+        let newer = snapshot("deny", &["10.0.0.2:8080"]);
+        let tried = [addr("10.0.0.2:8080")];
+        assert_eq!(retry_in(&newer, &tried), None);
+        let newer = snapshot("deny", &["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(
+            retry_in(&newer, &[addr("10.0.0.9:8080")]).map(|t| t.dialled().is_some()),
+            Some(true),
+            "a backend tried that is no longer listed is no obstacle"
+        );
+        let gone = snapshot_of("deny", vec![]);
+        assert_eq!(retry_in(&gone, &tried), None);
+        assert_eq!(retry(&own(), None, addr(VIP), &tried), None);
+        assert_eq!(
+            retry(
+                &own(),
+                Some(&newer),
+                addr("10.0.0.1:8080"),
+                &[addr("10.0.0.1:8080")]
+            ),
+            None,
+            "a direct destination is no service"
         );
     }
 

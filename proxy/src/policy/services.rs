@@ -21,10 +21,12 @@
 //! for client affinity (`sessionAffinity: ClientIP`), always the one at
 //! this process's random seed modulo their number: every call from this
 //! pod goes to one backend for as long as the candidates stay the same,
-//! while pods spread over the backends.
+//! while pods spread over the backends. A call that could not connect to
+//! its backend is offered the other candidates ([`Service::retry`]): the
+//! ones after it in turn, with affinity too, passing over those it tried.
 //!
 //! Picking must stay lock-free and allocate nothing: it runs once per
-//! connection. This module judges a backend by its identity alone: loops
+//! connection. A retry reads the candidates and changes nothing. This module judges a backend by its identity alone: loops
 //! and this pod's own addresses are the caller's to check.
 
 use std::collections::HashMap;
@@ -141,6 +143,15 @@ impl Service {
         self.affinity
     }
 
+    /// The backends a call may go to under the outbound `policy`: the mesh
+    /// backends under `deny`, every backend under `passthrough`.
+    pub fn candidates(&self, policy: OutboundPolicy) -> &[Backend] {
+        match policy {
+            OutboundPolicy::Deny => self.mesh_backends(),
+            OutboundPolicy::Passthrough => self.backends(),
+        }
+    }
+
     /// The backend for the next call under the outbound `policy`: among
     /// the mesh backends under `deny`, among all under `passthrough`; the
     /// next in turn, or the one of this process's seed with affinity.
@@ -149,10 +160,7 @@ impl Service {
     }
 
     fn pick_seeded(&self, policy: OutboundPolicy, seed: usize) -> Pick<'_> {
-        let candidates = match policy {
-            OutboundPolicy::Deny => self.mesh_backends(),
-            OutboundPolicy::Passthrough => self.backends(),
-        };
+        let candidates = self.candidates(policy);
         if candidates.is_empty() {
             return if self.backends.is_empty() {
                 Pick::NoBackend
@@ -169,6 +177,30 @@ impl Service {
             self.next.fetch_add(1, Ordering::Relaxed)
         };
         Pick::Backend(&candidates[n % candidates.len()])
+    }
+
+    /// The candidates under the outbound `policy` for another attempt at
+    /// a call that could not connect to any of `tried` (in the order
+    /// tried), in the order to try them: the ones after the last tried, in
+    /// turn, those tried passed over (all from the first, when the last
+    /// is no candidate any more). With affinity too: only the first pick
+    /// is the seed's. The round robin is left alone: a dead backend's
+    /// calls go on to the next one, while the calls after them are picked
+    /// as if nothing had failed. Allocates nothing.
+    pub fn retry<'a>(
+        &'a self,
+        policy: OutboundPolicy,
+        tried: &'a [SocketAddr],
+    ) -> impl Iterator<Item = &'a Backend> + 'a {
+        let candidates = self.candidates(policy);
+        let start = tried
+            .last()
+            .and_then(|last| candidates.iter().position(|b| b.addr == *last))
+            .map_or(0, |i| i + 1);
+        let (before, from) = candidates.split_at(start);
+        from.iter()
+            .chain(before)
+            .filter(move |b| !tried.contains(&b.addr))
     }
 }
 
@@ -594,6 +626,119 @@ mod tests {
             "the one outside, last"
         );
         assert!((0..10).all(|_| picked(service.pick(Passthrough)) == all[*AFFINITY_SEED % 4]));
+    }
+
+    /// A call that could not connect is offered every other candidate once,
+    /// the ones after the last it tried first, never one it tried; the
+    /// round robin goes on as if nothing had failed.
+    #[test]
+    fn a_retry_offers_each_untried_candidate_once_in_turn() {
+        let service = of(
+            &[
+                ("10.0.0.4:80", Peer::Outside),
+                ("10.0.0.2:80", Peer::Outside),
+                ("10.0.0.1:80", Peer::Outside),
+                ("10.0.0.3:80", Peer::Outside),
+            ],
+            false,
+        );
+        let offered = |tried: &[&str]| -> Vec<SocketAddr> {
+            let tried: Vec<SocketAddr> = tried.iter().map(|a| addr(a)).collect();
+            service.retry(Passthrough, &tried).map(|b| b.addr).collect()
+        };
+        let all = |s: &[&str]| -> Vec<SocketAddr> { s.iter().map(|a| addr(a)).collect() };
+        assert_eq!(
+            offered(&["10.0.0.2:80"]),
+            all(&["10.0.0.3:80", "10.0.0.4:80", "10.0.0.1:80"])
+        );
+        assert_eq!(
+            offered(&["10.0.0.2:80", "10.0.0.4:80"]),
+            all(&["10.0.0.1:80", "10.0.0.3:80"])
+        );
+        assert_eq!(
+            offered(&["10.0.0.4:80", "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]),
+            [],
+            "every candidate was tried"
+        );
+        // The last one tried is no longer listed (the backends changed
+        // meanwhile): every untried candidate, from the first.
+        assert_eq!(
+            offered(&["10.0.0.9:80"]),
+            all(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"])
+        );
+
+        let first = picked(service.pick(Passthrough));
+        let _ = service.retry(Passthrough, &[first]).next();
+        let second = picked(service.pick(Passthrough));
+        let backends = addrs(service.backends());
+        let at = backends.iter().position(|a| *a == first).unwrap();
+        assert_eq!(second, backends[(at + 1) % 4], "the round robin was moved");
+    }
+
+    /// With client affinity only the first pick is the seed's: a retry
+    /// goes to the candidates after it, in order, and under `deny` never
+    /// to a backend outside the mesh.
+    #[test]
+    fn a_retry_with_affinity_takes_the_candidates_after_the_seeds() {
+        let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
+        let service = of(
+            &[
+                ("10.0.0.3:8080", api()),
+                ("10.0.0.1:8080", api()),
+                ("10.0.0.9:8080", Peer::Outside),
+                ("10.0.0.2:8080", api()),
+            ],
+            true,
+        );
+        let mesh = addrs(service.mesh_backends());
+        for seed in 0..3 {
+            let first = picked(service.pick_seeded(Deny, seed));
+            assert_eq!(first, mesh[seed]);
+            let mut tried = vec![first];
+            let offered: Vec<SocketAddr> = service.retry(Deny, &tried).map(|b| b.addr).collect();
+            assert_eq!(offered, [mesh[(seed + 1) % 3], mesh[(seed + 2) % 3]]);
+            tried.push(offered[0]);
+            let next = service.retry(Deny, &tried).next().unwrap();
+            assert_eq!(next.addr, mesh[(seed + 2) % 3]);
+            tried.push(next.addr);
+            assert_eq!(
+                service.retry(Deny, &tried).next(),
+                None,
+                "the backend outside the mesh is no candidate under deny"
+            );
+            assert_eq!(
+                service
+                    .retry(Passthrough, &tried)
+                    .map(|b| b.addr)
+                    .collect::<Vec<_>>(),
+                [addr("10.0.0.9:8080")],
+                "under passthrough it is"
+            );
+        }
+    }
+
+    /// Under `deny` a retry keeps to the mesh backends, as the pick does.
+    #[test]
+    fn under_deny_a_retry_offers_only_mesh_backends() {
+        let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
+        let service = of(
+            &[
+                ("10.0.0.1:8080", api()),
+                ("10.0.0.7:8080", Peer::Outside),
+                ("10.0.0.2:8080", api()),
+            ],
+            false,
+        );
+        for _ in 0..4 {
+            let offered: Vec<SocketAddr> = service
+                .retry(Deny, &[addr("10.0.0.1:8080")])
+                .map(|b| b.addr)
+                .collect();
+            assert_eq!(offered, [addr("10.0.0.2:8080")]);
+        }
+        let unmeshed = of(&[("10.0.0.7:8080", Peer::Outside)], false);
+        assert_eq!(unmeshed.retry(Deny, &[]).next(), None);
+        assert_eq!(of(&[], false).retry(Passthrough, &[]).next(), None);
     }
 
     #[test]

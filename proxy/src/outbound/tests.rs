@@ -1,0 +1,315 @@
+//! A transparent connection to a service's virtual address, from the
+//! resolved destination on, with real sockets on loopback: the original
+//! destination a redirected connection carries needs iptables (and root),
+//! so these tests hand it to [`forward_transparent`] themselves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use trellis_core::{SpiffeId, TrustDomain};
+use trellis_proto::discovery::v1 as pb;
+
+use super::*;
+use crate::identity::Svid;
+
+const VIP: &str = "10.96.0.10:80";
+/// Bytes no HTTP starts with: detection settles on opaque TCP at once.
+const MESSAGE: &[u8] = b"\x01\x02 to a backend";
+
+fn id(name: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://td.test/ns/shop/sa/{name}")).unwrap()
+}
+
+/// A throwaway CA and the TLS state of sidecars it certifies.
+struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.distinguished_name = DistinguishedName::new();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        Ca(CertifiedIssuer::self_signed(params, key).unwrap())
+    }
+
+    /// What a sidecar holding an SVID of `me` has, dialling `expected`.
+    fn tls(&self, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<TlsState> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(me.as_str().try_into().unwrap())];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, &self.0).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let svid = Svid::new(me, vec![cert.der().clone()], der).unwrap();
+        let root: CertificateDer<'static> = self.0.der().clone();
+        let td = TrustDomain::new("td.test").unwrap();
+        Arc::new(TlsState::build(Some(&svid), &[root], &td, expected).unwrap())
+    }
+}
+
+/// A backend that echoes every byte and closes at EOF: over mTLS with
+/// `tls` (a stand-in for a sidecar's inbound), or plain TCP. Counts the
+/// connections that reached its app.
+async fn backend(tls: Option<Arc<TlsState>>) -> (SocketAddr, watch::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (served_tx, served) = watch::channel(0);
+    let acceptor = tls.map(|tls| tokio_rustls::TlsAcceptor::from(tls.server().unwrap().clone()));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, served_tx) = (acceptor.clone(), served_tx.clone());
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        served_tx.send_modify(|n| *n += 1);
+                        echo(tls).await;
+                    }
+                    None => {
+                        served_tx.send_modify(|n| *n += 1);
+                        echo(tcp).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+async fn echo(io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite) {
+    let (mut r, mut w) = tokio::io::split(io);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+/// A port on loopback that refuses connections: bound, so no other test
+/// takes it, and never listening. Held until dropped.
+struct Refusing {
+    addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+fn refusing() -> Refusing {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    Refusing {
+        addr,
+        _socket: socket,
+    }
+}
+
+/// A sidecar of `shop/web` whose snapshot has the service `shop/api` at
+/// [`VIP`] with `backends`, those of `mesh` being endpoints of `shop/api`.
+fn sidecar(
+    ca: &Ca,
+    outbound_policy: &str,
+    backends: &[SocketAddr],
+    mesh: &[SocketAddr],
+) -> Arc<Shared> {
+    let metrics = Arc::new(Metrics::new());
+    let raw = pb::Snapshot {
+        version: 1,
+        endpoints: mesh
+            .iter()
+            .map(|a| pb::Endpoint {
+                address: a.to_string(),
+                spiffe_id: id("api").as_str().into(),
+            })
+            .collect(),
+        services: vec![pb::Service {
+            address: VIP.into(),
+            name: "shop/api".into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..Default::default()
+        }],
+        mesh: Some(pb::MeshConfig {
+            outbound_policy: outbound_policy.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let snapshot = Snapshot::compile(raw, &id("web"), &metrics).unwrap();
+    let (_, tls) = watch::channel(ca.tls(&id("web"), &[id("api")]));
+    let (_, snapshot) = watch::channel(Some(Arc::new(snapshot)));
+    Arc::new(Shared {
+        tls,
+        snapshot,
+        metrics,
+        own_addrs: Vec::new(),
+    })
+}
+
+/// The app's connection to `dst`, as the sidecar's transparent listener
+/// would take it over; the task ends when the sidecar is done with it.
+async fn call(shared: &Arc<Shared>, dst: &str) -> (TcpStream, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, client) = listener.accept().await.unwrap();
+    let (shared, dst) = (shared.clone(), dst.parse().unwrap());
+    let task = tokio::spawn(async move { forward_transparent(&shared, tcp, client, dst).await });
+    (app, task)
+}
+
+/// Sends [`MESSAGE`] on a call to `dst` and returns what came back; the
+/// sidecar is done with the call (and has counted it) on return.
+async fn round_trip(shared: &Arc<Shared>, dst: &str) -> Vec<u8> {
+    let (mut app, task) = call(shared, dst).await;
+    app.write_all(MESSAGE).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = app.read_to_end(&mut answer).await;
+    task.await.unwrap();
+    answer
+}
+
+/// The value of the series `series` (name and labels, as exposed).
+fn counted(shared: &Shared, series: &str) -> u64 {
+    let text = shared.metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn outcome(shared: &Shared, outcome: &str) -> u64 {
+    counted(
+        shared,
+        &format!("trellis_connections_total{{direction=\"outbound\",outcome=\"{outcome}\"}}"),
+    )
+}
+
+fn retried(shared: &Shared, reason: &str) -> u64 {
+    counted(
+        shared,
+        &format!("trellis_service_connect_retries_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// A backend whose pod is gone (its port refuses) while the service still
+/// lists it: every call gets through, those picked for it by the other
+/// backend, and each detour is counted.
+#[tokio::test]
+async fn a_call_picked_for_a_backend_that_refuses_goes_to_another() {
+    let ca = Ca::new();
+    let (alive, served) = backend(Some(ca.tls(&id("api"), &[]))).await;
+    let gone = refusing();
+    let shared = sidecar(&ca, "deny", &[gone.addr, alive], &[gone.addr, alive]);
+    for _ in 0..4 {
+        assert_eq!(round_trip(&shared, VIP).await, MESSAGE);
+    }
+    assert_eq!(*served.borrow(), 4);
+    assert_eq!(outcome(&shared, "forwarded"), 4);
+    assert_eq!(
+        retried(&shared, "refused"),
+        2,
+        "the calls picked for the gone backend, in turn"
+    );
+    assert_eq!(outcome(&shared, "refused"), 0);
+}
+
+/// Once a connection to a backend exists, nothing is retried: a backend
+/// presenting another identity than the mesh says refuses the call,
+/// whatever other backend would have answered.
+#[tokio::test]
+async fn a_backend_presenting_another_identity_is_refused_never_retried() {
+    let ca = Ca::new();
+    let (alive, served) = backend(Some(ca.tls(&id("api"), &[]))).await;
+    let (impostor, fooled) = backend(Some(ca.tls(&id("impostor"), &[]))).await;
+    let shared = sidecar(&ca, "deny", &[impostor, alive], &[impostor, alive]);
+    let answers = [
+        round_trip(&shared, VIP).await,
+        round_trip(&shared, VIP).await,
+    ];
+    assert_eq!(
+        answers.iter().filter(|a| a.as_slice() == MESSAGE).count(),
+        1,
+        "one call in two is picked for the impostor and refused: {answers:?}"
+    );
+    assert_eq!(
+        *served.borrow(),
+        1,
+        "the refused call went on to another backend"
+    );
+    assert_eq!(*fooled.borrow(), 0);
+    assert_eq!(outcome(&shared, "refused"), 1);
+    assert_eq!(
+        counted(
+            &shared,
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_identity\"}"
+        ),
+        1
+    );
+    assert_eq!(retried(&shared, "refused"), 0);
+}
+
+/// A call whose backends all refuse tries [`MAX_BACKENDS`] of them, then
+/// is refused as a failed dial.
+#[tokio::test]
+async fn a_call_tries_at_most_three_backends() {
+    let ca = Ca::new();
+    let held: Vec<Refusing> = (0..5).map(|_| refusing()).collect();
+    let gone: Vec<SocketAddr> = held.iter().map(|r| r.addr).collect();
+    let shared = sidecar(&ca, "deny", &gone, &gone);
+    assert_eq!(round_trip(&shared, VIP).await, b"");
+    assert_eq!(retried(&shared, "refused"), MAX_BACKENDS as u64 - 1);
+    assert_eq!(outcome(&shared, "refused"), 1);
+}
+
+/// Under outbound `passthrough` a backend outside the mesh is plain TCP,
+/// retried the same way; a call whose mesh backend refused goes on to one
+/// outside with the bytes detection read from the app first. A direct
+/// destination is never retried.
+#[tokio::test]
+async fn passthrough_retries_on_plain_tcp_and_after_a_mesh_backend() {
+    let ca = Ca::new();
+    let (outside, served) = backend(None).await;
+    let gone = refusing();
+    let shared = sidecar(&ca, "passthrough", &[gone.addr, outside], &[]);
+    for _ in 0..4 {
+        assert_eq!(round_trip(&shared, VIP).await, MESSAGE);
+    }
+    assert_eq!(*served.borrow(), 4);
+    assert_eq!(outcome(&shared, "passthrough"), 4);
+    assert_eq!(retried(&shared, "refused"), 2);
+
+    let gone_mesh = refusing();
+    let shared = sidecar(
+        &ca,
+        "passthrough",
+        &[gone_mesh.addr, outside],
+        &[gone_mesh.addr],
+    );
+    for _ in 0..2 {
+        assert_eq!(round_trip(&shared, VIP).await, MESSAGE);
+    }
+    assert_eq!(*served.borrow(), 6);
+    assert_eq!(outcome(&shared, "passthrough"), 2);
+    assert_eq!(retried(&shared, "refused"), 1);
+
+    assert_eq!(round_trip(&shared, &gone.addr.to_string()).await, b"");
+    assert_eq!(outcome(&shared, "connect_failed"), 1);
+    assert_eq!(retried(&shared, "refused"), 1, "a direct call was retried");
+}
