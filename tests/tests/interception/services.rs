@@ -16,6 +16,11 @@
 //! namespace, so the control plane reaches it at that namespace's
 //! 127.0.0.1; nothing touches the machine's own network.
 //!
+//! One test lists a second ready pod of `shop/api` whose app is gone: a
+//! host of the lab whose port nothing listens on, so connecting to it is
+//! refused at once, as to a pod that died and is still listed until its
+//! EndpointSlice is updated.
+//!
 //! Nothing in the lab answers at a cluster IP (there is no kube-proxy, and
 //! pod A's default route leads nowhere): a call gets through only when pod
 //! A's sidecar dials a backend itself. The outbound policy is the default,
@@ -58,8 +63,12 @@ const POD_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const CHECKOUT_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 /// The legacy pod without a sidecar: no host has it either.
 const LEGACY_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
+/// A second pod of `shop/api`, listed where a test asks for it: its host
+/// answers, but nothing listens on its port.
+const GONE_API_POD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 5);
 const WEB_POD: &str = "web-7d4b9c8f6d-x2x8q";
 const API_POD: &str = "api-5f6d8b7c4-q9v7m";
+const GONE_API_POD_NAME: &str = "api-5f6d8b7c4-w7k2n";
 const CHECKOUT_POD_NAME: &str = "checkout-6c9f4d7b8-p3j5r";
 
 /// Pods A and B under a control plane on the Kubernetes store. Fields drop
@@ -189,11 +198,85 @@ async fn a_service_without_a_ready_backend_and_ones_outside_the_mesh_are_refused
     assert!(requests.is_empty(), "pod B's app was reached: {requests:?}");
 }
 
+/// `shop/api` has a second ready pod whose app is gone: its address
+/// answers, but nothing listens on its port any more (a pod that died is
+/// listed until its EndpointSlice is updated). Every call pod A's app makes
+/// to the Service still gets pod B's answer: a call picked for the gone
+/// pod is refused at connect, before anything of the app's left, and pod
+/// A's sidecar takes it to pod B, naming both backends in its log and
+/// counting the detour. No call waits for a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_picked_for_a_backend_that_is_gone_goes_to_another() {
+    if skipped() {
+        return;
+    }
+    let mut lab = service_cluster_with(&[(GONE_API_POD_NAME, GONE_API_POD)]).await;
+    let cluster = &mut lab.cluster;
+    let gone_host = cluster.lab.host("pod-gone", 5).unwrap();
+    assert_eq!(gone_host.ipv4(), GONE_API_POD);
+
+    // The backends are taken in turn: half the calls are picked for the
+    // gone pod.
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        let reply = cluster
+            .a_calls(&format!("http://{API_SERVICE}/"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body, B_GREETING);
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the calls took {:?}: a connect timed out",
+        started.elapsed()
+    );
+
+    let gone = SocketAddr::new(GONE_API_POD.into(), APP_PORT);
+    let backend = SocketAddr::new(POD_B.into(), APP_PORT);
+    cluster
+        .a
+        .wait_for_sidecar_log(
+            &[
+                "outbound connection",
+                &format!("peer={API}"),
+                &format!("remote={backend}"),
+                "via=service",
+                &format!("tried={gone}, {backend}"),
+            ],
+            SOON,
+        )
+        .await
+        .unwrap();
+    let metrics = cluster.a.metrics().await.unwrap();
+    let retried = metrics.counter(
+        "trellis_service_connect_retries_total",
+        &[("reason", "refused")],
+    );
+    assert!(retried >= 1.0, "no detour counted: {retried}");
+    let forwarded = metrics.counter(
+        "trellis_connections_total",
+        &[("direction", "outbound"), ("outcome", "forwarded")],
+    );
+    assert_eq!(
+        forwarded, 4.0,
+        "every call counts once, by its last backend"
+    );
+    assert_eq!(cluster.apps[0].requests().len(), 4);
+}
+
 /// The lab, the stand-in serving it in the `cp` namespace, the control
 /// plane on the Kubernetes store, pods A (`shop/web`) and B (`shop/api`)
 /// certified by their ServiceAccount tokens, pod B's app serving on
 /// [`APP_PORT`]; returns once pod A's sidecar has the endpoints.
 async fn service_cluster() -> ServiceCluster {
+    service_cluster_with(&[]).await
+}
+
+/// [`service_cluster`] where the API server also lists `more_api_pods`
+/// (name, address): Running pods of `shop/api` with a sidecar, ready
+/// behind the Service beside pod B. No host of the lab is made for them.
+async fn service_cluster_with(more_api_pods: &[(&str, Ipv4Addr)]) -> ServiceCluster {
     let lab = Lab::new().unwrap();
     let cp_host = lab.host("cp", 10).unwrap();
     let runtime = cp_host.netns().runtime().unwrap();
@@ -217,11 +300,14 @@ async fn service_cluster() -> ServiceCluster {
             list("trellis.io/v1alpha1", "RateLimitPolicyList", vec![]),
         )],
     );
-    let pods = vec![
+    let mut pods = vec![
         pod(WEB_POD, "web", POD_A),
         pod(API_POD, "api", POD_B),
         pod(CHECKOUT_POD_NAME, "checkout", CHECKOUT_POD),
     ];
+    pods.extend(more_api_pods.iter().map(|(name, ip)| pod(name, "api", *ip)));
+    let mut api_pods = vec![(API_POD, POD_B)];
+    api_pods.extend_from_slice(more_api_pods);
     kube.lists(PODS, vec![(200, list("v1", "PodList", pods))]);
     let services = vec![
         service("api", API_SERVICE),
@@ -230,19 +316,17 @@ async fn service_cluster() -> ServiceCluster {
     ];
     kube.lists(SERVICES, vec![(200, list("v1", "ServiceList", services))]);
     let slices = vec![
-        endpoint_slice("api", "api-7h5tq", POD_B, API_POD, true),
+        endpoint_slice("api", "api-7h5tq", &api_pods, true),
         endpoint_slice(
             "checkout",
             "checkout-c2n6w",
-            CHECKOUT_POD,
-            CHECKOUT_POD_NAME,
+            &[(CHECKOUT_POD_NAME, CHECKOUT_POD)],
             false,
         ),
         endpoint_slice(
             "legacy",
             "legacy-q8w2d",
-            LEGACY_POD,
-            "legacy-5d8f7c6b9-t4m2x",
+            &[("legacy-5d8f7c6b9-t4m2x", LEGACY_POD)],
             true,
         ),
     ];
@@ -292,9 +376,10 @@ async fn service_cluster() -> ServiceCluster {
     // The Pods list IPv4 addresses only: one endpoint each. `shop/legacy`
     // has no mesh endpoint behind it: only `api` and `checkout` are
     // published.
+    let endpoints = format!("endpoints={}", 3 + more_api_pods.len());
     cluster
         .a
-        .wait_for_sidecar_log(&["snapshot applied", "endpoints=3", "services=2"], SOON)
+        .wait_for_sidecar_log(&["snapshot applied", &endpoints, "services=2"], SOON)
         .await
         .unwrap();
     ServiceCluster {
@@ -406,9 +491,20 @@ fn service(name: &str, address: &str) -> Value {
     })
 }
 
-/// The EndpointSlice `name` of Service `shop/<service>`: the pod `pod` at
-/// `ip`, ready or not, port `http` = [`APP_PORT`].
-fn endpoint_slice(service: &str, name: &str, ip: Ipv4Addr, pod: &str, ready: bool) -> Value {
+/// The EndpointSlice `name` of Service `shop/<service>`: each of `pods`
+/// (name, address), ready or not, port `http` = [`APP_PORT`].
+fn endpoint_slice(service: &str, name: &str, pods: &[(&str, Ipv4Addr)], ready: bool) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|(pod, ip)| {
+            json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod},
+                "nodeName": "kind-worker"
+            })
+        })
+        .collect();
     json!({
         "metadata": {
             "name": name,
@@ -426,14 +522,7 @@ fn endpoint_slice(service: &str, name: &str, ip: Ipv4Addr, pod: &str, ready: boo
             ]
         },
         "addressType": "IPv4",
-        "endpoints": [
-            {
-                "addresses": [ip.to_string()],
-                "conditions": {"ready": ready, "serving": ready, "terminating": false},
-                "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod},
-                "nodeName": "kind-worker"
-            }
-        ],
+        "endpoints": endpoints,
         "ports": [{"name": "http", "protocol": "TCP", "port": APP_PORT}]
     })
 }
