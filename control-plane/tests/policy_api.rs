@@ -209,6 +209,76 @@ async fn a_refusal_with_many_errors_reaches_the_client_whole() {
     assert_eq!(list(&mut admin).await.generation, 0);
 }
 
+/// A hostile document of an error every few bytes: validation keeps a
+/// thousand and counts the rest, and the refusal counts them all.
+#[tokio::test]
+async fn a_document_of_an_error_every_few_bytes_is_refused_with_all_counted() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let ports = vec!["0"; 500_000].join(",");
+    let document = allow("many", API, WEB, 8080).replace("8080", &ports);
+    assert!(document.len() > 1_000_000);
+
+    let err = apply(&mut admin, &document, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let message = err.message();
+    assert!(
+        message.starts_with(
+            "invalid policy (500000 errors): \
+             document:14:19: spec.rules[0].to[0].ports[0]: port 0 is out of range 1..=65535; "
+        ),
+        "{message}"
+    );
+    let listed = policy_errors_of(&err)
+        .expect("structured details")
+        .errors
+        .len()
+        - 1;
+    assert!(
+        message.ends_with(&format!(
+            "; and {} more errors (run `trellisctl policy lint` for all)",
+            500_000 - listed
+        )),
+        "{message}"
+    );
+    assert_eq!(list(&mut admin).await.generation, 0);
+}
+
+/// Valid policies keep a thousand warnings between them; each result says
+/// how many of its own were left out.
+#[tokio::test]
+async fn warnings_past_the_cap_are_counted_in_each_result() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let ports = vec!["8080"; 601].join(", ");
+    let documents: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|name| allow(name, API, WEB, 8080).replace("8080", &ports))
+        .collect();
+
+    let applied = apply(&mut admin, &documents.join("---\n"), true)
+        .await
+        .unwrap();
+    let counts: Vec<usize> = applied.results.iter().map(|r| r.warnings.len()).collect();
+    assert_eq!(counts, [600, 401, 1]);
+    let last = |i: usize| {
+        let w = applied.results[i].warnings.last().unwrap();
+        (w.path.as_str(), w.message.as_str(), w.warning)
+    };
+    assert_eq!(
+        last(1),
+        (
+            "",
+            "and 200 more warnings (run `trellisctl policy lint` for all)",
+            true
+        )
+    );
+    assert_eq!(
+        last(2).1,
+        "and 600 more warnings (run `trellisctl policy lint` for all)"
+    );
+}
+
 #[tokio::test]
 async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     let cp = ControlPlane::start(&[]);

@@ -11,7 +11,10 @@
 //! one could never be enforced); a request with any error is refused whole
 //! with INVALID_ARGUMENT and stores nothing. The message lists the first
 //! errors as `document:LINE:COLUMN: field.path: message`, then how many more
-//! there were (all of them would not fit in the headers a client accepts);
+//! there were (all of them would not fit in the headers a client accepts;
+//! validation keeps at most
+//! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS) and counts the
+//! rest);
 //! the status details carry the same as a `google.rpc.Status` whose one
 //! detail is a `trellis.admin.v1.PolicyErrors` ([`policy_errors_of`] reads
 //! it back), the count of the others as a last error without a line.
@@ -77,7 +80,7 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
     let context = mesh.discovery.validation_context();
     let loaded = load_source_in(SOURCE_NAME, &req.document, &mesh.trust_domain, &context);
     if loaded.has_errors() {
-        return Err(invalid_policy(&loaded.diagnostics));
+        return Err(invalid_policy(&loaded.diagnostics, loaded.omitted.errors));
     }
     if loaded.policies.is_empty() && loaded.rate_limits.is_empty() {
         return Err(Status::invalid_argument(
@@ -115,12 +118,24 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
         .zip(&policies)
         .zip(&loaded.policies)
     {
-        let warnings = loaded
+        let mut warnings: Vec<Violation> = loaded
             .policy
             .warnings()
             .iter()
             .map(|w| w.to_proto())
             .collect();
+        let more = loaded.policy.omitted_warnings();
+        if more > 0 {
+            // Not a field: how many warnings were only counted.
+            warnings.push(Violation {
+                path: String::new(),
+                message: format!(
+                    "and {more} more warning{} (run `trellisctl policy lint` for all)",
+                    if more == 1 { "" } else { "s" }
+                ),
+                warning: true,
+            });
+        }
         let selector = policy.selector.as_ref();
         let result = result_of(
             applied,
@@ -214,11 +229,12 @@ const ERROR_BUDGET: usize = 256;
 /// "h2 protocol error").
 const LIST_BUDGET: usize = 1920;
 
-/// INVALID_ARGUMENT listing the first errors, with the same errors as
-/// structured details; how many more there were closes both lists.
-fn invalid_policy(diagnostics: &[Diagnostic]) -> Status {
+/// INVALID_ARGUMENT listing the first errors of `diagnostics`, with the
+/// same errors as structured details; how many more there were (also the
+/// `omitted` ones validation only counted) closes both lists.
+fn invalid_policy(diagnostics: &[Diagnostic], omitted: usize) -> Status {
     let errors = diagnostics.iter().filter(|d| d.is_error());
-    let total = errors.clone().count();
+    let total = errors.clone().count() + omitted;
     let mut lines = Vec::new();
     let mut details = PolicyErrors::default();
     let mut spent = 0;
@@ -484,7 +500,7 @@ pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainRespo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::policy::{FieldPath, Severity};
+    use trellis_core::policy::{FieldPath, MAX_DIAGNOSTICS, Severity};
 
     fn error(line: usize, path: &str, message: &str) -> Diagnostic {
         Diagnostic {
@@ -515,7 +531,7 @@ mod tests {
                 error(10 + i, &path, "port 5432 is declared opaque")
             })
             .collect();
-        let status = invalid_policy(&diagnostics);
+        let status = invalid_policy(&diagnostics, 0);
         assert_eq!(status.code(), Code::InvalidArgument);
         let message = status.message();
         assert!(
@@ -554,6 +570,45 @@ mod tests {
         );
     }
 
+    /// Validation keeps a thousand problems and counts the rest: the
+    /// refusal still counts them all.
+    #[test]
+    fn a_refusal_counts_the_errors_validation_did_not_keep() {
+        let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
+        let ports = vec!["0"; 5000].join(", ");
+        let document = format!(
+            "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: many, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}}
+  action: ALLOW
+  rules: [{{to: [{{ports: [{ports}]}}]}}]
+"
+        );
+        let loaded = load_source_in(SOURCE_NAME, &document, &td, &Default::default());
+        assert_eq!(loaded.diagnostics.len(), MAX_DIAGNOSTICS);
+        assert_eq!(loaded.omitted.errors, 5000 - MAX_DIAGNOSTICS);
+        let status = invalid_policy(&loaded.diagnostics, loaded.omitted.errors);
+        let message = status.message();
+        assert!(
+            message.starts_with(
+                "invalid policy (5000 errors): \
+                 document:7:26: spec.rules[0].to[0].ports[0]: port 0 is out of range 1..=65535; \
+                 document:7:29: spec.rules[0].to[0].ports[1]: "
+            ),
+            "{message}"
+        );
+        let listed = policy_errors_of(&status).unwrap().errors.len() - 1;
+        let more = 5000 - listed;
+        assert!(
+            message.ends_with(&format!(
+                "; and {more} more errors (run `trellisctl policy lint` for all)"
+            )),
+            "{message}"
+        );
+    }
+
     #[test]
     fn a_refusal_stays_small_whatever_its_errors_hold() {
         // Text that percent-encodes to three times its length, and text
@@ -568,7 +623,7 @@ mod tests {
         );
         for (message, path) in [&encoded, &plain] {
             let diagnostics: Vec<Diagnostic> = (1..=50).map(|i| error(i, path, message)).collect();
-            let status = invalid_policy(&diagnostics);
+            let status = invalid_policy(&diagnostics, 0);
             let size = header_bytes(&status);
             assert!(size < 8 * 1024, "{size}");
             let errors = policy_errors_of(&status).unwrap().errors;
@@ -581,7 +636,7 @@ mod tests {
         }
 
         // One short error is listed whole, with no count of others.
-        let status = invalid_policy(&[error(3, "metadata.name", "must be set")]);
+        let status = invalid_policy(&[error(3, "metadata.name", "must be set")], 0);
         assert_eq!(
             status.message(),
             "invalid policy (1 error): document:3:7: metadata.name: must be set"

@@ -9,9 +9,10 @@
 //! of every file go to the control plane in one ApplyPolicy request, so a
 //! multi-file apply is all or nothing there too.
 //!
-//! `policy lint` prints its diagnostics on stdout, one per line, and a
-//! summary on stderr; it exits 1 when there is any error, 0 otherwise (also
-//! with warnings).
+//! `policy lint` prints its diagnostics on stdout, one per line (at most
+//! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS), then how
+//! many more there were), and a summary counting them all on stderr; it
+//! exits 1 when there is any error, 0 otherwise (also with warnings).
 
 use std::path::PathBuf;
 
@@ -19,7 +20,7 @@ use clap::Subcommand;
 use tonic::transport::Channel;
 use trellis_core::policy::{
     AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, document_from_proto,
-    has_errors, lint_paths, load_paths, policy_key,
+    load_paths, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -112,37 +113,41 @@ const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> {
     let td = TrustDomain::new(trust_domain)
         .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
-    let diagnostics = lint_paths(paths, &td);
-    let stdout = listing(&diagnostics);
-    let errors = diagnostics.iter().filter(|d| d.is_error()).count();
-    let warnings = diagnostics.len() - errors;
+    let loaded = load_paths(paths, &td);
+    let (errors, warnings) = (loaded.errors(), loaded.warnings());
     let stderr = format!(
         "{errors} error{}, {warnings} warning{}\n",
         plural(errors),
         plural(warnings)
     );
     Ok(Printed {
-        stdout,
+        stdout: listing(&loaded),
         stderr,
-        failed: has_errors(&diagnostics),
+        failed: loaded.has_errors(),
     })
 }
 
-/// The most diagnostics one command prints: past that many a file is
-/// usually one mistake repeated, and printing them all only costs memory.
-const PRINTED_DIAGNOSTICS: usize = 1000;
-
-/// The diagnostics, one a line, at most [`PRINTED_DIAGNOSTICS`] of them and
-/// then how many more there were.
-fn listing(diagnostics: &[trellis_core::policy::Diagnostic]) -> String {
+/// The diagnostics reading kept, one a line (at most
+/// [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS): past that
+/// many a file is usually one mistake repeated), then how many more there
+/// were.
+fn listing(loaded: &Loaded) -> String {
     let mut out = String::new();
-    for d in diagnostics.iter().take(PRINTED_DIAGNOSTICS) {
+    for d in &loaded.diagnostics {
         out.push_str(&d.to_string());
         out.push('\n');
     }
-    let more = diagnostics.len().saturating_sub(PRINTED_DIAGNOSTICS);
-    if more > 0 {
-        out.push_str(&format!("and {more} more diagnostic{}\n", plural(more)));
+    let more = loaded.omitted;
+    if more.total() > 0 {
+        out.push_str(&format!(
+            "and {} more diagnostic{} ({} error{}, {} warning{})\n",
+            more.total(),
+            plural(more.total()),
+            more.errors,
+            plural(more.errors),
+            more.warnings,
+            plural(more.warnings)
+        ));
     }
     out
 }
@@ -265,7 +270,7 @@ async fn apply(
     output: Output,
 ) -> Result<Printed, CtlError> {
     let loaded = load_paths(files, td);
-    let mut report = listing(&loaded.diagnostics);
+    let mut report = listing(&loaded);
     if loaded.has_errors() {
         return Err(CtlError::Reported(format!(
             "{report}nothing applied: fix the errors above\n"
@@ -404,7 +409,7 @@ fn apply_text(response: &ApplyPolicyResponse) -> String {
             r.revision
         ));
         for w in &r.warnings {
-            out.push_str(&format!("  warning: {}: {}\n", w.path, w.message));
+            out.push_str(&format!("  warning: {}\n", path_message(w)));
         }
     }
     if response.dry_run {
@@ -418,6 +423,16 @@ fn apply_text(response: &ApplyPolicyResponse) -> String {
     out
 }
 
+/// `path: message`, or the message alone when it names no field (how many
+/// more warnings there were).
+fn path_message(v: &trellis_proto::policy::v1::Violation) -> String {
+    if v.path.is_empty() {
+        v.message.clone()
+    } else {
+        format!("{}: {}", v.path, v.message)
+    }
+}
+
 fn apply_json(response: &ApplyPolicyResponse) -> String {
     let results: Vec<serde_json::Value> = response
         .results
@@ -429,7 +444,7 @@ fn apply_json(response: &ApplyPolicyResponse) -> String {
                 "revision": r.revision,
                 "outcome": outcome_word(r.outcome, false),
                 "selected_workloads": r.selected_workloads,
-                "warnings": r.warnings.iter().map(|w| format!("{}: {}", w.path, w.message)).collect::<Vec<_>>(),
+                "warnings": r.warnings.iter().map(path_message).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -545,7 +560,7 @@ fn parse_id(flag: &str, value: &str) -> Result<SpiffeId, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_core::policy::{lint_source, load_source};
+    use trellis_core::policy::{MAX_DIAGNOSTICS, load_source};
 
     #[test]
     fn joined_files_map_positions_back_to_each_file() {
@@ -626,14 +641,29 @@ spec:
         assert_eq!(at, "c.yaml:9:26");
     }
 
+    /// A file of one mistake repeated lists the first thousand and counts
+    /// the rest; the summary counts them all.
     #[test]
-    fn a_listing_stops_after_a_thousand_diagnostics() {
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let one = lint_source("x.yaml", "apiVersion: v2\n", &td);
-        let many: Vec<_> = one.iter().cycle().take(1003).cloned().collect();
-        let listing = listing(&many);
-        assert_eq!(listing.lines().count(), 1001);
-        assert!(listing.ends_with("\nand 3 more diagnostics\n"), "{listing}");
-        assert_eq!(super::listing(&one), format!("{}\n", one[0]));
+    fn lint_lists_a_thousand_diagnostics_and_counts_the_rest() {
+        let dir = std::env::temp_dir().join(format!("trellis-lint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("many.yaml");
+        std::fs::write(&file, "---\nx: 1\n".repeat(MAX_DIAGNOSTICS + 3)).unwrap();
+        let printed = lint(std::slice::from_ref(&file), "cluster.local").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(printed.failed);
+        let lines: Vec<&str> = printed.stdout.lines().collect();
+        assert_eq!(lines.len(), MAX_DIAGNOSTICS + 1);
+        let name = file.display().to_string();
+        assert_eq!(lines[0], format!("{name}:2:1: missing field `apiVersion`"));
+        assert_eq!(
+            lines[MAX_DIAGNOSTICS - 1],
+            format!("{name}:2000:1: missing field `apiVersion`")
+        );
+        assert_eq!(
+            lines[MAX_DIAGNOSTICS],
+            "and 3 more diagnostics (3 errors, 0 warnings)"
+        );
+        assert_eq!(printed.stderr, "1003 errors, 0 warnings\n");
     }
 }

@@ -7,8 +7,11 @@
 //! [`validate_rate_limit_in`] (a RateLimitPolicy), so a policy is rejected by
 //! `kubectl apply` with the same field path and message as by `policy lint`,
 //! less the line number (the API server has no file). Warnings are admitted
-//! and shown by `kubectl`. It never stores anything: the CRD store backend
-//! watches what the API server accepted.
+//! and shown by `kubectl`. Validation keeps at most
+//! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS) problems of an
+//! object; the answer lists those and says how many more there were. It
+//! never stores anything: the CRD store backend watches what the API server
+//! accepted.
 //!
 //! Kubernetes adds metadata (uid, resourceVersion, labels, managedFields...)
 //! that the document format does not have; only `metadata.name` and
@@ -17,7 +20,9 @@
 
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
-use trellis_core::policy::{Document, ValidationContext, validate_in, validate_rate_limit_in};
+use trellis_core::policy::{
+    Document, Omitted, ValidationContext, validate_in, validate_rate_limit_in,
+};
 
 use super::review::{AdmissionRequest, AdmissionResponse, ReviewError};
 
@@ -63,10 +68,16 @@ pub fn respond_policy(
     }
     let checked = match Document::from_value(document) {
         Ok(Document::AuthorizationPolicy(policy)) => {
-            validate_in(&policy, td, context).map(|valid| valid.warnings().to_vec())
+            validate_in(&policy, td, context).map(|valid| {
+                let omitted = Omitted {
+                    errors: 0,
+                    warnings: valid.omitted_warnings(),
+                };
+                (valid.warnings().to_vec(), omitted)
+            })
         }
         Ok(Document::RateLimitPolicy(limit)) => {
-            validate_rate_limit_in(&limit, td).map(|()| Vec::new())
+            validate_rate_limit_in(&limit, td).map(|()| (Vec::new(), Omitted::default()))
         }
         Ok(_) => {
             return AdmissionResponse::deny(
@@ -76,21 +87,37 @@ pub fn respond_policy(
         }
         Err(e) => return AdmissionResponse::deny(uid, format!("{what} is invalid: {e}")),
     };
-    let (errors, warnings): (Vec<_>, Vec<_>) = match checked {
-        Ok(warnings) => (Vec::new(), warnings),
-        Err(violations) => violations.into_iter().partition(|v| v.is_error()),
+    let (violations, omitted) = match checked {
+        Ok(warnings) => warnings,
+        Err(violations) => {
+            let omitted = violations.omitted();
+            (violations.into_vec(), omitted)
+        }
     };
-    let mut response = if errors.is_empty() {
+    let (errors, warnings): (Vec<_>, Vec<_>) = violations.into_iter().partition(|v| v.is_error());
+    let mut response = if errors.is_empty() && omitted.errors == 0 {
         AdmissionResponse::allow(uid)
     } else {
-        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let mut messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        if omitted.errors > 0 {
+            messages.push(more(omitted.errors, "error"));
+        }
         AdmissionResponse::deny(uid, format!("{what} is invalid: {}", messages.join("; ")))
     };
     response.warnings = warnings
         .iter()
         .map(|w| format!("{what}: {}", w.message_with_path()))
         .collect();
+    if omitted.warnings > 0 {
+        let more = more(omitted.warnings, "warning");
+        response.warnings.push(format!("{what}: {more}"));
+    }
     response
+}
+
+/// `and N more errors`: what validation counted but did not keep.
+fn more(n: usize, what: &str) -> String {
+    format!("and {n} more {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn field<'a>(object: &'a Value, name: &str) -> Option<&'a str> {
@@ -114,5 +141,68 @@ impl PathMessage for trellis_core::policy::Violation {
         } else {
             format!("{}: {}", self.path, self.message)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::review::GroupVersionKind;
+    use super::*;
+    use trellis_core::policy::MAX_DIAGNOSTICS;
+
+    fn review(ports: Vec<i64>) -> AdmissionResponse {
+        let request = AdmissionRequest {
+            uid: "u".into(),
+            kind: GroupVersionKind {
+                group: GROUP.into(),
+                version: "v1alpha1".into(),
+                kind: "AuthorizationPolicy".into(),
+            },
+            name: "many".into(),
+            namespace: "default".into(),
+            operation: "CREATE".into(),
+            object: Some(json!({
+                "apiVersion": "trellis.io/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "many", "namespace": "default"},
+                "spec": {
+                    "selector": {"spiffeIds": ["spiffe://cluster.local/ns/default/sa/api"]},
+                    "action": "ALLOW",
+                    "rules": [{"to": [{"ports": ports}]}],
+                },
+            })),
+        };
+        let td = TrustDomain::new("cluster.local").unwrap();
+        respond_policy(&request, &td, &ValidationContext::default())
+    }
+
+    /// An object of an error every few bytes (the body may hold 4 MiB) is
+    /// denied listing the errors validation kept and counting the rest.
+    #[test]
+    fn a_denial_lists_the_errors_kept_and_counts_the_rest() {
+        let response = review(vec![0; 50_000]);
+        assert!(!response.allowed);
+        let message = response.message.unwrap();
+        let listed = message.matches("port 0 is out of range").count();
+        assert_eq!(listed, MAX_DIAGNOSTICS);
+        assert!(
+            message.starts_with(
+                "AuthorizationPolicy default/many is invalid: spec.rules[0].to[0].ports[0]: port 0"
+            ),
+            "{}",
+            &message[..200]
+        );
+        assert!(message.ends_with("; and 49000 more errors"), "{message}");
+    }
+
+    #[test]
+    fn warnings_past_the_cap_are_counted() {
+        let response = review(vec![8080; 1_502]);
+        assert!(response.allowed);
+        assert_eq!(response.warnings.len(), MAX_DIAGNOSTICS + 1);
+        assert_eq!(
+            response.warnings.last().unwrap(),
+            "AuthorizationPolicy default/many: and 501 more warnings"
+        );
     }
 }

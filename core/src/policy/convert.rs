@@ -22,7 +22,9 @@ use super::document::{
 use super::engine::{Decision, DefaultPolicy, Reason, RuleRef, Verdict};
 use super::explain::{Explanation, PolicyTrace, RuleTrace};
 use super::path::FieldPath;
-use super::validate::{Severity, ValidPolicy, ValidationContext, Violation, validate_in};
+use super::validate::{
+    Severity, ValidPolicy, ValidationContext, Violation, Violations, validate_in,
+};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 impl From<Action> for proto::Action {
@@ -194,10 +196,7 @@ fn rule_from_proto(rule: &proto::Rule) -> Rule {
 
 /// Validates a protobuf policy, e.g. one pushed to a sidecar, with the same
 /// rules and messages as a document.
-pub fn validate_proto(
-    policy: &proto::Policy,
-    td: &TrustDomain,
-) -> Result<ValidPolicy, Vec<Violation>> {
+pub fn validate_proto(policy: &proto::Policy, td: &TrustDomain) -> Result<ValidPolicy, Violations> {
     validate_proto_in(policy, td, &ValidationContext::default())
 }
 
@@ -206,9 +205,9 @@ pub fn validate_proto_in(
     policy: &proto::Policy,
     td: &TrustDomain,
     context: &ValidationContext,
-) -> Result<ValidPolicy, Vec<Violation>> {
+) -> Result<ValidPolicy, Violations> {
     validate_in(
-        &document_from_proto(policy).map_err(|v| vec![v])?,
+        &document_from_proto(policy).map_err(Violations::from)?,
         td,
         context,
     )

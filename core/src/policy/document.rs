@@ -98,7 +98,7 @@ pub struct Rule {
 }
 
 /// Who is connecting; exactly one field is set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     /// An exact SPIFFE ID, or a prefix ending in `/*`.

@@ -47,7 +47,7 @@ use super::document::Action;
 use super::l7::HttpRequest;
 use super::pattern::IdPattern;
 pub(crate) use super::rules::{CompiledPolicy, CompiledRule};
-use super::validate::{ValidationContext, Violation};
+use super::validate::{ValidationContext, Violation, Violations};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What happens when no policy decides: the control plane's `--default-policy`.
@@ -192,18 +192,24 @@ pub enum CompileError {
     #[error("policy {policy} is invalid: {}", join(.violations))]
     Invalid {
         policy: String,
-        violations: Vec<Violation>,
+        violations: Violations,
     },
     #[error("policy {0} appears more than once")]
     Duplicate(String),
 }
 
-fn join(violations: &[Violation]) -> String {
+fn join(violations: &Violations) -> String {
     let errors = violations.iter().filter(|v| v.is_error());
-    errors
+    let mut joined = errors
         .map(ToString::to_string)
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    let more = violations.omitted().errors;
+    if more > 0 {
+        let s = if more == 1 { "" } else { "s" };
+        joined.push_str(&format!("; and {more} more error{s}"));
+    }
+    joined
 }
 
 /// Whether `policy` selects the workload `id`: the control plane sends each

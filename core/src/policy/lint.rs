@@ -6,7 +6,14 @@
 //! its field path mapped back to the node that holds it. It is what
 //! `trellisctl policy lint` and `policy apply -f` run; it never talks to a
 //! control plane.
+//!
+//! However many problems a text holds, at most [`MAX_DIAGNOSTICS`] are kept
+//! (errors first, then by position) and the rest only counted: a hostile
+//! file with a problem every few bytes must not make a diagnostic, with its
+//! strings, for each of them.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,9 +21,10 @@ use std::path::{Path, PathBuf};
 use super::document::{Action, AuthorizationPolicy, Document};
 use super::path::FieldPath;
 use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in};
-use super::source::{Node, Pos, parse_stream};
+use super::source::{Node, Pos, parse_each};
 use super::validate::{
-    Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate_in,
+    MAX_DIAGNOSTICS, Omitted, Severity, ValidPolicy, ValidationContext, Violation, Violations,
+    duplicate_names, policy_key, validate_in,
 };
 use crate::spiffe::TrustDomain;
 
@@ -80,14 +88,21 @@ pub struct LoadedPolicy {
     pub line: usize,
 }
 
-/// What reading some policy files gave: the valid policies and every
-/// diagnostic (errors and warnings), ordered by file, line and column.
+/// What reading some policy files gave: the valid policies and the
+/// diagnostics (errors and warnings).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
+    /// The valid `AuthorizationPolicy` documents. Together they keep at
+    /// most [`MAX_DIAGNOSTICS`] warnings ([`ValidPolicy::warnings`]).
     pub policies: Vec<LoadedPolicy>,
     /// The valid `RateLimitPolicy` documents.
     pub rate_limits: Vec<LoadedRateLimit>,
+    /// The diagnostics kept, ordered by file, line and column: at most
+    /// [`MAX_DIAGNOSTICS`], errors chosen before warnings and earlier ones
+    /// before later ones.
     pub diagnostics: Vec<Diagnostic>,
+    /// How many more there were.
+    pub omitted: Omitted,
 }
 
 /// A valid `RateLimitPolicy` and where it was read.
@@ -99,12 +114,26 @@ pub struct LoadedRateLimit {
 }
 
 impl Loaded {
+    /// Whether any error was found, kept or not.
     pub fn has_errors(&self) -> bool {
-        has_errors(&self.diagnostics)
+        self.omitted.errors > 0 || has_errors(&self.diagnostics)
+    }
+
+    /// How many errors were found, kept or not.
+    pub fn errors(&self) -> usize {
+        let kept = self.diagnostics.iter().filter(|d| d.is_error()).count();
+        kept + self.omitted.errors
+    }
+
+    /// How many warnings were found, kept or not.
+    pub fn warnings(&self) -> usize {
+        let kept = self.diagnostics.iter().filter(|d| !d.is_error()).count();
+        kept + self.omitted.warnings
     }
 }
 
-/// Checks the documents of one text named `name` (a file name in messages).
+/// Checks the documents of one text named `name` (a file name in messages):
+/// the diagnostics [`load_source`] keeps.
 pub fn lint_source(name: &str, text: &str, td: &TrustDomain) -> Vec<Diagnostic> {
     load_source(name, text, td).diagnostics
 }
@@ -123,24 +152,14 @@ pub fn load_source_in(
     td: &TrustDomain,
     context: &ValidationContext,
 ) -> Loaded {
-    let mut checked = Vec::new();
-    let mut loaded = Loaded::default();
-    let mut limits = Vec::new();
-    check_text(
-        name,
-        text,
-        td,
-        context,
-        &mut checked,
-        &mut limits,
-        &mut loaded,
-    );
-    finish(checked, limits, loaded, &[name.to_owned()])
+    let mut reading = Reading::default();
+    reading.check_text(0, name, text, td, context);
+    reading.finish()
 }
 
 /// Checks files and directories (searched recursively for `*.yaml`, `*.yml`
 /// and `*.json`, in sorted order); duplicate names across all of them are
-/// errors.
+/// errors. The diagnostics [`load_paths`] keeps.
 pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
     load_paths(paths, td).diagnostics
 }
@@ -148,33 +167,25 @@ pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
 /// Reads and validates files and directories, as [`lint_paths`] checks them.
 pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
     let mut files = Vec::new();
-    let mut loaded = Loaded::default();
+    let mut reading = Reading::default();
     for path in paths {
         if let Err(e) = collect(path, true, &mut files) {
-            loaded.diagnostics.push(unreadable(path, &e));
+            reading.found.push(None, unreadable(path, &e));
         }
     }
     files.sort();
     files.dedup();
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    let mut checked = Vec::new();
-    let mut limits = Vec::new();
     let context = ValidationContext::default();
-    for (file, name) in files.iter().zip(&names) {
+    for (index, file) in files.iter().enumerate() {
         match fs::read_to_string(file) {
-            Ok(text) => check_text(
-                name,
-                &text,
-                td,
-                &context,
-                &mut checked,
-                &mut limits,
-                &mut loaded,
-            ),
-            Err(e) => loaded.diagnostics.push(unreadable(file, &e)),
+            Ok(text) => {
+                let name = file.display().to_string();
+                reading.check_text(index, &name, &text, td, &context);
+            }
+            Err(e) => reading.found.push(Some(index), unreadable(file, &e)),
         }
     }
-    finish(checked, limits, loaded, &names)
+    reading.finish()
 }
 
 fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
@@ -212,86 +223,236 @@ fn is_policy_file(path: &Path) -> bool {
     matches!(ext, Some("yaml" | "yml" | "json"))
 }
 
-/// A policy that passed validation, with its document for locating a
-/// duplicate-name error.
+/// A policy that passed validation, and where it is: where its document
+/// starts and where it names itself (a duplicate name is reported there).
+/// Only positions are kept, not the document's tree, which takes many
+/// times the text's size.
 struct Checked<T> {
     policy: T,
+    /// The position of its file among those read (diagnostics are ordered
+    /// by it).
+    index: usize,
     file: String,
-    node: Node,
+    line: usize,
+    name: Pos,
 }
 
-fn check_text(
-    name: &str,
-    text: &str,
-    td: &TrustDomain,
-    context: &ValidationContext,
-    checked: &mut Vec<Checked<ValidPolicy>>,
-    limits: &mut Vec<Checked<RateLimitPolicy>>,
-    loaded: &mut Loaded,
-) {
-    let (documents, syntax) = parse_stream(text);
-    for node in documents {
+impl<T> Checked<T> {
+    fn new(policy: T, index: usize, file: &str, node: &Node) -> Self {
+        Self {
+            policy,
+            index,
+            file: file.to_owned(),
+            line: node.pos().line,
+            name: node.locate(&name_path(), false),
+        }
+    }
+}
+
+fn name_path() -> FieldPath {
+    FieldPath::root().field("metadata").field("name")
+}
+
+/// What reading texts has found so far.
+struct Reading {
+    policies: Vec<Checked<ValidPolicy>>,
+    limits: Vec<Checked<RateLimitPolicy>>,
+    found: Found,
+    /// How many more warnings valid policies may keep: each keeps at most
+    /// [`MAX_DIAGNOSTICS`], and a text of many must not keep that many for
+    /// every one.
+    warnings_left: usize,
+}
+
+impl Default for Reading {
+    fn default() -> Self {
+        Self {
+            policies: Vec::new(),
+            limits: Vec::new(),
+            found: Found::default(),
+            warnings_left: MAX_DIAGNOSTICS,
+        }
+    }
+}
+
+impl Reading {
+    /// Checks the documents of `text`, the `index`th file read, named
+    /// `name`, each as soon as it is read.
+    fn check_text(
+        &mut self,
+        index: usize,
+        name: &str,
+        text: &str,
+        td: &TrustDomain,
+        context: &ValidationContext,
+    ) {
+        let syntax = parse_each(text, |node| {
+            self.check_document(index, name, &node, td, context);
+        });
+        if let Some(e) = syntax {
+            let violation = Violation::error(FieldPath::root(), e.message);
+            self.found
+                .push(Some(index), Diagnostic::at(name, e.pos, violation));
+        }
+    }
+
+    fn check_document(
+        &mut self,
+        index: usize,
+        name: &str,
+        node: &Node,
+        td: &TrustDomain,
+        context: &ValidationContext,
+    ) {
+        let mut report = |violations: Violations| {
+            self.found.omitted.add(violations.omitted());
+            for violation in violations {
+                let pos = node.locate(&violation.path, violation.at_key);
+                self.found
+                    .push(Some(index), Diagnostic::at(name, pos, violation));
+            }
+        };
         let document = match Document::from_value(node.to_json()) {
             Ok(document) => document,
             Err(e) => {
-                let pos = node.locate(&e.path, e.at_key);
                 let violation = Violation {
                     at_key: e.at_key,
                     ..Violation::error(e.path, e.message)
                 };
-                loaded
-                    .diagnostics
-                    .push(Diagnostic::at(name, pos, violation));
-                continue;
+                return report(Violations::from(violation));
             }
         };
-        let policy = match &document {
+        let policy = match document {
             Document::AuthorizationPolicy(policy) => policy,
             Document::RateLimitPolicy(limit) => {
-                match validate_rate_limit_in(limit, td) {
-                    Ok(()) => limits.push(Checked {
-                        policy: limit.clone(),
-                        file: name.to_owned(),
-                        node,
-                    }),
-                    Err(violations) => {
-                        for violation in violations {
-                            let pos = node.locate(&violation.path, violation.at_key);
-                            loaded
-                                .diagnostics
-                                .push(Diagnostic::at(name, pos, violation));
-                        }
-                    }
-                }
-                continue;
+                return match validate_rate_limit_in(&limit, td) {
+                    Ok(()) => self.limits.push(Checked::new(limit, index, name, node)),
+                    Err(violations) => report(violations),
+                };
             }
         };
-        let out = &mut loaded.diagnostics;
-        let (policy, violations) = match validate_in(policy, td, context) {
-            Ok(valid) => {
-                let mut warnings = valid.warnings().to_vec();
-                warnings.extend(denies_connections(policy, context));
-                (Some(valid), warnings)
-            }
-            Err(violations) => (None, violations),
+        let mut valid = match validate_in(&policy, td, context) {
+            Ok(valid) => valid,
+            Err(violations) => return report(violations),
         };
-        for violation in violations {
-            let pos = node.locate(&violation.path, violation.at_key);
-            out.push(Diagnostic::at(name, pos, violation));
+        let mut warnings = Violations::default();
+        for warning in valid.warnings() {
+            warnings.push(warning.clone());
         }
-        if let Some(policy) = policy {
-            checked.push(Checked {
-                policy,
-                file: name.to_owned(),
-                node,
-            });
-        }
+        denies_connections(&policy, context, &mut warnings);
+        report(warnings);
+        self.found.omitted.warnings += valid.omitted_warnings();
+        valid.keep_warnings(self.warnings_left);
+        self.warnings_left -= valid.warnings().len();
+        self.policies.push(Checked::new(valid, index, name, node));
     }
-    if let Some(e) = syntax {
-        let violation = Violation::error(FieldPath::root(), e.message);
+
+    /// Rejects duplicate names (per kind) and orders the diagnostics kept.
+    fn finish(mut self) -> Loaded {
+        let metadata = self.policies.iter().map(|c| &c.policy.policy().metadata);
+        let rejected = reject_duplicates(&self.policies, metadata, "policy", &mut self.found);
+        let metadata = self.limits.iter().map(|c| &c.policy.metadata);
+        let limits_rejected =
+            reject_duplicates(&self.limits, metadata, "rate limit", &mut self.found);
+        let (diagnostics, omitted) = self.found.into_sorted();
+        let mut loaded = Loaded {
+            diagnostics,
+            omitted,
+            ..Loaded::default()
+        };
+        for (c, rejected) in self.limits.into_iter().zip(limits_rejected) {
+            if !rejected {
+                loaded.rate_limits.push(LoadedRateLimit {
+                    line: c.line,
+                    policy: c.policy,
+                    file: c.file,
+                });
+            }
+        }
+        for (c, rejected) in self.policies.into_iter().zip(rejected) {
+            if !rejected {
+                loaded.policies.push(LoadedPolicy {
+                    policy: c.policy,
+                    file: c.file,
+                    line: c.line,
+                });
+            }
+        }
         loaded
-            .diagnostics
-            .push(Diagnostic::at(name, e.pos, violation));
+    }
+}
+
+/// Diagnostics as they are found, in no particular order: the first
+/// [`MAX_DIAGNOSTICS`] of them, errors before warnings and then by
+/// position, are kept, the others only counted.
+#[derive(Default)]
+struct Found {
+    /// A max-heap: the one to drop next is on top.
+    kept: BinaryHeap<Ranked>,
+    /// How many have been pushed; ties in position keep the order found.
+    pushed: usize,
+    omitted: Omitted,
+}
+
+/// A diagnostic and its rank: severity, then the position of its file
+/// among those read (`None`: a path that could not be listed, first),
+/// line, column and the order found.
+struct Ranked {
+    rank: (Severity, Option<usize>, usize, usize, usize),
+    diagnostic: Diagnostic,
+}
+
+impl Ranked {
+    fn position(&self) -> (Option<usize>, usize, usize, usize) {
+        let (_, file, line, column, order) = self.rank;
+        (file, line, column, order)
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank == other.rank
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.rank.cmp(&other.rank)
+    }
+}
+
+impl Found {
+    /// Adds a diagnostic of the `file`th file read.
+    fn push(&mut self, file: Option<usize>, diagnostic: Diagnostic) {
+        let d = &diagnostic;
+        let rank = (d.severity, file, d.line, d.column, self.pushed);
+        self.pushed += 1;
+        let ranked = Ranked { rank, diagnostic };
+        if self.kept.len() < MAX_DIAGNOSTICS {
+            self.kept.push(ranked);
+            return;
+        }
+        let dropped = match self.kept.peek_mut() {
+            Some(mut last) if ranked < *last => std::mem::replace(&mut *last, ranked),
+            _ => ranked,
+        };
+        self.omitted.count(dropped.diagnostic.severity);
+    }
+
+    /// The diagnostics kept, by position, and how many more there were.
+    fn into_sorted(self) -> (Vec<Diagnostic>, Omitted) {
+        let mut kept = self.kept.into_vec();
+        kept.sort_unstable_by_key(Ranked::position);
+        let diagnostics = kept.into_iter().map(|r| r.diagnostic).collect();
+        (diagnostics, self.omitted)
     }
 }
 
@@ -299,18 +460,21 @@ fn check_text(
 /// and no ports: the sidecar cannot hold a connection that is not HTTP to
 /// those conditions, so the rule denies (AUDIT: would deny) every such
 /// connection from its sources, on every port not declared opaque.
-fn denies_connections(policy: &AuthorizationPolicy, context: &ValidationContext) -> Vec<Violation> {
+fn denies_connections(
+    policy: &AuthorizationPolicy,
+    context: &ValidationContext,
+    found: &mut Violations,
+) {
     let verb = match policy.spec.action {
         Action::Deny => "denies",
         Action::Audit => "would deny (AUDIT)",
-        Action::Allow => return Vec::new(),
+        Action::Allow => return,
     };
     let opaque = match context.opaque_ports.as_slice() {
         [] => String::new(),
         ports => format!(" {ports:?}"),
     };
     let rules = FieldPath::root().field("spec").field("rules");
-    let mut found = Vec::new();
     for (i, rule) in policy.spec.rules.iter().enumerate() {
         for (j, d) in rule.to.iter().flatten().enumerate() {
             if d.has_l7() && d.ports.is_none() {
@@ -323,46 +487,6 @@ fn denies_connections(policy: &AuthorizationPolicy, context: &ValidationContext)
             }
         }
     }
-    found
-}
-
-/// Rejects duplicate names (per kind), then orders diagnostics by the
-/// position of their file in `files` (unreadable paths first), line and
-/// column.
-fn finish(
-    checked: Vec<Checked<ValidPolicy>>,
-    limits: Vec<Checked<RateLimitPolicy>>,
-    mut loaded: Loaded,
-    files: &[String],
-) -> Loaded {
-    let metadata = checked.iter().map(|c| &c.policy.policy().metadata);
-    let rejected = reject_duplicates(&checked, metadata, "policy", &mut loaded);
-    let metadata = limits.iter().map(|c| &c.policy.metadata);
-    let limits_rejected = reject_duplicates(&limits, metadata, "rate limit", &mut loaded);
-    for (c, rejected) in limits.into_iter().zip(limits_rejected) {
-        if !rejected {
-            loaded.rate_limits.push(LoadedRateLimit {
-                line: c.node.pos().line,
-                policy: c.policy,
-                file: c.file,
-            });
-        }
-    }
-    for (c, rejected) in checked.into_iter().zip(rejected) {
-        if !rejected {
-            let line = c.node.pos().line;
-            loaded.policies.push(LoadedPolicy {
-                policy: c.policy,
-                file: c.file,
-                line,
-            });
-        }
-    }
-    loaded.diagnostics.sort_by_key(|d| {
-        let file = files.iter().position(|f| *f == d.file);
-        (file, d.line, d.column)
-    });
-    loaded
 }
 
 /// Reports every document named like an earlier one of its kind; which of
@@ -371,33 +495,29 @@ fn reject_duplicates<'a, T>(
     checked: &[Checked<T>],
     metadata: impl Iterator<Item = &'a super::document::Metadata>,
     what: &str,
-    loaded: &mut Loaded,
+    found: &mut Found,
 ) -> Vec<bool> {
     let metadata: Vec<_> = metadata.collect();
-    let name_path = FieldPath::root().field("metadata").field("name");
     let mut rejected = vec![false; checked.len()];
     for (dup, first) in duplicate_names(metadata.iter().copied()) {
         rejected[dup] = true;
         let (d, f) = (&checked[dup], &checked[first]);
         let meta = metadata[dup];
-        let first_pos = f.node.locate(&name_path, false);
         let message = format!(
-            "duplicate {what} {}: already defined at {}:{first_pos}",
+            "duplicate {what} {}: already defined at {}:{}",
             policy_key(&meta.namespace, &meta.name),
-            f.file
+            f.file,
+            f.name
         );
-        let pos = d.node.locate(&name_path, false);
-        loaded.diagnostics.push(Diagnostic::at(
-            &d.file,
-            pos,
-            Violation::error(name_path.clone(), message),
-        ));
+        let violation = Violation::error(name_path(), message);
+        found.push(Some(d.index), Diagnostic::at(&d.file, d.name, violation));
     }
     rejected
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::source::parse_stream;
     use super::*;
 
     fn td() -> TrustDomain {
@@ -531,6 +651,105 @@ spec:
             loaded.diagnostics[0]
         );
         assert_eq!(load_source("l7.yaml", &text, &td()).diagnostics, []);
+    }
+
+    /// A hostile file of an error every few bytes: a diagnostic for each
+    /// would take hundreds of megabytes. At most the cap is kept, the first
+    /// by position, and the rest counted; the file is still refused.
+    #[test]
+    fn a_file_of_far_more_errors_than_the_cap_keeps_the_cap_and_counts_the_rest() {
+        // 200,000 documents of one error each (1.8 MB), then one policy of
+        // 100,000 errors.
+        let mut text = "---\nx: 1\n".repeat(200_000);
+        let ports = vec!["0"; 100_000].join(",");
+        text.push_str(&format!("---\n{}", GOOD.replace("8080", &ports)));
+        let loaded = load_source("many.yaml", &text, &td());
+        assert!(loaded.has_errors());
+        assert!(loaded.policies.is_empty());
+        assert_eq!(loaded.diagnostics.len(), MAX_DIAGNOSTICS);
+        assert_eq!(loaded.errors(), 300_000);
+        assert_eq!(
+            loaded.omitted,
+            Omitted {
+                errors: 300_000 - MAX_DIAGNOSTICS,
+                warnings: 0
+            }
+        );
+        let lines: Vec<usize> = loaded.diagnostics.iter().map(|d| d.line).collect();
+        let first: Vec<usize> = (0..MAX_DIAGNOSTICS).map(|i| 2 + 2 * i).collect();
+        assert_eq!(lines, first);
+        assert_eq!(
+            loaded.diagnostics[0].to_string(),
+            "many.yaml:2:1: missing field `apiVersion`"
+        );
+    }
+
+    /// One document alone keeps at most the cap of its problems, before
+    /// any of them is given a line.
+    #[test]
+    fn one_policy_keeps_at_most_the_cap_of_its_violations() {
+        let ports = vec!["0"; 5_000].join(", ");
+        let policy = match Document::from_value(
+            parse_stream(&GOOD.replace("8080", &ports)).0[0].to_json(),
+        ) {
+            Ok(Document::AuthorizationPolicy(policy)) => policy,
+            other => panic!("{other:?}"),
+        };
+        let violations = validate_in(&policy, &td(), &ValidationContext::default()).unwrap_err();
+        assert_eq!(violations.len(), MAX_DIAGNOSTICS);
+        assert!(violations.has_errors());
+        assert_eq!(violations.omitted().errors, 5_000 - MAX_DIAGNOSTICS);
+    }
+
+    /// Errors are what must be fixed: a thousand warnings before an error
+    /// do not hide it, and the warnings past the cap are counted.
+    #[test]
+    fn an_error_after_the_cap_of_warnings_is_kept_and_refuses() {
+        let ports = vec!["8080"; 1_500].join(", ");
+        let warned = GOOD.replace("[8080]", &format!("[{ports}]"));
+        let bad = GOOD.replace("web-to-api", "other").replace("8080", "70000");
+        let text = format!("{warned}---\n{bad}");
+        let loaded = load_source("p.yaml", &text, &td());
+        assert!(loaded.has_errors());
+        assert_eq!(loaded.diagnostics.len(), MAX_DIAGNOSTICS);
+        let last = loaded.diagnostics.last().unwrap();
+        assert_eq!(
+            last.to_string(),
+            "p.yaml:29:19: spec.rules[0].to[0].ports[0]: port 70000 is out of range 1..=65535"
+        );
+        assert_eq!(loaded.errors(), 1);
+        assert_eq!(loaded.warnings(), 1_499);
+        assert_eq!(loaded.omitted.warnings, 1_499 - (MAX_DIAGNOSTICS - 1));
+    }
+
+    /// Valid policies keep at most the cap of warnings between them (the
+    /// Admin API returns them), counting the rest.
+    #[test]
+    fn many_valid_policies_keep_at_most_the_cap_of_warnings_together() {
+        let ports = vec!["8080"; 601].join(", ");
+        let text: Vec<String> = (0..3)
+            .map(|i| {
+                GOOD.replace("web-to-api", &format!("p{i}"))
+                    .replace("[8080]", &format!("[{ports}]"))
+            })
+            .collect();
+        let loaded = load_source("p.yaml", &text.join("---\n"), &td());
+        assert!(!loaded.has_errors());
+        assert_eq!(loaded.policies.len(), 3);
+        let kept: Vec<usize> = loaded
+            .policies
+            .iter()
+            .map(|p| p.policy.warnings().len())
+            .collect();
+        assert_eq!(kept, [600, 400, 0]);
+        let omitted: Vec<usize> = loaded
+            .policies
+            .iter()
+            .map(|p| p.policy.omitted_warnings())
+            .collect();
+        assert_eq!(omitted, [0, 200, 600]);
+        assert_eq!(loaded.diagnostics.len(), MAX_DIAGNOSTICS);
+        assert_eq!(loaded.warnings(), 1_800);
     }
 
     #[test]

@@ -71,6 +71,6 @@ pub use ratelimit::{
     validate_rate_limit_in_with, validate_rate_limit_with,
 };
 pub use validate::{
-    Severity, ValidPolicy, ValidationContext, Violation, duplicate_names, policy_key, validate,
-    validate_in,
+    MAX_DIAGNOSTICS, Omitted, Severity, ValidPolicy, ValidationContext, Violation, Violations,
+    duplicate_names, policy_key, validate, validate_in,
 };

@@ -21,7 +21,7 @@ use trellis_proto::policy::v1 as proto;
 use super::document::{API_VERSION, Metadata, Selector};
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
-use super::validate::{ValidationContext, Violation, check_path_pattern};
+use super::validate::{ValidationContext, Violation, Violations, check_path_pattern};
 use crate::spiffe::TrustDomain;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,8 +99,10 @@ pub struct LimitMatch {
 /// wait no clock can hold.
 pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
 
-/// Checks a rate limit; every broken rule as a [`Violation`].
-pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation>> {
+/// Checks a rate limit; every broken rule as a [`Violation`] (at most
+/// [`MAX_DIAGNOSTICS`](super::validate::MAX_DIAGNOSTICS) of them kept, the
+/// rest counted in the [`Violations`]).
+pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Violations> {
     validate_rate_limit_with(policy, &ValidationContext::default()).map(drop)
 }
 
@@ -111,8 +113,8 @@ pub fn validate_rate_limit(policy: &RateLimitPolicy) -> Result<(), Vec<Violation
 pub fn validate_rate_limit_with(
     policy: &RateLimitPolicy,
     context: &ValidationContext,
-) -> Result<Vec<Violation>, Vec<Violation>> {
-    let mut found = Vec::new();
+) -> Result<Vec<Violation>, Violations> {
+    let mut found = Violations::default();
     let mut relaxed = Vec::new();
     let root = FieldPath::root();
     if policy.api_version != API_VERSION {
@@ -192,10 +194,10 @@ pub fn validate_rate_limit_with(
             }
         }
     }
-    if found.is_empty() {
-        Ok(relaxed)
-    } else {
+    if found.has_errors() {
         Err(found)
+    } else {
+        Ok(relaxed)
     }
 }
 
@@ -205,7 +207,7 @@ pub fn validate_rate_limit_with(
 pub fn validate_rate_limit_in(
     policy: &RateLimitPolicy,
     td: &TrustDomain,
-) -> Result<(), Vec<Violation>> {
+) -> Result<(), Violations> {
     validate_rate_limit_in_with(policy, td, &ValidationContext::default()).map(drop)
 }
 
@@ -215,9 +217,9 @@ pub fn validate_rate_limit_in_with(
     policy: &RateLimitPolicy,
     td: &TrustDomain,
     context: &ValidationContext,
-) -> Result<Vec<Violation>, Vec<Violation>> {
+) -> Result<Vec<Violation>, Violations> {
     let (mut found, relaxed) = match validate_rate_limit_with(policy, context) {
-        Ok(relaxed) => (Vec::new(), relaxed),
+        Ok(relaxed) => (Violations::default(), relaxed),
         Err(found) => (found, Vec::new()),
     };
     let metadata = FieldPath::root().field("metadata");
@@ -249,10 +251,10 @@ pub fn validate_rate_limit_in_with(
             ));
         }
     }
-    if found.is_empty() {
-        Ok(relaxed)
-    } else {
+    if found.has_errors() {
         Err(found)
+    } else {
+        Ok(relaxed)
     }
 }
 

@@ -188,22 +188,32 @@ pub(crate) fn resolves_to_string(text: &str) -> bool {
     matches!(plain_scalar(text), Value::String(_))
 }
 
-/// Every document of a stream. On a syntax error, the documents that were
-/// complete before it come back with the error so they can still be checked.
-pub(crate) fn parse_stream(text: &str) -> (Vec<Node>, Option<SyntaxError>) {
+/// Every document of a stream, each handed to `each` as soon as it is
+/// complete (a text of many documents is never held as trees at once);
+/// then the syntax error that ended the stream early, if one did. The
+/// documents complete before such an error are still handed over, so they
+/// can still be checked.
+pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Node)) -> Option<SyntaxError> {
     let mut builder = Builder::default();
-    let mut documents = Vec::new();
     for event in Parser::new_from_str(text) {
         let step = event
             .map_err(SyntaxError::from)
             .and_then(|(event, span)| builder.push(event, &span));
         match step {
-            Ok(Some(root)) if !root.is_empty_document() => documents.push(root),
+            Ok(Some(root)) if !root.is_empty_document() => each(root),
             Ok(_) => {}
-            Err(e) => return (documents, Some(e)),
+            Err(e) => return Some(e),
         }
     }
-    (documents, None)
+    None
+}
+
+/// [`parse_each`], collecting the documents.
+#[cfg(test)]
+pub(crate) fn parse_stream(text: &str) -> (Vec<Node>, Option<SyntaxError>) {
+    let mut documents = Vec::new();
+    let error = parse_each(text, |root| documents.push(root));
+    (documents, error)
 }
 
 /// Far deeper than any policy; bounds the recursion of later passes (and of

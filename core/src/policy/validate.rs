@@ -6,8 +6,9 @@
 //! knows line numbers (`lint` maps paths to lines), and it never decides
 //! connections (`engine` does, only from policies that passed here).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::ops::Deref;
 
 use super::document::{API_VERSION, AuthorizationPolicy, Destination, Metadata, Rule, Source};
 use super::l7::{self, PathPattern};
@@ -67,11 +68,147 @@ impl fmt::Display for Violation {
     }
 }
 
+/// The most problems one check keeps, and so the most that `trellisctl
+/// policy lint` prints and the admission webhook lists; the rest are only
+/// counted. Past that many a file is usually one mistake repeated, and a
+/// message kept for every few bytes of a hostile file would take a hundred
+/// times its size in memory or more.
+pub const MAX_DIAGNOSTICS: usize = 1_000;
+
+/// How many problems were found past the [`MAX_DIAGNOSTICS`] kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Omitted {
+    pub errors: usize,
+    pub warnings: usize,
+}
+
+impl Omitted {
+    pub fn total(self) -> usize {
+        self.errors + self.warnings
+    }
+
+    pub(crate) fn count(&mut self, severity: Severity) {
+        match severity {
+            Severity::Error => self.errors += 1,
+            Severity::Warning => self.warnings += 1,
+        }
+    }
+
+    pub(crate) fn add(&mut self, other: Omitted) {
+        self.errors += other.errors;
+        self.warnings += other.warnings;
+    }
+}
+
+/// The violations one check found: at most [`MAX_DIAGNOSTICS`] of them,
+/// in the order found, and how many more there were. Errors are kept
+/// before warnings (an error found once the list is full takes the place
+/// of the last warning), so a refused policy always shows an error. Reads
+/// as the slice of the kept ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Violations {
+    kept: Vec<Violation>,
+    /// How many of `kept` are warnings, so a full list of errors is not
+    /// searched for one with every further error.
+    kept_warnings: usize,
+    omitted: Omitted,
+}
+
+impl Violations {
+    /// Keeps `violation` while there is room, else counts it (or the
+    /// warning it displaces).
+    pub fn push(&mut self, violation: Violation) {
+        if self.kept.len() < MAX_DIAGNOSTICS {
+            self.keep(violation);
+        } else if violation.is_error() && self.kept_warnings > 0 {
+            let last = self.kept.iter().rposition(|v| !v.is_error());
+            let warning = self.kept.remove(last.expect("a warning is kept"));
+            self.kept_warnings -= 1;
+            self.omitted.count(warning.severity);
+            self.keep(violation);
+        } else {
+            self.omitted.count(violation.severity);
+        }
+    }
+
+    fn keep(&mut self, violation: Violation) {
+        if !violation.is_error() {
+            self.kept_warnings += 1;
+        }
+        self.kept.push(violation);
+    }
+
+    /// Whether any violation, kept or not, is an error.
+    pub fn has_errors(&self) -> bool {
+        self.kept.len() > self.kept_warnings || self.omitted.errors > 0
+    }
+
+    /// How many were found but not kept.
+    pub fn omitted(&self) -> Omitted {
+        self.omitted
+    }
+
+    /// Keeps only the first `n` warnings (counting the rest); errors stay.
+    pub(crate) fn keep_warnings(&mut self, n: usize) {
+        if self.kept_warnings <= n {
+            return;
+        }
+        let mut seen = 0;
+        self.kept.retain(|v| {
+            if v.is_error() {
+                return true;
+            }
+            seen += 1;
+            seen <= n
+        });
+        self.omitted.warnings += self.kept_warnings - n;
+        self.kept_warnings = n;
+    }
+
+    pub fn into_vec(self) -> Vec<Violation> {
+        self.kept
+    }
+}
+
+impl Deref for Violations {
+    type Target = [Violation];
+
+    fn deref(&self) -> &[Violation] {
+        &self.kept
+    }
+}
+
+impl From<Violation> for Violations {
+    fn from(violation: Violation) -> Self {
+        let mut violations = Self::default();
+        violations.push(violation);
+        violations
+    }
+}
+
+impl IntoIterator for Violations {
+    type Item = Violation;
+    type IntoIter = std::vec::IntoIter<Violation>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.kept.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Violations {
+    type Item = &'a Violation;
+    type IntoIter = std::slice::Iter<'a, Violation>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.kept.iter()
+    }
+}
+
 /// An authorization policy that passed [`validate`], with its warnings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidPolicy {
     policy: AuthorizationPolicy,
-    warnings: Vec<Violation>,
+    warnings: Violations,
     relaxed: Vec<Violation>,
 }
 
@@ -84,8 +221,20 @@ impl ValidPolicy {
         self.policy
     }
 
+    /// The warnings kept (at most [`MAX_DIAGNOSTICS`]).
     pub fn warnings(&self) -> &[Violation] {
         &self.warnings
+    }
+
+    /// How many warnings were found past those kept.
+    pub fn omitted_warnings(&self) -> usize {
+        self.warnings.omitted().warnings
+    }
+
+    /// Keeps only the first `n` warnings, counting the rest: many valid
+    /// policies must not keep [`MAX_DIAGNOSTICS`] warnings each.
+    pub(crate) fn keep_warnings(&mut self, n: usize) {
+        self.warnings.keep_warnings(n);
     }
 
     /// What a stored policy fails of the checks added since it could have
@@ -126,10 +275,7 @@ pub struct ValidationContext {
 
 /// Checks one policy for the mesh of trust domain `td`. Errors reject it;
 /// warnings come back in the `Err` with the errors, or in the [`ValidPolicy`].
-pub fn validate(
-    policy: &AuthorizationPolicy,
-    td: &TrustDomain,
-) -> Result<ValidPolicy, Vec<Violation>> {
+pub fn validate(policy: &AuthorizationPolicy, td: &TrustDomain) -> Result<ValidPolicy, Violations> {
     validate_in(policy, td, &ValidationContext::default())
 }
 
@@ -138,16 +284,16 @@ pub fn validate_in(
     policy: &AuthorizationPolicy,
     td: &TrustDomain,
     context: &ValidationContext,
-) -> Result<ValidPolicy, Vec<Violation>> {
+) -> Result<ValidPolicy, Violations> {
     let mut check = Check {
         td,
         opaque: &context.opaque_ports,
         stored: context.stored,
-        found: Vec::new(),
+        found: Violations::default(),
         relaxed: Vec::new(),
     };
     check.policy(policy);
-    if check.found.iter().any(Violation::is_error) {
+    if check.found.has_errors() {
         return Err(check.found);
     }
     Ok(ValidPolicy {
@@ -163,7 +309,7 @@ pub(crate) fn check_path_pattern(
     at: FieldPath,
     text: &str,
     stored: bool,
-    found: &mut Vec<Violation>,
+    found: &mut Violations,
     relaxed: &mut Vec<Violation>,
 ) {
     match PathPattern::parse_stored(text) {
@@ -200,7 +346,7 @@ struct Check<'a> {
     td: &'a TrustDomain,
     opaque: &'a [u16],
     stored: bool,
-    found: Vec<Violation>,
+    found: Violations,
     relaxed: Vec<Violation>,
 }
 
@@ -275,9 +421,12 @@ impl Check<'_> {
             );
             return;
         }
+        // Sets, not a scan of the earlier entries: a list of many would
+        // take quadratic time.
+        let mut seen = HashSet::new();
         for (i, text) in ids.iter().enumerate() {
             let path = path.index(i);
-            if ids[..i].contains(text) {
+            if !seen.insert(text) {
                 self.warning(path, format!("{text:?} is listed twice"));
                 continue;
             }
@@ -304,8 +453,9 @@ impl Check<'_> {
                     "`from` is present but empty: name at least one source, or leave `from` out to match any source",
                 );
             }
+            let mut seen = HashSet::new();
             for (i, source) in sources.iter().enumerate() {
-                if sources[..i].contains(source) {
+                if !seen.insert(source) {
                     self.warning(from.index(i), "this source is listed twice");
                     continue;
                 }
@@ -482,13 +632,14 @@ impl Check<'_> {
             );
             return;
         }
+        let mut seen = HashSet::new();
         for (i, &port) in ports.iter().enumerate() {
             if !(1..=65535).contains(&port) {
                 self.error(
                     path.index(i),
                     format!("port {port} is out of range 1..=65535"),
                 );
-            } else if ports[..i].contains(&port) {
+            } else if !seen.insert(port) {
                 self.warning(path.index(i), format!("port {port} is listed twice"));
             }
         }
@@ -589,6 +740,71 @@ mod tests {
             valid.warnings()[0].to_string(),
             "warning: spec.rules[0].to[0].ports[1]: port 8080 is listed twice"
         );
+    }
+
+    /// Past the cap an error takes the place of the last warning kept: a
+    /// refusal must show what refuses it.
+    #[test]
+    fn violations_past_the_cap_are_counted_and_errors_displace_warnings() {
+        let at = |i| FieldPath::root().field("spec").index(i);
+        let mut found = Violations::default();
+        for i in 0..MAX_DIAGNOSTICS + 5 {
+            found.push(Violation::warning(at(i), "w"));
+        }
+        assert!(!found.has_errors());
+        found.push(Violation::error(at(0), "e"));
+        assert!(found.has_errors());
+        assert_eq!(found.len(), MAX_DIAGNOSTICS);
+        assert_eq!(found.last().map(|v| v.message.as_str()), Some("e"));
+        assert_eq!(found[MAX_DIAGNOSTICS - 2].path, at(MAX_DIAGNOSTICS - 2));
+        assert_eq!(
+            found.omitted(),
+            Omitted {
+                errors: 0,
+                warnings: 6
+            }
+        );
+        for _ in 0..MAX_DIAGNOSTICS {
+            found.push(Violation::error(at(1), "e"));
+        }
+        assert!(found.iter().all(Violation::is_error));
+        assert_eq!(
+            found.omitted(),
+            Omitted {
+                errors: 1,
+                warnings: MAX_DIAGNOSTICS + 5
+            }
+        );
+    }
+
+    /// Entries listed twice are found in one lookup each, not by scanning
+    /// the earlier ones: lists of a 2 MB file took minutes.
+    #[test]
+    fn long_lists_are_checked_for_repeats_in_linear_time() {
+        let sources = (0..100_000)
+            .map(|i| Source {
+                namespace: Some(format!("ns{i}")),
+                ..Source::default()
+            })
+            .collect();
+        let ports = (0..200_000).map(|i| 1 + i % 65_535).collect();
+        let mut p = policy(vec![Rule {
+            from: Some(sources),
+            to: Some(vec![Destination {
+                ports: Some(ports),
+                ..Destination::default()
+            }]),
+        }]);
+        p.spec.selector.spiffe_ids = (0..100_000)
+            .map(|i| format!("spiffe://cluster.local/ns/a/sa/s{i}"))
+            .collect();
+        let valid = validate(&p, &td()).unwrap();
+        assert_eq!(valid.warnings().len(), MAX_DIAGNOSTICS);
+        assert_eq!(
+            valid.warnings()[0].to_string(),
+            "warning: spec.rules[0].to[0].ports[65535]: port 1 is listed twice"
+        );
+        assert_eq!(valid.omitted_warnings(), 200_000 - 65_535 - MAX_DIAGNOSTICS);
     }
 
     #[test]

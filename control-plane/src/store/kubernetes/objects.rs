@@ -16,7 +16,7 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation,
+    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation, Violations,
     document_from_proto, validate_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
@@ -127,14 +127,21 @@ fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
 }
 
 /// The errors among `violations`, as `policy lint` words them, in one
-/// line (warnings do not refuse an object).
-fn errors_of(violations: &[Violation]) -> String {
-    violations
+/// line (warnings do not refuse an object), and how many more there were.
+fn errors_of(violations: &Violations) -> String {
+    let mut errors: Vec<String> = violations
         .iter()
         .filter(|v| v.is_error())
         .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect();
+    let more = violations.omitted().errors;
+    if more > 0 {
+        errors.push(format!(
+            "and {more} more error{}",
+            if more == 1 { "" } else { "s" }
+        ));
+    }
+    errors.join("; ")
 }
 
 /// The document an object of `kind` holds: its fields less `status`, with
