@@ -32,7 +32,7 @@
 //! connected to (refused, unreachable, reset, or no answer within
 //! [`net::CONNECT_TIMEOUT`]) goes on to another candidate it has not tried
 //! (`target::retry`; with client affinity too, the affinity choosing only
-//! the first), up to [`MAX_BACKENDS`] in all, and is refused as before
+//! the first), up to three backends in all (`MAX_BACKENDS`), and is refused as before
 //! when none could be connected to, the log naming the backends `tried`.
 //! Nothing of the app's has left while no connection exists; once one
 //! does, nothing is retried: a handshake that fails (a peer that is not
