@@ -10,23 +10,19 @@ pub mod serving;
 
 use std::time::Duration;
 
-/// As the control plane's tests wait: retries `f` until it returns `Some`,
-/// or panics naming `what` after 30 s.
+/// The control plane's tests' `eventually_async` (retry `f` until it
+/// returns `Some`, panic naming `what` after 30 s), on this harness's
+/// [`trellis_tests::eventually`].
 #[allow(dead_code)]
 pub async fn eventually_async<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    trellis_tests::eventually(what, Duration::from_secs(30), || {
+        let attempt = f();
+        async move { attempt.await.ok_or("not yet") }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
