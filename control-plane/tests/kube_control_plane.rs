@@ -96,12 +96,9 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         "{stdout}"
     );
     assert!(!stdout.contains("misspelt-port"), "{stdout}");
-    let log = cp.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")),
-        "{log}"
-    );
+    cp.wait_for_line("the misspelt policy to be reported as skipped", |l| {
+        l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")
+    });
 
     let workloads = cp.ctl(&["workloads"]);
     let stdout = String::from_utf8_lossy(&workloads.stdout);

@@ -132,6 +132,15 @@ impl ControlPlane {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits until the log holds a line that `matches` and returns it. The
+    /// control plane writes its log from a thread of its own, so a line can
+    /// land a moment after the answer to the call that logged it.
+    pub fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        eventually(what, || {
+            self.log().lines().find(|l| matches(l)).map(str::to_string)
+        })
+    }
+
     pub fn port(&self) -> u16 {
         self.grpc.rsplit(':').next().unwrap().parse().unwrap()
     }

@@ -254,13 +254,23 @@ async fn rotate(pair: &mut Pair, old: &Root, new: &Root) -> anyhow::Result<u32> 
     );
     wait_for_bundle_size(pair, 2).await?;
     for sidecar in [&pair.client, &pair.server] {
-        let log = sidecar.log();
-        anyhow::ensure!(
-            log.lines()
-                .any(|l| l.contains("trust bundle updated") && l.contains("roots=2")),
-            "sidecar {} should log that it took the two-root bundle",
+        // Logs are written by a thread of the sidecar's own, so the line can
+        // land a moment after `/config` shows the bundle.
+        let what = format!(
+            "sidecar {} to log that it took the two-root bundle",
             sidecar.name()
         );
+        eventually(&what, SOON, || async {
+            anyhow::ensure!(
+                sidecar
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("trust bundle updated") && l.contains("roots=2")),
+                "not logged yet"
+            );
+            anyhow::Ok(())
+        })
+        .await?;
     }
     http::get(route, "/").await?.success()?;
 
