@@ -91,9 +91,23 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 
 /// Dials `addr` with [`CONNECT_TIMEOUT`], with Nagle off.
 pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    connect_within(addr, CONNECT_TIMEOUT).await
+}
+
+/// Dials `addr`, giving up when it has not answered within `timeout`, with
+/// Nagle off.
+pub async fn connect_within(
+    addr: impl tokio::net::ToSocketAddrs,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {}s", timeout.as_secs_f32()),
+            )
+        })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

@@ -29,11 +29,13 @@
 //!
 //! A pod that died stays among its service's backends until its
 //! EndpointSlice is updated. A call to a service whose backend cannot be
-//! connected to (refused, unreachable, reset, or no answer within
-//! [`net::CONNECT_TIMEOUT`]) goes on to another candidate it has not tried
-//! (`target::retry`; with client affinity too, the affinity choosing only
-//! the first), up to three backends in all (`MAX_BACKENDS`), and is refused as before
-//! when none could be connected to, the log naming the backends `tried`.
+//! connected to (refused, unreachable, reset, or no answer within two
+//! seconds, `BACKEND_ATTEMPT_TIMEOUT`) goes on to another candidate it has
+//! not tried (`target::retry`; with client affinity too, the affinity
+//! choosing only the first), up to three backends in all (`MAX_BACKENDS`),
+//! the last given the full [`net::CONNECT_TIMEOUT`], and is refused as
+//! before when none could be connected to, the log naming the backends
+//! `tried`.
 //! Nothing of the app's has left while no connection exists; once one
 //! does, nothing is retried: a handshake that fails (a peer that is not
 //! who the mesh says) is a refusal, never a reason to look elsewhere. A
@@ -53,6 +55,7 @@ mod target;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
@@ -71,7 +74,7 @@ use crate::metrics::{Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
-use target::{Resolved, Target, resolve};
+use target::{Resolved, Target, candidates, resolve};
 
 /// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
 /// value carries no meaning.
@@ -133,6 +136,7 @@ impl DialError {
 async fn dial_mesh<R>(
     shared: &Shared,
     remote: R,
+    connect_timeout: Duration,
     expected: &SpiffeId,
     protocol: Protocol,
     first: &[u8],
@@ -147,16 +151,25 @@ where
         .ok_or(DialError::NoCertificate)?;
     let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
     let Some(_reserved) = peer.tickets.reserve(&name) else {
-        return handshake(&peer.full, remote, &name, protocol, first).await;
+        return handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await;
     };
     // The app's first bytes wait until the resumed session's certificate
     // is checked (below), instead of leaving with the handshake.
-    match tls::resuming(handshake(&peer.resume, remote, &name, protocol, &[])).await {
+    match tls::resuming(handshake(
+        &peer.resume,
+        remote,
+        connect_timeout,
+        &name,
+        protocol,
+        &[],
+    ))
+    .await
+    {
         Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
             peer.tickets.forget(&name);
-            handshake(&peer.full, remote, &name, protocol, first).await
+            handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await
         }
         // A resumed session brings back the peer's certificate as it was
         // verified when the session began, and no verifier looks at it
@@ -189,7 +202,7 @@ where
                         .handshake_failure(OUTBOUND, "expired_certificate");
                     peer.tickets.forget(&name);
                     drop(stream);
-                    handshake(&peer.full, remote, &name, protocol, first).await
+                    handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await
                 }
             }
         }
@@ -197,15 +210,19 @@ where
     }
 }
 
-/// One connection and handshake of [`dial_mesh`] with `config`.
+/// One connection and handshake of [`dial_mesh`] with `config`, the peer
+/// given `connect_timeout` to answer the connection.
 async fn handshake(
     config: &Arc<rustls::ClientConfig>,
     remote: impl tokio::net::ToSocketAddrs,
+    connect_timeout: Duration,
     name: &ServerName<'static>,
     protocol: Protocol,
     first: &[u8],
 ) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
-    let tcp = net::connect(remote).await.map_err(DialError::Connect)?;
+    let tcp = net::connect_within(remote, connect_timeout)
+        .await
+        .map_err(DialError::Connect)?;
     let tcp = net::ReadAhead::new(tcp);
     let connector = TlsConnector::from(config.clone());
     // rustls buffers up to 64 KiB of plaintext before the handshake ends
@@ -392,7 +409,15 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
     };
     // Boxed, so the handshake's state is freed once it is over instead of
     // sizing this connection's task for as long as it is open.
-    let dialled = Box::pin(dial_mesh(&shared, to.remote, to.expected, protocol, &first)).await;
+    let dialled = Box::pin(dial_mesh(
+        &shared,
+        to.remote,
+        net::CONNECT_TIMEOUT,
+        to.expected,
+        protocol,
+        &first,
+    ))
+    .await;
     match dialled {
         Ok(upstream) => {
             // The first bytes went out with the handshake's end. Not held
@@ -447,15 +472,37 @@ impl Transparent {
 struct ServiceCall<'a> {
     name: &'a str,
     dst: SocketAddr,
+    /// How many backends it may go to, when it was resolved.
+    candidates: usize,
 }
 
 /// The most backends one call to a service tries: the one picked and,
 /// while connecting fails, others ([`target::retry`]). A pod that died is
 /// listed until its EndpointSlice is updated, seconds later, and a call
 /// picked for it meanwhile should not fail while others answer; the bound
-/// keeps a call whose backends are all gone from trying each in turn (each
-/// may take [`net::CONNECT_TIMEOUT`]).
+/// keeps a call whose backends are all gone from trying each in turn.
 const MAX_BACKENDS: usize = 3;
+
+/// How long a backend of a service may take to answer a connection while
+/// another could be tried after it. A pod on a node that went down answers
+/// nothing (its packets are dropped, not refused) until its EndpointSlice
+/// is updated; the full [`net::CONNECT_TIMEOUT`] for it would hold each
+/// call picked for it 10 s before trying a live backend. Two seconds leave
+/// room for one lost SYN, which Linux sends again after one second. The
+/// last backend a call may try is given the full timeout.
+const BACKEND_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the attempt that is the `attempt`th (from 1) of a call to a
+/// service with `candidates` backends may wait for the backend to answer:
+/// [`BACKEND_ATTEMPT_TIMEOUT`] while the call could go on to another,
+/// [`net::CONNECT_TIMEOUT`] for the last it may try.
+fn attempt_timeout(attempt: usize, candidates: usize) -> Duration {
+    if attempt < candidates.min(MAX_BACKENDS) {
+        BACKEND_ATTEMPT_TIMEOUT
+    } else {
+        net::CONNECT_TIMEOUT
+    }
+}
 
 /// The backends a call to a service went to, in order, held inline: a
 /// retry allocates nothing.
@@ -580,14 +627,26 @@ async fn serve_transparent(
 /// another ([`Retry`]); nothing else is ever tried twice.
 async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let metrics = &shared.metrics;
-    let Resolved {
-        service,
-        mut target,
-    } = {
+    let (
+        Resolved {
+            service,
+            mut target,
+        },
+        candidates,
+    ) = {
         let snapshot = shared.snapshot.borrow();
-        resolve(&shared.own_addrs, snapshot.as_deref(), dst)
+        let resolved = resolve(&shared.own_addrs, snapshot.as_deref(), dst);
+        let candidates = match resolved.service {
+            Some(_) => candidates(snapshot.as_deref(), dst),
+            None => 0,
+        };
+        (resolved, candidates)
     };
-    let call = service.as_deref().map(|name| ServiceCall { name, dst });
+    let call = service.as_deref().map(|name| ServiceCall {
+        name,
+        dst,
+        candidates,
+    });
     let name = call.map(|c| c.name);
     let via = if call.is_some() {
         "service"
@@ -611,6 +670,9 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
         if let (Some(retry), Some(addr)) = (&mut retry, target.dialled()) {
             retry.tried.push(addr);
         }
+        let connect_timeout = retry.as_ref().map_or(net::CONNECT_TIMEOUT, |r| {
+            attempt_timeout(r.tried.len, r.call.candidates)
+        });
         // Every arm ends the connection but for a failed connect, after
         // which nothing of the app's has left and another backend of a
         // service may be tried.
@@ -662,7 +724,15 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 // Boxed, so the handshake's state is freed once it is over
                 // instead of sizing this connection's task for as long as
                 // it is open.
-                let dialled = Box::pin(dial_mesh(shared, *addr, id, protocol, first)).await;
+                let dialled = Box::pin(dial_mesh(
+                    shared,
+                    *addr,
+                    connect_timeout,
+                    id,
+                    protocol,
+                    first,
+                ))
+                .await;
                 match dialled {
                     Ok(upstream) => {
                         // The first bytes went out with the handshake's
@@ -695,7 +765,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 policy: OutboundPolicy::Passthrough,
             } => {
                 let same_pod = matches!(target, Target::SamePod(_));
-                match net::connect(*addr).await {
+                match net::connect_within(*addr, connect_timeout).await {
                     Ok(upstream) => {
                         let tried = Tried::detour(retry.as_ref().map(|r| &r.tried));
                         let outcome = if same_pod {

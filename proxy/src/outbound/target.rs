@@ -163,6 +163,14 @@ pub(super) fn retry(
         .find(|target| target.dialled().is_some())
 }
 
+/// How many backends a call to the service at `dst` may go to under the
+/// outbound policy of `snapshot` (0 when `dst` is no service's).
+pub(super) fn candidates(snapshot: Option<&Snapshot>, dst: SocketAddr) -> usize {
+    snapshot
+        .and_then(|s| Some(s.service_for(dst)?.candidates(s.outbound_policy).len()))
+        .unwrap_or(0)
+}
+
 /// What `addr` is, `peer` being who the endpoints say is there; `dst` is
 /// the address the app dialled (`addr` itself, or the service's virtual
 /// address whose backend `addr` is): the connection is opaque if either

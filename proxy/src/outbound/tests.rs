@@ -120,6 +120,43 @@ fn refusing() -> Refusing {
     }
 }
 
+/// A port on loopback that answers no connection, as a pod on a node that
+/// went down: a listener whose accept queue is full, so the kernel drops
+/// every SYN for it without a reply. Held until dropped.
+struct Silent {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+fn silent() -> Silent {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    // A backlog of 0 queues one connection; the next SYN finds it full.
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)) {
+            Ok(tcp) => queued.push(tcp),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Silent {
+                    addr,
+                    _listener: listener,
+                    _queued: queued,
+                };
+            }
+            Err(e) => panic!("filling the accept queue of {addr}: {e}"),
+        }
+    }
+    panic!(
+        "{addr} still answers after {} queued connections",
+        queued.len()
+    );
+}
+
 /// A sidecar of `shop/web` whose snapshot has the service `shop/api` at
 /// [`VIP`] with `backends`, those of `mesh` being endpoints of `shop/api`.
 fn sidecar(
@@ -228,6 +265,51 @@ async fn a_call_picked_for_a_backend_that_refuses_goes_to_another() {
         "the calls picked for the gone backend, in turn"
     );
     assert_eq!(outcome(&shared, "refused"), 0);
+}
+
+/// A backend that answers nothing (a pod on a node that went down) while
+/// the service still lists it: a call picked for it goes on to the other
+/// backend after two seconds, not the ten a connection may otherwise take,
+/// and the detour is counted as a timeout.
+#[tokio::test]
+async fn a_backend_that_answers_nothing_is_given_up_early_for_another() {
+    let ca = Ca::new();
+    let (alive, served) = backend(Some(ca.tls(&id("api"), &[]))).await;
+    let gone = silent();
+    let shared = sidecar(&ca, "deny", &[gone.addr, alive], &[gone.addr, alive]);
+    // Each of the two calls is picked for one backend in turn. Well under
+    // the full connect timeout, so a call that waited it fails here.
+    let both = async {
+        for _ in 0..2 {
+            assert_eq!(round_trip(&shared, VIP).await, MESSAGE);
+        }
+    };
+    tokio::time::timeout(net::CONNECT_TIMEOUT - Duration::from_secs(2), both)
+        .await
+        .expect("the call picked for the silent backend waited the full connect timeout");
+    assert_eq!(*served.borrow(), 2);
+    assert_eq!(retried(&shared, "timeout"), 1);
+    assert_eq!(outcome(&shared, "forwarded"), 2);
+}
+
+/// The last backend a call may try is given the full connect timeout: a
+/// slow answer there is the call's last chance.
+#[test]
+fn only_attempts_with_another_backend_after_them_are_cut_short() {
+    assert_eq!(
+        attempt_timeout(1, 1),
+        net::CONNECT_TIMEOUT,
+        "the only backend"
+    );
+    assert_eq!(attempt_timeout(1, 2), BACKEND_ATTEMPT_TIMEOUT);
+    assert_eq!(attempt_timeout(2, 2), net::CONNECT_TIMEOUT);
+    assert_eq!(attempt_timeout(2, 10), BACKEND_ATTEMPT_TIMEOUT);
+    assert_eq!(
+        attempt_timeout(MAX_BACKENDS, 10),
+        net::CONNECT_TIMEOUT,
+        "the last of the {MAX_BACKENDS} a call tries"
+    );
+    assert!(BACKEND_ATTEMPT_TIMEOUT < net::CONNECT_TIMEOUT);
 }
 
 /// Once a connection to a backend exists, nothing is retried: a backend
