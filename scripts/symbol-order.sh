@@ -100,8 +100,12 @@ defined "$work/trellis-proxy.real" > "$work/defined"
     echo "# sidecar ran, then those its traffic added. Made by scripts/symbol-order.sh for the build"
     echo "# \`cargo build --profile dist -p trellis-proxy --bin trellis-proxy\` with:"
     provenance
+    # Each part sorted by name, so that a refresh changes only the lines that differ.
     # shellcheck disable=SC2086
-    { functions $idle; functions $busy; } | awk '!seen[$0]++' | grep -Fxf "$work/defined"
+    functions $idle | grep -Fxf "$work/defined" | LC_ALL=C sort -u > "$work/idle"
+    # shellcheck disable=SC2086
+    functions $busy | grep -Fxf "$work/defined" | LC_ALL=C sort -u | LC_ALL=C comm -23 - "$work/idle" > "$work/busy"
+    cat "$work/idle" "$work/busy"
 } > "$order.new"
 mv "$order.new" "$order"
-echo "wrote $order: $(grep -vc '^#' "$order") functions, $(functions $idle | grep -Fxcf "$work/defined") of them run by an idle sidecar"
+echo "wrote $order: $(grep -vc '^#' "$order") functions, $(wc -l < "$work/idle") of them run by an idle sidecar"

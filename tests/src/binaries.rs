@@ -122,6 +122,14 @@ impl Launcher {
         }
     }
 
+    /// The executable of `program`, when it runs from one of its own.
+    pub fn executable(&self, program: Program) -> Option<PathBuf> {
+        match self {
+            Launcher::Binaries(dir) => Some(binary_path(dir, program)),
+            Launcher::SelfExec(_) => None,
+        }
+    }
+
     /// How a person would run `program` by hand, for printed instructions.
     pub fn describe(&self, program: Program) -> String {
         match self {

@@ -1,7 +1,8 @@
 //! What the benchmark reads from and sets on the machine: CPU time and
 //! resident memory of a process (`/proc/<pid>/stat`, `/proc/<pid>/status`),
 //! pinning a process to one core (`taskset -a -c -p`, all its threads), the
-//! open-files limit, and a description of the machine for the report.
+//! open-files limit, a description of the machine for the report, and how
+//! much of its start-up symbol order a sidecar executable holds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -185,6 +186,79 @@ impl Machine {
     }
 }
 
+/// The list of functions the sidecar is linked with first
+/// (`proxy/build.rs`, made by `scripts/symbol-order.sh`).
+const SYMBOL_ORDER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../proxy/link/symbol-order.txt"
+);
+
+/// What a sidecar executable holds of its start-up order
+/// (`proxy/link/symbol-order.txt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SymbolOrder {
+    /// The functions the list names.
+    pub listed: usize,
+    /// How many of them the executable defines.
+    pub defined: usize,
+    /// How many of those it lays out first: all of them when the linker
+    /// took the list.
+    pub first: usize,
+}
+
+/// The [`SymbolOrder`] of `sidecar`, read with binutils' `nm`. The list
+/// carries hashes of one build's toolchain, lock file and settings: a
+/// sidecar built otherwise, or after they changed, holds few of them and
+/// idles with more of its code resident.
+pub fn symbol_order(sidecar: &Path) -> anyhow::Result<SymbolOrder> {
+    use anyhow::Context;
+    let list = std::fs::read_to_string(SYMBOL_ORDER)
+        .with_context(|| format!("cannot read {SYMBOL_ORDER}"))?;
+    let out = Command::new("nm")
+        .args(["--defined-only", "--numeric-sort"])
+        .arg(sidecar)
+        .output()
+        .context("cannot run nm (binutils)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nm {}: {}",
+        sidecar.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    Ok(symbol_order_of(&list, &symbols))
+}
+
+/// [`symbol_order`] of the list `list` and the output of `nm
+/// --defined-only --numeric-sort` `symbols`.
+fn symbol_order_of(list: &str, symbols: &str) -> SymbolOrder {
+    let listed: std::collections::HashSet<&str> = list
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    // Functions (code symbols) by address, each name once.
+    let mut seen = std::collections::HashSet::new();
+    let functions: Vec<&str> = symbols
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, kind, name) = (fields.next()?, fields.next()?, fields.next()?);
+            matches!(kind, "t" | "T" | "w" | "W").then_some(name)
+        })
+        .filter(|name| seen.insert(*name))
+        .collect();
+    let defined = functions.iter().filter(|f| listed.contains(*f)).count();
+    let first = functions[..defined]
+        .iter()
+        .filter(|f| listed.contains(*f))
+        .count();
+    SymbolOrder {
+        listed: listed.len(),
+        defined,
+        first,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +268,30 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_seconds(me).is_some());
         assert!(rss_kib(me).is_some_and(|kib| kib > 0));
+    }
+
+    #[test]
+    fn tells_whether_the_listed_functions_were_laid_out_first() {
+        let list = "# made for rustc 1.95\nmain\nstart\nstale_name\n";
+        let ordered = "0000000000001000 T main\n0000000000001010 t start\n\
+                       0000000000001020 t cold\n0000000000003000 r TABLE\n";
+        assert_eq!(
+            super::symbol_order_of(list, ordered),
+            super::SymbolOrder {
+                listed: 3,
+                defined: 2,
+                first: 2
+            }
+        );
+        let unordered = "0000000000001000 t cold\n0000000000001010 T main\n\
+                         0000000000001020 t start\n";
+        assert_eq!(
+            super::symbol_order_of(list, unordered),
+            super::SymbolOrder {
+                listed: 3,
+                defined: 2,
+                first: 1
+            }
+        );
     }
 }

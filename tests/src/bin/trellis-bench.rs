@@ -99,6 +99,24 @@ fn main() -> ExitCode {
             "trellis-bench: running the sidecar as {}",
             launcher.describe(Program::Proxy)
         );
+        if let Some(sidecar) = launcher.executable(Program::Proxy) {
+            match bench::system::symbol_order(&sidecar) {
+                Ok(o) if o.first * 10 >= o.listed * 9 => eprintln!(
+                    "trellis-bench: the sidecar lays out first {} of the {} functions its start-up order lists",
+                    o.first, o.listed
+                ),
+                Ok(o) => eprintln!(
+                    "trellis-bench: warning: the sidecar lays out first only {} of the {} functions its \
+                     start-up order lists ({} of them defined), so it idles with more memory than the \
+                     shipped build; build it with `cargo build --profile dist -p trellis-proxy --bin \
+                     trellis-proxy` (LLD), or refresh the list with scripts/symbol-order.sh",
+                    o.first, o.listed, o.defined
+                ),
+                Err(e) => eprintln!(
+                    "trellis-bench: the sidecar's start-up order was not checked: {e:#}"
+                ),
+            }
+        }
         // Stopped by a signal, the run is dropped, which stops every proxy,
         // app and control plane it started: none is left behind.
         let mut interrupt = signal(SignalKind::interrupt())?;
