@@ -15,6 +15,9 @@ pub struct Metrics {
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
+    trust_bundle_roots: AtomicU64,
+    /// Unix seconds; 0 before the bundle is known.
+    trust_bundle_expiry: AtomicI64,
 }
 
 impl Metrics {
@@ -48,6 +51,15 @@ impl Metrics {
         self.watch_streams.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// The trust bundle published: how many roots, and when the first of
+    /// them expires (Unix seconds).
+    pub fn trust_bundle(&self, roots: usize, earliest_expiry: Option<i64>) {
+        self.trust_bundle_roots
+            .store(roots as u64, Ordering::Relaxed);
+        self.trust_bundle_expiry
+            .store(earliest_expiry.unwrap_or(0), Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -77,6 +89,24 @@ impl Metrics {
              trellis_watch_streams {}",
             self.watch_streams.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_trust_bundle_roots Roots in the trust bundle published to sidecars.\n\
+             # TYPE trellis_trust_bundle_roots gauge\n\
+             trellis_trust_bundle_roots {}",
+            self.trust_bundle_roots.load(Ordering::Relaxed)
+        );
+        let expiry = self.trust_bundle_expiry.load(Ordering::Relaxed);
+        if expiry != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP trellis_trust_bundle_expiry_timestamp_seconds When the first root of the \
+                 published trust bundle expires (Unix seconds). An expired root stays published \
+                 until the control plane restarts, and the roots it signed stop verifying.\n\
+                 # TYPE trellis_trust_bundle_expiry_timestamp_seconds gauge\n\
+                 trellis_trust_bundle_expiry_timestamp_seconds {expiry}"
+            );
+        }
         out
     }
 }
@@ -106,5 +136,13 @@ mod tests {
         );
         assert!(text.contains("trellis_certify_failures_total{reason=\"token_used\"} 2\n"));
         assert!(text.contains("trellis_watch_streams 1\n"));
+        assert!(
+            !text.contains("trellis_trust_bundle_expiry_timestamp_seconds"),
+            "no expiry before the bundle is known: {text}"
+        );
+        m.trust_bundle(2, Some(1_900_000_000));
+        let text = m.render();
+        assert!(text.contains("trellis_trust_bundle_roots 2\n"), "{text}");
+        assert!(text.contains("trellis_trust_bundle_expiry_timestamp_seconds 1900000000\n"));
     }
 }

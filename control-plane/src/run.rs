@@ -31,7 +31,7 @@ use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::IdentityService;
 use crate::api::{AdminOnly, Mesh};
 use crate::authn::tokenreview::TokenReviewer;
-use crate::ca::anchors::describe_roots;
+use crate::ca::anchors::{describe_roots, earliest_expiry};
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
 use crate::ca::secret::open_ca_secret;
 use crate::config::{Config, IdentityProvider, StoreKind};
@@ -197,6 +197,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::spawn(follow_store(discovery.clone(), changes));
     }
     let metrics = Arc::new(Metrics::default());
+    metrics.trust_bundle(ca.bundle().len(), earliest_expiry(ca.bundle()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let reviewer = match (&config.kube, config.identity_provider) {

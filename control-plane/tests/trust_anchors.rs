@@ -155,6 +155,26 @@ async fn certify_the_first_snapshot_and_bundle_pem_carry_the_trust_anchors() {
         "{loaded}"
     );
     assert!(!log.contains("PRIVATE KEY"), "{log}");
+    // An operator alerts on the first root to expire.
+    let earliest = bundle
+        .iter()
+        .map(|der| {
+            let (_, cert) = parse_x509_certificate(der).unwrap();
+            cert.validity().not_after.timestamp()
+        })
+        .min()
+        .unwrap();
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_trust_bundle_roots 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "trellis_trust_bundle_expiry_timestamp_seconds {earliest}\n"
+        )),
+        "{metrics}"
+    );
 
     let token = cp.token(WEB, 0).await;
     let key = p256();

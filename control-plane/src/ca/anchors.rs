@@ -173,6 +173,17 @@ pub fn describe_roots(roots: &[CertificateDer<'_>]) -> String {
         .join("; ")
 }
 
+/// When the first of `roots` to expire does (Unix seconds), for the
+/// `trellis_trust_bundle_expiry_timestamp_seconds` gauge; unreadable roots
+/// are passed over (none reaches a bundle: each was read at start-up).
+pub fn earliest_expiry(roots: &[CertificateDer<'_>]) -> Option<i64> {
+    roots
+        .iter()
+        .filter_map(|der| parse_x509_certificate(der).ok())
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
