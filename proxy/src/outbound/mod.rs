@@ -74,7 +74,7 @@ use crate::metrics::{Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
 use crate::net;
 use crate::policy::{OutboundPolicy, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
-use target::{Resolved, Target, candidates, resolve};
+use target::{Resolved, Target, resolve};
 
 /// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
 /// value carries no meaning.
@@ -627,20 +627,13 @@ async fn serve_transparent(
 /// another ([`Retry`]); nothing else is ever tried twice.
 async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr, dst: SocketAddr) {
     let metrics = &shared.metrics;
-    let (
-        Resolved {
-            service,
-            mut target,
-        },
+    let Resolved {
+        service,
         candidates,
-    ) = {
+        mut target,
+    } = {
         let snapshot = shared.snapshot.borrow();
-        let resolved = resolve(&shared.own_addrs, snapshot.as_deref(), dst);
-        let candidates = match resolved.service {
-            Some(_) => candidates(snapshot.as_deref(), dst),
-            None => 0,
-        };
-        (resolved, candidates)
+        resolve(&shared.own_addrs, snapshot.as_deref(), dst)
     };
     let call = service.as_deref().map(|name| ServiceCall {
         name,

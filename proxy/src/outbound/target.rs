@@ -43,6 +43,9 @@ pub(super) struct Resolved {
     /// The service whose virtual address the app dialled, if it did; then
     /// the address of `target` is the backend picked.
     pub service: Option<Arc<str>>,
+    /// How many backends of that service a call may go to under the
+    /// outbound policy (0 for a destination that is no service's).
+    pub candidates: usize,
     pub target: Target,
 }
 
@@ -107,6 +110,7 @@ pub(super) fn resolve(
 ) -> Resolved {
     let direct = |target| Resolved {
         service: None,
+        candidates: 0,
         target,
     };
     if is_own(own, dst) {
@@ -138,6 +142,7 @@ pub(super) fn resolve(
     };
     Resolved {
         service: Some(service.name.clone()),
+        candidates: service.candidates(snapshot.outbound_policy).len(),
         target,
     }
 }
@@ -161,14 +166,6 @@ pub(super) fn retry(
         .retry(snapshot.outbound_policy, tried)
         .map(|b| destination(own, snapshot, b.addr, &b.peer, dst))
         .find(|target| target.dialled().is_some())
-}
-
-/// How many backends a call to the service at `dst` may go to under the
-/// outbound policy of `snapshot` (0 when `dst` is no service's).
-pub(super) fn candidates(snapshot: Option<&Snapshot>, dst: SocketAddr) -> usize {
-    snapshot
-        .and_then(|s| Some(s.service_for(dst)?.candidates(s.outbound_policy).len()))
-        .unwrap_or(0)
 }
 
 /// What `addr` is, `peer` being who the endpoints say is there; `dst` is
@@ -272,9 +269,11 @@ mod tests {
         SpiffeId::parse("spiffe://td/ns/shop/sa/api").unwrap()
     }
 
-    fn via_service(target: Target) -> Resolved {
+    /// A call to `shop/api`, which has `candidates` backends to go to.
+    fn via_service(candidates: usize, target: Target) -> Resolved {
         Resolved {
             service: Some("shop/api".into()),
+            candidates,
             target,
         }
     }
@@ -288,11 +287,14 @@ mod tests {
             .map(|_| resolve(&own(), Some(&s), addr(VIP)))
             .collect();
         let mesh = |a: &str, opaque| {
-            via_service(Target::Mesh {
-                addr: addr(a),
-                id: api(),
-                opaque,
-            })
+            via_service(
+                2,
+                Target::Mesh {
+                    addr: addr(a),
+                    id: api(),
+                    opaque,
+                },
+            )
         };
         // The round robin starts anywhere; then it alternates.
         assert_eq!(seen[0], seen[2]);
@@ -314,7 +316,7 @@ mod tests {
         let s = snapshot("passthrough", &[]);
         assert_eq!(
             resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::NoBackend)
+            via_service(0, Target::NoBackend)
         );
     }
 
@@ -326,15 +328,18 @@ mod tests {
         let s = snapshot("passthrough", &["192.0.2.7:8080"]);
         assert_eq!(
             resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::Outside {
-                addr: addr("192.0.2.7:8080"),
-                policy: OutboundPolicy::Passthrough,
-            })
+            via_service(
+                1,
+                Target::Outside {
+                    addr: addr("192.0.2.7:8080"),
+                    policy: OutboundPolicy::Passthrough,
+                }
+            )
         );
         let s = snapshot("deny", &["192.0.2.7:8080", "192.0.2.8:8080"]);
         assert_eq!(
             resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::NoMeshBackend { backends: 2 })
+            via_service(0, Target::NoMeshBackend { backends: 2 })
         );
     }
 
@@ -419,7 +424,7 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(
                 resolve(&own(), Some(&s), addr(VIP)),
-                via_service(Target::SamePod(addr("10.0.0.5:8080")))
+                via_service(0, Target::SamePod(addr("10.0.0.5:8080")))
             );
         }
         // A pod address with one identity makes a mesh backend, which is
@@ -428,23 +433,26 @@ mod tests {
         let s = snapshot("deny", &["10.0.0.1:8080"]);
         assert_eq!(
             resolve(&api_pod, Some(&s), addr(VIP)),
-            via_service(Target::SamePod(addr("10.0.0.1:8080")))
+            via_service(1, Target::SamePod(addr("10.0.0.1:8080")))
         );
         // Its own inbound listener is a loop, as a direct call to it is.
         let s = snapshot("passthrough", &["10.0.0.5:15006"]);
         assert_eq!(
             resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::Loop(addr("10.0.0.5:15006")))
+            via_service(1, Target::Loop(addr("10.0.0.5:15006")))
         );
         // Another sidecar's inbound on the same address is a mesh peer.
         let s = snapshot("deny", &["10.0.0.5:16006"]);
         assert_eq!(
             resolve(&own(), Some(&s), addr(VIP)),
-            via_service(Target::Mesh {
-                addr: addr("10.0.0.5:16006"),
-                id: SpiffeId::parse("spiffe://td/ns/shop/sa/other").unwrap(),
-                opaque: false,
-            })
+            via_service(
+                1,
+                Target::Mesh {
+                    addr: addr("10.0.0.5:16006"),
+                    id: SpiffeId::parse("spiffe://td/ns/shop/sa/other").unwrap(),
+                    opaque: false,
+                }
+            )
         );
     }
 
@@ -539,6 +547,7 @@ mod tests {
         let s = snapshot("deny", &["10.0.0.1:8080"]);
         let direct = |target| Resolved {
             service: None,
+            candidates: 0,
             target,
         };
         assert_eq!(
