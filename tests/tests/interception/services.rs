@@ -95,12 +95,7 @@ async fn a_call_to_a_service_reaches_its_ready_backend_over_mtls() {
     let cluster = &mut lab.cluster;
     cluster.capture().await.unwrap();
 
-    let reply = cluster
-        .a_calls(&format!("http://{API_SERVICE}/"))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, B_GREETING);
+    a_reaches_b_through_the_api_service(cluster).await;
 
     let backend = SocketAddr::new(POD_B.into(), APP_PORT);
     cluster
@@ -218,12 +213,7 @@ async fn a_call_picked_for_a_backend_that_is_gone_goes_to_another() {
     // The backends are taken in turn: half the calls are picked for the
     // gone pod.
     for _ in 0..4 {
-        let reply = cluster
-            .a_calls(&format!("http://{API_SERVICE}/"))
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200, "{reply:?}");
-        assert_eq!(reply.body, B_GREETING);
+        a_reaches_b_through_the_api_service(cluster).await;
     }
 
     let gone = SocketAddr::new(GONE_API_POD.into(), APP_PORT);
@@ -271,6 +261,17 @@ async fn a_call_picked_for_a_backend_that_is_gone_goes_to_another() {
 /// plane on the Kubernetes store, pods A (`shop/web`) and B (`shop/api`)
 /// certified by their ServiceAccount tokens, pod B's app serving on
 /// [`APP_PORT`]; returns once pod A's sidecar has the endpoints.
+/// Pod A's app calls the api Service's virtual address and gets pod B's
+/// answer.
+async fn a_reaches_b_through_the_api_service(cluster: &Cluster) {
+    let reply = cluster
+        .a_calls(&format!("http://{API_SERVICE}/"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, B_GREETING);
+}
+
 async fn service_cluster() -> ServiceCluster {
     service_cluster_with(&[]).await
 }
