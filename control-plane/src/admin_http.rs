@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::discovery::Discovery;
+use crate::metrics::{Metrics, render_sidecar_sync};
 
 pub struct AdminHttp {
     listener: TcpListener,
@@ -38,6 +39,7 @@ impl AdminHttp {
         self,
         ready: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
+        discovery: Arc<Discovery>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
@@ -54,9 +56,10 @@ impl AdminHttp {
             };
             let ready = ready.clone();
             let metrics = metrics.clone();
+            let discovery = discovery.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&req, &ready, &metrics);
+                    let response = respond(&req, &ready, &metrics, &discovery);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -71,6 +74,7 @@ fn respond(
     req: &Request<Incoming>,
     ready: &AtomicBool,
     metrics: &Metrics,
+    discovery: &Discovery,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
@@ -89,7 +93,11 @@ fn respond(
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        "/metrics" => text(StatusCode::OK, metrics.render()),
+        "/metrics" => {
+            let mut body = metrics.render();
+            render_sidecar_sync(&mut body, discovery.sync_counts());
+            text(StatusCode::OK, body)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -111,6 +111,25 @@ impl Metrics {
     }
 }
 
+/// The Prometheus text of the sidecars' sync with the version served:
+/// `counts` holds how many identities with an open Watch stream are synced,
+/// pending and refused ([`Discovery::sync_counts`](crate::discovery::Discovery::sync_counts)).
+pub fn render_sidecar_sync(out: &mut String, counts: [u64; 3]) {
+    let _ = writeln!(
+        out,
+        "# HELP trellis_sidecar_snapshots SPIFFE IDs with an open Discovery.Watch stream, by \
+         whether their sidecar holds the snapshot served now (synced), has it on the way or \
+         unanswered (pending), or refused it (refused).\n\
+         # TYPE trellis_sidecar_snapshots gauge"
+    );
+    for (state, count) in ["synced", "pending", "refused"].iter().zip(counts) {
+        let _ = writeln!(
+            out,
+            "trellis_sidecar_snapshots{{state=\"{state}\"}} {count}"
+        );
+    }
+}
+
 fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
     for (reason, count) in values {

@@ -259,7 +259,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         trust_domain: config.trust_domain.clone(),
         ca: ca.clone(),
         store,
-        discovery,
+        discovery: discovery.clone(),
         metrics: metrics.clone(),
         cert_ttl: config.cert_ttl,
         shutdown: shutdown_rx.clone(),
@@ -301,7 +301,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             drop(inject_tx);
         });
     }
-    tokio::spawn(admin.run(ready.clone(), metrics, shutdown_rx));
+    tokio::spawn(admin.run(ready.clone(), metrics, discovery, shutdown_rx));
     tokio::pin!(serve);
     ready.store(true, Ordering::Release);
     tracing::info!(

@@ -11,9 +11,10 @@ use common::policy::*;
 use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, Workload};
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Ack, Snapshot, Subscribe, WatchRequest};
+use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, Subscribe, WatchRequest};
 
 /// An open Watch stream of one enrolled workload.
 struct Watcher {
@@ -220,6 +221,165 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     let fifth = web_watch.next().await;
     assert_eq!(fifth.endpoints_version, 0);
     assert!(has_endpoint(&fifth, WEB) && has_endpoint(&fifth, DB));
+}
+
+/// The workload `id` in `listed`.
+fn listed<'a>(listed: &'a ListWorkloadsResponse, id: &str) -> &'a Workload {
+    listed
+        .workloads
+        .iter()
+        .find(|w| w.spiffe_id == id)
+        .unwrap_or_else(|| panic!("{id} not listed in {listed:?}"))
+}
+
+/// Waits until ListWorkloads, at the version served, shows web and db as
+/// `want` says.
+async fn sync_until(
+    cp: &ControlPlane,
+    what: &str,
+    want: impl Fn(&ListWorkloadsResponse, &Workload, &Workload) -> bool,
+) -> ListWorkloadsResponse {
+    eventually_async(what, || async {
+        let response = cp.list_workloads().await;
+        want(&response, listed(&response, WEB), listed(&response, DB)).then_some(response)
+    })
+    .await
+}
+
+/// ListWorkloads and `trellisctl workloads` say whether each sidecar holds
+/// what the control plane serves now. A change that concerns only web is
+/// not sent to db, and db is synced at the new version all the same (its
+/// acknowledged version stays behind, which alone looks stale); web is
+/// pending until it answers, synced once it accepts, refused (with its
+/// reason, escaped) once it refuses; a closed stream is not connected. The
+/// control plane's metrics count the connected ones by state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_say_which_sidecars_hold_the_current_snapshot() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7141").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7142").await;
+    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7141").await;
+    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7142").await;
+    web_watch.next().await;
+    let db_first = db_watch.next().await;
+    sync_until(&cp, "both synced", |r, web, db| {
+        r.snapshot_version == db_first.version
+            && web.sync() == SnapshotSync::Synced
+            && db.sync() == SnapshotSync::Synced
+    })
+    .await;
+
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("p1", WEB, API, 8001), false)
+        .await
+        .unwrap();
+    let second = web_watch.receive().await;
+    assert_eq!(second.policies.len(), 1);
+    let now = sync_until(
+        &cp,
+        "web pending, db synced at the new version",
+        |r, web, db| {
+            r.snapshot_version == second.version
+                && web.sync() == SnapshotSync::Pending
+                && db.sync() == SnapshotSync::Synced
+        },
+    )
+    .await;
+    let (web_listed, db_listed) = (listed(&now, WEB), listed(&now, DB));
+    assert_eq!(db_listed.acked_version, db_first.version);
+    assert_eq!(db_listed.synced_version, second.version);
+    assert_ne!(db_first.version, second.version);
+    assert_eq!(web_listed.synced_version, db_first.version);
+    let table = String::from_utf8(cp.ctl(&["workloads"]).stdout).unwrap();
+    assert!(
+        table.lines().next().unwrap().contains("SNAPSHOT"),
+        "{table}"
+    );
+    assert!(row_of(&table, WEB).contains("pending"), "{table}");
+    assert!(row_of(&table, DB).contains("synced"), "{table}");
+
+    web_watch
+        .acks
+        .send(WatchRequest {
+            kind: Some(Kind::Ack(Ack {
+                version: second.version,
+            })),
+        })
+        .await
+        .unwrap();
+    sync_until(&cp, "web synced once it accepted", |r, web, _| {
+        r.snapshot_version == second.version && web.sync() == SnapshotSync::Synced
+    })
+    .await;
+
+    apply(&mut admin, &allow("p2", WEB, API, 8002), false)
+        .await
+        .unwrap();
+    let third = web_watch.receive().await;
+    web_watch
+        .acks
+        .send(WatchRequest {
+            kind: Some(Kind::Nack(Nack {
+                version: third.version,
+                reason: "policy p2: \u{1b}[2J unknown field".into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let now = sync_until(&cp, "web refused, db synced", |r, web, db| {
+        r.snapshot_version == third.version
+            && web.sync() == SnapshotSync::Refused
+            && db.sync() == SnapshotSync::Synced
+    })
+    .await;
+    assert_eq!(listed(&now, WEB).synced_version, second.version);
+    let out = cp.ctl(&["workloads"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(row_of(&table, WEB).contains("refused"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "{WEB} refused its newest snapshot: policy p2: \\u{{1b}}[2J unknown field\n"
+        )),
+        "the reason, escaped: {table}"
+    );
+    let out = cp.ctl(&["workloads", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = |id: &str| {
+        json.as_array()
+            .and_then(|a| a.iter().find(|w| w["spiffe_id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {json}"))
+    };
+    assert_eq!(entry(WEB)["snapshot"], "refused");
+    assert_eq!(entry(DB)["snapshot"], "synced");
+    assert_eq!(entry(DB)["synced_version"], third.version);
+    let metrics = cp.metrics();
+    for line in [
+        "trellis_sidecar_snapshots{state=\"synced\"} 1\n",
+        "trellis_sidecar_snapshots{state=\"pending\"} 0\n",
+        "trellis_sidecar_snapshots{state=\"refused\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in {metrics}");
+    }
+
+    drop(db_watch);
+    sync_until(&cp, "db not connected", |_, _, db| {
+        db.sync() == SnapshotSync::NotConnected
+    })
+    .await;
+    assert!(
+        cp.metrics()
+            .contains("trellis_sidecar_snapshots{state=\"synced\"} 0\n"),
+        "a closed stream is no longer counted"
+    );
+}
+
+/// The row of `table` that starts with `id`.
+fn row_of<'a>(table: &'a str, id: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("no row for {id} in {table}"))
 }
 
 /// Waits until ListWorkloads shows `id` acknowledging `version`.

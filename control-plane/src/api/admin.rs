@@ -13,13 +13,14 @@ use trellis_proto::admin::v1::{
     DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
     GetPolicyResponse, IssuedCertificate, ListIssuedCertificatesRequest,
     ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse,
-    ListWorkloadsRequest, ListWorkloadsResponse, Workload,
+    ListWorkloadsRequest, ListWorkloadsResponse, SnapshotSync, Workload,
 };
 
 use super::identity::unix_now;
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
+use crate::discovery::SyncState;
 use crate::store::{JoinToken, StoreError};
 
 pub struct AdminService {
@@ -34,6 +35,15 @@ impl AdminService {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+fn snapshot_sync(state: SyncState) -> SnapshotSync {
+    match state {
+        SyncState::NotConnected => SnapshotSync::NotConnected,
+        SyncState::Synced => SnapshotSync::Synced,
+        SyncState::Pending => SnapshotSync::Pending,
+        SyncState::Refused => SnapshotSync::Refused,
+    }
 }
 
 /// How many issued certificates a listing returns when it names no limit.
@@ -131,6 +141,7 @@ impl Admin for AdminService {
             .await
             .map_err(internal)?
             .map_err(internal)?;
+        let current = self.mesh.discovery.current_version();
         let workloads = records
             .into_iter()
             .map(|w| {
@@ -141,6 +152,8 @@ impl Admin for AdminService {
                 Workload {
                     connected: status.connected(),
                     acked_version: status.acked_version,
+                    synced_version: status.synced_version,
+                    sync: snapshot_sync(status.sync(current)).into(),
                     last_nack: status.last_nack,
                     spiffe_id: w.spiffe_id,
                     address: w.addresses.first().cloned().unwrap_or_default(),
@@ -149,7 +162,10 @@ impl Admin for AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(ListWorkloadsResponse { workloads }))
+        Ok(Response::new(ListWorkloadsResponse {
+            workloads,
+            snapshot_version: current,
+        }))
     }
 
     async fn apply_policy(

@@ -102,6 +102,12 @@ struct Held {
     /// The last snapshot the sidecar accepted (what it holds when nothing
     /// is in flight: a refused snapshot leaves the last good one).
     acked: Option<(u64, u64)>,
+    /// The version of the last snapshot sent (or found held).
+    sent: u64,
+    /// The newest version whose content for this sidecar is that of the
+    /// last snapshot sent: `sent`, or a later one that changed nothing
+    /// the sidecar is sent.
+    same_as_sent: u64,
 }
 
 impl Held {
@@ -114,13 +120,23 @@ impl Held {
         }
     }
 
-    fn answered(&mut self, version: u64, accepted: bool) {
-        if let Some(sent) = self.in_flight.filter(|(v, _)| *v == version) {
-            self.in_flight = None;
-            if accepted {
-                self.acked = Some(sent);
-            }
+    /// Takes the sidecar's answer for `version`; returns whether it was the
+    /// answer to the snapshot in flight.
+    fn answered(&mut self, version: u64, accepted: bool) -> bool {
+        let Some(sent) = self.in_flight.filter(|(v, _)| *v == version) else {
+            return false;
+        };
+        self.in_flight = None;
+        if accepted {
+            self.acked = Some(sent);
         }
+        true
+    }
+
+    /// Whether the sidecar holds the last snapshot sent: answered, and
+    /// accepted.
+    fn holds_last_sent(&self) -> bool {
+        self.in_flight.is_none() && self.acked.is_some_and(|(v, _)| v == self.sent)
     }
 }
 
@@ -169,16 +185,24 @@ async fn serve_stream(
                 let key = view.content_key(id);
                 let first = last_sent.is_none();
                 if last_sent.as_ref() == Some(&key) {
+                    // Nothing this sidecar is sent changed: what it holds
+                    // (or will, once it accepts it) is this version's too.
+                    sidecar.same_as_sent = view.version;
+                    if sidecar.holds_last_sent() {
+                        mesh.discovery.holds(id, view.version);
+                    }
                     continue;
                 }
                 // A reconnecting sidecar that holds the current version needs
                 // nothing until the next change.
                 let held = first && last_version != 0 && last_version == view.version;
                 last_sent = Some(key);
+                sidecar.sent = view.version;
+                sidecar.same_as_sent = view.version;
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
-                    mesh.discovery.ack(id, last_version);
+                    mesh.discovery.ack(id, last_version, Some(last_version));
                     sidecar.acked = Some((last_version, view.endpoints_token()));
                     continue;
                 }
@@ -194,8 +218,12 @@ async fn serve_stream(
             }
             message = inbound.message() => match message {
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
-                    sidecar.answered(ack.version, true);
-                    mesh.discovery.ack(id, ack.version);
+                    // The answer to the snapshot in flight: the sidecar now
+                    // holds every version since with the same content.
+                    let holds = sidecar
+                        .answered(ack.version, true)
+                        .then_some(sidecar.same_as_sent);
+                    mesh.discovery.ack(id, ack.version, holds);
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);

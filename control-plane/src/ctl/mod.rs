@@ -28,7 +28,7 @@ use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListWorkloadsRequest,
-    Workload,
+    SnapshotSync, Workload,
 };
 
 use self::policy::PolicyCommand;
@@ -507,13 +507,26 @@ fn rfc3339(unix: i64) -> String {
     }
 }
 
-/// The workloads as an aligned text table.
+/// How `trellisctl workloads` names a sidecar's [`SnapshotSync`].
+fn sync_name(w: &Workload) -> &'static str {
+    match w.sync() {
+        SnapshotSync::Synced => "synced",
+        SnapshotSync::Pending => "pending",
+        SnapshotSync::Refused => "refused",
+        SnapshotSync::NotConnected => "not connected",
+        SnapshotSync::Unspecified => "unknown",
+    }
+}
+
+/// The workloads as an aligned text table, then why each sidecar that
+/// refused its newest snapshot refused it.
 pub fn workloads_table(workloads: &[Workload]) -> String {
     let header = [
         "SPIFFE ID",
         "ADDRESS",
         "CERT EXPIRES",
         "ACKED VERSION",
+        "SNAPSHOT",
         "CONNECTED",
     ];
     let mut rows = vec![header.map(String::from).to_vec()];
@@ -527,10 +540,24 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
             },
             rfc3339(w.cert_expires_at_unix),
             w.acked_version.to_string(),
+            sync_name(w).into(),
             if w.connected { "yes" } else { "no" }.into(),
         ]);
     }
-    table(rows)
+    let mut out = table(rows);
+    // The reason is the sidecar's text: escaped, so it cannot drive the
+    // terminal.
+    for w in workloads
+        .iter()
+        .filter(|w| w.sync() == SnapshotSync::Refused)
+    {
+        out.push_str(&format!(
+            "{} refused its newest snapshot: {}\n",
+            w.spiffe_id,
+            w.last_nack.escape_debug()
+        ));
+    }
+    out
 }
 
 /// Issued certificates as an aligned text table, in the order given.
@@ -609,6 +636,8 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "cert_expires": rfc3339(w.cert_expires_at_unix),
                 "cert_expired": w.cert_expires_at_unix <= now,
                 "acked_version": w.acked_version,
+                "synced_version": w.synced_version,
+                "snapshot": sync_name(w),
                 "connected": w.connected,
                 "last_nack": w.last_nack,
             })

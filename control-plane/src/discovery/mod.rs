@@ -56,15 +56,46 @@ pub const COALESCE_WINDOW: Duration = Duration::from_millis(50);
 pub struct SidecarStatus {
     /// The version it acknowledged last (0 before any).
     pub acked_version: u64,
+    /// The newest version whose content it holds: the one it acknowledged,
+    /// or a later one that left what it is sent as it was (0 before any).
+    pub synced_version: u64,
     /// The reason of the last NACK, cleared by a later ACK.
     pub last_nack: String,
     /// Open Watch streams from this identity.
     pub streams: u32,
 }
 
+/// Whether a sidecar holds the snapshot the control plane serves now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// No Watch stream from it is open.
+    NotConnected,
+    /// It holds the current version's content.
+    Synced,
+    /// The current version is on its way to it or waits for its answer.
+    Pending,
+    /// It refused the newest snapshot it was sent.
+    Refused,
+}
+
 impl SidecarStatus {
     pub fn connected(&self) -> bool {
         self.streams > 0
+    }
+
+    /// Where it stands against `current`, the version served now. Versions
+    /// are compared for equality only: the Kubernetes store's are content
+    /// digests, with no order.
+    pub fn sync(&self, current: u64) -> SyncState {
+        if !self.connected() {
+            SyncState::NotConnected
+        } else if self.synced_version == current && current != 0 {
+            SyncState::Synced
+        } else if !self.last_nack.is_empty() {
+            SyncState::Refused
+        } else {
+            SyncState::Pending
+        }
     }
 }
 
@@ -618,18 +649,45 @@ impl Discovery {
 
     /// Records that `id` acknowledged `version`: the last acknowledged, not
     /// the greatest, as versions of the Kubernetes store are content
-    /// digests with no order.
-    pub fn ack(&self, id: &SpiffeId, version: u64) {
+    /// digests with no order. `holds` is the newest version with the same
+    /// content for it, when the stream knows it (the acknowledged snapshot
+    /// was the last one it sent).
+    pub fn ack(&self, id: &SpiffeId, version: u64, holds: Option<u64>) {
         self.with_status(id, |s| {
             s.acked_version = version;
             s.last_nack.clear();
+            if let Some(holds) = holds {
+                s.synced_version = holds;
+            }
         });
+    }
+
+    /// Records that `id`, which accepted the last snapshot it was sent,
+    /// holds the content of `version` too: nothing it is sent changed.
+    pub fn holds(&self, id: &SpiffeId, version: u64) {
+        self.with_status(id, |s| s.synced_version = version);
     }
 
     /// Records that `id` refused a snapshot for `reason`, which the caller
     /// has bounded (the Watch stream keeps what its log line shows).
     pub fn nack(&self, id: &SpiffeId, reason: &str) {
         self.with_status(id, |s| s.last_nack = reason.to_owned());
+    }
+
+    /// How many identities with an open Watch stream are synced, pending
+    /// and refused against the version served now, in that order.
+    pub fn sync_counts(&self) -> [u64; 3] {
+        let current = self.current_version();
+        let mut counts = [0; 3];
+        for status in self.sidecars.lock().expect("not poisoned").values() {
+            match status.sync(current) {
+                SyncState::Synced => counts[0] += 1,
+                SyncState::Pending => counts[1] += 1,
+                SyncState::Refused => counts[2] += 1,
+                SyncState::NotConnected => {}
+            }
+        }
+        counts
     }
 
     pub fn status(&self, id: &SpiffeId) -> Option<SidecarStatus> {

@@ -93,9 +93,9 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     let discovery = Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap();
     let web = SpiffeId::parse(WEB).unwrap();
-    discovery.ack(&web, 0x9f3a_0000_0000_0001);
+    discovery.ack(&web, 0x9f3a_0000_0000_0001, None);
     discovery.nack(&web, "bad policy");
-    discovery.ack(&web, 0x1b20_0000_0000_0002);
+    discovery.ack(&web, 0x1b20_0000_0000_0002, None);
     let status = discovery.status(&web).unwrap();
     assert_eq!(status.acked_version, 0x1b20_0000_0000_0002);
     assert!(status.last_nack.is_empty(), "{status:?}");

@@ -23,7 +23,9 @@ use trellis_core::tls::{
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{CreateJoinTokenRequest, ListWorkloadsRequest, Workload};
+use trellis_proto::admin::v1::{
+    CreateJoinTokenRequest, ListWorkloadsRequest, ListWorkloadsResponse, Workload,
+};
 use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, certify_request::Proof};
 
@@ -193,13 +195,17 @@ impl ControlPlane {
     }
 
     pub async fn workloads(&self) -> Vec<Workload> {
+        self.list_workloads().await.workloads
+    }
+
+    /// ListWorkloads' whole answer: the workloads and the version served.
+    pub async fn list_workloads(&self) -> ListWorkloadsResponse {
         let mut admin = self.admin_client().await;
         admin
             .list_workloads(ListWorkloadsRequest {})
             .await
             .unwrap()
             .into_inner()
-            .workloads
     }
 
     /// A TLS client config trusting this control plane, optionally presenting

@@ -12,7 +12,8 @@ fn entries(json: &serde_json::Value) -> Vec<serde_json::Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workloads_lists_both_sidecars_with_addresses_and_acked_versions() -> anyhow::Result<()> {
+async fn workloads_lists_both_sidecars_with_addresses_acked_versions_and_sync() -> anyhow::Result<()>
+{
     let pair = Pair::start(Mesh::start().await?).await?;
 
     for sidecar in [&pair.server, &pair.client] {
@@ -37,6 +38,10 @@ async fn workloads_lists_both_sidecars_with_addresses_and_acked_versions() -> an
             anyhow::ensure!(
                 acked == holds,
                 "acked {acked}, the sidecar holds snapshot {holds}"
+            );
+            anyhow::ensure!(
+                entry["snapshot"] == "synced",
+                "not synced with the version served: {entry}"
             );
             anyhow::Ok(())
         })
