@@ -21,10 +21,12 @@
 //!   toolchain, the lock file and the build's settings, so the list matches
 //!   only the build it was made from (`scripts/symbol-order.sh`, which says
 //!   how to refresh it). Names it does not find are skipped: a stale list
-//!   costs memory, never correctness. `TRELLIS_SYMBOL_ORDER=off` leaves it
-//!   out.
+//!   costs memory, never correctness, so a build whose toolchain or lock
+//!   file is not the one the list's header names says so in a warning.
+//!   `TRELLIS_SYMBOL_ORDER=off` leaves it out.
 
 use std::path::Path;
+use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -36,8 +38,11 @@ fn main() {
     }
     println!("cargo:rustc-link-arg-bin=trellis-proxy=-Wl,-z,pack-relative-relocs");
 
-    let order = Path::new(env!("CARGO_MANIFEST_DIR")).join("link/symbol-order.txt");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let order = manifest.join("link/symbol-order.txt");
+    let lock = manifest.join("../Cargo.lock");
     println!("cargo:rerun-if-changed={}", order.display());
+    println!("cargo:rerun-if-changed={}", lock.display());
     let wanted = std::env::var("TRELLIS_SYMBOL_ORDER").map_or(true, |v| v != "off");
     if wanted && order.is_file() && linked_by_lld() {
         println!(
@@ -45,7 +50,63 @@ fn main() {
             order.display()
         );
         println!("cargo:rustc-link-arg-bin=trellis-proxy=-Wl,--no-warn-symbol-ordering");
+        for stale in stale_provenance(&order, &lock) {
+            println!(
+                "cargo:warning=proxy/link/symbol-order.txt was made for {stale}; an idle \
+                 sidecar keeps about 3 MiB more resident until scripts/symbol-order.sh \
+                 refreshes it"
+            );
+        }
     }
+}
+
+/// What the list's header names (`# rustc: ...`, `# Cargo.lock: sha256
+/// ...`, as `scripts/symbol-order.sh` writes them) that this build is not:
+/// each as "X, this build has Y". Nothing is said of what cannot be read
+/// or asked (a header without the line, no `sha256sum`): the warning is a
+/// help, never a failure.
+fn stale_provenance(order: &Path, lock: &Path) -> Vec<String> {
+    let Ok(list) = std::fs::read_to_string(order) else {
+        return Vec::new();
+    };
+    let header = |key: &str| {
+        list.lines()
+            .take_while(|l| l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let mut stale = Vec::new();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    if let (Some(listed), Some(version)) = (header("# rustc:"), version)
+        && listed != version
+    {
+        stale.push(format!("{listed}, this build has {version}"));
+    }
+    // coreutils' `sha256sum`, as the script uses: no hashing crate for the
+    // build script to compile, and no line in the lock file of its own.
+    let digest = Command::new("sha256sum")
+        .arg(lock)
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| {
+            let out = String::from_utf8_lossy(&out.stdout);
+            out.split_whitespace().next().map(str::to_string)
+        });
+    if let (Some(listed), Some(digest)) = (header("# Cargo.lock: sha256"), digest)
+        && listed != digest
+    {
+        stale.push(format!(
+            "Cargo.lock sha256 {listed}, this build has {digest}"
+        ));
+    }
+    stale
 }
 
 /// Whether the sidecar will be linked by LLD, the one linker here that takes

@@ -8,7 +8,8 @@
 # Symbol names carry hashes of the toolchain, Cargo.lock and the build's settings, so the list
 # matches only the build it was made from: `cargo build --profile dist -p trellis-proxy --bin
 # trellis-proxy` with the same rustc. Refresh it after a toolchain or dependency update (the
-# file's header names both), and check what a build finds of it with --check.
+# file's header names both, and proxy/build.rs warns when a build has another), and check what
+# a build finds of it with --check.
 #
 #   scripts/symbol-order.sh           build, run, and rewrite proxy/link/symbol-order.txt
 #   scripts/symbol-order.sh --check   how many of its names the dist sidecar defines
