@@ -571,6 +571,7 @@ mod tests {
                 }],
                 ready: ips(ready),
                 not_ready: ips(not_ready),
+                terminating: Vec::new(),
             }),
         }
     }

@@ -130,6 +130,10 @@ pub struct SliceBackends {
     /// probe, terminating): no backends, but they tell whether the Service
     /// is in the mesh.
     pub not_ready: Vec<IpAddr>,
+    /// Those of `not_ready` that are terminating and still serving (a pod
+    /// draining after its deletion, its readiness probe passing): the
+    /// backends of last resort, when a Service has no ready one.
+    pub terminating: Vec<IpAddr>,
 }
 
 impl SliceBackends {
@@ -235,19 +239,30 @@ pub fn slice_backends(slice: &EndpointSlice) -> Option<SliceBackends> {
         .collect();
     ports.sort();
     ports.dedup();
-    let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
+    let (mut ready, mut not_ready, mut terminating) = (Vec::new(), Vec::new(), Vec::new());
     for endpoint in slice.endpoints.iter().flatten() {
-        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-        let list = if is_ready { &mut ready } else { &mut not_ready };
-        list.extend(
-            endpoint
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-                .filter(|ip| Family::of(ip) == family),
-        );
+        let conditions = endpoint.conditions.as_ref();
+        // Unset conditions are true, as the API documents for `ready` and
+        // `serving`; `terminating` unset is false.
+        let is_ready = conditions.and_then(|c| c.ready) != Some(false);
+        let draining = conditions.and_then(|c| c.terminating) == Some(true)
+            && conditions.and_then(|c| c.serving) != Some(false);
+        let addresses = endpoint
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .filter(|ip| Family::of(ip) == family);
+        if is_ready {
+            ready.extend(addresses);
+        } else {
+            let from = not_ready.len();
+            not_ready.extend(addresses);
+            if draining {
+                terminating.extend_from_slice(&not_ready[from..]);
+            }
+        }
     }
-    for list in [&mut ready, &mut not_ready] {
+    for list in [&mut ready, &mut not_ready, &mut terminating] {
         list.sort();
         list.dedup();
     }
@@ -260,6 +275,7 @@ pub fn slice_backends(slice: &EndpointSlice) -> Option<SliceBackends> {
         ports,
         ready,
         not_ready,
+        terminating,
     })
 }
 
@@ -279,8 +295,10 @@ fn named_port(name: Option<&str>, port: Option<i32>) -> Option<NamedPort> {
 /// (`namespace/name` and what it contributes) that is in the mesh: one of
 /// the endpoints its `slices` list, ready or not, has an IP in `mesh` (the
 /// IPs of the mesh endpoints). Each gets the ready backends the slices of
-/// that Service list for the port's name in the IP's family, sorted; a port
-/// no slice serves has none (a sidecar then refuses the call and says why).
+/// that Service list for the port's name in the IP's family, sorted, or,
+/// when none is ready, the terminating ones still serving (as kube-proxy
+/// falls back to them); a port no slice serves has none (a sidecar then
+/// refuses the call and says why).
 /// The list is ordered by address, one entry per address: should two
 /// Services claim one (the API server never gives two Services one cluster
 /// IP, but external and load-balancer IPs are not checked), the first by
@@ -313,16 +331,27 @@ pub fn virtual_services<'a>(
         for port in &service.ports {
             for ip in &service.ips {
                 let family = Family::of(ip);
-                let mut backends: Vec<SocketAddr> = slices
-                    .iter()
-                    .filter(|s| s.family == family)
-                    .flat_map(|s| {
-                        s.ports
-                            .iter()
-                            .filter(|p| p.name == port.name)
-                            .flat_map(|p| s.ready.iter().map(|a| SocketAddr::new(*a, p.port)))
-                    })
-                    .collect();
+                let at_port = |pick: fn(&SliceBackends) -> &[IpAddr]| -> Vec<SocketAddr> {
+                    slices
+                        .iter()
+                        .filter(|s| s.family == family)
+                        .flat_map(|s| {
+                            s.ports
+                                .iter()
+                                .filter(|p| p.name == port.name)
+                                .flat_map(move |p| {
+                                    pick(s).iter().map(|a| SocketAddr::new(*a, p.port))
+                                })
+                        })
+                        .collect()
+                };
+                let mut backends = at_port(|s| &s.ready);
+                if backends.is_empty() {
+                    // As kube-proxy does: with no ready backend, the pods
+                    // still draining their connections serve new ones too,
+                    // so a rollout that leaves none ready drops no call.
+                    backends = at_port(|s| &s.terminating);
+                }
                 backends.sort();
                 backends.dedup();
                 out.push(Service {
@@ -540,6 +569,8 @@ mod tests {
                 {"addresses": ["10.244.2.9"], "conditions": {"ready": true, "serving": true, "terminating": false}},
                 {"addresses": ["10.244.1.40"], "conditions": {"ready": false, "serving": true, "terminating": true}},
                 {"addresses": ["10.244.1.41"], "conditions": {"ready": false}},
+                {"addresses": ["10.244.1.42"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                {"addresses": ["10.244.1.43"], "conditions": {"ready": false, "terminating": true}},
                 {"addresses": ["10.244.3.5"], "conditions": {}},
                 {"addresses": ["10.244.3.6"]},
                 {"addresses": ["not-an-ip", "fd00::7"]},
@@ -554,7 +585,15 @@ mod tests {
             ips(&["10.244.2.9", "10.244.3.5", "10.244.3.6"]),
             "not ready (terminating included), unparseable and the other family are left out"
         );
-        assert_eq!(backends.not_ready, ips(&["10.244.1.40", "10.244.1.41"]));
+        assert_eq!(
+            backends.not_ready,
+            ips(&["10.244.1.40", "10.244.1.41", "10.244.1.42", "10.244.1.43"])
+        );
+        assert_eq!(
+            backends.terminating,
+            ips(&["10.244.1.40", "10.244.1.43"]),
+            "terminating and serving (unset is serving): the backends of last resort"
+        );
     }
 
     #[test]
@@ -607,6 +646,7 @@ mod tests {
             ports: ports.iter().map(|(n, p)| port(n, *p)).collect(),
             ready: ips(ready),
             not_ready: Vec::new(),
+            terminating: Vec::new(),
         }
     }
 
@@ -686,6 +726,60 @@ mod tests {
         );
         let affinity: Vec<_> = joined.iter().map(|s| s.client_affinity).collect();
         assert_eq!(affinity, [false, false, true, true, false, false]);
+    }
+
+    /// A rollout that leaves a Service no ready pod: the pods draining
+    /// after their deletion, still serving, take its calls until a new one
+    /// is ready, as kube-proxy sends them; one that no longer serves never
+    /// does, and a ready pod wins over every draining one.
+    #[test]
+    fn with_no_ready_backend_the_terminating_ones_still_serving_take_the_calls() {
+        let endpoints = |list: Value| {
+            slice_backends(&slice(
+                "api-r0ll",
+                "IPv4",
+                json!([{"name": "http", "port": 8080}]),
+                list,
+            ))
+            .unwrap()
+        };
+        let draining = json!({"addresses": ["10.244.1.40"],
+            "conditions": {"ready": false, "serving": true, "terminating": true}});
+        let stopped = json!({"addresses": ["10.244.1.41"],
+            "conditions": {"ready": false, "serving": false, "terminating": true}});
+        let starting = json!({"addresses": ["10.244.2.7"],
+            "conditions": {"ready": false, "serving": false, "terminating": false}});
+        let ready = json!({"addresses": ["10.244.2.8"],
+            "conditions": {"ready": true, "serving": true, "terminating": false}});
+        let api = VirtualIps {
+            ips: ips(&["10.96.14.2"]),
+            ports: vec![port("http", 80)],
+            client_affinity: false,
+        };
+        let backends_of = |list: Value| {
+            let slices = [endpoints(list)];
+            let joined = virtual_services(
+                [("shop/api", &api)].into_iter(),
+                slices.iter(),
+                &mesh(&["10.244.1.40", "10.244.1.41", "10.244.2.7", "10.244.2.8"]),
+            );
+            assert_eq!(joined.len(), 1, "{joined:?}");
+            joined[0].backends.clone()
+        };
+        assert_eq!(
+            backends_of(json!([draining, stopped, starting])),
+            ["10.244.1.40:8080"],
+            "no ready pod: the draining one that still serves"
+        );
+        assert_eq!(
+            backends_of(json!([draining, stopped, starting, ready])),
+            ["10.244.2.8:8080"],
+            "a ready pod: only it"
+        );
+        assert!(
+            backends_of(json!([stopped, starting])).is_empty(),
+            "none serving: no backend, and the sidecar says why"
+        );
     }
 
     #[test]
