@@ -102,7 +102,7 @@ impl Metrics {
                 out,
                 "# HELP trellis_trust_bundle_expiry_timestamp_seconds When the first root of the \
                  published trust bundle expires (Unix seconds). An expired root stays published \
-                 until the control plane restarts, and the roots it signed stop verifying.\n\
+                 until the control plane restarts, and the chains it anchored stop verifying.\n\
                  # TYPE trellis_trust_bundle_expiry_timestamp_seconds gauge\n\
                  trellis_trust_bundle_expiry_timestamp_seconds {expiry}"
             );

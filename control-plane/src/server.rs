@@ -155,7 +155,7 @@ pub fn server_config(
     ca: &CertificateAuthority,
     serving: Arc<ServingCert>,
 ) -> Result<Arc<ServerConfig>, ServerError> {
-    let roots = Arc::new(root_store(ca.bundle())?);
+    let roots = root_store(ca.bundle())?;
     let verifier = SpiffeClientVerifier::new(roots, ca.trust_domain().clone(), false)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)?

@@ -8,7 +8,7 @@
 //! verifiers; it never loads keys from disk and never talks to the CA.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -72,6 +72,10 @@ pub enum SvidError {
         not_before: String,
         not_after: String,
     },
+    #[error("the chain ends at root {subject} of the trust bundle, which expired {not_after}")]
+    ExpiredRoot { subject: String, not_after: String },
+    #[error("every root of the trust bundle has expired, the last {not_after}")]
+    RootsExpired { not_after: String },
 }
 
 /// The SPIFFE ID held in a certificate's single URI SAN.
@@ -145,26 +149,168 @@ pub fn within_validity(not_before: i64, not_after: i64) -> Result<(), SvidError>
     if (not_before..=not_after).contains(&now) {
         return Ok(());
     }
-    let written = |secs: i64| {
-        x509_parser::time::ASN1Time::from_timestamp(secs)
-            .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
-    };
     Err(SvidError::OutsideValidity {
         not_before: written(not_before),
         not_after: written(not_after),
     })
 }
 
-/// Builds a root store from the DER roots of a trust bundle.
-pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {
-    let mut roots = RootCertStore::empty();
+/// Unix seconds as certificates write their times.
+fn written(secs: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(secs)
+        .map_or_else(|_| format!("{secs} s after the epoch"), |t| t.to_string())
+}
+
+/// The roots of a trust bundle as the verifiers here take them: a root
+/// store, and when each root expires. webpki knows a trust anchor as a name
+/// and a key, with no validity period, so on its own a root past its
+/// notAfter would go on anchoring chains for as long as it is in the bundle;
+/// these verifiers stop trusting it the moment it expires (Go's and
+/// OpenSSL's verifiers check the dates of the whole chain, root included).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Roots(Arc<RootsInner>);
+
+struct RootsInner {
+    store: Arc<RootCertStore>,
+    roots: Vec<Root>,
+    /// The earliest notAfter of `roots`: until then none has expired, and
+    /// a verification takes `store` as it is.
+    earliest: u64,
+    /// The store without the roots expired, once some have, with how many
+    /// it leaves out (roots only ever expire, so that count names it).
+    unexpired: Mutex<Option<(usize, Arc<RootCertStore>)>>,
+}
+
+struct Root {
+    der: CertificateDer<'static>,
+    subject: String,
+    /// Unix seconds; `u64::MAX` for a root whose dates cannot be read
+    /// (webpki took it, so it anchors as it always did).
+    not_after: u64,
+}
+
+/// Builds the roots of a trust bundle (DER). Refuses an empty bundle, a
+/// root webpki cannot take, and a bundle whose every root has expired.
+pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<Roots, rustls::Error> {
+    let mut store = RootCertStore::empty();
+    let mut roots = Vec::with_capacity(bundle.len());
     for root in bundle {
-        roots.add(root.clone())?;
+        store.add(root.clone())?;
+        let (subject, not_after) = match parse(root) {
+            Ok(parsed) => (
+                parsed.subject().to_string(),
+                u64::try_from(period(&parsed).1).unwrap_or(0),
+            ),
+            Err(_) => (String::new(), u64::MAX),
+        };
+        roots.push(Root {
+            der: root.clone(),
+            subject,
+            not_after,
+        });
     }
-    if roots.is_empty() {
+    if store.is_empty() {
         return Err(rustls::Error::General("the trust bundle is empty".into()));
     }
+    let roots = Roots(Arc::new(RootsInner {
+        store: Arc::new(store),
+        earliest: roots.iter().map(|r| r.not_after).min().unwrap_or(u64::MAX),
+        roots,
+        unexpired: Mutex::new(None),
+    }));
+    roots
+        .at(UnixTime::now())
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
     Ok(roots)
+}
+
+impl Roots {
+    /// Every root, expired or not.
+    pub fn store(&self) -> &Arc<RootCertStore> {
+        &self.0.store
+    }
+
+    fn expired(&self, now: UnixTime) -> usize {
+        if now.as_secs() <= self.0.earliest {
+            return 0;
+        }
+        self.0
+            .roots
+            .iter()
+            .filter(|r| now.as_secs() > r.not_after)
+            .count()
+    }
+
+    /// The roots that anchor chains at `now`: all of them until the first
+    /// expires (no lock, no copy), then those not expired.
+    fn at(&self, now: UnixTime) -> Result<Arc<RootCertStore>, SvidError> {
+        let expired = self.expired(now);
+        if expired == 0 {
+            return Ok(self.0.store.clone());
+        }
+        if expired == self.0.roots.len() {
+            let last = self.0.roots.iter().map(|r| r.not_after).max().unwrap_or(0);
+            return Err(SvidError::RootsExpired {
+                not_after: written(i64::try_from(last).unwrap_or(i64::MAX)),
+            });
+        }
+        let mut cached = self.0.unexpired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((count, store)) = &*cached
+            && *count == expired
+        {
+            return Ok(store.clone());
+        }
+        let mut store = RootCertStore::empty();
+        for root in self.0.roots.iter().filter(|r| now.as_secs() <= r.not_after) {
+            // Each was added to the full store already.
+            let _ = store.add(root.der.clone());
+        }
+        let store = Arc::new(store);
+        *cached = Some((expired, store.clone()));
+        Ok(store)
+    }
+
+    /// After a chain failed to verify at `now`: the expired root it leads
+    /// to, if one does (`verifies` tells whether it verifies against a
+    /// store), as the error to give instead.
+    fn expired_anchor(
+        &self,
+        now: UnixTime,
+        verifies: impl Fn(Arc<RootCertStore>) -> bool,
+    ) -> Option<SvidError> {
+        self.0
+            .roots
+            .iter()
+            .filter(|r| now.as_secs() > r.not_after)
+            .find(|r| {
+                let mut alone = RootCertStore::empty();
+                alone.add(r.der.clone()).is_ok() && verifies(Arc::new(alone))
+            })
+            .map(|r| SvidError::ExpiredRoot {
+                subject: r.subject.clone(),
+                not_after: written(i64::try_from(r.not_after).unwrap_or(i64::MAX)),
+            })
+    }
+}
+
+impl fmt::Debug for Roots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Roots")
+            .field("roots", &self.0.roots.len())
+            .field("earliest_expiry", &self.0.earliest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `result` is the error of a chain that leads to no root.
+fn no_path(result: &Result<(), rustls::Error>) -> bool {
+    matches!(
+        result,
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer
+        ))
+    )
 }
 
 fn svid_error(e: SvidError) -> rustls::Error {
@@ -183,13 +329,13 @@ pub enum ExpectedServer {
 /// A client-side verifier: the server's chain must lead to the bundle and its
 /// SPIFFE ID must be the expected one. The TLS server name is ignored.
 pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    roots: Roots,
     expected: ExpectedServer,
     provider: Arc<CryptoProvider>,
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(roots: Arc<RootCertStore>, expected: ExpectedServer) -> Self {
+    pub fn new(roots: Roots, expected: ExpectedServer) -> Self {
         Self {
             roots,
             expected,
@@ -216,13 +362,22 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        let verify = |roots: Arc<RootCertStore>| {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )
+        };
+        let verified = verify(self.roots.at(now).map_err(svid_error)?);
+        if no_path(&verified)
+            && let Some(expired) = self.roots.expired_anchor(now, |r| verify(r).is_ok())
+        {
+            return Err(svid_error(expired));
+        }
+        verified?;
         let found = spiffe_id_of(end_entity).map_err(svid_error)?;
         match &self.expected {
             ExpectedServer::Exact(expected) if &found != expected => {
@@ -280,29 +435,63 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// one that presents a certificate is still fully verified.
 pub struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    roots: Roots,
+    mandatory: bool,
+    /// The verifier of the roots not expired, once some have, with the
+    /// store it was built from.
+    unexpired: Mutex<Option<UnexpiredVerifier>>,
     trust_domain: TrustDomain,
 }
 
 impl SpiffeClientVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
+        roots: Roots,
         trust_domain: TrustDomain,
         mandatory: bool,
     ) -> Result<Self, rustls::Error> {
-        let builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
-        let builder = if mandatory {
-            builder
-        } else {
-            builder.allow_unauthenticated()
-        };
-        let inner = builder
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(Self {
-            inner,
+            inner: webpki_client_verifier(roots.store().clone(), mandatory)?,
+            roots,
+            mandatory,
+            unexpired: Mutex::new(None),
             trust_domain,
         })
     }
+
+    /// The webpki verifier of the roots that anchor chains at `now`.
+    fn verifier_at(&self, now: UnixTime) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let store = self.roots.at(now).map_err(svid_error)?;
+        if Arc::ptr_eq(&store, self.roots.store()) {
+            return Ok(self.inner.clone());
+        }
+        let mut cached = self.unexpired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((built_from, verifier)) = &*cached
+            && Arc::ptr_eq(built_from, &store)
+        {
+            return Ok(verifier.clone());
+        }
+        let verifier = webpki_client_verifier(store.clone(), self.mandatory)?;
+        *cached = Some((store, verifier.clone()));
+        Ok(verifier)
+    }
+}
+
+/// A webpki client verifier and the store of unexpired roots it holds.
+type UnexpiredVerifier = (Arc<RootCertStore>, Arc<dyn ClientCertVerifier>);
+
+fn webpki_client_verifier(
+    roots: Arc<RootCertStore>,
+    mandatory: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    let builder = if mandatory {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -332,8 +521,19 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .verifier_at(now)?
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ());
+        if no_path(&verified)
+            && let Some(expired) = self.roots.expired_anchor(now, |roots| {
+                webpki_client_verifier(roots, true)
+                    .is_ok_and(|v| v.verify_client_cert(end_entity, intermediates, now).is_ok())
+            })
+        {
+            return Err(svid_error(expired));
+        }
+        verified?;
         let found = spiffe_id_of(end_entity).map_err(svid_error)?;
         if !found.is_member_of(&self.trust_domain) {
             return Err(svid_error(SvidError::ForeignTrustDomain {
@@ -406,6 +606,9 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
             match other.0.downcast_ref::<SvidError>() {
                 Some(SvidError::UnexpectedId { .. }) => "unexpected_identity",
                 Some(SvidError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
+                Some(SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. }) => {
+                    "expired_root"
+                }
                 Some(_) => "invalid_svid",
                 None => "invalid_certificate",
             }

@@ -134,7 +134,7 @@ pub fn client_config(
     trust_domain: &str,
     client: Option<ClientIdentity>,
 ) -> anyhow::Result<Arc<ClientConfig>> {
-    let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
+    let roots = trellis_core::tls::root_store(bundle)?;
     let td = TrustDomain::new(trust_domain)?;
     let verifier = SpiffeServerVerifier::new(roots, ExpectedServer::AnyIn(td));
     let builder = ClientConfig::builder_with_provider(trellis_core::tls::provider())

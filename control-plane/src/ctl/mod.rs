@@ -203,7 +203,7 @@ impl AdminCredentials {
         })?;
         let roots = root_store(&bundle)?;
         let verifier = SpiffeServerVerifier::new(
-            Arc::new(roots),
+            roots,
             ExpectedServer::Exact(SpiffeId::control_plane(&id.trust_domain())),
         );
         let config = ClientConfig::builder_with_provider(provider())

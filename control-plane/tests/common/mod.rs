@@ -211,7 +211,7 @@ impl ControlPlane {
     /// A TLS client config trusting this control plane, optionally presenting
     /// a client certificate.
     pub fn client_config(&self, identity: Option<&Svid>) -> ClientConfig {
-        let roots = Arc::new(root_store(&self.bundle()).unwrap());
+        let roots = root_store(&self.bundle()).unwrap();
         let td = TrustDomain::new("cluster.local").unwrap();
         let verifier =
             SpiffeServerVerifier::new(roots, ExpectedServer::Exact(SpiffeId::control_plane(&td)));

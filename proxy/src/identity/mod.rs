@@ -230,7 +230,7 @@ pub fn control_plane_tls(
     if bundle.is_empty() {
         return Err(CertifyError::NoBundle);
     }
-    let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
+    let roots = trellis_core::tls::root_store(bundle)?;
     let expected = ExpectedServer::Exact(SpiffeId::control_plane(&identity.trust_domain()));
     let builder = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
         .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?

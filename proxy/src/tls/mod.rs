@@ -32,6 +32,9 @@
 
 pub mod tickets;
 
+#[cfg(test)]
+mod expired_roots;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -40,7 +43,7 @@ use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::sync::watch;
 use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
@@ -85,7 +88,7 @@ pub struct TlsState {
 
 #[derive(Clone)]
 struct ClientParts {
-    roots: Arc<RootCertStore>,
+    roots: trellis_core::tls::Roots,
     resolver: Arc<SvidResolver>,
 }
 
@@ -104,7 +107,7 @@ impl TlsState {
         if bundle.is_empty() {
             return Ok(Self::default());
         }
-        let roots = Arc::new(trellis_core::tls::root_store(bundle)?);
+        let roots = trellis_core::tls::root_store(bundle)?;
         let resolver = Arc::new(SvidResolver(svid.certified.clone()));
         let verifier = SpiffeClientVerifier::new(roots.clone(), trust_domain.clone(), true)?;
         let mut server = ServerConfig::builder_with_provider(provider())

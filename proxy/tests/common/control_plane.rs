@@ -176,7 +176,7 @@ impl FakeControlPlane {
         let root = ca.root();
         let td = td();
         let svid = ca.svid(&SpiffeId::control_plane(&td));
-        let roots = Arc::new(trellis_core::tls::root_store(std::slice::from_ref(&root)).unwrap());
+        let roots = trellis_core::tls::root_store(std::slice::from_ref(&root)).unwrap();
         let verifier = trellis_core::tls::SpiffeClientVerifier::new(roots, td, false).unwrap();
         let mut config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)

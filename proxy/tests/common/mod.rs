@@ -124,7 +124,7 @@ impl Ca {
     /// A plain rustls client presenting `client` (if any) and accepting any
     /// server chained to `roots`.
     pub fn client_config(&self, client: Option<(&Ca, &SpiffeId)>) -> Arc<rustls::ClientConfig> {
-        let roots = Arc::new(trellis_core::tls::root_store(&[self.root()]).unwrap());
+        let roots = trellis_core::tls::root_store(&[self.root()]).unwrap();
         let verifier = trellis_core::tls::SpiffeServerVerifier::new(
             roots,
             trellis_core::tls::ExpectedServer::AnyIn(td()),

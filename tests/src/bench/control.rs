@@ -122,7 +122,7 @@ impl Sim {
 /// Connections to one control plane.
 pub(super) struct Client {
     pub(super) addr: String,
-    bundle: Arc<rustls::RootCertStore>,
+    bundle: trellis_core::tls::Roots,
     trust_domain: TrustDomain,
 }
 
@@ -397,7 +397,7 @@ impl ControlPlane {
             CertificateDer::pem_slice_iter(&bundle_pem).collect::<Result<_, _>>()?;
         let client = Client {
             addr,
-            bundle: Arc::new(trellis_core::tls::root_store(&roots)?),
+            bundle: trellis_core::tls::root_store(&roots)?,
             trust_domain: TrustDomain::new(super::certs::TRUST_DOMAIN)?,
         };
         Ok(ControlPlane {
