@@ -76,6 +76,8 @@ pub struct Snapshot {
 pub enum InvalidSnapshot {
     #[error("trust_bundle[{index}] is not a certificate: {reason}")]
     Bundle { index: usize, reason: String },
+    #[error("trust_bundle cannot verify peers: {0}")]
+    UnusableBundle(String),
     #[error("endpoints[{index}].address {address} is not ip:port")]
     EndpointAddress { index: usize, address: String },
     #[error("endpoints[{index}].spiffe_id {id:?}: {reason}")]
@@ -172,6 +174,17 @@ impl Snapshot {
                 });
             }
             trust_bundle.push(CertificateDer::from(der));
+        }
+        // A bundle the verifiers cannot take (every root expired, a root
+        // webpki refuses) is refused here, so the sidecar keeps the one it
+        // holds and the control plane hears why.
+        if !trust_bundle.is_empty() {
+            trellis_core::tls::root_store(&trust_bundle).map_err(|e| {
+                InvalidSnapshot::UnusableBundle(match e {
+                    rustls::Error::General(reason) => reason,
+                    other => other.to_string(),
+                })
+            })?;
         }
         let (endpoints, endpoint_ips, services) = match shared {
             Some(shared) => shared,
@@ -424,6 +437,21 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("trust_bundle[0]"), "{e}");
+        let mut expired = rcgen::CertificateParams::default();
+        expired.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        expired.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+        expired.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let e = bad(pb::Snapshot {
+            trust_bundle: vec![expired.self_signed(&key).unwrap().der().to_vec()],
+            ..Default::default()
+        });
+        assert!(
+            e.starts_with(
+                "trust_bundle cannot verify peers: every root of the trust bundle has expired"
+            ),
+            "{e}"
+        );
         let e = bad(pb::Snapshot {
             mesh: Some(pb::MeshConfig {
                 outbound_policy: "maybe".into(),
