@@ -211,7 +211,7 @@ impl Limit {
             source.as_str().hash(&mut hasher);
         }
         if self.key != LimitKey::Source {
-            path.hash(&mut hasher);
+            hash_path(path, &mut hasher);
         }
         let key = hasher.finish();
         let mut shard = self.shards[key as usize % SHARDS]
@@ -241,6 +241,37 @@ impl Limit {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         (bucket.tokens + elapsed * self.rate).min(self.burst)
     }
+}
+
+/// Feeds `path` to `hasher` as apps read it for routing: the hex digits of
+/// each percent escape in upper case, so `/a%3ab` and `/a%3Ab` (one path to
+/// an app, and to the path matches) share a route's bucket instead of
+/// counting apart. Escapes an app could read as another path altogether
+/// (`%2F`, an encoded unreserved character) never get here: they are
+/// refused while a limit reads paths. No allocation: the spans between
+/// escapes are written as they are.
+fn hash_path(path: &str, hasher: &mut impl Hasher) {
+    let bytes = path.as_bytes();
+    let mut written = 0;
+    let mut at = 0;
+    while let Some(found) = bytes[at..].iter().position(|b| *b == b'%') {
+        let escape = at + found;
+        match bytes.get(escape + 1..escape + 3) {
+            Some(&[high, low])
+                if high.is_ascii_hexdigit()
+                    && low.is_ascii_hexdigit()
+                    && (high.is_ascii_lowercase() || low.is_ascii_lowercase()) =>
+            {
+                hasher.write(&bytes[written..escape]);
+                hasher.write(&[b'%', high.to_ascii_uppercase(), low.to_ascii_uppercase()]);
+                written = escape + 3;
+                at = escape + 3;
+            }
+            _ => at = escape + 1,
+        }
+    }
+    hasher.write(&bytes[written..]);
+    hasher.write_u8(0xff);
 }
 
 /// The longest wait a refused caller is told: a day, what the slowest rate
@@ -383,6 +414,31 @@ mod tests {
             l.check(&a, "/other").is_ok(),
             "paths outside the match are not limited"
         );
+    }
+
+    /// Escapes whose hex digits differ only in case are one path to an
+    /// app: a route's bucket cannot be dodged by writing them otherwise.
+    #[test]
+    fn a_route_is_one_bucket_whatever_the_case_of_its_escapes() {
+        let l = limits(0.001, 1, "route");
+        let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
+        assert!(l.check(&a, "/search/caf%c3%a9").is_ok());
+        for spelling in [
+            "/search/caf%C3%A9",
+            "/search/caf%c3%A9",
+            "/search/caf%C3%a9",
+        ] {
+            assert!(l.check(&a, spelling).is_err(), "{spelling} counted apart");
+        }
+        assert!(
+            l.check(&a, "/search/cafe").is_ok(),
+            "another path has its own bucket"
+        );
+        assert!(
+            l.check(&a, "/search/%zz%").is_ok(),
+            "not an escape: as sent"
+        );
+        assert!(l.check(&a, "/search/%ZZ%").is_ok(), "and so another path");
     }
 
     #[test]
