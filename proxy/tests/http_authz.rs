@@ -183,7 +183,8 @@ async fn an_encoded_path_cannot_escape_a_rate_limit() {
 }
 
 /// Most apps read the first value of a header sent twice: a second copy
-/// must not buy a request an ALLOW, while a DENY matches any copy.
+/// must not buy a request an ALLOW, while a DENY matches any copy, or any
+/// element of a list on one line.
 #[tokio::test]
 async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
@@ -215,7 +216,22 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
         (status.as_u16(), body.as_str()),
         (403, "denied by policy b/no-debug rule 0\n")
     );
-    assert_eq!(app.seen.paths(), ["/one"], "the app saw a denied request");
+    // One line may carry a list: `on` in it is `x-debug` sent with `on`,
+    // and an allowed value in a list is not the allowed value.
+    let (status, body) = send("/four", &[("x-env", "canary"), ("x-debug", "off,  on")]).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-debug rule 0\n")
+    );
+    let (status, _) = send("/five", &[("x-env", "canary, prod")]).await;
+    assert_eq!(status, 403);
+    let (status, _) = send("/six", &[("x-env", "canary"), ("x-debug", "off, once")]).await;
+    assert_eq!(status, 200, "no element is `on`");
+    assert_eq!(
+        app.seen.paths(),
+        ["/one", "/six"],
+        "the app saw a denied request"
+    );
 }
 
 #[tokio::test]

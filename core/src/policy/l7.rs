@@ -9,8 +9,8 @@
 //! `/users/{id}/*` matches both of the first two). A gRPC match is a path
 //! match on `/<service>/<method>`. Header names are case-insensitive and
 //! values exact; a header sent more than once matches an ALLOW rule only
-//! if every value does, a DENY or AUDIT rule if any does
-//! (`L7Match::matches`).
+//! if every value does, a DENY or AUDIT rule if any does, or any element
+//! of a comma-separated one (`L7Match::matches`).
 //!
 //! Apps decode and resolve a path before routing it, so a path that names
 //! the same resource in another spelling must not reach them past a rule
@@ -365,16 +365,27 @@ impl L7Match {
     /// apps mostly read the first value, some the last or all of them. So
     /// for ALLOW a header condition holds only if the header is there and
     /// every value of it matches; for DENY, and AUDIT's "would deny", if
-    /// any value matches.
+    /// any value matches. HTTP lets one line carry a list
+    /// (`x-env: prod, canary` is `x-env` sent twice), and an app that reads
+    /// lists sees `canary` in it: so for DENY and AUDIT an element of a
+    /// comma-separated value matches too, while for ALLOW the whole value
+    /// must (a list is never one allowed value).
     pub fn matches(&self, req: &HttpRequest<'_>, action: Action) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| **m == *req.method))
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
             && self.headers.iter().all(|(name, value)| {
                 let mut values = req.headers.get_all(&**name).iter();
-                let is = |v: &HeaderValue| v.as_bytes() == value.as_bytes();
+                let want = value.as_bytes();
+                let is = |v: &HeaderValue| v.as_bytes() == want;
+                let holds = |v: &HeaderValue| {
+                    is(v)
+                        || v.as_bytes()
+                            .split(|b| *b == b',')
+                            .any(|element| element.trim_ascii() == want)
+                };
                 match action {
                     Action::Allow => values.next().is_some_and(is) && values.all(is),
-                    Action::Deny | Action::Audit => values.any(is),
+                    Action::Deny | Action::Audit => values.any(holds),
                 }
             })
     }
