@@ -342,6 +342,28 @@ impl SpiffeServerVerifier {
             provider: provider(),
         }
     }
+
+    /// A resumed session's chain (leaf first, as the session brought it
+    /// back), which no verifier sees on resumption, verified again at
+    /// `now` once a root of the bundle has expired: the root it was
+    /// verified against may be the one. Until a root expires nothing of
+    /// the chain's trust can have changed (the leaf's own dates are for
+    /// the caller to check), and this is one comparison.
+    pub fn verify_resumed(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        if self.roots.expired(now) == 0 {
+            return Ok(());
+        }
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let name = ServerName::try_from("resumed.trellis").expect("a valid DNS name");
+        self.verify_server_cert(leaf, intermediates, &name, &[], now)
+            .map(|_| ())
+    }
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
@@ -456,6 +478,22 @@ impl SpiffeClientVerifier {
             unexpired: Mutex::new(None),
             trust_domain,
         })
+    }
+
+    /// As [`SpiffeServerVerifier::verify_resumed`], for a caller's chain.
+    pub fn verify_resumed(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        if self.roots.expired(now) == 0 {
+            return Ok(());
+        }
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify_client_cert(leaf, intermediates, now)
+            .map(|_| ())
     }
 
     /// The webpki verifier of the roots that anchor chains at `now`.

@@ -207,3 +207,83 @@ async fn a_caller_whose_certificate_expired_cannot_resume_its_session() {
     // The connection made while it was valid is not cut by the check.
     assert_eq!(round_trip(&mut first, b"five").await.unwrap(), b"five");
 }
+
+/// A root of the bundle that expires while a caller's session lives: the
+/// resumed session brings back a chain no verifier sees again, so the
+/// sidecar verifies it once more when a root has expired, and a chain that
+/// leads to the expired root is refused (`expired_root`), resumed or full,
+/// while one under the other root still resumes.
+#[tokio::test]
+async fn a_caller_whose_root_expired_cannot_resume_its_session() {
+    let retiring = Ca::expiring_in(time::Duration::seconds(4));
+    let current = Ca::new();
+    let bundle = [retiring.root(), current.root()];
+    let root_expires = trellis_core::tls::validity_of(&retiring.root()).unwrap().1;
+    let state = |svid: &trellis_proxy::identity::Svid, expected: &[trellis_core::SpiffeId]| {
+        Arc::new(TlsState::build(Some(svid), &bundle, &td(), expected).unwrap())
+    };
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app.addr, state(&current.svid(&server), &[])).await;
+    let old_caller = state(&retiring.svid(&id("/ns/a/sa/old")), &[]);
+    let new_caller = state(&current.svid(&id("/ns/a/sa/new")), &[]);
+    let (old_peer, new_peer) = (
+        old_caller.client_for(&server).unwrap(),
+        new_caller.client_for(&server).unwrap(),
+    );
+
+    // Both roots valid: each caller begins a session, then resumes it.
+    let mut resumed_before = Vec::new();
+    for peer in [&old_peer, &new_peer] {
+        let mut first = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
+        assert_eq!(round_trip(&mut first, b"one").await.unwrap(), b"one");
+        let mut resumed =
+            trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone()))
+                .await
+                .unwrap();
+        assert_eq!(round_trip(&mut resumed, b"two").await.unwrap(), b"two");
+        assert_eq!(
+            resumed.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        resumed_before.push(resumed);
+    }
+
+    past(root_expires).await;
+
+    let refused = match trellis_proxy::tls::resuming(tls_connect(
+        inbound.addr,
+        old_peer.resume.clone(),
+    ))
+    .await
+    {
+        Err(_) => true,
+        Ok(mut stream) => round_trip(&mut stream, b"three").await.is_err(),
+    };
+    assert!(
+        refused,
+        "a session of a chain to an expired root was resumed"
+    );
+    assert!(
+        inbound.metrics.encode().contains(
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"expired_root\"} 1"
+        ),
+        "the refusal was not counted as an expired root:\n{}",
+        inbound.metrics.encode()
+    );
+    let full = match tls_connect(inbound.addr, old_peer.full.clone()).await {
+        Err(_) => true,
+        Ok(mut stream) => round_trip(&mut stream, b"four").await.is_err(),
+    };
+    assert!(full, "a chain to an expired root was accepted");
+
+    let mut resumed =
+        trellis_proxy::tls::resuming(tls_connect(inbound.addr, new_peer.resume.clone()))
+            .await
+            .expect("a caller under the current root still resumes");
+    assert_eq!(round_trip(&mut resumed, b"five").await.unwrap(), b"five");
+    // Connections made before the expiry are not cut by the check.
+    for stream in &mut resumed_before {
+        assert_eq!(round_trip(stream, b"six").await.unwrap(), b"six");
+    }
+}

@@ -203,6 +203,16 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
             return;
         }
     };
+    // A resumed session's chain, which no verifier saw, is verified again
+    // once a root of the bundle has expired: it may lead to that one.
+    if let Err(e) = tls.verify_resumed_caller(stream.get_ref().1) {
+        let reason = trellis_core::tls::failure_reason(&e);
+        let error = trellis_core::tls::Described(&e);
+        tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
+        metrics.handshake_failure(INBOUND, reason);
+        metrics.connection(INBOUND, "refused");
+        return;
+    }
     drop(tls);
     metrics.established(INBOUND, stream.get_ref().1);
     let peer = match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {

@@ -177,14 +177,22 @@ where
         // is dialled again with a full handshake, which verifies its
         // current one.
         Ok(mut stream) => {
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first());
-            let valid = leaf.map_or(Err(SvidError::NoCertificate), |leaf| {
-                peer.tickets.still_valid(leaf)
-            });
+            let chain = stream.get_ref().1.peer_certificates();
+            let leaf = chain.and_then(|c| c.first());
+            let valid = leaf
+                .map_or(Err(SvidError::NoCertificate), |leaf| {
+                    peer.tickets.still_valid(leaf)
+                })
+                .map_err(|e| (e.to_string(), "expired_certificate"))
+                // A root of the bundle that expired since the session
+                // began: the chain is verified again, as a full handshake
+                // would.
+                .and_then(|()| {
+                    peer.verify_resumed(chain.unwrap_or_default()).map_err(|e| {
+                        let error = trellis_core::tls::Described(&e).to_string();
+                        (error, trellis_core::tls::failure_reason(&e))
+                    })
+                });
             match valid {
                 Ok(()) => {
                     if !first.is_empty() {
@@ -195,11 +203,9 @@ where
                     }
                     Ok(stream)
                 }
-                Err(e) => {
+                Err((e, reason)) => {
                     tracing::debug!(peer = %expected, error = %e, "resumed session's certificate no longer valid; dialling again with a full handshake");
-                    shared
-                        .metrics
-                        .handshake_failure(OUTBOUND, "expired_certificate");
+                    shared.metrics.handshake_failure(OUTBOUND, reason);
                     peer.tickets.forget(&name);
                     drop(stream);
                     handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await

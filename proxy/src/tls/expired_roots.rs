@@ -124,6 +124,33 @@ fn a_root_stops_anchoring_chains_the_moment_it_expires() {
         }
         assert_eq!(verdicts(&server, &client, &under_new, secs), ["trusted"; 2]);
     }
+
+    // A resumed session's chain, which no verifier sees, is verified again
+    // only once a root has expired, and then as a full handshake's is.
+    let old_chain = [under_old.clone()];
+    for verifier_says in [
+        server.verify_resumed(&old_chain, unix(expiry)),
+        client.verify_resumed(&old_chain, unix(expiry)),
+    ] {
+        assert!(verifier_says.is_ok(), "{verifier_says:?}");
+    }
+    for refused in [
+        server.verify_resumed(&old_chain, unix(expiry + 1)),
+        client.verify_resumed(&old_chain, unix(expiry + 1)),
+    ] {
+        let refused = refused.unwrap_err();
+        assert_eq!(failure_reason(&refused), "expired_root", "{refused}");
+    }
+    assert!(
+        server
+            .verify_resumed(std::slice::from_ref(&under_new), unix(expiry + 1))
+            .is_ok()
+    );
+    assert!(
+        client
+            .verify_resumed(&[under_new], unix(expiry + 1))
+            .is_ok()
+    );
 }
 
 /// Once every root has expired nothing is trusted, and the refusal says

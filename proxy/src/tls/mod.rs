@@ -77,6 +77,9 @@ impl ResolvesClientCert for SvidResolver {
 /// sidecar holds a certificate and a trust bundle.
 #[derive(Default)]
 pub struct TlsState {
+    /// The verifier of callers both server configs use, kept to verify a
+    /// resumed caller's chain again once a root has expired.
+    callers: Option<Arc<SpiffeClientVerifier>>,
     server: Option<Arc<ServerConfig>>,
     /// `server` advertising the HTTP protocols the inbound serves.
     http_server: Option<Arc<ServerConfig>>,
@@ -109,10 +112,14 @@ impl TlsState {
         }
         let roots = trellis_core::tls::root_store(bundle)?;
         let resolver = Arc::new(SvidResolver(svid.certified.clone()));
-        let verifier = SpiffeClientVerifier::new(roots.clone(), trust_domain.clone(), true)?;
+        let verifier = Arc::new(SpiffeClientVerifier::new(
+            roots.clone(),
+            trust_domain.clone(),
+            true,
+        )?);
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
-            .with_client_cert_verifier(Arc::new(verifier))
+            .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(resolver.clone());
         // Stateless session tickets: the session, the caller's verified
         // chain with it, sealed with a key of this config, so resumption
@@ -133,6 +140,7 @@ impl TlsState {
             }
         }
         Ok(TlsState {
+            callers: Some(verifier),
             server: Some(Arc::new(server)),
             http_server: Some(Arc::new(http_server)),
             client: Some(parts),
@@ -160,6 +168,7 @@ impl TlsState {
             }
         }
         Ok(TlsState {
+            callers: self.callers.clone(),
             server: self.server.clone(),
             http_server: self.http_server.clone(),
             client: self.client.clone(),
@@ -182,6 +191,26 @@ impl TlsState {
             }
         }
         self
+    }
+
+    /// A caller's session that was resumed, verified again if a root of
+    /// the bundle has expired since this state was built: rustls restores
+    /// the chain from the ticket and calls no verifier, so a chain whose
+    /// root expired after the session began would otherwise resume its way
+    /// in until its leaf expires. A full handshake's chain was verified
+    /// by the handshake itself.
+    pub fn verify_resumed_caller(
+        &self,
+        conn: &rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        match (&self.callers, conn.peer_certificates()) {
+            (Some(callers), Some(chain)) => callers.verify_resumed(chain, UnixTime::now()),
+            // No certificate: the caller's SPIFFE ID check refuses it.
+            _ => Ok(()),
+        }
     }
 
     /// The inbound config: client SVID mandatory, TLS 1.3 only, no ALPN.
@@ -220,6 +249,15 @@ pub struct PeerClient {
     /// which refuses every full handshake with [`NotResumed`].
     pub resume: Arc<ClientConfig>,
     pub tickets: Arc<PeerTickets>,
+    verifier: Arc<Verifier>,
+}
+
+impl PeerClient {
+    /// As [`TlsState::verify_resumed_caller`], for the peer's chain when
+    /// this sidecar resumed a session with it.
+    pub fn verify_resumed(&self, chain: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+        self.verifier.0.verify_resumed(chain, UnixTime::now())
+    }
 }
 
 /// Why the resuming config ended a handshake: the peer did not accept the
@@ -317,13 +355,14 @@ impl ClientParts {
         let mut resume = ClientConfig::builder_with_provider(Arc::new(resuming))
             .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
+            .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(self.resolver.clone());
         resume.resumption = Resumption::store(Arc::new(tickets.store()));
         Ok(Arc::new(PeerClient {
             full: Arc::new(full),
             resume: Arc::new(resume),
             tickets,
+            verifier,
         }))
     }
 }

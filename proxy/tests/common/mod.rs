@@ -54,7 +54,19 @@ pub struct Ca {
 
 impl Ca {
     pub fn new() -> Self {
+        Self::with_params(CertificateParams::default())
+    }
+
+    /// A root that expires `lifetime` from now (valid since a minute ago).
+    pub fn expiring_in(lifetime: time::Duration) -> Self {
         let mut params = CertificateParams::default();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        Self::with_params(params)
+    }
+
+    fn with_params(mut params: CertificateParams) -> Self {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let mut dn = DistinguishedName::new();
