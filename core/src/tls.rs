@@ -271,6 +271,23 @@ impl Roots {
         Ok(store)
     }
 
+    /// A resumed session's chain split into its leaf and intermediates,
+    /// to verify again at `now`; `None` while no root has expired, when
+    /// nothing of its trust can have changed.
+    fn to_verify_again<'c, 'a>(
+        &self,
+        chain: &'c [CertificateDer<'a>],
+        now: UnixTime,
+    ) -> Result<Option<(&'c CertificateDer<'a>, &'c [CertificateDer<'a>])>, rustls::Error> {
+        if self.expired(now) == 0 {
+            return Ok(None);
+        }
+        chain
+            .split_first()
+            .map(Some)
+            .ok_or(rustls::Error::NoCertificatesPresented)
+    }
+
     /// After a chain failed to verify at `now`: the expired root it leads
     /// to, if one does (`verifies` tells whether it verifies against a
     /// store), as the error to give instead.
@@ -354,12 +371,9 @@ impl SpiffeServerVerifier {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
-        if self.roots.expired(now) == 0 {
+        let Some((leaf, intermediates)) = self.roots.to_verify_again(chain, now)? else {
             return Ok(());
-        }
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        };
         let name = ServerName::try_from("resumed.trellis").expect("a valid DNS name");
         self.verify_server_cert(leaf, intermediates, &name, &[], now)
             .map(|_| ())
@@ -486,12 +500,9 @@ impl SpiffeClientVerifier {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
-        if self.roots.expired(now) == 0 {
+        let Some((leaf, intermediates)) = self.roots.to_verify_again(chain, now)? else {
             return Ok(());
-        }
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        };
         self.verify_client_cert(leaf, intermediates, now)
             .map(|_| ())
     }
