@@ -190,6 +190,14 @@ struct Root {
     not_after: u64,
 }
 
+impl Root {
+    /// Past its notAfter at `now` (a certificate is valid through the
+    /// second its notAfter names).
+    fn expired_at(&self, now: UnixTime) -> bool {
+        now.as_secs() > self.not_after
+    }
+}
+
 /// Builds the roots of a trust bundle (DER). Refuses an empty bundle, a
 /// root webpki cannot take, and a bundle whose every root has expired.
 pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<Roots, rustls::Error> {
@@ -235,11 +243,7 @@ impl Roots {
         if now.as_secs() <= self.0.earliest {
             return 0;
         }
-        self.0
-            .roots
-            .iter()
-            .filter(|r| now.as_secs() > r.not_after)
-            .count()
+        self.0.roots.iter().filter(|r| r.expired_at(now)).count()
     }
 
     /// The roots that anchor chains at `now`: all of them until the first
@@ -262,7 +266,7 @@ impl Roots {
             return Ok(store.clone());
         }
         let mut store = RootCertStore::empty();
-        for root in self.0.roots.iter().filter(|r| now.as_secs() <= r.not_after) {
+        for root in self.0.roots.iter().filter(|r| !r.expired_at(now)) {
             // Each was added to the full store already.
             let _ = store.add(root.der.clone());
         }
@@ -299,7 +303,7 @@ impl Roots {
         self.0
             .roots
             .iter()
-            .filter(|r| now.as_secs() > r.not_after)
+            .filter(|r| r.expired_at(now))
             .find(|r| {
                 let mut alone = RootCertStore::empty();
                 alone.add(r.der.clone()).is_ok() && verifies(Arc::new(alone))

@@ -162,6 +162,54 @@ async fn tickets_outlive_a_new_certificate_but_not_a_new_bundle() {
     assert_eq!(dial(false).await.unwrap(), rustls::HandshakeKind::Full);
 }
 
+/// While `peer`'s credentials are trusted: a full handshake, then a
+/// resumed one, each carrying a round trip; both streams, still open.
+async fn begin_and_resume(
+    inbound: &TestInbound,
+    peer: &trellis_proxy::tls::PeerClient,
+) -> (TlsStream<TcpStream>, TlsStream<TcpStream>) {
+    let mut first = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
+    assert_eq!(round_trip(&mut first, b"one").await.unwrap(), b"one");
+    let mut resumed = trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone()))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut resumed, b"two").await.unwrap(), b"two");
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    (first, resumed)
+}
+
+/// Once `peer`'s chain is no longer trusted: its resumed session is
+/// refused once the chain is seen, before the app is dialled, and counted
+/// as `reason`; a full handshake is refused by the verifier.
+async fn no_longer_trusted(
+    inbound: &TestInbound,
+    peer: &trellis_proxy::tls::PeerClient,
+    reason: &str,
+) {
+    assert!(
+        refused(trellis_proxy::tls::resuming(tls_connect(
+            inbound.addr,
+            peer.resume.clone()
+        )))
+        .await,
+        "a session of a chain no longer trusted ({reason}) was resumed"
+    );
+    let counted =
+        format!("trellis_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}} 1");
+    assert!(
+        inbound.metrics.encode().contains(&counted),
+        "the refusal was not counted as {reason}:\n{}",
+        inbound.metrics.encode()
+    );
+    assert!(
+        refused(tls_connect(inbound.addr, peer.full.clone())).await,
+        "a chain no longer trusted ({reason}) was accepted"
+    );
+}
+
 /// A resumed session brings back the caller's certificate as it was when
 /// the session began, and no verifier looks at it again; each resumption
 /// is also handed fresh tickets. A caller whose SVID has expired since
@@ -181,41 +229,12 @@ async fn a_caller_whose_certificate_expired_cannot_resume_its_session() {
     let peer = client.client_for(&server).unwrap();
 
     // While the certificate is valid: a full handshake, then a resumed one.
-    let mut first = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
-    assert_eq!(round_trip(&mut first, b"one").await.unwrap(), b"one");
-    let mut resumed = trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone()))
-        .await
-        .unwrap();
-    assert_eq!(round_trip(&mut resumed, b"two").await.unwrap(), b"two");
-    assert_eq!(
-        resumed.get_ref().1.handshake_kind(),
-        Some(rustls::HandshakeKind::Resumed)
-    );
+    let (mut first, _resumed) = begin_and_resume(&inbound, &peer).await;
 
     past(expires).await;
 
-    // Expired: the resumed session is refused once its certificate is
-    // seen, before the app is dialled.
-    assert!(
-        refused(trellis_proxy::tls::resuming(tls_connect(
-            inbound.addr,
-            peer.resume.clone()
-        )))
-        .await,
-        "a session of an expired certificate was resumed"
-    );
-    assert!(
-        inbound.metrics.encode().contains(
-            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"expired_certificate\"} 1"
-        ),
-        "the refusal was not counted as an expired certificate:\n{}",
-        inbound.metrics.encode()
-    );
-    // A full handshake with it is refused by the verifier, as before.
-    assert!(
-        refused(tls_connect(inbound.addr, peer.full.clone())).await,
-        "an expired certificate was accepted"
-    );
+    // Expired: refused resumed or full.
+    no_longer_trusted(&inbound, &peer, "expired_certificate").await;
     // The connection made while it was valid is not cut by the check.
     assert_eq!(round_trip(&mut first, b"five").await.unwrap(), b"five");
 }
@@ -247,41 +266,12 @@ async fn a_caller_whose_root_expired_cannot_resume_its_session() {
     // Both roots valid: each caller begins a session, then resumes it.
     let mut resumed_before = Vec::new();
     for peer in [&old_peer, &new_peer] {
-        let mut first = tls_connect(inbound.addr, peer.full.clone()).await.unwrap();
-        assert_eq!(round_trip(&mut first, b"one").await.unwrap(), b"one");
-        let mut resumed =
-            trellis_proxy::tls::resuming(tls_connect(inbound.addr, peer.resume.clone()))
-                .await
-                .unwrap();
-        assert_eq!(round_trip(&mut resumed, b"two").await.unwrap(), b"two");
-        assert_eq!(
-            resumed.get_ref().1.handshake_kind(),
-            Some(rustls::HandshakeKind::Resumed)
-        );
-        resumed_before.push(resumed);
+        resumed_before.push(begin_and_resume(&inbound, peer).await.1);
     }
 
     past(root_expires).await;
 
-    assert!(
-        refused(trellis_proxy::tls::resuming(tls_connect(
-            inbound.addr,
-            old_peer.resume.clone()
-        )))
-        .await,
-        "a session of a chain to an expired root was resumed"
-    );
-    assert!(
-        inbound.metrics.encode().contains(
-            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"expired_root\"} 1"
-        ),
-        "the refusal was not counted as an expired root:\n{}",
-        inbound.metrics.encode()
-    );
-    assert!(
-        refused(tls_connect(inbound.addr, old_peer.full.clone())).await,
-        "a chain to an expired root was accepted"
-    );
+    no_longer_trusted(&inbound, &old_peer, "expired_root").await;
 
     let mut resumed =
         trellis_proxy::tls::resuming(tls_connect(inbound.addr, new_peer.resume.clone()))
