@@ -95,7 +95,7 @@ fn respond(
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => {
             let mut body = metrics.render();
-            render_sidecar_sync(&mut body, discovery.sync_counts());
+            render_sidecar_sync(&mut body, &discovery.sync_counts());
             text(StatusCode::OK, body)
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -9,6 +9,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use crate::discovery::SyncState;
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     certificates_issued: AtomicU64,
@@ -112,9 +114,9 @@ impl Metrics {
 }
 
 /// The Prometheus text of the sidecars' sync with the version served:
-/// `counts` holds how many identities with an open Watch stream are synced,
-/// pending and refused ([`Discovery::sync_counts`](crate::discovery::Discovery::sync_counts)).
-pub fn render_sidecar_sync(out: &mut String, counts: [u64; 3]) {
+/// how many identities with an open Watch stream stand in each state
+/// ([`Discovery::sync_counts`](crate::discovery::Discovery::sync_counts)).
+pub fn render_sidecar_sync(out: &mut String, counts: &[(SyncState, u64)]) {
     let _ = writeln!(
         out,
         "# HELP trellis_sidecar_snapshots SPIFFE IDs with an open Discovery.Watch stream, by \
@@ -122,10 +124,11 @@ pub fn render_sidecar_sync(out: &mut String, counts: [u64; 3]) {
          unanswered (pending), or refused it (refused).\n\
          # TYPE trellis_sidecar_snapshots gauge"
     );
-    for (state, count) in ["synced", "pending", "refused"].iter().zip(counts) {
+    for (state, count) in counts {
         let _ = writeln!(
             out,
-            "trellis_sidecar_snapshots{{state=\"{state}\"}} {count}"
+            "trellis_sidecar_snapshots{{state=\"{}\"}} {count}",
+            state.label()
         );
     }
 }

@@ -35,6 +35,7 @@ use self::policy::PolicyCommand;
 
 use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
+use crate::discovery::SyncState;
 
 /// Operate a Trellis mesh through the control plane's Admin API.
 #[derive(Debug, Parser)]
@@ -507,15 +508,17 @@ fn rfc3339(unix: i64) -> String {
     }
 }
 
-/// How `trellisctl workloads` names a sidecar's [`SnapshotSync`].
+/// How `trellisctl workloads` names a sidecar's [`SnapshotSync`]: as the
+/// control plane's metrics name the state.
 fn sync_name(w: &Workload) -> &'static str {
-    match w.sync() {
-        SnapshotSync::Synced => "synced",
-        SnapshotSync::Pending => "pending",
-        SnapshotSync::Refused => "refused",
-        SnapshotSync::NotConnected => "not connected",
-        SnapshotSync::Unspecified => "unknown",
-    }
+    let state = match w.sync() {
+        SnapshotSync::Synced => SyncState::Synced,
+        SnapshotSync::Pending => SyncState::Pending,
+        SnapshotSync::Refused => SyncState::Refused,
+        SnapshotSync::NotConnected => SyncState::NotConnected,
+        SnapshotSync::Unspecified => return "unknown",
+    };
+    state.label()
 }
 
 /// The workloads as an aligned text table, then why each sidecar that

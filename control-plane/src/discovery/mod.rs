@@ -78,6 +78,18 @@ pub enum SyncState {
     Refused,
 }
 
+impl SyncState {
+    /// Its name in metrics and in `trellisctl`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SyncState::NotConnected => "not connected",
+            SyncState::Synced => "synced",
+            SyncState::Pending => "pending",
+            SyncState::Refused => "refused",
+        }
+    }
+}
+
 impl SidecarStatus {
     pub fn connected(&self) -> bool {
         self.streams > 0
@@ -674,17 +686,20 @@ impl Discovery {
         self.with_status(id, |s| s.last_nack = reason.to_owned());
     }
 
-    /// How many identities with an open Watch stream are synced, pending
-    /// and refused against the version served now, in that order.
-    pub fn sync_counts(&self) -> [u64; 3] {
+    /// How many identities with an open Watch stream stand in each state
+    /// of sync with the version served now (not connected ones are not
+    /// counted).
+    pub fn sync_counts(&self) -> [(SyncState, u64); 3] {
         let current = self.current_version();
-        let mut counts = [0; 3];
+        let mut counts = [
+            (SyncState::Synced, 0),
+            (SyncState::Pending, 0),
+            (SyncState::Refused, 0),
+        ];
         for status in self.sidecars.lock().expect("not poisoned").values() {
-            match status.sync(current) {
-                SyncState::Synced => counts[0] += 1,
-                SyncState::Pending => counts[1] += 1,
-                SyncState::Refused => counts[2] += 1,
-                SyncState::NotConnected => {}
+            let state = status.sync(current);
+            if let Some((_, count)) = counts.iter_mut().find(|(s, _)| *s == state) {
+                *count += 1;
             }
         }
         counts
