@@ -164,6 +164,25 @@ pub struct Config {
     #[arg(long = "dns-name", env = "TRELLIS_DNS_NAME", value_delimiter = ',', value_parser = parse_dns_name)]
     pub dns_names: Vec<String>,
 
+    /// The other control-plane replicas' gRPC addresses (HOST:PORT, comma
+    /// separated). `ListWorkloads` asks each for the sidecars streaming to
+    /// it, so one answer covers every replica; a name is resolved on each
+    /// call and every address it has is asked (a headless Service's name
+    /// finds every replica, this one included, which recognises itself).
+    #[arg(
+        long,
+        env = "TRELLIS_PEERS",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        value_parser = parse_peer
+    )]
+    pub peers: Vec<String>,
+
+    /// This replica's name in `ListWorkloads` answers [default: the host
+    /// name, which in Kubernetes is the pod's name].
+    #[arg(long, env = "TRELLIS_REPLICA_NAME", value_parser = parse_replica_name)]
+    pub replica_name: Option<String>,
+
     /// Log output format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -423,6 +442,34 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// Letters, digits, `.`, `-` and `_`, as a pod or host name has them.
+fn parse_replica_name(s: &str) -> Result<String, String> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if s.is_empty() || s.len() > 253 || !s.chars().all(fine) {
+        return Err(format!(
+            "{s:?} is not a replica name (1 to 253 letters, digits, '.', '-' or '_')"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// A peer replica: an IP address and port, or a DNS name and port.
+fn parse_peer(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    let invalid = || {
+        format!(
+            "{s:?} is not HOST:PORT (an IP address, or a DNS name such as a headless Service's, and the gRPC port)"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(invalid)?;
+    parse_port(port).map_err(|_| invalid())?;
+    parse_dns_name(host).map_err(|_| invalid())?;
+    Ok(s.to_ascii_lowercase())
+}
+
 fn parse_dns_name(s: &str) -> Result<String, String> {
     rustls_pki_types::DnsName::try_from(s)
         .map(|_| s.to_ascii_lowercase())
@@ -435,6 +482,41 @@ mod tests {
 
     fn parse(args: &[&str]) -> Parsed {
         Config::parse_args(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn peers_are_addresses_or_names_with_a_port() {
+        let Parsed::Run(c) = parse(&[
+            "x",
+            "--state-dir",
+            "d",
+            "--peers",
+            "10.0.0.7:15012,[fd00::7]:15012,Trellis-Peers.trellis.svc:15012",
+        ]) else {
+            panic!("should parse")
+        };
+        assert_eq!(
+            c.peers,
+            [
+                "10.0.0.7:15012",
+                "[fd00::7]:15012",
+                "trellis-peers.trellis.svc:15012"
+            ]
+        );
+        for bad in [
+            "trellis-peers",
+            "trellis-peers:0",
+            "bad_name!:15012",
+            "10.0.0.7",
+        ] {
+            let Parsed::Invalid(message) = parse(&["x", "--state-dir", "d", "--peers", bad]) else {
+                panic!("{bad} should be refused")
+            };
+            assert!(
+                message.contains("--peers") && message.contains("HOST:PORT"),
+                "{message}"
+            );
+        }
     }
 
     #[test]

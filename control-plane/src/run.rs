@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
+use trellis_proto::admin::v1::replica_server::ReplicaServer;
 use trellis_proto::discovery::v1::MeshConfig;
 use trellis_proto::identity::v1::identity_server::IdentityServer;
 
@@ -29,7 +30,8 @@ use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
 use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::IdentityService;
-use crate::api::{AdminOnly, Mesh};
+use crate::api::replica::{ReplicaService, Replicas};
+use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::anchors::{describe_roots, earliest_expiry};
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
@@ -39,7 +41,7 @@ use crate::discovery::Discovery;
 use crate::inject::InjectConfig;
 use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::metrics::Metrics;
-use crate::server::{GrpcListener, ServingCert, server_config};
+use crate::server::{GrpcListener, ServingCert, peer_client_config, server_config};
 use crate::state_dir::{Secrecy, StateDir};
 use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
@@ -228,6 +230,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let serving = ServingCert::new(ca.clone(), &config.dns_names, config.listen.ip())?;
     let tls = server_config(&ca, serving.clone())?;
     let grpc = GrpcListener::bind(config.listen, tls).await?;
+    let replicas = Arc::new(Replicas::new(
+        config.replica_name.clone(),
+        grpc.local_addr().map_err(RunError::Signal)?.to_string(),
+        config.peers.clone(),
+        peer_client_config(&ca, serving.clone())?,
+    ));
+    if !config.peers.is_empty() {
+        tracing::info!(
+            replica = %replicas.name,
+            peers = ?config.peers,
+            "ListWorkloads joins the streams of the peer replicas"
+        );
+    }
     let admin = AdminHttp::bind(config.admin)
         .await
         .map_err(|source| RunError::AdminBind {
@@ -278,9 +293,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             IdentityService::new(mesh.clone()).with_token_reviewer(reviewer),
         ))
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
+        .add_service(ReplicaServer::with_interceptor(
+            ReplicaService::new(discovery.clone(), replicas.clone()),
+            OnlyCaller::control_plane(&config.trust_domain),
+        ))
         .add_service(AdminServer::with_interceptor(
-            AdminService::new(mesh),
-            AdminOnly::new(&config.trust_domain),
+            AdminService::new(mesh, replicas),
+            OnlyCaller::admin(&config.trust_domain),
         ))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

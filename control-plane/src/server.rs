@@ -18,9 +18,10 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::ServerConfig;
+use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,8 +32,8 @@ use tonic::transport::server::Connected;
 use trellis_core::SpiffeId;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
-    PROTOCOL_VERSIONS, SpiffeClientVerifier, failure_reason, peer_spiffe_id, provider, root_store,
-    rustls_error,
+    ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
+    peer_spiffe_id, provider, root_store, rustls_error,
 };
 
 use crate::api::PeerInfo;
@@ -150,6 +151,21 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
+/// The same SVID as a client certificate, when a replica asks its peers.
+impl ResolvesClientCert for ServingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("not poisoned").clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The rustls config of the gRPC port.
 pub fn server_config(
     ca: &CertificateAuthority,
@@ -163,6 +179,24 @@ pub fn server_config(
         .with_cert_resolver(serving);
     config.alpn_protocols = vec![trellis_core::grpc::ALPN_H2.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The rustls config a replica asks its peers with: it presents the
+/// control plane's SVID and accepts only a server with that same ID.
+pub fn peer_client_config(
+    ca: &CertificateAuthority,
+    serving: Arc<ServingCert>,
+) -> Result<Arc<ClientConfig>, ServerError> {
+    let verifier = SpiffeServerVerifier::new(
+        root_store(ca.bundle())?,
+        ExpectedServer::Exact(SpiffeId::control_plane(ca.trust_domain())),
+    );
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(serving);
+    Ok(Arc::new(trellis_core::grpc::with_h2_alpn(config)))
 }
 
 /// A TLS connection with who is on the other end.

@@ -64,6 +64,7 @@ fn default_values_render_valid_manifests() {
             "Secret",
             "Secret",
             "Service",
+            "Service",
             "ServiceAccount",
             "ValidatingWebhookConfiguration",
         ]
@@ -78,6 +79,7 @@ fn default_values_render_valid_manifests() {
         "--admin=[::]:15014",
         "--store=kubernetes",
         "--webhook=[::]:15017",
+        "--peers=trellis-control-plane-peers.trellis-system.svc:15012",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -293,7 +295,22 @@ fn control_plane_deployment_is_hardened() {
         one(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
     );
 
-    let service = one(&docs, "Service");
+    let services = find(&docs, "Service");
+    let service = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "trellis-control-plane")
+        .expect("the control plane's Service");
+    // The peers' Service: headless, every pod (ready or not) on the gRPC
+    // port, under the name each replica's --peers resolves.
+    let peers = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "trellis-control-plane-peers")
+        .expect("the replicas' headless Service");
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    assert_eq!(peers["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(peers["spec"]["selector"], service["spec"]["selector"]);
+    assert_eq!(peers["spec"]["ports"][0]["port"], 15012);
+    assert_eq!(peers["spec"]["ports"][0]["targetPort"], "grpc");
     let ports: Vec<(Value, Value)> = service["spec"]["ports"]
         .as_array()
         .unwrap()

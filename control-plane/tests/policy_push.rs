@@ -5,80 +5,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::policy::*;
 use common::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, Workload};
-use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, Subscribe, WatchRequest};
-
-/// An open Watch stream of one enrolled workload.
-struct Watcher {
-    acks: mpsc::Sender<WatchRequest>,
-    snapshots: tonic::Streaming<Snapshot>,
-}
-
-impl Watcher {
-    async fn open(cp: &ControlPlane, svid: &Svid, inbound: &str) -> Self {
-        Self::open_with(cp, svid, inbound, false).await
-    }
-
-    /// A stream whose Subscribe says whether it takes `endpoints_version`.
-    async fn open_with(
-        cp: &ControlPlane,
-        svid: &Svid,
-        inbound: &str,
-        accepts_endpoints_version: bool,
-    ) -> Self {
-        let (acks, rx) = mpsc::channel(64);
-        acks.send(WatchRequest {
-            kind: Some(Kind::Subscribe(Subscribe {
-                inbound_address: inbound.into(),
-                last_version: 0,
-                inbound_addresses: Vec::new(),
-                accepts_endpoints_version,
-            })),
-        })
-        .await
-        .unwrap();
-        let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
-            .await
-            .unwrap();
-        let snapshots = DiscoveryClient::new(channel)
-            .watch(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { acks, snapshots }
-    }
-
-    /// The next snapshot, not answered.
-    async fn receive(&mut self) -> Snapshot {
-        tokio::time::timeout(PATIENCE, self.snapshots.message())
-            .await
-            .expect("a snapshot in time")
-            .unwrap()
-            .expect("the stream stays open")
-    }
-
-    /// The next snapshot, acknowledged.
-    async fn next(&mut self) -> Snapshot {
-        let snapshot = self.receive().await;
-        self.acks
-            .send(WatchRequest {
-                kind: Some(Kind::Ack(Ack {
-                    version: snapshot.version,
-                })),
-            })
-            .await
-            .unwrap();
-        snapshot
-    }
-}
+use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, WatchRequest};
 
 fn has_endpoint(snapshot: &Snapshot, id: &str) -> bool {
     snapshot.endpoints.iter().any(|e| e.spiffe_id == id)

@@ -1,8 +1,9 @@
 //! `trellis.admin.v1.Admin`: the operators' API. Guarded by
-//! [`super::AdminOnly`], so every method here runs for the admin identity
+//! [`super::OnlyCaller::admin`], so every method here runs for the admin identity
 //! only. A token is returned once and never logged; only its hash is stored.
 //! The policy methods live in [`super::policy`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
@@ -13,37 +14,30 @@ use trellis_proto::admin::v1::{
     DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
     GetPolicyResponse, IssuedCertificate, ListIssuedCertificatesRequest,
     ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse,
-    ListWorkloadsRequest, ListWorkloadsResponse, SnapshotSync, Workload,
+    ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
 
 use super::identity::unix_now;
+use super::replica::Replicas;
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
-use crate::discovery::SyncState;
 use crate::store::{JoinToken, StoreError};
 
 pub struct AdminService {
     mesh: Mesh,
+    replicas: Arc<Replicas>,
 }
 
 impl AdminService {
-    pub fn new(mesh: Mesh) -> Self {
-        Self { mesh }
+    /// `replicas` is this replica and the peers `ListWorkloads` asks.
+    pub fn new(mesh: Mesh, replicas: Arc<Replicas>) -> Self {
+        Self { mesh, replicas }
     }
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
-}
-
-fn snapshot_sync(state: SyncState) -> SnapshotSync {
-    match state {
-        SyncState::NotConnected => SnapshotSync::NotConnected,
-        SyncState::Synced => SnapshotSync::Synced,
-        SyncState::Pending => SnapshotSync::Pending,
-        SyncState::Refused => SnapshotSync::Refused,
-    }
 }
 
 /// How many issued certificates a listing returns when it names no limit.
@@ -142,19 +136,18 @@ impl Admin for AdminService {
             .map_err(internal)?
             .map_err(internal)?;
         let current = self.mesh.discovery.current_version();
+        let fleet = self.replicas.fleet(&self.mesh.discovery).await;
         let workloads = records
             .into_iter()
             .map(|w| {
-                let status = SpiffeId::parse(&w.spiffe_id)
-                    .ok()
-                    .and_then(|id| self.mesh.discovery.status(&id))
-                    .unwrap_or_default();
+                let status = fleet.status(&w.spiffe_id);
                 Workload {
-                    connected: status.connected(),
+                    connected: status.streams > 0,
                     acked_version: status.acked_version,
                     synced_version: status.synced_version,
-                    sync: snapshot_sync(status.sync(current)).into(),
+                    sync: status.sync.into(),
                     last_nack: status.last_nack,
+                    replicas: status.replicas,
                     spiffe_id: w.spiffe_id,
                     address: w.addresses.first().cloned().unwrap_or_default(),
                     addresses: w.addresses,
@@ -165,6 +158,7 @@ impl Admin for AdminService {
         Ok(Response::new(ListWorkloadsResponse {
             workloads,
             snapshot_version: current,
+            replicas: fleet.replicas,
         }))
     }
 

@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod discovery_server;
 pub mod identity;
 pub mod policy;
+pub mod replica;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,28 +94,41 @@ pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -
     out
 }
 
-/// The single guard of the Admin service: only `spiffe://TD/trellis/admin`.
+/// The guard of a service only one identity may call: the Admin service's
+/// (`spiffe://TD/trellis/admin`) and the Replica service's (the control
+/// plane's own ID, which its peer replicas present).
 #[derive(Clone, Debug)]
-pub struct AdminOnly {
-    admin: SpiffeId,
+pub struct OnlyCaller {
+    allowed: SpiffeId,
+    api: &'static str,
 }
 
-impl AdminOnly {
-    pub fn new(trust_domain: &TrustDomain) -> Self {
+impl OnlyCaller {
+    /// The Admin API: operators only.
+    pub fn admin(trust_domain: &TrustDomain) -> Self {
         Self {
-            admin: SpiffeId::admin(trust_domain),
+            allowed: SpiffeId::admin(trust_domain),
+            api: "the Admin API",
+        }
+    }
+
+    /// The Replica API: the control plane's peer replicas only.
+    pub fn control_plane(trust_domain: &TrustDomain) -> Self {
+        Self {
+            allowed: SpiffeId::control_plane(trust_domain),
+            api: "the Replica API",
         }
     }
 }
 
-impl tonic::service::Interceptor for AdminOnly {
+impl tonic::service::Interceptor for OnlyCaller {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = require_svid(&request, "the Admin API")?;
-        if caller != self.admin {
-            tracing::warn!(caller = %caller, "refused an Admin call from a non-admin identity");
+        let caller = require_svid(&request, self.api)?;
+        if caller != self.allowed {
+            tracing::warn!(caller = %caller, api = self.api, "refused a call from an identity the API does not allow");
             return Err(Status::permission_denied(format!(
-                "{caller} may not call the Admin API; only {} may",
-                self.admin
+                "{caller} may not call {}; only {} may",
+                self.api, self.allowed
             )));
         }
         Ok(request)

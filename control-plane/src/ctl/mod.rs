@@ -28,7 +28,7 @@ use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListWorkloadsRequest,
-    SnapshotSync, Workload,
+    ListWorkloadsResponse, ReplicaStatus, SnapshotSync, Workload,
 };
 
 use self::policy::PolicyCommand;
@@ -445,16 +445,23 @@ async fn run(
             Ok(Printed::out(format!("{}\n", response.token)))
         }
         Command::Workloads { output } => {
-            let mut workloads = client
+            let mut answer = client
                 .list_workloads(ListWorkloadsRequest {})
                 .await?
-                .into_inner()
-                .workloads;
-            workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
-            Ok(Printed::out(match output {
-                Output::Table => workloads_table(&workloads),
-                Output::Json => workloads_json(&workloads),
-            }))
+                .into_inner();
+            answer
+                .workloads
+                .sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+            Ok(match output {
+                Output::Table => Printed::out(workloads_table(&answer)),
+                // The JSON stays an array of workloads; a replica that did
+                // not answer is said on stderr.
+                Output::Json => Printed {
+                    stdout: workloads_json(&answer.workloads),
+                    stderr: silent_replicas(&answer.replicas),
+                    failed: false,
+                },
+            })
         }
         Command::Certs {
             spiffe_id,
@@ -522,9 +529,12 @@ fn sync_name(w: &Workload) -> &'static str {
 }
 
 /// The workloads as an aligned text table, then why each sidecar that
-/// refused its newest snapshot refused it.
-pub fn workloads_table(workloads: &[Workload]) -> String {
-    let header = [
+/// refused its newest snapshot refused it. When the answer joins several
+/// control-plane replicas, a `REPLICA` column says which one each sidecar
+/// streams to, and a line per replica what it serves.
+pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
+    let several = answer.replicas.len() > 1;
+    let mut header = vec![
         "SPIFFE ID",
         "ADDRESS",
         "CERT EXPIRES",
@@ -532,9 +542,12 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
         "SNAPSHOT",
         "CONNECTED",
     ];
-    let mut rows = vec![header.map(String::from).to_vec()];
-    for w in workloads {
-        rows.push(vec![
+    if several {
+        header.push("REPLICA");
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect()];
+    for w in &answer.workloads {
+        let mut row = vec![
             w.spiffe_id.clone(),
             match (w.addresses.is_empty(), w.address.is_empty()) {
                 (false, _) => w.addresses.join(","),
@@ -545,12 +558,20 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
             w.acked_version.to_string(),
             sync_name(w).into(),
             if w.connected { "yes" } else { "no" }.into(),
-        ]);
+        ];
+        if several {
+            row.push(match w.replicas.is_empty() {
+                true => "-".into(),
+                false => w.replicas.join(",").escape_debug().to_string(),
+            });
+        }
+        rows.push(row);
     }
     let mut out = table(rows);
     // The reason is the sidecar's text: escaped, so it cannot drive the
     // terminal.
-    for w in workloads
+    for w in answer
+        .workloads
         .iter()
         .filter(|w| w.sync() == SnapshotSync::Refused)
     {
@@ -560,7 +581,37 @@ pub fn workloads_table(workloads: &[Workload]) -> String {
             w.last_nack.escape_debug()
         ));
     }
+    if several {
+        for (i, r) in answer.replicas.iter().enumerate() {
+            if r.error.is_empty() {
+                out.push_str(&format!(
+                    "replica {} at {}{}: snapshot {}, {} connected\n",
+                    r.name.escape_debug(),
+                    r.address,
+                    if i == 0 { " (answering)" } else { "" },
+                    r.snapshot_version,
+                    r.connected
+                ));
+            }
+        }
+    }
+    out.push_str(&silent_replicas(&answer.replicas));
     out
+}
+
+/// A line for each replica that did not answer, saying what that means.
+fn silent_replicas(replicas: &[ReplicaStatus]) -> String {
+    replicas
+        .iter()
+        .filter(|r| !r.error.is_empty())
+        .map(|r| {
+            format!(
+                "replica at {} did not answer ({}): the sidecars streaming to it show as not connected\n",
+                r.address,
+                r.error.escape_debug()
+            )
+        })
+        .collect()
 }
 
 /// Issued certificates as an aligned text table, in the order given.
@@ -643,6 +694,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "snapshot": sync_name(w),
                 "connected": w.connected,
                 "last_nack": w.last_nack,
+                "replicas": w.replicas,
             })
         })
         .collect();

@@ -709,6 +709,16 @@ impl Discovery {
         self.sidecars.lock().expect("not poisoned").get(id).cloned()
     }
 
+    /// Every identity that has had a Watch stream on this replica, with
+    /// its status.
+    pub fn statuses(&self) -> Vec<(SpiffeId, SidecarStatus)> {
+        let sidecars = self.sidecars.lock().expect("not poisoned");
+        sidecars
+            .iter()
+            .map(|(id, status)| (id.clone(), status.clone()))
+            .collect()
+    }
+
     fn with_status(&self, id: &SpiffeId, f: impl FnOnce(&mut SidecarStatus)) {
         let mut sidecars = self.sidecars.lock().expect("not poisoned");
         f(sidecars.entry(id.clone()).or_default());

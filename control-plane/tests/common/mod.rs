@@ -16,6 +16,8 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_control_plane::ctl::AdminCredentials;
 use trellis_core::tls::{
@@ -26,12 +28,79 @@ use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     CreateJoinTokenRequest, ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
+use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Ack, Snapshot, Subscribe, WatchRequest};
 use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, certify_request::Proof};
 
 pub const CP: &str = env!("CARGO_BIN_EXE_trellis-control-plane");
 pub const CTL: &str = env!("CARGO_BIN_EXE_trellisctl");
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// An open Watch stream of one enrolled workload.
+pub struct Watcher {
+    pub acks: mpsc::Sender<WatchRequest>,
+    pub snapshots: tonic::Streaming<Snapshot>,
+}
+
+impl Watcher {
+    pub async fn open(cp: &ControlPlane, svid: &Svid, inbound: &str) -> Self {
+        Self::open_with(cp, svid, inbound, false).await
+    }
+
+    /// A stream whose Subscribe says whether it takes `endpoints_version`.
+    pub async fn open_with(
+        cp: &ControlPlane,
+        svid: &Svid,
+        inbound: &str,
+        accepts_endpoints_version: bool,
+    ) -> Self {
+        let (acks, rx) = mpsc::channel(64);
+        acks.send(WatchRequest {
+            kind: Some(Kind::Subscribe(Subscribe {
+                inbound_address: inbound.into(),
+                last_version: 0,
+                inbound_addresses: Vec::new(),
+                accepts_endpoints_version,
+            })),
+        })
+        .await
+        .unwrap();
+        let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
+            .await
+            .unwrap();
+        let snapshots = DiscoveryClient::new(channel)
+            .watch(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { acks, snapshots }
+    }
+
+    /// The next snapshot, not answered.
+    pub async fn receive(&mut self) -> Snapshot {
+        tokio::time::timeout(PATIENCE, self.snapshots.message())
+            .await
+            .expect("a snapshot in time")
+            .unwrap()
+            .expect("the stream stays open")
+    }
+
+    /// The next snapshot, acknowledged.
+    pub async fn next(&mut self) -> Snapshot {
+        let snapshot = self.receive().await;
+        self.acks
+            .send(WatchRequest {
+                kind: Some(Kind::Ack(Ack {
+                    version: snapshot.version,
+                })),
+            })
+            .await
+            .unwrap();
+        snapshot
+    }
+}
 
 /// Retries `f` until it returns `Some`, or panics naming `what` at the deadline.
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

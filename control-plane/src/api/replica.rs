@@ -1,0 +1,436 @@
+//! `trellis.admin.v1.Replica`, and how one `ListWorkloads` answer covers
+//! every control-plane replica.
+//!
+//! A sidecar keeps one Discovery stream, to whichever replica the Service
+//! sent it, and only that replica knows whether the sidecar holds the
+//! current snapshot. The replica answering `ListWorkloads` asks each peer
+//! named by `--peers` for its streams ([`Replicas::fleet`]) and joins them
+//! to its own, so an operator sees every sidecar's state whichever replica
+//! `trellisctl` reached. A peer that does not answer within
+//! [`PEER_TIMEOUT`] is named in the answer with why; the sidecars streaming
+//! to it then show as not connected. Peers call each other with the control
+//! plane's own SVID, and only that identity may call `Replica`
+//! ([`super::OnlyCaller::control_plane`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use tonic::{Request, Response, Status};
+use trellis_proto::admin::v1::replica_client::ReplicaClient;
+use trellis_proto::admin::v1::replica_server::Replica;
+use trellis_proto::admin::v1::{
+    ListStreamsRequest, ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
+};
+
+use crate::discovery::{Discovery, SyncState};
+
+/// The longest a peer replica may take to answer, connection included.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// This replica, and the peers it asks.
+pub struct Replicas {
+    /// As `--replica-name` gives it, else the host name (the pod's name in
+    /// Kubernetes).
+    pub name: String,
+    /// Drawn at start; tells this replica's own answer apart when a peer
+    /// name resolves to it too.
+    pub instance: u64,
+    /// Where it listens, as `trellisctl` is told.
+    pub address: String,
+    /// `HOST:PORT` entries; each name is resolved again on every call, so
+    /// a headless Service's name follows the replicas as they come and go.
+    peers: Vec<String>,
+    tls: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicas {
+    /// `tls` presents the control plane's SVID and accepts only the
+    /// control plane's.
+    pub fn new(
+        name: Option<String>,
+        address: String,
+        peers: Vec<String>,
+        tls: Arc<ClientConfig>,
+    ) -> Self {
+        Self {
+            name: name.unwrap_or_else(host_name),
+            instance: rand::random(),
+            address,
+            peers,
+            tls,
+        }
+    }
+
+    /// This replica's streams, as it answers its peers.
+    pub fn local(&self, discovery: &Discovery) -> ListStreamsResponse {
+        let current = discovery.current_version();
+        let sidecars = discovery
+            .statuses()
+            .into_iter()
+            .map(|(id, status)| StreamStatus {
+                spiffe_id: id.to_string(),
+                streams: status.streams,
+                acked_version: status.acked_version,
+                synced_version: status.synced_version,
+                sync: snapshot_sync(status.sync(current)).into(),
+                last_nack: status.last_nack,
+            })
+            .collect();
+        ListStreamsResponse {
+            name: self.name.clone(),
+            instance: self.instance,
+            snapshot_version: current,
+            sidecars,
+        }
+    }
+
+    /// This replica's streams joined with every peer's, asked at once.
+    pub async fn fleet(&self, discovery: &Discovery) -> Fleet {
+        let mut fleet = Fleet::default();
+        fleet.add(self.address.clone(), Ok(self.local(discovery)));
+        for (address, answer) in self.ask_peers().await {
+            match answer {
+                Ok(answer) if answer.instance == self.instance => {}
+                Err(error) => {
+                    tracing::warn!(peer = %address, %error, "a peer replica did not answer");
+                    fleet.add(address, Err(error));
+                }
+                answer => fleet.add(address, answer),
+            }
+        }
+        fleet
+    }
+
+    async fn ask_peers(&self) -> Vec<(String, Result<ListStreamsResponse, String>)> {
+        let mut asked = tokio::task::JoinSet::new();
+        let mut answers = Vec::new();
+        let mut seen = Vec::<SocketAddr>::new();
+        for entry in &self.peers {
+            let addrs =
+                match tokio::time::timeout(PEER_TIMEOUT, tokio::net::lookup_host(entry)).await {
+                    Ok(Ok(addrs)) => addrs,
+                    Ok(Err(e)) => {
+                        answers.push((entry.clone(), Err(format!("cannot resolve it: {e}"))));
+                        continue;
+                    }
+                    Err(_) => {
+                        answers.push((
+                            entry.clone(),
+                            Err(format!("cannot resolve it within {PEER_TIMEOUT:?}")),
+                        ));
+                        continue;
+                    }
+                };
+            for addr in addrs {
+                if seen.contains(&addr) {
+                    continue;
+                }
+                seen.push(addr);
+                let tls = self.tls.clone();
+                asked.spawn(async move {
+                    let answer = tokio::time::timeout(PEER_TIMEOUT, ask(addr, tls))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer within {PEER_TIMEOUT:?}")));
+                    (addr.to_string(), answer)
+                });
+            }
+        }
+        while let Some(done) = asked.join_next().await {
+            if let Ok(answer) = done {
+                answers.push(answer);
+            }
+        }
+        // In the order of the addresses, whichever answered first.
+        answers.sort_by(|a, b| a.0.cmp(&b.0));
+        answers
+    }
+}
+
+async fn ask(addr: SocketAddr, tls: Arc<ClientConfig>) -> Result<ListStreamsResponse, String> {
+    let channel = trellis_core::grpc::connect(&addr.to_string(), tls)
+        .await
+        .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+    ReplicaClient::new(channel)
+        .list_streams(ListStreamsRequest {})
+        .await
+        .map(Response::into_inner)
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+}
+
+/// An error with its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The host name (a pod's name), or `control-plane` when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "control-plane".to_owned())
+}
+
+pub fn snapshot_sync(state: SyncState) -> SnapshotSync {
+    match state {
+        SyncState::NotConnected => SnapshotSync::NotConnected,
+        SyncState::Synced => SnapshotSync::Synced,
+        SyncState::Pending => SnapshotSync::Pending,
+        SyncState::Refused => SnapshotSync::Refused,
+    }
+}
+
+/// The `Replica` service: this replica's streams, for its peers.
+pub struct ReplicaService {
+    discovery: Arc<Discovery>,
+    replicas: Arc<Replicas>,
+}
+
+impl ReplicaService {
+    pub fn new(discovery: Arc<Discovery>, replicas: Arc<Replicas>) -> Self {
+        Self {
+            discovery,
+            replicas,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    async fn list_streams(
+        &self,
+        _request: Request<ListStreamsRequest>,
+    ) -> Result<Response<ListStreamsResponse>, Status> {
+        Ok(Response::new(self.replicas.local(&self.discovery)))
+    }
+}
+
+/// The replicas' streams joined by SPIFFE ID.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    joined: HashMap<String, Joined>,
+    /// Every replica added, in the order added.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One identity's streams over every replica that answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    pub streams: u32,
+    pub acked_version: u64,
+    pub synced_version: u64,
+    pub sync: SnapshotSync,
+    pub last_nack: String,
+    /// The replicas its open streams are on; with none open, the one that
+    /// had its last stream.
+    pub replicas: Vec<String>,
+}
+
+impl Default for Joined {
+    fn default() -> Self {
+        Self {
+            streams: 0,
+            acked_version: 0,
+            synced_version: 0,
+            sync: SnapshotSync::NotConnected,
+            last_nack: String::new(),
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// How far from holding its replica's current snapshot a state is.
+fn distance(sync: SnapshotSync) -> u8 {
+    match sync {
+        SnapshotSync::Synced => 0,
+        SnapshotSync::Pending => 1,
+        SnapshotSync::Refused => 2,
+        SnapshotSync::NotConnected | SnapshotSync::Unspecified => 3,
+    }
+}
+
+impl Fleet {
+    /// One replica's answer, asked at `address`, or why there is none.
+    pub fn add(&mut self, address: String, answer: Result<ListStreamsResponse, String>) {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                self.replicas.push(ReplicaStatus {
+                    address,
+                    error,
+                    ..ReplicaStatus::default()
+                });
+                return;
+            }
+        };
+        let mut connected = 0;
+        for stream in answer.sidecars {
+            if stream.streams > 0 {
+                connected += 1;
+            }
+            let joined = self.joined.entry(stream.spiffe_id.clone()).or_default();
+            join(joined, &answer.name, stream);
+        }
+        self.replicas.push(ReplicaStatus {
+            name: answer.name,
+            address,
+            snapshot_version: answer.snapshot_version,
+            connected,
+            error: String::new(),
+        });
+    }
+
+    /// Where `spiffe_id`'s streams stand (not connected if no replica has
+    /// seen one).
+    pub fn status(&self, spiffe_id: &str) -> Joined {
+        self.joined.get(spiffe_id).cloned().unwrap_or_default()
+    }
+}
+
+/// Joins one replica's streams of an identity into what the replicas
+/// before it said. Open streams win over closed ones; over several
+/// replicas the identity is as synced as its least synced stream, with the
+/// versions and refusal of that one.
+fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
+    let from = |stream: StreamStatus| Joined {
+        streams: stream.streams,
+        acked_version: stream.acked_version,
+        synced_version: stream.synced_version,
+        sync: stream.sync(),
+        last_nack: stream.last_nack,
+        replicas: vec![replica.to_owned()],
+    };
+    match (joined.streams > 0, stream.streams > 0) {
+        // A closed stream says something only where nothing was known.
+        (_, false) => {
+            if joined.replicas.is_empty() {
+                *joined = from(stream);
+                joined.sync = SnapshotSync::NotConnected;
+            }
+        }
+        (false, true) => *joined = from(stream),
+        (true, true) => {
+            let streams = joined.streams + stream.streams;
+            let mut replicas = std::mem::take(&mut joined.replicas);
+            replicas.push(replica.to_owned());
+            if distance(stream.sync()) > distance(joined.sync) {
+                *joined = from(stream);
+            }
+            joined.streams = streams;
+            joined.replicas = replicas;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn stream(streams: u32, version: u64, sync: SnapshotSync, nack: &str) -> StreamStatus {
+        StreamStatus {
+            spiffe_id: WEB.into(),
+            streams,
+            acked_version: version,
+            synced_version: version,
+            sync: sync.into(),
+            last_nack: nack.into(),
+        }
+    }
+
+    fn answer(name: &str, streams: Vec<StreamStatus>) -> Result<ListStreamsResponse, String> {
+        Ok(ListStreamsResponse {
+            name: name.into(),
+            instance: 1,
+            snapshot_version: 7,
+            sidecars: streams,
+        })
+    }
+
+    #[test]
+    fn an_open_stream_on_a_peer_wins_over_a_closed_one_here() {
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "10.0.0.1:15012".into(),
+            answer("cp-a", vec![stream(0, 3, SnapshotSync::NotConnected, "")]),
+        );
+        fleet.add(
+            "10.0.0.2:15012".into(),
+            answer("cp-b", vec![stream(1, 7, SnapshotSync::Synced, "")]),
+        );
+        let web = fleet.status(WEB);
+        assert_eq!(web.sync, SnapshotSync::Synced);
+        assert_eq!((web.streams, web.acked_version), (1, 7));
+        assert_eq!(web.replicas, ["cp-b"]);
+        assert_eq!(fleet.replicas[0].connected, 0);
+        assert_eq!(fleet.replicas[1].connected, 1);
+    }
+
+    #[test]
+    fn streams_on_several_replicas_are_as_synced_as_the_least_synced() {
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            answer("cp-a", vec![stream(2, 7, SnapshotSync::Synced, "")]),
+        );
+        fleet.add(
+            "b".into(),
+            answer(
+                "cp-b",
+                vec![stream(1, 5, SnapshotSync::Refused, "bad port")],
+            ),
+        );
+        fleet.add(
+            "c".into(),
+            answer("cp-c", vec![stream(1, 6, SnapshotSync::Pending, "")]),
+        );
+        let web = fleet.status(WEB);
+        assert_eq!(web.sync, SnapshotSync::Refused);
+        assert_eq!(web.last_nack, "bad port");
+        assert_eq!((web.streams, web.acked_version), (4, 5));
+        assert_eq!(web.replicas, ["cp-a", "cp-b", "cp-c"]);
+    }
+
+    #[test]
+    fn a_closed_stream_keeps_what_was_last_known_and_a_silent_peer_is_named() {
+        let mut fleet = Fleet::default();
+        fleet.add("a".into(), answer("cp-a", vec![]));
+        fleet.add(
+            "b".into(),
+            answer("cp-b", vec![stream(0, 4, SnapshotSync::NotConnected, "")]),
+        );
+        fleet.add("10.0.0.3:15012".into(), Err("no answer within 3s".into()));
+        let web = fleet.status(WEB);
+        assert_eq!(web.sync, SnapshotSync::NotConnected);
+        assert_eq!((web.streams, web.acked_version), (0, 4));
+        assert_eq!(web.replicas, ["cp-b"]);
+        let silent = &fleet.replicas[2];
+        assert_eq!(silent.address, "10.0.0.3:15012");
+        assert_eq!(silent.error, "no answer within 3s");
+        assert_eq!(
+            fleet.status("spiffe://cluster.local/ns/x/sa/y"),
+            Joined::default()
+        );
+    }
+}

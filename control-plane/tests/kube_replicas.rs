@@ -1,0 +1,225 @@
+//! Two control-plane replicas on the Kubernetes store, and one
+//! `ListWorkloads` answer that covers both.
+//!
+//! No Kubernetes API server can run on these machines: both real
+//! `trellis-control-plane --store kubernetes` binaries share the stand-in of
+//! `kube_api`, which answers their lists and watches with the recorded
+//! documents of `fixtures/k8s/store/` (so they list the same Pods, as
+//! replicas sharing an API server do), keeps the CA Secret the first one
+//! writes and the second one reads, and answers TokenReviews with recorded
+//! reviews (the `shop/web` one, and the same document for `shop/api`).
+
+mod common;
+mod kube_api;
+
+use common::{ControlPlane, Svid, Watcher, csr_for, eventually_async, p256};
+use kube_api::{fixture_json, recorded_cluster};
+use rustls_pki_types::CertificateDer;
+use tonic::Code;
+use trellis_proto::admin::v1::replica_client::ReplicaClient;
+use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync, Workload};
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB_TOKEN: &str = "projected-token-of-shop-web";
+const API_TOKEN: &str = "projected-token-of-shop-api";
+
+/// A free loopback port, for a replica that its peer must know beforehand.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A replica named `name` listening on `port`, whose peers are `peers`.
+async fn replica(flags: &[String], name: &str, port: u16, peers: &str) -> ControlPlane {
+    let mut flags = flags.to_vec();
+    flags.extend(
+        [
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--peers",
+            peers,
+            "--replica-name",
+            name,
+        ]
+        .map(String::from),
+    );
+    tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ControlPlane::start(&flags)
+    })
+    .await
+    .unwrap()
+}
+
+/// The sidecar of `id`, certified by its ServiceAccount token on `cp`.
+async fn certify(cp: &ControlPlane, id: &str, token: &str, inbound: &str) -> Svid {
+    let key = p256();
+    let response = cp
+        .identity_client(None)
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&key, id),
+            proof: Some(Proof::ServiceAccountToken(token.into())),
+            inbound_address: inbound.into(),
+            inbound_addresses: vec![inbound.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.spiffe_id, id);
+    Svid {
+        key,
+        chain: response
+            .chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    }
+}
+
+fn listed<'a>(answer: &'a ListWorkloadsResponse, id: &str) -> &'a Workload {
+    answer
+        .workloads
+        .iter()
+        .find(|w| w.spiffe_id == id)
+        .unwrap_or_else(|| panic!("{id} not listed in {answer:?}"))
+}
+
+/// The table row of `id` in `trellisctl workloads`, split into columns.
+fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("no row for {id} in\n{table}"))
+        .split_whitespace()
+        .collect()
+}
+
+/// Each sidecar streams to one replica, and either replica's ListWorkloads
+/// (and `trellisctl workloads` on it) shows both sidecars synced, each
+/// with the replica it streams to, and a line per replica. The Replica API
+/// answers only the control plane's identity. When a peer stops, the
+/// answer names it as silent and its sidecar shows as not connected,
+/// instead of the whole call failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let mut api_review = fixture_json("tokenreview/authenticated.json");
+    let user = &mut api_review["status"]["user"];
+    user["username"] = "system:serviceaccount:shop:api".into();
+    user["extra"]["authentication.kubernetes.io/pod-name"][0] = "api-5f6d8b7c4-q9v7m".into();
+    user["extra"]["authentication.kubernetes.io/pod-uid"][0] =
+        "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
+    fake.review(API_TOKEN, api_review);
+
+    let (port_a, port_b) = (free_port(), free_port());
+    // Both addresses for both, as a headless Service's name resolves to
+    // every replica: each leaves its own answer out.
+    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+    let flags = fake.control_plane_flags();
+    let a = replica(&flags, "cp-a", port_a, &peers).await;
+    // The second starts once the first has written the CA Secret, and
+    // reads it: both issue from, and trust, one CA.
+    let b = replica(&flags, "cp-b", port_b, &peers).await;
+    assert_eq!(a.bundle(), b.bundle());
+
+    let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
+    let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
+    let mut web_stream = Watcher::open(&a, &web, "10.244.1.17:15006").await;
+    let mut api_stream = Watcher::open(&b, &api, "10.244.2.9:15006").await;
+    let web_version = web_stream.next().await.version;
+    let api_version = api_stream.next().await.version;
+    // One content, one version: the replicas' versions are digests of what
+    // they serve.
+    assert_eq!(web_version, api_version);
+
+    for (asked, other) in [(&a, "cp-b"), (&b, "cp-a")] {
+        let answer = eventually_async("both sidecars synced in one answer", || async {
+            let answer = asked.list_workloads().await;
+            let synced = |id| listed(&answer, id).sync() == SnapshotSync::Synced;
+            (synced(WEB) && synced(API)).then_some(answer)
+        })
+        .await;
+        assert_eq!(listed(&answer, WEB).replicas, ["cp-a"]);
+        assert_eq!(listed(&answer, API).replicas, ["cp-b"]);
+        assert_eq!(listed(&answer, API).acked_version, api_version);
+        let replicas: Vec<_> = answer
+            .replicas
+            .iter()
+            .map(|r| (r.name.as_str(), r.connected, r.error.as_str()))
+            .collect();
+        assert_eq!(replicas.len(), 2, "{replicas:?}");
+        assert!(replicas.contains(&(other, 1, "")), "{replicas:?}");
+        assert!(
+            answer
+                .replicas
+                .iter()
+                .all(|r| r.snapshot_version == web_version)
+        );
+    }
+
+    let listing = a.ctl(&["workloads"]);
+    let table = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{table}");
+    assert_eq!(row(&table, WEB)[4..], ["synced", "yes", "cp-a"], "{table}");
+    assert_eq!(row(&table, API)[4..], ["synced", "yes", "cp-b"], "{table}");
+    assert!(
+        table.contains(&format!(
+            "replica cp-a at 127.0.0.1:{port_a} (answering): snapshot {web_version}, 1 connected"
+        )) && table.contains(&format!(
+            "replica cp-b at 127.0.0.1:{port_b}: snapshot {web_version}, 1 connected"
+        )),
+        "{table}"
+    );
+
+    // The Replica API is for replicas: a sidecar's SVID is refused.
+    let channel =
+        trellis_core::grpc::connect(&b.grpc, std::sync::Arc::new(b.client_config(Some(&web))))
+            .await
+            .unwrap();
+    let refused = ReplicaClient::new(channel)
+        .list_streams(ListStreamsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains(WEB) && refused.message().contains("the Replica API"),
+        "{refused:?}"
+    );
+
+    // With cp-b gone, cp-a still answers: cp-b is named as silent and the
+    // sidecar that streamed to it is not connected.
+    drop(api_stream);
+    b.stop_async().await;
+    let answer = a.list_workloads().await;
+    assert_eq!(listed(&answer, WEB).sync(), SnapshotSync::Synced);
+    assert_eq!(listed(&answer, API).sync(), SnapshotSync::NotConnected);
+    assert!(!listed(&answer, API).connected);
+    let silent: Vec<_> = answer
+        .replicas
+        .iter()
+        .filter(|r| !r.error.is_empty())
+        .collect();
+    assert_eq!(silent.len(), 1, "{:?}", answer.replicas);
+    assert_eq!(silent[0].address, format!("127.0.0.1:{port_b}"));
+    let listing = a.ctl(&["workloads"]);
+    let table = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{table}");
+    assert!(
+        table.contains(&format!("replica at 127.0.0.1:{port_b} did not answer ("))
+            && table.contains("the sidecars streaming to it show as not connected"),
+        "{table}"
+    );
+    assert_eq!(
+        row(&table, API)[4..],
+        ["not", "connected", "no", "-"],
+        "{table}"
+    );
+}
