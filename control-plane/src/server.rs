@@ -22,7 +22,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -166,19 +166,50 @@ impl ResolvesClientCert for ServingCert {
     }
 }
 
-/// The rustls config of the gRPC port.
+/// The gRPC port's TLS: the rustls config, and its verifier of clients'
+/// chains for the sessions it resumes.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub config: Arc<ServerConfig>,
+    callers: Arc<SpiffeClientVerifier>,
+}
+
+impl GrpcTls {
+    /// A resumed session's client chain, verified again once a root of the
+    /// bundle has expired: rustls restores the chain from its session
+    /// cache and calls no verifier, so a chain whose root expired after
+    /// the session began would otherwise resume its way in until its leaf
+    /// expires. A full handshake's chain was verified by the handshake.
+    fn verify_resumed(&self, conn: &rustls::ServerConnection) -> Result<(), rustls::Error> {
+        match (conn.handshake_kind(), conn.peer_certificates()) {
+            (Some(rustls::HandshakeKind::Resumed), Some(chain)) => {
+                self.callers.verify_resumed(chain, UnixTime::now())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The TLS of the gRPC port.
 pub fn server_config(
     ca: &CertificateAuthority,
     serving: Arc<ServingCert>,
-) -> Result<Arc<ServerConfig>, ServerError> {
+) -> Result<GrpcTls, ServerError> {
     let roots = root_store(ca.bundle())?;
-    let verifier = SpiffeClientVerifier::new(roots, ca.trust_domain().clone(), false)?;
+    let callers = Arc::new(SpiffeClientVerifier::new(
+        roots,
+        ca.trust_domain().clone(),
+        false,
+    )?);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(callers.clone())
         .with_cert_resolver(serving);
     config.alpn_protocols = vec![trellis_core::grpc::ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+    Ok(GrpcTls {
+        config: Arc::new(config),
+        callers,
+    })
 }
 
 /// The rustls config a replica asks its peers with: it presents the
@@ -252,15 +283,17 @@ impl AsyncWrite for TlsConn {
 pub struct GrpcListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    tls: GrpcTls,
 }
 
 impl GrpcListener {
-    pub async fn bind(addr: SocketAddr, config: Arc<ServerConfig>) -> Result<Self, ServerError> {
+    pub async fn bind(addr: SocketAddr, tls: GrpcTls) -> Result<Self, ServerError> {
         let listener =
             crate::net::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(config),
+            acceptor: TlsAcceptor::from(tls.config.clone()),
+            tls,
         })
     }
 
@@ -292,6 +325,7 @@ impl GrpcListener {
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = self.acceptor.clone();
+                let tls = self.tls.clone();
                 let tx = tx.clone();
                 let metrics = metrics.clone();
                 let turns = turns.clone();
@@ -344,6 +378,13 @@ impl GrpcListener {
                     match handshake {
                         Ok(Ok(stream)) => {
                             let (_, session) = stream.get_ref();
+                            if let Err(e) = tls.verify_resumed(session) {
+                                let reason = failure_reason(&e);
+                                metrics.handshake_failed(reason);
+                                let error = trellis_core::tls::Described(&e);
+                                tracing::warn!(peer = %remote, reason, %error, "TLS handshake failed: a resumed session's chain is no longer trusted");
+                                return;
+                            }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
                             let peer = PeerInfo { remote, spiffe_id };
                             let _ = tx.send(Ok(TlsConn { stream, peer })).await;

@@ -336,3 +336,86 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
         .await
         .expect("the new root's certificate renews");
 }
+
+/// A root of `--trust-anchors` that expires `lifetime` from now, and a
+/// client SVID for `id` that it signed, valid for an hour.
+fn retiring_root(lifetime: ::time::Duration, id: &str) -> (String, Svid) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyUsagePurpose,
+    };
+    let now = ::time::OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "retiring root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = now - ::time::Duration::minutes(1);
+    params.not_after = now + lifetime;
+    let root_key = p256();
+    let root_pem = params.self_signed(&root_key).unwrap().pem();
+    let issuer = Issuer::new(params, root_key);
+    let key = p256();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![uri(id)];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.not_before = now - ::time::Duration::minutes(1);
+    leaf.not_after = now + ::time::Duration::hours(1);
+    let chain = vec![leaf.signed_by(&key, &issuer).unwrap().der().clone()];
+    (root_pem, Svid { key, chain })
+}
+
+/// A TLS connection to the gRPC port with `config` (whose session cache
+/// lets a later one resume): whether it resumed, and whether the server
+/// then answered the HTTP/2 preface, as it does a connection it serves.
+async fn resumed_and_served(cp: &ControlPlane, config: &Arc<rustls::ClientConfig>) -> (bool, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // The client preface and an empty SETTINGS frame.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 9];
+    let served = matches!(
+        tokio::time::timeout(PATIENCE, tls.read(&mut answer)).await,
+        Ok(Ok(n)) if n > 0
+    );
+    (resumed, served)
+}
+
+/// rustls restores a resumed session's client chain from its cache and
+/// calls no verifier. Once the root that chain leads to has expired, the
+/// control plane verifies the chain again and closes the connection
+/// (`expired_root`) instead of serving it, as the sidecars do; until then a
+/// session resumes as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_root_expired_cannot_resume_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root_pem, svid) = retiring_root(::time::Duration::seconds(4), WEB);
+    let anchors = dir.path().join("anchors.pem");
+    std::fs::write(&anchors, root_pem).unwrap();
+    let cp = ControlPlane::start(&["--trust-anchors", arg(&anchors)]);
+    let config = Arc::new(cp.client_config(Some(&svid)));
+
+    assert_eq!(resumed_and_served(&cp, &config).await, (false, true));
+    assert_eq!(resumed_and_served(&cp, &config).await, (true, true));
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(resumed_and_served(&cp, &config).await, (true, false));
+    assert!(
+        cp.metrics()
+            .contains("trellis_tls_handshake_failures_total{reason=\"expired_root\"} 1"),
+        "{}",
+        cp.metrics()
+    );
+    cp.wait_for_line("the refusal to be logged", |l| {
+        l.contains("a resumed session's chain is no longer trusted") && l.contains("expired")
+    });
+}
