@@ -322,3 +322,116 @@ async fn acked(cp: &ControlPlane, id: &str, version: u64) {
     })
     .await;
 }
+
+/// `trellisctl policy apply` with `-f` on a file holding `document`, and
+/// `extra` flags, run to its end off the runtime (the test's sidecars
+/// answer meanwhile): its exit code and stderr.
+async fn ctl_apply(cp: &ControlPlane, document: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, document).unwrap();
+    let args: Vec<String> = ["policy", "apply", "-f", file.to_str().unwrap()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(String::from)
+        .collect();
+    let (ctl, grpc, state_dir) = (CTL, cp.grpc.clone(), cp.state_dir.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(ctl)
+            .args(["--control-plane", &grpc, "--state-dir"])
+            .arg(&state_dir)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `policy apply --wait` returns once every connected sidecar holds the
+/// snapshot that carries the write (a sidecar the write does not concern
+/// holds it already), fails as soon as a sidecar's refusal stands, naming
+/// it and its reason, and fails at its deadline naming a sidecar that has
+/// not answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7151").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7152").await;
+    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7151").await;
+    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7152").await;
+    web_watch.next().await;
+    db_watch.next().await;
+    // web accepts whatever it is sent; db refuses it.
+    let web_task = tokio::spawn(async move {
+        loop {
+            web_watch.next().await;
+        }
+    });
+    let (refusing_tx, mut refusing) = tokio::sync::mpsc::channel(1);
+    let db_task = tokio::spawn(async move {
+        loop {
+            let snapshot = db_watch.receive().await;
+            db_watch
+                .acks
+                .send(WatchRequest {
+                    kind: Some(Kind::Nack(Nack {
+                        version: snapshot.version,
+                        reason: "rule 0: unknown port name".into(),
+                    })),
+                })
+                .await
+                .unwrap();
+            let _ = refusing_tx.try_send(());
+        }
+    });
+
+    let (code, stderr) = ctl_apply(&cp, &allow("p1", WEB, API, 8001), &["--wait=30s"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let version = cp.list_workloads().await.snapshot_version;
+    assert!(
+        stderr.contains(&format!(
+            "every connected sidecar holds snapshot {version}: 2 on 1 replica"
+        )),
+        "{stderr}"
+    );
+
+    let (code, stderr) = ctl_apply(&cp, &allow("p2", DB, API, 8002), &["--wait=30s"]).await;
+    refusing.recv().await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    let version = cp.list_workloads().await.snapshot_version;
+    assert!(
+        stderr.contains(&format!(
+            "not every connected sidecar holds snapshot {version}:\n  \
+             {DB} refused its newest snapshot: rule 0: unknown port name\n"
+        )),
+        "ends on the refusal, not at the deadline: {stderr}"
+    );
+
+    // web stops answering: a write for it is still on its way at the
+    // deadline.
+    web_task.abort();
+    db_task.abort();
+    let silent = Watcher::open(&cp, &web, "127.0.0.1:7151").await;
+    let (code, stderr) = ctl_apply(&cp, &allow("p3", WEB, API, 8003), &["--wait=1s"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds snapshot")
+            && stderr.contains(" after 1s:\n")
+            && stderr.contains(&format!("  {WEB} does not hold it yet\n")),
+        "{stderr}"
+    );
+    drop(silent);
+
+    let (code, stderr) =
+        ctl_apply(&cp, &allow("p4", WEB, API, 8004), &["--dry-run", "--wait"]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--wait") && stderr.contains("--dry-run"),
+        "{stderr}"
+    );
+}

@@ -9,6 +9,7 @@
 //! [`policy`].
 
 pub mod policy;
+pub mod wait;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

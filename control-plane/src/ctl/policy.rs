@@ -15,6 +15,7 @@
 //! exits 1 when there is any error, 0 otherwise (also with warnings).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Subcommand;
 use tonic::transport::Channel;
@@ -55,6 +56,21 @@ pub enum PolicyCommand {
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
+        /// Then wait (at most DURATION, 60s if none is given) until every
+        /// connected sidecar, on every control-plane replica, holds the
+        /// snapshot that carries the write; exit 1 naming those that do
+        /// not (a refusal that stands 2s ends the wait at once).
+        #[arg(
+            long,
+            env = "TRELLIS_WAIT",
+            value_name = "DURATION",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "60s",
+            value_parser = humantime::parse_duration,
+            conflicts_with = "dry_run"
+        )]
+        wait: Option<Duration>,
     },
     /// Print one policy as a YAML document.
     Get {
@@ -168,7 +184,16 @@ pub async fn run(
             files,
             dry_run,
             output,
-        } => apply(client, td, files, *dry_run, *output).await,
+            wait,
+        } => {
+            let (mut printed, version) = apply(client, td, files, *dry_run, *output).await?;
+            if let Some(timeout) = wait {
+                let (text, failed) = super::wait::wait_for(client, version, *timeout).await?;
+                printed.stderr.push_str(&text);
+                printed.failed |= failed;
+            }
+            Ok(printed)
+        }
         PolicyCommand::Get { name, kind } => {
             let (namespace, name) = split_name(name)?;
             let response = client
@@ -268,7 +293,7 @@ async fn apply(
     files: &[PathBuf],
     dry_run: bool,
     output: Output,
-) -> Result<Printed, CtlError> {
+) -> Result<(Printed, u64), CtlError> {
     let loaded = load_paths(files, td);
     let mut report = listing(&loaded);
     if loaded.has_errors() {
@@ -314,14 +339,15 @@ async fn apply(
             None => return Err(status.into()),
         },
     };
-    Ok(Printed {
+    let printed = Printed {
         stdout: match output {
             Output::Table => apply_text(&response),
             Output::Json => apply_json(&response),
         },
         stderr: report,
         failed: false,
-    })
+    };
+    Ok((printed, response.snapshot_version))
 }
 
 /// The files that hold valid documents of either kind, in sorted order.

@@ -1,0 +1,238 @@
+//! `trellisctl policy apply --wait`: after a write, wait until every
+//! connected sidecar, on every control-plane replica, holds the snapshot
+//! that carries it.
+//!
+//! The wait asks `ListWorkloads` again and again (which joins every
+//! replica's streams). It is over when every replica that answered serves
+//! the applied snapshot version and every connected sidecar is `synced` at
+//! it. It fails at its deadline naming what is not there yet, or as soon as
+//! what is missing is only sidecars that refused the snapshot and have
+//! kept refusing it for [`REFUSAL_STANDS`]. Versions are compared for
+//! equality (the Kubernetes store's are digests), so a later change that
+//! replaces the snapshot before every sidecar holds it ends the wait with
+//! the replica's version named.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use trellis_proto::admin::v1::admin_client::AdminClient;
+use trellis_proto::admin::v1::{ListWorkloadsRequest, ListWorkloadsResponse, SnapshotSync};
+
+use super::CtlError;
+
+/// Between two asks.
+const POLL: Duration = Duration::from_millis(200);
+
+/// A refusal seen this long is taken as the sidecar's answer: the snapshot
+/// was sent to it and it said no, which another ask will not change.
+pub const REFUSAL_STANDS: Duration = Duration::from_secs(2);
+
+/// Where the fleet stands against the applied version.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Connected sidecars that hold it.
+    pub holding: usize,
+    /// Replicas that answered.
+    pub replicas: usize,
+    /// What is not there yet, a line each.
+    pub missing: Vec<String>,
+    /// The SPIFFE IDs that refused their newest snapshot.
+    pub refused: Vec<String>,
+}
+
+/// Where one `ListWorkloads` answer stands against `version`.
+pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
+    let mut standing = Standing::default();
+    // A control plane that predates the replica list is one replica.
+    let serving: Vec<(String, u64, &str)> = match answer.replicas.is_empty() {
+        true => vec![("the control plane".to_owned(), answer.snapshot_version, "")],
+        false => answer
+            .replicas
+            .iter()
+            .map(|r| {
+                let name = match r.name.is_empty() {
+                    true => format!("replica at {}", r.address),
+                    false => format!("replica {}", r.name.escape_debug()),
+                };
+                (name, r.snapshot_version, r.error.as_str())
+            })
+            .collect(),
+    };
+    for (name, serves, error) in serving {
+        if !error.is_empty() {
+            standing
+                .missing
+                .push(format!("{name} did not answer ({})", error.escape_debug()));
+        } else if serves != version {
+            standing.missing.push(format!(
+                "{name} serves snapshot {serves}, not {version} (it has not loaded the write yet, or a later change replaced it)"
+            ));
+            standing.replicas += 1;
+        } else {
+            standing.replicas += 1;
+        }
+    }
+    for w in answer.workloads.iter().filter(|w| w.connected) {
+        // Which replica, when there is more than one to tell apart.
+        let on = match w.replicas.is_empty() || answer.replicas.len() < 2 {
+            true => String::new(),
+            false => format!(" (on {})", w.replicas.join(",").escape_debug()),
+        };
+        match w.sync() {
+            SnapshotSync::Synced => standing.holding += 1,
+            SnapshotSync::Refused => {
+                standing.missing.push(format!(
+                    "{}{on} refused its newest snapshot: {}",
+                    w.spiffe_id,
+                    w.last_nack.escape_debug()
+                ));
+                standing.refused.push(w.spiffe_id.clone());
+            }
+            _ => standing
+                .missing
+                .push(format!("{}{on} does not hold it yet", w.spiffe_id)),
+        }
+    }
+    standing
+}
+
+/// Waits up to `timeout` for every connected sidecar to hold `version`:
+/// what to print, and whether it failed.
+pub async fn wait_for(
+    client: &mut AdminClient<Channel>,
+    version: u64,
+    timeout: Duration,
+) -> Result<(String, bool), CtlError> {
+    let start = Instant::now();
+    let mut refused_since = HashMap::<String, Instant>::new();
+    loop {
+        let answer = client
+            .list_workloads(ListWorkloadsRequest {})
+            .await?
+            .into_inner();
+        let now = Instant::now();
+        let mut standing = standing(&answer, version);
+        if standing.missing.is_empty() {
+            return Ok((
+                format!(
+                    "every connected sidecar holds snapshot {version}: {} on {} replica{} (after {:.1}s)\n",
+                    standing.holding,
+                    standing.replicas,
+                    if standing.replicas == 1 { "" } else { "s" },
+                    now.duration_since(start).as_secs_f64()
+                ),
+                false,
+            ));
+        }
+        refused_since.retain(|id, _| standing.refused.contains(id));
+        for id in &standing.refused {
+            refused_since.entry(id.clone()).or_insert(now);
+        }
+        let refusals_stand = standing.missing.len() == standing.refused.len()
+            && refused_since
+                .values()
+                .all(|since| now.duration_since(*since) >= REFUSAL_STANDS);
+        let late = now.duration_since(start) >= timeout;
+        if refusals_stand || late {
+            standing.missing.sort();
+            let mut text = format!(
+                "not every connected sidecar holds snapshot {version}{}:\n",
+                match late {
+                    true => format!(" after {}", humantime::format_duration(timeout)),
+                    false => String::new(),
+                }
+            );
+            for line in &standing.missing {
+                text.push_str("  ");
+                text.push_str(line);
+                text.push('\n');
+            }
+            return Ok((text, true));
+        }
+        tokio::time::sleep(POLL.min(timeout.saturating_sub(now.duration_since(start)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::admin::v1::{ReplicaStatus, Workload};
+
+    fn workload(id: &str, connected: bool, sync: SnapshotSync, nack: &str) -> Workload {
+        Workload {
+            spiffe_id: id.into(),
+            connected,
+            sync: sync.into(),
+            last_nack: nack.into(),
+            replicas: vec!["cp-a".into()],
+            ..Workload::default()
+        }
+    }
+
+    fn replica(name: &str, version: u64, error: &str) -> ReplicaStatus {
+        ReplicaStatus {
+            name: name.into(),
+            address: "10.0.0.1:15012".into(),
+            snapshot_version: version,
+            error: error.into(),
+            ..ReplicaStatus::default()
+        }
+    }
+
+    #[test]
+    fn held_when_every_replica_serves_it_and_every_connected_sidecar_is_synced() {
+        let answer = ListWorkloadsResponse {
+            workloads: vec![
+                workload("spiffe://td/a", true, SnapshotSync::Synced, ""),
+                workload("spiffe://td/b", false, SnapshotSync::NotConnected, ""),
+            ],
+            snapshot_version: 9,
+            replicas: vec![replica("cp-a", 9, ""), replica("cp-b", 9, "")],
+        };
+        let standing = standing(&answer, 9);
+        assert!(standing.missing.is_empty(), "{standing:?}");
+        assert_eq!((standing.holding, standing.replicas), (1, 2));
+    }
+
+    #[test]
+    fn names_what_is_missing() {
+        let answer = ListWorkloadsResponse {
+            workloads: vec![
+                workload("spiffe://td/a", true, SnapshotSync::Pending, ""),
+                workload("spiffe://td/b", true, SnapshotSync::Refused, "bad\x1b[0m"),
+            ],
+            snapshot_version: 9,
+            replicas: vec![
+                replica("cp-a", 9, ""),
+                replica("cp-b", 8, ""),
+                replica("", 0, "no answer within 3s"),
+            ],
+        };
+        let standing = standing(&answer, 9);
+        assert_eq!(
+            standing.missing,
+            [
+                "replica cp-b serves snapshot 8, not 9 (it has not loaded the write yet, or a later change replaced it)",
+                "replica at 10.0.0.1:15012 did not answer (no answer within 3s)",
+                "spiffe://td/a (on cp-a) does not hold it yet",
+                "spiffe://td/b (on cp-a) refused its newest snapshot: bad\\u{1b}[0m",
+            ]
+        );
+        assert_eq!(standing.refused, ["spiffe://td/b"]);
+    }
+
+    #[test]
+    fn an_older_control_plane_is_one_replica() {
+        let answer = ListWorkloadsResponse {
+            snapshot_version: 4,
+            ..ListWorkloadsResponse::default()
+        };
+        assert_eq!(
+            standing(&answer, 5).missing,
+            [
+                "the control plane serves snapshot 4, not 5 (it has not loaded the write yet, or a later change replaced it)"
+            ]
+        );
+    }
+}
