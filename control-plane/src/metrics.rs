@@ -17,9 +17,9 @@ pub struct Metrics {
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
-    trust_bundle_roots: AtomicU64,
-    /// Unix seconds; 0 before the bundle is known.
-    trust_bundle_expiry: AtomicI64,
+    /// When each root of the published bundle expires (Unix seconds);
+    /// empty before the bundle is known.
+    trust_bundle_expiries: Mutex<Vec<i64>>,
 }
 
 impl Metrics {
@@ -53,17 +53,23 @@ impl Metrics {
         self.watch_streams.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The trust bundle published: how many roots, and when the first of
-    /// them expires (Unix seconds).
-    pub fn trust_bundle(&self, roots: usize, earliest_expiry: Option<i64>) {
-        self.trust_bundle_roots
-            .store(roots as u64, Ordering::Relaxed);
-        self.trust_bundle_expiry
-            .store(earliest_expiry.unwrap_or(0), Ordering::Relaxed);
+    /// The trust bundle published: when each of its roots expires (Unix
+    /// seconds).
+    pub fn trust_bundle(&self, expiries: Vec<i64>) {
+        *self.trust_bundle_expiries.lock().expect("not poisoned") = expiries;
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.render_at(now)
+    }
+
+    /// [`Self::render`] at `now` (Unix seconds), which decides the roots
+    /// that have expired.
+    fn render_at(&self, now: i64) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -91,20 +97,36 @@ impl Metrics {
              trellis_watch_streams {}",
             self.watch_streams.load(Ordering::Relaxed)
         );
+        let expiries = self
+            .trust_bundle_expiries
+            .lock()
+            .expect("not poisoned")
+            .clone();
         let _ = writeln!(
             out,
             "# HELP trellis_trust_bundle_roots Roots in the trust bundle published to sidecars.\n\
              # TYPE trellis_trust_bundle_roots gauge\n\
              trellis_trust_bundle_roots {}",
-            self.trust_bundle_roots.load(Ordering::Relaxed)
+            expiries.len()
         );
-        let expiry = self.trust_bundle_expiry.load(Ordering::Relaxed);
-        if expiry != 0 {
+        if expiries.is_empty() {
+            return out;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP trellis_trust_bundle_expired_roots Roots of the published trust bundle that \
+             have expired: they anchor nothing, and stay published until the control plane \
+             restarts without them.\n\
+             # TYPE trellis_trust_bundle_expired_roots gauge\n\
+             trellis_trust_bundle_expired_roots {}",
+            expiries.iter().filter(|at| **at <= now).count()
+        );
+        if let Some(expiry) = expiries.iter().filter(|at| **at > now).min() {
             let _ = writeln!(
                 out,
                 "# HELP trellis_trust_bundle_expiry_timestamp_seconds When the first root of the \
-                 published trust bundle expires (Unix seconds). An expired root stays published \
-                 until the control plane restarts, and the chains it anchored stop verifying.\n\
+                 published trust bundle that has not expired yet expires (Unix seconds): the \
+                 chains it anchors stop verifying then.\n\
                  # TYPE trellis_trust_bundle_expiry_timestamp_seconds gauge\n\
                  trellis_trust_bundle_expiry_timestamp_seconds {expiry}"
             );
@@ -162,9 +184,30 @@ mod tests {
             !text.contains("trellis_trust_bundle_expiry_timestamp_seconds"),
             "no expiry before the bundle is known: {text}"
         );
-        m.trust_bundle(2, Some(1_900_000_000));
-        let text = m.render();
+        m.trust_bundle(vec![1_900_000_000, 2_000_000_000]);
+        let text = m.render_at(1_800_000_000);
         assert!(text.contains("trellis_trust_bundle_roots 2\n"), "{text}");
+        assert!(
+            text.contains("trellis_trust_bundle_expired_roots 0\n"),
+            "{text}"
+        );
         assert!(text.contains("trellis_trust_bundle_expiry_timestamp_seconds 1900000000\n"));
+        // Once the first has expired, the gauge moves on to the next, so
+        // an alert on it stops firing once the rotation is done.
+        let text = m.render_at(1_900_000_000);
+        assert!(
+            text.contains("trellis_trust_bundle_expired_roots 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("trellis_trust_bundle_expiry_timestamp_seconds 2000000000\n"));
+        let text = m.render_at(2_000_000_000);
+        assert!(
+            text.contains("trellis_trust_bundle_expired_roots 2\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("trellis_trust_bundle_expiry_timestamp_seconds"),
+            "{text}"
+        );
     }
 }

@@ -33,7 +33,7 @@ use crate::api::identity::IdentityService;
 use crate::api::replica::{ReplicaService, Replicas};
 use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
-use crate::ca::anchors::{describe_roots, earliest_expiry};
+use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
 use crate::ca::secret::open_ca_secret;
 use crate::config::{Config, IdentityProvider, StoreKind};
@@ -199,7 +199,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::spawn(follow_store(discovery.clone(), changes));
     }
     let metrics = Arc::new(Metrics::default());
-    metrics.trust_bundle(ca.bundle().len(), earliest_expiry(ca.bundle()));
+    let roots = expiries(ca.bundle());
+    metrics.trust_bundle(roots.iter().map(|(_, at)| *at).collect());
+    tokio::spawn(report_expiring_roots(roots));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let reviewer = match (&config.kube, config.identity_provider) {

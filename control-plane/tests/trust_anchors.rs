@@ -390,19 +390,40 @@ async fn resumed_and_served(cp: &ControlPlane, config: &Arc<rustls::ClientConfig
     (resumed, served)
 }
 
+/// An anchor that expires while the control plane runs anchors nothing
+/// from then on, and is reported: a warning names it, and the bundle's
+/// gauges count it as expired and move on to the next root to expire (so
+/// an alert on the expiry gauge stops firing once a rotation is done).
 /// rustls restores a resumed session's client chain from its cache and
-/// calls no verifier. Once the root that chain leads to has expired, the
+/// calls no verifier: once the root that chain leads to has expired, the
 /// control plane verifies the chain again and closes the connection
 /// (`expired_root`) instead of serving it, as the sidecars do; until then a
 /// session resumes as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_whose_root_expired_cannot_resume_its_session() {
+async fn an_expired_anchor_is_reported_and_the_sessions_it_anchored_cannot_resume() {
     let dir = tempfile::tempdir().unwrap();
     let (root_pem, svid) = retiring_root(::time::Duration::seconds(4), WEB);
     let anchors = dir.path().join("anchors.pem");
     std::fs::write(&anchors, root_pem).unwrap();
     let cp = ControlPlane::start(&["--trust-anchors", arg(&anchors)]);
     let config = Arc::new(cp.client_config(Some(&svid)));
+    let not_after = |der: &CertificateDer<'_>| {
+        let (_, cert) = parse_x509_certificate(der).unwrap();
+        cert.validity().not_after.timestamp()
+    };
+    let bundle = cp.bundle();
+    let (signing, retiring) = (not_after(&bundle[0]), not_after(&bundle[1]));
+    let gauges = |expired: usize, next: i64| {
+        let metrics = cp.metrics();
+        assert!(
+            metrics.contains(&format!("trellis_trust_bundle_expired_roots {expired}\n"))
+                && metrics.contains(&format!(
+                    "trellis_trust_bundle_expiry_timestamp_seconds {next}\n"
+                )),
+            "{metrics}"
+        );
+    };
+    gauges(0, retiring);
 
     assert_eq!(resumed_and_served(&cp, &config).await, (false, true));
     assert_eq!(resumed_and_served(&cp, &config).await, (true, true));
@@ -418,4 +439,8 @@ async fn a_client_whose_root_expired_cannot_resume_its_session() {
     cp.wait_for_line("the refusal to be logged", |l| {
         l.contains("a resumed session's chain is no longer trusted") && l.contains("expired")
     });
+    cp.wait_for_line("the expiry to be reported", |l| {
+        l.contains("a trust anchor has expired") && l.contains("CN=retiring root")
+    });
+    gauges(1, signing);
 }

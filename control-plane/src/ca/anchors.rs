@@ -11,6 +11,7 @@
 //! refused without a byte of it reaching an error or a log.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{PemObject, SectionKind};
@@ -173,15 +174,50 @@ pub fn describe_roots(roots: &[CertificateDer<'_>]) -> String {
         .join("; ")
 }
 
-/// When the first of `roots` to expire does (Unix seconds), for the
-/// `trellis_trust_bundle_expiry_timestamp_seconds` gauge; unreadable roots
-/// are passed over (none reaches a bundle: each was read at start-up).
-pub fn earliest_expiry(roots: &[CertificateDer<'_>]) -> Option<i64> {
+/// Each of `roots` by its subject, with when it expires (Unix seconds), for
+/// the trust bundle's gauges and the warning when one expires; unreadable
+/// roots are passed over (none reaches a bundle: each was read at
+/// start-up).
+pub fn expiries(roots: &[CertificateDer<'_>]) -> Vec<(String, i64)> {
     roots
         .iter()
         .filter_map(|der| parse_x509_certificate(der).ok())
-        .map(|(_, cert)| cert.validity().not_after.timestamp())
-        .min()
+        .map(|(_, cert)| (subject_of(&cert), cert.validity().not_after.timestamp()))
+        .collect()
+}
+
+/// Logs as each root of the bundle (`expiries`, the signing CA's root
+/// first) expires, until the last one has: an expired root anchors
+/// nothing, and stays published until a restart without it.
+pub async fn report_expiring_roots(expiries: Vec<(String, i64)>) {
+    let mut ahead: Vec<(usize, String, i64)> = expiries
+        .into_iter()
+        .enumerate()
+        .map(|(i, (subject, at))| (i, subject, at))
+        .collect();
+    ahead.sort_by_key(|(_, _, at)| *at);
+    for (index, subject, at) in ahead {
+        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
+        // In steps of a day at most, so a clock set forward is noticed.
+        while let Ok(left) = expiry.duration_since(std::time::SystemTime::now()) {
+            tokio::time::sleep(left.min(Duration::from_secs(86_400))).await;
+        }
+        if index == 0 {
+            tracing::error!(
+                root = %subject,
+                expired_at = at,
+                "the signing CA's root has expired: no certificate it signed verifies any longer; \
+                 rotate the root (docs/ARCHITECTURE.md, Rotating the root)"
+            );
+        } else {
+            tracing::warn!(
+                root = %subject,
+                expired_at = at,
+                "a trust anchor has expired: it anchors nothing from now on; remove it from \
+                 --trust-anchors (the chart's trustAnchorsPEM) at the next restart"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
