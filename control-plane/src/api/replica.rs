@@ -153,7 +153,7 @@ impl Replicas {
                 answers.push(answer);
             }
         }
-        // In the order of the addresses, whichever answered first.
+        // By address, whatever order they answered in.
         answers.sort_by(|a, b| a.0.cmp(&b.0));
         answers
     }
