@@ -296,7 +296,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ))
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(ReplicaServer::with_interceptor(
-            ReplicaService::new(discovery.clone(), replicas.clone()),
+            ReplicaService::new(mesh.clone(), replicas.clone()),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
         .add_service(AdminServer::with_interceptor(

@@ -103,10 +103,11 @@ fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
 
 /// Each sidecar streams to one replica, and either replica's ListWorkloads
 /// (and `trellisctl workloads` on it) shows both sidecars synced, each
-/// with the replica it streams to, and a line per replica. The Replica API
+/// with the replica it streams to, and a line per replica; `trellisctl
+/// certs` lists the certificates both replicas issued. The Replica API
 /// answers only the control plane's identity. When a peer stops, the
-/// answer names it as silent and its sidecar shows as not connected,
-/// instead of the whole call failing.
+/// answers name it as silent: its sidecar shows as not connected and its
+/// certificates are not listed, instead of the whole call failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     let fake = recorded_cluster().await;
@@ -179,6 +180,31 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         "{table}"
     );
 
+    // With the Kubernetes store each replica logs what it issues; the
+    // listing joins them, and a serial is found whichever replica issued
+    // it.
+    let certs = a.ctl(&["certs", "-o", "json"]);
+    assert!(certs.status.success(), "{certs:?}");
+    let issued: serde_json::Value = serde_json::from_slice(&certs.stdout).unwrap();
+    let issuer_of = |id: &str| {
+        issued
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["spiffe_id"] == id)
+            .unwrap_or_else(|| panic!("no certificate of {id} in {issued}"))
+            .clone()
+    };
+    assert_eq!(issuer_of(WEB)["replica"], "cp-a");
+    let api_cert = issuer_of(API);
+    assert_eq!(api_cert["replica"], "cp-b");
+    let serial = api_cert["serial"].as_str().unwrap();
+    let found = a.ctl(&["certs", "--serial", serial]);
+    let table = String::from_utf8_lossy(&found.stdout);
+    assert!(found.status.success(), "{table}");
+    assert_eq!(row(&table, serial)[1..2], [API], "{table}");
+    assert_eq!(row(&table, serial).last(), Some(&"cp-b"), "{table}");
+
     // The Replica API is for replicas: a sidecar's SVID is refused.
     let channel =
         trellis_core::grpc::connect(&b.grpc, std::sync::Arc::new(b.client_config(Some(&web))))
@@ -221,5 +247,17 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         row(&table, API)[4..],
         ["not", "connected", "no", "-"],
         "{table}"
+    );
+    let certs = a.ctl(&["certs"]);
+    let (table, stderr) = (
+        String::from_utf8_lossy(&certs.stdout),
+        String::from_utf8_lossy(&certs.stderr),
+    );
+    assert!(certs.status.success(), "{stderr}");
+    assert!(table.contains(WEB) && !table.contains(API), "{table}");
+    assert!(
+        stderr.contains(&format!("replica at 127.0.0.1:{port_b} did not answer ("))
+            && stderr.contains("the certificates it issued are not listed"),
+        "{stderr}"
     );
 }

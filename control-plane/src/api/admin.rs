@@ -207,44 +207,64 @@ impl Admin for AdminService {
         &self,
         request: Request<ListIssuedCertificatesRequest>,
     ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
-        let req = request.into_inner();
-        if !req.spiffe_id.is_empty() {
-            SpiffeId::parse(&req.spiffe_id).map_err(|e| {
-                Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
-            })?;
-        }
-        let serial = normalize_serial(&req.serial).map_err(Status::invalid_argument)?;
-        let limit = match req.limit {
-            0 => ISSUED_DEFAULT_LIMIT,
-            n => (n as usize).min(ISSUED_MAX_LIMIT),
-        };
-        let store = self.mesh.store.clone();
-        let spiffe_id = req.spiffe_id;
-        // One more than the limit tells whether more match.
-        let mut records = tokio::task::spawn_blocking(move || {
-            store.newest_issued(limit + 1, &|r| {
-                (spiffe_id.is_empty() || r.spiffe_id == spiffe_id)
-                    && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
-            })
+        let request = request.into_inner();
+        let here = issued_here(&self.mesh, &request, &self.replicas.name).await?;
+        Ok(Response::new(self.replicas.issued(here, request).await))
+    }
+}
+
+/// The newest `limit` certificates of this replica's issued-certificate
+/// log that `request` selects (`limit` of [`issued_limit`]), each named as
+/// issued by `replica`; INVALID_ARGUMENT for a malformed SPIFFE ID or
+/// serial.
+pub async fn issued_here(
+    mesh: &Mesh,
+    request: &ListIssuedCertificatesRequest,
+    replica: &str,
+) -> Result<ListIssuedCertificatesResponse, Status> {
+    if !request.spiffe_id.is_empty() {
+        SpiffeId::parse(&request.spiffe_id).map_err(|e| {
+            Status::invalid_argument(format!("spiffe_id {:?}: {e}", request.spiffe_id))
+        })?;
+    }
+    let serial = normalize_serial(&request.serial).map_err(Status::invalid_argument)?;
+    let limit = issued_limit(request);
+    let store = mesh.store.clone();
+    let spiffe_id = request.spiffe_id.clone();
+    // One more than the limit tells whether more match.
+    let mut records = tokio::task::spawn_blocking(move || {
+        store.newest_issued(limit + 1, &|r| {
+            (spiffe_id.is_empty() || r.spiffe_id == spiffe_id)
+                && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
         })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        let truncated = records.len() > limit;
-        records.truncate(limit);
-        let certificates = records
-            .into_iter()
-            .map(|r| IssuedCertificate {
-                serial: r.serial_hex,
-                spiffe_id: r.spiffe_id,
-                issued_at_unix: r.issued_at_unix,
-                not_after_unix: r.not_after_unix,
-            })
-            .collect();
-        Ok(Response::new(ListIssuedCertificatesResponse {
-            certificates,
-            truncated,
-        }))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
+    let truncated = records.len() > limit;
+    records.truncate(limit);
+    let certificates = records
+        .into_iter()
+        .map(|r| IssuedCertificate {
+            serial: r.serial_hex,
+            spiffe_id: r.spiffe_id,
+            issued_at_unix: r.issued_at_unix,
+            not_after_unix: r.not_after_unix,
+            replica: replica.to_owned(),
+        })
+        .collect();
+    Ok(ListIssuedCertificatesResponse {
+        certificates,
+        truncated,
+        replicas: Vec::new(),
+    })
+}
+
+/// How many certificates `request` asks for at most.
+pub fn issued_limit(request: &ListIssuedCertificatesRequest) -> usize {
+    match request.limit {
+        0 => ISSUED_DEFAULT_LIMIT,
+        n => (n as usize).min(ISSUED_MAX_LIMIT),
     }
 }
 

@@ -6,26 +6,37 @@
 //! current snapshot. The replica answering `ListWorkloads` asks each peer
 //! named by `--peers` for its streams ([`Replicas::fleet`]) and joins them
 //! to its own, so an operator sees every sidecar's state whichever replica
-//! `trellisctl` reached. A peer that does not answer within
+//! `trellisctl` reached; `ListIssuedCertificates` joins their
+//! issued-certificate logs the same way ([`Replicas::issued`]), as the
+//! Kubernetes store keeps one per replica. A peer that does not answer within
 //! [`PEER_TIMEOUT`] is named in the answer with why; the sidecars streaming
 //! to it then show as not connected. Peers call each other with the control
 //! plane's own SVID, and only that identity may call `Replica`
 //! ([`super::OnlyCaller::control_plane`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ClientConfig;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
-    ListStreamsRequest, ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
+    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListStreamsRequest,
+    ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
 };
 
+use super::Mesh;
+use super::admin::{issued_here, issued_limit};
 use crate::discovery::{Discovery, SyncState};
+
+/// The metadata of every `Replica` answer that names the replica's
+/// instance number.
+const INSTANCE: &str = "trellis-replica-instance";
 
 /// The longest a peer replica may take to answer, connection included.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -35,8 +46,8 @@ pub struct Replicas {
     /// As `--replica-name` gives it, else the host name (the pod's name in
     /// Kubernetes).
     pub name: String,
-    /// Drawn at start; tells this replica's own answer apart when a peer
-    /// name resolves to it too.
+    /// Drawn at start, and sent with every `Replica` answer: tells this
+    /// replica's own answer apart when a peer name resolves to it too.
     pub instance: u64,
     /// Where it listens, as `trellisctl` is told.
     pub address: String,
@@ -91,30 +102,94 @@ impl Replicas {
             .collect();
         ListStreamsResponse {
             name: self.name.clone(),
-            instance: self.instance,
             snapshot_version: current,
             sidecars,
         }
+    }
+
+    /// `message` as this replica answers a peer: with its instance number.
+    fn stamped<T>(&self, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        response
+            .metadata_mut()
+            .insert(INSTANCE, self.instance.to_string().parse().expect("digits"));
+        response
     }
 
     /// This replica's streams joined with every peer's, asked at once.
     pub async fn fleet(&self, discovery: &Discovery) -> Fleet {
         let mut fleet = Fleet::default();
         fleet.add(self.address.clone(), Ok(self.local(discovery)));
-        for (address, answer) in self.ask_peers().await {
-            match answer {
-                Ok(answer) if answer.instance == self.instance => {}
-                Err(error) => {
-                    tracing::warn!(peer = %address, %error, "a peer replica did not answer");
-                    fleet.add(address, Err(error));
-                }
-                answer => fleet.add(address, answer),
-            }
+        let answers = self
+            .ask_peers(|mut peer| async move { peer.list_streams(ListStreamsRequest {}).await })
+            .await;
+        for (address, answer) in answers {
+            fleet.add(address, answer);
         }
         fleet
     }
 
-    async fn ask_peers(&self) -> Vec<(String, Result<ListStreamsResponse, String>)> {
+    /// This replica's issued certificates (`here`, as `request` selects
+    /// them) joined with every peer's: newest first, at most the request's
+    /// limit, truncated if any replica had more.
+    pub async fn issued(
+        &self,
+        here: ListIssuedCertificatesResponse,
+        request: ListIssuedCertificatesRequest,
+    ) -> ListIssuedCertificatesResponse {
+        let limit = issued_limit(&request);
+        let answers = self
+            .ask_peers(move |mut peer| {
+                let request = request.clone();
+                async move { peer.list_issued_certificates(request).await }
+            })
+            .await;
+        let mut joined = ListIssuedCertificatesResponse {
+            replicas: vec![ReplicaStatus {
+                name: self.name.clone(),
+                address: self.address.clone(),
+                ..ReplicaStatus::default()
+            }],
+            ..here
+        };
+        for (address, answer) in answers {
+            let mut status = ReplicaStatus {
+                address,
+                ..ReplicaStatus::default()
+            };
+            match answer {
+                Ok(answer) => {
+                    status.name = answer
+                        .replicas
+                        .first()
+                        .map(|r| r.name.clone())
+                        .unwrap_or_default();
+                    joined.truncated |= answer.truncated;
+                    joined.certificates.extend(answer.certificates);
+                }
+                Err(error) => status.error = error,
+            }
+            joined.replicas.push(status);
+        }
+        // Stable: a replica's own order stands between equal times.
+        joined
+            .certificates
+            .sort_by_key(|c| std::cmp::Reverse(c.issued_at_unix));
+        joined.truncated |= joined.certificates.len() > limit;
+        joined.certificates.truncate(limit);
+        joined
+    }
+
+    /// Asks every peer at once with `call`, each within [`PEER_TIMEOUT`]:
+    /// each address asked with its answer or why there is none, by
+    /// address. This replica's own answer, when a peer name resolves to
+    /// it, is left out.
+    async fn ask_peers<T, F, Fut>(&self, call: F) -> Vec<(String, Result<T, String>)>
+    where
+        T: Send + 'static,
+        F: Fn(ReplicaClient<Channel>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Result<Response<T>, Status>> + Send,
+    {
         let mut asked = tokio::task::JoinSet::new();
         let mut answers = Vec::new();
         let mut seen = Vec::<SocketAddr>::new();
@@ -139,17 +214,24 @@ impl Replicas {
                     continue;
                 }
                 seen.push(addr);
-                let tls = self.tls.clone();
+                let (tls, call, me) = (self.tls.clone(), call.clone(), self.instance);
                 asked.spawn(async move {
-                    let answer = tokio::time::timeout(PEER_TIMEOUT, ask(addr, tls))
+                    let answer = tokio::time::timeout(PEER_TIMEOUT, ask(addr, tls, call))
                         .await
                         .unwrap_or_else(|_| Err(format!("no answer within {PEER_TIMEOUT:?}")));
-                    (addr.to_string(), answer)
+                    match answer {
+                        Ok((instance, _)) if instance == Some(me) => None,
+                        Ok((_, answer)) => Some((addr.to_string(), Ok(answer))),
+                        Err(error) => {
+                            tracing::warn!(peer = %addr, %error, "a peer replica did not answer");
+                            Some((addr.to_string(), Err(error)))
+                        }
+                    }
                 });
             }
         }
         while let Some(done) = asked.join_next().await {
-            if let Ok(answer) = done {
+            if let Ok(Some(answer)) = done {
                 answers.push(answer);
             }
         }
@@ -159,15 +241,28 @@ impl Replicas {
     }
 }
 
-async fn ask(addr: SocketAddr, tls: Arc<ClientConfig>) -> Result<ListStreamsResponse, String> {
+/// One peer's answer to `call`, with the instance number it carried.
+async fn ask<T, F, Fut>(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+    call: F,
+) -> Result<(Option<u64>, T), String>
+where
+    F: FnOnce(ReplicaClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
     let channel = trellis_core::grpc::connect(&addr.to_string(), tls)
         .await
         .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
-    ReplicaClient::new(channel)
-        .list_streams(ListStreamsRequest {})
+    let response = call(ReplicaClient::new(channel))
         .await
-        .map(Response::into_inner)
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    let instance = response
+        .metadata()
+        .get(INSTANCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    Ok((instance, response.into_inner()))
 }
 
 /// An error with its sources, as one line.
@@ -200,18 +295,16 @@ pub fn snapshot_sync(state: SyncState) -> SnapshotSync {
     }
 }
 
-/// The `Replica` service: this replica's streams, for its peers.
+/// The `Replica` service: this replica's streams and issued-certificate
+/// log, for its peers.
 pub struct ReplicaService {
-    discovery: Arc<Discovery>,
+    mesh: Mesh,
     replicas: Arc<Replicas>,
 }
 
 impl ReplicaService {
-    pub fn new(discovery: Arc<Discovery>, replicas: Arc<Replicas>) -> Self {
-        Self {
-            discovery,
-            replicas,
-        }
+    pub fn new(mesh: Mesh, replicas: Arc<Replicas>) -> Self {
+        Self { mesh, replicas }
     }
 }
 
@@ -221,7 +314,21 @@ impl Replica for ReplicaService {
         &self,
         _request: Request<ListStreamsRequest>,
     ) -> Result<Response<ListStreamsResponse>, Status> {
-        Ok(Response::new(self.replicas.local(&self.discovery)))
+        let local = self.replicas.local(&self.mesh.discovery);
+        Ok(self.replicas.stamped(local))
+    }
+
+    async fn list_issued_certificates(
+        &self,
+        request: Request<ListIssuedCertificatesRequest>,
+    ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
+        let mut here = issued_here(&self.mesh, request.get_ref(), &self.replicas.name).await?;
+        here.replicas = vec![ReplicaStatus {
+            name: self.replicas.name.clone(),
+            address: self.replicas.address.clone(),
+            ..ReplicaStatus::default()
+        }];
+        Ok(self.replicas.stamped(here))
     }
 }
 
@@ -362,7 +469,6 @@ mod tests {
     fn answer(name: &str, streams: Vec<StreamStatus>) -> Result<ListStreamsResponse, String> {
         Ok(ListStreamsResponse {
             name: name.into(),
-            instance: 1,
             snapshot_version: 7,
             sidecars: streams,
         })

@@ -459,7 +459,7 @@ async fn run(
                 // not answer is said on stderr.
                 Output::Json => Printed {
                     stdout: workloads_json(&answer.workloads),
-                    stderr: silent_replicas(&answer.replicas),
+                    stderr: silent_replicas(&answer.replicas, SILENT_STREAMS),
                     failed: false,
                 },
             })
@@ -478,16 +478,21 @@ async fn run(
                 })
                 .await?
                 .into_inner();
+            let mut stderr = silent_replicas(
+                &response.replicas,
+                "the certificates it issued are not listed",
+            );
+            if response.truncated {
+                stderr.push_str(&format!(
+                    "more certificates match: these are the newest {limit} (--limit)\n"
+                ));
+            }
             Ok(Printed {
                 stdout: match output {
-                    Output::Table => certs_table(&response.certificates),
+                    Output::Table => certs_table(&response.certificates, response.replicas.len()),
                     Output::Json => certs_json(&response.certificates),
                 },
-                stderr: if response.truncated {
-                    format!("more certificates match: these are the newest {limit} (--limit)\n")
-                } else {
-                    String::new()
-                },
+                stderr,
                 failed: false,
             })
         }
@@ -596,18 +601,22 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
             }
         }
     }
-    out.push_str(&silent_replicas(&answer.replicas));
+    out.push_str(&silent_replicas(&answer.replicas, SILENT_STREAMS));
     out
 }
 
-/// A line for each replica that did not answer, saying what that means.
-fn silent_replicas(replicas: &[ReplicaStatus]) -> String {
+/// What a silent replica takes out of `trellisctl workloads`.
+const SILENT_STREAMS: &str = "the sidecars streaming to it show as not connected";
+
+/// A line for each replica that did not answer, with what that takes out
+/// of the answer.
+fn silent_replicas(replicas: &[ReplicaStatus], consequence: &str) -> String {
     replicas
         .iter()
         .filter(|r| !r.error.is_empty())
         .map(|r| {
             format!(
-                "replica at {} did not answer ({}): the sidecars streaming to it show as not connected\n",
+                "replica at {} did not answer ({}): {consequence}\n",
                 r.address,
                 r.error.escape_debug()
             )
@@ -616,16 +625,25 @@ fn silent_replicas(replicas: &[ReplicaStatus]) -> String {
 }
 
 /// Issued certificates as an aligned text table, in the order given.
-pub fn certs_table(certs: &[IssuedCertificate]) -> String {
-    let header = ["SERIAL", "SPIFFE ID", "ISSUED", "EXPIRES"];
-    let mut rows = vec![header.map(String::from).to_vec()];
+/// With several control-plane replicas, a `REPLICA` column says which one
+/// issued each.
+pub fn certs_table(certs: &[IssuedCertificate], replicas: usize) -> String {
+    let mut header = vec!["SERIAL", "SPIFFE ID", "ISSUED", "EXPIRES"];
+    if replicas > 1 {
+        header.push("REPLICA");
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect()];
     for c in certs {
-        rows.push(vec![
+        let mut row = vec![
             c.serial.clone(),
             c.spiffe_id.clone(),
             rfc3339(c.issued_at_unix),
             rfc3339(c.not_after_unix),
-        ]);
+        ];
+        if replicas > 1 {
+            row.push(c.replica.escape_debug().to_string());
+        }
+        rows.push(row);
     }
     table(rows)
 }
@@ -642,6 +660,7 @@ pub fn certs_json(certs: &[IssuedCertificate]) -> String {
                 "issued_at": rfc3339(c.issued_at_unix),
                 "not_after_unix": c.not_after_unix,
                 "not_after": rfc3339(c.not_after_unix),
+                "replica": c.replica,
             })
         })
         .collect();
