@@ -194,6 +194,14 @@ pub(crate) fn resolves_to_string(text: &str) -> bool {
 /// documents complete before such an error are still handed over, so they
 /// can still be checked.
 pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Node)) -> Option<SyntaxError> {
+    // The scanner queues every token of a flow collection (`[...]`,
+    // `{...}`) before it yields the collection's first event, a few hundred
+    // bytes each, so a document of a list of millions is refused before it
+    // is scanned; the documents before it are read.
+    let (text, refused) = match overlong_flow(text) {
+        Some((start, error)) => (&text[..start], Some(error)),
+        None => (text, None),
+    };
     let mut builder = Builder::default();
     for event in Parser::new_from_str(text) {
         let step = event
@@ -204,6 +212,43 @@ pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Node)) -> Option<Synta
             Ok(_) => {}
             Err(e) => return Some(e),
         }
+    }
+    refused
+}
+
+/// The first document of `text` with more than [`MAX_NODES`] commas (each
+/// separates two items of a flow collection, so it bounds their number;
+/// a comma inside a string counts too, and no policy comes near): where
+/// the document starts (a byte offset), and the error, at the comma past
+/// the bound. A document starts at a line that begins with `---`.
+fn overlong_flow(text: &str) -> Option<(usize, SyntaxError)> {
+    let (mut start, mut offset, mut commas) = (0, 0, 0);
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.chars().next().is_none_or(char::is_whitespace));
+        if marker {
+            (start, commas) = (offset, 0);
+        }
+        offset += line.len();
+        let in_line = line.bytes().filter(|b| *b == b',').count();
+        if commas + in_line <= MAX_NODES {
+            commas += in_line;
+            continue;
+        }
+        let (at, _) = line
+            .match_indices(',')
+            .nth(MAX_NODES - commas)
+            .expect("the line holds the comma past the bound");
+        let pos = Pos {
+            line: index + 1,
+            column: line[..at].chars().count() + 1,
+        };
+        let message = format!(
+            "more than {MAX_NODES} list items in one document: a policy needs far fewer, so \
+             the document is refused here"
+        );
+        return Some((start, SyntaxError::new(pos, message)));
     }
     None
 }
@@ -220,10 +265,18 @@ pub(crate) fn parse_stream(text: &str) -> (Vec<Node>, Option<SyntaxError>) {
 /// dropping the tree) on hostile input.
 const MAX_DEPTH: usize = 32;
 
+/// Far more nodes than any policy has (a selector of thousands of SPIFFE
+/// IDs is a few thousand); bounds the memory one document's tree takes
+/// (about 150 bytes a node) on hostile or mistaken input, such as a list of
+/// millions of ports on one line.
+pub const MAX_NODES: usize = 50_000;
+
 /// Builds nodes from parser events; a stack of open collections.
 #[derive(Default)]
 struct Builder {
     open: Vec<Open>,
+    /// Nodes begun in the document being built.
+    nodes: usize,
 }
 
 enum Open {
@@ -238,6 +291,21 @@ impl Builder {
     /// Feeds one event; returns a document's root when one completes.
     fn push(&mut self, event: Event<'_>, span: &Span) -> Result<Option<Node>, SyntaxError> {
         let pos = Pos::of(span);
+        if matches!(
+            event,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            self.nodes += 1;
+            if self.nodes > MAX_NODES {
+                return Err(SyntaxError::new(
+                    pos,
+                    format!(
+                        "more than {MAX_NODES} YAML nodes in one document: a policy needs far \
+                         fewer, so the document is refused here"
+                    ),
+                ));
+            }
+        }
         let node = match event {
             Event::Alias(_) => {
                 return Err(SyntaxError::new(pos, "YAML aliases are not supported"));
@@ -289,7 +357,10 @@ impl Builder {
 
     fn attach(&mut self, node: Node) -> Result<Option<Node>, SyntaxError> {
         match self.open.last_mut() {
-            None => Ok(Some(node)),
+            None => {
+                self.nodes = 0;
+                Ok(Some(node))
+            }
             Some(Open::Seq(_, items)) => {
                 items.push(node);
                 Ok(None)
@@ -384,12 +455,12 @@ mod tests {
     /// key: scanning every earlier key made a 4 MB file take minutes.
     #[test]
     fn a_duplicate_after_many_keys_is_found_at_its_line() {
-        let mut text: String = (0..50_000).map(|i| format!("k{i}: 0\n")).collect();
-        text.push_str("k49999: 1\n");
+        let mut text: String = (0..20_000).map(|i| format!("k{i}: 0\n")).collect();
+        text.push_str("k19999: 1\n");
         let (_, err) = parse_stream(&text);
         let err = err.expect("the duplicate was not found");
-        assert_eq!(err.pos.line, 50_001);
-        assert!(err.message.contains("duplicate key \"k49999\""), "{err:?}");
+        assert_eq!(err.pos.line, 20_001);
+        assert!(err.message.contains("duplicate key \"k19999\""), "{err:?}");
     }
 
     #[test]
@@ -409,6 +480,55 @@ mod tests {
             assert_eq!(err.pos.line, line, "{text:?}");
             assert!(err.message.contains(needle), "{}", err.message);
         }
+    }
+
+    #[test]
+    fn a_flow_list_of_too_many_items_is_refused_before_it_is_scanned() {
+        let small = "a: [1, 2]\n";
+        for separator in [",", ",\n  "] {
+            let ports = vec!["1"; MAX_NODES + 2].join(separator);
+            let text = format!("{small}--- # two\nports: [{ports}]\n---\n{small}");
+            let (docs, err) = parse_stream(&text);
+            assert_eq!(docs.len(), 1, "the document before it is kept");
+            let err = err.expect("refused");
+            assert!(
+                err.message.contains("more than 50000 list items"),
+                "{err:?}"
+            );
+            if separator == "," {
+                assert_eq!(err.pos.line, 3);
+                assert_eq!(err.pos.column, "ports: [".len() + 2 * (MAX_NODES + 1));
+            } else {
+                assert_eq!(err.pos.line, 3 + MAX_NODES);
+                assert_eq!(err.pos.column, 4);
+            }
+        }
+        // The bound is per document.
+        let lists = vec!["a: [1, 2, 3]\n"; MAX_NODES].join("---\n");
+        let (docs, err) = parse_stream(&lists);
+        assert_eq!((docs.len(), err), (MAX_NODES, None));
+    }
+
+    #[test]
+    fn a_document_of_too_many_nodes_is_refused_where_it_passes_the_bound() {
+        let ports = vec!["- 1\n"; MAX_NODES].concat();
+        let small = "a: [1, 2]\n";
+        let text = format!("{small}---\nports:\n{ports}---\n{small}");
+        let (docs, err) = parse_stream(&text);
+        assert_eq!(docs.len(), 1, "the document before it is kept");
+        let err = err.expect("refused");
+        assert!(
+            err.message.contains("more than 50000 YAML nodes"),
+            "{err:?}"
+        );
+        // The mapping, its key and the list took three nodes, so the item
+        // that passes the bound is the one at index MAX_NODES - 3, on line
+        // 4 + MAX_NODES - 3.
+        assert_eq!((err.pos.line, err.pos.column), (MAX_NODES + 1, 3));
+        // The bound is per document: many documents of a few nodes pass.
+        let many = vec![small; MAX_NODES].join("---\n");
+        let (docs, err) = parse_stream(&many);
+        assert_eq!((docs.len(), err), (MAX_NODES, None));
     }
 
     #[test]
