@@ -12,13 +12,11 @@
 mod common;
 mod kube_api;
 
-use common::{ControlPlane, Svid, Watcher, csr_for, eventually_async, p256};
+use common::{ControlPlane, Svid, Watcher, certify_with, eventually_async, listed};
 use kube_api::{fixture_json, recorded_cluster};
-use rustls_pki_types::CertificateDer;
 use tonic::Code;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
-use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync, Workload};
-use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::admin::v1::{ListStreamsRequest, SnapshotSync};
 use trellis_proto::identity::v1::certify_request::Proof;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -59,36 +57,8 @@ async fn replica(flags: &[String], name: &str, port: u16, peers: &str) -> Contro
 
 /// The sidecar of `id`, certified by its ServiceAccount token on `cp`.
 async fn certify(cp: &ControlPlane, id: &str, token: &str, inbound: &str) -> Svid {
-    let key = p256();
-    let response = cp
-        .identity_client(None)
-        .await
-        .certify(CertifyRequest {
-            csr: csr_for(&key, id),
-            proof: Some(Proof::ServiceAccountToken(token.into())),
-            inbound_address: inbound.into(),
-            inbound_addresses: vec![inbound.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.spiffe_id, id);
-    Svid {
-        key,
-        chain: response
-            .chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    }
-}
-
-fn listed<'a>(answer: &'a ListWorkloadsResponse, id: &str) -> &'a Workload {
-    answer
-        .workloads
-        .iter()
-        .find(|w| w.spiffe_id == id)
-        .unwrap_or_else(|| panic!("{id} not listed in {answer:?}"))
+    let proof = Proof::ServiceAccountToken(token.into());
+    certify_with(cp, id, proof, &[inbound]).await.unwrap()
 }
 
 /// The table row of `id` in `trellisctl workloads`, split into columns.

@@ -154,15 +154,6 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     assert!(has_endpoint(&fifth, WEB) && has_endpoint(&fifth, DB));
 }
 
-/// The workload `id` in `listed`.
-fn listed<'a>(listed: &'a ListWorkloadsResponse, id: &str) -> &'a Workload {
-    listed
-        .workloads
-        .iter()
-        .find(|w| w.spiffe_id == id)
-        .unwrap_or_else(|| panic!("{id} not listed in {listed:?}"))
-}
-
 /// Waits until ListWorkloads, at the version served, shows web and db as
 /// `want` says.
 async fn sync_until(

@@ -110,14 +110,7 @@ async fn renew(cp: &ControlPlane, svid: &Svid) -> Result<Svid, String> {
         response.trust_bundle,
         der(&cp.bundle().iter().collect::<Vec<_>>())
     );
-    Ok(Svid {
-        key,
-        chain: response
-            .chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    })
+    Ok(Svid::issued(key, response))
 }
 
 fn signed_by(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
@@ -183,14 +176,7 @@ async fn certify_the_first_snapshot_and_bundle_pem_carry_the_trust_anchors() {
         .await
         .expect("certify with a join token");
     assert_eq!(response.trust_bundle, der(&[&signing, &anchor]));
-    let web = Svid {
-        key,
-        chain: response
-            .chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    };
+    let web = Svid::issued(key, response);
     assert!(
         signed_by(&web.chain[0], &signing),
         "the signing CA signs, not the anchor"

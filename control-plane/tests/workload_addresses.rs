@@ -39,22 +39,7 @@ async fn certify_with_token(
     token: &str,
     addresses: &[&str],
 ) -> Result<Svid, tonic::Status> {
-    let key = p256();
-    let response = cp
-        .identity_client(None)
-        .await
-        .certify(CertifyRequest {
-            csr: csr_for(&key, id),
-            proof: Some(Proof::JoinToken(token.into())),
-            inbound_address: addresses.first().map(|a| a.to_string()).unwrap_or_default(),
-            inbound_addresses: addresses.iter().map(|a| a.to_string()).collect(),
-        })
-        .await?
-        .into_inner();
-    Ok(Svid {
-        key,
-        chain: response.chain.into_iter().map(Into::into).collect(),
-    })
+    certify_with(cp, id, Proof::JoinToken(token.into()), addresses).await
 }
 
 /// The endpoints of the first snapshot `svid`'s sidecar is sent.

@@ -366,9 +366,53 @@ pub struct Svid {
 }
 
 impl Svid {
+    /// The SVID a Certify answer issued for `key`.
+    pub fn issued(key: KeyPair, response: CertifyResponse) -> Self {
+        Self {
+            key,
+            chain: response
+                .chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+        }
+    }
+
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
     }
+}
+
+/// An SVID for `id` from Certify with `proof`, the sidecar reporting
+/// `addresses` (the first as `inbound_address`).
+pub async fn certify_with(
+    cp: &ControlPlane,
+    id: &str,
+    proof: Proof,
+    addresses: &[&str],
+) -> Result<Svid, tonic::Status> {
+    let key = p256();
+    let response = cp
+        .identity_client(None)
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&key, id),
+            proof: Some(proof),
+            inbound_address: addresses.first().map(|a| a.to_string()).unwrap_or_default(),
+            inbound_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
+    Ok(Svid::issued(key, response))
+}
+
+/// The workload `id` in a ListWorkloads answer.
+pub fn listed<'a>(answer: &'a ListWorkloadsResponse, id: &str) -> &'a Workload {
+    answer
+        .workloads
+        .iter()
+        .find(|w| w.spiffe_id == id)
+        .unwrap_or_else(|| panic!("{id} not listed in {answer:?}"))
 }
 
 pub fn p256() -> KeyPair {
@@ -398,14 +442,7 @@ pub async fn enroll(cp: &ControlPlane, id: &str, inbound: &str) -> Svid {
         .certify(csr_for(&key, id), Some(&token), None, inbound)
         .await
         .expect("certify with a fresh token");
-    Svid {
-        key,
-        chain: response
-            .chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    }
+    Svid::issued(key, response)
 }
 
 pub fn issued_total(metrics: &str) -> u64 {
