@@ -1,5 +1,6 @@
 //! `trellisctl` against a running control plane.
 
+use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::{Mesh, eventually};
 
 use crate::{Pair, SOON};
@@ -47,5 +48,39 @@ async fn workloads_lists_both_sidecars_with_addresses_acked_versions_and_sync() 
         })
         .await?;
     }
+    Ok(())
+}
+
+/// `policy apply --wait` against the real sidecars: it returns once the
+/// sidecar the policy selects holds the snapshot that carries it (so the
+/// sidecar's own `/config` shows that version at once, with no polling
+/// here), and the other sidecar, which the write does not concern, is
+/// counted as holding it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Result<()> {
+    let pair = Pair::start(Mesh::start().await?).await?;
+    let document = PolicyDoc::allow("web-to-api", pair.server.identity())
+        .from(pair.client.identity())
+        .port(pair.api.addr().port())
+        .to_yaml();
+    let file = policy::write_file(&pair.mesh, &document)?;
+    let out = pair
+        .mesh
+        .ctl([
+            "policy".as_ref(),
+            "apply".as_ref(),
+            "--wait=30s".as_ref(),
+            "-o".as_ref(),
+            "json".as_ref(),
+            "-f".as_ref(),
+            file.as_os_str(),
+        ])
+        .await?;
+    let applied: serde_json::Value = serde_json::from_str(&out)?;
+    let version = applied["snapshot_version"].as_u64().unwrap_or(0);
+    let holds = pair.server.config().await?["snapshot_version"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(holds, version, "--wait returned before api held {version}");
     Ok(())
 }
