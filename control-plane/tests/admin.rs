@@ -361,3 +361,66 @@ async fn certs_lists_what_was_issued_newest_first_by_identity_or_serial() {
     );
     assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
 }
+
+/// A mesh whose ListWorkloads answer passes gRPC's usual 4 MiB (12,000
+/// workloads of 16 addresses each, about 5 MB): `trellisctl workloads`
+/// still lists every one. The workloads are written into the embedded store
+/// before the control plane starts on it, as its Certify would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
+    use trellis_control_plane::store::embedded::{DB_FILE, EmbeddedStore};
+    use trellis_control_plane::store::{IssuedCertRecord, Store, WorkloadRecord};
+
+    const WORKLOADS: usize = 12_000;
+    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    {
+        let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut answers = Vec::with_capacity(WORKLOADS);
+        for i in 0..WORKLOADS {
+            let spiffe_id = format!("spiffe://cluster.local/ns/scale/sa/w{i}");
+            let issued = IssuedCertRecord {
+                serial_hex: format!("{i:032x}"),
+                spiffe_id: spiffe_id.clone(),
+                not_after_unix: now + 3600,
+                issued_at_unix: now,
+            };
+            let workload = WorkloadRecord {
+                spiffe_id,
+                addresses: (0..16)
+                    .map(|a| format!("[fd00::{i:x}:{a:x}]:15006"))
+                    .collect(),
+                cert_expires_at_unix: now + 3600,
+                last_seen_unix: now,
+            };
+            answers.push(store.queue_issuance(None, &issued, &workload));
+        }
+        for answer in answers {
+            answer.await.unwrap().unwrap();
+        }
+    }
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start_in(tmp, &[]))
+        .await
+        .unwrap();
+
+    let out = cp.ctl(&["workloads", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), WORKLOADS);
+    assert!(
+        listed
+            .iter()
+            .all(|w| w["addresses"].as_array().unwrap().len() == 16)
+    );
+}

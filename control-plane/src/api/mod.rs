@@ -61,6 +61,12 @@ pub fn require_svid<T>(request: &Request<T>, what: &str) -> Result<SpiffeId, Sta
         })
 }
 
+/// The largest answer `trellisctl` and peer replicas read from a listing
+/// (`ListWorkloads`, `ListStreams`, `ListIssuedCertificates`), far above
+/// gRPC's usual 4 MiB: tens of thousands of workloads with several
+/// addresses each pass 4 MiB.
+pub const MAX_LISTING_BYTES: usize = 64 * 1024 * 1024;
+
 /// At most this many characters of a caller's bad input are quoted in a
 /// status or a log line, so a huge field costs neither a huge answer nor a
 /// huge log.

@@ -254,7 +254,8 @@ where
     let channel = trellis_core::grpc::connect(&addr.to_string(), tls)
         .await
         .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
-    let response = call(ReplicaClient::new(channel))
+    let client = ReplicaClient::new(channel).max_decoding_message_size(super::MAX_LISTING_BYTES);
+    let response = call(client)
         .await
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
     let instance = response

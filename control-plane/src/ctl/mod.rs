@@ -249,7 +249,7 @@ impl AdminCredentials {
                         &format!("the CA in {}", self.bundle.display()),
                     ),
                 })?;
-        Ok(AdminClient::new(channel))
+        Ok(AdminClient::new(channel).max_decoding_message_size(crate::api::MAX_LISTING_BYTES))
     }
 
     /// Why the control plane hung up on a call, when it refused this
