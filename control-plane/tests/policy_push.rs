@@ -343,9 +343,9 @@ async fn ctl_apply(cp: &ControlPlane, document: &str, extra: &[&str]) -> (Option
     )
 }
 
-/// `policy apply --wait` returns once every connected sidecar holds the
-/// snapshot that carries the write (a sidecar the write does not concern
-/// holds it already), fails as soon as a sidecar's refusal stands, naming
+/// `policy apply --wait` (and `policy delete --wait`) returns once every
+/// connected sidecar holds the snapshot that carries the write (a sidecar
+/// the write does not concern holds it already), fails as soon as a sidecar's refusal stands, naming
 /// it and its reason, and fails at its deadline naming a sidecar that has
 /// not answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,6 +388,20 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
         stderr.contains(&format!(
             "every connected sidecar holds snapshot {version}: 2 on 1 replica"
         )),
+        "{stderr}"
+    );
+    // A delete waits the same way.
+    // (Off the runtime's thread, so the sidecars answer meanwhile.)
+    let deleted =
+        tokio::task::block_in_place(|| cp.ctl(&["policy", "delete", "default/p1", "--wait=30s"]));
+    let stderr = String::from_utf8_lossy(&deleted.stderr);
+    assert!(deleted.status.success(), "{stderr}");
+    let version = cp.list_workloads().await.snapshot_version;
+    assert!(
+        String::from_utf8_lossy(&deleted.stdout).contains(&format!("snapshot version {version}"))
+            && stderr.contains(&format!(
+                "every connected sidecar holds snapshot {version}: 2 on 1 replica"
+            )),
         "{stderr}"
     );
 

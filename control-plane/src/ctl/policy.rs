@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::policy::{
     AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, document_from_proto,
@@ -35,6 +35,43 @@ use trellis_proto::policy::v1::{Action, Policy};
 use super::{CtlError, Output, Printed, pretty};
 use crate::api::policy::policy_errors_of;
 
+/// `--wait` of the commands that write.
+#[derive(Debug, Args)]
+pub struct Wait {
+    /// Then wait (at most DURATION, 60s if none is given) until every
+    /// connected sidecar, on every control-plane replica, holds the
+    /// snapshot that carries the write; exit 1 naming those that do not (a
+    /// refusal that stands 2s ends the wait at once).
+    #[arg(
+        long,
+        env = "TRELLIS_WAIT",
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "60s",
+        value_parser = humantime::parse_duration
+    )]
+    wait: Option<Duration>,
+}
+
+impl Wait {
+    /// After a write that `printed` reports and whose snapshot is
+    /// `version`: waits if asked, and adds what the wait found.
+    async fn then(
+        &self,
+        client: &mut AdminClient<Channel>,
+        mut printed: Printed,
+        version: u64,
+    ) -> Result<Printed, CtlError> {
+        if let Some(timeout) = self.wait {
+            let (text, failed) = super::wait::wait_for(client, version, timeout).await?;
+            printed.stderr.push_str(&text);
+            printed.failed |= failed;
+        }
+        Ok(printed)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Create or update policies from YAML/JSON files (several documents per
@@ -51,26 +88,13 @@ pub enum PolicyCommand {
         )]
         files: Vec<PathBuf>,
         /// Validate and show what would change and whom it would select.
-        #[arg(long, env = "TRELLIS_DRY_RUN")]
+        #[arg(long, env = "TRELLIS_DRY_RUN", conflicts_with = "wait")]
         dry_run: bool,
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
-        /// Then wait (at most DURATION, 60s if none is given) until every
-        /// connected sidecar, on every control-plane replica, holds the
-        /// snapshot that carries the write; exit 1 naming those that do
-        /// not (a refusal that stands 2s ends the wait at once).
-        #[arg(
-            long,
-            env = "TRELLIS_WAIT",
-            value_name = "DURATION",
-            num_args = 0..=1,
-            require_equals = true,
-            default_missing_value = "60s",
-            value_parser = humantime::parse_duration,
-            conflicts_with = "dry_run"
-        )]
-        wait: Option<Duration>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Print one policy as a YAML document.
     Get {
@@ -93,6 +117,8 @@ pub enum PolicyCommand {
         /// The document kind.
         #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
         kind: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Check policy files offline (no control plane needed). Diagnostics go to
     /// stdout as `file:line:column: field.path: message`; exit 1 on any
@@ -186,13 +212,8 @@ pub async fn run(
             output,
             wait,
         } => {
-            let (mut printed, version) = apply(client, td, files, *dry_run, *output).await?;
-            if let Some(timeout) = wait {
-                let (text, failed) = super::wait::wait_for(client, version, *timeout).await?;
-                printed.stderr.push_str(&text);
-                printed.failed |= failed;
-            }
-            Ok(printed)
+            let (printed, version) = apply(client, td, files, *dry_run, *output).await?;
+            wait.then(client, printed, version).await
         }
         PolicyCommand::Get { name, kind } => {
             let (namespace, name) = split_name(name)?;
@@ -228,7 +249,7 @@ pub async fn run(
                 ),
             }))
         }
-        PolicyCommand::Delete { name, kind } => {
+        PolicyCommand::Delete { name, kind, wait } => {
             let (namespace, name) = split_name(name)?;
             let key = policy_key(&namespace, &name);
             let response = client
@@ -239,10 +260,11 @@ pub async fn run(
                 })
                 .await?
                 .into_inner();
-            Ok(Printed::out(format!(
+            let printed = Printed::out(format!(
                 "{kind} {key}: deleted\nsnapshot version {}\n",
                 response.snapshot_version
-            )))
+            ));
+            wait.then(client, printed, response.snapshot_version).await
         }
         PolicyCommand::Explain {
             from,
