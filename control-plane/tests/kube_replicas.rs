@@ -74,10 +74,12 @@ fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
 /// Each sidecar streams to one replica, and either replica's ListWorkloads
 /// (and `trellisctl workloads` on it) shows both sidecars synced, each
 /// with the replica it streams to, and a line per replica; `trellisctl
-/// certs` lists the certificates both replicas issued. The Replica API
+/// certs` lists the certificates both replicas issued, and `trellisctl
+/// check` finds the mesh healthy. The Replica API
 /// answers only the control plane's identity. When a peer stops, the
 /// answers name it as silent: its sidecar shows as not connected and its
-/// certificates are not listed, instead of the whole call failing.
+/// certificates are not listed, instead of the whole call failing, and
+/// `check` fails naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     let fake = recorded_cluster().await;
@@ -175,6 +177,18 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     assert_eq!(row(&table, serial)[1..2], [API], "{table}");
     assert_eq!(row(&table, serial).last(), Some(&"cp-b"), "{table}");
 
+    // `trellisctl check` finds the mesh healthy over both replicas.
+    let check = a.ctl(&["check"]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{report}");
+    for line in [
+        format!("ok    2 replicas answered, all serving snapshot {web_version}\n"),
+        "ok    2 of 2 connected sidecars hold the current snapshot (2 workloads known)\n".into(),
+        "0 failures, 0 warnings\n".into(),
+    ] {
+        assert!(report.contains(&line), "no {line:?} in\n{report}");
+    }
+
     // The Replica API is for replicas: a sidecar's SVID is refused.
     let channel =
         trellis_core::grpc::connect(&b.grpc, std::sync::Arc::new(b.client_config(Some(&web))))
@@ -217,6 +231,15 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         row(&table, API)[4..],
         ["not", "connected", "no", "-"],
         "{table}"
+    );
+    let check = a.ctl(&["check"]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains(&format!(
+            "FAIL  replica at 127.0.0.1:{port_b} did not answer ("
+        )) && report.contains("1 failure, 0 warnings\n"),
+        "{report}"
     );
     let certs = a.ctl(&["certs"]);
     let (table, stderr) = (

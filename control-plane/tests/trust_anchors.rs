@@ -377,9 +377,10 @@ async fn resumed_and_served(cp: &ControlPlane, config: &Arc<rustls::ClientConfig
 }
 
 /// An anchor that expires while the control plane runs anchors nothing
-/// from then on, and is reported: a warning names it, and the bundle's
-/// gauges count it as expired and move on to the next root to expire (so
-/// an alert on the expiry gauge stops firing once a rotation is done).
+/// from then on, and is reported: a warning names it, the bundle's gauges
+/// count it as expired and move on to the next root to expire (so an alert
+/// on the expiry gauge stops firing once a rotation is done), and
+/// `trellisctl check` warns of it before and after.
 /// rustls restores a resumed session's client chain from its cache and
 /// calls no verifier: once the root that chain leads to has expired, the
 /// control plane verifies the chain again and closes the connection
@@ -410,6 +411,17 @@ async fn an_expired_anchor_is_reported_and_the_sessions_it_anchored_cannot_resum
         );
     };
     gauges(0, retiring);
+    // `trellisctl check` warns of the anchor as it comes, then as it goes.
+    let check = |warning: &str| {
+        let out = cp.ctl(&["check"]);
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{report}");
+        assert!(
+            report.contains(&format!("warn  trust anchor CN=retiring root {warning}")),
+            "{report}"
+        );
+    };
+    check("expires at");
 
     assert_eq!(resumed_and_served(&cp, &config).await, (false, true));
     assert_eq!(resumed_and_served(&cp, &config).await, (true, true));
@@ -429,4 +441,5 @@ async fn an_expired_anchor_is_reported_and_the_sessions_it_anchored_cannot_resum
         l.contains("a trust anchor has expired") && l.contains("CN=retiring root")
     });
     gauges(1, signing);
+    check("expired at");
 }

@@ -8,6 +8,7 @@
 //! prints or logs the private key. The `policy` subcommands are in
 //! [`policy`].
 
+pub mod check;
 pub mod policy;
 pub mod wait;
 
@@ -106,6 +107,21 @@ pub enum Command {
     /// Authorization policies: apply, get, list, delete, lint, explain.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Whether the mesh is healthy: every replica answers and serves one
+    /// snapshot, every connected sidecar holds it, no root of the trust
+    /// bundle or the operator credential expires soon. A line per finding
+    /// (`ok`, `warn`, `FAIL`); exit 1 on any `FAIL`.
+    Check {
+        /// Warn about a root of the trust bundle, or the operator
+        /// credential, that expires within this.
+        #[arg(
+            long,
+            env = "TRELLIS_EXPIRY_WARNING",
+            default_value = "30d",
+            value_parser = humantime::parse_duration
+        )]
+        expiry_warning: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -499,6 +515,31 @@ async fn run(
         Command::Policy(command) => {
             let td = credentials.trust_domain()?;
             policy::run(client, &td, command).await
+        }
+        Command::Check { expiry_warning } => {
+            let answer = client
+                .list_workloads(ListWorkloadsRequest {})
+                .await?
+                .into_inner();
+            let bundle = read_certs(&credentials.bundle)?;
+            let operator = read_certs(&credentials.cert)?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let found = check::findings(&check::Inputs {
+                address: &cli.control_plane,
+                answer: &answer,
+                bundle: &bundle,
+                operator: &operator[0],
+                now,
+                soon: *expiry_warning,
+            });
+            let (stdout, failed) = check::report(&found);
+            Ok(Printed {
+                stdout,
+                stderr: String::new(),
+                failed,
+            })
         }
     }
 }

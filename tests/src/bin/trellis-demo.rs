@@ -328,6 +328,7 @@ fn print_instructions(demo: &Demo) {
         "trellisctl against this mesh (or `cargo run --bin trellisctl -- ...` with the same flags):"
     );
     println!("  {ctl} workloads");
+    println!("  {ctl} check");
     println!("  {ctl} policy list");
     println!(
         "  {ctl} policy explain --from {} --to {} --port {}",

@@ -1,0 +1,433 @@
+//! `trellisctl check`: is the mesh healthy, in one command.
+//!
+//! It reads what the other commands read (`ListWorkloads`, joined over
+//! every replica, and the operator credential's trust bundle and
+//! certificate) and says, a line each, what is fine, what needs attention
+//! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
+//! answer or serve another snapshot, sidecars that refused their snapshot
+//! or have not received it yet, roots of the trust bundle that expire
+//! soon or have, and an operator credential about to expire. It exits 1
+//! when anything is `FAIL`.
+
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync};
+
+use super::rfc3339;
+use crate::ca::anchors::expiries;
+
+/// How bad one finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Level {
+    fn label(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of the check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    pub text: String,
+}
+
+fn finding(level: Level, text: String) -> Finding {
+    Finding { level, text }
+}
+
+/// What to check against.
+pub struct Inputs<'a> {
+    /// Where the control plane was reached.
+    pub address: &'a str,
+    pub answer: &'a ListWorkloadsResponse,
+    /// The trust bundle of the operator credential: the signing CA's root
+    /// first.
+    pub bundle: &'a [CertificateDer<'static>],
+    /// The operator certificate.
+    pub operator: &'a CertificateDer<'static>,
+    /// Unix seconds.
+    pub now: i64,
+    /// A root or credential expiring within this is a warning.
+    pub soon: Duration,
+}
+
+/// Every finding, in the order printed.
+pub fn findings(inputs: &Inputs<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let answer = inputs.answer;
+    out.push(finding(
+        Level::Ok,
+        format!(
+            "the control plane at {} answered, serving snapshot {}",
+            inputs.address, answer.snapshot_version
+        ),
+    ));
+    replicas(answer, &mut out);
+    sidecars(answer, &mut out);
+    roots(inputs, &mut out);
+    operator(inputs, &mut out);
+    out
+}
+
+fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
+    if answer.replicas.len() < 2 {
+        return;
+    }
+    let mut fine = true;
+    for r in &answer.replicas {
+        let name = match r.name.is_empty() {
+            true => format!("replica at {}", r.address),
+            false => format!("replica {} at {}", r.name.escape_debug(), r.address),
+        };
+        if !r.error.is_empty() {
+            fine = false;
+            out.push(finding(
+                Level::Fail,
+                format!(
+                    "{name} did not answer ({}): the sidecars streaming to it are not seen",
+                    r.error.escape_debug()
+                ),
+            ));
+        } else if r.snapshot_version != answer.snapshot_version {
+            fine = false;
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{name} serves snapshot {}, not {} (a change one of them has not loaded \
+                     yet; check again)",
+                    r.snapshot_version, answer.snapshot_version
+                ),
+            ));
+        }
+    }
+    if fine {
+        out.push(finding(
+            Level::Ok,
+            format!(
+                "{} replicas answered, all serving snapshot {}",
+                answer.replicas.len(),
+                answer.snapshot_version
+            ),
+        ));
+    }
+}
+
+fn sidecars(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
+    let connected: Vec<_> = answer.workloads.iter().filter(|w| w.connected).collect();
+    let synced = connected
+        .iter()
+        .filter(|w| w.sync() == SnapshotSync::Synced)
+        .count();
+    for w in &connected {
+        match w.sync() {
+            SnapshotSync::Synced => {}
+            SnapshotSync::Refused => out.push(finding(
+                Level::Fail,
+                format!(
+                    "{} refused its newest snapshot and enforces an older one: {}",
+                    w.spiffe_id,
+                    w.last_nack.escape_debug()
+                ),
+            )),
+            _ => out.push(finding(
+                Level::Warn,
+                format!(
+                    "{} does not hold the current snapshot yet (check again)",
+                    w.spiffe_id
+                ),
+            )),
+        }
+    }
+    out.push(finding(
+        Level::Ok,
+        format!(
+            "{synced} of {} connected sidecar{} hold the current snapshot ({} workload{} known)",
+            connected.len(),
+            if connected.len() == 1 { "" } else { "s" },
+            answer.workloads.len(),
+            if answer.workloads.len() == 1 { "" } else { "s" },
+        ),
+    ));
+}
+
+fn roots(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
+    let roots = expiries(inputs.bundle);
+    let soon = inputs.now + inputs.soon.as_secs() as i64;
+    let mut live = 0;
+    for (i, (subject, at)) in roots.iter().enumerate() {
+        let which = match i {
+            0 => format!("the signing CA's root {subject}"),
+            _ => format!("trust anchor {subject}"),
+        };
+        if *at <= inputs.now {
+            let (level, advice) = match i {
+                0 => (
+                    Level::Fail,
+                    "no certificate it signed verifies; rotate the root",
+                ),
+                _ => (
+                    Level::Warn,
+                    "it anchors nothing; remove it from --trust-anchors",
+                ),
+            };
+            out.push(finding(
+                level,
+                format!("{which} expired at {}: {advice}", rfc3339(*at)),
+            ));
+            continue;
+        }
+        live += 1;
+        if *at <= soon {
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{which} expires at {}, within {}: rotate it",
+                    rfc3339(*at),
+                    humantime::format_duration(inputs.soon)
+                ),
+            ));
+        }
+    }
+    match roots
+        .iter()
+        .filter(|(_, at)| *at > inputs.now)
+        .min_by_key(|(_, at)| *at)
+    {
+        Some((_, first)) => out.push(finding(
+            Level::Ok,
+            format!(
+                "trust bundle: {live} of {} root{} valid, the first to expire at {}",
+                roots.len(),
+                if roots.len() == 1 { "" } else { "s" },
+                rfc3339(*first)
+            ),
+        )),
+        None => out.push(finding(
+            Level::Fail,
+            "trust bundle: every root has expired; nothing verifies".to_owned(),
+        )),
+    }
+}
+
+fn operator(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
+    let Some((_, at)) = expiries(std::slice::from_ref(inputs.operator))
+        .into_iter()
+        .next()
+    else {
+        return;
+    };
+    let soon = inputs.now + inputs.soon.as_secs() as i64;
+    if at <= soon {
+        out.push(finding(
+            Level::Warn,
+            format!(
+                "the operator credential expires at {}: the control plane issues it again \
+                 when it restarts",
+                rfc3339(at)
+            ),
+        ));
+    }
+}
+
+/// The findings as printed, then a summary line; and whether any failed.
+pub fn report(findings: &[Finding]) -> (String, bool) {
+    let mut text = String::new();
+    for f in findings {
+        text.push_str(&format!("{:<5} {}\n", f.level.label(), f.text));
+    }
+    let count = |level| findings.iter().filter(|f| f.level == level).count();
+    let (failures, warnings) = (count(Level::Fail), count(Level::Warn));
+    text.push_str(&format!(
+        "{failures} failure{}, {warnings} warning{}\n",
+        if failures == 1 { "" } else { "s" },
+        if warnings == 1 { "" } else { "s" },
+    ));
+    (text, failures > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use trellis_proto::admin::v1::{ReplicaStatus, Workload};
+
+    const NOW: i64 = 1_900_000_000;
+    const DAY: i64 = 86_400;
+
+    fn root(name: &str, not_after: i64) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(NOW - 400 * DAY).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn workload(id: &str, connected: bool, sync: SnapshotSync, nack: &str) -> Workload {
+        Workload {
+            spiffe_id: id.into(),
+            connected,
+            sync: sync.into(),
+            last_nack: nack.into(),
+            ..Workload::default()
+        }
+    }
+
+    fn lines(answer: &ListWorkloadsResponse, bundle: &[CertificateDer<'static>]) -> Vec<String> {
+        let operator = root("operator", NOW + 300 * DAY);
+        let inputs = Inputs {
+            address: "127.0.0.1:15012",
+            answer,
+            bundle,
+            operator: &operator,
+            now: NOW,
+            soon: Duration::from_secs(30 * DAY as u64),
+        };
+        findings(&inputs)
+            .into_iter()
+            .map(|f| format!("{} {}", f.level.label(), f.text))
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_mesh_is_all_ok() {
+        let answer = ListWorkloadsResponse {
+            workloads: vec![
+                workload("spiffe://td/a", true, SnapshotSync::Synced, ""),
+                workload("spiffe://td/b", false, SnapshotSync::NotConnected, ""),
+            ],
+            snapshot_version: 7,
+            replicas: Vec::new(),
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        assert_eq!(
+            found,
+            [
+                "ok the control plane at 127.0.0.1:15012 answered, serving snapshot 7",
+                "ok 1 of 1 connected sidecar hold the current snapshot (2 workloads known)",
+                &format!(
+                    "ok trust bundle: 1 of 1 root valid, the first to expire at {}",
+                    rfc3339(NOW + 3650 * DAY)
+                ),
+            ]
+        );
+        let (text, failed) = report(&findings(&Inputs {
+            address: "x",
+            answer: &answer,
+            bundle: &[root("Trellis root", NOW + 3650 * DAY)],
+            operator: &root("operator", NOW + 300 * DAY),
+            now: NOW,
+            soon: Duration::from_secs(30 * DAY as u64),
+        }));
+        assert!(!failed);
+        assert!(text.ends_with("0 failures, 0 warnings\n"), "{text}");
+    }
+
+    #[test]
+    fn what_is_broken_or_soon_to_be_is_named() {
+        let answer = ListWorkloadsResponse {
+            workloads: vec![
+                workload("spiffe://td/a", true, SnapshotSync::Refused, "bad\x1b[0m"),
+                workload("spiffe://td/b", true, SnapshotSync::Pending, ""),
+            ],
+            snapshot_version: 7,
+            replicas: vec![
+                ReplicaStatus {
+                    name: "cp-a".into(),
+                    address: "10.0.0.1:15012".into(),
+                    snapshot_version: 7,
+                    ..ReplicaStatus::default()
+                },
+                ReplicaStatus {
+                    name: "cp-b".into(),
+                    address: "10.0.0.2:15012".into(),
+                    snapshot_version: 6,
+                    ..ReplicaStatus::default()
+                },
+                ReplicaStatus {
+                    address: "10.0.0.3:15012".into(),
+                    error: "no answer within 3s".into(),
+                    ..ReplicaStatus::default()
+                },
+            ],
+        };
+        let bundle = [
+            root("Signing root", NOW + 10 * DAY),
+            root("Old root", NOW - DAY),
+        ];
+        let found = lines(&answer, &bundle);
+        let failures: Vec<_> = found.iter().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(
+            failures,
+            [
+                "FAIL replica at 10.0.0.3:15012 did not answer (no answer within 3s): the sidecars streaming to it are not seen",
+                "FAIL spiffe://td/a refused its newest snapshot and enforces an older one: bad\\u{1b}[0m",
+            ]
+        );
+        let warnings: Vec<_> = found.iter().filter(|l| l.starts_with("warn")).collect();
+        assert_eq!(warnings.len(), 4, "{found:#?}");
+        assert!(warnings[0].contains("replica cp-b at 10.0.0.2:15012 serves snapshot 6, not 7"));
+        assert!(warnings[1].contains("spiffe://td/b does not hold the current snapshot yet"));
+        assert!(
+            warnings[2].contains("the signing CA's root CN=Signing root expires at")
+                && warnings[2].contains("within 30days")
+        );
+        assert!(
+            warnings[3].contains("trust anchor CN=Old root expired at")
+                && warnings[3].contains("it anchors nothing")
+        );
+        assert!(
+            found.contains(
+                &"ok 0 of 2 connected sidecars hold the current snapshot (2 workloads known)"
+                    .to_owned()
+            ),
+            "{found:#?}"
+        );
+        let operator_soon = Inputs {
+            address: "x",
+            answer: &answer,
+            bundle: &bundle,
+            operator: &root("operator", NOW + DAY),
+            now: NOW,
+            soon: Duration::from_secs(30 * DAY as u64),
+        };
+        let all = findings(&operator_soon);
+        assert!(
+            all.last()
+                .unwrap()
+                .text
+                .contains("the operator credential expires at")
+        );
+        let (text, failed) = report(&all);
+        assert!(failed);
+        assert!(text.ends_with("2 failures, 5 warnings\n"), "{text}");
+    }
+
+    #[test]
+    fn a_bundle_of_expired_roots_fails() {
+        let answer = ListWorkloadsResponse::default();
+        let found = lines(&answer, &[root("Signing root", NOW - DAY)]);
+        assert!(
+            found
+                .iter()
+                .any(|l| l.starts_with("FAIL the signing CA's root CN=Signing root expired"))
+        );
+        assert!(
+            found.contains(
+                &"FAIL trust bundle: every root has expired; nothing verifies".to_owned()
+            )
+        );
+    }
+}
