@@ -74,7 +74,7 @@ pub fn findings(inputs: &Inputs<'_>) -> Vec<Finding> {
         ),
     ));
     replicas(answer, &mut out);
-    sidecars(answer, &mut out);
+    sidecars(answer, inputs.now, &mut out);
     roots(inputs, &mut out);
     operator(inputs, &mut out);
     out
@@ -123,8 +123,24 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     }
 }
 
-fn sidecars(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
+fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     let connected: Vec<_> = answer.workloads.iter().filter(|w| w.connected).collect();
+    // A sidecar renews at half its certificate's life; one still connected
+    // past its newest certificate's expiry has not managed to (0: the
+    // store does not know, as with Kubernetes Pods).
+    for w in &connected {
+        if w.cert_expires_at_unix != 0 && w.cert_expires_at_unix <= now {
+            out.push(finding(
+                Level::Fail,
+                format!(
+                    "{} is connected, but its newest certificate expired at {}: it has not \
+                     renewed (see its sidecar's log), and its peers refuse it",
+                    w.spiffe_id,
+                    rfc3339(w.cert_expires_at_unix)
+                ),
+            ));
+        }
+    }
     let synced = connected
         .iter()
         .filter(|w| w.sync() == SnapshotSync::Synced)
@@ -413,6 +429,31 @@ mod tests {
         let (text, failed) = report(&all);
         assert!(failed);
         assert!(text.ends_with("2 failures, 5 warnings\n"), "{text}");
+    }
+
+    #[test]
+    fn a_connected_sidecar_past_its_certificate_has_not_renewed() {
+        let mut late = workload("spiffe://td/a", true, SnapshotSync::Synced, "");
+        late.cert_expires_at_unix = NOW - 60;
+        let mut fine = workload("spiffe://td/b", true, SnapshotSync::Synced, "");
+        fine.cert_expires_at_unix = NOW + 60;
+        // Gone, or known only as a Pod: nothing to say.
+        let mut gone = workload("spiffe://td/c", false, SnapshotSync::NotConnected, "");
+        gone.cert_expires_at_unix = NOW - 60;
+        let pod = workload("spiffe://td/d", true, SnapshotSync::Synced, "");
+        let answer = ListWorkloadsResponse {
+            workloads: vec![late, fine, gone, pod],
+            ..ListWorkloadsResponse::default()
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        let failures: Vec<_> = found.iter().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(failures.len(), 1, "{found:#?}");
+        assert!(
+            failures[0].starts_with(
+                "FAIL spiffe://td/a is connected, but its newest certificate expired at"
+            ),
+            "{found:#?}"
+        );
     }
 
     #[test]
