@@ -82,7 +82,7 @@ async fn only_the_operator_identity_may_call_admin() {
     .await
     .unwrap();
     let err = AdminClient::new(channel)
-        .list_workloads(ListWorkloadsRequest {})
+        .list_workloads(ListWorkloadsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -92,7 +92,7 @@ async fn only_the_operator_identity_may_call_admin() {
             .await
             .unwrap();
     let err = AdminClient::new(channel)
-        .list_workloads(ListWorkloadsRequest {})
+        .list_workloads(ListWorkloadsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");

@@ -195,7 +195,7 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
             .await
             .unwrap();
     let refused = ReplicaClient::new(channel)
-        .list_streams(ListStreamsRequest {})
+        .list_streams(ListStreamsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");

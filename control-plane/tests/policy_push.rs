@@ -386,7 +386,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
     let version = cp.list_workloads().await.snapshot_version;
     assert!(
         stderr.contains(&format!(
-            "every connected sidecar holds snapshot {version}: 2 on 1 replica"
+            "every connected sidecar holds snapshot {version} or a later one: 2 on 1 replica"
         )),
         "{stderr}"
     );
@@ -400,7 +400,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
     assert!(
         String::from_utf8_lossy(&deleted.stdout).contains(&format!("snapshot version {version}"))
             && stderr.contains(&format!(
-                "every connected sidecar holds snapshot {version}: 2 on 1 replica"
+                "every connected sidecar holds snapshot {version} or a later one: 2 on 1 replica"
             )),
         "{stderr}"
     );
@@ -439,4 +439,69 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
         stderr.contains("--wait") && stderr.contains("--dry-run"),
         "{stderr}"
     );
+}
+
+/// A change that follows the write before every sidecar holds it (here a
+/// policy for web, while db has not yet answered the write for it) does
+/// not keep `--wait` from ending: the control plane serves a later
+/// version, and db, once it accepts, holds the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_apply_wait_ends_though_a_later_change_follows_the_write() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7161").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7162").await;
+    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7161").await;
+    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7162").await;
+    web_watch.next().await;
+    db_watch.next().await;
+    let web_task = tokio::spawn(async move {
+        loop {
+            web_watch.next().await;
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.yaml");
+    std::fs::write(&file, allow("to-db", DB, API, 5432)).unwrap();
+    let waiting = std::process::Command::new(CTL)
+        .args(["--control-plane", &cp.grpc, "--state-dir"])
+        .arg(&cp.state_dir)
+        .args(["policy", "apply", "--wait=30s", "-f"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // db is sent the write and holds on to its answer while web's policy
+    // makes a later version.
+    let written = db_watch.receive().await;
+    let mut admin = cp.admin_client().await;
+    let later = apply(&mut admin, &allow("to-web", WEB, API, 8080), false)
+        .await
+        .unwrap()
+        .snapshot_version;
+    assert_ne!(later, written.version);
+    db_watch
+        .acks
+        .send(WatchRequest {
+            kind: Some(Kind::Ack(Ack {
+                version: written.version,
+            })),
+        })
+        .await
+        .unwrap();
+
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "every connected sidecar holds snapshot {} or a later one: 2 on 1 replica",
+            written.version
+        )),
+        "{stderr}"
+    );
+    web_task.abort();
 }

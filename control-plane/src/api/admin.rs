@@ -128,7 +128,7 @@ impl Admin for AdminService {
 
     async fn list_workloads(
         &self,
-        _request: Request<ListWorkloadsRequest>,
+        request: Request<ListWorkloadsRequest>,
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
         let store = self.mesh.store.clone();
         let records = tokio::task::spawn_blocking(move || store.workloads())
@@ -136,7 +136,11 @@ impl Admin for AdminService {
             .map_err(internal)?
             .map_err(internal)?;
         let current = self.mesh.discovery.current_version();
-        let fleet = self.replicas.fleet(&self.mesh.discovery).await;
+        let reached_version = request.get_ref().reached_version;
+        let fleet = self
+            .replicas
+            .fleet(&self.mesh.discovery, reached_version)
+            .await;
         let workloads = records
             .into_iter()
             .map(|w| {
@@ -147,6 +151,7 @@ impl Admin for AdminService {
                     synced_version: status.synced_version,
                     sync: status.sync.into(),
                     last_nack: status.last_nack,
+                    reached: status.reached,
                     replicas: status.replicas,
                     spiffe_id: w.spiffe_id,
                     address: w.addresses.first().cloned().unwrap_or_default(),

@@ -85,9 +85,12 @@ impl Replicas {
         }
     }
 
-    /// This replica's streams, as it answers its peers.
-    pub fn local(&self, discovery: &Discovery) -> ListStreamsResponse {
+    /// This replica's streams, as it answers its peers; with
+    /// `reached_version` (not 0), whether it and each stream have reached
+    /// it ([`Discovery::reached`]).
+    pub fn local(&self, discovery: &Discovery, reached_version: u64) -> ListStreamsResponse {
         let current = discovery.current_version();
+        let reached = |version| reached_version != 0 && discovery.reached(reached_version, version);
         let sidecars = discovery
             .statuses()
             .into_iter()
@@ -97,6 +100,7 @@ impl Replicas {
                 acked_version: status.acked_version,
                 synced_version: status.synced_version,
                 sync: snapshot_sync(status.sync(current)).into(),
+                reached: status.connected() && reached(status.synced_version),
                 last_nack: status.last_nack,
             })
             .collect();
@@ -104,6 +108,7 @@ impl Replicas {
             name: self.name.clone(),
             snapshot_version: current,
             sidecars,
+            reached: reached(current),
         }
     }
 
@@ -117,11 +122,15 @@ impl Replicas {
     }
 
     /// This replica's streams joined with every peer's, asked at once.
-    pub async fn fleet(&self, discovery: &Discovery) -> Fleet {
+    pub async fn fleet(&self, discovery: &Discovery, reached_version: u64) -> Fleet {
         let mut fleet = Fleet::default();
-        fleet.add(self.address.clone(), Ok(self.local(discovery)));
+        fleet.add(
+            self.address.clone(),
+            Ok(self.local(discovery, reached_version)),
+        );
+        let request = ListStreamsRequest { reached_version };
         let answers = self
-            .ask_peers(|mut peer| async move { peer.list_streams(ListStreamsRequest {}).await })
+            .ask_peers(move |mut peer| async move { peer.list_streams(request).await })
             .await;
         for (address, answer) in answers {
             fleet.add(address, answer);
@@ -313,9 +322,10 @@ impl ReplicaService {
 impl Replica for ReplicaService {
     async fn list_streams(
         &self,
-        _request: Request<ListStreamsRequest>,
+        request: Request<ListStreamsRequest>,
     ) -> Result<Response<ListStreamsResponse>, Status> {
-        let local = self.replicas.local(&self.mesh.discovery);
+        let reached_version = request.get_ref().reached_version;
+        let local = self.replicas.local(&self.mesh.discovery, reached_version);
         Ok(self.replicas.stamped(local))
     }
 
@@ -352,6 +362,8 @@ pub struct Joined {
     /// The replicas its open streams are on; with none open, the one that
     /// had its last stream.
     pub replicas: Vec<String>,
+    /// Whether every open stream has reached the version asked about.
+    pub reached: bool,
 }
 
 impl Default for Joined {
@@ -363,6 +375,7 @@ impl Default for Joined {
             sync: SnapshotSync::NotConnected,
             last_nack: String::new(),
             replicas: Vec::new(),
+            reached: false,
         }
     }
 }
@@ -405,6 +418,7 @@ impl Fleet {
             snapshot_version: answer.snapshot_version,
             connected,
             error: String::new(),
+            reached: answer.reached,
         });
     }
 
@@ -425,6 +439,7 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
         acked_version: stream.acked_version,
         synced_version: stream.synced_version,
         sync: stream.sync(),
+        reached: stream.reached,
         last_nack: stream.last_nack,
         replicas: vec![replica.to_owned()],
     };
@@ -439,12 +454,14 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
         (false, true) => *joined = from(stream),
         (true, true) => {
             let streams = joined.streams + stream.streams;
+            let reached = joined.reached && stream.reached;
             let mut replicas = std::mem::take(&mut joined.replicas);
             replicas.push(replica.to_owned());
             if distance(stream.sync()) > distance(joined.sync) {
                 *joined = from(stream);
             }
             joined.streams = streams;
+            joined.reached = reached;
             joined.replicas = replicas;
         }
     }
@@ -463,6 +480,7 @@ mod tests {
             acked_version: version,
             synced_version: version,
             sync: sync.into(),
+            reached: sync == SnapshotSync::Synced,
             last_nack: nack.into(),
         }
     }
@@ -472,6 +490,7 @@ mod tests {
             name: name.into(),
             snapshot_version: 7,
             sidecars: streams,
+            reached: true,
         })
     }
 

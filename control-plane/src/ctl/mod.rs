@@ -463,7 +463,7 @@ async fn run(
         }
         Command::Workloads { output } => {
             let mut answer = client
-                .list_workloads(ListWorkloadsRequest {})
+                .list_workloads(ListWorkloadsRequest::default())
                 .await?
                 .into_inner();
             answer
@@ -518,7 +518,7 @@ async fn run(
         }
         Command::Check { expiry_warning } => {
             let answer = client
-                .list_workloads(ListWorkloadsRequest {})
+                .list_workloads(ListWorkloadsRequest::default())
                 .await?
                 .into_inner();
             let bundle = read_certs(&credentials.bundle)?;

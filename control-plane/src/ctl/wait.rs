@@ -3,14 +3,16 @@
 //! that carries it.
 //!
 //! The wait asks `ListWorkloads` again and again (which joins every
-//! replica's streams). It is over when every replica that answered serves
-//! the applied snapshot version and every connected sidecar is `synced` at
-//! it. It fails at its deadline naming what is not there yet, or as soon as
-//! what is missing is only sidecars that refused the snapshot and have
-//! kept refusing it for [`REFUSAL_STANDS`]. Versions are compared for
-//! equality (the Kubernetes store's are digests), so a later change that
-//! replaces the snapshot before every sidecar holds it ends the wait with
-//! the replica's version named.
+//! replica's streams), naming the applied snapshot version. It is over
+//! when every replica that answered has reached that version and every
+//! connected sidecar holds it or a later one: each replica remembers the
+//! order in which it served its versions (the Kubernetes store's are
+//! digests, with no order of their own), so a change that comes after the
+//! write (a pod starting, another policy) does not keep the wait from
+//! ending. It fails at its deadline naming what is not there yet, or as
+//! soon as what is missing is only sidecars that refused the snapshot and
+//! have kept refusing it for [`REFUSAL_STANDS`]. A control plane that
+//! predates `reached` is compared by version, for equality.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -41,13 +43,21 @@ pub struct Standing {
     pub refused: Vec<String>,
 }
 
-/// Where one `ListWorkloads` answer stands against `version`.
+/// Where one `ListWorkloads` answer, asked with `reached_version:
+/// version`, stands against `version`.
 pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
     let mut standing = Standing::default();
-    // A control plane that predates the replica list is one replica.
-    let serving: Vec<(String, u64, &str)> = match answer.replicas.is_empty() {
-        true => vec![("the control plane".to_owned(), answer.snapshot_version, "")],
-        false => answer
+    // A control plane that predates the replica list is one replica, and
+    // knows no `reached`: its version must be the one applied.
+    let ordered = !answer.replicas.is_empty();
+    let serving: Vec<(String, bool, u64, &str)> = match ordered {
+        false => vec![(
+            "the control plane".to_owned(),
+            answer.snapshot_version == version,
+            answer.snapshot_version,
+            "",
+        )],
+        true => answer
             .replicas
             .iter()
             .map(|r| {
@@ -55,22 +65,22 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
                     true => format!("replica at {}", r.address),
                     false => format!("replica {}", r.name.escape_debug()),
                 };
-                (name, r.snapshot_version, r.error.as_str())
+                (name, r.reached, r.snapshot_version, r.error.as_str())
             })
             .collect(),
     };
-    for (name, serves, error) in serving {
+    for (name, reached, serves, error) in serving {
         if !error.is_empty() {
             standing
                 .missing
                 .push(format!("{name} did not answer ({})", error.escape_debug()));
-        } else if serves != version {
+            continue;
+        }
+        standing.replicas += 1;
+        if !reached {
             standing.missing.push(format!(
-                "{name} serves snapshot {serves}, not {version} (it has not loaded the write yet, or a later change replaced it)"
+                "{name} serves snapshot {serves} and has not loaded {version} yet"
             ));
-            standing.replicas += 1;
-        } else {
-            standing.replicas += 1;
         }
     }
     for w in answer.workloads.iter().filter(|w| w.connected) {
@@ -79,19 +89,23 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             true => String::new(),
             false => format!(" (on {})", w.replicas.join(",").escape_debug()),
         };
-        match w.sync() {
-            SnapshotSync::Synced => standing.holding += 1,
-            SnapshotSync::Refused => {
-                standing.missing.push(format!(
-                    "{}{on} refused its newest snapshot: {}",
-                    w.spiffe_id,
-                    w.last_nack.escape_debug()
-                ));
-                standing.refused.push(w.spiffe_id.clone());
-            }
-            _ => standing
+        let holds = match ordered {
+            true => w.reached,
+            false => w.sync() == SnapshotSync::Synced,
+        };
+        if holds {
+            standing.holding += 1;
+        } else if w.sync() == SnapshotSync::Refused {
+            standing.missing.push(format!(
+                "{}{on} refused its newest snapshot: {}",
+                w.spiffe_id,
+                w.last_nack.escape_debug()
+            ));
+            standing.refused.push(w.spiffe_id.clone());
+        } else {
+            standing
                 .missing
-                .push(format!("{}{on} does not hold it yet", w.spiffe_id)),
+                .push(format!("{}{on} does not hold it yet", w.spiffe_id));
         }
     }
     standing
@@ -108,7 +122,9 @@ pub async fn wait_for(
     let mut refused_since = HashMap::<String, Instant>::new();
     loop {
         let answer = client
-            .list_workloads(ListWorkloadsRequest {})
+            .list_workloads(ListWorkloadsRequest {
+                reached_version: version,
+            })
             .await?
             .into_inner();
         let now = Instant::now();
@@ -116,7 +132,7 @@ pub async fn wait_for(
         if standing.missing.is_empty() {
             return Ok((
                 format!(
-                    "every connected sidecar holds snapshot {version}: {} on {} replica{} (after {:.1}s)\n",
+                    "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
                     standing.holding,
                     standing.replicas,
                     if standing.replicas == 1 { "" } else { "s" },
@@ -159,10 +175,11 @@ mod tests {
     use super::*;
     use trellis_proto::admin::v1::{ReplicaStatus, Workload};
 
-    fn workload(id: &str, connected: bool, sync: SnapshotSync, nack: &str) -> Workload {
+    fn workload(id: &str, reached: bool, sync: SnapshotSync, nack: &str) -> Workload {
         Workload {
             spiffe_id: id.into(),
-            connected,
+            connected: sync != SnapshotSync::NotConnected,
+            reached,
             sync: sync.into(),
             last_nack: nack.into(),
             replicas: vec!["cp-a".into()],
@@ -170,69 +187,81 @@ mod tests {
         }
     }
 
-    fn replica(name: &str, version: u64, error: &str) -> ReplicaStatus {
+    fn replica(name: &str, version: u64, reached: bool, error: &str) -> ReplicaStatus {
         ReplicaStatus {
             name: name.into(),
             address: "10.0.0.1:15012".into(),
             snapshot_version: version,
+            reached,
             error: error.into(),
             ..ReplicaStatus::default()
         }
     }
 
+    /// A change after the write (here version 10 after 9) does not keep
+    /// the wait going: a sidecar still on its way to 10 holds 9's write.
     #[test]
-    fn held_when_every_replica_serves_it_and_every_connected_sidecar_is_synced() {
+    fn held_when_every_replica_and_connected_sidecar_has_reached_it() {
         let answer = ListWorkloadsResponse {
             workloads: vec![
                 workload("spiffe://td/a", true, SnapshotSync::Synced, ""),
-                workload("spiffe://td/b", false, SnapshotSync::NotConnected, ""),
+                workload("spiffe://td/b", true, SnapshotSync::Pending, ""),
+                workload("spiffe://td/c", false, SnapshotSync::NotConnected, ""),
             ],
-            snapshot_version: 9,
-            replicas: vec![replica("cp-a", 9, ""), replica("cp-b", 9, "")],
+            snapshot_version: 10,
+            replicas: vec![replica("cp-a", 10, true, ""), replica("cp-b", 9, true, "")],
         };
         let standing = standing(&answer, 9);
         assert!(standing.missing.is_empty(), "{standing:?}");
-        assert_eq!((standing.holding, standing.replicas), (1, 2));
+        assert_eq!((standing.holding, standing.replicas), (2, 2));
     }
 
     #[test]
     fn names_what_is_missing() {
         let answer = ListWorkloadsResponse {
             workloads: vec![
-                workload("spiffe://td/a", true, SnapshotSync::Pending, ""),
-                workload("spiffe://td/b", true, SnapshotSync::Refused, "bad\x1b[0m"),
+                workload("spiffe://td/a", false, SnapshotSync::Pending, ""),
+                workload("spiffe://td/b", false, SnapshotSync::Refused, "bad\x1b[0m"),
+                workload("spiffe://td/c", true, SnapshotSync::Refused, "a later one"),
             ],
             snapshot_version: 9,
             replicas: vec![
-                replica("cp-a", 9, ""),
-                replica("cp-b", 8, ""),
-                replica("", 0, "no answer within 3s"),
+                replica("cp-a", 9, true, ""),
+                replica("cp-b", 8, false, ""),
+                replica("", 0, false, "no answer within 3s"),
             ],
         };
         let standing = standing(&answer, 9);
         assert_eq!(
             standing.missing,
             [
-                "replica cp-b serves snapshot 8, not 9 (it has not loaded the write yet, or a later change replaced it)",
+                "replica cp-b serves snapshot 8 and has not loaded 9 yet",
                 "replica at 10.0.0.1:15012 did not answer (no answer within 3s)",
                 "spiffe://td/a (on cp-a) does not hold it yet",
                 "spiffe://td/b (on cp-a) refused its newest snapshot: bad\\u{1b}[0m",
             ]
         );
         assert_eq!(standing.refused, ["spiffe://td/b"]);
+        assert_eq!(
+            standing.holding, 1,
+            "c refused a later snapshot, not this one"
+        );
     }
 
     #[test]
-    fn an_older_control_plane_is_one_replica() {
-        let answer = ListWorkloadsResponse {
+    fn an_older_control_plane_is_one_replica_compared_by_version() {
+        let mut answer = ListWorkloadsResponse {
+            workloads: vec![workload("spiffe://td/a", false, SnapshotSync::Synced, "")],
             snapshot_version: 4,
             ..ListWorkloadsResponse::default()
         };
         assert_eq!(
             standing(&answer, 5).missing,
-            [
-                "the control plane serves snapshot 4, not 5 (it has not loaded the write yet, or a later change replaced it)"
-            ]
+            ["the control plane serves snapshot 4 and has not loaded 5 yet"]
         );
+        answer.snapshot_version = 5;
+        let standing = standing(&answer, 5);
+        assert!(standing.missing.is_empty(), "{standing:?}");
+        assert_eq!(standing.holding, 1);
     }
 }

@@ -31,7 +31,7 @@
 //! its content changes. This module also tracks what each connected sidecar
 //! acknowledged. It never authenticates anyone: callers pass a verified ID.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -402,6 +402,47 @@ pub struct Discovery {
     refreshing: Mutex<u64>,
     version: watch::Sender<u64>,
     sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
+    served: Mutex<Served>,
+}
+
+/// How many of the versions it served last a replica remembers the order
+/// of.
+pub const SERVED_KEPT: usize = 4096;
+
+/// The versions this replica has served, by when each was served last: a
+/// view loaded after another holds every write the other held, whether or
+/// not their versions (the Kubernetes store's are digests) are ordered.
+#[derive(Debug, Default)]
+struct Served {
+    /// The order given to the last version served.
+    last: u64,
+    /// Each version remembered, with the order it was last served at.
+    order: HashMap<u64, u64>,
+    /// The versions in the order served, with theirs, the oldest first.
+    queue: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Served {
+    fn record(&mut self, version: u64) {
+        self.last += 1;
+        self.order.insert(version, self.last);
+        self.queue.push_back((version, self.last));
+        while self.queue.len() > SERVED_KEPT {
+            if let Some((old, at)) = self.queue.pop_front()
+                && self.order.get(&old) == Some(&at)
+            {
+                self.order.remove(&old);
+            }
+        }
+    }
+
+    /// See [`Discovery::reached`].
+    fn reached(&self, since: u64, version: u64) -> bool {
+        match (self.order.get(&since), self.order.get(&version)) {
+            (Some(since), Some(version)) => version >= since,
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Discovery {
@@ -447,6 +488,8 @@ impl Discovery {
         let tokens = (view.policy_tokens.len() + view.rate_limit_tokens.len()) as u64;
         // The flag parser only produces known names; deny is the safe reading.
         let default_policy = mesh.default_policy.parse().unwrap_or_default();
+        let mut served = Served::default();
+        served.record(view.version);
         Ok(Self {
             store,
             bundle,
@@ -457,6 +500,7 @@ impl Discovery {
             view: RwLock::new(Arc::new(view)),
             refreshing: Mutex::new(tokens),
             sidecars: Mutex::new(BTreeMap::new()),
+            served: Mutex::new(served),
         })
     }
 
@@ -485,6 +529,7 @@ impl Discovery {
         if version != previous.version {
             let view = View::from_state_after(state, &previous, &mut next_token);
             *self.view.write().expect("not poisoned") = Arc::new(view);
+            self.served.lock().expect("not poisoned").record(version);
             self.version.send_replace(version);
         }
         Ok(self.current_version())
@@ -707,6 +752,18 @@ impl Discovery {
 
     pub fn status(&self, id: &SpiffeId) -> Option<SidecarStatus> {
         self.sidecars.lock().expect("not poisoned").get(id).cloned()
+    }
+
+    /// Whether this replica has served `since`, and `version` since it
+    /// did (`version` itself included): a view it loaded at or after the
+    /// one that first held a write holds that write too. False for a
+    /// version it has not served, or served too long ago to remember
+    /// ([`SERVED_KEPT`]).
+    pub fn reached(&self, since: u64, version: u64) -> bool {
+        self.served
+            .lock()
+            .expect("not poisoned")
+            .reached(since, version)
     }
 
     /// Every identity that has had a Watch stream on this replica, with

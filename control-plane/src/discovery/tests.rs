@@ -332,3 +332,27 @@ fn a_restart_with_another_trust_bundle_is_a_new_version() {
         [signing]
     );
 }
+
+/// Versions are digests with the Kubernetes store: a replica orders them by
+/// when it served them, the last time for one served twice, and forgets
+/// those served before the last [`SERVED_KEPT`].
+#[test]
+fn served_versions_are_ordered_by_when_they_were_last_served() {
+    let mut served = Served::default();
+    for version in [900, 17, 500] {
+        served.record(version);
+    }
+    assert!(served.reached(17, 500) && served.reached(17, 17));
+    assert!(!served.reached(500, 17), "17 was served before 500");
+    assert!(!served.reached(3, 500), "3 was never served");
+    // Content that comes back to an earlier digest is served again, later.
+    served.record(17);
+    assert!(served.reached(500, 17));
+    assert!(!served.reached(17, 500));
+    for version in 1_000..1_000 + SERVED_KEPT as u64 {
+        served.record(version);
+    }
+    assert!(!served.reached(17, 1_000), "17 is forgotten");
+    assert!(served.reached(1_000, 1_000 + SERVED_KEPT as u64 - 1));
+    assert_eq!(served.order.len(), SERVED_KEPT);
+}

@@ -271,7 +271,7 @@ impl ControlPlane {
     pub async fn list_workloads(&self) -> ListWorkloadsResponse {
         let mut admin = self.admin_client().await;
         admin
-            .list_workloads(ListWorkloadsRequest {})
+            .list_workloads(ListWorkloadsRequest::default())
             .await
             .unwrap()
             .into_inner()
