@@ -343,26 +343,39 @@ async fn ctl_apply(cp: &ControlPlane, document: &str, extra: &[&str]) -> (Option
     )
 }
 
-/// `policy apply --wait` (and `policy delete --wait`) returns once every
-/// connected sidecar holds the snapshot that carries the write (a sidecar
-/// the write does not concern holds it already), fails as soon as a sidecar's refusal stands, naming
-/// it and its reason, and fails at its deadline naming a sidecar that has
-/// not answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
-    let cp = ControlPlane::start(&[]);
-    let web = enroll(&cp, WEB, "127.0.0.1:7151").await;
-    let db = enroll(&cp, DB, "127.0.0.1:7152").await;
-    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7151").await;
-    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7152").await;
+/// web and db enrolled on `cp` at `web_at` and `db_at`, each with a stream
+/// that has accepted its first snapshot: web's SVID, the task in which its
+/// stream accepts every later snapshot (until aborted), and db's stream.
+async fn web_accepting_and_db(
+    cp: &ControlPlane,
+    web_at: &str,
+    db_at: &str,
+) -> (Svid, tokio::task::JoinHandle<()>, Watcher) {
+    let web = enroll(cp, WEB, web_at).await;
+    let db = enroll(cp, DB, db_at).await;
+    let mut web_watch = Watcher::open(cp, &web, web_at).await;
+    let mut db_watch = Watcher::open(cp, &db, db_at).await;
     web_watch.next().await;
     db_watch.next().await;
-    // web accepts whatever it is sent; db refuses it.
-    let web_task = tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
         loop {
             web_watch.next().await;
         }
     });
+    (web, accepting, db_watch)
+}
+
+/// `policy apply --wait` (and `policy delete --wait`) returns once every
+/// connected sidecar holds the snapshot that carries the write (a sidecar
+/// the write does not concern holds it already), fails as soon as a
+/// sidecar's refusal stands, naming it and its reason, and fails at its
+/// deadline naming a sidecar that has not answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
+    let cp = ControlPlane::start(&[]);
+    // web accepts whatever it is sent; db refuses it.
+    let (web, web_task, mut db_watch) =
+        web_accepting_and_db(&cp, "127.0.0.1:7151", "127.0.0.1:7152").await;
     let (refusing_tx, mut refusing) = tokio::sync::mpsc::channel(1);
     let db_task = tokio::spawn(async move {
         loop {
@@ -448,17 +461,8 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_apply_wait_ends_though_a_later_change_follows_the_write() {
     let cp = ControlPlane::start(&[]);
-    let web = enroll(&cp, WEB, "127.0.0.1:7161").await;
-    let db = enroll(&cp, DB, "127.0.0.1:7162").await;
-    let mut web_watch = Watcher::open(&cp, &web, "127.0.0.1:7161").await;
-    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7162").await;
-    web_watch.next().await;
-    db_watch.next().await;
-    let web_task = tokio::spawn(async move {
-        loop {
-            web_watch.next().await;
-        }
-    });
+    let (_, web_task, mut db_watch) =
+        web_accepting_and_db(&cp, "127.0.0.1:7161", "127.0.0.1:7162").await;
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.yaml");
