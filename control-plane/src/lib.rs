@@ -26,6 +26,13 @@ pub mod server;
 pub mod state_dir;
 pub mod store;
 
+/// Now, in Unix seconds (0 for a clock set before the epoch).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 use std::ffi::OsString;
 use std::process::ExitCode;
 

@@ -61,10 +61,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.render_at(now)
+        self.render_at(crate::unix_now())
     }
 
     /// [`Self::render`] at `now` (Unix seconds), which decides the roots

@@ -378,10 +378,7 @@ async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
     std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     {
         let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = trellis_control_plane::unix_now();
         let mut answers = Vec::with_capacity(WORKLOADS);
         for i in 0..WORKLOADS {
             let spiffe_id = format!("spiffe://cluster.local/ns/scale/sa/w{i}");

@@ -17,12 +17,12 @@ use trellis_proto::admin::v1::{
     ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
 
-use super::identity::unix_now;
 use super::replica::Replicas;
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
 use crate::store::{JoinToken, StoreError};
+use crate::unix_now;
 
 pub struct AdminService {
     mesh: Mesh,

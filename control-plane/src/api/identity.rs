@@ -20,7 +20,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 use trellis_proto::identity::v1::certify_request::Proof;
@@ -34,6 +33,7 @@ use crate::ca::csr;
 use crate::store::{
     EndpointChange, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
+use crate::unix_now;
 
 pub struct IdentityService {
     mesh: Mesh,
@@ -115,13 +115,6 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
         ));
     }
     Ok(addr.to_string())
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[tonic::async_trait]

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls::ClientConfig;
@@ -523,15 +523,12 @@ async fn run(
                 .into_inner();
             let bundle = read_certs(&credentials.bundle)?;
             let operator = read_certs(&credentials.cert)?;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
             let found = check::findings(&check::Inputs {
                 address: &cli.control_plane,
                 answer: &answer,
                 bundle: &bundle,
                 operator: &operator[0],
-                now,
+                now: crate::unix_now(),
                 soon: *expiry_warning,
             });
             let (stdout, failed) = check::report(&found);
@@ -736,10 +733,7 @@ pub fn table(rows: Vec<Vec<String>>) -> String {
 
 /// The workloads as a JSON array.
 pub fn workloads_json(workloads: &[Workload]) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = crate::unix_now();
     let items: serde_json::Value = workloads
         .iter()
         .map(|w| {

@@ -44,6 +44,7 @@ use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Service, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Store, StoreError};
+use crate::unix_now;
 
 /// The shortest time between two rebuilds of one stream's snapshot: a
 /// change that finds the stream idle for this long is sent at once, later
@@ -834,12 +835,6 @@ fn published_since_expired(state: &DiscoveryState, now: i64) -> bool {
                 .version_set_at_unix
                 .is_none_or(|set_at| w.cert_expires_at_unix > set_at)
     })
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

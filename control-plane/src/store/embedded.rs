@@ -38,6 +38,7 @@ use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
     JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, WorkloadRecord, same_content,
 };
+use crate::unix_now;
 
 /// The database file name inside the state dir.
 pub const DB_FILE: &str = "trellis.redb";
@@ -363,12 +364,6 @@ fn set_snapshot_version(
     meta.insert(SNAPSHOT_VERSION, encode(&version).as_slice())?;
     meta.insert(SNAPSHOT_VERSION_SET_AT, encode(&unix_now()).as_slice())?;
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Bumps the policy generation and the snapshot version together.
