@@ -315,28 +315,15 @@ async fn acked(cp: &ControlPlane, id: &str, version: u64) {
 }
 
 /// `trellisctl policy apply` with `-f` on a file holding `document`, and
-/// `extra` flags, run to its end off the runtime (the test's sidecars
-/// answer meanwhile): its exit code and stderr.
-async fn ctl_apply(cp: &ControlPlane, document: &str, extra: &[&str]) -> (Option<i32>, String) {
+/// `extra` flags, run to its end off the runtime's thread (the test's
+/// sidecars answer meanwhile): its exit code and stderr.
+fn ctl_apply(cp: &ControlPlane, document: &str, extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.yaml");
     std::fs::write(&file, document).unwrap();
-    let args: Vec<String> = ["policy", "apply", "-f", file.to_str().unwrap()]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .map(String::from)
-        .collect();
-    let (ctl, grpc, state_dir) = (CTL, cp.grpc.clone(), cp.state_dir.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(ctl)
-            .args(["--control-plane", &grpc, "--state-dir"])
-            .arg(&state_dir)
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut args = vec!["policy", "apply", "-f", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = tokio::task::block_in_place(|| cp.ctl(&args));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -394,7 +381,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
         }
     });
 
-    let (code, stderr) = ctl_apply(&cp, &allow("p1", WEB, API, 8001), &["--wait=30s"]).await;
+    let (code, stderr) = ctl_apply(&cp, &allow("p1", WEB, API, 8001), &["--wait=30s"]);
     assert_eq!(code, Some(0), "{stderr}");
     let version = cp.list_workloads().await.snapshot_version;
     assert!(
@@ -418,7 +405,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
         "{stderr}"
     );
 
-    let (code, stderr) = ctl_apply(&cp, &allow("p2", DB, API, 8002), &["--wait=30s"]).await;
+    let (code, stderr) = ctl_apply(&cp, &allow("p2", DB, API, 8002), &["--wait=30s"]);
     refusing.recv().await.unwrap();
     assert_eq!(code, Some(1), "{stderr}");
     let version = cp.list_workloads().await.snapshot_version;
@@ -435,7 +422,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
     web_task.abort();
     db_task.abort();
     let silent = Watcher::open(&cp, &web, "127.0.0.1:7151").await;
-    let (code, stderr) = ctl_apply(&cp, &allow("p3", WEB, API, 8003), &["--wait=1s"]).await;
+    let (code, stderr) = ctl_apply(&cp, &allow("p3", WEB, API, 8003), &["--wait=1s"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("holds snapshot")
@@ -445,8 +432,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
     );
     drop(silent);
 
-    let (code, stderr) =
-        ctl_apply(&cp, &allow("p4", WEB, API, 8004), &["--dry-run", "--wait"]).await;
+    let (code, stderr) = ctl_apply(&cp, &allow("p4", WEB, API, 8004), &["--dry-run", "--wait"]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains("--wait") && stderr.contains("--dry-run"),
@@ -467,11 +453,14 @@ async fn policy_apply_wait_ends_though_a_later_change_follows_the_write() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.yaml");
     std::fs::write(&file, allow("to-db", DB, API, 5432)).unwrap();
-    let waiting = std::process::Command::new(CTL)
-        .args(["--control-plane", &cp.grpc, "--state-dir"])
-        .arg(&cp.state_dir)
-        .args(["policy", "apply", "--wait=30s", "-f"])
-        .arg(&file)
+    let waiting = cp
+        .ctl_command(&[
+            "policy",
+            "apply",
+            "--wait=30s",
+            "-f",
+            file.to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

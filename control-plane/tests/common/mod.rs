@@ -335,12 +335,17 @@ impl ControlPlane {
     }
 
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(CTL)
+        self.ctl_command(args).output().expect("trellisctl runs")
+    }
+
+    /// `trellisctl ARGS` against this control plane, not started yet.
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(CTL);
+        command
             .args(["--control-plane", &self.grpc, "--state-dir"])
             .arg(&self.state_dir)
-            .args(args)
-            .output()
-            .expect("trellisctl runs")
+            .args(args);
+        command
     }
 }
 
