@@ -112,6 +112,16 @@ impl Replicas {
         }
     }
 
+    /// This replica by its name and address, as a listing of issued
+    /// certificates names the replicas it joins.
+    fn named(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            ..ReplicaStatus::default()
+        }
+    }
+
     /// `message` as this replica answers a peer: with its instance number.
     fn stamped<T>(&self, message: T) -> Response<T> {
         let mut response = Response::new(message);
@@ -154,11 +164,7 @@ impl Replicas {
             })
             .await;
         let mut joined = ListIssuedCertificatesResponse {
-            replicas: vec![ReplicaStatus {
-                name: self.name.clone(),
-                address: self.address.clone(),
-                ..ReplicaStatus::default()
-            }],
+            replicas: vec![self.named()],
             ..here
         };
         for (address, answer) in answers {
@@ -296,7 +302,8 @@ fn host_name() -> String {
         .unwrap_or_else(|| "control-plane".to_owned())
 }
 
-pub fn snapshot_sync(state: SyncState) -> SnapshotSync {
+/// A stream's [`SyncState`] as the API names it.
+fn snapshot_sync(state: SyncState) -> SnapshotSync {
     match state {
         SyncState::NotConnected => SnapshotSync::NotConnected,
         SyncState::Synced => SnapshotSync::Synced,
@@ -334,11 +341,7 @@ impl Replica for ReplicaService {
         request: Request<ListIssuedCertificatesRequest>,
     ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
         let mut here = issued_here(&self.mesh, request.get_ref(), &self.replicas.name).await?;
-        here.replicas = vec![ReplicaStatus {
-            name: self.replicas.name.clone(),
-            address: self.replicas.address.clone(),
-            ..ReplicaStatus::default()
-        }];
+        here.replicas = vec![self.replicas.named()];
         Ok(self.replicas.stamped(here))
     }
 }

@@ -419,7 +419,8 @@ struct Served {
     last: u64,
     /// Each version remembered, with the order it was last served at.
     order: HashMap<u64, u64>,
-    /// The versions in the order served, with theirs, the oldest first.
+    /// Each version as it was served, with the order it got then, the
+    /// oldest first.
     queue: std::collections::VecDeque<(u64, u64)>,
 }
 
@@ -751,15 +752,10 @@ impl Discovery {
         counts
     }
 
-    pub fn status(&self, id: &SpiffeId) -> Option<SidecarStatus> {
-        self.sidecars.lock().expect("not poisoned").get(id).cloned()
-    }
-
-    /// Whether this replica has served `since`, and `version` since it
-    /// did (`version` itself included): a view it loaded at or after the
-    /// one that first held a write holds that write too. False for a
-    /// version it has not served, or served too long ago to remember
-    /// ([`SERVED_KEPT`]).
+    /// Whether this replica has served `since`, and `version` since it last
+    /// did (`version` itself included): a view loaded at or after one that
+    /// held a write holds that write too. False for a version it has not
+    /// served, or served too long ago to remember ([`SERVED_KEPT`]).
     pub fn reached(&self, since: u64, version: u64) -> bool {
         self.served
             .lock()
