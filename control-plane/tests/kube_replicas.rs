@@ -13,10 +13,10 @@ mod common;
 mod kube_api;
 
 use common::{ControlPlane, Svid, Watcher, certify_with, eventually_async, listed};
-use kube_api::{fixture_json, recorded_cluster};
+use kube_api::{PODS, event, fixture_json, item, pods_list, recorded_cluster};
 use tonic::Code;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
-use trellis_proto::admin::v1::{ListStreamsRequest, SnapshotSync};
+use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync};
 use trellis_proto::identity::v1::certify_request::Proof;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -61,6 +61,65 @@ async fn certify(cp: &ControlPlane, id: &str, token: &str, inbound: &str) -> Svi
     certify_with(cp, id, proof, &[inbound]).await.unwrap()
 }
 
+/// Two replicas, cp-a and cp-b, on one stand-in API server, with web's
+/// sidecar streaming to cp-a and api's to cp-b, each past its first
+/// snapshot.
+struct Fleet {
+    fake: kube_api::FakeKube,
+    a: ControlPlane,
+    b: ControlPlane,
+    port_a: u16,
+    port_b: u16,
+    web: Svid,
+    /// web's stream, past its first snapshot, of `web_version`.
+    web_stream: Watcher,
+    web_version: u64,
+    /// api's stream, its first snapshot not read yet.
+    api_stream: Watcher,
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let fake = recorded_cluster().await;
+        fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+        let mut api_review = fixture_json("tokenreview/authenticated.json");
+        let user = &mut api_review["status"]["user"];
+        user["username"] = "system:serviceaccount:shop:api".into();
+        user["extra"]["authentication.kubernetes.io/pod-name"][0] = "api-5f6d8b7c4-q9v7m".into();
+        user["extra"]["authentication.kubernetes.io/pod-uid"][0] =
+            "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
+        fake.review(API_TOKEN, api_review);
+
+        let (port_a, port_b) = (free_port(), free_port());
+        // Both addresses for both, as a headless Service's name resolves to
+        // every replica: each leaves its own answer out.
+        let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+        let flags = fake.control_plane_flags();
+        let a = replica(&flags, "cp-a", port_a, &peers).await;
+        // The second starts once the first has written the CA Secret, and
+        // reads it: both issue from, and trust, one CA.
+        let b = replica(&flags, "cp-b", port_b, &peers).await;
+        assert_eq!(a.bundle(), b.bundle());
+
+        let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
+        let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
+        let mut web_stream = Watcher::open(&a, &web, "10.244.1.17:15006").await;
+        let api_stream = Watcher::open(&b, &api, "10.244.2.9:15006").await;
+        let web_version = web_stream.next().await.version;
+        Fleet {
+            fake,
+            a,
+            b,
+            port_a,
+            port_b,
+            web,
+            web_stream,
+            web_version,
+            api_stream,
+        }
+    }
+}
+
 /// The table row of `id` in `trellisctl workloads`, split into columns.
 fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
     table
@@ -82,32 +141,17 @@ fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
 /// `check` fails naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
-    let fake = recorded_cluster().await;
-    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
-    let mut api_review = fixture_json("tokenreview/authenticated.json");
-    let user = &mut api_review["status"]["user"];
-    user["username"] = "system:serviceaccount:shop:api".into();
-    user["extra"]["authentication.kubernetes.io/pod-name"][0] = "api-5f6d8b7c4-q9v7m".into();
-    user["extra"]["authentication.kubernetes.io/pod-uid"][0] =
-        "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
-    fake.review(API_TOKEN, api_review);
-
-    let (port_a, port_b) = (free_port(), free_port());
-    // Both addresses for both, as a headless Service's name resolves to
-    // every replica: each leaves its own answer out.
-    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
-    let flags = fake.control_plane_flags();
-    let a = replica(&flags, "cp-a", port_a, &peers).await;
-    // The second starts once the first has written the CA Secret, and
-    // reads it: both issue from, and trust, one CA.
-    let b = replica(&flags, "cp-b", port_b, &peers).await;
-    assert_eq!(a.bundle(), b.bundle());
-
-    let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
-    let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
-    let mut web_stream = Watcher::open(&a, &web, "10.244.1.17:15006").await;
-    let mut api_stream = Watcher::open(&b, &api, "10.244.2.9:15006").await;
-    let web_version = web_stream.next().await.version;
+    let Fleet {
+        fake: _fake,
+        a,
+        b,
+        port_b,
+        port_a,
+        web,
+        web_stream: _web_stream,
+        web_version,
+        mut api_stream,
+    } = Fleet::start().await;
     let api_version = api_stream.next().await.version;
     // One content, one version: the replicas' versions are digests of what
     // they serve.
@@ -253,4 +297,133 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
             && stderr.contains("the certificates it issued are not listed"),
         "{stderr}"
     );
+}
+
+/// `policy apply --wait` on one replica ends once the other replica and
+/// its sidecar hold the write, though that replica never serves the
+/// snapshot version the write returned: its watch delivered a Pod the
+/// writing replica had not seen yet, so its content (and the digest that
+/// is its version) differs. The wait asks by store position, which the
+/// write reaches on both replicas whatever else each has seen. (Asked by
+/// version, the wait ran to its deadline naming cp-b.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_found_on_a_replica_that_saw_other_changes_first() {
+    let Fleet {
+        fake,
+        a,
+        b: _b,
+        mut web_stream,
+        web_version,
+        mut api_stream,
+        ..
+    } = Fleet::start().await;
+    api_stream.next().await;
+    // Both sidecars accept whatever they are sent from now on.
+    let web_task = tokio::spawn(async move {
+        loop {
+            web_stream.next().await;
+        }
+    });
+    let api_task = tokio::spawn(async move {
+        loop {
+            api_stream.next().await;
+        }
+    });
+
+    // A second web pod starts; cp-b's watch (opened second) delivers it,
+    // cp-a's has not yet.
+    let mut pod = item(&pods_list(), "web-7d4b9c8f6d-x2x8q", 60_000);
+    pod["metadata"]["name"] = "web-7d4b9c8f6d-7kq2z".into();
+    pod["metadata"]["uid"] = "5a1c9e3b-2d47-4f68-9b0a-7e6d5c4b3a21".into();
+    pod["status"]["podIP"] = "10.244.1.18".into();
+    pod["status"]["podIPs"][0]["ip"] = "10.244.1.18".into();
+    fake.publish_to(PODS, 1, event("ADDED", &pod));
+    let versions = |answer: &ListWorkloadsResponse| {
+        let of = |name| {
+            answer
+                .replicas
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.snapshot_version)
+        };
+        (of("cp-a"), of("cp-b"))
+    };
+    eventually_async("cp-b serves the new pod, cp-a does not", || async {
+        let (on_a, on_b) = versions(&a.list_workloads().await);
+        (on_a == Some(web_version) && on_b.is_some_and(|v| v != web_version)).then_some(())
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, allow_api_from_web()).unwrap();
+    let applied = tokio::task::block_in_place(|| {
+        a.ctl(&[
+            "policy",
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--wait=20s",
+        ])
+    });
+    let stderr = String::from_utf8_lossy(&applied.stderr);
+    assert!(applied.status.success(), "{stderr}");
+    let written: u64 = stderr
+        .split_once("holds snapshot ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(version, _)| version.parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot version in {stderr}"));
+    assert!(
+        stderr.contains(&format!(
+            "every connected sidecar holds snapshot {written} or a later one: 2 on 2 replicas"
+        )),
+        "{stderr}"
+    );
+    // The premise: cp-b holds the write, and the Pod cp-a has not seen, so
+    // it never served the version the write returned.
+    let answer = a.list_workloads().await;
+    let (on_a, on_b) = versions(&answer);
+    assert_eq!(on_a, Some(written), "{:?}", answer.replicas);
+    assert!(on_b.is_some_and(|v| v != written), "{:?}", answer.replicas);
+    let api = listed(&answer, API);
+    assert_eq!(api.sync(), SnapshotSync::Synced);
+    assert_eq!(api.synced_version, on_b.unwrap());
+
+    // A deletion is waited for the same way.
+    let deleted = tokio::task::block_in_place(|| {
+        a.ctl(&["policy", "delete", "shop/api-from-web", "--wait=20s"])
+    });
+    let stderr = String::from_utf8_lossy(&deleted.stderr);
+    assert!(deleted.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(" or a later one: 2 on 2 replicas"),
+        "{stderr}"
+    );
+    let answer = a.list_workloads().await;
+    let (on_a, on_b) = versions(&answer);
+    assert!(on_a.is_some() && on_a != on_b, "{:?}", answer.replicas);
+
+    web_task.abort();
+    api_task.abort();
+}
+
+/// An AuthorizationPolicy letting web call api on port 8080.
+fn allow_api_from_web() -> String {
+    format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+  namespace: shop
+spec:
+  selector:
+    spiffeIds: [\"{API}\"]
+  action: ALLOW
+  rules:
+    - from:
+        - spiffeId: {WEB}
+      to:
+        - ports: [8080]
+"
+    )
 }

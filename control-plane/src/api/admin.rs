@@ -13,7 +13,7 @@ use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
     DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
     GetPolicyResponse, IssuedCertificate, ListIssuedCertificatesRequest,
-    ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse,
+    ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse, ListStreamsRequest,
     ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
 
@@ -136,11 +136,11 @@ impl Admin for AdminService {
             .map_err(internal)?
             .map_err(internal)?;
         let current = self.mesh.discovery.current_version();
-        let reached_version = request.get_ref().reached_version;
-        let fleet = self
-            .replicas
-            .fleet(&self.mesh.discovery, reached_version)
-            .await;
+        let asked = ListStreamsRequest {
+            reached_version: request.get_ref().reached_version,
+            reached_position: request.get_ref().reached_position,
+        };
+        let fleet = self.replicas.fleet(&self.mesh.discovery, asked).await;
         let workloads = records
             .into_iter()
             .map(|w| {

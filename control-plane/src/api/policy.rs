@@ -182,6 +182,7 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
         generation: generation.policies,
         snapshot_version: generation.snapshot,
         dry_run,
+        position: Some(generation.position.into()),
     })
 }
 
@@ -467,6 +468,7 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
     Ok(DeletePolicyResponse {
         generation: generation.policies,
         snapshot_version: generation.snapshot,
+        position: Some(generation.position.into()),
     })
 }
 

@@ -32,7 +32,8 @@ use trellis_proto::admin::v1::{
 
 use super::Mesh;
 use super::admin::{issued_here, issued_limit};
-use crate::discovery::{Discovery, SyncState};
+use crate::discovery::{Discovery, SyncState, Write};
+use crate::store::Position;
 
 /// The metadata of every `Replica` answer that names the replica's
 /// instance number.
@@ -85,12 +86,17 @@ impl Replicas {
         }
     }
 
-    /// This replica's streams, as it answers its peers; with
-    /// `reached_version` (not 0), whether it and each stream have reached
-    /// it ([`Discovery::reached`]).
-    pub fn local(&self, discovery: &Discovery, reached_version: u64) -> ListStreamsResponse {
+    /// This replica's streams, as it answers its peers; with a write asked
+    /// about (see [`asked`]), whether it and each stream have reached it
+    /// ([`Discovery::reached`]).
+    pub fn local(
+        &self,
+        discovery: &Discovery,
+        request: &ListStreamsRequest,
+    ) -> ListStreamsResponse {
         let current = discovery.current_version();
-        let reached = |version| reached_version != 0 && discovery.reached(reached_version, version);
+        let write = asked(request);
+        let reached = |version| discovery.reached(write, version);
         let sidecars = discovery
             .statuses()
             .into_iter()
@@ -132,13 +138,9 @@ impl Replicas {
     }
 
     /// This replica's streams joined with every peer's, asked at once.
-    pub async fn fleet(&self, discovery: &Discovery, reached_version: u64) -> Fleet {
+    pub async fn fleet(&self, discovery: &Discovery, request: ListStreamsRequest) -> Fleet {
         let mut fleet = Fleet::default();
-        fleet.add(
-            self.address.clone(),
-            Ok(self.local(discovery, reached_version)),
-        );
-        let request = ListStreamsRequest { reached_version };
+        fleet.add(self.address.clone(), Ok(self.local(discovery, &request)));
         let answers = self
             .ask_peers(move |mut peer| async move { peer.list_streams(request).await })
             .await;
@@ -319,6 +321,16 @@ pub struct ReplicaService {
     replicas: Arc<Replicas>,
 }
 
+/// The write a listing asks about: by position when the request names
+/// one, else by version (a `trellisctl` that predates positions).
+pub fn asked(request: &ListStreamsRequest) -> Write {
+    match (&request.reached_position, request.reached_version) {
+        (Some(position), _) => Write::Position(Position::from_proto(position)),
+        (None, 0) => Write::None,
+        (None, version) => Write::Version(version),
+    }
+}
+
 impl ReplicaService {
     pub fn new(mesh: Mesh, replicas: Arc<Replicas>) -> Self {
         Self { mesh, replicas }
@@ -331,8 +343,7 @@ impl Replica for ReplicaService {
         &self,
         request: Request<ListStreamsRequest>,
     ) -> Result<Response<ListStreamsResponse>, Status> {
-        let reached_version = request.get_ref().reached_version;
-        let local = self.replicas.local(&self.mesh.discovery, reached_version);
+        let local = self.replicas.local(&self.mesh.discovery, request.get_ref());
         Ok(self.replicas.stamped(local))
     }
 

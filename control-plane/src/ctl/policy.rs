@@ -32,6 +32,7 @@ use trellis_proto::admin::v1::{
 };
 use trellis_proto::policy::v1::{Action, Policy};
 
+use super::wait::Written;
 use super::{CtlError, Output, Printed, pretty};
 use crate::api::policy::policy_errors_of;
 
@@ -55,16 +56,16 @@ pub struct Wait {
 }
 
 impl Wait {
-    /// After a write that `printed` reports and whose snapshot is
-    /// `version`: waits if asked, and adds what the wait found.
+    /// After a write that `printed` reports: waits if asked, and adds what
+    /// the wait found.
     async fn then(
         &self,
         client: &mut AdminClient<Channel>,
         mut printed: Printed,
-        version: u64,
+        written: Written,
     ) -> Result<Printed, CtlError> {
         if let Some(timeout) = self.wait {
-            let (text, failed) = super::wait::wait_for(client, version, timeout).await?;
+            let (text, failed) = super::wait::wait_for(client, written, timeout).await?;
             printed.stderr.push_str(&text);
             printed.failed |= failed;
         }
@@ -212,8 +213,8 @@ pub async fn run(
             output,
             wait,
         } => {
-            let (printed, version) = apply(client, td, files, *dry_run, *output).await?;
-            wait.then(client, printed, version).await
+            let (printed, written) = apply(client, td, files, *dry_run, *output).await?;
+            wait.then(client, printed, written).await
         }
         PolicyCommand::Get { name, kind } => {
             let (namespace, name) = split_name(name)?;
@@ -264,7 +265,11 @@ pub async fn run(
                 "{kind} {key}: deleted\nsnapshot version {}\n",
                 response.snapshot_version
             ));
-            wait.then(client, printed, response.snapshot_version).await
+            let written = Written {
+                version: response.snapshot_version,
+                position: response.position,
+            };
+            wait.then(client, printed, written).await
         }
         PolicyCommand::Explain {
             from,
@@ -315,7 +320,7 @@ async fn apply(
     files: &[PathBuf],
     dry_run: bool,
     output: Output,
-) -> Result<(Printed, u64), CtlError> {
+) -> Result<(Printed, Written), CtlError> {
     let loaded = load_paths(files, td);
     let mut report = listing(&loaded);
     if loaded.has_errors() {
@@ -369,7 +374,11 @@ async fn apply(
         stderr: report,
         failed: false,
     };
-    Ok((printed, response.snapshot_version))
+    let written = Written {
+        version: response.snapshot_version,
+        position: response.position,
+    };
+    Ok((printed, written))
 }
 
 /// The files that hold valid documents of either kind, in sorted order.

@@ -3,23 +3,29 @@
 //! that carries it.
 //!
 //! The wait asks `ListWorkloads` again and again (which joins every
-//! replica's streams), naming the applied snapshot version. It is over
-//! when every replica that answered has reached that version and every
-//! connected sidecar holds it or a later one: each replica remembers the
-//! order in which it served its versions (the Kubernetes store's are
-//! digests, with no order of their own), so a change that comes after the
-//! write (a pod starting, another policy) does not keep the wait from
-//! ending. It fails at its deadline naming what is not there yet, or as
-//! soon as what is missing is only sidecars that refused the snapshot and
-//! have kept refusing it for [`REFUSAL_STANDS`]. A control plane that
-//! predates `reached` is compared by version, for equality.
+//! replica's streams), naming the write's store position (and its
+//! snapshot version). It is over when every replica that answered serves
+//! content that reaches that position and every connected sidecar holds
+//! such content. Positions are ordered where versions are not (the
+//! Kubernetes store's are digests): a replica that saw the write together
+//! with, or after, changes the writing replica had not seen never serves
+//! the write's version but does hold the write, and a change that comes
+//! after the write (a pod starting, another policy) does not keep the wait
+//! from ending. It fails at its deadline naming what is not there yet, or
+//! as soon as what is missing is only sidecars that refused the snapshot
+//! and have kept refusing it for [`REFUSAL_STANDS`]. A control plane that
+//! predates positions is asked by version (each replica remembers the
+//! order in which it served its versions); one that predates `reached` is
+//! compared by version, for equality.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{ListWorkloadsRequest, ListWorkloadsResponse, SnapshotSync};
+use trellis_proto::admin::v1::{
+    ListWorkloadsRequest, ListWorkloadsResponse, SnapshotSync, StorePosition,
+};
 
 use super::CtlError;
 
@@ -29,6 +35,16 @@ const POLL: Duration = Duration::from_millis(200);
 /// A refusal seen this long is taken as the sidecar's answer: the snapshot
 /// was sent to it and it said no, which another ask will not change.
 pub const REFUSAL_STANDS: Duration = Duration::from_secs(2);
+
+/// What a write returned, for the wait to ask about.
+#[derive(Clone, Copy, Debug)]
+pub struct Written {
+    /// The first snapshot version that holds the write.
+    pub version: u64,
+    /// Where the write stands in the store's history; `None` from a
+    /// control plane that predates positions.
+    pub position: Option<StorePosition>,
+}
 
 /// Where the fleet stands against the applied version.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -79,7 +95,7 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
         standing.replicas += 1;
         if !reached {
             standing.missing.push(format!(
-                "{name} serves snapshot {serves} and has not loaded {version} yet"
+                "{name} serves snapshot {serves}, which does not hold the write (snapshot {version}) yet"
             ));
         }
     }
@@ -111,19 +127,21 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
     standing
 }
 
-/// Waits up to `timeout` for every connected sidecar to hold `version`:
+/// Waits up to `timeout` for every connected sidecar to hold the write:
 /// what to print, and whether it failed.
 pub async fn wait_for(
     client: &mut AdminClient<Channel>,
-    version: u64,
+    written: Written,
     timeout: Duration,
 ) -> Result<(String, bool), CtlError> {
+    let version = written.version;
     let start = Instant::now();
     let mut refused_since = HashMap::<String, Instant>::new();
     loop {
         let answer = client
             .list_workloads(ListWorkloadsRequest {
                 reached_version: version,
+                reached_position: written.position,
             })
             .await?
             .into_inner();
@@ -235,7 +253,7 @@ mod tests {
         assert_eq!(
             standing.missing,
             [
-                "replica cp-b serves snapshot 8 and has not loaded 9 yet",
+                "replica cp-b serves snapshot 8, which does not hold the write (snapshot 9) yet",
                 "replica at 10.0.0.1:15012 did not answer (no answer within 3s)",
                 "spiffe://td/a (on cp-a) does not hold it yet",
                 "spiffe://td/b (on cp-a) refused its newest snapshot: bad\\u{1b}[0m",
@@ -257,7 +275,7 @@ mod tests {
         };
         assert_eq!(
             standing(&answer, 5).missing,
-            ["the control plane serves snapshot 4 and has not loaded 5 yet"]
+            ["the control plane serves snapshot 4, which does not hold the write (snapshot 5) yet"]
         );
         answer.snapshot_version = 5;
         let standing = standing(&answer, 5);

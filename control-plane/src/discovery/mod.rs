@@ -43,7 +43,7 @@ use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Service, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use crate::store::{DiscoveryState, Store, StoreError};
+use crate::store::{DiscoveryState, Position, Store, StoreError};
 use crate::unix_now;
 
 /// The shortest time between two rebuilds of one stream's snapshot: a
@@ -413,36 +413,71 @@ pub const SERVED_KEPT: usize = 4096;
 /// The versions this replica has served, by when each was served last: a
 /// view loaded after another holds every write the other held, whether or
 /// not their versions (the Kubernetes store's are digests) are ordered.
+/// Each also keeps the store position its content reached.
 #[derive(Debug, Default)]
 struct Served {
     /// The order given to the last version served.
     last: u64,
-    /// Each version remembered, with the order it was last served at.
-    order: HashMap<u64, u64>,
+    /// Each version remembered, with the order it was last served at and
+    /// its position.
+    order: HashMap<u64, (u64, Position)>,
     /// Each version as it was served, with the order it got then, the
     /// oldest first.
     queue: std::collections::VecDeque<(u64, u64)>,
 }
 
+/// A write that `policy apply --wait` asks about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// None asked about.
+    None,
+    /// By the snapshot version the write returned: reached by a replica
+    /// that served it, and by the versions it served after it.
+    Version(u64),
+    /// By the store position the write returned: reached by every version
+    /// whose content reaches that position, however the replica came by
+    /// it (with the Kubernetes store, a replica that saw the write after
+    /// or together with other changes never serves the writer's version).
+    Position(Position),
+}
+
 impl Served {
-    fn record(&mut self, version: u64) {
+    fn record(&mut self, version: u64, position: Position) {
         self.last += 1;
-        self.order.insert(version, self.last);
+        self.order.insert(version, (self.last, position));
         self.queue.push_back((version, self.last));
         while self.queue.len() > SERVED_KEPT {
             if let Some((old, at)) = self.queue.pop_front()
-                && self.order.get(&old) == Some(&at)
+                && self.order.get(&old).map(|(order, _)| *order) == Some(at)
             {
                 self.order.remove(&old);
             }
         }
     }
 
+    /// The store moved on to `position` with the same content as the
+    /// version served last, `version` (the watch's echo of this replica's
+    /// own write): that version's content reaches it too.
+    fn advance(&mut self, version: u64, position: Position) {
+        if let Some((order, held)) = self.order.get_mut(&version)
+            && *order == self.last
+        {
+            *held = held.max(position);
+        }
+    }
+
     /// See [`Discovery::reached`].
-    fn reached(&self, since: u64, version: u64) -> bool {
-        match (self.order.get(&since), self.order.get(&version)) {
-            (Some(since), Some(version)) => version >= since,
-            _ => false,
+    fn reached(&self, write: Write, version: u64) -> bool {
+        let Some((order, position)) = self.order.get(&version) else {
+            return false;
+        };
+        match write {
+            Write::None => false,
+            Write::Version(since) => self
+                .order
+                .get(&since)
+                .is_some_and(|(since, _)| order >= since),
+            Write::Position(written) => position.covers(&written),
         }
     }
 }
@@ -480,6 +515,7 @@ impl Discovery {
                 "endpoints whose certificates ended while the control plane was stopped are withdrawn"
             );
         }
+        let position = state.position;
         let mut view = View::from_state_at(state, now);
         view.encode_endpoints();
         let constant_part = EncodedSnapshot::part(&Snapshot {
@@ -491,7 +527,7 @@ impl Discovery {
         // The flag parser only produces known names; deny is the safe reading.
         let default_policy = mesh.default_policy.parse().unwrap_or_default();
         let mut served = Served::default();
-        served.record(view.version);
+        served.record(view.version, position);
         Ok(Self {
             store,
             bundle,
@@ -520,7 +556,10 @@ impl Discovery {
         // Concurrent writers each refresh; the first one through loads the
         // version they all wrote, so the others need not read the whole
         // state again (a version names its content).
-        if self.store.snapshot_version()? == self.view().version {
+        let (version, position) = self.store.snapshot_position()?;
+        if version == self.view().version {
+            let mut served = self.served.lock().expect("not poisoned");
+            served.advance(version, position);
             return Ok(self.current_version());
         }
         let state = self.store.discovery_state()?;
@@ -529,9 +568,13 @@ impl Discovery {
         // Versions name content; the embedded store's only ever grow, the
         // Kubernetes store's are content digests: any other version is new.
         if version != previous.version {
+            let position = state.position;
             let view = View::from_state_after(state, &previous, &mut next_token);
             *self.view.write().expect("not poisoned") = Arc::new(view);
-            self.served.lock().expect("not poisoned").record(version);
+            self.served
+                .lock()
+                .expect("not poisoned")
+                .record(version, position);
             self.version.send_replace(version);
         }
         Ok(self.current_version())
@@ -752,15 +795,18 @@ impl Discovery {
         counts
     }
 
-    /// Whether this replica has served `since`, and `version` since it last
-    /// did (`version` itself included): a view loaded at or after one that
-    /// held a write holds that write too. False for a version it has not
-    /// served, or served too long ago to remember ([`SERVED_KEPT`]).
-    pub fn reached(&self, since: u64, version: u64) -> bool {
+    /// Whether `version`, served by this replica, holds `write`. By
+    /// version: whether it served the write's version, and `version` since
+    /// it last did (`version` itself included), as a view loaded at or
+    /// after one that held a write holds that write too. By position:
+    /// whether `version`'s content reaches the write's position. False
+    /// for a version it has not served, or served too long ago to
+    /// remember ([`SERVED_KEPT`]).
+    pub fn reached(&self, write: Write, version: u64) -> bool {
         self.served
             .lock()
             .expect("not poisoned")
-            .reached(since, version)
+            .reached(write, version)
     }
 
     /// Every identity that has had a Watch stream on this replica, with

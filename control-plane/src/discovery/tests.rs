@@ -343,20 +343,55 @@ fn a_restart_with_another_trust_bundle_is_a_new_version() {
 #[test]
 fn served_versions_are_ordered_by_when_they_were_last_served() {
     let mut served = Served::default();
+    let record = |served: &mut Served, version| served.record(version, Position::default());
+    let reached = |served: &Served, since, version| served.reached(Write::Version(since), version);
     for version in [900, 17, 500] {
-        served.record(version);
+        record(&mut served, version);
     }
-    assert!(served.reached(17, 500) && served.reached(17, 17));
-    assert!(!served.reached(500, 17), "17 was served before 500");
-    assert!(!served.reached(3, 500), "3 was never served");
+    assert!(reached(&served, 17, 500) && reached(&served, 17, 17));
+    assert!(!reached(&served, 500, 17), "17 was served before 500");
+    assert!(!reached(&served, 3, 500), "3 was never served");
     // Content that comes back to an earlier digest is served again, later.
-    served.record(17);
-    assert!(served.reached(500, 17));
-    assert!(!served.reached(17, 500));
+    record(&mut served, 17);
+    assert!(reached(&served, 500, 17));
+    assert!(!reached(&served, 17, 500));
     for version in 1_000..1_000 + SERVED_KEPT as u64 {
-        served.record(version);
+        record(&mut served, version);
     }
-    assert!(!served.reached(17, 1_000), "17 is forgotten");
-    assert!(served.reached(1_000, 1_000 + SERVED_KEPT as u64 - 1));
+    assert!(!reached(&served, 17, 1_000), "17 is forgotten");
+    assert!(reached(&served, 1_000, 1_000 + SERVED_KEPT as u64 - 1));
     assert_eq!(served.order.len(), SERVED_KEPT);
+    assert!(
+        !served.reached(Write::None, 1_000),
+        "nothing asked, nothing reached"
+    );
+}
+
+/// A write asked about by its store position is reached by every version
+/// whose content reaches that position, kind by kind, whether or not the
+/// replica ever served the version the write returned; the watch's echo of
+/// a replica's own write (same content, later position) moves the version
+/// served last on.
+#[test]
+fn a_write_is_reached_by_position_whatever_versions_were_served() {
+    let at = |policies, rate_limits| Position {
+        policies,
+        rate_limits,
+    };
+    let mut served = Served::default();
+    served.record(900, at(40, 7));
+    served.record(17, at(52, 7));
+    let write = Write::Position(at(50, 0));
+    assert!(!served.reached(write, 900), "900 holds policies up to 40");
+    assert!(served.reached(write, 17), "17 holds policies up to 52");
+    assert!(!served.reached(write, 12_345), "never served");
+    let rate_limit = Write::Position(at(0, 8));
+    assert!(!served.reached(rate_limit, 17), "no rate limit past 7");
+    served.advance(17, at(52, 8));
+    assert!(served.reached(rate_limit, 17));
+    served.advance(900, at(99, 99));
+    assert!(
+        !served.reached(Write::Position(at(60, 0)), 900),
+        "only the version served last moves on"
+    );
 }

@@ -36,7 +36,8 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, WorkloadRecord, same_content,
+    JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, WorkloadRecord,
+    same_content,
 };
 use crate::unix_now;
 
@@ -368,9 +369,11 @@ fn set_snapshot_version(
 
 /// Bumps the policy generation and the snapshot version together.
 fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation, StoreError> {
+    let snapshot = get_u64(meta, SNAPSHOT_VERSION)? + 1;
     let generation = Generation {
         policies: get_u64(meta, POLICY_GENERATION)? + 1,
-        snapshot: get_u64(meta, SNAPSHOT_VERSION)? + 1,
+        snapshot,
+        position: Position::at(snapshot),
     };
     meta.insert(POLICY_GENERATION, encode(&generation.policies).as_slice())?;
     set_snapshot_version(meta, generation.snapshot)?;
@@ -380,9 +383,11 @@ fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation
 fn current_generation(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Generation, StoreError> {
+    let snapshot = get_u64(meta, SNAPSHOT_VERSION)?;
     Ok(Generation {
         policies: get_u64(meta, POLICY_GENERATION)?,
-        snapshot: get_u64(meta, SNAPSHOT_VERSION)?,
+        snapshot,
+        position: Position::at(snapshot),
     })
 }
 
@@ -593,6 +598,7 @@ impl Store for EmbeddedStore {
             .collect();
         Ok(DiscoveryState {
             version,
+            position: Position::at(version),
             version_set_at_unix,
             workloads,
             policies,

@@ -193,6 +193,71 @@ pub struct Generation {
     pub policies: u64,
     /// The snapshot version, bumped in the same transaction.
     pub snapshot: u64,
+    /// Where the write stands in the store's history of policies: a view
+    /// that has reached it holds the write, or a later change of what it
+    /// wrote.
+    pub position: Position,
+}
+
+/// How far into the store's history of each policy kind a view reaches:
+/// it holds every change of that kind up to here. Unlike a snapshot
+/// version (the Kubernetes store's are digests of content), positions are
+/// ordered, so a replica that loaded a write together with other changes,
+/// or after changes the writing replica had not seen, can still tell that
+/// it holds the write.
+///
+/// The embedded store's position is its snapshot version, for both kinds.
+/// The Kubernetes store's is, per kind, the highest resourceVersion its
+/// watch of that kind has delivered: the API server delivers a kind's
+/// events in resourceVersion order, so a cache that has applied one holds
+/// every change of the kind before it. (resourceVersions are numbers in
+/// every API server; the cache already relies on that to drop stale
+/// events.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub policies: u64,
+    pub rate_limits: u64,
+}
+
+impl Position {
+    /// A store whose one counter orders every change.
+    pub fn at(version: u64) -> Self {
+        Position {
+            policies: version,
+            rate_limits: version,
+        }
+    }
+
+    /// Whether a view at this position holds a write at `written` (0 for
+    /// a kind the write did not touch).
+    pub fn covers(&self, written: &Position) -> bool {
+        self.policies >= written.policies && self.rate_limits >= written.rate_limits
+    }
+
+    /// As the admin API carries it.
+    pub fn from_proto(position: &trellis_proto::admin::v1::StorePosition) -> Self {
+        Position {
+            policies: position.policies,
+            rate_limits: position.rate_limits,
+        }
+    }
+
+    /// The later of the two, kind by kind.
+    pub fn max(self, other: Position) -> Position {
+        Position {
+            policies: self.policies.max(other.policies),
+            rate_limits: self.rate_limits.max(other.rate_limits),
+        }
+    }
+}
+
+impl From<Position> for trellis_proto::admin::v1::StorePosition {
+    fn from(position: Position) -> Self {
+        trellis_proto::admin::v1::StorePosition {
+            policies: position.policies,
+            rate_limits: position.rate_limits,
+        }
+    }
 }
 
 /// What discovery builds snapshots from, read in one transaction so a
@@ -200,6 +265,8 @@ pub struct Generation {
 #[derive(Clone, Debug, Default)]
 pub struct DiscoveryState {
     pub version: u64,
+    /// How far into the store's policy history this content reaches.
+    pub position: Position,
     /// When `version` was set, Unix seconds; `None` when the store does not
     /// know. The endpoints it published were the workloads whose
     /// certificates were valid then.
@@ -285,6 +352,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The current snapshot version (0 before the first change).
     fn snapshot_version(&self) -> Result<u64, StoreError>;
+
+    /// The current snapshot version and how far into the store's policy
+    /// history its content reaches. A store whose version orders every
+    /// change is at its version.
+    fn snapshot_position(&self) -> Result<(u64, Position), StoreError> {
+        let version = self.snapshot_version()?;
+        Ok((version, Position::at(version)))
+    }
 
     /// Increments and returns the snapshot version.
     fn bump_snapshot_version(&self) -> Result<u64, StoreError>;

@@ -148,6 +148,16 @@ impl FakeKube {
         publish(&mut self.state.lock().unwrap(), path, line);
     }
 
+    /// Sends an event line to the `nth` watch of `path` still open, in
+    /// the order they were opened: one watcher sees a change before
+    /// another does, as two clients of one API server can.
+    pub fn publish_to(&self, path: &str, nth: usize, line: String) {
+        let mut state = self.state.lock().unwrap();
+        let open = state.watchers.entry(path.to_owned()).or_default();
+        open.retain(|w| !w.is_closed());
+        open[nth].send(line).expect("the watch is open");
+    }
+
     /// Open watches of `path`.
     pub fn watching(&self, path: &str) -> usize {
         let mut state = self.state.lock().unwrap();

@@ -34,7 +34,7 @@ use trellis_proto::discovery::v1::Service;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::services::{SliceBackends, VirtualIps, virtual_services};
-use crate::store::WorkloadRecord;
+use crate::store::{Position, WorkloadRecord};
 
 /// The kinds the store reflects. A new kind is a variant here, an [`Entry`]
 /// variant, a conversion (in `objects`, or `services` for Services and
@@ -115,6 +115,8 @@ pub struct Cache {
     services_digest: u64,
     mesh_config: String,
     synced: BTreeSet<Kind>,
+    /// The highest resourceVersion each policy kind's watch has delivered.
+    position: Position,
 }
 
 impl Default for Cache {
@@ -127,6 +129,7 @@ impl Default for Cache {
             services_digest: services_digest(&[]),
             mesh_config: String::new(),
             synced: BTreeSet::new(),
+            position: Position::default(),
         }
     }
 }
@@ -143,6 +146,30 @@ impl Cache {
     /// The policy generation: a name of the policies and rate limits alone.
     pub fn policy_generation(&self) -> u64 {
         nonzero(self.policy_content)
+    }
+
+    /// How far into each policy kind's history the watches have brought
+    /// the cache (see [`Position`]).
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Records that the watch of `kind` delivered an event of
+    /// `resource_version` (whatever the event did to the content); true
+    /// when the position moved. Kinds other than the two policy kinds, and
+    /// a resourceVersion that is not a number, move nothing.
+    pub fn reached(&mut self, kind: Kind, resource_version: &str) -> bool {
+        let Ok(at) = resource_version.parse::<u64>() else {
+            return false;
+        };
+        let held = match kind {
+            Kind::AuthorizationPolicy => &mut self.position.policies,
+            Kind::RateLimitPolicy => &mut self.position.rate_limits,
+            _ => return false,
+        };
+        let moved = at > *held;
+        *held = (*held).max(at);
+        moved
     }
 
     /// Whether the first full list of `kind` has been read.
@@ -514,6 +541,27 @@ mod tests {
         assert_ne!(two.version(), before);
         assert!(two.set_mesh_config("other"));
         assert_ne!(two.version(), one.version());
+    }
+
+    /// Each policy kind's position is the newest resourceVersion its watch
+    /// delivered; other kinds, older events and resourceVersions that are
+    /// not numbers leave it where it is.
+    #[test]
+    fn the_position_follows_each_policy_kind_on_its_own() {
+        let mut cache = Cache::default();
+        assert!(cache.reached(Kind::AuthorizationPolicy, "120"));
+        assert!(!cache.reached(Kind::AuthorizationPolicy, "90"), "older");
+        assert!(!cache.reached(Kind::AuthorizationPolicy, "120"), "the same");
+        assert!(!cache.reached(Kind::Pod, "500"));
+        assert!(!cache.reached(Kind::RateLimitPolicy, "not-a-number"));
+        assert!(cache.reached(Kind::RateLimitPolicy, "95"));
+        assert_eq!(
+            cache.position(),
+            Position {
+                policies: 120,
+                rate_limits: 95
+            }
+        );
     }
 
     #[test]

@@ -65,8 +65,8 @@ use self::reflect::{Convert, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Store, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
-    same_content,
+    JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, TokenRefusal,
+    WorkloadRecord, same_content,
 };
 use crate::authn::tokenreview::KubeApi;
 
@@ -279,6 +279,7 @@ impl KubernetesStore {
         self.shared.read(|c| Generation {
             policies: c.policy_generation(),
             snapshot: c.version(),
+            position: c.position(),
         })
     }
 
@@ -345,8 +346,13 @@ impl KubernetesStore {
     }
 
     /// Writes one policy and puts the API server's answer into the cache, so
-    /// the caller reads its write.
-    fn write_policy(&self, policy: &Policy, held_version: Option<&str>) -> Result<u64, StoreError> {
+    /// the caller reads its write. Returns the revision and the
+    /// resourceVersion the write got.
+    fn write_policy(
+        &self,
+        policy: &Policy,
+        held_version: Option<&str>,
+    ) -> Result<(u64, u64), StoreError> {
         let key = policy_key(&policy.namespace, &policy.name);
         let object =
             object_from_policy(policy, held_version).map_err(|message| KubeStoreError::Encode {
@@ -362,8 +368,9 @@ impl KubernetesStore {
                 ..policy.clone()
             }),
         };
+        let at = numeric(Some(&reflected.resource_version));
         self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
-        Ok(revision)
+        Ok((revision, at))
     }
 
     /// Writes one rate limit, as [`Self::write_policy`] does a policy.
@@ -371,7 +378,7 @@ impl KubernetesStore {
         &self,
         limit: &RateLimit,
         held_version: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, u64), StoreError> {
         let key = policy_key(&limit.namespace, &limit.name);
         let object = object_from_rate_limit(limit, held_version).map_err(|message| {
             KubeStoreError::Encode {
@@ -385,8 +392,9 @@ impl KubernetesStore {
             resource_version: written.resource_version().unwrap_or_default(),
             entry: Entry::RateLimit(limit.clone(), revision),
         };
+        let at = numeric(Some(&reflected.resource_version));
         self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
-        Ok(revision)
+        Ok((revision, at))
     }
 
     /// Deletes one object; `None` when the cache holds no such (valid)
@@ -398,9 +406,12 @@ impl KubernetesStore {
         name: &str,
     ) -> Result<Option<Generation>, StoreError> {
         let key = policy_key(namespace, name);
-        let held = self.shared.read(|c| match kind {
-            Kind::RateLimitPolicy => c.rate_limit(&key).is_some(),
-            _ => c.policy(&key).is_some(),
+        let (held, held_at) = self.shared.read(|c| {
+            let held = match kind {
+                Kind::RateLimitPolicy => c.rate_limit(&key).is_some(),
+                _ => c.policy(&key).is_some(),
+            };
+            (held, numeric(c.resource_version(kind, &key)))
         });
         if !held {
             return Ok(None);
@@ -409,10 +420,18 @@ impl KubernetesStore {
         let deleted = self
             .runtime
             .block_on(api.delete(name, &DeleteParams::default()));
-        match deleted {
-            Ok(_) => {}
+        // The API server answers a deletion with the object as deleted,
+        // at the deletion's resourceVersion; without it (a Status, or
+        // deleted meanwhile) the deletion is known only to come after the
+        // version held.
+        let deleted_at = match deleted {
+            Ok(answer) => answer
+                .left()
+                .map(|object| numeric(object.resource_version().as_deref()))
+                .filter(|at| *at > held_at)
+                .unwrap_or(held_at + 1),
             // Deleted meanwhile: the watch brings (or brought) the event.
-            Err(e) if status_code(&e) == Some(404) => {}
+            Err(e) if status_code(&e) == Some(404) => held_at + 1,
             Err(e) => {
                 return Err(KubeStoreError::Write {
                     action: format!("delete {} {key}", kind.as_str()),
@@ -421,9 +440,31 @@ impl KubernetesStore {
                 }
                 .into());
             }
-        }
+        };
         self.shared.update(|c| c.remove(kind, &key));
-        Ok(Some(self.generation()))
+        Ok(Some(Generation {
+            position: written_position(kind, deleted_at),
+            ..self.generation()
+        }))
+    }
+}
+
+/// A resourceVersion as a number; 0 for none, or one that is not a number.
+fn numeric(resource_version: Option<&str>) -> u64 {
+    resource_version.and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The position of a write of `kind` at resourceVersion `at`.
+fn written_position(kind: Kind, at: u64) -> Position {
+    match kind {
+        Kind::RateLimitPolicy => Position {
+            rate_limits: at,
+            ..Position::default()
+        },
+        _ => Position {
+            policies: at,
+            ..Position::default()
+        },
     }
 }
 
@@ -498,6 +539,10 @@ impl Store for KubernetesStore {
         Ok(self.shared.read(|c| c.version()))
     }
 
+    fn snapshot_position(&self) -> Result<(u64, Position), StoreError> {
+        Ok(self.shared.read(|c| (c.version(), c.position())))
+    }
+
     /// The version names the content: there is nothing to bump.
     fn bump_snapshot_version(&self) -> Result<u64, StoreError> {
         self.snapshot_version()
@@ -517,6 +562,10 @@ impl Store for KubernetesStore {
         dry_run: bool,
     ) -> Result<AppliedDocuments, StoreError> {
         let mut applied = AppliedDocuments::default();
+        // Where each document stands once written: what the write got, or
+        // what is held when it is unchanged (another replica may not hold
+        // that yet either).
+        let mut written = Position::default();
         for policy in policies {
             let key = policy_key(&policy.namespace, &policy.name);
             let kind = Kind::AuthorizationPolicy;
@@ -532,11 +581,12 @@ impl Store for KubernetesStore {
             let (revision, outcome) = outcome_of(held, |old| same_content(old, policy));
             // An object held as invalid is not in `held` but exists: the
             // write replaces it.
-            let revision = if dry_run || outcome == PolicyOutcome::Unchanged {
-                revision
+            let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
+                (revision, numeric(held_version.as_deref()))
             } else {
                 self.write_policy(policy, held_version.as_deref())?
             };
+            written = written.max(written_position(kind, at));
             applied.policies.push(AppliedPolicy {
                 namespace: policy.namespace.clone(),
                 name: policy.name.clone(),
@@ -554,11 +604,12 @@ impl Store for KubernetesStore {
                 )
             });
             let (revision, outcome) = outcome_of(held, |old| old == limit);
-            let revision = if dry_run || outcome == PolicyOutcome::Unchanged {
-                revision
+            let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
+                (revision, numeric(held_version.as_deref()))
             } else {
                 self.write_rate_limit(limit, held_version.as_deref())?
             };
+            written = written.max(written_position(kind, at));
             applied.rate_limits.push(AppliedPolicy {
                 namespace: limit.namespace.clone(),
                 name: limit.name.clone(),
@@ -566,7 +617,10 @@ impl Store for KubernetesStore {
                 outcome,
             });
         }
-        applied.generation = KubernetesStore::generation(self);
+        applied.generation = Generation {
+            position: written,
+            ..KubernetesStore::generation(self)
+        };
         Ok(applied)
     }
 
@@ -625,6 +679,7 @@ impl Store for KubernetesStore {
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
         Ok(self.shared.read(|c| DiscoveryState {
             version: c.version(),
+            position: c.position(),
             // Endpoints are Pods, which no certificate expiry removes.
             version_set_at_unix: None,
             workloads: c.workloads(),

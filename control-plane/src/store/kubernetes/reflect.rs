@@ -104,6 +104,8 @@ pub async fn reflect<K>(
 {
     let mut first = Some(first);
     let mut listing: Option<BTreeMap<String, Reflected>> = None;
+    // The newest resourceVersion among the objects of the list being read.
+    let mut listed_up_to = String::new();
     let mut backoff = BACKOFF_MIN;
     let stream = watcher(api, config);
     futures::pin_mut!(stream);
@@ -123,8 +125,15 @@ pub async fn reflect<K>(
         };
         backoff = BACKOFF_MIN;
         match event {
-            Event::Init => listing = Some(BTreeMap::new()),
+            Event::Init => {
+                listing = Some(BTreeMap::new());
+                listed_up_to = String::new();
+            }
             Event::InitApply(object) => {
+                let at = object.resource_version().unwrap_or_default();
+                if is_later(&at, &listed_up_to) {
+                    listed_up_to = at;
+                }
                 if let Some(found) = reflected(kind, &object, &convert) {
                     listing
                         .get_or_insert_with(BTreeMap::new)
@@ -134,7 +143,12 @@ pub async fn reflect<K>(
             Event::InitDone => {
                 let listed = listing.take().unwrap_or_default();
                 let count = listed.len();
-                let version = shared.update(|cache| cache.replace(kind, listed));
+                // A list says nothing of deletions since the last event:
+                // the position moves to the newest object listed.
+                let version = shared.update(|cache| {
+                    let changed = cache.replace(kind, listed);
+                    cache.reached(kind, &listed_up_to) || changed
+                });
                 tracing::info!(kind = kind.as_str(), count, version, "listed");
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
@@ -143,12 +157,31 @@ pub async fn reflect<K>(
             Event::Apply(object) => {
                 let found = reflected(kind, &object, &convert);
                 let key = object_key(&object);
-                shared.update(|cache| cache.apply(kind, &key, found));
+                let at = object.resource_version().unwrap_or_default();
+                // The echo of this replica's own write changes no content,
+                // but moves the position: announced all the same.
+                shared.update(|cache| {
+                    let changed = cache.apply(kind, &key, found);
+                    cache.reached(kind, &at) || changed
+                });
             }
             Event::Delete(object) => {
                 let key = object_key(&object);
-                shared.update(|cache| cache.remove(kind, &key));
+                let at = object.resource_version().unwrap_or_default();
+                shared.update(|cache| {
+                    let changed = cache.remove(kind, &key);
+                    cache.reached(kind, &at) || changed
+                });
             }
         }
+    }
+}
+
+/// Whether resourceVersion `a` is a number above `b` (or `b` is none).
+fn is_later(a: &str, b: &str) -> bool {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        (Ok(_), Err(_)) => true,
+        _ => false,
     }
 }
