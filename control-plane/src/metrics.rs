@@ -17,6 +17,8 @@ pub struct Metrics {
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
+    /// Snapshots sent, and their bytes, by how they carried the endpoints.
+    snapshots_sent: Mutex<BTreeMap<&'static str, (u64, u64)>>,
     /// When each root of the published bundle expires (Unix seconds);
     /// empty before the bundle is known.
     trust_bundle_expiries: Mutex<Vec<i64>>,
@@ -51,6 +53,15 @@ impl Metrics {
 
     pub fn watch_stream_closed(&self) {
         self.watch_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `bytes` sent on a Watch stream, its endpoints carried
+    /// as `endpoints` says (`full`, `unchanged` or `changes`).
+    pub fn snapshot_sent(&self, endpoints: &'static str, bytes: usize) {
+        let mut sent = self.snapshots_sent.lock().expect("not poisoned");
+        let (count, total) = sent.entry(endpoints).or_default();
+        *count += 1;
+        *total += bytes as u64;
     }
 
     /// The trust bundle published: when each of its roots expires (Unix
@@ -94,6 +105,32 @@ impl Metrics {
              trellis_watch_streams {}",
             self.watch_streams.load(Ordering::Relaxed)
         );
+        let sent = self.snapshots_sent.lock().expect("not poisoned").clone();
+        let _ = writeln!(
+            out,
+            "# HELP trellis_snapshots_sent_total Snapshots sent on Discovery.Watch streams, by how \
+             they carried the mesh endpoints: all of them (full), none because the sidecar held \
+             them (unchanged), or what changed since a snapshot it held (changes).\n\
+             # TYPE trellis_snapshots_sent_total counter"
+        );
+        for (endpoints, (count, _)) in &sent {
+            let _ = writeln!(
+                out,
+                "trellis_snapshots_sent_total{{endpoints=\"{endpoints}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP trellis_snapshot_bytes_sent_total Bytes of the snapshots of \
+             trellis_snapshots_sent_total (their protobuf encoding).\n\
+             # TYPE trellis_snapshot_bytes_sent_total counter"
+        );
+        for (endpoints, (_, bytes)) in &sent {
+            let _ = writeln!(
+                out,
+                "trellis_snapshot_bytes_sent_total{{endpoints=\"{endpoints}\"}} {bytes}"
+            );
+        }
         let expiries = self
             .trust_bundle_expiries
             .lock()

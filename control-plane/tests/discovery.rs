@@ -34,6 +34,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
             last_version: 0,
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
+            accepts_endpoint_changes: false,
         })),
     }
 }
@@ -216,6 +217,7 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
             last_version: held.version,
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
+            accepts_endpoint_changes: false,
         })),
     })
     .await

@@ -120,6 +120,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             inbound_addresses: vec!["10.244.1.17:15006".into()],
             last_version: 0,
             accepts_endpoints_version: false,
+            accepts_endpoint_changes: false,
         })),
     })
     .await

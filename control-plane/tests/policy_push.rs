@@ -9,7 +9,7 @@ use common::policy::*;
 use common::*;
 use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, Workload};
 use trellis_proto::discovery::v1::watch_request::Kind;
-use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, WatchRequest};
+use trellis_proto::discovery::v1::{Ack, Endpoint, EndpointChanges, Nack, Snapshot, WatchRequest};
 
 fn has_endpoint(snapshot: &Snapshot, id: &str) -> bool {
     snapshot.endpoints.iter().any(|e| e.spiffe_id == id)
@@ -110,7 +110,8 @@ async fn a_burst_of_policy_changes_reaches_only_the_selected_sidecar_coalesced()
 async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     let cp = ControlPlane::start(&[]);
     let web = enroll(&cp, WEB, "127.0.0.1:7131").await;
-    let mut web_watch = Watcher::open_with(&cp, &web, "127.0.0.1:7131", true).await;
+    let mut web_watch =
+        Watcher::open_with(&cp, &web, "127.0.0.1:7131", Takes::EndpointsVersion).await;
     let mut old_watch = Watcher::open(&cp, &web, "127.0.0.1:7131").await;
     let first = web_watch.next().await;
     assert_eq!(first.endpoints_version, 0);
@@ -152,6 +153,69 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     let fifth = web_watch.next().await;
     assert_eq!(fifth.endpoints_version, 0);
     assert!(has_endpoint(&fifth, WEB) && has_endpoint(&fifth, DB));
+}
+
+/// A sidecar that takes `endpoint_changes` is sent, when endpoints join,
+/// move or leave, only what changed since the snapshot it accepted last:
+/// a joining workload is one endpoint, one that moves is its new address
+/// and the old one removed. The control plane's metrics count the
+/// snapshots, and their bytes, by how they carried the endpoints.
+#[tokio::test]
+async fn a_sidecar_that_takes_changes_is_sent_only_the_endpoints_that_changed() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7161").await;
+    enroll(&cp, API, "127.0.0.1:7162").await;
+    let mut web_watch =
+        Watcher::open_with(&cp, &web, "127.0.0.1:7161", Takes::EndpointChanges).await;
+    let first = web_watch.next().await;
+    assert_eq!(
+        (first.endpoints_version, &first.endpoint_changes),
+        (0, &None)
+    );
+    assert!(has_endpoint(&first, WEB) && has_endpoint(&first, API));
+    acked(&cp, WEB, first.version).await;
+
+    enroll(&cp, DB, "127.0.0.1:7163").await;
+    let second = web_watch.next().await;
+    assert_eq!(second.endpoints_version, first.version);
+    assert!(second.endpoints.is_empty(), "{second:?}");
+    let endpoint = |address: &str, id: &str| Endpoint {
+        address: address.into(),
+        spiffe_id: id.into(),
+    };
+    assert_eq!(
+        second.endpoint_changes,
+        Some(EndpointChanges {
+            endpoints: vec![endpoint("127.0.0.1:7163", DB)],
+            ..EndpointChanges::default()
+        })
+    );
+    acked(&cp, WEB, second.version).await;
+
+    // db renews from another address: it moves.
+    enroll(&cp, DB, "127.0.0.1:7164").await;
+    let third = web_watch.next().await;
+    assert_eq!(third.endpoints_version, second.version);
+    assert_eq!(
+        third.endpoint_changes,
+        Some(EndpointChanges {
+            endpoints: vec![endpoint("127.0.0.1:7164", DB)],
+            removed_endpoints: vec!["127.0.0.1:7163".into()],
+            ..EndpointChanges::default()
+        })
+    );
+
+    let metrics = cp.metrics();
+    let sent = |endpoints: &str| {
+        let prefix = format!("trellis_snapshots_sent_total{{endpoints=\"{endpoints}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    assert_eq!((sent("full"), sent("changes")), (1, 2), "{metrics}");
+    assert!(metrics.contains("trellis_snapshot_bytes_sent_total{endpoints=\"changes\"} "));
 }
 
 /// Waits until ListWorkloads, at the version served, shows web and db as

@@ -50,6 +50,7 @@ async fn watch(
             inbound_addresses: vec![inbound.into()],
             last_version: 0,
             accepts_endpoints_version: false,
+            accepts_endpoint_changes: false,
         })),
     })
     .await

@@ -66,6 +66,7 @@ async fn watch(
             last_version,
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
+            accepts_endpoint_changes: false,
         })),
     })
     .await

@@ -10,7 +10,9 @@
 //! snapshot only when that key changed. A sidecar that subscribed with
 //! `accepts_endpoints_version` and acknowledged the last snapshot sent is
 //! not sent endpoints it holds: the snapshot names the version they come
-//! from instead. Snapshots leave as
+//! from instead, and, when they changed since and the sidecar subscribed
+//! with `accepts_endpoint_changes`, carries only what changed (computed
+//! once per starting version for every stream). Snapshots leave as
 //! [`EncodedSnapshot`]s, whose shared parts were encoded once per version
 //! (the route that writes them is `super::discovery_server`).
 //! The stream ends with UNAVAILABLE when the control plane shuts down.
@@ -28,7 +30,7 @@ use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
 use super::{Mesh, quoted_chars, quoted_up_to, require_svid};
-use crate::discovery::{COALESCE_WINDOW, ContentKey};
+use crate::discovery::{COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, View};
 
 /// At most this many characters of what a sidecar sent (its addresses, a
 /// NACK's reason) are logged.
@@ -90,18 +92,27 @@ impl DiscoveryService {
 
 type Sender = mpsc::Sender<Result<EncodedSnapshot, Status>>;
 
+/// One snapshot a stream sent: its version and its endpoints.
+#[derive(Clone, Debug)]
+struct Sent {
+    version: u64,
+    endpoints: HeldEndpoints,
+}
+
 /// What the sidecar at the other end of a stream holds, as far as the
 /// stream knows: which snapshot it sent last, and which one the sidecar
-/// last acknowledged, each with the token of its endpoints.
+/// last acknowledged, each with its endpoints.
 #[derive(Default)]
 struct Held {
     /// The sidecar understands `Snapshot.endpoints_version`.
     accepts_reference: bool,
+    /// The sidecar understands `Snapshot.endpoint_changes`.
+    accepts_changes: bool,
     /// The last snapshot sent and not yet answered.
-    in_flight: Option<(u64, u64)>,
+    in_flight: Option<Sent>,
     /// The last snapshot the sidecar accepted (what it holds when nothing
     /// is in flight: a refused snapshot leaves the last good one).
-    acked: Option<(u64, u64)>,
+    acked: Option<Sent>,
     /// The version of the last snapshot sent (or found held).
     sent: u64,
     /// The newest version whose content for this sidecar is that of the
@@ -111,24 +122,38 @@ struct Held {
 }
 
 impl Held {
-    /// The version whose endpoints the next snapshot may refer to instead
-    /// of carrying them: only when the sidecar holds them for sure.
-    fn reference_for(&self, endpoints_token: u64) -> Option<u64> {
-        match (self.accepts_reference, self.in_flight, self.acked) {
-            (true, None, Some((version, token))) if token == endpoints_token => Some(version),
-            _ => None,
+    /// How the next snapshot, of `view`, carries its endpoints: by
+    /// reference to a version the sidecar holds for sure (the last one it
+    /// accepted, with nothing in flight) when they are the same, or that
+    /// version's with what changed since when that is smaller; else all
+    /// of them.
+    fn endpoints_for(&self, discovery: &Discovery, view: &View) -> EndpointsIn {
+        let (true, None, Some(acked)) = (self.accepts_reference, &self.in_flight, &self.acked)
+        else {
+            return EndpointsIn::Full;
+        };
+        if acked.endpoints.token == view.endpoints_token() {
+            return EndpointsIn::Same(acked.version);
+        }
+        match self.accepts_changes {
+            true => discovery
+                .endpoint_changes(&acked.endpoints, view)
+                .map_or(EndpointsIn::Full, |part| {
+                    EndpointsIn::Changes(acked.version, part)
+                }),
+            false => EndpointsIn::Full,
         }
     }
 
     /// Takes the sidecar's answer for `version`; returns whether it was the
     /// answer to the snapshot in flight.
     fn answered(&mut self, version: u64, accepted: bool) -> bool {
-        let Some(sent) = self.in_flight.filter(|(v, _)| *v == version) else {
+        if self.in_flight.as_ref().is_none_or(|s| s.version != version) {
             return false;
-        };
-        self.in_flight = None;
+        }
+        let sent = self.in_flight.take();
         if accepted {
-            self.acked = Some(sent);
+            self.acked = sent;
         }
         true
     }
@@ -136,7 +161,7 @@ impl Held {
     /// Whether the sidecar holds the last snapshot sent: answered, and
     /// accepted.
     fn holds_last_sent(&self) -> bool {
-        self.in_flight.is_none() && self.acked.is_some_and(|(v, _)| v == self.sent)
+        self.in_flight.is_none() && self.acked.as_ref().is_some_and(|s| s.version == self.sent)
     }
 }
 
@@ -151,6 +176,7 @@ async fn serve_stream(
     let last_version = subscribe.last_version;
     let mut sidecar = Held {
         accepts_reference: subscribe.accepts_endpoints_version,
+        accepts_changes: subscribe.accepts_endpoints_version && subscribe.accepts_endpoint_changes,
         ..Held::default()
     };
     let _open = mesh.discovery.open_stream(id);
@@ -203,14 +229,21 @@ async fn serve_stream(
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
                     mesh.discovery.ack(id, last_version, Some(last_version));
-                    sidecar.acked = Some((last_version, view.endpoints_token()));
+                    sidecar.acked = Some(Sent {
+                        version: last_version,
+                        endpoints: view.held_endpoints(),
+                    });
                     continue;
                 }
                 // Endpoints the sidecar holds are not sent again: with every
                 // workload an endpoint, they are most of every snapshot.
-                let reference = sidecar.reference_for(view.endpoints_token());
-                let snapshot = mesh.discovery.encoded_snapshot_in(&view, id, reference);
-                sidecar.in_flight = Some((view.version, view.endpoints_token()));
+                let endpoints = sidecar.endpoints_for(&mesh.discovery, &view);
+                let snapshot = mesh.discovery.encoded_snapshot_in(&view, id, &endpoints);
+                mesh.metrics.snapshot_sent(endpoints.label(), snapshot.encoded_len());
+                sidecar.in_flight = Some(Sent {
+                    version: view.version,
+                    endpoints: view.held_endpoints(),
+                });
                 drop(view);
                 if tx.send(Ok(snapshot)).await.is_err() {
                     return "sidecar went away";

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{DefaultPolicy, ValidationContext, WorkloadSelector};
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
-use trellis_proto::discovery::v1::{Endpoint, MeshConfig, Service, Snapshot};
+use trellis_proto::discovery::v1::{Endpoint, EndpointChanges, MeshConfig, Service, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Position, Store, StoreError};
@@ -349,6 +349,16 @@ impl View {
         self.endpoints_token
     }
 
+    /// The endpoints and services of this view, as a stream remembers
+    /// what its sidecar holds (shared, not copied).
+    pub fn held_endpoints(&self) -> HeldEndpoints {
+        HeldEndpoints {
+            token: self.endpoints_token,
+            endpoints: self.endpoints.clone(),
+            services: self.services.clone(),
+        }
+    }
+
     /// What the snapshot of the workload `id` holds, by content tokens.
     pub fn content_key(&self, id: &SpiffeId) -> ContentKey {
         ContentKey {
@@ -389,6 +399,56 @@ impl View {
     }
 }
 
+/// The endpoints and services of a snapshot a sidecar holds, shared with
+/// the view they came from.
+#[derive(Clone, Debug)]
+pub struct HeldEndpoints {
+    /// Their content token ([`View::endpoints_token`]).
+    pub token: u64,
+    endpoints: Arc<Vec<Endpoint>>,
+    services: Arc<Vec<Service>>,
+}
+
+/// How a snapshot carries its endpoints and services.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointsIn {
+    /// Every one of them.
+    Full,
+    /// None: they are those of the snapshot of this version, which the
+    /// sidecar holds.
+    Same(u64),
+    /// What changed since the snapshot of this version, which the sidecar
+    /// holds: this encoded part.
+    Changes(u64, Bytes),
+}
+
+impl EndpointsIn {
+    /// For logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndpointsIn::Full => "full",
+            EndpointsIn::Same(_) => "unchanged",
+            EndpointsIn::Changes(..) => "changes",
+        }
+    }
+}
+
+/// The changes from earlier endpoint contents to the current one, each
+/// encoded once for every stream whose sidecar holds that content.
+#[derive(Debug, Default)]
+struct ChangesTo {
+    /// The content token they lead to; the cache is emptied when it moves
+    /// on.
+    to: u64,
+    /// By the token they start from: the encoded part, or `None` when
+    /// the changes are no smaller than the full lists.
+    from: HashMap<u64, Option<Bytes>>,
+}
+
+/// The most starting points [`ChangesTo`] keeps: sidecars are nearly all
+/// one or two versions behind.
+const CHANGES_KEPT: usize = 64;
+
 pub struct Discovery {
     store: Arc<dyn Store>,
     bundle: Vec<Vec<u8>>,
@@ -404,6 +464,7 @@ pub struct Discovery {
     version: watch::Sender<u64>,
     sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
     served: Mutex<Served>,
+    changes: Mutex<ChangesTo>,
 }
 
 /// How many of the versions it served last a replica remembers the order
@@ -539,6 +600,7 @@ impl Discovery {
             refreshing: Mutex::new(tokens),
             sidecars: Mutex::new(BTreeMap::new()),
             served: Mutex::new(served),
+            changes: Mutex::default(),
         })
     }
 
@@ -712,32 +774,66 @@ impl Discovery {
             rate_limits: view.rate_limits_for(id),
             endpoints_version: 0,
             services: view.services.as_ref().clone(),
+            endpoint_changes: None,
         }
     }
 
     /// The snapshot for the sidecar `id` in `view`, encoded: only its own
     /// fields are encoded here, the shared ones were encoded with the view.
-    /// With `endpoints_version`, the sidecar holds the snapshot of that
+    /// With [`EndpointsIn::Same`], the sidecar holds the snapshot of that
     /// version, whose endpoints and services are `view`'s: they are left
-    /// out and the snapshot refers to them.
+    /// out and the snapshot refers to them; with [`EndpointsIn::Changes`],
+    /// the snapshot refers to them and carries what changed.
     pub fn encoded_snapshot_in(
         &self,
         view: &View,
         id: &SpiffeId,
-        endpoints_version: Option<u64>,
+        endpoints: &EndpointsIn,
     ) -> EncodedSnapshot {
+        let endpoints_version = match endpoints {
+            EndpointsIn::Full => 0,
+            EndpointsIn::Same(version) | EndpointsIn::Changes(version, _) => *version,
+        };
         let own = Snapshot {
             version: view.version,
             policies: view.policies_for(id),
             rate_limits: view.rate_limits_for(id),
-            endpoints_version: endpoints_version.unwrap_or(0),
+            endpoints_version,
             ..Snapshot::default()
         };
         let mut parts = vec![EncodedSnapshot::part(&own), self.constant_part.clone()];
-        if endpoints_version.is_none() {
-            parts.push(view.endpoints_part.clone());
+        match endpoints {
+            EndpointsIn::Full => parts.push(view.endpoints_part.clone()),
+            EndpointsIn::Same(_) => {}
+            EndpointsIn::Changes(_, changes) => parts.push(changes.clone()),
         }
         EncodedSnapshot::from_parts(parts)
+    }
+
+    /// What changed from `held` to `view`'s endpoints and services,
+    /// encoded as a snapshot part; `None` when that is no smaller than
+    /// sending them all. Computed once per starting content for every
+    /// stream (the changes to the current view are kept until it moves
+    /// on).
+    pub fn endpoint_changes(&self, held: &HeldEndpoints, view: &View) -> Option<Bytes> {
+        let mut cache = self.changes.lock().expect("not poisoned");
+        if cache.to != view.endpoints_token {
+            cache.to = view.endpoints_token;
+            cache.from.clear();
+        }
+        if let Some(part) = cache.from.get(&held.token) {
+            return part.clone();
+        }
+        let changes = changes_between(held, view);
+        let part = EncodedSnapshot::part(&Snapshot {
+            endpoint_changes: Some(changes),
+            ..Snapshot::default()
+        });
+        let part = (part.len() < view.endpoints_part.len()).then_some(part);
+        if cache.from.len() < CHANGES_KEPT {
+            cache.from.insert(held.token, part.clone());
+        }
+        part
     }
 
     /// Marks a stream from `id` open until the returned guard is dropped.
@@ -877,6 +973,49 @@ fn published_since_expired(state: &DiscoveryState, now: i64) -> bool {
                 .version_set_at_unix
                 .is_none_or(|set_at| w.cert_expires_at_unix > set_at)
     })
+}
+
+/// Endpoints and services in `view` that are not in `held` as they are
+/// there (joined or changed), and the addresses of those in `held` that
+/// `view` no longer has, each in the order of its list.
+fn changes_between(held: &HeldEndpoints, view: &View) -> EndpointChanges {
+    fn by_address<T>(items: &[T], address: impl Fn(&T) -> &str) -> HashMap<&str, &T> {
+        items.iter().map(|item| (address(item), item)).collect()
+    }
+    let (old, new) = (
+        by_address(&held.endpoints, |e: &Endpoint| &e.address),
+        by_address(&view.endpoints, |e: &Endpoint| &e.address),
+    );
+    let (old_services, new_services) = (
+        by_address(&held.services, |s: &Service| &s.address),
+        by_address(&view.services, |s: &Service| &s.address),
+    );
+    EndpointChanges {
+        endpoints: view
+            .endpoints
+            .iter()
+            .filter(|e| old.get(e.address.as_str()) != Some(e))
+            .cloned()
+            .collect(),
+        removed_endpoints: held
+            .endpoints
+            .iter()
+            .filter(|e| !new.contains_key(e.address.as_str()))
+            .map(|e| e.address.clone())
+            .collect(),
+        services: view
+            .services
+            .iter()
+            .filter(|s| old_services.get(s.address.as_str()) != Some(s))
+            .cloned()
+            .collect(),
+        removed_services: held
+            .services
+            .iter()
+            .filter(|s| !new_services.contains_key(s.address.as_str()))
+            .map(|s| s.address.clone())
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::store::{IssuedCertRecord, WorkloadRecord};
 
 const WEB: &str = "spiffe://td/ns/a/sa/web";
 const DB: &str = "spiffe://td/ns/a/sa/db";
+const API: &str = "spiffe://td/ns/a/sa/api";
 
 /// Records a renewal of `id` listening on `address`, valid for an hour.
 fn register(store: &EmbeddedStore, id: &str, serial: &str, address: &str) {
@@ -39,7 +40,7 @@ fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
     let web = SpiffeId::parse(WEB).unwrap();
     let view = discovery.view();
     let decoded = discovery
-        .encoded_snapshot_in(&view, &web, None)
+        .encoded_snapshot_in(&view, &web, &EndpointsIn::Full)
         .decode()
         .unwrap();
     assert_eq!(decoded, discovery.snapshot_in(&view, &web));
@@ -50,7 +51,7 @@ fn an_encoded_snapshot_decodes_as_the_snapshot_it_stands_for() {
     discovery.refresh().unwrap();
     let view = discovery.view();
     let decoded = discovery
-        .encoded_snapshot_in(&view, &web, None)
+        .encoded_snapshot_in(&view, &web, &EndpointsIn::Full)
         .decode()
         .unwrap();
     assert_eq!(decoded, discovery.snapshot_in(&view, &web));
@@ -70,7 +71,7 @@ fn a_snapshot_that_refers_to_held_endpoints_leaves_them_out() {
     let web = SpiffeId::parse(WEB).unwrap();
     let view = discovery.view();
     let full = discovery.snapshot_in(&view, &web);
-    let encoded = discovery.encoded_snapshot_in(&view, &web, Some(view.version - 1));
+    let encoded = discovery.encoded_snapshot_in(&view, &web, &EndpointsIn::Same(view.version - 1));
     let decoded = encoded.decode().unwrap();
     assert_eq!(decoded.endpoints_version, view.version - 1);
     assert!(decoded.endpoints.is_empty());
@@ -83,6 +84,62 @@ fn a_snapshot_that_refers_to_held_endpoints_leaves_them_out() {
         full,
         "everything but the endpoints is sent"
     );
+}
+
+/// A sidecar that holds an earlier content of the endpoints can be sent
+/// what changed since instead: computed once per starting content (the
+/// same bytes for every stream that starts there), and not at all when it
+/// would be no smaller than the whole list.
+#[test]
+fn endpoint_changes_are_what_changed_since_the_content_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    register(&store, WEB, "01", "127.0.0.1:7001");
+    register(&store, DB, "02", "127.0.0.1:7002");
+    let discovery =
+        Discovery::new(store.clone(), vec![vec![1, 2, 3]], MeshConfig::default()).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let before = discovery.view();
+    let held = before.held_endpoints();
+    register(&store, API, "03", "127.0.0.1:7003");
+    register(&store, DB, "04", "127.0.0.1:7004");
+    discovery.changed().unwrap();
+    let view = discovery.view();
+    assert_ne!(view.endpoints_token(), held.token);
+
+    let part = discovery.endpoint_changes(&held, &view).unwrap();
+    let again = discovery.endpoint_changes(&held, &view).unwrap();
+    assert_eq!(part.as_ptr(), again.as_ptr(), "encoded once");
+    let endpoints = EndpointsIn::Changes(before.version, part);
+    let decoded = discovery
+        .encoded_snapshot_in(&view, &web, &endpoints)
+        .decode()
+        .unwrap();
+    assert_eq!(decoded.endpoints_version, before.version);
+    assert!(decoded.endpoints.is_empty() && decoded.services.is_empty());
+    let endpoint = |address: &str, id: &str| Endpoint {
+        address: address.into(),
+        spiffe_id: id.into(),
+    };
+    assert_eq!(
+        decoded.endpoint_changes,
+        Some(EndpointChanges {
+            endpoints: vec![
+                endpoint("127.0.0.1:7003", API),
+                endpoint("127.0.0.1:7004", DB)
+            ],
+            removed_endpoints: vec!["127.0.0.1:7002".into()],
+            ..EndpointChanges::default()
+        })
+    );
+
+    // From nothing held, the changes are every endpoint: no smaller.
+    let nothing = HeldEndpoints {
+        token: u64::MAX,
+        endpoints: Arc::default(),
+        services: Arc::default(),
+    };
+    assert_eq!(discovery.endpoint_changes(&nothing, &view), None);
 }
 
 /// Versions of the Kubernetes store are content digests: a smaller number
@@ -221,7 +278,6 @@ fn without_the_time_of_the_version_any_expired_endpoint_counts() {
 /// mesh on one machine, one port each) still is.
 #[test]
 fn a_loopback_address_several_workloads_report_is_not_published() {
-    const API: &str = "spiffe://td/ns/a/sa/api";
     let view = View::from_state(DiscoveryState {
         version: 7,
         workloads: vec![
@@ -320,7 +376,7 @@ fn a_restart_with_another_trust_bundle_is_a_new_version() {
     assert_eq!(snapshot.version, version);
     assert_eq!(snapshot.trust_bundle, [signing.clone(), anchor.clone()]);
     let encoded = both
-        .encoded_snapshot_in(&view, &web, None)
+        .encoded_snapshot_in(&view, &web, &EndpointsIn::Full)
         .decode()
         .unwrap();
     assert_eq!(encoded, snapshot);

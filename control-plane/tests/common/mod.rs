@@ -44,25 +44,32 @@ pub struct Watcher {
     pub snapshots: tonic::Streaming<Snapshot>,
 }
 
+/// How a simulated sidecar's Subscribe says it takes the endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takes {
+    /// All of them in every snapshot (a sidecar older than both flags).
+    AllEndpoints,
+    /// `endpoints_version`: none when they are those of a snapshot it holds.
+    EndpointsVersion,
+    /// `endpoints_version` and `endpoint_changes`: what changed since.
+    EndpointChanges,
+}
+
 impl Watcher {
     pub async fn open(cp: &ControlPlane, svid: &Svid, inbound: &str) -> Self {
-        Self::open_with(cp, svid, inbound, false).await
+        Self::open_with(cp, svid, inbound, Takes::AllEndpoints).await
     }
 
-    /// A stream whose Subscribe says whether it takes `endpoints_version`.
-    pub async fn open_with(
-        cp: &ControlPlane,
-        svid: &Svid,
-        inbound: &str,
-        accepts_endpoints_version: bool,
-    ) -> Self {
+    /// A stream whose Subscribe says how it takes the endpoints.
+    pub async fn open_with(cp: &ControlPlane, svid: &Svid, inbound: &str, takes: Takes) -> Self {
         let (acks, rx) = mpsc::channel(64);
         acks.send(WatchRequest {
             kind: Some(Kind::Subscribe(Subscribe {
                 inbound_address: inbound.into(),
                 last_version: 0,
                 inbound_addresses: Vec::new(),
-                accepts_endpoints_version,
+                accepts_endpoints_version: takes != Takes::AllEndpoints,
+                accepts_endpoint_changes: takes == Takes::EndpointChanges,
             })),
         })
         .await

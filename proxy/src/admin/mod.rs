@@ -190,6 +190,9 @@ struct ConfigView {
     snapshot_version: Option<u64>,
     /// The authorization policy in force (null before the first snapshot).
     policy: Option<PolicyView>,
+    /// How many mesh endpoints the snapshot in force knows (null before
+    /// the first snapshot).
+    endpoints: Option<usize>,
     /// The services a call may be addressed to (null before the first
     /// snapshot): an operator checks here that a Service resolved.
     services: Option<ServicesView>,
@@ -295,6 +298,7 @@ fn config_view(state: &State) -> ConfigView {
             default_policy: s.policies.set.default_policy().as_str(),
             policies: s.policies.names().map(str::to_owned).collect(),
         }),
+        endpoints: snapshot.as_ref().map(|s| s.endpoints.len()),
         services: snapshot.as_deref().map(ServicesView::of),
         close_denied_connections: c.close_denied_connections,
         opaque_ports: snapshot.as_ref().map_or_else(

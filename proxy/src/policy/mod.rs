@@ -18,7 +18,10 @@
 //! snapshot. The endpoints and services travel together: a snapshot that
 //! refers to the endpoints of a held version keeps that version's services
 //! as well, and one that would pair services with endpoints they were not
-//! sent with is refused.
+//! sent with is refused. A snapshot that refers to a held version and
+//! carries what changed since (`endpoint_changes`) makes those changes to
+//! copies of that version's endpoints and services, and looks up every
+//! backend's peer again against the endpoints that result.
 
 mod authz;
 mod services;
@@ -117,6 +120,16 @@ pub enum InvalidSnapshot {
          one or the other"
     )]
     ServicesTwice,
+    #[error("endpoint_changes without endpoints_version: changes to which endpoints?")]
+    ChangesWithoutBase,
+    #[error("{field}[{index}] {address} is not ip:port")]
+    RemovedAddress {
+        field: &'static str,
+        index: usize,
+        address: String,
+    },
+    #[error("endpoint_changes.{0}")]
+    InChanges(Box<InvalidSnapshot>),
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
 }
@@ -138,24 +151,31 @@ impl Snapshot {
     /// `endpoints_version` is set takes its endpoints and services from
     /// `held`, which must be the snapshot of that version.
     pub fn compile_in(
-        raw: pb::Snapshot,
+        mut raw: pb::Snapshot,
         held: Option<&Snapshot>,
         local: &SpiffeId,
         opaque_ports: &[u16],
         metrics: &Metrics,
     ) -> Result<Self, InvalidSnapshot> {
+        let changes = raw.endpoint_changes.take();
         let shared = match raw.endpoints_version {
+            0 if changes.is_some() => return Err(InvalidSnapshot::ChangesWithoutBase),
             0 => None,
             _ if !raw.endpoints.is_empty() => return Err(InvalidSnapshot::EndpointsTwice),
             // A service's backends are judged against the endpoints sent
             // with it; held endpoints come with their own services.
             _ if !raw.services.is_empty() => return Err(InvalidSnapshot::ServicesTwice),
             refers => match held {
-                Some(held) if held.version == refers => Some((
-                    held.endpoints.clone(),
-                    held.endpoint_ips.clone(),
-                    held.services.clone(),
-                )),
+                Some(held) if held.version == refers => Some(match changes {
+                    None => (
+                        held.endpoints.clone(),
+                        held.endpoint_ips.clone(),
+                        held.services.clone(),
+                    ),
+                    Some(changes) => held
+                        .changed(changes)
+                        .map_err(|e| InvalidSnapshot::InChanges(Box::new(e)))?,
+                }),
                 _ => {
                     return Err(InvalidSnapshot::EndpointsNotHeld {
                         refers,
@@ -258,11 +278,72 @@ impl Snapshot {
     }
 }
 
+/// The endpoints and services a snapshot shares with the ones after it.
+type Shared = (
+    Arc<HashMap<SocketAddr, SpiffeId>>,
+    Arc<HashMap<IpAddr, SpiffeId>>,
+    Arc<Services>,
+);
+
+impl Snapshot {
+    /// This snapshot's endpoints and services with `changes` made: copies,
+    /// so a refused change leaves this snapshot as it is. Every backend's
+    /// peer is looked up again, against the endpoints that result.
+    fn changed(&self, changes: pb::EndpointChanges) -> Result<Shared, InvalidSnapshot> {
+        let mut endpoints = (*self.endpoints).clone();
+        for (index, raw) in changes.removed_endpoints.iter().enumerate() {
+            endpoints.remove(&removed_address("removed_endpoints", index, raw)?);
+        }
+        add_endpoints(&mut endpoints, changes.endpoints)?;
+        let endpoint_ips = pod_ips(&endpoints);
+        let lookup = |addr| peer(&endpoints, &endpoint_ips, addr);
+        let mut gone = Vec::with_capacity(changes.removed_services.len());
+        for (index, raw) in changes.removed_services.iter().enumerate() {
+            gone.push(removed_address("removed_services", index, raw)?);
+        }
+        let added = services::compile(changes.services, lookup)?;
+        let mut services: Services = self
+            .services
+            .iter()
+            .filter(|(addr, _)| !gone.contains(addr) && !added.contains_key(addr))
+            .map(|(addr, service)| (*addr, service.with_peers(lookup)))
+            .collect();
+        services.extend(added);
+        Ok((
+            Arc::new(endpoints),
+            Arc::new(endpoint_ips),
+            Arc::new(services),
+        ))
+    }
+}
+
+/// The address of something removed, from `field[index]`.
+fn removed_address(
+    field: &'static str,
+    index: usize,
+    raw: &str,
+) -> Result<SocketAddr, InvalidSnapshot> {
+    raw.parse().map_err(|_| InvalidSnapshot::RemovedAddress {
+        field,
+        index,
+        address: services::quoted(raw),
+    })
+}
+
 /// The endpoints of a snapshot that carries them, by address.
 fn compile_endpoints(
     raw: Vec<pb::Endpoint>,
 ) -> Result<HashMap<SocketAddr, SpiffeId>, InvalidSnapshot> {
     let mut endpoints = HashMap::with_capacity(raw.len());
+    add_endpoints(&mut endpoints, raw)?;
+    Ok(endpoints)
+}
+
+/// Adds (or replaces, by address) each of `raw` to `endpoints`.
+fn add_endpoints(
+    endpoints: &mut HashMap<SocketAddr, SpiffeId>,
+    raw: Vec<pb::Endpoint>,
+) -> Result<(), InvalidSnapshot> {
     for (index, ep) in raw.into_iter().enumerate() {
         let address: SocketAddr =
             ep.address
@@ -278,7 +359,7 @@ fn compile_endpoints(
         })?;
         endpoints.insert(address, id);
     }
-    Ok(endpoints)
+    Ok(())
 }
 
 /// Who is at `dst` among `endpoints` and their `pod_ips`.
@@ -408,6 +489,122 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("one or the other"), "{e}");
+    }
+
+    /// A snapshot that names a held version and carries what changed
+    /// since makes those changes to copies of that version's endpoints and
+    /// services: endpoints join, move and leave, services appear, change
+    /// and go, and every backend's peer is looked up again against the
+    /// endpoints that result. Bad changes are refused naming the field,
+    /// and the held snapshot is left as it was.
+    #[test]
+    fn endpoint_changes_are_made_to_the_held_version() {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let metrics = Metrics::new();
+        let (b, c) = ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/c");
+        let held = compile(pb::Snapshot {
+            version: 7,
+            endpoints: vec![
+                endpoint("10.0.0.1:15006", b),
+                endpoint("10.0.0.2:15006", "spiffe://td/ns/a/sa/gone"),
+            ],
+            services: vec![
+                service(
+                    "10.96.0.1:80",
+                    "a/front",
+                    &["10.0.0.1:8080", "10.0.0.3:8080"],
+                ),
+                service("10.96.0.2:80", "a/old", &["10.0.0.2:8080"]),
+                service("10.96.0.3:80", "a/kept", &["10.0.0.2:8080"]),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let next = |changes| pb::Snapshot {
+            version: 9,
+            endpoints_version: 7,
+            endpoint_changes: Some(changes),
+            ..Default::default()
+        };
+        let changes = pb::EndpointChanges {
+            endpoints: vec![endpoint("10.0.0.3:15006", c)],
+            removed_endpoints: vec!["10.0.0.2:15006".into()],
+            services: vec![service("10.96.0.4:80", "a/new", &["10.0.0.1:8080"])],
+            removed_services: vec!["10.96.0.2:80".into()],
+        };
+        let s = Snapshot::compile_in(next(changes), Some(&held), &local, &[], &metrics).unwrap();
+        let addr = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let mut endpoints: Vec<_> = s
+            .endpoints
+            .iter()
+            .map(|(a, id)| (*a, id.as_str()))
+            .collect();
+        endpoints.sort();
+        assert_eq!(
+            endpoints,
+            [(addr("10.0.0.1:15006"), b), (addr("10.0.0.3:15006"), c)]
+        );
+        let peers = |service: &str| {
+            s.service_for(addr(service))
+                .unwrap_or_else(|| panic!("no service at {service}"))
+                .backends()
+                .iter()
+                .map(|backend| (backend.addr, backend.peer.id().map(SpiffeId::as_str)))
+                .collect::<Vec<_>>()
+        };
+        // 10.0.0.3 joined the mesh: the front service's backend there is
+        // now known as c.
+        assert_eq!(
+            peers("10.96.0.1:80"),
+            [
+                (addr("10.0.0.1:8080"), Some(b)),
+                (addr("10.0.0.3:8080"), Some(c))
+            ]
+        );
+        // 10.0.0.2 left it: a service kept as it was now finds no one there.
+        assert_eq!(peers("10.96.0.3:80"), [(addr("10.0.0.2:8080"), None)]);
+        assert_eq!(peers("10.96.0.4:80"), [(addr("10.0.0.1:8080"), Some(b))]);
+        assert!(s.service_for(addr("10.96.0.2:80")).is_none());
+        assert_eq!(held.endpoints.len(), 2, "the held snapshot is unchanged");
+        assert!(held.service_for(addr("10.96.0.2:80")).is_some());
+
+        let refused = |changes| {
+            Snapshot::compile_in(next(changes), Some(&held), &local, &[], &metrics)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(pb::EndpointChanges {
+                removed_endpoints: vec!["nowhere".into()],
+                ..Default::default()
+            }),
+            "endpoint_changes.removed_endpoints[0] \"nowhere\" is not ip:port"
+        );
+        assert_eq!(
+            refused(pb::EndpointChanges {
+                endpoints: vec![endpoint("10.0.0.9:15006", "http://x")],
+                ..Default::default()
+            })
+            .split(':')
+            .next(),
+            Some("endpoint_changes.endpoints[0].spiffe_id \"http")
+        );
+        assert!(
+            refused(pb::EndpointChanges {
+                services: vec![service("10.96.0.9:0", "a/x", &[])],
+                ..Default::default()
+            })
+            .starts_with("endpoint_changes.services[0].address"),
+        );
+        let without_base = pb::Snapshot {
+            endpoints_version: 0,
+            ..next(pb::EndpointChanges::default())
+        };
+        let e = compile(without_base).unwrap_err().to_string();
+        assert!(
+            e.starts_with("endpoint_changes without endpoints_version"),
+            "{e}"
+        );
     }
 
     fn service(address: &str, name: &str, backends: &[&str]) -> pb::Service {

@@ -128,6 +128,20 @@ impl Service {
         }
     }
 
+    /// This service with each backend's peer looked up again by `peer`
+    /// (the endpoints changed): a new service, its turn started afresh.
+    pub(super) fn with_peers(&self, peer: impl Fn(SocketAddr) -> Peer) -> Service {
+        let backends = self
+            .backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.addr,
+                peer: peer(b.addr),
+            })
+            .collect();
+        Service::new(self.name.clone(), backends, self.affinity)
+    }
+
     /// Every ready backend, the mesh ones first.
     pub fn backends(&self) -> &[Backend] {
         &self.backends

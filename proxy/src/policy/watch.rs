@@ -173,6 +173,7 @@ async fn session_inner(
         inbound_addresses,
         last_version,
         accepts_endpoints_version: true,
+        accepts_endpoint_changes: true,
     });
     // The receiver is alive: it was just made.
     let _ = tx
@@ -189,6 +190,12 @@ async fn session_inner(
         *received = true;
         let version = raw.version;
         let endpoints_from = raw.endpoints_version;
+        let changes = raw.endpoint_changes.as_ref().map(|c| {
+            c.endpoints.len()
+                + c.removed_endpoints.len()
+                + c.services.len()
+                + c.removed_services.len()
+        });
         let held = out.snapshot.borrow().clone();
         let answer = match Snapshot::compile_in(
             raw,
@@ -198,7 +205,7 @@ async fn session_inner(
             &out.metrics,
         ) {
             Ok(snapshot) => {
-                apply(snapshot, endpoints_from, out);
+                apply(snapshot, endpoints_from, changes, out);
                 Kind::Ack(Ack { version })
             }
             Err(e) => {
@@ -224,8 +231,10 @@ fn discovery_client(channel: Channel) -> DiscoveryClient<Channel> {
 /// Publishes a valid snapshot: its bundle if new, its policies if they
 /// change what is enforced (else the ones in force are kept, same `Arc`),
 /// then the snapshot itself. `endpoints_from` is the version whose
-/// endpoints and services it kept (0: it carried them).
-fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
+/// endpoints and services it kept (0: it carried them), with `changes`
+/// made to them (how many endpoints and services it added, replaced or
+/// removed), if any.
+fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, out: &Outputs) {
     let version = snapshot.version;
     let current = out.snapshot.borrow().as_ref().map(|s| s.policies.clone());
     let policies_changed = match current {
@@ -252,6 +261,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, out: &Outputs) {
         endpoints = snapshot.endpoints.len(),
         services = snapshot.services.len(),
         endpoints_from,
+        endpoint_changes = changes,
         policies = snapshot.policies.names().count(),
         default_policy = snapshot.policies.set.default_policy().as_str(),
         policies_changed,

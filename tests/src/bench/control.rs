@@ -90,7 +90,7 @@ pub(super) struct Sim {
     pub(super) inbound: String,
     key_der: Vec<u8>,
     pub(super) csr: Vec<u8>,
-    token: String,
+    pub(super) token: String,
     pub(super) chain: Vec<CertificateDer<'static>>,
 }
 

@@ -8,6 +8,11 @@
 //!   received a snapshot at or above the response's `snapshot_version` (the
 //!   first version holding the write) and sent its ACK is recorded (p50,
 //!   p99, max);
+//! - a workload joining: a new workload certifies with an inbound address,
+//!   and the time from its Certify call until each watcher has received
+//!   and ACKed a snapshot holding its endpoint is recorded, with the size of
+//!   that snapshot (the watchers subscribe as sidecars do, taking
+//!   `endpoint_changes`, so it carries the one new endpoint, not all N);
 //! - reconnection: every simulated sidecar drops its connection and all
 //!   come back at once (renew the certificate over mTLS, then Watch): the
 //!   time until the last one holds a certificate and a snapshot.
@@ -59,6 +64,15 @@ pub struct WatchFigures {
     /// cost of one change at this many watchers, whatever this process
     /// spends decoding.
     pub control_plane_cpu_seconds_per_round: Option<f64>,
+    /// Workloads that joined, one a round.
+    pub join_rounds: usize,
+    pub join_p50_ms: Option<f64>,
+    pub join_p99_ms: Option<f64>,
+    /// The mean size of the snapshot that brought each watcher the new
+    /// endpoint (its protobuf encoding).
+    pub join_snapshot_bytes: Option<f64>,
+    /// The control plane's CPU time per workload joining.
+    pub join_control_plane_cpu_seconds: Option<f64>,
     /// Watch streams that broke during propagation and were opened again.
     pub watch_streams_reopened: usize,
     pub reconnect_all_ready_ms: Option<f64>,
@@ -85,6 +99,9 @@ fn memory_needed_mib(watchers: usize) -> u64 {
 
 /// The namespace of the watching sims; the propagation policy selects it.
 const WATCH_NAMESPACE: &str = "bench-watch";
+
+/// The namespace of the sims that join during the join rounds.
+const JOIN_NAMESPACE: &str = "bench-join";
 
 /// The policy changed in each propagation round: it selects every watching
 /// sim and allows `port` from the same namespace.
@@ -127,14 +144,22 @@ async fn reconnect(
     let stream = tokio::spawn(async move { watch(channel, 0, inbound, &mut 0, tx).await });
     let first = tokio::time::timeout(RPC_TIMEOUT, rx.recv()).await;
     stream.abort();
-    let (_, _, at) = first
+    let (_, _, at, _) = first
         .context("no snapshot after reconnecting")?
         .context("the Watch stream ended before a snapshot")?;
     Ok(at)
 }
 
-/// What a watcher reports: which sim, which snapshot version, when.
-type Event = (usize, u64, Instant);
+/// Whether the simulated sidecars take `endpoint_changes`, as sidecars do;
+/// `TRELLIS_BENCH_ENDPOINT_CHANGES=false` makes them take every endpoint of
+/// a changed list instead, to compare.
+fn takes_changes() -> bool {
+    std::env::var("TRELLIS_BENCH_ENDPOINT_CHANGES").map_or(true, |v| v != "false")
+}
+
+/// What a watcher reports: which sim, which snapshot version, when, and
+/// the snapshot's encoded size.
+type Event = (usize, u64, Instant, usize);
 
 /// A watching sim as a real sidecar keeps its stream: when it breaks, the
 /// sim dials again with its SVID and subscribes with the last version it
@@ -193,6 +218,7 @@ async fn watch(
             last_version: *last_version,
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: true,
+            accepts_endpoint_changes: takes_changes(),
         })),
     })
     .await?;
@@ -201,6 +227,7 @@ async fn watch(
         .await?
         .into_inner();
     while let Some(snapshot) = stream.message().await? {
+        let bytes = prost::Message::encoded_len(&snapshot);
         tx.send(WatchRequest {
             kind: Some(Kind::Ack(Ack {
                 version: snapshot.version,
@@ -210,7 +237,7 @@ async fn watch(
         *last_version = snapshot.version;
         // The ACK is on its way: this sidecar holds the version.
         if events
-            .send((index, snapshot.version, Instant::now()))
+            .send((index, snapshot.version, Instant::now(), bytes))
             .is_err()
         {
             break;
@@ -220,28 +247,28 @@ async fn watch(
 }
 
 /// Waits until every sim has reported a version above `above`; returns each
-/// sim's first such report time (or fails after `patience`, saying how many
-/// reported).
+/// sim's first such report time and that snapshot's size (or fails after
+/// `patience`, saying how many reported), and the newest version seen.
 async fn collect(
     events: &mut mpsc::UnboundedReceiver<Event>,
     sims: usize,
     above: u64,
     patience: Duration,
-) -> anyhow::Result<(Vec<Instant>, u64)> {
+) -> anyhow::Result<(Vec<(Instant, usize)>, u64)> {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut seen: Vec<Option<Instant>> = vec![None; sims];
+    let mut seen: Vec<Option<(Instant, usize)>> = vec![None; sims];
     let mut count = 0;
     let mut newest = above;
     while count < sims {
         let event = tokio::time::timeout_at(deadline, events.recv()).await;
-        let Ok(Some((index, version, at))) = event else {
+        let Ok(Some((index, version, at, bytes))) = event else {
             anyhow::bail!(
                 "only {count} of {sims} simulated sidecars got a snapshot above version {above} within {patience:?}"
             );
         };
         newest = newest.max(version);
         if version > above && seen[index].is_none() {
-            seen[index] = Some(at);
+            seen[index] = Some((at, bytes));
             count += 1;
         }
     }
@@ -407,7 +434,7 @@ pub(super) async fn run(
         latencies.extend(
             arrivals
                 .iter()
-                .map(|at| at.duration_since(t0).as_secs_f64() * 1000.0),
+                .map(|(at, _)| at.duration_since(t0).as_secs_f64() * 1000.0),
         );
     }
     figures.propagation_rounds = rounds;
@@ -421,6 +448,52 @@ pub(super) async fn run(
     figures.propagation_p50_ms = percentile_ms(latencies.clone(), 0.50);
     figures.propagation_p99_ms = percentile_ms(latencies.clone(), 0.99);
     figures.propagation_max_ms = percentile_ms(latencies, 1.0);
+
+    // Workloads join, one a round: each is a new endpoint for every
+    // watcher.
+    let mut joiners = (0..rounds)
+        .map(|i| Sim::new(JOIN_NAMESPACE, i, format!("127.0.0.3:{}", 20_000 + i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    make_tokens(admin, &mut joiners).await?;
+    let channel = client.channel(None).await?;
+    let (mut joined, mut sizes_received) = (Vec::new(), Vec::new());
+    let cpu_before = control_plane_pid.and_then(super::system::cpu_seconds);
+    for (round, joiner) in joiners.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while let Ok((_, seen, _, _)) = events.try_recv() {
+            version = version.max(seen);
+        }
+        let t0 = Instant::now();
+        let request = certify(
+            channel.clone(),
+            joiner.csr.clone(),
+            Some(joiner.token.clone()),
+            joiner.inbound.clone(),
+        );
+        tokio::time::timeout(RPC_TIMEOUT, request)
+            .await
+            .context("Certify timed out")?
+            .with_context(|| format!("Certify in join round {round}"))?;
+        let (arrivals, newest) = collect(&mut events, n, version, patience(n))
+            .await
+            .with_context(|| format!("join round {round}"))?;
+        version = newest;
+        for (at, bytes) in arrivals {
+            joined.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+            sizes_received.push(bytes as f64);
+        }
+    }
+    figures.join_rounds = rounds;
+    if let (Some(before), Some(after)) = (
+        cpu_before,
+        control_plane_pid.and_then(super::system::cpu_seconds),
+    ) {
+        figures.join_control_plane_cpu_seconds = Some((after - before) / rounds as f64);
+    }
+    figures.join_p50_ms = percentile_ms(joined.clone(), 0.50);
+    figures.join_p99_ms = percentile_ms(joined, 0.99);
+    figures.join_snapshot_bytes = (!sizes_received.is_empty())
+        .then(|| sizes_received.iter().sum::<f64>() / sizes_received.len() as f64);
 
     // Everyone drops, then everyone comes back at once.
     watchers.abort_all();

@@ -475,6 +475,15 @@ pub fn table(results: &Results) -> String {
                 },
             ));
             out.push_str(&format!(
+                "  a workload joining, to {} watchers ({} rounds): p50 {}, p99 {}, {} a watcher, control-plane CPU {} a join\n",
+                w.watchers,
+                w.join_rounds,
+                f(w.join_p50_ms, " ms"),
+                f(w.join_p99_ms, " ms"),
+                f(w.join_snapshot_bytes, " bytes"),
+                f(w.join_control_plane_cpu_seconds, " s"),
+            ));
+            out.push_str(&format!(
                 "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
                 w.watchers,
                 f(w.reconnect_all_ready_ms, " ms"),

@@ -93,3 +93,41 @@ async fn tcp_bytes_cross_the_mesh_unchanged() -> anyhow::Result<()> {
     assert_eq!(echo.connections(), 1);
     Ok(())
 }
+
+/// A sidecar that is already running learns of a workload joining the
+/// mesh from a snapshot that carries only the change: its `/config`
+/// counts the new endpoint, its log says it made one endpoint change, and
+/// the control plane counts the snapshot as `changes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_sidecar_is_sent_only_the_endpoint_that_joined() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let mut caller = mesh.sidecar("caller").start().await?;
+    let endpoints = || async {
+        let config = caller.config().await?;
+        anyhow::Ok(config["endpoints"].as_u64())
+    };
+    eventually("caller to know its own endpoint", SOON, || async {
+        anyhow::ensure!(endpoints().await? == Some(1), "{:?}", endpoints().await?);
+        anyhow::Ok(())
+    })
+    .await?;
+
+    let api = HttpApp::start("api").await?;
+    let _server = mesh.sidecar("api").app(api.addr()).start().await?;
+    eventually("caller to know api's endpoint", SOON, || async {
+        anyhow::ensure!(endpoints().await? == Some(2), "{:?}", endpoints().await?);
+        anyhow::Ok(())
+    })
+    .await?;
+    caller.wait_for_log("endpoint_changes=1", SOON).await?;
+    let sent = mesh.control_plane_admin().metrics().await?;
+    let changes = sent.counter("trellis_snapshots_sent_total", &[("endpoints", "changes")]);
+    assert!(changes >= 1.0, "no snapshot sent as changes");
+    assert!(
+        sent.counter(
+            "trellis_snapshot_bytes_sent_total",
+            &[("endpoints", "changes")]
+        ) > 0.0
+    );
+    Ok(())
+}

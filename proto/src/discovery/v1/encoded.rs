@@ -97,6 +97,7 @@ mod tests {
                 backends: vec!["10.0.0.1:8080".into()],
                 client_affinity: false,
             }],
+            endpoint_changes: None,
         };
         // The per-sidecar fields first, then the shared ones, as the control
         // plane sends them: the order of fields does not matter.
