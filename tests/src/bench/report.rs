@@ -481,7 +481,7 @@ pub fn table(results: &Results) -> String {
                 f(w.join_p50_ms, " ms"),
                 f(w.join_p99_ms, " ms"),
                 f(w.join_snapshot_bytes, " bytes"),
-                f(w.join_control_plane_cpu_seconds, " s"),
+                f(w.join_control_plane_cpu_seconds.map(|s| s * 1000.0), " ms"),
             ));
             out.push_str(&format!(
                 "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
