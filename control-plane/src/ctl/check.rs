@@ -86,10 +86,7 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     }
     let mut fine = true;
     for r in &answer.replicas {
-        let name = match r.name.is_empty() {
-            true => format!("replica at {}", r.address),
-            false => format!("replica {} at {}", r.name.escape_debug(), r.address),
-        };
+        let name = super::replica_label(r);
         if !r.error.is_empty() {
             fine = false;
             out.push(finding(

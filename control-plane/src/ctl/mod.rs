@@ -629,9 +629,8 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
         for (i, r) in answer.replicas.iter().enumerate() {
             if r.error.is_empty() {
                 out.push_str(&format!(
-                    "replica {} at {}{}: snapshot {}, {} connected\n",
-                    r.name.escape_debug(),
-                    r.address,
+                    "{}{}: snapshot {}, {} connected\n",
+                    replica_label(r),
                     if i == 0 { " (answering)" } else { "" },
                     r.snapshot_version,
                     r.connected
@@ -641,6 +640,15 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
     }
     out.push_str(&silent_replicas(&answer.replicas, SILENT_STREAMS));
     out
+}
+
+/// A replica as every command names it: by its name and address, or by
+/// its address alone when it gave no name (it did not answer).
+pub fn replica_label(r: &ReplicaStatus) -> String {
+    match r.name.is_empty() {
+        true => format!("replica at {}", r.address),
+        false => format!("replica {} at {}", r.name.escape_debug(), r.address),
+    }
 }
 
 /// What a silent replica takes out of `trellisctl workloads`.
@@ -654,8 +662,8 @@ fn silent_replicas(replicas: &[ReplicaStatus], consequence: &str) -> String {
         .filter(|r| !r.error.is_empty())
         .map(|r| {
             format!(
-                "replica at {} did not answer ({}): {consequence}\n",
-                r.address,
+                "{} did not answer ({}): {consequence}\n",
+                replica_label(r),
                 r.error.escape_debug()
             )
         })

@@ -77,10 +77,7 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             .replicas
             .iter()
             .map(|r| {
-                let name = match r.name.is_empty() {
-                    true => format!("replica at {}", r.address),
-                    false => format!("replica {}", r.name.escape_debug()),
-                };
+                let name = super::replica_label(r);
                 (name, r.reached, r.snapshot_version, r.error.as_str())
             })
             .collect(),
@@ -253,7 +250,7 @@ mod tests {
         assert_eq!(
             standing.missing,
             [
-                "replica cp-b serves snapshot 8, which does not hold the write (snapshot 9) yet",
+                "replica cp-b at 10.0.0.1:15012 serves snapshot 8, which does not hold the write (snapshot 9) yet",
                 "replica at 10.0.0.1:15012 did not answer (no answer within 3s)",
                 "spiffe://td/a (on cp-a) does not hold it yet",
                 "spiffe://td/b (on cp-a) refused its newest snapshot: bad\\u{1b}[0m",
