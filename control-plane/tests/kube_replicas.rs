@@ -12,11 +12,12 @@
 mod common;
 mod kube_api;
 
-use common::{ControlPlane, Svid, Watcher, certify_with, eventually_async, listed};
+use common::{ControlPlane, Svid, Takes, Watcher, certify_with, eventually_async, listed};
 use kube_api::{PODS, event, fixture_json, item, pods_list, recorded_cluster};
 use tonic::Code;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync};
+use trellis_proto::discovery::v1::{Endpoint, EndpointChanges};
 use trellis_proto::identity::v1::certify_request::Proof;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -74,7 +75,8 @@ struct Fleet {
     /// web's stream, past its first snapshot, of `web_version`.
     web_stream: Watcher,
     web_version: u64,
-    /// api's stream, its first snapshot not read yet.
+    /// api's stream, its first snapshot not read yet; it takes endpoint
+    /// changes, as a sidecar does.
     api_stream: Watcher,
 }
 
@@ -104,7 +106,8 @@ impl Fleet {
         let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
         let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
         let mut web_stream = Watcher::open(&a, &web, "10.244.1.17:15006").await;
-        let api_stream = Watcher::open(&b, &api, "10.244.2.9:15006").await;
+        let api_stream =
+            Watcher::open_with(&b, &api, "10.244.2.9:15006", Takes::EndpointChanges).await;
         let web_version = web_stream.next().await.version;
         Fleet {
             fake,
@@ -305,39 +308,59 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
 /// writing replica had not seen yet, so its content (and the digest that
 /// is its version) differs. The wait asks by store position, which the
 /// write reaches on both replicas whatever else each has seen. (Asked by
-/// version, the wait ran to its deadline naming cp-b.)
+/// version, the wait ran to its deadline naming cp-b.) The Pod reaches
+/// api's sidecar, on cp-b, as one endpoint change, not the whole list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_is_found_on_a_replica_that_saw_other_changes_first() {
     let Fleet {
         fake,
         a,
-        b: _b,
+        b,
         mut web_stream,
         web_version,
         mut api_stream,
         ..
     } = Fleet::start().await;
-    api_stream.next().await;
-    // Both sidecars accept whatever they are sent from now on.
+    let first = api_stream.next().await.version;
     let web_task = tokio::spawn(async move {
         loop {
             web_stream.next().await;
         }
     });
-    let api_task = tokio::spawn(async move {
-        loop {
-            api_stream.next().await;
-        }
-    });
+    eventually_async("api's ACK on cp-b", || async {
+        let answer = b.list_workloads().await;
+        (listed(&answer, API).acked_version == first).then_some(())
+    })
+    .await;
 
     // A second web pod starts; cp-b's watch (opened second) delivers it,
-    // cp-a's has not yet.
+    // cp-a's has not yet. api's sidecar, on cp-b, is sent that pod's
+    // endpoint alone.
     let mut pod = item(&pods_list(), "web-7d4b9c8f6d-x2x8q", 60_000);
     pod["metadata"]["name"] = "web-7d4b9c8f6d-7kq2z".into();
     pod["metadata"]["uid"] = "5a1c9e3b-2d47-4f68-9b0a-7e6d5c4b3a21".into();
     pod["status"]["podIP"] = "10.244.1.18".into();
     pod["status"]["podIPs"][0]["ip"] = "10.244.1.18".into();
     fake.publish_to(PODS, 1, event("ADDED", &pod));
+    let changed = api_stream.next().await;
+    assert_eq!(changed.endpoints_version, first);
+    assert!(changed.endpoints.is_empty(), "{changed:?}");
+    assert_eq!(
+        changed.endpoint_changes,
+        Some(EndpointChanges {
+            endpoints: vec![Endpoint {
+                address: "10.244.1.18:15006".into(),
+                spiffe_id: WEB.into(),
+            }],
+            ..EndpointChanges::default()
+        })
+    );
+    // Both sidecars accept whatever they are sent from now on.
+    let api_task = tokio::spawn(async move {
+        loop {
+            api_stream.next().await;
+        }
+    });
     let versions = |answer: &ListWorkloadsResponse| {
         let of = |name| {
             answer
