@@ -979,43 +979,38 @@ fn published_since_expired(state: &DiscoveryState, now: i64) -> bool {
 /// there (joined or changed), and the addresses of those in `held` that
 /// `view` no longer has, each in the order of its list.
 fn changes_between(held: &HeldEndpoints, view: &View) -> EndpointChanges {
-    fn by_address<T>(items: &[T], address: impl Fn(&T) -> &str) -> HashMap<&str, &T> {
-        items.iter().map(|item| (address(item), item)).collect()
-    }
-    let (old, new) = (
-        by_address(&held.endpoints, |e: &Endpoint| &e.address),
-        by_address(&view.endpoints, |e: &Endpoint| &e.address),
-    );
-    let (old_services, new_services) = (
-        by_address(&held.services, |s: &Service| &s.address),
-        by_address(&view.services, |s: &Service| &s.address),
-    );
+    let (endpoints, removed_endpoints) =
+        by_address(&held.endpoints, &view.endpoints, |e: &Endpoint| &e.address);
+    let (services, removed_services) =
+        by_address(&held.services, &view.services, |s: &Service| &s.address);
     EndpointChanges {
-        endpoints: view
-            .endpoints
-            .iter()
-            .filter(|e| old.get(e.address.as_str()) != Some(e))
-            .cloned()
-            .collect(),
-        removed_endpoints: held
-            .endpoints
-            .iter()
-            .filter(|e| !new.contains_key(e.address.as_str()))
-            .map(|e| e.address.clone())
-            .collect(),
-        services: view
-            .services
-            .iter()
-            .filter(|s| old_services.get(s.address.as_str()) != Some(s))
-            .cloned()
-            .collect(),
-        removed_services: held
-            .services
-            .iter()
-            .filter(|s| !new_services.contains_key(s.address.as_str()))
-            .map(|s| s.address.clone())
-            .collect(),
+        endpoints,
+        removed_endpoints,
+        services,
+        removed_services,
     }
+}
+
+/// What `new` has that `old` does not have as it is (keyed by `address`),
+/// and the addresses of what `old` has that `new` does not.
+fn by_address<'a, T: Clone + PartialEq>(
+    old: &'a [T],
+    new: &'a [T],
+    address: impl Fn(&'a T) -> &'a str,
+) -> (Vec<T>, Vec<String>) {
+    let before: HashMap<&str, &T> = old.iter().map(|item| (address(item), item)).collect();
+    let after: HashMap<&str, &T> = new.iter().map(|item| (address(item), item)).collect();
+    let changed = new
+        .iter()
+        .filter(|item| before.get(address(item)) != Some(item))
+        .cloned()
+        .collect();
+    let gone = old
+        .iter()
+        .filter(|item| !after.contains_key(address(item)))
+        .map(|item| address(item).to_owned())
+        .collect();
+    (changed, gone)
 }
 
 #[cfg(test)]
