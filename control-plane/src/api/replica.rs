@@ -322,10 +322,17 @@ pub struct ReplicaService {
 }
 
 /// The write a listing asks about: by position when the request names
-/// one, else by version (a `trellisctl` that predates positions).
+/// one, else by version (a `trellisctl` that predates positions, or a
+/// store that gave the write no position: an API server whose
+/// resourceVersions are not numbers).
 pub fn asked(request: &ListStreamsRequest) -> Write {
-    match (&request.reached_position, request.reached_version) {
-        (Some(position), _) => Write::Position(Position::from_proto(position)),
+    let position = request
+        .reached_position
+        .as_ref()
+        .map(Position::from_proto)
+        .filter(|p| *p != Position::default());
+    match (position, request.reached_version) {
+        (Some(position), _) => Write::Position(position),
         (None, 0) => Write::None,
         (None, version) => Write::Version(version),
     }
@@ -484,8 +491,34 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_proto::admin::v1::StorePosition;
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// A listing asks by the write's position when it names one, by its
+    /// version otherwise, and by version too when the position is all
+    /// zeros (a store that could not place the write): a zero position
+    /// would be reached by everything.
+    #[test]
+    fn a_listing_asks_by_position_unless_there_is_none() {
+        let ask = |version, position: Option<(u64, u64)>| {
+            asked(&ListStreamsRequest {
+                reached_version: version,
+                reached_position: position.map(|(policies, rate_limits)| StorePosition {
+                    policies,
+                    rate_limits,
+                }),
+            })
+        };
+        let at = |policies, rate_limits| Position {
+            policies,
+            rate_limits,
+        };
+        assert_eq!(ask(7, Some((51, 0))), Write::Position(at(51, 0)));
+        assert_eq!(ask(7, Some((0, 0))), Write::Version(7));
+        assert_eq!(ask(7, None), Write::Version(7));
+        assert_eq!(ask(0, None), Write::None);
+    }
 
     fn stream(streams: u32, version: u64, sync: SnapshotSync, nack: &str) -> StreamStatus {
         StreamStatus {

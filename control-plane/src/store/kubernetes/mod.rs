@@ -423,15 +423,17 @@ impl KubernetesStore {
         // The API server answers a deletion with the object as deleted,
         // at the deletion's resourceVersion; without it (a Status, or
         // deleted meanwhile) the deletion is known only to come after the
-        // version held.
+        // version held (and not at all when that is not a number: no
+        // position, so `--wait` asks by version).
+        let after_held = if held_at == 0 { 0 } else { held_at + 1 };
         let deleted_at = match deleted {
             Ok(answer) => answer
                 .left()
                 .map(|object| numeric(object.resource_version().as_deref()))
                 .filter(|at| *at > held_at)
-                .unwrap_or(held_at + 1),
+                .unwrap_or(after_held),
             // Deleted meanwhile: the watch brings (or brought) the event.
-            Err(e) if status_code(&e) == Some(404) => held_at + 1,
+            Err(e) if status_code(&e) == Some(404) => after_held,
             Err(e) => {
                 return Err(KubeStoreError::Write {
                     action: format!("delete {} {key}", kind.as_str()),
