@@ -270,7 +270,7 @@ where
 {
     let channel = trellis_core::grpc::connect(&addr.to_string(), tls)
         .await
-        .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+        .map_err(|e| format!("cannot connect: {}", trellis_core::grpc::error_chain(&e)))?;
     let client = ReplicaClient::new(channel).max_decoding_message_size(super::MAX_LISTING_BYTES);
     let response = call(client)
         .await
@@ -281,18 +281,6 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     Ok((instance, response.into_inner()))
-}
-
-/// An error with its sources, as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The host name (a pod's name), or `control-plane` when it cannot be read.
