@@ -154,14 +154,12 @@ impl Cache {
         self.position
     }
 
-    /// Records that the watch of `kind` delivered an event of
-    /// `resource_version` (whatever the event did to the content); true
-    /// when the position moved. Kinds other than the two policy kinds, and
-    /// a resourceVersion that is not a number, move nothing.
-    pub fn reached(&mut self, kind: Kind, resource_version: &str) -> bool {
-        let Ok(at) = resource_version.parse::<u64>() else {
-            return false;
-        };
+    /// Records that the watch of `kind` delivered an event at
+    /// resourceVersion `at` ([`numeric`]; whatever the event did to the
+    /// content); true when the position moved. Kinds other than the two
+    /// policy kinds, and 0 (no resourceVersion that is a number), move
+    /// nothing.
+    pub fn reached(&mut self, kind: Kind, at: u64) -> bool {
         let held = match kind {
             Kind::AuthorizationPolicy => &mut self.position.policies,
             Kind::RateLimitPolicy => &mut self.position.rate_limits,
@@ -396,6 +394,11 @@ fn nonzero(v: u64) -> u64 {
 
 /// Whether resourceVersion `new` is older than `held`. They are opaque
 /// strings by contract; when either is not a number nothing is older.
+/// A resourceVersion as a number; 0 for none, or one that is not a number.
+pub fn numeric(resource_version: Option<&str>) -> u64 {
+    resource_version.and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 fn is_older(new: &str, held: &str) -> bool {
     match (new.parse::<u64>(), held.parse::<u64>()) {
         (Ok(new), Ok(held)) => new < held,
@@ -549,12 +552,16 @@ mod tests {
     #[test]
     fn the_position_follows_each_policy_kind_on_its_own() {
         let mut cache = Cache::default();
-        assert!(cache.reached(Kind::AuthorizationPolicy, "120"));
-        assert!(!cache.reached(Kind::AuthorizationPolicy, "90"), "older");
-        assert!(!cache.reached(Kind::AuthorizationPolicy, "120"), "the same");
-        assert!(!cache.reached(Kind::Pod, "500"));
-        assert!(!cache.reached(Kind::RateLimitPolicy, "not-a-number"));
-        assert!(cache.reached(Kind::RateLimitPolicy, "95"));
+        let at = |rv| numeric(Some(rv));
+        assert!(cache.reached(Kind::AuthorizationPolicy, at("120")));
+        assert!(!cache.reached(Kind::AuthorizationPolicy, at("90")), "older");
+        assert!(
+            !cache.reached(Kind::AuthorizationPolicy, at("120")),
+            "the same"
+        );
+        assert!(!cache.reached(Kind::Pod, at("500")));
+        assert!(!cache.reached(Kind::RateLimitPolicy, at("not-a-number")));
+        assert!(cache.reached(Kind::RateLimitPolicy, at("95")));
         assert_eq!(
             cache.position(),
             Position {

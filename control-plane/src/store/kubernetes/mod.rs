@@ -56,7 +56,7 @@ use trellis_core::policy::policy_key;
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use self::cache::{Entry, Kind, Reflected};
+use self::cache::{Entry, Kind, Reflected, numeric};
 use self::objects::{
     authorization_policy_resource, endpoints_from_pod, object_from_policy, object_from_rate_limit,
     policy_from_object, rate_limit_from_object, rate_limit_resource,
@@ -449,11 +449,6 @@ impl KubernetesStore {
             ..self.generation()
         }))
     }
-}
-
-/// A resourceVersion as a number; 0 for none, or one that is not a number.
-fn numeric(resource_version: Option<&str>) -> u64 {
-    resource_version.and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// The position of a write of `kind` at resourceVersion `at`.

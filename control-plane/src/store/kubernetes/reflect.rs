@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, watch};
 
-use super::cache::{Cache, Entry, Kind, Reflected};
+use super::cache::{Cache, Entry, Kind, Reflected, numeric};
 use super::objects::object_key;
 
 /// The shortest and longest wait before polling a failed watch again.
@@ -105,7 +105,7 @@ pub async fn reflect<K>(
     let mut first = Some(first);
     let mut listing: Option<BTreeMap<String, Reflected>> = None;
     // The newest resourceVersion among the objects of the list being read.
-    let mut listed_up_to = String::new();
+    let mut listed_up_to = 0;
     let mut backoff = BACKOFF_MIN;
     let stream = watcher(api, config);
     futures::pin_mut!(stream);
@@ -127,13 +127,11 @@ pub async fn reflect<K>(
         match event {
             Event::Init => {
                 listing = Some(BTreeMap::new());
-                listed_up_to = String::new();
+                listed_up_to = 0;
             }
             Event::InitApply(object) => {
-                let at = object.resource_version().unwrap_or_default();
-                if is_later(&at, &listed_up_to) {
-                    listed_up_to = at;
-                }
+                let at = numeric(object.resource_version().as_deref());
+                listed_up_to = listed_up_to.max(at);
                 if let Some(found) = reflected(kind, &object, &convert) {
                     listing
                         .get_or_insert_with(BTreeMap::new)
@@ -147,7 +145,7 @@ pub async fn reflect<K>(
                 // the position moves to the newest object listed.
                 let version = shared.update(|cache| {
                     let changed = cache.replace(kind, listed);
-                    cache.reached(kind, &listed_up_to) || changed
+                    cache.reached(kind, listed_up_to) || changed
                 });
                 tracing::info!(kind = kind.as_str(), count, version, "listed");
                 if let Some(first) = first.take() {
@@ -157,31 +155,22 @@ pub async fn reflect<K>(
             Event::Apply(object) => {
                 let found = reflected(kind, &object, &convert);
                 let key = object_key(&object);
-                let at = object.resource_version().unwrap_or_default();
+                let at = numeric(object.resource_version().as_deref());
                 // The echo of this replica's own write changes no content,
                 // but moves the position: announced all the same.
                 shared.update(|cache| {
                     let changed = cache.apply(kind, &key, found);
-                    cache.reached(kind, &at) || changed
+                    cache.reached(kind, at) || changed
                 });
             }
             Event::Delete(object) => {
                 let key = object_key(&object);
-                let at = object.resource_version().unwrap_or_default();
+                let at = numeric(object.resource_version().as_deref());
                 shared.update(|cache| {
                     let changed = cache.remove(kind, &key);
-                    cache.reached(kind, &at) || changed
+                    cache.reached(kind, at) || changed
                 });
             }
         }
-    }
-}
-
-/// Whether resourceVersion `a` is a number above `b` (or `b` is none).
-fn is_later(a: &str, b: &str) -> bool {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(a), Ok(b)) => a > b,
-        (Ok(_), Err(_)) => true,
-        _ => false,
     }
 }
