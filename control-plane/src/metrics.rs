@@ -9,11 +9,11 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::discovery::SyncState;
+use crate::discovery::{EndpointsIn, SyncState};
 
-/// How a snapshot may carry the mesh endpoints, as the metrics label it
-/// ([`EndpointsIn::label`](crate::discovery::EndpointsIn::label)).
-pub const SNAPSHOT_ENDPOINTS: [&str; 3] = ["full", "unchanged", "changes"];
+/// How a snapshot may carry the mesh endpoints ([`EndpointsIn`]), as the
+/// metrics label it.
+const SNAPSHOT_ENDPOINTS: [&str; 3] = ["full", "unchanged", "changes"];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -62,13 +62,16 @@ impl Metrics {
     }
 
     /// A snapshot of `bytes` sent on a Watch stream, its endpoints carried
-    /// as `endpoints` says (one of [`SNAPSHOT_ENDPOINTS`]).
-    pub fn snapshot_sent(&self, endpoints: &str, bytes: usize) {
-        if let Some(at) = SNAPSHOT_ENDPOINTS.iter().position(|e| *e == endpoints) {
-            let (count, total) = &self.snapshots_sent[at];
-            count.fetch_add(1, Ordering::Relaxed);
-            total.fetch_add(bytes as u64, Ordering::Relaxed);
-        }
+    /// as `endpoints` says.
+    pub fn snapshot_sent(&self, endpoints: &EndpointsIn, bytes: usize) {
+        let at = match endpoints {
+            EndpointsIn::Full => 0,
+            EndpointsIn::Same(_) => 1,
+            EndpointsIn::Changes(..) => 2,
+        };
+        let (count, total) = &self.snapshots_sent[at];
+        count.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// The trust bundle published: when each of its roots expires (Unix

@@ -239,7 +239,7 @@ async fn serve_stream(
                 // workload an endpoint, they are most of every snapshot.
                 let endpoints = sidecar.endpoints_for(&mesh.discovery, &view);
                 let snapshot = mesh.discovery.encoded_snapshot_in(&view, id, &endpoints);
-                mesh.metrics.snapshot_sent(endpoints.label(), snapshot.encoded_len());
+                mesh.metrics.snapshot_sent(&endpoints, snapshot.encoded_len());
                 sidecar.in_flight = Some(Sent {
                     version: view.version,
                     endpoints: view.held_endpoints(),

@@ -422,17 +422,6 @@ pub enum EndpointsIn {
     Changes(u64, Bytes),
 }
 
-impl EndpointsIn {
-    /// For logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            EndpointsIn::Full => "full",
-            EndpointsIn::Same(_) => "unchanged",
-            EndpointsIn::Changes(..) => "changes",
-        }
-    }
-}
-
 /// The changes from earlier endpoint contents to the current one, each
 /// encoded once for every stream whose sidecar holds that content.
 #[derive(Debug, Default)]
