@@ -68,6 +68,15 @@ impl Entry {
     pub fn set_status(&self, status: http::StatusCode) {
         self.status.store(status.as_u16(), Ordering::Relaxed);
     }
+
+    /// Counts `n` bytes of body going `direction`.
+    pub fn count(&self, direction: Direction, n: usize) {
+        let counter = match direction {
+            Direction::In => &self.bytes_in,
+            Direction::Out => &self.bytes_out,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Entry {
@@ -147,11 +156,7 @@ where
         let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &mut polled {
             if let Some(data) = frame.data_ref() {
-                let counter = match self.direction {
-                    Direction::In => &self.entry.bytes_in,
-                    Direction::Out => &self.entry.bytes_out,
-                };
-                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.entry.count(self.direction, data.len());
             } else if let (Direction::In, Some(trailers)) = (self.direction, frame.trailers_mut()) {
                 // An app may read trailers like headers: a caller must not
                 // slip a forged identity in there either.

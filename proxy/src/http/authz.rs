@@ -112,6 +112,16 @@ where
     }
 }
 
+impl Authorize<()> {
+    /// The check alone, for a request path that is not a tower stack (the
+    /// HTTP/1 forwarder): the policies in force picked up if they
+    /// changed, then [`refusal`](Self::refusal).
+    pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
+        self.policies.refresh();
+        self.refusal(exchange)
+    }
+}
+
 impl<S> Authorize<S> {
     /// Decides `exchange`; `Some` is the answer to send instead of passing
     /// it on. Either way its entry says what decided.

@@ -209,6 +209,11 @@ impl<S> Rewind<S> {
         }
     }
 
+    /// `io` with `prefix`, bytes already read from it, put back.
+    pub fn with_prefix(prefix: BytesMut, io: S) -> Self {
+        Rewind { prefix, io }
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.io
     }

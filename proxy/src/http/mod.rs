@@ -1,10 +1,13 @@
 //! HTTP awareness on the inbound path: after the connection is
 //! authenticated and allowed at L4, ALPN or [`detect()`] tells HTTP/1.x and
 //! HTTP/2 from opaque bytes, and [`serve`] proxies HTTP request by request
-//! to the local app with hyper. (The outbound listeners run [`detect()`]
-//! too, only to choose the ALPN they offer.)
+//! to the local app: HTTP/1.1 requests whose framing has one reading
+//! through the sidecar's own forwarder ([`h1`]), the others and HTTP/2
+//! with hyper. (The outbound listeners run [`detect()`] too, only to
+//! choose the ALPN they offer.)
 //!
-//! Each request goes through a tower stack: authorized on its own (method,
+//! On hyper's path each request goes through a tower stack (the forwarder
+//! calls the same layers itself): authorized on its own (method,
 //! path, headers, gRPC service; [`authz`]), checked against the rate
 //! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
 //! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
@@ -20,6 +23,7 @@
 pub mod access;
 pub mod authz;
 pub mod detect;
+pub mod h1;
 pub mod headers;
 pub mod proxy;
 pub mod ratelimit;
@@ -70,6 +74,9 @@ const POOL_IDLE: Duration = upstream::IDLE;
 /// parked between HTTP/1 callers, and the pooled HTTP/2 client.
 pub struct Http {
     app: Arc<AppConnections>,
+    /// The app connections of the HTTP/1 forwarder ([`h1`]), parked
+    /// between requests.
+    h1: AppConnections<h1::AppStream>,
     h2: Client<HttpConnector, RequestBody>,
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
@@ -93,6 +100,7 @@ impl Http {
         let h2 = builder.http2_only(true).build(connector);
         Http {
             app: Arc::default(),
+            h1: AppConnections::default(),
             h2,
             metrics,
             access_log,
@@ -161,10 +169,22 @@ impl Connection {
     }
 }
 
+/// Why an HTTP connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Serves HTTP (`protocol` as settled by ALPN or detected) on `io` until
-/// the client is done. Each request goes through the connection's request
-/// stack: [`Authorize`](authz::Authorize), then
-/// [`RateLimit`](ratelimit::RateLimit), then [`proxy::forward`] to the app.
+/// the client is done. HTTP/1.1 requests whose framing has one reading go
+/// through the forwarder ([`h1`]) until the first that does not; that one
+/// and the rest of the connection, and HTTP/2, go through hyper's server
+/// and the connection's request stack: [`Authorize`](authz::Authorize),
+/// then [`RateLimit`](ratelimit::RateLimit), then [`proxy::forward`] to the
+/// app. Both decide, log and answer a request the same way.
 ///
 /// Once `draining` resolves (the sidecar is shutting down), the connection
 /// ends as soon as it can without cutting a request: an idle HTTP/1
@@ -177,11 +197,40 @@ pub async fn serve<S>(
     protocol: Protocol,
     io: S,
     draining: impl std::future::Future<Output = ()>,
-) -> Result<(), hyper::Error>
+) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
+    let mut draining = std::pin::pin!(draining);
+    if protocol == Protocol::Http2 {
+        return Ok(serve_hyper(conn, protocol, io, draining).await?);
+    }
+    match h1::serve(&conn, io, draining.as_mut()).await? {
+        h1::Served::Closed => Ok(()),
+        h1::Served::HandOff { io, drained: false } => {
+            Ok(serve_hyper(conn, protocol, io, draining).await?)
+        }
+        // The drain has begun: hyper ends the connection after the request
+        // in flight.
+        h1::Served::HandOff { io, drained: true } => {
+            let drained = std::pin::pin!(std::future::ready(()));
+            Ok(serve_hyper(conn, protocol, io, drained).await?)
+        }
+    }
+}
+
+/// Serves `io` with hyper's server, each request through the connection's
+/// request stack.
+async fn serve_hyper<S>(
+    conn: Arc<Connection>,
+    protocol: Protocol,
+    io: S,
+    draining: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let held = conn.clone();
     let forward = {
         let conn = conn.clone();
@@ -205,7 +254,6 @@ where
         stack: RefCell::new(stack),
     };
     let io = TokioIo::new(io);
-    let draining = std::pin::pin!(draining);
     match protocol {
         Protocol::Http2 => {
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

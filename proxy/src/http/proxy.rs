@@ -51,11 +51,11 @@ pub struct Exchange<B = Incoming> {
     pub upgrading: bool,
 }
 
-impl Exchange {
+impl<B> Exchange<B> {
     /// Takes `req` from the caller: hop-by-hop headers removed and the
     /// verified identity set before any layer decides, so rules on headers
     /// see what the app will see.
-    pub fn start(conn: &Arc<Connection>, mut req: Request<Incoming>, protocol: Protocol) -> Self {
+    pub fn start(conn: &Arc<Connection>, mut req: Request<B>, protocol: Protocol) -> Self {
         let entry = Entry::start(conn.clone(), &req, protocol.as_str());
         let grpc = is_grpc(&req);
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());

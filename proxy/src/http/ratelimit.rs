@@ -335,20 +335,37 @@ where
     }
 
     fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
+        match self.refusal(&mut exchange) {
+            Some(response) => Either::Left(ready(Ok(finish(exchange.entry, response)))),
+            None => Either::Right(self.inner.call(exchange)),
+        }
+    }
+}
+
+impl RateLimit<()> {
+    /// The check alone, for a request path that is not a tower stack (the
+    /// HTTP/1 forwarder): the limits in force picked up if they changed,
+    /// then [`refusal`](Self::refusal).
+    pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
+        self.policies.refresh();
+        self.refusal(exchange)
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// 429 for `exchange` if it is over a limit, its entry saying which.
+    fn refusal<B>(&self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
         let limits = self.policies.get().map(|p| &p.rate_limits);
         let limited = match limits {
             Some(limits) if !limits.is_empty() => limits
                 .check(&self.peer, exchange.request.uri().path())
-                .err(),
-            _ => None,
-        };
-        let Some(limited) = limited else {
-            return Either::Right(self.inner.call(exchange));
+                .err()?,
+            _ => return None,
         };
         let response = too_many_requests(exchange.grpc, &limited);
         exchange.entry.outcome = "rate_limited";
         exchange.entry.limit = Some(limited.policy);
-        Either::Left(ready(Ok(finish(exchange.entry, response))))
+        Some(response)
     }
 }
 

@@ -47,21 +47,34 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
+/// An app connection that can be parked: it knows when the app has
+/// closed it.
+pub trait Reusable {
+    fn is_closed(&self) -> bool;
+}
+
+impl<B> Reusable for SendRequest<B> {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
 /// App connections parked between requests, newest last, each with the
 /// app address it was dialled to: a sidecar serves every port of its app,
 /// and a request decided for one port must never go out on a connection
-/// to another.
-pub struct AppConnections<B = RequestBody> {
-    parked: Mutex<VecDeque<Parked<B>>>,
+/// to another. `C` is hyper's sender for the connections hyper drives, or
+/// the socket itself for those of the HTTP/1 forwarder ([`super::h1`]).
+pub struct AppConnections<C = SendRequest<RequestBody>> {
+    parked: Mutex<VecDeque<Parked<C>>>,
 }
 
-struct Parked<B> {
+struct Parked<C> {
     target: SocketAddr,
-    sender: SendRequest<B>,
+    conn: C,
     since: Instant,
 }
 
-impl<B> Default for AppConnections<B> {
+impl<C> Default for AppConnections<C> {
     fn default() -> Self {
         AppConnections {
             parked: Mutex::default(),
@@ -69,12 +82,12 @@ impl<B> Default for AppConnections<B> {
     }
 }
 
-impl<B> AppConnections<B> {
-    /// Parks `sender` for a later request, unless the app closed it; drops
+impl<C: Reusable> AppConnections<C> {
+    /// Parks `conn` for a later request, unless the app closed it; drops
     /// the connections parked too long, and the oldest beyond
     /// [`MAX_PARKED`].
-    fn park(&self, target: SocketAddr, sender: SendRequest<B>) {
-        if sender.is_closed() {
+    pub fn park(&self, target: SocketAddr, conn: C) {
+        if conn.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -87,7 +100,7 @@ impl<B> AppConnections<B> {
         }
         parked.push_back(Parked {
             target,
-            sender,
+            conn,
             since: now,
         });
     }
@@ -95,7 +108,7 @@ impl<B> AppConnections<B> {
     /// The most recently parked connection to `target` that is still
     /// open, if any. With one app port, the newest parked connection is
     /// the one; the search goes further back only past other ports'.
-    fn unpark(&self, target: SocketAddr) -> Option<SendRequest<B>> {
+    pub fn unpark(&self, target: SocketAddr) -> Option<C> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let mut at = parked.len();
         while at > 0 {
@@ -103,11 +116,11 @@ impl<B> AppConnections<B> {
             if parked[at].target != target {
                 continue;
             }
-            let Some(Parked { sender, since, .. }) = parked.remove(at) else {
+            let Some(Parked { conn, since, .. }) = parked.remove(at) else {
                 break;
             };
-            if !sender.is_closed() && since.elapsed() < IDLE {
-                return Some(sender);
+            if !conn.is_closed() && since.elapsed() < IDLE {
+                return Some(conn);
             }
         }
         None
@@ -123,7 +136,7 @@ impl<B> AppConnections<B> {
 /// The app connection of one inbound HTTP/1 connection's request in
 /// flight, parked when the request is over or the connection ends.
 pub struct Upstream<B = RequestBody> {
-    pool: Arc<AppConnections<B>>,
+    pool: Arc<AppConnections<SendRequest<B>>>,
     target: SocketAddr,
     /// Set once a request is on its way, until [`release`](Self::release);
     /// never locked across an await.
@@ -136,7 +149,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub fn new(pool: Arc<AppConnections<B>>, target: SocketAddr) -> Self {
+    pub fn new(pool: Arc<AppConnections<SendRequest<B>>>, target: SocketAddr) -> Self {
         Upstream {
             pool,
             target,

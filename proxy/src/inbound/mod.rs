@@ -355,7 +355,7 @@ enum ForwardError {
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] http::ServeError),
 }
 
 /// An authenticated connection from a peer. Boxed once after the

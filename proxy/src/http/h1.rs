@@ -1,0 +1,1585 @@
+//! The HTTP/1.1 forwarder: one loop per caller connection that reads a
+//! request head, decides it, writes it to an app connection, and passes the
+//! answer back, following the body's framing and nothing more. It replaces,
+//! for the requests it takes, hyper's server and client dispatchers (two
+//! state machines and a task hand-off per request) with one parse of each
+//! head and byte copies.
+//!
+//! **What it takes.** A request whose framing has one reading: HTTP/1.1,
+//! in origin form, a body framed by Content-Length (one value) or none, no
+//! `Transfer-Encoding`, `Upgrade`, `Expect` or gRPC, and a head within
+//! [`FAST_HEAD`] bytes and [`MAX_HEADERS`] fields. The first request that
+//! is anything else, or that does not parse, is handed with the bytes read
+//! so far to hyper's server ([`super::serve`]), which serves it and the
+//! rest of the connection as it serves every other HTTP/1 connection:
+//! errors (400, 431), chunked requests, `100-continue`, upgrades and
+//! HTTP/1.0 are answered as before.
+//!
+//! **What it does with one.** The same as hyper's path: hop-by-hop headers
+//! removed and the caller's identity set ([`Exchange::start`]), the
+//! request authorized ([`Authorize`](super::authz::Authorize)) and
+//! checked against the rate limits ([`RateLimit`](super::ratelimit::RateLimit))
+//! with the same answers, the access-log line and metrics written when the
+//! answer is over ([`Entry`](super::access::Entry)). The request goes to
+//! an app connection parked between requests ([`AppConnections`]); a
+//! connection the app closed while parked is noticed before it is used.
+//!
+//! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
+//! 1xx answers skipped as hyper's client skips them) and rewritten: the
+//! hop-by-hop headers removed, `Content-Length` dropped beside
+//! `Transfer-Encoding`, `Date` added when missing. Its body is passed on as
+//! it came, framed as the app framed it: by its length, chunked (the
+//! chunks are followed, [`Chunked`], so the end of the answer is known and
+//! a malformed chunk ends the connection), or up to the app closing, after
+//! which the caller's connection closes too. An answer that cannot be read
+//! one way (two lengths, a malformed head) is 502, "invalid answer from
+//! the app", as on hyper's path.
+//!
+//! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
+//! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
+//! waiting for it (hyper's header read timeout, which also ends idle
+//! keep-alive connections); the buffers of a request are freed when it is
+//! over, so an idle caller holds none but what it sent ahead.
+
+use std::future::Future;
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tower::Layer;
+
+use super::access::{Direction, Entry};
+use super::authz::{Authorize, AuthorizeLayer};
+use super::proxy::{Exchange, GrpcCode, LocalBody, local};
+use super::ratelimit::{RateLimit, RateLimitLayer};
+use super::upstream::Reusable;
+use super::{Connection, Protocol, Rewind};
+
+/// The largest request head the forwarder reads; a longer one goes to
+/// hyper's server, which has its own bound.
+pub const FAST_HEAD: usize = 16 * 1024;
+/// The most header fields of a request the forwarder takes.
+pub const MAX_HEADERS: usize = 64;
+/// The largest answer head read from the app (hyper's client's bound).
+pub const MAX_ANSWER_HEAD: usize = 8192 + 4096 * 100;
+/// The most header fields of an answer (hyper's client's bound).
+const MAX_ANSWER_HEADERS: usize = 100;
+/// How long a caller has to send a whole request head, counted from when
+/// the connection starts waiting for it.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most bytes read from a caller ahead of its request in flight.
+pub const PIPELINED: usize = 64 * 1024;
+/// What an app connection's buffer starts at, and grows to under bulk
+/// answers.
+const ANSWER_BUFFER: usize = 8 * 1024;
+const ANSWER_BUFFER_BULK: usize = 64 * 1024;
+/// The most bytes of a chunk-size line's extensions and of trailers.
+const CHUNK_LINE: usize = 4096;
+const TRAILERS: usize = 16 * 1024;
+
+/// An app connection of the forwarder.
+pub struct AppStream(TcpStream);
+
+impl Reusable for AppStream {
+    /// Whether the app has closed it, or sent bytes no request asked for:
+    /// either way it cannot carry another request. Costs a system call
+    /// only when the socket has become readable since it was last read.
+    fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.0.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// How [`serve`] ended.
+pub enum Served<S> {
+    /// The connection is over.
+    Closed,
+    /// A request the forwarder does not take: the connection, with what
+    /// was read of it put back, is hyper's from here. `drained`: the
+    /// sidecar has begun to drain (its future has resolved).
+    HandOff { io: Rewind<S>, drained: bool },
+}
+
+/// The caller's side of a connection.
+struct Caller<S> {
+    io: S,
+    /// What was read and not yet used: the rest of a head, or requests
+    /// sent ahead.
+    buf: BytesMut,
+}
+
+/// Serves HTTP/1.1 requests from `io` until the caller is done, the
+/// sidecar drains (an idle connection is closed, the answer in flight
+/// says `connection: close`), or a request comes that hyper must serve.
+pub async fn serve<S, D>(
+    conn: &Arc<Connection>,
+    io: S,
+    mut draining: Pin<&mut D>,
+) -> io::Result<Served<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+{
+    let (peer, port) = (conn.peer.clone(), conn.target.port());
+    let mut authorize = AuthorizeLayer::new(
+        peer.clone(),
+        port,
+        conn.policies.clone(),
+        conn.http.metrics.clone(),
+    )
+    .layer(());
+    let mut limit = RateLimitLayer::new(peer, conn.policies.clone()).layer(());
+    let mut caller = Caller {
+        io,
+        buf: BytesMut::new(),
+    };
+    let mut drain = Drain {
+        draining: draining.as_mut(),
+        done: false,
+    };
+    loop {
+        let taken = match read_head(&mut caller, &mut drain).await? {
+            Some(Taken::Request(taken)) => taken,
+            Some(Taken::Other) => {
+                let Caller { io, buf } = caller;
+                return Ok(Served::HandOff {
+                    io: Rewind::with_prefix(buf, io),
+                    drained: drain.done,
+                });
+            }
+            None => {
+                // close_notify: a TLS caller can tell a clean end from a
+                // cut.
+                let _ = caller.io.shutdown().await;
+                return Ok(Served::Closed);
+            }
+        };
+        let close = one_request(
+            conn,
+            &mut caller,
+            taken,
+            &mut authorize,
+            &mut limit,
+            &mut drain,
+        )
+        .await?;
+        if close {
+            // The answer said `connection: close`; a TLS caller gets
+            // close_notify.
+            let _ = caller.io.shutdown().await;
+            return Ok(Served::Closed);
+        }
+    }
+}
+
+/// Whether the sidecar has begun to drain, asked without waiting.
+struct Drain<'a, D> {
+    draining: Pin<&'a mut D>,
+    done: bool,
+}
+
+impl<D: Future<Output = ()>> Drain<'_, D> {
+    fn started(&mut self) -> bool {
+        if !self.done {
+            let mut cx = Context::from_waker(Waker::noop());
+            self.done = self.draining.as_mut().poll(&mut cx).is_ready();
+        }
+        self.done
+    }
+
+    async fn wait(&mut self) {
+        if !self.done {
+            self.draining.as_mut().await;
+            self.done = true;
+        }
+    }
+}
+
+/// A request head, as read.
+enum Taken {
+    Request(Head),
+    /// Not one the forwarder takes (or not one at all): hyper's.
+    Other,
+}
+
+struct Head {
+    request: Request<()>,
+    /// Its body's length (0 without one).
+    body: u64,
+    /// The caller asked for the connection to close after it.
+    close: bool,
+}
+
+/// Reads the next request head; `None` once the caller has closed the
+/// connection between requests, the sidecar drains while it is idle, or
+/// a head did not come within [`HEAD_TIMEOUT`].
+async fn read_head<S, D>(
+    caller: &mut Caller<S>,
+    drain: &mut Drain<'_, D>,
+) -> io::Result<Option<Taken>>
+where
+    S: AsyncRead + Unpin,
+    D: Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    loop {
+        if !caller.buf.is_empty() {
+            match take_head(&mut caller.buf) {
+                Some(taken) => return Ok(Some(taken)),
+                None if caller.buf.len() >= FAST_HEAD => return Ok(Some(Taken::Other)),
+                None => {}
+            }
+        }
+        if caller.buf.capacity() - caller.buf.len() < 1024 {
+            caller.buf.reserve(4096);
+        }
+        let idle = caller.buf.is_empty();
+        let may_drain = idle && !drain.done;
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, caller.io.read_buf(&mut caller.buf)) => read,
+            () = drain.wait(), if may_drain => return Ok(None),
+        };
+        match read {
+            Ok(Ok(0)) if idle => return Ok(None),
+            // A head cut short: hyper's server says what is wrong with it.
+            Ok(Ok(0)) => return Ok(Some(Taken::Other)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_elapsed) => {
+                tracing::debug!("no request head within {}s", HEAD_TIMEOUT.as_secs());
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Takes a complete request head off `buf` if it is one the forwarder
+/// serves; `Some(Taken::Other)` if hyper must have it; `None` if more
+/// bytes are needed.
+fn take_head(buf: &mut BytesMut) -> Option<Taken> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return None,
+        // Malformed, or more fields than the forwarder takes.
+        Err(_) => return Some(Taken::Other),
+    };
+    if parsed.version != Some(1) {
+        return Some(Taken::Other);
+    }
+    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+        return Some(Taken::Other);
+    };
+    if !path.starts_with('/') || method == "CONNECT" {
+        return Some(Taken::Other);
+    }
+    let base = buf.as_ptr() as usize;
+    let at = |part: &[u8]| {
+        let start = part.as_ptr() as usize - base;
+        start..start + part.len()
+    };
+    let path = at(path.as_bytes());
+    let method = match Method::from_bytes(method.as_bytes()) {
+        Ok(method) => method,
+        Err(_) => return Some(Taken::Other),
+    };
+    let mut body = None;
+    let mut close = false;
+    let mut ranges: [(Range<usize>, Range<usize>); MAX_HEADERS] =
+        std::array::from_fn(|_| (0..0, 0..0));
+    let count = parsed.headers.len();
+    for (field, range) in parsed.headers.iter().zip(ranges.iter_mut()) {
+        let name = field.name.as_bytes();
+        let value = field.value;
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Some(Taken::Other);
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let Some(length) = decimal(value) else {
+                return Some(Taken::Other);
+            };
+            if body.is_some_and(|b| b != length) {
+                return Some(Taken::Other);
+            }
+            body = Some(length);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Some(Taken::Other);
+                }
+                close |= token.eq_ignore_ascii_case(b"close");
+            }
+        } else if name.eq_ignore_ascii_case(b"content-type")
+            && value.starts_with(b"application/grpc")
+        {
+            return Some(Taken::Other);
+        }
+        *range = (at(name), at(value));
+    }
+    let head = buf.split_to(len).freeze();
+    match build(&head, method, path, &ranges[..count]) {
+        Some(request) => Some(Taken::Request(Head {
+            request,
+            body: body.unwrap_or(0),
+            close,
+        })),
+        None => {
+            // Put the head back for hyper, which says what is wrong.
+            let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(buf);
+            *buf = whole;
+            Some(Taken::Other)
+        }
+    }
+}
+
+/// The request of a parsed head; the path and values share `head`'s bytes.
+fn build(
+    head: &Bytes,
+    method: Method,
+    path: Range<usize>,
+    fields: &[(Range<usize>, Range<usize>)],
+) -> Option<Request<()>> {
+    let path = PathAndQuery::from_maybe_shared(head.slice(path)).ok()?;
+    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
+    for (name, value) in fields {
+        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from(path);
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// A Content-Length value: digits only, as RFC 9110 section 8.6 has it.
+fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Serves one request; whether the connection closes after it.
+async fn one_request<S, D>(
+    conn: &Arc<Connection>,
+    caller: &mut Caller<S>,
+    head: Head,
+    authorize: &mut Authorize<()>,
+    limit: &mut RateLimit<()>,
+    drain: &mut Drain<'_, D>,
+) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+{
+    let Head {
+        request,
+        body,
+        close,
+    } = head;
+    let mut exchange = Exchange::start(conn, request, Protocol::Http1);
+    if let Some(answer) = authorize
+        .check(&mut exchange)
+        .or_else(|| limit.check(&mut exchange))
+    {
+        return answer_locally(caller, exchange.entry, answer, body, close, drain).await;
+    }
+    let Exchange { request, entry, .. } = exchange;
+    let mut out = Vec::with_capacity(512);
+    request_head(&mut out, &request, conn);
+    let buffered = (caller.buf.len() as u64).min(body) as usize;
+    out.extend_from_slice(&caller.buf[..buffered]);
+    caller.buf.advance(buffered);
+    entry.count(Direction::In, buffered);
+    let rest = body - buffered as u64;
+    let retry = rest == 0 && request.method().is_idempotent();
+
+    let target = conn.target;
+    let head_request = request.method() == Method::HEAD;
+    let close = close || drain.started();
+    let mut answer = BytesMut::with_capacity(ANSWER_BUFFER);
+    let mut rewritten = Vec::with_capacity(512);
+    let (mut app, parsed, sent) = loop {
+        let (mut app, reused) = match conn.http.h1.unpark(target) {
+            Some(app) => (app, true),
+            None => match crate::net::connect(target).await {
+                Ok(tcp) => (AppStream(tcp), false),
+                Err(e) => {
+                    let e = Failed::Unreachable(e.to_string());
+                    return failed(conn, caller, entry, e, rest, close, drain).await;
+                }
+            },
+        };
+        let sent = send(&mut app.0, &out, caller, rest, &entry).await;
+        // Unless all of it went out, what is left of the request body
+        // cannot be told from what follows it.
+        let unread = match sent {
+            Ok(()) => 0,
+            Err(Sending::Caller(e)) => return Err(e),
+            Err(Sending::App(e)) => {
+                tracing::debug!(app = %conn.target, error = %e, "writing the request to the app failed");
+                u64::MAX
+            }
+        };
+        let reading = read_answer(
+            &mut app.0,
+            &mut answer,
+            caller,
+            head_request,
+            close,
+            &mut rewritten,
+        );
+        match reading.await {
+            Ok(parsed) => break (app, parsed, unread == 0),
+            Err(Reading::Caller(e)) => return Err(e),
+            // The app had closed a parked connection as the request went
+            // out: the request never reached it; the next connection gets
+            // it.
+            Err(Reading::Closed) if reused && retry && answer.is_empty() => continue,
+            Err(Reading::Closed) => {
+                let e =
+                    Failed::Unreachable("the app closed the connection before answering".into());
+                return failed(conn, caller, entry, e, unread, close, drain).await;
+            }
+            Err(Reading::App(e)) => {
+                let e = Failed::Unreachable(e.to_string());
+                return failed(conn, caller, entry, e, unread, close, drain).await;
+            }
+            Err(Reading::Invalid(why)) => {
+                return failed(
+                    conn,
+                    caller,
+                    entry,
+                    Failed::Invalid(why),
+                    unread,
+                    close,
+                    drain,
+                )
+                .await;
+            }
+        }
+    };
+    drop(out);
+    let Parsed {
+        status,
+        framing,
+        app_close,
+        close,
+    } = parsed;
+    entry.set_status(status);
+    let until_close = matches!(framing, Framing::UntilClose);
+    match pass_body(
+        &mut caller.io,
+        &mut app.0,
+        &mut answer,
+        rewritten,
+        framing,
+        &entry,
+    )
+    .await
+    {
+        Ok(leftover) => {
+            if !app_close && !leftover && !until_close {
+                conn.http.h1.park(target, app);
+            }
+            drop(entry);
+            // A request body the app did not take leaves the connection
+            // unreadable.
+            Ok(close || !sent)
+        }
+        Err(Passing::Caller(e)) => Err(e),
+        Err(Passing::App(e)) => {
+            // The head is out; all the caller can be told is that the
+            // answer ended early.
+            tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "answer from the app ended early");
+            Ok(true)
+        }
+    }
+}
+
+/// Writes the request's head and as much of its body as was read (`out`)
+/// to the app, then the `rest` of the body from the caller.
+async fn send<S: AsyncRead + Unpin>(
+    app: &mut TcpStream,
+    out: &[u8],
+    caller: &mut Caller<S>,
+    mut rest: u64,
+    entry: &Entry,
+) -> Result<(), Sending> {
+    app.write_all(out).await.map_err(Sending::App)?;
+    while rest > 0 {
+        if caller.buf.capacity() - caller.buf.len() < 4096 {
+            caller.buf.reserve(8192);
+        }
+        let n = caller
+            .io
+            .read_buf(&mut caller.buf)
+            .await
+            .map_err(Sending::Caller)?;
+        if n == 0 {
+            return Err(Sending::Caller(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let take = (caller.buf.len() as u64).min(rest) as usize;
+        app.write_all(&caller.buf[..take])
+            .await
+            .map_err(Sending::App)?;
+        caller.buf.advance(take);
+        entry.count(Direction::In, take);
+        rest -= take as u64;
+    }
+    Ok(())
+}
+
+enum Sending {
+    App(io::Error),
+    Caller(io::Error),
+}
+
+/// What an answer head says.
+struct Parsed {
+    status: StatusCode,
+    framing: Framing,
+    /// The app said it closes the connection.
+    app_close: bool,
+    /// The caller's connection closes after the answer.
+    close: bool,
+}
+
+/// How an answer's body ends.
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+enum Reading {
+    /// The app closed the connection before an answer.
+    Closed,
+    App(io::Error),
+    Caller(io::Error),
+    Invalid(&'static str),
+}
+
+/// Reads the answer head into `answer`, skipping 1xx answers. While it
+/// waits, reads what the caller sends ahead (up to [`PIPELINED`] bytes),
+/// so a caller that goes away ends the request at once.
+async fn read_answer<S: AsyncRead + Unpin>(
+    app: &mut TcpStream,
+    answer: &mut BytesMut,
+    caller: &mut Caller<S>,
+    head_request: bool,
+    close: bool,
+    rewritten: &mut Vec<u8>,
+) -> Result<Parsed, Reading> {
+    loop {
+        if !answer.is_empty() {
+            match parse_answer(answer, head_request, close, rewritten)? {
+                Some(parsed) => return Ok(parsed),
+                None if answer.len() >= MAX_ANSWER_HEAD => {
+                    return Err(Reading::Invalid("answer head too large"));
+                }
+                None => {}
+            }
+        }
+        if answer.capacity() - answer.len() < 1024 {
+            answer.reserve(ANSWER_BUFFER);
+        }
+        let ahead = caller.buf.len() < PIPELINED;
+        if ahead && caller.buf.capacity() - caller.buf.len() < 1024 {
+            caller.buf.reserve(4096);
+        }
+        tokio::select! {
+            read = app.read_buf(answer) => match read {
+                Ok(0) => return Err(Reading::Closed),
+                Ok(_) => {}
+                Err(e) if answer.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(Reading::Closed);
+                }
+                Err(e) => return Err(Reading::App(e)),
+            },
+            read = caller.io.read_buf(&mut caller.buf), if ahead => match read {
+                Ok(0) => return Err(Reading::Caller(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) => return Err(Reading::Caller(e)),
+            },
+        }
+    }
+}
+
+/// Parses the answer head at the start of `answer`, writes it rewritten
+/// for the caller to `rewritten` and takes it off `answer`. A 1xx answer
+/// (but 101, which no request of the forwarder asked for) is dropped and
+/// the next one awaited. The answer to a HEAD request has no body,
+/// whatever its head says.
+fn parse_answer(
+    answer: &mut BytesMut,
+    head_request: bool,
+    close: bool,
+    rewritten: &mut Vec<u8>,
+) -> Result<Option<Parsed>, Reading> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(answer) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(Reading::Invalid("malformed answer head")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Reading::Invalid("invalid status code"))?;
+        if parsed.version != Some(1) && parsed.version != Some(0) {
+            return Err(Reading::Invalid("not HTTP/1"));
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Reading::Invalid("switched protocols unasked"));
+        }
+        if status.is_informational() {
+            answer.advance(len);
+            if answer.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let mut length = None;
+        let mut chunked = None;
+        let mut app_close = parsed.version == Some(0);
+        for field in parsed.headers.iter() {
+            let name = field.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let value =
+                    decimal(field.value).ok_or(Reading::Invalid("invalid content-length"))?;
+                if length.is_some_and(|l| l != value) {
+                    return Err(Reading::Invalid("two content-lengths"));
+                }
+                length = Some(value);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                // Chunked only if it is the last coding (RFC 9112 section 6.3).
+                let last = field
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                app_close |= field
+                    .value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+        }
+        let bodiless =
+            head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let framing = match (chunked, length) {
+            _ if bodiless => Framing::Empty,
+            (Some(true), _) => Framing::Chunked(Chunked::default()),
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(length)) => Framing::Length(length),
+            (None, None) => Framing::UntilClose,
+        };
+        let close = close || matches!(framing, Framing::UntilClose);
+        answer_head(rewritten, code, parsed.reason, parsed.headers, close);
+        answer.advance(len);
+        return Ok(Some(Parsed {
+            status,
+            framing,
+            app_close,
+            close,
+        }));
+    }
+}
+
+/// The hop-by-hop fields of an answer the forwarder drops (the fields
+/// `Connection` names go too). `Transfer-Encoding` stays: the body goes
+/// on with the app's framing.
+const HOP_BY_HOP: [&[u8]; 7] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"upgrade",
+];
+
+/// Writes an answer head to `out`, rewritten for the caller.
+fn answer_head(
+    out: &mut Vec<u8>,
+    code: u16,
+    reason: Option<&str>,
+    fields: &[httparse::Header<'_>],
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    number(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let named = |name: &[u8]| {
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| f.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    };
+    let encoded = fields
+        .iter()
+        .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+    let mut dated = false;
+    for field in fields {
+        let name = field.name.as_bytes();
+        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (encoded && name.eq_ignore_ascii_case(b"content-length"))
+            || named(name)
+        {
+            continue;
+        }
+        dated |= name.eq_ignore_ascii_case(b"date");
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(field.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        now(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `n` in decimal.
+fn number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Writes the current time as an HTTP date, formatted once a second.
+fn now(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let time = SystemTime::now();
+    let second = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, date)| {
+        if *at != second || date.is_empty() {
+            *date = httpdate::fmt_http_date(time);
+            *at = second;
+        }
+        out.extend_from_slice(date.as_bytes());
+    });
+}
+
+enum Passing {
+    App(io::Error),
+    Caller(io::Error),
+}
+
+/// Writes `out` (the answer's head) with the body that follows it to the
+/// caller, reading the rest from the app. `Ok(true)` if the app sent bytes
+/// after the body: its connection is not reused.
+async fn pass_body<S: AsyncWrite + Unpin>(
+    caller: &mut S,
+    app: &mut TcpStream,
+    answer: &mut BytesMut,
+    mut out: Vec<u8>,
+    mut framing: Framing,
+    entry: &Entry,
+) -> Result<bool, Passing> {
+    let mut first = true;
+    let mut bulk = false;
+    loop {
+        let (take, done) = framing
+            .take(answer)
+            .map_err(|why| Passing::App(io::Error::new(io::ErrorKind::InvalidData, why)))?;
+        let payload = framing.payload(&answer[..take]);
+        entry.count(Direction::Out, payload);
+        if first {
+            out.extend_from_slice(&answer[..take]);
+            caller.write_all(&out).await.map_err(Passing::Caller)?;
+            first = false;
+            drop(std::mem::take(&mut out));
+        } else if take > 0 {
+            caller
+                .write_all(&answer[..take])
+                .await
+                .map_err(Passing::Caller)?;
+        }
+        answer.advance(take);
+        if done {
+            caller.flush().await.map_err(Passing::Caller)?;
+            return Ok(!answer.is_empty());
+        }
+        caller.flush().await.map_err(Passing::Caller)?;
+        // Everything read has been passed on: the buffer starts over, at
+        // its bulk size once a read has filled most of what it offered.
+        answer.clear();
+        let want = if bulk {
+            ANSWER_BUFFER_BULK
+        } else {
+            ANSWER_BUFFER
+        };
+        if answer.capacity() < want / 2 {
+            answer.reserve(want);
+        }
+        let offered = answer.capacity();
+        let n = app.read_buf(answer).await.map_err(Passing::App)?;
+        bulk |= n >= offered / 4 * 3;
+        if n == 0 {
+            return match framing {
+                Framing::UntilClose => {
+                    caller.flush().await.map_err(Passing::Caller)?;
+                    Ok(false)
+                }
+                _ => Err(Passing::App(io::ErrorKind::UnexpectedEof.into())),
+            };
+        }
+    }
+}
+
+impl Framing {
+    /// How many bytes at the start of `data` belong to the body, and
+    /// whether the body ends with them.
+    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), &'static str> {
+        Ok(match self {
+            Framing::Empty => (0, true),
+            Framing::Length(rest) => {
+                let take = (*rest).min(data.len() as u64) as usize;
+                *rest -= take as u64;
+                (take, *rest == 0)
+            }
+            Framing::Chunked(chunked) => chunked.take(data)?,
+            Framing::UntilClose => (data.len(), false),
+        })
+    }
+
+    /// The payload bytes among `passed` (without chunk framing), for the
+    /// access log.
+    fn payload(&mut self, passed: &[u8]) -> usize {
+        match self {
+            Framing::Chunked(chunked) => std::mem::take(&mut chunked.payload),
+            _ => passed.len(),
+        }
+    }
+}
+
+/// Follows a chunked body (RFC 9112 section 7.1) as it passes, to know
+/// where it ends; strict about line ends (CRLF only), so it never reads a
+/// body differently from the caller.
+#[derive(Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+    /// The size of the chunk being read.
+    size: u64,
+    /// Hex digits of the size read so far.
+    digits: u8,
+    /// Bytes of the current extension or trailer section.
+    line: usize,
+    /// The last chunk (size 0) has been read: trailers follow.
+    last: bool,
+    /// Payload bytes passed since last asked.
+    payload: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// How many bytes of `data` belong to the body, and whether it ends
+    /// with them.
+    pub fn take(&mut self, data: &[u8]) -> Result<(usize, bool), &'static str> {
+        use ChunkState::*;
+        if self.state == Done {
+            return Ok((0, true));
+        }
+        let mut at = 0;
+        while at < data.len() {
+            if self.state == Data {
+                let take = (self.size).min((data.len() - at) as u64) as usize;
+                at += take;
+                self.payload += take;
+                self.size -= take as u64;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                continue;
+            }
+            let b = data[at];
+            at += 1;
+            self.state = match (self.state, b) {
+                (Size, b) if b.is_ascii_hexdigit() => {
+                    if self.digits == 16 {
+                        return Err("chunk size too large");
+                    }
+                    self.digits += 1;
+                    let digit = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self.size << 4 | u64::from(digit);
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => {
+                    self.line = 0;
+                    Extension
+                }
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Size, _) => return Err("invalid chunk size"),
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err("bare LF in a chunk extension"),
+                (Extension, _) => {
+                    self.line += 1;
+                    if self.line > CHUNK_LINE {
+                        return Err("chunk extension too long");
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        self.last = true;
+                        self.line = 0;
+                        TrailerStart
+                    } else {
+                        Data
+                    }
+                }
+                (SizeLf, _) => return Err("chunk size line not ended by CRLF"),
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (DataCr | DataLf, _) => return Err("chunk data not followed by CRLF"),
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart | Trailer, b'\n') => return Err("bare LF in trailers"),
+                (TrailerStart | Trailer, b) => {
+                    self.line += 1;
+                    if self.line > TRAILERS {
+                        return Err("trailers too long");
+                    }
+                    if b == b'\r' { TrailerLf } else { Trailer }
+                }
+                (TrailerLf, b'\n') => TrailerStart,
+                (TrailerLf, _) => return Err("trailer not ended by CRLF"),
+                (EndLf, b'\n') => {
+                    self.state = Done;
+                    return Ok((at, true));
+                }
+                (EndLf, _) => return Err("chunked body not ended by CRLF"),
+                (Data | Done, _) => unreachable!("handled above"),
+            };
+        }
+        Ok((at, self.state == Done))
+    }
+}
+
+/// Why the app did not answer.
+enum Failed {
+    Unreachable(String),
+    Invalid(&'static str),
+}
+
+/// Answers 502 for a request the app did not answer, as hyper's path does.
+async fn failed<S, D>(
+    conn: &Arc<Connection>,
+    caller: &mut Caller<S>,
+    entry: Entry,
+    failure: Failed,
+    unread: u64,
+    close: bool,
+    drain: &mut Drain<'_, D>,
+) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+{
+    let message = match &failure {
+        Failed::Unreachable(e) => {
+            tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
+            "app unreachable"
+        }
+        Failed::Invalid(why) => {
+            tracing::warn!(peer = %conn.peer, app = %conn.target, error = %why, "request to the app failed");
+            "invalid answer from the app"
+        }
+    };
+    let answer = local(
+        false,
+        StatusCode::BAD_GATEWAY,
+        GrpcCode::Unavailable,
+        message,
+    );
+    answer_locally(caller, entry, answer, unread, close, drain).await
+}
+
+/// Writes an answer of the sidecar's own. A request body still to come
+/// (`unread` bytes) is skipped if it has been read already; otherwise the
+/// connection closes after the answer.
+async fn answer_locally<S, D>(
+    caller: &mut Caller<S>,
+    entry: Entry,
+    answer: Response<LocalBody>,
+    unread: u64,
+    close: bool,
+    drain: &mut Drain<'_, D>,
+) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+{
+    let skipped = unread <= caller.buf.len() as u64;
+    if skipped {
+        caller.buf.advance(unread as usize);
+    }
+    let close = close || !skipped || drain.started();
+    entry.set_status(answer.status());
+    let (parts, body) = answer.into_parts();
+    let body = match body {
+        Either::Right(full) => full
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
+        Either::Left(_) => Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    number(&mut out, body.len() as u64);
+    out.extend_from_slice(b"\r\ndate: ");
+    now(&mut out);
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    entry.count(Direction::Out, body.len());
+    caller.io.write_all(&out).await?;
+    caller.io.flush().await?;
+    drop(entry);
+    Ok(close)
+}
+
+/// Writes the head of `request` as the app gets it: origin form, and the
+/// app's address as `Host` when the caller sent none.
+fn request_head(out: &mut Vec<u8>, request: &Request<()>, conn: &Connection) {
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", PathAndQuery::as_str);
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !request.headers().contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(conn.authority.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in request.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    //! The forwarder between a caller writing raw bytes on a loopback
+    //! socket and real apps: bare ones that answer with the bytes a test
+    //! gives, and hyper's server for what is handed to hyper.
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use trellis_core::{SpiffeId, TrustDomain};
+
+    use super::*;
+    use crate::http::{Connection, Http};
+    use crate::metrics::Metrics;
+    use crate::policy::Policies;
+
+    /// What a bare app saw: each request's head and body, and how many
+    /// connections it accepted.
+    #[derive(Default)]
+    struct Seen {
+        requests: Mutex<Vec<(String, Vec<u8>)>>,
+        accepted: AtomicUsize,
+    }
+
+    /// A bare HTTP/1.1 app: reads each request (a Content-Length body at
+    /// most) and writes what `answer` makes of its request line; closes
+    /// the connection after answers for which `close` says so.
+    async fn bare_app(
+        answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+        close: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> (SocketAddr, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let (record, answer, close) = (seen.clone(), Arc::new(answer), Arc::new(close));
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                record.accepted.fetch_add(1, Ordering::SeqCst);
+                let (record, answer, close) = (record.clone(), answer.clone(), close.clone());
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        let (head, len, body_len) = loop {
+                            let mut fields = [httparse::EMPTY_HEADER; 32];
+                            let mut req = httparse::Request::new(&mut fields);
+                            if let Ok(httparse::Status::Complete(len)) = req.parse(&buf) {
+                                let body_len = req
+                                    .headers
+                                    .iter()
+                                    .find(|f| f.name.eq_ignore_ascii_case("content-length"))
+                                    .map_or(0, |f| decimal(f.value).unwrap() as usize);
+                                let head = String::from_utf8(buf[..len].to_vec()).unwrap();
+                                break (head, len, body_len);
+                            }
+                            if tcp.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        };
+                        buf.advance(len);
+                        while buf.len() < body_len {
+                            if tcp.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        let body = buf.split_to(body_len).to_vec();
+                        let line = head.lines().next().unwrap_or_default().to_owned();
+                        record.requests.lock().unwrap().push((head, body));
+                        if tcp.write_all(&answer(&line)).await.is_err() {
+                            return;
+                        }
+                        if close(&line) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
+    }
+
+    /// The mesh default allows; one DENY of `/admin/*` for every caller.
+    fn no_admin(metrics: &Metrics) -> Policies {
+        let yaml = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: b}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
+  action: DENY
+  rules:
+    - to: [{paths: [\"/admin/*\"]}]
+";
+        let loaded =
+            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let policy = loaded.policies[0].policy.to_proto();
+        let api = id("/ns/b/sa/api");
+        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
+    }
+
+    /// A sidecar's inbound HTTP serving, plaintext, in front of `app`:
+    /// every connection is from `spiffe://td/ns/a/sa/web`.
+    async fn sidecar(app: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let http = Arc::new(Http::with_access_log(metrics.clone(), false));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _keep = keep;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let conn = Connection::new(http.clone(), id("/ns/a/sa/web"), app, policies.clone());
+                tokio::spawn(async move {
+                    let _ = crate::http::serve(conn, Protocol::Http1, tcp, std::future::pending())
+                        .await;
+                });
+            }
+        });
+        (addr, metrics)
+    }
+
+    /// Writes `request` and reads until `answers` answers have come whole,
+    /// or the sidecar closes the connection; what was read, as text.
+    async fn exchange(caller: &mut TcpStream, request: &str, answers: usize) -> String {
+        caller.write_all(request.as_bytes()).await.unwrap();
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        while complete(&read) < answers {
+            let n = tokio::time::timeout(Duration::from_secs(10), caller.read(&mut buf))
+                .await
+                .expect("no answer within 10s")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(read).unwrap()
+    }
+
+    /// How many whole answers `read` holds (framed by Content-Length or
+    /// chunked).
+    fn complete(mut read: &[u8]) -> usize {
+        let mut count = 0;
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let mut answer = httparse::Response::new(&mut fields);
+            let Ok(httparse::Status::Complete(len)) = answer.parse(read) else {
+                return count;
+            };
+            let field = |name: &str| {
+                answer
+                    .headers
+                    .iter()
+                    .find(|f| f.name.eq_ignore_ascii_case(name))
+                    .map(|f| f.value)
+            };
+            let body = if answer.code == Some(204) || answer.code == Some(304) {
+                0
+            } else if field("transfer-encoding").is_some() {
+                let mut chunked = Chunked::default();
+                match chunked.take(&read[len..]) {
+                    Ok((n, true)) => n,
+                    _ => return count,
+                }
+            } else {
+                field("content-length").map_or(0, |v| decimal(v).unwrap() as usize)
+            };
+            if read.len() < len + body {
+                return count;
+            }
+            read = &read[len + body..];
+            count += 1;
+        }
+    }
+
+    fn ok(body: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_app_with_the_identity_and_without_hop_by_hop_headers() {
+        let (app, seen) = bare_app(
+            |line| {
+                let extra = "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n";
+                ok(&format!("for {line}"), extra)
+            },
+            |_| false,
+        )
+        .await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        // Two requests in one write: the second waits for the first.
+        let read = exchange(
+            &mut caller,
+            "GET /a?x=1 HTTP/1.1\r\nHost: api\r\nX-Trellis-Peer-Identity: spiffe://evil/ns/x/sa/y\r\n\
+             Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\r\n\
+             POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            2,
+        )
+        .await;
+        assert_eq!(read.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{read}");
+        assert!(read.contains("for GET /a?x=1 HTTP/1.1"), "{read}");
+        assert!(read.contains("for POST /b HTTP/1.1"), "{read}");
+        assert!(read.contains("X-Kept: yes\r\n"), "{read}");
+        assert!(read.contains("date: "), "{read}");
+        for hop in ["X-Hop", "Keep-Alive", "Connection"] {
+            assert!(!read.contains(hop), "{hop} reached the caller: {read}");
+        }
+
+        let requests = seen.requests.lock().unwrap();
+        let (first, _) = &requests[0];
+        assert!(first.starts_with("GET /a?x=1 HTTP/1.1\r\n"), "{first}");
+        assert!(first.contains("host: api\r\n"), "{first}");
+        assert!(
+            first.contains("x-trellis-peer-identity: spiffe://td/ns/a/sa/web\r\n"),
+            "{first}"
+        );
+        assert!(
+            !first.contains("evil") && !first.contains("x-secret"),
+            "{first}"
+        );
+        assert!(
+            !first.to_ascii_lowercase().contains("connection"),
+            "{first}"
+        );
+        let (second, body) = &requests[1];
+        assert!(second.contains(&format!("host: {app}\r\n")), "{second}");
+        assert_eq!(body, b"hello");
+        assert_eq!(
+            seen.accepted.load(Ordering::SeqCst),
+            1,
+            "one caller, one app connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_keep_the_apps_framing_and_the_connection_goes_on() {
+        let (app, seen) = bare_app(
+            |line| match line.split(' ').nth(1).unwrap_or_default() {
+                _ if line.starts_with("HEAD ") => {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec()
+                }
+                "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n\
+                    5;note=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+                    .to_vec(),
+                "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                _ => ok("0123456789", ""),
+            },
+            |_| false,
+        )
+        .await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+
+        let read = exchange(&mut caller, "GET /chunked HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.contains("Transfer-Encoding: chunked\r\n"), "{read}");
+        assert!(
+            !read.contains("Content-Length"),
+            "a length beside chunked: {read}"
+        );
+        assert!(
+            read.ends_with("\r\n\r\n5;note=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"),
+            "{read}"
+        );
+        // The answer to HEAD has no body, whatever its length says.
+        caller.write_all(b"HEAD /x HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut read = String::new();
+        while !read.ends_with("\r\n\r\n") {
+            let mut buf = [0u8; 4096];
+            let n = caller.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after HEAD: {read}");
+            read.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+        assert!(
+            read.contains("Content-Length: 10\r\n") && read.ends_with("\r\n\r\n"),
+            "{read}"
+        );
+        let read = exchange(&mut caller, "GET /empty HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 204 No Content\r\n"), "{read}");
+        // 1xx answers are not passed on, as hyper's client does not.
+        let read = exchange(&mut caller, "GET /early HTTP/1.1\r\n\r\n", 1).await;
+        assert!(
+            read.starts_with("HTTP/1.1 200 OK\r\n") && read.ends_with("\r\n\r\nok"),
+            "{read}"
+        );
+        let read = exchange(&mut caller, "GET /x HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("\r\n\r\n0123456789"), "{read}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_ends_with_its_connection_ends_the_callers() {
+        let (app, _) = bare_app(
+            |_| b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec(),
+            |_| true,
+        )
+        .await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        // Reads until the sidecar closes.
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 2).await;
+        assert!(read.contains("connection: close\r\n"), "{read}");
+        assert!(read.ends_with("\r\n\r\nuntil the end"), "{read}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_while_parked_is_not_used() {
+        // Closes each connection after its answer without saying so.
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| true).await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        for round in 0..3 {
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_denied_request_never_reaches_the_app_and_the_connection_goes_on() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        let read = exchange(
+            &mut caller,
+            "POST /admin/x HTTP/1.1\r\nContent-Length: 4\r\n\r\nGET GET /ok HTTP/1.1\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{read}");
+        assert!(
+            read.contains("denied by policy b/no-admin rule 0\n"),
+            "{read}"
+        );
+        assert!(read.ends_with("\r\n\r\nfine"), "{read}");
+        let requests = seen.requests.lock().unwrap();
+        assert_eq!(requests.len(), 1);
+        assert!(requests[0].0.starts_with("GET /ok "), "{:?}", requests[0]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_two_lengths_or_no_app_is_502() {
+        let (app, _) = bare_app(
+            |_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc".to_vec(),
+            |_| true,
+        )
+        .await;
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
+        assert!(read.ends_with("invalid answer from the app\n"), "{read}");
+
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (front, _) = sidecar(gone.local_addr().unwrap()).await;
+        drop(gone);
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
+        assert!(read.ends_with("app unreachable\n"), "{read}");
+    }
+
+    /// A request the forwarder does not take (a chunked body here) goes
+    /// to hyper's server with what was read after it, and hyper serves the
+    /// rest of the connection.
+    #[tokio::test]
+    async fn a_request_the_forwarder_does_not_take_and_the_rest_of_its_connection_go_to_hyper() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let line = format!("{} {}", req.method(), req.uri());
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let text = format!("{line} {}", String::from_utf8_lossy(&body));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        let (front, _) = sidecar(app).await;
+        let mut caller = TcpStream::connect(front).await.unwrap();
+        let read = exchange(&mut caller, "GET /first HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("GET /first "), "{read}");
+        let read = exchange(
+            &mut caller,
+            "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+             GET /after HTTP/1.1\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.contains("POST /chunked abc"), "{read}");
+        assert!(read.ends_with("GET /after "), "{read}");
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_do() {
+        let body = b"5;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let mut whole = Chunked::default();
+        assert_eq!(whole.take(body), Ok((body.len() - 4, true)));
+        assert_eq!(whole.payload, 5);
+        // The same, a byte at a time.
+        let mut bytewise = Chunked::default();
+        let mut ended = None;
+        for (at, b) in body.iter().enumerate() {
+            if let (1, true) = bytewise.take(std::slice::from_ref(b)).unwrap() {
+                ended = Some(at + 1);
+                break;
+            }
+        }
+        assert_eq!(ended, Some(body.len() - 4));
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n",
+            b"x\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\nX-T: 1\n\r\n",
+        ] {
+            assert!(
+                Chunked::default().take(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
