@@ -115,7 +115,7 @@ where
 impl Authorize<()> {
     /// The check alone, for a request path that is not a tower stack (the
     /// HTTP/1 forwarder): the policies in force picked up if they
-    /// changed, then [`refusal`](Self::refusal).
+    /// changed, then the same decision as the layer's.
     pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
         self.policies.refresh();
         self.refusal(exchange)

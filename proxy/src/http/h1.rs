@@ -17,11 +17,11 @@
 //!
 //! **What it does with one.** The same as hyper's path: hop-by-hop headers
 //! removed and the caller's identity set ([`Exchange::start`]), the
-//! request authorized ([`Authorize`](super::authz::Authorize)) and
-//! checked against the rate limits ([`RateLimit`](super::ratelimit::RateLimit))
-//! with the same answers, the access-log line and metrics written when the
-//! answer is over ([`Entry`](super::access::Entry)). The request goes to
-//! an app connection parked between requests ([`AppConnections`]); a
+//! request authorized ([`Authorize`]) and checked against the rate limits
+//! ([`RateLimit`]) with the same answers, the access-log line and metrics
+//! written when the answer is over ([`Entry`]). The request goes to an app
+//! connection parked between requests
+//! ([`AppConnections`](super::upstream::AppConnections)); a
 //! connection the app closed while parked is noticed before it is used.
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
@@ -206,6 +206,9 @@ impl<D: Future<Output = ()>> Drain<'_, D> {
 }
 
 /// A request head, as read.
+// Moved once a request, straight into `one_request`: boxing the request
+// would cost an allocation a request.
+#[allow(clippy::large_enum_variant)]
 enum Taken {
     Request(Head),
     /// Not one the forwarder takes (or not one at all): hyper's.

@@ -345,7 +345,7 @@ where
 impl RateLimit<()> {
     /// The check alone, for a request path that is not a tower stack (the
     /// HTTP/1 forwarder): the limits in force picked up if they changed,
-    /// then [`refusal`](Self::refusal).
+    /// then the same decision as the layer's.
     pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
         self.policies.refresh();
         self.refusal(exchange)
