@@ -215,37 +215,12 @@ fn denial(decision: &Decision) -> String {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http::Request;
-    use tower::ServiceExt;
-    use trellis_core::TrustDomain;
-
     use super::*;
     use crate::http::access::Entry;
+    use crate::http::testing::{id, no_admin};
     use crate::http::{Connection, Http};
-
-    fn id(path: &str) -> SpiffeId {
-        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
-    }
-
-    /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with
-    /// one DENY of `/admin/*`.
-    fn no_admin(metrics: &Metrics) -> Policies {
-        let yaml = "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: no-admin, namespace: b}
-spec:
-  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
-  action: DENY
-  rules:
-    - to: [{paths: [\"/admin/*\"]}]
-";
-        let loaded =
-            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
-        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-        let policy = loaded.policies[0].policy.to_proto();
-        let api = id("/ns/b/sa/api");
-        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
-    }
+    use http::Request;
+    use tower::ServiceExt;
 
     #[tokio::test]
     async fn the_layer_answers_a_denied_request_itself_and_never_calls_the_service() {

@@ -1152,17 +1152,15 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use super::*;
+    use crate::http::testing::{id, no_admin};
+    use crate::http::{Connection, Http};
+    use crate::metrics::Metrics;
     use http_body_util::Full;
     use hyper::body::Incoming;
     use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
     use tokio::sync::watch;
-    use trellis_core::{SpiffeId, TrustDomain};
-
-    use super::*;
-    use crate::http::{Connection, Http};
-    use crate::metrics::Metrics;
-    use crate::policy::Policies;
 
     /// What a bare app saw: each request's head and body, and how many
     /// connections it accepted.
@@ -1228,32 +1226,10 @@ mod tests {
         (addr, seen)
     }
 
-    fn id(path: &str) -> SpiffeId {
-        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
-    }
-
-    /// The mesh default allows; one DENY of `/admin/*` for every caller.
-    fn no_admin(metrics: &Metrics) -> Policies {
-        let yaml = "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: no-admin, namespace: b}
-spec:
-  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
-  action: DENY
-  rules:
-    - to: [{paths: [\"/admin/*\"]}]
-";
-        let loaded =
-            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
-        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-        let policy = loaded.policies[0].policy.to_proto();
-        let api = id("/ns/b/sa/api");
-        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
-    }
-
-    /// A sidecar's inbound HTTP serving, plaintext, in front of `app`:
-    /// every connection is from `spiffe://td/ns/a/sa/web`.
-    async fn sidecar(app: SocketAddr) -> (SocketAddr, Arc<Metrics>) {
+    /// A caller's connection to a sidecar's inbound HTTP serving,
+    /// plaintext, in front of `app`: every connection is from
+    /// `spiffe://td/ns/a/sa/web`.
+    async fn caller_of(app: SocketAddr) -> TcpStream {
         let metrics = Arc::new(Metrics::new());
         let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
         let http = Arc::new(Http::with_access_log(metrics.clone(), false));
@@ -1269,7 +1245,7 @@ spec:
                 });
             }
         });
-        (addr, metrics)
+        TcpStream::connect(addr).await.unwrap()
     }
 
     /// Writes `request` and reads until `answers` answers have come whole,
@@ -1345,8 +1321,7 @@ spec:
             |_| false,
         )
         .await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         // Two requests in one write: the second waits for the first.
         let read = exchange(
             &mut caller,
@@ -1408,8 +1383,7 @@ spec:
             |_| false,
         )
         .await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
 
         let read = exchange(&mut caller, "GET /chunked HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.contains("Transfer-Encoding: chunked\r\n"), "{read}");
@@ -1454,8 +1428,7 @@ spec:
             |_| true,
         )
         .await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         // Reads until the sidecar closes.
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 2).await;
         assert!(read.contains("connection: close\r\n"), "{read}");
@@ -1466,8 +1439,7 @@ spec:
     async fn a_connection_the_app_closed_while_parked_is_not_used() {
         // Closes each connection after its answer without saying so.
         let (app, seen) = bare_app(|_| ok("fine", ""), |_| true).await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         for round in 0..3 {
             let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
             assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
@@ -1478,8 +1450,7 @@ spec:
     #[tokio::test]
     async fn a_denied_request_never_reaches_the_app_and_the_connection_goes_on() {
         let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         let read = exchange(
             &mut caller,
             "POST /admin/x HTTP/1.1\r\nContent-Length: 4\r\n\r\nGET GET /ok HTTP/1.1\r\n\r\n",
@@ -1504,16 +1475,17 @@ spec:
             |_| true,
         )
         .await;
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert!(read.ends_with("invalid answer from the app\n"), "{read}");
 
-        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (front, _) = sidecar(gone.local_addr().unwrap()).await;
-        drop(gone);
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        // An address nothing listens on any more.
+        let gone = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let mut caller = caller_of(gone).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert!(read.ends_with("app unreachable\n"), "{read}");
@@ -1540,8 +1512,7 @@ spec:
                 );
             }
         });
-        let (front, _) = sidecar(app).await;
-        let mut caller = TcpStream::connect(front).await.unwrap();
+        let mut caller = caller_of(app).await;
         let read = exchange(&mut caller, "GET /first HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("GET /first "), "{read}");
         let read = exchange(

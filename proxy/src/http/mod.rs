@@ -360,3 +360,37 @@ impl InForce {
         self.current.as_deref()
     }
 }
+
+/// What the HTTP tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use trellis_core::{SpiffeId, TrustDomain};
+
+    use crate::metrics::Metrics;
+    use crate::policy::Policies;
+
+    /// `spiffe://td{path}`.
+    pub fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
+    }
+
+    /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with
+    /// one DENY of `/admin/*` (policy `b/no-admin`).
+    pub fn no_admin(metrics: &Metrics) -> Policies {
+        let yaml = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: b}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
+  action: DENY
+  rules:
+    - to: [{paths: [\"/admin/*\"]}]
+";
+        let loaded =
+            trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let policy = loaded.policies[0].policy.to_proto();
+        let api = id("/ns/b/sa/api");
+        Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
+    }
+}
