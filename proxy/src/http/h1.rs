@@ -423,7 +423,7 @@ where
     let close = close || drain.started();
     let mut answer = BytesMut::with_capacity(ANSWER_BUFFER);
     let mut rewritten = Vec::with_capacity(512);
-    let (mut app, parsed, sent) = loop {
+    let (mut app, parsed) = loop {
         let (mut app, reused) = match conn.http.h1.unpark(target) {
             Some(app) => (app, true),
             None => match crate::net::connect(target).await {
@@ -445,16 +445,18 @@ where
                 u64::MAX
             }
         };
+        // The answer to a request whose body did not all go out closes
+        // the connection, and says so.
         let reading = read_answer(
             &mut app.0,
             &mut answer,
             caller,
             head_request,
-            close,
+            close || unread != 0,
             &mut rewritten,
         );
         match reading.await {
-            Ok(parsed) => break (app, parsed, unread == 0),
+            Ok(parsed) => break (app, parsed),
             Err(Reading::Caller(e)) => return Err(e),
             // The app had closed a parked connection as the request went
             // out: the request never reached it; the next connection gets
@@ -507,9 +509,7 @@ where
                 conn.http.h1.park(target, app);
             }
             drop(entry);
-            // A request body the app did not take leaves the connection
-            // unreadable.
-            Ok(close || !sent)
+            Ok(close)
         }
         Err(Passing::Caller(e)) => Err(e),
         Err(Passing::App(e)) => {
