@@ -35,6 +35,14 @@
 //! one way (two lengths, a malformed head) is 502, "invalid answer from
 //! the app", as on hyper's path.
 //!
+//! **One direction at a time.** A request's body is written to the app
+//! before its answer is read. An app that answers before it has read the
+//! whole body gets the body all the same, as an app that reads first does,
+//! and its answer follows; one that answers early and then neither reads
+//! the rest of a body larger than the sockets hold nor closes the
+//! connection holds that request until it does (hyper's client passed such
+//! an answer on while it still wrote the body).
+//!
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
 //! waiting for it (hyper's header read timeout, which also ends idle
