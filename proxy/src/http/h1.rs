@@ -35,13 +35,11 @@
 //! one way (two lengths, a malformed head) is 502, "invalid answer from
 //! the app", as on hyper's path.
 //!
-//! **One direction at a time.** A request's body is written to the app
-//! before its answer is read. An app that answers before it has read the
-//! whole body gets the body all the same, as an app that reads first does,
-//! and its answer follows; one that answers early and then neither reads
-//! the rest of a body larger than the sockets hold nor closes the
-//! connection holds that request until it does (hyper's client passed such
-//! an answer on while it still wrote the body).
+//! **Bodies that stream.** A request whose body is not all read with its
+//! head has the rest copied to the app while the answer is read and passed
+//! back (`duplex`): an app may answer before it has read the body (413,
+//! say), and the caller gets that answer while its body is still on the
+//! way. The connection is kept only if the whole body went out.
 //!
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
@@ -442,15 +440,21 @@ where
                 }
             },
         };
-        let sent = send(&mut app.0, &out, caller, rest, &entry).await;
-        // Unless all of it went out, what is left of the request body
-        // cannot be told from what follows it.
-        let unread = match sent {
+        let unread = match app.0.write_all(&out).await {
+            Ok(()) if rest > 0 => {
+                let request = Streaming {
+                    rest,
+                    head_request,
+                    close,
+                };
+                return duplex(conn, caller, app, entry, request, answer, drain).await;
+            }
             Ok(()) => 0,
-            Err(Sending::Caller(e)) => return Err(e),
-            Err(Sending::App(e)) => {
+            Err(e) => {
                 tracing::debug!(app = %conn.target, error = %e, "writing the request to the app failed");
-                u64::MAX
+                // The body still to come from the caller, if any, goes
+                // unread: the connection closes after the answer.
+                rest
             }
         };
         // The answer to a request whose body did not all go out closes
@@ -458,7 +462,7 @@ where
         let reading = read_answer(
             &mut app.0,
             &mut answer,
-            caller,
+            Some(&mut *caller),
             head_request,
             close || unread != 0,
             &mut rewritten,
@@ -529,42 +533,195 @@ where
     }
 }
 
-/// Writes the request's head and as much of its body as was read (`out`)
-/// to the app, then the `rest` of the body from the caller.
-async fn send<S: AsyncRead + Unpin>(
-    app: &mut TcpStream,
-    out: &[u8],
-    caller: &mut Caller<S>,
+/// Streams the `rest` of a request body from the caller to the app. While
+/// a write to the app waits, what the caller sends is read ahead into
+/// `ahead` (up to [`PIPELINED`] bytes), so a caller that goes away ends the
+/// request even when the app has stopped reading. Bytes read past the body
+/// are left in `buf`, in order.
+async fn stream_body<R, W>(
+    caller: &mut R,
+    buf: &mut BytesMut,
+    app: &mut W,
     mut rest: u64,
     entry: &Entry,
-) -> Result<(), Sending> {
-    app.write_all(out).await.map_err(Sending::App)?;
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut ahead = BytesMut::new();
+    let mut caller_done = false;
     while rest > 0 {
-        if caller.buf.capacity() - caller.buf.len() < 4096 {
-            caller.buf.reserve(8192);
+        if buf.is_empty() {
+            if ahead.is_empty() {
+                if caller_done {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.reserve(8192);
+                if caller.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            } else {
+                std::mem::swap(buf, &mut ahead);
+            }
+            continue;
         }
-        let n = caller
-            .io
-            .read_buf(&mut caller.buf)
-            .await
-            .map_err(Sending::Caller)?;
-        if n == 0 {
-            return Err(Sending::Caller(io::ErrorKind::UnexpectedEof.into()));
+        let take = (buf.len() as u64).min(rest) as usize;
+        let written = loop {
+            let watch = !caller_done && ahead.len() < PIPELINED;
+            if watch && ahead.capacity() - ahead.len() < 1024 {
+                ahead.reserve(8192);
+            }
+            tokio::select! {
+                biased;
+                written = app.write(&buf[..take]) => break written?,
+                read = caller.read_buf(&mut ahead), if watch => {
+                    if read? == 0 {
+                        // Gone before the body was all sent, or done.
+                        if (buf.len() + ahead.len()) as u64 >= rest {
+                            caller_done = true;
+                        } else {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                    }
+                }
+            }
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-        let take = (caller.buf.len() as u64).min(rest) as usize;
-        app.write_all(&caller.buf[..take])
-            .await
-            .map_err(Sending::App)?;
-        caller.buf.advance(take);
-        entry.count(Direction::In, take);
-        rest -= take as u64;
+        buf.advance(written);
+        entry.count(Direction::In, written);
+        rest -= written as u64;
     }
+    buf.extend_from_slice(&ahead);
     Ok(())
 }
 
-enum Sending {
-    App(io::Error),
-    Caller(io::Error),
+/// A request whose body streams from the caller: the body goes to the app
+/// while its answer is read and passed back, both at once, as an app may
+/// answer before it has read the body. The connection is kept only if the
+/// whole body went out; the answer's head says `connection: close` if it
+/// is known by then that it will not.
+async fn duplex<S, D>(
+    conn: &Arc<Connection>,
+    caller: &mut Caller<S>,
+    mut app: AppStream,
+    entry: Entry,
+    request: Streaming,
+    mut answer: BytesMut,
+    drain: &mut Drain<'_, D>,
+) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+{
+    let Streaming {
+        rest,
+        head_request,
+        close,
+    } = request;
+    let (sent, answered) = {
+        let (mut app_r, mut app_w) = app.0.split();
+        let (mut caller_r, mut caller_w) = tokio::io::split(&mut caller.io);
+        let body = stream_body(&mut caller_r, &mut caller.buf, &mut app_w, rest, &entry);
+        let answering = async {
+            let mut rewritten = Vec::with_capacity(512);
+            let parsed = read_answer(
+                &mut app_r,
+                &mut answer,
+                None::<&mut Caller<S>>,
+                head_request,
+                close,
+                &mut rewritten,
+            )
+            .await
+            .map_err(Answering::Reading)?;
+            entry.set_status(parsed.status);
+            let until_close = matches!(parsed.framing, Framing::UntilClose);
+            let leftover = pass_body(
+                &mut caller_w,
+                &mut app_r,
+                &mut answer,
+                rewritten,
+                parsed.framing,
+                &entry,
+            )
+            .await
+            .map_err(Answering::Passing)?;
+            let reusable = !parsed.app_close && !leftover && !until_close;
+            Ok::<_, Answering>((parsed.close, reusable))
+        };
+        let mut body = std::pin::pin!(body);
+        let mut answering = std::pin::pin!(answering);
+        let mut sent = None;
+        let answered = loop {
+            tokio::select! {
+                done = &mut body, if sent.is_none() => sent = Some(done),
+                answered = &mut answering => break answered,
+            }
+        };
+        // The answer is out: the body goes on until it is all sent or the
+        // caller goes away. An answer that failed ends the request.
+        let sent = match sent {
+            Some(sent) => sent,
+            None if answered.is_ok() => body.await,
+            None => Err(io::ErrorKind::Interrupted.into()),
+        };
+        (sent, answered)
+    };
+    let whole = sent.is_ok();
+    if let Err(e) = &sent {
+        tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "request body not all sent");
+    }
+    match answered {
+        Ok((close, reusable)) => {
+            if whole && reusable {
+                conn.http.h1.park(conn.target, app);
+            }
+            drop(entry);
+            Ok(close || !whole)
+        }
+        Err(Answering::Reading(Reading::Invalid(why))) => {
+            failed(
+                conn,
+                caller,
+                entry,
+                Failed::Invalid(why),
+                u64::MAX,
+                close,
+                drain,
+            )
+            .await
+        }
+        Err(Answering::Reading(Reading::Closed)) => {
+            let e = Failed::Unreachable("the app closed the connection before answering".into());
+            failed(conn, caller, entry, e, u64::MAX, close, drain).await
+        }
+        Err(Answering::Reading(Reading::App(e) | Reading::Caller(e))) => {
+            let e = Failed::Unreachable(e.to_string());
+            failed(conn, caller, entry, e, u64::MAX, close, drain).await
+        }
+        Err(Answering::Passing(Passing::Caller(e))) => Err(e),
+        Err(Answering::Passing(Passing::App(e))) => {
+            tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "answer from the app ended early");
+            Ok(true)
+        }
+    }
+}
+
+/// A request whose body is still to come from the caller.
+struct Streaming {
+    /// Body bytes still to come.
+    rest: u64,
+    head_request: bool,
+    /// The caller asked for the connection to close, or the sidecar drains.
+    close: bool,
+}
+
+enum Answering {
+    Reading(Reading),
+    Passing(Passing),
 }
 
 /// What an answer head says.
@@ -596,14 +753,18 @@ enum Reading {
 /// Reads the answer head into `answer`, skipping 1xx answers. While it
 /// waits, reads what the caller sends ahead (up to [`PIPELINED`] bytes),
 /// so a caller that goes away ends the request at once.
-async fn read_answer<S: AsyncRead + Unpin>(
-    app: &mut TcpStream,
+async fn read_answer<R, S>(
+    app: &mut R,
     answer: &mut BytesMut,
-    caller: &mut Caller<S>,
+    mut caller: Option<&mut Caller<S>>,
     head_request: bool,
     close: bool,
     rewritten: &mut Vec<u8>,
-) -> Result<Parsed, Reading> {
+) -> Result<Parsed, Reading>
+where
+    R: AsyncRead + Unpin,
+    S: AsyncRead + Unpin,
+{
     loop {
         if !answer.is_empty() {
             match parse_answer(answer, head_request, close, rewritten)? {
@@ -617,24 +778,29 @@ async fn read_answer<S: AsyncRead + Unpin>(
         if answer.capacity() - answer.len() < 1024 {
             answer.reserve(ANSWER_BUFFER);
         }
-        let ahead = caller.buf.len() < PIPELINED;
-        if ahead && caller.buf.capacity() - caller.buf.len() < 1024 {
-            caller.buf.reserve(4096);
-        }
-        tokio::select! {
-            read = app.read_buf(answer) => match read {
-                Ok(0) => return Err(Reading::Closed),
-                Ok(_) => {}
-                Err(e) if answer.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Err(Reading::Closed);
+        let read = match caller.as_deref_mut() {
+            Some(caller) if caller.buf.len() < PIPELINED => {
+                if caller.buf.capacity() - caller.buf.len() < 1024 {
+                    caller.buf.reserve(4096);
                 }
-                Err(e) => return Err(Reading::App(e)),
-            },
-            read = caller.io.read_buf(&mut caller.buf), if ahead => match read {
-                Ok(0) => return Err(Reading::Caller(io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) => {}
-                Err(e) => return Err(Reading::Caller(e)),
-            },
+                tokio::select! {
+                    read = app.read_buf(answer) => read,
+                    read = caller.io.read_buf(&mut caller.buf) => match read {
+                        Ok(0) => return Err(Reading::Caller(io::ErrorKind::UnexpectedEof.into())),
+                        Ok(_) => continue,
+                        Err(e) => return Err(Reading::Caller(e)),
+                    },
+                }
+            }
+            _ => app.read_buf(answer).await,
+        };
+        match read {
+            Ok(0) => return Err(Reading::Closed),
+            Ok(_) => {}
+            Err(e) if answer.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(Reading::Closed);
+            }
+            Err(e) => return Err(Reading::App(e)),
         }
     }
 }
@@ -823,9 +989,9 @@ enum Passing {
 /// Writes `out` (the answer's head) with the body that follows it to the
 /// caller, reading the rest from the app. `Ok(true)` if the app sent bytes
 /// after the body: its connection is not reused.
-async fn pass_body<S: AsyncWrite + Unpin>(
-    caller: &mut S,
-    app: &mut TcpStream,
+async fn pass_body<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
+    caller: &mut W,
+    app: &mut R,
     answer: &mut BytesMut,
     mut out: Vec<u8>,
     mut framing: Framing,
@@ -1532,6 +1698,61 @@ mod tests {
         .await;
         assert!(read.contains("POST /chunked abc"), "{read}");
         assert!(read.ends_with("GET /after "), "{read}");
+    }
+
+    /// An app that answers once it has a request's head and never reads
+    /// its body: the caller gets the answer while its body, larger than
+    /// the sockets hold, is still on the way.
+    #[tokio::test]
+    async fn an_answer_before_the_body_reaches_the_caller_while_the_app_reads_none_of_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer =
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!";
+                    tcp.write_all(answer).await.unwrap();
+                    // Holds the connection and reads nothing more.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        let (mut from, mut to) = caller_of(app).await.into_split();
+        let writer = tokio::spawn(async move {
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                1u64 << 30
+            );
+            to.write_all(head.as_bytes()).await?;
+            let chunk = vec![7u8; 1 << 20];
+            loop {
+                to.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            io::Result::Ok(())
+        });
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !read.ends_with(b"too big!") {
+            let n = tokio::time::timeout(Duration::from_secs(10), from.read(&mut buf))
+                .await
+                .expect("the answer did not come while the body was on the way")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&buf[..n]);
+        }
+        assert!(read.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"));
+        assert!(!writer.is_finished(), "the body was not still on the way");
+        writer.abort();
     }
 
     #[test]
