@@ -474,26 +474,8 @@ where
             // out: the request never reached it; the next connection gets
             // it.
             Err(Reading::Closed) if reused && retry && answer.is_empty() => continue,
-            Err(Reading::Closed) => {
-                let e =
-                    Failed::Unreachable("the app closed the connection before answering".into());
-                return failed(conn, caller, entry, e, unread, close, drain).await;
-            }
-            Err(Reading::App(e)) => {
-                let e = Failed::Unreachable(e.to_string());
-                return failed(conn, caller, entry, e, unread, close, drain).await;
-            }
-            Err(Reading::Invalid(why)) => {
-                return failed(
-                    conn,
-                    caller,
-                    entry,
-                    Failed::Invalid(why),
-                    unread,
-                    close,
-                    drain,
-                )
-                .await;
+            Err(reading) => {
+                return failed(conn, caller, entry, reading.into(), unread, close, drain).await;
             }
         }
     };
@@ -682,25 +664,8 @@ where
             drop(entry);
             Ok(close || !whole)
         }
-        Err(Answering::Reading(Reading::Invalid(why))) => {
-            failed(
-                conn,
-                caller,
-                entry,
-                Failed::Invalid(why),
-                u64::MAX,
-                close,
-                drain,
-            )
-            .await
-        }
-        Err(Answering::Reading(Reading::Closed)) => {
-            let e = Failed::Unreachable("the app closed the connection before answering".into());
-            failed(conn, caller, entry, e, u64::MAX, close, drain).await
-        }
-        Err(Answering::Reading(Reading::App(e) | Reading::Caller(e))) => {
-            let e = Failed::Unreachable(e.to_string());
-            failed(conn, caller, entry, e, u64::MAX, close, drain).await
+        Err(Answering::Reading(reading)) => {
+            failed(conn, caller, entry, reading.into(), u64::MAX, close, drain).await
         }
         Err(Answering::Passing(Passing::Caller(e))) => Err(e),
         Err(Answering::Passing(Passing::App(e))) => {
@@ -1196,6 +1161,18 @@ impl Chunked {
 enum Failed {
     Unreachable(String),
     Invalid(&'static str),
+}
+
+impl From<Reading> for Failed {
+    fn from(reading: Reading) -> Self {
+        match reading {
+            Reading::Closed => {
+                Failed::Unreachable("the app closed the connection before answering".into())
+            }
+            Reading::App(e) | Reading::Caller(e) => Failed::Unreachable(e.to_string()),
+            Reading::Invalid(why) => Failed::Invalid(why),
+        }
+    }
 }
 
 /// Answers 502 for a request the app did not answer, as hyper's path does.
