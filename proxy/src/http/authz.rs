@@ -215,12 +215,13 @@ fn denial(decision: &Decision) -> String {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use http::Request;
+    use tower::ServiceExt;
+
     use super::*;
     use crate::http::access::Entry;
     use crate::http::testing::{id, no_admin};
     use crate::http::{Connection, Http};
-    use http::Request;
-    use tower::ServiceExt;
 
     #[tokio::test]
     async fn the_layer_answers_a_denied_request_itself_and_never_calls_the_service() {

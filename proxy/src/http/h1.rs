@@ -69,7 +69,7 @@ use super::authz::{Authorize, AuthorizeLayer};
 use super::proxy::{Exchange, GrpcCode, LocalBody, local};
 use super::ratelimit::{RateLimit, RateLimitLayer};
 use super::upstream::Reusable;
-use super::{Connection, Protocol, Rewind};
+use super::{Connection, Protocol, Rewind, headers};
 
 /// The largest request head the forwarder reads; a longer one goes to
 /// hyper's server, which has its own bound.
@@ -326,8 +326,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             }
             body = Some(length);
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in headers::list(value) {
                 if token.eq_ignore_ascii_case(b"upgrade") {
                     return Some(Taken::Other);
                 }
@@ -487,22 +486,34 @@ where
         close,
     } = parsed;
     entry.set_status(status);
-    let until_close = matches!(framing, Framing::UntilClose);
-    match pass_body(
+    let passed = pass_body(
         &mut caller.io,
         &mut app.0,
         &mut answer,
         rewritten,
         framing,
+        app_close,
         &entry,
     )
-    .await
-    {
-        Ok(leftover) => {
-            if !app_close && !leftover && !until_close {
-                conn.http.h1.park(target, app);
+    .await;
+    drop(entry);
+    settle(conn, passed, app, close)
+}
+
+/// After an answer was passed to the caller (or not all of it): the app
+/// connection parked if it can carry another request; whether the caller's
+/// connection closes.
+fn settle(
+    conn: &Connection,
+    passed: Result<bool, Passing>,
+    app: AppStream,
+    close: bool,
+) -> io::Result<bool> {
+    match passed {
+        Ok(reusable) => {
+            if reusable {
+                conn.http.h1.park(conn.target, app);
             }
-            drop(entry);
             Ok(close)
         }
         Err(Passing::Caller(e)) => Err(e),
@@ -617,22 +628,19 @@ where
                 close,
                 &mut rewritten,
             )
-            .await
-            .map_err(Answering::Reading)?;
+            .await?;
             entry.set_status(parsed.status);
-            let until_close = matches!(parsed.framing, Framing::UntilClose);
-            let leftover = pass_body(
+            let passed = pass_body(
                 &mut caller_w,
                 &mut app_r,
                 &mut answer,
                 rewritten,
                 parsed.framing,
+                parsed.app_close,
                 &entry,
             )
-            .await
-            .map_err(Answering::Passing)?;
-            let reusable = !parsed.app_close && !leftover && !until_close;
-            Ok::<_, Answering>((parsed.close, reusable))
+            .await;
+            Ok::<_, Reading>((parsed.close, passed))
         };
         let mut body = std::pin::pin!(body);
         let mut answering = std::pin::pin!(answering);
@@ -657,21 +665,17 @@ where
         tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "request body not all sent");
     }
     match answered {
-        Ok((close, reusable)) => {
-            if whole && reusable {
-                conn.http.h1.park(conn.target, app);
-            }
+        Ok((close, passed)) => {
             drop(entry);
-            Ok(close || !whole)
+            // A body not all sent leaves the connection unreadable.
+            settle(
+                conn,
+                passed.map(|reusable| reusable && whole),
+                app,
+                close || !whole,
+            )
         }
-        Err(Answering::Reading(reading)) => {
-            failed(conn, caller, entry, reading.into(), u64::MAX, close, drain).await
-        }
-        Err(Answering::Passing(Passing::Caller(e))) => Err(e),
-        Err(Answering::Passing(Passing::App(e))) => {
-            tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "answer from the app ended early");
-            Ok(true)
-        }
+        Err(reading) => failed(conn, caller, entry, reading.into(), u64::MAX, close, drain).await,
     }
 }
 
@@ -682,11 +686,6 @@ struct Streaming {
     head_request: bool,
     /// The caller asked for the connection to close, or the sidecar drains.
     close: bool,
-}
-
-enum Answering {
-    Reading(Reading),
-    Passing(Passing),
 }
 
 /// What an answer head says.
@@ -826,10 +825,7 @@ fn parse_answer(
                     .unwrap_or_default();
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if name.eq_ignore_ascii_case(b"connection") {
-                app_close |= field
-                    .value
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                app_close |= headers::list(field.value).any(|t| t.eq_ignore_ascii_case(b"close"));
             }
         }
         let bodiless =
@@ -874,24 +870,20 @@ fn answer_head(
     fields: &[httparse::Header<'_>],
     close: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    number(out, u64::from(code));
-    out.push(b' ');
-    out.extend_from_slice(reason.unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, code, reason.unwrap_or_default());
     let named = |name: &[u8]| {
         fields
             .iter()
             .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|f| f.value.split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            .flat_map(|f| headers::list(f.value))
+            .any(|t| t.eq_ignore_ascii_case(name))
     };
     let encoded = fields
         .iter()
         .any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
     let mut dated = false;
-    for field in fields {
-        let name = field.name.as_bytes();
+    for kept in fields {
+        let name = kept.name.as_bytes();
         if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             || (encoded && name.eq_ignore_ascii_case(b"content-length"))
             || named(name)
@@ -899,25 +891,44 @@ fn answer_head(
             continue;
         }
         dated |= name.eq_ignore_ascii_case(b"date");
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(field.value);
-        out.extend_from_slice(b"\r\n");
+        field(out, name, kept.value);
     }
+    head_end(out, dated, close);
+}
+
+/// Writes an HTTP/1.1 status line.
+fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(decimal_digits(u64::from(code), &mut [0; 20]));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one header field.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends an answer head of the sidecar's: `Date` unless the head has one
+/// (`dated`), and `connection: close` if the connection closes after it.
+fn head_end(out: &mut Vec<u8>, dated: bool, close: bool) {
     if !dated {
         out.extend_from_slice(b"date: ");
         now(out);
         out.extend_from_slice(b"\r\n");
     }
     if close {
-        out.extend_from_slice(b"connection: close\r\n");
+        field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes `n` in decimal.
-fn number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+/// `n` in decimal, written into `digits`.
+fn decimal_digits(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -927,7 +938,7 @@ fn number(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    &digits[at..]
 }
 
 /// Writes the current time as an HTTP date, formatted once a second.
@@ -952,14 +963,17 @@ enum Passing {
 }
 
 /// Writes `out` (the answer's head) with the body that follows it to the
-/// caller, reading the rest from the app. `Ok(true)` if the app sent bytes
-/// after the body: its connection is not reused.
+/// caller, reading the rest from the app. `Ok(true)` if the app connection
+/// can carry another request: the app did not say it closes it
+/// (`app_close`), the body did not end with the connection, and no bytes
+/// came after the body.
 async fn pass_body<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     caller: &mut W,
     app: &mut R,
     answer: &mut BytesMut,
     mut out: Vec<u8>,
     mut framing: Framing,
+    app_close: bool,
     entry: &Entry,
 ) -> Result<bool, Passing> {
     let mut first = true;
@@ -984,7 +998,8 @@ async fn pass_body<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         answer.advance(take);
         if done {
             caller.flush().await.map_err(Passing::Caller)?;
-            return Ok(!answer.is_empty());
+            // A body framed by the connection's end never ends here.
+            return Ok(!app_close && answer.is_empty());
         }
         caller.flush().await.map_err(Passing::Caller)?;
         // Everything read has been passed on: the buffer starts over, at
@@ -1003,6 +1018,7 @@ async fn pass_body<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
         bulk |= n >= offered / 4 * 3;
         if n == 0 {
             return match framing {
+                // The body is over, and so is the connection.
                 Framing::UntilClose => {
                     caller.flush().await.map_err(Passing::Caller)?;
                     Ok(false)
@@ -1051,8 +1067,6 @@ pub struct Chunked {
     digits: u8,
     /// Bytes of the current extension or trailer section.
     line: usize,
-    /// The last chunk (size 0) has been read: trailers follow.
-    last: bool,
     /// Payload bytes passed since last asked.
     payload: usize,
 }
@@ -1123,7 +1137,6 @@ impl Chunked {
                 (SizeLf, b'\n') => {
                     self.digits = 0;
                     if self.size == 0 {
-                        self.last = true;
                         self.line = 0;
                         TrailerStart
                     } else {
@@ -1239,26 +1252,19 @@ where
         Either::Left(_) => Bytes::new(),
     };
     let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let status = parts.status;
+    status_line(
+        &mut out,
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+    );
     for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    out.extend_from_slice(b"content-length: ");
-    number(&mut out, body.len() as u64);
-    out.extend_from_slice(b"\r\ndate: ");
-    now(&mut out);
-    out.extend_from_slice(b"\r\n");
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    let mut digits = [0; 20];
+    let length = decimal_digits(body.len() as u64, &mut digits);
+    field(&mut out, b"content-length", length);
+    head_end(&mut out, false, close);
     out.extend_from_slice(&body);
     entry.count(Direction::Out, body.len());
     caller.io.write_all(&out).await?;
@@ -1279,15 +1285,10 @@ fn request_head(out: &mut Vec<u8>, request: &Request<()>, conn: &Connection) {
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !request.headers().contains_key(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(conn.authority.as_str().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(out, b"host", conn.authority.as_str().as_bytes());
     }
     for (name, value) in request.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -22,18 +22,29 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && !has_token(headers, header::UPGRADE, "h2c")
 }
 
-/// The comma-separated tokens of every `name` header, without parameters.
-fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+/// The comma-separated tokens of one header value, without parameters
+/// (`Connection: keep-alive, x-secret` is `keep-alive` and `x-secret`).
+pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(|t| {
+        t.split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii()
+    })
+}
+
+/// The tokens of every `name` header ([`list`]); values that are not
+/// visible ASCII are skipped.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(name)
         .into_iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.split(';').next().unwrap_or_default().trim())
+        .flat_map(|v| list(v.as_bytes()))
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// `Connection` tokens that need no lookup: headers removed anyway, and
@@ -60,8 +71,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     let te_trailers = has_token(headers, header::TE, "trailers");
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-            .filter(|t| !REMOVED_ANYWAY.iter().any(|r| t.eq_ignore_ascii_case(r)))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|t| {
+                !REMOVED_ANYWAY
+                    .iter()
+                    .any(|r| t.eq_ignore_ascii_case(r.as_bytes()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(&name);
