@@ -196,11 +196,15 @@ fn not_resumed(m: &Metrics) -> u64 {
         .unwrap_or(0)
 }
 
+/// What [`connection`] sends: a line no HTTP request starts with, so
+/// both sidecars take it for opaque TCP at once.
+const PING: &[u8] = b"ping\n";
+
 /// A connection through the route; the round trip lets the client read
 /// the tickets the server sent after the handshake.
 async fn connection(local: std::net::SocketAddr) {
     let mut tcp = TcpStream::connect(local).await.unwrap();
-    assert_eq!(round_trip(&mut tcp, b"ping").await.unwrap(), b"ping");
+    assert_eq!(round_trip(&mut tcp, PING).await.unwrap(), PING);
 }
 
 /// A sidecar reconnecting to a peer resumes the session with a ticket
@@ -260,6 +264,94 @@ async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
             "every {direction} resumption settles X25519"
         );
     }
+}
+
+/// A relay between the two sidecars that holds every connection it
+/// accepts, once its first bytes (the ClientHello) have arrived, until
+/// `open` says true; it reports each arrival on `hellos`.
+async fn held_relay(
+    to: std::net::SocketAddr,
+    open: watch::Receiver<bool>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hellos_tx, hellos) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (mut open, hellos_tx) = (open.clone(), hellos_tx.clone());
+            tokio::spawn(async move {
+                let mut hello = vec![0u8; 4096];
+                let n = tcp.read(&mut hello).await.unwrap();
+                hellos_tx.send(()).unwrap();
+                open.wait_for(|open| *open).await.unwrap();
+                let mut peer = TcpStream::connect(to).await.unwrap();
+                peer.write_all(&hello[..n]).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut peer).await;
+            });
+        }
+    });
+    (addr, hellos)
+}
+
+/// Dials to one peer whose handshakes overlap each resume while the
+/// sidecar holds a ticket for each: a ticket a dial has taken is no
+/// longer counted as reserved by it, so it leaves no other dial without
+/// one. A relay holds the handshakes until every dial has sent its
+/// ClientHello (and so taken its ticket), the overlap a loaded machine
+/// brings about by chance.
+#[tokio::test]
+async fn dials_whose_handshakes_overlap_each_resume_while_tickets_last() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let (open_tx, open) = watch::channel(true);
+    let (relay, mut hellos) = held_relay(inbound.addr, open).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, relay).await;
+
+    // One full handshake and four resumed, each bringing back two
+    // tickets: six held.
+    for _ in 0..5 {
+        connection(local).await;
+        hellos.recv().await.unwrap();
+    }
+    assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 1);
+
+    // Six dials, each begun once the one before has sent its ClientHello.
+    open_tx.send_replace(false);
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, PING)
+            .await
+            .unwrap();
+        hellos.recv().await.unwrap();
+        held.push(tcp);
+    }
+    open_tx.send_replace(true);
+    for mut tcp in held {
+        let mut echo = [0u8; PING.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut echo)
+            .await
+            .unwrap();
+        assert_eq!(echo, PING);
+    }
+    assert_eq!(
+        handshakes(&client.metrics, "outbound", "full", None),
+        1,
+        "a dial began a full handshake while a ticket was held for it"
+    );
+    assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 10);
+    assert_eq!(
+        not_resumed(&client.metrics),
+        0,
+        "no attempt to resume failed"
+    );
 }
 
 /// When the peer no longer accepts the tickets held for it (it restarted,
@@ -356,7 +448,7 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
     connection(local).await;
     connection(local).await;
     assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 1);
-    assert_eq!(received.borrow().as_slice(), b"pingping");
+    assert_eq!(received.borrow().as_slice(), b"ping\nping\n");
 
     past(expires).await;
 
@@ -377,7 +469,7 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
     );
     assert_eq!(
         received.borrow().as_slice(),
-        b"pingping",
+        b"ping\nping\n",
         "the app's bytes reached a peer whose certificate had expired"
     );
 }

@@ -150,8 +150,17 @@ where
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
     let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
-    let Some(_reserved) = peer.tickets.reserve(&name) else {
-        return handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await;
+    let Some(reserved) = peer.tickets.reserve(&name) else {
+        return handshake(
+            &peer.full,
+            remote,
+            connect_timeout,
+            &name,
+            protocol,
+            first,
+            None,
+        )
+        .await;
     };
     // The app's first bytes wait until the resumed session's certificate
     // is checked (below), instead of leaving with the handshake.
@@ -162,6 +171,7 @@ where
         &name,
         protocol,
         &[],
+        Some(reserved),
     ))
     .await
     {
@@ -169,7 +179,16 @@ where
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
             peer.tickets.forget(&name);
-            handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await
+            handshake(
+                &peer.full,
+                remote,
+                connect_timeout,
+                &name,
+                protocol,
+                first,
+                None,
+            )
+            .await
         }
         // A resumed session brings back the peer's certificate as it was
         // verified when the session began, and no verifier looks at it
@@ -208,7 +227,16 @@ where
                     shared.metrics.handshake_failure(OUTBOUND, reason);
                     peer.tickets.forget(&name);
                     drop(stream);
-                    handshake(&peer.full, remote, connect_timeout, &name, protocol, first).await
+                    handshake(
+                        &peer.full,
+                        remote,
+                        connect_timeout,
+                        &name,
+                        protocol,
+                        first,
+                        None,
+                    )
+                    .await
                 }
             }
         }
@@ -218,6 +246,12 @@ where
 
 /// One connection and handshake of [`dial_mesh`] with `config`, the peer
 /// given `connect_timeout` to answer the connection.
+///
+/// A resuming dial's `reserved` ticket is released as soon as the TLS
+/// session has taken it (rustls does so when it writes the ClientHello,
+/// as the session is made): held until the handshake ended, it would
+/// count as reserved beside the ticket already gone, and dials whose
+/// handshakes overlap would find half the tickets held for them.
 async fn handshake(
     config: &Arc<rustls::ClientConfig>,
     remote: impl tokio::net::ToSocketAddrs,
@@ -225,6 +259,7 @@ async fn handshake(
     name: &ServerName<'static>,
     protocol: Protocol,
     first: &[u8],
+    reserved: Option<tls::tickets::Reserved>,
 ) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
     let tcp = net::connect_within(remote, connect_timeout)
         .await
@@ -244,6 +279,7 @@ async fn handshake(
             .connect_with(name.clone(), tcp, queue),
         None => connector.connect_with(name.clone(), tcp, queue),
     };
+    drop(reserved);
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(mut stream)) => {
             let rest = &first[queued.get()..];

@@ -67,8 +67,12 @@ impl PeerTickets {
     /// Reserves a ticket for `name` for one dial, until the reservation
     /// is dropped: `None` when no ticket is held that another dial under
     /// way has not reserved (rustls takes the ticket only when it writes
-    /// the ClientHello, after the TCP connect). The sidecar dials every
-    /// peer with one name, so reservations are counted per peer.
+    /// the ClientHello, after the TCP connect). The dial drops the
+    /// reservation as soon as its session has taken the ticket, not when
+    /// the handshake ends: a ticket gone from the store and still counted
+    /// as reserved would leave another dial without one. The sidecar
+    /// dials every peer with one name, so reservations are counted per
+    /// peer.
     pub fn reserve(self: &Arc<Self>, name: &ServerName<'_>) -> Option<Reserved> {
         self.lock().reserve(name).then(|| Reserved(self.clone()))
     }
