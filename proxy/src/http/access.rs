@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Method;
@@ -26,6 +26,7 @@ use trellis_core::policy::Decision;
 
 use super::Connection;
 use super::headers::PEER_IDENTITY;
+use crate::logging::access::Line;
 
 /// The tracing target of access-log lines.
 pub const ACCESS_TARGET: &str = "trellis::access";
@@ -97,22 +98,19 @@ impl Drop for Entry {
             (Some(d), None) => (Some(d.policy_label()), d.rule()),
             (None, None) => (None, None),
         };
-        tracing::info!(
-            target: ACCESS_TARGET,
-            source = %self.conn.peer,
-            destination = %self.conn.target,
-            method = %self.method,
-            path = self.path.as_ref().map_or("/", PathAndQuery::path),
-            status,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out.load(Ordering::Relaxed),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            decision = self.outcome,
-            policy,
-            rule,
-            protocol = self.protocol,
-            "request"
-        );
+        let mut line = Line::start(SystemTime::now());
+        line.raw(self.conn.access_log_caller());
+        line.member("method", self.method.as_str());
+        line.member("path", self.path.as_ref().map_or("/", PathAndQuery::path));
+        line.number("status", u64::from(status));
+        line.number("bytes_in", self.bytes_in.load(Ordering::Relaxed));
+        line.number("bytes_out", self.bytes_out.load(Ordering::Relaxed));
+        line.millis("duration_ms", elapsed);
+        line.member("decision", self.outcome);
+        line.member("policy", policy);
+        line.number("rule", rule.map(|r| r as u64));
+        line.member("protocol", self.protocol);
+        line.write();
     }
 }
 

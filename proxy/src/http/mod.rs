@@ -126,6 +126,9 @@ pub struct Connection {
     /// the connection's life, so new policies that deny the caller and
     /// the sidecar's drain reach it as they reach any other connection.
     upgraded: std::sync::Mutex<Option<Upgraded>>,
+    /// The access log's `source` and `destination` members, written once
+    /// at the connection's first logged request.
+    access_log_caller: std::sync::OnceLock<Box<[u8]>>,
 }
 
 /// The byte copy of an upgraded connection.
@@ -152,7 +155,19 @@ impl Connection {
             policies,
             upstream,
             upgraded: std::sync::Mutex::new(None),
+            access_log_caller: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What every access-log line of this connection begins with: the
+    /// caller's SPIFFE ID and the app's address.
+    fn access_log_caller(&self) -> &[u8] {
+        self.access_log_caller.get_or_init(|| {
+            crate::logging::access::members(|line| {
+                line.member("source", self.peer.as_str());
+                line.member("destination", self.authority.as_str());
+            })
+        })
     }
 
     /// Keeps the byte copy of the connection's upgraded stream for

@@ -11,7 +11,6 @@ pub mod access;
 use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use trellis_core::logging::{Output, stream};
@@ -36,14 +35,9 @@ pub fn init(format: LogFormat) -> Guard {
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().boxed(),
     };
-    let is_access = |meta: &tracing::Metadata<'_>| meta.target() == crate::http::ACCESS_TARGET;
-    let access = access::AccessLayer::new(stdout);
+    access::install(stdout);
     let _ = tracing_subscriber::registry()
-        .with(
-            logs.with_filter(filter)
-                .with_filter(filter_fn(move |meta| !is_access(meta))),
-        )
-        .with(access.with_filter(filter_fn(is_access)))
+        .with(logs.with_filter(filter))
         .try_init();
     if let Some(error) = bad_filter {
         tracing::warn!(%error, "{} is not a log filter; logging at info", trellis_core::logging::FILTER_VAR);
