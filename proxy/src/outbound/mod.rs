@@ -150,8 +150,10 @@ where
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
     let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
-    let Some(reserved) = peer.tickets.reserve(&name) else {
-        return handshake(
+    // A full handshake with the hybrid key exchange, `first` leaving with
+    // the client's Finished.
+    let full = || {
+        handshake(
             &peer.full,
             remote,
             connect_timeout,
@@ -160,7 +162,9 @@ where
             first,
             None,
         )
-        .await;
+    };
+    let Some(reserved) = peer.tickets.reserve(&name) else {
+        return full().await;
     };
     // The app's first bytes wait until the resumed session's certificate
     // is checked (below), instead of leaving with the handshake.
@@ -179,16 +183,7 @@ where
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
             peer.tickets.forget(&name);
-            handshake(
-                &peer.full,
-                remote,
-                connect_timeout,
-                &name,
-                protocol,
-                first,
-                None,
-            )
-            .await
+            full().await
         }
         // A resumed session brings back the peer's certificate as it was
         // verified when the session began, and no verifier looks at it
@@ -227,16 +222,7 @@ where
                     shared.metrics.handshake_failure(OUTBOUND, reason);
                     peer.tickets.forget(&name);
                     drop(stream);
-                    handshake(
-                        &peer.full,
-                        remote,
-                        connect_timeout,
-                        &name,
-                        protocol,
-                        first,
-                        None,
-                    )
-                    .await
+                    full().await
                 }
             }
         }
