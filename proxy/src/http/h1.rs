@@ -899,7 +899,7 @@ fn answer_head(
 /// Writes an HTTP/1.1 status line.
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(decimal_digits(u64::from(code), &mut [0; 20]));
+    out.extend_from_slice(itoa::Buffer::new().format(code).as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -925,20 +925,6 @@ fn head_end(out: &mut Vec<u8>, dated: bool, close: bool) {
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal, written into `digits`.
-fn decimal_digits(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[at..]
 }
 
 /// Writes the current time as an HTTP date, formatted once a second.
@@ -1261,9 +1247,12 @@ where
     for (name, value) in &parts.headers {
         field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    let mut digits = [0; 20];
-    let length = decimal_digits(body.len() as u64, &mut digits);
-    field(&mut out, b"content-length", length);
+    let mut digits = itoa::Buffer::new();
+    field(
+        &mut out,
+        b"content-length",
+        digits.format(body.len()).as_bytes(),
+    );
     head_end(&mut out, false, close);
     out.extend_from_slice(&body);
     entry.count(Direction::Out, body.len());

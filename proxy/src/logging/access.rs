@@ -12,6 +12,7 @@
 //! absent fields are left out.
 
 use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -148,7 +149,7 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
 thread_local! {
     /// The second last stamped on this thread, and its date and time
     /// (`YYYY-MM-DDTHH:MM:SS`).
-    static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 /// `now` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (a clock set before 1970 reads
@@ -156,29 +157,17 @@ thread_local! {
 fn rfc3339(out: &mut Vec<u8>, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let cached = SECOND.with_borrow_mut(|(second, date)| {
+    SECOND.with_borrow_mut(|(second, date)| {
         if *second != secs {
-            let mut text = Vec::with_capacity(20);
-            let _ = write!(
-                text,
-                "{}",
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
-            );
-            // `YYYY-MM-DDTHH:MM:SSZ`: the years 1970 to 9999.
-            let Some(text) = text.get(..19) else {
-                return false;
-            };
-            date.copy_from_slice(text);
+            date.clear();
+            let at = UNIX_EPOCH + Duration::from_secs(secs);
+            let _ = write!(date, "{}", humantime::format_rfc3339_seconds(at));
+            // The `Z` comes after the fraction.
+            date.pop();
             *second = secs;
         }
-        out.extend_from_slice(date);
-        true
+        out.extend_from_slice(date.as_bytes());
     });
-    if !cached {
-        let at = UNIX_EPOCH + Duration::from_secs(secs);
-        let _ = write!(out, "{}", humantime::format_rfc3339_seconds(at));
-        out.pop();
-    }
     let micros = since.subsec_micros();
     let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
     let mut rest = micros;
