@@ -97,9 +97,11 @@ const CHUNK_LINE: usize = 4096;
 const TRAILERS: usize = 16 * 1024;
 
 /// How many sets of [`Buffers`] a thread keeps for its next requests: one
-/// for each request in flight at once, up to this many. A set of the usual
-/// sizes is about 11 KiB (at most 32), memory glibc would mostly keep in
-/// its heap after a burst anyway.
+/// for each request in flight at once, up to this many. A set for 1 KiB
+/// bodies is about 11 KiB, and a kept set at most 40 KiB (its answer
+/// buffer up to twice [`ANSWER_BUFFER`], each head buffer up to
+/// [`SPARE_HEAD`]): memory glibc would mostly keep in its heap after a
+/// burst anyway.
 const SPARE_KEPT: usize = 32;
 /// The largest head buffer kept: a request head with the body read with
 /// it, or an answer head with its first bytes of body.
@@ -987,7 +989,7 @@ fn head_end(out: &mut Vec<u8>, dated: bool, close: bool) {
 /// Writes the current time as an HTTP date, formatted once a second.
 fn now(out: &mut Vec<u8>) {
     thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
     let time = SystemTime::now();
     let second = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
