@@ -92,6 +92,8 @@ pub const PIPELINED: usize = 64 * 1024;
 /// answers.
 const ANSWER_BUFFER: usize = 8 * 1024;
 const ANSWER_BUFFER_BULK: usize = 64 * 1024;
+/// The least room for a caller's bytes read while an answer is awaited.
+const CALLER_ROOM: usize = 64;
 /// The most bytes of a chunk-size line's extensions and of trailers.
 const CHUNK_LINE: usize = 4096;
 const TRAILERS: usize = 16 * 1024;
@@ -122,6 +124,10 @@ struct Buffers {
     request: Vec<u8>,
     answer: BytesMut,
     rewritten: Vec<u8>,
+    /// The request's header map, for the next head parsed on the thread
+    /// ([`Buffers::fields`]); empty (and unallocated) while a request
+    /// holds it.
+    fields: HeaderMap,
 }
 
 impl Buffers {
@@ -130,7 +136,30 @@ impl Buffers {
             request: Vec::with_capacity(512),
             answer: BytesMut::with_capacity(ANSWER_BUFFER),
             rewritten: Vec::with_capacity(512),
+            fields: HeaderMap::new(),
         })
+    }
+
+    /// An empty header map for a head being parsed: a kept set's, if the
+    /// thread has one with its map (the set stays kept, its map then
+    /// unallocated), or a new one for `fields` fields. The map comes back
+    /// with the request's set, in [`Buffers::keep_fields`].
+    fn fields(fields: usize) -> HeaderMap {
+        SPARE
+            .with_borrow_mut(|spare| {
+                let set = spare
+                    .iter_mut()
+                    .rev()
+                    .find(|set| set.fields.capacity() > 0)?;
+                Some(std::mem::take(&mut set.fields))
+            })
+            .unwrap_or_else(|| HeaderMap::with_capacity(fields))
+    }
+
+    /// Keeps the header map of a request whose head is written, emptied
+    /// when the set is given back.
+    fn keep_fields(&mut self, request: Request<()>) {
+        self.fields = request.into_parts().0.headers;
     }
 
     /// Keeps the set for the thread's next request, emptied, if it is of
@@ -144,6 +173,11 @@ impl Buffers {
         if !usual {
             return;
         }
+        if self.fields.capacity() > 2 * MAX_HEADERS {
+            self.fields = HeaderMap::new();
+        }
+        // Drops the values, and with them the request head's bytes.
+        self.fields.clear();
         self.request.clear();
         self.rewritten.clear();
         SPARE.with_borrow_mut(|spare| {
@@ -426,7 +460,7 @@ fn build(
     fields: &[(Range<usize>, Range<usize>)],
 ) -> Option<Request<()>> {
     let path = PathAndQuery::from_maybe_shared(head.slice(path)).ok()?;
-    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
+    let mut headers = Buffers::fields(fields.len() + 1);
     for (name, value) in fields {
         let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
@@ -486,6 +520,7 @@ where
 
     let target = conn.target;
     let head_request = request.method() == Method::HEAD;
+    bufs.keep_fields(request);
     let close = close || drain.started();
     let (mut app, parsed) = loop {
         let (mut app, reused) = match conn.http.h1.unpark(target) {
@@ -803,7 +838,11 @@ where
         }
         let read = match caller.as_deref_mut() {
             Some(caller) if caller.buf.len() < PIPELINED => {
-                if caller.buf.capacity() - caller.buf.len() < 1024 {
+                // Room for the caller's next bytes, which seldom come
+                // before the answer. While the request's head shares the
+                // buffer, growing it means a new block, so it is grown
+                // only when nearly full.
+                if caller.buf.capacity() - caller.buf.len() < CALLER_ROOM {
                     caller.buf.reserve(4096);
                 }
                 tokio::select! {
@@ -1784,6 +1823,47 @@ mod tests {
     /// A request's buffers come back empty to the next request on the
     /// thread, the same blocks; grown ones are freed, and a thread keeps
     /// at most its bound.
+    #[test]
+    fn a_header_map_is_reused_empty_and_never_carries_a_field_over() {
+        SPARE.with_borrow_mut(Vec::clear);
+        let parse = |head: &[u8]| match take_head(&mut BytesMut::from(head)) {
+            Some(Taken::Request(head)) => head.request,
+            _ => panic!("the forwarder takes {:?}", String::from_utf8_lossy(head)),
+        };
+        let first = parse(
+            b"GET /a HTTP/1.1\r\nhost: app\r\nauthorization: Bearer secret\r\n\
+              x-one: 1\r\nx-two: 2\r\nx-three: 3\r\n\r\n",
+        );
+        let capacity = first.headers().capacity();
+        let mut set = Buffers::take();
+        set.keep_fields(first);
+        set.give_back();
+        assert_eq!(SPARE.with_borrow(|spare| spare[0].fields.len()), 0);
+
+        let second = parse(b"GET /b HTTP/1.1\r\nhost: other\r\n\r\n");
+        assert_eq!(
+            second.headers().capacity(),
+            capacity,
+            "the kept map, not a new one for one field"
+        );
+        let fields: Vec<_> = second
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [("host", "other")],
+            "only the second request's own fields"
+        );
+        assert_eq!(
+            SPARE.with_borrow(|spare| spare[0].fields.capacity()),
+            0,
+            "the set stays kept without its map"
+        );
+        SPARE.with_borrow_mut(Vec::clear);
+    }
+
     #[test]
     fn request_buffers_are_reused_empty_and_only_at_their_usual_sizes() {
         SPARE.with_borrow_mut(Vec::clear);
