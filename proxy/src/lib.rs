@@ -71,6 +71,8 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let code = runtime.block_on(run::run(config));
     // Connections still open after the drain deadline are dropped here.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The access-log lines of the last requests, gathered on this thread.
+    logging::access::hand_over();
     code
 }
 
@@ -89,5 +91,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
-    builder.enable_all().build()
+    // Each runtime thread hands its gathered access-log lines to the
+    // writer before it waits for work, and as it stops.
+    builder
+        .on_thread_park(logging::access::hand_over)
+        .on_thread_stop(logging::access::hand_over)
+        .enable_all()
+        .build()
 }

@@ -35,7 +35,7 @@ const BATCH: usize = 64 * 1024;
 /// of the subscriber.
 #[derive(Clone)]
 pub struct Batched {
-    lines: Sender<Vec<u8>>,
+    lines: Sender<Lines>,
     counts: Arc<Counts>,
 }
 
@@ -47,7 +47,7 @@ struct Counts {
 
 /// Writes what is queued and stops the writer thread when dropped.
 pub struct Flush {
-    lines: Sender<Vec<u8>>,
+    lines: Sender<Lines>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -78,45 +78,63 @@ impl Batched {
     /// Queues one line; an empty one is ignored (on the queue, an empty
     /// line is what tells the thread to stop).
     pub fn send(&self, line: Vec<u8>) {
-        if line.is_empty() {
+        self.send_lines(line, 1);
+    }
+
+    /// Queues `count` whole lines gathered in one buffer, counted as that
+    /// many against [`MAX_PENDING`] (all of them are dropped if they do
+    /// not fit).
+    pub fn send_lines(&self, bytes: Vec<u8>, count: usize) {
+        if bytes.is_empty() || count == 0 {
             return;
         }
-        if self.counts.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
-            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
-            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.counts.pending.fetch_add(count, Ordering::Relaxed) + count > MAX_PENDING {
+            self.counts.pending.fetch_sub(count, Ordering::Relaxed);
+            self.counts
+                .dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
             return;
         }
-        if self.lines.send(line).is_err() {
-            // The thread is gone (exiting): nothing will write it.
-            self.counts.pending.fetch_sub(1, Ordering::Relaxed);
+        if self.lines.send(Lines { bytes, count }).is_err() {
+            // The thread is gone (exiting): nothing will write them.
+            self.counts.pending.fetch_sub(count, Ordering::Relaxed);
         }
     }
 }
 
+/// What the queue carries: whole lines, and how many.
+struct Lines {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
 impl Drop for Flush {
     fn drop(&mut self) {
-        let _ = self.lines.send(Vec::new());
+        let _ = self.lines.send(Lines {
+            bytes: Vec::new(),
+            count: 0,
+        });
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn write_batches<W: Write>(lines: Receiver<Vec<u8>>, out: W, counts: &Counts) {
+fn write_batches<W: Write>(lines: Receiver<Lines>, out: W, counts: &Counts) {
     let mut out = io::BufWriter::with_capacity(BATCH, out);
     let mut reported = 0;
     // Blocks only when nothing is queued: the first line after a quiet
     // spell is written at once.
     while let Ok(first) = lines.recv() {
-        let mut stop = first.is_empty();
-        let mut written = usize::from(!stop);
-        let _ = out.write_all(&first);
+        let mut stop = first.bytes.is_empty();
+        let mut written = first.count;
+        let _ = out.write_all(&first.bytes);
         while !stop {
             match lines.try_recv() {
-                Ok(line) if line.is_empty() => stop = true,
-                Ok(line) => {
-                    written += 1;
-                    let _ = out.write_all(&line);
+                Ok(next) if next.bytes.is_empty() => stop = true,
+                Ok(next) => {
+                    written += next.count;
+                    let _ = out.write_all(&next.bytes);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => stop = true,
@@ -197,6 +215,19 @@ mod tests {
         }
     }
 
+    /// A stdout that accepts no byte until released, then records them.
+    struct Stuck(Arc<Mutex<()>>, Recorded);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            drop(self.0.lock().unwrap());
+            self.1.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     fn line(w: &Batched, text: &str) {
         let mut l = w.make_writer();
         l.write_all(text.as_bytes()).unwrap();
@@ -249,20 +280,9 @@ mod tests {
 
     #[test]
     fn lines_beyond_the_bound_are_dropped_and_counted_not_queued() {
-        /// A stdout that never accepts a byte until released.
-        struct Stuck(Arc<Mutex<()>>);
-        impl Write for Stuck {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                drop(self.0.lock().unwrap());
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().unwrap();
-        let (w, flush) = Batched::start("test", Stuck(gate.clone())).unwrap();
+        let (w, flush) = Batched::start("test", Stuck(gate.clone(), Recorded::default())).unwrap();
         // Lines the thread took stay counted until written, so exactly
         // the bound is held whether they wait in the queue or its batch.
         for _ in 0..MAX_PENDING + 100 {
@@ -273,5 +293,29 @@ mod tests {
         drop(held);
         drop(flush);
         assert_eq!(w.counts.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn gathered_lines_count_as_lines_against_the_bound() {
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let out = Recorded::default();
+        let (w, flush) = Batched::start("test", Stuck(gate.clone(), out.clone())).unwrap();
+        w.send_lines(b"a\nb\nc\n".to_vec(), 3);
+        for _ in 0..MAX_PENDING - 4 {
+            line(&w, "x\n");
+        }
+        // One place is left: two lines gathered together do not fit, and
+        // are dropped together.
+        w.send_lines(b"d\ne\n".to_vec(), 2);
+        assert_eq!(w.counts.dropped.load(Ordering::Relaxed), 2);
+        w.send_lines(b"f\n".to_vec(), 1);
+        assert_eq!(w.counts.pending.load(Ordering::Relaxed), MAX_PENDING);
+        drop(held);
+        drop(flush);
+        assert_eq!(w.counts.pending.load(Ordering::Relaxed), 0);
+        let written = out.0.lock().unwrap().0.clone();
+        assert!(written.starts_with(b"a\nb\nc\nx\n") && written.ends_with(b"x\nf\n"));
+        assert_eq!(written.len(), 2 * MAX_PENDING);
     }
 }

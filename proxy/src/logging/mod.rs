@@ -50,7 +50,7 @@ const PROGRAM: &str = "trellis-proxy";
 
 /// The access log's lines, handed to the writer thread as they are.
 impl<W: Write + 'static> access::Lines for Output<W> {
-    fn line(&self, line: Vec<u8>) {
-        Output::line(self, line);
+    fn lines(&self, bytes: Vec<u8>, count: usize) {
+        Output::lines(self, bytes, count);
     }
 }
