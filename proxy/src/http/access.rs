@@ -78,6 +78,11 @@ impl Entry {
         };
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    /// Bytes of request body passed to the app so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Entry {

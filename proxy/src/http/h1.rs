@@ -86,6 +86,14 @@ const MAX_ANSWER_HEADERS: usize = 100;
 /// How long a caller has to send a whole request head, counted from when
 /// the connection starts waiting for it.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the rest of a request body may go without a byte of it
+/// reaching the app once the answer is out (nginx's `client_body_timeout`
+/// is as long): an app that answered without reading the body and keeps
+/// its end open would otherwise hold both connections.
+#[cfg(not(test))]
+const BODY_STALL: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const BODY_STALL: Duration = Duration::from_millis(300);
 /// The most bytes read from a caller ahead of its request in flight.
 pub const PIPELINED: usize = 64 * 1024;
 /// What an app connection's buffer starts at, and grows to under bulk
@@ -620,6 +628,29 @@ fn settle(
     }
 }
 
+/// The rest of a request body whose answer is out, for as long as it
+/// moves: [`BODY_STALL`] without a byte of it reaching the app ends it.
+async fn rest_of_body(
+    mut body: Pin<&mut impl Future<Output = io::Result<()>>>,
+    entry: &Entry,
+) -> io::Result<()> {
+    loop {
+        let before = entry.bytes_in();
+        match tokio::time::timeout(BODY_STALL, body.as_mut()).await {
+            Ok(sent) => return sent,
+            Err(_) if entry.bytes_in() == before => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the rest of the body did not move for {BODY_STALL:?} after the answer"
+                    ),
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Streams the `rest` of a request body from the caller to the app. While
 /// a write to the app waits, what the caller sends is read ahead into
 /// `ahead` (up to [`PIPELINED`] bytes), so a caller that goes away ends the
@@ -744,11 +775,12 @@ where
                 answered = &mut answering => break answered,
             }
         };
-        // The answer is out: the body goes on until it is all sent or the
-        // caller goes away. An answer that failed ends the request.
+        // The answer is out: the body goes on until it is all sent, the
+        // caller goes away, or it stalls. An answer that failed ends the
+        // request.
         let sent = match sent {
             Some(sent) => sent,
-            None if answered.is_ok() => body.await,
+            None if answered.is_ok() => rest_of_body(body, &entry).await,
             None => Err(io::ErrorKind::Interrupted.into()),
         };
         (sent, answered)
@@ -1769,7 +1801,68 @@ mod tests {
     /// its body: the caller gets the answer while its body, larger than
     /// the sockets hold, is still on the way.
     #[tokio::test]
-    async fn an_answer_before_the_body_reaches_the_caller_while_the_app_reads_none_of_it() {
+    async fn a_body_the_app_reads_slowly_after_answering_is_not_cut() {
+        // Far more than the sockets between the caller and the app hold,
+        // so most of it goes only as fast as the app reads.
+        const BODY: usize = 32 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            for answer in [&b"first"[..], b"next!"] {
+                head.clear();
+                while !head.ends_with(b"\r\n\r\n") {
+                    assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
+                    head.push(byte[0]);
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
+                out.extend_from_slice(answer);
+                tcp.write_all(&out).await.unwrap();
+                if head.starts_with(b"POST") {
+                    // Reads the body after answering, in steps slower
+                    // than the whole of it could go, each well within
+                    // the stall bound.
+                    let mut chunk = vec![0u8; 2 << 20];
+                    let mut left = BODY;
+                    while left > 0 {
+                        tokio::time::sleep(BODY_STALL / 3).await;
+                        let n = left.min(chunk.len());
+                        tcp.read_exact(&mut chunk[..n]).await.unwrap();
+                        left -= n;
+                    }
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let mut caller = caller_of(app).await;
+        let head = format!("POST /upload HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n");
+        caller.write_all(head.as_bytes()).await.unwrap();
+        caller.write_all(&vec![7u8; BODY]).await.unwrap();
+        caller
+            .write_all(b"GET /next HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !read.ends_with(b"next!") {
+            let n = tokio::time::timeout(Duration::from_secs(20), caller.read(&mut buf))
+                .await
+                .expect("the second answer did not come")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&read);
+        assert!(
+            text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_body_reaches_the_caller_and_a_stalled_body_ends_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1817,6 +1910,23 @@ mod tests {
         }
         assert!(read.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"));
         assert!(!writer.is_finished(), "the body was not still on the way");
+        // Nobody reads the rest of the body: once it stalls, the sidecar
+        // ends the caller's connection rather than hold it for the app.
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the connection was held for the stalled body");
+        assert!(
+            read.ends_with(b"too big!"),
+            "nothing came after the answer: {}",
+            String::from_utf8_lossy(&read)
+        );
         writer.abort();
     }
 
