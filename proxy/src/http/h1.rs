@@ -1500,6 +1500,29 @@ mod tests {
     /// A caller's connection to a sidecar's inbound HTTP serving,
     /// plaintext, in front of `app`: every connection is from
     /// `spiffe://td/ns/a/sa/web`.
+    /// Reads from `from` into `read` until it ends with `end`, which
+    /// must come within 20 s and before the connection closes.
+    async fn read_until(
+        from: &mut (impl AsyncRead + Unpin),
+        read: &mut Vec<u8>,
+        end: &[u8],
+        what: &str,
+    ) {
+        let mut buf = [0u8; 4096];
+        while !read.ends_with(end) {
+            let n = tokio::time::timeout(Duration::from_secs(20), from.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{what} did not come"))
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed before {what}: {}",
+                String::from_utf8_lossy(read)
+            );
+            read.extend_from_slice(&buf[..n]);
+        }
+    }
+
     async fn caller_of(app: SocketAddr) -> TcpStream {
         let metrics = Arc::new(Metrics::new());
         let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
@@ -1845,15 +1868,7 @@ mod tests {
             .await
             .unwrap();
         let mut read = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !read.ends_with(b"next!") {
-            let n = tokio::time::timeout(Duration::from_secs(20), caller.read(&mut buf))
-                .await
-                .expect("the second answer did not come")
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&read));
-            read.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut caller, &mut read, b"next!", "the second answer").await;
         let text = String::from_utf8_lossy(&read);
         assert!(
             text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
@@ -1899,15 +1914,14 @@ mod tests {
             io::Result::Ok(())
         });
         let mut read = Vec::new();
+        read_until(
+            &mut from,
+            &mut read,
+            b"too big!",
+            "the answer while the body was on the way",
+        )
+        .await;
         let mut buf = [0u8; 4096];
-        while !read.ends_with(b"too big!") {
-            let n = tokio::time::timeout(Duration::from_secs(10), from.read(&mut buf))
-                .await
-                .expect("the answer did not come while the body was on the way")
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&read));
-            read.extend_from_slice(&buf[..n]);
-        }
         assert!(read.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"));
         assert!(!writer.is_finished(), "the body was not still on the way");
         // Nobody reads the rest of the body: once it stalls, the sidecar
