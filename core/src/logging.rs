@@ -73,12 +73,8 @@ pub enum Output<W> {
 }
 
 impl<W: Write> Output<W> {
-    /// Writes one whole line (a formatted record, newline included).
-    pub fn line(&self, line: Vec<u8>) {
-        self.lines(line, 1);
-    }
-
-    /// Writes `count` whole lines gathered in one buffer.
+    /// Writes `count` whole lines (formatted records, newlines included)
+    /// gathered in one buffer.
     pub fn lines(&self, bytes: Vec<u8>, count: usize) {
         match self {
             Output::Batched(batched) => batched.send_lines(bytes, count),

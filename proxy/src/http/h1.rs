@@ -1497,11 +1497,8 @@ mod tests {
         (addr, seen)
     }
 
-    /// A caller's connection to a sidecar's inbound HTTP serving,
-    /// plaintext, in front of `app`: every connection is from
-    /// `spiffe://td/ns/a/sa/web`.
     /// Reads from `from` into `read` until it ends with `end`, which
-    /// must come within 20 s and before the connection closes.
+    /// must come within 10 s and before the connection closes.
     async fn read_until(
         from: &mut (impl AsyncRead + Unpin),
         read: &mut Vec<u8>,
@@ -1510,7 +1507,7 @@ mod tests {
     ) {
         let mut buf = [0u8; 4096];
         while !read.ends_with(end) {
-            let n = tokio::time::timeout(Duration::from_secs(20), from.read(&mut buf))
+            let n = tokio::time::timeout(Duration::from_secs(10), from.read(&mut buf))
                 .await
                 .unwrap_or_else(|_| panic!("{what} did not come"))
                 .unwrap();
@@ -1523,6 +1520,9 @@ mod tests {
         }
     }
 
+    /// A caller's connection to a sidecar's inbound HTTP serving,
+    /// plaintext, in front of `app`: every connection is from
+    /// `spiffe://td/ns/a/sa/web`.
     async fn caller_of(app: SocketAddr) -> TcpStream {
         let metrics = Arc::new(Metrics::new());
         let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
@@ -1820,9 +1820,9 @@ mod tests {
         assert!(read.ends_with("GET /after "), "{read}");
     }
 
-    /// An app that answers once it has a request's head and never reads
-    /// its body: the caller gets the answer while its body, larger than
-    /// the sockets hold, is still on the way.
+    /// An app that answers at once and then reads the body slowly, in
+    /// steps each within the stall bound: the body is not cut, and the
+    /// connection serves the next request.
     #[tokio::test]
     async fn a_body_the_app_reads_slowly_after_answering_is_not_cut() {
         // Far more than the sockets between the caller and the app hold,
@@ -1876,6 +1876,10 @@ mod tests {
         );
     }
 
+    /// An app that answers once it has a request's head and never reads
+    /// its body: the caller gets the answer while its body, larger than
+    /// the sockets hold, is still on the way; once the body stalls, the
+    /// caller's connection ends.
     #[tokio::test]
     async fn an_answer_before_the_body_reaches_the_caller_and_a_stalled_body_ends_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1944,9 +1948,8 @@ mod tests {
         writer.abort();
     }
 
-    /// A request's buffers come back empty to the next request on the
-    /// thread, the same blocks; grown ones are freed, and a thread keeps
-    /// at most its bound.
+    /// A request's header map comes back empty to the next head parsed
+    /// on the thread, the same map, with none of the earlier fields.
     #[test]
     fn a_header_map_is_reused_empty_and_never_carries_a_field_over() {
         SPARE.with_borrow_mut(Vec::clear);
@@ -1988,6 +1991,9 @@ mod tests {
         SPARE.with_borrow_mut(Vec::clear);
     }
 
+    /// A request's buffers come back empty to the next request on the
+    /// thread, the same blocks; grown ones are freed, and a thread keeps
+    /// at most its bound.
     #[test]
     fn request_buffers_are_reused_empty_and_only_at_their_usual_sizes() {
         SPARE.with_borrow_mut(Vec::clear);

@@ -76,18 +76,23 @@ impl Gathered {
     /// Takes back the buffer with one more line at its end; the lines to
     /// hand over, if they are enough or old enough.
     fn put_back(&mut self, bytes: Vec<u8>, stamped: SystemTime) -> Option<(Vec<u8>, usize)> {
-        if self.bytes.is_empty() {
-            self.bytes = bytes;
-        } else {
-            // A line started while another was being written: both are
-            // kept, whole.
-            self.bytes.extend_from_slice(&bytes);
-        }
+        self.restore(bytes);
         self.lines += 1;
         let old = stamped
             .duration_since(self.since)
             .is_ok_and(|age| age >= GATHER_AGE);
         (self.bytes.len() >= GATHER_BYTES || old).then(|| self.take())
+    }
+
+    /// Takes back the buffer a line was written in, all of it kept. If a
+    /// line started while another was being written, the buffer here is
+    /// the later one's: both are kept, whole.
+    fn restore(&mut self, bytes: Vec<u8>) {
+        if self.bytes.is_empty() {
+            self.bytes = bytes;
+        } else {
+            self.bytes.extend_from_slice(&bytes);
+        }
     }
 
     /// Everything gathered, if anything.
@@ -255,11 +260,7 @@ impl Drop for Line {
             buf.truncate(self.start);
             GATHERED.with_borrow_mut(|g| {
                 if let Some(gathered) = g {
-                    if gathered.bytes.is_empty() {
-                        gathered.bytes = buf;
-                    } else {
-                        gathered.bytes.extend_from_slice(&buf);
-                    }
+                    gathered.restore(buf);
                 }
             });
         }
