@@ -299,6 +299,8 @@ pub async fn fixed_rate(
 /// coordinated omission (the fixed-rate scenario is).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClosedLoop {
+    /// Requests answered.
+    pub requests: u64,
     pub requests_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -338,6 +340,7 @@ pub async fn keepalive_rate(
         total.merge(&result??)?;
     }
     Ok(ClosedLoop {
+        requests: total.histogram.len(),
         requests_per_s: total.histogram.len() as f64 / start.elapsed().as_secs_f64(),
         p50_us: total.quantile_us(0.50),
         p99_us: total.quantile_us(0.99),
@@ -345,7 +348,7 @@ pub async fn keepalive_rate(
 }
 
 /// The line the wrk script's `done` writes, before the p50 and p99 in
-/// microseconds.
+/// microseconds and the number of requests answered.
 const WRK_LATENCY: &str = "trellis-bench latency_us";
 
 /// The same closed loop measured by `wrk` (one thread, `connections`
@@ -365,8 +368,8 @@ pub async fn keepalive_rate_wrk(
             "wrk.method = \"POST\"\n\
              wrk.body = string.rep(\"r\", {REQUEST_BODY})\n\
              done = function(summary, latency, requests)\n  \
-             io.write(string.format(\"{WRK_LATENCY} %d %d\\n\", \
-             latency:percentile(50), latency:percentile(99)))\n\
+             io.write(string.format(\"{WRK_LATENCY} %d %d %d\\n\", \
+             latency:percentile(50), latency:percentile(99), summary.requests))\n\
              end\n"
         ),
     )?;
@@ -404,10 +407,11 @@ fn parse_wrk(text: &str) -> anyhow::Result<ClosedLoop> {
                 .collect()
         })
         .unwrap_or_default();
-    let [p50_us, p99_us] = latency[..] else {
+    let [p50_us, p99_us, requests] = latency[..] else {
         anyhow::bail!("no latencies from the script in wrk's output:\n{text}");
     };
     Ok(ClosedLoop {
+        requests: requests as u64,
         requests_per_s,
         p50_us,
         p99_us,
@@ -518,6 +522,7 @@ mod tests {
         // Bounded by the count, not the 30 s: 100 requests.
         let seconds = start.elapsed().as_secs_f64();
         assert!(seconds < 30.0);
+        assert_eq!(closed.requests, 100);
         assert!(
             (closed.requests_per_s * seconds - 100.0).abs() < 5.0,
             "{closed:?}"
@@ -542,6 +547,9 @@ mod tests {
             .await
             .unwrap();
         assert!(closed.requests_per_s > 0.0, "{closed:?}");
+        // wrk's count of the requests of its run of about a second.
+        let per_second = closed.requests as f64 / closed.requests_per_s;
+        assert!((0.9..1.5).contains(&per_second), "{closed:?}");
         assert!(
             closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
             "{closed:?}"
@@ -556,10 +564,11 @@ mod tests {
                      Requests/sec:  21000.50\nTransfer/sec:      23.00MB\n";
         let e = parse_wrk(plain).unwrap_err().to_string();
         assert!(e.contains("no latencies from the script"), "{e}");
-        let with = format!("{plain}{WRK_LATENCY} 75 240\n");
+        let with = format!("{plain}{WRK_LATENCY} 75 240 21000\n");
         assert_eq!(
             parse_wrk(&with).unwrap(),
             ClosedLoop {
+                requests: 21000,
                 requests_per_s: 21000.5,
                 p50_us: 75.0,
                 p99_us: 240.0

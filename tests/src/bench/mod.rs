@@ -170,6 +170,13 @@ pub struct PairFigures {
     pub new_connections_per_s: Option<f64>,
     pub new_connection_errors: Option<u64>,
     pub cpu_seconds_per_gb: Option<f64>,
+    /// CPU microseconds (user and system, all threads) each proxy process
+    /// spent per request answered over the fixed-rate rounds, client side
+    /// first: what the pair's tail is made of at a low rate.
+    pub latency_cpu_us_per_request: Vec<f64>,
+    /// The same over the keep-alive rounds, where the pair's work per
+    /// request decides its rate.
+    pub keepalive_cpu_us_per_request: Vec<f64>,
     /// Per proxy process, client side first.
     pub rss_idle_kib: Vec<u64>,
     pub rss_held_kib: Vec<u64>,
@@ -321,10 +328,24 @@ fn secs(s: f64) -> Duration {
 }
 
 fn pair_cpu(pair: &contenders::Pair) -> Option<f64> {
-    pair.proxies
-        .iter()
-        .map(|p| cpu_seconds(p.pid))
-        .sum::<Option<f64>>()
+    side_cpu(pair).map(|sides| sides.iter().sum())
+}
+
+/// The CPU seconds of each proxy of a pair, client side first; `None`
+/// when one could not be read.
+fn side_cpu(pair: &contenders::Pair) -> Option<Vec<f64>> {
+    pair.proxies.iter().map(|p| cpu_seconds(p.pid)).collect()
+}
+
+/// Adds what each proxy spent between `before` and now to `total`.
+fn add_side_cpu(pair: &contenders::Pair, before: Option<Vec<f64>>, total: &mut Option<Vec<f64>>) {
+    let (Some(before), Some(after)) = (before, side_cpu(pair)) else {
+        return;
+    };
+    let total = total.get_or_insert_with(|| vec![0.0; after.len()]);
+    for ((t, b), a) in total.iter_mut().zip(&before).zip(&after) {
+        *t += a - b;
+    }
 }
 
 fn pair_rss(pair: &contenders::Pair) -> Vec<u64> {
@@ -347,6 +368,12 @@ struct Totals {
     /// CPU seconds of both proxies during the bulk runs.
     bulk_cpu_seconds: Option<f64>,
     latency: Option<load::Latency>,
+    /// CPU seconds of each proxy (client side first) during the
+    /// fixed-rate rounds, then during the keep-alive rounds.
+    latency_cpu_seconds: Option<Vec<f64>>,
+    keepalive_cpu_seconds: Option<Vec<f64>>,
+    /// Requests answered in the keep-alive rounds.
+    keepalive_requests: u64,
     new_connection_errors: u64,
     /// Scenarios that failed once: they are not run again, and their
     /// figures are left out.
@@ -516,6 +543,7 @@ async fn run_round(
             per_round.push(b.bytes_per_second());
         }
         Scenario::FixedRate => {
+            let cpu_before = side_cpu(pair);
             let l = load::fixed_rate(
                 entry,
                 sizes.http_connections,
@@ -523,6 +551,7 @@ async fn run_round(
                 secs(sizes.latency_seconds / rounds),
             )
             .await?;
+            add_side_cpu(pair, cpu_before, &mut totals.latency_cpu_seconds);
             f.latency_rate_per_s = Some(sizes.latency_rate);
             f.rounds.latency_p99_us.push(l.quantile_us(0.99));
             match &mut totals.latency {
@@ -532,6 +561,7 @@ async fn run_round(
         }
         Scenario::KeepAlive => {
             let duration = secs(sizes.keepalive_seconds / rounds);
+            let cpu_before = side_cpu(pair);
             let closed = match wrk {
                 Some(wrk) => {
                     f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
@@ -547,6 +577,8 @@ async fn run_round(
                         .await?
                 }
             };
+            add_side_cpu(pair, cpu_before, &mut totals.keepalive_cpu_seconds);
+            totals.keepalive_requests += closed.requests;
             f.rounds
                 .keepalive_requests_per_s
                 .push(closed.requests_per_s);
@@ -575,6 +607,10 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     let ok = |s: Scenario| !totals.failed.contains(&s);
     let rate = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / seconds);
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let per_request = |cpu: &Option<Vec<f64>>, requests: u64| match cpu {
+        Some(cpu) if requests > 0 => cpu.iter().map(|s| s * 1e6 / requests as f64).collect(),
+        _ => Vec::new(),
+    };
     if ok(Scenario::Bulk1) {
         f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
     }
@@ -594,11 +630,14 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_max_us = Some(l.histogram.max() as f64);
         f.latency_requests = Some(l.histogram.len());
         f.latency_errors = Some(l.errors);
+        f.latency_cpu_us_per_request = per_request(&totals.latency_cpu_seconds, l.histogram.len());
     }
     if ok(Scenario::KeepAlive) {
         f.keepalive_requests_per_s = mean(&f.rounds.keepalive_requests_per_s);
         f.keepalive_p50_us = mean(&f.rounds.keepalive_p50_us);
         f.keepalive_p99_us = mean(&f.rounds.keepalive_p99_us);
+        f.keepalive_cpu_us_per_request =
+            per_request(&totals.keepalive_cpu_seconds, totals.keepalive_requests);
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
@@ -671,6 +710,10 @@ mod tests {
             bulk: [(4_000_000_000, 3.0), (8_000_000_000, 4.0)],
             bulk_cpu_seconds: Some(6.0),
             latency: Some(merged),
+            // Over the 100 fixed-rate requests and 4,000 keep-alive ones.
+            latency_cpu_seconds: Some(vec![0.002, 0.005]),
+            keepalive_cpu_seconds: Some(vec![0.04, 0.1]),
+            keepalive_requests: 4_000,
             new_connection_errors: 3,
             failed: Vec::new(),
         };
@@ -694,6 +737,9 @@ mod tests {
         assert_eq!(f.keepalive_requests_per_s, Some(25_000.0));
         assert_eq!(f.keepalive_p50_us, Some(600.0));
         assert_eq!(f.keepalive_p99_us, Some(1_100.0));
+        let whole = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
+        assert_eq!(whole(&f.latency_cpu_us_per_request), [20.0, 50.0]);
+        assert_eq!(whole(&f.keepalive_cpu_us_per_request), [10.0, 25.0]);
         assert_eq!(f.new_connections_per_s, Some(4_500.0));
         assert_eq!(f.new_connection_errors, Some(3));
     }
@@ -703,6 +749,8 @@ mod tests {
         let totals = Totals {
             bulk: [(1_000_000_000, 1.0), (1_000_000_000, 1.0)],
             bulk_cpu_seconds: Some(1.0),
+            keepalive_cpu_seconds: Some(vec![1.0, 1.0]),
+            keepalive_requests: 1_000,
             failed: vec![Scenario::Bulk8, Scenario::KeepAlive],
             ..Totals::default()
         };
@@ -715,6 +763,7 @@ mod tests {
         assert_eq!(f.cpu_seconds_per_gb, None);
         assert_eq!(f.keepalive_requests_per_s, None);
         assert_eq!(f.keepalive_p99_us, None);
+        assert!(f.keepalive_cpu_us_per_request.is_empty());
         assert_eq!(f.latency_p99_us, None);
         assert_eq!(f.new_connections_per_s, None);
     }

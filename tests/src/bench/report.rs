@@ -75,6 +75,18 @@ pub fn ratios(results: &Results, c: &PairFigures) -> Value {
     })
 }
 
+/// Each proxy's CPU a request, client side first ("-" for direct).
+fn cpu_per_request(sides: &[f64]) -> String {
+    if sides.is_empty() {
+        return "-".into();
+    }
+    sides
+        .iter()
+        .map(|us| format!("{us:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 /// A target of issue 7: what, the bound, the value and whether it is met
 /// (`null` when it could not be measured).
 fn target(name: &str, bound: &str, value: Option<f64>, met: Option<bool>) -> Value {
@@ -350,6 +362,9 @@ pub fn table(results: &Results) -> String {
         let added = ["added_p50_us", "added_p99_us", "added_p999_us"];
         micros(&added.map(|k| r(v, k)), true)
     });
+    row("  CPU us a request (c / s)", &|c, _| {
+        cpu_per_request(&c.latency_cpu_us_per_request)
+    });
     row("keep-alive req/s", &|c, _| {
         fmt_opt(c.keepalive_requests_per_s, |x| format!("{x:.0}"))
     });
@@ -362,6 +377,9 @@ pub fn table(results: &Results) -> String {
     row("  added p50 / p99", &|_, v| {
         let added = ["keepalive_added_p50_us", "keepalive_added_p99_us"];
         micros(&added.map(|k| r(v, k)), true)
+    });
+    row("  CPU us a request (c / s)", &|c, _| {
+        cpu_per_request(&c.keepalive_cpu_us_per_request)
     });
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
@@ -691,6 +709,12 @@ mod tests {
         run.contenders[3].rounds.latency_p99_us.clear();
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert!(fixed.get("rounds_below_every_peer").is_none(), "{fixed}");
+    }
+
+    #[test]
+    fn cpu_a_request_prints_each_proxy_or_a_dash_for_direct() {
+        assert_eq!(cpu_per_request(&[21.4, 47.6]), "21 / 48");
+        assert_eq!(cpu_per_request(&[]), "-");
     }
 
     #[test]
