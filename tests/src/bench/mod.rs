@@ -177,6 +177,12 @@ pub struct PairFigures {
     /// The same over the keep-alive rounds, where the pair's work per
     /// request decides its rate.
     pub keepalive_cpu_us_per_request: Vec<f64>,
+    /// The share of the host's CPU (all cores, every process and the
+    /// kernel) busy during the one-stream bulk rounds, then during the
+    /// keep-alive rounds: near 1, the scenario is bound by CPU, and
+    /// cores x share / rate is what a byte or a request cost the host.
+    pub bulk_1_stream_host_busy: Option<f64>,
+    pub keepalive_host_busy: Option<f64>,
     /// Per proxy process, client side first.
     pub rss_idle_kib: Vec<u64>,
     pub rss_held_kib: Vec<u64>,
@@ -348,6 +354,14 @@ fn add_side_cpu(pair: &contenders::Pair, before: Option<Vec<f64>>, total: &mut O
     }
 }
 
+/// Adds the host's busy and total ticks since `before` to `total`.
+fn add_host(before: Option<(u64, u64)>, total: &mut (u64, u64)) {
+    if let (Some(before), Some(after)) = (before, system::host_ticks()) {
+        total.0 += after.0.saturating_sub(before.0);
+        total.1 += after.1.saturating_sub(before.1);
+    }
+}
+
 fn pair_rss(pair: &contenders::Pair) -> Vec<u64> {
     pair.proxies.iter().filter_map(|p| rss_kib(p.pid)).collect()
 }
@@ -374,6 +388,10 @@ struct Totals {
     keepalive_cpu_seconds: Option<Vec<f64>>,
     /// Requests answered in the keep-alive rounds.
     keepalive_requests: u64,
+    /// The host's busy and total CPU ticks over the one-stream bulk
+    /// rounds, then over the keep-alive rounds.
+    bulk_1_stream_host: (u64, u64),
+    keepalive_host: (u64, u64),
     new_connection_errors: u64,
     /// Scenarios that failed once: they are not run again, and their
     /// figures are left out.
@@ -521,6 +539,7 @@ async fn run_round(
             };
             let per_stream = sizes.bulk_max_bytes_per_stream / streams as u64;
             let cpu_before = pair_cpu(pair);
+            let host_before = system::host_ticks();
             let b = load::bulk(
                 entry,
                 streams,
@@ -532,6 +551,9 @@ async fn run_round(
                 && let (Some(before), Some(after)) = (cpu_before, pair_cpu(pair))
             {
                 *totals.bulk_cpu_seconds.get_or_insert(0.0) += after - before;
+            }
+            if which == 0 {
+                add_host(host_before, &mut totals.bulk_1_stream_host);
             }
             totals.bulk[which].0 += b.bytes;
             totals.bulk[which].1 += b.seconds;
@@ -562,6 +584,7 @@ async fn run_round(
         Scenario::KeepAlive => {
             let duration = secs(sizes.keepalive_seconds / rounds);
             let cpu_before = side_cpu(pair);
+            let host_before = system::host_ticks();
             let closed = match wrk {
                 Some(wrk) => {
                     f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
@@ -578,6 +601,7 @@ async fn run_round(
                 }
             };
             add_side_cpu(pair, cpu_before, &mut totals.keepalive_cpu_seconds);
+            add_host(host_before, &mut totals.keepalive_host);
             totals.keepalive_requests += closed.requests;
             f.rounds
                 .keepalive_requests_per_s
@@ -613,6 +637,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     };
     if ok(Scenario::Bulk1) {
         f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
+        f.bulk_1_stream_host_busy = system::busy_share(totals.bulk_1_stream_host);
     }
     if ok(Scenario::Bulk8) {
         f.bulk_8_streams_bytes_per_s = rate(totals.bulk[1]);
@@ -638,6 +663,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.keepalive_p99_us = mean(&f.rounds.keepalive_p99_us);
         f.keepalive_cpu_us_per_request =
             per_request(&totals.keepalive_cpu_seconds, totals.keepalive_requests);
+        f.keepalive_host_busy = system::busy_share(totals.keepalive_host);
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
@@ -714,6 +740,8 @@ mod tests {
             latency_cpu_seconds: Some(vec![0.002, 0.005]),
             keepalive_cpu_seconds: Some(vec![0.04, 0.1]),
             keepalive_requests: 4_000,
+            bulk_1_stream_host: (190, 200),
+            keepalive_host: (150, 200),
             new_connection_errors: 3,
             failed: Vec::new(),
         };
@@ -740,6 +768,8 @@ mod tests {
         let whole = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
         assert_eq!(whole(&f.latency_cpu_us_per_request), [20.0, 50.0]);
         assert_eq!(whole(&f.keepalive_cpu_us_per_request), [10.0, 25.0]);
+        assert_eq!(f.bulk_1_stream_host_busy, Some(0.95));
+        assert_eq!(f.keepalive_host_busy, Some(0.75));
         assert_eq!(f.new_connections_per_s, Some(4_500.0));
         assert_eq!(f.new_connection_errors, Some(3));
     }

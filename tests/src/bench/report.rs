@@ -75,6 +75,11 @@ pub fn ratios(results: &Results, c: &PairFigures) -> Value {
     })
 }
 
+/// A share as a whole percentage.
+fn percent(share: Option<f64>) -> String {
+    fmt_opt(share, |x| format!("{:.0} %", x * 100.0))
+}
+
 /// Each proxy's CPU a request, client side first ("-" for direct).
 fn cpu_per_request(sides: &[f64]) -> String {
     if sides.is_empty() {
@@ -349,6 +354,9 @@ pub fn table(results: &Results) -> String {
     row("  ratio to direct", &|_, v| {
         fmt_opt(r(v, "bulk_1_stream_to_direct"), |x| format!("{x:.2}"))
     });
+    row("  host CPU busy", &|c, _| {
+        percent(c.bulk_1_stream_host_busy)
+    });
     row("bulk 8 streams", &|c, _| {
         fmt_opt(c.bulk_8_streams_bytes_per_s, gbps)
     });
@@ -381,6 +389,7 @@ pub fn table(results: &Results) -> String {
     row("  CPU us a request (c / s)", &|c, _| {
         cpu_per_request(&c.keepalive_cpu_us_per_request)
     });
+    row("  host CPU busy", &|c, _| percent(c.keepalive_host_busy));
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
     });
@@ -715,6 +724,8 @@ mod tests {
     fn cpu_a_request_prints_each_proxy_or_a_dash_for_direct() {
         assert_eq!(cpu_per_request(&[21.4, 47.6]), "21 / 48");
         assert_eq!(cpu_per_request(&[]), "-");
+        assert_eq!(percent(Some(0.974)), "97 %");
+        assert_eq!(percent(None), "-");
     }
 
     #[test]

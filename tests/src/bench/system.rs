@@ -39,6 +39,31 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The host's CPU time so far, in clock ticks of all cores together:
+/// (busy, total), from the first line of `/proc/stat`. Busy is user, nice,
+/// system, irq, softirq and steal; the rest of the total is idle and
+/// iowait.
+pub fn host_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_host_ticks(stat.lines().next()?)
+}
+
+fn parse_host_ticks(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.strip_prefix("cpu ")?.split_whitespace();
+    let mut next = || fields.next().and_then(|f| f.parse::<u64>().ok());
+    let (user, nice, system, idle) = (next()?, next()?, next()?, next()?);
+    let (iowait, irq, softirq) = (next()?, next()?, next()?);
+    let steal = next().unwrap_or(0);
+    let busy = user + nice + system + irq + softirq + steal;
+    Some((busy, busy + idle + iowait))
+}
+
+/// The share of the host's CPU time that was busy between two readings
+/// of [`host_ticks`] (summed over any number of intervals).
+pub fn busy_share((busy, total): (u64, u64)) -> Option<f64> {
+    (total > 0).then(|| busy as f64 / total as f64)
+}
+
 /// Number of online CPUs.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -262,6 +287,21 @@ fn symbol_order_of(list: &str, symbols: &str) -> SymbolOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real `/proc/stat` first line: busy counts user, nice, system,
+    /// irq, softirq and steal (guest time is already in user), and the
+    /// total adds idle and iowait.
+    #[test]
+    fn reads_the_hosts_busy_and_total_ticks() {
+        let line = "cpu  2511122 29494 662570 6976286 22863 0 193141 758 0 0";
+        let busy = 2511122 + 29494 + 662570 + 193141 + 758;
+        assert_eq!(parse_host_ticks(line), Some((busy, busy + 6976286 + 22863)));
+        assert_eq!(parse_host_ticks("cpu0 1 2 3 4 5 6 7 8 0 0"), None);
+        assert_eq!(busy_share((30, 40)), Some(0.75));
+        assert_eq!(busy_share((0, 0)), None);
+        let (busy, total) = host_ticks().unwrap();
+        assert!(busy > 0 && total >= busy);
+    }
 
     #[test]
     fn reads_its_own_cpu_and_memory() {
