@@ -14,7 +14,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -47,6 +47,8 @@ pub struct Entry {
     status: AtomicU16,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Set once the request body has all been read from the caller.
+    body_ended: AtomicBool,
 }
 
 impl Entry {
@@ -63,6 +65,7 @@ impl Entry {
             status: AtomicU16::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            body_ended: AtomicBool::new(false),
         }
     }
 
@@ -82,6 +85,16 @@ impl Entry {
     /// Bytes of request body passed to the app so far.
     pub fn bytes_in(&self) -> u64 {
         self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the request body has all been read from the caller.
+    pub fn end_body(&self) {
+        self.body_ended.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the request body has all been read from the caller.
+    pub fn body_ended(&self) -> bool {
+        self.body_ended.load(Ordering::Relaxed)
     }
 }
 
@@ -157,20 +170,32 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
-            if let Some(data) = frame.data_ref() {
-                self.entry.count(self.direction, data.len());
-            } else if let (Direction::In, Some(trailers)) = (self.direction, frame.trailers_mut()) {
-                // An app may read trailers like headers: a caller must not
-                // slip a forged identity in there either.
-                trailers.remove(PEER_IDENTITY);
+        match &mut polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.entry.count(self.direction, data.len());
+                } else if let (Direction::In, Some(trailers)) =
+                    (self.direction, frame.trailers_mut())
+                {
+                    // An app may read trailers like headers: a caller must
+                    // not slip a forged identity in there either.
+                    trailers.remove(PEER_IDENTITY);
+                }
             }
+            Poll::Ready(None) if matches!(self.direction, Direction::In) => self.entry.end_body(),
+            _ => {}
         }
         polled
     }
 
+    /// Asked by whoever reads the body before and after each frame: a
+    /// request body seen to end is noted in the entry.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end && matches!(self.direction, Direction::In) {
+            self.entry.end_body();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

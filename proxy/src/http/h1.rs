@@ -91,9 +91,9 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// is as long): an app that answered without reading the body and keeps
 /// its end open would otherwise hold both connections.
 #[cfg(not(test))]
-const BODY_STALL: Duration = Duration::from_secs(60);
+pub const BODY_STALL: Duration = Duration::from_secs(60);
 #[cfg(test)]
-const BODY_STALL: Duration = Duration::from_millis(300);
+pub const BODY_STALL: Duration = Duration::from_millis(300);
 /// The most bytes read from a caller ahead of its request in flight.
 pub const PIPELINED: usize = 64 * 1024;
 /// What an app connection's buffer starts at, and grows to under bulk
@@ -1882,27 +1882,7 @@ mod tests {
     /// caller's connection ends.
     #[tokio::test]
     async fn an_answer_before_the_body_reaches_the_caller_and_a_stalled_body_ends_the_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let answer =
-                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!";
-                    tcp.write_all(answer).await.unwrap();
-                    // Holds the connection and reads nothing more.
-                    std::future::pending::<()>().await;
-                });
-            }
-        });
+        let app = answers_without_reading().await;
         let (mut from, mut to) = caller_of(app).await.into_split();
         let writer = tokio::spawn(async move {
             let head = format!(
@@ -1925,11 +1905,57 @@ mod tests {
             "the answer while the body was on the way",
         )
         .await;
-        let mut buf = [0u8; 4096];
         assert!(read.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"));
         assert!(!writer.is_finished(), "the body was not still on the way");
         // Nobody reads the rest of the body: once it stalls, the sidecar
         // ends the caller's connection rather than hold it for the app.
+        closes_after_the_answer(&mut from, &mut read).await;
+        writer.abort();
+    }
+
+    /// Reads a request head byte by byte, so that nothing after it is
+    /// read.
+    async fn read_head(tcp: &mut TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "no whole head");
+            head.push(byte[0]);
+        }
+    }
+
+    /// An app that answers 413 once it has a request's head, keeps the
+    /// connection, and reads nothing more.
+    async fn answers_without_reading() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer =
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!";
+                    tcp.write_all(answer).await.unwrap();
+                    // Holds the connection and reads nothing more.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        app
+    }
+
+    /// Reads what follows the 413 in `read` until the sidecar closes the
+    /// connection, which it must within 10 s, with nothing after the
+    /// answer.
+    async fn closes_after_the_answer(from: &mut (impl AsyncRead + Unpin), read: &mut Vec<u8>) {
+        let mut buf = [0u8; 4096];
         let end = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match from.read(&mut buf).await {
@@ -1943,9 +1969,157 @@ mod tests {
         assert!(
             read.ends_with(b"too big!"),
             "nothing came after the answer: {}",
-            String::from_utf8_lossy(&read)
+            String::from_utf8_lossy(read)
         );
+    }
+
+    /// The same with a chunked body, which hyper carries instead of the
+    /// forwarder: once the body stalls after the answer, its app
+    /// connection is ended and the caller's connection closes.
+    #[tokio::test]
+    async fn a_stalled_chunked_body_after_the_answer_ends_the_connection() {
+        let app = answers_without_reading().await;
+        let (mut from, mut to) = caller_of(app).await.into_split();
+        let writer = tokio::spawn(async move {
+            to.write_all(b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await?;
+            let mut chunk = b"100000\r\n".to_vec();
+            chunk.extend_from_slice(&[7u8; 1 << 20]);
+            chunk.extend_from_slice(b"\r\n");
+            loop {
+                to.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            io::Result::Ok(())
+        });
+        let mut read = Vec::new();
+        read_until(&mut from, &mut read, b"too big!", "the answer").await;
+        assert!(read.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"));
+        assert!(!writer.is_finished(), "the body was not still on the way");
+        closes_after_the_answer(&mut from, &mut read).await;
         writer.abort();
+    }
+
+    /// A chunked body (hyper's) that the app reads slowly after answering,
+    /// each step within the stall bound, is not cut, and the connection
+    /// serves the next request.
+    #[tokio::test]
+    async fn a_chunked_body_the_app_reads_slowly_after_answering_is_not_cut() {
+        const CHUNKS: usize = 32;
+        const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let (got, body) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            read_head(&mut tcp).await;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await
+                .unwrap();
+            // The body after answering, in steps slower than the whole of
+            // it could go, each well within the stall bound, up to its
+            // last chunk; the next request may follow it in the same read.
+            let mut read = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            let end = 'body: loop {
+                tokio::time::sleep(BODY_STALL / 3).await;
+                let step = read.len() + (2 << 20);
+                while read.len() < step {
+                    // Only the bytes new since the last read, and the few
+                    // before them, can start the last chunk.
+                    let from = read.len().saturating_sub(buf.len() + LAST_CHUNK.len());
+                    if let Some(at) = find(&read[from..], LAST_CHUNK) {
+                        break 'body from + at + LAST_CHUNK.len();
+                    }
+                    let n = tcp.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the body was cut");
+                    read.extend_from_slice(&buf[..n]);
+                }
+            };
+            let mut next = read.split_off(end);
+            // hyper frames the body its own way; its data is all 'x'.
+            let _ = got.send(read.iter().filter(|&&b| b == b'x').count());
+            while find(&next, b"\r\n\r\n").is_none() {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "no next request");
+                next.extend_from_slice(&buf[..n]);
+            }
+            assert!(next.starts_with(b"GET /next "), "{next:?}");
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnext!")
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let mut caller = caller_of(app).await;
+        let mut request = b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..CHUNKS {
+            request.extend_from_slice(b"100000\r\n");
+            request.extend_from_slice(&[b'x'; 1 << 20]);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        caller.write_all(&request).await.unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"next!", "the second answer").await;
+        let text = String::from_utf8_lossy(&read);
+        assert!(
+            text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
+            "{text}"
+        );
+        assert_eq!(
+            body.await.unwrap(),
+            CHUNKS << 20,
+            "the whole body reached the app"
+        );
+    }
+
+    /// An answer that starts before a chunked body (hyper's) is read and
+    /// goes on streaming long after the body is all in is not cut: only a
+    /// body still to come is watched for a stall.
+    #[tokio::test]
+    async fn an_answer_streaming_on_after_the_body_is_in_is_not_cut() {
+        const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            read_head(&mut tcp).await;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nstart\r\n")
+                .await
+                .unwrap();
+            let mut read = Vec::new();
+            let mut buf = [0u8; 4096];
+            while find(&read, LAST_CHUNK).is_none() {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the body was cut");
+                read.extend_from_slice(&buf[..n]);
+            }
+            // The answer goes on for three times the stall bound, the
+            // body long since in.
+            for _ in 0..6 {
+                tokio::time::sleep(BODY_STALL / 2).await;
+                tcp.write_all(b"4\r\nmore\r\n").await.unwrap();
+            }
+            tcp.write_all(b"3\r\nend\r\n0\r\n\r\n").await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let mut caller = caller_of(app).await;
+        caller
+            .write_all(
+                b"POST /stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"0\r\n\r\n", "the whole answer").await;
+        let text = String::from_utf8_lossy(&read);
+        assert_eq!(text.matches("more").count(), 6, "{text}");
+        assert!(text.contains("end"), "{text}");
+    }
+
+    /// Where `needle` first starts in `haystack`.
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
     }
 
     /// A request's header map comes back empty to the next head parsed

@@ -7,19 +7,21 @@
 //! sidecar refuses it.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::task::AbortHandle;
 
 use trellis_core::refusal;
 
 use super::access::{Counted, Direction, Entry};
+use super::h1::BODY_STALL;
 use super::upstream::SendError;
 use super::{Body, Connection, Protocol, RequestBody, headers};
 
@@ -85,13 +87,23 @@ pub async fn forward(
     let entry = Arc::new(entry);
     let from_client = upgrading.then(|| hyper::upgrade::on(&mut req));
     let req = req.map(|body| Counted::new(body, entry.clone(), Direction::In));
+    if req.body().is_end_stream() {
+        // Nothing will read a body that has no bytes.
+        entry.end_body();
+    }
     let sent = if req.version() == Version::HTTP_2 {
         to_pool(&conn, req).await
     } else {
-        conn.upstream
-            .send(req, &conn.authority, !upgrading)
-            .await
-            .map_err(Into::into)
+        let sent = conn.upstream.send(req, &conn.authority, !upgrading).await;
+        // An answer in before the body: the rest of the body is watched.
+        if sent.is_ok()
+            && !upgrading
+            && !entry.body_ended()
+            && let Some(app) = conn.upstream.ender()
+        {
+            watch_body(Arc::downgrade(&entry), app);
+        }
+        sent.map_err(Into::into)
     };
     let mut response = match sent {
         Ok(response) => response.map(Either::Left),
@@ -126,6 +138,42 @@ pub async fn forward(
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
     entry.set_status(response.status());
     Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
+}
+
+/// The rest of an HTTP/1 request body whose answer came first, watched:
+/// once [`BODY_STALL`] passes without a byte of it reaching the app, its
+/// app connection is ended, and with it the request (the caller's
+/// connection closes after the answer). An app that answered without
+/// reading the body and keeps its end open would otherwise hold both
+/// connections; the forwarder ([`super::h1`]) bounds its own requests'
+/// bodies alike. The watch ends with the request or its body.
+fn watch_body(entry: Weak<Entry>, app: AbortHandle) {
+    tokio::spawn(async move {
+        loop {
+            let Some(before) = entry
+                .upgrade()
+                .filter(|e| !e.body_ended())
+                .map(|e| e.bytes_in())
+            else {
+                return;
+            };
+            tokio::time::sleep(BODY_STALL).await;
+            let Some(now) = entry.upgrade() else {
+                return;
+            };
+            if now.body_ended() {
+                return;
+            }
+            if now.bytes_in() == before {
+                tracing::debug!(
+                    "the rest of the body did not move for {BODY_STALL:?} after the answer: \
+                     ending its app connection"
+                );
+                app.abort();
+                return;
+            }
+        }
+    });
 }
 
 /// Sends an HTTP/2 request over the pooled client, which dials the URI's

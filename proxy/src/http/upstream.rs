@@ -28,6 +28,7 @@ use http::{HeaderValue, Method, Request, Response, Uri};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::task::AbortHandle;
 
 use super::RequestBody;
 
@@ -53,9 +54,17 @@ pub trait Reusable {
     fn is_closed(&self) -> bool;
 }
 
-impl<B> Reusable for SendRequest<B> {
+/// An app connection hyper drives: the sender of its requests, and the
+/// task driving it, which ends it when a request's body stalls
+/// ([`Upstream::ender`]).
+pub struct AppConn<B> {
+    sender: SendRequest<B>,
+    task: AbortHandle,
+}
+
+impl<B> Reusable for AppConn<B> {
     fn is_closed(&self) -> bool {
-        SendRequest::is_closed(self)
+        self.sender.is_closed()
     }
 }
 
@@ -64,7 +73,7 @@ impl<B> Reusable for SendRequest<B> {
 /// and a request decided for one port must never go out on a connection
 /// to another. `C` is hyper's sender for the connections hyper drives, or
 /// the socket itself for those of the HTTP/1 forwarder ([`super::h1`]).
-pub struct AppConnections<C = SendRequest<RequestBody>> {
+pub struct AppConnections<C = AppConn<RequestBody>> {
     parked: Mutex<VecDeque<Parked<C>>>,
 }
 
@@ -136,11 +145,11 @@ impl<C: Reusable> AppConnections<C> {
 /// The app connection of one inbound HTTP/1 connection's request in
 /// flight, parked when the request is over or the connection ends.
 pub struct Upstream<B = RequestBody> {
-    pool: Arc<AppConnections<SendRequest<B>>>,
+    pool: Arc<AppConnections<AppConn<B>>>,
     target: SocketAddr,
     /// Set once a request is on its way, until [`release`](Self::release);
     /// never locked across an await.
-    current: Mutex<Option<SendRequest<B>>>,
+    current: Mutex<Option<AppConn<B>>>,
 }
 
 impl<B> Upstream<B>
@@ -149,7 +158,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub fn new(pool: Arc<AppConnections<SendRequest<B>>>, target: SocketAddr) -> Self {
+    pub fn new(pool: Arc<AppConnections<AppConn<B>>>, target: SocketAddr) -> Self {
         Upstream {
             pool,
             target,
@@ -170,8 +179,8 @@ where
     ) -> Result<Response<Incoming>, SendError> {
         prepare(&mut req, authority);
         loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
+            let (mut app, reused) = match self.checkout() {
+                Some(app) => (app, true),
                 // Boxed: a dial is rare (once per app connection), and its
                 // state would otherwise enlarge the slot hyper keeps for the
                 // request in flight on every caller connection.
@@ -179,17 +188,17 @@ where
             };
             // A parked connection was ready when it was parked; this only
             // fails if the app has closed it since: try the next.
-            if reused && sender.ready().await.is_err() {
+            if reused && app.sender.ready().await.is_err() {
                 continue;
             }
-            let sent = sender.try_send_request(req);
+            let sent = app.sender.try_send_request(req);
             // Dropped once the response is in, not before: the connection
             // must live to deliver it.
             let _held = if keep {
-                *self.lock() = Some(sender);
+                *self.lock() = Some(app);
                 None
             } else {
-                Some(sender)
+                Some(app)
             };
             match sent.await {
                 Ok(response) => return Ok(response),
@@ -211,28 +220,34 @@ where
     /// task has not run since) is parked once it is ready, by a task of its
     /// own, so an idle caller never holds an app connection.
     pub fn release(&self) {
-        let Some(mut sender) = self.lock().take() else {
+        let Some(mut app) = self.lock().take() else {
             return;
         };
-        if sender.is_ready() {
-            self.pool.park(self.target, sender);
-        } else if !sender.is_closed() {
+        if app.sender.is_ready() {
+            self.pool.park(self.target, app);
+        } else if !app.sender.is_closed() {
             let (pool, target) = (self.pool.clone(), self.target);
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    pool.park(target, sender);
+                if app.sender.ready().await.is_ok() {
+                    pool.park(target, app);
                 }
             });
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<B>>> {
+    /// What ends the app connection of the request in flight (one sent
+    /// with `keep`), if one is.
+    pub fn ender(&self) -> Option<AbortHandle> {
+        self.lock().as_ref().map(|app| app.task.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<AppConn<B>>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The app connection this caller's last request kept, else one
     /// parked to the same app address.
-    fn checkout(&self) -> Option<SendRequest<B>> {
+    fn checkout(&self) -> Option<AppConn<B>> {
         let held = self.lock().take();
         held.or_else(|| self.pool.unpark(self.target))
     }
@@ -240,7 +255,7 @@ where
 
 /// A new HTTP/1 connection to the app at `target`, driven by a task of
 /// its own.
-async fn dial<B>(target: SocketAddr) -> Result<SendRequest<B>, SendError>
+async fn dial<B>(target: SocketAddr) -> Result<AppConn<B>, SendError>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -252,12 +267,15 @@ where
     let (sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(SendError::Handshake)?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "app connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(AppConn {
+        sender,
+        task: task.abort_handle(),
+    })
 }
 
 impl<B> Drop for Upstream<B> {
@@ -267,8 +285,8 @@ impl<B> Drop for Upstream<B> {
     /// trusts a parked connection to be ready.
     fn drop(&mut self) {
         let current = self.current.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = current.take().filter(SendRequest::is_ready) {
-            self.pool.park(self.target, sender);
+        if let Some(app) = current.take().filter(|app| app.sender.is_ready()) {
+            self.pool.park(self.target, app);
         }
     }
 }
@@ -474,7 +492,11 @@ mod tests {
             // Until the sidecar has seen the close, the next request could
             // race it; that race is a retry's business, not this test's.
             let mut waited = 0;
-            while !upstream.lock().as_ref().is_none_or(SendRequest::is_closed) {
+            while !upstream
+                .lock()
+                .as_ref()
+                .is_none_or(|app| app.sender.is_closed())
+            {
                 assert!(waited < 5_000, "the close was never noticed");
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 waited += 1;
