@@ -1867,13 +1867,7 @@ mod tests {
             .write_all(b"GET /next HTTP/1.1\r\n\r\n")
             .await
             .unwrap();
-        let mut read = Vec::new();
-        read_until(&mut caller, &mut read, b"next!", "the second answer").await;
-        let text = String::from_utf8_lossy(&read);
-        assert!(
-            text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
-            "{text}"
-        );
+        both_answers_come(&mut caller).await;
     }
 
     /// An app that answers once it has a request's head and never reads
@@ -2006,16 +2000,12 @@ mod tests {
     #[tokio::test]
     async fn a_chunked_body_the_app_reads_slowly_after_answering_is_not_cut() {
         const CHUNKS: usize = 32;
-        const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = listener.local_addr().unwrap();
         let (got, body) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            read_head(&mut tcp).await;
-            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
-                .await
-                .unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst";
+            let mut tcp = answer_at_the_head(&listener, answer).await;
             // The body after answering, in steps slower than the whole of
             // it could go, each well within the stall bound, up to its
             // last chunk; the next request may follow it in the same read.
@@ -2059,13 +2049,7 @@ mod tests {
         }
         request.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
         caller.write_all(&request).await.unwrap();
-        let mut read = Vec::new();
-        read_until(&mut caller, &mut read, b"next!", "the second answer").await;
-        let text = String::from_utf8_lossy(&read);
-        assert!(
-            text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
-            "{text}"
-        );
+        both_answers_come(&mut caller).await;
         assert_eq!(
             body.await.unwrap(),
             CHUNKS << 20,
@@ -2078,15 +2062,11 @@ mod tests {
     /// body still to come is watched for a stall.
     #[tokio::test]
     async fn an_answer_streaming_on_after_the_body_is_in_is_not_cut() {
-        const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            read_head(&mut tcp).await;
-            tcp.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nstart\r\n")
-                .await
-                .unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nstart\r\n";
+            let mut tcp = answer_at_the_head(&listener, answer).await;
             let mut read = Vec::new();
             let mut buf = [0u8; 4096];
             while find(&read, LAST_CHUNK).is_none() {
@@ -2115,6 +2095,31 @@ mod tests {
         let text = String::from_utf8_lossy(&read);
         assert_eq!(text.matches("more").count(), 6, "{text}");
         assert!(text.contains("end"), "{text}");
+    }
+
+    /// Reads the answers to a slowly read upload and the request after
+    /// it: `first`, then `next!`, both 200.
+    async fn both_answers_come(caller: &mut TcpStream) {
+        let mut read = Vec::new();
+        read_until(caller, &mut read, b"next!", "the second answer").await;
+        let text = String::from_utf8_lossy(&read);
+        assert!(
+            text.contains("first") && text.matches("HTTP/1.1 200 OK").count() == 2,
+            "{text}"
+        );
+    }
+
+    /// The end of a chunked body: its last data chunk's line end, then the
+    /// last chunk (no trailers).
+    const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
+
+    /// Accepts one connection on `listener`, reads a request head and
+    /// writes `answer` at once, before any body; the connection, to go on.
+    async fn answer_at_the_head(listener: &TcpListener, answer: &[u8]) -> TcpStream {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        read_head(&mut tcp).await;
+        tcp.write_all(answer).await.unwrap();
+        tcp
     }
 
     /// Where `needle` first starts in `haystack`.
