@@ -1832,14 +1832,8 @@ mod tests {
         let app = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
             for answer in [&b"first"[..], b"next!"] {
-                head.clear();
-                while !head.ends_with(b"\r\n\r\n") {
-                    assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
-                    head.push(byte[0]);
-                }
+                let head = read_head(&mut tcp).await;
                 let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
                 out.extend_from_slice(answer);
                 tcp.write_all(&out).await.unwrap();
@@ -1908,14 +1902,15 @@ mod tests {
     }
 
     /// Reads a request head byte by byte, so that nothing after it is
-    /// read.
-    async fn read_head(tcp: &mut TcpStream) {
+    /// read, and returns it.
+    async fn read_head(tcp: &mut TcpStream) -> Vec<u8> {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
             assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "no whole head");
             head.push(byte[0]);
         }
+        head
     }
 
     /// An app that answers 413 once it has a request's head, keeps the

@@ -7,7 +7,7 @@
 //! sidecar refuses it.
 
 use std::convert::Infallible;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
@@ -101,7 +101,7 @@ pub async fn forward(
             && !entry.body_ended()
             && let Some(app) = conn.upstream.ender()
         {
-            watch_body(Arc::downgrade(&entry), app);
+            watch_body(&entry, app);
         }
         sent.map_err(Into::into)
     };
@@ -147,24 +147,17 @@ pub async fn forward(
 /// reading the body and keeps its end open would otherwise hold both
 /// connections; the forwarder ([`super::h1`]) bounds its own requests'
 /// bodies alike. The watch ends with the request or its body.
-fn watch_body(entry: Weak<Entry>, app: AbortHandle) {
+fn watch_body(entry: &Arc<Entry>, app: AbortHandle) {
+    let mut before = entry.bytes_in();
+    let entry = Arc::downgrade(entry);
     tokio::spawn(async move {
         loop {
-            let Some(before) = entry
-                .upgrade()
-                .filter(|e| !e.body_ended())
-                .map(|e| e.bytes_in())
-            else {
-                return;
-            };
             tokio::time::sleep(BODY_STALL).await;
-            let Some(now) = entry.upgrade() else {
+            let Some(now) = entry.upgrade().filter(|e| !e.body_ended()) else {
                 return;
             };
-            if now.body_ended() {
-                return;
-            }
-            if now.bytes_in() == before {
+            let sent = now.bytes_in();
+            if sent == before {
                 tracing::debug!(
                     "the rest of the body did not move for {BODY_STALL:?} after the answer: \
                      ending its app connection"
@@ -172,6 +165,7 @@ fn watch_body(entry: Weak<Entry>, app: AbortHandle) {
                 app.abort();
                 return;
             }
+            before = sent;
         }
     });
 }

@@ -333,10 +333,6 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-fn pair_cpu(pair: &contenders::Pair) -> Option<f64> {
-    side_cpu(pair).map(|sides| sides.iter().sum())
-}
-
 /// The CPU seconds of each proxy of a pair, client side first; `None`
 /// when one could not be read.
 fn side_cpu(pair: &contenders::Pair) -> Option<Vec<f64>> {
@@ -379,8 +375,9 @@ struct Contender {
 struct Totals {
     /// Bytes and seconds of the bulk runs, one stream then eight.
     bulk: [(u64, f64); 2],
-    /// CPU seconds of both proxies during the bulk runs.
-    bulk_cpu_seconds: Option<f64>,
+    /// CPU seconds of each proxy (client side first) during the bulk
+    /// runs.
+    bulk_cpu_seconds: Option<Vec<f64>>,
     latency: Option<load::Latency>,
     /// CPU seconds of each proxy (client side first) during the
     /// fixed-rate rounds, then during the keep-alive rounds.
@@ -538,8 +535,9 @@ async fn run_round(
                 (1, 8)
             };
             let per_stream = sizes.bulk_max_bytes_per_stream / streams as u64;
-            let cpu_before = pair_cpu(pair);
-            let host_before = system::host_ticks();
+            let cpu_before = side_cpu(pair);
+            // The host's share is reported for the one-stream rounds.
+            let host_before = (which == 0).then(system::host_ticks).flatten();
             let b = load::bulk(
                 entry,
                 streams,
@@ -547,14 +545,8 @@ async fn run_round(
                 per_stream,
             )
             .await?;
-            if !pair.proxies.is_empty()
-                && let (Some(before), Some(after)) = (cpu_before, pair_cpu(pair))
-            {
-                *totals.bulk_cpu_seconds.get_or_insert(0.0) += after - before;
-            }
-            if which == 0 {
-                add_host(host_before, &mut totals.bulk_1_stream_host);
-            }
+            add_side_cpu(pair, cpu_before, &mut totals.bulk_cpu_seconds);
+            add_host(host_before, &mut totals.bulk_1_stream_host);
             totals.bulk[which].0 += b.bytes;
             totals.bulk[which].1 += b.seconds;
             let per_round = if which == 0 {
@@ -644,9 +636,12 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     }
     let moved = totals.bulk[0].0 + totals.bulk[1].0;
     if ok(Scenario::Bulk1) && ok(Scenario::Bulk8) && moved > 0 {
+        // Direct has no proxy, and so no figure.
         f.cpu_seconds_per_gb = totals
             .bulk_cpu_seconds
-            .map(|cpu| cpu / (moved as f64 / 1e9));
+            .as_ref()
+            .filter(|sides| !sides.is_empty())
+            .map(|sides| sides.iter().sum::<f64>() / (moved as f64 / 1e9));
     }
     if let Some(l) = totals.latency.as_ref().filter(|_| ok(Scenario::FixedRate)) {
         f.latency_p50_us = Some(l.quantile_us(0.50));
@@ -734,7 +729,7 @@ mod tests {
             // 3 GB in 1.0 s, then 1 GB in 2.0 s: 4 GB in 3 s, not the mean
             // of 3 and 0.5 GB/s.
             bulk: [(4_000_000_000, 3.0), (8_000_000_000, 4.0)],
-            bulk_cpu_seconds: Some(6.0),
+            bulk_cpu_seconds: Some(vec![2.0, 4.0]),
             latency: Some(merged),
             // Over the 100 fixed-rate requests and 4,000 keep-alive ones.
             latency_cpu_seconds: Some(vec![0.002, 0.005]),
@@ -778,7 +773,7 @@ mod tests {
     fn a_scenario_that_failed_in_any_round_has_no_figure() {
         let totals = Totals {
             bulk: [(1_000_000_000, 1.0), (1_000_000_000, 1.0)],
-            bulk_cpu_seconds: Some(1.0),
+            bulk_cpu_seconds: Some(vec![0.5, 0.5]),
             keepalive_cpu_seconds: Some(vec![1.0, 1.0]),
             keepalive_requests: 1_000,
             failed: vec![Scenario::Bulk8, Scenario::KeepAlive],
