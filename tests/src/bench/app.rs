@@ -11,8 +11,8 @@
 //! It never dials anywhere and serves only the address it was given.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +31,23 @@ pub struct BenchApp {
     addr: SocketAddr,
     task: JoinHandle<()>,
     open: Arc<AtomicUsize>,
+    accepts: Arc<Accepts>,
+}
+
+/// What the app's listener has done: connections accepted, and accepts
+/// that failed (out of descriptors, most likely) with the last reason.
+#[derive(Default)]
+struct Accepts {
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    last_failure: Mutex<Option<String>>,
+}
+
+/// The app's accept counts at one moment, to say later what it did since.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptCounts {
+    accepted: u64,
+    failed: u64,
 }
 
 /// Counts one open app connection for as long as it lives.
@@ -55,14 +72,22 @@ impl BenchApp {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicUsize::new(0));
+        let accepts = Arc::new(Accepts::default());
         let counter = open.clone();
+        let seen = accepts.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    // Out of descriptors or similar: back off, do not spin.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+                let tcp = match listener.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        seen.failed.fetch_add(1, Ordering::Relaxed);
+                        *seen.last_failure.lock().unwrap() = Some(e.to_string());
+                        // Out of descriptors or similar: back off, do not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
+                seen.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = tcp.set_nodelay(true);
                 let open = Open::new(&counter);
                 tokio::spawn(async move {
@@ -71,7 +96,12 @@ impl BenchApp {
                 });
             }
         });
-        Ok(BenchApp { addr, task, open })
+        Ok(BenchApp {
+            addr,
+            task,
+            open,
+            accepts,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -81,6 +111,39 @@ impl BenchApp {
     /// Connections the app has accepted and not yet closed.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The accept counts now, for [`BenchApp::since`].
+    pub fn accept_counts(&self) -> AcceptCounts {
+        AcceptCounts {
+            accepted: self.accepts.accepted.load(Ordering::Relaxed),
+            failed: self.accepts.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the app did since `then`, and how many descriptors this process
+    /// holds: what a scenario that failed reports, so that an app that saw
+    /// no connection, or could not accept one, is told from a proxy that
+    /// did not answer.
+    pub fn since(&self, then: AcceptCounts) -> String {
+        let now = self.accept_counts();
+        let failed = now.failed - then.failed;
+        let mut out = format!(
+            "the app accepted {} connections meanwhile and has {} open",
+            now.accepted - then.accepted,
+            self.open_connections()
+        );
+        if failed > 0 {
+            let last = self.accepts.last_failure.lock().unwrap().clone();
+            out += &format!(
+                "; {failed} accepts failed, the last with \"{}\"",
+                last.unwrap_or_default()
+            );
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            out += &format!("; this process has {} descriptors open", fds.count());
+        }
+        out
     }
 
     /// Waits until the app's open connections are back to `before` or

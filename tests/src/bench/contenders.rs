@@ -123,6 +123,19 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// A pair of no proxies whose clients connect to `entry`: what the
+    /// harness's own tests measure through.
+    #[cfg(test)]
+    pub fn direct_to(entry: SocketAddr) -> Pair {
+        Pair {
+            kind: Kind::Direct,
+            entry,
+            proxies: Vec::new(),
+            version: String::new(),
+            running: Running::Direct,
+        }
+    }
+
     /// Stops the proxies now (the mesh too for Trellis).
     pub fn stop(mut self) {
         match &mut self.running {

@@ -482,9 +482,11 @@ pub async fn hold_connections(
             });
         }
         match tasks.join_next().await {
-            Some(result) => held.push(
-                result?.with_context(|| format!("opening connection {} of {n}", held.len() + 1))?,
-            ),
+            Some(result) => {
+                held.push(result?.with_context(|| {
+                    format!("a connection failed with {} of {n} open", held.len())
+                })?)
+            }
             None => break,
         }
     }

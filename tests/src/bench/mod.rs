@@ -189,6 +189,9 @@ pub struct PairFigures {
     pub held_connections: Option<usize>,
     /// The larger of the two proxies' (held - idle) / connections.
     pub kib_per_held_connection: Option<f64>,
+    /// Why the first attempt to hold the connections failed, when the
+    /// second held them.
+    pub hold_retried: Option<String>,
     pub errors: Vec<String>,
     /// Each round's figure, in the order of the rounds.
     pub rounds: RoundFigures,
@@ -498,7 +501,7 @@ async fn measure(
             c.figures.name, sizes.held_connections
         );
         let before = app.open_connections();
-        hold(pair, sizes.held_connections, &mut c.figures).await;
+        hold(pair, app, sizes.held_connections, &mut c.figures).await;
         // The pair closes its side of the held connections in its own
         // time; the next pair's must not find this process out of
         // descriptors.
@@ -668,23 +671,51 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     }
 }
 
-/// Memory of a pair, idle and holding `n` open connections.
-async fn hold(pair: &contenders::Pair, n: usize, f: &mut PairFigures) {
-    let idle = pair_rss(pair);
-    match load::hold_connections(pair.entry, n, 64, Duration::from_secs(120)).await {
-        Ok(held) => {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let with = pair_rss(pair);
-            f.held_connections = Some(held.len());
-            f.kib_per_held_connection = idle
-                .iter()
-                .zip(&with)
-                .map(|(i, w)| w.saturating_sub(*i) as f64 / held.len() as f64)
-                .max_by(f64::total_cmp);
-            f.rss_held_kib = with;
-            drop(held);
+/// Memory of a pair, idle and holding `n` open connections. An attempt that
+/// fails is made once more, after what it opened has closed: the failure,
+/// with what the app saw meanwhile, is kept in `hold_retried` (or in
+/// `errors`, when the second attempt fails too).
+async fn hold(pair: &contenders::Pair, app: &app::BenchApp, n: usize, f: &mut PairFigures) {
+    let before = app.open_connections();
+    let mut first_failure: Option<String> = None;
+    loop {
+        let idle = pair_rss(pair);
+        let accepts = app.accept_counts();
+        match load::hold_connections(pair.entry, n, 64, Duration::from_secs(120)).await {
+            Ok(held) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let with = pair_rss(pair);
+                f.held_connections = Some(held.len());
+                f.kib_per_held_connection = idle
+                    .iter()
+                    .zip(&with)
+                    .map(|(i, w)| w.saturating_sub(*i) as f64 / held.len() as f64)
+                    .max_by(f64::total_cmp);
+                f.rss_held_kib = with;
+                f.hold_retried = first_failure;
+                return;
+            }
+            Err(e) => {
+                let failure = format!("{e:#} ({})", app.since(accepts));
+                match first_failure {
+                    None => {
+                        eprintln!(
+                            "trellis-bench: {}: holding {n} connections: {failure}; once more",
+                            f.name
+                        );
+                        app.wait_until_settled(before, Duration::from_secs(60))
+                            .await;
+                        first_failure = Some(failure);
+                    }
+                    Some(first) => {
+                        f.errors.push(format!(
+                            "holding {n} connections: {failure}; the first attempt: {first}"
+                        ));
+                        return;
+                    }
+                }
+            }
         }
-        Err(e) => f.errors.push(format!("holding {n} connections: {e:#}")),
     }
 }
 
@@ -702,6 +733,90 @@ pub fn write_json(results: &Results, path: &std::path::Path) -> anyhow::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+
+    /// A loopback port in front of the app that closes the first `refuse`
+    /// connections as they come and relays the others to the app.
+    async fn entry_refusing_first(app: SocketAddr, refuse: usize) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let Ok((mut caller, _)) = listener.accept().await else {
+                    return;
+                };
+                if i < refuse {
+                    continue; // dropped: closed before any answer
+                }
+                tokio::spawn(async move {
+                    let mut upstream = tokio::net::TcpStream::connect(app).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut caller, &mut upstream).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A hold that fails once is made again: the connections are held,
+    /// and the first failure is kept with what the app saw meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_that_fails_once_is_made_again_and_says_why() {
+        let app = app::BenchApp::start().await.unwrap();
+        let pair = contenders::Pair::direct_to(entry_refusing_first(app.addr(), 1).await);
+        let mut f = PairFigures::default();
+        hold(&pair, &app, 4, &mut f).await;
+        assert_eq!(f.held_connections, Some(4), "{f:?}");
+        assert!(f.errors.is_empty(), "{f:?}");
+        let first = f.hold_retried.as_deref().unwrap_or_default();
+        assert!(
+            first.contains("a connection failed with 0 of 4 open")
+                && first.contains("the app accepted")
+                && first.contains("descriptors open"),
+            "{first}"
+        );
+        assert!(report::table(&report_of(f)).contains("held its connections on a second attempt"));
+    }
+
+    /// A hold that fails twice is an error naming both attempts, and no
+    /// memory figure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_that_fails_twice_is_an_error_with_both_failures() {
+        let app = app::BenchApp::start().await.unwrap();
+        let pair = contenders::Pair::direct_to(entry_refusing_first(app.addr(), 1_000).await);
+        let mut f = PairFigures::default();
+        hold(&pair, &app, 4, &mut f).await;
+        assert_eq!(f.held_connections, None);
+        assert_eq!(f.kib_per_held_connection, None);
+        assert_eq!(f.errors.len(), 1, "{f:?}");
+        assert!(
+            f.errors[0].starts_with("holding 4 connections: a connection failed")
+                && f.errors[0].contains("; the first attempt: a connection failed"),
+            "{:?}",
+            f.errors
+        );
+    }
+
+    fn report_of(f: PairFigures) -> Results {
+        Results {
+            mode: Mode::Quick,
+            machine: system::Machine {
+                cpus: 2,
+                cpu_model: "test".into(),
+                memory_mib: 0,
+                kernel: String::new(),
+            },
+            pinning: String::new(),
+            open_files_limit: 0,
+            sizes: Mode::Quick.sizes(),
+            contenders: vec![PairFigures {
+                name: "haproxy-plain".into(),
+                status: "ok".into(),
+                ..f
+            }],
+            control_plane: None,
+            seconds: 0.0,
+        }
+    }
 
     #[test]
     fn each_round_runs_every_contender_once_starting_one_further_along() {

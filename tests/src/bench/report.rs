@@ -463,6 +463,14 @@ pub fn table(results: &Results) -> String {
             out.push_str(&format!("{} {}: {reason}\n", c.name, c.status));
         }
     }
+    for c in &cols {
+        if let Some(first) = &c.hold_retried {
+            out.push_str(&format!(
+                "{}: held its connections on a second attempt; the first: {first}\n",
+                c.name
+            ));
+        }
+    }
     for (name, note) in CONTENDER_NOTES {
         if cols.iter().any(|c| c.name == name) {
             out.push_str(&format!("{name}: {note}\n"));
