@@ -336,12 +336,121 @@ async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
         (keys(&store.discovery_state().unwrap()) == ["shop/web-to-api"]).then_some(())
     })
     .await;
-    let lists = fake
-        .requests()
+    // One list at start, one after the 410, and the list that checks it.
+    eventually_async("the check after the re-list", || async {
+        (policy_lists(&fake) == 3).then_some(())
+    })
+    .await;
+}
+
+/// The policies list after `deny-legacy` was deleted at resourceVersion
+/// 48590, while the store's watch was away: the list leaves the object out
+/// and is at the deletion's resourceVersion, newer than every object in it.
+fn after_the_deletion() -> Value {
+    let mut later = policies_list();
+    later["metadata"]["resourceVersion"] = json!("48590");
+    later["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["metadata"]["name"] != "deny-legacy");
+    later
+}
+
+/// Lists of the policies the fake has answered (watches left out).
+fn policy_lists(fake: &kube_api::FakeKube) -> usize {
+    fake.requests()
         .iter()
         .filter(|r| r.path == POLICIES && !r.query.contains("watch=true"))
-        .count();
-    assert_eq!(lists, 2, "one list at start, one after the 410");
+        .count()
+}
+
+/// No API server can run here: as above, the fake's watch expires (`410
+/// Gone`) and the re-list shows a deletion only by leaving the object out.
+/// The store lists once more; that list is unchanged, so the store's
+/// position moves to its resourceVersion, the deletion's, and a `--wait`
+/// for the deletion would end. (Without the second list the position stays
+/// at the newest object listed, 47960, below the deletion.)
+#[tokio::test]
+async fn a_deletion_seen_only_by_a_re_list_moves_the_position_past_it() {
+    let fake = recorded_cluster().await;
+    fake.lists(
+        POLICIES,
+        vec![(200, policies_list()), (200, after_the_deletion())],
+    );
+    fake.script_watch(
+        POLICIES,
+        vec![
+            fixture("store/bookmark.json").trim().to_owned(),
+            fixture("store/gone-410.json").trim().to_owned(),
+        ],
+    );
+    let store = connect(&fake).await;
+    assert_eq!(store.snapshot_position().unwrap().1.policies, 47960);
+    eventually_async("the position to reach the deletion", || async {
+        (store.snapshot_position().unwrap().1.policies == 48590).then_some(())
+    })
+    .await;
+    assert_eq!(keys(&store.discovery_state().unwrap()), ["shop/web-to-api"]);
+    assert_eq!(
+        policy_lists(&fake),
+        3,
+        "at start, after the 410, and the check"
+    );
+}
+
+/// No API server can run here: the list after the re-list names a policy
+/// the re-list did not (created in between, its event still to come through
+/// the watch). The store does not claim that list's resourceVersion: it
+/// does not hold the new policy yet.
+#[tokio::test]
+async fn a_change_between_the_re_list_and_the_check_does_not_move_the_position() {
+    let fake = recorded_cluster().await;
+    let mut newer = after_the_deletion();
+    newer["metadata"]["resourceVersion"] = json!("48700");
+    let mut created = item(&policies_list(), "web-to-api", 48700);
+    created["metadata"]["name"] = json!("web-to-api-2");
+    newer["items"].as_array_mut().unwrap().push(created.clone());
+    fake.lists(
+        POLICIES,
+        vec![
+            (200, policies_list()),
+            (200, after_the_deletion()),
+            (200, newer),
+        ],
+    );
+    fake.script_watch(
+        POLICIES,
+        vec![
+            fixture("store/bookmark.json").trim().to_owned(),
+            fixture("store/gone-410.json").trim().to_owned(),
+        ],
+    );
+    let store = connect(&fake).await;
+    // The watch after the re-list opens once the check is done.
+    eventually_async("the watch after the check", || async {
+        let watches = fake
+            .requests()
+            .iter()
+            .filter(|r| r.path == POLICIES && r.query.contains("watch=true"))
+            .count();
+        (watches == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        policy_lists(&fake),
+        3,
+        "at start, after the 410, and the check"
+    );
+    assert_eq!(keys(&store.discovery_state().unwrap()), ["shop/web-to-api"]);
+    let position = store.snapshot_position().unwrap().1.policies;
+    assert_eq!(position, 47960, "claimed a list the cache does not hold");
+
+    // The creation's event comes through the watch, and moves it on.
+    fake.publish(POLICIES, event("ADDED", &created));
+    eventually_async("the creation's event", || async {
+        (store.snapshot_position().unwrap().1.policies == 48700).then_some(())
+    })
+    .await;
 }
 
 /// The `403 Forbidden` Status kube-apiserver answers a list of `resource`

@@ -68,6 +68,12 @@ impl Kind {
     fn feeds_services(self) -> bool {
         matches!(self, Kind::Pod | Kind::Service | Kind::EndpointSlice)
     }
+
+    /// Whether the cache keeps a position in this kind's history: the
+    /// policy kinds, which writes wait for.
+    pub fn has_position(self) -> bool {
+        matches!(self, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
+    }
 }
 
 /// What one object contributes to snapshots.

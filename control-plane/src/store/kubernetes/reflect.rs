@@ -3,6 +3,18 @@
 //! resourceVersion, with bookmarks; a `410 Gone` or a broken stream means a
 //! fresh list, which replaces the kind whole).
 //!
+//! A policy kind's position (see [`Cache::reached`]) moves with each
+//! object's resourceVersion. A re-list shows a deletion made while the
+//! watch was away only by leaving the object out, and kube-rs does not say
+//! at which resourceVersion it listed: the position would stay below the
+//! deletion, and a `--wait` for it would run to its deadline. So after a
+//! re-list of a policy kind the task lists the kind once more, from the API
+//! server's latest state: when that list names the same objects at the same
+//! resourceVersions, nothing changed in between, and the position moves to
+//! its resourceVersion, past any deletion the re-list reflected. When it
+//! differs, the changes in between are on their way through the watch, and
+//! their resourceVersions move the position past the deletion.
+//!
 //! Each object is turned into an [`Entry`] by the kind's conversion; one
 //! that does not convert (a policy that fails `policy lint`) is logged once
 //! per change and held as absent: it is never pushed, and never stops the
@@ -16,7 +28,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -28,6 +40,8 @@ use super::objects::object_key;
 /// The shortest and longest wait before polling a failed watch again.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long the list that follows a re-list of a policy kind may take.
+const CHECK_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The cache and its announcements, shared by the watch tasks and the store.
 #[derive(Debug)]
@@ -90,6 +104,39 @@ fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Optio
     })
 }
 
+/// The resourceVersion of a list of `kind` read now, if it names exactly
+/// the objects of `listed`, at the same resourceVersions: then nothing of
+/// the kind changed between the two lists, and a cache that holds the first
+/// holds every change up to the second. `None` when it differs or cannot
+/// be read (the watch's own events move the position then).
+async fn unchanged_since<K>(api: &Api<K>, kind: Kind, listed: &BTreeMap<String, u64>) -> Option<u64>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let fresh = match tokio::time::timeout(CHECK_LIST_TIMEOUT, api.list(&ListParams::default()))
+        .await
+    {
+        Ok(Ok(fresh)) => fresh,
+        Ok(Err(e)) => {
+            tracing::debug!(kind = kind.as_str(), error = %e, "listing again after a re-list failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(
+                kind = kind.as_str(),
+                "listing again after a re-list timed out"
+            );
+            return None;
+        }
+    };
+    let at = numeric(fresh.metadata.resource_version.as_deref());
+    let same = fresh.items.len() == listed.len()
+        && fresh.items.iter().all(|object| {
+            listed.get(&object_key(object)) == Some(&numeric(object.resource_version().as_deref()))
+        });
+    (same && at > 0).then_some(at)
+}
+
 /// Keeps `kind` in the cache until the task is aborted. `first` gets the
 /// outcome of the first full list.
 pub async fn reflect<K>(
@@ -106,7 +153,11 @@ pub async fn reflect<K>(
     let mut listing: Option<BTreeMap<String, Reflected>> = None;
     // The newest resourceVersion among the objects of the list being read.
     let mut listed_up_to = 0;
+    // Every object of that list (those that do not convert too) at its
+    // resourceVersion, for the check after a re-list of a policy kind.
+    let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut backoff = BACKOFF_MIN;
+    let lister = api.clone();
     let stream = watcher(api, config);
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
@@ -128,10 +179,14 @@ pub async fn reflect<K>(
             Event::Init => {
                 listing = Some(BTreeMap::new());
                 listed_up_to = 0;
+                listed_versions.clear();
             }
             Event::InitApply(object) => {
                 let at = numeric(object.resource_version().as_deref());
                 listed_up_to = listed_up_to.max(at);
+                if kind.has_position() {
+                    listed_versions.insert(object_key(&object), at);
+                }
                 if let Some(found) = reflected(kind, &object, &convert) {
                     listing
                         .get_or_insert_with(BTreeMap::new)
@@ -148,8 +203,16 @@ pub async fn reflect<K>(
                     cache.reached(kind, listed_up_to) || changed
                 });
                 tracing::info!(kind = kind.as_str(), count, version, "listed");
-                if let Some(first) = first.take() {
-                    let _ = first.send(Ok(()));
+                match first.take() {
+                    Some(first) => {
+                        let _ = first.send(Ok(()));
+                    }
+                    None if kind.has_position() => {
+                        if let Some(at) = unchanged_since(&lister, kind, &listed_versions).await {
+                            shared.update(|cache| cache.reached(kind, at));
+                        }
+                    }
+                    None => {}
                 }
             }
             Event::Apply(object) => {
