@@ -311,19 +311,9 @@ async fn replicas_fed_the_same_events_serve_identical_snapshots() {
     assert_eq!(snapshots[0].policies.len(), 2);
 }
 
-/// No API server can run here: the fake's watch sends a bookmark, then the
-/// `410 Gone` an API server sends for an expired resourceVersion; the store
-/// lists again, and an object deleted meanwhile is gone.
-#[tokio::test]
-async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
-    let fake = recorded_cluster().await;
-    let mut later = policies_list();
-    later["metadata"]["resourceVersion"] = json!("48590");
-    later["items"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|p| p["metadata"]["name"] != "deny-legacy");
-    fake.lists(POLICIES, vec![(200, policies_list()), (200, later)]);
+/// The next watch of the policies sends a bookmark, then the `410 Gone` an
+/// API server sends for an expired resourceVersion (both recorded).
+fn expire_the_next_watch(fake: &kube_api::FakeKube) {
     fake.script_watch(
         POLICIES,
         vec![
@@ -331,16 +321,6 @@ async fn an_expired_watch_lists_again_and_drops_what_was_deleted_meanwhile() {
             fixture("store/gone-410.json").trim().to_owned(),
         ],
     );
-    let store = connect(&fake).await;
-    eventually_async("the re-list to drop deny-legacy", || async {
-        (keys(&store.discovery_state().unwrap()) == ["shop/web-to-api"]).then_some(())
-    })
-    .await;
-    // One list at start, one after the 410, and the list that checks it.
-    eventually_async("the check after the re-list", || async {
-        (policy_lists(&fake) == 3).then_some(())
-    })
-    .await;
 }
 
 /// The policies list after `deny-legacy` was deleted at resourceVersion
@@ -364,26 +344,22 @@ fn policy_lists(fake: &kube_api::FakeKube) -> usize {
         .count()
 }
 
-/// No API server can run here: as above, the fake's watch expires (`410
-/// Gone`) and the re-list shows a deletion only by leaving the object out.
-/// The store lists once more; that list is unchanged, so the store's
-/// position moves to its resourceVersion, the deletion's, and a `--wait`
-/// for the deletion would end. (Without the second list the position stays
-/// at the newest object listed, 47960, below the deletion.)
+/// No API server can run here: the fake's watch sends a bookmark, then the
+/// `410 Gone` an API server sends for an expired resourceVersion; the store
+/// lists again, and an object deleted meanwhile is gone. The re-list shows
+/// the deletion only by leaving the object out, so the store lists once
+/// more; that list is unchanged, so the store's position moves to its
+/// resourceVersion, the deletion's, and a `--wait` for the deletion would
+/// end. (Without the second list the position stays at the newest object
+/// listed, 47960, below the deletion.)
 #[tokio::test]
-async fn a_deletion_seen_only_by_a_re_list_moves_the_position_past_it() {
+async fn an_expired_watch_lists_again_and_its_deletions_move_the_position() {
     let fake = recorded_cluster().await;
     fake.lists(
         POLICIES,
         vec![(200, policies_list()), (200, after_the_deletion())],
     );
-    fake.script_watch(
-        POLICIES,
-        vec![
-            fixture("store/bookmark.json").trim().to_owned(),
-            fixture("store/gone-410.json").trim().to_owned(),
-        ],
-    );
+    expire_the_next_watch(&fake);
     let store = connect(&fake).await;
     assert_eq!(store.snapshot_position().unwrap().1.policies, 47960);
     eventually_async("the position to reach the deletion", || async {
@@ -418,13 +394,7 @@ async fn a_change_between_the_re_list_and_the_check_does_not_move_the_position()
             (200, newer),
         ],
     );
-    fake.script_watch(
-        POLICIES,
-        vec![
-            fixture("store/bookmark.json").trim().to_owned(),
-            fixture("store/gone-410.json").trim().to_owned(),
-        ],
-    );
+    expire_the_next_watch(&fake);
     let store = connect(&fake).await;
     // The watch after the re-list opens once the check is done.
     eventually_async("the watch after the check", || async {

@@ -774,7 +774,12 @@ mod tests {
                 && first.contains("descriptors open"),
             "{first}"
         );
-        assert!(report::table(&report_of(f)).contains("held its connections on a second attempt"));
+        let run = report::results(vec![PairFigures {
+            name: "haproxy-plain".into(),
+            status: "ok".into(),
+            ..f
+        }]);
+        assert!(report::table(&run).contains("held its connections on a second attempt"));
     }
 
     /// A hold that fails twice is an error naming both attempts, and no
@@ -794,28 +799,6 @@ mod tests {
             "{:?}",
             f.errors
         );
-    }
-
-    fn report_of(f: PairFigures) -> Results {
-        Results {
-            mode: Mode::Quick,
-            machine: system::Machine {
-                cpus: 2,
-                cpu_model: "test".into(),
-                memory_mib: 0,
-                kernel: String::new(),
-            },
-            pinning: String::new(),
-            open_files_limit: 0,
-            sizes: Mode::Quick.sizes(),
-            contenders: vec![PairFigures {
-                name: "haproxy-plain".into(),
-                status: "ok".into(),
-                ..f
-            }],
-            control_plane: None,
-            seconds: 0.0,
-        }
     }
 
     #[test]

@@ -583,9 +583,30 @@ pub fn table(results: &Results) -> String {
     out
 }
 
+/// A quick run of these contenders on a made-up machine, for the tests of
+/// what is made of a run's figures.
+#[cfg(test)]
+pub fn results(contenders: Vec<PairFigures>) -> Results {
+    use super::{Mode, system::Machine};
+    Results {
+        mode: Mode::Quick,
+        machine: Machine {
+            cpus: 2,
+            cpu_model: "test".into(),
+            memory_mib: 0,
+            kernel: String::new(),
+        },
+        pinning: String::new(),
+        open_files_limit: 0,
+        sizes: Mode::Quick.sizes(),
+        contenders,
+        control_plane: None,
+        seconds: 0.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::{Mode, system::Machine};
     use super::*;
 
     fn pair(name: &str, bulk: f64, keepalive: f64) -> PairFigures {
@@ -595,24 +616,6 @@ mod tests {
             bulk_1_stream_bytes_per_s: Some(bulk),
             keepalive_requests_per_s: Some(keepalive),
             ..PairFigures::default()
-        }
-    }
-
-    fn results(contenders: Vec<PairFigures>) -> Results {
-        Results {
-            mode: Mode::Quick,
-            machine: Machine {
-                cpus: 2,
-                cpu_model: "test".into(),
-                memory_mib: 0,
-                kernel: String::new(),
-            },
-            pinning: String::new(),
-            open_files_limit: 0,
-            sizes: Mode::Quick.sizes(),
-            contenders,
-            control_plane: None,
-            seconds: 0.0,
         }
     }
 
