@@ -336,12 +336,18 @@ fn after_the_deletion() -> Value {
     later
 }
 
-/// Lists of the policies the fake has answered (watches left out).
-fn policy_lists(fake: &kube_api::FakeKube) -> usize {
+/// Requests for the policies the fake has answered: its watches, or its
+/// lists.
+fn policy_requests(fake: &kube_api::FakeKube, watches: bool) -> usize {
     fake.requests()
         .iter()
-        .filter(|r| r.path == POLICIES && !r.query.contains("watch=true"))
+        .filter(|r| r.path == POLICIES && r.query.contains("watch=true") == watches)
         .count()
+}
+
+/// Lists of the policies the fake has answered (watches left out).
+fn policy_lists(fake: &kube_api::FakeKube) -> usize {
+    policy_requests(fake, false)
 }
 
 /// No API server can run here: the fake's watch sends a bookmark, then the
@@ -398,12 +404,7 @@ async fn a_change_between_the_re_list_and_the_check_does_not_move_the_position()
     let store = connect(&fake).await;
     // The watch after the re-list opens once the check is done.
     eventually_async("the watch after the check", || async {
-        let watches = fake
-            .requests()
-            .iter()
-            .filter(|r| r.path == POLICIES && r.query.contains("watch=true"))
-            .count();
-        (watches == 2).then_some(())
+        (policy_requests(&fake, true) == 2).then_some(())
     })
     .await;
     assert_eq!(

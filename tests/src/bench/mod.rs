@@ -757,14 +757,21 @@ mod tests {
         addr
     }
 
+    /// The figures of holding 4 connections through an entry that closes
+    /// the first `refuse` it gets.
+    async fn hold_four_refusing_first(refuse: usize) -> PairFigures {
+        let app = app::BenchApp::start().await.unwrap();
+        let pair = contenders::Pair::direct_to(entry_refusing_first(app.addr(), refuse).await);
+        let mut f = PairFigures::default();
+        hold(&pair, &app, 4, &mut f).await;
+        f
+    }
+
     /// A hold that fails once is made again: the connections are held,
     /// and the first failure is kept with what the app saw meanwhile.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hold_that_fails_once_is_made_again_and_says_why() {
-        let app = app::BenchApp::start().await.unwrap();
-        let pair = contenders::Pair::direct_to(entry_refusing_first(app.addr(), 1).await);
-        let mut f = PairFigures::default();
-        hold(&pair, &app, 4, &mut f).await;
+        let f = hold_four_refusing_first(1).await;
         assert_eq!(f.held_connections, Some(4), "{f:?}");
         assert!(f.errors.is_empty(), "{f:?}");
         // The refused connection fails whenever its close arrives: before
@@ -789,10 +796,7 @@ mod tests {
     /// memory figure.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hold_that_fails_twice_is_an_error_with_both_failures() {
-        let app = app::BenchApp::start().await.unwrap();
-        let pair = contenders::Pair::direct_to(entry_refusing_first(app.addr(), 1_000).await);
-        let mut f = PairFigures::default();
-        hold(&pair, &app, 4, &mut f).await;
+        let f = hold_four_refusing_first(1_000).await;
         assert_eq!(f.held_connections, None);
         assert_eq!(f.kib_per_held_connection, None);
         assert_eq!(f.errors.len(), 1, "{f:?}");

@@ -151,10 +151,10 @@ pub async fn reflect<K>(
 {
     let mut first = Some(first);
     let mut listing: Option<BTreeMap<String, Reflected>> = None;
-    // The newest resourceVersion among the objects of the list being read.
-    let mut listed_up_to = 0;
-    // Every object of that list (those that do not convert too) at its
-    // resourceVersion, for the check after a re-list of a policy kind.
+    // For a policy kind, every object of the list being read (those that
+    // do not convert too) at its resourceVersion: the newest of them is
+    // where the list brings the position, and after a re-list they are
+    // what the check compares with.
     let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut backoff = BACKOFF_MIN;
     let lister = api.clone();
@@ -178,13 +178,11 @@ pub async fn reflect<K>(
         match event {
             Event::Init => {
                 listing = Some(BTreeMap::new());
-                listed_up_to = 0;
                 listed_versions.clear();
             }
             Event::InitApply(object) => {
-                let at = numeric(object.resource_version().as_deref());
-                listed_up_to = listed_up_to.max(at);
                 if kind.has_position() {
+                    let at = numeric(object.resource_version().as_deref());
                     listed_versions.insert(object_key(&object), at);
                 }
                 if let Some(found) = reflected(kind, &object, &convert) {
@@ -198,6 +196,7 @@ pub async fn reflect<K>(
                 let count = listed.len();
                 // A list says nothing of deletions since the last event:
                 // the position moves to the newest object listed.
+                let listed_up_to = listed_versions.values().copied().max().unwrap_or(0);
                 let version = shared.update(|cache| {
                     let changed = cache.replace(kind, listed);
                     cache.reached(kind, listed_up_to) || changed
