@@ -22,7 +22,9 @@
 //! written when the answer is over ([`Entry`]). The request goes to an app
 //! connection parked between requests
 //! ([`AppConnections`](super::upstream::AppConnections)); a
-//! connection the app closed while parked is noticed before it is used.
+//! connection the app closed while parked is noticed before it is used,
+//! and a request that meets one the app closes as it goes out is sent on
+//! another connection when that cannot apply it twice ([`never_read`]).
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
 //! 1xx answers skipped as hyper's client skips them) and rewritten: the
@@ -524,7 +526,10 @@ where
     caller.buf.advance(buffered);
     entry.count(Direction::In, buffered);
     let rest = body - buffered as u64;
-    let retry = rest == 0 && request.method().is_idempotent();
+    // A request all in `bufs.request` can be written again to another
+    // connection when the first did not take it.
+    let whole = rest == 0;
+    let idempotent = request.method().is_idempotent();
 
     let target = conn.target;
     let head_request = request.method() == Method::HEAD;
@@ -541,7 +546,7 @@ where
                 }
             },
         };
-        let unread = match app.0.write_all(&bufs.request).await {
+        let (unread, unsent) = match app.0.write_all(&bufs.request).await {
             Ok(()) if rest > 0 => {
                 let request = Streaming {
                     rest,
@@ -550,12 +555,12 @@ where
                 };
                 return duplex(conn, caller, app, entry, request, bufs, drain).await;
             }
-            Ok(()) => 0,
+            Ok(()) => (0, false),
             Err(e) => {
                 tracing::debug!(app = %conn.target, error = %e, "writing the request to the app failed");
                 // The body still to come from the caller, if any, goes
                 // unread: the connection closes after the answer.
-                rest
+                (rest, true)
             }
         };
         // The answer to a request whose body did not all go out closes
@@ -571,10 +576,18 @@ where
         match reading.await {
             Ok(parsed) => break (app, parsed),
             Err(Reading::Caller(e)) => return Err(e),
-            // The app had closed a parked connection as the request went
-            // out: the request never reached it; the next connection gets
-            // it.
-            Err(Reading::Closed) if reused && retry && bufs.answer.is_empty() => continue,
+            // A parked connection that ended before any answer: the app
+            // closed it as the request went out. The next connection gets
+            // the request if sending it twice is harmless, or if the app
+            // never read it (whatever its method).
+            Err(ref reading @ (Reading::Closed | Reading::Reset))
+                if reused
+                    && whole
+                    && bufs.answer.is_empty()
+                    && (idempotent || unsent || never_read(reading, &app.0)) =>
+            {
+                continue;
+            }
             Err(reading) => {
                 return failed(conn, caller, entry, reading.into(), unread, close, drain).await;
             }
@@ -835,9 +848,31 @@ enum Framing {
 enum Reading {
     /// The app closed the connection before an answer.
     Closed,
+    /// The app reset the connection before an answer: it closed its end
+    /// with bytes of ours unread.
+    Reset,
     App(io::Error),
     Caller(io::Error),
     Invalid(&'static str),
+}
+
+/// Whether an app connection that ended before its answer (`reading`)
+/// ended without the app reading the request, so that the request may go
+/// to another connection whatever its method. Either the app reset it,
+/// closing its end with the request unread, or its end was already closed
+/// when the request came: the app's kernel answered the request with a
+/// reset after the app's FIN, which leaves the error on our socket (read
+/// ends at the FIN and does not report it). An app that closed the
+/// connection after reading the request sends a FIN alone, and its
+/// request is not sent again. (An app that reads a request whole, never
+/// answers and then resets the connection looks like one that never read
+/// it; it would see the request twice.)
+fn never_read(reading: &Reading, app: &TcpStream) -> bool {
+    match reading {
+        Reading::Reset => true,
+        Reading::Closed => matches!(app.take_error(), Ok(Some(_))),
+        _ => false,
+    }
 }
 
 /// Reads the answer head into `answer`, skipping 1xx answers. While it
@@ -892,7 +927,7 @@ where
             Ok(0) => return Err(Reading::Closed),
             Ok(_) => {}
             Err(e) if answer.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(Reading::Closed);
+                return Err(Reading::Reset);
             }
             Err(e) => return Err(Reading::App(e)),
         }
@@ -1298,6 +1333,9 @@ impl From<Reading> for Failed {
             Reading::Closed => {
                 Failed::Unreachable("the app closed the connection before answering".into())
             }
+            Reading::Reset => {
+                Failed::Unreachable("the app reset the connection before answering".into())
+            }
             Reading::App(e) | Reading::Caller(e) => Failed::Unreachable(e.to_string()),
             Reading::Invalid(why) => Failed::Invalid(why),
         }
@@ -1448,17 +1486,34 @@ mod tests {
         answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
         close: impl Fn(&str) -> bool + Send + Sync + 'static,
     ) -> (SocketAddr, Arc<Seen>) {
+        resetting_app(answer, close, |_, _| false).await
+    }
+
+    /// A [`bare_app`] that closes connection `c` (from 0, in the order
+    /// accepted) when its request `r` (from 0) arrives, without reading
+    /// it, where `unread(c, r)`: the kernel resets the connection.
+    async fn resetting_app(
+        answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+        close: impl Fn(&str) -> bool + Send + Sync + 'static,
+        unread: impl Fn(usize, usize) -> bool + Send + Sync + 'static,
+    ) -> (SocketAddr, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let (record, answer, close) = (seen.clone(), Arc::new(answer), Arc::new(close));
+        let unread = Arc::new(unread);
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
-                record.accepted.fetch_add(1, Ordering::SeqCst);
+                let c = record.accepted.fetch_add(1, Ordering::SeqCst);
                 let (record, answer, close) = (record.clone(), answer.clone(), close.clone());
+                let unread = unread.clone();
                 tokio::spawn(async move {
                     let mut buf = BytesMut::new();
-                    loop {
+                    for r in 0.. {
+                        if unread(c, r) {
+                            let _ = tcp.readable().await;
+                            return;
+                        }
                         let (head, len, body_len) = loop {
                             let mut fields = [httparse::EMPTY_HEADER; 32];
                             let mut req = httparse::Request::new(&mut fields);
@@ -1739,6 +1794,113 @@ mod tests {
             assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// What the app saw of `POST /pay` requests.
+    fn payments(seen: &Seen) -> usize {
+        let requests = seen.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|(head, _)| head.starts_with("POST /pay "))
+            .count()
+    }
+
+    const PAY: &str = "POST /pay HTTP/1.1\r\nContent-Length: 3\r\n\r\nx=1";
+
+    #[tokio::test]
+    async fn a_request_the_app_reset_unread_goes_to_another_connection_whatever_its_method() {
+        // The first connection answers a GET, then is closed with the
+        // POST after it unread, as when an app closes an idle connection
+        // as a request comes.
+        let (app, seen) = resetting_app(
+            |line| ok(&format!("for {line}"), ""),
+            |_| false,
+            |c, r| c == 0 && r == 1,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
+        let read = exchange(&mut caller, PAY, 1).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(read.ends_with("for POST /pay HTTP/1.1"), "{read}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(payments(&seen), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_app_read_before_closing_is_not_sent_twice() {
+        // The first POST is read whole, then its connection closed with
+        // no answer: the app may have acted on it.
+        let first = Arc::new(AtomicUsize::new(0));
+        let dropped = first.clone();
+        let (app, seen) = bare_app(
+            move |line| {
+                if line.starts_with("POST") && first.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Vec::new();
+                }
+                ok(&format!("for {line}"), "")
+            },
+            move |line| line.starts_with("POST") && dropped.load(Ordering::SeqCst) == 1,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
+        let read = exchange(&mut caller, PAY, 1).await;
+        assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(payments(&seen), 1);
+
+        // The caller's connection goes on, on a new app connection.
+        let read = exchange(&mut caller, "GET /again HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET /again HTTP/1.1"), "{read}");
+    }
+
+    /// The app's kernel resets a connection whose app had closed it when
+    /// a request came: our read ends at the app's FIN, and only the
+    /// socket's pending error tells it from a connection the app closed
+    /// after reading the request.
+    #[tokio::test]
+    async fn a_request_after_the_apps_close_is_told_from_one_it_read() {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let ours = TcpStream::connect(listener.local_addr().unwrap());
+            let (ours, theirs) = tokio::join!(ours, listener.accept());
+            (ours.unwrap(), theirs.unwrap().0)
+        }
+        async fn ended(ours: &mut TcpStream) {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(10), ours.read(&mut buf))
+                .await
+                .expect("the connection did not end")
+                .unwrap();
+            assert_eq!(n, 0, "the app's end answered");
+        }
+
+        let (mut ours, theirs) = pair().await;
+        drop(theirs);
+        ours.readable().await.unwrap();
+        ours.write_all(PAY.as_bytes()).await.unwrap();
+        ended(&mut ours).await;
+        // On loopback the reset comes back within the write; a busy
+        // kernel may deliver it a moment later.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !never_read(&Reading::Closed, &ours) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reset came for a request sent after the app closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let (mut ours, mut theirs) = pair().await;
+        ours.write_all(PAY.as_bytes()).await.unwrap();
+        let mut request = vec![0u8; PAY.len()];
+        theirs.read_exact(&mut request).await.unwrap();
+        drop(theirs);
+        ended(&mut ours).await;
+        assert!(!never_read(&Reading::Closed, &ours));
     }
 
     #[tokio::test]
