@@ -127,8 +127,7 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
                 _ => None,
             };
         }
-        let io = cause.downcast_ref::<io::Error>()?;
-        (io.kind() == io::ErrorKind::ConnectionRefused).then(|| {
+        is_refusal(cause).then(|| {
             "nothing listens there: is the control plane running, and is --control-plane its \
              gRPC address?"
                 .into()
@@ -138,6 +137,18 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
         Some(hint) => format!("{hint} ({chain})"),
         None => chain,
     }
+}
+
+/// Whether `e`, or an error it carries, is a refused connection: nothing
+/// listens at the address dialled.
+pub fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).any(is_refusal)
+}
+
+fn is_refusal(cause: &(dyn std::error::Error + 'static)) -> bool {
+    cause
+        .downcast_ref::<io::Error>()
+        .is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused)
 }
 
 /// `e` and its sources, outermost first.
@@ -206,5 +217,34 @@ mod tests {
 
         let e = Layer("transport error", Some(Box::new(Layer("timed out", None))));
         assert_eq!(why_unreachable(&e, "-"), "transport error: timed out");
+    }
+
+    /// A real dial: refused where nothing listens, not where a listener
+    /// takes the connection and closes it before the TLS handshake.
+    #[tokio::test]
+    async fn a_refused_dial_is_told_from_one_that_failed_later() {
+        let tls = Arc::new(
+            ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let gone = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let e = connect(&gone.to_string(), tls.clone()).await.unwrap_err();
+        assert!(refused(&e), "{}", error_chain(&e));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                drop(tcp);
+            }
+        });
+        let e = connect(&addr.to_string(), tls).await.unwrap_err();
+        assert!(!refused(&e), "{}", error_chain(&e));
     }
 }

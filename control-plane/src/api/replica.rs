@@ -170,22 +170,23 @@ impl Replicas {
             ..here
         };
         for (address, answer) in answers {
-            let mut status = ReplicaStatus {
-                address,
-                ..ReplicaStatus::default()
-            };
-            match answer {
+            let status = match answer {
                 Ok(answer) => {
-                    status.name = answer
-                        .replicas
-                        .first()
-                        .map(|r| r.name.clone())
-                        .unwrap_or_default();
                     joined.truncated |= answer.truncated;
                     joined.certificates.extend(answer.certificates);
+                    ReplicaStatus {
+                        address,
+                        name: answer
+                            .replicas
+                            .into_iter()
+                            .next()
+                            .map(|r| r.name)
+                            .unwrap_or_default(),
+                        ..ReplicaStatus::default()
+                    }
                 }
-                Err(error) => status.error = error,
-            }
+                Err(why) => why.status(address),
+            };
             joined.replicas.push(status);
         }
         // Stable: a replica's own order stands between equal times.
@@ -201,7 +202,7 @@ impl Replicas {
     /// each address asked with its answer or why there is none, by
     /// address. This replica's own answer, when a peer name resolves to
     /// it, is left out.
-    async fn ask_peers<T, F, Fut>(&self, call: F) -> Vec<(String, Result<T, String>)>
+    async fn ask_peers<T, F, Fut>(&self, call: F) -> Vec<(String, Result<T, Unanswered>)>
     where
         T: Send + 'static,
         F: Fn(ReplicaClient<Channel>) -> Fut + Clone + Send + 'static,
@@ -215,14 +216,13 @@ impl Replicas {
                 match tokio::time::timeout(PEER_TIMEOUT, tokio::net::lookup_host(entry)).await {
                     Ok(Ok(addrs)) => addrs,
                     Ok(Err(e)) => {
-                        answers.push((entry.clone(), Err(format!("cannot resolve it: {e}"))));
+                        let why = Unanswered::because(format!("cannot resolve it: {e}"));
+                        answers.push((entry.clone(), Err(why)));
                         continue;
                     }
                     Err(_) => {
-                        answers.push((
-                            entry.clone(),
-                            Err(format!("cannot resolve it within {PEER_TIMEOUT:?}")),
-                        ));
+                        let why = format!("cannot resolve it within {PEER_TIMEOUT:?}");
+                        answers.push((entry.clone(), Err(Unanswered::because(why))));
                         continue;
                     }
                 };
@@ -235,13 +235,21 @@ impl Replicas {
                 asked.spawn(async move {
                     let answer = tokio::time::timeout(PEER_TIMEOUT, ask(addr, tls, call))
                         .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {PEER_TIMEOUT:?}")));
+                        .unwrap_or_else(|_| {
+                            let why = format!("no answer within {PEER_TIMEOUT:?}");
+                            Err(Unanswered::because(why))
+                        });
                     match answer {
                         Ok((instance, _)) if instance == Some(me) => None,
                         Ok((_, answer)) => Some((addr.to_string(), Ok(answer))),
-                        Err(error) => {
-                            tracing::warn!(peer = %addr, %error, "a peer replica did not answer");
-                            Some((addr.to_string(), Err(error)))
+                        Err(why) => {
+                            tracing::warn!(
+                                peer = %addr,
+                                error = %why.error,
+                                not_listening = why.not_listening,
+                                "a peer replica did not answer"
+                            );
+                            Some((addr.to_string(), Err(why)))
                         }
                     }
                 });
@@ -258,23 +266,54 @@ impl Replicas {
     }
 }
 
+/// Why a peer gave no answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unanswered {
+    /// What went wrong, for people.
+    pub error: String,
+    /// The connection was refused (see `ReplicaStatus.not_listening`).
+    pub not_listening: bool,
+}
+
+impl Unanswered {
+    fn because(error: String) -> Self {
+        Unanswered {
+            error,
+            not_listening: false,
+        }
+    }
+
+    /// A replica that did not answer, asked at `address`.
+    fn status(self, address: String) -> ReplicaStatus {
+        ReplicaStatus {
+            address,
+            error: self.error,
+            not_listening: self.not_listening,
+            ..ReplicaStatus::default()
+        }
+    }
+}
+
 /// One peer's answer to `call`, with the instance number it carried.
 async fn ask<T, F, Fut>(
     addr: SocketAddr,
     tls: Arc<ClientConfig>,
     call: F,
-) -> Result<(Option<u64>, T), String>
+) -> Result<(Option<u64>, T), Unanswered>
 where
     F: FnOnce(ReplicaClient<Channel>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     let channel = trellis_core::grpc::connect(&addr.to_string(), tls)
         .await
-        .map_err(|e| format!("cannot connect: {}", trellis_core::grpc::error_chain(&e)))?;
+        .map_err(|e| Unanswered {
+            error: format!("cannot connect: {}", trellis_core::grpc::error_chain(&e)),
+            not_listening: trellis_core::grpc::refused(&e),
+        })?;
     let client = ReplicaClient::new(channel).max_decoding_message_size(super::MAX_LISTING_BYTES);
-    let response = call(client)
-        .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    let response = call(client).await.map_err(|status| {
+        Unanswered::because(format!("{:?}: {}", status.code(), status.message()))
+    })?;
     let instance = response
         .metadata()
         .get(INSTANCE)
@@ -401,15 +440,11 @@ fn distance(sync: SnapshotSync) -> u8 {
 
 impl Fleet {
     /// One replica's answer, asked at `address`, or why there is none.
-    pub fn add(&mut self, address: String, answer: Result<ListStreamsResponse, String>) {
+    pub fn add(&mut self, address: String, answer: Result<ListStreamsResponse, Unanswered>) {
         let answer = match answer {
             Ok(answer) => answer,
-            Err(error) => {
-                self.replicas.push(ReplicaStatus {
-                    address,
-                    error,
-                    ..ReplicaStatus::default()
-                });
+            Err(why) => {
+                self.replicas.push(why.status(address));
                 return;
             }
         };
@@ -428,6 +463,7 @@ impl Fleet {
             connected,
             error: String::new(),
             reached: answer.reached,
+            not_listening: false,
         });
     }
 
@@ -520,7 +556,7 @@ mod tests {
         }
     }
 
-    fn answer(name: &str, streams: Vec<StreamStatus>) -> Result<ListStreamsResponse, String> {
+    fn answer(name: &str, streams: Vec<StreamStatus>) -> Result<ListStreamsResponse, Unanswered> {
         Ok(ListStreamsResponse {
             name: name.into(),
             snapshot_version: 7,
@@ -581,7 +617,8 @@ mod tests {
             "b".into(),
             answer("cp-b", vec![stream(0, 4, SnapshotSync::NotConnected, "")]),
         );
-        fleet.add("10.0.0.3:15012".into(), Err("no answer within 3s".into()));
+        let why = Unanswered::because("no answer within 3s".into());
+        fleet.add("10.0.0.3:15012".into(), Err(why));
         let web = fleet.status(WEB);
         assert_eq!(web.sync, SnapshotSync::NotConnected);
         assert_eq!((web.streams, web.acked_version), (0, 4));

@@ -87,7 +87,17 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     let mut fine = true;
     for r in &answer.replicas {
         let name = super::replica_label(r);
-        if !r.error.is_empty() {
+        if r.not_listening {
+            fine = false;
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{name} is not listening ({}): it is starting, stopping or gone, and holds no \
+                     sidecar stream (check again once it serves)",
+                    r.error.escape_debug()
+                ),
+            ));
+        } else if !r.error.is_empty() {
             fine = false;
             out.push(finding(
                 Level::Fail,
@@ -374,6 +384,12 @@ mod tests {
                     error: "no answer within 3s".into(),
                     ..ReplicaStatus::default()
                 },
+                ReplicaStatus {
+                    address: "10.0.0.4:15012".into(),
+                    error: "cannot connect: connection refused".into(),
+                    not_listening: true,
+                    ..ReplicaStatus::default()
+                },
             ],
         };
         let bundle = [
@@ -390,16 +406,22 @@ mod tests {
             ]
         );
         let warnings: Vec<_> = found.iter().filter(|l| l.starts_with("warn")).collect();
-        assert_eq!(warnings.len(), 4, "{found:#?}");
+        assert_eq!(warnings.len(), 5, "{found:#?}");
         assert!(warnings[0].contains("replica cp-b at 10.0.0.2:15012 serves snapshot 6, not 7"));
-        assert!(warnings[1].contains("spiffe://td/b does not hold the current snapshot yet"));
+        assert_eq!(
+            warnings[1],
+            "warn replica at 10.0.0.4:15012 is not listening (cannot connect: connection refused): \
+             it is starting, stopping or gone, and holds no sidecar stream (check again once it \
+             serves)"
+        );
+        assert!(warnings[2].contains("spiffe://td/b does not hold the current snapshot yet"));
         assert!(
-            warnings[2].contains("the signing CA's root CN=Signing root expires at")
-                && warnings[2].contains("within 30days")
+            warnings[3].contains("the signing CA's root CN=Signing root expires at")
+                && warnings[3].contains("within 30days")
         );
         assert!(
-            warnings[3].contains("trust anchor CN=Old root expired at")
-                && warnings[3].contains("it anchors nothing")
+            warnings[4].contains("trust anchor CN=Old root expired at")
+                && warnings[4].contains("it anchors nothing")
         );
         assert!(
             found.contains(
@@ -425,7 +447,7 @@ mod tests {
         );
         let (text, failed) = report(&all);
         assert!(failed);
-        assert!(text.ends_with("2 failures, 5 warnings\n"), "{text}");
+        assert!(text.ends_with("2 failures, 6 warnings\n"), "{text}");
     }
 
     #[test]

@@ -496,7 +496,7 @@ async fn run(
                 .into_inner();
             let mut stderr = silent_replicas(
                 &response.replicas,
-                "the certificates it issued are not listed",
+                ["the certificates it issued are not listed"; 2],
             );
             if response.truncated {
                 stderr.push_str(&format!(
@@ -651,21 +651,29 @@ pub fn replica_label(r: &ReplicaStatus) -> String {
     }
 }
 
-/// What a silent replica takes out of `trellisctl workloads`.
-const SILENT_STREAMS: &str = "the sidecars streaming to it show as not connected";
+/// What a replica that did not answer takes out of `trellisctl
+/// workloads`: one silent, and one nothing listens for.
+const SILENT_STREAMS: [&str; 2] = [
+    "the sidecars streaming to it show as not connected",
+    "it holds no sidecar stream",
+];
 
 /// A line for each replica that did not answer, with what that takes out
-/// of the answer.
-fn silent_replicas(replicas: &[ReplicaStatus], consequence: &str) -> String {
+/// of the answer: `silent` for one that did not answer in time, `gone`
+/// for one nothing listens for (it is starting, stopping or gone).
+fn silent_replicas(replicas: &[ReplicaStatus], [silent, gone]: [&str; 2]) -> String {
     replicas
         .iter()
         .filter(|r| !r.error.is_empty())
         .map(|r| {
-            format!(
-                "{} did not answer ({}): {consequence}\n",
-                replica_label(r),
-                r.error.escape_debug()
-            )
+            let (label, error) = (replica_label(r), r.error.escape_debug());
+            match r.not_listening {
+                true => format!(
+                    "{label} is not listening ({error}), so it is starting, stopping or gone: \
+                     {gone}\n"
+                ),
+                false => format!("{label} did not answer ({error}): {silent}\n"),
+            }
         })
         .collect()
 }

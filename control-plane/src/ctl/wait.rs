@@ -57,6 +57,10 @@ pub struct Standing {
     pub missing: Vec<String>,
     /// The SPIFFE IDs that refused their newest snapshot.
     pub refused: Vec<String>,
+    /// Replicas nothing listened for (starting, stopping or gone), a line
+    /// each: they hold no sidecar stream, and one starting loads the
+    /// write before it serves, so the wait does not wait for them.
+    pub not_listening: Vec<String>,
 }
 
 /// Where one `ListWorkloads` answer, asked with `reached_version:
@@ -66,23 +70,33 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
     // A control plane that predates the replica list is one replica, and
     // knows no `reached`: its version must be the one applied.
     let ordered = !answer.replicas.is_empty();
-    let serving: Vec<(String, bool, u64, &str)> = match ordered {
+    let serving: Vec<(String, bool, u64, &str, bool)> = match ordered {
         false => vec![(
             "the control plane".to_owned(),
             answer.snapshot_version == version,
             answer.snapshot_version,
             "",
+            false,
         )],
         true => answer
             .replicas
             .iter()
             .map(|r| {
                 let name = super::replica_label(r);
-                (name, r.reached, r.snapshot_version, r.error.as_str())
+                let error = r.error.as_str();
+                (name, r.reached, r.snapshot_version, error, r.not_listening)
             })
             .collect(),
     };
-    for (name, reached, serves, error) in serving {
+    for (name, reached, serves, error, not_listening) in serving {
+        if not_listening {
+            standing.not_listening.push(format!(
+                "{name} is not listening ({}): it holds no sidecar stream, and loads the write \
+                 if it starts",
+                error.escape_debug()
+            ));
+            continue;
+        }
         if !error.is_empty() {
             standing
                 .missing
@@ -145,16 +159,19 @@ pub async fn wait_for(
         let now = Instant::now();
         let mut standing = standing(&answer, version);
         if standing.missing.is_empty() {
-            return Ok((
-                format!(
-                    "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
-                    standing.holding,
-                    standing.replicas,
-                    if standing.replicas == 1 { "" } else { "s" },
-                    now.duration_since(start).as_secs_f64()
-                ),
-                false,
-            ));
+            let mut text = format!(
+                "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
+                standing.holding,
+                standing.replicas,
+                if standing.replicas == 1 { "" } else { "s" },
+                now.duration_since(start).as_secs_f64()
+            );
+            for line in &standing.not_listening {
+                text.push_str("  ");
+                text.push_str(line);
+                text.push('\n');
+            }
+            return Ok((text, false));
         }
         refused_since.retain(|id, _| standing.refused.contains(id));
         for id in &standing.refused {
@@ -229,6 +246,30 @@ mod tests {
         let standing = standing(&answer, 9);
         assert!(standing.missing.is_empty(), "{standing:?}");
         assert_eq!((standing.holding, standing.replicas), (2, 2));
+    }
+
+    /// A replica nothing listens for holds no stream and has no write to
+    /// load before it serves: it is named, and not waited for. One that
+    /// did not answer in time may hold streams, and is waited for.
+    #[test]
+    fn a_replica_nothing_listens_for_is_named_and_not_waited_for() {
+        let mut gone = replica("", 0, false, "cannot connect: connection refused");
+        gone.not_listening = true;
+        let answer = ListWorkloadsResponse {
+            workloads: vec![workload("spiffe://td/a", true, SnapshotSync::Synced, "")],
+            snapshot_version: 9,
+            replicas: vec![replica("cp-a", 9, true, ""), gone],
+        };
+        let standing = standing(&answer, 9);
+        assert!(standing.missing.is_empty(), "{standing:?}");
+        assert_eq!((standing.holding, standing.replicas), (1, 1));
+        assert_eq!(
+            standing.not_listening,
+            [
+                "replica at 10.0.0.1:15012 is not listening (cannot connect: connection refused): \
+              it holds no sidecar stream, and loads the write if it starts"
+            ]
+        );
     }
 
     #[test]
