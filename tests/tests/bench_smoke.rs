@@ -192,3 +192,23 @@ fn a_run_stopped_by_a_signal_leaves_no_process_behind() {
     let left: Vec<u32> = started.into_iter().filter(|&pid| running(pid)).collect();
     assert!(left.is_empty(), "processes left running: {left:?}");
 }
+
+/// A fixed rate the benchmark cannot pace is refused before anything
+/// starts, naming the option and its range.
+#[test]
+fn a_rate_out_of_range_is_refused_naming_the_option() {
+    for rate in ["5", "fast"] {
+        let run = Command::new(env!("CARGO_BIN_EXE_trellis-bench"))
+            .args(["--quick", "--rate", rate])
+            .output()
+            .expect("trellis-bench runs");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.starts_with(
+                "trellis-bench: --rate needs a number of requests a second from 16 to 100000\n"
+            ),
+            "{stderr}"
+        );
+    }
+}

@@ -170,6 +170,11 @@ pub async fn bulk(
 pub struct Latency {
     pub histogram: Histogram<u64>,
     pub errors: u64,
+    /// Requests that fell due while the one before them on their
+    /// connection was still unanswered: the pair was behind the rate, and
+    /// each is timed from when it fell due. More than a few, and the
+    /// tail is the queue's, not the pair's.
+    pub queued: u64,
 }
 
 impl Latency {
@@ -178,6 +183,7 @@ impl Latency {
         Ok(Latency {
             histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
             errors: 0,
+            queued: 0,
         })
     }
 
@@ -185,6 +191,7 @@ impl Latency {
     pub fn merge(&mut self, other: &Latency) -> anyhow::Result<()> {
         self.histogram.add(&other.histogram)?;
         self.errors += other.errors;
+        self.queued += other.queued;
         Ok(())
     }
 
@@ -242,6 +249,7 @@ pub async fn fixed_rate(
             while let Some(intended) = released.recv().await {
                 let sent = Instant::now();
                 let began = if previous_done > intended {
+                    record.queued += 1;
                     intended
                 } else {
                     sent
@@ -510,6 +518,48 @@ mod tests {
             .unwrap();
         assert_eq!(l.histogram.len(), 64);
         assert_eq!(l.errors, 0);
+    }
+
+    /// An app slower than the schedule: every request after a
+    /// connection's first falls due while the one before is unanswered,
+    /// and is counted as queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_due_before_the_one_before_is_answered_are_counted_as_queued() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {RESPONSE_BODY}\r\n\r\n{}",
+                        "x".repeat(RESPONSE_BODY)
+                    );
+                    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                        read.extend_from_slice(&buf[..n]);
+                        while let Some(end) = find_head_end(&read) {
+                            read.drain(..end);
+                            tokio::time::sleep(Duration::from_millis(40)).await;
+                            if tcp.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        // 2 connections at 200 requests a second: one due on each every
+        // 10 ms, each answered after 40 ms at the earliest.
+        let l = fixed_rate(addr, 2, 200.0, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert_eq!(l.histogram.len(), 20);
+        assert_eq!(l.queued, 18, "all but each connection's first");
+        assert!(
+            l.quantile_us(0.99) > 200_000.0,
+            "timed from when they fell due"
+        );
     }
 
     /// The built-in closed loop counts every request it makes and times

@@ -139,6 +139,8 @@ pub struct Options {
     pub wrk: bool,
     /// Overrides the mode's number of simulated watching sidecars.
     pub watchers: Option<usize>,
+    /// Overrides the mode's fixed request rate (requests a second).
+    pub rate: Option<f64>,
 }
 
 /// Figures of one contender; `None` where not measured (the reason is in
@@ -160,6 +162,9 @@ pub struct PairFigures {
     /// Requests answered in all the fixed-rate rounds together.
     pub latency_requests: Option<u64>,
     pub latency_errors: Option<u64>,
+    /// Of those, the requests that fell due while the one before them on
+    /// their connection was unanswered (see `load::Latency::queued`).
+    pub latency_queued: Option<u64>,
     pub keepalive_requests_per_s: Option<f64>,
     /// The closed loop's latencies ("under wrk -c16"): the mean of the
     /// rounds' percentiles, since wrk reports percentiles, not its
@@ -236,6 +241,9 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
     let mut sizes = sizes;
     if let (Some(control), Some(watchers)) = (sizes.control.as_mut(), options.watchers) {
         control.watchers = vec![watchers];
+    }
+    if let Some(rate) = options.rate.filter(|_| sizes.latency_seconds > 0.0) {
+        sizes.latency_rate = rate;
     }
     sizes.held_connections_requested = sizes.held_connections;
     // Each side of a held connection is a descriptor in this process (and
@@ -653,6 +661,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_max_us = Some(l.histogram.max() as f64);
         f.latency_requests = Some(l.histogram.len());
         f.latency_errors = Some(l.errors);
+        f.latency_queued = Some(l.queued);
         f.latency_cpu_us_per_request = per_request(&totals.latency_cpu_seconds, l.histogram.len());
     }
     if ok(Scenario::KeepAlive) {

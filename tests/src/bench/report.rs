@@ -80,6 +80,18 @@ fn percent(share: Option<f64>) -> String {
     fmt_opt(share, |x| format!("{:.0} %", x * 100.0))
 }
 
+/// More than this share of a pair's fixed-rate requests fell due while
+/// the one before them was unanswered, and its p99 is a queued request's:
+/// the rate was more than the pair kept up with on this host.
+const FELL_BEHIND: f64 = 0.01;
+
+/// The share of `c`'s fixed-rate requests that fell due while the one
+/// before them on their connection was unanswered.
+fn queued_share(c: &PairFigures) -> Option<f64> {
+    let requests = c.latency_requests.filter(|n| *n > 0)?;
+    Some(c.latency_queued? as f64 / requests as f64)
+}
+
 /// Each proxy's CPU a request, client side first ("-" for direct).
 fn cpu_per_request(sides: &[f64]) -> String {
     if sides.is_empty() {
@@ -211,10 +223,13 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             &r,
             "keepalive_requests_to_direct",
         ),
-        tail(
-            "added p99 at a fixed rate (us)".into(),
-            |f| f.latency_p99_us,
-            |r| &r.latency_p99_us,
+        fell_behind(
+            results,
+            tail(
+                "added p99 at a fixed rate (us)".into(),
+                |f| f.latency_p99_us,
+                |r| &r.latency_p99_us,
+            ),
         ),
         // The measure issue 7 gives Envoy's tail in ("under wrk -c16").
         tail(
@@ -241,6 +256,22 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             t.kib_per_held_connection.map(|v| v <= 30.0),
         ),
     ]
+}
+
+/// Names, in `target`, the contenders that fell behind the fixed rate
+/// (more than [`FELL_BEHIND`] of their requests queued): their tails, and
+/// so the comparison, are of a queue the rate built on this host.
+fn fell_behind(results: &Results, mut target: Value) -> Value {
+    let behind: Vec<&str> = results
+        .contenders
+        .iter()
+        .filter(|c| c.status == "ok" && queued_share(c).is_some_and(|s| s > FELL_BEHIND))
+        .map(|c| c.name.as_str())
+        .collect();
+    if !behind.is_empty() {
+        target["fell_behind"] = json!(behind);
+    }
+    target
 }
 
 /// In how many rounds Trellis's figure added less to direct's than every
@@ -373,6 +404,9 @@ pub fn table(results: &Results) -> String {
     row("  CPU us a request (c / s)", &|c, _| {
         cpu_per_request(&c.latency_cpu_us_per_request)
     });
+    row("  fell behind the rate", &|c, _| {
+        fmt_opt(queued_share(c), |x| format!("{:.1} %", x * 100.0))
+    });
     row("keep-alive req/s", &|c, _| {
         fmt_opt(c.keepalive_requests_per_s, |x| format!("{x:.0}"))
     });
@@ -429,7 +463,13 @@ pub fn table(results: &Results) -> String {
     });
 
     let width = 30;
-    let col = 24;
+    // Wide enough for the widest cell, with two spaces before it.
+    let col = rows
+        .iter()
+        .flat_map(|(_, cells)| cells.iter().map(String::len))
+        .chain(cols.iter().map(|c| c.name.len()))
+        .max()
+        .map_or(24, |widest| (widest + 2).max(24));
     let mut out = format!(
         "trellis-bench ({:?}) on {} cores ({}), {}\n",
         results.mode, results.machine.cpus, results.machine.cpu_model, results.pinning
@@ -567,6 +607,13 @@ pub fn table(results: &Results) -> String {
             t["rounds_below_every_peer"][1].as_u64(),
         ) {
             notes.push(format!("below every peer in {below} of {rounds} rounds"));
+        }
+        if let Some(behind) = t["fell_behind"].as_array() {
+            let names: Vec<&str> = behind.iter().filter_map(Value::as_str).collect();
+            notes.push(format!(
+                "{} fell behind the rate, so these tails are queues: lower it with --rate",
+                names.join(", ")
+            ));
         }
         let notes = if notes.is_empty() {
             String::new()
@@ -729,6 +776,50 @@ mod tests {
         run.contenders[3].rounds.latency_p99_us.clear();
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert!(fixed.get("rounds_below_every_peer").is_none(), "{fixed}");
+    }
+
+    /// A contender that fell behind the fixed rate (more than 1 % of its
+    /// requests queued behind the one before) is named beside the target,
+    /// and each contender's share is in the table.
+    #[test]
+    fn the_contenders_that_fell_behind_the_fixed_rate_are_named() {
+        let with_queue = |name: &str, queued: u64| PairFigures {
+            latency_p99_us: Some(1_000.0),
+            latency_requests: Some(1_000),
+            latency_queued: Some(queued),
+            ..pair(name, 1.0, 1.0)
+        };
+        let run = results(vec![
+            with_queue("direct", 0),
+            with_queue("trellis", 10),
+            with_queue("envoy", 11),
+            with_queue("haproxy", 250),
+        ]);
+        let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
+        assert_eq!(fixed["fell_behind"], json!(["envoy", "haproxy"]));
+        let table = table(&run);
+        assert!(
+            table.contains(
+                "envoy, haproxy fell behind the rate, so these tails are queues: lower it with \
+                 --rate"
+            ),
+            "{table}"
+        );
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("  fell behind the rate"))
+            .unwrap();
+        let cells: Vec<&str> = row.split("  ").filter(|c| !c.trim().is_empty()).collect();
+        assert_eq!(
+            cells[1..].iter().map(|c| c.trim()).collect::<Vec<_>>(),
+            ["0.0 %", "1.0 %", "1.1 %", "25.0 %"],
+            "{table}"
+        );
+
+        // None behind: nothing said.
+        let run = results(vec![with_queue("direct", 0), with_queue("trellis", 10)]);
+        let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
+        assert!(fixed.get("fell_behind").is_none(), "{fixed}");
     }
 
     #[test]

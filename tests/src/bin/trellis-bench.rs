@@ -32,7 +32,7 @@ const USAGE: &str = "\
 trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel (and a plaintext HAProxy pair) on loopback, and the control plane at scale
 
 Usage: trellis-bench [--quick | --smoke] [--json FILE] [--only NAME,NAME] [--no-pin] [--no-control-plane] [--no-wrk]
-                     [--watchers N] [--control-plane-only]
+                     [--watchers N] [--rate N] [--control-plane-only]
 
 Options:
   --quick             short run (under 3 minutes on 2 cores)
@@ -49,6 +49,8 @@ Options:
   --control-plane-only  run only the control-plane scenarios (no contender)
   --watchers N        simulated sidecars watching the control plane (default 1000, and
                       10000 after it in the full run; 10000 need about 11 GiB of memory)
+  --rate N            the fixed-rate scenario's requests a second (default 1000 quick, 2000 full);
+                      lower it on a host where the pairs fall behind (the table's \"fell behind\" row)
   --no-wrk            measure the keep-alive rate with the built-in client even if wrk is installed
   -h, --help          print this help
 
@@ -149,6 +151,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
         control_plane: true,
         wrk: true,
         watchers: None,
+        rate: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -171,6 +174,15 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
                     .filter(|n| (1..=20_000).contains(n))
                     .ok_or("--watchers needs a number from 1 to 20000")?;
                 options.watchers = Some(n);
+            }
+            Some("--rate") => {
+                let n = args
+                    .next()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .filter(|n| (16.0..=100_000.0).contains(n))
+                    .ok_or("--rate needs a number of requests a second from 16 to 100000")?;
+                options.rate = Some(n);
             }
             Some("--only") => {
                 let list = args
