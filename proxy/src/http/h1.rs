@@ -24,7 +24,7 @@
 //! ([`AppConnections`](super::upstream::AppConnections)); a
 //! connection the app closed while parked is noticed before it is used,
 //! and a request that meets one the app closes as it goes out is sent on
-//! another connection when that cannot apply it twice ([`never_read`]).
+//! another connection when that cannot apply it twice (`never_read`).
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
 //! 1xx answers skipped as hyper's client skips them) and rewritten: the
