@@ -1807,6 +1807,17 @@ mod tests {
 
     const PAY: &str = "POST /pay HTTP/1.1\r\nContent-Length: 3\r\n\r\nx=1";
 
+    /// A caller of `app` (which answers "for" and the request line) that
+    /// sends a GET, then [`PAY`] on the same connection: the caller, and
+    /// what it read for the POST.
+    async fn pay_after_a_get(app: SocketAddr) -> (TcpStream, String) {
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
+        let read = exchange(&mut caller, PAY, 1).await;
+        (caller, read)
+    }
+
     #[tokio::test]
     async fn a_request_the_app_reset_unread_goes_to_another_connection_whatever_its_method() {
         // The first connection answers a GET, then is closed with the
@@ -1818,10 +1829,7 @@ mod tests {
             |c, r| c == 0 && r == 1,
         )
         .await;
-        let mut caller = caller_of(app).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
-        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
-        let read = exchange(&mut caller, PAY, 1).await;
+        let (_caller, read) = pay_after_a_get(app).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.ends_with("for POST /pay HTTP/1.1"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
@@ -1844,10 +1852,7 @@ mod tests {
             move |line| line.starts_with("POST") && dropped.load(Ordering::SeqCst) == 1,
         )
         .await;
-        let mut caller = caller_of(app).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
-        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
-        let read = exchange(&mut caller, PAY, 1).await;
+        let (mut caller, read) = pay_after_a_get(app).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(payments(&seen), 1);

@@ -142,6 +142,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// The next argument as a number within `range`, or `error`.
+fn number<T: std::str::FromStr + PartialOrd>(
+    args: &mut std::slice::Iter<'_, OsString>,
+    range: std::ops::RangeInclusive<T>,
+    error: &str,
+) -> Result<T, String> {
+    args.next()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse::<T>().ok())
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| error.to_owned())
+}
+
 fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
     let mut options = Options {
         mode: Mode::Full,
@@ -167,22 +180,12 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
                 options.json = PathBuf::from(file);
             }
             Some("--watchers") => {
-                let n = args
-                    .next()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .filter(|n| (1..=20_000).contains(n))
-                    .ok_or("--watchers needs a number from 1 to 20000")?;
-                options.watchers = Some(n);
+                let error = "--watchers needs a number from 1 to 20000";
+                options.watchers = Some(number(&mut args, 1..=20_000, error)?);
             }
             Some("--rate") => {
-                let n = args
-                    .next()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse::<f64>().ok())
-                    .filter(|n| (16.0..=100_000.0).contains(n))
-                    .ok_or("--rate needs a number of requests a second from 16 to 100000")?;
-                options.rate = Some(n);
+                let error = "--rate needs a number of requests a second from 16 to 100000";
+                options.rate = Some(number(&mut args, 16.0..=100_000.0, error)?);
             }
             Some("--only") => {
                 let list = args
