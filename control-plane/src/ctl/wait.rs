@@ -63,6 +63,47 @@ pub struct Standing {
     pub not_listening: Vec<String>,
 }
 
+/// How a wait ended.
+#[derive(Clone, Copy, Debug)]
+pub enum Over {
+    /// Every connected sidecar holds the write, after this long.
+    Held(Duration),
+    /// All that is missing is refusals that stand.
+    Refused,
+    /// The deadline, this long, came first.
+    Late(Duration),
+}
+
+impl Standing {
+    /// What the wait prints as it ends (`over`): the sidecars and replicas
+    /// that hold the write, or what is missing, a line each; then, either
+    /// way, each replica nothing listened for.
+    pub fn told(&self, version: u64, over: Over) -> String {
+        let mut text = match over {
+            Over::Held(after) => format!(
+                "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
+                self.holding,
+                self.replicas,
+                if self.replicas == 1 { "" } else { "s" },
+                after.as_secs_f64()
+            ),
+            Over::Refused => format!("not every connected sidecar holds snapshot {version}:\n"),
+            Over::Late(timeout) => format!(
+                "not every connected sidecar holds snapshot {version} after {}:\n",
+                humantime::format_duration(timeout)
+            ),
+        };
+        let mut missing: Vec<&String> = self.missing.iter().collect();
+        missing.sort();
+        for line in missing.into_iter().chain(&self.not_listening) {
+            text.push_str("  ");
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    }
+}
+
 /// Where one `ListWorkloads` answer, asked with `reached_version:
 /// version`, stands against `version`.
 pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
@@ -157,21 +198,10 @@ pub async fn wait_for(
             .await?
             .into_inner();
         let now = Instant::now();
-        let mut standing = standing(&answer, version);
+        let standing = standing(&answer, version);
         if standing.missing.is_empty() {
-            let mut text = format!(
-                "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
-                standing.holding,
-                standing.replicas,
-                if standing.replicas == 1 { "" } else { "s" },
-                now.duration_since(start).as_secs_f64()
-            );
-            for line in &standing.not_listening {
-                text.push_str("  ");
-                text.push_str(line);
-                text.push('\n');
-            }
-            return Ok((text, false));
+            let held = Over::Held(now.duration_since(start));
+            return Ok((standing.told(version, held), false));
         }
         refused_since.retain(|id, _| standing.refused.contains(id));
         for id in &standing.refused {
@@ -181,22 +211,11 @@ pub async fn wait_for(
             && refused_since
                 .values()
                 .all(|since| now.duration_since(*since) >= REFUSAL_STANDS);
-        let late = now.duration_since(start) >= timeout;
-        if refusals_stand || late {
-            standing.missing.sort();
-            let mut text = format!(
-                "not every connected sidecar holds snapshot {version}{}:\n",
-                match late {
-                    true => format!(" after {}", humantime::format_duration(timeout)),
-                    false => String::new(),
-                }
-            );
-            for line in &standing.missing {
-                text.push_str("  ");
-                text.push_str(line);
-                text.push('\n');
-            }
-            return Ok((text, true));
+        if now.duration_since(start) >= timeout {
+            return Ok((standing.told(version, Over::Late(timeout)), true));
+        }
+        if refusals_stand {
+            return Ok((standing.told(version, Over::Refused), true));
         }
         tokio::time::sleep(POLL.min(timeout.saturating_sub(now.duration_since(start)))).await;
     }
@@ -269,6 +288,27 @@ mod tests {
                 "replica at 10.0.0.1:15012 is not listening (cannot connect: connection refused): \
               it holds no sidecar stream, and loads the write if it starts"
             ]
+        );
+        let gone = format!("\n  {}\n", standing.not_listening[0]);
+        let held = standing.told(9, Over::Held(Duration::from_millis(1_200)));
+        assert!(
+            held.starts_with(
+                "every connected sidecar holds snapshot 9 or a later one: 1 on 1 replica \
+                 (after 1.2s)\n"
+            ) && held.ends_with(&gone),
+            "{held}"
+        );
+
+        // A wait that fails names it too, after what is missing.
+        let mut late = standing;
+        late.missing = vec!["spiffe://td/b does not hold it yet".into()];
+        let text = late.told(9, Over::Late(Duration::from_secs(60)));
+        assert_eq!(
+            text,
+            format!(
+                "not every connected sidecar holds snapshot 9 after 1m:\n  \
+                 spiffe://td/b does not hold it yet{gone}"
+            )
         );
     }
 
