@@ -59,20 +59,15 @@ impl Kind {
         }
     }
 
-    /// Whether the kind counts in the policy generation.
-    fn is_policy(self) -> bool {
+    /// Whether the kind counts in the policy generation; the cache also
+    /// keeps a position in these kinds' history, which writes wait for.
+    pub fn is_policy(self) -> bool {
         matches!(self, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
     }
 
     /// Whether the kind's objects are joined into the published services.
     fn feeds_services(self) -> bool {
         matches!(self, Kind::Pod | Kind::Service | Kind::EndpointSlice)
-    }
-
-    /// Whether the cache keeps a position in this kind's history: the
-    /// policy kinds, which writes wait for.
-    pub fn has_position(self) -> bool {
-        matches!(self, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
     }
 }
 

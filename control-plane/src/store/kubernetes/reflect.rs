@@ -181,7 +181,7 @@ pub async fn reflect<K>(
                 listed_versions.clear();
             }
             Event::InitApply(object) => {
-                if kind.has_position() {
+                if kind.is_policy() {
                     let at = numeric(object.resource_version().as_deref());
                     listed_versions.insert(object_key(&object), at);
                 }
@@ -206,7 +206,7 @@ pub async fn reflect<K>(
                     Some(first) => {
                         let _ = first.send(Ok(()));
                     }
-                    None if kind.has_position() => {
+                    None if kind.is_policy() => {
                         if let Some(at) = unchanged_since(&lister, kind, &listed_versions).await {
                             shared.update(|cache| cache.reached(kind, at));
                         }
