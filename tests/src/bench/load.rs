@@ -532,16 +532,18 @@ mod tests {
                 tokio::spawn(async move {
                     let mut read = Vec::new();
                     let mut buf = [0u8; 4096];
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {RESPONSE_BODY}\r\n\r\n{}",
-                        "x".repeat(RESPONSE_BODY)
-                    );
+                    let answer = crate::bench::app::response_bytes();
                     while let Ok(n @ 1..) = tcp.read(&mut buf).await {
                         read.extend_from_slice(&buf[..n]);
+                        // Each whole request, its body too, answered late.
                         while let Some(end) = find_head_end(&read) {
-                            read.drain(..end);
+                            let whole = end + content_length(&read[..end]).unwrap_or(0);
+                            if read.len() < whole {
+                                break;
+                            }
+                            read.drain(..whole);
                             tokio::time::sleep(Duration::from_millis(40)).await;
-                            if tcp.write_all(answer.as_bytes()).await.is_err() {
+                            if tcp.write_all(&answer).await.is_err() {
                                 return;
                             }
                         }
