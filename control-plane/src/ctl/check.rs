@@ -86,15 +86,14 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     }
     let mut fine = true;
     for r in &answer.replicas {
-        let name = super::replica_label(r);
         if r.not_listening {
             fine = false;
             out.push(finding(
                 Level::Warn,
                 format!(
-                    "{name} is not listening ({}): it is starting, stopping or gone, and holds no \
-                     sidecar stream (check again once it serves)",
-                    r.error.escape_debug()
+                    "{}: it is starting, stopping or gone, and holds no sidecar stream (check \
+                     again once it serves)",
+                    super::unanswered(r)
                 ),
             ));
         } else if !r.error.is_empty() {
@@ -102,8 +101,8 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             out.push(finding(
                 Level::Fail,
                 format!(
-                    "{name} did not answer ({}): the sidecars streaming to it are not seen",
-                    r.error.escape_debug()
+                    "{}: the sidecars streaming to it are not seen",
+                    super::unanswered(r)
                 ),
             ));
         } else if r.snapshot_version != answer.snapshot_version {
@@ -111,9 +110,11 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             out.push(finding(
                 Level::Warn,
                 format!(
-                    "{name} serves snapshot {}, not {} (a change one of them has not loaded \
+                    "{} serves snapshot {}, not {} (a change one of them has not loaded \
                      yet; check again)",
-                    r.snapshot_version, answer.snapshot_version
+                    super::replica_label(r),
+                    r.snapshot_version,
+                    answer.snapshot_version
                 ),
             ));
         }

@@ -651,6 +651,16 @@ pub fn replica_label(r: &ReplicaStatus) -> String {
     }
 }
 
+/// A replica that did not answer, as every command names it: why, and
+/// whether nothing listened for it (`not_listening`).
+pub fn unanswered(r: &ReplicaStatus) -> String {
+    let (label, error) = (replica_label(r), r.error.escape_debug());
+    match r.not_listening {
+        true => format!("{label} is not listening ({error})"),
+        false => format!("{label} did not answer ({error})"),
+    }
+}
+
 /// What a replica that did not answer takes out of `trellisctl
 /// workloads`: one silent, and one nothing listens for.
 const SILENT_STREAMS: [&str; 2] = [
@@ -665,15 +675,12 @@ fn silent_replicas(replicas: &[ReplicaStatus], [silent, gone]: [&str; 2]) -> Str
     replicas
         .iter()
         .filter(|r| !r.error.is_empty())
-        .map(|r| {
-            let (label, error) = (replica_label(r), r.error.escape_debug());
-            match r.not_listening {
-                true => format!(
-                    "{label} is not listening ({error}), so it is starting, stopping or gone: \
-                     {gone}\n"
-                ),
-                false => format!("{label} did not answer ({error}): {silent}\n"),
-            }
+        .map(|r| match r.not_listening {
+            true => format!(
+                "{}, so it is starting, stopping or gone: {gone}\n",
+                unanswered(r)
+            ),
+            false => format!("{}: {silent}\n", unanswered(r)),
         })
         .collect()
 }

@@ -75,6 +75,17 @@ pub enum Over {
 }
 
 impl Standing {
+    /// Counts a replica that answered, serving `serves`, as missing unless
+    /// it has `reached` the write of `version`.
+    fn serving(&mut self, name: &str, reached: bool, serves: u64, version: u64) {
+        self.replicas += 1;
+        if !reached {
+            self.missing.push(format!(
+                "{name} serves snapshot {serves}, which does not hold the write (snapshot {version}) yet"
+            ));
+        }
+    }
+
     /// What the wait prints as it ends (`over`): the sidecars and replicas
     /// that hold the write, or what is missing, a line each; then, either
     /// way, each replica nothing listened for.
@@ -111,44 +122,21 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
     // A control plane that predates the replica list is one replica, and
     // knows no `reached`: its version must be the one applied.
     let ordered = !answer.replicas.is_empty();
-    let serving: Vec<(String, bool, u64, &str, bool)> = match ordered {
-        false => vec![(
-            "the control plane".to_owned(),
-            answer.snapshot_version == version,
-            answer.snapshot_version,
-            "",
-            false,
-        )],
-        true => answer
-            .replicas
-            .iter()
-            .map(|r| {
-                let name = super::replica_label(r);
-                let error = r.error.as_str();
-                (name, r.reached, r.snapshot_version, error, r.not_listening)
-            })
-            .collect(),
-    };
-    for (name, reached, serves, error, not_listening) in serving {
-        if not_listening {
+    if !ordered {
+        let serves = answer.snapshot_version;
+        standing.serving("the control plane", serves == version, serves, version);
+    }
+    for r in &answer.replicas {
+        if r.not_listening {
             standing.not_listening.push(format!(
-                "{name} is not listening ({}): it holds no sidecar stream, and loads the write \
-                 if it starts",
-                error.escape_debug()
+                "{}: it holds no sidecar stream, and loads the write if it starts",
+                super::unanswered(r)
             ));
-            continue;
-        }
-        if !error.is_empty() {
-            standing
-                .missing
-                .push(format!("{name} did not answer ({})", error.escape_debug()));
-            continue;
-        }
-        standing.replicas += 1;
-        if !reached {
-            standing.missing.push(format!(
-                "{name} serves snapshot {serves}, which does not hold the write (snapshot {version}) yet"
-            ));
+        } else if !r.error.is_empty() {
+            standing.missing.push(super::unanswered(r));
+        } else {
+            let name = super::replica_label(r);
+            standing.serving(&name, r.reached, r.snapshot_version, version);
         }
     }
     for w in answer.workloads.iter().filter(|w| w.connected) {
