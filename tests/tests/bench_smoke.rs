@@ -85,6 +85,20 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
                     rate.is_some_and(|r| r > 0.0),
                     "{name} produced no throughput: {contender}"
                 );
+                // The CPU the host stole is read around every round.
+                let rounds = json["results"]["sizes"]["rounds"].as_u64();
+                let stolen = contender["rounds"]["bulk_1_stream_stolen_ms"].as_array();
+                assert_eq!(
+                    stolen.map(|s| s.len() as u64),
+                    rounds,
+                    "{name}: no stolen CPU for each round: {contender}"
+                );
+                assert!(
+                    contender["bulk_1_stream_stolen_ms"]
+                        .as_f64()
+                        .is_some_and(|ms| ms >= 0.0),
+                    "{name}: no stolen CPU: {contender}"
+                );
                 if name != "direct" {
                     assert!(
                         json["ratios"][name]["bulk_1_stream_to_direct"]

@@ -29,7 +29,7 @@ use anyhow::Context;
 
 use crate::binaries::Launcher;
 use contenders::{Kind, Setup, Start};
-use system::{Pinning, cpu_seconds, rss_kib};
+use system::{HostTicks, Pinning, cpu_seconds, rss_kib};
 
 /// The open-files limit the run asks for (children inherit it).
 const OPEN_FILES: u64 = 131_072;
@@ -188,6 +188,13 @@ pub struct PairFigures {
     /// cores x share / rate is what a byte or a request cost the host.
     pub bulk_1_stream_host_busy: Option<f64>,
     pub keepalive_host_busy: Option<f64>,
+    /// CPU milliseconds (all cores together) the hypervisor took from this
+    /// machine while its cores had work (`steal` in `/proc/stat`), during
+    /// the one-stream bulk rounds, the fixed-rate rounds and the
+    /// keep-alive rounds: a stall while the host stole is the host's.
+    pub bulk_1_stream_stolen_ms: Option<f64>,
+    pub latency_stolen_ms: Option<f64>,
+    pub keepalive_stolen_ms: Option<f64>,
     /// Per proxy process, client side first.
     pub rss_idle_kib: Vec<u64>,
     pub rss_held_kib: Vec<u64>,
@@ -213,6 +220,11 @@ pub struct RoundFigures {
     pub keepalive_p50_us: Vec<f64>,
     pub keepalive_p99_us: Vec<f64>,
     pub new_connections_per_s: Vec<f64>,
+    /// The CPU milliseconds stolen from the machine during each round (see
+    /// `PairFigures::latency_stolen_ms`).
+    pub bulk_1_stream_stolen_ms: Vec<f64>,
+    pub latency_stolen_ms: Vec<f64>,
+    pub keepalive_stolen_ms: Vec<f64>,
 }
 
 /// Everything a run measured.
@@ -361,11 +373,13 @@ fn add_side_cpu(pair: &contenders::Pair, before: Option<Vec<f64>>, total: &mut O
     }
 }
 
-/// Adds the host's busy and total ticks since `before` to `total`.
-fn add_host(before: Option<(u64, u64)>, total: &mut (u64, u64)) {
+/// Adds the host's ticks since `before` to `total`, and the CPU they
+/// stole to the round-by-round figures `stolen`.
+fn add_host(before: Option<HostTicks>, total: &mut HostTicks, stolen: &mut Vec<f64>) {
     if let (Some(before), Some(after)) = (before, system::host_ticks()) {
-        total.0 += after.0.saturating_sub(before.0);
-        total.1 += after.1.saturating_sub(before.1);
+        let round = after.since(before);
+        total.add(round);
+        stolen.push(round.stolen_ms());
     }
 }
 
@@ -396,10 +410,11 @@ struct Totals {
     keepalive_cpu_seconds: Option<Vec<f64>>,
     /// Requests answered in the keep-alive rounds.
     keepalive_requests: u64,
-    /// The host's busy and total CPU ticks over the one-stream bulk
-    /// rounds, then over the keep-alive rounds.
-    bulk_1_stream_host: (u64, u64),
-    keepalive_host: (u64, u64),
+    /// The host's CPU ticks over the one-stream bulk rounds, the
+    /// fixed-rate rounds and the keep-alive rounds.
+    bulk_1_stream_host: HostTicks,
+    latency_host: HostTicks,
+    keepalive_host: HostTicks,
     new_connection_errors: u64,
     /// Scenarios that failed once: they are not run again, and their
     /// figures are left out.
@@ -557,7 +572,13 @@ async fn run_round(
             )
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.bulk_cpu_seconds);
-            add_host(host_before, &mut totals.bulk_1_stream_host);
+            if which == 0 {
+                add_host(
+                    host_before,
+                    &mut totals.bulk_1_stream_host,
+                    &mut f.rounds.bulk_1_stream_stolen_ms,
+                );
+            }
             totals.bulk[which].0 += b.bytes;
             totals.bulk[which].1 += b.seconds;
             let per_round = if which == 0 {
@@ -569,6 +590,7 @@ async fn run_round(
         }
         Scenario::FixedRate => {
             let cpu_before = side_cpu(pair);
+            let host_before = system::host_ticks();
             let l = load::fixed_rate(
                 entry,
                 sizes.http_connections,
@@ -577,6 +599,11 @@ async fn run_round(
             )
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.latency_cpu_seconds);
+            add_host(
+                host_before,
+                &mut totals.latency_host,
+                &mut f.rounds.latency_stolen_ms,
+            );
             f.latency_rate_per_s = Some(sizes.latency_rate);
             f.rounds.latency_p99_us.push(l.quantile_us(0.99));
             match &mut totals.latency {
@@ -604,7 +631,11 @@ async fn run_round(
                 }
             };
             add_side_cpu(pair, cpu_before, &mut totals.keepalive_cpu_seconds);
-            add_host(host_before, &mut totals.keepalive_host);
+            add_host(
+                host_before,
+                &mut totals.keepalive_host,
+                &mut f.rounds.keepalive_stolen_ms,
+            );
             totals.keepalive_requests += closed.requests;
             f.rounds
                 .keepalive_requests_per_s
@@ -634,13 +665,16 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     let ok = |s: Scenario| !totals.failed.contains(&s);
     let rate = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / seconds);
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    // Known once the host's ticks were read around a round.
+    let stolen = |ticks: &HostTicks| (ticks.total > 0).then(|| ticks.stolen_ms());
     let per_request = |cpu: &Option<Vec<f64>>, requests: u64| match cpu {
         Some(cpu) if requests > 0 => cpu.iter().map(|s| s * 1e6 / requests as f64).collect(),
         _ => Vec::new(),
     };
     if ok(Scenario::Bulk1) {
         f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
-        f.bulk_1_stream_host_busy = system::busy_share(totals.bulk_1_stream_host);
+        f.bulk_1_stream_host_busy = totals.bulk_1_stream_host.busy_share();
+        f.bulk_1_stream_stolen_ms = stolen(&totals.bulk_1_stream_host);
     }
     if ok(Scenario::Bulk8) {
         f.bulk_8_streams_bytes_per_s = rate(totals.bulk[1]);
@@ -662,6 +696,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_requests = Some(l.histogram.len());
         f.latency_errors = Some(l.errors);
         f.latency_queued = Some(l.queued);
+        f.latency_stolen_ms = stolen(&totals.latency_host);
         f.latency_cpu_us_per_request = per_request(&totals.latency_cpu_seconds, l.histogram.len());
     }
     if ok(Scenario::KeepAlive) {
@@ -670,7 +705,8 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.keepalive_p99_us = mean(&f.rounds.keepalive_p99_us);
         f.keepalive_cpu_us_per_request =
             per_request(&totals.keepalive_cpu_seconds, totals.keepalive_requests);
-        f.keepalive_host_busy = system::busy_share(totals.keepalive_host);
+        f.keepalive_host_busy = totals.keepalive_host.busy_share();
+        f.keepalive_stolen_ms = stolen(&totals.keepalive_host);
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
@@ -849,8 +885,21 @@ mod tests {
             latency_cpu_seconds: Some(vec![0.002, 0.005]),
             keepalive_cpu_seconds: Some(vec![0.04, 0.1]),
             keepalive_requests: 4_000,
-            bulk_1_stream_host: (190, 200),
-            keepalive_host: (150, 200),
+            bulk_1_stream_host: HostTicks {
+                busy: 190,
+                total: 200,
+                stolen: 3,
+            },
+            latency_host: HostTicks {
+                busy: 20,
+                total: 200,
+                stolen: 0,
+            },
+            keepalive_host: HostTicks {
+                busy: 150,
+                total: 200,
+                stolen: 41,
+            },
             new_connection_errors: 3,
             failed: Vec::new(),
         };
@@ -879,6 +928,10 @@ mod tests {
         assert_eq!(whole(&f.keepalive_cpu_us_per_request), [10.0, 25.0]);
         assert_eq!(f.bulk_1_stream_host_busy, Some(0.95));
         assert_eq!(f.keepalive_host_busy, Some(0.75));
+        // Ticks of 10 ms.
+        assert_eq!(f.bulk_1_stream_stolen_ms, Some(30.0));
+        assert_eq!(f.latency_stolen_ms, Some(0.0));
+        assert_eq!(f.keepalive_stolen_ms, Some(410.0));
         assert_eq!(f.new_connections_per_s, Some(4_500.0));
         assert_eq!(f.new_connection_errors, Some(3));
     }
@@ -904,6 +957,8 @@ mod tests {
         assert_eq!(f.keepalive_p99_us, None);
         assert!(f.keepalive_cpu_us_per_request.is_empty());
         assert_eq!(f.latency_p99_us, None);
+        // The host's ticks were never read around a round.
+        assert_eq!(f.bulk_1_stream_stolen_ms, None);
         assert_eq!(f.new_connections_per_s, None);
     }
 }

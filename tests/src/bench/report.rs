@@ -92,6 +92,38 @@ fn queued_share(c: &PairFigures) -> Option<f64> {
     Some(c.latency_queued? as f64 / requests as f64)
 }
 
+/// The table's row of the CPU the hypervisor took from the machine during
+/// a scenario's rounds (`steal`; see `PairFigures::latency_stolen_ms`).
+const STOLEN: &str = "  CPU stolen by the host (ms)";
+
+fn stolen_ms(ms: Option<f64>) -> String {
+    fmt_opt(ms, |x| format!("{x:.0}"))
+}
+
+/// Trellis's fixed-rate round with the largest p99, and the CPU the host
+/// stole during it against the least and most it stole in the other
+/// rounds: whether the worst tail came with the host taking the cores.
+fn worst_round(t: &PairFigures) -> Option<Value> {
+    let (p99, stolen) = (&t.rounds.latency_p99_us, &t.rounds.latency_stolen_ms);
+    if p99.len() < 2 || stolen.len() != p99.len() {
+        return None;
+    }
+    let worst = (0..p99.len()).max_by(|&a, &b| p99[a].total_cmp(&p99[b]))?;
+    let others = stolen
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != worst)
+        .map(|(_, ms)| *ms);
+    let least = others.clone().fold(f64::INFINITY, f64::min);
+    let most = others.fold(f64::NEG_INFINITY, f64::max);
+    Some(json!({
+        "round": worst + 1,
+        "p99_us": p99[worst],
+        "stolen_ms": stolen[worst],
+        "others_stolen_ms": [least, most],
+    }))
+}
+
 /// Each proxy's CPU a request, client side first ("-" for direct).
 fn cpu_per_request(sides: &[f64]) -> String {
     if sides.is_empty() {
@@ -223,14 +255,20 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             &r,
             "keepalive_requests_to_direct",
         ),
-        fell_behind(
-            results,
-            tail(
-                "added p99 at a fixed rate (us)".into(),
-                |f| f.latency_p99_us,
-                |r| &r.latency_p99_us,
-            ),
-        ),
+        {
+            let mut target = fell_behind(
+                results,
+                tail(
+                    "added p99 at a fixed rate (us)".into(),
+                    |f| f.latency_p99_us,
+                    |r| &r.latency_p99_us,
+                ),
+            );
+            if let Some(worst) = worst_round(t) {
+                target["worst_round"] = worst;
+            }
+            target
+        },
         // The measure issue 7 gives Envoy's tail in ("under wrk -c16").
         tail(
             format!("added p99 under {closed_loop} (us)"),
@@ -388,6 +426,7 @@ pub fn table(results: &Results) -> String {
     row("  host CPU busy", &|c, _| {
         percent(c.bulk_1_stream_host_busy)
     });
+    row(STOLEN, &|c, _| stolen_ms(c.bulk_1_stream_stolen_ms));
     row("bulk 8 streams", &|c, _| {
         fmt_opt(c.bulk_8_streams_bytes_per_s, gbps)
     });
@@ -407,6 +446,7 @@ pub fn table(results: &Results) -> String {
     row("  fell behind the rate", &|c, _| {
         fmt_opt(queued_share(c), |x| format!("{:.1} %", x * 100.0))
     });
+    row(STOLEN, &|c, _| stolen_ms(c.latency_stolen_ms));
     row("keep-alive req/s", &|c, _| {
         fmt_opt(c.keepalive_requests_per_s, |x| format!("{x:.0}"))
     });
@@ -424,6 +464,7 @@ pub fn table(results: &Results) -> String {
         cpu_per_request(&c.keepalive_cpu_us_per_request)
     });
     row("  host CPU busy", &|c, _| percent(c.keepalive_host_busy));
+    row(STOLEN, &|c, _| stolen_ms(c.keepalive_stolen_ms));
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
     });
@@ -470,9 +511,10 @@ pub fn table(results: &Results) -> String {
         .chain(cols.iter().map(|c| c.name.len()))
         .max()
         .map_or(24, |widest| (widest + 2).max(24));
+    let machine = &results.machine;
     let mut out = format!(
-        "trellis-bench ({:?}) on {} cores ({}), {}\n",
-        results.mode, results.machine.cpus, results.machine.cpu_model, results.pinning
+        "trellis-bench ({:?}) on {} cores ({}; idle cores: {}), {}\n",
+        results.mode, machine.cpus, machine.cpu_model, machine.cpu_idle, results.pinning
     );
     if results.sizes.rounds > 1 && !cols.is_empty() {
         out.push_str(&format!(
@@ -608,6 +650,18 @@ pub fn table(results: &Results) -> String {
         ) {
             notes.push(format!("below every peer in {below} of {rounds} rounds"));
         }
+        if let (Some(round), Some(p99), Some(stolen), Some(least), Some(most)) = (
+            t["worst_round"]["round"].as_u64(),
+            t["worst_round"]["p99_us"].as_f64(),
+            t["worst_round"]["stolen_ms"].as_f64(),
+            t["worst_round"]["others_stolen_ms"][0].as_f64(),
+            t["worst_round"]["others_stolen_ms"][1].as_f64(),
+        ) {
+            notes.push(format!(
+                "worst round {round}: p99 {p99:.0} us, {stolen:.0} ms of CPU stolen by the host \
+                 in it, {least:.0} to {most:.0} ms in the others"
+            ));
+        }
         if let Some(behind) = t["fell_behind"].as_array() {
             let names: Vec<&str> = behind.iter().filter_map(Value::as_str).collect();
             notes.push(format!(
@@ -642,6 +696,7 @@ pub fn results(contenders: Vec<PairFigures>) -> Results {
             cpu_model: "test".into(),
             memory_mib: 0,
             kernel: String::new(),
+            cpu_idle: "haltpoll, halts at once (guest_halt_poll_ns 0)".into(),
         },
         pinning: String::new(),
         open_files_limit: 0,
@@ -820,6 +875,68 @@ mod tests {
         let run = results(vec![with_queue("direct", 0), with_queue("trellis", 10)]);
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert!(fixed.get("fell_behind").is_none(), "{fixed}");
+    }
+
+    /// Trellis's worst fixed-rate round is named with the CPU the host
+    /// stole during it and in the other rounds, and each scenario's
+    /// stolen CPU is a row of the table.
+    #[test]
+    fn the_worst_fixed_rate_round_says_what_the_host_stole_in_it() {
+        let with_rounds = |name: &str, p99: &[f64], stolen: &[f64]| {
+            let mut f = PairFigures {
+                latency_p99_us: Some(1_000.0),
+                latency_stolen_ms: Some(stolen.iter().sum()),
+                bulk_1_stream_stolen_ms: Some(20.0),
+                keepalive_stolen_ms: Some(0.0),
+                ..pair(name, 1.0, 1.0)
+            };
+            f.rounds.latency_p99_us = p99.to_vec();
+            f.rounds.latency_stolen_ms = stolen.to_vec();
+            f
+        };
+        let run = results(vec![
+            with_rounds("direct", &[200.0, 210.0, 220.0], &[0.0, 0.0, 10.0]),
+            with_rounds("trellis", &[700.0, 83_000.0, 650.0], &[10.0, 420.0, 0.0]),
+        ]);
+        let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
+        assert_eq!(
+            fixed["worst_round"],
+            json!({
+                "round": 2,
+                "p99_us": 83_000.0,
+                "stolen_ms": 420.0,
+                "others_stolen_ms": [0.0, 10.0],
+            })
+        );
+        let table = table(&run);
+        assert!(
+            table.contains(
+                "worst round 2: p99 83000 us, 420 ms of CPU stolen by the host in it, 0 to 10 ms \
+                 in the others"
+            ),
+            "{table}"
+        );
+        // What an idle core does is said with the machine.
+        assert!(
+            table.starts_with(
+                "trellis-bench (Quick) on 2 cores (test; idle cores: haltpoll, halts at once \
+                 (guest_halt_poll_ns 0)),"
+            ),
+            "{table}"
+        );
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .filter(|l| l.starts_with(STOLEN))
+            .map(|l| l[STOLEN.len()..].split_whitespace().collect())
+            .collect();
+        // Bulk, fixed rate, keep-alive; direct first.
+        assert_eq!(rows, [["20", "20"], ["10", "430"], ["0", "0"]], "{table}");
+
+        // Rounds whose stolen CPU was not read: nothing claimed.
+        let mut run = run;
+        run.contenders[1].rounds.latency_stolen_ms.clear();
+        let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
+        assert!(fixed.get("worst_round").is_none(), "{fixed}");
     }
 
     #[test]

@@ -39,29 +39,68 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The host's CPU time so far, in clock ticks of all cores together:
-/// (busy, total), from the first line of `/proc/stat`. Busy is user, nice,
-/// system, irq, softirq and steal; the rest of the total is idle and
-/// iowait.
-pub fn host_ticks() -> Option<(u64, u64)> {
+/// The host's CPU time, in clock ticks of all cores together, from the
+/// first line of `/proc/stat`: so far ([`host_ticks`]), or between two
+/// readings ([`HostTicks::since`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTicks {
+    /// User, nice, system, irq, softirq and steal.
+    pub busy: u64,
+    /// Busy, idle and iowait.
+    pub total: u64,
+    /// Steal: time this machine's cores had work but the hypervisor ran
+    /// something else on the physical CPU (0 outside a virtual machine).
+    /// A run that stalls while the host steals is waiting for the host,
+    /// not for the proxies.
+    pub stolen: u64,
+}
+
+impl HostTicks {
+    /// What was spent between `before` and `self`.
+    pub fn since(self, before: HostTicks) -> HostTicks {
+        HostTicks {
+            busy: self.busy.saturating_sub(before.busy),
+            total: self.total.saturating_sub(before.total),
+            stolen: self.stolen.saturating_sub(before.stolen),
+        }
+    }
+
+    /// Adds `other` (an interval) to this sum of intervals.
+    pub fn add(&mut self, other: HostTicks) {
+        self.busy += other.busy;
+        self.total += other.total;
+        self.stolen += other.stolen;
+    }
+
+    /// The share of the host's CPU time that was busy.
+    pub fn busy_share(self) -> Option<f64> {
+        (self.total > 0).then(|| self.busy as f64 / self.total as f64)
+    }
+
+    /// The CPU time stolen, in milliseconds (of all cores together).
+    pub fn stolen_ms(self) -> f64 {
+        self.stolen as f64 * 1000.0 / TICKS_PER_SECOND
+    }
+}
+
+/// The host's CPU time so far (see [`HostTicks`]).
+pub fn host_ticks() -> Option<HostTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     parse_host_ticks(stat.lines().next()?)
 }
 
-fn parse_host_ticks(line: &str) -> Option<(u64, u64)> {
+fn parse_host_ticks(line: &str) -> Option<HostTicks> {
     let mut fields = line.strip_prefix("cpu ")?.split_whitespace();
     let mut next = || fields.next().and_then(|f| f.parse::<u64>().ok());
     let (user, nice, system, idle) = (next()?, next()?, next()?, next()?);
     let (iowait, irq, softirq) = (next()?, next()?, next()?);
-    let steal = next().unwrap_or(0);
-    let busy = user + nice + system + irq + softirq + steal;
-    Some((busy, busy + idle + iowait))
-}
-
-/// The share of the host's CPU time that was busy between two readings
-/// of [`host_ticks`] (summed over any number of intervals).
-pub fn busy_share((busy, total): (u64, u64)) -> Option<f64> {
-    (total > 0).then(|| busy as f64 / total as f64)
+    let stolen = next().unwrap_or(0);
+    let busy = user + nice + system + irq + softirq + stolen;
+    Some(HostTicks {
+        busy,
+        total: busy + idle + iowait,
+        stolen,
+    })
 }
 
 /// Number of online CPUs.
@@ -181,6 +220,11 @@ pub struct Machine {
     pub cpu_model: String,
     pub memory_mib: u64,
     pub kernel: String,
+    /// What an idle core does (the kernel's cpuidle driver): in a virtual
+    /// machine, whether it halts at once (and waking it goes through the
+    /// host) or polls a while first. A woken proxy's wait is part of every
+    /// pair's tail.
+    pub cpu_idle: String,
 }
 
 impl Machine {
@@ -202,12 +246,31 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let cpu_idle = describe_idle(
+            read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
+            read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
+        );
         Machine {
             cpus: cpus(),
             cpu_model,
             memory_mib,
             kernel,
+            cpu_idle,
         }
+    }
+}
+
+/// The cpuidle driver, and with `haltpoll` (a KVM guest's) how long an
+/// idle core polls before it halts.
+fn describe_idle(driver: Option<&str>, halt_poll_ns: Option<&str>) -> String {
+    match (driver.map(str::trim), halt_poll_ns.map(str::trim)) {
+        (None | Some(""), _) => "unknown".into(),
+        (Some("haltpoll"), Some("0")) => "haltpoll, halts at once (guest_halt_poll_ns 0)".into(),
+        (Some("haltpoll"), Some(ns)) => {
+            format!("haltpoll, polls up to {ns} ns before it halts (guest_halt_poll_ns)")
+        }
+        (Some(driver), _) => driver.into(),
     }
 }
 
@@ -289,18 +352,69 @@ mod tests {
     use super::*;
 
     /// A real `/proc/stat` first line: busy counts user, nice, system,
-    /// irq, softirq and steal (guest time is already in user), and the
-    /// total adds idle and iowait.
+    /// irq, softirq and steal (guest time is already in user), the total
+    /// adds idle and iowait, and steal is what the hypervisor took.
     #[test]
-    fn reads_the_hosts_busy_and_total_ticks() {
+    fn reads_the_hosts_busy_total_and_stolen_ticks() {
         let line = "cpu  2511122 29494 662570 6976286 22863 0 193141 758 0 0";
         let busy = 2511122 + 29494 + 662570 + 193141 + 758;
-        assert_eq!(parse_host_ticks(line), Some((busy, busy + 6976286 + 22863)));
+        let ticks = parse_host_ticks(line).unwrap();
+        assert_eq!(
+            ticks,
+            HostTicks {
+                busy,
+                total: busy + 6976286 + 22863,
+                stolen: 758
+            }
+        );
         assert_eq!(parse_host_ticks("cpu0 1 2 3 4 5 6 7 8 0 0"), None);
-        assert_eq!(busy_share((30, 40)), Some(0.75));
-        assert_eq!(busy_share((0, 0)), None);
-        let (busy, total) = host_ticks().unwrap();
-        assert!(busy > 0 && total >= busy);
+        // A kernel too old to count steal: none stolen.
+        let old = parse_host_ticks("cpu  10 0 10 20 0 0 0").unwrap();
+        assert_eq!((old.busy, old.total, old.stolen), (20, 40, 0));
+
+        let later = parse_host_ticks("cpu  2511152 29494 662580 6976346 22863 0 193141 770 0 0");
+        let interval = later.unwrap().since(ticks);
+        assert_eq!(
+            interval,
+            HostTicks {
+                busy: 52,
+                total: 112,
+                stolen: 12
+            }
+        );
+        assert_eq!(interval.stolen_ms(), 120.0);
+        let mut sum = HostTicks::default();
+        sum.add(interval);
+        sum.add(interval);
+        assert_eq!((sum.busy, sum.total, sum.stolen), (104, 224, 24));
+        assert_eq!(
+            HostTicks {
+                busy: 30,
+                total: 40,
+                stolen: 0
+            }
+            .busy_share(),
+            Some(0.75)
+        );
+        assert_eq!(HostTicks::default().busy_share(), None);
+
+        let now = host_ticks().unwrap();
+        assert!(now.busy > 0 && now.total >= now.busy && now.busy >= now.stolen);
+    }
+
+    #[test]
+    fn says_whether_an_idle_core_halts_at_once() {
+        assert_eq!(
+            describe_idle(Some("haltpoll\n"), Some("0\n")),
+            "haltpoll, halts at once (guest_halt_poll_ns 0)"
+        );
+        assert_eq!(
+            describe_idle(Some("haltpoll\n"), Some("200000\n")),
+            "haltpoll, polls up to 200000 ns before it halts (guest_halt_poll_ns)"
+        );
+        assert_eq!(describe_idle(Some("intel_idle\n"), None), "intel_idle");
+        assert_eq!(describe_idle(None, None), "unknown");
+        assert!(!Machine::describe().cpu_idle.is_empty());
     }
 
     #[test]
