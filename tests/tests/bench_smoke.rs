@@ -226,3 +226,71 @@ fn a_rate_out_of_range_is_refused_naming_the_option() {
         );
     }
 }
+
+/// `--profile` samples both real Trellis sidecars with `perf record`
+/// through an extra bulk round of the smoke run, and the report names
+/// where their time went: samples, the kernel among the objects, and the
+/// busiest functions. Where perf is missing or may not sample, the run
+/// says why in the JSON, and this test says it skipped.
+#[test]
+fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let json_path = dir.path().join("results.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_trellis-bench"))
+        .args([
+            "--smoke",
+            "--no-pin",
+            "--only",
+            "trellis",
+            "--profile",
+            "--json",
+        ])
+        .arg(&json_path)
+        .output()
+        .expect("trellis-bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(&json_path).expect("the JSON report was written"),
+    )
+    .expect("the report is JSON");
+    let profile = &json["results"]["profile"];
+    let sides = profile["sides"]
+        .as_array()
+        .expect("profile.sides is a list");
+    if sides.is_empty() {
+        let why = profile["not_taken"]
+            .as_str()
+            .expect("why nothing was profiled");
+        assert!(why.contains("perf"), "{why}");
+        println!("skipped: {why}");
+        return;
+    }
+    assert_eq!(profile["not_taken"], Value::Null, "{profile}");
+    let named: Vec<(&str, &str)> = sides
+        .iter()
+        .map(|s| (s["scenario"].as_str().unwrap(), s["side"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        named,
+        [("bulk 1 stream", "client"), ("bulk 1 stream", "server")]
+    );
+    for side in sides {
+        assert!(side["samples"].as_u64().is_some_and(|n| n > 0), "{side}");
+        let objects: Vec<&str> = side["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["name"].as_str())
+            .collect();
+        assert!(objects.contains(&"[kernel.kallsyms]"), "{side}");
+        let functions = side["functions"].as_array().unwrap();
+        assert!(!functions.is_empty() && functions.len() <= 8, "{side}");
+    }
+    assert!(
+        stdout.contains("where Trellis's time goes (perf record -e cpu-clock")
+            && stdout.contains("bulk 1 stream, server side ("),
+        "{stdout}"
+    );
+}

@@ -7,9 +7,9 @@
 //! Layout: [`certs`] makes the shared credentials, [`app`] is the server
 //! behind every pair, [`contenders`] starts the pairs, [`load`] drives
 //! traffic, [`system`] reads CPU and memory and pins processes,
-//! [`control`] and [`propagation`] run the control-plane scenarios and
-//! [`report`] prints the
-//! table, writes the JSON and checks the targets.
+//! [`control`] and [`propagation`] run the control-plane scenarios,
+//! [`profile`] samples where the Trellis sidecars' time goes, and
+//! [`report`] prints the table, writes the JSON and checks the targets.
 //!
 //! It only ever listens on and dials loopback addresses.
 
@@ -18,6 +18,7 @@ pub mod certs;
 pub mod contenders;
 pub mod control;
 pub mod load;
+pub mod profile;
 pub mod propagation;
 pub mod report;
 pub mod system;
@@ -141,6 +142,9 @@ pub struct Options {
     pub watchers: Option<usize>,
     /// Overrides the mode's fixed request rate (requests a second).
     pub rate: Option<f64>,
+    /// Whether to profile the Trellis sidecars (`profile`); `None`: in
+    /// every mode but the smoke run.
+    pub profile: Option<bool>,
 }
 
 /// Figures of one contender; `None` where not measured (the reason is in
@@ -237,6 +241,8 @@ pub struct Results {
     pub sizes: Sizes,
     pub contenders: Vec<PairFigures>,
     pub control_plane: Option<control::ControlFigures>,
+    /// Where the Trellis sidecars' time went (`None`: not asked for).
+    pub profile: Option<profile::Profiles>,
     pub seconds: f64,
 }
 
@@ -314,6 +320,10 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
         });
     }
     measure(&mut contenders, &app, &sizes, wrk.as_deref(), dir.path()).await;
+    let profile = match options.profile.unwrap_or(options.mode != Mode::Smoke) {
+        true => Some(profile_trellis(&contenders, &sizes, wrk.as_deref(), dir.path()).await),
+        false => None,
+    };
     let mut figures = Vec::new();
     for c in contenders {
         for e in &c.figures.errors {
@@ -348,6 +358,7 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
         sizes,
         contenders: figures,
         control_plane,
+        profile,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -531,6 +542,82 @@ async fn measure(
         app.wait_until_settled(before, Duration::from_secs(60))
             .await;
     }
+}
+
+/// Profiles the Trellis sidecars (as deployed) through one extra round of
+/// the one-stream bulk scenario and one of the keep-alive scenario, after
+/// the measured rounds (see `profile`). What cannot be profiled is said in
+/// `not_taken`.
+async fn profile_trellis(
+    contenders: &[Contender],
+    sizes: &Sizes,
+    wrk: Option<&std::path::Path>,
+    dir: &std::path::Path,
+) -> profile::Profiles {
+    let mut profiles = profile::Profiles {
+        tool: profile::Perf::describe(),
+        ..Default::default()
+    };
+    let Some(c) = contenders
+        .iter()
+        .find(|c| c.pair.as_ref().is_some_and(|p| p.kind == Kind::Trellis))
+    else {
+        profiles.not_taken = Some("Trellis did not run".into());
+        return profiles;
+    };
+    let pair = c.pair.as_deref().expect("found with its pair");
+    let perf = match profile::Perf::detect(dir).await {
+        Ok(perf) => perf,
+        Err(why) => {
+            profiles.not_taken = Some(why);
+            return profiles;
+        }
+    };
+    let scenarios: &[Scenario] = if sizes.http_connections == 0 {
+        &[Scenario::Bulk1]
+    } else {
+        &[Scenario::Bulk1, Scenario::KeepAlive]
+    };
+    let pids: Vec<u32> = pair.proxies.iter().map(|p| p.pid).collect();
+    for &scenario in scenarios {
+        if c.totals.failed.contains(&scenario) {
+            continue;
+        }
+        eprintln!(
+            "trellis-bench: profiling trellis ({}) ...",
+            scenario.describe()
+        );
+        // The round's figures are not kept: the profiler was attached.
+        let (mut totals, mut figures) = (Totals::default(), PairFigures::default());
+        let round = run_round(scenario, pair, sizes, wrk, dir, &mut totals, &mut figures);
+        let label = scenario.describe().replace(' ', "-");
+        let files = match perf.record(&pids, dir, &label, round).await {
+            Ok(((), files)) => files,
+            Err(e) => {
+                profiles.not_taken = Some(format!("{}: {e:#}", scenario.describe()));
+                continue;
+            }
+        };
+        for (proxy, file) in pair.proxies.iter().zip(files) {
+            match perf.report(&file).await {
+                Ok((samples, objects, functions)) => profiles.sides.push(profile::SideProfile {
+                    scenario: scenario.describe().into(),
+                    side: proxy.side.into(),
+                    samples,
+                    objects,
+                    functions,
+                }),
+                Err(e) => {
+                    profiles.not_taken = Some(format!(
+                        "{}, {} side: {e:#}",
+                        scenario.describe(),
+                        proxy.side
+                    ));
+                }
+            }
+        }
+    }
+    profiles
 }
 
 /// The order of the contenders in round `round`: all `n` of them, the

@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use super::profile::{self, Profiles};
 use super::{PairFigures, Results, RoundFigures};
 
 /// One figure of a contender relative to direct (or, for figures direct
@@ -681,6 +682,41 @@ pub fn table(results: &Results) -> String {
             fmt_opt(t["value"].as_f64(), |x| format!("{x:.3}")),
         ));
     }
+    if let Some(profile) = &results.profile {
+        out.push_str(&profile_text(profile));
+    }
+    out
+}
+
+/// Where the Trellis sidecars' time went (see `profile`): each profiled
+/// scenario and side, its samples by object and its busiest functions.
+fn profile_text(profile: &Profiles) -> String {
+    let mut out = format!("\nwhere Trellis's time goes ({})\n", profile.tool);
+    for side in &profile.sides {
+        let objects: Vec<String> = side
+            .objects
+            .iter()
+            .filter(|o| o.percent >= 1.0)
+            .map(|o| format!("{} {:.0} %", profile::object_name(&o.name), o.percent))
+            .collect();
+        out.push_str(&format!(
+            "  {}, {} side ({} samples): {}\n",
+            side.scenario,
+            side.side,
+            side.samples,
+            objects.join(", ")
+        ));
+        for f in &side.functions {
+            let object = f.object.as_deref().map_or("", profile::object_name);
+            out.push_str(&format!(
+                "    {:>5.1} %  {} [{object}]\n",
+                f.percent, f.name
+            ));
+        }
+    }
+    if let Some(why) = &profile.not_taken {
+        out.push_str(&format!("  not profiled: {why}\n"));
+    }
     out
 }
 
@@ -703,6 +739,7 @@ pub fn results(contenders: Vec<PairFigures>) -> Results {
         sizes: Mode::Quick.sizes(),
         contenders,
         control_plane: None,
+        profile: None,
         seconds: 0.0,
     }
 }
@@ -998,5 +1035,55 @@ mod tests {
                 .is_none()
         );
         assert!(!table(&run).contains("plaintext pair 0"));
+    }
+
+    /// The profile is printed after the targets: each side's objects of
+    /// 1 % and more, its busiest functions with their object, and why
+    /// anything was not profiled.
+    #[test]
+    fn the_profile_names_each_sides_objects_and_busiest_functions() {
+        use super::profile::{Share, SideProfile};
+        let share = |name: &str, object: Option<&str>, percent: f64| Share {
+            name: name.into(),
+            object: object.map(Into::into),
+            percent,
+        };
+        let mut run = results(vec![pair("direct", 1.0, 1.0), pair("trellis", 0.4, 0.3)]);
+        run.profile = Some(Profiles {
+            tool: "perf record".into(),
+            sides: vec![SideProfile {
+                scenario: "keep-alive rate".into(),
+                side: "server".into(),
+                samples: 5711,
+                objects: vec![
+                    share("[kernel.kallsyms]", None, 68.92),
+                    share("trellis-proxy", None, 24.25),
+                    share("[vdso]", None, 0.75),
+                ],
+                functions: vec![
+                    share(
+                        "finish_task_switch.isra.0",
+                        Some("[kernel.kallsyms]"),
+                        23.81,
+                    ),
+                    share("one_request", Some("trellis-proxy"), 2.31),
+                ],
+            }],
+            not_taken: Some("bulk 1 stream: perf record failed".into()),
+        });
+        let printed = table(&run);
+        let profile = &printed[printed
+            .find("where Trellis's time goes")
+            .expect("a profile")..];
+        assert_eq!(
+            profile,
+            "where Trellis's time goes (perf record)\n  \
+             keep-alive rate, server side (5711 samples): kernel 69 %, trellis-proxy 24 %\n  \
+             \x20  23.8 %  finish_task_switch.isra.0 [kernel]\n  \
+             \x20   2.3 %  one_request [trellis-proxy]\n  \
+             not profiled: bulk 1 stream: perf record failed\n"
+        );
+        run.profile = None;
+        assert!(!table(&run).contains("where Trellis's time goes"));
     }
 }

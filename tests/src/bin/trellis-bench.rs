@@ -32,7 +32,7 @@ const USAGE: &str = "\
 trellis-bench: Trellis against direct, Envoy, HAProxy and stunnel (and a plaintext HAProxy pair) on loopback, and the control plane at scale
 
 Usage: trellis-bench [--quick | --smoke] [--json FILE] [--only NAME,NAME] [--no-pin] [--no-control-plane] [--no-wrk]
-                     [--watchers N] [--rate N] [--control-plane-only]
+                     [--watchers N] [--rate N] [--control-plane-only] [--profile | --no-profile]
 
 Options:
   --quick             short run (under 3 minutes on 2 cores)
@@ -52,6 +52,9 @@ Options:
   --rate N            the fixed-rate scenario's requests a second (default 1000 quick, 2000 full);
                       lower it on a host where the pairs fall behind (the table's \"fell behind\" row)
   --no-wrk            measure the keep-alive rate with the built-in client even if wrk is installed
+  --no-profile        do not profile the Trellis sidecars (by default, when perf is installed, one
+                      extra bulk and keep-alive round each under `perf record`, after the measured ones)
+  --profile           profile them in a smoke run too
   -h, --help          print this help
 
 Install the contenders with scripts/install-bench-tools.sh.
@@ -165,6 +168,7 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
         wrk: true,
         watchers: None,
         rate: None,
+        profile: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -175,6 +179,8 @@ fn parse(args: &[OsString]) -> Result<Option<Options>, String> {
             Some("--no-control-plane") => options.control_plane = false,
             Some("--control-plane-only") => options.contenders.clear(),
             Some("--no-wrk") => options.wrk = false,
+            Some("--profile") => options.profile = Some(true),
+            Some("--no-profile") => options.profile = Some(false),
             Some("--json") => {
                 let file = args.next().ok_or("--json needs a file")?;
                 options.json = PathBuf::from(file);
