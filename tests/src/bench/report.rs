@@ -101,11 +101,11 @@ fn stolen_ms(ms: Option<f64>) -> String {
     fmt_opt(ms, |x| format!("{x:.0}"))
 }
 
-/// Trellis's fixed-rate round with the largest p99, and the CPU the host
-/// stole during it against the least and most it stole in the other
-/// rounds: whether the worst tail came with the host taking the cores.
-fn worst_round(t: &PairFigures) -> Option<Value> {
-    let (p99, stolen) = (&t.rounds.latency_p99_us, &t.rounds.latency_stolen_ms);
+/// Trellis's round with the largest p99 (`p99`, round by round), and the
+/// CPU the host stole during it against the least and most it stole in the
+/// other rounds (`stolen`): whether the worst tail came with the host
+/// taking the cores.
+fn worst_round(p99: &[f64], stolen: &[f64]) -> Option<Value> {
     if p99.len() < 2 || stolen.len() != p99.len() {
         return None;
     }
@@ -211,7 +211,8 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
     // every round together and round by round.
     let tail = |name: String,
                 get: fn(&PairFigures) -> Option<f64>,
-                by_round: fn(&RoundFigures) -> &[f64]| {
+                by_round: fn(&RoundFigures) -> &[f64],
+                stolen: fn(&RoundFigures) -> &[f64]| {
         let direct = find(results, "direct");
         let added = diff(get(t), direct.and_then(get));
         let added_peers: Vec<(&str, f64)> = peers
@@ -228,6 +229,9 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             if below.1 > 1 {
                 target["rounds_below_every_peer"] = json!([below.0, below.1]);
             }
+        }
+        if let Some(worst) = worst_round(by_round(&t.rounds), stolen(&t.rounds)) {
+            target["worst_round"] = worst;
         }
         target
     };
@@ -256,25 +260,21 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             &r,
             "keepalive_requests_to_direct",
         ),
-        {
-            let mut target = fell_behind(
-                results,
-                tail(
-                    "added p99 at a fixed rate (us)".into(),
-                    |f| f.latency_p99_us,
-                    |r| &r.latency_p99_us,
-                ),
-            );
-            if let Some(worst) = worst_round(t) {
-                target["worst_round"] = worst;
-            }
-            target
-        },
+        fell_behind(
+            results,
+            tail(
+                "added p99 at a fixed rate (us)".into(),
+                |f| f.latency_p99_us,
+                |r| &r.latency_p99_us,
+                |r| &r.latency_stolen_ms,
+            ),
+        ),
         // The measure issue 7 gives Envoy's tail in ("under wrk -c16").
         tail(
             format!("added p99 under {closed_loop} (us)"),
             |f| f.keepalive_p99_us,
             |r| &r.keepalive_p99_us,
+            |r| &r.keepalive_stolen_ms,
         ),
         target(
             "new mTLS connections per second to Envoy's",
@@ -914,11 +914,11 @@ mod tests {
         assert!(fixed.get("fell_behind").is_none(), "{fixed}");
     }
 
-    /// Trellis's worst fixed-rate round is named with the CPU the host
-    /// stole during it and in the other rounds, and each scenario's
-    /// stolen CPU is a row of the table.
+    /// Trellis's worst round of each tail (fixed rate, keep-alive) is
+    /// named with the CPU the host stole during it and in the other rounds,
+    /// and each scenario's stolen CPU is a row of the table.
     #[test]
-    fn the_worst_fixed_rate_round_says_what_the_host_stole_in_it() {
+    fn the_worst_round_of_each_tail_says_what_the_host_stole_in_it() {
         let with_rounds = |name: &str, p99: &[f64], stolen: &[f64]| {
             let mut f = PairFigures {
                 latency_p99_us: Some(1_000.0),
@@ -931,10 +931,22 @@ mod tests {
             f.rounds.latency_stolen_ms = stolen.to_vec();
             f
         };
-        let run = results(vec![
+        let mut run = results(vec![
             with_rounds("direct", &[200.0, 210.0, 220.0], &[0.0, 0.0, 10.0]),
             with_rounds("trellis", &[700.0, 83_000.0, 650.0], &[10.0, 420.0, 0.0]),
         ]);
+        run.contenders[1].rounds.keepalive_p99_us = vec![900.0, 1_100.0, 8_000.0];
+        run.contenders[1].rounds.keepalive_stolen_ms = vec![0.0, 20.0, 300.0];
+        let closed = target(&targets(&run), "added p99 under").clone();
+        assert_eq!(
+            closed["worst_round"],
+            json!({
+                "round": 3,
+                "p99_us": 8_000.0,
+                "stolen_ms": 300.0,
+                "others_stolen_ms": [0.0, 20.0],
+            })
+        );
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert_eq!(
             fixed["worst_round"],
@@ -949,6 +961,9 @@ mod tests {
         assert!(
             table.contains(
                 "worst round 2: p99 83000 us, 420 ms of CPU stolen by the host in it, 0 to 10 ms \
+                 in the others"
+            ) && table.contains(
+                "worst round 3: p99 8000 us, 300 ms of CPU stolen by the host in it, 0 to 20 ms \
                  in the others"
             ),
             "{table}"
@@ -970,7 +985,6 @@ mod tests {
         assert_eq!(rows, [["20", "20"], ["10", "430"], ["0", "0"]], "{table}");
 
         // Rounds whose stolen CPU was not read: nothing claimed.
-        let mut run = run;
         run.contenders[1].rounds.latency_stolen_ms.clear();
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert!(fixed.get("worst_round").is_none(), "{fixed}");
