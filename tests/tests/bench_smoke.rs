@@ -268,13 +268,16 @@ fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
         return;
     }
     assert_eq!(profile["not_taken"], Value::Null, "{profile}");
-    let named: Vec<(&str, &str)> = sides
+    let named: Vec<[&str; 3]> = sides
         .iter()
-        .map(|s| (s["scenario"].as_str().unwrap(), s["side"].as_str().unwrap()))
+        .map(|s| ["contender", "scenario", "side"].map(|k| s[k].as_str().unwrap()))
         .collect();
     assert_eq!(
         named,
-        [("bulk 1 stream", "client"), ("bulk 1 stream", "server")]
+        [
+            ["trellis", "bulk 1 stream", "client"],
+            ["trellis", "bulk 1 stream", "server"]
+        ]
     );
     for side in sides {
         assert!(side["samples"].as_u64().is_some_and(|n| n > 0), "{side}");
@@ -289,8 +292,8 @@ fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
         assert!(!functions.is_empty() && functions.len() <= 8, "{side}");
     }
     assert!(
-        stdout.contains("where Trellis's time goes (perf record -e cpu-clock")
-            && stdout.contains("bulk 1 stream, server side ("),
+        stdout.contains("where the time goes (perf record -e cpu-clock")
+            && stdout.contains("trellis, bulk 1 stream, server side ("),
         "{stdout}"
     );
 }

@@ -8,7 +8,8 @@
 //! behind every pair, [`contenders`] starts the pairs, [`load`] drives
 //! traffic, [`system`] reads CPU and memory and pins processes,
 //! [`control`] and [`propagation`] run the control-plane scenarios,
-//! [`profile`] samples where the Trellis sidecars' time goes, and
+//! [`profile`] samples where the Trellis sidecars' (and Envoy's) time
+//! goes, and
 //! [`report`] prints the table, writes the JSON and checks the targets.
 //!
 //! It only ever listens on and dials loopback addresses.
@@ -241,7 +242,8 @@ pub struct Results {
     pub sizes: Sizes,
     pub contenders: Vec<PairFigures>,
     pub control_plane: Option<control::ControlFigures>,
-    /// Where the Trellis sidecars' time went (`None`: not asked for).
+    /// Where the Trellis sidecars' time went, and Envoy's pair's beside
+    /// them (`None`: not asked for).
     pub profile: Option<profile::Profiles>,
     pub seconds: f64,
 }
@@ -321,7 +323,7 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
     }
     measure(&mut contenders, &app, &sizes, wrk.as_deref(), dir.path()).await;
     let profile = match options.profile.unwrap_or(options.mode != Mode::Smoke) {
-        true => Some(profile_trellis(&contenders, &sizes, wrk.as_deref(), dir.path()).await),
+        true => Some(profile_pairs(&contenders, &sizes, wrk.as_deref(), dir.path()).await),
         false => None,
     };
     let mut figures = Vec::new();
@@ -544,11 +546,16 @@ async fn measure(
     }
 }
 
-/// Profiles the Trellis sidecars (as deployed) through one extra round of
+/// The pairs profiled after the measured rounds: Trellis as deployed, and
+/// Envoy's pair beside it, so that a profile of where Trellis's time goes
+/// can be read against the peer it is most often compared with.
+const PROFILED: [Kind; 2] = [Kind::Trellis, Kind::Envoy];
+
+/// Profiles each pair of [`PROFILED`] that ran through one extra round of
 /// the one-stream bulk scenario and one of the keep-alive scenario, after
 /// the measured rounds (see `profile`). What cannot be profiled is said in
 /// `not_taken`.
-async fn profile_trellis(
+async fn profile_pairs(
     contenders: &[Contender],
     sizes: &Sizes,
     wrk: Option<&std::path::Path>,
@@ -558,14 +565,15 @@ async fn profile_trellis(
         tool: profile::Perf::describe(),
         ..Default::default()
     };
-    let Some(c) = contenders
-        .iter()
-        .find(|c| c.pair.as_ref().is_some_and(|p| p.kind == Kind::Trellis))
-    else {
-        profiles.not_taken = Some("Trellis did not run".into());
-        return profiles;
+    let running = |kind: Kind| {
+        contenders
+            .iter()
+            .find(|c| c.pair.as_ref().is_some_and(|p| p.kind == kind))
     };
-    let pair = c.pair.as_deref().expect("found with its pair");
+    if running(Kind::Trellis).is_none() {
+        profiles.not_taken = Some("trellis did not run".into());
+        return profiles;
+    }
     let perf = match profile::Perf::detect(dir).await {
         Ok(perf) => perf,
         Err(why) => {
@@ -578,44 +586,52 @@ async fn profile_trellis(
     } else {
         &[Scenario::Bulk1, Scenario::KeepAlive]
     };
-    let pids: Vec<u32> = pair.proxies.iter().map(|p| p.pid).collect();
-    for &scenario in scenarios {
-        if c.totals.failed.contains(&scenario) {
-            continue;
-        }
-        eprintln!(
-            "trellis-bench: profiling trellis ({}) ...",
-            scenario.describe()
-        );
-        // The round's figures are not kept: the profiler was attached.
-        let (mut totals, mut figures) = (Totals::default(), PairFigures::default());
-        let round = run_round(scenario, pair, sizes, wrk, dir, &mut totals, &mut figures);
-        let label = scenario.describe().replace(' ', "-");
-        let files = match perf.record(&pids, dir, &label, round).await {
-            Ok(((), files)) => files,
-            Err(e) => {
-                profiles.not_taken = Some(format!("{}: {e:#}", scenario.describe()));
+    let mut failures = Vec::new();
+    for c in PROFILED.into_iter().filter_map(running) {
+        let (name, pair) = (&c.figures.name, c.pair.as_deref().expect("running"));
+        let pids: Vec<u32> = pair.proxies.iter().map(|p| p.pid).collect();
+        for &scenario in scenarios {
+            if c.totals.failed.contains(&scenario) {
                 continue;
             }
-        };
-        for (proxy, file) in pair.proxies.iter().zip(files) {
-            match perf.report(&file).await {
-                Ok((samples, objects, functions)) => profiles.sides.push(profile::SideProfile {
-                    scenario: scenario.describe().into(),
-                    side: proxy.side.into(),
-                    samples,
-                    objects,
-                    functions,
-                }),
+            eprintln!(
+                "trellis-bench: profiling {name} ({}) ...",
+                scenario.describe()
+            );
+            // The round's figures are not kept: the profiler was attached.
+            let (mut totals, mut figures) = (Totals::default(), PairFigures::default());
+            let round = run_round(scenario, pair, sizes, wrk, dir, &mut totals, &mut figures);
+            let label = format!("{name}-{}", scenario.describe().replace(' ', "-"));
+            let files = match perf.record(&pids, dir, &label, round).await {
+                Ok(((), files)) => files,
                 Err(e) => {
-                    profiles.not_taken = Some(format!(
-                        "{}, {} side: {e:#}",
+                    failures.push(format!("{name}, {}: {e:#}", scenario.describe()));
+                    continue;
+                }
+            };
+            for (proxy, file) in pair.proxies.iter().zip(files) {
+                match perf.report(&file).await {
+                    Ok((samples, objects, functions)) => {
+                        profiles.sides.push(profile::SideProfile {
+                            contender: name.clone(),
+                            scenario: scenario.describe().into(),
+                            side: proxy.side.into(),
+                            samples,
+                            objects,
+                            functions,
+                        })
+                    }
+                    Err(e) => failures.push(format!(
+                        "{name}, {}, {} side: {e:#}",
                         scenario.describe(),
                         proxy.side
-                    ));
+                    )),
                 }
             }
         }
+    }
+    if !failures.is_empty() {
+        profiles.not_taken = Some(failures.join("; "));
     }
     profiles
 }

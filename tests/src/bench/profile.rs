@@ -1,11 +1,12 @@
 //! Where Trellis's time goes, printed with the results (issue 7: where
 //! Trellis falls short, "a profile of where the time goes"). `perf record`
-//! samples both Trellis sidecars with the software `cpu-clock` event (a
-//! virtual machine often has no hardware counters) through one extra round
-//! of the one-stream bulk scenario and one of the keep-alive scenario. The
-//! extra rounds run after the measured ones, so no figure of the run is
-//! taken with the profiler attached. Each side's samples are summed by
-//! object (the kernel, the sidecar, libc) and by function.
+//! samples both Trellis sidecars, and both proxies of Envoy's pair to read
+//! them against, with the software `cpu-clock` event (a virtual machine
+//! often has no hardware counters) through one extra round of the
+//! one-stream bulk scenario and one of the keep-alive scenario. The extra
+//! rounds run after the measured ones, so no figure of the run is taken
+//! with the profiler attached. Each side's samples are summed by object
+//! (the kernel, the proxy's executable, libc) and by function.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,8 @@ use tokio::process::{Child, Command};
 
 use super::system::find_program;
 
-/// Samples a second on each sidecar: few enough to cost the sidecar
-/// little, enough for a round of a few seconds to name its hot functions.
+/// Samples a second on each proxy: few enough to cost it little, enough
+/// for a round of a few seconds to name its hot functions.
 pub const FREQUENCY: u32 = 999;
 /// How many functions are kept for each side.
 pub const TOP: usize = 8;
@@ -39,9 +40,11 @@ pub struct Profiles {
     pub not_taken: Option<String>,
 }
 
-/// One sidecar's samples during one profiled round.
+/// One proxy's samples during one profiled round.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct SideProfile {
+    /// The pair: "trellis" or "envoy".
+    pub contender: String,
     pub scenario: String,
     /// "client" or "server".
     pub side: String,
@@ -102,7 +105,7 @@ impl Perf {
 
     pub fn describe() -> String {
         format!(
-            "perf record -e cpu-clock -F {FREQUENCY}, each sidecar (every thread), through one \
+            "perf record -e cpu-clock -F {FREQUENCY}, each proxy (every thread), through one \
              extra round of each scenario after the measured ones"
         )
     }

@@ -688,10 +688,10 @@ pub fn table(results: &Results) -> String {
     out
 }
 
-/// Where the Trellis sidecars' time went (see `profile`): each profiled
+/// Where the profiled pairs' time went (see `profile`): each pair,
 /// scenario and side, its samples by object and its busiest functions.
 fn profile_text(profile: &Profiles) -> String {
-    let mut out = format!("\nwhere Trellis's time goes ({})\n", profile.tool);
+    let mut out = format!("\nwhere the time goes ({})\n", profile.tool);
     for side in &profile.sides {
         let objects: Vec<String> = side
             .objects
@@ -700,7 +700,8 @@ fn profile_text(profile: &Profiles) -> String {
             .map(|o| format!("{} {:.0} %", profile::object_name(&o.name), o.percent))
             .collect();
         out.push_str(&format!(
-            "  {}, {} side ({} samples): {}\n",
+            "  {}, {}, {} side ({} samples): {}\n",
+            side.contender,
             side.scenario,
             side.side,
             side.samples,
@@ -1066,6 +1067,7 @@ mod tests {
         run.profile = Some(Profiles {
             tool: "perf record".into(),
             sides: vec![SideProfile {
+                contender: "trellis".into(),
                 scenario: "keep-alive rate".into(),
                 side: "server".into(),
                 samples: 5711,
@@ -1086,18 +1088,16 @@ mod tests {
             not_taken: Some("bulk 1 stream: perf record failed".into()),
         });
         let printed = table(&run);
-        let profile = &printed[printed
-            .find("where Trellis's time goes")
-            .expect("a profile")..];
+        let profile = &printed[printed.find("where the time goes").expect("a profile")..];
         assert_eq!(
             profile,
-            "where Trellis's time goes (perf record)\n  \
-             keep-alive rate, server side (5711 samples): kernel 69 %, trellis-proxy 24 %\n  \
+            "where the time goes (perf record)\n  \
+             trellis, keep-alive rate, server side (5711 samples): kernel 69 %, trellis-proxy 24 %\n  \
              \x20  23.8 %  finish_task_switch.isra.0 [kernel]\n  \
              \x20   2.3 %  one_request [trellis-proxy]\n  \
              not profiled: bulk 1 stream: perf record failed\n"
         );
         run.profile = None;
-        assert!(!table(&run).contains("where Trellis's time goes"));
+        assert!(!table(&run).contains("where the time goes"));
     }
 }
