@@ -50,7 +50,7 @@ pub struct SideProfile {
     pub side: String,
     pub samples: u64,
     /// Share of the samples in each object (`[kernel.kallsyms]`, the
-    /// sidecar's executable, `libc.so.6`, ...), largest first.
+    /// proxy's executable, `libc.so.6`, ...), largest first.
     pub objects: Vec<Share>,
     /// The [`TOP`] functions with the most samples, largest first.
     pub functions: Vec<Share>,
