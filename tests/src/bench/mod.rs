@@ -8,9 +8,8 @@
 //! behind every pair, [`contenders`] starts the pairs, [`load`] drives
 //! traffic, [`system`] reads CPU and memory and pins processes,
 //! [`control`] and [`propagation`] run the control-plane scenarios,
-//! [`profile`] samples where the Trellis sidecars' (and Envoy's) time
-//! goes, and
-//! [`report`] prints the table, writes the JSON and checks the targets.
+//! [`profile`] samples where the Trellis sidecars' (and Envoy's) time goes,
+//! and [`report`] prints the table, writes the JSON and checks the targets.
 //!
 //! It only ever listens on and dials loopback addresses.
 
@@ -143,8 +142,8 @@ pub struct Options {
     pub watchers: Option<usize>,
     /// Overrides the mode's fixed request rate (requests a second).
     pub rate: Option<f64>,
-    /// Whether to profile the Trellis sidecars (`profile`); `None`: in
-    /// every mode but the smoke run.
+    /// Whether to profile the Trellis sidecars and Envoy's pair
+    /// (`profile`); `None`: in every mode but the smoke run.
     pub profile: Option<bool>,
 }
 

@@ -52,7 +52,7 @@ Options:
   --rate N            the fixed-rate scenario's requests a second (default 1000 quick, 2000 full);
                       lower it on a host where the pairs fall behind (the table's \"fell behind\" row)
   --no-wrk            measure the keep-alive rate with the built-in client even if wrk is installed
-  --no-profile        do not profile the Trellis sidecars (by default, when perf is installed, one
+  --no-profile        do not profile the Trellis and Envoy pairs (by default, when perf is installed, one
                       extra bulk and keep-alive round each under `perf record`, after the measured ones)
   --profile           profile them in a smoke run too
   -h, --help          print this help
