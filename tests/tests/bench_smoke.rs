@@ -99,6 +99,24 @@ fn smoke_run_measures_direct_and_trellis_and_reports_every_contender() {
                         .is_some_and(|ms| ms >= 0.0),
                     "{name}: no stolen CPU: {contender}"
                 );
+                // How often each Trellis sidecar slept and was preempted
+                // while it moved the stream.
+                if name == "trellis" {
+                    for figure in ["sleeps", "preempted"] {
+                        let key = format!("bulk_1_stream_{figure}_per_mb");
+                        let sides = contender[&key].as_array().map(Vec::len);
+                        assert_eq!(
+                            sides,
+                            Some(2),
+                            "{name}: no {key} for each side: {contender}"
+                        );
+                    }
+                    let sleeps = &contender["bulk_1_stream_sleeps_per_mb"];
+                    assert!(
+                        sleeps[0].as_f64().is_some_and(|n| n > 0.0),
+                        "{name}: the client side never slept moving the stream: {contender}"
+                    );
+                }
                 if name != "direct" {
                     assert!(
                         json["ratios"][name]["bulk_1_stream_to_direct"]

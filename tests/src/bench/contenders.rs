@@ -81,6 +81,13 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.name() == name)
     }
 
+    /// Whether the proxies' threads outlive the connections they serve:
+    /// stunnel starts a thread per connection, whose context switches are
+    /// gone from `/proc` once it ends, so none are counted for it.
+    pub fn threads_outlive_connections(self) -> bool {
+        self != Kind::Stunnel
+    }
+
     /// The program this contender runs and how to install it, if it needs
     /// one from the system.
     fn program(self) -> Option<(&'static [&'static str], &'static str)> {

@@ -30,7 +30,7 @@ use anyhow::Context;
 
 use crate::binaries::Launcher;
 use contenders::{Kind, Setup, Start};
-use system::{HostTicks, Pinning, cpu_seconds, rss_kib};
+use system::{HostTicks, Pinning, Switches, cpu_seconds, rss_kib};
 
 /// The open-files limit the run asks for (children inherit it).
 const OPEN_FILES: u64 = 131_072;
@@ -179,6 +179,9 @@ pub struct PairFigures {
     pub new_connections_per_s: Option<f64>,
     pub new_connection_errors: Option<u64>,
     pub cpu_seconds_per_gb: Option<f64>,
+    /// The same for each proxy process, client side first: the slower
+    /// side of a pipeline is the one that sleeps less.
+    pub cpu_seconds_per_gb_by_side: Vec<f64>,
     /// CPU microseconds (user and system, all threads) each proxy process
     /// spent per request answered over the fixed-rate rounds, client side
     /// first: what the pair's tail is made of at a low rate.
@@ -199,6 +202,18 @@ pub struct PairFigures {
     pub bulk_1_stream_stolen_ms: Option<f64>,
     pub latency_stolen_ms: Option<f64>,
     pub keepalive_stolen_ms: Option<f64>,
+    /// Per proxy process, client side first, over the one-stream bulk
+    /// rounds: how often its threads went to sleep to wait (voluntary
+    /// context switches) and how often the scheduler took their core
+    /// (involuntary ones), a MB moved. A proxy that sleeps often moves
+    /// little each time it wakes, and pays for waking each time.
+    pub bulk_1_stream_sleeps_per_mb: Vec<f64>,
+    pub bulk_1_stream_preempted_per_mb: Vec<f64>,
+    /// The same over the keep-alive rounds, a request answered: near 1 or
+    /// more, a proxy wakes for each request rather than serving several
+    /// connections' requests each time it wakes.
+    pub keepalive_sleeps_per_request: Vec<f64>,
+    pub keepalive_preempted_per_request: Vec<f64>,
     /// Per proxy process, client side first.
     pub rss_idle_kib: Vec<u64>,
     pub rss_held_kib: Vec<u64>,
@@ -385,6 +400,33 @@ fn add_side_cpu(pair: &contenders::Pair, before: Option<Vec<f64>>, total: &mut O
     }
 }
 
+/// Each proxy's context switches so far, client side first; `None` for a
+/// contender whose threads end with their connections.
+fn side_switches(pair: &contenders::Pair) -> Option<Vec<Switches>> {
+    if !pair.kind.threads_outlive_connections() {
+        return None;
+    }
+    pair.proxies
+        .iter()
+        .map(|p| system::switches(p.pid))
+        .collect()
+}
+
+/// Adds each proxy's context switches since `before` to `total`.
+fn add_side_switches(
+    pair: &contenders::Pair,
+    before: Option<Vec<Switches>>,
+    total: &mut Option<Vec<Switches>>,
+) {
+    let (Some(before), Some(after)) = (before, side_switches(pair)) else {
+        return;
+    };
+    let total = total.get_or_insert_with(|| vec![Switches::default(); after.len()]);
+    for ((t, b), a) in total.iter_mut().zip(&before).zip(&after) {
+        t.add(a.since(*b));
+    }
+}
+
 /// Adds the host's ticks since `before` to `total`, and the CPU they
 /// stole to the round-by-round figures `stolen`.
 fn add_host(before: Option<HostTicks>, total: &mut HostTicks, stolen: &mut Vec<f64>) {
@@ -415,6 +457,11 @@ struct Totals {
     /// CPU seconds of each proxy (client side first) during the bulk
     /// runs.
     bulk_cpu_seconds: Option<Vec<f64>>,
+    /// Each proxy's context switches (client side first) during the
+    /// one-stream bulk runs.
+    bulk_1_stream_switches: Option<Vec<Switches>>,
+    /// The same during the keep-alive rounds.
+    keepalive_switches: Option<Vec<Switches>>,
     latency: Option<load::Latency>,
     /// CPU seconds of each proxy (client side first) during the
     /// fixed-rate rounds, then during the keep-alive rounds.
@@ -666,6 +713,7 @@ async fn run_round(
             let cpu_before = side_cpu(pair);
             // The host's share is reported for the one-stream rounds.
             let host_before = (which == 0).then(system::host_ticks).flatten();
+            let switches_before = (which == 0).then(|| side_switches(pair)).flatten();
             let b = load::bulk(
                 entry,
                 streams,
@@ -675,6 +723,7 @@ async fn run_round(
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.bulk_cpu_seconds);
             if which == 0 {
+                add_side_switches(pair, switches_before, &mut totals.bulk_1_stream_switches);
                 add_host(
                     host_before,
                     &mut totals.bulk_1_stream_host,
@@ -716,6 +765,7 @@ async fn run_round(
         Scenario::KeepAlive => {
             let duration = secs(sizes.keepalive_seconds / rounds);
             let cpu_before = side_cpu(pair);
+            let switches_before = side_switches(pair);
             let host_before = system::host_ticks();
             let closed = match wrk {
                 Some(wrk) => {
@@ -733,6 +783,7 @@ async fn run_round(
                 }
             };
             add_side_cpu(pair, cpu_before, &mut totals.keepalive_cpu_seconds);
+            add_side_switches(pair, switches_before, &mut totals.keepalive_switches);
             add_host(
                 host_before,
                 &mut totals.keepalive_host,
@@ -777,6 +828,11 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
         f.bulk_1_stream_host_busy = totals.bulk_1_stream_host.busy_share();
         f.bulk_1_stream_stolen_ms = stolen(&totals.bulk_1_stream_host);
+        let mb = totals.bulk[0].0 as f64 / 1e6;
+        (
+            f.bulk_1_stream_sleeps_per_mb,
+            f.bulk_1_stream_preempted_per_mb,
+        ) = per_unit(&totals.bulk_1_stream_switches, mb);
     }
     if ok(Scenario::Bulk8) {
         f.bulk_8_streams_bytes_per_s = rate(totals.bulk[1]);
@@ -784,11 +840,11 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     let moved = totals.bulk[0].0 + totals.bulk[1].0;
     if ok(Scenario::Bulk1) && ok(Scenario::Bulk8) && moved > 0 {
         // Direct has no proxy, and so no figure.
-        f.cpu_seconds_per_gb = totals
-            .bulk_cpu_seconds
-            .as_ref()
-            .filter(|sides| !sides.is_empty())
-            .map(|sides| sides.iter().sum::<f64>() / (moved as f64 / 1e9));
+        if let Some(sides) = totals.bulk_cpu_seconds.as_ref().filter(|s| !s.is_empty()) {
+            let gb = moved as f64 / 1e9;
+            f.cpu_seconds_per_gb = Some(sides.iter().sum::<f64>() / gb);
+            f.cpu_seconds_per_gb_by_side = sides.iter().map(|s| s / gb).collect();
+        }
     }
     if let Some(l) = totals.latency.as_ref().filter(|_| ok(Scenario::FixedRate)) {
         f.latency_p50_us = Some(l.quantile_us(0.50));
@@ -809,12 +865,29 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
             per_request(&totals.keepalive_cpu_seconds, totals.keepalive_requests);
         f.keepalive_host_busy = totals.keepalive_host.busy_share();
         f.keepalive_stolen_ms = stolen(&totals.keepalive_host);
+        (
+            f.keepalive_sleeps_per_request,
+            f.keepalive_preempted_per_request,
+        ) = per_unit(&totals.keepalive_switches, totals.keepalive_requests as f64);
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
         f.new_connection_errors = f
             .new_connections_per_s
             .map(|_| totals.new_connection_errors);
+    }
+}
+
+/// Each proxy's sleeps and preemptions (client side first) per unit of
+/// work done (a MB, a request): none when they were not counted or no work
+/// was done.
+fn per_unit(switches: &Option<Vec<Switches>>, units: f64) -> (Vec<f64>, Vec<f64>) {
+    match switches {
+        Some(sides) if units > 0.0 => sides
+            .iter()
+            .map(|s| (s.voluntary as f64 / units, s.involuntary as f64 / units))
+            .unzip(),
+        _ => (Vec::new(), Vec::new()),
     }
 }
 
@@ -982,6 +1055,27 @@ mod tests {
             // of 3 and 0.5 GB/s.
             bulk: [(4_000_000_000, 3.0), (8_000_000_000, 4.0)],
             bulk_cpu_seconds: Some(vec![2.0, 4.0]),
+            // Over the one-stream rounds' 4,000 MB.
+            bulk_1_stream_switches: Some(vec![
+                Switches {
+                    voluntary: 10_000,
+                    involuntary: 400,
+                },
+                Switches {
+                    voluntary: 2_000,
+                    involuntary: 0,
+                },
+            ]),
+            keepalive_switches: Some(vec![
+                Switches {
+                    voluntary: 2_000,
+                    involuntary: 1_000,
+                },
+                Switches {
+                    voluntary: 5_000,
+                    involuntary: 0,
+                },
+            ]),
             latency: Some(merged),
             // Over the 100 fixed-rate requests and 4,000 keep-alive ones.
             latency_cpu_seconds: Some(vec![0.002, 0.005]),
@@ -1017,6 +1111,11 @@ mod tests {
         );
         assert_eq!(f.bulk_8_streams_bytes_per_s, Some(2e9));
         assert_eq!(f.cpu_seconds_per_gb, Some(0.5));
+        assert_eq!(f.cpu_seconds_per_gb_by_side, [1.0 / 6.0, 2.0 / 6.0]);
+        assert_eq!(f.bulk_1_stream_sleeps_per_mb, [2.5, 0.5]);
+        assert_eq!(f.bulk_1_stream_preempted_per_mb, [0.1, 0.0]);
+        assert_eq!(f.keepalive_sleeps_per_request, [0.5, 1.25]);
+        assert_eq!(f.keepalive_preempted_per_request, [0.25, 0.0]);
         // 100 requests: the p99 is the 99th fastest, one of the 100 us.
         assert_eq!(f.latency_requests, Some(100));
         assert!((f.latency_p99_us.unwrap() - 100.0).abs() < 1.0);

@@ -125,14 +125,15 @@ fn worst_round(p99: &[f64], stolen: &[f64]) -> Option<Value> {
     }))
 }
 
-/// Each proxy's CPU a request, client side first ("-" for direct).
-fn cpu_per_request(sides: &[f64]) -> String {
+/// One figure per proxy, client side first, with `decimals` places ("-"
+/// for direct, which has none).
+fn per_side(sides: &[f64], decimals: usize) -> String {
     if sides.is_empty() {
         return "-".into();
     }
     sides
         .iter()
-        .map(|us| format!("{us:.0}"))
+        .map(|x| format!("{x:.decimals$}"))
         .collect::<Vec<_>>()
         .join(" / ")
 }
@@ -428,6 +429,12 @@ pub fn table(results: &Results) -> String {
         percent(c.bulk_1_stream_host_busy)
     });
     row(STOLEN, &|c, _| stolen_ms(c.bulk_1_stream_stolen_ms));
+    row("  sleeps a MB (c / s)", &|c, _| {
+        per_side(&c.bulk_1_stream_sleeps_per_mb, 2)
+    });
+    row("  preempted a MB (c / s)", &|c, _| {
+        per_side(&c.bulk_1_stream_preempted_per_mb, 2)
+    });
     row("bulk 8 streams", &|c, _| {
         fmt_opt(c.bulk_8_streams_bytes_per_s, gbps)
     });
@@ -442,7 +449,7 @@ pub fn table(results: &Results) -> String {
         micros(&added.map(|k| r(v, k)), true)
     });
     row("  CPU us a request (c / s)", &|c, _| {
-        cpu_per_request(&c.latency_cpu_us_per_request)
+        per_side(&c.latency_cpu_us_per_request, 0)
     });
     row("  fell behind the rate", &|c, _| {
         fmt_opt(queued_share(c), |x| format!("{:.1} %", x * 100.0))
@@ -462,9 +469,15 @@ pub fn table(results: &Results) -> String {
         micros(&added.map(|k| r(v, k)), true)
     });
     row("  CPU us a request (c / s)", &|c, _| {
-        cpu_per_request(&c.keepalive_cpu_us_per_request)
+        per_side(&c.keepalive_cpu_us_per_request, 0)
     });
     row("  host CPU busy", &|c, _| percent(c.keepalive_host_busy));
+    row("  sleeps a request (c / s)", &|c, _| {
+        per_side(&c.keepalive_sleeps_per_request, 2)
+    });
+    row("  preempted a request (c / s)", &|c, _| {
+        per_side(&c.keepalive_preempted_per_request, 2)
+    });
     row(STOLEN, &|c, _| stolen_ms(c.keepalive_stolen_ms));
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
@@ -477,6 +490,9 @@ pub fn table(results: &Results) -> String {
     });
     row("CPU s per GB (both proxies)", &|c, _| {
         fmt_opt(c.cpu_seconds_per_gb, |x| format!("{x:.2}"))
+    });
+    row("  each proxy (c / s)", &|c, _| {
+        per_side(&c.cpu_seconds_per_gb_by_side, 2)
     });
     row("idle RSS MiB (client/server)", &|c, _| {
         if c.rss_idle_kib.is_empty() {
@@ -991,10 +1007,52 @@ mod tests {
         assert!(fixed.get("worst_round").is_none(), "{fixed}");
     }
 
+    /// How often each proxy slept and was preempted a MB of one-stream
+    /// bulk data and a keep-alive request are rows under those scenarios,
+    /// and each proxy's CPU a GB a row under both's, client side first.
     #[test]
-    fn cpu_a_request_prints_each_proxy_or_a_dash_for_direct() {
-        assert_eq!(cpu_per_request(&[21.4, 47.6]), "21 / 48");
-        assert_eq!(cpu_per_request(&[]), "-");
+    fn the_bulk_and_keepalive_rows_say_how_often_each_proxy_slept() {
+        let mut trellis = pair("trellis", 1.2e9, 30_000.0);
+        trellis.bulk_1_stream_sleeps_per_mb = vec![2.5, 1.25];
+        trellis.bulk_1_stream_preempted_per_mb = vec![0.1, 0.02];
+        trellis.keepalive_sleeps_per_request = vec![0.75, 1.0];
+        trellis.cpu_seconds_per_gb = Some(1.8);
+        trellis.cpu_seconds_per_gb_by_side = vec![1.0, 0.8];
+        let run = results(vec![pair("direct", 3e9, 100_000.0), trellis]);
+        let table = table(&run);
+        let cells = |label: &str| {
+            let line = table.lines().find(|l| l.starts_with(label));
+            line.map(|l| l[label.len()..].trim().to_string())
+        };
+        let sleeps = cells("  sleeps a MB (c / s)").expect(&table);
+        let preempted = cells("  preempted a MB (c / s)").expect(&table);
+        // Direct has no proxy, so a dash, then Trellis's two sides.
+        assert_eq!(
+            sleeps.split_whitespace().collect::<Vec<_>>(),
+            ["-", "2.50", "/", "1.25"]
+        );
+        assert_eq!(
+            preempted.split_whitespace().collect::<Vec<_>>(),
+            ["-", "0.10", "/", "0.02"]
+        );
+        let sleeps = cells("  sleeps a request (c / s)").expect(&table);
+        assert_eq!(
+            sleeps.split_whitespace().collect::<Vec<_>>(),
+            ["-", "0.75", "/", "1.00"]
+        );
+        // And what each side spent a GB, under both together.
+        let by_side = cells("  each proxy (c / s)").expect(&table);
+        assert_eq!(
+            by_side.split_whitespace().collect::<Vec<_>>(),
+            ["-", "1.00", "/", "0.80"]
+        );
+    }
+
+    #[test]
+    fn per_proxy_figures_print_each_side_or_a_dash_for_direct() {
+        assert_eq!(per_side(&[21.4, 47.6], 0), "21 / 48");
+        assert_eq!(per_side(&[1.234, 0.5], 2), "1.23 / 0.50");
+        assert_eq!(per_side(&[], 2), "-");
         assert_eq!(percent(Some(0.974)), "97 %");
         assert_eq!(percent(None), "-");
     }

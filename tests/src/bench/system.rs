@@ -1,5 +1,6 @@
-//! What the benchmark reads from and sets on the machine: CPU time and
-//! resident memory of a process (`/proc/<pid>/stat`, `/proc/<pid>/status`),
+//! What the benchmark reads from and sets on the machine: CPU time, context
+//! switches and resident memory of a process (`/proc/<pid>/stat`,
+//! `/proc/<pid>/status`),
 //! pinning a process to one core (`taskset -a -c -p`, all its threads), the
 //! open-files limit, a description of the machine for the report, and how
 //! much of its start-up symbol order a sidecar executable holds.
@@ -37,6 +38,63 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Context switches of every thread of a process, from
+/// `/proc/<pid>/task/*/status`: so far ([`switches`]), or between two
+/// readings ([`Switches::since`]). Threads that ended are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// A thread gave up its core to wait (for a socket, a timer, a lock):
+    /// how often the process went to sleep.
+    pub voluntary: u64,
+    /// The scheduler took a thread's core while it still had work.
+    pub involuntary: u64,
+}
+
+impl Switches {
+    /// What happened between `before` and `self`.
+    pub fn since(self, before: Switches) -> Switches {
+        Switches {
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
+        }
+    }
+
+    pub fn add(&mut self, other: Switches) {
+        self.voluntary += other.voluntary;
+        self.involuntary += other.involuntary;
+    }
+}
+
+/// The context switches of all of a process's threads so far.
+pub fn switches(pid: u32) -> Option<Switches> {
+    let mut total = Switches::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        // A thread that ended since the listing is not counted.
+        if let Some(thread) = std::fs::read_to_string(task.ok()?.path().join("status"))
+            .ok()
+            .as_deref()
+            .and_then(parse_switches)
+        {
+            total.add(thread);
+        }
+    }
+    Some(total)
+}
+
+/// The context switches of one thread's `status`.
+fn parse_switches(status: &str) -> Option<Switches> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(Switches {
+        voluntary: field("voluntary_ctxt_switches")?,
+        involuntary: field("nonvoluntary_ctxt_switches")?,
+    })
 }
 
 /// The host's CPU time, in clock ticks of all cores together, from the
@@ -400,6 +458,43 @@ mod tests {
 
         let now = host_ticks().unwrap();
         assert!(now.busy > 0 && now.total >= now.busy && now.busy >= now.stolen);
+    }
+
+    /// A thread's `status` as Linux writes it (the lines around the two
+    /// counters trimmed): both counters read, the interval between two
+    /// readings and a sum; and this process's own threads, which have
+    /// slept at least once by the time a test runs.
+    #[test]
+    fn counts_a_processs_context_switches() {
+        let status = "Name:\ttokio-runtime-w\nState:\tS (sleeping)\nTgid:\t4242\n\
+                      Cpus_allowed_list:\t0\nvoluntary_ctxt_switches:\t18734\n\
+                      nonvoluntary_ctxt_switches:\t291\n";
+        let before = parse_switches(status).unwrap();
+        assert_eq!(
+            before,
+            Switches {
+                voluntary: 18734,
+                involuntary: 291
+            }
+        );
+        assert_eq!(
+            parse_switches("Name:\tx\nvoluntary_ctxt_switches:\t1\n"),
+            None
+        );
+        let after = Switches {
+            voluntary: 20734,
+            involuntary: 300,
+        };
+        let round = after.since(before);
+        assert_eq!((round.voluntary, round.involuntary), (2000, 9));
+        let mut sum = round;
+        sum.add(round);
+        assert_eq!((sum.voluntary, sum.involuntary), (4000, 18));
+
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let own = switches(std::process::id()).unwrap();
+        assert!(own.voluntary > 0, "{own:?}");
+        assert_eq!(switches(u32::MAX), None);
     }
 
     #[test]
