@@ -209,9 +209,15 @@ pub struct PairFigures {
     /// little each time it wakes, and pays for waking each time.
     pub bulk_1_stream_sleeps_per_mb: Vec<f64>,
     pub bulk_1_stream_preempted_per_mb: Vec<f64>,
-    /// The same over the keep-alive rounds, a request answered: near 1 or
-    /// more, a proxy wakes for each request rather than serving several
-    /// connections' requests each time it wakes.
+    /// The same over the fixed-rate rounds, a request answered: at a rate
+    /// this low a proxy sleeps between requests, and each preemption is a
+    /// wait for its core behind another process (the load generator, the
+    /// app), which is what a tail is made of.
+    pub latency_sleeps_per_request: Vec<f64>,
+    pub latency_preempted_per_request: Vec<f64>,
+    /// The same over the keep-alive rounds: near 1 or more, a proxy wakes
+    /// for each request rather than serving several connections' requests
+    /// each time it wakes.
     pub keepalive_sleeps_per_request: Vec<f64>,
     pub keepalive_preempted_per_request: Vec<f64>,
     /// Per proxy process, client side first.
@@ -460,7 +466,8 @@ struct Totals {
     /// Each proxy's context switches (client side first) during the
     /// one-stream bulk runs.
     bulk_1_stream_switches: Option<Vec<Switches>>,
-    /// The same during the keep-alive rounds.
+    /// The same during the fixed-rate rounds, then the keep-alive rounds.
+    latency_switches: Option<Vec<Switches>>,
     keepalive_switches: Option<Vec<Switches>>,
     latency: Option<load::Latency>,
     /// CPU seconds of each proxy (client side first) during the
@@ -741,6 +748,7 @@ async fn run_round(
         }
         Scenario::FixedRate => {
             let cpu_before = side_cpu(pair);
+            let switches_before = side_switches(pair);
             let host_before = system::host_ticks();
             let l = load::fixed_rate(
                 entry,
@@ -750,6 +758,7 @@ async fn run_round(
             )
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.latency_cpu_seconds);
+            add_side_switches(pair, switches_before, &mut totals.latency_switches);
             add_host(
                 host_before,
                 &mut totals.latency_host,
@@ -856,6 +865,10 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_queued = Some(l.queued);
         f.latency_stolen_ms = stolen(&totals.latency_host);
         f.latency_cpu_us_per_request = per_request(&totals.latency_cpu_seconds, l.histogram.len());
+        (
+            f.latency_sleeps_per_request,
+            f.latency_preempted_per_request,
+        ) = per_unit(&totals.latency_switches, l.histogram.len() as f64);
     }
     if ok(Scenario::KeepAlive) {
         f.keepalive_requests_per_s = mean(&f.rounds.keepalive_requests_per_s);
@@ -1066,6 +1079,17 @@ mod tests {
                     involuntary: 0,
                 },
             ]),
+            // Over the 100 fixed-rate requests.
+            latency_switches: Some(vec![
+                Switches {
+                    voluntary: 100,
+                    involuntary: 1,
+                },
+                Switches {
+                    voluntary: 200,
+                    involuntary: 0,
+                },
+            ]),
             keepalive_switches: Some(vec![
                 Switches {
                     voluntary: 2_000,
@@ -1114,6 +1138,8 @@ mod tests {
         assert_eq!(f.cpu_seconds_per_gb_by_side, [1.0 / 6.0, 2.0 / 6.0]);
         assert_eq!(f.bulk_1_stream_sleeps_per_mb, [2.5, 0.5]);
         assert_eq!(f.bulk_1_stream_preempted_per_mb, [0.1, 0.0]);
+        assert_eq!(f.latency_sleeps_per_request, [1.0, 2.0]);
+        assert_eq!(f.latency_preempted_per_request, [0.01, 0.0]);
         assert_eq!(f.keepalive_sleeps_per_request, [0.5, 1.25]);
         assert_eq!(f.keepalive_preempted_per_request, [0.25, 0.0]);
         // 100 requests: the p99 is the 99th fastest, one of the 100 us.

@@ -451,6 +451,12 @@ pub fn table(results: &Results) -> String {
     row("  CPU us a request (c / s)", &|c, _| {
         per_side(&c.latency_cpu_us_per_request, 0)
     });
+    row("  sleeps a request (c / s)", &|c, _| {
+        per_side(&c.latency_sleeps_per_request, 2)
+    });
+    row("  preempted a request (c / s)", &|c, _| {
+        per_side(&c.latency_preempted_per_request, 2)
+    });
     row("  fell behind the rate", &|c, _| {
         fmt_opt(queued_share(c), |x| format!("{:.1} %", x * 100.0))
     });
@@ -1007,45 +1013,51 @@ mod tests {
         assert!(fixed.get("worst_round").is_none(), "{fixed}");
     }
 
-    /// How often each proxy slept and was preempted a MB of one-stream
-    /// bulk data and a keep-alive request are rows under those scenarios,
-    /// and each proxy's CPU a GB a row under both's, client side first.
+    /// How often each proxy slept and was preempted, a MB of one-stream
+    /// bulk data and a request at the fixed rate and in the keep-alive
+    /// loop, are rows under those scenarios, and each proxy's CPU a GB a
+    /// row under both's, client side first.
     #[test]
-    fn the_bulk_and_keepalive_rows_say_how_often_each_proxy_slept() {
+    fn each_scenarios_rows_say_how_often_each_proxy_slept() {
         let mut trellis = pair("trellis", 1.2e9, 30_000.0);
         trellis.bulk_1_stream_sleeps_per_mb = vec![2.5, 1.25];
         trellis.bulk_1_stream_preempted_per_mb = vec![0.1, 0.02];
+        trellis.latency_sleeps_per_request = vec![1.5, 2.0];
+        trellis.latency_preempted_per_request = vec![0.04, 0.05];
         trellis.keepalive_sleeps_per_request = vec![0.75, 1.0];
+        trellis.keepalive_preempted_per_request = vec![0.2, 0.3];
         trellis.cpu_seconds_per_gb = Some(1.8);
         trellis.cpu_seconds_per_gb_by_side = vec![1.0, 0.8];
         let run = results(vec![pair("direct", 3e9, 100_000.0), trellis]);
         let table = table(&run);
-        let cells = |label: &str| {
-            let line = table.lines().find(|l| l.starts_with(label));
-            line.map(|l| l[label.len()..].trim().to_string())
+        // Each row with `label`, in the table's order, as its cells.
+        let rows = |label: &str| -> Vec<String> {
+            table
+                .lines()
+                .filter_map(|l| l.strip_prefix(label))
+                .map(|cells| cells.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
         };
-        let sleeps = cells("  sleeps a MB (c / s)").expect(&table);
-        let preempted = cells("  preempted a MB (c / s)").expect(&table);
         // Direct has no proxy, so a dash, then Trellis's two sides.
+        assert_eq!(rows("  sleeps a MB (c / s)"), ["- 2.50 / 1.25"], "{table}");
         assert_eq!(
-            sleeps.split_whitespace().collect::<Vec<_>>(),
-            ["-", "2.50", "/", "1.25"]
+            rows("  preempted a MB (c / s)"),
+            ["- 0.10 / 0.02"],
+            "{table}"
+        );
+        // The fixed rate's, then the keep-alive loop's.
+        assert_eq!(
+            rows("  sleeps a request (c / s)"),
+            ["- 1.50 / 2.00", "- 0.75 / 1.00"],
+            "{table}"
         );
         assert_eq!(
-            preempted.split_whitespace().collect::<Vec<_>>(),
-            ["-", "0.10", "/", "0.02"]
-        );
-        let sleeps = cells("  sleeps a request (c / s)").expect(&table);
-        assert_eq!(
-            sleeps.split_whitespace().collect::<Vec<_>>(),
-            ["-", "0.75", "/", "1.00"]
+            rows("  preempted a request (c / s)"),
+            ["- 0.04 / 0.05", "- 0.20 / 0.30"],
+            "{table}"
         );
         // And what each side spent a GB, under both together.
-        let by_side = cells("  each proxy (c / s)").expect(&table);
-        assert_eq!(
-            by_side.split_whitespace().collect::<Vec<_>>(),
-            ["-", "1.00", "/", "0.80"]
-        );
+        assert_eq!(rows("  each proxy (c / s)"), ["- 1.00 / 0.80"], "{table}");
     }
 
     #[test]
