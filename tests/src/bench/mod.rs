@@ -250,6 +250,11 @@ pub struct RoundFigures {
     pub bulk_1_stream_stolen_ms: Vec<f64>,
     pub latency_stolen_ms: Vec<f64>,
     pub keepalive_stolen_ms: Vec<f64>,
+    /// How often the two proxies together were preempted a request in
+    /// each fixed-rate and keep-alive round (see
+    /// `PairFigures::latency_preempted_per_request`).
+    pub latency_preempted_per_request: Vec<f64>,
+    pub keepalive_preempted_per_request: Vec<f64>,
 }
 
 /// Everything a run measured.
@@ -418,19 +423,25 @@ fn side_switches(pair: &contenders::Pair) -> Option<Vec<Switches>> {
         .collect()
 }
 
-/// Adds each proxy's context switches since `before` to `total`.
+/// Adds each proxy's context switches since `before` to `total`; the
+/// preemptions of both together a request, if `requests` were answered.
 fn add_side_switches(
     pair: &contenders::Pair,
     before: Option<Vec<Switches>>,
     total: &mut Option<Vec<Switches>>,
-) {
+    requests: u64,
+) -> Option<f64> {
     let (Some(before), Some(after)) = (before, side_switches(pair)) else {
-        return;
+        return None;
     };
     let total = total.get_or_insert_with(|| vec![Switches::default(); after.len()]);
+    let mut preempted = 0;
     for ((t, b), a) in total.iter_mut().zip(&before).zip(&after) {
-        t.add(a.since(*b));
+        let round = a.since(*b);
+        preempted += round.involuntary;
+        t.add(round);
     }
+    (requests > 0 && !after.is_empty()).then(|| preempted as f64 / requests as f64)
 }
 
 /// Adds the host's ticks since `before` to `total`, and the CPU they
@@ -730,7 +741,7 @@ async fn run_round(
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.bulk_cpu_seconds);
             if which == 0 {
-                add_side_switches(pair, switches_before, &mut totals.bulk_1_stream_switches);
+                add_side_switches(pair, switches_before, &mut totals.bulk_1_stream_switches, 0);
                 add_host(
                     host_before,
                     &mut totals.bulk_1_stream_host,
@@ -758,7 +769,15 @@ async fn run_round(
             )
             .await?;
             add_side_cpu(pair, cpu_before, &mut totals.latency_cpu_seconds);
-            add_side_switches(pair, switches_before, &mut totals.latency_switches);
+            let requests = l.histogram.len();
+            if let Some(preempted) = add_side_switches(
+                pair,
+                switches_before,
+                &mut totals.latency_switches,
+                requests,
+            ) {
+                f.rounds.latency_preempted_per_request.push(preempted);
+            }
             add_host(
                 host_before,
                 &mut totals.latency_host,
@@ -792,7 +811,14 @@ async fn run_round(
                 }
             };
             add_side_cpu(pair, cpu_before, &mut totals.keepalive_cpu_seconds);
-            add_side_switches(pair, switches_before, &mut totals.keepalive_switches);
+            if let Some(preempted) = add_side_switches(
+                pair,
+                switches_before,
+                &mut totals.keepalive_switches,
+                closed.requests,
+            ) {
+                f.rounds.keepalive_preempted_per_request.push(preempted);
+            }
             add_host(
                 host_before,
                 &mut totals.keepalive_host,
@@ -1057,6 +1083,41 @@ mod tests {
         }
         l.errors = errors;
         l
+    }
+
+    /// A round's context switches are read from every thread of each
+    /// proxy process (here this test's own process stands for one), added
+    /// to the scenario's totals, and given back as the preemptions a
+    /// request of that round; none for a round that answered nothing, or
+    /// for stunnel, whose threads end with their connections.
+    #[tokio::test]
+    async fn a_rounds_switches_are_added_up_and_its_preemptions_given_a_request() {
+        let mut pair = contenders::Pair::direct_to("127.0.0.1:9".parse().unwrap());
+        pair.kind = Kind::Trellis;
+        pair.proxies.push(contenders::ProxyProcess {
+            side: "client",
+            pid: std::process::id(),
+        });
+        let mut total = None;
+        let before = side_switches(&pair);
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let preempted = add_side_switches(&pair, before, &mut total, 1_000);
+        let sides = total.clone().expect("counted");
+        assert_eq!(sides.len(), 1);
+        assert!(sides[0].voluntary >= 5, "{sides:?}");
+        assert_eq!(preempted, Some(sides[0].involuntary as f64 / 1_000.0));
+
+        let before = side_switches(&pair);
+        assert_eq!(add_side_switches(&pair, before, &mut total, 0), None);
+        assert!(total.unwrap()[0].voluntary >= sides[0].voluntary);
+
+        pair.kind = Kind::Stunnel;
+        let mut total = None;
+        let before = side_switches(&pair);
+        assert_eq!(add_side_switches(&pair, before, &mut total, 1_000), None);
+        assert_eq!(total, None);
     }
 
     #[test]

@@ -104,25 +104,35 @@ fn stolen_ms(ms: Option<f64>) -> String {
 /// Trellis's round with the largest p99 (`p99`, round by round), and the
 /// CPU the host stole during it against the least and most it stole in the
 /// other rounds (`stolen`): whether the worst tail came with the host
-/// taking the cores.
-fn worst_round(p99: &[f64], stolen: &[f64]) -> Option<Value> {
+/// taking the cores. When they were counted, the same for how often the
+/// two sidecars were preempted a request (`preempted`): whether it came
+/// with other processes taking their cores.
+fn worst_round(p99: &[f64], stolen: &[f64], preempted: &[f64]) -> Option<Value> {
     if p99.len() < 2 || stolen.len() != p99.len() {
         return None;
     }
     let worst = (0..p99.len()).max_by(|&a, &b| p99[a].total_cmp(&p99[b]))?;
-    let others = stolen
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != worst)
-        .map(|(_, ms)| *ms);
-    let least = others.clone().fold(f64::INFINITY, f64::min);
-    let most = others.fold(f64::NEG_INFINITY, f64::max);
-    Some(json!({
+    // The least and the most of the other rounds' figures.
+    let others = |figures: &[f64]| {
+        let others = figures
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != worst)
+            .map(|(_, x)| *x);
+        let least = others.clone().fold(f64::INFINITY, f64::min);
+        json!([least, others.fold(f64::NEG_INFINITY, f64::max)])
+    };
+    let mut round = json!({
         "round": worst + 1,
         "p99_us": p99[worst],
         "stolen_ms": stolen[worst],
-        "others_stolen_ms": [least, most],
-    }))
+        "others_stolen_ms": others(stolen),
+    });
+    if preempted.len() == p99.len() {
+        round["preempted_per_request"] = json!(preempted[worst]);
+        round["others_preempted_per_request"] = others(preempted);
+    }
+    Some(round)
 }
 
 /// One figure per proxy, client side first, with `decimals` places ("-"
@@ -213,7 +223,8 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
     let tail = |name: String,
                 get: fn(&PairFigures) -> Option<f64>,
                 by_round: fn(&RoundFigures) -> &[f64],
-                stolen: fn(&RoundFigures) -> &[f64]| {
+                stolen: fn(&RoundFigures) -> &[f64],
+                preempted: fn(&RoundFigures) -> &[f64]| {
         let direct = find(results, "direct");
         let added = diff(get(t), direct.and_then(get));
         let added_peers: Vec<(&str, f64)> = peers
@@ -231,7 +242,8 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
                 target["rounds_below_every_peer"] = json!([below.0, below.1]);
             }
         }
-        if let Some(worst) = worst_round(by_round(&t.rounds), stolen(&t.rounds)) {
+        let rounds = &t.rounds;
+        if let Some(worst) = worst_round(by_round(rounds), stolen(rounds), preempted(rounds)) {
             target["worst_round"] = worst;
         }
         target
@@ -268,6 +280,7 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
                 |f| f.latency_p99_us,
                 |r| &r.latency_p99_us,
                 |r| &r.latency_stolen_ms,
+                |r| &r.latency_preempted_per_request,
             ),
         ),
         // The measure issue 7 gives Envoy's tail in ("under wrk -c16").
@@ -276,6 +289,7 @@ fn data_plane_targets(results: &Results, t: &PairFigures) -> Vec<Value> {
             |f| f.keepalive_p99_us,
             |r| &r.keepalive_p99_us,
             |r| &r.keepalive_stolen_ms,
+            |r| &r.keepalive_preempted_per_request,
         ),
         target(
             "new mTLS connections per second to Envoy's",
@@ -680,10 +694,22 @@ pub fn table(results: &Results) -> String {
             t["worst_round"]["others_stolen_ms"][0].as_f64(),
             t["worst_round"]["others_stolen_ms"][1].as_f64(),
         ) {
-            notes.push(format!(
+            let mut note = format!(
                 "worst round {round}: p99 {p99:.0} us, {stolen:.0} ms of CPU stolen by the host \
                  in it, {least:.0} to {most:.0} ms in the others"
-            ));
+            );
+            let worst = &t["worst_round"];
+            if let (Some(preempted), Some(least), Some(most)) = (
+                worst["preempted_per_request"].as_f64(),
+                worst["others_preempted_per_request"][0].as_f64(),
+                worst["others_preempted_per_request"][1].as_f64(),
+            ) {
+                note.push_str(&format!(
+                    ", the sidecars preempted {preempted:.2} times a request in it, {least:.2} \
+                     to {most:.2} in the others"
+                ));
+            }
+            notes.push(note);
         }
         if let Some(behind) = t["fell_behind"].as_array() {
             let names: Vec<&str> = behind.iter().filter_map(Value::as_str).collect();
@@ -935,6 +961,44 @@ mod tests {
         let run = results(vec![with_queue("direct", 0), with_queue("trellis", 10)]);
         let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
         assert!(fixed.get("fell_behind").is_none(), "{fixed}");
+    }
+
+    /// When each round's preemptions were counted, the worst round of a
+    /// tail says how often the sidecars lost their cores a request in it
+    /// and in the other rounds: a slow round with nothing stolen can still
+    /// be one in which other processes took the sidecars' cores.
+    #[test]
+    fn the_worst_round_of_a_tail_says_how_often_the_sidecars_were_preempted() {
+        let mut direct = pair("direct", 1.0, 1.0);
+        direct.latency_p99_us = Some(200.0);
+        direct.rounds.latency_p99_us = vec![200.0, 210.0, 190.0];
+        let mut trellis = pair("trellis", 1.0, 1.0);
+        trellis.latency_p99_us = Some(900.0);
+        trellis.rounds.latency_p99_us = vec![700.0, 4_500.0, 650.0];
+        trellis.rounds.latency_stolen_ms = vec![0.0, 0.0, 30.0];
+        trellis.rounds.latency_preempted_per_request = vec![0.8, 1.9, 0.75];
+        let run = results(vec![direct, trellis]);
+        let fixed = target(&targets(&run), "added p99 at a fixed rate").clone();
+        assert_eq!(
+            fixed["worst_round"],
+            json!({
+                "round": 2,
+                "p99_us": 4_500.0,
+                "stolen_ms": 0.0,
+                "others_stolen_ms": [0.0, 30.0],
+                "preempted_per_request": 1.9,
+                "others_preempted_per_request": [0.75, 0.8],
+            })
+        );
+        let table = table(&run);
+        assert!(
+            table.contains(
+                "worst round 2: p99 4500 us, 0 ms of CPU stolen by the host in it, 0 to 30 ms in \
+                 the others, the sidecars preempted 1.90 times a request in it, 0.75 to 0.80 in \
+                 the others"
+            ),
+            "{table}"
+        );
     }
 
     /// Trellis's worst round of each tail (fixed rate, keep-alive) is
