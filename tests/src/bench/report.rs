@@ -687,18 +687,18 @@ pub fn table(results: &Results) -> String {
         ) {
             notes.push(format!("below every peer in {below} of {rounds} rounds"));
         }
+        let worst = &t["worst_round"];
         if let (Some(round), Some(p99), Some(stolen), Some(least), Some(most)) = (
-            t["worst_round"]["round"].as_u64(),
-            t["worst_round"]["p99_us"].as_f64(),
-            t["worst_round"]["stolen_ms"].as_f64(),
-            t["worst_round"]["others_stolen_ms"][0].as_f64(),
-            t["worst_round"]["others_stolen_ms"][1].as_f64(),
+            worst["round"].as_u64(),
+            worst["p99_us"].as_f64(),
+            worst["stolen_ms"].as_f64(),
+            worst["others_stolen_ms"][0].as_f64(),
+            worst["others_stolen_ms"][1].as_f64(),
         ) {
             let mut note = format!(
                 "worst round {round}: p99 {p99:.0} us, {stolen:.0} ms of CPU stolen by the host \
                  in it, {least:.0} to {most:.0} ms in the others"
             );
-            let worst = &t["worst_round"];
             if let (Some(preempted), Some(least), Some(most)) = (
                 worst["preempted_per_request"].as_f64(),
                 worst["others_preempted_per_request"][0].as_f64(),

@@ -33,9 +33,15 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 /// Resident memory of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_number(&status, "VmRSS")
+}
+
+/// The number of field `name` of a `/proc/.../status` text (the first word
+/// after `name:`, so `VmRSS:   1234 kB` is 1234).
+fn status_number(status: &str, name: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
@@ -85,15 +91,9 @@ pub fn switches(pid: u32) -> Option<Switches> {
 
 /// The context switches of one thread's `status`.
 fn parse_switches(status: &str) -> Option<Switches> {
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-    };
     Some(Switches {
-        voluntary: field("voluntary_ctxt_switches")?,
-        involuntary: field("nonvoluntary_ctxt_switches")?,
+        voluntary: status_number(status, "voluntary_ctxt_switches")?,
+        involuntary: status_number(status, "nonvoluntary_ctxt_switches")?,
     })
 }
 
