@@ -550,8 +550,13 @@ pub fn table(results: &Results) -> String {
         .map_or(24, |widest| (widest + 2).max(24));
     let machine = &results.machine;
     let mut out = format!(
-        "trellis-bench ({:?}) on {} cores ({}; idle cores: {}), {}\n",
-        results.mode, machine.cpus, machine.cpu_model, machine.cpu_idle, results.pinning
+        "trellis-bench ({:?}) on {} cores ({}; idle cores: {}; TCP congestion control: {}), {}\n",
+        results.mode,
+        machine.cpus,
+        machine.cpu_model,
+        machine.cpu_idle,
+        machine.tcp_congestion,
+        results.pinning
     );
     if results.sizes.rounds > 1 && !cols.is_empty() {
         out.push_str(&format!(
@@ -782,6 +787,7 @@ pub fn results(contenders: Vec<PairFigures>) -> Results {
             memory_mib: 0,
             kernel: String::new(),
             cpu_idle: "haltpoll, halts at once (guest_halt_poll_ns 0)".into(),
+            tcp_congestion: "bbr, which paces loopback connections too".into(),
         },
         pinning: String::new(),
         open_files_limit: 0,
@@ -1055,11 +1061,13 @@ mod tests {
             ),
             "{table}"
         );
-        // What an idle core does is said with the machine.
+        // What an idle core does, and whether TCP paces loopback, are said
+        // with the machine.
         assert!(
             table.starts_with(
                 "trellis-bench (Quick) on 2 cores (test; idle cores: haltpoll, halts at once \
-                 (guest_halt_poll_ns 0)),"
+                 (guest_halt_poll_ns 0); TCP congestion control: bbr, which paces loopback \
+                 connections too),"
             ),
             "{table}"
         );

@@ -283,6 +283,11 @@ pub struct Machine {
     /// host) or polls a while first. A woken proxy's wait is part of every
     /// pair's tail.
     pub cpu_idle: String,
+    /// The host's TCP congestion control, which every loopback connection
+    /// of the run (each hop of each pair, and direct's one) uses. BBR
+    /// paces what a connection sends with a timer of its own, loopback
+    /// included, and that costs each sender CPU and bounds its rate.
+    pub tcp_congestion: String,
 }
 
 impl Machine {
@@ -309,12 +314,15 @@ impl Machine {
             read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
             read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
         );
+        let tcp_congestion =
+            describe_congestion(read("/proc/sys/net/ipv4/tcp_congestion_control").as_deref());
         Machine {
             cpus: cpus(),
             cpu_model,
             memory_mib,
             kernel,
             cpu_idle,
+            tcp_congestion,
         }
     }
 }
@@ -329,6 +337,16 @@ fn describe_idle(driver: Option<&str>, halt_poll_ns: Option<&str>) -> String {
             format!("haltpoll, polls up to {ns} ns before it halts (guest_halt_poll_ns)")
         }
         (Some(driver), _) => driver.into(),
+    }
+}
+
+/// The host's default TCP congestion control, and whether it paces
+/// loopback connections.
+fn describe_congestion(name: Option<&str>) -> String {
+    match name.map(str::trim) {
+        None | Some("") => "unknown".into(),
+        Some("bbr") => "bbr, which paces loopback connections too".into(),
+        Some(name) => name.into(),
     }
 }
 
@@ -510,6 +528,18 @@ mod tests {
         assert_eq!(describe_idle(Some("intel_idle\n"), None), "intel_idle");
         assert_eq!(describe_idle(None, None), "unknown");
         assert!(!Machine::describe().cpu_idle.is_empty());
+    }
+
+    #[test]
+    fn says_whether_tcp_paces_loopback_connections() {
+        assert_eq!(
+            describe_congestion(Some("bbr\n")),
+            "bbr, which paces loopback connections too"
+        );
+        assert_eq!(describe_congestion(Some("cubic\n")), "cubic");
+        assert_eq!(describe_congestion(None), "unknown");
+        // Linux always has one.
+        assert_ne!(Machine::describe().tcp_congestion, "unknown");
     }
 
     #[test]
