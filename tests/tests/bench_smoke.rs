@@ -247,8 +247,9 @@ fn a_rate_out_of_range_is_refused_naming_the_option() {
 
 /// `--profile` samples both real Trellis sidecars with `perf record`
 /// through an extra bulk round of the smoke run, and the report names
-/// where their time went: samples, the kernel among the objects, and the
-/// busiest functions. Where perf is missing or may not sample, the run
+/// where their time went: samples, the kernel among the objects, the
+/// busiest functions, and from the call graphs the share TCP spent pacing
+/// (none on a host whose congestion control does not pace). Where perf is missing or may not sample, the run
 /// says why in the JSON, and this test says it skipped.
 #[test]
 fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
@@ -308,10 +309,13 @@ fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
         assert!(objects.contains(&"[kernel.kallsyms]"), "{side}");
         let functions = side["functions"].as_array().unwrap();
         assert!(!functions.is_empty() && functions.len() <= 8, "{side}");
+        let pacing = side["pacing_percent"].as_f64();
+        assert!(pacing.is_some_and(|p| (0.0..=100.0).contains(&p)), "{side}");
     }
     assert!(
-        stdout.contains("where the time goes (perf record -e cpu-clock")
-            && stdout.contains("trellis, bulk 1 stream, server side ("),
+        stdout.contains("where the time goes (perf record -g -e cpu-clock")
+            && stdout.contains("trellis, bulk 1 stream, server side (")
+            && stdout.contains("; TCP pacing "),
         "{stdout}"
     );
 }

@@ -676,6 +676,17 @@ async fn profile_pairs(
             for (proxy, file) in pair.proxies.iter().zip(files) {
                 match perf.report(&file).await {
                     Ok((samples, objects, functions)) => {
+                        let pacing_percent = match perf.pacing(&file).await {
+                            Ok(percent) => Some(percent),
+                            Err(e) => {
+                                failures.push(format!(
+                                    "{name}, {}, {} side, TCP pacing: {e:#}",
+                                    scenario.describe(),
+                                    proxy.side
+                                ));
+                                None
+                            }
+                        };
                         profiles.sides.push(profile::SideProfile {
                             contender: name.clone(),
                             scenario: scenario.describe().into(),
@@ -683,6 +694,7 @@ async fn profile_pairs(
                             samples,
                             objects,
                             functions,
+                            pacing_percent,
                         })
                     }
                     Err(e) => failures.push(format!(

@@ -6,7 +6,9 @@
 //! one-stream bulk scenario and one of the keep-alive scenario. The extra
 //! rounds run after the measured ones, so no figure of the run is taken
 //! with the profiler attached. Each side's samples are summed by object
-//! (the kernel, the proxy's executable, libc) and by function.
+//! (the kernel, the proxy's executable, libc) and by function, and its call
+//! graphs say how many were TCP pacing its connections (see
+//! [`pacing_percent`]).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,9 @@ pub struct SideProfile {
     pub objects: Vec<Share>,
     /// The [`TOP`] functions with the most samples, largest first.
     pub functions: Vec<Share>,
+    /// Share of the samples in TCP's own pacing ([`pacing_percent`]);
+    /// `None` when the call graphs could not be read.
+    pub pacing_percent: Option<f64>,
 }
 
 /// A share of a side's samples.
@@ -105,7 +110,7 @@ impl Perf {
 
     pub fn describe() -> String {
         format!(
-            "perf record -e cpu-clock -F {FREQUENCY}, each proxy (every thread), through one \
+            "perf record -g -e cpu-clock -F {FREQUENCY}, each proxy (every thread), through one \
              extra round of each scenario after the measured ones"
         )
     }
@@ -124,7 +129,7 @@ impl Perf {
         for pid in pids {
             let data = dir.join(format!("perf-{label}-{pid}.data"));
             let child = Command::new(&self.path)
-                .args(["record", "-q", "-e", "cpu-clock", "-F"])
+                .args(["record", "-q", "-g", "-e", "cpu-clock", "-F"])
                 .arg(FREQUENCY.to_string())
                 .arg("-p")
                 .arg(pid.to_string())
@@ -179,9 +184,39 @@ impl Perf {
         ))
     }
 
+    /// The share of the samples in `data` that were TCP pacing a
+    /// connection ([`pacing_percent`]), read from their call graphs.
+    pub async fn pacing(&self, data: &Path) -> anyhow::Result<f64> {
+        let output = Command::new(&self.path)
+            .args(["script", "-F", "ip,sym", "-i"])
+            .arg(data)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running perf script")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "perf script failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        pacing_percent(&String::from_utf8_lossy(&output.stdout))
+            .context("perf script printed no samples")
+    }
+
     async fn report_text(&self, data: &Path, sort: &str) -> anyhow::Result<String> {
         let output = Command::new(&self.path)
-            .args(["report", "--stdio", "--no-children", "-q", "-n", "-t", ";"])
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-q",
+                "-n",
+                "-t",
+                ";",
+                "-g",
+                "none",
+            ])
             .args(["--sort", sort, "-i"])
             .arg(data)
             .stdin(Stdio::null())
@@ -251,6 +286,43 @@ fn parse_report(text: &str) -> Vec<Line> {
         .collect()
 }
 
+/// The share of the samples in a `perf script -F ip,sym` of call graphs
+/// (each sample a run of indented frames, the sampled function first, a
+/// blank line after it) that TCP spent pacing: sampled at
+/// `_raw_spin_unlock_irqrestore` called straight from `tcp_write_xmit`.
+/// That is where `tcp_write_xmit` stops a connection that is ahead of the
+/// pace its congestion control set (BBR paces every connection, loopback
+/// included) and arms the connection's timer, with interrupts off; the
+/// samples that fell meanwhile are counted as interrupts come back on. A
+/// proxy pays it for its own connections and for those its softirqs push
+/// on (a peer's, when an ACK it sends frees the peer's window). `None`
+/// when there is no sample.
+pub fn pacing_percent(script: &str) -> Option<f64> {
+    let (mut samples, mut pacing) = (0u64, 0u64);
+    // How deep in the current sample's frames the line is, and whether its
+    // first frame is where interrupts came back on.
+    let (mut depth, mut unlock) = (0usize, false);
+    for line in script.lines() {
+        // "ffffffff8226e079 _raw_spin_unlock_irqrestore"; "" between samples.
+        let line = line.trim();
+        if line.is_empty() {
+            depth = 0;
+            continue;
+        }
+        let function = line.split_once(' ').map_or(line, |(_, f)| f.trim());
+        depth += 1;
+        match depth {
+            1 => {
+                samples += 1;
+                unlock = function == "_raw_spin_unlock_irqrestore";
+            }
+            2 if unlock && function == "tcp_write_xmit" => pacing += 1,
+            _ => {}
+        }
+    }
+    (samples > 0).then(|| 100.0 * pacing as f64 / samples as f64)
+}
+
 /// An object's name as the table prints it.
 pub fn object_name(object: &str) -> &str {
     match object {
@@ -272,6 +344,37 @@ mod tests {
     const BY_FUNCTION: &str = " 23.81% ; 1360       ;[kernel.kallsyms];[k] finish_task_switch.isra.0\n \
          2.31%  ; 132        ;trellis-proxy    ;[.] trellis_proxy::http::h1::one_request::{{closure}}\n \
          2.14%  ; 122        ;libc.so.6        ;[.] __memmove_avx512_unaligned_erms\n\n";
+
+    /// Real `perf script -F ip,sym` output of a client-side sidecar's call
+    /// graphs under bulk data, frames cut short: TCP pacing the load
+    /// generator's connection in the softirq of the sidecar's read, the
+    /// loopback delivery (with a `tcp_write_xmit` frame put further up), a
+    /// copy in user space, and a sample of one frame.
+    const SCRIPT: &str = "\n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\
+        \tffffffff8208760b tcp_write_xmit\n\
+        \tffffffff82088375 __tcp_push_pending_frames\n\
+        \tffffffff8207eb84 tcp_rcv_established\n\
+        \t          10a974 __libc_recv\n\n\
+        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\
+        \tffffffff8136979d handle_softirqs\n\
+        \tffffffff813691ab do_softirq.part.0\n\
+        \tffffffff8208760b tcp_write_xmit\n\n\
+        \n\t          16db75 __memmove_avx512_unaligned_erms\n\
+        \t    560b97e29e80 [unknown]\n\n\
+        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\n";
+
+    #[test]
+    fn counts_the_samples_tcp_spent_pacing_from_their_call_graphs() {
+        // One of four: the unlock straight under tcp_write_xmit. Not the
+        // one whose tcp_write_xmit is further up, nor a lone unlock.
+        assert_eq!(pacing_percent(SCRIPT), Some(25.0));
+        assert_eq!(
+            pacing_percent(&SCRIPT.replace("tcp_write_xmit", "tcp_sendmsg")),
+            Some(0.0)
+        );
+        assert_eq!(pacing_percent(""), None);
+        assert_eq!(pacing_percent("\n\n"), None);
+    }
 
     #[test]
     fn reads_the_shares_of_each_object_and_function() {

@@ -752,8 +752,12 @@ fn profile_text(profile: &Profiles) -> String {
             .filter(|o| o.percent >= 1.0)
             .map(|o| format!("{} {:.0} %", profile::object_name(&o.name), o.percent))
             .collect();
+        let pacing = side
+            .pacing_percent
+            .map(|p| format!("; TCP pacing {p:.1} %"))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "  {}, {}, {} side ({} samples): {}\n",
+            "  {}, {}, {} side ({} samples): {}{pacing}\n",
             side.contender,
             side.scenario,
             side.side,
@@ -1226,6 +1230,7 @@ mod tests {
                     ),
                     share("one_request", Some("trellis-proxy"), 2.31),
                 ],
+                pacing_percent: Some(14.52),
             }],
             not_taken: Some("bulk 1 stream: perf record failed".into()),
         });
@@ -1234,11 +1239,17 @@ mod tests {
         assert_eq!(
             profile,
             "where the time goes (perf record)\n  \
-             trellis, keep-alive rate, server side (5711 samples): kernel 69 %, trellis-proxy 24 %\n  \
+             trellis, keep-alive rate, server side (5711 samples): kernel 69 %, trellis-proxy 24 %; \
+             TCP pacing 14.5 %\n  \
              \x20  23.8 %  finish_task_switch.isra.0 [kernel]\n  \
              \x20   2.3 %  one_request [trellis-proxy]\n  \
              not profiled: bulk 1 stream: perf record failed\n"
         );
+        // Call graphs that could not be read give no pacing share.
+        if let Some(p) = run.profile.as_mut() {
+            p.sides[0].pacing_percent = None;
+        }
+        assert!(!table(&run).contains("TCP pacing"));
         run.profile = None;
         assert!(!table(&run).contains("where the time goes"));
     }
