@@ -187,45 +187,30 @@ impl Perf {
     /// The share of the samples in `data` that were TCP pacing a
     /// connection ([`pacing_percent`]), read from their call graphs.
     pub async fn pacing(&self, data: &Path) -> anyhow::Result<f64> {
-        let output = Command::new(&self.path)
-            .args(["script", "-F", "ip,sym", "-i"])
-            .arg(data)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .context("running perf script")?;
-        anyhow::ensure!(
-            output.status.success(),
-            "perf script failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        pacing_percent(&String::from_utf8_lossy(&output.stdout))
-            .context("perf script printed no samples")
+        let script = self.read(data, &["script", "-F", "ip,sym"]).await?;
+        pacing_percent(&script).context("perf script printed no samples")
     }
 
     async fn report_text(&self, data: &Path, sort: &str) -> anyhow::Result<String> {
+        let args = ["report", "--stdio", "--no-children", "-q", "-n", "-t", ";"];
+        self.read(data, &[&args[..], &["-g", "none", "--sort", sort]].concat())
+            .await
+    }
+
+    /// What `perf` with `args` (its command first) prints of `data`.
+    async fn read(&self, data: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let command = args.first().copied().unwrap_or_default();
         let output = Command::new(&self.path)
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "-q",
-                "-n",
-                "-t",
-                ";",
-                "-g",
-                "none",
-            ])
-            .args(["--sort", sort, "-i"])
+            .args(args)
+            .arg("-i")
             .arg(data)
             .stdin(Stdio::null())
             .output()
             .await
-            .context("running perf report")?;
+            .with_context(|| format!("running perf {command}"))?;
         anyhow::ensure!(
             output.status.success(),
-            "perf report failed ({}): {}",
+            "perf {command} failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
