@@ -249,8 +249,9 @@ fn a_rate_out_of_range_is_refused_naming_the_option() {
 /// through an extra bulk round of the smoke run, and the report names
 /// where their time went: samples, the kernel among the objects, the
 /// busiest functions, and from the call graphs the share TCP spent pacing
-/// (none on a host whose congestion control does not pace). Where perf is missing or may not sample, the run
-/// says why in the JSON, and this test says it skipped.
+/// (none on a host whose congestion control does not pace). Where perf is
+/// missing or may not sample, the run says why in the JSON, and this test
+/// says it skipped.
 #[test]
 fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
     let dir = tempfile::tempdir().expect("a temporary directory");
