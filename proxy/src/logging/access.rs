@@ -17,11 +17,25 @@
 //! quiet one hands each line over as soon as its request is done. A thread
 //! that has not parked yet (or any thread, without the sidecar's logging
 //! installed) hands each line over at once.
+//!
+//! A thread that stays busy without parking (a runtime thread under load
+//! parks only when it runs out of ready tasks) hands its lines over itself
+//! when they are enough or old enough, but only as it writes its next
+//! line. So that its last lines never wait for a request that may not
+//! come, a sweeper thread takes the lines of any thread that has started
+//! no line for a whole `SWEEP` interval (20 ms). Each thread's buffer is
+//! behind a lock of its own for that: taken twice a line by its thread and
+//! by the sweeper once a look, so it is all but never contended. The
+//! sweeper starts with the first line a thread gathers, looks often only
+//! while lines are held, and sleeps once none are written
+//! (`sweep_forever`).
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Typical line length: one allocation per line, no regrowth.
@@ -31,6 +45,21 @@ const GATHER_BYTES: usize = 16 * 1024;
 /// ...or once the first of them is this old, even if it has not parked:
 /// the writer thread's own interval.
 const GATHER_AGE: Duration = trellis_core::logging::batched::FLUSH_INTERVAL;
+/// How often the sweeper looks at what the threads gathered. (Longer in
+/// this crate's unit tests, so that a test thread that stalls between two
+/// of its lines is not swept under its assertions.)
+#[cfg(not(test))]
+const SWEEP: Duration = GATHER_AGE;
+#[cfg(test)]
+const SWEEP: Duration = Duration::from_secs(2);
+/// How often the sweeper looks while lines are written but none is held
+/// at its looks: threads that park between requests hand their lines over
+/// themselves, and a thread that stops parking has its lines swept within
+/// about this long.
+#[cfg(not(test))]
+const GLANCE: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const GLANCE: Duration = Duration::from_secs(3);
 
 /// Where finished lines go: handed over whole, not copied.
 pub trait Lines: Send + Sync + 'static {
@@ -41,7 +70,8 @@ pub trait Lines: Send + Sync + 'static {
 /// The access log's stream, once the sidecar's logging is installed.
 static OUT: OnceLock<Box<dyn Lines>> = OnceLock::new();
 
-/// Sends every access-log line from now on to `out` (the first call wins).
+/// Sends every access-log line from now on to `out` (the first call
+/// wins).
 pub fn install(out: impl Lines) {
     let _ = OUT.set(Box::new(out));
 }
@@ -54,16 +84,46 @@ struct Gathered {
     since: SystemTime,
     /// How large the last batch was: the next buffer is made that large.
     last: usize,
+    /// Lines started and not yet written or dropped: while any is, the
+    /// buffer is the line's.
+    writing: usize,
+    /// Lines ever started on the thread, and as many as the sweeper saw at
+    /// its last look: the thread has started none since if they are equal.
+    started: u64,
+    swept: u64,
 }
 
+impl Default for Gathered {
+    fn default() -> Self {
+        Gathered {
+            bytes: Vec::new(),
+            lines: 0,
+            since: UNIX_EPOCH,
+            last: 0,
+            writing: 0,
+            started: 0,
+            swept: 0,
+        }
+    }
+}
+
+/// A thread's gathered lines, shared with the sweeper.
+type Shelf = Mutex<Gathered>;
+
 thread_local! {
-    /// This thread's gathered lines; `None` until it first parks.
-    static GATHERED: RefCell<Option<Gathered>> = const { RefCell::new(None) };
+    /// This thread's gathered lines; unset until it first parks.
+    static SHELF: OnceCell<Arc<Shelf>> = const { OnceCell::new() };
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Gathered {
     /// The buffer to write the next line at the end of.
     fn buffer(&mut self, now: SystemTime) -> Vec<u8> {
+        self.started += 1;
+        self.writing += 1;
         if self.lines == 0 {
             self.since = now;
             if self.bytes.capacity() == 0 {
@@ -88,6 +148,7 @@ impl Gathered {
     /// line started while another was being written, the buffer here is
     /// the later one's: both are kept, whole.
     fn restore(&mut self, bytes: Vec<u8>) {
+        self.writing = self.writing.saturating_sub(1);
         if self.bytes.is_empty() {
             self.bytes = bytes;
         } else {
@@ -113,22 +174,133 @@ pub fn hand_over() {
     let Some(out) = OUT.get() else {
         return;
     };
-    let batch = GATHERED.with_borrow_mut(|gathered| match gathered {
-        Some(gathered) if gathered.lines > 0 => Some(gathered.take()),
-        Some(_) => None,
-        None => {
-            *gathered = Some(Gathered {
-                bytes: Vec::new(),
-                lines: 0,
-                since: UNIX_EPOCH,
-                last: 0,
-            });
-            None
+    SHELF.with(|shelf| {
+        let shelf = shelf.get_or_init(|| {
+            let shelf = Arc::new(Shelf::default());
+            lock(&SWEEPER.shelves).push(shelf.clone());
+            shelf
+        });
+        let mut gathered = lock(shelf);
+        if gathered.lines > 0 && gathered.writing == 0 {
+            // Sent under the lock, so the sweeper cannot send later lines
+            // of this thread ahead of these.
+            let (bytes, lines) = gathered.take();
+            out.lines(bytes, lines);
         }
     });
-    if let Some((bytes, lines)) = batch {
-        out.lines(bytes, lines);
+}
+
+/// The sweeper's state: every thread's shelf, and how it waits for its
+/// next look.
+struct Sweeper {
+    shelves: Mutex<Vec<Arc<Shelf>>>,
+    thread: OnceLock<Thread>,
+    /// [`LOOKING`], [`GLANCING`] or [`ASLEEP`].
+    pace: AtomicU8,
+}
+
+/// Lines are held: the next look is after [`SWEEP`].
+const LOOKING: u8 = 0;
+/// None are held, but some were written since the look before: the next
+/// look is after [`GLANCE`].
+const GLANCING: u8 = 1;
+/// None written since the look before: no look until a thread starts
+/// gathering again and wakes the sweeper.
+const ASLEEP: u8 = 2;
+
+static SWEEPER: Sweeper = Sweeper {
+    shelves: Mutex::new(Vec::new()),
+    thread: OnceLock::new(),
+    pace: AtomicU8::new(ASLEEP),
+};
+
+/// The sweeper thread. It looks every [`SWEEP`] while any thread holds
+/// lines, every [`GLANCE`] while lines are written but handed over by
+/// their threads, and sleeps once none has been written since its last
+/// look: a sidecar whose threads park between requests never has it woken
+/// on a request's way, and an idle one never has it woken at all.
+fn sweep_forever() {
+    let _ = SWEEPER.thread.set(std::thread::current());
+    let Some(out) = OUT.get() else {
+        return;
+    };
+    // Started by the first thread to gather a line, which has woken it.
+    let mut pace = ASLEEP;
+    loop {
+        match pace {
+            LOOKING => std::thread::sleep(SWEEP),
+            GLANCING => std::thread::park_timeout(GLANCE),
+            _ => {
+                while SWEEPER.pace.load(Ordering::Acquire) == ASLEEP {
+                    std::thread::park();
+                }
+                // Woken as a thread starts gathering: its lines are looked
+                // at from the next interval on.
+                std::thread::sleep(SWEEP);
+            }
+        }
+        // Said before the shelves are looked at under their locks: a
+        // thread that starts a line after the look, behind the same lock,
+        // sees it and wakes the sweeper.
+        SWEEPER.pace.store(ASLEEP, Ordering::Release);
+        pace = sweep(&**out);
+        if pace != ASLEEP {
+            SWEEPER.pace.store(pace, Ordering::Release);
+        }
     }
+}
+
+/// One look at every shelf: the lines of a thread that has started none
+/// since the last look are handed over. Returns how to wait for the next
+/// look. Shelves of threads that have ended are forgotten once empty.
+fn sweep(out: &dyn Lines) -> u8 {
+    let mut pace = ASLEEP;
+    lock(&SWEEPER.shelves).retain(|shelf| {
+        let mut gathered = lock(shelf);
+        let quiet = gathered.started == gathered.swept;
+        if gathered.lines > 0 && gathered.writing == 0 && quiet {
+            let (bytes, lines) = gathered.take();
+            out.lines(bytes, lines);
+        }
+        gathered.swept = gathered.started;
+        let holds = gathered.lines > 0 || gathered.writing > 0;
+        if holds {
+            pace = LOOKING;
+        } else if !quiet {
+            pace = pace.min(GLANCING);
+        }
+        holds || Arc::strong_count(shelf) > 1
+    });
+    pace
+}
+
+/// Wakes the sweeper if it sleeps, and starts it the first time: a
+/// thread calls this as it starts a line with nothing gathered. (Started
+/// only then, a sidecar that serves no HTTP has no sweeper.)
+fn wake_sweeper() {
+    if SWEEPER.pace.load(Ordering::Relaxed) != ASLEEP
+        || SWEEPER
+            .pace
+            .compare_exchange(ASLEEP, GLANCING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    if let Some(sweeper) = SWEEPER.thread.get() {
+        sweeper.unpark();
+        return;
+    }
+    static START: Once = Once::new();
+    START.call_once(|| {
+        let started = std::thread::Builder::new()
+            .name("access-sweep".into())
+            .spawn(sweep_forever);
+        if let Err(e) = started {
+            // The lines of a thread that never parks then wait for its
+            // next line: late, never lost.
+            tracing::warn!(error = %e, "starting the access log's sweeper thread");
+        }
+    });
 }
 
 /// One line being written, after its `message`.
@@ -145,10 +317,21 @@ impl Line {
     /// A line stamped `now`, with its level, target and message.
     pub fn start(now: SystemTime) -> Line {
         let gathering = OUT.get().and_then(|_| {
-            GATHERED.with_borrow_mut(|g| g.as_mut().map(|gathered| gathered.buffer(now)))
+            SHELF.with(|shelf| {
+                shelf.get().map(|shelf| {
+                    let mut gathered = lock(shelf);
+                    let first = gathered.lines == 0 && gathered.writing == 0;
+                    (gathered.buffer(now), first)
+                })
+            })
         });
         let (mut line, gathered) = match gathering {
-            Some(buf) => (buf, Some(now)),
+            Some((buf, first)) => {
+                if first {
+                    wake_sweeper();
+                }
+                (buf, Some(now))
+            }
             None => (Vec::with_capacity(LINE_CAPACITY), None),
         };
         let start = line.len();
@@ -232,13 +415,16 @@ impl Line {
         line.extend_from_slice(b"}\n");
         let out = OUT.get();
         if let (Some(out), Some(stamped)) = (out, gathered) {
-            let full = GATHERED.with_borrow_mut(|g| match g {
-                Some(gathered) => gathered.put_back(line, stamped),
-                None => Some((line, 1)),
+            SHELF.with(|shelf| {
+                let Some(shelf) = shelf.get() else {
+                    out.lines(line, 1);
+                    return;
+                };
+                let mut gathered = lock(shelf);
+                if let Some((bytes, lines)) = gathered.put_back(line, stamped) {
+                    out.lines(bytes, lines);
+                }
             });
-            if let Some((bytes, lines)) = full {
-                out.lines(bytes, lines);
-            }
             return;
         }
         match out {
@@ -258,9 +444,9 @@ impl Drop for Line {
         if self.gathered.take().is_some() {
             let mut buf = std::mem::take(&mut self.buf);
             buf.truncate(self.start);
-            GATHERED.with_borrow_mut(|g| {
-                if let Some(gathered) = g {
-                    gathered.restore(buf);
+            SHELF.with(|shelf| {
+                if let Some(shelf) = shelf.get() {
+                    lock(shelf).restore(buf);
                 }
             });
         }
@@ -459,6 +645,57 @@ mod tests {
                 "the first line waited long enough"
             );
             assert_eq!(batches("/old-")[0].1, 2);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A runtime thread under load may never park; its last lines must
+    /// not wait for a next one.
+    #[test]
+    fn the_lines_of_a_thread_that_neither_parks_nor_writes_again_are_swept() {
+        recorded();
+        // The sweeper sleeps once it finds nothing gathered: the thread's
+        // first line must wake it.
+        let waiting = std::time::Instant::now();
+        while SWEEPER.pace.load(Ordering::Acquire) != ASLEEP {
+            assert!(
+                waiting.elapsed() < GLANCE + 3 * SWEEP + Duration::from_secs(10),
+                "the sweeper never went to sleep"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::spawn(|| {
+            hand_over();
+            let now = SystemTime::now();
+            request("/busy-a", now);
+            request("/busy-b", now);
+            assert!(batches("/busy-").is_empty(), "gathered at first");
+            // Busy with other work from now on: no line, no park.
+            let started = std::time::Instant::now();
+            while batches("/busy-").is_empty() {
+                assert!(
+                    started.elapsed() < 3 * SWEEP + Duration::from_secs(10),
+                    "the lines stayed with the thread"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                started.elapsed() >= SWEEP / 2,
+                "swept only once the thread had been quiet a while"
+            );
+            // The thread goes on gathering after its lines were swept, and
+            // its next lines come after them.
+            request("/busy-c", now);
+            hand_over();
+            let paths = |names: &[&str]| names.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+            assert_eq!(
+                batches("/busy-"),
+                [
+                    (paths(&["/busy-a", "/busy-b"]), 2),
+                    (paths(&["/busy-c"]), 1)
+                ]
+            );
         })
         .join()
         .unwrap();
