@@ -156,6 +156,11 @@ impl Gathered {
         }
     }
 
+    /// Whether it holds no line, nor one being written.
+    fn is_empty(&self) -> bool {
+        self.lines == 0 && self.writing == 0
+    }
+
     /// Everything gathered, if anything.
     fn take(&mut self) -> (Vec<u8>, usize) {
         self.last = self.bytes.len();
@@ -177,7 +182,14 @@ pub fn hand_over() {
     SHELF.with(|shelf| {
         let shelf = shelf.get_or_init(|| {
             let shelf = Arc::new(Shelf::default());
-            lock(&SWEEPER.shelves).push(shelf.clone());
+            let mut shelves = lock(&SWEEPER.shelves);
+            // The empty shelves of threads that have ended go as a new
+            // one comes (the sweeper forgets them too, but only as it
+            // looks): a blocking thread calls this as it stops, and a
+            // sidecar whose blocking threads come and go while its
+            // sweeper sleeps must not keep a shelf for each.
+            shelves.retain(|kept| Arc::strong_count(kept) > 1 || !lock(kept).is_empty());
+            shelves.push(shelf.clone());
             shelf
         });
         let mut gathered = lock(shelf);
@@ -263,7 +275,7 @@ fn sweep(out: &dyn Lines) -> u8 {
             out.lines(bytes, lines);
         }
         gathered.swept = gathered.started;
-        let holds = gathered.lines > 0 || gathered.writing > 0;
+        let holds = !gathered.is_empty();
         if holds {
             pace = LOOKING;
         } else if !quiet {
@@ -699,6 +711,35 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Blocking threads come and go, and each hands over as it stops.
+    #[test]
+    fn threads_that_have_ended_leave_no_shelf_behind_while_the_sweeper_sleeps() {
+        recorded();
+        let waiting = std::time::Instant::now();
+        while SWEEPER.pace.load(Ordering::Acquire) != ASLEEP {
+            assert!(
+                waiting.elapsed() < GLANCE + 3 * SWEEP + Duration::from_secs(10),
+                "the sweeper never went to sleep"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ended: Vec<_> = (0..20)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    hand_over();
+                    SHELF.with(|shelf| Arc::downgrade(shelf.get().unwrap()))
+                })
+                .join()
+                .unwrap()
+            })
+            .collect();
+        let kept = ended
+            .iter()
+            .filter(|shelf| shelf.upgrade().is_some())
+            .count();
+        assert!(kept <= 1, "{kept} shelves of ended threads kept");
     }
 
     fn parsed(line: Vec<u8>) -> serde_json::Value {
