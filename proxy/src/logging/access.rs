@@ -662,13 +662,8 @@ mod tests {
         .unwrap();
     }
 
-    /// A runtime thread under load may never park; its last lines must
-    /// not wait for a next one.
-    #[test]
-    fn the_lines_of_a_thread_that_neither_parks_nor_writes_again_are_swept() {
-        recorded();
-        // The sweeper sleeps once it finds nothing gathered: the thread's
-        // first line must wake it.
+    /// Waits until the sweeper has found nothing written and sleeps.
+    fn until_the_sweeper_sleeps() {
         let waiting = std::time::Instant::now();
         while SWEEPER.pace.load(Ordering::Acquire) != ASLEEP {
             assert!(
@@ -677,6 +672,16 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A runtime thread under load may never park; its last lines must
+    /// not wait for a next one.
+    #[test]
+    fn the_lines_of_a_thread_that_neither_parks_nor_writes_again_are_swept() {
+        recorded();
+        // The sweeper sleeps once it finds nothing gathered: the thread's
+        // first line must wake it.
+        until_the_sweeper_sleeps();
         std::thread::spawn(|| {
             hand_over();
             let now = SystemTime::now();
@@ -717,14 +722,7 @@ mod tests {
     #[test]
     fn threads_that_have_ended_leave_no_shelf_behind_while_the_sweeper_sleeps() {
         recorded();
-        let waiting = std::time::Instant::now();
-        while SWEEPER.pace.load(Ordering::Acquire) != ASLEEP {
-            assert!(
-                waiting.elapsed() < GLANCE + 3 * SWEEP + Duration::from_secs(10),
-                "the sweeper never went to sleep"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        until_the_sweeper_sleeps();
         let ended: Vec<_> = (0..20)
             .map(|_| {
                 std::thread::spawn(|| {
