@@ -46,7 +46,7 @@ fn free_ports() -> (u16, u16) {
             .map_or(0, |t| t.subsec_nanos());
     let mut held = Vec::new();
     for step in 0..span {
-        let port = low + ((seed.wrapping_add(step)) % span) as u16;
+        let port = low + (seed.wrapping_add(step) % span) as u16;
         // Held until both are found, so the two differ.
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             held.push(listener);

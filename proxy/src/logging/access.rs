@@ -332,7 +332,7 @@ impl Line {
             SHELF.with(|shelf| {
                 shelf.get().map(|shelf| {
                     let mut gathered = lock(shelf);
-                    let first = gathered.lines == 0 && gathered.writing == 0;
+                    let first = gathered.is_empty();
                     (gathered.buffer(now), first)
                 })
             })
