@@ -674,29 +674,16 @@ async fn profile_pairs(
                 }
             };
             for (proxy, file) in pair.proxies.iter().zip(files) {
-                match perf.report(&file).await {
-                    Ok((samples, objects, functions)) => {
-                        let pacing_percent = match perf.pacing(&file).await {
-                            Ok(percent) => Some(percent),
-                            Err(e) => {
-                                failures.push(format!(
-                                    "{name}, {}, {} side, TCP pacing: {e:#}",
-                                    scenario.describe(),
-                                    proxy.side
-                                ));
-                                None
-                            }
-                        };
-                        profiles.sides.push(profile::SideProfile {
-                            contender: name.clone(),
-                            scenario: scenario.describe().into(),
-                            side: proxy.side.into(),
-                            samples,
-                            objects,
-                            functions,
-                            pacing_percent,
-                        })
-                    }
+                match perf.sum(&file).await {
+                    Ok(summed) => profiles.sides.push(profile::SideProfile {
+                        contender: name.clone(),
+                        scenario: scenario.describe().into(),
+                        side: proxy.side.into(),
+                        samples: summed.samples,
+                        objects: summed.objects,
+                        functions: summed.functions,
+                        pacing_percent: Some(summed.pacing_percent),
+                    }),
                     Err(e) => failures.push(format!(
                         "{name}, {}, {} side: {e:#}",
                         scenario.describe(),

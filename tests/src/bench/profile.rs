@@ -8,8 +8,9 @@
 //! with the profiler attached. Each side's samples are summed by object
 //! (the kernel, the proxy's executable, libc) and by function, and its call
 //! graphs say how many were TCP pacing its connections (see
-//! [`pacing_percent`]).
+//! [`sum_samples`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -56,7 +57,7 @@ pub struct SideProfile {
     pub objects: Vec<Share>,
     /// The [`TOP`] functions with the most samples, largest first.
     pub functions: Vec<Share>,
-    /// Share of the samples in TCP's own pacing ([`pacing_percent`]);
+    /// Share of the samples in TCP's own pacing ([`sum_samples`]);
     /// `None` when the call graphs could not be read.
     pub pacing_percent: Option<f64>,
 }
@@ -167,34 +168,11 @@ impl Perf {
         Ok((result?, files))
     }
 
-    /// Sums the samples in `data` by object and by function.
-    pub async fn report(&self, data: &Path) -> anyhow::Result<(u64, Vec<Share>, Vec<Share>)> {
-        let objects = self.report_text(data, "dso").await?;
-        let functions = self.report_text(data, "dso,sym").await?;
-        let objects = parse_report(&objects);
-        let samples = objects.iter().map(|line| line.samples).sum();
-        Ok((
-            samples,
-            objects.into_iter().map(Line::into_share).collect(),
-            parse_report(&functions)
-                .into_iter()
-                .take(TOP)
-                .map(Line::into_share)
-                .collect(),
-        ))
-    }
-
-    /// The share of the samples in `data` that were TCP pacing a
-    /// connection ([`pacing_percent`]), read from their call graphs.
-    pub async fn pacing(&self, data: &Path) -> anyhow::Result<f64> {
-        let script = self.read(data, &["script", "-F", "ip,sym"]).await?;
-        pacing_percent(&script).context("perf script printed no samples")
-    }
-
-    async fn report_text(&self, data: &Path, sort: &str) -> anyhow::Result<String> {
-        let args = ["report", "--stdio", "--no-children", "-q", "-n", "-t", ";"];
-        self.read(data, &[&args[..], &["-g", "none", "--sort", sort]].concat())
-            .await
+    /// Sums the samples in `data` by object and by function, and counts
+    /// those TCP spent pacing, from one reading of its call graphs.
+    pub async fn sum(&self, data: &Path) -> anyhow::Result<Summed> {
+        let script = self.read(data, &["script", "-F", "ip,sym,dso"]).await?;
+        sum_samples(&script).context("perf script printed no samples")
     }
 
     /// What `perf` with `args` (its command first) prints of `data`.
@@ -218,94 +196,118 @@ impl Perf {
     }
 }
 
-/// A line of `perf report -n -t ';'`: share, samples, object and, when
-/// sorted by function too, the function.
+/// A side's samples, summed from its call graphs ([`sum_samples`]).
 #[derive(Debug, PartialEq)]
-struct Line {
-    percent: f64,
-    samples: u64,
-    object: String,
-    function: Option<String>,
+pub struct Summed {
+    pub samples: u64,
+    /// Every object's share, largest first.
+    pub objects: Vec<Share>,
+    /// The [`TOP`] functions' shares, largest first.
+    pub functions: Vec<Share>,
+    /// The share TCP spent pacing a connection.
+    pub pacing_percent: f64,
 }
 
-impl Line {
-    fn into_share(self) -> Share {
-        match self.function {
-            Some(function) => Share {
-                name: function,
-                object: Some(self.object),
-                percent: self.percent,
-            },
-            None => Share {
-                name: self.object,
-                object: None,
-                percent: self.percent,
-            },
-        }
-    }
-}
-
-/// The lines of a `perf report --stdio -q -n -t ';'`, in its order (most
-/// samples first); lines that are not one are skipped.
-fn parse_report(text: &str) -> Vec<Line> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(';').map(str::trim);
-            let percent = fields.next()?.strip_suffix('%')?.parse().ok()?;
-            let samples = fields.next()?.parse().ok()?;
-            let object = fields.next()?.to_string();
-            // "[k] name" in the kernel, "[.] name" in user space.
-            let function = fields.next().map(|f| {
-                f.strip_prefix("[k] ")
-                    .or_else(|| f.strip_prefix("[.] "))
-                    .unwrap_or(f)
-                    .to_string()
-            });
-            Some(Line {
-                percent,
-                samples,
-                object,
-                function,
-            })
-        })
-        .collect()
-}
-
-/// The share of the samples in a `perf script -F ip,sym` of call graphs
-/// (each sample a run of indented frames, the sampled function first, a
-/// blank line after it) that TCP spent pacing: sampled at
-/// `_raw_spin_unlock_irqrestore` called straight from `tcp_write_xmit`.
-/// That is where `tcp_write_xmit` stops a connection that is ahead of the
-/// pace its congestion control set (BBR paces every connection, loopback
-/// included) and arms the connection's timer, with interrupts off; the
-/// samples that fell meanwhile are counted as interrupts come back on. A
-/// proxy pays it for its own connections and for those its softirqs push
-/// on (a peer's, when an ACK it sends frees the peer's window). `None`
-/// when there is no sample.
-pub fn pacing_percent(script: &str) -> Option<f64> {
+/// Sums a `perf script -F ip,sym,dso` of call graphs: each sample a run of
+/// indented frames (`ffffffff8226e079 _raw_spin_unlock_irqrestore
+/// ([kernel.kallsyms])`), the sampled function first, a blank line after
+/// it. A sample counts for its first frame's function and object, as
+/// `perf report --no-children` counts it, and towards TCP's pacing when
+/// it was taken at `_raw_spin_unlock_irqrestore` called straight from
+/// `tcp_write_xmit`. That is where `tcp_write_xmit` stops a connection
+/// that is ahead of the pace its congestion control set (BBR paces every
+/// connection, loopback included) and arms the connection's timer, with
+/// interrupts off; the samples that fell meanwhile are counted as
+/// interrupts come back on. A proxy pays it for its own connections and
+/// for those its softirqs push on (a peer's, when an ACK it sends frees
+/// the peer's window). `None` when there is no sample.
+pub fn sum_samples(script: &str) -> Option<Summed> {
+    let mut objects: HashMap<&str, u64> = HashMap::new();
+    let mut functions: HashMap<(&str, &str), u64> = HashMap::new();
     let (mut samples, mut pacing) = (0u64, 0u64);
     // How deep in the current sample's frames the line is, and whether its
     // first frame is where interrupts came back on.
     let (mut depth, mut unlock) = (0usize, false);
     for line in script.lines() {
-        // "ffffffff8226e079 _raw_spin_unlock_irqrestore"; "" between samples.
         let line = line.trim();
         if line.is_empty() {
             depth = 0;
             continue;
         }
-        let function = line.split_once(' ').map_or(line, |(_, f)| f.trim());
+        let (function, object) = frame(line);
         depth += 1;
         match depth {
             1 => {
                 samples += 1;
+                *objects.entry(object).or_default() += 1;
+                *functions.entry((object, function)).or_default() += 1;
                 unlock = function == "_raw_spin_unlock_irqrestore";
             }
             2 if unlock && function == "tcp_write_xmit" => pacing += 1,
             _ => {}
         }
     }
-    (samples > 0).then(|| 100.0 * pacing as f64 / samples as f64)
+    if samples == 0 {
+        return None;
+    }
+    let percent = |n: u64| (10_000.0 * n as f64 / samples as f64).round() / 100.0;
+    let objects = largest_first(objects)
+        .map(|(object, n)| Share {
+            name: object.to_string(),
+            object: None,
+            percent: percent(n),
+        })
+        .collect();
+    let functions = largest_first(functions)
+        .take(TOP)
+        .map(|((object, function), n)| Share {
+            name: function.to_string(),
+            object: Some(object.to_string()),
+            percent: percent(n),
+        })
+        .collect();
+    Some(Summed {
+        samples,
+        objects,
+        functions,
+        pacing_percent: 100.0 * pacing as f64 / samples as f64,
+    })
+}
+
+/// The counts of `counted`, most first (ties in the keys' order, so that
+/// a profile reads the same each time it is summed).
+fn largest_first<K: Ord>(counted: HashMap<K, u64>) -> impl Iterator<Item = (K, u64)> {
+    let mut counted: Vec<(K, u64)> = counted.into_iter().collect();
+    counted.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counted.into_iter()
+}
+
+/// A frame's function and object, the object named as `perf report` names
+/// it (`[kernel.kallsyms]`, `libc.so.6`: an executable or a library by its
+/// file name). The object is the line's last bracketed part; a line
+/// without one is counted in `[unknown]`.
+fn frame(line: &str) -> (&str, &str) {
+    // The address first.
+    let rest = line.split_once(' ').map_or("", |(_, rest)| rest.trim());
+    let Some(inner) = rest.strip_suffix(')') else {
+        return (rest, "[unknown]");
+    };
+    // The '(' that opens the object, which may hold brackets of its own
+    // ("memfd:x (deleted)").
+    let mut open = 1usize;
+    for (at, c) in inner.char_indices().rev() {
+        match c {
+            ')' => open += 1,
+            '(' => open -= 1,
+            _ => {}
+        }
+        if open == 0 {
+            let path = &inner[at + 1..];
+            let name = path.rsplit('/').next().unwrap_or(path);
+            return (inner[..at].trim_end(), name);
+        }
+    }
+    (rest, "[unknown]")
 }
 
 /// An object's name as the table prints it.
@@ -320,94 +322,113 @@ pub fn object_name(object: &str) -> &str {
 mod tests {
     use super::*;
 
-    /// Real `perf report` output (a server-side sidecar under keep-alive,
-    /// sorted by object, then by object and function).
-    const BY_OBJECT: &str = " 68.92% ; 3936       ;[kernel.kallsyms]\n \
-                             24.25% ; 1385       ;trellis-proxy    \n \
-                             6.08%  ; 347        ;libc.so.6        \n \
-                             0.75%  ; 43         ;[vdso]           \n\n\n";
-    const BY_FUNCTION: &str = " 23.81% ; 1360       ;[kernel.kallsyms];[k] finish_task_switch.isra.0\n \
-         2.31%  ; 132        ;trellis-proxy    ;[.] trellis_proxy::http::h1::one_request::{{closure}}\n \
-         2.14%  ; 122        ;libc.so.6        ;[.] __memmove_avx512_unaligned_erms\n\n";
+    /// Real `perf script -F ip,sym,dso` output of sidecars' call graphs,
+    /// frames cut short: TCP pacing the load generator's connection in the
+    /// softirq of a sidecar's read; the loopback delivery, with a
+    /// `tcp_write_xmit` frame further up; a sample of one frame; a copy in
+    /// libc twice; the key exchange in the sidecar's executable (a library
+    /// path and an executable path, each named by its file name).
+    const SCRIPT: &str = "\n\tffffffff8226e079 _raw_spin_unlock_irqrestore ([kernel.kallsyms])\n\
+        \tffffffff8208760b tcp_write_xmit ([kernel.kallsyms])\n\
+        \tffffffff82088375 __tcp_push_pending_frames ([kernel.kallsyms])\n\
+        \tffffffff8207eb84 tcp_rcv_established ([kernel.kallsyms])\n\
+        \t          10a974 __libc_recv (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\n\
+        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore ([kernel.kallsyms])\n\
+        \tffffffff8136979d handle_softirqs ([kernel.kallsyms])\n\
+        \tffffffff813691ab do_softirq.part.0 ([kernel.kallsyms])\n\
+        \tffffffff8208760b tcp_write_xmit ([kernel.kallsyms])\n\n\
+        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore ([kernel.kallsyms])\n\n\
+        \n\t          16db75 __memmove_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
+        \t    560b97e29e80 [unknown] ([unknown])\n\n\
+        \n\t          16db75 __memmove_avx512_unaligned_erms (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\n\
+        \n\t         1849556 Lcurve25519_x25519_scalarloop (/usr/local/bin/trellis-proxy)\n\
+        \t         17151f1 aws_lc_0_47_0_X25519 (/usr/local/bin/trellis-proxy)\n\n";
 
-    /// Real `perf script -F ip,sym` output of a client-side sidecar's call
-    /// graphs under bulk data, frames cut short: TCP pacing the load
-    /// generator's connection in the softirq of the sidecar's read, the
-    /// loopback delivery (with a `tcp_write_xmit` frame put further up), a
-    /// copy in user space, and a sample of one frame.
-    const SCRIPT: &str = "\n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\
-        \tffffffff8208760b tcp_write_xmit\n\
-        \tffffffff82088375 __tcp_push_pending_frames\n\
-        \tffffffff8207eb84 tcp_rcv_established\n\
-        \t          10a974 __libc_recv\n\n\
-        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\
-        \tffffffff8136979d handle_softirqs\n\
-        \tffffffff813691ab do_softirq.part.0\n\
-        \tffffffff8208760b tcp_write_xmit\n\n\
-        \n\t          16db75 __memmove_avx512_unaligned_erms\n\
-        \t    560b97e29e80 [unknown]\n\n\
-        \n\tffffffff8226e079 _raw_spin_unlock_irqrestore\n\n";
-
-    #[test]
-    fn counts_the_samples_tcp_spent_pacing_from_their_call_graphs() {
-        // One of four: the unlock straight under tcp_write_xmit. Not the
-        // one whose tcp_write_xmit is further up, nor a lone unlock.
-        assert_eq!(pacing_percent(SCRIPT), Some(25.0));
-        assert_eq!(
-            pacing_percent(&SCRIPT.replace("tcp_write_xmit", "tcp_sendmsg")),
-            Some(0.0)
-        );
-        assert_eq!(pacing_percent(""), None);
-        assert_eq!(pacing_percent("\n\n"), None);
+    fn share(name: &str, object: Option<&str>, percent: f64) -> Share {
+        Share {
+            name: name.into(),
+            object: object.map(Into::into),
+            percent,
+        }
     }
 
     #[test]
-    fn reads_the_shares_of_each_object_and_function() {
-        let objects = parse_report(BY_OBJECT);
-        assert_eq!(objects.len(), 4);
+    fn sums_each_sample_by_its_first_frames_object_and_function() {
+        let summed = sum_samples(SCRIPT).unwrap();
+        assert_eq!(summed.samples, 6);
         assert_eq!(
-            objects[0],
-            Line {
-                percent: 68.92,
-                samples: 3936,
-                object: "[kernel.kallsyms]".into(),
-                function: None,
-            }
-        );
-        assert_eq!(objects.iter().map(|l| l.samples).sum::<u64>(), 5711);
-        assert_eq!(
-            objects.into_iter().nth(1).unwrap().into_share(),
-            Share {
-                name: "trellis-proxy".into(),
-                object: None,
-                percent: 24.25
-            }
-        );
-        let functions: Vec<Share> = parse_report(BY_FUNCTION)
-            .into_iter()
-            .map(Line::into_share)
-            .collect();
-        assert_eq!(
-            functions,
+            summed.objects,
             [
-                Share {
-                    name: "finish_task_switch.isra.0".into(),
-                    object: Some("[kernel.kallsyms]".into()),
-                    percent: 23.81
-                },
-                Share {
-                    name: "trellis_proxy::http::h1::one_request::{{closure}}".into(),
-                    object: Some("trellis-proxy".into()),
-                    percent: 2.31
-                },
-                Share {
-                    name: "__memmove_avx512_unaligned_erms".into(),
-                    object: Some("libc.so.6".into()),
-                    percent: 2.14
-                },
+                share("[kernel.kallsyms]", None, 50.0),
+                share("libc.so.6", None, 33.33),
+                share("trellis-proxy", None, 16.67),
             ]
         );
-        assert!(parse_report("# a comment\nnot a line\n").is_empty());
+        assert_eq!(
+            summed.functions,
+            [
+                share(
+                    "_raw_spin_unlock_irqrestore",
+                    Some("[kernel.kallsyms]"),
+                    50.0
+                ),
+                share("__memmove_avx512_unaligned_erms", Some("libc.so.6"), 33.33),
+                share(
+                    "Lcurve25519_x25519_scalarloop",
+                    Some("trellis-proxy"),
+                    16.67
+                ),
+            ]
+        );
+        assert_eq!(sum_samples(""), None);
+        assert_eq!(sum_samples("\n\n"), None);
+    }
+
+    #[test]
+    fn counts_the_samples_tcp_spent_pacing_from_their_call_graphs() {
+        // One of six: the unlock straight under tcp_write_xmit. Not the
+        // one whose tcp_write_xmit is further up, nor a lone unlock.
+        let percent = |script: &str| sum_samples(script).unwrap().pacing_percent;
+        assert_eq!(percent(SCRIPT), 100.0 / 6.0);
+        assert_eq!(
+            percent(&SCRIPT.replace("tcp_write_xmit", "tcp_sendmsg")),
+            0.0
+        );
+    }
+
+    #[test]
+    fn keeps_the_busiest_functions_largest_first() {
+        // TOP + 2 functions, function i sampled i + 1 times.
+        let script: String = (0..TOP + 2)
+            .flat_map(|i| (0..=i).map(move |_| format!("\n\t1234 f{i} (/bin/app)\n\n")))
+            .collect();
+        let summed = sum_samples(&script).unwrap();
+        let names: Vec<&str> = summed.functions.iter().map(|f| f.name.as_str()).collect();
+        let expected: Vec<String> = (2..TOP + 2).rev().map(|i| format!("f{i}")).collect();
+        assert_eq!(names, expected);
+        assert_eq!(summed.objects, [share("app", None, 100.0)]);
+    }
+
+    #[test]
+    fn names_a_frames_object_by_its_last_bracketed_part() {
+        assert_eq!(
+            frame("ffffffff8208760b tcp_write_xmit ([kernel.kallsyms])"),
+            ("tcp_write_xmit", "[kernel.kallsyms]")
+        );
+        assert_eq!(
+            frame("7f78000001de [unknown] ([unknown])"),
+            ("[unknown]", "[unknown]")
+        );
+        // Brackets in the function and in the object.
+        assert_eq!(
+            frame("1a2b <impl (x)>::f (/memfd:jit (deleted))"),
+            ("<impl (x)>::f", "memfd:jit (deleted)")
+        );
+        assert_eq!(frame("1a2b f"), ("f", "[unknown]"));
+        assert_eq!(
+            frame("1a2b f (unbalanced))"),
+            ("f (unbalanced))", "[unknown]")
+        );
         assert_eq!(object_name("[kernel.kallsyms]"), "kernel");
         assert_eq!(object_name("trellis-proxy"), "trellis-proxy");
     }
