@@ -158,10 +158,8 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
     let cp = ControlPlane::start(&[]);
     let other = ControlPlane::start(&[]);
     let file = |cp: &ControlPlane, name: &str| cp.state_dir.join(name).display().to_string();
-    let stopped = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    // Below the ephemeral range, so no parallel test's socket takes it.
+    let stopped = common::ports::free_addr().to_string();
     // trellisctl's flags: the address, and the credential in a state dir
     // or as three files (bundle, certificate, key).
     let in_dir = |addr: &str, dir: &ControlPlane| {

@@ -25,40 +25,6 @@ const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const WEB_TOKEN: &str = "projected-token-of-shop-web";
 const API_TOKEN: &str = "projected-token-of-shop-api";
 
-/// Two free loopback ports, for replicas that must know each other's
-/// beforehand. They are taken from below the kernel's ephemeral range
-/// (`net.ipv4.ip_local_port_range`): between this check and a replica's
-/// bind, a port of that range can go to a parallel test's outgoing
-/// connection or `:0` listener, and the replica would fail to start with
-/// "address already in use". Below it, only an explicit bind can take one.
-fn free_ports() -> (u16, u16) {
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral.max(10_100));
-    let span = u32::from(high - low);
-    // Where to start looking: another test binary doing the same starts
-    // elsewhere.
-    let seed = std::process::id()
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.subsec_nanos());
-    let mut held = Vec::new();
-    for step in 0..span {
-        let port = low + (seed.wrapping_add(step) % span) as u16;
-        // Held until both are found, so the two differ.
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push(listener);
-            if let [a, b] = &held[..] {
-                let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
-                return (port(a), port(b));
-            }
-        }
-    }
-    panic!("no two free loopback ports between {low} and {high}");
-}
-
 /// A replica named `name` listening on `port`, whose peers are `peers`.
 async fn replica(flags: &[String], name: &str, port: u16, peers: &str) -> ControlPlane {
     let mut flags = flags.to_vec();
@@ -117,7 +83,9 @@ impl Fleet {
             "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
         fake.review(API_TOKEN, api_review);
 
-        let (port_a, port_b) = free_ports();
+        // Told to each other beforehand.
+        let free = common::ports::free_addrs(2);
+        let (port_a, port_b) = (free[0].port(), free[1].port());
         // Both addresses for both, as a headless Service's name resolves to
         // every replica: each leaves its own answer out.
         let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");

@@ -132,10 +132,8 @@ async fn the_cache_never_outlives_the_tokens_expiry() {
 /// one that never answers, and one whose certificate is not from --kube-ca.
 #[tokio::test]
 async fn an_api_server_out_of_reach_is_unavailable() {
-    let gone = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // Below the ephemeral range, so no parallel test's socket takes it.
+    let gone = common::ports::free_addr();
     let api = FakeApi::start(by_token).await;
     let mut unreachable = api.api();
     unreachable.url = format!("https://{gone}").parse().unwrap();

@@ -135,10 +135,10 @@ async fn grpc_health_app() -> u16 {
     port
 }
 
-/// A loopback port nothing listens on.
+/// A loopback port nothing listens on (below the ephemeral range, so no
+/// parallel test's socket takes it).
 fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    common::ports::free_addr().port()
 }
 
 /// `TRELLIS_APP_PROBES` as the injector writes it for `pod`.

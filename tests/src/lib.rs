@@ -33,6 +33,8 @@ pub mod mesh;
 pub mod metrics;
 pub mod patience;
 pub mod ports;
+#[cfg(test)]
+mod ports_tests;
 pub mod probes;
 pub mod process;
 pub mod sidecar;

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod policy;
+#[path = "../../../tests/src/ports.rs"]
+pub mod ports;
 pub mod serving;
 
 use std::io::{BufRead, BufReader};

@@ -202,10 +202,7 @@ pub struct Pair {
 
 pub async fn pair(cp: &FakeControlPlane, app: SocketAddr, server_flags: &[&str]) -> Pair {
     let server = sidecar(cp, app, server_flags).await;
-    let route = {
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        free.local_addr().unwrap()
-    };
+    let route = super::ports::free_addr();
     let flag = format!("{route}={}@{}", server.identity, server.inbound);
     let client = sidecar_as(cp, id("/ns/a/sa/web"), app, &["--route", &flag]).await;
     Pair {

@@ -14,6 +14,8 @@ pub mod injector;
 pub mod machine;
 pub mod netns;
 pub mod openssl;
+#[path = "../../../tests/src/ports.rs"]
+pub mod ports;
 pub mod sidecar;
 
 use std::net::SocketAddr;
