@@ -679,10 +679,7 @@ async fn profile_pairs(
                         contender: name.clone(),
                         scenario: scenario.describe().into(),
                         side: proxy.side.into(),
-                        samples: summed.samples,
-                        objects: summed.objects,
-                        functions: summed.functions,
-                        pacing_percent: Some(summed.pacing_percent),
+                        summed,
                     }),
                     Err(e) => failures.push(format!(
                         "{name}, {}, {} side: {e:#}",

@@ -51,15 +51,9 @@ pub struct SideProfile {
     pub scenario: String,
     /// "client" or "server".
     pub side: String,
-    pub samples: u64,
-    /// Share of the samples in each object (`[kernel.kallsyms]`, the
-    /// proxy's executable, `libc.so.6`, ...), largest first.
-    pub objects: Vec<Share>,
-    /// The [`TOP`] functions with the most samples, largest first.
-    pub functions: Vec<Share>,
-    /// Share of the samples in TCP's own pacing ([`sum_samples`]);
-    /// `None` when the call graphs could not be read.
-    pub pacing_percent: Option<f64>,
+    /// Its samples, summed (in the JSON beside the fields above).
+    #[serde(flatten)]
+    pub summed: Summed,
 }
 
 /// A share of a side's samples.
@@ -197,14 +191,15 @@ impl Perf {
 }
 
 /// A side's samples, summed from its call graphs ([`sum_samples`]).
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Summed {
     pub samples: u64,
-    /// Every object's share, largest first.
+    /// Share of the samples in each object (`[kernel.kallsyms]`, the
+    /// proxy's executable, `libc.so.6`, ...), largest first.
     pub objects: Vec<Share>,
-    /// The [`TOP`] functions' shares, largest first.
+    /// The [`TOP`] functions with the most samples, largest first.
     pub functions: Vec<Share>,
-    /// The share TCP spent pacing a connection.
+    /// Share of the samples in TCP's own pacing.
     pub pacing_percent: f64,
 }
 

@@ -746,25 +746,23 @@ pub fn table(results: &Results) -> String {
 fn profile_text(profile: &Profiles) -> String {
     let mut out = format!("\nwhere the time goes ({})\n", profile.tool);
     for side in &profile.sides {
-        let objects: Vec<String> = side
+        let summed = &side.summed;
+        let objects: Vec<String> = summed
             .objects
             .iter()
             .filter(|o| o.percent >= 1.0)
             .map(|o| format!("{} {:.0} %", profile::object_name(&o.name), o.percent))
             .collect();
-        let pacing = side
-            .pacing_percent
-            .map(|p| format!("; TCP pacing {p:.1} %"))
-            .unwrap_or_default();
         out.push_str(&format!(
-            "  {}, {}, {} side ({} samples): {}{pacing}\n",
+            "  {}, {}, {} side ({} samples): {}; TCP pacing {:.1} %\n",
             side.contender,
             side.scenario,
             side.side,
-            side.samples,
-            objects.join(", ")
+            summed.samples,
+            objects.join(", "),
+            summed.pacing_percent
         ));
-        for f in &side.functions {
+        for f in &summed.functions {
             let object = f.object.as_deref().map_or("", profile::object_name);
             out.push_str(&format!(
                 "    {:>5.1} %  {} [{object}]\n",
@@ -1203,7 +1201,7 @@ mod tests {
     /// anything was not profiled.
     #[test]
     fn the_profile_names_each_sides_objects_and_busiest_functions() {
-        use super::profile::{Share, SideProfile};
+        use super::profile::{Share, SideProfile, Summed};
         let share = |name: &str, object: Option<&str>, percent: f64| Share {
             name: name.into(),
             object: object.map(Into::into),
@@ -1216,21 +1214,23 @@ mod tests {
                 contender: "trellis".into(),
                 scenario: "keep-alive rate".into(),
                 side: "server".into(),
-                samples: 5711,
-                objects: vec![
-                    share("[kernel.kallsyms]", None, 68.92),
-                    share("trellis-proxy", None, 24.25),
-                    share("[vdso]", None, 0.75),
-                ],
-                functions: vec![
-                    share(
-                        "finish_task_switch.isra.0",
-                        Some("[kernel.kallsyms]"),
-                        23.81,
-                    ),
-                    share("one_request", Some("trellis-proxy"), 2.31),
-                ],
-                pacing_percent: Some(14.52),
+                summed: Summed {
+                    samples: 5711,
+                    objects: vec![
+                        share("[kernel.kallsyms]", None, 68.92),
+                        share("trellis-proxy", None, 24.25),
+                        share("[vdso]", None, 0.75),
+                    ],
+                    functions: vec![
+                        share(
+                            "finish_task_switch.isra.0",
+                            Some("[kernel.kallsyms]"),
+                            23.81,
+                        ),
+                        share("one_request", Some("trellis-proxy"), 2.31),
+                    ],
+                    pacing_percent: 14.52,
+                },
             }],
             not_taken: Some("bulk 1 stream: perf record failed".into()),
         });
@@ -1245,11 +1245,6 @@ mod tests {
              \x20   2.3 %  one_request [trellis-proxy]\n  \
              not profiled: bulk 1 stream: perf record failed\n"
         );
-        // Call graphs that could not be read give no pacing share.
-        if let Some(p) = run.profile.as_mut() {
-            p.sides[0].pacing_percent = None;
-        }
-        assert!(!table(&run).contains("TCP pacing"));
         run.profile = None;
         assert!(!table(&run).contains("where the time goes"));
     }
