@@ -5,8 +5,8 @@
 //! discovery, the TokenReview client and the
 //! webhook's certificate and settings, then every port (gRPC, admin, and
 //! the webhook when `--webhook` is given) bound before anything is served;
-//! SIGTERM/SIGINT stops accepting everywhere and drains in-flight RPCs up to
-//! a deadline.
+//! SIGTERM/SIGINT ends the Watch streams first, then stops accepting
+//! everywhere and drains in-flight RPCs up to a deadline.
 //!
 //! Log lines worth asserting on: `trust bundle loaded` (fields `roots`, the
 //! count, and `bundle`, each root's subject and expiry date) once the CA is
@@ -130,6 +130,30 @@ fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunEr
     Ok(())
 }
 
+/// How long a stopping replica waits for its Watch streams to end before
+/// it stops listening all the same.
+pub const STREAMS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Stops in order: the Watch streams first (`streams` turns true), then,
+/// once none is open on `discovery` or after `deadline`, the listeners
+/// (`listeners` turns true). A replica that refuses connections thus holds
+/// no stream, which is what `policy apply --wait` on another replica takes
+/// a refusal to mean: it does not wait for that replica's sidecars, as
+/// they are already reconnecting elsewhere. Returns how many streams were
+/// still open when the listeners stopped.
+async fn stop_in_order(
+    discovery: &Discovery,
+    streams: &watch::Sender<bool>,
+    listeners: &watch::Sender<bool>,
+    deadline: Duration,
+) -> usize {
+    let _ = streams.send(true);
+    let _ = tokio::time::timeout(deadline, discovery.streams_closed()).await;
+    let left = discovery.streams_open();
+    let _ = listeners.send(true);
+    left
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -202,6 +226,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let roots = expiries(ca.bundle());
     metrics.trust_bundle(roots.iter().map(|(_, at)| *at).collect());
     tokio::spawn(report_expiring_roots(roots));
+    // Two steps, in order: the Watch streams end, then the listeners stop.
+    let (streams_tx, streams_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let reviewer = match (&config.kube, config.identity_provider) {
@@ -279,7 +305,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         discovery: discovery.clone(),
         metrics: metrics.clone(),
         cert_ttl: config.cert_ttl,
-        shutdown: shutdown_rx.clone(),
+        shutdown: streams_rx,
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
@@ -322,7 +348,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             drop(inject_tx);
         });
     }
-    tokio::spawn(admin.run(ready.clone(), metrics, discovery, shutdown_rx));
+    tokio::spawn(admin.run(ready.clone(), metrics, discovery.clone(), shutdown_rx));
     tokio::pin!(serve);
     ready.store(true, Ordering::Release);
     tracing::info!(
@@ -340,12 +366,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
     };
+    ready.store(false, Ordering::Release);
     tracing::info!(
         signal,
-        "shutting down: no new connections, draining in-flight calls"
+        watch_streams = discovery.streams_open(),
+        "shutting down: ending the Watch streams, so their sidecars reconnect to another replica"
     );
-    ready.store(false, Ordering::Release);
-    let _ = shutdown_tx.send(true);
+    let stopped = stop_in_order(&discovery, &streams_tx, &shutdown_tx, STREAMS_DEADLINE);
+    tokio::pin!(stopped);
+    // Serving goes on meanwhile: the listener still accepts, and a stream
+    // opened now ends at once.
+    let left = tokio::select! {
+        result = &mut serve => return result.map_err(RunError::from),
+        left = &mut stopped => left,
+    };
+    if left > 0 {
+        tracing::warn!(
+            watch_streams = left,
+            deadline = ?STREAMS_DEADLINE,
+            "Watch streams still open at their deadline; they close with their connections"
+        );
+    }
+    tracing::info!("no new connections, draining in-flight calls");
     match tokio::time::timeout(DRAIN_DEADLINE, &mut serve).await {
         Ok(result) => result?,
         Err(_) => tracing::warn!(
@@ -367,5 +409,85 @@ async fn follow_store(discovery: Arc<Discovery>, mut changes: watch::Receiver<u6
             Ok(Err(e)) => tracing::warn!(error = %e, "could not reload the discovery view"),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_core::SpiffeId;
+
+    fn discovery(tmp: &tempfile::TempDir) -> Arc<Discovery> {
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap())
+    }
+
+    /// The listeners stop only once the last Watch stream has ended: a
+    /// replica that refuses connections holds no stream.
+    #[tokio::test]
+    async fn the_listeners_stop_after_the_last_watch_stream_ends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let discovery = discovery(&tmp);
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
+        let first = discovery.open_stream(&web);
+        let second = discovery.open_stream(&api);
+        assert_eq!(discovery.streams_open(), 2);
+        let (streams_tx, mut streams) = watch::channel(false);
+        let (listeners_tx, listeners) = watch::channel(false);
+
+        let stopped = {
+            let discovery = discovery.clone();
+            tokio::spawn(async move {
+                stop_in_order(
+                    &discovery,
+                    &streams_tx,
+                    &listeners_tx,
+                    Duration::from_secs(3600),
+                )
+                .await
+            })
+        };
+        stopping(&mut streams).await;
+        assert!(!*listeners.borrow(), "listening while two streams end");
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!*listeners.borrow(), "listening while one stream ends");
+        drop(second);
+        assert_eq!(stopped.await.unwrap(), 0, "no stream left open");
+        assert!(*listeners.borrow(), "the listeners stopped");
+    }
+
+    /// A stream that never ends (its sidecar stopped reading) holds the
+    /// listeners only until the deadline, and is counted as left open.
+    #[tokio::test]
+    async fn a_stream_that_never_ends_holds_the_listeners_only_until_the_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let discovery = discovery(&tmp);
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let _stuck = discovery.open_stream(&web);
+        let (streams_tx, streams) = watch::channel(false);
+        let (listeners_tx, listeners) = watch::channel(false);
+        let deadline = Duration::from_millis(50);
+        let left = stop_in_order(&discovery, &streams_tx, &listeners_tx, deadline).await;
+        assert_eq!(left, 1);
+        assert!(*streams.borrow() && *listeners.borrow());
+    }
+
+    /// With no stream open the listeners stop at once, not at the
+    /// deadline (an hour here, which the test would not outlive).
+    #[tokio::test]
+    async fn with_no_stream_open_the_listeners_stop_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let discovery = discovery(&tmp);
+        let (streams_tx, _streams) = watch::channel(false);
+        let (listeners_tx, listeners) = watch::channel(false);
+        let hour = Duration::from_secs(3600);
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(60),
+            stop_in_order(&discovery, &streams_tx, &listeners_tx, hour),
+        );
+        assert_eq!(stopped.await, Ok(0), "stopped without waiting");
+        assert!(*listeners.borrow());
     }
 }

@@ -175,8 +175,11 @@ async fn watch_requires_an_svid_and_a_subscribe_first() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
+/// SIGTERM ends the open Watch streams first, and only then stops
+/// listening: the log names the open streams, closes each, and says the
+/// listener stopped after the last of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_ends_open_watch_streams_and_exits_cleanly() {
+async fn sigterm_ends_open_watch_streams_before_it_stops_listening() {
     let cp = ControlPlane::start(&[]);
     let web = enroll(&cp, WEB, "127.0.0.1:7003").await;
     let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7003").await;
@@ -185,14 +188,44 @@ async fn sigterm_ends_open_watch_streams_and_exits_cleanly() {
         .await
         .unwrap()
         .expect("a first snapshot");
+    let log = cp.log.clone();
     let stopping = tokio::spawn(cp.stop_async());
     match snapshots.message().await {
-        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert_eq!(status.message(), "control plane shutting down");
+        }
         Ok(None) => {}
         Ok(Some(s)) => panic!("unexpected snapshot {s:?} while stopping"),
     }
     drop(tx);
     assert!(stopping.await.unwrap().success(), "SIGTERM exits 0");
+
+    let log = eventually("the log's last line", || {
+        let log = log.lock().unwrap().clone();
+        log.contains("control plane stopped").then_some(log)
+    });
+    let at = |what: &str| {
+        log.lines()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with {what:?} in:\n{log}"))
+    };
+    let told = at("shutting down: ending the Watch streams");
+    assert!(
+        log.lines().nth(told).unwrap().contains("watch_streams=1"),
+        "{log}"
+    );
+    let closed = at("discovery stream closed");
+    assert!(
+        log.lines()
+            .nth(closed)
+            .unwrap()
+            .contains("reason=\"control plane shutting down\""),
+        "{log}"
+    );
+    let listener = at("no new connections");
+    assert!(told < closed && closed < listener, "out of order:\n{log}");
+    assert!(!log.contains("still open at their deadline"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,9 +82,14 @@ impl DiscoveryService {
             };
             tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
+            // Open until the closing line is written: a stopping replica
+            // stops listening once every stream is closed, so the lines
+            // of its streams come before the line that says so.
+            let open = mesh.discovery.open_stream(&id);
             let reason = serve_stream(&mesh, &id, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");
+            drop(open);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -179,7 +184,6 @@ async fn serve_stream(
         accepts_changes: subscribe.accepts_endpoints_version && subscribe.accepts_endpoint_changes,
         ..Held::default()
     };
-    let _open = mesh.discovery.open_stream(id);
     let mut versions = mesh.discovery.subscribe();
     let mut shutdown = mesh.shutdown.clone();
     versions.borrow_and_update();

@@ -452,6 +452,9 @@ pub struct Discovery {
     refreshing: Mutex<u64>,
     version: watch::Sender<u64>,
     sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
+    /// How many Watch streams are open, over every identity: a stopping
+    /// replica waits for none before it stops listening.
+    open_streams: watch::Sender<usize>,
     served: Mutex<Served>,
     changes: Mutex<ChangesTo>,
 }
@@ -588,6 +591,7 @@ impl Discovery {
             view: RwLock::new(Arc::new(view)),
             refreshing: Mutex::new(tokens),
             sidecars: Mutex::new(BTreeMap::new()),
+            open_streams: watch::Sender::new(0),
             served: Mutex::new(served),
             changes: Mutex::default(),
         })
@@ -828,10 +832,23 @@ impl Discovery {
     /// Marks a stream from `id` open until the returned guard is dropped.
     pub fn open_stream(self: &Arc<Self>, id: &SpiffeId) -> StreamGuard {
         self.with_status(id, |s| s.streams += 1);
+        self.open_streams.send_modify(|open| *open += 1);
         StreamGuard {
             discovery: self.clone(),
             id: id.clone(),
         }
+    }
+
+    /// How many Watch streams are open now, over every identity.
+    pub fn streams_open(&self) -> usize {
+        *self.open_streams.borrow()
+    }
+
+    /// Resolves once no Watch stream is open.
+    pub async fn streams_closed(&self) {
+        let mut open = self.open_streams.subscribe();
+        // The sender lives as long as `self`, so the wait cannot fail.
+        let _ = open.wait_for(|open| *open == 0).await;
     }
 
     /// Records that `id` acknowledged `version`: the last acknowledged, not
@@ -920,6 +937,9 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.discovery
             .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
+        self.discovery
+            .open_streams
+            .send_modify(|open| *open = open.saturating_sub(1));
     }
 }
 
