@@ -4,7 +4,8 @@
 //!
 //! - issuance: certificates issued per second over gRPC by 64 concurrent
 //!   clients (join tokens made beforehand in bulk through the Admin API),
-//!   against raw rcgen signing of the same CSRs in this process;
+//!   against raw rcgen signing of the same CSRs in this process, in rounds
+//!   that interleave the two, so a burst of load on the host falls on both;
 //! - propagation and reconnection ([`propagation`]), once per number of
 //!   watchers, each number against a control plane of its own (the first
 //!   shares the one that issued).
@@ -33,6 +34,7 @@ use trellis_proto::identity::v1::identity_client::IdentityClient;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
 
 use super::propagation::{self, WatchFigures};
+use super::system::{HostTicks, host_ticks};
 use crate::binaries::Launcher;
 use crate::mesh::Mesh;
 
@@ -47,6 +49,8 @@ pub(super) const SETUP_CONCURRENCY: usize = 32;
 pub struct ControlSizes {
     pub issuance_certs: usize,
     pub issuance_clients: usize,
+    /// Rounds the certificates are issued in, each followed by raw signing.
+    pub issuance_rounds: usize,
     /// One propagation scenario per entry, in order.
     pub watchers: Vec<usize>,
     pub propagation_rounds: usize,
@@ -67,10 +71,66 @@ pub struct ControlFigures {
     /// connections are open.
     pub issuance_control_plane_cpu_us_per_cert: Option<f64>,
     pub issuance_clients_cpu_us_per_cert: Option<f64>,
+    /// CPU milliseconds the host stole from the machine while issuing and
+    /// while signing raw, over every round.
+    pub issuance_stolen_ms: Option<f64>,
+    pub raw_signing_stolen_ms: Option<f64>,
+    /// Round by round, in the order they ran.
+    pub issuance_by_round: Vec<IssuanceRound>,
     pub propagation_trigger: String,
     /// Per number of watchers, in the order they ran.
     pub watch: Vec<WatchFigures>,
     pub errors: Vec<String>,
+}
+
+/// One round of the issuance scenario: a share of the certificates issued
+/// end to end, then raw signing of the same CSRs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct IssuanceRound {
+    /// Certificates issued end to end, and in how many seconds.
+    pub issued: usize,
+    pub issuing_seconds: f64,
+    /// Certificates signed raw, and in how many seconds.
+    pub signed: usize,
+    pub signing_seconds: f64,
+    pub ratio_to_raw: f64,
+    /// CPU milliseconds the host stole while issuing and while signing.
+    pub issuing_stolen_ms: Option<f64>,
+    pub signing_stolen_ms: Option<f64>,
+}
+
+impl IssuanceRound {
+    pub(super) fn new(
+        issued: usize,
+        issuing_seconds: f64,
+        signed: usize,
+        signing_seconds: f64,
+    ) -> Self {
+        IssuanceRound {
+            issued,
+            issuing_seconds,
+            signed,
+            signing_seconds,
+            ratio_to_raw: (issued as f64 / issuing_seconds) / (signed as f64 / signing_seconds),
+            issuing_stolen_ms: None,
+            signing_stolen_ms: None,
+        }
+    }
+}
+
+/// The rates of every round together: certificates over seconds summed
+/// across rounds (not a mean of the rounds' rates, so a short round counts
+/// for what it issued), end to end and raw, and the ratio of the two.
+pub fn issuance_totals(rounds: &[IssuanceRound]) -> Option<(f64, f64, f64)> {
+    let sum = |f: fn(&IssuanceRound) -> f64| rounds.iter().map(f).sum::<f64>();
+    let issuing = sum(|r| r.issuing_seconds);
+    let signing = sum(|r| r.signing_seconds);
+    if rounds.is_empty() || issuing <= 0.0 || signing <= 0.0 {
+        return None;
+    }
+    let issued = sum(|r| r.issued as f64) / issuing;
+    let signed = sum(|r| r.signed as f64) / signing;
+    Some((issued, signed, issued / signed))
 }
 
 impl ControlFigures {
@@ -264,17 +324,17 @@ pub(super) async fn certify_all(
     Ok(sims.len() as f64 / start.elapsed().as_secs_f64())
 }
 
-/// How long raw signing runs at least: a pass over a few thousand CSRs
-/// takes a fraction of a second on 2 cores, too short for a steady rate
-/// (it swung 17,000-23,000/s between runs), so the CSRs are signed over
-/// again until this much time has passed.
+/// How long raw signing runs at least, over every round: a pass over a
+/// few thousand CSRs takes a fraction of a second on 2 cores, too short
+/// for a steady rate (it swung 17,000-23,000/s between runs), so the CSRs
+/// are signed over again until this much time has passed.
 const RAW_SIGNING_AT_LEAST: Duration = Duration::from_secs(2);
 
 /// Signs the CSRs with rcgen directly (a fresh P-256 CA in this process,
 /// the same certificate profile as an SVID), on every core, each at least
-/// once and for at least [`RAW_SIGNING_AT_LEAST`]; returns certificates per
-/// second.
-fn raw_signing(csrs: Vec<Vec<u8>>) -> anyhow::Result<f64> {
+/// once and for at least `at_least`; returns how many it signed and in
+/// how many seconds.
+fn raw_signing(csrs: Vec<Vec<u8>>, at_least: Duration) -> anyhow::Result<(usize, f64)> {
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -290,7 +350,7 @@ fn raw_signing(csrs: Vec<Vec<u8>>) -> anyhow::Result<f64> {
                 let share = csrs.iter().skip(t).step_by(threads);
                 let mine = share.clone().count();
                 for csr in share.cycle() {
-                    if signed >= mine && start.elapsed() >= RAW_SIGNING_AT_LEAST {
+                    if signed >= mine && start.elapsed() >= at_least {
                         break;
                     }
                     let der = CertificateSigningRequestDer::from(csr.as_slice());
@@ -320,7 +380,7 @@ fn raw_signing(csrs: Vec<Vec<u8>>) -> anyhow::Result<f64> {
             .join()
             .map_err(|_| anyhow::anyhow!("a signing thread panicked"))??;
     }
-    Ok(signed as f64 / start.elapsed().as_secs_f64())
+    Ok((signed, start.elapsed().as_secs_f64()))
 }
 
 /// Runs the control-plane scenarios: issuance, then propagation and
@@ -442,20 +502,78 @@ async fn issuance(
             super::system::cpu_seconds(std::process::id()),
         )
     };
-    let mut before = (None, None);
-    let issued = certify_all(&cp.client, &mut sims, sizes.issuance_clients, || {
-        before = cpu();
-    })
-    .await?;
-    let after = cpu();
-    let per_cert =
-        |b: Option<f64>, a: Option<f64>| Some((a? - b?) * 1e6 / sizes.issuance_certs as f64);
-    figures.issuance_control_plane_cpu_us_per_cert = per_cert(before.0, after.0);
-    figures.issuance_clients_cpu_us_per_cert = per_cert(before.1, after.1);
-    figures.issued_per_second = Some(issued);
-    let csrs = sims.iter().map(|s| s.csr.clone()).collect();
-    let raw = tokio::task::spawn_blocking(move || raw_signing(csrs)).await??;
-    figures.raw_signing_per_second = Some(raw);
-    figures.issuance_ratio_to_raw = Some(issued / raw);
+    let (mut control_plane_cpu, mut clients_cpu) = (Some(0.0), Some(0.0));
+    let mut stolen = (HostTicks::default(), HostTicks::default());
+    let rounds = sizes.issuance_rounds.max(1);
+    let share = sims.len().div_ceil(rounds);
+    let signing_at_least = RAW_SIGNING_AT_LEAST / rounds as u32;
+    for chunk in sims.chunks_mut(share) {
+        let mut before = ((None, None), None);
+        let rate = certify_all(&cp.client, chunk, sizes.issuance_clients, || {
+            before = (cpu(), host_ticks());
+        })
+        .await?;
+        let (after, ticks) = (cpu(), host_ticks());
+        let spent = |b: Option<f64>, a: Option<f64>| Some(a? - b?);
+        control_plane_cpu = control_plane_cpu
+            .zip(spent(before.0.0, after.0))
+            .map(|(t, d)| t + d);
+        clients_cpu = clients_cpu
+            .zip(spent(before.0.1, after.1))
+            .map(|(t, d)| t + d);
+        let issuing_stolen = before.1.zip(ticks).map(|(b, a)| a.since(b));
+
+        let csrs = chunk.iter().map(|s| s.csr.clone()).collect();
+        let signing_from = host_ticks();
+        let (signed, seconds) =
+            tokio::task::spawn_blocking(move || raw_signing(csrs, signing_at_least)).await??;
+        let signing_stolen = signing_from.zip(host_ticks()).map(|(b, a)| a.since(b));
+
+        let mut round = IssuanceRound::new(chunk.len(), chunk.len() as f64 / rate, signed, seconds);
+        round.issuing_stolen_ms = issuing_stolen.map(|t| t.stolen_ms());
+        round.signing_stolen_ms = signing_stolen.map(|t| t.stolen_ms());
+        if let Some(t) = issuing_stolen {
+            stolen.0.add(t);
+        }
+        if let Some(t) = signing_stolen {
+            stolen.1.add(t);
+        }
+        figures.issuance_by_round.push(round);
+    }
+    let per_cert = |total: Option<f64>| Some(total? * 1e6 / sizes.issuance_certs as f64);
+    figures.issuance_control_plane_cpu_us_per_cert = per_cert(control_plane_cpu);
+    figures.issuance_clients_cpu_us_per_cert = per_cert(clients_cpu);
+    let measured = |t: &HostTicks| (t.total > 0).then(|| t.stolen_ms());
+    figures.issuance_stolen_ms = measured(&stolen.0);
+    figures.raw_signing_stolen_ms = measured(&stolen.1);
+    if let Some((issued, raw, ratio)) = issuance_totals(&figures.issuance_by_round) {
+        figures.issued_per_second = Some(issued);
+        figures.raw_signing_per_second = Some(raw);
+        figures.issuance_ratio_to_raw = Some(ratio);
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rates of all rounds are certificates over seconds summed across
+    /// them, not the mean of the rounds' rates: a round that took twice as
+    /// long counts twice as much.
+    #[test]
+    fn issuance_totals_sum_certificates_and_seconds_across_rounds() {
+        let rounds = [
+            // 1,000 issued in 0.5 s (2,000/s), 10,000 signed in 1 s.
+            IssuanceRound::new(1000, 0.5, 10_000, 1.0),
+            // 1,000 issued in 1.5 s, 10,000 signed in 0.5 s.
+            IssuanceRound::new(1000, 1.5, 10_000, 0.5),
+        ];
+        assert_eq!(rounds[0].ratio_to_raw, 0.2);
+        let (issued, raw, ratio) = issuance_totals(&rounds).unwrap();
+        assert_eq!(issued, 1000.0);
+        assert!((raw - 20_000.0 / 1.5).abs() < 1e-9, "{raw}");
+        assert!((ratio - 0.075).abs() < 1e-12, "{ratio}");
+        assert_eq!(issuance_totals(&[]), None);
+    }
 }

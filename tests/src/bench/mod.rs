@@ -101,6 +101,7 @@ impl Mode {
                 control: Some(control::ControlSizes {
                     issuance_certs: 2000,
                     issuance_clients: 64,
+                    issuance_rounds: 2,
                     watchers: vec![1000],
                     propagation_rounds: 3,
                 }),
@@ -120,6 +121,7 @@ impl Mode {
                 control: Some(control::ControlSizes {
                     issuance_certs: 10_000,
                     issuance_clients: 64,
+                    issuance_rounds: 5,
                     watchers: vec![1000, 10_000],
                     propagation_rounds: 10,
                 }),
