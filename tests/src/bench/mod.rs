@@ -617,8 +617,22 @@ async fn measure(
 /// can be read against the peer it is most often compared with.
 const PROFILED: [Kind; 2] = [Kind::Trellis, Kind::Envoy];
 
+/// The scenarios a profile is taken through: one-stream bulk, and
+/// keep-alive and new connections where the mode runs them.
+fn profiled_scenarios(sizes: &Sizes) -> Vec<Scenario> {
+    let mut scenarios = vec![Scenario::Bulk1];
+    if sizes.http_connections > 0 {
+        scenarios.push(Scenario::KeepAlive);
+    }
+    if sizes.connection_seconds > 0.0 {
+        scenarios.push(Scenario::NewConnections);
+    }
+    scenarios
+}
+
 /// Profiles each pair of [`PROFILED`] that ran through one extra round of
-/// the one-stream bulk scenario and one of the keep-alive scenario, after
+/// the one-stream bulk scenario, one of the keep-alive scenario and one of
+/// the new-connection scenario (those the mode runs), after
 /// the measured rounds (see `profile`). What cannot be profiled is said in
 /// `not_taken`.
 async fn profile_pairs(
@@ -647,16 +661,12 @@ async fn profile_pairs(
             return profiles;
         }
     };
-    let scenarios: &[Scenario] = if sizes.http_connections == 0 {
-        &[Scenario::Bulk1]
-    } else {
-        &[Scenario::Bulk1, Scenario::KeepAlive]
-    };
+    let scenarios = profiled_scenarios(sizes);
     let mut failures = Vec::new();
     for c in PROFILED.into_iter().filter_map(running) {
         let (name, pair) = (&c.figures.name, c.pair.as_deref().expect("running"));
         let pids: Vec<u32> = pair.proxies.iter().map(|p| p.pid).collect();
-        for &scenario in scenarios {
+        for &scenario in &scenarios {
             if c.totals.failed.contains(&scenario) {
                 continue;
             }
@@ -991,6 +1001,21 @@ pub fn write_json(results: &Results, path: &std::path::Path) -> anyhow::Result<(
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+
+    /// Every target a run can miss on the data plane has a profile beside
+    /// it: bulk, keep-alive and new connections in the quick and full
+    /// runs; the smoke run, which runs bulk alone, profiles bulk alone.
+    #[test]
+    fn the_profile_covers_bulk_keepalive_and_new_connections_where_the_mode_runs_them() {
+        let all = [
+            Scenario::Bulk1,
+            Scenario::KeepAlive,
+            Scenario::NewConnections,
+        ];
+        assert_eq!(profiled_scenarios(&Mode::Full.sizes()), all);
+        assert_eq!(profiled_scenarios(&Mode::Quick.sizes()), all);
+        assert_eq!(profiled_scenarios(&Mode::Smoke.sizes()), [Scenario::Bulk1]);
+    }
 
     /// A loopback port in front of the app that closes the first `refuse`
     /// connections as they come and relays the others to the app.
