@@ -131,7 +131,8 @@ fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunEr
 }
 
 /// How long a stopping replica waits for its Watch streams to end before
-/// it stops listening all the same.
+/// it stops listening all the same. A stream ends at once, even to a
+/// sidecar that stopped reading; this bounds what nothing else does.
 pub const STREAMS_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Stops in order: the Watch streams first (`streams` turns true), then,

@@ -228,6 +228,59 @@ async fn sigterm_ends_open_watch_streams_before_it_stops_listening() {
     assert!(!log.contains("still open at their deadline"), "{log}");
 }
 
+/// A sidecar that stopped reading its Watch stream does not hold a
+/// stopping control plane: once its flow-control window and the stream's
+/// queue are full, the stream waits on it, and SIGTERM must still end
+/// that stream at once rather than at the 5 s deadline for streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_that_stopped_reading_does_not_hold_the_shutdown() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7004").await;
+    // A client whose window lets 1 KiB of the stream in before it reads.
+    let (addr, tls) = (cp.grpc.clone(), Arc::new(cp.client_config(Some(&web))));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let (addr, tls) = (addr.clone(), tls.clone());
+            async move {
+                let stream = trellis_core::grpc::dial(&addr, tls).await?;
+                std::io::Result::Ok(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(subscribe("127.0.0.1:7004")).await.unwrap();
+    let _never_read = DiscoveryClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch opens")
+        .into_inner();
+    // Each policy selecting web is a snapshot of its own, each larger than
+    // the last: far more than the window and the queue hold.
+    let mut admin = cp.admin_client().await;
+    for i in 0..40 {
+        let policy = policy::allow(&format!("p{i}"), WEB, DB, 8000 + i);
+        policy::apply(&mut admin, &policy, false).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+
+    let log = cp.log.clone();
+    assert!(cp.stop_async().await.success(), "SIGTERM exits 0");
+    let log = eventually("the log's last line", || {
+        let log = log.lock().unwrap().clone();
+        log.contains("control plane stopped").then_some(log)
+    });
+    assert!(
+        log.lines().any(|l| l.contains("discovery stream closed")
+            && l.contains("reason=\"control plane shutting down\"")),
+        "{log}"
+    );
+    assert!(!log.contains("still open at their deadline"), "{log}");
+    drop(tx);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     let cp = ControlPlane::start(&[]);

@@ -249,8 +249,13 @@ async fn serve_stream(
                     endpoints: view.held_endpoints(),
                 });
                 drop(view);
-                if tx.send(Ok(snapshot)).await.is_err() {
-                    return "sidecar went away";
+                // A sidecar that stopped reading holds this send until
+                // its connection fails: a shutdown must not wait for it.
+                tokio::select! {
+                    sent = tx.send(Ok(snapshot)) => if sent.is_err() {
+                        return "sidecar went away";
+                    },
+                    _ = crate::run::stopping(&mut shutdown) => return "control plane shutting down",
                 }
             }
             message = inbound.message() => match message {
@@ -278,7 +283,9 @@ async fn serve_stream(
                 Err(_) => return "stream broken",
             },
             _ = crate::run::stopping(&mut shutdown) => {
-                let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                // Told when there is room; a sidecar that stopped reading
+                // sees its stream end without it.
+                let _ = tx.try_send(Err(Status::unavailable("control plane shutting down")));
                 return "control plane shutting down";
             }
         }
