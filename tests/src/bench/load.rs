@@ -426,6 +426,17 @@ fn parse_wrk(text: &str) -> anyhow::Result<ClosedLoop> {
     })
 }
 
+/// What a run of [`connection_rate`] made.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Connections {
+    /// Connections that answered their request.
+    pub ok: u64,
+    /// Connections that failed or timed out.
+    pub errors: u64,
+    /// `ok` over the run's length.
+    pub per_second: f64,
+}
+
 /// New connections per second: `concurrency` loops each open a connection,
 /// make one request with `Connection: close`, and close it, for `duration`
 /// and at most `max_per_loop` times each. Through a pair every connection
@@ -435,7 +446,7 @@ pub async fn connection_rate(
     concurrency: usize,
     duration: Duration,
     max_per_loop: u64,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<Connections> {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -457,7 +468,11 @@ pub async fn connection_rate(
         ok += o;
         errors += e;
     }
-    Ok((ok as f64 / start.elapsed().as_secs_f64(), errors))
+    Ok(Connections {
+        ok,
+        errors,
+        per_second: ok as f64 / start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Opens `n` connections (at most `concurrency` being set up at once), each

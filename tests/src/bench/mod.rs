@@ -180,6 +180,7 @@ pub struct PairFigures {
     pub keepalive_tool: Option<String>,
     pub new_connections_per_s: Option<f64>,
     pub new_connection_errors: Option<u64>,
+    pub new_connections_stolen_ms: Option<f64>,
     pub cpu_seconds_per_gb: Option<f64>,
     /// The same for each proxy process, client side first: the slower
     /// side of a pipeline is the one that sleeps less.
@@ -191,6 +192,9 @@ pub struct PairFigures {
     /// The same over the keep-alive rounds, where the pair's work per
     /// request decides its rate.
     pub keepalive_cpu_us_per_request: Vec<f64>,
+    /// The same over the new-connection rounds, per connection made: each
+    /// a handshake through the pair.
+    pub new_connection_cpu_us: Vec<f64>,
     /// The share of the host's CPU (all cores, every process and the
     /// kernel) busy during the one-stream bulk rounds, then during the
     /// keep-alive rounds: near 1, the scenario is bound by CPU, and
@@ -252,6 +256,7 @@ pub struct RoundFigures {
     pub bulk_1_stream_stolen_ms: Vec<f64>,
     pub latency_stolen_ms: Vec<f64>,
     pub keepalive_stolen_ms: Vec<f64>,
+    pub new_connections_stolen_ms: Vec<f64>,
     /// How often the two proxies together were preempted a request in
     /// each fixed-rate and keep-alive round (see
     /// `PairFigures::latency_preempted_per_request`).
@@ -489,6 +494,11 @@ struct Totals {
     keepalive_cpu_seconds: Option<Vec<f64>>,
     /// Requests answered in the keep-alive rounds.
     keepalive_requests: u64,
+    /// CPU seconds of each proxy over the new-connection rounds, the
+    /// connections made in them, and the host's ticks over them.
+    connections_cpu_seconds: Option<Vec<f64>>,
+    connections_made: u64,
+    connections_host: HostTicks,
     /// The host's CPU ticks over the one-stream bulk rounds, the
     /// fixed-rate rounds and the keep-alive rounds.
     bulk_1_stream_host: HostTicks,
@@ -840,15 +850,24 @@ async fn run_round(
             f.rounds.keepalive_p99_us.push(closed.p99_us);
         }
         Scenario::NewConnections => {
-            let (rate, errors) = load::connection_rate(
+            let cpu_before = side_cpu(pair);
+            let host_before = system::host_ticks();
+            let made = load::connection_rate(
                 entry,
                 sizes.connection_concurrency,
                 secs(sizes.connection_seconds / rounds),
                 1_000_000,
             )
             .await?;
-            totals.new_connection_errors += errors;
-            f.rounds.new_connections_per_s.push(rate);
+            add_side_cpu(pair, cpu_before, &mut totals.connections_cpu_seconds);
+            add_host(
+                host_before,
+                &mut totals.connections_host,
+                &mut f.rounds.new_connections_stolen_ms,
+            );
+            totals.connections_made += made.ok;
+            totals.new_connection_errors += made.errors;
+            f.rounds.new_connections_per_s.push(made.per_second);
         }
     }
     Ok(())
@@ -922,6 +941,9 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.new_connection_errors = f
             .new_connections_per_s
             .map(|_| totals.new_connection_errors);
+        f.new_connection_cpu_us =
+            per_request(&totals.connections_cpu_seconds, totals.connections_made);
+        f.new_connections_stolen_ms = stolen(&totals.connections_host);
     }
 }
 
@@ -1205,6 +1227,14 @@ mod tests {
                 stolen: 41,
             },
             new_connection_errors: 3,
+            // 9,000 connections made.
+            connections_cpu_seconds: Some(vec![0.9, 0.45]),
+            connections_made: 9_000,
+            connections_host: HostTicks {
+                busy: 180,
+                total: 200,
+                stolen: 2,
+            },
             failed: Vec::new(),
         };
         let mut f = PairFigures::default();
@@ -1245,6 +1275,8 @@ mod tests {
         assert_eq!(f.keepalive_stolen_ms, Some(410.0));
         assert_eq!(f.new_connections_per_s, Some(4_500.0));
         assert_eq!(f.new_connection_errors, Some(3));
+        assert_eq!(whole(&f.new_connection_cpu_us), [100.0, 50.0]);
+        assert_eq!(f.new_connections_stolen_ms, Some(20.0));
     }
 
     #[test]
@@ -1271,5 +1303,7 @@ mod tests {
         // The host's ticks were never read around a round.
         assert_eq!(f.bulk_1_stream_stolen_ms, None);
         assert_eq!(f.new_connections_per_s, None);
+        assert!(f.new_connection_cpu_us.is_empty());
+        assert_eq!(f.new_connections_stolen_ms, None);
     }
 }

@@ -554,6 +554,10 @@ pub fn table(results: &Results) -> String {
     row("  ratio to envoy", &|_, v| {
         fmt_opt(r(v, "new_connections_to_envoy"), |x| format!("{x:.2}"))
     });
+    row("  CPU us a connection (c / s)", &|c, _| {
+        per_side(&c.new_connection_cpu_us, 0)
+    });
+    row(STOLEN, &|c, _| stolen_ms(c.new_connections_stolen_ms));
     row("CPU s per GB (both proxies)", &|c, _| {
         fmt_opt(c.cpu_seconds_per_gb, |x| format!("{x:.2}"))
     });
@@ -1152,6 +1156,7 @@ mod tests {
                 latency_stolen_ms: Some(stolen.iter().sum()),
                 bulk_1_stream_stolen_ms: Some(20.0),
                 keepalive_stolen_ms: Some(0.0),
+                new_connections_stolen_ms: Some(50.0),
                 ..pair(name, 1.0, 1.0)
             };
             f.rounds.latency_p99_us = p99.to_vec();
@@ -1210,8 +1215,12 @@ mod tests {
             .filter(|l| l.starts_with(STOLEN))
             .map(|l| l[STOLEN.len()..].split_whitespace().collect())
             .collect();
-        // Bulk, fixed rate, keep-alive; direct first.
-        assert_eq!(rows, [["20", "20"], ["10", "430"], ["0", "0"]], "{table}");
+        // Bulk, fixed rate, keep-alive, new connections; direct first.
+        assert_eq!(
+            rows,
+            [["20", "20"], ["10", "430"], ["0", "0"], ["50", "50"]],
+            "{table}"
+        );
 
         // Rounds whose stolen CPU was not read: nothing claimed.
         run.contenders[1].rounds.latency_stolen_ms.clear();
