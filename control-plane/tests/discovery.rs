@@ -201,10 +201,7 @@ async fn sigterm_ends_open_watch_streams_before_it_stops_listening() {
     drop(tx);
     assert!(stopping.await.unwrap().success(), "SIGTERM exits 0");
 
-    let log = eventually("the log's last line", || {
-        let log = log.lock().unwrap().clone();
-        log.contains("control plane stopped").then_some(log)
-    });
+    let log = ControlPlane::log_after_exit(&log);
     let at = |what: &str| {
         log.lines()
             .position(|l| l.contains(what))
@@ -268,10 +265,7 @@ async fn a_sidecar_that_stopped_reading_does_not_hold_the_shutdown() {
 
     let log = cp.log.clone();
     assert!(cp.stop_async().await.success(), "SIGTERM exits 0");
-    let log = eventually("the log's last line", || {
-        let log = log.lock().unwrap().clone();
-        log.contains("control plane stopped").then_some(log)
-    });
+    let log = ControlPlane::log_after_exit(&log);
     assert!(
         log.lines().any(|l| l.contains("discovery stream closed")
             && l.contains("reason=\"control plane shutting down\"")),

@@ -422,10 +422,7 @@ async fn a_burst_of_log_lines_is_written_whole_before_exit() {
     let cp = Arc::into_inner(cp).expect("no call holds the control plane");
     let log = cp.log.clone();
     assert!(cp.stop_async().await.success(), "SIGTERM exits 0");
-    let text = eventually("the last line of the log after exit", || {
-        let text = log.lock().unwrap().clone();
-        text.contains("control plane stopped").then_some(text)
-    });
+    let text = ControlPlane::log_after_exit(&log);
     for id in &ids {
         assert!(
             text.lines()

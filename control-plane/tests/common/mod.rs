@@ -212,6 +212,16 @@ impl ControlPlane {
         self.log.lock().unwrap().clone()
     }
 
+    /// The whole log of a control plane that has exited (`log`, taken from
+    /// it before it stopped): its reader may still be catching up, so this
+    /// waits for the last line, `control plane stopped`.
+    pub fn log_after_exit(log: &Mutex<String>) -> String {
+        eventually("the last line of the log after exit", || {
+            let text = log.lock().unwrap().clone();
+            text.contains("control plane stopped").then_some(text)
+        })
+    }
+
     /// Waits until the log holds a line that `matches` and returns it. The
     /// control plane writes its log from a thread of its own, so a line can
     /// land a moment after the answer to the call that logged it.

@@ -281,13 +281,14 @@ pub(super) async fn make_tokens(
 }
 
 /// Certifies every sim with its token, `clients` at a time, each client on
-/// its own connection; returns certificates per second.
+/// its own connection; returns how long that took once the clients were
+/// connected (when `connected` was called).
 pub(super) async fn certify_all(
     client: &Client,
     sims: &mut [Sim],
     clients: usize,
     connected: impl FnOnce(),
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Duration> {
     let mut channels = Vec::with_capacity(clients);
     for _ in 0..clients {
         channels.push(client.channel(None).await?);
@@ -321,7 +322,7 @@ pub(super) async fn certify_all(
             sims[index].chain = chain;
         }
     }
-    Ok(sims.len() as f64 / start.elapsed().as_secs_f64())
+    Ok(start.elapsed())
 }
 
 /// How long raw signing runs at least, over every round: a pass over a
@@ -509,11 +510,12 @@ async fn issuance(
     let signing_at_least = RAW_SIGNING_AT_LEAST / rounds as u32;
     for chunk in sims.chunks_mut(share) {
         let mut before = ((None, None), None);
-        let rate = certify_all(&cp.client, chunk, sizes.issuance_clients, || {
+        let issuing = certify_all(&cp.client, chunk, sizes.issuance_clients, || {
             before = (cpu(), host_ticks());
         })
         .await?;
-        let (after, ticks) = (cpu(), host_ticks());
+        let issuing_stolen = stolen.0.add_since(before.1);
+        let after = cpu();
         let spent = |b: Option<f64>, a: Option<f64>| Some(a? - b?);
         control_plane_cpu = control_plane_cpu
             .zip(spent(before.0.0, after.0))
@@ -521,31 +523,23 @@ async fn issuance(
         clients_cpu = clients_cpu
             .zip(spent(before.0.1, after.1))
             .map(|(t, d)| t + d);
-        let issuing_stolen = before.1.zip(ticks).map(|(b, a)| a.since(b));
 
         let csrs = chunk.iter().map(|s| s.csr.clone()).collect();
         let signing_from = host_ticks();
         let (signed, seconds) =
             tokio::task::spawn_blocking(move || raw_signing(csrs, signing_at_least)).await??;
-        let signing_stolen = signing_from.zip(host_ticks()).map(|(b, a)| a.since(b));
+        let signing_stolen = stolen.1.add_since(signing_from);
 
-        let mut round = IssuanceRound::new(chunk.len(), chunk.len() as f64 / rate, signed, seconds);
-        round.issuing_stolen_ms = issuing_stolen.map(|t| t.stolen_ms());
-        round.signing_stolen_ms = signing_stolen.map(|t| t.stolen_ms());
-        if let Some(t) = issuing_stolen {
-            stolen.0.add(t);
-        }
-        if let Some(t) = signing_stolen {
-            stolen.1.add(t);
-        }
+        let mut round = IssuanceRound::new(chunk.len(), issuing.as_secs_f64(), signed, seconds);
+        round.issuing_stolen_ms = issuing_stolen.map(HostTicks::stolen_ms);
+        round.signing_stolen_ms = signing_stolen.map(HostTicks::stolen_ms);
         figures.issuance_by_round.push(round);
     }
     let per_cert = |total: Option<f64>| Some(total? * 1e6 / sizes.issuance_certs as f64);
     figures.issuance_control_plane_cpu_us_per_cert = per_cert(control_plane_cpu);
     figures.issuance_clients_cpu_us_per_cert = per_cert(clients_cpu);
-    let measured = |t: &HostTicks| (t.total > 0).then(|| t.stolen_ms());
-    figures.issuance_stolen_ms = measured(&stolen.0);
-    figures.raw_signing_stolen_ms = measured(&stolen.1);
+    figures.issuance_stolen_ms = stolen.0.stolen_ms_if_read();
+    figures.raw_signing_stolen_ms = stolen.1.stolen_ms_if_read();
     if let Some((issued, raw, ratio)) = issuance_totals(&figures.issuance_by_round) {
         figures.issued_per_second = Some(issued);
         figures.raw_signing_per_second = Some(raw);

@@ -454,9 +454,7 @@ fn add_side_switches(
 /// Adds the host's ticks since `before` to `total`, and the CPU they
 /// stole to the round-by-round figures `stolen`.
 fn add_host(before: Option<HostTicks>, total: &mut HostTicks, stolen: &mut Vec<f64>) {
-    if let (Some(before), Some(after)) = (before, system::host_ticks()) {
-        let round = after.since(before);
-        total.add(round);
+    if let Some(round) = total.add_since(before) {
         stolen.push(round.stolen_ms());
     }
 }
@@ -880,8 +878,6 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     let ok = |s: Scenario| !totals.failed.contains(&s);
     let rate = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / seconds);
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    // Known once the host's ticks were read around a round.
-    let stolen = |ticks: &HostTicks| (ticks.total > 0).then(|| ticks.stolen_ms());
     let per_request = |cpu: &Option<Vec<f64>>, requests: u64| match cpu {
         Some(cpu) if requests > 0 => cpu.iter().map(|s| s * 1e6 / requests as f64).collect(),
         _ => Vec::new(),
@@ -889,7 +885,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
     if ok(Scenario::Bulk1) {
         f.bulk_1_stream_bytes_per_s = rate(totals.bulk[0]);
         f.bulk_1_stream_host_busy = totals.bulk_1_stream_host.busy_share();
-        f.bulk_1_stream_stolen_ms = stolen(&totals.bulk_1_stream_host);
+        f.bulk_1_stream_stolen_ms = totals.bulk_1_stream_host.stolen_ms_if_read();
         let mb = totals.bulk[0].0 as f64 / 1e6;
         (
             f.bulk_1_stream_sleeps_per_mb,
@@ -916,7 +912,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.latency_requests = Some(l.histogram.len());
         f.latency_errors = Some(l.errors);
         f.latency_queued = Some(l.queued);
-        f.latency_stolen_ms = stolen(&totals.latency_host);
+        f.latency_stolen_ms = totals.latency_host.stolen_ms_if_read();
         f.latency_cpu_us_per_request = per_request(&totals.latency_cpu_seconds, l.histogram.len());
         (
             f.latency_sleeps_per_request,
@@ -930,7 +926,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
         f.keepalive_cpu_us_per_request =
             per_request(&totals.keepalive_cpu_seconds, totals.keepalive_requests);
         f.keepalive_host_busy = totals.keepalive_host.busy_share();
-        f.keepalive_stolen_ms = stolen(&totals.keepalive_host);
+        f.keepalive_stolen_ms = totals.keepalive_host.stolen_ms_if_read();
         (
             f.keepalive_sleeps_per_request,
             f.keepalive_preempted_per_request,
@@ -943,7 +939,7 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
             .map(|_| totals.new_connection_errors);
         f.new_connection_cpu_us =
             per_request(&totals.connections_cpu_seconds, totals.connections_made);
-        f.new_connections_stolen_ms = stolen(&totals.connections_host);
+        f.new_connections_stolen_ms = totals.connections_host.stolen_ms_if_read();
     }
 }
 

@@ -139,6 +139,20 @@ impl HostTicks {
     pub fn stolen_ms(self) -> f64 {
         self.stolen as f64 * 1000.0 / TICKS_PER_SECOND
     }
+
+    /// For a sum of intervals: the CPU time stolen over them, when any
+    /// interval was read.
+    pub fn stolen_ms_if_read(self) -> Option<f64> {
+        (self.total > 0).then(|| self.stolen_ms())
+    }
+
+    /// Adds the interval from `before` to now to this sum of intervals and
+    /// returns it; nothing when either reading could not be taken.
+    pub fn add_since(&mut self, before: Option<HostTicks>) -> Option<HostTicks> {
+        let interval = host_ticks()?.since(before?);
+        self.add(interval);
+        Some(interval)
+    }
 }
 
 /// The host's CPU time so far (see [`HostTicks`]).
