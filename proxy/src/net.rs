@@ -240,13 +240,30 @@ impl Direction {
 /// into the caller's; after one, it reads [`READ_AHEAD`] bytes at a time
 /// and hands them out from its own buffer, kept for the connection's life
 /// like the copy's. Writes go straight through, vectored writes included
-/// (rustls sends several records in one `writev`).
+/// (rustls sends several records in one `writev`), unless the socket was
+/// told to [hold](ReadAhead::hold_after_first_flush) them.
 pub struct ReadAhead<S> {
     io: S,
     buf: Option<Box<[u8]>>,
     /// `buf[pos..end]` is read and not yet handed out.
     pos: usize,
     end: usize,
+    hold: Hold,
+}
+
+/// What a [`ReadAhead`] does with the bytes written to it.
+#[derive(Debug)]
+enum Hold {
+    /// Sent as they are written.
+    Off,
+    /// Sent until the first flush, then held.
+    AfterFirstFlush,
+    /// Kept, and flushes send nothing, until [`ReadAhead::release`]; a
+    /// read sends them first, as the peer may need them to answer.
+    Holding(Vec<u8>),
+    /// Sent first by the next write, flush, shutdown or read, in the same
+    /// system call as the write's own bytes.
+    Released(Vec<u8>),
 }
 
 impl<S> ReadAhead<S> {
@@ -256,21 +273,84 @@ impl<S> ReadAhead<S> {
             buf: None,
             pos: 0,
             end: 0,
+            hold: Hold::Off,
         }
     }
 
     pub fn get_ref(&self) -> &S {
         &self.io
     }
+
+    /// Holds whatever is written after the first flush until
+    /// [`release`](Self::release). A resuming client's first flush is its
+    /// ClientHello and its second its Finished: held, the Finished leaves
+    /// only once the session's peer certificate has been checked, and then
+    /// in one segment with the app's first bytes instead of one each. A
+    /// socket dropped while holding never sends what it held.
+    pub fn hold_after_first_flush(&mut self) {
+        self.hold = Hold::AfterFirstFlush;
+    }
+
+    /// Lets the held bytes go with the next write, flush, shutdown or read.
+    pub fn release(&mut self) {
+        self.hold = match std::mem::replace(&mut self.hold, Hold::Off) {
+            Hold::Holding(held) | Hold::Released(held) if !held.is_empty() => Hold::Released(held),
+            _ => Hold::Off,
+        };
+    }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+impl<S: AsyncWrite + Unpin> ReadAhead<S> {
+    /// Sends the held bytes ahead of `bufs`, in one vectored write while
+    /// both fit; returns how many bytes of `bufs` went out with them. Ends
+    /// the hold once every held byte is out.
+    fn poll_send_held(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let (Hold::Holding(held) | Hold::Released(held)) = &mut self.hold else {
+                return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+            };
+            if held.is_empty() {
+                self.hold = Hold::Off;
+                continue;
+            }
+            let mut slices = Vec::with_capacity(1 + bufs.len());
+            slices.push(io::IoSlice::new(held));
+            slices.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < held.len() {
+                held.drain(..n);
+                continue;
+            }
+            let sent = n - held.len();
+            self.hold = Hold::Off;
+            // Nothing of the caller's went yet: write it as if unheld (an
+            // `Ok(0)` would read as a closed socket).
+            if sent == 0 && bufs.iter().any(|b| !b.is_empty()) {
+                continue;
+            }
+            return Poll::Ready(Ok(sent));
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         dst: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if matches!(this.hold, Hold::Holding(ref held) | Hold::Released(ref held) if !held.is_empty())
+        {
+            ready!(this.poll_send_held(cx, &[]))?;
+        }
         if this.pos == this.end {
             let wanted = dst.remaining();
             match &mut this.buf {
@@ -305,7 +385,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        match &mut this.hold {
+            Hold::Off | Hold::AfterFirstFlush => Pin::new(&mut this.io).poll_write(cx, buf),
+            Hold::Holding(held) => {
+                held.extend_from_slice(buf);
+                Poll::Ready(Ok(buf.len()))
+            }
+            Hold::Released(_) => this.poll_send_held(cx, &[io::IoSlice::new(buf)]),
+        }
     }
 
     fn poll_write_vectored(
@@ -313,7 +401,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        match &mut this.hold {
+            Hold::Off | Hold::AfterFirstFlush => {
+                Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+            }
+            Hold::Holding(held) => {
+                let before = held.len();
+                for buf in bufs {
+                    held.extend_from_slice(buf);
+                }
+                Poll::Ready(Ok(held.len() - before))
+            }
+            Hold::Released(_) => this.poll_send_held(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -321,11 +422,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        match this.hold {
+            Hold::Off => {}
+            Hold::AfterFirstFlush => this.hold = Hold::Holding(Vec::new()),
+            Hold::Holding(_) => return Poll::Ready(Ok(())),
+            Hold::Released(_) => {
+                ready!(this.poll_send_held(cx, &[]))?;
+            }
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
+    /// Held bytes are sent first, released or not: a session shut down in
+    /// order ends as rustls wrote it.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if matches!(this.hold, Hold::Holding(_) | Hold::Released(_)) {
+            ready!(this.poll_send_held(cx, &[]))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -403,6 +519,151 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"done");
         let moved = proxy.await.unwrap().unwrap();
         assert_eq!(moved, (up.len() as u64, 4));
+    }
+
+    /// A socket that records each write call as one entry, takes at most
+    /// `max` bytes a call, and reads `incoming`.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<Vec<u8>>,
+        max: usize,
+        incoming: Vec<u8>,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            dst: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let n = dst.remaining().min(this.incoming.len());
+            dst.put_slice(&this.incoming[..n]);
+            this.incoming.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len().min(this.max);
+            this.calls.push(all[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn recorder(max: usize) -> ReadAhead<Recorder> {
+        ReadAhead::new(Recorder {
+            max,
+            ..Recorder::default()
+        })
+    }
+
+    /// What a resuming dial does: the ClientHello leaves at once, the
+    /// Finished is held, and once released it leaves in the same write as
+    /// the app's first bytes.
+    #[tokio::test]
+    async fn held_bytes_leave_in_one_write_with_the_first_bytes_after_release() {
+        let mut socket = recorder(usize::MAX);
+        socket.hold_after_first_flush();
+        socket.write_all(b"hello").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.write_all(b"finished").await.unwrap();
+        socket.flush().await.unwrap();
+        assert_eq!(
+            socket.io.calls,
+            [b"hello".to_vec()],
+            "the Finished left while held"
+        );
+        socket.release();
+        socket.write_all(b"GET /").await.unwrap();
+        socket.write_all(b" HTTP/1.1").await.unwrap();
+        assert_eq!(
+            socket.io.calls,
+            [
+                b"hello".to_vec(),
+                b"finishedGET /".to_vec(),
+                b" HTTP/1.1".to_vec()
+            ]
+        );
+    }
+
+    /// Released with nothing to send along (a server-first protocol), a
+    /// flush sends the held bytes alone; a socket dropped while holding
+    /// never sends them.
+    #[tokio::test]
+    async fn a_flush_sends_released_bytes_and_a_drop_while_holding_sends_none() {
+        let mut socket = recorder(usize::MAX);
+        socket.hold_after_first_flush();
+        socket.flush().await.unwrap();
+        socket.write_all(b"finished").await.unwrap();
+        socket.release();
+        socket.flush().await.unwrap();
+        assert_eq!(socket.io.calls, [b"finished".to_vec()]);
+
+        let (mut peer, io) = duplex(1024);
+        let mut socket = ReadAhead::new(io);
+        socket.hold_after_first_flush();
+        socket.write_all(b"hello").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.write_all(b"finished").await.unwrap();
+        socket.flush().await.unwrap();
+        drop(socket);
+        let mut received = Vec::new();
+        peer.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, b"hello", "held bytes left a dropped socket");
+    }
+
+    /// A read sends held bytes first (the peer may be waiting for them
+    /// before it answers), and a socket taking a few bytes a call still
+    /// sends every byte once, held ones first.
+    #[tokio::test]
+    async fn a_read_sends_held_bytes_and_short_writes_keep_the_order() {
+        let mut socket = recorder(usize::MAX);
+        socket.io.incoming = b"answer".to_vec();
+        socket.hold_after_first_flush();
+        socket.flush().await.unwrap();
+        socket.write_all(b"second hello").await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = socket.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"answer");
+        assert_eq!(socket.io.calls, [b"second hello".to_vec()]);
+
+        let mut socket = recorder(3);
+        socket.hold_after_first_flush();
+        socket.flush().await.unwrap();
+        socket.write_all(b"finished").await.unwrap();
+        socket.release();
+        socket.write_all(b"first bytes").await.unwrap();
+        socket.flush().await.unwrap();
+        assert_eq!(socket.io.calls.concat(), b"finishedfirst bytes");
+        assert!(socket.io.calls.iter().all(|c| !c.is_empty()));
     }
 
     /// A request-sized exchange holds no read-ahead buffer; bulk data gets

@@ -412,9 +412,10 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
 /// session began, and no verifier looks at it again. A peer whose SVID has
 /// expired since (one the control plane stopped renewing) is not trusted
 /// on the strength of an old ticket: the sidecar checks the resumed
-/// certificate before the app's first bytes leave, drops the peer's
-/// tickets and dials it again with a full handshake, which the expired
-/// certificate fails. Nothing the app sent reaches the peer.
+/// certificate before its Finished and the app's first bytes leave, drops
+/// the peer's tickets and dials it again with a full handshake, which the
+/// expired certificate fails. The peer never finishes that resumed
+/// session, and nothing the app sent reaches it.
 #[tokio::test]
 async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
     let ca = Ca::new();
@@ -466,6 +467,11 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
         handshakes(&client.metrics, "outbound", "resumed", None),
         1,
         "no new session was resumed"
+    );
+    assert_eq!(
+        handshakes(&inbound.metrics, "inbound", "resumed", None),
+        1,
+        "the client's Finished reached the peer with an expired certificate"
     );
     assert_eq!(
         received.borrow().as_slice(),

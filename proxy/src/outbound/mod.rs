@@ -167,7 +167,8 @@ where
         return full().await;
     };
     // The app's first bytes wait until the resumed session's certificate
-    // is checked (below), instead of leaving with the handshake.
+    // is checked (below), and leave with the client's Finished, held until
+    // then (`ReadAhead::hold_after_first_flush`).
     match tls::resuming(handshake(
         &peer.resume,
         remote,
@@ -209,14 +210,18 @@ where
                 });
             match valid {
                 Ok(()) => {
+                    stream.get_mut().0.release();
                     if !first.is_empty() {
                         stream
                             .write_all(first)
                             .await
                             .map_err(DialError::FirstBytes)?;
                     }
+                    stream.flush().await.map_err(DialError::FirstBytes)?;
                     Ok(stream)
                 }
+                // The held Finished never leaves: the peer sees the
+                // handshake end unfinished.
                 Err((e, reason)) => {
                     tracing::debug!(peer = %expected, error = %e, "resumed session's certificate no longer valid; dialling again with a full handshake");
                     shared.metrics.handshake_failure(OUTBOUND, reason);
@@ -237,7 +242,9 @@ where
 /// session has taken it (rustls does so when it writes the ClientHello,
 /// as the session is made): held until the handshake ended, it would
 /// count as reserved beside the ticket already gone, and dials whose
-/// handshakes overlap would find half the tickets held for them.
+/// handshakes overlap would find half the tickets held for them. Its
+/// last flight, the Finished, is held on the socket until the caller
+/// releases it ([`net::ReadAhead::release`]).
 async fn handshake(
     config: &Arc<rustls::ClientConfig>,
     remote: impl tokio::net::ToSocketAddrs,
@@ -250,7 +257,10 @@ async fn handshake(
     let tcp = net::connect_within(remote, connect_timeout)
         .await
         .map_err(DialError::Connect)?;
-    let tcp = net::ReadAhead::new(tcp);
+    let mut tcp = net::ReadAhead::new(tcp);
+    if reserved.is_some() {
+        tcp.hold_after_first_flush();
+    }
     let connector = TlsConnector::from(config.clone());
     // rustls buffers up to 64 KiB of plaintext before the handshake ends
     // (`first` is at most 8 KiB); whatever it did not take is written
@@ -266,6 +276,18 @@ async fn handshake(
         None => connector.connect_with(name.clone(), tcp, queue),
     };
     drop(reserved);
+    // A failed handshake's alert (a resuming dial refusing a full
+    // handshake, say) was held with the rest: it still tells the peer why.
+    let connect = async {
+        match connect.into_fallible().await {
+            Ok(stream) => Ok(stream),
+            Err((e, mut io)) => {
+                io.release();
+                let _ = io.flush().await;
+                Err(e)
+            }
+        }
+    };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(mut stream)) => {
             let rest = &first[queued.get()..];
