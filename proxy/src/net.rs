@@ -261,8 +261,10 @@ enum Hold {
     /// Kept, and flushes send nothing, until [`ReadAhead::release`]; a
     /// read sends them first, as the peer may need them to answer.
     Holding(Vec<u8>),
-    /// Sent first by the next write, flush, shutdown or read, in the same
-    /// system call as the write's own bytes.
+    /// Sent first by the next write, flush or shutdown, in the same system
+    /// call as the write's own bytes, or after a read that finds the peer
+    /// sending: the peer needs nothing held to go on, and one that talks
+    /// without waiting for an answer gets them all the same.
     Released(Vec<u8>),
 }
 
@@ -286,12 +288,15 @@ impl<S> ReadAhead<S> {
     /// ClientHello and its second its Finished: held, the Finished leaves
     /// only once the session's peer certificate has been checked, and then
     /// in one segment with the app's first bytes instead of one each. A
-    /// socket dropped while holding never sends what it held.
+    /// server's first flush is its handshake flight and its second the
+    /// session tickets: held, they leave with its first answer. A socket
+    /// dropped while holding never sends what it held.
     pub fn hold_after_first_flush(&mut self) {
         self.hold = Hold::AfterFirstFlush;
     }
 
-    /// Lets the held bytes go with the next write, flush, shutdown or read.
+    /// Lets the held bytes go with the next write, flush or shutdown, or
+    /// after the next read that finds the peer sending.
     pub fn release(&mut self) {
         self.hold = match std::mem::replace(&mut self.hold, Hold::Off) {
             Hold::Holding(held) | Hold::Released(held) if !held.is_empty() => Hold::Released(held),
@@ -347,10 +352,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadAhead<S> {
         dst: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if matches!(this.hold, Hold::Holding(ref held) | Hold::Released(ref held) if !held.is_empty())
-        {
-            ready!(this.poll_send_held(cx, &[]))?;
+        match &this.hold {
+            Hold::Holding(held) if !held.is_empty() => {
+                ready!(this.poll_send_held(cx, &[]))?;
+            }
+            Hold::Released(_) => {
+                let before = dst.filled().len();
+                ready!(Self::poll_read_ahead(this, cx, dst))?;
+                if dst.filled().len() > before {
+                    // Not sent now (the socket is full): the next write
+                    // sends them, and says why if it cannot.
+                    let _ = this.poll_send_held(cx, &[]);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
+        Self::poll_read_ahead(this, cx, dst)
+    }
+}
+
+impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    fn poll_read_ahead(
+        this: &mut Self,
+        cx: &mut Context<'_>,
+        dst: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if this.pos == this.end {
             let wanted = dst.remaining();
             match &mut this.buf {
@@ -522,7 +549,8 @@ mod tests {
     }
 
     /// A socket that records each write call as one entry, takes at most
-    /// `max` bytes a call, and reads `incoming`.
+    /// `max` bytes a call, and reads `incoming` (nothing waiting while it
+    /// is empty).
     #[derive(Default)]
     struct Recorder {
         calls: Vec<Vec<u8>>,
@@ -537,6 +565,9 @@ mod tests {
             dst: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             let this = self.get_mut();
+            if this.incoming.is_empty() {
+                return Poll::Pending;
+            }
             let n = dst.remaining().min(this.incoming.len());
             dst.put_slice(&this.incoming[..n]);
             this.incoming.drain(..n);
@@ -664,6 +695,54 @@ mod tests {
         socket.flush().await.unwrap();
         assert_eq!(socket.io.calls.concat(), b"finishedfirst bytes");
         assert!(socket.io.calls.iter().all(|c| !c.is_empty()));
+    }
+
+    /// What a server does: its session tickets, written after its
+    /// handshake flight, wait for its first answer; a read that finds
+    /// nothing waiting keeps them, and one that finds the peer sending
+    /// (a caller that talks without waiting for answers) sends them.
+    #[tokio::test]
+    async fn released_bytes_wait_for_an_answer_or_for_the_peer_to_talk() {
+        let mut buf = [0u8; 16];
+        let mut read_once = async |socket: &mut ReadAhead<Recorder>| {
+            let mut dst = ReadBuf::new(&mut buf);
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut *socket).poll_read(cx, &mut dst).is_ready())
+            })
+            .await;
+            polled.then(|| dst.filled().to_vec())
+        };
+        let mut socket = recorder(usize::MAX);
+        socket.hold_after_first_flush();
+        socket.write_all(b"flight").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.write_all(b"tickets").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.release();
+        assert_eq!(read_once(&mut socket).await, None, "nothing to read yet");
+        assert_eq!(
+            socket.io.calls,
+            [b"flight".to_vec()],
+            "a read that found nothing sent them"
+        );
+        socket.write_all(b"answer").await.unwrap();
+        assert_eq!(
+            socket.io.calls,
+            [b"flight".to_vec(), b"ticketsanswer".to_vec()]
+        );
+
+        let mut socket = recorder(usize::MAX);
+        socket.hold_after_first_flush();
+        socket.flush().await.unwrap();
+        socket.write_all(b"tickets").await.unwrap();
+        socket.release();
+        socket.io.incoming = b"more".to_vec();
+        assert_eq!(read_once(&mut socket).await.as_deref(), Some(&b"more"[..]));
+        assert_eq!(
+            socket.io.calls,
+            [b"tickets".to_vec()],
+            "a talking peer waits for them"
+        );
     }
 
     /// A request-sized exchange holds no read-ahead buffer; bulk data gets

@@ -201,7 +201,7 @@ fn not_resumed(m: &Metrics) -> u64 {
 const PING: &[u8] = b"ping\n";
 
 /// A connection through the route; the round trip lets the client read
-/// the tickets the server sent after the handshake.
+/// the tickets the server sent with its answer.
 async fn connection(local: std::net::SocketAddr) {
     let mut tcp = TcpStream::connect(local).await.unwrap();
     assert_eq!(round_trip(&mut tcp, PING).await.unwrap(), PING);
@@ -478,4 +478,57 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
         b"ping\nping\n",
         "the app's bytes reached a peer whose certificate had expired"
     );
+}
+
+/// The peer's socket holds the session tickets for its first answer. A
+/// caller that only sends, to an app that never answers (a log shipper),
+/// still gets them: the peer sends them once it reads more from the
+/// caller, so the caller's next connection resumes while the first is
+/// still open. Held until an answer or a close instead, no connection
+/// here would ever resume.
+#[tokio::test]
+async fn a_caller_that_only_sends_still_gets_tickets() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An app that reads and never answers, counting what it received.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (received_tx, received) = watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let received_tx = received_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    received_tx.send_modify(|r| *r += n);
+                }
+            });
+        }
+    });
+    let ca = Ca::new();
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app, ca.tls_state(&ca.svid(&server), &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
+
+    // Each connection sends two lines, the second once the app has the
+    // first, and stays open; the client may read the tickets a moment
+    // after the peer sends them, so a few connections may begin sessions.
+    let mut open = Vec::new();
+    let mut sent = 0;
+    while handshakes(&client.metrics, "outbound", "resumed", None) == 0 && open.len() < 50 {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        for line in [&b"log line one\n"[..], b"log line two\n"] {
+            tcp.write_all(line).await.unwrap();
+            sent += line.len();
+            received.clone().wait_for(|r| *r == sent).await.unwrap();
+        }
+        open.push(tcp);
+    }
+    assert_eq!(
+        handshakes(&client.metrics, "outbound", "resumed", None),
+        1,
+        "no connection of {} open ones resumed: the tickets never left the peer",
+        open.len()
+    );
+    assert!(open.len() < 50);
 }

@@ -158,7 +158,11 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
                 net::PlaintextAnswered,
             ));
         }
-        let hello = LazyConfigAcceptor::new(Acceptor::default(), net::ReadAhead::new(tcp)).await?;
+        // The session tickets, written after the handshake flight, wait
+        // for the first answer and leave in its segment.
+        let mut tcp = net::ReadAhead::new(tcp);
+        tcp.hold_after_first_flush();
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
         let resuming = offers_x25519_alone(&hello.client_hello());
         // HTTP is settled by ALPN only where it may be served; any other
         // offer (or none) gets the config that settles nothing, so the
@@ -172,13 +176,22 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         } else {
             server
         };
-        hello.into_stream(config.clone()).await.map_err(|e| {
-            if resuming && ended_by_the_caller(&e) {
-                io::Error::other(net::ResumptionRefused)
-            } else {
-                e
+        match hello.into_stream(config.clone()).into_fallible().await {
+            Ok(mut stream) => {
+                stream.get_mut().0.release();
+                Ok(stream)
             }
-        })
+            // The alert telling the caller why was held with the rest.
+            Err((e, mut io)) => {
+                io.release();
+                let _ = io.flush().await;
+                Err(if resuming && ended_by_the_caller(&e) {
+                    io::Error::other(net::ResumptionRefused)
+                } else {
+                    e
+                })
+            }
+        }
     });
     let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => Box::new(stream),
