@@ -408,6 +408,31 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
     }
 }
 
+/// An app that keeps every byte it is sent, on every connection, and
+/// echoes them if `echo` (else it never answers); its address and what it
+/// has received.
+async fn keeping_app(echo: bool) -> (std::net::SocketAddr, watch::Receiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (received_tx, received) = watch::channel(Vec::<u8>::new());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let received_tx = received_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    received_tx.send_modify(|r| r.extend_from_slice(&buf[..n]));
+                    if echo && tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (app, received)
+}
+
 /// A resumed session brings back the peer's certificate as it was when the
 /// session began, and no verifier looks at it again. A peer whose SVID has
 /// expired since (one the control plane stopped renewing) is not trusted
@@ -420,25 +445,7 @@ async fn a_peer_that_refuses_its_old_tickets_gets_a_hybrid_handshake_once() {
 async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
     let ca = Ca::new();
     let server = id("/ns/b/sa/server");
-    // An app that keeps every byte it is sent, and echoes them.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    let (received_tx, received) = watch::channel(Vec::<u8>::new());
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let received_tx = received_tx.clone();
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 1024];
-                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
-                    received_tx.send_modify(|r| r.extend_from_slice(&buf[..n]));
-                    if tcp.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let (app, received) = keeping_app(true).await;
     let (chain, key) = ca.leaf_valid_for(&server, time::Duration::seconds(4));
     let expires = trellis_core::tls::validity_of(&chain[0]).unwrap().1;
     let short_lived = trellis_proxy::identity::Svid::new(&server, chain, key).unwrap();
@@ -488,22 +495,8 @@ async fn a_peer_whose_certificate_expired_is_not_trusted_on_an_old_ticket() {
 /// here would ever resume.
 #[tokio::test]
 async fn a_caller_that_only_sends_still_gets_tickets() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An app that reads and never answers, counting what it received.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    let (received_tx, received) = watch::channel(0usize);
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let received_tx = received_tx.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
-                    received_tx.send_modify(|r| *r += n);
-                }
-            });
-        }
-    });
+    use tokio::io::AsyncWriteExt;
+    let (app, received) = keeping_app(false).await;
     let ca = Ca::new();
     let server = id("/ns/b/sa/server");
     let inbound = inbound(app, ca.tls_state(&ca.svid(&server), &[])).await;
@@ -520,7 +513,11 @@ async fn a_caller_that_only_sends_still_gets_tickets() {
         for line in [&b"log line one\n"[..], b"log line two\n"] {
             tcp.write_all(line).await.unwrap();
             sent += line.len();
-            received.clone().wait_for(|r| *r == sent).await.unwrap();
+            received
+                .clone()
+                .wait_for(|r| r.len() == sent)
+                .await
+                .unwrap();
         }
         open.push(tcp);
     }
