@@ -306,6 +306,15 @@ impl<S> ReadAhead<S> {
 }
 
 impl<S: AsyncWrite + Unpin> ReadAhead<S> {
+    /// After a failed handshake on this socket: sends what it held, the
+    /// alert rustls wrote to tell the peer why among it, and gives back
+    /// `error`.
+    pub async fn fail_handshake(mut self, error: io::Error) -> io::Error {
+        self.release();
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut self).poll_flush(cx)).await;
+        error
+    }
+
     /// Sends the held bytes ahead of `bufs`, in one vectored write while
     /// both fit; returns how many bytes of `bufs` went out with them. Ends
     /// the hold once every held byte is out.
@@ -412,14 +421,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match &mut this.hold {
-            Hold::Off | Hold::AfterFirstFlush => Pin::new(&mut this.io).poll_write(cx, buf),
-            Hold::Holding(held) => {
-                held.extend_from_slice(buf);
-                Poll::Ready(Ok(buf.len()))
+        match self.hold {
+            Hold::Off | Hold::AfterFirstFlush => {
+                Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
             }
-            Hold::Released(_) => this.poll_send_held(cx, &[io::IoSlice::new(buf)]),
+            Hold::Holding(_) | Hold::Released(_) => {
+                self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+            }
         }
     }
 

@@ -181,10 +181,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
                 stream.get_mut().0.release();
                 Ok(stream)
             }
-            // The alert telling the caller why was held with the rest.
-            Err((e, mut io)) => {
-                io.release();
-                let _ = io.flush().await;
+            Err((e, io)) => {
+                let e = io.fail_handshake(e).await;
                 Err(if resuming && ended_by_the_caller(&e) {
                     io::Error::other(net::ResumptionRefused)
                 } else {

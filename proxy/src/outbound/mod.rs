@@ -281,11 +281,7 @@ async fn handshake(
     let connect = async {
         match connect.into_fallible().await {
             Ok(stream) => Ok(stream),
-            Err((e, mut io)) => {
-                io.release();
-                let _ = io.flush().await;
-                Err(e)
-            }
+            Err((e, io)) => Err(io.fail_handshake(e).await),
         }
     };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
