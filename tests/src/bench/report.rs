@@ -170,20 +170,18 @@ fn with_ceiling(mut target: Value, results: &Results, trellis: &Value, key: &str
         .as_array()
         .map(|v| v.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();
-    if let Some(range) = low_high(&by_round) {
-        target["rounds"] = json!(range);
-    }
+    name_rounds(&mut target, &by_round);
     target
 }
 
-/// The lowest and highest of a figure's rounds, when there was more than
-/// one.
-fn low_high(by_round: &[f64]) -> Option<[f64; 2]> {
-    (by_round.len() > 1).then(|| {
+/// Names in `target` the lowest and highest of a figure's rounds, when
+/// there was more than one.
+fn name_rounds(target: &mut Value, by_round: &[f64]) {
+    if by_round.len() > 1 {
         let low = by_round.iter().copied().fold(f64::INFINITY, f64::min);
         let high = by_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        [low, high]
-    })
+        target["rounds"] = json!([low, high]);
+    }
 }
 
 /// Trellis against the targets of issue 7.
@@ -226,9 +224,7 @@ fn issuance_target(c: &ControlFigures) -> Value {
         ratio.map(|v| v >= 0.25),
     );
     let by_round: Vec<f64> = c.issuance_by_round.iter().map(|r| r.ratio_to_raw).collect();
-    if let Some(range) = low_high(&by_round) {
-        t["rounds"] = json!(range);
-    }
+    name_rounds(&mut t, &by_round);
     if let (Some(issuing), Some(signing)) = (c.issuance_stolen_ms, c.raw_signing_stolen_ms) {
         t["stolen_ms"] = json!({ "issuing": issuing, "signing": signing });
     }
@@ -351,9 +347,7 @@ fn new_connections_target(results: &Results, t: &PairFigures, ratio: Option<f64>
             .filter(|(_, envoy)| **envoy > 0.0)
             .map(|(trellis, envoy)| trellis / envoy)
             .collect();
-        if let Some(range) = low_high(&by_round) {
-            target["rounds"] = json!(range);
-        }
+        name_rounds(&mut target, &by_round);
     }
     target
 }
