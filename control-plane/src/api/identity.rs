@@ -21,6 +21,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
@@ -30,6 +31,7 @@ use super::{Mesh, peer_of, quoted};
 use crate::authn::hash_token;
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
+use crate::discovery::Discovery;
 use crate::store::{
     EndpointChange, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
@@ -115,6 +117,56 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
         ));
     }
     Ok(addr.to_string())
+}
+
+/// An issuance queued with the store, until its answer is in hand. Dropped
+/// unanswered (its Certify was dropped), it hands the answer to a task, so
+/// an endpoint the commit adds still reaches discovery.
+struct PendingIssuance {
+    reply: Option<oneshot::Receiver<Result<EndpointChange, StoreError>>>,
+    discovery: Arc<Discovery>,
+}
+
+impl PendingIssuance {
+    /// The store's answer, once discovery holds what it changed; `None` if
+    /// the store stopped first.
+    async fn recorded(mut self) -> Option<Result<EndpointChange, StoreError>> {
+        let reply = self.reply.as_mut()?;
+        let recorded = reply.await.ok();
+        self.reply = None;
+        if matches!(recorded, Some(Ok(EndpointChange::Changed))) {
+            // Runs to its end even if this future is dropped meanwhile.
+            let _ = refresh(self.discovery.clone()).await;
+        }
+        recorded
+    }
+}
+
+impl Drop for PendingIssuance {
+    fn drop(&mut self) {
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        let discovery = self.discovery.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(EndpointChange::Changed)) = reply.await {
+                    let _ = refresh(discovery).await;
+                }
+            });
+        }
+    }
+}
+
+/// Loads the snapshot version a commit wrote (a new endpoint is a new
+/// version for every sidecar), on a thread that may block: it reads the
+/// store. The refresh runs to its end whether or not it is awaited.
+fn refresh(discovery: Arc<Discovery>) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = discovery.refresh() {
+            tracing::error!(error = %e, "could not record a new snapshot version");
+        }
+    })
 }
 
 #[tonic::async_trait]
@@ -209,27 +261,16 @@ impl Identity for IdentityService {
             spiffe_id: &id,
             now_unix: now,
         });
-        // The store's writer answers once the record is durable. Waiting for
-        // that answer and refreshing discovery after it run in a task of
-        // their own: a caller that goes away (a reset stream, a deadline)
-        // drops this future, yet the writer still commits, and a commit that
-        // changed the endpoints must reach discovery all the same.
-        let reply = self.mesh.store.queue_issuance(claim, &record, &workload);
-        let discovery = self.mesh.discovery.clone();
-        let recorded = tokio::spawn(async move {
-            let recorded = reply.await.ok()?;
-            // A new endpoint is a new snapshot version for every sidecar;
-            // the store bumped it with the record. Loading it reads the store.
-            if matches!(recorded, Ok(EndpointChange::Changed)) {
-                let refreshed = tokio::task::spawn_blocking(move || discovery.refresh()).await;
-                if let Ok(Err(e)) = refreshed {
-                    tracing::error!(error = %e, "could not record a new snapshot version");
-                }
-            }
-            Some(recorded)
-        })
-        .await;
-        let Ok(Some(recorded)) = recorded else {
+        // The store's writer answers once the record is durable, and a commit
+        // that changed the endpoints must reach discovery. A caller that goes
+        // away first (a reset stream, a deadline) drops this future, yet the
+        // writer still commits: the pending answer then passes to a task of
+        // its own, which refreshes discovery if it must.
+        let pending = PendingIssuance {
+            reply: Some(self.mesh.store.queue_issuance(claim, &record, &workload)),
+            discovery: self.mesh.discovery.clone(),
+        };
+        let Some(recorded) = pending.recorded().await else {
             return Err(self.refuse(
                 "store_error",
                 Status::unavailable("the store stopped before recording the certificate"),
