@@ -192,20 +192,22 @@ fn commit(
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    for issuance in batch {
-        let claim = issuance.claim.as_ref().map(|c| TokenClaim {
-            hash: &c.hash,
-            spiffe_id: &c.spiffe_id,
-            now_unix: c.now_unix,
-        });
-        let outcome = record_one(&txn, claim, &issuance.issued, &issuance.workload)
-            .map_err(|e| e.to_string())?;
-        outcomes.push(outcome);
+    {
+        // Opened once for the batch: opening and closing a table reads and
+        // writes the database's table of tables.
+        let mut tables = Tables::open(&txn).map_err(|e| e.to_string())?;
+        for issuance in batch {
+            let claim = issuance.claim.as_ref().map(|c| TokenClaim {
+                hash: &c.hash,
+                spiffe_id: &c.spiffe_id,
+                now_unix: c.now_unix,
+            });
+            let outcome = record_one(&mut tables, claim, &issuance.issued, &issuance.workload)
+                .map_err(|e| e.to_string())?;
+            outcomes.push(outcome);
+        }
+        prune_log(&mut tables.log, retained).map_err(|e| e.to_string())?;
     }
-    txn.open_table(ISSUED_LOG)
-        .map_err(StoreError::from)
-        .and_then(|mut log| prune_log(&mut log, retained))
-        .map_err(|e| e.to_string())?;
     // New endpoints are a new snapshot version, in the same commit: one
     // bump for the batch, never a version without its content.
     if outcomes
@@ -224,26 +226,47 @@ fn commit(
     Ok(outcomes)
 }
 
-/// One issuance inside `txn`: the inner result is its answer, the outer
+/// The tables an issuance writes, open in one write transaction.
+struct Tables<'txn> {
+    tokens: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    log: redb::Table<'txn, u64, &'static [u8]>,
+    workloads: redb::Table<'txn, &'static str, &'static [u8]>,
+    owners: redb::Table<'txn, &'static str, &'static str>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            tokens: txn.open_table(JOIN_TOKENS)?,
+            log: txn.open_table(ISSUED_LOG)?,
+            workloads: txn.open_table(WORKLOADS)?,
+            owners: txn.open_table(ENDPOINT_OWNERS)?,
+        })
+    }
+}
+
+/// One issuance in the batch's `tables`: the inner result is its answer, the outer
 /// error a failed write that must abort the transaction. Everything that
 /// may refuse is read and decided before the first write, so a refused
 /// issuance leaves the transaction as it found it. The token is checked
 /// before the addresses, so only a caller with a proof hears whether an
 /// address is held.
 fn record_one(
-    txn: &redb::WriteTransaction,
+    tables: &mut Tables<'_>,
     claim: Option<TokenClaim<'_>>,
     issued: &IssuedCertRecord,
     workload: &WorkloadRecord,
 ) -> Result<Result<EndpointChange, StoreError>, StoreError> {
-    let mut tokens = txn.open_table(JOIN_TOKENS)?;
-    let mut log = txn.open_table(ISSUED_LOG)?;
-    let mut workloads = txn.open_table(WORKLOADS)?;
-    let mut owners = txn.open_table(ENDPOINT_OWNERS)?;
+    let Tables {
+        tokens,
+        log,
+        workloads,
+        owners,
+    } = tables;
     let now = workload.last_seen_unix;
     let decided = (|| {
         let token = match claim {
-            Some(claim) => Some(consume(&tokens, claim)?),
+            Some(claim) => Some(consume(tokens, claim)?),
             None => None,
         };
         let previous: Option<WorkloadRecord> = match workloads.get(workload.spiffe_id.as_str())? {
@@ -251,7 +274,7 @@ fn record_one(
             None => None,
         };
         for address in workload.addresses.iter().filter(|a| !is_namespace_local(a)) {
-            if let Some(holder) = live_holder(&owners, &workloads, address, workload, now)? {
+            if let Some(holder) = live_holder(owners, workloads, address, workload, now)? {
                 return Err(StoreError::AddressHeld {
                     address: address.clone(),
                     holder,
@@ -276,7 +299,7 @@ fn record_one(
         // took while its certificate had ended.
         for address in &previous_addresses {
             if is_namespace_local(address)
-                || live_holder(&owners, &workloads, address, workload, now)?.is_none()
+                || live_holder(owners, workloads, address, workload, now)?.is_none()
             {
                 record.addresses.push(address.clone());
             }
@@ -285,7 +308,7 @@ fn record_one(
     if let (Some(claim), Some(token)) = (claim, token) {
         tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
     }
-    log.insert(next_sequence(&log)?, encode(issued).as_slice())?;
+    log.insert(next_sequence(log)?, encode(issued).as_slice())?;
     for address in &previous_addresses {
         if !record.addresses.contains(address)
             && owners
