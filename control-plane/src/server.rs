@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use trellis_core::SpiffeId;
+use trellis_core::gather::GatheredWrites;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
@@ -232,7 +233,7 @@ pub fn peer_client_config(
 
 /// A TLS connection with who is on the other end.
 pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    stream: GatheredWrites<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: PeerInfo,
 }
 
@@ -387,7 +388,12 @@ impl GrpcListener {
                             }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
                             let peer = PeerInfo { remote, spiffe_id };
-                            let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                            let _ = tx
+                                .send(Ok(TlsConn {
+                                    stream: GatheredWrites::new(stream),
+                                    peer,
+                                }))
+                                .await;
                         }
                         Ok(Err(e)) => {
                             let reason = rustls_error(&e).map(failure_reason).unwrap_or("io_error");

@@ -14,6 +14,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::gather::GatheredWrites;
+
 /// The ALPN protocol gRPC runs over.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -51,7 +53,7 @@ pub fn with_h2_alpn(mut config: ClientConfig) -> ClientConfig {
     config
 }
 
-type TlsIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type TlsIo = TokioIo<GatheredWrites<tokio_rustls::client::TlsStream<TcpStream>>>;
 type Dial = std::pin::Pin<Box<dyn std::future::Future<Output = Result<TlsIo, io::Error>> + Send>>;
 
 fn connector(
@@ -60,7 +62,10 @@ fn connector(
 {
     tower::service_fn(move |uri: Uri| {
         let tls = tls.clone();
-        Box::pin(async move { Ok(TokioIo::new(dial_uri(&uri, tls).await?)) }) as Dial
+        Box::pin(async move {
+            let tls = dial_uri(&uri, tls).await?;
+            Ok(TokioIo::new(GatheredWrites::new(tls)))
+        }) as Dial
     })
 }
 

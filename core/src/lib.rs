@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod gather;
 pub mod grpc;
 pub mod logging;
 pub mod policy;
