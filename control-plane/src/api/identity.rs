@@ -148,6 +148,9 @@ impl Drop for PendingIssuance {
             return;
         };
         let discovery = self.discovery.clone();
+        // The task holds the receiver, not a `PendingIssuance`: a runtime
+        // shutting down drops what it is handed, and a guard that spawned
+        // itself again from its own drop would never end.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Ok(Ok(EndpointChange::Changed)) = reply.await {
