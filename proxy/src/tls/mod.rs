@@ -30,6 +30,7 @@
 //! session, ticket or byte of the app exists, and the dial forgets the
 //! peer's tickets and starts again with the hybrid.
 
+pub mod ticketer;
 pub mod tickets;
 
 #[cfg(test)]
@@ -122,12 +123,12 @@ impl TlsState {
             .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(resolver.clone());
         // Stateless session tickets: the session, the caller's verified
-        // chain with it, sealed with a key of this config, so resumption
-        // holds for any number of callers (a server-side cache keeps only
-        // the latest sessions). The key is passed on to the next config
-        // when only the SVID changes (`keeping_tickets`) and dies with a
-        // new bundle.
-        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+        // chain with it, sealed with a key of this config ([`ticketer`]),
+        // so resumption holds for any number of callers (a server-side
+        // cache keeps only the latest sessions). The key is passed on to
+        // the next config when only the SVID changes (`keeping_tickets`)
+        // and dies with a new bundle.
+        server.ticketer = ticketer::ticketer()?;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut http_server = server.clone();
         // Preference order: h2 first when a client offers both.
