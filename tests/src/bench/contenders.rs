@@ -388,13 +388,14 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
     let tls_params = "tls_params: { tls_minimum_protocol_version: TLSv1_3, \
         tls_maximum_protocol_version: TLSv1_3 }";
     // ALPN says which of the server side's filter chains a connection takes.
-    let alpn = |http: bool| if http { r#"["http/1.1"]"# } else { "[]" };
+    let alpn =
+        |protocol: Option<&str>| protocol.map_or("[]".to_string(), |p| format!(r#"["{p}"]"#));
     let tcp_proxy = |prefix: &str, cluster: &str| {
         format!(
             r#"{{ name: envoy.filters.network.tcp_proxy, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {prefix}, cluster: {cluster} }} }}"#
         )
     };
-    let to_server = |name: &str, http: bool| {
+    let to_server = |name: &str, protocol: Option<&str>| {
         format!(
             r#"  - name: {name}
     type: STATIC
@@ -422,7 +423,7 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
               matcher: {{ exact: "{server_id}" }}
 "#,
             server_port = server.port(),
-            alpn = alpn(http),
+            alpn = alpn(protocol),
             client_cert = c.client.cert.display(),
             client_key = c.client.key.display(),
             ca = c.ca_cert.display(),
@@ -449,9 +450,10 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
         )
     };
     // The client side: plain TCP in, mTLS out; sniffing HTTP (as a mesh's
-    // outbound listener does) only to offer it in ALPN.
+    // outbound listener does) only to offer it in ALPN: `http/1.1`, or `h2`
+    // for HTTP/2 with prior knowledge (`h2c` to the inspector).
     let tcp_chain = tcp_proxy("bench_client", "server_side");
-    let tcp_cluster = to_server("server_side", false);
+    let tcp_cluster = to_server("server_side", None);
     let client_config = if http {
         let head = listener(
             "plain_in",
@@ -459,15 +461,19 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
             Some(("http_inspector", "HttpInspector")),
         );
         let http_chain = tcp_proxy("bench_client_http", "server_side_http");
-        let http_cluster = to_server("server_side_http", true);
+        let http_cluster = to_server("server_side_http", Some("http/1.1"));
+        let h2_chain = tcp_proxy("bench_client_h2", "server_side_h2");
+        let h2_cluster = to_server("server_side_h2", Some("h2"));
         format!(
             r#"{head}    filter_chains:
     - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
       filters: [ {http_chain} ]
+    - filter_chain_match: {{ application_protocols: ["h2c"] }}
+      filters: [ {h2_chain} ]
     default_filter_chain:
       filters: [ {tcp_chain} ]
   clusters:
-{http_cluster}{tcp_cluster}"#
+{http_cluster}{h2_cluster}{tcp_cluster}"#
         )
     } else {
         let head = listener("plain_in", entry.port(), None);
@@ -478,10 +484,10 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
 {tcp_cluster}"#
         )
     };
-    let downstream_tls = |http: bool| {
+    let downstream_tls = |protocol: Option<&str>| {
         format!(
             r#"{{ name: envoy.transport_sockets.tls, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, require_client_certificate: true, common_tls_context: {{ {tls_params}, alpn_protocols: {alpn}, tls_certificates: [ {{ certificate_chain: {{ filename: "{server_cert}" }}, private_key: {{ filename: "{server_key}" }} }} ], validation_context: {{ trusted_ca: {{ filename: "{ca}" }}, match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{client_id}" }} }} ] }} }} }} }}"#,
-            alpn = alpn(http),
+            alpn = alpn(protocol),
             server_cert = c.server.cert.display(),
             server_key = c.server.key.display(),
             ca = c.ca_cert.display(),
@@ -489,13 +495,14 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
         )
     };
     // The server side: mTLS in, the app out. With `http`, a connection
-    // that said HTTP/1.1 in ALPN is served request by request: an RBAC
-    // policy allows the client's SPIFFE ID on each request (Envoy's
+    // that said HTTP/1.1 or h2 in ALPN is served request by request: an
+    // RBAC policy allows the client's SPIFFE ID on each request (Envoy's
     // per-request authorization), the identity goes to the app in
     // `x-forwarded-client-cert`, and the router sends each request over
-    // pooled app connections. No access log: the one a mesh's Envoy keeps
-    // is off by default.
-    let tcp_tls = downstream_tls(false);
+    // pooled app connections (HTTP/2 ones for h2, as a mesh's Envoy does
+    // for a gRPC port). No access log: the one a mesh's Envoy keeps is off
+    // by default.
+    let tcp_tls = downstream_tls(None);
     let tcp_chain = tcp_proxy("bench_server", "app");
     let listeners = if http {
         let head = listener(
@@ -503,18 +510,18 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
             server.port(),
             Some(("tls_inspector", "TlsInspector")),
         );
-        let http_tls = downstream_tls(true);
         let client_id = c.client.spiffe_id;
-        format!(
-            r#"{head}    filter_chains:
-    - filter_chain_match: {{ application_protocols: ["http/1.1"] }}
-      transport_socket: {http_tls}
+        let served = |protocol: &str, prefix: &str, codec: &str, cluster: &str| {
+            let tls = downstream_tls(Some(protocol));
+            format!(
+                r#"    - filter_chain_match: {{ application_protocols: ["{protocol}"] }}
+      transport_socket: {tls}
       filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench_server_http
-          codec_type: HTTP1
+          stat_prefix: {prefix}
+          codec_type: {codec}
           forward_client_cert_details: SANITIZE_SET
           set_current_client_cert_details: {{ uri: true }}
           route_config:
@@ -523,7 +530,7 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
               domains: ["*"]
               routes:
               - match: {{ prefix: "/" }}
-                route: {{ cluster: app, timeout: 0s }}
+                route: {{ cluster: {cluster}, timeout: 0s }}
           http_filters:
           - name: envoy.filters.http.rbac
             typed_config:
@@ -537,7 +544,14 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-    default_filter_chain:
+"#
+            )
+        };
+        let http1 = served("http/1.1", "bench_server_http", "HTTP1", "app");
+        let h2 = served("h2", "bench_server_h2", "HTTP2", "app_h2");
+        format!(
+            r#"{head}    filter_chains:
+{http1}{h2}    default_filter_chain:
       transport_socket: {tcp_tls}
       filters: [ {tcp_chain} ]
 "#
@@ -551,20 +565,34 @@ fn start_envoy(setup: &Setup<'_>, envoy: &Path, http: bool) -> anyhow::Result<Pa
 "#
         )
     };
-    let server_config = format!(
-        r#"{listeners}  clusters:
-  - name: app
+    let app_cluster = |name: &str, options: &str| {
+        format!(
+            r#"  - name: {name}
     type: STATIC
     connect_timeout: 5s
     {breakers}
-    load_assignment:
-      cluster_name: app
+{options}    load_assignment:
+      cluster_name: {name}
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app_port} }} }} }}
 "#,
-        app_port = setup.app.port(),
-    );
+            app_port = setup.app.port(),
+        )
+    };
+    let mut clusters = app_cluster("app", "");
+    if http {
+        // HTTP/2 to the app, with prior knowledge.
+        clusters += &app_cluster(
+            "app_h2",
+            r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+"#,
+        );
+    }
+    let server_config = format!("{listeners}  clusters:\n{clusters}");
     let command = |side: &str, config: &str| -> anyhow::Result<Command> {
         let path = write_config(setup.dir, &format!("{}-{side}.yaml", kind.name()), config)?;
         let mut command = Command::new(envoy);

@@ -1,7 +1,8 @@
 //! The load generators, all in this process and all against loopback
 //! addresses: bulk streams, HTTP/1.1 at a fixed rate (open loop), HTTP/1.1
-//! as fast as possible on kept-alive connections (closed loop), new
-//! connections per second, and many connections held open.
+//! as fast as possible on kept-alive connections (closed loop), HTTP/2
+//! streams as fast as possible on a few connections (closed loop, with
+//! h2load), new connections per second, and many connections held open.
 //!
 //! Every loop is bounded twice: by a deadline and by a maximum count.
 
@@ -426,6 +427,101 @@ fn parse_wrk(text: &str) -> anyhow::Result<ClosedLoop> {
     })
 }
 
+/// Requests per second over HTTP/2 with prior knowledge, as a gRPC client
+/// makes them: h2load (one thread) keeps `streams` requests (`POST /`, a
+/// 1 KiB body) in flight on each of `connections` connections, starting
+/// the next on a connection as soon as one is answered (closed loop), for
+/// `duration`. The latencies are from h2load's log of every request
+/// (written in `dir`): the time from the request's start to its whole
+/// answer.
+pub async fn http2_rate_h2load(
+    h2load: &std::path::Path,
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    connections: usize,
+    streams: usize,
+    duration: Duration,
+) -> anyhow::Result<ClosedLoop> {
+    let body = dir.join("post-1k.bin");
+    std::fs::write(&body, vec![b'r'; REQUEST_BODY])?;
+    let log = dir.join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let millis = duration.as_millis().max(100);
+    let run = tokio::process::Command::new(h2load)
+        .args([
+            "-t1".to_string(),
+            format!("-c{connections}"),
+            format!("-m{streams}"),
+            format!("--duration={millis}ms"),
+        ])
+        .arg(format!("--data={}", body.display()))
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!("http://{addr}/"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(duration + Duration::from_secs(30), run)
+        .await
+        .context("h2load did not finish")??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (requests, requests_per_s) = parse_h2load(&text)?;
+    let log = std::fs::read_to_string(&log).context("h2load wrote no log of its requests")?;
+    let mut latency = Latency::new()?;
+    for line in log.lines() {
+        let us: u64 = line
+            .split('\t')
+            .nth(2)
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("a line of h2load's log without a duration: {line:?}"))?;
+        latency.histogram.saturating_record(us);
+    }
+    anyhow::ensure!(
+        !latency.histogram.is_empty(),
+        "h2load logged no request:\n{text}"
+    );
+    Ok(ClosedLoop {
+        requests,
+        requests_per_s,
+        p50_us: latency.quantile_us(0.50),
+        p99_us: latency.quantile_us(0.99),
+    })
+}
+
+/// The requests h2load finished and its rate, from its summary; a run in
+/// which any request failed, or was answered with other than 2xx, is an
+/// error that quotes the summary.
+fn parse_h2load(text: &str) -> anyhow::Result<(u64, f64)> {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(',')
+            .find_map(|part| part.trim().strip_suffix(name))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    let counts = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests:"))
+        .with_context(|| format!("no request counts in h2load's output:\n{text}"))?;
+    let done = field(counts, "done").context("h2load's request counts lack `done`")?;
+    let succeeded = field(counts, "succeeded").unwrap_or(0);
+    let failed = field(counts, "failed").unwrap_or(0);
+    let errored = field(counts, "errored").unwrap_or(0);
+    let statuses = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status codes:"))
+        .unwrap_or_default();
+    let ok = field(statuses, "2xx").unwrap_or(0);
+    anyhow::ensure!(
+        done > 0 && failed == 0 && errored == 0 && succeeded == done && ok == done,
+        "h2load saw failed requests or answers other than 2xx:\n{text}"
+    );
+    let requests_per_s = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim().strip_suffix("req/s"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no req/s in h2load's output:\n{text}"))?;
+    Ok((done, requests_per_s))
+}
+
 /// What a run of [`connection_rate`] made.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Connections {
@@ -626,6 +722,57 @@ mod tests {
             closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
             "{closed:?}"
         );
+    }
+
+    /// h2load against the app, when it is installed: a rate, latencies in
+    /// order, and about a second's worth of requests.
+    #[tokio::test]
+    async fn h2load_reports_its_rate_and_latencies() {
+        let Some(h2load) = crate::bench::system::find_program("h2load") else {
+            println!("skipped: needs h2load");
+            return;
+        };
+        let app = BenchApp::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let closed = http2_rate_h2load(
+            &h2load,
+            dir.path(),
+            app.addr(),
+            2,
+            4,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert!(closed.requests > 0, "{closed:?}");
+        let per_second = closed.requests as f64 / closed.requests_per_s;
+        assert!((0.9..1.5).contains(&per_second), "{closed:?}");
+        assert!(
+            closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
+            "{closed:?}"
+        );
+    }
+
+    /// h2load's summary gives the rate and the count; any failed request
+    /// or answer other than 2xx is an error that says so.
+    #[test]
+    fn h2load_output_with_failures_is_refused() {
+        let good = "finished in 1.00s, 41234.50 req/s, 43.10MB/s\n\
+                    requests: 41235 total, 41251 started, 41235 done, 41235 succeeded, 0 failed, 0 errored, 0 timeout\n\
+                    status codes: 41235 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+        assert_eq!(parse_h2load(good).unwrap(), (41235, 41234.5));
+        let failed = good.replace("41235 succeeded, 0 failed", "41200 succeeded, 35 failed");
+        let e = parse_h2load(&failed).unwrap_err().to_string();
+        assert!(
+            e.contains("failed requests or answers other than 2xx"),
+            "{e}"
+        );
+        let refused = good.replace("41235 2xx, 0 3xx, 0 4xx", "0 2xx, 0 3xx, 41235 4xx");
+        assert!(parse_h2load(&refused).is_err());
+        let e = parse_h2load("connect: Connection refused\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no request counts"), "{e}");
     }
 
     /// wrk's output without the script's line is an error that says so,

@@ -59,6 +59,11 @@ pub struct Sizes {
     pub latency_rate: f64,
     pub http_connections: usize,
     pub keepalive_seconds: f64,
+    /// HTTP/2: connections, requests in flight on each, and seconds (all
+    /// rounds together).
+    pub http2_connections: usize,
+    pub http2_streams: usize,
+    pub http2_seconds: f64,
     pub connection_seconds: f64,
     pub connection_concurrency: usize,
     pub held_connections: usize,
@@ -80,6 +85,9 @@ impl Mode {
                 latency_rate: 0.0,
                 http_connections: 0,
                 keepalive_seconds: 0.0,
+                http2_connections: 0,
+                http2_streams: 0,
+                http2_seconds: 0.0,
                 connection_seconds: 0.0,
                 connection_concurrency: 0,
                 held_connections: 0,
@@ -94,6 +102,9 @@ impl Mode {
                 latency_rate: 1000.0,
                 http_connections: 16,
                 keepalive_seconds: 2.0,
+                http2_connections: 4,
+                http2_streams: 4,
+                http2_seconds: 2.0,
                 connection_seconds: 2.0,
                 connection_concurrency: 16,
                 held_connections: 1000,
@@ -114,6 +125,9 @@ impl Mode {
                 latency_rate: 2000.0,
                 http_connections: 16,
                 keepalive_seconds: 5.0,
+                http2_connections: 4,
+                http2_streams: 4,
+                http2_seconds: 5.0,
                 connection_seconds: 5.0,
                 connection_concurrency: 16,
                 held_connections: 10_000,
@@ -178,6 +192,13 @@ pub struct PairFigures {
     pub keepalive_p50_us: Option<f64>,
     pub keepalive_p99_us: Option<f64>,
     pub keepalive_tool: Option<String>,
+    /// HTTP/2 requests answered a second, multiplexed on a few connections
+    /// as a gRPC client sends them (closed loop), and their latencies: the
+    /// mean of the rounds' percentiles, as for keep-alive.
+    pub http2_requests_per_s: Option<f64>,
+    pub http2_p50_us: Option<f64>,
+    pub http2_p99_us: Option<f64>,
+    pub http2_tool: Option<String>,
     pub new_connections_per_s: Option<f64>,
     pub new_connection_errors: Option<u64>,
     pub new_connections_stolen_ms: Option<f64>,
@@ -192,6 +213,8 @@ pub struct PairFigures {
     /// The same over the keep-alive rounds, where the pair's work per
     /// request decides its rate.
     pub keepalive_cpu_us_per_request: Vec<f64>,
+    /// The same over the HTTP/2 rounds.
+    pub http2_cpu_us_per_request: Vec<f64>,
     /// The same over the new-connection rounds, per connection made: each
     /// a handshake through the pair.
     pub new_connection_cpu_us: Vec<f64>,
@@ -208,6 +231,7 @@ pub struct PairFigures {
     pub bulk_1_stream_stolen_ms: Option<f64>,
     pub latency_stolen_ms: Option<f64>,
     pub keepalive_stolen_ms: Option<f64>,
+    pub http2_stolen_ms: Option<f64>,
     /// Per proxy process, client side first, over the one-stream bulk
     /// rounds: how often its threads went to sleep to wait (voluntary
     /// context switches) and how often the scheduler took their core
@@ -250,12 +274,16 @@ pub struct RoundFigures {
     pub keepalive_requests_per_s: Vec<f64>,
     pub keepalive_p50_us: Vec<f64>,
     pub keepalive_p99_us: Vec<f64>,
+    pub http2_requests_per_s: Vec<f64>,
+    pub http2_p50_us: Vec<f64>,
+    pub http2_p99_us: Vec<f64>,
     pub new_connections_per_s: Vec<f64>,
     /// The CPU milliseconds stolen from the machine during each round (see
     /// `PairFigures::latency_stolen_ms`).
     pub bulk_1_stream_stolen_ms: Vec<f64>,
     pub latency_stolen_ms: Vec<f64>,
     pub keepalive_stolen_ms: Vec<f64>,
+    pub http2_stolen_ms: Vec<f64>,
     pub new_connections_stolen_ms: Vec<f64>,
     /// How often the two proxies together were preempted a request in
     /// each fixed-rate and keep-alive round (see
@@ -273,6 +301,9 @@ pub struct Results {
     pub open_files_limit: u64,
     pub sizes: Sizes,
     pub contenders: Vec<PairFigures>,
+    /// Why the HTTP/2 scenario did not run in a mode that runs it (its
+    /// load generator, h2load, is not installed).
+    pub http2_not_run: Option<String>,
     pub control_plane: Option<control::ControlFigures>,
     /// Where the Trellis sidecars' time went, and Envoy's pair's beside
     /// them (`None`: not asked for).
@@ -318,6 +349,18 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
         open_files: open_files_limit,
     };
     let wrk = options.wrk.then(|| system::find_program("wrk")).flatten();
+    let h2load = system::find_program("h2load");
+    let http2_not_run = (sizes.http2_connections > 0 && h2load.is_none()).then(|| {
+        "h2load is not installed (scripts/install-bench-tools.sh installs it, from nghttp2-client)"
+            .to_string()
+    });
+    if let Some(why) = &http2_not_run {
+        eprintln!("trellis-bench: the HTTP/2 rate does not run: {why}");
+    }
+    let tools = Tools {
+        wrk: wrk.as_deref(),
+        h2load: h2load.as_deref(),
+    };
 
     // Every pair is started first and stays up, idle while the others are
     // measured, so that the scenarios can interleave them (see `measure`).
@@ -353,9 +396,9 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
             totals: Totals::default(),
         });
     }
-    measure(&mut contenders, &app, &sizes, wrk.as_deref(), dir.path()).await;
+    measure(&mut contenders, &app, &sizes, tools, dir.path()).await;
     let profile = match options.profile.unwrap_or(options.mode != Mode::Smoke) {
-        true => Some(profile_pairs(&contenders, &sizes, wrk.as_deref(), dir.path()).await),
+        true => Some(profile_pairs(&contenders, &sizes, tools, dir.path()).await),
         false => None,
     };
     let mut figures = Vec::new();
@@ -391,6 +434,7 @@ pub async fn run(options: &Options, launcher: &Launcher) -> anyhow::Result<Resul
         open_files_limit,
         sizes,
         contenders: figures,
+        http2_not_run,
         control_plane,
         profile,
         seconds: started.elapsed().as_secs_f64(),
@@ -492,6 +536,11 @@ struct Totals {
     keepalive_cpu_seconds: Option<Vec<f64>>,
     /// Requests answered in the keep-alive rounds.
     keepalive_requests: u64,
+    /// CPU seconds of each proxy over the HTTP/2 rounds, the requests
+    /// answered in them, and the host's ticks over them.
+    http2_cpu_seconds: Option<Vec<f64>>,
+    http2_requests: u64,
+    http2_host: HostTicks,
     /// CPU seconds of each proxy over the new-connection rounds, the
     /// connections made in them, and the host's ticks over them.
     connections_cpu_seconds: Option<Vec<f64>>,
@@ -515,7 +564,16 @@ enum Scenario {
     Bulk8,
     FixedRate,
     KeepAlive,
+    Http2,
     NewConnections,
+}
+
+/// The load generators found on the host (`None`: not installed, or not
+/// to be used).
+#[derive(Clone, Copy, Default)]
+struct Tools<'a> {
+    wrk: Option<&'a std::path::Path>,
+    h2load: Option<&'a std::path::Path>,
 }
 
 impl Scenario {
@@ -525,6 +583,7 @@ impl Scenario {
             Scenario::Bulk8 => "bulk 8 streams",
             Scenario::FixedRate => "fixed-rate latency",
             Scenario::KeepAlive => "keep-alive rate",
+            Scenario::Http2 => "HTTP/2 rate",
             Scenario::NewConnections => "new connections",
         }
     }
@@ -544,7 +603,7 @@ async fn measure(
     contenders: &mut [Contender],
     app: &app::BenchApp,
     sizes: &Sizes,
-    wrk: Option<&std::path::Path>,
+    tools: Tools<'_>,
     dir: &std::path::Path,
 ) {
     for c in contenders.iter_mut() {
@@ -552,19 +611,9 @@ async fn measure(
             c.figures.rss_idle_kib = pair_rss(pair);
         }
     }
-    let scenarios: &[Scenario] = if sizes.http_connections == 0 {
-        &[Scenario::Bulk1] // smoke: one stream only
-    } else {
-        &[
-            Scenario::Bulk1,
-            Scenario::Bulk8,
-            Scenario::FixedRate,
-            Scenario::KeepAlive,
-            Scenario::NewConnections,
-        ]
-    };
+    let scenarios = measured_scenarios(sizes, tools);
     let n = contenders.len();
-    for &scenario in scenarios {
+    for &scenario in &scenarios {
         eprintln!(
             "trellis-bench: {} ({} rounds) ...",
             scenario.describe(),
@@ -581,7 +630,7 @@ async fn measure(
                     scenario,
                     pair,
                     sizes,
-                    wrk,
+                    tools,
                     dir,
                     &mut c.totals,
                     &mut c.figures,
@@ -620,17 +669,39 @@ async fn measure(
     }
 }
 
+/// The scenarios the mode runs, in order: HTTP/2 only where h2load is
+/// installed.
+fn measured_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
+    if sizes.http_connections == 0 {
+        return vec![Scenario::Bulk1]; // smoke: one stream only
+    }
+    let mut scenarios = vec![
+        Scenario::Bulk1,
+        Scenario::Bulk8,
+        Scenario::FixedRate,
+        Scenario::KeepAlive,
+    ];
+    if sizes.http2_connections > 0 && tools.h2load.is_some() {
+        scenarios.push(Scenario::Http2);
+    }
+    scenarios.push(Scenario::NewConnections);
+    scenarios
+}
+
 /// The pairs profiled after the measured rounds: Trellis as deployed, and
 /// Envoy's pair beside it, so that a profile of where Trellis's time goes
 /// can be read against the peer it is most often compared with.
 const PROFILED: [Kind; 2] = [Kind::Trellis, Kind::Envoy];
 
 /// The scenarios a profile is taken through: one-stream bulk, and
-/// keep-alive and new connections where the mode runs them.
-fn profiled_scenarios(sizes: &Sizes) -> Vec<Scenario> {
+/// keep-alive, HTTP/2 and new connections where the mode runs them.
+fn profiled_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
     let mut scenarios = vec![Scenario::Bulk1];
     if sizes.http_connections > 0 {
         scenarios.push(Scenario::KeepAlive);
+    }
+    if sizes.http2_connections > 0 && tools.h2load.is_some() {
+        scenarios.push(Scenario::Http2);
     }
     if sizes.connection_seconds > 0.0 {
         scenarios.push(Scenario::NewConnections);
@@ -639,14 +710,15 @@ fn profiled_scenarios(sizes: &Sizes) -> Vec<Scenario> {
 }
 
 /// Profiles each pair of [`PROFILED`] that ran through one extra round of
-/// the one-stream bulk scenario, one of the keep-alive scenario and one of
-/// the new-connection scenario (those the mode runs), after
+/// the one-stream bulk scenario, one of the keep-alive scenario, one of
+/// the HTTP/2 scenario and one of the new-connection scenario (those the
+/// mode runs), after
 /// the measured rounds (see `profile`). What cannot be profiled is said in
 /// `not_taken`.
 async fn profile_pairs(
     contenders: &[Contender],
     sizes: &Sizes,
-    wrk: Option<&std::path::Path>,
+    tools: Tools<'_>,
     dir: &std::path::Path,
 ) -> profile::Profiles {
     let mut profiles = profile::Profiles {
@@ -669,7 +741,7 @@ async fn profile_pairs(
             return profiles;
         }
     };
-    let scenarios = profiled_scenarios(sizes);
+    let scenarios = profiled_scenarios(sizes, tools);
     let mut failures = Vec::new();
     for c in PROFILED.into_iter().filter_map(running) {
         let (name, pair) = (&c.figures.name, c.pair.as_deref().expect("running"));
@@ -684,7 +756,7 @@ async fn profile_pairs(
             );
             // The round's figures are not kept: the profiler was attached.
             let (mut totals, mut figures) = (Totals::default(), PairFigures::default());
-            let round = run_round(scenario, pair, sizes, wrk, dir, &mut totals, &mut figures);
+            let round = run_round(scenario, pair, sizes, tools, dir, &mut totals, &mut figures);
             let label = format!("{name}-{}", scenario.describe().replace(' ', "-"));
             let files = match perf.record(&pids, dir, &label, round).await {
                 Ok(((), files)) => files,
@@ -729,7 +801,7 @@ async fn run_round(
     scenario: Scenario,
     pair: &contenders::Pair,
     sizes: &Sizes,
-    wrk: Option<&std::path::Path>,
+    tools: Tools<'_>,
     dir: &std::path::Path,
     totals: &mut Totals,
     f: &mut PairFigures,
@@ -811,7 +883,7 @@ async fn run_round(
             let cpu_before = side_cpu(pair);
             let switches_before = side_switches(pair);
             let host_before = system::host_ticks();
-            let closed = match wrk {
+            let closed = match tools.wrk {
                 Some(wrk) => {
                     f.keepalive_tool = Some(format!("wrk -t1 -c{}", sizes.http_connections));
                     load::keepalive_rate_wrk(wrk, dir, entry, sizes.http_connections, duration)
@@ -846,6 +918,28 @@ async fn run_round(
                 .push(closed.requests_per_s);
             f.rounds.keepalive_p50_us.push(closed.p50_us);
             f.rounds.keepalive_p99_us.push(closed.p99_us);
+        }
+        Scenario::Http2 => {
+            let h2load = tools
+                .h2load
+                .context("h2load is not installed (scripts/install-bench-tools.sh)")?;
+            let (connections, streams) = (sizes.http2_connections, sizes.http2_streams);
+            f.http2_tool = Some(format!("h2load -t1 -c{connections} -m{streams}"));
+            let duration = secs(sizes.http2_seconds / rounds);
+            let cpu_before = side_cpu(pair);
+            let host_before = system::host_ticks();
+            let closed =
+                load::http2_rate_h2load(h2load, dir, entry, connections, streams, duration).await?;
+            add_side_cpu(pair, cpu_before, &mut totals.http2_cpu_seconds);
+            add_host(
+                host_before,
+                &mut totals.http2_host,
+                &mut f.rounds.http2_stolen_ms,
+            );
+            totals.http2_requests += closed.requests;
+            f.rounds.http2_requests_per_s.push(closed.requests_per_s);
+            f.rounds.http2_p50_us.push(closed.p50_us);
+            f.rounds.http2_p99_us.push(closed.p99_us);
         }
         Scenario::NewConnections => {
             let cpu_before = side_cpu(pair);
@@ -931,6 +1025,13 @@ fn sum_rounds(totals: &Totals, f: &mut PairFigures) {
             f.keepalive_sleeps_per_request,
             f.keepalive_preempted_per_request,
         ) = per_unit(&totals.keepalive_switches, totals.keepalive_requests as f64);
+    }
+    if ok(Scenario::Http2) && !f.rounds.http2_requests_per_s.is_empty() {
+        f.http2_requests_per_s = mean(&f.rounds.http2_requests_per_s);
+        f.http2_p50_us = mean(&f.rounds.http2_p50_us);
+        f.http2_p99_us = mean(&f.rounds.http2_p99_us);
+        f.http2_cpu_us_per_request = per_request(&totals.http2_cpu_seconds, totals.http2_requests);
+        f.http2_stolen_ms = totals.http2_host.stolen_ms_if_read();
     }
     if ok(Scenario::NewConnections) {
         f.new_connections_per_s = mean(&f.rounds.new_connections_per_s);
@@ -1022,17 +1123,64 @@ mod tests {
 
     /// Every target a run can miss on the data plane has a profile beside
     /// it: bulk, keep-alive and new connections in the quick and full
-    /// runs; the smoke run, which runs bulk alone, profiles bulk alone.
+    /// runs, and HTTP/2 where h2load is installed; the smoke run, which
+    /// runs bulk alone, profiles bulk alone.
     #[test]
     fn the_profile_covers_bulk_keepalive_and_new_connections_where_the_mode_runs_them() {
+        let h2load = std::path::Path::new("/usr/bin/h2load");
+        let with = Tools {
+            wrk: None,
+            h2load: Some(h2load),
+        };
+        let without = Tools::default();
         let all = [
+            Scenario::Bulk1,
+            Scenario::KeepAlive,
+            Scenario::Http2,
+            Scenario::NewConnections,
+        ];
+        let no_http2 = [
             Scenario::Bulk1,
             Scenario::KeepAlive,
             Scenario::NewConnections,
         ];
-        assert_eq!(profiled_scenarios(&Mode::Full.sizes()), all);
-        assert_eq!(profiled_scenarios(&Mode::Quick.sizes()), all);
-        assert_eq!(profiled_scenarios(&Mode::Smoke.sizes()), [Scenario::Bulk1]);
+        assert_eq!(profiled_scenarios(&Mode::Full.sizes(), with), all);
+        assert_eq!(profiled_scenarios(&Mode::Quick.sizes(), with), all);
+        assert_eq!(profiled_scenarios(&Mode::Quick.sizes(), without), no_http2);
+        assert_eq!(
+            profiled_scenarios(&Mode::Smoke.sizes(), with),
+            [Scenario::Bulk1]
+        );
+    }
+
+    /// The HTTP/2 rate runs after keep-alive where h2load is installed,
+    /// and not at all without it (the run says why) or in the smoke run.
+    #[test]
+    fn the_http2_rate_runs_only_with_h2load() {
+        let h2load = std::path::Path::new("/usr/bin/h2load");
+        let with = Tools {
+            wrk: None,
+            h2load: Some(h2load),
+        };
+        let full = measured_scenarios(&Mode::Full.sizes(), with);
+        assert_eq!(
+            full,
+            [
+                Scenario::Bulk1,
+                Scenario::Bulk8,
+                Scenario::FixedRate,
+                Scenario::KeepAlive,
+                Scenario::Http2,
+                Scenario::NewConnections,
+            ]
+        );
+        let without = measured_scenarios(&Mode::Full.sizes(), Tools::default());
+        assert!(!without.contains(&Scenario::Http2), "{without:?}");
+        assert_eq!(without.len(), 5);
+        assert_eq!(
+            measured_scenarios(&Mode::Smoke.sizes(), with),
+            [Scenario::Bulk1]
+        );
     }
 
     /// A loopback port in front of the app that closes the first `refuse`
@@ -1207,6 +1355,14 @@ mod tests {
             latency_cpu_seconds: Some(vec![0.002, 0.005]),
             keepalive_cpu_seconds: Some(vec![0.04, 0.1]),
             keepalive_requests: 4_000,
+            // Over 6,000 HTTP/2 requests.
+            http2_cpu_seconds: Some(vec![0.03, 0.09]),
+            http2_requests: 6_000,
+            http2_host: HostTicks {
+                busy: 180,
+                total: 200,
+                stolen: 5,
+            },
             bulk_1_stream_host: HostTicks {
                 busy: 190,
                 total: 200,
@@ -1237,6 +1393,9 @@ mod tests {
         f.rounds.keepalive_requests_per_s = vec![30_000.0, 20_000.0];
         f.rounds.keepalive_p50_us = vec![500.0, 700.0];
         f.rounds.keepalive_p99_us = vec![900.0, 1_300.0];
+        f.rounds.http2_requests_per_s = vec![40_000.0, 20_000.0];
+        f.rounds.http2_p50_us = vec![300.0, 500.0];
+        f.rounds.http2_p99_us = vec![1_000.0, 2_000.0];
         f.rounds.new_connections_per_s = vec![4_000.0, 5_000.0];
         sum_rounds(&totals, &mut f);
         assert_eq!(
@@ -1260,9 +1419,14 @@ mod tests {
         assert_eq!(f.keepalive_requests_per_s, Some(25_000.0));
         assert_eq!(f.keepalive_p50_us, Some(600.0));
         assert_eq!(f.keepalive_p99_us, Some(1_100.0));
+        assert_eq!(f.http2_requests_per_s, Some(30_000.0));
+        assert_eq!(f.http2_p50_us, Some(400.0));
+        assert_eq!(f.http2_p99_us, Some(1_500.0));
+        assert_eq!(f.http2_stolen_ms, Some(50.0));
         let whole = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
         assert_eq!(whole(&f.latency_cpu_us_per_request), [20.0, 50.0]);
         assert_eq!(whole(&f.keepalive_cpu_us_per_request), [10.0, 25.0]);
+        assert_eq!(whole(&f.http2_cpu_us_per_request), [5.0, 15.0]);
         assert_eq!(f.bulk_1_stream_host_busy, Some(0.95));
         assert_eq!(f.keepalive_host_busy, Some(0.75));
         // Ticks of 10 ms.
@@ -1282,11 +1446,14 @@ mod tests {
             bulk_cpu_seconds: Some(vec![0.5, 0.5]),
             keepalive_cpu_seconds: Some(vec![1.0, 1.0]),
             keepalive_requests: 1_000,
-            failed: vec![Scenario::Bulk8, Scenario::KeepAlive],
+            http2_cpu_seconds: Some(vec![1.0, 1.0]),
+            http2_requests: 1_000,
+            failed: vec![Scenario::Bulk8, Scenario::KeepAlive, Scenario::Http2],
             ..Totals::default()
         };
         let mut f = PairFigures::default();
         f.rounds.keepalive_requests_per_s = vec![30_000.0];
+        f.rounds.http2_requests_per_s = vec![30_000.0];
         sum_rounds(&totals, &mut f);
         assert_eq!(f.bulk_1_stream_bytes_per_s, Some(1e9));
         assert_eq!(f.bulk_8_streams_bytes_per_s, None);
@@ -1295,6 +1462,8 @@ mod tests {
         assert_eq!(f.keepalive_requests_per_s, None);
         assert_eq!(f.keepalive_p99_us, None);
         assert!(f.keepalive_cpu_us_per_request.is_empty());
+        assert_eq!(f.http2_requests_per_s, None);
+        assert!(f.http2_cpu_us_per_request.is_empty());
         assert_eq!(f.latency_p99_us, None);
         // The host's ticks were never read around a round.
         assert_eq!(f.bulk_1_stream_stolen_ms, None);

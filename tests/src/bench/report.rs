@@ -64,6 +64,8 @@ pub fn ratios(results: &Results, c: &PairFigures) -> Value {
         "bulk_8_streams_to_direct_by_round": rounds(|r| &r.bulk_8_streams_bytes_per_s),
         "keepalive_requests_to_direct": d(|f| f.keepalive_requests_per_s),
         "keepalive_requests_to_direct_by_round": rounds(|r| &r.keepalive_requests_per_s),
+        "http2_requests_to_direct": d(|f| f.http2_requests_per_s),
+        "http2_requests_to_direct_by_round": rounds(|r| &r.http2_requests_per_s),
         "new_connections_to_direct": d(|f| f.new_connections_per_s),
         "new_connections_to_direct_by_round": rounds(|r| &r.new_connections_per_s),
         "added_p50_us": added(|f| f.latency_p50_us),
@@ -71,6 +73,8 @@ pub fn ratios(results: &Results, c: &PairFigures) -> Value {
         "added_p999_us": added(|f| f.latency_p999_us),
         "keepalive_added_p50_us": added(|f| f.keepalive_p50_us),
         "keepalive_added_p99_us": added(|f| f.keepalive_p99_us),
+        "http2_added_p50_us": added(|f| f.http2_p50_us),
+        "http2_added_p99_us": added(|f| f.http2_p99_us),
         "new_connections_to_envoy": e(|f| f.new_connections_per_s),
         "cpu_per_gb_to_envoy": e(|f| f.cpu_seconds_per_gb),
         "idle_rss_to_envoy": ratio(max_kib(&c.rss_idle_kib), envoy.and_then(|f| max_kib(&f.rss_idle_kib))),
@@ -539,6 +543,25 @@ pub fn table(results: &Results) -> String {
         per_side(&c.keepalive_preempted_per_request, 2)
     });
     row(STOLEN, &|c, _| stolen_ms(c.keepalive_stolen_ms));
+    if results.sizes.http2_connections > 0 && results.http2_not_run.is_none() {
+        row("HTTP/2 req/s", &|c, _| {
+            fmt_opt(c.http2_requests_per_s, |x| format!("{x:.0}"))
+        });
+        row("  ratio to direct", &|_, v| {
+            fmt_opt(r(v, "http2_requests_to_direct"), |x| format!("{x:.2}"))
+        });
+        row("  its p50 / p99 (us)", &|c, _| {
+            micros(&[c.http2_p50_us, c.http2_p99_us], false)
+        });
+        row("  added p50 / p99", &|_, v| {
+            let added = ["http2_added_p50_us", "http2_added_p99_us"];
+            micros(&added.map(|k| r(v, k)), true)
+        });
+        row("  CPU us a request (c / s)", &|c, _| {
+            per_side(&c.http2_cpu_us_per_request, 0)
+        });
+        row(STOLEN, &|c, _| stolen_ms(c.http2_stolen_ms));
+    }
     row("new connections/s", &|c, _| {
         fmt_opt(c.new_connections_per_s, |x| format!("{x:.0}"))
     });
@@ -604,10 +627,23 @@ pub fn table(results: &Results) -> String {
     );
     if results.sizes.rounds > 1 && !cols.is_empty() {
         out.push_str(&format!(
-            "bulk, fixed rate, keep-alive and new connections in {} interleaved rounds (each \
-             round runs every contender in turn); figures are of all rounds together\n",
+            "bulk, fixed rate, keep-alive, HTTP/2 and new connections in {} interleaved rounds \
+             (each round runs every contender in turn); figures are of all rounds together\n",
             results.sizes.rounds
         ));
+        if let Some(tool) = cols.iter().find_map(|c| c.http2_tool.as_deref()) {
+            out.push_str(&format!(
+                "HTTP/2: {tool} (HTTP/2 with prior knowledge, as gRPC over cleartext; a 1 KiB \
+                 POST, a 1 KiB answer; the pair carries it over mTLS)\n"
+            ));
+        }
+    }
+    if let Some(why) = results
+        .http2_not_run
+        .as_deref()
+        .filter(|_| !cols.is_empty())
+    {
+        out.push_str(&format!("HTTP/2 rate not run: {why}\n"));
     }
     // A control-plane-only run has no contender columns to show.
     if cols.is_empty() {
@@ -854,6 +890,7 @@ pub fn results(contenders: Vec<PairFigures>) -> Results {
         open_files_limit: 0,
         sizes: Mode::Quick.sizes(),
         contenders,
+        http2_not_run: None,
         control_plane: None,
         profile: None,
         seconds: 0.0,
@@ -926,6 +963,53 @@ mod tests {
         assert_eq!(connections["met"].as_bool(), Some(true), "{connections}");
         let table = table(&run);
         assert!(table.contains("met (rounds 1.600 to 2.400)"), "{table}");
+    }
+
+    /// The HTTP/2 rate has its rows, with each pair's ratio to direct and
+    /// the latency it adds, and names its load generator; a run without
+    /// h2load says why the rate is missing instead of showing empty rows.
+    #[test]
+    fn the_http2_rate_is_shown_against_direct_or_said_to_be_missing() {
+        let mut direct = pair("direct", 1.0, 1.0);
+        direct.http2_requests_per_s = Some(80_000.0);
+        direct.http2_p50_us = Some(150.0);
+        direct.http2_p99_us = Some(400.0);
+        direct.http2_tool = Some("h2load -t1 -c4 -m4".into());
+        let mut trellis = pair("trellis", 1.0, 1.0);
+        trellis.http2_requests_per_s = Some(20_000.0);
+        trellis.http2_p50_us = Some(700.0);
+        trellis.http2_p99_us = Some(1_400.0);
+        trellis.http2_cpu_us_per_request = vec![12.0, 21.0];
+        trellis.rounds.http2_requests_per_s = vec![18_000.0, 22_000.0];
+        direct.rounds.http2_requests_per_s = vec![90_000.0, 70_000.0];
+        let run = results(vec![direct, trellis]);
+        let by_round = &ratios(&run, &run.contenders[1])["http2_requests_to_direct_by_round"];
+        assert_eq!(by_round, &json!([0.2, 22_000.0 / 70_000.0]));
+        let table = table(&run);
+        let line = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(label))
+                .unwrap_or_else(|| panic!("no {label:?} row in\n{table}"))
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("HTTP/2 req/s")[2..], ["80000", "20000"]);
+        assert!(table.contains("HTTP/2: h2load -t1 -c4 -m4"), "{table}");
+        let after = table.split("HTTP/2 req/s").nth(1).unwrap();
+        assert!(after.contains("0.25"), "{table}");
+        assert!(after.contains("+550 / +1000"), "{table}");
+        assert!(after.contains("12 / 21"), "{table}");
+
+        let mut without = results(vec![pair("direct", 1.0, 1.0), pair("trellis", 1.0, 1.0)]);
+        without.http2_not_run = Some("h2load is not installed".into());
+        let table = super::table(&without);
+        assert!(
+            table.contains("HTTP/2 rate not run: h2load is not installed"),
+            "{table}"
+        );
+        assert!(!table.contains("HTTP/2 req/s"), "{table}");
     }
 
     /// The issuance target is the ratio of every round together, names
@@ -1209,10 +1293,17 @@ mod tests {
             .filter(|l| l.starts_with(STOLEN))
             .map(|l| l[STOLEN.len()..].split_whitespace().collect())
             .collect();
-        // Bulk, fixed rate, keep-alive, new connections; direct first.
+        // Bulk, fixed rate, keep-alive, HTTP/2 (not measured here), new
+        // connections; direct first.
         assert_eq!(
             rows,
-            [["20", "20"], ["10", "430"], ["0", "0"], ["50", "50"]],
+            [
+                ["20", "20"],
+                ["10", "430"],
+                ["0", "0"],
+                ["-", "-"],
+                ["50", "50"]
+            ],
             "{table}"
         );
 
