@@ -488,7 +488,9 @@ pub async fn http2_rate_h2load(
 
 /// The requests h2load finished and its rate, from its summary; a run in
 /// which any request failed, or was answered with other than 2xx, is an
-/// error that quotes the summary.
+/// error that quotes the summary. (A timed run counts the status of a
+/// few answers that arrive after its end, which are not `done`: the 2xx
+/// count may exceed it.)
 fn parse_h2load(text: &str) -> anyhow::Result<(u64, f64)> {
     let field = |line: &str, name: &str| -> Option<u64> {
         line.split(',')
@@ -508,8 +510,12 @@ fn parse_h2load(text: &str) -> anyhow::Result<(u64, f64)> {
         .find_map(|l| l.trim().strip_prefix("status codes:"))
         .unwrap_or_default();
     let ok = field(statuses, "2xx").unwrap_or(0);
+    let other: u64 = ["3xx", "4xx", "5xx"]
+        .iter()
+        .map(|class| field(statuses, class).unwrap_or(0))
+        .sum();
     anyhow::ensure!(
-        done > 0 && failed == 0 && errored == 0 && succeeded == done && ok == done,
+        done > 0 && failed == 0 && errored == 0 && succeeded == done && ok >= done && other == 0,
         "h2load saw failed requests or answers other than 2xx:\n{text}"
     );
     let requests_per_s = text
@@ -761,6 +767,10 @@ mod tests {
                     requests: 41235 total, 41251 started, 41235 done, 41235 succeeded, 0 failed, 0 errored, 0 timeout\n\
                     status codes: 41235 2xx, 0 3xx, 0 4xx, 0 5xx\n";
         assert_eq!(parse_h2load(good).unwrap(), (41235, 41234.5));
+        // Answers that came in after the timed run's end have a status but
+        // are not done.
+        let late = good.replace("41235 2xx", "41238 2xx");
+        assert_eq!(parse_h2load(&late).unwrap(), (41235, 41234.5));
         let failed = good.replace("41235 succeeded, 0 failed", "41200 succeeded, 35 failed");
         let e = parse_h2load(&failed).unwrap_err().to_string();
         assert!(

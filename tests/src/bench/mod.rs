@@ -757,7 +757,8 @@ async fn profile_pairs(
             // The round's figures are not kept: the profiler was attached.
             let (mut totals, mut figures) = (Totals::default(), PairFigures::default());
             let round = run_round(scenario, pair, sizes, tools, dir, &mut totals, &mut figures);
-            let label = format!("{name}-{}", scenario.describe().replace(' ', "-"));
+            // A file name: no spaces, and no slash ("HTTP/2 rate").
+            let label = format!("{name}-{}", scenario.describe().replace([' ', '/'], "-"));
             let files = match perf.record(&pids, dir, &label, round).await {
                 Ok(((), files)) => files,
                 Err(e) => {
