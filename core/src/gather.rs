@@ -7,7 +7,9 @@
 //! control plane (HEADERS, DATA, trailers) took two writes and woke its
 //! caller twice; a request from a client (HEADERS, DATA, then an empty DATA
 //! frame that ends the stream) took up to three. Both ends of the control
-//! plane's gRPC connections wrap their TLS stream in [`GatheredWrites`].
+//! plane's gRPC connections wrap their TLS stream in [`GatheredWrites`], and
+//! so do both HTTP/2 connections a sidecar serves a request on: the
+//! caller's TLS stream and its pooled connection to the app.
 
 use std::io;
 use std::pin::Pin;
@@ -95,6 +97,15 @@ impl<S: AsyncWrite + Unpin> GatheredWrites<S> {
             ready!(self.poll_send(cx))?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// To a pooled client, a gathered connection is the connection it wraps.
+impl<S: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for GatheredWrites<S>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
     }
 }
 
