@@ -100,15 +100,6 @@ impl<S: AsyncWrite + Unpin> GatheredWrites<S> {
     }
 }
 
-/// To a pooled client, a gathered connection is the connection it wraps.
-impl<S: hyper_util::client::legacy::connect::Connection>
-    hyper_util::client::legacy::connect::Connection for GatheredWrites<S>
-{
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.inner.connected()
-    }
-}
-
 impl<S: AsyncRead + Unpin> AsyncRead for GatheredWrites<S> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -12,7 +12,8 @@
 //! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
 //! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
 //! over keep-alive connections (HTTP/1 on app connections parked between
-//! requests, [`upstream`]; HTTP/2 on the pooled client, so gRPC works), and
+//! requests, [`upstream`]; HTTP/2 on one connection to each app port that
+//! every caller's streams share, [`app_h2`], so gRPC works), and
 //! its body streams through, never buffered whole.
 //! Upgrades (WebSocket) switch to a byte copy once the app agrees. A
 //! denied request never reaches the app and does not end the connection.
@@ -21,6 +22,7 @@
 //! `inbound` has done both before calling [`serve`].
 
 pub mod access;
+pub mod app_h2;
 pub mod authz;
 pub mod detect;
 pub mod h1;
@@ -34,15 +36,12 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Waker};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -54,6 +53,7 @@ pub use access::ACCESS_TARGET;
 pub use detect::{Protocol, Rewind, detect};
 
 use access::Counted;
+use app_h2::AppH2;
 use authz::AuthorizeLayer;
 use proxy::Exchange;
 use ratelimit::RateLimitLayer;
@@ -68,17 +68,15 @@ pub type Body = Counted<Either<Incoming, Full<Bytes>>>;
 /// A request body on its way to the app, counted.
 type RequestBody = Counted<Incoming>;
 
-/// How long an idle pooled HTTP/2 connection to the app is kept.
-const POOL_IDLE: Duration = upstream::IDLE;
-
 /// What every HTTP connection of the sidecar shares: the app connections
-/// parked between HTTP/1 callers, and the pooled HTTP/2 client.
+/// parked between HTTP/1 callers, and the HTTP/2 connections.
 pub struct Http {
     app: Arc<AppConnections>,
     /// The app connections of the HTTP/1 forwarder ([`h1`]), parked
     /// between requests.
     h1: AppConnections<h1::AppStream>,
-    h2: Client<GatheringConnector, RequestBody>,
+    /// The HTTP/2 connections to the app, one to each port.
+    h2: AppH2<RequestBody>,
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
     pub access_log: bool,
@@ -90,52 +88,13 @@ impl Http {
     }
 
     pub fn with_access_log(metrics: Arc<Metrics>, access_log: bool) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(crate::net::CONNECT_TIMEOUT));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        let h2 = builder
-            .http2_only(true)
-            .build(GatheringConnector(connector));
         Http {
             app: Arc::default(),
             h1: AppConnections::default(),
-            h2,
+            h2: AppH2::default(),
             metrics,
             access_log,
         }
-    }
-}
-
-/// The pooled HTTP/2 client's connector: the app connections
-/// `HttpConnector` dials, each write to them gathered until the
-/// connection's task has had its turns ([`GatheredWrites`]), so the frames
-/// of the requests in flight leave together instead of a write for each
-/// DATA frame h2 sends from the request's own buffer.
-#[derive(Clone)]
-struct GatheringConnector(HttpConnector);
-
-impl tower::Service<http::Uri> for GatheringConnector {
-    type Response = TokioIo<GatheredWrites<tokio::net::TcpStream>>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
-            Ok(TokioIo::new(GatheredWrites::new(tcp)))
-        })
     }
 }
 
@@ -546,7 +505,7 @@ mod tests {
     /// the message's own buffer and flushes it apart from the frames queued
     /// before it; the sidecar gathers what each of its HTTP/2 connections
     /// writes until the connection's task has had its turns, on the
-    /// caller's stream and on its pooled connection to the app. Sixteen
+    /// caller's stream and on its connection to the app. Sixteen
     /// requests in flight at a time: the frames of several streams leave
     /// together, well under one write a request each way (30 writes to the
     /// caller and 20 segments to the app for 160 requests, here). Without
@@ -588,7 +547,7 @@ mod tests {
             let body = answer.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body.len(), 1024);
         };
-        // The first request opens the pooled connection to the app.
+        // The first request opens the connection to the app.
         post(send.clone()).await;
         let (writes_before, segments_before) =
             (writes.load(Ordering::Relaxed), data_segments_in(app));
@@ -603,7 +562,11 @@ mod tests {
         }
         let requests = IN_FLIGHT * BURSTS;
         let to_caller = writes.load(Ordering::Relaxed) - writes_before;
-        assert_eq!(accepted.load(Ordering::Relaxed), 1, "one pooled connection");
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "one connection to the app"
+        );
         assert!(
             to_caller <= requests / 2,
             "{to_caller} writes to the caller for {requests} requests"

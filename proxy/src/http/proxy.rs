@@ -1,7 +1,8 @@
 //! One request through the sidecar: taken from the caller ([`Exchange`],
 //! cleaned of hop-by-hop headers and given the verified identity), passed
 //! through the request stack's layers, sent to the app ([`forward`]: over a
-//! parked app connection for HTTP/1, the pooled client for HTTP/2), and
+//! parked app connection for HTTP/1, the app port's one connection for
+//! HTTP/2), and
 //! answered with the app's
 //! streamed response, or with a short local answer ([`local`]) when the
 //! sidecar refuses it.
@@ -92,7 +93,7 @@ pub async fn forward(
         entry.end_body();
     }
     let sent = if req.version() == Version::HTTP_2 {
-        to_pool(&conn, req).await
+        to_app_h2(&conn, req).await
     } else {
         let sent = conn.upstream.send(req, &conn.authority, !upgrading).await;
         // An answer in before the body: the rest of the body is watched.
@@ -103,7 +104,7 @@ pub async fn forward(
         {
             watch_body(&entry, app);
         }
-        sent.map_err(Into::into)
+        sent
     };
     let mut response = match sent {
         Ok(response) => response.map(Either::Left),
@@ -111,9 +112,7 @@ pub async fn forward(
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
             // An answer hyper could not read one way only (two lengths, a
             // malformed head) is the app's fault, not its absence.
-            let invalid = e
-                .downcast_ref::<SendError>()
-                .is_some_and(|e| matches!(e, SendError::Request(e) if e.is_parse()));
+            let invalid = matches!(&e, SendError::Request(e) if e.is_parse());
             let message = if invalid {
                 "invalid answer from the app"
             } else {
@@ -170,12 +169,12 @@ fn watch_body(entry: &Arc<Entry>, app: AbortHandle) {
     });
 }
 
-/// Sends an HTTP/2 request over the pooled client, which dials the URI's
-/// authority: always the app.
-async fn to_pool(
+/// Sends an HTTP/2 request over the app port's HTTP/2 connection, its URI
+/// naming the app.
+async fn to_app_h2(
     conn: &Connection,
     mut req: Request<RequestBody>,
-) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Response<Incoming>, SendError> {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(conn.authority.clone());
@@ -183,7 +182,7 @@ async fn to_pool(
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
     *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
-    Ok(conn.http.h2.request(req).await?)
+    conn.http.h2.send(conn.target, req).await
 }
 
 /// A response the sidecar wrote instead of the app, logged with `entry`.

@@ -44,6 +44,8 @@ pub enum SendError {
     Connect(std::io::Error),
     #[error("HTTP/1 handshake with the app: {0}")]
     Handshake(hyper::Error),
+    #[error("HTTP/2 handshake with the app: {0}")]
+    Http2Handshake(hyper::Error),
     #[error(transparent)]
     Request(hyper::Error),
 }

@@ -66,8 +66,8 @@ pub struct Shared {
     pub close_denied: bool,
     /// Ports whose traffic is never inspected as HTTP (`--opaque-ports`).
     pub opaque_ports: Vec<u16>,
-    /// The connections to the app for HTTP: parked HTTP/1 ones and the
-    /// pooled HTTP/2 client.
+    /// The connections to the app for HTTP: parked HTTP/1 ones and one
+    /// HTTP/2 connection to each port.
     pub http: Arc<crate::http::Http>,
     pub metrics: Arc<Metrics>,
 }

@@ -1,0 +1,425 @@
+//! HTTP/2 connections to the app.
+//!
+//! HTTP/2 multiplexes, so one connection to each app port carries every
+//! HTTP/2 request the sidecar sends to that port, whichever caller it came
+//! from. A request clones the connection's sender under a short lock and
+//! sends on it: no pool checkout, no boxed future, no task of its own
+//! beyond the one hyper spawns for a request body still arriving.
+//!
+//! The first request to a port dials it; requests that arrive while it is
+//! being dialled wait for that one connection rather than dial their own.
+//! A connection the app closes, or that fails, is forgotten and the next
+//! request dials again; a request that never left a reused connection
+//! (the app had closed it) goes out on the next. A connection that no
+//! request has used for [`IDLE`](super::upstream::IDLE) is let go: no new
+//! request takes it, and it closes once the streams on it are done.
+//!
+//! Each connection gathers its writes ([`GatheredWrites`]), so the frames
+//! of the streams in flight leave together instead of one write for each
+//! DATA frame h2 sends from a request's own buffer.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use trellis_core::gather::GatheredWrites;
+
+use super::upstream::{IDLE, SendError};
+
+/// The HTTP/2 connections to the app's ports, at most one each.
+pub struct AppH2<B> {
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    ports: Mutex<Vec<Port<B>>>,
+    /// How long a connection is kept with no request on it.
+    idle: Duration,
+}
+
+/// One app port: its connection, if one is open, and the lock its dial is
+/// made under.
+struct Port<B> {
+    target: SocketAddr,
+    conn: Option<Conn<B>>,
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Conn<B> {
+    /// Tells this connection from the ones dialled before and after it to
+    /// the same port.
+    id: u64,
+    sender: SendRequest<B>,
+    used: Instant,
+}
+
+impl<B> Default for AppH2<B> {
+    fn default() -> Self {
+        Self::with_idle(IDLE)
+    }
+}
+
+impl<B> AppH2<B> {
+    /// Connections let go after `idle` without a request.
+    pub fn with_idle(idle: Duration) -> Self {
+        AppH2 {
+            shared: Arc::new(Shared {
+                ports: Mutex::default(),
+                idle,
+            }),
+        }
+    }
+
+    /// How many connections to the app are held open for new requests.
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        let ports = self.shared.lock();
+        ports.iter().filter(|p| p.conn.is_some()).count()
+    }
+}
+
+impl<B> Shared<B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Port<B>>> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open connection to `target`, marked used now, if there is one.
+    fn checkout(&self, target: SocketAddr) -> Option<(u64, SendRequest<B>)> {
+        let mut ports = self.lock();
+        let port = ports.iter_mut().find(|p| p.target == target)?;
+        let conn = port.conn.as_mut()?;
+        if conn.sender.is_closed() {
+            port.conn = None;
+            return None;
+        }
+        conn.used = Instant::now();
+        Some((conn.id, conn.sender.clone()))
+    }
+
+    /// The lock the dial to `target` is made under.
+    fn dialing(&self, target: SocketAddr) -> Arc<tokio::sync::Mutex<()>> {
+        let mut ports = self.lock();
+        if let Some(port) = ports.iter().find(|p| p.target == target) {
+            return port.dialing.clone();
+        }
+        let dialing = Arc::new(tokio::sync::Mutex::new(()));
+        ports.push(Port {
+            target,
+            conn: None,
+            dialing: dialing.clone(),
+        });
+        dialing
+    }
+
+    /// Forgets connection `id` to `target`, if it is still the port's.
+    fn forget(&self, target: SocketAddr, id: u64) {
+        let mut ports = self.lock();
+        if let Some(port) = ports.iter_mut().find(|p| p.target == target)
+            && port.conn.as_ref().is_some_and(|c| c.id == id)
+        {
+            port.conn = None;
+        }
+    }
+
+    /// Forgets connection `id` to `target` if no request has used it for
+    /// [`idle`](Self::idle); otherwise how long until it would have been
+    /// idle that long. `None` once it is forgotten, or was already.
+    fn idle_left(&self, target: SocketAddr, id: u64) -> Option<Duration> {
+        let mut ports = self.lock();
+        let port = ports.iter_mut().find(|p| p.target == target)?;
+        let conn = port.conn.as_ref().filter(|c| c.id == id)?;
+        let left = self.idle.checked_sub(conn.used.elapsed());
+        if left.is_none_or(|left| left.is_zero()) {
+            port.conn = None;
+            return None;
+        }
+        left
+    }
+}
+
+impl<B> AppH2<B>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Sends `req` (its URI in absolute form, naming the app) to the app at
+    /// `target` over the port's connection, dialling one if there is none.
+    pub async fn send(
+        &self,
+        target: SocketAddr,
+        mut req: Request<B>,
+    ) -> Result<Response<Incoming>, SendError> {
+        loop {
+            let ((id, mut sender), reused) = match self.shared.checkout(target) {
+                Some(open) => (open, true),
+                // Boxed: a dial is rare (once a connection), and its state
+                // would otherwise enlarge every request's future.
+                None => Box::pin(self.dial(target)).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => {
+                    // The request comes back only if it never left: the
+                    // connection had closed. A new one may take it.
+                    self.shared.forget(target, id);
+                    match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(SendError::Request(e.into_error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection to `target` another request dialled meanwhile, or a
+    /// new one; `true` with the first.
+    async fn dial(&self, target: SocketAddr) -> Result<((u64, SendRequest<B>), bool), SendError> {
+        let dialing = self.shared.dialing(target);
+        let _one = dialing.lock().await;
+        if let Some(open) = self.shared.checkout(target) {
+            return Ok((open, true));
+        }
+        let tcp = crate::net::connect(target)
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(GatheredWrites::new(tcp)))
+            .await
+            .map_err(SendError::Http2Handshake)?;
+        let id = next_id();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut wait = shared.idle;
+            loop {
+                tokio::select! {
+                    ended = &mut conn => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "HTTP/2 app connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep(wait) => match shared.idle_left(target, id) {
+                        Some(left) => wait = left,
+                        // Let go: it ends once its streams are done and the
+                        // last request holding its sender has finished.
+                        None => {
+                            let _ = (&mut conn).await;
+                            break;
+                        }
+                    },
+                }
+            }
+            shared.forget(target, id);
+        });
+        let mut ports = self.shared.lock();
+        if let Some(port) = ports.iter_mut().find(|p| p.target == target) {
+            port.conn = Some(Conn {
+                id,
+                sender: sender.clone(),
+                used: Instant::now(),
+            });
+        }
+        Ok(((id, sender), false))
+    }
+}
+
+/// A number no other connection of this process has.
+fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against real HTTP/2 apps (hyper's server) on loopback sockets.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What the test app counts: connections accepted, and those over.
+    #[derive(Default)]
+    struct Seen {
+        accepted: AtomicUsize,
+        ended: AtomicUsize,
+    }
+
+    impl Seen {
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+        fn ended(&self) -> usize {
+            self.ended.load(Ordering::SeqCst)
+        }
+    }
+
+    /// An app serving HTTP/2 with prior knowledge: `/slow` is answered
+    /// with ten chunks of 100 bytes 50 ms apart, anything else with its own
+    /// path. With `one_each` it closes each connection after its first
+    /// answer, as an app restarting its listener would.
+    async fn app(one_each: bool) -> (SocketAddr, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                let (answered, mut first) = tokio::sync::mpsc::channel::<()>(1);
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let answered = answered.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        req.into_body().collect().await?;
+                        let _ = answered.try_send(());
+                        let body = if path == "/slow" {
+                            let chunks = futures::stream::unfold(0, |n| async move {
+                                if n == 10 {
+                                    return None;
+                                }
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                let chunk = hyper::body::Frame::data(Bytes::from(vec![b's'; 100]));
+                                Some((Ok::<_, hyper::Error>(chunk), n + 1))
+                            });
+                            http_body_util::Either::Left(StreamBody::new(chunks))
+                        } else {
+                            http_body_util::Either::Right(Full::new(Bytes::from(path)))
+                        };
+                        Ok::<_, hyper::Error>(Response::new(body))
+                    }
+                });
+                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service);
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut served = std::pin::pin!(served);
+                    if one_each {
+                        tokio::select! {
+                            _ = &mut served => {}
+                            _ = first.recv() => {
+                                // Let the answer leave, then go away.
+                                served.as_mut().graceful_shutdown();
+                                let _ = served.await;
+                            }
+                        }
+                    } else {
+                        let _ = served.await;
+                    }
+                    counts.ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn post(app: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+        Request::post(format!("http://{app}{path}"))
+            .body(Full::new(Bytes::from_static(b"a request body")))
+            .unwrap()
+    }
+
+    /// Sends `path` to `app` and returns the status and body.
+    async fn call(h2: &AppH2<Full<Bytes>>, app: SocketAddr, path: &str) -> (StatusCode, Bytes) {
+        let answer = h2.send(app, post(app, path)).await.unwrap();
+        let status = answer.status();
+        (
+            status,
+            answer.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    /// Waits, at most ten seconds, until `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "still waiting: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_to_a_port_shares_its_one_connection() {
+        let (one, seen_one) = app(false).await;
+        let (two, seen_two) = app(false).await;
+        let h2 = Arc::new(AppH2::default());
+        // Forty requests at once to each port, before any connection is
+        // open: they wait for the first dial instead of making their own.
+        let mut calls = tokio::task::JoinSet::new();
+        for n in 0..40 {
+            for app in [one, two] {
+                let h2 = h2.clone();
+                let path = format!("/call-{n}");
+                calls.spawn(async move { (path.clone(), call(&h2, app, &path).await) });
+            }
+        }
+        while let Some(done) = calls.join_next().await {
+            let (path, (status, body)) = done.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, path.as_bytes(), "each answer is its own request's");
+        }
+        assert_eq!(seen_one.accepted(), 1, "one connection to the first port");
+        assert_eq!(seen_two.accepted(), 1, "one connection to the second port");
+        assert_eq!(h2.open(), 2);
+        // Later requests still take them.
+        assert_eq!(call(&h2, one, "/later").await.0, StatusCode::OK);
+        assert_eq!(seen_one.accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_is_replaced() {
+        let (app, seen) = app(true).await;
+        let h2 = AppH2::default();
+        for n in 1..=3 {
+            assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
+            assert_eq!(seen.accepted(), n);
+            // The app has gone away from this connection: it is forgotten,
+            // and the next request dials a new one.
+            until("the app closing its connection", || seen.ended() == n).await;
+            until("the connection being forgotten", || h2.open() == 0).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_let_go_but_one_in_use_is_kept() {
+        let (app, seen) = app(false).await;
+        let h2 = AppH2::with_idle(Duration::from_millis(600));
+        // A request every 60 ms for three times the idle time: one
+        // connection throughout.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1800) {
+            assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(seen.accepted(), 1, "a connection in use is kept");
+        // Then none: it is let go and closed.
+        until("the idle connection closing", || seen.ended() == 1).await;
+        assert_eq!(h2.open(), 0);
+        assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
+        assert_eq!(seen.accepted(), 2, "the next request dials again");
+    }
+
+    #[tokio::test]
+    async fn a_stream_outlives_the_idle_time_of_its_connection() {
+        let (app, seen) = app(false).await;
+        let h2 = AppH2::with_idle(Duration::from_millis(100));
+        // The answer takes half a second, five times the idle time: the
+        // connection is let go meanwhile, and still delivers all of it.
+        let (status, body) = call(&h2, app, "/slow").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), 1000, "the whole answer");
+        assert_eq!(h2.open(), 0, "let go while the answer came");
+        until("the idle connection closing", || seen.ended() == 1).await;
+    }
+}
