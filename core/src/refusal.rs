@@ -33,8 +33,9 @@ pub enum Version {
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The HTTP/2 connection preface a client without TLS starts with.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The HTTP/2 client connection preface (RFC 9113, section 3.4): what a
+/// client speaking HTTP/2 with prior knowledge sends first.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether the first bytes a client sent to a TLS port (at least one) are
 /// plaintext HTTP, and which version: `None` for a TLS handshake and for

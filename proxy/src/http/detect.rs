@@ -25,14 +25,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use trellis_core::refusal::H2_PREFACE;
 
 /// How long a client has to send enough bytes to be recognised as HTTP.
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// At most this many bytes are read before deciding; a longer HTTP/1
 /// request line is treated as opaque.
 pub const MAX_PEEK: usize = 8 * 1024;
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The ALPN protocol ID of HTTP/2 over TLS (RFC 9113).
 pub const ALPN_H2: &[u8] = b"h2";

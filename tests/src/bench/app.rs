@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use trellis_core::refusal::H2_PREFACE;
 
 /// The size of every HTTP answer's body.
 pub const RESPONSE_BODY: usize = 1024;
@@ -211,9 +212,6 @@ fn looks_like_http(first: &[u8]) -> bool {
         .iter()
         .any(|m| first.starts_with(m))
 }
-
-/// The HTTP/2 client preface (RFC 9113, section 3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether `first` starts as the HTTP/2 client preface does (the whole
 /// preface may not have arrived in the first read).
