@@ -11,8 +11,8 @@
 //! A connection the app closes, or that fails, is forgotten and the next
 //! request dials again; a request that never left a reused connection
 //! (the app had closed it) goes out on the next. A connection that no
-//! request has used for [`IDLE`](super::upstream::IDLE) is let go: no new
-//! request takes it, and it closes once the streams on it are done.
+//! request has used for [`IDLE`] is let go: no new request takes it, and
+//! it closes once the streams on it are done.
 //!
 //! Each connection gathers its writes ([`GatheredWrites`]), so the frames
 //! of the streams in flight leave together instead of one write for each
