@@ -10,7 +10,8 @@
 //! being dialled wait for that one connection rather than dial their own.
 //! A connection the app closes, or that fails, is forgotten and the next
 //! request dials again; a request that never left a reused connection
-//! (the app had closed it) goes out on the next. A connection that no
+//! (the app had closed it) goes out on the next. A stream the app resets
+//! fails alone: its connection stays the port's. A connection that no
 //! request has used for [`IDLE`] is let go: no new request takes it, and
 //! it closes once the streams on it are done.
 //!
@@ -165,9 +166,14 @@ where
                 Ok(response) => return Ok(response),
                 Err(mut e) => {
                     // The request comes back only if it never left: the
-                    // connection had closed. A new one may take it.
-                    self.shared.forget(target, id);
-                    match e.take_message() {
+                    // connection had closed, and a new one may take it.
+                    // An error of this request's stream alone (the app
+                    // reset it) leaves the connection to the others.
+                    let unsent = e.take_message();
+                    if unsent.is_some() || sender.is_closed() {
+                        self.shared.forget(target, id);
+                    }
+                    match unsent {
                         Some(unsent) if reused => req = unsent,
                         _ => return Err(SendError::Request(e.into_error())),
                     }
@@ -266,8 +272,8 @@ mod tests {
     }
 
     /// An app serving HTTP/2 with prior knowledge: `/slow` is answered
-    /// with ten chunks of 100 bytes 50 ms apart, anything else with its own
-    /// path. With `one_each` it closes each connection after its first
+    /// with ten chunks of 100 bytes 50 ms apart, `/reset` with its stream
+    /// reset, anything else with its own path. With `one_each` it closes each connection after its first
     /// answer, as an app restarting its listener would.
     async fn app(one_each: bool) -> (SocketAddr, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -282,7 +288,14 @@ mod tests {
                     let answered = answered.clone();
                     async move {
                         let path = req.uri().path().to_owned();
-                        req.into_body().collect().await?;
+                        if let Err(e) = req.into_body().collect().await {
+                            return Err(std::io::Error::other(e));
+                        }
+                        if path == "/reset" {
+                            // hyper's server resets the stream of a
+                            // request its service fails.
+                            return Err(std::io::Error::other("reset"));
+                        }
                         let _ = answered.try_send(());
                         let body = if path == "/slow" {
                             let chunks = futures::stream::unfold(0, |n| async move {
@@ -297,7 +310,7 @@ mod tests {
                         } else {
                             http_body_util::Either::Right(Full::new(Bytes::from(path)))
                         };
-                        Ok::<_, hyper::Error>(Response::new(body))
+                        Ok::<_, std::io::Error>(Response::new(body))
                     }
                 });
                 let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -375,6 +388,25 @@ mod tests {
         // Later requests still take them.
         assert_eq!(call(&h2, one, "/later").await.0, StatusCode::OK);
         assert_eq!(seen_one.accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_app_resets_fails_alone() {
+        let (app, seen) = app(false).await;
+        let h2 = AppH2::default();
+        assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
+        let reset = h2.send(app, post(app, "/reset")).await;
+        assert!(
+            matches!(&reset, Err(SendError::Request(e)) if !e.is_closed()),
+            "{reset:?}"
+        );
+        // The connection stays the port's: the next request takes it.
+        assert_eq!(h2.open(), 1);
+        assert_eq!(
+            call(&h2, app, "/after").await,
+            (StatusCode::OK, "/after".into())
+        );
+        assert_eq!(seen.accepted(), 1, "one connection throughout");
     }
 
     #[tokio::test]
