@@ -188,6 +188,9 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 struct Unanswered {
     process: common::Running,
     _dir: tempfile::TempDir,
+    /// Holds the control plane's port, so no listener of a test running
+    /// beside this one is given it.
+    _control_plane: socket2::Socket,
 }
 
 fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
@@ -196,11 +199,12 @@ fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
     std::fs::write(&bundle, common::Ca::new().root_pem()).unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "  secret-join-token\n").unwrap();
-    // Nothing listens there.
-    let control_plane = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
+    // Nothing listens there: a socket bound to the port and never
+    // listening holds it, and a connection to it is refused.
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
+    let control_plane = held.local_addr().unwrap().as_socket().unwrap();
     let child = Command::new(BIN)
         .args(["--identity", ID])
         .args(common::sidecar::LOOPBACK_LISTENERS)
@@ -224,6 +228,7 @@ fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
     Unanswered {
         process: common::Running(child),
         _dir: dir,
+        _control_plane: held,
     }
 }
 
