@@ -37,6 +37,11 @@ pub const COPY_BUFFER_BULK: usize = 64 * 1024;
 /// What a [`ReadAhead`] reads at once under bulk data: four full TLS
 /// records.
 pub const READ_AHEAD: usize = 64 * 1024;
+/// How long released bytes wait for a write to go with while the peer is
+/// quiet (a server's session tickets, when the app has not answered yet):
+/// a long-polling caller gets them this soon, not with an answer minutes
+/// away.
+pub const RELEASED_WAIT: Duration = Duration::from_millis(5);
 
 /// How many connections may wait to be accepted on a listener.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -249,6 +254,10 @@ pub struct ReadAhead<S> {
     pos: usize,
     end: usize,
     hold: Hold,
+    /// While released bytes wait and the peer sends nothing: when they
+    /// leave on their own ([`RELEASED_WAIT`]). Set by the first read that
+    /// finds nothing, cleared as they leave.
+    released_wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What a [`ReadAhead`] does with the bytes written to it.
@@ -276,6 +285,7 @@ impl<S> ReadAhead<S> {
             pos: 0,
             end: 0,
             hold: Hold::Off,
+            released_wait: None,
         }
     }
 
@@ -295,8 +305,9 @@ impl<S> ReadAhead<S> {
         self.hold = Hold::AfterFirstFlush;
     }
 
-    /// Lets the held bytes go with the next write, flush or shutdown, or
-    /// after the next read that finds the peer sending.
+    /// Lets the held bytes go with the next write, flush or shutdown, after
+    /// the next read that finds the peer sending, or [`RELEASED_WAIT`] after
+    /// a read that finds it quiet, whichever comes first.
     pub fn release(&mut self) {
         self.hold = match std::mem::replace(&mut self.hold, Hold::Off) {
             Hold::Holding(held) | Hold::Released(held) if !held.is_empty() => Hold::Released(held),
@@ -329,6 +340,7 @@ impl<S: AsyncWrite + Unpin> ReadAhead<S> {
             };
             if held.is_empty() {
                 self.hold = Hold::Off;
+                self.released_wait = None;
                 continue;
             }
             let mut slices = Vec::with_capacity(1 + bufs.len());
@@ -344,6 +356,9 @@ impl<S: AsyncWrite + Unpin> ReadAhead<S> {
             }
             let sent = n - held.len();
             self.hold = Hold::Off;
+            // Its timer, if one was set, is taken off at once: left to
+            // fire, it would wake the connection for nothing.
+            self.released_wait = None;
             // Nothing of the caller's went yet: write it as if unheld (an
             // `Ok(0)` would read as a closed socket).
             if sent == 0 && bufs.iter().any(|b| !b.is_empty()) {
@@ -367,7 +382,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadAhead<S> {
             }
             Hold::Released(_) => {
                 let before = dst.filled().len();
-                ready!(Self::poll_read_ahead(this, cx, dst))?;
+                let Poll::Ready(read) = Self::poll_read_ahead(this, cx, dst) else {
+                    // The peer is quiet, waiting for an answer that may be
+                    // long in coming: the held bytes leave without it once
+                    // the wait is over.
+                    let wait = this
+                        .released_wait
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(RELEASED_WAIT)));
+                    if wait.as_mut().poll(cx).is_ready() {
+                        // Not sent now (the socket is full): the next write
+                        // sends them, and says why if it cannot.
+                        let _ = this.poll_send_held(cx, &[]);
+                    }
+                    return Poll::Pending;
+                };
+                read?;
                 if dst.filled().len() > before {
                     // Not sent now (the socket is full): the next write
                     // sends them, and says why if it cannot.
@@ -733,10 +762,15 @@ mod tests {
             [b"flight".to_vec()],
             "a read that found nothing sent them"
         );
+        assert!(socket.released_wait.is_some(), "the wait begins");
         socket.write_all(b"answer").await.unwrap();
         assert_eq!(
             socket.io.calls,
             [b"flight".to_vec(), b"ticketsanswer".to_vec()]
+        );
+        assert!(
+            socket.released_wait.is_none(),
+            "the wait's timer is taken off with them"
         );
 
         let mut socket = recorder(usize::MAX);
@@ -751,6 +785,39 @@ mod tests {
             [b"tickets".to_vec()],
             "a talking peer waits for them"
         );
+    }
+
+    /// A server's tickets when its caller sent its request with its
+    /// Finished and waits (a long poll): the app has not answered, the
+    /// caller sends nothing, and the tickets leave on their own after
+    /// [`RELEASED_WAIT`], the read that waits woken to send them. The
+    /// caller's next bytes still come through that read.
+    #[tokio::test]
+    async fn released_bytes_leave_on_their_own_while_the_peer_is_quiet() {
+        let (mut peer, io) = duplex(1024);
+        let mut socket = ReadAhead::new(io);
+        socket.hold_after_first_flush();
+        socket.write_all(b"flight").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.write_all(b"tickets").await.unwrap();
+        socket.flush().await.unwrap();
+        socket.release();
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = socket.read(&mut buf).await.unwrap();
+            (socket, buf[..n].to_vec())
+        });
+        let mut sent = [0u8; 13];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut sent))
+            .await
+            .expect("the tickets left without an answer")
+            .unwrap();
+        assert_eq!(&sent, b"flighttickets");
+        peer.write_all(b"more").await.unwrap();
+        let (socket, read) = reading.await.unwrap();
+        assert_eq!(read, b"more");
+        assert!(socket.released_wait.is_none());
+        assert!(matches!(socket.hold, Hold::Off), "{:?}", socket.hold);
     }
 
     /// A request-sized exchange holds no read-ahead buffer; bulk data gets

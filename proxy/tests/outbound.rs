@@ -266,6 +266,55 @@ async fn reconnecting_to_a_peer_resumes_the_session_even_many_at_once() {
     }
 }
 
+/// An app that reads whatever it is sent and never answers, as a server
+/// holding a long poll open does.
+async fn silent_app() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// A caller whose first connection to a peer waits on an answer that is
+/// long in coming (a long poll) still gets session tickets from it: the
+/// server holds its tickets for its first answer, but lets them go on
+/// their own once the caller has been quiet a few milliseconds, so a
+/// later connection to the peer resumes while the first still waits.
+/// (Held until the answer, every connection here would begin its session
+/// with a full handshake, since none is ever answered.)
+#[tokio::test]
+async fn a_long_poll_brings_back_tickets_before_its_answer() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new();
+    let app = silent_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound(app, ca.tls_state(&ca.svid(&server), &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
+
+    let mut polls = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while handshakes(&client.metrics, "outbound", "resumed", None) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection resumed: {} full handshakes",
+            handshakes(&client.metrics, "outbound", "full", None)
+        );
+        let mut poll = TcpStream::connect(local).await.unwrap();
+        poll.write_all(PING).await.unwrap();
+        polls.push(poll);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A relay between the two sidecars that holds every connection it
 /// accepts, once its first bytes (the ClientHello) have arrived, until
 /// `open` says true; it reports each arrival on `hellos`.
