@@ -646,6 +646,20 @@ mod tests {
         }
     }
 
+    /// Has `socket` hold what is written after its first flush, then
+    /// writes `sent` (which its flush sends) and `held`.
+    async fn hold<S: AsyncRead + AsyncWrite + Unpin>(
+        socket: &mut ReadAhead<S>,
+        sent: &[u8],
+        held: &[u8],
+    ) {
+        socket.hold_after_first_flush();
+        socket.write_all(sent).await.unwrap();
+        socket.flush().await.unwrap();
+        socket.write_all(held).await.unwrap();
+        socket.flush().await.unwrap();
+    }
+
     fn recorder(max: usize) -> ReadAhead<Recorder> {
         ReadAhead::new(Recorder {
             max,
@@ -659,11 +673,7 @@ mod tests {
     #[tokio::test]
     async fn held_bytes_leave_in_one_write_with_the_first_bytes_after_release() {
         let mut socket = recorder(usize::MAX);
-        socket.hold_after_first_flush();
-        socket.write_all(b"hello").await.unwrap();
-        socket.flush().await.unwrap();
-        socket.write_all(b"finished").await.unwrap();
-        socket.flush().await.unwrap();
+        hold(&mut socket, b"hello", b"finished").await;
         assert_eq!(
             socket.io.calls,
             [b"hello".to_vec()],
@@ -697,11 +707,7 @@ mod tests {
 
         let (mut peer, io) = duplex(1024);
         let mut socket = ReadAhead::new(io);
-        socket.hold_after_first_flush();
-        socket.write_all(b"hello").await.unwrap();
-        socket.flush().await.unwrap();
-        socket.write_all(b"finished").await.unwrap();
-        socket.flush().await.unwrap();
+        hold(&mut socket, b"hello", b"finished").await;
         drop(socket);
         let mut received = Vec::new();
         peer.read_to_end(&mut received).await.unwrap();
@@ -750,11 +756,7 @@ mod tests {
             polled.then(|| dst.filled().to_vec())
         };
         let mut socket = recorder(usize::MAX);
-        socket.hold_after_first_flush();
-        socket.write_all(b"flight").await.unwrap();
-        socket.flush().await.unwrap();
-        socket.write_all(b"tickets").await.unwrap();
-        socket.flush().await.unwrap();
+        hold(&mut socket, b"flight", b"tickets").await;
         socket.release();
         assert_eq!(read_once(&mut socket).await, None, "nothing to read yet");
         assert_eq!(
@@ -796,11 +798,7 @@ mod tests {
     async fn released_bytes_leave_on_their_own_while_the_peer_is_quiet() {
         let (mut peer, io) = duplex(1024);
         let mut socket = ReadAhead::new(io);
-        socket.hold_after_first_flush();
-        socket.write_all(b"flight").await.unwrap();
-        socket.flush().await.unwrap();
-        socket.write_all(b"tickets").await.unwrap();
-        socket.flush().await.unwrap();
+        hold(&mut socket, b"flight", b"tickets").await;
         socket.release();
         let reading = tokio::spawn(async move {
             let mut buf = [0u8; 16];
