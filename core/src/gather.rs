@@ -9,7 +9,7 @@
 //! frame that ends the stream) took up to three. Both ends of the control
 //! plane's gRPC connections wrap their TLS stream in [`GatheredWrites`], and
 //! so do both HTTP/2 connections a sidecar serves a request on: the
-//! caller's TLS stream and its pooled connection to the app.
+//! caller's TLS stream and the app port's connection.
 
 use std::io;
 use std::pin::Pin;

@@ -382,27 +382,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadAhead<S> {
             }
             Hold::Released(_) => {
                 let before = dst.filled().len();
-                let Poll::Ready(read) = Self::poll_read_ahead(this, cx, dst) else {
+                let read = Self::poll_read_ahead(this, cx, dst);
+                let send = match read {
+                    Poll::Ready(Ok(())) => dst.filled().len() > before,
+                    Poll::Ready(Err(_)) => false,
                     // The peer is quiet, waiting for an answer that may be
                     // long in coming: the held bytes leave without it once
                     // the wait is over.
-                    let wait = this
+                    Poll::Pending => this
                         .released_wait
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(RELEASED_WAIT)));
-                    if wait.as_mut().poll(cx).is_ready() {
-                        // Not sent now (the socket is full): the next write
-                        // sends them, and says why if it cannot.
-                        let _ = this.poll_send_held(cx, &[]);
-                    }
-                    return Poll::Pending;
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(RELEASED_WAIT)))
+                        .as_mut()
+                        .poll(cx)
+                        .is_ready(),
                 };
-                read?;
-                if dst.filled().len() > before {
+                if send {
                     // Not sent now (the socket is full): the next write
                     // sends them, and says why if it cannot.
                     let _ = this.poll_send_held(cx, &[]);
                 }
-                return Poll::Ready(Ok(()));
+                return read;
             }
             _ => {}
         }

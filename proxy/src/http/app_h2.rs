@@ -273,8 +273,9 @@ mod tests {
 
     /// An app serving HTTP/2 with prior knowledge: `/slow` is answered
     /// with ten chunks of 100 bytes 50 ms apart, `/reset` with its stream
-    /// reset, anything else with its own path. With `one_each` it closes each connection after its first
-    /// answer, as an app restarting its listener would.
+    /// reset, anything else with its own path. With `one_each` it closes
+    /// each connection after its first answer, as an app restarting its
+    /// listener would.
     async fn app(one_each: bool) -> (SocketAddr, Arc<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -2,10 +2,8 @@
 //! cleaned of hop-by-hop headers and given the verified identity), passed
 //! through the request stack's layers, sent to the app ([`forward`]: over a
 //! parked app connection for HTTP/1, the app port's one connection for
-//! HTTP/2), and
-//! answered with the app's
-//! streamed response, or with a short local answer ([`local`]) when the
-//! sidecar refuses it.
+//! HTTP/2), and answered with the app's streamed response, or with a short
+//! local answer ([`local`]) when the sidecar refuses it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
