@@ -82,6 +82,14 @@ pub struct WatchFigures {
     pub reconnect_all_ready_ms: Option<f64>,
     pub reconnect_p50_ms: Option<f64>,
     pub reconnect_p99_ms: Option<f64>,
+    /// The control plane's CPU time through the reconnection, per sidecar:
+    /// its TLS handshake, renewal, Watch and first snapshot.
+    pub reconnect_control_plane_cpu_ms: Option<f64>,
+    /// This process's CPU time through the reconnection, per simulated
+    /// sidecar (its handshake, CSR and the snapshot's decoding), which
+    /// shares the cores with the control plane: what the figures above
+    /// include of the simulation's own work.
+    pub reconnect_simulated_cpu_ms: Option<f64>,
     pub control_plane_rss_kib_with_watchers: Option<u64>,
     pub errors: Vec<String>,
 }
@@ -504,6 +512,10 @@ pub(super) async fn run(
     while watchers.join_next().await.is_some() {}
     drop(events);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_before = (
+        control_plane_pid.and_then(super::system::cpu_seconds),
+        super::system::cpu_seconds(std::process::id()),
+    );
     let t0 = Instant::now();
     let give_up = reconnect_patience(n);
     let mut back = tokio::task::JoinSet::new();
@@ -538,6 +550,14 @@ pub(super) async fn run(
             Err(e) => failures.push(e.to_string()),
         }
     }
+    let per_sidecar_ms =
+        |before: Option<f64>, after: Option<f64>| Some((after? - before?) * 1000.0 / n as f64);
+    figures.reconnect_control_plane_cpu_ms = per_sidecar_ms(
+        cpu_before.0,
+        control_plane_pid.and_then(super::system::cpu_seconds),
+    );
+    figures.reconnect_simulated_cpu_ms =
+        per_sidecar_ms(cpu_before.1, super::system::cpu_seconds(std::process::id()));
     anyhow::ensure!(
         ready.len() == n,
         "after reconnecting, {} of {n} simulated sidecars held a certificate and a snapshot; \

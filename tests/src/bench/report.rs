@@ -730,11 +730,13 @@ pub fn table(results: &Results) -> String {
                 f(w.join_control_plane_cpu_seconds.map(|s| s * 1000.0), " ms"),
             ));
             out.push_str(&format!(
-                "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {})\n",
+                "  {} sidecars reconnecting at once: all ready after {} (p50 {}, p99 {}); CPU a sidecar: control plane {}, simulated sidecars {}\n",
                 w.watchers,
                 f(w.reconnect_all_ready_ms, " ms"),
                 f(w.reconnect_p50_ms, " ms"),
                 f(w.reconnect_p99_ms, " ms"),
+                f(w.reconnect_control_plane_cpu_ms, " ms"),
+                f(w.reconnect_simulated_cpu_ms, " ms"),
             ));
             if let Some(kib) = w.control_plane_rss_kib_with_watchers {
                 out.push_str(&format!(
