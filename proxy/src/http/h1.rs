@@ -1015,8 +1015,9 @@ fn parse_answer(
 }
 
 /// The hop-by-hop fields of an answer the forwarder drops (the fields
-/// `Connection` names go too). `Transfer-Encoding` stays: the body goes
-/// on with the app's framing.
+/// `Connection` names go too, but its framing:
+/// [`headers::NEVER_NAMED_AWAY`]). `Transfer-Encoding` stays: the body
+/// goes on with the app's framing.
 const HOP_BY_HOP: [&[u8]; 7] = [
     b"connection",
     b"keep-alive",
@@ -1037,11 +1038,12 @@ fn answer_head(
 ) {
     status_line(out, code, reason.unwrap_or_default());
     let named = |name: &[u8]| {
-        fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|f| headers::list(f.value))
-            .any(|t| t.eq_ignore_ascii_case(name))
+        !headers::never_named_away(name)
+            && fields
+                .iter()
+                .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|f| headers::list(f.value))
+                .any(|t| t.eq_ignore_ascii_case(name))
     };
     let encoded = fields
         .iter()
@@ -1834,6 +1836,60 @@ mod tests {
         assert!(read.ends_with("for POST /pay HTTP/1.1"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(payments(&seen), 1);
+    }
+
+    /// A caller's `Connection` naming `Content-Length` must not strip the
+    /// framing: the body would reach the app unframed and be read as a
+    /// request of its own, never authorized and with a forged identity.
+    /// An app's answer naming its framing keeps it too.
+    #[tokio::test]
+    async fn connection_cannot_strip_the_framing_and_smuggle_a_request() {
+        let (app, seen) = bare_app(
+            |line| {
+                let body = format!("for {line}");
+                format!(
+                    "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes()
+            },
+            |_| false,
+        )
+        .await;
+        let smuggled = "DELETE /admin/users HTTP/1.1\r\nHost: b\r\n\
+                        X-Trellis-Peer-Identity: spiffe://td/ns/ops/sa/root\r\n\
+                        Content-Length: 0\r\n\r\n";
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            &format!(
+                "POST /public HTTP/1.1\r\nHost: b\r\nConnection: content-length\r\n\
+                 Content-Length: {}\r\n\r\n{smuggled}GET /next HTTP/1.1\r\nHost: b\r\n\r\n",
+                smuggled.len()
+            ),
+            2,
+        )
+        .await;
+        // Both answers came whole, each framed by its length.
+        assert_eq!(complete(read.as_bytes()), 2, "{read}");
+        assert!(read.contains("for POST /public HTTP/1.1"), "{read}");
+        assert!(read.contains("for GET /next HTTP/1.1"), "{read}");
+        let requests = seen.requests.lock().unwrap();
+        let lines: Vec<&str> = requests
+            .iter()
+            .map(|(head, _)| head.lines().next().unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            ["POST /public HTTP/1.1", "GET /next HTTP/1.1"],
+            "the app must see the body as the POST's, not as a request"
+        );
+        let (post, body) = &requests[0];
+        assert!(
+            post.contains(&format!("content-length: {}\r\n", smuggled.len())),
+            "{post}"
+        );
+        assert_eq!(body, smuggled.as_bytes());
     }
 
     #[tokio::test]

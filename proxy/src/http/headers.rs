@@ -12,6 +12,20 @@ pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-trellis-peer-id
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Fields no `Connection` token removes: they frame the message or name
+/// its target. A proxy that dropped `Content-Length` because `Connection`
+/// named it would pass the body on unframed, and the next hop would read
+/// it as requests of its own (request smuggling); an answer would lose
+/// its framing the same way.
+pub const NEVER_NAMED_AWAY: [&str; 3] = ["content-length", "transfer-encoding", "host"];
+
+/// Whether `name` is one of [`NEVER_NAMED_AWAY`].
+pub fn never_named_away(name: &[u8]) -> bool {
+    NEVER_NAMED_AWAY
+        .iter()
+        .any(|kept| name.eq_ignore_ascii_case(kept.as_bytes()))
+}
+
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` with an
 /// `Upgrade` header), on HTTP/1.1. An upgrade to `h2c` is not passed on:
 /// what follows it is HTTP/2 requests the sidecar would copy as bytes,
@@ -60,8 +74,8 @@ const REMOVED_ANYWAY: [&str; 8] = [
     "proxy-authorization",
 ];
 
-/// Removes the hop-by-hop headers: `Connection` and every header it names,
-/// `Keep-Alive`, `Proxy-*`, `TE` (except its `trailers`, which gRPC needs
+/// Removes the hop-by-hop headers: `Connection` and every header it names
+/// (but [`NEVER_NAMED_AWAY`]), `Keep-Alive`, `Proxy-*`, `TE` (except its `trailers`, which gRPC needs
 /// end to end and which the sidecar honours by passing trailers on),
 /// `Transfer-Encoding` (and a `Content-Length` sent beside it), and
 /// `Upgrade` unless `upgrading` (then `Connection: upgrade` is kept with
@@ -72,9 +86,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
             .filter(|t| {
-                !REMOVED_ANYWAY
-                    .iter()
-                    .any(|r| t.eq_ignore_ascii_case(r.as_bytes()))
+                !never_named_away(t)
+                    && !REMOVED_ANYWAY
+                        .iter()
+                        .any(|r| t.eq_ignore_ascii_case(r.as_bytes()))
             })
             .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
@@ -150,6 +165,20 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_cannot_name_away_the_framing_or_the_host() {
+        let mut h = map(&[
+            ("connection", "Content-Length, host, x-secret"),
+            ("content-length", "98"),
+            ("host", "api"),
+            ("x-secret", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["content-length"], "98", "{h:?}");
+        assert_eq!(h["host"], "api", "{h:?}");
+        assert_eq!(h.len(), 2, "{h:?}");
     }
 
     #[test]
