@@ -15,7 +15,7 @@ use common::http::*;
 use common::sidecar::sidecar;
 use common::*;
 use http_body_util::BodyExt;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
@@ -335,6 +335,43 @@ async fn bytes_that_are_not_http_pass_as_tcp() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"220 banner\r\n");
+}
+
+/// A caller that waits out detection before it writes a request (so that
+/// neither ALPN nor detection settled HTTP) is still served as HTTP: the
+/// app gets the verified identity, never the caller's. A request line only
+/// a lenient server reads (`HTTP/1.2`) is refused, not passed as bytes.
+#[tokio::test]
+async fn a_request_sent_after_a_silence_is_still_http() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let forged = "X-Trellis-Peer-Identity: spiffe://td.test/ns/kube-system/sa/admin\r\n";
+
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tokio::time::sleep(trellis_proxy::http::detect::DETECT_TIMEOUT * 2).await;
+    tls.write_all(
+        format!("\r\nGET /late HTTP/1.1\r\nHost: api\r\n{forged}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8(read_to_end(&mut tls).await.unwrap()).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tls.write_all(format!("GET /lenient HTTP/1.2\r\nHost: api\r\n{forged}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = String::from_utf8(read_to_end(&mut tls).await.unwrap()).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 505"),
+        "{answer}"
+    );
+
+    assert_eq!(app.seen.paths(), ["/late"]);
+    assert_eq!(app.seen.identities(), [[web().to_string()]]);
 }
 
 #[tokio::test]

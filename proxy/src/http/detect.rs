@@ -7,9 +7,12 @@
 //! [`DETECT_TIMEOUT`], and hands them back in front of the stream
 //! ([`Rewind`]), so whichever protocol serves the connection sees every
 //! byte. A server-first protocol (SMTP, MySQL) sends nothing and falls to
-//! opaque TCP when the timeout passes. A complete HTTP/1 request line
-//! (`TOKEN SP TARGET SP HTTP/1.x`, after the empty lines RFC 9112 lets a
-//! server skip) or the HTTP/2 preface count as HTTP at once; bytes that
+//! opaque TCP when the timeout passes (the inbound listener then waits to
+//! see which side speaks first before it copies bytes: see
+//! `inbound::forward`). A complete HTTP/1 request line (a method token, a
+//! space, and a line whose last word starts `HTTP/`, after the empty lines
+//! RFC 9112 lets a server skip) or the HTTP/2 preface count as HTTP at
+//! once; bytes that
 //! cannot start either are opaque at once, so a binary or line protocol is
 //! never fed to an HTTP parser. What is still a likely start of HTTP when
 //! the timeout or [`MAX_PEEK`] ends the wait (a method and a space, part of
@@ -78,17 +81,30 @@ impl Protocol {
 
 /// Reads from `io` until its protocol is known, then returns it with the
 /// bytes read put back in front.
-pub async fn detect<S>(mut io: S) -> io::Result<(Protocol, Rewind<S>)>
+pub async fn detect<S>(io: S) -> io::Result<(Protocol, Rewind<S>)>
 where
     S: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(1024);
+    detect_after(BytesMut::with_capacity(1024), io).await
+}
+
+/// [`detect`] on a stream from which `buf` was read already: the wait for
+/// more starts again.
+pub async fn detect_after<S>(mut buf: BytesMut, mut io: S) -> io::Result<(Protocol, Rewind<S>)>
+where
+    S: AsyncRead + Unpin,
+{
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     let protocol = loop {
         if let Some(protocol) = classify(&buf) {
             break protocol;
         }
         if buf.len() >= MAX_PEEK {
+            // Nothing but empty lines, which an HTTP server skips before
+            // a request: HTTP, for the parser to refuse.
+            if skip_empty_lines(&buf).is_empty() {
+                break Protocol::Http1;
+            }
             break classify_unfinished(&buf);
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
@@ -112,12 +128,13 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
     }
-    // HTTP/1: a method token, one space, then the rest of the request line.
+    // HTTP/1: a method token, a space (or a tab, which servers that split
+    // the line on whitespace take), then the rest of the request line.
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
     match buf.get(method_len) {
         // No method is this long; a word that is would not be HTTP.
         None if method_len < 32 => return None,
-        Some(b' ') if method_len > 0 => {}
+        Some(b' ' | b'\t') if method_len > 0 => {}
         _ => return Some(Protocol::Opaque),
     }
     let Some(end) = buf.iter().position(|b| *b == b'\n') else {
@@ -125,11 +142,17 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         let binary = buf.iter().any(|b| b.is_ascii_control() && *b != b'\r');
         return binary.then_some(Protocol::Opaque);
     };
+    // Whatever a lenient server could read as a request line is HTTP:
+    // another version (`HTTP/1.2`), two spaces, a tab, a control byte in
+    // the target. The sidecar's parser refuses what is malformed, and none
+    // of it reaches the app as bytes, past the per-request rules and with
+    // the caller's own identity header.
     let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-    let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
-    let http1 = matches!(version, b"HTTP/1.1" | b"HTTP/1.0")
-        && line.iter().filter(|b| **b == b' ').count() == 2
-        && !line.iter().any(u8::is_ascii_control);
+    let version = line
+        .rsplit(|b| *b == b' ' || *b == b'\t')
+        .next()
+        .unwrap_or_default();
+    let http1 = version.starts_with(b"HTTP/");
     Some(if http1 {
         Protocol::Http1
     } else {
@@ -215,6 +238,12 @@ impl<S> Rewind<S> {
 
     pub fn get_ref(&self) -> &S {
         &self.io
+    }
+
+    /// Whether the stream has said nothing yet but empty lines (which an
+    /// HTTP server skips): silence, as far as telling its protocol goes.
+    pub fn said_nothing(&self) -> bool {
+        skip_empty_lines(&self.prefix).is_empty()
     }
 
     /// The bytes read so far and the stream after them: a byte copy
@@ -350,6 +379,51 @@ mod tests {
         assert_eq!(Protocol::from_alpn(b"grpc-exp"), None);
         assert_eq!(Protocol::Opaque.alpn(), None);
         assert_eq!(Protocol::Http2.alpn(), Some(&b"h2"[..]));
+    }
+
+    #[test]
+    fn what_a_lenient_server_reads_as_a_request_is_http() {
+        for line in [
+            &b"GET / HTTP/1.2\r\n"[..],
+            b"GET /admin  HTTP/1.1\r\n",
+            b"GET /admin\tHTTP/1.1\r\n",
+            b"GET\t/admin\tHTTP/1.1\r\n",
+            b"GET /ad\x01min HTTP/1.1\r\n",
+            b"GET /admin HTTP/9\n",
+        ] {
+            assert_eq!(
+                classify(line),
+                Some(Protocol::Http1),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peek_of_empty_lines_is_http() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let lines = b"\r\n".repeat(MAX_PEEK);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &lines)
+            .await
+            .unwrap();
+        let (protocol, rewind) = detect(server).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert!(rewind.said_nothing());
+    }
+
+    #[tokio::test]
+    async fn detection_goes_on_from_what_was_read() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"T /a HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let (protocol, rewind) = detect_after(BytesMut::from(&b"\r\nGE"[..]), server)
+            .await
+            .unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert!(!rewind.said_nothing());
+        assert_eq!(&rewind.into_parts().0[..], b"\r\nGET /a HTTP/1.1\r\n");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use rustls::server::Acceptor;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
@@ -400,13 +400,20 @@ async fn forward(
     tracker: &Tracker,
 ) -> Result<Forwarded, ForwardError> {
     let settled = settled_by_alpn(&stream);
+    // The app connection dialled while a silent caller waited, if one was.
+    let mut app = None;
     let (protocol, stream) = match settled {
         Some(protocol) => (protocol, http::Rewind::new(stream)),
         // The handshake never settles HTTP on an opaque port.
         None if shared.is_opaque(target.port()) => {
             (http::Protocol::Opaque, http::Rewind::new(stream))
         }
-        None => http::detect(stream).await?,
+        None => match http::detect(stream).await? {
+            (http::Protocol::Opaque, stream) if stream.said_nothing() && !http_only => {
+                after_silence(stream, target, &mut app).await?
+            }
+            detected => detected,
+        },
     };
     tracing::debug!(
         %peer,
@@ -419,9 +426,8 @@ async fn forward(
             return Err(ForwardError::NotHttp);
         }
         // A DENY rule's HTTP conditions cannot be checked on bytes that are
-        // not HTTP (or that an app reads as HTTP while detection does not:
-        // `HTTP/1.2`, two spaces, a tab): such a rule denies the whole
-        // connection. A port declared opaque carries no HTTP conditions.
+        // not HTTP: such a rule denies the whole connection. A port
+        // declared opaque carries no HTTP conditions.
         if !shared.is_opaque(target.port()) {
             let current = policies.borrow().clone();
             if let Some(decision) =
@@ -445,7 +451,7 @@ async fn forward(
             }
         }
         let (prefix, stream) = stream.into_parts();
-        return copy_to_app(stream, prefix, target).await;
+        return copy_to_app(stream, prefix, target, app).await;
     }
     is_http.store(true, Ordering::Relaxed);
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
@@ -453,16 +459,69 @@ async fn forward(
     Ok(Forwarded::Http)
 }
 
-/// Writes `prefix` (what detection read) to the app, then copies bytes
-/// between the TLS stream and the app until both are done.
+/// Detection goes on for a caller that said nothing before its timeout.
+/// A server-first protocol (SMTP, MySQL) waits for its app to speak, so
+/// the app is dialled (into `app`), and whichever side speaks first
+/// decides: the app, and the connection is bytes; the caller, and
+/// detection starts again from what it sent. Copying bytes after the
+/// timeout alone would let a caller wait it out and then send HTTP that the
+/// app reads past the per-request rules, with an identity header of its
+/// own. A caller that sends only empty lines is still silent.
+async fn after_silence(
+    mut stream: http::Rewind<PeerStream>,
+    target: SocketAddr,
+    app: &mut Option<TcpStream>,
+) -> Result<(http::Protocol, http::Rewind<PeerStream>), ForwardError> {
+    loop {
+        let dialled = match app {
+            Some(dialled) => dialled,
+            None => app.insert(
+                net::connect(target)
+                    .await
+                    .map_err(ForwardError::AppUnreachable)?,
+            ),
+        };
+        let (mut prefix, mut io) = stream.into_parts();
+        let mut first = [0; 1];
+        let caller_spoke = tokio::select! {
+            read = io.read_buf(&mut prefix) => read? > 0,
+            // The app's first bytes, or its end, stay for the copy.
+            _ = dialled.peek(&mut first) => false,
+        };
+        if !caller_spoke {
+            return Ok((
+                http::Protocol::Opaque,
+                http::Rewind::with_prefix(prefix, io),
+            ));
+        }
+        stream = match http::detect_after(prefix, io).await? {
+            (http::Protocol::Opaque, stream) if stream.said_nothing() => stream,
+            (protocol, stream) => {
+                if protocol != http::Protocol::Opaque {
+                    // HTTP goes to the app on connections of its own.
+                    *app = None;
+                }
+                return Ok((protocol, stream));
+            }
+        };
+    }
+}
+
+/// Writes `prefix` (what detection read) to the app, on `app` if it was
+/// dialled already, then copies bytes between the TLS stream and the app
+/// until both are done.
 async fn copy_to_app(
     mut stream: PeerStream,
     prefix: BytesMut,
     target: SocketAddr,
+    app: Option<TcpStream>,
 ) -> Result<Forwarded, ForwardError> {
-    let mut app = net::connect(target)
-        .await
-        .map_err(ForwardError::AppUnreachable)?;
+    let mut app = match app {
+        Some(app) => app,
+        None => net::connect(target)
+            .await
+            .map_err(ForwardError::AppUnreachable)?,
+    };
     app.write_all(&prefix).await?;
     // Not held for the life of the connection.
     let prefix_len = prefix.len() as u64;
