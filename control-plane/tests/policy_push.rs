@@ -155,6 +155,63 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     assert!(has_endpoint(&fifth, WEB) && has_endpoint(&fifth, DB));
 }
 
+/// Every answer counts, not only the last snapshot's. A sidecar that
+/// accepts a snapshot after the next one went out, then refuses that next
+/// one, holds the one it accepted: the next change refers to it, never to
+/// the one before (which the sidecar would refuse, change after change).
+#[tokio::test]
+async fn a_reference_names_the_snapshot_accepted_while_another_was_on_its_way() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7135").await;
+    let mut web_watch =
+        Watcher::open_with(&cp, &web, "127.0.0.1:7135", Takes::EndpointsVersion).await;
+    let first = web_watch.next().await;
+    acked(&cp, WEB, first.version).await;
+
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("p1", WEB, API, 8001), false)
+        .await
+        .unwrap();
+    let second = web_watch.receive().await;
+    apply(&mut admin, &allow("p2", WEB, API, 8002), false)
+        .await
+        .unwrap();
+    let third = web_watch.receive().await;
+    assert!(third.version > second.version);
+    let answer = |kind| WatchRequest { kind: Some(kind) };
+    web_watch
+        .acks
+        .send(answer(Kind::Ack(Ack {
+            version: second.version,
+        })))
+        .await
+        .unwrap();
+    web_watch
+        .acks
+        .send(answer(Kind::Nack(Nack {
+            version: third.version,
+            reason: "refused for the test".into(),
+        })))
+        .await
+        .unwrap();
+    eventually_async("both answers in ListWorkloads", || async {
+        let listed = cp.workloads().await;
+        let w = listed.into_iter().find(|w| w.spiffe_id == WEB)?;
+        (w.acked_version == second.version && !w.last_nack.is_empty()).then_some(())
+    })
+    .await;
+
+    apply(&mut admin, &allow("p3", WEB, API, 8003), false)
+        .await
+        .unwrap();
+    let fourth = web_watch.next().await;
+    assert_eq!(
+        fourth.endpoints_version, second.version,
+        "the reference must name what the sidecar holds"
+    );
+    assert_eq!(fourth.policies.len(), 3);
+}
+
 /// A sidecar that takes `endpoint_changes` is sent, when endpoints join,
 /// move or leave, only what changed since the snapshot it accepted last:
 /// a joining workload is one endpoint, one that moves is its new address

@@ -17,6 +17,7 @@
 //! (the route that writes them is `super::discovery_server`).
 //! The stream ends with UNAVAILABLE when the control plane shuts down.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -104,19 +105,30 @@ struct Sent {
     endpoints: HeldEndpoints,
 }
 
+/// How many unanswered snapshots a stream remembers. A sidecar answers
+/// each snapshot in turn, so more wait only while it is slow to read; past
+/// this, the stream forgets what the sidecar holds until it answers one it
+/// remembers, and sends every endpoint meanwhile.
+const UNANSWERED_KEPT: usize = 8;
+
 /// What the sidecar at the other end of a stream holds, as far as the
-/// stream knows: which snapshot it sent last, and which one the sidecar
-/// last acknowledged, each with its endpoints.
+/// stream knows: which snapshots it sent and are unanswered, and which one
+/// the sidecar last acknowledged, each with its endpoints.
 #[derive(Default)]
 struct Held {
     /// The sidecar understands `Snapshot.endpoints_version`.
     accepts_reference: bool,
     /// The sidecar understands `Snapshot.endpoint_changes`.
     accepts_changes: bool,
-    /// The last snapshot sent and not yet answered.
-    in_flight: Option<Sent>,
+    /// The snapshots sent and not yet answered, oldest first (at most
+    /// [`UNANSWERED_KEPT`]). Every answer counts, not only the last
+    /// one's: a snapshot sent while another waited for its ACK must not
+    /// leave the stream believing the sidecar holds an older one, which a
+    /// reference would then name and the sidecar refuse, snapshot after
+    /// snapshot.
+    unanswered: VecDeque<Sent>,
     /// The last snapshot the sidecar accepted (what it holds when nothing
-    /// is in flight: a refused snapshot leaves the last good one).
+    /// is unanswered: a refused snapshot leaves the last good one).
     acked: Option<Sent>,
     /// The version of the last snapshot sent (or found held).
     sent: u64,
@@ -133,8 +145,11 @@ impl Held {
     /// version's with what changed since when that is smaller; else all
     /// of them.
     fn endpoints_for(&self, discovery: &Discovery, view: &View) -> EndpointsIn {
-        let (true, None, Some(acked)) = (self.accepts_reference, &self.in_flight, &self.acked)
-        else {
+        let (true, true, Some(acked)) = (
+            self.accepts_reference,
+            self.unanswered.is_empty(),
+            &self.acked,
+        ) else {
             return EndpointsIn::Full;
         };
         if acked.endpoints.token == view.endpoints_token() {
@@ -151,22 +166,34 @@ impl Held {
     }
 
     /// Takes the sidecar's answer for `version`; returns whether it was the
-    /// answer to the snapshot in flight.
+    /// answer to the last snapshot sent.
     fn answered(&mut self, version: u64, accepted: bool) -> bool {
-        if self.in_flight.as_ref().is_none_or(|s| s.version != version) {
+        let Some(at) = self.unanswered.iter().position(|s| s.version == version) else {
             return false;
-        }
-        let sent = self.in_flight.take();
+        };
+        // Answers come in the order the snapshots went out.
+        let answered = self.unanswered.drain(..=at).next_back();
         if accepted {
-            self.acked = sent;
+            self.acked = answered;
         }
-        true
+        self.unanswered.is_empty()
+    }
+
+    /// Remembers `sent`, unanswered.
+    fn remember(&mut self, sent: Sent) {
+        if self.unanswered.len() == UNANSWERED_KEPT {
+            // Its answer would go unseen: what the sidecar holds is
+            // unknown until it answers one of those remembered.
+            self.unanswered.pop_front();
+            self.acked = None;
+        }
+        self.unanswered.push_back(sent);
     }
 
     /// Whether the sidecar holds the last snapshot sent: answered, and
     /// accepted.
     fn holds_last_sent(&self) -> bool {
-        self.in_flight.is_none() && self.acked.as_ref().is_some_and(|s| s.version == self.sent)
+        self.unanswered.is_empty() && self.acked.as_ref().is_some_and(|s| s.version == self.sent)
     }
 }
 
@@ -244,7 +271,7 @@ async fn serve_stream(
                 let endpoints = sidecar.endpoints_for(&mesh.discovery, &view);
                 let snapshot = mesh.discovery.encoded_snapshot_in(&view, id, &endpoints);
                 mesh.metrics.snapshot_sent(&endpoints, snapshot.encoded_len());
-                sidecar.in_flight = Some(Sent {
+                sidecar.remember(Sent {
                     version: view.version,
                     endpoints: view.held_endpoints(),
                 });
@@ -260,7 +287,7 @@ async fn serve_stream(
             }
             message = inbound.message() => match message {
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
-                    // The answer to the snapshot in flight: the sidecar now
+                    // An answer to the last snapshot sent: the sidecar now
                     // holds every version since with the same content.
                     let holds = sidecar
                         .answered(ack.version, true)
@@ -325,6 +352,45 @@ fn shown_up_to(raw: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sent(version: u64) -> Sent {
+        Sent {
+            version,
+            endpoints: HeldEndpoints::default(),
+        }
+    }
+
+    fn acked(held: &Held) -> Option<u64> {
+        held.acked.as_ref().map(|s| s.version)
+    }
+
+    #[test]
+    fn every_answer_counts_and_too_many_unanswered_forget_what_is_held() {
+        let mut held = Held::default();
+        held.remember(sent(1));
+        assert!(held.answered(1, true), "the answer to the last one sent");
+        held.remember(sent(2));
+        held.remember(sent(3));
+        assert!(!held.answered(2, true));
+        assert_eq!(acked(&held), Some(2), "accepted while 3 was on its way");
+        assert!(held.answered(3, false));
+        assert_eq!(acked(&held), Some(2), "a refusal keeps the last good one");
+        assert!(!held.answered(3, true), "answered already");
+
+        let first = 4;
+        let last = first + UNANSWERED_KEPT as u64;
+        for version in first..=last {
+            held.remember(sent(version));
+        }
+        assert_eq!(held.unanswered.len(), UNANSWERED_KEPT);
+        assert_eq!(acked(&held), None, "one answer will go unseen");
+        assert!(!held.answered(first, true));
+        assert_eq!(acked(&held), None);
+        assert!(!held.answered(first + 2, true));
+        assert_eq!(acked(&held), Some(first + 2));
+        assert!(held.answered(last, true));
+        assert_eq!(acked(&held), Some(last));
+    }
 
     #[test]
     fn a_list_is_quoted_as_its_joined_text_is() {

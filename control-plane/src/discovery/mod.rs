@@ -401,7 +401,7 @@ impl View {
 
 /// The endpoints and services of a snapshot a sidecar holds, shared with
 /// the view they came from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct HeldEndpoints {
     /// Their content token ([`View::endpoints_token`]).
     pub token: u64,
