@@ -437,6 +437,13 @@ impl CountingApp {
                                     http_body_util::StreamBody::new(chunks).boxed()
                                 }
                                 "/hang" => std::future::pending().await,
+                                // The whole body first, as many apps read it.
+                                "/collect" => {
+                                    let _ = req.into_body().collect().await;
+                                    http_body_util::Full::new(bytes::Bytes::from("ok"))
+                                        .map_err(|never| match never {})
+                                        .boxed()
+                                }
                                 _ => http_body_util::Full::new(bytes::Bytes::from("ok"))
                                     .map_err(|never| match never {})
                                     .boxed(),
@@ -610,9 +617,10 @@ async fn an_answer_before_the_request_body_is_read_reaches_the_caller() {
     );
 }
 
-/// A caller that goes away while the app is still answering, or before it
-/// has, frees the app connection its request had: the sidecar closes it,
-/// and holds nothing for the caller that left.
+/// A caller that goes away while the app is still answering, before it
+/// has, or in the middle of its request's body, frees the app connection
+/// its request had: the sidecar closes it, and holds nothing for the
+/// caller that left.
 #[tokio::test]
 async fn a_caller_that_goes_away_mid_request_frees_its_app_connection() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
@@ -645,7 +653,21 @@ async fn a_caller_that_goes_away_mid_request_frees_its_app_connection() {
         || app.open() == 0,
     )
     .await;
-    assert_eq!(app.accepted(), 2);
+
+    // Mid-body: the app reads the whole body before it answers, and the
+    // caller goes away with most of it unsent.
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tls.write_all(b"POST /collect HTTP/1.1\r\nhost: api\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    eventually("the app has the request", || app.open() == 1).await;
+    drop(tls);
+    eventually("the app connection of a body cut short is closed", || {
+        app.open() == 0
+    })
+    .await;
+    assert_eq!(app.accepted(), 3);
 }
 
 /// A connection that switched protocols (a WebSocket, say) stays the

@@ -511,12 +511,14 @@ where
         body,
         close,
     } = head;
+    let head_request = request.method() == Method::HEAD;
     let mut exchange = Exchange::start(conn, request, Protocol::Http1);
     if let Some(answer) = authorize
         .check(&mut exchange)
         .or_else(|| limit.check(&mut exchange))
     {
-        return answer_locally(caller, exchange.entry, answer, body, close, drain).await;
+        let unread = Unread { body, head_request };
+        return answer_locally(caller, exchange.entry, answer, unread, close, drain).await;
     }
     let Exchange { request, entry, .. } = exchange;
     let mut bufs = Buffers::take();
@@ -532,7 +534,6 @@ where
     let idempotent = request.method().is_idempotent();
 
     let target = conn.target;
-    let head_request = request.method() == Method::HEAD;
     bufs.keep_fields(request);
     let close = close || drain.started();
     let (mut app, parsed) = loop {
@@ -542,7 +543,11 @@ where
                 Ok(tcp) => (AppStream(tcp), false),
                 Err(e) => {
                     let e = Failed::Unreachable(e.to_string());
-                    return failed(conn, caller, entry, e, rest, close, drain).await;
+                    let unread = Unread {
+                        body: rest,
+                        head_request,
+                    };
+                    return failed(conn, caller, entry, e, unread, close, drain).await;
                 }
             },
         };
@@ -589,6 +594,10 @@ where
                 continue;
             }
             Err(reading) => {
+                let unread = Unread {
+                    body: unread,
+                    head_request,
+                };
                 return failed(conn, caller, entry, reading.into(), unread, close, drain).await;
             }
         }
@@ -641,23 +650,41 @@ fn settle(
     }
 }
 
+/// Why a request body stopped before its end.
+#[derive(Debug)]
+enum BodyStopped {
+    /// The caller's stream ended or failed: the rest will never come.
+    CallerGone(io::Error),
+    /// Writing to the app failed, or the rest stalled after the answer.
+    Failed(io::Error),
+}
+
+impl std::fmt::Display for BodyStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CallerGone(e) => write!(f, "the caller went away: {e}"),
+            Self::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
 /// The rest of a request body whose answer is out, for as long as it
 /// moves: [`BODY_STALL`] without a byte of it reaching the app ends it.
 async fn rest_of_body(
-    mut body: Pin<&mut impl Future<Output = io::Result<()>>>,
+    mut body: Pin<&mut impl Future<Output = Result<(), BodyStopped>>>,
     entry: &Entry,
-) -> io::Result<()> {
+) -> Result<(), BodyStopped> {
     loop {
         let before = entry.bytes_in();
         match tokio::time::timeout(BODY_STALL, body.as_mut()).await {
             Ok(sent) => return sent,
             Err(_) if entry.bytes_in() == before => {
-                return Err(io::Error::new(
+                return Err(BodyStopped::Failed(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "the rest of the body did not move for {BODY_STALL:?} after the answer"
                     ),
-                ));
+                )));
             }
             Err(_) => {}
         }
@@ -675,22 +702,24 @@ async fn stream_body<R, W>(
     app: &mut W,
     mut rest: u64,
     entry: &Entry,
-) -> io::Result<()>
+) -> Result<(), BodyStopped>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let gone = || BodyStopped::CallerGone(io::ErrorKind::UnexpectedEof.into());
     let mut ahead = BytesMut::new();
     let mut caller_done = false;
     while rest > 0 {
         if buf.is_empty() {
             if ahead.is_empty() {
                 if caller_done {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+                    return Err(gone());
                 }
                 buf.reserve(8192);
-                if caller.read_buf(buf).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+                let read = caller.read_buf(buf).await;
+                if read.map_err(BodyStopped::CallerGone)? == 0 {
+                    return Err(gone());
                 }
             } else {
                 std::mem::swap(buf, &mut ahead);
@@ -705,21 +734,21 @@ where
             }
             tokio::select! {
                 biased;
-                written = app.write(&buf[..take]) => break written?,
+                written = app.write(&buf[..take]) => break written.map_err(BodyStopped::Failed)?,
                 read = caller.read_buf(&mut ahead), if watch => {
-                    if read? == 0 {
+                    if read.map_err(BodyStopped::CallerGone)? == 0 {
                         // Gone before the body was all sent, or done.
                         if (buf.len() + ahead.len()) as u64 >= rest {
                             caller_done = true;
                         } else {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
+                            return Err(gone());
                         }
                     }
                 }
             }
         };
         if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(BodyStopped::Failed(io::ErrorKind::WriteZero.into()));
         }
         buf.advance(written);
         entry.count(Direction::In, written);
@@ -784,7 +813,16 @@ where
         let mut sent = None;
         let answered = loop {
             tokio::select! {
-                done = &mut body, if sent.is_none() => sent = Some(done),
+                done = &mut body, if sent.is_none() => {
+                    // A caller gone mid-body leaves the app waiting for the
+                    // rest, which never comes: the request ends here, and
+                    // the app connection closes with it.
+                    if let Err(BodyStopped::CallerGone(e)) = done {
+                        tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "the caller went away mid-body");
+                        return Err(e);
+                    }
+                    sent = Some(done);
+                }
                 answered = &mut answering => break answered,
             }
         };
@@ -794,7 +832,7 @@ where
         let sent = match sent {
             Some(sent) => sent,
             None if answered.is_ok() => rest_of_body(body, &entry).await,
-            None => Err(io::ErrorKind::Interrupted.into()),
+            None => Err(BodyStopped::Failed(io::ErrorKind::Interrupted.into())),
         };
         (sent, answered)
     };
@@ -814,7 +852,13 @@ where
                 close || !whole,
             )
         }
-        Err(reading) => failed(conn, caller, entry, reading.into(), u64::MAX, close, drain).await,
+        Err(reading) => {
+            let unread = Unread {
+                body: u64::MAX,
+                head_request,
+            };
+            failed(conn, caller, entry, reading.into(), unread, close, drain).await
+        }
     }
 }
 
@@ -1350,7 +1394,7 @@ async fn failed<S, D>(
     caller: &mut Caller<S>,
     entry: Entry,
     failure: Failed,
-    unread: u64,
+    unread: Unread,
     close: bool,
     drain: &mut Drain<'_, D>,
 ) -> io::Result<bool>
@@ -1377,14 +1421,22 @@ where
     answer_locally(caller, entry, answer, unread, close, drain).await
 }
 
+/// What an answer of the sidecar's own leaves of its request: the body
+/// bytes still to come, and whether it was a HEAD request (whose answer
+/// has no body, though its head gives the length a GET's would have).
+struct Unread {
+    body: u64,
+    head_request: bool,
+}
+
 /// Writes an answer of the sidecar's own. A request body still to come
-/// (`unread` bytes) is skipped if it has been read already; otherwise the
-/// connection closes after the answer.
+/// (`unread.body` bytes) is skipped if it has been read already;
+/// otherwise the connection closes after the answer.
 async fn answer_locally<S, D>(
     caller: &mut Caller<S>,
     entry: Entry,
     answer: Response<LocalBody>,
-    unread: u64,
+    unread: Unread,
     close: bool,
     drain: &mut Drain<'_, D>,
 ) -> io::Result<bool>
@@ -1392,9 +1444,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: Future<Output = ()>,
 {
-    let skipped = unread <= caller.buf.len() as u64;
+    let skipped = unread.body <= caller.buf.len() as u64;
     if skipped {
-        caller.buf.advance(unread as usize);
+        caller.buf.advance(unread.body as usize);
     }
     let close = close || !skipped || drain.started();
     entry.set_status(answer.status());
@@ -1424,8 +1476,10 @@ where
         digits.format(body.len()).as_bytes(),
     );
     head_end(&mut out, false, close);
-    out.extend_from_slice(&body);
-    entry.count(Direction::Out, body.len());
+    if !unread.head_request {
+        out.extend_from_slice(&body);
+        entry.count(Direction::Out, body.len());
+    }
     caller.io.write_all(&out).await?;
     caller.io.flush().await?;
     drop(entry);
@@ -1983,6 +2037,25 @@ mod tests {
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 1);
         assert!(requests[0].0.starts_with("GET /ok "), "{:?}", requests[0]);
+    }
+
+    /// The sidecar's own answer to a HEAD request has a head only, so the
+    /// next answer on the connection is read as the next answer.
+    #[tokio::test]
+    async fn a_denied_head_request_is_answered_without_a_body() {
+        let (app, _) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        caller
+            .write_all(b"HEAD /admin/x HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"\r\n\r\nfine", "the GET's answer").await;
+        let read = String::from_utf8(read).unwrap();
+        let (denied, next) = read.split_once("\r\n\r\n").unwrap();
+        assert!(denied.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{read}");
+        assert!(denied.contains("content-length: "), "{read}");
+        assert!(next.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
     }
 
     #[tokio::test]
