@@ -412,6 +412,18 @@ fn ip_families_decide_the_sidecars_addresses() {
         let pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
         let env = env(container(&pod, "initContainers", "trellis-proxy"));
         assert_eq!(env["TRELLIS_ADMIN"], admin, "{families:?}");
+        // IPv6 rules are required wherever pods have IPv6, never guessed.
+        let args = &container(&pod, "initContainers", "trellis-init")["args"];
+        let ipv6_on = args
+            .as_array()
+            .unwrap()
+            .windows(2)
+            .any(|w| w == [json!("--ipv6"), json!("on")]);
+        assert_eq!(
+            ipv6_on,
+            families.contains(&IpFamily::V6),
+            "{families:?}: {args}"
+        );
 
         let mut addr: SocketAddr = admin.parse().unwrap();
         if addr.is_ipv6() && !has_ipv6 {

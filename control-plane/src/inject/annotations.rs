@@ -107,28 +107,29 @@ fn cidrs(
 ) -> Result<Vec<String>, InjectError> {
     list(annotations, key)
         .into_iter()
-        .map(|item| {
-            let invalid = |why: &str| InjectError::InvalidAnnotation {
-                key,
-                message: format!("{item:?} is not a CIDR: {why}"),
-            };
-            let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let prefix = if prefix.is_empty() {
-                max
-            } else {
-                prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| invalid(&format!("the prefix length must be 0-{max}")))?
-            };
-            Ok(format!("{addr}/{prefix}"))
-        })
+        .map(|item| cidr(item).map_err(|message| InjectError::InvalidAnnotation { key, message }))
         .collect()
+}
+
+/// `item` as a CIDR the init container takes (`ADDR/PREFIX`, a bare
+/// address a block of one), or why it is not one.
+pub(super) fn cidr(item: &str) -> Result<String, String> {
+    let invalid = |why: &str| format!("{item:?} is not a CIDR: {why}");
+    let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = if prefix.is_empty() {
+        max
+    } else {
+        prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| invalid(&format!("the prefix length must be 0-{max}")))?
+    };
+    Ok(format!("{addr}/{prefix}"))
 }
 
 pub(super) fn join<T: ToString>(items: &[T]) -> String {

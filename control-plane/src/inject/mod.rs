@@ -67,9 +67,12 @@
 //! without an RBAC grant on namespaces, so it passes
 //! [`NamespaceScope::SelectedByWebhook`]: being called means the namespace
 //! opted in. Callers that know the labels pass [`NamespaceScope::Labels`].
-//! On the pod, the annotation `trellis.io/inject` (`enabled`/`disabled`)
-//! decides first, then the pod label of the same name, then the namespace.
-//! Only CREATE is mutated.
+//! Of the pods the webhook is sent, the annotation `trellis.io/inject`
+//! (`enabled`/`disabled`) decides first, then the pod label of the same
+//! name, then the namespace. The selectors act before that: a pod labelled
+//! `disabled` is never sent, and outside a labelled namespace only pods
+//! labelled `enabled` are, so the annotation alone cannot opt a pod in
+//! there. Only CREATE is mutated.
 //!
 //! Idempotent: a pod with the annotation `trellis.io/injected` or a
 //! container named `trellis-proxy` or `trellis-init` gets no patch, so

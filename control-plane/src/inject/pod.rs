@@ -284,6 +284,13 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
         args.push("--exclude-outbound-cidrs".into());
         args.push(join(&exclusions.outbound_cidrs));
     }
+    // In a cluster with IPv6 pods, IPv6 rules are required: without them
+    // IPv6 connections would reach the app in plaintext, so an init that
+    // cannot write them fails and the pod does not start unprotected.
+    if config.ip_families.contains(&IpFamily::V6) {
+        args.push("--ipv6".into());
+        args.push("on".into());
+    }
     let mut container = json!({
         "name": INIT_CONTAINER,
         "image": config.image,

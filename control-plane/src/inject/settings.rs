@@ -143,7 +143,11 @@ impl InjectConfig {
             config.exclude_outbound_ports = nonzero(ports, "excludeOutboundPorts")?;
         }
         if let Some(cidrs) = s.exclude_outbound_cidrs {
-            config.exclude_outbound_cidrs = cidrs;
+            config.exclude_outbound_cidrs = cidrs
+                .iter()
+                .map(|item| super::annotations::cidr(item.trim()))
+                .collect::<Result<_, _>>()
+                .map_err(|why| InvalidSettings(format!("excludeOutboundCIDRs: {why}")))?;
         }
         if let Some(policy) = s.failure_policy {
             config.failure_policy = match policy.as_str() {
@@ -250,6 +254,32 @@ mod tests {
         ] {
             let e = read(bad).unwrap_err().to_string();
             assert!(e.contains("ipFamilies") && e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    /// A CIDR the init container would refuse fails the control plane's
+    /// start, not every pod injected after it.
+    #[test]
+    fn reads_excluded_cidrs_and_refuses_what_is_not_one() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        let config =
+            read(r#"{"excludeOutboundCIDRs": ["10.0.0.0/8", "fd00::1", " 169.254.169.254/32"]}"#)
+                .unwrap();
+        assert_eq!(
+            config.exclude_outbound_cidrs,
+            ["10.0.0.0/8", "fd00::1/128", "169.254.169.254/32"]
+        );
+        for (bad, says) in [
+            ("10.96.0.0/33", "the prefix length must be 0-32"),
+            ("kubernetes.default", "not an IPv4 or IPv6 address"),
+            ("10.0.0.0/8;172.16.0.0/12", "the prefix length must be 0-32"),
+        ] {
+            let json = format!(r#"{{"excludeOutboundCIDRs": ["{bad}"]}}"#);
+            let e = read(&json).unwrap_err().to_string();
+            assert!(
+                e.contains("excludeOutboundCIDRs") && e.contains(bad) && e.contains(says),
+                "{bad}: {e}"
+            );
         }
     }
 
