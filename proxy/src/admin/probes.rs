@@ -199,20 +199,27 @@ fn check(path: &str, raw: RawCheck) -> Result<Check, String> {
 /// bytes a path may not hold are percent-encoded (`/a b` asks for
 /// `/a%20b`). The query is kept, with the bytes a URI may not hold
 /// percent-encoded (the kubelet would write them raw onto the request
-/// line). A path Go reads as a URL with a scheme or a host is refused: the
-/// kubelet would not ask for it as written.
+/// line). A path Go reads as a URL with a host (`http://localhost/ready`,
+/// `//healthz`) asks for what follows the host, since the kubelet puts its
+/// own scheme and host in place of the URL's (`/ready`, and `/`). One Go
+/// reads as a URL with a scheme and no host (`healthz:8080`) is refused:
+/// the kubelet would send no path at all.
 fn request_target(raw: &str) -> Result<String, String> {
     let refused = |why: String| Err(format!("path {raw:?} {why}"));
+    let after_host = match after_url_host(raw) {
+        Ok(rest) => rest,
+        Err(scheme) => {
+            return refused(format!(
+                "reads as a URL with the scheme {scheme:?} and no host, not a path"
+            ));
+        }
+    };
+    let raw = after_host.unwrap_or(raw);
     let (target, fragment) = raw.split_once('#').unwrap_or((raw, ""));
     let (path, query) = target
         .split_once('?')
         .map_or((target, None), |(p, q)| (p, Some(q)));
     let controls = target.bytes().any(|b| b < 0x20 || b == 0x7f);
-    if let Some(scheme) = url_scheme(path).filter(|_| !controls) {
-        return refused(format!(
-            "reads as a URL with the scheme {scheme:?}, not a path"
-        ));
-    }
     // What Go's `url.Parse` refuses, so that the kubelet takes the whole
     // string as the path.
     let go_parses = !controls
@@ -222,8 +229,6 @@ fn request_target(raw: &str) -> Result<String, String> {
         && percent_escapes_are_valid(fragment);
     let (path, query) = if !go_parses {
         (escape_path(raw.as_bytes()), None)
-    } else if path.starts_with("//") && !path.starts_with("///") {
-        return refused("reads as a URL with a host, not a path".into());
     } else if path.bytes().all(|b| b == b'%' || path_keeps_escaped(b)) {
         (path.to_string(), query)
     } else {
@@ -238,6 +243,24 @@ fn request_target(raw: &str) -> Result<String, String> {
         Ok(_) => Ok(target),
         Err(e) => refused(format!("cannot make a request ({target:?}: {e})")),
     }
+}
+
+/// What follows the host when Go's `url.Parse` reads `raw` as a URL with
+/// one (`scheme://host...` or `//host...`); `None` when it reads no host;
+/// the scheme when it reads a scheme and no host.
+fn after_url_host(raw: &str) -> Result<Option<&str>, &str> {
+    if raw.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        // Go refuses the URL, and the kubelet takes it all as the path.
+        return Ok(None);
+    }
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
+    let authority = match url_scheme(path) {
+        Some(scheme) => raw[scheme.len() + 1..].strip_prefix("//").ok_or(scheme)?,
+        None if path.starts_with("//") && !path.starts_with("///") => &raw[2..],
+        None => return Ok(None),
+    };
+    let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
+    Ok(Some(&authority[end..]))
 }
 
 /// The scheme Go's `url.Parse` finds before a `:`, if any.
@@ -609,6 +632,13 @@ mod tests {
             ("/tab\there#f", "/tab%09here%23f"),
             ("1a:b", "/1a:b"),
             (":x", "/:x"),
+            // The kubelet puts its own scheme and host in place of a URL's.
+            ("http://localhost:8080/ready?full=1", "/ready?full=1"),
+            ("HTTPS://user@10.0.0.1/a b", "/a%20b"),
+            ("//healthz", "/"),
+            ("//host/x#f", "/x"),
+            ("http://host?q", "/?q"),
+            ("http://host//x", "//x"),
         ] {
             assert_eq!(requested(path), target, "{path:?}");
             http::uri::PathAndQuery::try_from(target).unwrap();
@@ -647,10 +677,6 @@ mod tests {
             (
                 r#"{"/app-health/a/liveness": {"httpGet": {"port": 1, "path": "healthz:8080"}}}"#,
                 "\"/app-health/a/liveness\": path \"healthz:8080\" reads as a URL with the scheme \"healthz\"",
-            ),
-            (
-                r#"{"/app-health/a/liveness": {"httpGet": {"port": 1, "path": "//host/x"}}}"#,
-                "reads as a URL with a host",
             ),
         ] {
             let err = AppProbes::parse(json).unwrap_err();
