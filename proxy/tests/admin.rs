@@ -1,6 +1,7 @@
 //! The admin port is reachable from every pod of the cluster (it is the
 //! kubelet's probe target): a client cannot hold its connections open
-//! without sending requests, nor open more than the sidecar serves at once.
+//! without sending requests, nor open more than its share, nor more than
+//! the sidecar serves at once.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::http::*;
 use common::sidecar::sidecar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS};
+use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
 
 /// Reads until the server closes the connection, or fails after `within`.
 async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Vec<u8> {
@@ -45,32 +46,64 @@ async fn a_client_that_sends_nothing_is_closed() {
     closed_within(&mut partial, within).await;
 }
 
+/// A connection to `admin` from the loopback address `127.0.0.<host>`.
+async fn connect_from(host: u8, admin: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, host], 0).into()).unwrap();
+    socket.connect(admin).await.unwrap()
+}
+
+/// A connection from `127.0.0.<host>`, served once before it is kept.
+async fn served_from(host: u8, admin: std::net::SocketAddr) -> TcpStream {
+    let mut tcp = connect_from(host, admin).await;
+    tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    tcp
+}
+
+/// Whether a connection from `127.0.0.<host>` is closed unserved.
+async fn refused_from(host: u8, admin: std::net::SocketAddr) -> bool {
+    let mut over = connect_from(host, admin).await;
+    let _ = over
+        .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await;
+    closed_within(&mut over, Duration::from_secs(5))
+        .await
+        .is_empty()
+}
+
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once() {
     let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
     let app = http_app().await;
     let s = sidecar(&cp, app.addr, &[]).await;
 
+    // One address takes its share; the next from it is refused, while
+    // another address (the kubelet's) is still served.
     let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
-        let mut tcp = TcpStream::connect(s.admin).await.unwrap();
-        // Proves the connection is being served before the next opens.
-        tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 12];
-        tcp.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"HTTP/1.1 200");
-        held.push(tcp);
+    for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
+        held.push(served_from(2, s.admin).await);
     }
-    let mut over = TcpStream::connect(s.admin).await.unwrap();
-    let _ = over
-        .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
-        .await;
     assert!(
-        closed_within(&mut over, Duration::from_secs(5))
-            .await
-            .is_empty(),
+        refused_from(2, s.admin).await,
+        "one address took more than its share"
+    );
+    held.push(served_from(3, s.admin).await);
+
+    // Many addresses together reach the limit of the whole port.
+    let mut host = 3;
+    while held.len() < MAX_CONNECTIONS {
+        if held.len() % MAX_CONNECTIONS_PER_CLIENT == 0 {
+            host += 1;
+        }
+        held.push(served_from(host, s.admin).await);
+    }
+    assert!(
+        refused_from(host + 1, s.admin).await,
         "a connection beyond the limit was served"
     );
 
