@@ -394,7 +394,8 @@ async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
                 cert_expires_at_unix: now + 3600,
                 last_seen_unix: now,
             };
-            answers.push(store.queue_issuance(None, &issued, &workload));
+            let abandoned = std::sync::Arc::default();
+            answers.push(store.queue_issuance(None, &issued, &workload, &abandoned));
         }
         for answer in answers {
             answer.await.unwrap().unwrap();

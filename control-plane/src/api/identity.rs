@@ -1,10 +1,12 @@
 //! `trellis.identity.v1.Identity/Certify`: CSR in, X.509-SVID out.
 //!
 //! Order matters: the CSR is validated first (no state touched), then the
-//! proof is checked, then the leaf is signed, and only then the token is
-//! consumed and the issuance recorded, in one store transaction. A refused
-//! Certify therefore issues nothing and records nothing. A caller only ever
-//! obtains its own identity. Tokens never reach a log.
+//! proof is checked (a join token by reading the store), then the leaf is
+//! signed, and only then the token is consumed and the issuance recorded,
+//! in one store transaction that checks the token again. A refused Certify
+//! therefore issues nothing and records nothing, and a caller that goes
+//! away before that transaction leaves its token unused for its retry. A
+//! caller only ever obtains its own identity. Tokens never reach a log.
 //!
 //! Proofs: a join token (consumed with the issuance), a Kubernetes
 //! ServiceAccount token when the service has a [`TokenReviewer`] (the CSR
@@ -20,6 +22,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -60,6 +63,36 @@ impl IdentityService {
         self.mesh.metrics.certify_failed(reason);
         tracing::warn!(reason, code = ?status.code(), message = status.message(), "certify refused");
         status
+    }
+
+    /// [`refuse`](Self::refuse) for a join token that proves nothing for
+    /// `id`.
+    fn refuse_token(&self, refusal: TokenRefusal, id: &trellis_core::SpiffeId) -> Status {
+        let (reason, status) = match refusal {
+            TokenRefusal::Unknown => (
+                "token_unknown",
+                Status::unauthenticated("join token is unknown"),
+            ),
+            TokenRefusal::Expired => (
+                "token_expired",
+                Status::unauthenticated("join token has expired"),
+            ),
+            TokenRefusal::Used => (
+                "token_used",
+                Status::unauthenticated("join token was already used"),
+            ),
+            TokenRefusal::Disabled => (
+                "join_tokens_disabled",
+                Status::failed_precondition(TokenRefusal::Disabled.to_string()),
+            ),
+            TokenRefusal::OtherIdentity { .. } => (
+                "other_identity",
+                Status::permission_denied(format!(
+                    "the join token does not grant {id}; a token proves only the identity it was made for"
+                )),
+            ),
+        };
+        self.refuse(reason, status)
     }
 }
 
@@ -120,11 +153,14 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
 }
 
 /// An issuance queued with the store, until its answer is in hand. Dropped
-/// unanswered (its Certify was dropped), it hands the answer to a task, so
-/// an endpoint the commit adds still reaches discovery.
+/// unanswered (its Certify was dropped), it tells the store its caller is
+/// gone, so one that would use a join token and is still waiting is not
+/// applied (the caller's retry brings the same token), and hands the
+/// answer to a task, so an endpoint a commit adds still reaches discovery.
 struct PendingIssuance {
     reply: Option<oneshot::Receiver<Result<EndpointChange, StoreError>>>,
     discovery: Arc<Discovery>,
+    abandoned: Arc<AtomicBool>,
 }
 
 impl PendingIssuance {
@@ -147,6 +183,7 @@ impl Drop for PendingIssuance {
         let Some(reply) = self.reply.take() else {
             return;
         };
+        self.abandoned.store(true, Ordering::Release);
         let discovery = self.discovery.clone();
         // The task holds the receiver, not a `PendingIssuance`: a runtime
         // shutting down drops what it is handed, and a guard that spawned
@@ -241,6 +278,21 @@ impl Identity for IdentityService {
             }
         };
 
+        // A join token is used only with the issuance, in the store's
+        // transaction; a made-up or spent one is refused before anything is
+        // signed or queued for it.
+        if let Some(hash) = &token_hash {
+            let claim = TokenClaim {
+                hash,
+                spiffe_id: &id,
+                now_unix: unix_now(),
+            };
+            match self.mesh.store.check_join_token(claim) {
+                Ok(()) => {}
+                Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
+                Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+            }
+        }
         let issued = self
             .mesh
             .ca
@@ -269,9 +321,15 @@ impl Identity for IdentityService {
         // away first (a reset stream, a deadline) drops this future, yet the
         // writer still commits: the pending answer then passes to a task of
         // its own, which refreshes discovery if it must.
+        let abandoned = Arc::new(AtomicBool::new(false));
         let pending = PendingIssuance {
-            reply: Some(self.mesh.store.queue_issuance(claim, &record, &workload)),
+            reply: Some(
+                self.mesh
+                    .store
+                    .queue_issuance(claim, &record, &workload, &abandoned),
+            ),
             discovery: self.mesh.discovery.clone(),
+            abandoned,
         };
         let Some(recorded) = pending.recorded().await else {
             return Err(self.refuse(
@@ -281,33 +339,7 @@ impl Identity for IdentityService {
         };
         match recorded {
             Ok(_) => {}
-            Err(StoreError::Token(refusal)) => {
-                let (reason, status) = match refusal {
-                    TokenRefusal::Unknown => (
-                        "token_unknown",
-                        Status::unauthenticated("join token is unknown"),
-                    ),
-                    TokenRefusal::Expired => (
-                        "token_expired",
-                        Status::unauthenticated("join token has expired"),
-                    ),
-                    TokenRefusal::Used => (
-                        "token_used",
-                        Status::unauthenticated("join token was already used"),
-                    ),
-                    TokenRefusal::Disabled => (
-                        "join_tokens_disabled",
-                        Status::failed_precondition(TokenRefusal::Disabled.to_string()),
-                    ),
-                    TokenRefusal::OtherIdentity { .. } => (
-                        "other_identity",
-                        Status::permission_denied(format!(
-                            "the join token does not grant {id}; a token proves only the identity it was made for"
-                        )),
-                    ),
-                };
-                return Err(self.refuse(reason, status));
-            }
+            Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
             Err(StoreError::AddressHeld { address, holder }) => {
                 // Who holds it is for the operator, not for the caller.
                 tracing::warn!(spiffe_id = %id, address, holder, "refused an inbound address another workload holds");
@@ -351,6 +383,7 @@ mod tests {
     use trellis_proto::discovery::v1::MeshConfig;
 
     use super::*;
+    use crate::api::PeerInfo;
     use crate::ca::CertificateAuthority;
     use crate::discovery::Discovery;
     use crate::metrics::Metrics;
@@ -358,20 +391,24 @@ mod tests {
     use crate::store::{JoinToken, Store};
 
     const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+    const TOKEN: &str = "a-join-token";
 
-    /// A caller that goes away while its issuance waits for the commit
-    /// (a reset stream, a deadline) drops the Certify future; the writer
-    /// still commits the issuance, and discovery must still publish the
-    /// endpoint it added.
-    #[tokio::test]
-    async fn a_certify_dropped_before_its_commit_still_reaches_discovery() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// The Identity service on an embedded store in `tmp`, holding a join
+    /// token ([`TOKEN`]) for [`WEB`].
+    struct Setup {
+        service: IdentityService,
+        store: Arc<EmbeddedStore>,
+        discovery: Arc<Discovery>,
+        _stop: tokio::sync::watch::Sender<bool>,
+    }
+
+    fn setup(tmp: &tempfile::TempDir) -> Setup {
         let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
         let td = TrustDomain::new("cluster.local").unwrap();
         let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let discovery =
             Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
         let service = IdentityService::new(Mesh {
             trust_domain: td,
             ca: Arc::new(ca),
@@ -381,30 +418,63 @@ mod tests {
             cert_ttl: Duration::from_secs(3600),
             shutdown,
         });
-        let token = "a-join-token";
-        let web = SpiffeId::parse(WEB).unwrap();
         let grant = JoinToken {
             spiffe_id: WEB.into(),
             expires_at_unix: unix_now() + 600,
             used: false,
         };
         store
-            .add_join_token(&hash_token(token), &grant, unix_now())
+            .add_join_token(&hash_token(TOKEN), &grant, unix_now())
             .unwrap();
+        Setup {
+            service,
+            store,
+            discovery,
+            _stop: stop,
+        }
+    }
+
+    /// A Certify for [`WEB`] at `address`, with `proof`.
+    fn certify_request(proof: Option<Proof>, address: &str) -> Request<CertifyRequest> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(WEB.try_into().unwrap())];
+        Request::new(CertifyRequest {
+            csr: params.serialize_request(&key).unwrap().der().to_vec(),
+            proof,
+            inbound_address: String::new(),
+            inbound_addresses: vec![address.into()],
+        })
+    }
+
+    fn join_token() -> Option<Proof> {
+        Some(Proof::JoinToken(TOKEN.into()))
+    }
+
+    /// A caller that goes away while its issuance waits for the commit
+    /// (a reset stream, a deadline) drops the Certify future; the writer
+    /// still commits a renewal, and discovery must still publish the
+    /// endpoint it added.
+    #[tokio::test]
+    async fn a_renewal_dropped_before_its_commit_still_reaches_discovery() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup {
+            service,
+            store,
+            discovery,
+            ..
+        } = setup(&tmp);
+        let web = SpiffeId::parse(WEB).unwrap();
         let before = discovery.current_version();
         let mut versions = discovery.subscribe();
 
         // Commits wait until the held transaction ends, so the issuance is
         // queued and unanswered when the caller goes away.
         let held = store.hold_writes();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(WEB.try_into().unwrap())];
-        let request = Request::new(CertifyRequest {
-            csr: params.serialize_request(&key).unwrap().der().to_vec(),
-            proof: Some(Proof::JoinToken(token.into())),
-            inbound_address: String::new(),
-            inbound_addresses: vec!["10.0.0.1:15006".into()],
+        let mut request = certify_request(None, "10.0.0.1:15006");
+        request.extensions_mut().insert(PeerInfo {
+            remote: "10.0.0.1:40000".parse().unwrap(),
+            spiffe_id: Some(web.clone()),
         });
         let mut certify = Box::pin(service.certify(request));
         assert!(
@@ -427,5 +497,56 @@ mod tests {
             .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
             .collect();
         assert_eq!(listed, [("10.0.0.1:15006", web.as_str())]);
+    }
+
+    /// A first Certify that goes away before its commit (its deadline
+    /// passed while the store was slow) leaves its join token unused, so
+    /// its retry with the same token gets the certificate.
+    #[tokio::test]
+    async fn a_join_token_whose_caller_went_away_is_left_for_its_retry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, store, .. } = setup(&tmp);
+        let held = store.hold_writes();
+        let mut certify =
+            Box::pin(service.certify(certify_request(join_token(), "10.0.0.1:15006")));
+        assert!(matches!(futures::poll!(certify.as_mut()), Poll::Pending));
+        drop(certify);
+        held.abort().unwrap();
+
+        let retry = tokio::time::timeout(
+            Duration::from_secs(10),
+            service.certify(certify_request(join_token(), "10.0.0.1:15006")),
+        )
+        .await
+        .expect("the retry is answered");
+        let issued = retry
+            .expect("the token was left for the retry")
+            .into_inner();
+        assert_eq!(issued.spiffe_id, WEB);
+        assert!(!issued.chain.is_empty());
+        let again = service
+            .certify(certify_request(join_token(), "10.0.0.1:15006"))
+            .await
+            .unwrap_err();
+        assert_eq!(again.message(), "join token was already used");
+    }
+
+    /// A made-up token is refused before anything is signed or queued: the
+    /// answer does not wait for the store's writer.
+    #[tokio::test]
+    async fn an_unknown_join_token_is_refused_without_waiting_for_a_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, store, .. } = setup(&tmp);
+        let _held = store.hold_writes();
+        let proof = Some(Proof::JoinToken("made-up".into()));
+        let refused = tokio::time::timeout(
+            Duration::from_secs(10),
+            service.certify(certify_request(proof, "10.0.0.1:15006")),
+        )
+        .await
+        .expect("answered while the writer is busy")
+        .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(refused.message(), "join token is unknown");
     }
 }

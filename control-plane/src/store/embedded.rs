@@ -23,6 +23,7 @@ mod issuance;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use prost::Message;
 use redb::{
@@ -427,13 +428,21 @@ impl Store for EmbeddedStore {
         self.issuances.record(claim, issued, workload)
     }
 
+    fn check_join_token(&self, claim: TokenClaim<'_>) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let tokens = txn.open_table(JOIN_TOKENS).map_err(|e| self.db_error(e))?;
+        issuance::check_token(&tokens, claim).map(drop)
+    }
+
     fn queue_issuance(
         &self,
         claim: Option<TokenClaim<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
+        abandoned: &Arc<AtomicBool>,
     ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
-        self.issuances.queue(claim, issued, workload)
+        self.issuances
+            .queue(claim, issued, workload, Some(abandoned))
     }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {

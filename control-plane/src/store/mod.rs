@@ -11,6 +11,9 @@
 pub mod embedded;
 pub mod kubernetes;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use serde::{Deserialize, Serialize};
 use trellis_core::SpiffeId;
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -138,6 +141,10 @@ pub enum StoreError {
     AddressHeld { address: String, holder: String },
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeStoreError),
+    /// The caller went away while its issuance, which would have used a
+    /// join token, waited for its commit: nothing was written.
+    #[error("the caller went away before its issuance was recorded")]
+    Abandoned,
 }
 
 /// What a recorded issuance changed for discovery.
@@ -305,6 +312,17 @@ pub trait Store: Send + Sync + 'static {
         now_unix: i64,
     ) -> Result<(), StoreError>;
 
+    /// Whether `claim` would be accepted now: the check
+    /// [`Store::record_issuance`] makes before it uses the token, made
+    /// ahead and only reading, so a made-up or spent token is refused
+    /// before a certificate is signed for it. The issuance still decides
+    /// (another caller may use the token meanwhile). The default accepts,
+    /// leaving the decision to the issuance.
+    fn check_join_token(&self, claim: TokenClaim<'_>) -> Result<(), StoreError> {
+        let _ = claim;
+        Ok(())
+    }
+
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
@@ -325,7 +343,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// [`Store::record_issuance`] for async callers: the answer comes on the
     /// receiver, and the caller's thread is not held meanwhile. A closed
-    /// receiver means the store stopped before answering. The default
+    /// receiver means the store stopped before answering. The caller sets
+    /// `abandoned` when it goes away: an issuance with a token claim that
+    /// is still waiting then is not applied ([`StoreError::Abandoned`]), so
+    /// the token stays unused for the caller's next try. The default
     /// answers at once, which suits stores whose `record_issuance` does not
     /// block.
     fn queue_issuance(
@@ -333,7 +354,9 @@ pub trait Store: Send + Sync + 'static {
         claim: Option<TokenClaim<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
+        abandoned: &Arc<AtomicBool>,
     ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
+        let _ = abandoned;
         let (answer, reply) = tokio::sync::oneshot::channel();
         let _ = answer.send(self.record_issuance(claim, issued, workload));
         reply

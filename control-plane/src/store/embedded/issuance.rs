@@ -25,6 +25,7 @@
 //! This module never decides who may have a certificate; it only makes
 //! the store's decision durable.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -61,6 +62,8 @@ struct Issuance {
     issued: IssuedCertRecord,
     workload: WorkloadRecord,
     answer: oneshot::Sender<Result<EndpointChange, StoreError>>,
+    /// Set when the caller has gone away.
+    abandoned: Option<Arc<AtomicBool>>,
 }
 
 struct OwnedClaim {
@@ -101,18 +104,21 @@ impl IssuanceWriter {
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        self.queue(claim, issued, workload)
+        self.queue(claim, issued, workload, None)
             .blocking_recv()
             .unwrap_or_else(|_| Err(self.stopped()))
     }
 
     /// Queues one issuance without blocking; the answer arrives once it is
-    /// durable (or refused).
+    /// durable (or refused). One with a token claim whose caller has set
+    /// `abandoned` by the time its batch is applied is refused
+    /// ([`StoreError::Abandoned`]) and leaves the token unused.
     pub(super) fn queue(
         &self,
         claim: Option<TokenClaim<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
+        abandoned: Option<&Arc<AtomicBool>>,
     ) -> oneshot::Receiver<Result<EndpointChange, StoreError>> {
         let (answer, reply) = oneshot::channel();
         let issuance = Issuance {
@@ -124,6 +130,7 @@ impl IssuanceWriter {
             issued: issued.clone(),
             workload: workload.clone(),
             answer,
+            abandoned: abandoned.cloned(),
         };
         // A stopped writer drops the issuance, and with it the answer's
         // sender: the caller hears that the writer has stopped.
@@ -197,6 +204,16 @@ fn commit(
         // writes the database's table of tables.
         let mut tables = Tables::open(&txn).map_err(|e| e.to_string())?;
         for issuance in batch {
+            // A token used for a caller that is gone would be lost to its
+            // retry, which comes with the same token.
+            let gone = issuance
+                .abandoned
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Acquire));
+            if gone && issuance.claim.is_some() {
+                outcomes.push(Err(StoreError::Abandoned));
+                continue;
+            }
             let claim = issuance.claim.as_ref().map(|c| TokenClaim {
                 hash: &c.hash,
                 spiffe_id: &c.spiffe_id,
@@ -381,7 +398,18 @@ fn consume(
     tokens: &redb::Table<'_, &[u8], &[u8]>,
     claim: TokenClaim<'_>,
 ) -> Result<JoinToken, StoreError> {
-    let mut token: JoinToken = match tokens.get(claim.hash.as_slice())? {
+    let mut token = check_token(tokens, claim)?;
+    token.used = true;
+    Ok(token)
+}
+
+/// The token `claim` names, if it grants the claim's identity now: known,
+/// unused, unexpired, and made for that identity.
+pub(super) fn check_token(
+    tokens: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    claim: TokenClaim<'_>,
+) -> Result<JoinToken, StoreError> {
+    let token: JoinToken = match tokens.get(claim.hash.as_slice())? {
         Some(v) => decode(v.value(), "join token")?,
         None => return Err(TokenRefusal::Unknown.into()),
     };
@@ -397,6 +425,5 @@ fn consume(
         }
         .into());
     }
-    token.used = true;
     Ok(token)
 }
