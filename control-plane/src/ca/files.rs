@@ -216,7 +216,11 @@ pub struct AdminCredential {
 }
 
 /// Makes sure `admin.crt` / `admin.key` hold a current operator SVID signed
-/// by `ca`; issues a new one when missing, expired, or from another CA.
+/// by `ca`; issues a new one when missing, expired, from another CA, or
+/// when the two files do not belong together (a re-issue cut short between
+/// its two writes leaves a new key beside the old certificate). Unlike the
+/// CA's key, which is refused when it does not match, this credential is
+/// the control plane's own to make again.
 pub fn ensure_admin_credential(
     dir: &StateDir,
     ca: &CertificateAuthority,
@@ -230,19 +234,16 @@ pub fn ensure_admin_credential(
         let key = parse_key(&key, &cred.key)?;
         let (_, leaf) = parse_x509_certificate(&chain[0])
             .map_err(|e| invalid(&cred.cert, format!("bad certificate: {e}")))?;
-        if !key_matches(&leaf, &key) {
-            return Err(CaFilesError::KeyMismatch {
-                cert: cred.cert.clone(),
-                key: cred.key.clone(),
-            });
-        }
         let margin = ::time::Duration::days(1);
         let fresh =
             leaf.validity().not_after.to_datetime() > ::time::OffsetDateTime::now_utc() + margin;
-        if fresh && signed_by_ca(&leaf, ca) {
+        if !key_matches(&leaf, &key) {
+            tracing::warn!(cert = %cred.cert.display(), key = %cred.key.display(), "operator certificate and key do not belong together; issuing a new pair");
+        } else if fresh && signed_by_ca(&leaf, ca) {
             return Ok(cred);
+        } else {
+            tracing::info!(cert = %cred.cert.display(), "operator credential expired or from another CA; issuing a new one");
         }
-        tracing::info!(cert = %cred.cert.display(), "operator credential expired or from another CA; issuing a new one");
     }
     let admin = SpiffeId::admin(ca.trust_domain());
     let (issued, key) = ca.issue_with_key(&admin, &ExtraSans::default(), ADMIN_LIFETIME)?;
@@ -433,6 +434,30 @@ mod tests {
         assert_eq!(bundle_of(&dir, BUNDLE), ca.bundle());
         assert_eq!(ca.bundle(), [new_root]);
         assert!(dir.read(CA_CERT).unwrap().is_none(), "nothing generated");
+    }
+
+    /// A credential re-issue cut short between its two writes leaves a new
+    /// key beside the old certificate: the next start makes a new pair.
+    #[test]
+    fn a_half_replaced_operator_credential_is_issued_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&tmp.path().join("s")).unwrap();
+        let ca = open_ca(&dir, &td(), None, &[]).unwrap();
+        ensure_admin_credential(&dir, &ca).unwrap();
+        let (_, _, other_key) = CertificateAuthority::generate(&td()).unwrap();
+        dir.write_atomic(ADMIN_KEY, other_key.as_bytes(), Secrecy::Secret)
+            .unwrap();
+        let cred = ensure_admin_credential(&dir, &ca).unwrap();
+        let chain = parse_certs(&dir.read(ADMIN_CERT).unwrap().unwrap(), &cred.cert).unwrap();
+        let key = parse_key(&dir.read(ADMIN_KEY).unwrap().unwrap(), &cred.key).unwrap();
+        let (_, leaf) = parse_x509_certificate(&chain[0]).unwrap();
+        assert!(key_matches(&leaf, &key), "the new pair belongs together");
+        assert!(signed_by_ca(&leaf, &ca));
+        assert_ne!(
+            dir.read(ADMIN_KEY).unwrap().unwrap(),
+            other_key.as_bytes(),
+            "a new key"
+        );
     }
 
     #[test]
