@@ -15,6 +15,7 @@ use super::document::Action;
 use super::engine::{
     CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, PolicySet, Reason, RuleRef,
 };
+use super::validate::ValidationContext;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The account of one decision.
@@ -67,9 +68,16 @@ pub fn explain(
     default: DefaultPolicy,
 ) -> Result<Explanation, CompileError> {
     let mesh = destination.trust_domain();
+    // The mesh's policies are stored ones, compiled as the sidecars compile
+    // them: one stored before a check got stricter is enforced as far as
+    // it can be, and must not make every explanation fail.
+    let stored = ValidationContext {
+        stored: true,
+        ..ValidationContext::default()
+    };
     let mut compiled = policies
         .iter()
-        .map(|p| CompiledPolicy::compile(p, &mesh, &Default::default()))
+        .map(|p| CompiledPolicy::compile(p, &mesh, &stored))
         .collect::<Result<Vec<_>, _>>()?;
     compiled.sort_by(|a, b| a.key.cmp(&b.key));
     let traces = compiled
@@ -180,6 +188,46 @@ impl fmt::Display for Explanation {
         match &self.decision.reason {
             Reason::Rule(r) => writeln!(f, "decided by {r}"),
             Reason::Default(mode) => writeln!(f, "no rule decided: mesh default {}", mode.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load_source;
+
+    /// A policy stored before a path that can never match was refused
+    /// (`/%7Euser/*`) is explained as the sidecars enforce it, for every
+    /// destination, not refused as a whole.
+    #[test]
+    fn a_stored_policy_that_newer_checks_refuse_is_explained() {
+        let td = TrustDomain::new("td").unwrap();
+        let yaml = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-home, namespace: b}
+spec:
+  selector: {spiffeIds: [\"spiffe://td/ns/b/sa/api\"]}
+  action: DENY
+  rules:
+    - to: [{paths: [\"/placeholder\"]}]
+";
+        let loaded = load_source("p.yaml", yaml, &td);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let mut policy = loaded.policies[0].policy.to_proto();
+        policy.rules[0].to[0].paths[0] = "/%7Euser/*".into();
+        let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        for destination in ["spiffe://td/ns/b/sa/api", "spiffe://td/ns/c/sa/db"] {
+            let destination = SpiffeId::parse(destination).unwrap();
+            let explained = explain(
+                &web,
+                &destination,
+                80,
+                &[policy.clone()],
+                DefaultPolicy::AllowMesh,
+            )
+            .unwrap_or_else(|e| panic!("{destination}: {e}"));
+            assert!(explained.decision.is_allowed(), "{destination}");
         }
     }
 }
