@@ -158,25 +158,27 @@ impl Named for RateLimit {
     }
 }
 
-/// Tokens for `now`, reusing the one of an equal document in `before` (both
-/// ordered by key) and taking fresh ones for the others.
+/// Tokens for `now`, reusing the one of an equal document in `before` and
+/// taking fresh ones for the others. Documents are matched by key, whatever
+/// order each list is in: the store's order of `namespace/name` strings is
+/// not that of `(namespace, name)` pairs (`prod-eu/x` sorts before
+/// `prod/y`), and an unchanged document given a fresh token would be sent
+/// again to every sidecar it selects.
 fn tokens_after<T: Named>(
     now: &[(WorkloadSelector, T)],
     before: &[(WorkloadSelector, T)],
     before_tokens: &[u64],
     fresh: &mut impl FnMut() -> u64,
 ) -> Vec<u64> {
-    let mut old = before.iter().zip(before_tokens).peekable();
+    let old: HashMap<(&str, &str), (&T, u64)> = before
+        .iter()
+        .zip(before_tokens)
+        .map(|((_, doc), token)| (doc.key(), (doc, *token)))
+        .collect();
     now.iter()
-        .map(|(_, doc)| {
-            let key = doc.key();
-            while old.peek().is_some_and(|((_, d), _)| d.key() < key) {
-                old.next();
-            }
-            match old.peek() {
-                Some(((_, d), token)) if d == doc => **token,
-                _ => fresh(),
-            }
+        .map(|(_, doc)| match old.get(&doc.key()) {
+            Some((d, token)) if *d == doc => *token,
+            _ => fresh(),
         })
         .collect()
 }

@@ -451,3 +451,54 @@ fn a_write_is_reached_by_position_whatever_versions_were_served() {
         "only the version served last moves on"
     );
 }
+
+/// A policy the store lists in `namespace/name` order (`prod-eu/x` before
+/// `prod/y`) keeps its content token across a change that leaves it as it
+/// was, so the sidecars it selects are sent nothing for it.
+#[test]
+fn unchanged_policies_keep_their_tokens_whatever_their_order() {
+    let td = trellis_core::TrustDomain::new("td").unwrap();
+    let policy = |namespace: &str, name: &str| {
+        let yaml = format!(
+            "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector: {{spiffeIds: [\"{WEB}\"]}}
+  action: ALLOW
+  rules:
+    - from: [{{spiffeId: \"{API}\"}}]
+"
+        );
+        let loaded = trellis_core::policy::load_source("p.yaml", &yaml, &td);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        loaded.policies[0].policy.to_proto()
+    };
+    let state = |workloads: Vec<WorkloadRecord>| DiscoveryState {
+        version: 3,
+        workloads,
+        policies: vec![policy("prod-eu", "x"), policy("prod", "y")],
+        ..DiscoveryState::default()
+    };
+    let mut tokens = 0;
+    let first = View::from_state_after(
+        state(vec![live(WEB, &["10.0.0.1:15006"])]),
+        &View::default(),
+        &mut tokens,
+    );
+    let joined = View::from_state_after(
+        state(vec![
+            live(WEB, &["10.0.0.1:15006"]),
+            live(DB, &["10.0.0.2:15006"]),
+        ]),
+        &first,
+        &mut tokens,
+    );
+    assert_ne!(joined.endpoints_token(), first.endpoints_token());
+    assert_eq!(joined.policy_tokens, first.policy_tokens);
+    let web = SpiffeId::parse(WEB).unwrap();
+    assert_eq!(
+        joined.content_key(&web).policies,
+        first.content_key(&web).policies
+    );
+}
