@@ -116,8 +116,9 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     let first = web_watch.next().await;
     assert_eq!(first.endpoints_version, 0);
     assert!(has_endpoint(&first, WEB));
-    // The old-style stream never answers, so the ACKs seen are web_watch's.
-    old_watch.receive().await;
+    // An identity is as synced as its least synced stream: the old-style
+    // stream answers too, so the ACKs seen are both streams'.
+    old_watch.next().await;
     // The ACK travels on the stream, the change on an Admin connection:
     // the control plane has the ACK before the change is made.
     acked(&cp, WEB, first.version).await;
@@ -130,7 +131,7 @@ async fn a_policy_change_refers_to_the_endpoints_the_sidecar_holds() {
     assert_eq!(second.policies.len(), 1);
     assert_eq!(second.endpoints_version, first.version);
     assert!(second.endpoints.is_empty(), "{second:?}");
-    let old = old_watch.receive().await;
+    let old = old_watch.next().await;
     assert_eq!((old.policies.len(), old.endpoints_version), (1, 0));
     assert!(has_endpoint(&old, WEB), "without the flag: every endpoint");
     acked(&cp, WEB, second.version).await;
@@ -418,6 +419,72 @@ async fn workloads_say_which_sidecars_hold_the_current_snapshot() {
 }
 
 /// The row of `table` that starts with `id`.
+/// Pods that share an identity (a Deployment's replicas share its
+/// ServiceAccount) each have their own Watch stream: the identity is
+/// listed as synced only once every stream holds the current version,
+/// refused while one refuses it, and one pod's ACK does not clear the
+/// other's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_is_as_synced_as_its_least_synced_stream() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7171").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7172").await;
+    let mut db_watch = Watcher::open(&cp, &db, "127.0.0.1:7172").await;
+    db_watch.next().await;
+    let mut one = Watcher::open(&cp, &web, "127.0.0.1:7171").await;
+    let mut two = Watcher::open(&cp, &web, "127.0.0.1:7171").await;
+    one.next().await;
+    let first = two.receive().await;
+    sync_until(
+        &cp,
+        "web pending while one pod has not answered",
+        |r, web, _| r.snapshot_version == first.version && web.sync() == SnapshotSync::Pending,
+    )
+    .await;
+
+    let answer = |kind| WatchRequest { kind: Some(kind) };
+    two.acks
+        .send(answer(Kind::Nack(Nack {
+            version: first.version,
+            reason: "refused for the test".into(),
+        })))
+        .await
+        .unwrap();
+    sync_until(&cp, "web refused while one pod refuses", |_, web, _| {
+        web.sync() == SnapshotSync::Refused && web.last_nack == "refused for the test"
+    })
+    .await;
+
+    // A change the first pod accepts: `--wait` does not take its ACK for
+    // the identity's, since the second pod still holds the refusal.
+    let one_task = tokio::spawn(async move {
+        loop {
+            one.next().await;
+        }
+    });
+    let (code, stderr) = ctl_apply(&cp, &allow("p1", WEB, API, 8001), &["--wait=2s"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "  {WEB} refused its newest snapshot: refused for the test\n"
+        )),
+        "{stderr}"
+    );
+    let second = two.receive().await;
+    assert_eq!(second.policies.len(), 1);
+    two.acks
+        .send(answer(Kind::Ack(Ack {
+            version: second.version,
+        })))
+        .await
+        .unwrap();
+    sync_until(&cp, "web synced once both pods hold it", |r, web, _| {
+        r.snapshot_version == second.version && web.sync() == SnapshotSync::Synced
+    })
+    .await;
+    one_task.abort();
+}
+
 fn row_of<'a>(table: &'a str, id: &str) -> &'a str {
     table
         .lines()

@@ -31,7 +31,9 @@ use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
 use super::{Mesh, quoted_chars, quoted_up_to, require_svid};
-use crate::discovery::{COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, View};
+use crate::discovery::{
+    COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, StreamGuard, View,
+};
 
 /// At most this many characters of what a sidecar sent (its addresses, a
 /// NACK's reason) are logged.
@@ -87,7 +89,7 @@ impl DiscoveryService {
             // stops listening once every stream is closed, so the lines
             // of its streams come before the line that says so.
             let open = mesh.discovery.open_stream(&id);
-            let reason = serve_stream(&mesh, &id, &subscribe, inbound, tx).await;
+            let reason = serve_stream(&mesh, &open, &id, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");
             drop(open);
@@ -200,6 +202,7 @@ impl Held {
 /// Runs one Watch stream until it ends; returns why it ended.
 async fn serve_stream(
     mesh: &Mesh,
+    stream: &StreamGuard,
     id: &SpiffeId,
     subscribe: &Subscribe,
     mut inbound: Streaming<WatchRequest>,
@@ -246,7 +249,7 @@ async fn serve_stream(
                     // (or will, once it accepts it) is this version's too.
                     sidecar.same_as_sent = view.version;
                     if sidecar.holds_last_sent() {
-                        mesh.discovery.holds(id, view.version);
+                        stream.holds(view.version);
                     }
                     continue;
                 }
@@ -259,7 +262,7 @@ async fn serve_stream(
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
-                    mesh.discovery.ack(id, last_version, Some(last_version));
+                    stream.ack(last_version, Some(last_version));
                     sidecar.acked = Some(Sent {
                         version: last_version,
                         endpoints: view.held_endpoints(),
@@ -292,13 +295,13 @@ async fn serve_stream(
                     let holds = sidecar
                         .answered(ack.version, true)
                         .then_some(sidecar.same_as_sent);
-                    mesh.discovery.ack(id, ack.version, holds);
+                    stream.ack(ack.version, holds);
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);
                     tracing::warn!(spiffe_id = %id, version = nack.version, reason = %quoted_up_to(&nack.reason, LOGGED_CHARS), "sidecar refused a snapshot");
                     // The status keeps what the log line shows, unquoted.
-                    mesh.discovery.nack(id, &shown_up_to(&nack.reason, LOGGED_CHARS));
+                    stream.nack(&shown_up_to(&nack.reason, LOGGED_CHARS));
                 }
                 Ok(Some(_)) => {
                     let _ = tx.send(Err(Status::invalid_argument(

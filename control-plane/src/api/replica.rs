@@ -97,17 +97,40 @@ impl Replicas {
         let current = discovery.current_version();
         let write = asked(request);
         let reached = |version| discovery.reached(write, version);
+        // One entry an identity, as synced as its least synced stream
+        // (pods sharing an identity each have theirs), with that stream's
+        // versions and refusal; reached when every open stream has.
         let sidecars = discovery
             .statuses()
             .into_iter()
-            .map(|(id, status)| StreamStatus {
-                spiffe_id: id.to_string(),
-                streams: status.streams,
-                acked_version: status.acked_version,
-                synced_version: status.synced_version,
-                sync: snapshot_sync(status.sync(current)).into(),
-                reached: status.connected() && reached(status.synced_version),
-                last_nack: status.last_nack,
+            .filter_map(|(id, streams)| {
+                streams
+                    .into_iter()
+                    .map(|status| StreamStatus {
+                        spiffe_id: id.to_string(),
+                        streams: status.streams,
+                        acked_version: status.acked_version,
+                        synced_version: status.synced_version,
+                        sync: snapshot_sync(status.sync(current)).into(),
+                        reached: status.connected() && reached(status.synced_version),
+                        last_nack: status.last_nack,
+                    })
+                    .reduce(|joined, stream| {
+                        let (streams, reached) = (
+                            joined.streams + stream.streams,
+                            joined.reached && stream.reached,
+                        );
+                        let least = if distance(stream.sync()) > distance(joined.sync()) {
+                            stream
+                        } else {
+                            joined
+                        };
+                        StreamStatus {
+                            streams,
+                            reached,
+                            ..least
+                        }
+                    })
             })
             .collect();
         ListStreamsResponse {

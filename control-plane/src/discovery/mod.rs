@@ -89,6 +89,17 @@ impl SyncState {
             SyncState::Refused => "refused",
         }
     }
+
+    /// How far from synced: an identity is as synced as its least synced
+    /// stream.
+    pub fn distance(self) -> u8 {
+        match self {
+            SyncState::Synced => 0,
+            SyncState::Pending => 1,
+            SyncState::Refused => 2,
+            SyncState::NotConnected => 3,
+        }
+    }
 }
 
 impl SidecarStatus {
@@ -453,7 +464,12 @@ pub struct Discovery {
     /// the last content token handed out.
     refreshing: Mutex<u64>,
     version: watch::Sender<u64>,
-    sidecars: Mutex<BTreeMap<SpiffeId, SidecarStatus>>,
+    /// Each identity's Watch streams: many pods share one identity (the
+    /// replicas of a Deployment share its ServiceAccount), and each stream
+    /// keeps its own status.
+    sidecars: Mutex<BTreeMap<SpiffeId, IdentityStreams>>,
+    /// The number the next stream opened gets.
+    next_stream: std::sync::atomic::AtomicU64,
     /// How many Watch streams are open, over every identity: a stopping
     /// replica waits for none before it stops listening.
     open_streams: watch::Sender<usize>,
@@ -593,6 +609,7 @@ impl Discovery {
             view: RwLock::new(Arc::new(view)),
             refreshing: Mutex::new(tokens),
             sidecars: Mutex::new(BTreeMap::new()),
+            next_stream: std::sync::atomic::AtomicU64::new(0),
             open_streams: watch::Sender::new(0),
             served: Mutex::new(served),
             changes: Mutex::default(),
@@ -831,13 +848,30 @@ impl Discovery {
         part
     }
 
-    /// Marks a stream from `id` open until the returned guard is dropped.
+    /// Marks a stream from `id` open until the returned guard is dropped;
+    /// the guard records what the sidecar at its end answers.
     pub fn open_stream(self: &Arc<Self>, id: &SpiffeId) -> StreamGuard {
-        self.with_status(id, |s| s.streams += 1);
+        let number = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sidecars
+            .lock()
+            .expect("not poisoned")
+            .entry(id.clone())
+            .or_default()
+            .open
+            .insert(
+                number,
+                SidecarStatus {
+                    streams: 1,
+                    ..SidecarStatus::default()
+                },
+            );
         self.open_streams.send_modify(|open| *open += 1);
         StreamGuard {
             discovery: self.clone(),
             id: id.clone(),
+            number,
         }
     }
 
@@ -853,36 +887,9 @@ impl Discovery {
         let _ = open.wait_for(|open| *open == 0).await;
     }
 
-    /// Records that `id` acknowledged `version`: the last acknowledged, not
-    /// the greatest, as versions of the Kubernetes store are content
-    /// digests with no order. `holds` is the newest version with the same
-    /// content for it, when the stream knows it (the acknowledged snapshot
-    /// was the last one it sent).
-    pub fn ack(&self, id: &SpiffeId, version: u64, holds: Option<u64>) {
-        self.with_status(id, |s| {
-            s.acked_version = version;
-            s.last_nack.clear();
-            if let Some(holds) = holds {
-                s.synced_version = holds;
-            }
-        });
-    }
-
-    /// Records that `id`, which accepted the last snapshot it was sent,
-    /// holds the content of `version` too: nothing it is sent changed.
-    pub fn holds(&self, id: &SpiffeId, version: u64) {
-        self.with_status(id, |s| s.synced_version = version);
-    }
-
-    /// Records that `id` refused a snapshot for `reason`, which the caller
-    /// has bounded (the Watch stream keeps what its log line shows).
-    pub fn nack(&self, id: &SpiffeId, reason: &str) {
-        self.with_status(id, |s| s.last_nack = reason.to_owned());
-    }
-
     /// How many identities with an open Watch stream stand in each state
     /// of sync with the version served now (not connected ones are not
-    /// counted).
+    /// counted): each as synced as its least synced stream.
     pub fn sync_counts(&self) -> [(SyncState, u64); 3] {
         let current = self.current_version();
         let mut counts = [
@@ -890,9 +897,13 @@ impl Discovery {
             (SyncState::Pending, 0),
             (SyncState::Refused, 0),
         ];
-        for status in self.sidecars.lock().expect("not poisoned").values() {
-            let state = status.sync(current);
-            if let Some((_, count)) = counts.iter_mut().find(|(s, _)| *s == state) {
+        for streams in self.sidecars.lock().expect("not poisoned").values() {
+            let least = streams
+                .open
+                .values()
+                .map(|s| s.sync(current))
+                .max_by_key(|s| s.distance());
+            if let Some((_, count)) = counts.iter_mut().find(|(s, _)| Some(*s) == least) {
                 *count += 1;
             }
         }
@@ -914,31 +925,95 @@ impl Discovery {
     }
 
     /// Every identity that has had a Watch stream on this replica, with
-    /// its status.
-    pub fn statuses(&self) -> Vec<(SpiffeId, SidecarStatus)> {
+    /// the status of each of its open streams, or, with none open, that of
+    /// the one that closed last (its `streams` 0).
+    pub fn statuses(&self) -> Vec<(SpiffeId, Vec<SidecarStatus>)> {
         let sidecars = self.sidecars.lock().expect("not poisoned");
         sidecars
             .iter()
-            .map(|(id, status)| (id.clone(), status.clone()))
+            .map(|(id, streams)| {
+                let statuses = match streams.open.is_empty() {
+                    true => vec![streams.closed.clone()],
+                    false => streams.open.values().cloned().collect(),
+                };
+                (id.clone(), statuses)
+            })
             .collect()
     }
 
-    fn with_status(&self, id: &SpiffeId, f: impl FnOnce(&mut SidecarStatus)) {
+    fn with_stream(&self, id: &SpiffeId, number: u64, f: impl FnOnce(&mut SidecarStatus)) {
         let mut sidecars = self.sidecars.lock().expect("not poisoned");
-        f(sidecars.entry(id.clone()).or_default());
+        if let Some(status) = sidecars
+            .get_mut(id)
+            .and_then(|streams| streams.open.get_mut(&number))
+        {
+            f(status);
+        }
     }
 }
 
-/// An open Watch stream; dropping it marks the stream closed.
+/// The Watch streams of one identity on this replica.
+#[derive(Default)]
+struct IdentityStreams {
+    /// Each open stream's status, by the number it was opened with.
+    open: BTreeMap<u64, SidecarStatus>,
+    /// The status of the stream that closed last, kept while none is open.
+    closed: SidecarStatus,
+}
+
+/// An open Watch stream; records what the sidecar at its end answers, and
+/// dropping it marks the stream closed.
 pub struct StreamGuard {
     discovery: Arc<Discovery>,
     id: SpiffeId,
+    number: u64,
+}
+
+impl StreamGuard {
+    /// Records that the sidecar acknowledged `version`: the last
+    /// acknowledged, not the greatest, as versions of the Kubernetes store
+    /// are content digests with no order. `holds` is the newest version
+    /// with the same content for it, when the stream knows it (the
+    /// acknowledged snapshot was the last one it sent).
+    pub fn ack(&self, version: u64, holds: Option<u64>) {
+        self.discovery.with_stream(&self.id, self.number, |s| {
+            s.acked_version = version;
+            s.last_nack.clear();
+            if let Some(holds) = holds {
+                s.synced_version = holds;
+            }
+        });
+    }
+
+    /// Records that the sidecar, which accepted the last snapshot it was
+    /// sent, holds the content of `version` too: nothing it is sent
+    /// changed.
+    pub fn holds(&self, version: u64) {
+        self.discovery
+            .with_stream(&self.id, self.number, |s| s.synced_version = version);
+    }
+
+    /// Records that the sidecar refused a snapshot for `reason`, which the
+    /// caller has bounded (the Watch stream keeps what its log line shows).
+    pub fn nack(&self, reason: &str) {
+        self.discovery
+            .with_stream(&self.id, self.number, |s| s.last_nack = reason.to_owned());
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.discovery
-            .with_status(&self.id, |s| s.streams = s.streams.saturating_sub(1));
+        {
+            let mut sidecars = self.discovery.sidecars.lock().expect("not poisoned");
+            if let Some(streams) = sidecars.get_mut(&self.id)
+                && let Some(status) = streams.open.remove(&self.number)
+            {
+                streams.closed = SidecarStatus {
+                    streams: 0,
+                    ..status
+                };
+            }
+        }
         self.discovery
             .open_streams
             .send_modify(|open| *open = open.saturating_sub(1));

@@ -148,18 +148,62 @@ fn endpoint_changes_are_what_changed_since_the_content_held() {
 fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-    let discovery = Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap();
+    let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
     let web = SpiffeId::parse(WEB).unwrap();
-    discovery.ack(&web, 0x9f3a_0000_0000_0001, None);
-    discovery.nack(&web, "bad policy");
-    discovery.ack(&web, 0x1b20_0000_0000_0002, None);
-    let (_, status) = discovery
+    let stream = discovery.open_stream(&web);
+    stream.ack(0x9f3a_0000_0000_0001, None);
+    stream.nack("bad policy");
+    stream.ack(0x1b20_0000_0000_0002, None);
+    let (_, statuses) = discovery
         .statuses()
         .into_iter()
         .find(|(id, _)| *id == web)
         .unwrap();
-    assert_eq!(status.acked_version, 0x1b20_0000_0000_0002);
-    assert!(status.last_nack.is_empty(), "{status:?}");
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(statuses[0].acked_version, 0x1b20_0000_0000_0002);
+    assert!(statuses[0].last_nack.is_empty(), "{statuses:?}");
+
+    // Closed, it is remembered as it was, not connected.
+    drop(stream);
+    let (_, statuses) = discovery.statuses().into_iter().next().unwrap();
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(statuses[0].acked_version, 0x1b20_0000_0000_0002);
+    assert!(!statuses[0].connected());
+}
+
+/// Each stream of an identity keeps its own status, and the identity is
+/// counted as synced as its least synced stream.
+#[test]
+fn streams_of_one_identity_keep_their_own_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+    let web = SpiffeId::parse(WEB).unwrap();
+    let current = discovery.current_version();
+    let (one, two) = (discovery.open_stream(&web), discovery.open_stream(&web));
+    one.ack(current, Some(current));
+    two.nack("bad policy");
+    let count = |state| {
+        discovery
+            .sync_counts()
+            .iter()
+            .find(|(s, _)| *s == state)
+            .unwrap()
+            .1
+    };
+    assert_eq!(count(SyncState::Refused), 1);
+    assert_eq!(count(SyncState::Synced), 0);
+    let (_, statuses) = discovery.statuses().into_iter().next().unwrap();
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(
+        statuses[1].last_nack, "bad policy",
+        "not cleared by the other's ACK"
+    );
+
+    two.ack(current, Some(current));
+    assert_eq!(count(SyncState::Synced), 1);
+    drop(one);
+    assert_eq!(discovery.statuses()[0].1.len(), 1, "the open one only");
 }
 
 /// A workload seen now whose certificate is good for an hour.
