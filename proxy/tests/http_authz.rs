@@ -73,6 +73,44 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     ));
 }
 
+/// Routers commonly take `/admin/` and `/admin;x` (a path parameter, as
+/// servlet containers read it) for `/admin`: a DENY of `/admin` denies
+/// them too, while an ALLOW of a path allows only that path as sent.
+#[tokio::test]
+async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("no-admin", "DENY", "[{paths: [\"/admin\"]}]"),
+        policy(
+            "only-users",
+            "ALLOW",
+            "[{paths: [\"/users\", \"/admin/*\", \"/administrator\"]}]",
+        ),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    for (path, status, body) in [
+        ("/admin", 403, "denied by policy b/no-admin rule 0\n"),
+        ("/admin/", 403, "denied by policy b/no-admin rule 0\n"),
+        (
+            "/admin;jsessionid=1",
+            403,
+            "denied by policy b/no-admin rule 0\n",
+        ),
+        ("/users", 200, "GET /users HTTP/1.1"),
+        ("/users/", 403, "denied by policy default:deny\n"),
+        ("/users;x", 403, "denied by policy default:deny\n"),
+        ("/administrator", 200, "GET /administrator HTTP/1.1"),
+    ] {
+        let (got, text) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        assert_eq!((got.as_u16(), text.as_str()), (status, body), "{path}");
+    }
+    assert_eq!(app.seen.paths(), ["/users", "/administrator"]);
+}
+
 /// Apps decode and resolve a path before routing it, so a path that spells
 /// `/admin/users` another way is refused with 400 saying what is wrong with
 /// it, never decided as the unknown path it looks like; other escapes are

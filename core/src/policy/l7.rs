@@ -6,8 +6,11 @@
 //! `/x` exactly, `/x/*` that path and everything under it, and templates
 //! where `{name}` stands for exactly one non-empty segment
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
-//! `/users/{id}/*` matches both of the first two). A gRPC match is a path
-//! match on `/<service>/<method>`. Header names are case-insensitive and
+//! `/users/{id}/*` matches both of the first two). A DENY or AUDIT rule
+//! also matches the spellings routers commonly take for the same path,
+//! with a trailing `/` and with segment parameters (`/admin;x`); an ALLOW
+//! rule only the path as sent. A gRPC match is a path match on
+//! `/<service>/<method>`. Header names are case-insensitive and
 //! values exact; a header sent more than once matches an ALLOW rule only
 //! if every value does, a DENY or AUDIT rule if any does, or any element
 //! of a comma-separated one (`L7Match::matches`).
@@ -132,6 +135,35 @@ impl PathPattern {
             }
         }
         self.prefix || parts.next().is_none()
+    }
+}
+
+impl PathPattern {
+    /// Whether `path`, or a spelling of it that apps commonly route to
+    /// the same handler, matches: without a trailing `/` (`/admin/` is
+    /// `/admin` to many routers) and without the parameters of its
+    /// segments (`/admin;x` is `/admin` to servlet containers). What a
+    /// DENY or AUDIT rule matches, so that another spelling does not slip
+    /// past it; an ALLOW rule matches only the path as sent.
+    pub fn matches_as_routed(&self, path: &str) -> bool {
+        let either = |path: &str| {
+            self.matches(path)
+                || path
+                    .strip_suffix('/')
+                    .is_some_and(|bare| !bare.is_empty() && self.matches(bare))
+        };
+        if either(path) {
+            return true;
+        }
+        if !path.contains(';') {
+            return false;
+        }
+        let without_parameters = path
+            .split('/')
+            .map(|segment| segment.split(';').next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("/");
+        either(&without_parameters)
     }
 }
 
@@ -370,9 +402,17 @@ impl L7Match {
     /// lists sees `canary` in it: so for DENY and AUDIT an element of a
     /// comma-separated value matches too, while for ALLOW the whole value
     /// must (a list is never one allowed value).
+    ///
+    /// Paths likewise: an ALLOW rule matches a path as sent, while a DENY
+    /// or AUDIT rule matches the spellings an app may route as the same
+    /// resource too ([`PathPattern::matches_as_routed`]).
     pub fn matches(&self, req: &HttpRequest<'_>, action: Action) -> bool {
+        let path_matches = |p: &PathPattern| match action {
+            Action::Allow => p.matches(req.path),
+            Action::Deny | Action::Audit => p.matches_as_routed(req.path),
+        };
         (self.methods.is_empty() || self.methods.iter().any(|m| **m == *req.method))
-            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
+            && (self.paths.is_empty() || self.paths.iter().any(path_matches))
             && self.headers.iter().all(|(name, value)| {
                 let mut values = req.headers.get_all(&**name).iter();
                 let want = value.as_bytes();
@@ -414,6 +454,39 @@ mod tests {
         assert!(matches("/*", "/anything"));
         assert!(matches("/", "/"));
         assert!(!matches("/", "/a"));
+    }
+
+    #[test]
+    fn a_deny_matches_the_spellings_an_app_routes_as_the_same_path() {
+        let routed = |pattern: &str, path: &str| {
+            PathPattern::parse(pattern).unwrap().matches_as_routed(path)
+        };
+        for (pattern, path) in [
+            ("/admin", "/admin"),
+            ("/admin", "/admin/"),
+            ("/admin", "/admin;jsessionid=1"),
+            ("/admin", "/admin;x/"),
+            ("/admin/*", "/admin;x/users"),
+            ("/admin/users", "/admin;a=1/users;b=2"),
+            ("/users/{id}", "/users/7/"),
+            ("/", "/;x"),
+        ] {
+            assert!(
+                routed(pattern, path),
+                "{pattern} must match {path} for a DENY"
+            );
+        }
+        for (pattern, path) in [
+            ("/admin", "/administrator"),
+            ("/admin", "/x;/admin"),
+            ("/admin", "/admin/x"),
+            ("/users/{id}", "/users/"),
+        ] {
+            assert!(!routed(pattern, path), "{pattern} matched {path}");
+        }
+        // An ALLOW keeps to the path as sent.
+        assert!(!matches("/admin", "/admin/"));
+        assert!(!matches("/admin", "/admin;x"));
     }
 
     #[test]
