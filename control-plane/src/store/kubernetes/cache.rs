@@ -118,6 +118,11 @@ pub struct Cache {
     synced: BTreeSet<Kind>,
     /// The highest resourceVersion each policy kind's watch has delivered.
     position: Position,
+    /// Objects this replica deleted, with the deletion's resourceVersion,
+    /// until the watch delivers the deletion: an event older than it (the
+    /// watch echoing the object's creation, say) must not bring the object
+    /// back meanwhile.
+    deleted: BTreeMap<(Kind, String), u64>,
 }
 
 impl Default for Cache {
@@ -130,6 +135,7 @@ impl Default for Cache {
             services_digest: services_digest(&[]),
             mesh_config: String::new(),
             synced: BTreeSet::new(),
+            deleted: BTreeMap::new(),
             position: Position::default(),
         }
     }
@@ -198,8 +204,21 @@ impl Cache {
         self.version() != before
     }
 
-    /// Removes one object; true when the published content changed.
+    /// Removes one object, as its watch's deletion event says; true when
+    /// the published content changed.
     pub fn remove(&mut self, kind: Kind, key: &str) -> bool {
+        self.deleted.remove(&(kind, key.to_owned()));
+        self.apply(kind, key, None)
+    }
+
+    /// Removes one object this replica deleted at resourceVersion `at`
+    /// ([`numeric`]; 0 when unknown) before its watch says so: events older
+    /// than the deletion are ignored until the watch delivers it. True when
+    /// the published content changed.
+    pub fn remove_written(&mut self, kind: Kind, key: &str, at: u64) -> bool {
+        if at != 0 {
+            self.deleted.insert((kind, key.to_owned()), at);
+        }
         self.apply(kind, key, None)
     }
 
@@ -218,6 +237,7 @@ impl Cache {
         for key in stale {
             self.take(kind, &key);
         }
+        self.deleted.retain(|(k, _), _| *k != kind);
         for (key, object) in listed {
             // A re-list is the truth: no resourceVersion guard.
             self.take(kind, &key);
@@ -237,6 +257,13 @@ impl Cache {
             return self.take(kind, key);
         };
         let slot_key = (kind, key.to_owned());
+        if let Some(&deleted_at) = self.deleted.get(&slot_key) {
+            if numeric(Some(&object.resource_version)) <= deleted_at {
+                return false;
+            }
+            // Written again since: the deletion is history.
+            self.deleted.remove(&slot_key);
+        }
         let changed = match self.objects.get(&slot_key) {
             Some(held) if is_older(&object.resource_version, &held.resource_version) => {
                 return false;
@@ -545,6 +572,32 @@ mod tests {
         assert_ne!(two.version(), before);
         assert!(two.set_mesh_config("other"));
         assert_ne!(two.version(), one.version());
+    }
+
+    /// A policy this replica deleted does not come back when the watch then
+    /// delivers its creation; a later write brings it back, and the
+    /// watch's own deletion ends the guard.
+    #[test]
+    fn a_deleted_policy_is_not_brought_back_by_an_older_event() {
+        let mut cache = Cache::default();
+        let key = "default/x";
+        assert!(cache.apply(Kind::AuthorizationPolicy, key, Some(policy("x", "20", 80))));
+        assert!(cache.remove_written(Kind::AuthorizationPolicy, key, 21));
+        assert!(!cache.apply(Kind::AuthorizationPolicy, key, Some(policy("x", "20", 80))));
+        assert!(
+            cache.policy(key).is_none(),
+            "brought back by the creation's echo"
+        );
+
+        assert!(cache.apply(Kind::AuthorizationPolicy, key, Some(policy("x", "22", 81))));
+        assert!(
+            cache.policy(key).is_some(),
+            "created again after the deletion"
+        );
+
+        assert!(cache.remove_written(Kind::AuthorizationPolicy, key, 23));
+        cache.remove(Kind::AuthorizationPolicy, key);
+        assert!(cache.deleted.is_empty(), "the watch delivered the deletion");
     }
 
     /// Each policy kind's position is the newest resourceVersion its watch

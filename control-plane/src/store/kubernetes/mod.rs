@@ -443,7 +443,8 @@ impl KubernetesStore {
                 .into());
             }
         };
-        self.shared.update(|c| c.remove(kind, &key));
+        self.shared
+            .update(|c| c.remove_written(kind, &key, deleted_at));
         Ok(Some(Generation {
             position: written_position(kind, deleted_at),
             ..self.generation()
