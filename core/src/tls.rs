@@ -276,20 +276,26 @@ impl Roots {
     }
 
     /// A resumed session's chain split into its leaf and intermediates,
-    /// to verify again at `now`; `None` while no root has expired, when
-    /// nothing of its trust can have changed.
+    /// to verify again at `now`; `None` while no root and none of its
+    /// intermediates has expired, when nothing of its trust can have
+    /// changed (a chain of a leaf alone costs one comparison).
     fn to_verify_again<'c, 'a>(
         &self,
         chain: &'c [CertificateDer<'a>],
         now: UnixTime,
     ) -> Result<Option<(&'c CertificateDer<'a>, &'c [CertificateDer<'a>])>, rustls::Error> {
-        if self.expired(now) == 0 {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        // An intermediate that cannot be read is for the verifier to refuse.
+        let intermediate_expired = intermediates
+            .iter()
+            .any(|c| validity_of(c).map_or(true, |(_, not_after)| not_after < now_secs));
+        if self.expired(now) == 0 && !intermediate_expired {
             return Ok(None);
         }
-        chain
-            .split_first()
-            .map(Some)
-            .ok_or(rustls::Error::NoCertificatesPresented)
+        Ok(Some((leaf, intermediates)))
     }
 
     /// After a chain failed to verify at `now`: the expired root it leads
@@ -366,10 +372,12 @@ impl SpiffeServerVerifier {
 
     /// A resumed session's chain (leaf first, as the session brought it
     /// back), which no verifier sees on resumption, verified again at
-    /// `now` once a root of the bundle has expired: the root it was
-    /// verified against may be the one. Until a root expires nothing of
-    /// the chain's trust can have changed (the leaf's own dates are for
-    /// the caller to check), and this is one comparison.
+    /// `now` once a root of the bundle or an intermediate of the chain has
+    /// expired: the root it was verified against may be the one, and a
+    /// leaf can outlive its intermediate. Until then nothing of the
+    /// chain's trust can have changed (the leaf's own dates are for the
+    /// caller to check), and for a chain of a leaf alone this is one
+    /// comparison.
     pub fn verify_resumed(
         &self,
         chain: &[CertificateDer<'_>],

@@ -153,6 +153,59 @@ fn a_root_stops_anchoring_chains_the_moment_it_expires() {
     );
 }
 
+/// A CA under `issuer` named `name`, valid from a day ago until
+/// `not_after`.
+fn intermediate(
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    not_after: u64,
+) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = at(now_secs() - DAY);
+    params.not_after = at(not_after);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.der().clone(), Issuer::new(params, key))
+}
+
+/// A leaf issued under an intermediate CA can outlive it. Once the
+/// intermediate has expired a full handshake refuses the chain, and so
+/// does the verification of a resumed session, which no verifier sees
+/// otherwise, on both sides; no root has expired meanwhile.
+#[test]
+fn a_resumed_chain_is_refused_once_its_intermediate_expires() {
+    let expiry = now_secs() + 2 * DAY;
+    let (root_der, root_issuer) = root("Trellis root", now_secs() + 365 * DAY);
+    let (ca_der, ca) = intermediate(&root_issuer, "Trellis intermediate", expiry);
+    let leaf = svid(&ca);
+    let roots = root_store(&[root_der]).unwrap();
+    let server = SpiffeServerVerifier::new(
+        roots.clone(),
+        ExpectedServer::Exact(SpiffeId::parse(API).unwrap()),
+    );
+    let client = SpiffeClientVerifier::new(roots, td(), true).unwrap();
+    let chain = [leaf, ca_der];
+
+    assert!(server.verify_resumed(&chain, unix(expiry)).is_ok());
+    assert!(client.verify_resumed(&chain, unix(expiry)).is_ok());
+    for refused in [
+        server.verify_resumed(&chain, unix(expiry + 1)),
+        client.verify_resumed(&chain, unix(expiry + 1)),
+    ] {
+        let refused = refused.expect_err("a chain through an expired intermediate resumed");
+        assert!(
+            Described(&refused).to_string().contains("expired"),
+            "{}",
+            Described(&refused)
+        );
+    }
+}
+
 /// Once every root has expired nothing is trusted, and the refusal says
 /// so; a bundle already in that state is refused when it is loaded, so a
 /// sidecar keeps the bundle it has.

@@ -195,10 +195,10 @@ impl TlsState {
     }
 
     /// A caller's session that was resumed, verified again if a root of
-    /// the bundle has expired since this state was built: rustls restores
-    /// the chain from the ticket and calls no verifier, so a chain whose
-    /// root expired after the session began would otherwise resume its way
-    /// in until its leaf expires. A full handshake's chain was verified
+    /// the bundle or an intermediate of its chain has expired: rustls
+    /// restores the chain from the ticket and calls no verifier, so a chain
+    /// whose root or intermediate expired after the session began would
+    /// otherwise resume its way in until its leaf expires. A full handshake's chain was verified
     /// by the handshake itself.
     pub fn verify_resumed_caller(
         &self,
