@@ -451,9 +451,12 @@ impl CountingApp {
                             Ok::<_, hyper::Error>(::http::Response::new(body))
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
+                    // HTTP/1.1 or HTTP/2 with prior knowledge.
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
                     o.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -615,6 +618,53 @@ async fn an_answer_before_the_request_body_is_read_reaches_the_caller() {
         length,
         "the body did not reach the app"
     );
+}
+
+/// HTTP/2 flow control is per connection: a caller that asks for large
+/// answers and never reads them takes up the window of the connection its
+/// streams use to the app. Another caller's streams are not on that
+/// connection, and are answered.
+#[tokio::test]
+async fn a_caller_that_stops_reading_http2_answers_does_not_stall_another() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = CountingApp::start().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let stream = connect(&cp, s.inbound, &web()).await;
+    let (mut stalled, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut req = get("http://api/big", &[]);
+        *req.version_mut() = ::http::Version::HTTP_2;
+        // Answered (the head needs no window), never read.
+        held.push(stalled.send_request(req).await.unwrap());
+    }
+
+    let mut other = h2(&cp, s.inbound, &web()).await;
+    let mut req = get("http://api/big", &[]);
+    *req.version_mut() = ::http::Version::HTTP_2;
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = other.send_request(req).await.unwrap();
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .len()
+    })
+    .await
+    .expect("another caller's answer stalled behind the one that does not read");
+    assert_eq!(answered, BIG);
+    drop(held);
 }
 
 /// A caller that goes away while the app is still answering, before it

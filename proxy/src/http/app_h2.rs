@@ -1,10 +1,14 @@
 //! HTTP/2 connections to the app.
 //!
-//! HTTP/2 multiplexes, so one connection to each app port carries every
-//! HTTP/2 request the sidecar sends to that port, whichever caller it came
-//! from. A request clones the connection's sender under a short lock and
-//! sends on it: no pool checkout, no boxed future, no task of its own
-//! beyond the one hyper spawns for a request body still arriving.
+//! HTTP/2 multiplexes, so one connection to an app port carries every
+//! HTTP/2 request of one caller's connection: each caller connection has
+//! its own ([`Connection`](super::Connection) holds it), as HTTP/2 flow
+//! control is per connection, and a caller that stops reading its answers
+//! must stall only its own streams. A request clones the connection's
+//! sender under a short lock and sends on it: no pool checkout, no boxed
+//! future, no task of its own beyond the one hyper spawns for a request
+//! body still arriving. When the owner is dropped (the caller's connection
+//! ended), its app connections close once their streams are done.
 //!
 //! The first request to a port dials it; requests that arrive while it is
 //! being dialled wait for that one connection rather than dial their own.
@@ -34,6 +38,14 @@ use super::upstream::{IDLE, SendError};
 /// The HTTP/2 connections to the app's ports, at most one each.
 pub struct AppH2<B> {
     shared: Arc<Shared<B>>,
+}
+
+impl<B> Drop for AppH2<B> {
+    fn drop(&mut self) {
+        // No new request will come: each connection ends once its streams
+        // are done.
+        self.shared.lock().clear();
+    }
 }
 
 struct Shared<B> {
@@ -389,6 +401,22 @@ mod tests {
         // Later requests still take them.
         assert_eq!(call(&h2, one, "/later").await.0, StatusCode::OK);
         assert_eq!(seen_one.accepted(), 1);
+    }
+
+    /// Dropped with its caller's connection, the owner lets its
+    /// connections go: a stream still running finishes whole, then the
+    /// connection closes instead of waiting out the idle time.
+    #[tokio::test]
+    async fn dropping_the_owner_closes_its_connections_once_their_streams_end() {
+        let (app, seen) = app(false).await;
+        let h2 = AppH2::default();
+        assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
+        let slow = h2.send(app, post(app, "/slow")).await.unwrap();
+        drop(h2);
+        let body = slow.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1000, "the stream in flight is delivered whole");
+        until("the connection to close", || seen.ended() == 1).await;
+        assert_eq!(seen.accepted(), 1);
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@
 //! limits ([`ratelimit`]), then forwarded. It carries the caller's verified
 //! identity in [`PEER_IDENTITY`](headers::PEER_IDENTITY), goes to the app
 //! over keep-alive connections (HTTP/1 on app connections parked between
-//! requests, [`upstream`]; HTTP/2 on one connection to each app port that
-//! every caller's streams share, [`app_h2`], so gRPC works), and
+//! requests, [`upstream`]; HTTP/2 on one connection to the app port for
+//! each caller connection, which its streams share, [`app_h2`], so gRPC
+//! works), and
 //! its body streams through, never buffered whole.
 //! Upgrades (WebSocket) switch to a byte copy once the app agrees. A
 //! denied request never reaches the app and does not end the connection.
@@ -69,14 +70,12 @@ pub type Body = Counted<Either<Incoming, Full<Bytes>>>;
 type RequestBody = Counted<Incoming>;
 
 /// What every HTTP connection of the sidecar shares: the app connections
-/// parked between HTTP/1 callers, and the HTTP/2 connections.
+/// parked between HTTP/1 callers.
 pub struct Http {
     app: Arc<AppConnections>,
     /// The app connections of the HTTP/1 forwarder ([`h1`]), parked
     /// between requests.
     h1: AppConnections<h1::AppStream>,
-    /// The HTTP/2 connections to the app, one to each port.
-    h2: AppH2<RequestBody>,
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
     pub access_log: bool,
@@ -91,7 +90,6 @@ impl Http {
         Http {
             app: Arc::default(),
             h1: AppConnections::default(),
-            h2: AppH2::default(),
             metrics,
             access_log,
         }
@@ -119,6 +117,11 @@ pub struct Connection {
     /// The access log's `source` and `destination` members, written once
     /// at the connection's first logged request.
     access_log_caller: std::sync::OnceLock<Box<[u8]>>,
+    /// This connection's HTTP/2 connection to the app, made at its first
+    /// HTTP/2 request. It is the caller's own: HTTP/2 flow control is per
+    /// connection, so a caller that stops reading its answers stalls only
+    /// its own streams, never another caller's.
+    h2: std::sync::OnceLock<AppH2<RequestBody>>,
 }
 
 /// The byte copy of an upgraded connection.
@@ -146,6 +149,7 @@ impl Connection {
             upstream,
             upgraded: std::sync::Mutex::new(None),
             access_log_caller: std::sync::OnceLock::new(),
+            h2: std::sync::OnceLock::new(),
         }
     }
 

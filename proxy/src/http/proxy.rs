@@ -167,8 +167,8 @@ fn watch_body(entry: &Arc<Entry>, app: AbortHandle) {
     });
 }
 
-/// Sends an HTTP/2 request over the app port's HTTP/2 connection, its URI
-/// naming the app.
+/// Sends an HTTP/2 request over the connection's own HTTP/2 connection to
+/// the app, its URI naming the app.
 async fn to_app_h2(
     conn: &Connection,
     mut req: Request<RequestBody>,
@@ -180,7 +180,10 @@ async fn to_app_h2(
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
     *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
-    conn.http.h2.send(conn.target, req).await
+    conn.h2
+        .get_or_init(super::app_h2::AppH2::default)
+        .send(conn.target, req)
+        .await
 }
 
 /// A response the sidecar wrote instead of the app, logged with `entry`.
