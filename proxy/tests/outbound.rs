@@ -315,6 +315,37 @@ async fn a_long_poll_brings_back_tickets_before_its_answer() {
     }
 }
 
+/// Replicas of one workload share its identity, and each seals its
+/// tickets with a key of its own: a ticket from one replica would not
+/// resume a session with another. Calls that go to two replicas in turn
+/// each resume with a ticket of the replica they reach.
+#[tokio::test]
+async fn tickets_of_one_replica_are_not_offered_to_another() {
+    let ca = Ca::new();
+    let echo = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let one = inbound(echo.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let two = inbound(echo.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (to_one, _one) = route(client.clone(), server.clone(), one.addr).await;
+    let (to_two, _two) = route(client.clone(), server.clone(), two.addr).await;
+
+    // One full handshake with each brings back its tickets.
+    connection(to_one).await;
+    connection(to_two).await;
+    for _ in 0..10 {
+        connection(to_one).await;
+        connection(to_two).await;
+    }
+    assert_eq!(
+        not_resumed(&client.metrics),
+        0,
+        "a ticket went to the wrong replica"
+    );
+    assert_eq!(handshakes(&client.metrics, "outbound", "full", None), 2);
+    assert_eq!(handshakes(&client.metrics, "outbound", "resumed", None), 20);
+}
+
 /// A relay between the two sidecars that holds every connection it
 /// accepts, once its first bytes (the ClientHello) have arrived, until
 /// `open` says true; it reports each arrival on `hellos`.

@@ -76,9 +76,33 @@ use crate::policy::{OutboundPolicy, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
 use target::{Resolved, Target, resolve};
 
-/// The TLS server name sent as SNI; peers are verified by SPIFFE ID, so its
-/// value carries no meaning.
+/// The TLS server name sent as SNI to a peer dialled by host name; peers
+/// are verified by SPIFFE ID, so its value carries no meaning.
 const SNI: &str = "trellis.mesh";
+
+/// The TLS server name a peer at `addr` is dialled with: its address and
+/// port under [`SNI`] (`10-0-0-7-15006.trellis.mesh`). It names nothing to
+/// the peer, but the sidecar's session tickets are kept by name, and each
+/// replica of a workload (one SPIFFE ID, many addresses) seals its tickets
+/// with a key of its own: a ticket offered to another replica would fail
+/// to resume, and the dial would begin again.
+fn peer_name(addr: SocketAddr) -> ServerName<'static> {
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().map(|o| o.to_string()).join("-"),
+        std::net::IpAddr::V6(ip) => ip.segments().map(|s| format!("{s:x}")).join("-"),
+    };
+    let name = format!("{host}-{}.{SNI}", addr.port());
+    ServerName::try_from(name).expect("digits, letters and dashes make a DNS name")
+}
+
+/// The name a route's `remote` is dialled with: [`peer_name`] of an
+/// address, [`SNI`] for a host name (which may stand for several).
+fn remote_name(remote: &str) -> ServerName<'static> {
+    match remote.parse::<SocketAddr>() {
+        Ok(addr) => peer_name(addr),
+        Err(_) => ServerName::DnsName(SNI.try_into().expect("valid name")),
+    }
+}
 
 /// What every outbound connection reads.
 pub struct Shared {
@@ -140,6 +164,7 @@ async fn dial_mesh<R>(
     expected: &SpiffeId,
     protocol: Protocol,
     first: &[u8],
+    name: ServerName<'static>,
 ) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError>
 where
     R: tokio::net::ToSocketAddrs + Copy,
@@ -149,7 +174,6 @@ where
         .borrow()
         .client_for(expected)
         .ok_or(DialError::NoCertificate)?;
-    let name = ServerName::DnsName(SNI.try_into().expect("valid name"));
     // A full handshake with the hybrid key exchange, `first` leaving with
     // the client's Finished.
     let full = || {
@@ -462,6 +486,7 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
         to.expected,
         protocol,
         &first,
+        remote_name(to.remote),
     ))
     .await;
     match dialled {
@@ -770,6 +795,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     id,
                     protocol,
                     first,
+                    peer_name(*addr),
                 ))
                 .await;
                 match dialled {

@@ -395,3 +395,19 @@ async fn passthrough_retries_on_plain_tcp_and_after_a_mesh_backend() {
     assert_eq!(outcome(&shared, "connect_failed"), 1);
     assert_eq!(retried(&shared, "refused"), 1, "a direct call was retried");
 }
+
+/// Each address of a peer identity is its own TLS name (its tickets are
+/// kept apart), IPv4 and IPv6 alike; a host name keeps the shared one.
+#[test]
+fn a_peer_is_named_by_its_address() {
+    let named = |addr: &str| peer_name(addr.parse().unwrap());
+    let dns = |name: &str| ServerName::try_from(name.to_owned()).unwrap();
+    assert_eq!(named("10.0.0.7:15006"), dns("10-0-0-7-15006.trellis.mesh"));
+    assert_eq!(
+        named("[fd00::1]:15006"),
+        dns("fd00-0-0-0-0-0-0-1-15006.trellis.mesh")
+    );
+    assert_ne!(named("10.0.0.7:15006"), named("10.0.0.8:15006"));
+    assert_eq!(remote_name("10.0.0.7:15006"), named("10.0.0.7:15006"));
+    assert_eq!(remote_name("api.shop.svc:15006"), dns("trellis.mesh"));
+}

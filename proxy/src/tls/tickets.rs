@@ -7,7 +7,9 @@
 //! opening connections to one peer faster than it gets tickets back ran
 //! out (a fifth of new connections fell back to full handshakes with 16
 //! dialling at once). [`PeerTickets`] keeps up to [`MAX_TICKETS`]. Each
-//! expected peer identity has its own tickets, shared by its two client
+//! expected peer identity has its own tickets, kept by the name of the
+//! address they came from (the replicas of a workload share its identity
+//! and each seals tickets with a key of its own), shared by its two client
 //! configs (the hybrid one for full handshakes and the one for resuming,
 //! see [`super::PeerClient`]), each config with its own store
 //! remembering the key-exchange group it last used. Both stores keep the
@@ -70,11 +72,14 @@ impl PeerTickets {
     /// the ClientHello, after the TCP connect). The dial drops the
     /// reservation as soon as its session has taken the ticket, not when
     /// the handshake ends: a ticket gone from the store and still counted
-    /// as reserved would leave another dial without one. The sidecar
-    /// dials every peer with one name, so reservations are counted per
-    /// peer.
+    /// as reserved would leave another dial without one. Reservations are
+    /// counted per name: the sidecar names each address of the peer
+    /// identity on its own, as each replica seals its tickets with a key
+    /// of its own.
     pub fn reserve(self: &Arc<Self>, name: &ServerName<'_>) -> Option<Reserved> {
-        self.lock().reserve(name).then(|| Reserved(self.clone()))
+        self.lock()
+            .reserve(name)
+            .then(|| Reserved(self.clone(), name.to_owned()))
     }
 
     /// Drops every ticket for `name` (the peer no longer accepts them).
@@ -118,13 +123,13 @@ pub struct ConfigStore {
     resumes: bool,
 }
 
-/// A ticket reserved for one dial ([`PeerTickets::reserve`]).
+/// A ticket reserved for one dial to one name ([`PeerTickets::reserve`]).
 #[derive(Debug)]
-pub struct Reserved(Arc<PeerTickets>);
+pub struct Reserved(Arc<PeerTickets>, ServerName<'static>);
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.0.lock().release();
+        self.0.lock().release(&self.1);
     }
 }
 
@@ -133,8 +138,9 @@ impl Drop for Reserved {
 struct Tickets<T> {
     queue: VecDeque<(ServerName<'static>, T)>,
     max: usize,
-    /// Dials under way that hold a reservation.
-    reserved: usize,
+    /// Dials under way that hold a reservation, by name (a few names at
+    /// once: the addresses being dialled).
+    reserved: Vec<(ServerName<'static>, usize)>,
 }
 
 impl<T> Default for Tickets<T> {
@@ -142,7 +148,7 @@ impl<T> Default for Tickets<T> {
         Tickets {
             queue: VecDeque::new(),
             max: MAX_TICKETS,
-            reserved: 0,
+            reserved: Vec::new(),
         }
     }
 }
@@ -159,13 +165,25 @@ impl<T> Tickets<T> {
     /// held beyond those already counted on.
     fn reserve(&mut self, name: &ServerName<'_>) -> bool {
         let held = self.queue.iter().filter(|(n, _)| n == name).count();
-        let free = held > self.reserved;
-        self.reserved += usize::from(free);
-        free
+        let at = self.reserved.iter().position(|(n, _)| n == name);
+        let reserved = at.map_or(0, |at| self.reserved[at].1);
+        if held <= reserved {
+            return false;
+        }
+        match at {
+            Some(at) => self.reserved[at].1 += 1,
+            None => self.reserved.push((name.to_owned(), 1)),
+        }
+        true
     }
 
-    fn release(&mut self) {
-        self.reserved = self.reserved.saturating_sub(1);
+    fn release(&mut self, name: &ServerName<'_>) {
+        if let Some(at) = self.reserved.iter().position(|(n, _)| n == name) {
+            self.reserved[at].1 -= 1;
+            if self.reserved[at].1 == 0 {
+                self.reserved.swap_remove(at);
+            }
+        }
     }
 
     fn forget(&mut self, name: &ServerName<'_>) {
@@ -250,16 +268,25 @@ mod tests {
         assert!(t.reserve(&name("a.mesh")));
         assert!(t.reserve(&name("a.mesh")));
         assert!(!t.reserve(&name("a.mesh")), "both are counted on");
+        // Another name's tickets are counted apart.
+        t.insert(name("b.mesh"), 3);
+        assert!(t.reserve(&name("b.mesh")));
+        assert!(!t.reserve(&name("b.mesh")));
+        t.release(&name("b.mesh"));
         // One dial took its ticket and ended.
         assert_eq!(t.take(&name("a.mesh")), Some(2));
-        t.release();
+        t.release(&name("a.mesh"));
         assert!(!t.reserve(&name("a.mesh")), "the other is still counted on");
-        t.release();
+        t.release(&name("a.mesh"));
         assert!(t.reserve(&name("a.mesh")));
-        t.release();
+        t.release(&name("a.mesh"));
         t.forget(&name("a.mesh"));
         assert!(!t.reserve(&name("a.mesh")), "forgotten");
         assert_eq!(t.take(&name("a.mesh")), None);
+        assert!(
+            t.reserved.is_empty(),
+            "nothing counted for names not dialled"
+        );
     }
 
     /// Real handshakes in memory with a server that sends tickets: the
