@@ -189,7 +189,9 @@ impl RateLimits {
     pub fn check(&self, source: &SpiffeId, path: &str) -> Result<(), Limited> {
         let now = Instant::now();
         for limit in &self.limits {
-            if !limit.paths.is_empty() && !limit.paths.iter().any(|p| p.matches(path)) {
+            // A limit counts every spelling an app routes to a path it names
+            // (`/login/`, `/login;x`), as a DENY rule matches them.
+            if !limit.paths.is_empty() && !limit.paths.iter().any(|p| p.matches_as_routed(path)) {
                 continue;
             }
             if let Err(retry_after) = limit.take(source, path, now) {
@@ -243,15 +245,34 @@ impl Limit {
     }
 }
 
-/// Feeds `path` to `hasher` as apps read it for routing: the hex digits of
-/// each percent escape in upper case, so `/a%3ab` and `/a%3Ab` (one path to
-/// an app, and to the path matches) share a route's bucket instead of
-/// counting apart. Escapes an app could read as another path altogether
+/// Feeds `path` to `hasher` as apps read it for routing: without a
+/// trailing `/` and without the parameters of its segments (`/search/q/`
+/// and `/search/q;1` are `/search/q` to many routers), and the hex digits
+/// of each percent escape in upper case, so `/a%3ab` and `/a%3Ab` (one path
+/// to an app, and to the path matches) share a route's bucket instead of
+/// counting apart: a caller cannot get a fresh bucket by spelling a path
+/// another way. Escapes an app could read as another path altogether
 /// (`%2F`, an encoded unreserved character) never get here: they are
 /// refused while a limit reads paths. No allocation: the spans between
 /// escapes are written as they are.
 fn hash_path(path: &str, hasher: &mut impl Hasher) {
-    let bytes = path.as_bytes();
+    let routed = match path.strip_suffix('/') {
+        Some(bare) if !bare.is_empty() => bare,
+        _ => path,
+    };
+    for (i, segment) in routed.split('/').enumerate() {
+        if i > 0 {
+            hasher.write(b"/");
+        }
+        hash_escapes(segment.split(';').next().unwrap_or_default(), hasher);
+    }
+    hasher.write_u8(0xff);
+}
+
+/// Feeds `text` to `hasher` with the hex digits of each percent escape in
+/// upper case.
+fn hash_escapes(text: &str, hasher: &mut impl Hasher) {
+    let bytes = text.as_bytes();
     let mut written = 0;
     let mut at = 0;
     while let Some(found) = bytes[at..].iter().position(|b| *b == b'%') {
@@ -271,7 +292,6 @@ fn hash_path(path: &str, hasher: &mut impl Hasher) {
         }
     }
     hasher.write(&bytes[written..]);
-    hasher.write_u8(0xff);
 }
 
 /// The longest wait a refused caller is told: a day, what the slowest rate
@@ -456,6 +476,36 @@ mod tests {
             "not an escape: as sent"
         );
         assert!(l.check(&a, "/search/%ZZ%").is_ok(), "and so another path");
+    }
+
+    /// A trailing `/` or a segment parameter is the same path to many
+    /// routers: it neither escapes a limit nor gets a bucket of its own.
+    #[test]
+    fn another_spelling_of_a_path_is_limited_as_the_path() {
+        let a = SpiffeId::parse("spiffe://td/ns/a/sa/a").unwrap();
+        let mut login = raw(0.001, 1, "source");
+        login.matches[0].paths = vec!["/login".into()];
+        let l = RateLimits::compile(&[login], &api(), &Metrics::new()).unwrap();
+        assert!(l.check(&a, "/login").is_ok());
+        for spelling in ["/login/", "/login;jsessionid=1"] {
+            assert!(
+                l.check(&a, spelling).is_err(),
+                "{spelling} escaped the limit"
+            );
+        }
+
+        let l = limits(0.001, 1, "route");
+        assert!(l.check(&a, "/search/q").is_ok());
+        for spelling in ["/search/q/", "/search/q;1", "/search/q;2", "/search;x/q"] {
+            assert!(
+                l.check(&a, spelling).is_err(),
+                "{spelling} got a bucket of its own"
+            );
+        }
+        assert!(
+            l.check(&a, "/search/q2").is_ok(),
+            "another path has its own"
+        );
     }
 
     #[test]
