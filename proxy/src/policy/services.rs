@@ -18,9 +18,11 @@
 //! between a peer and a refusal. Under `passthrough` every backend is.
 //!
 //! Among those candidates a service takes each in turn or, when it asks
-//! for client affinity (`sessionAffinity: ClientIP`), always the one at
-//! this process's random seed modulo their number: every call from this
-//! pod goes to one backend for as long as the candidates stay the same,
+//! for client affinity (`sessionAffinity: ClientIP`), always the one that
+//! weighs most for this process's random seed (rendezvous hashing): every
+//! call from this pod goes to one backend for as long as that backend is a
+//! candidate, whatever else joins or leaves (only the pods of a backend that
+//! left move, and a backend that joins takes its share from every other),
 //! while pods spread over the backends. A call that could not connect to
 //! its backend is offered the other candidates ([`Service::retry`]): the
 //! ones after it in turn, with affinity too, passing over those it tried.
@@ -97,6 +99,25 @@ pub enum Pick<'a> {
     /// Under outbound `deny`: backends are ready, none is in the mesh, and
     /// these are they.
     NoMeshBackend(&'a [Backend]),
+}
+
+/// How much the backend at `addr` weighs for the pod of `seed`: a pick by
+/// affinity takes the candidate that weighs most (rendezvous hashing).
+fn affinity_weight(seed: usize, addr: SocketAddr) -> u64 {
+    fn mix(mut x: u64) -> u64 {
+        // splitmix64's finalizer.
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => u128::from(u32::from(ip)),
+        std::net::IpAddr::V6(ip) => u128::from(ip),
+    };
+    let weight = mix(seed as u64 ^ ip as u64);
+    let weight = mix(weight ^ (ip >> 64) as u64);
+    mix(weight ^ u64::from(addr.port()))
 }
 
 /// This process's seed for client affinity, drawn once: the same for
@@ -182,14 +203,17 @@ impl Service {
                 Pick::NoMeshBackend(&self.backends[self.mesh..])
             };
         }
-        let n = if self.affinity {
-            seed
-        } else {
-            // Relaxed: the counter orders nothing else; at worst two
-            // concurrent picks see each other's increment late, and both
-            // still get a candidate.
-            self.next.fetch_add(1, Ordering::Relaxed)
-        };
+        if self.affinity {
+            let heaviest = candidates
+                .iter()
+                .max_by_key(|b| affinity_weight(seed, b.addr))
+                .expect("candidates are not empty");
+            return Pick::Backend(heaviest);
+        }
+        // Relaxed: the counter orders nothing else; at worst two concurrent
+        // picks see each other's increment late, and both still get a
+        // candidate.
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
         Pick::Backend(&candidates[n % candidates.len()])
     }
 
@@ -603,10 +627,11 @@ mod tests {
         assert!(matches!(unmeshed.pick(Passthrough), Pick::Backend(_)));
     }
 
-    /// With client affinity every call goes to the candidate at this
+    /// With client affinity every call goes to one candidate for this
     /// process's seed: the same one call after call, and in a later
-    /// snapshot with the same backends in any order; another process (seed)
-    /// lands elsewhere. Under `deny` the candidates are the mesh backends.
+    /// snapshot with the same backends in any order; other processes
+    /// (seeds) spread over every candidate. Under `deny` the candidates are
+    /// the mesh backends, under `passthrough` every backend.
     #[test]
     fn client_affinity_keeps_to_one_backend_while_the_backends_stay() {
         let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
@@ -619,7 +644,8 @@ mod tests {
         let service = of(&listed, true);
         let mesh = addrs(service.mesh_backends());
         assert_eq!(mesh.len(), 3);
-        let expected = mesh[*AFFINITY_SEED % 3];
+        let expected = picked(service.pick(Deny));
+        assert!(mesh.contains(&expected));
         assert!((0..10).all(|_| picked(service.pick(Deny)) == expected));
         let mut reordered = listed.clone();
         reordered.reverse();
@@ -627,19 +653,63 @@ mod tests {
         assert!((0..10).all(|_| picked(later.pick(Deny)) == expected));
 
         // Other pods' seeds spread over every candidate.
-        let mut spread: Vec<SocketAddr> = (0..3)
+        let mut spread: Vec<SocketAddr> = (0..64)
             .map(|seed| picked(service.pick_seeded(Deny, seed)))
             .collect();
         spread.sort();
+        spread.dedup();
         assert_eq!(spread, mesh);
-        // Under passthrough every backend is a candidate.
-        let all = addrs(service.backends());
-        assert_eq!(
-            picked(service.pick_seeded(Passthrough, 3)),
-            all[3],
-            "the one outside, last"
+        let mut spread: Vec<SocketAddr> = (0..64)
+            .map(|seed| picked(service.pick_seeded(Passthrough, seed)))
+            .collect();
+        spread.sort();
+        spread.dedup();
+        assert_eq!(spread, addrs(service.backends()), "the one outside too");
+    }
+
+    /// A pod keeps to its backend while that backend stays, whatever else
+    /// joins or leaves (a scale-up, each step of a rolling update); only
+    /// the pods of a backend that left move, and one that joins takes pods
+    /// from every other.
+    #[test]
+    fn client_affinity_moves_only_the_pods_whose_backend_left() {
+        let api = || Peer::Pod(id("spiffe://td/ns/shop/sa/api"));
+        let three = of(
+            &[
+                ("10.0.0.1:8080", api()),
+                ("10.0.0.2:8080", api()),
+                ("10.0.0.3:8080", api()),
+            ],
+            true,
         );
-        assert!((0..10).all(|_| picked(service.pick(Passthrough)) == all[*AFFINITY_SEED % 4]));
+        let four = of(
+            &[
+                ("10.0.0.1:8080", api()),
+                ("10.0.0.2:8080", api()),
+                ("10.0.0.3:8080", api()),
+                ("10.0.0.4:8080", api()),
+            ],
+            true,
+        );
+        let joined = addr("10.0.0.4:8080");
+        let mut moved = 0;
+        for seed in 0..1000 {
+            let before = picked(three.pick_seeded(Deny, seed));
+            let after = picked(four.pick_seeded(Deny, seed));
+            if after != before {
+                assert_eq!(
+                    after, joined,
+                    "seed {seed} moved between backends that stayed"
+                );
+                moved += 1;
+            }
+            // Scaled back down: every pod is where it was.
+            assert_eq!(picked(three.pick_seeded(Deny, seed)), before);
+        }
+        assert!(
+            (150..350).contains(&moved),
+            "{moved} of 1000 moved to the new backend"
+        );
     }
 
     /// A call that could not connect is offered every other candidate once,
@@ -707,13 +777,13 @@ mod tests {
         let mesh = addrs(service.mesh_backends());
         for seed in 0..3 {
             let first = picked(service.pick_seeded(Deny, seed));
-            assert_eq!(first, mesh[seed]);
+            let at = mesh.iter().position(|a| *a == first).unwrap();
             let mut tried = vec![first];
             let offered: Vec<SocketAddr> = service.retry(Deny, &tried).map(|b| b.addr).collect();
-            assert_eq!(offered, [mesh[(seed + 1) % 3], mesh[(seed + 2) % 3]]);
+            assert_eq!(offered, [mesh[(at + 1) % 3], mesh[(at + 2) % 3]]);
             tried.push(offered[0]);
             let next = service.retry(Deny, &tried).next().unwrap();
-            assert_eq!(next.addr, mesh[(seed + 2) % 3]);
+            assert_eq!(next.addr, mesh[(at + 2) % 3]);
             tried.push(next.addr);
             assert_eq!(
                 service.retry(Deny, &tried).next(),
