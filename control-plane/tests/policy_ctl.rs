@@ -181,3 +181,86 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
     let out = cp.ctl(&["policy", "get", "no-slash"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// Every flag's environment twin works as the flag does: a twin that says
+/// "no dry run" does not refuse `--wait` as if a dry run were asked, while
+/// a dry run and a wait asked together are still refused (exit 64); and
+/// `certs` takes `TRELLIS_SERIAL` and `TRELLIS_LIMIT`.
+#[tokio::test]
+async fn environment_twins_work_as_their_flags() {
+    let cp = ControlPlane::start(&[]);
+    let good = fixtures().join("lint").join("good");
+    let out = cp
+        .ctl_command(&["policy", "apply", "-f", good.to_str().unwrap(), "--wait=5s"])
+        .env("TRELLIS_DRY_RUN", "false")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("every connected sidecar holds snapshot"),
+        "{stderr}"
+    );
+
+    let out = cp
+        .ctl_command(&["policy", "apply", "-f", good.to_str().unwrap(), "--wait"])
+        .env("TRELLIS_DRY_RUN", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--dry-run") && stderr.contains("--wait"),
+        "{stderr}"
+    );
+
+    // Two workloads enrolled: the serial picks one, the limit keeps one.
+    enroll(
+        &cp,
+        "spiffe://cluster.local/ns/default/sa/web",
+        "127.0.0.1:7191",
+    )
+    .await;
+    enroll(
+        &cp,
+        "spiffe://cluster.local/ns/default/sa/db",
+        "127.0.0.1:7192",
+    )
+    .await;
+    let certs = |env: (&str, &str)| -> Vec<serde_json::Value> {
+        let out = cp
+            .ctl_command(&["certs", "-o", "json"])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let all = certs(("TRELLIS_OUTPUT", "json"));
+    assert_eq!(all.len(), 2, "{all:?}");
+    let oldest = all[1]["serial"].as_str().unwrap();
+    let picked = certs(("TRELLIS_SERIAL", oldest));
+    assert_eq!(picked.len(), 1);
+    assert_eq!(picked[0]["serial"], all[1]["serial"]);
+    let newest = certs(("TRELLIS_LIMIT", "1"));
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0]["serial"], all[0]["serial"]);
+    let out = cp
+        .ctl_command(&["certs", "-o", "json"])
+        .env("TRELLIS_LIMIT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "TRELLIS_LIMIT is read and checked"
+    );
+}

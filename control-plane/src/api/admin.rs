@@ -60,7 +60,8 @@ pub fn normalize_serial(serial: &str) -> Result<Option<String>, String> {
     }
     if !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!(
-            "serial {serial:?} is not a hexadecimal serial number"
+            "serial {} is not a hexadecimal serial number",
+            super::quoted(serial)
         ));
     }
     Ok(Some(hex))
@@ -73,8 +74,9 @@ impl Admin for AdminService {
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
         let req = request.into_inner();
-        let id = SpiffeId::parse(&req.spiffe_id)
-            .map_err(|e| Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id)))?;
+        let id = SpiffeId::parse(&req.spiffe_id).map_err(|e| {
+            Status::invalid_argument(format!("spiffe_id {}: {e}", super::quoted(&req.spiffe_id)))
+        })?;
         if !id.is_member_of(&self.mesh.trust_domain) {
             return Err(Status::invalid_argument(format!(
                 "spiffe_id {id} is outside trust domain {}",
@@ -229,7 +231,10 @@ pub async fn issued_here(
 ) -> Result<ListIssuedCertificatesResponse, Status> {
     if !request.spiffe_id.is_empty() {
         SpiffeId::parse(&request.spiffe_id).map_err(|e| {
-            Status::invalid_argument(format!("spiffe_id {:?}: {e}", request.spiffe_id))
+            Status::invalid_argument(format!(
+                "spiffe_id {}: {e}",
+                super::quoted(&request.spiffe_id)
+            ))
         })?;
     }
     let serial = normalize_serial(&request.serial).map_err(Status::invalid_argument)?;
@@ -286,5 +291,9 @@ mod tests {
         assert_eq!(normalize_serial("").unwrap(), None);
         let err = normalize_serial("serial=4A3B").unwrap_err();
         assert!(err.contains("serial=4A3B"), "{err}");
+        // A huge value is quoted as far as fits in a status message.
+        let err = normalize_serial(&"z ".repeat(20_000)).unwrap_err();
+        assert!(err.len() < 1_000, "{} bytes", err.len());
+        assert!(err.ends_with("is not a hexadecimal serial number"), "{err}");
     }
 }

@@ -474,8 +474,9 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
 
 pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainResponse, Status> {
     let id = |field: &str, value: &str| {
-        let id = SpiffeId::parse(value)
-            .map_err(|e| Status::invalid_argument(format!("{field}: {value:?}: {e}")))?;
+        let id = SpiffeId::parse(value).map_err(|e| {
+            Status::invalid_argument(format!("{field}: {}: {e}", super::quoted(value)))
+        })?;
         if !id.is_member_of(&mesh.trust_domain) {
             return Err(Status::invalid_argument(format!(
                 "{field}: {id} is outside trust domain {}",

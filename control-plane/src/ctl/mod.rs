@@ -91,11 +91,12 @@ pub enum Command {
         spiffe_id: Option<String>,
         /// Only the one with this serial number (hex, with or without
         /// colons, as `openssl x509 -serial` prints it).
-        #[arg(long)]
+        #[arg(long, env = "TRELLIS_SERIAL")]
         serial: Option<String>,
         /// At most this many, the newest (at most 10000).
         #[arg(
             long,
+            env = "TRELLIS_LIMIT",
             default_value_t = ISSUED_DEFAULT_LIMIT as u32,
             value_parser = clap::value_parser!(u32).range(1..=ISSUED_MAX_LIMIT as i64)
         )]
@@ -416,6 +417,21 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     }) = &cli.command
     {
         return policy::lint(paths, trust_domain);
+    }
+    // Checked here, not by clap: an environment twin such as
+    // TRELLIS_DRY_RUN=false counts as given to clap's conflicts, and would
+    // refuse a plain `--wait`.
+    if let Command::Policy(PolicyCommand::Apply {
+        dry_run: true,
+        wait,
+        ..
+    }) = &cli.command
+        && wait.is_set()
+    {
+        return Err(CtlError::Usage(
+            "the argument '--dry-run' cannot be used with '--wait': a dry run writes nothing to wait for"
+                .into(),
+        ));
     }
     let credentials = cli.credentials()?;
     if let Command::Token(TokenCommand::Create { ttl: Some(ttl), .. }) = &cli.command

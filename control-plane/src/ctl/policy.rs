@@ -56,6 +56,11 @@ pub struct Wait {
 }
 
 impl Wait {
+    /// Whether a wait was asked for.
+    pub fn is_set(&self) -> bool {
+        self.wait.is_some()
+    }
+
     /// After a write that `printed` reports: waits if asked, and adds what
     /// the wait found.
     async fn then(
@@ -89,7 +94,7 @@ pub enum PolicyCommand {
         )]
         files: Vec<PathBuf>,
         /// Validate and show what would change and whom it would select.
-        #[arg(long, env = "TRELLIS_DRY_RUN", conflicts_with = "wait")]
+        #[arg(long, env = "TRELLIS_DRY_RUN")]
         dry_run: bool,
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
