@@ -87,11 +87,22 @@ const SNI: &str = "trellis.mesh";
 /// with a key of its own: a ticket offered to another replica would fail
 /// to resume, and the dial would begin again.
 fn peer_name(addr: SocketAddr) -> ServerName<'static> {
-    let host = match addr.ip() {
-        std::net::IpAddr::V4(ip) => ip.octets().map(|o| o.to_string()).join("-"),
-        std::net::IpAddr::V6(ip) => ip.segments().map(|s| format!("{s:x}")).join("-"),
-    };
-    let name = format!("{host}-{}.{SNI}", addr.port());
+    use std::fmt::Write;
+    // One allocation a dial: written in place.
+    let mut name = String::with_capacity(64);
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            for octet in ip.octets() {
+                let _ = write!(name, "{octet}-");
+            }
+        }
+        std::net::IpAddr::V6(ip) => {
+            for segment in ip.segments() {
+                let _ = write!(name, "{segment:x}-");
+            }
+        }
+    }
+    let _ = write!(name, "{}.{SNI}", addr.port());
     ServerName::try_from(name).expect("digits, letters and dashes make a DNS name")
 }
 
