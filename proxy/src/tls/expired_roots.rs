@@ -31,8 +31,9 @@ fn at(secs: u64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
 }
 
-/// A root named `name`, valid from a day ago until `not_after`.
-fn root(name: &str, not_after: u64) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+/// A CA's key and certificate fields: named `name`, valid from a day ago
+/// until `not_after`.
+fn ca_params(name: &str, not_after: u64) -> (KeyPair, CertificateParams) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -42,6 +43,12 @@ fn root(name: &str, not_after: u64) -> (CertificateDer<'static>, Issuer<'static,
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_before = at(now_secs() - DAY);
     params.not_after = at(not_after);
+    (key, params)
+}
+
+/// A root named `name`, valid from a day ago until `not_after`.
+fn root(name: &str, not_after: u64) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+    let (key, params) = ca_params(name, not_after);
     let cert = params.self_signed(&key).unwrap();
     (cert.der().clone(), Issuer::new(params, key))
 }
@@ -160,15 +167,7 @@ fn intermediate(
     name: &str,
     not_after: u64,
 ) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = at(now_secs() - DAY);
-    params.not_after = at(not_after);
+    let (key, params) = ca_params(name, not_after);
     let cert = params.signed_by(&key, issuer).unwrap();
     (cert.der().clone(), Issuer::new(params, key))
 }
