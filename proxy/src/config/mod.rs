@@ -328,6 +328,32 @@ impl Config {
             .iter()
             .map(|r| r.parse::<Route>().map_err(|e| invalid("route", e)))
             .collect::<Result<Vec<_>, _>>()?;
+        // A route whose remote is one of the sidecar's own plaintext
+        // listeners (a route's, or the outbound one) would dial itself, each
+        // connection making another until file descriptors run out.
+        let own = routes
+            .iter()
+            .map(|r| r.local)
+            .chain(outbound.iter().map(|l| l.addr));
+        for route in &routes {
+            let Ok(remote) = route.remote.parse::<SocketAddr>() else {
+                continue;
+            };
+            let loops = own.clone().any(|listen| {
+                listen.port() == remote.port()
+                    && (listen.ip() == remote.ip()
+                        || listen.ip().is_unspecified() && remote.ip().is_loopback())
+            });
+            if loops {
+                return Err(invalid(
+                    "route",
+                    format_args!(
+                        "{route}: the remote {} is this sidecar's own listener, which would dial itself",
+                        route.remote
+                    ),
+                ));
+            }
+        }
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
@@ -420,6 +446,41 @@ mod tests {
                 .is_err()
         );
         assert!("nope=spiffe://td/x@1.2.3.4:5".parse::<Route>().is_err());
+    }
+
+    #[test]
+    fn refuses_a_route_to_the_sidecars_own_listeners() {
+        for (route, other) in [
+            ("127.0.0.1:9000=spiffe://td/ns/b/sa/c@127.0.0.1:9000", None),
+            (
+                "127.0.0.1:9000=spiffe://td/ns/b/sa/c@127.0.0.1:9001",
+                Some("127.0.0.1:9001=spiffe://td/ns/b/sa/c@127.0.0.1:9000"),
+            ),
+            ("127.0.0.1:9000=spiffe://td/ns/b/sa/c@127.0.0.1:15001", None),
+        ] {
+            let mut argv = vec!["--route", route];
+            if let Some(other) = other {
+                argv.extend(["--route", other]);
+            }
+            let e = args(&argv).unwrap_err();
+            assert_eq!(e.flag, "route", "{route}");
+            assert!(e.to_string().contains("would dial itself"), "{e}");
+        }
+        // Another port of the same host, or a peer elsewhere, is fine.
+        assert!(
+            args(&[
+                "--route",
+                "127.0.0.1:9000=spiffe://td/ns/b/sa/c@127.0.0.1:15006"
+            ])
+            .is_ok()
+        );
+        assert!(
+            args(&[
+                "--route",
+                "127.0.0.1:9000=spiffe://td/ns/b/sa/c@10.0.0.2:9000"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

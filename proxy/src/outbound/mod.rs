@@ -6,7 +6,8 @@
 //! original destination is looked up in the snapshot's mesh endpoints).
 //! A mesh destination is only ever reached over mTLS with its expected
 //! SPIFFE ID verified; this module never sends application bytes to a peer
-//! before that check, and never dials its own listeners.
+//! before that check, and never dials its own listeners (a route to one is
+//! refused with the flags).
 //!
 //! Where a transparent connection goes is decided by `target::resolve`
 //! from the snapshot alone. An original destination that is a service's
