@@ -102,11 +102,14 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
     let discovery = mesh.discovery.clone();
     let (to_store, limits_to_store) = (policies.clone(), rate_limits.clone());
     let (applied, workloads) = blocking(move || {
+        // Read before the write: once the write is stored, the call reports
+        // it, whatever fails after.
+        let workloads = store.workloads()?;
         let applied = store.apply_documents(&to_store, &limits_to_store, dry_run)?;
         if applied.changed() && !dry_run {
-            discovery.refresh()?;
+            refresh_after_write(&discovery);
         }
-        Ok((applied, store.workloads()?))
+        Ok((applied, workloads))
     })
     .await?;
     let generation = applied.generation;
@@ -441,6 +444,17 @@ pub async fn list(mesh: &Mesh) -> Result<ListPoliciesResponse, Status> {
     })
 }
 
+/// Loads the snapshot that holds a write just stored. The write is stored
+/// whatever happens here, so a failure is logged, not returned: the caller
+/// must not hear that a stored write failed (a retry would find it done).
+/// Sidecars then get it with the next change, and `--wait` says they do
+/// not hold it yet.
+fn refresh_after_write(discovery: &crate::discovery::Discovery) {
+    if let Err(e) = discovery.refresh() {
+        tracing::error!(error = %e, "the write is stored, but the snapshot holding it could not be loaded: sidecars get it with the next change");
+    }
+}
+
 pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolicyResponse, Status> {
     require_name(&req.namespace, &req.name)?;
     let kind = Kind::parse(&req.kind)?;
@@ -453,7 +467,7 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
             Kind::RateLimit => store.delete_rate_limit(&namespace, &name)?,
         };
         if deleted.is_some() {
-            discovery.refresh()?;
+            refresh_after_write(&discovery);
         }
         Ok(deleted)
     })
@@ -655,5 +669,195 @@ spec:
         assert_eq!(cut("ééé", 4, str::len), "...");
         assert_eq!(cut("a b c", 7, wire_len), "a ...");
         assert_eq!(cut("a b c", 6, wire_len), "a...");
+    }
+}
+
+/// A write stored, then a failure loading the snapshot that holds it: the
+/// call still reports the write, against the real embedded store.
+#[cfg(test)]
+mod stored_writes {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use trellis_core::TrustDomain;
+    use trellis_proto::admin::v1::RateLimitRecord;
+    use trellis_proto::discovery::v1::MeshConfig;
+
+    use super::*;
+    use crate::ca::CertificateAuthority;
+    use crate::discovery::Discovery;
+    use crate::metrics::Metrics;
+    use crate::store::embedded::{DB_FILE, EmbeddedStore};
+    use crate::store::{
+        AppliedDocuments, DiscoveryState, EndpointChange, IssuedCertRecord, JoinToken, Position,
+        Store, StoreError, TokenClaim,
+    };
+
+    /// The embedded store, whose discovery state cannot be read while
+    /// `unreadable` is set (a disk error after a commit, say).
+    struct Unreadable {
+        inner: EmbeddedStore,
+        unreadable: AtomicBool,
+    }
+
+    impl Store for Unreadable {
+        fn add_join_token(
+            &self,
+            hash: &[u8; 32],
+            token: &JoinToken,
+            now: i64,
+        ) -> Result<(), StoreError> {
+            self.inner.add_join_token(hash, token, now)
+        }
+        fn record_issuance(
+            &self,
+            claim: Option<TokenClaim<'_>>,
+            issued: &IssuedCertRecord,
+            workload: &WorkloadRecord,
+        ) -> Result<EndpointChange, StoreError> {
+            self.inner.record_issuance(claim, issued, workload)
+        }
+        fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
+            self.inner.workloads()
+        }
+        fn newest_issued(
+            &self,
+            limit: usize,
+            matches: &dyn Fn(&IssuedCertRecord) -> bool,
+        ) -> Result<Vec<IssuedCertRecord>, StoreError> {
+            self.inner.newest_issued(limit, matches)
+        }
+        fn snapshot_version(&self) -> Result<u64, StoreError> {
+            self.inner.snapshot_version()
+        }
+        fn snapshot_position(&self) -> Result<(u64, Position), StoreError> {
+            self.inner.snapshot_position()
+        }
+        fn bump_snapshot_version(&self) -> Result<u64, StoreError> {
+            self.inner.bump_snapshot_version()
+        }
+        fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError> {
+            self.inner.settle_mesh_config(encoded)
+        }
+        fn apply_documents(
+            &self,
+            policies: &[Policy],
+            rate_limits: &[RateLimit],
+            dry_run: bool,
+        ) -> Result<AppliedDocuments, StoreError> {
+            self.inner.apply_documents(policies, rate_limits, dry_run)
+        }
+        fn policies(&self) -> Result<Vec<Policy>, StoreError> {
+            self.inner.policies()
+        }
+        fn policy(&self, namespace: &str, name: &str) -> Result<Option<Policy>, StoreError> {
+            self.inner.policy(namespace, name)
+        }
+        fn delete_policy(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> Result<Option<Generation>, StoreError> {
+            self.inner.delete_policy(namespace, name)
+        }
+        fn rate_limits(&self) -> Result<Vec<RateLimitRecord>, StoreError> {
+            self.inner.rate_limits()
+        }
+        fn rate_limit(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> Result<Option<RateLimitRecord>, StoreError> {
+            self.inner.rate_limit(namespace, name)
+        }
+        fn delete_rate_limit(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> Result<Option<Generation>, StoreError> {
+            self.inner.delete_rate_limit(namespace, name)
+        }
+        fn generation(&self) -> Result<Generation, StoreError> {
+            self.inner.generation()
+        }
+        fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
+            if self.unreadable.load(Ordering::SeqCst) {
+                return Err(StoreError::Database {
+                    path: "test".into(),
+                    reason: "unreadable for the test".into(),
+                });
+            }
+            self.inner.discovery_state()
+        }
+    }
+
+    const POLICY: &str = "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-to-api, namespace: default}
+spec:
+  selector: {spiffeIds: [\"spiffe://cluster.local/ns/default/sa/api\"]}
+  action: ALLOW
+  rules:
+    - from: [{spiffeId: \"spiffe://cluster.local/ns/default/sa/web\"}]
+";
+
+    #[tokio::test]
+    async fn a_stored_write_is_reported_though_its_snapshot_could_not_be_loaded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Unreadable {
+            inner: EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap(),
+            unreadable: AtomicBool::new(false),
+        });
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let discovery =
+            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let mesh = Mesh {
+            trust_domain: td,
+            ca: Arc::new(ca),
+            store: store.clone(),
+            discovery: discovery.clone(),
+            metrics: Arc::new(Metrics::default()),
+            cert_ttl: Duration::from_secs(3600),
+            shutdown,
+        };
+        let before = discovery.current_version();
+        store.unreadable.store(true, Ordering::SeqCst);
+
+        let applied = apply(
+            &mesh,
+            ApplyPolicyRequest {
+                document: POLICY.into(),
+                dry_run: false,
+            },
+        )
+        .await
+        .expect("the write is stored, so the call reports it");
+        assert_eq!(applied.results.len(), 1);
+        assert_eq!(store.inner.policies().unwrap().len(), 1);
+        assert_eq!(discovery.current_version(), before, "not loaded yet");
+
+        let deleted = delete(
+            &mesh,
+            DeletePolicyRequest {
+                namespace: "default".into(),
+                name: "web-to-api".into(),
+                kind: String::new(),
+            },
+        )
+        .await
+        .expect("the deletion is stored, so the call reports it");
+        assert!(deleted.snapshot_version > before);
+        assert!(store.inner.policies().unwrap().is_empty());
+
+        // Readable again: the next refresh loads what was written.
+        store.unreadable.store(false, Ordering::SeqCst);
+        discovery.refresh().unwrap();
+        assert_eq!(
+            discovery.current_version(),
+            store.inner.snapshot_version().unwrap()
+        );
     }
 }
