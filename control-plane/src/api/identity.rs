@@ -379,14 +379,12 @@ mod tests {
     use std::task::Poll;
     use std::time::Duration;
 
-    use trellis_core::{SpiffeId, TrustDomain};
+    use trellis_core::SpiffeId;
     use trellis_proto::discovery::v1::MeshConfig;
 
     use super::*;
     use crate::api::PeerInfo;
-    use crate::ca::CertificateAuthority;
     use crate::discovery::Discovery;
-    use crate::metrics::Metrics;
     use crate::store::embedded::{DB_FILE, EmbeddedStore};
     use crate::store::{JoinToken, Store};
 
@@ -404,20 +402,10 @@ mod tests {
 
     fn setup(tmp: &tempfile::TempDir) -> Setup {
         let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let discovery =
             Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let service = IdentityService::new(Mesh {
-            trust_domain: td,
-            ca: Arc::new(ca),
-            store: store.clone(),
-            discovery: discovery.clone(),
-            metrics: Arc::new(Metrics::default()),
-            cert_ttl: Duration::from_secs(3600),
-            shutdown,
-        });
+        let (mesh, stop) = Mesh::for_tests(store.clone(), discovery.clone());
+        let service = IdentityService::new(mesh);
         let grant = JoinToken {
             spiffe_id: WEB.into(),
             expires_at_unix: unix_now() + 600,

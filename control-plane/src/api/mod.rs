@@ -45,6 +45,31 @@ pub struct Mesh {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
+#[cfg(test)]
+impl Mesh {
+    /// The mesh of trust domain `cluster.local` on `store`, with a CA of its
+    /// own and certificates of an hour, for the services' tests; with the
+    /// sender that stops it.
+    pub fn for_tests(
+        store: Arc<dyn Store>,
+        discovery: Arc<Discovery>,
+    ) -> (Self, tokio::sync::watch::Sender<bool>) {
+        let trust_domain = TrustDomain::new("cluster.local").expect("a valid trust domain");
+        let (ca, _, _) = CertificateAuthority::generate(&trust_domain).expect("a CA");
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let mesh = Mesh {
+            trust_domain,
+            ca: Arc::new(ca),
+            store,
+            discovery,
+            metrics: Arc::new(Metrics::default()),
+            cert_ttl: Duration::from_secs(3600),
+            shutdown,
+        };
+        (mesh, stop)
+    }
+}
+
 /// The peer of a request, as the TLS layer recorded it.
 pub fn peer_of<T>(request: &Request<T>) -> Option<&PeerInfo> {
     request.extensions().get::<PeerInfo>()

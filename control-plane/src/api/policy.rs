@@ -678,16 +678,12 @@ spec:
 mod stored_writes {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
-    use trellis_core::TrustDomain;
     use trellis_proto::admin::v1::RateLimitRecord;
     use trellis_proto::discovery::v1::MeshConfig;
 
     use super::*;
-    use crate::ca::CertificateAuthority;
     use crate::discovery::Discovery;
-    use crate::metrics::Metrics;
     use crate::store::embedded::{DB_FILE, EmbeddedStore};
     use crate::store::{
         AppliedDocuments, DiscoveryState, EndpointChange, IssuedCertRecord, JoinToken, Position,
@@ -809,20 +805,9 @@ spec:
             inner: EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap(),
             unreadable: AtomicBool::new(false),
         });
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let discovery =
             Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let mesh = Mesh {
-            trust_domain: td,
-            ca: Arc::new(ca),
-            store: store.clone(),
-            discovery: discovery.clone(),
-            metrics: Arc::new(Metrics::default()),
-            cert_ttl: Duration::from_secs(3600),
-            shutdown,
-        };
+        let (mesh, _stop) = Mesh::for_tests(store.clone(), discovery.clone());
         let before = discovery.current_version();
         store.unreadable.store(true, Ordering::SeqCst);
 
