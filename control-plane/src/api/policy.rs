@@ -447,11 +447,40 @@ pub async fn list(mesh: &Mesh) -> Result<ListPoliciesResponse, Status> {
 /// Loads the snapshot that holds a write just stored. The write is stored
 /// whatever happens here, so a failure is logged, not returned: the caller
 /// must not hear that a stored write failed (a retry would find it done).
-/// Sidecars then get it with the next change, and `--wait` says they do
-/// not hold it yet.
-fn refresh_after_write(discovery: &crate::discovery::Discovery) {
+/// The load is tried again until it succeeds ([`refresh_until_loaded`]);
+/// meanwhile `--wait` says the sidecars do not hold the write yet.
+fn refresh_after_write(discovery: &std::sync::Arc<crate::discovery::Discovery>) {
     if let Err(e) = discovery.refresh() {
-        tracing::error!(error = %e, "the write is stored, but the snapshot holding it could not be loaded: sidecars get it with the next change");
+        tracing::error!(error = %e, "the write is stored, but the snapshot holding it could not be loaded; trying again");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(refresh_until_loaded(discovery.clone()));
+        }
+    }
+}
+
+/// Tries the load of the current snapshot again, a second later, then
+/// twice as late each time up to 30 s, until it succeeds (a later write's
+/// own load may have done it meanwhile: then this one finds nothing new).
+async fn refresh_until_loaded(discovery: std::sync::Arc<crate::discovery::Discovery>) {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(wait).await;
+        let again = discovery.clone();
+        match tokio::task::spawn_blocking(move || again.refresh()).await {
+            Ok(Ok(version)) => {
+                tracing::info!(
+                    snapshot_version = version,
+                    "the stored write's snapshot is loaded"
+                );
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the stored write's snapshot still could not be loaded")
+            }
+            // The runtime is stopping.
+            Err(_) => return,
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(30));
     }
 }
 
@@ -837,12 +866,17 @@ spec:
         assert!(deleted.snapshot_version > before);
         assert!(store.inner.policies().unwrap().is_empty());
 
-        // Readable again: the next refresh loads what was written.
+        // Readable again: the load is tried again, and the sidecars get
+        // what was written without another write.
         store.unreadable.store(false, Ordering::SeqCst);
-        discovery.refresh().unwrap();
-        assert_eq!(
-            discovery.current_version(),
-            store.inner.snapshot_version().unwrap()
-        );
+        let stored = store.inner.snapshot_version().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while discovery.current_version() != stored {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stored write's snapshot was never loaded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }
