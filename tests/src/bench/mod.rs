@@ -1361,21 +1361,25 @@ mod tests {
                 busy: 180,
                 total: 200,
                 stolen: 5,
+                intervals: 1,
             },
             bulk_1_stream_host: HostTicks {
                 busy: 190,
                 total: 200,
                 stolen: 3,
+                intervals: 1,
             },
             latency_host: HostTicks {
                 busy: 20,
                 total: 200,
                 stolen: 0,
+                intervals: 1,
             },
             keepalive_host: HostTicks {
                 busy: 150,
                 total: 200,
                 stolen: 41,
+                intervals: 1,
             },
             new_connection_errors: 3,
             // 9,000 connections made.
@@ -1385,6 +1389,7 @@ mod tests {
                 busy: 180,
                 total: 200,
                 stolen: 2,
+                intervals: 1,
             },
             failed: Vec::new(),
         };

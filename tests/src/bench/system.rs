@@ -111,6 +111,10 @@ pub struct HostTicks {
     /// A run that stalls while the host steals is waiting for the host,
     /// not for the proxies.
     pub stolen: u64,
+    /// How many intervals between two readings this sums (0 for a reading
+    /// itself): an interval shorter than a clock tick still counts as
+    /// read, though its ticks are all 0.
+    pub intervals: u32,
 }
 
 impl HostTicks {
@@ -120,6 +124,7 @@ impl HostTicks {
             busy: self.busy.saturating_sub(before.busy),
             total: self.total.saturating_sub(before.total),
             stolen: self.stolen.saturating_sub(before.stolen),
+            intervals: 1,
         }
     }
 
@@ -128,6 +133,7 @@ impl HostTicks {
         self.busy += other.busy;
         self.total += other.total;
         self.stolen += other.stolen;
+        self.intervals += other.intervals;
     }
 
     /// The share of the host's CPU time that was busy.
@@ -141,9 +147,10 @@ impl HostTicks {
     }
 
     /// For a sum of intervals: the CPU time stolen over them, when any
-    /// interval was read.
+    /// interval was read (a round shorter than a clock tick too, whose
+    /// ticks are all 0).
     pub fn stolen_ms_if_read(self) -> Option<f64> {
-        (self.total > 0).then(|| self.stolen_ms())
+        (self.intervals > 0).then(|| self.stolen_ms())
     }
 
     /// Adds the interval from `before` to now to this sum of intervals and
@@ -172,6 +179,7 @@ fn parse_host_ticks(line: &str) -> Option<HostTicks> {
         busy,
         total: busy + idle + iowait,
         stolen,
+        intervals: 0,
     })
 }
 
@@ -454,7 +462,8 @@ mod tests {
             HostTicks {
                 busy,
                 total: busy + 6976286 + 22863,
-                stolen: 758
+                stolen: 758,
+                intervals: 0,
             }
         );
         assert_eq!(parse_host_ticks("cpu0 1 2 3 4 5 6 7 8 0 0"), None);
@@ -469,7 +478,8 @@ mod tests {
             HostTicks {
                 busy: 52,
                 total: 112,
-                stolen: 12
+                stolen: 12,
+                intervals: 1,
             }
         );
         assert_eq!(interval.stolen_ms(), 120.0);
@@ -477,11 +487,18 @@ mod tests {
         sum.add(interval);
         sum.add(interval);
         assert_eq!((sum.busy, sum.total, sum.stolen), (104, 224, 24));
+        assert_eq!(sum.stolen_ms_if_read(), Some(240.0));
+        // A round shorter than a clock tick was still read: nothing stolen.
+        let mut short = HostTicks::default();
+        short.add(ticks.since(ticks));
+        assert_eq!(short.stolen_ms_if_read(), Some(0.0));
+        assert_eq!(HostTicks::default().stolen_ms_if_read(), None);
         assert_eq!(
             HostTicks {
                 busy: 30,
                 total: 40,
-                stolen: 0
+                stolen: 0,
+                intervals: 1,
             }
             .busy_share(),
             Some(0.75)
