@@ -97,40 +97,35 @@ impl Replicas {
         let current = discovery.current_version();
         let write = asked(request);
         let reached = |version| discovery.reached(write, version);
-        // One entry an identity, as synced as its least synced stream
-        // (pods sharing an identity each have theirs), with that stream's
-        // versions and refusal; reached when every open stream has.
+        // One entry an identity, joined from its streams (pods sharing an
+        // identity each have theirs) as the replicas' are: as synced as
+        // its least synced stream, reached when every open stream has.
         let sidecars = discovery
             .statuses()
             .into_iter()
-            .filter_map(|(id, streams)| {
-                streams
-                    .into_iter()
-                    .map(|status| StreamStatus {
-                        spiffe_id: id.to_string(),
+            .map(|(id, streams)| {
+                let mut joined = Joined::default();
+                for status in streams {
+                    let stream = StreamStatus {
+                        spiffe_id: String::new(),
                         streams: status.streams,
                         acked_version: status.acked_version,
                         synced_version: status.synced_version,
                         sync: snapshot_sync(status.sync(current)).into(),
                         reached: status.connected() && reached(status.synced_version),
                         last_nack: status.last_nack,
-                    })
-                    .reduce(|joined, stream| {
-                        let (streams, reached) = (
-                            joined.streams + stream.streams,
-                            joined.reached && stream.reached,
-                        );
-                        let least = if distance(stream.sync()) > distance(joined.sync()) {
-                            stream
-                        } else {
-                            joined
-                        };
-                        StreamStatus {
-                            streams,
-                            reached,
-                            ..least
-                        }
-                    })
+                    };
+                    join(&mut joined, &self.name, stream);
+                }
+                StreamStatus {
+                    spiffe_id: id.to_string(),
+                    streams: joined.streams,
+                    acked_version: joined.acked_version,
+                    synced_version: joined.synced_version,
+                    sync: joined.sync.into(),
+                    reached: joined.reached,
+                    last_nack: joined.last_nack,
+                }
             })
             .collect();
         ListStreamsResponse {
@@ -451,13 +446,16 @@ impl Default for Joined {
     }
 }
 
-/// How far from holding its replica's current snapshot a state is.
-fn distance(sync: SnapshotSync) -> u8 {
-    match sync {
-        SnapshotSync::Synced => 0,
-        SnapshotSync::Pending => 1,
-        SnapshotSync::Refused => 2,
-        SnapshotSync::NotConnected | SnapshotSync::Unspecified => 3,
+impl From<SnapshotSync> for SyncState {
+    /// A state a peer replica reports (unspecified, from a replica that
+    /// does not say, is taken for not connected).
+    fn from(sync: SnapshotSync) -> Self {
+        match sync {
+            SnapshotSync::Synced => SyncState::Synced,
+            SnapshotSync::Pending => SyncState::Pending,
+            SnapshotSync::Refused => SyncState::Refused,
+            SnapshotSync::NotConnected | SnapshotSync::Unspecified => SyncState::NotConnected,
+        }
     }
 }
 
@@ -525,7 +523,7 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
             let reached = joined.reached && stream.reached;
             let mut replicas = std::mem::take(&mut joined.replicas);
             replicas.push(replica.to_owned());
-            if distance(stream.sync()) > distance(joined.sync) {
+            if SyncState::from(stream.sync()) > SyncState::from(joined.sync) {
                 *joined = from(stream);
             }
             joined.streams = streams;

@@ -66,17 +66,19 @@ pub struct SidecarStatus {
     pub streams: u32,
 }
 
-/// Whether a sidecar holds the snapshot the control plane serves now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether a sidecar holds the snapshot the control plane serves now,
+/// ordered from synced to not connected: an identity is as synced as its
+/// least synced stream, the greatest of their states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SyncState {
-    /// No Watch stream from it is open.
-    NotConnected,
     /// It holds the current version's content.
     Synced,
     /// The current version is on its way to it or waits for its answer.
     Pending,
     /// It refused the newest snapshot it was sent.
     Refused,
+    /// No Watch stream from it is open.
+    NotConnected,
 }
 
 impl SyncState {
@@ -87,17 +89,6 @@ impl SyncState {
             SyncState::Synced => "synced",
             SyncState::Pending => "pending",
             SyncState::Refused => "refused",
-        }
-    }
-
-    /// How far from synced: an identity is as synced as its least synced
-    /// stream.
-    pub fn distance(self) -> u8 {
-        match self {
-            SyncState::Synced => 0,
-            SyncState::Pending => 1,
-            SyncState::Refused => 2,
-            SyncState::NotConnected => 3,
         }
     }
 }
@@ -898,11 +889,7 @@ impl Discovery {
             (SyncState::Refused, 0),
         ];
         for streams in self.sidecars.lock().expect("not poisoned").values() {
-            let least = streams
-                .open
-                .values()
-                .map(|s| s.sync(current))
-                .max_by_key(|s| s.distance());
+            let least = streams.open.values().map(|s| s.sync(current)).max();
             if let Some((_, count)) = counts.iter_mut().find(|(s, _)| Some(*s) == least) {
                 *count += 1;
             }
