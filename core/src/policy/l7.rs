@@ -111,9 +111,6 @@ impl PathPattern {
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        if self.nothing {
-            return false;
-        }
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -121,6 +118,26 @@ impl PathPattern {
         if rest.is_empty() {
             // "/" has no segments.
             parts.next();
+        }
+        self.matches_segments(parts)
+    }
+
+    /// Whether `path`, or a spelling of it that apps commonly route to
+    /// the same handler, matches: without a trailing `/` (`/admin/` is
+    /// `/admin` to many routers) and without the parameters of its
+    /// segments (`/admin;x` is `/admin` to servlet containers). What a
+    /// DENY or AUDIT rule matches, so that another spelling does not slip
+    /// past it; an ALLOW rule matches only the path as sent. A pattern
+    /// whose literal holds a `;` still matches the path it spells.
+    pub fn matches_as_routed(&self, path: &str) -> bool {
+        path.starts_with('/')
+            && (self.matches_segments(routed_segments(path, false))
+                || (path.contains(';') && self.matches_segments(routed_segments(path, true))))
+    }
+
+    fn matches_segments<'a>(&self, mut parts: impl Iterator<Item = &'a str>) -> bool {
+        if self.nothing {
+            return false;
         }
         for segment in &self.segments {
             let Some(part) = parts.next() else {
@@ -138,33 +155,28 @@ impl PathPattern {
     }
 }
 
-impl PathPattern {
-    /// Whether `path`, or a spelling of it that apps commonly route to
-    /// the same handler, matches: without a trailing `/` (`/admin/` is
-    /// `/admin` to many routers) and without the parameters of its
-    /// segments (`/admin;x` is `/admin` to servlet containers). What a
-    /// DENY or AUDIT rule matches, so that another spelling does not slip
-    /// past it; an ALLOW rule matches only the path as sent.
-    pub fn matches_as_routed(&self, path: &str) -> bool {
-        let either = |path: &str| {
-            self.matches(path)
-                || path
-                    .strip_suffix('/')
-                    .is_some_and(|bare| !bare.is_empty() && self.matches(bare))
-        };
-        if either(path) {
-            return true;
+/// The segments of `path` (after its leading `/`) as apps commonly route
+/// it: without a final empty one, so `/admin/` is `/admin` and `/` has
+/// none, and with `without_parameters`, each without what follows a `;`
+/// in it, so `/admin;x/` is `/admin` too. What DENY and AUDIT rules
+/// match, and what a rate limit keys a route's bucket by, so that another
+/// spelling neither slips past a rule nor gets a fresh bucket.
+pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<Item = &str> {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let mut segments = rest
+        .split('/')
+        .map(move |segment| match without_parameters {
+            true => segment.split(';').next().unwrap_or_default(),
+            false => segment,
+        })
+        .peekable();
+    std::iter::from_fn(move || {
+        let segment = segments.next()?;
+        match segment.is_empty() && segments.peek().is_none() {
+            true => None,
+            false => Some(segment),
         }
-        if !path.contains(';') {
-            return false;
-        }
-        let without_parameters = path
-            .split('/')
-            .map(|segment| segment.split(';').next().unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("/");
-        either(&without_parameters)
-    }
+    })
 }
 
 fn parse_segment(text: &str, segment: &str) -> Result<Segment, String> {
@@ -470,6 +482,8 @@ mod tests {
             ("/admin/users", "/admin;a=1/users;b=2"),
             ("/users/{id}", "/users/7/"),
             ("/", "/;x"),
+            ("/admin", "/admin/;x"),
+            ("/a;b", "/a;b/"),
         ] {
             assert!(
                 routed(pattern, path),

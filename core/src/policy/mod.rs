@@ -59,7 +59,7 @@ pub use engine::{
     Verdict, WorkloadSelector, selects,
 };
 pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
-pub use l7::{HttpRequest, PathPattern};
+pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
     Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
     load_paths, load_source, load_source_in,

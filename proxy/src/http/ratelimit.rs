@@ -32,7 +32,8 @@ use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    IdPattern, LimitKey, PathPattern, RateLimitPolicy, ValidationContext, validate_rate_limit_with,
+    IdPattern, LimitKey, PathPattern, RateLimitPolicy, ValidationContext, routed_segments,
+    validate_rate_limit_with,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -256,15 +257,9 @@ impl Limit {
 /// refused while a limit reads paths. No allocation: the spans between
 /// escapes are written as they are.
 fn hash_path(path: &str, hasher: &mut impl Hasher) {
-    let routed = match path.strip_suffix('/') {
-        Some(bare) if !bare.is_empty() => bare,
-        _ => path,
-    };
-    for (i, segment) in routed.split('/').enumerate() {
-        if i > 0 {
-            hasher.write(b"/");
-        }
-        hash_escapes(segment.split(';').next().unwrap_or_default(), hasher);
+    for segment in routed_segments(path, true) {
+        hasher.write(b"/");
+        hash_escapes(segment, hasher);
     }
     hasher.write_u8(0xff);
 }
@@ -496,7 +491,13 @@ mod tests {
 
         let l = limits(0.001, 1, "route");
         assert!(l.check(&a, "/search/q").is_ok());
-        for spelling in ["/search/q/", "/search/q;1", "/search/q;2", "/search;x/q"] {
+        for spelling in [
+            "/search/q/",
+            "/search/q;1",
+            "/search/q;2",
+            "/search;x/q",
+            "/search/q/;x",
+        ] {
             assert!(
                 l.check(&a, spelling).is_err(),
                 "{spelling} got a bucket of its own"
