@@ -387,3 +387,63 @@ fn trust_anchors_reach_the_control_plane() {
         "{err}"
     );
 }
+
+/// The control plane opens the state dir the chart gives it on the volume
+/// the kubelet makes for it: an emptyDir is created 0777, with the setgid
+/// bit under `fsGroup`, and the control plane refuses a state dir that
+/// others can read. So the state dir must lie below the volume, where the
+/// control plane creates it itself; and the install notes name that path.
+/// The volume is made here as the kubelet makes it.
+#[test]
+fn state_dir_opens_on_the_volume_the_kubelet_makes() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((helm, _)) = tools() else { return };
+    let docs = documents(&template(&helm, &[]).unwrap());
+    let state_dir = args(&docs)
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir=").map(str::to_owned))
+        .expect("--state-dir is set");
+    let pod = &one(&docs, "Deployment")["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    let mount = mounts
+        .iter()
+        .find(|m| state_dir.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("no volume holds {state_dir}"));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert!(volume["emptyDir"].is_object(), "{volume}");
+
+    let root = tempfile::tempdir().unwrap();
+    let volume_dir = root
+        .path()
+        .join(mount["mountPath"].as_str().unwrap().trim_start_matches('/'));
+    std::fs::create_dir_all(&volume_dir).unwrap();
+    std::fs::set_permissions(&volume_dir, std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let opened = trellis_control_plane::state_dir::StateDir::open(
+        &root.path().join(state_dir.trim_start_matches('/')),
+    );
+    assert!(opened.is_ok(), "{state_dir}: {:?}", opened.err());
+
+    let chart = chart();
+    let out = run_helm(
+        &helm,
+        &[
+            "install",
+            "trellis",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+        ],
+    )
+    .unwrap();
+    let notes = &out[out.find("NOTES:").expect("NOTES are printed")..];
+    assert!(
+        notes.contains(&format!("--state-dir {state_dir} ")),
+        "{notes}"
+    );
+}
