@@ -74,40 +74,33 @@ fn a_host_network_pod_is_untouched() {
     assert!(patch_of(&answer_for(&with_object(&review, pod))).is_none());
 }
 
-/// A bad exclusion annotation never blocks the pod by default: it is
-/// admitted unchanged with a warning naming the annotation. With
-/// `failurePolicy: Fail` it is denied with the same message.
+/// A bad exclusion annotation is denied naming the annotation, whatever
+/// the failure policy: admitted under `Ignore`, the pod would run outside
+/// the mesh (plaintext accepted, no policy enforced), and only its author
+/// can fix it.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.
 #[test]
-fn an_invalid_annotation_follows_the_failure_policy() {
+fn an_invalid_annotation_is_denied_whatever_the_failure_policy() {
     let review = fixture("pod-deployment-http-probes.json");
     let mut pod = review["request"]["object"].clone();
     pod["metadata"]["annotations"]["trellis.io/exclude-outbound-ports"] = json!("443,https");
     let review = with_object(&review, pod);
 
-    let ignored = answer_for(&review);
-    assert_eq!(ignored["response"]["allowed"], true);
-    assert!(patch_of(&ignored).is_none());
-    assert_eq!(
-        ignored["response"]["warnings"],
-        json!([
-            "trellis: sidecar not injected: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
-        ])
-    );
-
-    let strict = InjectConfig {
-        failure_policy: FailurePolicy::Fail,
-        ..config()
-    };
-    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &strict);
-    assert_eq!(denied["response"]["allowed"], false);
-    assert_eq!(denied["response"]["status"]["code"], 403);
-    assert_eq!(
-        denied["response"]["status"]["message"],
-        "trellis: cannot inject: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
-    );
-    assert!(patch_of(&denied).is_none());
+    for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
+        let config = InjectConfig {
+            failure_policy,
+            ..config()
+        };
+        let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+        assert_eq!(denied["response"]["allowed"], false, "{failure_policy:?}");
+        assert_eq!(denied["response"]["status"]["code"], 403);
+        assert_eq!(
+            denied["response"]["status"]["message"],
+            "trellis: cannot inject: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
+        );
+        assert!(patch_of(&denied).is_none());
+    }
 }
 
 /// `trellis.io/access-log: "false"` turns the sidecar's access log off;
@@ -139,11 +132,7 @@ fn an_invalid_access_log_annotation_is_refused() {
     let mut pod = review["request"]["object"].clone();
     pod["metadata"]["annotations"]["trellis.io/access-log"] = json!("off");
     let review = with_object(&review, pod);
-    let strict = InjectConfig {
-        failure_policy: FailurePolicy::Fail,
-        ..config()
-    };
-    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &strict);
+    let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config());
     assert_eq!(denied["response"]["allowed"], false);
     assert_eq!(
         denied["response"]["status"]["message"],
@@ -152,7 +141,8 @@ fn an_invalid_access_log_annotation_is_refused() {
     assert!(patch_of(&denied).is_none());
 }
 
-/// An unknown value of `trellis.io/inject` is an error, not a guess.
+/// An unknown value of `trellis.io/inject` is an error, not a guess: the
+/// pod is denied naming it.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.
 #[test]
@@ -161,9 +151,10 @@ fn an_unknown_inject_value_is_reported() {
     let mut pod = review["request"]["object"].clone();
     pod["metadata"]["annotations"]["trellis.io/inject"] = json!("yes");
     let reply = answer_for(&with_object(&review, pod));
-    let warning = reply["response"]["warnings"][0].as_str().unwrap();
+    assert_eq!(reply["response"]["allowed"], false);
+    let message = reply["response"]["status"]["message"].as_str().unwrap();
     assert!(
-        warning.contains("metadata.annotations[trellis.io/inject]: expected \"enabled\" or \"disabled\", got \"yes\""),
-        "{warning}"
+        message.contains("metadata.annotations[trellis.io/inject]: expected \"enabled\" or \"disabled\", got \"yes\""),
+        "{message}"
     );
 }

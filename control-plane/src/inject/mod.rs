@@ -82,13 +82,14 @@
 //! # Errors
 //!
 //! A body that is not an `AdmissionReview` is a [`ReviewError`]: the server
-//! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod that
-//! cannot be injected (an invalid `trellis.io/*` annotation, no trust bundle
-//! configured, not a Pod) follows [`InjectConfig::failure_policy`], which the
-//! chart sets from the same value as the webhook's `failurePolicy`: `Ignore`
-//! (default) admits it unchanged with a warning that `kubectl` prints;
-//! `Fail` denies it with the message. Injection problems never block pods
-//! unless an operator asked for that.
+//! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod with an
+//! invalid `trellis.io/*` annotation or label is denied, naming it, whatever
+//! the failure policy: admitted, it would run outside the mesh, and only the
+//! pod's author can fix it. A pod that cannot be injected for another reason
+//! (no trust bundle configured, not a Pod) follows
+//! [`InjectConfig::failure_policy`], which the chart sets from the same value
+//! as the webhook's `failurePolicy`: `Ignore` (default) admits it unchanged
+//! with a warning that `kubectl` prints; `Fail` denies it with the message.
 //!
 //! The patch is a few `add` operations on whole fields
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
@@ -327,6 +328,13 @@ pub fn respond_pod(
             ..allow
         },
         Ok(Injection::Skipped(_)) => allow,
+        // The pod's own mistake: denied whatever the failure policy. It
+        // is no outage to ride out, a retry never fixes it, and admitting
+        // the pod would run it outside the mesh, open to plaintext and to
+        // no policy; the denial shows as the ReplicaSet's FailedCreate.
+        Err(e @ (InjectError::InvalidAnnotation { .. } | InjectError::InvalidLabel(_))) => {
+            AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
+        }
         Err(e) => match config.failure_policy {
             FailurePolicy::Ignore => {
                 allow.with_warning(format!("trellis: sidecar not injected: {e}"))
