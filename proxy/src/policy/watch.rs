@@ -112,9 +112,13 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
             Ok(s) => s.clone().expect("waited for Some"),
             Err(_) => return,
         };
-        let mut received = false;
-        let e = session(&params, &current, &out, &mut received).await;
-        if received {
+        // A stream the control plane opened resets the backoff, whether or
+        // not it sent anything: it sends nothing to a sidecar that already
+        // holds the version it serves, which in a quiet mesh is every
+        // reconnection after the first.
+        let mut opened = false;
+        let e = session(&params, &current, &out, &mut opened).await;
+        if opened {
             attempt = 0;
         }
         let delay = retry_delay(attempt);
@@ -132,7 +136,14 @@ pub async fn run(params: WatchParams, mut svid: watch::Receiver<Option<Arc<Svid>
                 tracing::warn!(error = %e, retry_in = ?delay, "discovery stream lost; keeping the last good snapshot")
             }
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            // A new certificate may be what the control plane was
+            // refusing: it is tried at once.
+            changed = svid.changed() => if changed.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -140,9 +151,9 @@ async fn session(
     params: &WatchParams,
     svid: &Svid,
     out: &Outputs,
-    received: &mut bool,
+    opened: &mut bool,
 ) -> WatchError {
-    match session_inner(params, svid, out, received).await {
+    match session_inner(params, svid, out, opened).await {
         Ok(()) => WatchError::Ended,
         Err(e) => e,
     }
@@ -152,7 +163,7 @@ async fn session_inner(
     params: &WatchParams,
     svid: &Svid,
     out: &Outputs,
-    received: &mut bool,
+    opened: &mut bool,
 ) -> Result<(), WatchError> {
     let bundle = out.bundle.borrow().clone();
     let tls = identity::control_plane_tls(&params.identity, &bundle, Some(svid))?;
@@ -185,9 +196,9 @@ async fn session_inner(
         .watch(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    *opened = true;
     tracing::info!(control_plane = %params.control_plane, last_version, "discovery stream open");
     while let Some(raw) = stream.message().await? {
-        *received = true;
         let version = raw.version;
         let endpoints_from = raw.endpoints_version;
         let changes = raw.endpoint_changes.as_ref().map(|c| {

@@ -54,6 +54,9 @@ pub struct FakeControlPlane {
     snapshot: watch::Sender<Option<pb::Snapshot>>,
     /// Bumped to end every open Watch stream.
     generation: watch::Sender<u64>,
+    /// Whether a Watch from a sidecar that holds the pushed snapshot is
+    /// sent nothing, as the real control plane does (see [`Self::hold`]).
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -64,6 +67,7 @@ struct Service {
     seen: Arc<Mutex<Seen>>,
     snapshot: watch::Receiver<Option<pb::Snapshot>>,
     generation: watch::Receiver<u64>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -128,6 +132,7 @@ impl Discovery for Service {
         let mut snapshot = self.snapshot.clone();
         let mut generation = self.generation.clone();
         generation.mark_unchanged();
+        let hold = self.hold.clone();
         tokio::spawn(async move {
             let Ok(Some(first)) = requests.message().await else {
                 return;
@@ -136,7 +141,15 @@ impl Discovery for Service {
                 panic!("the first request must subscribe");
             };
             seen.lock().unwrap().subscribes.push(subscribe.last_version);
-            snapshot.mark_changed();
+            let holds = |s: &Option<pb::Snapshot>| {
+                s.as_ref()
+                    .is_some_and(|s| s.version == subscribe.last_version && s.version != 0)
+            };
+            if hold.load(std::sync::atomic::Ordering::Relaxed) && holds(&snapshot.borrow()) {
+                snapshot.mark_unchanged();
+            } else {
+                snapshot.mark_changed();
+            }
             loop {
                 tokio::select! {
                     changed = snapshot.changed() => {
@@ -207,6 +220,7 @@ impl FakeControlPlane {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (snapshot, snapshot_rx) = watch::channel(None);
         let (generation, generation_rx) = watch::channel(0);
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = Service {
             ca: ca.clone(),
             root: root.clone(),
@@ -214,6 +228,7 @@ impl FakeControlPlane {
             seen: seen.clone(),
             snapshot: snapshot_rx,
             generation: generation_rx,
+            hold: hold.clone(),
         };
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -228,7 +243,14 @@ impl FakeControlPlane {
             seen,
             snapshot,
             generation,
+            hold,
         }
+    }
+
+    /// From now on, a Watch from a sidecar that already holds the pushed
+    /// snapshot is sent nothing, as the real control plane does.
+    pub fn hold(&self) {
+        self.hold.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Streams `snapshot` to every open Watch, and to every later one.
