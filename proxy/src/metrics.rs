@@ -162,7 +162,7 @@ impl Metrics {
         let bytes = Family::<Labels1, Counter>::default();
         registry.register(
             "trellis_bytes",
-            "Bytes forwarded (both ways) by direction",
+            "Bytes forwarded (both ways) by direction: byte streams as copied, HTTP request and response bodies",
             bytes.clone(),
         );
         let handshake_failures = Family::<Labels2, Counter>::default();

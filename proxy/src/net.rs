@@ -129,21 +129,41 @@ pub fn connect_failure_reason(e: &io::Error) -> &'static str {
     }
 }
 
+/// What a [`copy`] moved, and how it ended.
+#[derive(Debug)]
+pub struct Copied {
+    /// Bytes moved from a to b.
+    pub there: u64,
+    /// Bytes moved from b to a.
+    pub back: u64,
+    /// The error that ended it, if one did: the bytes moved before it
+    /// still count.
+    pub error: Option<io::Error>,
+}
+
 /// Copies both ways until both sides are done; an EOF on one side is passed
-/// on as a half-close (shutdown of the write side) of the other. Returns
-/// the bytes moved as (a to b, b to a). The first error ends both ways.
-pub async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// on as a half-close (shutdown of the write side) of the other. The first
+/// error ends both ways.
+pub async fn copy<A, B>(a: &mut A, b: &mut B) -> Copied
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
-    poll_fn(|cx| {
+    let error = poll_fn(|cx| {
         let there = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
-        Poll::Ready(Ok((ready!(there), ready!(back))))
+        ready!(there);
+        ready!(back);
+        Poll::Ready(Ok(()))
     })
     .await
+    .err();
+    Copied {
+        there: a_to_b.moved,
+        back: b_to_a.moved,
+        error,
+    }
 }
 
 /// One way of a [`copy`].
@@ -580,8 +600,26 @@ mod tests {
         server.write_all(b"done").await.unwrap();
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
-        let moved = proxy.await.unwrap().unwrap();
-        assert_eq!(moved, (up.len() as u64, 4));
+        let moved = proxy.await.unwrap();
+        assert!(moved.error.is_none(), "{moved:?}");
+        assert_eq!((moved.there, moved.back), (up.len() as u64, 4));
+    }
+
+    /// A copy cut by an error still says what it moved before.
+    #[tokio::test]
+    async fn a_copy_cut_by_an_error_counts_what_it_moved() {
+        let (mut client, mut a) = duplex(4096);
+        let (mut b, mut server) = duplex(4096);
+        let proxy = tokio::spawn(async move { copy(&mut a, &mut b).await });
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0; 5];
+        server.read_exact(&mut got).await.unwrap();
+        // The far side goes away: writing to it fails.
+        drop(server);
+        client.write_all(b"more").await.unwrap();
+        let moved = proxy.await.unwrap();
+        assert!(moved.error.is_some(), "{moved:?}");
+        assert_eq!((moved.there, moved.back), (5, 0));
     }
 
     /// A socket that records each write call as one entry, takes at most

@@ -154,10 +154,18 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
     assert_eq!(rest, "chunk 1\nchunk 2\nchunk 3\nchunk 4\n");
 
     let mut upgraded = upgrade_to_echo(&cp, s.inbound).await;
-    let echoed = round_trip(&mut upgraded, b"\x00binary after the upgrade\xff")
-        .await
-        .unwrap();
-    assert_eq!(echoed, b"\x00binary after the upgrade\xff");
+    let sent = b"\x00binary after the upgrade\xff";
+    let echoed = round_trip(&mut upgraded, sent).await.unwrap();
+    assert_eq!(echoed, sent);
+
+    // The streamed body and, once the upgraded connection is over, its
+    // bytes both ways count in the inbound bytes.
+    drop(upgraded);
+    let bytes = "chunk 0\n".len() as u64 * 5 + 2 * sent.len() as u64;
+    eventually("the bytes counted in trellis_bytes_total", || {
+        s.has_sample("trellis_bytes_total{direction=\"inbound\"}", bytes)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -516,6 +524,13 @@ async fn large_bodies_stream_both_ways_over_one_app_connection() {
         1,
         "one caller's requests took more than one app connection"
     );
+    // Each request's bodies count in the inbound bytes, as a byte stream's
+    // copied bytes do: per round the echo both ways, the big answer, "ok".
+    let bytes = 2 * (3 * BIG as u64 + 2);
+    eventually("the bodies counted in trellis_bytes_total", || {
+        s.has_sample("trellis_bytes_total{direction=\"inbound\"}", bytes)
+    })
+    .await;
 }
 
 /// An HTTP/1.1 app that answers every request as soon as it has the head,

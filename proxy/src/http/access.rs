@@ -27,6 +27,7 @@ use trellis_core::policy::Decision;
 use super::Connection;
 use super::headers::PEER_IDENTITY;
 use crate::logging::access::Line;
+use crate::metrics::INBOUND;
 
 /// The tracing target of access-log lines.
 pub const ACCESS_TARGET: &str = "trellis::access";
@@ -104,10 +105,13 @@ impl Drop for Entry {
         self.conn.upstream.release();
         let status = self.status.load(Ordering::Relaxed);
         let elapsed = self.start.elapsed();
-        self.conn
-            .http
-            .metrics
-            .request(status, self.outcome, elapsed.as_secs_f64());
+        let metrics = &self.conn.http.metrics;
+        metrics.request(status, self.outcome, elapsed.as_secs_f64());
+        let (bytes_in, bytes_out) = (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        metrics.bytes(INBOUND, bytes_in + bytes_out);
         if !self.conn.http.access_log {
             return;
         }
@@ -121,8 +125,8 @@ impl Drop for Entry {
         line.member("method", self.method.as_str());
         line.member("path", self.path.as_ref().map_or("/", PathAndQuery::path));
         line.number("status", u64::from(status));
-        line.number("bytes_in", self.bytes_in.load(Ordering::Relaxed));
-        line.number("bytes_out", self.bytes_out.load(Ordering::Relaxed));
+        line.number("bytes_in", bytes_in);
+        line.number("bytes_out", bytes_out);
         line.millis("duration_ms", elapsed);
         line.member("decision", self.outcome);
         line.member("policy", policy);

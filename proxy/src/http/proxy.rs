@@ -23,6 +23,7 @@ use super::access::{Counted, Direction, Entry};
 use super::h1::BODY_STALL;
 use super::upstream::SendError;
 use super::{Body, Connection, Protocol, RequestBody, headers};
+use crate::metrics::{INBOUND, Metrics};
 
 /// The body of a response before it is counted: the app's or the sidecar's.
 pub type LocalBody = Either<Incoming, Full<Bytes>>;
@@ -128,7 +129,11 @@ pub async fn forward(
     match from_client {
         Some(from_client) if switched => {
             let from_app = hyper::upgrade::on(&mut response);
-            conn.hold_upgraded(Box::pin(splice(from_client, from_app)));
+            conn.hold_upgraded(Box::pin(splice(
+                from_client,
+                from_app,
+                conn.http.metrics.clone(),
+            )));
         }
         _ => {}
     }
@@ -193,8 +198,9 @@ pub fn finish(entry: Entry, response: Response<LocalBody>) -> Response<Body> {
     response.map(|body| Counted::new(body, entry, Direction::Out))
 }
 
-/// Copies bytes between the two upgraded connections until both are done.
-async fn splice(client: OnUpgrade, app: OnUpgrade) {
+/// Copies bytes between the two upgraded connections until both are done,
+/// counting them in `trellis_bytes_total`.
+async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
     let (client, app) = match tokio::try_join!(client, app) {
         Ok(both) => both,
         Err(e) => {
@@ -203,7 +209,9 @@ async fn splice(client: OnUpgrade, app: OnUpgrade) {
         }
     };
     let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-    if let Err(e) = crate::net::copy(&mut client, &mut app).await {
+    let copied = crate::net::copy(&mut client, &mut app).await;
+    metrics.bytes(INBOUND, copied.there + copied.back);
+    if let Some(e) = copied.error {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }

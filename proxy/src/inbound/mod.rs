@@ -306,10 +306,22 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         }
     };
     match result {
-        Ok(Forwarded::Tcp(from_peer, to_peer)) => {
+        Ok(Forwarded::Tcp {
+            from_peer,
+            to_peer,
+            error,
+        }) => {
             metrics.bytes(INBOUND, from_peer + to_peer);
-            metrics.connection(INBOUND, "forwarded");
-            tracing::debug!(%peer, from_peer, to_peer, "inbound connection closed");
+            match error {
+                None => {
+                    metrics.connection(INBOUND, "forwarded");
+                    tracing::debug!(%peer, from_peer, to_peer, "inbound connection closed");
+                }
+                Some(e) => {
+                    metrics.connection(INBOUND, "error");
+                    tracing::debug!(%peer, from_peer, to_peer, error = %e, "inbound connection ended with an error");
+                }
+            }
         }
         Ok(Forwarded::Http) if refused_http => metrics.connection(INBOUND, DENIED),
         Ok(Forwarded::Http) => {
@@ -349,8 +361,12 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
 
 /// How an allowed connection was forwarded.
 enum Forwarded {
-    /// Bytes copied, as (from the peer, to the peer).
-    Tcp(u64, u64),
+    /// Bytes copied, and the error that ended the copy if one did.
+    Tcp {
+        from_peer: u64,
+        to_peer: u64,
+        error: Option<io::Error>,
+    },
     /// Served request by request.
     Http,
 }
@@ -526,8 +542,12 @@ async fn copy_to_app(
     // Not held for the life of the connection.
     let prefix_len = prefix.len() as u64;
     drop(prefix);
-    let (from_peer, to_peer) = net::copy(&mut stream, &mut app).await?;
-    Ok(Forwarded::Tcp(from_peer + prefix_len, to_peer))
+    let copied = net::copy(&mut stream, &mut app).await;
+    Ok(Forwarded::Tcp {
+        from_peer: copied.there + prefix_len,
+        to_peer: copied.back,
+        error: copied.error,
+    })
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the

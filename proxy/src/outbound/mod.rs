@@ -394,12 +394,11 @@ async fn relay<R: std::fmt::Display>(
         alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
         "outbound connection"
     );
-    match net::copy(&mut local, &mut upstream).await {
-        Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, sent + up + down);
-            metrics.connection(OUTBOUND, "forwarded");
-        }
-        Err(e) => {
+    let copied = net::copy(&mut local, &mut upstream).await;
+    metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
+    match copied.error {
+        None => metrics.connection(OUTBOUND, "forwarded"),
+        Some(e) => {
             metrics.connection(OUTBOUND, "error");
             tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
         }
@@ -893,12 +892,11 @@ async fn copy_plain(metrics: &Metrics, app: App, mut upstream: TcpStream, outcom
         }
         sent = first.len() as u64;
     }
-    match net::copy(&mut local, &mut upstream).await {
-        Ok((up, down)) => {
-            metrics.bytes(OUTBOUND, sent + up + down);
-            metrics.connection(OUTBOUND, outcome);
-        }
-        Err(_) => metrics.connection(OUTBOUND, "error"),
+    let copied = net::copy(&mut local, &mut upstream).await;
+    metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
+    match copied.error {
+        None => metrics.connection(OUTBOUND, outcome),
+        Some(_) => metrics.connection(OUTBOUND, "error"),
     }
 }
 
