@@ -67,6 +67,23 @@ async fn every_request_gets_one_json_access_line_and_is_counted() {
         "{metrics}"
     );
     assert!(metrics.contains("trellis_request_duration_seconds_count 1"));
+
+    // A path of any length makes a line of bounded length: cut, with the
+    // whole path's length.
+    let long = format!("/{}", "é".repeat(20_000));
+    let get = ::http::Request::get(long.as_str())
+        .header("host", "api")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, _) = text(c.send_request(get).await.unwrap()).await;
+    assert_eq!(status, 200);
+    eventually("a second access line", || access_lines(&logs).len() == 2).await;
+    let f = &access_lines(&logs)[1];
+    let path = f["path"].as_str().unwrap();
+    assert!(path.ends_with('…'), "{path}");
+    assert!(long.starts_with(path.trim_end_matches('…')));
+    assert!(path.len() <= 2048 + '…'.len_utf8(), "{}", path.len());
+    assert_eq!(f["path_length"], long.len() as u64);
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@
 //! (and drop a caller's `x-trellis-peer-identity` from request trailers);
 //! the last one dropped writes the entry. Fields, in every line:
 //! `timestamp` (RFC 3339, UTC), `source` (the caller's SPIFFE ID),
-//! `destination` (the app address), `method`, `path` (without the query),
+//! `destination` (the app address), `method`, `path` (without the query;
+//! cut at [`MAX_LOGGED_PATH`] bytes, then with `path_length`),
 //! `status`, `bytes_in`, `bytes_out`, `duration_ms`, `decision` (allow,
 //! deny, rate_limited or invalid), `policy` and `rule` (what decided, when
 //! something did), `protocol` (`http1` or `h2`).
@@ -31,6 +32,14 @@ use crate::metrics::INBOUND;
 
 /// The tracing target of access-log lines.
 pub const ACCESS_TARGET: &str = "trellis::access";
+
+/// The most of a request's path an access-log line holds; a longer one is
+/// cut (ending in `…`) and its length given as `path_length`. A caller
+/// could otherwise make each line as long as a URI may be (64 KiB), and the
+/// lines queued for a slow log collector take memory by their number.
+pub const MAX_LOGGED_PATH: usize = 2048;
+/// The same for the method, which the caller writes too.
+pub const MAX_LOGGED_METHOD: usize = 64;
 
 /// One request, as it will be logged.
 pub struct Entry {
@@ -122,8 +131,9 @@ impl Drop for Entry {
         };
         let mut line = Line::start(SystemTime::now());
         line.raw(self.conn.access_log_caller());
-        line.member("method", self.method.as_str());
-        line.member("path", self.path.as_ref().map_or("/", PathAndQuery::path));
+        line.member_up_to("method", self.method.as_str(), MAX_LOGGED_METHOD);
+        let path = self.path.as_ref().map_or("/", PathAndQuery::path);
+        line.member_up_to("path", path, MAX_LOGGED_PATH);
         line.number("status", u64::from(status));
         line.number("bytes_in", bytes_in);
         line.number("bytes_out", bytes_out);

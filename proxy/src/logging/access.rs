@@ -390,6 +390,26 @@ impl Line {
         }
     }
 
+    /// A string member of at most `max` bytes of `value` (cut at a
+    /// character boundary, ending in `…`), followed, when it was cut, by
+    /// `<key>_length`, the length of the whole value. What a caller
+    /// chooses (a request's path) cannot make a line of any size: lines
+    /// wait in a queue bounded by their number.
+    pub fn member_up_to(&mut self, key: &str, value: &str, max: usize) {
+        if value.len() <= max {
+            return self.member(key, value);
+        }
+        let mut end = max;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.key(key);
+        self.buf.push(b'"');
+        escape_into(&mut self.buf, &value[..end]);
+        self.buf.extend_from_slice("…\"".as_bytes());
+        self.number(&[key, "_length"].concat(), value.len() as u64);
+    }
+
     /// A number member; `None` leaves it out.
     pub fn number(&mut self, key: &str, value: impl Into<Option<u64>>) {
         if let Some(value) = value.into() {
