@@ -67,6 +67,9 @@ async fn every_request_gets_one_json_access_line_and_is_counted() {
         "{metrics}"
     );
     assert!(metrics.contains("trellis_request_duration_seconds_count 1"));
+    // One decision a request: the connection's own is not counted on top.
+    let decided = "trellis_decisions_total{action=\"allow\",policy=\"default:allow-mesh\"}";
+    assert!(s.has_sample(decided, 1), "{metrics}");
 
     // A path of any length makes a line of bounded length: cut, with the
     // whole path's length.
@@ -84,6 +87,7 @@ async fn every_request_gets_one_json_access_line_and_is_counted() {
     assert!(long.starts_with(path.trim_end_matches('…')));
     assert!(path.len() <= 2048 + '…'.len_utf8(), "{}", path.len());
     assert_eq!(f["path_length"], long.len() as u64);
+    assert!(s.has_sample(decided, 2), "{}", s.metrics.encode());
 }
 
 #[tokio::test]

@@ -264,12 +264,19 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
     if admitted {
         tracing::info!(%peer, port, app = %target, "inbound connection allowed for HTTP requests only (L7 rules)");
     } else {
-        // A refused HTTP connection's requests are counted one by one.
-        if !refused_http {
+        // A denied connection counts now. An allowed one counts once it is
+        // known not to be HTTP: an HTTP connection's requests are counted
+        // one by one, as a refused HTTP connection's are.
+        if !decision.is_allowed() && !refused_http {
             policy::count(current.as_deref(), &decision, metrics);
         }
         log_decision(&peer, target, &decision, current.is_some());
     }
+    let count_bytes_stream = || policy::count(current.as_deref(), &decision, metrics);
+    let bytes_stream: Option<&(dyn Fn() + Sync)> = match http_only {
+        true => None,
+        false => Some(&count_bytes_stream),
+    };
     if !decision.is_allowed() && !http_only {
         metrics.connection(INBOUND, DENIED);
         return;
@@ -286,7 +293,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         }
     };
     let result = tokio::select! {
-        result = Box::pin(forward(&shared, stream, (&peer, target), per_request, http_only, &is_http, &tracker)) => result,
+        result = Box::pin(forward(&shared, stream, (&peer, target), per_request, bytes_stream, &is_http, &tracker)) => result,
         (decision, now) = denied_later => {
             // Returning drops both sockets: the peer and the app both see
             // the connection close.
@@ -403,18 +410,21 @@ fn settled_by_alpn(stream: &PeerStream) -> Option<http::Protocol> {
 
 /// Forwards an allowed connection to the app at `target`: ports declared
 /// opaque (here or mesh-wide) and streams that are not HTTP as bytes
-/// (unless `http_only`), HTTP request by request. The protocol ALPN settled
-/// is served without looking at the bytes; without one, detection decides.
-/// Sets `is_http` once it knows.
+/// (unless `bytes_stream` is `None`: HTTP only), HTTP request by request.
+/// The protocol ALPN settled is served without looking at the bytes;
+/// without one, detection decides. Sets `is_http` once it knows, and calls
+/// `bytes_stream` once a byte stream is known to pass (its connection's
+/// decision counts then; an HTTP connection's requests count one by one).
 async fn forward(
     shared: &Shared,
     stream: PeerStream,
     (peer, target): (&SpiffeId, SocketAddr),
     policies: watch::Receiver<Option<Arc<Policies>>>,
-    http_only: bool,
+    bytes_stream: Option<&(dyn Fn() + Sync)>,
     is_http: &AtomicBool,
     tracker: &Tracker,
 ) -> Result<Forwarded, ForwardError> {
+    let http_only = bytes_stream.is_none();
     let settled = settled_by_alpn(&stream);
     // The app connection dialled while a silent caller waited, if one was.
     let mut app = None;
@@ -438,9 +448,9 @@ async fn forward(
         "inbound protocol"
     );
     if protocol == http::Protocol::Opaque {
-        if http_only {
+        let Some(count_bytes_stream) = bytes_stream else {
             return Err(ForwardError::NotHttp);
-        }
+        };
         // A DENY rule's HTTP conditions cannot be checked on bytes that are
         // not HTTP: such a rule denies the whole connection. A port
         // declared opaque carries no HTTP conditions.
@@ -466,6 +476,7 @@ async fn forward(
                 );
             }
         }
+        count_bytes_stream();
         let (prefix, stream) = stream.into_parts();
         return copy_to_app(stream, prefix, target, app).await;
     }
