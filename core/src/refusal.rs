@@ -156,7 +156,7 @@ pub fn local_answer(
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/grpc")
             .header("grpc-status", grpc_code);
-        if let Ok(value) = HeaderValue::from_maybe_shared(message) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(grpc_message(message)) {
             response = response.header("grpc-message", value);
         }
         Bytes::new()
@@ -231,6 +231,27 @@ async fn until_answered<C: GracefulConnection>(conn: C, answered: &Notify) {
     let _ = conn.await;
 }
 
+/// `message` as a `grpc-message` value: percent-encoded, as gRPC clients
+/// decode it, where it holds a `%` or a byte outside printable ASCII (a
+/// 400 naming an escape such as `%2F` would otherwise be shown decoded).
+/// Left as it is, with no copy, when nothing needs encoding.
+fn grpc_message(message: Bytes) -> Bytes {
+    let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'%';
+    if message.iter().all(plain) {
+        return message;
+    }
+    let mut encoded = Vec::with_capacity(message.len() + 16);
+    for b in message.iter() {
+        if plain(b) {
+            encoded.push(*b);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            encoded.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+    encoded.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +303,25 @@ mod tests {
         assert_eq!(grpc.status(), StatusCode::OK);
         assert_eq!(grpc.headers()["grpc-status"], "7");
         assert_eq!(grpc.headers()["grpc-message"], "denied");
+    }
+
+    /// A message holding `%` or text outside printable ASCII reaches a gRPC
+    /// client as written: tonic decodes the header it reads.
+    #[test]
+    fn a_grpc_message_is_percent_encoded() {
+        for message in [
+            "path encodes '/' as %2F: an app could read it as a separator",
+            "not allowed: café",
+            "plain",
+        ] {
+            let grpc = local_answer(
+                true,
+                StatusCode::BAD_REQUEST,
+                3,
+                Bytes::copy_from_slice(message.as_bytes()),
+            );
+            let status = tonic::Status::from_header_map(grpc.headers()).unwrap();
+            assert_eq!(status.message(), message);
+        }
     }
 }
