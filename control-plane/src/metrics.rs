@@ -28,6 +28,9 @@ pub struct Metrics {
     /// When each root of the published bundle expires (Unix seconds);
     /// empty before the bundle is known.
     trust_bundle_expiries: Mutex<Vec<i64>>,
+    /// When the signing CA's chain first expires (Unix seconds; 0 before
+    /// it is known).
+    signs_until: AtomicI64,
 }
 
 impl Metrics {
@@ -78,6 +81,12 @@ impl Metrics {
     /// seconds).
     pub fn trust_bundle(&self, expiries: Vec<i64>) {
         *self.trust_bundle_expiries.lock().expect("not poisoned") = expiries;
+    }
+
+    /// When the first certificate from the signing CA up to its root
+    /// expires (Unix seconds).
+    pub fn signing_chain(&self, signs_until: i64) {
+        self.signs_until.store(signs_until, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -146,6 +155,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "trellis_snapshot_bytes_sent_total{{endpoints=\"{endpoints}\"}} {bytes}"
+            );
+        }
+        let signs_until = self.signs_until.load(Ordering::Relaxed);
+        if signs_until != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP trellis_ca_signing_expiry_timestamp_seconds When the first certificate \
+                 from the signing CA up to its root expires (Unix seconds): no certificate is \
+                 issued past it, nor after it.\n\
+                 # TYPE trellis_ca_signing_expiry_timestamp_seconds gauge\n\
+                 trellis_ca_signing_expiry_timestamp_seconds {signs_until}"
             );
         }
         let expiries = self

@@ -226,6 +226,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let roots = expiries(ca.bundle());
     metrics.trust_bundle(roots.iter().map(|(_, at)| *at).collect());
+    metrics.signing_chain(ca.signs_until().unix_timestamp());
     tokio::spawn(report_expiring_roots(roots));
     // Two steps, in order: the Watch streams end, then the listeners stop.
     let (streams_tx, streams_rx) = watch::channel(false);

@@ -344,7 +344,7 @@ async fn signs_with_an_operator_supplied_intermediate() {
             "root.key",
             "-CAcreateserial",
             "-days",
-            "30",
+            "20",
             "-extfile",
             "int.ext",
             "-out",
@@ -389,6 +389,25 @@ async fn signs_with_an_operator_supplied_intermediate() {
         ],
         dir,
     );
+
+    // The intermediate expires before its root: nothing issued outlives
+    // it, not even the year-long operator credential, and the metric says
+    // when it expires.
+    let not_after = |path: &std::path::Path| {
+        let der = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.validity().not_after.timestamp()
+    };
+    let intermediate_ends = not_after(&dir.join("int.crt"));
+    assert!(intermediate_ends < not_after(&dir.join("root.crt")));
+    assert_eq!(not_after(&cp.state_dir.join("admin.crt")), intermediate_ends);
+    assert!(not_after(&dir.join("leaf.pem")) <= intermediate_ends);
+    let gauge = format!("trellis_ca_signing_expiry_timestamp_seconds {intermediate_ends}\n");
+    assert!(cp.metrics().contains(&gauge), "{}", cp.metrics());
 }
 
 /// The control plane's log is written by a thread of its own in batches;

@@ -158,10 +158,12 @@ pub(super) fn load_ca(
     let key = parse_key(key_pem, key_path)?;
     // A CA outside its validity period signs certificates no peer accepts:
     // refuse it at start rather than issue them.
+    let mut signs_until = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(365 * 100);
     for (at, der) in certs.iter().enumerate() {
         let (_, cert) = parse_x509_certificate(der)
             .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
         let validity = cert.validity();
+        signs_until = signs_until.min(validity.not_after.to_datetime());
         if !validity.is_valid() {
             return Err(invalid(
                 cert_path,
@@ -205,6 +207,7 @@ pub(super) fn load_ca(
         issuer,
         intermediates,
         root,
+        signs_until,
     ))
 }
 

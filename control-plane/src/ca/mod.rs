@@ -44,6 +44,11 @@ pub enum CaError {
     San(String),
     #[error("a lifetime of {0:?} ends past the latest date a certificate can hold")]
     Lifetime(Duration),
+    #[error(
+        "the signing CA's chain expired at {0} (its first certificate to expire): nothing it \
+         signs would verify; rotate the CA (docs/ARCHITECTURE.md, Rotating the root)"
+    )]
+    ChainExpired(OffsetDateTime),
 }
 
 /// A freshly signed certificate and the facts recorded about it.
@@ -65,6 +70,9 @@ pub struct CertificateAuthority {
     intermediates: Vec<CertificateDer<'static>>,
     /// The root of the signing CA first, then the trust anchors, each once.
     bundle: Vec<CertificateDer<'static>>,
+    /// When the first certificate from the signing CA up to its root
+    /// expires: no leaf outlives it, and none is signed after it.
+    signs_until: OffsetDateTime,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -111,6 +119,7 @@ impl CertificateAuthority {
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
         let der = cert.der().clone();
+        let signs_until = params.not_after;
         let issuer = Issuer::new(params, key);
         Ok((
             Self {
@@ -118,25 +127,35 @@ impl CertificateAuthority {
                 issuer,
                 intermediates: Vec::new(),
                 bundle: vec![der],
+                signs_until,
             },
             cert_pem,
             key_pem,
         ))
     }
 
-    /// A CA from already validated parts (see [`files`]).
+    /// A CA from already validated parts (see [`files`]); `signs_until`
+    /// is when the first of the chain's certificates expires.
     fn from_parts(
         trust_domain: &TrustDomain,
         issuer: Issuer<'static, KeyPair>,
         intermediates: Vec<CertificateDer<'static>>,
         root: CertificateDer<'static>,
+        signs_until: OffsetDateTime,
     ) -> Self {
         Self {
             trust_domain: trust_domain.clone(),
             issuer,
             intermediates,
             bundle: vec![root],
+            signs_until,
         }
+    }
+
+    /// When the first certificate from the signing CA up to its root
+    /// expires: the latest any leaf it signs is valid until.
+    pub fn signs_until(&self) -> OffsetDateTime {
+        self.signs_until
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -227,14 +246,20 @@ impl CertificateAuthority {
         let serial_hex = hex::encode(serial.as_ref());
         params.serial_number = Some(serial);
         let now = now_seconds();
+        if now >= self.signs_until {
+            return Err(CaError::ChainExpired(self.signs_until));
+        }
         params.not_before = now - BACKDATE;
         // X.509 times end with the year 9999; configuration bounds the
         // lifetime far below that, this keeps a mistake from panicking.
+        // A leaf never outlives its chain: peers would refuse it from the
+        // moment an intermediate expires.
         params.not_after = time::Duration::try_from(ttl)
             .ok()
             .and_then(|ttl| now.checked_add(ttl))
             .filter(|at| at.year() <= 9999)
-            .ok_or(CaError::Lifetime(ttl))?;
+            .ok_or(CaError::Lifetime(ttl))?
+            .min(self.signs_until);
         let cert = params.signed_by(public_key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
@@ -294,6 +319,29 @@ pub fn pem_block(label: &str, der: &[u8]) -> String {
 mod tests {
     use super::*;
     use x509_parser::prelude::*;
+
+    /// A leaf never outlives the signing chain, and once the chain has
+    /// expired nothing is signed: the error names when it expired.
+    #[test]
+    fn nothing_is_signed_past_the_chain() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (mut ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let ends = now_seconds() + ::time::Duration::minutes(10);
+        ca.signs_until = ends;
+        let (issued, _) = ca
+            .issue_with_key(&id, &ExtraSans::default(), Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(issued.not_after_unix, ends.unix_timestamp());
+
+        let ended = now_seconds() - ::time::Duration::minutes(1);
+        ca.signs_until = ended;
+        let e = ca
+            .issue_with_key(&id, &ExtraSans::default(), Duration::from_secs(3600))
+            .unwrap_err();
+        assert!(matches!(e, CaError::ChainExpired(at) if at == ended), "{e}");
+        assert!(e.to_string().contains("chain expired"), "{e}");
+    }
 
     #[test]
     fn signs_leaves_per_the_x509_svid_spec() {
