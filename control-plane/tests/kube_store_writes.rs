@@ -132,6 +132,29 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         [9091]
     );
 
+    // With no transaction over several objects, a refusal after an earlier
+    // document was written names what stays written.
+    let writer = one.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(
+            &[policy("first-one", &[7070]), policy("from-shop", &[9092])],
+            false,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("replace AuthorizationPolicy shop/from-shop"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("written before it, and kept: AuthorizationPolicy shop/first-one"),
+        "{refused}"
+    );
+    assert!(one.policy("shop", "first-one").unwrap().is_some());
+
     let writer = one.clone();
     let deleted = tokio::task::spawn_blocking(move || writer.delete_policy("shop", "from-shop"))
         .await

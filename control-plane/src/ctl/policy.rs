@@ -7,7 +7,10 @@
 //! reported at `file:line:column: field.path: message` before anything is
 //! sent; if any document is invalid nothing is applied. The valid documents
 //! of every file go to the control plane in one ApplyPolicy request, so a
-//! multi-file apply is all or nothing there too.
+//! multi-file apply is all or nothing there too with the embedded store.
+//! The Kubernetes store writes one object after another: a write the API
+//! server refuses stops the rest, and the error names those written before
+//! it, which stay.
 //!
 //! `policy lint` prints its diagnostics on stdout, one per line (at most
 //! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS), then how

@@ -108,6 +108,40 @@ pub enum KubeStoreError {
     Encode { key: String, message: String },
 }
 
+/// A write refused in the middle of an apply, naming the documents of the
+/// apply written before it: there is no transaction over several
+/// objects, so they stay written, and the operator must know which.
+fn kept_before(e: StoreError, applied: &AppliedDocuments) -> StoreError {
+    let written: Vec<String> = [
+        (Kind::AuthorizationPolicy, &applied.policies),
+        (Kind::RateLimitPolicy, &applied.rate_limits),
+    ]
+    .into_iter()
+    .flat_map(|(kind, documents)| {
+        documents
+            .iter()
+            .filter(|d| d.outcome != PolicyOutcome::Unchanged)
+            .map(move |d| format!("{} {}/{}", kind.as_str(), d.namespace, d.name))
+    })
+    .collect();
+    match e {
+        StoreError::Kubernetes(KubeStoreError::Write {
+            action,
+            message,
+            status,
+        }) if !written.is_empty() => KubeStoreError::Write {
+            action,
+            message: format!(
+                "{message} (written before it, and kept: {})",
+                written.join(", ")
+            ),
+            status,
+        }
+        .into(),
+        e => e,
+    }
+}
+
 /// A kube-rs client for the API server of `api`: verified against its CA,
 /// authenticated with the bearer token file (which kube-rs re-reads, as the
 /// kubelet rotates it).
@@ -582,7 +616,8 @@ impl Store for KubernetesStore {
             let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
                 (revision, numeric(held_version.as_deref()))
             } else {
-                self.write_policy(policy, held_version.as_deref())?
+                self.write_policy(policy, held_version.as_deref())
+                    .map_err(|e| kept_before(e, &applied))?
             };
             written = written.max(written_position(kind, at));
             applied.policies.push(AppliedPolicy {
@@ -605,7 +640,8 @@ impl Store for KubernetesStore {
             let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
                 (revision, numeric(held_version.as_deref()))
             } else {
-                self.write_rate_limit(limit, held_version.as_deref())?
+                self.write_rate_limit(limit, held_version.as_deref())
+                    .map_err(|e| kept_before(e, &applied))?
             };
             written = written.max(written_position(kind, at));
             applied.rate_limits.push(AppliedPolicy {
