@@ -3,8 +3,8 @@
 //! samples both Trellis sidecars, and both proxies of Envoy's pair to read
 //! them against, with the software `cpu-clock` event (a virtual machine
 //! often has no hardware counters) through one extra round of the
-//! one-stream bulk scenario, one of the keep-alive scenario and one of the
-//! new-connection scenario. The extra
+//! one-stream bulk scenario, one of the keep-alive scenario, one of the
+//! HTTP/2 scenario and one of the new-connection scenario. The extra
 //! rounds run after the measured ones, so no figure of the run is taken
 //! with the profiler attached. Each side's samples are summed by object
 //! (the kernel, the proxy's executable, libc) and by function, and its call

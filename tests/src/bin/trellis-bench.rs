@@ -53,7 +53,8 @@ Options:
                       lower it on a host where the pairs fall behind (the table's \"fell behind\" row)
   --no-wrk            measure the keep-alive rate with the built-in client even if wrk is installed
   --no-profile        do not profile the Trellis and Envoy pairs (by default, when perf is installed, one
-                      extra bulk and keep-alive round each under `perf record`, after the measured ones)
+                      extra bulk, keep-alive, HTTP/2 and new-connection round each under `perf record`,
+                      after the measured ones)
   --profile           profile them in a smoke run too
   -h, --help          print this help
 
