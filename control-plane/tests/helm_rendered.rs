@@ -148,6 +148,9 @@ fn rendered_injection_settings_parse() {
     let td = TrustDomain::new("cluster.local").unwrap();
     let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
     assert_eq!(config.ip_families, [inject::IpFamily::V4]);
+    // DNS over TCP goes straight to the cluster's DNS, which has no sidecar
+    // (under outboundPolicy deny the sidecar would refuse it).
+    assert_eq!(config.exclude_outbound_ports, [53]);
 }
 
 /// Every field of the policy documents (issue 3) has a place in the CRD

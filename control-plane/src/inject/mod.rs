@@ -274,7 +274,8 @@ impl Default for InjectConfig {
             admin_port: 15020,
             ip_families: vec![IpFamily::V4],
             exclude_inbound_ports: Vec::new(),
-            exclude_outbound_ports: Vec::new(),
+            // DNS over TCP reaches the cluster's DNS, which has no sidecar.
+            exclude_outbound_ports: vec![53],
             exclude_outbound_cidrs: Vec::new(),
             failure_policy: FailurePolicy::Ignore,
             log_format: "json".to_owned(),
