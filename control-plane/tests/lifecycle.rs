@@ -404,7 +404,10 @@ async fn signs_with_an_operator_supplied_intermediate() {
     };
     let intermediate_ends = not_after(&dir.join("int.crt"));
     assert!(intermediate_ends < not_after(&dir.join("root.crt")));
-    assert_eq!(not_after(&cp.state_dir.join("admin.crt")), intermediate_ends);
+    assert_eq!(
+        not_after(&cp.state_dir.join("admin.crt")),
+        intermediate_ends
+    );
     assert!(not_after(&dir.join("leaf.pem")) <= intermediate_ends);
     let gauge = format!("trellis_ca_signing_expiry_timestamp_seconds {intermediate_ends}\n");
     assert!(cp.metrics().contains(&gauge), "{}", cp.metrics());

@@ -205,6 +205,9 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
                     "livenessProbe": http_probe(json!("http"), "/ok"),
                     "readinessProbe": http_probe(json!(plain), "/fail"),
                     "startupProbe": http_probe(json!(plain), "/moved"),
+                    // A hook the kubelet calls on the pod IP reaches the app
+                    // the same way.
+                    "lifecycle": {"preStop": {"httpGet": {"port": "http", "path": "/ok"}}},
                 },
                 {
                     "name": "secure",
@@ -236,6 +239,7 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
         ("/app-health/web/liveness", 200, "ok"),
         ("/app-health/web/readiness", 503, "answered 500"),
         ("/app-health/web/startup", 200, "ok"),
+        ("/app-health/web/pre-stop", 200, "ok"),
         ("/app-health/secure/liveness", 200, "ok"),
         ("/app-health/secure/readiness", 503, "answered 400"),
         ("/app-health/db/liveness", 200, "ok"),

@@ -23,6 +23,12 @@
 //! never intercepted) and answers 200 when it passes. Timing fields
 //! (`periodSeconds`, `timeoutSeconds`, thresholds) stay as they were.
 //!
+//! A container's `lifecycle.postStart` and `lifecycle.preStop` hooks that
+//! are `httpGet` (the kubelet calls them on the pod IP as well) go the same
+//! way, path `/app-health/<container>/<post-start|pre-stop>`: the sidecar
+//! makes the call to the app, as the kubelet would have (within the 10 s it
+//! gives any check).
+//!
 //! Left alone: `exec` probes (they run inside the container), probes with an
 //! explicit `host` (they target another machine), and probes whose named port
 //! the container does not declare (the kubelet would fail them already; a
@@ -38,6 +44,10 @@ pub const PROBE_KINDS: [(&str, &str); 3] = [
     ("readinessProbe", "readiness"),
     ("startupProbe", "startup"),
 ];
+
+/// The lifecycle hooks of a container whose `httpGet` is rewritten like a
+/// probe's, and the path segment each becomes.
+pub const HOOK_KINDS: [(&str, &str); 2] = [("postStart", "post-start"), ("preStop", "pre-stop")];
 
 /// The admin path the rewritten probe of `container` calls.
 pub fn app_health_path(container: &str, kind: &str) -> String {
@@ -91,6 +101,36 @@ pub fn rewrite<'a>(
                 Err(why) => out.warnings.push(format!(
                     "container {name:?} {field} is not rewritten for the sidecar ({why}); \
                      it will fail under strict mTLS"
+                )),
+            }
+        }
+        // The kubelet calls an `httpGet` hook on the pod IP too: the sidecar
+        // would answer it in the app's place, and the app never see it (a
+        // preStop that asks the app to drain). It goes through the admin
+        // port the same way; the kubelet reads no answer of a hook.
+        for (hook, kind) in HOOK_KINDS {
+            let Some(handler) = container
+                .get_mut("lifecycle")
+                .and_then(Value::as_object_mut)
+                .and_then(|lifecycle| lifecycle.get_mut(hook))
+                .and_then(Value::as_object_mut)
+                .filter(|handler| handler.contains_key("httpGet"))
+            else {
+                continue;
+            };
+            match original_check(handler, &ports) {
+                Ok(Some(check)) => {
+                    let path = app_health_path(&name, kind);
+                    handler.insert(
+                        "httpGet".into(),
+                        json!({"path": path, "port": admin_port, "scheme": "HTTP"}),
+                    );
+                    out.probes.insert(path, check);
+                }
+                Ok(None) => {}
+                Err(why) => out.warnings.push(format!(
+                    "container {name:?} lifecycle.{hook} is not rewritten for the sidecar \
+                     ({why}); the app will not receive it under strict mTLS"
                 )),
             }
         }
@@ -193,6 +233,41 @@ mod tests {
         let out = rewrite(&mut containers, 15020);
         assert_eq!(containers, before);
         assert!(out.probes.is_empty() && out.warnings.is_empty());
+    }
+
+    /// An `httpGet` lifecycle hook reaches the app through the admin port,
+    /// as a probe does; other hooks and those naming a host stay.
+    #[test]
+    fn rewrites_http_lifecycle_hooks() {
+        let mut containers = vec![json!({
+            "name": "web",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "lifecycle": {
+                "preStop": {"httpGet": {"path": "/drain", "port": "http"}},
+                "postStart": {"exec": {"command": ["true"]}},
+            },
+        })];
+        let out = rewrite(&mut containers, 15020);
+        assert_eq!(
+            containers[0]["lifecycle"],
+            json!({
+                "preStop": {"httpGet": {"path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP"}},
+                "postStart": {"exec": {"command": ["true"]}},
+            })
+        );
+        assert_eq!(
+            out.probes["/app-health/web/pre-stop"],
+            json!({"httpGet": {"port": 8080, "path": "/drain", "scheme": "HTTP"}})
+        );
+        assert!(out.warnings.is_empty());
+
+        let mut elsewhere = vec![json!({
+            "name": "web",
+            "lifecycle": {"postStart": {"httpGet": {"host": "10.0.0.9", "port": 80}}},
+        })];
+        let before = elsewhere.clone();
+        assert!(rewrite(&mut elsewhere, 15020).probes.is_empty());
+        assert_eq!(elsewhere, before);
     }
 
     #[test]
