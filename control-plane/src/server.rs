@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -59,8 +59,13 @@ pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 /// client still there after it is closed (and retries with backoff).
 pub const HANDSHAKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Lifetime of the control plane's own serving certificate; renewed at half.
+/// Lifetime of the control plane's own serving certificate; renewed at half
+/// (of what it got: a CA whose chain ends sooner gives less).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How long after a failed renewal of the serving certificate it is tried
+/// again.
+pub const SERVING_CERT_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -82,6 +87,8 @@ pub struct ServingCert {
     ca: Arc<CertificateAuthority>,
     extra: ExtraSans,
     current: RwLock<Arc<CertifiedKey>>,
+    /// When the current certificate is due for renewal (wall clock).
+    renew_at: std::sync::Mutex<SystemTime>,
 }
 
 impl std::fmt::Debug for ServingCert {
@@ -110,27 +117,42 @@ impl ServingCert {
         if !listen.is_unspecified() && !extra.ips.contains(&listen) {
             extra.ips.push(listen);
         }
-        let current = RwLock::new(issue(&ca, &extra)?);
-        Ok(Arc::new(Self { ca, extra, current }))
+        let (current, renew_at) = issue(&ca, &extra)?;
+        Ok(Arc::new(Self {
+            ca,
+            extra,
+            current: RwLock::new(current),
+            renew_at: std::sync::Mutex::new(renew_at),
+        }))
     }
 
     /// Issues a fresh certificate and key for new handshakes.
     pub fn renew(&self) -> Result<(), ServerError> {
-        let fresh = issue(&self.ca, &self.extra)?;
+        let (fresh, renew_at) = issue(&self.ca, &self.extra)?;
         *self.current.write().expect("not poisoned") = fresh;
+        *self.renew_at.lock().expect("not poisoned") = renew_at;
         Ok(())
     }
 
-    /// Renews at half-life until the process ends.
+    /// When the current certificate is due for renewal: half-way through
+    /// what is left of it when it was issued.
+    pub fn renew_at(&self) -> SystemTime {
+        *self.renew_at.lock().expect("not poisoned")
+    }
+
+    /// Renews at half-life, by the wall clock (a host suspended past it
+    /// renews as it wakes), until the process ends; a failed renewal is
+    /// tried again after [`SERVING_CERT_RETRY`].
     pub fn spawn_renewal(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(SERVING_CERT_TTL / 2).await;
+                trellis_core::clock::sleep_until(this.renew_at()).await;
                 match this.renew() {
                     Ok(()) => tracing::info!("renewed the control plane's serving certificate"),
                     Err(e) => {
-                        tracing::error!(error = %e, "could not renew the serving certificate")
+                        tracing::error!(error = %e, retry_in = ?SERVING_CERT_RETRY, "could not renew the serving certificate");
+                        tokio::time::sleep(SERVING_CERT_RETRY).await;
                     }
                 }
             }
@@ -138,12 +160,24 @@ impl ServingCert {
     }
 }
 
-fn issue(ca: &CertificateAuthority, extra: &ExtraSans) -> Result<Arc<CertifiedKey>, ServerError> {
+/// A serving certificate, and when it is due for renewal: half-way from now
+/// to its end (at least a second from now).
+fn issue(
+    ca: &CertificateAuthority,
+    extra: &ExtraSans,
+) -> Result<(Arc<CertifiedKey>, SystemTime), ServerError> {
     let id = SpiffeId::control_plane(ca.trust_domain());
     let (issued, key) = ca.issue_with_key(&id, extra, SERVING_CERT_TTL)?;
+    let now = SystemTime::now();
+    let ends = UNIX_EPOCH + Duration::from_secs(issued.not_after_unix.max(0) as u64);
+    let left = ends.duration_since(now).unwrap_or_default();
+    let renew_at = now + (left / 2).max(Duration::from_secs(1));
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing_key = provider().key_provider.load_private_key(key)?;
-    Ok(Arc::new(CertifiedKey::new(issued.chain, signing_key)))
+    Ok((
+        Arc::new(CertifiedKey::new(issued.chain, signing_key)),
+        renew_at,
+    ))
 }
 
 impl ResolvesServerCert for ServingCert {
@@ -410,5 +444,39 @@ impl GrpcListener {
             }
         });
         ReceiverStream::new(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The serving certificate is renewed half-way through the lifetime it
+    /// got: a day's certificate after 12 hours, and one cut short by a
+    /// signing chain that ends in 100 s after about 50 s, well before it
+    /// expires.
+    #[test]
+    fn the_serving_certificate_is_renewed_half_way_through_what_it_got() {
+        let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let near = |at: SystemTime, expected: SystemTime| {
+            let gap = at.duration_since(expected).unwrap_or_else(|e| e.duration());
+            assert!(gap < Duration::from_secs(5), "{at:?} vs {expected:?}");
+        };
+        let serving = ServingCert::new(Arc::new(ca), &[], Ipv4Addr::LOCALHOST.into()).unwrap();
+        near(serving.renew_at(), SystemTime::now() + SERVING_CERT_TTL / 2);
+
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let ends = time::OffsetDateTime::now_utc() + time::Duration::seconds(100);
+        let serving = ServingCert::new(
+            Arc::new(ca.ending_at(ends)),
+            &[],
+            Ipv4Addr::LOCALHOST.into(),
+        )
+        .unwrap();
+        near(
+            serving.renew_at(),
+            SystemTime::now() + Duration::from_secs(50),
+        );
     }
 }

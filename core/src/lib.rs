@@ -5,11 +5,13 @@
 //! verify peers by SPIFFE ID against a trust bundle, never by hostname.
 //! `policy` owns authorization policies: documents, validation, the protobuf
 //! form and the engine that decides connections. `logging` reads the log
-//! filter both binaries share.
+//! filter both binaries share. `clock` waits for a wall-clock time, as
+//! certificate renewals do.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod clock;
 pub mod gather;
 pub mod grpc;
 pub mod logging;

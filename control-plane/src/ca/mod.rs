@@ -158,6 +158,14 @@ impl CertificateAuthority {
         self.signs_until
     }
 
+    /// This CA as if its chain ended at `at` (tests of what follows from
+    /// a chain that ends soon).
+    #[cfg(test)]
+    pub(crate) fn ending_at(mut self, at: OffsetDateTime) -> Self {
+        self.signs_until = at;
+        self
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
@@ -328,14 +336,14 @@ mod tests {
         let (mut ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let ends = now_seconds() + ::time::Duration::minutes(10);
-        ca.signs_until = ends;
+        ca = ca.ending_at(ends);
         let (issued, _) = ca
             .issue_with_key(&id, &ExtraSans::default(), Duration::from_secs(3600))
             .unwrap();
         assert_eq!(issued.not_after_unix, ends.unix_timestamp());
 
         let ended = now_seconds() - ::time::Duration::minutes(1);
-        ca.signs_until = ended;
+        ca = ca.ending_at(ended);
         let e = ca
             .issue_with_key(&id, &ExtraSans::default(), Duration::from_secs(3600))
             .unwrap_err();

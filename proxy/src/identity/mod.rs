@@ -314,7 +314,9 @@ pub async fn run(
     loop {
         let current = svid_tx.borrow().clone();
         let bundle = bundle_tx.borrow().clone();
-        let wait = match certify(&params, &bundle, current.as_deref()).await {
+        // When the next attempt is due, by the wall clock: a renewal must
+        // not wait out a suspension of the host on top of its schedule.
+        let due = match certify(&params, &bundle, current.as_deref()).await {
             Ok((svid, new_bundle)) => {
                 attempt = 0;
                 metrics.renewal("ok");
@@ -346,20 +348,17 @@ pub async fn run(
                     }
                 }
                 svid_tx.send_replace(Some(Arc::new(svid)));
-                renew
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-                    .max(schedule::MIN_RENEWAL_INTERVAL)
+                renew.max(SystemTime::now() + schedule::MIN_RENEWAL_INTERVAL)
             }
             Err(e) => {
                 metrics.renewal("error");
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
-                delay
+                SystemTime::now() + delay
             }
         };
-        tokio::time::sleep(wait).await;
+        trellis_core::clock::sleep_until(due).await;
     }
 }
 
