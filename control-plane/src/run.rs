@@ -29,7 +29,7 @@ use crate::admin_http::AdminHttp;
 use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
 use crate::api::discovery_server::DiscoveryServer;
-use crate::api::identity::IdentityService;
+use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::replica::{ReplicaService, Replicas};
 use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
@@ -49,6 +49,15 @@ use crate::store::kubernetes::{self, KubeStoreError, KubernetesStore, SYNC_TIMEO
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The HTTP/2 streams one client connection of the gRPC port may have open
+/// at once (hyper sets no limit of its own). Each stream may hold a
+/// request being read, so this and the services' request size limits
+/// bound what one connection makes the control plane buffer. A sidecar
+/// opens a connection of its own with a Watch and the odd Certify on it;
+/// `trellisctl` and peer replicas make a few calls at once, and the
+/// control-plane benchmark at most 32 on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -319,9 +328,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mut stop = shutdown_rx.clone();
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(IdentityServer::new(
-            IdentityService::new(mesh.clone()).with_token_reviewer(reviewer),
-        ))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .add_service(
+            IdentityServer::new(IdentityService::new(mesh.clone()).with_token_reviewer(reviewer))
+                .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
+        )
+        // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(ReplicaServer::with_interceptor(
             ReplicaService::new(mesh.clone(), replicas.clone()),

@@ -41,6 +41,46 @@ async fn rejects_csr_for_another_identity() {
         .expect("the token still proves its own identity");
 }
 
+/// Certify needs no client certificate, so what it reads is bounded far
+/// below gRPC's usual 4 MiB: a request of 1 MiB is refused naming its
+/// size, before its CSR is looked at, and the port serves the next call.
+#[tokio::test]
+async fn refuses_an_oversized_request_naming_its_size() {
+    use prost::Message;
+    use trellis_proto::identity::v1::CertifyRequest;
+    use trellis_proto::identity::v1::certify_request::Proof;
+
+    let cp = ControlPlane::start(&[]);
+    let token = cp.token(WEB, 0).await;
+    let mut client = cp.identity_client(None).await;
+    let oversized = CertifyRequest {
+        csr: vec![0x30; 1 << 20],
+        proof: Some(Proof::JoinToken(token.clone())),
+        inbound_address: String::new(),
+        inbound_addresses: Vec::new(),
+    };
+    let size = oversized.encoded_len();
+    let err = client.certify(oversized).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains(&size.to_string()),
+        "the size ({size} bytes) is named: {err:?}"
+    );
+    let key = p256();
+    client
+        .certify(CertifyRequest {
+            csr: csr_for(&key, WEB),
+            proof: Some(Proof::JoinToken(token)),
+            inbound_address: String::new(),
+            inbound_addresses: Vec::new(),
+        })
+        .await
+        .expect("a Certify of the usual size is served on the same connection");
+}
+
 #[tokio::test]
 async fn rejects_a_reused_token() {
     let cp = ControlPlane::start(&[]);

@@ -10,6 +10,7 @@ use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use trellis_control_plane::api::discovery_server::MAX_WATCH_REQUEST_BYTES;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Ack, Nack, Snapshot, Subscribe, WatchRequest};
@@ -118,17 +119,18 @@ async fn watch_pushes_snapshots_and_records_acks() {
     assert_eq!(listed.last_nack, "test refuses it");
     assert!(cp.metrics().contains("trellis_watch_streams 1"));
 
-    // A huge reason is kept as far as the log line shows it, with its
-    // length, never whole.
+    // A long reason (as long as a Watch request may be) is kept as far as
+    // the log line shows it, with its length, never whole.
+    let long = MAX_WATCH_REQUEST_BYTES / 2;
     tx.send(WatchRequest {
         kind: Some(Kind::Nack(Nack {
             version: second.version,
-            reason: "x".repeat(100_000),
+            reason: "x".repeat(long),
         })),
     })
     .await
     .unwrap();
-    let bounded = format!("{}... (100000 bytes)", "x".repeat(512));
+    let bounded = format!("{}... ({long} bytes)", "x".repeat(512));
     eventually_async("the long NACK to show, bounded", || async {
         let workloads = cp.workloads().await;
         let web = workloads.into_iter().find(|w| w.spiffe_id == WEB)?;

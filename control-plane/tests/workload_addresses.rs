@@ -13,6 +13,7 @@ use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use trellis_control_plane::api::identity::MAX_CERTIFY_REQUEST_BYTES;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Endpoint, Subscribe, WatchRequest};
@@ -163,7 +164,8 @@ async fn rejects_a_bad_inbound_address_naming_it_and_records_nothing() {
 async fn refuses_a_huge_inbound_address_with_a_short_answer_and_a_short_log_line() {
     let cp = ControlPlane::start(&[]);
     let token = cp.token(WEB, 0).await;
-    let huge = "9".repeat(3 << 20);
+    // As long as a Certify request may be, far past any address.
+    let huge = "9".repeat(MAX_CERTIFY_REQUEST_BYTES / 2);
     let newer = CertifyRequest {
         csr: csr_for(&p256(), WEB),
         proof: Some(Proof::JoinToken(token.clone())),

@@ -34,6 +34,14 @@ use super::discovery::DiscoveryService;
 /// The one method of the service.
 const WATCH_PATH: &str = "/trellis.discovery.v1.Discovery/Watch";
 
+/// The largest Watch request read, in bytes: a Subscribe is a few
+/// addresses, an ACK a version, a NACK a version and the sidecar's reason
+/// for refusing a snapshot (the text of its error, which quotes a field
+/// or two of the snapshot: an address, a name, a policy's rule). Far below
+/// gRPC's usual 4 MiB: a larger request ends its stream with OUT_OF_RANGE
+/// naming its size.
+pub const MAX_WATCH_REQUEST_BYTES: usize = 64 * 1024;
+
 /// The Discovery service as a tonic route.
 #[derive(Clone)]
 pub struct DiscoveryServer {
@@ -72,7 +80,12 @@ impl tower::Service<http::Request<Body>> for DiscoveryServer {
                 .into_http());
             }
             let request = tonic::Request::from_http(request.map(|body| {
-                Streaming::new_request(ProstDecoder::<WatchRequest>::default(), body, None, None)
+                Streaming::new_request(
+                    ProstDecoder::<WatchRequest>::default(),
+                    body,
+                    None,
+                    Some(MAX_WATCH_REQUEST_BYTES),
+                )
             }));
             match service.watch(request).await {
                 Ok(response) => {
@@ -204,6 +217,47 @@ mod tests {
             "spiffe://td/ns/a/sa/web"
         );
         assert_eq!(trailers["grpc-status"], "0");
+    }
+
+    /// A Watch request larger than [`MAX_WATCH_REQUEST_BYTES`] (here 1 MiB,
+    /// below gRPC's usual 4 MiB) is refused as its length prefix arrives,
+    /// naming its size, instead of being buffered.
+    #[tokio::test]
+    async fn an_oversized_watch_request_is_refused_naming_its_size() {
+        use crate::api::{Mesh, PeerInfo};
+        use crate::discovery::Discovery;
+        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use tower::Service;
+        use trellis_proto::discovery::v1::MeshConfig;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let discovery =
+            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
+        let (mesh, _stop) = Mesh::for_tests(store, discovery);
+        let mut server = DiscoveryServer::new(DiscoveryService::new(mesh));
+        let size: u32 = 1 << 20;
+        let mut prefix = BytesMut::new();
+        prefix.put_u8(0);
+        prefix.put_u32(size);
+        prefix.put_slice(&[0; 1024]);
+        let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(Body::new(http_body_util::Full::new(prefix.freeze())))
+            .unwrap();
+        request.extensions_mut().insert(PeerInfo {
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            spiffe_id: Some(
+                trellis_core::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap(),
+            ),
+        });
+        let response = server.call(request).await.unwrap();
+        let status = Status::from_header_map(response.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(
+            status.message().contains(&size.to_string()),
+            "the size is named: {status:?}"
+        );
     }
 
     #[tokio::test]

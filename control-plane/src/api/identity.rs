@@ -104,6 +104,17 @@ pub const MAX_INBOUND_ADDRESSES: usize = 16;
 /// there is (an IPv6 address with a scope, `[...%4294967295]:65535`) fits.
 pub const MAX_ADDRESS_LEN: usize = 64;
 
+/// The largest Certify request read, in bytes: a CSR is under 1 KiB, a
+/// ServiceAccount token at most [`MAX_TOKEN_LEN`] (16 KiB) and the
+/// addresses at most [`MAX_INBOUND_ADDRESSES`] of [`MAX_ADDRESS_LEN`]
+/// bytes. Certify needs no client certificate, so this bounds what anyone
+/// who can reach the port makes the control plane buffer per stream, far
+/// below gRPC's usual 4 MiB; a larger request is refused with OUT_OF_RANGE
+/// naming its size.
+///
+/// [`MAX_TOKEN_LEN`]: crate::authn::tokenreview::MAX_TOKEN_LEN
+pub const MAX_CERTIFY_REQUEST_BYTES: usize = 64 * 1024;
+
 /// The inbound addresses of a Certify, canonical (`[fd00::1]:15006`, not
 /// `[fd00:0::1]:15006`) and without repeats: `inbound_addresses`, or the
 /// single `inbound_address` of a sidecar older than that field. The error
