@@ -4,11 +4,15 @@
 //! TLS 1.3 only, ALPN h2, client certificate optional (a first Certify has
 //! only a token) but fully verified against the bundle when presented. Each
 //! handshake runs in its own task with a deadline, so a slow or silent client
-//! never holds up accept. At most [`MAX_CONCURRENT_HANDSHAKES`] run at once,
-//! the others wait their turn in arrival order: when a whole fleet of sidecars
-//! reconnects at once (a control plane restart), handshakes finish one batch
-//! after another instead of all progressing together until every one of them
-//! misses its deadline. Handshake failures are logged with a bounded reason.
+//! never holds up accept. A handshake takes one of
+//! [`MAX_CONCURRENT_HANDSHAKES`] turns, the others wait theirs in arrival
+//! order: when a whole fleet of sidecars reconnects at once (a control plane
+//! restart), handshakes finish one batch after another instead of all
+//! progressing together until every one of them misses its deadline. A turn
+//! bounds the CPU of handshakes, not the wait for a client: it is given back
+//! when the handshake ends or after [`TURN_HOLD`], whichever comes first, so
+//! clients that start a handshake and stall cannot keep the others waiting.
+//! Handshake failures are logged with a bounded reason.
 //! This module authenticates connections; it never authorizes a request.
 
 use std::io;
@@ -49,11 +53,21 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PLAINTEXT_ANSWER: &str = "this is the Trellis control plane's gRPC port: it speaks only TLS \
      (a client must trust the mesh's bundle.pem, as trellisctl and the sidecars do)";
 
-/// Handshakes in progress at once; more wait for a turn. Each costs about a
+/// Handshakes given a turn at once; more wait for one. Each costs about a
 /// millisecond of CPU, so this keeps every core busy while a turn comes
 /// within a fraction of a second, and a client that sent its first bytes
-/// and then stalls holds a turn for at most [`HANDSHAKE_TIMEOUT`].
+/// and then stalls holds a turn for at most [`TURN_HOLD`].
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+
+/// The longest a handshake holds its turn. A live client answers within a
+/// round trip, so its handshake ends, and its CPU is spent, well within
+/// this; one still unfinished then goes on without a turn until
+/// [`HANDSHAKE_TIMEOUT`], and the turn goes to the next client waiting.
+/// The turn is held for the first flights rather than taken after the
+/// ClientHello was read (as `tokio_rustls::LazyConfigAcceptor` would allow),
+/// so that a client that gave up while it waited is still seen before any
+/// work is done for it.
+pub const TURN_HOLD: Duration = Duration::from_secs(1);
 
 /// The longest an accepted connection waits for its handshake's turn; a
 /// client still there after it is closed (and retries with backoff).
@@ -407,9 +421,21 @@ impl GrpcListener {
                         tracing::debug!(peer = %remote, "client left before its handshake's turn");
                         return;
                     }
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                    drop(turn);
+                    // The turn bounds the handshake's CPU, not the wait
+                    // for the client: given back at [`TURN_HOLD`] while
+                    // the handshake goes on to its deadline.
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    tokio::pin!(handshake);
+                    let handshake = tokio::select! {
+                        done = &mut handshake => {
+                            drop(turn);
+                            done
+                        }
+                        () = tokio::time::sleep(TURN_HOLD) => {
+                            drop(turn);
+                            handshake.await
+                        }
+                    };
                     match handshake {
                         Ok(Ok(stream)) => {
                             let (_, session) = stream.get_ref();
@@ -449,6 +475,11 @@ impl GrpcListener {
 
 #[cfg(test)]
 mod tests {
+    use rustls_pki_types::ServerName;
+    use tokio::io::AsyncWriteExt;
+    use tokio_stream::StreamExt;
+    use trellis_core::TrustDomain;
+
     use super::*;
 
     /// The serving certificate is renewed half-way through the lifetime it
@@ -478,5 +509,69 @@ mod tests {
             serving.renew_at(),
             SystemTime::now() + Duration::from_secs(50),
         );
+    }
+
+    /// Clients that send the first byte of a handshake and then nothing
+    /// hold every turn for [`TURN_HOLD`] at most: a sidecar that comes
+    /// after them is through its handshake long before
+    /// [`HANDSHAKE_TIMEOUT`] would have freed the turns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_handshakes_give_their_turns_back() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let ca = Arc::new(ca);
+        let serving = ServingCert::new(ca.clone(), &[], IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let tls = server_config(&ca, serving).unwrap();
+        let listener = GrpcListener::bind("127.0.0.1:0".parse().unwrap(), tls)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let mut incoming = listener.run(shutdown, Arc::new(Metrics::default()));
+
+        // More stalled clients than there are turns: each has sent the
+        // first byte of a TLS record, so each takes a turn.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_CONCURRENT_HANDSHAKES + 16 {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(&[0x16]).await.unwrap();
+            stalled.push(tcp);
+        }
+        // Time for the server to hand them the turns before the sidecar
+        // comes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let verifier = SpiffeServerVerifier::new(
+            root_store(ca.bundle()).unwrap(),
+            ExpectedServer::Exact(SpiffeId::control_plane(&td)),
+        );
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let patience = HANDSHAKE_TIMEOUT / 2;
+        let handshake = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let _client = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("the handshake completes");
+            incoming
+                .next()
+                .await
+                .expect("the listener goes on")
+                .expect("a connection")
+        };
+        let served = tokio::time::timeout(patience, handshake).await;
+        assert!(
+            served.is_ok(),
+            "a handshake behind {} stalled ones was not through within {patience:?}",
+            stalled.len()
+        );
+        drop(stalled);
     }
 }
