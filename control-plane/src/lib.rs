@@ -25,6 +25,8 @@ pub mod run;
 pub mod server;
 pub mod state_dir;
 pub mod store;
+#[cfg(test)]
+mod test_logs;
 
 /// Now, in Unix seconds (0 for a clock set before the epoch).
 pub fn unix_now() -> i64 {

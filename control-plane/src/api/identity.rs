@@ -61,7 +61,8 @@ impl IdentityService {
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
         self.mesh.metrics.certify_failed(reason);
-        tracing::warn!(reason, code = ?status.code(), message = status.message(), "certify refused");
+        // `detail`, not `message`: that is the event's own message field.
+        tracing::warn!(reason, code = ?status.code(), detail = ?status.message(), "certify refused");
         status
     }
 
@@ -528,6 +529,38 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(again.message(), "join token was already used");
+    }
+
+    /// A refusal is logged as `certify refused` with the status text as
+    /// its detail, in JSON as in text, on one line even when the caller's
+    /// input holds a newline.
+    #[tokio::test]
+    async fn a_refusal_is_logged_under_its_own_message() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, .. } = setup(&tmp);
+        for json in [true, false] {
+            let (logs, guard) = crate::test_logs::capture(json);
+            let refused = service
+                .certify(certify_request(join_token(), "10.0.0.1:1\nforged"))
+                .await
+                .unwrap_err();
+            drop(guard);
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+            let text = logs.text();
+            let line = text
+                .lines()
+                .find(|l| l.contains("certify refused"))
+                .unwrap_or_else(|| panic!("no `certify refused` line in {text:?}"));
+            assert!(!text.contains("\nforged"), "{text:?}");
+            if json {
+                let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(line["fields"]["message"], "certify refused", "{line}");
+                let detail = line["fields"]["detail"].as_str().unwrap();
+                assert!(detail.contains("inbound_addresses[0]"), "{line}");
+            } else {
+                assert!(line.contains("detail="), "{line}");
+            }
+        }
     }
 
     /// A made-up token is refused before anything is signed or queued: the

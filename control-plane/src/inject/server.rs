@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::{InjectConfig, NamespaceScope, review_pod, review_policy};
+use crate::api::quoted;
 
 /// The largest review body accepted. A Pod object is at most a few hundred
 /// KiB (annotations are capped at 256 KiB); the API server's own request
@@ -267,11 +268,14 @@ pub fn respond(
     match result {
         Ok(response) => {
             if !response.allowed || !response.warnings.is_empty() {
+                // The uid is whatever the caller sent: quoted, so that it
+                // cannot end the line. `detail`, not `message`: that is the
+                // event's own message field.
                 tracing::info!(
                     path,
-                    uid = %response.uid,
+                    uid = %quoted(&response.uid),
                     allowed = response.allowed,
-                    message = response.message.as_deref().unwrap_or_default(),
+                    detail = ?response.message.as_deref().unwrap_or_default(),
                     warnings = ?response.warnings,
                     "admission review"
                 );
@@ -285,6 +289,51 @@ pub fn respond(
                 "text/plain",
                 format!("{e}\n").into(),
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The uid of a review is whatever its caller sent: logged quoted, a
+    /// newline in it cannot start a forged line, and the answer's text is
+    /// the `detail`, so the event keeps its own message in JSON.
+    #[test]
+    fn a_review_is_logged_on_one_line_under_its_own_message() {
+        let body = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "7d1c\nINFO forged: policy applied",
+                "kind": {"group": "trellis.io", "version": "v1alpha1", "kind": "AuthorizationPolicy"},
+                "operation": "CREATE",
+            },
+        })
+        .to_string();
+        for json in [true, false] {
+            let (logs, guard) = crate::test_logs::capture(json);
+            let (status, _, _) = respond(
+                &Method::POST,
+                "/validate",
+                body.as_bytes(),
+                &InjectConfig::default(),
+            );
+            drop(guard);
+            assert_eq!(status, StatusCode::OK);
+            let text = logs.text();
+            assert_eq!(text.lines().count(), 1, "{text:?}");
+            assert!(!text.contains("\nINFO forged"), "{text:?}");
+            if json {
+                let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(line["fields"]["message"], "admission review", "{line}");
+                let detail = line["fields"]["detail"].as_str().unwrap();
+                assert!(detail.contains("no object"), "{line}");
+            } else {
+                assert!(text.contains("admission review"), "{text:?}");
+                assert!(text.contains(r#"uid="7d1c\nINFO forged"#), "{text:?}");
+            }
         }
     }
 }

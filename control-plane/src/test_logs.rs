@@ -1,0 +1,55 @@
+//! The lines code under test logs, formatted as the control plane's own
+//! subscriber formats them (text without colours, or JSON), captured on
+//! the test's thread.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use tracing::subscriber::DefaultGuard;
+
+/// What was logged while the guard [`capture`] returned was alive.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("not poisoned").clone()).expect("UTF-8 logs")
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures what this thread logs (`json`: as JSON lines) until the guard
+/// is dropped. A current-thread runtime's tasks log on the test's thread.
+pub fn capture(json: bool) -> (Captured, DefaultGuard) {
+    let captured = Captured::default();
+    let writer = {
+        let captured = captured.clone();
+        move || captured.clone()
+    };
+    let guard = if json {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .json()
+                .with_writer(writer)
+                .finish(),
+        )
+    } else {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(writer)
+                .finish(),
+        )
+    };
+    (captured, guard)
+}
