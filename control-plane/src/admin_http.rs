@@ -1,23 +1,47 @@
 //! The plain-HTTP admin port: `/live`, `/ready` (200 once the gRPC port is
 //! serving) and `/metrics` (Prometheus text).
 //!
-//! It exposes nothing secret and accepts nothing that changes state.
+//! It exposes nothing secret and accepts nothing that changes state. It is
+//! reachable from every pod of the cluster (the kubelet probes it, a
+//! Prometheus scrapes it), so its connections are limited as the sidecar's
+//! admin port's are: in number, per client address and in time.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 
 use crate::discovery::Discovery;
 use crate::metrics::{Metrics, render_sidecar_sync};
+
+/// How long a client of the admin port has to send a request's head, and
+/// how long an idle connection is kept waiting for the next one: the
+/// kubelet and Prometheus send theirs at once.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Admin connections served at once; more are closed as they are accepted,
+/// so a client that opens connections and sends nothing cannot take the
+/// control plane's file descriptors or grow its memory without bound.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Admin connections one client address may hold at once. The kubelet
+/// (from the node's address) and a Prometheus need a few; one pod of the
+/// cluster must not take every slot and leave the kubelet's probes refused.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+
+/// How long one admin connection is served: then it closes after the
+/// answer in progress, or [`HEAD_TIMEOUT`] later if that answer cannot be
+/// written. A scraper simply reconnects.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 pub struct AdminHttp {
     listener: TcpListener,
@@ -42,29 +66,36 @@ impl AdminHttp {
         discovery: Arc<Discovery>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         loop {
-            let tcp = tokio::select! {
+            let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = crate::run::stopping(&mut shutdown) => return,
             };
+            let admitted = match limits.admit(client.ip()) {
+                Ok(admitted) => admitted,
+                Err(refused) => {
+                    tracing::debug!(%client, %refused, "admin connection refused");
+                    continue;
+                }
+            };
             let ready = ready.clone();
             let metrics = metrics.clone();
             let discovery = discovery.clone();
             tokio::spawn(async move {
+                let _admitted = admitted;
                 let service = hyper::service::service_fn(move |req| {
                     let response = respond(&req, &ready, &metrics, &discovery);
                     async move { Ok::<_, Infallible>(response) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
             });
         }
     }

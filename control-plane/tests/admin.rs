@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::connections::{REFUSAL, closed_within, connect_from, hold, loopback};
 use common::*;
 use tonic::Code;
 use trellis_proto::admin::v1::ListWorkloadsRequest;
@@ -419,4 +420,67 @@ async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
             .iter()
             .all(|w| w["addresses"].as_array().unwrap().len() == 16)
     );
+}
+
+/// `GET /live` on the admin port from `from`: whether it answered 200.
+async fn live(admin: std::net::SocketAddr, from: std::net::IpAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = connect_from(from, admin).await;
+    if tcp
+        .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(REFUSAL, tcp.read_to_end(&mut answer)).await;
+    matches!(read, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// The admin HTTP port, which every pod can reach, limits its connections
+/// as the sidecar's does: one that sends nothing is closed after the head
+/// timeout; past the cap of one client address, and past the total cap,
+/// new ones are closed as they come; once the held ones close, a new one
+/// is served.
+#[tokio::test]
+async fn the_admin_http_port_limits_its_connections() {
+    use trellis_control_plane::admin_http::{
+        HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT,
+    };
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.parse().unwrap();
+    let mut idle = connect_from(loopback(1), admin).await;
+    let closed = closed_within(&mut idle, HEAD_TIMEOUT + PATIENCE)
+        .await
+        .expect("a connection that sends nothing is closed");
+    assert!(
+        closed >= HEAD_TIMEOUT / 2,
+        "closed by the head timeout, not at once: {closed:?}"
+    );
+
+    let mut held = hold(loopback(1), admin, MAX_CONNECTIONS_PER_CLIENT).await;
+    let mut extra = connect_from(loopback(1), admin).await;
+    assert!(
+        closed_within(&mut extra, REFUSAL).await.is_some(),
+        "one address holds at most {MAX_CONNECTIONS_PER_CLIENT} connections"
+    );
+    let addresses = u8::try_from(MAX_CONNECTIONS / MAX_CONNECTIONS_PER_CLIENT).unwrap();
+    for last in 2..=addresses {
+        held.extend(hold(loopback(last), admin, MAX_CONNECTIONS_PER_CLIENT).await);
+    }
+    assert_eq!(held.len(), MAX_CONNECTIONS);
+    let other = loopback(addresses + 1);
+    let mut extra = connect_from(other, admin).await;
+    assert!(
+        closed_within(&mut extra, REFUSAL).await.is_some(),
+        "at most {MAX_CONNECTIONS} connections are served at once"
+    );
+
+    drop(held);
+    eventually_async(
+        "a new connection served once the held ones closed",
+        || async move { live(admin, other).await.then_some(()) },
+    )
+    .await;
 }

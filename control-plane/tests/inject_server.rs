@@ -6,6 +6,9 @@
 //! real AdmissionReview documents of `fixtures/k8s/` over TLS 1.3 and reads
 //! the AdmissionReview answers.
 
+#[path = "common/connections.rs"]
+mod connections;
+
 use trellis_control_plane::inject;
 
 use std::sync::Arc;
@@ -60,12 +63,11 @@ async fn start() -> Webhook {
     }
 }
 
-async fn call(
+/// A TLS connection to the webhook, trusting its CA as the API server does.
+async fn connect_tls(
     webhook: &Webhook,
-    method: Method,
-    path: &str,
-    body: Vec<u8>,
-) -> (StatusCode, Vec<u8>) {
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(webhook.ca.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
@@ -74,26 +76,42 @@ async fn call(
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
-    let tls = connector
+    connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
+}
+
+async fn call(
+    webhook: &Webhook,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    try_call(webhook, tcp, method, path, body).await.unwrap()
+}
+
+/// One request on `tcp`, or why it got no answer.
+async fn try_call(
+    webhook: &Webhook,
+    tcp: tokio::net::TcpStream,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(StatusCode, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+    let tls = connect_tls(webhook, tcp).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
         .uri(path)
         .header("host", "localhost")
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
     let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body.to_vec())
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body.to_vec()))
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -154,4 +172,77 @@ async fn bad_requests_get_http_errors() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     let (status, _) = call(&webhook, Method::POST, "/mutate", Vec::new()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// The webhook port, which every pod can reach, limits its connections:
+/// one that never starts its TLS handshake, or never sends a request
+/// after it, is closed after the head timeout; past the cap of one client
+/// address, and past the total cap, new ones are closed as they come;
+/// once the held ones close, the API server is served again.
+#[tokio::test]
+async fn the_webhook_port_limits_its_connections() {
+    use connections::{REFUSAL, closed_within, connect_from, hold, loopback};
+    use inject::server::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+    let patience = HEAD_TIMEOUT + Duration::from_secs(30);
+    let webhook = start().await;
+
+    let mut silent = connect_from(loopback(1), webhook.addr).await;
+    let closed = closed_within(&mut silent, patience)
+        .await
+        .expect("a connection that never starts its handshake is closed");
+    assert!(
+        closed >= HEAD_TIMEOUT / 2,
+        "closed by the timeout, not at once: {closed:?}"
+    );
+    let mut idle = connect_tls(&webhook, connect_from(loopback(1), webhook.addr).await)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let read = tokio::time::timeout(patience, idle.read(&mut [0u8; 64]))
+        .await
+        .expect("a connection that sends no request is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        start.elapsed() >= HEAD_TIMEOUT / 2,
+        "closed by the head timeout, not at once: {:?}",
+        start.elapsed()
+    );
+
+    let mut held = hold(loopback(1), webhook.addr, MAX_CONNECTIONS_PER_CLIENT).await;
+    let mut extra = connect_from(loopback(1), webhook.addr).await;
+    assert!(
+        closed_within(&mut extra, REFUSAL).await.is_some(),
+        "one address holds at most {MAX_CONNECTIONS_PER_CLIENT} connections"
+    );
+    let addresses = u8::try_from(MAX_CONNECTIONS / MAX_CONNECTIONS_PER_CLIENT).unwrap();
+    for last in 2..=addresses {
+        held.extend(hold(loopback(last), webhook.addr, MAX_CONNECTIONS_PER_CLIENT).await);
+    }
+    assert_eq!(held.len(), MAX_CONNECTIONS);
+    let other = loopback(addresses + 1);
+    let mut extra = connect_from(other, webhook.addr).await;
+    assert!(
+        closed_within(&mut extra, REFUSAL).await.is_some(),
+        "at most {MAX_CONNECTIONS} connections are served at once"
+    );
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tcp = connect_from(other, webhook.addr).await;
+        let body = fixture("authorizationpolicy-valid.json");
+        match try_call(&webhook, tcp, Method::POST, "/validate", body).await {
+            Ok((status, _)) => {
+                assert_eq!(status, StatusCode::OK);
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "not served once the held connections closed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

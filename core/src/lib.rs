@@ -6,12 +6,14 @@
 //! `policy` owns authorization policies: documents, validation, the protobuf
 //! form and the engine that decides connections. `logging` reads the log
 //! filter both binaries share. `clock` waits for a wall-clock time, as
-//! certificate renewals do.
+//! certificate renewals do. `connections` limits the connections of the
+//! HTTP/1.1 ports every pod can reach.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod clock;
+pub mod connections;
 pub mod gather;
 pub mod grpc;
 pub mod logging;

@@ -4,10 +4,12 @@
 //!
 //! This module owns only the transport: TLS with the serving certificate
 //! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
-//! a body size limit, status codes. It decides nothing about pods or
-//! policies. The API server authenticates us by the `caBundle` of the
-//! webhook configurations; it presents no client certificate, so none is
-//! asked for.
+//! a body size limit, status codes, and limits on connections (in number,
+//! per client address and in time), since every pod of the cluster can
+//! reach the port. It decides nothing about pods or policies. The API
+//! server authenticates us by the `caBundle` of the webhook
+//! configurations; it presents no client certificate, so none is asked
+//! for.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +21,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -28,6 +29,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 
 use super::{InjectConfig, NamespaceScope, review_pod, review_policy};
 use crate::api::quoted;
@@ -39,6 +41,29 @@ pub const MAX_BODY: usize = 4 << 20;
 
 /// How often the certificate files are checked for a change.
 const CERT_RECHECK: Duration = Duration::from_secs(10);
+
+/// How long a client has to finish the TLS handshake, and then to send a
+/// request's head (an idle connection waits no longer for the next one):
+/// the API server sends its at once.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Webhook connections served at once; more are closed as they are
+/// accepted. Each may be reading a body of up to [`MAX_BODY`], so this
+/// bounds the memory that clients sending large bodies slowly can take.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// Webhook connections one client address may hold at once: half of
+/// [`MAX_CONNECTIONS`], so that one pod cannot take every slot. The API
+/// server calls from the few addresses of its replicas, with a connection
+/// for each review in flight: 64 reviews in flight at once from one API
+/// server is far more than a busy cluster makes (a review takes
+/// milliseconds), so this does not throttle it.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+
+/// How long one webhook connection is served: then it closes after the
+/// answer in progress, or [`HEAD_TIMEOUT`] later if that answer cannot be
+/// written. The API server opens another.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Why the serving certificate cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -183,10 +208,11 @@ impl WebhookServer {
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         loop {
-            let tcp = tokio::select! {
+            let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "webhook accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -195,13 +221,25 @@ impl WebhookServer {
                 },
                 () = &mut shutdown => return,
             };
+            let admitted = match limits.admit(client.ip()) {
+                Ok(admitted) => admitted,
+                Err(refused) => {
+                    tracing::debug!(%client, %refused, "webhook connection refused");
+                    continue;
+                }
+            };
             let acceptor = self.acceptor.clone();
             let config = config.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(tls) => tls,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "webhook TLS handshake failed");
+                let _admitted = admitted;
+                let tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%client, error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%client, timeout = ?HEAD_TIMEOUT, "webhook TLS handshake not finished in time");
                         return;
                     }
                 };
@@ -209,9 +247,7 @@ impl WebhookServer {
                     let config = config.borrow().clone();
                     async move { Ok::<_, Infallible>(serve(req, &config).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                serve_http1_for(tls, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
             });
         }
     }

@@ -3,6 +3,7 @@
 //! over real TLS, and CSRs made with rcgen.
 #![allow(dead_code)]
 
+pub mod connections;
 pub mod policy;
 #[path = "../../../tests/src/ports.rs"]
 pub mod ports;

@@ -6,12 +6,10 @@
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -19,10 +17,10 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 
 pub mod probes;
 
@@ -90,21 +88,19 @@ impl Admin {
             state,
             drain,
         } = self;
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let clients = Arc::new(Clients::default());
+        let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         drain
             .accept(&listener, "admin", |tcp, client, _tracker| {
-                let Some(client_slot) = clients.clone().take(client.ip()) else {
-                    tracing::debug!(%client, limit = MAX_CONNECTIONS_PER_CLIENT, "admin connection refused: too many open from this address");
-                    return;
-                };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!(%client, limit = MAX_CONNECTIONS, "admin connection refused: too many open");
-                    return;
+                let admitted = match limits.admit(client.ip()) {
+                    Ok(admitted) => admitted,
+                    Err(refused) => {
+                        tracing::debug!(%client, %refused, "admin connection refused");
+                        return;
+                    }
                 };
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let _slots = (slot, client_slot);
+                    let _admitted = admitted;
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move {
@@ -116,66 +112,10 @@ impl Admin {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    serve_for(tcp, service, CONNECTION_LIFETIME, HEAD_TIMEOUT).await;
+                    serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
                 });
             })
             .await;
-    }
-}
-
-/// How many admin connections each client address holds.
-#[derive(Default)]
-struct Clients(Mutex<HashMap<IpAddr, usize>>);
-
-/// One of a client's admin connections, counted until dropped.
-struct ClientSlot {
-    clients: Arc<Clients>,
-    ip: IpAddr,
-}
-
-impl Clients {
-    /// A slot for one more connection from `ip`, unless it holds
-    /// [`MAX_CONNECTIONS_PER_CLIENT`] already.
-    fn take(self: Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let mut open = self.0.lock().expect("not poisoned");
-        let count = open.entry(ip).or_default();
-        if *count >= MAX_CONNECTIONS_PER_CLIENT {
-            return None;
-        }
-        *count += 1;
-        drop(open);
-        Some(ClientSlot { clients: self, ip })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = self.clients.0.lock().expect("not poisoned");
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Serves HTTP/1.1 on `tcp` for at most `lifetime`, then closes it after
-/// the answer in progress, or `grace` later if that answer cannot be
-/// written.
-async fn serve_for<S>(tcp: tokio::net::TcpStream, service: S, lifetime: Duration, grace: Duration)
-where
-    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
-        .serve_connection(TokioIo::new(tcp), service);
-    let mut conn = std::pin::pin!(conn);
-    if tokio::time::timeout(lifetime, conn.as_mut()).await.is_err() {
-        conn.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(grace, conn).await;
     }
 }
 
@@ -405,64 +345,6 @@ mod tests {
     use super::*;
     use trellis_core::SpiffeId;
     use trellis_proto::discovery::v1 as pb;
-
-    /// A client that asks for answers and never reads them cannot hold its
-    /// connection past its lifetime and the grace after it.
-    #[tokio::test]
-    async fn a_client_that_never_reads_is_closed_after_the_lifetime() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut client = socket
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&tcp)
-            .set_send_buffer_size(4096)
-            .unwrap();
-        let big = Bytes::from(vec![b'x'; 8 << 20]);
-        let service = service_fn(move |_req| {
-            let big = big.clone();
-            async move { Ok::<_, Infallible>(Response::new(Full::new(big))) }
-        });
-        let served = tokio::spawn(serve_for(
-            tcp,
-            service,
-            Duration::from_millis(200),
-            Duration::from_millis(200),
-        ));
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), served)
-            .await
-            .expect("a connection whose answer cannot be written outlived its lifetime")
-            .unwrap();
-        drop(client);
-    }
-
-    #[test]
-    fn a_client_address_holds_at_most_its_share_of_connections() {
-        let clients = Arc::new(Clients::default());
-        let (one, two): (IpAddr, IpAddr) =
-            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let mut held: Vec<ClientSlot> = (0..MAX_CONNECTIONS_PER_CLIENT)
-            .map(|_| clients.clone().take(one).unwrap())
-            .collect();
-        assert!(clients.clone().take(one).is_none());
-        let other = clients
-            .clone()
-            .take(two)
-            .expect("another address is served");
-        held.pop();
-        held.push(clients.clone().take(one).expect("a slot came free"));
-        drop((held, other));
-        assert!(
-            clients.0.lock().unwrap().is_empty(),
-            "nothing kept for gone clients"
-        );
-    }
 
     #[test]
     fn config_lists_services_by_name_up_to_a_bound() {
