@@ -37,9 +37,9 @@ const WATCH_PATH: &str = "/trellis.discovery.v1.Discovery/Watch";
 /// The largest Watch request read, in bytes: a Subscribe is a few
 /// addresses, an ACK a version, a NACK a version and the sidecar's reason
 /// for refusing a snapshot (the text of its error, which quotes a field
-/// or two of the snapshot: an address, a name, a policy's rule). Far below
-/// gRPC's usual 4 MiB: a larger request ends its stream with OUT_OF_RANGE
-/// naming its size.
+/// or two of the snapshot, cut by the sidecar to its
+/// `MAX_NACK_REASON_BYTES`, 4 KiB). Far below gRPC's usual 4 MiB: a larger
+/// request ends its stream with OUT_OF_RANGE naming its size.
 pub const MAX_WATCH_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The Discovery service as a tonic route.

@@ -42,6 +42,12 @@ use crate::metrics::Metrics;
 /// last good snapshot and retries with backoff.
 pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
+/// The longest NACK reason sent, in bytes, before its `... (N bytes)`
+/// mark. A reason quotes a field or two of the refused snapshot, so it is
+/// short unless a field is huge; the control plane keeps only its first
+/// 512 characters and reads a Watch request of at most 64 KiB.
+pub const MAX_NACK_REASON_BYTES: usize = 4096;
+
 /// Why a Watch session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -223,7 +229,7 @@ async fn session_inner(
                 tracing::warn!(version, reason = %e, "snapshot refused; keeping the last good one");
                 Kind::Nack(Nack {
                     version,
-                    reason: e.to_string(),
+                    reason: nack_reason(e.to_string()),
                 })
             }
         };
@@ -232,6 +238,22 @@ async fn session_inner(
         }
     }
     Ok(())
+}
+
+/// `reason` cut to [`MAX_NACK_REASON_BYTES`] (at a character boundary)
+/// and marked with its full length when it is longer.
+fn nack_reason(mut reason: String) -> String {
+    if reason.len() <= MAX_NACK_REASON_BYTES {
+        return reason;
+    }
+    let len = reason.len();
+    let mut cut = MAX_NACK_REASON_BYTES;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason.truncate(cut);
+    reason.push_str(&format!("... ({len} bytes)"));
+    reason
 }
 
 /// The Discovery client, reading snapshots up to [`MAX_SNAPSHOT_BYTES`].
@@ -291,6 +313,26 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reason quoting a huge field of a snapshot is cut, on a character
+    /// boundary, and says how long it was; a usual one is sent whole.
+    #[test]
+    fn a_nack_reason_is_cut_to_its_bound() {
+        let usual = "endpoints[3].address 10.0.0.300:15006 is not ip:port".to_owned();
+        assert_eq!(nack_reason(usual.clone()), usual);
+        let huge = format!("services[0].address {} is not ip:port", "é".repeat(40_000));
+        let cut = nack_reason(huge.clone());
+        assert!(
+            cut.len() <= MAX_NACK_REASON_BYTES + 32,
+            "{} bytes",
+            cut.len()
+        );
+        assert!(cut.starts_with("services[0].address é"));
+        assert!(
+            cut.ends_with(&format!("... ({} bytes)", huge.len())),
+            "{cut}"
+        );
+    }
 
     /// What tonic says when a snapshot is larger than the client reads, and
     /// what the sidecar makes of it: both sizes, not a generic stream loss.
