@@ -528,6 +528,11 @@ impl Store for KubernetesStore {
         Err(TokenRefusal::Disabled.into())
     }
 
+    /// Join tokens have no place here: refused before anything is signed.
+    fn check_join_token(&self, _claim: TokenClaim<'_>) -> Result<(), StoreError> {
+        Err(TokenRefusal::Disabled.into())
+    }
+
     fn record_issuance(
         &self,
         claim: Option<TokenClaim<'_>>,
