@@ -20,7 +20,6 @@ pub mod discovery;
 pub mod inject;
 pub mod metrics;
 pub mod net;
-pub mod open_files;
 pub mod run;
 pub mod server;
 pub mod state_dir;

@@ -172,7 +172,7 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 pub async fn run(config: Config) -> Result<(), RunError> {
     // One descriptor per connected sidecar: 10,000 sidecars need more than
     // the usual soft limit, and raising it to the hard one is always allowed.
-    match crate::open_files::raise_to_hard_limit() {
+    match trellis_core::open_files::raise_to_hard_limit() {
         Ok(limit) => tracing::info!(
             open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
             "open-files limit raised to the hard limit"

@@ -7,7 +7,8 @@
 //! form and the engine that decides connections. `logging` reads the log
 //! filter both binaries share. `clock` waits for a wall-clock time, as
 //! certificate renewals do. `connections` limits the connections of the
-//! HTTP/1.1 ports every pod can reach.
+//! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
+//! limit, as both binaries do at start-up.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -17,6 +18,7 @@ pub mod connections;
 pub mod gather;
 pub mod grpc;
 pub mod logging;
+pub mod open_files;
 pub mod policy;
 pub mod refusal;
 pub mod spiffe;

@@ -61,6 +61,7 @@ where
 
 /// Runs a sidecar until SIGTERM or SIGINT, then drains it.
 pub async fn run(config: Config) -> ExitCode {
+    raise_open_files();
     match Sidecar::bind(config).await {
         Ok(sidecar) => {
             sidecar.run(wait_for_signal()).await;
@@ -70,6 +71,24 @@ pub async fn run(config: Config) -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one, before any listener
+/// is bound. Every proxied connection holds two descriptors (the caller's
+/// and the upstream's), so the soft limit of 1,024 that container runtimes
+/// give a container would make accepts fail with EMFILE past some 500
+/// connections.
+fn raise_open_files() {
+    match trellis_core::open_files::raise_to_hard_limit() {
+        Ok(limit) => tracing::info!(
+            open_files = %limit.soft.map_or("unlimited".to_string(), |n| n.to_string()),
+            "open-files limit raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot raise the open-files limit: at most half as many connections as it allows are proxied at once"
+        ),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The `trellis-proxy` binary: invalid configuration exits 64 naming the
 //! flag before any port is bound; a valid one binds, serves the admin
 //! endpoints while it has no certificate, drains on SIGTERM, and logs at
-//! the level `TRELLIS_LOG` sets.
+//! the level `TRELLIS_LOG` sets. It raises its soft open-files limit to
+//! the hard one before it binds.
 
 mod common;
 
@@ -194,6 +195,13 @@ struct Unanswered {
 }
 
 fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
+    start_unanswered_under(&[], env)
+}
+
+/// [`start_unanswered`], the sidecar started by `wrapper` (a program and
+/// its arguments, which executes the command line that follows them) when
+/// it is not empty.
+fn start_unanswered_under(wrapper: &[&str], env: &[(&str, &str)]) -> Unanswered {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, common::Ca::new().root_pem()).unwrap();
@@ -205,7 +213,15 @@ fn start_unanswered(env: &[(&str, &str)]) -> Unanswered {
     held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
     let control_plane = held.local_addr().unwrap().as_socket().unwrap();
-    let child = Command::new(BIN)
+    let mut command = match wrapper {
+        [] => Command::new(BIN),
+        [program, args @ ..] => {
+            let mut command = Command::new(program);
+            command.args(args).arg(BIN);
+            command
+        }
+    };
+    let child = command
         .args(["--identity", ID])
         .args(common::sidecar::LOOPBACK_LISTENERS)
         .args(["--drain-timeout", "5s"])
@@ -289,4 +305,47 @@ fn trellis_log_sets_the_level_and_a_bad_filter_is_reported() {
     let warning = wait_for_line(&rx, "TRELLIS_LOG is not a log filter");
     assert!(warning.contains("trellis_proxy=loud"), "{warning}");
     wait_for_line(&rx, "listening");
+}
+
+/// The soft and hard open-files limits of process `pid`, as
+/// `/proc/PID/limits` shows them.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-files line in:\n{limits}"));
+    let mut values = line["Max open files".len()..].split_whitespace();
+    let soft = values.next().unwrap().to_string();
+    let hard = values.next().unwrap().to_string();
+    (soft, hard)
+}
+
+/// Started with a soft limit of 256 under a hard one of 8,192 (what a
+/// container runtime's 1,024 stands for here), the sidecar raises the soft
+/// limit to the hard one before it binds, and says so.
+#[test]
+fn raises_the_open_files_limit_to_the_hard_limit() {
+    let prlimit = Command::new("prlimit").arg("--version").output();
+    if !prlimit.is_ok_and(|o| o.status.success()) {
+        println!("skipped: util-linux prlimit not installed");
+        return;
+    }
+    let mut sidecar = start_unanswered_under(&["prlimit", "--nofile=256:8192"], &[]);
+    let child = &mut sidecar.process.0;
+    let rx = lines(child);
+    let seen = lines_until(&rx, "listening");
+    // prlimit executes the sidecar in its own process: the child is it.
+    assert_eq!(
+        open_files_limits(child.id()),
+        ("8192".to_string(), "8192".to_string()),
+        "the soft limit was not raised to the hard one"
+    );
+    let raised = seen
+        .iter()
+        .find(|l| l.contains("open-files limit raised"))
+        .unwrap_or_else(|| {
+            panic!("no line about the open-files limit before listening: {seen:#?}")
+        });
+    assert_eq!(field(raised, "open_files"), "8192", "{raised}");
 }

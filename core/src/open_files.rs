@@ -1,8 +1,10 @@
-//! The process's open-files limit. Every Watch stream of a sidecar is a
-//! socket held open, so a control plane serving 10,000 sidecars needs more
-//! descriptors than the usual soft limit of 1,024: at start-up the soft
-//! limit is raised to the hard limit, which needs no privilege. This module
-//! never raises the hard limit.
+//! The process's open-files limit, raised at start-up by both binaries.
+//! Every Watch stream of a sidecar is a socket held open in the control
+//! plane, and every connection a sidecar proxies holds two (the caller's
+//! and the upstream's), so either needs more descriptors than the soft
+//! limit of 1,024 that container runtimes (containerd 2, Docker 25 and
+//! later) give a container. Raising the soft limit to the hard limit needs
+//! no privilege. This module never raises the hard limit.
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
