@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,6 +46,26 @@ pub const RELEASED_WAIT: Duration = Duration::from_millis(5);
 /// How many connections may wait to be accepted on a listener.
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// How long a connection may carry nothing before the kernel probes its
+/// peer with TCP keepalives. A peer whose node vanished sends no FIN or
+/// RST: without probes its connection, with its task, TLS state, buffers
+/// and app connection, would stay open for ever. A minute of silence costs
+/// an idle connection one probe a minute.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// How long the kernel waits between unanswered probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How many probes may go unanswered before the kernel resets the
+/// connection: a vanished peer is found two minutes after it fell silent.
+pub const KEEPALIVE_PROBES: u32 = 6;
+
+/// The TCP keepalive of every listener and every dial of the sidecar.
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES)
+}
+
 /// `EAFNOSUPPORT` on Linux: the kernel has no IPv6 at all.
 const EAFNOSUPPORT: i32 = 97;
 
@@ -64,9 +84,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    // Nagle off for every connection accepted here: Linux copies the
-    // option to accepted sockets, which saves a system call per connection.
+    // Nagle off and keepalive probes for every connection accepted here:
+    // Linux copies both to accepted sockets, which saves system calls per
+    // connection.
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&keepalive())?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -94,13 +116,14 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     (dst != local).then_some(dst)
 }
 
-/// Dials `addr` with [`CONNECT_TIMEOUT`], with Nagle off.
+/// Dials `addr` with [`CONNECT_TIMEOUT`], with Nagle off and keepalive
+/// probes.
 pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStream> {
     connect_within(addr, CONNECT_TIMEOUT).await
 }
 
 /// Dials `addr`, giving up when it has not answered within `timeout`, with
-/// Nagle off.
+/// Nagle off and keepalive probes ([`KEEPALIVE_IDLE`]).
 pub async fn connect_within(
     addr: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
@@ -114,6 +137,7 @@ pub async fn connect_within(
             )
         })??;
     stream.set_nodelay(true)?;
+    SockRef::from(&stream).set_tcp_keepalive(&keepalive())?;
     Ok(stream)
 }
 
@@ -576,6 +600,36 @@ mod tests {
         let _client = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// Connections accepted on a listener of [`bind`] (which inherit the
+    /// listener's options) and dials of [`connect_within`] probe a silent
+    /// peer with TCP keepalives.
+    #[tokio::test]
+    async fn accepted_and_dialled_connections_probe_a_silent_peer() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialled = connect_within(addr, CONNECT_TIMEOUT).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        for (what, stream) in [("accepted", &accepted), ("dialled", &dialled)] {
+            let socket = SockRef::from(stream);
+            assert!(socket.keepalive().unwrap(), "{what}: SO_KEEPALIVE off");
+            assert_eq!(
+                socket.tcp_keepalive_time().unwrap(),
+                KEEPALIVE_IDLE,
+                "{what}"
+            );
+            assert_eq!(
+                socket.tcp_keepalive_interval().unwrap(),
+                KEEPALIVE_INTERVAL,
+                "{what}"
+            );
+            assert_eq!(
+                socket.tcp_keepalive_retries().unwrap(),
+                KEEPALIVE_PROBES,
+                "{what}"
+            );
+        }
     }
 
     /// Bulk one way (growing the buffer), a little the other way, and each

@@ -37,6 +37,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -79,6 +80,10 @@ pub struct Http {
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
     pub access_log: bool,
+    /// How long an HTTP/2 caller may send nothing before it is pinged, and
+    /// how long it then has to answer ([`H2_KEEP_ALIVE_INTERVAL`],
+    /// [`H2_KEEP_ALIVE_TIMEOUT`]; shorter in tests).
+    h2_keep_alive: (Duration, Duration),
 }
 
 impl Http {
@@ -92,7 +97,16 @@ impl Http {
             h1: AppConnections::default(),
             metrics,
             access_log,
+            h2_keep_alive: (H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT),
         }
+    }
+
+    /// HTTP/2 callers pinged after `interval` of silence and closed when
+    /// they do not answer within `timeout`.
+    #[cfg(test)]
+    fn with_h2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.h2_keep_alive = (interval, timeout);
+        self
     }
 }
 
@@ -177,6 +191,16 @@ impl Connection {
             .take()
     }
 }
+
+/// How long an HTTP/2 caller may send nothing before the sidecar pings
+/// it. The ping goes end to end, to the caller's own HTTP/2 client: it
+/// finds a caller that is gone or hung even where the TCP connection is
+/// still answered (by a proxy between the two, say), and keeps an idle
+/// connection from looking dead to anything between them.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long an HTTP/2 caller has to answer a ping before its connection is
+/// closed, with its streams and its connection to the app.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why an HTTP connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -267,8 +291,11 @@ where
             // The frames of the streams in flight leave in one TLS record,
             // not one for each DATA frame h2 sends from the app's buffer.
             let io = TokioIo::new(GatheredWrites::new(io));
+            let keep_alive = service.conn.http.h2_keep_alive;
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(keep_alive.0)
+                .keep_alive_timeout(keep_alive.1)
                 .serve_connection(io, service);
             until_drained(served, draining, |c| c.graceful_shutdown()).await
         }
@@ -376,6 +403,7 @@ impl InForce {
 /// What the HTTP tests share.
 #[cfg(test)]
 pub(crate) mod testing {
+    use tokio::io::{AsyncRead, AsyncReadExt};
     use trellis_core::{SpiffeId, TrustDomain};
 
     use crate::metrics::Metrics;
@@ -405,6 +433,46 @@ spec:
         let api = id("/ns/b/sa/api");
         Policies::compile(1, &api, "allow-mesh".into(), vec![policy], metrics).unwrap()
     }
+
+    /// What an HTTP/2 client sends first: the preface.
+    pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    /// An HTTP/2 frame's type: SETTINGS.
+    pub const SETTINGS: u8 = 0x4;
+    /// An HTTP/2 frame's type: PING.
+    pub const PING: u8 = 0x6;
+    /// The flag of a SETTINGS or PING frame that acknowledges one.
+    pub const ACK: u8 = 0x1;
+
+    /// One HTTP/2 frame, as read off the wire (its payload is skipped).
+    #[derive(Debug)]
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+    }
+
+    impl Frame {
+        /// The frame's bytes: header and payload.
+        pub fn encode(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+            bytes.extend([kind, flags]);
+            bytes.extend(stream.to_be_bytes());
+            bytes.extend_from_slice(payload);
+            bytes
+        }
+    }
+
+    /// The next frame on `io`; `None` once the peer has closed it.
+    pub async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        io.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: head[3],
+            flags: head[4],
+        })
+    }
 }
 
 #[cfg(test)]
@@ -417,7 +485,7 @@ mod tests {
     use tokio::io::{DuplexStream, ReadBuf};
     use tokio::net::TcpListener;
 
-    use super::testing::{id, no_admin};
+    use super::testing::{ACK, Frame, H2_PREFACE, PING, SETTINGS, id, no_admin, read_frame};
     use super::*;
 
     /// The sidecar's end of a caller's connection, counting the writes
@@ -585,5 +653,65 @@ mod tests {
             }
             _ => println!("skipped: needs ss (iproute2) to count the segments to the app"),
         }
+    }
+
+    /// A caller's HTTP/2 connection that carries nothing for the keep-alive
+    /// interval is pinged, and closed when the ping is not answered within
+    /// the keep-alive timeout: a caller that has gone away without a word
+    /// no longer holds it for ever.
+    #[tokio::test]
+    async fn a_silent_http2_caller_is_pinged_and_closed_when_it_does_not_answer() {
+        use std::time::Instant;
+        use tokio::io::AsyncWriteExt;
+
+        const INTERVAL: Duration = Duration::from_millis(300);
+        const TIMEOUT: Duration = Duration::from_millis(300);
+        let metrics = Arc::new(Metrics::new());
+        let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let http = Http::with_access_log(metrics, false).with_h2_keep_alive(INTERVAL, TIMEOUT);
+        // No request is sent: the app is never dialled.
+        let app = "127.0.0.1:9".parse().unwrap();
+        let conn = Connection::new(Arc::new(http), id("/ns/a/sa/web"), app, policies);
+        let (mut caller, sidecar_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(
+            conn,
+            Protocol::Http2,
+            sidecar_end,
+            std::future::pending(),
+        ));
+        caller.write_all(H2_PREFACE).await.unwrap();
+        caller
+            .write_all(&Frame::encode(SETTINGS, 0, 0, &[]))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let mut pinged = None;
+        let until_closed = async {
+            while let Some(frame) = read_frame(&mut caller).await {
+                match frame.kind {
+                    SETTINGS if frame.flags & ACK == 0 => caller
+                        .write_all(&Frame::encode(SETTINGS, ACK, 0, &[]))
+                        .await
+                        .unwrap(),
+                    PING if frame.flags & ACK == 0 => {
+                        assert!(pinged.is_none(), "pinged again before closing");
+                        pinged = Some(start.elapsed());
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let open = tokio::time::timeout(Duration::from_secs(10), until_closed).await;
+        let pinged = pinged.expect("the silent caller was never pinged");
+        assert!(
+            open.is_ok(),
+            "the connection is still open 10 s after the ping"
+        );
+        assert!(pinged >= INTERVAL, "pinged after {pinged:?}");
+        let unanswered = start.elapsed() - pinged;
+        assert!(
+            unanswered >= TIMEOUT,
+            "closed {unanswered:?} after the ping"
+        );
     }
 }
