@@ -7,9 +7,8 @@
 //! nothing, or sends slowly, then holds neither file descriptors nor
 //! memory without bound, and one client address cannot take every slot.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,11 +18,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::slots::{ClientSlot, ClientSlots};
+
 /// How many connections a port serves at once, in all and from one client
 /// address. Connections past either limit are closed as they are accepted.
 pub struct ConnectionLimits {
     open: Arc<Semaphore>,
-    clients: Arc<Clients>,
+    clients: Arc<ClientSlots>,
     total: usize,
     per_client: usize,
 }
@@ -50,7 +51,7 @@ impl ConnectionLimits {
     pub fn new(total: usize, per_client: usize) -> Self {
         Self {
             open: Arc::new(Semaphore::new(total)),
-            clients: Arc::new(Clients::default()),
+            clients: ClientSlots::new(per_client),
             total,
             per_client,
         }
@@ -59,13 +60,9 @@ impl ConnectionLimits {
     /// The slots for one more connection from `client`, or the limit that
     /// refuses it.
     pub fn admit(&self, client: IpAddr) -> Result<Admitted, Refused> {
-        let client_slot =
-            self.clients
-                .clone()
-                .take(client, self.per_client)
-                .ok_or(Refused::FromClient {
-                    limit: self.per_client,
-                })?;
+        let client_slot = self.clients.try_take(client).ok_or(Refused::FromClient {
+            limit: self.per_client,
+        })?;
         let open = self
             .open
             .clone()
@@ -79,47 +76,7 @@ impl ConnectionLimits {
 
     /// How many client addresses hold a connection now.
     pub fn clients(&self) -> usize {
-        self.clients.0.lock().expect("not poisoned").len()
-    }
-}
-
-/// How many connections each client address holds.
-#[derive(Default)]
-struct Clients(Mutex<HashMap<IpAddr, usize>>);
-
-/// One of a client's connections, counted until dropped.
-struct ClientSlot {
-    clients: Arc<Clients>,
-    ip: IpAddr,
-}
-
-impl Clients {
-    /// A slot for one more connection from `ip`, unless it holds `limit`
-    /// already.
-    fn take(self: Arc<Self>, ip: IpAddr, limit: usize) -> Option<ClientSlot> {
-        let mut open = self.0.lock().expect("not poisoned");
-        let count = open.entry(ip).or_default();
-        if *count >= limit {
-            if *count == 0 {
-                open.remove(&ip);
-            }
-            return None;
-        }
-        *count += 1;
-        drop(open);
-        Some(ClientSlot { clients: self, ip })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = self.clients.0.lock().expect("not poisoned");
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
+        self.clients.addresses()
     }
 }
 

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod open_files;
 pub mod policy;
 pub mod refusal;
+pub mod slots;
 pub mod spiffe;
 pub mod tls;
 

@@ -5,16 +5,22 @@
 //! This module never closes a connection itself: when the deadline passes the
 //! process exits and the sockets close with it.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// How long a listener waits after a failed accept (out of file descriptors,
 /// say) before it tries again, so the failure neither spins a core nor floods
 /// the log.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// How often a listener that has reached its limit of connections being
+/// set up says so in the log, at most.
+const LIMIT_WARNING_PAUSE: Duration = Duration::from_secs(10);
 
 /// Held by a listener: tells it when to stop, and hands each connection a
 /// tracker.
@@ -78,18 +84,73 @@ impl Drain {
     /// Accepts on `listener` until shutdown starts, handing every connection
     /// to `serve` with its tracker. `what` names the listener in the log.
     pub async fn accept(
-        mut self,
+        self,
         listener: &TcpListener,
         what: &'static str,
         mut serve: impl FnMut(TcpStream, SocketAddr, Tracker),
     ) {
+        self.accept_when(
+            listener,
+            what,
+            || std::future::ready(()),
+            |tcp, client, tracker, ()| serve(tcp, client, tracker),
+        )
+        .await
+    }
+
+    /// Accepts as [`accept`](Self::accept) does, each connection only once
+    /// `permits` has one for it, handed to `serve` with the connection to
+    /// hold for as long as it counts against the limit. While every permit
+    /// is held the listener accepts nothing: new connections wait in the
+    /// listen backlog, where they cost the sidecar no memory.
+    pub async fn accept_with_permits(
+        self,
+        listener: &TcpListener,
+        what: &'static str,
+        permits: &Arc<Semaphore>,
+        serve: impl FnMut(TcpStream, SocketAddr, Tracker, OwnedSemaphorePermit),
+    ) {
+        let mut warned: Option<Instant> = None;
+        let mut permit = move || {
+            let permits = permits.clone();
+            let full = permits.available_permits() == 0;
+            if full && warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_PAUSE) {
+                warned = Some(Instant::now());
+                tracing::warn!(
+                    listener = what,
+                    "as many connections as this listener sets up at once are being set up; new ones wait to be accepted"
+                );
+            }
+            async move {
+                permits
+                    .acquire_owned()
+                    .await
+                    .expect("the permits of a listener are never closed")
+            }
+        };
+        self.accept_when(listener, what, &mut permit, serve).await
+    }
+
+    /// The accept loop: waits for `admit` before each accept, and hands
+    /// what it gave to `serve` with the connection.
+    async fn accept_when<T, F: Future<Output = T>>(
+        mut self,
+        listener: &TcpListener,
+        what: &'static str,
+        mut admit: impl FnMut() -> F,
+        mut serve: impl FnMut(TcpStream, SocketAddr, Tracker, T),
+    ) {
         loop {
+            let admitted = tokio::select! {
+                _ = self.signaled() => break,
+                admitted = admit() => admitted,
+            };
             let accepted = tokio::select! {
                 _ = self.signaled() => break,
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((tcp, client)) => serve(tcp, client, self.tracker()),
+                Ok((tcp, client)) => serve(tcp, client, self.tracker(), admitted),
                 Err(e) => {
                     tracing::warn!(listener = what, error = %e, "accept failed; pausing");
                     tokio::select! {

@@ -284,15 +284,20 @@ impl Direction {
 }
 
 /// A socket that reads ahead once bulk data flows through it, for use under
-/// a TLS session. Until a read fills the caller's buffer (a handshake, a
-/// request, an idle held connection) it holds no buffer and reads straight
-/// into the caller's; after one, it reads [`READ_AHEAD`] bytes at a time
-/// and hands them out from its own buffer, kept for the connection's life
-/// like the copy's. Writes go straight through, vectored writes included
-/// (rustls sends several records in one `writev`), unless the socket was
-/// told to [hold](ReadAhead::hold_after_first_flush) them.
+/// a TLS session. Until a read fills the caller's buffer (a request, an
+/// idle held connection) it holds no buffer and reads straight into the
+/// caller's; after one, it reads [`READ_AHEAD`] bytes at a time and hands
+/// them out from its own buffer, kept for the connection's life like the
+/// copy's. It reads ahead only once [told it may](ReadAhead::read_ahead),
+/// when the handshake is over: a peer not yet authenticated, however much
+/// of its handshake it sends, never costs the sidecar that buffer. Writes
+/// go straight through, vectored writes included (rustls sends several
+/// records in one `writev`), unless the socket was told to
+/// [hold](ReadAhead::hold_after_first_flush) them.
 pub struct ReadAhead<S> {
     io: S,
+    /// Whether a read that fills the caller's buffer may make `buf`.
+    may_read_ahead: bool,
     buf: Option<Box<[u8]>>,
     /// `buf[pos..end]` is read and not yet handed out.
     pos: usize,
@@ -325,6 +330,7 @@ impl<S> ReadAhead<S> {
     pub fn new(io: S) -> Self {
         ReadAhead {
             io,
+            may_read_ahead: false,
             buf: None,
             pos: 0,
             end: 0,
@@ -335,6 +341,18 @@ impl<S> ReadAhead<S> {
 
     pub fn get_ref(&self) -> &S {
         &self.io
+    }
+
+    /// Lets the socket read ahead from now on, once bulk data flows: called
+    /// when the TLS handshake on it is over. Until then every read goes
+    /// straight into the caller's buffer.
+    pub fn read_ahead(&mut self) {
+        self.may_read_ahead = true;
+    }
+
+    /// Whether the socket holds a read-ahead buffer.
+    pub fn holds_read_ahead_buffer(&self) -> bool {
+        self.buf.is_some()
     }
 
     /// Holds whatever is written after the first flush until
@@ -471,7 +489,7 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
                 None => {
                     let before = dst.filled().len();
                     ready!(Pin::new(&mut this.io).poll_read(cx, dst))?;
-                    if wanted > 0 && dst.filled().len() - before == wanted {
+                    if this.may_read_ahead && wanted > 0 && dst.filled().len() - before == wanted {
                         this.buf = Some(vec![0; READ_AHEAD].into_boxed_slice());
                     }
                     return Poll::Ready(Ok(()));
@@ -915,6 +933,7 @@ mod tests {
     async fn reads_ahead_only_under_bulk_data_and_keeps_every_byte() {
         let (mut peer, socket) = duplex(256 * 1024);
         let mut socket = ReadAhead::new(socket);
+        socket.read_ahead();
         peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut small = [0u8; 4096];
         let n = socket.read(&mut small).await.unwrap();
@@ -939,5 +958,38 @@ mod tests {
         }
         assert!(socket.buf.is_some(), "bulk data must be read ahead");
         assert_eq!(received, bulk);
+    }
+
+    /// Before its handshake is over a socket never reads ahead, however
+    /// much the peer sends (a ClientHello of many fragments, rustls reading
+    /// it 4 KiB at a time): a peer not yet authenticated costs no
+    /// read-ahead buffer. Once the handshake is over, bulk data gets one.
+    #[tokio::test]
+    async fn reads_ahead_only_once_the_handshake_is_over() {
+        let (mut peer, socket) = duplex(256 * 1024);
+        let mut socket = ReadAhead::new(socket);
+        let hello: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&hello).await.unwrap();
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while received.len() < hello.len() {
+            let n = socket.read(&mut chunk).await.unwrap();
+            assert_eq!(n, chunk.len(), "each read fills the caller's buffer");
+            received.extend_from_slice(&chunk[..n]);
+            assert!(
+                !socket.holds_read_ahead_buffer(),
+                "a read-ahead buffer before the handshake was over"
+            );
+        }
+        assert_eq!(received, hello);
+
+        socket.read_ahead();
+        peer.write_all(&hello).await.unwrap();
+        let n = socket.read(&mut chunk).await.unwrap();
+        assert_eq!(n, chunk.len());
+        assert!(
+            socket.holds_read_ahead_buffer(),
+            "bulk data after the handshake"
+        );
     }
 }

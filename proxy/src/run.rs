@@ -189,6 +189,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             config.access_log,
         )),
         metrics: metrics.clone(),
+        handshakes: inbound::Handshakes::default(),
     });
     let mut inbound = Vec::with_capacity(config.inbound.len());
     for listen in &config.inbound {

@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -202,6 +204,7 @@ async fn a_connection_future_stays_small() {
         opaque_ports: Vec::new(),
         http: std::sync::Arc::new(trellis_proxy::http::Http::new(Default::default())),
         metrics: Default::default(),
+        handshakes: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(listener.local_addr().unwrap())
@@ -209,7 +212,9 @@ async fn a_connection_future_stays_small() {
         .unwrap();
     let (tcp, peer) = listener.accept().await.unwrap();
     let (_shutdown, drain) = trellis_proxy::drain::channel();
-    let future = trellis_proxy::inbound::serve(shared, tcp, peer, drain.tracker());
+    let handshake = shared.handshakes.permits().clone().try_acquire_owned();
+    let future =
+        trellis_proxy::inbound::serve(shared, tcp, peer, drain.tracker(), handshake.unwrap());
     let size = std::mem::size_of_val(&future);
     // Buffers live on the heap; the future itself holds the TLS state
     // machine and the sockets. Guard against it creeping.
@@ -268,4 +273,167 @@ async fn shutdown_closes_http_connections_between_requests() {
         .await
         .expect("the sidecar kept the idle connection open");
     assert!(ended.unwrap().is_ok(), "the connection did not end cleanly");
+}
+
+/// Connects to `addr` from `from`, an address of the loopback network
+/// (127.0.0.0/8), as a caller on another host would from its own.
+async fn connect_from(from: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Connects with TLS to `addr` from `from`, and sends `msg` through to the
+/// app and back.
+async fn round_trip_from(
+    from: &str,
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    msg: &'static [u8],
+) -> std::io::Result<Vec<u8>> {
+    let tcp = connect_from(from, addr).await;
+    let name = rustls::pki_types::ServerName::try_from("test").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    round_trip(&mut stream, msg).await
+}
+
+/// Whether the metrics show `n` inbound connections open (accepted, not
+/// yet over).
+fn inbound_open(metrics: &trellis_proxy::metrics::Metrics, n: usize) -> bool {
+    metrics.encode().contains(&format!(
+        "trellis_connections_open{{direction=\"inbound\"}} {n}"
+    ))
+}
+
+/// Connections from one address that have not finished their handshakes
+/// hold at most its handshake slots: one more waits for a slot and is
+/// served once one comes free, one beyond those allowed to wait is
+/// refused at once, and one that waits too long is refused. A caller from
+/// another address completes its handshake all the while.
+#[tokio::test]
+async fn one_address_holds_at_most_its_handshake_slots_while_another_is_served() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = ca.svid(&id("/ns/b/sa/server"));
+    let metrics = std::sync::Arc::new(trellis_proxy::metrics::Metrics::new());
+    let limits = trellis_proxy::inbound::Handshakes::new(16, 2, 1, Duration::from_secs(2));
+    let policies = Some(allow_mesh(&metrics));
+    let inbound = inbound_limited(
+        app.addr,
+        ca.tls_state(&server, &[]),
+        policies,
+        metrics,
+        limits,
+    )
+    .await;
+    let (addr, metrics) = (inbound.addr, &inbound.metrics);
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+
+    // Two callers from 127.0.0.1 that never send a ClientHello hold both
+    // of its slots.
+    let mut stalled = vec![
+        connect_from("127.0.0.1", addr).await,
+        connect_from("127.0.0.1", addr).await,
+    ];
+    eventually("two connections in their handshakes", || {
+        inbound_open(metrics, 2)
+    })
+    .await;
+    // A third from there waits for a slot...
+    let waiting = tokio::spawn(round_trip_from("127.0.0.1", addr, config.clone(), b"third"));
+    eventually("the third connection accepted", || inbound_open(metrics, 3)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection from one address got a handshake beside two stalled ones"
+    );
+    // ...and a fourth, beyond those allowed to wait, is refused at once.
+    let mut refused = connect_from("127.0.0.1", addr).await;
+    assert_eq!(read_to_end(&mut refused).await.unwrap_or_default(), b"");
+    assert!(failures(metrics, "overloaded"), "{}", metrics.encode());
+
+    // Another address is served meanwhile.
+    let other = round_trip_from("127.0.0.2", addr, config.clone(), b"other").await;
+    assert_eq!(other.unwrap(), b"other");
+
+    // A slot comes free: the waiting connection gets it.
+    stalled.pop();
+    let third = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting connection was served once a slot came free")
+        .unwrap();
+    assert_eq!(third.unwrap(), b"third");
+
+    // Both slots held again: a connection that waits longer than its
+    // patience is refused.
+    eventually("the served connections over", || inbound_open(metrics, 1)).await;
+    stalled.push(connect_from("127.0.0.1", addr).await);
+    eventually("two stalled connections again", || inbound_open(metrics, 2)).await;
+    let late = round_trip_from("127.0.0.1", addr, config.clone(), b"late").await;
+    assert!(late.is_err(), "a connection waited past its patience");
+    eventually("two overloaded failures counted", || {
+        metrics.encode().contains(
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"overloaded\"} 2",
+        )
+    })
+    .await;
+    assert_eq!(
+        *app.accepted.borrow(),
+        2,
+        "the app was reached by a refused one"
+    );
+    drop(stalled);
+}
+
+/// While as many connections as the listener sets up at once are in their
+/// handshakes, it accepts no more: a caller from any address waits in the
+/// listen backlog, and is served once one of them is over.
+#[tokio::test]
+async fn the_listener_sets_up_at_most_its_limit_of_connections_at_once() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = ca.svid(&id("/ns/b/sa/server"));
+    let metrics = std::sync::Arc::new(trellis_proxy::metrics::Metrics::new());
+    let limits = trellis_proxy::inbound::Handshakes::new(2, 2, 1, Duration::from_secs(2));
+    let policies = Some(allow_mesh(&metrics));
+    let inbound = inbound_limited(
+        app.addr,
+        ca.tls_state(&server, &[]),
+        policies,
+        metrics,
+        limits,
+    )
+    .await;
+    let (addr, metrics) = (inbound.addr, &inbound.metrics);
+    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+
+    let mut stalled = vec![
+        connect_from("127.0.0.1", addr).await,
+        connect_from("127.0.0.2", addr).await,
+    ];
+    eventually("two connections in their handshakes", || {
+        inbound_open(metrics, 2)
+    })
+    .await;
+    let waiting = tokio::spawn(round_trip_from("127.0.0.3", addr, config, b"third"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection got a handshake beside two in theirs"
+    );
+    assert!(inbound_open(metrics, 2), "{}", metrics.encode());
+
+    stalled.remove(0);
+    let third = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting connection was served once a handshake was over")
+        .unwrap();
+    assert_eq!(third.unwrap(), b"third");
+    assert!(
+        !metrics.encode().contains("reason=\"overloaded\""),
+        "a connection waiting in the backlog was refused"
+    );
+    drop(stalled);
 }

@@ -21,12 +21,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -39,7 +40,85 @@ use crate::http;
 use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};
+use trellis_core::slots::ClientSlots;
 use crate::tls::TlsState;
+
+/// Inbound connections in their handshake phase at once, from accept to
+/// the end of the TLS handshake: the phase where a peer is not yet
+/// authenticated and holds the TLS state of its handshake, up to 64 KiB of
+/// a ClientHello rustls buffers among it, for up to
+/// [`HANDSHAKE_TIMEOUT`](net::HANDSHAKE_TIMEOUT). While this many are, the
+/// listener accepts no more: new connections wait in the listen backlog.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+/// Inbound connections from one client address in their handshake phase at
+/// once, so one address cannot take all of [`MAX_HANDSHAKES`]. A caller's
+/// sidecar dials from one address however many of its app's connections
+/// it carries, so a burst of new connections from it takes several of
+/// these; one over them waits for a slot ([`HANDSHAKE_SLOT_WAIT`]).
+pub const MAX_HANDSHAKES_PER_CLIENT: usize = 64;
+
+/// Inbound connections from one client address that may wait for one of
+/// its [`MAX_HANDSHAKES_PER_CLIENT`] slots; one more is refused at once.
+/// A waiting connection counts against [`MAX_HANDSHAKES`], so one address
+/// holds at most the sum of the two: half of them, whatever it sends.
+/// A caller's pool of a few hundred connections opened at once waits and
+/// is served.
+pub const MAX_WAITING_PER_CLIENT: usize = MAX_HANDSHAKES / 2 - MAX_HANDSHAKES_PER_CLIENT;
+
+/// How long a connection waits for a handshake slot of its client address
+/// before it is refused (counted as the handshake failure `overloaded`):
+/// long enough for a sidecar short of CPU to get through a burst's
+/// handshakes, well within the caller's own handshake timeout.
+pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// The limits on inbound connections in their handshake phase, shared by
+/// every inbound address of a sidecar.
+pub struct Handshakes {
+    /// One permit for each connection from its accept to the end of its
+    /// handshake.
+    permits: Arc<Semaphore>,
+    /// The handshake slots of each client address.
+    clients: Arc<ClientSlots>,
+    waiting_per_client: usize,
+    slot_wait: Duration,
+}
+
+impl Handshakes {
+    /// At most `total` connections in their handshake phase at once,
+    /// `per_client` of them from one address, with `waiting_per_client`
+    /// more from that address waiting up to `slot_wait` for one of its
+    /// slots.
+    pub fn new(
+        total: usize,
+        per_client: usize,
+        waiting_per_client: usize,
+        slot_wait: Duration,
+    ) -> Self {
+        Handshakes {
+            permits: Arc::new(Semaphore::new(total)),
+            clients: ClientSlots::new(per_client),
+            waiting_per_client,
+            slot_wait,
+        }
+    }
+
+    /// The permits a connection takes before it is accepted.
+    pub fn permits(&self) -> &Arc<Semaphore> {
+        &self.permits
+    }
+}
+
+impl Default for Handshakes {
+    fn default() -> Self {
+        Self::new(
+            MAX_HANDSHAKES,
+            MAX_HANDSHAKES_PER_CLIENT,
+            MAX_WAITING_PER_CLIENT,
+            HANDSHAKE_SLOT_WAIT,
+        )
+    }
+}
 
 /// One bound inbound address; [`Inbound::run`] accepts on it. A sidecar
 /// has one per `--inbound` address (IPv4 and IPv6), sharing one [`Shared`].
@@ -70,6 +149,8 @@ pub struct Shared {
     /// HTTP/2 connection to each port.
     pub http: Arc<crate::http::Http>,
     pub metrics: Arc<Metrics>,
+    /// The limits on connections in their handshake phase.
+    pub handshakes: Handshakes,
 }
 
 impl Shared {
@@ -99,7 +180,8 @@ impl Inbound {
         self.listener.local_addr()
     }
 
-    /// Accepts until shutdown, one task per connection.
+    /// Accepts until shutdown, one task per connection, while fewer than
+    /// the limit of connections are in their handshake phase.
     pub async fn run(self) {
         let Inbound {
             listener,
@@ -107,9 +189,14 @@ impl Inbound {
             drain,
         } = self;
         drain
-            .accept(&listener, "inbound", |tcp, client, tracker| {
-                tokio::spawn(serve(shared.clone(), tcp, client, tracker));
-            })
+            .accept_with_permits(
+                &listener,
+                "inbound",
+                shared.handshakes.permits(),
+                |tcp, client, tracker, handshake| {
+                    tokio::spawn(serve(shared.clone(), tcp, client, tracker, handshake));
+                },
+            )
             .await;
     }
 }
@@ -120,8 +207,15 @@ impl Inbound {
 const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual \
      TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
 
-/// One inbound connection, from accept to close.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, tracker: Tracker) {
+/// One inbound connection, from accept to close. `handshake` is its permit
+/// of [`Handshakes::permits`], held until its handshake is over.
+pub async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    tracker: Tracker,
+    handshake: OwnedSemaphorePermit,
+) {
     let metrics = &shared.metrics;
     let _open = metrics.open(INBOUND);
 
@@ -136,6 +230,24 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         Some(dst) => SocketAddr::new(shared.app.ip(), dst.port()),
         None => shared.app,
     };
+
+    // One of the address's handshake slots, waited for a while when it
+    // holds them all: a burst from a caller's sidecar is served in turn.
+    let limits = &shared.handshakes;
+    let client_slot = match limits
+        .clients
+        .take_within(client.ip(), limits.slot_wait, limits.waiting_per_client)
+        .await
+    {
+        Ok(slot) => slot,
+        Err(e) => {
+            tracing::warn!(%client, reason = %"overloaded", error = %e, "inbound handshake refused");
+            metrics.handshake_failure(INBOUND, "overloaded");
+            metrics.connection(INBOUND, "refused");
+            return;
+        }
+    };
+    let handshaking = (handshake, client_slot);
 
     // Authenticate: the configs current now serve this connection for its
     // whole life; a rotation only affects later connections.
@@ -179,6 +291,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
         match hello.into_stream(config.clone()).into_fallible().await {
             Ok(mut stream) => {
                 stream.get_mut().0.release();
+                stream.get_mut().0.read_ahead();
                 Ok(stream)
             }
             Err((e, io)) => {
@@ -214,6 +327,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, trac
             return;
         }
     };
+    // The handshake is over: its slots go to the next connections.
+    drop(handshaking);
     // A resumed session's chain, which no verifier saw, is verified again
     // once a root of the bundle has expired: it may lead to that one.
     if let Err(e) = tls.verify_resumed_caller(stream.get_ref().1) {

@@ -322,6 +322,7 @@ async fn handshake(
     };
     match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(mut stream)) => {
+            stream.get_mut().0.read_ahead();
             let rest = &first[queued.get()..];
             if !rest.is_empty() {
                 stream

@@ -255,6 +255,18 @@ pub async fn inbound_with(
     policies: Option<Arc<Policies>>,
     metrics: Arc<Metrics>,
 ) -> TestInbound {
+    inbound_limited(app, state, policies, metrics, Default::default()).await
+}
+
+/// An inbound listener like [`inbound_with`], with `handshakes` for its
+/// limits on connections in their handshake phase.
+pub async fn inbound_limited(
+    app: SocketAddr,
+    state: Arc<TlsState>,
+    policies: Option<Arc<Policies>>,
+    metrics: Arc<Metrics>,
+    handshakes: inbound::Handshakes,
+) -> TestInbound {
     let (tls, tls_rx) = watch::channel(state);
     let (policies, policies_rx) = watch::channel(policies);
     let (shutdown, drain) = drain::channel();
@@ -269,6 +281,7 @@ pub async fn inbound_with(
             opaque_ports: Vec::new(),
             http: Arc::new(trellis_proxy::http::Http::new(metrics.clone())),
             metrics: metrics.clone(),
+            handshakes,
         }),
         drain.clone(),
     )
