@@ -35,6 +35,19 @@ use trellis_core::gather::GatheredWrites;
 
 use super::upstream::{IDLE, SendError};
 
+/// The flow-control window each HTTP/2 connection to the app opens for one
+/// stream: how much of one answer the sidecar takes from the app before it
+/// has passed any on. hyper's client opens 2 MiB.
+pub const APP_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The flow-control window each HTTP/2 connection to the app opens for all
+/// of its streams together: how much of the answers on it the sidecar holds
+/// at most while their caller does not read them. hyper's client opens
+/// 5 MiB, which a caller that stopped reading left piled up in the sidecar
+/// for each of its connections; this is the window the inbound server
+/// opens to each caller (hyper's server default).
+pub const APP_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
 /// The HTTP/2 connections to the app's ports, at most one each.
 pub struct AppH2<B> {
     shared: Arc<Shared<B>>,
@@ -207,6 +220,8 @@ where
             .map_err(SendError::Connect)?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .initial_stream_window_size(APP_STREAM_WINDOW)
+            .initial_connection_window_size(APP_CONNECTION_WINDOW)
             .handshake(TokioIo::new(GatheredWrites::new(tcp)))
             .await
             .map_err(SendError::Http2Handshake)?;
@@ -482,5 +497,67 @@ mod tests {
         assert_eq!(body.len(), 1000, "the whole answer");
         assert_eq!(h2.open(), 0, "let go while the answer came");
         until("the idle connection closing", || seen.ended() == 1).await;
+    }
+
+    /// The app sees the windows the sidecar's connection to it opens:
+    /// [`APP_STREAM_WINDOW`] for each stream in its SETTINGS, and
+    /// [`APP_CONNECTION_WINDOW`] for the connection, by the WINDOW_UPDATE
+    /// that follows them, so an answer its caller does not read piles up
+    /// in the sidecar no further than that.
+    #[tokio::test]
+    async fn the_app_connection_opens_bounded_windows() {
+        use crate::http::testing::{
+            H2_PREFACE, INITIAL_WINDOW_SIZE, SETTINGS, WINDOW_UPDATE, read_frame,
+        };
+        use tokio::io::AsyncReadExt;
+
+        /// A stream's and a connection's window before any SETTINGS or
+        /// WINDOW_UPDATE (RFC 9113, 6.9.2).
+        const DEFAULT_WINDOW: u32 = 65_535;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let h2: AppH2<Full<Bytes>> = AppH2::default();
+        let sending = tokio::spawn(async move {
+            let _ = h2.send(app, post(app, "/")).await;
+        });
+        let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the sidecar dialled the app")
+            .unwrap();
+        let mut preface = [0u8; 24];
+        tcp.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface[..], H2_PREFACE);
+        let (mut stream_window, mut connection_window) = (None, None);
+        while connection_window.is_none() {
+            let frame = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut tcp))
+                .await
+                .expect("the sidecar sent its SETTINGS and WINDOW_UPDATE")
+                .expect("the sidecar kept the connection open");
+            match frame.kind {
+                SETTINGS => {
+                    stream_window = frame
+                        .settings()
+                        .iter()
+                        .rev()
+                        .find(|(id, _)| *id == INITIAL_WINDOW_SIZE)
+                        .map(|(_, value)| *value);
+                }
+                WINDOW_UPDATE if frame.stream == 0 => {
+                    connection_window = Some(DEFAULT_WINDOW + frame.window_increment());
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            stream_window,
+            Some(APP_STREAM_WINDOW),
+            "SETTINGS_INITIAL_WINDOW_SIZE"
+        );
+        assert_eq!(
+            connection_window,
+            Some(APP_CONNECTION_WINDOW),
+            "the connection's window"
+        );
+        sending.abort();
     }
 }

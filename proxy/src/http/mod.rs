@@ -440,14 +440,20 @@ spec:
     pub const SETTINGS: u8 = 0x4;
     /// An HTTP/2 frame's type: PING.
     pub const PING: u8 = 0x6;
+    /// An HTTP/2 frame's type: WINDOW_UPDATE.
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    /// The SETTINGS parameter SETTINGS_INITIAL_WINDOW_SIZE.
+    pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
     /// The flag of a SETTINGS or PING frame that acknowledges one.
     pub const ACK: u8 = 0x1;
 
-    /// One HTTP/2 frame, as read off the wire (its payload is skipped).
+    /// One HTTP/2 frame, as read off the wire.
     #[derive(Debug)]
     pub struct Frame {
         pub kind: u8,
         pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
     }
 
     impl Frame {
@@ -458,6 +464,25 @@ spec:
             bytes.extend(stream.to_be_bytes());
             bytes.extend_from_slice(payload);
             bytes
+        }
+
+        /// The parameters of a SETTINGS frame, as (identifier, value).
+        pub fn settings(&self) -> Vec<(u16, u32)> {
+            assert_eq!(self.kind, SETTINGS, "{self:?}");
+            self.payload
+                .chunks_exact(6)
+                .map(|p| {
+                    let id = u16::from_be_bytes([p[0], p[1]]);
+                    (id, u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+                })
+                .collect()
+        }
+
+        /// The increment of a WINDOW_UPDATE frame.
+        pub fn window_increment(&self) -> u32 {
+            assert_eq!(self.kind, WINDOW_UPDATE, "{self:?}");
+            let p = &self.payload;
+            u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff
         }
     }
 
@@ -471,6 +496,8 @@ spec:
         Some(Frame {
             kind: head[3],
             flags: head[4],
+            stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+            payload,
         })
     }
 }
