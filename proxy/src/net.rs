@@ -116,18 +116,26 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     (dst != local).then_some(dst)
 }
 
-/// Dials `addr` with [`CONNECT_TIMEOUT`], with Nagle off and keepalive
-/// probes.
+/// Dials the app at `addr` with [`CONNECT_TIMEOUT`], with Nagle off. No
+/// keepalive probes: the app is in the pod, and its connection lives no
+/// longer than the caller's, which has them.
 pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStream> {
-    connect_within(addr, CONNECT_TIMEOUT).await
+    dial(addr, CONNECT_TIMEOUT).await
 }
 
-/// Dials `addr`, giving up when it has not answered within `timeout`, with
-/// Nagle off and keepalive probes ([`KEEPALIVE_IDLE`]).
+/// Dials `addr` beyond the pod (a peer, a destination outside the mesh),
+/// giving up when it has not answered within `timeout`, with Nagle off and
+/// keepalive probes ([`KEEPALIVE_IDLE`]).
 pub async fn connect_within(
     addr: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    let stream = dial(addr, timeout).await?;
+    SockRef::from(&stream).set_tcp_keepalive(&keepalive())?;
+    Ok(stream)
+}
+
+async fn dial(addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -137,7 +145,6 @@ pub async fn connect_within(
             )
         })??;
     stream.set_nodelay(true)?;
-    SockRef::from(&stream).set_tcp_keepalive(&keepalive())?;
     Ok(stream)
 }
 

@@ -40,8 +40,8 @@ use crate::http;
 use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};
-use trellis_core::slots::ClientSlots;
 use crate::tls::TlsState;
+use trellis_core::slots::ClientSlots;
 
 /// Inbound connections in their handshake phase at once, from accept to
 /// the end of the TLS handshake: the phase where a peer is not yet
