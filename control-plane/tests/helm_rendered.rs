@@ -255,6 +255,22 @@ fn rendered_serving_certificate_loads() {
     inject::server::tls_config(std::sync::Arc::new(files)).unwrap();
 }
 
+/// The notes `helm install --dry-run` prints for the chart with `extra`
+/// arguments.
+fn install_notes(helm: &std::path::Path, chart: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "install",
+        "trellis",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_helm(helm, &args).unwrap();
+    out[out.find("NOTES:").expect("NOTES are printed")..].to_owned()
+}
+
 /// NOTES.txt renders with default and non-default values and names the
 /// next steps: label a namespace, apply a policy, check the workloads.
 #[test]
@@ -265,21 +281,7 @@ fn notes_name_the_next_steps() {
         "trustDomain=cluster.local",
         "trustDomain=example.org,defaultPolicy=allow-same-namespace",
     ] {
-        let out = run_helm(
-            &helm,
-            &[
-                "install",
-                "trellis",
-                chart.to_str().unwrap(),
-                "--namespace",
-                NAMESPACE,
-                "--dry-run=client",
-                "--set",
-                sets,
-            ],
-        )
-        .unwrap();
-        let notes = &out[out.find("NOTES:").expect("NOTES are printed")..];
+        let notes = &install_notes(&helm, &chart, &["--set", sets]);
         for step in [
             "kubectl label namespace NAMESPACE trellis.io/inject=enabled",
             "kind: AuthorizationPolicy",
@@ -431,20 +433,7 @@ fn state_dir_opens_on_the_volume_the_kubelet_makes() {
     );
     assert!(opened.is_ok(), "{state_dir}: {:?}", opened.err());
 
-    let chart = chart();
-    let out = run_helm(
-        &helm,
-        &[
-            "install",
-            "trellis",
-            chart.to_str().unwrap(),
-            "--namespace",
-            NAMESPACE,
-            "--dry-run=client",
-        ],
-    )
-    .unwrap();
-    let notes = &out[out.find("NOTES:").expect("NOTES are printed")..];
+    let notes = &install_notes(&helm, &chart(), &[]);
     assert!(
         notes.contains(&format!("--state-dir {state_dir} ")),
         "{notes}"

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -307,18 +308,15 @@ fn inbound_open(metrics: &trellis_proxy::metrics::Metrics, n: usize) -> bool {
     ))
 }
 
-/// Connections from one address that have not finished their handshakes
-/// hold at most its handshake slots: one more waits for a slot and is
-/// served once one comes free, one beyond those allowed to wait is
-/// refused at once, and one that waits too long is refused. A caller from
-/// another address completes its handshake all the while.
-#[tokio::test]
-async fn one_address_holds_at_most_its_handshake_slots_while_another_is_served() {
+/// An inbound listener allowing the mesh in front of an echo app, with
+/// at most `total` connections in their handshakes, 2 from one address
+/// and 1 more from it waiting up to 2 s; and a client's TLS config.
+async fn limited(total: usize) -> (TestInbound, Arc<rustls::ClientConfig>, EchoApp) {
     let ca = Ca::new();
     let app = echo_app().await;
     let server = ca.svid(&id("/ns/b/sa/server"));
-    let metrics = std::sync::Arc::new(trellis_proxy::metrics::Metrics::new());
-    let limits = trellis_proxy::inbound::Handshakes::new(16, 2, 1, Duration::from_secs(2));
+    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
+    let limits = trellis_proxy::inbound::Handshakes::new(total, 2, 1, Duration::from_secs(2));
     let policies = Some(allow_mesh(&metrics));
     let inbound = inbound_limited(
         app.addr,
@@ -328,8 +326,19 @@ async fn one_address_holds_at_most_its_handshake_slots_while_another_is_served()
         limits,
     )
     .await;
-    let (addr, metrics) = (inbound.addr, &inbound.metrics);
     let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
+    (inbound, config, app)
+}
+
+/// Connections from one address that have not finished their handshakes
+/// hold at most its handshake slots: one more waits for a slot and is
+/// served once one comes free, one beyond those allowed to wait is
+/// refused at once, and one that waits too long is refused. A caller from
+/// another address completes its handshake all the while.
+#[tokio::test]
+async fn one_address_holds_at_most_its_handshake_slots_while_another_is_served() {
+    let (inbound, config, app) = limited(16).await;
+    let (addr, metrics) = (inbound.addr, &inbound.metrics);
 
     // Two callers from 127.0.0.1 that never send a ClientHello hold both
     // of its slots.
@@ -392,22 +401,8 @@ async fn one_address_holds_at_most_its_handshake_slots_while_another_is_served()
 /// listen backlog, and is served once one of them is over.
 #[tokio::test]
 async fn the_listener_sets_up_at_most_its_limit_of_connections_at_once() {
-    let ca = Ca::new();
-    let app = echo_app().await;
-    let server = ca.svid(&id("/ns/b/sa/server"));
-    let metrics = std::sync::Arc::new(trellis_proxy::metrics::Metrics::new());
-    let limits = trellis_proxy::inbound::Handshakes::new(2, 2, 1, Duration::from_secs(2));
-    let policies = Some(allow_mesh(&metrics));
-    let inbound = inbound_limited(
-        app.addr,
-        ca.tls_state(&server, &[]),
-        policies,
-        metrics,
-        limits,
-    )
-    .await;
+    let (inbound, config, _app) = limited(2).await;
     let (addr, metrics) = (inbound.addr, &inbound.metrics);
-    let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
 
     let mut stalled = vec![
         connect_from("127.0.0.1", addr).await,
