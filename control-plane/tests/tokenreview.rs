@@ -214,3 +214,51 @@ async fn empty_tokens_never_reach_the_api_server() {
     assert!(matches!(e, ReviewError::Empty), "{e}");
     assert!(api.requests().is_empty());
 }
+
+/// No Kubernetes API server can run here; the stand-in answers each review
+/// after 200 ms and counts how many it holds at once. However many Certify
+/// calls come with a token, at most [`MAX_REVIEWS_IN_FLIGHT`] reviews are
+/// asked of the API server at once, and the others wait their turn and
+/// are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_a_bound_of_reviews_are_asked_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use trellis_control_plane::authn::tokenreview::MAX_REVIEWS_IN_FLIGHT;
+
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counting, highest) = (now.clone(), most.clone());
+    let record = Arc::new(Mutex::new(Vec::new()));
+    let server = common::serving::ApiServer::start(
+        &format!("{BEARER}\n"),
+        common::serving::Answering::Yes,
+        move |req| {
+            let (now, most, record) = (counting.clone(), highest.clone(), record.clone());
+            async move {
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let answer = serve(req, by_token, &record).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                answer
+            }
+        },
+    )
+    .await;
+    let reviewer = Arc::new(TokenReviewer::new(&server.api(), td()).unwrap());
+    let calls = MAX_REVIEWS_IN_FLIGHT * 3;
+    let mut reviews = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        let reviewer = reviewer.clone();
+        reviews.spawn(async move { reviewer.review(&format!("made-up-token-{i}")).await });
+    }
+    while let Some(review) = reviews.join_next().await {
+        let e = review.unwrap().unwrap_err();
+        assert!(matches!(e, ReviewError::NotAuthenticated(_)), "{e}");
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (1..=MAX_REVIEWS_IN_FLIGHT).contains(&most),
+        "{most} reviews were asked at once"
+    );
+}

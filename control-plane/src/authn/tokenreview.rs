@@ -59,6 +59,11 @@ pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BEARER_RELOAD: Duration = Duration::from_secs(60);
 /// Tokens longer than this are refused without asking the API server.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// How many reviews are asked of the API server at once; more wait their
+/// turn within [`REVIEW_TIMEOUT`]. Certify needs no client certificate, so
+/// a flood of made-up tokens would otherwise open as many connections to
+/// the API server, and fill the control plane's share of it, as it likes.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
 /// The largest API server answer read.
 const MAX_RESPONSE: usize = 1 << 20;
 /// Cached reviews kept at most; beyond, expired ones go, then all.
@@ -237,6 +242,8 @@ pub struct TokenReviewer {
     cache_ttl: Duration,
     timeout: Duration,
     bearer_reload: Duration,
+    /// One permit for each review asked of the API server now.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -296,6 +303,7 @@ impl TokenReviewer {
             cache_ttl: CACHE_TTL,
             timeout: REVIEW_TIMEOUT,
             bearer_reload: BEARER_RELOAD,
+            in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
         })
     }
 
@@ -336,11 +344,17 @@ impl TokenReviewer {
             tracing::debug!(spiffe_id = %account.spiffe_id, "token review answered from the cache");
             return Ok(account);
         }
-        let answer = match tokio::time::timeout(self.timeout, self.ask(token)).await {
+        // The wait for a turn counts in the review's time.
+        let asked = async {
+            let _turn = self.in_flight.acquire().await.expect("never closed");
+            self.ask(token).await
+        };
+        let answer = match tokio::time::timeout(self.timeout, asked).await {
             Ok(answer) => answer?,
             Err(_) => {
                 return Err(ReviewError::Unreachable(format!(
-                    "no answer from {} within {}",
+                    "no answer from {} within {} (at most {MAX_REVIEWS_IN_FLIGHT} reviews are \
+                     asked at once)",
                     self.url,
                     humantime::format_duration(self.timeout)
                 )));
