@@ -19,6 +19,15 @@ use trellis_proxy::metrics::Metrics;
 use trellis_proxy::policy::Snapshot;
 use trellis_proxy::policy::watch::{MAX_SNAPSHOT_BYTES, Outputs, WatchParams};
 
+/// The join token the fake accepts, from a file that is not there (it
+/// was removed once read at start-up).
+fn join_token() -> trellis_proxy::config::Credential {
+    trellis_proxy::config::Credential::JoinToken {
+        path: "/nonexistent/token".into(),
+        at_start: trellis_proxy::config::Token(TOKEN.into()),
+    }
+}
+
 /// Runs the sidecar's identity task as `me` against `cp`, proving the
 /// first certificate with the join token; its certificates come out of
 /// the returned channel, its trust bundles out of `bundle_tx`'s.
@@ -33,9 +42,7 @@ fn start_identity(
         CertifyParams {
             control_plane: cp.addr.clone(),
             identity: me.clone(),
-            token: Some(trellis_proxy::config::Credential::JoinToken(
-                trellis_proxy::config::Token(TOKEN.into()),
-            )),
+            token: Some(join_token()),
             advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
         },
         svid_tx,
@@ -170,6 +177,31 @@ async fn service_account_token_is_read_from_its_file_when_certifying() {
     );
 }
 
+/// A join token is read from its file for each Certify that needs one:
+/// after the first was used and the certificate expired, an operator
+/// writes a new token there and the sidecar recovers without a restart.
+#[tokio::test]
+async fn a_join_token_is_read_from_its_file_when_certifying() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: id("/ns/a/sa/web"),
+        token: Some(trellis_proxy::config::Credential::JoinToken {
+            path: token_file.clone(),
+            at_start: trellis_proxy::config::Token("a-token-already-used".into()),
+        }),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let (svid, _) = identity::certify(&params, std::slice::from_ref(&cp.root), None)
+        .await
+        .expect("certified with the token now in the file");
+    assert_eq!(svid.id, id("/ns/a/sa/web"));
+    assert_eq!(cp.seen.lock().unwrap().certify, [(true, None)]);
+}
+
 /// A sidecar given the wrong `--trust-bundle`, or the wrong address, says
 /// which and why, each cause once, instead of tonic's bare "transport
 /// error"; and nothing is asked of the control plane.
@@ -179,9 +211,7 @@ async fn a_failed_dial_says_what_to_check() {
     let params = |control_plane: String| CertifyParams {
         control_plane,
         identity: id("/ns/a/sa/web"),
-        token: Some(trellis_proxy::config::Credential::JoinToken(
-            trellis_proxy::config::Token(TOKEN.into()),
-        )),
+        token: Some(join_token()),
         advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
     };
 

@@ -272,8 +272,12 @@ pub struct Token(pub String);
 /// What proves this workload's identity when it has no valid certificate.
 #[derive(Clone, Debug)]
 pub enum Credential {
-    /// A single-use join token, read once at start-up.
-    JoinToken(Token),
+    /// A single-use join token. The file is read again for each Certify
+    /// that needs a token, so an operator can write a new one once the
+    /// first was used and the certificate expired (the control plane away
+    /// longer than its lifetime) without restarting the sidecar; the token
+    /// read at start-up serves when the file is gone (removed once read).
+    JoinToken { path: PathBuf, at_start: Token },
     /// The file of a projected ServiceAccount token. The kubelet rewrites it
     /// before it expires, so it is read again for every Certify.
     ServiceAccountToken(PathBuf),
@@ -306,7 +310,10 @@ impl Config {
         };
         let token = match (&args.token_file, args.token_type.as_str()) {
             (None, "join" | "service-account") => None,
-            (Some(path), "join") => Some(Credential::JoinToken(Token(read_token(path)?))),
+            (Some(path), "join") => Some(Credential::JoinToken {
+                path: path.clone(),
+                at_start: Token(read_token(path)?),
+            }),
             (Some(path), "service-account") => {
                 // Read once now so a missing or empty file fails start-up.
                 read_token(path)?;

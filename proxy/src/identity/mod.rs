@@ -256,7 +256,9 @@ pub async fn certify(
     let current = current.filter(|s| s.is_valid_at(SystemTime::now()));
     let proof = match (current, &params.token) {
         (Some(_), _) => None,
-        (None, Some(Credential::JoinToken(token))) => Some(Proof::JoinToken(token.0.clone())),
+        (None, Some(Credential::JoinToken { path, at_start })) => Some(Proof::JoinToken(
+            read_token(path).unwrap_or_else(|_| at_start.0.clone()),
+        )),
         (None, Some(Credential::ServiceAccountToken(path))) => {
             Some(Proof::ServiceAccountToken(read_token(path)?))
         }
