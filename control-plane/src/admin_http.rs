@@ -90,12 +90,19 @@ impl AdminHttp {
             let metrics = metrics.clone();
             let discovery = discovery.clone();
             tokio::spawn(async move {
-                let _admitted = admitted;
+                let admitted = admitted;
                 let service = hyper::service::service_fn(move |req| {
                     let response = respond(&req, &ready, &metrics, &discovery);
                     async move { Ok::<_, Infallible>(response) }
                 });
-                serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
+                serve_http1_for(
+                    tcp,
+                    service,
+                    HEAD_TIMEOUT,
+                    CONNECTION_LIFETIME,
+                    admitted.evicted(),
+                )
+                .await;
             });
         }
     }

@@ -181,7 +181,7 @@ async fn bad_requests_get_http_errors() {
 /// once the held ones close, the API server is served again.
 #[tokio::test]
 async fn the_webhook_port_limits_its_connections() {
-    use connections::{REFUSAL, closed_within, connect_from, hold, loopback};
+    use connections::{REFUSAL, closed_among, closed_within, connect_from, hold, loopback};
     use inject::server::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
     use std::time::{Duration, Instant};
     use tokio::io::AsyncReadExt;
@@ -221,12 +221,20 @@ async fn the_webhook_port_limits_its_connections() {
         held.extend(hold(loopback(last), webhook.addr, MAX_CONNECTIONS_PER_CLIENT).await);
     }
     assert_eq!(held.len(), MAX_CONNECTIONS);
+    // Full: an address holding none (an API server's) takes the slot of the
+    // oldest connection of an address holding the most, which is closed.
     let other = loopback(addresses + 1);
-    let mut extra = connect_from(other, webhook.addr).await;
-    assert!(
-        closed_within(&mut extra, REFUSAL).await.is_some(),
+    let extra = connect_from(other, webhook.addr).await;
+    assert_eq!(
+        closed_among(&mut held, REFUSAL).await,
+        1,
         "at most {MAX_CONNECTIONS} connections are served at once"
     );
+    let body = fixture("authorizationpolicy-valid.json");
+    let (status, _) = try_call(&webhook, extra, Method::POST, "/validate", body)
+        .await
+        .expect("a full port served a new address");
+    assert_eq!(status, StatusCode::OK);
 
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(30);

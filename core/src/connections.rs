@@ -7,8 +7,10 @@
 //! nothing, or sends slowly, then holds neither file descriptors nor
 //! memory without bound, and one client address cannot take every slot.
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,17 +18,32 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::slots::{ClientSlot, ClientSlots};
+use tokio::sync::Notify;
 
 /// How many connections a port serves at once, in all and from one client
-/// address. Connections past either limit are closed as they are accepted.
+/// address. A connection past the cap of its address is closed as it is
+/// accepted. With every slot taken, a client address holding at least two
+/// fewer connections than the address holding the most takes a slot from
+/// it: that address's oldest connection is told to close
+/// ([`Admitted::evicted`]). So a few clients that fill every slot (eight
+/// pods holding sixteen idle connections each) cannot keep out another,
+/// the kubelet with its probes among them, while clients holding even
+/// shares are refused past the total.
 pub struct ConnectionLimits {
-    open: Arc<Semaphore>,
-    clients: Arc<ClientSlots>,
+    held: Arc<Mutex<Held>>,
     total: usize,
     per_client: usize,
+}
+
+/// The connections a port serves now.
+#[derive(Default)]
+struct Held {
+    /// Connections counted against the total: not those told to close.
+    open: usize,
+    next: u64,
+    /// Each address's connections, oldest first, with how to tell each to
+    /// close.
+    clients: HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>,
 }
 
 /// Which limit refused a connection.
@@ -38,11 +55,39 @@ pub enum Refused {
     Total { limit: usize },
 }
 
-/// One admitted connection's slots, in all and of its client address,
-/// given back when dropped: keep it as long as the connection is served.
+/// One admitted connection's slot, given back when dropped: keep it as long
+/// as the connection is served.
 pub struct Admitted {
-    _open: OwnedSemaphorePermit,
-    _client: ClientSlot,
+    held: Arc<Mutex<Held>>,
+    ip: IpAddr,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl Admitted {
+    /// Resolves once the connection is told to close, to make way for a
+    /// client address that holds fewer.
+    pub async fn evicted(&self) {
+        self.evicted.notified().await;
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(connections) = held.clients.get_mut(&self.ip) else {
+            return;
+        };
+        // One told to close gave its slot away already.
+        let Some(at) = connections.iter().position(|(id, _)| *id == self.id) else {
+            return;
+        };
+        connections.remove(at);
+        if connections.is_empty() {
+            held.clients.remove(&self.ip);
+        }
+        held.open -= 1;
+    }
 }
 
 impl ConnectionLimits {
@@ -50,44 +95,75 @@ impl ConnectionLimits {
     /// from one client address.
     pub fn new(total: usize, per_client: usize) -> Self {
         Self {
-            open: Arc::new(Semaphore::new(total)),
-            clients: ClientSlots::new(per_client),
+            held: Arc::default(),
             total,
             per_client,
         }
     }
 
-    /// The slots for one more connection from `client`, or the limit that
-    /// refuses it.
+    /// The slot for one more connection from `client` (perhaps taken from
+    /// the address holding the most), or the limit that refuses it.
     pub fn admit(&self, client: IpAddr) -> Result<Admitted, Refused> {
-        let client_slot = self.clients.try_take(client).ok_or(Refused::FromClient {
-            limit: self.per_client,
-        })?;
-        let open = self
-            .open
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refused::Total { limit: self.total })?;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held.clients.get(&client).map_or(0, VecDeque::len);
+        if mine >= self.per_client {
+            return Err(Refused::FromClient {
+                limit: self.per_client,
+            });
+        }
+        if held.open >= self.total {
+            let most = held
+                .clients
+                .iter_mut()
+                .max_by_key(|(_, connections)| connections.len())
+                .filter(|(_, connections)| connections.len() > mine + 1)
+                .and_then(|(_, connections)| connections.pop_front());
+            let Some((_, oldest)) = most else {
+                return Err(Refused::Total { limit: self.total });
+            };
+            oldest.notify_one();
+            held.open -= 1;
+        }
+        held.open += 1;
+        let id = held.next;
+        held.next += 1;
+        let evicted = Arc::new(Notify::new());
+        held.clients
+            .entry(client)
+            .or_default()
+            .push_back((id, evicted.clone()));
         Ok(Admitted {
-            _open: open,
-            _client: client_slot,
+            held: self.held.clone(),
+            ip: client,
+            id,
+            evicted,
         })
     }
 
     /// How many client addresses hold a connection now.
     pub fn clients(&self) -> usize {
-        self.clients.addresses()
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clients
+            .len()
     }
 }
 
 /// Serves HTTP/1.1 on `io`: a request's head must arrive within
 /// `head_timeout` (and an idle connection waits no longer for the next
-/// one); after `lifetime` the connection closes once the answer in
-/// progress is written, or `head_timeout` later if it cannot be (a client
-/// that pipelines requests and never reads would otherwise hold its
-/// connection for ever).
-pub async fn serve_http1_for<I, S>(io: I, service: S, head_timeout: Duration, lifetime: Duration)
-where
+/// one); after `lifetime`, or once `stop` resolves (the connection was
+/// told to make way, [`Admitted::evicted`]), the connection closes once the
+/// answer in progress is written, or `head_timeout` later if it cannot be
+/// (a client that pipelines requests and never reads would otherwise hold
+/// its connection for ever).
+pub async fn serve_http1_for<I, S>(
+    io: I,
+    service: S,
+    head_timeout: Duration,
+    lifetime: Duration,
+    stop: impl Future<Output = ()>,
+) where
     I: AsyncRead + AsyncWrite + Unpin,
     S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -97,10 +173,14 @@ where
         .header_read_timeout(head_timeout)
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    if tokio::time::timeout(lifetime, conn.as_mut()).await.is_err() {
-        conn.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(head_timeout, conn).await;
+    tokio::select! {
+        served = tokio::time::timeout(lifetime, conn.as_mut()) => if served.is_ok() {
+            return;
+        },
+        () = stop => {}
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(head_timeout, conn).await;
 }
 
 #[cfg(test)]
@@ -134,6 +214,7 @@ mod tests {
             service,
             Duration::from_millis(500),
             Duration::from_millis(200),
+            std::future::pending(),
         ));
         tokio::io::AsyncWriteExt::write_all(&mut client, b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
@@ -159,6 +240,47 @@ mod tests {
         held.pop();
         held.push(limits.admit(one).expect("a slot came free"));
         drop((held, other));
+        assert_eq!(limits.clients(), 0, "nothing kept for gone clients");
+    }
+
+    /// With every slot taken, an address holding two fewer than the one
+    /// holding the most takes a slot from it, whose oldest connection is
+    /// told to close; addresses holding even shares are refused.
+    #[tokio::test]
+    async fn a_full_port_makes_way_for_an_address_holding_fewer() {
+        let limits = ConnectionLimits::new(4, 3);
+        let ip = |last: u8| IpAddr::from([10, 0, 0, last]);
+        let mut held: Vec<Admitted> = (0..3).map(|_| limits.admit(ip(1)).unwrap()).collect();
+        held.push(limits.admit(ip(2)).unwrap());
+        let newcomer = limits
+            .admit(ip(3))
+            .expect("an address holding none is served");
+        async fn told(a: &Admitted) -> bool {
+            tokio::time::timeout(Duration::from_millis(10), a.evicted())
+                .await
+                .is_ok()
+        }
+        assert!(
+            told(&held[0]).await,
+            "the oldest of the address holding most"
+        );
+        for (i, other) in held.iter().enumerate().skip(1) {
+            assert!(!told(other).await, "{i} was told to close too");
+        }
+        // (2, 1, 1): a fourth address holding none takes the next.
+        let fourth = limits.admit(ip(4)).expect("still two more than none");
+        assert!(
+            told(&held[1]).await,
+            "the next oldest of the address holding most"
+        );
+        // Shares are even now (1, 1, 1, 1): a fifth address is refused.
+        assert_eq!(limits.admit(ip(5)).err(), Some(Refused::Total { limit: 4 }));
+        // The connections told to close gave their slots away already.
+        held.drain(..2);
+        assert_eq!(limits.admit(ip(5)).err(), Some(Refused::Total { limit: 4 }));
+        drop(held.pop());
+        let fifth = limits.admit(ip(5)).expect("a slot came free");
+        drop((held, newcomer, fourth, fifth));
         assert_eq!(limits.clients(), 0, "nothing kept for gone clients");
     }
 

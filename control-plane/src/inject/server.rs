@@ -231,8 +231,13 @@ impl WebhookServer {
             let acceptor = self.acceptor.clone();
             let config = config.clone();
             tokio::spawn(async move {
-                let _admitted = admitted;
-                let tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+                let admitted = admitted;
+                let handshake = tokio::select! {
+                    handshake = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)) => handshake,
+                    // Told to make way for a client holding fewer.
+                    () = admitted.evicted() => return,
+                };
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "webhook TLS handshake failed");
@@ -247,7 +252,14 @@ impl WebhookServer {
                     let config = config.borrow().clone();
                     async move { Ok::<_, Infallible>(serve(req, &config).await) }
                 });
-                serve_http1_for(tls, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
+                serve_http1_for(
+                    tls,
+                    service,
+                    HEAD_TIMEOUT,
+                    CONNECTION_LIFETIME,
+                    admitted.evicted(),
+                )
+                .await;
             });
         }
     }

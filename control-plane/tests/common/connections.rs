@@ -44,3 +44,16 @@ pub async fn closed_within(tcp: &mut TcpStream, patience: Duration) -> Option<Du
         Err(_) => None,
     }
 }
+
+/// How many of `held` the port closed within `patience` (all looked at
+/// together).
+pub async fn closed_among(held: &mut [TcpStream], patience: Duration) -> usize {
+    tokio::time::sleep(patience).await;
+    let mut closed = 0;
+    for tcp in held {
+        if closed_within(tcp, Duration::from_millis(5)).await.is_some() {
+            closed += 1;
+        }
+    }
+    closed
+}

@@ -100,7 +100,7 @@ impl Admin {
                 };
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let _admitted = admitted;
+                    let admitted = admitted;
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move {
@@ -112,7 +112,14 @@ impl Admin {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME).await;
+                    serve_http1_for(
+                        tcp,
+                        service,
+                        HEAD_TIMEOUT,
+                        CONNECTION_LIFETIME,
+                        admitted.evicted(),
+                    )
+                    .await;
                 });
             })
             .await;
