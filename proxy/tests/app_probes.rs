@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::injector::sidecar_env;
-use common::sidecar::{LOOPBACK_LISTENERS, config_from};
+use common::sidecar::{LOOPBACK_LISTENERS, config_from, credential_flags};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -159,6 +159,7 @@ fn http_probe(port: Value, path: &str) -> Value {
 async fn sidecar(probes: &str) -> SocketAddr {
     let mut args = vec!["--identity", ID, "--app-probes", probes];
     args.extend(LOOPBACK_LISTENERS);
+    args.extend(credential_flags());
     let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let admin = sidecar.admin_addr().unwrap();
@@ -367,6 +368,7 @@ fn invalid_probes_exit_64_naming_the_flag() {
     for (json, says) in bad {
         let out = Command::new(bin)
             .args(["--identity", ID, "--app-probes", json])
+            .args(credential_flags())
             .env_clear()
             .output()
             .unwrap();
@@ -378,6 +380,7 @@ fn invalid_probes_exit_64_naming_the_flag() {
     // The environment twin is checked the same way.
     let out = Command::new(bin)
         .args(["--identity", ID])
+        .args(credential_flags())
         .env_clear()
         .env("TRELLIS_APP_PROBES", "[]")
         .output()

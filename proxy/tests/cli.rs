@@ -63,15 +63,36 @@ fn invalid_flags_exit_64_naming_the_flag() {
         (&["--control-plane", "cp:15012/path"], "--control-plane"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];
+    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
     for (extra, flag) in cases {
         let mut args = vec!["--identity", ID];
         args.extend_from_slice(extra);
+        // Valid credential files, unless the case is about one of them.
+        if !extra.contains(&bundle_flag) {
+            args.extend([bundle_flag, bundle]);
+        }
+        if !extra.contains(&token_flag) {
+            args.extend([token_flag, token]);
+        }
         let out = proxy(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{extra:?}: {stderr}");
         assert!(
             stderr.contains(flag),
             "{extra:?} should name {flag}: {stderr}"
+        );
+    }
+    // Without a trust bundle or a token the sidecar could never certify.
+    for (args, flag) in [
+        (["--identity", ID, token_flag, token], "--trust-bundle"),
+        (["--identity", ID, bundle_flag, bundle], "--token-file"),
+    ] {
+        let out = proxy(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("is required"),
+            "{stderr}"
         );
     }
     let out = proxy(&["--identity", "http://td/x"]);
@@ -98,6 +119,7 @@ fn invalid_configuration_is_reported_before_binding() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = taken.local_addr().unwrap().to_string();
     let free = "127.0.0.1:0";
+    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
     let base = [
         "--identity",
         ID,
@@ -107,6 +129,10 @@ fn invalid_configuration_is_reported_before_binding() {
         free,
         "--admin",
         &admin,
+        bundle_flag,
+        bundle,
+        token_flag,
+        token,
     ];
     let mut bad = base.to_vec();
     bad.extend(["--route", "bad"]);

@@ -66,6 +66,8 @@ fn config_from(env: &BTreeMap<String, String>) -> Config {
         argv.push(format!("--{flag}"));
         argv.push(value.clone());
     }
+    // Files of the test's own in place of the identity volume's.
+    argv.extend(common::sidecar::credential_flags().map(str::to_owned));
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     Config::from_args(&cli.proxy).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::machine::is_root;
 use common::netns::Netns;
-use common::sidecar::{LOOPBACK_LISTENERS, config_from};
+use common::sidecar::{LOOPBACK_LISTENERS, config_from, credential_flags};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ID: &str = "spiffe://td.test/ns/a/sa/web";
@@ -90,6 +90,7 @@ impl Sidecar {
         let mut child = ns
             .exec(BIN)
             .args(["--identity", ID])
+            .args(credential_flags())
             .args(args)
             .env_clear()
             .stdin(Stdio::null())
@@ -210,6 +211,7 @@ fn an_ipv6_address_named_by_a_flag_must_bind() {
 async fn listener_flags_bind_exactly_the_addresses_they_name() {
     let mut args = vec!["--identity", ID];
     args.extend(LOOPBACK_LISTENERS);
+    args.extend(credential_flags());
     let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let families = |addrs: Vec<std::net::SocketAddr>| -> Vec<bool> {
@@ -231,7 +233,7 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         .unwrap()
         .port();
     let inbound = format!("0.0.0.0:{port},[::]:{port}");
-    let config = config_from(&[
+    let mut args = vec![
         "--identity",
         ID,
         "--inbound",
@@ -240,7 +242,9 @@ async fn listener_flags_bind_exactly_the_addresses_they_name() {
         "[::1]:0",
         "--admin",
         "127.0.0.1:0",
-    ]);
+    ];
+    args.extend(credential_flags());
+    let config = config_from(&args);
     let sidecar = trellis_proxy::Sidecar::bind(config).await.unwrap();
     let inbound = sidecar.inbound_addrs();
     assert_eq!(families(inbound.clone()), [false, true]);

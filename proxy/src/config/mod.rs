@@ -44,14 +44,15 @@ pub struct ProxyArgs {
     /// Control plane gRPC address (host:port).
     #[arg(long, env = "TRELLIS_CONTROL_PLANE", default_value = "127.0.0.1:15012")]
     pub control_plane: String,
-    /// PEM roots used to verify the control plane on first contact.
+    /// PEM roots used to verify the control plane on first contact
+    /// (required).
     #[arg(long, env = "TRELLIS_TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
     /// This workload's SPIFFE ID; its trust domain is the mesh's.
     #[arg(long, env = "TRELLIS_IDENTITY")]
     pub identity: Option<String>,
     /// File holding the token that proves this workload's identity for its
-    /// first certificate.
+    /// first certificate (required).
     #[arg(long, env = "TRELLIS_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// What --token-file holds: `join` (a single-use token from `trellisctl
@@ -240,9 +241,9 @@ pub struct Config {
     pub control_plane: String,
     pub identity: SpiffeId,
     pub trust_domain: TrustDomain,
-    /// DER roots from --trust-bundle (empty when not given).
+    /// DER roots from --trust-bundle; never empty.
     pub trust_bundle: Vec<CertificateDer<'static>>,
-    /// How the first certificate is proved. Never logged.
+    /// How the first certificate is proved (always given). Never logged.
     pub token: Option<Credential>,
     /// Never empty.
     pub inbound: Vec<Listen>,
@@ -304,12 +305,27 @@ impl Config {
         let identity = SpiffeId::parse(id).map_err(|e| invalid("identity", e))?;
         let trust_domain = identity.trust_domain();
         check_host_port(&args.control_plane).map_err(|e| invalid("control-plane", e))?;
+        // Without either a sidecar could never certify: it would run for
+        // ever, never ready. Refused here, before any port is bound.
         let trust_bundle = match &args.trust_bundle {
-            None => Vec::new(),
+            None => {
+                return Err(invalid(
+                    "trust-bundle",
+                    "is required: the PEM roots that verify the control plane (its state dir's \
+                     bundle.pem)",
+                ));
+            }
             Some(path) => read_bundle(path).map_err(|e| invalid("trust-bundle", e))?,
         };
         let token = match (&args.token_file, args.token_type.as_str()) {
-            (None, "join" | "service-account") => None,
+            (None, "join" | "service-account") => {
+                return Err(invalid(
+                    "token-file",
+                    "is required: the file of the token that proves this workload for its first \
+                     certificate (`trellisctl token create`, or a projected ServiceAccount token \
+                     with --token-type service-account)",
+                ));
+            }
             (Some(path), "join") => Some(Credential::JoinToken {
                 path: path.clone(),
                 at_start: Token(read_token(path)?),
@@ -429,13 +445,64 @@ fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, S
 mod tests {
     use super::*;
 
+    /// A trust bundle and a join token, as files, for configurations that
+    /// need them.
+    pub(super) fn credential_files() -> &'static (tempfile::TempDir, String, String) {
+        static FILES: std::sync::OnceLock<(tempfile::TempDir, String, String)> =
+            std::sync::OnceLock::new();
+        FILES.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let root = params.self_signed(&key).unwrap();
+            let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
+            std::fs::write(&bundle, root.pem()).unwrap();
+            std::fs::write(&token, "join-token\n").unwrap();
+            let path = |p: std::path::PathBuf| p.to_str().unwrap().to_owned();
+            (dir, path(bundle), path(token))
+        })
+    }
+
     /// The configuration of `trellis-proxy --identity spiffe://td/ns/a/sa/b
-    /// EXTRA`; also the listener tests'.
+    /// --trust-bundle B --token-file T EXTRA`; also the listener tests'.
     pub(super) fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
-        let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
+        let (_, bundle, token) = credential_files();
+        let mut argv = vec![
+            "trellis-proxy",
+            "--identity",
+            "spiffe://td/ns/a/sa/b",
+            "--trust-bundle",
+            bundle,
+            "--token-file",
+            token,
+        ];
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from(argv).expect("clap parses");
         Config::from_args(&cli.proxy)
+    }
+
+    /// Without a trust bundle or a token a sidecar could never certify:
+    /// refused naming the flag, not run for ever never ready.
+    #[test]
+    fn a_trust_bundle_and_a_token_are_required() {
+        let (_, bundle, token) = credential_files();
+        let without = |drop: &str| {
+            let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
+            if drop != "trust-bundle" {
+                argv.extend(["--trust-bundle", bundle]);
+            }
+            if drop != "token-file" {
+                argv.extend(["--token-file", token]);
+            }
+            let cli = Cli::try_parse_from(argv).expect("clap parses");
+            Config::from_args(&cli.proxy).unwrap_err()
+        };
+        for flag in ["trust-bundle", "token-file"] {
+            let e = without(flag);
+            assert_eq!(e.flag, flag);
+            assert!(e.to_string().contains("is required"), "{e}");
+        }
     }
 
     #[test]
@@ -511,10 +578,19 @@ mod tests {
             args(&["--log-format", "xml"]).unwrap_err().flag,
             "log-format"
         );
+        let (_, _, token) = credential_files();
+        let cli = Cli::try_parse_from([
+            "trellis-proxy",
+            "--identity",
+            "spiffe://td/ns/a/sa/b",
+            "--trust-bundle",
+            "/nonexistent/bundle.pem",
+            "--token-file",
+            token,
+        ])
+        .unwrap();
         assert_eq!(
-            args(&["--trust-bundle", "/nonexistent/bundle.pem"])
-                .unwrap_err()
-                .flag,
+            Config::from_args(&cli.proxy).unwrap_err().flag,
             "trust-bundle"
         );
         let cli = Cli::try_parse_from(["trellis-proxy"]).unwrap();

@@ -39,6 +39,23 @@ pub fn config_from(args: &[&str]) -> Config {
     Config::from_args(&cli.proxy).expect("valid configuration")
 }
 
+/// A trust bundle (a CA of its own) and a join token, as files that live
+/// as long as the test process, for a sidecar that never reaches a control
+/// plane: `--trust-bundle B --token-file T`.
+pub fn credential_flags() -> [&'static str; 4] {
+    static FILES: std::sync::OnceLock<(tempfile::TempDir, String, String)> =
+        std::sync::OnceLock::new();
+    let (_, bundle, token) = FILES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (bundle, token) = (dir.path().join("bundle.pem"), dir.path().join("token"));
+        std::fs::write(&bundle, super::Ca::new().root_pem()).unwrap();
+        std::fs::write(&token, TOKEN).unwrap();
+        let path = |p: std::path::PathBuf| p.to_str().unwrap().to_owned();
+        (dir, path(bundle), path(token))
+    });
+    ["--trust-bundle", bundle, "--token-file", token]
+}
+
 /// A running sidecar; stopped (drained) when dropped.
 pub struct TestSidecar {
     pub identity: SpiffeId,
