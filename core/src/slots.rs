@@ -1,7 +1,8 @@
 //! Per-client slots: how many connections one client address may hold at
-//! once in some phase of their lives (an admin connection, an inbound
-//! handshake), so that one client cannot take every connection a listener
-//! serves and leave none for the others.
+//! once in some phase of their lives (the sidecar's inbound handshakes), so
+//! that one client cannot take every connection a listener serves and
+//! leave none for the others. The HTTP ports' limits, which also make way
+//! for an address holding fewer, are [`crate::connections`].
 //!
 //! A slot is held until it is dropped. A connection may take one at once or
 //! fail ([`ClientSlots::try_take`]), or wait a while for one
@@ -84,11 +85,6 @@ impl ClientSlots {
             owner: self.clone(),
             ip,
         })
-    }
-
-    /// How many client addresses hold a slot or wait for one now.
-    pub fn addresses(&self) -> usize {
-        self.lock().len()
     }
 
     /// A slot for one more connection from `ip`, unless the address holds
