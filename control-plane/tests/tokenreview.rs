@@ -110,6 +110,119 @@ async fn successes_are_cached_briefly_and_failures_not_at_all() {
     assert_eq!(api.requests().len(), 7, "an entry ends with its TTL");
 }
 
+/// No Kubernetes API server can run here; the stand-in answers with the
+/// recorded responses. Reviews one after another, as pods starting
+/// together make, reuse one TLS connection to the API server, whether the
+/// token was accepted or not; a connection the API server closed is
+/// replaced.
+#[tokio::test]
+async fn reviews_reuse_the_connection_to_the_api_server() {
+    let api = FakeApi::start(by_token).await;
+    let reviewer = api.reviewer().with_cache_ttl(Duration::ZERO);
+    for _ in 0..3 {
+        reviewer.review(WEB_TOKEN).await.unwrap();
+        reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
+    }
+    assert_eq!(api.requests().len(), 6, "every review was asked");
+    assert_eq!(api.connections(), 1, "one connection for six reviews");
+
+    // Another reviewer (another control plane) has connections of its own.
+    let other = api.reviewer().with_cache_ttl(Duration::ZERO);
+    other.review(WEB_TOKEN).await.unwrap();
+    assert_eq!(api.connections(), 2);
+}
+
+/// An API server that closes a kept connection as the next review arrives
+/// (its idle timeout passing as the review is sent): the review is asked
+/// again on a new connection and answered, not failed. A raw TLS server, so
+/// the close can come after the request was read, the worst moment.
+#[tokio::test]
+async fn a_kept_connection_the_api_server_closed_is_replaced() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_control_plane::authn::tokenreview::KubeApi;
+
+    /// Reads one request (head and Content-Length body); false at EOF.
+    async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> bool {
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if data.len() >= end + 4 + length {
+                    return true;
+                }
+            }
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    let cert = common::serving::ServingCert::new("fake kubernetes CA");
+    let acceptor = cert.acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counting = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            counting.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                if !read_request(&mut tls).await {
+                    return;
+                }
+                let body = fixture("authenticated.json");
+                let answer = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                tls.write_all(answer.as_bytes()).await.unwrap();
+                tls.flush().await.unwrap();
+                // The next request on this connection is read, never answered.
+                read_request(&mut tls).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
+    std::fs::write(dir.path().join("token"), BEARER).unwrap();
+    let api = KubeApi::resolve(
+        Some(&format!("https://{addr}")),
+        Some(&dir.path().join("ca.crt")),
+        Some(&dir.path().join("token")),
+    )
+    .unwrap();
+    let reviewer = TokenReviewer::new(&api, td())
+        .unwrap()
+        .with_cache_ttl(Duration::ZERO);
+    for review in 1..=3 {
+        let account = reviewer.review(WEB_TOKEN).await;
+        assert_eq!(
+            account
+                .unwrap_or_else(|e| panic!("review {review}: {e}"))
+                .spiffe_id
+                .to_string(),
+            WEB
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "one connection a review"
+    );
+}
+
 /// No Kubernetes API server can run here; the fake authenticates any token
 /// with the stand-in API server response. A token whose own `exp` has
 /// passed is never cached, whatever the TTL.

@@ -22,6 +22,12 @@
 //! payload without trusting it: it can only shorten the entry). Failures are
 //! never cached: a sidecar retrying with a fresh token is reviewed again.
 //!
+//! Connections to the API server are kept open between reviews (at most
+//! [`MAX_REVIEWS_IN_FLIGHT`] of them, each idle at most [`IDLE_CONNECTION`]
+//! and open at most [`CONNECTION_LIFETIME`]), so a mesh whose pods start
+//! together costs the API server one TLS handshake per connection, not one
+//! per review.
+//!
 //! Neither the reviewed token nor the bearer token ever reaches a log or an
 //! error message.
 
@@ -64,6 +70,13 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// a flood of made-up tokens would otherwise open as many connections to
 /// the API server, and fill the control plane's share of it, as it likes.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
+/// How long a connection to the API server is kept idle for the next
+/// review. Below the API server's own idle timeout (Go's HTTP server keeps
+/// an idle connection as long as it allows a read, at least a minute here).
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(30);
+/// How long a connection to the API server is used at most, so a moved or
+/// re-balanced API server endpoint is picked up.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// The largest API server answer read.
 const MAX_RESPONSE: usize = 1 << 20;
 /// Cached reviews kept at most; beyond, expired ones go, then all.
@@ -244,6 +257,14 @@ pub struct TokenReviewer {
     bearer_reload: Duration,
     /// One permit for each review asked of the API server now.
     in_flight: tokio::sync::Semaphore,
+    /// Connections between reviews, the most recently used last.
+    idle: Mutex<Vec<IdleConnection>>,
+}
+
+/// An open HTTP/1.1 connection to the API server waiting for a review.
+struct IdleConnection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    since: Instant,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -304,6 +325,7 @@ impl TokenReviewer {
             timeout: REVIEW_TIMEOUT,
             bearer_reload: BEARER_RELOAD,
             in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -420,9 +442,29 @@ impl TokenReviewer {
 
     /// One POST; the decoded answer or why there is none.
     async fn ask(&self, token: &str) -> Result<TokenReview, ReviewError> {
-        let unreachable = |what: &str, e: &dyn std::fmt::Display| {
-            ReviewError::Unreachable(format!("{what} {}: {e}", self.url))
-        };
+        if let Some(mut sender) = self.idle_connection() {
+            match sender.send_request(self.request(token)?).await {
+                Ok(response) => return self.answer(sender, response).await,
+                // The API server closed the idle connection as the review
+                // was sent. A review changes nothing, so it is asked again
+                // on a new connection even if the server had read it.
+                Err(e) => tracing::debug!(error = %e, "an idle API server connection had closed"),
+            }
+        }
+        let mut sender = self.connect().await?;
+        let response = sender
+            .send_request(self.request(token)?)
+            .await
+            .map_err(|e| self.unreachable("no answer from", &e))?;
+        self.answer(sender, response).await
+    }
+
+    fn unreachable(&self, what: &str, e: &dyn std::fmt::Display) -> ReviewError {
+        ReviewError::Unreachable(format!("{what} {}: {e}", self.url))
+    }
+
+    /// The TokenReview POST for `token`.
+    fn request(&self, token: &str) -> Result<Request<Full<Bytes>>, ReviewError> {
         let body = serde_json::json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -437,7 +479,7 @@ impl TokenReviewer {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        let request = Request::builder()
+        Request::builder()
             .method(Method::POST)
             .uri(path)
             .header(http::header::HOST, authority)
@@ -452,8 +494,65 @@ impl TokenReviewer {
                 concat!("trellis-control-plane/", env!("CARGO_PKG_VERSION")),
             )
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| ReviewError::BadResponse(format!("cannot build the request: {e}")))?;
+            .map_err(|e| ReviewError::BadResponse(format!("cannot build the request: {e}")))
+    }
 
+    /// Reads and decodes an answer; the connection is kept for the next
+    /// review unless the API server said it closes it.
+    async fn answer(
+        &self,
+        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        response: http::Response<hyper::body::Incoming>,
+    ) -> Result<TokenReview, ReviewError> {
+        let status = response.status();
+        let closing = response
+            .headers()
+            .get(http::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| self.unreachable("cannot read the answer of", &e))?
+            .to_bytes();
+        if !closing {
+            self.keep(sender);
+        }
+        decode(status, &body)
+    }
+
+    /// The most recently used idle connection still open, if any; those
+    /// idle too long are closed on the way.
+    fn idle_connection(&self) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        while let Some(connection) = idle.pop() {
+            if connection.since.elapsed() < IDLE_CONNECTION
+                && !connection.sender.is_closed()
+                && connection.sender.is_ready()
+            {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose answer was read whole for the next review.
+    fn keep(&self, sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>) {
+        if sender.is_closed() || !sender.is_ready() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("not poisoned");
+        idle.retain(|c| now.duration_since(c.since) < IDLE_CONNECTION);
+        if idle.len() < MAX_REVIEWS_IN_FLIGHT {
+            idle.push(IdleConnection { sender, since: now });
+        }
+    }
+
+    /// A new TLS connection to the API server.
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ReviewError> {
+        let unreachable = |what: &str, e: &dyn std::fmt::Display| self.unreachable(what, e);
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| unreachable("cannot connect to", &e))?;
@@ -462,25 +561,17 @@ impl TokenReviewer {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| unreachable("TLS with", &e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| unreachable("HTTP with", &e))?;
-        // Bounded like the review, so a hung API server leaves no task behind.
-        let deadline = self.timeout;
+        // The connection ends when its sender is dropped (an idle one is
+        // dropped when found too old, a review given up on drops its own),
+        // and after its lifetime in any case, so a hung API server leaves no
+        // task behind.
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(deadline, connection).await;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable("no answer from", &e))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| unreachable("cannot read the answer of", &e))?
-            .to_bytes();
-        decode(status, &body)
+        Ok(sender)
     }
 }
 

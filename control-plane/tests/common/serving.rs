@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -79,11 +80,13 @@ pub enum Answering {
 }
 
 /// Serves HTTP/1.1 over TLS with `cert` on a free loopback port, each
-/// request answered by `answer`, until the returned sender is dropped.
+/// request answered by `answer`, until the returned sender is dropped;
+/// `accepted` counts the connections accepted.
 pub async fn serve_https<F, Fut, B>(
     cert: &ServingCert,
     answering: Answering,
     answer: F,
+    accepted: Arc<AtomicUsize>,
 ) -> (SocketAddr, oneshot::Sender<()>)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -100,9 +103,10 @@ where
         let mut held = Vec::new();
         loop {
             let tcp = tokio::select! {
-                accepted = listener.accept() => accepted.unwrap().0,
+                tcp = listener.accept() => tcp.unwrap().0,
                 _ = &mut stopped => return,
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             if answering == Answering::Never {
                 held.push(tcp);
                 continue;
@@ -132,6 +136,7 @@ where
 pub struct ApiServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    accepted: Arc<AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -149,12 +154,19 @@ impl ApiServer {
         let cert = ServingCert::new("fake kubernetes CA");
         std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
         std::fs::write(dir.path().join("token"), token).unwrap();
-        let (addr, stop) = serve_https(&cert, answering, answer).await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (addr, stop) = serve_https(&cert, answering, answer, accepted.clone()).await;
         ApiServer {
             addr,
             dir,
+            accepted,
             _stop: stop,
         }
+    }
+
+    /// How many connections clients have opened to this server.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
