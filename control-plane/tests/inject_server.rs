@@ -174,6 +174,43 @@ async fn bad_requests_get_http_errors() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A client that sends a request's head and trickles its body (every pod
+/// can reach the webhook port) is answered 408 once the body timeout
+/// passes, and its connection closed, rather than holding its slot for the
+/// connection's whole lifetime.
+#[tokio::test]
+async fn a_body_that_does_not_arrive_is_answered_408() {
+    use connections::{connect_from, loopback};
+    use inject::server::{BODY_TIMEOUT, CONNECTION_LIFETIME};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let webhook = start().await;
+    let mut tls = connect_tls(&webhook, connect_from(loopback(1), webhook.addr).await)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"POST /validate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\n\r\n{\"apiVersion\":",
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(CONNECTION_LIFETIME / 2, tls.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed well before the connection's lifetime")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body did not arrive within 5s"), "{answer}");
+    assert!(
+        start.elapsed() >= BODY_TIMEOUT / 2,
+        "answered by the timeout, not at once: {:?}",
+        start.elapsed()
+    );
+}
+
 /// The webhook port, which every pod can reach, limits its connections:
 /// one that never starts its TLS handshake, or never sends a request
 /// after it, is closed after the head timeout; past the cap of one client

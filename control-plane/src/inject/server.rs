@@ -47,6 +47,12 @@ const CERT_RECHECK: Duration = Duration::from_secs(10);
 /// the API server sends its at once.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a request's body may take to arrive once its head has: the
+/// API server sends it at once. A client trickling a body is answered 408
+/// and its connection closed, so it holds its slot seconds, not for the
+/// connection's whole lifetime.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Webhook connections served at once; more are closed as they are
 /// accepted. Each may be reading a body of up to [`MAX_BODY`], so this
 /// bounds the memory that clients sending large bodies slowly can take.
@@ -267,15 +273,30 @@ impl WebhookServer {
 
 async fn serve(req: Request<Incoming>, config: &InjectConfig) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("cannot read the body: {e}"),
-            );
-        }
-    };
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("cannot read the body: {e}"),
+                );
+            }
+            Err(_) => {
+                let mut answer = text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request's body did not arrive within {}",
+                        humantime::format_duration(BODY_TIMEOUT)
+                    ),
+                );
+                answer.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return answer;
+            }
+        };
     let (status, content_type, body) = respond(&parts.method, parts.uri.path(), &body, config);
     Response::builder()
         .status(status)
