@@ -98,6 +98,12 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// A write to the embedded database met an I/O error; the database
+    /// refuses writes until reopened, which the next start does.
+    #[error(
+        "the state database {path} failed a write ({reason}); stopped so that the next start reopens it: free the volume's space or fix the disk, then start again"
+    )]
+    DatabaseFailed { path: String, reason: String },
     /// A stored policy that the new mesh config makes invalid: sidecars
     /// would refuse every snapshot holding it, so the control plane does not
     /// start (exit 64, like any invalid configuration).
@@ -182,6 +188,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
     let dir = StateDir::open(&config.state_dir)?;
+    // Only the embedded database stops the control plane when it fails.
+    let mut write_failure = None;
     let (ca, store, store_changes): (_, Arc<dyn Store>, _) = match (config.store, &config.kube) {
         (StoreKind::Kubernetes, Some(api)) => {
             let client = kubernetes::client(api)?;
@@ -208,6 +216,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 &config.trust_anchor_roots,
             )?;
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
+            write_failure = Some(store.write_failure());
             (ca, store as Arc<dyn Store>, None)
         }
     };
@@ -375,10 +384,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "control plane ready"
     );
 
+    let database_failed = async {
+        match &write_failure {
+            Some(failure) => failure.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut failed = None;
     let signal = tokio::select! {
         result = &mut serve => return result.map_err(RunError::from),
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
+        reason = database_failed => {
+            failed = Some(RunError::DatabaseFailed {
+                path: dir.path(DB_FILE).display().to_string(),
+                reason,
+            });
+            "none (a failed database write)"
+        }
     };
     ready.store(false, Ordering::Release);
     tracing::info!(
@@ -408,6 +431,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             deadline = ?DRAIN_DEADLINE,
             "calls still open at the drain deadline; closing them"
         ),
+    }
+    if let Some(failed) = failed {
+        return Err(failed);
     }
     tracing::info!("control plane stopped");
     Ok(())

@@ -83,6 +83,60 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     issuances: issuance::IssuanceWriter,
+    failure: Arc<WriteFailure>,
+}
+
+/// Set once a write meets an I/O error (a full volume, EIO). redb then
+/// refuses every later write, and reads past its cache, until the file is
+/// reopened, however soon the cause is gone: a control plane that went on
+/// would answer every Certify with an error until its sidecars' certificates
+/// expired. The control plane stops instead ([`WriteFailure::failed`]), and
+/// the next start reopens (and if need be repairs) the database.
+#[derive(Debug)]
+pub struct WriteFailure {
+    path: String,
+    reason: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl WriteFailure {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.display().to_string(),
+            reason: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// Notes `e` if it is an I/O error, and returns it.
+    fn note(&self, e: impl Into<redb::Error>) -> redb::Error {
+        let e = e.into();
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            let reason = e.to_string();
+            self.reason.send_if_modified(|held| {
+                if held.is_some() {
+                    return false;
+                }
+                tracing::error!(
+                    path = %self.path,
+                    error = %reason,
+                    "the state database failed a write and refuses every write until it is \
+                     reopened; stopping, so that a restart reopens it"
+                );
+                *held = Some(reason.clone());
+                true
+            });
+        }
+        e
+    }
+
+    /// Resolves with the I/O error once a write has met one.
+    pub async fn failed(&self) -> String {
+        let mut reason = self.reason.subscribe();
+        let held = reason
+            .wait_for(Option::is_some)
+            .await
+            .expect("the sender lives in self");
+        held.clone().unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -108,13 +162,19 @@ impl EmbeddedStore {
             reason,
         };
         let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
-        let issuances =
-            issuance::IssuanceWriter::start(db.clone(), path.display().to_string(), retained)
-                .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
+        let failure = Arc::new(WriteFailure::new(path));
+        let issuances = issuance::IssuanceWriter::start(
+            db.clone(),
+            path.display().to_string(),
+            retained,
+            failure.clone(),
+        )
+        .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
         let store = Self {
             db,
             path: path.to_path_buf(),
             issuances,
+            failure,
         };
         store.write(|txn| {
             index_tokens_by_expiry(txn)?;
@@ -145,14 +205,23 @@ impl EmbeddedStore {
         }
     }
 
+    /// What the control plane waits on to stop when a write fails for good.
+    pub fn write_failure(&self) -> Arc<WriteFailure> {
+        self.failure.clone()
+    }
+
     /// Runs `f` in a write transaction committed only when `f` succeeds.
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| self.db_error(self.failure.note(e)))?;
         let value = f(&txn)?;
-        txn.commit().map_err(|e| self.db_error(e))?;
+        txn.commit()
+            .map_err(|e| self.db_error(self.failure.note(e)))?;
         Ok(value)
     }
 
@@ -514,7 +583,10 @@ impl Store for EmbeddedStore {
         if !dry_run {
             return self.write(|txn| Self::apply_in(txn, policies, rate_limits));
         }
-        let txn = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| self.db_error(self.failure.note(e)))?;
         let mut result = Self::apply_in(&txn, policies, rate_limits)?;
         txn.abort().map_err(|e| self.db_error(e))?;
         // Nothing was committed: report the counters as they stand.

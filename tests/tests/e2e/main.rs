@@ -15,6 +15,7 @@ mod outage;
 mod policy;
 mod root_rotation;
 mod rotation;
+mod state_disk;
 mod trellisctl;
 
 use std::time::Duration;

@@ -83,12 +83,17 @@ pub(super) struct IssuanceWriter {
 impl IssuanceWriter {
     /// Starts the writer; the issued-certificate log keeps the newest
     /// `retained` issuances.
-    pub(super) fn start(db: Arc<Database>, path: String, retained: u64) -> std::io::Result<Self> {
+    pub(super) fn start(
+        db: Arc<Database>,
+        path: String,
+        retained: u64,
+        failure: Arc<super::WriteFailure>,
+    ) -> std::io::Result<Self> {
         let (queue, waiting) = mpsc::channel();
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("store-issuance".into())
-            .spawn(move || run(&db, &thread_path, retained, &waiting))?;
+            .spawn(move || run(&db, &thread_path, retained, &waiting, &failure))?;
         Ok(IssuanceWriter {
             queue: Mutex::new(Some(queue)),
             thread: Some(thread),
@@ -157,7 +162,13 @@ impl Drop for IssuanceWriter {
     }
 }
 
-fn run(db: &Database, path: &str, retained: u64, waiting: &Receiver<Issuance>) {
+fn run(
+    db: &Database,
+    path: &str,
+    retained: u64,
+    waiting: &Receiver<Issuance>,
+    failure: &super::WriteFailure,
+) {
     let mut shared = false;
     while let Ok(first) = waiting.recv() {
         let mut batch = vec![first];
@@ -170,7 +181,7 @@ fn run(db: &Database, path: &str, retained: u64, waiting: &Receiver<Issuance>) {
             }
         }
         shared = batch.len() > 1;
-        match commit(db, &batch, retained) {
+        match commit(db, &batch, retained, failure) {
             Ok(outcomes) => {
                 for (issuance, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = issuance.answer.send(outcome);
@@ -196,8 +207,9 @@ fn commit(
     db: &Database,
     batch: &[Issuance],
     retained: u64,
+    failure: &super::WriteFailure,
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let txn = db.begin_write().map_err(|e| failure.note(e).to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
         // Opened once for the batch: opening and closing a table reads and
@@ -239,7 +251,7 @@ fn commit(
         };
         bump().map_err(|e| e.to_string())?;
     }
-    txn.commit().map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| failure.note(e).to_string())?;
     Ok(outcomes)
 }
 
