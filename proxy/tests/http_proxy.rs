@@ -55,6 +55,46 @@ async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
     }
 }
 
+/// A caller that pauses in its request line past the detection timeout
+/// (after an extension method, with or without its space) is still served
+/// as HTTP: every request the app sees carries the verified identity, and
+/// none the one the caller wrote. As bytes, the app (which takes any token
+/// for a method) would have read the pipelined second request with the
+/// forged header.
+#[tokio::test]
+async fn a_request_line_paused_after_any_method_is_still_http() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let forged = "spiffe://td.test/ns/kube-system/sa/admin";
+    for (first, rest) in [("FOO /x", " HTTP/1.1"), ("FOO", " /x HTTP/1.1")] {
+        let mut tls = connect(&cp, s.inbound, &web()).await;
+        tls.write_all(first.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(3 * trellis_proxy::http::detect::DETECT_TIMEOUT).await;
+        let rest = format!(
+            "{rest}\r\nhost: api\r\n\r\n\
+             GET /admin HTTP/1.1\r\nhost: api\r\nx-trellis-peer-identity: {forged}\r\n\
+             connection: close\r\n\r\n"
+        );
+        tls.write_all(rest.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut answers = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answers)).await;
+        let answers = String::from_utf8_lossy(&answers);
+        assert_eq!(
+            answers.matches("HTTP/1.1 200").count(),
+            2,
+            "both requests answered: {answers}"
+        );
+    }
+    assert_eq!(app.seen.paths(), ["/x", "/admin", "/x", "/admin"]);
+    for seen in app.seen.identities() {
+        assert_eq!(seen, [web().to_string()], "the app saw a forged identity");
+    }
+}
+
 /// An app that reads each request body to its end and answers with the
 /// `x-trellis-peer-identity` values of the request's trailers, one a line.
 async fn trailer_app() -> std::net::SocketAddr {
@@ -161,7 +201,8 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
     // The streamed body and, once the upgraded connection is over, its
     // bytes both ways count in the inbound bytes.
     drop(upgraded);
-    let bytes = "chunk 0\n".len() as u64 * 5 + 2 * sent.len() as u64;
+    // `round_trip` sends a line: the message and a line end.
+    let bytes = "chunk 0\n".len() as u64 * 5 + 2 * (sent.len() as u64 + 1);
     eventually("the bytes counted in trellis_bytes_total", || {
         s.has_sample("trellis_bytes_total{direction=\"inbound\"}", bytes)
     })

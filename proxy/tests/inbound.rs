@@ -44,7 +44,8 @@ async fn forwards_bytes_for_a_valid_svid() {
         inbound
             .metrics
             .encode()
-            .contains("trellis_bytes_total{direction=\"inbound\"} 40")
+            .contains("trellis_bytes_total{direction=\"inbound\"} 42"),
+        "\"hello mesh\\n\" and \"last words\" both ways"
     );
 }
 

@@ -14,12 +14,14 @@
 //! RFC 9112 lets a server skip) or the HTTP/2 preface count as HTTP at
 //! once; bytes that
 //! cannot start either are opaque at once, so a binary or line protocol is
-//! never fed to an HTTP parser. What is still a likely start of HTTP when
-//! the timeout or [`MAX_PEEK`] ends the wait (a method and a space, part of
-//! a standard method, part of the preface) is served as HTTP: an HTTP
-//! server would go on reading it as a request, so passing it as bytes would
-//! let a client that trickles its request line slip past the per-request
-//! rules.
+//! never fed to an HTTP parser. What could still start a request when the
+//! timeout or [`MAX_PEEK`] ends the wait (a token, with or without a space
+//! and more after it, or part of the preface) is served as HTTP: servers
+//! accept any token as a method (`FOO /x HTTP/1.1` reaches a Go or hyper
+//! handler), so passing it as bytes would let a client that pauses in its
+//! request line slip past the per-request rules and hand the app requests
+//! with an identity header of its own. At the end of the stream nothing
+//! more can come, and only the start of a standard method is HTTP.
 
 use std::io;
 use std::pin::Pin;
@@ -105,13 +107,13 @@ where
             if skip_empty_lines(&buf).is_empty() {
                 break Protocol::Http1;
             }
-            break classify_unfinished(&buf);
+            break classify_unfinished(&buf, false);
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => break classify_unfinished(&buf),
+            Ok(Ok(0)) => break classify_unfinished(&buf, true),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => break classify_unfinished(&buf),
+            Err(_) => break classify_unfinished(&buf, false),
         }
     };
     Ok((protocol, Rewind { prefix: buf, io }))
@@ -132,14 +134,17 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     // the line on whitespace take), then the rest of the request line.
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
     match buf.get(method_len) {
-        // No method is this long; a word that is would not be HTTP.
-        None if method_len < 32 => return None,
+        // Servers take a method of any length: a long word may still be one.
+        None => return None,
         Some(b' ' | b'\t') if method_len > 0 => {}
         _ => return Some(Protocol::Opaque),
     }
     let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-        // Control bytes cannot be in a request line.
-        let binary = buf.iter().any(|b| b.is_ascii_control() && *b != b'\r');
+        // Control bytes cannot be in a request line (a tab can, as a
+        // separator lenient servers take).
+        let binary = buf
+            .iter()
+            .any(|b| b.is_ascii_control() && !matches!(b, b'\r' | b'\t'));
         return binary.then_some(Protocol::Opaque);
     };
     // Whatever a lenient server could read as a request line is HTTP:
@@ -162,11 +167,18 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 
 /// The protocol of a stream that sent only `buf` before the wait ended
 /// (timeout, end of stream or [`MAX_PEEK`]). The start of a request an
-/// HTTP server would go on reading is HTTP: part of the preface, a standard
-/// method and a space (`GET /adm`), or part of a standard method (`GE`).
-/// Other text (`ping`, `hello mesh`) stays opaque, as line protocols that
-/// wait for an answer before ending their line need.
-fn classify_unfinished(buf: &[u8]) -> Protocol {
+/// HTTP server would go on reading is HTTP: part of the preface, or, while
+/// more may come (`ended` false), a token (any method, extension methods
+/// included) alone or followed by a space (`GE`, `FOO /adm`). A
+/// client-first text protocol that pauses in the middle of a line (`ping`
+/// with no line end yet) is taken for HTTP too: it cannot be told from a
+/// paused extension method, and the safe mistake is the one that keeps the
+/// per-request rules and the identity header; its port is declared opaque.
+/// At the end of the stream (`ended`), only a standard method and a space,
+/// or part of one, is HTTP (for the parser to refuse): other text cannot
+/// become a request any more and passes as bytes. Other bytes (a control
+/// byte, a token followed by anything but a space or a tab) stay opaque.
+fn classify_unfinished(buf: &[u8], ended: bool) -> Protocol {
     if let Some(protocol) = classify(buf) {
         return protocol;
     }
@@ -179,8 +191,9 @@ fn classify_unfinished(buf: &[u8]) -> Protocol {
         let token_len = start.iter().take_while(|b| is_tchar(**b)).count();
         let (token, rest) = start.split_at(token_len);
         let http = match rest.first() {
-            None => METHODS.iter().any(|m| m.starts_with(token)),
-            Some(b' ') => METHODS.contains(&token),
+            None if ended => METHODS.iter().any(|m| m.starts_with(token)),
+            Some(b' ' | b'\t') if ended => METHODS.contains(&token),
+            None | Some(b' ' | b'\t') => !token.is_empty(),
             Some(_) => false,
         };
         if http {
@@ -328,18 +341,43 @@ mod tests {
 
     #[test]
     fn what_could_still_be_http_when_the_wait_ends_is_http() {
-        // A trickled request line must not pass as bytes.
-        assert_eq!(classify_unfinished(b"GET /admin"), Protocol::Http1);
-        assert_eq!(classify_unfinished(b"DELE"), Protocol::Http1);
-        assert_eq!(classify_unfinished(b"DELETE /admin?q=a"), Protocol::Http1);
-        assert_eq!(classify_unfinished(&H2_PREFACE[..16]), Protocol::Http2);
-        // Nothing at all (server-first) and what cannot be HTTP stay opaque.
-        assert_eq!(classify_unfinished(b""), Protocol::Opaque);
-        assert_eq!(classify_unfinished(b"\r\n"), Protocol::Opaque);
-        assert_eq!(classify_unfinished(b"\x00\x01"), Protocol::Opaque);
-        assert_eq!(classify_unfinished(b"ping"), Protocol::Opaque);
-        assert_eq!(classify_unfinished(b"hello mesh"), Protocol::Opaque);
-        assert_eq!(classify_unfinished(&[b'A'; MAX_PEEK]), Protocol::Opaque);
+        for ended in [false, true] {
+            // A trickled request line must not pass as bytes.
+            assert_eq!(classify_unfinished(b"GET /admin", ended), Protocol::Http1);
+            assert_eq!(classify_unfinished(b"DELE", ended), Protocol::Http1);
+            let delete = classify_unfinished(b"DELETE /admin?q=a", ended);
+            assert_eq!(delete, Protocol::Http1);
+            let preface = classify_unfinished(&H2_PREFACE[..16], ended);
+            assert_eq!(preface, Protocol::Http2);
+            // Nothing at all (server-first) and what cannot be HTTP stay opaque.
+            assert_eq!(classify_unfinished(b"", ended), Protocol::Opaque);
+            assert_eq!(classify_unfinished(b"\r\n", ended), Protocol::Opaque);
+            assert_eq!(classify_unfinished(b"\x00\x01", ended), Protocol::Opaque);
+            assert_eq!(classify_unfinished(b"{\"ping\"", ended), Protocol::Opaque);
+            assert_eq!(classify_unfinished(b"ping\x01", ended), Protocol::Opaque);
+        }
+        // While more may come, any token may be a method (`FOO /x HTTP/1.1`
+        // reaches Go and hyper handlers), and a paused line cannot be told
+        // from one.
+        let long = [b'A'; 40];
+        for paused in [
+            &b"FOO /admin"[..],
+            b"FOO",
+            b"FOO ",
+            b"FOO\t/x",
+            b"ping",
+            &long,
+        ] {
+            assert_eq!(classify_unfinished(paused, false), Protocol::Http1);
+        }
+        assert_eq!(
+            classify_unfinished(&[b'A'; MAX_PEEK], false),
+            Protocol::Http1
+        );
+        // At the end of the stream, other text can no longer become one.
+        for ended in [&b"FOO /admin"[..], b"ping", b"hello mesh"] {
+            assert_eq!(classify_unfinished(ended, true), Protocol::Opaque);
+        }
     }
 
     #[tokio::test]

@@ -310,18 +310,27 @@ pub async fn tls_connect(
         .await
 }
 
-/// Writes `msg` and reads the same number of bytes back; an error or an
-/// early EOF is an `Err`.
+/// Writes `msg` as a line (a line end added unless it has one) and reads
+/// the echo of it back, returned without the added line end; an error or
+/// an early EOF is an `Err`.
 pub async fn round_trip<S>(stream: &mut S, msg: &[u8]) -> std::io::Result<Vec<u8>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    stream.write_all(msg).await?;
+    // A client-first text protocol that pauses mid-line is taken for HTTP
+    // (`http::detect`): the message goes as a whole line.
+    let line = if msg.ends_with(b"\n") {
+        msg.to_vec()
+    } else {
+        [msg, b"\n"].concat()
+    };
+    stream.write_all(&line).await?;
     stream.flush().await?;
-    let mut buf = vec![0; msg.len()];
+    let mut buf = vec![0; line.len()];
     tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
         .await
         .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    buf.truncate(msg.len());
     Ok(buf)
 }
 
