@@ -152,6 +152,13 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
             "/admin\\users",
             "path contains '\\': an app could read it as a separator",
         ),
+        (
+            // `/admin/users` to a servlet container, which drops `;` before
+            // it resolves `..`.
+            "/x/..;/admin/users",
+            "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
+             containers read them)",
+        ),
     ] {
         let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
         assert_eq!(

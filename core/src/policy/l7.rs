@@ -19,7 +19,9 @@
 //! the same resource in another spelling must not reach them past a rule
 //! written for the plain one. While rules or rate limits match on paths,
 //! the proxy refuses ([`check_path`]) paths with `.`/`..` or empty
-//! segments (`/a/../admin`), a percent-encoded unreserved character
+//! segments (`/a/../admin`), counting a segment's parameters out (servlet
+//! containers drop `;x` before they resolve dot segments, so `/a/..;/admin`
+//! is `/admin` to them), a percent-encoded unreserved character
 //! (`/%61dmin`: RFC 3986 says those are decoded, so no rule written as
 //! sent could match), an encoded `/` or `\` (`/admin%2Fx`), a raw `\`, or
 //! a `%` not followed by two hex digits. Other escapes (`%20`) are matched
@@ -225,7 +227,7 @@ fn segment_is(lit: &str, part: &str) -> bool {
 /// as another path than the one rules compare (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathProblem {
-    /// An empty, `.` or `..` segment.
+    /// An empty, `.` or `..` segment, parameters (`;x`) aside.
     Segment,
     /// `%XX` encoding an unreserved character (ALPHA, DIGIT, `-._~`).
     EncodedUnreserved([u8; 3]),
@@ -243,7 +245,10 @@ impl fmt::Display for PathProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = |escape: &[u8; 3]| String::from_utf8_lossy(escape).into_owned();
         match self {
-            Self::Segment => f.write_str("path has an empty, '.' or '..' segment"),
+            Self::Segment => f.write_str(
+                "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
+                 containers read them)",
+            ),
             Self::EncodedUnreserved(escape) => {
                 let c = char::from(decode(escape));
                 write!(
@@ -277,8 +282,9 @@ fn decode(escape: &[u8; 3]) -> u8 {
 }
 
 /// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
-/// segments (a trailing `/` is fine), and no escapes or backslashes an app
-/// could read as another path (see the module docs).
+/// segments (a trailing `/` is fine), what follows a `;` in a segment left
+/// out (`..;x` is `..` to a servlet container), and no escapes or
+/// backslashes an app could read as another path (see the module docs).
 pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathProblem::Segment);
@@ -286,9 +292,10 @@ pub fn check_path(path: &str) -> Result<(), PathProblem> {
     check_escapes(path)?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if !rest.is_empty()
-        && rest
-            .split('/')
-            .any(|s| s.is_empty() || s == "." || s == "..")
+        && rest.split('/').any(|segment| {
+            let s = segment.split(';').next().unwrap_or_default();
+            s.is_empty() || s == "." || s == ".."
+        })
     {
         return Err(PathProblem::Segment);
     }
@@ -524,6 +531,16 @@ mod tests {
         assert_eq!(check_path("/a//b"), Err(PathProblem::Segment));
         assert_eq!(check_path("/a/../admin"), Err(PathProblem::Segment));
         assert_eq!(check_path("/./a"), Err(PathProblem::Segment));
+        // A servlet container drops `;x` before it resolves dot segments.
+        for path in [
+            "/public/..;/admin",
+            "/x/..;x/admin/users",
+            "/.;/a",
+            "/a/;x/b",
+        ] {
+            assert_eq!(check_path(path), Err(PathProblem::Segment), "{path}");
+        }
+        assert_eq!(check_path("/admin;jsessionid=1/x"), Ok(()));
         for (path, problem) in [
             (
                 "/%61dmin/x",
