@@ -3,8 +3,12 @@
 //!
 //! This module owns that file's format and turning it into an
 //! [`InjectConfig`]. Every field is optional and defaults to
-//! [`InjectConfig::default`]; unknown fields are refused, so a typo in the
-//! chart fails the control plane's start (exit 64), not a pod later. The
+//! [`InjectConfig::default`]. Unknown fields are named in a warning and
+//! otherwise ignored: the ConfigMap is shared by every ReplicaSet of the
+//! control plane, so after an upgrade added a field, a rollback (`kubectl
+//! rollout undo`), or an older replica restarting mid-rollout, reads a file
+//! written for a newer release and must still start. Invalid values of
+//! known fields are refused (exit 64). The
 //! trust domain and the trust bundle are not in the file: the control plane
 //! passes its own.
 //!
@@ -33,7 +37,7 @@ use super::{
 pub struct InvalidSettings(String);
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct Settings {
     image: Option<String>,
     image_pull_policy: Option<String>,
@@ -50,6 +54,9 @@ struct Settings {
     log_format: Option<String>,
     #[serde(rename = "ipFamilies")]
     ip_families: Option<Vec<String>>,
+    /// Fields this release does not know: a typo, or a newer chart's.
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, Value>,
 }
 
 /// `{requests: {cpu, memory}, limits: {cpu, memory}}` as in a pod spec.
@@ -97,6 +104,14 @@ impl InjectConfig {
         trust_bundle_pem: String,
     ) -> Result<Self, InvalidSettings> {
         let s: Settings = serde_json::from_str(json).map_err(|e| InvalidSettings(e.to_string()))?;
+        if !s.unknown.is_empty() {
+            let fields: Vec<&str> = s.unknown.keys().map(String::as_str).collect();
+            tracing::warn!(
+                fields = %fields.join(", "),
+                "injection settings: ignoring fields this release does not know (a typo, or \
+                 settings written for a newer release)"
+            );
+        }
         let mut config = InjectConfig {
             trust_domain,
             trust_bundle: TrustBundleSource::Annotation(trust_bundle_pem),
@@ -232,13 +247,14 @@ mod tests {
     }
 
     #[test]
-    fn refuses_unknown_fields() {
-        let e = InjectConfig::from_settings(r#"{"imagePullPolicies": "Always"}"#, td(), "".into())
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("unknown field `imagePullPolicies`"),
-            "{e}"
-        );
+    fn ignores_fields_it_does_not_know() {
+        let newer = r#"{"image": "trellis:2", "imagePullPolicies": "Always"}"#;
+        let config = InjectConfig::from_settings(newer, td(), "".into()).unwrap();
+        assert_eq!(config.image, "trellis:2", "the known fields are read");
+        // A known field with a wrong value is still refused.
+        let e =
+            InjectConfig::from_settings(r#"{"image": 7, "x": 1}"#, td(), "".into()).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
     }
 
     #[test]
