@@ -149,6 +149,27 @@ async fn ctl_without_credentials_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
 }
 
+/// `--control-plane` without a port would be dialled on 443, never the
+/// control plane's 15012: refused before anything is dialled, naming the
+/// flag and what it takes.
+#[tokio::test]
+async fn ctl_refuses_a_control_plane_address_without_a_port() {
+    for (address, problem) in [
+        ("trellis-control-plane.trellis.svc", "expected host:port"),
+        ("https://trellis-control-plane:15012", "has a scheme"),
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args(["--control-plane", address, "--state-dir", "/nonexistent"])
+            .arg("workloads")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{address}: {stderr}");
+        assert!(stderr.contains("--control-plane"), "{address}: {stderr}");
+        assert!(stderr.contains(problem), "{address}: {stderr}");
+    }
+}
+
 /// What an operator gets wrong most: credentials of another control plane
 /// (its bundle, or its operator certificate), a key that is not the
 /// certificate's, the admin port instead of the gRPC one, a control plane

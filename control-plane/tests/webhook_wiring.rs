@@ -173,6 +173,22 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
     let review: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(review["response"]["allowed"], false, "{body}");
 
+    // trellisctl pointed at the webhook port (the Service exposes it beside
+    // the gRPC port) is told which port to give.
+    let out = Command::new(common::CTL)
+        .args(["--control-plane", &addr, "--state-dir"])
+        .arg(&cp.state_dir)
+        .arg("workloads")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("it does not speak gRPC (HTTP/2)")
+            && stderr.contains("not its webhook port"),
+        "{stderr}"
+    );
+
     let status = cp.stop();
     assert!(status.success(), "{status}");
     let port = addr.rsplit(':').next().unwrap();

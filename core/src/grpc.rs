@@ -129,6 +129,14 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
                      address (its --listen), not its admin or webhook port"
                         .into(),
                 ),
+                // The webhook port speaks TLS, but HTTP/1.1 only.
+                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) => {
+                    Some(
+                        "it does not speak gRPC (HTTP/2): give --control-plane the control \
+                         plane's gRPC address (its --listen), not its webhook port"
+                            .into(),
+                    )
+                }
                 _ => None,
             };
         }
@@ -252,4 +260,28 @@ mod tests {
         let e = connect(&addr.to_string(), tls).await.unwrap_err();
         assert!(!refused(&e), "{}", error_chain(&e));
     }
+}
+
+/// `s` must be what the dialer turns into `http://HOST:PORT/`: a host
+/// (an IPv6 address in brackets) and a port, with no scheme or path.
+pub fn check_host_port(s: &str) -> Result<(), String> {
+    if s.contains("://") {
+        return Err(format!(
+            "{s:?} has a scheme: give host:port (the connection is always mTLS)"
+        ));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("bad port {port:?}"))?;
+    let dialled = http::Uri::try_from(format!("http://{s}")).ok();
+    let authority = dialled.as_ref().and_then(http::Uri::authority);
+    if authority.is_none_or(|a| a.as_str() != s) || dialled.is_some_and(|u| u.path() != "/") {
+        return Err(format!(
+            "{s:?} is not host:port (an IPv6 address goes in brackets: [::1]:15012)"
+        ));
+    }
+    Ok(())
 }

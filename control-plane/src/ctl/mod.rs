@@ -48,7 +48,8 @@ pub struct Cli {
         long,
         env = "TRELLIS_CONTROL_PLANE",
         default_value = "127.0.0.1:15012",
-        global = true
+        global = true,
+        value_parser = host_port
     )]
     pub control_plane: String,
 
@@ -340,6 +341,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
     Ok(certs)
 }
 
+/// `--control-plane` as `host:port`: a missing port would be dialled as
+/// 443, never the control plane's 15012.
+fn host_port(s: &str) -> Result<String, String> {
+    trellis_core::grpc::check_host_port(s)?;
+    Ok(s.to_owned())
+}
+
 impl Cli {
     fn credentials(&self) -> Result<AdminCredentials, CtlError> {
         match (&self.state_dir, &self.ca, &self.cert, &self.key) {
@@ -350,7 +358,8 @@ impl Cli {
                 key: key.clone(),
             }),
             (Some(_), _, _, _) => Err(CtlError::Usage(
-                "--state-dir cannot be combined with --ca/--cert/--key".into(),
+                "--state-dir (or TRELLIS_STATE_DIR) cannot be combined with --ca/--cert/--key"
+                    .into(),
             )),
             _ => Err(CtlError::Usage(
                 "give --state-dir DIR, or all of --ca, --cert and --key".into(),

@@ -190,7 +190,8 @@ impl FromStr for Route {
             .parse()
             .map_err(|e| format!("local address {local:?}: {e}"))?;
         let spiffe_id = SpiffeId::parse(id).map_err(|e| format!("SPIFFE ID {id:?}: {e}"))?;
-        check_host_port(remote).map_err(|e| format!("remote address {remote:?}: {e}"))?;
+        trellis_core::grpc::check_host_port(remote)
+            .map_err(|e| format!("remote address {remote:?}: {e}"))?;
         Ok(Route {
             local,
             spiffe_id,
@@ -203,30 +204,6 @@ impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}@{}", self.local, self.spiffe_id, self.remote)
     }
-}
-
-/// `s` must be what the dialer turns into `http://HOST:PORT/`: a host
-/// (an IPv6 address in brackets) and a port, with no scheme or path.
-fn check_host_port(s: &str) -> Result<(), String> {
-    if s.contains("://") {
-        return Err(format!(
-            "{s:?} has a scheme: give host:port (the connection is always mTLS)"
-        ));
-    }
-    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
-    if host.is_empty() {
-        return Err("empty host".into());
-    }
-    port.parse::<u16>()
-        .map_err(|_| format!("bad port {port:?}"))?;
-    let dialled = http::Uri::try_from(format!("http://{s}")).ok();
-    let authority = dialled.as_ref().and_then(http::Uri::authority);
-    if authority.is_none_or(|a| a.as_str() != s) || dialled.is_some_and(|u| u.path() != "/") {
-        return Err(format!(
-            "{s:?} is not host:port (an IPv6 address goes in brackets: [::1]:15012)"
-        ));
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,7 +281,8 @@ impl Config {
             .ok_or_else(|| invalid("identity", "is required"))?;
         let identity = SpiffeId::parse(id).map_err(|e| invalid("identity", e))?;
         let trust_domain = identity.trust_domain();
-        check_host_port(&args.control_plane).map_err(|e| invalid("control-plane", e))?;
+        trellis_core::grpc::check_host_port(&args.control_plane)
+            .map_err(|e| invalid("control-plane", e))?;
         // Without either a sidecar could never certify: it would run for
         // ever, never ready. Refused here, before any port is bound.
         let trust_bundle = match &args.trust_bundle {
