@@ -282,6 +282,13 @@ fn control_plane_deployment_is_hardened() {
         .find(|p| p["name"] == "admin")
         .unwrap();
     assert_eq!(admin["containerPort"], 15014);
+    // A stopping pod serves its webhooks until it has left the Service's
+    // endpoints, within the grace period (Kubernetes' 30 s unless set).
+    assert_eq!(
+        container["lifecycle"]["preStop"],
+        json!({"exec": {"command": ["sleep", "5"]}})
+    );
+    assert!(spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30) >= 30);
     assert!(container["resources"]["requests"]["cpu"].is_string());
     assert!(container["resources"]["limits"]["memory"].is_string());
     assert!(
