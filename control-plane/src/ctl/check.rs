@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
-use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync};
+use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, Workload};
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
@@ -134,10 +134,25 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
 fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     let connected: Vec<_> = answer.workloads.iter().filter(|w| w.connected).collect();
     // A sidecar renews at half its certificate's life; one still connected
-    // past its newest certificate's expiry has not managed to (0: the
-    // store does not know, as with Kubernetes Pods).
+    // past its newest certificate's expiry has not managed to. The
+    // Kubernetes store records no certificates (a Pod's record says
+    // `i64::MAX`; 0 from an older control plane): that is said, not passed
+    // over as fine.
+    let unknown = |w: &&&Workload| matches!(w.cert_expires_at_unix, 0 | i64::MAX);
+    let unchecked = connected.iter().filter(unknown).count();
+    if unchecked > 0 {
+        out.push(finding(
+            Level::Ok,
+            format!(
+                "certificate renewal not checked for {unchecked} connected sidecar{}: the store \
+                 does not record certificates (the Kubernetes store); alert on the sidecars' \
+                 trellis_certificate_expiry_timestamp_seconds instead",
+                if unchecked == 1 { "" } else { "s" }
+            ),
+        ));
+    }
     for w in &connected {
-        if w.cert_expires_at_unix != 0 && w.cert_expires_at_unix <= now {
+        if !unknown(&w) && w.cert_expires_at_unix <= now {
             out.push(finding(
                 Level::Fail,
                 format!(
@@ -284,7 +299,7 @@ pub fn report(findings: &[Finding]) -> (String, bool) {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    use trellis_proto::admin::v1::{ReplicaStatus, Workload};
+    use trellis_proto::admin::v1::ReplicaStatus;
 
     const NOW: i64 = 1_900_000_000;
     const DAY: i64 = 86_400;
@@ -305,6 +320,7 @@ mod tests {
             connected,
             sync: sync.into(),
             last_nack: nack.into(),
+            cert_expires_at_unix: NOW + 3600,
             ..Workload::default()
         }
     }
@@ -457,10 +473,11 @@ mod tests {
         late.cert_expires_at_unix = NOW - 60;
         let mut fine = workload("spiffe://td/b", true, SnapshotSync::Synced, "");
         fine.cert_expires_at_unix = NOW + 60;
-        // Gone, or known only as a Pod: nothing to say.
+        // Gone: nothing to say. Known only as a Pod: said to be unchecked.
         let mut gone = workload("spiffe://td/c", false, SnapshotSync::NotConnected, "");
         gone.cert_expires_at_unix = NOW - 60;
-        let pod = workload("spiffe://td/d", true, SnapshotSync::Synced, "");
+        let mut pod = workload("spiffe://td/d", true, SnapshotSync::Synced, "");
+        pod.cert_expires_at_unix = i64::MAX;
         let answer = ListWorkloadsResponse {
             workloads: vec![late, fine, gone, pod],
             ..ListWorkloadsResponse::default()
@@ -472,6 +489,13 @@ mod tests {
             failures[0].starts_with(
                 "FAIL spiffe://td/a is connected, but its newest certificate expired at"
             ),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|l| l.starts_with(
+                "ok certificate renewal not checked for 1 connected sidecar: the store does not \
+                 record certificates"
+            )),
             "{found:#?}"
         );
     }
