@@ -292,8 +292,22 @@ fn notes_name_the_next_steps() {
         if sets.contains("example.org") {
             assert!(notes.contains("spiffe://example.org/ns/NAMESPACE/sa/web"));
             assert!(notes.contains("allow-same-namespace"));
+            // lint's own default is cluster.local: the mesh's is given.
+            assert!(notes.contains("trellisctl policy lint --trust-domain example.org DIR"));
         }
     }
+    // Under the default outbound deny, calls to what has no sidecar are
+    // refused: the notes say so and how to let them out.
+    let notes = install_notes(&helm, &chart, &[]);
+    assert!(
+        notes.contains("trellis.io/exclude-outbound-cidrs"),
+        "{notes}"
+    );
+    let notes = install_notes(&helm, &chart, &["--set", "outboundPolicy=passthrough"]);
+    assert!(
+        !notes.contains("trellis.io/exclude-outbound-cidrs"),
+        "{notes}"
+    );
 }
 
 /// `trustAnchorsPEM` (set from a file of roots) renders a ConfigMap that the

@@ -772,7 +772,16 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 addr,
                 policy: OutboundPolicy::Deny,
             } => {
-                tracing::info!(%client, %dst, service = name, backend = backend(*addr), "outbound connection denied: destination outside the mesh");
+                tracing::info!(
+                    %client,
+                    %dst,
+                    service = name,
+                    backend = backend(*addr),
+                    "outbound connection denied: destination outside the mesh, and the outbound \
+                     policy is deny (let it out with the pod annotation \
+                     trellis.io/exclude-outbound-cidrs or -ports, or the mesh's outbound policy \
+                     passthrough)"
+                );
                 metrics.connection(OUTBOUND, "denied");
                 return;
             }
