@@ -11,6 +11,7 @@
 //! except under CI (`CI` set), where a missing tool fails the test.
 
 mod chart;
+mod common;
 
 use chart::*;
 use serde_json::{Value, json};
@@ -451,5 +452,215 @@ fn state_dir_opens_on_the_volume_the_kubelet_makes() {
     assert!(
         notes.contains(&format!("--state-dir {state_dir} ")),
         "{notes}"
+    );
+}
+
+/// The discovery documents of a cluster with the kinds the chart renders,
+/// as `helm` asks for them (`/api`, `/apis`, each group version), with
+/// `secret` as the one object it holds; anything else is 404. Written after
+/// the API server's JSON shapes (no API server can run here).
+fn cluster_with(secret: Value) -> impl Fn(&str) -> (u16, Value) + Clone + Send + Sync + 'static {
+    let kinds: [(&str, &[(&str, &str, bool)]); 6] = [
+        (
+            "v1",
+            &[
+                ("secrets", "Secret", true),
+                ("services", "Service", true),
+                ("serviceaccounts", "ServiceAccount", true),
+                ("configmaps", "ConfigMap", true),
+            ],
+        ),
+        ("apps/v1", &[("deployments", "Deployment", true)]),
+        (
+            "rbac.authorization.k8s.io/v1",
+            &[
+                ("roles", "Role", true),
+                ("rolebindings", "RoleBinding", true),
+                ("clusterroles", "ClusterRole", false),
+                ("clusterrolebindings", "ClusterRoleBinding", false),
+            ],
+        ),
+        (
+            "apiextensions.k8s.io/v1",
+            &[(
+                "customresourcedefinitions",
+                "CustomResourceDefinition",
+                false,
+            )],
+        ),
+        (
+            "admissionregistration.k8s.io/v1",
+            &[
+                (
+                    "mutatingwebhookconfigurations",
+                    "MutatingWebhookConfiguration",
+                    false,
+                ),
+                (
+                    "validatingwebhookconfigurations",
+                    "ValidatingWebhookConfiguration",
+                    false,
+                ),
+            ],
+        ),
+        (
+            "policy/v1",
+            &[("poddisruptionbudgets", "PodDisruptionBudget", true)],
+        ),
+    ];
+    let secret_path = format!(
+        "/api/v1/namespaces/{}/secrets/{}",
+        secret["metadata"]["namespace"].as_str().unwrap(),
+        secret["metadata"]["name"].as_str().unwrap()
+    );
+    move |path: &str| {
+        let resources = |gv: &str, list: &[(&str, &str, bool)]| {
+            let resources: Vec<Value> = list
+                .iter()
+                .map(|(name, kind, namespaced)| {
+                    json!({"name": name, "singularName": "", "namespaced": namespaced,
+                           "kind": kind, "verbs": ["get", "list", "create", "update", "patch"]})
+                })
+                .collect();
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                   "resources": resources})
+        };
+        let groups: Vec<Value> = kinds[1..]
+            .iter()
+            .map(|(gv, _)| {
+                let (group, version) = gv.split_once('/').unwrap();
+                let version = json!({"groupVersion": gv, "version": version});
+                json!({"name": group, "versions": [version], "preferredVersion": version})
+            })
+            .collect();
+        match path {
+            "/version" => (
+                200,
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0",
+                       "platform": "linux/amd64"}),
+            ),
+            "/api" => (
+                200,
+                json!({"kind": "APIVersions", "versions": ["v1"],
+                       "serverAddressByClientCIDRs": [
+                           {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:443"}]}),
+            ),
+            "/apis" => (
+                200,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            ),
+            p if p == secret_path => (200, secret.clone()),
+            p => match kinds
+                .iter()
+                .find(|(gv, _)| p == format!("/api/{gv}") || p == format!("/apis/{gv}"))
+            {
+                Some((gv, list)) => (200, resources(gv, list)),
+                None => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404}),
+                ),
+            },
+        }
+    }
+}
+
+/// The CA Secret holds the mesh's root once the first replica wrote it.
+/// An upgrade that replaces objects instead of patching them (`helm
+/// upgrade --force`, a GitOps "Replace" sync) sends the rendered Secret
+/// whole: were it rendered empty, the next replica to start would make a
+/// new root, which no running sidecar trusts. Rendered against a cluster
+/// holding the Secret (`--dry-run=server` looks it up), its data comes
+/// back as it is. No API server can run here: a local HTTPS stand-in
+/// answers helm's discovery requests and the Secret's GET with the API
+/// server's JSON shapes, and 404 for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
+    use base64::Engine as _;
+    let Some((helm, _)) = tools() else { return };
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "trellis-ca",
+            "namespace": NAMESPACE,
+            "resourceVersion": "4711",
+            // What Helm set when it created the Secret: it adopts only its own.
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {
+                "meta.helm.sh/release-name": "trellis",
+                "meta.helm.sh/release-namespace": NAMESPACE,
+                "helm.sh/resource-policy": "keep"
+            }
+        },
+        "type": "Opaque",
+        "data": {
+            trellis_control_plane::ca::secret::CERT_KEY: b64("-----BEGIN CERTIFICATE-----\nroot\n"),
+            trellis_control_plane::ca::secret::KEY_KEY: b64("-----BEGIN PRIVATE KEY-----\nkey\n"),
+        }
+    });
+    let answer = cluster_with(secret.clone());
+    let server = common::serving::ApiServer::start(
+        "operator-token",
+        common::serving::Answering::Yes,
+        move |req: http::Request<hyper::body::Incoming>| {
+            let (status, body) = answer(req.uri().path());
+            async move {
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_string(),
+                    )))
+                    .unwrap()
+            }
+        },
+    )
+    .await;
+    let kubeconfig = server.token_file().with_file_name("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\nusers:\n- name: u\n  user:\n    tokenFile: {}\n\
+             contexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+            server.url(),
+            server.ca().display(),
+            server.token_file().display()
+        ),
+    )
+    .unwrap();
+    let chart = chart().display().to_string();
+    let kubeconfig = kubeconfig.display().to_string();
+    let args: Vec<String> = [
+        "template",
+        "trellis",
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=server",
+        "--disable-openapi-validation",
+        "--kubeconfig",
+        &kubeconfig,
+        "--show-only",
+        "templates/ca-secret.yaml",
+    ]
+    .map(String::from)
+    .to_vec();
+    // helm blocks; the stand-in answers on this runtime meanwhile.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_helm(&helm, &args)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let docs = documents(&rendered);
+    let rendered = one(&docs, "Secret");
+    assert_eq!(rendered["data"], secret["data"], "{rendered}");
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
     );
 }
