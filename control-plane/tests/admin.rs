@@ -408,14 +408,12 @@ async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
                 not_after_unix: now + 3600,
                 issued_at_unix: now,
             };
-            let workload = WorkloadRecord {
+            let workload = WorkloadRecord::new(
                 spiffe_id,
-                addresses: (0..16)
-                    .map(|a| format!("[fd00::{i:x}:{a:x}]:15006"))
-                    .collect(),
-                cert_expires_at_unix: now + 3600,
-                last_seen_unix: now,
-            };
+                (0..16).map(|a| format!("[fd00::{i:x}:{a:x}]:15006")),
+                now + 3600,
+                now,
+            );
             let abandoned = std::sync::Arc::default();
             answers.push(store.queue_issuance(None, &issued, &workload, &abandoned));
         }

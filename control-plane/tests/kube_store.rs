@@ -41,7 +41,7 @@ fn addresses(state: &DiscoveryState) -> Vec<String> {
     let mut out: Vec<_> = state
         .workloads
         .iter()
-        .flat_map(|w| w.addresses.clone())
+        .flat_map(|w| w.addresses.iter().map(|a| a.address.clone()))
         .collect();
     out.sort();
     out

@@ -143,10 +143,12 @@ impl Admin for AdminService {
             reached_position: request.get_ref().reached_position,
         };
         let fleet = self.replicas.fleet(&self.mesh.discovery, asked).await;
+        let now = crate::unix_now();
         let workloads = records
             .into_iter()
             .map(|w| {
                 let status = fleet.status(&w.spiffe_id);
+                let addresses = w.listed_addresses(now);
                 Workload {
                     connected: status.streams > 0,
                     acked_version: status.acked_version,
@@ -156,8 +158,8 @@ impl Admin for AdminService {
                     reached: status.reached,
                     replicas: status.replicas,
                     spiffe_id: w.spiffe_id,
-                    address: w.addresses.first().cloned().unwrap_or_default(),
-                    addresses: w.addresses,
+                    address: addresses.first().cloned().unwrap_or_default(),
+                    addresses,
                     cert_expires_at_unix: w.cert_expires_at_unix,
                 }
             })

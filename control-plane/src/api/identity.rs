@@ -317,12 +317,7 @@ impl Identity for IdentityService {
             not_after_unix: issued.not_after_unix,
             issued_at_unix: now,
         };
-        let workload = WorkloadRecord {
-            spiffe_id: id.to_string(),
-            addresses,
-            cert_expires_at_unix: issued.not_after_unix,
-            last_seen_unix: now,
-        };
+        let workload = WorkloadRecord::new(id.to_string(), addresses, issued.not_after_unix, now);
         let claim = token_hash.as_ref().map(|hash| TokenClaim {
             hash,
             spiffe_id: &id,

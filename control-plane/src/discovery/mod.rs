@@ -138,8 +138,8 @@ pub struct View {
     policy_tokens: Vec<u64>,
     /// Per entry of `rate_limits`, a token naming its content.
     rate_limit_tokens: Vec<u64>,
-    /// The soonest certificate expiry among the endpoints' workloads when
-    /// the view was built (renewals may have moved it on since).
+    /// The soonest expiry among the endpoints' addresses when the view was
+    /// built (renewals may have moved it on since).
     soonest_expiry: Option<i64>,
 }
 
@@ -266,27 +266,24 @@ impl View {
 
     /// The view of `state` at `now`.
     fn from_state_at(state: DiscoveryState, now: i64) -> Self {
-        // A workload is an endpoint while it holds a valid certificate: one
-        // that is gone stops renewing, and leaves when its certificate ends.
+        // An address is an endpoint until it expires: a sidecar that is
+        // gone stops renewing, and its addresses leave when the certificate
+        // it last reported them with ends, while those of other sidecars of
+        // its identity stay.
         let mut soonest_expiry: Option<i64> = None;
         // One endpoint per address, so an outbound lookup of any of a pod's
         // addresses (IPv4 or IPv6) finds its SPIFFE ID.
-        let mut endpoints: Vec<Endpoint> = state
-            .workloads
-            .into_iter()
-            .filter(|w| w.cert_expires_at_unix > now && !w.addresses.is_empty())
-            .inspect(|w| {
-                let at = w.cert_expires_at_unix;
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for w in state.workloads {
+            for a in w.addresses.into_iter().filter(|a| a.expires_at_unix > now) {
+                let at = a.expires_at_unix;
                 soonest_expiry = Some(soonest_expiry.map_or(at, |s| s.min(at)));
-            })
-            .flat_map(|w| {
-                let id = w.spiffe_id;
-                w.addresses.into_iter().map(move |address| Endpoint {
-                    address,
-                    spiffe_id: id.clone(),
-                })
-            })
-            .collect();
+                endpoints.push(Endpoint {
+                    address: a.address,
+                    spiffe_id: w.spiffe_id.clone(),
+                });
+            }
+        }
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
         leave_out_shared_local(&mut endpoints);
         // One address, one owner: sidecars map an address to the identity
@@ -645,14 +642,15 @@ impl Discovery {
         Ok(self.current_version())
     }
 
-    /// Removes workloads from the mesh endpoints when their certificates
-    /// expire: when an endpoint of the current view has expired it records a
-    /// change, so the endpoint leaves in a new version (a version always
-    /// names exactly its content). It sleeps until the soonest expiry the
-    /// current view knows; only then does it read the store's workloads,
-    /// whose renewals may have moved that expiry on, so a new version costs
-    /// no read of every workload, and it still wakes for workloads that
-    /// stopped renewing. Runs until the announcements end.
+    /// Removes addresses from the mesh endpoints when they expire (the
+    /// certificate their sidecar last reported them with ends): when an
+    /// endpoint of the current view has expired it records a change, so
+    /// the endpoint leaves in a new version (a version always names exactly
+    /// its content). It sleeps until the soonest expiry the current view
+    /// knows; only then does it read the store's workloads, whose renewals
+    /// may have moved that expiry on, so a new version costs no read of
+    /// every workload, and it still wakes for sidecars that stopped
+    /// renewing. Runs until the announcements end.
     pub async fn expire_endpoints(self: Arc<Self>) {
         let mut versions = self.subscribe();
         loop {
@@ -699,25 +697,24 @@ impl Discovery {
     }
 
     /// Whether an endpoint of the current view has expired, and the soonest
-    /// certificate expiry still to come among workloads with an address.
+    /// address expiry still to come.
     fn endpoint_expiries(&self) -> Result<(bool, Option<i64>), StoreError> {
         let now = unix_now();
         let view = self.view();
-        let listed: std::collections::HashSet<&str> = view
+        let listed: std::collections::HashSet<(&str, &str)> = view
             .endpoints
             .iter()
-            .map(|e| e.spiffe_id.as_str())
+            .map(|e| (e.address.as_str(), e.spiffe_id.as_str()))
             .collect();
         let mut due = false;
         let mut next: Option<i64> = None;
         for w in self.store.workloads()? {
-            if w.addresses.is_empty() {
-                continue;
-            }
-            if w.cert_expires_at_unix <= now {
-                due |= listed.contains(w.spiffe_id.as_str());
-            } else {
-                next = Some(next.map_or(w.cert_expires_at_unix, |n| n.min(w.cert_expires_at_unix)));
+            for a in &w.addresses {
+                if a.expires_at_unix <= now {
+                    due |= listed.contains(&(a.address.as_str(), w.spiffe_id.as_str()));
+                } else {
+                    next = Some(next.map_or(a.expires_at_unix, |n| n.min(a.expires_at_unix)));
+                }
             }
         }
         Ok((due, next))
@@ -1035,16 +1032,15 @@ fn encode_constant_part(mesh: &MeshConfig, bundle: &[Vec<u8>]) -> String {
     encoded
 }
 
-/// Whether a workload with an address that `state`'s version published (its
-/// certificate still valid when the version was set; any, when the store
-/// does not know when that was) has a certificate that ended by `now`.
+/// Whether an address that `state`'s version published (unexpired when the
+/// version was set; any, when the store does not know when that was) has
+/// expired by `now`.
 fn published_since_expired(state: &DiscoveryState, now: i64) -> bool {
-    state.workloads.iter().any(|w| {
-        !w.addresses.is_empty()
-            && w.cert_expires_at_unix <= now
+    state.workloads.iter().flat_map(|w| &w.addresses).any(|a| {
+        a.expires_at_unix <= now
             && state
                 .version_set_at_unix
-                .is_none_or(|set_at| w.cert_expires_at_unix > set_at)
+                .is_none_or(|set_at| a.expires_at_unix > set_at)
     })
 }
 

@@ -10,19 +10,18 @@ const API: &str = "spiffe://td/ns/a/sa/api";
 
 /// Records a renewal of `id` listening on `address`, valid for an hour.
 fn register(store: &EmbeddedStore, id: &str, serial: &str, address: &str) {
-    let expires = unix_now() + 3600;
+    register_until(store, id, serial, address, unix_now() + 3600);
+}
+
+/// Records a renewal of `id` listening on `address`, valid until `expires`.
+fn register_until(store: &EmbeddedStore, id: &str, serial: &str, address: &str, expires: i64) {
     let issued = IssuedCertRecord {
         serial_hex: serial.into(),
         spiffe_id: id.into(),
         not_after_unix: expires,
         issued_at_unix: unix_now(),
     };
-    let workload = WorkloadRecord {
-        spiffe_id: id.into(),
-        addresses: vec![address.into()],
-        cert_expires_at_unix: expires,
-        last_seen_unix: unix_now(),
-    };
+    let workload = WorkloadRecord::new(id, [address.to_string()], expires, unix_now());
     store.record_issuance(None, &issued, &workload).unwrap();
 }
 
@@ -95,14 +94,20 @@ fn endpoint_changes_are_what_changed_since_the_content_held() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     register(&store, WEB, "01", "127.0.0.1:7001");
-    register(&store, DB, "02", "127.0.0.1:7002");
+    // DB's sidecar on 7002 stops renewing, and that address leaves.
+    let ends = unix_now() + 2;
+    register_until(&store, DB, "02", "127.0.0.1:7002", ends);
     let discovery =
         Discovery::new(store.clone(), vec![vec![1, 2, 3]], MeshConfig::default()).unwrap();
     let web = SpiffeId::parse(WEB).unwrap();
     let before = discovery.view();
     let held = before.held_endpoints();
+    assert_eq!(held.endpoints.len(), 2);
     register(&store, API, "03", "127.0.0.1:7003");
     register(&store, DB, "04", "127.0.0.1:7004");
+    while unix_now() < ends {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     discovery.changed().unwrap();
     let view = discovery.view();
     assert_ne!(view.endpoints_token(), held.token);
@@ -208,12 +213,12 @@ fn streams_of_one_identity_keep_their_own_status() {
 
 /// A workload seen now whose certificate is good for an hour.
 fn live(id: &str, addresses: &[&str]) -> WorkloadRecord {
-    WorkloadRecord {
-        spiffe_id: id.into(),
-        addresses: addresses.iter().map(|a| a.to_string()).collect(),
-        cert_expires_at_unix: unix_now() + 3600,
-        last_seen_unix: unix_now(),
-    }
+    WorkloadRecord::new(
+        id,
+        addresses.iter().map(|a| a.to_string()),
+        unix_now() + 3600,
+        unix_now(),
+    )
 }
 
 /// The view's endpoints as (address, SPIFFE ID).
@@ -259,12 +264,7 @@ fn endpoints_that_expired_while_stopped_leave_in_a_new_version() {
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     let start = || Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap();
     let expires = unix_now() + 3;
-    let short_lived = WorkloadRecord {
-        spiffe_id: WEB.into(),
-        addresses: vec!["127.0.0.1:7001".into()],
-        cert_expires_at_unix: expires,
-        last_seen_unix: unix_now(),
-    };
+    let short_lived = WorkloadRecord::new(WEB, ["127.0.0.1:7001".to_string()], expires, unix_now());
     let issued = IssuedCertRecord {
         serial_hex: "01".into(),
         spiffe_id: WEB.into(),
@@ -299,12 +299,7 @@ fn endpoints_that_expired_while_stopped_leave_in_a_new_version() {
 #[test]
 fn without_the_time_of_the_version_any_expired_endpoint_counts() {
     let now = unix_now();
-    let expired = WorkloadRecord {
-        spiffe_id: WEB.into(),
-        addresses: vec!["127.0.0.1:7001".into()],
-        cert_expires_at_unix: now - 60,
-        last_seen_unix: now - 3660,
-    };
+    let expired = WorkloadRecord::new(WEB, ["127.0.0.1:7001".to_string()], now - 60, now - 3660);
     let state = |set_at| DiscoveryState {
         version: 4,
         version_set_at_unix: set_at,
@@ -545,4 +540,37 @@ spec:
         joined.content_key(&web).policies,
         first.content_key(&web).policies
     );
+}
+
+/// Two sidecars sharing an identity (two VMs of one service) are each an
+/// endpoint, at its own address: one that stops renewing leaves when the
+/// address it reported expires, in a new version, and the other stays.
+#[test]
+fn sidecars_sharing_an_identity_are_each_an_endpoint_until_their_address_expires() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    let now = unix_now();
+    let ends = now + 2;
+    register_until(&store, WEB, "01", "10.0.0.1:15006", ends);
+    register(&store, WEB, "02", "10.0.0.2:15006");
+    let discovery = Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap();
+    let published = discovery.view();
+    assert_eq!(
+        endpoints_of(&published),
+        [("10.0.0.1:15006", WEB), ("10.0.0.2:15006", WEB)]
+    );
+    let later = View::from_state_at(store.discovery_state().unwrap(), ends);
+    assert_eq!(endpoints_of(&later), [("10.0.0.2:15006", WEB)]);
+
+    while unix_now() <= ends {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (due, next) = discovery.endpoint_expiries().unwrap();
+    assert!(due, "the first sidecar's address is still published");
+    assert!(next.is_some_and(|at| at > ends), "{next:?}");
+    discovery.changed().unwrap();
+    let view = discovery.view();
+    assert!(view.version > published.version);
+    assert_eq!(endpoints_of(&view), [("10.0.0.2:15006", WEB)]);
+    assert!(!discovery.endpoint_expiries().unwrap().0);
 }

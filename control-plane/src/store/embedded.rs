@@ -5,16 +5,18 @@
 //! Tables: `join_tokens` (hash -> JoinToken), `join_tokens_by_expiry`
 //! ((expiry, hash) -> (), so that tokens long expired are found from its
 //! start and removed when a token is added), `workloads` (SPIFFE ID ->
-//! WorkloadRecord), `endpoint_owners` (inbound address -> the SPIFFE ID
-//! that holds it, so an issuance finds an address's owner without reading
-//! every workload; rebuilt from `workloads` on open; loopback and
-//! unspecified addresses, every namespace's own, are never in it), `issued_log` (sequence number -> IssuedCertRecord, the
-//! newest [`ISSUED_LOG_RETAINED`] issuances, oldest first),
-//! `policies` (`namespace/name` -> the policy's protobuf encoding, revision
-//! included: the very form pushed to sidecars, whose fields are only ever
-//! added), `rate_limits` (`namespace/name` -> a `RateLimitRecord`'s protobuf
-//! encoding: the pushed form and its revision), `meta` (counters: snapshot
-//! version and when it was set, policy generation).
+//! WorkloadRecord, each inbound address with its own expiry),
+//! `endpoint_owners` (inbound address -> the SPIFFE ID that holds it, so
+//! an issuance finds an address's owner without reading every workload;
+//! rebuilt from `workloads` on open; loopback and unspecified addresses,
+//! every namespace's own, are never in it), `issued_log` (sequence number
+//! -> IssuedCertRecord, the newest [`ISSUED_LOG_RETAINED`] issuances,
+//! oldest first), `policies` (`namespace/name` -> the policy's protobuf
+//! encoding, revision included: the very form pushed to sidecars, whose
+//! fields are only ever added), `rate_limits` (`namespace/name` -> a
+//! `RateLimitRecord`'s protobuf encoding: the pushed form and its
+//! revision), `meta` (counters: snapshot version and when it was set,
+//! policy generation).
 //!
 //! Issuances are written by one thread in group commits (the `issuance` module);
 //! every other write is its own transaction.
@@ -74,7 +76,7 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const SNAPSHOT_VERSION: &str = "snapshot_version";
 /// When the snapshot version was last set, Unix seconds: the endpoints it
-/// published are the workloads whose certificates were valid then.
+/// published are the addresses unexpired then.
 const SNAPSHOT_VERSION_SET_AT: &str = "snapshot_version_set_at";
 const POLICY_GENERATION: &str = "policy_generation";
 const MESH_CONFIG: &str = "mesh_config";
@@ -278,7 +280,7 @@ fn index_tokens_by_expiry(txn: &redb::WriteTransaction) -> Result<(), StoreError
 }
 
 /// Builds the address -> owner index anew from the workloads: each address
-/// goes to a workload whose certificate is valid, where one is (the first
+/// goes to a workload that holds it unexpired, where one does (the first
 /// by SPIFFE ID, should a store written before there was an index hold the
 /// address twice), else to the first that reported it.
 fn index_endpoint_owners(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -291,12 +293,12 @@ fn index_endpoint_owners(txn: &redb::WriteTransaction) -> Result<(), StoreError>
     for entry in workloads.iter()? {
         let (_, value) = entry?;
         let workload: WorkloadRecord = decode(value.value(), WORKLOADS.name())?;
-        let live = workload.cert_expires_at_unix > now;
-        for address in workload
+        for entry in workload
             .addresses
             .iter()
-            .filter(|a| !crate::net::is_namespace_local(a))
+            .filter(|a| !crate::net::is_namespace_local(&a.address))
         {
+            let (address, live) = (&entry.address, entry.expires_at_unix > now);
             let taken = live_owner.get(address.as_str()).copied();
             if taken.is_none() || (taken == Some(false) && live) {
                 owners.insert(address.as_str(), workload.spiffe_id.as_str())?;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::TokenRefusal;
+use crate::store::{MAX_WORKLOAD_ADDRESSES, TokenRefusal};
 use trellis_core::SpiffeId;
 
 fn issued(serial: &str, id: &str) -> IssuedCertRecord {
@@ -11,17 +11,26 @@ fn issued(serial: &str, id: &str) -> IssuedCertRecord {
     }
 }
 
+/// A Certify of `id` at 1 reporting `address` (none when empty), with a
+/// certificate that ends at 100.
 fn workload(id: &str, address: &str) -> WorkloadRecord {
-    WorkloadRecord {
-        spiffe_id: id.into(),
-        addresses: [address]
-            .into_iter()
-            .filter(|a| !a.is_empty())
-            .map(String::from)
-            .collect(),
-        cert_expires_at_unix: 100,
-        last_seen_unix: 1,
-    }
+    let addresses: &[&str] = if address.is_empty() { &[] } else { &[address] };
+    certified(id, addresses, 100, 1)
+}
+
+/// A Certify of `id` at `now` reporting `addresses`, with a certificate
+/// that ends at `expires`.
+fn certified(id: &str, addresses: &[&str], expires: i64, now: i64) -> WorkloadRecord {
+    WorkloadRecord::new(id, addresses.iter().map(|a| a.to_string()), expires, now)
+}
+
+/// The addresses of `record`, in its order.
+fn addresses_of(record: &WorkloadRecord) -> Vec<&str> {
+    record
+        .addresses
+        .iter()
+        .map(|a| a.address.as_str())
+        .collect()
 }
 
 #[test]
@@ -72,14 +81,13 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
         .record_issuance(None, &issued("05", id.as_str()), &renewal)
         .unwrap();
     assert_eq!(change, EndpointChange::Unchanged);
-    assert_eq!(store.workloads().unwrap()[0].addresses, ["127.0.0.1:1"]);
+    assert_eq!(
+        addresses_of(&store.workloads().unwrap()[0]),
+        ["127.0.0.1:1"]
+    );
 
     // Certified again after its certificate ended: an endpoint again.
-    let returned = WorkloadRecord {
-        cert_expires_at_unix: 300,
-        last_seen_unix: 200,
-        ..workload(id.as_str(), "127.0.0.1:1")
-    };
+    let returned = certified(id.as_str(), &["127.0.0.1:1"], 300, 200);
     let change = store
         .record_issuance(None, &issued("06", id.as_str()), &returned)
         .unwrap();
@@ -114,8 +122,12 @@ fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
     drop(store);
     let store = EmbeddedStore::open(&path).unwrap();
     let claim = claim_at(&hash, &thief, 10);
-    let mut taking = workload(thief.as_str(), "10.0.0.2:15006");
-    taking.addresses.push("10.0.0.1:15006".into());
+    let taking = certified(
+        thief.as_str(),
+        &["10.0.0.2:15006", "10.0.0.1:15006"],
+        100,
+        1,
+    );
     let err = store
         .record_issuance(Some(claim), &issued("02", thief.as_str()), &taking)
         .unwrap_err();
@@ -142,21 +154,13 @@ fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
     assert!(matches!(err, StoreError::AddressHeld { .. }), "{err}");
 
     // The victim's certificate ended (at 100): the address is free.
-    let later = WorkloadRecord {
-        cert_expires_at_unix: 400,
-        last_seen_unix: 200,
-        ..workload(thief.as_str(), "10.0.0.1:15006")
-    };
+    let later = certified(thief.as_str(), &["10.0.0.1:15006"], 400, 200);
     store
         .record_issuance(None, &issued("05", thief.as_str()), &later)
         .unwrap();
     // The victim, back with a join token and no address, does not keep the
     // address it lost.
-    let back = WorkloadRecord {
-        cert_expires_at_unix: 400,
-        last_seen_unix: 201,
-        ..workload(victim, "")
-    };
+    let back = certified(victim, &[], 400, 201);
     store
         .record_issuance(None, &issued("06", victim), &back)
         .unwrap();
@@ -164,7 +168,10 @@ fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
         .workloads()
         .unwrap()
         .into_iter()
-        .map(|w| (w.spiffe_id, w.addresses))
+        .map(|w| {
+            let addresses = addresses_of(&w).into_iter().map(String::from).collect();
+            (w.spiffe_id, addresses)
+        })
         .collect();
     owners.sort();
     assert_eq!(
@@ -663,5 +670,268 @@ fn tokens_from_before_the_expiry_index_are_indexed_on_open() {
     assert!(
         matches!(err, StoreError::Token(TokenRefusal::Unknown)),
         "{err}"
+    );
+}
+
+/// The live addresses of the workload `id` at `now`, sorted.
+fn live_at(store: &EmbeddedStore, id: &str, now: i64) -> Vec<String> {
+    let workloads = store.workloads().unwrap();
+    let record = workloads.iter().find(|w| w.spiffe_id == id).unwrap();
+    let mut live: Vec<String> = record
+        .live_addresses(now)
+        .map(|a| a.address.clone())
+        .collect();
+    live.sort();
+    live
+}
+
+/// Two sidecars sharing an identity (two VMs of one service) each report
+/// their own address at every renewal: neither displaces the other, and
+/// one that stops renewing leaves when the certificate it last reported
+/// its address with ends, while the other stays.
+#[test]
+fn sidecars_sharing_an_identity_keep_their_own_addresses_until_each_expires() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let web = "spiffe://td/ns/shop/sa/web";
+    let (one, two) = ("10.0.0.1:15006", "10.0.0.2:15006");
+    let certify = |serial: &str, address: &str, expires: i64, now: i64| {
+        store
+            .record_issuance(
+                None,
+                &issued(serial, web),
+                &certified(web, &[address], expires, now),
+            )
+            .unwrap()
+    };
+    assert_eq!(certify("01", one, 100, 1), EndpointChange::Changed);
+    assert_eq!(certify("02", two, 110, 10), EndpointChange::Changed);
+    assert_eq!(live_at(&store, web, 20), [one, two]);
+    // Each renews, reporting only its own address: nothing changes.
+    assert_eq!(certify("03", one, 150, 50), EndpointChange::Unchanged);
+    assert_eq!(certify("04", two, 160, 60), EndpointChange::Unchanged);
+    assert_eq!(live_at(&store, web, 60), [one, two]);
+
+    // The first stops renewing; its address expires at 150.
+    assert_eq!(live_at(&store, web, 149), [one, two]);
+    assert_eq!(live_at(&store, web, 150), [two]);
+    // The second renews after that: the expired address is dropped.
+    certify("05", two, 210, 155);
+    let workloads = store.workloads().unwrap();
+    assert_eq!(addresses_of(&workloads[0]), [two]);
+    assert_eq!(workloads[0].addresses[0].expires_at_unix, 210);
+}
+
+/// An address keeps its owner until it expires, then moves: another
+/// identity may report it once the sidecar that reported it has stopped
+/// renewing, though a sibling sidecar of the old owner renews on; never
+/// both hold it.
+#[test]
+fn an_address_moves_to_another_identity_only_once_it_expired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let (web, api) = ("spiffe://td/ns/shop/sa/web", "spiffe://td/ns/shop/sa/api");
+    let (one, two) = ("10.0.0.1:15006", "10.0.0.2:15006");
+    let record = |serial, id, address, expires, now| {
+        store.record_issuance(
+            None,
+            &issued(serial, id),
+            &certified(id, &[address], expires, now),
+        )
+    };
+    record("01", web, one, 100, 1).unwrap();
+    record("02", web, two, 100, 1).unwrap();
+    record("03", web, two, 200, 90).unwrap();
+    let err = record("04", api, one, 200, 99).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AddressHeld { address, holder }
+            if address == one && holder == web),
+        "{err}"
+    );
+    // Web's sidecar on `one` stopped renewing at 100.
+    record("05", api, one, 300, 101).unwrap();
+    assert_eq!(live_at(&store, api, 101), [one]);
+    assert_eq!(live_at(&store, web, 101), [two]);
+    // Web's other sidecar renews: it does not take `one` back.
+    record("06", web, two, 300, 150).unwrap();
+    let workloads = store.workloads().unwrap();
+    let web_record = workloads.iter().find(|w| w.spiffe_id == web).unwrap();
+    assert_eq!(addresses_of(web_record), [two]);
+    // And web cannot report it again while api holds it.
+    let err = record("07", web, one, 300, 160).unwrap_err();
+    assert!(matches!(err, StoreError::AddressHeld { .. }), "{err}");
+}
+
+/// A renewal that drops an address which expired after the current
+/// snapshot version was set (a version that may have published it) is an
+/// endpoint change, so the address leaves in a new version; once a version
+/// set after it expired is current, dropping it is none.
+#[test]
+fn dropping_an_address_the_current_version_published_is_a_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let web = "spiffe://td/ns/shop/sa/web";
+    let now = crate::unix_now();
+    let ends = now + 2;
+    let record = |serial, address, expires| {
+        store
+            .record_issuance(
+                None,
+                &issued(serial, web),
+                &certified(web, &[address], expires, crate::unix_now()),
+            )
+            .unwrap()
+    };
+    record("01", "10.0.0.1:15006", ends);
+    record("02", "10.0.0.2:15006", now + 3600);
+    let version = store.snapshot_version().unwrap();
+    while crate::unix_now() <= ends {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        record("03", "10.0.0.2:15006", now + 3600),
+        EndpointChange::Changed
+    );
+    assert_eq!(store.snapshot_version().unwrap(), version + 1);
+    assert_eq!(
+        record("04", "10.0.0.2:15006", now + 3600),
+        EndpointChange::Unchanged
+    );
+}
+
+/// However many sidecars share an identity, or however often one's
+/// addresses change, a workload keeps at most [`MAX_WORKLOAD_ADDRESSES`]:
+/// those that expire soonest are dropped, and their owner with them.
+#[test]
+fn a_workload_keeps_at_most_the_bound_of_addresses_dropping_the_soonest_to_expire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let web = "spiffe://td/ns/shop/sa/web";
+    let per_certify = 16;
+    let certifies = MAX_WORKLOAD_ADDRESSES / per_certify + 1;
+    let address = |i: usize, j: usize| format!("10.{}.{}.{j}:15006", i / 256, i % 256);
+    for i in 0..certifies {
+        let addresses: Vec<String> = (0..per_certify).map(|j| address(i, j)).collect();
+        let record = WorkloadRecord::new(web, addresses, 1_000 + i as i64, 1);
+        store
+            .record_issuance(None, &issued(&format!("{i:04x}"), web), &record)
+            .unwrap();
+    }
+    let workloads = store.workloads().unwrap();
+    let kept = addresses_of(&workloads[0]);
+    assert_eq!(kept.len(), MAX_WORKLOAD_ADDRESSES);
+    assert!(
+        !kept.contains(&address(0, 0).as_str()),
+        "the soonest to expire"
+    );
+    assert!(kept.contains(&address(1, 0).as_str()));
+    assert!(kept.contains(&address(certifies - 1, 0).as_str()));
+    assert_eq!(
+        workloads[0].addresses[0].expires_at_unix,
+        1_000 + certifies as i64 - 1
+    );
+
+    // A dropped address has no owner any more.
+    let api = "spiffe://td/ns/shop/sa/api";
+    store
+        .record_issuance(
+            None,
+            &issued("ffff", api),
+            &certified(api, &[&address(0, 0)], 5_000, 2),
+        )
+        .unwrap();
+}
+
+/// Records written before addresses had their own expiry (the single
+/// address format, and the addresses format) read as those addresses, each
+/// expiring with the record's certificate; the owners index is rebuilt
+/// from them, and a renewal writes the current format.
+#[test]
+fn workloads_of_the_older_formats_read_with_their_certificate_s_expiry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let (web, db) = ("spiffe://td/ns/shop/sa/web", "spiffe://td/ns/shop/sa/db");
+    {
+        let database = Database::create(&path).unwrap();
+        let txn = database.begin_write().unwrap();
+        {
+            let mut workloads = txn.open_table(WORKLOADS).unwrap();
+            let single = serde_json::json!({
+                "spiffe_id": db, "address": "10.0.0.9:15006",
+                "cert_expires_at_unix": 100, "last_seen_unix": 1,
+            });
+            let several = serde_json::json!({
+                "spiffe_id": web, "address": "10.0.0.1:15006",
+                "addresses": ["10.0.0.1:15006", "[fd00::1]:15006"],
+                "cert_expires_at_unix": 200, "last_seen_unix": 1,
+            });
+            for (id, record) in [(db, single), (web, several)] {
+                let bytes = serde_json::to_vec(&record).unwrap();
+                workloads.insert(id, bytes.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(&path).unwrap();
+    let mut read: Vec<(String, Vec<(String, i64)>)> = store
+        .workloads()
+        .unwrap()
+        .into_iter()
+        .map(|w| {
+            let addresses = w
+                .addresses
+                .into_iter()
+                .map(|a| (a.address, a.expires_at_unix))
+                .collect();
+            (w.spiffe_id, addresses)
+        })
+        .collect();
+    read.sort();
+    assert_eq!(
+        read,
+        [
+            (db.to_string(), vec![("10.0.0.9:15006".to_string(), 100)]),
+            (
+                web.to_string(),
+                vec![
+                    ("10.0.0.1:15006".to_string(), 200),
+                    ("[fd00::1]:15006".to_string(), 200)
+                ]
+            ),
+        ]
+    );
+    // The migrated addresses are owned until they expire.
+    let api = "spiffe://td/ns/shop/sa/api";
+    let err = store
+        .record_issuance(
+            None,
+            &issued("01", api),
+            &certified(api, &["[fd00::1]:15006"], 300, 150),
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AddressHeld { .. }), "{err}");
+    // Another sidecar of web joins: the migrated addresses stay with theirs.
+    store
+        .record_issuance(
+            None,
+            &issued("02", web),
+            &certified(web, &["10.0.0.2:15006"], 300, 150),
+        )
+        .unwrap();
+    assert_eq!(
+        live_at(&store, web, 150),
+        ["10.0.0.1:15006", "10.0.0.2:15006", "[fd00::1]:15006"]
+    );
+    let txn = store.db.begin_read().unwrap();
+    let table = txn.open_table(WORKLOADS).unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(table.get(web).unwrap().unwrap().value()).unwrap();
+    assert_eq!(
+        stored["address_expires_at_unix"],
+        serde_json::json!({"10.0.0.1:15006": 200, "10.0.0.2:15006": 300, "[fd00::1]:15006": 200})
+    );
+    assert_eq!(
+        stored["address"], "10.0.0.2:15006",
+        "the latest to expire first"
     );
 }

@@ -11,6 +11,7 @@
 pub mod embedded;
 pub mod kubernetes;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -32,33 +33,107 @@ pub struct JoinToken {
     pub used: bool,
 }
 
+/// The most inbound addresses one workload (SPIFFE ID) keeps. Every Certify
+/// reports at most 16 and keeps the other unexpired ones of the identity,
+/// so sidecars sharing an identity, or one whose addresses keep changing,
+/// would otherwise grow its record for as long as they renew; past this
+/// many, those that expire soonest are dropped. A record of this many
+/// addresses is about 100 KB.
+pub const MAX_WORKLOAD_ADDRESSES: usize = 1024;
+
+/// One inbound address ("ip:port") of a workload, a mesh endpoint until
+/// it expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundAddress {
+    pub address: String,
+    /// notAfter of the newest certificate issued by a Certify that reported
+    /// the address: a sidecar that stops renewing leaves the endpoints when
+    /// its certificate ends, while the other sidecars of its identity stay.
+    pub expires_at_unix: i64,
+}
+
 /// A workload the control plane has issued a certificate to.
 ///
-/// Stored as JSON with both `addresses` and, for a control plane rolled
+/// Stored as JSON in the third format: `addresses`, each address's own
+/// expiry in `address_expires_at_unix` and, for a control plane rolled
 /// back to the single-address format, `address` (the first one). A record
-/// written by that format (only `address`) reads as one address.
+/// of the second format (`addresses` only) or of the first (only
+/// `address`) reads as those addresses, each expiring with the record's
+/// certificate, as they all did then.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StoredWorkload", into = "StoredWorkload")]
 pub struct WorkloadRecord {
     pub spiffe_id: String,
-    /// Every inbound address ("ip:port") its sidecar reported, each a mesh
-    /// endpoint (a dual-stack pod has an IPv4 and an IPv6 one); empty when
-    /// unknown.
-    pub addresses: Vec<String>,
+    /// Every inbound address its sidecars reported that the store keeps,
+    /// each a mesh endpoint until its own expiry (a dual-stack pod has an
+    /// IPv4 and an IPv6 one; two sidecars sharing an identity one or more
+    /// each), those that expire last first; empty when unknown.
+    pub addresses: Vec<InboundAddress>,
     /// notAfter of the newest certificate issued to it.
     pub cert_expires_at_unix: i64,
     pub last_seen_unix: i64,
 }
 
-/// [`WorkloadRecord`] as stored, in the current and the previous format.
+impl WorkloadRecord {
+    /// A workload whose `addresses` are all mesh endpoints until
+    /// `cert_expires_at_unix`: what one Certify reports, or a Pod.
+    pub fn new(
+        spiffe_id: impl Into<String>,
+        addresses: impl IntoIterator<Item = String>,
+        cert_expires_at_unix: i64,
+        last_seen_unix: i64,
+    ) -> Self {
+        WorkloadRecord {
+            spiffe_id: spiffe_id.into(),
+            addresses: addresses
+                .into_iter()
+                .map(|address| InboundAddress {
+                    address,
+                    expires_at_unix: cert_expires_at_unix,
+                })
+                .collect(),
+            cert_expires_at_unix,
+            last_seen_unix,
+        }
+    }
+
+    /// The addresses that are mesh endpoints at `now`.
+    pub fn live_addresses(&self, now: i64) -> impl Iterator<Item = &InboundAddress> {
+        self.addresses
+            .iter()
+            .filter(move |a| a.expires_at_unix > now)
+    }
+
+    /// The addresses a listing shows at `now`: those that are endpoints,
+    /// or, when none is, every one it keeps (where it was when its
+    /// certificates ended).
+    pub fn listed_addresses(&self, now: i64) -> Vec<String> {
+        let live: Vec<String> = self
+            .live_addresses(now)
+            .map(|a| a.address.clone())
+            .collect();
+        if !live.is_empty() {
+            return live;
+        }
+        self.addresses.iter().map(|a| a.address.clone()).collect()
+    }
+}
+
+/// [`WorkloadRecord`] as stored, in the current and the two previous
+/// formats.
 #[derive(Clone, Serialize, Deserialize)]
 struct StoredWorkload {
     spiffe_id: String,
-    /// The first address; the only one in the previous format.
+    /// The first address; the only one in the first format.
     #[serde(default)]
     address: String,
+    /// Every address; since the second format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     addresses: Option<Vec<String>>,
+    /// Each address's own expiry; since the third format. An address
+    /// missing here expires with `cert_expires_at_unix`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    address_expires_at_unix: BTreeMap<String, i64>,
     cert_expires_at_unix: i64,
     last_seen_unix: i64,
 }
@@ -70,9 +145,19 @@ impl From<StoredWorkload> for WorkloadRecord {
             None if s.address.is_empty() => Vec::new(),
             None => vec![s.address],
         };
+        let expiries = s.address_expires_at_unix;
         WorkloadRecord {
             spiffe_id: s.spiffe_id,
-            addresses,
+            addresses: addresses
+                .into_iter()
+                .map(|address| InboundAddress {
+                    expires_at_unix: expiries
+                        .get(&address)
+                        .copied()
+                        .unwrap_or(s.cert_expires_at_unix),
+                    address,
+                })
+                .collect(),
             cert_expires_at_unix: s.cert_expires_at_unix,
             last_seen_unix: s.last_seen_unix,
         }
@@ -83,8 +168,17 @@ impl From<WorkloadRecord> for StoredWorkload {
     fn from(w: WorkloadRecord) -> Self {
         StoredWorkload {
             spiffe_id: w.spiffe_id,
-            address: w.addresses.first().cloned().unwrap_or_default(),
-            addresses: Some(w.addresses),
+            address: w
+                .addresses
+                .first()
+                .map(|a| a.address.clone())
+                .unwrap_or_default(),
+            address_expires_at_unix: w
+                .addresses
+                .iter()
+                .map(|a| (a.address.clone(), a.expires_at_unix))
+                .collect(),
+            addresses: Some(w.addresses.into_iter().map(|a| a.address).collect()),
             cert_expires_at_unix: w.cert_expires_at_unix,
             last_seen_unix: w.last_seen_unix,
         }
@@ -135,8 +229,8 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error(transparent)]
     Token(#[from] TokenRefusal),
-    /// An issuance reported an inbound address another workload holds (its
-    /// certificate still valid): one address has one owner.
+    /// An issuance reported an inbound address another workload holds
+    /// unexpired: one address has one owner.
     #[error("inbound address {address} is held by {holder}, whose certificate is still valid")]
     AddressHeld { address: String, holder: String },
     #[error(transparent)]
@@ -150,8 +244,9 @@ pub enum StoreError {
 /// What a recorded issuance changed for discovery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndpointChange {
-    /// The mesh endpoints changed: a workload with addresses joined, came
-    /// back after its certificate ended, or changed its addresses.
+    /// The mesh endpoints changed: an address joined, came back after it
+    /// expired, or left (an expired one the current snapshot version may
+    /// have published is dropped from the store).
     Changed,
     Unchanged,
 }
@@ -275,8 +370,7 @@ pub struct DiscoveryState {
     /// How far into the store's policy history this content reaches.
     pub position: Position,
     /// When `version` was set, Unix seconds; `None` when the store does not
-    /// know. The endpoints it published were the workloads whose
-    /// certificates were valid then.
+    /// know. The endpoints it published were the addresses unexpired then.
     pub version_set_at_unix: Option<i64>,
     pub workloads: Vec<WorkloadRecord>,
     /// Ordered by `namespace/name`.
@@ -326,11 +420,15 @@ pub trait Store: Send + Sync + 'static {
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
-    /// nothing. Empty `workload.addresses` keep the addresses already known
-    /// (less any another live workload has taken since); otherwise they
-    /// replace them, all of them. A store that takes addresses from what
-    /// sidecars report refuses one that a different workload with a valid
-    /// certificate holds ([`StoreError::AddressHeld`]), deciding it in the
+    /// nothing. `workload.addresses` (what one Certify reported, each
+    /// expiring with its certificate) are added to the workload's, or
+    /// refreshed there (an address keeps the later of its two expiries);
+    /// its other addresses stay until their own expiry (several sidecars
+    /// may share an identity, each renewing its own), less any another live
+    /// workload has taken since, and at most [`MAX_WORKLOAD_ADDRESSES`],
+    /// those that expire soonest dropped. A store that takes addresses
+    /// from what sidecars report refuses one that a different workload
+    /// holds unexpired ([`StoreError::AddressHeld`]), deciding it in the
     /// same transaction, and changes nothing. A [`EndpointChange::Changed`]
     /// issuance has bumped the snapshot version in that same transaction, so
     /// the caller only refreshes discovery.
@@ -453,29 +551,105 @@ pub trait Store: Send + Sync + 'static {
 mod tests {
     use super::*;
 
+    fn address(address: &str, expires_at_unix: i64) -> InboundAddress {
+        InboundAddress {
+            address: address.into(),
+            expires_at_unix,
+        }
+    }
+
     #[test]
     fn a_workload_record_of_the_single_address_format_reads_as_one_address() {
         let old = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"10.0.0.1:15006",
                       "cert_expires_at_unix":100,"last_seen_unix":1}"#;
         let record: WorkloadRecord = serde_json::from_str(old).unwrap();
-        assert_eq!(record.addresses, ["10.0.0.1:15006"]);
+        assert_eq!(record.addresses, [address("10.0.0.1:15006", 100)]);
         let unknown = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"",
                           "cert_expires_at_unix":100,"last_seen_unix":1}"#;
         let record: WorkloadRecord = serde_json::from_str(unknown).unwrap();
         assert!(record.addresses.is_empty());
     }
 
+    /// Before addresses had their own expiry, they all ended with the
+    /// record's certificate.
     #[test]
-    fn a_workload_record_keeps_its_first_address_for_the_single_address_format() {
+    fn a_workload_record_of_the_addresses_format_reads_each_expiring_with_the_certificate() {
+        let old = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"10.0.0.1:15006",
+                      "addresses":["10.0.0.1:15006","[fd00::1]:15006"],
+                      "cert_expires_at_unix":100,"last_seen_unix":1}"#;
+        let record: WorkloadRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            record.addresses,
+            [
+                address("10.0.0.1:15006", 100),
+                address("[fd00::1]:15006", 100)
+            ]
+        );
+        assert_eq!(record.cert_expires_at_unix, 100);
+    }
+
+    #[test]
+    fn a_workload_record_keeps_each_address_s_expiry_and_the_older_formats_fields() {
         let record = WorkloadRecord {
             spiffe_id: "spiffe://td/ns/a/sa/b".into(),
-            addresses: vec!["10.0.0.1:15006".into(), "[fd00::1]:15006".into()],
-            cert_expires_at_unix: 100,
+            addresses: vec![
+                address("10.0.0.1:15006", 300),
+                address("[fd00::1]:15006", 300),
+                address("10.0.0.9:15006", 200),
+            ],
+            cert_expires_at_unix: 300,
             last_seen_unix: 1,
         };
         let stored: serde_json::Value = serde_json::to_value(&record).unwrap();
+        // What a control plane rolled back to an older format reads.
         assert_eq!(stored["address"], "10.0.0.1:15006");
+        assert_eq!(
+            stored["addresses"],
+            serde_json::json!(["10.0.0.1:15006", "[fd00::1]:15006", "10.0.0.9:15006"])
+        );
+        assert_eq!(stored["address_expires_at_unix"]["10.0.0.9:15006"], 200);
         let back: WorkloadRecord = serde_json::from_value(stored).unwrap();
         assert_eq!(back, record);
+    }
+
+    /// An address a record lists without an expiry of its own ends with the
+    /// record's certificate, and an expiry for an address it does not list
+    /// is no address.
+    #[test]
+    fn an_address_without_an_expiry_of_its_own_ends_with_the_certificate() {
+        let mixed = r#"{"spiffe_id":"spiffe://td/ns/a/sa/b","address":"10.0.0.1:15006",
+                        "addresses":["10.0.0.1:15006","10.0.0.2:15006"],
+                        "address_expires_at_unix":{"10.0.0.2:15006":50,"10.0.0.3:15006":70},
+                        "cert_expires_at_unix":100,"last_seen_unix":1}"#;
+        let record: WorkloadRecord = serde_json::from_str(mixed).unwrap();
+        assert_eq!(
+            record.addresses,
+            [
+                address("10.0.0.1:15006", 100),
+                address("10.0.0.2:15006", 50)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_listing_shows_the_live_addresses_or_where_a_gone_workload_was() {
+        let record = WorkloadRecord {
+            spiffe_id: "spiffe://td/ns/a/sa/b".into(),
+            addresses: vec![
+                address("10.0.0.1:15006", 300),
+                address("10.0.0.2:15006", 200),
+            ],
+            cert_expires_at_unix: 300,
+            last_seen_unix: 1,
+        };
+        assert_eq!(
+            record.listed_addresses(100),
+            ["10.0.0.1:15006", "10.0.0.2:15006"]
+        );
+        assert_eq!(record.listed_addresses(250), ["10.0.0.1:15006"]);
+        assert_eq!(
+            record.listed_addresses(400),
+            ["10.0.0.1:15006", "10.0.0.2:15006"]
+        );
     }
 }

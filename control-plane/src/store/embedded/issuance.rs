@@ -25,6 +25,7 @@
 //! This module never decides who may have a certificate; it only makes
 //! the store's decision durable.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -36,13 +37,13 @@ use tokio::sync::oneshot;
 use trellis_core::SpiffeId;
 
 use super::{
-    ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, WORKLOADS, decode, encode,
-    get_u64, set_snapshot_version,
+    ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, SNAPSHOT_VERSION_SET_AT,
+    WORKLOADS, decode, encode, get_u64, set_snapshot_version,
 };
 use crate::net::is_namespace_local;
 use crate::store::{
-    EndpointChange, IssuedCertRecord, JoinToken, StoreError, TokenClaim, TokenRefusal,
-    WorkloadRecord,
+    EndpointChange, InboundAddress, IssuedCertRecord, JoinToken, MAX_WORKLOAD_ADDRESSES,
+    StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
 
 /// The most issuances one commit holds: bounds the transaction and the
@@ -211,6 +212,7 @@ fn commit(
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
     let txn = db.begin_write().map_err(|e| failure.note(e).to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    let version_set_at = version_set_at(&txn).map_err(|e| e.to_string())?;
     {
         // Opened once for the batch: opening and closing a table reads and
         // writes the database's table of tables.
@@ -231,8 +233,14 @@ fn commit(
                 spiffe_id: &c.spiffe_id,
                 now_unix: c.now_unix,
             });
-            let outcome = record_one(&mut tables, claim, &issuance.issued, &issuance.workload)
-                .map_err(|e| e.to_string())?;
+            let outcome = record_one(
+                &mut tables,
+                claim,
+                &issuance.issued,
+                &issuance.workload,
+                version_set_at,
+            )
+            .map_err(|e| e.to_string())?;
             outcomes.push(outcome);
         }
         prune_log(&mut tables.log, retained).map_err(|e| e.to_string())?;
@@ -253,6 +261,16 @@ fn commit(
     }
     txn.commit().map_err(|e| failure.note(e).to_string())?;
     Ok(outcomes)
+}
+
+/// When the snapshot version was set, if the store knows.
+fn version_set_at(txn: &redb::WriteTransaction) -> Result<Option<i64>, StoreError> {
+    let meta = txn.open_table(META)?;
+    let set_at = match meta.get(SNAPSHOT_VERSION_SET_AT)? {
+        Some(v) => Some(decode(v.value(), SNAPSHOT_VERSION_SET_AT)?),
+        None => None,
+    };
+    Ok(set_at)
 }
 
 /// The tables an issuance writes, open in one write transaction.
@@ -279,12 +297,15 @@ impl<'txn> Tables<'txn> {
 /// may refuse is read and decided before the first write, so a refused
 /// issuance leaves the transaction as it found it. The token is checked
 /// before the addresses, so only a caller with a proof hears whether an
-/// address is held.
+/// address is held. `version_set_at` is when the snapshot version was set
+/// before the batch (`None` when the store does not know): an expired
+/// address dropped now was published by that version if it expired after.
 fn record_one(
     tables: &mut Tables<'_>,
     claim: Option<TokenClaim<'_>>,
     issued: &IssuedCertRecord,
     workload: &WorkloadRecord,
+    version_set_at: Option<i64>,
 ) -> Result<Result<EndpointChange, StoreError>, StoreError> {
     let Tables {
         tokens,
@@ -302,7 +323,11 @@ fn record_one(
             Some(v) => Some(decode(v.value(), "workload")?),
             None => None,
         };
-        for address in workload.addresses.iter().filter(|a| !is_namespace_local(a)) {
+        for reported in &workload.addresses {
+            let address = &reported.address;
+            if is_namespace_local(address) {
+                continue;
+            }
             if let Some(holder) = live_holder(owners, workloads, address, workload, now)? {
                 return Err(StoreError::AddressHeld {
                     address: address.clone(),
@@ -316,48 +341,88 @@ fn record_one(
         Ok(decided) => decided,
         Err(e) => return Ok(Err(e)),
     };
+    let previous = previous.map(|p| p.addresses).unwrap_or_default();
     let mut record = workload.clone();
-    // A workload whose certificate had expired was no endpoint; its new
-    // certificate makes it one again.
-    let previously_live = previous
-        .as_ref()
-        .is_some_and(|p| p.cert_expires_at_unix > now);
-    let previous_addresses = previous.map(|p| p.addresses).unwrap_or_default();
-    if record.addresses.is_empty() {
-        // The addresses it reported before, less those another workload
-        // took while its certificate had ended.
-        for address in &previous_addresses {
-            if is_namespace_local(address)
-                || live_holder(owners, workloads, address, workload, now)?.is_none()
-            {
-                record.addresses.push(address.clone());
-            }
+    // What this Certify reported, each until the later of its new and its
+    // stored expiry (two sidecars of the identity may report one loopback
+    // address)...
+    for reported in &mut record.addresses {
+        if let Some(stored) = previous.iter().find(|p| p.address == reported.address) {
+            reported.expires_at_unix = reported.expires_at_unix.max(stored.expires_at_unix);
         }
     }
+    // ...and the addresses other sidecars of the identity reported, until
+    // their own expiry, less those another live workload took meanwhile.
+    for stored in &previous {
+        if stored.expires_at_unix <= now
+            || workload
+                .addresses
+                .iter()
+                .any(|r| r.address == stored.address)
+        {
+            continue;
+        }
+        if is_namespace_local(&stored.address)
+            || live_holder(owners, workloads, &stored.address, workload, now)?.is_none()
+        {
+            record.addresses.push(stored.clone());
+        }
+    }
+    // Stable: addresses that expire together keep the order reported.
+    record
+        .addresses
+        .sort_by_key(|a| std::cmp::Reverse(a.expires_at_unix));
+    record.addresses.truncate(MAX_WORKLOAD_ADDRESSES);
+
     if let (Some(claim), Some(token)) = (claim, token) {
         tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
     }
     log.insert(next_sequence(log)?, encode(issued).as_slice())?;
-    for address in &previous_addresses {
-        if !record.addresses.contains(address)
-            && owners
-                .get(address.as_str())?
-                .is_some_and(|owner| owner.value() == record.spiffe_id)
+    let kept: HashSet<&str> = record
+        .addresses
+        .iter()
+        .map(|a| a.address.as_str())
+        .collect();
+    for stored in previous
+        .iter()
+        .filter(|p| !kept.contains(p.address.as_str()))
+    {
+        if owners
+            .get(stored.address.as_str())?
+            .is_some_and(|owner| owner.value() == record.spiffe_id)
         {
-            owners.remove(address.as_str())?;
+            owners.remove(stored.address.as_str())?;
         }
     }
-    for address in record.addresses.iter().filter(|a| !is_namespace_local(a)) {
-        owners.insert(address.as_str(), record.spiffe_id.as_str())?;
+    for address in record.addresses.iter().map(|a| a.address.as_str()) {
+        if !is_namespace_local(address)
+            && owners
+                .get(address)?
+                .is_none_or(|owner| owner.value() != record.spiffe_id)
+        {
+            owners.insert(address, record.spiffe_id.as_str())?;
+        }
     }
     workloads.insert(record.spiffe_id.as_str(), encode(&record).as_slice())?;
-    // Only a workload with an address is an endpoint: a client-only
-    // workload (no inbound address) joining or renewing changes no
-    // snapshot, so it costs no push to every sidecar.
-    let was_endpoint = previously_live && !previous_addresses.is_empty();
-    let is_endpoint = !record.addresses.is_empty();
+    // Only addresses are endpoints: a client-only workload (no inbound
+    // address) joining or renewing changes no snapshot, nor does a renewal
+    // that only moves its addresses' expiry on, so neither costs a push to
+    // every sidecar.
+    let live = |addresses: &[InboundAddress]| -> BTreeSet<String> {
+        addresses
+            .iter()
+            .filter(|a| a.expires_at_unix > now)
+            .map(|a| a.address.clone())
+            .collect()
+    };
+    // An address that expired after the current version was set may be in
+    // its snapshots still (until discovery's expiry check withdraws it);
+    // dropped from the store, only a new version withdraws it.
+    let withdrawn = previous.iter().any(|p| {
+        p.expires_at_unix <= now && version_set_at.is_none_or(|set_at| p.expires_at_unix > set_at)
+    });
     Ok(Ok(
-        if was_endpoint != is_endpoint || (is_endpoint && record.addresses != previous_addresses) {
+        if withdrawn || live(&previous) != live(&record.addresses) {
             EndpointChange::Changed
         } else {
             EndpointChange::Unchanged
@@ -366,8 +431,7 @@ fn record_one(
 }
 
 /// The workload other than `claimant` that holds `address` at `now`: the
-/// owner the index names, while its certificate is valid and it still
-/// reports the address.
+/// owner the index names, while it reports the address unexpired.
 fn live_holder(
     owners: &redb::Table<'_, &str, &str>,
     workloads: &redb::Table<'_, &str, &[u8]>,
@@ -385,7 +449,7 @@ fn live_holder(
         return Ok(None);
     };
     let holder: WorkloadRecord = decode(value.value(), "workload")?;
-    let holds = holder.cert_expires_at_unix > now && holder.addresses.iter().any(|a| a == address);
+    let holds = holder.live_addresses(now).any(|a| a.address == address);
     Ok(holds.then_some(owner))
 }
 

@@ -302,7 +302,7 @@ impl Cache {
         let mesh: HashSet<IpAddr> = self
             .workloads_iter()
             .flat_map(|w| &w.addresses)
-            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .filter_map(|a| a.address.parse::<SocketAddr>().ok())
             .map(|a| a.ip())
             .collect();
         let services = self
@@ -481,7 +481,7 @@ fn entry_digest(kind: Kind, key: &str, entry: &Entry) -> u64 {
             let mut refs: Vec<&[u8]> = vec![kind.as_str().as_bytes(), key.as_bytes()];
             for r in records {
                 refs.push(r.spiffe_id.as_bytes());
-                refs.extend(r.addresses.iter().map(|a| a.as_bytes()));
+                refs.extend(r.addresses.iter().map(|a| a.address.as_bytes()));
             }
             digest_bytes(&refs)
         }
@@ -507,12 +507,12 @@ mod tests {
     fn endpoint(address: &str) -> Reflected {
         Reflected {
             resource_version: "10".into(),
-            entry: Entry::Endpoints(vec![WorkloadRecord {
-                spiffe_id: "spiffe://td/ns/a/sa/b".into(),
-                addresses: vec![address.into()],
-                cert_expires_at_unix: i64::MAX,
-                last_seen_unix: 0,
-            }]),
+            entry: Entry::Endpoints(vec![WorkloadRecord::new(
+                "spiffe://td/ns/a/sa/b",
+                [address.to_string()],
+                i64::MAX,
+                0,
+            )]),
         }
     }
 

@@ -247,14 +247,14 @@ pub fn endpoints_from_pod(pod: &Pod, td: &TrustDomain) -> Option<Vec<WorkloadRec
     addresses.sort();
     addresses.dedup();
     (!addresses.is_empty()).then(|| {
-        vec![WorkloadRecord {
-            spiffe_id: spiffe_id.to_string(),
+        // A Pod's endpoints live as long as the Pod runs, not as long as
+        // one certificate: the watch removes them.
+        vec![WorkloadRecord::new(
+            spiffe_id.to_string(),
             addresses,
-            // A Pod's endpoints live as long as the Pod runs, not as long as
-            // one certificate: the watch removes them.
-            cert_expires_at_unix: i64::MAX,
-            last_seen_unix: 0,
-        }]
+            i64::MAX,
+            0,
+        )]
     })
 }
 
@@ -299,6 +299,7 @@ mod tests {
         let addresses: Vec<_> = records
             .iter()
             .flat_map(|r| &r.addresses)
+            .map(|a| &a.address)
             .map(String::as_str)
             .collect();
         assert_eq!(addresses, ["10.1.0.5:15106", "[fd00::5]:15106"]);
