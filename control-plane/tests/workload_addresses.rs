@@ -1,8 +1,9 @@
 //! A workload reports every inbound address its sidecar serves (IPv4 and
 //! IPv6): the control plane validates each one, stores them all, and lists
-//! one mesh endpoint per address. Sidecars that send the single
-//! `inbound_address`, and records written when a workload had one address,
-//! keep working.
+//! one mesh endpoint per address. Sidecars sharing an identity each keep
+//! their own addresses. Sidecars that send the single `inbound_address`,
+//! and records written before addresses had their own expiry, keep
+//! working.
 
 mod common;
 
@@ -62,6 +63,20 @@ async fn endpoints(cp: &ControlPlane, svid: &Svid) -> Vec<Endpoint> {
     snapshots.message().await.unwrap().unwrap().endpoints
 }
 
+/// Renews `svid` of `id` with its current certificate, reporting
+/// `addresses`.
+async fn renew(cp: &ControlPlane, svid: &Svid, id: &str, addresses: &[&str]) {
+    cp.identity_client(Some(svid))
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), id),
+            inbound_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            ..CertifyRequest::default()
+        })
+        .await
+        .expect("a renewal");
+}
+
 fn endpoint(address: &str, id: &str) -> Endpoint {
     Endpoint {
         address: address.into(),
@@ -97,7 +112,8 @@ async fn a_dual_stack_workload_is_one_mesh_endpoint_per_address() {
     );
     assert_eq!(workloads[0].address, "10.0.0.1:15006");
 
-    // A renewal that reports nothing keeps both addresses.
+    // A renewal that reports nothing keeps both addresses (until the
+    // certificate they were reported with ends).
     let renewed = cp
         .identity_client(Some(&web))
         .await
@@ -305,42 +321,100 @@ async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_o
     );
 }
 
+/// Two sidecars sharing an identity (two VMs of one service, each with a
+/// join token of its own) each report their own address at every renewal:
+/// neither displaces the other, and discovery lists both.
 #[tokio::test]
-async fn reads_workloads_stored_in_the_single_address_format() {
+async fn sidecars_sharing_an_identity_are_both_endpoints_through_their_renewals() {
+    let cp = ControlPlane::start(&[]);
+    let first = certify_dual(&cp, WEB, &["10.0.0.1:15006"]).await.unwrap();
+    let second = certify_dual(&cp, WEB, &["10.0.0.2:15006", "[fd00::2]:15006"])
+        .await
+        .unwrap();
+    let both = [
+        endpoint("10.0.0.1:15006", WEB),
+        endpoint("10.0.0.2:15006", WEB),
+        endpoint("[fd00::2]:15006", WEB),
+    ];
+    assert_eq!(endpoints(&cp, &first).await, both);
+
+    // Each renews with its own certificate, reporting its own addresses.
+    for _ in 0..2 {
+        renew(&cp, &first, WEB, &["10.0.0.1:15006"]).await;
+        renew(&cp, &second, WEB, &["10.0.0.2:15006", "[fd00::2]:15006"]).await;
+    }
+    assert_eq!(endpoints(&cp, &second).await, both);
+    let workloads = cp.workloads().await;
+    assert_eq!(workloads.len(), 1, "{workloads:?}");
+    let mut listed = workloads[0].addresses.clone();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["10.0.0.1:15006", "10.0.0.2:15006", "[fd00::2]:15006"]
+    );
+}
+
+/// Records written before addresses had their own expiry, in the
+/// single-address format and in the addresses format, read as those
+/// addresses, each until the record's certificate ends: another sidecar of
+/// such an identity joins them instead of displacing them.
+#[tokio::test]
+async fn reads_workloads_stored_in_the_older_formats() {
     use redb::{Database, TableDefinition};
     const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
+    const API: &str = "spiffe://cluster.local/ns/default/sa/api";
 
-    // A database as the single-address control plane wrote it.
+    // A database as the single-address and the addresses control planes
+    // wrote it.
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let state = tmp.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let old = serde_json::json!({
+    let single = serde_json::json!({
         "spiffe_id": DB,
         "address": "10.0.0.2:15006",
+        "cert_expires_at_unix": 4_000_000_000i64,
+        "last_seen_unix": 1_700_000_000i64,
+    });
+    let several = serde_json::json!({
+        "spiffe_id": API,
+        "address": "10.0.0.3:15006",
+        "addresses": ["10.0.0.3:15006", "[fd00::3]:15006"],
         "cert_expires_at_unix": 4_000_000_000i64,
         "last_seen_unix": 1_700_000_000i64,
     });
     {
         let db = Database::create(state.join("trellis.redb")).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(WORKLOADS)
-            .unwrap()
-            .insert(DB, serde_json::to_vec(&old).unwrap().as_slice())
-            .unwrap();
+        {
+            let mut table = txn.open_table(WORKLOADS).unwrap();
+            for (id, record) in [(DB, single), (API, several)] {
+                let bytes = serde_json::to_vec(&record).unwrap();
+                table.insert(id, bytes.as_slice()).unwrap();
+            }
+        }
         txn.commit().unwrap();
     }
 
     let cp = ControlPlane::start_in(tmp, &[]);
-    let workloads = cp.workloads().await;
-    assert_eq!(workloads.len(), 1, "{workloads:?}");
-    assert_eq!(workloads[0].addresses, ["10.0.0.2:15006"]);
+    let mut workloads = cp.workloads().await;
+    workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+    assert_eq!(workloads.len(), 2, "{workloads:?}");
+    assert_eq!(
+        workloads[0].addresses,
+        ["10.0.0.3:15006", "[fd00::3]:15006"]
+    );
+    assert_eq!(workloads[1].addresses, ["10.0.0.2:15006"]);
     let web = certify_dual(&cp, WEB, &["10.0.0.1:15006"]).await.unwrap();
+    certify_dual(&cp, API, &["10.0.0.4:15006"]).await.unwrap();
     assert_eq!(
         endpoints(&cp, &web).await,
         [
             endpoint("10.0.0.1:15006", WEB),
-            endpoint("10.0.0.2:15006", DB)
+            endpoint("10.0.0.2:15006", DB),
+            endpoint("10.0.0.3:15006", API),
+            endpoint("10.0.0.4:15006", API),
+            endpoint("[fd00::3]:15006", API)
         ]
     );
 }
