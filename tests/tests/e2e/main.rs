@@ -13,6 +13,7 @@ mod inbound;
 mod mtls;
 mod outage;
 mod policy;
+mod replicas;
 mod root_rotation;
 mod rotation;
 mod state_disk;
