@@ -311,13 +311,28 @@ fn inbound_open(metrics: &trellis_proxy::metrics::Metrics, n: usize) -> bool {
 
 /// An inbound listener allowing the mesh in front of an echo app, with
 /// at most `total` connections in their handshakes, 2 from one address
-/// and 1 more from it waiting up to 2 s; and a client's TLS config.
+/// and 1 more from it (and `total` in all) waiting up to 2 s; and a
+/// client's TLS config.
 async fn limited(total: usize) -> (TestInbound, Arc<rustls::ClientConfig>, EchoApp) {
+    limited_by(trellis_proxy::inbound::Handshakes::new(
+        total,
+        total,
+        2,
+        1,
+        Duration::from_secs(2),
+    ))
+    .await
+}
+
+/// An inbound listener allowing the mesh in front of an echo app, with
+/// `limits` on connections in their handshakes; and a client's TLS config.
+async fn limited_by(
+    limits: trellis_proxy::inbound::Handshakes,
+) -> (TestInbound, Arc<rustls::ClientConfig>, EchoApp) {
     let ca = Ca::new();
     let app = echo_app().await;
     let server = ca.svid(&id("/ns/b/sa/server"));
     let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
-    let limits = trellis_proxy::inbound::Handshakes::new(total, 2, 1, Duration::from_secs(2));
     let policies = Some(allow_mesh(&metrics));
     let inbound = inbound_limited(
         app.addr,
@@ -431,5 +446,74 @@ async fn the_listener_sets_up_at_most_its_limit_of_connections_at_once() {
         !metrics.encode().contains("reason=\"overloaded\""),
         "a connection waiting in the backlog was refused"
     );
+    drop(stalled);
+}
+
+/// Connections waiting for a slot of their address hold none of the
+/// listener's handshakes: while two addresses hold all their slots, as
+/// many more of their connections as may wait for one, a caller from a
+/// third address is accepted and completes its handshake at once, not
+/// once those waits are over.
+#[tokio::test]
+async fn connections_waiting_for_a_slot_leave_the_handshakes_to_other_addresses() {
+    // 2 slots an address and 2 waiting: two addresses take 8 connections,
+    // as many as the listener sets up at once.
+    let limits = trellis_proxy::inbound::Handshakes::new(8, 8, 2, 2, Duration::from_secs(5));
+    let (inbound, config, _app) = limited_by(limits).await;
+    let (addr, metrics) = (inbound.addr, &inbound.metrics);
+
+    let mut stalled = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..4 {
+            stalled.push(connect_from(from, addr).await);
+        }
+    }
+    eventually("eight connections accepted", || inbound_open(metrics, 8)).await;
+
+    let third = tokio::time::timeout(
+        Duration::from_secs(2),
+        round_trip_from("127.0.0.4", addr, config, b"third"),
+    )
+    .await
+    .expect("a third address waited for the waits of two others");
+    assert_eq!(third.unwrap(), b"third");
+    assert!(
+        !metrics.encode().contains("reason=\"overloaded\""),
+        "a connection was refused: {}",
+        metrics.encode()
+    );
+    drop(stalled);
+}
+
+/// Connections waiting for a slot of their address are bounded in total,
+/// whatever the number of addresses: past the bound, a connection that
+/// would wait is refused at once, while one from an address holding fewer
+/// than its slots is served.
+#[tokio::test]
+async fn connections_waiting_for_a_slot_are_bounded_in_total() {
+    // 2 slots an address, 4 of its connections waiting, 2 in all.
+    let limits = trellis_proxy::inbound::Handshakes::new(16, 2, 2, 4, Duration::from_secs(5));
+    let (inbound, config, _app) = limited_by(limits).await;
+    let (addr, metrics) = (inbound.addr, &inbound.metrics);
+
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(connect_from("127.0.0.2", addr).await);
+    }
+    eventually("two connections in their handshakes, two waiting", || {
+        inbound_open(metrics, 4)
+    })
+    .await;
+    for _ in 0..2 {
+        stalled.push(connect_from("127.0.0.3", addr).await);
+    }
+    eventually("two more in their handshakes", || inbound_open(metrics, 6)).await;
+
+    let mut refused = connect_from("127.0.0.3", addr).await;
+    assert_eq!(read_to_end(&mut refused).await.unwrap_or_default(), b"");
+    assert!(failures(metrics, "overloaded"), "{}", metrics.encode());
+
+    let other = round_trip_from("127.0.0.4", addr, config, b"other").await;
+    assert_eq!(other.unwrap(), b"other");
     drop(stalled);
 }

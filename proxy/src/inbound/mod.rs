@@ -18,10 +18,10 @@
 //! finds no HTTP, bytes are copied.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rustls::server::Acceptor;
@@ -41,7 +41,7 @@ use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
-use trellis_core::slots::ClientSlots;
+use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
 
 /// Inbound connections in their handshake phase at once, from accept to
 /// the end of the TLS handshake: the phase where a peer is not yet
@@ -49,6 +49,8 @@ use trellis_core::slots::ClientSlots;
 /// a ClientHello rustls buffers among it, for up to
 /// [`HANDSHAKE_TIMEOUT`](net::HANDSHAKE_TIMEOUT). While this many are, the
 /// listener accepts no more: new connections wait in the listen backlog.
+/// A connection waiting for a slot of its address
+/// ([`MAX_WAITING_PER_CLIENT`]) does not count here.
 pub const MAX_HANDSHAKES: usize = 1024;
 
 /// Inbound connections from one client address in their handshake phase at
@@ -60,43 +62,81 @@ pub const MAX_HANDSHAKES_PER_CLIENT: usize = 64;
 
 /// Inbound connections from one client address that may wait for one of
 /// its [`MAX_HANDSHAKES_PER_CLIENT`] slots; one more is refused at once.
-/// A waiting connection counts against [`MAX_HANDSHAKES`], so one address
-/// holds at most the sum of the two: half of them, whatever it sends.
 /// A caller's pool of a few hundred connections opened at once waits and
-/// is served.
-pub const MAX_WAITING_PER_CLIENT: usize = MAX_HANDSHAKES / 2 - MAX_HANDSHAKES_PER_CLIENT;
+/// is served. Under half of [`MAX_WAITING`], so that two addresses
+/// cannot take every wait.
+pub const MAX_WAITING_PER_CLIENT: usize = 448;
 
-/// How long a connection waits for a handshake slot of its client address
-/// before it is refused (counted as the handshake failure `overloaded`):
-/// long enough for a sidecar short of CPU to get through a burst's
-/// handshakes, well within the caller's own handshake timeout.
+/// Inbound connections of every address together that may wait for a
+/// slot of their address; one more that would wait is refused at once. A
+/// waiting connection holds none of [`MAX_HANDSHAKES`] (else a few
+/// addresses, by making their connections wait, would hold them all and
+/// leave every other caller in the listen backlog), only its task and
+/// socket, no TLS state: this bounds them. A caller whose address holds
+/// fewer than its slots never waits, so is never refused by it.
+pub const MAX_WAITING: usize = 1024;
+
+/// How long a connection waits for a handshake slot of its client address,
+/// and then for one of [`MAX_HANDSHAKES`], before it is refused (counted
+/// as the handshake failure `overloaded`): long enough for a sidecar short
+/// of CPU to get through a burst's handshakes, well within the caller's
+/// own handshake timeout.
 pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// The limits on inbound connections in their handshake phase, shared by
 /// every inbound address of a sidecar.
 pub struct Handshakes {
-    /// One permit for each connection from its accept to the end of its
-    /// handshake.
+    /// One permit for each connection in its handshake, from its accept
+    /// (or the end of its wait for a slot of its address) to the end of
+    /// its handshake.
     permits: Arc<Semaphore>,
+    /// One permit for each connection waiting for a slot of its address.
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
     /// The handshake slots of each client address.
     clients: Arc<ClientSlots>,
     waiting_per_client: usize,
     slot_wait: Duration,
 }
 
+/// What a connection holds in its handshake: one of
+/// [`Handshakes::permits`] and a slot of its address, given back once its
+/// handshake is over.
+struct Handshaking {
+    _permit: OwnedSemaphorePermit,
+    _slot: ClientSlot,
+}
+
+/// Why a connection was refused before its handshake (the handshake
+/// failure `overloaded`).
+#[derive(Debug, thiserror::Error)]
+enum Overloaded {
+    #[error(transparent)]
+    Address(#[from] NoSlot),
+    #[error(
+        "the address holds all of its slots and {0} connections of all addresses wait for one already"
+    )]
+    Waiting(usize),
+    #[error("the address's slot came, but no handshake came free within {0:?}")]
+    Handshakes(Duration),
+}
+
 impl Handshakes {
     /// At most `total` connections in their handshake phase at once,
     /// `per_client` of them from one address, with `waiting_per_client`
-    /// more from that address waiting up to `slot_wait` for one of its
-    /// slots.
+    /// more from that address, and `waiting` from all addresses together,
+    /// waiting up to `slot_wait` for one of its slots.
     pub fn new(
         total: usize,
+        waiting: usize,
         per_client: usize,
         waiting_per_client: usize,
         slot_wait: Duration,
     ) -> Self {
         Handshakes {
             permits: Arc::new(Semaphore::new(total)),
+            waiting: Arc::new(Semaphore::new(waiting)),
+            max_waiting: waiting,
             clients: ClientSlots::new(per_client),
             waiting_per_client,
             slot_wait,
@@ -107,12 +147,50 @@ impl Handshakes {
     pub fn permits(&self) -> &Arc<Semaphore> {
         &self.permits
     }
+
+    /// Lets a connection from `client`, accepted with `permit`, into its
+    /// handshake: at once if its address has a slot free. Else it gives
+    /// `permit` back, so that connections waiting for their addresses
+    /// never hold the handshakes of others, waits for a slot of its
+    /// address among at most [`MAX_WAITING`] waiting, then for a permit
+    /// again.
+    async fn admit(
+        &self,
+        client: IpAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Handshaking, Overloaded> {
+        if let Some(slot) = self.clients.try_take(client) {
+            return Ok(Handshaking {
+                _permit: permit,
+                _slot: slot,
+            });
+        }
+        drop(permit);
+        let started = Instant::now();
+        let Ok(_waiting) = self.waiting.clone().try_acquire_owned() else {
+            return Err(Overloaded::Waiting(self.max_waiting));
+        };
+        let slot = self
+            .clients
+            .take_within(client, self.slot_wait, self.waiting_per_client)
+            .await?;
+        let left = self.slot_wait.saturating_sub(started.elapsed());
+        let permit = tokio::time::timeout(left, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Overloaded::Handshakes(self.slot_wait))?
+            .expect("the handshake permits are never closed");
+        Ok(Handshaking {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
 }
 
 impl Default for Handshakes {
     fn default() -> Self {
         Self::new(
             MAX_HANDSHAKES,
+            MAX_WAITING,
             MAX_HANDSHAKES_PER_CLIENT,
             MAX_WAITING_PER_CLIENT,
             HANDSHAKE_SLOT_WAIT,
@@ -208,7 +286,8 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
      TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
 
 /// One inbound connection, from accept to close. `handshake` is its permit
-/// of [`Handshakes::permits`], held until its handshake is over.
+/// of [`Handshakes::permits`], held until its handshake is over (given
+/// back while it waits for a slot of its address).
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
@@ -231,15 +310,11 @@ pub async fn serve(
         None => shared.app,
     };
 
-    // One of the address's handshake slots, waited for a while when it
-    // holds them all: a burst from a caller's sidecar is served in turn.
-    let limits = &shared.handshakes;
-    let client_slot = match limits
-        .clients
-        .take_within(client.ip(), limits.slot_wait, limits.waiting_per_client)
-        .await
-    {
-        Ok(slot) => slot,
+    // One of the address's handshake slots, waited for a while (without
+    // the permit) when it holds them all: a burst from a caller's sidecar
+    // is served in turn.
+    let handshaking = match shared.handshakes.admit(client.ip(), handshake).await {
+        Ok(handshaking) => handshaking,
         Err(e) => {
             tracing::warn!(%client, reason = %"overloaded", error = %e, "inbound handshake refused");
             metrics.handshake_failure(INBOUND, "overloaded");
@@ -247,7 +322,6 @@ pub async fn serve(
             return;
         }
     };
-    let handshaking = (handshake, client_slot);
 
     // Authenticate: the configs current now serve this connection for its
     // whole life; a rotation only affects later connections.
