@@ -37,6 +37,7 @@ use trellis_core::refusal::refuse_plaintext_briefly;
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
+use crate::logging::throttle::Throttle;
 use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};
@@ -83,8 +84,16 @@ pub const MAX_WAITING: usize = 1024;
 /// own handshake timeout.
 pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(5);
 
-/// The limits on inbound connections in their handshake phase, shared by
-/// every inbound address of a sidecar.
+/// How often connections refused before they were authenticated are
+/// logged, at most, for each reason ([`Shared::refuse`]).
+pub const REFUSAL_LOG_PAUSE: Duration = Duration::from_secs(10);
+
+/// What most refusals of [`Shared::refuse`] log.
+const HANDSHAKE_FAILED: &str = "inbound handshake failed";
+
+/// The limits on inbound connections in their handshake phase, and on the
+/// lines their refusals log, shared by every inbound address of a
+/// sidecar.
 pub struct Handshakes {
     /// One permit for each connection in its handshake, from its accept
     /// (or the end of its wait for a slot of its address) to the end of
@@ -97,6 +106,8 @@ pub struct Handshakes {
     clients: Arc<ClientSlots>,
     waiting_per_client: usize,
     slot_wait: Duration,
+    /// The lines of refusals written, by reason.
+    refusals: Throttle,
 }
 
 /// What a connection holds in its handshake: one of
@@ -140,6 +151,7 @@ impl Handshakes {
             clients: ClientSlots::new(per_client),
             waiting_per_client,
             slot_wait,
+            refusals: Throttle::new(REFUSAL_LOG_PAUSE),
         }
     }
 
@@ -232,6 +244,33 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Counts a connection from `client` refused before it was
+    /// authenticated, as the handshake failure `reason`, and logs it as
+    /// `message` with `error` (when there is one) - unless a refusal for
+    /// the same reason was logged within the last
+    /// [`REFUSAL_LOG_PAUSE`]: a flood of connections that fail theirs
+    /// (plaintext, foreign certificates, stalled) writes one line per
+    /// reason per pause, the next one saying how many were not logged
+    /// since (`suppressed`). The metric counts every one.
+    fn refuse(
+        &self,
+        client: SocketAddr,
+        reason: &'static str,
+        error: Option<&dyn std::fmt::Display>,
+        message: &str,
+    ) {
+        self.metrics.handshake_failure(INBOUND, reason);
+        self.metrics.connection(INBOUND, "refused");
+        let error = error.map(tracing::field::display);
+        match self.handshakes.refusals.admit(reason) {
+            None => {}
+            Some(0) => tracing::warn!(%client, reason = %reason, error, "{message}"),
+            Some(suppressed) => {
+                tracing::warn!(%client, reason = %reason, error, suppressed, "{message}")
+            }
+        }
+    }
+
     /// Whether `port` is opaque: declared so on this sidecar, or mesh-wide
     /// (in the snapshot in force).
     fn is_opaque(&self, port: u16) -> bool {
@@ -316,10 +355,8 @@ pub async fn serve(
     let handshaking = match shared.handshakes.admit(client.ip(), handshake).await {
         Ok(handshaking) => handshaking,
         Err(e) => {
-            tracing::warn!(%client, reason = %"overloaded", error = %e, "inbound handshake refused");
-            metrics.handshake_failure(INBOUND, "overloaded");
-            metrics.connection(INBOUND, "refused");
-            return;
+            let refused = "inbound handshake refused";
+            return shared.refuse(client, "overloaded", Some(&e), refused);
         }
     };
 
@@ -327,10 +364,8 @@ pub async fn serve(
     // whole life; a rotation only affects later connections.
     let tls = shared.tls.borrow().clone();
     let (Some(server), Some(http_server)) = (tls.server(), tls.http_server()) else {
-        tracing::warn!(%client, "inbound connection refused: no certificate yet");
-        metrics.handshake_failure(INBOUND, "no_local_certificate");
-        metrics.connection(INBOUND, "refused");
-        return;
+        let refused = "inbound connection refused: no certificate yet";
+        return shared.refuse(client, "no_local_certificate", None, refused);
     };
     let opaque = shared.is_opaque(target.port());
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
@@ -387,19 +422,13 @@ pub async fn serve(
                 // Expected once per caller holding tickets
                 // (`net::ResumptionRefused`): not a warning.
                 tracing::debug!(%client, reason = %reason, %error, "inbound handshake ended");
-            } else {
-                tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
+                metrics.handshake_failure(INBOUND, reason);
+                metrics.connection(INBOUND, "refused");
+                return;
             }
-            metrics.handshake_failure(INBOUND, reason);
-            metrics.connection(INBOUND, "refused");
-            return;
+            return shared.refuse(client, reason, Some(&error), HANDSHAKE_FAILED);
         }
-        Err(_) => {
-            tracing::warn!(%client, reason = %"timeout", "inbound handshake failed");
-            metrics.handshake_failure(INBOUND, "timeout");
-            metrics.connection(INBOUND, "refused");
-            return;
-        }
+        Err(_) => return shared.refuse(client, "timeout", None, HANDSHAKE_FAILED),
     };
     // The handshake is over: its slots go to the next connections.
     drop(handshaking);
@@ -408,10 +437,7 @@ pub async fn serve(
     if let Err(e) = tls.verify_resumed_caller(stream.get_ref().1) {
         let reason = trellis_core::tls::failure_reason(&e);
         let error = trellis_core::tls::Described(&e);
-        tracing::warn!(%client, reason = %reason, %error, "inbound handshake failed");
-        metrics.handshake_failure(INBOUND, reason);
-        metrics.connection(INBOUND, "refused");
-        return;
+        return shared.refuse(client, reason, Some(&error), HANDSHAKE_FAILED);
     }
     drop(tls);
     metrics.established(INBOUND, stream.get_ref().1);
@@ -425,10 +451,7 @@ pub async fn serve(
                 trellis_core::tls::SvidError::OutsideValidity { .. } => "expired_certificate",
                 _ => "invalid_svid",
             };
-            tracing::warn!(%client, reason = %reason, error = %e, "inbound handshake failed");
-            metrics.handshake_failure(INBOUND, reason);
-            metrics.connection(INBOUND, "refused");
-            return;
+            return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
         }
     };
 

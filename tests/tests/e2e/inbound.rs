@@ -93,3 +93,60 @@ async fn inbound_refuses_a_client_certified_by_another_ca() -> anyhow::Result<()
     assert!(probe.received.is_empty(), "{probe:?}");
     assert_refused(&server, &probe, before).await
 }
+
+/// A flood of refused handshakes writes one warning per reason per
+/// `REFUSAL_LOG_PAUSE`, not one per connection: the first at once, naming
+/// the caller and the reason, and the next one after the pause saying how
+/// many were not logged meanwhile. The metric counts every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_logs_one_line_per_reason_per_pause() -> anyhow::Result<()> {
+    const FLOOD: usize = 40;
+    let mut server = server().await?;
+    let inbound = server.sidecar.inbound_addr();
+    let request = probes::http_request(inbound);
+    let before = server.sidecar.inbound_handshake_failures().await?;
+    let refusals = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("inbound handshake failed") && l.contains("reason=not_tls"))
+            .map(str::to_string)
+            .collect()
+    };
+
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        probes::plaintext(inbound, &request).await?;
+    }
+    eventually("every refusal to be counted", SOON, || async {
+        let failures = server.sidecar.inbound_handshake_failures().await?;
+        anyhow::ensure!(failures >= before + FLOOD as f64, "{failures}");
+        anyhow::Ok(())
+    })
+    .await?;
+    let first = server.sidecar.wait_for_log("reason=not_tls", SOON).await?;
+    assert!(
+        first.contains("WARN") && first.contains("client=127.0.0.1:"),
+        "{first}"
+    );
+    assert!(!first.contains("suppressed"), "{first}");
+    // The log is written by a thread of its own: give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let lines = refusals(&server.sidecar.log());
+    assert_eq!(lines.len(), 1, "one line per refusal: {lines:#?}");
+    assert!(
+        started.elapsed() < trellis_proxy::inbound::REFUSAL_LOG_PAUSE,
+        "the flood took the whole pause: the test proves nothing"
+    );
+
+    // The pause began with the first refusal, just after `started`.
+    let pause = trellis_proxy::inbound::REFUSAL_LOG_PAUSE + std::time::Duration::from_secs(1);
+    tokio::time::sleep_until((started + pause).into()).await;
+    probes::plaintext(inbound, &request).await?;
+    let next = server
+        .sidecar
+        .wait_for_log(&format!("suppressed={}", FLOOD - 1), SOON)
+        .await?;
+    assert!(next.contains("reason=not_tls"), "{next}");
+    let lines = refusals(&server.sidecar.log());
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    Ok(())
+}
