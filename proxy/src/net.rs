@@ -58,6 +58,20 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// connection: a vanished peer is found two minutes after it fell silent.
 pub const KEEPALIVE_PROBES: u32 = 6;
 
+/// How long data a mesh connection sent may go unacknowledged before the
+/// kernel resets it (`TCP_USER_TIMEOUT`): as long as keepalive takes to
+/// give up on a silent peer, two minutes. Keepalive probes only a
+/// connection with nothing in flight, so a peer that vanished while data
+/// was unacknowledged would be found only when retransmission gave up,
+/// about 15 minutes later. It also bounds how long a peer may keep its
+/// receive window closed (its app stopped reading, every buffer on the
+/// way full): a connection stalled so for two minutes is reset as well.
+/// Set on connections to and from beyond the pod, never on those with the
+/// app, in the pod.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(
+    KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_PROBES as u64,
+);
+
 /// The TCP keepalive of every listener and every dial of the sidecar.
 fn keepalive() -> TcpKeepalive {
     TcpKeepalive::new()
@@ -94,6 +108,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Binds a listener for connections from beyond the pod (the inbound
+/// port) as [`bind`] does; the connections accepted on it also give up on
+/// a peer that vanished with data in flight ([`USER_TIMEOUT`], which Linux
+/// copies to accepted sockets as it does keepalive).
+pub fn bind_mesh(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = bind(addr)?;
+    SockRef::from(&listener).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    Ok(listener)
+}
+
 /// Whether a bind failed because the namespace has no IPv6 (the kernel
 /// lacks it, or `::1` is not configured), rather than for a reason that
 /// must stop start-up (the port is taken, ...).
@@ -124,9 +148,22 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStre
 }
 
 /// Dials `addr` beyond the pod (a peer, a destination outside the mesh),
-/// giving up when it has not answered within `timeout`, with Nagle off and
-/// keepalive probes ([`KEEPALIVE_IDLE`]).
+/// giving up when it has not answered within `timeout`, with Nagle off,
+/// keepalive probes ([`KEEPALIVE_IDLE`]) and [`USER_TIMEOUT`].
 pub async fn connect_within(
+    addr: impl tokio::net::ToSocketAddrs,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let stream = connect_in_pod_within(addr, timeout).await?;
+    SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Dials `addr`, an address of this pod (an app calling its own pod's
+/// address), as [`connect_within`] does but without [`USER_TIMEOUT`]: a
+/// peer in the pod does not vanish, and an app that stops reading for a
+/// while must not have its connection reset.
+pub async fn connect_in_pod_within(
     addr: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
@@ -655,6 +692,35 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    /// Connections accepted on the inbound port ([`bind_mesh`]) and dials
+    /// beyond the pod ([`connect_within`]) give up on unacknowledged data
+    /// when keepalive would on silence (two minutes); those with the pod
+    /// ([`bind`], [`connect_in_pod_within`]) never do.
+    #[tokio::test]
+    async fn mesh_connections_give_up_on_unacknowledged_data_with_keepalive() {
+        assert_eq!(USER_TIMEOUT, Duration::from_secs(120));
+        let mesh = bind_mesh("127.0.0.1:0".parse().unwrap()).unwrap();
+        let pod = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dialled = connect_within(pod.local_addr().unwrap(), CONNECT_TIMEOUT)
+            .await
+            .unwrap();
+        let in_pod = connect_in_pod_within(mesh.local_addr().unwrap(), CONNECT_TIMEOUT)
+            .await
+            .unwrap();
+        let (from_pod, _) = pod.accept().await.unwrap();
+        let (from_mesh, _) = mesh.accept().await.unwrap();
+        let timeout = |stream: &TcpStream| SockRef::from(stream).tcp_user_timeout().unwrap();
+        assert_eq!(timeout(&from_mesh), Some(USER_TIMEOUT), "accepted inbound");
+        assert_eq!(
+            timeout(&dialled),
+            Some(USER_TIMEOUT),
+            "dialled beyond the pod"
+        );
+        assert_eq!(timeout(&from_pod), None, "accepted from the pod");
+        assert_eq!(timeout(&in_pod), None, "dialled in the pod");
+        assert!(SockRef::from(&in_pod).keepalive().unwrap());
     }
 
     /// Bulk one way (growing the buffer), a little the other way, and each

@@ -38,6 +38,7 @@ mod ports_tests;
 pub mod probes;
 pub mod process;
 pub mod sidecar;
+pub mod sockets;
 pub mod traffic;
 
 pub use admin::Admin;

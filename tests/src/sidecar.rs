@@ -371,6 +371,11 @@ impl Sidecar {
         &mut self.process
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Waits until its log contains `needle`; returns that line.
     pub async fn wait_for_log(
         &mut self,

@@ -285,7 +285,7 @@ impl Shared {
 
 impl Inbound {
     pub async fn new(addr: SocketAddr, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
-        let listener = net::bind(addr)?;
+        let listener = net::bind_mesh(addr)?;
         Ok(Inbound {
             listener,
             shared,

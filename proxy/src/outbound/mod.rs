@@ -851,7 +851,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 policy: OutboundPolicy::Passthrough,
             } => {
                 let same_pod = matches!(target, Target::SamePod(_));
-                match net::connect_within(*addr, connect_timeout).await {
+                // A connection within the pod gets no user timeout: its
+                // peer does not vanish.
+                let dialled = if same_pod {
+                    net::connect_in_pod_within(*addr, connect_timeout).await
+                } else {
+                    net::connect_within(*addr, connect_timeout).await
+                };
+                match dialled {
                     Ok(upstream) => {
                         let tried = Tried::detour(retry.as_ref().map(|r| &r.tried));
                         let outcome = if same_pod {

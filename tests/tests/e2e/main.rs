@@ -17,6 +17,7 @@ mod replicas;
 mod root_rotation;
 mod rotation;
 mod state_disk;
+mod tcp;
 mod trellisctl;
 
 use std::time::Duration;
