@@ -272,3 +272,51 @@ async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
     .await;
     assert!(!held(&one));
 }
+
+/// No API server can run here: the stand-in stores the write and publishes
+/// it at once, then holds its answer back while another client deletes the
+/// policy, as kubectl could, so the writing replica's watch delivers the
+/// creation and the deletion before the write returns. The answer, older
+/// than the deletion, does not bring the policy back: it is in no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_deleted_before_its_write_is_answered_stays_deleted() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    watched_by(&fake, 1).await;
+
+    let release = fake.hold_next_answer();
+    let writer = store.clone();
+    let apply = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    });
+    eventually_async("the watch to deliver the creation", || async {
+        store.policy("shop", "from-shop").unwrap()
+    })
+    .await;
+    fake.delete("authorizationpolicies/shop/from-shop");
+    eventually_async("the watch to deliver the deletion", || async {
+        store
+            .policy("shop", "from-shop")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    release.send(()).unwrap();
+    let (applied, _) = apply.await.unwrap().unwrap();
+    assert_eq!(applied[0].outcome, PolicyOutcome::Created);
+
+    assert_eq!(
+        store.policy("shop", "from-shop").unwrap(),
+        None,
+        "the write's answer brought back a policy deleted after it"
+    );
+    assert!(
+        !store
+            .discovery_state()
+            .unwrap()
+            .policies
+            .iter()
+            .any(|p| p.name == "from-shop")
+    );
+}

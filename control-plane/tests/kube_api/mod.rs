@@ -27,7 +27,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::common::serving::{Answering, ApiServer};
 
@@ -89,6 +89,9 @@ struct State {
     next_rv: u64,
     /// When set, policy writes are answered with this instead.
     refuse_writes: Option<(u16, Value)>,
+    /// When set, the answer to the next policy write (already stored and
+    /// published) leaves only once this receives.
+    hold_answer: Option<oneshot::Receiver<()>>,
     /// Per token: the TokenReview answered instead of the recorded one.
     reviews: HashMap<String, Value>,
     requests: Vec<Recorded>,
@@ -169,6 +172,26 @@ impl FakeKube {
     /// Answers every later policy write with `status` and this Status.
     pub fn refuse_writes(&self, status: u16, answer: Value) {
         self.state.lock().unwrap().refuse_writes = Some((status, answer));
+    }
+
+    /// Holds back the answer to the next policy write, which is stored and
+    /// published to the watches at once, until the returned sender sends
+    /// (or is dropped): the writer's watch sees its write, and whatever
+    /// follows, before the writer has its answer.
+    pub fn hold_next_answer(&self) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        self.state.lock().unwrap().hold_answer = Some(rx);
+        tx
+    }
+
+    /// Deletes a stored policy object as another client (kubectl) would:
+    /// the deletion gets a new resourceVersion and is published.
+    pub fn delete(&self, key: &str) {
+        let mut state = self.state.lock().unwrap();
+        let held = state.objects.remove(key).expect("a stored object");
+        let gone = stamp(&mut state, held, None);
+        let watched = watched_path(key);
+        publish(&mut state, watched, event("DELETED", &gone));
     }
 
     /// Changes a stored policy object as a writer this test does not
@@ -259,7 +282,36 @@ async fn serve(req: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
     let watch = query
         .split('&')
         .any(|p| p == "watch=true" || p == "watch=1");
-    let mut state = state.lock().unwrap();
+    let (response, hold) = {
+        let mut state = state.lock().unwrap();
+        let response = respond(&mut state, &parts, &path, &query, watch, body);
+        let write = parts.method != Method::GET
+            && path.starts_with("/apis/trellis.io/v1alpha1/namespaces/");
+        (
+            response,
+            if write {
+                state.hold_answer.take()
+            } else {
+                None
+            },
+        )
+    };
+    if let Some(hold) = hold {
+        let _ = hold.await;
+    }
+    response
+}
+
+fn respond(
+    state: &mut State,
+    parts: &http::request::Parts,
+    path: &str,
+    query: &str,
+    watch: bool,
+    body: Value,
+) -> Response<Body> {
+    let path = path.to_owned();
+    let query = query.to_owned();
     let (status, response) = if watch {
         let mut lines = state
             .watch_scripts
@@ -280,7 +332,7 @@ async fn serve(req: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
             .unwrap();
         (200, response)
     } else {
-        let (status, value) = answer(&mut state, &parts.method, &path, &body);
+        let (status, value) = answer(state, &parts.method, &path, &body);
         (status, json_response(status, &value))
     };
     state.requests.push(Recorded {
@@ -370,11 +422,10 @@ fn write_policy(
         (_, [ns, plural, name]) => (*ns, *plural, *name),
         _ => return (404, status(404, "NotFound", "no such resource")),
     };
-    let watched = match plural {
-        "authorizationpolicies" => POLICIES,
-        "ratelimitpolicies" => RATE_LIMITS,
-        _ => return (404, status(404, "NotFound", "no such resource")),
-    };
+    if !matches!(plural, "authorizationpolicies" | "ratelimitpolicies") {
+        return (404, status(404, "NotFound", "no such resource"));
+    }
+    let watched = watched_path(plural);
     if let Some(refusal) = &state.refuse_writes {
         return refusal.clone();
     }
@@ -415,6 +466,15 @@ fn write_policy(
     state.objects.insert(key, object.clone());
     publish(state, watched, event(kind, &object));
     (code, object)
+}
+
+/// The watched collection of a policy kind, from its plural or from a
+/// stored object's key (`plural/namespace/name`).
+fn watched_path(plural_or_key: &str) -> &'static str {
+    match plural_or_key.split('/').next() {
+        Some("ratelimitpolicies") => RATE_LIMITS,
+        _ => POLICIES,
+    }
 }
 
 /// Gives an object the next resourceVersion (and a generation), as stored.

@@ -204,6 +204,31 @@ impl Cache {
         self.version() != before
     }
 
+    /// Stores the API server's answer to this replica's write of one policy
+    /// object, so the writer reads its write before its watch brings it.
+    /// Nothing is stored when the position of `kind` is at or past the
+    /// answer's resourceVersion: a watch delivers its kind in
+    /// resourceVersion order, so the cache already holds this write or a
+    /// later change of the object, perhaps another writer's deletion, of
+    /// which nothing else is left to keep the answer out. True when the
+    /// published content changed.
+    pub fn apply_written(&mut self, kind: Kind, key: &str, written: Reflected) -> bool {
+        let at = numeric(Some(&written.resource_version));
+        if at != 0 && self.position_of(kind) >= at {
+            return false;
+        }
+        self.apply(kind, key, Some(written))
+    }
+
+    /// The position of one policy kind; 0 for the other kinds.
+    fn position_of(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::AuthorizationPolicy => self.position.policies,
+            Kind::RateLimitPolicy => self.position.rate_limits,
+            _ => 0,
+        }
+    }
+
     /// Removes one object, as its watch's deletion event says; true when
     /// the published content changed.
     pub fn remove(&mut self, kind: Kind, key: &str) -> bool {
@@ -623,6 +648,25 @@ mod tests {
                 rate_limits: 95
             }
         );
+    }
+
+    /// The answer to a write arrives after the watch delivered the write
+    /// and another writer's deletion: the deletion stands. An answer the
+    /// watch has not reached yet is stored.
+    #[test]
+    fn a_write_answer_the_watch_has_passed_is_not_stored() {
+        let mut cache = Cache::default();
+        let key = "default/x";
+        let kind = Kind::AuthorizationPolicy;
+        cache.apply(kind, key, Some(policy("x", "20", 80)));
+        cache.reached(kind, 20);
+        cache.remove(kind, key);
+        cache.reached(kind, 21);
+        assert!(!cache.apply_written(kind, key, policy("x", "20", 80)));
+        assert!(cache.policy(key).is_none(), "brought back by the answer");
+
+        assert!(cache.apply_written(kind, key, policy("x", "22", 81)));
+        assert!(cache.policy(key).is_some(), "an answer ahead of the watch");
     }
 
     #[test]

@@ -380,7 +380,8 @@ impl KubernetesStore {
     }
 
     /// Writes one policy and puts the API server's answer into the cache, so
-    /// the caller reads its write. Returns the revision and the
+    /// the caller reads its write, unless the watch has already passed it
+    /// ([`cache::Cache::apply_written`]). Returns the revision and the
     /// resourceVersion the write got.
     fn write_policy(
         &self,
@@ -403,7 +404,8 @@ impl KubernetesStore {
             }),
         };
         let at = numeric(Some(&reflected.resource_version));
-        self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
+        self.shared
+            .update(|c| c.apply_written(kind, &key, reflected));
         Ok((revision, at))
     }
 
@@ -427,7 +429,8 @@ impl KubernetesStore {
             entry: Entry::RateLimit(limit.clone(), revision),
         };
         let at = numeric(Some(&reflected.resource_version));
-        self.shared.update(|c| c.apply(kind, &key, Some(reflected)));
+        self.shared
+            .update(|c| c.apply_written(kind, &key, reflected));
         Ok((revision, at))
     }
 
