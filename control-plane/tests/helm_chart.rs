@@ -175,8 +175,9 @@ fn rules(role: &Value) -> Vec<Value> {
 }
 
 /// The control plane may create tokenreviews, list and watch pods, services
-/// and endpointslices (never get one), read the Trellis CRDs, write AuthorizationPolicies (the Admin
-/// API's applies and deletes with the Kubernetes store), and read and update the one CA Secret, by
+/// and endpointslices (never get one), read the Trellis CRDs, write them (the Admin API's applies,
+/// as creates and patches of the `spec`, and deletes with the Kubernetes store; never a full
+/// update, which would erase what other tools set), and read and update the one CA Secret, by
 /// name, in its own namespace: nothing else, compared rule by rule.
 #[test]
 fn rbac_grants_nothing_beyond_the_list() {
@@ -200,7 +201,7 @@ fn rbac_grants_nothing_beyond_the_list() {
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
                    "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["trellis.io"], "resources": ["authorizationpolicies", "ratelimitpolicies"],
-                   "verbs": ["create", "update", "delete"]}),
+                   "verbs": ["create", "patch", "delete"]}),
         ]
     );
     assert!(

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use common::eventually_async;
 use kube_api::store::{API, connect, watched_by};
 use kube_api::{RATE_LIMITS, recorded_cluster};
-use serde_json::json;
+use serde_json::{Value, json};
 use trellis_control_plane::store::kubernetes::KubernetesStore;
 use trellis_control_plane::store::{PolicyOutcome, Store};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -96,11 +96,12 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         (applied[0].outcome, applied[0].revision),
         (PolicyOutcome::Updated, 2)
     );
-    let put = fake.first("PUT");
-    assert!(
-        put.body["metadata"]["resourceVersion"].is_string(),
-        "{put:?}"
+    let patch = fake.first("PATCH");
+    assert_eq!(
+        patch.path,
+        "/apis/trellis.io/v1alpha1/namespaces/shop/authorizationpolicies/from-shop"
     );
+    assert!(patch.body[0]["value"].is_string(), "{patch:?}");
     assert_eq!(
         fake.requests().iter().filter(|r| r.method != "GET").count(),
         2,
@@ -318,5 +319,94 @@ async fn a_policy_deleted_before_its_write_is_answered_stays_deleted() {
             .policies
             .iter()
             .any(|p| p.name == "from-shop")
+    );
+}
+
+/// What Helm puts on an object it manages, as `helm upgrade` checks it.
+fn helm_metadata() -> Value {
+    json!({
+        "labels": {"app.kubernetes.io/managed-by": "Helm", "team": "shop"},
+        "annotations": {
+            "meta.helm.sh/release-name": "shop",
+            "meta.helm.sh/release-namespace": "shop",
+        },
+        "ownerReferences": [{
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "Application",
+            "name": "shop",
+            "uid": "5a0c7c2e-8f0e-4a4e-9a51-3f1c1d2b7e10",
+        }],
+        "finalizers": ["resources-finalizer.argocd.argoproj.io"],
+    })
+}
+
+/// The object Helm would create for `policy(name, ports)`.
+fn helm_object(name: &str, ports: &[u32]) -> Value {
+    let mut metadata = helm_metadata();
+    metadata["name"] = json!(name);
+    metadata["namespace"] = json!("shop");
+    json!({
+        "apiVersion": "trellis.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"spiffeIds": [API]},
+            "action": "ALLOW",
+            "rules": [{"from": [{"namespace": "shop"}], "to": [{"ports": ports}]}],
+        },
+    })
+}
+
+/// No API server can run here: the stand-in holds a policy object as Helm
+/// and Argo CD left it (labels, annotations, an owner reference, a
+/// finalizer) and applies JSON Patches as the API server does. An apply
+/// through the store changes the object's `spec` and nothing else: the
+/// request patches only `/spec` (setting the resourceVersion held, as the
+/// precondition), and the object keeps its metadata, so the next `helm
+/// upgrade` still finds it its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_changes_the_spec_and_keeps_what_other_tools_set() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    watched_by(&fake, 1).await;
+    let created = fake.create(helm_object("from-shop", &[9090]));
+    eventually_async("the store to see Helm's object", || async {
+        store.policy("shop", "from-shop").unwrap()
+    })
+    .await;
+
+    let writer = store.clone();
+    let (applied, _) = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9091])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (applied[0].outcome, applied[0].revision),
+        (PolicyOutcome::Updated, 2)
+    );
+
+    let stored = fake.object("authorizationpolicies/shop/from-shop").unwrap();
+    for field in ["labels", "annotations", "ownerReferences", "finalizers"] {
+        assert_eq!(
+            stored["metadata"][field],
+            helm_metadata()[field],
+            "{field} erased: {stored}"
+        );
+    }
+    assert_eq!(stored["spec"]["rules"][0]["to"][0]["ports"], json!([9091]));
+    let patch = fake.first("PATCH");
+    let paths: Vec<_> = patch
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/metadata/resourceVersion", "/spec"]);
+    assert_eq!(
+        patch.body[0]["value"],
+        created["metadata"]["resourceVersion"]
     );
 }

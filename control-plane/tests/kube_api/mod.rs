@@ -9,9 +9,9 @@
 //! `410 Gone` Status) that stay open so a test can publish more, `v1`
 //! Status documents for refusals, and the CA Secret as a small stateful
 //! object (GET, POST with 409 AlreadyExists, PUT with 409 Conflict on a
-//! stale resourceVersion). Writes of policy objects are echoed with a new
-//! resourceVersion and published to every open watch, as the API server
-//! would. Every request is recorded.
+//! stale resourceVersion). Writes of policy objects (POST, PUT, JSON Patch,
+//! DELETE) are echoed with a new resourceVersion and published to every
+//! open watch, as the API server would. Every request is recorded.
 #![allow(dead_code)]
 
 pub mod store;
@@ -194,6 +194,22 @@ impl FakeKube {
         publish(&mut state, watched, event("DELETED", &gone));
     }
 
+    /// Stores a policy object as another client (Helm, kubectl) would
+    /// create it, with whatever metadata it carries, and publishes it.
+    pub fn create(&self, object: Value) -> Value {
+        let mut state = self.state.lock().unwrap();
+        let stored = stamp(&mut state, object, Some(1));
+        let key = stored_key(&stored);
+        state.objects.insert(key.clone(), stored.clone());
+        publish(&mut state, watched_path(&key), event("ADDED", &stored));
+        stored
+    }
+
+    /// The stored policy object `key` (`plural/namespace/name`).
+    pub fn object(&self, key: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(key).cloned()
+    }
+
     /// Changes a stored policy object as a writer this test does not
     /// watch would: a new resourceVersion, no event.
     pub fn change_unseen(&self, key: &str) {
@@ -332,7 +348,12 @@ fn respond(
             .unwrap();
         (200, response)
     } else {
-        let (status, value) = answer(state, &parts.method, &path, &body);
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let (status, value) = answer(state, &parts.method, &path, content_type, &body);
         (status, json_response(status, &value))
     };
     state.requests.push(Recorded {
@@ -345,7 +366,13 @@ fn respond(
     response
 }
 
-fn answer(state: &mut State, method: &Method, path: &str, body: &Value) -> (u16, Value) {
+fn answer(
+    state: &mut State,
+    method: &Method,
+    path: &str,
+    content_type: &str,
+    body: &Value,
+) -> (u16, Value) {
     let secret = format!("{SECRETS}/{CA_SECRET}");
     if *method == Method::GET
         && let Some(answers) = state.lists.get_mut(path)
@@ -396,20 +423,24 @@ fn answer(state: &mut State, method: &Method, path: &str, body: &Value) -> (u16,
         return (200, stored);
     }
     if let Some(rest) = path.strip_prefix("/apis/trellis.io/v1alpha1/namespaces/") {
-        return write_policy(state, method, path, rest, body);
+        return write_policy(state, method, path, rest, content_type, body);
     }
     let message = "the server could not find the requested resource";
     (404, status(404, "NotFound", message))
 }
 
-/// POST/PUT/DELETE of an AuthorizationPolicy or a RateLimitPolicy: echoed
-/// with a new resourceVersion (and generation), published to the watches of
-/// its kind.
+/// POST/PUT/PATCH/DELETE of an AuthorizationPolicy or a RateLimitPolicy:
+/// echoed with a new resourceVersion (and generation), published to the
+/// watches of its kind. A PATCH is a JSON Patch, as the API server applies
+/// one to a custom resource: a resourceVersion it sets is the update's
+/// precondition (409 when the object is newer), one that changes nothing
+/// writes nothing, and the generation moves only with the `spec`.
 fn write_policy(
     state: &mut State,
     method: &Method,
     path: &str,
     rest: &str,
+    content_type: &str,
     body: &Value,
 ) -> (u16, Value) {
     let parts: Vec<&str> = rest.split('/').collect();
@@ -451,6 +482,33 @@ fn write_policy(
                 stamp(state, body.clone(), Some(generation)),
             )
         }
+        "PATCH" => {
+            let Some(held) = held else {
+                let message = format!("{plural}.trellis.io \"{name}\" not found");
+                return (404, status(404, "NotFound", &message));
+            };
+            if content_type != "application/json-patch+json" {
+                let message = format!("the stand-in takes JSON Patches only, not {content_type}");
+                return (415, status(415, "UnsupportedMediaType", &message));
+            }
+            let patch: json_patch::Patch = match serde_json::from_value(body.clone()) {
+                Ok(patch) => patch,
+                Err(e) => return (400, status(400, "BadRequest", &e.to_string())),
+            };
+            let mut patched = held.clone();
+            if let Err(e) = json_patch::patch(&mut patched, &patch) {
+                return (422, status(422, "Invalid", &e.to_string()));
+            }
+            if patched["metadata"]["resourceVersion"] != held["metadata"]["resourceVersion"] {
+                return (409, status(409, "Conflict", "the object has been modified"));
+            }
+            if patched == held {
+                return (200, held);
+            }
+            let generation = held["metadata"]["generation"].as_i64().unwrap_or(1)
+                + i64::from(patched["spec"] != held["spec"]);
+            (200, "MODIFIED", stamp(state, patched, Some(generation)))
+        }
         "DELETE" => {
             let Some(held) = held else {
                 let message = format!("{plural}.trellis.io \"{name}\" not found");
@@ -475,6 +533,20 @@ fn watched_path(plural_or_key: &str) -> &'static str {
         Some("ratelimitpolicies") => RATE_LIMITS,
         _ => POLICIES,
     }
+}
+
+/// The key under which a policy object is stored: `plural/namespace/name`.
+fn stored_key(object: &Value) -> String {
+    let plural = match object["kind"].as_str() {
+        Some("RateLimitPolicy") => "ratelimitpolicies",
+        _ => "authorizationpolicies",
+    };
+    let meta = &object["metadata"];
+    format!(
+        "{plural}/{}/{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    )
 }
 
 /// Gives an object the next resourceVersion (and a generation), as stored.

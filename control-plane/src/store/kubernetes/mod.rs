@@ -5,9 +5,10 @@
 //!   `v1alpha1`, the documents `trellisctl` takes), reflected by a watch into
 //!   an in-memory [`cache::Cache`], and so are `RateLimitPolicy` objects
 //!   ([`KubernetesStore::rate_limits`]; the `Store` trait has no rate limits
-//!   yet, so they are held, not pushed); an Admin API apply creates or replaces
-//!   the object (optimistic on its resourceVersion) and a delete deletes it,
-//!   so every replica sees the write through its own watch.
+//!   yet, so they are held, not pushed); an Admin API apply creates the
+//!   object or patches its `spec` (optimistic on its resourceVersion, and
+//!   leaving the metadata other tools set) and a delete deletes it, so every
+//!   replica sees the write through its own watch.
 //! - Mesh endpoints come from Pods: each Running, injected Pod with an IP
 //!   is `pod IP:inbound port -> spiffe://TD/ns/NS/sa/SA`.
 //! - Services come from Services and EndpointSlices ([`services`]): each
@@ -43,11 +44,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
@@ -58,8 +60,8 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use self::cache::{Entry, Kind, Reflected, numeric};
 use self::objects::{
-    authorization_policy_resource, endpoints_from_pod, object_from_policy, object_from_rate_limit,
-    policy_from_object, rate_limit_from_object, rate_limit_resource,
+    authorization_policy_resource, endpoints_from_pod, new_object, policy_from_object, policy_spec,
+    rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
 };
 use self::reflect::{Convert, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
@@ -72,6 +74,9 @@ use crate::authn::tokenreview::KubeApi;
 
 /// Issued certificates remembered per replica, newest last.
 pub const ISSUED_LOG_CAPACITY: usize = 10_000;
+
+/// The field manager of the store's writes, as the API server records it.
+const FIELD_MANAGER: &str = "trellis-control-plane";
 
 /// How long start-up waits for the first full list of each kind.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -319,43 +324,38 @@ impl KubernetesStore {
 
     /// The namespaced API of one of the two policy kinds.
     fn document_api(&self, kind: Kind, namespace: &str) -> Api<DynamicObject> {
-        let resource = match kind {
-            Kind::RateLimitPolicy => rate_limit_resource(),
-            _ => authorization_policy_resource(),
-        };
-        Api::namespaced_with(self.client.clone(), namespace, &resource)
+        Api::namespaced_with(self.client.clone(), namespace, &document_resource(kind))
     }
 
-    /// Writes one object (create, or replace the version held) and returns
-    /// the API server's answer with the revision it gave
-    /// (`metadata.generation`).
+    /// Writes one object: creates it, or patches the `spec` of the version
+    /// held (see [`spec_patch`]), and returns the API server's answer with
+    /// the revision it gave (`metadata.generation`).
     fn write_object(
         &self,
         kind: Kind,
         key: &str,
-        object: DynamicObject,
+        (namespace, name): (&str, &str),
+        spec: Value,
         held_version: Option<&str>,
     ) -> Result<(DynamicObject, u64), StoreError> {
-        let name = object.name_any();
-        let api = self.document_api(kind, &object.namespace().unwrap_or_default());
-        let params = PostParams {
-            field_manager: Some("trellis-control-plane".into()),
-            ..PostParams::default()
-        };
+        let api = self.document_api(kind, namespace);
         let written = self.runtime.block_on(async {
             match held_version {
-                Some(_) => api.replace(&name, &params, &object).await,
-                None => match api.create(&params, &object).await {
-                    // It exists but is not held (invalid, or not seen yet):
-                    // replace what is there.
-                    Err(e) if status_code(&e) == Some(409) => {
-                        let current = api.get(&name).await?;
-                        let mut object = object.clone();
-                        object.metadata.resource_version = current.resource_version();
-                        api.replace(&name, &params, &object).await
+                Some(held) => patch_spec(&api, name, &spec, held).await,
+                None => {
+                    let object =
+                        new_object(&document_resource(kind), namespace, name, spec.clone());
+                    match api.create(&write_params(), &object).await {
+                        // It exists but is not held (invalid, or not seen
+                        // yet): patch what is there.
+                        Err(e) if status_code(&e) == Some(409) => {
+                            let current = api.get(name).await?;
+                            let at = current.resource_version().unwrap_or_default();
+                            patch_spec(&api, name, &spec, &at).await
+                        }
+                        other => other,
                     }
-                    other => other,
-                },
+                }
             }
         });
         let written = written.map_err(|e| KubeStoreError::Write {
@@ -389,13 +389,13 @@ impl KubernetesStore {
         held_version: Option<&str>,
     ) -> Result<(u64, u64), StoreError> {
         let key = policy_key(&policy.namespace, &policy.name);
-        let object =
-            object_from_policy(policy, held_version).map_err(|message| KubeStoreError::Encode {
-                key: key.clone(),
-                message,
-            })?;
+        let spec = policy_spec(policy).map_err(|message| KubeStoreError::Encode {
+            key: key.clone(),
+            message,
+        })?;
         let kind = Kind::AuthorizationPolicy;
-        let (written, revision) = self.write_object(kind, &key, object, held_version)?;
+        let at = (policy.namespace.as_str(), policy.name.as_str());
+        let (written, revision) = self.write_object(kind, &key, at, spec, held_version)?;
         let reflected = Reflected {
             resource_version: written.resource_version().unwrap_or_default(),
             entry: Entry::Policy(Policy {
@@ -416,14 +416,13 @@ impl KubernetesStore {
         held_version: Option<&str>,
     ) -> Result<(u64, u64), StoreError> {
         let key = policy_key(&limit.namespace, &limit.name);
-        let object = object_from_rate_limit(limit, held_version).map_err(|message| {
-            KubeStoreError::Encode {
-                key: key.clone(),
-                message,
-            }
+        let spec = rate_limit_spec(limit).map_err(|message| KubeStoreError::Encode {
+            key: key.clone(),
+            message,
         })?;
         let kind = Kind::RateLimitPolicy;
-        let (written, revision) = self.write_object(kind, &key, object, held_version)?;
+        let at = (limit.namespace.as_str(), limit.name.as_str());
+        let (written, revision) = self.write_object(kind, &key, at, spec, held_version)?;
         let reflected = Reflected {
             resource_version: written.resource_version().unwrap_or_default(),
             entry: Entry::RateLimit(limit.clone(), revision),
@@ -487,6 +486,39 @@ impl KubernetesStore {
             ..self.generation()
         }))
     }
+}
+
+/// The resource of one of the two policy kinds.
+fn document_resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::RateLimitPolicy => rate_limit_resource(),
+        _ => authorization_policy_resource(),
+    }
+}
+
+/// How the store's writes name themselves to the API server.
+fn write_params() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    }
+}
+
+/// Gives object `name` the `spec`, if it is still at `resource_version`
+/// ([`spec_patch`]).
+async fn patch_spec(
+    api: &Api<DynamicObject>,
+    name: &str,
+    spec: &Value,
+    resource_version: &str,
+) -> kube::Result<DynamicObject> {
+    let patch = serde_json::from_value(spec_patch(spec, resource_version))
+        .map_err(kube::Error::SerdeError)?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(name, &params, &Patch::Json::<()>(patch)).await
 }
 
 /// The position of a write of `kind` at resourceVersion `at`.

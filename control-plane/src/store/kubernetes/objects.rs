@@ -1,7 +1,8 @@
 //! Between Kubernetes objects and what the store holds: a `trellis.io`
 //! object becomes a validated [`Policy`] or [`RateLimit`] (or is refused
 //! with the messages `policy lint` gives), a Pod becomes mesh endpoints, and
-//! a policy written through the Admin API becomes a CRD object.
+//! a policy written through the Admin API becomes a CRD object to create or
+//! a patch of an existing object's `spec`.
 //!
 //! Kubernetes adds metadata (uid, labels, managedFields...) and a status
 //! that the document format does not have: only `metadata.name` and
@@ -172,34 +173,46 @@ fn revision_of(object: &DynamicObject) -> u64 {
         .unwrap_or(1)
 }
 
-/// The CRD object for a policy written through the Admin API; with
-/// `resource_version` it replaces exactly that version of the object.
-pub fn object_from_policy(
-    policy: &Policy,
-    resource_version: Option<&str>,
-) -> Result<DynamicObject, String> {
+/// The `spec` of the `AuthorizationPolicy` object of a policy written
+/// through the Admin API.
+pub fn policy_spec(policy: &Policy) -> Result<Value, String> {
     let document = document_from_proto(policy).map_err(|v| v.to_string())?;
-    let value = Document::AuthorizationPolicy(document).to_value();
-    let mut object = DynamicObject::new(&policy.name, &authorization_policy_resource())
-        .within(&policy.namespace)
-        .data(json!({ "spec": value["spec"] }));
-    object.metadata.resource_version = resource_version.map(str::to_owned);
-    Ok(object)
+    Ok(Document::AuthorizationPolicy(document).to_value()["spec"].take())
 }
 
-/// The `RateLimitPolicy` object of a rate limit written through the Admin
-/// API; with `resource_version`, a replace of exactly that version.
-pub fn object_from_rate_limit(
-    limit: &RateLimit,
-    resource_version: Option<&str>,
-) -> Result<DynamicObject, String> {
+/// The `spec` of the `RateLimitPolicy` object of a rate limit written
+/// through the Admin API.
+pub fn rate_limit_spec(limit: &RateLimit) -> Result<Value, String> {
     let document = RateLimitPolicy::from_proto(limit).map_err(|v| v.to_string())?;
-    let value = Document::RateLimitPolicy(document).to_value();
-    let mut object = DynamicObject::new(&limit.name, &rate_limit_resource())
-        .within(&limit.namespace)
-        .data(json!({ "spec": value["spec"] }));
-    object.metadata.resource_version = resource_version.map(str::to_owned);
-    Ok(object)
+    Ok(Document::RateLimitPolicy(document).to_value()["spec"].take())
+}
+
+/// A new object of `resource` holding `spec`, to create.
+pub fn new_object(
+    resource: &ApiResource,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> DynamicObject {
+    DynamicObject::new(name, resource)
+        .within(namespace)
+        .data(json!({ "spec": spec }))
+}
+
+/// The JSON Patch (RFC 6902) that gives an object `spec` and changes
+/// nothing else of it: the labels, annotations, owner references and
+/// finalizers that Helm, Argo CD or kubectl put there stay, as a full
+/// replace would erase them. It sets the object's resourceVersion to
+/// `resource_version`, which the API server takes as the update's
+/// precondition: a newer object is refused with `409 Conflict`, as a
+/// replace of that version would be (a `test` operation would be refused
+/// with a 422, which reads as an invalid document). A patch that changes
+/// nothing writes nothing.
+pub fn spec_patch(spec: &Value, resource_version: &str) -> Value {
+    json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
+        {"op": "add", "path": "/spec", "value": spec},
+    ])
 }
 
 /// The mesh endpoints of a Pod: one per pod IP with the sidecar's inbound
@@ -331,8 +344,8 @@ mod tests {
         .unwrap();
         let policy = policy_from_object(&object, &td()).unwrap();
         assert_eq!(policy.revision, 3);
-        let written = object_from_policy(&policy, Some("41")).unwrap();
-        assert_eq!(written.metadata.resource_version.as_deref(), Some("41"));
+        let spec = policy_spec(&policy).unwrap();
+        let written = new_object(&authorization_policy_resource(), "shop", "web-to-api", spec);
         let again = policy_from_object(
             &DynamicObject {
                 metadata: kube::api::ObjectMeta {
