@@ -102,10 +102,20 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
         "/apis/trellis.io/v1alpha1/namespaces/shop/authorizationpolicies/from-shop"
     );
     assert!(patch.body[0]["value"].is_string(), "{patch:?}");
+    let writes: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| (r.method, r.status))
+        .collect();
     assert_eq!(
-        fake.requests().iter().filter(|r| r.method != "GET").count(),
-        2,
-        "an unchanged policy writes nothing"
+        writes,
+        [
+            ("POST".into(), 201),
+            ("PATCH".into(), 200),
+            ("PATCH".into(), 200)
+        ],
+        "an unchanged policy is still written, on the resourceVersion held"
     );
     eventually_async("the other replica to see the update", || async {
         (two.policy("shop", "from-shop").unwrap()?.revision == 2).then_some(())
@@ -193,7 +203,7 @@ fn rate_limit(name: &str, requests_per_second: f64) -> RateLimit {
 /// No API server can run here: the fake stores written objects and
 /// publishes them to every open watch. A RateLimitPolicy applied through one
 /// replica is created as an object of its own kind, reaches the other
-/// replica's snapshots, writes nothing when applied unchanged, and leaves
+/// replica's snapshots, changes nothing when applied unchanged, and leaves
 /// both when deleted.
 #[tokio::test]
 async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
@@ -246,7 +256,8 @@ async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
     );
 
     let writer = one.clone();
-    let writes_before = fake.requests().iter().filter(|r| r.method != "GET").count();
+    let key = "ratelimitpolicies/shop/api-burst";
+    let stored = fake.object(key).unwrap();
     let unchanged = tokio::task::spawn_blocking(move || {
         writer.apply_documents(&[], &[rate_limit("api-burst", 5.0)], false)
     })
@@ -255,9 +266,9 @@ async fn a_rate_limit_applied_through_one_replica_reaches_every_replica() {
     .unwrap();
     assert_eq!(unchanged.rate_limits[0].outcome, PolicyOutcome::Unchanged);
     assert_eq!(
-        fake.requests().iter().filter(|r| r.method != "GET").count(),
-        writes_before,
-        "an unchanged rate limit writes nothing"
+        fake.object(key).unwrap(),
+        stored,
+        "an unchanged rate limit changes nothing"
     );
 
     let writer = one.clone();
@@ -408,5 +419,49 @@ async fn an_apply_changes_the_spec_and_keeps_what_other_tools_set() {
     assert_eq!(
         patch.body[0]["value"],
         created["metadata"]["resourceVersion"]
+    );
+}
+
+/// No API server can run here: the stand-in stores another replica's
+/// change of a policy without publishing it, as when this replica's watch
+/// lags. Applying the content this replica's cache still holds (a revert
+/// of that change) is not answered "unchanged" from the cache: it is
+/// written on the resourceVersion held, the stand-in refuses it with a
+/// 409 as the API server would, and the error names the object to apply
+/// again. The other replica's content is not taken for reverted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_through_a_lagging_replica_is_a_conflict_not_unchanged() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    watched_by(&fake, 1).await;
+    let writer = store.clone();
+    tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let key = "authorizationpolicies/shop/from-shop";
+    fake.change_spec_unseen(key, |spec| {
+        spec["rules"][0]["to"][0]["ports"] = json!([9091]);
+    });
+
+    let writer = store.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .map(|(applied, _)| applied[0].outcome)
+    .expect_err("answered from a cache that lags")
+    .to_string();
+    assert!(
+        refused.contains("replace AuthorizationPolicy shop/from-shop"),
+        "{refused}"
+    );
+    assert!(refused.contains("409"), "{refused}");
+    assert_eq!(
+        fake.object(key).unwrap()["spec"]["rules"][0]["to"][0]["ports"],
+        json!([9091])
     );
 }

@@ -219,6 +219,18 @@ impl FakeKube {
         state.objects.insert(key.to_owned(), changed);
     }
 
+    /// Changes the `spec` of a stored policy object as another replica
+    /// would, whose event has not reached the watches yet (none is
+    /// published): a new resourceVersion and generation.
+    pub fn change_spec_unseen(&self, key: &str, change: impl FnOnce(&mut Value)) {
+        let mut state = self.state.lock().unwrap();
+        let mut object = state.objects.get(key).cloned().expect("a stored object");
+        change(&mut object["spec"]);
+        let generation = object["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        let changed = stamp(&mut state, object, Some(generation));
+        state.objects.insert(key.to_owned(), changed);
+    }
+
     /// Answers TokenReviews of `token` with `review` instead of the
     /// recorded review of a `shop/web` token: pods of several service
     /// accounts.

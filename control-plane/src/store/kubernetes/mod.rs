@@ -535,12 +535,24 @@ fn written_position(kind: Kind, at: u64) -> Position {
     }
 }
 
-/// What a write of one document would do to what is held.
+/// What a write of one document would do to what is held (what a dry run
+/// answers).
 fn outcome_of<T>(held: Option<(T, u64)>, same: impl FnOnce(&T) -> bool) -> (u64, PolicyOutcome) {
     match held {
         None => (1, PolicyOutcome::Created),
         Some((old, revision)) if same(&old) => (revision, PolicyOutcome::Unchanged),
         Some((_, revision)) => (revision + 1, PolicyOutcome::Updated),
+    }
+}
+
+/// What a write did, from the revision held before it (`None`: nothing
+/// valid was held) and the revision the API server answered with: the
+/// revision (`metadata.generation`) moves only when the `spec` changes.
+fn written_outcome(held: Option<u64>, written: u64) -> PolicyOutcome {
+    match held {
+        None => PolicyOutcome::Created,
+        Some(held) if held == written => PolicyOutcome::Unchanged,
+        Some(_) => PolicyOutcome::Updated,
     }
 }
 
@@ -627,6 +639,15 @@ impl Store for KubernetesStore {
     /// Kubernetes has no transaction over several objects: the documents
     /// are written one by one, and a refusal stops the rest, leaving the
     /// earlier ones written (each is whole; the answer names the refusal).
+    ///
+    /// A document the cache holds unchanged is written all the same, on
+    /// the resourceVersion held: the cache may lag behind the API server
+    /// (another replica's write on its way through the watch), and
+    /// answering "unchanged" from it would leave that other content in
+    /// force. The API server refuses a stale resourceVersion with a 409,
+    /// an error to retry, and makes a write that changes nothing a no-op
+    /// (no new revision, no watch event). Reading the object first would
+    /// tell no more, and leave a window between the read and the write.
     fn apply_documents(
         &self,
         policies: &[Policy],
@@ -650,14 +671,17 @@ impl Store for KubernetesStore {
                     c.resource_version(kind, &key).map(str::to_owned),
                 )
             });
+            let held_revision = held.as_ref().map(|(_, revision)| *revision);
             let (revision, outcome) = outcome_of(held, |old| same_content(old, policy));
             // An object held as invalid is not in `held` but exists: the
             // write replaces it.
-            let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
-                (revision, numeric(held_version.as_deref()))
+            let (revision, outcome, at) = if dry_run {
+                (revision, outcome, numeric(held_version.as_deref()))
             } else {
-                self.write_policy(policy, held_version.as_deref())
-                    .map_err(|e| kept_before(e, &applied))?
+                let (revision, at) = self
+                    .write_policy(policy, held_version.as_deref())
+                    .map_err(|e| kept_before(e, &applied))?;
+                (revision, written_outcome(held_revision, revision), at)
             };
             written = written.max(written_position(kind, at));
             applied.policies.push(AppliedPolicy {
@@ -676,12 +700,15 @@ impl Store for KubernetesStore {
                     c.resource_version(kind, &key).map(str::to_owned),
                 )
             });
+            let held_revision = held.as_ref().map(|(_, revision)| *revision);
             let (revision, outcome) = outcome_of(held, |old| old == limit);
-            let (revision, at) = if dry_run || outcome == PolicyOutcome::Unchanged {
-                (revision, numeric(held_version.as_deref()))
+            let (revision, outcome, at) = if dry_run {
+                (revision, outcome, numeric(held_version.as_deref()))
             } else {
-                self.write_rate_limit(limit, held_version.as_deref())
-                    .map_err(|e| kept_before(e, &applied))?
+                let (revision, at) = self
+                    .write_rate_limit(limit, held_version.as_deref())
+                    .map_err(|e| kept_before(e, &applied))?;
+                (revision, written_outcome(held_revision, revision), at)
             };
             written = written.max(written_position(kind, at));
             applied.rate_limits.push(AppliedPolicy {
