@@ -465,3 +465,57 @@ async fn a_revert_through_a_lagging_replica_is_a_conflict_not_unchanged() {
         json!([9091])
     );
 }
+
+/// No API server can run here: the stand-in stores objects another replica
+/// created without publishing them, as when this replica's watch lags, and
+/// answers a create of an existing name with 409 AlreadyExists and a GET
+/// with the object, as the API server does. A create that meets a valid
+/// object this replica has not seen is a conflict naming it, and the other
+/// writer's object stays: two operators creating one policy through two
+/// replicas are not both told "created". One that meets an object that
+/// fails validation (held as absent) replaces its `spec`, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_meets_an_unseen_valid_object_is_a_conflict() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect(&fake).await);
+    watched_by(&fake, 1).await;
+    let theirs = fake.create_unseen(helm_object("from-shop", &[9091]));
+
+    let writer = store.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("from-shop", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .map(|(applied, _)| applied[0].outcome)
+    .expect_err("another writer's object overwritten")
+    .to_string();
+    assert!(
+        refused.contains("create AuthorizationPolicy shop/from-shop"),
+        "{refused}"
+    );
+    assert!(refused.contains("409"), "{refused}");
+    assert_eq!(
+        fake.object("authorizationpolicies/shop/from-shop").unwrap(),
+        theirs
+    );
+
+    let mut invalid = helm_object("misspelt", &[9091]);
+    invalid["spec"]["rules"][0]["to"] = json!([{"port": 9091}]);
+    fake.create(invalid);
+    let writer = store.clone();
+    let (applied, _) = tokio::task::spawn_blocking(move || {
+        writer.apply_policies(&[policy("misspelt", &[9090])], false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(applied[0].outcome, PolicyOutcome::Created);
+    let fixed = fake.object("authorizationpolicies/shop/misspelt").unwrap();
+    assert_eq!(fixed["spec"]["rules"][0]["to"][0]["ports"], json!([9090]));
+    assert_eq!(fixed["metadata"]["labels"], helm_metadata()["labels"]);
+    eventually_async("the fixed policy to be held", || async {
+        store.policy("shop", "misspelt").unwrap()
+    })
+    .await;
+}

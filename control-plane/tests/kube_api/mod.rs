@@ -197,11 +197,23 @@ impl FakeKube {
     /// Stores a policy object as another client (Helm, kubectl) would
     /// create it, with whatever metadata it carries, and publishes it.
     pub fn create(&self, object: Value) -> Value {
+        self.store(object, true)
+    }
+
+    /// Stores a policy object as another replica would create it, whose
+    /// event has not reached the watches yet (none is published).
+    pub fn create_unseen(&self, object: Value) -> Value {
+        self.store(object, false)
+    }
+
+    fn store(&self, object: Value, published: bool) -> Value {
         let mut state = self.state.lock().unwrap();
         let stored = stamp(&mut state, object, Some(1));
         let key = stored_key(&stored);
         state.objects.insert(key.clone(), stored.clone());
-        publish(&mut state, watched_path(&key), event("ADDED", &stored));
+        if published {
+            publish(&mut state, watched_path(&key), event("ADDED", &stored));
+        }
         stored
     }
 
@@ -441,9 +453,9 @@ fn answer(
     (404, status(404, "NotFound", message))
 }
 
-/// POST/PUT/PATCH/DELETE of an AuthorizationPolicy or a RateLimitPolicy:
-/// echoed with a new resourceVersion (and generation), published to the
-/// watches of its kind. A PATCH is a JSON Patch, as the API server applies
+/// GET, POST, PUT, PATCH and DELETE of one AuthorizationPolicy or
+/// RateLimitPolicy: writes are echoed with a new resourceVersion (and
+/// generation), published to the watches of its kind. A PATCH is a JSON Patch, as the API server applies
 /// one to a custom resource: a resourceVersion it sets is the update's
 /// precondition (409 when the object is newer), one that changes nothing
 /// writes nothing, and the generation moves only with the `spec`.
@@ -469,12 +481,25 @@ fn write_policy(
         return (404, status(404, "NotFound", "no such resource"));
     }
     let watched = watched_path(plural);
-    if let Some(refusal) = &state.refuse_writes {
+    if let Some(refusal) = state
+        .refuse_writes
+        .as_ref()
+        .filter(|_| *method != Method::GET)
+    {
         return refusal.clone();
     }
     let key = format!("{plural}/{namespace}/{name}");
     let held = state.objects.get(&key).cloned();
     let (code, kind, object) = match method.as_str() {
+        "GET" => {
+            return match held {
+                Some(held) => (200, held),
+                None => {
+                    let message = format!("{plural}.trellis.io \"{name}\" not found");
+                    (404, status(404, "NotFound", &message))
+                }
+            };
+        }
         "POST" if held.is_some() => {
             let message = format!("{plural}.trellis.io \"{name}\" already exists");
             return (409, status(409, "AlreadyExists", &message));

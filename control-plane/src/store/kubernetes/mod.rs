@@ -191,6 +191,7 @@ pub fn status_code(e: &kube::Error) -> Option<u16> {
 pub struct KubernetesStore {
     shared: Arc<Shared>,
     client: Client,
+    trust_domain: TrustDomain,
     runtime: Handle,
     issued: Mutex<VecDeque<IssuedCertRecord>>,
     watches: Vec<AbortHandle>,
@@ -278,6 +279,7 @@ impl KubernetesStore {
         let store = Self {
             shared,
             client,
+            trust_domain,
             runtime: Handle::current(),
             issued: Mutex::new(VecDeque::new()),
             watches,
@@ -339,37 +341,41 @@ impl KubernetesStore {
         held_version: Option<&str>,
     ) -> Result<(DynamicObject, u64), StoreError> {
         let api = self.document_api(kind, namespace);
-        let written = self.runtime.block_on(async {
-            match held_version {
-                Some(held) => patch_spec(&api, name, &spec, held).await,
-                None => {
-                    let object =
-                        new_object(&document_resource(kind), namespace, name, spec.clone());
-                    match api.create(&write_params(), &object).await {
-                        // It exists but is not held (invalid, or not seen
-                        // yet): patch what is there.
-                        Err(e) if status_code(&e) == Some(409) => {
-                            let current = api.get(name).await?;
-                            let at = current.resource_version().unwrap_or_default();
-                            patch_spec(&api, name, &spec, &at).await
-                        }
-                        other => other,
-                    }
-                }
-            }
-        });
-        let written = written.map_err(|e| KubeStoreError::Write {
-            action: format!(
-                "{} {} {key}",
-                if held_version.is_some() {
-                    "replace"
-                } else {
-                    "create"
-                },
-                kind.as_str()
-            ),
+        let refused = |verb: &str, e: kube::Error| KubeStoreError::Write {
+            action: format!("{verb} {} {key}", kind.as_str()),
             message: describe(&e),
             status: status_code(&e),
+        };
+        let written = self.runtime.block_on(async {
+            if let Some(held) = held_version {
+                return patch_spec(&api, name, &spec, held)
+                    .await
+                    .map_err(|e| refused("replace", e));
+            }
+            let object = new_object(&document_resource(kind), namespace, name, spec.clone());
+            let exists = match api.create(&write_params(), &object).await {
+                Err(e) if status_code(&e) == Some(409) => e,
+                created => return created.map_err(|e| refused("create", e)),
+            };
+            // Not held, yet there. One that does not convert is held as
+            // absent, and the write replaces its `spec`; a valid one was
+            // written by another client (perhaps through another replica)
+            // and is not seen here yet: overwriting it would answer
+            // "created" to two writers, so it is a conflict to retry.
+            let current = api.get(name).await.map_err(|e| refused("create", e))?;
+            if self.converts(kind, &current) {
+                let mut refusal = refused("create", exists);
+                if let KubeStoreError::Write { message, .. } = &mut refusal {
+                    message.push_str(
+                        ": a valid object another client wrote, not seen by this replica yet",
+                    );
+                }
+                return Err(refusal);
+            }
+            let at = current.resource_version().unwrap_or_default();
+            patch_spec(&api, name, &spec, &at)
+                .await
+                .map_err(|e| refused("create", e))
         })?;
         let revision = written
             .metadata
@@ -377,6 +383,14 @@ impl KubernetesStore {
             .and_then(|g| u64::try_from(g).ok())
             .unwrap_or(1);
         Ok((written, revision))
+    }
+
+    /// Whether an object of `kind` is a valid policy or rate limit.
+    fn converts(&self, kind: Kind, object: &DynamicObject) -> bool {
+        match kind {
+            Kind::RateLimitPolicy => rate_limit_from_object(object, &self.trust_domain).is_ok(),
+            _ => policy_from_object(object, &self.trust_domain).is_ok(),
+        }
     }
 
     /// Writes one policy and puts the API server's answer into the cache, so
