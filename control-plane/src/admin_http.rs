@@ -1,5 +1,7 @@
 //! The plain-HTTP admin port: `/live`, `/ready` (200 once the gRPC port is
-//! serving) and `/metrics` (Prometheus text).
+//! serving, unless the Kubernetes store's watch of a policy kind has been
+//! failing for longer than its grace: 503 naming it) and `/metrics`
+//! (Prometheus text).
 //!
 //! It exposes nothing secret and accepts nothing that changes state. It is
 //! reachable from every pod of the cluster (the kubelet probes it, a
@@ -21,7 +23,8 @@ use tokio::sync::watch;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 
 use crate::discovery::Discovery;
-use crate::metrics::{Metrics, render_sidecar_sync};
+use crate::metrics::{Metrics, render_sidecar_sync, render_store_watches};
+use crate::store::kubernetes::WatchHealth;
 
 /// How long a client of the admin port has to send a request's head, and
 /// how long an idle connection is kept waiting for the next one: the
@@ -58,12 +61,14 @@ impl AdminHttp {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` turns true.
+    /// Serves until `shutdown` turns true. `watches` are the Kubernetes
+    /// store's (none with the embedded store).
     pub async fn run(
         self,
         ready: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
         discovery: Arc<Discovery>,
+        watches: Option<Arc<WatchHealth>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
@@ -89,10 +94,11 @@ impl AdminHttp {
             let ready = ready.clone();
             let metrics = metrics.clone();
             let discovery = discovery.clone();
+            let watches = watches.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
                 let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&req, &ready, &metrics, &discovery);
+                    let response = respond(&req, &ready, &metrics, &discovery, watches.as_deref());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 serve_http1_for(
@@ -113,6 +119,7 @@ fn respond(
     ready: &AtomicBool,
     metrics: &Metrics,
     discovery: &Discovery,
+    watches: Option<&WatchHealth>,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
@@ -129,11 +136,29 @@ fn respond(
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
-        "/ready" if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        "/ready" if !ready.load(Ordering::Acquire) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+        }
+        // Sidecars moved here (a rollout) would get policies that may be
+        // stale: a Service sends them to another replica meanwhile.
+        "/ready" => match watches.and_then(WatchHealth::unready) {
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+            None => text(StatusCode::OK, "ready\n".into()),
+        },
         "/metrics" => {
             let mut body = metrics.render();
             render_sidecar_sync(&mut body, &discovery.sync_counts());
+            if let Some(watches) = watches {
+                let failing: Vec<_> = watches
+                    .failing()
+                    .into_iter()
+                    .map(|(kind, failing)| (kind.as_str(), failing.is_some()))
+                    .collect();
+                render_store_watches(&mut body, &failing);
+            }
             text(StatusCode::OK, body)
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -226,6 +226,26 @@ pub fn render_sidecar_sync(out: &mut String, counts: &[(SyncState, u64)]) {
     }
 }
 
+/// The Prometheus text of the Kubernetes store's watches: per kind, 1
+/// while its watch is failing (an error since it last delivered an event
+/// or a complete list: the kind is served as last seen), else 0.
+pub fn render_store_watches(out: &mut String, failing: &[(&str, bool)]) {
+    let _ = writeln!(
+        out,
+        "# HELP trellis_store_watch_failing Whether the Kubernetes store's watch of a kind is \
+         failing (1): an error since it last delivered an event or a complete list, so the kind \
+         is served as last seen. Past 60 s for a policy kind, /ready answers 503.\n\
+         # TYPE trellis_store_watch_failing gauge"
+    );
+    for (kind, failing) in failing {
+        let _ = writeln!(
+            out,
+            "trellis_store_watch_failing{{kind=\"{kind}\"}} {}",
+            u8::from(*failing)
+        );
+    }
+}
+
 fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
     for (reason, count) in values {

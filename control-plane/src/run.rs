@@ -190,7 +190,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let dir = StateDir::open(&config.state_dir)?;
     // Only the embedded database stops the control plane when it fails.
     let mut write_failure = None;
-    let (ca, store, store_changes): (_, Arc<dyn Store>, _) = match (config.store, &config.kube) {
+    let (ca, store, store_changes, watches): (_, Arc<dyn Store>, _, _) = match (
+        config.store,
+        &config.kube,
+    ) {
         (StoreKind::Kubernetes, Some(api)) => {
             let client = kubernetes::client(api)?;
             let (namespace, secret) = (
@@ -205,7 +208,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 KubernetesStore::connect(client, config.trust_domain.clone(), SYNC_TIMEOUT).await?;
             tracing::info!(api = %api.url, "policies from CRDs, endpoints from Pods, CA from Secret {namespace}/{secret}");
             let changes = store.changes();
-            (ca, Arc::new(store) as Arc<dyn Store>, Some(changes))
+            let watches = store.watch_health();
+            (
+                ca,
+                Arc::new(store) as Arc<dyn Store>,
+                Some(changes),
+                Some(watches),
+            )
         }
         _ => {
             let operator_ca = config.ca_cert.as_deref().zip(config.ca_key.as_deref());
@@ -217,7 +226,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             )?;
             let store = Arc::new(EmbeddedStore::open(&dir.path(DB_FILE))?);
             write_failure = Some(store.write_failure());
-            (ca, store as Arc<dyn Store>, None)
+            (ca, store as Arc<dyn Store>, None, None)
         }
     };
     let ca = Arc::new(ca);
@@ -371,7 +380,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             drop(inject_tx);
         });
     }
-    tokio::spawn(admin.run(ready.clone(), metrics, discovery.clone(), shutdown_rx));
+    tokio::spawn(admin.run(
+        ready.clone(),
+        metrics,
+        discovery.clone(),
+        watches,
+        shutdown_rx,
+    ));
     tokio::pin!(serve);
     ready.store(true, Ordering::Release);
     tracing::info!(

@@ -674,3 +674,98 @@ async fn only_what_the_snapshots_carry_moves_the_version() {
     .await;
     assert_ne!(store.snapshot_version().unwrap(), first);
 }
+
+/// A GET of `path` on the admin port at `addr`: the status and the body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+/// No API server can run here: the stand-in ends the AuthorizationPolicy
+/// watch and answers every list and watch of the kind with a 500 from
+/// then on, as an API server that lost its storage would, while it keeps
+/// answering the other kinds. The admin port serving the store keeps
+/// answering /ready with 200 within the grace (shortened for the test
+/// through the store's constructor, 60 s in the binary), then with 503
+/// naming the kind, and `trellis_store_watch_failing` says which watch
+/// fails; once the stand-in answers again, the watch lists afresh and
+/// /ready is 200 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_fails_while_a_policy_watch_keeps_failing() {
+    use std::sync::atomic::AtomicBool;
+    use trellis_control_plane::admin_http::AdminHttp;
+    use trellis_control_plane::metrics::Metrics;
+
+    let fake = recorded_cluster().await;
+    let client = kubernetes::client(&fake.api()).unwrap();
+    let grace = Duration::from_secs(2);
+    let store =
+        KubernetesStore::connect_with_watch_grace(client, td(), Duration::from_secs(20), grace)
+            .await
+            .unwrap();
+    let watches = store.watch_health();
+    let store = Arc::new(store);
+    watched_by(&fake, 1).await;
+    let discovery = Arc::new(Discovery::new(store.clone(), Vec::new(), mesh()).unwrap());
+    let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = admin.local_addr().unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let metrics = Arc::new(Metrics::default());
+    tokio::spawn(admin.run(ready, metrics, discovery, Some(watches), stop));
+    assert_eq!(admin_get(addr, "/ready").await, (200, "ready\n".into()));
+    let failing =
+        |kind: &str, value: u8| format!("trellis_store_watch_failing{{kind=\"{kind}\"}} {value}\n");
+    let scraped = admin_get(addr, "/metrics").await.1;
+    assert!(
+        scraped.contains(&failing("AuthorizationPolicy", 0)),
+        "{scraped}"
+    );
+
+    fake.fail(POLICIES, 500);
+    let failed_at = std::time::Instant::now();
+    eventually_async("the watch to fail", || async {
+        let scraped = admin_get(addr, "/metrics").await.1;
+        scraped
+            .contains(&failing("AuthorizationPolicy", 1))
+            .then_some(())
+    })
+    .await;
+    let scraped = admin_get(addr, "/metrics").await.1;
+    assert!(scraped.contains(&failing("Pod", 0)), "{scraped}");
+    let (status, body) = admin_get(addr, "/ready").await;
+    if failed_at.elapsed() < grace {
+        assert_eq!(status, 200, "not ready within the grace: {body}");
+    }
+    let body = eventually_async("/ready to answer 503", || async {
+        let (status, body) = admin_get(addr, "/ready").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(failed_at.elapsed() >= grace);
+    assert!(
+        body.contains("the AuthorizationPolicy watch has been failing for"),
+        "{body}"
+    );
+    assert!(!body.contains("Pod"), "{body}");
+
+    fake.recover(POLICIES);
+    eventually_async("/ready to answer 200 again", || async {
+        (admin_get(addr, "/ready").await.0 == 200).then_some(())
+    })
+    .await;
+    let scraped = admin_get(addr, "/metrics").await.1;
+    assert!(
+        scraped.contains(&failing("AuthorizationPolicy", 0)),
+        "{scraped}"
+    );
+}

@@ -89,6 +89,9 @@ struct State {
     next_rv: u64,
     /// When set, policy writes are answered with this instead.
     refuse_writes: Option<(u16, Value)>,
+    /// Per collection path: the status every list and watch of it is
+    /// answered with, while it fails.
+    failing: HashMap<String, u16>,
     /// When set, the answer to the next policy write (already stored and
     /// published) leaves only once this receives.
     hold_answer: Option<oneshot::Receiver<()>>,
@@ -144,6 +147,20 @@ impl FakeKube {
             .entry(path.to_owned())
             .or_default()
             .push_back(lines);
+    }
+
+    /// Fails `path` as an API server that lost its storage would: its open
+    /// watches end, and every later list and watch of it is answered with
+    /// `code` and a Status, until [`Self::recover`].
+    pub fn fail(&self, path: &str, code: u16) {
+        let mut state = self.state.lock().unwrap();
+        state.watchers.remove(path);
+        state.failing.insert(path.to_owned(), code);
+    }
+
+    /// Answers lists and watches of `path` again.
+    pub fn recover(&self, path: &str) {
+        self.state.lock().unwrap().failing.remove(path);
     }
 
     /// Sends an event line to every open watch of `path`.
@@ -352,7 +369,14 @@ fn respond(
 ) -> Response<Body> {
     let path = path.to_owned();
     let query = query.to_owned();
-    let (status, response) = if watch {
+    let failing = state.failing.get(&path).copied();
+    let (status, response) = if let Some(code) = failing.filter(|_| parts.method == Method::GET) {
+        let message = "etcdserver: request timed out";
+        (
+            code,
+            json_response(code, &status(code, "InternalError", message)),
+        )
+    } else if watch {
         let mut lines = state
             .watch_scripts
             .get_mut(&path)

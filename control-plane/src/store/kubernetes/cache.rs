@@ -49,6 +49,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, each with its watch.
+    pub const ALL: [Kind; 5] = [
+        Kind::AuthorizationPolicy,
+        Kind::RateLimitPolicy,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",

@@ -63,6 +63,7 @@ use self::objects::{
     authorization_policy_resource, endpoints_from_pod, new_object, policy_from_object, policy_spec,
     rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
 };
+pub use self::reflect::WatchHealth;
 use self::reflect::{Convert, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
@@ -80,6 +81,12 @@ const FIELD_MANAGER: &str = "trellis-control-plane";
 
 /// How long start-up waits for the first full list of each kind.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the watch of a policy kind may keep failing before the replica
+/// reports not ready ([`WatchHealth::unready`]): past it, the policies it
+/// would push to a sidecar moved to it may be stale, a deleted ALLOW
+/// policy among them. Long enough for an API server's restart.
+pub const WATCH_FAILURE_GRACE: Duration = Duration::from_secs(60);
 
 /// The Pods the store watches: only running ones can be endpoints.
 pub const POD_FIELD_SELECTOR: &str = "status.phase=Running";
@@ -220,7 +227,20 @@ impl KubernetesStore {
         trust_domain: TrustDomain,
         sync_timeout: Duration,
     ) -> Result<Self, KubeStoreError> {
-        let shared = Arc::new(Shared::new());
+        Self::connect_with_watch_grace(client, trust_domain, sync_timeout, WATCH_FAILURE_GRACE)
+            .await
+    }
+
+    /// [`Self::connect`], with a policy kind's watch allowed to fail for
+    /// `watch_grace` rather than [`WATCH_FAILURE_GRACE`] before the
+    /// replica is not ready.
+    pub async fn connect_with_watch_grace(
+        client: Client,
+        trust_domain: TrustDomain,
+        sync_timeout: Duration,
+        watch_grace: Duration,
+    ) -> Result<Self, KubeStoreError> {
+        let shared = Arc::new(Shared::new(watch_grace));
         let mut watches = Vec::new();
         let mut firsts = Vec::new();
         let mut watch = |task: tokio::task::JoinHandle<()>, kind, first| {
@@ -309,6 +329,11 @@ impl KubernetesStore {
             }
         }
         Ok(store)
+    }
+
+    /// How the watches fare, for readiness and metrics.
+    pub fn watch_health(&self) -> Arc<WatchHealth> {
+        self.shared.health.clone()
     }
 
     /// The snapshot version after every change the watches (or writes) made.

@@ -3,6 +3,13 @@
 //! resourceVersion, with bookmarks; a `410 Gone` or a broken stream means a
 //! fresh list, which replaces the kind whole).
 //!
+//! Each task also says how its watch fares ([`WatchHealth`]): a watch is
+//! failing from an error until it delivers an event or a complete list
+//! again. After an error the task starts the watcher again, from a list,
+//! once its backoff has passed: kube-rs resumes a watch without a word
+//! when it succeeds, and a list is what shows that the kind is read again
+//! (and brings everything missed meanwhile).
+//!
 //! A policy kind's position (see [`Cache::reached`]) moves with each
 //! object's resourceVersion. A re-list shows a deletion made while the
 //! watch was away only by leaving the object out, and kube-rs does not say
@@ -20,12 +27,13 @@
 //! per change and held as absent: it is never pushed, and never stops the
 //! watch. After every change of content the new version is announced.
 //! Errors before the first full list are returned to start-up; later ones
-//! are logged and retried with backoff while the cache keeps serving.
+//! are logged and retried with backoff while the cache keeps serving what
+//! it holds, and the health says for how long.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, ListParams};
@@ -49,15 +57,19 @@ pub struct Shared {
     pub cache: RwLock<Cache>,
     /// The version after every change of content.
     pub changes: watch::Sender<u64>,
+    pub health: Arc<WatchHealth>,
 }
 
 impl Shared {
-    pub fn new() -> Self {
+    /// A policy kind whose watch fails for longer than `unready_after`
+    /// makes the replica not ready ([`WatchHealth::unready`]).
+    pub fn new(unready_after: Duration) -> Self {
         let cache = Cache::default();
         let version = cache.version();
         Self {
             cache: RwLock::new(cache),
             changes: watch::Sender::new(version),
+            health: Arc::new(WatchHealth::new(unready_after)),
         }
     }
 
@@ -76,6 +88,73 @@ impl Shared {
 
     pub fn read<T>(&self, f: impl FnOnce(&Cache) -> T) -> T {
         f(&self.cache.read().expect("not poisoned"))
+    }
+}
+
+/// How each kind's watch fares: since when it has been failing, if it is.
+/// A watch is failing from an error until it next delivers an event or a
+/// complete list; meanwhile the cache serves what it last saw of the kind.
+#[derive(Debug)]
+pub struct WatchHealth {
+    failing_since: Mutex<BTreeMap<Kind, Option<Instant>>>,
+    unready_after: Duration,
+}
+
+impl WatchHealth {
+    fn new(unready_after: Duration) -> Self {
+        Self {
+            failing_since: Mutex::new(Kind::ALL.into_iter().map(|k| (k, None)).collect()),
+            unready_after,
+        }
+    }
+
+    /// The watch of `kind` failed; it has been failing since its first
+    /// error after its last success.
+    fn failed(&self, kind: Kind) {
+        let mut failing = self.failing_since.lock().expect("not poisoned");
+        failing
+            .entry(kind)
+            .or_default()
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// The watch of `kind` delivered an event or a complete list.
+    fn succeeded(&self, kind: Kind) {
+        let mut failing = self.failing_since.lock().expect("not poisoned");
+        failing.insert(kind, None);
+    }
+
+    /// Every watched kind and how long its watch has been failing (`None`:
+    /// it is not).
+    pub fn failing(&self) -> Vec<(Kind, Option<Duration>)> {
+        let failing = self.failing_since.lock().expect("not poisoned");
+        failing
+            .iter()
+            .map(|(kind, since)| (*kind, since.map(|at| at.elapsed())))
+            .collect()
+    }
+
+    /// Why this replica should take no new sidecars: the watch of a
+    /// policy kind has been failing for longer than the grace it was
+    /// given, so the policies it would push may be stale (one deleted
+    /// meanwhile still allowed). `None` when every policy kind's watch
+    /// works, or has failed for less.
+    pub fn unready(&self) -> Option<String> {
+        let stale: Vec<String> = self
+            .failing()
+            .into_iter()
+            .filter(|(kind, _)| kind.is_policy())
+            .filter_map(|(kind, failing)| {
+                let failing = failing.filter(|d| *d > self.unready_after)?;
+                Some(format!(
+                    "the {} watch has been failing for {} s",
+                    kind.as_str(),
+                    failing.as_secs()
+                ))
+            })
+            .collect();
+        (!stale.is_empty())
+            .then(|| format!("{}: the policies served may be stale", stale.join(", ")))
     }
 }
 
@@ -150,88 +229,98 @@ pub async fn reflect<K>(
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let mut first = Some(first);
-    let mut listing: Option<BTreeMap<String, Reflected>> = None;
-    // For a policy kind, every object of the list being read (those that
-    // do not convert too) at its resourceVersion: the newest of them is
-    // where the list brings the position, and after a re-list they are
-    // what the check compares with.
-    let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
     let mut backoff = BACKOFF_MIN;
     let lister = api.clone();
-    let stream = watcher(api, config);
-    futures::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
-        let event = match event {
-            Ok(event) => event,
-            Err(e) => {
-                if let Some(first) = first.take() {
-                    let _ = first.send(Err(e));
-                    return;
-                }
-                tracing::warn!(kind = kind.as_str(), error = %e, retry_in = ?backoff, "watch failed; serving what was last seen");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        backoff = BACKOFF_MIN;
-        match event {
-            Event::Init => {
-                listing = Some(BTreeMap::new());
-                listed_versions.clear();
-            }
-            Event::InitApply(object) => {
-                if kind.is_policy() {
-                    let at = numeric(object.resource_version().as_deref());
-                    listed_versions.insert(object_key(&object), at);
-                }
-                if let Some(found) = reflected(kind, &object, &convert) {
-                    listing
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(object_key(&object), found);
-                }
-            }
-            Event::InitDone => {
-                let listed = listing.take().unwrap_or_default();
-                let count = listed.len();
-                // A list says nothing of deletions since the last event:
-                // the position moves to the newest object listed.
-                let listed_up_to = listed_versions.values().copied().max().unwrap_or(0);
-                let version = shared.update(|cache| {
-                    let changed = cache.replace(kind, listed);
-                    cache.reached(kind, listed_up_to) || changed
-                });
-                tracing::info!(kind = kind.as_str(), count, version, "listed");
-                match first.take() {
-                    Some(first) => {
-                        let _ = first.send(Ok(()));
+    loop {
+        let mut listing: Option<BTreeMap<String, Reflected>> = None;
+        // For a policy kind, every object of the list being read (those
+        // that do not convert too) at its resourceVersion: the newest of
+        // them is where the list brings the position, and after a re-list
+        // they are what the check compares with.
+        let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
+        let stream = watcher(api.clone(), config.clone());
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(e));
+                        return;
                     }
-                    None if kind.is_policy() => {
-                        if let Some(at) = unchanged_since(&lister, kind, &listed_versions).await {
-                            shared.update(|cache| cache.reached(kind, at));
+                    shared.health.failed(kind);
+                    tracing::warn!(kind = kind.as_str(), error = %e, retry_in = ?backoff, "watch failed; serving what was last seen");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    break;
+                }
+            };
+            // `Init` comes before the list is asked for, and one object
+            // of a list is no complete list.
+            if !matches!(event, Event::Init | Event::InitApply(_)) {
+                shared.health.succeeded(kind);
+                backoff = BACKOFF_MIN;
+            }
+            match event {
+                Event::Init => {
+                    listing = Some(BTreeMap::new());
+                    listed_versions.clear();
+                }
+                Event::InitApply(object) => {
+                    if kind.is_policy() {
+                        let at = numeric(object.resource_version().as_deref());
+                        listed_versions.insert(object_key(&object), at);
+                    }
+                    if let Some(found) = reflected(kind, &object, &convert) {
+                        listing
+                            .get_or_insert_with(BTreeMap::new)
+                            .insert(object_key(&object), found);
+                    }
+                }
+                Event::InitDone => {
+                    let listed = listing.take().unwrap_or_default();
+                    let count = listed.len();
+                    // A list says nothing of deletions since the last
+                    // event: the position moves to the newest object listed.
+                    let listed_up_to = listed_versions.values().copied().max().unwrap_or(0);
+                    let version = shared.update(|cache| {
+                        let changed = cache.replace(kind, listed);
+                        cache.reached(kind, listed_up_to) || changed
+                    });
+                    tracing::info!(kind = kind.as_str(), count, version, "listed");
+                    match first.take() {
+                        Some(first) => {
+                            let _ = first.send(Ok(()));
                         }
+                        None if kind.is_policy() => {
+                            if let Some(at) = unchanged_since(&lister, kind, &listed_versions).await
+                            {
+                                shared.update(|cache| cache.reached(kind, at));
+                            }
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
-            }
-            Event::Apply(object) => {
-                let found = reflected(kind, &object, &convert);
-                let key = object_key(&object);
-                let at = numeric(object.resource_version().as_deref());
-                // The echo of this replica's own write changes no content,
-                // but moves the position: announced all the same.
-                shared.update(|cache| {
-                    let changed = cache.apply(kind, &key, found);
-                    cache.reached(kind, at) || changed
-                });
-            }
-            Event::Delete(object) => {
-                let key = object_key(&object);
-                let at = numeric(object.resource_version().as_deref());
-                shared.update(|cache| {
-                    let changed = cache.remove(kind, &key);
-                    cache.reached(kind, at) || changed
-                });
+                Event::Apply(object) => {
+                    let found = reflected(kind, &object, &convert);
+                    let key = object_key(&object);
+                    let at = numeric(object.resource_version().as_deref());
+                    // The echo of this replica's own write changes no
+                    // content, but moves the position: announced all the
+                    // same.
+                    shared.update(|cache| {
+                        let changed = cache.apply(kind, &key, found);
+                        cache.reached(kind, at) || changed
+                    });
+                }
+                Event::Delete(object) => {
+                    let key = object_key(&object);
+                    let at = numeric(object.resource_version().as_deref());
+                    shared.update(|cache| {
+                        let changed = cache.remove(kind, &key);
+                        cache.reached(kind, at) || changed
+                    });
+                }
             }
         }
     }
