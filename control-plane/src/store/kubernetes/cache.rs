@@ -356,6 +356,16 @@ impl Cache {
         self.services = published;
     }
 
+    /// What is held for an object, as the reflector read it.
+    pub fn held(&self, kind: Kind, key: &str) -> Option<Reflected> {
+        self.objects
+            .get(&(kind, key.to_owned()))
+            .map(|slot| Reflected {
+                resource_version: slot.resource_version.clone(),
+                entry: slot.entry.clone(),
+            })
+    }
+
     /// The resourceVersion held for an object.
     pub fn resource_version(&self, kind: Kind, key: &str) -> Option<&str> {
         self.objects

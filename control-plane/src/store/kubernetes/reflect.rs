@@ -24,8 +24,10 @@
 //!
 //! Each object is turned into an [`Entry`] by the kind's conversion; one
 //! that does not convert (a policy that fails `policy lint`) is logged once
-//! per change and held as absent: it is never pushed, and never stops the
-//! watch. After every change of content the new version is announced.
+//! per change and never stops the watch. It is never pushed: a policy keeps
+//! its last valid version in force (a DENY edited by a newer release, or
+//! past a webhook that was down, must not vanish), any other object is
+//! held as absent. After every change of content the new version is announced.
 //! Errors before the first full list are returned to start-up; later ones
 //! are logged and retried with backoff while the cache keeps serving what
 //! it holds, and the health says for how long.
@@ -162,22 +164,43 @@ impl WatchHealth {
 /// skipped (logged), `Ok(None)` an object that contributes nothing.
 pub type Convert<K> = Box<dyn Fn(&K) -> Result<Option<Entry>, String> + Send + Sync>;
 
+/// What one object became.
+enum Read {
+    Entry(Reflected),
+    /// An object that contributes nothing (a Pod without a sidecar).
+    Nothing,
+    /// An object its conversion refused (logged).
+    Invalid,
+}
+
 /// Reads one object into what the cache holds.
-fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Option<Reflected> {
+fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Read {
     let entry = match convert(object) {
-        Ok(entry) => entry?,
+        Ok(Some(entry)) => entry,
+        Ok(None) => return Read::Nothing,
         Err(reason) => {
-            tracing::warn!(
-                kind = kind.as_str(),
-                object = %object_key(object),
-                resource_version = object.resource_version().unwrap_or_default(),
-                reason,
-                "skipped an invalid object: it is not pushed to any sidecar until it is fixed"
-            );
-            return None;
+            if kind.is_policy() {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    object = %object_key(object),
+                    resource_version = object.resource_version().unwrap_or_default(),
+                    reason,
+                    "an invalid object: its last valid version, if any, stays in force until it \
+                     is fixed or deleted"
+                );
+            } else {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    object = %object_key(object),
+                    resource_version = object.resource_version().unwrap_or_default(),
+                    reason,
+                    "skipped an invalid object: it is not pushed to any sidecar until it is fixed"
+                );
+            }
+            return Read::Invalid;
         }
     };
-    Some(Reflected {
+    Read::Entry(Reflected {
         resource_version: object.resource_version().unwrap_or_default(),
         entry,
     })
@@ -238,6 +261,8 @@ pub async fn reflect<K>(
         // them is where the list brings the position, and after a re-list
         // they are what the check compares with.
         let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
+        // Policies of the list in progress that did not convert.
+        let mut invalid: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         let stream = watcher(api.clone(), config.clone());
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -265,20 +290,38 @@ pub async fn reflect<K>(
                 Event::Init => {
                     listing = Some(BTreeMap::new());
                     listed_versions.clear();
+                    invalid.clear();
                 }
                 Event::InitApply(object) => {
                     if kind.is_policy() {
                         let at = numeric(object.resource_version().as_deref());
                         listed_versions.insert(object_key(&object), at);
                     }
-                    if let Some(found) = reflected(kind, &object, &convert) {
-                        listing
-                            .get_or_insert_with(BTreeMap::new)
-                            .insert(object_key(&object), found);
+                    match reflected(kind, &object, &convert) {
+                        Read::Entry(found) => {
+                            listing
+                                .get_or_insert_with(BTreeMap::new)
+                                .insert(object_key(&object), found);
+                        }
+                        Read::Invalid if kind.is_policy() => {
+                            invalid.insert(object_key(&object));
+                        }
+                        Read::Invalid | Read::Nothing => {}
                     }
                 }
                 Event::InitDone => {
-                    let listed = listing.take().unwrap_or_default();
+                    let mut listed = listing.take().unwrap_or_default();
+                    // A policy that no longer converts (edited by a newer
+                    // release, or past a webhook that was down) keeps its
+                    // last valid version, as a sidecar keeps its last good
+                    // snapshot: a DENY must not vanish for being edited.
+                    shared.read(|cache| {
+                        for key in std::mem::take(&mut invalid) {
+                            if let Some(held) = cache.held(kind, &key) {
+                                listed.insert(key, held);
+                            }
+                        }
+                    });
                     let count = listed.len();
                     // A list says nothing of deletions since the last
                     // event: the position moves to the newest object listed.
@@ -307,9 +350,14 @@ pub async fn reflect<K>(
                     let at = numeric(object.resource_version().as_deref());
                     // The echo of this replica's own write changes no
                     // content, but moves the position: announced all the
-                    // same.
+                    // same. A policy that no longer converts keeps its
+                    // last valid version (see the list above).
                     shared.update(|cache| {
-                        let changed = cache.apply(kind, &key, found);
+                        let changed = match found {
+                            Read::Entry(found) => cache.apply(kind, &key, Some(found)),
+                            Read::Invalid if kind.is_policy() => false,
+                            Read::Invalid | Read::Nothing => cache.apply(kind, &key, None),
+                        };
                         cache.reached(kind, at) || changed
                     });
                 }
