@@ -455,12 +455,15 @@ fn state_dir_opens_on_the_volume_the_kubelet_makes() {
     );
 }
 
+/// A group version and its resources: name, kind, namespaced.
+type GroupVersion = (&'static str, &'static [(&'static str, &'static str, bool)]);
+
 /// The discovery documents of a cluster with the kinds the chart renders,
 /// as `helm` asks for them (`/api`, `/apis`, each group version), with
 /// `secret` as the one object it holds; anything else is 404. Written after
 /// the API server's JSON shapes (no API server can run here).
 fn cluster_with(secret: Value) -> impl Fn(&str) -> (u16, Value) + Clone + Send + Sync + 'static {
-    let kinds: [(&str, &[(&str, &str, bool)]); 6] = [
+    let kinds: [GroupVersion; 6] = [
         (
             "v1",
             &[

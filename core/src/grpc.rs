@@ -188,6 +188,30 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
+/// `s` must be what the dialer turns into `http://HOST:PORT/`: a host
+/// (an IPv6 address in brackets) and a port, with no scheme or path.
+pub fn check_host_port(s: &str) -> Result<(), String> {
+    if s.contains("://") {
+        return Err(format!(
+            "{s:?} has a scheme: give host:port (the connection is always mTLS)"
+        ));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("empty host".into());
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("bad port {port:?}"))?;
+    let dialled = http::Uri::try_from(format!("http://{s}")).ok();
+    let authority = dialled.as_ref().and_then(http::Uri::authority);
+    if authority.is_none_or(|a| a.as_str() != s) || dialled.is_some_and(|u| u.path() != "/") {
+        return Err(format!(
+            "{s:?} is not host:port (an IPv6 address goes in brackets: [::1]:15012)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,28 +284,4 @@ mod tests {
         let e = connect(&addr.to_string(), tls).await.unwrap_err();
         assert!(!refused(&e), "{}", error_chain(&e));
     }
-}
-
-/// `s` must be what the dialer turns into `http://HOST:PORT/`: a host
-/// (an IPv6 address in brackets) and a port, with no scheme or path.
-pub fn check_host_port(s: &str) -> Result<(), String> {
-    if s.contains("://") {
-        return Err(format!(
-            "{s:?} has a scheme: give host:port (the connection is always mTLS)"
-        ));
-    }
-    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
-    if host.is_empty() {
-        return Err("empty host".into());
-    }
-    port.parse::<u16>()
-        .map_err(|_| format!("bad port {port:?}"))?;
-    let dialled = http::Uri::try_from(format!("http://{s}")).ok();
-    let authority = dialled.as_ref().and_then(http::Uri::authority);
-    if authority.is_none_or(|a| a.as_str() != s) || dialled.is_some_and(|u| u.path() != "/") {
-        return Err(format!(
-            "{s:?} is not host:port (an IPv6 address goes in brackets: [::1]:15012)"
-        ));
-    }
-    Ok(())
 }
