@@ -101,6 +101,9 @@ where
     let (stop, mut stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut held = Vec::new();
+        // Dropped when the server stops: its open connections close too, as
+        // a server that is gone leaves none behind.
+        let (_open, closing) = tokio::sync::watch::channel(());
         loop {
             let tcp = tokio::select! {
                 tcp = listener.accept() => tcp.unwrap().0,
@@ -113,6 +116,7 @@ where
             }
             let acceptor = acceptor.clone();
             let answer = answer.clone();
+            let mut closing = closing.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -121,9 +125,12 @@ where
                     let answer = answer.clone();
                     async move { Ok::<_, Infallible>(answer(req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                let serving = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::select! {
+                    _ = serving => {}
+                    _ = closing.changed() => {}
+                }
             });
         }
     });
