@@ -180,6 +180,12 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             .chain(config.routes.iter().map(|r| r.local.port()))
             .filter(|p| *p != 0)
             .collect(),
+        pod_ips: config
+            .advertise_addresses
+            .iter()
+            .map(|a| a.ip().to_canonical())
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .collect(),
         tls: tls_rx.clone(),
         policies: policies_rx,
         close_denied: config.close_denied_connections,

@@ -200,6 +200,7 @@ async fn a_connection_future_stays_small() {
     let shared = std::sync::Arc::new(trellis_proxy::inbound::Shared {
         app: app.addr,
         own_ports: Vec::new(),
+        pod_ips: Vec::new(),
         tls,
         policies,
         close_denied: true,

@@ -72,6 +72,10 @@ fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
         // Loopback and the pod's own address stay inside the pod.
         (&pod, "127.0.0.1:7070", None, "app", ""),
         (&pod, "192.0.2.1:7070", None, "app", ""),
+        // The sidecar forwarding a redirected caller dials the pod's own
+        // address and the original port: it reaches the app, never its own
+        // inbound listener again.
+        (&pod, "192.0.2.1:7070", Some(1337), "app", ""),
     ];
     if six {
         cases.extend([
@@ -91,6 +95,8 @@ fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
             ),
             (&pod, "[fd00:7e11::2]:9090", Some(1337), "remote", ""),
             (&pod, "[::1]:7070", None, "app", ""),
+            (&pod, "[fd00:7e11::1]:7070", None, "app", ""),
+            (&pod, "[fd00:7e11::1]:7070", Some(1337), "app", ""),
         ]);
     }
     let mut failures = Vec::new();

@@ -16,6 +16,12 @@
 //! [`crate::http`], which decides every request again; on a port declared
 //! opaque (where the handshake never settles HTTP), or when detection
 //! finds no HTTP, bytes are copied.
+//!
+//! The app is dialled where the caller meant to reach it: a connection
+//! iptables redirected here goes to its original destination, an address
+//! and port of this pod ([`target`]), never to loopback, so a listener the
+//! app keeps on loopback stays private; one that came straight to the port
+//! (no interception, as in the local demo) goes to `--app`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +49,10 @@ use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
 use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
+
+mod target;
+
+pub use target::Loop;
 
 /// Inbound connections in their handshake phase at once, from accept to
 /// the end of the TLS handshake: the phase where a peer is not yet
@@ -219,16 +229,16 @@ pub struct Inbound {
     drain: Drain,
 }
 
-/// A redirected connection whose original port is one of the proxy's own.
-#[derive(Debug, thiserror::Error)]
-#[error("inbound connection must not target the proxy's own port {0}")]
-pub struct Loop(pub u16);
-
 /// What every inbound connection reads.
 pub struct Shared {
+    /// Where a connection nothing redirected goes (`--app`); a redirected
+    /// one goes where its caller dialled ([`target::redirected_to`]).
     pub app: SocketAddr,
     /// Ports of the proxy's other listeners (outbound, admin, routes).
     pub own_ports: Vec<u16>,
+    /// This pod's addresses: those the sidecar advertises (in Kubernetes,
+    /// the pod's IPs), without loopback or unspecified ones.
+    pub pod_ips: Vec<IpAddr>,
     pub tls: watch::Receiver<Arc<TlsState>>,
     /// The policies in force; `None` until the first snapshot (deny all).
     pub policies: watch::Receiver<Option<Arc<Policies>>>,
@@ -338,16 +348,21 @@ pub async fn serve(
     let metrics = &shared.metrics;
     let _open = metrics.open(INBOUND);
 
-    // Where the caller meant to go: its original port when iptables
-    // redirected it here, else the configured app.
+    // Where the caller meant to go: its original destination when
+    // iptables redirected it here, else the configured app.
     let target = match net::original_dst(&tcp) {
-        Some(dst) if shared.own_ports.contains(&dst.port()) => {
-            tracing::warn!(%client, error = %Loop(dst.port()), "inbound connection refused");
-            metrics.connection(INBOUND, "loop");
-            return;
-        }
-        Some(dst) => SocketAddr::new(shared.app.ip(), dst.port()),
         None => shared.app,
+        Some(dst) => {
+            let arrived_on = tcp.local_addr().ok().map(|a| a.ip());
+            match target::redirected_to(dst, arrived_on, &shared.own_ports, &shared.pod_ips) {
+                Ok(target) => target,
+                Err(e) => {
+                    tracing::warn!(%client, %dst, error = %e, "inbound connection refused");
+                    metrics.connection(INBOUND, e.outcome());
+                    return;
+                }
+            }
+        }
     };
 
     // One of the address's handshake slots, waited for a while (without

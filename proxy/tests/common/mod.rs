@@ -275,6 +275,7 @@ pub async fn inbound_limited(
         Arc::new(inbound::Shared {
             app,
             own_ports: Vec::new(),
+            pod_ips: Vec::new(),
             tls: tls_rx,
             policies: policies_rx,
             close_denied: true,

@@ -25,6 +25,7 @@ mod common;
 // depend on the other's (this crate depends on the control plane).
 #[path = "../../../control-plane/tests/kube_api/mod.rs"]
 mod kube_api;
+mod pod_address;
 mod services;
 
 use std::net::{Ipv6Addr, SocketAddr};
@@ -55,10 +56,12 @@ async fn plain_http_between_pods_crosses_the_wire_as_mtls_and_names_the_caller()
         .wait_for_sidecar_log(&["outbound connection", &format!("peer={b_id}")], SOON)
         .await
         .unwrap();
-    // The app saw its own sidecar as the client, not pod A.
+    // The app saw its own sidecar as the client, not pod A: a connection
+    // from pod B's own address to it.
     let requests = cluster.apps[0].requests();
+    let pod_b = cluster.b().host().ipv4().to_string();
     assert!(
-        requests.len() == 1 && requests[0].starts_with("127.0.0.1 "),
+        requests.len() == 1 && requests[0].starts_with(&format!("{pod_b} ")),
         "{requests:?}"
     );
 

@@ -119,7 +119,7 @@ async fn a_call_to_a_service_reaches_its_ready_backend_over_mtls() {
     assert!(line.contains(&format!(":{APP_PORT}")), "{line}");
     let requests = cluster.apps[0].requests();
     assert!(
-        requests.len() == 1 && requests[0].starts_with("127.0.0.1 "),
+        requests.len() == 1 && requests[0].starts_with(&format!("{POD_B} ")),
         "pod B's app should see its own sidecar as the client: {requests:?}"
     );
 
