@@ -8,7 +8,7 @@
 mod common;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,9 @@ use tokio::net::{TcpListener, TcpStream};
 use trellis_proxy::admin::probes::{self, Check, Failure, HttpGet};
 
 const ID: &str = "spiffe://td.test/ns/default/sa/web";
+
+/// Where the test apps listen.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// What the test app answers: 200 on `/ok` and on `/a%20b` exactly as
 /// escaped, 302 on `/moved`, 500 on `/fail`; `/header` is 200 only with
@@ -275,11 +278,39 @@ async fn a_probe_gives_up_after_its_timeout() {
         https: false,
         headers: Vec::new(),
     });
-    let err = probes::run(&check, Duration::from_millis(300))
+    let err = probes::run(&check, LOOPBACK, Duration::from_millis(300))
         .await
         .unwrap_err();
     assert!(matches!(err, Failure::Timeout(..)), "{err}");
     assert!(err.to_string().contains("did not answer"), "{err}");
+}
+
+/// The kubelet probes the pod IP: a check goes to the address it is given
+/// (the one the kubelet reached the admin port on), so an app that listens
+/// only on another address (127.0.0.1 here; loopback in a pod) fails it,
+/// as it fails the kubelet's own probe.
+#[tokio::test]
+async fn a_probe_checks_the_app_at_the_address_it_is_given_only() {
+    let app = http_app(false).await;
+    let check = Check::Http(HttpGet {
+        port: app,
+        path: "/ok".into(),
+        https: false,
+        headers: Vec::new(),
+    });
+    probes::run(&check, LOOPBACK, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let elsewhere = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let err = probes::run(&check, elsewhere, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Failure::Connect(..)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("http://127.0.0.2:{app}/ok")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -318,7 +349,7 @@ async fn a_probe_that_cannot_make_its_request_fails_without_panicking() {
         https: false,
         headers: Vec::new(),
     });
-    let err = probes::run(&check, Duration::from_secs(5))
+    let err = probes::run(&check, LOOPBACK, Duration::from_secs(5))
         .await
         .unwrap_err();
     assert!(matches!(err, Failure::Request(..)), "{err}");

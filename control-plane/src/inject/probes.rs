@@ -19,8 +19,9 @@
 //! check is handed to the sidecar in `TRELLIS_APP_PROBES`, a JSON object from
 //! that path to `{"httpGet": {port, path, scheme, httpHeaders}}`,
 //! `{"tcpSocket": {port}}` or `{"grpc": {port, service}}` with named ports
-//! resolved to numbers; the sidecar runs it against `127.0.0.1` (loopback is
-//! never intercepted) and answers 200 when it passes. Timing fields
+//! resolved to numbers; the sidecar runs it against the app at the pod IP,
+//! where the kubelet reached the admin port (the sidecar's own connections
+//! are never intercepted), and answers 200 when it passes. Timing fields
 //! (`periodSeconds`, `timeoutSeconds`, thresholds) stay as they were.
 //!
 //! A container's `lifecycle.postStart` and `lifecycle.preStop` hooks that

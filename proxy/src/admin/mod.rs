@@ -99,13 +99,16 @@ impl Admin {
                     }
                 };
                 let state = state.clone();
+                // The kubelet's probes reach the pod IP: the app's are run
+                // there too.
+                let app = probes::app_host(tcp.local_addr().ok());
                 tokio::spawn(async move {
                     let admitted = admitted;
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move {
                             let response = if req.uri().path().starts_with(probes::PATH_PREFIX) {
-                                app_health(&state, &req).await
+                                app_health(&state, &req, app).await
                             } else {
                                 route(&state, &req)
                             };
@@ -168,9 +171,14 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Runs the app probe registered at the request's path: 200 when the app
-/// passes it, 503 with the reason when not, 404 for a path no probe has.
-async fn app_health(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Runs the app probe registered at the request's path against the app at
+/// `app`: 200 when the app passes it, 503 with the reason when not, 404 for
+/// a path no probe has.
+async fn app_health(
+    state: &State,
+    req: &Request<Incoming>,
+    app: std::net::IpAddr,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -178,7 +186,7 @@ async fn app_health(state: &State, req: &Request<Incoming>) -> Response<Full<Byt
     let Some(check) = state.config.app_probes.get(path) else {
         return text(StatusCode::NOT_FOUND, format!("no app probe at {path}\n"));
     };
-    match probes::run(check, probes::TIMEOUT).await {
+    match probes::run(check, app, probes::TIMEOUT).await {
         Ok(()) => text(StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::info!(probe = %path, reason = %e, "app probe failed");

@@ -7,10 +7,19 @@
 //! checks over in `--app-probes` (`TRELLIS_APP_PROBES`): a JSON object from
 //! path to `{"httpGet": {port, path, scheme, httpHeaders}}`, `{"tcpSocket":
 //! {port}}` or `{"grpc": {port, service}}`. This module parses that once at
-//! start-up and runs a check against the app on 127.0.0.1 (loopback is never
-//! intercepted) the way the kubelet would have: HTTP 200-399 passes, HTTPS
-//! without verifying the certificate, a TCP connect, gRPC Health/Check
-//! answering SERVING. The answer is 200, or 503 with a short reason.
+//! start-up and runs a check against the app the way the kubelet would have:
+//! HTTP 200-399 passes, HTTPS without verifying the certificate, a TCP
+//! connect, gRPC Health/Check answering SERVING. The answer is 200, or 503
+//! with a short reason.
+//!
+//! A check goes where the kubelet's own probe would have gone: to the
+//! address the kubelet reached the admin port on, the pod IP
+//! ([`app_host`]; the sidecar's own connections are never intercepted).
+//! An app that listens only on loopback fails it, as it fails the kubelet's
+//! probe without the mesh - and as mesh callers, which reach the app on the
+//! pod IP too, would fail to reach it: a probe never says ready for an app
+//! no caller can reach. A check asked for over loopback (an operator in the
+//! pod, the local demo) goes to 127.0.0.1.
 //!
 //! It only ever connects to the local app, on the ports the probes name; it
 //! never follows a redirect (a 3xx is a pass, as the kubelet counts it) and
@@ -18,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +67,7 @@ pub enum Check {
     Grpc { port: u16, service: String },
 }
 
-/// An `httpGet` probe against 127.0.0.1.
+/// An `httpGet` probe of the app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpGet {
     pub port: u16,
@@ -383,31 +392,39 @@ impl fmt::Display for Target {
     }
 }
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+/// The address a check reaches the app on, given the one its request
+/// reached the admin port on: that address, where the kubelet's probe
+/// would have gone (the pod IP), or 127.0.0.1 when it came over loopback
+/// (or is unknown).
+pub fn app_host(arrived_on: Option<SocketAddr>) -> IpAddr {
+    match arrived_on.map(|a| a.ip().to_canonical()) {
+        Some(ip) if !ip.is_loopback() && !ip.is_unspecified() => ip,
+        _ => Ipv4Addr::LOCALHOST.into(),
+    }
 }
 
-/// Runs `check` against the local app, giving up after `timeout`.
-pub async fn run(check: &Check, timeout: Duration) -> Result<(), Failure> {
+/// Runs `check` against the app at `host`, giving up after `timeout`.
+pub async fn run(check: &Check, host: IpAddr, timeout: Duration) -> Result<(), Failure> {
+    let at = |port| SocketAddr::new(host, port);
     let target = match check {
         Check::Http(h) => {
             let scheme = if h.https { "https" } else { "http" };
-            Target(format!("{scheme}://{}{}", local(h.port), h.path))
+            Target(format!("{scheme}://{}{}", at(h.port), h.path))
         }
-        Check::Tcp { port } => Target(format!("tcp://{}", local(*port))),
+        Check::Tcp { port } => Target(format!("tcp://{}", at(*port))),
         Check::Grpc { port, service } => {
-            Target(format!("grpc://{} service {service:?}", local(*port)))
+            Target(format!("grpc://{} service {service:?}", at(*port)))
         }
     };
-    match tokio::time::timeout(timeout, run_check(check, &target)).await {
+    match tokio::time::timeout(timeout, run_check(check, host, &target)).await {
         Ok(result) => result,
         Err(_) => Err(Failure::Timeout(target, timeout)),
     }
 }
 
-async fn run_check(check: &Check, target: &Target) -> Result<(), Failure> {
+async fn run_check(check: &Check, host: IpAddr, target: &Target) -> Result<(), Failure> {
     let connect = |port| async move {
-        TcpStream::connect(local(port))
+        TcpStream::connect(SocketAddr::new(host, port))
             .await
             .map_err(|e| Failure::Connect(Target(target.0.clone()), e))
     };
@@ -417,11 +434,11 @@ async fn run_check(check: &Check, target: &Target) -> Result<(), Failure> {
             // Built before connecting: a probe that cannot make its request
             // fails without touching the app.
             let request =
-                http_request(h).map_err(|e| Failure::Request(Target(target.0.clone()), e))?;
+                http_request(h, host).map_err(|e| Failure::Request(Target(target.0.clone()), e))?;
             let tcp = connect(h.port).await?;
             let status = if h.https {
                 let tls = tokio_rustls::TlsConnector::from(insecure_tls())
-                    .connect(ServerName::from(Ipv4Addr::LOCALHOST), tcp)
+                    .connect(ServerName::from(host), tcp)
                     .await
                     .map_err(|e| Failure::Tls(Target(target.0.clone()), e))?;
                 http_get(tls, request).await
@@ -436,17 +453,18 @@ async fn run_check(check: &Check, target: &Target) -> Result<(), Failure> {
                 Err(Failure::Status(Target(target.0.clone()), status))
             }
         }
-        Check::Grpc { port, service } => grpc_check(*port, service)
+        Check::Grpc { port, service } => grpc_check(SocketAddr::new(host, *port), service)
             .await
             .map_err(|e| Failure::Grpc(Target(target.0.clone()), e)),
     }
 }
 
-/// The probe's GET. [`AppProbes::parse`] only makes probes whose request
-/// can be made; a hand-built one that cannot is an error, never a panic.
-fn http_request(h: &HttpGet) -> Result<Request<Empty<Bytes>>, http::Error> {
+/// The probe's GET, naming the app at `host` as the kubelet's names the
+/// pod IP. [`AppProbes::parse`] only makes probes whose request can be
+/// made; a hand-built one that cannot is an error, never a panic.
+fn http_request(h: &HttpGet, host: IpAddr) -> Result<Request<Empty<Bytes>>, http::Error> {
     let mut request = Request::get(h.path.as_str())
-        .header(header::HOST, local(h.port).to_string())
+        .header(header::HOST, SocketAddr::new(host, h.port).to_string())
         .header(header::USER_AGENT, USER_AGENT)
         .header(header::CONNECTION, "close");
     for (name, value) in &h.headers {
@@ -470,13 +488,13 @@ where
     Ok(response.status())
 }
 
-/// grpc.health.v1.Health/Check; passes only on SERVING.
-async fn grpc_check(port: u16, service: &str) -> Result<(), String> {
+/// grpc.health.v1.Health/Check on `app`; passes only on SERVING.
+async fn grpc_check(app: SocketAddr, service: &str) -> Result<(), String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", local(port)))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{app}"))
         .map_err(|e| e.to_string())?
         .connect()
         .await
@@ -497,7 +515,7 @@ async fn grpc_check(port: u16, service: &str) -> Result<(), String> {
 
 /// A client config that accepts any server certificate, as the kubelet's
 /// HTTPS probes do (`InsecureSkipVerify`); handshake signatures are still
-/// checked. Used only for the app on loopback.
+/// checked. Used only for the app in the pod.
 ///
 /// Unlike the mesh's own TLS (1.3 only, `trellis_core::tls::provider`), it
 /// offers TLS 1.2 and 1.3 with rustls' default aws-lc-rs suites: the
@@ -566,6 +584,18 @@ impl ServerCertVerifier for AnyCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_goes_where_the_kubelet_reached_the_admin_port() {
+        let at = |a: &str| app_host(Some(a.parse().unwrap())).to_string();
+        assert_eq!(at("10.1.2.3:15020"), "10.1.2.3", "the pod IP");
+        assert_eq!(at("[fd00::3]:15020"), "fd00::3", "an IPv6 pod IP");
+        assert_eq!(at("[::ffff:10.1.2.3]:15020"), "10.1.2.3");
+        for loopback in ["127.0.0.1:15020", "[::1]:15020", "0.0.0.0:15020"] {
+            assert_eq!(at(loopback), "127.0.0.1", "{loopback}");
+        }
+        assert_eq!(app_host(None).to_string(), "127.0.0.1");
+    }
 
     #[test]
     fn parses_each_kind_of_check() {

@@ -54,17 +54,26 @@ impl Pod {
         control_plane: &ControlPlane,
         init_args: &[&str],
     ) -> anyhow::Result<Pod> {
-        Pod::start_with(lab, host, control_plane, init_args, &Credential::JoinToken).await
+        Pod::start_with(
+            lab,
+            host,
+            control_plane,
+            init_args,
+            &Credential::JoinToken,
+            &[],
+        )
+        .await
     }
 
     /// Like [`Pod::start`], the sidecar proving its identity with
-    /// `credential`.
+    /// `credential` and given `sidecar_args` besides its own.
     pub async fn start_with(
         lab: &Lab,
         host: Host,
         control_plane: &ControlPlane,
         init_args: &[&str],
         credential: &Credential,
+        sidecar_args: &[&str],
     ) -> anyhow::Result<Pod> {
         host.init_ok(lab.launcher(), init_args).await?;
 
@@ -137,7 +146,8 @@ impl Pod {
             .arg(format!("0.0.0.0:{ADMIN_PORT}"))
             .arg("--advertise-address")
             .arg(host.addr(INBOUND_PORT).to_string())
-            .args(["--drain-timeout", "1s"]);
+            .args(["--drain-timeout", "1s"])
+            .args(sidecar_args);
         if let Some(ipv6) = host.ipv6() {
             command
                 .arg("--advertise-address")

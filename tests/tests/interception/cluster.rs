@@ -41,6 +41,8 @@ pub struct Setup<'a> {
     /// What each sidecar proves its identity with; join tokens by default.
     pub credential_a: Credential,
     pub credential_b: Credential,
+    /// More arguments for pod B's sidecar.
+    pub sidecar_b: &'a [&'a str],
 }
 
 /// A running pod network. Fields drop in order: the apps and the capture
@@ -74,12 +76,14 @@ impl Cluster {
             None
         };
         let a = lab.host("pod-a", 1)?;
-        let a = Pod::start_with(&lab, a, &control_plane, setup.init_a, &setup.credential_a).await?;
+        let credential = &setup.credential_a;
+        let a = Pod::start_with(&lab, a, &control_plane, setup.init_a, credential, &[]).await?;
         let b = match setup.init_b {
             Some(init) => {
                 let b = lab.host("pod-b", 2)?;
                 let credential = &setup.credential_b;
-                Some(Pod::start_with(&lab, b, &control_plane, init, credential).await?)
+                let args = setup.sidecar_b;
+                Some(Pod::start_with(&lab, b, &control_plane, init, credential, args).await?)
             }
             None => None,
         };

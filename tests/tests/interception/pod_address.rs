@@ -3,13 +3,17 @@
 //! listener the app keeps on loopback is private to the pod without the
 //! mesh, and stays so with it, whatever the policies allow; a listener on
 //! every address (or the pod's) is reached, over the family the caller
-//! used, as it would be without the mesh.
+//! used, as it would be without the mesh. The app's probes, which the
+//! kubelet sends to the pod IP, are checked there too.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use trellis_tests::netns::APP_UID;
+use serde_json::json;
+use trellis_tests::netns::{ADMIN_PORT, APP_UID};
 
-use crate::cluster::{APP_PORT, B_GREETING, Cluster, assert_refused, bare_two_pods, skipped};
+use crate::cluster::{
+    APP_PORT, B_GREETING, Cluster, Setup, assert_refused, bare_two_pods, skipped,
+};
 
 /// What pod B keeps on loopback: a debug or admin endpoint of its own.
 const PRIVATE_PORT: u16 = 8200;
@@ -144,4 +148,54 @@ async fn a_call_over_ipv6_reaches_the_app_on_the_pods_ipv6_address_only() {
         let requests = cluster.apps[*app].requests();
         assert!(requests.is_empty(), "reached over IPv6: {requests:?}");
     }
+}
+
+/// The kubelet probes the pod IP from outside the pod: the rewritten probe
+/// reaches pod B's admin port there, and the sidecar checks the app at the
+/// pod IP too, where the kubelet's own probe would have gone. An app that
+/// listens only on loopback fails it, as it would without the mesh, rather
+/// than being ready for callers that cannot reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_checks_the_app_on_the_pod_ip_as_the_kubelet_would() {
+    if skipped() {
+        return;
+    }
+    let probes = json!({
+        "/app-health/web/readiness": {"httpGet": {"port": APP_PORT, "path": "/"}},
+        "/app-health/debug/readiness": {"tcpSocket": {"port": PRIVATE_PORT}},
+    })
+    .to_string();
+    let mut cluster = Cluster::start(Setup {
+        control_plane: &["--default-policy", "allow-mesh"],
+        init_b: Some(&[]),
+        sidecar_b: &["--app-probes", &probes],
+        outside: true,
+        ..Setup::default()
+    })
+    .await
+    .unwrap();
+    let loopback = Ipv4Addr::LOCALHOST.into();
+    b_serves_on(&mut cluster, loopback, PRIVATE_PORT, PRIVATE).await;
+    let public = Ipv4Addr::UNSPECIFIED.into();
+    b_serves_on(&mut cluster, public, APP_PORT, B_GREETING).await;
+
+    // The kubelet: on the node, outside the pod, calling the pod IP.
+    let admin = cluster.b().host().addr(ADMIN_PORT);
+    let kubelet = cluster.outside();
+    let url = format!("http://{admin}/app-health/web/readiness");
+    let reply = kubelet.http_get(None, &url).await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let url = format!("http://{admin}/app-health/debug/readiness");
+    let reply = kubelet.http_get(None, &url).await.unwrap();
+    let pod_b = cluster.b().host().ipv4();
+    assert_refused(
+        &reply,
+        503,
+        &format!("cannot connect to tcp://{pod_b}:{PRIVATE_PORT}"),
+    );
+
+    // Asked over loopback, inside the pod, the check goes to loopback.
+    let url = format!("http://127.0.0.1:{ADMIN_PORT}/app-health/debug/readiness");
+    let reply = cluster.b().host().http_get(None, &url).await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
 }
