@@ -14,6 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
+use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
 
 use crate::authn::tokenreview::KubeApi;
 use crate::ca::load_trust_anchors;
@@ -141,6 +142,20 @@ pub struct Config {
     )]
     pub opaque_ports: Vec<u16>,
 
+    /// The mesh's root namespace: a policy selects only workloads of its own
+    /// namespace (spiffe://TD/ns/NAMESPACE/...), except one in this
+    /// namespace, which may select any workload of the mesh. Writing
+    /// policies here is for the mesh's operators. The chart passes the
+    /// control plane's own namespace.
+    #[arg(
+        long,
+        env = "TRELLIS_ROOT_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = DEFAULT_ROOT_NAMESPACE,
+        value_parser = parse_namespace
+    )]
+    pub root_namespace: String,
+
     /// Operator-supplied CA certificate (PEM: the signing CA first, then its
     /// chain up to the root). Requires --ca-key.
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
@@ -261,6 +276,16 @@ pub enum Parsed {
 }
 
 impl Config {
+    /// What policies written now are checked against: the mesh-wide opaque
+    /// ports and the root namespace.
+    pub fn validation_context(&self) -> ValidationContext {
+        ValidationContext {
+            opaque_ports: self.opaque_ports.clone(),
+            stored: false,
+            scope: SelectorScope::root(&self.root_namespace),
+        }
+    }
+
     pub fn parse_args(args: Vec<OsString>) -> Parsed {
         let args = with_program_name("trellis-control-plane", args);
         match Self::try_parse_from(args) {
@@ -435,6 +460,25 @@ fn parse_object_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// A Kubernetes namespace name (RFC 1123 DNS label), as policies name
+/// theirs.
+pub fn parse_namespace(s: &str) -> Result<String, String> {
+    let fine = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = s.as_bytes();
+    let valid = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| fine(b) || *b == b'-')
+        && bytes.first().is_some_and(fine)
+        && bytes.last().is_some_and(fine);
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (at most 63 lower case letters, digits and '-', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(port) if port != 0 => Ok(port),
@@ -530,6 +574,35 @@ mod tests {
         assert_eq!(c.cert_ttl, Duration::from_secs(3600));
         assert_eq!(c.default_policy, DefaultPolicy::Deny);
         assert_eq!(c.outbound_policy, OutboundPolicy::Deny);
+        assert_eq!(c.root_namespace, "trellis-system");
+    }
+
+    #[test]
+    fn the_root_namespace_is_a_namespace_name_and_scopes_validation() {
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--root-namespace", "mesh-admin"])
+        else {
+            panic!("should parse")
+        };
+        assert_eq!(
+            c.validation_context().scope,
+            SelectorScope::root("mesh-admin")
+        );
+        for bad in ["", "Mesh", "mesh.admin", "-mesh"] {
+            let flag = format!("--root-namespace={bad}");
+            let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", &flag]) else {
+                panic!("{bad:?} must be refused")
+            };
+            assert!(msg.contains("--root-namespace"), "{msg}");
+        }
+        let command = <Config as clap::CommandFactory>::command();
+        let flag = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some("root-namespace"))
+            .expect("--root-namespace is a flag");
+        assert_eq!(
+            flag.get_env(),
+            Some(std::ffi::OsStr::new("TRELLIS_ROOT_NAMESPACE"))
+        );
     }
 
     #[test]

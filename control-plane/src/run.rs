@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use trellis_core::policy::{ValidationContext, policy_key, validate_proto_in};
+use trellis_core::policy::{ValidationContext, Violation, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::admin::v1::replica_server::ReplicaServer;
 use trellis_proto::discovery::v1::MeshConfig;
@@ -30,6 +30,7 @@ use crate::api::admin::AdminService;
 use crate::api::discovery::DiscoveryService;
 use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
+use crate::api::policy::stored_warnings;
 use crate::api::replica::{ReplicaService, Replicas};
 use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
@@ -120,27 +121,49 @@ impl RunError {
     }
 }
 
-/// Refuses mesh-wide opaque ports that a stored policy has L7 rules on.
-fn check_stored_policies(store: &dyn Store, config: &Config) -> Result<(), RunError> {
-    if config.opaque_ports.is_empty() {
-        return Ok(());
-    }
+/// Refuses mesh-wide opaque ports that a stored policy has L7 rules on,
+/// and logs what stored documents fail of checks added since they were
+/// stored (with `report_relaxed`: the Kubernetes store logs what it reads
+/// itself), such as a selector outside the document's namespace outside
+/// the root namespace: enforced as written, named with its pattern, so
+/// that operators move or narrow it.
+fn check_stored_policies(
+    store: &dyn Store,
+    config: &Config,
+    report_relaxed: bool,
+) -> Result<(), RunError> {
+    let policies = store.policies()?;
     // Stored policies: a check added since one was stored relaxes to what
     // can still be enforced, it does not stop the control plane.
     let context = ValidationContext {
-        opaque_ports: config.opaque_ports.clone(),
         stored: true,
+        ..config.validation_context()
     };
-    for policy in store.policies()? {
-        let Err(violations) = validate_proto_in(&policy, &config.trust_domain, &context) else {
-            continue;
-        };
-        if let Some(error) = violations.iter().find(|v| v.is_error()) {
-            return Err(RunError::OpaquePorts {
-                policy: policy_key(&policy.namespace, &policy.name),
-                violation: error.to_string(),
-            });
+    if !config.opaque_ports.is_empty() {
+        for policy in &policies {
+            let Err(violations) = validate_proto_in(policy, &config.trust_domain, &context) else {
+                continue;
+            };
+            if let Some(error) = violations.iter().find(|v| v.is_error()) {
+                return Err(RunError::OpaquePorts {
+                    policy: policy_key(&policy.namespace, &policy.name),
+                    violation: error.to_string(),
+                });
+            }
         }
+    }
+    if !report_relaxed {
+        return Ok(());
+    }
+    let rate_limits = store.rate_limits()?;
+    for w in stored_warnings(&policies, &rate_limits, &config.trust_domain, &context) {
+        let problem = w.violation.as_ref().map(Violation::from_proto);
+        tracing::warn!(
+            kind = %w.kind,
+            policy = %policy_key(&w.namespace, &w.name),
+            problem = %problem.map(|v| v.to_string()).unwrap_or_default(),
+            "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
+        );
     }
     Ok(())
 }
@@ -204,8 +227,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 .await?
                 .with_trust_anchors(&config.trust_anchor_roots);
             dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
-            let store =
-                KubernetesStore::connect(client, config.trust_domain.clone(), SYNC_TIMEOUT).await?;
+            let (td, scope) = (
+                config.trust_domain.clone(),
+                config.validation_context().scope,
+            );
+            let store = KubernetesStore::connect(client, td, scope, SYNC_TIMEOUT).await?;
             tracing::info!(api = %api.url, "policies from CRDs, endpoints from Pods, CA from Secret {namespace}/{secret}");
             let changes = store.changes();
             let watches = store.watch_health();
@@ -238,14 +264,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "trust bundle loaded"
     );
     ensure_admin_credential(&dir, &ca)?;
-    check_stored_policies(store.as_ref(), &config)?;
+    // The Kubernetes store (the one with changes to follow) logs what the
+    // objects it reads fail itself, as it reads them.
+    check_stored_policies(store.as_ref(), &config, store_changes.is_none())?;
     let mesh_config = MeshConfig {
         default_policy: config.default_policy.as_str().to_string(),
         outbound_policy: config.outbound_policy.as_str().to_string(),
         opaque_ports: config.opaque_ports.iter().map(|p| u32::from(*p)).collect(),
     };
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
-    let discovery = Arc::new(Discovery::new(store.clone(), bundle, mesh_config)?);
+    let discovery = Discovery::new(store.clone(), bundle, mesh_config)?
+        .with_root_namespace(&config.root_namespace);
+    let discovery = Arc::new(discovery);
     tokio::spawn(discovery.clone().expire_endpoints());
     if let Some(changes) = store_changes {
         tokio::spawn(follow_store(discovery.clone(), changes));
@@ -275,10 +305,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 config.trust_domain.clone(),
                 ca.bundle_pem(),
             )?;
-            inject.validation = ValidationContext {
-                opaque_ports: config.opaque_ports.clone(),
-                ..ValidationContext::default()
-            };
+            inject.validation = config.validation_context();
             Some((*addr, tls_config(files)?, inject))
         }
         _ => None,

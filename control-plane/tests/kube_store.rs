@@ -25,6 +25,7 @@ use trellis_control_plane::discovery::Discovery;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, Store};
 use trellis_core::SpiffeId;
+use trellis_core::policy::SelectorScope;
 use trellis_proto::discovery::v1::MeshConfig;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -478,10 +479,15 @@ async fn an_api_server_refusal_of_any_kind_is_a_clear_error_naming_it() {
         let fake = recorded_cluster().await;
         fake.lists(path, vec![(403, answer)]);
         let client = kubernetes::client(&fake.api()).unwrap();
-        let e = KubernetesStore::connect(client, td(), Duration::from_secs(20))
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = KubernetesStore::connect(
+            client,
+            td(),
+            SelectorScope::default(),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.contains(&format!("listing {kind} objects failed")), "{e}");
         assert!(
             e.contains(&format!("cannot list resource \"{resource}\"")),

@@ -23,8 +23,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, document_from_proto,
-    load_paths, policy_key,
+    AuthorizationPolicy, DEFAULT_ROOT_NAMESPACE, Document, Explanation, Loaded, RateLimitPolicy,
+    SelectorScope, ValidationContext, document_from_proto, load_paths_in, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -38,6 +38,7 @@ use trellis_proto::policy::v1::{Action, Policy};
 use super::wait::Written;
 use super::{CtlError, Output, Printed, pretty};
 use crate::api::policy::policy_errors_of;
+use crate::config::parse_namespace;
 
 /// `--wait` of the commands that write.
 #[derive(Debug, Args)]
@@ -139,6 +140,17 @@ pub enum PolicyCommand {
         /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
         #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
+        /// The mesh's root namespace, as the control plane's
+        /// --root-namespace: outside it a policy selects only workloads of
+        /// its own namespace.
+        #[arg(
+            long,
+            env = "TRELLIS_ROOT_NAMESPACE",
+            value_name = "NAMESPACE",
+            default_value = DEFAULT_ROOT_NAMESPACE,
+            value_parser = parse_namespace
+        )]
+        root_namespace: String,
     },
     /// Explain which rule decides a connection, and why.
     Explain {
@@ -161,10 +173,18 @@ pub enum PolicyCommand {
 const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
 /// `policy lint`: no credentials, no network.
-pub fn lint(paths: &[PathBuf], trust_domain: &str) -> Result<Printed, CtlError> {
+pub fn lint(
+    paths: &[PathBuf],
+    trust_domain: &str,
+    root_namespace: &str,
+) -> Result<Printed, CtlError> {
     let td = TrustDomain::new(trust_domain)
         .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
-    let loaded = load_paths(paths, &td);
+    let context = ValidationContext {
+        scope: SelectorScope::root(root_namespace),
+        ..ValidationContext::default()
+    };
+    let loaded = load_paths_in(paths, &td, &context);
     let (errors, warnings) = (loaded.errors(), loaded.warnings());
     let stderr = format!(
         "{errors} error{}, {warnings} warning{}\n",
@@ -307,7 +327,8 @@ pub async fn run(
         PolicyCommand::Lint {
             paths,
             trust_domain,
-        } => lint(paths, trust_domain),
+            root_namespace,
+        } => lint(paths, trust_domain, root_namespace),
     }
 }
 
@@ -329,7 +350,14 @@ async fn apply(
     dry_run: bool,
     output: Output,
 ) -> Result<(Printed, Written), CtlError> {
-    let loaded = load_paths(files, td);
+    // Which namespace may select which workloads is the control plane's
+    // to say (its --root-namespace): it checks that, and refuses with the
+    // file and line all the same.
+    let context = ValidationContext {
+        scope: SelectorScope::Unchecked,
+        ..ValidationContext::default()
+    };
+    let loaded = load_paths_in(files, td, &context);
     let mut report = listing(&loaded);
     if loaded.has_errors() {
         return Err(CtlError::Reported(format!(
@@ -714,7 +742,12 @@ spec:
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("many.yaml");
         std::fs::write(&file, "---\nx: 1\n".repeat(MAX_DIAGNOSTICS + 3)).unwrap();
-        let printed = lint(std::slice::from_ref(&file), "cluster.local").unwrap();
+        let printed = lint(
+            std::slice::from_ref(&file),
+            "cluster.local",
+            "trellis-system",
+        )
+        .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(printed.failed);
         let lines: Vec<&str> = printed.stdout.lines().collect();

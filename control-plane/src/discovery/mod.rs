@@ -38,7 +38,7 @@ use std::time::Duration;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
-use trellis_core::policy::{DefaultPolicy, ValidationContext, WorkloadSelector};
+use trellis_core::policy::{DefaultPolicy, SelectorScope, ValidationContext, WorkloadSelector};
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::{Endpoint, EndpointChanges, MeshConfig, Service, Snapshot};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -443,6 +443,9 @@ pub struct Discovery {
     store: Arc<dyn Store>,
     bundle: Vec<Vec<u8>>,
     mesh: MeshConfig,
+    /// Which workloads a policy of a namespace may select
+    /// (`--root-namespace`): checked on writes, not pushed to sidecars.
+    scope: SelectorScope,
     /// The trust bundle and the mesh config, encoded as a snapshot part:
     /// they never change while the control plane runs.
     constant_part: Bytes,
@@ -591,6 +594,7 @@ impl Discovery {
             store,
             bundle,
             mesh,
+            scope: SelectorScope::default(),
             constant_part,
             default_policy,
             version: watch::Sender::new(view.version),
@@ -602,6 +606,14 @@ impl Discovery {
             served: Mutex::new(served),
             changes: Mutex::default(),
         })
+    }
+
+    /// With `root` as the mesh's root namespace ([`SelectorScope`]) in
+    /// [`validation_context`](Self::validation_context) (by default
+    /// [`DEFAULT_ROOT_NAMESPACE`](trellis_core::policy::DEFAULT_ROOT_NAMESPACE)).
+    pub fn with_root_namespace(mut self, root: &str) -> Self {
+        self.scope = SelectorScope::root(root);
+        self
     }
 
     /// Records that something snapshots contain has changed, and announces it.
@@ -740,7 +752,9 @@ impl Discovery {
     }
 
     /// What applied policies are validated against: the mesh's opaque
-    /// ports, where L7 rules could never be enforced.
+    /// ports, where L7 rules could never be enforced, and the root
+    /// namespace, outside which a policy selects only workloads of its own
+    /// namespace.
     pub fn validation_context(&self) -> ValidationContext {
         ValidationContext {
             opaque_ports: self
@@ -749,7 +763,8 @@ impl Discovery {
                 .iter()
                 .filter_map(|p| u16::try_from(*p).ok())
                 .collect(),
-            ..ValidationContext::default()
+            stored: false,
+            scope: self.scope.clone(),
         }
     }
 

@@ -497,13 +497,14 @@ fn a_write_is_reached_by_position_whatever_versions_were_served() {
 #[test]
 fn unchanged_policies_keep_their_tokens_whatever_their_order() {
     let td = trellis_core::TrustDomain::new("td").unwrap();
+    // Each selects the workloads of its own namespace, as it must.
     let policy = |namespace: &str, name: &str| {
         let yaml = format!(
             "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: {name}, namespace: {namespace}}}
 spec:
-  selector: {{spiffeIds: [\"{WEB}\"]}}
+  selector: {{spiffeIds: [\"spiffe://td/ns/{namespace}/*\"]}}
   action: ALLOW
   rules:
     - from: [{{spiffeId: \"{API}\"}}]
@@ -535,11 +536,17 @@ spec:
     );
     assert_ne!(joined.endpoints_token(), first.endpoints_token());
     assert_eq!(joined.policy_tokens, first.policy_tokens);
-    let web = SpiffeId::parse(WEB).unwrap();
-    assert_eq!(
-        joined.content_key(&web).policies,
-        first.content_key(&web).policies
-    );
+    for selected in [
+        "spiffe://td/ns/prod/sa/web",
+        "spiffe://td/ns/prod-eu/sa/web",
+    ] {
+        let web = SpiffeId::parse(selected).unwrap();
+        assert!(!first.content_key(&web).policies.is_empty(), "{selected}");
+        assert_eq!(
+            joined.content_key(&web).policies,
+            first.content_key(&web).policies
+        );
+    }
 }
 
 /// Two sidecars sharing an identity (two VMs of one service) are each an

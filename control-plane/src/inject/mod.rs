@@ -253,7 +253,8 @@ pub struct InjectConfig {
     pub log_format: String,
     /// What `/validate` checks policies against besides the trust domain:
     /// the mesh's opaque ports (`--opaque-ports`), on which L7 rules are
-    /// refused.
+    /// refused, and its root namespace (`--root-namespace`), outside which
+    /// a policy selects only workloads of its own namespace.
     pub validation: ValidationContext,
 }
 

@@ -4,7 +4,7 @@
 //! This is the validation `trellisctl policy lint` and the Admin API run:
 //! [`Document::from_value`] (shape, unknown fields, kind) and then
 //! [`validate_in`] (every rule of a valid AuthorizationPolicy) or
-//! [`validate_rate_limit_in`] (a RateLimitPolicy), so a policy is rejected by
+//! [`validate_rate_limit_in_with`] (a RateLimitPolicy), so a policy is rejected by
 //! `kubectl apply` with the same field path and message as by `policy lint`,
 //! less the line number (the API server has no file). Warnings are admitted
 //! and shown by `kubectl`. Validation keeps at most
@@ -15,13 +15,17 @@
 //!
 //! Kubernetes adds metadata (uid, resourceVersion, labels, managedFields...)
 //! that the document format does not have; only `metadata.name` and
-//! `metadata.namespace` are kept for validation. A kind that the policy
-//! library does not know (yet) is denied, never admitted unchecked.
+//! `metadata.namespace` are kept for validation. The namespace is the
+//! request's, the one the API server checked the writer's RBAC in: a
+//! policy selects only workloads of that namespace unless it is the root
+//! namespace, so namespaced RBAC on policies grants no more than that
+//! namespace. A kind that the policy library does not know (yet) is
+//! denied, never admitted unchecked.
 
 use serde_json::{Value, json};
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
-    Document, Omitted, ValidationContext, validate_in, validate_rate_limit_in,
+    Document, Omitted, ValidationContext, validate_in, validate_rate_limit_in_with,
 };
 
 use super::review::{AdmissionRequest, AdmissionResponse, ReviewError};
@@ -55,7 +59,21 @@ pub fn respond_policy(
         return AdmissionResponse::deny(uid, "the review has no object");
     };
     let name = field(object, "name").unwrap_or(&request.name);
-    let namespace = field(object, "namespace").unwrap_or(&request.namespace);
+    // The namespace RBAC was checked in decides what the policy may select:
+    // an object naming another one is not admitted on its word.
+    let namespace = match (request.namespace.as_str(), field(object, "namespace")) {
+        ("", Some(own)) => own,
+        (request_ns, Some(own)) if own != request_ns => {
+            return AdmissionResponse::deny(
+                uid,
+                format!(
+                    "{} {own}/{name}: metadata.namespace {own:?} is not the namespace {request_ns:?} it is written in",
+                    request.kind.kind
+                ),
+            );
+        }
+        (request_ns, _) => request_ns,
+    };
     let what = format!("{} {namespace}/{name}", request.kind.kind);
 
     let mut document = object.clone();
@@ -76,9 +94,8 @@ pub fn respond_policy(
                 (valid.warnings().to_vec(), omitted)
             })
         }
-        Ok(Document::RateLimitPolicy(limit)) => {
-            validate_rate_limit_in(&limit, td).map(|()| (Vec::new(), Omitted::default()))
-        }
+        Ok(Document::RateLimitPolicy(limit)) => validate_rate_limit_in_with(&limit, td, context)
+            .map(|relaxed| (relaxed, Omitted::default())),
         Ok(_) => {
             return AdmissionResponse::deny(
                 uid,
@@ -193,6 +210,43 @@ mod tests {
             &message[..200]
         );
         assert!(message.ends_with("; and 49000 more errors"), "{message}");
+    }
+
+    /// RBAC was checked in the request's namespace: an object claiming
+    /// another (the API server refuses that before asking, but the webhook
+    /// does not rely on it) is judged by neither.
+    #[test]
+    fn an_object_naming_another_namespace_than_the_request_is_denied() {
+        let request = AdmissionRequest {
+            uid: "u".into(),
+            kind: GroupVersionKind {
+                group: GROUP.into(),
+                version: "v1alpha1".into(),
+                kind: "AuthorizationPolicy".into(),
+            },
+            name: "db".into(),
+            namespace: "team-a".into(),
+            operation: "CREATE".into(),
+            object: Some(json!({
+            "apiVersion": "trellis.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "db", "namespace": "payments"},
+            "spec": {
+                "selector": {"spiffeIds": ["spiffe://cluster.local/ns/payments/sa/db"]},
+                "action": "ALLOW",
+                "rules": [{}],
+            },
+            })),
+        };
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let response = respond_policy(&request, &td, &ValidationContext::default());
+        assert!(!response.allowed);
+        assert_eq!(
+            response.message.as_deref(),
+            Some(
+                "AuthorizationPolicy payments/db: metadata.namespace \"payments\" is not the namespace \"team-a\" it is written in"
+            )
+        );
     }
 
     #[test]

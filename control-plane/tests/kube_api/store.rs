@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_core::TrustDomain;
+use trellis_core::policy::SelectorScope;
 
 use super::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, SERVICES};
 use crate::common::eventually_async;
@@ -19,9 +20,14 @@ pub fn td() -> TrustDomain {
 /// A store of trust domain `cluster.local` reading from and writing to `fake`.
 pub async fn connect(fake: &FakeKube) -> KubernetesStore {
     let client = kubernetes::client(&fake.api()).unwrap();
-    KubernetesStore::connect(client, td(), Duration::from_secs(20))
-        .await
-        .unwrap()
+    KubernetesStore::connect(
+        client,
+        td(),
+        SelectorScope::default(),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap()
 }
 
 /// Waits until `n` watches of each kind are open, so published events

@@ -15,7 +15,7 @@ use super::document::Action;
 use super::engine::{
     CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, PolicySet, Reason, RuleRef,
 };
-use super::validate::ValidationContext;
+use super::validate::{SelectorScope, ValidationContext};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The account of one decision.
@@ -70,9 +70,11 @@ pub fn explain(
     let mesh = destination.trust_domain();
     // The mesh's policies are stored ones, compiled as the sidecars compile
     // them: one stored before a check got stricter is enforced as far as
-    // it can be, and must not make every explanation fail.
+    // it can be, and must not make every explanation fail. Like a sidecar,
+    // it enforces whatever the control plane serves, whoever may select.
     let stored = ValidationContext {
         stored: true,
+        scope: SelectorScope::Unchecked,
         ..ValidationContext::default()
     };
     let mut compiled = policies

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::document::{Action, AuthorizationPolicy, Document};
 use super::path::FieldPath;
-use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in};
+use super::ratelimit::{RateLimitPolicy, validate_rate_limit_in_with};
 use super::source::{Node, Pos, parse_each};
 use super::validate::{
     MAX_DIAGNOSTICS, Omitted, Severity, ValidPolicy, ValidationContext, Violation, Violations,
@@ -166,6 +166,12 @@ pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
 
 /// Reads and validates files and directories, as [`lint_paths`] checks them.
 pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
+    load_paths_in(paths, td, &ValidationContext::default())
+}
+
+/// [`load_paths`] for a mesh whose `context` is known (`policy lint
+/// --root-namespace`).
+pub fn load_paths_in(paths: &[PathBuf], td: &TrustDomain, context: &ValidationContext) -> Loaded {
     let mut files = Vec::new();
     let mut reading = Reading::default();
     for path in paths {
@@ -175,12 +181,11 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
     }
     files.sort();
     files.dedup();
-    let context = ValidationContext::default();
     for (index, file) in files.iter().enumerate() {
         match fs::read_to_string(file) {
             Ok(text) => {
                 let name = file.display().to_string();
-                reading.check_text(index, &name, &text, td, &context);
+                reading.check_text(index, &name, &text, td, context);
             }
             Err(e) => reading.found.push(Some(index), unreadable(file, &e)),
         }
@@ -325,8 +330,8 @@ impl Reading {
         let policy = match document {
             Document::AuthorizationPolicy(policy) => policy,
             Document::RateLimitPolicy(limit) => {
-                return match validate_rate_limit_in(&limit, td) {
-                    Ok(()) => self.limits.push(Checked::new(limit, index, name, node)),
+                return match validate_rate_limit_in_with(&limit, td, context) {
+                    Ok(_) => self.limits.push(Checked::new(limit, index, name, node)),
                     Err(violations) => report(violations),
                 };
             }

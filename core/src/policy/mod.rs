@@ -62,7 +62,7 @@ pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
 pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
     Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
-    load_paths, load_source, load_source_in,
+    load_paths, load_paths_in, load_source, load_source_in,
 };
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
@@ -71,6 +71,6 @@ pub use ratelimit::{
     validate_rate_limit_in_with, validate_rate_limit_with,
 };
 pub use validate::{
-    MAX_DIAGNOSTICS, Omitted, Severity, ValidPolicy, ValidationContext, Violation, Violations,
-    duplicate_names, policy_key, validate, validate_in,
+    DEFAULT_ROOT_NAMESPACE, MAX_DIAGNOSTICS, Omitted, SelectorScope, Severity, ValidPolicy,
+    ValidationContext, Violation, Violations, duplicate_names, policy_key, validate, validate_in,
 };

@@ -64,6 +64,17 @@ impl IdPattern {
             Self::Exact(id) | Self::Prefix { base: id, .. } => id.trust_domain_str(),
         }
     }
+
+    /// Whether every ID this pattern matches starts with `prefix` (which
+    /// ends in `/`): the same string comparison as [`matches`](Self::matches),
+    /// so a pattern within `spiffe://td/ns/a/` can never match an ID
+    /// outside it.
+    pub fn within(&self, prefix: &str) -> bool {
+        match self {
+            Self::Exact(id) => id.as_str().starts_with(prefix),
+            Self::Prefix { prefix: own, .. } => own.starts_with(prefix),
+        }
+    }
 }
 
 impl fmt::Display for IdPattern {
@@ -111,6 +122,29 @@ mod tests {
         let whole_domain = IdPattern::parse("spiffe://td/*").unwrap();
         assert!(whole_domain.matches(&id("spiffe://td/trellis/admin")));
         assert!(!whole_domain.matches(&id("spiffe://td2/trellis/admin")));
+    }
+
+    #[test]
+    fn within_a_prefix_means_every_match_is_under_it() {
+        let ns = "spiffe://td/ns/a/";
+        for inside in [
+            "spiffe://td/ns/a/sa/web",
+            "spiffe://td/ns/a/*",
+            "spiffe://td/ns/a/sa/*",
+        ] {
+            assert!(IdPattern::parse(inside).unwrap().within(ns), "{inside}");
+        }
+        for outside in [
+            "spiffe://td/ns/a",
+            "spiffe://td/ns/ab/sa/web",
+            "spiffe://td/ns/ab/*",
+            "spiffe://td/ns/*",
+            "spiffe://td/*",
+            "spiffe://td/ns/b/sa/web",
+            "spiffe://td2/ns/a/sa/web",
+        ] {
+            assert!(!IdPattern::parse(outside).unwrap().within(ns), "{outside}");
+        }
     }
 
     #[test]

@@ -21,7 +21,9 @@ use trellis_proto::policy::v1 as proto;
 use super::document::{API_VERSION, Metadata, Selector};
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
-use super::validate::{ValidationContext, Violation, Violations, check_path_pattern};
+use super::validate::{
+    ValidationContext, Violation, Violations, check_path_pattern, check_selector_scope,
+};
 use crate::spiffe::TrustDomain;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,7 +205,10 @@ pub fn validate_rate_limit_with(
 
 /// [`validate_rate_limit`] for the mesh of trust domain `td`, as the
 /// control plane stores it: names are DNS labels (they key the store as
-/// `namespace/name`) and the selector names workloads of this mesh.
+/// `namespace/name`) and the selector names workloads of this mesh, of the
+/// policy's own namespace unless it is in the root namespace
+/// ([`SelectorScope`](super::validate::SelectorScope), as for an
+/// AuthorizationPolicy).
 pub fn validate_rate_limit_in(
     policy: &RateLimitPolicy,
     td: &TrustDomain,
@@ -218,7 +223,7 @@ pub fn validate_rate_limit_in_with(
     td: &TrustDomain,
     context: &ValidationContext,
 ) -> Result<Vec<Violation>, Violations> {
-    let (mut found, relaxed) = match validate_rate_limit_with(policy, context) {
+    let (mut found, mut relaxed) = match validate_rate_limit_with(policy, context) {
         Ok(relaxed) => (Violations::default(), relaxed),
         Err(found) => (found, Vec::new()),
     };
@@ -239,9 +244,10 @@ pub fn validate_rate_limit_in_with(
         .field("selector")
         .field("spiffeIds");
     for (i, text) in policy.spec.selector.spiffe_ids.iter().enumerate() {
-        if let Ok(pattern) = IdPattern::parse(text)
-            && pattern.trust_domain_str() != td.as_str()
-        {
+        let Ok(pattern) = IdPattern::parse(text) else {
+            continue;
+        };
+        if pattern.trust_domain_str() != td.as_str() {
             found.push(Violation::error(
                 at.index(i),
                 format!(
@@ -249,6 +255,19 @@ pub fn validate_rate_limit_in_with(
                     td.as_str()
                 ),
             ));
+        } else {
+            let namespace = &policy.metadata.namespace;
+            let (found, relaxed) = (&mut found, &mut relaxed);
+            check_selector_scope(
+                at.index(i),
+                text,
+                &pattern,
+                namespace,
+                td,
+                context,
+                found,
+                relaxed,
+            );
         }
     }
     if found.has_errors() {
@@ -336,6 +355,7 @@ impl RateLimitPolicy {
 
 #[cfg(test)]
 mod tests {
+    use super::super::validate::SelectorScope;
     use super::*;
 
     fn sample() -> RateLimitPolicy {
@@ -377,6 +397,40 @@ mod tests {
         assert!(
             errors[1].starts_with("spec.selector.spiffeIds[0]: selects no workload of this mesh")
         );
+    }
+
+    #[test]
+    fn a_rate_limit_selects_workloads_of_its_own_namespace_unless_in_the_root() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let mut p = sample();
+        p.spec.selector.spiffe_ids = vec!["spiffe://cluster.local/ns/default/*".into()];
+        validate_rate_limit_in(&p, &td).unwrap();
+        p.spec.selector.spiffe_ids = vec!["spiffe://cluster.local/ns/payments/sa/db".into()];
+        let errors: Vec<String> = validate_rate_limit_in(&p, &td)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "spec.selector.spiffeIds[0]: \"spiffe://cluster.local/ns/payments/sa/db\" selects workloads outside the policy's namespace \"default\""
+            ),
+            "{errors:?}"
+        );
+        let root = ValidationContext {
+            scope: SelectorScope::root("default"),
+            ..ValidationContext::default()
+        };
+        p.spec.selector.spiffe_ids = vec!["spiffe://cluster.local/*".into()];
+        assert_eq!(validate_rate_limit_in_with(&p, &td, &root).unwrap(), []);
+        let stored = ValidationContext {
+            stored: true,
+            ..ValidationContext::default()
+        };
+        let relaxed = validate_rate_limit_in_with(&p, &td, &stored).unwrap();
+        assert_eq!(relaxed.len(), 1);
+        assert!(relaxed[0].message.contains("still enforced as written"));
     }
 
     #[test]

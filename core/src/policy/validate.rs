@@ -255,6 +255,46 @@ pub fn policy_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The root namespace when none is configured: its policies may select any
+/// workload of the mesh. In Kubernetes the chart passes the control
+/// plane's own namespace instead.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
+
+/// Which workloads a policy may select, by the namespace it is in.
+///
+/// Namespaced RBAC is how a cluster hands out policy authoring: whoever
+/// may write policies in `team-a` must not thereby govern the workloads of
+/// `payments` (an ALLOW opening them) or of the whole mesh (a DENY, which
+/// wins, shutting it). So a policy selects only workloads of its own
+/// namespace; mesh-wide policies live in the root namespace. The callers
+/// in a selector's `from` are not scoped: naming who may call is what a
+/// namespace decides for its own workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectorScope {
+    /// Every `selector.spiffeIds` pattern lies under
+    /// `spiffe://<td>/ns/<metadata.namespace>/`, except in the namespace
+    /// `root`, whose policies may select any workload of the trust domain.
+    Namespace { root: String },
+    /// Not checked here. Only for whoever enforces what the control plane
+    /// serves (a sidecar, `explain`): the control plane checks the scope
+    /// when a policy is written and when it starts, and a sidecar does not
+    /// know the root namespace.
+    Unchecked,
+}
+
+impl SelectorScope {
+    /// Scoped to their namespace, with `root` as the root namespace.
+    pub fn root(root: impl Into<String>) -> Self {
+        Self::Namespace { root: root.into() }
+    }
+}
+
+impl Default for SelectorScope {
+    fn default() -> Self {
+        Self::root(DEFAULT_ROOT_NAMESPACE)
+    }
+}
+
 /// What validation knows about where a policy is enforced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ValidationContext {
@@ -269,8 +309,13 @@ pub struct ValidationContext {
     /// with such a path are refused anyway), and a rate limit below the
     /// minimum is enforced at the minimum. Each such relaxation is a
     /// warning in [`ValidPolicy::relaxed`]; applying the document again is
-    /// still refused.
+    /// still refused. A selector outside the policy's namespace (see
+    /// [`SelectorScope`]) is enforced as written, with a warning naming the
+    /// pattern: refusing it would drop rules a mesh relies on at an
+    /// upgrade, without its operators having been told.
     pub stored: bool,
+    /// Which workloads a policy of a namespace may select.
+    pub scope: SelectorScope,
 }
 
 /// Checks one policy for the mesh of trust domain `td`. Errors reject it;
@@ -287,8 +332,7 @@ pub fn validate_in(
 ) -> Result<ValidPolicy, Violations> {
     let mut check = Check {
         td,
-        opaque: &context.opaque_ports,
-        stored: context.stored,
+        context,
         found: Violations::default(),
         relaxed: Vec::new(),
     };
@@ -323,6 +367,53 @@ pub(crate) fn check_path_pattern(
     }
 }
 
+/// Checks that the selector pattern `text` (parsed: `pattern`, in trust
+/// domain `td`) at `at` of a policy in `namespace` selects only workloads
+/// that namespace may govern ([`SelectorScope`]): errors, or relaxations
+/// of a stored policy (see [`ValidationContext::stored`]), go to `found`
+/// and `relaxed`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_selector_scope(
+    at: FieldPath,
+    text: &str,
+    pattern: &IdPattern,
+    namespace: &str,
+    td: &TrustDomain,
+    context: &ValidationContext,
+    found: &mut Violations,
+    relaxed: &mut Vec<Violation>,
+) {
+    let SelectorScope::Namespace { root } = &context.scope else {
+        return;
+    };
+    // An invalid namespace is an error of its own; nothing lies under it.
+    if namespace == root || !is_dns_label(namespace) {
+        return;
+    }
+    let own = format!("spiffe://{td}/ns/{namespace}/");
+    if pattern.within(&own) {
+        return;
+    }
+    let outside = format!(
+        "{text:?} selects workloads outside the policy's namespace {namespace:?}: a policy selects only workloads under \"{own}\", except in the mesh's root namespace {root:?}"
+    );
+    if context.stored {
+        relaxed.push(Violation::warning(
+            at,
+            format!(
+                "{outside}; stored before policies were limited to their own namespace, it is still enforced as written: narrow the selector to \"{own}...\", or move the policy to namespace {root:?}, and apply it again"
+            ),
+        ));
+    } else {
+        found.push(Violation::error(
+            at,
+            format!(
+                "{outside}; narrow the selector to \"{own}...\", or apply the policy in namespace {root:?} (where writing policies should be reserved to the mesh's operators)"
+            ),
+        ));
+    }
+}
+
 /// Documents named like an earlier one in `documents` (their metadata), as
 /// `(index of the duplicate, index of the first)`.
 pub fn duplicate_names<'a>(
@@ -344,8 +435,7 @@ pub fn duplicate_names<'a>(
 
 struct Check<'a> {
     td: &'a TrustDomain,
-    opaque: &'a [u16],
-    stored: bool,
+    context: &'a ValidationContext,
     found: Violations,
     relaxed: Vec<Violation>,
 }
@@ -392,6 +482,7 @@ impl Check<'_> {
         self.selector(
             spec.field("selector").field("spiffeIds"),
             &policy.spec.selector.spiffe_ids,
+            &policy.metadata.namespace,
         );
         let rules = spec.field("rules");
         if policy.spec.rules.is_empty() {
@@ -413,7 +504,7 @@ impl Check<'_> {
         }
     }
 
-    fn selector(&mut self, path: FieldPath, ids: &[String]) {
+    fn selector(&mut self, path: FieldPath, ids: &[String], namespace: &str) {
         if ids.is_empty() {
             self.error(
                 path,
@@ -439,7 +530,16 @@ impl Check<'_> {
                         self.td.as_str()
                     ),
                 ),
-                Ok(_) => {}
+                Ok(pattern) => check_selector_scope(
+                    path,
+                    text,
+                    &pattern,
+                    namespace,
+                    self.td,
+                    self.context,
+                    &mut self.found,
+                    &mut self.relaxed,
+                ),
             }
         }
     }
@@ -500,7 +600,7 @@ impl Check<'_> {
             self.non_empty(&at, paths.is_empty(), "paths");
             for (i, text) in paths.iter().enumerate() {
                 let (found, relaxed) = (&mut self.found, &mut self.relaxed);
-                check_path_pattern(at.index(i), text, self.stored, found, relaxed);
+                check_path_pattern(at.index(i), text, self.context.stored, found, relaxed);
             }
         }
         if let Some(headers) = &d.headers {
@@ -546,11 +646,13 @@ impl Check<'_> {
                 );
             }
         }
-        if d.has_l7() && !self.opaque.is_empty() {
+        let context = self.context;
+        let opaque = &context.opaque_ports;
+        if d.has_l7() && !opaque.is_empty() {
             match &d.ports {
                 Some(ports) => {
                     for (i, port) in ports.iter().enumerate() {
-                        if u16::try_from(*port).is_ok_and(|p| self.opaque.contains(&p)) {
+                        if u16::try_from(*port).is_ok_and(|p| opaque.contains(&p)) {
                             self.error(
                                 path.field("ports").index(i),
                                 format!("port {port} is declared opaque: its traffic is never parsed as HTTP, so methods, paths, headers and grpc cannot be enforced on it"),
@@ -560,7 +662,7 @@ impl Check<'_> {
                 }
                 None => self.warning(
                     path,
-                    format!("L7 matches are not enforced on the opaque ports {:?}: list ports to say which ones are meant", self.opaque),
+                    format!("L7 matches are not enforced on the opaque ports {opaque:?}: list ports to say which ones are meant"),
                 ),
             }
         }
@@ -796,7 +898,7 @@ mod tests {
             }]),
         }]);
         p.spec.selector.spiffe_ids = (0..100_000)
-            .map(|i| format!("spiffe://cluster.local/ns/a/sa/s{i}"))
+            .map(|i| format!("spiffe://cluster.local/ns/default/sa/s{i}"))
             .collect();
         let valid = validate(&p, &td()).unwrap();
         assert_eq!(valid.warnings().len(), MAX_DIAGNOSTICS);
@@ -805,6 +907,141 @@ mod tests {
             "warning: spec.rules[0].to[0].ports[65535]: port 1 is listed twice"
         );
         assert_eq!(valid.omitted_warnings(), 200_000 - 65_535 - MAX_DIAGNOSTICS);
+    }
+
+    fn selecting(namespace: &str, selector: &str) -> AuthorizationPolicy {
+        let mut p = policy(vec![Rule::default()]);
+        p.metadata.namespace = namespace.into();
+        p.spec.selector.spiffe_ids = vec![selector.into()];
+        p
+    }
+
+    fn in_root(root: &str, stored: bool) -> ValidationContext {
+        ValidationContext {
+            stored,
+            scope: SelectorScope::root(root),
+            ..ValidationContext::default()
+        }
+    }
+
+    #[test]
+    fn a_policy_selects_workloads_of_its_own_namespace() {
+        for own in [
+            "spiffe://cluster.local/ns/team-a/sa/web",
+            "spiffe://cluster.local/ns/team-a/*",
+            "spiffe://cluster.local/ns/team-a/sa/*",
+        ] {
+            let valid = validate(&selecting("team-a", own), &td()).unwrap();
+            assert!(valid.warnings().is_empty(), "{own}");
+        }
+    }
+
+    #[test]
+    fn a_policy_cannot_select_workloads_of_another_namespace() {
+        let p = selecting("team-a", "spiffe://cluster.local/ns/payments/sa/db");
+        assert_eq!(
+            errors(&p),
+            [
+                "spec.selector.spiffeIds[0]: \"spiffe://cluster.local/ns/payments/sa/db\" selects workloads outside the policy's namespace \"team-a\": a policy selects only workloads under \"spiffe://cluster.local/ns/team-a/\", except in the mesh's root namespace \"trellis-system\"; narrow the selector to \"spiffe://cluster.local/ns/team-a/...\", or apply the policy in namespace \"trellis-system\" (where writing policies should be reserved to the mesh's operators)"
+            ]
+        );
+        // A namespace whose name starts like the policy's is another one.
+        for other in [
+            "spiffe://cluster.local/ns/team-ab/sa/web",
+            "spiffe://cluster.local/ns/team-ab/*",
+            "spiffe://cluster.local/ns/*",
+            "spiffe://cluster.local/ns/team-a",
+            "spiffe://cluster.local/trellis/admin",
+        ] {
+            let errors = errors(&selecting("team-a", other));
+            assert_eq!(errors.len(), 1, "{other}: {errors:?}");
+            assert!(
+                errors[0].contains("outside the policy's namespace \"team-a\""),
+                "{other}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_root_namespace_selects_the_whole_mesh() {
+        let everything = "spiffe://cluster.local/*";
+        let refused = validate_in(
+            &selecting("team-a", everything),
+            &td(),
+            &in_root("mesh", false),
+        )
+        .unwrap_err();
+        assert_eq!(refused.len(), 1);
+        assert!(
+            refused[0].message.starts_with(
+                "\"spiffe://cluster.local/*\" selects workloads outside the policy's namespace \"team-a\""
+            ) && refused[0]
+                .message
+                .contains("or apply the policy in namespace \"mesh\""),
+            "{}",
+            refused[0]
+        );
+        for selector in [everything, "spiffe://cluster.local/ns/payments/sa/db"] {
+            let valid =
+                validate_in(&selecting("mesh", selector), &td(), &in_root("mesh", false)).unwrap();
+            assert!(valid.warnings().is_empty() && valid.relaxed().is_empty());
+        }
+        // The default root namespace, when none is configured.
+        validate(&selecting(DEFAULT_ROOT_NAMESPACE, everything), &td()).unwrap();
+    }
+
+    #[test]
+    fn sources_in_other_namespaces_stay_allowed() {
+        let mut p = selecting("team-a", "spiffe://cluster.local/ns/team-a/sa/api");
+        p.spec.rules = vec![
+            from(Source {
+                spiffe_id: Some("spiffe://cluster.local/ns/payments/sa/db".into()),
+                ..Source::default()
+            }),
+            from(Source {
+                namespace: Some("payments".into()),
+                ..Source::default()
+            }),
+            from(Source {
+                spiffe_id: Some("spiffe://cluster.local/*".into()),
+                ..Source::default()
+            }),
+        ];
+        let valid = validate(&p, &td()).unwrap();
+        assert!(valid.warnings().is_empty());
+    }
+
+    /// A policy stored before the scope was checked keeps being enforced as
+    /// written, reported; writing it again is refused.
+    #[test]
+    fn a_stored_policy_outside_its_namespace_is_enforced_with_a_warning() {
+        let p = selecting("team-a", "spiffe://cluster.local/*");
+        let valid = validate_in(&p, &td(), &in_root("mesh", true)).unwrap();
+        assert!(valid.warnings().is_empty());
+        let relaxed: Vec<String> = valid.relaxed().iter().map(ToString::to_string).collect();
+        assert_eq!(relaxed.len(), 1);
+        assert!(
+            relaxed[0].starts_with(
+                "warning: spec.selector.spiffeIds[0]: \"spiffe://cluster.local/*\" selects workloads outside the policy's namespace \"team-a\""
+            ) && relaxed[0].contains("still enforced as written")
+                && relaxed[0].contains("move the policy to namespace \"mesh\""),
+            "{relaxed:?}"
+        );
+        assert_eq!(valid.policy().spec.selector, p.spec.selector);
+        validate_in(&p, &td(), &in_root("mesh", false)).unwrap_err();
+    }
+
+    /// What enforces served policies (a sidecar) does not know the root
+    /// namespace and leaves the scope to the control plane.
+    #[test]
+    fn an_unchecked_scope_accepts_any_selector_of_the_trust_domain() {
+        let context = ValidationContext {
+            scope: SelectorScope::Unchecked,
+            ..ValidationContext::default()
+        };
+        let p = selecting("team-a", "spiffe://cluster.local/*");
+        let valid = validate_in(&p, &td(), &context).unwrap();
+        assert!(valid.warnings().is_empty() && valid.relaxed().is_empty());
     }
 
     #[test]

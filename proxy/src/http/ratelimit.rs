@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    IdPattern, LimitKey, PathPattern, RateLimitPolicy, ValidationContext, routed_segments,
-    validate_rate_limit_with,
+    IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
+    routed_segments, validate_rate_limit_with,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -108,9 +108,11 @@ impl RateLimits {
         let mut limits = Vec::new();
         let mut relaxed = Vec::new();
         // Stored documents: valid when stored, they are enforced even if a
-        // check got stricter since (see `ValidationContext::stored`).
+        // check got stricter since (see `ValidationContext::stored`). The
+        // namespace scope of the selector is the control plane's check.
         let context = ValidationContext {
             stored: true,
+            scope: SelectorScope::Unchecked,
             ..ValidationContext::default()
         };
         for (index, p) in raw.iter().enumerate() {

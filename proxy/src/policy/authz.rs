@@ -14,7 +14,7 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, RuleRef,
+    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, RuleRef, SelectorScope,
     ValidationContext, Verdict, policy_key,
 };
 use trellis_proto::policy::v1 as pb;
@@ -88,10 +88,13 @@ impl Policies {
         };
         // A snapshot carries stored documents: one valid when it was stored
         // must not make the sidecar refuse every snapshot after a check got
-        // stricter.
+        // stricter. Which namespace may select this workload is the control
+        // plane's check, made when a policy is written: the sidecar does not
+        // know the mesh's root namespace.
         let context = ValidationContext {
             opaque_ports: opaque_ports.to_vec(),
             stored: true,
+            scope: SelectorScope::Unchecked,
         };
         let set = PolicySet::compile_in(local, &policies, default, &context)?;
         // Only the policies that select this workload are in force.

@@ -54,7 +54,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 use trellis_core::TrustDomain;
-use trellis_core::policy::policy_key;
+use trellis_core::policy::{SelectorScope, policy_key};
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
@@ -222,9 +222,13 @@ impl KubernetesStore {
     /// Starts the watches and returns once every kind has been listed once;
     /// an API server error on the way (unreachable, 401, 403, a missing
     /// CRD) is returned, naming the kind.
+    /// Policies are read as stored ones in a mesh whose policies select
+    /// as `scope` says: one selecting outside its namespace is enforced as
+    /// written and logged (the webhook refuses new ones).
     pub async fn connect(
         client: Client,
         trust_domain: TrustDomain,
+        scope: SelectorScope,
         sync_timeout: Duration,
     ) -> Result<Self, KubeStoreError> {
         Self::connect_with_watch_grace(client, trust_domain, sync_timeout, WATCH_FAILURE_GRACE)
@@ -248,9 +252,10 @@ impl KubernetesStore {
             firsts.push((kind, first));
         };
 
-        let td = trust_domain.clone();
-        let policies: Convert<DynamicObject> =
-            Box::new(move |object| policy_from_object(object, &td).map(|p| Some(Entry::Policy(p))));
+        let (td, within) = (trust_domain.clone(), scope.clone());
+        let policies: Convert<DynamicObject> = Box::new(move |object| {
+            policy_from_object(object, &td, &within).map(|p| Some(Entry::Policy(p)))
+        });
         let api = Api::all_with(client.clone(), &authorization_policy_resource());
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default();
@@ -260,7 +265,7 @@ impl KubernetesStore {
 
         let td = trust_domain.clone();
         let rate_limits: Convert<DynamicObject> = Box::new(move |object| {
-            rate_limit_from_object(object, &td)
+            rate_limit_from_object(object, &td, &scope)
                 .map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
         });
         let api = Api::all_with(client.clone(), &rate_limit_resource());

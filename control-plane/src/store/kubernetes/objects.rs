@@ -17,8 +17,8 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation, Violations,
-    document_from_proto, validate_in, validate_rate_limit_in_with,
+    AuthorizationPolicy, Document, RateLimitPolicy, SelectorScope, ValidationContext, Violation,
+    Violations, document_from_proto, validate_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -65,8 +65,13 @@ pub fn object_key(object: &impl ResourceExt) -> String {
 
 /// The validated policy an `AuthorizationPolicy` object stands for, its
 /// revision being the object's `metadata.generation` (so every replica
-/// agrees on it). The error lists what `policy lint` would say.
-pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Policy, String> {
+/// agrees on it), for a mesh whose policies select as `scope` says. The
+/// error lists what `policy lint` would say.
+pub fn policy_from_object(
+    object: &DynamicObject,
+    td: &TrustDomain,
+    scope: &SelectorScope,
+) -> Result<Policy, String> {
     let policy = match Document::from_value(document_of(object, AuthorizationPolicy::KIND)?) {
         Ok(Document::AuthorizationPolicy(policy)) => policy,
         Ok(other) => {
@@ -77,7 +82,8 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
         }
         Err(e) => return Err(e.to_string()),
     };
-    let valid = validate_in(&policy, td, &STORED).map_err(|violations| errors_of(&violations))?;
+    let valid =
+        validate_in(&policy, td, &stored(scope)).map_err(|violations| errors_of(&violations))?;
     warn_relaxed(object, valid.relaxed());
     Ok(Policy {
         revision: revision_of(object),
@@ -90,6 +96,7 @@ pub fn policy_from_object(object: &DynamicObject, td: &TrustDomain) -> Result<Po
 pub fn rate_limit_from_object(
     object: &DynamicObject,
     td: &TrustDomain,
+    scope: &SelectorScope,
 ) -> Result<(RateLimit, u64), String> {
     let limit = match Document::from_value(document_of(object, RateLimitPolicy::KIND)?) {
         Ok(Document::RateLimitPolicy(limit)) => limit,
@@ -101,7 +108,7 @@ pub fn rate_limit_from_object(
         }
         Err(e) => return Err(e.to_string()),
     };
-    let relaxed = validate_rate_limit_in_with(&limit, td, &STORED)
+    let relaxed = validate_rate_limit_in_with(&limit, td, &stored(scope))
         .map_err(|violations| errors_of(&violations))?;
     warn_relaxed(object, &relaxed);
     Ok((limit.to_proto(), revision_of(object)))
@@ -110,11 +117,16 @@ pub fn rate_limit_from_object(
 /// Objects are stored documents: one the webhook admitted before a check
 /// got stricter is relaxed to what can still be enforced safely (a path
 /// that could never match matches nothing, a rate below the minimum is
-/// raised to it), not dropped whole with the rules it holds.
-const STORED: ValidationContext = ValidationContext {
-    opaque_ports: Vec::new(),
-    stored: true,
-};
+/// raised to it, a selector outside the object's namespace is enforced as
+/// written), not dropped whole with the rules it holds; each relaxation is
+/// logged.
+fn stored(scope: &SelectorScope) -> ValidationContext {
+    ValidationContext {
+        opaque_ports: Vec::new(),
+        stored: true,
+        scope: scope.clone(),
+    }
+}
 
 /// Logs what `object` fails of checks added since it was admitted.
 fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
@@ -342,7 +354,7 @@ mod tests {
             "status": {},
         }))
         .unwrap();
-        let policy = policy_from_object(&object, &td()).unwrap();
+        let policy = policy_from_object(&object, &td(), &SelectorScope::default()).unwrap();
         assert_eq!(policy.revision, 3);
         let spec = policy_spec(&policy).unwrap();
         let written = new_object(&authorization_policy_resource(), "shop", "web-to-api", spec);
@@ -355,8 +367,27 @@ mod tests {
                 ..written
             },
             &td(),
+            &SelectorScope::default(),
         )
         .unwrap();
         assert_eq!(again, policy);
+    }
+
+    /// An object admitted before policies were limited to their namespace
+    /// (or while the webhook was not asked) is enforced as written and
+    /// logged, not dropped: dropping a DENY would open what it closed.
+    #[test]
+    fn an_object_selecting_outside_its_namespace_is_enforced_as_stored() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "trellis.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-all", "namespace": "team-a", "generation": 1},
+            "spec": {"selector": {"spiffeIds": ["spiffe://cluster.local/*"]},
+                     "action": "DENY", "rules": [{}]},
+        }))
+        .unwrap();
+        let policy = policy_from_object(&object, &td(), &SelectorScope::root("trellis")).unwrap();
+        let selector = policy.selector.unwrap();
+        assert_eq!(selector.spiffe_ids, ["spiffe://cluster.local/*"]);
     }
 }
