@@ -5,14 +5,19 @@
 //! certificate) and says, a line each, what is fine, what needs attention
 //! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
 //! answer or serve another snapshot, sidecars that refused their snapshot
-//! or have not received it yet, roots of the trust bundle that expire
+//! or have not received it yet, stored policies that fail a check added
+//! since they were stored (`ListPolicies`: a selector outside the policy's
+//! namespace, enforced as written), roots of the trust bundle that expire
 //! soon or have, and an operator credential about to expire. It exits 1
 //! when anything is `FAIL`.
 
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
-use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, Workload};
+use trellis_core::policy::policy_key;
+use trellis_proto::admin::v1::{
+    ListWorkloadsResponse, SnapshotSync, StoredPolicyWarning, Workload,
+};
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
@@ -51,6 +56,8 @@ pub struct Inputs<'a> {
     /// Where the control plane was reached.
     pub address: &'a str,
     pub answer: &'a ListWorkloadsResponse,
+    /// What stored policies fail of checks added since they were stored.
+    pub stored_warnings: &'a [StoredPolicyWarning],
     /// The trust bundle of the operator credential: the signing CA's root
     /// first.
     pub bundle: &'a [CertificateDer<'static>],
@@ -75,6 +82,7 @@ pub fn findings(inputs: &Inputs<'_>) -> Vec<Finding> {
     ));
     replicas(answer, &mut out);
     sidecars(answer, inputs.now, &mut out);
+    stored_policies(inputs.stored_warnings, &mut out);
     roots(inputs, &mut out);
     operator(inputs, &mut out);
     out
@@ -198,6 +206,27 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
             if answer.workloads.len() == 1 { "" } else { "s" },
         ),
     ));
+}
+
+/// Each check a stored policy fails: it is enforced as the warning says,
+/// and applying it again as it is would be refused.
+fn stored_policies(warnings: &[StoredPolicyWarning], out: &mut Vec<Finding>) {
+    for w in warnings {
+        let v = w.violation.clone().unwrap_or_default();
+        let at = match v.path.as_str() {
+            "" => String::new(),
+            path => format!("{path}: "),
+        };
+        out.push(finding(
+            Level::Warn,
+            format!(
+                "stored {} {}: {at}{}",
+                w.kind,
+                policy_key(&w.namespace, &w.name),
+                v.message
+            ),
+        ));
+    }
 }
 
 fn roots(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
@@ -330,6 +359,7 @@ mod tests {
         let inputs = Inputs {
             address: "127.0.0.1:15012",
             answer,
+            stored_warnings: &[],
             bundle,
             operator: &operator,
             now: NOW,
@@ -366,6 +396,7 @@ mod tests {
         let (text, failed) = report(&findings(&Inputs {
             address: "x",
             answer: &answer,
+            stored_warnings: &[],
             bundle: &[root("Trellis root", NOW + 3650 * DAY)],
             operator: &root("operator", NOW + 300 * DAY),
             now: NOW,
@@ -450,6 +481,7 @@ mod tests {
         let operator_soon = Inputs {
             address: "x",
             answer: &answer,
+            stored_warnings: &[],
             bundle: &bundle,
             operator: &root("operator", NOW + DAY),
             now: NOW,
@@ -465,6 +497,39 @@ mod tests {
         let (text, failed) = report(&all);
         assert!(failed);
         assert!(text.ends_with("2 failures, 6 warnings\n"), "{text}");
+    }
+
+    #[test]
+    fn a_stored_policy_selecting_outside_its_namespace_is_a_warning() {
+        let answer = ListWorkloadsResponse::default();
+        let warning = StoredPolicyWarning {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "team-a".into(),
+            name: "deny-all".into(),
+            violation: Some(trellis_proto::policy::v1::Violation {
+                path: "spec.selector.spiffeIds[0]".into(),
+                message: "\"spiffe://td/*\" selects workloads outside the policy's namespace"
+                    .into(),
+                warning: true,
+            }),
+        };
+        let inputs = Inputs {
+            address: "x",
+            answer: &answer,
+            stored_warnings: std::slice::from_ref(&warning),
+            bundle: &[root("Trellis root", NOW + 3650 * DAY)],
+            operator: &root("operator", NOW + 300 * DAY),
+            now: NOW,
+            soon: Duration::from_secs(30 * DAY as u64),
+        };
+        let found = findings(&inputs);
+        let warnings: Vec<_> = found.iter().filter(|f| f.level == Level::Warn).collect();
+        assert_eq!(warnings.len(), 1, "{found:#?}");
+        assert_eq!(
+            warnings[0].text,
+            "stored AuthorizationPolicy team-a/deny-all: spec.selector.spiffeIds[0]: \"spiffe://td/*\" selects workloads outside the policy's namespace"
+        );
+        assert!(!report(&found).1, "a warning, not a failure");
     }
 
     #[test]

@@ -29,8 +29,8 @@ use trellis_core::tls::{
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
-    CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListWorkloadsRequest,
-    ListWorkloadsResponse, ReplicaStatus, SnapshotSync, Workload,
+    CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListPoliciesRequest,
+    ListWorkloadsRequest, ListWorkloadsResponse, ReplicaStatus, SnapshotSync, Workload,
 };
 
 use self::policy::PolicyCommand;
@@ -547,11 +547,16 @@ async fn run(
                 .list_workloads(ListWorkloadsRequest::default())
                 .await?
                 .into_inner();
+            let policies = client
+                .list_policies(ListPoliciesRequest::default())
+                .await?
+                .into_inner();
             let bundle = read_certs(&credentials.bundle)?;
             let operator = read_certs(&credentials.cert)?;
             let found = check::findings(&check::Inputs {
                 address: &cli.control_plane,
                 answer: &answer,
+                stored_warnings: &policies.stored_warnings,
                 bundle: &bundle,
                 operator: &operator[0],
                 now: crate::unix_now(),
