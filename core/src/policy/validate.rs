@@ -394,23 +394,21 @@ pub(crate) fn check_selector_scope(
     if pattern.within(&own) {
         return;
     }
-    let outside = format!(
-        "{text:?} selects workloads outside the policy's namespace {namespace:?}: a policy selects only workloads under \"{own}\", except in the mesh's root namespace {root:?}"
-    );
+    // Short enough that the Admin API's refusal, which cuts each error to
+    // 256 bytes, keeps the advice of a usual pattern.
+    let outside =
+        format!("{text:?} selects workloads outside the policy's namespace {namespace:?}");
+    let advice =
+        format!("narrow it to \"{own}...\" or move the policy to the root namespace {root:?}");
     if context.stored {
         relaxed.push(Violation::warning(
             at,
             format!(
-                "{outside}; stored before policies were limited to their own namespace, it is still enforced as written: narrow the selector to \"{own}...\", or move the policy to namespace {root:?}, and apply it again"
+                "{outside}, stored before that was refused: it is still enforced as written; {advice}"
             ),
         ));
     } else {
-        found.push(Violation::error(
-            at,
-            format!(
-                "{outside}; narrow the selector to \"{own}...\", or apply the policy in namespace {root:?} (where writing policies should be reserved to the mesh's operators)"
-            ),
-        ));
+        found.push(Violation::error(at, format!("{outside}: {advice}")));
     }
 }
 
@@ -942,7 +940,7 @@ mod tests {
         assert_eq!(
             errors(&p),
             [
-                "spec.selector.spiffeIds[0]: \"spiffe://cluster.local/ns/payments/sa/db\" selects workloads outside the policy's namespace \"team-a\": a policy selects only workloads under \"spiffe://cluster.local/ns/team-a/\", except in the mesh's root namespace \"trellis-system\"; narrow the selector to \"spiffe://cluster.local/ns/team-a/...\", or apply the policy in namespace \"trellis-system\" (where writing policies should be reserved to the mesh's operators)"
+                "spec.selector.spiffeIds[0]: \"spiffe://cluster.local/ns/payments/sa/db\" selects workloads outside the policy's namespace \"team-a\": narrow it to \"spiffe://cluster.local/ns/team-a/...\" or move the policy to the root namespace \"trellis-system\""
             ]
         );
         // A namespace whose name starts like the policy's is another one.
@@ -977,7 +975,7 @@ mod tests {
                 "\"spiffe://cluster.local/*\" selects workloads outside the policy's namespace \"team-a\""
             ) && refused[0]
                 .message
-                .contains("or apply the policy in namespace \"mesh\""),
+                .ends_with("or move the policy to the root namespace \"mesh\""),
             "{}",
             refused[0]
         );
@@ -1024,7 +1022,7 @@ mod tests {
             relaxed[0].starts_with(
                 "warning: spec.selector.spiffeIds[0]: \"spiffe://cluster.local/*\" selects workloads outside the policy's namespace \"team-a\""
             ) && relaxed[0].contains("still enforced as written")
-                && relaxed[0].contains("move the policy to namespace \"mesh\""),
+                && relaxed[0].ends_with("move the policy to the root namespace \"mesh\""),
             "{relaxed:?}"
         );
         assert_eq!(valid.policy().spec.selector, p.spec.selector);
