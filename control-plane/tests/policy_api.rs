@@ -301,11 +301,17 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     enroll(&cp, API, "127.0.0.1:7111").await;
     enroll(&cp, DB, "127.0.0.1:7112").await;
     let mut admin = cp.admin_client().await;
-    let before = apply(&mut admin, &allow("web-to-api", API, WEB, 8080), false)
-        .await
-        .unwrap();
+    // Selecting the workloads of every namespace is for the root namespace.
+    let root = "trellis-system";
+    let before = apply(
+        &mut admin,
+        &allow_in(root, "web-to-api", API, WEB, 8080),
+        false,
+    )
+    .await
+    .unwrap();
 
-    let wide = allow("web-to-api", "spiffe://cluster.local/ns/*", WEB, 8080);
+    let wide = allow_in(root, "web-to-api", "spiffe://cluster.local/ns/*", WEB, 8080);
     let dry = apply(&mut admin, &wide, true).await.unwrap();
     assert!(dry.dry_run);
     assert_eq!(dry.results[0].outcome(), PolicyOutcome::Updated);
@@ -319,7 +325,7 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     );
 
     let got = admin
-        .get_policy(get("default", "web-to-api", ""))
+        .get_policy(get(root, "web-to-api", ""))
         .await
         .unwrap()
         .into_inner()
@@ -332,10 +338,7 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
         .await
         .unwrap();
     assert_eq!(new.results[0].outcome(), PolicyOutcome::Created);
-    let err = admin
-        .get_policy(get("default", "new", ""))
-        .await
-        .unwrap_err();
+    let err = admin.get_policy(get("data", "new", "")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 

@@ -204,6 +204,45 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
     );
 }
 
+/// `kubectl apply` in `team-a` of a policy selecting a workload of
+/// `payments` is denied: whoever may write policies in one namespace must
+/// not govern another's workloads. The same document is admitted when
+/// `team-a` is the root namespace (`--root-namespace`), whose policies may
+/// select any workload. Stand-in for a recorded
+/// AdmissionReview (see `fixtures/k8s/README.md`).
+#[test]
+fn a_policy_selecting_another_namespace_is_denied_outside_the_root_namespace() {
+    const FIXTURE: &str = "authorizationpolicy-other-namespace.json";
+    let certs = ServingCert::new();
+    let mut flags = webhook_flags(&certs);
+    flags.extend(["--root-namespace".into(), "mesh-admin".into()]);
+    let cp = start(&flags);
+    let (status, body) = post(&webhook_addr(&cp), &certs, "/validate", FIXTURE);
+    assert_eq!(status, 200, "{body}");
+    let review: Value = serde_json::from_str(&body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["uid"], "4c2f8a61-93d7-4b0e-a5f2-1e7d3c9b6a08");
+    assert_eq!(response["allowed"], false, "{body}");
+    assert_eq!(response["status"]["code"], 403, "{body}");
+    assert_eq!(
+        response["status"]["message"],
+        "AuthorizationPolicy team-a/web-to-payments-db is invalid: spec.selector.spiffeIds[0]: \
+         \"spiffe://cluster.local/ns/payments/sa/db\" selects workloads outside the policy's \
+         namespace \"team-a\": narrow it to \"spiffe://cluster.local/ns/team-a/...\" or move \
+         the policy to the root namespace \"mesh-admin\""
+    );
+    drop(cp);
+
+    // In the root namespace.
+    let mut flags = webhook_flags(&certs);
+    flags.extend(["--root-namespace".into(), "team-a".into()]);
+    let cp = start(&flags);
+    let (status, body) = post(&webhook_addr(&cp), &certs, "/validate", FIXTURE);
+    assert_eq!(status, 200, "{body}");
+    let review: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], true, "{body}");
+}
+
 /// Settings written by a newer chart (a field this release does not know)
 /// are what a rolled-back control plane reads from the shared ConfigMap:
 /// it starts, names the field in a warning, and injects with the rest.

@@ -11,15 +11,29 @@ pub const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 pub const API: &str = "spiffe://cluster.local/ns/default/sa/api";
 pub const DB: &str = "spiffe://cluster.local/ns/data/sa/db";
 
+/// The namespace of a workload ID `spiffe://cluster.local/ns/<ns>/...`.
+pub fn namespace_of(id: &str) -> &str {
+    let rest = id.split("/ns/").nth(1).expect("a workload ID");
+    rest.split('/').next().unwrap()
+}
+
 /// An ALLOW policy named `name` protecting `target`, letting `source` in on
-/// `port`.
+/// `port`, in the namespace of `target` (a policy selects only workloads of
+/// its own namespace).
 pub fn allow(name: &str, target: &str, source: &str, port: u32) -> String {
+    allow_in(namespace_of(target), name, target, source, port)
+}
+
+/// [`allow`] in `namespace`: the root namespace (`trellis-system` unless
+/// the control plane is told otherwise) for a `target` of several
+/// namespaces.
+pub fn allow_in(namespace: &str, name: &str, target: &str, source: &str, port: u32) -> String {
     format!(
         "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
 metadata:
   name: {name}
-  namespace: default
+  namespace: {namespace}
 spec:
   selector:
     spiffeIds: [\"{target}\"]
