@@ -18,10 +18,12 @@ use crate::patience::{eventually, patience};
 /// How long a sidecar may take to acknowledge a new snapshot.
 pub const ACK_PATIENCE: Duration = Duration::from_secs(20);
 
-/// An AuthorizationPolicy document in namespace `default`.
+/// An AuthorizationPolicy document, in the namespace of the workload it
+/// protects: a policy selects only workloads of its own namespace.
 #[derive(Clone, Debug)]
 pub struct PolicyDoc {
     name: String,
+    namespace: String,
     targets: Vec<String>,
     action: &'static str,
     sources: Vec<String>,
@@ -30,8 +32,16 @@ pub struct PolicyDoc {
 
 impl PolicyDoc {
     fn new(action: &'static str, name: &str, target: &str) -> Self {
+        // `spiffe://<td>/ns/<namespace>/...`; anything else (a mesh-wide
+        // prefix) is refused in `default`, as it is outside the root
+        // namespace.
+        let namespace = target
+            .split("/ns/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next());
         Self {
             name: name.to_owned(),
+            namespace: namespace.unwrap_or("default").to_owned(),
             targets: vec![target.to_owned()],
             action,
             sources: Vec::new(),
@@ -85,8 +95,9 @@ impl PolicyDoc {
             rule.push_str("{}\n");
         }
         format!(
-            "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {}\n  namespace: default\nspec:\n  selector:\n    spiffeIds: [{}]\n  action: {}\n  rules:\n    - {rule}",
+            "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  selector:\n    spiffeIds: [{}]\n  action: {}\n  rules:\n    - {rule}",
             self.name,
+            self.namespace,
             targets.join(", "),
             self.action
         )

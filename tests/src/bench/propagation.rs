@@ -127,7 +127,7 @@ fn watchers_policy(port: u32) -> String {
 kind: AuthorizationPolicy
 metadata:
   name: bench-propagation
-  namespace: default
+  namespace: {WATCH_NAMESPACE}
 spec:
   selector:
     spiffeIds: [\"{prefix}\"]
