@@ -80,6 +80,9 @@ fn default_values_render_valid_manifests() {
         "--store=kubernetes",
         "--webhook=[::]:15017",
         "--peers=trellis-control-plane-peers.trellis-system.svc:15012",
+        // The release's namespace is the root one: its policies may select
+        // any workload.
+        "--root-namespace=trellis-system",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -111,6 +114,7 @@ fn custom_values_render_valid_manifests() {
             "image.repository=registry.example.com/mesh/trellis",
             "image.tag=0.1.0-rc1",
             "crds.keep=false",
+            "rootNamespace=mesh-admin",
         ],
     )
     .unwrap();
@@ -125,6 +129,7 @@ fn custom_values_render_valid_manifests() {
         "--outbound-policy=passthrough",
         "--opaque-ports=5432,25",
         "--cert-ttl=30m",
+        "--root-namespace=mesh-admin",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }

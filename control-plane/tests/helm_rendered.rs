@@ -287,6 +287,8 @@ fn notes_name_the_next_steps() {
             "kubectl label namespace NAMESPACE trellis.io/inject=enabled",
             "kind: AuthorizationPolicy",
             "trellisctl --control-plane 127.0.0.1:15012",
+            "belongs in the root namespace trellis-system",
+            "--root-namespace trellis-system",
         ] {
             assert!(notes.contains(step), "{step} in {notes}");
         }

@@ -32,6 +32,11 @@
 {{- printf "%s-inject" (include "trellis.fullname" .) -}}
 {{- end -}}
 
+{{/* The mesh's root namespace: rootNamespace, else the release's. */}}
+{{- define "trellis.rootNamespace" -}}
+{{- default .Release.Namespace .Values.rootNamespace -}}
+{{- end -}}
+
 {{- define "trellis.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
