@@ -22,7 +22,7 @@ use super::document::{API_VERSION, Metadata, Selector};
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
 use super::validate::{
-    ValidationContext, Violation, Violations, check_path_pattern, check_selector_scope,
+    ValidationContext, Violation, Violations, check_path_pattern, outside_namespace, push_or_relax,
 };
 use crate::spiffe::TrustDomain;
 
@@ -255,19 +255,15 @@ pub fn validate_rate_limit_in_with(
                     td.as_str()
                 ),
             ));
-        } else {
-            let namespace = &policy.metadata.namespace;
-            let (found, relaxed) = (&mut found, &mut relaxed);
-            check_selector_scope(
-                at.index(i),
-                text,
-                &pattern,
-                namespace,
-                td,
-                context,
-                found,
-                relaxed,
-            );
+        } else if let Some(v) = outside_namespace(
+            at.index(i),
+            text,
+            &pattern,
+            &policy.metadata.namespace,
+            td,
+            context,
+        ) {
+            push_or_relax(v, &mut found, &mut relaxed);
         }
     }
     if found.has_errors() {

@@ -367,32 +367,29 @@ pub(crate) fn check_path_pattern(
     }
 }
 
-/// Checks that the selector pattern `text` (parsed: `pattern`, in trust
-/// domain `td`) at `at` of a policy in `namespace` selects only workloads
-/// that namespace may govern ([`SelectorScope`]): errors, or relaxations
-/// of a stored policy (see [`ValidationContext::stored`]), go to `found`
-/// and `relaxed`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_selector_scope(
+/// Whether the selector pattern `text` (parsed: `pattern`, in trust domain
+/// `td`) at `at` of a policy in `namespace` selects workloads that
+/// namespace may not govern ([`SelectorScope`]): an error, or for a stored
+/// policy the warning of its relaxation (see [`ValidationContext::stored`]),
+/// naming the pattern, the namespace and the root namespace.
+pub(crate) fn outside_namespace(
     at: FieldPath,
     text: &str,
     pattern: &IdPattern,
     namespace: &str,
     td: &TrustDomain,
     context: &ValidationContext,
-    found: &mut Violations,
-    relaxed: &mut Vec<Violation>,
-) {
+) -> Option<Violation> {
     let SelectorScope::Namespace { root } = &context.scope else {
-        return;
+        return None;
     };
     // An invalid namespace is an error of its own; nothing lies under it.
     if namespace == root || !is_dns_label(namespace) {
-        return;
+        return None;
     }
     let own = format!("spiffe://{td}/ns/{namespace}/");
     if pattern.within(&own) {
-        return;
+        return None;
     }
     // Short enough that the Admin API's refusal, which cuts each error to
     // 256 bytes, keeps the advice of a usual pattern.
@@ -400,15 +397,29 @@ pub(crate) fn check_selector_scope(
         format!("{text:?} selects workloads outside the policy's namespace {namespace:?}");
     let advice =
         format!("narrow it to \"{own}...\" or move the policy to the root namespace {root:?}");
-    if context.stored {
-        relaxed.push(Violation::warning(
+    Some(if context.stored {
+        Violation::warning(
             at,
             format!(
                 "{outside}, stored before that was refused: it is still enforced as written; {advice}"
             ),
-        ));
+        )
     } else {
-        found.push(Violation::error(at, format!("{outside}: {advice}")));
+        Violation::error(at, format!("{outside}: {advice}"))
+    })
+}
+
+/// Adds `violation` to `found` if it is an error, else (a relaxation of a
+/// stored document) to `relaxed`.
+pub(crate) fn push_or_relax(
+    violation: Violation,
+    found: &mut Violations,
+    relaxed: &mut Vec<Violation>,
+) {
+    if violation.is_error() {
+        found.push(violation);
+    } else {
+        relaxed.push(violation);
     }
 }
 
@@ -528,16 +539,14 @@ impl Check<'_> {
                         self.td.as_str()
                     ),
                 ),
-                Ok(pattern) => check_selector_scope(
-                    path,
-                    text,
-                    &pattern,
-                    namespace,
-                    self.td,
-                    self.context,
-                    &mut self.found,
-                    &mut self.relaxed,
-                ),
+                Ok(pattern) => {
+                    let context = self.context;
+                    if let Some(v) =
+                        outside_namespace(path, text, &pattern, namespace, self.td, context)
+                    {
+                        push_or_relax(v, &mut self.found, &mut self.relaxed);
+                    }
+                }
             }
         }
     }
