@@ -296,7 +296,10 @@ fn notes_name_the_next_steps() {
             assert!(notes.contains("spiffe://example.org/ns/NAMESPACE/sa/web"));
             assert!(notes.contains("allow-same-namespace"));
             // lint's own default is cluster.local: the mesh's is given.
-            assert!(notes.contains("trellisctl policy lint --trust-domain example.org DIR"));
+            assert!(
+                notes
+                    .contains("trellisctl policy lint --trust-domain example.org --root-namespace")
+            );
         }
     }
     // Under the default outbound deny, calls to what has no sidecar are
