@@ -286,7 +286,7 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
 #[tokio::test]
 async fn ctl_reaches_a_control_plane_on_an_ipv6_address() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        println!("skipped: no IPv6 loopback");
+        common::machine::note("skipped: no IPv6 loopback");
         return;
     }
     let cp = ControlPlane::start(&["--listen", "[::1]:0"]);

@@ -377,7 +377,7 @@ async fn grpcurl_decodes_a_watch_snapshot() {
     use std::io::{BufRead, Write};
     use std::process::{Command, Stdio};
     if Command::new("grpcurl").arg("-version").output().is_err() {
-        println!("skipped: grpcurl not installed");
+        common::machine::skip("skipped: grpcurl not installed");
         return;
     }
     let cp = ControlPlane::start(&[]);

@@ -7,7 +7,7 @@
 //! No Kubernetes API server can run on these machines, so nothing is
 //! installed: the rendered manifests stand in for what `helm install` would
 //! send. `scripts/install-helm.sh` installs helm (into target/tools/bin) and
-//! kubernetes-validate; without them each test prints
+//! kubernetes-validate; without them each test says
 //! `skipped: helm not installed (run scripts/install-helm.sh)` and passes,
 //! except under CI (`CI` set), where a missing tool fails the test.
 
@@ -425,7 +425,7 @@ async fn control_plane_listens_on_both_ip_families() {
     if std::net::TcpListener::bind("[::1]:0").is_ok() {
         peers.push("::1");
     } else {
-        println!("skipped: no IPv6 loopback (::1 not dialled, 127.0.0.1 only)");
+        machine::note("skipped: no IPv6 loopback (::1 not dialled, 127.0.0.1 only)");
     }
     for flag in ["--listen=", "--admin=", "--webhook="] {
         let value = args

@@ -112,7 +112,7 @@ async fn restart_keeps_the_ca_tokens_and_workloads() {
 #[test]
 fn grpcurl_lists_the_services_through_reflection() {
     if Command::new("grpcurl").arg("-version").output().is_err() {
-        println!("skipped: grpcurl not installed");
+        common::machine::skip("skipped: grpcurl not installed");
         return;
     }
     let cp = ControlPlane::start(&[]);
@@ -179,7 +179,7 @@ fn a_plaintext_client_is_refused_and_logged() {
 #[test]
 fn grpcurl_without_tls_is_told_the_port_speaks_tls() {
     if Command::new("grpcurl").arg("-version").output().is_err() {
-        println!("skipped: grpcurl not installed");
+        common::machine::skip("skipped: grpcurl not installed");
         return;
     }
     let cp = ControlPlane::start(&[]);

@@ -354,7 +354,7 @@ fn open_files_limits(pid: u32) -> (String, String) {
 fn raises_the_open_files_limit_to_the_hard_limit() {
     let prlimit = Command::new("prlimit").arg("--version").output();
     if !prlimit.is_ok_and(|o| o.status.success()) {
-        println!("skipped: util-linux prlimit not installed");
+        common::machine::skip("skipped: util-linux prlimit not installed");
         return;
     }
     let mut sidecar = start_unanswered_under(&["prlimit", "--nofile=256:8192"], &[]);

@@ -1,8 +1,9 @@
 //! `trellis-proxy init` against real iptables, each test in network namespaces of its
 //! own (`trellis-init-<pid>-<n>`), removed afterwards even when the test fails.
 //!
-//! Needs root, `ip` (iproute2) and iptables; prints `skipped: needs root` or
-//! `skipped: iptables not installed` and passes otherwise. Nothing here touches the
+//! Needs root, `ip` (iproute2) and iptables; writes `skipped: needs root` or
+//! `skipped: iptables not installed` to stderr and passes otherwise, except
+//! under CI (`CI` set), where it fails. Nothing here touches the
 //! machine's own namespace: rules, addresses and listeners all live in namespaces the test
 //! made, and the only addresses used are loopback and ones assigned inside them.
 //!
@@ -237,7 +238,7 @@ fn legacy_backend_works_alike() {
     }
     let ns = Netns::new("init");
     if nat_of(&ns, "iptables-legacy-save").is_none() {
-        println!("skipped: iptables-legacy does not work here");
+        common::machine::note("skipped: iptables-legacy does not work here");
         return;
     }
     ok(&ns.init(&["--backend", "legacy", "--ipv6", "off"]));
@@ -286,7 +287,7 @@ fn ipv6_auto_skips_a_namespace_with_ipv6_disabled() {
         .args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
         .status();
     if !off.is_ok_and(|s| s.success()) {
-        println!("skipped: cannot disable IPv6 in the namespace");
+        common::machine::note("skipped: cannot disable IPv6 in the namespace");
         return;
     }
     let out = ns.init(&[]);
@@ -322,7 +323,7 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
             .collect::<Option<Vec<_>>>(),
         ipv6_usable(&ns) && nat_of(&ns, "iptables-nft-save").is_some(),
     ) else {
-        println!("skipped: needs iptables-nft with IPv6");
+        common::machine::note("skipped: needs iptables-nft with IPv6");
         return;
     };
     // A PATH where everything works except ip6tables-nft-restore.

@@ -2,8 +2,9 @@
 //! veth pair, listeners standing in for the sidecar's ports and the app, and connections
 //! from both sides, IPv4 and (where the namespace has it) IPv6.
 //!
-//! Needs root, `ip` (iproute2) and iptables; prints `skipped: needs root` or
-//! `skipped: iptables not installed` and passes otherwise. Every namespace is the test's
+//! Needs root, `ip` (iproute2) and iptables; writes `skipped: needs root` or
+//! `skipped: iptables not installed` to stderr and passes otherwise, except
+//! under CI (`CI` set), where it fails. Every namespace is the test's
 //! own (`trellis-init-<pid>-<n>`) and removed afterwards, even when the test fails.
 
 mod common;

@@ -5,7 +5,8 @@
 //!
 //! The default ports are fixed, so those tests run the real binary in a
 //! network namespace of their own (`ip netns exec`, root only; elsewhere
-//! they print `skipped: needs root` and pass) and read its listening
+//! they say `skipped: needs root` and pass, except under CI, where they
+//! fail) and read its listening
 //! sockets with `ss`, as an operator would.
 
 mod common;
@@ -15,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::machine::is_root;
+use common::machine::{is_root, skip};
 use common::netns::Netns;
 use common::sidecar::{LOOPBACK_LISTENERS, config_from, credential_flags};
 
@@ -24,9 +25,11 @@ const ID: &str = "spiffe://td.test/ns/a/sa/web";
 /// How long the sidecar may take to start listening.
 const START: Duration = Duration::from_secs(20);
 
+/// Whether this machine lacks what the tests need; says which (see
+/// [`skip`]: under CI, fails the test instead).
 fn skipped() -> bool {
     if !is_root() {
-        println!("skipped: needs root");
+        skip("skipped: needs root");
         return true;
     }
     let has = |program: &str| {
@@ -36,7 +39,7 @@ fn skipped() -> bool {
             .is_ok_and(|o| o.status.success())
     };
     if !has("ip") || !has("ss") {
-        println!("skipped: iproute2 (ip, ss) not installed");
+        skip("skipped: iproute2 (ip, ss) not installed");
         return true;
     }
     false

@@ -39,7 +39,7 @@ impl HeldSocket {
 }
 
 /// Why this process may not read another's sockets here (a kernel before
-/// 5.6, or no right to trace `pid`), to print as a skipped test; `None`
+/// 5.6, or no right to trace `pid`), for [`crate::machine::skip`]; `None`
 /// when it may.
 pub fn unreadable(pid: u32) -> Option<String> {
     match open(pid).and_then(|pidfd| pidfd_getfd(&pidfd, 0, PidfdGetfdFlags::empty())) {
@@ -136,7 +136,7 @@ mod tests {
         sockopt::set_tcp_user_timeout(&client, 42_000).unwrap();
         let pid = std::process::id();
         if let Some(skipped) = unreadable(pid) {
-            println!("{skipped}");
+            crate::machine::skip(&skipped);
             return;
         }
         let held = established(pid).unwrap();

@@ -284,7 +284,7 @@ fn a_profiled_smoke_run_says_where_the_sidecars_time_went() {
             .as_str()
             .expect("why nothing was profiled");
         assert!(why.contains("perf"), "{why}");
-        println!("skipped: {why}");
+        trellis_tests::machine::note(&format!("skipped: {why}"));
         return;
     }
     assert_eq!(profile["not_taken"], Value::Null, "{profile}");

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod connections;
+#[path = "../../../tests/src/machine.rs"]
+pub mod machine;
 pub mod policy;
 #[path = "../../../tests/src/ports.rs"]
 pub mod ports;

@@ -213,7 +213,8 @@ pub async fn pair(cp: &FakeControlPlane, app: SocketAddr, server_flags: &[&str])
 }
 
 /// Runs curl with `args` (silent, failing on no answer): its stdout, or
-/// `None` after printing `skipped: curl not installed`.
+/// `None` after [`super::machine::skip`]ping with `skipped: curl not
+/// installed`.
 pub async fn curl(args: &[&str]) -> Option<String> {
     let mut cmd = tokio::process::Command::new("curl");
     cmd.args(["-sS", "--max-time", "10"]).args(args);
@@ -227,7 +228,7 @@ pub async fn curl(args: &[&str]) -> Option<String> {
             Some(String::from_utf8_lossy(&out.stdout).into_owned())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: curl not installed");
+            super::machine::skip("skipped: curl not installed");
             None
         }
         Err(e) => panic!("curl: {e}"),

@@ -17,7 +17,7 @@ use clap::Parser;
 use trellis_proxy::init::{Family, InitArgs};
 
 use super::Running;
-use super::machine::{is_root, runs};
+use super::machine::{is_root, runs, skip};
 use super::netns::Netns;
 
 pub const ROLE: &str = "TRELLIS_INIT_TEST_ROLE";
@@ -29,21 +29,22 @@ pub const SEP: char = '\u{1f}';
 // ---------------------------------------------------------------------------------------
 // Preconditions and namespaces
 
-/// Whether this machine can run the tests; says why not when it cannot.
+/// Whether this machine can run the tests; says why not when it cannot
+/// (see [`skip`]: under CI, fails the test instead).
 pub fn can_run() -> bool {
     if !is_root() {
-        println!("skipped: needs root");
+        skip("skipped: needs root");
         return false;
     }
     let iptables = ["iptables-nft-save", "iptables-legacy-save"]
         .iter()
         .any(|p| runs(p, &["--version"]) || runs(p, &["-V"]));
     if !iptables {
-        println!("skipped: iptables not installed");
+        skip("skipped: iptables not installed");
         return false;
     }
     if !runs("ip", &["-V"]) {
-        println!("skipped: iproute2 not installed");
+        skip("skipped: iproute2 not installed");
         return false;
     }
     true

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use trellis_core::SpiffeId;
 
 use super::Ca;
+use super::machine::skip;
 
 /// What `openssl s_client` printed (stdout, then stderr) after connecting to
 /// `inbound` with an SVID for `client` from `ca` and the extra `args`;
-/// `None`, after printing `skipped: openssl not installed`, without openssl.
+/// `None`, after [`skip`]ping with `skipped: openssl not installed`, without
+/// openssl.
 pub async fn s_client(
     inbound: SocketAddr,
     ca: &Ca,
@@ -43,7 +45,7 @@ pub async fn s_client(
             String::from_utf8_lossy(&output.stderr)
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: openssl not installed");
+            skip("skipped: openssl not installed");
             None
         }
         Err(e) => panic!("openssl: {e}"),

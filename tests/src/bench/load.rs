@@ -712,7 +712,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wrk_reports_its_rate_and_latencies() {
         let Some(wrk) = crate::bench::system::find_program("wrk") else {
-            println!("skipped: needs wrk");
+            crate::machine::skip("skipped: needs wrk");
             return;
         };
         let app = BenchApp::start().await.unwrap();
@@ -735,7 +735,7 @@ mod tests {
     #[tokio::test]
     async fn h2load_reports_its_rate_and_latencies() {
         let Some(h2load) = crate::bench::system::find_program("h2load") else {
-            println!("skipped: needs h2load");
+            crate::machine::skip("skipped: needs h2load");
             return;
         };
         let app = BenchApp::start().await.unwrap();

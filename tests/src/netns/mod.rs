@@ -17,8 +17,8 @@
 //! run in parallel.
 //!
 //! Needs root, iproute2, iptables, python3 and setpriv; [`unavailable`] says
-//! which is missing (`skipped: needs root`, ...) so a test can print it and
-//! pass. Every process is stopped by its pid when its handle drops, and every
+//! which is missing (`skipped: needs root`, ...) so a test can pass it to
+//! [`crate::machine::skip`]. Every process is stopped by its pid when its handle drops, and every
 //! namespace deleted when its handle drops, also when a test panics; the
 //! handles' field order stops the processes of a namespace before it goes.
 

@@ -58,8 +58,8 @@ impl Tools {
     }
 }
 
-/// Why the namespace tests cannot run here (`skipped: ...`, to print), or
-/// `None` when they can.
+/// Why the namespace tests cannot run here (`skipped: ...`, for
+/// [`crate::machine::skip`]), or `None` when they can.
 pub fn unavailable() -> Option<String> {
     if !is_root() {
         return Some("skipped: needs root".into());

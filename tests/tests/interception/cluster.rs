@@ -5,11 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use trellis_tests::eventually;
 use trellis_tests::netns::{
     APP_UID, Capture, ControlPlane, Credential, Host, HttpServer, Lab, Pod, Reply, Segment,
     unavailable,
 };
+use trellis_tests::{eventually, machine};
 
 /// How long a test waits for something that should happen soon.
 pub const SOON: Duration = Duration::from_secs(20);
@@ -20,10 +20,12 @@ pub const B_GREETING: &str = "hello from pod-b";
 /// The port the apps serve on.
 pub const APP_PORT: u16 = 8080;
 
+/// Whether this machine lacks what the tests need; says which (see
+/// [`machine::skip`]: under CI, fails the test instead).
 pub fn skipped() -> bool {
     match unavailable() {
         Some(reason) => {
-            println!("{reason}");
+            machine::skip(&reason);
             true
         }
         None => false,

@@ -15,7 +15,8 @@
 //! tests), and the sidecars certify with ServiceAccount tokens.
 //!
 //! Needs root, iproute2, iptables, python3 and setpriv; elsewhere each test
-//! prints `skipped: needs root` (or names what is missing) and passes.
+//! writes `skipped: needs root` (or names what is missing) to stderr and
+//! passes, except under CI (`CI` set), where it fails.
 //! Namespaces and processes are removed after each test, also when it fails.
 
 mod cluster;
@@ -76,7 +77,7 @@ async fn plain_http_between_pods_over_ipv6_crosses_the_wire_as_mtls() {
     }
     let mut cluster = bare_two_pods("allow-mesh").await;
     let Some(b_ipv6) = cluster.b().host().ipv6() else {
-        println!("skipped: IPv6 is off");
+        trellis_tests::machine::note("skipped: IPv6 is off");
         return;
     };
     // Not the sidecar's default --app port: reaching it shows pod B's
