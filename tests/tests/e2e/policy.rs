@@ -217,16 +217,36 @@ async fn an_invalid_policy_is_rejected_and_the_previous_version_stays_in_force()
     Ok(())
 }
 
+/// What api's sidecar logs each time its discovery stream ends or a
+/// reconnection fails (`proxy/src/policy/watch.rs`).
+const STREAM_LOST: &str = "discovery stream lost; keeping the last good snapshot";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_snapshot_is_enforced_while_the_control_plane_is_down() -> anyhow::Result<()> {
     let mut s = Setup::start().await?;
     s.apply(&[s.allow_web()]).await?;
+    let lost_before = s.server.log().matches(STREAM_LOST).count();
     // Killed, not stopped: the sidecars get no goodbye.
     let control_plane = s.mesh.control_plane().process();
     control_plane
         .expect("the control plane runs")
         .signal(rustix::process::Signal::KILL)?;
     s.mesh.stop_control_plane()?;
+    // Only once api's sidecar noticed: the stream lost, then at least one
+    // reconnection failed, so what it enforces is what it kept.
+    let server = &s.server;
+    eventually(
+        "api's sidecar to lose its stream and fail to reconnect",
+        SOON,
+        || async move {
+            let log = server.log();
+            match log.matches(STREAM_LOST).count() - lost_before {
+                lost @ 0..2 => Err(format!("{lost} of 2 `{STREAM_LOST}` lines")),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await?;
     for _ in 0..3 {
         s.assert_allowed(&s.web).await;
         s.assert_denied(&s.intruder, "default:deny").await;
