@@ -292,7 +292,7 @@ async fn explain_names_the_deciding_rule() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_deny_closes_an_open_connection_it_now_denies() -> anyhow::Result<()> {
-    let s = Setup::start().await?;
+    let mut s = Setup::start().await?;
     s.apply(&[s.allow_web()]).await?;
     let mut open = HttpConnection::open(s.web.route_addr(s.api_id())).await?;
     assert_eq!(open.get("/before").await?.success()?.body, s.api.greeting());
@@ -300,15 +300,54 @@ async fn a_new_deny_closes_an_open_connection_it_now_denies() -> anyhow::Result<
     let not_web = PolicyDoc::deny("deny-web", s.api_id()).from(s.web.identity());
     s.apply(&[s.allow_web(), not_web]).await?;
     let open = &tokio::sync::Mutex::new(open);
-    eventually("the open connection to be closed", SOON, || async move {
+    // Closed or reset: a request that hangs until it times out is not.
+    let ended = eventually("the open connection to be closed", SOON, || async move {
         match open.lock().await.get("/after").await {
             Ok(r) => Err(format!("still answered: {}", r.status)),
-            Err(_) => Ok(()),
+            Err(e) => Ok(e),
         }
     })
     .await?;
+    assert!(closed(&ended), "the connection ended otherwise: {ended:#}");
+    let line = s
+        .server
+        .wait_for_log("open inbound connection closed: new policies deny it", SOON)
+        .await?;
+    assert!(line.contains("default/deny-web"), "{line}");
+    assert!(line.contains("rule=0"), "{line}");
+    // Counted right after the line is logged.
+    let server = &s.server;
+    let closed_by_policy = eventually("the close to be counted", SOON, || async move {
+        let counted = server.metrics().await?.counter(
+            "trellis_connections_total",
+            &[("direction", "inbound"), ("outcome", "closed_by_policy")],
+        );
+        anyhow::ensure!(counted > 0.0, "not counted yet");
+        Ok(counted)
+    })
+    .await?;
+    assert_eq!(closed_by_policy, 1.0);
     s.assert_denied(&s.web, "default/deny-web rule 0").await;
     Ok(())
+}
+
+/// Whether a request failed because its connection was closed or reset,
+/// rather than timing out or failing otherwise.
+fn closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<hyper::Error>() {
+            return e.is_closed() || e.is_incomplete_message() || e.is_canceled();
+        }
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
