@@ -6,7 +6,7 @@
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,24 @@ impl MeshContext {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let (shown, output) = self.ctl_run(args).await?;
+        if !output.status.success() {
+            bail!(
+                "{shown} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `trellisctl` as [`MeshContext::ctl`] does: the command as
+    /// shown, and how it exited and what it printed, whatever the status.
+    pub(crate) async fn ctl_run<I, S>(&self, args: I) -> anyhow::Result<(String, Output)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut command = self.command(Program::Ctl);
         command
             .arg("--control-plane")
@@ -99,14 +117,7 @@ impl MeshContext {
             .await
             .with_context(|| format!("{shown} did not finish"))?
             .with_context(|| format!("cannot run {shown}"))?;
-        if !output.status.success() {
-            bail!(
-                "{shown} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        Ok((shown, output))
     }
 
     pub(crate) async fn token(&self, spiffe_id: &str) -> anyhow::Result<String> {
@@ -477,6 +488,16 @@ impl Mesh {
         S: AsRef<OsStr>,
     {
         self.context.ctl(args).await
+    }
+
+    /// Runs `trellisctl` as [`Mesh::ctl`] does and returns how it exited
+    /// and what it printed on stdout and stderr, whatever the status.
+    pub async fn ctl_output<I, S>(&self, args: I) -> anyhow::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self.context.ctl_run(args).await?.1)
     }
 
     /// A single-use join token for `spiffe_id`, made with the real

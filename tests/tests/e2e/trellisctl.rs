@@ -1,5 +1,6 @@
 //! `trellisctl` against a running control plane.
 
+use rustix::process::Signal;
 use trellis_tests::policy::{self, PolicyDoc};
 use trellis_tests::{Mesh, eventually};
 
@@ -51,36 +52,83 @@ async fn workloads_lists_both_sidecars_with_addresses_acked_versions_and_sync() 
     Ok(())
 }
 
-/// `policy apply --wait` against the real sidecars: it returns once the
-/// sidecar the policy selects holds the snapshot that carries it (so the
+/// `policy apply --wait` against the real sidecars: it returns once every
+/// sidecar the write concerns holds the snapshot that carries it, so each
 /// sidecar's own `/config` shows that version at once, with no polling
-/// here), and the other sidecar, which the write does not concern, is
-/// counted as holding it too.
+/// here, and says so on stderr; while a sidecar cannot take the snapshot
+/// (its process stopped), the wait fails at its deadline naming that
+/// sidecar, and only it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Result<()> {
-    let pair = Pair::start(Mesh::start().await?).await?;
-    let document = PolicyDoc::allow("web-to-api", pair.server.identity())
-        .from(pair.client.identity())
-        .port(pair.api.addr().port())
-        .to_yaml();
-    let file = policy::write_file(&pair.mesh, &document)?;
-    let out = pair
-        .mesh
-        .ctl([
-            "policy".as_ref(),
-            "apply".as_ref(),
-            "--wait=30s".as_ref(),
-            "-o".as_ref(),
-            "json".as_ref(),
-            "-f".as_ref(),
-            file.as_os_str(),
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+    let api = pair.server.identity().to_owned();
+    let web = pair.client.identity().to_owned();
+    // One policy for each sidecar, so that each is sent the write.
+    let policies = |port: u16| {
+        policy::stream(&[
+            PolicyDoc::allow("web-to-api", &api).from(&web).port(port),
+            PolicyDoc::allow("api-to-web", &web).from(&api).port(port),
         ])
-        .await?;
-    let applied: serde_json::Value = serde_json::from_str(&out)?;
-    let version = applied["snapshot_version"].as_u64().unwrap_or(0);
-    let holds = pair.server.config().await?["snapshot_version"]
-        .as_u64()
-        .unwrap_or(0);
-    assert_eq!(holds, version, "--wait returned before api held {version}");
+    };
+    let apply = |text: String, wait: &'static str| {
+        let mesh = &pair.mesh;
+        async move {
+            let file = policy::write_file(mesh, &text)?;
+            let out = mesh
+                .ctl_output([
+                    "policy".as_ref(),
+                    "apply".as_ref(),
+                    wait.as_ref(),
+                    "-o".as_ref(),
+                    "json".as_ref(),
+                    "-f".as_ref(),
+                    file.as_os_str(),
+                ])
+                .await?;
+            let applied: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let version = applied["snapshot_version"].as_u64().unwrap_or(0);
+            anyhow::ensure!(version > 0, "no snapshot version in {applied}");
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            anyhow::Ok((out.status, version, stderr))
+        }
+    };
+
+    let (status, version, told) = apply(policies(pair.api.addr().port()), "--wait=30s").await?;
+    assert!(status.success(), "{status}: {told}");
+    assert!(
+        told.contains(&format!(
+            "every connected sidecar holds snapshot {version} or a later one: 2 on 1 replica"
+        )),
+        "{told}"
+    );
+    for sidecar in [&pair.server, &pair.client] {
+        let holds = sidecar.config().await?["snapshot_version"]
+            .as_u64()
+            .unwrap_or(0);
+        assert_eq!(
+            holds,
+            version,
+            "--wait returned before {} held {version}",
+            sidecar.name()
+        );
+    }
+
+    // web's process stopped: its connection stays open, it takes nothing.
+    pair.client.process().signal(Signal::STOP)?;
+    let late = apply(policies(pair.api.addr().port() + 1), "--wait=3s").await;
+    pair.client.process().signal(Signal::CONT)?;
+    let (status, version, told) = late?;
+    assert!(!status.success(), "--wait held with web stopped: {told}");
+    assert!(
+        told.contains(&format!(
+            "not every connected sidecar holds snapshot {version} after 3s"
+        )),
+        "{told}"
+    );
+    assert!(
+        told.contains(&format!("{web} does not hold it yet")),
+        "{told}"
+    );
+    assert!(!told.contains(&api), "api held it: {told}");
     Ok(())
 }
