@@ -5,13 +5,29 @@
 use std::time::Duration;
 
 use trellis_tests::http::HttpConnection;
-use trellis_tests::{Mesh, Traffic, eventually, http};
+use trellis_tests::{Mesh, Sidecar, Traffic, eventually, http};
 
 use crate::{Pair, SOON};
 
 /// Short enough that the tests see renewals, long enough that a certificate
 /// outlives the outage.
 const TTL: Duration = Duration::from_secs(20);
+
+/// Waits until `sidecar` counts a failed renewal
+/// (`trellis_certificate_renewals_total{outcome="error"}`), which comes
+/// at about half of [`TTL`].
+async fn a_renewal_fails(sidecar: &Sidecar) -> anyhow::Result<()> {
+    let what = format!("sidecar {} to fail a renewal", sidecar.name());
+    eventually(&what, TTL, || async {
+        let failed = sidecar.metrics().await?.counter(
+            "trellis_certificate_renewals_total",
+            &[("outcome", "error")],
+        );
+        anyhow::ensure!(failed >= 1.0, "no failed renewal yet");
+        anyhow::Ok(())
+    })
+    .await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_keep_working_while_the_control_plane_is_down() -> anyhow::Result<()> {
@@ -27,16 +43,7 @@ async fn connections_keep_working_while_the_control_plane_is_down() -> anyhow::R
     // certificate, which outlives this wait.
     let traffic = Traffic::start(pair.route(), "/during", &greeting);
     for sidecar in [&pair.server, &pair.client] {
-        let what = format!("sidecar {} to fail a renewal", sidecar.name());
-        eventually(&what, TTL, || async {
-            let failed = sidecar.metrics().await?.counter(
-                "trellis_certificate_renewals_total",
-                &[("outcome", "error")],
-            );
-            anyhow::ensure!(failed >= 1.0, "no failed renewal yet");
-            anyhow::Ok(())
-        })
-        .await?;
+        a_renewal_fails(sidecar).await?;
     }
     let report = traffic.stop().await;
     let still_open = open.get("/still-open").await?.success()?;
@@ -62,11 +69,20 @@ async fn sidecars_renew_after_the_control_plane_restarts_on_the_same_state_dir()
     let server_pid = pair.server.process().pid();
     let client_pid = pair.client.process().pid();
 
-    pair.mesh.stop_control_plane()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    pair.mesh.restart_control_plane().await?;
     let server_serial = pair.server.cert_serial().await?;
     let client_serial = pair.client.cert_serial().await?;
+
+    // Down until both sidecars have tried to renew and failed, keeping
+    // the certificate they had.
+    pair.mesh.stop_control_plane()?;
+    for (sidecar, before) in [
+        (&pair.server, &server_serial),
+        (&pair.client, &client_serial),
+    ] {
+        a_renewal_fails(sidecar).await?;
+        assert_eq!(&sidecar.cert_serial().await?, before, "{}", sidecar.name());
+    }
+    pair.mesh.restart_control_plane().await?;
 
     // Both renew (from the restarted control plane, with the same CA).
     for (sidecar, before) in [(&pair.server, server_serial), (&pair.client, client_serial)] {
