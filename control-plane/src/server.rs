@@ -537,9 +537,26 @@ mod tests {
             tcp.write_all(&[0x16]).await.unwrap();
             stalled.push(tcp);
         }
-        // Time for the server to hand them the turns before the sidecar
-        // comes.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The sidecar comes once every turn is held and stalled clients
+        // still wait for one, so that it waits behind them: a client's
+        // byte is read once it has its turn, and only peeked before.
+        let mut seen = (0, 0);
+        let queued = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            loop {
+                seen = read_and_unread(addr.port());
+                let (read, unread) = seen;
+                if read >= MAX_CONCURRENT_HANDSHAKES && unread > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let (read, unread) = seen;
+        assert!(
+            queued.is_ok(),
+            "never every turn held with clients waiting: {read} read, {unread} unread"
+        );
 
         let verifier = SpiffeServerVerifier::new(
             root_store(ca.bundle()).unwrap(),
@@ -573,5 +590,26 @@ mod tests {
             stalled.len()
         );
         drop(stalled);
+    }
+
+    /// How many of the server's established connections on `port`, from
+    /// `/proc/net/tcp` (what `ss -tn` shows as Recv-Q), have had what they
+    /// sent read (their handshake has had a turn), and how many still hold
+    /// unread bytes.
+    fn read_and_unread(port: u16) -> (usize, usize) {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let queues = table.lines().skip(1).filter_map(|line| {
+            // sl local_address rem_address st tx_queue:rx_queue ...
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?.rsplit(':').next()?;
+            let established = *fields.get(3)? == "01";
+            let rx_queue = fields.get(4)?.split(':').nth(1)?;
+            (established && u16::from_str_radix(local, 16).ok()? == port)
+                .then(|| usize::from_str_radix(rx_queue, 16).ok())?
+        });
+        queues.fold((0, 0), |(read, unread), queued| match queued {
+            0 => (read + 1, unread),
+            _ => (read, unread + 1),
+        })
     }
 }
