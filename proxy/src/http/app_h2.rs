@@ -470,13 +470,15 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_let_go_but_one_in_use_is_kept() {
         let (app, seen) = app(false).await;
-        let h2 = AppH2::with_idle(Duration::from_millis(600));
-        // A request every 60 ms for three times the idle time: one
-        // connection throughout.
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(1800) {
+        const IDLE: Duration = Duration::from_secs(2);
+        let h2 = AppH2::with_idle(IDLE);
+        // Fifteen requests a tenth of the idle time apart, so over one and
+        // a half times the idle time whatever the load (a slow request only
+        // makes it longer), each well within the idle time of the one
+        // before: one connection throughout.
+        for _ in 0..15 {
             assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::time::sleep(IDLE / 10).await;
         }
         assert_eq!(seen.accepted(), 1, "a connection in use is kept");
         // Then none: it is let go and closed.
