@@ -721,9 +721,11 @@ mod tests {
             .await
             .unwrap();
         assert!(closed.requests_per_s > 0.0, "{closed:?}");
-        // wrk's count of the requests of its run of about a second.
-        let per_second = closed.requests as f64 / closed.requests_per_s;
-        assert!((0.9..1.5).contains(&per_second), "{closed:?}");
+        // wrk's count of the requests over its rate: the seconds its run
+        // of one second lasted, no less (a loaded machine may make it last
+        // longer, which is the benchmark's to report, not a test's).
+        let seconds = closed.requests as f64 / closed.requests_per_s;
+        assert!(seconds >= 0.9 && seconds.is_finite(), "{closed:?}");
         assert!(
             closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
             "{closed:?}"
@@ -731,7 +733,7 @@ mod tests {
     }
 
     /// h2load against the app, when it is installed: a rate, latencies in
-    /// order, and about a second's worth of requests.
+    /// order, and at least about a second's worth of requests.
     #[tokio::test]
     async fn h2load_reports_its_rate_and_latencies() {
         let Some(h2load) = crate::bench::system::find_program("h2load") else {
@@ -751,8 +753,9 @@ mod tests {
         .await
         .unwrap();
         assert!(closed.requests > 0, "{closed:?}");
-        let per_second = closed.requests as f64 / closed.requests_per_s;
-        assert!((0.9..1.5).contains(&per_second), "{closed:?}");
+        // The seconds its run of one second lasted, no less.
+        let seconds = closed.requests as f64 / closed.requests_per_s;
+        assert!(seconds >= 0.9 && seconds.is_finite(), "{closed:?}");
         assert!(
             closed.p50_us > 0.0 && closed.p50_us <= closed.p99_us,
             "{closed:?}"
