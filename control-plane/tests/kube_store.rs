@@ -716,10 +716,15 @@ async fn ready_fails_while_a_policy_watch_keeps_failing() {
     let fake = recorded_cluster().await;
     let client = kubernetes::client(&fake.api()).unwrap();
     let grace = Duration::from_secs(2);
-    let store =
-        KubernetesStore::connect_with_watch_grace(client, td(), Duration::from_secs(20), grace)
-            .await
-            .unwrap();
+    let store = KubernetesStore::connect_with_watch_grace(
+        client,
+        td(),
+        SelectorScope::default(),
+        Duration::from_secs(20),
+        grace,
+    )
+    .await
+    .unwrap();
     let watches = store.watch_health();
     let store = Arc::new(store);
     watched_by(&fake, 1).await;

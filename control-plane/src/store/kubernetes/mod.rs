@@ -199,6 +199,8 @@ pub struct KubernetesStore {
     shared: Arc<Shared>,
     client: Client,
     trust_domain: TrustDomain,
+    /// What the policies' selectors may name, as the watches read them.
+    scope: SelectorScope,
     runtime: Handle,
     issued: Mutex<VecDeque<IssuedCertRecord>>,
     watches: Vec<AbortHandle>,
@@ -231,8 +233,14 @@ impl KubernetesStore {
         scope: SelectorScope,
         sync_timeout: Duration,
     ) -> Result<Self, KubeStoreError> {
-        Self::connect_with_watch_grace(client, trust_domain, sync_timeout, WATCH_FAILURE_GRACE)
-            .await
+        Self::connect_with_watch_grace(
+            client,
+            trust_domain,
+            scope,
+            sync_timeout,
+            WATCH_FAILURE_GRACE,
+        )
+        .await
     }
 
     /// [`Self::connect`], with a policy kind's watch allowed to fail for
@@ -241,6 +249,7 @@ impl KubernetesStore {
     pub async fn connect_with_watch_grace(
         client: Client,
         trust_domain: TrustDomain,
+        scope: SelectorScope,
         sync_timeout: Duration,
         watch_grace: Duration,
     ) -> Result<Self, KubeStoreError> {
@@ -253,6 +262,7 @@ impl KubernetesStore {
         };
 
         let (td, within) = (trust_domain.clone(), scope.clone());
+        let kept_scope = scope.clone();
         let policies: Convert<DynamicObject> = Box::new(move |object| {
             policy_from_object(object, &td, &within).map(|p| Some(Entry::Policy(p)))
         });
@@ -305,6 +315,7 @@ impl KubernetesStore {
             shared,
             client,
             trust_domain,
+            scope: kept_scope,
             runtime: Handle::current(),
             issued: Mutex::new(VecDeque::new()),
             watches,
@@ -418,8 +429,10 @@ impl KubernetesStore {
     /// Whether an object of `kind` is a valid policy or rate limit.
     fn converts(&self, kind: Kind, object: &DynamicObject) -> bool {
         match kind {
-            Kind::RateLimitPolicy => rate_limit_from_object(object, &self.trust_domain).is_ok(),
-            _ => policy_from_object(object, &self.trust_domain).is_ok(),
+            Kind::RateLimitPolicy => {
+                rate_limit_from_object(object, &self.trust_domain, &self.scope).is_ok()
+            }
+            _ => policy_from_object(object, &self.trust_domain, &self.scope).is_ok(),
         }
     }
 
