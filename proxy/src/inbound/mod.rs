@@ -19,7 +19,7 @@
 //!
 //! The app is dialled where the caller meant to reach it: a connection
 //! iptables redirected here goes to its original destination, an address
-//! and port of this pod ([`target`]), never to loopback, so a listener the
+//! and port of this pod (`inbound/target.rs`), never to loopback, so a listener the
 //! app keeps on loopback stays private; one that came straight to the port
 //! (no interception, as in the local demo) goes to `--app`.
 
@@ -232,7 +232,7 @@ pub struct Inbound {
 /// What every inbound connection reads.
 pub struct Shared {
     /// Where a connection nothing redirected goes (`--app`); a redirected
-    /// one goes where its caller dialled ([`target::redirected_to`]).
+    /// one goes where its caller dialled (`target::redirected_to`).
     pub app: SocketAddr,
     /// Ports of the proxy's other listeners (outbound, admin, routes).
     pub own_ports: Vec<u16>,
