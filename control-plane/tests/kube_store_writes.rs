@@ -17,8 +17,20 @@ use kube_api::store::{API, connect, watched_by};
 use kube_api::{RATE_LIMITS, recorded_cluster};
 use serde_json::{Value, json};
 use trellis_control_plane::store::kubernetes::KubernetesStore;
-use trellis_control_plane::store::{PolicyOutcome, Store};
+use trellis_control_plane::store::{AppliedPolicy, Generation, PolicyOutcome, Store, StoreError};
 use trellis_proto::policy::v1::{Policy, RateLimit};
+
+/// Applies one policy through `store` from a blocking thread, as the
+/// Admin API does.
+async fn apply_one(
+    store: &Arc<KubernetesStore>,
+    policy: Policy,
+) -> Result<(Vec<AppliedPolicy>, Generation), StoreError> {
+    let writer = store.clone();
+    tokio::task::spawn_blocking(move || writer.apply_policies(&[policy], false))
+        .await
+        .unwrap()
+}
 
 fn policy(name: &str, ports: &[u32]) -> Policy {
     use trellis_proto::policy::v1::{Action, Destination, Rule, Selector, Source, source};
@@ -54,13 +66,7 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
     let two = Arc::new(connect(&fake).await);
     watched_by(&fake, 2).await;
 
-    let writer = one.clone();
-    let (applied, generation) = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9090])], false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let (applied, generation) = apply_one(&one, policy("from-shop", &[9090])).await.unwrap();
     assert_eq!(applied[0].outcome, PolicyOutcome::Created);
     assert_eq!(applied[0].revision, 1);
     assert_eq!(generation.snapshot, one.snapshot_version().unwrap());
@@ -125,14 +131,10 @@ async fn an_admin_write_goes_to_the_api_server_and_every_replica_follows() {
     // Changed by another writer whose event has not arrived: the replace on
     // the held resourceVersion is refused, and nothing changes here.
     fake.change_unseen("authorizationpolicies/shop/from-shop");
-    let writer = one.clone();
-    let refused = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9092])], false)
-    })
-    .await
-    .unwrap()
-    .unwrap_err()
-    .to_string();
+    let refused = apply_one(&one, policy("from-shop", &[9092]))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         refused.contains("replace AuthorizationPolicy shop/from-shop"),
         "{refused}"
@@ -386,13 +388,9 @@ async fn an_apply_changes_the_spec_and_keeps_what_other_tools_set() {
     })
     .await;
 
-    let writer = store.clone();
-    let (applied, _) = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9091])], false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let (applied, _) = apply_one(&store, policy("from-shop", &[9091]))
+        .await
+        .unwrap();
     assert_eq!(
         (applied[0].outcome, applied[0].revision),
         (PolicyOutcome::Updated, 2)
@@ -434,27 +432,19 @@ async fn a_revert_through_a_lagging_replica_is_a_conflict_not_unchanged() {
     let fake = recorded_cluster().await;
     let store = Arc::new(connect(&fake).await);
     watched_by(&fake, 1).await;
-    let writer = store.clone();
-    tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9090])], false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    apply_one(&store, policy("from-shop", &[9090]))
+        .await
+        .unwrap();
     let key = "authorizationpolicies/shop/from-shop";
     fake.change_spec_unseen(key, |spec| {
         spec["rules"][0]["to"][0]["ports"] = json!([9091]);
     });
 
-    let writer = store.clone();
-    let refused = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9090])], false)
-    })
-    .await
-    .unwrap()
-    .map(|(applied, _)| applied[0].outcome)
-    .expect_err("answered from a cache that lags")
-    .to_string();
+    let refused = apply_one(&store, policy("from-shop", &[9090]))
+        .await
+        .map(|(applied, _)| applied[0].outcome)
+        .expect_err("answered from a cache that lags")
+        .to_string();
     assert!(
         refused.contains("replace AuthorizationPolicy shop/from-shop"),
         "{refused}"
@@ -481,15 +471,11 @@ async fn a_create_that_meets_an_unseen_valid_object_is_a_conflict() {
     watched_by(&fake, 1).await;
     let theirs = fake.create_unseen(helm_object("from-shop", &[9091]));
 
-    let writer = store.clone();
-    let refused = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("from-shop", &[9090])], false)
-    })
-    .await
-    .unwrap()
-    .map(|(applied, _)| applied[0].outcome)
-    .expect_err("another writer's object overwritten")
-    .to_string();
+    let refused = apply_one(&store, policy("from-shop", &[9090]))
+        .await
+        .map(|(applied, _)| applied[0].outcome)
+        .expect_err("another writer's object overwritten")
+        .to_string();
     assert!(
         refused.contains("create AuthorizationPolicy shop/from-shop"),
         "{refused}"
@@ -503,13 +489,9 @@ async fn a_create_that_meets_an_unseen_valid_object_is_a_conflict() {
     let mut invalid = helm_object("misspelt", &[9091]);
     invalid["spec"]["rules"][0]["to"] = json!([{"port": 9091}]);
     fake.create(invalid);
-    let writer = store.clone();
-    let (applied, _) = tokio::task::spawn_blocking(move || {
-        writer.apply_policies(&[policy("misspelt", &[9090])], false)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let (applied, _) = apply_one(&store, policy("misspelt", &[9090]))
+        .await
+        .unwrap();
     assert_eq!(applied[0].outcome, PolicyOutcome::Created);
     let fixed = fake.object("authorizationpolicies/shop/misspelt").unwrap();
     assert_eq!(fixed["spec"]["rules"][0]["to"][0]["ports"], json!([9090]));

@@ -167,18 +167,27 @@ mod tests {
     use super::*;
     use trellis_core::policy::MAX_DIAGNOSTICS;
 
-    fn review(ports: Vec<i64>) -> AdmissionResponse {
-        let request = AdmissionRequest {
+    /// A CREATE of an AuthorizationPolicy `name` asked in `namespace`.
+    fn create(name: &str, namespace: &str, object: serde_json::Value) -> AdmissionRequest {
+        AdmissionRequest {
             uid: "u".into(),
             kind: GroupVersionKind {
                 group: GROUP.into(),
                 version: "v1alpha1".into(),
                 kind: "AuthorizationPolicy".into(),
             },
-            name: "many".into(),
-            namespace: "default".into(),
+            name: name.into(),
+            namespace: namespace.into(),
             operation: "CREATE".into(),
-            object: Some(json!({
+            object: Some(object),
+        }
+    }
+
+    fn review(ports: Vec<i64>) -> AdmissionResponse {
+        let request = create(
+            "many",
+            "default",
+            json!({
                 "apiVersion": "trellis.io/v1alpha1",
                 "kind": "AuthorizationPolicy",
                 "metadata": {"name": "many", "namespace": "default"},
@@ -187,8 +196,8 @@ mod tests {
                     "action": "ALLOW",
                     "rules": [{"to": [{"ports": ports}]}],
                 },
-            })),
-        };
+            }),
+        );
         let td = TrustDomain::new("cluster.local").unwrap();
         respond_policy(&request, &td, &ValidationContext::default())
     }
@@ -217,27 +226,20 @@ mod tests {
     /// does not rely on it) is judged by neither.
     #[test]
     fn an_object_naming_another_namespace_than_the_request_is_denied() {
-        let request = AdmissionRequest {
-            uid: "u".into(),
-            kind: GroupVersionKind {
-                group: GROUP.into(),
-                version: "v1alpha1".into(),
-                kind: "AuthorizationPolicy".into(),
-            },
-            name: "db".into(),
-            namespace: "team-a".into(),
-            operation: "CREATE".into(),
-            object: Some(json!({
-            "apiVersion": "trellis.io/v1alpha1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {"name": "db", "namespace": "payments"},
-            "spec": {
-                "selector": {"spiffeIds": ["spiffe://cluster.local/ns/payments/sa/db"]},
-                "action": "ALLOW",
-                "rules": [{}],
-            },
-            })),
-        };
+        let request = create(
+            "db",
+            "team-a",
+            json!({
+                "apiVersion": "trellis.io/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "db", "namespace": "payments"},
+                "spec": {
+                    "selector": {"spiffeIds": ["spiffe://cluster.local/ns/payments/sa/db"]},
+                    "action": "ALLOW",
+                    "rules": [{}],
+                },
+            }),
+        );
         let td = TrustDomain::new("cluster.local").unwrap();
         let response = respond_policy(&request, &td, &ValidationContext::default());
         assert!(!response.allowed);
