@@ -167,6 +167,56 @@ async fn watch_events_update_policies_and_invalid_updates_are_never_pushed() {
     assert_ne!(store.snapshot_version().unwrap(), first);
 }
 
+/// No API server can run here: the fake answers recorded lists. When the
+/// watch lists its kind again after a failure, a policy whose object no
+/// longer converts keeps its last valid version, as on a watch event,
+/// while the rest of the list is taken as the truth (a policy deleted
+/// meanwhile goes).
+#[tokio::test]
+async fn a_re_list_that_finds_a_policy_invalid_keeps_its_last_valid_version() {
+    use trellis_control_plane::store::kubernetes::cache::Kind;
+    let fake = recorded_cluster().await;
+    let store = connect(&fake).await;
+    watched_by(&fake, 1).await;
+    let valid = store.policy("shop", "web-to-api").unwrap().unwrap();
+    assert!(store.policy("shop", "deny-legacy").unwrap().is_some());
+
+    let mut list = policies_list();
+    let items = list["items"].as_array_mut().unwrap();
+    items.retain(|i| i["metadata"]["name"] != "deny-legacy");
+    for item in items.iter_mut() {
+        if item["metadata"]["name"] == "web-to-api" {
+            item["spec"]["rules"][0]["to"] = json!([{"port": 8080}]);
+            item["metadata"]["resourceVersion"] = json!("48500");
+        }
+    }
+    fake.lists(POLICIES, vec![(200, list)]);
+    fake.fail(POLICIES, 500);
+    let health = store.watch_health();
+    eventually_async("the policy watch to fail", || async {
+        health
+            .failing()
+            .iter()
+            .any(|(kind, failing)| *kind == Kind::AuthorizationPolicy && failing.is_some())
+            .then_some(())
+    })
+    .await;
+    fake.recover(POLICIES);
+    eventually_async("the re-list to drop the deleted policy", || async {
+        store
+            .policy("shop", "deny-legacy")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.policy("shop", "web-to-api").unwrap(),
+        Some(valid),
+        "the last valid version stays"
+    );
+}
+
 /// No API server can run here: the fake answers the recorded
 /// RateLimitPolicy list and streams an event. Valid objects are held with
 /// their generation as revision and move the policy generation; the one
