@@ -21,23 +21,7 @@ const TEAM_A_WEB: &str = "spiffe://cluster.local/ns/team-a/sa/web";
 /// An AuthorizationPolicy of `action` in `namespace` selecting `selector`,
 /// with one rule from team-a's web to port 5432.
 fn policy(namespace: &str, name: &str, action: &str, selector: &str) -> String {
-    format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: {name}
-  namespace: {namespace}
-spec:
-  selector:
-    spiffeIds: [\"{selector}\"]
-  action: {action}
-  rules:
-    - from:
-        - spiffeId: {TEAM_A_WEB}
-      to:
-        - ports: [5432]
-"
-    )
+    common::policy::policy_in(namespace, name, action, selector, TEAM_A_WEB, 5432)
 }
 
 fn rate_limit(namespace: &str, selector: &str) -> String {

@@ -513,6 +513,18 @@ impl Mesh {
             .with_context(|| format!("`trellisctl workloads -o json` printed no JSON: {out}"))
     }
 
+    /// The entry of `spiffe_id` in `trellisctl workloads -o json`.
+    pub async fn workload(&self, spiffe_id: &str) -> anyhow::Result<serde_json::Value> {
+        let listed = self.workloads().await?;
+        let list = listed.get("workloads").unwrap_or(&listed);
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["spiffe_id"] == spiffe_id)
+            .cloned()
+            .with_context(|| format!("{spiffe_id} is not listed in {listed}"))
+    }
+
     /// A sidecar named `name` (identity `spiffe://<td>/ns/default/sa/<name>`
     /// unless set), to configure and start.
     pub fn sidecar(&self, name: &str) -> SidecarBuilder {

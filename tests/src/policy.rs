@@ -181,14 +181,7 @@ pub async fn delete(mesh: &Mesh, key: &str) -> anyhow::Result<u64> {
 /// The version `spiffe_id`'s sidecar last acknowledged, per `trellisctl
 /// workloads -o json`.
 pub async fn acked_version(mesh: &Mesh, spiffe_id: &str) -> anyhow::Result<u64> {
-    let listed = mesh.workloads().await?;
-    let list = listed.get("workloads").unwrap_or(&listed);
-    let entry = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|w| w["spiffe_id"] == spiffe_id)
-        .with_context(|| format!("{spiffe_id} is not listed in {listed}"))?;
+    let entry = mesh.workload(spiffe_id).await?;
     Ok(entry["acked_version"].as_u64().unwrap_or(0))
 }
 

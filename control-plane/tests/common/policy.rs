@@ -28,6 +28,19 @@ pub fn allow(name: &str, target: &str, source: &str, port: u32) -> String {
 /// the control plane is told otherwise) for a `target` of several
 /// namespaces.
 pub fn allow_in(namespace: &str, name: &str, target: &str, source: &str, port: u32) -> String {
+    policy_in(namespace, name, "ALLOW", target, source, port)
+}
+
+/// A policy of `action` in `namespace`, named `name`, protecting `target`
+/// with one rule from `source` on `port`.
+pub fn policy_in(
+    namespace: &str,
+    name: &str,
+    action: &str,
+    target: &str,
+    source: &str,
+    port: u32,
+) -> String {
     format!(
         "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -37,7 +50,7 @@ metadata:
 spec:
   selector:
     spiffeIds: [\"{target}\"]
-  action: ALLOW
+  action: {action}
   rules:
     - from:
         - spiffeId: {source}

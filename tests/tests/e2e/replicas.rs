@@ -15,14 +15,7 @@ const TTL: Duration = Duration::from_secs(10);
 /// The addresses `trellisctl workloads -o json` lists for `spiffe_id`,
 /// sorted.
 async fn listed_addresses(mesh: &Mesh, spiffe_id: &str) -> anyhow::Result<Vec<String>> {
-    let listed = mesh.workloads().await?;
-    let list = listed.get("workloads").unwrap_or(&listed);
-    let entry = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|w| w["spiffe_id"] == spiffe_id)
-        .ok_or_else(|| anyhow::anyhow!("{spiffe_id} is not listed in {listed}"))?;
+    let entry = mesh.workload(spiffe_id).await?;
     let mut addresses: Vec<String> = entry["addresses"]
         .as_array()
         .into_iter()
