@@ -97,7 +97,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     );
     assert!(!stdout.contains("misspelt-port"), "{stdout}");
     cp.wait_for_line("the misspelt policy to be reported as skipped", |l| {
-        l.contains("an invalid object") && l.contains("shop/misspelt-port")
+        l.contains("skipped an invalid object") && l.contains("shop/misspelt-port")
     });
 
     let workloads = cp.ctl(&["workloads"]);

@@ -552,18 +552,17 @@ impl TokenReviewer {
     async fn connect(
         &self,
     ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ReviewError> {
-        let unreachable = |what: &str, e: &dyn std::fmt::Display| self.unreachable(what, e);
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| unreachable("cannot connect to", &e))?;
+            .map_err(|e| self.unreachable("cannot connect to", &e))?;
         let tls = self
             .tls
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| unreachable("TLS with", &e))?;
+            .map_err(|e| self.unreachable("TLS with", &e))?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| unreachable("HTTP with", &e))?;
+            .map_err(|e| self.unreachable("HTTP with", &e))?;
         // The connection ends when its sender is dropped (an idle one is
         // dropped when found too old, a review given up on drops its own),
         // and after its lifetime in any case, so a hung API server leaves no

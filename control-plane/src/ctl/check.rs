@@ -146,8 +146,8 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     // Kubernetes store records no certificates (a Pod's record says
     // `i64::MAX`; 0 from an older control plane): that is said, not passed
     // over as fine.
-    let unknown = |w: &&&Workload| matches!(w.cert_expires_at_unix, 0 | i64::MAX);
-    let unchecked = connected.iter().filter(unknown).count();
+    let unknown = |w: &Workload| matches!(w.cert_expires_at_unix, 0 | i64::MAX);
+    let unchecked = connected.iter().filter(|w| unknown(w)).count();
     if unchecked > 0 {
         out.push(finding(
             Level::Ok,
@@ -160,7 +160,7 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
         ));
     }
     for w in &connected {
-        if !unknown(&w) && w.cert_expires_at_unix <= now {
+        if !unknown(w) && w.cert_expires_at_unix <= now {
             out.push(finding(
                 Level::Fail,
                 format!(

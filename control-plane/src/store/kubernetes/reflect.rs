@@ -179,24 +179,19 @@ fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Read 
         Ok(Some(entry)) => entry,
         Ok(None) => return Read::Nothing,
         Err(reason) => {
-            if kind.is_policy() {
-                tracing::warn!(
-                    kind = kind.as_str(),
-                    object = %object_key(object),
-                    resource_version = object.resource_version().unwrap_or_default(),
-                    reason,
-                    "an invalid object: its last valid version, if any, stays in force until it \
-                     is fixed or deleted"
-                );
+            let kept = if kind.is_policy() {
+                "its last valid version, if any, stays in force until it is fixed or deleted"
             } else {
-                tracing::warn!(
-                    kind = kind.as_str(),
-                    object = %object_key(object),
-                    resource_version = object.resource_version().unwrap_or_default(),
-                    reason,
-                    "skipped an invalid object: it is not pushed to any sidecar until it is fixed"
-                );
-            }
+                "it is not pushed to any sidecar until it is fixed"
+            };
+            tracing::warn!(
+                kind = kind.as_str(),
+                object = %object_key(object),
+                resource_version = object.resource_version().unwrap_or_default(),
+                reason,
+                kept,
+                "skipped an invalid object"
+            );
             return Read::Invalid;
         }
     };
