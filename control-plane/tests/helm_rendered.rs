@@ -17,6 +17,8 @@ mod chart;
 #[path = "common/serving.rs"]
 mod serving;
 
+use std::path::Path;
+
 use chart::*;
 use serde_json::{Value, json};
 use trellis_control_plane::ca::{CertificateAuthority, load_trust_anchors};
@@ -469,9 +471,11 @@ type GroupVersion = (&'static str, &'static [(&'static str, &'static str, bool)]
 
 /// The discovery documents of a cluster with the kinds the chart renders,
 /// as `helm` asks for them (`/api`, `/apis`, each group version), with
-/// `secret` as the one object it holds; anything else is 404. Written after
+/// `objects` as the objects it holds; anything else is 404. Written after
 /// the API server's JSON shapes (no API server can run here).
-fn cluster_with(secret: Value) -> impl Fn(&str) -> (u16, Value) + Clone + Send + Sync + 'static {
+fn cluster_with(
+    objects: Vec<Value>,
+) -> impl Fn(&str) -> (u16, Value) + Clone + Send + Sync + 'static {
     let kinds: [GroupVersion; 6] = [
         (
             "v1",
@@ -520,11 +524,30 @@ fn cluster_with(secret: Value) -> impl Fn(&str) -> (u16, Value) + Clone + Send +
             &[("poddisruptionbudgets", "PodDisruptionBudget", true)],
         ),
     ];
-    let secret_path = format!(
-        "/api/v1/namespaces/{}/secrets/{}",
-        secret["metadata"]["namespace"].as_str().unwrap(),
-        secret["metadata"]["name"].as_str().unwrap()
-    );
+    // Each object at the path of its GET.
+    let objects: Vec<(String, Value)> = objects
+        .into_iter()
+        .map(|object| {
+            let (gv, list) = kinds
+                .iter()
+                .find(|(gv, _)| object["apiVersion"] == *gv)
+                .expect("a kind the chart renders");
+            let (resource, _, namespaced) = list
+                .iter()
+                .find(|(_, kind, _)| object["kind"] == *kind)
+                .expect("a kind the chart renders");
+            let root = if gv.contains('/') { "apis" } else { "api" };
+            let namespace = match namespaced {
+                true => format!(
+                    "namespaces/{}/",
+                    object["metadata"]["namespace"].as_str().unwrap()
+                ),
+                false => String::new(),
+            };
+            let name = object["metadata"]["name"].as_str().unwrap();
+            (format!("/{root}/{gv}/{namespace}{resource}/{name}"), object)
+        })
+        .collect();
     move |path: &str| {
         let resources = |gv: &str, list: &[(&str, &str, bool)]| {
             let resources: Vec<Value> = list
@@ -561,7 +584,10 @@ fn cluster_with(secret: Value) -> impl Fn(&str) -> (u16, Value) + Clone + Send +
                 200,
                 json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
             ),
-            p if p == secret_path => (200, secret.clone()),
+            p if objects.iter().any(|(path, _)| path == p) => {
+                let (_, object) = objects.iter().find(|(path, _)| path == p).unwrap();
+                (200, object.clone())
+            }
             p => match kinds
                 .iter()
                 .find(|(gv, _)| p == format!("/api/{gv}") || p == format!("/apis/{gv}"))
@@ -612,7 +638,23 @@ async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
             trellis_control_plane::ca::secret::KEY_KEY: b64("-----BEGIN PRIVATE KEY-----\nkey\n"),
         }
     });
-    let answer = cluster_with(secret.clone());
+    let rendered =
+        render_against_cluster(&helm, vec![secret.clone()], "templates/ca-secret.yaml").await;
+    let docs = documents(&rendered);
+    let rendered = one(&docs, "Secret");
+    assert_eq!(rendered["data"], secret["data"], "{rendered}");
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+}
+
+/// `show_only` of the chart rendered as an upgrade of a cluster holding
+/// `objects`: `--dry-run=server` looks them up in a local HTTPS stand-in
+/// for the API server ([`cluster_with`]). Must run on a multi-threaded
+/// runtime, where the stand-in answers while helm blocks.
+async fn render_against_cluster(helm: &Path, objects: Vec<Value>, show_only: &str) -> String {
+    let answer = cluster_with(objects);
     let server = serving::ApiServer::start(
         "operator-token",
         serving::Answering::Yes,
@@ -656,23 +698,293 @@ async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
         "--kubeconfig",
         &kubeconfig,
         "--show-only",
-        "templates/ca-secret.yaml",
+        show_only,
     ]
     .map(String::from)
     .to_vec();
+    let helm = helm.to_owned();
     // helm blocks; the stand-in answers on this runtime meanwhile.
-    let rendered = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_helm(&helm, &args)
     })
     .await
     .unwrap()
+    .unwrap()
+}
+
+/// The name the API server dials the webhooks by.
+const WEBHOOK_NAME: &str = "trellis-control-plane.trellis-system.svc";
+
+/// The webhooks' Secret and caBundle as the chart renders them: the
+/// Secret, the certificates of the caBundle (DER, in order; the same in
+/// every webhook), and the mutating webhook configuration.
+struct Webhooks {
+    secret: Value,
+    bundle: Vec<Vec<u8>>,
+    mutating: Value,
+}
+
+impl Webhooks {
+    fn from(rendered: &str) -> Webhooks {
+        let docs = documents(rendered);
+        let secret = one(&docs, "Secret").clone();
+        let bundles: Vec<&Value> = [
+            one(&docs, "MutatingWebhookConfiguration"),
+            one(&docs, "ValidatingWebhookConfiguration"),
+        ]
+        .into_iter()
+        .flat_map(|c| c["webhooks"].as_array().unwrap())
+        .map(|w| &w["clientConfig"]["caBundle"])
+        .collect();
+        assert_eq!(bundles.len(), 3);
+        assert!(bundles.iter().all(|b| *b == bundles[0]), "{bundles:?}");
+        let bundle = certificates(&b64_pem(bundles[0].as_str().unwrap()));
+        let mutating = one(&docs, "MutatingWebhookConfiguration").clone();
+        Webhooks {
+            secret,
+            bundle,
+            mutating,
+        }
+    }
+
+    /// The PEM of a key of the Secret.
+    fn pem(&self, key: &str) -> String {
+        b64_pem(self.secret["data"][key].as_str().unwrap())
+    }
+}
+
+fn b64_pem(b64: &str) -> String {
+    use base64::Engine as _;
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The certificates of a PEM bundle, DER.
+fn certificates(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+/// Whether a client trusting `roots` (DER) accepts `serving` (PEM) for
+/// the webhooks' Service name: the check the API server makes with the
+/// caBundle.
+fn verifies(serving: &str, roots: &[Vec<u8>]) -> bool {
+    use rustls::client::danger::ServerCertVerifier as _;
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store
+            .add(rustls_pki_types::CertificateDer::from(root.clone()))
+            .unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(store),
+        trellis_core::tls::provider(),
+    )
+    .build()
     .unwrap();
-    let docs = documents(&rendered);
-    let rendered = one(&docs, "Secret");
-    assert_eq!(rendered["data"], secret["data"], "{rendered}");
-    assert_eq!(
-        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
-        "keep"
+    let leaf = rustls_pki_types::CertificateDer::from(certificates(serving).remove(0));
+    verifier
+        .verify_server_cert(
+            &leaf,
+            &[],
+            &rustls_pki_types::ServerName::try_from(WEBHOOK_NAME).unwrap(),
+            &[],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .is_ok()
+}
+
+/// A time `days` from now (negative: ago), as Kubernetes writes times.
+fn days_from_now(days: i64) -> String {
+    rfc3339(time::OffsetDateTime::now_utc() + time::Duration::days(days))
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The webhooks and their Secret as an install renders them.
+fn installed(helm: &Path) -> Webhooks {
+    let chart = chart();
+    let args = [
+        "template",
+        "trellis",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NAMESPACE,
+    ];
+    let show_only = ["--show-only", "templates/webhooks.yaml"];
+    Webhooks::from(&run_helm(helm, &[&args[..], &show_only].concat()).unwrap())
+}
+
+/// `object` of the chart as the cluster holds it after an install:
+/// annotated as Helm's (it adopts only its own) and with `annotations`,
+/// created at `created`.
+fn live(object: &Value, annotations: &[(&str, &str)], created: &str) -> Value {
+    let mut object = object.clone();
+    let metadata = object["metadata"].as_object_mut().unwrap();
+    let mut all = json!({
+        "meta.helm.sh/release-name": "trellis",
+        "meta.helm.sh/release-namespace": NAMESPACE,
+    });
+    for (name, value) in annotations {
+        all[*name] = json!(value);
+    }
+    metadata.insert("annotations".into(), all);
+    metadata.insert("creationTimestamp".into(), json!(created));
+    metadata.insert("resourceVersion".into(), json!("4711"));
+    object
+}
+
+/// Renewing the webhooks' serving certificate (the Secret's
+/// `trellis.io/renew-after` has passed) makes a new CA and certificate but
+/// keeps the previous CA in the caBundle beside the new one: the API
+/// server accepts the certificate the running control plane still serves
+/// until the kubelet updates its mounted Secret, and the new one from
+/// then on (or from a pod the upgrade started), in either order. An
+/// upgrade within the next ten minutes keeps both; the first one after
+/// drops the previous CA and changes nothing else. The manifests validate
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_the_webhook_certificate_keeps_the_previous_ca_for_a_while() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let old = installed(&helm);
+    let secret = live(
+        &old.secret,
+        &[("trellis.io/renew-after", "2020-01-01T00:00:00Z")],
+        "2019-01-01T00:00:00Z",
     );
+    let rendered = render_against_cluster(&helm, vec![secret], "templates/webhooks.yaml").await;
+    validate_manifests(&validate, &rendered);
+    let renewed = Webhooks::from(&rendered);
+    assert_ne!(renewed.pem("ca.crt"), old.pem("ca.crt"), "a new CA");
+    assert_ne!(
+        renewed.pem("tls.crt"),
+        old.pem("tls.crt"),
+        "a new certificate"
+    );
+    let new_ca = certificates(&renewed.pem("ca.crt"));
+    assert_eq!(
+        renewed.bundle,
+        [new_ca.clone(), old.bundle.clone()].concat()
+    );
+    assert_eq!(renewed.pem("ca-previous.crt"), old.pem("ca.crt"));
+    assert!(verifies(&renewed.pem("tls.crt"), &new_ca));
+    assert!(!verifies(&old.pem("tls.crt"), &new_ca));
+    for serving in [old.pem("tls.crt"), renewed.pem("tls.crt")] {
+        assert!(verifies(&serving, &renewed.bundle));
+    }
+    let annotations = &renewed.secret["metadata"]["annotations"];
+    let renew_after = annotations["trellis.io/renew-after"].as_str().unwrap();
+    assert!(
+        renew_after > days_from_now(2433).as_str() && renew_after < days_from_now(2434).as_str(),
+        "two thirds of 3650 days from now: {renew_after}"
+    );
+    let until = annotations["trellis.io/previous-ca-until"]
+        .as_str()
+        .unwrap();
+    assert!(
+        until > days_from_now(0).as_str() && until < days_from_now(1).as_str(),
+        "{until}"
+    );
+
+    // An upgrade soon after keeps both.
+    let kept: Vec<(&str, &str)> = annotations
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+        .collect();
+    let mut secret = live(&renewed.secret, &kept, &days_from_now(0));
+    let rendered =
+        render_against_cluster(&helm, vec![secret.clone()], "templates/webhooks.yaml").await;
+    let again = Webhooks::from(&rendered);
+    assert_eq!(again.secret, renewed.secret);
+    assert_eq!(again.bundle, renewed.bundle);
+
+    // The first upgrade past previous-ca-until drops the previous CA.
+    secret["metadata"]["annotations"]["trellis.io/previous-ca-until"] = json!(days_from_now(-1));
+    let rendered = render_against_cluster(&helm, vec![secret], "templates/webhooks.yaml").await;
+    validate_manifests(&validate, &rendered);
+    let later = Webhooks::from(&rendered);
+    assert_eq!(later.bundle, new_ca);
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert_eq!(later.pem(key), renewed.pem(key), "{key} is kept");
+    }
+    assert!(
+        later.secret["data"]["ca-previous.crt"].is_null(),
+        "{}",
+        later.secret
+    );
+    assert_eq!(
+        later.secret["metadata"]["annotations"],
+        json!({"trellis.io/renew-after": renew_after})
+    );
+}
+
+/// Deleting the webhooks' Secret, to replace a certificate at once, takes
+/// its CA with it: the upgrade that makes the new pair keeps the CAs of
+/// the mutating webhook configuration's caBundle, which the running
+/// control plane's certificate chains to, beside the new CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_webhook_secret_keeps_the_ca_the_webhooks_trusted() {
+    let Some((helm, _)) = tools() else { return };
+    let deleted = installed(&helm);
+    let mutating = live(&deleted.mutating, &[], &days_from_now(0));
+    let rendered = render_against_cluster(&helm, vec![mutating], "templates/webhooks.yaml").await;
+    let renewed = Webhooks::from(&rendered);
+    let new_ca = certificates(&renewed.pem("ca.crt"));
+    assert_ne!(new_ca, deleted.bundle);
+    assert_eq!(
+        renewed.bundle,
+        [new_ca.clone(), deleted.bundle.clone()].concat()
+    );
+    assert!(verifies(&renewed.pem("tls.crt"), &new_ca));
+    for serving in [deleted.pem("tls.crt"), renewed.pem("tls.crt")] {
+        assert!(verifies(&serving, &renewed.bundle));
+    }
+}
+
+/// A Secret an earlier chart made carries no `trellis.io/renew-after`: its
+/// renewal is reckoned from its creation, when its certificate was made
+/// (two thirds of `webhook.certValidityDays` later), and recorded. Before
+/// then an upgrade keeps the pair and a caBundle of its CA alone; after,
+/// it renews with the previous CA kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_of_an_earlier_chart_is_renewed_by_its_age() {
+    let Some((helm, _)) = tools() else { return };
+    let created = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+    let installed = installed(&helm);
+    let old = live(&installed.secret, &[], &rfc3339(created));
+    let old_ca = installed.bundle;
+    let rendered =
+        render_against_cluster(&helm, vec![old.clone()], "templates/webhooks.yaml").await;
+    let kept = Webhooks::from(&rendered);
+    assert_eq!(kept.secret["data"], old["data"]);
+    assert_eq!(kept.bundle, old_ca);
+    let renew_after = rfc3339(created + time::Duration::seconds(3650 * 86400 * 2 / 3));
+    assert_eq!(
+        kept.secret["metadata"]["annotations"],
+        json!({"trellis.io/renew-after": renew_after})
+    );
+
+    let mut aged = old;
+    aged["metadata"]["creationTimestamp"] = json!(days_from_now(-2500));
+    let rendered = render_against_cluster(&helm, vec![aged], "templates/webhooks.yaml").await;
+    let renewed = Webhooks::from(&rendered);
+    let new_ca = certificates(&renewed.pem("ca.crt"));
+    assert_ne!(new_ca, old_ca);
+    assert_eq!(renewed.bundle, [new_ca, old_ca].concat());
 }
