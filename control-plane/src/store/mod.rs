@@ -194,6 +194,18 @@ pub struct IssuedCertRecord {
     pub issued_at_unix: i64,
 }
 
+/// What a store that records no certificate per workload (the Kubernetes
+/// store) knows of certificates from its issued-certificate log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IssuedLogView {
+    /// The log holds every certificate this replica issued since then,
+    /// Unix seconds: since it started, or later once the bounded log has
+    /// dropped its oldest records.
+    pub complete_since_unix: i64,
+    /// The newest certificate of each identity the log holds.
+    pub newest: Vec<IssuedCertRecord>,
+}
+
 /// A join token offered as proof for a Certify.
 #[derive(Clone, Copy, Debug)]
 pub struct TokenClaim<'a> {
@@ -470,6 +482,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         matches: &dyn Fn(&IssuedCertRecord) -> bool,
     ) -> Result<Vec<IssuedCertRecord>, StoreError>;
+
+    /// `None` for a store whose [`Store::workloads`] carry each workload's
+    /// newest certificate (the embedded store). A store whose workloads
+    /// carry none (the Kubernetes store: a Pod's record says `i64::MAX`)
+    /// answers from its issued-certificate log instead, which a listing
+    /// joins over the replicas.
+    fn issued_log_view(&self) -> Option<IssuedLogView> {
+        None
+    }
 
     /// The current snapshot version (0 before the first change).
     fn snapshot_version(&self) -> Result<u64, StoreError>;

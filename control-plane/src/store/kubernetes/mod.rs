@@ -25,7 +25,10 @@
 //! - The issued-certificate log is a bounded ring in memory
 //!   ([`ISSUED_LOG_CAPACITY`]): one API write per certificate would load the
 //!   API server with every renewal of every sidecar, and the `issued SVID`
-//!   log line is the durable record.
+//!   log line is the durable record. Pods carry no certificate, so a
+//!   listing learns each identity's newest certificate from the replicas'
+//!   rings ([`Store::issued_log_view`]), each saying since when it holds
+//!   every certificate its replica issued.
 //!
 //! The trait is synchronous and called from blocking threads; API writes
 //! block on the runtime the store was connected on. Nothing here holds the
@@ -34,11 +37,11 @@
 //! the first refusal stops the rest, leaving the earlier ones written.
 
 pub mod cache;
+mod issued;
 pub mod objects;
 mod reflect;
 pub mod services;
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +62,7 @@ use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use self::cache::{Entry, Kind, Reflected, numeric};
+use self::issued::IssuedRing;
 use self::objects::{
     authorization_policy_resource, endpoints_from_pod, new_object, policy_from_object, policy_spec,
     rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
@@ -68,7 +72,7 @@ use self::reflect::{Convert, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, TokenRefusal,
+    IssuedLogView, JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord, same_content,
 };
 use crate::authn::tokenreview::KubeApi;
@@ -202,7 +206,7 @@ pub struct KubernetesStore {
     /// What the policies' selectors may name, as the watches read them.
     scope: SelectorScope,
     runtime: Handle,
-    issued: Mutex<VecDeque<IssuedCertRecord>>,
+    issued: Mutex<IssuedRing>,
     watches: Vec<AbortHandle>,
 }
 
@@ -317,7 +321,7 @@ impl KubernetesStore {
             trust_domain,
             scope: kept_scope,
             runtime: Handle::current(),
-            issued: Mutex::new(VecDeque::new()),
+            issued: Mutex::new(IssuedRing::new(crate::unix_now())),
             watches,
         };
         for (kind, first) in firsts {
@@ -646,11 +650,7 @@ impl Store for KubernetesStore {
         if claim.is_some() {
             return Err(TokenRefusal::Disabled.into());
         }
-        let mut log = self.issued.lock().expect("not poisoned");
-        if log.len() == ISSUED_LOG_CAPACITY {
-            log.pop_front();
-        }
-        log.push_back(issued.clone());
+        self.issued.lock().expect("not poisoned").push(issued);
         // Endpoints come from Pods, not from what a sidecar reports.
         Ok(EndpointChange::Unchanged)
     }
@@ -668,12 +668,15 @@ impl Store for KubernetesStore {
             .issued
             .lock()
             .expect("not poisoned")
-            .iter()
-            .rev()
+            .newest_first()
             .filter(|r| matches(r))
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    fn issued_log_view(&self) -> Option<IssuedLogView> {
+        Some(self.issued.lock().expect("not poisoned").view())
     }
 
     fn snapshot_version(&self) -> Result<u64, StoreError> {
