@@ -12,9 +12,12 @@
 mod common;
 mod kube_api;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use common::{ControlPlane, Svid, Takes, Watcher, certify_with, eventually_async, listed};
 use kube_api::{PODS, event, fixture_json, item, pods_list, recorded_cluster};
 use tonic::Code;
+use trellis_control_plane::ca::anchors::expiries;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync};
 use trellis_proto::discovery::v1::{Endpoint, EndpointChanges};
@@ -71,30 +74,48 @@ struct Fleet {
     api_stream: Watcher,
 }
 
+/// The stand-in API server, with no CA Secret yet and a TokenReview for
+/// each of web's and api's tokens.
+async fn cluster() -> kube_api::FakeKube {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let mut api_review = fixture_json("tokenreview/authenticated.json");
+    let user = &mut api_review["status"]["user"];
+    user["username"] = "system:serviceaccount:shop:api".into();
+    user["extra"]["authentication.kubernetes.io/pod-name"][0] = "api-5f6d8b7c4-q9v7m".into();
+    user["extra"]["authentication.kubernetes.io/pod-uid"][0] =
+        "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
+    fake.review(API_TOKEN, api_review);
+    fake
+}
+
+/// Replicas cp-a and cp-b on `fake`, each with `flags` and its own extra
+/// flags, peers of each other; and their ports.
+async fn pair(
+    fake: &kube_api::FakeKube,
+    extra_a: &[&str],
+    extra_b: &[&str],
+) -> (ControlPlane, ControlPlane, u16, u16) {
+    // Told to each other beforehand.
+    let free = common::ports::free_addrs(2);
+    let (port_a, port_b) = (free[0].port(), free[1].port());
+    // Both addresses for both, as a headless Service's name resolves to
+    // every replica: each leaves its own answer out.
+    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+    let flags = fake.control_plane_flags();
+    let with = |extra: &[&str]| [flags.clone(), extra.iter().map(|f| f.to_string()).collect()];
+    let a = replica(&with(extra_a).concat(), "cp-a", port_a, &peers).await;
+    // The second starts once the first has written the CA Secret, and
+    // reads it: both issue from, and trust, one CA.
+    let b = replica(&with(extra_b).concat(), "cp-b", port_b, &peers).await;
+    assert_eq!(a.bundle(), b.bundle());
+    (a, b, port_a, port_b)
+}
+
 impl Fleet {
     async fn start() -> Self {
-        let fake = recorded_cluster().await;
-        fake.set_secret(Some(fixture_json("store/secret-empty.json")));
-        let mut api_review = fixture_json("tokenreview/authenticated.json");
-        let user = &mut api_review["status"]["user"];
-        user["username"] = "system:serviceaccount:shop:api".into();
-        user["extra"]["authentication.kubernetes.io/pod-name"][0] = "api-5f6d8b7c4-q9v7m".into();
-        user["extra"]["authentication.kubernetes.io/pod-uid"][0] =
-            "3e9d7b1a-6c42-4f05-b8e3-0a1c5d9f2e76".into();
-        fake.review(API_TOKEN, api_review);
-
-        // Told to each other beforehand.
-        let free = common::ports::free_addrs(2);
-        let (port_a, port_b) = (free[0].port(), free[1].port());
-        // Both addresses for both, as a headless Service's name resolves to
-        // every replica: each leaves its own answer out.
-        let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
-        let flags = fake.control_plane_flags();
-        let a = replica(&flags, "cp-a", port_a, &peers).await;
-        // The second starts once the first has written the CA Secret, and
-        // reads it: both issue from, and trust, one CA.
-        let b = replica(&flags, "cp-b", port_b, &peers).await;
-        assert_eq!(a.bundle(), b.bundle());
+        let fake = cluster().await;
+        let (a, b, port_a, port_b) = pair(&fake, &[], &[]).await;
 
         let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
         let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
@@ -219,19 +240,19 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     assert_eq!(row(&table, serial)[1..2], [API], "{table}");
     assert_eq!(row(&table, serial).last(), Some(&"cp-b"), "{table}");
 
-    // `trellisctl check` finds the mesh healthy over both replicas.
+    // `trellisctl check` finds the mesh healthy over both replicas: each
+    // sidecar's certificate is in the log of the replica that issued it.
     let check = a.ctl(&["check"]);
     let report = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{report}");
     for line in [
         format!("ok    2 replicas answered, all serving snapshot {web_version}\n"),
         "ok    2 of 2 connected sidecars hold the current snapshot (2 workloads known)\n".into(),
-        // Pods carry no certificate: renewal is said to be unchecked.
-        "ok    certificate renewal not checked for 2 connected sidecars".into(),
         "0 failures, 0 warnings\n".into(),
     ] {
         assert!(report.contains(&line), "no {line:?} in\n{report}");
     }
+    assert!(!report.contains("certificate renewal"), "{report}");
 
     // The Replica API is for replicas: a sidecar's SVID is refused.
     let channel =
@@ -339,6 +360,94 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         )) && report.contains("1 failure, 0 warnings\n"),
         "{report}"
     );
+}
+
+/// When `svid`'s certificate expires, Unix seconds.
+fn not_after(svid: &Svid) -> i64 {
+    expiries(&svid.chain[..1])[0].1
+}
+
+/// `trellisctl check` on `cp`: its report, and whether it passed.
+fn check(cp: &ControlPlane) -> (String, bool) {
+    let check = tokio::task::block_in_place(|| cp.ctl(&["check"]));
+    let report = String::from_utf8_lossy(&check.stdout).into_owned();
+    (report, check.status.success())
+}
+
+/// With the Kubernetes store, whose Pods carry no certificate, `check`
+/// learns each sidecar's newest certificate from the issued-certificate
+/// logs of every replica, whichever one it asks. cp-b issues certificates
+/// of 10 seconds, cp-a of an hour. web's first certificate comes from
+/// cp-b and is renewed on cp-a; api's only one comes from cp-b; both
+/// sidecars stream to cp-b. Once cp-b's certificates have expired, `check`
+/// on either replica fails api, naming when its newest certificate
+/// expired, and finds web fine. With cp-a gone, cp-b cannot tell whether
+/// cp-a renewed them: it says so, and fails neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_sees_a_renewal_whichever_replica_issued_it() {
+    let fake = cluster().await;
+    let (a, b, port_a, _) = pair(&fake, &[], &["--cert-ttl", "10s"]).await;
+    let web_first = certify(&b, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
+    let web_renewed = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
+    let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
+    let mut web_stream = Watcher::open(&b, &web_first, "10.244.1.17:15006").await;
+    let mut api_stream = Watcher::open(&b, &api, "10.244.2.9:15006").await;
+    web_stream.next().await;
+    api_stream.next().await;
+    eventually_async("both sidecars synced", || async {
+        let answer = b.list_workloads().await;
+        let synced = |id| listed(&answer, id).sync() == SnapshotSync::Synced;
+        (synced(WEB) && synced(API)).then_some(())
+    })
+    .await;
+    let (expired, renewed) = (not_after(&api), not_after(&web_renewed));
+
+    // Either replica lists each sidecar's newest certificate, from its own
+    // log or its peer's.
+    for cp in [&a, &b] {
+        let answer = cp.list_workloads().await;
+        let web = listed(&answer, WEB);
+        assert_eq!(web.cert_expires_at_unix, renewed, "{web:?}");
+        assert_eq!(listed(&answer, API).cert_expires_at_unix, expired);
+    }
+
+    // The wall clock is what expires a certificate: wait for it to pass
+    // cp-b's.
+    let end = UNIX_EPOCH + Duration::from_secs(expired.max(not_after(&web_first)) as u64);
+    if let Ok(left) = end.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    let failed = format!(
+        "FAIL  {API} is connected, but its newest certificate expired at {}: it has not \
+         renewed (see its sidecar's log), and its peers refuse it\n",
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(expired as u64))
+    );
+    for cp in [&a, &b] {
+        let (report, passed) = check(cp);
+        assert!(!passed, "{report}");
+        assert!(report.contains(&failed), "no {failed:?} in\n{report}");
+        assert!(
+            !report.contains(WEB) && report.contains("1 failure, 0 warnings\n"),
+            "{report}"
+        );
+    }
+
+    // cp-a's log may hold newer certificates of both: cp-b does not fail
+    // them without it.
+    a.stop_async().await;
+    let (report, passed) = check(&b);
+    assert!(passed, "{report}");
+    for line in [
+        format!(
+            "ok    certificate renewal not known for 2 connected sidecars: the replica at \
+             127.0.0.1:{port_a} did not answer, and its issued-certificate log may hold a newer \
+             certificate\n"
+        ),
+        format!("warn  replica at 127.0.0.1:{port_a} is not listening"),
+        "0 failures, 1 warning\n".into(),
+    ] {
+        assert!(report.contains(&line), "no {line:?} in\n{report}");
+    }
 }
 
 /// `policy apply --wait` on one replica ends once the other replica and

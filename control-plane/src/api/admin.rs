@@ -17,7 +17,7 @@ use trellis_proto::admin::v1::{
     ListWorkloadsRequest, ListWorkloadsResponse, Workload,
 };
 
-use super::replica::Replicas;
+use super::replica::{Certificate, Replicas};
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
@@ -142,13 +142,29 @@ impl Admin for AdminService {
             reached_version: request.get_ref().reached_version,
             reached_position: request.get_ref().reached_position,
         };
-        let fleet = self.replicas.fleet(&self.mesh.discovery, asked).await;
+        let fleet = self.replicas.fleet(&self.mesh, asked).await;
         let now = crate::unix_now();
+        let lifetime = i64::try_from(self.mesh.cert_ttl.as_secs()).unwrap_or(i64::MAX);
         let workloads = records
             .into_iter()
             .map(|w| {
                 let status = fleet.status(&w.spiffe_id);
                 let addresses = w.listed_addresses(now);
+                let (mut cert_expiry_unknown, mut no_certificate_since_unix) = (String::new(), 0);
+                let cert_expires_at_unix = match fleet.logged {
+                    false => w.cert_expires_at_unix,
+                    true => match fleet.certificate(&w.spiffe_id, now, lifetime) {
+                        Certificate::ExpiresAt(at) => at,
+                        Certificate::NoneSince(since) => {
+                            no_certificate_since_unix = since;
+                            0
+                        }
+                        Certificate::Unknown(why) => {
+                            cert_expiry_unknown = why;
+                            i64::MAX
+                        }
+                    },
+                };
                 Workload {
                     connected: status.streams > 0,
                     acked_version: status.acked_version,
@@ -160,7 +176,9 @@ impl Admin for AdminService {
                     spiffe_id: w.spiffe_id,
                     address: addresses.first().cloned().unwrap_or_default(),
                     addresses,
-                    cert_expires_at_unix: w.cert_expires_at_unix,
+                    cert_expires_at_unix,
+                    cert_expiry_unknown,
+                    no_certificate_since_unix,
                 }
             })
             .collect();

@@ -8,13 +8,17 @@
 //! to its own, so an operator sees every sidecar's state whichever replica
 //! `trellisctl` reached; `ListIssuedCertificates` joins their
 //! issued-certificate logs the same way ([`Replicas::issued`]), as the
-//! Kubernetes store keeps one per replica. A peer that does not answer within
+//! Kubernetes store keeps one per replica. With that store, whose Pods carry
+//! no certificate, each peer's streams come with the newest certificate of
+//! each identity in its log and since when the log is complete, so that
+//! `ListWorkloads` can say each workload's newest certificate, or that it
+//! cannot ([`Fleet::certificate`]). A peer that does not answer within
 //! [`PEER_TIMEOUT`] is named in the answer with why; the sidecars streaming
 //! to it then show as not connected. Peers call each other with the control
 //! plane's own SVID, and only that identity may call `Replica`
 //! ([`super::OnlyCaller::control_plane`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +30,13 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
-    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListStreamsRequest,
-    ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
+    IssuedCertificate, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
+    ListStreamsRequest, ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
 };
 
 use super::Mesh;
 use super::admin::{issued_here, issued_limit};
-use crate::discovery::{Discovery, SyncState, Write};
+use crate::discovery::{SyncState, Write};
 use crate::store::Position;
 
 /// The metadata of every `Replica` answer that names the replica's
@@ -88,12 +92,12 @@ impl Replicas {
 
     /// This replica's streams, as it answers its peers; with a write asked
     /// about (see [`asked`]), whether it and each stream have reached it
-    /// ([`Discovery::reached`]).
-    pub fn local(
-        &self,
-        discovery: &Discovery,
-        request: &ListStreamsRequest,
-    ) -> ListStreamsResponse {
+    /// ([`Discovery::reached`](crate::discovery::Discovery::reached)); with a
+    /// store whose workloads carry no certificate, the newest of each
+    /// identity in its issued-certificate log
+    /// ([`Store::issued_log_view`](crate::store::Store::issued_log_view)).
+    pub fn local(&self, mesh: &Mesh, request: &ListStreamsRequest) -> ListStreamsResponse {
+        let discovery = &mesh.discovery;
         let current = discovery.current_version();
         let write = asked(request);
         let reached = |version| discovery.reached(write, version);
@@ -128,11 +132,30 @@ impl Replicas {
                 }
             })
             .collect();
+        let (newest_issued, issued_log_since_unix) = match mesh.store.issued_log_view() {
+            Some(view) => (
+                view.newest
+                    .into_iter()
+                    .map(|r| IssuedCertificate {
+                        serial: r.serial_hex,
+                        spiffe_id: r.spiffe_id,
+                        issued_at_unix: r.issued_at_unix,
+                        not_after_unix: r.not_after_unix,
+                        replica: String::new(),
+                    })
+                    .collect(),
+                // 0 says nothing: a log complete since the epoch is since 1.
+                view.complete_since_unix.max(1),
+            ),
+            None => (Vec::new(), 0),
+        };
         ListStreamsResponse {
             name: self.name.clone(),
             snapshot_version: current,
             sidecars,
             reached: reached(current),
+            newest_issued,
+            issued_log_since_unix,
         }
     }
 
@@ -156,9 +179,11 @@ impl Replicas {
     }
 
     /// This replica's streams joined with every peer's, asked at once.
-    pub async fn fleet(&self, discovery: &Discovery, request: ListStreamsRequest) -> Fleet {
+    pub async fn fleet(&self, mesh: &Mesh, request: ListStreamsRequest) -> Fleet {
         let mut fleet = Fleet::default();
-        fleet.add(self.address.clone(), Ok(self.local(discovery, &request)));
+        let local = self.local(mesh, &request);
+        fleet.logged = local.issued_log_since_unix != 0;
+        fleet.add(self.address.clone(), Ok(local));
         let answers = self
             .ask_peers(move |mut peer| async move { peer.list_streams(request).await })
             .await;
@@ -395,7 +420,7 @@ impl Replica for ReplicaService {
         &self,
         request: Request<ListStreamsRequest>,
     ) -> Result<Response<ListStreamsResponse>, Status> {
-        let local = self.replicas.local(&self.mesh.discovery, request.get_ref());
+        let local = self.replicas.local(&self.mesh, request.get_ref());
         Ok(self.replicas.stamped(local))
     }
 
@@ -409,12 +434,39 @@ impl Replica for ReplicaService {
     }
 }
 
-/// The replicas' streams joined by SPIFFE ID.
+/// The replicas' streams joined by SPIFFE ID, and what their
+/// issued-certificate logs say.
 #[derive(Debug, Default)]
 pub struct Fleet {
     joined: HashMap<String, Joined>,
     /// Every replica added, in the order added.
     pub replicas: Vec<ReplicaStatus>,
+    /// Whether this replica's store carries no certificate per workload
+    /// (the Kubernetes store), so that workloads' certificates are what
+    /// the logs tell ([`Fleet::certificate`]).
+    pub logged: bool,
+    /// The newest certificate of each identity in the logs of the replicas
+    /// that answered: (issued at, notAfter).
+    newest_issued: HashMap<String, (i64, i64)>,
+    /// The latest time since which a log that answered is complete: every
+    /// log is complete since then.
+    logs_since: i64,
+    /// The replicas whose logs were not read, each as the reason names it.
+    logs_unread: BTreeSet<String>,
+}
+
+/// What the replicas' issued-certificate logs tell of an identity's newest
+/// certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Certificate {
+    /// It expires then (at least then, when a log was not read and it has
+    /// not expired).
+    ExpiresAt(i64),
+    /// No replica issued it a certificate since then, more than a
+    /// certificate lifetime ago: any certificate it holds has expired.
+    NoneSince(i64),
+    /// The logs cannot tell: why.
+    Unknown(String),
 }
 
 /// One identity's streams over every replica that answered.
@@ -465,10 +517,28 @@ impl Fleet {
         let answer = match answer {
             Ok(answer) => answer,
             Err(why) => {
+                self.logs_unread
+                    .insert(format!("the replica at {address} did not answer"));
                 self.replicas.push(why.status(address));
                 return;
             }
         };
+        if answer.issued_log_since_unix == 0 {
+            self.logs_unread.insert(format!(
+                "the replica {} at {address} does not report its log (an older version)",
+                answer.name
+            ));
+        }
+        self.logs_since = self.logs_since.max(answer.issued_log_since_unix);
+        for issued in answer.newest_issued {
+            let newest = self
+                .newest_issued
+                .entry(issued.spiffe_id)
+                .or_insert((issued.issued_at_unix, issued.not_after_unix));
+            if issued.not_after_unix > newest.1 {
+                *newest = (issued.issued_at_unix, issued.not_after_unix);
+            }
+        }
         let mut connected = 0;
         for stream in answer.sidecars {
             if stream.streams > 0 {
@@ -492,6 +562,50 @@ impl Fleet {
     /// seen one).
     pub fn status(&self, spiffe_id: &str) -> Joined {
         self.joined.get(spiffe_id).cloned().unwrap_or_default()
+    }
+
+    /// What the replicas' issued-certificate logs tell of `spiffe_id`'s
+    /// newest certificate at `now`, certificates living `lifetime` seconds.
+    /// One that has not expired is as good as any newer one. That none is
+    /// valid is said only when every replica's log was read and could hold
+    /// what would say otherwise: each is complete since the newest one
+    /// found was issued (a later one would be there), or since more than a
+    /// lifetime ago (any one it lost has expired). A replica that is gone
+    /// (not among the peers any more) takes its log with it: a sidecar
+    /// that renewed with it last holds a certificate this does not see,
+    /// until it renews again, at about half that certificate's life.
+    pub fn certificate(&self, spiffe_id: &str, now: i64, lifetime: i64) -> Certificate {
+        let newest = self.newest_issued.get(spiffe_id).copied();
+        if let Some((_, not_after)) = newest
+            && not_after > now
+        {
+            return Certificate::ExpiresAt(not_after);
+        }
+        if !self.logs_unread.is_empty() {
+            let unread: Vec<_> = self.logs_unread.iter().map(String::as_str).collect();
+            return Certificate::Unknown(format!(
+                "{}, and {} may hold a newer certificate",
+                unread.join("; "),
+                match unread.len() {
+                    1 => "its issued-certificate log",
+                    _ => "their issued-certificate logs",
+                }
+            ));
+        }
+        let since = self.logs_since;
+        let long_enough = since.saturating_add(lifetime) <= now;
+        match newest {
+            Some((issued_at, not_after)) if since <= issued_at => Certificate::ExpiresAt(not_after),
+            _ if long_enough => Certificate::NoneSince(since),
+            _ => Certificate::Unknown(format!(
+                "the replicas' issued-certificate logs are complete only since {}, less than \
+                 a certificate lifetime ago (a replica started then, or a log dropped its \
+                 oldest certificates): a certificate issued before may be the newest",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(since.max(0) as u64)
+                )
+            )),
+        }
     }
 }
 
@@ -583,7 +697,130 @@ mod tests {
             snapshot_version: 7,
             sidecars: streams,
             reached: true,
+            ..ListStreamsResponse::default()
         })
+    }
+
+    const NOW: i64 = 1_900_000_000;
+    const HOUR: i64 = 3600;
+
+    /// A replica whose log is complete since `since` and holds `issued`
+    /// (identity, issued at) certificates of an hour.
+    fn logged(
+        name: &str,
+        since: i64,
+        issued: &[(&str, i64)],
+    ) -> Result<ListStreamsResponse, Unanswered> {
+        let mut answer = answer(name, Vec::new())?;
+        answer.issued_log_since_unix = since;
+        answer.newest_issued = issued
+            .iter()
+            .map(|&(id, at)| IssuedCertificate {
+                spiffe_id: id.into(),
+                issued_at_unix: at,
+                not_after_unix: at + HOUR,
+                ..IssuedCertificate::default()
+            })
+            .collect();
+        Ok(answer)
+    }
+
+    /// The newest certificate is the newest of any replica's log, whichever
+    /// issued it; one that has expired is said only when every log could
+    /// hold a newer one, and no certificate at all only when the logs
+    /// reach back more than a lifetime.
+    #[test]
+    fn the_newest_certificate_is_joined_over_the_replicas_logs() {
+        const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+        const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+        let started = NOW - 3 * HOUR;
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            logged(
+                "cp-a",
+                started,
+                &[(WEB, NOW - HOUR + 60), (API, NOW - 2 * HOUR)],
+            ),
+        );
+        fleet.add(
+            "b".into(),
+            logged("cp-b", started, &[(WEB, NOW - 600), (API, NOW - HOUR - 60)]),
+        );
+        let cert = |id| fleet.certificate(id, NOW, HOUR);
+        // Renewed on cp-b: its certificate is the newest.
+        assert_eq!(cert(WEB), Certificate::ExpiresAt(NOW - 600 + HOUR));
+        // Renewed last on cp-b, a minute past a lifetime ago.
+        assert_eq!(cert(API), Certificate::ExpiresAt(NOW - 60));
+        // Never issued one in the logs' three hours.
+        assert_eq!(cert(DB), Certificate::NoneSince(started));
+
+        // A replica that restarted a minute ago may have held api's newest
+        // one; web's is valid whatever it held.
+        let mut restarted = Fleet::default();
+        restarted.add(
+            "a".into(),
+            logged("cp-a", started, &[(API, NOW - 2 * HOUR)]),
+        );
+        restarted.add("b".into(), logged("cp-b", NOW - 60, &[(WEB, NOW - 30)]));
+        assert_eq!(
+            restarted.certificate(WEB, NOW, HOUR),
+            Certificate::ExpiresAt(NOW - 30 + HOUR)
+        );
+        for id in [API, DB] {
+            let Certificate::Unknown(why) = restarted.certificate(id, NOW, HOUR) else {
+                panic!("{id} is known");
+            };
+            assert!(
+                why.starts_with("the replicas' issued-certificate logs are complete only since"),
+                "{why}"
+            );
+        }
+        // Once a lifetime has passed since, no certificate is a finding.
+        assert_eq!(
+            restarted.certificate(API, NOW - 60 + HOUR, HOUR),
+            Certificate::NoneSince(NOW - 60)
+        );
+    }
+
+    /// A replica that did not answer, or does not report its log, may hold
+    /// the newest certificate: an expired or missing one is unknown, a
+    /// valid one is still valid.
+    #[test]
+    fn a_log_not_read_leaves_an_expired_certificate_unknown() {
+        let started = NOW - 3 * HOUR;
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            logged("cp-a", started, &[(WEB, NOW - 2 * HOUR)]),
+        );
+        fleet.add(
+            "10.0.0.2:15012".into(),
+            Err(Unanswered::because("no answer within 3s".into())),
+        );
+        let Certificate::Unknown(why) = fleet.certificate(WEB, NOW, HOUR) else {
+            panic!("web is known");
+        };
+        assert_eq!(
+            why,
+            "the replica at 10.0.0.2:15012 did not answer, and its issued-certificate log may \
+             hold a newer certificate"
+        );
+        assert_eq!(
+            fleet.certificate(WEB, NOW - 2 * HOUR, HOUR),
+            Certificate::ExpiresAt(NOW - HOUR)
+        );
+
+        let mut older = Fleet::default();
+        older.add("a".into(), logged("cp-a", started, &[]));
+        older.add("b".into(), answer("cp-b", Vec::new()));
+        let Certificate::Unknown(why) = older.certificate(WEB, NOW, HOUR) else {
+            panic!("web is known");
+        };
+        assert!(
+            why.contains("does not report its log (an older version)"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -5,19 +5,20 @@
 //! certificate) and says, a line each, what is fine, what needs attention
 //! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
 //! answer or serve another snapshot, sidecars that refused their snapshot
-//! or have not received it yet, stored policies that fail a check added
+//! or have not received it yet, connected sidecars that have not renewed
+//! their certificate (with the Kubernetes store, as the replicas'
+//! issued-certificate logs tell, or that they cannot), stored policies that fail a check added
 //! since they were stored (`ListPolicies`: a selector outside the policy's
 //! namespace, enforced as written), roots of the trust bundle that expire
 //! soon or have, and an operator credential about to expire. It exits 1
 //! when anything is `FAIL`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use trellis_core::policy::policy_key;
-use trellis_proto::admin::v1::{
-    ListWorkloadsResponse, SnapshotSync, StoredPolicyWarning, Workload,
-};
+use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, StoredPolicyWarning};
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
@@ -142,25 +143,30 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
 fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     let connected: Vec<_> = answer.workloads.iter().filter(|w| w.connected).collect();
     // A sidecar renews at half its certificate's life; one still connected
-    // past its newest certificate's expiry has not managed to. The
-    // Kubernetes store records no certificates (a Pod's record says
-    // `i64::MAX`; 0 from an older control plane): that is said, not passed
-    // over as fine.
-    let unknown = |w: &Workload| matches!(w.cert_expires_at_unix, 0 | i64::MAX);
-    let unchecked = connected.iter().filter(|w| unknown(w)).count();
-    if unchecked > 0 {
-        out.push(finding(
-            Level::Ok,
-            format!(
-                "certificate renewal not checked for {unchecked} connected sidecar{}: the store \
-                 does not record certificates (the Kubernetes store); alert on the sidecars' \
-                 trellis_certificate_expiry_timestamp_seconds instead",
-                if unchecked == 1 { "" } else { "s" }
-            ),
-        ));
-    }
+    // past its newest certificate's expiry has not managed to. With the
+    // Kubernetes store the newest is the newest in the replicas'
+    // issued-certificate logs; when they cannot tell, the answer says why,
+    // and that is said, neither passed over as fine nor failed. A control
+    // plane older than that says `i64::MAX` for a Pod (0 before that).
+    let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut unreported = 0;
     for w in &connected {
-        if !unknown(w) && w.cert_expires_at_unix <= now {
+        if !w.cert_expiry_unknown.is_empty() {
+            *unknown.entry(w.cert_expiry_unknown.as_str()).or_default() += 1;
+        } else if w.no_certificate_since_unix != 0 {
+            out.push(finding(
+                Level::Fail,
+                format!(
+                    "{} is connected, but no replica has issued it a certificate since {}, \
+                     longer ago than a certificate's lifetime: it has not renewed (see its \
+                     sidecar's log), and its peers refuse it",
+                    w.spiffe_id,
+                    rfc3339(w.no_certificate_since_unix)
+                ),
+            ));
+        } else if matches!(w.cert_expires_at_unix, 0 | i64::MAX) {
+            unreported += 1;
+        } else if w.cert_expires_at_unix <= now {
             out.push(finding(
                 Level::Fail,
                 format!(
@@ -171,6 +177,28 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                 ),
             ));
         }
+    }
+    let sidecars = |n: usize| format!("{n} connected sidecar{}", if n == 1 { "" } else { "s" });
+    for (why, count) in unknown {
+        out.push(finding(
+            Level::Ok,
+            format!(
+                "certificate renewal not known for {}: {}",
+                sidecars(count),
+                why.escape_debug()
+            ),
+        ));
+    }
+    if unreported > 0 {
+        out.push(finding(
+            Level::Ok,
+            format!(
+                "certificate renewal not checked for {}: the control plane does not report \
+                 their certificates (an older version, with the Kubernetes store); alert on \
+                 the sidecars' trellis_certificate_expiry_timestamp_seconds instead",
+                sidecars(unreported)
+            ),
+        ));
     }
     let synced = connected
         .iter()
@@ -328,7 +356,7 @@ pub fn report(findings: &[Finding]) -> (String, bool) {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    use trellis_proto::admin::v1::ReplicaStatus;
+    use trellis_proto::admin::v1::{ReplicaStatus, Workload};
 
     const NOW: i64 = 1_900_000_000;
     const DAY: i64 = 86_400;
@@ -558,9 +586,72 @@ mod tests {
         );
         assert!(
             found.iter().any(|l| l.starts_with(
-                "ok certificate renewal not checked for 1 connected sidecar: the store does not \
-                 record certificates"
+                "ok certificate renewal not checked for 1 connected sidecar: the control plane \
+                 does not report their certificates (an older version"
             )),
+            "{found:#?}"
+        );
+    }
+
+    /// With the Kubernetes store the answer says what the replicas'
+    /// issued-certificate logs tell: a certificate found expired, or none
+    /// issued for longer than a lifetime, fails; what the logs cannot tell
+    /// is said once a reason, and fails nothing.
+    #[test]
+    fn what_the_issued_certificate_logs_cannot_tell_is_said_and_not_failed() {
+        let mut expired = workload("spiffe://td/a", true, SnapshotSync::Synced, "");
+        expired.cert_expires_at_unix = NOW - 60;
+        let mut none = workload("spiffe://td/b", true, SnapshotSync::Synced, "");
+        none.cert_expires_at_unix = 0;
+        none.no_certificate_since_unix = NOW - 2 * 3600;
+        let silent = "the replica at 10.0.0.2:15012 did not answer, and its issued-certificate \
+                      log may hold a newer certificate";
+        let mut unknown = Vec::new();
+        for id in ["spiffe://td/c", "spiffe://td/d"] {
+            let mut w = workload(id, true, SnapshotSync::Synced, "");
+            w.cert_expires_at_unix = i64::MAX;
+            w.cert_expiry_unknown = silent.into();
+            unknown.push(w);
+        }
+        let mut restarted = workload("spiffe://td/e", true, SnapshotSync::Synced, "");
+        restarted.cert_expires_at_unix = i64::MAX;
+        restarted.cert_expiry_unknown = "the logs are complete only since\x1b[0m".into();
+        let answer = ListWorkloadsResponse {
+            workloads: [vec![expired, none, restarted], unknown].concat(),
+            ..ListWorkloadsResponse::default()
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        let failures: Vec<_> = found.iter().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(
+            failures,
+            [
+                &format!(
+                    "FAIL spiffe://td/a is connected, but its newest certificate expired at {}: \
+                     it has not renewed (see its sidecar's log), and its peers refuse it",
+                    rfc3339(NOW - 60)
+                ),
+                &format!(
+                    "FAIL spiffe://td/b is connected, but no replica has issued it a certificate \
+                     since {}, longer ago than a certificate's lifetime: it has not renewed (see \
+                     its sidecar's log), and its peers refuse it",
+                    rfc3339(NOW - 2 * 3600)
+                ),
+            ],
+            "{found:#?}"
+        );
+        let said: Vec<_> = found
+            .iter()
+            .filter(|l| l.contains("certificate renewal"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "ok certificate renewal not known for 1 connected sidecar: the logs are complete \
+                 only since\\u{1b}[0m",
+                format!("ok certificate renewal not known for 2 connected sidecars: {silent}")
+                    .as_str(),
+            ],
             "{found:#?}"
         );
     }

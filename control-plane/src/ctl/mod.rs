@@ -110,8 +110,9 @@ pub enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Whether the mesh is healthy: every replica answers and serves one
-    /// snapshot, every connected sidecar holds it, no root of the trust
-    /// bundle or the operator credential expires soon. A line per finding
+    /// snapshot, every connected sidecar holds it and has renewed its
+    /// certificate, no root of the trust bundle or the operator credential
+    /// expires soon. A line per finding
     /// (`ok`, `warn`, `FAIL`); exit 1 on any `FAIL`.
     Check {
         /// Warn about a root of the trust bundle, or the operator
@@ -798,6 +799,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "cert_expires_at_unix": w.cert_expires_at_unix,
                 "cert_expires": rfc3339(w.cert_expires_at_unix),
                 "cert_expired": w.cert_expires_at_unix <= now,
+                "cert_expiry_unknown": w.cert_expiry_unknown,
                 "acked_version": w.acked_version,
                 "synced_version": w.synced_version,
                 "snapshot": sync_name(w),
