@@ -36,6 +36,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
+            last_version_epoch: 0,
         })),
     }
 }
@@ -300,6 +301,7 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
+            last_version_epoch: held.version_epoch,
         })),
     })
     .await
@@ -323,6 +325,117 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     let next = snapshots.message().await.unwrap().expect("the next change");
     assert!(next.version > held.version, "versions survive the restart");
     assert_eq!(next.endpoints.len(), 2);
+    drop(tx);
+}
+
+/// A database restored from an older copy counts again through snapshot
+/// versions it had set before, with other content. A sidecar that holds
+/// one of them, with a policy the restore took away, and reconnects once
+/// the restored database has set that version again must be sent what the
+/// version holds now: taken to hold it, it would be sent nothing, and keep
+/// enforcing the policy until a change reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_a_restored_database_sets_again_is_not_taken_for_the_one_held() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7006").await;
+    let tmp = cp.tmp.clone();
+    let database = cp.state_dir.join("trellis.redb");
+    assert!(cp.stop_async().await.success());
+    let backup = tmp.path().join("backup.redb");
+    std::fs::copy(&database, &backup).unwrap();
+
+    // After the backup, an ALLOW for web, which web takes.
+    let cp = ControlPlane::start_in(tmp.clone(), &[]);
+    let mut admin = cp.admin_client().await;
+    policy::apply(&mut admin, &policy::allow("revoked", WEB, DB, 8080), false)
+        .await
+        .unwrap();
+    let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7006").await;
+    let held = snapshots.message().await.unwrap().expect("a snapshot");
+    assert_eq!(held.policies.len(), 1);
+    assert_ne!(held.version_epoch, 0);
+    drop((tx, snapshots));
+    assert!(cp.stop_async().await.success());
+
+    // The backup restored: the ALLOW is gone, and the counter is behind
+    // the version web holds until writes that do not concern web bring it
+    // there again.
+    std::fs::copy(&backup, &database).unwrap();
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let mut admin = cp.admin_client().await;
+    let mut version = cp.list_workloads().await.snapshot_version;
+    assert!(version < held.version, "{version} {}", held.version);
+    for port in 9000.. {
+        if version >= held.version {
+            break;
+        }
+        let other = policy::allow("other", DB, WEB, port);
+        version = policy::apply(&mut admin, &other, false)
+            .await
+            .unwrap()
+            .snapshot_version;
+    }
+    assert_eq!(version, held.version, "the restored database sets it again");
+
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: "127.0.0.1:7006".into(),
+            last_version: held.version,
+            inbound_addresses: Vec::new(),
+            accepts_endpoints_version: true,
+            accepts_endpoint_changes: true,
+            last_version_epoch: held.version_epoch,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut snapshots = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Taken to hold the version, web would be sent nothing, and listed as
+    // having acknowledged it.
+    let taken_as_held = async {
+        loop {
+            let workloads = cp.workloads().await;
+            if workloads
+                .iter()
+                .any(|w| w.spiffe_id == WEB && w.acked_version == held.version)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let first = tokio::select! {
+        message = snapshots.message() => message.unwrap().expect("a snapshot"),
+        () = taken_as_held => panic!(
+            "web was taken to hold version {} and sent nothing: it keeps the ALLOW",
+            held.version
+        ),
+    };
+    assert_eq!(first.version, held.version);
+    assert_ne!(first.version_epoch, held.version_epoch);
+    assert!(first.policies.is_empty(), "{:?}", first.policies);
+    assert_eq!(first.endpoints_version, 0, "web holds no endpoints of it");
+    assert_eq!(first.endpoints.len(), 1);
+    tx.send(WatchRequest {
+        kind: Some(Kind::Ack(Ack {
+            version: first.version,
+        })),
+    })
+    .await
+    .unwrap();
+    eventually_async("web to be synced", || async {
+        let listed = cp.list_workloads().await;
+        let web = listed.workloads.iter().find(|w| w.spiffe_id == WEB)?;
+        (web.acked_version == held.version && web.synced_version == listed.snapshot_version)
+            .then_some(())
+    })
+    .await;
     drop(tx);
 }
 

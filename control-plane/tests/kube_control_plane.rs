@@ -121,6 +121,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             last_version: 0,
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
+            last_version_epoch: 0,
         })),
     })
     .await

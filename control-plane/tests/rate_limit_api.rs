@@ -51,6 +51,7 @@ async fn watch(
             last_version: 0,
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
+            last_version_epoch: 0,
         })),
     })
     .await

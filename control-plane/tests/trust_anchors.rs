@@ -50,11 +50,12 @@ fn arg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// `svid`'s Watch stream, subscribed holding `last_version`.
+/// `svid`'s Watch stream, subscribed holding `held`: a version and the
+/// epoch it was set in.
 async fn watch(
     cp: &ControlPlane,
     svid: &Svid,
-    last_version: u64,
+    (last_version, last_version_epoch): (u64, u64),
 ) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<Snapshot>) {
     let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(Some(svid))))
         .await
@@ -67,6 +68,7 @@ async fn watch(
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
+            last_version_epoch,
         })),
     })
     .await
@@ -79,10 +81,15 @@ async fn watch(
     (tx, snapshots)
 }
 
-/// The first snapshot of a Watch subscribed holding `last_version`, or
-/// `None` when the control plane sends nothing (the sidecar is current).
-async fn first_snapshot(cp: &ControlPlane, svid: &Svid, last_version: u64) -> Option<Snapshot> {
-    let (_tx, mut snapshots) = watch(cp, svid, last_version).await;
+/// What a sidecar holding `snapshot` subscribes with.
+fn held(snapshot: &Snapshot) -> (u64, u64) {
+    (snapshot.version, snapshot.version_epoch)
+}
+
+/// The first snapshot of a Watch subscribed holding `held`, or `None` when
+/// the control plane sends nothing (the sidecar is current).
+async fn first_snapshot(cp: &ControlPlane, svid: &Svid, held: (u64, u64)) -> Option<Snapshot> {
+    let (_tx, mut snapshots) = watch(cp, svid, held).await;
     let wait = Duration::from_millis(800);
     match tokio::time::timeout(wait, snapshots.message()).await {
         Ok(message) => Some(message.unwrap().expect("a snapshot")),
@@ -183,7 +190,7 @@ async fn certify_the_first_snapshot_and_bundle_pem_carry_the_trust_anchors() {
         "the signing CA signs, not the anchor"
     );
 
-    let snapshot = first_snapshot(&cp, &web, 0)
+    let snapshot = first_snapshot(&cp, &web, (0, 0))
         .await
         .expect("a first snapshot");
     assert_eq!(snapshot.trust_bundle, der(&[&signing, &anchor]));
@@ -249,7 +256,7 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
     let cp = ControlPlane::start_in(tmp.clone(), &[]);
     let old_root = cp.bundle()[0].clone();
     let web = enroll(&cp, WEB, INBOUND).await;
-    let before = first_snapshot(&cp, &web, 0)
+    let before = first_snapshot(&cp, &web, (0, 0))
         .await
         .expect("a first snapshot");
     assert_eq!(before.trust_bundle, der(&[&old_root]));
@@ -272,7 +279,7 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
     ];
     let cp = ControlPlane::start_in(tmp.clone(), &step1);
     assert_eq!(cp.bundle(), [old_root.clone(), new_root.clone()]);
-    let both = first_snapshot(&cp, &web, before.version)
+    let both = first_snapshot(&cp, &web, held(&before))
         .await
         .expect("a new version for the new bundle");
     assert_ne!(both.version, before.version);
@@ -280,7 +287,7 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
     cp.stop_async().await;
     // The same flags again: the sidecar is current, nothing is sent.
     let cp = ControlPlane::start_in(tmp.clone(), &step1);
-    assert_eq!(first_snapshot(&cp, &web, both.version).await, None);
+    assert_eq!(first_snapshot(&cp, &web, held(&both)).await, None);
     cp.stop_async().await;
 
     // (2) The new root signs, the old one is an anchor: the certificate
@@ -296,7 +303,7 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
     ];
     let cp = ControlPlane::start_in(tmp.clone(), &step2);
     assert_eq!(cp.bundle(), [new_root.clone(), old_root.clone()]);
-    let swapped = first_snapshot(&cp, &web, both.version)
+    let swapped = first_snapshot(&cp, &web, held(&both))
         .await
         .expect("a new version for the reordered bundle");
     assert_eq!(swapped.trust_bundle, der(&[&new_root, &old_root]));
@@ -311,7 +318,7 @@ async fn a_root_is_rotated_with_restarts_and_an_overlap() {
     let step3 = ["--ca-cert", arg(&new_cert), "--ca-key", arg(&new_key)];
     let cp = ControlPlane::start_in(tmp.clone(), &step3);
     assert_eq!(cp.bundle(), std::slice::from_ref(&new_root));
-    let alone = first_snapshot(&cp, &renewed, swapped.version)
+    let alone = first_snapshot(&cp, &renewed, held(&swapped))
         .await
         .expect("a new version for the new root alone");
     assert_eq!(alone.trust_bundle, der(&[&new_root]));

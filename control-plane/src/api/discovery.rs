@@ -3,8 +3,9 @@
 //!
 //! The caller must present an SVID; the first message must be a Subscribe.
 //! A snapshot is sent first (unless the sidecar already holds the current
-//! version), then again whenever the sidecar's snapshot content changes:
-//! an announced change is looked at once the stream's last rebuild is a
+//! version: it subscribed with that version and the epoch it was set in),
+//! then again whenever the sidecar's snapshot content changes: an
+//! announced change is looked at once the stream's last rebuild is a
 //! [`COALESCE_WINDOW`] old (at once after a quiet spell), when the stream
 //! derives its sidecar's content key from the shared view and builds a
 //! snapshot only when that key changed. A sidecar that subscribed with
@@ -83,7 +84,7 @@ impl DiscoveryService {
             } else {
                 quoted_list_up_to(&subscribe.inbound_addresses, LOGGED_CHARS)
             };
-            tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, "discovery stream opened");
+            tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, last_version_epoch = subscribe.last_version_epoch, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
             // Open until the closing line is written: a stopping replica
             // stops listening once every stream is closed, so the lines
@@ -208,7 +209,11 @@ async fn serve_stream(
     mut inbound: Streaming<WatchRequest>,
     tx: Sender,
 ) -> &'static str {
+    // What the sidecar holds: a version names its content only with the
+    // epoch it was set in (a restored database counts through its versions
+    // again, in another epoch).
     let last_version = subscribe.last_version;
+    let last_epoch = subscribe.last_version_epoch;
     let mut sidecar = Held {
         accepts_reference: subscribe.accepts_endpoints_version,
         accepts_changes: subscribe.accepts_endpoints_version && subscribe.accepts_endpoint_changes,
@@ -253,9 +258,12 @@ async fn serve_stream(
                     }
                     continue;
                 }
-                // A reconnecting sidecar that holds the current version needs
-                // nothing until the next change.
-                let held = first && last_version != 0 && last_version == view.version;
+                // A reconnecting sidecar that holds the current version (that
+                // version set in the same epoch) needs nothing until the next
+                // change.
+                let held = first
+                    && last_version != 0
+                    && (last_version, last_epoch) == (view.version, view.epoch);
                 last_sent = Some(key);
                 sidecar.sent = view.version;
                 sidecar.same_as_sent = view.version;

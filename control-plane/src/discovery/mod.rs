@@ -5,8 +5,11 @@
 //! The store's snapshot version changes with every change that can affect a
 //! snapshot (a new endpoint, a policy write, a changed mesh config or trust
 //! bundle, which a restart brings): a
-//! persisted counter in the embedded store, a digest of the content in the
-//! Kubernetes store (so replicas agree on it). After
+//! persisted counter in the embedded store, set in an epoch of its own each
+//! time the database is opened (so a database restored from an older copy,
+//! whose counter went back, never names other content with a version and
+//! epoch it named before), a digest of the content in the Kubernetes store
+//! (so replicas agree on it, with no epoch). After
 //! each change this module reads the version together with the workloads and
 //! policies it stands for, in one store transaction, into an in-memory
 //! [`View`], and announces the version on a `watch` channel: a snapshot's
@@ -118,6 +121,8 @@ impl SidecarStatus {
 #[derive(Debug, Default)]
 pub struct View {
     pub version: u64,
+    /// The epoch `version` was set in ([`DiscoveryState::epoch`]).
+    pub epoch: u64,
     /// One per address of live workloads, ordered by address: never two
     /// for one address, and no loopback address several workloads report.
     pub endpoints: Arc<Vec<Endpoint>>,
@@ -319,6 +324,7 @@ impl View {
             (first_limit_token..first_limit_token + rate_limits.len() as u64).collect();
         Self {
             version: state.version,
+            epoch: state.epoch,
             endpoints: Arc::new(endpoints),
             services: Arc::new(state.services),
             endpoints_part: Bytes::new(),
@@ -782,6 +788,7 @@ impl Discovery {
     pub fn snapshot_in(&self, view: &View, id: &SpiffeId) -> Snapshot {
         Snapshot {
             version: view.version,
+            version_epoch: view.epoch,
             trust_bundle: self.bundle.clone(),
             endpoints: view.endpoints.as_ref().clone(),
             policies: view.policies_for(id),
@@ -811,6 +818,7 @@ impl Discovery {
         };
         let own = Snapshot {
             version: view.version,
+            version_epoch: view.epoch,
             policies: view.policies_for(id),
             rate_limits: view.rate_limits_for(id),
             endpoints_version,

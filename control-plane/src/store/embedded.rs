@@ -15,8 +15,14 @@
 //! encoding, revision included: the very form pushed to sidecars, whose
 //! fields are only ever added), `rate_limits` (`namespace/name` -> a
 //! `RateLimitRecord`'s protobuf encoding: the pushed form and its
-//! revision), `meta` (counters: snapshot version and when it was set,
-//! policy generation).
+//! revision), `meta` (counters: snapshot version, the epoch it was set
+//! in and when, policy generation).
+//!
+//! The snapshot version is a counter, so a database restored from a backup
+//! (or any older copy) counts again through versions it had already set,
+//! with other content. So each open draws a random epoch, and every
+//! version set while the database is open is set under it: a pair
+//! (version, epoch) is set by one commit ever, and names its content.
 //!
 //! Issuances are written by one thread in group commits (the `issuance` module);
 //! every other write is its own transaction.
@@ -31,8 +37,8 @@ use prost::Message;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use trellis_core::policy::policy_key;
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -78,12 +84,18 @@ const SNAPSHOT_VERSION: &str = "snapshot_version";
 /// When the snapshot version was last set, Unix seconds: the endpoints it
 /// published are the addresses unexpired then.
 const SNAPSHOT_VERSION_SET_AT: &str = "snapshot_version_set_at";
+/// The epoch the snapshot version was set in, with that version
+/// ([`VersionEpoch`]).
+const SNAPSHOT_EPOCH: &str = "snapshot_epoch";
 const POLICY_GENERATION: &str = "policy_generation";
 const MESH_CONFIG: &str = "mesh_config";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Every snapshot version set while the database is open is set in
+    /// this epoch, drawn at random when it was opened.
+    epoch: u64,
     issuances: issuance::IssuanceWriter,
     failure: Arc<WriteFailure>,
 }
@@ -165,16 +177,19 @@ impl EmbeddedStore {
         };
         let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
         let failure = Arc::new(WriteFailure::new(path));
+        let epoch = new_epoch();
         let issuances = issuance::IssuanceWriter::start(
             db.clone(),
             path.display().to_string(),
             retained,
+            epoch,
             failure.clone(),
         )
         .map_err(|e| database_error(format!("starting the issuance writer: {e}")))?;
         let store = Self {
             db,
             path: path.to_path_buf(),
+            epoch,
             issuances,
             failure,
         };
@@ -429,18 +444,58 @@ fn revise(stored: Option<(u64, bool)>) -> (u64, PolicyOutcome) {
     }
 }
 
-/// Sets the snapshot version, and records when.
+/// A random epoch for the versions one open of the database sets; never 0,
+/// which stands for a version set before there were epochs.
+fn new_epoch() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// The epoch a snapshot version was set in, stored with that version: a
+/// control plane rolled back to a release that predates epochs sets
+/// versions without one, and the epoch left behind must not be read as
+/// theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct VersionEpoch {
+    version: u64,
+    epoch: u64,
+}
+
+/// The epoch the stored snapshot version was set in; 0 when it was set
+/// without one (by a release that predates epochs, or never).
+fn stored_epoch(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    let version = get_u64(table, SNAPSHOT_VERSION)?;
+    let stored: Option<VersionEpoch> = match table.get(SNAPSHOT_EPOCH)? {
+        Some(v) => Some(decode(v.value(), SNAPSHOT_EPOCH)?),
+        None => None,
+    };
+    Ok(stored
+        .filter(|s| s.version == version)
+        .map_or(0, |s| s.epoch))
+}
+
+/// Sets the snapshot version in `epoch`, and records when.
 fn set_snapshot_version(
     meta: &mut redb::Table<'_, &str, &[u8]>,
     version: u64,
+    epoch: u64,
 ) -> Result<(), StoreError> {
     meta.insert(SNAPSHOT_VERSION, encode(&version).as_slice())?;
+    meta.insert(
+        SNAPSHOT_EPOCH,
+        encode(&VersionEpoch { version, epoch }).as_slice(),
+    )?;
     meta.insert(SNAPSHOT_VERSION_SET_AT, encode(&unix_now()).as_slice())?;
     Ok(())
 }
 
-/// Bumps the policy generation and the snapshot version together.
-fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation, StoreError> {
+/// Bumps the policy generation and the snapshot version (in `epoch`)
+/// together.
+fn bump_generation(
+    meta: &mut redb::Table<'_, &str, &[u8]>,
+    epoch: u64,
+) -> Result<Generation, StoreError> {
     let snapshot = get_u64(meta, SNAPSHOT_VERSION)? + 1;
     let generation = Generation {
         policies: get_u64(meta, POLICY_GENERATION)? + 1,
@@ -448,7 +503,7 @@ fn bump_generation(meta: &mut redb::Table<'_, &str, &[u8]>) -> Result<Generation
         position: Position::at(snapshot),
     };
     meta.insert(POLICY_GENERATION, encode(&generation.policies).as_slice())?;
-    set_snapshot_version(meta, generation.snapshot)?;
+    set_snapshot_version(meta, generation.snapshot, epoch)?;
     Ok(generation)
 }
 
@@ -555,7 +610,7 @@ impl Store for EmbeddedStore {
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
-            set_snapshot_version(&mut meta, next)?;
+            set_snapshot_version(&mut meta, next, self.epoch)?;
             Ok(next)
         })
     }
@@ -569,7 +624,7 @@ impl Store for EmbeddedStore {
             let mut version = get_u64(&meta, SNAPSHOT_VERSION)?;
             if stored.as_deref() != Some(encoded) {
                 version += 1;
-                set_snapshot_version(&mut meta, version)?;
+                set_snapshot_version(&mut meta, version, self.epoch)?;
                 meta.insert(MESH_CONFIG, encoded.as_bytes())?;
             }
             Ok(version)
@@ -583,13 +638,13 @@ impl Store for EmbeddedStore {
         dry_run: bool,
     ) -> Result<AppliedDocuments, StoreError> {
         if !dry_run {
-            return self.write(|txn| Self::apply_in(txn, policies, rate_limits));
+            return self.write(|txn| self.apply_in(txn, policies, rate_limits));
         }
         let txn = self
             .db
             .begin_write()
             .map_err(|e| self.db_error(self.failure.note(e)))?;
-        let mut result = Self::apply_in(&txn, policies, rate_limits)?;
+        let mut result = self.apply_in(&txn, policies, rate_limits)?;
         txn.abort().map_err(|e| self.db_error(e))?;
         // Nothing was committed: report the counters as they stand.
         result.generation = self.generation()?;
@@ -627,7 +682,7 @@ impl Store for EmbeddedStore {
                 return Ok(None);
             }
             let mut meta = txn.open_table(META)?;
-            bump_generation(&mut meta).map(Some)
+            bump_generation(&mut meta, self.epoch).map(Some)
         })
     }
 
@@ -652,7 +707,7 @@ impl Store for EmbeddedStore {
                 return Ok(None);
             }
             let mut meta = txn.open_table(META)?;
-            bump_generation(&mut meta).map(Some)
+            bump_generation(&mut meta, self.epoch).map(Some)
         })
     }
 
@@ -665,6 +720,7 @@ impl Store for EmbeddedStore {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let meta = txn.open_table(META)?;
         let version = get_u64(&meta, SNAPSHOT_VERSION)?;
+        let epoch = stored_epoch(&meta)?;
         let version_set_at_unix = match meta.get(SNAPSHOT_VERSION_SET_AT)? {
             Some(v) => Some(decode(v.value(), SNAPSHOT_VERSION_SET_AT)?),
             None => None,
@@ -681,6 +737,7 @@ impl Store for EmbeddedStore {
             .collect();
         Ok(DiscoveryState {
             version,
+            epoch,
             position: Position::at(version),
             version_set_at_unix,
             workloads,
@@ -693,6 +750,7 @@ impl Store for EmbeddedStore {
 
 impl EmbeddedStore {
     fn apply_in(
+        &self,
         txn: &redb::WriteTransaction,
         policies: &[Policy],
         rate_limits: &[RateLimit],
@@ -728,7 +786,7 @@ impl EmbeddedStore {
         };
         let mut meta = txn.open_table(META)?;
         result.generation = if result.changed() {
-            bump_generation(&mut meta)?
+            bump_generation(&mut meta, self.epoch)?
         } else {
             current_generation(&meta)?
         };

@@ -219,6 +219,84 @@ fn mesh_config_bumps_the_version_only_when_it_changes() {
     assert_eq!(store.snapshot_version().unwrap(), 3);
 }
 
+/// The stored snapshot version with the epoch it was set in.
+fn versioned(store: &EmbeddedStore) -> (u64, u64) {
+    let state = store.discovery_state().unwrap();
+    (state.version, state.epoch)
+}
+
+/// A database restored from an older copy counts again through versions
+/// it had set: each open sets its versions in an epoch of its own, so the
+/// copy never names other content with a version and epoch the original
+/// named. A reopen that changes nothing keeps both, and every kind of
+/// write (issuance, policy, mesh config, bump) sets the open's epoch.
+#[test]
+fn a_restored_copy_sets_its_versions_again_in_another_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let copy = tmp.path().join("backup.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), (0, 0), "no version yet");
+    store.settle_mesh_config("a").unwrap();
+    let (version, epoch) = versioned(&store);
+    assert_eq!(version, 1);
+    assert_ne!(epoch, 0);
+    let id = "spiffe://td/ns/a/sa/b";
+    store
+        .record_issuance(None, &issued("01", id), &workload(id, "10.0.0.1:1"))
+        .unwrap();
+    assert_eq!(versioned(&store), (2, epoch), "one epoch for the open");
+    drop(store);
+    std::fs::copy(&path, &copy).unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), (2, epoch), "a reopen keeps both");
+    store.apply_policies(&[policy("p", &[80])], false).unwrap();
+    let (later, later_epoch) = versioned(&store);
+    assert_eq!(later, 3);
+    assert_ne!(later_epoch, epoch);
+    drop(store);
+
+    // The copy, restored, sets version 3 again, with other content.
+    std::fs::copy(&copy, &path).unwrap();
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), (2, epoch));
+    store.bump_snapshot_version().unwrap();
+    let (again, again_epoch) = versioned(&store);
+    assert_eq!(again, later);
+    assert!(![0, epoch, later_epoch].contains(&again_epoch));
+    store.settle_mesh_config("b").unwrap();
+    assert_eq!(versioned(&store), (4, again_epoch));
+}
+
+/// A version set by a release that predates epochs, or by one rolled back
+/// to after a later one set an epoch, reads with epoch 0: an epoch stored
+/// for another version is not that version's.
+#[test]
+fn a_version_set_without_an_epoch_reads_with_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let set_by_an_older_release = |version: u64| {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SNAPSHOT_VERSION, encode(&version).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    };
+    set_by_an_older_release(5);
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), (5, 0));
+    store.bump_snapshot_version().unwrap();
+    let (version, epoch) = versioned(&store);
+    assert_eq!(version, 6);
+    assert_ne!(epoch, 0);
+    drop(store);
+    set_by_an_older_release(7);
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), (7, 0));
+}
+
 fn policy(name: &str, ports: &[u32]) -> Policy {
     use trellis_proto::policy::v1::{Destination, Rule};
     Policy {

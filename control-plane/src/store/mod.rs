@@ -379,6 +379,12 @@ impl From<Position> for trellis_proto::admin::v1::StorePosition {
 #[derive(Clone, Debug, Default)]
 pub struct DiscoveryState {
     pub version: u64,
+    /// The epoch `version` was set in: a store whose versions are counters
+    /// sets them in a new epoch each time it is opened, so that one restored
+    /// from an older copy never names other content with a version it named
+    /// before. 0 when the version alone names the content (the Kubernetes
+    /// store's are digests of it) or was set before there were epochs.
+    pub epoch: u64,
     /// How far into the store's policy history this content reaches.
     pub position: Position,
     /// When `version` was set, Unix seconds; `None` when the store does not

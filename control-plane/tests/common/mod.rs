@@ -75,6 +75,7 @@ impl Watcher {
                 inbound_addresses: Vec::new(),
                 accepts_endpoints_version: takes != Takes::AllEndpoints,
                 accepts_endpoint_changes: takes == Takes::EndpointChanges,
+                last_version_epoch: 0,
             })),
         })
         .await

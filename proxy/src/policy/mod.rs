@@ -56,6 +56,10 @@ pub enum OutboundPolicy {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    /// The epoch the control plane set `version` in (0 for none): the
+    /// version names this content only with it, and both are reported
+    /// when the sidecar subscribes again.
+    pub version_epoch: u64,
     /// DER roots; may be empty when the control plane sent none.
     pub trust_bundle: Vec<CertificateDer<'static>>,
     /// Mesh endpoints: sidecar inbound address -> its SPIFFE ID; shared
@@ -247,6 +251,7 @@ impl Snapshot {
         )?;
         Ok(Snapshot {
             version: raw.version,
+            version_epoch: raw.version_epoch,
             trust_bundle,
             endpoints,
             endpoint_ips,

@@ -182,7 +182,14 @@ async fn session_inner(
                 source,
             }
         })?;
-    let last_version = out.snapshot.borrow().as_ref().map_or(0, |s| s.version);
+    // A version names its content only with the epoch it was set in: a
+    // control plane whose database was restored from an older copy sets
+    // the same versions again, in another epoch, with other content.
+    let (last_version, last_version_epoch) = out
+        .snapshot
+        .borrow()
+        .as_ref()
+        .map_or((0, 0), |s| (s.version, s.version_epoch));
     let (tx, rx) = mpsc::channel(4);
     let (inbound_address, inbound_addresses) = identity::advertised(&params.advertise_addresses);
     let subscribe = Kind::Subscribe(Subscribe {
@@ -191,6 +198,7 @@ async fn session_inner(
         last_version,
         accepts_endpoints_version: true,
         accepts_endpoint_changes: true,
+        last_version_epoch,
     });
     // The receiver is alive: it was just made.
     let _ = tx
@@ -203,7 +211,7 @@ async fn session_inner(
         .await?
         .into_inner();
     *opened = true;
-    tracing::info!(control_plane = %params.control_plane, last_version, "discovery stream open");
+    tracing::info!(control_plane = %params.control_plane, last_version, last_version_epoch, "discovery stream open");
     while let Some(raw) = stream.message().await? {
         let version = raw.version;
         let endpoints_from = raw.endpoints_version;

@@ -36,8 +36,9 @@ pub struct Seen {
     pub certify: Vec<(bool, Option<SpiffeId>)>,
     /// The ServiceAccount tokens Certify was proved with, in order.
     pub service_account_tokens: Vec<String>,
-    /// The `last_version` of each Subscribe, in order.
-    pub subscribes: Vec<u64>,
+    /// The `last_version` and `last_version_epoch` of each Subscribe, in
+    /// order.
+    pub subscribes: Vec<(u64, u64)>,
     /// Every ACK and NACK, in order.
     pub answers: Vec<Kind>,
     /// Entries Certify adds to the trust bundle after the root (a broken
@@ -140,10 +141,11 @@ impl Discovery for Service {
             let Some(Kind::Subscribe(subscribe)) = first.kind else {
                 panic!("the first request must subscribe");
             };
-            seen.lock().unwrap().subscribes.push(subscribe.last_version);
+            let held = (subscribe.last_version, subscribe.last_version_epoch);
+            seen.lock().unwrap().subscribes.push(held);
             let holds = |s: &Option<pb::Snapshot>| {
                 s.as_ref()
-                    .is_some_and(|s| s.version == subscribe.last_version && s.version != 0)
+                    .is_some_and(|s| (s.version, s.version_epoch) == held && s.version != 0)
             };
             if hold.load(std::sync::atomic::Ordering::Relaxed) && holds(&snapshot.borrow()) {
                 snapshot.mark_unchanged();

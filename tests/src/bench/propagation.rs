@@ -153,7 +153,7 @@ async fn reconnect(
     let channel = trellis_core::grpc::connect(addr, tls).await?;
     certify(channel.clone(), csr, None, inbound.clone()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let stream = tokio::spawn(async move { watch(channel, 0, inbound, &mut 0, tx).await });
+    let stream = tokio::spawn(async move { watch(channel, 0, inbound, &mut (0, 0), tx).await });
     let first = tokio::time::timeout(RPC_TIMEOUT, rx.recv()).await;
     stream.abort();
     let (_, _, at, _) = first
@@ -190,7 +190,7 @@ async fn keep_watching(
     reopened: Arc<AtomicUsize>,
 ) {
     let (addr, tls) = reconnect;
-    let mut last_version = 0;
+    let mut last_version = (0, 0);
     loop {
         let _ = watch(
             channel,
@@ -215,22 +215,24 @@ async fn keep_watching(
 
 /// One simulated sidecar's Watch stream: Subscribe (with the version it
 /// holds), then decode, ACK and report every snapshot, keeping its version
-/// in `last_version`. Runs until aborted or the stream ends.
+/// and the epoch it was set in in `last_version`. Runs until aborted or the
+/// stream ends.
 async fn watch(
     channel: Channel,
     index: usize,
     inbound: String,
-    last_version: &mut u64,
+    last_version: &mut (u64, u64),
     events: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<WatchRequest>(4);
     tx.send(WatchRequest {
         kind: Some(Kind::Subscribe(Subscribe {
             inbound_address: inbound,
-            last_version: *last_version,
+            last_version: last_version.0,
             inbound_addresses: Vec::new(),
             accepts_endpoints_version: true,
             accepts_endpoint_changes: takes_changes(),
+            last_version_epoch: last_version.1,
         })),
     })
     .await?;
@@ -246,7 +248,7 @@ async fn watch(
             })),
         })
         .await?;
-        *last_version = snapshot.version;
+        *last_version = (snapshot.version, snapshot.version_epoch);
         // The ACK is on its way: this sidecar holds the version.
         if events
             .send((index, snapshot.version, Instant::now(), bytes))

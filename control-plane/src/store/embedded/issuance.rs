@@ -83,18 +83,19 @@ pub(super) struct IssuanceWriter {
 
 impl IssuanceWriter {
     /// Starts the writer; the issued-certificate log keeps the newest
-    /// `retained` issuances.
+    /// `retained` issuances, and snapshot versions are set in `epoch`.
     pub(super) fn start(
         db: Arc<Database>,
         path: String,
         retained: u64,
+        epoch: u64,
         failure: Arc<super::WriteFailure>,
     ) -> std::io::Result<Self> {
         let (queue, waiting) = mpsc::channel();
         let thread_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("store-issuance".into())
-            .spawn(move || run(&db, &thread_path, retained, &waiting, &failure))?;
+            .spawn(move || run(&db, &thread_path, retained, epoch, &waiting, &failure))?;
         Ok(IssuanceWriter {
             queue: Mutex::new(Some(queue)),
             thread: Some(thread),
@@ -167,6 +168,7 @@ fn run(
     db: &Database,
     path: &str,
     retained: u64,
+    epoch: u64,
     waiting: &Receiver<Issuance>,
     failure: &super::WriteFailure,
 ) {
@@ -182,7 +184,7 @@ fn run(
             }
         }
         shared = batch.len() > 1;
-        match commit(db, &batch, retained, failure) {
+        match commit(db, &batch, retained, epoch, failure) {
             Ok(outcomes) => {
                 for (issuance, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = issuance.answer.send(outcome);
@@ -208,6 +210,7 @@ fn commit(
     db: &Database,
     batch: &[Issuance],
     retained: u64,
+    epoch: u64,
     failure: &super::WriteFailure,
 ) -> Result<Vec<Result<EndpointChange, StoreError>>, String> {
     let txn = db.begin_write().map_err(|e| failure.note(e).to_string())?;
@@ -254,7 +257,7 @@ fn commit(
         let bump = || {
             let mut meta = txn.open_table(META)?;
             let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
-            set_snapshot_version(&mut meta, next)?;
+            set_snapshot_version(&mut meta, next, epoch)?;
             Ok::<_, StoreError>(())
         };
         bump().map_err(|e| e.to_string())?;

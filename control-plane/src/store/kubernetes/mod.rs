@@ -840,6 +840,8 @@ impl Store for KubernetesStore {
     fn discovery_state(&self) -> Result<DiscoveryState, StoreError> {
         Ok(self.shared.read(|c| DiscoveryState {
             version: c.version(),
+            // The version is a digest of the content: it needs no epoch.
+            epoch: 0,
             position: c.position(),
             // Endpoints are Pods, which no certificate expiry removes.
             version_set_at_unix: None,

@@ -98,11 +98,13 @@ mod tests {
                 client_affinity: false,
             }],
             endpoint_changes: None,
+            version_epoch: 7,
         };
         // The per-sidecar fields first, then the shared ones, as the control
         // plane sends them: the order of fields does not matter.
         let own = Snapshot {
             version: whole.version,
+            version_epoch: whole.version_epoch,
             policies: whole.policies.clone(),
             ..Snapshot::default()
         };
