@@ -1013,3 +1013,120 @@ fn workloads_of_the_older_formats_read_with_their_certificate_s_expiry() {
         "the latest to expire first"
     );
 }
+
+/// A Certify of `id` at 1 whose connection verified each of `addresses`,
+/// with a certificate that ends at 100.
+fn verified(id: &str, addresses: &[&str]) -> WorkloadRecord {
+    let mut record = certified(id, addresses, 100, 1);
+    for address in &mut record.addresses {
+        address.verified = true;
+    }
+    record
+}
+
+/// Addresses are owned by IP: an unverified report of another port at an
+/// IP a live workload holds is refused as the very address is, and the
+/// refusal writes nothing; an IP nobody holds is taken.
+#[test]
+fn an_unverified_address_at_an_ip_another_workload_holds_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let victim = "spiffe://td/ns/a/sa/victim";
+    let thief = "spiffe://td/ns/a/sa/thief";
+    store
+        .record_issuance(
+            None,
+            &issued("01", victim),
+            &verified(victim, &["10.0.0.1:15006", "[fd00::1]:15006"]),
+        )
+        .unwrap();
+    let version = store.snapshot_version().unwrap();
+
+    for address in ["10.0.0.1:9999", "[fd00::1]:1"] {
+        let taking = certified(thief, &["10.0.0.2:15006", address], 100, 1);
+        let err = store
+            .record_issuance(None, &issued("02", thief), &taking)
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AddressHeld { address: a, holder }
+                if a == address && holder == victim),
+            "{address}: {err}"
+        );
+    }
+    assert_eq!(store.workloads().unwrap().len(), 1);
+    assert_eq!(store.issued_certificates().unwrap().len(), 1);
+    assert_eq!(store.snapshot_version().unwrap(), version);
+    assert_eq!(
+        live_at(&store, victim, 50),
+        ["10.0.0.1:15006", "[fd00::1]:15006"]
+    );
+
+    // An IP that begins like the victim's is another IP.
+    store
+        .record_issuance(
+            None,
+            &issued("03", thief),
+            &workload(thief, "10.0.0.10:15006"),
+        )
+        .unwrap();
+    assert_eq!(live_at(&store, thief, 50), ["10.0.0.10:15006"]);
+}
+
+/// A verified address is the workload's for certain: it shares its IP
+/// with other workloads' verified claims (sidecars of one host, each on
+/// its port) and takes the IP from unverified ones, across a restart; the
+/// very address another workload holds verified stays that workload's.
+#[test]
+fn a_verified_address_shares_an_ip_with_verified_claims_and_takes_it_from_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let web = "spiffe://td/ns/a/sa/web";
+    let db = "spiffe://td/ns/a/sa/db";
+    let squatter = "spiffe://td/ns/a/sa/squatter";
+    // Claimed unverified (another family's address, say) before anyone
+    // was seen at that IP.
+    store
+        .record_issuance(
+            None,
+            &issued("01", squatter),
+            &certified(squatter, &["10.0.0.9:15006", "10.0.0.1:7002"], 100, 1),
+        )
+        .unwrap();
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+
+    let change = store
+        .record_issuance(None, &issued("02", web), &verified(web, &["10.0.0.1:7001"]))
+        .unwrap();
+    assert_eq!(change, EndpointChange::Changed);
+    assert_eq!(live_at(&store, squatter, 50), ["10.0.0.9:15006"]);
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+
+    store
+        .record_issuance(None, &issued("03", db), &verified(db, &["10.0.0.1:7002"]))
+        .unwrap();
+    assert_eq!(live_at(&store, web, 50), ["10.0.0.1:7001"]);
+    assert_eq!(live_at(&store, db, 50), ["10.0.0.1:7002"]);
+
+    // The squatter cannot come back at that IP, on any port.
+    let err = store
+        .record_issuance(
+            None,
+            &issued("04", squatter),
+            &certified(squatter, &["10.0.0.1:7003"], 100, 1),
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AddressHeld { .. }), "{err}");
+    // Nor may a verified claim take the address web holds verified.
+    let err = store
+        .record_issuance(None, &issued("05", db), &verified(db, &["10.0.0.1:7001"]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AddressHeld { address, holder }
+            if address == "10.0.0.1:7001" && holder == web),
+        "{err}"
+    );
+    assert_eq!(live_at(&store, web, 50), ["10.0.0.1:7001"]);
+}

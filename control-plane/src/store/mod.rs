@@ -11,7 +11,7 @@
 pub mod embedded;
 pub mod kubernetes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -50,6 +50,12 @@ pub struct InboundAddress {
     /// the address: a sidecar that stops renewing leaves the endpoints when
     /// its certificate ends, while the other sidecars of its identity stay.
     pub expires_at_unix: i64,
+    /// Whether a Certify that reported it came from its IP (the control
+    /// plane saw the sidecar connect from there), so the identity is known
+    /// to be at that IP: such a claim may share the IP with other
+    /// identities' verified claims (one host, several sidecars) and takes
+    /// it from their unverified ones.
+    pub verified: bool,
 }
 
 /// A workload the control plane has issued a certificate to.
@@ -90,6 +96,7 @@ impl WorkloadRecord {
                 .map(|address| InboundAddress {
                     address,
                     expires_at_unix: cert_expires_at_unix,
+                    verified: false,
                 })
                 .collect(),
             cert_expires_at_unix,
@@ -134,6 +141,11 @@ struct StoredWorkload {
     /// missing here expires with `cert_expires_at_unix`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     address_expires_at_unix: BTreeMap<String, i64>,
+    /// The addresses a Certify reported from their own IP
+    /// ([`InboundAddress::verified`]); an address missing here (every one
+    /// of a record written before there was this field) is unverified.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    verified_addresses: BTreeSet<String>,
     cert_expires_at_unix: i64,
     last_seen_unix: i64,
 }
@@ -146,6 +158,7 @@ impl From<StoredWorkload> for WorkloadRecord {
             None => vec![s.address],
         };
         let expiries = s.address_expires_at_unix;
+        let verified = s.verified_addresses;
         WorkloadRecord {
             spiffe_id: s.spiffe_id,
             addresses: addresses
@@ -155,6 +168,7 @@ impl From<StoredWorkload> for WorkloadRecord {
                         .get(&address)
                         .copied()
                         .unwrap_or(s.cert_expires_at_unix),
+                    verified: verified.contains(&address),
                     address,
                 })
                 .collect(),
@@ -177,6 +191,12 @@ impl From<WorkloadRecord> for StoredWorkload {
                 .addresses
                 .iter()
                 .map(|a| (a.address.clone(), a.expires_at_unix))
+                .collect(),
+            verified_addresses: w
+                .addresses
+                .iter()
+                .filter(|a| a.verified)
+                .map(|a| a.address.clone())
                 .collect(),
             addresses: Some(w.addresses.into_iter().map(|a| a.address).collect()),
             cert_expires_at_unix: w.cert_expires_at_unix,
@@ -241,9 +261,13 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error(transparent)]
     Token(#[from] TokenRefusal),
-    /// An issuance reported an inbound address another workload holds
-    /// unexpired: one address has one owner.
-    #[error("inbound address {address} is held by {holder}, whose certificate is still valid")]
+    /// An issuance reported an inbound address whose IP another workload
+    /// holds unexpired, and the report could not show that the workload is
+    /// at that IP too (or both claim the very same address): an address
+    /// has one owner, and an IP is not taken on a sidecar's word.
+    #[error(
+        "inbound address {address} is at an IP that {holder} holds, whose certificate is still valid"
+    )]
     AddressHeld { address: String, holder: String },
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeStoreError),
@@ -435,6 +459,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the mesh endpoints come from the addresses sidecars report
+    /// when they certify (the embedded store), rather than from elsewhere
+    /// (the Kubernetes store reads Pods, and ignores reports).
+    fn takes_reported_addresses(&self) -> bool {
+        true
+    }
+
     /// Records an issued certificate and upserts its workload, in one
     /// transaction. With a `claim`, the token is checked and consumed in the
     /// same transaction; a refused claim ([`StoreError::Token`]) changes
@@ -445,9 +476,13 @@ pub trait Store: Send + Sync + 'static {
     /// may share an identity, each renewing its own), less any another live
     /// workload has taken since, and at most [`MAX_WORKLOAD_ADDRESSES`],
     /// those that expire soonest dropped. A store that takes addresses
-    /// from what sidecars report refuses one that a different workload
-    /// holds unexpired ([`StoreError::AddressHeld`]), deciding it in the
-    /// same transaction, and changes nothing. A [`EndpointChange::Changed`]
+    /// from what sidecars report owns them by IP: it refuses an unverified
+    /// address ([`InboundAddress::verified`]) at an IP a different workload
+    /// holds unexpired, and any address another workload holds itself
+    /// unless it is verified and the holder's claim is not
+    /// ([`StoreError::AddressHeld`]), deciding it in the same transaction,
+    /// and changes nothing; a verified address takes its IP from the other
+    /// workloads' unverified claims. A [`EndpointChange::Changed`]
     /// issuance has bumped the snapshot version in that same transaction, so
     /// the caller only refreshes discovery.
     fn record_issuance(
@@ -582,6 +617,7 @@ mod tests {
         InboundAddress {
             address: address.into(),
             expires_at_unix,
+            verified: false,
         }
     }
 

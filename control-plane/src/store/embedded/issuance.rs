@@ -15,17 +15,26 @@
 //! last page instead of landing on random pages, as records keyed by serial
 //! did) and pruned from its oldest end to the store's retention in the same
 //! commit. Each
-//! issuance checks its token, and that no other live workload holds an
-//! address it reports (loopback and unspecified addresses are every
-//! network namespace's own and have no owner), before it writes anything, so a refused one changes
-//! nothing, whatever its neighbours in the batch do (two in one batch
-//! claiming one address: the second sees the first's claim); a failed
-//! commit fails the whole batch and writes none of it.
+//! issuance checks its token, and the addresses it reports against those
+//! other live workloads hold (loopback and unspecified addresses are every
+//! network namespace's own and have no owner), before it writes anything,
+//! so a refused one changes nothing, whatever its neighbours in the batch
+//! do (two in one batch claiming one address: the second sees the first's
+//! claim); a failed commit fails the whole batch and writes none of it.
+//!
+//! Addresses are owned by IP. An unverified address (the control plane
+//! could not see the sidecar at its IP: the other IP family, or
+//! `--trust-reported-addresses`) is refused at an IP another live workload
+//! holds, on any port. A verified one (the Certify came from its IP) is
+//! the sidecar's for certain: it shares the IP with other workloads'
+//! verified claims (several sidecars on one host, each on its own port;
+//! one `ip:port` still has one owner) and takes the IP from their
+//! unverified ones, which are dropped from those workloads.
 //!
 //! This module never decides who may have a certificate; it only makes
 //! the store's decision durable.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -295,14 +304,15 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-/// One issuance in the batch's `tables`: the inner result is its answer, the outer
-/// error a failed write that must abort the transaction. Everything that
-/// may refuse is read and decided before the first write, so a refused
-/// issuance leaves the transaction as it found it. The token is checked
-/// before the addresses, so only a caller with a proof hears whether an
-/// address is held. `version_set_at` is when the snapshot version was set
-/// before the batch (`None` when the store does not know): an expired
-/// address dropped now was published by that version if it expired after.
+/// One issuance in the batch's `tables`: the inner result is its answer,
+/// the outer error a failed write that must abort the transaction.
+/// Everything that may refuse is read and decided before the first write,
+/// so a refused issuance leaves the transaction as it found it. The token
+/// is checked before the addresses, so only a caller with a proof hears
+/// whether an address is held. Addresses are owned by IP (see the module
+/// docs). `version_set_at` is when the snapshot version was set before the
+/// batch (`None` when the store does not know): an expired address dropped
+/// now was published by that version if it expired after.
 fn record_one(
     tables: &mut Tables<'_>,
     claim: Option<TokenClaim<'_>>,
@@ -326,21 +336,35 @@ fn record_one(
             Some(v) => Some(decode(v.value(), "workload")?),
             None => None,
         };
+        // The other workloads' unverified claims a verified address takes,
+        // by holder.
+        let mut taken: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for reported in &workload.addresses {
             let address = &reported.address;
             if is_namespace_local(address) {
                 continue;
             }
-            if let Some(holder) = live_holder(owners, workloads, address, workload, now)? {
-                return Err(StoreError::AddressHeld {
-                    address: address.clone(),
-                    holder,
-                });
+            for (holder, held) in live_holders_at_ip(owners, workloads, address, workload, now)? {
+                let holds_it_verified = held.iter().any(|h| h.address == *address && h.verified);
+                if !reported.verified || holds_it_verified {
+                    return Err(StoreError::AddressHeld {
+                        address: address.clone(),
+                        holder,
+                    });
+                }
+                let unverified: BTreeSet<String> = held
+                    .into_iter()
+                    .filter(|h| !h.verified)
+                    .map(|h| h.address)
+                    .collect();
+                if !unverified.is_empty() {
+                    taken.entry(holder).or_default().extend(unverified);
+                }
             }
         }
-        Ok::<_, StoreError>((token, previous))
+        Ok::<_, StoreError>((token, previous, taken))
     })();
-    let (token, previous) = match decided {
+    let (token, previous, taken) = match decided {
         Ok(decided) => decided,
         Err(e) => return Ok(Err(e)),
     };
@@ -348,9 +372,10 @@ fn record_one(
     let mut record = workload.clone();
     // What this Certify reported, each until the later of its new and its
     // stored expiry (two sidecars of the identity may report one loopback
-    // address)...
+    // address), verified if either claim is...
     for reported in &mut record.addresses {
         if let Some(stored) = previous.iter().find(|p| p.address == reported.address) {
+            reported.verified |= stored.verified && stored.expires_at_unix > now;
             reported.expires_at_unix = reported.expires_at_unix.max(stored.expires_at_unix);
         }
     }
@@ -381,6 +406,16 @@ fn record_one(
         tokens.insert(claim.hash.as_slice(), encode(&token).as_slice())?;
     }
     log.insert(next_sequence(log)?, encode(issued).as_slice())?;
+    for (holder, addresses) in &taken {
+        take_from(workloads, owners, holder, addresses)?;
+        tracing::info!(
+            spiffe_id = %record.spiffe_id,
+            holder,
+            addresses = ?addresses,
+            "an inbound address verified by its connection took its IP from another \
+             workload's unverified claim"
+        );
+    }
     let kept: HashSet<&str> = record
         .addresses
         .iter()
@@ -425,7 +460,7 @@ fn record_one(
         p.expires_at_unix <= now && version_set_at.is_none_or(|set_at| p.expires_at_unix > set_at)
     });
     Ok(Ok(
-        if withdrawn || live(&previous) != live(&record.addresses) {
+        if withdrawn || !taken.is_empty() || live(&previous) != live(&record.addresses) {
             EndpointChange::Changed
         } else {
             EndpointChange::Unchanged
@@ -454,6 +489,78 @@ fn live_holder(
     let holder: WorkloadRecord = decode(value.value(), "workload")?;
     let holds = holder.live_addresses(now).any(|a| a.address == address);
     Ok(holds.then_some(owner))
+}
+
+/// The workloads other than `claimant` that hold an address at the IP of
+/// `address` at `now`, each with those of its live addresses at that IP:
+/// the owners the index names at that IP (its keys are canonical `ip:port`,
+/// so `ip:` begins exactly that IP's).
+fn live_holders_at_ip(
+    owners: &redb::Table<'_, &str, &str>,
+    workloads: &redb::Table<'_, &str, &[u8]>,
+    address: &str,
+    claimant: &WorkloadRecord,
+    now: i64,
+) -> Result<Vec<(String, Vec<InboundAddress>)>, StoreError> {
+    let Some(at_ip) = ip_prefix(address) else {
+        return Ok(Vec::new());
+    };
+    let mut named = BTreeSet::new();
+    for entry in owners.range(at_ip..)? {
+        let (key, owner) = entry?;
+        if !key.value().starts_with(at_ip) {
+            break;
+        }
+        if owner.value() != claimant.spiffe_id {
+            named.insert(owner.value().to_owned());
+        }
+    }
+    let mut holders = Vec::new();
+    for owner in named {
+        let Some(value) = workloads.get(owner.as_str())? else {
+            continue;
+        };
+        let holder: WorkloadRecord = decode(value.value(), "workload")?;
+        let held: Vec<InboundAddress> = holder
+            .live_addresses(now)
+            .filter(|a| ip_prefix(&a.address) == Some(at_ip))
+            .cloned()
+            .collect();
+        if !held.is_empty() {
+            holders.push((owner, held));
+        }
+    }
+    Ok(holders)
+}
+
+/// `ip:` of a canonical `ip:port` (`10.0.0.1:`, `[fd00::1]:`).
+fn ip_prefix(address: &str) -> Option<&str> {
+    address.rfind(':').map(|colon| &address[..=colon])
+}
+
+/// Drops `addresses` from `holder`'s record and from the owner index.
+fn take_from(
+    workloads: &mut redb::Table<'_, &str, &[u8]>,
+    owners: &mut redb::Table<'_, &str, &str>,
+    holder: &str,
+    addresses: &BTreeSet<String>,
+) -> Result<(), StoreError> {
+    let stored = workloads.get(holder)?.map(|v| v.value().to_vec());
+    let Some(stored) = stored else {
+        return Ok(());
+    };
+    let mut record: WorkloadRecord = decode(&stored, "workload")?;
+    record.addresses.retain(|a| !addresses.contains(&a.address));
+    workloads.insert(holder, encode(&record).as_slice())?;
+    for address in addresses {
+        if owners
+            .get(address.as_str())?
+            .is_some_and(|owner| owner.value() == holder)
+        {
+            owners.remove(address.as_str())?;
+        }
+    }
+    Ok(())
 }
 
 /// The sequence number the log's next record takes.

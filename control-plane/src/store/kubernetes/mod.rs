@@ -641,6 +641,10 @@ impl Store for KubernetesStore {
         Err(TokenRefusal::Disabled.into())
     }
 
+    fn takes_reported_addresses(&self) -> bool {
+        false
+    }
+
     fn record_issuance(
         &self,
         claim: Option<TokenClaim<'_>>,
