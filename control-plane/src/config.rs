@@ -228,6 +228,17 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_IDENTITY_PROVIDER", value_enum, default_value_t)]
     pub identity_provider: IdentityProvider,
 
+    /// Record the inbound addresses sidecars report as reported. By default
+    /// (embedded store) an address becomes a mesh endpoint only if the
+    /// sidecar's Certify came from its IP (or, for a dual-stack sidecar,
+    /// the address is of the other IP family and the report holds the IP it
+    /// came from); others are logged and not recorded. Set this only where
+    /// the control plane sees sidecars through NAT or a proxy: any workload
+    /// with a certificate may then report any IP not already held. No
+    /// effect with --store kubernetes (endpoints come from Pods).
+    #[arg(long, env = "TRELLIS_TRUST_REPORTED_ADDRESSES")]
+    pub trust_reported_addresses: bool,
+
     /// Kubernetes API server URL (https://HOST:PORT); in a pod it defaults to
     /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
     #[arg(long, env = "TRELLIS_KUBE_API")]

@@ -19,6 +19,7 @@ const SNAPSHOT_ENDPOINTS: [&str; 3] = ["full", "unchanged", "changes"];
 pub struct Metrics {
     certificates_issued: AtomicU64,
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
+    inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
@@ -41,6 +42,18 @@ impl Metrics {
     pub fn certify_failed(&self, reason: &'static str) {
         *self
             .certify_failures
+            .lock()
+            .expect("not poisoned")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// An inbound address a Certify reported that was not recorded, for
+    /// `reason`: `unverified` (the Certify did not come from its IP) or
+    /// `held` (another live workload holds its IP).
+    pub fn inbound_address_refused(&self, reason: &'static str) {
+        *self
+            .inbound_addresses_refused
             .lock()
             .expect("not poisoned")
             .entry(reason)
@@ -110,6 +123,13 @@ impl Metrics {
             "trellis_certify_failures_total",
             "Certify calls refused, by reason.",
             &self.certify_failures.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_inbound_addresses_refused_total",
+            "Inbound addresses reported by a Certify that were not recorded as mesh endpoints \
+             (the certificate was still issued), by reason.",
+            &self.inbound_addresses_refused.lock().expect("not poisoned"),
         );
         render_family(
             &mut out,

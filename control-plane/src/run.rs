@@ -11,7 +11,7 @@
 //! Log lines worth asserting on: `trust bundle loaded` (fields `roots`, the
 //! count, and `bundle`, each root's subject and expiry date) once the CA is
 //! loaded, `control plane ready` (fields `grpc`, `admin`, `webhook` (an
-//! address, or `off`), `trust_domain`, `store`, `state_dir`)
+//! address, or `off`), `trust_domain`, `store`, `state_dir`, `trust_reported_addresses`)
 //! once the ports serve, and `control plane stopped` on a clean exit.
 
 use std::sync::Arc;
@@ -375,8 +375,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(
-            IdentityServer::new(IdentityService::new(mesh.clone()).with_token_reviewer(reviewer))
-                .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
+            IdentityServer::new(
+                IdentityService::new(mesh.clone())
+                    .with_token_reviewer(reviewer)
+                    .trusting_reported_addresses(config.trust_reported_addresses),
+            )
+            .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
         )
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
@@ -423,6 +427,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         trust_domain = %config.trust_domain,
         store = ?config.store,
         state_dir = %config.state_dir.display(),
+        trust_reported_addresses = config.trust_reported_addresses,
         "control plane ready"
     );
 

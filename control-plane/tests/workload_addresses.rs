@@ -3,7 +3,11 @@
 //! one mesh endpoint per address. Sidecars sharing an identity each keep
 //! their own addresses. Sidecars that send the single `inbound_address`,
 //! and records written before addresses had their own expiry, keep
-//! working.
+//! working. An address is recorded only if the Certify came from its IP
+//! (the tests' sidecars connect from loopback, so those reporting other
+//! addresses run with `--trust-reported-addresses`, as behind NAT), and an
+//! IP another live workload holds is not taken; a refused address is not
+//! recorded, and the certificate is still issued.
 
 mod common;
 
@@ -84,9 +88,12 @@ fn endpoint(address: &str, id: &str) -> Endpoint {
     }
 }
 
+/// The switch for a control plane that sees sidecars through NAT.
+const TRUST: &[&str] = &["--trust-reported-addresses"];
+
 #[tokio::test]
 async fn a_dual_stack_workload_is_one_mesh_endpoint_per_address() {
-    let cp = ControlPlane::start(&[]);
+    let cp = ControlPlane::start(TRUST);
     // Written non-canonically and twice: stored once, canonical.
     let web = certify_dual(
         &cp,
@@ -222,36 +229,17 @@ async fn refuses_a_huge_inbound_address_with_a_short_answer_and_a_short_log_line
         .expect("the token still proves the identity");
 }
 
-/// A workload with a valid proof cannot take the address another live
-/// workload holds: sidecars would expect the wrong identity there.
+/// A workload with a valid proof cannot take an IP another live workload
+/// holds, on its port or any other, even where reports are trusted: sidecars
+/// would expect the wrong identity there. The address is not recorded, and
+/// the certificate is issued all the same.
 #[tokio::test]
-async fn refuses_an_address_another_live_workload_holds_and_spends_nothing() {
-    let cp = ControlPlane::start(&[]);
+async fn an_ip_another_live_workload_holds_is_not_recorded_even_when_trusted() {
+    let cp = ControlPlane::start(TRUST);
     let victim = certify_dual(&cp, DB, &["10.0.0.2:15006"]).await.unwrap();
-    let token = cp.token(WEB, 0).await;
-    for claimed in [
-        &["10.0.0.2:15006"][..],
-        &["10.0.0.1:15006", "10.0.0.2:15006"][..],
-    ] {
-        let err = certify_with_token(&cp, WEB, &token, claimed)
-            .await
-            .map(drop)
-            .unwrap_err();
-        assert_eq!(err.code(), Code::AlreadyExists, "{claimed:?}: {err:?}");
-        assert!(
-            err.message().contains("inbound address 10.0.0.2:15006"),
-            "{}",
-            err.message()
-        );
-    }
-    let workloads = cp.workloads().await;
-    assert_eq!(workloads.len(), 1, "{workloads:?}");
-    assert_eq!(workloads[0].spiffe_id, DB);
-
-    // The token was not spent: it proves WEB at its own address.
-    let web = certify_with_token(&cp, WEB, &token, &["10.0.0.1:15006"])
+    let web = certify_dual(&cp, WEB, &["10.0.0.1:15006", "10.0.0.2:15006"])
         .await
-        .expect("the token still proves the identity");
+        .expect("the certificate is issued without the held address");
     let expected = [
         endpoint("10.0.0.1:15006", WEB),
         endpoint("10.0.0.2:15006", DB),
@@ -259,19 +247,199 @@ async fn refuses_an_address_another_live_workload_holds_and_spends_nothing() {
     assert_eq!(endpoints(&cp, &web).await, expected);
     assert_eq!(endpoints(&cp, &victim).await, expected);
 
-    // A renewal that moves onto the victim's address is refused as well.
-    let err = cp
-        .identity_client(Some(&web))
-        .await
-        .certify(CertifyRequest {
-            csr: csr_for(&p256(), WEB),
-            inbound_addresses: vec!["10.0.0.2:15006".into()],
-            ..CertifyRequest::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // A renewal onto the victim's IP, at another port or written as an
+    // IPv4-mapped address, is refused as well.
+    renew(
+        &cp,
+        &web,
+        WEB,
+        &["10.0.0.2:9999", "[::ffff:10.0.0.2]:15007"],
+    )
+    .await;
     assert_eq!(endpoints(&cp, &victim).await, expected);
+    let line = cp.wait_for_line("the refusal", |l| {
+        l.contains("inbound address not recorded") && l.contains("10.0.0.2:9999")
+    });
+    assert!(line.contains(WEB) && line.contains(DB), "{line}");
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"held\"} 3\n"),
+        "{metrics}"
+    );
+}
+
+/// A state dir whose store holds [`DB`] at `10.0.0.2:15006`, as its
+/// sidecar's Certify from that IP recorded it, until an hour from now.
+async fn state_with_victim() -> Arc<tempfile::TempDir> {
+    use trellis_control_plane::store::embedded::{DB_FILE, EmbeddedStore};
+    use trellis_control_plane::store::{IssuedCertRecord, Store, WorkloadRecord};
+
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
+    let now = trellis_control_plane::unix_now();
+    let issued = IssuedCertRecord {
+        serial_hex: "01".into(),
+        spiffe_id: DB.into(),
+        not_after_unix: now + 3600,
+        issued_at_unix: now,
+    };
+    let mut victim = WorkloadRecord::new(DB, ["10.0.0.2:15006".to_string()], now + 3600, now);
+    victim.addresses[0].verified = true;
+    store
+        .queue_issuance(None, &issued, &victim, &Arc::default())
+        .await
+        .unwrap()
+        .unwrap();
+    tmp
+}
+
+/// By default an address is recorded only if the Certify came from its
+/// IP: a workload with a valid proof cannot claim another workload's IP
+/// (at its port or another), nor any other IP, by reporting it. The victim
+/// stays the endpoint at its address; the sidecar gets its certificate
+/// and the address it can be seen at; each refusal is logged and counted.
+#[tokio::test]
+async fn a_report_of_another_workloads_ip_from_elsewhere_is_not_recorded() {
+    let cp = ControlPlane::start_in(state_with_victim().await, &[]);
+    let web = certify_dual(&cp, WEB, &["127.0.0.1:7001", "10.0.0.2:9999"])
+        .await
+        .expect("the certificate is issued without the address");
+    renew(
+        &cp,
+        &web,
+        WEB,
+        &[
+            "127.0.0.1:7001",
+            "10.0.0.2:15006",
+            "10.0.0.3:15006",
+            "[fd00::2]:15006",
+        ],
+    )
+    .await;
+
+    let expected = [
+        endpoint("10.0.0.2:15006", DB),
+        endpoint("127.0.0.1:7001", WEB),
+    ];
+    assert_eq!(endpoints(&cp, &web).await, expected);
+    let listed = cp.list_workloads().await;
+    assert_eq!(listed_addresses(&listed, WEB), ["127.0.0.1:7001"]);
+    assert_eq!(listed_addresses(&listed, DB), ["10.0.0.2:15006"]);
+    let line = cp.wait_for_line("the refusal", |l| {
+        l.contains("inbound address not recorded") && l.contains("10.0.0.2:9999")
+    });
+    assert!(
+        line.contains(WEB) && line.contains("connected_from=127.0.0.1"),
+        "{line}"
+    );
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"unverified\"} 4\n"),
+        "{metrics}"
+    );
+}
+
+/// `--trust-reported-addresses` (a control plane behind NAT, seeing no
+/// sidecar's own address) records an address the Certify did not come
+/// from, but still not at an IP another live workload holds.
+#[tokio::test]
+async fn the_switch_records_reported_addresses_but_not_at_a_held_ip() {
+    let cp = ControlPlane::start_in(state_with_victim().await, TRUST);
+    let web = certify_dual(&cp, WEB, &["10.0.0.3:15006", "10.0.0.2:9999"])
+        .await
+        .expect("a certificate");
+    assert_eq!(
+        endpoints(&cp, &web).await,
+        [
+            endpoint("10.0.0.2:15006", DB),
+            endpoint("10.0.0.3:15006", WEB)
+        ]
+    );
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"held\"} 1\n")
+            && !metrics.contains("reason=\"unverified\""),
+        "{metrics}"
+    );
+}
+
+/// The addresses `id` is listed with.
+fn listed_addresses(
+    answer: &trellis_proto::admin::v1::ListWorkloadsResponse,
+    id: &str,
+) -> Vec<String> {
+    listed(answer, id).addresses.clone()
+}
+
+/// A routable (not loopback) IPv4 address of this host: the one it would
+/// send from towards a documentation address (nothing is sent).
+fn routable_ipv4() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// A sidecar reporting its own address is recorded: on loopback, as on one
+/// machine (the demo); and from a routable address of this host, with the
+/// IPv6 address of a dual-stack sidecar beside it, and beside another
+/// identity on the same host at its own port.
+#[tokio::test]
+async fn a_sidecar_reporting_its_own_address_is_recorded() {
+    let mut cp = ControlPlane::start(&["--listen", "0.0.0.0:0"]);
+    cp.grpc = format!("127.0.0.1:{}", cp.port());
+    let web = certify_dual(&cp, WEB, &["127.0.0.1:7001", "[::1]:7001"])
+        .await
+        .unwrap();
+    assert_eq!(
+        endpoints(&cp, &web).await,
+        [endpoint("127.0.0.1:7001", WEB), endpoint("[::1]:7001", WEB)]
+    );
+
+    let Some(own) = routable_ipv4() else {
+        println!("skipped the rest: this host has no routable IPv4 address");
+        return;
+    };
+    let from_own = format!("{own}:{}", cp.port());
+    for (id, addresses) in [
+        (
+            DB,
+            vec![format!("{own}:7002"), "[fd00::99]:7002".to_string()],
+        ),
+        (WEB, vec![format!("{own}:7003")]),
+    ] {
+        let channel = trellis_core::grpc::connect(&from_own, Arc::new(cp.client_config(None)))
+            .await
+            .unwrap();
+        let token = cp.token(id, 0).await;
+        trellis_proto::identity::v1::identity_client::IdentityClient::new(channel)
+            .certify(CertifyRequest {
+                csr: csr_for(&p256(), id),
+                proof: Some(Proof::JoinToken(token)),
+                inbound_address: String::new(),
+                inbound_addresses: addresses,
+            })
+            .await
+            .expect("a certificate");
+    }
+    let mut expected = vec![
+        endpoint(&format!("{own}:7002"), DB),
+        endpoint(&format!("{own}:7003"), WEB),
+        endpoint("127.0.0.1:7001", WEB),
+        endpoint("[::1]:7001", WEB),
+        endpoint("[fd00::99]:7002", DB),
+    ];
+    expected.sort_by(|a, b| a.address.cmp(&b.address));
+    assert_eq!(endpoints(&cp, &web).await, expected);
+    assert!(
+        !cp.metrics()
+            .contains("trellis_inbound_addresses_refused_total{"),
+        "{}",
+        cp.metrics()
+    );
 }
 
 /// Every sidecar with default flags advertises `127.0.0.1:15006`, its own
@@ -281,7 +449,7 @@ async fn refuses_an_address_another_live_workload_holds_and_spends_nothing() {
 /// it; a routable address still has one owner.
 #[tokio::test]
 async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_owned() {
-    let cp = ControlPlane::start(&[]);
+    let cp = ControlPlane::start(TRUST);
     let db = certify_dual(&cp, DB, &["127.0.0.1:15006", "10.0.0.2:15006"])
         .await
         .expect("the first sidecar on loopback certifies");
@@ -305,20 +473,14 @@ async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_o
             .expect("a renewal on loopback is refused nothing");
     }
 
-    let err = certify_dual(
+    let thief = certify_dual(
         &cp,
         "spiffe://cluster.local/ns/default/sa/thief",
         &["127.0.0.1:15006", "10.0.0.2:15006"],
     )
     .await
-    .map(drop)
-    .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    assert!(
-        err.message().contains("inbound address 10.0.0.2:15006"),
-        "{}",
-        err.message()
-    );
+    .expect("certified without the held address");
+    assert_eq!(endpoints(&cp, &thief).await, expected);
 }
 
 /// Two sidecars sharing an identity (two VMs of one service, each with a
@@ -326,7 +488,7 @@ async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_o
 /// neither displaces the other, and discovery lists both.
 #[tokio::test]
 async fn sidecars_sharing_an_identity_are_both_endpoints_through_their_renewals() {
-    let cp = ControlPlane::start(&[]);
+    let cp = ControlPlane::start(TRUST);
     let first = certify_dual(&cp, WEB, &["10.0.0.1:15006"]).await.unwrap();
     let second = certify_dual(&cp, WEB, &["10.0.0.2:15006", "[fd00::2]:15006"])
         .await
@@ -396,7 +558,7 @@ async fn reads_workloads_stored_in_the_older_formats() {
         txn.commit().unwrap();
     }
 
-    let cp = ControlPlane::start_in(tmp, &[]);
+    let cp = ControlPlane::start_in(tmp, TRUST);
     let mut workloads = cp.workloads().await;
     workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
     assert_eq!(workloads.len(), 2, "{workloads:?}");

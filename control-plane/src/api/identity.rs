@@ -15,12 +15,28 @@
 //! server that cannot be asked is UNAVAILABLE; without a reviewer such a
 //! proof is UNIMPLEMENTED), or none: a renewal with the current SVID.
 //!
-//! An inbound address is one workload's: a Certify reporting an address
-//! that another workload with a valid certificate holds is refused
-//! (ALREADY_EXISTS, naming the address), decided by the store in the
-//! transaction that would consume the token, so it consumes nothing.
+//! The inbound addresses a Certify reports become the identity's mesh
+//! endpoints with the embedded store, so they are not taken on the
+//! sidecar's word. A sidecar reports its own addresses and connects from
+//! one of them, so an address is recorded only if its IP is the IP the
+//! Certify came from (verified), or, for a dual-stack sidecar, is of the
+//! other IP family in a report that holds the connection's IP (unverified:
+//! the control plane cannot see the sidecar at it). Loopback and
+//! unspecified addresses are every network namespace's own, have no owner
+//! and are taken as reported. With `--trust-reported-addresses` (a control
+//! plane that sees sidecars through NAT or a proxy) every address is taken
+//! as reported, unverified. The store then owns addresses by IP: an
+//! unverified address at an IP another live workload holds is refused
+//! (see the store's issuance module). A refused address is logged (the
+//! identity, the address, the connection's IP), counted
+//! (`trellis_inbound_addresses_refused_total`) and not recorded; the
+//! certificate is still issued, with the addresses that were accepted: the
+//! proof is what grants the certificate, and a sidecar that could not
+//! renew over an address would lose its identity. The Kubernetes store
+//! takes endpoints from Pods and ignores reports, so nothing is checked
+//! there.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -43,6 +59,7 @@ use crate::unix_now;
 pub struct IdentityService {
     mesh: Mesh,
     reviewer: Option<Arc<TokenReviewer>>,
+    trust_reported_addresses: bool,
 }
 
 impl IdentityService {
@@ -50,7 +67,16 @@ impl IdentityService {
         Self {
             mesh,
             reviewer: None,
+            trust_reported_addresses: false,
         }
+    }
+
+    /// Takes the inbound addresses a Certify reports as reported, without
+    /// checking them against the connection's address: for a control plane
+    /// that sees sidecars through NAT or a proxy.
+    pub fn trusting_reported_addresses(mut self, trust: bool) -> Self {
+        self.trust_reported_addresses = trust;
+        self
     }
 
     /// Accepts ServiceAccount token proofs, checked by `reviewer`.
@@ -155,6 +181,12 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
     let Ok(addr) = raw.parse::<SocketAddr>() else {
         return Err(format!("{field} {} is not an ip:port address", quoted(raw)));
     };
+    // An IPv4-mapped IPv6 address is the IPv4 address it maps: one IP, one
+    // form, so it has one owner.
+    let addr = match addr.ip().to_canonical() {
+        IpAddr::V4(v4) if addr.is_ipv6() => SocketAddr::new(v4.into(), addr.port()),
+        _ => addr,
+    };
     if addr.ip().is_unspecified() || addr.port() == 0 {
         return Err(format!(
             "{field} {} is not an address peers can dial",
@@ -162,6 +194,43 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
         ));
     }
     Ok(addr.to_string())
+}
+
+/// The addresses of a Certify checked against the IP it came from
+/// (`connected_from`, canonical; `None` when unknown): those recorded, each
+/// with whether the connection verified it (its IP is the connection's),
+/// and those refused. Loopback and unspecified addresses are accepted
+/// unverified (no one owns them); with `trust` so is every other.
+/// Otherwise an address at another IP is accepted, unverified, only if it
+/// is of the other family and the report holds the connection's IP too (a
+/// dual-stack sidecar connects over one family; a loopback connection
+/// shows no address): anything else the sidecar could not be at.
+fn check_sources(
+    addresses: Vec<String>,
+    connected_from: Option<IpAddr>,
+    trust: bool,
+) -> (Vec<(String, bool)>, Vec<String>) {
+    let ip = |address: &str| address.parse::<SocketAddr>().ok().map(|a| a.ip());
+    // A sidecar on the control plane's own machine (over loopback) shows
+    // no address of its own.
+    let anchored = connected_from.is_some_and(|from| !from.is_loopback())
+        && addresses.iter().any(|a| ip(a) == connected_from);
+    let mut accepted = Vec::with_capacity(addresses.len());
+    let mut refused = Vec::new();
+    for address in addresses {
+        let at = ip(&address);
+        let other_family = at
+            .zip(connected_from)
+            .is_some_and(|(at, from)| at.is_ipv4() != from.is_ipv4());
+        if connected_from.is_some() && at == connected_from {
+            accepted.push((address, true));
+        } else if trust || crate::net::is_namespace_local(&address) || (anchored && other_family) {
+            accepted.push((address, false));
+        } else {
+            refused.push(address);
+        }
+    }
+    (accepted, refused)
 }
 
 /// An issuance queued with the store, until its answer is in hand. Dropped
@@ -305,6 +374,28 @@ impl Identity for IdentityService {
                 Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
             }
         }
+        // Checked once the caller has shown a proof, so only such a caller
+        // is logged and counted.
+        let connected_from = peer.as_ref().map(|p| p.remote.ip().to_canonical());
+        let from = || connected_from.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        let addresses = if self.mesh.store.takes_reported_addresses() {
+            let (accepted, refused) =
+                check_sources(addresses, connected_from, self.trust_reported_addresses);
+            for address in refused {
+                self.mesh.metrics.inbound_address_refused("unverified");
+                tracing::warn!(
+                    spiffe_id = %id,
+                    address,
+                    connected_from = %from(),
+                    "inbound address not recorded: the Certify did not come from its IP (nor \
+                     from a reported address of the other IP family); where the control plane \
+                     sees sidecars through NAT or a proxy, start it with --trust-reported-addresses"
+                );
+            }
+            accepted
+        } else {
+            addresses.into_iter().map(|a| (a, false)).collect()
+        };
         let issued = self
             .mesh
             .ca
@@ -317,47 +408,73 @@ impl Identity for IdentityService {
             not_after_unix: issued.not_after_unix,
             issued_at_unix: now,
         };
-        let workload = WorkloadRecord::new(id.to_string(), addresses, issued.not_after_unix, now);
-        let claim = token_hash.as_ref().map(|hash| TokenClaim {
-            hash,
-            spiffe_id: &id,
-            now_unix: now,
-        });
-        // The store's writer answers once the record is durable, and a commit
-        // that changed the endpoints must reach discovery. A caller that goes
-        // away first (a reset stream, a deadline) drops this future, yet the
-        // writer still commits: the pending answer then passes to a task of
-        // its own, which refreshes discovery if it must.
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let pending = PendingIssuance {
-            reply: Some(
-                self.mesh
-                    .store
-                    .queue_issuance(claim, &record, &workload, &abandoned),
-            ),
-            discovery: self.mesh.discovery.clone(),
-            abandoned,
-        };
-        let Some(recorded) = pending.recorded().await else {
-            return Err(self.refuse(
-                "store_error",
-                Status::unavailable("the store stopped before recording the certificate"),
-            ));
+        let mut workload = WorkloadRecord::new(
+            id.to_string(),
+            addresses.iter().map(|(address, _)| address.clone()),
+            issued.not_after_unix,
+            now,
+        );
+        for (stored, (_, verified)) in workload.addresses.iter_mut().zip(&addresses) {
+            stored.verified = *verified;
+        }
+        let recorded = loop {
+            let claim = token_hash.as_ref().map(|hash| TokenClaim {
+                hash,
+                spiffe_id: &id,
+                now_unix: now,
+            });
+            // The store's writer answers once the record is durable, and a
+            // commit that changed the endpoints must reach discovery. A
+            // caller that goes away first (a reset stream, a deadline) drops
+            // this future, yet the writer still commits: the pending answer
+            // then passes to a task of its own, which refreshes discovery if
+            // it must.
+            let abandoned = Arc::new(AtomicBool::new(false));
+            let pending = PendingIssuance {
+                reply: Some(
+                    self.mesh
+                        .store
+                        .queue_issuance(claim, &record, &workload, &abandoned),
+                ),
+                discovery: self.mesh.discovery.clone(),
+                abandoned,
+            };
+            let Some(recorded) = pending.recorded().await else {
+                return Err(self.refuse(
+                    "store_error",
+                    Status::unavailable("the store stopped before recording the certificate"),
+                ));
+            };
+            // A held address changed nothing stored, the token included:
+            // the issuance goes again without it (at most once an address).
+            let (address, holder) = match recorded {
+                Err(StoreError::AddressHeld { address, holder }) => (address, holder),
+                recorded => break recorded,
+            };
+            let before = workload.addresses.len();
+            workload.addresses.retain(|a| a.address != address);
+            if workload.addresses.len() == before {
+                return Err(self.refuse(
+                    "store_error",
+                    Status::internal(format!(
+                        "the store refused inbound address {address}, which was not reported"
+                    )),
+                ));
+            }
+            self.mesh.metrics.inbound_address_refused("held");
+            tracing::warn!(
+                spiffe_id = %id,
+                address,
+                holder,
+                connected_from = %from(),
+                "inbound address not recorded: another workload whose certificate is still \
+                 valid holds its IP, shared only by workloads each seen connecting from it, or \
+                 holds the address itself"
+            );
         };
         match recorded {
             Ok(_) => {}
             Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
-            Err(StoreError::AddressHeld { address, holder }) => {
-                // Who holds it is for the operator, not for the caller.
-                tracing::warn!(spiffe_id = %id, address, holder, "refused an inbound address another workload holds");
-                return Err(self.refuse(
-                    "address_held",
-                    Status::already_exists(format!(
-                        "inbound address {address} is held by another workload whose \
-                         certificate is still valid; a workload can only report its own addresses"
-                    )),
-                ));
-            }
             Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
         }
         self.mesh.metrics.certificate_issued();
@@ -556,6 +673,109 @@ mod tests {
                 assert!(line.contains("detail="), "{line}");
             }
         }
+    }
+
+    /// Which reported addresses the connection's IP verifies, which are
+    /// taken unverified and which are refused.
+    #[test]
+    fn reported_addresses_are_checked_against_the_connection() {
+        let check = |reported: &[&str], from: Option<&str>, trust: bool| {
+            let reported = reported.iter().map(|a| a.to_string()).collect();
+            let from = from.map(|ip| ip.parse::<IpAddr>().unwrap());
+            check_sources(reported, from, trust)
+        };
+        let owned = |pairs: &[(&str, bool)]| -> Vec<(String, bool)> {
+            pairs.iter().map(|(a, v)| (a.to_string(), *v)).collect()
+        };
+        // Its own address, with the other family's beside it.
+        assert_eq!(
+            check(
+                &["10.0.0.1:15006", "[fd00::1]:15006"],
+                Some("10.0.0.1"),
+                false
+            ),
+            (
+                owned(&[("10.0.0.1:15006", true), ("[fd00::1]:15006", false)]),
+                vec![]
+            )
+        );
+        assert_eq!(
+            check(
+                &["10.0.0.1:15006", "[fd00::1]:15006"],
+                Some("fd00::1"),
+                false
+            ),
+            (
+                owned(&[("10.0.0.1:15006", false), ("[fd00::1]:15006", true)]),
+                vec![]
+            )
+        );
+        // Another IP of the family it came over, or only addresses it did
+        // not come from: refused.
+        assert_eq!(
+            check(
+                &["10.0.0.1:15006", "10.0.0.2:15006"],
+                Some("10.0.0.1"),
+                false
+            ),
+            (
+                owned(&[("10.0.0.1:15006", true)]),
+                vec!["10.0.0.2:15006".to_string()]
+            )
+        );
+        assert_eq!(
+            check(
+                &["10.0.0.2:15006", "[fd00::2]:15006"],
+                Some("10.0.0.1"),
+                false
+            ),
+            (
+                vec![],
+                vec!["10.0.0.2:15006".to_string(), "[fd00::2]:15006".to_string()]
+            )
+        );
+        assert_eq!(
+            check(&["10.0.0.1:15006"], None, false),
+            (vec![], vec!["10.0.0.1:15006".to_string()])
+        );
+        // Loopback is every namespace's own, whoever reports it.
+        assert_eq!(
+            check(&["127.0.0.1:7001", "[::1]:7001"], Some("10.0.0.9"), false),
+            (
+                owned(&[("127.0.0.1:7001", false), ("[::1]:7001", false)]),
+                vec![]
+            )
+        );
+        assert_eq!(
+            check(&["127.0.0.1:7001", "[fd00::1]:1"], Some("127.0.0.1"), false),
+            (
+                owned(&[("127.0.0.1:7001", true)]),
+                vec!["[fd00::1]:1".to_string()]
+            )
+        );
+        // Trusted: everything as reported, verified only where it is.
+        assert_eq!(
+            check(&["10.0.0.2:15006", "10.0.0.1:1"], Some("10.0.0.1"), true),
+            (
+                owned(&[("10.0.0.2:15006", false), ("10.0.0.1:1", true)]),
+                vec![]
+            )
+        );
+    }
+
+    /// An IPv4-mapped address is stored as the IPv4 address it is, so it
+    /// cannot stand beside that address as another owner's.
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_address() {
+        assert_eq!(
+            inbound_address("f", "[::ffff:10.0.0.1]:15006").unwrap(),
+            "10.0.0.1:15006"
+        );
+        assert_eq!(
+            inbound_address("f", "[fd00:0::1]:15006").unwrap(),
+            "[fd00::1]:15006"
+        );
+        assert!(inbound_address("f", "[::ffff:0.0.0.0]:15006").is_err());
     }
 
     /// A made-up token is refused before anything is signed or queued: the
