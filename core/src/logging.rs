@@ -3,9 +3,11 @@
 //! `warn,trellis_proxy=debug`, as `tracing_subscriber`'s `Targets` parses
 //! it), and the output streams written in batches by a thread of their own
 //! ([`batched`]), so that no request, connection or Certify waits for a
-//! write to a slow log collector.
+//! write to a slow log collector; and the [`throttle`] of the lines a peer
+//! can make them write as often as it opens connections.
 
 pub mod batched;
+pub mod throttle;
 
 use std::io::Write;
 

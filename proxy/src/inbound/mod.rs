@@ -38,12 +38,12 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
+use trellis_core::logging::throttle::Throttle;
 use trellis_core::policy::Decision;
 use trellis_core::refusal::refuse_plaintext_briefly;
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
-use crate::logging::throttle::Throttle;
 use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
 use crate::net;
 use crate::policy::{self, Policies};

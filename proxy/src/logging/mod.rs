@@ -7,7 +7,6 @@
 //! data path waits for a write.
 
 pub mod access;
-pub mod throttle;
 
 use std::io::{IsTerminal, Write};
 

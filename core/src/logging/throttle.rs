@@ -1,14 +1,22 @@
-//! At most one line per kind per window, for lines a peer can make the
-//! sidecar write as often as it opens connections (a refused handshake):
-//! a flood of them would otherwise flood the log. The first line of a kind
-//! is written at once; the lines of that kind within the window after it
-//! are only counted, and the next one written after the window says how
-//! many were not. Counting takes atomics, never a lock, on the path of the
+//! At most one line per kind per window, for lines a peer can make a
+//! binary write as often as it opens connections (a refused handshake, on
+//! the sidecar's inbound port or the control plane's gRPC port): a flood
+//! of them would otherwise flood the log. The first line of a kind is
+//! written at once; the lines of that kind within the window after it are
+//! only counted, and the next one written after the window says how many
+//! were not. Counting takes atomics, never a lock, on the path of the
 //! connections being refused.
+//!
+//! A kind is a bounded label (a `reason`), never anything a peer chooses,
+//! such as its address or identity: a peer could otherwise open a window
+//! of its own with each connection. Time is tokio's clock, which a test
+//! can pause and advance.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Kinds that get a window of their own; any more share one (a kind is a
 /// `reason` label, of which there are about twenty).
@@ -95,16 +103,19 @@ mod tests {
     /// The first line of a kind is written, the others within the window
     /// counted, and the first after it says how many; another kind has a
     /// window of its own.
-    #[test]
-    fn writes_one_line_of_a_kind_per_window_and_counts_the_others() {
-        let throttle = Throttle::new(Duration::from_millis(200));
+    #[tokio::test(start_paused = true)]
+    async fn writes_one_line_of_a_kind_per_window_and_counts_the_others() {
+        let window = Duration::from_secs(10);
+        let throttle = Throttle::new(window);
         assert_eq!(throttle.admit("not_tls"), Some(0));
         for _ in 0..5 {
             assert_eq!(throttle.admit("not_tls"), None);
         }
         assert_eq!(throttle.admit("timeout"), Some(0));
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(throttle.admit("not_tls"), Some(5));
+        tokio::time::advance(window - Duration::from_millis(1)).await;
+        assert_eq!(throttle.admit("not_tls"), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(throttle.admit("not_tls"), Some(6));
         assert_eq!(throttle.admit("not_tls"), None);
         assert_eq!(throttle.admit("timeout"), Some(0));
     }
