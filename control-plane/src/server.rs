@@ -12,9 +12,14 @@
 //! bounds the CPU of handshakes, not the wait for a client: it is given back
 //! when the handshake ends or after [`TURN_HOLD`], whichever comes first, so
 //! clients that start a handshake and stall cannot keep the others waiting.
-//! Handshake failures are logged with a bounded reason.
+//! Handshake failures are counted by a bounded reason, and logged at most
+//! once per reason per [`REFUSAL_LOG_PAUSE`]: a scanner, plaintext probes
+//! or a client failing its handshake in a loop write one line per reason
+//! per pause, the next one saying how many were not logged since
+//! (`suppressed`), instead of a line per connection.
 //! This module authenticates connections; it never authorizes a request.
 
+use std::fmt::Display;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -35,6 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
+use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
@@ -72,6 +78,11 @@ pub const TURN_HOLD: Duration = Duration::from_secs(1);
 /// The longest an accepted connection waits for its handshake's turn; a
 /// client still there after it is closed (and retries with backoff).
 pub const HANDSHAKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often handshake failures are logged, at most, for each reason: the
+/// first at once, the next after the pause with how many were not logged
+/// meanwhile. The metric counts every one.
+pub const REFUSAL_LOG_PAUSE: Duration = Duration::from_secs(10);
 
 /// Lifetime of the control plane's own serving certificate; renewed at half
 /// (of what it got: a CA whose chain ends sooner gives less).
@@ -328,6 +339,38 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// How the gRPC port's handshake failures are counted and logged.
+struct Refusals {
+    metrics: Arc<Metrics>,
+    /// The lines written, by reason.
+    lines: Throttle,
+}
+
+impl Refusals {
+    /// Counts a connection from `peer` whose handshake failed for `reason`,
+    /// and logs it as `message` with `error` (when there is one) - unless
+    /// one that failed for the same reason was logged within the last
+    /// [`REFUSAL_LOG_PAUSE`]; the next line logged says how many were not
+    /// (`suppressed`).
+    fn refuse(
+        &self,
+        peer: SocketAddr,
+        reason: &'static str,
+        error: Option<&dyn Display>,
+        message: &str,
+    ) {
+        let error = error.map(tracing::field::display);
+        match self.lines.admit(reason) {
+            None => {}
+            Some(0) => tracing::warn!(%peer, reason, error, "{message}"),
+            Some(suppressed) => tracing::warn!(%peer, reason, error, suppressed, "{message}"),
+        }
+        // Counted once its line, if any, is in the log's queue: a failure
+        // the metric shows has been logged, or counted as not.
+        self.metrics.handshake_failed(reason);
+    }
+}
+
 /// The bound gRPC port.
 pub struct GrpcListener {
     listener: TcpListener,
@@ -358,6 +401,10 @@ impl GrpcListener {
     ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
         let turns = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+        let refusals = Arc::new(Refusals {
+            metrics,
+            lines: Throttle::new(REFUSAL_LOG_PAUSE),
+        });
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -376,7 +423,7 @@ impl GrpcListener {
                 let acceptor = self.acceptor.clone();
                 let tls = self.tls.clone();
                 let tx = tx.clone();
-                let metrics = metrics.clone();
+                let refusals = refusals.clone();
                 let turns = turns.clone();
                 tokio::spawn(async move {
                     // A connection that has sent nothing takes no turn (a
@@ -386,8 +433,12 @@ impl GrpcListener {
                         Ok(Ok(n)) if n > 0 => {}
                         Ok(_) => return,
                         Err(_) => {
-                            metrics.handshake_failed("timeout");
-                            tracing::warn!(peer = %remote, reason = "timeout", "TLS handshake failed: nothing received");
+                            refusals.refuse(
+                                remote,
+                                "timeout",
+                                None,
+                                "TLS handshake failed: nothing received",
+                            );
                             return;
                         }
                     }
@@ -396,16 +447,19 @@ impl GrpcListener {
                     let Some(tcp) =
                         refuse_plaintext(tcp, PLAINTEXT_ANSWER, HANDSHAKE_TIMEOUT).await
                     else {
-                        metrics.handshake_failed("not_tls");
-                        tracing::warn!(peer = %remote, reason = "not_tls", "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
+                        refusals.refuse(remote, "not_tls", None, "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
                         return;
                     };
                     // Tokio's semaphore is fair: turns come in arrival order.
                     let Ok(Ok(turn)) =
                         tokio::time::timeout(HANDSHAKE_QUEUE_TIMEOUT, turns.acquire_owned()).await
                     else {
-                        metrics.handshake_failed("overloaded");
-                        tracing::warn!(peer = %remote, reason = "overloaded", "TLS handshake never started: too many handshakes waiting");
+                        refusals.refuse(
+                            remote,
+                            "overloaded",
+                            None,
+                            "TLS handshake never started: too many handshakes waiting",
+                        );
                         return;
                     };
                     // A client that gave up while it waited (its connect
@@ -417,7 +471,7 @@ impl GrpcListener {
                         .await
                         .is_ok_and(|ready| ready.is_read_closed())
                     {
-                        metrics.handshake_failed("client_gone");
+                        refusals.metrics.handshake_failed("client_gone");
                         tracing::debug!(peer = %remote, "client left before its handshake's turn");
                         return;
                     }
@@ -440,10 +494,8 @@ impl GrpcListener {
                         Ok(Ok(stream)) => {
                             let (_, session) = stream.get_ref();
                             if let Err(e) = tls.verify_resumed(session) {
-                                let reason = failure_reason(&e);
-                                metrics.handshake_failed(reason);
                                 let error = trellis_core::tls::Described(&e);
-                                tracing::warn!(peer = %remote, reason, %error, "TLS handshake failed: a resumed session's chain is no longer trusted");
+                                refusals.refuse(remote, failure_reason(&e), Some(&error), "TLS handshake failed: a resumed session's chain is no longer trusted");
                                 return;
                             }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
@@ -457,13 +509,11 @@ impl GrpcListener {
                         }
                         Ok(Err(e)) => {
                             let reason = rustls_error(&e).map(failure_reason).unwrap_or("io_error");
-                            metrics.handshake_failed(reason);
                             let error = trellis_core::tls::Described(&e);
-                            tracing::warn!(peer = %remote, reason, %error, "TLS handshake failed");
+                            refusals.refuse(remote, reason, Some(&error), "TLS handshake failed");
                         }
                         Err(_) => {
-                            metrics.handshake_failed("timeout");
-                            tracing::warn!(peer = %remote, reason = "timeout", "TLS handshake failed");
+                            refusals.refuse(remote, "timeout", None, "TLS handshake failed");
                         }
                     }
                 });
@@ -476,7 +526,7 @@ impl GrpcListener {
 #[cfg(test)]
 mod tests {
     use rustls_pki_types::ServerName;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
     use trellis_core::TrustDomain;
 
@@ -590,6 +640,121 @@ mod tests {
             stalled.len()
         );
         drop(stalled);
+    }
+
+    /// A flood of failed handshakes - plaintext clients, clients whose
+    /// certificate is from another CA - writes one warning per reason, the
+    /// first at once naming the client; once [`REFUSAL_LOG_PAUSE`] has
+    /// passed (a paused clock, advanced) the next one says how many were
+    /// not logged meanwhile. The metric counts every failure.
+    #[tokio::test]
+    async fn a_flood_of_failed_handshakes_logs_one_line_per_reason_per_pause() {
+        const FLOOD: usize = 30;
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let ca = Arc::new(ca);
+        let serving = ServingCert::new(ca.clone(), &[], IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let tls = server_config(&ca, serving).unwrap();
+        let listener = GrpcListener::bind("127.0.0.1:0".parse().unwrap(), tls)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let _incoming = listener.run(shutdown, metrics.clone());
+
+        // A client that trusts the control plane but presents a
+        // certificate of a CA the mesh does not know.
+        let (foreign, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let (issued, key) = foreign
+            .issue_with_key(
+                &SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap(),
+                &ExtraSans::default(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let verifier = SpiffeServerVerifier::new(
+            root_store(ca.bundle()).unwrap(),
+            ExpectedServer::Exact(SpiffeId::control_plane(&td)),
+        );
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(
+                issued.chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let plaintext = || async {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: cp\r\n\r\n")
+                .await
+                .unwrap();
+            // Answered, then closed.
+            let mut answer = Vec::new();
+            tcp.read_to_end(&mut answer).await.unwrap();
+        };
+        let foreign = || async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            // TLS 1.3: the client's side of the handshake is over before
+            // the server has seen its certificate; the refusal comes next.
+            if let Ok(mut tls) = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+            {
+                let _ = tls.read_to_end(&mut Vec::new()).await;
+            }
+        };
+        for _ in 0..FLOOD {
+            plaintext().await;
+            foreign().await;
+        }
+        // Each refusal is counted and logged (or not) before the server
+        // closes the connection, on this thread.
+        let rendered = metrics.render();
+        for reason in ["not_tls", "invalid_certificate"] {
+            let counted =
+                format!("trellis_tls_handshake_failures_total{{reason=\"{reason}\"}} {FLOOD}\n");
+            assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+        }
+        let lines = |reason: &str| -> Vec<String> {
+            let reason = format!("reason=\"{reason}\"");
+            logs.text()
+                .lines()
+                .filter(|l| l.contains("TLS handshake failed") && l.contains(&reason))
+                .map(str::to_string)
+                .collect()
+        };
+        for reason in ["not_tls", "invalid_certificate"] {
+            let lines = lines(reason);
+            assert_eq!(lines.len(), 1, "one line for {reason}: {lines:#?}");
+            assert!(lines[0].contains("WARN"), "{}", lines[0]);
+            assert!(lines[0].contains("peer=127.0.0.1:"), "{}", lines[0]);
+            assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
+        }
+
+        // The pause passes: the next failure is logged, with how many were
+        // not.
+        tokio::time::pause();
+        tokio::time::advance(REFUSAL_LOG_PAUSE).await;
+        tokio::time::resume();
+        plaintext().await;
+        let lines = lines("not_tls");
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[1].contains(&format!("suppressed={}", FLOOD - 1)),
+            "{}",
+            lines[1]
+        );
+        assert!(metrics.render().contains(&format!(
+            "trellis_tls_handshake_failures_total{{reason=\"not_tls\"}} {}\n",
+            FLOOD + 1
+        )));
     }
 
     /// How many of the server's established connections on `port`, from

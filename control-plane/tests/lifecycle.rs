@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 
@@ -171,6 +172,58 @@ fn a_plaintext_client_is_refused_and_logged() {
         cp.metrics()
             .contains("trellis_tls_handshake_failures_total{reason=\"not_tls\"} 1")
     );
+}
+
+/// Plaintext clients in a row - a scanner, a client in a retry loop -
+/// write one warning, not one each: the next one comes no sooner than 10 s
+/// later, saying how many were not logged. The metric counts every one.
+#[tokio::test]
+async fn a_flood_of_plaintext_clients_logs_one_warning() {
+    const FLOOD: usize = 40;
+    let cp = ControlPlane::start(&[]);
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        let mut tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: cp\r\n\r\n")
+            .await
+            .unwrap();
+        // Answered, then closed.
+        tcp.read_to_end(&mut Vec::new()).await.unwrap();
+    }
+    let counted = format!("trellis_tls_handshake_failures_total{{reason=\"not_tls\"}} {FLOOD}\n");
+    eventually("every failure counted", || {
+        cp.metrics().contains(&counted).then_some(())
+    });
+    // A failure is counted once its line, if any, is queued for the log,
+    // which is written in order: once a line logged after them is there,
+    // so is every line of theirs.
+    let refused = cp
+        .certify(csr_for(&p256(), WEB), Some("not-a-token"), None, "")
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    eventually("the refused Certify in the log", || {
+        cp.log().contains("certify refused").then_some(())
+    });
+    assert!(
+        started.elapsed() < trellis_control_plane::server::REFUSAL_LOG_PAUSE,
+        "the flood took the whole pause: the test proves nothing"
+    );
+    let log = cp.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS handshake failed") && l.contains("not_tls"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one warning for {FLOOD} failures: {lines:#?}"
+    );
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("peer=127.0.0.1:"),
+        "{}",
+        lines[0]
+    );
+    assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
 }
 
 /// `grpcurl -plaintext` against the TLS port, the mistake everyone makes
