@@ -118,6 +118,26 @@ pub fn bind_mesh(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Whether a connection to `remote` reaches `listener`, one of this
+/// sidecar's listeners: the same port and the same address, or any address
+/// of this host of the listener's family when it is bound to a wildcard
+/// (`0.0.0.0:PORT`, `[::]:PORT`). A connection to an unspecified address
+/// goes to loopback. IPv4-mapped addresses count as IPv4.
+pub fn reaches(listener: SocketAddr, remote: SocketAddr) -> bool {
+    let (at, to) = (listener.ip().to_canonical(), remote.ip().to_canonical());
+    listener.port() == remote.port()
+        && (at == to
+            || at.is_unspecified() && at.is_ipv4() == to.is_ipv4() && is_local(to)
+            || to.is_unspecified() && at.is_loopback() && at.is_ipv4() == to.is_ipv4())
+}
+
+/// Whether `ip` is an address of this host: loopback or unspecified, or
+/// one a socket can be bound to (a system call, so only asked about a
+/// port one of the sidecar's listeners has).
+fn is_local(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// Whether a bind failed because the namespace has no IPv6 (the kernel
 /// lacks it, or `::1` is not configured), rather than for a reason that
 /// must stop start-up (the port is taken, ...).
@@ -652,6 +672,36 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     use super::*;
+
+    /// A listener is reached at its own address, and a wildcard one at
+    /// any address of this host of its family; another port, another
+    /// host, or a wildcard of the other family is not.
+    #[test]
+    fn a_listener_is_reached_at_its_address_or_any_of_the_host_s_for_a_wildcard() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (listener, remote) in [
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("127.0.0.1:9000", "[::ffff:127.0.0.1]:9000"),
+            ("127.0.0.1:9000", "0.0.0.0:9000"),
+            ("0.0.0.0:9000", "127.0.0.1:9000"),
+            ("0.0.0.0:9000", "127.0.0.2:9000"),
+            ("0.0.0.0:9000", "0.0.0.0:9000"),
+            ("[::]:9000", "[::1]:9000"),
+            ("[::1]:9000", "[::1]:9000"),
+        ] {
+            assert!(reaches(at(listener), at(remote)), "{listener} {remote}");
+        }
+        for (listener, remote) in [
+            ("127.0.0.1:9000", "127.0.0.1:9001"),
+            ("127.0.0.1:9000", "127.0.0.2:9000"),
+            ("0.0.0.0:9000", "[::1]:9000"),
+            ("[::]:9000", "127.0.0.1:9000"),
+            // TEST-NET-1: an address of no host here.
+            ("0.0.0.0:9000", "192.0.2.1:9000"),
+        ] {
+            assert!(!reaches(at(listener), at(remote)), "{listener} {remote}");
+        }
+    }
 
     /// Connections accepted on a listener of [`bind`] have Nagle off
     /// without a call of their own (the proxy no longer makes one).

@@ -230,6 +230,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         snapshot: snapshot_rx,
         metrics: metrics.clone(),
         own_addrs,
+        plaintext_listeners: config.plaintext_listeners().collect(),
     });
     let mut transparent = Vec::with_capacity(config.outbound.len());
     for listen in &config.outbound {

@@ -24,6 +24,7 @@ fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
         snapshot,
         metrics: Arc::new(Metrics::new()),
         own_addrs: Vec::new(),
+        plaintext_listeners: Vec::new(),
     })
 }
 

@@ -272,7 +272,26 @@ fn addr(flag: &'static str, s: &str) -> Result<SocketAddr, InvalidFlag> {
         .map_err(|e| invalid(flag, format_args!("{s:?} is not an ip:port address ({e})")))
 }
 
+/// The sidecar's plaintext listeners, as configured: the routes' and the
+/// outbound ones. A route whose remote is one of them would dial itself.
+fn plaintext_listeners<'a>(
+    routes: &'a [Route],
+    outbound: &'a [Listen],
+) -> impl Iterator<Item = SocketAddr> + Clone + 'a {
+    routes
+        .iter()
+        .map(|r| r.local)
+        .chain(outbound.iter().map(|l| l.addr))
+}
+
 impl Config {
+    /// The sidecar's plaintext listeners, as configured: the routes' and
+    /// the outbound ones. A route whose remote is one of them would dial
+    /// itself.
+    pub fn plaintext_listeners(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        plaintext_listeners(&self.routes, &self.outbound)
+    }
+
     /// Validates parsed flags, reading the bundle and token files.
     pub fn from_args(args: &ProxyArgs) -> Result<Self, InvalidFlag> {
         let id = args
@@ -331,28 +350,27 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         // A route whose remote is one of the sidecar's own plaintext
         // listeners (a route's, or the outbound one) would dial itself, each
-        // connection making another until file descriptors run out.
-        let own = routes
-            .iter()
-            .map(|r| r.local)
-            .chain(outbound.iter().map(|l| l.addr));
-        for route in &routes {
-            let Ok(remote) = route.remote.parse::<SocketAddr>() else {
-                continue;
-            };
-            let loops = own.clone().any(|listen| {
-                listen.port() == remote.port()
-                    && (listen.ip() == remote.ip()
-                        || listen.ip().is_unspecified() && remote.ip().is_loopback())
-            });
-            if loops {
-                return Err(invalid(
-                    "route",
-                    format_args!(
-                        "{route}: the remote {} is this sidecar's own listener, which would dial itself",
-                        route.remote
-                    ),
-                ));
+        // connection making another until file descriptors run out. A host
+        // name is checked for each connection, once resolved
+        // (`outbound::Shared::plaintext_listeners`).
+        {
+            let own = plaintext_listeners(&routes, &outbound);
+            for route in &routes {
+                let Ok(remote) = route.remote.parse::<SocketAddr>() else {
+                    continue;
+                };
+                let loops = own
+                    .clone()
+                    .any(|listen| crate::net::reaches(listen, remote));
+                if loops {
+                    return Err(invalid(
+                        "route",
+                        format_args!(
+                            "{route}: the remote {} is this sidecar's own listener, which would dial itself",
+                            route.remote
+                        ),
+                    ));
+                }
             }
         }
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
@@ -509,6 +527,8 @@ mod tests {
                 Some("127.0.0.1:9001=spiffe://td/ns/b/sa/c@127.0.0.1:9000"),
             ),
             ("127.0.0.1:9000=spiffe://td/ns/b/sa/c@127.0.0.1:15001", None),
+            // A wildcard listener is reached at any address of the host.
+            ("0.0.0.0:9000=spiffe://td/ns/b/sa/c@127.0.0.1:9000", None),
         ] {
             let mut argv = vec!["--route", route];
             if let Some(other) = other {
@@ -530,6 +550,14 @@ mod tests {
             args(&[
                 "--route",
                 "127.0.0.1:9000=spiffe://td/ns/b/sa/c@10.0.0.2:9000"
+            ])
+            .is_ok()
+        );
+        // A host name is checked once resolved, for each connection.
+        assert!(
+            args(&[
+                "--route",
+                "127.0.0.1:9000=spiffe://td/ns/b/sa/c@localhost:9000"
             ])
             .is_ok()
         );

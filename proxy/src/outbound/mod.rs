@@ -6,8 +6,10 @@
 //! original destination is looked up in the snapshot's mesh endpoints).
 //! A mesh destination is only ever reached over mTLS with its expected
 //! SPIFFE ID verified; this module never sends application bytes to a peer
-//! before that check, and never dials its own listeners (a route to one is
-//! refused with the flags).
+//! before that check, and never dials its own listeners: a route to one by
+//! address is refused with the flags, and a route by host name, whose name
+//! is resolved for each connection, refuses the connection when the name
+//! stands for one (`loop`), before anything is dialled.
 //!
 //! Where a transparent connection goes is decided by `target::resolve`
 //! from the snapshot alone. An original destination that is a service's
@@ -123,6 +125,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Every address the proxy listens on: a destination among them is a loop.
     pub own_addrs: Vec<SocketAddr>,
+    /// The plaintext listeners of the proxy (the routes' and the outbound
+    /// ones, as configured): a route's remote that resolves to one of them
+    /// would dial itself ([`crate::net::reaches`]).
+    pub plaintext_listeners: Vec<SocketAddr>,
 }
 
 /// Why a mesh dial failed.
@@ -465,20 +471,95 @@ impl RouteListener {
             shared,
             drain,
         } = self;
+        // An address was checked with the flags; a host name is resolved
+        // and checked for each connection.
+        let named = route.remote.parse::<SocketAddr>().is_err();
         drain
-            .accept(&listener, "route", |tcp, _, tracker| {
-                tokio::spawn(serve_route(route.clone(), shared.clone(), tcp, tracker));
+            .accept(&listener, "route", |tcp, client, tracker| {
+                let (route, shared) = (route.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let _tracker = tracker;
+                    let _open = shared.metrics.open(OUTBOUND);
+                    if !named {
+                        return serve_route(&route, &shared, tcp, route.remote.as_str()).await;
+                    }
+                    if let Some(addrs) = resolve_route(&route, &shared, client).await {
+                        serve_route(&route, &shared, tcp, addrs.as_slice()).await;
+                    }
+                });
             })
             .await;
     }
 }
 
-/// One connection on a route: straight to the route's remote over mTLS,
-/// never retried elsewhere. The remote app's port is the peer's business:
-/// detection decides.
-async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tracker: Tracker) {
+/// The addresses a route's host name stands for now, for a connection from
+/// `client`. `None`, the connection refused (logged and counted), when the
+/// name cannot be resolved within [`net::CONNECT_TIMEOUT`], or when it
+/// stands for one of the sidecar's own plaintext listeners: dialled, the
+/// connection would come back to the route (or the outbound listener),
+/// each connection making another until file descriptors run out.
+async fn resolve_route(
+    route: &Route,
+    shared: &Shared,
+    client: SocketAddr,
+) -> Option<Vec<SocketAddr>> {
     let metrics = &shared.metrics;
-    let _open = metrics.open(OUTBOUND);
+    let resolved = tokio::time::timeout(
+        net::CONNECT_TIMEOUT,
+        tokio::net::lookup_host(&*route.remote),
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = match resolved {
+        Ok(Ok(addrs)) => addrs.collect(),
+        Ok(Err(e)) => return unresolved(metrics, route, &e),
+        Err(_) => {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {}s", net::CONNECT_TIMEOUT.as_secs_f32()),
+            );
+            return unresolved(metrics, route, &e);
+        }
+    };
+    let own = addrs.iter().find(|addr| {
+        shared
+            .plaintext_listeners
+            .iter()
+            .any(|listener| net::reaches(*listener, **addr))
+    });
+    if let Some(own) = own {
+        tracing::warn!(%client, %route, address = %own, "outbound connection refused: the route's remote resolves to this sidecar's own listener (loop)");
+        metrics.connection(OUTBOUND, "loop");
+        return None;
+    }
+    Some(addrs)
+}
+
+/// Logs and counts a connection refused because its route's host name
+/// could not be resolved (`e`).
+fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Option<Vec<SocketAddr>> {
+    let e = DialError::Connect(io::Error::new(
+        e.kind(),
+        format!("resolving {}: {e}", route.remote),
+    ));
+    let to = Upstream {
+        remote: route.remote.as_str(),
+        expected: &route.spiffe_id,
+        via: "route",
+        service: None,
+    };
+    refused(metrics, &e, &to, None);
+    None
+}
+
+/// One connection on a route: straight to the route's remote over mTLS
+/// (`remote`: its address, or those its host name stands for), never
+/// retried elsewhere. The remote app's port is the peer's business:
+/// detection decides.
+async fn serve_route<R>(route: &Route, shared: &Shared, tcp: TcpStream, remote: R)
+where
+    R: tokio::net::ToSocketAddrs + Copy,
+{
+    let metrics = &shared.metrics;
     let to = Upstream {
         remote: route.remote.as_str(),
         expected: &route.spiffe_id,
@@ -492,8 +573,8 @@ async fn serve_route(route: Arc<Route>, shared: Arc<Shared>, tcp: TcpStream, _tr
     // Boxed, so the handshake's state is freed once it is over instead of
     // sizing this connection's task for as long as it is open.
     let dialled = Box::pin(dial_mesh(
-        &shared,
-        to.remote,
+        shared,
+        remote,
         net::CONNECT_TIMEOUT,
         to.expected,
         protocol,

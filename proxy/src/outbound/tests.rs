@@ -195,6 +195,7 @@ fn sidecar(
         snapshot,
         metrics,
         own_addrs: Vec::new(),
+        plaintext_listeners: Vec::new(),
     })
 }
 

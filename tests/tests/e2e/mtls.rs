@@ -131,3 +131,59 @@ async fn a_running_sidecar_is_sent_only_the_endpoint_that_joined() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A route whose remote is a host name standing for one of the sidecar's
+/// own plaintext listeners - the route's own port, or the outbound port -
+/// refuses each connection before dialling anything, the log naming the
+/// route and the address, counted as a `loop`. Dialled, the connection
+/// would come back to the sidecar, each making another until its file
+/// descriptors ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_by_host_name_to_the_sidecar_itself_is_refused() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let api = mesh.spiffe_id("default", "api");
+    let free = trellis_tests::ports::free_addrs(5);
+    let [inbound, outbound, admin, itself, via_outbound] = free[..] else {
+        unreachable!("five addresses");
+    };
+    let to = |port: u16| format!("{api}@localhost:{port}");
+    let mut web = mesh
+        .sidecar("web")
+        .preferred_addrs(inbound, outbound, admin)
+        .arg("--route")
+        .arg(format!("{itself}={}", to(itself.port())))
+        .arg("--route")
+        .arg(format!("{via_outbound}={}", to(outbound.port())))
+        .start()
+        .await?;
+    anyhow::ensure!(
+        web.outbound_addr() == outbound,
+        "the outbound port was taken meanwhile: the test proves nothing"
+    );
+
+    for (local, port) in [(itself, itself.port()), (via_outbound, outbound.port())] {
+        let mut app = TcpStream::connect(local).await?;
+        app.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+            .await?;
+        // Closed without an answer (a loop would hold it until the first
+        // of its dials gave up).
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(SOON, app.read_to_end(&mut answer)).await;
+        assert!(closed.is_ok(), "route {local}: still open after {SOON:?}");
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        let line = web
+            .wait_for_log(&format!("@localhost:{port} address=127.0.0.1:{port}"), SOON)
+            .await?;
+        assert!(
+            line.contains("resolves to this sidecar's own listener (loop)")
+                && line.contains(&format!("route={local}={api}@localhost:{port}")),
+            "{line}"
+        );
+    }
+    let loops = web.metrics().await?.counter(
+        "trellis_connections_total",
+        &[("direction", "outbound"), ("outcome", "loop")],
+    );
+    assert_eq!(loops, 2.0);
+    Ok(())
+}
