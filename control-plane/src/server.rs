@@ -561,12 +561,14 @@ mod tests {
         );
     }
 
-    /// Clients that send the first byte of a handshake and then nothing
-    /// hold every turn for [`TURN_HOLD`] at most: a sidecar that comes
-    /// after them is through its handshake long before
-    /// [`HANDSHAKE_TIMEOUT`] would have freed the turns.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn stalled_handshakes_give_their_turns_back() {
+    /// A gRPC listener on a loopback port, serving a certificate of a new
+    /// mesh CA: the trust domain, the CA, the listener and its address.
+    async fn loopback_listener() -> (
+        TrustDomain,
+        Arc<CertificateAuthority>,
+        GrpcListener,
+        SocketAddr,
+    ) {
         let td = TrustDomain::new("cluster.local").unwrap();
         let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let ca = Arc::new(ca);
@@ -576,6 +578,16 @@ mod tests {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        (td, ca, listener, addr)
+    }
+
+    /// Clients that send the first byte of a handshake and then nothing
+    /// hold every turn for [`TURN_HOLD`] at most: a sidecar that comes
+    /// after them is through its handshake long before
+    /// [`HANDSHAKE_TIMEOUT`] would have freed the turns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_handshakes_give_their_turns_back() {
+        let (td, ca, listener, addr) = loopback_listener().await;
         let (_stop, shutdown) = watch::channel(false);
         let mut incoming = listener.run(shutdown, Arc::new(Metrics::default()));
 
@@ -650,15 +662,7 @@ mod tests {
     #[tokio::test]
     async fn a_flood_of_failed_handshakes_logs_one_line_per_reason_per_pause() {
         const FLOOD: usize = 30;
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
-        let ca = Arc::new(ca);
-        let serving = ServingCert::new(ca.clone(), &[], IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
-        let tls = server_config(&ca, serving).unwrap();
-        let listener = GrpcListener::bind("127.0.0.1:0".parse().unwrap(), tls)
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (td, ca, listener, addr) = loopback_listener().await;
         let (_stop, shutdown) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
         let (logs, _guard) = crate::test_logs::capture(false);

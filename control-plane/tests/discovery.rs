@@ -48,8 +48,33 @@ async fn watch(
     svid: &Svid,
     inbound: &str,
 ) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<Snapshot>) {
+    watch_from(cp, svid, subscribe(inbound)).await
+}
+
+/// A Subscribe of a sidecar listening on `inbound` that holds `held` (its
+/// version and the version's epoch).
+fn resubscribe(inbound: &str, held: &Snapshot, accepts_endpoint_changes: bool) -> WatchRequest {
+    WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: inbound.into(),
+            last_version: held.version,
+            inbound_addresses: Vec::new(),
+            accepts_endpoints_version: accepts_endpoint_changes,
+            accepts_endpoint_changes,
+            last_version_epoch: held.version_epoch,
+        })),
+    }
+}
+
+/// `svid`'s Watch stream opened with `first` (a Subscribe), and its
+/// request side for ACKs.
+async fn watch_from(
+    cp: &ControlPlane,
+    svid: &Svid,
+    first: WatchRequest,
+) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<Snapshot>) {
     let (tx, rx) = mpsc::channel(8);
-    tx.send(subscribe(inbound)).await.unwrap();
+    tx.send(first).await.unwrap();
     let snapshots = discovery_client(cp, Some(svid))
         .await
         .watch(ReceiverStream::new(rx))
@@ -293,25 +318,8 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     assert!(cp.stop_async().await.success());
 
     let cp = ControlPlane::start_in(tmp, &[]);
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(WatchRequest {
-        kind: Some(Kind::Subscribe(Subscribe {
-            inbound_address: "127.0.0.1:7004".into(),
-            last_version: held.version,
-            inbound_addresses: Vec::new(),
-            accepts_endpoints_version: false,
-            accepts_endpoint_changes: false,
-            last_version_epoch: held.version_epoch,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
-        .await
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut snapshots) =
+        watch_from(&cp, &web, resubscribe("127.0.0.1:7004", &held, false)).await;
     let listed = eventually_async("the held version to count as acked", || async {
         let workloads = cp.workloads().await;
         workloads
@@ -377,25 +385,8 @@ async fn a_version_a_restored_database_sets_again_is_not_taken_for_the_one_held(
     }
     assert_eq!(version, held.version, "the restored database sets it again");
 
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(WatchRequest {
-        kind: Some(Kind::Subscribe(Subscribe {
-            inbound_address: "127.0.0.1:7006".into(),
-            last_version: held.version,
-            inbound_addresses: Vec::new(),
-            accepts_endpoints_version: true,
-            accepts_endpoint_changes: true,
-            last_version_epoch: held.version_epoch,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut snapshots = discovery_client(&cp, Some(&web))
-        .await
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut snapshots) =
+        watch_from(&cp, &web, resubscribe("127.0.0.1:7006", &held, true)).await;
     // Taken to hold the version, web would be sent nothing, and listed as
     // having acknowledged it.
     let taken_as_held = async {

@@ -21,7 +21,7 @@ use super::replica::{Certificate, Replicas};
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
-use crate::store::{JoinToken, StoreError};
+use crate::store::{IssuedCertRecord, JoinToken, StoreError};
 use crate::unix_now;
 
 pub struct AdminService {
@@ -275,19 +275,25 @@ pub async fn issued_here(
     records.truncate(limit);
     let certificates = records
         .into_iter()
-        .map(|r| IssuedCertificate {
-            serial: r.serial_hex,
-            spiffe_id: r.spiffe_id,
-            issued_at_unix: r.issued_at_unix,
-            not_after_unix: r.not_after_unix,
-            replica: replica.to_owned(),
-        })
+        .map(|r| issued_certificate(r, replica))
         .collect();
     Ok(ListIssuedCertificatesResponse {
         certificates,
         truncated,
         replicas: Vec::new(),
     })
+}
+
+/// A stored issuance as the Admin API lists it, issued by `replica`
+/// (empty: the replica answering).
+pub(super) fn issued_certificate(r: IssuedCertRecord, replica: &str) -> IssuedCertificate {
+    IssuedCertificate {
+        serial: r.serial_hex,
+        spiffe_id: r.spiffe_id,
+        issued_at_unix: r.issued_at_unix,
+        not_after_unix: r.not_after_unix,
+        replica: replica.to_owned(),
+    }
 }
 
 /// How many certificates `request` asks for at most.

@@ -30,12 +30,12 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
-    IssuedCertificate, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
-    ListStreamsRequest, ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
+    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListStreamsRequest,
+    ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
 };
 
 use super::Mesh;
-use super::admin::{issued_here, issued_limit};
+use super::admin::{issued_certificate, issued_here, issued_limit};
 use crate::discovery::{SyncState, Write};
 use crate::store::Position;
 
@@ -136,13 +136,7 @@ impl Replicas {
             Some(view) => (
                 view.newest
                     .into_iter()
-                    .map(|r| IssuedCertificate {
-                        serial: r.serial_hex,
-                        spiffe_id: r.spiffe_id,
-                        issued_at_unix: r.issued_at_unix,
-                        not_after_unix: r.not_after_unix,
-                        replica: String::new(),
-                    })
+                    .map(|r| issued_certificate(r, ""))
                     .collect(),
                 // 0 says nothing: a log complete since the epoch is since 1.
                 view.complete_since_unix.max(1),
@@ -650,7 +644,7 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_proto::admin::v1::StorePosition;
+    use trellis_proto::admin::v1::{IssuedCertificate, StorePosition};
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
