@@ -68,8 +68,14 @@ async fn endpoints(cp: &ControlPlane, svid: &Svid) -> Vec<Endpoint> {
 }
 
 /// Renews `svid` of `id` with its current certificate, reporting
-/// `addresses`.
-async fn renew(cp: &ControlPlane, svid: &Svid, id: &str, addresses: &[&str]) {
+/// `addresses`; the addresses the answer says were not recorded, each with
+/// its reason.
+async fn renew(
+    cp: &ControlPlane,
+    svid: &Svid,
+    id: &str,
+    addresses: &[&str],
+) -> Vec<(String, String)> {
     cp.identity_client(Some(svid))
         .await
         .certify(CertifyRequest {
@@ -78,7 +84,12 @@ async fn renew(cp: &ControlPlane, svid: &Svid, id: &str, addresses: &[&str]) {
             ..CertifyRequest::default()
         })
         .await
-        .expect("a renewal");
+        .expect("a renewal")
+        .into_inner()
+        .refused_inbound_addresses
+        .into_iter()
+        .map(|r| (r.address, r.reason))
+        .collect()
 }
 
 fn endpoint(address: &str, id: &str) -> Endpoint {
@@ -307,7 +318,7 @@ async fn a_report_of_another_workloads_ip_from_elsewhere_is_not_recorded() {
     let web = certify_dual(&cp, WEB, &["127.0.0.1:7001", "10.0.0.2:9999"])
         .await
         .expect("the certificate is issued without the address");
-    renew(
+    let not_recorded = renew(
         &cp,
         &web,
         WEB,
@@ -319,6 +330,16 @@ async fn a_report_of_another_workloads_ip_from_elsewhere_is_not_recorded() {
         ],
     )
     .await;
+    // The sidecar is told which, and why (never who holds an IP).
+    let unverified = |a: &str| (a.to_owned(), "unverified".to_owned());
+    assert_eq!(
+        not_recorded,
+        [
+            unverified("10.0.0.2:15006"),
+            unverified("10.0.0.3:15006"),
+            unverified("[fd00::2]:15006"),
+        ]
+    );
 
     let expected = [
         endpoint("10.0.0.2:15006", DB),
@@ -358,9 +379,14 @@ async fn the_switch_records_reported_addresses_but_not_at_a_held_ip() {
             endpoint("10.0.0.3:15006", WEB)
         ]
     );
+    assert_eq!(
+        renew(&cp, &web, WEB, &["10.0.0.3:15006", "10.0.0.2:9999"]).await,
+        [("10.0.0.2:9999".to_owned(), "held".to_owned())],
+        "the renewal's answer names the held address"
+    );
     let metrics = cp.metrics();
     assert!(
-        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"held\"} 1\n")
+        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"held\"} 2\n")
             && !metrics.contains("reason=\"unverified\""),
         "{metrics}"
     );

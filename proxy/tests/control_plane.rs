@@ -14,6 +14,7 @@ use common::sidecar::Logs;
 use common::*;
 use tokio::sync::watch;
 use trellis_proto::discovery::v1::{self as pb, encoded::EncodedSnapshot, watch_request::Kind};
+use trellis_proto::identity::v1::RefusedInboundAddress;
 use trellis_proxy::identity::{self, CertifyParams};
 use trellis_proxy::metrics::Metrics;
 use trellis_proxy::policy::Snapshot;
@@ -282,6 +283,30 @@ async fn an_unusable_trust_bundle_from_certify_is_not_taken() {
         std::slice::from_ref(&cp.root),
         "the unusable bundle was taken"
     );
+}
+
+/// An inbound address the control plane did not record is named in the
+/// sidecar's own log with what to check, and the certificate is taken.
+#[tokio::test]
+async fn an_address_the_control_plane_did_not_record_is_logged_by_the_sidecar() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    cp.seen.lock().unwrap().not_recorded = vec![RefusedInboundAddress {
+        address: "127.0.0.1:15006".into(),
+        reason: "unverified".into(),
+    }];
+    let me = id("/ns/a/sa/web");
+    let metrics = Arc::new(Metrics::new());
+    let (bundle_tx, _bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
+    let mut svid = start_identity(&cp, &me, bundle_tx, &metrics);
+    svid.wait_for(Option::is_some).await.unwrap();
+    logs.wait_for(&[
+        "did not record an inbound address of this sidecar",
+        "address=127.0.0.1:15006",
+        "reason=unverified",
+        "--trust-reported-addresses",
+    ])
+    .await;
 }
 
 /// Runs the sidecar's identity and discovery tasks as `me` against `cp`;

@@ -44,7 +44,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
-use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse};
+use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, RefusedInboundAddress};
 
 use super::{Mesh, peer_of, quoted};
 use crate::authn::hash_token;
@@ -378,11 +378,17 @@ impl Identity for IdentityService {
         // is logged and counted.
         let connected_from = peer.as_ref().map(|p| p.remote.ip().to_canonical());
         let from = || connected_from.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        // What the sidecar is told was not recorded, and why.
+        let mut not_recorded = Vec::new();
         let addresses = if self.mesh.store.takes_reported_addresses() {
             let (accepted, refused) =
                 check_sources(addresses, connected_from, self.trust_reported_addresses);
             for address in refused {
                 self.mesh.metrics.inbound_address_refused("unverified");
+                not_recorded.push(RefusedInboundAddress {
+                    address: address.clone(),
+                    reason: "unverified".into(),
+                });
                 tracing::warn!(
                     spiffe_id = %id,
                     address,
@@ -462,6 +468,10 @@ impl Identity for IdentityService {
                 ));
             }
             self.mesh.metrics.inbound_address_refused("held");
+            not_recorded.push(RefusedInboundAddress {
+                address: address.clone(),
+                reason: "held".into(),
+            });
             tracing::warn!(
                 spiffe_id = %id,
                 address,
@@ -494,6 +504,7 @@ impl Identity for IdentityService {
             trust_bundle: self.mesh.ca.bundle().iter().map(|c| c.to_vec()).collect(),
             expires_at_unix: issued.not_after_unix,
             spiffe_id: id.to_string(),
+            refused_inbound_addresses: not_recorded,
         }))
     }
 }

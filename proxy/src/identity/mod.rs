@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::tls::{ExpectedServer, SpiffeServerVerifier};
 use trellis_proto::identity::v1::{
-    CertifyRequest, certify_request::Proof, identity_client::IdentityClient,
+    CertifyRequest, RefusedInboundAddress, certify_request::Proof, identity_client::IdentityClient,
 };
 
 use crate::config::{Credential, read_token};
@@ -289,6 +289,9 @@ pub async fn certify(
             message: s.message().to_string(),
         })?
         .into_inner();
+    for refused in &response.refused_inbound_addresses {
+        log_not_recorded(&params.identity, refused);
+    }
     let chain = response
         .chain
         .into_iter()
@@ -301,6 +304,33 @@ pub async fn certify(
         .map(CertificateDer::from)
         .collect();
     Ok((svid, bundle))
+}
+
+/// Logs an inbound address the control plane did not record (so no other
+/// sidecar learns to reach this one there), saying what to check for
+/// `reason`.
+fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
+    let why = match refused.reason.as_str() {
+        "unverified" => {
+            "this sidecar's Certify did not come from that IP, so the control plane could not \
+             tell it is this sidecar's: check --advertise-address, or, where the control \
+             plane sees sidecars through NAT or a proxy, start it with \
+             --trust-reported-addresses"
+        }
+        "held" => {
+            "another workload whose certificate is still valid holds that IP (the control \
+             plane's log names it)"
+        }
+        _ => "the control plane gave a reason this sidecar does not know",
+    };
+    tracing::warn!(
+        %identity,
+        address = %refused.address,
+        reason = %refused.reason,
+        "the control plane did not record an inbound address of this sidecar as a mesh \
+         endpoint; the certificate was issued, and the address is reported again at the next \
+         renewal: {why}"
+    );
 }
 
 /// Keeps this sidecar certified: the first Certify, then renewals at

@@ -21,7 +21,9 @@ use trellis_proto::discovery::v1::{
     self as pb, discovery_server::Discovery, discovery_server::DiscoveryServer, watch_request::Kind,
 };
 use trellis_proto::identity::v1::identity_server::{Identity, IdentityServer};
-use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, certify_request::Proof};
+use trellis_proto::identity::v1::{
+    CertifyRequest, CertifyResponse, RefusedInboundAddress, certify_request::Proof,
+};
 
 use super::{Ca, eventually, td};
 
@@ -44,6 +46,8 @@ pub struct Seen {
     /// Entries Certify adds to the trust bundle after the root (a broken
     /// control plane's).
     pub bundle_extra: Vec<Vec<u8>>,
+    /// The inbound addresses Certify says it did not record, with why.
+    pub not_recorded: Vec<RefusedInboundAddress>,
 }
 
 /// A running fake; dropped with the test's runtime.
@@ -101,12 +105,14 @@ impl Identity for Service {
         csr.params.not_after = now + self.cert_ttl;
         let cert = self.ca.sign(&csr);
         let mut trust_bundle = vec![self.root.to_vec()];
-        trust_bundle.extend(self.seen.lock().unwrap().bundle_extra.iter().cloned());
+        let seen = self.seen.lock().unwrap();
+        trust_bundle.extend(seen.bundle_extra.iter().cloned());
         Ok(Response::new(CertifyResponse {
             chain: vec![cert.to_vec()],
             trust_bundle,
             expires_at_unix: 0,
             spiffe_id: String::new(),
+            refused_inbound_addresses: seen.not_recorded.clone(),
         }))
     }
 }
