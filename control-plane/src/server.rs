@@ -46,6 +46,7 @@ use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
     peer_spiffe_id, provider, root_store, rustls_error,
 };
+use trellis_core::warn_throttled;
 
 use crate::api::PeerInfo;
 use crate::ca::{CertificateAuthority, ExtraSans};
@@ -360,11 +361,7 @@ impl Refusals {
         message: &str,
     ) {
         let error = error.map(tracing::field::display);
-        match self.lines.admit(reason) {
-            None => {}
-            Some(0) => tracing::warn!(%peer, reason, error, "{message}"),
-            Some(suppressed) => tracing::warn!(%peer, reason, error, suppressed, "{message}"),
-        }
+        warn_throttled!(self.lines, reason, { %peer, reason, error }, "{message}");
         // Counted once its line, if any, is in the log's queue: a failure
         // the metric shows has been logged, or counted as not.
         self.metrics.handshake_failed(reason);

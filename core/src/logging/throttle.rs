@@ -18,6 +18,26 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Writes a warning of kind `reason` through `throttle` ([`Throttle`]):
+/// `tracing::warn!` with the fields and message given in braces when the
+/// throttle admits it, with a `suppressed` field after them counting the
+/// lines of the kind not written since the last one (none on the first).
+/// The callers' crates depend on `tracing`.
+///
+/// ```ignore
+/// warn_throttled!(refusals, reason, { %client, reason, error }, "{message}");
+/// ```
+#[macro_export]
+macro_rules! warn_throttled {
+    ($throttle:expr, $reason:expr, { $($fields:tt)* }, $($message:tt)+) => {
+        match $throttle.admit($reason) {
+            None => {}
+            Some(0) => ::tracing::warn!($($fields)*, $($message)+),
+            Some(suppressed) => ::tracing::warn!($($fields)*, suppressed, $($message)+),
+        }
+    };
+}
+
 /// Kinds that get a window of their own; any more share one (a kind is a
 /// `reason` label, of which there are about twenty).
 const KINDS: usize = 32;

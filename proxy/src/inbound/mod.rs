@@ -49,6 +49,7 @@ use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
 use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
+use trellis_core::warn_throttled;
 
 mod target;
 
@@ -273,13 +274,12 @@ impl Shared {
         self.metrics.handshake_failure(INBOUND, reason);
         self.metrics.connection(INBOUND, "refused");
         let error = error.map(tracing::field::display);
-        match self.handshakes.refusals.admit(reason) {
-            None => {}
-            Some(0) => tracing::warn!(%client, reason = %reason, error, "{message}"),
-            Some(suppressed) => {
-                tracing::warn!(%client, reason = %reason, error, suppressed, "{message}")
-            }
-        }
+        warn_throttled!(
+            self.handshakes.refusals,
+            reason,
+            { %client, reason = %reason, error },
+            "{message}"
+        );
     }
 
     /// Whether `port` is opaque: declared so on this sidecar, or mesh-wide
