@@ -7,11 +7,11 @@
 //! answer or serve another snapshot, sidecars that refused their snapshot
 //! or have not received it yet, connected sidecars that have not renewed
 //! their certificate (with the Kubernetes store, as the replicas'
-//! issued-certificate logs tell, or that they cannot), stored policies that fail a check added
-//! since they were stored (`ListPolicies`: a selector outside the policy's
-//! namespace, enforced as written), roots of the trust bundle that expire
-//! soon or have, and an operator credential about to expire. It exits 1
-//! when anything is `FAIL`.
+//! issued-certificate logs tell, or that they cannot), stored policies
+//! that fail a check added since they were stored (`ListPolicies`: a
+//! selector outside the policy's namespace, enforced as written), roots of
+//! the trust bundle that expire soon or have, and an operator credential
+//! about to expire. It exits 1 when anything is `FAIL`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
