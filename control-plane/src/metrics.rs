@@ -49,8 +49,9 @@ impl Metrics {
     }
 
     /// An inbound address a Certify reported that was not recorded, for
-    /// `reason`: `unverified` (the Certify did not come from its IP) or
-    /// `held` (another live workload holds its IP).
+    /// `reason`: `unverified` (the Certify did not come from its IP),
+    /// `loopback` (a loopback address, from a Certify that did not come
+    /// over loopback) or `held` (another live workload holds its IP).
     pub fn inbound_address_refused(&self, reason: &'static str) {
         *self
             .inbound_addresses_refused

@@ -5,8 +5,9 @@
 //! and records written before addresses had their own expiry, keep
 //! working. An address is recorded only if the Certify came from its IP
 //! (the tests' sidecars connect from loopback, so those reporting other
-//! addresses run with `--trust-reported-addresses`, as behind NAT), and an
-//! IP another live workload holds is not taken; a refused address is not
+//! addresses run with `--trust-reported-addresses`, as behind NAT), a
+//! loopback address only if the Certify came over loopback, and an IP
+//! another live workload holds is not taken; a refused address is not
 //! recorded, and the certificate is still issued.
 
 mod common;
@@ -468,11 +469,82 @@ async fn a_sidecar_reporting_its_own_address_is_recorded() {
     );
 }
 
+/// A loopback address means "this host", so only a sidecar on the control
+/// plane's own host, whose Certify comes over loopback, may report one. A
+/// sidecar on another host (simulated here by a Certify from this host's
+/// routable address, which the control plane sees as any remote sidecar's)
+/// is refused it with the reason `loopback`, logged and counted, and its
+/// certificate and routable address are issued and recorded all the same;
+/// the same loopback address reported over loopback is an endpoint.
+#[tokio::test]
+async fn a_loopback_address_is_recorded_only_from_the_control_planes_own_host() {
+    let mut cp = ControlPlane::start(&["--listen", "0.0.0.0:0"]);
+    let Some(own) = routable_ipv4() else {
+        println!("skipped: this host has no routable IPv4 address");
+        return;
+    };
+    let over_loopback = format!("127.0.0.1:{}", cp.port());
+    cp.grpc = format!("{own}:{}", cp.port());
+    let token = cp.token(DB, 0).await;
+    let not_recorded: Vec<(String, String)> = cp
+        .identity_client(None)
+        .await
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), DB),
+            proof: Some(Proof::JoinToken(token)),
+            inbound_address: String::new(),
+            inbound_addresses: vec![
+                format!("{own}:7002"),
+                "127.0.0.1:7001".into(),
+                "[::1]:7001".into(),
+            ],
+        })
+        .await
+        .expect("a certificate without the loopback addresses")
+        .into_inner()
+        .refused_inbound_addresses
+        .into_iter()
+        .map(|r| (r.address, r.reason))
+        .collect();
+    let loopback = |a: &str| (a.to_owned(), "loopback".to_owned());
+    assert_eq!(
+        not_recorded,
+        [loopback("127.0.0.1:7001"), loopback("[::1]:7001")]
+    );
+    let line = cp.wait_for_line("the refusal", |l| {
+        l.contains("inbound address not recorded") && l.contains("127.0.0.1:7001")
+    });
+    assert!(
+        line.contains(DB) && line.contains(&format!("connected_from={own}")),
+        "{line}"
+    );
+
+    cp.grpc = over_loopback;
+    let web = certify_dual(&cp, WEB, &["127.0.0.1:7001"])
+        .await
+        .expect("a certificate");
+    let mut expected = vec![
+        endpoint("127.0.0.1:7001", WEB),
+        endpoint(&format!("{own}:7002"), DB),
+    ];
+    expected.sort_by(|a, b| a.address.cmp(&b.address));
+    assert_eq!(endpoints(&cp, &web).await, expected);
+    let listed = cp.list_workloads().await;
+    assert_eq!(listed_addresses(&listed, DB), [format!("{own}:7002")]);
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_inbound_addresses_refused_total{reason=\"loopback\"} 2\n")
+            && !metrics.contains("reason=\"unverified\""),
+        "{metrics}"
+    );
+}
+
 /// Every sidecar with default flags advertises `127.0.0.1:15006`, its own
 /// loopback: sidecars in separate network namespaces (containers, VMs)
-/// share one control plane and all become ready. No one identity stands
-/// behind such an address, so it is not published while several report
-/// it; a routable address still has one owner.
+/// behind NAT, with `--trust-reported-addresses`, share one control plane
+/// and all become ready. No one identity stands behind such an address, so
+/// it is not published while several report it; a routable address still
+/// has one owner.
 #[tokio::test]
 async fn sidecars_advertising_loopback_all_certify_and_routable_addresses_stay_owned() {
     let cp = ControlPlane::start(TRUST);

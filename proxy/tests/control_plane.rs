@@ -291,10 +291,16 @@ async fn an_unusable_trust_bundle_from_certify_is_not_taken() {
 async fn an_address_the_control_plane_did_not_record_is_logged_by_the_sidecar() {
     let (logs, _guard) = Logs::capture(false);
     let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
-    cp.seen.lock().unwrap().not_recorded = vec![RefusedInboundAddress {
-        address: "127.0.0.1:15006".into(),
-        reason: "unverified".into(),
-    }];
+    cp.seen.lock().unwrap().not_recorded = vec![
+        RefusedInboundAddress {
+            address: "10.0.0.1:15006".into(),
+            reason: "unverified".into(),
+        },
+        RefusedInboundAddress {
+            address: "127.0.0.1:15006".into(),
+            reason: "loopback".into(),
+        },
+    ];
     let me = id("/ns/a/sa/web");
     let metrics = Arc::new(Metrics::new());
     let (bundle_tx, _bundle) = watch::channel(Arc::new(vec![cp.root.clone()]));
@@ -302,9 +308,18 @@ async fn an_address_the_control_plane_did_not_record_is_logged_by_the_sidecar() 
     svid.wait_for(Option::is_some).await.unwrap();
     logs.wait_for(&[
         "did not record an inbound address of this sidecar",
-        "address=127.0.0.1:15006",
+        "address=10.0.0.1:15006",
         "reason=unverified",
         "--trust-reported-addresses",
+    ])
+    .await;
+    // A loopback address, from a sidecar not on the control plane's host:
+    // the remedy is an address its peers can reach.
+    logs.wait_for(&[
+        "did not record an inbound address of this sidecar",
+        "address=127.0.0.1:15006",
+        "reason=loopback",
+        "set --advertise-address",
     ])
     .await;
 }

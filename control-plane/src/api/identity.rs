@@ -21,20 +21,23 @@
 //! one of them, so an address is recorded only if its IP is the IP the
 //! Certify came from (verified), or, for a dual-stack sidecar, is of the
 //! other IP family in a report that holds the connection's IP (unverified:
-//! the control plane cannot see the sidecar at it). Loopback and
-//! unspecified addresses are every network namespace's own, have no owner
-//! and are taken as reported. With `--trust-reported-addresses` (a control
+//! the control plane cannot see the sidecar at it). A loopback address
+//! means "this host": it is taken as reported only from a Certify that
+//! came over loopback (a sidecar on the control plane's own host), and
+//! refused (reason `loopback`) from anywhere else, where it names no
+//! address another host could reach and could only steer traffic on the
+//! control plane's host. With `--trust-reported-addresses` (a control
 //! plane that sees sidecars through NAT or a proxy) every address is taken
 //! as reported, unverified. The store then owns addresses by IP: an
 //! unverified address at an IP another live workload holds is refused
-//! (see the store's issuance module). A refused address is logged (the
-//! identity, the address, the connection's IP), counted
-//! (`trellis_inbound_addresses_refused_total`) and not recorded; the
-//! certificate is still issued, with the addresses that were accepted: the
-//! proof is what grants the certificate, and a sidecar that could not
-//! renew over an address would lose its identity. The Kubernetes store
-//! takes endpoints from Pods and ignores reports, so nothing is checked
-//! there.
+//! (see the store's issuance module); a loopback address has no owner. A
+//! refused address is logged (the identity, the address, the connection's
+//! IP), counted (`trellis_inbound_addresses_refused_total`) and not
+//! recorded; the certificate is still issued, with the addresses that
+//! were accepted: the proof is what grants the certificate, and a sidecar
+//! that could not renew over an address would lose its identity. The
+//! Kubernetes store takes endpoints from Pods and ignores reports, so
+//! nothing is checked there.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -196,23 +199,38 @@ fn inbound_address(field: &str, raw: &str) -> Result<String, String> {
     Ok(addr.to_string())
 }
 
+/// Why [`check_sources`] refused an address: the Certify did not come
+/// from its IP (nor, for a dual-stack sidecar, from a reported address of
+/// the other family).
+const UNVERIFIED: &str = "unverified";
+
+/// Why [`check_sources`] refused an address: it is a loopback address and
+/// the Certify did not come over loopback.
+const LOOPBACK: &str = "loopback";
+
+/// What [`check_sources`] decided: the addresses accepted, each with
+/// whether the connection verified it, and those refused, each with why.
+type Checked = (Vec<(String, bool)>, Vec<(String, &'static str)>);
+
 /// The addresses of a Certify checked against the IP it came from
 /// (`connected_from`, canonical; `None` when unknown): those recorded, each
 /// with whether the connection verified it (its IP is the connection's),
-/// and those refused. Loopback and unspecified addresses are accepted
-/// unverified (no one owns them); with `trust` so is every other.
-/// Otherwise an address at another IP is accepted, unverified, only if it
-/// is of the other family and the report holds the connection's IP too (a
-/// dual-stack sidecar connects over one family; a loopback connection
-/// shows no address): anything else the sidecar could not be at.
-fn check_sources(
-    addresses: Vec<String>,
-    connected_from: Option<IpAddr>,
-    trust: bool,
-) -> (Vec<(String, bool)>, Vec<String>) {
+/// and those refused, each with why ([`UNVERIFIED`], [`LOOPBACK`]). With
+/// `trust` every address is accepted, unverified where the connection does
+/// not show it. A loopback address means "this host", so it is accepted
+/// (unverified if at another loopback IP) only from a Certify that came
+/// over loopback: a sidecar on the control plane's own host; from anywhere
+/// else it names nothing another host could reach, and could only steer
+/// traffic on the control plane's host. Otherwise an address at another IP
+/// is accepted, unverified, only if it is of the other family and the
+/// report holds the connection's IP too (a dual-stack sidecar connects
+/// over one family; a loopback connection shows no address): anything
+/// else the sidecar could not be at.
+fn check_sources(addresses: Vec<String>, connected_from: Option<IpAddr>, trust: bool) -> Checked {
     let ip = |address: &str| address.parse::<SocketAddr>().ok().map(|a| a.ip());
     // A sidecar on the control plane's own machine (over loopback) shows
     // no address of its own.
+    let over_loopback = connected_from.is_some_and(|from| from.is_loopback());
     let anchored = connected_from.is_some_and(|from| !from.is_loopback())
         && addresses.iter().any(|a| ip(a) == connected_from);
     let mut accepted = Vec::with_capacity(addresses.len());
@@ -224,10 +242,18 @@ fn check_sources(
             .is_some_and(|(at, from)| at.is_ipv4() != from.is_ipv4());
         if connected_from.is_some() && at == connected_from {
             accepted.push((address, true));
-        } else if trust || crate::net::is_namespace_local(&address) || (anchored && other_family) {
+        } else if trust {
+            accepted.push((address, false));
+        } else if at.is_some_and(|at| at.is_loopback()) {
+            if over_loopback {
+                accepted.push((address, false));
+            } else {
+                refused.push((address, LOOPBACK));
+            }
+        } else if anchored && other_family {
             accepted.push((address, false));
         } else {
-            refused.push(address);
+            refused.push((address, UNVERIFIED));
         }
     }
     (accepted, refused)
@@ -383,20 +409,35 @@ impl Identity for IdentityService {
         let addresses = if self.mesh.store.takes_reported_addresses() {
             let (accepted, refused) =
                 check_sources(addresses, connected_from, self.trust_reported_addresses);
-            for address in refused {
-                self.mesh.metrics.inbound_address_refused("unverified");
+            for (address, reason) in refused {
+                self.mesh.metrics.inbound_address_refused(reason);
                 not_recorded.push(RefusedInboundAddress {
                     address: address.clone(),
-                    reason: "unverified".into(),
+                    reason: reason.into(),
                 });
-                tracing::warn!(
-                    spiffe_id = %id,
-                    address,
-                    connected_from = %from(),
-                    "inbound address not recorded: the Certify did not come from its IP (nor \
-                     from a reported address of the other IP family); where the control plane \
-                     sees sidecars through NAT or a proxy, start it with --trust-reported-addresses"
-                );
+                if reason == LOOPBACK {
+                    tracing::warn!(
+                        spiffe_id = %id,
+                        address,
+                        reason,
+                        connected_from = %from(),
+                        "inbound address not recorded: a loopback address is recorded only \
+                         from a sidecar on the control plane's own host, whose Certify comes \
+                         over loopback; a sidecar elsewhere advertises an address its peers \
+                         can reach"
+                    );
+                } else {
+                    tracing::warn!(
+                        spiffe_id = %id,
+                        address,
+                        reason,
+                        connected_from = %from(),
+                        "inbound address not recorded: the Certify did not come from its IP \
+                         (nor from a reported address of the other IP family); where the \
+                         control plane sees sidecars through NAT or a proxy, start it with \
+                         --trust-reported-addresses"
+                    );
+                }
             }
             accepted
         } else {
@@ -698,6 +739,9 @@ mod tests {
         let owned = |pairs: &[(&str, bool)]| -> Vec<(String, bool)> {
             pairs.iter().map(|(a, v)| (a.to_string(), *v)).collect()
         };
+        let refused = |pairs: &[(&str, &'static str)]| -> Vec<(String, &'static str)> {
+            pairs.iter().map(|(a, r)| (a.to_string(), *r)).collect()
+        };
         // Its own address, with the other family's beside it.
         assert_eq!(
             check(
@@ -731,7 +775,7 @@ mod tests {
             ),
             (
                 owned(&[("10.0.0.1:15006", true)]),
-                vec!["10.0.0.2:15006".to_string()]
+                refused(&[("10.0.0.2:15006", UNVERIFIED)])
             )
         );
         assert_eq!(
@@ -742,35 +786,165 @@ mod tests {
             ),
             (
                 vec![],
-                vec!["10.0.0.2:15006".to_string(), "[fd00::2]:15006".to_string()]
+                refused(&[
+                    ("10.0.0.2:15006", UNVERIFIED),
+                    ("[fd00::2]:15006", UNVERIFIED)
+                ])
             )
         );
         assert_eq!(
             check(&["10.0.0.1:15006"], None, false),
-            (vec![], vec!["10.0.0.1:15006".to_string()])
+            (vec![], refused(&[("10.0.0.1:15006", UNVERIFIED)]))
         );
-        // Loopback is every namespace's own, whoever reports it.
+        // Loopback means "this host": taken from a sidecar on the control
+        // plane's own host, which connects over loopback (any loopback IP,
+        // either family)...
         assert_eq!(
-            check(&["127.0.0.1:7001", "[::1]:7001"], Some("10.0.0.9"), false),
+            check(
+                &[
+                    "127.0.0.1:7001",
+                    "[::1]:7001",
+                    "127.0.0.2:7001",
+                    "[fd00::1]:1"
+                ],
+                Some("127.0.0.1"),
+                false
+            ),
             (
-                owned(&[("127.0.0.1:7001", false), ("[::1]:7001", false)]),
-                vec![]
+                owned(&[
+                    ("127.0.0.1:7001", true),
+                    ("[::1]:7001", false),
+                    ("127.0.0.2:7001", false)
+                ]),
+                refused(&[("[fd00::1]:1", UNVERIFIED)])
+            )
+        );
+        // ...and from nowhere else, not even beside the connection's own IP
+        // as the other family's address, nor from an unknown source.
+        assert_eq!(
+            check(
+                &["10.0.0.9:7001", "127.0.0.1:7001", "[::1]:7001"],
+                Some("10.0.0.9"),
+                false
+            ),
+            (
+                owned(&[("10.0.0.9:7001", true)]),
+                refused(&[("127.0.0.1:7001", LOOPBACK), ("[::1]:7001", LOOPBACK)])
             )
         );
         assert_eq!(
-            check(&["127.0.0.1:7001", "[fd00::1]:1"], Some("127.0.0.1"), false),
-            (
-                owned(&[("127.0.0.1:7001", true)]),
-                vec!["[fd00::1]:1".to_string()]
-            )
+            check(&["127.0.0.1:7001"], None, false),
+            (vec![], refused(&[("127.0.0.1:7001", LOOPBACK)]))
         );
         // Trusted: everything as reported, verified only where it is.
         assert_eq!(
-            check(&["10.0.0.2:15006", "10.0.0.1:1"], Some("10.0.0.1"), true),
+            check(
+                &["10.0.0.2:15006", "10.0.0.1:1", "127.0.0.1:15006"],
+                Some("10.0.0.1"),
+                true
+            ),
             (
-                owned(&[("10.0.0.2:15006", false), ("10.0.0.1:1", true)]),
+                owned(&[
+                    ("10.0.0.2:15006", false),
+                    ("10.0.0.1:1", true),
+                    ("127.0.0.1:15006", false)
+                ]),
                 vec![]
             )
+        );
+    }
+
+    /// A Certify from `remote` for [`WEB`] with `proof` (a renewal when
+    /// `None`), reporting `addresses`: the addresses the answer says were
+    /// not recorded, each with its reason.
+    async fn certify_from(
+        service: &IdentityService,
+        remote: &str,
+        proof: Option<Proof>,
+        addresses: &[&str],
+    ) -> Vec<(String, String)> {
+        let renewal = proof.is_none();
+        let mut request = certify_request(proof, "");
+        request.get_mut().inbound_addresses = addresses.iter().map(|a| a.to_string()).collect();
+        request.extensions_mut().insert(PeerInfo {
+            remote: remote.parse().unwrap(),
+            spiffe_id: renewal.then(|| SpiffeId::parse(WEB).unwrap()),
+        });
+        let answer = service.certify(request).await.expect("a certificate");
+        answer
+            .into_inner()
+            .refused_inbound_addresses
+            .into_iter()
+            .map(|r| (r.address, r.reason))
+            .collect()
+    }
+
+    /// A loopback address means "this host". A sidecar on another host
+    /// (here a Certify whose connection came from 10.0.0.9) that reports
+    /// one is refused it, with the reason `loopback`, logged and counted,
+    /// and nothing is recorded at it; its own address is, and so is a
+    /// loopback address reported over loopback (a sidecar on the control
+    /// plane's own host, as in the single-machine demo).
+    #[tokio::test]
+    async fn a_loopback_address_is_recorded_only_from_a_certify_over_loopback() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, store, .. } = setup(&tmp);
+        let (logs, guard) = crate::test_logs::capture(false);
+        let not_recorded = certify_from(
+            &service,
+            "10.0.0.9:40000",
+            join_token(),
+            &["10.0.0.9:15006", "127.0.0.1:15006", "[::1]:15006"],
+        )
+        .await;
+        drop(guard);
+        let loopback = |a: &str| (a.to_owned(), "loopback".to_owned());
+        assert_eq!(
+            not_recorded,
+            [loopback("127.0.0.1:15006"), loopback("[::1]:15006")]
+        );
+        let stored = |store: &EmbeddedStore| -> Vec<String> {
+            let workloads = store.workloads().unwrap();
+            assert_eq!(workloads.len(), 1);
+            workloads[0]
+                .addresses
+                .iter()
+                .map(|a| a.address.clone())
+                .collect()
+        };
+        assert_eq!(stored(&store), ["10.0.0.9:15006"]);
+        assert!(
+            service
+                .mesh
+                .metrics
+                .render()
+                .contains("trellis_inbound_addresses_refused_total{reason=\"loopback\"} 2\n"),
+            "{}",
+            service.mesh.metrics.render()
+        );
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("inbound address not recorded") && l.contains("[::1]:15006"))
+            .unwrap_or_else(|| panic!("no refusal logged in {text:?}"));
+        assert!(
+            line.contains("reason=\"loopback\"") && line.contains("connected_from=10.0.0.9"),
+            "{line}"
+        );
+
+        let from_this_host = certify_from(
+            &service,
+            "127.0.0.1:40001",
+            None,
+            &["127.0.0.1:15006", "[::1]:15006"],
+        )
+        .await;
+        assert_eq!(from_this_host, []);
+        let mut addresses = stored(&store);
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            ["10.0.0.9:15006", "127.0.0.1:15006", "[::1]:15006"]
         );
     }
 

@@ -101,7 +101,9 @@ pub struct ProxyArgs {
     /// (repeatable, e.g. a pod's IPv4 and IPv6 address; comma-separated in
     /// the environment). An IP without a port gets the port of the first
     /// --inbound address. Default: the inbound addresses, an unspecified
-    /// one as loopback.
+    /// one as loopback (recorded only where this sidecar reaches the
+    /// control plane over loopback, on its host; elsewhere, give an
+    /// address peers can reach).
     #[arg(
         long,
         env = "TRELLIS_ADVERTISE_ADDRESS",

@@ -317,6 +317,12 @@ fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
              plane sees sidecars through NAT or a proxy, start it with \
              --trust-reported-addresses"
         }
+        "loopback" => {
+            "a loopback address names each host's own, and the control plane records one \
+             only from a sidecar on its own host, which reaches it over loopback; this \
+             sidecar's Certify did not: set --advertise-address to an address other sidecars \
+             can reach (this host's or pod's IP)"
+        }
         "held" => {
             "another workload whose certificate is still valid holds that IP (the control \
              plane's log names it)"
