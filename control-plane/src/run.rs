@@ -385,7 +385,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(ReplicaServer::with_interceptor(
-            ReplicaService::new(mesh.clone(), replicas.clone()),
+            ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches.clone()),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
         .add_service(AdminServer::with_interceptor(

@@ -17,6 +17,10 @@
 //! to it then show as not connected. Peers call each other with the control
 //! plane's own SVID, and only that identity may call `Replica`
 //! ([`super::OnlyCaller::control_plane`]).
+//!
+//! `Health` says whether a replica is a good place for sidecars to move
+//! to: a replica whose own policy watch keeps failing can ask its peers
+//! ([`Replicas::healthy_peer`]) before it goes unready.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -30,14 +34,16 @@ use tonic::{Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
-    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListStreamsRequest,
-    ListStreamsResponse, ReplicaStatus, SnapshotSync, StreamStatus,
+    HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
+    ListStreamsRequest, ListStreamsResponse, ReplicaHealth, ReplicaStatus, SnapshotSync,
+    StreamStatus,
 };
 
 use super::Mesh;
 use super::admin::{issued_certificate, issued_here, issued_limit};
 use crate::discovery::{SyncState, Write};
 use crate::store::Position;
+use crate::store::kubernetes::WatchHealth;
 
 /// The metadata of every `Replica` answer that names the replica's
 /// instance number.
@@ -179,7 +185,9 @@ impl Replicas {
         fleet.logged = local.issued_log_since_unix != 0;
         fleet.add(self.address.clone(), Ok(local));
         let answers = self
-            .ask_peers(move |mut peer| async move { peer.list_streams(request).await })
+            .ask_peers(true, move |mut peer| async move {
+                peer.list_streams(request).await
+            })
             .await;
         for (address, answer) in answers {
             fleet.add(address, answer);
@@ -197,7 +205,7 @@ impl Replicas {
     ) -> ListIssuedCertificatesResponse {
         let limit = issued_limit(&request);
         let answers = self
-            .ask_peers(move |mut peer| {
+            .ask_peers(true, move |mut peer| {
                 let request = request.clone();
                 async move { peer.list_issued_certificates(request).await }
             })
@@ -235,11 +243,33 @@ impl Replicas {
         joined
     }
 
+    /// A peer that answers `Health` as healthy, by name and address, if
+    /// any: every peer is asked at once, each within [`PEER_TIMEOUT`]. A
+    /// peer that does not answer, or predates the call, is not healthy.
+    pub async fn healthy_peer(&self) -> Option<String> {
+        let answers = self
+            .ask_peers(false, |mut peer| async move {
+                peer.health(HealthRequest {}).await
+            })
+            .await;
+        answers.into_iter().find_map(|(address, answer)| {
+            let answer = answer.ok()?;
+            (answer.health() == ReplicaHealth::Healthy)
+                .then(|| format!("{} at {address}", answer.name))
+        })
+    }
+
     /// Asks every peer at once with `call`, each within [`PEER_TIMEOUT`]:
     /// each address asked with its answer or why there is none, by
     /// address. This replica's own answer, when a peer name resolves to
-    /// it, is left out.
-    async fn ask_peers<T, F, Fut>(&self, call: F) -> Vec<(String, Result<T, Unanswered>)>
+    /// it, is left out. A peer that does not answer is logged as a
+    /// warning when `warn`, else at debug level (a question asked every
+    /// few seconds).
+    async fn ask_peers<T, F, Fut>(
+        &self,
+        warn: bool,
+        call: F,
+    ) -> Vec<(String, Result<T, Unanswered>)>
     where
         T: Send + 'static,
         F: Fn(ReplicaClient<Channel>) -> Fut + Clone + Send + 'static,
@@ -280,12 +310,21 @@ impl Replicas {
                         Ok((instance, _)) if instance == Some(me) => None,
                         Ok((_, answer)) => Some((addr.to_string(), Ok(answer))),
                         Err(why) => {
-                            tracing::warn!(
-                                peer = %addr,
-                                error = %why.error,
-                                not_listening = why.not_listening,
-                                "a peer replica did not answer"
-                            );
+                            if warn {
+                                tracing::warn!(
+                                    peer = %addr,
+                                    error = %why.error,
+                                    not_listening = why.not_listening,
+                                    "a peer replica did not answer"
+                                );
+                            } else {
+                                tracing::debug!(
+                                    peer = %addr,
+                                    error = %why.error,
+                                    not_listening = why.not_listening,
+                                    "a peer replica did not answer"
+                                );
+                            }
                             Some((addr.to_string(), Err(why)))
                         }
                     }
@@ -378,11 +417,13 @@ fn snapshot_sync(state: SyncState) -> SnapshotSync {
     }
 }
 
-/// The `Replica` service: this replica's streams and issued-certificate
-/// log, for its peers.
+/// The `Replica` service: this replica's streams, issued-certificate log
+/// and health, for its peers.
 pub struct ReplicaService {
     mesh: Mesh,
     replicas: Arc<Replicas>,
+    /// The Kubernetes store's watches (none with the embedded store).
+    watches: Option<Arc<WatchHealth>>,
 }
 
 /// The write a listing asks about: by position when the request names
@@ -404,7 +445,28 @@ pub fn asked(request: &ListStreamsRequest) -> Write {
 
 impl ReplicaService {
     pub fn new(mesh: Mesh, replicas: Arc<Replicas>) -> Self {
-        Self { mesh, replicas }
+        Self {
+            mesh,
+            replicas,
+            watches: None,
+        }
+    }
+
+    /// Answers `Health` by how `watches` fare.
+    pub fn with_watches(mut self, watches: Option<Arc<WatchHealth>>) -> Self {
+        self.watches = watches;
+        self
+    }
+
+    /// This replica as a peer deciding whether to go unready sees it.
+    fn own_health(&self) -> ReplicaHealth {
+        if *self.mesh.shutdown.borrow() {
+            ReplicaHealth::Stopping
+        } else if self.watches.as_ref().is_some_and(|w| !w.policies_current()) {
+            ReplicaHealth::PoliciesStale
+        } else {
+            ReplicaHealth::Healthy
+        }
     }
 }
 
@@ -425,6 +487,17 @@ impl Replica for ReplicaService {
         let mut here = issued_here(&self.mesh, request.get_ref(), &self.replicas.name).await?;
         here.replicas = vec![self.replicas.named()];
         Ok(self.replicas.stamped(here))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let answer = HealthResponse {
+            name: self.replicas.name.clone(),
+            health: self.own_health().into(),
+        };
+        Ok(self.replicas.stamped(answer))
     }
 }
 
@@ -882,5 +955,36 @@ mod tests {
             fleet.status("spiffe://cluster.local/ns/x/sa/y"),
             Joined::default()
         );
+    }
+
+    /// A replica answers `Health` as healthy while it serves (the embedded
+    /// store has no watch to fail), and as stopping once it shuts down:
+    /// a peer whose watch fails must not send sidecars to it.
+    #[tokio::test]
+    async fn health_says_stopping_once_the_replica_shuts_down() {
+        use crate::discovery::Discovery;
+        use crate::server::{ServingCert, peer_client_config};
+        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use trellis_proto::discovery::v1::MeshConfig;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let discovery =
+            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
+        let (mesh, stop) = Mesh::for_tests(store, discovery);
+        let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+        let serving = ServingCert::new(mesh.ca.clone(), &[], loopback).unwrap();
+        let tls = peer_client_config(&mesh.ca, serving).unwrap();
+        let replicas = Replicas::new(Some("cp-a".into()), "127.0.0.1:15012".into(), vec![], tls);
+        let service = ReplicaService::new(mesh, Arc::new(replicas));
+        let ask = || async {
+            let answer = service.health(Request::new(HealthRequest {})).await;
+            let answer = answer.unwrap().into_inner();
+            assert_eq!(answer.name, "cp-a");
+            answer.health()
+        };
+        assert_eq!(ask().await, ReplicaHealth::Healthy);
+        stop.send(true).unwrap();
+        assert_eq!(ask().await, ReplicaHealth::Stopping);
     }
 }

@@ -136,6 +136,15 @@ impl WatchHealth {
             .collect()
     }
 
+    /// Whether the watch of every policy kind works now: the policies
+    /// served are as current as the API server's.
+    pub fn policies_current(&self) -> bool {
+        let failing = self.failing_since.lock().expect("not poisoned");
+        failing
+            .iter()
+            .all(|(kind, since)| !kind.is_policy() || since.is_none())
+    }
+
     /// Why this replica should take no new sidecars: the watch of a
     /// policy kind has been failing for longer than the grace it was
     /// given, so the policies it would push may be stale (one deleted
