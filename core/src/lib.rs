@@ -8,7 +8,9 @@
 //! filter both binaries share. `clock` waits for a wall-clock time, as
 //! certificate renewals do. `connections` limits the connections of the
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
-//! limit, as both binaries do at start-up.
+//! limit, as both binaries do at start-up. `tcp` holds the sidecar's TCP
+//! timers and the range of its `TCP_USER_TIMEOUT`, which the injector
+//! checks annotations against.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -23,6 +25,7 @@ pub mod policy;
 pub mod refusal;
 pub mod slots;
 pub mod spiffe;
+pub mod tcp;
 pub mod tls;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -23,6 +23,9 @@ use std::time::Duration;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+// In `trellis_core::tcp` beside the user timeout's range, which the
+// injector checks annotations against too.
+pub use trellis_core::tcp::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES};
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,32 +48,6 @@ pub const RELEASED_WAIT: Duration = Duration::from_millis(5);
 
 /// How many connections may wait to be accepted on a listener.
 const LISTEN_BACKLOG: i32 = 1024;
-
-/// How long a connection may carry nothing before the kernel probes its
-/// peer with TCP keepalives. A peer whose node vanished sends no FIN or
-/// RST: without probes its connection, with its task, TLS state, buffers
-/// and app connection, would stay open for ever. A minute of silence costs
-/// an idle connection one probe a minute.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-/// How long the kernel waits between unanswered probes.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How many probes may go unanswered before the kernel resets the
-/// connection: a vanished peer is found two minutes after it fell silent.
-pub const KEEPALIVE_PROBES: u32 = 6;
-
-/// How long data a mesh connection sent may go unacknowledged before the
-/// kernel resets it (`TCP_USER_TIMEOUT`): as long as keepalive takes to
-/// give up on a silent peer, two minutes. Keepalive probes only a
-/// connection with nothing in flight, so a peer that vanished while data
-/// was unacknowledged would be found only when retransmission gave up,
-/// about 15 minutes later. It also bounds how long a peer may keep its
-/// receive window closed (its app stopped reading, every buffer on the
-/// way full): a connection stalled so for two minutes is reset as well.
-/// Set on connections to and from beyond the pod, never on those with the
-/// app, in the pod.
-pub const USER_TIMEOUT: Duration = Duration::from_secs(
-    KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_PROBES as u64,
-);
 
 /// The TCP keepalive of every listener and every dial of the sidecar.
 fn keepalive() -> TcpKeepalive {
@@ -110,11 +87,24 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Binds a listener for connections from beyond the pod (the inbound
 /// port) as [`bind`] does; the connections accepted on it also give up on
-/// a peer that vanished with data in flight ([`USER_TIMEOUT`], which Linux
-/// copies to accepted sockets as it does keepalive).
-pub fn bind_mesh(addr: SocketAddr) -> io::Result<TcpListener> {
+/// a peer that vanished with data in flight after `user_timeout`
+/// (`TCP_USER_TIMEOUT`, which Linux copies to accepted sockets as it does
+/// keepalive; `None` sets none).
+///
+/// The user timeout (`--tcp-user-timeout`, two minutes by default, as
+/// long as keepalive takes to give up on a silent peer) is there because
+/// keepalive probes only a connection with nothing in flight: a peer that
+/// vanished while data was unacknowledged would be found only when
+/// retransmission gave up, about 15 minutes later. It also bounds how long
+/// a peer may keep its receive window closed (its app stopped reading,
+/// every buffer on the way full): a connection stalled so that long is
+/// reset as well. Set on connections to and from beyond the pod, never on
+/// those with the app, in the pod.
+pub fn bind_mesh(addr: SocketAddr, user_timeout: Option<Duration>) -> io::Result<TcpListener> {
     let listener = bind(addr)?;
-    SockRef::from(&listener).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    if user_timeout.is_some() {
+        SockRef::from(&listener).set_tcp_user_timeout(user_timeout)?;
+    }
     Ok(listener)
 }
 
@@ -169,18 +159,22 @@ pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpStre
 
 /// Dials `addr` beyond the pod (a peer, a destination outside the mesh),
 /// giving up when it has not answered within `timeout`, with Nagle off,
-/// keepalive probes ([`KEEPALIVE_IDLE`]) and [`USER_TIMEOUT`].
+/// keepalive probes ([`KEEPALIVE_IDLE`]) and `user_timeout` (as
+/// [`bind_mesh`] says; `None` sets none).
 pub async fn connect_within(
     addr: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
+    user_timeout: Option<Duration>,
 ) -> io::Result<TcpStream> {
     let stream = connect_in_pod_within(addr, timeout).await?;
-    SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    if user_timeout.is_some() {
+        SockRef::from(&stream).set_tcp_user_timeout(user_timeout)?;
+    }
     Ok(stream)
 }
 
 /// Dials `addr`, an address of this pod (an app calling its own pod's
-/// address), as [`connect_within`] does but without [`USER_TIMEOUT`]: a
+/// address), as [`connect_within`] does but without a user timeout: a
 /// peer in the pod does not vanish, and an app that stops reading for a
 /// while must not have its connection reset.
 pub async fn connect_in_pod_within(
@@ -672,6 +666,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     use super::*;
+    use trellis_core::tcp::DEFAULT_USER_TIMEOUT;
 
     /// A listener is reached at its own address, and a wildcard one at
     /// any address of this host of its family; another port, another
@@ -721,7 +716,9 @@ mod tests {
     async fn accepted_and_dialled_connections_probe_a_silent_peer() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let dialled = connect_within(addr, CONNECT_TIMEOUT).await.unwrap();
+        let dialled = connect_within(addr, CONNECT_TIMEOUT, Some(DEFAULT_USER_TIMEOUT))
+            .await
+            .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         for (what, stream) in [("accepted", &accepted), ("dialled", &dialled)] {
             let socket = SockRef::from(stream);
@@ -746,31 +743,42 @@ mod tests {
 
     /// Connections accepted on the inbound port ([`bind_mesh`]) and dials
     /// beyond the pod ([`connect_within`]) give up on unacknowledged data
-    /// when keepalive would on silence (two minutes); those with the pod
-    /// ([`bind`], [`connect_in_pod_within`]) never do.
+    /// after the user timeout they are given (by default two minutes, when
+    /// keepalive gives up on silence); those with the pod ([`bind`],
+    /// [`connect_in_pod_within`]) never do, and with the user timeout off
+    /// neither do mesh connections.
     #[tokio::test]
-    async fn mesh_connections_give_up_on_unacknowledged_data_with_keepalive() {
-        assert_eq!(USER_TIMEOUT, Duration::from_secs(120));
-        let mesh = bind_mesh("127.0.0.1:0".parse().unwrap()).unwrap();
-        let pod = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let dialled = connect_within(pod.local_addr().unwrap(), CONNECT_TIMEOUT)
-            .await
-            .unwrap();
-        let in_pod = connect_in_pod_within(mesh.local_addr().unwrap(), CONNECT_TIMEOUT)
-            .await
-            .unwrap();
-        let (from_pod, _) = pod.accept().await.unwrap();
-        let (from_mesh, _) = mesh.accept().await.unwrap();
+    async fn mesh_connections_give_up_on_unacknowledged_data_after_the_user_timeout() {
         let timeout = |stream: &TcpStream| SockRef::from(stream).tcp_user_timeout().unwrap();
-        assert_eq!(timeout(&from_mesh), Some(USER_TIMEOUT), "accepted inbound");
-        assert_eq!(
-            timeout(&dialled),
-            Some(USER_TIMEOUT),
-            "dialled beyond the pod"
-        );
-        assert_eq!(timeout(&from_pod), None, "accepted from the pod");
-        assert_eq!(timeout(&in_pod), None, "dialled in the pod");
-        assert!(SockRef::from(&in_pod).keepalive().unwrap());
+        let five_minutes = Some(Duration::from_secs(300));
+        for user_timeout in [Some(DEFAULT_USER_TIMEOUT), five_minutes, None] {
+            let mesh = bind_mesh("127.0.0.1:0".parse().unwrap(), user_timeout).unwrap();
+            let pod = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let dialled = connect_within(pod.local_addr().unwrap(), CONNECT_TIMEOUT, user_timeout)
+                .await
+                .unwrap();
+            let in_pod = connect_in_pod_within(mesh.local_addr().unwrap(), CONNECT_TIMEOUT)
+                .await
+                .unwrap();
+            let (from_pod, _) = pod.accept().await.unwrap();
+            let (from_mesh, _) = mesh.accept().await.unwrap();
+            assert_eq!(
+                timeout(&from_mesh),
+                user_timeout,
+                "accepted inbound, {user_timeout:?}"
+            );
+            assert_eq!(
+                timeout(&dialled),
+                user_timeout,
+                "dialled beyond the pod, {user_timeout:?}"
+            );
+            assert_eq!(timeout(&from_pod), None, "accepted from the pod");
+            assert_eq!(timeout(&in_pod), None, "dialled in the pod");
+            for (what, stream) in [("accepted inbound", &from_mesh), ("dialled", &dialled)] {
+                assert!(SockRef::from(stream).keepalive().unwrap(), "{what}");
+            }
+            assert!(SockRef::from(&in_pod).keepalive().unwrap());
+        }
     }
 
     /// Bulk one way (growing the buffer), a little the other way, and each

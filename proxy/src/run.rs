@@ -190,6 +190,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         policies: policies_rx,
         close_denied: config.close_denied_connections,
         opaque_ports: config.opaque_ports.clone(),
+        user_timeout: config.tcp_user_timeout,
         http: Arc::new(crate::http::Http::with_access_log(
             metrics.clone(),
             config.access_log,
@@ -231,6 +232,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         metrics: metrics.clone(),
         own_addrs,
         plaintext_listeners: config.plaintext_listeners().collect(),
+        user_timeout: config.tcp_user_timeout,
     });
     let mut transparent = Vec::with_capacity(config.outbound.len());
     for listen in &config.outbound {

@@ -205,6 +205,7 @@ async fn a_connection_future_stays_small() {
         policies,
         close_denied: true,
         opaque_ports: Vec::new(),
+        user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
         http: std::sync::Arc::new(trellis_proxy::http::Http::new(Default::default())),
         metrics: Default::default(),
         handshakes: Default::default(),

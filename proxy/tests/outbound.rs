@@ -25,6 +25,7 @@ fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
         metrics: Arc::new(Metrics::new()),
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
+        user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
     })
 }
 

@@ -227,6 +227,9 @@ struct ConfigView {
     /// snapshot is in force, the mesh's.
     opaque_ports: Vec<u16>,
     access_log: bool,
+    /// `TCP_USER_TIMEOUT` of the connections to and from beyond the pod,
+    /// as `--tcp-user-timeout` takes it (`2m`; `0s`: none).
+    tcp_user_timeout: String,
     /// The admin paths of the app probes.
     app_probes: Vec<String>,
     control_plane: String,
@@ -332,6 +335,8 @@ fn config_view(state: &State) -> ConfigView {
             |s| s.policies.opaque_ports().to_vec(),
         ),
         access_log: c.access_log,
+        tcp_user_timeout: humantime::format_duration(c.tcp_user_timeout.unwrap_or_default())
+            .to_string(),
         app_probes: c.app_probes.paths(),
         control_plane: c.control_plane.clone(),
         inbound: c.inbound.iter().map(|l| l.addr.to_string()).collect(),

@@ -114,6 +114,18 @@ pub struct ProxyArgs {
     /// How long open connections may drain after SIGTERM.
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
+    /// How long data sent on a connection to or from beyond the pod may go
+    /// unacknowledged, or the peer keep its receive window closed, before
+    /// the kernel resets the connection (TCP_USER_TIMEOUT): 80s to 1h, or
+    /// 0 for none. It also decides when keepalive gives up on a silent
+    /// peer.
+    #[arg(
+        long,
+        env = "TRELLIS_TCP_USER_TIMEOUT",
+        default_value = "2m",
+        value_name = "DURATION"
+    )]
+    pub tcp_user_timeout: String,
     /// Log format: text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -234,6 +246,9 @@ pub struct Config {
     /// Reported to the control plane; never empty.
     pub advertise_addresses: Vec<SocketAddr>,
     pub drain_timeout: Duration,
+    /// `TCP_USER_TIMEOUT` of the connections to and from beyond the pod;
+    /// `None`: none (`--tcp-user-timeout 0`).
+    pub tcp_user_timeout: Option<Duration>,
     pub log_format: LogFormat,
     /// Close open inbound connections that new policies deny.
     pub close_denied_connections: bool,
@@ -378,6 +393,8 @@ impl Config {
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
+        let tcp_user_timeout =
+            tcp_user_timeout(&args.tcp_user_timeout).map_err(|e| invalid("tcp-user-timeout", e))?;
         let log_format = match args.log_format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -405,6 +422,7 @@ impl Config {
             admin,
             advertise_addresses,
             drain_timeout,
+            tcp_user_timeout,
             log_format,
             close_denied_connections: args.close_denied_connections,
             opaque_ports: args.opaque_ports.clone(),
@@ -412,6 +430,15 @@ impl Config {
             app_probes,
         })
     }
+}
+
+/// `--tcp-user-timeout`: a duration in range
+/// ([`trellis_core::tcp::check_user_timeout`]), `0` for none.
+fn tcp_user_timeout(value: &str) -> Result<Option<Duration>, String> {
+    let value = value.trim();
+    let timeout = humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
+    trellis_core::tcp::check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
 /// The trimmed contents of a token file, which must not be empty.
@@ -572,6 +599,38 @@ mod tests {
         assert!(!c.close_denied_connections);
         let argv = ["trellis-proxy", "--close-denied-connections", "no"];
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    /// Two minutes unless told otherwise, `0` for none, and a value that
+    /// is no duration or out of range refused naming the flag.
+    #[test]
+    fn reads_the_tcp_user_timeout() {
+        assert_eq!(
+            args(&[]).unwrap().tcp_user_timeout,
+            Some(Duration::from_secs(120))
+        );
+        for (value, expected) in [
+            ("5m", Some(Duration::from_secs(300))),
+            ("0", None),
+            ("0s", None),
+        ] {
+            let c = args(&["--tcp-user-timeout", value]).unwrap();
+            assert_eq!(c.tcp_user_timeout, expected, "{value}");
+        }
+        for (value, says) in [
+            ("120", "not a duration"),
+            ("10s", "out of range: 0 (off) or 80s to 1h"),
+            ("2h", "out of range"),
+        ] {
+            let e = args(&["--tcp-user-timeout", value]).unwrap_err();
+            assert_eq!(e.flag, "tcp-user-timeout", "{value}");
+            let e = e.to_string();
+            assert!(
+                e.starts_with(&format!("invalid --tcp-user-timeout: \"{value}\""))
+                    && e.contains(says),
+                "{value}: {e}"
+            );
+        }
     }
 
     #[test]

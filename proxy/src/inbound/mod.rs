@@ -247,6 +247,9 @@ pub struct Shared {
     pub close_denied: bool,
     /// Ports whose traffic is never inspected as HTTP (`--opaque-ports`).
     pub opaque_ports: Vec<u16>,
+    /// `TCP_USER_TIMEOUT` of the connections accepted
+    /// (`--tcp-user-timeout`; [`net::bind_mesh`]).
+    pub user_timeout: Option<Duration>,
     /// The connections to the app for HTTP: parked HTTP/1 ones and one
     /// HTTP/2 connection to each port.
     pub http: Arc<crate::http::Http>,
@@ -296,7 +299,7 @@ impl Shared {
 
 impl Inbound {
     pub async fn new(addr: SocketAddr, shared: Arc<Shared>, drain: Drain) -> io::Result<Self> {
-        let listener = net::bind_mesh(addr)?;
+        let listener = net::bind_mesh(addr, shared.user_timeout)?;
         Ok(Inbound {
             listener,
             shared,

@@ -129,6 +129,9 @@ pub struct Shared {
     /// ones, as configured): a route's remote that resolves to one of them
     /// would dial itself ([`crate::net::reaches`]).
     pub plaintext_listeners: Vec<SocketAddr>,
+    /// `TCP_USER_TIMEOUT` of the dials beyond the pod
+    /// (`--tcp-user-timeout`; [`net::connect_within`]).
+    pub user_timeout: Option<Duration>,
 }
 
 /// Why a mesh dial failed.
@@ -197,8 +200,7 @@ where
     let full = || {
         handshake(
             &peer.full,
-            remote,
-            connect_timeout,
+            net::connect_within(remote, connect_timeout, shared.user_timeout),
             &name,
             protocol,
             first,
@@ -213,8 +215,7 @@ where
     // then (`ReadAhead::hold_after_first_flush`).
     match tls::resuming(handshake(
         &peer.resume,
-        remote,
-        connect_timeout,
+        net::connect_within(remote, connect_timeout, shared.user_timeout),
         &name,
         protocol,
         &[],
@@ -277,8 +278,8 @@ where
     }
 }
 
-/// One connection and handshake of [`dial_mesh`] with `config`, the peer
-/// given `connect_timeout` to answer the connection.
+/// One connection and handshake of [`dial_mesh`] with `config`: `connect`
+/// dials the peer ([`net::connect_within`], not begun until awaited here).
 ///
 /// A resuming dial's `reserved` ticket is released as soon as the TLS
 /// session has taken it (rustls does so when it writes the ClientHello,
@@ -289,16 +290,13 @@ where
 /// releases it ([`net::ReadAhead::release`]).
 async fn handshake(
     config: &Arc<rustls::ClientConfig>,
-    remote: impl tokio::net::ToSocketAddrs,
-    connect_timeout: Duration,
+    connect: impl Future<Output = io::Result<TcpStream>>,
     name: &ServerName<'static>,
     protocol: Protocol,
     first: &[u8],
     reserved: Option<tls::tickets::Reserved>,
 ) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError> {
-    let tcp = net::connect_within(remote, connect_timeout)
-        .await
-        .map_err(DialError::Connect)?;
+    let tcp = connect.await.map_err(DialError::Connect)?;
     let mut tcp = net::ReadAhead::new(tcp);
     if reserved.is_some() {
         tcp.hold_after_first_flush();
@@ -937,7 +935,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 let dialled = if same_pod {
                     net::connect_in_pod_within(*addr, connect_timeout).await
                 } else {
-                    net::connect_within(*addr, connect_timeout).await
+                    net::connect_within(*addr, connect_timeout, shared.user_timeout).await
                 };
                 match dialled {
                     Ok(upstream) => {

@@ -196,6 +196,7 @@ fn sidecar(
         metrics,
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
+        user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
     })
 }
 

@@ -280,6 +280,7 @@ pub async fn inbound_limited(
             policies: policies_rx,
             close_denied: true,
             opaque_ports: Vec::new(),
+            user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
             http: Arc::new(trellis_proxy::http::Http::new(metrics.clone())),
             metrics: metrics.clone(),
             handshakes,
