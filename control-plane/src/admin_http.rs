@@ -1,7 +1,8 @@
 //! The plain-HTTP admin port: `/live`, `/ready` (200 once the gRPC port is
-//! serving, unless the Kubernetes store's watch of a policy kind has been
-//! failing for longer than its grace: 503 naming it) and `/metrics`
-//! (Prometheus text).
+//! serving; with the Kubernetes store, when the watch of a policy kind has
+//! been failing for longer than its grace, 503 naming it if a peer replica
+//! answers as healthy, else 200 saying that the policies served may be
+//! stale: see [`crate::readiness`]) and `/metrics` (Prometheus text).
 //!
 //! It exposes nothing secret and accepts nothing that changes state. It is
 //! reachable from every pod of the cluster (the kubelet probes it, a
@@ -23,8 +24,10 @@ use tokio::sync::watch;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 
 use crate::discovery::Discovery;
-use crate::metrics::{Metrics, render_sidecar_sync, render_store_watches};
-use crate::store::kubernetes::WatchHealth;
+use crate::metrics::{
+    Metrics, render_sidecar_sync, render_store_serving_stale, render_store_watches,
+};
+use crate::readiness::{Check, Readiness};
 
 /// How long a client of the admin port has to send a request's head, and
 /// how long an idle connection is kept waiting for the next one: the
@@ -61,14 +64,14 @@ impl AdminHttp {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` turns true. `watches` are the Kubernetes
+    /// Serves until `shutdown` turns true. `readiness` is the Kubernetes
     /// store's (none with the embedded store).
     pub async fn run(
         self,
         ready: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
         discovery: Arc<Discovery>,
-        watches: Option<Arc<WatchHealth>>,
+        readiness: Option<Arc<Readiness>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
@@ -94,11 +97,12 @@ impl AdminHttp {
             let ready = ready.clone();
             let metrics = metrics.clone();
             let discovery = discovery.clone();
-            let watches = watches.clone();
+            let readiness = readiness.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
                 let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&req, &ready, &metrics, &discovery, watches.as_deref());
+                    let response =
+                        respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 serve_http1_for(
@@ -119,7 +123,7 @@ fn respond(
     ready: &AtomicBool,
     metrics: &Metrics,
     discovery: &Discovery,
-    watches: Option<&WatchHealth>,
+    readiness: Option<&Readiness>,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
@@ -140,19 +144,26 @@ fn respond(
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
         }
         // Sidecars moved here (a rollout) would get policies that may be
-        // stale: a Service sends them to another replica meanwhile.
-        "/ready" => match watches.and_then(WatchHealth::unready) {
-            Some(reason) => text(
+        // stale: a Service sends them to a healthy peer meanwhile. With no
+        // healthy peer, staying ready keeps the mesh served.
+        "/ready" => match readiness.map(Readiness::check) {
+            Some(Check::Unready(reason)) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),
             ),
-            None => text(StatusCode::OK, "ready\n".into()),
+            Some(Check::ServingStale(reason)) => {
+                text(StatusCode::OK, format!("ready, serving stale: {reason}\n"))
+            }
+            Some(Check::Current) | None => text(StatusCode::OK, "ready\n".into()),
         },
         "/metrics" => {
             let mut body = metrics.render();
             render_sidecar_sync(&mut body, &discovery.sync_counts());
-            if let Some(watches) = watches {
-                let failing: Vec<_> = watches
+            if let Some(readiness) = readiness {
+                let stale = matches!(readiness.check(), Check::ServingStale(_));
+                render_store_serving_stale(&mut body, stale);
+                let failing: Vec<_> = readiness
+                    .watches()
                     .failing()
                     .into_iter()
                     .map(|(kind, failing)| (kind.as_str(), failing.is_some()))

@@ -270,6 +270,18 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_NAMESPACE", value_parser = parse_object_name)]
     pub namespace: Option<String>,
 
+    /// With --store kubernetes: how long the watch of a policy kind may
+    /// keep failing before the replica goes unready, if a peer replica
+    /// (--peers) answers as healthy; with none, it stays ready serving the
+    /// policies it last saw, and says so (at least 1s).
+    #[arg(
+        long,
+        env = "TRELLIS_WATCH_FAILURE_GRACE",
+        default_value = "60s",
+        value_parser = parse_watch_failure_grace
+    )]
+    pub watch_failure_grace: Duration,
+
     /// The Kubernetes API as resolved from the --kube-* flags and the pod's
     /// environment; set with --identity-provider kubernetes or --store
     /// kubernetes.
@@ -431,6 +443,17 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
     TrustDomain::new(s).map_err(|e| e.to_string())
 }
 
+fn parse_watch_failure_grace(s: &str) -> Result<Duration, String> {
+    let grace = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if grace < Duration::from_secs(1) {
+        return Err(format!(
+            "{} is shorter than the minimum of 1s",
+            humantime::format_duration(grace)
+        ));
+    }
+    Ok(grace)
+}
+
 fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
     let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if ttl < MIN_CERT_TTL {
@@ -586,6 +609,26 @@ mod tests {
         assert_eq!(c.default_policy, DefaultPolicy::Deny);
         assert_eq!(c.outbound_policy, OutboundPolicy::Deny);
         assert_eq!(c.root_namespace, "trellis-system");
+        assert_eq!(
+            c.watch_failure_grace,
+            crate::store::kubernetes::WATCH_FAILURE_GRACE
+        );
+    }
+
+    #[test]
+    fn the_watch_failure_grace_is_a_duration_of_a_second_or_more() {
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--watch-failure-grace", "5m"])
+        else {
+            panic!("should parse")
+        };
+        assert_eq!(c.watch_failure_grace, Duration::from_secs(300));
+        for bad in ["500ms", "0s", "soon"] {
+            let args = ["x", "--state-dir", "d", "--watch-failure-grace", bad];
+            let Parsed::Invalid(message) = parse(&args) else {
+                panic!("{bad} should be refused")
+            };
+            assert!(message.contains("--watch-failure-grace"), "{message}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod discovery;
 pub mod inject;
 pub mod metrics;
 pub mod net;
+pub mod readiness;
 pub mod run;
 pub mod server;
 pub mod state_dir;

@@ -255,7 +255,8 @@ pub fn render_store_watches(out: &mut String, failing: &[(&str, bool)]) {
         out,
         "# HELP trellis_store_watch_failing Whether the Kubernetes store's watch of a kind is \
          failing (1): an error since it last delivered an event or a complete list, so the kind \
-         is served as last seen. Past 60 s for a policy kind, /ready answers 503.\n\
+         is served as last seen. Past --watch-failure-grace (60 s) for a policy kind, /ready answers \
+         503 when a peer replica answers as healthy.\n\
          # TYPE trellis_store_watch_failing gauge"
     );
     for (kind, failing) in failing {
@@ -265,6 +266,21 @@ pub fn render_store_watches(out: &mut String, failing: &[(&str, bool)]) {
             u8::from(*failing)
         );
     }
+}
+
+/// The Kubernetes store's gauge of whether this replica stays ready while
+/// the policies it serves may be stale (see [`crate::readiness`]).
+pub fn render_store_serving_stale(out: &mut String, stale: bool) {
+    let _ = writeln!(
+        out,
+        "# HELP trellis_store_serving_stale_policies Whether this replica serves policies that \
+         may be stale (1): the watch of a policy kind has been failing past its grace and no peer \
+         replica answers as healthy, so it stays ready with the policies it last saw. 1 on every \
+         replica: none reaches the API server.\n\
+         # TYPE trellis_store_serving_stale_policies gauge\n\
+         trellis_store_serving_stale_policies {}",
+        u8::from(stale)
+    );
 }
 
 fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {

@@ -42,6 +42,7 @@ use crate::discovery::Discovery;
 use crate::inject::InjectConfig;
 use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::server::{GrpcListener, ServingCert, peer_client_config, server_config};
 use crate::state_dir::{Secrecy, StateDir};
 use crate::store::Store;
@@ -231,7 +232,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 config.trust_domain.clone(),
                 config.validation_context().scope,
             );
-            let store = KubernetesStore::connect(client, td, scope, SYNC_TIMEOUT).await?;
+            let grace = config.watch_failure_grace;
+            let store =
+                KubernetesStore::connect_with_watch_grace(client, td, scope, SYNC_TIMEOUT, grace)
+                    .await?;
             tracing::info!(api = %api.url, "policies from CRDs, endpoints from Pods, CA from Secret {namespace}/{secret}");
             let changes = store.changes();
             let watches = store.watch_health();
@@ -320,6 +324,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config.peers.clone(),
         peer_client_config(&ca, serving.clone())?,
     ));
+    // With the Kubernetes store: peers asked for a healthier replica while
+    // a policy watch keeps failing.
+    let readiness = watches.clone().map(|watches| {
+        let peers = (!config.peers.is_empty()).then(|| replicas.clone());
+        Arc::new(Readiness::new(watches, peers))
+    });
+    if let Some(readiness) = &readiness {
+        tokio::spawn(readiness.clone().run(shutdown_rx.clone()));
+    }
     if !config.peers.is_empty() {
         tracing::info!(
             replica = %replicas.name,
@@ -385,7 +398,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(ReplicaServer::with_interceptor(
-            ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches.clone()),
+            ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
         .add_service(AdminServer::with_interceptor(
@@ -415,7 +428,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ready.clone(),
         metrics,
         discovery.clone(),
-        watches,
+        readiness,
         shutdown_rx,
     ));
     tokio::pin!(serve);

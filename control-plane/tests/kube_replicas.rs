@@ -15,7 +15,7 @@ mod kube_api;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{ControlPlane, Svid, Takes, Watcher, certify_with, eventually_async, listed};
-use kube_api::{PODS, event, fixture_json, item, pods_list, recorded_cluster};
+use kube_api::{PODS, POLICIES, event, fixture_json, item, pods_list, recorded_cluster};
 use tonic::Code;
 use trellis_control_plane::ca::anchors::expiries;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
@@ -134,6 +134,91 @@ impl Fleet {
             web_version,
             api_stream,
         }
+    }
+}
+
+/// An API server out of reach of every replica (an upgrade, a partition
+/// of the control plane) must not take the mesh down with it: each replica
+/// serves the policies it last saw rather than leave the Service with no
+/// ready endpoint. Each replica here has a stand-in API server of its own,
+/// so that one can fail for one replica only, as a partition does; they
+/// share the CA Secret. The AuthorizationPolicy watch fails for both past
+/// the grace (shortened with `--watch-failure-grace`): neither peer
+/// answers as healthy, so both stay ready, /ready saying that they serve
+/// stale policies and why, `trellis_store_serving_stale_policies` 1, and
+/// a warning logged. Once cp-a's API server answers again, cp-b, whose
+/// watch still fails, has somewhere better to send sidecars: it answers
+/// 503 naming the kind and cp-a, while cp-a is plainly ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_stay_ready_on_stale_policies_until_a_peer_is_healthy() {
+    let fake_a = cluster().await;
+    let fake_b = recorded_cluster().await;
+    let free = common::ports::free_addrs(2);
+    let (port_a, port_b) = (free[0].port(), free[1].port());
+    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+    let grace = ["--watch-failure-grace", "2s"].map(String::from).to_vec();
+    let flags_a = [fake_a.control_plane_flags(), grace.clone()].concat();
+    let a = replica(&flags_a, "cp-a", port_a, &peers).await;
+    fake_b.set_secret(fake_a.secret());
+    let flags_b = [fake_b.control_plane_flags(), grace].concat();
+    let b = replica(&flags_b, "cp-b", port_b, &peers).await;
+    assert_eq!(a.bundle(), b.bundle());
+    let stale = |value: u8| format!("trellis_store_serving_stale_policies {value}\n");
+    for cp in [&a, &b] {
+        assert_eq!(cp.ready(), (200, "ready\n".into()));
+        assert!(cp.metrics().contains(&stale(0)), "{}", cp.metrics());
+    }
+
+    fake_a.fail(POLICIES, 500);
+    fake_b.fail(POLICIES, 500);
+    for cp in [&a, &b] {
+        eventually_async("/ready to say it serves stale policies", || async {
+            let (status, body) = cp.ready();
+            assert_eq!(status, 200, "ready with no healthy peer: {body}");
+            (body != "ready\n").then_some(())
+        })
+        .await;
+        // Logged once the peer has been asked and answered as stale.
+        eventually_async("the replica to say it serves stale policies", || async {
+            cp.log()
+                .lines()
+                .any(|l| l.contains("serving the policies last seen") && l.contains("WARN"))
+                .then_some(())
+        })
+        .await;
+        let (status, body) = cp.ready();
+        assert_eq!(status, 200, "ready with no healthy peer: {body}");
+        assert!(body.starts_with("ready, serving stale: "), "{body}");
+        assert!(
+            body.contains("the AuthorizationPolicy watch has been failing for"),
+            "{body}"
+        );
+        assert!(
+            body.contains("no peer replica answers as healthy, so this one stays ready"),
+            "{body}"
+        );
+        assert!(cp.metrics().contains(&stale(1)), "{}", cp.metrics());
+    }
+
+    fake_a.recover(POLICIES);
+    let body = eventually_async("cp-b to go unready", || async {
+        let (status, body) = b.ready();
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        body.starts_with("not ready: the AuthorizationPolicy watch has been failing for"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "peer replica cp-a at 127.0.0.1:{port_a} serves current policies"
+        )),
+        "{body}"
+    );
+    assert_eq!(a.ready(), (200, "ready\n".into()));
+    for cp in [&a, &b] {
+        assert!(cp.metrics().contains(&stale(0)), "{}", cp.metrics());
     }
 }
 

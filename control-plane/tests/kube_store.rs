@@ -751,17 +751,20 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 /// No API server can run here: the stand-in ends the AuthorizationPolicy
 /// watch and answers every list and watch of the kind with a 500 from
 /// then on, as an API server that lost its storage would, while it keeps
-/// answering the other kinds. The admin port serving the store keeps
-/// answering /ready with 200 within the grace (shortened for the test
-/// through the store's constructor, 60 s in the binary), then with 503
-/// naming the kind, and `trellis_store_watch_failing` says which watch
-/// fails; once the stand-in answers again, the watch lists afresh and
-/// /ready is 200 again.
+/// answering the other kinds. `trellis_store_watch_failing` says which
+/// watch fails. The admin port of a replica with no peer keeps answering
+/// /ready with 200 past the grace (shortened for the test through the
+/// store's constructor, 60 s in the binary): with nowhere better for
+/// sidecars to go, it serves the policies it last saw, and its body names
+/// the kind and says so, as `trellis_store_serving_stale_policies` does.
+/// Once the stand-in answers again, the watch lists afresh and /ready is
+/// plainly ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_fails_while_a_policy_watch_keeps_failing() {
+async fn a_lone_replica_stays_ready_while_a_policy_watch_keeps_failing() {
     use std::sync::atomic::AtomicBool;
     use trellis_control_plane::admin_http::AdminHttp;
     use trellis_control_plane::metrics::Metrics;
+    use trellis_control_plane::readiness::Readiness;
 
     let fake = recorded_cluster().await;
     let client = kubernetes::client(&fake.api()).unwrap();
@@ -775,7 +778,7 @@ async fn ready_fails_while_a_policy_watch_keeps_failing() {
     )
     .await
     .unwrap();
-    let watches = store.watch_health();
+    let readiness = Arc::new(Readiness::new(store.watch_health(), None));
     let store = Arc::new(store);
     watched_by(&fake, 1).await;
     let discovery = Arc::new(Discovery::new(store.clone(), Vec::new(), mesh()).unwrap());
@@ -786,15 +789,18 @@ async fn ready_fails_while_a_policy_watch_keeps_failing() {
     let (_stop, stop) = tokio::sync::watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
     let metrics = Arc::new(Metrics::default());
-    tokio::spawn(admin.run(ready, metrics, discovery, Some(watches), stop));
+    tokio::spawn(readiness.clone().run(stop.clone()));
+    tokio::spawn(admin.run(ready, metrics, discovery, Some(readiness), stop));
     assert_eq!(admin_get(addr, "/ready").await, (200, "ready\n".into()));
     let failing =
         |kind: &str, value: u8| format!("trellis_store_watch_failing{{kind=\"{kind}\"}} {value}\n");
+    let stale = |value: u8| format!("trellis_store_serving_stale_policies {value}\n");
     let scraped = admin_get(addr, "/metrics").await.1;
     assert!(
         scraped.contains(&failing("AuthorizationPolicy", 0)),
         "{scraped}"
     );
+    assert!(scraped.contains(&stale(0)), "{scraped}");
 
     fake.fail(POLICIES, 500);
     let failed_at = std::time::Instant::now();
@@ -807,25 +813,29 @@ async fn ready_fails_while_a_policy_watch_keeps_failing() {
     .await;
     let scraped = admin_get(addr, "/metrics").await.1;
     assert!(scraped.contains(&failing("Pod", 0)), "{scraped}");
-    let (status, body) = admin_get(addr, "/ready").await;
-    if failed_at.elapsed() < grace {
-        assert_eq!(status, 200, "not ready within the grace: {body}");
-    }
-    let body = eventually_async("/ready to answer 503", || async {
+    let body = eventually_async("/ready to say it serves stale policies", || async {
         let (status, body) = admin_get(addr, "/ready").await;
-        (status == 503).then_some(body)
+        assert_eq!(status, 200, "a replica with no peer stays ready: {body}");
+        (body != "ready\n").then_some(body)
     })
     .await;
     assert!(failed_at.elapsed() >= grace);
+    assert!(body.starts_with("ready, serving stale: "), "{body}");
     assert!(
         body.contains("the AuthorizationPolicy watch has been failing for"),
         "{body}"
     );
+    assert!(
+        body.contains("no peer replica answers as healthy, so this one stays ready"),
+        "{body}"
+    );
     assert!(!body.contains("Pod"), "{body}");
+    let scraped = admin_get(addr, "/metrics").await.1;
+    assert!(scraped.contains(&stale(1)), "{scraped}");
 
     fake.recover(POLICIES);
-    eventually_async("/ready to answer 200 again", || async {
-        (admin_get(addr, "/ready").await.0 == 200).then_some(())
+    eventually_async("/ready to answer plainly ready again", || async {
+        (admin_get(addr, "/ready").await == (200, "ready\n".into())).then_some(())
     })
     .await;
     let scraped = admin_get(addr, "/metrics").await.1;
@@ -833,4 +843,5 @@ async fn ready_fails_while_a_policy_watch_keeps_failing() {
         scraped.contains(&failing("AuthorizationPolicy", 0)),
         "{scraped}"
     );
+    assert!(scraped.contains(&stale(0)), "{scraped}");
 }

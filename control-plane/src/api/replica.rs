@@ -19,8 +19,9 @@
 //! ([`super::OnlyCaller::control_plane`]).
 //!
 //! `Health` says whether a replica is a good place for sidecars to move
-//! to: a replica whose own policy watch keeps failing can ask its peers
-//! ([`Replicas::healthy_peer`]) before it goes unready.
+//! to; a replica whose own policy watch keeps failing asks its peers
+//! ([`Replicas::healthy_peer`]) to know whether to go unready
+//! ([`crate::readiness`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;

@@ -357,6 +357,18 @@ impl ControlPlane {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// GET /ready on the admin port: the status and the body.
+    pub fn ready(&self) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("http://{}/ready", self.admin))
+            .output()
+            .expect("curl runs");
+        let answer = String::from_utf8(out.stdout).unwrap();
+        let (body, status) = answer.rsplit_once('\n').expect("a status line");
+        (status.parse().expect("an HTTP status"), body.to_owned())
+    }
+
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         self.ctl_command(args).output().expect("trellisctl runs")
     }

@@ -87,9 +87,10 @@ const FIELD_MANAGER: &str = "trellis-control-plane";
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the watch of a policy kind may keep failing before the replica
-/// reports not ready ([`WatchHealth::unready`]): past it, the policies it
-/// would push to a sidecar moved to it may be stale, a deleted ALLOW
-/// policy among them. Long enough for an API server's restart.
+/// goes unready, if a peer replica is healthy ([`WatchHealth::unready`],
+/// [`crate::readiness`]): past it, the policies it would push to a sidecar
+/// moved to it may be stale, a deleted ALLOW policy among them. Long enough
+/// for an API server's restart. The default of `--watch-failure-grace`.
 pub const WATCH_FAILURE_GRACE: Duration = Duration::from_secs(60);
 
 /// The Pods the store watches: only running ones can be endpoints.
@@ -249,7 +250,7 @@ impl KubernetesStore {
 
     /// [`Self::connect`], with a policy kind's watch allowed to fail for
     /// `watch_grace` rather than [`WATCH_FAILURE_GRACE`] before the
-    /// replica is not ready.
+    /// replica may go unready.
     pub async fn connect_with_watch_grace(
         client: Client,
         trust_domain: TrustDomain,

@@ -64,7 +64,7 @@ pub struct Shared {
 
 impl Shared {
     /// A policy kind whose watch fails for longer than `unready_after`
-    /// makes the replica not ready ([`WatchHealth::unready`]).
+    /// may make the replica not ready ([`WatchHealth::unready`]).
     pub fn new(unready_after: Duration) -> Self {
         let cache = Cache::default();
         let version = cache.version();
@@ -145,11 +145,13 @@ impl WatchHealth {
             .all(|(kind, since)| !kind.is_policy() || since.is_none())
     }
 
-    /// Why this replica should take no new sidecars: the watch of a
-    /// policy kind has been failing for longer than the grace it was
-    /// given, so the policies it would push may be stale (one deleted
-    /// meanwhile still allowed). `None` when every policy kind's watch
-    /// works, or has failed for less.
+    /// Why this replica may be a worse place for new sidecars than a
+    /// peer whose policies are current: the watch of a policy kind has
+    /// been failing for longer than the grace it was given, so the
+    /// policies it would push may be stale (one deleted meanwhile still
+    /// allowed). `None` when every policy kind's watch works, or has
+    /// failed for less. Whether the replica then goes unready is
+    /// [`Readiness`](crate::readiness::Readiness)'s to say.
     pub fn unready(&self) -> Option<String> {
         let stale: Vec<String> = self
             .failing()

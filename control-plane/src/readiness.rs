@@ -1,0 +1,171 @@
+//! Whether a replica on the Kubernetes store takes new sidecars (`/ready`)
+//! while the watch of a policy kind keeps failing.
+//!
+//! Past its grace, the policies such a replica would push may be stale (a
+//! deleted ALLOW policy still allowed), so it goes unready when a peer
+//! replica (`--peers`) answers `Health` as healthy: the Service then
+//! sends sidecars there. When no peer does (all of them fail too, as when
+//! the API server is down or out of reach of every replica, or there is
+//! no peer, or none answers), it stays ready and serves the policies it
+//! last saw: going unready would leave the Service with no ready endpoint,
+//! and sidecars could neither renew their certificates nor reconnect
+//! their policy streams, turning an API server outage into a mesh outage.
+//! It says so: `/ready`'s body, the `trellis_store_serving_stale_policies`
+//! gauge, and a warning on entering that state.
+//!
+//! The peers are asked by a task every [`PEER_CHECK_INTERVAL`], only while
+//! the replica's own policy watch is past its grace, and `/ready` reads
+//! the last answer: probes never fan out, and never wait for a peer. Until
+//! the first answer, the replica stays ready. A peer that does not answer
+//! within its timeout, or that predates `Health`, is not healthy: going
+//! unready is what can take the mesh down, so it takes a peer that says
+//! it is better.
+//!
+//! Flapping: a replica changes its answer only when a peer's health does,
+//! at most once an interval, and a peer is healthy only while each of its
+//! policy watches works, not merely within its grace. When the API server
+//! comes back, the replica whose watch recovers first is healthy and the
+//! others go unready until theirs recover (within the watch backoff), as
+//! they should: their policies are the stale ones.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use trellis_core::logging::throttle::Throttle;
+use trellis_core::warn_throttled;
+
+use crate::api::replica::Replicas;
+use crate::store::kubernetes::WatchHealth;
+
+/// How often a replica whose policy watch is past its grace asks its
+/// peers whether one is healthy; `/ready` answers from the last answer.
+pub const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// At most one warning that every replica serves stale policies per this
+/// long, however often the state is entered.
+const STALE_LOG_PAUSE: Duration = Duration::from_secs(300);
+
+/// What `/ready` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The watch of every policy kind works, or has failed for less than
+    /// its grace.
+    Current,
+    /// Past the grace, and a peer answered as healthy: not ready, why.
+    Unready(String),
+    /// Past the grace, and no peer answered as healthy: ready all the
+    /// same, serving the policies last seen; why.
+    ServingStale(String),
+}
+
+/// What the peers last said, while the replica's policy watch was past
+/// its grace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Peers {
+    /// Not asked since the replica's policies were last current.
+    NotAsked,
+    /// This peer (its name and address) answered as healthy.
+    Healthy(String),
+    /// No peer answered as healthy.
+    NoneHealthy,
+}
+
+/// A replica's readiness on the Kubernetes store: its watches and, when it
+/// has any, its peers.
+pub struct Readiness {
+    watches: Arc<WatchHealth>,
+    peers: Option<Arc<Replicas>>,
+    last: Mutex<Peers>,
+    lines: Throttle,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Readiness {
+    /// `peers`: the replicas asked for a healthier one (none: the replica
+    /// has no peer, and always stays ready).
+    pub fn new(watches: Arc<WatchHealth>, peers: Option<Arc<Replicas>>) -> Self {
+        Self {
+            watches,
+            peers,
+            last: Mutex::new(Peers::NotAsked),
+            lines: Throttle::new(STALE_LOG_PAUSE),
+        }
+    }
+
+    /// How the watches fare.
+    pub fn watches(&self) -> &WatchHealth {
+        &self.watches
+    }
+
+    /// What `/ready` answers now, from the peers' last answer.
+    pub fn check(&self) -> Check {
+        let Some(reason) = self.watches.unready() else {
+            return Check::Current;
+        };
+        match &*self.last.lock().expect("not poisoned") {
+            Peers::Healthy(peer) => Check::Unready(format!(
+                "{reason}; peer replica {peer} serves current policies"
+            )),
+            Peers::NotAsked | Peers::NoneHealthy => Check::ServingStale(format!(
+                "{reason}; no peer replica answers as healthy, so this one stays ready and \
+                 serves the policies it last saw"
+            )),
+        }
+    }
+
+    /// Asks the peers every [`PEER_CHECK_INTERVAL`] while the replica's
+    /// policy watch is past its grace, until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(PEER_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut before = Check::Current;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::run::stopping(&mut shutdown) => return,
+            }
+            self.ask_peers().await;
+            let now = self.check();
+            match (&before, &now) {
+                (Check::ServingStale(_), Check::ServingStale(_))
+                | (Check::Unready(_), Check::Unready(_))
+                | (Check::Current, Check::Current) => {}
+                (_, Check::ServingStale(reason)) => warn_throttled!(
+                    self.lines,
+                    "serving_stale",
+                    { reason = %reason },
+                    "serving the policies last seen, which may be stale: no peer replica answers as healthy, so this one stays ready"
+                ),
+                (_, Check::Unready(reason)) => {
+                    tracing::info!(%reason, "not ready: a peer replica serves current policies");
+                }
+                (_, Check::Current) => {
+                    tracing::info!("the policy watches work again: serving current policies");
+                }
+            }
+            before = now;
+        }
+    }
+
+    /// Asks the peers for a healthy one when the replica's policy watch is
+    /// past its grace; forgets their answer when its policies are current.
+    async fn ask_peers(&self) {
+        let answer = match (self.watches.unready(), &self.peers) {
+            (None, _) => Peers::NotAsked,
+            (Some(_), None) => Peers::NoneHealthy,
+            (Some(_), Some(peers)) => match peers.healthy_peer().await {
+                Some(peer) => Peers::Healthy(peer),
+                None => Peers::NoneHealthy,
+            },
+        };
+        *self.last.lock().expect("not poisoned") = answer;
+    }
+}
