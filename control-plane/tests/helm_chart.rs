@@ -168,6 +168,10 @@ fn invalid_values_are_refused() {
         ("injection.failurePolicy=Maybe", "failurePolicy"),
         ("injection.ipFamilies={IPv4,IPv4}", "ipFamilies"),
         ("injection.ipFamilies={ipv6}", "ipFamilies"),
+        ("injection.tcpUserTimeout=two", "tcpUserTimeout"),
+        ("injection.tcpUserTimeout=120", "tcpUserTimeout"),
+        ("injection.tcpUserTimeout=30s", "tcpUserTimeout"),
+        ("injection.tcpUserTimeout=1h1s", "tcpUserTimeout"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");

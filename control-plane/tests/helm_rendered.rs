@@ -18,6 +18,7 @@ mod chart;
 mod serving;
 
 use std::path::Path;
+use std::time::Duration;
 
 use chart::*;
 use serde_json::{Value, json};
@@ -119,6 +120,7 @@ fn rendered_injection_settings_parse() {
                 "injection.tokenExpirationSeconds=7200",
                 "injection.excludeOutboundCIDRs={169.254.169.254/32}",
                 "injection.ipFamilies={IPv6,IPv4}",
+                "injection.tcpUserTimeout=1m30s",
             ],
         )
         .unwrap(),
@@ -146,6 +148,7 @@ fn rendered_injection_settings_parse() {
         config.ip_families,
         [inject::IpFamily::V6, inject::IpFamily::V4]
     );
+    assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(90)));
     // By default the pods are IPv4 (only or primary).
     let docs = documents(&template(&helm, &[]).unwrap());
     let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
@@ -155,9 +158,20 @@ fn rendered_injection_settings_parse() {
     let td = TrustDomain::new("cluster.local").unwrap();
     let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
     assert_eq!(config.ip_families, [inject::IpFamily::V4]);
+    // The sidecars' own default user timeout, two minutes.
+    assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(120)));
     // DNS over TCP goes straight to the cluster's DNS, which has no sidecar
     // (under outboundPolicy deny the sidecar would refuse it).
     assert_eq!(config.exclude_outbound_ports, [53]);
+    // `--set injection.tcpUserTimeout=0` (a number to helm) turns it off.
+    let docs = documents(&template(&helm, &["injection.tcpUserTimeout=0"]).unwrap());
+    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
+    assert_eq!(config.tcp_user_timeout, None);
 }
 
 /// Every field of the policy documents (issue 3) has a place in the CRD

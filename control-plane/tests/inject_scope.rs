@@ -141,6 +141,88 @@ fn an_invalid_access_log_annotation_is_refused() {
     assert!(patch_of(&denied).is_none());
 }
 
+/// `trellis.io/tcp-user-timeout` sets the sidecar's `TCP_USER_TIMEOUT`
+/// for the workload (`0` turns it off), over the injection settings'
+/// default; a pod with neither gets no variable and the sidecar's default.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends
+/// them; no Kubernetes API server can run here.
+#[test]
+fn the_tcp_user_timeout_annotation_reaches_the_sidecar() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let proxy_env = |value: Option<&str>, config: &InjectConfig| {
+        let mut pod = review["request"]["object"].clone();
+        if let Some(value) = value {
+            pod["metadata"]["annotations"]["trellis.io/tcp-user-timeout"] = json!(value);
+        }
+        let reply = answer(
+            &with_object(&review, pod.clone()),
+            NamespaceScope::SelectedByWebhook,
+            config,
+        );
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+        env(container(&pod, "initContainers", "trellis-proxy"))
+            .get("TRELLIS_TCP_USER_TIMEOUT")
+            .cloned()
+    };
+    let default = config();
+    assert_eq!(proxy_env(None, &default), None);
+    assert_eq!(
+        proxy_env(Some("2m"), &default),
+        None,
+        "the sidecar's default"
+    );
+    assert_eq!(proxy_env(Some("10m"), &default), Some(json!("10m")));
+    assert_eq!(proxy_env(Some("0"), &default), Some(json!("0s")));
+
+    // The chart's `injection.tcpUserTimeout`, which a pod's annotation
+    // overrides.
+    let chart = InjectConfig::from_settings(
+        r#"{"tcpUserTimeout": "0"}"#,
+        "cluster.local".parse().unwrap(),
+        BUNDLE.into(),
+    )
+    .unwrap();
+    assert_eq!(proxy_env(None, &chart), Some(json!("0s")));
+    assert_eq!(proxy_env(Some("5m"), &chart), Some(json!("5m")));
+}
+
+/// A user timeout the sidecar would refuse (not a duration, or out of its
+/// range) is refused with an AdmissionReview error naming the annotation,
+/// whatever the failure policy: the sidecar would never start.
+/// Real AdmissionReview documents (fixtures/k8s); no API server here.
+#[test]
+fn an_invalid_tcp_user_timeout_annotation_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    for (value, says) in [
+        ("two minutes", "\"two minutes\" is not a duration"),
+        ("600", "\"600\" is not a duration"),
+        ("10s", "\"10s\" is out of range: 0 (off) or 80s to 1h"),
+        ("2h", "\"2h\" is out of range"),
+    ] {
+        let mut pod = review["request"]["object"].clone();
+        pod["metadata"]["annotations"]["trellis.io/tcp-user-timeout"] = json!(value);
+        let review = with_object(&review, pod);
+        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
+            let config = InjectConfig {
+                failure_policy,
+                ..config()
+            };
+            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+            assert_eq!(denied["response"]["allowed"], false, "{value}");
+            assert_eq!(denied["response"]["status"]["code"], 403);
+            let message = denied["response"]["status"]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(
+                    "trellis: cannot inject: metadata.annotations[trellis.io/tcp-user-timeout]: "
+                ) && message.contains(says),
+                "{value}: {message}"
+            );
+            assert!(patch_of(&denied).is_none());
+        }
+    }
+}
+
 /// An unknown value of `trellis.io/inject` is an error, not a guess: the
 /// pod is denied naming it.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

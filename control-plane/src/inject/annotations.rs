@@ -1,16 +1,17 @@
 //! What a pod's annotations ask of its injection: the ports and CIDRs
-//! `trellis-proxy init` leaves alone, and whether the sidecar writes an
-//! access log. Every value is checked here; a bad one is an
+//! `trellis-proxy init` leaves alone, whether the sidecar writes an
+//! access log, and its TCP user timeout. Every value is checked here; a bad one is an
 //! [`InjectError::InvalidAnnotation`] naming the annotation, and the pod is
 //! refused rather than injected with a guess.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
-    InjectConfig,
+    InjectConfig, TCP_USER_TIMEOUT_ANNOTATION,
 };
 
 /// Whether the sidecar writes its access log: `trellis.io/access-log`,
@@ -24,6 +25,31 @@ pub(super) fn access_log(annotations: &BTreeMap<String, String>) -> Result<bool,
             message: format!("expected \"true\" or \"false\", got {other:?}"),
         }),
     }
+}
+
+/// The sidecar's `--tcp-user-timeout`: `trellis.io/tcp-user-timeout`, or
+/// the config's when the pod has none.
+pub(super) fn tcp_user_timeout(
+    annotations: &BTreeMap<String, String>,
+    config: &InjectConfig,
+) -> Result<Option<Duration>, InjectError> {
+    match annotations.get(TCP_USER_TIMEOUT_ANNOTATION) {
+        None => Ok(config.tcp_user_timeout),
+        Some(value) => user_timeout(value).map_err(|message| InjectError::InvalidAnnotation {
+            key: TCP_USER_TIMEOUT_ANNOTATION,
+            message,
+        }),
+    }
+}
+
+/// A user timeout as the sidecar's `--tcp-user-timeout` reads it: a
+/// duration in range ([`trellis_core::tcp::check_user_timeout`]), `0` for
+/// none; or why it is not one.
+pub(super) fn user_timeout(value: &str) -> Result<Option<Duration>, String> {
+    let value = value.trim();
+    let timeout = humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
+    trellis_core::tcp::check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
 /// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then
@@ -185,6 +211,31 @@ mod tests {
             e.to_string(),
             "metadata.annotations[trellis.io/access-log]: expected \"true\" or \"false\", got \"False\""
         );
+    }
+
+    #[test]
+    fn the_tcp_user_timeout_annotation_overrides_the_config() {
+        let config = InjectConfig::default();
+        let read = |value: &str| {
+            tcp_user_timeout(
+                &annotations(&[(TCP_USER_TIMEOUT_ANNOTATION, value)]),
+                &config,
+            )
+        };
+        assert_eq!(
+            tcp_user_timeout(&annotations(&[]), &config).unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(read("10m").unwrap(), Some(Duration::from_secs(600)));
+        assert_eq!(read("0").unwrap(), None);
+        assert_eq!(
+            read("30s").unwrap_err().to_string(),
+            "metadata.annotations[trellis.io/tcp-user-timeout]: \"30s\" is out of range: 0 \
+             (off) or 80s to 1h (below 80s keepalive would reset an idle connection on one lost \
+             probe)"
+        );
+        let e = read("600").unwrap_err().to_string();
+        assert!(e.contains("\"600\" is not a duration"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,10 @@
 //!    identity `spiffe://TD/ns/$(TRELLIS_POD_NAMESPACE)/sa/$(TRELLIS_SERVICE_ACCOUNT)`
 //!    expanded by the kubelet from the downward API, so it always names the
 //!    account the pod really runs as. The annotation `trellis.io/access-log:
-//!    "false"` becomes `TRELLIS_ACCESS_LOG=false`.
+//!    "false"` becomes `TRELLIS_ACCESS_LOG=false`, and
+//!    `trellis.io/tcp-user-timeout` (else the settings' `tcpUserTimeout`)
+//!    becomes `TRELLIS_TCP_USER_TIMEOUT` when it is not the sidecar's
+//!    default.
 //!
 //! A projected volume `trellis-identity`, mounted read-only only in the
 //! sidecar at `/var/run/trellis/identity`, holds `token` (a ServiceAccount
@@ -106,6 +109,7 @@ mod settings;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
@@ -131,6 +135,8 @@ pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.io/exclude-outbound-cidrs";
 /// Annotation: `"false"` turns the sidecar's access log off (default on).
 pub const ACCESS_LOG_ANNOTATION: &str = "trellis.io/access-log";
+/// Annotation: the sidecar's `--tcp-user-timeout` (`10m`; `0` for none).
+pub const TCP_USER_TIMEOUT_ANNOTATION: &str = "trellis.io/tcp-user-timeout";
 
 /// Names of what the injector adds.
 pub const INIT_CONTAINER: &str = "trellis-init";
@@ -251,6 +257,9 @@ pub struct InjectConfig {
     pub failure_policy: FailurePolicy,
     /// `text` or `json`, the sidecar's `--log-format`.
     pub log_format: String,
+    /// The sidecar's `--tcp-user-timeout` for pods without the annotation
+    /// `trellis.io/tcp-user-timeout`; `None`: none.
+    pub tcp_user_timeout: Option<Duration>,
     /// What `/validate` checks policies against besides the trust domain:
     /// the mesh's opaque ports (`--opaque-ports`), on which L7 rules are
     /// refused, and its root namespace (`--root-namespace`), outside which
@@ -280,6 +289,7 @@ impl Default for InjectConfig {
             exclude_outbound_cidrs: Vec::new(),
             failure_policy: FailurePolicy::Ignore,
             log_format: "json".to_owned(),
+            tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
             validation: ValidationContext::default(),
         }
     }

@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::annotations::{Exclusions, access_log, join};
+use super::annotations::{Exclusions, access_log, join, tcp_user_timeout};
 use super::probes;
 use super::review::PatchOp;
 use super::{
@@ -94,6 +95,7 @@ pub fn inject_pod(
     }
     let exclusions = Exclusions::read(&annotations, config)?;
     let access_log = access_log(&annotations)?;
+    let user_timeout = tcp_user_timeout(&annotations, config)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -123,7 +125,7 @@ pub fn inject_pod(
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
-        proxy_container(config, &rewritten.probes, access_log),
+        proxy_container(config, &rewritten.probes, access_log, user_timeout),
     ];
     init_containers.extend(own_init_containers);
 
@@ -322,6 +324,7 @@ fn proxy_container(
     config: &InjectConfig,
     app_probes: &BTreeMap<String, Value>,
     access_log: bool,
+    user_timeout: Option<Duration>,
 ) -> Value {
     let td = config.trust_domain.as_str();
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
@@ -356,6 +359,11 @@ fn proxy_container(
     // The sidecar logs requests unless told not to: only the opt-out is set.
     if !access_log {
         env.push(value("TRELLIS_ACCESS_LOG", "false".to_string()));
+    }
+    // Likewise the user timeout, when it is not the sidecar's default.
+    if user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT) {
+        let timeout = humantime::format_duration(user_timeout.unwrap_or_default());
+        env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout.to_string()));
     }
     // On the default ports the sidecar's own defaults apply: both IP
     // families, the IPv6 half left out where the pod has no IPv6. Other

@@ -19,7 +19,7 @@
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
 //!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json",
-//!  "ipFamilies": ["IPv4"]}
+//!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m"}
 //! ```
 
 use serde::Deserialize;
@@ -54,6 +54,7 @@ struct Settings {
     log_format: Option<String>,
     #[serde(rename = "ipFamilies")]
     ip_families: Option<Vec<String>>,
+    tcp_user_timeout: Option<String>,
     /// Fields this release does not know: a typo, or a newer chart's.
     #[serde(flatten)]
     unknown: std::collections::BTreeMap<String, Value>,
@@ -186,6 +187,10 @@ impl InjectConfig {
         if let Some(families) = s.ip_families {
             config.ip_families = ip_families(&families)?;
         }
+        if let Some(timeout) = s.tcp_user_timeout {
+            config.tcp_user_timeout = super::annotations::user_timeout(&timeout)
+                .map_err(|why| InvalidSettings(format!("tcpUserTimeout: {why}")))?;
+        }
         Ok(config)
     }
 }
@@ -294,6 +299,35 @@ mod tests {
             let e = read(&json).unwrap_err().to_string();
             assert!(
                 e.contains("excludeOutboundCIDRs") && e.contains(bad) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// The sidecars' user timeout for pods without the annotation; a value
+    /// the sidecar would refuse fails the control plane's start, not every
+    /// pod injected after it.
+    #[test]
+    fn reads_the_tcp_user_timeout_and_refuses_what_the_sidecar_would() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        assert_eq!(
+            read("{}").unwrap().tcp_user_timeout,
+            Some(std::time::Duration::from_secs(120))
+        );
+        let config = read(r#"{"tcpUserTimeout": "15m"}"#).unwrap();
+        assert_eq!(
+            config.tcp_user_timeout,
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            read(r#"{"tcpUserTimeout": "0"}"#).unwrap().tcp_user_timeout,
+            None
+        );
+        for (bad, says) in [("10s", "out of range"), ("120", "not a duration")] {
+            let json = format!(r#"{{"tcpUserTimeout": "{bad}"}}"#);
+            let e = read(&json).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("tcpUserTimeout: \"{bad}\" ")) && e.contains(says),
                 "{bad}: {e}"
             );
         }
