@@ -42,6 +42,26 @@ fn default_policy_parser() -> impl TypedValueParser<Value = DefaultPolicy> {
         .try_map(|s| s.parse::<DefaultPolicy>())
 }
 
+/// `--root-namespace` (`TRELLIS_ROOT_NAMESPACE`), one flag for the control
+/// plane and `trellisctl policy lint`, which must judge policies alike.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RootNamespaceArg {
+    /// The mesh's root namespace: a policy selects only workloads of its own
+    /// namespace (spiffe://TD/ns/NAMESPACE/...), except one in this
+    /// namespace, which may select any workload of the mesh; writing
+    /// policies there is for the mesh's operators. The control plane and
+    /// trellisctl policy lint must be given the same one; the chart passes
+    /// the control plane's own namespace.
+    #[arg(
+        long,
+        env = "TRELLIS_ROOT_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = DEFAULT_ROOT_NAMESPACE,
+        value_parser = parse_namespace
+    )]
+    pub root_namespace: String,
+}
+
 /// What happens to outbound traffic to a destination outside the mesh.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum OutboundPolicy {
@@ -142,19 +162,8 @@ pub struct Config {
     )]
     pub opaque_ports: Vec<u16>,
 
-    /// The mesh's root namespace: a policy selects only workloads of its own
-    /// namespace (spiffe://TD/ns/NAMESPACE/...), except one in this
-    /// namespace, which may select any workload of the mesh. Writing
-    /// policies here is for the mesh's operators. The chart passes the
-    /// control plane's own namespace.
-    #[arg(
-        long,
-        env = "TRELLIS_ROOT_NAMESPACE",
-        value_name = "NAMESPACE",
-        default_value = DEFAULT_ROOT_NAMESPACE,
-        value_parser = parse_namespace
-    )]
-    pub root_namespace: String,
+    #[command(flatten)]
+    pub root: RootNamespaceArg,
 
     /// Operator-supplied CA certificate (PEM: the signing CA first, then its
     /// chain up to the root). Requires --ca-key.
@@ -305,7 +314,7 @@ impl Config {
         ValidationContext {
             opaque_ports: self.opaque_ports.clone(),
             stored: false,
-            scope: SelectorScope::root(&self.root_namespace),
+            scope: SelectorScope::root(&self.root.root_namespace),
         }
     }
 
@@ -608,7 +617,7 @@ mod tests {
         assert_eq!(c.cert_ttl, Duration::from_secs(3600));
         assert_eq!(c.default_policy, DefaultPolicy::Deny);
         assert_eq!(c.outbound_policy, OutboundPolicy::Deny);
-        assert_eq!(c.root_namespace, "trellis-system");
+        assert_eq!(c.root.root_namespace, "trellis-system");
         assert_eq!(
             c.watch_failure_grace,
             crate::store::kubernetes::WATCH_FAILURE_GRACE
@@ -657,6 +666,49 @@ mod tests {
             flag.get_env(),
             Some(std::ffi::OsStr::new("TRELLIS_ROOT_NAMESPACE"))
         );
+    }
+
+    /// `trellisctl policy lint` must judge policies as the control plane
+    /// does, so its `--root-namespace` is the control plane's flag: one help
+    /// text in both `--help` outputs, one environment variable, one default.
+    #[test]
+    fn trellisctl_policy_lint_takes_the_control_plane_s_root_namespace_flag() {
+        use clap::CommandFactory;
+
+        let flag = |command: &clap::Command| {
+            command
+                .get_arguments()
+                .find(|a| a.get_long() == Some("root-namespace"))
+                .cloned()
+                .unwrap_or_else(|| panic!("{} has no --root-namespace", command.get_name()))
+        };
+        let mut control_plane = Config::command();
+        let mut ctl = crate::ctl::Cli::command();
+        let lint = ctl
+            .find_subcommand_mut("policy")
+            .and_then(|policy| policy.find_subcommand_mut("lint"))
+            .expect("trellisctl policy lint");
+        let (ours, theirs) = (flag(&control_plane), flag(lint));
+        let help = ours.get_help().expect("a help text").to_string();
+        assert!(help.starts_with("The mesh's root namespace"), "{help}");
+        assert_eq!(
+            theirs.get_help().map(ToString::to_string),
+            Some(help.clone())
+        );
+        assert_eq!(
+            ours.get_long_help().map(ToString::to_string),
+            theirs.get_long_help().map(ToString::to_string)
+        );
+        assert_eq!(ours.get_env(), theirs.get_env());
+        assert_eq!(ours.get_default_values(), [DEFAULT_ROOT_NAMESPACE]);
+        assert_eq!(theirs.get_default_values(), [DEFAULT_ROOT_NAMESPACE]);
+        assert_eq!(ours.get_value_names(), theirs.get_value_names());
+        for help_output in [
+            control_plane.render_long_help().to_string(),
+            lint.render_long_help().to_string(),
+        ] {
+            assert!(help_output.contains(&help), "{help_output}");
+        }
     }
 
     #[test]

@@ -278,7 +278,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let bundle = ca.bundle().iter().map(|c| c.to_vec()).collect();
     let discovery = Discovery::new(store.clone(), bundle, mesh_config)?
-        .with_root_namespace(&config.root_namespace);
+        .with_root_namespace(&config.root.root_namespace);
     let discovery = Arc::new(discovery);
     tokio::spawn(discovery.clone().expire_endpoints());
     if let Some(changes) = store_changes {

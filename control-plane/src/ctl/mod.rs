@@ -424,10 +424,10 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     if let Command::Policy(PolicyCommand::Lint {
         paths,
         trust_domain,
-        root_namespace,
+        root,
     }) = &cli.command
     {
-        return policy::lint(paths, trust_domain, root_namespace);
+        return policy::lint(paths, trust_domain, &root.root_namespace);
     }
     // Checked here, not by clap: an environment twin such as
     // TRELLIS_DRY_RUN=false counts as given to clap's conflicts, and would

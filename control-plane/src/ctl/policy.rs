@@ -23,8 +23,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    AuthorizationPolicy, DEFAULT_ROOT_NAMESPACE, Document, Explanation, Loaded, RateLimitPolicy,
-    SelectorScope, ValidationContext, document_from_proto, load_paths_in, policy_key,
+    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, SelectorScope,
+    ValidationContext, document_from_proto, load_paths_in, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -38,7 +38,7 @@ use trellis_proto::policy::v1::{Action, Policy};
 use super::wait::Written;
 use super::{CtlError, Output, Printed, pretty};
 use crate::api::policy::policy_errors_of;
-use crate::config::parse_namespace;
+use crate::config::RootNamespaceArg;
 
 /// `--wait` of the commands that write.
 #[derive(Debug, Args)]
@@ -140,17 +140,8 @@ pub enum PolicyCommand {
         /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
         #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
-        /// The mesh's root namespace, as the control plane's
-        /// --root-namespace: outside it a policy selects only workloads of
-        /// its own namespace.
-        #[arg(
-            long,
-            env = "TRELLIS_ROOT_NAMESPACE",
-            value_name = "NAMESPACE",
-            default_value = DEFAULT_ROOT_NAMESPACE,
-            value_parser = parse_namespace
-        )]
-        root_namespace: String,
+        #[command(flatten)]
+        root: RootNamespaceArg,
     },
     /// Explain which rule decides a connection, and why.
     Explain {
@@ -327,8 +318,8 @@ pub async fn run(
         PolicyCommand::Lint {
             paths,
             trust_domain,
-            root_namespace,
-        } => lint(paths, trust_domain, root_namespace),
+            root,
+        } => lint(paths, trust_domain, &root.root_namespace),
     }
 }
 
