@@ -302,3 +302,82 @@ async fn reserved_identities_are_never_issued() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_nothing_issued(&cp).await;
 }
+
+/// Waits for the wall clock, which is what ages a certificate, to reach
+/// `unix` seconds.
+async fn until(unix: i64) {
+    let at = UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
+    if let Ok(left) = at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// `trellisctl check` names a connected sidecar that has stopped renewing
+/// once three quarters of its certificate's life have passed, before the
+/// certificate expires: when it was issued, how long its renewal is
+/// overdue and when it expires. A sidecar that renewed at half its life,
+/// as sidecars do, is fine, as both were before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_sidecar_whose_renewal_is_overdue() {
+    let cp = ControlPlane::start(&["--cert-ttl", "30s"]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7000").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7001").await;
+    let mut streams = Vec::new();
+    for (svid, inbound) in [(&web, "127.0.0.1:7000"), (&db, "127.0.0.1:7001")] {
+        let mut stream = Watcher::open(&cp, svid, inbound).await;
+        stream.next().await;
+        streams.push(stream.answer_all());
+    }
+    let answer = cp.list_workloads().await;
+    let (issued, expires) = {
+        let web = listed(&answer, WEB);
+        (web.cert_issued_at_unix, web.cert_expires_at_unix)
+    };
+    assert_eq!(expires - issued, 30, "{answer:?}");
+    let check = || {
+        let check = tokio::task::block_in_place(|| cp.ctl(&["check"]));
+        let report = String::from_utf8_lossy(&check.stdout).into_owned();
+        (report, check.status.success())
+    };
+    let (report, passed) = check();
+    assert!(passed && !report.contains("renew"), "{report}");
+
+    // db renews at half its life; web's sidecar does not.
+    let db_issued = listed(&answer, DB).cert_issued_at_unix;
+    until(db_issued + 15).await;
+    cp.certify(csr_for(&p256(), DB), None, Some(&db), "127.0.0.1:7001")
+        .await
+        .expect("db's renewal");
+    until(issued + 23).await;
+    let (report, passed) = check();
+    assert!(!passed, "{report}");
+    let written = |unix: i64| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix as u64))
+    };
+    let (start, end) = (
+        format!(
+            "FAIL  {WEB} is connected, but has not renewed its certificate: the newest, issued \
+             at {}, was due for renewal at half its life, ",
+            written(issued)
+        ),
+        format!(
+            " ago, and expires at {}, when its peers refuse it (see its sidecar's log and \
+             trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control plane's \
+             trellis_certify_failures_total)",
+            written(expires)
+        ),
+    );
+    assert!(
+        report
+            .lines()
+            .any(|line| line.starts_with(&start) && line.ends_with(&end)),
+        "no {start:?}...{end:?} in\n{report}"
+    );
+    assert!(
+        !report.contains(DB) && report.contains("1 failure, "),
+        "{report}"
+    );
+    for stream in streams {
+        stream.abort();
+    }
+}

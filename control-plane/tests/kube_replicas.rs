@@ -535,6 +535,104 @@ async fn check_sees_a_renewal_whichever_replica_issued_it() {
     }
 }
 
+/// Waits for the wall clock, which is what ages a certificate, to reach
+/// `unix` seconds.
+async fn until(unix: i64) {
+    let at = UNIX_EPOCH + Duration::from_secs(unix as u64);
+    if let Ok(left) = at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// With the Kubernetes store, the issue time of each sidecar's newest
+/// certificate comes from the replicas' issued-certificate logs with its
+/// expiry, and `check` names a sidecar that stopped renewing once three
+/// quarters of its certificate's life have passed, before it expires.
+/// cp-a issues certificates of 30 seconds; cp-b, of an hour, starts after
+/// cp-a issued api's, so its log does not reach back to it: whether api
+/// renewed on cp-b before then is not known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_sidecar_that_stopped_renewing() {
+    let fake = cluster().await;
+    let free = common::ports::free_addrs(2);
+    let (port_a, port_b) = (free[0].port(), free[1].port());
+    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+    let flags = fake.control_plane_flags();
+    let short = [flags.clone(), vec!["--cert-ttl".into(), "30s".into()]].concat();
+    let a = replica(&short, "cp-a", port_a, &peers).await;
+    let api = certify(&a, API, API_TOKEN, "10.244.2.9:15006").await;
+    let api_issued = listed(&a.list_workloads().await, API).cert_issued_at_unix;
+    assert_eq!(not_after(&api) - api_issued, 30);
+    // cp-b starts a second later at least: its log begins after that.
+    until(api_issued + 1).await;
+    let b_starts = SystemTime::now();
+    let b = replica(&flags, "cp-b", port_b, &peers).await;
+    let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
+    let mut streams = Vec::new();
+    for (svid, inbound) in [(&api, "10.244.2.9:15006"), (&web, "10.244.1.17:15006")] {
+        let mut stream = Watcher::open(&a, svid, inbound).await;
+        stream.next().await;
+        streams.push(stream.answer_all());
+    }
+    let answer = b.list_workloads().await;
+    let (web_issued, web_expires) = {
+        let web = listed(&answer, WEB);
+        (web.cert_issued_at_unix, web.cert_expires_at_unix)
+    };
+    assert_eq!(web_expires, not_after(&web), "{answer:?}");
+    assert_eq!(web_expires - web_issued, 30, "{answer:?}");
+    assert!(
+        web_issued >= unix(b_starts) && listed(&answer, WEB).cert_renewal_unknown.is_empty(),
+        "{answer:?}"
+    );
+    // api's certificate is older than cp-b's log: a newer one may have
+    // been lost with it.
+    let api_listed = listed(&answer, API);
+    assert_eq!(api_listed.cert_issued_at_unix, api_issued, "{answer:?}");
+    assert!(
+        api_listed
+            .cert_renewal_unknown
+            .starts_with("the replicas' issued-certificate logs are complete only since "),
+        "{answer:?}"
+    );
+
+    // Neither sidecar renews. Three quarters into web's certificate's
+    // life, cp-b names it.
+    until(web_issued + 23).await;
+    let (report, passed) = check(&b);
+    assert!(!passed, "{report}");
+    let written = |unix: i64| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix as u64))
+    };
+    let (start, end) = (
+        format!(
+            "FAIL  {WEB} is connected, but has not renewed its certificate: the newest, issued \
+             at {}, was due for renewal at half its life, ",
+            written(web_issued)
+        ),
+        format!(
+            " ago, and expires at {}, when its peers refuse it (see its sidecar's log and \
+             trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control plane's \
+             trellis_certify_failures_total)",
+            written(web_expires)
+        ),
+    );
+    assert!(
+        report
+            .lines()
+            .any(|line| line.starts_with(&start) && line.ends_with(&end)),
+        "no {start:?}...{end:?} in\n{report}"
+    );
+    for stream in streams {
+        stream.abort();
+    }
+}
+
+/// Unix seconds of `at`.
+fn unix(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
 /// `policy apply --wait` on one replica ends once the other replica and
 /// its sidecar hold the write, though that replica never serves the
 /// snapshot version the write returned: its watch delivered a Pod the

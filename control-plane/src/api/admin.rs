@@ -151,17 +151,25 @@ impl Admin for AdminService {
                 let status = fleet.status(&w.spiffe_id);
                 let addresses = w.listed_addresses(now);
                 let (mut cert_expiry_unknown, mut no_certificate_since_unix) = (String::new(), 0);
-                let cert_expires_at_unix = match fleet.logged {
-                    false => w.cert_expires_at_unix,
+                let mut cert_renewal_unknown = String::new();
+                let (cert_issued_at_unix, cert_expires_at_unix) = match fleet.logged {
+                    false => (w.cert_issued_at_unix, w.cert_expires_at_unix),
                     true => match fleet.certificate(&w.spiffe_id, now, lifetime) {
-                        Certificate::ExpiresAt(at) => at,
+                        Certificate::ExpiresAt {
+                            issued_at,
+                            not_after,
+                            maybe_newer,
+                        } => {
+                            cert_renewal_unknown = maybe_newer.unwrap_or_default();
+                            (issued_at, not_after)
+                        }
                         Certificate::NoneSince(since) => {
                             no_certificate_since_unix = since;
-                            0
+                            (0, 0)
                         }
                         Certificate::Unknown(why) => {
                             cert_expiry_unknown = why;
-                            i64::MAX
+                            (0, i64::MAX)
                         }
                     },
                 };
@@ -179,6 +187,8 @@ impl Admin for AdminService {
                     cert_expires_at_unix,
                     cert_expiry_unknown,
                     no_certificate_since_unix,
+                    cert_issued_at_unix,
+                    cert_renewal_unknown,
                 }
             })
             .collect();

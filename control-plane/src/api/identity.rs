@@ -453,7 +453,7 @@ impl Identity for IdentityService {
             serial_hex: issued.serial_hex.clone(),
             spiffe_id: id.to_string(),
             not_after_unix: issued.not_after_unix,
-            issued_at_unix: now,
+            issued_at_unix: issued.issued_at_unix,
         };
         let mut workload = WorkloadRecord::new(
             id.to_string(),
@@ -461,6 +461,7 @@ impl Identity for IdentityService {
             issued.not_after_unix,
             now,
         );
+        workload.cert_issued_at_unix = issued.issued_at_unix;
         for (stored, (_, verified)) in workload.addresses.iter_mut().zip(&addresses) {
             stored.verified = *verified;
         }

@@ -527,9 +527,17 @@ pub struct Fleet {
 /// certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Certificate {
-    /// It expires then (at least then, when a log was not read and it has
-    /// not expired).
-    ExpiresAt(i64),
+    /// The newest found, issued at `issued_at` and expiring at `not_after`
+    /// (at least then, when a log was not read and it has not expired).
+    ExpiresAt {
+        issued_at: i64,
+        not_after: i64,
+        /// Why a log may hold a newer one, when one may (it has not
+        /// expired, and a log was not read or does not reach back to
+        /// when it was issued): it being past its renewal time then says
+        /// nothing of whether the sidecar renewed.
+        maybe_newer: Option<String>,
+    },
     /// No replica issued it a certificate since then, more than a
     /// certificate lifetime ago: any certificate it holds has expired.
     NoneSince(i64),
@@ -633,48 +641,82 @@ impl Fleet {
     }
 
     /// What the replicas' issued-certificate logs tell of `spiffe_id`'s
-    /// newest certificate at `now`, certificates living `lifetime` seconds.
-    /// One that has not expired is as good as any newer one. That none is
-    /// valid is said only when every replica's log was read and could hold
-    /// what would say otherwise: each is complete since the newest one
-    /// found was issued (a later one would be there), or since more than a
-    /// lifetime ago (any one it lost has expired). A replica that is gone
-    /// (not among the peers any more) takes its log with it: a sidecar
-    /// that renewed with it last holds a certificate this does not see,
-    /// until it renews again, at about half that certificate's life.
+    /// newest certificate at `now`. One that has not expired is as good as
+    /// any newer one (though whether it is the newest is said, for its
+    /// renewal). That none is valid is said only when every replica's log
+    /// was read and could hold what would say otherwise: each is complete
+    /// since the newest one found was issued (a later one would be there),
+    /// or since more than a lifetime (`lifetime` seconds) ago (any one it
+    /// lost has expired). A replica that is gone (not among the peers any
+    /// more) takes its log with it: a sidecar that renewed with it last
+    /// holds a certificate this does not see, until it renews again, at
+    /// about half that certificate's life.
     pub fn certificate(&self, spiffe_id: &str, now: i64, lifetime: i64) -> Certificate {
         let newest = self.newest_issued.get(spiffe_id).copied();
-        if let Some((_, not_after)) = newest
+        let since = self.logs_since;
+        if let Some((issued_at, not_after)) = newest
             && not_after > now
         {
-            return Certificate::ExpiresAt(not_after);
+            let maybe_newer = self.unread().or_else(|| {
+                (since > issued_at).then(|| {
+                    format!(
+                        "the replicas' issued-certificate logs are complete only since {}, \
+                         after its newest certificate found was issued (a replica started \
+                         then, or a log dropped its oldest certificates): a newer one issued \
+                         before then is in none",
+                        written(since)
+                    )
+                })
+            });
+            return Certificate::ExpiresAt {
+                issued_at,
+                not_after,
+                maybe_newer,
+            };
         }
-        if !self.logs_unread.is_empty() {
-            let unread: Vec<_> = self.logs_unread.iter().map(String::as_str).collect();
-            return Certificate::Unknown(format!(
-                "{}, and {} may hold a newer certificate",
-                unread.join("; "),
-                match unread.len() {
-                    1 => "its issued-certificate log",
-                    _ => "their issued-certificate logs",
-                }
-            ));
+        if let Some(why) = self.unread() {
+            return Certificate::Unknown(why);
         }
-        let since = self.logs_since;
         let long_enough = since.saturating_add(lifetime) <= now;
         match newest {
-            Some((issued_at, not_after)) if since <= issued_at => Certificate::ExpiresAt(not_after),
+            Some((issued_at, not_after)) if since <= issued_at => Certificate::ExpiresAt {
+                issued_at,
+                not_after,
+                maybe_newer: None,
+            },
             _ if long_enough => Certificate::NoneSince(since),
             _ => Certificate::Unknown(format!(
                 "the replicas' issued-certificate logs are complete only since {}, less than \
                  a certificate lifetime ago (a replica started then, or a log dropped its \
                  oldest certificates): a certificate issued before may be the newest",
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + Duration::from_secs(since.max(0) as u64)
-                )
+                written(since)
             )),
         }
     }
+
+    /// Why some replica's log was not read, if one was not: that log may
+    /// hold a newer certificate than any found.
+    fn unread(&self) -> Option<String> {
+        if self.logs_unread.is_empty() {
+            return None;
+        }
+        let unread: Vec<_> = self.logs_unread.iter().map(String::as_str).collect();
+        Some(format!(
+            "{}, and {} may hold a newer certificate",
+            unread.join("; "),
+            match unread.len() {
+                1 => "its issued-certificate log",
+                _ => "their issued-certificate logs",
+            }
+        ))
+    }
+}
+
+/// Unix seconds as RFC 3339.
+fn written(unix: i64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64),
+    )
 }
 
 /// Joins one replica's streams of an identity into what the replicas
@@ -721,6 +763,8 @@ mod tests {
     use trellis_proto::admin::v1::{IssuedCertificate, StorePosition};
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+    const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 
     /// A listing asks by the write's position when it names one, by its
     /// version otherwise, and by version too when the position is all
@@ -793,14 +837,22 @@ mod tests {
         Ok(answer)
     }
 
+    /// A certificate of an hour, issued at `issued_at`, found the newest;
+    /// `maybe_newer` says why a newer one may be in a log.
+    fn found(issued_at: i64, maybe_newer: Option<&str>) -> Certificate {
+        Certificate::ExpiresAt {
+            issued_at,
+            not_after: issued_at + HOUR,
+            maybe_newer: maybe_newer.map(String::from),
+        }
+    }
+
     /// The newest certificate is the newest of any replica's log, whichever
     /// issued it; one that has expired is said only when every log could
     /// hold a newer one, and no certificate at all only when the logs
     /// reach back more than a lifetime.
     #[test]
     fn the_newest_certificate_is_joined_over_the_replicas_logs() {
-        const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-        const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
         let started = NOW - 3 * HOUR;
         let mut fleet = Fleet::default();
         fleet.add(
@@ -817,9 +869,9 @@ mod tests {
         );
         let cert = |id| fleet.certificate(id, NOW, HOUR);
         // Renewed on cp-b: its certificate is the newest.
-        assert_eq!(cert(WEB), Certificate::ExpiresAt(NOW - 600 + HOUR));
+        assert_eq!(cert(WEB), found(NOW - 600, None));
         // Renewed last on cp-b, a minute past a lifetime ago.
-        assert_eq!(cert(API), Certificate::ExpiresAt(NOW - 60));
+        assert_eq!(cert(API), found(NOW - HOUR - 60, None));
         // Never issued one in the logs' three hours.
         assert_eq!(cert(DB), Certificate::NoneSince(started));
 
@@ -831,10 +883,7 @@ mod tests {
             logged("cp-a", started, &[(API, NOW - 2 * HOUR)]),
         );
         restarted.add("b".into(), logged("cp-b", NOW - 60, &[(WEB, NOW - 30)]));
-        assert_eq!(
-            restarted.certificate(WEB, NOW, HOUR),
-            Certificate::ExpiresAt(NOW - 30 + HOUR)
-        );
+        assert_eq!(restarted.certificate(WEB, NOW, HOUR), found(NOW - 30, None));
         for id in [API, DB] {
             let Certificate::Unknown(why) = restarted.certificate(id, NOW, HOUR) else {
                 panic!("{id} is known");
@@ -874,9 +923,10 @@ mod tests {
             "the replica at 10.0.0.2:15012 did not answer, and its issued-certificate log may \
              hold a newer certificate"
         );
+        // Valid, it is valid; but a newer one may be in the log not read.
         assert_eq!(
             fleet.certificate(WEB, NOW - 2 * HOUR, HOUR),
-            Certificate::ExpiresAt(NOW - HOUR)
+            found(NOW - 2 * HOUR, Some(&why))
         );
 
         let mut older = Fleet::default();
@@ -887,6 +937,36 @@ mod tests {
         };
         assert!(
             why.contains("does not report its log (an older version)"),
+            "{why}"
+        );
+    }
+
+    /// A valid certificate issued before a log began (a replica
+    /// restarted since) is the newest found, but that log may have held a
+    /// newer one: said, for its renewal.
+    #[test]
+    fn a_valid_certificate_older_than_a_log_may_not_be_the_newest() {
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            logged("cp-a", NOW - 3 * HOUR, &[(WEB, NOW - 50 * 60)]),
+        );
+        fleet.add("b".into(), logged("cp-b", NOW - 60, &[]));
+        let Certificate::ExpiresAt {
+            issued_at,
+            not_after,
+            maybe_newer: Some(why),
+        } = fleet.certificate(WEB, NOW, HOUR)
+        else {
+            panic!("web's certificate is said to be the newest");
+        };
+        assert_eq!((issued_at, not_after), (NOW - 50 * 60, NOW + 10 * 60));
+        assert!(
+            why.starts_with(&format!(
+                "the replicas' issued-certificate logs are complete only since {}, after its \
+                 newest certificate found was issued",
+                written(NOW - 60)
+            )),
             "{why}"
         );
     }

@@ -57,6 +57,9 @@ pub struct Issued {
     /// Leaf first, then the intermediates up to (not including) the root.
     pub chain: Vec<CertificateDer<'static>>,
     pub serial_hex: String,
+    /// When it was signed: notBefore is earlier, backdated against clock
+    /// skew, and its life as its holder counts it starts here.
+    pub issued_at_unix: i64,
     pub not_before_unix: i64,
     pub not_after_unix: i64,
 }
@@ -274,6 +277,7 @@ impl CertificateAuthority {
         Ok(Issued {
             chain,
             serial_hex,
+            issued_at_unix: now.unix_timestamp(),
             not_before_unix: params.not_before.unix_timestamp(),
             not_after_unix: params.not_after.unix_timestamp(),
         })
@@ -371,6 +375,7 @@ mod tests {
             issued.not_after_unix - issued.not_before_unix,
             600 + BACKDATE.as_secs() as i64
         );
+        assert_eq!(issued.not_after_unix - issued.issued_at_unix, 600);
         let (_, root) = parse_x509_certificate(&ca.bundle()[0]).unwrap();
         cert.verify_signature(Some(root.public_key())).unwrap();
         assert!(ca.bundle_pem().starts_with("-----BEGIN CERTIFICATE-----\n"));

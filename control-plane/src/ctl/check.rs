@@ -6,8 +6,9 @@
 //! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
 //! answer or serve another snapshot, sidecars that refused their snapshot
 //! or have not received it yet, connected sidecars that have not renewed
-//! their certificate (with the Kubernetes store, as the replicas'
-//! issued-certificate logs tell, or that they cannot), stored policies
+//! their certificate or are well past the time to (with the Kubernetes
+//! store, as the replicas' issued-certificate logs tell, or that they
+//! cannot), stored policies
 //! that fail a check added since they were stored (`ListPolicies`: a
 //! selector outside the policy's namespace, enforced as written), roots of
 //! the trust bundle that expire soon or have, and an operator credential
@@ -140,16 +141,37 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     }
 }
 
+/// Whether a certificate issued at `issued` that expires at `expires` is,
+/// at `now`, so far past its renewal time that its sidecar has been failing
+/// to renew: three quarters of its life have passed. A sidecar renews at
+/// half the life, moved by up to a tenth of that half either way (so by
+/// 55 % of it), counting from when it got the certificate, and retries a
+/// failed Certify within 1 s, then 2 s, doubling up to 30 s. Three
+/// quarters leaves a fifth of the life after the latest renewal on
+/// schedule (12 minutes of a one-hour certificate: retries enough to ride
+/// out a short outage of the control plane), and a quarter before the
+/// certificate expires to find out why.
+fn renewal_overdue(issued: i64, expires: i64, now: i64) -> bool {
+    let (lived, life) = (
+        i128::from(now) - i128::from(issued),
+        i128::from(expires) - i128::from(issued),
+    );
+    4 * lived >= 3 * life
+}
+
 fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     let connected: Vec<_> = answer.workloads.iter().filter(|w| w.connected).collect();
     // A sidecar renews at half its certificate's life; one still connected
-    // past its newest certificate's expiry has not managed to. With the
+    // past its newest certificate's expiry has not managed to, nor has one
+    // well past the renewal time ([`renewal_overdue`]). With the
     // Kubernetes store the newest is the newest in the replicas'
     // issued-certificate logs; when they cannot tell, the answer says why,
     // and that is said, neither passed over as fine nor failed. A control
-    // plane older than that says `i64::MAX` for a Pod (0 before that).
+    // plane older than that says `i64::MAX` for a Pod (0 before that), and
+    // one older than issue times says none (0).
     let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
     let mut unreported = 0;
+    let mut unscheduled = 0;
     for w in &connected {
         if !w.cert_expiry_unknown.is_empty() {
             *unknown.entry(w.cert_expiry_unknown.as_str()).or_default() += 1;
@@ -176,6 +198,30 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                     rfc3339(w.cert_expires_at_unix)
                 ),
             ));
+        } else if !(0 < w.cert_issued_at_unix && w.cert_issued_at_unix < w.cert_expires_at_unix) {
+            unscheduled += 1;
+        } else if !renewal_overdue(w.cert_issued_at_unix, w.cert_expires_at_unix, now) {
+            continue;
+        } else if !w.cert_renewal_unknown.is_empty() {
+            // A newer certificate may be where the answer could not look.
+            *unknown.entry(w.cert_renewal_unknown.as_str()).or_default() += 1;
+        } else {
+            let (issued, expires) = (w.cert_issued_at_unix, w.cert_expires_at_unix);
+            let due = issued + (expires - issued) / 2;
+            out.push(finding(
+                Level::Fail,
+                format!(
+                    "{} is connected, but has not renewed its certificate: the newest, issued \
+                     at {}, was due for renewal at half its life, {} ago, and expires at {}, \
+                     when its peers refuse it (see its sidecar's log and \
+                     trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control \
+                     plane's trellis_certify_failures_total)",
+                    w.spiffe_id,
+                    rfc3339(issued),
+                    humantime::format_duration(Duration::from_secs((now - due).max(0) as u64)),
+                    rfc3339(expires)
+                ),
+            ));
         }
     }
     let sidecars = |n: usize| format!("{n} connected sidecar{}", if n == 1 { "" } else { "s" });
@@ -197,6 +243,17 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                  their certificates (an older version, with the Kubernetes store); alert on \
                  the sidecars' trellis_certificate_expiry_timestamp_seconds instead",
                 sidecars(unreported)
+            ),
+        ));
+    }
+    if unscheduled > 0 {
+        out.push(finding(
+            Level::Ok,
+            format!(
+                "certificate renewal schedule not checked for {}: the control plane does not \
+                 say when their newest certificate was issued (an older version, or a \
+                 certificate issued before it recorded that)",
+                sidecars(unscheduled)
             ),
         ));
     }
@@ -377,7 +434,8 @@ mod tests {
             connected,
             sync: sync.into(),
             last_nack: nack.into(),
-            cert_expires_at_unix: NOW + 3600,
+            cert_issued_at_unix: NOW - 600,
+            cert_expires_at_unix: NOW + 3000,
             ..Workload::default()
         }
     }
@@ -565,6 +623,7 @@ mod tests {
         let mut late = workload("spiffe://td/a", true, SnapshotSync::Synced, "");
         late.cert_expires_at_unix = NOW - 60;
         let mut fine = workload("spiffe://td/b", true, SnapshotSync::Synced, "");
+        fine.cert_issued_at_unix = NOW - 60;
         fine.cert_expires_at_unix = NOW + 60;
         // Gone: nothing to say. Known only as a Pod: said to be unchecked.
         let mut gone = workload("spiffe://td/c", false, SnapshotSync::NotConnected, "");
@@ -654,6 +713,81 @@ mod tests {
             ],
             "{found:#?}"
         );
+    }
+
+    /// A sidecar renews at half its certificate's life, give or take a
+    /// tenth of that: one with three quarters of the life behind it has
+    /// been failing to, and is named before it expires. One renewing on
+    /// schedule, at the latest its jitter allows, is not; one whose issue
+    /// time is not known, or whose newer certificate may be in a log the
+    /// answer did not read, is said not to be known.
+    #[test]
+    fn a_sidecar_well_past_its_renewal_time_has_not_renewed() {
+        const LIFE: i64 = 3600;
+        let issued = |id, ago: i64| {
+            let mut w = workload(id, true, SnapshotSync::Synced, "");
+            w.cert_issued_at_unix = NOW - ago;
+            w.cert_expires_at_unix = NOW - ago + LIFE;
+            w
+        };
+        // Renewing now, at 55 % of the life, and still at 74 %.
+        let on_schedule = issued("spiffe://td/a", LIFE * 55 / 100);
+        let late = issued("spiffe://td/b", LIFE * 74 / 100);
+        // 16 minutes past half the life: 77 % of it.
+        let stuck = issued("spiffe://td/c", LIFE / 2 + 16 * 60);
+        let mut old = issued("spiffe://td/d", LIFE * 9 / 10);
+        old.cert_issued_at_unix = 0;
+        let silent = "the replica at 10.0.0.2:15012 did not answer, and its issued-certificate \
+                      log may hold a newer certificate";
+        let mut maybe_renewed = issued("spiffe://td/e", LIFE * 9 / 10);
+        maybe_renewed.cert_renewal_unknown = silent.into();
+        // Young enough that a newer one does not matter.
+        let mut young = issued("spiffe://td/f", LIFE / 10);
+        young.cert_renewal_unknown = silent.into();
+        let answer = ListWorkloadsResponse {
+            workloads: vec![on_schedule, late, stuck, old, maybe_renewed, young],
+            ..ListWorkloadsResponse::default()
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        let failures: Vec<_> = found.iter().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(
+            failures,
+            [&format!(
+                "FAIL spiffe://td/c is connected, but has not renewed its certificate: the \
+                 newest, issued at {}, was due for renewal at half its life, 16m ago, and \
+                 expires at {}, when its peers refuse it (see its sidecar's log and \
+                 trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control \
+                 plane's trellis_certify_failures_total)",
+                rfc3339(NOW - LIFE / 2 - 16 * 60),
+                rfc3339(NOW + LIFE / 2 - 16 * 60),
+            )],
+            "{found:#?}"
+        );
+        let said: Vec<_> = found
+            .iter()
+            .filter(|l| l.contains("certificate renewal"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                format!("ok certificate renewal not known for 1 connected sidecar: {silent}")
+                    .as_str(),
+                "ok certificate renewal schedule not checked for 1 connected sidecar: the \
+                 control plane does not say when their newest certificate was issued (an older \
+                 version, or a certificate issued before it recorded that)",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn renewal_is_overdue_from_three_quarters_of_the_life() {
+        assert!(!renewal_overdue(1000, 1100, 1074));
+        assert!(renewal_overdue(1000, 1100, 1075));
+        // No overflow on the widest times.
+        assert!(!renewal_overdue(i64::MIN, i64::MAX, 0));
+        assert!(renewal_overdue(i64::MIN, i64::MAX, i64::MAX));
     }
 
     #[test]

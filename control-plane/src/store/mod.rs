@@ -77,6 +77,9 @@ pub struct WorkloadRecord {
     pub addresses: Vec<InboundAddress>,
     /// notAfter of the newest certificate issued to it.
     pub cert_expires_at_unix: i64,
+    /// When that certificate was issued, Unix seconds; 0 when not known
+    /// (a Pod, or a record written before this was kept).
+    pub cert_issued_at_unix: i64,
     pub last_seen_unix: i64,
 }
 
@@ -100,6 +103,7 @@ impl WorkloadRecord {
                 })
                 .collect(),
             cert_expires_at_unix,
+            cert_issued_at_unix: 0,
             last_seen_unix,
         }
     }
@@ -147,7 +151,16 @@ struct StoredWorkload {
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     verified_addresses: BTreeSet<String>,
     cert_expires_at_unix: i64,
+    /// When the certificate of `cert_expires_at_unix` was issued; missing
+    /// from a record written before it was kept, which reads as 0 (not
+    /// known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    cert_issued_at_unix: i64,
     last_seen_unix: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl From<StoredWorkload> for WorkloadRecord {
@@ -173,6 +186,7 @@ impl From<StoredWorkload> for WorkloadRecord {
                 })
                 .collect(),
             cert_expires_at_unix: s.cert_expires_at_unix,
+            cert_issued_at_unix: s.cert_issued_at_unix,
             last_seen_unix: s.last_seen_unix,
         }
     }
@@ -200,6 +214,7 @@ impl From<WorkloadRecord> for StoredWorkload {
                 .collect(),
             addresses: Some(w.addresses.into_iter().map(|a| a.address).collect()),
             cert_expires_at_unix: w.cert_expires_at_unix,
+            cert_issued_at_unix: w.cert_issued_at_unix,
             last_seen_unix: w.last_seen_unix,
         }
     }
@@ -649,6 +664,8 @@ mod tests {
             ]
         );
         assert_eq!(record.cert_expires_at_unix, 100);
+        // Nor did they keep when it was issued.
+        assert_eq!(record.cert_issued_at_unix, 0);
     }
 
     #[test]
@@ -661,9 +678,11 @@ mod tests {
                 address("10.0.0.9:15006", 200),
             ],
             cert_expires_at_unix: 300,
+            cert_issued_at_unix: 240,
             last_seen_unix: 1,
         };
         let stored: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(stored["cert_issued_at_unix"], 240);
         // What a control plane rolled back to an older format reads.
         assert_eq!(stored["address"], "10.0.0.1:15006");
         assert_eq!(
@@ -703,6 +722,7 @@ mod tests {
                 address("10.0.0.2:15006", 200),
             ],
             cert_expires_at_unix: 300,
+            cert_issued_at_unix: 240,
             last_seen_unix: 1,
         };
         assert_eq!(

@@ -113,6 +113,23 @@ impl Watcher {
             .unwrap();
         snapshot
     }
+
+    /// Answers every snapshot from now on, as a sidecar does, however long
+    /// none comes: the stream stays open until the task is aborted.
+    pub fn answer_all(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok(Some(snapshot)) = self.snapshots.message().await {
+                let ack = WatchRequest {
+                    kind: Some(Kind::Ack(Ack {
+                        version: snapshot.version,
+                    })),
+                };
+                if self.acks.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
 }
 
 /// Retries `f` until it returns `Some`, or panics naming `what` at the deadline.
