@@ -550,7 +550,10 @@ async fn until(unix: i64) {
 /// quarters of its certificate's life have passed, before it expires.
 /// cp-a issues certificates of 30 seconds; cp-b, of an hour, starts after
 /// cp-a issued api's, so its log does not reach back to it: whether api
-/// renewed on cp-b before then is not known.
+/// renewed on cp-b before then is not known, until a lifetime of api's
+/// certificate has passed since cp-b started. Then any certificate cp-b
+/// may have issued it has expired too, and `check` on cp-b fails it,
+/// though cp-b's own certificates live an hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_a_sidecar_that_stopped_renewing() {
     let fake = cluster().await;
@@ -567,6 +570,7 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
     until(api_issued + 1).await;
     let b_starts = SystemTime::now();
     let b = replica(&flags, "cp-b", port_b, &peers).await;
+    let b_started = SystemTime::now();
     let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
     let mut streams = Vec::new();
     for (svid, inbound) in [(&api, "10.244.2.9:15006"), (&web, "10.244.1.17:15006")] {
@@ -622,6 +626,19 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
             .lines()
             .any(|line| line.starts_with(&start) && line.ends_with(&end)),
         "no {start:?}...{end:?} in\n{report}"
+    );
+
+    // A lifetime of api's certificate after cp-b started, any certificate
+    // cp-b issued api before its log began has expired.
+    until(unix(b_started) + 31).await;
+    let (report, passed) = check(&b);
+    assert!(!passed, "{report}");
+    let failed =
+        format!("FAIL  {API} is connected, but no replica has issued it a certificate since ");
+    assert!(
+        report.lines().any(|line| line.starts_with(&failed)
+            && line.contains("longer ago than a certificate's lifetime")),
+        "no {failed:?} in\n{report}"
     );
     for stream in streams {
         stream.abort();

@@ -646,8 +646,10 @@ impl Fleet {
     /// renewal). That none is valid is said only when every replica's log
     /// was read and could hold what would say otherwise: each is complete
     /// since the newest one found was issued (a later one would be there),
-    /// or since more than a lifetime (`lifetime` seconds) ago (any one it
-    /// lost has expired). A replica that is gone (not among the peers any
+    /// or since more than a certificate lifetime ago (any one it lost has
+    /// expired). That lifetime is the newest found's own (replicas each
+    /// issue theirs, `--cert-ttl`), or `lifetime`, this replica's, when
+    /// none is found. A replica that is gone (not among the peers any
     /// more) takes its log with it: a sidecar that renewed with it last
     /// holds a certificate this does not see, until it renews again, at
     /// about half that certificate's life.
@@ -677,6 +679,14 @@ impl Fleet {
         if let Some(why) = self.unread() {
             return Certificate::Unknown(why);
         }
+        // A certificate a log lost lived as long as the newest found, if
+        // one was found (an issue time of 0 comes from no replica).
+        let lifetime = match newest {
+            Some((issued_at, not_after)) if 0 < issued_at && issued_at < not_after => {
+                not_after - issued_at
+            }
+            _ => lifetime,
+        };
         let long_enough = since.saturating_add(lifetime) <= now;
         match newest {
             Some((issued_at, not_after)) if since <= issued_at => Certificate::ExpiresAt {
@@ -969,6 +979,51 @@ mod tests {
             )),
             "{why}"
         );
+    }
+
+    /// Replicas may issue certificates of different lifetimes
+    /// (`--cert-ttl`): whether a certificate a log lost has expired is
+    /// judged by the lifetime of the newest found, not the answering
+    /// replica's. cp-a issues certificates of 10 minutes, cp-b restarted
+    /// 15 minutes ago; web's newest is one of cp-a's, issued 20 minutes
+    /// ago, and any newer one cp-b lost has expired by now. api's newest
+    /// lived 2 hours and expired 5 minutes ago: one cp-b lost 15 minutes
+    /// ago may be valid still.
+    #[test]
+    fn a_lost_certificate_lived_as_long_as_the_newest_found() {
+        let with_life = |answer: Result<ListStreamsResponse, Unanswered>, life| {
+            let mut answer = answer.unwrap();
+            for issued in &mut answer.newest_issued {
+                issued.not_after_unix = issued.issued_at_unix + life;
+            }
+            Ok(answer)
+        };
+        let mut fleet = Fleet::default();
+        let short = logged("cp-a", NOW - 3 * HOUR, &[(WEB, NOW - 20 * 60)]);
+        fleet.add("a".into(), with_life(short, 10 * 60));
+        let long = logged("cp-c", NOW - 3 * HOUR, &[(API, NOW - 2 * HOUR - 5 * 60)]);
+        fleet.add("c".into(), with_life(long, 2 * HOUR));
+        fleet.add("b".into(), logged("cp-b", NOW - 15 * 60, &[]));
+        // Asked of a replica issuing certificates of an hour, and of one
+        // issuing them of a minute.
+        for lifetime in [HOUR, 60] {
+            assert_eq!(
+                fleet.certificate(WEB, NOW, lifetime),
+                Certificate::NoneSince(NOW - 15 * 60)
+            );
+            let api = fleet.certificate(API, NOW, lifetime);
+            assert!(matches!(api, Certificate::Unknown(_)), "{api:?}");
+        }
+        // With none found, the answering replica's lifetime is all there
+        // is.
+        assert_eq!(
+            fleet.certificate(DB, NOW, 10 * 60),
+            Certificate::NoneSince(NOW - 15 * 60)
+        );
+        assert!(matches!(
+            fleet.certificate(DB, NOW, HOUR),
+            Certificate::Unknown(_)
+        ));
     }
 
     #[test]
