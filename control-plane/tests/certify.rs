@@ -319,7 +319,7 @@ async fn until(unix: i64) {
 /// as sidecars do, is fine, as both were before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_a_sidecar_whose_renewal_is_overdue() {
-    let cp = ControlPlane::start(&["--cert-ttl", "30s"]);
+    let cp = ControlPlane::start(&["--cert-ttl", "60s"]);
     let web = enroll(&cp, WEB, "127.0.0.1:7000").await;
     let db = enroll(&cp, DB, "127.0.0.1:7001").await;
     let mut streams = Vec::new();
@@ -333,7 +333,7 @@ async fn check_names_a_sidecar_whose_renewal_is_overdue() {
         let web = listed(&answer, WEB);
         (web.cert_issued_at_unix, web.cert_expires_at_unix)
     };
-    assert_eq!(expires - issued, 30, "{answer:?}");
+    assert_eq!(expires - issued, 60, "{answer:?}");
     let check = || {
         let check = tokio::task::block_in_place(|| cp.ctl(&["check"]));
         let report = String::from_utf8_lossy(&check.stdout).into_owned();
@@ -344,11 +344,11 @@ async fn check_names_a_sidecar_whose_renewal_is_overdue() {
 
     // db renews at half its life; web's sidecar does not.
     let db_issued = listed(&answer, DB).cert_issued_at_unix;
-    until(db_issued + 15).await;
+    until(db_issued + 30).await;
     cp.certify(csr_for(&p256(), DB), None, Some(&db), "127.0.0.1:7001")
         .await
         .expect("db's renewal");
-    until(issued + 23).await;
+    until(issued + 46).await;
     let (report, passed) = check();
     assert!(!passed, "{report}");
     let written = |unix: i64| {

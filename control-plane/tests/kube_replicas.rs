@@ -548,7 +548,7 @@ async fn until(unix: i64) {
 /// certificate comes from the replicas' issued-certificate logs with its
 /// expiry, and `check` names a sidecar that stopped renewing once three
 /// quarters of its certificate's life have passed, before it expires.
-/// cp-a issues certificates of 30 seconds; cp-b, of an hour, starts after
+/// cp-a issues certificates of a minute; cp-b, of an hour, starts after
 /// cp-a issued api's, so its log does not reach back to it: whether api
 /// renewed on cp-b before then is not known, until a lifetime of api's
 /// certificate has passed since cp-b started. Then any certificate cp-b
@@ -561,11 +561,11 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
     let (port_a, port_b) = (free[0].port(), free[1].port());
     let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
     let flags = fake.control_plane_flags();
-    let short = [flags.clone(), vec!["--cert-ttl".into(), "30s".into()]].concat();
+    let short = [flags.clone(), vec!["--cert-ttl".into(), "60s".into()]].concat();
     let a = replica(&short, "cp-a", port_a, &peers).await;
     let api = certify(&a, API, API_TOKEN, "10.244.2.9:15006").await;
     let api_issued = listed(&a.list_workloads().await, API).cert_issued_at_unix;
-    assert_eq!(not_after(&api) - api_issued, 30);
+    assert_eq!(not_after(&api) - api_issued, 60);
     // cp-b starts a second later at least: its log begins after that.
     until(api_issued + 1).await;
     let b_starts = SystemTime::now();
@@ -584,7 +584,7 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
         (web.cert_issued_at_unix, web.cert_expires_at_unix)
     };
     assert_eq!(web_expires, not_after(&web), "{answer:?}");
-    assert_eq!(web_expires - web_issued, 30, "{answer:?}");
+    assert_eq!(web_expires - web_issued, 60, "{answer:?}");
     assert!(
         web_issued >= unix(b_starts) && listed(&answer, WEB).cert_renewal_unknown.is_empty(),
         "{answer:?}"
@@ -602,7 +602,7 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
 
     // Neither sidecar renews. Three quarters into web's certificate's
     // life, cp-b names it.
-    until(web_issued + 23).await;
+    until(web_issued + 46).await;
     let (report, passed) = check(&b);
     assert!(!passed, "{report}");
     let written = |unix: i64| {
@@ -630,7 +630,7 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
 
     // A lifetime of api's certificate after cp-b started, any certificate
     // cp-b issued api before its log began has expired.
-    until(unix(b_started) + 31).await;
+    until(unix(b_started) + 61).await;
     let (report, passed) = check(&b);
     assert!(!passed, "{report}");
     let failed =
