@@ -21,6 +21,7 @@ pub struct Metrics {
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
     inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
     /// (in the order of [`SNAPSHOT_ENDPOINTS`]): counted without a lock,
@@ -64,6 +65,17 @@ impl Metrics {
     pub fn handshake_failed(&self, reason: &'static str) {
         *self
             .handshake_failures
+            .lock()
+            .expect("not poisoned")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// A connection to the webhook port whose TLS handshake failed, for
+    /// `reason`.
+    pub fn webhook_handshake_failed(&self, reason: &'static str) {
+        *self
+            .webhook_handshake_failures
             .lock()
             .expect("not poisoned")
             .entry(reason)
@@ -137,6 +149,20 @@ impl Metrics {
             "trellis_tls_handshake_failures_total",
             "TLS handshakes on the gRPC port that failed, by reason.",
             &self.handshake_failures.lock().expect("not poisoned"),
+        );
+        // A metric of its own, not a label on the gRPC port's: its callers
+        // are the API server and whatever reaches a pod's port, not
+        // sidecars, so an alert on sidecars failing their handshakes must
+        // not fire for a scanner of the webhook, nor its series change.
+        render_family(
+            &mut out,
+            "trellis_webhook_tls_handshake_failures_total",
+            "TLS handshakes on the admission webhook port that failed, by reason (the gRPC \
+             port's are trellis_tls_handshake_failures_total).",
+            &self
+                .webhook_handshake_failures
+                .lock()
+                .expect("not poisoned"),
         );
         let _ = writeln!(
             out,

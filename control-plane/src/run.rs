@@ -417,9 +417,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         // trust anchors takes a restart.
         let (inject_tx, inject_rx) = watch::channel(Arc::new(inject));
         let mut stop = shutdown_rx.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             server
-                .run(inject_rx, async move { stopping(&mut stop).await })
+                .run(inject_rx, metrics, async move { stopping(&mut stop).await })
                 .await;
             drop(inject_tx);
         });

@@ -50,7 +50,7 @@ async fn start() -> Webhook {
     tokio::spawn(async move {
         let _keep = _config_tx;
         server
-            .run(config_rx, async {
+            .run(config_rx, Default::default(), async {
                 let _ = stopped.await;
             })
             .await;

@@ -9,7 +9,11 @@
 //! reach the port. It decides nothing about pods or policies. The API
 //! server authenticates us by the `caBundle` of the webhook
 //! configurations; it presents no client certificate, so none is asked
-//! for.
+//! for. A failed handshake (an API server that does not trust the
+//! certificate, plaintext, a scanner) is counted by a bounded reason and
+//! logged as a warning naming the client, at most once per reason per
+//! [`REFUSAL_LOG_PAUSE`] as on the gRPC port: otherwise an API server that
+//! cannot reach the webhook would leave no trace at the default log level.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,13 +30,19 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::logging::throttle::Throttle;
+use trellis_core::tls::{Described, failure_reason, rustls_error};
+use trellis_core::warn_throttled;
 
 use super::{InjectConfig, NamespaceScope, review_pod, review_policy};
 use crate::api::quoted;
+use crate::metrics::Metrics;
+use crate::server::REFUSAL_LOG_PAUSE;
 
 /// The largest review body accepted. A Pod object is at most a few hundred
 /// KiB (annotations are capped at 256 KiB); the API server's own request
@@ -208,13 +218,19 @@ impl WebhookServer {
 
     /// Serves until `shutdown` completes. `config` carries the injection
     /// settings and the current trust bundle; a CA rotation sends a new one.
+    /// Failed handshakes are counted in `metrics`.
     pub async fn run(
         self,
         config: watch::Receiver<Arc<InjectConfig>>,
+        metrics: Arc<Metrics>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+        let failures = Arc::new(HandshakeFailures {
+            metrics,
+            lines: Throttle::new(REFUSAL_LOG_PAUSE),
+        });
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -236,23 +252,16 @@ impl WebhookServer {
             };
             let acceptor = self.acceptor.clone();
             let config = config.clone();
+            let failures = failures.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
-                let handshake = tokio::select! {
-                    handshake = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)) => handshake,
+                let tls = tokio::select! {
+                    tls = handshake(&acceptor, tcp, client, &failures) => tls,
                     // Told to make way for a client holding fewer.
                     () = admitted.evicted() => return,
                 };
-                let tls = match handshake {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%client, error = %e, "webhook TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%client, timeout = ?HEAD_TIMEOUT, "webhook TLS handshake not finished in time");
-                        return;
-                    }
+                let Some(tls) = tls else {
+                    return;
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let config = config.borrow().clone();
@@ -268,6 +277,87 @@ impl WebhookServer {
                 .await;
             });
         }
+    }
+}
+
+/// How the webhook port's handshake failures are counted and logged.
+struct HandshakeFailures {
+    metrics: Arc<Metrics>,
+    /// The lines written, by reason.
+    lines: Throttle,
+}
+
+impl HandshakeFailures {
+    /// Counts a connection from `peer` whose handshake failed for `reason`,
+    /// and logs it with `error` (when there is one) - unless one that
+    /// failed for the same reason was logged within the last
+    /// [`REFUSAL_LOG_PAUSE`]; the next line logged says how many were not
+    /// (`suppressed`).
+    fn failed(
+        &self,
+        peer: SocketAddr,
+        reason: &'static str,
+        error: Option<&dyn std::fmt::Display>,
+    ) {
+        let error = error.map(tracing::field::display);
+        warn_throttled!(self.lines, reason, { %peer, reason, error }, "webhook TLS handshake failed");
+        // Counted once its line, if any, is in the log's queue, as on the
+        // gRPC port.
+        self.metrics.webhook_handshake_failed(reason);
+    }
+}
+
+/// The TLS handshake of a connection from `peer`, finished within
+/// [`HEAD_TIMEOUT`]; `None` when it failed (counted and logged). A
+/// connection closed before it sent anything (a TCP probe, a port scan)
+/// did not try a handshake: it is not counted.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    failures: &HandshakeFailures,
+) -> Option<TlsStream<TcpStream>> {
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return None,
+        Err(_) => {
+            failures.failed(peer, "timeout", Some(&"nothing received"));
+            return None;
+        }
+    }
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            failures.failed(peer, webhook_failure_reason(&e), Some(&Described(&e)));
+            None
+        }
+        Err(_) => {
+            failures.failed(peer, "timeout", Some(&"handshake not finished in time"));
+            None
+        }
+    }
+}
+
+/// The reason a handshake on the webhook port failed: as on the gRPC port
+/// ([`failure_reason`]), except that a client refusing the serving
+/// certificate (a TLS alert about it: the API server's `caBundle` is not
+/// the CA that signed it, or the certificate expired) is
+/// `certificate_refused`, the usual cause of a webhook the API server
+/// cannot call.
+fn webhook_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as A;
+    match rustls_error(e) {
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate,
+        )) => "certificate_refused",
+        Some(e) => failure_reason(e),
+        None => "io_error",
     }
 }
 
@@ -364,7 +454,165 @@ pub fn respond(
 
 #[cfg(test)]
 mod tests {
+    use rustls_pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// A webhook port on loopback serving a self-signed certificate for
+    /// `localhost`, counting in `metrics`: its address, and what keeps it
+    /// (and its certificate files) alive.
+    async fn loopback_webhook(
+        metrics: Arc<Metrics>,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tempfile::TempDir,
+    ) {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let server =
+            WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
+                .await
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let (config_tx, config) = watch::channel(Arc::new(InjectConfig::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _keep = config_tx;
+            server
+                .run(config, metrics, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (addr, stop, dir)
+    }
+
+    /// An API server whose `caBundle` is not the webhook's CA, and clients
+    /// sending plaintext, fail their handshakes: each is counted by reason,
+    /// and the first of each reason logged at once as a warning naming the
+    /// client; the others within [`REFUSAL_LOG_PAUSE`] are only counted,
+    /// and the next line after it says how many were not logged.
+    #[tokio::test]
+    async fn failed_handshakes_are_counted_and_logged_once_per_reason_per_pause() {
+        const FLOOD: usize = 20;
+        let metrics = Arc::new(Metrics::default());
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let (addr, _stop, _dir) = loopback_webhook(metrics.clone()).await;
+
+        // Trusts another CA than the one that signed the webhook's
+        // certificate: a wrong `caBundle`.
+        let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        other
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "another CA");
+        other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let other = other
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(other.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let foreign_ca = || async {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let refused = connector
+                .connect(ServerName::try_from("localhost").unwrap(), &mut tcp)
+                .await;
+            assert!(refused.is_err(), "the client trusted the webhook");
+            // The server has read the client's alert once it closes.
+            let _ = tcp.read_to_end(&mut Vec::new()).await;
+        };
+        let plaintext = || async {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"POST /inject HTTP/1.1\r\nHost: webhook\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = tcp.read_to_end(&mut Vec::new()).await;
+        };
+        for _ in 0..FLOOD {
+            foreign_ca().await;
+            plaintext().await;
+        }
+        // Each failure is counted and logged (or not) before the server
+        // closes the connection, on this thread.
+        let rendered = metrics.render();
+        for reason in ["certificate_refused", "not_tls"] {
+            let counted = format!(
+                "trellis_webhook_tls_handshake_failures_total{{reason=\"{reason}\"}} {FLOOD}\n"
+            );
+            assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+        }
+        assert!(
+            !rendered.contains("trellis_tls_handshake_failures_total{"),
+            "the gRPC port's series are left as they were: {rendered}"
+        );
+        let lines = |reason: &str| -> Vec<String> {
+            let reason = format!("reason=\"{reason}\"");
+            logs.text()
+                .lines()
+                .filter(|l| l.contains("webhook TLS handshake failed") && l.contains(&reason))
+                .map(str::to_string)
+                .collect()
+        };
+        for reason in ["certificate_refused", "not_tls"] {
+            let lines = lines(reason);
+            assert_eq!(lines.len(), 1, "one line for {reason}: {lines:#?}");
+            assert!(lines[0].contains("WARN"), "{}", lines[0]);
+            assert!(lines[0].contains("peer=127.0.0.1:"), "{}", lines[0]);
+            assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
+        }
+        assert!(
+            lines("certificate_refused")[0].contains("UnknownCA"),
+            "the line says what the client refused: {:?}",
+            lines("certificate_refused")
+        );
+
+        // The pause passes: the next failure is logged, with how many were
+        // not.
+        tokio::time::pause();
+        tokio::time::advance(REFUSAL_LOG_PAUSE).await;
+        tokio::time::resume();
+        foreign_ca().await;
+        let lines = lines("certificate_refused");
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[1].contains(&format!("suppressed={}", FLOOD - 1)),
+            "{}",
+            lines[1]
+        );
+        assert!(metrics.render().contains(&format!(
+            "trellis_webhook_tls_handshake_failures_total{{reason=\"certificate_refused\"}} {}\n",
+            FLOOD + 1
+        )));
+    }
+
+    /// A connection closed before it sent anything (a TCP probe, a port
+    /// scan) tried no handshake: nothing is counted or logged.
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_and_closes_is_no_failure() {
+        let metrics = Arc::new(Metrics::default());
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let (addr, _stop, _dir) = loopback_webhook(metrics.clone()).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let _ = tcp.read_to_end(&mut Vec::new()).await;
+        let rendered = metrics.render();
+        assert!(
+            !rendered.contains("trellis_webhook_tls_handshake_failures_total{"),
+            "{rendered}"
+        );
+        assert!(!logs.text().contains("handshake failed"), "{}", logs.text());
+    }
 
     /// The uid of a review is whatever its caller sent: logged quoted, a
     /// newline in it cannot start a forged line, and the answer's text is
