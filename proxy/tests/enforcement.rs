@@ -400,21 +400,29 @@ async fn a_stream_that_opened_resets_the_reconnect_backoff() {
 /// it in (one whose database was restored from an older copy sets the
 /// same versions again, in another epoch): a reconnecting sidecar names
 /// both, so that it is sent nothing only when it holds what is served.
+/// `/config` shows both too, the epoch in hex.
 #[tokio::test]
 async fn a_reconnecting_sidecar_names_the_version_it_holds_with_its_epoch() {
-    let (cp, _app, _s) = protected_echo(&[]).await;
+    const EPOCH: u64 = 0x9f3a_5c1e_0b7d_2e64;
+    let (cp, _app, s) = protected_echo(&[]).await;
     let held = pb::Snapshot {
-        version_epoch: 77,
+        version_epoch: EPOCH,
         ..snapshot(1, "deny", vec![])
     };
     acked(&cp, held).await;
+    let config = s.get("/config").await;
+    assert!(config.contains("\"snapshot_version\": 1,"), "{config}");
+    assert!(
+        config.contains("\"snapshot_version_epoch\": \"9f3a5c1e0b7d2e64\""),
+        "{config}"
+    );
     let subscribes = cp.seen.lock().unwrap().subscribes.len();
     cp.drop_streams();
     eventually("a reconnection", || {
         cp.seen.lock().unwrap().subscribes.len() > subscribes
     })
     .await;
-    assert_eq!(cp.seen.lock().unwrap().subscribes, [(0, 0), (1, 77)]);
+    assert_eq!(cp.seen.lock().unwrap().subscribes, [(0, 0), (1, EPOCH)]);
 }
 
 #[tokio::test]

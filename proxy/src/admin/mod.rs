@@ -214,6 +214,11 @@ struct ConfigView {
     certificate: Option<CertificateView>,
     bundle_size: usize,
     snapshot_version: Option<u64>,
+    /// The epoch `snapshot_version` was set in, as 16 hex digits (a
+    /// string: JSON numbers do not hold every u64). A version names the
+    /// snapshot's content only with it: after the control plane's database
+    /// is restored from a backup, versions count again in another epoch.
+    snapshot_version_epoch: Option<String>,
     /// The authorization policy in force (null before the first snapshot).
     policy: Option<PolicyView>,
     /// How many mesh endpoints the snapshot in force knows (null before
@@ -322,6 +327,9 @@ fn config_view(state: &State) -> ConfigView {
         }),
         bundle_size: state.bundle.borrow().len(),
         snapshot_version: snapshot.as_ref().map(|s| s.version),
+        snapshot_version_epoch: snapshot
+            .as_ref()
+            .map(|s| format!("{:016x}", s.version_epoch)),
         policy: snapshot.as_ref().map(|s| PolicyView {
             version: s.policies.version,
             default_policy: s.policies.set.default_policy().as_str(),
