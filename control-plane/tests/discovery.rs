@@ -142,7 +142,21 @@ async fn watch_pushes_snapshots_and_records_acks() {
     .await;
     assert!(listed.connected);
     assert_eq!(listed.acked_version, first.version);
+    // The embedded store sets versions in an epoch, listed with them.
+    assert_ne!(first.version_epoch, 0);
+    assert_eq!(listed.acked_version_epoch, first.version_epoch);
+    assert_eq!(listed.synced_version_epoch, first.version_epoch);
     assert_eq!(listed.last_nack, "test refuses it");
+    let answer = cp.list_workloads().await;
+    assert_eq!(
+        (answer.snapshot_version, answer.snapshot_version_epoch),
+        (second.version, second.version_epoch),
+        "the version served, with its epoch"
+    );
+    assert_eq!(
+        answer.replicas[0].snapshot_version_epoch,
+        second.version_epoch
+    );
     assert!(cp.metrics().contains("trellis_watch_streams 1"));
 
     // A long reason (as long as a Watch request may be) is kept as far as
@@ -328,6 +342,11 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
     })
     .await;
     assert_eq!(listed.address, "127.0.0.1:7004");
+    assert_eq!(
+        (listed.acked_version_epoch, listed.synced_version_epoch),
+        (held.version_epoch, held.version_epoch),
+        "the held version's epoch, set before the restart"
+    );
 
     enroll(&cp, DB, "127.0.0.1:7005").await;
     let next = snapshots.message().await.unwrap().expect("the next change");
@@ -420,13 +439,22 @@ async fn a_version_a_restored_database_sets_again_is_not_taken_for_the_one_held(
     })
     .await
     .unwrap();
-    eventually_async("web to be synced", || async {
+    let listed = eventually_async("web to be synced", || async {
         let listed = cp.list_workloads().await;
         let web = listed.workloads.iter().find(|w| w.spiffe_id == WEB)?;
         (web.acked_version == held.version && web.synced_version == listed.snapshot_version)
-            .then_some(())
+            .then_some(listed)
     })
     .await;
+    // "The same" version as before the restore: only the epoch listed with
+    // it tells the operator that web was sent other content.
+    let web = listed
+        .workloads
+        .iter()
+        .find(|w| w.spiffe_id == WEB)
+        .unwrap();
+    assert_eq!(web.acked_version_epoch, first.version_epoch);
+    assert_eq!(listed.snapshot_version_epoch, first.version_epoch);
     drop(tx);
 }
 

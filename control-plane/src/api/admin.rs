@@ -137,7 +137,7 @@ impl Admin for AdminService {
             .await
             .map_err(internal)?
             .map_err(internal)?;
-        let current = self.mesh.discovery.current_version();
+        let current = self.mesh.discovery.current();
         let asked = ListStreamsRequest {
             reached_version: request.get_ref().reached_version,
             reached_position: request.get_ref().reached_position,
@@ -177,6 +177,8 @@ impl Admin for AdminService {
                     connected: status.streams > 0,
                     acked_version: status.acked_version,
                     synced_version: status.synced_version,
+                    acked_version_epoch: status.acked_epoch,
+                    synced_version_epoch: status.synced_epoch,
                     sync: status.sync.into(),
                     last_nack: status.last_nack,
                     reached: status.reached,
@@ -194,7 +196,8 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(ListWorkloadsResponse {
             workloads,
-            snapshot_version: current,
+            snapshot_version: current.version,
+            snapshot_version_epoch: current.epoch,
             replicas: fleet.replicas,
         }))
     }

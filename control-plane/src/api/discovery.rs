@@ -33,7 +33,8 @@ use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
 use super::{Mesh, quoted_chars, quoted_up_to, require_svid};
 use crate::discovery::{
-    COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, StreamGuard, View,
+    COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, SnapshotVersion,
+    StreamGuard, View,
 };
 
 /// At most this many characters of what a sidecar sent (its addresses, a
@@ -105,6 +106,8 @@ type Sender = mpsc::Sender<Result<EncodedSnapshot, Status>>;
 #[derive(Clone, Debug)]
 struct Sent {
     version: u64,
+    /// The epoch `version` was set in.
+    epoch: u64,
     endpoints: HeldEndpoints,
 }
 
@@ -138,7 +141,7 @@ struct Held {
     /// The newest version whose content for this sidecar is that of the
     /// last snapshot sent: `sent`, or a later one that changed nothing
     /// the sidecar is sent.
-    same_as_sent: u64,
+    same_as_sent: SnapshotVersion,
 }
 
 impl Held {
@@ -166,6 +169,15 @@ impl Held {
                 }),
             false => EndpointsIn::Full,
         }
+    }
+
+    /// The epoch of `version`, sent and not yet answered (0 when it is not
+    /// among those remembered).
+    fn epoch_of_unanswered(&self, version: u64) -> u64 {
+        self.unanswered
+            .iter()
+            .find(|s| s.version == version)
+            .map_or(0, |s| s.epoch)
     }
 
     /// Takes the sidecar's answer for `version`; returns whether it was the
@@ -252,9 +264,9 @@ async fn serve_stream(
                 if last_sent.as_ref() == Some(&key) {
                     // Nothing this sidecar is sent changed: what it holds
                     // (or will, once it accepts it) is this version's too.
-                    sidecar.same_as_sent = view.version;
+                    sidecar.same_as_sent = view.snapshot_version();
                     if sidecar.holds_last_sent() {
-                        stream.holds(view.version);
+                        stream.holds(sidecar.same_as_sent);
                     }
                     continue;
                 }
@@ -266,13 +278,15 @@ async fn serve_stream(
                     && (last_version, last_epoch) == (view.version, view.epoch);
                 last_sent = Some(key);
                 sidecar.sent = view.version;
-                sidecar.same_as_sent = view.version;
+                let current = view.snapshot_version();
+                sidecar.same_as_sent = current;
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
-                    stream.ack(last_version, Some(last_version));
+                    stream.ack(current, Some(current));
                     sidecar.acked = Some(Sent {
                         version: last_version,
+                        epoch: last_epoch,
                         endpoints: view.held_endpoints(),
                     });
                     continue;
@@ -284,6 +298,7 @@ async fn serve_stream(
                 mesh.metrics.snapshot_sent(&endpoints, snapshot.encoded_len());
                 sidecar.remember(Sent {
                     version: view.version,
+                    epoch: view.epoch,
                     endpoints: view.held_endpoints(),
                 });
                 drop(view);
@@ -300,10 +315,14 @@ async fn serve_stream(
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
                     // An answer to the last snapshot sent: the sidecar now
                     // holds every version since with the same content.
+                    let acked = SnapshotVersion {
+                        version: ack.version,
+                        epoch: sidecar.epoch_of_unanswered(ack.version),
+                    };
                     let holds = sidecar
                         .answered(ack.version, true)
                         .then_some(sidecar.same_as_sent);
-                    stream.ack(ack.version, holds);
+                    stream.ack(acked, holds);
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);
@@ -367,6 +386,7 @@ mod tests {
     fn sent(version: u64) -> Sent {
         Sent {
             version,
+            epoch: 1,
             endpoints: HeldEndpoints::default(),
         }
     }

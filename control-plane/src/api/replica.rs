@@ -105,7 +105,8 @@ impl Replicas {
     /// ([`Store::issued_log_view`](crate::store::Store::issued_log_view)).
     pub fn local(&self, mesh: &Mesh, request: &ListStreamsRequest) -> ListStreamsResponse {
         let discovery = &mesh.discovery;
-        let current = discovery.current_version();
+        let served = discovery.current();
+        let current = served.version;
         let write = asked(request);
         let reached = |version| discovery.reached(write, version);
         // One entry an identity, joined from its streams (pods sharing an
@@ -122,6 +123,8 @@ impl Replicas {
                         streams: status.streams,
                         acked_version: status.acked_version,
                         synced_version: status.synced_version,
+                        acked_version_epoch: status.acked_epoch,
+                        synced_version_epoch: status.synced_epoch,
                         sync: snapshot_sync(status.sync(current)).into(),
                         reached: status.connected() && reached(status.synced_version),
                         last_nack: status.last_nack,
@@ -133,6 +136,8 @@ impl Replicas {
                     streams: joined.streams,
                     acked_version: joined.acked_version,
                     synced_version: joined.synced_version,
+                    acked_version_epoch: joined.acked_epoch,
+                    synced_version_epoch: joined.synced_epoch,
                     sync: joined.sync.into(),
                     reached: joined.reached,
                     last_nack: joined.last_nack,
@@ -153,6 +158,7 @@ impl Replicas {
         ListStreamsResponse {
             name: self.name.clone(),
             snapshot_version: current,
+            snapshot_version_epoch: served.epoch,
             sidecars,
             reached: reached(current),
             newest_issued,
@@ -551,6 +557,9 @@ pub struct Joined {
     pub streams: u32,
     pub acked_version: u64,
     pub synced_version: u64,
+    /// The epochs `acked_version` and `synced_version` were set in.
+    pub acked_epoch: u64,
+    pub synced_epoch: u64,
     pub sync: SnapshotSync,
     pub last_nack: String,
     /// The replicas its open streams are on; with none open, the one that
@@ -566,6 +575,8 @@ impl Default for Joined {
             streams: 0,
             acked_version: 0,
             synced_version: 0,
+            acked_epoch: 0,
+            synced_epoch: 0,
             sync: SnapshotSync::NotConnected,
             last_nack: String::new(),
             replicas: Vec::new(),
@@ -627,6 +638,7 @@ impl Fleet {
             name: answer.name,
             address,
             snapshot_version: answer.snapshot_version,
+            snapshot_version_epoch: answer.snapshot_version_epoch,
             connected,
             error: String::new(),
             reached: answer.reached,
@@ -738,6 +750,8 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
         streams: stream.streams,
         acked_version: stream.acked_version,
         synced_version: stream.synced_version,
+        acked_epoch: stream.acked_version_epoch,
+        synced_epoch: stream.synced_version_epoch,
         sync: stream.sync(),
         reached: stream.reached,
         last_nack: stream.last_nack,
@@ -807,6 +821,8 @@ mod tests {
             streams,
             acked_version: version,
             synced_version: version,
+            acked_version_epoch: 0,
+            synced_version_epoch: 0,
             sync: sync.into(),
             reached: sync == SnapshotSync::Synced,
             last_nack: nack.into(),

@@ -465,6 +465,7 @@ mod tests {
                 workload("spiffe://td/b", false, SnapshotSync::NotConnected, ""),
             ],
             snapshot_version: 7,
+            snapshot_version_epoch: 0,
             replicas: Vec::new(),
         };
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
@@ -500,6 +501,7 @@ mod tests {
                 workload("spiffe://td/b", true, SnapshotSync::Pending, ""),
             ],
             snapshot_version: 7,
+            snapshot_version_epoch: 0,
             replicas: vec![
                 ReplicaStatus {
                     name: "cp-a".into(),

@@ -79,7 +79,11 @@ pub enum Command {
     /// Join tokens for a workload's first certificate.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// The workloads the control plane has seen.
+    /// The workloads the control plane has seen. A snapshot version is
+    /// shown with `@` and the epoch it was set in, in hex, when it has one
+    /// (the embedded store's): after a restore from a backup, versions
+    /// count again in another epoch, so `12@1f..` and `12@9c..` name
+    /// different snapshots.
     Workloads {
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
@@ -591,6 +595,23 @@ fn rfc3339(unix: i64) -> String {
     }
 }
 
+/// A snapshot version as `trellisctl` shows it: followed by `@` and the
+/// epoch it was set in ([`epoch_hex`]) when it has one, as versions of the
+/// embedded store do (the Kubernetes store's have none).
+pub fn version_shown(version: u64, epoch: u64) -> String {
+    match epoch {
+        0 => version.to_string(),
+        _ => format!("{version}@{}", epoch_hex(epoch)),
+    }
+}
+
+/// A snapshot version's epoch as `trellisctl` and the sidecar's `/config`
+/// show it: 16 hex digits (a string in JSON, which cannot hold every u64
+/// as a number exactly).
+pub fn epoch_hex(epoch: u64) -> String {
+    format!("{epoch:016x}")
+}
+
 /// How `trellisctl workloads` names a sidecar's [`SnapshotSync`]: as the
 /// control plane's metrics name the state.
 fn sync_name(w: &Workload) -> &'static str {
@@ -631,7 +652,7 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
                 (true, true) => "-".into(),
             },
             rfc3339(w.cert_expires_at_unix),
-            w.acked_version.to_string(),
+            version_shown(w.acked_version, w.acked_version_epoch),
             sync_name(w).into(),
             if w.connected { "yes" } else { "no" }.into(),
         ];
@@ -664,7 +685,7 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
                     "{}{}: snapshot {}, {} connected\n",
                     replica_label(r),
                     if i == 0 { " (answering)" } else { "" },
-                    r.snapshot_version,
+                    version_shown(r.snapshot_version, r.snapshot_version_epoch),
                     r.connected
                 ));
             }
@@ -804,7 +825,9 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "cert_issued": rfc3339(w.cert_issued_at_unix),
                 "cert_renewal_unknown": w.cert_renewal_unknown,
                 "acked_version": w.acked_version,
+                "acked_version_epoch": epoch_hex(w.acked_version_epoch),
                 "synced_version": w.synced_version,
+                "synced_version_epoch": epoch_hex(w.synced_version_epoch),
                 "snapshot": sync_name(w),
                 "connected": w.connected,
                 "last_nack": w.last_nack,

@@ -248,6 +248,7 @@ mod tests {
                 workload("spiffe://td/c", false, SnapshotSync::NotConnected, ""),
             ],
             snapshot_version: 10,
+            snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 10, true, ""), replica("cp-b", 9, true, "")],
         };
         let standing = standing(&answer, 9);
@@ -265,6 +266,7 @@ mod tests {
         let answer = ListWorkloadsResponse {
             workloads: vec![workload("spiffe://td/a", true, SnapshotSync::Synced, "")],
             snapshot_version: 9,
+            snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 9, true, ""), gone],
         };
         let standing = standing(&answer, 9);
@@ -309,6 +311,7 @@ mod tests {
                 workload("spiffe://td/c", true, SnapshotSync::Refused, "a later one"),
             ],
             snapshot_version: 9,
+            snapshot_version_epoch: 0,
             replicas: vec![
                 replica("cp-a", 9, true, ""),
                 replica("cp-b", 8, false, ""),

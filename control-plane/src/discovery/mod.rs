@@ -55,14 +55,27 @@ use crate::unix_now;
 /// together. Well under the 100 ms the design allows.
 pub const COALESCE_WINDOW: Duration = Duration::from_millis(50);
 
+/// A snapshot version with the epoch it was set in
+/// ([`View::epoch`]): together they name a snapshot's content.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotVersion {
+    pub version: u64,
+    pub epoch: u64,
+}
+
 /// What the control plane knows about one sidecar's discovery streams.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SidecarStatus {
     /// The version it acknowledged last (0 before any).
     pub acked_version: u64,
+    /// The epoch `acked_version` was set in (0 when not known: a version
+    /// the stream did not send).
+    pub acked_epoch: u64,
     /// The newest version whose content it holds: the one it acknowledged,
     /// or a later one that left what it is sent as it was (0 before any).
     pub synced_version: u64,
+    /// The epoch `synced_version` was set in.
+    pub synced_epoch: u64,
     /// The reason of the last NACK, cleared by a later ACK.
     pub last_nack: String,
     /// Open Watch streams from this identity.
@@ -232,6 +245,14 @@ fn leave_out_shared_local(sorted: &mut Vec<Endpoint>) {
 }
 
 impl View {
+    /// Its version, with the epoch it was set in.
+    pub fn snapshot_version(&self) -> SnapshotVersion {
+        SnapshotVersion {
+            version: self.version,
+            epoch: self.epoch,
+        }
+    }
+
     /// The view of `state`, with content tokens reused from `previous` for
     /// the parts that did not change and fresh ones (from `next_token`)
     /// for the others.
@@ -747,6 +768,11 @@ impl Discovery {
         self.view.read().expect("not poisoned").version
     }
 
+    /// The version served now, with the epoch it was set in.
+    pub fn current(&self) -> SnapshotVersion {
+        self.view.read().expect("not poisoned").snapshot_version()
+    }
+
     /// The content of every snapshot at the current version.
     pub fn view(&self) -> Arc<View> {
         self.view.read().expect("not poisoned").clone()
@@ -977,17 +1003,19 @@ pub struct StreamGuard {
 }
 
 impl StreamGuard {
-    /// Records that the sidecar acknowledged `version`: the last
+    /// Records that the sidecar acknowledged `acked`: the last
     /// acknowledged, not the greatest, as versions of the Kubernetes store
     /// are content digests with no order. `holds` is the newest version
     /// with the same content for it, when the stream knows it (the
     /// acknowledged snapshot was the last one it sent).
-    pub fn ack(&self, version: u64, holds: Option<u64>) {
+    pub fn ack(&self, acked: SnapshotVersion, holds: Option<SnapshotVersion>) {
         self.discovery.with_stream(&self.id, self.number, |s| {
-            s.acked_version = version;
+            s.acked_version = acked.version;
+            s.acked_epoch = acked.epoch;
             s.last_nack.clear();
             if let Some(holds) = holds {
-                s.synced_version = holds;
+                s.synced_version = holds.version;
+                s.synced_epoch = holds.epoch;
             }
         });
     }
@@ -995,9 +1023,11 @@ impl StreamGuard {
     /// Records that the sidecar, which accepted the last snapshot it was
     /// sent, holds the content of `version` too: nothing it is sent
     /// changed.
-    pub fn holds(&self, version: u64) {
-        self.discovery
-            .with_stream(&self.id, self.number, |s| s.synced_version = version);
+    pub fn holds(&self, version: SnapshotVersion) {
+        self.discovery.with_stream(&self.id, self.number, |s| {
+            s.synced_version = version.version;
+            s.synced_epoch = version.epoch;
+        });
     }
 
     /// Records that the sidecar refused a snapshot for `reason`, which the

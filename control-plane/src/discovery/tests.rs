@@ -147,6 +147,11 @@ fn endpoint_changes_are_what_changed_since_the_content_held() {
     assert_eq!(discovery.endpoint_changes(&nothing, &view), None);
 }
 
+/// `version`, in no epoch (as the Kubernetes store sets them).
+fn at(version: u64) -> SnapshotVersion {
+    SnapshotVersion { version, epoch: 0 }
+}
+
 /// Versions of the Kubernetes store are content digests: a smaller number
 /// may be the newer snapshot, so the status keeps the last acknowledged.
 #[test]
@@ -156,9 +161,9 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
     let web = SpiffeId::parse(WEB).unwrap();
     let stream = discovery.open_stream(&web);
-    stream.ack(0x9f3a_0000_0000_0001, None);
+    stream.ack(at(0x9f3a_0000_0000_0001), None);
     stream.nack("bad policy");
-    stream.ack(0x1b20_0000_0000_0002, None);
+    stream.ack(at(0x1b20_0000_0000_0002), None);
     let (_, statuses) = discovery
         .statuses()
         .into_iter()
@@ -184,7 +189,7 @@ fn streams_of_one_identity_keep_their_own_status() {
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
     let web = SpiffeId::parse(WEB).unwrap();
-    let current = discovery.current_version();
+    let current = discovery.current();
     let (one, two) = (discovery.open_stream(&web), discovery.open_stream(&web));
     one.ack(current, Some(current));
     two.nack("bad policy");

@@ -45,6 +45,29 @@ async fn workloads_lists_both_sidecars_with_addresses_acked_versions_and_sync() 
                 entry["snapshot"] == "synced",
                 "not synced with the version served: {entry}"
             );
+            // A version names its content with the epoch it was set in:
+            // the one the control plane lists is the one the sidecar holds.
+            let epoch = entry["acked_version_epoch"].as_str().unwrap_or_default();
+            let holds_epoch = config["snapshot_version_epoch"]
+                .as_str()
+                .unwrap_or_default();
+            anyhow::ensure!(
+                epoch.len() == 16 && epoch == holds_epoch && epoch != "0".repeat(16),
+                "acked epoch {epoch:?}, the sidecar holds epoch {holds_epoch:?}: {entry}"
+            );
+            anyhow::ensure!(
+                entry["synced_version_epoch"] == epoch,
+                "synced in another epoch: {entry}"
+            );
+            let table = pair.mesh.ctl(["workloads"]).await?;
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(sidecar.identity()))
+                .ok_or_else(|| anyhow::anyhow!("no row in {table}"))?;
+            anyhow::ensure!(
+                row.contains(&format!(" {acked}@{epoch} ")),
+                "the row shows no {acked}@{epoch}: {row}"
+            );
             anyhow::Ok(())
         })
         .await?;
