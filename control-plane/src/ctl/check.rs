@@ -5,7 +5,8 @@
 //! certificate) and says, a line each, what is fine, what needs attention
 //! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
 //! answer or serve another snapshot, sidecars that refused their snapshot
-//! or have not received it yet, connected sidecars that have not renewed
+//! or have not received it yet (or hold the number served set in another
+//! epoch), connected sidecars that have not renewed
 //! their certificate or are well past the time to (with the Kubernetes
 //! store, as the replicas' issued-certificate logs tell, or that they
 //! cannot), stored policies
@@ -13,13 +14,23 @@
 //! selector outside the policy's namespace, enforced as written), roots of
 //! the trust bundle that expire soon or have, and an operator credential
 //! about to expire. It exits 1 when anything is `FAIL`.
+//!
+//! A snapshot version is compared with the epoch it was set in where both
+//! epochs are known ([`super::same_snapshot`]): after a restore of the
+//! embedded database from a backup, versions count again in another epoch
+//! with other content, so a replica or sidecar at "the same" number in
+//! another epoch does not serve or hold the current snapshot. Where
+//! either epoch is 0 (the Kubernetes store sets none; a replica or stream
+//! that predates epochs reports none) the numbers alone are compared.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use trellis_core::policy::policy_key;
-use trellis_proto::admin::v1::{ListWorkloadsResponse, SnapshotSync, StoredPolicyWarning};
+use trellis_proto::admin::v1::{
+    ListWorkloadsResponse, SnapshotSync, StoredPolicyWarning, Workload,
+};
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
@@ -79,7 +90,8 @@ pub fn findings(inputs: &Inputs<'_>) -> Vec<Finding> {
         Level::Ok,
         format!(
             "the control plane at {} answered, serving snapshot {}",
-            inputs.address, answer.snapshot_version
+            inputs.address,
+            super::version_shown(answer.snapshot_version, answer.snapshot_version_epoch)
         ),
     ));
     replicas(answer, &mut out);
@@ -94,6 +106,7 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     if answer.replicas.len() < 2 {
         return;
     }
+    let served = (answer.snapshot_version, answer.snapshot_version_epoch);
     let mut fine = true;
     for r in &answer.replicas {
         if r.not_listening {
@@ -115,6 +128,22 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
                     super::unanswered(r)
                 ),
             ));
+        } else if super::same_number_other_epoch(
+            (r.snapshot_version, r.snapshot_version_epoch),
+            served,
+        ) {
+            fine = false;
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{} serves snapshot {}, not {}: the same version of another database \
+                     epoch, with other content (a database restored from a backup, or \
+                     another database)",
+                    super::replica_label(r),
+                    super::version_shown(r.snapshot_version, r.snapshot_version_epoch),
+                    super::version_shown(served.0, served.1)
+                ),
+            ));
         } else if r.snapshot_version != answer.snapshot_version {
             fine = false;
             out.push(finding(
@@ -123,8 +152,8 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
                     "{} serves snapshot {}, not {} (a change one of them has not loaded \
                      yet; check again)",
                     super::replica_label(r),
-                    r.snapshot_version,
-                    answer.snapshot_version
+                    super::version_shown(r.snapshot_version, r.snapshot_version_epoch),
+                    super::version_shown(served.0, served.1)
                 ),
             ));
         }
@@ -135,7 +164,7 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             format!(
                 "{} replicas answered, all serving snapshot {}",
                 answer.replicas.len(),
-                answer.snapshot_version
+                super::version_shown(served.0, served.1)
             ),
         ));
     }
@@ -257,12 +286,30 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
             ),
         ));
     }
+    // The replica a sidecar streams to says whether it holds what that
+    // replica serves; one that holds the number served here set in another
+    // epoch holds other content, and is not current.
+    let served = (answer.snapshot_version, answer.snapshot_version_epoch);
+    let other_epoch = |w: &Workload| {
+        super::same_number_other_epoch((w.synced_version, w.synced_version_epoch), served)
+    };
     let synced = connected
         .iter()
-        .filter(|w| w.sync() == SnapshotSync::Synced)
+        .filter(|w| w.sync() == SnapshotSync::Synced && !other_epoch(w))
         .count();
     for w in &connected {
         match w.sync() {
+            SnapshotSync::Synced if other_epoch(w) => out.push(finding(
+                Level::Warn,
+                format!(
+                    "{} holds version {} of another database epoch ({}, not the {} served), \
+                     with other content: it does not hold the current snapshot (check again)",
+                    w.spiffe_id,
+                    w.synced_version,
+                    super::version_shown(w.synced_version, w.synced_version_epoch),
+                    super::version_shown(served.0, served.1)
+                ),
+            )),
             SnapshotSync::Synced => {}
             SnapshotSync::Refused => out.push(finding(
                 Level::Fail,
@@ -585,6 +632,87 @@ mod tests {
         let (text, failed) = report(&all);
         assert!(failed);
         assert!(text.ends_with("2 failures, 6 warnings\n"), "{text}");
+    }
+
+    /// After a restore of the embedded database from a backup, versions
+    /// count again in another epoch: a replica or sidecar at the number
+    /// served, in another epoch, holds other content, and is not current
+    /// even when its own replica says it is synced. An epoch of 0 (not
+    /// known) compares the numbers alone.
+    #[test]
+    fn the_served_number_in_another_epoch_is_not_current() {
+        const OLD: u64 = 0x1f;
+        const NEW: u64 = 0x9c;
+        let at = |id: &str, version: u64, epoch: u64| Workload {
+            synced_version: version,
+            synced_version_epoch: epoch,
+            ..workload(id, true, SnapshotSync::Synced, "")
+        };
+        let replica = |name: &str, epoch: u64| ReplicaStatus {
+            name: name.into(),
+            address: "10.0.0.1:15012".into(),
+            snapshot_version: 7,
+            snapshot_version_epoch: epoch,
+            ..ReplicaStatus::default()
+        };
+        let mut answer = ListWorkloadsResponse {
+            workloads: vec![
+                at("spiffe://td/a", 7, OLD),
+                at("spiffe://td/b", 7, NEW),
+                // A stream that predates epochs.
+                at("spiffe://td/c", 7, 0),
+                // Synced to what a lagging replica serves.
+                at("spiffe://td/d", 6, OLD),
+            ],
+            snapshot_version: 7,
+            snapshot_version_epoch: NEW,
+            replicas: vec![
+                replica("cp-a", NEW),
+                replica("cp-b", OLD),
+                replica("cp-c", 0),
+            ],
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        assert_eq!(
+            found[0],
+            "ok the control plane at 127.0.0.1:15012 answered, serving snapshot \
+             7@000000000000009c"
+        );
+        let warnings: Vec<_> = found.iter().filter(|l| l.starts_with("warn")).collect();
+        assert_eq!(
+            warnings,
+            [
+                "warn replica cp-b at 10.0.0.1:15012 serves snapshot 7@000000000000001f, not \
+                 7@000000000000009c: the same version of another database epoch, with other \
+                 content (a database restored from a backup, or another database)",
+                "warn spiffe://td/a holds version 7 of another database epoch \
+                 (7@000000000000001f, not the 7@000000000000009c served), with other content: \
+                 it does not hold the current snapshot (check again)",
+            ],
+            "{found:#?}"
+        );
+        assert!(
+            found.contains(
+                &"ok 3 of 4 connected sidecars hold the current snapshot (4 workloads known)"
+                    .to_owned()
+            ),
+            "{found:#?}"
+        );
+
+        // Without the answer's epoch (the Kubernetes store, or a replica
+        // that predates epochs), numbers alone are compared.
+        answer.snapshot_version_epoch = 0;
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        assert!(!found.iter().any(|l| l.starts_with("warn")), "{found:#?}");
+        assert!(
+            found.contains(&"ok 3 replicas answered, all serving snapshot 7".to_owned())
+                && found.contains(
+                    &"ok 4 of 4 connected sidecars hold the current snapshot (4 workloads \
+                      known)"
+                        .to_owned()
+                ),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Whether the mesh is healthy: every replica answers and serves one
-    /// snapshot, every connected sidecar holds it and has renewed its
+    /// snapshot (a version, with its epoch where both sides have one),
+    /// every connected sidecar holds it and has renewed its
     /// certificate, no root of the trust bundle or the operator credential
     /// expires soon. A line per finding
     /// (`ok`, `warn`, `FAIL`); exit 1 on any `FAIL`.
@@ -610,6 +611,23 @@ pub fn version_shown(version: u64, epoch: u64) -> String {
 /// as a number exactly).
 pub fn epoch_hex(epoch: u64) -> String {
     format!("{epoch:016x}")
+}
+
+/// Whether `a` and `b`, each a snapshot version with the epoch it was set
+/// in, name one snapshot: the same number, set in the same epoch when both
+/// epochs are known. An epoch of 0 is not known (a store that sets none,
+/// as the Kubernetes store; a replica, or a sidecar's stream, that
+/// predates epochs), and then the numbers alone are compared, as before
+/// there were epochs.
+pub fn same_snapshot(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 == b.0 && (a.1 == 0 || b.1 == 0 || a.1 == b.1)
+}
+
+/// Whether `held` is the number of `served` set in another epoch, both
+/// known: after a restore of the embedded database from a backup, or on a
+/// replica with another database, "the same" version holds other content.
+pub fn same_number_other_epoch(held: (u64, u64), served: (u64, u64)) -> bool {
+    held.0 == served.0 && !same_snapshot(held, served)
 }
 
 /// How `trellisctl workloads` names a sidecar's [`SnapshotSync`]: as the
