@@ -17,6 +17,16 @@
 //! predates positions is asked by version (each replica remembers the
 //! order in which it served its versions); one that predates `reached` is
 //! compared by version, for equality.
+//!
+//! Each replica judges its own streams. Across them, a snapshot version is
+//! compared with the epoch it was set in where both epochs are known
+//! ([`super::same_snapshot`]): a replica serving, or a sidecar holding,
+//! the number the answering replica serves set in another epoch (after a
+//! restore of the embedded database from a backup, versions count again in
+//! another epoch, with other content) does not hold the write, and is
+//! waited for and named. Where either epoch is 0 (the Kubernetes store
+//! sets none; a replica or stream that predates epochs reports none) the
+//! numbers alone are compared, as before.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,7 +136,9 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
         let serves = answer.snapshot_version;
         standing.serving("the control plane", serves == version, serves, version);
     }
+    let served = (answer.snapshot_version, answer.snapshot_version_epoch);
     for r in &answer.replicas {
+        let serves = (r.snapshot_version, r.snapshot_version_epoch);
         if r.not_listening {
             standing.not_listening.push(format!(
                 "{}: it holds no sidecar stream, and loads the write if it starts",
@@ -134,6 +146,15 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             ));
         } else if !r.error.is_empty() {
             standing.missing.push(super::unanswered(r));
+        } else if super::same_number_other_epoch(serves, served) {
+            standing.replicas += 1;
+            standing.missing.push(format!(
+                "{} serves snapshot {}, of another database epoch than the {} the answering \
+                 replica serves, with other content: it does not hold the write",
+                super::replica_label(r),
+                super::version_shown(serves.0, serves.1),
+                super::version_shown(served.0, served.1)
+            ));
         } else {
             let name = super::replica_label(r);
             standing.serving(&name, r.reached, r.snapshot_version, version);
@@ -145,11 +166,13 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             true => String::new(),
             false => format!(" (on {})", w.replicas.join(",").escape_debug()),
         };
+        let held = (w.synced_version, w.synced_version_epoch);
         let holds = match ordered {
             true => w.reached,
             false => w.sync() == SnapshotSync::Synced,
         };
-        if holds {
+        let other_epoch = super::same_number_other_epoch(held, served);
+        if holds && !other_epoch {
             standing.holding += 1;
         } else if w.sync() == SnapshotSync::Refused {
             standing.missing.push(format!(
@@ -158,6 +181,15 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
                 w.last_nack.escape_debug()
             ));
             standing.refused.push(w.spiffe_id.clone());
+        } else if other_epoch {
+            standing.missing.push(format!(
+                "{}{on} holds version {} of another database epoch ({}, not the {} served), \
+                 with other content, not the write",
+                w.spiffe_id,
+                held.0,
+                super::version_shown(held.0, held.1),
+                super::version_shown(served.0, served.1)
+            ));
         } else {
             standing
                 .missing
@@ -333,6 +365,74 @@ mod tests {
             standing.holding, 1,
             "c refused a later snapshot, not this one"
         );
+    }
+
+    /// After a restore of the embedded database from a backup, versions
+    /// count again in another epoch: a replica or sidecar at the number
+    /// served, in another epoch, holds other content and is waited for,
+    /// even when its own replica says it reached the write. An epoch of 0
+    /// (not known) compares the numbers alone.
+    #[test]
+    fn the_served_number_in_another_epoch_does_not_hold_the_write() {
+        const OLD: u64 = 0x1f;
+        const NEW: u64 = 0x9c;
+        let at = |id: &str, sync: SnapshotSync, version: u64, epoch: u64| Workload {
+            synced_version: version,
+            synced_version_epoch: epoch,
+            ..workload(id, true, sync, "")
+        };
+        let mut restored = replica("cp-b", 9, true, "");
+        restored.snapshot_version_epoch = OLD;
+        let mut answering = replica("cp-a", 9, true, "");
+        answering.snapshot_version_epoch = NEW;
+        let mut answer = ListWorkloadsResponse {
+            workloads: vec![
+                at("spiffe://td/a", SnapshotSync::Synced, 9, OLD),
+                at("spiffe://td/b", SnapshotSync::Synced, 9, NEW),
+                // A stream that predates epochs.
+                at("spiffe://td/c", SnapshotSync::Synced, 9, 0),
+                // A refusal is one still, whatever it holds.
+                Workload {
+                    reached: false,
+                    last_nack: "bad".into(),
+                    ..at("spiffe://td/d", SnapshotSync::Refused, 9, OLD)
+                },
+            ],
+            snapshot_version: 9,
+            snapshot_version_epoch: NEW,
+            replicas: vec![answering, restored, replica("cp-c", 9, true, "")],
+        };
+        let found = standing(&answer, 9);
+        assert_eq!(
+            found.missing,
+            [
+                "replica cp-b at 10.0.0.1:15012 serves snapshot 9@000000000000001f, of another \
+                 database epoch than the 9@000000000000009c the answering replica serves, with \
+                 other content: it does not hold the write",
+                "spiffe://td/a (on cp-a) holds version 9 of another database epoch \
+                 (9@000000000000001f, not the 9@000000000000009c served), with other content, \
+                 not the write",
+                "spiffe://td/d (on cp-a) refused its newest snapshot: bad",
+            ]
+        );
+        assert_eq!(found.refused, ["spiffe://td/d"]);
+        assert_eq!((found.holding, found.replicas), (2, 3));
+        let told = found.told(9, Over::Late(Duration::from_secs(60)));
+        assert!(
+            told.starts_with("not every connected sidecar holds snapshot 9 after 1m:\n")
+                && told.contains("\n  spiffe://td/a (on cp-a) holds version 9 of another"),
+            "{told}"
+        );
+
+        // Without the answer's epoch (the Kubernetes store, or a replica
+        // that predates epochs), numbers alone are compared.
+        answer.snapshot_version_epoch = 0;
+        let found = standing(&answer, 9);
+        assert_eq!(
+            found.missing,
+            ["spiffe://td/d (on cp-a) refused its newest snapshot: bad"]
+        );
+        assert_eq!(found.holding, 3);
     }
 
     #[test]
