@@ -211,6 +211,43 @@ async fn a_body_that_does_not_arrive_is_answered_408() {
     );
 }
 
+/// A plaintext client is answered that the port speaks only HTTPS once it
+/// has sent a request's head; one that starts a head and never ends it
+/// holds its connection no longer than a TLS client that stalls: it is
+/// closed, unanswered, by the head timeout.
+#[tokio::test]
+async fn a_plaintext_head_that_never_ends_is_closed_by_the_head_timeout() {
+    use connections::{closed_within, connect_from, loopback};
+    use inject::server::HEAD_TIMEOUT;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let webhook = start().await;
+
+    let mut plaintext = connect_from(loopback(1), webhook.addr).await;
+    plaintext
+        .write_all(b"GET /inject HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    plaintext.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("speaks only HTTPS"), "{answer}");
+
+    let mut stalled = connect_from(loopback(1), webhook.addr).await;
+    stalled
+        .write_all(b"GET /inject HTTP/1.1\r\nhost: localhost\r\n")
+        .await
+        .unwrap();
+    let closed = closed_within(&mut stalled, HEAD_TIMEOUT + Duration::from_secs(30))
+        .await
+        .expect("a plaintext head that never ends is closed");
+    assert!(
+        closed >= HEAD_TIMEOUT / 2,
+        "closed by the timeout, not at once: {closed:?}"
+    );
+}
+
 /// The webhook port, which every pod can reach, limits its connections:
 /// one that never starts its TLS handshake, or never sends a request
 /// after it, is closed after the head timeout; past the cap of one client

@@ -204,6 +204,38 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
     );
 }
 
+/// `curl http://` at the webhook port, the usual slip while debugging an
+/// injection, is told in HTTP that the port speaks only HTTPS, and what to
+/// use instead, rather than sent a TLS alert curl cannot read; the
+/// failure is counted as `not_tls` all the same.
+#[test]
+fn plaintext_http_is_told_the_webhook_port_speaks_https() {
+    let certs = ServingCert::new();
+    let cp = start(&webhook_flags(&certs));
+    let addr = webhook_addr(&cp);
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "%{http_code}"])
+        .arg(format!("http://{addr}/inject"))
+        .output()
+        .expect("curl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "this is the Trellis control plane's admission webhook port: it speaks only HTTPS, for \
+         the Kubernetes API server's calls to /inject and /validate (use https://, trusting the \
+         CA in the webhook configurations' caBundle, as the API server does)\n400",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_webhook_tls_handshake_failures_total{reason=\"not_tls\"} 1\n"),
+        "{metrics}"
+    );
+    // An HTTPS call goes on as before.
+    let (status, body) = post(&addr, &certs, "/inject", "pod-deployment-http-probes.json");
+    assert_eq!(status, 200, "{body}");
+}
+
 /// `kubectl apply` in `team-a` of a policy selecting a workload of
 /// `payments` is denied: whoever may write policies in one namespace must
 /// not govern another's workloads. The same document is admitted when

@@ -14,6 +14,10 @@
 //! logged as a warning naming the client, at most once per reason per
 //! [`REFUSAL_LOG_PAUSE`] as on the gRPC port: otherwise an API server that
 //! cannot reach the webhook would leave no trace at the default log level.
+//! A client that sent plaintext HTTP (`curl http://` while debugging) is
+//! answered in HTTP, within the same deadline and connection limits, that
+//! the port speaks only HTTPS: the TLS alert it would get otherwise reads
+//! as "Received HTTP/0.9 when not allowed".
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 use trellis_core::logging::throttle::Throttle;
+use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 use trellis_core::warn_throttled;
 
@@ -80,6 +85,11 @@ pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
 /// answer in progress, or [`HEAD_TIMEOUT`] later if that answer cannot be
 /// written. The API server opens another.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// What a client that sent plaintext HTTP to the webhook port is told.
+const PLAINTEXT_ANSWER: &str = "this is the Trellis control plane's admission webhook port: it \
+     speaks only HTTPS, for the Kubernetes API server's calls to /inject and /validate (use \
+     https://, trusting the CA in the webhook configurations' caBundle, as the API server does)";
 
 /// Why the serving certificate cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +320,9 @@ impl HandshakeFailures {
 /// The TLS handshake of a connection from `peer`, finished within
 /// [`HEAD_TIMEOUT`]; `None` when it failed (counted and logged). A
 /// connection closed before it sent anything (a TCP probe, a port scan)
-/// did not try a handshake: it is not counted.
+/// did not try a handshake: it is not counted. One that sent plaintext
+/// HTTP is counted as `not_tls` and its first request answered with
+/// [`PLAINTEXT_ANSWER`], by the same deadline.
 async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
@@ -318,13 +330,28 @@ async fn handshake(
     failures: &HandshakeFailures,
 ) -> Option<TlsStream<TcpStream>> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return None,
         Err(_) => {
             failures.failed(peer, "timeout", Some(&"nothing received"));
             return None;
         }
+    }
+    if plaintext_version(&first).is_some() {
+        // Counted before the answer, so that a client reading the metrics
+        // once it has its answer finds it counted.
+        failures.failed(
+            peer,
+            "not_tls",
+            Some(&"plaintext HTTP: answered that this port speaks only HTTPS"),
+        );
+        // Its first bytes are here, so the refusal's own peek returns at
+        // once and the answer gets what is left of the deadline.
+        let patience = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = refuse_plaintext(tcp, PLAINTEXT_ANSWER, patience).await;
+        return None;
     }
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
@@ -494,7 +521,8 @@ mod tests {
     }
 
     /// An API server whose `caBundle` is not the webhook's CA, and clients
-    /// sending plaintext, fail their handshakes: each is counted by reason,
+    /// sending plaintext (answered in HTTP that the port speaks only
+    /// HTTPS), fail their handshakes: each is counted by reason,
     /// and the first of each reason logged at once as a warning naming the
     /// client; the others within [`REFUSAL_LOG_PAUSE`] are only counted,
     /// and the next line after it says how many were not logged.
@@ -537,7 +565,14 @@ mod tests {
             tcp.write_all(b"POST /inject HTTP/1.1\r\nHost: webhook\r\n\r\n")
                 .await
                 .unwrap();
-            let _ = tcp.read_to_end(&mut Vec::new()).await;
+            let mut answer = Vec::new();
+            let _ = tcp.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+            assert!(
+                answer.ends_with(&format!("{PLAINTEXT_ANSWER}\n")),
+                "{answer}"
+            );
         };
         for _ in 0..FLOOD {
             foreign_ca().await;
