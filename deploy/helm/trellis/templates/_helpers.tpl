@@ -63,34 +63,37 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
+The milliseconds in a duration value of the form the schema allows (a number with ms, s, m or h,
+or several: 1h30m), as text; 0 for the number 0.
+*/}}
+{{- define "trellis.milliseconds" -}}
+{{- $ms := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .) -1 -}}
+{{- $unit := regexFind "[a-z]+$" . -}}
+{{- $n := trimSuffix $unit . | atoi -}}
+{{- $per := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit -}}
+{{- $ms = add $ms (mul $n $per) -}}
+{{- end -}}
+{{- $ms -}}
+{{- end -}}
+
+{{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
 64, so a release that passed would never start; injection.tcpUserTimeout outside 0 or 80s..1h
-likewise (the control plane refuses the injection settings). antiAffinity hard with one replica: a rollout
-stops that replica before its replacement runs, and pods created meanwhile get no sidecar (the
-webhook fails open). trustAnchorsPEM without a certificate: the control plane would exit 64; with
-a private key: a key would be published in a ConfigMap (checked here, not by a schema pattern,
-whose refusal would echo the value).
+likewise (the control plane refuses the injection settings). antiAffinity hard with one replica: a
+rollout stops that replica before its replacement runs, and pods created meanwhile get no sidecar
+(the webhook fails open). trustAnchorsPEM without a certificate: the control plane would exit
+64; with a private key: a key would be published in a ConfigMap (checked here, not by a schema
+pattern, whose refusal would echo the value).
 */}}
 {{- define "trellis.checkValues" -}}
-{{- $ms := 0 -}}
-{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .Values.certTTL) -1 -}}
-{{- $unit := regexFind "[a-z]+$" . -}}
-{{- $n := trimSuffix $unit . | atoi -}}
-{{- $per := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit -}}
-{{- $ms = add $ms (mul $n $per) -}}
-{{- end -}}
-{{- if or (lt (int64 $ms) 10000) (gt (int64 $ms) 2592000000) -}}
+{{- $ms := include "trellis.milliseconds" .Values.certTTL | int64 -}}
+{{- if or (lt $ms 10000) (gt $ms 2592000000) -}}
 {{- fail (printf "certTTL %s is outside 10s..720h: the control plane issues certificates for at least 10 seconds and at most 30 days" (toString .Values.certTTL)) -}}
 {{- end -}}
-{{- $ms = 0 -}}
-{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .Values.injection.tcpUserTimeout) -1 -}}
-{{- $unit := regexFind "[a-z]+$" . -}}
-{{- $n := trimSuffix $unit . | atoi -}}
-{{- $per := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit -}}
-{{- $ms = add $ms (mul $n $per) -}}
-{{- end -}}
-{{- if and (gt (int64 $ms) 0) (or (lt (int64 $ms) 80000) (gt (int64 $ms) 3600000)) -}}
+{{- $ms = include "trellis.milliseconds" .Values.injection.tcpUserTimeout | int64 -}}
+{{- if and (gt $ms 0) (or (lt $ms 80000) (gt $ms 3600000)) -}}
 {{- fail (printf "injection.tcpUserTimeout %s is outside 80s..1h: give 0 to turn the sidecars' TCP user timeout off, or at least 80s (below it keepalive resets an idle connection on one lost probe) and at most 1h" (toString .Values.injection.tcpUserTimeout)) -}}
 {{- end -}}
 {{- if contains "PRIVATE KEY" .Values.trustAnchorsPEM -}}
