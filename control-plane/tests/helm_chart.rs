@@ -83,6 +83,8 @@ fn default_values_render_valid_manifests() {
         // The release's namespace is the root one: its policies may select
         // any workload.
         "--root-namespace=trellis-system",
+        // The control plane's own default, written out.
+        "--watch-failure-grace=60s",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -115,6 +117,7 @@ fn custom_values_render_valid_manifests() {
             "image.tag=0.1.0-rc1",
             "crds.keep=false",
             "rootNamespace=mesh-admin",
+            "watchFailureGrace=5m",
         ],
     )
     .unwrap();
@@ -130,6 +133,7 @@ fn custom_values_render_valid_manifests() {
         "--opaque-ports=5432,25",
         "--cert-ttl=30m",
         "--root-namespace=mesh-admin",
+        "--watch-failure-grace=5m",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -172,6 +176,10 @@ fn invalid_values_are_refused() {
         ("injection.tcpUserTimeout=120", "tcpUserTimeout"),
         ("injection.tcpUserTimeout=30s", "tcpUserTimeout"),
         ("injection.tcpUserTimeout=1h1s", "tcpUserTimeout"),
+        ("watchFailureGrace=soon", "watchFailureGrace"),
+        ("watchFailureGrace=60", "watchFailureGrace"),
+        ("watchFailureGrace=0.5s", "watchFailureGrace"),
+        ("watchFailureGrace=null", "watchFailureGrace"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");
@@ -411,6 +419,55 @@ fn cert_ttl_beyond_what_the_control_plane_accepts_is_refused() {
         assert!(
             args.contains(&format!("--cert-ttl={ttl}")),
             "{ttl}: {args:?}"
+        );
+    }
+}
+
+/// The control plane refuses a `--watch-failure-grace` under 1s, exiting
+/// before it serves anything; the chart refuses such a
+/// `watchFailureGrace` at `helm template` instead, naming it, and what it
+/// renders the control plane takes, as the same duration.
+#[test]
+fn watch_failure_grace_the_control_plane_refuses_is_refused() {
+    use trellis_control_plane::config::{Config, Parsed};
+    let Some((helm, _)) = tools() else { return };
+    for grace in ["0s", "999ms", "0m"] {
+        let e = template(&helm, &[&format!("watchFailureGrace={grace}")]).unwrap_err();
+        assert!(
+            e.contains(&format!("watchFailureGrace {grace} is shorter than 1s")),
+            "{grace}: {e}"
+        );
+    }
+    for (grace, seconds) in [
+        ("1s", 1),
+        ("1000ms", 1),
+        ("90s", 90),
+        ("1m30s", 90),
+        ("2h", 7200),
+    ] {
+        let args = args(&documents(
+            &template(&helm, &[&format!("watchFailureGrace={grace}")]).unwrap(),
+        ));
+        let flag = format!("--watch-failure-grace={grace}");
+        assert!(args.contains(&flag), "{grace}: {args:?}");
+        let parsed = Config::parse_args(
+            [
+                "trellis-control-plane",
+                "--state-dir",
+                "state",
+                flag.as_str(),
+            ]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        );
+        let Parsed::Run(config) = parsed else {
+            panic!("the control plane refuses {flag}")
+        };
+        assert_eq!(
+            config.watch_failure_grace,
+            std::time::Duration::from_secs(seconds),
+            "{flag}"
         );
     }
 }

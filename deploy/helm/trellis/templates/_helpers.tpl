@@ -80,17 +80,22 @@ or several: 1h30m), as text; 0 for the number 0.
 {{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
-64, so a release that passed would never start; injection.tcpUserTimeout outside 0 or 80s..1h
-likewise (the control plane refuses the injection settings). antiAffinity hard with one replica: a
-rollout stops that replica before its replacement runs, and pods created meanwhile get no sidecar
-(the webhook fails open). trustAnchorsPEM without a certificate: the control plane would exit
-64; with a private key: a key would be published in a ConfigMap (checked here, not by a schema
-pattern, whose refusal would echo the value).
+64, so a release that passed would never start; watchFailureGrace below 1s likewise;
+injection.tcpUserTimeout outside 0 or 80s..1h likewise (the control plane refuses the injection
+settings). antiAffinity hard with one replica: a rollout stops that replica before its
+replacement runs, and pods created meanwhile get no sidecar (the webhook fails open).
+trustAnchorsPEM without a certificate: the control plane would exit 64; with a private key: a key
+would be published in a ConfigMap (checked here, not by a schema pattern, whose refusal would echo
+the value).
 */}}
 {{- define "trellis.checkValues" -}}
 {{- $ms := include "trellis.milliseconds" .Values.certTTL | int64 -}}
 {{- if or (lt $ms 10000) (gt $ms 2592000000) -}}
 {{- fail (printf "certTTL %s is outside 10s..720h: the control plane issues certificates for at least 10 seconds and at most 30 days" (toString .Values.certTTL)) -}}
+{{- end -}}
+{{- $ms = include "trellis.milliseconds" .Values.watchFailureGrace | int64 -}}
+{{- if lt $ms 1000 -}}
+{{- fail (printf "watchFailureGrace %s is shorter than 1s: the control plane refuses a shorter --watch-failure-grace and would exit at start" (toString .Values.watchFailureGrace)) -}}
 {{- end -}}
 {{- $ms = include "trellis.milliseconds" .Values.injection.tcpUserTimeout | int64 -}}
 {{- if and (gt $ms 0) (or (lt $ms 80000) (gt $ms 3600000)) -}}
