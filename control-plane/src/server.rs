@@ -723,14 +723,7 @@ mod tests {
                 format!("trellis_tls_handshake_failures_total{{reason=\"{reason}\"}} {FLOOD}\n");
             assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
         }
-        let lines = |reason: &str| -> Vec<String> {
-            let reason = format!("reason=\"{reason}\"");
-            logs.text()
-                .lines()
-                .filter(|l| l.contains("TLS handshake failed") && l.contains(&reason))
-                .map(str::to_string)
-                .collect()
-        };
+        let lines = |reason: &str| logs.reason_lines("TLS handshake failed", reason);
         for reason in ["not_tls", "invalid_certificate"] {
             let lines = lines(reason);
             assert_eq!(lines.len(), 1, "one line for {reason}: {lines:#?}");

@@ -15,6 +15,17 @@ impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().expect("not poisoned").clone()).expect("UTF-8 logs")
     }
+
+    /// The text lines holding `message` with the field `reason="REASON"`,
+    /// as the throttled warnings of failed handshakes are logged.
+    pub fn reason_lines(&self, message: &str, reason: &str) -> Vec<String> {
+        let reason = format!("reason=\"{reason}\"");
+        self.text()
+            .lines()
+            .filter(|l| l.contains(message) && l.contains(&reason))
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl Write for Captured {

@@ -303,15 +303,6 @@ async fn reserved_identities_are_never_issued() {
     assert_nothing_issued(&cp).await;
 }
 
-/// Waits for the wall clock, which is what ages a certificate, to reach
-/// `unix` seconds.
-async fn until(unix: i64) {
-    let at = UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
-    if let Ok(left) = at.duration_since(SystemTime::now()) {
-        tokio::time::sleep(left).await;
-    }
-}
-
 /// `trellisctl check` names a connected sidecar that has stopped renewing
 /// once three quarters of its certificate's life have passed, before the
 /// certificate expires: when it was issued, how long its renewal is
@@ -351,28 +342,7 @@ async fn check_names_a_sidecar_whose_renewal_is_overdue() {
     until(issued + 46).await;
     let (report, passed) = check();
     assert!(!passed, "{report}");
-    let written = |unix: i64| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix as u64))
-    };
-    let (start, end) = (
-        format!(
-            "FAIL  {WEB} is connected, but has not renewed its certificate: the newest, issued \
-             at {}, was due for renewal at half its life, ",
-            written(issued)
-        ),
-        format!(
-            " ago, and expires at {}, when its peers refuse it (see its sidecar's log and \
-             trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control plane's \
-             trellis_certify_failures_total)",
-            written(expires)
-        ),
-    );
-    assert!(
-        report
-            .lines()
-            .any(|line| line.starts_with(&start) && line.ends_with(&end)),
-        "no {start:?}...{end:?} in\n{report}"
-    );
+    assert_renewal_overdue(&report, WEB, issued, expires);
     assert!(
         !report.contains(DB) && report.contains("1 failure, "),
         "{report}"

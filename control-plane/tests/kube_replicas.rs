@@ -14,7 +14,10 @@ mod kube_api;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{ControlPlane, Svid, Takes, Watcher, certify_with, eventually_async, listed};
+use common::{
+    ControlPlane, Svid, Takes, Watcher, assert_renewal_overdue, certify_with, eventually_async,
+    listed, until,
+};
 use kube_api::{PODS, POLICIES, event, fixture_json, item, pods_list, recorded_cluster};
 use tonic::Code;
 use trellis_control_plane::ca::anchors::expiries;
@@ -535,15 +538,6 @@ async fn check_sees_a_renewal_whichever_replica_issued_it() {
     }
 }
 
-/// Waits for the wall clock, which is what ages a certificate, to reach
-/// `unix` seconds.
-async fn until(unix: i64) {
-    let at = UNIX_EPOCH + Duration::from_secs(unix as u64);
-    if let Ok(left) = at.duration_since(SystemTime::now()) {
-        tokio::time::sleep(left).await;
-    }
-}
-
 /// With the Kubernetes store, the issue time of each sidecar's newest
 /// certificate comes from the replicas' issued-certificate logs with its
 /// expiry, and `check` names a sidecar that stopped renewing once three
@@ -605,28 +599,7 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
     until(web_issued + 46).await;
     let (report, passed) = check(&b);
     assert!(!passed, "{report}");
-    let written = |unix: i64| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix as u64))
-    };
-    let (start, end) = (
-        format!(
-            "FAIL  {WEB} is connected, but has not renewed its certificate: the newest, issued \
-             at {}, was due for renewal at half its life, ",
-            written(web_issued)
-        ),
-        format!(
-            " ago, and expires at {}, when its peers refuse it (see its sidecar's log and \
-             trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control plane's \
-             trellis_certify_failures_total)",
-            written(web_expires)
-        ),
-    );
-    assert!(
-        report
-            .lines()
-            .any(|line| line.starts_with(&start) && line.ends_with(&end)),
-        "no {start:?}...{end:?} in\n{report}"
-    );
+    assert_renewal_overdue(&report, WEB, web_issued, web_expires);
 
     // A lifetime of api's certificate after cp-b started, any certificate
     // cp-b issued api before its log began has expired.

@@ -591,14 +591,7 @@ mod tests {
             !rendered.contains("trellis_tls_handshake_failures_total{"),
             "the gRPC port's series are left as they were: {rendered}"
         );
-        let lines = |reason: &str| -> Vec<String> {
-            let reason = format!("reason=\"{reason}\"");
-            logs.text()
-                .lines()
-                .filter(|l| l.contains("webhook TLS handshake failed") && l.contains(&reason))
-                .map(str::to_string)
-                .collect()
-        };
+        let lines = |reason: &str| logs.reason_lines("webhook TLS handshake failed", reason);
         for reason in ["certificate_refused", "not_tls"] {
             let lines = lines(reason);
             assert_eq!(lines.len(), 1, "one line for {reason}: {lines:#?}");

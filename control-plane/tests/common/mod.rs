@@ -517,3 +517,40 @@ pub fn write_pem(path: &Path, der: &[u8]) {
     )
     .unwrap();
 }
+
+/// Waits for the wall clock, which is what ages a certificate, to reach
+/// `unix` seconds.
+pub async fn until(unix: i64) {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(unix as u64);
+    if let Ok(left) = at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// Asserts that `report`, what `trellisctl check` printed, fails `id` for
+/// not renewing its certificate issued at `issued` that expires at
+/// `expires` (Unix seconds), whatever the overdue time it names.
+pub fn assert_renewal_overdue(report: &str, id: &str, issued: i64, expires: i64) {
+    let written = |unix: i64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix as u64))
+    };
+    let (start, end) = (
+        format!(
+            "FAIL  {id} is connected, but has not renewed its certificate: the newest, issued \
+             at {}, was due for renewal at half its life, ",
+            written(issued)
+        ),
+        format!(
+            " ago, and expires at {}, when its peers refuse it (see its sidecar's log and \
+             trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control plane's \
+             trellis_certify_failures_total)",
+            written(expires)
+        ),
+    );
+    assert!(
+        report
+            .lines()
+            .any(|line| line.starts_with(&start) && line.ends_with(&end)),
+        "no {start:?}...{end:?} in\n{report}"
+    );
+}
