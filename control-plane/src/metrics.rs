@@ -41,12 +41,7 @@ impl Metrics {
     }
 
     pub fn certify_failed(&self, reason: &'static str) {
-        *self
-            .certify_failures
-            .lock()
-            .expect("not poisoned")
-            .entry(reason)
-            .or_default() += 1;
+        count(&self.certify_failures, reason);
     }
 
     /// An inbound address a Certify reported that was not recorded, for
@@ -54,32 +49,17 @@ impl Metrics {
     /// `loopback` (a loopback address, from a Certify that did not come
     /// over loopback) or `held` (another live workload holds its IP).
     pub fn inbound_address_refused(&self, reason: &'static str) {
-        *self
-            .inbound_addresses_refused
-            .lock()
-            .expect("not poisoned")
-            .entry(reason)
-            .or_default() += 1;
+        count(&self.inbound_addresses_refused, reason);
     }
 
     pub fn handshake_failed(&self, reason: &'static str) {
-        *self
-            .handshake_failures
-            .lock()
-            .expect("not poisoned")
-            .entry(reason)
-            .or_default() += 1;
+        count(&self.handshake_failures, reason);
     }
 
     /// A connection to the webhook port whose TLS handshake failed, for
     /// `reason`.
     pub fn webhook_handshake_failed(&self, reason: &'static str) {
-        *self
-            .webhook_handshake_failures
-            .lock()
-            .expect("not poisoned")
-            .entry(reason)
-            .or_default() += 1;
+        count(&self.webhook_handshake_failures, reason);
     }
 
     pub fn watch_stream_opened(&self) {
@@ -307,6 +287,15 @@ pub fn render_store_serving_stale(out: &mut String, stale: bool) {
          trellis_store_serving_stale_policies {}",
         u8::from(stale)
     );
+}
+
+/// Adds one to `reason`'s count in a family counted by reason.
+fn count(family: &Mutex<BTreeMap<&'static str, u64>>, reason: &'static str) {
+    *family
+        .lock()
+        .expect("not poisoned")
+        .entry(reason)
+        .or_default() += 1;
 }
 
 fn render_family(out: &mut String, name: &str, help: &str, values: &BTreeMap<&'static str, u64>) {
