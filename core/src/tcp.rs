@@ -43,12 +43,23 @@ pub const MIN_USER_TIMEOUT: Duration =
 /// longer is better served with the user timeout off.
 pub const MAX_USER_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Checks a user timeout given as the flag, the annotation and the chart
-/// take it (a duration such as `120s`, `5m` or `1h`, read by
-/// `humantime::parse_duration` on both sides): from [`MIN_USER_TIMEOUT`]
-/// to [`MAX_USER_TIMEOUT`], or zero for none (`None`). The error says what
-/// is wrong, to follow the value as the caller names it.
-pub fn check_user_timeout(timeout: Duration) -> Result<Option<Duration>, &'static str> {
+/// Reads a user timeout as the sidecar's `--tcp-user-timeout`, the
+/// injector's `trellis.io/tcp-user-timeout` annotation and its settings
+/// take it: a duration such as `120s`, `5m` or `1h` from
+/// [`MIN_USER_TIMEOUT`] to [`MAX_USER_TIMEOUT`], or `0` for none (`None`).
+/// The error quotes the value and says what is wrong with it, to follow
+/// the name of the flag or annotation it was given as.
+pub fn parse_user_timeout(value: &str) -> Result<Option<Duration>, String> {
+    let value = value.trim();
+    let timeout = humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
+    check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
+}
+
+/// Checks a user timeout: from [`MIN_USER_TIMEOUT`] to
+/// [`MAX_USER_TIMEOUT`], or zero for none (`None`); the error says what is
+/// wrong, to follow the value.
+fn check_user_timeout(timeout: Duration) -> Result<Option<Duration>, &'static str> {
     if timeout.is_zero() {
         return Ok(None);
     }

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use trellis_core::tcp::parse_user_timeout;
+
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
@@ -35,21 +37,13 @@ pub(super) fn tcp_user_timeout(
 ) -> Result<Option<Duration>, InjectError> {
     match annotations.get(TCP_USER_TIMEOUT_ANNOTATION) {
         None => Ok(config.tcp_user_timeout),
-        Some(value) => user_timeout(value).map_err(|message| InjectError::InvalidAnnotation {
-            key: TCP_USER_TIMEOUT_ANNOTATION,
-            message,
-        }),
+        Some(value) => {
+            parse_user_timeout(value).map_err(|message| InjectError::InvalidAnnotation {
+                key: TCP_USER_TIMEOUT_ANNOTATION,
+                message,
+            })
+        }
     }
-}
-
-/// A user timeout as the sidecar's `--tcp-user-timeout` reads it: a
-/// duration in range ([`trellis_core::tcp::check_user_timeout`]), `0` for
-/// none; or why it is not one.
-pub(super) fn user_timeout(value: &str) -> Result<Option<Duration>, String> {
-    let value = value.trim();
-    let timeout = humantime::parse_duration(value)
-        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
-    trellis_core::tcp::check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
 /// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then

@@ -188,7 +188,7 @@ impl InjectConfig {
             config.ip_families = ip_families(&families)?;
         }
         if let Some(timeout) = s.tcp_user_timeout {
-            config.tcp_user_timeout = super::annotations::user_timeout(&timeout)
+            config.tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&timeout)
                 .map_err(|why| InvalidSettings(format!("tcpUserTimeout: {why}")))?;
         }
         Ok(config)

@@ -393,8 +393,8 @@ impl Config {
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
-        let tcp_user_timeout =
-            tcp_user_timeout(&args.tcp_user_timeout).map_err(|e| invalid("tcp-user-timeout", e))?;
+        let tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&args.tcp_user_timeout)
+            .map_err(|e| invalid("tcp-user-timeout", e))?;
         let log_format = match args.log_format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -430,15 +430,6 @@ impl Config {
             app_probes,
         })
     }
-}
-
-/// `--tcp-user-timeout`: a duration in range
-/// ([`trellis_core::tcp::check_user_timeout`]), `0` for none.
-fn tcp_user_timeout(value: &str) -> Result<Option<Duration>, String> {
-    let value = value.trim();
-    let timeout = humantime::parse_duration(value)
-        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
-    trellis_core::tcp::check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
 /// The trimmed contents of a token file, which must not be empty.
