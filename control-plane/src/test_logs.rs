@@ -18,13 +18,45 @@ impl Captured {
 
     /// The text lines holding `message` with the field `reason="REASON"`,
     /// as the throttled warnings of failed handshakes are logged.
-    pub fn reason_lines(&self, message: &str, reason: &str) -> Vec<String> {
+    fn reason_lines(&self, message: &str, reason: &str) -> Vec<String> {
         let reason = format!("reason=\"{reason}\"");
         self.text()
             .lines()
             .filter(|l| l.contains(message) && l.contains(&reason))
             .map(str::to_string)
             .collect()
+    }
+
+    /// Asserts that each of `reasons` was logged once under `message`, as
+    /// the first of a reason's throttled warnings is: a warning naming the
+    /// peer (on loopback), with no count of lines suppressed. Returns those
+    /// lines, in the order of `reasons`.
+    pub fn assert_first_warnings(&self, message: &str, reasons: &[&str]) -> Vec<String> {
+        reasons
+            .iter()
+            .map(|reason| {
+                let mut lines = self.reason_lines(message, reason);
+                assert_eq!(lines.len(), 1, "one line for {reason}: {lines:#?}");
+                let line = lines.remove(0);
+                assert!(line.contains("WARN"), "{line}");
+                assert!(line.contains("peer=127.0.0.1:"), "{line}");
+                assert!(!line.contains("suppressed"), "{line}");
+                line
+            })
+            .collect()
+    }
+
+    /// Asserts that `reason` was logged twice under `message`, the second
+    /// line saying `suppressed` lines were not logged between them: what a
+    /// throttled warning writes once its pause has passed.
+    pub fn assert_next_warning(&self, message: &str, reason: &str, suppressed: usize) {
+        let lines = self.reason_lines(message, reason);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[1].contains(&format!("suppressed={suppressed}")),
+            "{}",
+            lines[1]
+        );
     }
 }
 
