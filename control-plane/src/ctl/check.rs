@@ -487,6 +487,15 @@ mod tests {
         }
     }
 
+    /// The lines of `found` that hold `what`.
+    fn containing<'a>(found: &'a [String], what: &str) -> Vec<&'a str> {
+        found
+            .iter()
+            .filter(|l| l.contains(what))
+            .map(String::as_str)
+            .collect()
+    }
+
     fn lines(answer: &ListWorkloadsResponse, bundle: &[CertificateDer<'static>]) -> Vec<String> {
         let operator = root("operator", NOW + 300 * DAY);
         let inputs = Inputs {
@@ -828,11 +837,7 @@ mod tests {
             ],
             "{found:#?}"
         );
-        let said: Vec<_> = found
-            .iter()
-            .filter(|l| l.contains("certificate renewal"))
-            .map(String::as_str)
-            .collect();
+        let said = containing(&found, "certificate renewal");
         assert_eq!(
             said,
             [
@@ -893,11 +898,7 @@ mod tests {
             )],
             "{found:#?}"
         );
-        let said: Vec<_> = found
-            .iter()
-            .filter(|l| l.contains("certificate renewal"))
-            .map(String::as_str)
-            .collect();
+        let said = containing(&found, "certificate renewal");
         assert_eq!(
             said,
             [
