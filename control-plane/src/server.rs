@@ -348,20 +348,34 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// How the gRPC port's handshake failures are counted and logged.
-struct Refusals {
+/// How a port's handshake failures are counted and logged: the gRPC
+/// port's here, the admission webhook port's (`crate::inject::server`),
+/// each into a metric of its own.
+pub(crate) struct Refusals {
     metrics: Arc<Metrics>,
+    /// Counts a failure, by reason, in the port's metric.
+    counter: fn(&Metrics, &'static str),
     /// The lines written, by reason.
     lines: Throttle,
 }
 
 impl Refusals {
+    /// Failures counted by `counter` in `metrics`, each reason logged at
+    /// most once per [`REFUSAL_LOG_PAUSE`].
+    pub(crate) fn new(metrics: Arc<Metrics>, counter: fn(&Metrics, &'static str)) -> Self {
+        Self {
+            metrics,
+            counter,
+            lines: Throttle::new(REFUSAL_LOG_PAUSE),
+        }
+    }
+
     /// Counts a connection from `peer` whose handshake failed for `reason`,
     /// and logs it as `message` with `error` (when there is one) - unless
     /// one that failed for the same reason was logged within the last
     /// [`REFUSAL_LOG_PAUSE`]; the next line logged says how many were not
     /// (`suppressed`).
-    fn refuse(
+    pub(crate) fn refuse(
         &self,
         peer: SocketAddr,
         reason: &'static str,
@@ -372,7 +386,12 @@ impl Refusals {
         warn_throttled!(self.lines, reason, { %peer, reason, error }, "{message}");
         // Counted once its line, if any, is in the log's queue: a failure
         // the metric shows has been logged, or counted as not.
-        self.metrics.handshake_failed(reason);
+        self.count(reason);
+    }
+
+    /// Counts a failure for `reason` without logging it.
+    pub(crate) fn count(&self, reason: &'static str) {
+        (self.counter)(&self.metrics, reason);
     }
 }
 
@@ -406,10 +425,7 @@ impl GrpcListener {
     ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
         let turns = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
-        let refusals = Arc::new(Refusals {
-            metrics,
-            lines: Throttle::new(REFUSAL_LOG_PAUSE),
-        });
+        let refusals = Arc::new(Refusals::new(metrics, Metrics::handshake_failed));
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -476,7 +492,7 @@ impl GrpcListener {
                         .await
                         .is_ok_and(|ready| ready.is_read_closed())
                     {
-                        refusals.metrics.handshake_failed("client_gone");
+                        refusals.count("client_gone");
                         tracing::debug!(peer = %remote, "client left before its handshake's turn");
                         return;
                     }

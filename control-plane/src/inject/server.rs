@@ -12,8 +12,9 @@
 //! for. A failed handshake (an API server that does not trust the
 //! certificate, plaintext, a scanner) is counted by a bounded reason and
 //! logged as a warning naming the client, at most once per reason per
-//! [`REFUSAL_LOG_PAUSE`] as on the gRPC port: otherwise an API server that
-//! cannot reach the webhook would leave no trace at the default log level.
+//! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE), by the gRPC
+//! port's `Refusals`: otherwise an API server that cannot reach the
+//! webhook would leave no trace at the default log level.
 //! A client that sent plaintext HTTP (`curl http://` while debugging) is
 //! answered in HTTP, within the same deadline and connection limits, that
 //! the port speaks only HTTPS: the TLS alert it would get otherwise reads
@@ -39,15 +40,13 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
-use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
-use trellis_core::warn_throttled;
 
 use super::{InjectConfig, NamespaceScope, review_pod, review_policy};
 use crate::api::quoted;
 use crate::metrics::Metrics;
-use crate::server::REFUSAL_LOG_PAUSE;
+use crate::server::Refusals;
 
 /// The largest review body accepted. A Pod object is at most a few hundred
 /// KiB (annotations are capped at 256 KiB); the API server's own request
@@ -237,10 +236,7 @@ impl WebhookServer {
     ) {
         tokio::pin!(shutdown);
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
-        let failures = Arc::new(HandshakeFailures {
-            metrics,
-            lines: Throttle::new(REFUSAL_LOG_PAUSE),
-        });
+        let failures = Arc::new(Refusals::new(metrics, Metrics::webhook_handshake_failed));
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -290,32 +286,9 @@ impl WebhookServer {
     }
 }
 
-/// How the webhook port's handshake failures are counted and logged.
-struct HandshakeFailures {
-    metrics: Arc<Metrics>,
-    /// The lines written, by reason.
-    lines: Throttle,
-}
-
-impl HandshakeFailures {
-    /// Counts a connection from `peer` whose handshake failed for `reason`,
-    /// and logs it with `error` (when there is one) - unless one that
-    /// failed for the same reason was logged within the last
-    /// [`REFUSAL_LOG_PAUSE`]; the next line logged says how many were not
-    /// (`suppressed`).
-    fn failed(
-        &self,
-        peer: SocketAddr,
-        reason: &'static str,
-        error: Option<&dyn std::fmt::Display>,
-    ) {
-        let error = error.map(tracing::field::display);
-        warn_throttled!(self.lines, reason, { %peer, reason, error }, "webhook TLS handshake failed");
-        // Counted once its line, if any, is in the log's queue, as on the
-        // gRPC port.
-        self.metrics.webhook_handshake_failed(reason);
-    }
-}
+/// How a failed handshake on the webhook port is logged, with its reason
+/// and peer.
+const HANDSHAKE_FAILED: &str = "webhook TLS handshake failed";
 
 /// The TLS handshake of a connection from `peer`, finished within
 /// [`HEAD_TIMEOUT`]; `None` when it failed (counted and logged). A
@@ -327,7 +300,7 @@ async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    failures: &HandshakeFailures,
+    failures: &Refusals,
 ) -> Option<TlsStream<TcpStream>> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let mut first = [0u8; 1];
@@ -335,17 +308,18 @@ async fn handshake(
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return None,
         Err(_) => {
-            failures.failed(peer, "timeout", Some(&"nothing received"));
+            failures.refuse(peer, "timeout", Some(&"nothing received"), HANDSHAKE_FAILED);
             return None;
         }
     }
     if plaintext_version(&first).is_some() {
         // Counted before the answer, so that a client reading the metrics
         // once it has its answer finds it counted.
-        failures.failed(
+        failures.refuse(
             peer,
             "not_tls",
             Some(&"plaintext HTTP: answered that this port speaks only HTTPS"),
+            HANDSHAKE_FAILED,
         );
         // Its first bytes are here, so the refusal's own peek returns at
         // once and the answer gets what is left of the deadline.
@@ -356,11 +330,21 @@ async fn handshake(
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
-            failures.failed(peer, webhook_failure_reason(&e), Some(&Described(&e)));
+            failures.refuse(
+                peer,
+                webhook_failure_reason(&e),
+                Some(&Described(&e)),
+                HANDSHAKE_FAILED,
+            );
             None
         }
         Err(_) => {
-            failures.failed(peer, "timeout", Some(&"handshake not finished in time"));
+            failures.refuse(
+                peer,
+                "timeout",
+                Some(&"handshake not finished in time"),
+                HANDSHAKE_FAILED,
+            );
             None
         }
     }
@@ -485,6 +469,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::server::REFUSAL_LOG_PAUSE;
 
     /// A webhook port on loopback serving a self-signed certificate for
     /// `localhost`, counting in `metrics`: its address, and what keeps it
@@ -591,8 +576,8 @@ mod tests {
             !rendered.contains("trellis_tls_handshake_failures_total{"),
             "the gRPC port's series are left as they were: {rendered}"
         );
-        const FAILED: &str = "webhook TLS handshake failed";
-        let first = logs.assert_first_warnings(FAILED, &["certificate_refused", "not_tls"]);
+        let first =
+            logs.assert_first_warnings(HANDSHAKE_FAILED, &["certificate_refused", "not_tls"]);
         assert!(
             first[0].contains("UnknownCA"),
             "the line says what the client refused: {:?}",
@@ -605,7 +590,7 @@ mod tests {
         tokio::time::advance(REFUSAL_LOG_PAUSE).await;
         tokio::time::resume();
         foreign_ca().await;
-        logs.assert_next_warning(FAILED, "certificate_refused", FLOOD - 1);
+        logs.assert_next_warning(HANDSHAKE_FAILED, "certificate_refused", FLOOD - 1);
         assert!(metrics.render().contains(&format!(
             "trellis_webhook_tls_handshake_failures_total{{reason=\"certificate_refused\"}} {}\n",
             FLOOD + 1
