@@ -113,25 +113,15 @@ fn webhooks_use_the_generated_serving_certificate() {
 #[test]
 fn rendered_injection_settings_parse() {
     let Some((helm, _)) = tools() else { return };
-    let docs = documents(
-        &template(
-            &helm,
-            &[
-                "injection.tokenExpirationSeconds=7200",
-                "injection.excludeOutboundCIDRs={169.254.169.254/32}",
-                "injection.ipFamilies={IPv6,IPv4}",
-                "injection.tcpUserTimeout=1m30s",
-            ],
-        )
-        .unwrap(),
+    let config = rendered_injection_config(
+        &helm,
+        &[
+            "injection.tokenExpirationSeconds=7200",
+            "injection.excludeOutboundCIDRs={169.254.169.254/32}",
+            "injection.ipFamilies={IPv6,IPv4}",
+            "injection.tcpUserTimeout=1m30s",
+        ],
     );
-    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into())
-        .unwrap_or_else(|e| panic!("{e}\n{settings}"));
     assert_eq!(config.image, "trellis/trellis:0.1.0");
     assert_eq!(
         config.control_plane,
@@ -150,13 +140,7 @@ fn rendered_injection_settings_parse() {
     );
     assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(90)));
     // By default the pods are IPv4 (only or primary).
-    let docs = documents(&template(&helm, &[]).unwrap());
-    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let td = TrustDomain::new("cluster.local").unwrap();
-    let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
+    let config = rendered_injection_config(&helm, &[]);
     assert_eq!(config.ip_families, [inject::IpFamily::V4]);
     // The sidecars' own default user timeout, two minutes.
     assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(120)));
@@ -164,14 +148,21 @@ fn rendered_injection_settings_parse() {
     // (under outboundPolicy deny the sidecar would refuse it).
     assert_eq!(config.exclude_outbound_ports, [53]);
     // `--set injection.tcpUserTimeout=0` (a number to helm) turns it off.
-    let docs = documents(&template(&helm, &["injection.tcpUserTimeout=0"]).unwrap());
+    let config = rendered_injection_config(&helm, &["injection.tcpUserTimeout=0"]);
+    assert_eq!(config.tcp_user_timeout, None);
+}
+
+/// The injection settings the chart renders with `set`, as the control
+/// plane reads them.
+fn rendered_injection_config(helm: &Path, set: &[&str]) -> inject::InjectConfig {
+    let docs = documents(&template(helm, set).unwrap());
     let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
         .as_str()
         .unwrap()
         .to_owned();
     let td = TrustDomain::new("cluster.local").unwrap();
-    let config = inject::InjectConfig::from_settings(&settings, td, "PEM".into()).unwrap();
-    assert_eq!(config.tcp_user_timeout, None);
+    inject::InjectConfig::from_settings(&settings, td, "PEM".into())
+        .unwrap_or_else(|e| panic!("{e}\n{settings}"))
 }
 
 /// Every field of the policy documents (issue 3) has a place in the CRD
