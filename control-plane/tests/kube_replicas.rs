@@ -191,15 +191,7 @@ async fn replicas_stay_ready_on_stale_policies_until_a_peer_is_healthy() {
         .await;
         let (status, body) = cp.ready();
         assert_eq!(status, 200, "ready with no healthy peer: {body}");
-        assert!(body.starts_with("ready, serving stale: "), "{body}");
-        assert!(
-            body.contains("the AuthorizationPolicy watch has been failing for"),
-            "{body}"
-        );
-        assert!(
-            body.contains("no peer replica answers as healthy, so this one stays ready"),
-            "{body}"
-        );
+        common::assert_serving_stale(&body, "AuthorizationPolicy");
         assert!(cp.metrics().contains(&stale(1)), "{}", cp.metrics());
     }
 

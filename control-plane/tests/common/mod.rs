@@ -554,3 +554,18 @@ pub fn assert_renewal_overdue(report: &str, id: &str, issued: i64, expires: i64)
         "no {start:?}...{end:?} in\n{report}"
     );
 }
+
+/// Asserts that `body`, a replica's `/ready` answer, says it stays ready
+/// serving the policies last seen: `kind`'s watch failing, and no peer
+/// replica healthy.
+pub fn assert_serving_stale(body: &str, kind: &str) {
+    assert!(body.starts_with("ready, serving stale: "), "{body}");
+    assert!(
+        body.contains(&format!("the {kind} watch has been failing for")),
+        "{body}"
+    );
+    assert!(
+        body.contains("no peer replica answers as healthy, so this one stays ready"),
+        "{body}"
+    );
+}
