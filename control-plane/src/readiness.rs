@@ -19,7 +19,10 @@
 //! the first answer, the replica stays ready. A peer that does not answer
 //! within its timeout, or that predates `Health`, is not healthy: going
 //! unready is what can take the mesh down, so it takes a peer that says
-//! it is better.
+//! it is better. `/ready` and the warning say why each peer is not
+//! healthy, an older one too (`UNIMPLEMENTED`: it does not support the
+//! health check), so that mid-upgrade "peer too old" is told apart from
+//! "peer out of reach".
 //!
 //! Flapping: a replica changes its answer only when a peer's health does,
 //! at most once an interval, and a peer is healthy only while each of its
@@ -35,7 +38,7 @@ use tokio::sync::watch;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
-use crate::api::replica::Replicas;
+use crate::api::replica::{PeersHealth, Replicas};
 use crate::store::kubernetes::WatchHealth;
 
 /// How often a replica whose policy watch is past its grace asks its
@@ -67,8 +70,8 @@ enum Peers {
     NotAsked,
     /// This peer (its name and address) answered as healthy.
     Healthy(String),
-    /// No peer answered as healthy.
-    NoneHealthy,
+    /// No peer answered as healthy: why not, one line a peer asked.
+    NoneHealthy(Vec<String>),
 }
 
 /// A replica's readiness on the Kubernetes store: its watches and, when it
@@ -114,10 +117,8 @@ impl Readiness {
             Peers::Healthy(peer) => Check::Unready(format!(
                 "{reason}; peer replica {peer} serves current policies"
             )),
-            Peers::NotAsked | Peers::NoneHealthy => Check::ServingStale(format!(
-                "{reason}; no peer replica answers as healthy, so this one stays ready and \
-                 serves the policies it last saw"
-            )),
+            Peers::NotAsked => Check::ServingStale(stale(&reason, &[])),
+            Peers::NoneHealthy(why_not) => Check::ServingStale(stale(&reason, why_not)),
         }
     }
 
@@ -160,12 +161,27 @@ impl Readiness {
     async fn ask_peers(&self) {
         let answer = match (self.watches.unready(), &self.peers) {
             (None, _) => Peers::NotAsked,
-            (Some(_), None) => Peers::NoneHealthy,
-            (Some(_), Some(peers)) => match peers.healthy_peer().await {
-                Some(peer) => Peers::Healthy(peer),
-                None => Peers::NoneHealthy,
+            (Some(_), None) => Peers::NoneHealthy(Vec::new()),
+            (Some(_), Some(peers)) => match peers.peers_health().await {
+                PeersHealth::Healthy(peer) => Peers::Healthy(peer),
+                PeersHealth::NoneHealthy(why_not) => Peers::NoneHealthy(why_not),
             },
         };
         *self.last.lock().expect("not poisoned") = answer;
     }
+}
+
+/// Why a replica past its grace stays ready: `reason`, its watches', and
+/// `why_not`, why each peer asked is not healthy (an operator mid-upgrade
+/// tells a peer too old to answer from one out of reach).
+fn stale(reason: &str, why_not: &[String]) -> String {
+    let mut why = format!(
+        "{reason}; no peer replica answers as healthy, so this one stays ready and serves the \
+         policies it last saw"
+    );
+    for peer in why_not {
+        why.push_str("; ");
+        why.push_str(peer);
+    }
+    why
 }

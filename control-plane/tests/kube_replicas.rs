@@ -12,17 +12,35 @@
 mod common;
 mod kube_api;
 
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures::future::BoxFuture;
 
 use common::{
     ControlPlane, Svid, Takes, Watcher, assert_renewal_overdue, certify_with, eventually_async,
     listed, until,
 };
 use kube_api::{PODS, POLICIES, event, fixture_json, item, pods_list, recorded_cluster};
-use tonic::Code;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::{Code, Request, Response, Status};
+use tower::Service;
+use trellis_control_plane::ca::CertificateAuthority;
 use trellis_control_plane::ca::anchors::expiries;
+use trellis_control_plane::metrics::Metrics;
+use trellis_control_plane::server::{GrpcListener, ServingCert, server_config};
+use trellis_core::TrustDomain;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
-use trellis_proto::admin::v1::{ListStreamsRequest, ListWorkloadsResponse, SnapshotSync};
+use trellis_proto::admin::v1::replica_server::{self, Replica, ReplicaServer};
+use trellis_proto::admin::v1::{
+    HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
+    ListStreamsRequest, ListStreamsResponse, ListWorkloadsResponse, ReplicaHealth, SnapshotSync,
+};
 use trellis_proto::discovery::v1::{Endpoint, EndpointChanges};
 use trellis_proto::identity::v1::certify_request::Proof;
 
@@ -215,6 +233,172 @@ async fn replicas_stay_ready_on_stale_policies_until_a_peer_is_healthy() {
     for cp in [&a, &b] {
         assert!(cp.metrics().contains(&stale(0)), "{}", cp.metrics());
     }
+}
+
+/// A peer replica stood in by the test: the `Replica` service on a real
+/// TLS port presenting the control plane's SVID, issued by the CA the
+/// replicas under test read from the CA Secret. As a release that
+/// predates `Health`, it knows no such method.
+struct StandInPeer {
+    addr: SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+/// The stand-in's name in its answers.
+const STAND_IN: &str = "cp-peer";
+
+impl StandInPeer {
+    /// Puts a new CA in `fake`'s CA Secret, for the replicas started after,
+    /// and serves with an SVID from it.
+    async fn start(fake: &kube_api::FakeKube) -> Self {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (ca, cert, key) = CertificateAuthority::generate(&td).unwrap();
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        let mut secret = fixture_json("store/secret-empty.json");
+        secret["data"] = serde_json::json!({"tls.crt": b64(&cert), "tls.key": b64(&key)});
+        fake.set_secret(Some(secret));
+        let ca = Arc::new(ca);
+        let serving = ServingCert::new(ca.clone(), &[], Ipv4Addr::LOCALHOST.into()).unwrap();
+        let tls = server_config(&ca, serving).unwrap();
+        let listener = GrpcListener::bind("127.0.0.1:0".parse().unwrap(), tls)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let incoming = listener.run(stopped, Arc::new(Metrics::default()));
+        let service = WithoutHealth(ReplicaServer::new(PeerReplica));
+        let router = tonic::transport::Server::builder().add_service(service);
+        tokio::spawn(router.serve_with_incoming(incoming));
+        StandInPeer { addr, _stop: stop }
+    }
+}
+
+/// The stand-in's `Replica` service.
+struct PeerReplica;
+
+#[tonic::async_trait]
+impl Replica for PeerReplica {
+    async fn list_streams(
+        &self,
+        _request: Request<ListStreamsRequest>,
+    ) -> Result<Response<ListStreamsResponse>, Status> {
+        Ok(Response::new(ListStreamsResponse {
+            name: STAND_IN.into(),
+            ..ListStreamsResponse::default()
+        }))
+    }
+
+    async fn list_issued_certificates(
+        &self,
+        _request: Request<ListIssuedCertificatesRequest>,
+    ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
+        Ok(Response::new(ListIssuedCertificatesResponse::default()))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            name: STAND_IN.into(),
+            health: ReplicaHealth::Healthy.into(),
+        }))
+    }
+}
+
+/// The `Replica` service of a release that predates `Health`: its other
+/// methods are served, and `Health` is answered as the generated server of
+/// such a release answers a method it does not know, `UNIMPLEMENTED`.
+#[derive(Clone)]
+struct WithoutHealth(ReplicaServer<PeerReplica>);
+
+impl NamedService for WithoutHealth {
+    const NAME: &'static str = replica_server::SERVICE_NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for WithoutHealth {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != "/trellis.admin.v1.Replica/Health" {
+            return self.0.call(request);
+        }
+        Box::pin(async {
+            let mut response = http::Response::new(tonic::body::Body::default());
+            let headers = response.headers_mut();
+            headers.insert(Status::GRPC_STATUS, (Code::Unimplemented as i32).into());
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                tonic::metadata::GRPC_CONTENT_TYPE,
+            );
+            Ok(response)
+        })
+    }
+}
+
+/// A replica `cp-a` on `fake` whose only peer is `peer`, with a grace of
+/// 2 s.
+async fn beside(fake: &kube_api::FakeKube, peer: &StandInPeer) -> ControlPlane {
+    let port = common::ports::free_addrs(1)[0].port();
+    let grace = ["--watch-failure-grace", "2s"].map(String::from).to_vec();
+    let flags = [fake.control_plane_flags(), grace].concat();
+    replica(&flags, "cp-a", port, &peer.addr.to_string()).await
+}
+
+/// During an upgrade from a release without `Health`, the peers of a new
+/// replica are older ones, which answer it `UNIMPLEMENTED`: an older peer
+/// is not a healthy one, so a new replica whose AuthorizationPolicy watch
+/// fails past its grace stays ready, serving stale policies, and says
+/// which peer is too old to ask, as an operator mid-upgrade must tell it
+/// from one out of reach: in `/ready`'s body and in the warning, with
+/// `trellis_store_serving_stale_policies` 1. The older peer serves its
+/// other `Replica` calls: `ListWorkloads` lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_peer_without_health_leaves_a_replica_ready_and_is_named() {
+    let fake = recorded_cluster().await;
+    let peer = StandInPeer::start(&fake).await;
+    let cp = beside(&fake, &peer).await;
+    let answer = cp.list_workloads().await;
+    assert!(
+        answer
+            .replicas
+            .iter()
+            .any(|r| r.name == STAND_IN && r.error.is_empty()),
+        "{:?}",
+        answer.replicas
+    );
+
+    fake.fail(POLICIES, 500);
+    let body = eventually_async("/ready to say why the peer is not healthy", || async {
+        let (status, body) = cp.ready();
+        assert_eq!(status, 200, "ready with no healthy peer: {body}");
+        body.contains(&peer.addr.to_string()).then_some(body)
+    })
+    .await;
+    common::assert_serving_stale(&body, "AuthorizationPolicy");
+    let too_old = format!(
+        "{} does not support the health check (an older release): it counts as not healthy",
+        peer.addr
+    );
+    assert!(body.contains(&too_old), "{body}");
+    assert!(
+        cp.metrics().contains(
+            "trellis_store_serving_stale_policies 1
+"
+        ),
+        "{}",
+        cp.metrics()
+    );
+    let warning = cp.wait_for_line("the warning that it serves stale policies", |l| {
+        l.contains("WARN") && l.contains("serving the policies last seen")
+    });
+    assert!(warning.contains(&too_old), "{warning}");
 }
 
 /// The table row of `id` in `trellisctl workloads`, split into columns.

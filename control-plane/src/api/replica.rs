@@ -20,7 +20,7 @@
 //!
 //! `Health` says whether a replica is a good place for sidecars to move
 //! to; a replica whose own policy watch keeps failing asks its peers
-//! ([`Replicas::healthy_peer`]) to know whether to go unready
+//! ([`Replicas::peers_health`]) to know whether to go unready
 //! ([`crate::readiness`]).
 
 use std::collections::{BTreeSet, HashMap};
@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
@@ -250,20 +250,45 @@ impl Replicas {
         joined
     }
 
-    /// A peer that answers `Health` as healthy, by name and address, if
-    /// any: every peer is asked at once, each within [`PEER_TIMEOUT`]. A
-    /// peer that does not answer, or predates the call, is not healthy.
-    pub async fn healthy_peer(&self) -> Option<String> {
+    /// What the peers answer `Health`: one that is healthy, by name and
+    /// address, or why none is. Every peer is asked at once, each within
+    /// [`PEER_TIMEOUT`]. A peer that does not answer, or predates the call
+    /// (`UNIMPLEMENTED`), is not healthy.
+    pub async fn peers_health(&self) -> PeersHealth {
         let answers = self
             .ask_peers(false, |mut peer| async move {
-                peer.health(HealthRequest {}).await
+                match peer.health(HealthRequest {}).await {
+                    Ok(answer) => Ok(answer.map(Some)),
+                    Err(status) if status.code() == Code::Unimplemented => Ok(Response::new(None)),
+                    Err(status) => Err(status),
+                }
             })
             .await;
-        answers.into_iter().find_map(|(address, answer)| {
-            let answer = answer.ok()?;
-            (answer.health() == ReplicaHealth::Healthy)
-                .then(|| format!("{} at {address}", answer.name))
-        })
+        let mut why_not = Vec::with_capacity(answers.len());
+        for (address, answer) in answers {
+            let why = match answer {
+                Ok(Some(answer)) => {
+                    let peer = format!("{} at {address}", answer.name);
+                    match answer.health() {
+                        ReplicaHealth::Healthy => return PeersHealth::Healthy(peer),
+                        ReplicaHealth::PoliciesStale => {
+                            format!("{peer} serves stale policies too")
+                        }
+                        ReplicaHealth::Stopping => format!("{peer} is shutting down"),
+                        ReplicaHealth::Unspecified => {
+                            format!("{peer} does not say whether it is healthy")
+                        }
+                    }
+                }
+                Ok(None) => format!(
+                    "{address} does not support the health check (an older release): \
+                     it counts as not healthy"
+                ),
+                Err(why) => format!("{address} did not answer: {}", why.error),
+            };
+            why_not.push(why);
+        }
+        PeersHealth::NoneHealthy(why_not)
     }
 
     /// Asks every peer at once with `call`, each within [`PEER_TIMEOUT`]:
@@ -347,6 +372,16 @@ impl Replicas {
         answers.sort_by(|a, b| a.0.cmp(&b.0));
         answers
     }
+}
+
+/// What a replica's peers answer `Health` ([`Replicas::peers_health`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeersHealth {
+    /// This peer, by name and address, answers as healthy.
+    Healthy(String),
+    /// No peer does: why not, one line a peer asked, by address (none
+    /// when no peer was asked, or the only one was this replica).
+    NoneHealthy(Vec<String>),
 }
 
 /// Why a peer gave no answer.
