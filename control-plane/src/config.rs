@@ -281,8 +281,9 @@ pub struct Config {
 
     /// With --store kubernetes: how long the watch of a policy kind may
     /// keep failing before the replica goes unready, if a peer replica
-    /// (--peers) answers as healthy; with none, it stays ready serving the
-    /// policies it last saw, and says so (at least 1s).
+    /// (--peers) answers as healthy at two checks in a row, 5s apart; with
+    /// none, it stays ready serving the policies it last saw, and says so
+    /// (at least 1s).
     #[arg(
         long,
         env = "TRELLIS_WATCH_FAILURE_GRACE",

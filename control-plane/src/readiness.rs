@@ -24,12 +24,17 @@
 //! health check), so that mid-upgrade "peer too old" is told apart from
 //! "peer out of reach".
 //!
-//! Flapping: a replica changes its answer only when a peer's health does,
-//! at most once an interval, and a peer is healthy only while each of its
-//! policy watches works, not merely within its grace. When the API server
-//! comes back, the replica whose watch recovers first is healthy and the
-//! others go unready until theirs recover (within the watch backoff), as
-//! they should: their policies are the stale ones.
+//! Flapping: a replica goes unready only once [`HEALTHY_CHECKS`] checks in
+//! a row have found a healthy peer, so a peer whose own watch is flaky,
+//! healthy at one check and not at the next, never makes it unready; it
+//! is ready again at the first check that finds no healthy peer (going
+//! ready never takes the mesh down, and may be what leaves the Service a
+//! ready endpoint), and at once when its own watches work again. A peer is
+//! healthy only while each of its policy watches works, not merely within
+//! its grace. When the API server comes back, the replica whose watch
+//! recovers first is healthy and the others go unready until theirs
+//! recover (within the watch backoff), as they should: their policies are
+//! the stale ones.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +50,10 @@ use crate::store::kubernetes::WatchHealth;
 /// peers whether one is healthy; `/ready` answers from the last answer.
 pub const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How many checks in a row must find a healthy peer before a replica
+/// whose policy watch is past its grace goes unready.
+pub const HEALTHY_CHECKS: u32 = 2;
+
 /// At most one warning that every replica serves stale policies per this
 /// long, however often the state is entered.
 const STALE_LOG_PAUSE: Duration = Duration::from_secs(300);
@@ -55,10 +64,12 @@ pub enum Check {
     /// The watch of every policy kind works, or has failed for less than
     /// its grace.
     Current,
-    /// Past the grace, and a peer answered as healthy: not ready, why.
+    /// Past the grace, and [`HEALTHY_CHECKS`] checks in a row found a
+    /// healthy peer: not ready, why.
     Unready(String),
-    /// Past the grace, and no peer answered as healthy: ready all the
-    /// same, serving the policies last seen; why.
+    /// Past the grace, and the last check found no healthy peer, or fewer
+    /// than [`HEALTHY_CHECKS`] in a row did: ready all the same, serving
+    /// the policies last seen; why.
     ServingStale(String),
 }
 
@@ -68,8 +79,9 @@ pub enum Check {
 enum Peers {
     /// Not asked since the replica's policies were last current.
     NotAsked,
-    /// This peer (its name and address) answered as healthy.
-    Healthy(String),
+    /// A peer answered as healthy at each of the last `checks` checks:
+    /// `peer` (its name and address) at the last.
+    Healthy { peer: String, checks: u32 },
     /// No peer answered as healthy: why not, one line a peer asked.
     NoneHealthy(Vec<String>),
 }
@@ -114,8 +126,13 @@ impl Readiness {
             return Check::Current;
         };
         match &*self.last.lock().expect("not poisoned") {
-            Peers::Healthy(peer) => Check::Unready(format!(
-                "{reason}; peer replica {peer} serves current policies"
+            Peers::Healthy { peer, checks } if *checks >= HEALTHY_CHECKS => Check::Unready(
+                format!("{reason}; peer replica {peer} serves current policies"),
+            ),
+            Peers::Healthy { peer, checks } => Check::ServingStale(format!(
+                "{reason}; peer replica {peer} answers as healthy, but this one goes unready \
+                 only once {HEALTHY_CHECKS} checks in a row find a healthy peer ({checks} so \
+                 far), so it stays ready and serves the policies it last saw"
             )),
             Peers::NotAsked => Check::ServingStale(stale(&reason, &[])),
             Peers::NoneHealthy(why_not) => Check::ServingStale(stale(&reason, why_not)),
@@ -143,7 +160,7 @@ impl Readiness {
                     self.lines,
                     "serving_stale",
                     { reason = %reason },
-                    "serving the policies last seen, which may be stale: no peer replica answers as healthy, so this one stays ready"
+                    "serving the policies last seen, which may be stale, and staying ready: no peer replica is known to serve current policies"
                 ),
                 (_, Check::Unready(reason)) => {
                     tracing::info!(%reason, "not ready: a peer replica serves current policies");
@@ -157,17 +174,29 @@ impl Readiness {
     }
 
     /// Asks the peers for a healthy one when the replica's policy watch is
-    /// past its grace; forgets their answer when its policies are current.
+    /// past its grace, counting the checks in a row that find one; forgets
+    /// their answers when its policies are current.
     async fn ask_peers(&self) {
         let answer = match (self.watches.unready(), &self.peers) {
-            (None, _) => Peers::NotAsked,
-            (Some(_), None) => Peers::NoneHealthy(Vec::new()),
-            (Some(_), Some(peers)) => match peers.peers_health().await {
-                PeersHealth::Healthy(peer) => Peers::Healthy(peer),
-                PeersHealth::NoneHealthy(why_not) => Peers::NoneHealthy(why_not),
-            },
+            (None, _) => None,
+            (Some(_), None) => Some(PeersHealth::NoneHealthy(Vec::new())),
+            (Some(_), Some(peers)) => Some(peers.peers_health().await),
         };
-        *self.last.lock().expect("not poisoned") = answer;
+        let mut last = self.last.lock().expect("not poisoned");
+        *last = match answer {
+            None => Peers::NotAsked,
+            Some(PeersHealth::Healthy(peer)) => {
+                let before = match &*last {
+                    Peers::Healthy { checks, .. } => *checks,
+                    Peers::NotAsked | Peers::NoneHealthy(_) => 0,
+                };
+                Peers::Healthy {
+                    peer,
+                    checks: before.saturating_add(1),
+                }
+            }
+            Some(PeersHealth::NoneHealthy(why_not)) => Peers::NoneHealthy(why_not),
+        };
     }
 }
 

@@ -26,7 +26,7 @@ use common::{
     listed, until,
 };
 use kube_api::{PODS, POLICIES, event, fixture_json, item, pods_list, recorded_cluster};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 use tower::Service;
@@ -237,10 +237,12 @@ async fn replicas_stay_ready_on_stale_policies_until_a_peer_is_healthy() {
 
 /// A peer replica stood in by the test: the `Replica` service on a real
 /// TLS port presenting the control plane's SVID, issued by the CA the
-/// replicas under test read from the CA Secret. As a release that
-/// predates `Health`, it knows no such method.
+/// replicas under test read from the CA Secret. It answers `Health` as the
+/// test says, call by call ([`StandInPeer::next_health_call`]); or, as a
+/// release that predates `Health`, knows no such method.
 struct StandInPeer {
     addr: SocketAddr,
+    health_calls: mpsc::Receiver<oneshot::Sender<ReplicaHealth>>,
     _stop: watch::Sender<bool>,
 }
 
@@ -249,8 +251,9 @@ const STAND_IN: &str = "cp-peer";
 
 impl StandInPeer {
     /// Puts a new CA in `fake`'s CA Secret, for the replicas started after,
-    /// and serves with an SVID from it.
-    async fn start(fake: &kube_api::FakeKube) -> Self {
+    /// and serves with an SVID from it; `knows_health` false stands in for
+    /// an older release.
+    async fn start(fake: &kube_api::FakeKube, knows_health: bool) -> Self {
         let td = TrustDomain::new("cluster.local").unwrap();
         let (ca, cert, key) = CertificateAuthority::generate(&td).unwrap();
         let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
@@ -266,15 +269,36 @@ impl StandInPeer {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
         let incoming = listener.run(stopped, Arc::new(Metrics::default()));
-        let service = WithoutHealth(ReplicaServer::new(PeerReplica));
-        let router = tonic::transport::Server::builder().add_service(service);
+        let (calls, health_calls) = mpsc::channel(1);
+        let service = ReplicaServer::new(PeerReplica { health: calls });
+        let mut server = tonic::transport::Server::builder();
+        let router = if knows_health {
+            server.add_service(service)
+        } else {
+            server.add_service(WithoutHealth(service))
+        };
         tokio::spawn(router.serve_with_incoming(incoming));
-        StandInPeer { addr, _stop: stop }
+        StandInPeer {
+            addr,
+            health_calls,
+            _stop: stop,
+        }
+    }
+
+    /// The next `Health` call, waiting for the answer sent on it: until
+    /// then, the replica asking holds what it made of the answers before.
+    async fn next_health_call(&mut self) -> oneshot::Sender<ReplicaHealth> {
+        tokio::time::timeout(common::PATIENCE, self.health_calls.recv())
+            .await
+            .expect("a Health call within the patience")
+            .expect("the stand-in serves")
     }
 }
 
 /// The stand-in's `Replica` service.
-struct PeerReplica;
+struct PeerReplica {
+    health: mpsc::Sender<oneshot::Sender<ReplicaHealth>>,
+}
 
 #[tonic::async_trait]
 impl Replica for PeerReplica {
@@ -299,9 +323,13 @@ impl Replica for PeerReplica {
         &self,
         _request: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
+        let (answer, answered) = oneshot::channel();
+        let gone = || Status::unavailable("the test has ended");
+        self.health.send(answer).await.map_err(|_| gone())?;
+        let health = answered.await.map_err(|_| gone())?;
         Ok(Response::new(HealthResponse {
             name: STAND_IN.into(),
-            health: ReplicaHealth::Healthy.into(),
+            health: health.into(),
         }))
     }
 }
@@ -362,7 +390,7 @@ async fn beside(fake: &kube_api::FakeKube, peer: &StandInPeer) -> ControlPlane {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_peer_without_health_leaves_a_replica_ready_and_is_named() {
     let fake = recorded_cluster().await;
-    let peer = StandInPeer::start(&fake).await;
+    let peer = StandInPeer::start(&fake, false).await;
     let cp = beside(&fake, &peer).await;
     let answer = cp.list_workloads().await;
     assert!(
@@ -399,6 +427,84 @@ async fn an_older_peer_without_health_leaves_a_replica_ready_and_is_named() {
         l.contains("WARN") && l.contains("serving the policies last seen")
     });
     assert!(warning.contains(&too_old), "{warning}");
+}
+
+/// A replica does not flap between ready and unready on a peer whose own
+/// watch is flaky: past its grace, it goes unready only once two checks
+/// in a row find a healthy peer, is ready again (serving stale policies)
+/// at the first check that finds none, and plainly ready as soon as its
+/// own watch works again, however healthy the peer. The stand-in peer
+/// answers each check as the test says; while the next check waits for
+/// its answer, `/ready` says what the replica made of the answers so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_goes_unready_only_once_a_peer_is_healthy_at_two_checks_in_a_row() {
+    use ReplicaHealth::{Healthy, PoliciesStale};
+    let fake = recorded_cluster().await;
+    let mut peer = StandInPeer::start(&fake, true).await;
+    let cp = beside(&fake, &peer).await;
+    let stale = |value: u8| format!("trellis_store_serving_stale_policies {value}\n");
+    let peer_named = format!("peer replica {STAND_IN} at {}", peer.addr);
+
+    fake.fail(POLICIES, 500);
+    // The first check once the watch is past its grace.
+    let mut call = peer.next_health_call().await;
+    // Each answer, and /ready once the replica has made of it what it
+    // does: the peer alternating never makes it unready.
+    let checks = [
+        (Healthy, 200),
+        (PoliciesStale, 200),
+        (Healthy, 200),
+        (Healthy, 503),
+        (PoliciesStale, 200),
+        (Healthy, 200),
+        (Healthy, 503),
+    ];
+    for (i, (answer, status)) in checks.into_iter().enumerate() {
+        call.send(answer).unwrap();
+        call = peer.next_health_call().await;
+        let (got, body) = cp.ready();
+        assert_eq!(got, status, "after answer {i}, {answer:?}: {body}");
+        let metrics = cp.metrics();
+        if status == 503 {
+            assert!(body.starts_with("not ready: "), "{body}");
+            assert!(
+                body.contains(&format!("{peer_named} serves current policies")),
+                "{body}"
+            );
+            assert!(metrics.contains(&stale(0)), "{metrics}");
+        } else {
+            assert!(body.starts_with("ready, serving stale: "), "{body}");
+            assert!(metrics.contains(&stale(1)), "{metrics}");
+        }
+        if answer == Healthy && status == 200 {
+            assert!(
+                body.contains(&format!(
+                    "{peer_named} answers as healthy, but this one goes unready only once 2 \
+                     checks in a row find a healthy peer (1 so far)"
+                )),
+                "{body}"
+            );
+        }
+        if answer == PoliciesStale {
+            common::assert_serving_stale(&body, "AuthorizationPolicy");
+            assert!(
+                body.contains(&format!(
+                    "{STAND_IN} at {} serves stale policies too",
+                    peer.addr
+                )),
+                "{body}"
+            );
+        }
+    }
+
+    // Unready, with a healthy peer: its own watch works again.
+    call.send(Healthy).unwrap();
+    fake.recover(POLICIES);
+    eventually_async("/ready to answer plainly ready again", || async {
+        (cp.ready() == (200, "ready\n".into())).then_some(())
+    })
+    .await;
+    assert!(cp.metrics().contains(&stale(0)), "{}", cp.metrics());
 }
 
 /// The table row of `id` in `trellisctl workloads`, split into columns.
