@@ -22,6 +22,7 @@ pub struct Metrics {
     inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
     /// (in the order of [`SNAPSHOT_ENDPOINTS`]): counted without a lock,
@@ -60,6 +61,12 @@ impl Metrics {
     /// `reason`.
     pub fn webhook_handshake_failed(&self, reason: &'static str) {
         count(&self.webhook_handshake_failures, reason);
+    }
+
+    /// A connection to the webhook port closed as it was accepted, by the
+    /// limit that refused it (`per_client` or `total`).
+    pub fn webhook_connection_refused(&self, reason: &'static str) {
+        count(&self.webhook_connections_refused, reason);
     }
 
     pub fn watch_stream_opened(&self) {
@@ -141,6 +148,17 @@ impl Metrics {
              port's are trellis_tls_handshake_failures_total).",
             &self
                 .webhook_handshake_failures
+                .lock()
+                .expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_webhook_connections_refused_total",
+            "Connections to the admission webhook port closed as they were accepted, by the \
+             limit that refused them: per_client (as many open from the client's address as one \
+             may hold) or total (every slot taken, none from an address holding more).",
+            &self
+                .webhook_connections_refused
                 .lock()
                 .expect("not poisoned"),
         );

@@ -348,8 +348,9 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// How a port's handshake failures are counted and logged: the gRPC
-/// port's here, the admission webhook port's (`crate::inject::server`),
+/// How a port's refused connections are counted and logged: the gRPC
+/// port's failed handshakes here, the admission webhook port's failed
+/// handshakes and connections past its limits (`crate::inject::server`),
 /// each into a metric of its own.
 pub(crate) struct Refusals {
     metrics: Arc<Metrics>,

@@ -55,6 +55,16 @@ pub enum Refused {
     Total { limit: usize },
 }
 
+impl Refused {
+    /// The limit as a metric label names it: `per_client` or `total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::FromClient { .. } => "per_client",
+            Refused::Total { .. } => "total",
+        }
+    }
+}
+
 /// One admitted connection's slot, given back when dropped: keep it as long
 /// as the connection is served.
 pub struct Admitted {

@@ -14,7 +14,11 @@
 //! logged as a warning naming the client, at most once per reason per
 //! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE), by the gRPC
 //! port's `Refusals`: otherwise an API server that cannot reach the
-//! webhook would leave no trace at the default log level.
+//! webhook would leave no trace at the default log level. A connection
+//! closed as it is accepted because it is past the connection limits (a
+//! pod flooding the port, or an API server sending more reviews at once
+//! than one address may) is counted and logged the same way, by the limit
+//! that refused it.
 //! A client that sent plaintext HTTP (`curl http://` while debugging) is
 //! answered in HTTP, within the same deadline and connection limits, that
 //! the port speaks only HTTPS: the TLS alert it would get otherwise reads
@@ -227,7 +231,8 @@ impl WebhookServer {
 
     /// Serves until `shutdown` completes. `config` carries the injection
     /// settings and the current trust bundle; a CA rotation sends a new one.
-    /// Failed handshakes are counted in `metrics`.
+    /// Failed handshakes, and connections refused by the connection limits,
+    /// are counted in `metrics`.
     pub async fn run(
         self,
         config: watch::Receiver<Arc<InjectConfig>>,
@@ -236,6 +241,7 @@ impl WebhookServer {
     ) {
         tokio::pin!(shutdown);
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+        let over_limits = Refusals::new(metrics.clone(), Metrics::webhook_connection_refused);
         let failures = Arc::new(Refusals::new(metrics, Metrics::webhook_handshake_failed));
         loop {
             let (tcp, client) = tokio::select! {
@@ -252,7 +258,7 @@ impl WebhookServer {
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
                 Err(refused) => {
-                    tracing::debug!(%client, %refused, "webhook connection refused");
+                    over_limits.refuse(client, refused.reason(), Some(&refused), OVER_LIMITS);
                     continue;
                 }
             };
@@ -289,6 +295,11 @@ impl WebhookServer {
 /// How a failed handshake on the webhook port is logged, with its reason
 /// and peer.
 const HANDSHAKE_FAILED: &str = "webhook TLS handshake failed";
+
+/// How a connection closed as it was accepted, past the webhook port's
+/// connection limits, is logged, with the limit (`reason`, `error`) and
+/// peer.
+const OVER_LIMITS: &str = "webhook connection refused: past the port's connection limits";
 
 /// The TLS handshake of a connection from `peer`, finished within
 /// [`HEAD_TIMEOUT`]; `None` when it failed (counted and logged). A
@@ -595,6 +606,81 @@ mod tests {
             "trellis_webhook_tls_handshake_failures_total{{reason=\"certificate_refused\"}} {}\n",
             FLOOD + 1
         )));
+    }
+
+    /// A client address holding [`MAX_CONNECTIONS_PER_CLIENT`] connections
+    /// has each more closed as it is accepted: counted as `per_client`,
+    /// the first logged at once as a warning naming the client and the
+    /// limit, the next within [`REFUSAL_LOG_PAUSE`] only counted. With
+    /// every slot taken and no address holding more to take one from, a
+    /// connection is refused as `total`, likewise.
+    #[tokio::test]
+    async fn connections_past_the_limits_are_counted_and_logged() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let metrics = Arc::new(Metrics::default());
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let (addr, _stop, _dir) = loopback_webhook(metrics.clone()).await;
+        // Connections from 127.0.0.`last` that send nothing.
+        let connect = |last: u8| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+            socket.bind(SocketAddr::new(from, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let hold = |last: u8, count: usize| async move {
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                held.push(connect(last).await);
+            }
+            held
+        };
+        // Closed by the server with nothing sent: once it is, the refusal
+        // has been counted and logged (or not).
+        let refused = |last: u8| async move {
+            let mut tcp = connect(last).await;
+            let read = tcp.read(&mut [0u8; 64]).await;
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        };
+
+        let mut held = hold(1, MAX_CONNECTIONS_PER_CLIENT).await;
+        refused(1).await;
+        refused(1).await;
+        // Every slot taken, 127.0.0.2 holding as many as any other but one:
+        // no slot to take from an address holding more.
+        held.extend(hold(2, MAX_CONNECTIONS_PER_CLIENT - 1).await);
+        held.extend(hold(3, MAX_CONNECTIONS - held.len()).await);
+        refused(2).await;
+
+        let rendered = metrics.render();
+        for (reason, count) in [("per_client", 2), ("total", 1)] {
+            let counted = format!(
+                "trellis_webhook_connections_refused_total{{reason=\"{reason}\"}} {count}\n"
+            );
+            assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+        }
+        let [from_client] = &logs.assert_first_warnings(OVER_LIMITS, &["per_client"])[..] else {
+            unreachable!("one line a reason");
+        };
+        assert!(
+            from_client.contains(&format!(
+                "{MAX_CONNECTIONS_PER_CLIENT} connections are open from this address already"
+            )),
+            "the line names the limit: {from_client}"
+        );
+        let text = logs.text();
+        let total: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(OVER_LIMITS) && l.contains("reason=\"total\""))
+            .collect();
+        assert_eq!(total.len(), 1, "{total:#?}");
+        assert!(
+            total[0].contains("WARN")
+                && total[0].contains("peer=127.0.0.2:")
+                && total[0].contains(&format!("{MAX_CONNECTIONS} connections are open already")),
+            "{}",
+            total[0]
+        );
+        drop(held);
     }
 
     /// A connection closed before it sent anything (a TCP probe, a port
