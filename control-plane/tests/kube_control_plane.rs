@@ -183,6 +183,8 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         .unwrap()
         .into_inner();
     assert_eq!(applied.results[0].revision, 1);
+    // Its versions are digests of the content, set in no epoch.
+    assert_eq!(applied.snapshot_version_epoch, 0);
     let post = fake
         .requests()
         .into_iter()

@@ -12,7 +12,20 @@ use common::*;
 use tonic::Code;
 use trellis_control_plane::api::policy::policy_errors_of;
 use trellis_proto::admin::v1::admin_client::AdminClient;
-use trellis_proto::admin::v1::{ExplainRequest, PolicyOutcome};
+use trellis_proto::admin::v1::{ExplainRequest, ListWorkloadsRequest, PolicyOutcome};
+
+/// The epoch the control plane's snapshot versions are set in, as
+/// ListWorkloads reports it (the embedded store sets one, never 0, each
+/// time it is opened).
+async fn served_epoch(admin: &mut AdminClient<tonic::transport::Channel>) -> u64 {
+    let answer = admin
+        .list_workloads(ListWorkloadsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(answer.snapshot_version_epoch, 0, "{answer:?}");
+    answer.snapshot_version_epoch
+}
 
 #[tokio::test]
 async fn apply_get_list_delete() {
@@ -29,6 +42,9 @@ async fn apply_get_list_delete() {
     let created = apply(&mut admin, &two, false).await.unwrap();
     assert!(!created.dry_run);
     assert_eq!(created.generation, 1);
+    // The write's version names its snapshot with the epoch it was set in.
+    let epoch = served_epoch(&mut admin).await;
+    assert_eq!(created.snapshot_version_epoch, epoch);
     let outcomes: Vec<_> = created
         .results
         .iter()
@@ -53,8 +69,12 @@ async fn apply_get_list_delete() {
             .all(|r| r.outcome() == PolicyOutcome::Unchanged && r.revision == 1)
     );
     assert_eq!(
-        (again.generation, again.snapshot_version),
-        (created.generation, created.snapshot_version)
+        (
+            again.generation,
+            again.snapshot_version,
+            again.snapshot_version_epoch
+        ),
+        (created.generation, created.snapshot_version, epoch)
     );
 
     // A change is a new revision and a new snapshot version.
@@ -65,6 +85,7 @@ async fn apply_get_list_delete() {
     assert_eq!(updated.results[0].revision, 2);
     assert_eq!(updated.generation, 2);
     assert!(updated.snapshot_version > created.snapshot_version);
+    assert_eq!(updated.snapshot_version_epoch, epoch);
 
     let got = admin
         .get_policy(get("default", "web-to-api", ""))
@@ -88,6 +109,7 @@ async fn apply_get_list_delete() {
         .unwrap()
         .into_inner();
     assert_eq!(deleted.generation, 3);
+    assert_eq!(deleted.snapshot_version_epoch, epoch);
     let err = admin
         .delete_policy(delete("default", "web-to-api", ""))
         .await
@@ -320,8 +342,16 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     selected.sort();
     assert_eq!(selected, [DB, API]);
     assert_eq!(
-        (dry.generation, dry.snapshot_version),
-        (before.generation, before.snapshot_version)
+        (
+            dry.generation,
+            dry.snapshot_version,
+            dry.snapshot_version_epoch
+        ),
+        (
+            before.generation,
+            before.snapshot_version,
+            served_epoch(&mut admin).await
+        )
     );
 
     let got = admin

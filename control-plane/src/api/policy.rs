@@ -187,6 +187,7 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
         snapshot_version: generation.snapshot,
         dry_run,
         position: Some(generation.position.into()),
+        snapshot_version_epoch: generation.epoch,
     })
 }
 
@@ -562,6 +563,7 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
         generation: generation.policies,
         snapshot_version: generation.snapshot,
         position: Some(generation.position.into()),
+        snapshot_version_epoch: generation.epoch,
     })
 }
 

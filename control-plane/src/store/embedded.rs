@@ -500,6 +500,7 @@ fn bump_generation(
     let generation = Generation {
         policies: get_u64(meta, POLICY_GENERATION)? + 1,
         snapshot,
+        epoch,
         position: Position::at(snapshot),
     };
     meta.insert(POLICY_GENERATION, encode(&generation.policies).as_slice())?;
@@ -514,6 +515,7 @@ fn current_generation(
     Ok(Generation {
         policies: get_u64(meta, POLICY_GENERATION)?,
         snapshot,
+        epoch: stored_epoch(meta)?,
         position: Position::at(snapshot),
     })
 }

@@ -346,6 +346,10 @@ pub struct Generation {
     pub policies: u64,
     /// The snapshot version, bumped in the same transaction.
     pub snapshot: u64,
+    /// The epoch `snapshot` was set in ([`DiscoveryState::epoch`]): 0 when
+    /// the version alone names the content, or was set before there were
+    /// epochs.
+    pub epoch: u64,
     /// Where the write stands in the store's history of policies: a view
     /// that has reached it holds the write, or a later change of what it
     /// wrote.

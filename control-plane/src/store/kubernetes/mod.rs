@@ -366,6 +366,8 @@ impl KubernetesStore {
         self.shared.read(|c| Generation {
             policies: c.policy_generation(),
             snapshot: c.version(),
+            // Its versions are digests of the content: they set no epoch.
+            epoch: 0,
             position: c.position(),
         })
     }
