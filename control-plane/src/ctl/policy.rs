@@ -286,6 +286,7 @@ pub async fn run(
             ));
             let written = Written {
                 version: response.snapshot_version,
+                epoch: response.snapshot_version_epoch,
                 position: response.position,
             };
             wait.then(client, printed, written).await
@@ -403,6 +404,7 @@ async fn apply(
     };
     let written = Written {
         version: response.snapshot_version,
+        epoch: response.snapshot_version_epoch,
         position: response.position,
     };
     Ok((printed, written))
@@ -537,6 +539,7 @@ fn apply_json(response: &ApplyPolicyResponse) -> String {
         "dry_run": response.dry_run,
         "generation": response.generation,
         "snapshot_version": response.snapshot_version,
+        "snapshot_version_epoch": super::epoch_hex(response.snapshot_version_epoch),
     }))
 }
 

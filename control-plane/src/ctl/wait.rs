@@ -21,12 +21,15 @@
 //! Each replica judges its own streams. Across them, a snapshot version is
 //! compared with the epoch it was set in where both epochs are known
 //! ([`super::same_snapshot`]): a replica serving, or a sidecar holding,
-//! the number the answering replica serves set in another epoch (after a
-//! restore of the embedded database from a backup, versions count again in
-//! another epoch, with other content) does not hold the write, and is
-//! waited for and named. Where either epoch is 0 (the Kubernetes store
-//! sets none; a replica or stream that predates epochs reports none) the
-//! numbers alone are compared, as before.
+//! the write's version number set in another epoch than the write's
+//! (after a restore of the embedded database from a backup, versions count
+//! again in another epoch, with other content) does not hold the write,
+//! and is waited for and named. The write's epoch is the one the write
+//! returned; a control plane that predates it returns none, and then the
+//! version the answering replica serves, with its epoch, stands for it.
+//! Where either epoch is 0 (the Kubernetes store sets none; a replica or
+//! stream that predates epochs reports none) the numbers alone are
+//! compared, as before.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -51,6 +54,9 @@ pub const REFUSAL_STANDS: Duration = Duration::from_secs(2);
 pub struct Written {
     /// The first snapshot version that holds the write.
     pub version: u64,
+    /// The epoch `version` was set in; 0 from a store that sets none (the
+    /// Kubernetes store) or a control plane that predates it.
+    pub epoch: u64,
     /// Where the write stands in the store's history; `None` from a
     /// control plane that predates positions.
     pub position: Option<StorePosition>,
@@ -125,9 +131,11 @@ impl Standing {
     }
 }
 
-/// Where one `ListWorkloads` answer, asked with `reached_version:
-/// version`, stands against `version`.
-pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
+/// Where one `ListWorkloads` answer, asked with `reached_version` the
+/// version of `written` (a snapshot version with the epoch it was set
+/// in), stands against it.
+pub fn standing(answer: &ListWorkloadsResponse, written: (u64, u64)) -> Standing {
+    let version = written.0;
     let mut standing = Standing::default();
     // A control plane that predates the replica list is one replica, and
     // knows no `reached`: its version must be the one applied.
@@ -136,7 +144,20 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
         let serves = answer.snapshot_version;
         standing.serving("the control plane", serves == version, serves, version);
     }
-    let served = (answer.snapshot_version, answer.snapshot_version_epoch);
+    // What a replica's or a sidecar's version is told apart from by epoch:
+    // the write's own, or, from a control plane that returned no epoch with
+    // it, what the answering replica serves now.
+    let (against, named) = match written.1 {
+        0 => {
+            let served = (answer.snapshot_version, answer.snapshot_version_epoch);
+            let shown = super::version_shown(served.0, served.1);
+            (served, format!("the {shown} the answering replica serves"))
+        }
+        _ => (
+            written,
+            format!("the write's {}", super::version_shown(written.0, written.1)),
+        ),
+    };
     for r in &answer.replicas {
         let serves = (r.snapshot_version, r.snapshot_version_epoch);
         if r.not_listening {
@@ -146,14 +167,13 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             ));
         } else if !r.error.is_empty() {
             standing.missing.push(super::unanswered(r));
-        } else if super::same_number_other_epoch(serves, served) {
+        } else if super::same_number_other_epoch(serves, against) {
             standing.replicas += 1;
             standing.missing.push(format!(
-                "{} serves snapshot {}, of another database epoch than the {} the answering \
-                 replica serves, with other content: it does not hold the write",
+                "{} serves snapshot {}, of another database epoch than {named}, with other \
+                 content: it does not hold the write",
                 super::replica_label(r),
                 super::version_shown(serves.0, serves.1),
-                super::version_shown(served.0, served.1)
             ));
         } else {
             let name = super::replica_label(r);
@@ -171,7 +191,7 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             true => w.reached,
             false => w.sync() == SnapshotSync::Synced,
         };
-        let other_epoch = super::same_number_other_epoch(held, served);
+        let other_epoch = super::same_number_other_epoch(held, against);
         if holds && !other_epoch {
             standing.holding += 1;
         } else if w.sync() == SnapshotSync::Refused {
@@ -183,12 +203,11 @@ pub fn standing(answer: &ListWorkloadsResponse, version: u64) -> Standing {
             standing.refused.push(w.spiffe_id.clone());
         } else if other_epoch {
             standing.missing.push(format!(
-                "{}{on} holds version {} of another database epoch ({}, not the {} served), \
-                 with other content, not the write",
+                "{}{on} holds version {} of another database epoch ({}, not {named}), with \
+                 other content, not the write",
                 w.spiffe_id,
                 held.0,
                 super::version_shown(held.0, held.1),
-                super::version_shown(served.0, served.1)
             ));
         } else {
             standing
@@ -218,7 +237,7 @@ pub async fn wait_for(
             .await?
             .into_inner();
         let now = Instant::now();
-        let standing = standing(&answer, version);
+        let standing = standing(&answer, (version, written.epoch));
         if standing.missing.is_empty() {
             let held = Over::Held(now.duration_since(start));
             return Ok((standing.told(version, held), false));
@@ -283,7 +302,7 @@ mod tests {
             snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 10, true, ""), replica("cp-b", 9, true, "")],
         };
-        let standing = standing(&answer, 9);
+        let standing = standing(&answer, (9, 0));
         assert!(standing.missing.is_empty(), "{standing:?}");
         assert_eq!((standing.holding, standing.replicas), (2, 2));
     }
@@ -301,7 +320,7 @@ mod tests {
             snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 9, true, ""), gone],
         };
-        let standing = standing(&answer, 9);
+        let standing = standing(&answer, (9, 0));
         assert!(standing.missing.is_empty(), "{standing:?}");
         assert_eq!((standing.holding, standing.replicas), (1, 1));
         assert_eq!(
@@ -350,7 +369,7 @@ mod tests {
                 replica("", 0, false, "no answer within 3s"),
             ],
         };
-        let standing = standing(&answer, 9);
+        let standing = standing(&answer, (9, 0));
         assert_eq!(
             standing.missing,
             [
@@ -402,7 +421,7 @@ mod tests {
             snapshot_version_epoch: NEW,
             replicas: vec![answering, restored, replica("cp-c", 9, true, "")],
         };
-        let found = standing(&answer, 9);
+        let found = standing(&answer, (9, 0));
         assert_eq!(
             found.missing,
             [
@@ -410,8 +429,8 @@ mod tests {
                  database epoch than the 9@000000000000009c the answering replica serves, with \
                  other content: it does not hold the write",
                 "spiffe://td/a (on cp-a) holds version 9 of another database epoch \
-                 (9@000000000000001f, not the 9@000000000000009c served), with other content, \
-                 not the write",
+                 (9@000000000000001f, not the 9@000000000000009c the answering replica \
+                 serves), with other content, not the write",
                 "spiffe://td/d (on cp-a) refused its newest snapshot: bad",
             ]
         );
@@ -427,12 +446,76 @@ mod tests {
         // Without the answer's epoch (the Kubernetes store, or a replica
         // that predates epochs), numbers alone are compared.
         answer.snapshot_version_epoch = 0;
-        let found = standing(&answer, 9);
+        let found = standing(&answer, (9, 0));
         assert_eq!(
             found.missing,
             ["spiffe://td/d (on cp-a) refused its newest snapshot: bad"]
         );
         assert_eq!(found.holding, 3);
+    }
+
+    /// The write's own epoch, when it returned one, is what versions are
+    /// told apart by, not the epoch the answering replica serves now: after
+    /// the write (9 set in OLD) the database was restored from a backup
+    /// and counts 9 again in NEW, with other content. A replica serving
+    /// that 9, and a sidecar holding it, do not hold the write, though
+    /// their replica says they reached 9 and it is the 9 served; a sidecar
+    /// at the write's own 9 holds it. Without the write's epoch (a control
+    /// plane that predates it) the answering replica's stands for it, as
+    /// before, and the restored 9 passes for the write.
+    #[test]
+    fn the_write_is_told_apart_by_its_own_epoch() {
+        const OLD: u64 = 0x1f;
+        const NEW: u64 = 0x9c;
+        let at = |id: &str, epoch: u64| Workload {
+            synced_version: 9,
+            synced_version_epoch: epoch,
+            ..workload(id, true, SnapshotSync::Synced, "")
+        };
+        let mut restored = replica("cp-a", 9, true, "");
+        restored.snapshot_version_epoch = NEW;
+        let mut kept = replica("cp-b", 9, true, "");
+        kept.snapshot_version_epoch = OLD;
+        let answer = ListWorkloadsResponse {
+            workloads: vec![
+                at("spiffe://td/a", NEW),
+                at("spiffe://td/b", OLD),
+                // A stream that predates epochs.
+                at("spiffe://td/c", 0),
+            ],
+            snapshot_version: 9,
+            snapshot_version_epoch: NEW,
+            replicas: vec![restored, kept],
+        };
+        let found = standing(&answer, (9, OLD));
+        assert_eq!(
+            found.missing,
+            [
+                "replica cp-a at 10.0.0.1:15012 serves snapshot 9@000000000000009c, of another \
+                 database epoch than the write's 9@000000000000001f, with other content: it \
+                 does not hold the write",
+                "spiffe://td/a (on cp-a) holds version 9 of another database epoch \
+                 (9@000000000000009c, not the write's 9@000000000000001f), with other \
+                 content, not the write",
+            ]
+        );
+        assert_eq!((found.holding, found.replicas), (2, 2));
+
+        // A control plane that returned no epoch with the write: the
+        // answering replica's NEW stands for it.
+        let found = standing(&answer, (9, 0));
+        assert_eq!(
+            found.missing,
+            [
+                "replica cp-b at 10.0.0.1:15012 serves snapshot 9@000000000000001f, of another \
+                 database epoch than the 9@000000000000009c the answering replica serves, with \
+                 other content: it does not hold the write",
+                "spiffe://td/b (on cp-a) holds version 9 of another database epoch \
+                 (9@000000000000001f, not the 9@000000000000009c the answering replica \
+                 serves), with other content, not the write",
+            ]
+        );
+        assert_eq!(found.holding, 2);
     }
 
     #[test]
@@ -443,11 +526,11 @@ mod tests {
             ..ListWorkloadsResponse::default()
         };
         assert_eq!(
-            standing(&answer, 5).missing,
+            standing(&answer, (5, 0)).missing,
             ["the control plane serves snapshot 4, which does not hold the write (snapshot 5) yet"]
         );
         answer.snapshot_version = 5;
-        let standing = standing(&answer, 5);
+        let standing = standing(&answer, (5, 0));
         assert!(standing.missing.is_empty(), "{standing:?}");
         assert_eq!(standing.holding, 1);
     }

@@ -77,8 +77,8 @@ async fn workloads_lists_both_sidecars_with_addresses_acked_versions_and_sync() 
 
 /// `policy apply --wait` against the real sidecars: it returns once every
 /// sidecar the write concerns holds the snapshot that carries it, so each
-/// sidecar's own `/config` shows that version at once, with no polling
-/// here, and says so on stderr; while a sidecar cannot take the snapshot
+/// sidecar's own `/config` shows that version, and the epoch the write
+/// returned with it, at once, with no polling here, and says so on stderr; while a sidecar cannot take the snapshot
 /// (its process stopped), the wait fails at its deadline naming that
 /// sidecar, and only it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,12 +111,20 @@ async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Resul
             let applied: serde_json::Value = serde_json::from_slice(&out.stdout)?;
             let version = applied["snapshot_version"].as_u64().unwrap_or(0);
             anyhow::ensure!(version > 0, "no snapshot version in {applied}");
+            let epoch = applied["snapshot_version_epoch"]
+                .as_str()
+                .unwrap_or_default();
+            anyhow::ensure!(
+                epoch.len() == 16 && epoch != "0".repeat(16),
+                "no snapshot version epoch in {applied}"
+            );
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            anyhow::Ok((out.status, version, stderr))
+            anyhow::Ok((out.status, (version, epoch.to_owned()), stderr))
         }
     };
 
-    let (status, version, told) = apply(policies(pair.api.addr().port()), "--wait=30s").await?;
+    let (status, (version, epoch), told) =
+        apply(policies(pair.api.addr().port()), "--wait=30s").await?;
     assert!(status.success(), "{status}: {told}");
     assert!(
         told.contains(&format!(
@@ -125,13 +133,19 @@ async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Resul
         "{told}"
     );
     for sidecar in [&pair.server, &pair.client] {
-        let holds = sidecar.config().await?["snapshot_version"]
-            .as_u64()
-            .unwrap_or(0);
+        let config = sidecar.config().await?;
+        let holds = config["snapshot_version"].as_u64().unwrap_or(0);
         assert_eq!(
             holds,
             version,
             "--wait returned before {} held {version}",
+            sidecar.name()
+        );
+        // The write's epoch is the one its snapshot was sent with.
+        assert_eq!(
+            config["snapshot_version_epoch"].as_str(),
+            Some(epoch.as_str()),
+            "{} holds {version} of another epoch than the write returned",
             sidecar.name()
         );
     }
@@ -140,7 +154,7 @@ async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Resul
     pair.client.process().signal(Signal::STOP)?;
     let late = apply(policies(pair.api.addr().port() + 1), "--wait=3s").await;
     pair.client.process().signal(Signal::CONT)?;
-    let (status, version, told) = late?;
+    let (status, (version, _), told) = late?;
     assert!(!status.success(), "--wait held with web stopped: {told}");
     assert!(
         told.contains(&format!(
