@@ -542,6 +542,55 @@ async fn bytes_that_are_not_http_do_not_pass_a_deny_rule_with_http_conditions() 
     assert_eq!(received.lock().unwrap().as_slice(), b"hello\n");
 }
 
+/// Request lines Python's `http.server` reads as requests (it splits the
+/// line on any whitespace, so blanks before the method or after the
+/// version and a vertical tab, form feed or lone CR between the words
+/// count, and it takes `GET /path` with no version as HTTP/0.9, headers
+/// and all) are HTTP to the sidecar, which refuses them (400): with no
+/// rule reading HTTP on the port, bytes that are not HTTP pass, and these
+/// would reach such an app as a request with an identity header of the
+/// caller's own.
+#[tokio::test]
+async fn what_python_reads_as_a_request_never_reaches_the_app_as_bytes() {
+    use tokio::io::AsyncWriteExt;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, received) = line_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    const FORGED: &str = "x-trellis-peer-identity: spiffe://td/ns/prod/sa/admin\r\n\r\n";
+    for line in [
+        &b"GET /whoami\r\n"[..],
+        b" GET /whoami HTTP/1.1\r\n",
+        b"GET /whoami HTTP/1.1 \r\n",
+        b"GET\x0b/whoami\x0cHTTP/1.1\r\n",
+        b"GET\r/whoami\rHTTP/1.1\n",
+        b"GET\x1f/whoami\xa0HTTP/1.1\r\n",
+    ] {
+        let mut tls = connect(&cp, s.inbound, &web()).await;
+        tls.write_all(&[line, FORGED.as_bytes()].concat())
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut tls).await.unwrap_or_default();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400 "),
+            "{:?} was answered: {:?}",
+            String::from_utf8_lossy(line),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "bytes reached the app with a forged identity: {:?}",
+        String::from_utf8_lossy(&received.lock().unwrap())
+    );
+
+    // A line protocol's lines still pass as bytes.
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tls.write_all(b"get key\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut tls).await.unwrap(), b"ok\n");
+}
+
 /// A snapshot carries stored documents. One stored before path patterns
 /// that could never match and rates below one a day were refused is still
 /// enforced (ACKed): such a path matches nothing (and requests with it

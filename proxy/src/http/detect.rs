@@ -10,12 +10,13 @@
 //! opaque TCP when the timeout passes (the inbound listener then waits to
 //! see which side speaks first before it copies bytes: see
 //! `inbound::forward`). A complete HTTP/1 request line (a method token, a
-//! space, and a line whose last word starts `HTTP/`, after the empty lines
-//! RFC 9112 lets a server skip) or the HTTP/2 preface count as HTTP at
-//! once; bytes that
+//! blank, and a line whose last word starts `HTTP/`, or `GET` and a target
+//! alone, after the empty lines RFC 9112 lets a server skip; a blank is
+//! whatever the most lenient server splits the line on) or the HTTP/2
+//! preface count as HTTP at once; bytes that
 //! cannot start either are opaque at once, so a binary or line protocol is
 //! never fed to an HTTP parser. What could still start a request when the
-//! timeout or [`MAX_PEEK`] ends the wait (a token, with or without a space
+//! timeout or [`MAX_PEEK`] ends the wait (a token, with or without a blank
 //! and more after it, or part of the preface) is served as HTTP: servers
 //! accept any token as a method (`FOO /x HTTP/1.1` reaches a Go or hyper
 //! handler), so passing it as bytes would let a client that pauses in its
@@ -130,34 +131,34 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
     }
-    // HTTP/1: a method token, a space (or a tab, which servers that split
-    // the line on whitespace take), then the rest of the request line.
+    // HTTP/1: a method token, a blank, then the rest of the request line.
+    // Blanks before the method are skipped, as a server that splits the
+    // line on whitespace skips them.
+    let buf = skip_blanks(buf);
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
     match buf.get(method_len) {
         // Servers take a method of any length: a long word may still be one.
         None => return None,
-        Some(b' ' | b'\t') if method_len > 0 => {}
+        Some(&b) if method_len > 0 && is_blank(b) => {}
         _ => return Some(Protocol::Opaque),
     }
     let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-        // Control bytes cannot be in a request line (a tab can, as a
-        // separator lenient servers take).
-        let binary = buf
-            .iter()
-            .any(|b| b.is_ascii_control() && !matches!(b, b'\r' | b'\t'));
+        // Control bytes cannot be in a request line (blanks can, as
+        // separators lenient servers take).
+        let binary = buf.iter().any(|b| b.is_ascii_control() && !is_blank(*b));
         return binary.then_some(Protocol::Opaque);
     };
     // Whatever a lenient server could read as a request line is HTTP:
-    // another version (`HTTP/1.2`), two spaces, a tab, a control byte in
-    // the target. The sidecar's parser refuses what is malformed, and none
-    // of it reaches the app as bytes, past the per-request rules and with
-    // the caller's own identity header.
-    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-    let version = line
-        .rsplit(|b| *b == b' ' || *b == b'\t')
-        .next()
-        .unwrap_or_default();
-    let http1 = version.starts_with(b"HTTP/");
+    // another version (`HTTP/1.2`), two blanks, any blank between the
+    // words or after them, a control byte in the target, or `GET` and a
+    // target alone (HTTP/0.9, which Python's server still takes, reading
+    // the header fields after it). The sidecar's parser refuses what is
+    // malformed, and none of it reaches the app as bytes, past the
+    // per-request rules and with the caller's own identity header.
+    let mut words = buf[..end].split(|b| is_blank(*b)).filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or_default();
+    let (count, last) = words.fold((1, first), |(count, _), word| (count + 1, word));
+    let http1 = (count >= 3 && last.starts_with(b"HTTP/")) || (count == 2 && first == b"GET");
     Some(if http1 {
         Protocol::Http1
     } else {
@@ -169,15 +170,16 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 /// (timeout, end of stream or [`MAX_PEEK`]). The start of a request an
 /// HTTP server would go on reading is HTTP: part of the preface, or, while
 /// more may come (`ended` false), a token (any method, extension methods
-/// included) alone or followed by a space (`GE`, `FOO /adm`). A
+/// included) alone or followed by a blank (`GE`, `FOO /adm`), or blanks
+/// that may still be followed by one. A
 /// client-first text protocol that pauses in the middle of a line (`ping`
 /// with no line end yet) is taken for HTTP too: it cannot be told from a
 /// paused extension method, and the safe mistake is the one that keeps the
 /// per-request rules and the identity header; its port is declared opaque.
-/// At the end of the stream (`ended`), only a standard method and a space,
+/// At the end of the stream (`ended`), only a standard method and a blank,
 /// or part of one, is HTTP (for the parser to refuse): other text cannot
 /// become a request any more and passes as bytes. Other bytes (a control
-/// byte, a token followed by anything but a space or a tab) stay opaque.
+/// byte, a token followed by anything but a blank) stay opaque.
 fn classify_unfinished(buf: &[u8], ended: bool) -> Protocol {
     if let Some(protocol) = classify(buf) {
         return protocol;
@@ -188,13 +190,15 @@ fn classify_unfinished(buf: &[u8], ended: bool) -> Protocol {
     } else if H2_PREFACE.starts_with(start) {
         Protocol::Http2
     } else {
+        let start = skip_blanks(start);
         let token_len = start.iter().take_while(|b| is_tchar(**b)).count();
         let (token, rest) = start.split_at(token_len);
         let http = match rest.first() {
-            None if ended => METHODS.iter().any(|m| m.starts_with(token)),
-            Some(b' ' | b'\t') if ended => METHODS.contains(&token),
-            None | Some(b' ' | b'\t') => !token.is_empty(),
-            Some(_) => false,
+            None if ended => !token.is_empty() && METHODS.iter().any(|m| m.starts_with(token)),
+            Some(&b) if ended && is_blank(b) => METHODS.contains(&token),
+            // Blanks alone may still be followed by a method.
+            None => true,
+            Some(&b) => is_blank(b) && !token.is_empty(),
         };
         if http {
             Protocol::Http1
@@ -221,6 +225,25 @@ fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
             return buf;
         }
     }
+}
+
+/// `buf` after the blanks a server that splits the request line on
+/// whitespace skips before the method.
+fn skip_blanks(buf: &[u8]) -> &[u8] {
+    let blanks = buf.iter().take_while(|b| is_blank(**b)).count();
+    &buf[blanks..]
+}
+
+/// Whether `b` separates the words of a request line for the most lenient
+/// server there is: Python's `http.server`, which splits the line (read as
+/// Latin-1, up to its LF) on any whitespace: space, tab, CR, vertical tab,
+/// form feed, the separators 0x1C to 0x1F, NEL (0x85) and no-break space
+/// (0xA0).
+fn is_blank(b: u8) -> bool {
+    matches!(
+        b,
+        b' ' | b'\t' | b'\r' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+    )
 }
 
 /// RFC 9110 `tchar`.
@@ -355,6 +378,8 @@ mod tests {
             assert_eq!(classify_unfinished(b"\x00\x01", ended), Protocol::Opaque);
             assert_eq!(classify_unfinished(b"{\"ping\"", ended), Protocol::Opaque);
             assert_eq!(classify_unfinished(b"ping\x01", ended), Protocol::Opaque);
+            let blanks = classify_unfinished(b" \x0bGET\x0c/adm", ended);
+            assert_eq!(blanks, Protocol::Http1);
         }
         // While more may come, any token may be a method (`FOO /x HTTP/1.1`
         // reaches Go and hyper handlers), and a paused line cannot be told
@@ -365,6 +390,8 @@ mod tests {
             b"FOO",
             b"FOO ",
             b"FOO\t/x",
+            b"FOO\x0b/x",
+            b" ",
             b"ping",
             &long,
         ] {
@@ -428,6 +455,14 @@ mod tests {
             b"GET\t/admin\tHTTP/1.1\r\n",
             b"GET /ad\x01min HTTP/1.1\r\n",
             b"GET /admin HTTP/9\n",
+            // Python's server splits the line on any whitespace, and
+            // takes `GET /path` alone as HTTP/0.9.
+            b" GET /admin HTTP/1.1\r\n",
+            b"GET /admin HTTP/1.1 \r\n",
+            b"GET\x0b/admin\x0cHTTP/1.1\r\n",
+            b"GET\r/admin\rHTTP/1.1\n",
+            b"GET\x1c/admin\xa0HTTP/1.1\n",
+            b"GET /admin\r\n",
         ] {
             assert_eq!(
                 classify(line),
@@ -469,6 +504,7 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque));
         assert_eq!(classify(b"SET key value\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"HELLO \x00\x01"), Some(Protocol::Opaque));
-        assert_eq!(classify(b" GET / HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get key\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GET\r\n"), Some(Protocol::Opaque));
     }
 }
