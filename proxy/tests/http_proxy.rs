@@ -96,7 +96,9 @@ async fn a_request_line_paused_after_any_method_is_still_http() {
 }
 
 /// An app that reads each request body to its end and answers with the
-/// `x-trellis-peer-identity` values of the request's trailers, one a line.
+/// `x-trellis-peer-identity` values of the request's trailers, one a line
+/// (also those of the name spelled with `_` for `-`, which CGI and WSGI
+/// servers read as the same field).
 async fn trailer_app() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -107,10 +109,12 @@ async fn trailer_app() -> std::net::SocketAddr {
                     let body = req.into_body().collect().await?;
                     let seen: Vec<String> = body
                         .trailers()
-                        .map(|t| t.get_all("x-trellis-peer-identity").iter())
                         .into_iter()
-                        .flatten()
-                        .map(|v| v.to_str().unwrap().to_owned())
+                        .flat_map(|t| t.iter())
+                        .filter(|(name, _)| {
+                            name.as_str().replace('_', "-") == "x-trellis-peer-identity"
+                        })
+                        .map(|(_, v)| v.to_str().unwrap().to_owned())
                         .collect();
                     Ok::<_, hyper::Error>(::http::Response::new(http_body_util::Full::new(
                         bytes::Bytes::from(seen.join("\n")),
@@ -144,6 +148,10 @@ async fn a_forged_identity_in_request_trailers_never_reaches_the_app() {
     let mut trailers = ::http::HeaderMap::new();
     trailers.insert(
         "x-trellis-peer-identity",
+        "spiffe://td.test/ns/kube-system/sa/admin".parse().unwrap(),
+    );
+    trailers.insert(
+        "x_trellis_peer_identity",
         "spiffe://td.test/ns/kube-system/sa/admin".parse().unwrap(),
     );
     trailers.insert("x-other", "kept".parse().unwrap());

@@ -4,8 +4,8 @@
 //!
 //! An [`Entry`] is shared by the request body on its way to the app and
 //! the response body on its way back ([`Counted`]), which count the bytes
-//! (and drop a caller's `x-trellis-peer-identity` from request trailers);
-//! the last one dropped writes the entry. Fields, in every line:
+//! (and drop a caller's `x-trellis-peer-identity`, in any spelling, from
+//! request trailers); the last one dropped writes the entry. Fields, in every line:
 //! `timestamp` (RFC 3339, UTC), `source` (the caller's SPIFFE ID),
 //! `destination` (the app address), `method`, `path` (without the query;
 //! cut at [`MAX_LOGGED_PATH`] bytes, then with `path_length`),
@@ -26,7 +26,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use trellis_core::policy::Decision;
 
 use super::Connection;
-use super::headers::PEER_IDENTITY;
+use super::headers::remove_identity;
 use crate::logging::access::Line;
 use crate::metrics::INBOUND;
 
@@ -193,7 +193,7 @@ where
                 {
                     // An app may read trailers like headers: a caller must
                     // not slip a forged identity in there either.
-                    trailers.remove(PEER_IDENTITY);
+                    remove_identity(trailers);
                 }
             }
             Poll::Ready(None) if matches!(self.direction, Direction::In) => self.entry.end_body(),

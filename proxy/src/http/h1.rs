@@ -2116,6 +2116,47 @@ mod tests {
         assert!(read.ends_with("GET /after "), "{read}");
     }
 
+    /// Servers that map `-` and `_` in field names to one character (CGI
+    /// and WSGI servers, Python's `wsgiref` among them, where both spell
+    /// `HTTP_X_TRELLIS_PEER_IDENTITY`) would give the app a caller's
+    /// `x_trellis_peer_identity` as the identity, or joined to it. No
+    /// spelling of the identity header but the sidecar's reaches the app,
+    /// on the forwarder's path or on hyper's (an HTTP/1.0 request).
+    #[tokio::test]
+    async fn no_spelling_of_the_identity_header_but_the_sidecars_reaches_the_app() {
+        let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
+        let forged = "X_Trellis_Peer_Identity: spiffe://td/ns/prod/sa/admin\r\n\
+                      x-trellis_peer-identity: spiffe://td/ns/prod/sa/admin\r\n\
+                      x-trellis-peer-identity-extra: kept\r\n";
+        for version in ["1.1", "1.0"] {
+            let mut caller = caller_of(app).await;
+            let request = format!("GET /a HTTP/{version}\r\nHost: api\r\n{forged}\r\n");
+            let read = exchange(&mut caller, &request, 1).await;
+            assert!(read.starts_with("HTTP/1."), "{read}");
+            assert!(read.contains(" 200 OK\r\n"), "{read}");
+        }
+        let requests = seen.requests.lock().unwrap();
+        assert_eq!(requests.len(), 2);
+        for (head, _) in requests.iter() {
+            let identities: Vec<&str> = head
+                .lines()
+                .filter(|l| {
+                    let (name, _) = l.split_once(':').unwrap_or_default();
+                    name.to_ascii_lowercase().replace('_', "-") == "x-trellis-peer-identity"
+                })
+                .collect();
+            assert_eq!(
+                identities,
+                ["x-trellis-peer-identity: spiffe://td/ns/a/sa/web"],
+                "{head}"
+            );
+            assert!(
+                head.contains("x-trellis-peer-identity-extra: kept\r\n"),
+                "{head}"
+            );
+        }
+    }
+
     /// An app that answers at once and then reads the body slowly, in
     /// steps each within the stall bound: the body is not cut, and the
     /// connection serves the next request.

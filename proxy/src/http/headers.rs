@@ -1,13 +1,16 @@
 //! Header rules of the proxy: hop-by-hop headers (RFC 9110 section 7.6.1)
 //! are removed in both directions, and the caller's verified identity is
-//! put in [`PEER_IDENTITY`] after any copy the caller sent is removed.
+//! put in [`PEER_IDENTITY`] after any copy the caller sent is removed (in
+//! any spelling an app could read as it: [`remove_identity`]).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The header that carries the caller's verified SPIFFE ID to the app. The
-/// sidecar removes every copy a client sends and sets the one value it
-/// verified in the mTLS handshake, so an app behind Trellis can trust it.
-pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-trellis-peer-identity");
+/// sidecar removes every copy a client sends (also spelled with `_` for
+/// `-`) and sets the one value it verified in the mTLS handshake, so an app
+/// behind Trellis can trust it.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static(IDENTITY_NAME);
+const IDENTITY_NAME: &str = "x-trellis-peer-identity";
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -124,8 +127,36 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 
 /// Replaces every client-sent [`PEER_IDENTITY`] with the verified one.
 pub fn set_identity(headers: &mut HeaderMap, identity: &HeaderValue) {
-    // `insert` removes every previous value of the name.
+    remove_identity(headers);
     headers.insert(PEER_IDENTITY, identity.clone());
+}
+
+/// Removes every field an app could read as [`PEER_IDENTITY`]: the name
+/// itself and its spellings with `_` for `-`, which CGI and WSGI servers
+/// (Python's `wsgiref`, for one) turn into the same variable,
+/// `HTTP_X_TRELLIS_PEER_IDENTITY`, joined to the sidecar's value or in its
+/// place. Costs a look at each field name, and nothing more unless a caller
+/// sent such a spelling.
+pub fn remove_identity(headers: &mut HeaderMap) {
+    headers.remove(PEER_IDENTITY);
+    let spelled = |name: &HeaderName| reads_as_identity(name.as_str().as_bytes());
+    if headers.keys().any(spelled) {
+        let forged: Vec<HeaderName> = headers.keys().filter(|n| spelled(n)).cloned().collect();
+        for name in forged {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether a (lower-case) field name is [`PEER_IDENTITY`] with some of its
+/// `-` written `_`.
+fn reads_as_identity(name: &[u8]) -> bool {
+    let identity = IDENTITY_NAME.as_bytes();
+    name.len() == identity.len()
+        && name
+            .iter()
+            .zip(identity)
+            .all(|(&b, &i)| b == i || (b == b'_' && i == b'-'))
 }
 
 #[cfg(test)]
@@ -228,5 +259,19 @@ mod tests {
         set_identity(&mut h, &real);
         let all: Vec<_> = h.get_all(PEER_IDENTITY).iter().collect();
         assert_eq!(all, [&real]);
+    }
+
+    #[test]
+    fn replaces_a_spoofed_identity_spelled_with_underscores() {
+        let mut h = map(&[
+            ("x_trellis_peer_identity", "spiffe://evil/ns/x/sa/y"),
+            ("x-trellis_peer-identity", "spiffe://evil/ns/x/sa/z"),
+            ("x_trellis_peer_identity_", "kept"),
+            ("x-trellis-peer-identit_", "kept"),
+        ]);
+        let real = HeaderValue::from_static("spiffe://td/ns/a/sa/web");
+        set_identity(&mut h, &real);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h[PEER_IDENTITY], real);
     }
 }
