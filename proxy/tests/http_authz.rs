@@ -279,6 +279,39 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     );
 }
 
+/// CGI and WSGI servers (Python's `wsgiref`, for one) make one variable
+/// of `x-debug` and `x_debug`, `HTTP_X_DEBUG`: a copy sent with `_` for
+/// `-` is a copy of the header, for a DENY rule and for an ALLOW rule.
+#[tokio::test]
+async fn a_header_spelled_with_underscores_is_the_same_header() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let policies = vec![
+        policy("canary", "ALLOW", "[{headers: {x-env: canary}}]"),
+        policy("no-debug", "DENY", "[{headers: {x-debug: \"on\"}}]"),
+    ];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let mut c = h1(&cp, s.inbound, &web()).await;
+    let mut send = async |path: &str, headers: &[(&str, &str)]| {
+        text(c.send_request(get(path, headers)).await.unwrap()).await
+    };
+    let (status, body) = send("/one", &[("x-env", "canary"), ("x_debug", "on")]).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy b/no-debug rule 0\n")
+    );
+    let (status, body) = send("/two", &[("x-env", "canary"), ("x_env", "prod")]).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (403, "denied by policy default:deny\n")
+    );
+    let (status, _) = send("/three", &[("x_env", "canary"), ("x_debug", "off")]).await;
+    assert_eq!(status, 200, "x_env is x-env, and no copy of x-debug is on");
+    assert_eq!(app.seen.paths(), ["/three"], "the app saw a denied request");
+}
+
 #[tokio::test]
 async fn new_policies_decide_the_next_request_on_an_open_connection() {
     let cp = FakeControlPlane::start(CERT_TTL).await;

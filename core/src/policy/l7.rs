@@ -422,6 +422,11 @@ impl L7Match {
     /// comma-separated value matches too, while for ALLOW the whole value
     /// must (a list is never one allowed value).
     ///
+    /// A name with `_` for some `-` (or the other way) is the same header:
+    /// CGI and WSGI servers make one variable of both (`x_debug` and
+    /// `x-debug` are `HTTP_X_DEBUG`), so a copy sent with the other
+    /// spelling counts as a copy ([`same_header`]).
+    ///
     /// Paths likewise: an ALLOW rule matches a path as sent, while a DENY
     /// or AUDIT rule matches the spellings an app may route as the same
     /// resource too ([`PathPattern::matches_as_routed`]).
@@ -433,7 +438,7 @@ impl L7Match {
         (self.methods.is_empty() || self.methods.iter().any(|m| **m == *req.method))
             && (self.paths.is_empty() || self.paths.iter().any(path_matches))
             && self.headers.iter().all(|(name, value)| {
-                let mut values = req.headers.get_all(&**name).iter();
+                let mut values = same_header(req.headers, name);
                 let want = value.as_bytes();
                 let is = |v: &HeaderValue| v.as_bytes() == want;
                 let holds = |v: &HeaderValue| {
@@ -448,6 +453,38 @@ impl L7Match {
                 }
             })
     }
+}
+
+/// The values of the header `name` (lower case) in `headers`, with those
+/// of the names an app reads as the same: spelled with `_` for some `-`,
+/// or the other way. Allocates nothing; the fields of other names are
+/// looked through only when a name in the request could be one (it has a
+/// `_`, or a `-` where `name` has a `_`).
+fn same_header<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+    let spelled = headers
+        .keys()
+        .any(|n| n.as_str().contains('_') || (name.contains('_') && n.as_str().contains('-')));
+    let others = spelled.then(|| {
+        headers
+            .iter()
+            .filter(move |(n, _)| n.as_str() != name && reads_as(n.as_str(), name))
+            .map(|(_, v)| v)
+    });
+    headers
+        .get_all(name)
+        .iter()
+        .chain(others.into_iter().flatten())
+}
+
+/// Whether the field names `a` and `b` differ at most in `_` for `-`.
+fn reads_as(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .all(|(a, b)| a == b || matches!((a, b), (b'_', b'-') | (b'-', b'_')))
 }
 
 #[cfg(test)]
