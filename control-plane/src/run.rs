@@ -228,14 +228,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 .await?
                 .with_trust_anchors(&config.trust_anchor_roots);
             dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;
-            let (td, scope) = (
-                config.trust_domain.clone(),
-                config.validation_context().scope,
-            );
+            let (td, context) = (config.trust_domain.clone(), config.validation_context());
             let grace = config.watch_failure_grace;
             let store =
-                KubernetesStore::connect_with_watch_grace(client, td, scope, SYNC_TIMEOUT, grace)
-                    .await?;
+                KubernetesStore::connect_with_watch_grace(client, td, context, SYNC_TIMEOUT, grace)
+                    .await
+                    .map_err(|e| match e {
+                        // As a stored policy of the embedded store: exit 64.
+                        KubeStoreError::OpaquePorts {
+                            policy, violation, ..
+                        } => RunError::OpaquePorts { policy, violation },
+                        e => e.into(),
+                    })?;
             tracing::info!(api = %api.url, "policies from CRDs, endpoints from Pods, CA from Secret {namespace}/{secret}");
             let changes = store.changes();
             let watches = store.watch_health();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::eventually_async;
-use kube_api::store::{API, connect, td, watched_by};
+use kube_api::store::{API, connect, connect_in, td, watched_by};
 use kube_api::{
     ENDPOINT_SLICES, PODS, POLICIES, RATE_LIMITS, SERVICES, endpoint_slices_list, event, fixture,
     fixture_json, item, pods_list, policies_list, rate_limits_list, recorded_cluster,
@@ -25,7 +25,7 @@ use trellis_control_plane::discovery::Discovery;
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_control_plane::store::{DiscoveryState, Store};
 use trellis_core::SpiffeId;
-use trellis_core::policy::SelectorScope;
+use trellis_core::policy::{DefaultPolicy, PolicySet, SelectorScope, ValidationContext};
 use trellis_proto::discovery::v1::MeshConfig;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -165,6 +165,92 @@ async fn watch_events_update_policies_and_invalid_updates_are_never_pushed() {
     .await;
     assert_eq!(keys(&store.discovery_state().unwrap()), ["shop/web-to-api"]);
     assert_ne!(store.snapshot_version().unwrap(), first);
+}
+
+/// The mesh of the tests of opaque ports: port 5432 is never parsed as
+/// HTTP, by any sidecar.
+fn opaque_5432() -> ValidationContext {
+    ValidationContext {
+        opaque_ports: vec![5432],
+        ..ValidationContext::default()
+    }
+}
+
+/// `web-to-api` of the recorded list, at `rv`, with an L7 rule on port
+/// 5432.
+fn web_to_api_with_l7_on_5432(rv: u64) -> Value {
+    let mut object = item(&policies_list(), "web-to-api", rv);
+    object["spec"]["rules"][0]["to"] = json!([{"ports": [5432], "methods": ["GET"]}]);
+    object
+}
+
+/// No API server can run here: the fake streams a recorded watch event.
+/// A sidecar refuses every snapshot holding a policy with L7 rules on a
+/// port the mesh declares opaque (it never parses that port as HTTP), and
+/// with it every later change. An object with such a rule, written past a
+/// webhook that did not answer (`failurePolicy: Ignore`), is therefore
+/// skipped as invalid, as the webhook would have refused it: the policy's
+/// last valid version stays in force, and the sidecar it selects accepts
+/// what it is sent.
+#[tokio::test]
+async fn a_policy_with_l7_rules_on_an_opaque_port_is_never_pushed() {
+    let fake = recorded_cluster().await;
+    let store = Arc::new(connect_in(&fake, opaque_5432()).await.unwrap());
+    watched_by(&fake, 1).await;
+    let valid = store.policy("shop", "web-to-api").unwrap().unwrap();
+    let (_, before) = store.snapshot_position().unwrap();
+
+    fake.publish(
+        POLICIES,
+        event("MODIFIED", &web_to_api_with_l7_on_5432(48400)),
+    );
+    eventually_async("the update to be read", || async {
+        (store.snapshot_position().unwrap().1 != before).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.policy("shop", "web-to-api").unwrap(),
+        Some(valid),
+        "the last valid version stays"
+    );
+
+    // The sidecar of `api`, with the mesh's opaque ports, compiles what it
+    // is sent as it does before it acknowledges a snapshot.
+    let mesh = MeshConfig {
+        opaque_ports: vec![5432],
+        ..mesh()
+    };
+    let discovery = Discovery::new(store.clone(), Vec::new(), mesh).unwrap();
+    let api = SpiffeId::parse(API).unwrap();
+    let snapshot = discovery.snapshot_for(&api);
+    let sidecar = ValidationContext {
+        opaque_ports: vec![5432],
+        stored: true,
+        scope: SelectorScope::Unchecked,
+    };
+    let names: Vec<_> = snapshot.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["deny-legacy", "web-to-api"]);
+    if let Err(e) = PolicySet::compile_in(&api, &snapshot.policies, DefaultPolicy::Deny, &sidecar) {
+        panic!("the sidecar of api refuses its snapshot: {e}");
+    }
+}
+
+/// No API server can run here: the fake answers a recorded list holding
+/// a policy with L7 rules on an opaque port. As a stored policy of the
+/// embedded store, it stops the start (the control plane exits 64),
+/// naming the policy and the rule.
+#[tokio::test]
+async fn a_listed_policy_with_l7_rules_on_an_opaque_port_is_refused_at_start() {
+    let fake = recorded_cluster().await;
+    let mut list = policies_list();
+    list["items"] = json!([web_to_api_with_l7_on_5432(48300)]);
+    fake.lists(POLICIES, vec![(200, list)]);
+    let Err(e) = connect_in(&fake, opaque_5432()).await else {
+        panic!("the store took a policy with L7 rules on an opaque port");
+    };
+    let e = e.to_string();
+    assert!(e.contains("shop/web-to-api"), "{e}");
+    assert!(e.contains("port 5432 is declared opaque"), "{e}");
 }
 
 /// No API server can run here: the fake answers recorded lists. When the
@@ -532,7 +618,7 @@ async fn an_api_server_refusal_of_any_kind_is_a_clear_error_naming_it() {
         let e = KubernetesStore::connect(
             client,
             td(),
-            SelectorScope::default(),
+            ValidationContext::default(),
             Duration::from_secs(20),
         )
         .await
@@ -772,7 +858,7 @@ async fn a_lone_replica_stays_ready_while_a_policy_watch_keeps_failing() {
     let store = KubernetesStore::connect_with_watch_grace(
         client,
         td(),
-        SelectorScope::default(),
+        ValidationContext::default(),
         Duration::from_secs(20),
         grace,
     )

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use trellis_control_plane::store::kubernetes::{self, KubernetesStore};
 use trellis_core::TrustDomain;
-use trellis_core::policy::SelectorScope;
+use trellis_core::policy::ValidationContext;
 
 use super::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, SERVICES};
 use crate::common::eventually_async;
@@ -19,15 +19,19 @@ pub fn td() -> TrustDomain {
 
 /// A store of trust domain `cluster.local` reading from and writing to `fake`.
 pub async fn connect(fake: &FakeKube) -> KubernetesStore {
+    connect_in(fake, ValidationContext::default())
+        .await
+        .unwrap()
+}
+
+/// [`connect`], for a mesh of `context` (its opaque ports, say); the error
+/// if the store refuses what the first lists hold.
+pub async fn connect_in(
+    fake: &FakeKube,
+    context: ValidationContext,
+) -> Result<KubernetesStore, kubernetes::KubeStoreError> {
     let client = kubernetes::client(&fake.api()).unwrap();
-    KubernetesStore::connect(
-        client,
-        td(),
-        SelectorScope::default(),
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap()
+    KubernetesStore::connect(client, td(), context, Duration::from_secs(20)).await
 }
 
 /// Waits until `n` watches of each kind are open, so published events

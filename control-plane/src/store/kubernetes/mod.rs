@@ -57,15 +57,15 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 use trellis_core::TrustDomain;
-use trellis_core::policy::{SelectorScope, policy_key};
+use trellis_core::policy::{ValidationContext, policy_key};
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use self::cache::{Entry, Kind, Reflected, numeric};
 use self::issued::IssuedRing;
 use self::objects::{
-    authorization_policy_resource, endpoints_from_pod, new_object, policy_from_object, policy_spec,
-    rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
+    authorization_policy_resource, endpoints_from_pod, new_object, object_key, policy_from_object,
+    policy_spec, rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
 };
 pub use self::reflect::WatchHealth;
 use self::reflect::{Convert, Shared, reflect};
@@ -123,7 +123,21 @@ pub enum KubeStoreError {
     },
     #[error("cannot turn policy {key} into an object: {message}")]
     Encode { key: String, message: String },
+    /// A policy object the first list found that only the mesh's opaque
+    /// ports make invalid: an L7 rule on one of them.
+    #[error(
+        "the policy object {policy} cannot be enforced with the opaque ports {ports:?}: {violation}"
+    )]
+    OpaquePorts {
+        policy: String,
+        ports: Vec<u16>,
+        violation: String,
+    },
 }
+
+/// A policy object (`namespace/name`) that only the mesh's opaque ports
+/// make invalid, and why.
+type OpaqueConflict = (String, String);
 
 /// A write refused in the middle of an apply, naming the documents of the
 /// apply written before it: there is no transaction over several
@@ -204,8 +218,9 @@ pub struct KubernetesStore {
     shared: Arc<Shared>,
     client: Client,
     trust_domain: TrustDomain,
-    /// What the policies' selectors may name, as the watches read them.
-    scope: SelectorScope,
+    /// What the watches check objects against: the mesh's opaque ports and
+    /// what the policies' selectors may name.
+    context: ValidationContext,
     runtime: Handle,
     issued: Mutex<IssuedRing>,
     watches: Vec<AbortHandle>,
@@ -229,19 +244,24 @@ impl KubernetesStore {
     /// Starts the watches and returns once every kind has been listed once;
     /// an API server error on the way (unreachable, 401, 403, a missing
     /// CRD) is returned, naming the kind.
-    /// Policies are read as stored ones in a mesh whose policies select
-    /// as `scope` says: one selecting outside its namespace is enforced as
-    /// written and logged (the webhook refuses new ones).
+    /// Policies are read as stored ones in a mesh of `context` (as
+    /// `Config::validation_context` gives it): one selecting outside its
+    /// namespace is enforced as written and logged (the webhook refuses
+    /// new ones); one with L7 rules on an opaque port of `context` is
+    /// skipped as invalid, since the sidecars it selects would refuse
+    /// every snapshot holding it, and one the first list finds is
+    /// [`KubeStoreError::OpaquePorts`], as the embedded store's start
+    /// refuses such a stored policy.
     pub async fn connect(
         client: Client,
         trust_domain: TrustDomain,
-        scope: SelectorScope,
+        context: ValidationContext,
         sync_timeout: Duration,
     ) -> Result<Self, KubeStoreError> {
         Self::connect_with_watch_grace(
             client,
             trust_domain,
-            scope,
+            context,
             sync_timeout,
             WATCH_FAILURE_GRACE,
         )
@@ -254,7 +274,7 @@ impl KubernetesStore {
     pub async fn connect_with_watch_grace(
         client: Client,
         trust_domain: TrustDomain,
-        scope: SelectorScope,
+        context: ValidationContext,
         sync_timeout: Duration,
         watch_grace: Duration,
     ) -> Result<Self, KubeStoreError> {
@@ -266,10 +286,28 @@ impl KubernetesStore {
             firsts.push((kind, first));
         };
 
-        let (td, within) = (trust_domain.clone(), scope.clone());
-        let kept_scope = scope.clone();
+        // Policy objects of the first list that only the opaque ports make
+        // invalid; `None` once the first lists are in.
+        let opaque_conflicts: Arc<Mutex<Option<Vec<OpaqueConflict>>>> =
+            Arc::new(Mutex::new(Some(Vec::new())));
+        let (td, within) = (trust_domain.clone(), context.clone());
+        let conflicts = opaque_conflicts.clone();
         let policies: Convert<DynamicObject> = Box::new(move |object| {
-            policy_from_object(object, &td, &within).map(|p| Some(Entry::Policy(p)))
+            policy_from_object(object, &td, &within)
+                .map(|p| Some(Entry::Policy(p)))
+                .inspect_err(|violation| {
+                    let mut conflicts = conflicts.lock().expect("not poisoned");
+                    let Some(conflicts) = conflicts.as_mut() else {
+                        return;
+                    };
+                    let without = ValidationContext {
+                        opaque_ports: Vec::new(),
+                        ..within.clone()
+                    };
+                    if policy_from_object(object, &td, &without).is_ok() {
+                        conflicts.push((object_key(object), violation.clone()));
+                    }
+                })
         });
         let api = Api::all_with(client.clone(), &authorization_policy_resource());
         let (tx, rx) = oneshot::channel();
@@ -278,9 +316,9 @@ impl KubernetesStore {
         let task = reflect(api, config, kind, policies, shared.clone(), tx);
         watch(tokio::spawn(task), kind, rx);
 
-        let td = trust_domain.clone();
+        let (td, within) = (trust_domain.clone(), context.clone());
         let rate_limits: Convert<DynamicObject> = Box::new(move |object| {
-            rate_limit_from_object(object, &td, &scope)
+            rate_limit_from_object(object, &td, &within)
                 .map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
         });
         let api = Api::all_with(client.clone(), &rate_limit_resource());
@@ -320,7 +358,7 @@ impl KubernetesStore {
             shared,
             client,
             trust_domain,
-            scope: kept_scope,
+            context,
             runtime: Handle::current(),
             issued: Mutex::new(IssuedRing::new(crate::unix_now())),
             watches,
@@ -348,6 +386,14 @@ impl KubernetesStore {
                     });
                 }
             }
+        }
+        let conflicts = opaque_conflicts.lock().expect("not poisoned").take();
+        if let Some((policy, violation)) = conflicts.into_iter().flatten().next() {
+            return Err(KubeStoreError::OpaquePorts {
+                policy,
+                ports: store.context.opaque_ports.clone(),
+                violation,
+            });
         }
         Ok(store)
     }
@@ -437,9 +483,9 @@ impl KubernetesStore {
     fn converts(&self, kind: Kind, object: &DynamicObject) -> bool {
         match kind {
             Kind::RateLimitPolicy => {
-                rate_limit_from_object(object, &self.trust_domain, &self.scope).is_ok()
+                rate_limit_from_object(object, &self.trust_domain, &self.context).is_ok()
             }
-            _ => policy_from_object(object, &self.trust_domain, &self.scope).is_ok(),
+            _ => policy_from_object(object, &self.trust_domain, &self.context).is_ok(),
         }
     }
 

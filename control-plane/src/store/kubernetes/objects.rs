@@ -17,8 +17,8 @@ use kube::api::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, RateLimitPolicy, SelectorScope, ValidationContext, Violation,
-    Violations, document_from_proto, validate_in, validate_rate_limit_in_with,
+    AuthorizationPolicy, Document, RateLimitPolicy, ValidationContext, Violation, Violations,
+    document_from_proto, validate_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
@@ -65,12 +65,12 @@ pub fn object_key(object: &impl ResourceExt) -> String {
 
 /// The validated policy an `AuthorizationPolicy` object stands for, its
 /// revision being the object's `metadata.generation` (so every replica
-/// agrees on it), for a mesh whose policies select as `scope` says. The
-/// error lists what `policy lint` would say.
+/// agrees on it), for a mesh of `context` (its opaque ports, and how its
+/// policies may select). The error lists what `policy lint` would say.
 pub fn policy_from_object(
     object: &DynamicObject,
     td: &TrustDomain,
-    scope: &SelectorScope,
+    context: &ValidationContext,
 ) -> Result<Policy, String> {
     let policy = match Document::from_value(document_of(object, AuthorizationPolicy::KIND)?) {
         Ok(Document::AuthorizationPolicy(policy)) => policy,
@@ -83,7 +83,7 @@ pub fn policy_from_object(
         Err(e) => return Err(e.to_string()),
     };
     let valid =
-        validate_in(&policy, td, &stored(scope)).map_err(|violations| errors_of(&violations))?;
+        validate_in(&policy, td, &stored(context)).map_err(|violations| errors_of(&violations))?;
     warn_relaxed(object, valid.relaxed());
     Ok(Policy {
         revision: revision_of(object),
@@ -92,11 +92,11 @@ pub fn policy_from_object(
 }
 
 /// The validated rate limit a `RateLimitPolicy` object stands for, with its
-/// revision (`metadata.generation`).
+/// revision (`metadata.generation`), for a mesh of `context`.
 pub fn rate_limit_from_object(
     object: &DynamicObject,
     td: &TrustDomain,
-    scope: &SelectorScope,
+    context: &ValidationContext,
 ) -> Result<(RateLimit, u64), String> {
     let limit = match Document::from_value(document_of(object, RateLimitPolicy::KIND)?) {
         Ok(Document::RateLimitPolicy(limit)) => limit,
@@ -108,7 +108,7 @@ pub fn rate_limit_from_object(
         }
         Err(e) => return Err(e.to_string()),
     };
-    let relaxed = validate_rate_limit_in_with(&limit, td, &stored(scope))
+    let relaxed = validate_rate_limit_in_with(&limit, td, &stored(context))
         .map_err(|violations| errors_of(&violations))?;
     warn_relaxed(object, &relaxed);
     Ok((limit.to_proto(), revision_of(object)))
@@ -119,12 +119,15 @@ pub fn rate_limit_from_object(
 /// that could never match matches nothing, a rate below the minimum is
 /// raised to it, a selector outside the object's namespace is enforced as
 /// written), not dropped whole with the rules it holds; each relaxation is
-/// logged.
-fn stored(scope: &SelectorScope) -> ValidationContext {
+/// logged. An L7 rule on one of the mesh's opaque ports is not relaxed:
+/// every sidecar the policy selects would refuse each snapshot holding it
+/// (and so every later change), so such an object does not convert, as
+/// the webhook refuses it (an object written past a webhook that did not
+/// answer, with `failurePolicy: Ignore`).
+fn stored(context: &ValidationContext) -> ValidationContext {
     ValidationContext {
-        opaque_ports: Vec::new(),
         stored: true,
-        scope: scope.clone(),
+        ..context.clone()
     }
 }
 
@@ -296,6 +299,7 @@ fn inbound_port(container: &Container) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_core::policy::SelectorScope;
 
     fn td() -> TrustDomain {
         TrustDomain::new("cluster.local").unwrap()
@@ -354,7 +358,7 @@ mod tests {
             "status": {},
         }))
         .unwrap();
-        let policy = policy_from_object(&object, &td(), &SelectorScope::default()).unwrap();
+        let policy = policy_from_object(&object, &td(), &ValidationContext::default()).unwrap();
         assert_eq!(policy.revision, 3);
         let spec = policy_spec(&policy).unwrap();
         let written = new_object(&authorization_policy_resource(), "shop", "web-to-api", spec);
@@ -367,7 +371,7 @@ mod tests {
                 ..written
             },
             &td(),
-            &SelectorScope::default(),
+            &ValidationContext::default(),
         )
         .unwrap();
         assert_eq!(again, policy);
@@ -386,7 +390,11 @@ mod tests {
                      "action": "DENY", "rules": [{}]},
         }))
         .unwrap();
-        let policy = policy_from_object(&object, &td(), &SelectorScope::root("trellis")).unwrap();
+        let context = ValidationContext {
+            scope: SelectorScope::root("trellis"),
+            ..ValidationContext::default()
+        };
+        let policy = policy_from_object(&object, &td(), &context).unwrap();
         let selector = policy.selector.unwrap();
         assert_eq!(selector.spiffe_ids, ["spiffe://cluster.local/*"]);
     }
