@@ -233,6 +233,34 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     cp.stop_async().await;
 }
 
+/// No API server can run here: the fake lists a policy object with an L7
+/// rule on port 5432, written past the webhook. Started with
+/// `--opaque-ports 5432`, which every sidecar would then refuse that
+/// policy for, the binary exits 64 naming the policy and the flag, as it
+/// does for a policy of the embedded store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_policy_with_l7_rules_on_an_opaque_port_stops_the_start() {
+    let fake = recorded_cluster().await;
+    fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    let mut list = policies_list();
+    let mut l7 = item(&list, "web-to-api", 48300);
+    l7["spec"]["rules"][0]["to"] = serde_json::json!([{"ports": [5432], "methods": ["GET"]}]);
+    list["items"] = serde_json::json!([l7]);
+    fake.lists(POLICIES, vec![(200, list)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::CP)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .args(fake.control_plane_flags())
+        .args(["--opaque-ports", "5432"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--opaque-ports"), "{stderr}");
+    assert!(stderr.contains("shop/web-to-api"), "{stderr}");
+}
+
 /// No API server can run here: the fake only proves that nothing asks it
 /// anything. Flags the Kubernetes store cannot work with exit 64 naming
 /// the flag, before any port, file or API request.
