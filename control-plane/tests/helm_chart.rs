@@ -180,6 +180,11 @@ fn invalid_values_are_refused() {
         ("watchFailureGrace=60", "watchFailureGrace"),
         ("watchFailureGrace=0.5s", "watchFailureGrace"),
         ("watchFailureGrace=null", "watchFailureGrace"),
+        // Kubernetes quantities: 256MB would make every injected pod (or
+        // the control plane's) invalid.
+        ("injection.proxy.resources.limits.memory=256MB", "memory"),
+        ("injection.init.resources.requests.cpu=1 core", "cpu"),
+        ("resources.requests.memory=-1Gi", "memory"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");

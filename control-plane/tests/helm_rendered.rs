@@ -152,9 +152,53 @@ fn rendered_injection_settings_parse() {
     assert_eq!(config.tcp_user_timeout, None);
 }
 
+/// Sidecar resources the API server would refuse in every injected pod (a
+/// request above the chart's default limit) stop the control plane at
+/// start, naming the value, instead of every meshed pod created after it.
+#[test]
+fn injection_resources_the_api_server_would_refuse_are_refused() {
+    let Some((helm, _)) = tools() else { return };
+    let e =
+        read_rendered_injection_config(&helm, &["injection.proxy.resources.requests.memory=512Mi"])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("proxyResources: requests.memory 512Mi is above limits.memory 256Mi"),
+        "{e}"
+    );
+    let e = read_rendered_injection_config(&helm, &["injection.init.resources.requests.cpu=200m"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("initResources: requests.cpu 200m is above limits.cpu 100m"),
+        "{e}"
+    );
+    // Raised together, they are what the pods get.
+    let config = rendered_injection_config(
+        &helm,
+        &[
+            "injection.proxy.resources.requests.memory=512Mi",
+            "injection.proxy.resources.limits.memory=1Gi",
+        ],
+    );
+    assert_eq!(
+        config.proxy_resources.requests_memory.as_deref(),
+        Some("512Mi")
+    );
+}
+
 /// The injection settings the chart renders with `set`, as the control
 /// plane reads them.
 fn rendered_injection_config(helm: &Path, set: &[&str]) -> inject::InjectConfig {
+    read_rendered_injection_config(helm, set).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The injection settings the chart renders with `set`, or why the control
+/// plane refuses them.
+fn read_rendered_injection_config(
+    helm: &Path,
+    set: &[&str],
+) -> Result<inject::InjectConfig, inject::InvalidSettings> {
     let docs = documents(&template(helm, set).unwrap());
     let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
         .as_str()
@@ -162,7 +206,6 @@ fn rendered_injection_config(helm: &Path, set: &[&str]) -> inject::InjectConfig 
         .to_owned();
     let td = TrustDomain::new("cluster.local").unwrap();
     inject::InjectConfig::from_settings(&settings, td, "PEM".into())
-        .unwrap_or_else(|e| panic!("{e}\n{settings}"))
 }
 
 /// Every field of the policy documents (issue 3) has a place in the CRD

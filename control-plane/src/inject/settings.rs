@@ -96,6 +96,149 @@ impl From<KubeResources> for Resources {
     }
 }
 
+/// The resources of the injected container `field` (`proxyResources`,
+/// `initResources`), refused when the API server would refuse every pod
+/// they are injected into: a quantity Kubernetes cannot parse (`256MB`), or
+/// a request above its limit. Neither is seen before a pod is created, and
+/// the webhook's failure policy does not apply: the injection succeeded,
+/// the pod it made is invalid.
+fn checked_resources(r: KubeResources, field: &str) -> Result<Resources, InvalidSettings> {
+    let resources = Resources::from(r);
+    let parse = |name: &str, text: &Option<String>| match text {
+        None => Ok(None),
+        Some(text) => Quantity::parse(text).map(Some).ok_or_else(|| {
+            InvalidSettings(format!(
+                "{field}.{name}: {text:?} is not a Kubernetes quantity (such as 100m, 0.5, \
+                 64Mi or 1Gi): the API server would refuse every injected pod"
+            ))
+        }),
+    };
+    for (resource, request, limit) in [
+        ("cpu", &resources.requests_cpu, &resources.limits_cpu),
+        (
+            "memory",
+            &resources.requests_memory,
+            &resources.limits_memory,
+        ),
+    ] {
+        let parsed_request = parse(&format!("requests.{resource}"), request)?;
+        let parsed_limit = parse(&format!("limits.{resource}"), limit)?;
+        if let (Some(r), Some(l), Some(request), Some(limit)) =
+            (parsed_request, parsed_limit, request, limit)
+            && r > l
+        {
+            return Err(InvalidSettings(format!(
+                "{field}: requests.{resource} {request} is above limits.{resource} {limit}: the \
+                 API server would refuse every injected pod; raise the limit or lower the request"
+            )));
+        }
+    }
+    Ok(resources)
+}
+
+/// A Kubernetes resource quantity (`100m`, `1.5`, `64Mi`, `1e3`), as the
+/// exact number `digits * multiplier * 10^exponent`, for comparing a request
+/// with its limit. Only what a resource may be: no sign (requests and limits
+/// are never negative).
+#[derive(Debug, Clone, Copy)]
+struct Quantity {
+    digits: u128,
+    /// 1, or a power of 1024 (`Ki` .. `Ei`).
+    multiplier: u128,
+    exponent: i32,
+}
+
+impl Quantity {
+    /// The quantity `text` is, as Kubernetes' `resource.ParseQuantity`
+    /// reads it, or `None`.
+    fn parse(text: &str) -> Option<Self> {
+        let number_end = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, suffix) = text.split_at(number_end);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+            return None;
+        }
+        let mut digits: u128 = 0;
+        // Each digit of the fraction scales the digits down by ten. Digits
+        // beyond what u128 holds change no comparison a resource makes:
+        // they are dropped, a whole one keeping its place in the exponent.
+        let mut scale: i32 = 0;
+        for (i, c) in whole.chars().chain(fraction.chars()).enumerate() {
+            let d = u128::from(c.to_digit(10)?);
+            let in_fraction = i >= whole.len();
+            match digits.checked_mul(10).and_then(|n| n.checked_add(d)) {
+                Some(n) => {
+                    digits = n;
+                    scale -= i32::from(in_fraction);
+                }
+                None => scale += i32::from(!in_fraction),
+            }
+        }
+        let (multiplier, exponent): (u128, i32) = match suffix {
+            "" => (1, 0),
+            "n" => (1, -9),
+            "u" => (1, -6),
+            "m" => (1, -3),
+            "k" => (1, 3),
+            "M" => (1, 6),
+            "G" => (1, 9),
+            "T" => (1, 12),
+            "P" => (1, 15),
+            "E" => (1, 18),
+            "Ki" => (1 << 10, 0),
+            "Mi" => (1 << 20, 0),
+            "Gi" => (1 << 30, 0),
+            "Ti" => (1 << 40, 0),
+            "Pi" => (1 << 50, 0),
+            "Ei" => (1 << 60, 0),
+            _ => {
+                let exponent = suffix.strip_prefix(['e', 'E'])?;
+                let digits = exponent.trim_start_matches(['+', '-']);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                (1, exponent.parse().ok()?)
+            }
+        };
+        Some(Self {
+            digits,
+            multiplier,
+            exponent: exponent.checked_add(scale)?,
+        })
+    }
+
+    /// `digits * multiplier` scaled to `10^exponent`, when it fits.
+    fn scaled(self, exponent: i32) -> Option<u128> {
+        let shift = u32::try_from(self.exponent - exponent).ok()?;
+        self.digits
+            .checked_mul(self.multiplier)?
+            .checked_mul(10u128.checked_pow(shift)?)
+    }
+}
+
+impl PartialEq for Quantity {
+    fn eq(&self, other: &Self) -> bool {
+        self.partial_cmp(other) == Some(std::cmp::Ordering::Equal)
+    }
+}
+
+impl PartialOrd for Quantity {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        let common = self.exponent.min(other.exponent);
+        match (self.scaled(common), other.scaled(common)) {
+            (Some(a), Some(b)) => Some(a.cmp(&b)),
+            // Too large to scale exactly: far apart, as the magnitudes say.
+            _ => {
+                let magnitude =
+                    |q: &Self| (q.digits as f64) * (q.multiplier as f64) * 10f64.powi(q.exponent);
+                magnitude(self).partial_cmp(&magnitude(other))
+            }
+        }
+    }
+}
+
 impl InjectConfig {
     /// Reads the settings file for the mesh of `trust_domain`, whose sidecars
     /// get `trust_bundle_pem` (unless the file names a ConfigMap).
@@ -147,10 +290,10 @@ impl InjectConfig {
             config.trust_bundle = TrustBundleSource::ConfigMap(name);
         }
         if let Some(r) = s.proxy_resources {
-            config.proxy_resources = r.into();
+            config.proxy_resources = checked_resources(r, "proxyResources")?;
         }
         if let Some(r) = s.init_resources {
-            config.init_resources = r.into();
+            config.init_resources = checked_resources(r, "initResources")?;
         }
         if let Some(ports) = s.exclude_inbound_ports {
             config.exclude_inbound_ports = nonzero(ports, "excludeInboundPorts")?;
@@ -328,6 +471,50 @@ mod tests {
             let e = read(&json).unwrap_err().to_string();
             assert!(
                 e.contains(&format!("tcpUserTimeout: \"{bad}\" ")) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// Resources the API server would refuse in every injected pod fail
+    /// the control plane's start, naming the field, not every pod injected
+    /// after it.
+    #[test]
+    fn refuses_resources_the_api_server_would_refuse() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        for good in [
+            r#"{"proxyResources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                                   "limits": {"cpu": "0.1", "memory": "67108864"}}}"#,
+            r#"{"proxyResources": {"requests": {"cpu": 0.5, "memory": "1G"},
+                                   "limits": {"cpu": "1", "memory": "1Gi"}}}"#,
+            r#"{"initResources": {"requests": {"cpu": ".5", "memory": "1e3"},
+                                  "limits": {"cpu": "500m", "memory": "1k"}}}"#,
+            r#"{"initResources": {"requests": {"memory": "512Mi"}}}"#,
+        ] {
+            read(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for (bad, says) in [
+            (
+                r#"{"proxyResources": {"limits": {"memory": "256MB"}}}"#,
+                "proxyResources.limits.memory: \"256MB\" is not a Kubernetes quantity",
+            ),
+            (
+                r#"{"initResources": {"requests": {"cpu": "1 core"}}}"#,
+                "initResources.requests.cpu: \"1 core\" is not a Kubernetes quantity",
+            ),
+            (
+                r#"{"proxyResources": {"requests": {"memory": "512Mi"},
+                                       "limits": {"memory": "256Mi"}}}"#,
+                "proxyResources: requests.memory 512Mi is above limits.memory 256Mi",
+            ),
+            (
+                r#"{"initResources": {"requests": {"cpu": "1001m"}, "limits": {"cpu": 1}}}"#,
+                "initResources: requests.cpu 1001m is above limits.cpu 1",
+            ),
+        ] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(says) && e.contains("would refuse every injected pod"),
                 "{bad}: {e}"
             );
         }
