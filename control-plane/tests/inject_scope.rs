@@ -74,6 +74,47 @@ fn a_host_network_pod_is_untouched() {
     assert!(patch_of(&answer_for(&with_object(&review, pod))).is_none());
 }
 
+/// A Windows pod is admitted without a sidecar, saying why: the sidecar
+/// and its init are Linux programs, and the API server refuses a pod with
+/// `spec.os.name: windows` whose containers set `runAsUser`, capabilities
+/// or seccomp, as the injected ones do, so the pod could not be created at
+/// all. Windows is named by `spec.os.name` or by the node selector
+/// `kubernetes.io/os`; a pod naming Linux either way is injected.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
+/// Kubernetes API server can run here.
+#[test]
+fn a_windows_pod_is_admitted_without_a_sidecar_saying_why() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let by_os = |name: &str| {
+        let mut pod = review["request"]["object"].clone();
+        pod["spec"]["os"] = json!({"name": name});
+        pod
+    };
+    let by_selector = |name: &str| {
+        let mut pod = review["request"]["object"].clone();
+        pod["spec"]["nodeSelector"] = json!({"kubernetes.io/os": name});
+        pod
+    };
+    for pod in [by_os("windows"), by_selector("windows")] {
+        let reply = answer_for(&with_object(&review, pod));
+        assert_eq!(reply["response"]["allowed"], true);
+        assert!(patch_of(&reply).is_none(), "{reply}");
+        let warnings = reply["response"]["warnings"].to_string();
+        assert!(
+            warnings.contains("sidecar not injected: a Windows pod"),
+            "{warnings}"
+        );
+    }
+    for pod in [by_os("linux"), by_selector("linux")] {
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        let patched = apply(&pod, &patch_of(&reply).expect("a Linux pod is injected"));
+        assert_eq!(
+            names(&patched["spec"]["initContainers"]),
+            ["trellis-init", "trellis-proxy", "wait-for-db"]
+        );
+    }
+}
+
 /// A bad exclusion annotation is denied naming the annotation, whatever
 /// the failure policy: admitted under `Ignore`, the pod would run outside
 /// the mesh (plaintext accepted, no policy enforced), and only its author

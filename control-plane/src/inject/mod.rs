@@ -75,7 +75,9 @@
 //! name, then the namespace. The selectors act before that: a pod labelled
 //! `disabled` is never sent, and outside a labelled namespace only pods
 //! labelled `enabled` are, so the annotation alone cannot opt a pod in
-//! there. Only CREATE is mutated.
+//! there. Only CREATE is mutated. Pods on the host's network and Windows
+//! pods are left alone (see [`Skip`]); a Windows pod is told so in a
+//! warning.
 //!
 //! Idempotent: a pod with the annotation `trellis.io/injected` or a
 //! container named `trellis-proxy` or `trellis-init` gets no patch, so
@@ -339,7 +341,10 @@ pub fn respond_pod(
             warnings,
             ..allow
         },
-        Ok(Injection::Skipped(_)) => allow,
+        Ok(Injection::Skipped(skip)) => match skip.warning() {
+            Some(warning) => allow.with_warning(warning),
+            None => allow,
+        },
         // The pod's own mistake: denied whatever the failure policy. It
         // is no outage to ride out, a retry never fixes it, and admitting
         // the pod would run it outside the mesh, open to plaintext and to

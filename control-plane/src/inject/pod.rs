@@ -56,6 +56,27 @@ pub enum Skip {
     /// The pod shares the node's network namespace: iptables there would
     /// redirect the node's traffic.
     HostNetwork,
+    /// The pod runs on Windows (`spec.os.name: windows`, or the node
+    /// selector `kubernetes.io/os: windows`). The sidecar and its iptables
+    /// init are Linux programs, and the API server refuses a Windows pod
+    /// whose containers set Linux security settings (`runAsUser`,
+    /// capabilities, seccomp), as both injected containers do.
+    Windows,
+}
+
+impl Skip {
+    /// What the pod's author is told when the pod is admitted without a
+    /// sidecar they may have expected.
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            Self::Windows => Some(
+                "trellis: sidecar not injected: a Windows pod (spec.os.name or the \
+                 kubernetes.io/os node selector); the sidecar runs on Linux only, so this pod \
+                 runs outside the mesh",
+            ),
+            Self::OptedOut | Self::NotEnabled | Self::AlreadyInjected | Self::HostNetwork => None,
+        }
+    }
 }
 
 /// What [`inject_pod`] decided.
@@ -210,7 +231,23 @@ fn skip_reason(
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Some(Skip::HostNetwork));
     }
+    if is_windows(spec) {
+        return Ok(Some(Skip::Windows));
+    }
     Ok(None)
+}
+
+/// Whether the pod runs on Windows nodes: it says so in `spec.os.name`, or
+/// its node selector picks them.
+fn is_windows(spec: &Map<String, Value>) -> bool {
+    let os = spec.get("os").and_then(|os| os.get("name"));
+    let selected = spec
+        .get("nodeSelector")
+        .and_then(|selector| selector.get("kubernetes.io/os"));
+    [os, selected]
+        .into_iter()
+        .flatten()
+        .any(|name| name.as_str() == Some("windows"))
 }
 
 fn parse_switch(value: &str) -> Option<bool> {
