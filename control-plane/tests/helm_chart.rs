@@ -118,6 +118,7 @@ fn custom_values_render_valid_manifests() {
             "crds.keep=false",
             "rootNamespace=mesh-admin",
             "watchFailureGrace=5m",
+            "nodeSelector.node-pool=system",
         ],
     )
     .unwrap();
@@ -146,6 +147,11 @@ fn custom_values_render_valid_manifests() {
         pod["affinity"]["podAntiAffinity"]
             .get("requiredDuringSchedulingIgnoredDuringExecution")
             .is_some()
+    );
+    // The node selector given, on Linux nodes still.
+    assert_eq!(
+        pod["nodeSelector"],
+        json!({"node-pool": "system", "kubernetes.io/os": "linux"})
     );
     let mutating = one(&docs, "MutatingWebhookConfiguration");
     for webhook in mutating["webhooks"].as_array().unwrap() {
@@ -318,6 +324,9 @@ fn control_plane_deployment_is_hardened() {
         spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
             .is_array()
     );
+    // Linux nodes only: the image runs nowhere else, and a replica placed
+    // on a Windows node of a mixed cluster would never start.
+    assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
     let pdb = one(&docs, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(
