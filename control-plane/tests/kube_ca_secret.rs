@@ -89,3 +89,28 @@ async fn a_missing_secret_is_created_and_a_half_one_is_refused() {
     assert_eq!(fake.secret().unwrap(), half, "left as it was");
     drop(ca);
 }
+
+/// No API server can run here: the fake answers the recorded 404 for the
+/// Secret and, as the chart's RBAC has it (no `create` of Secrets), the
+/// recorded 403 for creating it. The error says the Secret is missing and
+/// how to bring it back, not only that a creation was refused.
+#[tokio::test]
+async fn a_deleted_secret_the_control_plane_may_not_create_says_how_to_restore_it() {
+    let fake = FakeKube::start().await;
+    fake.forbid_secret_create();
+    let client = kubernetes::client(&fake.api()).unwrap();
+    let e = open_ca_secret(client, CA_NAMESPACE, CA_SECRET, &td())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CaSecretError::Missing { .. }), "{e}");
+    let message = e.to_string();
+    for says in [
+        "CA Secret trellis-system/trellis-ca does not exist",
+        "may not create it",
+        "helm upgrade",
+        "every meshed pod",
+    ] {
+        assert!(message.contains(says), "{says:?} in {message}");
+    }
+    assert!(fake.secret().is_none(), "nothing was written");
+}

@@ -5,7 +5,8 @@
 //! Every replica loads the same CA from the Secret. When the Secret is
 //! empty (the chart creates it so) or missing, a replica generates a root
 //! and writes it once: an update on the empty Secret's resourceVersion, or a
-//! create. A `409 Conflict` means another replica won the race: its CA is
+//! create. The chart grants no `create`: a missing Secret refused so is an
+//! error saying how to restore it. A `409 Conflict` means another replica won the race: its CA is
 //! read and used, never overwritten. A Secret holding only one of the two
 //! keys, or ones that do not parse, is an error naming the Secret and key,
 //! and is left as it is. The key never reaches a log or an error.
@@ -56,6 +57,14 @@ pub enum CaSecretError {
     },
     #[error("CA Secret {secret} kept changing while it was being written; try again")]
     Contended { secret: String },
+    #[error(
+        "CA Secret {secret} does not exist, and this control plane may not create it (the \
+         chart's RBAC lets it get and update that Secret only): restore it from a backup to keep \
+         the mesh's root; or `helm upgrade` the release, which recreates it empty, so that a \
+         replica generates a new root, then restart every control-plane replica and every \
+         meshed pod, whose sidecars trust the old root only"
+    )]
+    Missing { secret: String },
 }
 
 /// Loads the CA from the Secret `namespace/name`, generating and storing a
@@ -156,6 +165,13 @@ pub async fn open_ca_secret(
                     "generated a new root CA and stored it in its Secret"
                 );
                 return Ok(ca);
+            }
+            // The chart creates the Secret and grants no `create`: it was
+            // deleted since, and only the operator can bring it back.
+            Err(("create", e)) if status_code(&e) == Some(403) => {
+                return Err(CaSecretError::Missing {
+                    secret: secret_name,
+                });
             }
             Err((_, e)) if status_code(&e) == Some(409) => {
                 tracing::info!(secret = %secret_name, "another replica wrote the CA first; reading theirs");

@@ -97,6 +97,8 @@ struct State {
     hold_answer: Option<oneshot::Receiver<()>>,
     /// Per token: the TokenReview answered instead of the recorded one.
     reviews: HashMap<String, Value>,
+    /// When set, creating a Secret is forbidden, as the chart's RBAC has it.
+    forbid_secret_create: bool,
     requests: Vec<Recorded>,
 }
 
@@ -293,6 +295,12 @@ impl FakeKube {
         .collect()
     }
 
+    /// Answers a creation of a Secret with the recorded 403, as the
+    /// chart's RBAC does (`get` and `update` of the CA Secret only).
+    pub fn forbid_secret_create(&self) {
+        self.state.lock().unwrap().forbid_secret_create = true;
+    }
+
     pub fn set_secret(&self, secret: Option<Value>) {
         self.state.lock().unwrap().secret = secret;
     }
@@ -446,6 +454,9 @@ fn answer(
         };
     }
     if path == SECRETS && *method == Method::POST {
+        if state.forbid_secret_create {
+            return (403, fixture_json("store/secret-create-forbidden-403.json"));
+        }
         if state.secret.is_some() {
             let message = format!("secrets \"{CA_SECRET}\" already exists");
             return (409, status(409, "AlreadyExists", &message));
