@@ -1,6 +1,11 @@
-//! Graceful shutdown: one signal tells every listener to stop accepting, and
-//! every open connection holds a [`Tracker`] so shutdown can wait for them to
-//! finish, up to a deadline.
+//! Graceful shutdown in two steps. When it starts, the listeners that
+//! stop first (inbound, admin) close, so callers go to another replica,
+//! and every open connection is told; the outbound listeners
+//! ([`Drain::until_exit`]) keep accepting, so an app that is shutting down
+//! beside the sidecar can still make its last calls. The drain ends once
+//! no connection has been open for a quiet period, or at a deadline; then
+//! the outbound listeners close too. Every open connection holds a
+//! [`Tracker`], which is how the drain counts them.
 //!
 //! This module never closes a connection itself: when the deadline passes the
 //! process exits and the sockets close with it.
@@ -8,84 +13,148 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// How long a listener waits after a failed accept (out of file descriptors,
 /// say) before it tries again, so the failure neither spins a core nor floods
 /// the log.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// How often a listener that has reached its limit of connections being
+/// How long a listener that has reached its limit of connections being
 /// set up says so in the log, at most.
 const LIMIT_WARNING_PAUSE: Duration = Duration::from_secs(10);
+
+/// Where shutdown is; listeners stop at one of the later two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Shutdown has started: inbound and admin listeners close, open
+    /// connections are told.
+    Draining,
+    /// The drain is over: every listener closes.
+    Exiting,
+}
+
+/// The connections open, counted by their trackers.
+#[derive(Default)]
+struct Open {
+    now: AtomicUsize,
+    /// How many have ever opened, so a drain waiting for quiet sees one
+    /// that opened and closed while it waited.
+    opened: AtomicU64,
+    /// Woken when a connection opens and when the last one closes.
+    changed: Notify,
+}
 
 /// Held by a listener: tells it when to stop, and hands each connection a
 /// tracker.
 #[derive(Clone)]
 pub struct Drain {
-    signal: watch::Receiver<bool>,
-    tracker: mpsc::Sender<()>,
+    phase: watch::Receiver<Phase>,
+    /// When this listener stops accepting.
+    stops_at: Phase,
+    open: Arc<Open>,
 }
 
 /// Held by one open connection until it ends; tells it when shutdown has
 /// started, so a connection that can end cleanly early (an HTTP one,
 /// between requests) does.
-#[derive(Clone)]
 pub struct Tracker {
-    _open: mpsc::Sender<()>,
-    signal: watch::Receiver<bool>,
+    open: Arc<Open>,
+    phase: watch::Receiver<Phase>,
 }
 
 impl Tracker {
     /// Resolves once shutdown has started.
     pub async fn draining(&self) {
-        let mut signal = self.signal.clone();
+        let mut phase = self.phase.clone();
         // An error means the Shutdown is gone: the process is stopping.
-        let _ = signal.wait_for(|stop| *stop).await;
+        let _ = phase.wait_for(|p| *p >= Phase::Draining).await;
+    }
+}
+
+impl Clone for Tracker {
+    fn clone(&self) -> Self {
+        self.open.now.fetch_add(1, Ordering::AcqRel);
+        Tracker {
+            open: self.open.clone(),
+            phase: self.phase.clone(),
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.open.now.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.open.changed.notify_waiters();
+        }
     }
 }
 
 /// Owned by the process: starts the drain and waits for it.
 pub struct Shutdown {
-    signal: watch::Sender<bool>,
-    done: mpsc::Receiver<()>,
+    phase: watch::Sender<Phase>,
+    open: Arc<Open>,
 }
 
 /// A drain pair: the `Drain` is cloned into every listener.
 pub fn channel() -> (Shutdown, Drain) {
-    let (signal, signal_rx) = watch::channel(false);
-    let (tracker, done) = mpsc::channel(1);
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    let open = Arc::new(Open::default());
     (
-        Shutdown { signal, done },
+        Shutdown {
+            phase,
+            open: open.clone(),
+        },
         Drain {
-            signal: signal_rx,
-            tracker,
+            phase: phase_rx,
+            stops_at: Phase::Draining,
+            open,
         },
     )
 }
 
 impl Drain {
-    /// Resolves once shutdown has started.
-    pub async fn signaled(&mut self) {
-        // An error means the Shutdown is gone: stop too.
-        let _ = self.signal.wait_for(|stop| *stop).await;
-    }
-
-    pub fn tracker(&self) -> Tracker {
-        Tracker {
-            _open: self.tracker.clone(),
-            signal: self.signal.clone(),
+    /// A `Drain` for a listener that keeps accepting while the drain runs
+    /// and stops only when it ends: an outbound one, which the app may
+    /// still need while it shuts down.
+    pub fn until_exit(&self) -> Drain {
+        Drain {
+            stops_at: Phase::Exiting,
+            ..self.clone()
         }
     }
 
-    /// Accepts on `listener` until shutdown starts, handing every connection
-    /// to `serve` with its tracker. `what` names the listener in the log.
+    /// Resolves once this listener is to stop: when shutdown starts, or
+    /// for one made by [`until_exit`](Self::until_exit), when it ends.
+    pub async fn signaled(&mut self) {
+        let stops_at = self.stops_at;
+        // An error means the Shutdown is gone: stop too.
+        let _ = self.phase.wait_for(|p| *p >= stops_at).await;
+    }
+
+    /// The tracker of a connection just accepted; the drain counts it
+    /// open until it and its clones are dropped.
+    pub fn tracker(&self) -> Tracker {
+        self.open.opened.fetch_add(1, Ordering::AcqRel);
+        self.open.now.fetch_add(1, Ordering::AcqRel);
+        self.open.changed.notify_waiters();
+        Tracker {
+            open: self.open.clone(),
+            phase: self.phase.clone(),
+        }
+    }
+
+    /// Accepts on `listener` until it is to stop, handing every connection
+    /// to `serve` with its tracker, then closes it: a new connection is
+    /// refused from then on. `what` names the listener in the log.
     pub async fn accept(
         self,
-        listener: &TcpListener,
+        listener: TcpListener,
         what: &'static str,
         mut serve: impl FnMut(TcpStream, SocketAddr, Tracker),
     ) {
@@ -105,7 +174,7 @@ impl Drain {
     /// listen backlog, where they cost the sidecar no memory.
     pub async fn accept_with_permits(
         self,
-        listener: &TcpListener,
+        listener: TcpListener,
         what: &'static str,
         permits: &Arc<Semaphore>,
         serve: impl FnMut(TcpStream, SocketAddr, Tracker, OwnedSemaphorePermit),
@@ -135,7 +204,7 @@ impl Drain {
     /// what it gave to `serve` with the connection.
     async fn accept_when<T, F: Future<Output = T>>(
         mut self,
-        listener: &TcpListener,
+        listener: TcpListener,
         what: &'static str,
         mut admit: impl FnMut() -> F,
         mut serve: impl FnMut(TcpStream, SocketAddr, Tracker, T),
@@ -160,20 +229,72 @@ impl Drain {
                 }
             }
         }
+        // Closed before it says so: whoever reads the line finds new
+        // connections refused.
+        drop(listener);
         tracing::info!(listener = what, "listener stopped accepting");
     }
 }
 
 impl Shutdown {
-    /// Tells every listener to stop and waits until every `Drain` and
-    /// `Tracker` is dropped, or `timeout` passes. Returns whether everything
-    /// closed in time.
-    pub async fn drain(mut self, timeout: Duration) -> bool {
-        self.signal.send_replace(true);
-        // `recv` yields `None` once every sender is dropped; nothing is sent.
-        tokio::time::timeout(timeout, self.done.recv())
+    /// Starts the drain: the listeners that stop first close and every
+    /// open connection is told. Those made by [`Drain::until_exit`] keep
+    /// accepting until [`exit`](Self::exit).
+    pub fn start(&self) {
+        self.phase.send_replace(Phase::Draining);
+    }
+
+    /// Resolves once no connection has been open for `quiet`: at once for
+    /// a zero `quiet` when none is open, and never while one stays open.
+    /// A connection that opens meanwhile starts the wait again once it
+    /// ends.
+    pub async fn quiet(&self, quiet: Duration) {
+        let open = &*self.open;
+        loop {
+            // Registered before the count is read, so a change between
+            // the read and the wait is not missed.
+            let changed = open.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let opened = open.opened.load(Ordering::Acquire);
+            if open.now.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            if quiet.is_zero() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(quiet) => {
+                    if open.opened.load(Ordering::Acquire) == opened {
+                        return;
+                    }
+                }
+                () = changed => {}
+            }
+        }
+    }
+
+    /// How many connections are open.
+    pub fn open(&self) -> usize {
+        self.open.now.load(Ordering::Acquire)
+    }
+
+    /// Ends the drain: every listener still accepting closes.
+    pub fn exit(self) {
+        self.phase.send_replace(Phase::Exiting);
+    }
+
+    /// Drains in one go: [`start`](Self::start), then waits until no
+    /// connection is open, or `timeout` passes, then [`exit`](Self::exit).
+    /// Returns whether every connection closed in time.
+    pub async fn drain(self, timeout: Duration) -> bool {
+        self.start();
+        let drained = tokio::time::timeout(timeout, self.quiet(Duration::ZERO))
             .await
-            .is_ok()
+            .is_ok();
+        self.exit();
+        drained
     }
 }
 
@@ -201,5 +322,44 @@ mod tests {
         let _stuck = drain.tracker();
         drop(drain);
         assert!(!shutdown.drain(Duration::from_millis(10)).await);
+    }
+
+    /// Inbound and admin listeners stop when the drain starts, outbound
+    /// ones only when it ends.
+    #[tokio::test]
+    async fn outbound_listeners_accept_until_the_drain_ends() {
+        let (shutdown, inbound) = channel();
+        let mut outbound = inbound.until_exit();
+        let mut inbound = inbound;
+        shutdown.start();
+        inbound.signaled().await;
+        let outbound = tokio::spawn(async move { outbound.signaled().await });
+        tokio::task::yield_now().await;
+        assert!(!outbound.is_finished(), "outbound stopped with inbound");
+        shutdown.exit();
+        outbound.await.unwrap();
+    }
+
+    /// The drain ends once no connection has been open for the quiet
+    /// period; one opened meanwhile starts it again when it closes.
+    #[tokio::test(start_paused = true)]
+    async fn quiet_waits_out_connections_opened_meanwhile() {
+        let quiet = Duration::from_secs(1);
+        let (shutdown, drain) = channel();
+        shutdown.start();
+        let started = tokio::time::Instant::now();
+        shutdown.quiet(quiet).await;
+        assert_eq!(started.elapsed(), quiet, "nothing open");
+
+        let started = tokio::time::Instant::now();
+        let call = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let tracker = drain.tracker();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(tracker);
+        });
+        shutdown.quiet(quiet).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(700) + quiet);
+        call.await.unwrap();
     }
 }

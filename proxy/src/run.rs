@@ -152,8 +152,10 @@ impl Sidecar {
         self.metrics.clone()
     }
 
-    /// Serves until `stop` resolves, then drains open connections for up to
-    /// `--drain-timeout`.
+    /// Serves until `stop` resolves, then drains: the inbound and admin
+    /// listeners close, the outbound ones keep accepting until no
+    /// connection has been open for `--drain-idle`, or `--drain-timeout`
+    /// passes.
     pub async fn run(self, stop: impl Future<Output = &'static str>) {
         serve(self, stop).await
     }
@@ -237,7 +239,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let mut transparent = Vec::with_capacity(config.outbound.len());
     for listen in &config.outbound {
         let bound = bind_listen("outbound", *listen, |addr| {
-            Transparent::new(addr, outbound_shared.clone(), drain.clone())
+            Transparent::new(addr, outbound_shared.clone(), drain.until_exit())
         })
         .await?;
         transparent.extend(bound);
@@ -245,9 +247,10 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let mut routes = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let local = route.local;
-        let listener = RouteListener::new(route.clone(), outbound_shared.clone(), drain.clone())
-            .await
-            .map_err(bind_error("route", local))?;
+        let listener =
+            RouteListener::new(route.clone(), outbound_shared.clone(), drain.until_exit())
+                .await
+                .map_err(bind_error("route", local))?;
         routes.push(listener);
     }
     Ok(Sidecar {
@@ -358,15 +361,34 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
     }
     drop(drain);
 
+    // Inbound and admin close at once, so callers go elsewhere; outbound
+    // keeps accepting while the drain lasts, for an app that makes calls
+    // as it shuts down beside the sidecar (outside Kubernetes, where both
+    // are stopped together).
     let signal = stop.await;
-    tracing::info!(signal, drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
-    let drained = shutdown.drain(config.drain_timeout).await;
-    if drained {
-        tracing::info!("drained; exiting");
+    tracing::info!(
+        signal,
+        drain_timeout = ?config.drain_timeout,
+        drain_idle = ?config.drain_idle,
+        open = shutdown.open(),
+        "shutting down: inbound and admin stop accepting; outbound accepts until no connection has been open for drain_idle"
+    );
+    shutdown.start();
+    let quiet = shutdown.quiet(config.drain_idle);
+    if tokio::time::timeout(config.drain_timeout, quiet)
+        .await
+        .is_ok()
+    {
+        tracing::info!(drain_idle = ?config.drain_idle, "drained: no connection open for drain_idle; exiting");
     } else {
-        tracing::warn!("drain timeout reached; closing the remaining connections");
+        tracing::warn!(
+            open = shutdown.open(),
+            "drain timeout reached; closing the remaining connections"
+        );
     }
-    listeners.abort_all();
+    shutdown.exit();
+    // Every listener stops at once now, each saying so.
+    while listeners.join_next().await.is_some() {}
 }
 
 fn fmt_addr(addr: std::io::Result<SocketAddr>) -> String {

@@ -90,7 +90,7 @@ impl Admin {
         } = self;
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         drain
-            .accept(&listener, "admin", |tcp, client, _tracker| {
+            .accept(listener, "admin", |tcp, client, _tracker| {
                 let admitted = match limits.admit(client.ip()) {
                     Ok(admitted) => admitted,
                     Err(refused) => {

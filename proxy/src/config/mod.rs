@@ -111,9 +111,16 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub advertise_address: Vec<String>,
-    /// How long open connections may drain after SIGTERM.
+    /// How long the drain after SIGTERM may last at most: the inbound and
+    /// admin listeners close at once, the outbound ones keep accepting
+    /// (for an app making its last calls) until the drain ends, and the
+    /// connections still open then are closed.
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
+    /// The drain after SIGTERM ends once no connection has been open for
+    /// this long (0: as soon as none is), at most --drain-timeout.
+    #[arg(long, env = "TRELLIS_DRAIN_IDLE", default_value = "1s")]
+    pub drain_idle: String,
     /// How long data sent on a connection to or from beyond the pod may go
     /// unacknowledged, or the peer keep its receive window closed, before
     /// the kernel resets the connection (TCP_USER_TIMEOUT): 80s to 1h, or
@@ -246,6 +253,9 @@ pub struct Config {
     /// Reported to the control plane; never empty.
     pub advertise_addresses: Vec<SocketAddr>,
     pub drain_timeout: Duration,
+    /// The drain ends once no connection has been open this long; never
+    /// longer than `drain_timeout`.
+    pub drain_idle: Duration,
     /// `TCP_USER_TIMEOUT` of the connections to and from beyond the pod;
     /// `None`: none (`--tcp-user-timeout 0`).
     pub tcp_user_timeout: Option<Duration>,
@@ -393,6 +403,17 @@ impl Config {
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
+        let drain_idle =
+            humantime::parse_duration(&args.drain_idle).map_err(|e| invalid("drain-idle", e))?;
+        if drain_idle > drain_timeout {
+            return Err(invalid(
+                "drain-idle",
+                format_args!(
+                    "{} is longer than --drain-timeout {}: every drain would last the whole timeout",
+                    args.drain_idle, args.drain_timeout
+                ),
+            ));
+        }
         let tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&args.tcp_user_timeout)
             .map_err(|e| invalid("tcp-user-timeout", e))?;
         let log_format = match args.log_format.as_str() {
@@ -422,6 +443,7 @@ impl Config {
             admin,
             advertise_addresses,
             drain_timeout,
+            drain_idle,
             tcp_user_timeout,
             log_format,
             close_denied_connections: args.close_denied_connections,
@@ -592,6 +614,25 @@ mod tests {
         assert!(Cli::try_parse_from(argv).is_err());
     }
 
+    /// The drain ends after a second with nothing open unless told
+    /// otherwise; a quiet period longer than the drain may last is refused
+    /// naming both flags.
+    #[test]
+    fn reads_the_drain_idle_period() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.drain_idle, Duration::from_secs(1));
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        let c = args(&["--drain-idle", "0", "--drain-timeout", "0s"]).unwrap();
+        assert_eq!(c.drain_idle, Duration::ZERO);
+        let e = args(&["--drain-idle", "30s"]).unwrap_err();
+        assert_eq!(e.flag, "drain-idle");
+        let e = e.to_string();
+        assert!(
+            e.starts_with("invalid --drain-idle: 30s is longer than --drain-timeout 10s"),
+            "{e}"
+        );
+    }
+
     /// Two minutes unless told otherwise, `0` for none, and a value that
     /// is no duration or out of range refused naming the flag.
     #[test]
@@ -631,6 +672,10 @@ mod tests {
         assert_eq!(
             args(&["--drain-timeout", "soon"]).unwrap_err().flag,
             "drain-timeout"
+        );
+        assert_eq!(
+            args(&["--drain-idle", "soon"]).unwrap_err().flag,
+            "drain-idle"
         );
         assert_eq!(
             args(&["--log-format", "xml"]).unwrap_err().flag,

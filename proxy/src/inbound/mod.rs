@@ -321,7 +321,7 @@ impl Inbound {
         } = self;
         drain
             .accept_with_permits(
-                &listener,
+                listener,
                 "inbound",
                 shared.handshakes.permits(),
                 |tcp, client, tracker, handshake| {

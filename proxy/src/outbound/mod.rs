@@ -473,7 +473,7 @@ impl RouteListener {
         // and checked for each connection.
         let named = route.remote.parse::<SocketAddr>().is_err();
         drain
-            .accept(&listener, "route", |tcp, client, tracker| {
+            .accept(listener, "route", |tcp, client, tracker| {
                 let (route, shared) = (route.clone(), shared.clone());
                 tokio::spawn(async move {
                     let _tracker = tracker;
@@ -621,7 +621,7 @@ impl Transparent {
             drain,
         } = self;
         drain
-            .accept(&listener, "outbound", |tcp, client, tracker| {
+            .accept(listener, "outbound", |tcp, client, tracker| {
                 tokio::spawn(serve_transparent(shared.clone(), tcp, client, tracker));
             })
             .await;

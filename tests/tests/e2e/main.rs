@@ -16,6 +16,7 @@ mod policy;
 mod replicas;
 mod root_rotation;
 mod rotation;
+mod shutdown;
 mod state_disk;
 mod tcp;
 mod trellisctl;

@@ -1,0 +1,111 @@
+//! What a sidecar does on SIGTERM outside Kubernetes, where the app beside
+//! it is told to stop at the same moment: the inbound port closes at once,
+//! while the outbound listeners keep carrying the app's last calls until
+//! no connection has been open for `--drain-idle`.
+
+use rustix::process::Signal;
+use trellis_tests::http::{self, HttpConnection};
+use trellis_tests::{HttpApp, Mesh, Sidecar, eventually};
+
+use crate::{Pair, SOON};
+
+/// Long enough that a sidecar that exits did so because its drain ended,
+/// not because the deadline passed.
+const NEVER: &str = "1h";
+
+/// A pair whose client, `web`, drains for as long as it takes.
+async fn pair() -> anyhow::Result<Pair> {
+    let mesh = Mesh::start().await?;
+    let api = HttpApp::start("api").await?;
+    let server = mesh.sidecar("api").app(api.addr()).start().await?;
+    let client = mesh
+        .sidecar("web")
+        .route_to(&server)
+        .arg("--drain-timeout")
+        .arg(NEVER)
+        .start()
+        .await?;
+    Ok(Pair {
+        client,
+        server,
+        api,
+        mesh,
+    })
+}
+
+/// Waits for `sidecar` to exit and returns its log.
+async fn exited(sidecar: &mut Sidecar) -> anyhow::Result<String> {
+    let process = sidecar.process();
+    let status = eventually("web to exit", SOON, || {
+        let status = process.try_exit_status();
+        async move { status.ok_or("still running") }
+    })
+    .await?;
+    anyhow::ensure!(status.success(), "web exited with {status}");
+    Ok(sidecar.log())
+}
+
+/// After SIGTERM, web's inbound port refuses new connections while a new
+/// call through its route still reaches api over mTLS (api's app sees
+/// web's verified identity); web exits once its connections are done,
+/// without waiting for `--drain-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_outbound_keeps_working_until_the_connections_are_done() -> anyhow::Result<()>
+{
+    let mut pair = pair().await?;
+    let route = pair.route();
+    let inbound = pair.client.inbound_addr();
+
+    // The app's pooled connection, open when the stop comes.
+    let mut pooled = HttpConnection::open(route).await?;
+    pooled.get("/before").await?.success()?;
+
+    pair.client.process().signal(Signal::TERM)?;
+    pair.client
+        .wait_for_log("listener stopped accepting listener=\"inbound\"", SOON)
+        .await
+        .map_err(|e| e.context("the inbound listener did not stop"))?;
+    let refused = tokio::net::TcpStream::connect(inbound).await;
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a new connection to the inbound port of a stopping sidecar: {refused:?}"
+    );
+
+    // The app's last calls as it shuts down: on its open connection and on
+    // a new one.
+    let last = http::get(route, "/deregister")
+        .await
+        .map_err(|e| e.context("a new call through the route of a stopping sidecar"))?
+        .success()?;
+    assert_eq!(last.body, pair.api.greeting());
+    pooled.get("/flush").await?.success()?;
+    let seen = pair.api.requests();
+    let deregister = seen
+        .iter()
+        .find(|r| r.path == "/deregister")
+        .expect("api's app received the call");
+    assert_eq!(
+        deregister.headers["x-trellis-peer-identity"],
+        pair.client.identity(),
+        "the call did not cross mTLS as web"
+    );
+    pair.client.process().ensure_running()?;
+
+    drop(pooled);
+    let log = exited(&mut pair.client).await?;
+    assert!(log.contains("drained: no connection open"), "{log}");
+    assert!(!log.contains("drain timeout reached"), "{log}");
+    Ok(())
+}
+
+/// With nothing open, a stopping sidecar exits after `--drain-idle`, not
+/// at `--drain-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_with_nothing_open_the_sidecar_exits_without_the_timeout()
+-> anyhow::Result<()> {
+    let mut pair = pair().await?;
+    pair.client.process().signal(Signal::TERM)?;
+    let log = exited(&mut pair.client).await?;
+    assert!(log.contains("drained: no connection open"), "{log}");
+    Ok(())
+}
