@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::{Config, Listen};
@@ -59,12 +60,31 @@ where
     }
 }
 
-/// Runs a sidecar until SIGTERM or SIGINT, then drains it.
+/// Runs a sidecar until SIGTERM or SIGINT, then drains it; a second
+/// signal during the drain ends it at once.
 pub async fn run(config: Config) -> ExitCode {
     raise_open_files();
     match Sidecar::bind(config).await {
         Ok(sidecar) => {
-            sidecar.run(wait_for_signal()).await;
+            // Both watched before anything is served, so neither signal
+            // is missed.
+            let mut first = StopSignals::watch(true);
+            let mut again = StopSignals::watch(false);
+            let serving = sidecar.run(async move { first.next().await });
+            let second = async move {
+                again.next().await;
+                again.next().await
+            };
+            tokio::select! {
+                // The second signal's watch sees the first before the
+                // drain says it started.
+                biased;
+                signal = second => tracing::warn!(
+                    signal,
+                    "second signal: exiting without waiting for the drain; closing the remaining connections"
+                ),
+                () = serving => {}
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -396,18 +416,44 @@ fn fmt_addr(addr: std::io::Result<SocketAddr>) -> String {
         .unwrap_or_else(|e| e.to_string())
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// SIGTERM and SIGINT, watched from when it is made.
+struct StopSignals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+}
+
+impl StopSignals {
+    /// Watches both; a signal that cannot be watched is left out, and
+    /// said so in the log when `log`.
+    fn watch(log: bool) -> StopSignals {
+        let watch = |kind, name: &'static str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                if log {
+                    tracing::error!(error = %e, signal = name, "cannot watch a stop signal; only the other one stops the proxy");
+                }
+                None
+            }
+        };
+        StopSignals {
+            term: watch(SignalKind::terminate(), "SIGTERM"),
+            int: watch(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+
+    /// Resolves with the name of the next signal to arrive.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(signal: &mut Option<Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.term) => "SIGTERM",
+            () = recv(&mut self.int) => "SIGINT",
+        }
     }
 }

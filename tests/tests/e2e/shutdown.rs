@@ -109,3 +109,20 @@ async fn after_sigterm_with_nothing_open_the_sidecar_exits_without_the_timeout()
     assert!(log.contains("drained: no connection open"), "{log}");
     Ok(())
 }
+
+/// A second SIGTERM during the drain ends it at once, connections still
+/// open or not: the way out for an operator who cannot wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() -> anyhow::Result<()> {
+    let mut pair = pair().await?;
+    let mut pooled = HttpConnection::open(pair.route()).await?;
+    pooled.get("/before").await?.success()?;
+
+    pair.client.process().signal(Signal::TERM)?;
+    pair.client.wait_for_log("shutting down", SOON).await?;
+    pair.client.process().signal(Signal::TERM)?;
+    let log = exited(&mut pair.client).await?;
+    assert!(log.contains("second signal: exiting"), "{log}");
+    drop(pooled);
+    Ok(())
+}
