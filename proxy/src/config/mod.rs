@@ -118,9 +118,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
     /// The drain after SIGTERM ends once no connection has been open for
-    /// this long (0: as soon as none is), at most --drain-timeout.
-    #[arg(long, env = "TRELLIS_DRAIN_IDLE", default_value = "1s")]
-    pub drain_idle: String,
+    /// this long (0: as soon as none is); at most --drain-timeout. Default:
+    /// 1s, or --drain-timeout if that is shorter.
+    #[arg(long, env = "TRELLIS_DRAIN_IDLE", value_name = "D")]
+    pub drain_idle: Option<String>,
     /// How long data sent on a connection to or from beyond the pod may go
     /// unacknowledged, or the peer keep its receive window closed, before
     /// the kernel resets the connection (TCP_USER_TIMEOUT): 80s to 1h, or
@@ -172,6 +173,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]
     pub app_probes: Option<String>,
 }
+
+/// How long the drain waits with no connection open before it ends,
+/// unless `--drain-idle` says otherwise (or `--drain-timeout` is shorter).
+const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 /// An invalid flag: names the flag and says what is wrong with its value.
 #[derive(Debug, thiserror::Error)]
@@ -403,17 +408,23 @@ impl Config {
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = humantime::parse_duration(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
-        let drain_idle =
-            humantime::parse_duration(&args.drain_idle).map_err(|e| invalid("drain-idle", e))?;
-        if drain_idle > drain_timeout {
-            return Err(invalid(
-                "drain-idle",
-                format_args!(
-                    "{} is longer than --drain-timeout {}: every drain would last the whole timeout",
-                    args.drain_idle, args.drain_timeout
-                ),
-            ));
-        }
+        let drain_idle = match &args.drain_idle {
+            None => DEFAULT_DRAIN_IDLE.min(drain_timeout),
+            Some(given) => {
+                let idle =
+                    humantime::parse_duration(given).map_err(|e| invalid("drain-idle", e))?;
+                if idle > drain_timeout {
+                    return Err(invalid(
+                        "drain-idle",
+                        format_args!(
+                            "{given} is longer than --drain-timeout {}: every drain would last the whole timeout",
+                            args.drain_timeout
+                        ),
+                    ));
+                }
+                idle
+            }
+        };
         let tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&args.tcp_user_timeout)
             .map_err(|e| invalid("tcp-user-timeout", e))?;
         let log_format = match args.log_format.as_str() {
@@ -615,8 +626,8 @@ mod tests {
     }
 
     /// The drain ends after a second with nothing open unless told
-    /// otherwise; a quiet period longer than the drain may last is refused
-    /// naming both flags.
+    /// otherwise (or the drain timeout is shorter); a quiet period given
+    /// longer than the drain may last is refused naming both flags.
     #[test]
     fn reads_the_drain_idle_period() {
         let c = args(&[]).unwrap();
@@ -624,6 +635,10 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
         let c = args(&["--drain-idle", "0", "--drain-timeout", "0s"]).unwrap();
         assert_eq!(c.drain_idle, Duration::ZERO);
+        // A drain timeout set below the default, as before the flag
+        // existed, still starts.
+        let c = args(&["--drain-timeout", "200ms"]).unwrap();
+        assert_eq!(c.drain_idle, Duration::from_millis(200));
         let e = args(&["--drain-idle", "30s"]).unwrap_err();
         assert_eq!(e.flag, "drain-idle");
         let e = e.to_string();
