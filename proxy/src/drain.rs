@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -46,8 +46,21 @@ struct Open {
     /// How many have ever opened, so a drain waiting for quiet sees one
     /// that opened and closed while it waited.
     opened: AtomicU64,
-    /// Woken when a connection opens and when the last one closes.
+    /// Woken, once the drain has started, when a connection opens and
+    /// when the last one closes.
     changed: Notify,
+    /// Whether the drain has started: until then nothing waits on
+    /// `changed`, so an accept takes no lock to wake it.
+    draining: AtomicBool,
+}
+
+impl Open {
+    /// Wakes the drain's wait, if one can be waiting.
+    fn changed(&self) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
+    }
 }
 
 /// Held by a listener: tells it when to stop, and hands each connection a
@@ -89,8 +102,8 @@ impl Clone for Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if self.open.now.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.open.changed.notify_waiters();
+        if self.open.now.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.open.changed();
         }
     }
 }
@@ -141,8 +154,8 @@ impl Drain {
     /// open until it and its clones are dropped.
     pub fn tracker(&self) -> Tracker {
         self.open.opened.fetch_add(1, Ordering::AcqRel);
-        self.open.now.fetch_add(1, Ordering::AcqRel);
-        self.open.changed.notify_waiters();
+        self.open.now.fetch_add(1, Ordering::SeqCst);
+        self.open.changed();
         Tracker {
             open: self.open.clone(),
             phase: self.phase.clone(),
@@ -241,6 +254,8 @@ impl Shutdown {
     /// open connection is told. Those made by [`Drain::until_exit`] keep
     /// accepting until [`exit`](Self::exit).
     pub fn start(&self) {
+        // Set before anything waits on `changed` (`quiet` comes after).
+        self.open.draining.store(true, Ordering::SeqCst);
         self.phase.send_replace(Phase::Draining);
     }
 
