@@ -183,6 +183,109 @@ fn l7_matches_on_an_opaque_port_are_refused() {
     assert!(e.to_string().contains("5432 is declared opaque"), "{e}");
 }
 
+/// The control plane cannot know the ports one sidecar declares opaque,
+/// so a valid policy may bring L7 matches onto them. Compiled for such a
+/// sidecar, the set is not refused: on those ports a DENY rule's L7 entry
+/// denies the whole connection (naming the policy), an AUDIT one reports
+/// it as "would deny", an ALLOW one allows nothing; other ports keep the
+/// L7 matches as written. Each such rule is reported.
+#[test]
+fn l7_matches_on_a_sidecars_own_opaque_port_fail_closed() {
+    let yaml = [
+        policy(
+            "no-admin",
+            "DENY",
+            "[{ports: [8080, 5432], paths: [/admin]}]",
+        ),
+        policy("dry-run", "AUDIT", "[{ports: [5432], methods: [DELETE]}]"),
+        policy(
+            "web-to-api",
+            "ALLOW",
+            "[{ports: [5432, 8080], methods: [GET]}, {ports: [9090]}]",
+        ),
+    ]
+    .concat();
+    let compile = |opaque: &[u16]| {
+        PolicySet::compile_with_opaque(
+            &id(API),
+            &policies(&yaml),
+            DefaultPolicy::Deny,
+            &ValidationContext::default(),
+            opaque,
+        )
+        .unwrap()
+    };
+    let set = compile(&[5432]);
+    let web = id(WEB);
+    let on_db = set.decide(&web, 5432);
+    assert_eq!(
+        on_db.to_string(),
+        "deny by default/no-admin rule 0; would deny by default/dry-run rule 0"
+    );
+    assert!(!set.admits_requests(&on_db, &web, 5432));
+    // Another source is not named by the DENY rule; the ALLOW rule's
+    // L7 entry allows no connection on the opaque port either.
+    let other = id("spiffe://cluster.local/ns/default/sa/other");
+    assert_eq!(set.decide(&other, 5432).to_string(), "deny by default:deny");
+    let without_deny = PolicySet::compile_with_opaque(
+        &id(API),
+        &policies(&policy(
+            "web-to-api",
+            "ALLOW",
+            "[{ports: [5432, 8080], methods: [GET]}, {ports: [9090]}]",
+        )),
+        DefaultPolicy::Deny,
+        &ValidationContext::default(),
+        &[5432],
+    )
+    .unwrap();
+    let decision = without_deny.decide(&web, 5432);
+    assert_eq!(decision.to_string(), "deny by default:deny");
+    assert!(!without_deny.admits_requests(&decision, &web, 5432));
+    // The other ports are decided as written.
+    let h = HeaderMap::new();
+    assert_eq!(
+        set.decide(&web, 9090).to_string(),
+        "allow by default/web-to-api rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/admin", &h),
+        "deny by default/no-admin rule 0"
+    );
+    assert_eq!(
+        request(&set, 8080, "GET", "/", &h),
+        "allow by default/web-to-api rule 0"
+    );
+    let on_http = set.decide(&web, 8080);
+    assert_eq!(on_http.to_string(), "deny by default:deny");
+    assert!(set.admits_requests(&on_http, &web, 8080));
+    assert!(set.matches_paths_on(8080) && !set.matches_paths_on(5432));
+
+    let reported: Vec<String> = set
+        .opaque_fallbacks()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            "default/dry-run rule 0 has HTTP conditions on port 5432, which this sidecar declares \
+             opaque (never parsed as HTTP); instead, it reports as \"would deny\" every \
+             connection the rule's sources make to it",
+            "default/no-admin rule 0 has HTTP conditions on port 5432, which this sidecar declares \
+             opaque (never parsed as HTTP); instead, it denies every connection the rule's \
+             sources make to it",
+            "default/web-to-api rule 0 has HTTP conditions on port 5432, which this sidecar \
+             declares opaque (never parsed as HTTP); instead, it allows no connection to it",
+        ]
+    );
+    // Without opaque ports of its own, nothing changes.
+    let plain = compile(&[]);
+    assert!(plain.opaque_fallbacks().is_empty());
+    assert_eq!(plain.decide(&web, 5432).to_string(), "deny by default:deny");
+    assert!(plain.admits_requests(&plain.decide(&web, 5432), &web, 5432));
+}
+
 #[test]
 fn l7_fields_survive_the_protobuf_round_trip() {
     let p = &policies(&policy(

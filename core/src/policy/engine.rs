@@ -35,6 +35,19 @@
 //! Entries of one rule are matched separately: `[{ports: [80], paths:
 //! [/a]}, {ports: [81]}]` matches `/a` on 80 and anything on 81, not `/b`
 //! on 80.
+//!
+//! # Ports a sidecar alone declares opaque
+//!
+//! Validation refuses L7 matches on the mesh's opaque ports, but the
+//! control plane cannot know the ports one sidecar declares opaque, so a
+//! valid policy may bring L7 matches onto them. Refusing it would leave
+//! that sidecar without any later change; enforcing it as written would
+//! fail open (an L7 DENY entry never matches a connection). A set compiled
+//! with [`PolicySet::compile_with_opaque`] fails closed on those ports
+//! instead: an entry with L7 matches of a DENY rule matches whole
+//! connections there (an AUDIT one reports them as "would deny"), one of
+//! an ALLOW rule matches nothing there. Each such rule is an
+//! [`OpaqueFallback`], for the sidecar to report.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -186,6 +199,44 @@ impl fmt::Display for Decision {
     }
 }
 
+/// A rule with L7 matches on ports the sidecar declares opaque, and how it
+/// is enforced there instead (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpaqueFallback {
+    pub rule: RuleRef,
+    pub action: Action,
+    /// The opaque ports its L7 matches name, sorted.
+    pub ports: Vec<u16>,
+}
+
+impl fmt::Display for OpaqueFallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, them) = if self.ports.len() == 1 {
+            ("", "it")
+        } else {
+            ("s", "them")
+        };
+        let ports = (self.ports.iter())
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        write!(
+            f,
+            "{} has HTTP conditions on port{s} {ports}, which this sidecar declares opaque \
+             (never parsed as HTTP); instead, ",
+            self.rule
+        )?;
+        f.write_str(match self.action {
+            Action::Deny => "it denies every connection the rule's sources make to ",
+            Action::Audit => {
+                "it reports as \"would deny\" every connection the rule's sources make to "
+            }
+            Action::Allow => "it allows no connection to ",
+        })?;
+        f.write_str(them)
+    }
+}
+
 /// Why a set of policies cannot be enforced (the sidecar NACKs with this).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
@@ -300,6 +351,8 @@ pub struct PolicySet {
     audit: Table,
     /// Where an ALLOW or DENY rule matches request paths (paths or gRPC).
     path_ports: PathPorts,
+    /// The rules enforced failing closed on opaque ports, by rule.
+    opaque_fallbacks: Vec<OpaqueFallback>,
 }
 
 /// The ports on which some rule matches request paths, known once per set
@@ -339,22 +392,59 @@ impl PolicySet {
     }
 
     /// [`compile`](Self::compile), validating against `context` (the
-    /// sidecar's opaque ports: L7 rules on them are refused).
+    /// mesh's opaque ports: L7 rules on them are refused).
     pub fn compile_in(
         local: &SpiffeId,
         policies: &[proto::Policy],
         default: DefaultPolicy,
         context: &ValidationContext,
     ) -> Result<Self, CompileError> {
+        Self::compile_with_opaque(local, policies, default, context, &[])
+    }
+
+    /// [`compile_in`](Self::compile_in) for a sidecar that also declares
+    /// `opaque` ports of its own, which the control plane does not know:
+    /// L7 matches on them are not refused but fail closed (see the module
+    /// docs), each rule so enforced listed in
+    /// [`opaque_fallbacks`](Self::opaque_fallbacks).
+    pub fn compile_with_opaque(
+        local: &SpiffeId,
+        policies: &[proto::Policy],
+        default: DefaultPolicy,
+        context: &ValidationContext,
+        opaque: &[u16],
+    ) -> Result<Self, CompileError> {
         let mesh = local.trust_domain();
         let mut compiled = Vec::new();
+        let mut fallbacks = Vec::new();
         for policy in policies {
-            let policy = CompiledPolicy::compile(policy, &mesh, context)?;
-            if policy.selects(local) {
-                compiled.push(policy);
+            let mut policy = CompiledPolicy::compile(policy, &mesh, context)?;
+            if !policy.selects(local) {
+                continue;
             }
+            if !opaque.is_empty() {
+                let action = policy.action;
+                for (index, rule) in policy.rules.iter_mut().enumerate() {
+                    let ports = rule.fail_closed_on(opaque, action);
+                    if !ports.is_empty() {
+                        let rule = RuleRef {
+                            policy: policy.key.clone(),
+                            rule: index,
+                        };
+                        fallbacks.push(OpaqueFallback {
+                            rule,
+                            action,
+                            ports,
+                        });
+                    }
+                }
+            }
+            compiled.push(policy);
         }
-        Self::from_compiled(local.clone(), default, compiled)
+        fallbacks.sort_by(|a, b| (&a.rule.policy, a.rule.rule).cmp(&(&b.rule.policy, b.rule.rule)));
+        let mut set = Self::from_compiled(local.clone(), default, compiled)?;
+        set.opaque_fallbacks = fallbacks;
+        Ok(set)
     }
 
     pub(crate) fn from_compiled(
@@ -375,6 +465,7 @@ impl PolicySet {
             audit: Table::build(&policies, Action::Audit),
             path_ports: PathPorts::build(&policies),
             policies,
+            opaque_fallbacks: Vec::new(),
         })
     }
 
@@ -429,6 +520,13 @@ impl PolicySet {
     /// the rule.
     pub fn matches_paths_on(&self, port: u16) -> bool {
         self.path_ports.any_port || self.path_ports.ports.contains(&port)
+    }
+
+    /// The rules with L7 matches on the ports this sidecar declares opaque,
+    /// enforced there failing closed, by policy and rule (see
+    /// [`compile_with_opaque`](Self::compile_with_opaque)).
+    pub fn opaque_fallbacks(&self) -> &[OpaqueFallback] {
+        &self.opaque_fallbacks
     }
 
     /// What the policies in force, stored before a check got stricter,

@@ -55,8 +55,8 @@ pub use document::{
     DocumentError, GrpcMatch, Metadata, Rule, Selector, Source,
 };
 pub use engine::{
-    CompileError, Decision, DefaultPolicy, PolicySet, Reason, RuleRef, UnknownDefaultPolicy,
-    Verdict, WorkloadSelector, selects,
+    CompileError, Decision, DefaultPolicy, OpaqueFallback, PolicySet, Reason, RuleRef,
+    UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
 };
 pub use explain::{Explanation, PolicyTrace, RuleTrace, explain};
 pub use l7::{HttpRequest, PathPattern, routed_segments};

@@ -122,6 +122,62 @@ impl CompiledRule {
             })
     }
 
+    /// Makes the rule, of a policy with `action`, match on the ports of
+    /// `opaque` (never parsed as HTTP) as far as it can be enforced there,
+    /// failing closed: an entry with L7 matches naming some of them
+    /// matches whole connections on those if the rule is DENY or AUDIT (as
+    /// if it had no L7 matches), and is left off them if it is ALLOW (it
+    /// could never match). Its other ports keep the L7 matches. Entries
+    /// naming no ports are left as they are. Returns the ports of `opaque`
+    /// the rule had L7 matches on (sorted, empty if none).
+    pub fn fail_closed_on(&mut self, opaque: &[u16], action: Action) -> Vec<u16> {
+        let mut hit_ports: Vec<u16> = Vec::new();
+        let mut to = Vec::with_capacity(self.to.len());
+        for d in self.to.iter() {
+            let (Some(l7), Some(ports)) = (&d.l7, &d.ports) else {
+                to.push(d.clone());
+                continue;
+            };
+            let (hit, rest): (Vec<u16>, Vec<u16>) =
+                ports.iter().partition(|port| opaque.contains(port));
+            if hit.is_empty() {
+                to.push(d.clone());
+                continue;
+            }
+            hit_ports.extend(&hit);
+            if action != Action::Allow {
+                to.push(CompiledDestination {
+                    ports: Some(hit.into()),
+                    l7: None,
+                });
+            }
+            // An ALLOW entry left with no port names none it could match:
+            // kept with an empty list rather than dropped, as a rule with
+            // no entries would match every port.
+            if !rest.is_empty() || action == Action::Allow {
+                to.push(CompiledDestination {
+                    ports: Some(rest.into()),
+                    l7: Some(l7.clone()),
+                });
+            }
+        }
+        if !hit_ports.is_empty() {
+            self.to = to.into();
+            if let Some(ports) = &self.ports {
+                let mut union: Vec<u16> = (self.to.iter())
+                    .flat_map(|d| d.ports.iter().flatten().copied())
+                    .collect();
+                union.sort_unstable();
+                union.dedup();
+                debug_assert!(union.iter().all(|p| ports.contains(p)));
+                self.ports = Some(union.into());
+            }
+        }
+        hit_ports.sort_unstable();
+        hit_ports.dedup();
+        hit_ports
+    }
+
     /// The ports on which an entry matches request paths (paths or a gRPC
     /// service): `None` if such an entry names no ports, empty if there is
     /// no such entry.

@@ -253,6 +253,9 @@ struct PolicyView {
     default_policy: &'static str,
     /// `namespace/name` of each policy selecting this workload.
     policies: Vec<String>,
+    /// Each rule with HTTP conditions on a port this sidecar declares
+    /// opaque, and how it is enforced there instead (failing closed).
+    opaque_fallbacks: Vec<String>,
 }
 
 /// At most this many services are listed in `/config`; the count says
@@ -334,6 +337,9 @@ fn config_view(state: &State) -> ConfigView {
             version: s.policies.version,
             default_policy: s.policies.set.default_policy().as_str(),
             policies: s.policies.names().map(str::to_owned).collect(),
+            opaque_fallbacks: (s.policies.opaque_fallbacks().iter())
+                .map(ToString::to_string)
+                .collect(),
         }),
         endpoints: snapshot.as_ref().map(|s| s.endpoints.len()),
         services: snapshot.as_deref().map(ServicesView::of),

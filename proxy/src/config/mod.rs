@@ -149,6 +149,8 @@ pub struct ProxyArgs {
     pub close_denied_connections: bool,
     /// Inbound ports never inspected as HTTP (databases, SMTP, server-first
     /// protocols): comma-separated; their traffic gets L4 decisions only.
+    /// A policy's L7 rules on them fail closed: a DENY rule's deny the
+    /// whole connection, an ALLOW rule's allow nothing.
     #[arg(
         long,
         env = "TRELLIS_OPAQUE_PORTS",

@@ -587,7 +587,7 @@ mod tests {
             "allow-mesh".into(),
             Vec::new(),
             vec![raw(0.001, 1, "source")],
-            &[],
+            &Default::default(),
             &metrics,
         )
         .unwrap();

@@ -684,7 +684,9 @@ async fn forward(
         };
         // A DENY rule's HTTP conditions cannot be checked on bytes that are
         // not HTTP: such a rule denies the whole connection. A port
-        // declared opaque carries no HTTP conditions.
+        // declared opaque carries no HTTP conditions: the mesh's are
+        // refused them, and on the sidecar's own the L4 decision already
+        // applied them failing closed.
         if !shared.is_opaque(target.port()) {
             let current = policies.borrow().clone();
             if let Some(decision) =

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
-    CompileError, Decision, DefaultPolicy, HttpRequest, PolicySet, Reason, RuleRef, SelectorScope,
-    ValidationContext, Verdict, policy_key,
+    CompileError, Decision, DefaultPolicy, HttpRequest, OpaqueFallback, PolicySet, Reason, RuleRef,
+    SelectorScope, ValidationContext, Verdict, policy_key,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -35,9 +35,38 @@ pub struct Policies {
     received: (String, Vec<pb::Policy>, Vec<pb::RateLimit>),
     /// Inbound ports never parsed as HTTP: the sidecar's own and the mesh's.
     opaque_ports: Vec<u16>,
+    /// Where they came from, to tell whether a later snapshot changes them.
+    opaque: OpaquePorts,
     /// Whether a rate limit in force reads request paths.
     limits_read_paths: bool,
     counters: Counters,
+}
+
+/// The inbound ports never parsed as HTTP, by who declared them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpaquePorts {
+    /// This sidecar's (`--opaque-ports`), which the control plane does not
+    /// know: L7 matches on them are enforced failing closed (see
+    /// [`PolicySet::compile_with_opaque`]).
+    pub own: Vec<u16>,
+    /// The mesh's (`mesh.opaque_ports` of the snapshot): the control plane
+    /// refuses L7 matches on them, and so does the sidecar.
+    pub mesh: Vec<u16>,
+}
+
+impl OpaquePorts {
+    /// Every port of both, each once.
+    fn all(&self) -> Vec<u16> {
+        let mut all = self.own.clone();
+        all.extend(self.mesh.iter().filter(|p| !self.own.contains(p)));
+        all
+    }
+
+    /// This sidecar's ports that are not the mesh's too.
+    fn own_only(&self) -> Vec<u16> {
+        let own = self.own.iter().copied();
+        own.filter(|p| !self.mesh.contains(p)).collect()
+    }
 }
 
 /// The `trellis_decisions_total` series these policies can produce,
@@ -65,20 +94,21 @@ impl Policies {
             default_policy,
             policies,
             Vec::new(),
-            &[],
+            &OpaquePorts::default(),
             metrics,
         )
     }
 
     /// [`compile`](Self::compile) with `rate_limits`, refusing L7 matches
-    /// on `opaque_ports`.
+    /// on the mesh's `opaque` ports and enforcing those on the sidecar's
+    /// own failing closed.
     pub fn compile_in(
         version: u64,
         local: &SpiffeId,
         default_policy: String,
         policies: Vec<pb::Policy>,
         rate_limits: Vec<pb::RateLimit>,
-        opaque_ports: &[u16],
+        opaque: &OpaquePorts,
         metrics: &Metrics,
     ) -> Result<Self, InvalidPolicies> {
         let limits = RateLimits::compile(&rate_limits, local, metrics)?;
@@ -90,13 +120,22 @@ impl Policies {
         // must not make the sidecar refuse every snapshot after a check got
         // stricter. Which namespace may select this workload is the control
         // plane's check, made when a policy is written: the sidecar does not
-        // know the mesh's root namespace.
+        // know the mesh's root namespace. L7 matches on the sidecar's own
+        // opaque ports, which the control plane cannot check, must not
+        // make it refuse every snapshot that holds them either: they fail
+        // closed there, reported as `opaque_fallbacks`.
         let context = ValidationContext {
-            opaque_ports: opaque_ports.to_vec(),
+            opaque_ports: opaque.mesh.clone(),
             stored: true,
             scope: SelectorScope::Unchecked,
         };
-        let set = PolicySet::compile_in(local, &policies, default, &context)?;
+        let set = PolicySet::compile_with_opaque(
+            local,
+            &policies,
+            default,
+            &context,
+            &opaque.own_only(),
+        )?;
         // Only the policies that select this workload are in force.
         let in_force: HashSet<&str> = set.policy_names().collect();
         let mut by_policy = HashMap::new();
@@ -127,7 +166,8 @@ impl Policies {
             limits_read_paths: limits.reads_paths(),
             rate_limits: limits,
             received: (default_policy, policies, rate_limits),
-            opaque_ports: opaque_ports.to_vec(),
+            opaque_ports: opaque.all(),
+            opaque: opaque.clone(),
             counters,
         })
     }
@@ -135,7 +175,7 @@ impl Policies {
     /// Whether `other` enforces exactly what this does (same default, same
     /// policies as received), so connections need not be re-decided.
     pub fn same_as(&self, other: &Policies) -> bool {
-        self.received == other.received && self.opaque_ports == other.opaque_ports
+        self.received == other.received && self.opaque == other.opaque
     }
 
     /// Whether requests to `port` have their paths checked
@@ -151,6 +191,13 @@ impl Policies {
     pub fn relaxed(&self) -> Vec<(&str, String)> {
         let policies = self.set.relaxed().map(|(key, v)| (key, v.to_string()));
         policies.chain(self.rate_limits.relaxed()).collect()
+    }
+
+    /// The rules with L7 matches on this sidecar's own opaque ports, and
+    /// how each is enforced there instead: to be logged once per change
+    /// and shown in `/config`.
+    pub fn opaque_fallbacks(&self) -> &[OpaqueFallback] {
+        self.set.opaque_fallbacks()
     }
 
     /// Whether traffic to `port` is never parsed as HTTP.

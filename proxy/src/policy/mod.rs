@@ -28,8 +28,8 @@ mod services;
 pub mod watch;
 
 pub use authz::{
-    InvalidPolicies, Policies, admits_requests, audits_unless_http, authorize, authorize_request,
-    count, denies_unless_http,
+    InvalidPolicies, OpaquePorts, Policies, admits_requests, audits_unless_http, authorize,
+    authorize_request, count, denies_unless_http,
 };
 pub use services::{Backend, Peer, Pick, Service, Services};
 
@@ -151,7 +151,10 @@ impl Snapshot {
 
     /// [`compile`](Self::compile) for a sidecar whose `opaque_ports` are
     /// never parsed as HTTP; the mesh's opaque ports join them. Policies
-    /// with L7 matches on any of them are refused. A snapshot whose
+    /// with L7 matches on the mesh's are refused (the control plane refuses
+    /// them too); on the sidecar's own, which the control plane cannot
+    /// know, they are enforced failing closed ([`Policies::opaque_fallbacks`]),
+    /// so that one policy cannot stop every later snapshot. A snapshot whose
     /// `endpoints_version` is set takes its endpoints and services from
     /// `held`, which must be the snapshot of that version.
     pub fn compile_in(
@@ -230,14 +233,17 @@ impl Snapshot {
             "passthrough" => OutboundPolicy::Passthrough,
             other => return Err(InvalidSnapshot::OutboundPolicy(other.to_string())),
         };
-        let mut opaque = opaque_ports.to_vec();
+        let mut opaque = OpaquePorts {
+            own: opaque_ports.to_vec(),
+            mesh: Vec::with_capacity(mesh.opaque_ports.len()),
+        };
         for &port in &mesh.opaque_ports {
             let port = u16::try_from(port)
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or(InvalidSnapshot::OpaquePort(port))?;
-            if !opaque.contains(&port) {
-                opaque.push(port);
+            if !opaque.mesh.contains(&port) {
+                opaque.mesh.push(port);
             }
         }
         let policies = Policies::compile_in(
@@ -736,6 +742,34 @@ spec:
             .unwrap_err()
             .to_string();
         assert_eq!(e, "mesh.opaque_ports: 0 is not a port number (1-65535)");
+    }
+
+    /// L7 rules on a port this sidecar alone declares opaque, which the
+    /// control plane cannot refuse, do not make it refuse the snapshot:
+    /// they fail closed on that port, and the rest applies as sent.
+    #[test]
+    fn l7_rules_on_the_sidecars_own_opaque_port_fail_closed() {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let deny = WEB_TO_API
+            .replace("web-in", "no-admin")
+            .replace("ALLOW", "DENY")
+            .replace("{ports: [8080]}", "{ports: [5432, 8080], paths: [/admin]}");
+        let raw = pb::Snapshot {
+            version: 4,
+            policies: vec![policy(WEB_TO_API), policy(&deny)],
+            ..Default::default()
+        };
+        let s = Snapshot::compile_in(raw, None, &local, &[5432], &Metrics::new()).unwrap();
+        let client = SpiffeId::parse("spiffe://td/ns/a/sa/client").unwrap();
+        let denied = authorize(Some(&s.policies), &client, 5432);
+        assert_eq!(denied.to_string(), "deny by a/no-admin rule 0");
+        let allowed = authorize(Some(&s.policies), &client, 8080);
+        assert_eq!(allowed.to_string(), "allow by a/web-in rule 0");
+        let fallbacks = s.policies.opaque_fallbacks();
+        assert_eq!(fallbacks.len(), 1);
+        assert_eq!(fallbacks[0].rule.to_string(), "a/no-admin rule 0");
+        assert_eq!(fallbacks[0].ports, [5432]);
+        assert!(s.policies.is_opaque(5432));
     }
 
     #[test]

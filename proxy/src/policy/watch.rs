@@ -296,6 +296,18 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
                 "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
             );
         }
+        // The control plane cannot see this sidecar's opaque ports, so it
+        // accepted the policy: the operator hears it here and in /config.
+        for fallback in snapshot.policies.opaque_fallbacks() {
+            tracing::warn!(
+                version,
+                policy = %fallback.rule.policy,
+                rule = fallback.rule.rule,
+                ports = ?fallback.ports,
+                problem = %fallback,
+                "policy has HTTP conditions on a port this sidecar declares opaque; enforced as the problem says, failing closed"
+            );
+        }
     }
     tracing::info!(
         version,

@@ -367,3 +367,84 @@ spec:
     assert!(!listed.contains("db-reads"), "{listed}");
     Ok(())
 }
+
+/// A port one sidecar declares opaque (`--opaque-ports` on it, not on the
+/// control plane): the control plane cannot know it, so an L7 policy on it
+/// is valid and reaches the sidecar. The sidecar applies the snapshot
+/// instead of refusing it (and every later one), failing closed on that
+/// port: the DENY rule with paths denies the whole connection, naming the
+/// policy. It says so in its log and `/config`, and a later change still
+/// reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_rules_on_a_sidecars_own_opaque_port_fail_closed() -> anyhow::Result<()> {
+    let db = EchoApp::start().await?;
+    let db_port = db.addr().port();
+    let mesh = Mesh::builder()
+        .default_policy(Some("allow-mesh"))
+        .start()
+        .await?;
+    let mut db_sidecar = mesh
+        .sidecar("db")
+        .app(db.addr())
+        .arg("--opaque-ports")
+        .arg(db_port.to_string())
+        .start()
+        .await?;
+    let web = mesh.sidecar("web").route_to(&db_sidecar).start().await?;
+    let to_db = web.route_addr(db_sidecar.identity());
+    let binary = b"\x16\x03\x01\x00\x05hello\x00";
+    assert_eq!(round_trip(to_db, binary).await?, binary);
+
+    let no_admin = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{}\"]}}
+  action: DENY
+  rules:
+    - from: [{{spiffeId: \"{}\"}}]
+      to:
+        - ports: [{db_port}]
+          paths: [/admin]
+",
+        db_sidecar.identity(),
+        web.identity()
+    );
+    let applied = policy::apply(&mesh, &no_admin).await?;
+    policy::wait_for_ack(&mesh, db_sidecar.identity(), applied.snapshot_version).await?;
+
+    // Nothing reaches the app: the connection ends without an answer.
+    let back = round_trip(to_db, binary).await.unwrap_or_default();
+    assert!(back.is_empty(), "{back:?}");
+    let line = db_sidecar
+        .wait_for_log("inbound connection denied", SOON)
+        .await?;
+    assert!(line.contains("policy=default/no-admin rule=0"), "{line}");
+    let warning = db_sidecar.wait_for_log("declares opaque", SOON).await?;
+    assert!(
+        warning.contains("default/no-admin rule 0 has HTTP conditions on port")
+            && warning.contains(&db_port.to_string())
+            && warning.contains("it denies every connection"),
+        "{warning}"
+    );
+    let config = db_sidecar.config().await?;
+    let reported = config["policy"]["opaque_fallbacks"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reported.starts_with(&format!(
+            "default/no-admin rule 0 has HTTP conditions on port {db_port}"
+        )),
+        "{config}"
+    );
+
+    // A later change reaches the sidecar too: without the policy, the
+    // connection is allowed again.
+    let removed = policy::delete(&mesh, "default/no-admin").await?;
+    policy::wait_for_ack(&mesh, db_sidecar.identity(), removed).await?;
+    assert_eq!(round_trip(to_db, binary).await?, binary);
+    let config = db_sidecar.config().await?;
+    assert_eq!(config["policy"]["opaque_fallbacks"], serde_json::json!([]));
+    Ok(())
+}
