@@ -37,6 +37,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
+            warnings: Vec::new(),
         })),
     }
 }
@@ -62,6 +63,7 @@ fn resubscribe(inbound: &str, held: &Snapshot, accepts_endpoint_changes: bool) -
             accepts_endpoints_version: accepts_endpoint_changes,
             accepts_endpoint_changes,
             last_version_epoch: held.version_epoch,
+            warnings: Vec::new(),
         })),
     }
 }
@@ -107,6 +109,7 @@ async fn watch_pushes_snapshots_and_records_acks() {
     tx.send(WatchRequest {
         kind: Some(Kind::Ack(Ack {
             version: first.version,
+            warnings: Vec::new(),
         })),
     })
     .await
@@ -205,7 +208,10 @@ async fn watch_requires_an_svid_and_a_subscribe_first() {
     let web = enroll(&cp, WEB, "").await;
     let (tx, rx) = mpsc::channel(1);
     tx.send(WatchRequest {
-        kind: Some(Kind::Ack(Ack { version: 1 })),
+        kind: Some(Kind::Ack(Ack {
+            version: 1,
+            warnings: Vec::new(),
+        })),
     })
     .await
     .unwrap();
@@ -435,6 +441,7 @@ async fn a_version_a_restored_database_sets_again_is_not_taken_for_the_one_held(
     tx.send(WatchRequest {
         kind: Some(Kind::Ack(Ack {
             version: first.version,
+            warnings: Vec::new(),
         })),
     })
     .await

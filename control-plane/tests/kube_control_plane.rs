@@ -122,6 +122,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
+            warnings: Vec::new(),
         })),
     })
     .await

@@ -184,6 +184,7 @@ async fn a_reference_names_the_snapshot_accepted_while_another_was_on_its_way() 
         .acks
         .send(answer(Kind::Ack(Ack {
             version: second.version,
+            warnings: Vec::new(),
         })))
         .await
         .unwrap();
@@ -348,6 +349,7 @@ async fn workloads_say_which_sidecars_hold_the_current_snapshot() {
         .send(WatchRequest {
             kind: Some(Kind::Ack(Ack {
                 version: second.version,
+                warnings: Vec::new(),
             })),
         })
         .await
@@ -476,6 +478,7 @@ async fn an_identity_is_as_synced_as_its_least_synced_stream() {
     two.acks
         .send(answer(Kind::Ack(Ack {
             version: second.version,
+            warnings: Vec::new(),
         })))
         .await
         .unwrap();
@@ -668,6 +671,7 @@ async fn policy_apply_wait_ends_though_a_later_change_follows_the_write() {
         .send(WatchRequest {
             kind: Some(Kind::Ack(Ack {
                 version: written.version,
+                warnings: Vec::new(),
             })),
         })
         .await

@@ -52,6 +52,7 @@ async fn watch(
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
+            warnings: Vec::new(),
         })),
     })
     .await
@@ -75,6 +76,7 @@ async fn next(
         .expect("the stream stays open");
     let ack = Kind::Ack(Ack {
         version: snapshot.version,
+        warnings: Vec::new(),
     });
     tx.send(WatchRequest { kind: Some(ack) }).await.unwrap();
     snapshot

@@ -69,6 +69,7 @@ async fn watch(
             accepts_endpoints_version: false,
             accepts_endpoint_changes: false,
             last_version_epoch,
+            warnings: Vec::new(),
         })),
     })
     .await

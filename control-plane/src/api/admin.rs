@@ -181,6 +181,7 @@ impl Admin for AdminService {
                     synced_version_epoch: status.synced_epoch,
                     sync: status.sync.into(),
                     last_nack: status.last_nack,
+                    ack_warnings: status.ack_warnings,
                     reached: status.reached,
                     replicas: status.replicas,
                     spiffe_id: w.spiffe_id,

@@ -38,8 +38,12 @@ use crate::discovery::{
 };
 
 /// At most this many characters of what a sidecar sent (its addresses, a
-/// NACK's reason) are logged.
+/// NACK's reason, each warning of an ACK) are logged.
 const LOGGED_CHARS: usize = 512;
+
+/// At most this many warnings of an ACK are kept (then one line that says
+/// how many more there were).
+const ACK_WARNINGS_KEPT: usize = 16;
 
 pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Status>> + Send>>;
 
@@ -283,7 +287,7 @@ async fn serve_stream(
                 if held {
                     // It acknowledged this version before (perhaps to an
                     // earlier run of the control plane).
-                    stream.ack(current, Some(current));
+                    stream.ack(current, Some(current), kept_warnings(&subscribe.warnings));
                     sidecar.acked = Some(Sent {
                         version: last_version,
                         epoch: last_epoch,
@@ -322,7 +326,7 @@ async fn serve_stream(
                     let holds = sidecar
                         .answered(ack.version, true)
                         .then_some(sidecar.same_as_sent);
-                    stream.ack(acked, holds);
+                    stream.ack(acked, holds, kept_warnings(&ack.warnings));
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     sidecar.answered(nack.version, false);
@@ -368,6 +372,22 @@ fn quoted_list_up_to(pieces: &[String], max: usize) -> String {
 /// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,
 /// followed by `... (N bytes)` when that is not all of it: what is kept of
 /// a sidecar's text, so it is bounded as the log line is.
+/// The warnings of an ACK as the status keeps them: each bounded as a
+/// NACK's reason is, at most [`ACK_WARNINGS_KEPT`] of them.
+fn kept_warnings(warnings: &[String]) -> Vec<String> {
+    let mut kept: Vec<String> = (warnings.iter())
+        .take(ACK_WARNINGS_KEPT)
+        .map(|w| shown_up_to(w, LOGGED_CHARS))
+        .collect();
+    if warnings.len() > ACK_WARNINGS_KEPT {
+        kept.push(format!(
+            "and {} more warnings",
+            warnings.len() - ACK_WARNINGS_KEPT
+        ));
+    }
+    kept
+}
+
 fn shown_up_to(raw: &str, max: usize) -> String {
     let mut escaped = 0;
     for (at, c) in raw.char_indices() {

@@ -128,6 +128,7 @@ impl Replicas {
                         sync: snapshot_sync(status.sync(current)).into(),
                         reached: status.connected() && reached(status.synced_version),
                         last_nack: status.last_nack,
+                        ack_warnings: status.ack_warnings,
                     };
                     join(&mut joined, &self.name, stream);
                 }
@@ -141,6 +142,7 @@ impl Replicas {
                     sync: joined.sync.into(),
                     reached: joined.reached,
                     last_nack: joined.last_nack,
+                    ack_warnings: joined.ack_warnings,
                 }
             })
             .collect();
@@ -597,6 +599,8 @@ pub struct Joined {
     pub synced_epoch: u64,
     pub sync: SnapshotSync,
     pub last_nack: String,
+    /// What the sidecar's last ACK said it enforces otherwise than sent.
+    pub ack_warnings: Vec<String>,
     /// The replicas its open streams are on; with none open, the one that
     /// had its last stream.
     pub replicas: Vec<String>,
@@ -614,6 +618,7 @@ impl Default for Joined {
             synced_epoch: 0,
             sync: SnapshotSync::NotConnected,
             last_nack: String::new(),
+            ack_warnings: Vec::new(),
             replicas: Vec::new(),
             reached: false,
         }
@@ -790,6 +795,7 @@ fn join(joined: &mut Joined, replica: &str, stream: StreamStatus) {
         sync: stream.sync(),
         reached: stream.reached,
         last_nack: stream.last_nack,
+        ack_warnings: stream.ack_warnings,
         replicas: vec![replica.to_owned()],
     };
     match (joined.streams > 0, stream.streams > 0) {
@@ -861,6 +867,7 @@ mod tests {
             sync: sync.into(),
             reached: sync == SnapshotSync::Synced,
             last_nack: nack.into(),
+            ack_warnings: Vec::new(),
         }
     }
 

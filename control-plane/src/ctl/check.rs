@@ -327,6 +327,17 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                 ),
             )),
         }
+        // The sidecar's text: escaped, so it cannot drive the terminal.
+        for warning in &w.ack_warnings {
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{} enforces its snapshot otherwise than sent: {}",
+                    w.spiffe_id,
+                    warning.escape_debug()
+                ),
+            ));
+        }
     }
     out.push(finding(
         Level::Ok,
@@ -547,6 +558,37 @@ mod tests {
         }));
         assert!(!failed);
         assert!(text.ends_with("0 failures, 0 warnings\n"), "{text}");
+    }
+
+    /// A sidecar that acknowledged its snapshot with warnings (a policy
+    /// enforced failing closed on a port it declares opaque) holds the
+    /// current snapshot, and check names each warning, escaped.
+    #[test]
+    fn warnings_a_sidecar_acknowledged_with_are_shown() {
+        let mut db = workload("spiffe://td/db", true, SnapshotSync::Synced, "");
+        db.ack_warnings =
+            vec!["default/no-admin rule 0 has HTTP conditions on port 5432\x1b".into()];
+        let answer = ListWorkloadsResponse {
+            workloads: vec![db],
+            snapshot_version: 7,
+            snapshot_version_epoch: 0,
+            replicas: Vec::new(),
+        };
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        assert_eq!(
+            containing(&found, "spiffe://td/db"),
+            [
+                "warn spiffe://td/db enforces its snapshot otherwise than sent: default/no-admin \
+                 rule 0 has HTTP conditions on port 5432\\u{1b}"
+            ]
+        );
+        assert!(
+            found.contains(
+                &"ok 1 of 1 connected sidecar hold the current snapshot (1 workload known)"
+                    .to_owned()
+            ),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -696,6 +696,15 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
             w.last_nack.escape_debug()
         ));
     }
+    for w in &answer.workloads {
+        for warning in &w.ack_warnings {
+            out.push_str(&format!(
+                "{} enforces its snapshot with a warning: {}\n",
+                w.spiffe_id,
+                warning.escape_debug()
+            ));
+        }
+    }
     if several {
         for (i, r) in answer.replicas.iter().enumerate() {
             if r.error.is_empty() {
@@ -849,6 +858,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "snapshot": sync_name(w),
                 "connected": w.connected,
                 "last_nack": w.last_nack,
+                "ack_warnings": w.ack_warnings,
                 "replicas": w.replicas,
             })
         })

@@ -78,6 +78,8 @@ pub struct SidecarStatus {
     pub synced_epoch: u64,
     /// The reason of the last NACK, cleared by a later ACK.
     pub last_nack: String,
+    /// What the last ACK said the sidecar enforces otherwise than sent.
+    pub ack_warnings: Vec<String>,
     /// Open Watch streams from this identity.
     pub streams: u32,
 }
@@ -1007,12 +1009,20 @@ impl StreamGuard {
     /// acknowledged, not the greatest, as versions of the Kubernetes store
     /// are content digests with no order. `holds` is the newest version
     /// with the same content for it, when the stream knows it (the
-    /// acknowledged snapshot was the last one it sent).
-    pub fn ack(&self, acked: SnapshotVersion, holds: Option<SnapshotVersion>) {
+    /// acknowledged snapshot was the last one it sent). `warnings`, which
+    /// the caller has bounded, are what the sidecar enforces otherwise than
+    /// sent.
+    pub fn ack(
+        &self,
+        acked: SnapshotVersion,
+        holds: Option<SnapshotVersion>,
+        warnings: Vec<String>,
+    ) {
         self.discovery.with_stream(&self.id, self.number, |s| {
             s.acked_version = acked.version;
             s.acked_epoch = acked.epoch;
             s.last_nack.clear();
+            s.ack_warnings = warnings;
             if let Some(holds) = holds {
                 s.synced_version = holds.version;
                 s.synced_epoch = holds.epoch;

@@ -161,9 +161,9 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
     let web = SpiffeId::parse(WEB).unwrap();
     let stream = discovery.open_stream(&web);
-    stream.ack(at(0x9f3a_0000_0000_0001), None);
+    stream.ack(at(0x9f3a_0000_0000_0001), None, Vec::new());
     stream.nack("bad policy");
-    stream.ack(at(0x1b20_0000_0000_0002), None);
+    stream.ack(at(0x1b20_0000_0000_0002), None, Vec::new());
     let (_, statuses) = discovery
         .statuses()
         .into_iter()
@@ -191,7 +191,7 @@ fn streams_of_one_identity_keep_their_own_status() {
     let web = SpiffeId::parse(WEB).unwrap();
     let current = discovery.current();
     let (one, two) = (discovery.open_stream(&web), discovery.open_stream(&web));
-    one.ack(current, Some(current));
+    one.ack(current, Some(current), Vec::new());
     two.nack("bad policy");
     let count = |state| {
         discovery
@@ -210,7 +210,7 @@ fn streams_of_one_identity_keep_their_own_status() {
         "not cleared by the other's ACK"
     );
 
-    two.ack(current, Some(current));
+    two.ack(current, Some(current), Vec::new());
     assert_eq!(count(SyncState::Synced), 1);
     drop(one);
     assert_eq!(discovery.statuses()[0].1.len(), 1, "the open one only");

@@ -76,6 +76,7 @@ impl Watcher {
                 accepts_endpoints_version: takes != Takes::AllEndpoints,
                 accepts_endpoint_changes: takes == Takes::EndpointChanges,
                 last_version_epoch: 0,
+                warnings: Vec::new(),
             })),
         })
         .await
@@ -107,6 +108,7 @@ impl Watcher {
             .send(WatchRequest {
                 kind: Some(Kind::Ack(Ack {
                     version: snapshot.version,
+                    warnings: Vec::new(),
                 })),
             })
             .await
@@ -122,6 +124,7 @@ impl Watcher {
                 let ack = WatchRequest {
                     kind: Some(Kind::Ack(Ack {
                         version: snapshot.version,
+                        warnings: Vec::new(),
                     })),
                 };
                 if self.acks.send(ack).await.is_err() {

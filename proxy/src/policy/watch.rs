@@ -185,11 +185,15 @@ async fn session_inner(
     // A version names its content only with the epoch it was set in: a
     // control plane whose database was restored from an older copy sets
     // the same versions again, in another epoch, with other content.
-    let (last_version, last_version_epoch) = out
+    // Its warnings too: a control plane that finds it holding the current
+    // version sends nothing, so it is not acknowledged again.
+    let (last_version, last_version_epoch, warnings) = out
         .snapshot
         .borrow()
         .as_ref()
-        .map_or((0, 0), |s| (s.version, s.version_epoch));
+        .map_or((0, 0, Vec::new()), |s| {
+            (s.version, s.version_epoch, ack_warnings(&s.policies))
+        });
     let (tx, rx) = mpsc::channel(4);
     let (inbound_address, inbound_addresses) = identity::advertised(&params.advertise_addresses);
     let subscribe = Kind::Subscribe(Subscribe {
@@ -199,6 +203,7 @@ async fn session_inner(
         accepts_endpoints_version: true,
         accepts_endpoint_changes: true,
         last_version_epoch,
+        warnings,
     });
     // The receiver is alive: it was just made.
     let _ = tx
@@ -230,8 +235,9 @@ async fn session_inner(
             &out.metrics,
         ) {
             Ok(snapshot) => {
+                let warnings = ack_warnings(&snapshot.policies);
                 apply(snapshot, endpoints_from, changes, out);
-                Kind::Ack(Ack { version })
+                Kind::Ack(Ack { version, warnings })
             }
             Err(e) => {
                 tracing::warn!(version, reason = %e, "snapshot refused; keeping the last good one");
@@ -246,6 +252,30 @@ async fn session_inner(
         }
     }
     Ok(())
+}
+
+/// What an ACK says the sidecar enforces otherwise than `policies` were
+/// sent (each rule enforced failing closed on a port it declares opaque),
+/// for `trellisctl check`: each cut as a NACK's reason is, and no more
+/// than fit in [`MAX_NACK_REASON_BYTES`] together (then a line saying how
+/// many more there are, which the log names).
+fn ack_warnings(policies: &Policies) -> Vec<String> {
+    let fallbacks = policies.opaque_fallbacks();
+    let mut warnings = Vec::new();
+    let mut bytes = 0;
+    for (i, fallback) in fallbacks.iter().enumerate() {
+        let warning = nack_reason(fallback.to_string());
+        bytes += warning.len();
+        if bytes > MAX_NACK_REASON_BYTES {
+            let more = fallbacks.len() - i;
+            warnings.push(format!(
+                "and {more} more rules with HTTP conditions on ports this sidecar declares opaque (see its log)"
+            ));
+            break;
+        }
+        warnings.push(warning);
+    }
+    warnings
 }
 
 /// `reason` cut to [`MAX_NACK_REASON_BYTES`] (at a character boundary)

@@ -233,6 +233,7 @@ async fn watch(
             accepts_endpoints_version: true,
             accepts_endpoint_changes: takes_changes(),
             last_version_epoch: last_version.1,
+            warnings: Vec::new(),
         })),
     })
     .await?;
@@ -245,6 +246,7 @@ async fn watch(
         tx.send(WatchRequest {
             kind: Some(Kind::Ack(Ack {
                 version: snapshot.version,
+                warnings: Vec::new(),
             })),
         })
         .await?;

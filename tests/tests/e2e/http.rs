@@ -439,6 +439,20 @@ spec:
         "{config}"
     );
 
+    // The sidecar's ACK carries the warning to the control plane, and
+    // `trellisctl check` shows it for that workload.
+    let check = mesh.ctl_output(["check"]).await?;
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.lines().any(|l| l.contains(&format!(
+            "{} enforces its snapshot otherwise than sent: default/no-admin rule 0 has HTTP \
+             conditions on port {db_port}",
+            db_sidecar.identity()
+        ))),
+        "{text}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
     // A later change reaches the sidecar too: without the policy, the
     // connection is allowed again.
     let removed = policy::delete(&mesh, "default/no-admin").await?;
@@ -446,5 +460,11 @@ spec:
     assert_eq!(round_trip(to_db, binary).await?, binary);
     let config = db_sidecar.config().await?;
     assert_eq!(config["policy"]["opaque_fallbacks"], serde_json::json!([]));
+    let workload = mesh.workload(db_sidecar.identity()).await?;
+    assert_eq!(
+        workload["ack_warnings"],
+        serde_json::json!([]),
+        "{workload}"
+    );
     Ok(())
 }
