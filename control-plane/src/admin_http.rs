@@ -7,7 +7,14 @@
 //! It exposes nothing secret and accepts nothing that changes state. It is
 //! reachable from every pod of the cluster (the kubelet probes it, a
 //! Prometheus scrapes it), so its connections are limited as the sidecar's
-//! admin port's are: in number, per client address and in time.
+//! admin port's are: in number, per client address and in time. A
+//! connection closed as it is accepted, past those limits, is counted by
+//! the limit that refused it and logged as a warning naming the client,
+//! at most once per limit per
+//! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE), by the gRPC
+//! port's `Refusals`: a kubelet probe refused here restarts the pod or
+//! takes it out of its Service, which must not go unseen at the default
+//! log level.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +35,7 @@ use crate::metrics::{
     Metrics, render_sidecar_sync, render_store_serving_stale, render_store_watches,
 };
 use crate::readiness::{Check, Readiness};
+use crate::server::Refusals;
 
 /// How long a client of the admin port has to send a request's head, and
 /// how long an idle connection is kept waiting for the next one: the
@@ -49,6 +57,11 @@ pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 /// written. A scraper simply reconnects.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// How a connection closed as it was accepted, past the admin port's
+/// connection limits, is logged, with the limit (`reason`, `error`) and
+/// peer.
+const OVER_LIMITS: &str = "admin connection refused: past the port's connection limits";
+
 pub struct AdminHttp {
     listener: TcpListener,
 }
@@ -65,7 +78,8 @@ impl AdminHttp {
     }
 
     /// Serves until `shutdown` turns true. `readiness` is the Kubernetes
-    /// store's (none with the embedded store).
+    /// store's (none with the embedded store). Connections refused by the
+    /// connection limits are counted in `metrics`.
     pub async fn run(
         self,
         ready: Arc<AtomicBool>,
@@ -75,6 +89,7 @@ impl AdminHttp {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+        let over_limits = Refusals::new(metrics.clone(), Metrics::admin_connection_refused);
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -90,7 +105,7 @@ impl AdminHttp {
             let admitted = match limits.admit(client.ip()) {
                 Ok(admitted) => admitted,
                 Err(refused) => {
-                    tracing::debug!(%client, %refused, "admin connection refused");
+                    over_limits.refuse(client, refused.reason(), Some(&refused), OVER_LIMITS);
                     continue;
                 }
             };
@@ -173,5 +188,118 @@ fn respond(
             text(StatusCode::OK, body)
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+    use trellis_proto::discovery::v1::MeshConfig;
+
+    use super::*;
+    use crate::store::embedded::{DB_FILE, EmbeddedStore};
+
+    /// A connection to `addr` from 127.0.0.`last`.
+    async fn connect(last: u8, addr: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// A client address holding [`MAX_CONNECTIONS_PER_CLIENT`] connections
+    /// has each more closed as it is accepted: counted as `per_client` in
+    /// `/metrics`, the first logged at once as a warning naming the client
+    /// and the limit, the next within
+    /// [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE) only
+    /// counted. With every slot taken and no address holding more to take
+    /// one from, a connection is refused as `total`, likewise.
+    #[tokio::test]
+    async fn connections_past_the_limits_are_counted_and_logged() {
+        let (logs, _guard) = crate::test_logs::capture(false);
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+        let admin = AdminHttp::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = admin.local_addr().unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(true));
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(admin.run(ready, metrics, discovery, None, stop));
+
+        // Connections from 127.0.0.`last` that send nothing.
+        let hold = |last: u8, count: usize| async move {
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                held.push(connect(last, addr).await);
+            }
+            held
+        };
+        // Closed by the server with nothing sent: once it is, the refusal
+        // has been counted and logged (or not).
+        let refused = |last: u8| async move {
+            let mut tcp = connect(last, addr).await;
+            let read = tcp.read(&mut [0u8; 64]).await;
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        };
+
+        let mut held = hold(1, MAX_CONNECTIONS_PER_CLIENT).await;
+        refused(1).await;
+        refused(1).await;
+        // Every slot taken, 127.0.0.2 holding one fewer than the others:
+        // no address holds two more than it, to take a slot from.
+        held.extend(hold(2, MAX_CONNECTIONS_PER_CLIENT - 1).await);
+        let mut last = 3;
+        while held.len() < MAX_CONNECTIONS {
+            let count = MAX_CONNECTIONS_PER_CLIENT.min(MAX_CONNECTIONS - held.len());
+            held.extend(hold(last, count).await);
+            last += 1;
+        }
+        refused(2).await;
+
+        // Scraped as Prometheus does, from an address holding none: the
+        // full port makes way for it.
+        let mut scrape = connect(last, addr).await;
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut scraped = String::new();
+        scrape.read_to_string(&mut scraped).await.unwrap();
+        assert!(scraped.starts_with("HTTP/1.1 200 "), "{scraped}");
+        for (reason, count) in [("per_client", 2), ("total", 1)] {
+            let counted =
+                format!("trellis_admin_connections_refused_total{{reason=\"{reason}\"}} {count}\n");
+            assert!(scraped.contains(&counted), "{counted}in\n{scraped}");
+        }
+
+        let [from_client] = &logs.assert_first_warnings(OVER_LIMITS, &["per_client"])[..] else {
+            unreachable!("one line a reason");
+        };
+        assert!(
+            from_client.contains(&format!(
+                "{MAX_CONNECTIONS_PER_CLIENT} connections are open from this address already"
+            )),
+            "the line names the limit: {from_client}"
+        );
+        let text = logs.text();
+        let total: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(OVER_LIMITS) && l.contains("reason=\"total\""))
+            .collect();
+        assert_eq!(total.len(), 1, "{total:#?}");
+        assert!(
+            total[0].contains("WARN")
+                && total[0].contains("peer=127.0.0.2:")
+                && total[0].contains(&format!("{MAX_CONNECTIONS} connections are open already")),
+            "{}",
+            total[0]
+        );
+        drop(held);
     }
 }

@@ -23,6 +23,7 @@ pub struct Metrics {
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
     /// (in the order of [`SNAPSHOT_ENDPOINTS`]): counted without a lock,
@@ -67,6 +68,12 @@ impl Metrics {
     /// limit that refused it (`per_client` or `total`).
     pub fn webhook_connection_refused(&self, reason: &'static str) {
         count(&self.webhook_connections_refused, reason);
+    }
+
+    /// A connection to the admin port closed as it was accepted, by the
+    /// limit that refused it (`per_client` or `total`).
+    pub fn admin_connection_refused(&self, reason: &'static str) {
+        count(&self.admin_connections_refused, reason);
     }
 
     pub fn watch_stream_opened(&self) {
@@ -161,6 +168,15 @@ impl Metrics {
                 .webhook_connections_refused
                 .lock()
                 .expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_admin_connections_refused_total",
+            "Connections to the admin port (/live, /ready, /metrics) closed as they were \
+             accepted, by the limit that refused them: per_client (as many open from the \
+             client's address as one may hold) or total (every slot taken, none from an address \
+             holding more).",
+            &self.admin_connections_refused.lock().expect("not poisoned"),
         );
         let _ = writeln!(
             out,

@@ -351,6 +351,7 @@ impl AsyncWrite for TlsConn {
 /// How a port's refused connections are counted and logged: the gRPC
 /// port's failed handshakes here, the admission webhook port's failed
 /// handshakes and connections past its limits (`crate::inject::server`),
+/// the admin port's connections past its limits (`crate::admin_http`),
 /// each into a metric of its own.
 pub(crate) struct Refusals {
     metrics: Arc<Metrics>,
