@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use trellis_core::connections::Refused;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -110,6 +111,9 @@ pub struct Metrics {
     /// `trellis_service_connect_retries_total`, resolved once:
     /// `[CONNECT_FAILURES]`.
     service_retries: [Counter; CONNECT_FAILURES.len()],
+    /// `trellis_admin_connections_refused_total`, resolved once:
+    /// `[per_client, total]`.
+    admin_refused: [Counter; 2],
 }
 
 /// The `reason` label values of `trellis_service_connect_retries_total`:
@@ -276,7 +280,26 @@ impl Metrics {
         );
         let service_retries = CONNECT_FAILURES
             .map(|reason| retries_family.get_or_create(&[("reason", reason)]).clone());
+        let admin_refused_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "trellis_admin_connections_refused",
+            "Connections to the admin port (/live, /ready, /metrics, /config, the app's probes) \
+             closed as they were accepted, by the limit that refused them: per_client (as many \
+             open from the client's address as one may hold) or total (every slot taken, none \
+             from an address holding more)",
+            admin_refused_family.clone(),
+        );
+        let admin_refused = [
+            Refused::FromClient { limit: 0 },
+            Refused::Total { limit: 0 },
+        ]
+        .map(|refused| {
+            admin_refused_family
+                .get_or_create(&[("reason", refused.reason())])
+                .clone()
+        });
         Metrics {
+            admin_refused,
             alpn,
             handshakes,
             service_retries,
@@ -410,6 +433,17 @@ impl Metrics {
         self.service_retries[index].inc();
     }
 
+    /// Counts a connection to the admin port closed as it was accepted, by
+    /// the limit that `refused` it. No lock: both series were resolved up
+    /// front.
+    pub fn admin_connection_refused(&self, refused: Refused) {
+        let index = match refused {
+            Refused::FromClient { .. } => 0,
+            Refused::Total { .. } => 1,
+        };
+        self.admin_refused[index].inc();
+    }
+
     /// The `trellis_rate_limited_total` series of `policy`, resolved when
     /// limits are compiled (the family map takes a lock).
     pub fn rate_limited_counter(&self, policy: &Arc<str>) -> Counter {
@@ -480,6 +514,8 @@ mod tests {
             "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
+            "trellis_admin_connections_refused_total{reason=\"per_client\"} 0",
+            "trellis_admin_connections_refused_total{reason=\"total\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

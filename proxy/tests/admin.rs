@@ -2,7 +2,8 @@
 //! kubelet's probe target): a client cannot hold its connections open
 //! without sending requests, nor open more than its share, nor more than
 //! the sidecar serves at once, and clients that hold every slot make way
-//! for one that holds none.
+//! for one that holds none. A connection refused so is counted and
+//! logged.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::control_plane::FakeControlPlane;
 use common::http::*;
-use common::sidecar::sidecar;
+use common::sidecar::{Logs, sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
@@ -136,4 +137,87 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A connection refused past the limits is counted by the limit that
+/// refused it, in the sidecar's own `/metrics`, and logged as a warning
+/// naming the client and the limit, once per limit per
+/// `REFUSAL_LOG_PAUSE`: a kubelet probe refused there restarts the pod or
+/// takes it out of its Service, so it must not go unseen.
+#[tokio::test]
+async fn connections_past_the_limits_are_counted_and_warned() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+
+    // Past the share of 127.0.0.2, twice.
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
+        held.push(served_from(2, s.admin).await);
+    }
+    assert!(
+        refused_from(2, s.admin).await,
+        "past the share of one address"
+    );
+    assert!(
+        refused_from(2, s.admin).await,
+        "past the share of one address"
+    );
+    // Every slot taken, 127.0.0.3 holding one fewer than the others: no
+    // address holds two more than it, to take a slot from.
+    for _ in 1..MAX_CONNECTIONS_PER_CLIENT {
+        held.push(served_from(3, s.admin).await);
+    }
+    let mut host = 4;
+    while held.len() < MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_CLIENT.min(MAX_CONNECTIONS - held.len()) {
+            held.push(served_from(host, s.admin).await);
+        }
+        host += 1;
+    }
+    assert!(refused_from(3, s.admin).await, "past the total");
+
+    // Scraped from 127.0.0.1, which holds none: the full port makes way.
+    let scraped = s.get("/metrics").await;
+    assert!(scraped.starts_with("HTTP/1.1 200 "), "{scraped}");
+    for (reason, count) in [("per_client", 2), ("total", 1)] {
+        let counted =
+            format!("trellis_admin_connections_refused_total{{reason=\"{reason}\"}} {count}\n");
+        assert!(scraped.contains(&counted), "{counted}in\n{scraped}");
+    }
+
+    let refusals = |reason: &str| -> Vec<String> {
+        let reason = format!("reason={reason} ");
+        logs.lines()
+            .into_iter()
+            .filter(|l| l.contains("admin connection refused") && l.contains(&reason))
+            .collect()
+    };
+    let per_client = refusals("per_client");
+    assert_eq!(
+        per_client.len(),
+        1,
+        "one line a limit a pause: {per_client:#?}"
+    );
+    let total = refusals("total");
+    assert_eq!(total.len(), 1, "{total:#?}");
+    for (line, client, limit) in [
+        (
+            &per_client[0],
+            "client=127.0.0.2:",
+            format!("{MAX_CONNECTIONS_PER_CLIENT} connections are open from this address already"),
+        ),
+        (
+            &total[0],
+            "client=127.0.0.3:",
+            format!("{MAX_CONNECTIONS} connections are open already"),
+        ),
+    ] {
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains(client), "the line names the client: {line}");
+        assert!(line.contains(&limit), "the line names the limit: {line}");
+        assert!(!line.contains("suppressed"), "{line}");
+    }
+    drop(held);
 }

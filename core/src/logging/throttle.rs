@@ -1,7 +1,8 @@
 //! At most one line per kind per window, for lines a peer can make a
 //! binary write as often as it opens connections (a refused handshake, on
-//! the sidecar's inbound port or the control plane's gRPC port): a flood
-//! of them would otherwise flood the log. The first line of a kind is
+//! the sidecar's inbound port or the control plane's gRPC port; a
+//! connection past an admin port's connection limits): a flood of them
+//! would otherwise flood the log. The first line of a kind is
 //! written at once; the lines of that kind within the window after it are
 //! only counted, and the next one written after the window says how many
 //! were not. Counting takes atomics, never a lock, on the path of the

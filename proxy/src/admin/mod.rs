@@ -5,6 +5,14 @@
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
+//!
+//! A connection closed as it is accepted, past the port's connection
+//! limits, is counted by the limit that refused it
+//! (`trellis_admin_connections_refused_total`) and logged as a warning
+//! naming the client and the limit, at most once per limit per
+//! [`REFUSAL_LOG_PAUSE`]: a kubelet probe refused here restarts the pod or
+//! takes it out of its Service, which must not go unseen at the default
+//! log level. A connection admitted costs nothing more for it.
 
 use std::convert::Infallible;
 use std::io;
@@ -21,12 +29,15 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::logging::throttle::Throttle;
+use trellis_core::warn_throttled;
 
 pub mod probes;
 
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::{Svid, TrustBundle};
+use crate::inbound::REFUSAL_LOG_PAUSE;
 use crate::metrics::Metrics;
 use crate::policy::Snapshot;
 
@@ -62,6 +73,11 @@ pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 /// otherwise hold its slot for ever). A scraper simply reconnects.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// How a connection closed as it was accepted, past the admin port's
+/// connection limits, is logged, with the limit (`reason`, `error`) and
+/// client.
+const OVER_LIMITS: &str = "admin connection refused: past the port's connection limits";
+
 /// Binds the admin port; [`Admin::run`] serves it.
 pub struct Admin {
     listener: TcpListener,
@@ -89,12 +105,23 @@ impl Admin {
             drain,
         } = self;
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
+        let refusals = Throttle::new(REFUSAL_LOG_PAUSE);
         drain
             .accept(listener, "admin", |tcp, client, _tracker| {
                 let admitted = match limits.admit(client.ip()) {
                     Ok(admitted) => admitted,
                     Err(refused) => {
-                        tracing::debug!(%client, %refused, "admin connection refused");
+                        let reason = refused.reason();
+                        warn_throttled!(
+                            refusals,
+                            reason,
+                            { %client, reason = %reason, error = %refused },
+                            "{OVER_LIMITS}"
+                        );
+                        // Counted once its line, if any, is in the log's
+                        // queue: a refusal the metric shows has been
+                        // logged, or counted as not.
+                        state.metrics.admin_connection_refused(refused);
                         return;
                     }
                 };

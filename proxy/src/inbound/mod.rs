@@ -97,7 +97,8 @@ pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// How often connections refused before they were authenticated are
 /// logged, at most, for each reason: the first at once, the next after
-/// the pause with how many were not logged meanwhile.
+/// the pause with how many were not logged meanwhile. The admin port's
+/// connections past its limits are logged so too, for each limit.
 pub const REFUSAL_LOG_PAUSE: Duration = Duration::from_secs(10);
 
 /// What most refusals of [`Shared::refuse`] log.
