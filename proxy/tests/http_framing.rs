@@ -220,6 +220,8 @@ async fn setup() -> (FakeControlPlane, common::sidecar::TestSidecar, Seen) {
 struct Answers {
     /// The status line of each answer, in order.
     status: Vec<String>,
+    /// The body of each answer, in order.
+    bodies: Vec<String>,
     /// Whether the sidecar closed the connection (rather than falling
     /// silent for 3 s).
     closed: bool,
@@ -233,8 +235,10 @@ async fn send_raw(cp: &FakeControlPlane, inbound: SocketAddr, bytes: &[u8]) -> A
     tls.write_all(bytes).await.unwrap();
     tls.flush().await.unwrap();
     let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+    let (status, bodies) = answers(&got).into_iter().unzip();
     Answers {
-        status: status_lines(&got),
+        status,
+        bodies,
         closed,
     }
 }
@@ -256,9 +260,9 @@ async fn read_until_quiet<S: AsyncRead + Unpin>(
     (got, false)
 }
 
-/// The status line of each answer in `bytes`, bodies framed by their
-/// `content-length` (every answer here has one).
-fn status_lines(mut bytes: &[u8]) -> Vec<String> {
+/// The status line and body of each answer in `bytes`, bodies framed by
+/// their `content-length` (every answer here has one).
+fn answers(mut bytes: &[u8]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -266,18 +270,23 @@ fn status_lines(mut bytes: &[u8]) -> Vec<String> {
         let Ok(httparse::Status::Complete(head)) = answer.parse(bytes) else {
             panic!("not an answer: {:?}", String::from_utf8_lossy(bytes));
         };
-        out.push(format!(
+        let status = format!(
             "HTTP/1.1 {} {}",
             answer.code.unwrap_or_default(),
             answer.reason.unwrap_or_default()
-        ));
+        );
         let length: usize = answer
             .headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
             .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
             .expect("every answer has a length");
-        bytes = &bytes[(head + length).min(bytes.len())..];
+        let end = (head + length).min(bytes.len());
+        out.push((
+            status,
+            String::from_utf8_lossy(&bytes[head..end]).into_owned(),
+        ));
+        bytes = &bytes[end..];
     }
     out
 }
@@ -429,6 +438,52 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
         assert!(seen.requests().is_empty(), "{case}: {:?}", seen.requests());
     }
     assert_nothing_smuggled(&seen);
+}
+
+/// A request with two `Host` fields, or whose absolute-form target names
+/// another host than its `Host`, is refused with 400 saying so (RFC 9112,
+/// section 3.2): the app could read it as meant for a host other than
+/// the one the rules saw. Whether the forwarder or hyper serves it (a
+/// chunked body, an absolute-form target).
+#[tokio::test]
+async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
+    let (cp, s, seen) = setup().await;
+    let cases: [(&str, &[u8], &str); 4] = [
+        (
+            "two hosts",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nhost: other\r\n\r\n",
+            "more than one Host header",
+        ),
+        (
+            "two hosts and a chunked body",
+            b"POST /a HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\nhost: api\r\n\r\n\
+              0\r\n\r\n",
+            "more than one Host header",
+        ),
+        (
+            "a target naming another host",
+            b"GET http://other/a HTTP/1.1\r\nhost: api\r\n\r\n",
+            "Host header differs from the authority of the request target",
+        ),
+        (
+            "a target naming another port",
+            b"GET http://api:81/a HTTP/1.1\r\nhost: api\r\n\r\n",
+            "Host header differs from the authority of the request target",
+        ),
+    ];
+    for (case, bytes, why) in cases {
+        let answers = send_raw(&cp, s.inbound, bytes).await;
+        assert_eq!(answers.status, ["HTTP/1.1 400 Bad Request"], "{case}");
+        assert_eq!(answers.bodies, [format!("{why}\n")], "{case}");
+    }
+    assert!(seen.requests().is_empty(), "{:?}", seen.requests());
+    let same = send_raw(
+        &cp,
+        s.inbound,
+        b"GET http://API/a HTTP/1.1\r\nhost: api\r\n\r\n",
+    )
+    .await;
+    assert_eq!(same.status, ["HTTP/1.1 200 OK"]);
 }
 
 /// Requests sent one after another without waiting (pipelined) are

@@ -5,7 +5,9 @@
 //! A refused request is answered here (403 naming the deciding policy and
 //! rule, gRPC `PERMISSION_DENIED`; 400 naming what is wrong with a path
 //! an app could read as another one, [`l7::check_path`], where an ALLOW or
-//! DENY rule on the request's port or a rate limit reads paths; 501 for
+//! DENY rule on the request's port or a rate limit reads paths; 400 for
+//! more than one `Host`, or one that differs from the target's authority
+//! ([`headers::host_problem`]); 501 for
 //! `CONNECT`, whatever the rules) and never reaches the inner service;
 //! being the first layer, it
 //! also keeps such paths from the rate limits below it. Each decision is
@@ -32,7 +34,7 @@ use trellis_core::SpiffeId;
 use trellis_core::policy::{Decision, HttpRequest, l7};
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
-use super::{Body, InForce};
+use super::{Body, InForce, headers};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
 
@@ -142,6 +144,17 @@ impl<S> Authorize<S> {
                 StatusCode::NOT_IMPLEMENTED,
                 GrpcCode::InvalidArgument,
                 CONNECT_REFUSED,
+            ));
+        }
+        if let Some(problem) = headers::host_problem(request) {
+            // The app and the rules could read it as meant for another
+            // host than the one named.
+            entry.outcome = "invalid";
+            return Some(local(
+                *grpc,
+                StatusCode::BAD_REQUEST,
+                GrpcCode::InvalidArgument,
+                problem,
             ));
         }
         let current = self.policies.get();
