@@ -402,38 +402,92 @@ async fn a_denied_requests_body_is_never_read_as_a_request() {
     assert_eq!(paths, ["/after"]);
 }
 
-/// Framing the sidecar cannot read one way only is refused with 400, and
-/// nothing reaches the app.
+/// Framing the sidecar cannot read one way only, and heads that do not
+/// parse, are refused with 400 (431 for too many fields) and a body that
+/// says what was wrong, the connection is closed, and nothing reaches the
+/// app.
 #[tokio::test]
 async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
     let (cp, s, seen) = setup().await;
-    let cases: [(&str, &[u8]); 5] = [
+    let bad_header = "400 malformed header line: not a field name and a colon \
+                      (a line without a colon, or a space before it)";
+    let many_fields = {
+        let mut head = b"GET /a HTTP/1.1\r\nhost: api\r\n".to_vec();
+        for i in 0..120 {
+            head.extend(format!("x-field-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend(b"\r\n");
+        head
+    };
+    let cases: [(&str, &[u8], &str); 11] = [
         (
             "two different lengths",
             b"POST /a HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\ncontent-length: 40\r\n\r\n\
               hello",
+            "400 two different Content-Length values",
+        ),
+        (
+            "a length that is not a number",
+            b"POST /a HTTP/1.1\r\nhost: api\r\ncontent-length: 5x\r\n\r\nhello",
+            "400 invalid Content-Length",
         ),
         (
             "a coding other than chunked last",
             b"POST /a HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked, identity\r\n\r\n\
               0\r\n\r\n",
+            "400 Transfer-Encoding whose last coding is not chunked",
         ),
         (
             "transfer-encoding on HTTP/1.0",
             b"POST /a HTTP/1.0\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400 Transfer-Encoding in an HTTP/1.0 request",
         ),
         (
             "a folded header",
             b"GET /a HTTP/1.1\r\nhost: api\r\nx-folded: one\r\n two\r\n\r\n",
+            bad_header,
         ),
         (
             "a space before the colon",
             b"POST /a HTTP/1.1\r\nhost: api\r\ncontent-length : 5\r\n\r\nhello",
+            bad_header,
+        ),
+        (
+            "a header line without a colon",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nx-no-colon\r\n\r\n",
+            bad_header,
+        ),
+        (
+            "a control character in a value",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nx-bell: \x07\r\n\r\n",
+            "400 invalid character in a header value",
+        ),
+        (
+            "a version that is not HTTP/1.x",
+            b"GET /a HTTP/7.1\r\nhost: api\r\n\r\n",
+            "400 malformed request line: not HTTP/1.0 or HTTP/1.1",
+        ),
+        (
+            "a target with a control character",
+            b"GET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n",
+            "400 malformed request line: invalid request target",
+        ),
+        (
+            "more fields than the sidecar takes",
+            &many_fields,
+            "431 more than 100 header fields",
         ),
     ];
-    for (case, bytes) in cases {
+    for (case, bytes, expected) in cases {
         let answers = send_raw(&cp, s.inbound, bytes).await;
-        assert_eq!(answers.status, ["HTTP/1.1 400 Bad Request"], "{case}");
+        let (code, why) = expected.split_once(' ').unwrap();
+        let got: Vec<(String, String)> = answers
+            .status
+            .iter()
+            .map(|line| line.split(' ').nth(1).unwrap().to_string())
+            .zip(answers.bodies)
+            .collect();
+        assert_eq!(got, [(code.to_string(), format!("{why}\n"))], "{case}");
         assert!(answers.closed, "{case}");
         assert!(seen.requests().is_empty(), "{case}: {:?}", seen.requests());
     }

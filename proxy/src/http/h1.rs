@@ -9,11 +9,14 @@
 //! in origin form, a body framed by Content-Length (one value) or none, no
 //! `Transfer-Encoding`, `Upgrade`, `Expect` or gRPC, and a head within
 //! [`FAST_HEAD`] bytes and [`MAX_HEADERS`] fields. The first request that
-//! is anything else, or that does not parse, is handed with the bytes read
-//! so far to hyper's server ([`super::serve`]), which serves it and the
-//! rest of the connection as it serves every other HTTP/1 connection:
-//! errors (400, 431), chunked requests, `100-continue`, upgrades and
-//! HTTP/1.0 are answered as before.
+//! is anything else is handed with the bytes read so far to hyper's
+//! server ([`super::serve`]), which serves it and the rest of the
+//! connection as it serves every other HTTP/1 connection: chunked
+//! requests, `100-continue`, upgrades and HTTP/1.0 are answered as before.
+//! A head that does not parse, or whose framing no server may read (two
+//! lengths, a `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0,
+//! more than 100 fields), is answered here, with 400 (431) and a text
+//! naming what was wrong ([`Malformed`]), and the connection closed.
 //!
 //! **What it does with one.** The same as hyper's path: hop-by-hop headers
 //! removed and the caller's identity set ([`Exchange::start`]), the
@@ -229,6 +232,31 @@ struct Caller<S> {
     buf: BytesMut,
 }
 
+/// Answers a head the forwarder refuses ([`Malformed`]) with its status and
+/// what was wrong as a text body, as the sidecar's other answers are
+/// written, and `connection: close`.
+async fn refuse_head<S: AsyncWrite + Unpin>(io: &mut S, malformed: &Malformed) -> io::Result<()> {
+    let status = malformed.status;
+    let mut out = Vec::with_capacity(256);
+    status_line(
+        &mut out,
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+    );
+    field(&mut out, b"content-type", b"text/plain; charset=utf-8");
+    let mut digits = itoa::Buffer::new();
+    field(
+        &mut out,
+        b"content-length",
+        digits.format(malformed.why.len() + 1).as_bytes(),
+    );
+    head_end(&mut out, false, true);
+    out.extend_from_slice(malformed.why.as_bytes());
+    out.push(b'\n');
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
 /// Serves HTTP/1.1 requests from `io` until the caller is done, the
 /// sidecar drains (an idle connection is closed, the answer in flight
 /// says `connection: close`), or a request comes that hyper must serve.
@@ -267,6 +295,14 @@ where
                     io: Rewind::with_prefix(buf, io),
                     drained: drain.done,
                 });
+            }
+            Some(Taken::Malformed(malformed)) => {
+                tracing::debug!(peer = %conn.peer, problem = malformed.why, "malformed request head");
+                refuse_head(&mut caller.io, &malformed).await?;
+                // What follows the head (a body, say) is never read as a
+                // request.
+                let _ = caller.io.shutdown().await;
+                return Ok(Served::Closed);
             }
             None => {
                 // close_notify: a TLS caller can tell a clean end from a
@@ -322,8 +358,11 @@ impl<D: Future<Output = ()>> Drain<'_, D> {
 #[allow(clippy::large_enum_variant)]
 enum Taken {
     Request(Head),
-    /// Not one the forwarder takes (or not one at all): hyper's.
+    /// Not one the forwarder takes: hyper's.
     Other,
+    /// Not one at all, or framed in a way no server may read: answered
+    /// with what is wrong, and the connection closed.
+    Malformed(Malformed),
 }
 
 struct Head {
@@ -386,18 +425,19 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        // Malformed, or more fields than the forwarder takes.
-        Err(_) => return Some(Taken::Other),
+        Err(httparse::Error::TooManyHeaders) => return Some(too_many_fields(buf)),
+        Err(e) => {
+            let why = unparsable(e, parsed.method.is_some());
+            return Some(Taken::Malformed(Malformed::bad(why)));
+        }
     };
-    if parsed.version != Some(1) {
-        return Some(Taken::Other);
-    }
-    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+    let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version)
+    else {
         return Some(Taken::Other);
     };
-    if !path.starts_with('/') || method == "CONNECT" {
-        return Some(Taken::Other);
-    }
+    // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
+    // the head's framing is known to be readable.
+    let mut other = version != 1 || !path.starts_with('/') || method == "CONNECT";
     let base = buf.as_ptr() as usize;
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - base;
@@ -410,48 +450,71 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let mut body = None;
     let mut close = false;
+    // Whether the request has a `Transfer-Encoding`, and whether its last
+    // one ends in `chunked` (hyper's reading: a length after it is not
+    // read).
+    let mut coded = None;
     let mut ranges: [(Range<usize>, Range<usize>); MAX_HEADERS] =
         std::array::from_fn(|_| (0..0, 0..0));
     let count = parsed.headers.len();
     for (field, range) in parsed.headers.iter().zip(ranges.iter_mut()) {
         let name = field.name.as_bytes();
         let value = field.value;
-        if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Some(Taken::Other);
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if version != 1 {
+                return Some(Taken::Malformed(Malformed::bad(
+                    "Transfer-Encoding in an HTTP/1.0 request",
+                )));
+            }
+            coded = Some(ends_chunked(value));
+        } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+            other = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if coded.is_some() {
+                continue;
+            }
             let Some(length) = decimal(value) else {
-                return Some(Taken::Other);
+                return Some(Taken::Malformed(Malformed::bad("invalid Content-Length")));
             };
             if body.is_some_and(|b| b != length) {
-                return Some(Taken::Other);
+                return Some(Taken::Malformed(Malformed::bad(
+                    "two different Content-Length values",
+                )));
             }
             body = Some(length);
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in headers::list(value) {
-                if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Some(Taken::Other);
-                }
+                other |= token.eq_ignore_ascii_case(b"upgrade");
                 close |= token.eq_ignore_ascii_case(b"close");
             }
         } else if name.eq_ignore_ascii_case(b"content-type")
             && value.starts_with(b"application/grpc")
         {
-            return Some(Taken::Other);
+            other = true;
         }
         *range = (at(name), at(value));
     }
+    match coded {
+        Some(false) => {
+            return Some(Taken::Malformed(Malformed::bad(
+                "Transfer-Encoding whose last coding is not chunked",
+            )));
+        }
+        Some(true) => return Some(Taken::Other),
+        None if other => return Some(Taken::Other),
+        None => {}
+    }
     let head = buf.split_to(len).freeze();
     match build(&head, method, path, &ranges[..count]) {
-        Some(request) => Some(Taken::Request(Head {
+        Ok(request) => Some(Taken::Request(Head {
             request,
             body: body.unwrap_or(0),
             close,
         })),
-        None => {
+        Err(Unbuilt::Target) => Some(Taken::Malformed(Malformed::bad(
+            "malformed request line: invalid request target",
+        ))),
+        Err(Unbuilt::Field) => {
             // Put the head back for hyper, which says what is wrong.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
             whole.extend_from_slice(&head);
@@ -462,25 +525,96 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     }
 }
 
+/// What of a parsed head the request could not be built from.
+enum Unbuilt {
+    /// The target is not a path and query the `http` crate takes (hyper
+    /// refuses it too).
+    Target,
+    /// A field name or value: hyper, which takes them as parsed, has it.
+    Field,
+}
+
 /// The request of a parsed head; the path and values share `head`'s bytes.
 fn build(
     head: &Bytes,
     method: Method,
     path: Range<usize>,
     fields: &[(Range<usize>, Range<usize>)],
-) -> Option<Request<()>> {
-    let path = PathAndQuery::from_maybe_shared(head.slice(path)).ok()?;
+) -> Result<Request<()>, Unbuilt> {
+    let path = PathAndQuery::from_maybe_shared(head.slice(path)).map_err(|_| Unbuilt::Target)?;
     let mut headers = Buffers::fields(fields.len() + 1);
     for (name, value) in fields {
-        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+        let name = HeaderName::from_bytes(&head[name.clone()]).map_err(|_| Unbuilt::Field)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+            .map_err(|_| Unbuilt::Field)?;
         headers.append(name, value);
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = Uri::from(path);
     *request.headers_mut() = headers;
-    Some(request)
+    Ok(request)
+}
+
+/// A request head the sidecar answers itself, and closes the connection
+/// after: the status and what was wrong, as the answer's body says it
+/// (never the caller's bytes).
+pub struct Malformed {
+    pub status: StatusCode,
+    pub why: &'static str,
+}
+
+impl Malformed {
+    fn bad(why: &'static str) -> Self {
+        Malformed {
+            status: StatusCode::BAD_REQUEST,
+            why,
+        }
+    }
+}
+
+/// The most header fields of a request (hyper's server's bound, for the
+/// requests the forwarder hands it).
+pub const MAX_REQUEST_HEADERS: usize = 100;
+
+/// A head with more than [`MAX_HEADERS`] fields: hyper's if it has at most
+/// [`MAX_REQUEST_HEADERS`] and parses, 431 if it has more.
+fn too_many_fields(buf: &[u8]) -> Taken {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    match httparse::Request::new(&mut fields).parse(buf) {
+        Err(httparse::Error::TooManyHeaders) => Taken::Malformed(Malformed {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            why: "more than 100 header fields",
+        }),
+        Err(e) => Taken::Malformed(Malformed::bad(unparsable(e, true))),
+        Ok(_) => Taken::Other,
+    }
+}
+
+/// What is wrong with a head that does not parse, in words; `method`:
+/// whether the request line's method was read.
+fn unparsable(e: httparse::Error, method: bool) -> &'static str {
+    match e {
+        httparse::Error::Token if !method => "malformed request line: invalid method",
+        httparse::Error::Token => "malformed request line: invalid request target",
+        httparse::Error::Version => "malformed request line: not HTTP/1.0 or HTTP/1.1",
+        httparse::Error::HeaderName => {
+            "malformed header line: not a field name and a colon (a line without a colon, \
+             or a space before it)"
+        }
+        httparse::Error::HeaderValue => "invalid character in a header value",
+        httparse::Error::NewLine => "malformed line ending in the request head",
+        httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
+    }
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`, as hyper
+/// reads it.
+fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// A Content-Length value: digits only, as RFC 9110 section 8.6 has it.
