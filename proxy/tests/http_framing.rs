@@ -540,6 +540,97 @@ async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     assert_eq!(same.status, ["HTTP/1.1 200 OK"]);
 }
 
+/// A denied request whose body is larger than the socket buffers, sent
+/// whole before its answer is read (as `curl --data-binary @file` sends
+/// it): the caller gets the 403 naming the policy, not a reset
+/// connection. The sidecar closes after that answer without reading the
+/// body as requests, but reads and drops what the caller still sends
+/// first, so no unread bytes make the kernel reset the connection.
+/// Its body framed by a length (the forwarder's) or chunked (hyper's).
+#[tokio::test]
+async fn a_denied_upload_is_told_why_not_reset() {
+    let (cp, s, seen) = setup().await;
+    const BODY: usize = 6 << 20;
+    const CHUNK: usize = 64 * 1024;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let mut inside = vec![b'x'; CHUNK];
+    // A request inside the body is never read as one.
+    inside[..36].copy_from_slice(b"GET /admin/x HTTP/1.1\r\nhost: api\r\n\r\n");
+    let mut length =
+        format!("POST /admin/upload HTTP/1.1\r\nhost: api\r\ncontent-length: {BODY}\r\n\r\n")
+            .into_bytes();
+    let mut chunked =
+        b"POST /admin/upload HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..BODY / CHUNK {
+        length.extend_from_slice(&inside);
+        chunked.extend(format!("{CHUNK:x}\r\n").as_bytes());
+        chunked.extend_from_slice(&inside);
+        chunked.extend(b"\r\n");
+    }
+    chunked.extend(b"0\r\n\r\n");
+    for (framing, request) in [("length", length), ("chunked", chunked)] {
+        let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+        tls.write_all(&request)
+            .await
+            .unwrap_or_else(|e| panic!("{framing}: the request is not sent whole: {e}"));
+        tls.flush().await.unwrap();
+        let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+        assert_eq!(
+            answers(&got),
+            [(
+                "HTTP/1.1 403 Forbidden".to_string(),
+                "denied by policy b/no-admin rule 0\n".to_string()
+            )],
+            "{framing}"
+        );
+        assert!(closed, "{framing}: the connection closes after the answer");
+    }
+    assert_nothing_smuggled(&seen);
+}
+
+/// After an answer that leaves a body unread, a caller that goes on
+/// sending cannot hold the connection: it is closed once the sidecar has
+/// dropped a bounded amount of it.
+#[tokio::test]
+async fn a_caller_streaming_after_its_denial_does_not_hold_the_connection() {
+    let (cp, s, _seen) = setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let heads: [(&str, &[u8], &[u8]); 2] = [
+        (
+            "length",
+            b"POST /admin/upload HTTP/1.1\r\nhost: api\r\ncontent-length: 99999999999\r\n\r\n",
+            b"",
+        ),
+        (
+            "chunked",
+            b"POST /admin/upload HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"10000\r\n",
+        ),
+    ];
+    for (framing, head, chunk_line) in heads {
+        let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+        tls.write_all(head).await.unwrap();
+        let mut chunk = chunk_line.to_vec();
+        chunk.extend(vec![b'x'; 64 * 1024]);
+        if !chunk_line.is_empty() {
+            chunk.extend(b"\r\n");
+        }
+        let streaming = async {
+            loop {
+                if tls.write_all(&chunk).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+            }
+        };
+        // Far longer than the sidecar lingers: a hang, not a measure.
+        tokio::time::timeout(Duration::from_secs(60), streaming)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{framing}: the connection stays open while the caller streams")
+            });
+    }
+}
+
 /// Requests sent one after another without waiting (pipelined) are
 /// answered in order, each decided on its own: a denied one in the middle
 /// is answered 403 in its place, and its neighbours, with bodies framed by

@@ -46,6 +46,11 @@
 //! say), and the caller gets that answer while its body is still on the
 //! way. The connection is kept only if the whole body went out.
 //!
+//! **Closing.** A connection that closes after an answer that left a
+//! request body unread (a denial, a malformed head) lingers ([`LINGER`]):
+//! the caller's answer is not lost to the reset its unread bytes would
+//! make the kernel send. hyper's connections do the same ([`Lingering`]).
+//!
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
 //! waiting for it (hyper's header read timeout, which also ends idle
@@ -60,7 +65,7 @@ use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -230,6 +235,165 @@ struct Caller<S> {
     /// What was read and not yet used: the rest of a head, or requests
     /// sent ahead.
     buf: BytesMut,
+    /// The caller may still be sending a request body the connection
+    /// closes without reading: [`linger`] before closing.
+    unread: bool,
+}
+
+/// How long a connection closed with a request body unread goes on
+/// reading (and dropping) what the caller sends, after its answer; and
+/// the most bytes it reads, as nginx's `lingering_close` does: closing a
+/// socket with unread bytes makes the kernel reset the connection, and a caller still sending its body (a
+/// denied upload, say) would see "connection reset" instead of the answer
+/// that says why. Bounded both ways, so a caller cannot hold the
+/// connection by streaming; one that sends more, or for longer, gets the
+/// reset.
+pub const LINGER: Duration = Duration::from_secs(2);
+pub const LINGER_BYTES: usize = 8 << 20;
+
+/// After an answer that closes the connection with a request body unread
+/// and the write side shut down: reads what the caller still sends, into
+/// the connection's own buffer, until it closes its end, or for
+/// [`LINGER`] or [`LINGER_BYTES`], whichever comes first.
+async fn linger<S: AsyncRead + Unpin>(caller: &mut Caller<S>) {
+    let Caller { io, buf, .. } = caller;
+    let mut left = LINGER_BYTES;
+    let discard = async {
+        buf.clear();
+        if buf.capacity() < 4096 {
+            buf.reserve(4096);
+        }
+        while left > 0 {
+            match io.read_buf(buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+            buf.clear();
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, discard).await;
+}
+
+/// A caller's stream as hyper's server has it: closing it lingers as the
+/// forwarder's connections do ([`LINGER`]), when the caller has sent
+/// bytes hyper left unread (the body of a request it answered early, a
+/// denied upload say). A caller that sent nothing more is closed at once.
+/// The stream of a connection that switched protocols is closed as it is:
+/// its bytes are the byte copy's.
+pub struct Lingering<S> {
+    io: S,
+    conn: Arc<Connection>,
+    closing: Closing,
+}
+
+enum Closing {
+    Open,
+    /// Shut down for writing; whether the caller is still sending not yet
+    /// known.
+    ShutDown,
+    /// Dropping what the caller sends, until it closes, the deadline
+    /// passes or `left` bytes more have been dropped.
+    Lingering {
+        deadline: Pin<Box<tokio::time::Sleep>>,
+        left: usize,
+    },
+    Done,
+}
+
+impl<S> Lingering<S> {
+    pub fn new(io: S, conn: Arc<Connection>) -> Self {
+        Lingering {
+            io,
+            conn,
+            closing: Closing::Open,
+        }
+    }
+}
+
+/// Reads and drops what the caller has sent, into a buffer on the stack:
+/// the bytes dropped, 0 once it has closed its end (or failed).
+fn drop_some<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>) -> Poll<usize> {
+    let mut scratch = [0u8; 8192];
+    let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+    match Pin::new(io).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => Poll::Ready(buf.filled().len()),
+        Poll::Ready(Err(_)) => Poll::Ready(0),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Lingering<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.closing {
+                Closing::Open => {
+                    ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                    this.closing = if this.conn.switched() {
+                        Closing::Done
+                    } else {
+                        Closing::ShutDown
+                    };
+                }
+                // Bytes waiting now are what would make the kernel reset
+                // the connection on close.
+                Closing::ShutDown => match drop_some(&mut this.io, cx) {
+                    Poll::Ready(n) if n > 0 => {
+                        this.closing = Closing::Lingering {
+                            deadline: Box::pin(tokio::time::sleep(LINGER)),
+                            left: LINGER_BYTES.saturating_sub(n),
+                        };
+                    }
+                    _ => this.closing = Closing::Done,
+                },
+                Closing::Lingering { deadline, left } => {
+                    if *left == 0 || deadline.as_mut().poll(cx).is_ready() {
+                        this.closing = Closing::Done;
+                        continue;
+                    }
+                    match ready!(drop_some(&mut this.io, cx)) {
+                        0 => this.closing = Closing::Done,
+                        n => *left = left.saturating_sub(n),
+                    }
+                }
+                Closing::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
 }
 
 /// Answers a head the forwarder refuses ([`Malformed`]) with its status and
@@ -281,6 +445,7 @@ where
     let mut caller = Caller {
         io,
         buf: BytesMut::new(),
+        unread: false,
     };
     let mut drain = Drain {
         draining: draining.as_mut(),
@@ -290,7 +455,7 @@ where
         let taken = match read_head(&mut caller, &mut drain).await? {
             Some(Taken::Request(taken)) => taken,
             Some(Taken::Other) => {
-                let Caller { io, buf } = caller;
+                let Caller { io, buf, .. } = caller;
                 return Ok(Served::HandOff {
                     io: Rewind::with_prefix(buf, io),
                     drained: drain.done,
@@ -302,6 +467,7 @@ where
                 // What follows the head (a body, say) is never read as a
                 // request.
                 let _ = caller.io.shutdown().await;
+                linger(&mut caller).await;
                 return Ok(Served::Closed);
             }
             None => {
@@ -324,6 +490,9 @@ where
             // The answer said `connection: close`; a TLS caller gets
             // close_notify.
             let _ = caller.io.shutdown().await;
+            if caller.unread {
+                linger(&mut caller).await;
+            }
             return Ok(Served::Closed);
         }
     }
@@ -979,6 +1148,7 @@ where
             drop(entry);
             bufs.give_back();
             // A body not all sent leaves the connection unreadable.
+            caller.unread |= !whole;
             settle(
                 conn,
                 passed.map(|reusable| reusable && whole),
@@ -1583,6 +1753,7 @@ where
         caller.buf.advance(unread.body as usize);
     }
     let close = close || !skipped || drain.started();
+    caller.unread |= !skipped;
     entry.set_status(answer.status());
     let (parts, body) = answer.into_parts();
     let body = match body {

@@ -128,6 +128,9 @@ pub struct Connection {
     /// the connection's life, so new policies that deny the caller and
     /// the sidecar's drain reach it as they reach any other connection.
     upgraded: std::sync::Mutex<Option<Upgraded>>,
+    /// Whether an HTTP/1 request of the connection switched protocols: its
+    /// stream is then the byte copy's, closed without lingering.
+    switched: std::sync::atomic::AtomicBool,
     /// The access log's `source` and `destination` members, written once
     /// at the connection's first logged request.
     access_log_caller: std::sync::OnceLock<Box<[u8]>>,
@@ -162,6 +165,7 @@ impl Connection {
             policies,
             upstream,
             upgraded: std::sync::Mutex::new(None),
+            switched: std::sync::atomic::AtomicBool::new(false),
             access_log_caller: std::sync::OnceLock::new(),
             h2: std::sync::OnceLock::new(),
         }
@@ -181,7 +185,14 @@ impl Connection {
     /// Keeps the byte copy of the connection's upgraded stream for
     /// [`serve`] to run.
     pub fn hold_upgraded(&self, copy: Upgraded) {
+        self.switched
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         *self.upgraded.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy);
+    }
+
+    /// Whether a request of the connection switched protocols.
+    fn switched(&self) -> bool {
+        self.switched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn take_upgraded(&self) -> Option<Upgraded> {
@@ -300,7 +311,10 @@ where
             until_drained(served, draining, |c| c.graceful_shutdown()).await
         }
         _ => {
-            let io = TokioIo::new(io);
+            // A caller still sending a body hyper left unread when it
+            // closes is read a while first, so its answer is not lost to
+            // a reset.
+            let io = TokioIo::new(h1::Lingering::new(io, held.clone()));
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 // Half-closed callers are not supported (hyper's default):
