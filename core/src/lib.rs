@@ -9,8 +9,8 @@
 //! certificate renewals do. `connections` limits the connections of the
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `tcp` holds the sidecar's TCP
-//! timers and the range of its `TCP_USER_TIMEOUT`, which the injector
-//! checks annotations against.
+//! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
+//! may be, which the injector checks annotations against.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -1,7 +1,9 @@
 //! The sidecar's TCP timers on connections beyond the pod: keepalive
-//! probes, and `TCP_USER_TIMEOUT` with the range it may be set to. Shared
-//! because the sidecar's `--tcp-user-timeout` and the injector's
-//! `trellis.io/tcp-user-timeout` annotation take the same values.
+//! probes, and `TCP_USER_TIMEOUT` with the range it may be set to; and the
+//! ports its `--opaque-ports` lists. Shared because the sidecar's
+//! `--tcp-user-timeout` and `--opaque-ports` and the injector's
+//! `trellis.io/tcp-user-timeout` and `trellis.io/opaque-ports` annotations
+//! take the same values.
 //!
 //! On Linux the two are tied: once `TCP_USER_TIMEOUT` is set, keepalive no
 //! longer gives up after [`KEEPALIVE_PROBES`] unanswered probes, but on its
@@ -56,6 +58,26 @@ pub fn parse_user_timeout(value: &str) -> Result<Option<Duration>, String> {
     check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
+/// Reads one port of a comma-separated list as the sidecar's
+/// `--opaque-ports` and the injector's `trellis.io/opaque-ports` annotation
+/// take it: a number from 1 to 65535, spaces around it ignored. A range
+/// (`3306-3310`) is not one: each port is listed. The error quotes the
+/// item and says what is wrong with it, to follow the name of the flag or
+/// annotation it was given as.
+pub fn parse_port(item: &str) -> Result<u16, String> {
+    let item = item.trim();
+    item.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+        let range = item
+            .split_once('-')
+            .is_some_and(|(low, high)| low.parse::<u16>().is_ok() && high.parse::<u16>().is_ok());
+        if range {
+            format!("{item:?} is not a port (1-65535): ranges are not taken, list each port")
+        } else {
+            format!("{item:?} is not a port (1-65535)")
+        }
+    })
+}
+
 /// Checks a user timeout: from [`MIN_USER_TIMEOUT`] to
 /// [`MAX_USER_TIMEOUT`], or zero for none (`None`); the error says what is
 /// wrong, to follow the value.
@@ -85,6 +107,25 @@ mod tests {
             check_user_timeout(DEFAULT_USER_TIMEOUT),
             Ok(Some(DEFAULT_USER_TIMEOUT))
         );
+    }
+
+    #[test]
+    fn a_port_is_1_to_65535() {
+        assert_eq!(parse_port("5432"), Ok(5432));
+        assert_eq!(parse_port(" 65535 "), Ok(65535));
+        assert_eq!(parse_port("1"), Ok(1));
+        for (bad, says) in [
+            ("0", "\"0\" is not a port (1-65535)"),
+            ("65536", "\"65536\" is not a port (1-65535)"),
+            ("", "\"\" is not a port (1-65535)"),
+            ("mysql", "\"mysql\" is not a port (1-65535)"),
+            (
+                "3306-3310",
+                "\"3306-3310\" is not a port (1-65535): ranges are not taken, list each port",
+            ),
+        ] {
+            assert_eq!(parse_port(bad).unwrap_err(), says, "{bad:?}");
+        }
     }
 
     #[test]

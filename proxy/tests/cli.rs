@@ -57,6 +57,7 @@ fn invalid_flags_exit_64_naming_the_flag() {
             "--close-denied-connections",
         ),
         (&["--advertise-address", "x"], "--advertise-address"),
+        (&["--opaque-ports", "3306-3310"], "--opaque-ports"),
         (&["--control-plane", "nohost"], "--control-plane"),
         (&["--control-plane", "https://cp:15012"], "--control-plane"),
         (&["--control-plane", "::1:15012"], "--control-plane"),

@@ -155,7 +155,8 @@ pub struct ProxyArgs {
         long,
         env = "TRELLIS_OPAQUE_PORTS",
         value_name = "PORT,...",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = trellis_core::tcp::parse_port
     )]
     pub opaque_ports: Vec<u16>,
     /// Write one JSON line per HTTP request to stdout (target
@@ -677,6 +678,39 @@ mod tests {
             assert!(
                 e.starts_with(&format!("invalid --tcp-user-timeout: \"{value}\""))
                     && e.contains(says),
+                "{value}: {e}"
+            );
+        }
+    }
+
+    /// `--opaque-ports` takes each port as the injector's
+    /// `trellis.io/opaque-ports` annotation does
+    /// ([`trellis_core::tcp::parse_port`]): 1-65535, spaces around it
+    /// ignored; 0 and ranges are refused naming the flag.
+    #[test]
+    fn reads_the_opaque_ports() {
+        assert_eq!(args(&[]).unwrap().opaque_ports, [] as [u16; 0]);
+        let c = args(&["--opaque-ports", "5432, 25", "--opaque-ports", "6379"]).unwrap();
+        assert_eq!(c.opaque_ports, [5432, 25, 6379]);
+        let (_, bundle, token) = credential_files();
+        for (value, says) in [
+            ("5432,0", "\"0\" is not a port (1-65535)"),
+            ("3306-3310", "ranges are not taken, list each port"),
+        ] {
+            let argv = [
+                "trellis-proxy",
+                "--identity",
+                "spiffe://td/ns/a/sa/b",
+                "--trust-bundle",
+                bundle,
+                "--token-file",
+                token,
+                "--opaque-ports",
+                value,
+            ];
+            let e = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(
+                e.contains("--opaque-ports") && e.contains(says),
                 "{value}: {e}"
             );
         }
