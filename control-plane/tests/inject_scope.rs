@@ -264,6 +264,90 @@ fn an_invalid_tcp_user_timeout_annotation_is_refused() {
     }
 }
 
+/// `trellis.io/opaque-ports` becomes the sidecar's `TRELLIS_OPAQUE_PORTS`,
+/// a port name resolved to the number a container of the pod gives it (an
+/// app container's, or a native sidecar's); a pod without the annotation
+/// gets no variable, and injecting the injected pod again changes nothing.
+/// Real AdmissionReview documents (fixtures/k8s) as the API server sends
+/// them; no Kubernetes API server can run here.
+#[test]
+fn the_opaque_ports_annotation_reaches_the_sidecar() {
+    let opaque_ports = |fixture_name: &str, value: Option<&str>| {
+        let review = fixture(fixture_name);
+        let mut pod = review["request"]["object"].clone();
+        // The app also serves MySQL, on a port it names.
+        pod["spec"]["containers"][0]["ports"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "mysql", "containerPort": 3306, "protocol": "TCP"}));
+        if let Some(value) = value {
+            pod["metadata"]["annotations"]["trellis.io/opaque-ports"] = json!(value);
+        }
+        let review = with_object(&review, pod);
+        let injected = injected(&review);
+        let again = answer_for(&with_object(&review, injected.clone()));
+        assert!(patch_of(&again).is_none(), "injected twice: {again}");
+        env(container(&injected, "initContainers", "trellis-proxy"))
+            .get("TRELLIS_OPAQUE_PORTS")
+            .cloned()
+    };
+    let deployment = "pod-deployment-http-probes.json";
+    assert_eq!(opaque_ports(deployment, None), None);
+    assert_eq!(
+        opaque_ports(deployment, Some("mysql, 25,3306")),
+        Some(json!("3306,25"))
+    );
+    // The port the pod's own native sidecar names.
+    assert_eq!(
+        opaque_ports("pod-native-sidecar-probes.json", Some("health")),
+        Some(json!("9090"))
+    );
+}
+
+/// A port the sidecar would refuse (0, out of range, a range), or a name
+/// no container of the pod gives a port, is refused with an
+/// AdmissionReview error naming the annotation, whatever the failure
+/// policy: the sidecar would never start, or the port would be inspected.
+/// Real AdmissionReview documents (fixtures/k8s); no API server here.
+#[test]
+fn an_invalid_opaque_ports_annotation_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    for (value, says) in [
+        ("5432,0", "\"0\" is not a port (1-65535)"),
+        ("65536", "\"65536\" is not a port (1-65535)"),
+        (
+            "3306-3310",
+            "\"3306-3310\" is not a port (1-65535): ranges are not taken, list each port",
+        ),
+        (
+            "mysql",
+            "\"mysql\" is neither a port (1-65535) nor the name of a port a container of the \
+             pod declares",
+        ),
+    ] {
+        let mut pod = review["request"]["object"].clone();
+        pod["metadata"]["annotations"]["trellis.io/opaque-ports"] = json!(value);
+        let review = with_object(&review, pod);
+        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
+            let config = InjectConfig {
+                failure_policy,
+                ..config()
+            };
+            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+            assert_eq!(denied["response"]["allowed"], false, "{value}");
+            assert_eq!(denied["response"]["status"]["code"], 403);
+            assert_eq!(
+                denied["response"]["status"]["message"],
+                format!(
+                    "trellis: cannot inject: metadata.annotations[trellis.io/opaque-ports]: {says}"
+                ),
+                "{value}"
+            );
+            assert!(patch_of(&denied).is_none());
+        }
+    }
+}
+
 /// An unknown value of `trellis.io/inject` is an error, not a guess: the
 /// pod is denied naming it.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

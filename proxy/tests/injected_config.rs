@@ -108,3 +108,28 @@ fn an_injected_dual_stack_sidecar_listens_on_both_families_and_advertises_every_
     let config = config_from(&kubelet_env(&env, "10.0.0.7"));
     assert_eq!(config.advertise_addresses.len(), 1);
 }
+
+/// The pod's `trellis.io/opaque-ports`, its port names resolved by the
+/// injector, are the injected sidecar's own opaque ports.
+#[test]
+fn an_injected_sidecar_holds_the_pods_opaque_ports_opaque() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "db-0",
+            "namespace": "default",
+            "annotations": {"trellis.io/opaque-ports": "mysql,25"},
+        },
+        "spec": {
+            "serviceAccountName": "db",
+            "containers": [{
+                "name": "db",
+                "image": "mysql",
+                "ports": [{"name": "mysql", "containerPort": 3306}],
+            }],
+        },
+    });
+    let config = config_from(&kubelet_env(&sidecar_env(&pod), "10.0.0.7"));
+    assert_eq!(config.opaque_ports, [3306, 25]);
+}

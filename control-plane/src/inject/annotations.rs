@@ -1,6 +1,6 @@
 //! What a pod's annotations ask of its injection: the ports and CIDRs
 //! `trellis-proxy init` leaves alone, whether the sidecar writes an
-//! access log, and its TCP user timeout. Every value is checked here; a bad one is an
+//! access log, its TCP user timeout and its opaque ports. Every value is checked here; a bad one is an
 //! [`InjectError::InvalidAnnotation`] naming the annotation, and the pod is
 //! refused rather than injected with a guess.
 
@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use trellis_core::tcp::parse_user_timeout;
+use serde_json::Value;
+use trellis_core::tcp::{parse_port, parse_user_timeout};
 
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
-    InjectConfig, TCP_USER_TIMEOUT_ANNOTATION,
+    InjectConfig, OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
 };
 
 /// Whether the sidecar writes its access log: `trellis.io/access-log`,
@@ -44,6 +45,47 @@ pub(super) fn tcp_user_timeout(
             })
         }
     }
+}
+
+/// The sidecar's own `--opaque-ports`: `trellis.io/opaque-ports`, each item
+/// a port as the sidecar's flag takes it ([`parse_port`]) or the name of a
+/// port one of `containers` declares (`mysql`), which the sidecar cannot
+/// resolve itself: it never sees the pod's spec. A name any item with a
+/// letter is, as Kubernetes port names have one; a name several containers
+/// give different numbers stands for all of them. Duplicates are dropped,
+/// the order kept.
+pub(super) fn opaque_ports<'a>(
+    annotations: &BTreeMap<String, String>,
+    containers: impl Iterator<Item = &'a Value> + Clone,
+) -> Result<Vec<u16>, InjectError> {
+    let invalid = |message| InjectError::InvalidAnnotation {
+        key: OPAQUE_PORTS_ANNOTATION,
+        message,
+    };
+    let mut ports = Vec::new();
+    for item in list(annotations, OPAQUE_PORTS_ANNOTATION) {
+        if !item.bytes().any(|b| b.is_ascii_alphabetic()) {
+            ports.push(parse_port(item).map_err(invalid)?);
+            continue;
+        }
+        let named = containers
+            .clone()
+            .filter_map(|c| c.get("ports").and_then(Value::as_array))
+            .flatten()
+            .filter(|p| p.get("name").and_then(Value::as_str) == Some(item))
+            .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
+            .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0));
+        let before = ports.len();
+        ports.extend(named);
+        if ports.len() == before {
+            return Err(invalid(format!(
+                "{item:?} is neither a port (1-65535) nor the name of a port a container of \
+                 the pod declares"
+            )));
+        }
+    }
+    dedup(&mut ports);
+    Ok(ports)
 }
 
 /// The ports and CIDRs `trellis-proxy init` leaves alone: the config's, then
@@ -230,6 +272,46 @@ mod tests {
         );
         let e = read("600").unwrap_err().to_string();
         assert!(e.contains("\"600\" is not a duration"), "{e}");
+    }
+
+    #[test]
+    fn opaque_ports_are_numbers_or_the_containers_port_names() {
+        let containers = [
+            serde_json::json!({"name": "db", "ports": [
+                {"name": "mysql", "containerPort": 3306},
+                {"name": "metrics", "containerPort": 9104},
+            ]}),
+            serde_json::json!({"name": "cache", "ports": [{"name": "redis", "containerPort": 6379}]}),
+        ];
+        let read = |value: &str| {
+            opaque_ports(
+                &annotations(&[(OPAQUE_PORTS_ANNOTATION, value)]),
+                containers.iter(),
+            )
+        };
+        assert_eq!(
+            opaque_ports(&annotations(&[]), containers.iter()).unwrap(),
+            [] as [u16; 0]
+        );
+        assert_eq!(read("mysql, 25,redis,3306").unwrap(), [3306, 25, 6379]);
+        assert_eq!(read("").unwrap(), [] as [u16; 0]);
+        for (bad, says) in [
+            ("3306,0", "\"0\" is not a port (1-65535)"),
+            ("70000", "\"70000\" is not a port (1-65535)"),
+            ("3306-3310", "ranges are not taken, list each port"),
+            (
+                "postgres",
+                "\"postgres\" is neither a port (1-65535) nor the name of a port a container \
+                 of the pod declares",
+            ),
+        ] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("metadata.annotations[trellis.io/opaque-ports]: ")
+                    && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@
 //!    "false"` becomes `TRELLIS_ACCESS_LOG=false`, and
 //!    `trellis.io/tcp-user-timeout` (else the settings' `tcpUserTimeout`)
 //!    becomes `TRELLIS_TCP_USER_TIMEOUT` when it is not the sidecar's
-//!    default.
+//!    default. `trellis.io/opaque-ports` becomes `TRELLIS_OPAQUE_PORTS`,
+//!    a port name resolved to the number the pod's containers give it.
 //!
 //! A projected volume `trellis-identity`, mounted read-only only in the
 //! sidecar at `/var/run/trellis/identity`, holds `token` (a ServiceAccount
@@ -139,6 +140,9 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.io/exclude-outbound-cidrs";
 pub const ACCESS_LOG_ANNOTATION: &str = "trellis.io/access-log";
 /// Annotation: the sidecar's `--tcp-user-timeout` (`10m`; `0` for none).
 pub const TCP_USER_TIMEOUT_ANNOTATION: &str = "trellis.io/tcp-user-timeout";
+/// Annotation: the sidecar's own `--opaque-ports`, a comma list of ports
+/// (`3306,6379`) or names of the pod's container ports (`mysql`).
+pub const OPAQUE_PORTS_ANNOTATION: &str = "trellis.io/opaque-ports";
 
 /// Names of what the injector adds.
 pub const INIT_CONTAINER: &str = "trellis-init";

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::annotations::{Exclusions, access_log, join, tcp_user_timeout};
+use super::annotations::{Exclusions, access_log, join, opaque_ports, tcp_user_timeout};
 use super::probes;
 use super::review::PatchOp;
 use super::{
@@ -117,6 +117,7 @@ pub fn inject_pod(
     let exclusions = Exclusions::read(&annotations, config)?;
     let access_log = access_log(&annotations)?;
     let user_timeout = tcp_user_timeout(&annotations, config)?;
+    let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -146,7 +147,13 @@ pub fn inject_pod(
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
-        proxy_container(config, &rewritten.probes, access_log, user_timeout),
+        proxy_container(
+            config,
+            &rewritten.probes,
+            access_log,
+            user_timeout,
+            &opaque_ports,
+        ),
     ];
     init_containers.extend(own_init_containers);
 
@@ -267,6 +274,20 @@ fn has_our_containers(spec: &Map<String, Value>) -> bool {
     })
 }
 
+/// The containers that serve on the pod's ports: the app containers and
+/// the pod's own native sidecars, whose named ports an annotation may use.
+fn serving_containers(spec: &Map<String, Value>) -> impl Iterator<Item = &Value> + Clone {
+    let of = |field| {
+        spec.get(field)
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    of("containers")
+        .iter()
+        .chain(of("initContainers").iter().filter(|c| is_native_sidecar(c)))
+}
+
 /// Whether an init container is a native sidecar (`restartPolicy:
 /// Always`): it keeps running beside the app containers, with probes.
 fn is_native_sidecar(container: &Value) -> bool {
@@ -362,6 +383,7 @@ fn proxy_container(
     app_probes: &BTreeMap<String, Value>,
     access_log: bool,
     user_timeout: Option<Duration>,
+    opaque_ports: &[u16],
 ) -> Value {
     let td = config.trust_domain.as_str();
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
@@ -401,6 +423,9 @@ fn proxy_container(
     if user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT) {
         let timeout = humantime::format_duration(user_timeout.unwrap_or_default());
         env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout.to_string()));
+    }
+    if !opaque_ports.is_empty() {
+        env.push(value("TRELLIS_OPAQUE_PORTS", join(opaque_ports)));
     }
     // On the default ports the sidecar's own defaults apply: both IP
     // families, the IPv6 half left out where the pod has no IPv6. Other
