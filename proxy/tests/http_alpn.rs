@@ -248,6 +248,51 @@ async fn an_opaque_port_never_settles_http() {
     ));
 }
 
+/// A pod's `trellis.io/opaque-ports` annotation, naming its app's port,
+/// makes its injected sidecar hold that port opaque: an HTTP request to it
+/// is decided at L4 and reaches the app untouched, as with the flag. The
+/// sidecar gets what the injector wrote (`TRELLIS_OPAQUE_PORTS`, given as
+/// its flag twin), taken from the injector's own patch.
+#[tokio::test]
+async fn the_pods_opaque_ports_annotation_holds_its_port_opaque() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let echo = echo_app().await;
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "db-0",
+            "namespace": "b",
+            "annotations": {"trellis.io/opaque-ports": "db"},
+        },
+        "spec": {
+            "serviceAccountName": "api",
+            "containers": [{
+                "name": "db",
+                "image": "db",
+                "ports": [{"name": "db", "containerPort": echo.addr.port()}],
+            }],
+        },
+    });
+    let mut flags = Vec::new();
+    for (name, value) in injector::sidecar_env(&pod) {
+        if name == "TRELLIS_OPAQUE_PORTS" {
+            flags.extend([
+                "--opaque-ports".to_owned(),
+                value.as_str().unwrap().to_owned(),
+            ]);
+        }
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let p = pair(&cp, echo.addr, &flags).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 2).await;
+
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut tcp = TcpStream::connect(p.route).await.unwrap();
+    assert_eq!(round_trip(&mut tcp, request).await.unwrap(), request);
+    settled(&p.server, "inbound", "none", 1).await;
+}
+
 #[tokio::test]
 async fn openssl_s_client_sees_h2_settled_by_the_inbound() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
