@@ -321,8 +321,8 @@ fn an_invalid_opaque_ports_annotation_is_refused() {
         ),
         (
             "mysql",
-            "\"mysql\" is neither a port (1-65535) nor the name of a port a container of the \
-             pod declares",
+            "\"mysql\" is neither a port (1-65535) nor the name of a TCP port a container of \
+             the pod declares",
         ),
     ] {
         let mut pod = review["request"]["object"].clone();

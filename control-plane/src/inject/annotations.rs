@@ -1,8 +1,9 @@
 //! What a pod's annotations ask of its injection: the ports and CIDRs
 //! `trellis-proxy init` leaves alone, whether the sidecar writes an
-//! access log, its TCP user timeout and its opaque ports. Every value is checked here; a bad one is an
-//! [`InjectError::InvalidAnnotation`] naming the annotation, and the pod is
-//! refused rather than injected with a guess.
+//! access log, its TCP user timeout and its opaque ports. Every value is
+//! checked here; a bad one is an [`InjectError::InvalidAnnotation`] naming
+//! the annotation, and the pod is refused rather than injected with a
+//! guess.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -49,11 +50,11 @@ pub(super) fn tcp_user_timeout(
 
 /// The sidecar's own `--opaque-ports`: `trellis.io/opaque-ports`, each item
 /// a port as the sidecar's flag takes it ([`parse_port`]) or the name of a
-/// port one of `containers` declares (`mysql`), which the sidecar cannot
-/// resolve itself: it never sees the pod's spec. A name any item with a
-/// letter is, as Kubernetes port names have one; a name several containers
-/// give different numbers stands for all of them. Duplicates are dropped,
-/// the order kept.
+/// TCP port one of `containers` declares (`mysql`), which the sidecar
+/// cannot resolve itself: it never sees the pod's spec. An item with a
+/// letter is a name (a Kubernetes port name has one); a name several
+/// containers give different numbers stands for each of them. Duplicates
+/// are dropped, the order kept.
 pub(super) fn opaque_ports<'a>(
     annotations: &BTreeMap<String, String>,
     containers: impl Iterator<Item = &'a Value> + Clone,
@@ -73,14 +74,15 @@ pub(super) fn opaque_ports<'a>(
             .filter_map(|c| c.get("ports").and_then(Value::as_array))
             .flatten()
             .filter(|p| p.get("name").and_then(Value::as_str) == Some(item))
+            .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
             .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
             .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0));
         let before = ports.len();
         ports.extend(named);
         if ports.len() == before {
             return Err(invalid(format!(
-                "{item:?} is neither a port (1-65535) nor the name of a port a container of \
-                 the pod declares"
+                "{item:?} is neither a port (1-65535) nor the name of a TCP port a container \
+                 of the pod declares"
             )));
         }
     }
@@ -281,7 +283,10 @@ mod tests {
                 {"name": "mysql", "containerPort": 3306},
                 {"name": "metrics", "containerPort": 9104},
             ]}),
-            serde_json::json!({"name": "cache", "ports": [{"name": "redis", "containerPort": 6379}]}),
+            serde_json::json!({"name": "cache", "ports": [
+                {"name": "redis", "containerPort": 6379, "protocol": "TCP"},
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+            ]}),
         ];
         let read = |value: &str| {
             opaque_ports(
@@ -301,9 +306,10 @@ mod tests {
             ("3306-3310", "ranges are not taken, list each port"),
             (
                 "postgres",
-                "\"postgres\" is neither a port (1-65535) nor the name of a port a container \
-                 of the pod declares",
+                "\"postgres\" is neither a port (1-65535) nor the name of a TCP port a \
+                 container of the pod declares",
             ),
+            ("dns", "\"dns\" is neither a port"),
         ] {
             let e = read(bad).unwrap_err().to_string();
             assert!(
