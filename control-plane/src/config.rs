@@ -15,6 +15,7 @@ use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
+use trellis_core::tcp::parse_port;
 
 use crate::authn::tokenreview::KubeApi;
 use crate::ca::load_trust_anchors;
@@ -523,13 +524,6 @@ pub fn parse_namespace(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(port) if port != 0 => Ok(port),
-        _ => Err(format!("{s:?} is not a port number (1-65535)")),
-    }
-}
-
 /// Letters, digits, `.`, `-` and `_`, as a pod or host name has them.
 fn parse_replica_name(s: &str) -> Result<String, String> {
     let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
@@ -858,7 +852,7 @@ mod tests {
             panic!("should parse")
         };
         assert_eq!(c.opaque_ports, [5432, 25]);
-        for bad in ["0", "70000", "smtp", "25,"] {
+        for bad in ["0", "70000", "smtp", "25,", "5432-5440"] {
             let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--opaque-ports", bad])
             else {
                 panic!("{bad} must be refused")
