@@ -46,6 +46,32 @@ impl Captured {
             .collect()
     }
 
+    /// Asserts what a port with connection limits logs after refusing
+    /// connections from 127.0.0.1 past its per-address limit of
+    /// `per_client`, then one from 127.0.0.2 with all `total` slots taken:
+    /// one throttled warning for each limit, naming the client and the
+    /// limit it met.
+    pub fn assert_limit_refusals(&self, message: &str, per_client: usize, total: usize) {
+        let [from_client] = &self.assert_first_warnings(message, &["per_client"])[..] else {
+            unreachable!("one line a reason");
+        };
+        assert!(
+            from_client.contains(&format!(
+                "{per_client} connections are open from this address already"
+            )),
+            "the line names the limit: {from_client}"
+        );
+        let lines = self.reason_lines(message, "total");
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("peer=127.0.0.2:")
+                && lines[0].contains(&format!("{total} connections are open already")),
+            "{}",
+            lines[0]
+        );
+    }
+
     /// Asserts that `reason` was logged twice under `message`, the second
     /// line saying `suppressed` lines were not logged between them: what a
     /// throttled warning writes once its pause has passed.
