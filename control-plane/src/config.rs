@@ -26,8 +26,10 @@ pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 
 /// The longest `--cert-ttl` accepted: 30 days. Workload certificates are
 /// short-lived on purpose (the design's default is an hour): a leaf is never
-/// revoked, so its lifetime is how long a stolen key stays useful. Longer
-/// would also outlive the windows a CA rotation is planned around.
+/// revoked, so its lifetime is how long a stolen key stays useful to a
+/// thief who cannot reach the control plane (one who can renews it as the
+/// sidecar does, with the certificate). Longer would also outlive the
+/// windows a CA rotation is planned around.
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The exit code for invalid configuration (sysexits `EX_USAGE`).
@@ -130,7 +132,7 @@ pub struct Config {
 
     /// Lifetime of issued workload certificates (at least 10s, at most 30
     /// days: a leaf is never revoked, so its lifetime bounds how long a
-    /// stolen key is useful).
+    /// stolen key is useful to a thief who cannot renew it).
     #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
 
@@ -477,7 +479,7 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
     if ttl > MAX_CERT_TTL {
         return Err(format!(
             "{s} is longer than the maximum of 30d: a workload certificate is never revoked, \
-             so its lifetime bounds how long a stolen key is useful"
+             so its lifetime bounds how long a stolen key is useful to a thief who cannot renew it"
         ));
     }
     Ok(ttl)
