@@ -430,3 +430,47 @@ async fn a_snapshot_past_the_limit_is_refused_saying_how_large() {
     );
     assert_eq!(snapshot.borrow().as_ref().unwrap().version, 1);
 }
+
+/// A sidecar whose certificate the control plane no longer trusts (the
+/// root that signed it was dropped from the bundle while the sidecar was
+/// cut off) renews with its ServiceAccount token instead of retrying the
+/// refused certificate until it expires, as long as it stays valid.
+#[tokio::test]
+async fn a_certificate_the_control_plane_refuses_is_replaced_by_proving_the_token() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let dropped = Ca::new();
+    let me = id("/ns/a/sa/web");
+    let held = dropped.svid(&me);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token\n").unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: me.clone(),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file,
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    // The sidecar still trusts both roots: it never saw the new bundle.
+    let bundle = [cp.root.clone(), dropped.root()];
+    let (svid, _) = identity::certify(&params, &bundle, Some(&held))
+        .await
+        .expect("certified with the token once the certificate was refused");
+    assert_eq!(svid.id, me);
+    assert_ne!(svid.serial, held.serial);
+    // The certificate was refused in the handshake, before any call.
+    assert_eq!(cp.seen.lock().unwrap().certify, [(true, None)]);
+    assert_eq!(
+        cp.seen.lock().unwrap().service_account_tokens,
+        ["sa-token".to_string()]
+    );
+    logs.wait_for(&[
+        "refused the current certificate for a renewal",
+        &format!("serial={}", held.serial),
+        "alert=UnknownCA",
+        "proving the token instead",
+    ])
+    .await;
+}

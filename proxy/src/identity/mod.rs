@@ -1,5 +1,6 @@
 //! The sidecar's identity: a P-256 key made in memory, a CSR for
-//! `--identity`, `Identity.Certify`, and renewal at half-life.
+//! `--identity`, `Identity.Certify`, and renewal at half-life (with the
+//! token again when the control plane refuses the current certificate).
 //!
 //! This module owns the current [`Svid`] and publishes it on a
 //! `watch` channel; the trust bundle Certify returns goes on the bundle
@@ -248,12 +249,89 @@ pub fn control_plane_tls(
 /// One Certify call: a renewal over mTLS when `current` is valid, else the
 /// first certificate proved by the join token. Returns the new SVID and the
 /// bundle the control plane sent.
+///
+/// A renewal the control plane refuses for the certificate itself (it no
+/// longer trusts the root that signed it, which happens when a sidecar
+/// missed the window of a root rotation) is made again at once with the
+/// token, when there is one: the certificate, though within its dates,
+/// proves nothing any more, and retrying it until it expires would leave
+/// the sidecar without an identity its peers accept for that long.
 pub async fn certify(
     params: &CertifyParams,
     bundle: &[CertificateDer<'static>],
     current: Option<&Svid>,
 ) -> Result<(Svid, Vec<CertificateDer<'static>>), CertifyError> {
     let current = current.filter(|s| s.is_valid_at(SystemTime::now()));
+    let Some(svid) = current else {
+        return certify_with(params, bundle, None).await;
+    };
+    let e = match certify_with(params, bundle, Some(svid)).await {
+        // How a refused client certificate reaches the call.
+        Err(
+            e @ (CertifyError::Connect { .. }
+            | CertifyError::Refused {
+                code: tonic::Code::Unknown | tonic::Code::Unavailable,
+                ..
+            }),
+        ) if params.token.is_some() => e,
+        result => return result,
+    };
+    let tls = control_plane_tls(&params.identity, bundle, Some(svid))?;
+    let Some(alert) = certificate_refused(&params.control_plane, tls).await else {
+        return Err(e);
+    };
+    tracing::warn!(
+        serial = %svid.serial,
+        alert = ?alert,
+        "the control plane refused the current certificate for a renewal: it no longer trusts \
+         the root that signed it, or by its clock the certificate has expired; proving the \
+         token instead"
+    );
+    certify_with(params, bundle, None).await
+}
+
+/// The TLS alert with which the control plane at `addr` refuses the
+/// client certificate of `tls`, if it does. In TLS 1.3 the server checks
+/// that certificate after the client has finished its handshake, so a
+/// refusal reaches a call only as a broken connection (tonic keeps the
+/// alert as text alone); one more handshake, reading the server's first
+/// bytes, gets the alert itself.
+async fn certificate_refused(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    const PATIENCE: Duration = Duration::from_secs(5);
+    let dial = trellis_core::grpc::dial(addr, tls);
+    let mut stream = tokio::time::timeout(PATIENCE, dial).await.ok()?.ok()?;
+    let mut first = [0u8; 1];
+    let read = tokio::io::AsyncReadExt::read(&mut stream, &mut first);
+    let read = tokio::time::timeout(PATIENCE, read).await.ok()?;
+    match read
+        .err()
+        .as_ref()
+        .and_then(|e| trellis_core::tls::rustls_error(e))
+    {
+        Some(rustls::Error::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::DecryptError),
+        )) => Some(*alert),
+        _ => None,
+    }
+}
+
+/// One Certify call, proved by `current` as the TLS client certificate,
+/// or without one by the token.
+async fn certify_with(
+    params: &CertifyParams,
+    bundle: &[CertificateDer<'static>],
+    current: Option<&Svid>,
+) -> Result<(Svid, Vec<CertificateDer<'static>>), CertifyError> {
     let proof = match (current, &params.token) {
         (Some(_), _) => None,
         (None, Some(Credential::JoinToken { path, at_start })) => Some(Proof::JoinToken(
