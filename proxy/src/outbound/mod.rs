@@ -47,6 +47,16 @@
 //! `trellis_service_connect_retries_total{reason}`; a call counts once in
 //! `trellis_connections_total`, by its last attempt.
 //!
+//! A call refused before anything of the app's left the pod (a loop, a
+//! service without a backend, a destination denied, a dial that failed) is
+//! answered, when the app speaks HTTP/1, with `403` (denied), `503` (no
+//! backend, no certificate yet) or `502` (anything else) and a text body
+//! naming the address the app called and why (`answer_refused`): an app's
+//! log then says what the sidecar's does, where a closed connection said
+//! nothing. The detector reads the app's first bytes for it when no mesh
+//! dial did already; HTTP/2, opaque TCP and any call to a port declared
+//! opaque are closed as before.
+//!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
 //! opaque TCP); it never parses or changes the bytes themselves. A port
@@ -159,7 +169,21 @@ impl DialError {
             DialError::FirstBytes(_) => "write_failed",
         }
     }
+
+    /// The status an HTTP/1 app is answered with ([`answer_refused`]):
+    /// `503` while this sidecar has no certificate, `502` when the peer
+    /// could not be reached or was not who the mesh says.
+    fn status(&self) -> &'static str {
+        match self {
+            DialError::NoCertificate => SERVICE_UNAVAILABLE,
+            _ => BAD_GATEWAY,
+        }
+    }
 }
+
+const BAD_GATEWAY: &str = "502 Bad Gateway";
+const SERVICE_UNAVAILABLE: &str = "503 Service Unavailable";
+const FORBIDDEN: &str = "403 Forbidden";
 
 /// Dials `remote` with mTLS, accepting only a server presenting `expected`
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
@@ -439,6 +463,81 @@ fn refused<R: std::fmt::Display>(
     metrics.connection(OUTBOUND, "refused");
 }
 
+/// How long a refused app connection that was answered is read from after
+/// the answer, and how much of it: the rest of a request (a body detection
+/// did not read) left unread would make its close a reset, which may throw
+/// the answer away before the app reads it.
+const ANSWER_LINGER: Duration = Duration::from_secs(1);
+const ANSWER_LINGER_BYTES: u64 = 256 * 1024;
+
+/// [`answer_refused`] for a mesh dial to `remote` (the backend, the
+/// route's remote) that failed with `e`.
+async fn answer_dial_refused(
+    app: &mut App,
+    opaque: bool,
+    e: &DialError,
+    dst: impl std::fmt::Display,
+    remote: impl std::fmt::Display,
+) {
+    let why = format!("dialling {remote}: {e} ({})", e.reason());
+    answer_refused(app, opaque, e.status(), dst, why).await;
+}
+
+/// Whether the port the app called is declared opaque: never looked at,
+/// not even to answer a refusal.
+fn opaque_port(shared: &Shared, dst: SocketAddr) -> bool {
+    let snapshot = shared.snapshot.borrow();
+    snapshot
+        .as_deref()
+        .is_some_and(|s| s.policies.is_opaque(dst.port()))
+}
+
+/// Tells an HTTP/1 app why its call was refused, before anything of it
+/// left the pod: `status` (`502 Bad Gateway`, ...) with a text body naming
+/// `dst` and `why`, and the connection closed. The app's first bytes are
+/// read first (the detector's, at most [`http::detect::DETECT_TIMEOUT`])
+/// unless an attempt already did; an app speaking anything else (HTTP/2,
+/// opaque TCP), or calling a port declared `opaque`, which is never looked
+/// at, is only closed, as before.
+async fn answer_refused(
+    app: &mut App,
+    opaque: bool,
+    status: &str,
+    dst: impl std::fmt::Display,
+    why: impl std::fmt::Display,
+) {
+    use tokio::io::AsyncReadExt;
+    if opaque {
+        return;
+    }
+    if app.detected.is_none() {
+        match http::detect(&mut app.tcp).await {
+            Ok((protocol, read)) => app.detected = Some((protocol, read.into_parts().0)),
+            Err(_) => return,
+        }
+    }
+    if !matches!(app.detected, Some((Protocol::Http1, _))) {
+        return;
+    }
+    let body = format!("trellis: outbound call to {dst} refused: {why}\n");
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let tcp = &mut app.tcp;
+    let answered = async {
+        tcp.write_all(answer.as_bytes()).await?;
+        tcp.shutdown().await?;
+        tokio::io::copy(
+            &mut (&mut *tcp).take(ANSWER_LINGER_BYTES),
+            &mut tokio::io::sink(),
+        )
+        .await
+    };
+    let _ = tokio::time::timeout(ANSWER_LINGER, answered).await;
+}
+
 /// A `--route` listener: plaintext on `route.local`, mTLS to `route.remote`.
 pub struct RouteListener {
     listener: TcpListener,
@@ -588,7 +687,14 @@ where
             drop(first);
             relay(metrics, local, upstream, sent, protocol, &to, None).await;
         }
-        Err(e) => refused(metrics, &e, &to, None),
+        Err(e) => {
+            refused(metrics, &e, &to, None);
+            let mut app = App {
+                tcp: local,
+                detected: Some((protocol, first)),
+            };
+            answer_dial_refused(&mut app, false, &e, &route.remote, &route.remote).await;
+        }
     }
 }
 
@@ -835,16 +941,39 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
             Target::Loop(addr) => {
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, "loop");
+                let why = format!("{addr} is this sidecar (loop)");
+                answer_refused(&mut app, opaque_port(shared, dst), BAD_GATEWAY, dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
                 metrics.connection(OUTBOUND, NO_BACKEND);
+                let why = format!("service {} has no ready backend", name.unwrap_or(""));
+                answer_refused(
+                    &mut app,
+                    opaque_port(shared, dst),
+                    SERVICE_UNAVAILABLE,
+                    dst,
+                    why,
+                )
+                .await;
                 return;
             }
             Target::NoMeshBackend { backends } => {
                 tracing::info!(%client, %dst, service = name, backends, "outbound connection refused: no ready backend is in the mesh and the outbound policy is deny");
                 metrics.connection(OUTBOUND, NO_MESH_BACKEND);
+                let why = format!(
+                    "no ready backend of service {} is in the mesh, and the outbound policy is deny",
+                    name.unwrap_or("")
+                );
+                answer_refused(
+                    &mut app,
+                    opaque_port(shared, dst),
+                    SERVICE_UNAVAILABLE,
+                    dst,
+                    why,
+                )
+                .await;
                 return;
             }
             Target::Outside {
@@ -862,6 +991,8 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                      passthrough)"
                 );
                 metrics.connection(OUTBOUND, "denied");
+                let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
+                answer_refused(&mut app, opaque_port(shared, dst), FORBIDDEN, dst, why).await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {
@@ -912,7 +1043,9 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                         Some(next) => next,
                         None => {
                             let tried = retry.as_ref().map(|r| &r.tried);
-                            refused(metrics, &DialError::Connect(e), &to, tried);
+                            let e = DialError::Connect(e);
+                            refused(metrics, &e, &to, tried);
+                            answer_dial_refused(&mut app, *opaque, &e, dst, *addr).await;
                             return;
                         }
                     },
@@ -920,6 +1053,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     // peer that is not who the mesh says is a refusal.
                     Err(e) => {
                         refused(metrics, &e, &to, retry.as_ref().map(|r| &r.tried));
+                        answer_dial_refused(&mut app, *opaque, &e, dst, *addr).await;
                         return;
                     }
                 }
@@ -960,6 +1094,12 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                                 tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound passthrough failed");
                             }
                             metrics.connection(OUTBOUND, "connect_failed");
+                            let why = format!(
+                                "connecting to {addr}: {e} ({})",
+                                net::connect_failure_reason(&e)
+                            );
+                            let opaque = opaque_port(shared, dst) || opaque_port(shared, *addr);
+                            answer_refused(&mut app, opaque, BAD_GATEWAY, dst, why).await;
                             return;
                         }
                     },

@@ -158,7 +158,8 @@ fn silent() -> Silent {
 }
 
 /// A sidecar of `shop/web` whose snapshot has the service `shop/api` at
-/// [`VIP`] with `backends`, those of `mesh` being endpoints of `shop/api`.
+/// [`VIP`] with `backends`, those of `mesh` being endpoints of `shop/api`;
+/// port 5432 is opaque.
 fn sidecar(
     ca: &Ca,
     outbound_policy: &str,
@@ -183,6 +184,7 @@ fn sidecar(
         }],
         mesh: Some(pb::MeshConfig {
             outbound_policy: outbound_policy.into(),
+            opaque_ports: vec![5432],
             ..Default::default()
         }),
         ..Default::default()
@@ -396,6 +398,84 @@ async fn passthrough_retries_on_plain_tcp_and_after_a_mesh_backend() {
     assert_eq!(round_trip(&shared, &gone.addr.to_string()).await, b"");
     assert_eq!(outcome(&shared, "connect_failed"), 1);
     assert_eq!(retried(&shared, "refused"), 1, "a direct call was retried");
+}
+
+/// Sends an HTTP/1 request on a call to `dst` and returns what came back,
+/// the sidecar done with the call.
+async fn http_round_trip(shared: &Arc<Shared>, dst: &str) -> String {
+    let (mut app, task) = call(shared, dst).await;
+    app.write_all(b"GET /orders HTTP/1.1\r\nhost: api.shop\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = app.read_to_end(&mut answer).await;
+    drop(app);
+    task.await.unwrap();
+    String::from_utf8(answer).unwrap()
+}
+
+/// An HTTP/1 app whose call is refused before anything of it left the pod
+/// is told so in an answer naming the address it called and why, not left
+/// with a closed connection; other protocols, and any call to an opaque
+/// port, are only closed.
+#[tokio::test]
+async fn an_http1_call_refused_is_answered_with_why() {
+    let ca = Ca::new();
+    let held: Vec<Refusing> = (0..2).map(|_| refusing()).collect();
+    let gone: Vec<SocketAddr> = held.iter().map(|r| r.addr).collect();
+    let shared = sidecar(&ca, "deny", &gone, &gone);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!(
+            "\r\n\r\ntrellis: outbound call to {VIP} refused: dialling 127.0.0.1:"
+        )),
+        "{answer}"
+    );
+    assert!(answer.contains("(connect_failed)\n"), "{answer}");
+    assert_eq!(outcome(&shared, "refused"), 1);
+
+    let answer = http_round_trip(&shared, "192.0.2.7:80").await;
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(
+        answer.ends_with(
+            "trellis: outbound call to 192.0.2.7:80 refused: 192.0.2.7:80 is outside the \
+             mesh, and the outbound policy is deny\n"
+        ),
+        "{answer}"
+    );
+    assert_eq!(outcome(&shared, "denied"), 1);
+    assert_eq!(round_trip(&shared, "192.0.2.7:80").await, b"", "not HTTP");
+    assert_eq!(
+        http_round_trip(&shared, "192.0.2.7:5432").await,
+        "",
+        "an opaque port is never looked at"
+    );
+    assert_eq!(outcome(&shared, "denied"), 3);
+
+    let (impostor, fooled) = backend(Some(ca.tls(&id("impostor"), &[]))).await;
+    let shared = sidecar(&ca, "deny", &[impostor], &[impostor]);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("(unexpected_identity)\n"), "{answer}");
+    assert_eq!(*fooled.borrow(), 0);
+
+    let shared = sidecar(&ca, "deny", &[], &[]);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("refused: service shop/api has no ready backend\n"),
+        "{answer}"
+    );
 }
 
 /// Each address of a peer identity is its own TLS name (its tickets are

@@ -212,8 +212,15 @@ async fn a_destination_outside_the_mesh_is_refused_under_outbound_deny() {
     let mut cluster = outside_cluster("deny").await;
     let outside = cluster.outside().addr(APP_PORT);
 
-    let call = cluster.a_calls(&format!("http://{outside}/")).await;
-    assert!(call.is_err(), "pod A reached the outside server: {call:?}");
+    let reply = cluster
+        .a_calls(&format!("http://{outside}/"))
+        .await
+        .unwrap();
+    assert_refused(
+        &reply,
+        403,
+        &format!("outbound call to {outside} refused: {outside} is outside the mesh"),
+    );
 
     cluster
         .a

@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 use trellis_tests::netns::{Credential, Lab, NetnsRuntime};
 
 use crate::cluster::{
-    APP_PORT, B_GREETING, Cluster, SOON, Setup, assert_only_tls_toward, counted, skipped,
+    APP_PORT, B_GREETING, Cluster, SOON, Setup, assert_only_tls_toward, assert_refused, counted,
+    skipped,
 };
 use crate::kube_api::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, RATE_LIMITS, SERVICES};
 
@@ -150,10 +151,11 @@ async fn a_service_without_a_ready_backend_and_ones_outside_the_mesh_are_refused
     let mut lab = service_cluster().await;
     let cluster = &mut lab.cluster;
 
-    let call = cluster
+    let reply = cluster
         .a_calls(&format!("http://{CHECKOUT_SERVICE}/"))
-        .await;
-    assert!(call.is_err(), "pod A reached shop/checkout: {call:?}");
+        .await
+        .unwrap();
+    assert_refused(&reply, 503, "service shop/checkout has no ready backend");
     cluster
         .a
         .wait_for_sidecar_log(
@@ -169,8 +171,11 @@ async fn a_service_without_a_ready_backend_and_ones_outside_the_mesh_are_refused
     counted(&cluster.a, "outbound", "no_backend").await;
 
     for outside in [LEGACY_SERVICE, NO_SERVICE] {
-        let call = cluster.a_calls(&format!("http://{outside}/")).await;
-        assert!(call.is_err(), "pod A reached {outside}: {call:?}");
+        let reply = cluster
+            .a_calls(&format!("http://{outside}/"))
+            .await
+            .unwrap();
+        assert_refused(&reply, 403, "is outside the mesh");
         let line = cluster
             .a
             .wait_for_sidecar_log(
