@@ -139,6 +139,86 @@ async fn a_route_refuses_a_server_presenting_another_identity() {
     .await;
 }
 
+/// Sends an HTTP/1 request to `local` and returns what came back.
+async fn http_call(local: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: server\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    String::from_utf8(answer).unwrap()
+}
+
+/// An HTTP/1 app whose call on a route is refused, by the peer's identity
+/// or by the route's host name standing for the sidecar itself, is told
+/// why rather than left with a closed connection.
+#[tokio::test]
+async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/impostor")), &[]),
+    )
+    .await;
+    let expected = id("/ns/b/sa/server");
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&expected));
+    let (local, _shutdown) = route(client, expected.clone(), inbound.addr).await;
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{answer}"
+    );
+    let to = inbound.addr;
+    assert!(
+        answer.ends_with(&format!(
+            "\r\n\r\ntrellis: outbound call to {to} refused: dialling {to}: handshake: \
+             invalid peer certificate: peer presented spiffe://td.test/ns/b/sa/impostor, \
+             expected spiffe://td.test/ns/b/sa/server (unexpected_identity)\n"
+        )),
+        "{answer}"
+    );
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+
+    // `app.addr` stands for a plaintext listener of this sidecar.
+    let svid = ca.svid(&id("/ns/a/sa/client"));
+    let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, std::slice::from_ref(&expected)));
+    let (_snapshot_tx, snapshot) = watch::channel(None);
+    let looping = Arc::new(Shared {
+        tls,
+        snapshot,
+        metrics: Arc::new(Metrics::new()),
+        own_addrs: Vec::new(),
+        plaintext_listeners: vec![app.addr],
+        user_timeout: None,
+    });
+    let (_shutdown, drain) = drain::channel();
+    let remote = format!("localhost:{}", app.addr.port());
+    let route = Route {
+        local: "127.0.0.1:0".parse().unwrap(),
+        spiffe_id: expected,
+        remote: remote.clone(),
+    };
+    let listener = RouteListener::new(route, looping, drain).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(listener.run());
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(&format!(
+            "trellis: outbound call to {remote} refused: it resolves to {}, this sidecar \
+             (loop)\n",
+            app.addr
+        )),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn transparent_refuses_a_connection_that_was_not_redirected() {
     let ca = Ca::new();

@@ -580,8 +580,15 @@ impl RouteListener {
                     if !named {
                         return serve_route(&route, &shared, tcp, route.remote.as_str()).await;
                     }
-                    if let Some(addrs) = resolve_route(&route, &shared, client).await {
-                        serve_route(&route, &shared, tcp, addrs.as_slice()).await;
+                    match resolve_route(&route, &shared, client).await {
+                        Ok(addrs) => serve_route(&route, &shared, tcp, addrs.as_slice()).await,
+                        Err(why) => {
+                            let mut app = App {
+                                tcp,
+                                detected: None,
+                            };
+                            answer_refused(&mut app, false, BAD_GATEWAY, &route.remote, why).await;
+                        }
                     }
                 });
             })
@@ -590,16 +597,17 @@ impl RouteListener {
 }
 
 /// The addresses a route's host name stands for now, for a connection from
-/// `client`. `None`, the connection refused (logged and counted), when the
-/// name cannot be resolved within [`net::CONNECT_TIMEOUT`], or when it
-/// stands for one of the sidecar's own plaintext listeners: dialled, the
+/// `client`. An error saying why, the connection refused (logged and
+/// counted), when the name cannot be resolved within
+/// [`net::CONNECT_TIMEOUT`], or when it stands for one of the sidecar's
+/// own plaintext listeners: dialled, the
 /// connection would come back to the route (or the outbound listener),
 /// each connection making another until file descriptors run out.
 async fn resolve_route(
     route: &Route,
     shared: &Shared,
     client: SocketAddr,
-) -> Option<Vec<SocketAddr>> {
+) -> Result<Vec<SocketAddr>, String> {
     let metrics = &shared.metrics;
     let resolved = tokio::time::timeout(
         net::CONNECT_TIMEOUT,
@@ -626,14 +634,14 @@ async fn resolve_route(
     if let Some(own) = own {
         tracing::warn!(%client, %route, address = %own, "outbound connection refused: the route's remote resolves to this sidecar's own listener (loop)");
         metrics.connection(OUTBOUND, "loop");
-        return None;
+        return Err(format!("it resolves to {own}, this sidecar (loop)"));
     }
-    Some(addrs)
+    Ok(addrs)
 }
 
 /// Logs and counts a connection refused because its route's host name
-/// could not be resolved (`e`).
-fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Option<Vec<SocketAddr>> {
+/// could not be resolved (`e`); returns why, for the app.
+fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Result<Vec<SocketAddr>, String> {
     let e = DialError::Connect(io::Error::new(
         e.kind(),
         format!("resolving {}: {e}", route.remote),
@@ -645,7 +653,7 @@ fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Option<Vec<Soc
         service: None,
     };
     refused(metrics, &e, &to, None);
-    None
+    Err(format!("{e} ({})", e.reason()))
 }
 
 /// One connection on a route: straight to the route's remote over mTLS
