@@ -3,7 +3,8 @@
 //! streamed bodies, Upgrade, gRPC unary and streaming calls, curl through
 //! a sidecar pair, bytes that are not HTTP passing as TCP, and the app
 //! connections under bodies larger than the sockets hold, answers that
-//! come before the body, and callers that leave mid-request.
+//! come before the body, callers that leave mid-request, and HTTP/2
+//! callers that read none of their answers.
 
 mod common;
 
@@ -808,5 +809,108 @@ async fn an_upgraded_connection_is_closed_when_new_policies_deny_the_caller() {
     assert!(
         closed.is_err() || rest.is_empty(),
         "the upgraded connection still carried bytes: {rest:?}"
+    );
+}
+
+/// An HTTP/2 app whose every answer is endless: 16 KiB chunks, as many as
+/// the sidecar takes. It counts the bytes of answers it has handed over.
+async fn endless_h2_app() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CHUNK: usize = 16 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handed = Arc::new(AtomicUsize::new(0));
+    let count = handed.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            let service =
+                hyper::service::service_fn(move |_: ::http::Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    let chunk = bytes::Bytes::from(vec![b'e'; CHUNK]);
+                    let chunks = tokio_stream::iter(std::iter::repeat_with(move || {
+                        count.fetch_add(CHUNK, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))
+                    }));
+                    let answer = ::http::Response::new(http_body_util::StreamBody::new(chunks));
+                    std::future::ready(Ok::<_, std::convert::Infallible>(answer))
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    (addr, handed)
+}
+
+/// One HTTP/2 frame: its header and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HTTP/2 caller may open windows as large as it likes and then read
+/// nothing: the answers of its streams pile up in the sidecar only as far
+/// as [`trellis_proxy::http::H2_STREAM_SEND_BUFFER`] a stream. The caller
+/// here writes its frames by hand (a client library would read): the
+/// largest windows, 200 streams (as many as the sidecar lets a connection
+/// have) asking for endless answers, and never a byte read. What the app
+/// has handed over and the caller has not read is in the sidecar, its
+/// connection to the app and the sockets between: it stops growing well
+/// under 40 MiB (200 KiB a stream). With hyper's default of 400 KiB a
+/// stream it passed 80 MiB, and a few such connections could exhaust the
+/// sidecar's memory.
+#[tokio::test]
+async fn an_http2_caller_that_reads_nothing_holds_little_in_the_sidecar() {
+    use std::sync::atomic::Ordering;
+    const STREAMS: usize = 200;
+    const BOUND: usize = STREAMS * 200 * 1024;
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, handed) = endless_h2_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut caller = connect(&cp, s.inbound, &web()).await;
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    const MAX_WINDOW: u32 = 0x7fff_ffff;
+    // SETTINGS_INITIAL_WINDOW_SIZE, and the connection's window raised by
+    // WINDOW_UPDATE from its initial 65,535.
+    let mut settings = 4u16.to_be_bytes().to_vec();
+    settings.extend(MAX_WINDOW.to_be_bytes());
+    frames.extend(h2_frame(0x4, 0, 0, &settings));
+    frames.extend(h2_frame(0x8, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes()));
+    // GET, http, /, and `:authority: api` (HPACK: indexed fields, then a
+    // literal not indexed), ending the stream and its headers.
+    let head = [0x82, 0x86, 0x84, 0x01, 0x03, b'a', b'p', b'i'];
+    for n in 0..STREAMS as u32 {
+        frames.extend(h2_frame(0x1, 0x5, 1 + 2 * n, &head));
+    }
+    caller.write_all(&frames).await.unwrap();
+    caller.flush().await.unwrap();
+    // Until it stops growing: nothing more for half a second.
+    let mut before = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = handed.load(Ordering::SeqCst);
+        assert!(
+            now <= BOUND,
+            "{} MiB of answers handed over and not read, and growing",
+            now >> 20
+        );
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    assert!(
+        before >= STREAMS * 16 * 1024,
+        "the answers of the {STREAMS} streams were not all flowing: {before} bytes"
     );
 }

@@ -213,6 +213,17 @@ pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// closed, with its streams and its connection to the app.
 pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How much of an answer the sidecar holds for one stream of an HTTP/2
+/// caller beyond what the caller has read: four frames of the app's, enough
+/// that the connection always has the next one to write. A caller opens
+/// windows as large as it likes and may then read nothing; hyper's default
+/// (400 KiB) would let each of its 200 streams pile up that much, 80 MiB a
+/// connection, and a few connections of one caller exhaust the sidecar's
+/// memory. With this, a caller that does not read holds at most
+/// this much (and a frame) for each stream, beside the window of its
+/// connection to the app ([`app_h2::APP_CONNECTION_WINDOW`]).
+pub const H2_STREAM_SEND_BUFFER: usize = 64 * 1024;
+
 /// Why an HTTP connection ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -307,6 +318,7 @@ where
                 .timer(TokioTimer::new())
                 .keep_alive_interval(keep_alive.0)
                 .keep_alive_timeout(keep_alive.1)
+                .max_send_buf_size(H2_STREAM_SEND_BUFFER)
                 .serve_connection(io, service);
             until_drained(served, draining, |c| c.graceful_shutdown()).await
         }
