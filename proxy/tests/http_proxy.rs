@@ -4,7 +4,7 @@
 //! a sidecar pair, bytes that are not HTTP passing as TCP, and the app
 //! connections under bodies larger than the sockets hold, answers that
 //! come before the body, callers that leave mid-request, and HTTP/2
-//! callers that read none of their answers.
+//! callers that read none of their answers; the authority the app reads.
 
 mod common;
 
@@ -913,4 +913,126 @@ async fn an_http2_caller_that_reads_nothing_holds_little_in_the_sidecar() {
         before >= STREAMS * 16 * 1024,
         "the answers of the {STREAMS} streams were not all flowing: {before} bytes"
     );
+}
+
+/// An HTTP/1.1 and HTTP/2 app that answers with the authority it reads
+/// (HTTP/2's `:authority`, else `Host`), a space, and the `Host` headers
+/// it got, joined by commas.
+async fn authority_app() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service =
+                hyper::service::service_fn(|req: ::http::Request<hyper::body::Incoming>| {
+                    let hosts: Vec<&str> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|h| h.to_str().unwrap())
+                        .collect();
+                    let read = match req.uri().authority() {
+                        Some(authority) => authority.as_str(),
+                        None => hosts.first().copied().unwrap_or("-"),
+                    };
+                    let text = format!("{read} {}", hosts.join(","));
+                    let answer =
+                        ::http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+                    std::future::ready(Ok::<_, std::convert::Infallible>(answer))
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The app reads the authority the caller named, over HTTP/2 as over
+/// HTTP/1.1, and the rules on `Host` read the same: the caller's
+/// `:authority` reaches the app as `:authority`, with a `Host` naming the
+/// same (never the app's own address beside the caller's `Host`, a request
+/// RFC 9113, section 8.3.1, calls malformed, whose host an app reads as
+/// one or the other depending on its server), and a caller's `Host`
+/// without `:authority` becomes it. A rule denying `host: admin` denies
+/// the HTTP/2 request naming `admin` in `:authority` alone.
+#[tokio::test]
+async fn the_app_and_the_rules_read_the_authority_the_caller_named() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let s = sidecar(&cp, authority_app().await, &[]).await;
+    let no_admin = api_policy("no-admin", "DENY", "{to: [{headers: {host: admin}}]}");
+    push_to(&cp, snapshot(1, "allow-mesh", vec![no_admin]), 1).await;
+
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    let answer = text(c1.send_request(get("/x", &[])).await.unwrap()).await;
+    assert_eq!(
+        answer,
+        (::http::StatusCode::OK, "api api".into()),
+        "HTTP/1.1"
+    );
+
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    let cases = [
+        ("http://api/x", Some("api"), 200, "api api"),
+        ("http://api/x", None, 200, "api api"),
+        (
+            "http://admin/x",
+            None,
+            403,
+            "denied by policy b/no-admin rule 0\n",
+        ),
+    ];
+    for (uri, host, status, seen) in cases {
+        let mut req = ::http::Request::get(uri).version(::http::Version::HTTP_2);
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (got, body) = text(c2.send_request(req).await.unwrap()).await;
+        assert_eq!(
+            (got.as_u16(), body.as_str()),
+            (status, seen),
+            "HTTP/2 {uri} with Host {host:?}"
+        );
+    }
+
+    // No `:authority`, only `Host` (hyper's client always sends the
+    // former): frames by hand, GET, http, / and `host: api` (HPACK: indexed
+    // fields, then a literal not indexed with the static table's name 38).
+    let (mut from, mut to) = tokio::io::split(connect(&cp, s.inbound, &web()).await);
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend(h2_frame(0x4, 0, 0, &[]));
+    let head = [0x82, 0x86, 0x84, 0x0f, 38 - 15, 0x03, b'a', b'p', b'i'];
+    frames.extend(h2_frame(0x1, 0x5, 1, &head));
+    to.write_all(&frames).await.unwrap();
+    to.flush().await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut body = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            from.read_exact(&mut head)
+                .await
+                .expect("the answer's frames");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            from.read_exact(&mut payload).await.unwrap();
+            let (kind, flags) = (head[3], head[4]);
+            assert_ne!(kind, 0x3, "the stream was reset");
+            if kind == 0x0 {
+                body.extend(payload);
+                if flags & 0x1 != 0 {
+                    return String::from_utf8(body).unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .expect("no answer to the request without :authority");
+    assert_eq!(body, "api api", "HTTP/2, Host without :authority");
 }

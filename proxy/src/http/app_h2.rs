@@ -173,8 +173,9 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// Sends `req` (its URI in absolute form, naming the app) to the app at
-    /// `target` over the port's connection, dialling one if there is none.
+    /// Sends `req` (its URI in absolute form, with the authority the app is
+    /// to read in `:authority`) to the app at `target` over the port's
+    /// connection, dialling one if there is none.
     pub async fn send(
         &self,
         target: SocketAddr,

@@ -139,6 +139,10 @@ pub struct Connection {
     /// connection, so a caller that stops reading its answers stalls only
     /// its own streams, never another caller's.
     h2: std::sync::OnceLock<AppH2<RequestBody>>,
+    /// The `:authority` of the connection's first HTTP/2 request without a
+    /// `Host`, and the `Host` value made of it: the next requests, which
+    /// name the same, take it without an allocation.
+    h2_host: std::sync::OnceLock<(Authority, HeaderValue)>,
 }
 
 /// The byte copy of an upgraded connection.
@@ -168,6 +172,22 @@ impl Connection {
             switched: std::sync::atomic::AtomicBool::new(false),
             access_log_caller: std::sync::OnceLock::new(),
             h2: std::sync::OnceLock::new(),
+            h2_host: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `authority` as a `Host` value.
+    fn host_value(&self, authority: &Authority) -> HeaderValue {
+        let value = |a: &Authority| {
+            HeaderValue::from_str(a.as_str()).expect("an authority is a valid header value")
+        };
+        let (first, host) = self
+            .h2_host
+            .get_or_init(|| (authority.clone(), value(authority)));
+        if first.as_str() == authority.as_str() {
+            host.clone()
+        } else {
+            value(authority)
         }
     }
 

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
@@ -63,6 +63,17 @@ impl<B> Exchange<B> {
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         headers::remove_hop_by_hop(req.headers_mut(), upgrading);
         headers::set_identity(req.headers_mut(), &conn.identity);
+        // An HTTP/2 request names its authority in `:authority`, which the
+        // app gets: rules on `Host` read it there too, as they read an
+        // HTTP/1 request's (a `Host` beside it names the same,
+        // [`headers::host_problem`]).
+        if req.version() == Version::HTTP_2
+            && !req.headers().contains_key(http::header::HOST)
+            && let Some(authority) = req.uri().authority()
+        {
+            let host = conn.host_value(authority);
+            req.headers_mut().insert(http::header::HOST, host);
+        }
         Exchange {
             request: req,
             entry,
@@ -173,14 +184,23 @@ fn watch_body(entry: &Arc<Entry>, app: AbortHandle) {
 }
 
 /// Sends an HTTP/2 request over the connection's own HTTP/2 connection to
-/// the app, its URI naming the app.
+/// the app. Its `:authority` is the one the caller named, as an HTTP/1
+/// request keeps its `Host`: the caller's `:authority`, else its `Host`,
+/// else the app's address. The app gets no `Host` that names another
+/// authority than `:authority` (RFC 9113 section 8.3.1), and reads the
+/// same host on either version.
 async fn to_app_h2(
     conn: &Connection,
     mut req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, SendError> {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(conn.authority.clone());
+    if parts.authority.is_none() {
+        // Rare: HTTP/2 clients name the authority in `:authority`.
+        let host = req.headers().get(http::header::HOST);
+        let host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+        parts.authority = Some(host.unwrap_or_else(|| conn.authority.clone()));
+    }
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
