@@ -134,10 +134,10 @@ async fn a_running_sidecar_is_sent_only_the_endpoint_that_joined() -> anyhow::Re
 
 /// A route whose remote is a host name standing for one of the sidecar's
 /// own plaintext listeners - the route's own port, or the outbound port -
-/// refuses each connection before dialling anything, the log naming the
-/// route and the address, counted as a `loop`. Dialled, the connection
-/// would come back to the sidecar, each making another until its file
-/// descriptors ran out.
+/// refuses each connection before dialling anything (an HTTP/1 app is
+/// answered 502 naming the loop), the log naming the route and the
+/// address, counted as a `loop`. Dialled, the connection would come back
+/// to the sidecar, each making another until its file descriptors ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_by_host_name_to_the_sidecar_itself_is_refused() -> anyhow::Result<()> {
     let mesh = Mesh::start().await?;
@@ -165,12 +165,20 @@ async fn a_route_by_host_name_to_the_sidecar_itself_is_refused() -> anyhow::Resu
         let mut app = TcpStream::connect(local).await?;
         app.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
             .await?;
-        // Closed without an answer (a loop would hold it until the first
-        // of its dials gave up).
+        // Answered and closed at once (a loop would hold it until the
+        // first of its dials gave up), the app told why.
         let mut answer = Vec::new();
         let closed = tokio::time::timeout(SOON, app.read_to_end(&mut answer)).await;
         assert!(closed.is_ok(), "route {local}: still open after {SOON:?}");
-        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+                && answer.ends_with(&format!(
+                    "\r\n\r\ntrellis: outbound call to localhost:{port} refused: it resolves \
+                     to 127.0.0.1:{port}, this sidecar (loop)\n"
+                )),
+            "{answer}"
+        );
         let line = web
             .wait_for_log(&format!("@localhost:{port} address=127.0.0.1:{port}"), SOON)
             .await?;
