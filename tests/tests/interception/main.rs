@@ -349,11 +349,16 @@ async fn a_call_to_another_pods_sidecar_port_is_refused() {
     cluster.a_knows_b().await.unwrap();
 
     // Redirected into pod B's inbound listener, whose original port is pod
-    // B's own outbound listener: a loop.
+    // B's own outbound listener: a loop, which pod B refuses in the
+    // handshake and pod A's sidecar reports to the app.
     let port = netns::OUTBOUND_PORT;
     let target = cluster.b().host().addr(port);
-    let call = cluster.a_calls(&format!("http://{target}/")).await;
-    assert!(call.is_err(), "pod A reached {target}: {call:?}");
+    let reply = cluster.a_calls(&format!("http://{target}/")).await.unwrap();
+    assert_refused(
+        &reply,
+        502,
+        &format!("outbound call to {target} refused: dialling {target}: handshake"),
+    );
     let b = cluster.b.as_mut().unwrap();
     b.wait_for_sidecar_log(
         &["inbound connection refused", &format!("own port {port}")],
