@@ -519,6 +519,12 @@ mod tests {
     /// The configuration of `trellis-proxy --identity spiffe://td/ns/a/sa/b
     /// --trust-bundle B --token-file T EXTRA`; also the listener tests'.
     pub(super) fn args(extra: &[&str]) -> Result<Config, InvalidFlag> {
+        let cli = Cli::try_parse_from(argv(extra)).expect("clap parses");
+        Config::from_args(&cli.proxy)
+    }
+
+    /// The command line [`args`] parses.
+    fn argv<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let (_, bundle, token) = credential_files();
         let mut argv = vec![
             "trellis-proxy",
@@ -530,8 +536,7 @@ mod tests {
             token,
         ];
         argv.extend_from_slice(extra);
-        let cli = Cli::try_parse_from(argv).expect("clap parses");
-        Config::from_args(&cli.proxy)
+        argv
     }
 
     /// Without a trust bundle or a token a sidecar could never certify:
@@ -692,22 +697,11 @@ mod tests {
         assert_eq!(args(&[]).unwrap().opaque_ports, [] as [u16; 0]);
         let c = args(&["--opaque-ports", "5432, 25", "--opaque-ports", "6379"]).unwrap();
         assert_eq!(c.opaque_ports, [5432, 25, 6379]);
-        let (_, bundle, token) = credential_files();
         for (value, says) in [
             ("5432,0", "\"0\" is not a port (1-65535)"),
             ("3306-3310", "ranges are not taken, list each port"),
         ] {
-            let argv = [
-                "trellis-proxy",
-                "--identity",
-                "spiffe://td/ns/a/sa/b",
-                "--trust-bundle",
-                bundle,
-                "--token-file",
-                token,
-                "--opaque-ports",
-                value,
-            ];
+            let argv = argv(&["--opaque-ports", value]);
             let e = Cli::try_parse_from(argv).unwrap_err().to_string();
             assert!(
                 e.contains("--opaque-ports") && e.contains(says),
