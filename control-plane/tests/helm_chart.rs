@@ -186,6 +186,11 @@ fn invalid_values_are_refused() {
         ("watchFailureGrace=60", "watchFailureGrace"),
         ("watchFailureGrace=0.5s", "watchFailureGrace"),
         ("watchFailureGrace=null", "watchFailureGrace"),
+        // A pull secret name every injected pod would carry.
+        (
+            "imagePullSecrets[0].name=Registry_Creds",
+            "imagePullSecrets",
+        ),
         // Kubernetes quantities: 256MB would make every injected pod (or
         // the control plane's) invalid.
         ("injection.proxy.resources.limits.memory=256MB", "memory"),

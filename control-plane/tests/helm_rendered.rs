@@ -120,9 +120,14 @@ fn rendered_injection_settings_parse() {
             "injection.excludeOutboundCIDRs={169.254.169.254/32}",
             "injection.ipFamilies={IPv6,IPv4}",
             "injection.tcpUserTimeout=1m30s",
+            "imagePullSecrets[0].name=mirror-pull",
+            "imagePullSecrets[1].name=team-pull",
         ],
     );
     assert_eq!(config.image, "trellis/trellis:0.1.0");
+    // The secrets the control plane pulls the image with are the injected
+    // pods' too: the sidecar and init run the same image.
+    assert_eq!(config.image_pull_secrets, ["mirror-pull", "team-pull"]);
     assert_eq!(
         config.control_plane,
         format!("trellis-control-plane.{NAMESPACE}.svc:15012")
@@ -142,6 +147,7 @@ fn rendered_injection_settings_parse() {
     // By default the pods are IPv4 (only or primary).
     let config = rendered_injection_config(&helm, &[]);
     assert_eq!(config.ip_families, [inject::IpFamily::V4]);
+    assert!(config.image_pull_secrets.is_empty());
     // The sidecars' own default user timeout, two minutes.
     assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(120)));
     // DNS over TCP goes straight to the cluster's DNS, which has no sidecar

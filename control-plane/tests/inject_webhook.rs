@@ -590,6 +590,65 @@ fn configuration_reaches_the_pod() {
     );
 }
 
+/// The configured pull secrets (the chart's `imagePullSecrets`) reach the
+/// pod, so the kubelet pulls both injected containers' image from a private
+/// registry: after the pod's own (as its ServiceAccount's reach it), never
+/// repeating a name it lists, and the field is left alone when it lists
+/// them all or none is configured. Real AdmissionReview; the pod's own
+/// pull secrets are added to it as the ServiceAccount admission plugin
+/// adds them; no API server here.
+#[test]
+fn pull_secrets_reach_the_pod_after_its_own() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let config = InjectConfig {
+        image_pull_secrets: vec!["mirror-pull".into(), "team-pull".into()],
+        ..config()
+    };
+    let inject = |pod: &Value, config: &InjectConfig| {
+        let review = with_object(&review, pod.clone());
+        let reply = answer(&review, NamespaceScope::SelectedByWebhook, config);
+        let patch = patch_of(&reply).expect("a patch");
+        let touched = serde_json::to_value(&patch)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|op| op["path"] == "/spec/imagePullSecrets");
+        (apply(pod, &patch), touched)
+    };
+    let mut pod = review["request"]["object"].clone();
+    assert!(pod["spec"].get("imagePullSecrets").is_none());
+    let (injected, _) = inject(&pod, &config);
+    assert_eq!(
+        injected["spec"]["imagePullSecrets"],
+        json!([{"name": "mirror-pull"}, {"name": "team-pull"}])
+    );
+
+    pod["spec"]["imagePullSecrets"] = json!([{"name": "team-pull"}, {"name": "app-pull"}]);
+    let (injected, _) = inject(&pod, &config);
+    assert_eq!(
+        injected["spec"]["imagePullSecrets"],
+        json!([{"name": "team-pull"}, {"name": "app-pull"}, {"name": "mirror-pull"}])
+    );
+
+    pod["spec"]["imagePullSecrets"] = json!([{"name": "mirror-pull"}, {"name": "team-pull"}]);
+    let (injected, touched) = inject(&pod, &config);
+    assert!(!touched, "the pod lists them all");
+    assert_eq!(
+        injected["spec"]["imagePullSecrets"],
+        pod["spec"]["imagePullSecrets"]
+    );
+
+    let (injected, touched) = inject(&pod, &admission::config());
+    assert!(!touched, "none configured");
+    assert_eq!(
+        injected["spec"]["imagePullSecrets"],
+        pod["spec"]["imagePullSecrets"]
+    );
+    let (injected, _) = inject(&review["request"]["object"], &admission::config());
+    assert!(injected["spec"].get("imagePullSecrets").is_none());
+}
+
 /// The answer echoes the request's uid; only CREATE is mutated; a body that
 /// is not an AdmissionReview is an error for the server to answer with 400.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

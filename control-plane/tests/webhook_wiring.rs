@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 use common::ControlPlane;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Serving certificate files for `localhost`, and the CA that signed them.
 struct ServingCert {
@@ -104,7 +104,8 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
     let settings = certs.dir.path().join("inject.json");
     std::fs::write(
         &settings,
-        r#"{"image": "registry.example/trellis:test", "controlPlane": "cp.example:15012"}"#,
+        r#"{"image": "registry.example/trellis:test", "controlPlane": "cp.example:15012",
+            "imagePullSecrets": [{"name": "registry-example"}]}"#,
     )
     .unwrap();
     let mut flags = webhook_flags(&certs);
@@ -142,6 +143,10 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
         .find(|c| c["name"] == "trellis-proxy")
         .expect("the sidecar was injected");
     assert_eq!(proxy["image"], "registry.example/trellis:test");
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "registry-example"}])
+    );
     let env = |name: &str| {
         proxy["env"]
             .as_array()
@@ -331,6 +336,13 @@ fn invalid_webhook_flags_exit_64() {
     let bad_value = certs.dir.path().join("bad.json");
     std::fs::write(&bad_value, r#"{"tokenExpirationSeconds": 60}"#).unwrap();
     let bad_value = bad_value.display().to_string();
+    let bad_secret = certs.dir.path().join("bad-secret.json");
+    std::fs::write(
+        &bad_secret,
+        r#"{"imagePullSecrets": [{"name": "Registry_Creds"}]}"#,
+    )
+    .unwrap();
+    let bad_secret = bad_secret.display().to_string();
     let full = [
         "--webhook",
         "127.0.0.1:0",
@@ -373,6 +385,10 @@ fn invalid_webhook_flags_exit_64() {
         (
             with(&["--inject-config", "/nonexistent/inject.json"]),
             "/nonexistent/inject.json",
+        ),
+        (
+            [with(&["--inject-config"]), vec![bad_secret.clone()]].concat(),
+            "imagePullSecrets: \"Registry_Creds\" is not a Secret name",
         ),
     ];
     for (args, expect) in cases {

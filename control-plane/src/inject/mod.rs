@@ -44,6 +44,13 @@
 //!    default. `trellis.io/opaque-ports` becomes `TRELLIS_OPAQUE_PORTS`,
 //!    a port name resolved to the number the pod's containers give it.
 //!
+//! The pull secrets of [`InjectConfig::image_pull_secrets`] (the chart's
+//! `imagePullSecrets`, with which its control plane pulls the same image)
+//! are added to `spec.imagePullSecrets` after the pod's own, skipping a
+//! name the pod already lists, so the kubelet can pull the image of both
+//! containers from a private registry. A pod reads Secrets of its own
+//! namespace only: each must exist in every injected namespace.
+//!
 //! A projected volume `trellis-identity`, mounted read-only only in the
 //! sidecar at `/var/run/trellis/identity`, holds `token` (a ServiceAccount
 //! token for audience `trellis`, [`InjectConfig::token_expiration_seconds`])
@@ -99,8 +106,8 @@
 //!
 //! The patch is a few `add` operations on whole fields
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
-//! `/spec/volumes`); `add` replaces a member that exists, so the patch
-//! applies whether or not the pod had them.
+//! `/spec/volumes`, `/spec/imagePullSecrets`); `add` replaces a member
+//! that exists, so the patch applies whether or not the pod had them.
 
 mod annotations;
 mod pod;
@@ -238,6 +245,10 @@ pub struct InjectConfig {
     pub image: String,
     /// `Always`, `IfNotPresent`, `Never`, or `None` for the cluster default.
     pub image_pull_policy: Option<String>,
+    /// Names of Secrets (`kubernetes.io/dockerconfigjson`) the kubelet pulls
+    /// [`Self::image`] with, added to each injected pod's
+    /// `spec.imagePullSecrets`; they must exist in every injected namespace.
+    pub image_pull_secrets: Vec<String>,
     pub trust_domain: TrustDomain,
     /// The control plane's gRPC address as pods reach it (the Service).
     pub control_plane: String,
@@ -278,6 +289,7 @@ impl Default for InjectConfig {
         Self {
             image: concat!("trellis/trellis:", env!("CARGO_PKG_VERSION")).to_owned(),
             image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
             trust_domain: TrustDomain::new("cluster.local").expect("a valid trust domain"),
             control_plane: "trellis-control-plane.trellis-system.svc:15012".to_owned(),
             trust_bundle: TrustBundleSource::Annotation(String::new()),

@@ -193,6 +193,12 @@ pub fn inject_pod(
         path: "/spec/volumes",
         value: Value::Array(volumes),
     });
+    if let Some(secrets) = pull_secrets(spec, config) {
+        patch.push(PatchOp {
+            path: "/spec/imagePullSecrets",
+            value: Value::Array(secrets),
+        });
+    }
     Ok(Injection::Injected { patch, warnings })
 }
 
@@ -542,6 +548,22 @@ fn resources(r: &Resources) -> Value {
         }
     }
     Value::Object(out)
+}
+
+/// The pod's `imagePullSecrets` followed by the configured ones it does
+/// not list yet; `None` when it lists them all (or none is configured).
+fn pull_secrets(spec: &Map<String, Value>, config: &InjectConfig) -> Option<Vec<Value>> {
+    let mut secrets = array(spec.get("imagePullSecrets"));
+    let listed = secrets.len();
+    for name in &config.image_pull_secrets {
+        if !secrets
+            .iter()
+            .any(|s| s.get("name").and_then(Value::as_str) == Some(name))
+        {
+            secrets.push(json!({"name": name}));
+        }
+    }
+    (secrets.len() > listed).then_some(secrets)
 }
 
 fn pull_policy(container: &mut Value, config: &InjectConfig) {

@@ -14,6 +14,7 @@
 //!
 //! ```json
 //! {"image": "trellis/trellis:0.1.0", "imagePullPolicy": "IfNotPresent",
+//!  "imagePullSecrets": [{"name": "regcred"}],
 //!  "controlPlane": "trellis-control-plane.trellis-system.svc:15012",
 //!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
@@ -41,6 +42,7 @@ pub struct InvalidSettings(String);
 struct Settings {
     image: Option<String>,
     image_pull_policy: Option<String>,
+    image_pull_secrets: Option<Vec<SecretReference>>,
     control_plane: Option<String>,
     token_expiration_seconds: Option<i64>,
     trust_bundle_config_map: Option<String>,
@@ -58,6 +60,13 @@ struct Settings {
     /// Fields this release does not know: a typo, or a newer chart's.
     #[serde(flatten)]
     unknown: std::collections::BTreeMap<String, Value>,
+}
+
+/// `{name: regcred}`, as a pod's `imagePullSecrets` names a Secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretReference {
+    name: String,
 }
 
 /// `{requests: {cpu, memory}, limits: {cpu, memory}}` as in a pod spec.
@@ -275,6 +284,20 @@ impl InjectConfig {
             }
             config.image_pull_policy = Some(policy);
         }
+        if let Some(secrets) = s.image_pull_secrets {
+            for SecretReference { name } in secrets {
+                if !is_dns_subdomain(&name) {
+                    return Err(InvalidSettings(format!(
+                        "imagePullSecrets: {name:?} is not a Secret name (lower case letters, \
+                         digits, '-' and '.'; at most 253): the API server would refuse every \
+                         injected pod"
+                    )));
+                }
+                if !config.image_pull_secrets.contains(&name) {
+                    config.image_pull_secrets.push(name);
+                }
+            }
+        }
         if let Some(address) = s.control_plane {
             config.control_plane = address;
         }
@@ -365,6 +388,21 @@ fn ip_families(names: &[String]) -> Result<Vec<IpFamily>, InvalidSettings> {
         ));
     }
     Ok(families)
+}
+
+/// A Kubernetes object name: an RFC 1123 DNS subdomain.
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn nonzero(ports: Vec<u16>, field: &str) -> Result<Vec<u16>, InvalidSettings> {
@@ -518,6 +556,30 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    /// Pull secrets are the pod's `imagePullSecrets` entries; a name the
+    /// API server would refuse in every injected pod fails the start.
+    #[test]
+    fn reads_pull_secrets_and_refuses_what_is_not_a_name() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        assert!(read("{}").unwrap().image_pull_secrets.is_empty());
+        let config =
+            read(r#"{"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror.io"}, {"name": "regcred"}]}"#)
+                .unwrap();
+        assert_eq!(config.image_pull_secrets, ["regcred", "mirror.io"]);
+        for bad in ["RegCred", "", "-regcred", "reg_cred"] {
+            let json = format!(r#"{{"imagePullSecrets": [{{"name": "{bad}"}}]}}"#);
+            let e = read(&json).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("imagePullSecrets: {bad:?} is not a Secret name")),
+                "{bad}: {e}"
+            );
+        }
+        let e = read(r#"{"imagePullSecrets": ["regcred"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     #[test]
