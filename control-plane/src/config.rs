@@ -27,9 +27,12 @@ pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 /// The longest `--cert-ttl` accepted: 30 days. Workload certificates are
 /// short-lived on purpose (the design's default is an hour): a leaf is never
 /// revoked, so its lifetime is how long a stolen key stays useful to a
-/// thief who cannot reach the control plane (one who can renews it as the
-/// sidecar does, with the certificate). Longer would also outlive the
-/// windows a CA rotation is planned around.
+/// thief. With `--renewal-proof token` (the default in Kubernetes) that is
+/// any thief: a renewal needs the pod's ServiceAccount token too. With
+/// renewals proved by the certificate (join tokens, `--renewal-proof
+/// certificate`) it bounds only a thief who cannot reach the control
+/// plane: one who can renews it as the sidecar does. Longer would also
+/// outlive the windows a CA rotation is planned around.
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The exit code for invalid configuration (sysexits `EX_USAGE`).
@@ -100,6 +103,20 @@ pub enum IdentityProvider {
     Kubernetes,
 }
 
+/// What proves a renewal: a Certify made with the current certificate as
+/// the TLS client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RenewalProof {
+    /// The workload's ServiceAccount token, as for its first certificate:
+    /// a certificate alone renews nothing, so a stolen key and certificate
+    /// are useful only until the certificate expires, and a deleted pod's
+    /// identity is not renewed.
+    Token,
+    /// The current certificate alone (sidecars of releases that renew
+    /// without the token; join tokens, which are single-use).
+    Certificate,
+}
+
 /// Where the control plane keeps its state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
@@ -132,7 +149,9 @@ pub struct Config {
 
     /// Lifetime of issued workload certificates (at least 10s, at most 30
     /// days: a leaf is never revoked, so its lifetime bounds how long a
-    /// stolen key is useful to a thief who cannot renew it).
+    /// stolen key is useful to a thief who cannot renew it; with
+    /// --renewal-proof token, the Kubernetes default, no thief can renew it
+    /// without the pod's ServiceAccount token).
     #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
 
@@ -240,6 +259,16 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_IDENTITY_PROVIDER", value_enum, default_value_t)]
     pub identity_provider: IdentityProvider,
 
+    /// What proves a renewal besides the current certificate: `token` (the
+    /// workload's ServiceAccount token, on every Certify; a renewal proved
+    /// by the certificate alone is refused) or `certificate` (the
+    /// certificate alone, for sidecars of releases that renew without the
+    /// token, and join-token workloads) [default: token with
+    /// --identity-provider kubernetes, else certificate; token needs
+    /// --identity-provider kubernetes].
+    #[arg(long, env = "TRELLIS_RENEWAL_PROOF", value_enum)]
+    pub renewal_proof: Option<RenewalProof>,
+
     /// Record the inbound addresses sidecars report as reported. By default
     /// (embedded store) an address becomes a mesh endpoint only if the
     /// sidecar's Certify came from its IP (or, for a dual-stack sidecar,
@@ -333,9 +362,16 @@ impl Config {
         }
     }
 
+    /// Whether a renewal must prove the ServiceAccount token
+    /// (`--renewal-proof token`, the default with `--identity-provider
+    /// kubernetes`).
+    pub fn renewals_need_token(&self) -> bool {
+        self.renewal_proof == Some(RenewalProof::Token)
+    }
+
     /// Checks what clap cannot: reads and validates `--inject-config` and
-    /// `--trust-anchors`, and resolves the Kubernetes API for
-    /// `--identity-provider kubernetes`.
+    /// `--trust-anchors`, resolves the Kubernetes API for
+    /// `--identity-provider kubernetes` and the default `--renewal-proof`.
     fn resolve(&mut self) -> Result<(), String> {
         if let Some(path) = &self.trust_anchors {
             self.trust_anchor_roots =
@@ -366,6 +402,18 @@ impl Config {
                 }
             }
         }
+        self.renewal_proof = match (self.identity_provider, self.renewal_proof) {
+            (IdentityProvider::Kubernetes, proof) => Some(proof.unwrap_or(RenewalProof::Token)),
+            (_, Some(RenewalProof::Token)) => {
+                return Err(
+                    "--renewal-proof token needs --identity-provider kubernetes: without it no \
+                     workload has a ServiceAccount token to prove, and renewals prove the \
+                     current certificate"
+                        .into(),
+                );
+            }
+            (_, _) => Some(RenewalProof::Certificate),
+        };
         let uses_kube = self.identity_provider == IdentityProvider::Kubernetes
             || self.store == StoreKind::Kubernetes;
         if uses_kube {
@@ -798,6 +846,43 @@ mod tests {
         assert!(msg.contains("--kube-api"), "{msg}");
     }
 
+    /// In Kubernetes a renewal proves the ServiceAccount token unless told
+    /// otherwise; without Kubernetes there is no such token, so asking for
+    /// it is refused, naming the flag, and renewals prove the certificate.
+    #[test]
+    fn the_renewal_proof_is_the_token_in_kubernetes_only() {
+        let kube = [
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "https://127.0.0.1:6443",
+            "--kube-ca",
+            "ca.crt",
+            "--kube-token-file",
+            "token",
+        ];
+        let needs_token = |extra: &[&str]| {
+            let args = [&["x", "--state-dir", "d"], extra].concat();
+            match parse(&args) {
+                Parsed::Run(c) => Ok(c.renewals_need_token()),
+                Parsed::Invalid(message) => Err(message),
+                Parsed::Printed => panic!("{args:?} printed"),
+            }
+        };
+        assert_eq!(needs_token(&kube), Ok(true));
+        let with = |proof: &'static str| [&kube[..], &["--renewal-proof", proof]].concat();
+        assert_eq!(needs_token(&with("token")), Ok(true));
+        assert_eq!(needs_token(&with("certificate")), Ok(false));
+        assert_eq!(needs_token(&[]), Ok(false));
+        assert_eq!(needs_token(&["--renewal-proof", "certificate"]), Ok(false));
+        let refused = needs_token(&["--renewal-proof", "token"]).unwrap_err();
+        assert!(
+            refused.contains("--renewal-proof token needs --identity-provider kubernetes"),
+            "{refused}"
+        );
+        let refused = needs_token(&with("signature")).unwrap_err();
+        assert!(refused.contains("--renewal-proof"), "{refused}");
+    }
     #[test]
     fn the_kubernetes_store_takes_its_flags_and_refuses_what_it_cannot_use() {
         let kube = [

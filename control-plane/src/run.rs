@@ -395,7 +395,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             IdentityServer::new(
                 IdentityService::new(mesh.clone())
                     .with_token_reviewer(reviewer)
-                    .trusting_reported_addresses(config.trust_reported_addresses),
+                    .trusting_reported_addresses(config.trust_reported_addresses)
+                    .renewals_needing_token(config.renewals_need_token()),
             )
             .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
         )

@@ -12,7 +12,7 @@ mod tokenreview_api;
 use std::time::Duration;
 
 use common::serving::ServingCert;
-use common::{ControlPlane, csr_for, p256};
+use common::{ControlPlane, Svid, csr_for, enroll, p256};
 use tokenreview_api::*;
 use tonic::Code;
 use trellis_proto::identity::v1::certify_request::Proof;
@@ -36,9 +36,131 @@ async fn certify_with_sa_token(
 }
 
 fn start_cp(api: &FakeApi) -> ControlPlane {
+    start_cp_with(api, &[])
+}
+
+fn start_cp_with(api: &FakeApi, extra: &[&str]) -> ControlPlane {
     let flags = api.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend_from_slice(extra);
     ControlPlane::start(&flags)
+}
+
+/// WEB's first certificate, proved by its ServiceAccount token.
+async fn web_svid(cp: &ControlPlane) -> Svid {
+    let key = p256();
+    let mut client = cp.identity_client(None).await;
+    let issued = client
+        .certify(CertifyRequest {
+            csr: csr_for(&key, WEB),
+            proof: Some(Proof::ServiceAccountToken(WEB_TOKEN.into())),
+            inbound_address: "127.0.0.1:15006".into(),
+            inbound_addresses: Vec::new(),
+        })
+        .await
+        .expect("the first certificate, proved by the token")
+        .into_inner();
+    Svid::issued(key, issued)
+}
+
+/// A renewal of `svid` (for `id`, presented as the TLS client
+/// certificate), proved by the ServiceAccount token `token` too if given.
+async fn renew(
+    cp: &ControlPlane,
+    svid: &Svid,
+    id: &str,
+    token: Option<&str>,
+) -> Result<CertifyResponse, tonic::Status> {
+    let mut client = cp.identity_client(Some(svid)).await;
+    client
+        .certify(CertifyRequest {
+            csr: csr_for(&p256(), id),
+            proof: token.map(|t| Proof::ServiceAccountToken(t.into())),
+            inbound_address: "127.0.0.1:15006".into(),
+            inbound_addresses: Vec::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The count of Certify refusals for `reason` on the metrics page.
+fn refusals(cp: &ControlPlane, reason: &str) -> u64 {
+    let prefix = format!("trellis_certify_failures_total{{reason=\"{reason}\"}} ");
+    cp.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// In Kubernetes a renewal proves the ServiceAccount token by default: a
+/// stolen key and certificate alone renew nothing. The certificate alone
+/// is refused, saying what is needed, logged and counted; with the token
+/// the renewal is issued; a token of another service account renews
+/// nothing either. No Kubernetes API server can run here; the fake
+/// answers with the stand-in API server responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_kubernetes_a_renewal_proves_the_service_account_token() {
+    let api = FakeApi::start(by_token).await;
+    let cp = start_cp(&api);
+    let svid = web_svid(&cp).await;
+
+    let e = renew(&cp, &svid, WEB, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message()
+            .contains("renewal needs the ServiceAccount token")
+            && e.message().contains("--renewal-proof token"),
+        "{e:?}"
+    );
+    assert_eq!(refusals(&cp, "renewal_needs_token"), 1);
+    cp.wait_for_line("the refusal logged", |l| {
+        l.contains("certify refused") && l.contains("renewal_needs_token")
+    });
+
+    let renewed = renew(&cp, &svid, WEB, Some(WEB_TOKEN)).await.unwrap();
+    assert_eq!(renewed.spiffe_id, WEB);
+    assert_ne!(renewed.chain[0], svid.chain[0].to_vec());
+
+    // payments' certificate (a join token, which the embedded store still
+    // takes) with web's token proves neither identity for the other.
+    let payments = "spiffe://cluster.local/ns/shop/sa/payments";
+    let theirs = enroll(&cp, payments, "127.0.0.1:15007").await;
+    let e = renew(&cp, &theirs, payments, Some(WEB_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(WEB), "{e:?}");
+    let e = renew(&cp, &theirs, payments, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(refusals(&cp, "renewal_needs_token"), 2);
+    assert!(!cp.log().contains(WEB_TOKEN), "{}", cp.log());
+}
+
+/// `--renewal-proof certificate` keeps renewals proved by the certificate
+/// alone, for sidecars of releases that renew without the token; one that
+/// sends the token is renewed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_renewal_proof_certificate_the_certificate_alone_renews() {
+    let api = FakeApi::start(by_token).await;
+    let cp = start_cp_with(&api, &["--renewal-proof", "certificate"]);
+    let svid = web_svid(&cp).await;
+    let renewed = renew(&cp, &svid, WEB, None)
+        .await
+        .expect("renewed by the certificate alone");
+    assert_eq!(renewed.spiffe_id, WEB);
+    renew(&cp, &svid, WEB, Some(WEB_TOKEN))
+        .await
+        .expect("renewed with the token too");
+    let e = renew(
+        &cp,
+        &svid,
+        "spiffe://cluster.local/ns/shop/sa/payments",
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(refusals(&cp, "renewal_needs_token"), 0);
 }
 
 /// No Kubernetes API server can run here; the control plane is pointed at the
@@ -187,6 +309,10 @@ fn kubernetes_flags_are_checked_before_start() {
         (
             &["--identity-provider", "openid"][..],
             "--identity-provider",
+        ),
+        (
+            &["--renewal-proof", "token"][..],
+            "--renewal-proof token needs --identity-provider kubernetes",
         ),
     ] {
         let out = run_cp(args);

@@ -13,7 +13,12 @@
 //! must name exactly the `spiffe://TD/ns/NS/sa/SA` the review derived; a
 //! token the API server does not vouch for is UNAUTHENTICATED, an API
 //! server that cannot be asked is UNAVAILABLE; without a reviewer such a
-//! proof is UNIMPLEMENTED), or none: a renewal with the current SVID.
+//! proof is UNIMPLEMENTED), or none: a renewal with the current SVID. A
+//! service that [needs the token for renewals](IdentityService::renewals_needing_token)
+//! (`--renewal-proof token`) refuses that last one (UNAUTHENTICATED,
+//! reason `renewal_needs_token`): a sidecar renews with its token, still
+//! presenting its certificate, so a stolen key and certificate renew
+//! nothing and a deleted pod's identity is not renewed.
 //!
 //! The inbound addresses a Certify reports become the identity's mesh
 //! endpoints with the embedded store, so they are not taken on the
@@ -63,6 +68,7 @@ pub struct IdentityService {
     mesh: Mesh,
     reviewer: Option<Arc<TokenReviewer>>,
     trust_reported_addresses: bool,
+    renewals_need_token: bool,
 }
 
 impl IdentityService {
@@ -71,7 +77,15 @@ impl IdentityService {
             mesh,
             reviewer: None,
             trust_reported_addresses: false,
+            renewals_need_token: false,
         }
+    }
+
+    /// Refuses a renewal proved by the current SVID alone when `needed`:
+    /// it must prove a ServiceAccount token too (`--renewal-proof token`).
+    pub fn renewals_needing_token(mut self, needed: bool) -> Self {
+        self.renewals_need_token = needed;
+        self
     }
 
     /// Takes the inbound addresses a Certify reports as reported, without
@@ -378,6 +392,17 @@ impl Identity for IdentityService {
                             Status::permission_denied(format!(
                                 "{caller} may only renew its own identity, not {id}"
                             )),
+                        ));
+                    }
+                    Some(_) if self.renewals_need_token => {
+                        return Err(self.refuse(
+                            "renewal_needs_token",
+                            Status::unauthenticated(
+                                "renewal needs the ServiceAccount token: this control plane runs \
+                                 with --renewal-proof token, so the certificate alone renews \
+                                 nothing; a sidecar that renews without its token needs \
+                                 --renewal-proof certificate until it is upgraded",
+                            ),
                         ));
                     }
                     Some(_) => None,
