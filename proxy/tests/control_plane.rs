@@ -1,6 +1,7 @@
 //! Identity and discovery against an in-process fake control plane (real
-//! gRPC over real mTLS): the first certificate is proved by the join token
-//! without a client certificate, renewals by the current SVID; snapshots are
+//! gRPC over real mTLS): the first certificate is proved by the token
+//! without a client certificate, renewals by the current SVID (and a
+//! ServiceAccount token, never a join token); snapshots are
 //! ACKed, an invalid one is NACKed with its reason and the last good one
 //! stays in force.
 
@@ -176,6 +177,42 @@ async fn service_account_token_is_read_from_its_file_when_certifying() {
         cp.seen.lock().unwrap().service_account_tokens,
         vec!["sa-token-new".to_string()]
     );
+}
+
+/// In Kubernetes every Certify proves the ServiceAccount token, renewals
+/// too (a control plane with `--renewal-proof token` refuses the
+/// certificate alone): the renewal presents the current certificate and
+/// carries the token as its file holds it then.
+#[tokio::test]
+async fn a_renewal_carries_the_service_account_token_beside_the_certificate() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let me = id("/ns/a/sa/web");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token-1\n").unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: me.clone(),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file.clone(),
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    let bundle = [cp.root.clone()];
+    let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
+    // The kubelet rotated the token before the renewal.
+    std::fs::write(&token_file, "sa-token-2\n").unwrap();
+    let (renewed, _) = identity::certify(&params, &bundle, Some(&first))
+        .await
+        .unwrap();
+    assert_ne!(renewed.serial, first.serial);
+    let seen = cp.seen.lock().unwrap();
+    assert_eq!(
+        seen.certify,
+        [(true, None), (true, Some(me))],
+        "the renewal presents the certificate and proves the token"
+    );
+    assert_eq!(seen.service_account_tokens, ["sa-token-1", "sa-token-2"]);
 }
 
 /// A join token is read from its file for each Certify that needs one:

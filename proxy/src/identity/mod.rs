@@ -1,6 +1,9 @@
 //! The sidecar's identity: a P-256 key made in memory, a CSR for
 //! `--identity`, `Identity.Certify`, and renewal at half-life (with the
 //! token again when the control plane refuses the current certificate).
+//! A ServiceAccount token proves every Certify, renewals too, beside the
+//! current certificate; a join token (single-use) only a Certify made
+//! without a valid certificate.
 //!
 //! This module owns the current [`Svid`] and publishes it on a
 //! `watch` channel; the trust bundle Certify returns goes on the bundle
@@ -247,8 +250,10 @@ pub fn control_plane_tls(
 }
 
 /// One Certify call: a renewal over mTLS when `current` is valid, else the
-/// first certificate proved by the join token. Returns the new SVID and the
-/// bundle the control plane sent.
+/// first certificate proved by the token. A ServiceAccount token proves a
+/// renewal too (a control plane with `--renewal-proof token` refuses the
+/// certificate alone); a join token, single-use, does not. Returns the new
+/// SVID and the bundle the control plane sent.
 ///
 /// A renewal the control plane refuses for the certificate itself (it no
 /// longer trusts the root that signed it, which happens when a sidecar
@@ -326,20 +331,21 @@ async fn certificate_refused(
 }
 
 /// One Certify call, proved by `current` as the TLS client certificate,
-/// or without one by the token.
+/// or without one by the token; a ServiceAccount token is sent with the
+/// certificate too, as fresh as its file.
 async fn certify_with(
     params: &CertifyParams,
     bundle: &[CertificateDer<'static>],
     current: Option<&Svid>,
 ) -> Result<(Svid, Vec<CertificateDer<'static>>), CertifyError> {
     let proof = match (current, &params.token) {
+        (_, Some(Credential::ServiceAccountToken(path))) => {
+            Some(Proof::ServiceAccountToken(read_token(path)?))
+        }
         (Some(_), _) => None,
         (None, Some(Credential::JoinToken { path, at_start })) => Some(Proof::JoinToken(
             read_token(path).unwrap_or_else(|_| at_start.0.clone()),
         )),
-        (None, Some(Credential::ServiceAccountToken(path))) => {
-            Some(Proof::ServiceAccountToken(read_token(path)?))
-        }
         (None, None) => return Err(CertifyError::NoProof),
     };
     let tls = control_plane_tls(&params.identity, bundle, current)?;
