@@ -73,6 +73,7 @@ fn default_values_render_valid_manifests() {
     for expected in [
         "--trust-domain=cluster.local",
         "--cert-ttl=1h",
+        "--renewal-proof=token",
         "--default-policy=deny",
         "--outbound-policy=deny",
         "--listen=[::]:15012",
@@ -110,6 +111,7 @@ fn custom_values_render_valid_manifests() {
             "outboundPolicy=passthrough",
             "opaquePorts={5432,25}",
             "certTTL=30m",
+            "renewalProof=certificate",
             "antiAffinity=hard",
             "injection.failurePolicy=Fail",
             "injection.excludeOutboundPorts={5432,6379}",
@@ -133,6 +135,7 @@ fn custom_values_render_valid_manifests() {
         "--outbound-policy=passthrough",
         "--opaque-ports=5432,25",
         "--cert-ttl=30m",
+        "--renewal-proof=certificate",
         "--root-namespace=mesh-admin",
         "--watch-failure-grace=5m",
     ] {
@@ -168,6 +171,8 @@ fn invalid_values_are_refused() {
     let Some((helm, _)) = tools() else { return };
     for (set, names) in [
         ("defaultPolicy=allow-all", "defaultPolicy"),
+        ("renewalProof=signature", "renewalProof"),
+        ("renewalProof=null", "renewalProof"),
         ("trustDomain=Example.ORG", "trustDomain"),
         (
             "injection.tokenExpirationSeconds=60",
