@@ -210,7 +210,7 @@ async fn a_call_picked_for_a_backend_that_is_gone_goes_to_another() {
     if skipped() {
         return;
     }
-    let mut lab = service_cluster_with(&[(GONE_API_POD_NAME, GONE_API_POD)]).await;
+    let mut lab = service_cluster_with(&[(GONE_API_POD_NAME, GONE_API_POD)], &[]).await;
     let cluster = &mut lab.cluster;
     let gone_host = cluster.lab.host("pod-gone", 5).unwrap();
     assert_eq!(gone_host.ipv4(), GONE_API_POD);
@@ -262,6 +262,25 @@ async fn a_call_picked_for_a_backend_that_is_gone_goes_to_another() {
     assert_eq!(cluster.apps[0].requests().len(), 4);
 }
 
+/// In Kubernetes the control plane refuses a renewal proved by the
+/// certificate alone (`--renewal-proof token`, its default there): pod A's
+/// sidecar renews its 10 s certificate with its ServiceAccount token, which
+/// the stand-in API server reviews, and calls go on over the renewed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_renews_with_its_service_account_token() {
+    if skipped() {
+        return;
+    }
+    let mut lab = service_cluster_with(&[], &["--cert-ttl", "10s"]).await;
+    let cluster = &mut lab.cluster;
+    cluster
+        .a
+        .wait_for_sidecar_log(&["certificate issued", "renewal=true"], SOON)
+        .await
+        .unwrap();
+    a_reaches_b_through_the_api_service(cluster).await;
+}
+
 /// The lab, the stand-in serving it in the `cp` namespace, the control
 /// plane on the Kubernetes store, pods A (`shop/web`) and B (`shop/api`)
 /// certified by their ServiceAccount tokens, pod B's app serving on
@@ -278,13 +297,17 @@ async fn a_reaches_b_through_the_api_service(cluster: &Cluster) {
 }
 
 async fn service_cluster() -> ServiceCluster {
-    service_cluster_with(&[]).await
+    service_cluster_with(&[], &[]).await
 }
 
 /// [`service_cluster`] where the API server also lists `more_api_pods`
 /// (name, address): Running pods of `shop/api` with a sidecar, ready
 /// behind the Service beside pod B. No host of the lab is made for them.
-async fn service_cluster_with(more_api_pods: &[(&str, Ipv4Addr)]) -> ServiceCluster {
+/// The control plane also gets `more_flags`.
+async fn service_cluster_with(
+    more_api_pods: &[(&str, Ipv4Addr)],
+    more_flags: &[&str],
+) -> ServiceCluster {
     let lab = Lab::new().unwrap();
     let cp_host = lab.host("cp", 10).unwrap();
     let runtime = cp_host.netns().runtime().unwrap();
@@ -348,6 +371,7 @@ async fn service_cluster_with(more_api_pods: &[(&str, Ipv4Addr)]) -> ServiceClus
 
     let mut flags = kube.control_plane_flags();
     flags.extend(["--default-policy".into(), "allow-mesh".into()]);
+    flags.extend(more_flags.iter().map(|f| f.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let credential = |identity: &str, token: &str| Credential::ServiceAccountToken {
         identity: identity.into(),
