@@ -278,6 +278,10 @@ async fn a_sidecar_renews_with_its_service_account_token() {
         .wait_for_sidecar_log(&["certificate issued", "renewal=true"], SOON)
         .await
         .unwrap();
+    // Renewed while the certificate was valid, not only once it expired
+    // and the token alone proved a new one.
+    let log = cluster.a.sidecar_log();
+    assert!(!log.contains("certify failed"), "{log}");
     a_reaches_b_through_the_api_service(cluster).await;
 }
 
