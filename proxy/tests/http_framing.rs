@@ -818,6 +818,34 @@ async fn a_head_too_large_is_refused_before_the_app() {
     assert!(seen.requests().is_empty(), "{:?}", seen.requests());
 }
 
+/// A head of a few long fields reaches the app up to the sidecar's bound
+/// (a 64 KiB cookie, say); one past it (408 KiB) is answered 431 with a
+/// text naming the bound, never the caller's bytes, and the connection
+/// closed, before the app. The caller, which sent the whole head before
+/// reading, reads that answer rather than a reset.
+#[tokio::test]
+async fn a_head_past_the_bound_is_told_the_bound() {
+    let (cp, s, seen) = setup().await;
+    let head = |field: usize| {
+        let value = "c".repeat(field);
+        format!("GET /long HTTP/1.1\r\nhost: api\r\ncookie: {value}\r\n\r\n").into_bytes()
+    };
+    let answers = send_raw(&cp, s.inbound, &head(64 * 1024)).await;
+    assert_eq!(answers.status, ["HTTP/1.1 200 OK"]);
+    assert!(!answers.closed);
+    let paths: Vec<String> = seen.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/long"]);
+
+    let answers = send_raw(&cp, s.inbound, &head(1 << 20)).await;
+    assert_eq!(
+        answers.status,
+        ["HTTP/1.1 431 Request Header Fields Too Large"]
+    );
+    assert_eq!(answers.bodies, ["request head larger than 408 KiB\n"]);
+    assert!(answers.closed);
+    assert_eq!(seen.requests().len(), 1, "{:?}", seen.requests());
+}
+
 /// An app that answers `/poison` with `poison` (an answer framed two
 /// ways, or bytes after an answer that read as a second one) and every
 /// other request honestly.

@@ -8,15 +8,17 @@
 //! **What it takes.** A request whose framing has one reading: HTTP/1.1,
 //! in origin form, a body framed by Content-Length (one value) or none, no
 //! `Transfer-Encoding`, `Upgrade`, `Expect` or gRPC, and a head within
-//! [`FAST_HEAD`] bytes and [`MAX_HEADERS`] fields. The first request that
-//! is anything else is handed with the bytes read so far to hyper's
-//! server ([`super::serve`]), which serves it and the rest of the
-//! connection as it serves every other HTTP/1 connection: chunked
-//! requests, `100-continue`, upgrades and HTTP/1.0 are answered as before.
-//! A head that does not parse, or whose framing no server may read (two
-//! lengths, a `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0,
-//! more than 100 fields), is answered here, with 400 (431) and a text
-//! naming what was wrong ([`Malformed`]), and the connection closed.
+//! [`MAX_HEADERS`] fields. The first request that is anything else is
+//! handed with the bytes read so far to hyper's server
+//! ([`super::serve`]), which serves it and the rest of the connection as
+//! it serves every other HTTP/1 connection: chunked requests,
+//! `100-continue`, upgrades and HTTP/1.0 are answered as before. A head
+//! that does not parse, whose framing no server may read (two lengths, a
+//! `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0), with more
+//! than 100 fields or longer than [`MAX_REQUEST_HEAD`] is answered here,
+//! with 400 (431) and a text naming what was wrong ([`Malformed`]), and
+//! the connection closed. Every head up to the hand-off is read here, so
+//! none of these gets hyper's answer, which is a status alone.
 //!
 //! **What it does with one.** The same as hyper's path: hop-by-hop headers
 //! removed and the caller's identity set ([`Exchange::start`]), the
@@ -54,10 +56,11 @@
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
 //! waiting for it (hyper's header read timeout, which also ends idle
-//! keep-alive connections); the buffers of a request go back to a small
-//! spare set of the thread's when it is over (`Buffers`), so an idle
-//! caller holds none but what it sent ahead, and a busy one allocates none
-//! per request.
+//! keep-alive connections), and is read up to [`MAX_REQUEST_HEAD`] bytes,
+//! parsed again past 16 KiB only when a line of it has ended; the buffers
+//! of a request go back to a small spare set of the thread's when it is
+//! over (`Buffers`), so an idle caller holds none but what it sent ahead,
+//! and a busy one allocates none per request.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -84,9 +87,17 @@ use super::ratelimit::{RateLimit, RateLimitLayer};
 use super::upstream::Reusable;
 use super::{Connection, Protocol, Rewind, headers};
 
-/// The largest request head the forwarder reads; a longer one goes to
-/// hyper's server, which has its own bound.
-pub const FAST_HEAD: usize = 16 * 1024;
+/// The largest request head the sidecar reads, on either path: a longer
+/// one is answered 431 ([`HEAD_TOO_LARGE`]) by the forwarder, which reads
+/// every connection's first head. hyper's server, which reads the heads
+/// after a hand-off, is given the same bound (its default read buffer).
+pub const MAX_REQUEST_HEAD: usize = 8192 + 4096 * 100;
+/// What a head over [`MAX_REQUEST_HEAD`] is told.
+pub const HEAD_TOO_LARGE: &str = "request head larger than 408 KiB";
+const _: () = assert!(
+    MAX_REQUEST_HEAD == 408 * 1024,
+    "HEAD_TOO_LARGE names the bound"
+);
 /// The most header fields of a request the forwarder takes.
 pub const MAX_HEADERS: usize = 64;
 /// The largest answer head read from the app (hyper's client's bound).
@@ -554,16 +565,27 @@ where
     D: Future<Output = ()>,
 {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    // The bytes already parsed as part of a head that is not all in: past
+    // 16 KiB a head is parsed again only once a line of it may have
+    // ended, so a long head sent a few bytes at a time is not parsed whole
+    // once a read.
+    let mut parsed = 0;
     loop {
-        if !caller.buf.is_empty() {
+        let again = caller.buf.len() <= 16 * 1024 || caller.buf[parsed..].contains(&b'\n');
+        if !caller.buf.is_empty() && again {
             match take_head(&mut caller.buf) {
                 Some(taken) => return Ok(Some(taken)),
-                None if caller.buf.len() >= FAST_HEAD => return Ok(Some(Taken::Other)),
-                None => {}
+                None => parsed = caller.buf.len(),
             }
         }
+        if caller.buf.len() >= MAX_REQUEST_HEAD {
+            return Ok(Some(Taken::Malformed(Malformed {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                why: HEAD_TOO_LARGE,
+            })));
+        }
         if caller.buf.capacity() - caller.buf.len() < 1024 {
-            caller.buf.reserve(4096);
+            caller.buf.reserve(4096.max(caller.buf.len() / 2));
         }
         let idle = caller.buf.is_empty();
         let may_drain = idle && !drain.done;

@@ -349,6 +349,7 @@ where
             let io = TokioIo::new(h1::Lingering::new(io, held.clone()));
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .max_buf_size(h1::MAX_REQUEST_HEAD)
                 // Half-closed callers are not supported (hyper's default):
                 // with them, hyper stops reading while a request is in
                 // flight, so a caller that went away would hold its app
