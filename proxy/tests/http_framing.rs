@@ -419,7 +419,8 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
         head.extend(b"\r\n");
         head
     };
-    let cases: [(&str, &[u8], &str); 11] = [
+    let bare_cr = "400 malformed request line: a bare CR (a CR not followed by LF)";
+    let cases: [(&str, &[u8], &str); 13] = [
         (
             "two different lengths",
             b"POST /a HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\ncontent-length: 40\r\n\r\n\
@@ -476,6 +477,16 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
             "more fields than the sidecar takes",
             &many_fields,
             "431 more than 100 header fields",
+        ),
+        (
+            "a bare CR ending the request line",
+            b"GET /admin/x HTTP/1.1\rhost: api\r\n\r\n",
+            bare_cr,
+        ),
+        (
+            "a bare CR in the target",
+            b"GET /a\rb HTTP/1.1\r\nhost: api\r\n\r\n",
+            bare_cr,
         ),
     ];
     for (case, bytes, expected) in cases {

@@ -12,8 +12,9 @@
 //! `inbound::forward`). A complete HTTP/1 request line (a method token, a
 //! blank, and a line whose last word starts `HTTP/`, or `GET` and a target
 //! alone, after the empty lines RFC 9112 lets a server skip; a blank is
-//! whatever the most lenient server splits the line on) or the HTTP/2
-//! preface count as HTTP at once; bytes that
+//! whatever the most lenient server splits the line on; what comes before
+//! a bare CR, a CR followed by anything but LF, reading as such a line) or
+//! the HTTP/2 preface count as HTTP at once; bytes that
 //! cannot start either are opaque at once, so a binary or line protocol is
 //! never fed to an HTTP parser. What could still start a request when the
 //! timeout or [`MAX_PEEK`] ends the wait (a token, with or without a blank
@@ -142,6 +143,19 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         Some(&b) if method_len > 0 && is_blank(b) => {}
         _ => return Some(Protocol::Opaque),
     }
+    // A CR followed by anything but LF ends the line for no server the
+    // sidecar's parser agrees with (Python's splits the line on it as a
+    // blank, nginx and Node refuse it): what comes before it that reads
+    // as a request line is HTTP, for the parser to refuse, not bytes for
+    // the app to read as a request of its own.
+    let line = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+    let bare_cr = buf[..line]
+        .iter()
+        .enumerate()
+        .position(|(at, b)| *b == b'\r' && buf.get(at + 1).is_some_and(|next| *next != b'\n'));
+    if bare_cr.is_some_and(|cr| request_line(&buf[..cr])) {
+        return Some(Protocol::Http1);
+    }
     let Some(end) = buf.iter().position(|b| *b == b'\n') else {
         // Control bytes cannot be in a request line (blanks can, as
         // separators lenient servers take).
@@ -155,15 +169,20 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     // the header fields after it). The sidecar's parser refuses what is
     // malformed, and none of it reaches the app as bytes, past the
     // per-request rules and with the caller's own identity header.
-    let mut words = buf[..end].split(|b| is_blank(*b)).filter(|w| !w.is_empty());
-    let first = words.next().unwrap_or_default();
-    let (count, last) = words.fold((1, first), |(count, _), word| (count + 1, word));
-    let http1 = (count >= 3 && last.starts_with(b"HTTP/")) || (count == 2 && first == b"GET");
-    Some(if http1 {
+    Some(if request_line(&buf[..end]) {
         Protocol::Http1
     } else {
         Protocol::Opaque
     })
+}
+
+/// Whether `line` has the words of a request line: three or more, the
+/// last starting `HTTP/`, or `GET` and a target alone.
+fn request_line(line: &[u8]) -> bool {
+    let mut words = line.split(|b| is_blank(*b)).filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or_default();
+    let (count, last) = words.fold((1, first), |(count, _), word| (count + 1, word));
+    (count >= 3 && last.starts_with(b"HTTP/")) || (count == 2 && first == b"GET")
 }
 
 /// The protocol of a stream that sent only `buf` before the wait ended
@@ -435,6 +454,24 @@ mod tests {
             Protocol::Http1,
             "a long query must not make it bytes"
         );
+    }
+
+    #[test]
+    fn a_request_line_with_a_bare_cr_is_http() {
+        // At once, with or without the line's LF yet: the parser answers
+        // it 400, where the app would be handed it as bytes.
+        for line in [
+            &b"GET / HTTP/1.1\rHost: api\r\n\r\n"[..],
+            b"GET / HTTP/1.1\rx",
+            b"POST /admin HTTP/1.1\r\rHost: api\r\n",
+            b"GET /admin\rx: y\r\n",
+        ] {
+            assert_eq!(classify(line), Some(Protocol::Http1), "{line:?}");
+        }
+        // A CR at the end may still be followed by LF.
+        assert_eq!(classify(b"GET / HTTP/1.1\r"), None);
+        // Text that does not start like a request line stays opaque.
+        assert_eq!(classify(b"hello\rmesh\r\n"), Some(Protocol::Opaque));
     }
 
     #[test]

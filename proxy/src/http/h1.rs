@@ -13,7 +13,8 @@
 //! ([`super::serve`]), which serves it and the rest of the connection as
 //! it serves every other HTTP/1 connection: chunked requests,
 //! `100-continue`, upgrades and HTTP/1.0 are answered as before. A head
-//! that does not parse, whose framing no server may read (two lengths, a
+//! that does not parse (a bare CR in its request line among the faults
+//! named), whose framing no server may read (two lengths, a
 //! `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0), with more
 //! than 100 fields or longer than [`MAX_REQUEST_HEAD`] is answered here,
 //! with 400 (431) and a text naming what was wrong ([`Malformed`]), and
@@ -618,7 +619,11 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return Some(too_many_fields(buf)),
         Err(e) => {
-            let why = unparsable(e, parsed.method.is_some());
+            let why = if bare_cr_in_request_line(buf) {
+                BARE_CR
+            } else {
+                unparsable(e, parsed.method.is_some())
+            };
             return Some(Taken::Malformed(Malformed::bad(why)));
         }
     };
@@ -797,6 +802,28 @@ fn unparsable(e: httparse::Error, method: bool) -> &'static str {
         httparse::Error::NewLine => "malformed line ending in the request head",
         httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
     }
+}
+
+/// What a request line with a CR not followed by LF is told.
+const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
+
+/// Whether the request line of a head that does not parse (after the
+/// empty lines a server skips) holds a CR followed by anything but LF:
+/// lines end only at CRLF (or LF) for the sidecar, and at a bare CR for
+/// some servers, so the line's words are not what an app would read.
+fn bare_cr_in_request_line(buf: &[u8]) -> bool {
+    let mut line = buf;
+    while let Some(rest) = line
+        .strip_prefix(b"\r\n")
+        .or_else(|| line.strip_prefix(b"\n"))
+    {
+        line = rest;
+    }
+    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+    line[..end]
+        .iter()
+        .enumerate()
+        .any(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, as hyper
