@@ -857,6 +857,91 @@ async fn a_head_past_the_bound_is_told_the_bound() {
     assert_eq!(seen.requests().len(), 1, "{:?}", seen.requests());
 }
 
+/// A denied upload on hyper's path (chunked) whose body comes slowly:
+/// when the 403 goes out, only part of a TLS record of the body is
+/// waiting at the sidecar, which reads as nothing yet. The caller still
+/// sending its body after the answer is not reset: it sends the rest,
+/// and the connection ends cleanly once it is done.
+#[tokio::test]
+async fn a_denied_upload_sent_slowly_is_told_why_not_reset() {
+    let (cp, s, seen) = setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let inbound = s.inbound;
+    let (answer, end) = tokio::task::spawn_blocking(move || slow_upload(config, inbound))
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&answer),
+        [(
+            "HTTP/1.1 403 Forbidden".to_string(),
+            "denied by policy b/no-admin rule 0\n".to_string()
+        )]
+    );
+    end.expect("the caller sends the rest of its body and sees a clean close");
+    assert_nothing_smuggled(&seen);
+}
+
+/// Sends a chunked upload to a denied path over mTLS, the TLS records
+/// written by hand: the head, then half of the body's first record. Once
+/// the answer is read, sends the rest of the body and closes its side.
+/// Returns the answer, and how the connection ended (an error: reset).
+fn slow_upload(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    inbound: SocketAddr,
+) -> (Vec<u8>, std::io::Result<()>) {
+    use std::io::{Read, Write};
+    let name = rustls::pki_types::ServerName::try_from("test").unwrap();
+    let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+    tls.set_buffer_limit(None);
+    let mut tcp = std::net::TcpStream::connect(inbound).unwrap();
+    while tls.is_handshaking() {
+        tls.complete_io(&mut tcp).unwrap();
+    }
+    // What `plaintext` is as TLS records.
+    let mut records = |plaintext: &[u8]| {
+        tls.writer().write_all(plaintext).unwrap();
+        let mut wire = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut wire).unwrap();
+        }
+        wire
+    };
+    let head =
+        records(b"POST /admin/upload HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n");
+    let mut body = Vec::new();
+    for _ in 0..8 {
+        body.extend(b"4000\r\n");
+        body.extend([b'x'; 0x4000]);
+        body.extend(b"\r\n");
+    }
+    body.extend(b"0\r\n\r\n");
+    let body = records(&body);
+    tcp.write_all(&head).unwrap();
+    tcp.write_all(&body[..4096]).unwrap();
+    // The answer, read until it is whole.
+    let mut answer = Vec::new();
+    let mut raw = [0u8; 4096];
+    while !answer.ends_with(b"rule 0\n") {
+        let n = tcp.read(&mut raw).expect("the answer comes");
+        assert!(n > 0, "closed before the answer: {answer:?}");
+        tls.read_tls(&mut &raw[..n]).unwrap();
+        tls.process_new_packets().unwrap();
+        let _ = tls.reader().read_to_end(&mut answer);
+    }
+    // The rest of the body, a record's part at a time, as a slow caller
+    // sends it.
+    let mut rest = || -> std::io::Result<()> {
+        for part in body[4096..].chunks(1024) {
+            tcp.write_all(part)?;
+        }
+        tcp.shutdown(std::net::Shutdown::Write)?;
+        while tcp.read(&mut raw)? > 0 {}
+        Ok(())
+    };
+    let end = rest();
+    (answer, end)
+}
+
 /// An app that answers `/poison` with `poison` (an answer framed two
 /// ways, or bytes after an answer that read as a second one) and every
 /// other request honestly.

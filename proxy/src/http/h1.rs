@@ -52,7 +52,8 @@
 //! **Closing.** A connection that closes after an answer that left a
 //! request body unread (a denial, a malformed head) lingers ([`LINGER`]):
 //! the caller's answer is not lost to the reset its unread bytes would
-//! make the kernel send. hyper's connections do the same ([`Lingering`]).
+//! make the kernel send. hyper's connections do the same ([`Lingering`]),
+//! also when the body of the request it answered is still on its way.
 //!
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
@@ -289,9 +290,14 @@ async fn linger<S: AsyncRead + Unpin>(caller: &mut Caller<S>) {
 /// A caller's stream as hyper's server has it: closing it lingers as the
 /// forwarder's connections do ([`LINGER`]), when the caller has sent
 /// bytes hyper left unread (the body of a request it answered early, a
-/// denied upload say). A caller that sent nothing more is closed at once.
-/// The stream of a connection that switched protocols is closed as it is:
-/// its bytes are the byte copy's.
+/// denied upload say), or may still be sending them: the last request's
+/// body had not all arrived when hyper took the request. Bytes waiting
+/// on a TLS stream read as none until a whole record is in, so a caller
+/// sending its body slowly often has only part of a record waiting, or
+/// nothing, at the close, and would be reset a moment later. A caller
+/// that sent nothing more, after a request whose body was in, is closed
+/// at once. The stream of a connection that switched protocols is closed
+/// as it is: its bytes are the byte copy's.
 pub struct Lingering<S> {
     io: S,
     conn: Arc<Connection>,
@@ -382,15 +388,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
                     };
                 }
                 // Bytes waiting now are what would make the kernel reset
-                // the connection on close.
+                // the connection on close, and so are those of a body
+                // still on its way.
                 Closing::ShutDown => match drop_some(&mut this.io, cx) {
-                    Poll::Ready(n) if n > 0 => {
+                    Poll::Ready(0) => this.closing = Closing::Done,
+                    Poll::Pending if !this.conn.body_unfinished() => {
+                        this.closing = Closing::Done;
+                    }
+                    waiting => {
+                        let n = match waiting {
+                            Poll::Ready(n) => n,
+                            Poll::Pending => 0,
+                        };
                         this.closing = Closing::Lingering {
                             deadline: Box::pin(tokio::time::sleep(LINGER)),
                             left: LINGER_BYTES.saturating_sub(n),
                         };
                     }
-                    _ => this.closing = Closing::Done,
                 },
                 Closing::Lingering { deadline, left } => {
                     if *left == 0 || deadline.as_mut().poll(cx).is_ready() {

@@ -131,6 +131,11 @@ pub struct Connection {
     /// Whether an HTTP/1 request of the connection switched protocols: its
     /// stream is then the byte copy's, closed without lingering.
     switched: std::sync::atomic::AtomicBool,
+    /// Whether the body of the connection's last HTTP/1 request on hyper's
+    /// path had yet to arrive when hyper called the request stack: the
+    /// caller may still be sending it when the connection closes, so the
+    /// close lingers ([`h1::Lingering`]).
+    body_unfinished: std::sync::atomic::AtomicBool,
     /// The access log's `source` and `destination` members, written once
     /// at the connection's first logged request.
     access_log_caller: std::sync::OnceLock<Box<[u8]>>,
@@ -170,6 +175,7 @@ impl Connection {
             upstream,
             upgraded: std::sync::Mutex::new(None),
             switched: std::sync::atomic::AtomicBool::new(false),
+            body_unfinished: std::sync::atomic::AtomicBool::new(false),
             access_log_caller: std::sync::OnceLock::new(),
             h2: std::sync::OnceLock::new(),
             h2_host: std::sync::OnceLock::new(),
@@ -213,6 +219,13 @@ impl Connection {
     /// Whether a request of the connection switched protocols.
     fn switched(&self) -> bool {
         self.switched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the last request hyper served may have left its body
+    /// unread.
+    fn body_unfinished(&self) -> bool {
+        self.body_unfinished
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn take_upgraded(&self) -> Option<Upgraded> {
@@ -410,6 +423,10 @@ where
     type Future = S::Future;
 
     fn call(&self, req: Request<Incoming>) -> S::Future {
+        let unfinished = !hyper::body::Body::is_end_stream(req.body());
+        self.conn
+            .body_unfinished
+            .store(unfinished, std::sync::atomic::Ordering::Relaxed);
         let exchange = Exchange::start(&self.conn, req, self.protocol);
         let mut stack = self.stack.borrow_mut();
         let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
