@@ -21,6 +21,20 @@
 //! the connection closed. Every head up to the hand-off is read here, so
 //! none of these gets hyper's answer, which is a status alone.
 //!
+//! **After a hand-off.** A malformed head later on a connection hyper
+//! serves gets hyper's answer: 400, 414 or 431 with no body, and the
+//! connection closed. hyper writes it itself (its server's `on_error`,
+//! which nothing outside hyper can change) as soon as a head fails to
+//! parse. Taking the connection back after each request hyper serves is
+//! not possible while it is kept alive: hyper gives its stream back only
+//! where it would close it (`without_shutdown`), and turning keep-alive
+//! off to make it do so after every request makes every answer say
+//! `connection: close`. Answering in a wrapper would mean a second parser
+//! in front of hyper's, following every body's framing to find the next
+//! head. Such a caller has already been served a request hyper had to
+//! take (chunked, `100-continue`, HTTP/1.0), and its malformed request
+//! is refused all the same, only without the words.
+//!
 //! **What it does with one.** The same as hyper's path: hop-by-hop headers
 //! removed and the caller's identity set ([`Exchange::start`]), the
 //! request authorized ([`Authorize`]) and checked against the rate limits
