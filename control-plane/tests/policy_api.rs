@@ -424,6 +424,41 @@ async fn policies_survive_a_restart() {
     assert_eq!(listed.policies[0].rules[0].to[0].ports, [8081]);
 }
 
+/// On one of the mesh's opaque ports, a DENY rule's HTTP conditions
+/// without `ports` cannot be checked: the explanation says the rule denies
+/// the whole connection there, as the sidecars enforce it.
+#[tokio::test]
+async fn explain_says_an_l7_deny_fails_closed_on_a_mesh_opaque_port() {
+    let cp = ControlPlane::start(&["--opaque-ports", "5432"]);
+    let mut admin = cp.admin_client().await;
+    let deny = allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [/admin]");
+    apply(&mut admin, &deny, false).await.unwrap();
+    let explanation = admin
+        .explain(ExplainRequest {
+            source: WEB.into(),
+            destination: API.into(),
+            port: 5432,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .explanation
+        .unwrap();
+    assert_eq!(explanation.verdict, "deny");
+    let rule = explanation.deciding_rule.unwrap();
+    assert_eq!((rule.policy.as_str(), rule.rule), ("default/no-admin", 0));
+    let why = &explanation.policies[0].rules[0].why;
+    assert!(
+        why.ends_with(
+            "port 5432 is opaque (never parsed as HTTP): the rule's HTTP conditions cannot be \
+             matched there, so the rule denies the whole connection"
+        ),
+        "{why}"
+    );
+}
+
 #[tokio::test]
 async fn explain_names_the_deciding_rule() {
     let cp = ControlPlane::start(&[]);

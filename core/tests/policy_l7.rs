@@ -6,7 +6,8 @@ use http::HeaderMap;
 use trellis_core::SpiffeId;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
-    DefaultPolicy, HttpRequest, PolicySet, ValidationContext, Verdict, load_source, validate_proto,
+    DefaultPolicy, HttpRequest, PolicySet, ValidationContext, Verdict, explain, load_source,
+    validate_proto,
 };
 use trellis_proto::policy::v1 as proto;
 
@@ -284,6 +285,137 @@ fn l7_matches_on_a_sidecars_own_opaque_port_fail_closed() {
     assert!(plain.opaque_fallbacks().is_empty());
     assert_eq!(plain.decide(&web, 5432).to_string(), "deny by default:deny");
     assert!(plain.admits_requests(&plain.decide(&web, 5432), &web, 5432));
+}
+
+/// An entry with L7 matches that names no ports has them on every port,
+/// opaque ones included (the mesh's or the sidecar's own), where they
+/// cannot be checked. Enforced as written it would fail open: a DENY on
+/// `/admin` would let its sources through on every opaque port. There it
+/// fails closed as a DENY naming the port does: the DENY rule denies the
+/// whole connection from its sources (naming the policy), an AUDIT rule
+/// reports it as "would deny", an ALLOW rule allows nothing. Ports that are
+/// not opaque keep the L7 matches.
+#[test]
+fn l7_matches_without_ports_fail_closed_on_opaque_ports() {
+    let deny = policy("no-admin", "DENY", "[{paths: [/admin]}]");
+    let audit = policy("dry-run", "AUDIT", "[{methods: [DELETE]}]");
+    let allow = policy("web-to-api", "ALLOW", "[{methods: [GET]}]");
+    let compile = |yaml: &str, default, context: &ValidationContext, opaque: &[u16]| {
+        PolicySet::compile_with_opaque(&id(API), &policies(yaml), default, context, opaque).unwrap()
+    };
+    let own = ValidationContext::default();
+    // The mesh's opaque ports are refused only to entries naming them.
+    let mesh = ValidationContext {
+        opaque_ports: vec![5432],
+        ..ValidationContext::default()
+    };
+    let web = id(WEB);
+    let h = HeaderMap::new();
+    for context in [&own, &mesh] {
+        let yaml = [deny.as_str(), &audit].concat();
+        let set = compile(&yaml, DefaultPolicy::AllowMesh, context, &[5432]);
+        let on_db = set.decide(&web, 5432);
+        assert_eq!(
+            on_db.to_string(),
+            "deny by default/no-admin rule 0; would deny by default/dry-run rule 0"
+        );
+        assert!(!set.admits_requests(&on_db, &web, 5432));
+        // A source the rule does not name is not denied.
+        let other = id("spiffe://cluster.local/ns/default/sa/other");
+        assert!(set.decide(&other, 5432).is_allowed());
+        // A port that is not opaque keeps the L7 matches: only /admin.
+        assert!(set.decide(&web, 8080).is_allowed());
+        assert_eq!(
+            request(&set, 8080, "GET", "/admin", &h),
+            "deny by default/no-admin rule 0"
+        );
+        assert_eq!(
+            request(&set, 8080, "GET", "/", &h),
+            "allow by default:allow-mesh"
+        );
+        let reported: Vec<String> = (set.opaque_fallbacks().iter())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            reported,
+            [
+                "default/dry-run rule 0 has HTTP conditions on every port (an entry names no \
+                 ports), and port 5432 is opaque on this sidecar (never parsed as HTTP); there, \
+                 it reports as \"would deny\" every connection the rule's sources make to it",
+                "default/no-admin rule 0 has HTTP conditions on every port (an entry names no \
+                 ports), and port 5432 is opaque on this sidecar (never parsed as HTTP); there, \
+                 it denies every connection the rule's sources make to it",
+            ]
+        );
+
+        // An AUDIT rule alone changes no verdict.
+        let dry_run = compile(&audit, DefaultPolicy::AllowMesh, context, &[5432]);
+        assert_eq!(
+            dry_run.decide(&web, 5432).to_string(),
+            "allow by default:allow-mesh; would deny by default/dry-run rule 0"
+        );
+
+        // An ALLOW rule's entry allows nothing on the opaque port: not
+        // even a connection held to HTTP requests, which it never carries.
+        let set = compile(&allow, DefaultPolicy::Deny, context, &[5432]);
+        let on_db = set.decide(&web, 5432);
+        assert_eq!(on_db.to_string(), "deny by default:deny");
+        assert!(!set.admits_requests(&on_db, &web, 5432));
+        let on_http = set.decide(&web, 8080);
+        assert!(set.admits_requests(&on_http, &web, 8080));
+        assert_eq!(
+            request(&set, 8080, "GET", "/", &h),
+            "allow by default/web-to-api rule 0"
+        );
+        assert_eq!(set.opaque_fallbacks().len(), 1);
+        assert!(
+            set.opaque_fallbacks()[0]
+                .to_string()
+                .ends_with("there, it allows no connection to it"),
+            "{}",
+            set.opaque_fallbacks()[0]
+        );
+    }
+    // One rule, one report, however many opaque ports and entries.
+    let both = policy(
+        "no-admin",
+        "DENY",
+        "[{paths: [/admin]}, {ports: [5432, 8080], methods: [DELETE]}]",
+    );
+    let set = compile(&both, DefaultPolicy::AllowMesh, &own, &[6379, 5432]);
+    assert_eq!(set.opaque_fallbacks().len(), 1);
+    assert_eq!(set.opaque_fallbacks()[0].ports, [5432, 6379]);
+    assert!(set.opaque_fallbacks()[0].every_port);
+    for port in [5432, 6379] {
+        assert_eq!(
+            set.decide(&web, port).to_string(),
+            "deny by default/no-admin rule 0"
+        );
+    }
+}
+
+/// `policy explain` on one of the mesh's opaque ports says why a DENY
+/// rule with HTTP conditions and no ports denies the whole connection.
+#[test]
+fn explain_says_why_l7_matches_deny_on_an_opaque_port() {
+    let all = policies(&policy("no-admin", "DENY", "[{paths: [/admin]}]"));
+    let default = DefaultPolicy::AllowMesh;
+    let e = explain(&id(WEB), &id(API), 5432, &all, default, &[5432]).unwrap();
+    assert_eq!(e.decision.to_string(), "deny by default/no-admin rule 0");
+    let rule = &e.policies[0].rules[0];
+    assert!(rule.matched);
+    assert_eq!(
+        rule.why,
+        format!(
+            "source matches spiffeId {WEB}; port 5432 is opaque (never parsed as HTTP): the \
+             rule's HTTP conditions cannot be matched there, so the rule denies the whole \
+             connection"
+        )
+    );
+    // Elsewhere the rule decides per request.
+    let e = explain(&id(WEB), &id(API), 8080, &all, default, &[5432]).unwrap();
+    assert!(e.decision.is_allowed());
+    assert!(!e.policies[0].rules[0].matched);
 }
 
 #[test]

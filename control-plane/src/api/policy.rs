@@ -589,7 +589,10 @@ pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainRespo
     let view = mesh.discovery.view();
     let policies: Vec<Policy> = view.policies.iter().map(|(_, p)| p.clone()).collect();
     let default = mesh.discovery.default_policy();
-    let explanation = explain(&source, &destination, port, &policies, default).map_err(internal)?;
+    // The mesh's opaque ports; those a sidecar declares itself are its own.
+    let opaque = mesh.discovery.validation_context().opaque_ports;
+    let explanation =
+        explain(&source, &destination, port, &policies, default, &opaque).map_err(internal)?;
     Ok(ExplainResponse {
         explanation: Some(explanation.to_proto()),
     })

@@ -151,7 +151,10 @@ pub enum PolicyCommand {
         /// SPIFFE ID of the workload connected to.
         #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
         to: String,
-        /// Destination port.
+        /// Destination port. On one of the mesh's opaque ports, a rule's
+        /// HTTP conditions fail closed as the sidecars enforce them (a
+        /// DENY rule denies the whole connection); a sidecar's own opaque
+        /// ports are not known here.
         #[arg(long, value_name = "P", env = "TRELLIS_PORT")]
         port: u16,
         /// Output format: `table` prints the trace as text.

@@ -36,18 +36,23 @@
 //! [/a]}, {ports: [81]}]` matches `/a` on 80 and anything on 81, not `/b`
 //! on 80.
 //!
-//! # Ports a sidecar alone declares opaque
+//! # Opaque ports
 //!
-//! Validation refuses L7 matches on the mesh's opaque ports, but the
-//! control plane cannot know the ports one sidecar declares opaque, so a
-//! valid policy may bring L7 matches onto them. Refusing it would leave
-//! that sidecar without any later change; enforcing it as written would
-//! fail open (an L7 DENY entry never matches a connection). A set compiled
-//! with [`PolicySet::compile_with_opaque`] fails closed on those ports
-//! instead: an entry with L7 matches of a DENY rule matches whole
-//! connections there (an AUDIT one reports them as "would deny"), one of
-//! an ALLOW rule matches nothing there. Each such rule is an
-//! [`OpaqueFallback`], for the sidecar to report.
+//! A sidecar never parses traffic to its opaque ports as HTTP: the mesh's
+//! (the control plane's `--opaque-ports`), its own (`--opaque-ports`, which
+//! a pod's `trellis.io/opaque-ports` annotation sets) or both. L7 matches
+//! cannot be checked there. Validation refuses entries naming the mesh's,
+//! but the control plane cannot know the ports one sidecar declares
+//! opaque, and an entry naming no ports has its L7 matches on every port,
+//! opaque ones included. Refusing such a policy would leave the sidecar
+//! without any later change; enforcing it as written would fail open (an
+//! L7 DENY entry never matches a connection). A set compiled with
+//! [`PolicySet::compile_with_opaque`] fails closed on those ports instead,
+//! as Istio does with HTTP-only fields on TCP traffic: an entry with L7
+//! matches there of a DENY rule matches whole connections there (an AUDIT
+//! one reports them as "would deny"), one of an ALLOW rule matches nothing
+//! there. Each such rule is an [`OpaqueFallback`], for the sidecar to
+//! report.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -199,14 +204,17 @@ impl fmt::Display for Decision {
     }
 }
 
-/// A rule with L7 matches on ports the sidecar declares opaque, and how it
-/// is enforced there instead (see the module docs).
+/// A rule with L7 matches on ports the sidecar treats as opaque, and how
+/// it is enforced there instead (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpaqueFallback {
     pub rule: RuleRef,
     pub action: Action,
-    /// The opaque ports its L7 matches name, sorted.
+    /// The opaque ports it has L7 matches on, sorted.
     pub ports: Vec<u16>,
+    /// Whether an entry with L7 matches names no ports, so has them on
+    /// every port (and `ports` are every opaque one).
+    pub every_port: bool,
 }
 
 impl fmt::Display for OpaqueFallback {
@@ -220,12 +228,22 @@ impl fmt::Display for OpaqueFallback {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        write!(
-            f,
-            "{} has HTTP conditions on port{s} {ports}, which this sidecar declares opaque \
-             (never parsed as HTTP); instead, ",
-            self.rule
-        )?;
+        if self.every_port {
+            let is = if self.ports.len() == 1 { "is" } else { "are" };
+            write!(
+                f,
+                "{} has HTTP conditions on every port (an entry names no ports), and port{s} \
+                 {ports} {is} opaque on this sidecar (never parsed as HTTP); there, ",
+                self.rule
+            )?;
+        } else {
+            write!(
+                f,
+                "{} has HTTP conditions on port{s} {ports}, which this sidecar declares opaque \
+                 (never parsed as HTTP); instead, ",
+                self.rule
+            )?;
+        }
         f.write_str(match self.action {
             Action::Deny => "it denies every connection the rule's sources make to ",
             Action::Audit => {
@@ -402,11 +420,12 @@ impl PolicySet {
         Self::compile_with_opaque(local, policies, default, context, &[])
     }
 
-    /// [`compile_in`](Self::compile_in) for a sidecar that also declares
-    /// `opaque` ports of its own, which the control plane does not know:
-    /// L7 matches on them are not refused but fail closed (see the module
-    /// docs), each rule so enforced listed in
-    /// [`opaque_fallbacks`](Self::opaque_fallbacks).
+    /// [`compile_in`](Self::compile_in) for a sidecar that treats `opaque`
+    /// ports as opaque (its own and the mesh's): L7 matches on them fail
+    /// closed (see the module docs), each rule so enforced listed in
+    /// [`opaque_fallbacks`](Self::opaque_fallbacks). Entries naming ports
+    /// of `context` are still refused; those naming the sidecar's own, which
+    /// the control plane does not know, are not.
     pub fn compile_with_opaque(
         local: &SpiffeId,
         policies: &[proto::Policy],
@@ -422,23 +441,7 @@ impl PolicySet {
             if !policy.selects(local) {
                 continue;
             }
-            if !opaque.is_empty() {
-                let action = policy.action;
-                for (index, rule) in policy.rules.iter_mut().enumerate() {
-                    let ports = rule.fail_closed_on(opaque, action);
-                    if !ports.is_empty() {
-                        let rule = RuleRef {
-                            policy: policy.key.clone(),
-                            rule: index,
-                        };
-                        fallbacks.push(OpaqueFallback {
-                            rule,
-                            action,
-                            ports,
-                        });
-                    }
-                }
-            }
+            fallbacks.extend(policy.fail_closed_on(opaque));
             compiled.push(policy);
         }
         fallbacks.sort_by(|a, b| (&a.rule.policy, a.rule.rule).cmp(&(&b.rule.policy, b.rule.rule)));
@@ -522,8 +525,8 @@ impl PolicySet {
         self.path_ports.any_port || self.path_ports.ports.contains(&port)
     }
 
-    /// The rules with L7 matches on the ports this sidecar declares opaque,
-    /// enforced there failing closed, by policy and rule (see
+    /// The rules with L7 matches on the ports this sidecar treats as
+    /// opaque, enforced there failing closed, by policy and rule (see
     /// [`compile_with_opaque`](Self::compile_with_opaque)).
     pub fn opaque_fallbacks(&self) -> &[OpaqueFallback] {
         &self.opaque_fallbacks
@@ -684,6 +687,7 @@ mod tests {
                 .map(|p| {
                     Box::from([CompiledDestination {
                         ports: Some(Box::from(p)),
+                        except: Box::new([]),
                         l7: None,
                     }])
                 })

@@ -13,7 +13,8 @@ use trellis_proto::policy::v1 as proto;
 
 use super::document::Action;
 use super::engine::{
-    CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, PolicySet, Reason, RuleRef,
+    CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, OpaqueFallback, PolicySet,
+    Reason, RuleRef,
 };
 use super::validate::{SelectorScope, ValidationContext};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -59,13 +60,16 @@ impl Explanation {
 
 /// Explains the decision on a connection from `source` to `destination` on
 /// `port`, given every policy of the mesh (those not selecting the
-/// destination are listed as such).
+/// destination are listed as such) and its `opaque` ports (never parsed as
+/// HTTP, where L7 matches fail closed as the sidecars enforce them: see
+/// [`PolicySet::compile_with_opaque`]).
 pub fn explain(
     source: &SpiffeId,
     destination: &SpiffeId,
     port: u16,
     policies: &[proto::Policy],
     default: DefaultPolicy,
+    opaque: &[u16],
 ) -> Result<Explanation, CompileError> {
     let mesh = destination.trust_domain();
     // The mesh's policies are stored ones, compiled as the sidecars compile
@@ -82,9 +86,11 @@ pub fn explain(
         .map(|p| CompiledPolicy::compile(p, &mesh, &stored))
         .collect::<Result<Vec<_>, _>>()?;
     compiled.sort_by(|a, b| a.key.cmp(&b.key));
-    let traces = compiled
-        .iter()
-        .map(|policy| trace_policy(policy, source, destination, port, &mesh))
+    let traces = (compiled.iter_mut())
+        .map(|policy| {
+            let fallbacks = policy.fail_closed_on(opaque);
+            trace_policy(policy, &fallbacks, source, destination, port, &mesh)
+        })
         .collect();
     let selected = compiled
         .into_iter()
@@ -101,8 +107,10 @@ pub fn explain(
     })
 }
 
+/// `fallbacks`: the policy's rules that fail closed on opaque ports.
 fn trace_policy(
     policy: &CompiledPolicy,
+    fallbacks: &[OpaqueFallback],
     source: &SpiffeId,
     destination: &SpiffeId,
     port: u16,
@@ -112,7 +120,13 @@ fn trace_policy(
     let rules = if selected {
         let rules = policy.rules.iter().enumerate();
         rules
-            .map(|(index, rule)| trace_rule(index, rule, source, port, mesh))
+            .map(|(index, rule)| {
+                // Its L7 matches cannot be checked on this port.
+                let opaque_here =
+                    (fallbacks.iter()).any(|f| f.rule.rule == index && f.ports.contains(&port));
+                let opaque_here = opaque_here.then_some(policy.action);
+                trace_rule(index, rule, opaque_here, source, port, mesh)
+            })
             .collect()
     } else {
         Vec::new()
@@ -125,9 +139,12 @@ fn trace_policy(
     }
 }
 
+/// `opaque_here`: the action of the rule's policy if `port` is opaque and
+/// the rule has L7 matches on it, which fail closed there.
 fn trace_rule(
     index: usize,
     rule: &CompiledRule,
+    opaque_here: Option<Action>,
     source: &SpiffeId,
     port: u16,
     mesh: &TrustDomain,
@@ -141,13 +158,24 @@ fn trace_rule(
             format!("no source matches (rule names {})", names.join(", "))
         }
     };
-    let to = match &rule.ports {
-        None => "any port".to_owned(),
-        Some(_) if rule.port_matches(port) && !rule.l4_matches(port) => {
+    let to = match (&rule.ports, opaque_here) {
+        (_, Some(action)) => {
+            let instead = match action {
+                Action::Deny => "so the rule denies the whole connection",
+                Action::Audit => "so the rule would deny the whole connection (AUDIT)",
+                Action::Allow => "so they allow nothing there",
+            };
+            format!(
+                "port {port} is opaque (never parsed as HTTP): the rule's HTTP conditions cannot \
+                 be matched there, {instead}"
+            )
+        }
+        (None, None) => "any port".to_owned(),
+        (Some(_), None) if rule.port_matches(port) && !rule.l4_matches(port) => {
             format!("port {port} is listed with L7 matches (decided per HTTP request)")
         }
-        Some(_) if rule.port_matches(port) => format!("port {port} is listed"),
-        Some(ports) => format!("port {port} is not in {ports:?}"),
+        (Some(_), None) if rule.port_matches(port) => format!("port {port} is listed"),
+        (Some(ports), None) => format!("port {port} is not in {ports:?}"),
     };
     RuleTrace {
         index,
@@ -227,6 +255,7 @@ spec:
                 80,
                 &[policy.clone()],
                 DefaultPolicy::AllowMesh,
+                &[],
             )
             .unwrap_or_else(|e| panic!("{destination}: {e}"));
             assert!(explained.decision.is_allowed(), "{destination}");

@@ -344,7 +344,7 @@ impl Reading {
         for warning in valid.warnings() {
             warnings.push(warning.clone());
         }
-        denies_connections(&policy, context, &mut warnings);
+        l7_without_ports(&policy, context, &mut warnings);
         report(warnings);
         self.found.omitted.warnings += valid.omitted_warnings();
         valid.keep_warnings(self.warnings_left);
@@ -461,23 +461,35 @@ impl Found {
     }
 }
 
-/// Warns of each `to` entry of a DENY or AUDIT rule with HTTP conditions
-/// and no ports: the sidecar cannot hold a connection that is not HTTP to
-/// those conditions, so the rule denies (AUDIT: would deny) every such
-/// connection from its sources, on every port not declared opaque.
-fn denies_connections(
+/// Warns of each `to` entry with HTTP conditions and no ports: the sidecar
+/// cannot hold a connection that is not HTTP to those conditions, nor any
+/// connection to a port it treats as opaque (never parsed as HTTP), so a
+/// DENY rule denies (AUDIT: would deny) every such connection from its
+/// sources, and an ALLOW rule allows none on an opaque port. An ALLOW
+/// rule is warned of only where the mesh's opaque ports are known.
+fn l7_without_ports(
     policy: &AuthorizationPolicy,
     context: &ValidationContext,
     found: &mut Violations,
 ) {
-    let verb = match policy.spec.action {
-        Action::Deny => "denies",
-        Action::Audit => "would deny (AUDIT)",
-        Action::Allow => return,
-    };
     let opaque = match context.opaque_ports.as_slice() {
         [] => String::new(),
-        ports => format!(" {ports:?}"),
+        ports => format!(" (the mesh's: {ports:?})"),
+    };
+    let message = match policy.spec.action {
+        Action::Deny | Action::Audit => {
+            let verb = match policy.spec.action {
+                Action::Deny => "denies",
+                _ => "would deny (AUDIT)",
+            };
+            format!(
+                "this rule also {verb} every connection from its sources that is not HTTP, and every one to a port declared opaque{opaque}: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+            )
+        }
+        Action::Allow if opaque.is_empty() => return,
+        Action::Allow => format!(
+            "this entry allows no connection to a port declared opaque{opaque}: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+        ),
     };
     let rules = FieldPath::root().field("spec").field("rules");
     for (i, rule) in policy.spec.rules.iter().enumerate() {
@@ -485,9 +497,7 @@ fn denies_connections(
             if d.has_l7() && d.ports.is_none() {
                 found.push(Violation::warning(
                     rules.index(i).field("to").index(j),
-                    format!(
-                        "this rule also {verb} every connection that is not HTTP from its sources, on every port not declared opaque{opaque}: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
-                    ),
+                    message.clone(),
                 ));
             }
         }
@@ -560,7 +570,7 @@ spec:
             assert_eq!(
                 found,
                 [format!(
-                    "deny.yaml:14:11: warning: spec.rules[0].to[0]: this rule also {verb} every connection that is not HTTP from its sources, on every port not declared opaque: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+                    "deny.yaml:14:11: warning: spec.rules[0].to[0]: this rule also {verb} every connection from its sources that is not HTTP, and every one to a port declared opaque: HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
                 )]
             );
         }
@@ -656,6 +666,39 @@ spec:
             loaded.diagnostics[0]
         );
         assert_eq!(load_source("l7.yaml", &text, &td()).diagnostics, []);
+    }
+
+    /// Where the mesh's opaque ports are known (the control plane), an
+    /// entry with HTTP conditions and no ports is warned of once, saying
+    /// how it fails closed on them: DENY and AUDIT deny every connection
+    /// there, ALLOW allows none.
+    #[test]
+    fn l7_rules_without_ports_warn_once_of_the_meshs_opaque_ports() {
+        let context = ValidationContext {
+            opaque_ports: vec![5432],
+            ..ValidationContext::default()
+        };
+        let lint = |action: &str| {
+            let text = GOOD
+                .replace("ALLOW", action)
+                .replace("- ports: [8080]", "- paths: [\"/admin/*\"]");
+            let loaded = load_source_in("l7.yaml", &text, &td(), &context);
+            assert_eq!(loaded.policies.len(), 1);
+            let found: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+            found
+        };
+        assert_eq!(
+            lint("DENY"),
+            [
+                "l7.yaml:14:11: warning: spec.rules[0].to[0]: this rule also denies every connection from its sources that is not HTTP, and every one to a port declared opaque (the mesh's: [5432]): HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+            ]
+        );
+        assert_eq!(
+            lint("ALLOW"),
+            [
+                "l7.yaml:14:11: warning: spec.rules[0].to[0]: this entry allows no connection to a port declared opaque (the mesh's: [5432]): HTTP conditions cannot be checked on such a connection; list ports to say which ones are meant"
+            ]
+        );
     }
 
     /// A hostile file of an error every few bytes: a diagnostic for each

@@ -9,7 +9,7 @@ use trellis_proto::policy::v1 as proto;
 
 use super::convert::validate_proto_in;
 use super::document::{Action, AuthorizationPolicy};
-use super::engine::{CompileError, WorkloadSelector};
+use super::engine::{CompileError, OpaqueFallback, RuleRef, WorkloadSelector};
 use super::l7::{HttpRequest, L7Match};
 use super::pattern::IdPattern;
 use super::validate::{ValidationContext, Violation, policy_key};
@@ -64,14 +64,29 @@ pub(crate) struct CompiledRule {
 pub(crate) struct CompiledDestination {
     /// `None` matches any port.
     pub ports: Option<Box<[u16]>>,
+    /// Ports it does not match although `ports` names none: those a
+    /// sidecar treats as opaque, for an entry with L7 matches (see
+    /// [`CompiledRule::fail_closed_on`]). Usually empty.
+    pub except: Box<[u16]>,
     /// `None`: the entry matches whole connections.
     pub l7: Option<L7Match>,
 }
 
 impl CompiledDestination {
     fn port_matches(&self, port: u16) -> bool {
-        self.ports.as_ref().is_none_or(|p| p.contains(&port))
+        self.ports.as_ref().is_none_or(|p| p.contains(&port)) && !self.except.contains(&port)
     }
+}
+
+/// What [`CompiledRule::fail_closed_on`] changed: the opaque ports the
+/// rule had L7 matches on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct FailedClosed {
+    /// Sorted; empty if the rule had none.
+    pub ports: Vec<u16>,
+    /// Whether an entry with L7 matches named no ports, so had them on
+    /// every opaque port.
+    pub every_port: bool,
 }
 
 impl CompiledRule {
@@ -124,18 +139,45 @@ impl CompiledRule {
 
     /// Makes the rule, of a policy with `action`, match on the ports of
     /// `opaque` (never parsed as HTTP) as far as it can be enforced there,
-    /// failing closed: an entry with L7 matches naming some of them
-    /// matches whole connections on those if the rule is DENY or AUDIT (as
-    /// if it had no L7 matches), and is left off them if it is ALLOW (it
-    /// could never match). Its other ports keep the L7 matches. Entries
-    /// naming no ports are left as they are. Returns the ports of `opaque`
-    /// the rule had L7 matches on (sorted, empty if none).
-    pub fn fail_closed_on(&mut self, opaque: &[u16], action: Action) -> Vec<u16> {
-        let mut hit_ports: Vec<u16> = Vec::new();
+    /// failing closed: an entry with L7 matches on some of them (naming
+    /// them, or naming no ports at all) matches whole connections on those
+    /// if the rule is DENY or AUDIT (as if it had no L7 matches), and is
+    /// left off them if it is ALLOW (it could never match). Its other
+    /// ports keep the L7 matches. Returns the ports of `opaque` the rule
+    /// had L7 matches on.
+    pub fn fail_closed_on(&mut self, opaque: &[u16], action: Action) -> FailedClosed {
+        let mut found = FailedClosed::default();
+        if opaque.is_empty() {
+            return found;
+        }
+        let mut sorted = opaque.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let opaque = sorted.as_slice();
         let mut to = Vec::with_capacity(self.to.len());
         for d in self.to.iter() {
-            let (Some(l7), Some(ports)) = (&d.l7, &d.ports) else {
+            let Some(l7) = &d.l7 else {
                 to.push(d.clone());
+                continue;
+            };
+            let Some(ports) = &d.ports else {
+                // On every port, so on every opaque one: the L7 matches
+                // stay on the others, whole connections are matched on
+                // these (DENY, AUDIT) or nothing is (ALLOW).
+                found.every_port = true;
+                found.ports.extend(opaque);
+                if action != Action::Allow {
+                    to.push(CompiledDestination {
+                        ports: Some(opaque.into()),
+                        except: Box::new([]),
+                        l7: None,
+                    });
+                }
+                to.push(CompiledDestination {
+                    ports: None,
+                    except: opaque.into(),
+                    l7: Some(l7.clone()),
+                });
                 continue;
             };
             let (hit, rest): (Vec<u16>, Vec<u16>) =
@@ -144,10 +186,11 @@ impl CompiledRule {
                 to.push(d.clone());
                 continue;
             }
-            hit_ports.extend(&hit);
+            found.ports.extend(&hit);
             if action != Action::Allow {
                 to.push(CompiledDestination {
                     ports: Some(hit.into()),
+                    except: Box::new([]),
                     l7: None,
                 });
             }
@@ -157,11 +200,12 @@ impl CompiledRule {
             if !rest.is_empty() || action == Action::Allow {
                 to.push(CompiledDestination {
                     ports: Some(rest.into()),
+                    except: Box::new([]),
                     l7: Some(l7.clone()),
                 });
             }
         }
-        if !hit_ports.is_empty() {
+        if !found.ports.is_empty() {
             self.to = to.into();
             if let Some(ports) = &self.ports {
                 let mut union: Vec<u16> = (self.to.iter())
@@ -173,9 +217,9 @@ impl CompiledRule {
                 self.ports = Some(union.into());
             }
         }
-        hit_ports.sort_unstable();
-        hit_ports.dedup();
-        hit_ports
+        found.ports.sort_unstable();
+        found.ports.dedup();
+        found
     }
 
     /// The ports on which an entry matches request paths (paths or a gRPC
@@ -249,6 +293,7 @@ impl CompiledPolicy {
                 .flatten()
                 .map(|d| CompiledDestination {
                     ports: d.ports.as_ref().map(port_list),
+                    except: Box::new([]),
                     l7: L7Match::compile(d),
                 })
                 .collect();
@@ -288,5 +333,27 @@ impl CompiledPolicy {
 
     pub fn selects(&self, id: &SpiffeId) -> bool {
         self.selector.selects(id)
+    }
+
+    /// Makes each rule fail closed on the `opaque` ports
+    /// ([`CompiledRule::fail_closed_on`]): the rules it changed, by index.
+    pub fn fail_closed_on(&mut self, opaque: &[u16]) -> Vec<OpaqueFallback> {
+        let action = self.action;
+        let mut fallbacks = Vec::new();
+        for (index, rule) in self.rules.iter_mut().enumerate() {
+            let FailedClosed { ports, every_port } = rule.fail_closed_on(opaque, action);
+            if !ports.is_empty() {
+                fallbacks.push(OpaqueFallback {
+                    rule: RuleRef {
+                        policy: self.key.clone(),
+                        rule: index,
+                    },
+                    action,
+                    ports,
+                    every_port,
+                });
+            }
+        }
+        fallbacks
     }
 }

@@ -655,22 +655,18 @@ impl Check<'_> {
         }
         let context = self.context;
         let opaque = &context.opaque_ports;
-        if d.has_l7() && !opaque.is_empty() {
-            match &d.ports {
-                Some(ports) => {
-                    for (i, port) in ports.iter().enumerate() {
-                        if u16::try_from(*port).is_ok_and(|p| opaque.contains(&p)) {
-                            self.error(
-                                path.field("ports").index(i),
-                                format!("port {port} is declared opaque: its traffic is never parsed as HTTP, so methods, paths, headers and grpc cannot be enforced on it"),
-                            );
-                        }
-                    }
+        // An entry naming no ports fails closed on the opaque ones: lint
+        // warns of it, knowing the rule's action.
+        if d.has_l7()
+            && let Some(ports) = &d.ports
+        {
+            for (i, port) in ports.iter().enumerate() {
+                if u16::try_from(*port).is_ok_and(|p| opaque.contains(&p)) {
+                    self.error(
+                        path.field("ports").index(i),
+                        format!("port {port} is declared opaque: its traffic is never parsed as HTTP, so methods, paths, headers and grpc cannot be enforced on it"),
+                    );
                 }
-                None => self.warning(
-                    path,
-                    format!("L7 matches are not enforced on the opaque ports {opaque:?}: list ports to say which ones are meant"),
-                ),
             }
         }
     }
