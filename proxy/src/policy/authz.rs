@@ -50,7 +50,8 @@ pub struct OpaquePorts {
     /// [`PolicySet::compile_with_opaque`]).
     pub own: Vec<u16>,
     /// The mesh's (`mesh.opaque_ports` of the snapshot): the control plane
-    /// refuses L7 matches on them, and so does the sidecar.
+    /// refuses entries with L7 matches naming them, and so does the
+    /// sidecar; those naming no ports fail closed on them.
     pub mesh: Vec<u16>,
 }
 
@@ -60,12 +61,6 @@ impl OpaquePorts {
         let mut all = self.own.clone();
         all.extend(self.mesh.iter().filter(|p| !self.own.contains(p)));
         all
-    }
-
-    /// This sidecar's ports that are not the mesh's too.
-    fn own_only(&self) -> Vec<u16> {
-        let own = self.own.iter().copied();
-        own.filter(|p| !self.mesh.contains(p)).collect()
     }
 }
 
@@ -99,9 +94,10 @@ impl Policies {
         )
     }
 
-    /// [`compile`](Self::compile) with `rate_limits`, refusing L7 matches
-    /// on the mesh's `opaque` ports and enforcing those on the sidecar's
-    /// own failing closed.
+    /// [`compile`](Self::compile) with `rate_limits`, refusing entries with
+    /// L7 matches naming the mesh's `opaque` ports and enforcing other L7
+    /// matches on opaque ports (the sidecar's own, or any for an entry
+    /// naming no ports) failing closed.
     pub fn compile_in(
         version: u64,
         local: &SpiffeId,
@@ -123,19 +119,15 @@ impl Policies {
         // know the mesh's root namespace. L7 matches on the sidecar's own
         // opaque ports, which the control plane cannot check, must not
         // make it refuse every snapshot that holds them either: they fail
-        // closed there, reported as `opaque_fallbacks`.
+        // closed there, reported as `opaque_fallbacks`, as do those of
+        // entries naming no ports on any opaque port.
         let context = ValidationContext {
             opaque_ports: opaque.mesh.clone(),
             stored: true,
             scope: SelectorScope::Unchecked,
         };
-        let set = PolicySet::compile_with_opaque(
-            local,
-            &policies,
-            default,
-            &context,
-            &opaque.own_only(),
-        )?;
+        let set =
+            PolicySet::compile_with_opaque(local, &policies, default, &context, &opaque.all())?;
         // Only the policies that select this workload are in force.
         let in_force: HashSet<&str> = set.policy_names().collect();
         let mut by_policy = HashMap::new();
@@ -193,8 +185,9 @@ impl Policies {
         policies.chain(self.rate_limits.relaxed()).collect()
     }
 
-    /// The rules with L7 matches on this sidecar's own opaque ports, and
-    /// how each is enforced there instead: to be logged once per change
+    /// The rules with L7 matches on this sidecar's opaque ports (its own,
+    /// or the mesh's for an entry naming no ports), and how each is
+    /// enforced there instead: to be logged once per change
     /// and shown in `/config`.
     pub fn opaque_fallbacks(&self) -> &[OpaqueFallback] {
         self.set.opaque_fallbacks()

@@ -772,6 +772,40 @@ spec:
         assert!(s.policies.is_opaque(5432));
     }
 
+    /// A DENY rule's HTTP conditions naming no ports cannot be checked on
+    /// any opaque port, the mesh's or the sidecar's own: there it denies
+    /// the whole connection from its sources, reported once per rule.
+    #[test]
+    fn l7_rules_naming_no_ports_fail_closed_on_every_opaque_port() {
+        let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let deny = WEB_TO_API
+            .replace("web-in", "no-admin")
+            .replace("ALLOW", "DENY")
+            .replace("{ports: [8080]}", "{paths: [/admin]}");
+        let raw = pb::Snapshot {
+            version: 4,
+            mesh: Some(pb::MeshConfig {
+                default_policy: "allow-mesh".into(),
+                opaque_ports: vec![6379],
+                ..Default::default()
+            }),
+            policies: vec![policy(&deny)],
+            ..Default::default()
+        };
+        let s = Snapshot::compile_in(raw, None, &local, &[5432], &Metrics::new()).unwrap();
+        let client = SpiffeId::parse("spiffe://td/ns/a/sa/client").unwrap();
+        for port in [5432, 6379] {
+            let denied = authorize(Some(&s.policies), &client, port);
+            assert_eq!(denied.to_string(), "deny by a/no-admin rule 0", "{port}");
+        }
+        let on_http = authorize(Some(&s.policies), &client, 8080);
+        assert_eq!(on_http.to_string(), "allow by default:allow-mesh");
+        let fallbacks = s.policies.opaque_fallbacks();
+        assert_eq!(fallbacks.len(), 1);
+        assert_eq!(fallbacks[0].rule.to_string(), "a/no-admin rule 0");
+        assert_eq!(fallbacks[0].ports, [5432, 6379]);
+    }
+
     #[test]
     fn rejects_invalid_policies_and_unknown_defaults() {
         let mesh = |default: &str| {

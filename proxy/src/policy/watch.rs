@@ -255,7 +255,7 @@ async fn session_inner(
 }
 
 /// What an ACK says the sidecar enforces otherwise than `policies` were
-/// sent (each rule enforced failing closed on a port it declares opaque),
+/// sent (each rule enforced failing closed on a port it treats as opaque),
 /// for `trellisctl check`: each cut as a NACK's reason is, and no more
 /// than fit in [`MAX_NACK_REASON_BYTES`] together (then a line saying how
 /// many more there are, which the log names).
@@ -269,7 +269,7 @@ fn ack_warnings(policies: &Policies) -> Vec<String> {
         if bytes > MAX_NACK_REASON_BYTES {
             let more = fallbacks.len() - i;
             warnings.push(format!(
-                "and {more} more rules with HTTP conditions on ports this sidecar declares opaque (see its log)"
+                "and {more} more rules with HTTP conditions on ports this sidecar treats as opaque (see its log)"
             ));
             break;
         }
@@ -326,8 +326,9 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
                 "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
             );
         }
-        // The control plane cannot see this sidecar's opaque ports, so it
-        // accepted the policy: the operator hears it here and in /config.
+        // The control plane cannot see this sidecar's opaque ports, and an
+        // entry naming no ports reaches every opaque one: the operator
+        // hears it here and in /config.
         for fallback in snapshot.policies.opaque_fallbacks() {
             tracing::warn!(
                 version,
@@ -335,7 +336,7 @@ fn apply(mut snapshot: Snapshot, endpoints_from: u64, changes: Option<usize>, ou
                 rule = fallback.rule.rule,
                 ports = ?fallback.ports,
                 problem = %fallback,
-                "policy has HTTP conditions on a port this sidecar declares opaque; enforced as the problem says, failing closed"
+                "policy has HTTP conditions on a port this sidecar treats as opaque; enforced as the problem says, failing closed"
             );
         }
     }

@@ -468,3 +468,81 @@ spec:
     );
     Ok(())
 }
+
+/// An L7 DENY entry that names no ports has its HTTP conditions on every
+/// port, the sidecar's opaque ones included, where they cannot be checked.
+/// There it fails closed instead of letting the rule's sources through:
+/// the attacker's TCP connection to the opaque port is refused, and the
+/// log and the decision metric name the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_deny_naming_no_ports_fails_closed_on_an_opaque_port() -> anyhow::Result<()> {
+    let db = EchoApp::start().await?;
+    let db_port = db.addr().port();
+    let mesh = Mesh::builder()
+        .default_policy(Some("allow-mesh"))
+        .start()
+        .await?;
+    let mut db_sidecar = mesh
+        .sidecar("db")
+        .app(db.addr())
+        .arg("--opaque-ports")
+        .arg(db_port.to_string())
+        .start()
+        .await?;
+    let attacker = mesh
+        .sidecar("attacker")
+        .route_to(&db_sidecar)
+        .start()
+        .await?;
+    let to_db = attacker.route_addr(db_sidecar.identity());
+    let binary = b"\x16\x03\x01\x00\x05hello\x00";
+    assert_eq!(round_trip(to_db, binary).await?, binary);
+
+    let no_admin = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{}\"]}}
+  action: DENY
+  rules:
+    - from: [{{spiffeId: \"{}\"}}]
+      to:
+        - paths: [/admin]
+",
+        db_sidecar.identity(),
+        attacker.identity()
+    );
+    let applied = policy::apply(&mesh, &no_admin).await?;
+    policy::wait_for_ack(&mesh, db_sidecar.identity(), applied.snapshot_version).await?;
+
+    // Nothing reaches the app: the connection ends without an answer.
+    let back = round_trip(to_db, binary).await.unwrap_or_default();
+    assert!(back.is_empty(), "{back:?}");
+    let line = db_sidecar
+        .wait_for_log("inbound connection denied", SOON)
+        .await?;
+    assert!(line.contains("policy=default/no-admin rule=0"), "{line}");
+    let metrics = db_sidecar.metrics().await?;
+    let denied = metrics.counter(
+        "trellis_decisions_total",
+        &[("action", "deny"), ("policy", "default/no-admin")],
+    );
+    assert!(denied >= 1.0, "no deny counted for the policy");
+    let warning = db_sidecar.wait_for_log("treats as opaque", SOON).await?;
+    assert!(
+        warning.contains("default/no-admin rule 0 has HTTP conditions on every port")
+            && warning.contains(&format!("port {db_port} is opaque"))
+            && warning.contains("it denies every connection"),
+        "{warning}"
+    );
+    let config = db_sidecar.config().await?;
+    let reported = config["policy"]["opaque_fallbacks"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reported.starts_with("default/no-admin rule 0 has HTTP conditions on every port"),
+        "{config}"
+    );
+    Ok(())
+}
