@@ -80,6 +80,9 @@ pub const NO_MESH_BACKEND: &str = "no_mesh_backend";
 /// service's backend that is this pod): plain TCP that never leaves the
 /// pod, as the app's own call to that address would be.
 pub const SAME_POD: &str = "same_pod";
+/// The outcome of an inbound HTTP/2 connection closed because its caller
+/// sent no client preface in time (`http::h2_preface`).
+pub const NO_PREFACE: &str = "no_preface";
 /// The `action` of a decision an AUDIT policy would have denied.
 pub const AUDIT: &str = "audit";
 

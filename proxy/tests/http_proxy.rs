@@ -1036,3 +1036,68 @@ async fn the_app_and_the_rules_read_the_authority_the_caller_named() {
     .expect("no answer to the request without :authority");
     assert_eq!(body, "api api", "HTTP/2, Host without :authority");
 }
+
+/// A TLS connection as `client` to `inbound` that settled `h2` by ALPN.
+async fn h2_by_alpn(
+    cp: &FakeControlPlane,
+    inbound: std::net::SocketAddr,
+    client: &trellis_core::SpiffeId,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = (*cp.ca.client_config(Some((&cp.ca, client)))).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tls_connect(inbound, std::sync::Arc::new(config))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+/// Everything the sidecar sends until it closes the connection (an error
+/// after its data, a reset or a close without `close_notify`, ends it too).
+async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection is still open; it sent {got:?}"),
+        }
+    }
+}
+
+/// A caller that settles `h2` by ALPN and then sends no preface, or only
+/// part of it, would hold its connection and its TLS state for ever: the
+/// HTTP/2 server waits for the preface without a timeout. It is closed
+/// once the detection timeout has passed, counted and logged naming it.
+#[tokio::test]
+async fn an_http2_caller_that_sends_no_preface_is_closed() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let mut silent = h2_by_alpn(&cp, s.inbound, &web()).await;
+    assert_eq!(until_closed(&mut silent).await, b"");
+    let mut halfway = h2_by_alpn(&cp, s.inbound, &web()).await;
+    halfway.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert_eq!(until_closed(&mut halfway).await, b"");
+    // The preface alone, without the SETTINGS frame that must follow it.
+    let mut no_settings = h2_by_alpn(&cp, s.inbound, &web()).await;
+    no_settings
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut no_settings).await, b"");
+
+    let series = "trellis_connections_total{direction=\"inbound\",outcome=\"no_preface\"}";
+    eventually(&format!("{series} 3"), || s.has_sample(series, 3)).await;
+    logs.wait_for(&[
+        "WARN",
+        "inbound HTTP/2 connection closed: no client preface",
+        "peer=spiffe://td.test/ns/a/sa/web",
+    ])
+    .await;
+    assert!(app.seen.paths().is_empty());
+}

@@ -121,6 +121,58 @@ where
     Ok((protocol, Rewind { prefix: buf, io }))
 }
 
+/// The largest first SETTINGS frame [`h2_preface`] waits for: the
+/// smallest frame size a client may send (RFC 9113, section 4.2); a larger
+/// one is for the HTTP/2 server to refuse.
+const MAX_FIRST_SETTINGS: usize = 16 * 1024;
+
+/// Reads, after what `stream` holds already, until it holds the HTTP/2
+/// client preface and the SETTINGS frame every client sends right after
+/// it, within [`DETECT_TIMEOUT`]; `None` when they did not come in time.
+/// A caller that settled `h2` by ALPN (or sent the start of the preface)
+/// and then nothing would otherwise hold its connection, and the TLS
+/// state of it, for ever: the HTTP/2 server waits for the preface without
+/// a timeout, and pings a caller only once the preface is in. Bytes that
+/// are not the preface, a first frame of another type, a larger one or
+/// the end of the stream are handed on at once, for the server to refuse.
+pub async fn h2_preface<S>(stream: Rewind<S>) -> io::Result<Option<Rewind<S>>>
+where
+    S: AsyncRead + Unpin,
+{
+    let Rewind {
+        prefix: mut buf,
+        mut io,
+    } = stream;
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    while !h2_start_is_in(&buf) {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some(Rewind { prefix: buf, io }))
+}
+
+/// Whether `buf` holds the start of an HTTP/2 connection (the preface
+/// and a whole first SETTINGS frame), or enough to know it will never
+/// hold one.
+fn h2_start_is_in(buf: &[u8]) -> bool {
+    const FRAME_HEADER: usize = 9;
+    const SETTINGS: u8 = 0x4;
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] != H2_PREFACE[..n] {
+        return true;
+    }
+    let frame = &buf[n..];
+    if n < H2_PREFACE.len() || frame.len() < FRAME_HEADER {
+        return false;
+    }
+    let length = u32::from_be_bytes([0, frame[0], frame[1], frame[2]]) as usize;
+    frame[3] != SETTINGS || length > MAX_FIRST_SETTINGS || frame.len() >= FRAME_HEADER + length
+}
+
 /// The protocol of a stream starting with `buf`, or `None` while more bytes
 /// could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
@@ -353,6 +405,38 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_of_http2_is_the_preface_and_a_whole_settings_frame() {
+        let mut start = H2_PREFACE.to_vec();
+        assert!(!h2_start_is_in(&start[..10]));
+        assert!(!h2_start_is_in(&start));
+        // SETTINGS with one setting (6 bytes), its header alone first.
+        start.extend([0, 0, 6, 4, 0, 0, 0, 0, 0]);
+        assert!(!h2_start_is_in(&start));
+        start.extend([0, 3, 0, 0, 0, 100]);
+        assert!(h2_start_is_in(&start));
+        // An empty SETTINGS is whole with its header.
+        let mut empty = H2_PREFACE.to_vec();
+        empty.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert!(h2_start_is_in(&empty));
+        // What will never be a start goes to the server at once.
+        assert!(h2_start_is_in(b"GET / HTTP/1.1\r\n"));
+        let mut headers = H2_PREFACE.to_vec();
+        headers.extend([0, 0, 6, 1, 4, 0, 0, 0, 1]);
+        assert!(h2_start_is_in(&headers));
+        let mut huge = H2_PREFACE.to_vec();
+        huge.extend([0, 0x40, 1, 4, 0, 0, 0, 0, 0]);
+        assert!(h2_start_is_in(&huge));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_sends_no_preface_is_given_up_on() {
+        let (caller, ours) = tokio::io::duplex(1024);
+        let stream = Rewind::with_prefix(BytesMut::from(&H2_PREFACE[..5]), ours);
+        assert!(h2_preface(stream).await.unwrap().is_none());
+        drop(caller);
+    }
 
     #[test]
     fn recognises_http1_request_lines() {

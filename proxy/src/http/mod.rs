@@ -52,7 +52,7 @@ use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
 
 pub use access::ACCESS_TARGET;
-pub use detect::{Protocol, Rewind, detect, detect_after};
+pub use detect::{Protocol, Rewind, detect, detect_after, h2_preface};
 
 use access::Counted;
 use app_h2::AppH2;

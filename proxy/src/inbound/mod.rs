@@ -15,7 +15,8 @@
 //! ALPN in the handshake, or else found by detection, is handed to
 //! [`crate::http`], which decides every request again; on a port declared
 //! opaque (where the handshake never settles HTTP), or when detection
-//! finds no HTTP, bytes are copied.
+//! finds no HTTP, bytes are copied. HTTP/2 is served once its client
+//! preface is in: a caller that sends none in time is closed.
 //!
 //! The app is dialled where the caller meant to reach it: a connection
 //! iptables redirected here goes to its original destination, an address
@@ -44,7 +45,7 @@ use trellis_core::refusal::refuse_plaintext_briefly;
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
-use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics};
+use crate::metrics::{CLOSED_BY_POLICY, DENIED, INBOUND, Metrics, NO_PREFACE};
 use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
@@ -587,6 +588,16 @@ pub async fn serve(
             );
             metrics.connection(INBOUND, DENIED);
         }
+        Err(ForwardError::NoPreface) => {
+            metrics.connection(INBOUND, NO_PREFACE);
+            warn_throttled!(
+                shared.handshakes.refusals,
+                NO_PREFACE,
+                { %peer, %client },
+                "inbound HTTP/2 connection closed: no client preface within {:?}",
+                http::detect::DETECT_TIMEOUT
+            );
+        }
         Err(ForwardError::AppUnreachable(e)) => {
             tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
             metrics.connection(INBOUND, "app_unreachable");
@@ -618,6 +629,8 @@ enum ForwardError {
     DeniedNotHttp(Decision),
     #[error("app unreachable: {0}")]
     AppUnreachable(io::Error),
+    #[error("no HTTP/2 client preface in time")]
+    NoPreface,
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error("HTTP: {0}")]
@@ -715,6 +728,14 @@ async fn forward(
         return copy_to_app(stream, prefix, target, app).await;
     }
     is_http.store(true, Ordering::Relaxed);
+    // HTTP/2 is served once its preface is in.
+    let stream = match protocol {
+        http::Protocol::Http2 => match http::h2_preface(stream).await? {
+            Some(stream) => stream,
+            None => return Err(ForwardError::NoPreface),
+        },
+        _ => stream,
+    };
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
     http::serve(conn, protocol, stream, tracker.draining()).await?;
     Ok(Forwarded::Http)
