@@ -102,7 +102,7 @@ pub async fn refuse_plaintext_briefly(
             message.len() + 1
         )
         .into_bytes(),
-        Some(Version::Http2) => goaway(message),
+        Some(Version::Http2) => goaway(H2_PROTOCOL_ERROR, message),
     };
     let write = async {
         tcp.write_all(&answer).await?;
@@ -112,18 +112,27 @@ pub async fn refuse_plaintext_briefly(
     true
 }
 
+/// The HTTP/2 error codes a refusal's GOAWAY carries (RFC 9113, section
+/// 7): the client broke the protocol (plaintext to a TLS port, say).
+pub const H2_PROTOCOL_ERROR: u32 = 0x1;
+/// The client's request was not processed and may be retried elsewhere
+/// (a server with no room for another connection).
+pub const H2_REFUSED_STREAM: u32 = 0x7;
+/// The client is asking for more than its share (too many connections).
+pub const H2_ENHANCE_YOUR_CALM: u32 = 0xb;
+
 /// An empty SETTINGS frame (the server preface), then GOAWAY: last stream
-/// 0, `PROTOCOL_ERROR`, `message` as debug data.
-fn goaway(message: &str) -> Vec<u8> {
+/// 0 (no stream of the connection was processed, so a client may send its
+/// requests again elsewhere), `code`, `message` as debug data.
+pub fn goaway(code: u32, message: &str) -> Vec<u8> {
     const SETTINGS: u8 = 0x4;
     const GOAWAY: u8 = 0x7;
-    const PROTOCOL_ERROR: u32 = 0x1;
     let mut frames = vec![0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
     let length = (8 + message.len()) as u32;
     frames.extend_from_slice(&length.to_be_bytes()[1..]);
     frames.extend_from_slice(&[GOAWAY, 0, 0, 0, 0, 0]);
     frames.extend_from_slice(&0u32.to_be_bytes());
-    frames.extend_from_slice(&PROTOCOL_ERROR.to_be_bytes());
+    frames.extend_from_slice(&code.to_be_bytes());
     frames.extend_from_slice(message.as_bytes());
     frames
 }
@@ -274,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_goaway_carries_the_message_after_the_server_preface() {
-        let frames = goaway("TLS only");
+        let frames = goaway(H2_PROTOCOL_ERROR, "TLS only");
         // SETTINGS, empty.
         assert_eq!(frames[..9], [0, 0, 0, 4, 0, 0, 0, 0, 0]);
         // GOAWAY on stream 0: last stream 0, PROTOCOL_ERROR, the message.

@@ -117,6 +117,9 @@ pub struct Metrics {
     /// `trellis_admin_connections_refused_total`, resolved once:
     /// `[per_client, total]`.
     admin_refused: [Counter; 2],
+    /// `trellis_h2_connections_refused_total`, resolved once:
+    /// `[per_peer, total]`.
+    h2_refused: [Counter; 2],
 }
 
 /// The `reason` label values of `trellis_service_connect_retries_total`:
@@ -301,8 +304,23 @@ impl Metrics {
                 .get_or_create(&[("reason", refused.reason())])
                 .clone()
         });
+        let h2_refused_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "trellis_h2_connections_refused",
+            "Inbound HTTP/2 connections refused with GOAWAY once their preface was in, by the \
+             limit that refused them: per_peer (as many open from the caller's identity at its \
+             address as one may hold) or total (as many open from all callers as the sidecar \
+             serves)",
+            h2_refused_family.clone(),
+        );
+        let h2_refused = ["per_peer", "total"].map(|reason| {
+            h2_refused_family
+                .get_or_create(&[("reason", reason)])
+                .clone()
+        });
         Metrics {
             admin_refused,
+            h2_refused,
             alpn,
             handshakes,
             service_retries,
@@ -447,6 +465,16 @@ impl Metrics {
         self.admin_refused[index].inc();
     }
 
+    /// Counts an inbound HTTP/2 connection refused by the limit that
+    /// `refused` it. No lock: both series were resolved up front.
+    pub fn h2_connection_refused(&self, refused: crate::inbound::H2Refused) {
+        let index = match refused {
+            crate::inbound::H2Refused::PerPeer { .. } => 0,
+            crate::inbound::H2Refused::Total { .. } => 1,
+        };
+        self.h2_refused[index].inc();
+    }
+
     /// The `trellis_rate_limited_total` series of `policy`, resolved when
     /// limits are compiled (the family map takes a lock).
     pub fn rate_limited_counter(&self, policy: &Arc<str>) -> Counter {
@@ -519,6 +547,8 @@ mod tests {
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
             "trellis_admin_connections_refused_total{reason=\"per_client\"} 0",
             "trellis_admin_connections_refused_total{reason=\"total\"} 0",
+            "trellis_h2_connections_refused_total{reason=\"per_peer\"} 0",
+            "trellis_h2_connections_refused_total{reason=\"total\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -219,6 +219,10 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         )),
         metrics: metrics.clone(),
         handshakes: inbound::Handshakes::default(),
+        h2: inbound::H2Connections::new(
+            config.max_h2_connections,
+            config.max_h2_connections_per_peer,
+        ),
     });
     let mut inbound = Vec::with_capacity(config.inbound.len());
     for listen in &config.inbound {

@@ -4,7 +4,8 @@
 //! a sidecar pair, bytes that are not HTTP passing as TCP, and the app
 //! connections under bodies larger than the sockets hold, answers that
 //! come before the body, callers that leave mid-request, and HTTP/2
-//! callers that read none of their answers; the authority the app reads.
+//! callers that read none of their answers, send no preface or open more
+//! connections than their share; the authority the app reads.
 
 mod common;
 
@@ -1100,4 +1101,85 @@ async fn an_http2_caller_that_sends_no_preface_is_closed() {
     ])
     .await;
     assert!(app.seen.paths().is_empty());
+}
+
+/// An HTTP/2 connection past its peer's share is refused with GOAWAY
+/// (ENHANCE_YOUR_CALM, no stream processed, the limit named), counted by
+/// the limit and logged naming the peer; the peer's first connections go
+/// on serving, and another peer has a share of its own.
+#[tokio::test]
+async fn http2_connections_past_a_peers_share_are_refused() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &["--max-h2-connections-per-peer", "2"]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let request = |path: &str| {
+        let mut req = get(&format!("http://api{path}"), &[]);
+        *req.version_mut() = ::http::Version::HTTP_2;
+        req
+    };
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let tls = h2_by_alpn(&cp, s.inbound, &web()).await;
+        let (mut c, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (status, _) = text(c.send_request(request(&format!("/{n}"))).await.unwrap()).await;
+        assert_eq!(status, 200);
+        held.push(c);
+    }
+
+    // The third: its preface, SETTINGS and a request, answered with the
+    // server's SETTINGS and GOAWAY.
+    let mut third = h2_by_alpn(&cp, s.inbound, &web()).await;
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend(h2_frame(0x4, 0, 0, &[]));
+    let head = [0x82, 0x86, 0x84, 0x01, 0x03, b'a', b'p', b'i'];
+    frames.extend(h2_frame(0x1, 0x5, 1, &head));
+    third.write_all(&frames).await.unwrap();
+    third.flush().await.unwrap();
+    let got = until_closed(&mut third).await;
+    assert!(got.len() >= 26, "no GOAWAY: {got:?}");
+    assert_eq!(got[..9], [0, 0, 0, 4, 0, 0, 0, 0, 0], "SETTINGS first");
+    assert_eq!(got[12], 0x7, "then GOAWAY: {got:?}");
+    // Last stream 0 (nothing processed), ENHANCE_YOUR_CALM.
+    assert_eq!(got[18..26], [0, 0, 0, 0, 0, 0, 0, 0xb]);
+    let debug = String::from_utf8_lossy(&got[26..]);
+    assert!(debug.contains("2 HTTP/2 connections"), "{debug}");
+
+    let series = "trellis_h2_connections_refused_total{reason=\"per_peer\"}";
+    eventually(&format!("{series} 1"), || s.has_sample(series, 1)).await;
+    logs.wait_for(&[
+        "WARN",
+        "inbound HTTP/2 connection refused",
+        "peer=spiffe://td.test/ns/a/sa/web",
+        "limit=per_peer",
+    ])
+    .await;
+
+    // The first two go on serving.
+    for (n, c) in held.iter_mut().enumerate() {
+        let (status, _) = text(
+            c.send_request(request(&format!("/again{n}")))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // Another peer has its own share.
+    let mut other = h2(&cp, s.inbound, &id("/ns/c/sa/batch")).await;
+    let (status, _) = text(other.send_request(request("/other")).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(s.has_sample(series, 1));
+    assert_eq!(
+        app.seen.paths(),
+        ["/0", "/1", "/again0", "/again1", "/other"]
+    );
 }

@@ -209,6 +209,7 @@ async fn a_connection_future_stays_small() {
         http: std::sync::Arc::new(trellis_proxy::http::Http::new(Default::default())),
         metrics: Default::default(),
         handshakes: Default::default(),
+        h2: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(listener.local_addr().unwrap())

@@ -262,6 +262,10 @@ struct ConfigView {
     /// `TCP_USER_TIMEOUT` of the connections to and from beyond the pod,
     /// as `--tcp-user-timeout` takes it (`2m`; `0s`: none).
     tcp_user_timeout: String,
+    /// HTTP/2 connections the inbound port serves at once from one peer
+    /// and in all.
+    max_h2_connections_per_peer: usize,
+    max_h2_connections: usize,
     /// The admin paths of the app probes.
     app_probes: Vec<String>,
     control_plane: String,
@@ -378,6 +382,8 @@ fn config_view(state: &State) -> ConfigView {
         access_log: c.access_log,
         tcp_user_timeout: humantime::format_duration(c.tcp_user_timeout.unwrap_or_default())
             .to_string(),
+        max_h2_connections_per_peer: c.max_h2_connections_per_peer,
+        max_h2_connections: c.max_h2_connections,
         app_probes: c.app_probes.paths(),
         control_plane: c.control_plane.clone(),
         inbound: c.inbound.iter().map(|l| l.addr.to_string()).collect(),

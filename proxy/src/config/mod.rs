@@ -175,6 +175,26 @@ pub struct ProxyArgs {
     /// injector writes it.
     #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]
     pub app_probes: Option<String>,
+    /// HTTP/2 connections the inbound port serves at once from one peer
+    /// (a SPIFFE ID calling from one address); one more is refused with
+    /// GOAWAY (ENHANCE_YOUR_CALM). Each may hold about 13 MiB of answers
+    /// its caller does not read.
+    #[arg(
+        long,
+        env = "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
+        default_value_t = crate::inbound::MAX_H2_CONNECTIONS_PER_PEER.to_string(),
+        value_name = "N"
+    )]
+    pub max_h2_connections_per_peer: String,
+    /// HTTP/2 connections the inbound port serves at once from all peers;
+    /// one more is refused with GOAWAY (REFUSED_STREAM).
+    #[arg(
+        long,
+        env = "TRELLIS_MAX_H2_CONNECTIONS",
+        default_value_t = crate::inbound::MAX_H2_CONNECTIONS.to_string(),
+        value_name = "N"
+    )]
+    pub max_h2_connections: String,
 }
 
 /// How long the drain waits with no connection open before it ends,
@@ -276,6 +296,10 @@ pub struct Config {
     pub access_log: bool,
     /// The app probes the admin port runs (`--app-probes`).
     pub app_probes: AppProbes,
+    /// HTTP/2 connections served at once on the inbound port: from one
+    /// peer, and in all; never zero.
+    pub max_h2_connections_per_peer: usize,
+    pub max_h2_connections: usize,
 }
 
 /// A join token; its `Debug` never shows the secret.
@@ -300,6 +324,20 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
     }
+}
+
+/// A limit on connections: a whole number from 1.
+fn connections(flag: &'static str, s: &str) -> Result<usize, InvalidFlag> {
+    s.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            invalid(
+                flag,
+                format_args!("{s:?} is not a number of connections (1 or more)"),
+            )
+        })
 }
 
 fn addr(flag: &'static str, s: &str) -> Result<SocketAddr, InvalidFlag> {
@@ -444,6 +482,11 @@ impl Config {
             None | Some("") => AppProbes::default(),
             Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
         };
+        let max_h2_connections_per_peer = connections(
+            "max-h2-connections-per-peer",
+            &args.max_h2_connections_per_peer,
+        )?;
+        let max_h2_connections = connections("max-h2-connections", &args.max_h2_connections)?;
         Ok(Config {
             control_plane: args.control_plane.clone(),
             identity,
@@ -464,6 +507,8 @@ impl Config {
             opaque_ports: args.opaque_ports.clone(),
             access_log: args.access_log,
             app_probes,
+            max_h2_connections_per_peer,
+            max_h2_connections,
         })
     }
 }
@@ -707,6 +752,40 @@ mod tests {
                 e.contains("--opaque-ports") && e.contains(says),
                 "{value}: {e}"
             );
+        }
+    }
+
+    /// The HTTP/2 connection limits: 8 a peer and 1,024 in all unless told
+    /// otherwise; anything but a whole number from 1 refused naming the
+    /// flag.
+    #[test]
+    fn reads_the_http2_connection_limits() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.max_h2_connections_per_peer, 8);
+        assert_eq!(c.max_h2_connections, 1024);
+        let c = args(&[
+            "--max-h2-connections-per-peer",
+            "32",
+            "--max-h2-connections",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.max_h2_connections_per_peer, c.max_h2_connections),
+            (32, 4096)
+        );
+        for flag in ["max-h2-connections-per-peer", "max-h2-connections"] {
+            for value in ["0", "-1", "many"] {
+                let e = args(&[&format!("--{flag}={value}")]).unwrap_err();
+                assert_eq!(e.flag, flag, "{value}");
+                let e = e.to_string();
+                assert!(
+                    e.starts_with(&format!(
+                        "invalid --{flag}: \"{value}\" is not a number of connections (1 or more)"
+                    )),
+                    "{e}"
+                );
+            }
         }
     }
 

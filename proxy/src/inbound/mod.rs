@@ -16,7 +16,9 @@
 //! [`crate::http`], which decides every request again; on a port declared
 //! opaque (where the handshake never settles HTTP), or when detection
 //! finds no HTTP, bytes are copied. HTTP/2 is served once its client
-//! preface is in: a caller that sends none in time is closed.
+//! preface is in (a caller that sends none in time is closed), and only
+//! while its peer and the port have room for another HTTP/2 connection
+//! (`inbound/h2.rs`): one more is refused with GOAWAY.
 //!
 //! The app is dialled where the caller meant to reach it: a connection
 //! iptables redirected here goes to its original destination, an address
@@ -52,8 +54,10 @@ use crate::tls::TlsState;
 use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
 use trellis_core::warn_throttled;
 
+mod h2;
 mod target;
 
+pub use h2::{H2Connections, H2Refused, MAX_H2_CONNECTIONS, MAX_H2_CONNECTIONS_PER_PEER};
 pub use target::Loop;
 
 /// Inbound connections in their handshake phase at once, from accept to
@@ -258,6 +262,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The limits on connections in their handshake phase.
     pub handshakes: Handshakes,
+    /// The limits on HTTP/2 connections served at once.
+    pub h2: H2Connections,
 }
 
 impl Shared {
@@ -526,7 +532,7 @@ pub async fn serve(
         }
     };
     let result = tokio::select! {
-        result = Box::pin(forward(&shared, stream, (&peer, target), per_request, bytes_stream, &is_http, &tracker)) => result,
+        result = Box::pin(forward(&shared, stream, (&peer, client, target), per_request, bytes_stream, &is_http, &tracker)) => result,
         (decision, now) = denied_later => {
             // Returning drops both sockets: the peer and the app both see
             // the connection close.
@@ -598,6 +604,20 @@ pub async fn serve(
                 http::detect::DETECT_TIMEOUT
             );
         }
+        Err(ForwardError::H2Refused(refused)) => {
+            metrics.h2_connection_refused(refused);
+            metrics.connection(INBOUND, "refused");
+            let throttled = match refused {
+                H2Refused::PerPeer { .. } => "h2_per_peer",
+                H2Refused::Total { .. } => "h2_total",
+            };
+            warn_throttled!(
+                shared.handshakes.refusals,
+                throttled,
+                { %peer, %client, limit = %refused.reason() },
+                "inbound HTTP/2 connection refused: {refused}"
+            );
+        }
         Err(ForwardError::AppUnreachable(e)) => {
             tracing::warn!(%peer, app = %target, error = %e, "inbound connection failed: app unreachable");
             metrics.connection(INBOUND, "app_unreachable");
@@ -631,6 +651,8 @@ enum ForwardError {
     AppUnreachable(io::Error),
     #[error("no HTTP/2 client preface in time")]
     NoPreface,
+    #[error("HTTP/2 connection refused: {0}")]
+    H2Refused(H2Refused),
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error("HTTP: {0}")]
@@ -663,7 +685,7 @@ fn settled_by_alpn(stream: &PeerStream) -> Option<http::Protocol> {
 async fn forward(
     shared: &Shared,
     stream: PeerStream,
-    (peer, target): (&SpiffeId, SocketAddr),
+    (peer, client, target): (&SpiffeId, SocketAddr, SocketAddr),
     policies: watch::Receiver<Option<Arc<Policies>>>,
     bytes_stream: Option<&(dyn Fn() + Sync)>,
     is_http: &AtomicBool,
@@ -728,17 +750,46 @@ async fn forward(
         return copy_to_app(stream, prefix, target, app).await;
     }
     is_http.store(true, Ordering::Relaxed);
-    // HTTP/2 is served once its preface is in.
-    let stream = match protocol {
-        http::Protocol::Http2 => match http::h2_preface(stream).await? {
-            Some(stream) => stream,
-            None => return Err(ForwardError::NoPreface),
-        },
-        _ => stream,
+    // HTTP/2 is served once its preface is in, and while the peer and the
+    // port have room for another connection.
+    let (stream, _slot) = match protocol {
+        http::Protocol::Http2 => {
+            let Some(stream) = http::h2_preface(stream).await? else {
+                return Err(ForwardError::NoPreface);
+            };
+            match shared.h2.admit(peer, client.ip()) {
+                Ok(slot) => (stream, Some(slot)),
+                Err(refused) => {
+                    Box::pin(refuse_h2(stream, refused)).await;
+                    return Err(ForwardError::H2Refused(refused));
+                }
+            }
+        }
+        _ => (stream, None),
     };
     let conn = http::Connection::new(shared.http.clone(), peer.clone(), target, policies);
     http::serve(conn, protocol, stream, tracker.draining()).await?;
     Ok(Forwarded::Http)
+}
+
+/// Refuses an HTTP/2 connection whose preface is in: the server preface
+/// and a GOAWAY naming the limit (no stream processed, so the caller may
+/// send its requests again, to another replica), the TLS session closed,
+/// then what the caller still sends read and dropped until it closes its
+/// end, for at most [`http::h1::LINGER`]: closed with its requests unread,
+/// the connection would be reset and the GOAWAY perhaps lost with it.
+async fn refuse_h2(stream: http::Rewind<PeerStream>, refused: H2Refused) {
+    let (_, mut io) = stream.into_parts();
+    let message = format!("Trellis sidecar: {refused}");
+    let frames = trellis_core::refusal::goaway(refused.goaway_code(), &message);
+    let refuse = async {
+        io.write_all(&frames).await?;
+        io.shutdown().await?;
+        let mut discard = [0; 4096];
+        while io.read(&mut discard).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(http::h1::LINGER, refuse).await;
 }
 
 /// Detection goes on for a caller that said nothing before its timeout.

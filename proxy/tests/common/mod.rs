@@ -284,6 +284,7 @@ pub async fn inbound_limited(
             http: Arc::new(trellis_proxy::http::Http::new(metrics.clone())),
             metrics: metrics.clone(),
             handshakes,
+            h2: Default::default(),
         }),
         drain.clone(),
     )
