@@ -15,7 +15,8 @@
 //! encoding, revision included: the very form pushed to sidecars, whose
 //! fields are only ever added), `rate_limits` (`namespace/name` -> a
 //! `RateLimitRecord`'s protobuf encoding: the pushed form and its
-//! revision), `meta` (counters: snapshot version, the epoch it was set
+//! revision), `revocations` (SPIFFE ID -> Revocation, the identities
+//! whose certificates up to a time no longer renew), `meta` (counters: snapshot version, the epoch it was set
 //! in and when, policy generation).
 //!
 //! The snapshot version is a counter, so a database restored from a backup
@@ -45,7 +46,7 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, WorkloadRecord,
+    JoinToken, PolicyOutcome, Position, Revocation, Store, StoreError, TokenClaim, WorkloadRecord,
     same_content,
 };
 use crate::unix_now;
@@ -79,6 +80,7 @@ const ISSUED_BY_SERIAL: TableDefinition<'_, &str, &[u8]> =
 const POLICIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("policies");
 const RATE_LIMITS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rate_limits");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const REVOCATIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("revocations");
 
 const SNAPSHOT_VERSION: &str = "snapshot_version";
 /// When the snapshot version was last set, Unix seconds: the endpoints it
@@ -199,6 +201,7 @@ impl EmbeddedStore {
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
+            txn.open_table(REVOCATIONS)?;
             let mut log = txn.open_table(ISSUED_LOG)?;
             let moved = move_log_by_serial(txn, &mut log)?;
             issuance::prune_log(&mut log, retained)?;
@@ -575,6 +578,42 @@ impl Store for EmbeddedStore {
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
         self.read_all(WORKLOADS)
+    }
+
+    fn revoke(&self, revocation: &Revocation) -> Result<Option<Revocation>, StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(REVOCATIONS)?;
+            let id = revocation.spiffe_id.as_str();
+            let previous = table
+                .insert(id, encode(revocation).as_slice())?
+                .map(|v| decode(v.value(), REVOCATIONS.name()))
+                .transpose()?;
+            Ok(previous)
+        })
+    }
+
+    fn unrevoke(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(REVOCATIONS)?;
+            let removed = table
+                .remove(spiffe_id)?
+                .map(|v| decode(v.value(), REVOCATIONS.name()))
+                .transpose()?;
+            Ok(removed)
+        })
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.read_all(REVOCATIONS)
+    }
+
+    fn revocation(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = txn.open_table(REVOCATIONS).map_err(|e| self.db_error(e))?;
+        let value = table.get(spiffe_id).map_err(|e| self.db_error(e))?;
+        value
+            .map(|v| decode(v.value(), REVOCATIONS.name()))
+            .transpose()
     }
 
     /// Reads the log from its newest record back, and stops at `limit`.

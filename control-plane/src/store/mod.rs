@@ -1,5 +1,6 @@
 //! The control plane's state behind one trait: join tokens (hashed),
-//! workloads, the issued-certificate log, versioned authorization policies
+//! workloads, the issued-certificate log, revoked identities (the embedded
+//! store only), versioned authorization policies
 //! and rate limits (RateLimitPolicy), and the snapshot version counter.
 //!
 //! [`Store`] is what the API layer talks to: the embedded backend (redb in
@@ -229,6 +230,25 @@ pub struct IssuedCertRecord {
     pub issued_at_unix: i64,
 }
 
+/// A revoked SPIFFE ID: none of its certificates issued at or before
+/// `revoked_at_unix` renews.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub spiffe_id: String,
+    pub revoked_at_unix: i64,
+    /// Why, as the operator said; may be empty.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Revocation {
+    /// Whether it stops a certificate issued at `issued_at_unix` from
+    /// renewing.
+    pub fn covers(&self, issued_at_unix: i64) -> bool {
+        issued_at_unix <= self.revoked_at_unix
+    }
+}
+
 /// What a store that records no certificate per workload (the Kubernetes
 /// store) knows of certificates from its issued-certificate log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -286,6 +306,13 @@ pub enum StoreError {
     AddressHeld { address: String, holder: String },
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeStoreError),
+    /// The store keeps no revocations (the Kubernetes store: its sidecars
+    /// renew with their ServiceAccount token).
+    #[error(
+        "the Kubernetes store keeps no revocations: its sidecars renew with their ServiceAccount \
+         token, so delete the pod (or its ServiceAccount) to stop a workload from renewing"
+    )]
+    RevocationsUnsupported,
     /// The caller went away while its issuance, which would have used a
     /// join token, waited for its commit: nothing was written.
     #[error("the caller went away before its issuance was recorded")]
@@ -533,6 +560,34 @@ pub trait Store: Send + Sync + 'static {
     }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
+
+    /// Revokes `revocation.spiffe_id` as `revocation` says, replacing a
+    /// revocation it had; returns that one. The default (a store that keeps
+    /// no revocations) refuses with [`StoreError::RevocationsUnsupported`].
+    fn revoke(&self, revocation: &Revocation) -> Result<Option<Revocation>, StoreError> {
+        let _ = revocation;
+        Err(StoreError::RevocationsUnsupported)
+    }
+
+    /// Removes the revocation of `spiffe_id` and returns it; `None` (and
+    /// nothing changed) when it is not revoked.
+    fn unrevoke(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
+        let _ = spiffe_id;
+        Err(StoreError::RevocationsUnsupported)
+    }
+
+    /// Every revocation, ordered by SPIFFE ID.
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        Err(StoreError::RevocationsUnsupported)
+    }
+
+    /// The revocation of `spiffe_id`, read on every renewal by
+    /// certificate; `None` when it is not revoked, as always in a store
+    /// that keeps no revocations.
+    fn revocation(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
+        let _ = spiffe_id;
+        Ok(None)
+    }
 
     /// The newest `limit` records of the issued-certificate log that
     /// `matches` keeps, newest first, read from the newest end: a listing

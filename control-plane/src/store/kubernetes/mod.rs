@@ -22,6 +22,9 @@
 //!   the same version, and a change no sidecar would see moves nothing.
 //! - Join tokens are refused: sidecars prove themselves with ServiceAccount
 //!   tokens (TokenReview).
+//! - Revocations are refused ([`StoreError::RevocationsUnsupported`]): the
+//!   API server already says which workloads may hold an identity, so
+//!   deleting the pod, or its ServiceAccount, is what stops one renewing.
 //! - The issued-certificate log is a bounded ring in memory
 //!   ([`ISSUED_LOG_CAPACITY`]): one API write per certificate would load the
 //!   API server with every renewal of every sidecar, and the `issued SVID`
