@@ -44,7 +44,7 @@ use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
-    peer_spiffe_id, provider, root_store, rustls_error,
+    peer_spiffe_id, provider, root_store, rustls_error, validity_of,
 };
 use trellis_core::warn_throttled;
 
@@ -299,6 +299,12 @@ fn trusting_the_control_plane(
         .with_custom_certificate_verifier(Arc::new(verifier)))
 }
 
+/// When the leaf of `peer_certs` was issued, as [`PeerInfo`] says it.
+fn issued_at(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<i64> {
+    let (not_before, _) = validity_of(peer_certs?.first()?).ok()?;
+    Some(not_before.saturating_add(crate::ca::BACKDATE.as_secs() as i64))
+}
+
 /// A TLS connection with who is on the other end.
 pub struct TlsConn {
     stream: GatheredWrites<tokio_rustls::server::TlsStream<TcpStream>>,
@@ -522,7 +528,14 @@ impl GrpcListener {
                                 return;
                             }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
-                            let peer = PeerInfo { remote, spiffe_id };
+                            let cert_issued_at_unix = spiffe_id
+                                .as_ref()
+                                .and_then(|_| issued_at(session.peer_certificates()));
+                            let peer = PeerInfo {
+                                remote,
+                                spiffe_id,
+                                cert_issued_at_unix,
+                            };
                             let _ = tx
                                 .send(Ok(TlsConn {
                                     stream: GatheredWrites::new(stream),

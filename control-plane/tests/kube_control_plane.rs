@@ -33,7 +33,8 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
 /// certifies a sidecar by its ServiceAccount token, serves the CRD policies
 /// through the Admin API, logs the invalid one, pushes the Pods as
-/// endpoints and the Services with their backends, and refuses join tokens.
+/// endpoints and the Services with their backends, and refuses join tokens
+/// and revocations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     let fake = recorded_cluster().await;
@@ -231,6 +232,19 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         status.message().contains("ServiceAccount token"),
         "{status:?}"
     );
+    // Nor revocations: the operator is told what stops a pod renewing.
+    for args in [
+        &["identity", "revoke", WEB][..],
+        &["identity", "revocations"][..],
+    ] {
+        let refused = cp.ctl(args);
+        assert_eq!(refused.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("FailedPrecondition") && stderr.contains("delete the pod"),
+            "{args:?}: {stderr}"
+        );
+    }
     cp.stop_async().await;
 }
 

@@ -4,7 +4,7 @@
 //! The policy methods live in [`super::policy`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 use trellis_core::SpiffeId;
@@ -13,15 +13,17 @@ use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
     DeletePolicyRequest, DeletePolicyResponse, ExplainRequest, ExplainResponse, GetPolicyRequest,
     GetPolicyResponse, IssuedCertificate, ListIssuedCertificatesRequest,
-    ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse, ListStreamsRequest,
-    ListWorkloadsRequest, ListWorkloadsResponse, Workload,
+    ListIssuedCertificatesResponse, ListPoliciesRequest, ListPoliciesResponse,
+    ListRevocationsRequest, ListRevocationsResponse, ListStreamsRequest, ListWorkloadsRequest,
+    ListWorkloadsResponse, RevokeIdentityRequest, RevokeIdentityResponse, UnrevokeIdentityRequest,
+    UnrevokeIdentityResponse, Workload,
 };
 
 use super::replica::{Certificate, Replicas};
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
 use crate::ca::csr::is_reserved;
-use crate::store::{IssuedCertRecord, JoinToken, StoreError};
+use crate::store::{IssuedCertRecord, JoinToken, Revocation, StoreError};
 use crate::unix_now;
 
 pub struct AdminService {
@@ -38,6 +40,72 @@ impl AdminService {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// A store error as a status: FAILED_PRECONDITION for what the store does
+/// not keep, INTERNAL otherwise.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::RevocationsUnsupported => Status::failed_precondition(e.to_string()),
+        other => internal(other),
+    }
+}
+
+/// The longest reason a revocation keeps, in bytes.
+pub const MAX_REVOCATION_REASON_BYTES: usize = 1024;
+
+impl AdminService {
+    /// `raw` as the SPIFFE ID of a workload of this trust domain, or
+    /// INVALID_ARGUMENT naming what is wrong with it.
+    fn workload_id(&self, raw: &str) -> Result<SpiffeId, Status> {
+        let id = SpiffeId::parse(raw).map_err(|e| {
+            Status::invalid_argument(format!("spiffe_id {}: {e}", super::quoted(raw)))
+        })?;
+        if !id.is_member_of(&self.mesh.trust_domain) {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} is outside trust domain {}",
+                self.mesh.trust_domain
+            )));
+        }
+        if id.path().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
+            )));
+        }
+        if is_reserved(&id) {
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id {id} is reserved for the control plane"
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// A revocation's reason as given, or INVALID_ARGUMENT: at most
+/// [`MAX_REVOCATION_REASON_BYTES`], no control characters (listings print
+/// it as it is).
+fn revocation_reason(reason: &str) -> Result<&str, Status> {
+    if reason.len() > MAX_REVOCATION_REASON_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "reason is {} bytes long; at most {MAX_REVOCATION_REASON_BYTES} are kept",
+            reason.len()
+        )));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "reason {} holds a control character; give one line of text",
+            super::quoted(reason)
+        )));
+    }
+    Ok(reason)
+}
+
+fn revocation_proto(r: Revocation) -> trellis_proto::admin::v1::Revocation {
+    trellis_proto::admin::v1::Revocation {
+        spiffe_id: r.spiffe_id,
+        revoked_at_unix: r.revoked_at_unix,
+        reason: r.reason,
+    }
 }
 
 /// How many issued certificates a listing returns when it names no limit.
@@ -74,25 +142,7 @@ impl Admin for AdminService {
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
         let req = request.into_inner();
-        let id = SpiffeId::parse(&req.spiffe_id).map_err(|e| {
-            Status::invalid_argument(format!("spiffe_id {}: {e}", super::quoted(&req.spiffe_id)))
-        })?;
-        if !id.is_member_of(&self.mesh.trust_domain) {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id {id} is outside trust domain {}",
-                self.mesh.trust_domain
-            )));
-        }
-        if id.path().is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id {id} names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
-            )));
-        }
-        if is_reserved(&id) {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id {id} is reserved for the control plane"
-            )));
-        }
+        let id = self.workload_id(&req.spiffe_id)?;
         let ttl = match req.ttl_seconds {
             0 => DEFAULT_TOKEN_TTL,
             s => Duration::from_secs(s),
@@ -242,6 +292,77 @@ impl Admin for AdminService {
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         policy::explain_request(&self.mesh, request.get_ref()).map(Response::new)
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<RevokeIdentityRequest>,
+    ) -> Result<Response<RevokeIdentityResponse>, Status> {
+        let req = request.into_inner();
+        let id = self.workload_id(&req.spiffe_id)?;
+        let reason = revocation_reason(&req.reason)?;
+        let revocation = Revocation {
+            spiffe_id: id.to_string(),
+            revoked_at_unix: unix_now(),
+            reason: reason.to_owned(),
+        };
+        let store = self.mesh.store.clone();
+        let stored = revocation.clone();
+        let previous = tokio::task::spawn_blocking(move || store.revoke(&stored))
+            .await
+            .map_err(internal)?
+            .map_err(store_status)?;
+        tracing::info!(
+            spiffe_id = %id,
+            revoked_at = revocation.revoked_at_unix,
+            reason = %revocation.reason,
+            "revoked an identity: its certificates issued until now no longer renew"
+        );
+        // Certificates are issued in whole seconds: one issued later in
+        // this second could not be told from one issued before the
+        // revocation, and would not renew. Once the second is over, every
+        // certificate issued after this answer renews.
+        let next_second = UNIX_EPOCH + Duration::from_secs(revocation.revoked_at_unix as u64 + 1);
+        if let Ok(left) = next_second.duration_since(SystemTime::now()) {
+            tokio::time::sleep(left).await;
+        }
+        Ok(Response::new(RevokeIdentityResponse {
+            previously_revoked_at_unix: previous.map_or(0, |p| p.revoked_at_unix),
+            revocation: Some(revocation_proto(revocation)),
+        }))
+    }
+
+    async fn unrevoke_identity(
+        &self,
+        request: Request<UnrevokeIdentityRequest>,
+    ) -> Result<Response<UnrevokeIdentityResponse>, Status> {
+        let req = request.into_inner();
+        let id = self.workload_id(&req.spiffe_id)?;
+        let store = self.mesh.store.clone();
+        let key = id.to_string();
+        let removed = tokio::task::spawn_blocking(move || store.unrevoke(&key))
+            .await
+            .map_err(internal)?
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("{id} is not revoked")))?;
+        tracing::info!(spiffe_id = %id, revoked_at = removed.revoked_at_unix, "removed an identity's revocation: its certificates renew again");
+        Ok(Response::new(UnrevokeIdentityResponse {
+            revocation: Some(revocation_proto(removed)),
+        }))
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<ListRevocationsRequest>,
+    ) -> Result<Response<ListRevocationsResponse>, Status> {
+        let store = self.mesh.store.clone();
+        let revocations = tokio::task::spawn_blocking(move || store.revocations())
+            .await
+            .map_err(internal)?
+            .map_err(store_status)?;
+        Ok(Response::new(ListRevocationsResponse {
+            revocations: revocations.into_iter().map(revocation_proto).collect(),
+        }))
     }
 
     async fn list_issued_certificates(

@@ -54,7 +54,7 @@ use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, RefusedInboundAddress};
 
-use super::{Mesh, peer_of, quoted};
+use super::{Mesh, PeerInfo, peer_of, quoted, rfc3339};
 use crate::authn::hash_token;
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
@@ -137,6 +137,34 @@ impl IdentityService {
             ),
         };
         self.refuse(reason, status)
+    }
+
+    /// Refuses a renewal by `peer`'s certificate for `id` when a revocation
+    /// of `id` covers that certificate: it was issued at or before the
+    /// revocation (or when, is not known).
+    fn refuse_revoked(
+        &self,
+        id: &trellis_core::SpiffeId,
+        peer: Option<&PeerInfo>,
+    ) -> Result<(), Status> {
+        let revocation = match self.mesh.store.revocation(id.as_str()) {
+            Ok(Some(revocation)) => revocation,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
+        };
+        let issued_at = peer.and_then(|p| p.cert_issued_at_unix);
+        if issued_at.is_some_and(|at| !revocation.covers(at)) {
+            return Ok(());
+        }
+        let at = revocation.revoked_at_unix;
+        Err(self.refuse(
+            "revoked",
+            Status::permission_denied(format!(
+                "{id} was revoked at {} ({at}): a certificate issued then or before no longer \
+                 renews; obtain a new one with a join token",
+                rfc3339(at)
+            )),
+        ))
     }
 }
 
@@ -405,7 +433,10 @@ impl Identity for IdentityService {
                             ),
                         ));
                     }
-                    Some(_) => None,
+                    Some(_) => {
+                        self.refuse_revoked(&id, peer.as_ref())?;
+                        None
+                    }
                 }
             }
         };
@@ -665,6 +696,7 @@ mod tests {
         request.extensions_mut().insert(PeerInfo {
             remote: "10.0.0.1:40000".parse().unwrap(),
             spiffe_id: Some(web.clone()),
+            cert_issued_at_unix: None,
         });
         let mut certify = Box::pin(service.certify(request));
         assert!(
@@ -895,6 +927,7 @@ mod tests {
         request.extensions_mut().insert(PeerInfo {
             remote: remote.parse().unwrap(),
             spiffe_id: renewal.then(|| SpiffeId::parse(WEB).unwrap()),
+            cert_issued_at_unix: None,
         });
         let answer = service.certify(request).await.expect("a certificate");
         answer

@@ -30,6 +30,10 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The SPIFFE ID of a verified client certificate; `None` without one.
     pub spiffe_id: Option<SpiffeId>,
+    /// When that certificate was issued, Unix seconds, as this control
+    /// plane's CA signs: its notBefore, backdated by [`crate::ca::BACKDATE`],
+    /// moved forward again. `None` without one.
+    pub cert_issued_at_unix: Option<i64>,
 }
 
 /// Everything the services work with.
@@ -123,6 +127,22 @@ pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -
     }
     out.push('"');
     out
+}
+
+/// A time as status messages give it: RFC 3339, in whole seconds, UTC;
+/// the number itself when it is before 1970 or past what a system time
+/// holds.
+pub fn rfc3339(unix: i64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let written = u64::try_from(unix)
+        .ok()
+        .and_then(|u| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(u)))
+        .map(|t| write!(out, "{}", humantime::format_rfc3339_seconds(t)));
+    match written {
+        Some(Ok(())) => out,
+        _ => unix.to_string(),
+    }
 }
 
 /// The guard of a service only one identity may call: the Admin service's

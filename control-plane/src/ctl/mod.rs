@@ -30,7 +30,8 @@ use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     CreateJoinTokenRequest, IssuedCertificate, ListIssuedCertificatesRequest, ListPoliciesRequest,
-    ListWorkloadsRequest, ListWorkloadsResponse, ReplicaStatus, SnapshotSync, Workload,
+    ListRevocationsRequest, ListWorkloadsRequest, ListWorkloadsResponse, ReplicaStatus, Revocation,
+    RevokeIdentityRequest, SnapshotSync, UnrevokeIdentityRequest, Workload,
 };
 
 use self::policy::PolicyCommand;
@@ -110,6 +111,9 @@ pub enum Command {
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
     },
+    /// Revocations: stop a workload's certificates from renewing.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Authorization policies: apply, get, list, delete, lint, explain.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -142,6 +146,34 @@ pub enum TokenCommand {
         /// Token lifetime (default 1h, at most 24h).
         #[arg(long, env = "TRELLIS_TTL", value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Stop every certificate of SPIFFE_ID issued until now from renewing
+    /// (a stolen key and certificate then last only until the
+    /// certificate expires); a new join token for it still obtains a
+    /// certificate, which renews. Revoking it again moves the revocation
+    /// to now. The embedded store only: with the Kubernetes store, delete
+    /// the pod or its ServiceAccount.
+    Revoke {
+        /// The SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/web.
+        spiffe_id: String,
+        /// Why, as `identity revocations` lists it (at most 1024 bytes).
+        #[arg(long, env = "TRELLIS_REASON")]
+        reason: Option<String>,
+    },
+    /// Remove SPIFFE_ID's revocation: its certificates renew again.
+    Unrevoke {
+        /// The SPIFFE ID revoked.
+        spiffe_id: String,
+    },
+    /// The revoked SPIFFE IDs, each with when it was revoked and why.
+    Revocations {
+        /// Output format.
+        #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -544,6 +576,7 @@ async fn run(
                 failed: false,
             })
         }
+        Command::Identity(command) => identity(client, command).await,
         Command::Policy(command) => {
             let td = credentials.trust_domain()?;
             policy::run(client, &td, command).await
@@ -576,6 +609,98 @@ async fn run(
             })
         }
     }
+}
+
+/// `trellisctl identity ...`.
+async fn identity(
+    client: &mut AdminClient<Channel>,
+    command: &IdentityCommand,
+) -> Result<Printed, CtlError> {
+    match command {
+        IdentityCommand::Revoke { spiffe_id, reason } => {
+            let response = client
+                .revoke_identity(RevokeIdentityRequest {
+                    spiffe_id: spiffe_id.clone(),
+                    reason: reason.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let revoked = response.revocation.unwrap_or_default();
+            let mut out = format!(
+                "revoked {} at {}: its certificates issued until then no longer renew\n",
+                revoked.spiffe_id,
+                rfc3339(revoked.revoked_at_unix)
+            );
+            if response.previously_revoked_at_unix != 0 {
+                out.push_str(&format!(
+                    "(it was revoked before, at {})\n",
+                    rfc3339(response.previously_revoked_at_unix)
+                ));
+            }
+            Ok(Printed::out(out))
+        }
+        IdentityCommand::Unrevoke { spiffe_id } => {
+            let response = client
+                .unrevoke_identity(UnrevokeIdentityRequest {
+                    spiffe_id: spiffe_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let removed = response.revocation.unwrap_or_default();
+            Ok(Printed::out(format!(
+                "removed the revocation of {} (revoked at {}): its certificates renew again\n",
+                removed.spiffe_id,
+                rfc3339(removed.revoked_at_unix)
+            )))
+        }
+        IdentityCommand::Revocations { output } => {
+            let response = client
+                .list_revocations(ListRevocationsRequest::default())
+                .await?
+                .into_inner();
+            Ok(Printed::out(match output {
+                Output::Table => revocations_table(&response.revocations),
+                Output::Json => revocations_json(&response.revocations),
+            }))
+        }
+    }
+}
+
+/// Revocations as an aligned text table, in the order given.
+pub fn revocations_table(revocations: &[Revocation]) -> String {
+    let mut rows = vec![
+        ["SPIFFE ID", "REVOKED", "REASON"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    ];
+    for r in revocations {
+        rows.push(vec![
+            r.spiffe_id.clone(),
+            rfc3339(r.revoked_at_unix),
+            match r.reason.is_empty() {
+                true => "-".into(),
+                false => r.reason.escape_debug().to_string(),
+            },
+        ]);
+    }
+    table(rows)
+}
+
+/// Revocations as a JSON array, in the order given.
+pub fn revocations_json(revocations: &[Revocation]) -> String {
+    let items: serde_json::Value = revocations
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "spiffe_id": r.spiffe_id,
+                "revoked_at_unix": r.revoked_at_unix,
+                "revoked_at": rfc3339(r.revoked_at_unix),
+                "reason": r.reason,
+            })
+        })
+        .collect();
+    pretty(&items)
 }
 
 /// A time for people, or `-` for none: 0, or beyond year 9999 (the

@@ -1,0 +1,206 @@
+//! Revoking an identity against the real control plane and `trellisctl`:
+//! a revoked SPIFFE ID's certificates no longer renew, across a restart,
+//! while a new join token still gets it a certificate that renews; a bad
+//! request is refused and changes nothing.
+
+mod common;
+
+use common::*;
+use tonic::Code;
+use trellis_proto::admin::v1::{
+    ListRevocationsRequest, RevokeIdentityRequest, UnrevokeIdentityRequest,
+};
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
+
+/// `trellisctl ARGS`, which must succeed; its stdout.
+fn ctl_ok(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = cp.ctl(args);
+    assert!(
+        out.status.success(),
+        "trellisctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A renewal of `svid`'s identity with the certificate as its proof.
+async fn renew(cp: &ControlPlane, id: &str, svid: &Svid) -> Result<Svid, tonic::Status> {
+    let key = p256();
+    let response = cp.certify(csr_for(&key, id), None, Some(svid), "").await?;
+    Ok(Svid::issued(key, response))
+}
+
+fn revoked_total(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_certify_failures_total{reason=\"revoked\"} "))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_identity_renews_only_with_a_certificate_issued_after() {
+    let cp = ControlPlane::start(&[]);
+    let stolen = enroll(&cp, WEB, "").await;
+    let other = enroll(&cp, DB, "").await;
+
+    let said = ctl_ok(
+        &cp,
+        &[
+            "identity",
+            "revoke",
+            WEB,
+            "--reason",
+            "key copied off node-3",
+        ],
+    );
+    assert!(said.starts_with(&format!("revoked {WEB} at ")), "{said}");
+
+    let err = renew(&cp, WEB, &stolen).await.err().expect("refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let listed = ctl_ok(&cp, &["identity", "revocations", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let entry = &listed.as_array().expect("an array")[..];
+    assert_eq!(entry.len(), 1, "{listed}");
+    assert_eq!(entry[0]["spiffe_id"], WEB);
+    assert_eq!(entry[0]["reason"], "key copied off node-3");
+    let revoked_at = entry[0]["revoked_at"].as_str().unwrap();
+    assert!(
+        err.message().contains(WEB) && err.message().contains(revoked_at),
+        "the refusal names the ID and when it was revoked ({revoked_at}): {}",
+        err.message()
+    );
+    assert_eq!(revoked_total(&cp.metrics()), 1);
+    // Nothing else is revoked.
+    renew(&cp, DB, &other).await.expect("db still renews");
+
+    // A new join token proves the identity again, and its certificate
+    // renews.
+    let fresh = enroll(&cp, WEB, "").await;
+    let renewed = renew(&cp, WEB, &fresh)
+        .await
+        .expect("a fresh certificate renews");
+
+    // The revocation is stored: it outlives a restart.
+    let tmp = cp.tmp.clone();
+    assert!(cp.stop_async().await.success());
+    let cp = ControlPlane::start_in(tmp, &[]);
+    let err = renew(&cp, WEB, &stolen).await.err().expect("refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(revoked_at), "{}", err.message());
+    renew(&cp, WEB, &renewed)
+        .await
+        .expect("a certificate issued after the revocation renews");
+    let table = ctl_ok(&cp, &["identity", "revocations"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(WEB))
+        .unwrap_or_else(|| panic!("{WEB} listed: {table}"));
+    assert!(
+        row.contains(revoked_at) && row.contains("key copied off node-3"),
+        "{table}"
+    );
+
+    // Unrevoked, the old certificate renews again; a second unrevoke says
+    // there is nothing to remove.
+    ctl_ok(&cp, &["identity", "unrevoke", WEB]);
+    renew(&cp, WEB, &stolen)
+        .await
+        .expect("renews once unrevoked");
+    let out = cp.ctl(&["identity", "unrevoke", WEB]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{WEB} is not revoked")),
+        "{stderr}"
+    );
+    assert_eq!(
+        ctl_ok(&cp, &["identity", "revocations", "-o", "json"]).trim(),
+        "[]"
+    );
+}
+
+/// Revoking again moves the revocation to now, so a certificate issued
+/// between the two revocations stops renewing too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_again_covers_the_certificates_issued_since() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "").await;
+    let mut admin = cp.admin_client().await;
+    let revoke = || RevokeIdentityRequest {
+        spiffe_id: WEB.into(),
+        reason: String::new(),
+    };
+    let first = admin.revoke_identity(revoke()).await.unwrap().into_inner();
+    let between = enroll(&cp, WEB, "").await;
+    renew(&cp, WEB, &between)
+        .await
+        .expect("issued after the first revocation");
+    let second = admin.revoke_identity(revoke()).await.unwrap().into_inner();
+    let first_at = first.revocation.unwrap().revoked_at_unix;
+    assert_eq!(second.previously_revoked_at_unix, first_at);
+    assert!(second.revocation.unwrap().revoked_at_unix > first_at);
+    let err = renew(&cp, WEB, &between).await.err().expect("refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_revocation_is_refused_and_changes_nothing() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "").await;
+    let mut admin = cp.admin_client().await;
+    for (id, reason, says) in [
+        ("web", "", "spiffe_id \"web\""),
+        (
+            "spiffe://other.example/ns/default/sa/web",
+            "",
+            "outside trust domain cluster.local",
+        ),
+        (
+            "spiffe://cluster.local",
+            "",
+            "names the trust domain itself",
+        ),
+        (
+            "spiffe://cluster.local/trellis/control-plane",
+            "",
+            "reserved for the control plane",
+        ),
+        (WEB, "two\nlines", "control character"),
+        (WEB, &"x".repeat(1025), "1025 bytes"),
+    ] {
+        let err = admin
+            .revoke_identity(RevokeIdentityRequest {
+                spiffe_id: id.into(),
+                reason: reason.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{id}: {err:?}");
+        assert!(err.message().contains(says), "{id}: {}", err.message());
+    }
+    let err = admin
+        .unrevoke_identity(UnrevokeIdentityRequest {
+            spiffe_id: "spiffe://other.example/ns/default/sa/web".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // As trellisctl says it.
+    let out = cp.ctl(&["identity", "revoke", "spiffe://other.example/ns/a/sa/b"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("outside trust domain"),
+        "{stderr}"
+    );
+
+    let listed = admin
+        .list_revocations(ListRevocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.revocations.is_empty(), "{listed:?}");
+    renew(&cp, WEB, &web).await.expect("nothing was revoked");
+}
