@@ -26,13 +26,14 @@ pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 
 /// The longest `--cert-ttl` accepted: 30 days. Workload certificates are
 /// short-lived on purpose (the design's default is an hour): a leaf is never
-/// revoked, so its lifetime is how long a stolen key stays useful to a
-/// thief. With `--renewal-proof token` (the default in Kubernetes) that is
-/// any thief: a renewal needs the pod's ServiceAccount token too. With
+/// revoked for TLS, so its lifetime is how long a stolen key stays useful to
+/// a thief. With `--renewal-proof token` (the default in Kubernetes) that
+/// is any thief: a renewal needs the pod's ServiceAccount token too. With
 /// renewals proved by the certificate (join tokens, `--renewal-proof
-/// certificate`) it bounds only a thief who cannot reach the control
-/// plane: one who can renews it as the sidecar does. Longer would also
-/// outlive the windows a CA rotation is planned around.
+/// certificate`) it bounds only a thief who cannot reach the control plane
+/// (one who can renews it as the sidecar does, until `trellisctl identity
+/// revoke` stops that). Longer would also outlive the windows a CA rotation
+/// is planned around.
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The exit code for invalid configuration (sysexits `EX_USAGE`).
@@ -148,10 +149,11 @@ pub struct Config {
     pub state_dir: PathBuf,
 
     /// Lifetime of issued workload certificates (at least 10s, at most 30
-    /// days: a leaf is never revoked, so its lifetime bounds how long a
-    /// stolen key is useful to a thief who cannot renew it; with
+    /// days: a leaf is never revoked for TLS, so its lifetime bounds how
+    /// long a stolen key is useful to a thief who cannot renew it; with
     /// --renewal-proof token, the Kubernetes default, no thief can renew it
-    /// without the pod's ServiceAccount token).
+    /// without the pod's ServiceAccount token, and `trellisctl identity
+    /// revoke` stops certificate-proved renewals of an identity).
     #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
 
