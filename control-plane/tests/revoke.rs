@@ -81,6 +81,21 @@ async fn a_revoked_identity_renews_only_with_a_certificate_issued_after() {
     let renewed = renew(&cp, WEB, &fresh)
         .await
         .expect("a fresh certificate renews");
+    // `certs` marks the revoked certificate; newest first.
+    let certs = ctl_ok(&cp, &["certs", "--spiffe-id", WEB, "-o", "json"]);
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let revoked: Vec<_> = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["revoked"].as_bool().unwrap())
+        .collect();
+    assert_eq!(revoked, [false, false, true], "{certs}");
+    let table = ctl_ok(&cp, &["certs", "--spiffe-id", WEB]);
+    assert!(
+        table.lines().next().unwrap().ends_with("REVOKED"),
+        "{table}"
+    );
 
     // The revocation is stored: it outlives a restart.
     let tmp = cp.tmp.clone();

@@ -397,20 +397,37 @@ pub async fn issued_here(
     let store = mesh.store.clone();
     let spiffe_id = request.spiffe_id.clone();
     // One more than the limit tells whether more match.
-    let mut records = tokio::task::spawn_blocking(move || {
-        store.newest_issued(limit + 1, &|r| {
+    let (mut records, revocations) = tokio::task::spawn_blocking(move || {
+        let records = store.newest_issued(limit + 1, &|r| {
             (spiffe_id.is_empty() || r.spiffe_id == spiffe_id)
                 && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
-        })
+        })?;
+        let revocations = match store.revocations() {
+            Err(StoreError::RevocationsUnsupported) => Vec::new(),
+            revocations => revocations?,
+        };
+        Ok::<_, StoreError>((records, revocations))
     })
     .await
     .map_err(internal)?
     .map_err(internal)?;
     let truncated = records.len() > limit;
     records.truncate(limit);
+    let revoked_at: std::collections::HashMap<String, i64> = revocations
+        .into_iter()
+        .map(|r| (r.spiffe_id, r.revoked_at_unix))
+        .collect();
     let certificates = records
         .into_iter()
-        .map(|r| issued_certificate(r, replica))
+        .map(|r| {
+            let revoked = revoked_at
+                .get(&r.spiffe_id)
+                .is_some_and(|&at| r.issued_at_unix <= at);
+            IssuedCertificate {
+                revoked,
+                ..issued_certificate(r, replica)
+            }
+        })
         .collect();
     Ok(ListIssuedCertificatesResponse {
         certificates,
@@ -428,6 +445,7 @@ pub(super) fn issued_certificate(r: IssuedCertRecord, replica: &str) -> IssuedCe
         issued_at_unix: r.issued_at_unix,
         not_after_unix: r.not_after_unix,
         replica: replica.to_owned(),
+        revoked: false,
     }
 }
 

@@ -892,11 +892,15 @@ fn silent_replicas(replicas: &[ReplicaStatus], [silent, gone]: [&str; 2]) -> Str
 
 /// Issued certificates as an aligned text table, in the order given.
 /// With several control-plane replicas, a `REPLICA` column says which one
-/// issued each.
+/// issued each; when any is revoked, a `REVOKED` column says which.
 pub fn certs_table(certs: &[IssuedCertificate], replicas: usize) -> String {
     let mut header = vec!["SERIAL", "SPIFFE ID", "ISSUED", "EXPIRES"];
     if replicas > 1 {
         header.push("REPLICA");
+    }
+    let any_revoked = certs.iter().any(|c| c.revoked);
+    if any_revoked {
+        header.push("REVOKED");
     }
     let mut rows = vec![header.into_iter().map(String::from).collect()];
     for c in certs {
@@ -908,6 +912,9 @@ pub fn certs_table(certs: &[IssuedCertificate], replicas: usize) -> String {
         ];
         if replicas > 1 {
             row.push(c.replica.escape_debug().to_string());
+        }
+        if any_revoked {
+            row.push(if c.revoked { "yes" } else { "no" }.into());
         }
         rows.push(row);
     }
@@ -927,6 +934,7 @@ pub fn certs_json(certs: &[IssuedCertificate]) -> String {
                 "not_after_unix": c.not_after_unix,
                 "not_after": rfc3339(c.not_after_unix),
                 "replica": c.replica,
+                "revoked": c.revoked,
             })
         })
         .collect();
