@@ -3,23 +3,25 @@
 //!
 //! [`local_answer`] is the answer Trellis writes itself (a text body, or for
 //! gRPC `grpc-status` and `grpc-message`): the sidecar's request layer
-//! refuses with it. [`refuse_plaintext`] and [`refuse_plaintext_briefly`]
-//! tell a client that sent plaintext HTTP to a TLS port what the port is:
-//! left to the TLS library, such a client gets a TLS alert, which curl shows
-//! as "Received HTTP/0.9 when not allowed" and a gRPC client as a closed
-//! connection or a timeout.
+//! refuses with it. [`answer`] gives it to a connection refused before any
+//! request layer serves it, in HTTP/1.x or HTTP/2, and closes the
+//! connection ([`linger`]ing, so the client reads it): the sidecar refuses
+//! an app's outbound call with it. [`refuse_plaintext`] and
+//! [`refuse_plaintext_briefly`] answer a client that sent plaintext HTTP to
+//! a TLS port with what the port is: left to the TLS library, such a client
+//! gets a TLS alert, which curl shows as "Received HTTP/0.9 when not
+//! allowed" and a gRPC client as a closed connection or a timeout.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -65,57 +67,44 @@ async fn peek_plaintext(tcp: &TcpStream, patience: Duration) -> Option<Version> 
 
 /// Peeks at what a new connection to a TLS port sent first (waiting for it
 /// at most `patience`) and, when it is plaintext HTTP, answers its first
-/// request in its own protocol: `400 Bad Request` with `message` as the
-/// body, or for a gRPC call `UNAVAILABLE` with `message`. Gives the
-/// connection back, untouched, when it is not plaintext HTTP (or sent
-/// nothing in time); `None` when it was answered.
+/// request in its own protocol ([`answer`]): `400 Bad Request` with
+/// `message` as the body, or for a gRPC call `UNAVAILABLE` with `message`.
+/// Gives the connection back, untouched, when it is not plaintext HTTP (or
+/// sent nothing in time); `None` when it was answered.
 pub async fn refuse_plaintext(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     message: &str,
     patience: Duration,
 ) -> Option<TcpStream> {
-    let Some(version) = peek_plaintext(&tcp, patience).await else {
-        return Some(tcp);
-    };
-    let message = Bytes::copy_from_slice(message.as_bytes());
-    // Boxed: a caller's future keeps room only for the pointer.
-    Box::pin(answer_first_request(tcp, version, patience, message)).await;
-    None
+    if refuse_plaintext_briefly(&mut tcp, message, patience).await {
+        None
+    } else {
+        Some(tcp)
+    }
 }
 
-/// Like [`refuse_plaintext`], without an HTTP server: an HTTP/1.x client
-/// gets the same `400` written as bytes, an HTTP/2 client the server
-/// preface and a GOAWAY whose debug data is `message` (which gRPC clients
-/// log but do not show). For a binary that must stay small (the sidecar).
-/// Returns whether it answered; the connection is then done.
+/// Like [`refuse_plaintext`], on a connection the caller keeps: returns
+/// whether it answered; the connection is then done.
 pub async fn refuse_plaintext_briefly(
     tcp: &mut TcpStream,
     message: &str,
     patience: Duration,
 ) -> bool {
-    use tokio::io::AsyncWriteExt;
-    let answer = match peek_plaintext(tcp, patience).await {
-        None => return false,
-        Some(Version::Http1) => format!(
-            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n{message}\n",
-            message.len() + 1
-        )
-        .into_bytes(),
-        Some(Version::Http2) => goaway(H2_PROTOCOL_ERROR, message),
+    let Some(version) = peek_plaintext(tcp, patience).await else {
+        return false;
     };
-    let write = async {
-        tcp.write_all(&answer).await?;
-        tcp.shutdown().await
+    let refusal = Refusal {
+        status: StatusCode::BAD_REQUEST,
+        grpc_code: GRPC_UNAVAILABLE,
+        message,
     };
-    let _ = tokio::time::timeout(patience, write).await;
+    // Boxed: a caller's future keeps room only for the pointer.
+    Box::pin(answer(tcp, version, &refusal, patience)).await;
     true
 }
 
 /// The HTTP/2 error codes a refusal's GOAWAY carries (RFC 9113, section
-/// 7): the client broke the protocol (plaintext to a TLS port, say).
-pub const H2_PROTOCOL_ERROR: u32 = 0x1;
-/// The client's request was not processed and may be retried elsewhere
+/// 7): the client's request was not processed and may be retried elsewhere
 /// (a server with no room for another connection).
 pub const H2_REFUSED_STREAM: u32 = 0x7;
 /// The client is asking for more than its share (too many connections).
@@ -135,6 +124,134 @@ pub fn goaway(code: u32, message: &str) -> Vec<u8> {
     frames.extend_from_slice(&code.to_be_bytes());
     frames.extend_from_slice(message.as_bytes());
     frames
+}
+
+/// A refusal as a client is told it ([`answer`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Refusal<'a> {
+    /// The HTTP status of a text answer.
+    pub status: StatusCode,
+    /// The `grpc-status` of a gRPC answer (whose HTTP status is 200).
+    pub grpc_code: u16,
+    /// Why, as the client is shown it: the text body (with a newline), or
+    /// the `grpc-message`.
+    pub message: &'a str,
+}
+
+/// How long an answered connection goes on being read from (and what it
+/// sends dropped) after its answer, and how much of it, at most: a client
+/// still sending (the rest of a request, the body of a call) whose
+/// connection is closed with bytes unread gets a reset, which may throw the
+/// answer away before the client reads it. Bounded both ways, so a client
+/// cannot hold the connection by sending.
+pub const ANSWER_LINGER: Duration = Duration::from_secs(1);
+pub const ANSWER_LINGER_BYTES: usize = 256 * 1024;
+
+/// The most a client's HTTP/2 request head may take in an answered
+/// connection, and the flow-control window it is given: nothing of its
+/// request is read but its head.
+const ANSWER_H2_HEADERS: u32 = 16 * 1024;
+const ANSWER_H2_WINDOW: u32 = 64 * 1024;
+
+/// Answers a client speaking `version` on `io` (whatever it sent first
+/// still to be read from it) with `refusal`, then closes it: HTTP/1.x gets
+/// `refusal.status` with the message as a text body and `connection:
+/// close`, written at once; HTTP/2 gets the server preface and, for its
+/// first request, the same answer ([`local_answer`]; a gRPC call gets
+/// `grpc-status` and `grpc-message` in a trailers-only response), then
+/// GOAWAY naming that stream as the last. The exchange takes at most
+/// `patience`; the connection is then read from for [`ANSWER_LINGER`] or
+/// [`ANSWER_LINGER_BYTES`], whichever comes first, or until the client
+/// closes it ([`linger`]).
+pub async fn answer<S>(io: &mut S, version: Version, refusal: &Refusal<'_>, patience: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answered = async {
+        match version {
+            Version::Http1 => {
+                let head = format!(
+                    "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n",
+                    refusal.status.as_u16(),
+                    refusal.status.canonical_reason().unwrap_or(""),
+                    refusal.message.len() + 1
+                );
+                let mut text = head.into_bytes();
+                text.extend_from_slice(refusal.message.as_bytes());
+                text.push(b'\n');
+                let _ = io.write_all(&text).await;
+            }
+            Version::Http2 => answer_first_h2_request(&mut *io, refusal).await,
+        }
+        let _ = io.shutdown().await;
+    };
+    let _ = tokio::time::timeout(patience, answered).await;
+    let mut buf = BytesMut::new();
+    linger(io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
+}
+
+/// Serves `io` as HTTP/2 until its first request has been answered with
+/// `refusal`, then shuts it down gracefully: GOAWAY, the last stream being
+/// that request's, once its answer is sent. Nothing is read past what the
+/// request's head needs; a head over [`ANSWER_H2_HEADERS`] is refused by
+/// the HTTP/2 server itself.
+async fn answer_first_h2_request<S>(io: S, refusal: &Refusal<'_>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answered = Notify::new();
+    let message = Bytes::copy_from_slice(refusal.message.as_bytes());
+    let service = hyper::service::service_fn(|req: Request<Incoming>| {
+        answered.notify_one();
+        let response = local_answer(
+            is_grpc(&req),
+            refusal.status,
+            refusal.grpc_code,
+            message.clone(),
+        );
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1)
+        .max_header_list_size(ANSWER_H2_HEADERS)
+        .initial_stream_window_size(ANSWER_H2_WINDOW)
+        .initial_connection_window_size(ANSWER_H2_WINDOW)
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = answered.notified() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+/// After an answer that closes a connection, its write side shut down:
+/// reads what the client still sends, into `buf`, dropping it, until the
+/// client closes its end, or for `within` or `most` bytes, whichever comes
+/// first.
+pub async fn linger<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    within: Duration,
+    most: usize,
+) {
+    let mut left = most;
+    let discard = async {
+        buf.clear();
+        if buf.capacity() < 4096 {
+            buf.reserve(4096);
+        }
+        while left > 0 {
+            match io.read_buf(buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+            buf.clear();
+        }
+    };
+    let _ = tokio::time::timeout(within, discard).await;
 }
 
 /// gRPC status codes a refusal answers with.
@@ -183,63 +300,6 @@ pub fn local_answer(
         .expect("static headers are valid")
 }
 
-/// Serves `tcp` as `version` until its first request has been answered
-/// with `400` and `message` (gRPC: `UNAVAILABLE`), then closes it
-/// (HTTP/1.1 without keep-alive; HTTP/2 with GOAWAY once that stream is
-/// done). Nothing is read past what hyper needs for that request; a client
-/// that sends none is closed after `patience`.
-async fn answer_first_request(
-    tcp: TcpStream,
-    version: Version,
-    patience: Duration,
-    message: Bytes,
-) {
-    let answered = Arc::new(Notify::new());
-    let service = {
-        let answered = answered.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            answered.notify_one();
-            let response = local_answer(
-                is_grpc(&req),
-                StatusCode::BAD_REQUEST,
-                GRPC_UNAVAILABLE,
-                message.clone(),
-            );
-            std::future::ready(Ok::<_, Infallible>(response))
-        })
-    };
-    let io = TokioIo::new(tcp);
-    let served = async {
-        match version {
-            Version::Http2 => {
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .serve_connection(io, service);
-                until_answered(conn, &answered).await;
-            }
-            Version::Http1 => {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .keep_alive(false)
-                    .serve_connection(io, service);
-                until_answered(conn, &answered).await;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(patience, served).await;
-}
-
-/// Serves `conn` until its first request is answered, then shuts it down
-/// gracefully.
-async fn until_answered<C: GracefulConnection>(conn: C, answered: &Notify) {
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = answered.notified() => conn.as_mut().graceful_shutdown(),
-    }
-    let _ = conn.await;
-}
-
 /// `message` as a `grpc-message` value: percent-encoded, as gRPC clients
 /// decode it, where it holds a `%` or a byte outside printable ASCII (a
 /// 400 naming an escape such as `%2F` would otherwise be shown decoded).
@@ -283,13 +343,13 @@ mod tests {
 
     #[test]
     fn a_goaway_carries_the_message_after_the_server_preface() {
-        let frames = goaway(H2_PROTOCOL_ERROR, "TLS only");
+        let frames = goaway(H2_ENHANCE_YOUR_CALM, "too many");
         // SETTINGS, empty.
         assert_eq!(frames[..9], [0, 0, 0, 4, 0, 0, 0, 0, 0]);
-        // GOAWAY on stream 0: last stream 0, PROTOCOL_ERROR, the message.
+        // GOAWAY on stream 0: last stream 0, ENHANCE_YOUR_CALM, the message.
         assert_eq!(frames[9..18], [0, 0, 16, 7, 0, 0, 0, 0, 0]);
-        assert_eq!(frames[18..26], [0, 0, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(&frames[26..], b"TLS only");
+        assert_eq!(frames[18..26], [0, 0, 0, 0, 0, 0, 0, 0xb]);
+        assert_eq!(&frames[26..], b"too many");
     }
 
     #[test]

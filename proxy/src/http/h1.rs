@@ -95,6 +95,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
+use trellis_core::refusal;
 
 use super::access::{Direction, Entry};
 use super::authz::{Authorize, AuthorizeLayer};
@@ -284,21 +285,7 @@ pub const LINGER_BYTES: usize = 8 << 20;
 /// [`LINGER`] or [`LINGER_BYTES`], whichever comes first.
 async fn linger<S: AsyncRead + Unpin>(caller: &mut Caller<S>) {
     let Caller { io, buf, .. } = caller;
-    let mut left = LINGER_BYTES;
-    let discard = async {
-        buf.clear();
-        if buf.capacity() < 4096 {
-            buf.reserve(4096);
-        }
-        while left > 0 {
-            match io.read_buf(buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-            buf.clear();
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, discard).await;
+    refusal::linger(io, buf, LINGER, LINGER_BYTES).await;
 }
 
 /// A caller's stream as hyper's server has it: closing it lingers as the
