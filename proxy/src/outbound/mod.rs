@@ -49,13 +49,16 @@
 //!
 //! A call refused before anything of the app's left the pod (a loop, a
 //! service without a backend, a destination denied, a dial that failed) is
-//! answered, when the app speaks HTTP/1, with `403` (denied), `503` (no
+//! answered, when the app speaks HTTP, with `403` (denied), `503` (no
 //! backend, no certificate yet) or `502` (anything else) and a text body
 //! naming the address the app called and why (`answer_refused`): an app's
 //! log then says what the sidecar's does, where a closed connection said
-//! nothing. The detector reads the app's first bytes for it when no mesh
-//! dial did already; HTTP/2, opaque TCP and any call to a port declared
-//! opaque are closed as before.
+//! nothing. HTTP/1 is answered at once; HTTP/2 on its first request, a
+//! gRPC call with `grpc-status` (`PERMISSION_DENIED` for a denial,
+//! `UNAVAILABLE` otherwise) and those words as its message
+//! ([`trellis_core::refusal::answer`]). The detector reads the app's first
+//! bytes for it when no mesh dial did already; opaque TCP and any call to a
+//! port declared opaque are closed as before.
 //!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
@@ -70,6 +73,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::StatusCode;
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -78,6 +82,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
+use trellis_core::refusal;
 use trellis_core::tls::SvidError;
 
 use crate::config::Route;
@@ -170,10 +175,10 @@ impl DialError {
         }
     }
 
-    /// The status an HTTP/1 app is answered with ([`answer_refused`]):
+    /// The status an HTTP app is answered with ([`answer_refused`]):
     /// `503` while this sidecar has no certificate, `502` when the peer
     /// could not be reached or was not who the mesh says.
-    fn status(&self) -> &'static str {
+    fn status(&self) -> StatusCode {
         match self {
             DialError::NoCertificate => SERVICE_UNAVAILABLE,
             _ => BAD_GATEWAY,
@@ -181,9 +186,9 @@ impl DialError {
     }
 }
 
-const BAD_GATEWAY: &str = "502 Bad Gateway";
-const SERVICE_UNAVAILABLE: &str = "503 Service Unavailable";
-const FORBIDDEN: &str = "403 Forbidden";
+const BAD_GATEWAY: StatusCode = StatusCode::BAD_GATEWAY;
+const SERVICE_UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
 
 /// Dials `remote` with mTLS, accepting only a server presenting `expected`
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
@@ -463,12 +468,11 @@ fn refused<R: std::fmt::Display>(
     metrics.connection(OUTBOUND, "refused");
 }
 
-/// How long a refused app connection that was answered is read from after
-/// the answer, and how much of it: the rest of a request (a body detection
-/// did not read) left unread would make its close a reset, which may throw
-/// the answer away before the app reads it.
-const ANSWER_LINGER: Duration = Duration::from_secs(1);
-const ANSWER_LINGER_BYTES: u64 = 256 * 1024;
+/// How long answering a refused app takes at most, from the app's first
+/// bytes (read already, or for at most [`http::detect::DETECT_TIMEOUT`])
+/// to the answer sent; the connection is then read from a little longer
+/// ([`refusal::answer`]).
+const ANSWER_PATIENCE: Duration = Duration::from_secs(1);
 
 /// [`answer_refused`] for a mesh dial to `remote` (the backend, the
 /// route's remote) that failed with `e`.
@@ -492,50 +496,64 @@ fn opaque_port(shared: &Shared, dst: SocketAddr) -> bool {
         .is_some_and(|s| s.policies.is_opaque(dst.port()))
 }
 
-/// Tells an HTTP/1 app why its call was refused, before anything of it
-/// left the pod: `status` (`502 Bad Gateway`, ...) with a text body naming
-/// `dst` and `why`, and the connection closed. The app's first bytes are
-/// read first (the detector's, at most [`http::detect::DETECT_TIMEOUT`])
-/// unless an attempt already did; an app speaking anything else (HTTP/2,
-/// opaque TCP), or calling a port declared `opaque`, which is never looked
-/// at, is only closed, as before.
+/// Tells an HTTP app why its call was refused, before anything of it left
+/// the pod, and closes the connection ([`refusal::answer`]): HTTP/1 gets
+/// `status` with a text body naming `dst` and `why`, HTTP/2 the same for
+/// its first request, or for a gRPC call `grpc-status` (`PERMISSION_DENIED`
+/// for `403`, `UNAVAILABLE` otherwise) with that text as `grpc-message`.
+/// The app's first bytes are read first (the detector's, at most
+/// [`http::detect::DETECT_TIMEOUT`]) unless an attempt already did; an app
+/// speaking anything else (opaque TCP), or calling a port declared
+/// `opaque`, which is never looked at, is only closed, as before.
 async fn answer_refused(
     app: &mut App,
     opaque: bool,
-    status: &str,
+    status: StatusCode,
     dst: impl std::fmt::Display,
     why: impl std::fmt::Display,
 ) {
-    use tokio::io::AsyncReadExt;
     if opaque {
         return;
     }
-    if app.detected.is_none() {
-        match http::detect(&mut app.tcp).await {
-            Ok((protocol, read)) => app.detected = Some((protocol, read.into_parts().0)),
+    let (protocol, first) = match app.detected.take() {
+        Some(detected) => detected,
+        None => match http::detect(&mut app.tcp).await {
+            Ok((protocol, read)) => (protocol, read.into_parts().0),
             Err(_) => return,
-        }
-    }
-    if !matches!(app.detected, Some((Protocol::Http1, _))) {
-        return;
-    }
-    let body = format!("trellis: outbound call to {dst} refused: {why}\n");
-    let answer = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let tcp = &mut app.tcp;
-    let answered = async {
-        tcp.write_all(answer.as_bytes()).await?;
-        tcp.shutdown().await?;
-        tokio::io::copy(
-            &mut (&mut *tcp).take(ANSWER_LINGER_BYTES),
-            &mut tokio::io::sink(),
-        )
-        .await
+        },
     };
-    let _ = tokio::time::timeout(ANSWER_LINGER, answered).await;
+    let version = match protocol {
+        Protocol::Http1 => refusal::Version::Http1,
+        Protocol::Http2 => refusal::Version::Http2,
+        Protocol::Opaque => return,
+    };
+    let message = format!("trellis: outbound call to {dst} refused: {why}");
+    let refused = refusal::Refusal {
+        status,
+        grpc_code: if status == FORBIDDEN {
+            refusal::GRPC_PERMISSION_DENIED
+        } else {
+            refusal::GRPC_UNAVAILABLE
+        },
+        message: &message,
+    };
+    // What detection read is the start of the app's request.
+    let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
+    refusal::answer(&mut io, version, &refused, ANSWER_PATIENCE).await;
+}
+
+impl App {
+    /// [`answer_refused`] for a call to `dst`, unless `dst`'s port is
+    /// declared opaque.
+    async fn refuse(
+        &mut self,
+        shared: &Shared,
+        status: StatusCode,
+        dst: SocketAddr,
+        why: impl std::fmt::Display,
+    ) {
+        answer_refused(self, opaque_port(shared, dst), status, dst, why).await;
+    }
 }
 
 /// A `--route` listener: plaintext on `route.local`, mTLS to `route.remote`.
@@ -950,21 +968,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, "loop");
                 let why = format!("{addr} is this sidecar (loop)");
-                answer_refused(&mut app, opaque_port(shared, dst), BAD_GATEWAY, dst, why).await;
+                app.refuse(shared, BAD_GATEWAY, dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
                 metrics.connection(OUTBOUND, NO_BACKEND);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
-                answer_refused(
-                    &mut app,
-                    opaque_port(shared, dst),
-                    SERVICE_UNAVAILABLE,
-                    dst,
-                    why,
-                )
-                .await;
+                app.refuse(shared, SERVICE_UNAVAILABLE, dst, why).await;
                 return;
             }
             Target::NoMeshBackend { backends } => {
@@ -974,14 +985,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
                     name.unwrap_or("")
                 );
-                answer_refused(
-                    &mut app,
-                    opaque_port(shared, dst),
-                    SERVICE_UNAVAILABLE,
-                    dst,
-                    why,
-                )
-                .await;
+                app.refuse(shared, SERVICE_UNAVAILABLE, dst, why).await;
                 return;
             }
             Target::Outside {
@@ -1000,7 +1004,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 metrics.connection(OUTBOUND, "denied");
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
-                answer_refused(&mut app, opaque_port(shared, dst), FORBIDDEN, dst, why).await;
+                app.refuse(shared, FORBIDDEN, dst, why).await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {

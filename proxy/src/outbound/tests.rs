@@ -493,3 +493,91 @@ fn a_peer_is_named_by_its_address() {
     assert_eq!(remote_name("10.0.0.7:15006"), named("10.0.0.7:15006"));
     assert_eq!(remote_name("api.shop.svc:15006"), dns("trellis.mesh"));
 }
+
+/// A port standing for the transparent listener: each connection to it is
+/// taken over as a call to `dst`.
+async fn redirecting_to(shared: &Arc<Shared>, dst: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shared, dst): (_, SocketAddr) = (shared.clone(), dst.parse().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, client)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move { forward_transparent(&shared, tcp, client, dst).await });
+        }
+    });
+    addr
+}
+
+/// `curl --http2-prior-knowledge url`: the status and the body; `None`
+/// when curl is not installed.
+async fn curl_h2(url: &str) -> Option<(String, String)> {
+    let mut curl = tokio::process::Command::new("curl");
+    curl.args(["-sS", "--max-time", "10", "--http2-prior-knowledge"])
+        .args(["--write-out", "\n%{http_version} %{http_code}", url]);
+    let out = match curl.output().await {
+        Ok(out) => out,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            eprintln!("skipped: curl not installed");
+            return None;
+        }
+        Err(e) => panic!("curl: {e}"),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl {url}: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = stdout.rsplit_once('\n').unwrap();
+    Some((status.to_owned(), body.to_owned()))
+}
+
+/// A gRPC call (a health check) through a port of [`redirecting_to`]: the
+/// status it failed with.
+async fn grpc_call(port: SocketAddr) -> tonic::Status {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("a refused call was answered")
+}
+
+/// An HTTP/2 app (curl with prior knowledge, a gRPC client) whose call is
+/// refused is answered on its first request, as an HTTP/1 app is: a
+/// status with a text body, or for gRPC a `grpc-status` with the same
+/// words as its message, naming the address it called and why.
+#[tokio::test]
+async fn an_http2_or_grpc_call_refused_is_answered_with_why() {
+    let ca = Ca::new();
+    let shared = sidecar(&ca, "deny", &[], &[]);
+    let outside = "192.0.2.7:80";
+    let denied = format!(
+        "trellis: outbound call to {outside} refused: {outside} is outside the mesh, and the \
+         outbound policy is deny"
+    );
+    let no_backend =
+        format!("trellis: outbound call to {VIP} refused: service shop/api has no ready backend");
+
+    let to_outside = redirecting_to(&shared, outside).await;
+    let to_service = redirecting_to(&shared, VIP).await;
+    if let Some((status, body)) = curl_h2(&format!("http://{to_outside}/orders")).await {
+        assert_eq!(status, "2 403", "{body}");
+        assert_eq!(body, format!("{denied}\n"));
+        let (status, body) = curl_h2(&format!("http://{to_service}/orders"))
+            .await
+            .unwrap();
+        assert_eq!(status, "2 503", "{body}");
+        assert_eq!(body, format!("{no_backend}\n"));
+    }
+
+    let refused = grpc_call(to_outside).await;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(refused.message(), denied);
+    let refused = grpc_call(to_service).await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.message(), no_backend);
+}

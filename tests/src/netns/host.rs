@@ -87,6 +87,25 @@ impl Host {
     /// not installed), as `uid` (root when `None`). Fails when no HTTP answer
     /// came, with what the client said.
     pub async fn http_get(&self, uid: Option<u32>, url: &str) -> anyhow::Result<Reply> {
+        self.get(uid, &[], url).await
+    }
+
+    /// Like [`Host::http_get`] over HTTP/2 with prior knowledge (as
+    /// plaintext gRPC clients speak it), as `uid`: `None` when curl is not
+    /// installed (python3's client speaks only HTTP/1).
+    pub async fn h2_get(&self, uid: u32, url: &str) -> anyhow::Result<Option<Reply>> {
+        let tools = Tools::get().map_err(anyhow::Error::msg)?;
+        if tools.curl.is_none() {
+            return Ok(None);
+        }
+        let reply = self
+            .get(Some(uid), &["--http2-prior-knowledge"], url)
+            .await?;
+        Ok(Some(reply))
+    }
+
+    /// `GET url`, with `curl_args` when curl is the client.
+    async fn get(&self, uid: Option<u32>, curl_args: &[&str], url: &str) -> anyhow::Result<Reply> {
         let tools = Tools::get().map_err(anyhow::Error::msg)?;
         let mut command = match (&tools.curl, uid) {
             (Some(curl), Some(uid)) => self.command_as(uid, curl)?,
@@ -104,8 +123,8 @@ impl Host {
                 &REQUEST_TIMEOUT_SECS.to_string(),
                 "--write-out",
                 "\n%{http_code}",
-                url,
             ]);
+            command.args(curl_args).arg(url);
         } else {
             command
                 .args(["-c", PYTHON_GET, url])

@@ -155,6 +155,12 @@ impl Cluster {
         self.a.host().http_get(Some(APP_UID), url).await
     }
 
+    /// Like [`Cluster::a_calls`] over HTTP/2 with prior knowledge; `None`
+    /// when no HTTP/2 client is installed.
+    pub async fn a_calls_h2(&self, url: &str) -> anyhow::Result<Option<Reply>> {
+        self.a.host().h2_get(APP_UID, url).await
+    }
+
     /// Starts recording the wire.
     pub async fn capture(&mut self) -> anyhow::Result<()> {
         self.capture = Some(self.lab.capture().await?);

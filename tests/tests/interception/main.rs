@@ -216,11 +216,14 @@ async fn a_destination_outside_the_mesh_is_refused_under_outbound_deny() {
         .a_calls(&format!("http://{outside}/"))
         .await
         .unwrap();
-    assert_refused(
-        &reply,
-        403,
-        &format!("outbound call to {outside} refused: {outside} is outside the mesh"),
-    );
+    let says = format!("outbound call to {outside} refused: {outside} is outside the mesh");
+    assert_refused(&reply, 403, &says);
+    // An HTTP/2 app (a plaintext gRPC client speaks it so) is told the
+    // same on its first request.
+    let url = format!("http://{outside}/");
+    if let Some(reply) = cluster.a_calls_h2(&url).await.unwrap() {
+        assert_refused(&reply, 403, &says);
+    }
 
     cluster
         .a

@@ -151,11 +151,16 @@ async fn a_service_without_a_ready_backend_and_ones_outside_the_mesh_are_refused
     let mut lab = service_cluster().await;
     let cluster = &mut lab.cluster;
 
-    let reply = cluster
-        .a_calls(&format!("http://{CHECKOUT_SERVICE}/"))
-        .await
-        .unwrap();
-    assert_refused(&reply, 503, "service shop/checkout has no ready backend");
+    let url = format!("http://{CHECKOUT_SERVICE}/");
+    let reply = cluster.a_calls(&url).await.unwrap();
+    let says = format!(
+        "outbound call to {CHECKOUT_SERVICE} refused: service shop/checkout has no ready backend"
+    );
+    assert_refused(&reply, 503, &says);
+    // An HTTP/2 app is told the same on its first request.
+    if let Some(reply) = cluster.a_calls_h2(&url).await.unwrap() {
+        assert_refused(&reply, 503, &says);
+    }
     cluster
         .a
         .wait_for_sidecar_log(
