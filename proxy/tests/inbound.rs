@@ -80,6 +80,48 @@ async fn refuses_plaintext() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
+/// A plaintext HTTP/2 client (curl with prior knowledge, a gRPC client as
+/// `grpcurl -plaintext` is) is told the same in its own protocol: `400`
+/// with the text, or `UNAVAILABLE` with it as the message.
+#[tokio::test]
+async fn refuses_plaintext_http2_and_grpc_in_their_protocol() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    const SAYS: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual TLS";
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+
+    let url = format!("http://{}/", inbound.addr);
+    let args = [
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version} %{http_code}",
+    ];
+    if let Some(answer) = http::curl(&[&args[..], &[url.as_str()]].concat()).await {
+        let (body, status) = answer.rsplit_once('\n').unwrap();
+        assert_eq!(status, "2 400", "{answer}");
+        assert!(body.starts_with(SAYS), "{answer}");
+    }
+
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("a plaintext call was answered");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().starts_with(SAYS), "{refused:?}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
 #[tokio::test]
 async fn refuses_tls_without_a_client_certificate() {
     let ca = Ca::new();
