@@ -153,50 +153,83 @@ pub const ANSWER_LINGER_BYTES: usize = 256 * 1024;
 const ANSWER_H2_HEADERS: u32 = 16 * 1024;
 const ANSWER_H2_WINDOW: u32 = 64 * 1024;
 
-/// Answers a client speaking `version` on `io` (whatever it sent first
-/// still to be read from it) with `refusal`, then closes it: HTTP/1.x gets
-/// `refusal.status` with the message as a text body and `connection:
-/// close`, written at once; HTTP/2 gets the server preface and, for its
+/// The most of an HTTP/1.x request head read before it is answered.
+const ANSWER_H1_HEAD: usize = 16 * 1024;
+
+/// Answers the first request of a client speaking `version` on `io`
+/// (whatever it sent first still to be read from it) with `refusal`, then
+/// closes it: HTTP/1.x gets `refusal.status` with the message as a text
+/// body and `connection: close` once its request head has come (or 16 KiB
+/// of it); HTTP/2 gets the server preface and, for its
 /// first request, the same answer ([`local_answer`]; a gRPC call gets
 /// `grpc-status` and `grpc-message` in a trailers-only response), then
-/// GOAWAY naming that stream as the last. The exchange takes at most
-/// `patience`; the connection is then read from for [`ANSWER_LINGER`] or
-/// [`ANSWER_LINGER_BYTES`], whichever comes first, or until the client
-/// closes it ([`linger`]).
+/// GOAWAY naming that stream as the last. A client whose request has not
+/// come within `patience` is closed unanswered. An answered connection is
+/// then read from for [`ANSWER_LINGER`] or [`ANSWER_LINGER_BYTES`],
+/// whichever comes first, or until the client closes it ([`linger`]).
 pub async fn answer<S>(io: &mut S, version: Version, refusal: &Refusal<'_>, patience: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut buf = BytesMut::new();
     let answered = async {
-        match version {
+        let answered = match version {
             Version::Http1 => {
-                let head = format!(
-                    "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n",
-                    refusal.status.as_u16(),
-                    refusal.status.canonical_reason().unwrap_or(""),
-                    refusal.message.len() + 1
-                );
-                let mut text = head.into_bytes();
-                text.extend_from_slice(refusal.message.as_bytes());
-                text.push(b'\n');
-                let _ = io.write_all(&text).await;
+                let answered = read_h1_head(&mut *io, &mut buf).await;
+                if answered {
+                    let _ = io.write_all(&h1_answer(refusal)).await;
+                }
+                answered
             }
             Version::Http2 => answer_first_h2_request(&mut *io, refusal).await,
-        }
+        };
         let _ = io.shutdown().await;
+        answered
     };
-    let _ = tokio::time::timeout(patience, answered).await;
-    let mut buf = BytesMut::new();
-    linger(io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
+    if tokio::time::timeout(patience, answered).await == Ok(true) {
+        linger(io, &mut buf, ANSWER_LINGER, ANSWER_LINGER_BYTES).await;
+    }
+}
+
+/// Reads `io` into `buf` until a request head has ended, or
+/// [`ANSWER_H1_HEAD`] of it has come: whether it did, before the client
+/// closed or failed.
+async fn read_h1_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool {
+    buf.reserve(1024);
+    loop {
+        let ended =
+            buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n");
+        if ended || buf.len() >= ANSWER_H1_HEAD {
+            return true;
+        }
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// `refusal` as an HTTP/1.1 answer that closes the connection.
+fn h1_answer(refusal: &Refusal<'_>) -> Vec<u8> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        refusal.status.as_u16(),
+        refusal.status.canonical_reason().unwrap_or(""),
+        refusal.message.len() + 1
+    );
+    let mut text = head.into_bytes();
+    text.extend_from_slice(refusal.message.as_bytes());
+    text.push(b'\n');
+    text
 }
 
 /// Serves `io` as HTTP/2 until its first request has been answered with
 /// `refusal`, then shuts it down gracefully: GOAWAY, the last stream being
 /// that request's, once its answer is sent. Nothing is read past what the
 /// request's head needs; a head over [`ANSWER_H2_HEADERS`] is refused by
-/// the HTTP/2 server itself.
-async fn answer_first_h2_request<S>(io: S, refusal: &Refusal<'_>)
+/// the HTTP/2 server itself. Whether a request came.
+async fn answer_first_h2_request<S>(io: S, refusal: &Refusal<'_>) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -221,10 +254,13 @@ where
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
-        _ = conn.as_mut() => return,
+        // A request answered as the client closed is answered all the same.
+        biased;
         () = answered.notified() => conn.as_mut().graceful_shutdown(),
+        _ = conn.as_mut() => return false,
     }
     let _ = conn.await;
+    true
 }
 
 /// After an answer that closes a connection, its write side shut down:
