@@ -29,7 +29,11 @@
 //! healthy at one check and not at the next, never makes it unready; it
 //! is ready again at the first check that finds no healthy peer (going
 //! ready never takes the mesh down, and may be what leaves the Service a
-//! ready endpoint), and at once when its own watches work again. A peer is
+//! ready endpoint), and at once when its own watches work again. The count
+//! starts again whenever its own watches recover, even when they recover
+//! and fail again between two checks (with a grace shorter than
+//! [`PEER_CHECK_INTERVAL`]): a check of one outage never counts towards
+//! the next. A peer is
 //! healthy only while each of its policy watches works, not merely within
 //! its grace. When the API server comes back, the replica whose watch
 //! recovers first is healthy and the others go unready until theirs
@@ -79,9 +83,16 @@ pub enum Check {
 enum Peers {
     /// Not asked since the replica's policies were last current.
     NotAsked,
-    /// A peer answered as healthy at each of the last `checks` checks:
-    /// `peer` (its name and address) at the last.
-    Healthy { peer: String, checks: u32 },
+    /// A peer answered as healthy at each of the last `checks` checks of
+    /// this outage: `peer` (its name and address) at the last. `outage`
+    /// is [`WatchHealth::recoveries`] when they were made: once it moves,
+    /// the replica's watches have recovered since, and the checks belong
+    /// to an outage that is over.
+    Healthy {
+        peer: String,
+        checks: u32,
+        outage: u64,
+    },
     /// No peer answered as healthy: why not, one line a peer asked.
     NoneHealthy(Vec<String>),
 }
@@ -125,11 +136,15 @@ impl Readiness {
         let Some(reason) = self.watches.unready() else {
             return Check::Current;
         };
+        let outage_now = self.watches.recoveries();
         match &*self.last.lock().expect("not poisoned") {
-            Peers::Healthy { peer, checks } if *checks >= HEALTHY_CHECKS => Check::Unready(
+            Peers::Healthy { outage, .. } if *outage != outage_now => {
+                Check::ServingStale(stale(&reason, &[]))
+            }
+            Peers::Healthy { peer, checks, .. } if *checks >= HEALTHY_CHECKS => Check::Unready(
                 format!("{reason}; peer replica {peer} serves current policies"),
             ),
-            Peers::Healthy { peer, checks } => Check::ServingStale(format!(
+            Peers::Healthy { peer, checks, .. } => Check::ServingStale(format!(
                 "{reason}; peer replica {peer} answers as healthy, but this one goes unready \
                  only once {HEALTHY_CHECKS} checks in a row find a healthy peer ({checks} so \
                  far), so it stays ready and serves the policies it last saw"
@@ -174,25 +189,40 @@ impl Readiness {
     }
 
     /// Asks the peers for a healthy one when the replica's policy watch is
-    /// past its grace, counting the checks in a row that find one; forgets
-    /// their answers when its policies are current.
+    /// past its grace, and records their answer.
     async fn ask_peers(&self) {
+        // Read before asking: a recovery while the peers answer makes the
+        // answer one of the outage that ended.
+        let outage = self.watches.recoveries();
         let answer = match (self.watches.unready(), &self.peers) {
             (None, _) => None,
             (Some(_), None) => Some(PeersHealth::NoneHealthy(Vec::new())),
             (Some(_), Some(peers)) => Some(peers.peers_health().await),
         };
+        self.record(answer, outage);
+    }
+
+    /// Records the peers' `answer` (`None`: not asked, the replica's
+    /// policies being current) to a check made during `outage` (see
+    /// [`WatchHealth::recoveries`]), counting the checks in a row of that
+    /// outage that found a healthy peer.
+    fn record(&self, answer: Option<PeersHealth>, outage: u64) {
         let mut last = self.last.lock().expect("not poisoned");
         *last = match answer {
             None => Peers::NotAsked,
             Some(PeersHealth::Healthy(peer)) => {
                 let before = match &*last {
-                    Peers::Healthy { checks, .. } => *checks,
-                    Peers::NotAsked | Peers::NoneHealthy(_) => 0,
+                    Peers::Healthy {
+                        checks,
+                        outage: counted_in,
+                        ..
+                    } if *counted_in == outage => *checks,
+                    Peers::Healthy { .. } | Peers::NotAsked | Peers::NoneHealthy(_) => 0,
                 };
                 Peers::Healthy {
                     peer,
                     checks: before.saturating_add(1),
+                    outage,
                 }
             }
             Some(PeersHealth::NoneHealthy(why_not)) => Peers::NoneHealthy(why_not),
@@ -213,4 +243,95 @@ fn stale(reason: &str, why_not: &[String]) -> String {
         why.push_str(peer);
     }
     why
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::store::kubernetes::cache::Kind;
+
+    const GRACE: Duration = Duration::from_millis(1);
+
+    /// When a watch that fails now failed first: long enough ago to be
+    /// past [`GRACE`].
+    fn past_the_grace() -> Instant {
+        Instant::now() - Duration::from_secs(1)
+    }
+
+    fn healthy_peer() -> Option<PeersHealth> {
+        Some(PeersHealth::Healthy("cp-b at 10.0.0.2:8443".into()))
+    }
+
+    /// The replica's own watch recovers and fails again between two
+    /// checks: the check before the recovery belongs to the outage that
+    /// ended, and the replica goes unready only after two checks of the
+    /// new one find a healthy peer, whether it was unready already or not.
+    #[test]
+    fn a_recovery_between_two_checks_starts_the_count_again() {
+        let watches = Arc::new(WatchHealth::new(GRACE));
+        let readiness = Readiness::new(watches.clone(), None);
+        let check = || {
+            readiness.record(healthy_peer(), watches.recoveries());
+            readiness.check()
+        };
+        let flap = || {
+            watches.succeeded(Kind::AuthorizationPolicy);
+            watches.failed(Kind::AuthorizationPolicy, past_the_grace());
+        };
+
+        watches.failed(Kind::AuthorizationPolicy, past_the_grace());
+        let first = check();
+        assert!(
+            matches!(&first, Check::ServingStale(why) if why.contains("(1 so far)")),
+            "{first:?}"
+        );
+        flap();
+        let after_flap = readiness.check();
+        assert!(
+            matches!(&after_flap, Check::ServingStale(why) if why.contains("no peer replica answers")),
+            "{after_flap:?}"
+        );
+        let second = check();
+        assert!(
+            matches!(&second, Check::ServingStale(why) if why.contains("(1 so far)")),
+            "a check before the recovery counted: {second:?}"
+        );
+        let third = check();
+        assert!(
+            matches!(&third, Check::Unready(why) if why.contains("peer replica cp-b")),
+            "{third:?}"
+        );
+
+        // Unready, then a recovery and a new failure between two checks:
+        // ready again at once, and until two checks of the new outage.
+        flap();
+        let after_flap = readiness.check();
+        assert!(
+            matches!(after_flap, Check::ServingStale(_)),
+            "still unready from the outage that ended: {after_flap:?}"
+        );
+        let next = check();
+        assert!(matches!(next, Check::ServingStale(_)), "{next:?}");
+        assert!(matches!(check(), Check::Unready(_)));
+    }
+
+    /// A policy watch that recovers while another is still failing past
+    /// its grace does not end the outage: the count goes on.
+    #[test]
+    fn a_recovery_of_one_policy_kind_while_another_fails_keeps_the_count() {
+        let watches = Arc::new(WatchHealth::new(GRACE));
+        let readiness = Readiness::new(watches.clone(), None);
+        watches.failed(Kind::AuthorizationPolicy, past_the_grace());
+        watches.failed(Kind::RateLimitPolicy, past_the_grace());
+        readiness.record(healthy_peer(), watches.recoveries());
+        watches.succeeded(Kind::AuthorizationPolicy);
+        readiness.record(healthy_peer(), watches.recoveries());
+        let check = readiness.check();
+        assert!(
+            matches!(&check, Check::Unready(why) if why.contains("RateLimitPolicy")),
+            "{check:?}"
+        );
+    }
 }

@@ -34,6 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -100,30 +101,48 @@ impl Shared {
 pub struct WatchHealth {
     failing_since: Mutex<BTreeMap<Kind, Option<Instant>>>,
     unready_after: Duration,
+    /// How many times [`unready`](Self::unready) has had its reason
+    /// taken away by a recovery; changed under `failing_since`'s lock.
+    recoveries: AtomicU64,
 }
 
 impl WatchHealth {
-    fn new(unready_after: Duration) -> Self {
+    pub(crate) fn new(unready_after: Duration) -> Self {
         Self {
             failing_since: Mutex::new(Kind::ALL.into_iter().map(|k| (k, None)).collect()),
             unready_after,
+            recoveries: AtomicU64::new(0),
         }
     }
 
-    /// The watch of `kind` failed; it has been failing since its first
-    /// error after its last success.
-    fn failed(&self, kind: Kind) {
+    /// The watch of `kind` failed at `at`; it has been failing since its
+    /// first error after its last success.
+    pub(crate) fn failed(&self, kind: Kind, at: Instant) {
         let mut failing = self.failing_since.lock().expect("not poisoned");
-        failing
-            .entry(kind)
-            .or_default()
-            .get_or_insert_with(Instant::now);
+        failing.entry(kind).or_default().get_or_insert(at);
     }
 
-    /// The watch of `kind` delivered an event or a complete list.
-    fn succeeded(&self, kind: Kind) {
+    /// The watch of `kind` delivered an event or a complete list. A
+    /// policy kind's recovery that leaves none failing past its grace ends
+    /// the outage [`unready`](Self::unready) spoke of: counted in
+    /// [`recoveries`](Self::recoveries).
+    pub(crate) fn succeeded(&self, kind: Kind) {
         let mut failing = self.failing_since.lock().expect("not poisoned");
-        failing.insert(kind, None);
+        let was_failing = failing.insert(kind, None).flatten().is_some();
+        let still_stale = failing.iter().any(|(kind, since)| {
+            kind.is_policy() && since.is_some_and(|at| at.elapsed() > self.unready_after)
+        });
+        if kind.is_policy() && was_failing && !still_stale {
+            self.recoveries.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// How many times a policy kind's watch has recovered leaving none
+    /// failing past its grace: a number that changes whenever an outage
+    /// [`unready`](Self::unready) spoke of ends, even one that ended and
+    /// began again between two looks at it.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::Acquire)
     }
 
     /// Every watched kind and how long its watch has been failing (`None`:
@@ -279,7 +298,7 @@ pub async fn reflect<K>(
                         let _ = first.send(Err(e));
                         return;
                     }
-                    shared.health.failed(kind);
+                    shared.health.failed(kind, Instant::now());
                     tracing::warn!(kind = kind.as_str(), error = %e, retry_in = ?backoff, "watch failed; serving what was last seen");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
