@@ -1,11 +1,14 @@
 //! Graceful shutdown in two steps. When it starts, the listeners that
-//! stop first (inbound, admin) close, so callers go to another replica,
-//! and every open connection is told; the outbound listeners
-//! ([`Drain::until_exit`]) keep accepting, so an app that is shutting down
-//! beside the sidecar can still make its last calls. The drain ends once
-//! no connection has been open for a quiet period, or at a deadline; then
-//! the outbound listeners close too. Every open connection holds a
-//! [`Tracker`], which is how the drain counts them.
+//! stop first (inbound) close, so callers go to another replica, and every
+//! open connection is told; the outbound listeners ([`Drain::until_exit`])
+//! keep accepting, so an app that is shutting down beside the sidecar can
+//! still make its last calls. The drain ends once no connection has been
+//! open for a quiet period, or at a deadline; then the outbound listeners
+//! close too. Every open connection holds a [`Tracker`], which is how the
+//! drain counts them. The admin port ([`Drain::until_exit_uncounted`])
+//! also serves until the drain ends, its connections not counted, so that
+//! probes and scrapes neither fail nor hold the drain open, and its
+//! `/ready` says where the drain is ([`Status`]).
 //!
 //! This module never closes a connection itself: when the deadline passes the
 //! process exits and the sockets close with it.
@@ -13,8 +16,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -32,8 +36,8 @@ const LIMIT_WARNING_PAUSE: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     Serving,
-    /// Shutdown has started: inbound and admin listeners close, open
-    /// connections are told.
+    /// Shutdown has started: inbound listeners close, open connections
+    /// are told.
     Draining,
     /// The drain is over: every listener closes.
     Exiting,
@@ -52,6 +56,9 @@ struct Open {
     /// Whether the drain has started: until then nothing waits on
     /// `changed`, so an accept takes no lock to wake it.
     draining: AtomicBool,
+    /// When the drain started, by the wall clock (for people) and the
+    /// monotonic one (for how long ago).
+    started: OnceLock<(SystemTime, Instant)>,
 }
 
 impl Open {
@@ -71,13 +78,16 @@ pub struct Drain {
     /// When this listener stops accepting.
     stops_at: Phase,
     open: Arc<Open>,
+    /// Whether the drain waits for this listener's connections.
+    counted: bool,
 }
 
 /// Held by one open connection until it ends; tells it when shutdown has
 /// started, so a connection that can end cleanly early (an HTTP one,
 /// between requests) does.
 pub struct Tracker {
-    open: Arc<Open>,
+    /// `None` for a connection the drain does not wait for.
+    open: Option<Arc<Open>>,
     phase: watch::Receiver<Phase>,
 }
 
@@ -92,7 +102,9 @@ impl Tracker {
 
 impl Clone for Tracker {
     fn clone(&self) -> Self {
-        self.open.now.fetch_add(1, Ordering::AcqRel);
+        if let Some(open) = &self.open {
+            open.now.fetch_add(1, Ordering::AcqRel);
+        }
         Tracker {
             open: self.open.clone(),
             phase: self.phase.clone(),
@@ -102,9 +114,40 @@ impl Clone for Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if self.open.now.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.open.changed();
+        if let Some(open) = &self.open
+            && open.now.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            open.changed();
         }
+    }
+}
+
+/// Reads where the drain is, for the admin port's `/ready`.
+#[derive(Clone)]
+pub struct Status {
+    open: Arc<Open>,
+}
+
+/// A drain under way, as [`Status::draining`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Draining {
+    /// When it started, by the wall clock.
+    pub since: SystemTime,
+    /// How long ago it started.
+    pub elapsed: Duration,
+    /// The connections it waits for that are open now.
+    pub open: usize,
+}
+
+impl Status {
+    /// The drain under way, or `None` before it starts.
+    pub fn draining(&self) -> Option<Draining> {
+        let (since, started) = *self.open.started.get()?;
+        Some(Draining {
+            since,
+            elapsed: started.elapsed(),
+            open: self.open.now.load(Ordering::Acquire),
+        })
     }
 }
 
@@ -127,6 +170,7 @@ pub fn channel() -> (Shutdown, Drain) {
             phase: phase_rx,
             stops_at: Phase::Draining,
             open,
+            counted: true,
         },
     )
 }
@@ -142,6 +186,26 @@ impl Drain {
         }
     }
 
+    /// A `Drain` for a listener that, as [`until_exit`](Self::until_exit),
+    /// keeps accepting until the drain ends, and whose connections the
+    /// drain neither waits for nor counts as activity: the admin port, so
+    /// the kubelet's probes and Prometheus's scrapes are answered through
+    /// the drain without keeping it from ending.
+    pub fn until_exit_uncounted(&self) -> Drain {
+        Drain {
+            stops_at: Phase::Exiting,
+            counted: false,
+            ..self.clone()
+        }
+    }
+
+    /// Reads where the drain is.
+    pub fn status(&self) -> Status {
+        Status {
+            open: self.open.clone(),
+        }
+    }
+
     /// Resolves once this listener is to stop: when shutdown starts, or
     /// for one made by [`until_exit`](Self::until_exit), when it ends.
     pub async fn signaled(&mut self) {
@@ -151,13 +215,20 @@ impl Drain {
     }
 
     /// The tracker of a connection just accepted; the drain counts it
-    /// open until it and its clones are dropped.
+    /// open until it and its clones are dropped (unless this `Drain` was
+    /// made by [`until_exit_uncounted`](Self::until_exit_uncounted)).
     pub fn tracker(&self) -> Tracker {
+        if !self.counted {
+            return Tracker {
+                open: None,
+                phase: self.phase.clone(),
+            };
+        }
         self.open.opened.fetch_add(1, Ordering::AcqRel);
         self.open.now.fetch_add(1, Ordering::SeqCst);
         self.open.changed();
         Tracker {
-            open: self.open.clone(),
+            open: Some(self.open.clone()),
             phase: self.phase.clone(),
         }
     }
@@ -254,6 +325,7 @@ impl Shutdown {
     /// open connection is told. Those made by [`Drain::until_exit`] keep
     /// accepting until [`exit`](Self::exit).
     pub fn start(&self) {
+        let _ = self.open.started.set((SystemTime::now(), Instant::now()));
         // Set before anything waits on `changed` (`quiet` comes after).
         self.open.draining.store(true, Ordering::SeqCst);
         self.phase.send_replace(Phase::Draining);
@@ -339,8 +411,8 @@ mod tests {
         assert!(!shutdown.drain(Duration::from_millis(10)).await);
     }
 
-    /// Inbound and admin listeners stop when the drain starts, outbound
-    /// ones only when it ends.
+    /// Inbound listeners stop when the drain starts, outbound ones only
+    /// when it ends.
     #[tokio::test]
     async fn outbound_listeners_accept_until_the_drain_ends() {
         let (shutdown, inbound) = channel();
@@ -376,5 +448,44 @@ mod tests {
         shutdown.quiet(quiet).await;
         assert_eq!(started.elapsed(), Duration::from_millis(700) + quiet);
         call.await.unwrap();
+    }
+
+    /// The admin port's connections neither hold the drain open nor
+    /// start its quiet period again; it accepts until the drain ends, and
+    /// its status says since when the drain runs and what it waits for.
+    #[tokio::test(start_paused = true)]
+    async fn uncounted_connections_do_not_hold_the_drain() {
+        let quiet = Duration::from_secs(1);
+        let (shutdown, drain) = channel();
+        let mut admin = drain.until_exit_uncounted();
+        let status = admin.status();
+        assert_eq!(status.draining(), None);
+        let call = drain.tracker();
+        shutdown.start();
+        let draining = status.draining().expect("the drain started");
+        assert_eq!(draining.open, 1);
+        assert!(draining.since <= SystemTime::now());
+
+        let started = tokio::time::Instant::now();
+        let probes = tokio::spawn({
+            let admin = admin.clone();
+            async move {
+                // Held across the drain's end, and one accepted meanwhile.
+                let held = admin.tracker();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                drop(admin.tracker());
+                held
+            }
+        });
+        drop(call);
+        shutdown.quiet(quiet).await;
+        assert_eq!(started.elapsed(), quiet, "an admin connection counted");
+        assert_eq!(status.draining().map(|d| d.open), Some(0));
+        let admin_listener = tokio::spawn(async move { admin.signaled().await });
+        tokio::task::yield_now().await;
+        assert!(!admin_listener.is_finished(), "admin stopped with inbound");
+        shutdown.exit();
+        admin_listener.await.unwrap();
+        drop(probes.await.unwrap());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -98,6 +99,8 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     renewals: Family<Labels1, Counter>,
     pub snapshot_version: Gauge<u64, AtomicU64>,
+    /// `trellis_drain_start_timestamp_seconds`: 0 until the drain starts.
+    drain_start: Gauge,
     decisions: Family<DecisionLabels, Counter>,
     /// Denials before the first snapshot, under the mesh default `deny`.
     denied_without_snapshot: Counter,
@@ -198,6 +201,12 @@ impl Metrics {
             "trellis_snapshot_version",
             "Version of the discovery snapshot in force",
             snapshot_version.clone(),
+        );
+        let drain_start = Gauge::default();
+        registry.register(
+            "trellis_drain_start_timestamp_seconds",
+            "When the drain after SIGTERM started, seconds since the Unix epoch; 0 while serving",
+            drain_start.clone(),
         );
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -337,6 +346,7 @@ impl Metrics {
             certificate_expiry,
             renewals,
             snapshot_version,
+            drain_start,
             decisions,
             denied_without_snapshot,
         }
@@ -486,6 +496,15 @@ impl Metrics {
     /// Counts a connection denied because no snapshot has arrived yet.
     pub fn denied_without_snapshot(&self) {
         self.denied_without_snapshot.inc();
+    }
+
+    /// Records that the drain started now.
+    pub fn drain_started(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.drain_start
+            .set(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
     }
 
     pub fn renewal(&self, outcome: &'static str) {

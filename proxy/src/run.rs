@@ -172,10 +172,10 @@ impl Sidecar {
         self.metrics.clone()
     }
 
-    /// Serves until `stop` resolves, then drains: the inbound and admin
-    /// listeners close, the outbound ones keep accepting until no
-    /// connection has been open for `--drain-idle`, or `--drain-timeout`
-    /// passes.
+    /// Serves until `stop` resolves, then drains: the inbound listeners
+    /// close, the outbound ones keep accepting until no connection has
+    /// been open for `--drain-idle`, or `--drain-timeout` passes; the
+    /// admin port serves until then too, `/ready` answering 503.
     pub async fn run(self, stop: impl Future<Output = &'static str>) {
         serve(self, stop).await
     }
@@ -240,6 +240,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             bundle: bundle_rx,
             snapshot: snapshot_rx.clone(),
             metrics: metrics.clone(),
+            drain: drain.status(),
         },
         drain.clone(),
     )
@@ -385,18 +386,20 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
     }
     drop(drain);
 
-    // Inbound and admin close at once, so callers go elsewhere; outbound
-    // keeps accepting while the drain lasts, for an app that makes calls
-    // as it shuts down beside the sidecar (outside Kubernetes, where both
-    // are stopped together).
+    // Inbound closes at once, so callers go elsewhere; outbound keeps
+    // accepting while the drain lasts, for an app that makes calls as it
+    // shuts down beside the sidecar (outside Kubernetes, where both are
+    // stopped together); admin keeps answering the kubelet's probes
+    // (`/ready` 503, `/live` 200) and scrapes until the process exits.
     let signal = stop.await;
     tracing::info!(
         signal,
         drain_timeout = ?config.drain_timeout,
         drain_idle = ?config.drain_idle,
         open = shutdown.open(),
-        "shutting down: inbound and admin stop accepting; outbound accepts until no connection has been open for drain_idle"
+        "shutting down: inbound stops accepting and /ready answers 503; outbound and admin accept until no connection has been open for drain_idle"
     );
+    metrics.drain_started();
     shutdown.start();
     let quiet = shutdown.quiet(config.drain_idle);
     if tokio::time::timeout(config.drain_timeout, quiet)

@@ -6,6 +6,14 @@
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
 //!
+//! It serves until the process exits, through the drain that follows
+//! SIGTERM: `/ready` then answers 503 saying since when the sidecar drains
+//! and what it waits for, `/live` stays 200 (a draining sidecar must not
+//! be restarted), and every other endpoint answers as before. Its
+//! connections do not count towards the drain: a probe or a scrape never
+//! holds it open. It has no endpoint that changes anything, so there is
+//! nothing to refuse while draining.
+//!
 //! A connection closed as it is accepted, past the port's connection
 //! limits, is counted by the limit that refused it
 //! (`trellis_admin_connections_refused_total`) and logged as a warning
@@ -35,7 +43,7 @@ use trellis_core::warn_throttled;
 pub mod probes;
 
 use crate::config::Config;
-use crate::drain::Drain;
+use crate::drain::{self, Drain};
 use crate::identity::{Svid, TrustBundle};
 use crate::inbound::REFUSAL_LOG_PAUSE;
 use crate::metrics::Metrics;
@@ -48,6 +56,8 @@ pub struct State {
     pub bundle: watch::Receiver<TrustBundle>,
     pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
     pub metrics: Arc<Metrics>,
+    /// Where the drain is: `/ready` answers 503 once it has started.
+    pub drain: drain::Status,
 }
 
 /// How long a client of the admin port has to send a request's head,
@@ -86,11 +96,13 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Binds `addr`. The port serves until the drain of `drain` ends, its
+    /// connections not counted in it.
     pub async fn new(addr: SocketAddr, state: State, drain: Drain) -> io::Result<Self> {
         Ok(Admin {
             listener: crate::net::bind(addr)?,
             state: Arc::new(state),
-            drain,
+            drain: drain.until_exit_uncounted(),
         })
     }
 
@@ -170,9 +182,13 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" => match not_ready(state, SystemTime::now()) {
-            None => text(StatusCode::OK, "ready\n"),
-            Some(reason) => text(
+        "/ready" => match (state.drain.draining(), not_ready(state, SystemTime::now())) {
+            (Some(draining), _) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", draining_reason(&draining, &state.config)),
+            ),
+            (None, None) => text(StatusCode::OK, "ready\n"),
+            (None, Some(reason)) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),
             ),
@@ -220,6 +236,20 @@ async fn app_health(
             text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
         }
     }
+}
+
+/// What `/ready` says of a drain under way: since when, and what it waits
+/// for before the process exits.
+fn draining_reason(draining: &drain::Draining, config: &Config) -> String {
+    format!(
+        "draining since {} ({} s ago): inbound refuses new connections; the sidecar exits \
+         once no connection has been open for {} ({} open now), or {} after the drain started",
+        humantime::format_rfc3339_seconds(draining.since),
+        draining.elapsed.as_secs(),
+        humantime::format_duration(config.drain_idle),
+        draining.open,
+        humantime::format_duration(config.drain_timeout),
+    )
 }
 
 /// Why the sidecar is not ready, or `None` when it is.

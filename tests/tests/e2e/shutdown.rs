@@ -1,7 +1,8 @@
 //! What a sidecar does on SIGTERM outside Kubernetes, where the app beside
 //! it is told to stop at the same moment: the inbound port closes at once,
 //! while the outbound listeners keep carrying the app's last calls until
-//! no connection has been open for `--drain-idle`.
+//! no connection has been open for `--drain-idle`, and the admin port keeps
+//! answering probes and scrapes until then, `/ready` saying it drains.
 
 use rustix::process::Signal;
 use trellis_tests::http::{self, HttpConnection};
@@ -95,6 +96,61 @@ async fn after_sigterm_outbound_keeps_working_until_the_connections_are_done() -
     let log = exited(&mut pair.client).await?;
     assert!(log.contains("drained: no connection open"), "{log}");
     assert!(!log.contains("drain timeout reached"), "{log}");
+    Ok(())
+}
+
+/// Through the drain, web's admin port keeps answering until the process
+/// exits: `/ready` 503 saying the sidecar drains, since when and what for
+/// (the app's connection still open), `/live` 200 (a draining sidecar must
+/// not be restarted), `/metrics` with when the drain started. Neither the
+/// probes nor the scrapes hold the drain open: once the app's connection
+/// closes, web exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_the_admin_port_answers_until_the_process_exits() -> anyhow::Result<()> {
+    let mut pair = pair().await?;
+    let admin = pair.client.admin();
+    let drain_start = |metrics: &trellis_tests::Metrics| {
+        metrics.get("trellis_drain_start_timestamp_seconds", &[])
+    };
+    assert_eq!(drain_start(&admin.metrics().await?), Some(0.0));
+    let mut held = HttpConnection::open(pair.route()).await?;
+    held.get("/before").await?.success()?;
+
+    pair.client.process().signal(Signal::TERM)?;
+    pair.client
+        .wait_for_log("listener stopped accepting listener=\"inbound\"", SOON)
+        .await?;
+    let ready = http::get(admin.addr(), "/ready")
+        .await
+        .map_err(|e| e.context("/ready of a draining sidecar"))?;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready.body.starts_with("not ready: draining since "),
+        "{}",
+        ready.body
+    );
+    assert!(ready.body.contains("(1 open now)"), "{}", ready.body);
+    let live = http::get(admin.addr(), "/live").await?;
+    assert_eq!(
+        live.status, 200,
+        "/live of a draining sidecar: {}",
+        live.body
+    );
+    let metrics = admin
+        .metrics()
+        .await
+        .map_err(|e| e.context("/metrics of a draining sidecar"))?;
+    assert!(
+        drain_start(&metrics).is_some_and(|at| at > 0.0),
+        "trellis_drain_start_timestamp_seconds: {:?}",
+        drain_start(&metrics)
+    );
+    admin.config().await?;
+    pair.client.process().ensure_running()?;
+
+    drop(held);
+    let log = exited(&mut pair.client).await?;
+    assert!(log.contains("drained: no connection open"), "{log}");
     Ok(())
 }
 
