@@ -467,6 +467,10 @@ fn proxy_container(
             "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
             "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 120,
         },
+        // The admin port answers until the sidecar exits: while it
+        // drains after SIGTERM, /ready is 503 (saying why) and /live 200,
+        // so a draining sidecar is neither probed "connection refused"
+        // nor restarted.
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": admin, "scheme": "HTTP"},
             "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3,
