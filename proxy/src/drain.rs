@@ -478,7 +478,11 @@ mod tests {
             }
         });
         drop(call);
-        shutdown.quiet(quiet).await;
+        // On the paused clock: fails at once, rather than hangs, when an
+        // admin connection holds the drain open.
+        tokio::time::timeout(10 * quiet, shutdown.quiet(quiet))
+            .await
+            .expect("an admin connection held the drain open");
         assert_eq!(started.elapsed(), quiet, "an admin connection counted");
         assert_eq!(status.draining().map(|d| d.open), Some(0));
         let admin_listener = tokio::spawn(async move { admin.signaled().await });
