@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{ClientConfig, HandshakeKind, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -50,6 +50,7 @@ use trellis_core::warn_throttled;
 
 use crate::api::PeerInfo;
 use crate::ca::{CertificateAuthority, ExtraSans};
+use crate::discovery::PresentedCert;
 use crate::metrics::Metrics;
 
 /// The longest a client may take to finish the TLS handshake, from when
@@ -305,6 +306,27 @@ fn issued_at(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Opt
     Some(not_before.saturating_add(crate::ca::BACKDATE.as_secs() as i64))
 }
 
+/// Whether a handshake presented the client's certificate anew: a
+/// resumed session carries the one presented when it began.
+fn full_handshake(kind: Option<HandshakeKind>) -> bool {
+    matches!(
+        kind,
+        Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest)
+    )
+}
+
+/// The leaf of `peer_certs`, as [`PeerInfo::presented`] records it.
+fn presented(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<PresentedCert> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(peer_certs?.first()?.as_ref()).ok()?;
+    let validity = leaf.validity();
+    Some(PresentedCert {
+        serial: hex::encode(leaf.raw_serial()),
+        not_before_unix: validity.not_before.timestamp(),
+        not_after_unix: validity.not_after.timestamp(),
+        presented_at_unix: crate::unix_now(),
+    })
+}
+
 /// A TLS connection with who is on the other end.
 pub struct TlsConn {
     stream: GatheredWrites<tokio_rustls::server::TlsStream<TcpStream>>,
@@ -531,10 +553,15 @@ impl GrpcListener {
                             let cert_issued_at_unix = spiffe_id
                                 .as_ref()
                                 .and_then(|_| issued_at(session.peer_certificates()));
+                            let presented = spiffe_id
+                                .as_ref()
+                                .filter(|_| full_handshake(session.handshake_kind()))
+                                .and_then(|_| presented(session.peer_certificates()));
                             let peer = PeerInfo {
                                 remote,
                                 spiffe_id,
                                 cert_issued_at_unix,
+                                presented,
                             };
                             let _ = tx
                                 .send(Ok(TlsConn {

@@ -31,7 +31,7 @@ use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
-use super::{Mesh, quoted_chars, quoted_up_to, require_svid};
+use super::{Mesh, peer_of, quoted_chars, quoted_up_to, require_svid};
 use crate::discovery::{
     COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, SnapshotVersion,
     StreamGuard, View,
@@ -63,6 +63,7 @@ impl DiscoveryService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
         let id = require_svid(&request, "Discovery.Watch")?;
+        let presented = peer_of(&request).and_then(|p| p.presented.clone());
         let mut inbound = request.into_inner();
         let subscribe = match inbound.message().await? {
             Some(WatchRequest {
@@ -94,7 +95,7 @@ impl DiscoveryService {
             // Open until the closing line is written: a stopping replica
             // stops listening once every stream is closed, so the lines
             // of its streams come before the line that says so.
-            let open = mesh.discovery.open_stream(&id);
+            let open = mesh.discovery.open_stream(&id, presented);
             let reason = serve_stream(&mesh, &open, &id, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");

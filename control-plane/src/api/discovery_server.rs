@@ -251,6 +251,7 @@ mod tests {
                 trellis_core::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap(),
             ),
             cert_issued_at_unix: None,
+            presented: None,
         });
         let response = server.call(request).await.unwrap();
         let status = Status::from_header_map(response.headers()).expect("a status");

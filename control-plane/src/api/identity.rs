@@ -697,6 +697,7 @@ mod tests {
             remote: "10.0.0.1:40000".parse().unwrap(),
             spiffe_id: Some(web.clone()),
             cert_issued_at_unix: None,
+            presented: None,
         });
         let mut certify = Box::pin(service.certify(request));
         assert!(
@@ -928,6 +929,7 @@ mod tests {
             remote: remote.parse().unwrap(),
             spiffe_id: renewal.then(|| SpiffeId::parse(WEB).unwrap()),
             cert_issued_at_unix: None,
+            presented: None,
         });
         let answer = service.certify(request).await.expect("a certificate");
         answer

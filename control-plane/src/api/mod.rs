@@ -20,7 +20,7 @@ use tonic::{Request, Status};
 use trellis_core::{SpiffeId, TrustDomain};
 
 use crate::ca::CertificateAuthority;
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, PresentedCert};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -34,6 +34,9 @@ pub struct PeerInfo {
     /// plane's CA signs: its notBefore, backdated by [`crate::ca::BACKDATE`],
     /// moved forward again. `None` without one.
     pub cert_issued_at_unix: Option<i64>,
+    /// That certificate, when it was presented in a full handshake (not
+    /// for a resumed session); `None` without one.
+    pub presented: Option<PresentedCert>,
 }
 
 /// Everything the services work with.

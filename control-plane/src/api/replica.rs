@@ -36,13 +36,13 @@ use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
     HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
-    ListStreamsRequest, ListStreamsResponse, ReplicaHealth, ReplicaStatus, SnapshotSync,
-    StreamStatus,
+    ListStreamsRequest, ListStreamsResponse, OpenStream, ReplicaHealth, ReplicaStatus,
+    SnapshotSync, StreamStatus,
 };
 
 use super::Mesh;
 use super::admin::{issued_certificate, issued_here, issued_limit};
-use crate::discovery::{SyncState, Write};
+use crate::discovery::{SidecarStatus, SyncState, Write};
 use crate::store::Position;
 use crate::store::kubernetes::WatchHealth;
 
@@ -117,7 +117,11 @@ impl Replicas {
             .into_iter()
             .map(|(id, streams)| {
                 let mut joined = Joined::default();
+                let mut open = Vec::new();
                 for status in streams {
+                    if status.connected() {
+                        open.push(open_stream(&status));
+                    }
                     let stream = StreamStatus {
                         spiffe_id: String::new(),
                         streams: status.streams,
@@ -129,6 +133,7 @@ impl Replicas {
                         reached: status.connected() && reached(status.synced_version),
                         last_nack: status.last_nack,
                         ack_warnings: status.ack_warnings,
+                        open: Vec::new(),
                     };
                     join(&mut joined, &self.name, stream);
                 }
@@ -143,6 +148,7 @@ impl Replicas {
                     reached: joined.reached,
                     last_nack: joined.last_nack,
                     ack_warnings: joined.ack_warnings,
+                    open,
                 }
             })
             .collect();
@@ -449,6 +455,18 @@ fn host_name() -> String {
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "control-plane".to_owned())
+}
+
+/// An open stream as the API names it.
+fn open_stream(status: &SidecarStatus) -> OpenStream {
+    let presented = status.presented.as_ref();
+    OpenStream {
+        opened_at_unix: status.opened_at_unix,
+        cert_serial: presented.map(|c| c.serial.clone()).unwrap_or_default(),
+        cert_not_before_unix: presented.map_or(0, |c| c.not_before_unix),
+        cert_not_after_unix: presented.map_or(0, |c| c.not_after_unix),
+        cert_presented_at_unix: presented.map_or(0, |c| c.presented_at_unix),
+    }
 }
 
 /// A stream's [`SyncState`] as the API names it.
@@ -868,6 +886,7 @@ mod tests {
             reached: sync == SnapshotSync::Synced,
             last_nack: nack.into(),
             ack_warnings: Vec::new(),
+            open: Vec::new(),
         }
     }
 

@@ -82,6 +82,27 @@ pub struct SidecarStatus {
     pub ack_warnings: Vec<String>,
     /// Open Watch streams from this identity.
     pub streams: u32,
+    /// When the stream opened, Unix seconds.
+    pub opened_at_unix: i64,
+    /// The certificate its sidecar presented for the connection the stream
+    /// is on, when this replica saw it presented ([`PresentedCert`]).
+    pub presented: Option<PresentedCert>,
+}
+
+/// A certificate a client presented in a full TLS handshake. A resumed
+/// session presents none: its certificate is the one presented when the
+/// session began, maybe renewed since, and is not recorded as presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresentedCert {
+    /// Its serial number, lowercase hex.
+    pub serial: String,
+    /// notBefore, Unix seconds.
+    pub not_before_unix: i64,
+    /// notAfter, Unix seconds.
+    pub not_after_unix: i64,
+    /// When the handshake presented it, Unix seconds: the client held no
+    /// newer certificate then.
+    pub presented_at_unix: i64,
 }
 
 /// Whether a sidecar holds the snapshot the control plane serves now,
@@ -888,8 +909,14 @@ impl Discovery {
     }
 
     /// Marks a stream from `id` open until the returned guard is dropped;
-    /// the guard records what the sidecar at its end answers.
-    pub fn open_stream(self: &Arc<Self>, id: &SpiffeId) -> StreamGuard {
+    /// the guard records what the sidecar at its end answers. `presented`
+    /// is the certificate the sidecar presented for the stream's
+    /// connection, when it presented one in a full handshake.
+    pub fn open_stream(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+        presented: Option<PresentedCert>,
+    ) -> StreamGuard {
         let number = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -903,6 +930,8 @@ impl Discovery {
                 number,
                 SidecarStatus {
                     streams: 1,
+                    opened_at_unix: crate::unix_now(),
+                    presented,
                     ..SidecarStatus::default()
                 },
             );
