@@ -752,11 +752,16 @@ fn check(cp: &ControlPlane) -> (String, bool) {
 /// sidecars stream to cp-b. Once cp-b's certificates have expired, `check`
 /// on either replica fails api, naming when its newest certificate
 /// expired, and finds web fine. With cp-a gone, cp-b cannot tell whether
-/// cp-a renewed them: it says so, and fails neither.
+/// cp-a renewed them: it says so, and fails neither. cp-a comes back with
+/// an empty log, and web's sidecar reconnects to it, presenting the
+/// certificate cp-a renewed before it restarted: a newer one would be in a
+/// log, so both replicas know it for web's newest, and `check` finds web
+/// fine and nothing unknown (api's sidecar, its certificate expired, is
+/// gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_sees_a_renewal_whichever_replica_issued_it() {
     let fake = cluster().await;
-    let (a, b, port_a, _) = pair(&fake, &[], &["--cert-ttl", "10s"]).await;
+    let (a, b, port_a, port_b) = pair(&fake, &[], &["--cert-ttl", "10s"]).await;
     let web_first = certify(&b, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
     let web_renewed = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
     let api = certify(&b, API, API_TOKEN, "10.244.2.9:15006").await;
@@ -818,6 +823,36 @@ async fn check_sees_a_renewal_whichever_replica_issued_it() {
     ] {
         assert!(report.contains(&line), "no {line:?} in\n{report}");
     }
+
+    // cp-a restarts, its log empty: web's renewal is in no log any more.
+    drop((web_stream, api_stream));
+    let peers = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+    let a = replica(&fake.control_plane_flags(), "cp-a", port_a, &peers).await;
+    let mut web_stream = Watcher::open(&a, &web_renewed, "10.244.1.17:15006").await;
+    web_stream.next().await;
+    eventually_async("web streaming to cp-a only, api to none", || async {
+        let answer = b.list_workloads().await;
+        let (web, api) = (listed(&answer, WEB), listed(&answer, API));
+        (web.connected && web.replicas == ["cp-a"] && !api.connected).then_some(())
+    })
+    .await;
+    for cp in [&a, &b] {
+        let answer = cp.list_workloads().await;
+        let web = listed(&answer, WEB);
+        assert_eq!(web.cert_expires_at_unix, renewed, "{web:?}");
+        assert!(
+            web.cert_expiry_unknown.is_empty() && web.cert_renewal_unknown.is_empty(),
+            "{web:?}"
+        );
+        let (report, passed) = check(cp);
+        assert!(passed, "{report}");
+        assert!(
+            !report.contains(WEB)
+                && !report.contains("not known")
+                && report.contains("0 failures, 0 warnings\n"),
+            "{report}"
+        );
+    }
 }
 
 /// With the Kubernetes store, the issue time of each sidecar's newest
@@ -825,8 +860,9 @@ async fn check_sees_a_renewal_whichever_replica_issued_it() {
 /// expiry, and `check` names a sidecar that stopped renewing once three
 /// quarters of its certificate's life have passed, before it expires.
 /// cp-a issues certificates of a minute; cp-b, of an hour, starts after
-/// cp-a issued api's, so its log does not reach back to it: whether api
-/// renewed on cp-b before then is not known, until a lifetime of api's
+/// cp-a issued api's, so its log does not reach back to it, and api's
+/// stream opened before cp-b started, presenting that certificate: whether
+/// api renewed on cp-b before then is not known, until a lifetime of api's
 /// certificate has passed since cp-b started. Then any certificate cp-b
 /// may have issued it has expired too, and `check` on cp-b fails it,
 /// though cp-b's own certificates live an hour.
@@ -842,18 +878,19 @@ async fn check_names_a_sidecar_that_stopped_renewing() {
     let api = certify(&a, API, API_TOKEN, "10.244.2.9:15006").await;
     let api_issued = listed(&a.list_workloads().await, API).cert_issued_at_unix;
     assert_eq!(not_after(&api) - api_issued, 60);
-    // cp-b starts a second later at least: its log begins after that.
-    until(api_issued + 1).await;
+    let mut api_stream = Watcher::open(&a, &api, "10.244.2.9:15006").await;
+    api_stream.next().await;
+    let mut streams = vec![api_stream.answer_all()];
+    // cp-b starts a second later at least: its log begins after api's
+    // certificate was issued and presented.
+    until(unix(SystemTime::now()) + 1).await;
     let b_starts = SystemTime::now();
     let b = replica(&flags, "cp-b", port_b, &peers).await;
     let b_started = SystemTime::now();
     let web = certify(&a, WEB, WEB_TOKEN, "10.244.1.17:15006").await;
-    let mut streams = Vec::new();
-    for (svid, inbound) in [(&api, "10.244.2.9:15006"), (&web, "10.244.1.17:15006")] {
-        let mut stream = Watcher::open(&a, svid, inbound).await;
-        stream.next().await;
-        streams.push(stream.answer_all());
-    }
+    let mut web_stream = Watcher::open(&a, &web, "10.244.1.17:15006").await;
+    web_stream.next().await;
+    streams.push(web_stream.answer_all());
     let answer = b.list_workloads().await;
     let (web_issued, web_expires) = {
         let web = listed(&answer, WEB);

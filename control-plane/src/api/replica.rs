@@ -10,9 +10,10 @@
 //! issued-certificate logs the same way ([`Replicas::issued`]), as the
 //! Kubernetes store keeps one per replica. With that store, whose Pods carry
 //! no certificate, each peer's streams come with the newest certificate of
-//! each identity in its log and since when the log is complete, so that
-//! `ListWorkloads` can say each workload's newest certificate, or that it
-//! cannot ([`Fleet::certificate`]). A peer that does not answer within
+//! each identity in its log, since when the log is complete, and the
+//! certificate each open stream's sidecar presented when it connected, so
+//! that `ListWorkloads` can say each workload's newest certificate, or that
+//! it cannot ([`Fleet::certificate`]). A peer that does not answer within
 //! [`PEER_TIMEOUT`] is named in the answer with why; the sidecars streaming
 //! to it then show as not connected. Peers call each other with the control
 //! plane's own SVID, and only that identity may call `Replica`
@@ -582,6 +583,53 @@ pub struct Fleet {
     logs_since: i64,
     /// The replicas whose logs were not read, each as the reason names it.
     logs_unread: BTreeSet<String>,
+    /// The certificates each identity's open streams presented, over the
+    /// replicas that answered.
+    presented: HashMap<String, Presented>,
+}
+
+/// The certificates one identity's open streams presented.
+#[derive(Clone, Copy, Debug)]
+struct Presented {
+    /// Whether every open stream says what it presented: a replica that
+    /// predates `StreamStatus.open` does not, nor a stream on a resumed TLS
+    /// session.
+    all: bool,
+    /// When the earliest was presented, and whether in the second its
+    /// replica's log began: a certificate presented then came after every
+    /// certificate that log lost, but may have come before some a log that
+    /// began in the same second on another replica lost.
+    earliest: (i64, bool),
+    /// The newest: (issued at, notAfter).
+    newest: (i64, i64),
+}
+
+impl Presented {
+    fn new() -> Self {
+        Self {
+            all: true,
+            earliest: (i64::MAX, true),
+            newest: (0, 0),
+        }
+    }
+
+    /// The open streams of `stream`, on a replica whose log is complete
+    /// since `log_since`.
+    fn add(&mut self, stream: &StreamStatus, log_since: i64) {
+        self.all &= stream.open.len() == stream.streams as usize;
+        for open in &stream.open {
+            let at = open.cert_presented_at_unix;
+            self.all &= at != 0;
+            self.earliest = self.earliest.min((at, at == log_since));
+            if open.cert_not_after_unix > self.newest.1 {
+                // Signed then, as `PeerInfo::cert_issued_at_unix` says.
+                let issued_at = open
+                    .cert_not_before_unix
+                    .saturating_add(crate::ca::BACKDATE.as_secs() as i64);
+                self.newest = (issued_at, open.cert_not_after_unix);
+            }
+        }
+    }
 }
 
 /// What the replicas' issued-certificate logs tell of an identity's newest
@@ -688,6 +736,10 @@ impl Fleet {
         for stream in answer.sidecars {
             if stream.streams > 0 {
                 connected += 1;
+                self.presented
+                    .entry(stream.spiffe_id.clone())
+                    .or_insert_with(Presented::new)
+                    .add(&stream, answer.issued_log_since_unix);
             }
             let joined = self.joined.entry(stream.spiffe_id.clone()).or_default();
             join(joined, &answer.name, stream);
@@ -723,14 +775,32 @@ impl Fleet {
     /// more) takes its log with it: a sidecar that renewed with it last
     /// holds a certificate this does not see, until it renews again, at
     /// about half that certificate's life.
+    ///
+    /// The certificates the identity's open streams presented count too
+    /// when every one of them was presented after every log began (as
+    /// after a replica restarts, for the sidecars that connected since):
+    /// the newest presented was the newest its sidecar held then, and any
+    /// newer one was issued since, so is in a log.
     pub fn certificate(&self, spiffe_id: &str, now: i64, lifetime: i64) -> Certificate {
-        let newest = self.newest_issued.get(spiffe_id).copied();
         let since = self.logs_since;
+        let presented = self
+            .presented
+            .get(spiffe_id)
+            .filter(|p| p.all && p.earliest >= (since, true))
+            .map(|p| p.newest);
+        let newest = match (self.newest_issued.get(spiffe_id).copied(), presented) {
+            (Some(logged), Some(presented)) if presented.1 > logged.1 => Some(presented),
+            (None, presented) => presented,
+            (logged, _) => logged,
+        };
+        // Whether a log began after the newest certificate found was
+        // issued, and may have lost a newer one.
+        let lost_newer = |issued_at: i64| since > issued_at && presented.is_none();
         if let Some((issued_at, not_after)) = newest
             && not_after > now
         {
             let maybe_newer = self.unread().or_else(|| {
-                (since > issued_at).then(|| {
+                lost_newer(issued_at).then(|| {
                     format!(
                         "the replicas' issued-certificate logs are complete only since {}, \
                          after its newest certificate found was issued (a replica started \
@@ -759,7 +829,7 @@ impl Fleet {
         };
         let long_enough = since.saturating_add(lifetime) <= now;
         match newest {
-            Some((issued_at, not_after)) if since <= issued_at => Certificate::ExpiresAt {
+            Some((issued_at, not_after)) if !lost_newer(issued_at) => Certificate::ExpiresAt {
                 issued_at,
                 not_after,
                 maybe_newer: None,
@@ -1055,6 +1125,122 @@ mod tests {
                 written(NOW - 60)
             )),
             "{why}"
+        );
+    }
+
+    /// An open stream of `id` whose sidecar presented, at `presented_at`,
+    /// a certificate of an hour issued at `issued_at` (none presented
+    /// when `presented_at` is 0, as on a resumed TLS session).
+    fn presenting(id: &str, presented_at: i64, issued_at: i64) -> StreamStatus {
+        let backdate = crate::ca::BACKDATE.as_secs() as i64;
+        let mut stream = stream(1, 7, SnapshotSync::Synced, "");
+        stream.spiffe_id = id.into();
+        stream.open = vec![OpenStream {
+            opened_at_unix: presented_at,
+            cert_serial: "4f0e".into(),
+            cert_not_before_unix: issued_at - backdate,
+            cert_not_after_unix: issued_at + HOUR,
+            cert_presented_at_unix: presented_at,
+        }];
+        if presented_at == 0 {
+            stream.open[0] = OpenStream {
+                opened_at_unix: NOW - 50,
+                ..OpenStream::default()
+            };
+        }
+        stream
+    }
+
+    /// After a replica restarts, a sidecar whose stream was opened since
+    /// presented its newest certificate then: any newer one is in a log,
+    /// so that certificate is its newest, though the logs lost it. One
+    /// whose stream stayed open from before, on a replica that did not
+    /// restart, or that did not say what it presented (a replica that
+    /// predates it, a resumed TLS session), is as unknown as before.
+    #[test]
+    fn a_certificate_presented_since_the_logs_began_is_the_newest() {
+        let restarted = NOW - 60;
+        let with_streams = |name: &str, since: i64, streams: Vec<StreamStatus>| {
+            let mut answer = logged(name, since, &[]);
+            answer.as_mut().unwrap().sidecars = streams;
+            answer
+        };
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            with_streams(
+                "cp-a",
+                restarted,
+                // web reconnected to the restarted replica.
+                vec![presenting(WEB, NOW - 50, NOW - 40 * 60)],
+            ),
+        );
+        fleet.add(
+            "b".into(),
+            with_streams(
+                "cp-b",
+                NOW - 3 * HOUR,
+                vec![
+                    // api moved to cp-b since; db's stream stayed open.
+                    presenting(API, NOW - 30, NOW - 45 * 60),
+                    presenting(DB, NOW - HOUR, NOW - 80 * 60),
+                ],
+            ),
+        );
+        assert_eq!(
+            fleet.certificate(WEB, NOW, HOUR),
+            found(NOW - 40 * 60, None)
+        );
+        assert_eq!(
+            fleet.certificate(API, NOW, HOUR),
+            found(NOW - 45 * 60, None)
+        );
+        let Certificate::Unknown(why) = fleet.certificate(DB, NOW, HOUR) else {
+            panic!("db is known");
+        };
+        assert!(why.contains("complete only since"), "{why}");
+
+        // A presented certificate that expired is the newest too: its
+        // sidecar has not renewed.
+        let expired = NOW - HOUR - 60;
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "a".into(),
+            with_streams("cp-a", restarted, vec![presenting(WEB, NOW - 50, expired)]),
+        );
+        let cert = fleet.certificate(WEB, NOW, HOUR);
+        assert_eq!(cert, found(expired, None));
+
+        // A replica that predates `open`, and a resumed session, say
+        // nothing of what was presented; nor does a certificate presented
+        // in the second a peer's log began.
+        for (name, stream) in [
+            ("older", {
+                let mut older = presenting(WEB, NOW - 50, NOW - 40 * 60);
+                older.open.clear();
+                older
+            }),
+            ("resumed", presenting(WEB, 0, NOW - 40 * 60)),
+            ("same second", presenting(WEB, restarted, NOW - 40 * 60)),
+        ] {
+            let mut fleet = Fleet::default();
+            fleet.add("a".into(), with_streams("cp-a", restarted, Vec::new()));
+            fleet.add(
+                "b".into(),
+                with_streams("cp-b", NOW - 3 * HOUR, vec![stream]),
+            );
+            let cert = fleet.certificate(WEB, NOW, HOUR);
+            assert!(matches!(cert, Certificate::Unknown(_)), "{name}: {cert:?}");
+        }
+        // On the restarted replica itself, that second is after its log
+        // began.
+        let mut fleet = Fleet::default();
+        let stream = presenting(WEB, restarted, NOW - 40 * 60);
+        fleet.add("a".into(), with_streams("cp-a", restarted, vec![stream]));
+        fleet.add("b".into(), with_streams("cp-b", NOW - 3 * HOUR, Vec::new()));
+        assert_eq!(
+            fleet.certificate(WEB, NOW, HOUR),
+            found(NOW - 40 * 60, None)
         );
     }
 

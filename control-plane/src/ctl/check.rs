@@ -194,7 +194,8 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     // past its newest certificate's expiry has not managed to, nor has one
     // well past the renewal time ([`renewal_overdue`]). With the
     // Kubernetes store the newest is the newest in the replicas'
-    // issued-certificate logs; when they cannot tell, the answer says why,
+    // issued-certificate logs, or one its sidecar presented on connecting
+    // after they began; when they cannot tell, the answer says why,
     // and that is said, neither passed over as fine nor failed. A control
     // plane older than that says `i64::MAX` for a Pod (0 before that), and
     // one older than issue times says none (0).
