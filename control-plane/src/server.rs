@@ -495,10 +495,12 @@ impl GrpcListener {
                     }
                     // Plaintext (curl http://, grpcurl -plaintext) is told
                     // in its own protocol that this port speaks TLS.
-                    let Some(tcp) =
-                        refuse_plaintext(tcp, PLAINTEXT_ANSWER, HANDSHAKE_TIMEOUT).await
-                    else {
+                    let found = || {
                         refusals.refuse(remote, "not_tls", None, "TLS handshake failed: the client sent plaintext; answered that this port speaks TLS");
+                    };
+                    let Some(tcp) =
+                        refuse_plaintext(tcp, PLAINTEXT_ANSWER, HANDSHAKE_TIMEOUT, found).await
+                    else {
                         return;
                     };
                     // Tokio's semaphore is fair: turns come in arrival order.

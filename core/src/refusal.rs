@@ -70,17 +70,28 @@ async fn peek_plaintext(tcp: &TcpStream, patience: Duration) -> Option<Version> 
 /// request in its own protocol ([`answer`]): `400 Bad Request` with
 /// `message` as the body, or for a gRPC call `UNAVAILABLE` with `message`.
 /// Gives the connection back, untouched, when it is not plaintext HTTP (or
-/// sent nothing in time); `None` when it was answered.
+/// sent nothing in time); `None` when it was answered. `found` is called
+/// once plaintext is seen, before the answer: a refusal counted and logged
+/// there is on record by the time the client reads its answer (the answer
+/// then lingers, [`answer`]).
 pub async fn refuse_plaintext(
     mut tcp: TcpStream,
     message: &str,
     patience: Duration,
+    found: impl FnOnce(),
 ) -> Option<TcpStream> {
-    if refuse_plaintext_briefly(&mut tcp, message, patience).await {
-        None
-    } else {
-        Some(tcp)
-    }
+    let Some(version) = peek_plaintext(&tcp, patience).await else {
+        return Some(tcp);
+    };
+    found();
+    let refusal = Refusal {
+        status: StatusCode::BAD_REQUEST,
+        grpc_code: GRPC_UNAVAILABLE,
+        message,
+    };
+    // Boxed: a caller's future keeps room only for the pointer.
+    Box::pin(answer(&mut tcp, version, &refusal, patience)).await;
+    None
 }
 
 /// Like [`refuse_plaintext`], on a connection the caller keeps: returns

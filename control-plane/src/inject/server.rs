@@ -335,7 +335,7 @@ async fn handshake(
         // Its first bytes are here, so the refusal's own peek returns at
         // once and the answer gets what is left of the deadline.
         let patience = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let _ = refuse_plaintext(tcp, PLAINTEXT_ANSWER, patience).await;
+        let _ = refuse_plaintext(tcp, PLAINTEXT_ANSWER, patience, || {}).await;
         return None;
     }
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
