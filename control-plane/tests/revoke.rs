@@ -59,6 +59,14 @@ async fn a_revoked_identity_renews_only_with_a_certificate_issued_after() {
 
     let err = renew(&cp, WEB, &stolen).await.err().expect("refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Named for the sidecar, which proves its token at once on it.
+    assert_eq!(
+        err.metadata()
+            .get(trellis_core::grpc::REFUSAL_KEY)
+            .map(|v| v.to_str().unwrap()),
+        Some("revoked"),
+        "{err:?}"
+    );
     let listed = ctl_ok(&cp, &["identity", "revocations", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let entry = &listed.as_array().expect("an array")[..];

@@ -19,6 +19,12 @@ use crate::gather::GatheredWrites;
 /// The ALPN protocol gRPC runs over.
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// The metadata key with which the control plane names why it refused a
+/// call (`revoked`, `token_used`, ...: the `reason` label of
+/// `trellis_certify_failures_total`), so a client tells refusals apart
+/// without parsing their message, which is for people.
+pub const REFUSAL_KEY: &str = "trellis-refusal";
+
 /// A lazily connecting channel to `addr` ("host:port"). Every new HTTP/2
 /// connection dials TCP and runs the TLS handshake with `tls` (which must
 /// offer ALPN "h2", see [`with_h2_alpn`]). Nothing is dialled until the first

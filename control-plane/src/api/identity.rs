@@ -49,7 +49,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use trellis_core::grpc::REFUSAL_KEY;
 use trellis_proto::identity::v1::certify_request::Proof;
 use trellis_proto::identity::v1::identity_server::Identity;
 use trellis_proto::identity::v1::{CertifyRequest, CertifyResponse, RefusedInboundAddress};
@@ -102,10 +104,15 @@ impl IdentityService {
         self
     }
 
-    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+    /// Counts and logs a refusal, and names `reason` in the status's
+    /// metadata ([`REFUSAL_KEY`]) for the sidecar to act on.
+    fn refuse(&self, reason: &'static str, mut status: Status) -> Status {
         self.mesh.metrics.certify_failed(reason);
         // `detail`, not `message`: that is the event's own message field.
         tracing::warn!(reason, code = ?status.code(), detail = ?status.message(), "certify refused");
+        status
+            .metadata_mut()
+            .insert(REFUSAL_KEY, MetadataValue::from_static(reason));
         status
     }
 
