@@ -1,6 +1,7 @@
 //! The sidecar's identity: a P-256 key made in memory, a CSR for
 //! `--identity`, `Identity.Certify`, and renewal at half-life (with the
-//! token again when the control plane refuses the current certificate).
+//! token again when the control plane refuses the current certificate, or
+//! its identity was revoked).
 //! A ServiceAccount token proves every Certify, renewals too, beside the
 //! current certificate; a join token (single-use) only a Certify made
 //! without a valid certificate.
@@ -195,7 +196,27 @@ pub enum CertifyError {
         source: tonic::transport::Error,
     },
     #[error("Certify refused: {code:?}: {message}")]
-    Refused { code: tonic::Code, message: String },
+    Refused {
+        code: tonic::Code,
+        message: String,
+        /// Why, as the control plane names it in the refusal's metadata
+        /// ([`trellis_core::grpc::REFUSAL_KEY`]): `revoked`, `token_used`,
+        /// ...; empty from a control plane that names none.
+        reason: String,
+    },
+    #[error(
+        "Certify refused: the join token was already used: write a new one to --token-file \
+         (`trellisctl token create`); it is read again at every retry"
+    )]
+    JoinTokenUsed,
+    #[error("{source} (after the control plane refused to renew certificate {serial}: {refusal})")]
+    AfterRevocation {
+        /// The serial of the certificate that no longer renews.
+        serial: String,
+        /// The control plane's message for that refusal.
+        refusal: String,
+        source: Box<CertifyError>,
+    },
     #[error("Certify got no answer within {CERTIFY_TIMEOUT:?}")]
     Timeout,
     #[error("Certify answered an unusable certificate: {0}")]
@@ -257,10 +278,14 @@ pub fn control_plane_tls(
 ///
 /// A renewal the control plane refuses for the certificate itself (it no
 /// longer trusts the root that signed it, which happens when a sidecar
-/// missed the window of a root rotation) is made again at once with the
+/// missed the window of a root rotation), or because the identity was
+/// revoked (`trellisctl identity revoke`), is made again at once with the
 /// token, when there is one: the certificate, though within its dates,
 /// proves nothing any more, and retrying it until it expires would leave
-/// the sidecar without an identity its peers accept for that long.
+/// the sidecar without a renewed identity for that long. When that token
+/// proof fails too after a revocation, the error is
+/// [`CertifyError::AfterRevocation`], naming the certificate, which the
+/// caller then no longer offers (see [`run`]).
 pub async fn certify(
     params: &CertifyParams,
     bundle: &[CertificateDer<'static>],
@@ -271,6 +296,26 @@ pub async fn certify(
         return certify_with(params, bundle, None).await;
     };
     let e = match certify_with(params, bundle, Some(svid)).await {
+        Err(CertifyError::Refused {
+            code: tonic::Code::PermissionDenied,
+            message,
+            reason,
+        }) if reason == REFUSAL_REVOKED && params.token.is_some() => {
+            tracing::warn!(
+                serial = %svid.serial,
+                refusal = %message,
+                "the control plane no longer renews the current certificate: its identity was \
+                 revoked; proving the token instead (with join tokens, write a new one to \
+                 --token-file)"
+            );
+            return certify_with(params, bundle, None).await.map_err(|source| {
+                CertifyError::AfterRevocation {
+                    serial: svid.serial.clone(),
+                    refusal: message,
+                    source: Box::new(source),
+                }
+            });
+        }
         // How a refused client certificate reaches the call.
         Err(
             e @ (CertifyError::Connect { .. }
@@ -368,9 +413,11 @@ async fn certify_with(
     let response = tokio::time::timeout(CERTIFY_TIMEOUT, call)
         .await
         .map_err(|_| CertifyError::Timeout)?
-        .map_err(|s| CertifyError::Refused {
-            code: s.code(),
-            message: s.message().to_string(),
+        .map_err(|s| {
+            refused(
+                &s,
+                current.is_none() && matches!(params.token, Some(Credential::JoinToken { .. })),
+            )
         })?
         .into_inner();
     for refused in &response.refused_inbound_addresses {
@@ -388,6 +435,28 @@ async fn certify_with(
         .map(CertificateDer::from)
         .collect();
     Ok((svid, bundle))
+}
+
+/// The reason the control plane names for refusing a renewal because the
+/// identity was revoked.
+const REFUSAL_REVOKED: &str = "revoked";
+
+/// The error for the refusal `status`; `join_token` when the call was
+/// proved by a join token, whose refusal as used says what to do.
+fn refused(status: &tonic::Status, join_token: bool) -> CertifyError {
+    let reason = status
+        .metadata()
+        .get(trellis_core::grpc::REFUSAL_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if join_token && reason == "token_used" {
+        return CertifyError::JoinTokenUsed;
+    }
+    CertifyError::Refused {
+        code: status.code(),
+        message: status.message().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Logs an inbound address the control plane did not record (so no other
@@ -425,7 +494,10 @@ fn log_not_recorded(identity: &SpiffeId, refused: &RefusedInboundAddress) {
 
 /// Keeps this sidecar certified: the first Certify, then renewals at
 /// half-life with jitter; after a failure it retries with capped backoff
-/// and the current certificate stays published until it expires.
+/// and the current certificate stays published until it expires. A
+/// certificate the control plane refused to renew because its identity was
+/// revoked is not offered again: every retry proves the token, read again
+/// from its file, so a new join token written there is taken at the next.
 pub async fn run(
     params: CertifyParams,
     svid_tx: watch::Sender<Option<Arc<Svid>>>,
@@ -433,12 +505,17 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut attempt = 0u32;
+    // The serial of the current certificate when it no longer renews.
+    let mut revoked: Option<String> = None;
     loop {
         let current = svid_tx.borrow().clone();
         let bundle = bundle_tx.borrow().clone();
+        let proof = current
+            .as_deref()
+            .filter(|s| revoked.as_deref() != Some(s.serial.as_str()));
         // When the next attempt is due, by the wall clock: a renewal must
         // not wait out a suspension of the host on top of its schedule.
-        let due = match certify(&params, &bundle, current.as_deref()).await {
+        let due = match certify(&params, &bundle, proof).await {
             Ok((svid, new_bundle)) => {
                 attempt = 0;
                 metrics.renewal("ok");
@@ -473,6 +550,9 @@ pub async fn run(
                 renew.max(SystemTime::now() + schedule::MIN_RENEWAL_INTERVAL)
             }
             Err(e) => {
+                if let CertifyError::AfterRevocation { serial, .. } = &e {
+                    revoked = Some(serial.clone());
+                }
                 metrics.renewal("error");
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);

@@ -14,6 +14,7 @@ mod mtls;
 mod outage;
 mod policy;
 mod replicas;
+mod revoke;
 mod root_rotation;
 mod rotation;
 mod shutdown;
