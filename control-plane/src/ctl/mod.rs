@@ -169,7 +169,10 @@ pub enum IdentityCommand {
         /// The SPIFFE ID revoked.
         spiffe_id: String,
     },
-    /// The revoked SPIFFE IDs, each with when it was revoked and why.
+    /// The revoked SPIFFE IDs, each with when it was revoked and why. A
+    /// revocation older than 30 days and 30 s (the longest certificate
+    /// lifetime, backdating included) covers only expired certificates and
+    /// is dropped.
     Revocations {
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]

@@ -16,7 +16,9 @@
 //! fields are only ever added), `rate_limits` (`namespace/name` -> a
 //! `RateLimitRecord`'s protobuf encoding: the pushed form and its
 //! revision), `revocations` (SPIFFE ID -> Revocation, the identities
-//! whose certificates up to a time no longer renew), `meta` (counters: snapshot version, the epoch it was set
+//! whose certificates up to a time no longer renew; one older than
+//! [`REVOCATION_KEPT`](super::REVOCATION_KEPT) covers only expired certificates, is not read, and
+//! is removed when the database is opened and at every revocation write), `meta` (counters: snapshot version, the epoch it was set
 //! in and when, policy generation).
 //!
 //! The snapshot version is a counter, so a database restored from a backup
@@ -201,7 +203,7 @@ impl EmbeddedStore {
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
-            txn.open_table(REVOCATIONS)?;
+            prune_revocations(&mut txn.open_table(REVOCATIONS)?, unix_now())?;
             let mut log = txn.open_table(ISSUED_LOG)?;
             let moved = move_log_by_serial(txn, &mut log)?;
             issuance::prune_log(&mut log, retained)?;
@@ -583,6 +585,7 @@ impl Store for EmbeddedStore {
     fn revoke(&self, revocation: &Revocation) -> Result<Option<Revocation>, StoreError> {
         self.write(|txn| {
             let mut table = txn.open_table(REVOCATIONS)?;
+            prune_revocations(&mut table, unix_now())?;
             let id = revocation.spiffe_id.as_str();
             let previous = table
                 .insert(id, encode(revocation).as_slice())?
@@ -597,23 +600,28 @@ impl Store for EmbeddedStore {
             let mut table = txn.open_table(REVOCATIONS)?;
             let removed = table
                 .remove(spiffe_id)?
-                .map(|v| decode(v.value(), REVOCATIONS.name()))
-                .transpose()?;
+                .map(|v| decode::<Revocation>(v.value(), REVOCATIONS.name()))
+                .transpose()?
+                .filter(|r| !r.is_stale(unix_now()));
+            prune_revocations(&mut table, unix_now())?;
             Ok(removed)
         })
     }
 
     fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        self.read_all(REVOCATIONS)
+        let now = unix_now();
+        let all: Vec<Revocation> = self.read_all(REVOCATIONS)?;
+        Ok(all.into_iter().filter(|r| !r.is_stale(now)).collect())
     }
 
     fn revocation(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let table = txn.open_table(REVOCATIONS).map_err(|e| self.db_error(e))?;
         let value = table.get(spiffe_id).map_err(|e| self.db_error(e))?;
-        value
+        let revocation: Option<Revocation> = value
             .map(|v| decode(v.value(), REVOCATIONS.name()))
-            .transpose()
+            .transpose()?;
+        Ok(revocation.filter(|r| !r.is_stale(unix_now())))
     }
 
     /// Reads the log from its newest record back, and stops at `limit`.
@@ -864,6 +872,30 @@ impl EmbeddedStore {
         }
         Ok(applied)
     }
+}
+
+/// Removes the revocations stale at `now` (older than
+/// [`REVOCATION_KEPT`](super::REVOCATION_KEPT)); the table holds one per revoked identity, so
+/// reading it whole is cheap.
+fn prune_revocations(table: &mut redb::Table<'_, &str, &[u8]>, now: i64) -> Result<(), StoreError> {
+    let mut stale = Vec::new();
+    for entry in table.iter()? {
+        let (id, value) = entry?;
+        let revocation: Revocation = decode(value.value(), REVOCATIONS.name())?;
+        if revocation.is_stale(now) {
+            stale.push(id.value().to_string());
+        }
+    }
+    for id in &stale {
+        table.remove(id.as_str())?;
+    }
+    if !stale.is_empty() {
+        tracing::info!(
+            pruned = stale.len(),
+            "removed revocations that cover only expired certificates"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

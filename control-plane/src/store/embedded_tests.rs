@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::{MAX_WORKLOAD_ADDRESSES, TokenRefusal};
+use crate::store::{MAX_WORKLOAD_ADDRESSES, REVOCATION_KEPT, TokenRefusal};
 use trellis_core::SpiffeId;
 
 fn issued(serial: &str, id: &str) -> IssuedCertRecord {
@@ -1129,4 +1129,45 @@ fn a_verified_address_shares_an_ip_with_verified_claims_and_takes_it_from_others
         "{err}"
     );
     assert_eq!(live_at(&store, web, 50), ["10.0.0.1:7001"]);
+}
+
+/// A revocation older than the longest certificate lifetime covers only
+/// expired certificates: it is neither read nor listed, and the next
+/// revocation write (or opening the database) removes it.
+#[test]
+fn a_revocation_past_every_certificate_lifetime_is_pruned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let kept = REVOCATION_KEPT.as_secs() as i64;
+    let revocation = |id: &str, at: i64| Revocation {
+        spiffe_id: id.into(),
+        revoked_at_unix: at,
+        reason: String::new(),
+    };
+    let old = revocation("spiffe://td/ns/a/sa/old", unix_now() - kept - 60);
+    let recent = revocation("spiffe://td/ns/a/sa/recent", unix_now() - kept + 3600);
+    for r in [&recent, &old] {
+        store.revoke(r).unwrap();
+    }
+    assert_eq!(store.revocation(&old.spiffe_id).unwrap(), None);
+    assert_eq!(
+        store.revocation(&recent.spiffe_id).unwrap().as_ref(),
+        Some(&recent)
+    );
+    assert_eq!(store.revocations().unwrap(), std::slice::from_ref(&recent));
+    let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+    assert_eq!(stored.len(), 2, "not removed before the next write");
+
+    let fresh = revocation("spiffe://td/ns/a/sa/fresh", unix_now());
+    store.revoke(&fresh).unwrap();
+    let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+    assert_eq!(stored, [fresh.clone(), recent.clone()]);
+
+    // Opening the database prunes too.
+    store.revoke(&old).unwrap();
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+    assert_eq!(stored, [fresh, recent]);
 }

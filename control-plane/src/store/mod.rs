@@ -241,11 +241,25 @@ pub struct Revocation {
     pub reason: String,
 }
 
+/// How long a revocation is kept: a certificate issued before then has
+/// expired, however long its lifetime ([`crate::config::MAX_CERT_TTL`] at
+/// most, backdated by [`crate::ca::BACKDATE`]), so an older revocation
+/// covers no certificate that could still renew.
+pub const REVOCATION_KEPT: std::time::Duration = std::time::Duration::from_secs(
+    crate::config::MAX_CERT_TTL.as_secs() + crate::ca::BACKDATE.as_secs(),
+);
+
 impl Revocation {
     /// Whether it stops a certificate issued at `issued_at_unix` from
     /// renewing.
     pub fn covers(&self, issued_at_unix: i64) -> bool {
         issued_at_unix <= self.revoked_at_unix
+    }
+
+    /// Whether it is older than [`REVOCATION_KEPT`] at `now_unix`: every
+    /// certificate it covers has expired, and the store drops it.
+    pub fn is_stale(&self, now_unix: i64) -> bool {
+        self.revoked_at_unix < now_unix.saturating_sub(REVOCATION_KEPT.as_secs() as i64)
     }
 }
 
