@@ -535,20 +535,28 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-/// A Kubernetes object or namespace name (RFC 1123 DNS subdomain).
+/// Whether `name` is an RFC 1123 DNS label (a namespace or ServiceAccount
+/// name): at most 63 lower-case letters, digits and `-`, starting and
+/// ending with a letter or digit.
+pub(crate) fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Whether `name` is a Kubernetes object name: an RFC 1123 DNS subdomain
+/// (DNS labels joined by `.`, at most 253 bytes).
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
+/// A Kubernetes object or namespace name ([`is_dns_subdomain`]).
 fn parse_object_name(s: &str) -> Result<String, String> {
-    let valid = !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if valid {
+    if is_dns_subdomain(s) {
         Ok(s.to_owned())
     } else {
         Err(format!(
@@ -560,14 +568,7 @@ fn parse_object_name(s: &str) -> Result<String, String> {
 /// A Kubernetes namespace name (RFC 1123 DNS label), as policies name
 /// theirs.
 pub fn parse_namespace(s: &str) -> Result<String, String> {
-    let fine = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let bytes = s.as_bytes();
-    let valid = !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes.iter().all(|b| fine(b) || *b == b'-')
-        && bytes.first().is_some_and(fine)
-        && bytes.last().is_some_and(fine);
-    if valid {
+    if is_dns_label(s) {
         Ok(s.to_owned())
     } else {
         Err(format!(

@@ -49,6 +49,8 @@ use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
 use trellis_core::{SpiffeId, TrustDomain};
 
+use crate::config::{is_dns_label, is_dns_subdomain};
+
 /// The audience the projected tokens are made for, and the only one asked for.
 pub const AUDIENCE: &str = crate::inject::TOKEN_AUDIENCE;
 /// Where TokenReviews are created.
@@ -608,19 +610,6 @@ pub fn account_of(username: &str, td: &TrustDomain) -> Result<ReviewedAccount, R
         service_account: service_account.to_owned(),
         spiffe_id,
     })
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// The parts of a TokenReview answer that matter.

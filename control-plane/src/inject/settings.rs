@@ -286,7 +286,7 @@ impl InjectConfig {
         }
         if let Some(secrets) = s.image_pull_secrets {
             for SecretReference { name } in secrets {
-                if !is_dns_subdomain(&name) {
+                if !crate::config::is_dns_subdomain(&name) {
                     return Err(InvalidSettings(format!(
                         "imagePullSecrets: {name:?} is not a Secret name (lower case letters, \
                          digits, '-' and '.'; at most 253): the API server would refuse every \
@@ -388,21 +388,6 @@ fn ip_families(names: &[String]) -> Result<Vec<IpFamily>, InvalidSettings> {
         ));
     }
     Ok(families)
-}
-
-/// A Kubernetes object name: an RFC 1123 DNS subdomain.
-fn is_dns_subdomain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 fn nonzero(ports: Vec<u16>, field: &str) -> Result<Vec<u16>, InvalidSettings> {
