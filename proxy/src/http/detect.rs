@@ -200,15 +200,11 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     // blank, nginx and Node refuse it): what comes before it that reads
     // as a request line is HTTP, for the parser to refuse, not bytes for
     // the app to read as a request of its own.
-    let line = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
-    let bare_cr = buf[..line]
-        .iter()
-        .enumerate()
-        .position(|(at, b)| *b == b'\r' && buf.get(at + 1).is_some_and(|next| *next != b'\n'));
-    if bare_cr.is_some_and(|cr| request_line(&buf[..cr])) {
+    let lf = buf.iter().position(|b| *b == b'\n');
+    if bare_cr(&buf[..lf.unwrap_or(buf.len())]).is_some_and(|cr| request_line(&buf[..cr])) {
         return Some(Protocol::Http1);
     }
-    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+    let Some(end) = lf else {
         // Control bytes cannot be in a request line (blanks can, as
         // separators lenient servers take).
         let binary = buf.iter().any(|b| b.is_ascii_control() && !is_blank(*b));
@@ -284,9 +280,24 @@ const METHODS: [&[u8]; 9] = [
     b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
 ];
 
+/// Where `line` (one line, without its LF) holds a CR followed by anything
+/// but LF: lines end only at CRLF (or LF) for the sidecar, and at a bare CR
+/// for some servers, so the words around it are not what an app would read.
+pub(super) fn bare_cr(line: &[u8]) -> Option<usize> {
+    line.iter()
+        .enumerate()
+        .position(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
+}
+
+/// The first line of `buf`, without its LF (all of `buf` when it has none).
+pub(super) fn first_line(buf: &[u8]) -> &[u8] {
+    let end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+    &buf[..end]
+}
+
 /// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
 /// a request line (RFC 9112 section 2.2).
-fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
+pub(super) fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
     loop {
         if let Some(rest) = buf.strip_prefix(b"\r\n") {
             buf = rest;

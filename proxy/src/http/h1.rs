@@ -102,7 +102,7 @@ use super::authz::{Authorize, AuthorizeLayer};
 use super::proxy::{Exchange, GrpcCode, LocalBody, local};
 use super::ratelimit::{RateLimit, RateLimitLayer};
 use super::upstream::Reusable;
-use super::{Connection, Protocol, Rewind, headers};
+use super::{Connection, Protocol, Rewind, detect, headers};
 
 /// The largest request head the sidecar reads, on either path: a longer
 /// one is answered 431 ([`HEAD_TOO_LARGE`]) by the forwarder, which reads
@@ -391,22 +391,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
                 // Bytes waiting now are what would make the kernel reset
                 // the connection on close, and so are those of a body
                 // still on its way.
-                Closing::ShutDown => match drop_some(&mut this.io, cx) {
-                    Poll::Ready(0) => this.closing = Closing::Done,
-                    Poll::Pending if !this.conn.body_unfinished() => {
-                        this.closing = Closing::Done;
-                    }
-                    waiting => {
-                        let n = match waiting {
-                            Poll::Ready(n) => n,
-                            Poll::Pending => 0,
-                        };
-                        this.closing = Closing::Lingering {
+                Closing::ShutDown => {
+                    let dropped = match drop_some(&mut this.io, cx) {
+                        Poll::Ready(0) => None,
+                        Poll::Ready(n) => Some(n),
+                        Poll::Pending => this.conn.body_unfinished().then_some(0),
+                    };
+                    this.closing = match dropped {
+                        None => Closing::Done,
+                        Some(n) => Closing::Lingering {
                             deadline: Box::pin(tokio::time::sleep(LINGER)),
                             left: LINGER_BYTES.saturating_sub(n),
-                        };
-                    }
-                },
+                        },
+                    };
+                }
                 Closing::Lingering { deadline, left } => {
                     if *left == 0 || deadline.as_mut().poll(cx).is_ready() {
                         this.closing = Closing::Done;
@@ -634,11 +632,12 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return Some(too_many_fields(buf)),
         Err(e) => {
-            let why = if bare_cr_in_request_line(buf) {
-                BARE_CR
-            } else {
-                unparsable(e, parsed.method.is_some())
-            };
+            let why =
+                if detect::bare_cr(detect::first_line(detect::skip_empty_lines(buf))).is_some() {
+                    BARE_CR
+                } else {
+                    unparsable(e, parsed.method.is_some())
+                };
             return Some(Taken::Malformed(Malformed::bad(why)));
         }
     };
@@ -821,25 +820,6 @@ fn unparsable(e: httparse::Error, method: bool) -> &'static str {
 
 /// What a request line with a CR not followed by LF is told.
 const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
-
-/// Whether the request line of a head that does not parse (after the
-/// empty lines a server skips) holds a CR followed by anything but LF:
-/// lines end only at CRLF (or LF) for the sidecar, and at a bare CR for
-/// some servers, so the line's words are not what an app would read.
-fn bare_cr_in_request_line(buf: &[u8]) -> bool {
-    let mut line = buf;
-    while let Some(rest) = line
-        .strip_prefix(b"\r\n")
-        .or_else(|| line.strip_prefix(b"\n"))
-    {
-        line = rest;
-    }
-    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
-    line[..end]
-        .iter()
-        .enumerate()
-        .any(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
-}
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, as hyper
 /// reads it.
@@ -1395,12 +1375,7 @@ fn parse_answer(
                 length = Some(value);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 // Chunked only if it is the last coding (RFC 9112 section 6.3).
-                let last = field
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .unwrap_or_default();
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                chunked = Some(ends_chunked(field.value));
             } else if name.eq_ignore_ascii_case(b"connection") {
                 app_close |= headers::list(field.value).any(|t| t.eq_ignore_ascii_case(b"close"));
             }

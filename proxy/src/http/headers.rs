@@ -41,6 +41,14 @@ pub fn host_problem<B>(request: &http::Request<B>) -> Option<&'static str> {
         return Some("more than one Host header");
     }
     let target = request.uri().authority()?;
+    // The usual case, a Host made from the authority (HTTP/2's, by the
+    // sidecar) or written as it, needs no parse.
+    if host
+        .as_bytes()
+        .eq_ignore_ascii_case(target.as_str().as_bytes())
+    {
+        return None;
+    }
     let same = http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|host| {
         host.host().eq_ignore_ascii_case(target.host()) && host.port_u16() == target.port_u16()
     });

@@ -126,8 +126,9 @@ impl Policies {
             stored: true,
             scope: SelectorScope::Unchecked,
         };
+        let opaque_ports = opaque.all();
         let set =
-            PolicySet::compile_with_opaque(local, &policies, default, &context, &opaque.all())?;
+            PolicySet::compile_with_opaque(local, &policies, default, &context, &opaque_ports)?;
         // Only the policies that select this workload are in force.
         let in_force: HashSet<&str> = set.policy_names().collect();
         let mut by_policy = HashMap::new();
@@ -158,7 +159,7 @@ impl Policies {
             limits_read_paths: limits.reads_paths(),
             rate_limits: limits,
             received: (default_policy, policies, rate_limits),
-            opaque_ports: opaque.all(),
+            opaque_ports,
             opaque: opaque.clone(),
             counters,
         })
