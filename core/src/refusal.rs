@@ -80,18 +80,11 @@ pub async fn refuse_plaintext(
     patience: Duration,
     found: impl FnOnce(),
 ) -> Option<TcpStream> {
-    let Some(version) = peek_plaintext(&tcp, patience).await else {
-        return Some(tcp);
-    };
-    found();
-    let refusal = Refusal {
-        status: StatusCode::BAD_REQUEST,
-        grpc_code: GRPC_UNAVAILABLE,
-        message,
-    };
-    // Boxed: a caller's future keeps room only for the pointer.
-    Box::pin(answer(&mut tcp, version, &refusal, patience)).await;
-    None
+    if refuse_plaintext_briefly(&mut tcp, message, patience, found).await {
+        None
+    } else {
+        Some(tcp)
+    }
 }
 
 /// Like [`refuse_plaintext`], on a connection the caller keeps: returns
@@ -100,10 +93,12 @@ pub async fn refuse_plaintext_briefly(
     tcp: &mut TcpStream,
     message: &str,
     patience: Duration,
+    found: impl FnOnce(),
 ) -> bool {
     let Some(version) = peek_plaintext(tcp, patience).await else {
         return false;
     };
+    found();
     let refusal = Refusal {
         status: StatusCode::BAD_REQUEST,
         grpc_code: GRPC_UNAVAILABLE,

@@ -400,7 +400,8 @@ pub async fn serve(
     // the connection.
     let handshake = Box::pin(async {
         let mut tcp = tcp;
-        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT).await {
+        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT, || {}).await
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 net::PlaintextAnswered,
