@@ -24,6 +24,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// `trellis_certify_failures_total`), so a client tells refusals apart
 /// without parsing their message, which is for people.
 pub const REFUSAL_KEY: &str = "trellis-refusal";
+/// The [`REFUSAL_KEY`] of a renewal refused because its identity was
+/// revoked.
+pub const REFUSAL_REVOKED: &str = "revoked";
+/// The [`REFUSAL_KEY`] of a join token that was already used.
+pub const REFUSAL_TOKEN_USED: &str = "token_used";
 
 /// A lazily connecting channel to `addr` ("host:port"). Every new HTTP/2
 /// connection dials TCP and runs the TLS handshake with `tls` (which must

@@ -129,7 +129,7 @@ impl IdentityService {
                 Status::unauthenticated("join token has expired"),
             ),
             TokenRefusal::Used => (
-                "token_used",
+                trellis_core::grpc::REFUSAL_TOKEN_USED,
                 Status::unauthenticated("join token was already used"),
             ),
             TokenRefusal::Disabled => (
@@ -165,7 +165,7 @@ impl IdentityService {
         }
         let at = revocation.revoked_at_unix;
         Err(self.refuse(
-            "revoked",
+            trellis_core::grpc::REFUSAL_REVOKED,
             Status::permission_denied(format!(
                 "{id} was revoked at {} ({at}): a certificate issued then or before no longer \
                  renews; obtain a new one with a join token",

@@ -300,7 +300,7 @@ pub async fn certify(
             code: tonic::Code::PermissionDenied,
             message,
             reason,
-        }) if reason == REFUSAL_REVOKED && params.token.is_some() => {
+        }) if reason == trellis_core::grpc::REFUSAL_REVOKED && params.token.is_some() => {
             tracing::warn!(
                 serial = %svid.serial,
                 refusal = %message,
@@ -437,10 +437,6 @@ async fn certify_with(
     Ok((svid, bundle))
 }
 
-/// The reason the control plane names for refusing a renewal because the
-/// identity was revoked.
-const REFUSAL_REVOKED: &str = "revoked";
-
 /// The error for the refusal `status`; `join_token` when the call was
 /// proved by a join token, whose refusal as used says what to do.
 fn refused(status: &tonic::Status, join_token: bool) -> CertifyError {
@@ -449,7 +445,7 @@ fn refused(status: &tonic::Status, join_token: bool) -> CertifyError {
         .get(trellis_core::grpc::REFUSAL_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if join_token && reason == "token_used" {
+    if join_token && reason == trellis_core::grpc::REFUSAL_TOKEN_USED {
         return CertifyError::JoinTokenUsed;
     }
     CertifyError::Refused {
