@@ -14,6 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use trellis_core::TrustDomain;
+pub(crate) use trellis_core::policy::pattern::is_dns_label;
 use trellis_core::policy::{DEFAULT_ROOT_NAMESPACE, SelectorScope, ValidationContext};
 use trellis_core::tcp::parse_port;
 
@@ -533,19 +534,6 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(ttl)
-}
-
-/// Whether `name` is an RFC 1123 DNS label (a namespace or ServiceAccount
-/// name): at most 63 lower-case letters, digits and `-`, starting and
-/// ending with a letter or digit.
-pub(crate) fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
 }
 
 /// Whether `name` is a Kubernetes object name: an RFC 1123 DNS subdomain

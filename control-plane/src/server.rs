@@ -44,7 +44,7 @@ use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::refuse_plaintext;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeClientVerifier, SpiffeServerVerifier, failure_reason,
-    peer_spiffe_id, provider, root_store, rustls_error, validity_of,
+    peer_spiffe_id, provider, root_store, rustls_error,
 };
 use trellis_core::warn_throttled;
 
@@ -300,12 +300,6 @@ fn trusting_the_control_plane(
         .with_custom_certificate_verifier(Arc::new(verifier)))
 }
 
-/// When the leaf of `peer_certs` was issued, as [`PeerInfo`] says it.
-fn issued_at(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<i64> {
-    let (not_before, _) = validity_of(peer_certs?.first()?).ok()?;
-    Some(not_before.saturating_add(crate::ca::BACKDATE.as_secs() as i64))
-}
-
 /// Whether a handshake presented the client's certificate anew: a
 /// resumed session carries the one presented when it began.
 fn full_handshake(kind: Option<HandshakeKind>) -> bool {
@@ -315,7 +309,8 @@ fn full_handshake(kind: Option<HandshakeKind>) -> bool {
     )
 }
 
-/// The leaf of `peer_certs`, as [`PeerInfo::presented`] records it.
+/// The leaf of `peer_certs`, as [`PeerInfo::presented`] records it (and
+/// [`PeerInfo::cert_issued_at_unix`] reads its notBefore).
 fn presented(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<PresentedCert> {
     let (_, leaf) = x509_parser::parse_x509_certificate(peer_certs?.first()?.as_ref()).ok()?;
     let validity = leaf.validity();
@@ -552,13 +547,14 @@ impl GrpcListener {
                                 return;
                             }
                             let spiffe_id = peer_spiffe_id(session.peer_certificates()).ok();
-                            let cert_issued_at_unix = spiffe_id
+                            let leaf = spiffe_id
                                 .as_ref()
-                                .and_then(|_| issued_at(session.peer_certificates()));
-                            let presented = spiffe_id
-                                .as_ref()
-                                .filter(|_| full_handshake(session.handshake_kind()))
                                 .and_then(|_| presented(session.peer_certificates()));
+                            let cert_issued_at_unix = leaf
+                                .as_ref()
+                                .map(|leaf| crate::ca::issued_at(leaf.not_before_unix));
+                            let presented =
+                                leaf.filter(|_| full_handshake(session.handshake_kind()));
                             let peer = PeerInfo {
                                 remote,
                                 spiffe_id,

@@ -413,16 +413,16 @@ pub async fn issued_here(
     .map_err(internal)?;
     let truncated = records.len() > limit;
     records.truncate(limit);
-    let revoked_at: std::collections::HashMap<String, i64> = revocations
+    let revocations: std::collections::HashMap<String, _> = revocations
         .into_iter()
-        .map(|r| (r.spiffe_id, r.revoked_at_unix))
+        .map(|r| (r.spiffe_id.clone(), r))
         .collect();
     let certificates = records
         .into_iter()
         .map(|r| {
-            let revoked = revoked_at
+            let revoked = revocations
                 .get(&r.spiffe_id)
-                .is_some_and(|&at| r.issued_at_unix <= at);
+                .is_some_and(|revocation| revocation.covers(r.issued_at_unix));
             IssuedCertificate {
                 revoked,
                 ..issued_certificate(r, replica)

@@ -41,8 +41,8 @@ use trellis_proto::admin::v1::{
     SnapshotSync, StreamStatus,
 };
 
-use super::Mesh;
 use super::admin::{issued_certificate, issued_here, issued_limit};
+use super::{Mesh, rfc3339};
 use crate::discovery::{SidecarStatus, SyncState, Write};
 use crate::store::Position;
 use crate::store::kubernetes::WatchHealth;
@@ -622,10 +622,7 @@ impl Presented {
             self.all &= at != 0;
             self.earliest = self.earliest.min((at, at == log_since));
             if open.cert_not_after_unix > self.newest.1 {
-                // Signed then, as `PeerInfo::cert_issued_at_unix` says.
-                let issued_at = open
-                    .cert_not_before_unix
-                    .saturating_add(crate::ca::BACKDATE.as_secs() as i64);
+                let issued_at = crate::ca::issued_at(open.cert_not_before_unix);
                 self.newest = (issued_at, open.cert_not_after_unix);
             }
         }
@@ -806,7 +803,7 @@ impl Fleet {
                          after its newest certificate found was issued (a replica started \
                          then, or a log dropped its oldest certificates): a newer one issued \
                          before then is in none",
-                        written(since)
+                        rfc3339(since)
                     )
                 })
             });
@@ -839,7 +836,7 @@ impl Fleet {
                 "the replicas' issued-certificate logs are complete only since {}, less than \
                  a certificate lifetime ago (a replica started then, or a log dropped its \
                  oldest certificates): a certificate issued before may be the newest",
-                written(since)
+                rfc3339(since)
             )),
         }
     }
@@ -860,13 +857,6 @@ impl Fleet {
             }
         ))
     }
-}
-
-/// Unix seconds as RFC 3339.
-fn written(unix: i64) -> humantime::Rfc3339Timestamp {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64),
-    )
 }
 
 /// Joins one replica's streams of an identity into what the replicas
@@ -1122,7 +1112,7 @@ mod tests {
             why.starts_with(&format!(
                 "the replicas' issued-certificate logs are complete only since {}, after its \
                  newest certificate found was issued",
-                written(NOW - 60)
+                rfc3339(NOW - 60)
             )),
             "{why}"
         );

@@ -33,6 +33,12 @@ pub use files::{AdminCredential, CaFilesError};
 /// How far notBefore is set into the past, against clock skew between peers.
 pub const BACKDATE: Duration = Duration::from_secs(30);
 
+/// When a certificate whose notBefore is `not_before_unix` was signed: the
+/// CA backdates it by [`BACKDATE`].
+pub fn issued_at(not_before_unix: i64) -> i64 {
+    not_before_unix.saturating_add(BACKDATE.as_secs() as i64)
+}
+
 /// Lifetime of a root the control plane generates.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 

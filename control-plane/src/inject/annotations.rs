@@ -155,12 +155,7 @@ fn ports(
     list(annotations, key)
         .into_iter()
         .map(|item| {
-            item.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                InjectError::InvalidAnnotation {
-                    key,
-                    message: format!("{item:?} is not a port (1-65535)"),
-                }
-            })
+            parse_port(item).map_err(|message| InjectError::InvalidAnnotation { key, message })
         })
         .collect()
 }

@@ -139,9 +139,7 @@ pub fn inject_pod(
     warnings.extend(rewritten.warnings);
     warnings.extend(proxy_uid_warnings(
         spec,
-        containers
-            .iter()
-            .chain(own_init_containers.iter().filter(|c| is_native_sidecar(c))),
+        serving_containers(spec),
         config.proxy_uid,
     ));
 

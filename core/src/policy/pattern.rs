@@ -87,7 +87,7 @@ impl fmt::Display for IdPattern {
 }
 
 /// Whether `name` is a DNS-1123 label, as Kubernetes names and namespaces are.
-pub(crate) fn is_dns_label(name: &str) -> bool {
+pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     !bytes.is_empty()

@@ -129,10 +129,14 @@ impl WatchHealth {
     pub(crate) fn succeeded(&self, kind: Kind) {
         let mut failing = self.failing_since.lock().expect("not poisoned");
         let was_failing = failing.insert(kind, None).flatten().is_some();
+        // Most events are of a watch that was not failing: no more to do.
+        if !(kind.is_policy() && was_failing) {
+            return;
+        }
         let still_stale = failing.iter().any(|(kind, since)| {
             kind.is_policy() && since.is_some_and(|at| at.elapsed() > self.unready_after)
         });
-        if kind.is_policy() && was_failing && !still_stale {
+        if !still_stale {
             self.recoveries.fetch_add(1, Ordering::AcqRel);
         }
     }
