@@ -29,6 +29,9 @@ pub const REFUSAL_KEY: &str = "trellis-refusal";
 pub const REFUSAL_REVOKED: &str = "revoked";
 /// The [`REFUSAL_KEY`] of a join token that was already used.
 pub const REFUSAL_TOKEN_USED: &str = "token_used";
+/// The [`REFUSAL_KEY`] of a renewal proved by the certificate alone, refused
+/// by a control plane whose renewals need the ServiceAccount token too.
+pub const REFUSAL_RENEWAL_NEEDS_TOKEN: &str = "renewal_needs_token";
 
 /// A lazily connecting channel to `addr` ("host:port"). Every new HTTP/2
 /// connection dials TCP and runs the TLS handshake with `tls` (which must

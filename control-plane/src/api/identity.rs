@@ -431,7 +431,7 @@ impl Identity for IdentityService {
                     }
                     Some(_) if self.renewals_need_token => {
                         return Err(self.refuse(
-                            "renewal_needs_token",
+                            trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN,
                             Status::unauthenticated(
                                 "renewal needs the ServiceAccount token: this control plane runs \
                                  with --renewal-proof token, so the certificate alone renews \
