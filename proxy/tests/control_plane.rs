@@ -215,6 +215,119 @@ async fn a_renewal_carries_the_service_account_token_beside_the_certificate() {
     assert_eq!(seen.service_account_tokens, ["sa-token-1", "sa-token-2"]);
 }
 
+/// A renewal whose ServiceAccount token file cannot be read (removed, or
+/// empty) is made with the certificate alone, which a control plane with
+/// `--renewal-proof certificate` renews; the sidecar warns naming the
+/// file and the error, never the token. Without a current certificate
+/// there is nothing else to prove, and the unreadable file is the error.
+#[tokio::test]
+async fn a_renewal_without_a_readable_token_file_proves_the_certificate_alone() {
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    let me = id("/ns/a/sa/web");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token-1\n").unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: me.clone(),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file.clone(),
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    let bundle = [cp.root.clone()];
+    let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
+
+    std::fs::remove_file(&token_file).unwrap();
+    let (renewed, _) = identity::certify(&params, &bundle, Some(&first))
+        .await
+        .expect("renewed with the certificate alone");
+    assert_ne!(renewed.serial, first.serial);
+    let warning = logs
+        .find(&["WARN", "ServiceAccount token file could not be read"])
+        .expect("a warning");
+    assert!(
+        warning.contains(&token_file.display().to_string())
+            && warning.contains("No such file or directory"),
+        "{warning}"
+    );
+
+    std::fs::write(&token_file, "").unwrap();
+    let (again, _) = identity::certify(&params, &bundle, Some(&renewed))
+        .await
+        .expect("renewed with the certificate alone");
+    assert_ne!(again.serial, renewed.serial);
+    assert!(
+        logs.find(&[
+            "WARN",
+            "ServiceAccount token file could not be read",
+            "is empty"
+        ])
+        .is_some(),
+        "{:?}",
+        logs.lines()
+    );
+
+    let e = identity::certify(&params, &bundle, None)
+        .await
+        .expect_err("no certificate and no token")
+        .to_string();
+    assert!(
+        e.contains("--token-file") && e.contains(&token_file.display().to_string()),
+        "{e}"
+    );
+    let seen = cp.seen.lock().unwrap();
+    assert_eq!(
+        seen.certify,
+        [(true, None), (false, Some(me.clone())), (false, Some(me))],
+        "the renewals present the certificate alone; nothing is asked without a proof"
+    );
+    assert_eq!(seen.service_account_tokens, ["sa-token-1"]);
+    assert!(!logs.lines().iter().any(|l| l.contains("sa-token-1")));
+}
+
+/// When the control plane needs the token for a renewal
+/// (`--renewal-proof token`) and its file cannot be read, the sidecar's
+/// error says both, so the one line names the real cause.
+#[tokio::test]
+async fn a_renewal_refused_for_want_of_an_unreadable_token_says_why_it_was_not_sent() {
+    let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
+    cp.renewals_need_token();
+    let me = id("/ns/a/sa/web");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token-1\n").unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: me.clone(),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file.clone(),
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    let bundle = [cp.root.clone()];
+    let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
+
+    std::fs::remove_file(&token_file).unwrap();
+    let e = identity::certify(&params, &bundle, Some(&first))
+        .await
+        .expect_err("refused without the token")
+        .to_string();
+    assert!(
+        e.contains("the control plane renews only with the ServiceAccount token")
+            && e.contains("--token-file could not be read")
+            && e.contains(&token_file.display().to_string())
+            && e.contains("No such file or directory"),
+        "{e}"
+    );
+    assert_eq!(
+        cp.seen.lock().unwrap().certify,
+        [(true, None), (false, Some(me))],
+        "the renewal was asked with the certificate alone"
+    );
+}
+
 /// A join token is read from its file for each Certify that needs one:
 /// after the first was used and the certificate expired, an operator
 /// writes a new token there and the sidecar recovers without a restart.

@@ -58,7 +58,9 @@ pub struct ProxyArgs {
     /// What --token-file holds: `join` (a single-use token from `trellisctl
     /// token create`) or `service-account` (a projected Kubernetes
     /// ServiceAccount token with audience `trellis`, re-read for every
-    /// certificate because the kubelet rotates it).
+    /// certificate because the kubelet rotates it, and sent with renewals
+    /// too; a renewal whose file cannot be read is made with the
+    /// certificate alone).
     #[arg(long, env = "TRELLIS_TOKEN_TYPE", default_value = "join")]
     pub token_type: String,
     /// Inbound mTLS listeners (repeatable; comma-separated in the

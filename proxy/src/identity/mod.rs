@@ -3,8 +3,10 @@
 //! token again when the control plane refuses the current certificate, or
 //! its identity was revoked).
 //! A ServiceAccount token proves every Certify, renewals too, beside the
-//! current certificate; a join token (single-use) only a Certify made
-//! without a valid certificate.
+//! current certificate (a renewal whose token file cannot be read is made
+//! with the certificate alone, which a control plane with
+//! `--renewal-proof certificate` takes); a join token (single-use) only a
+//! Certify made without a valid certificate.
 //!
 //! This module owns the current [`Svid`] and publishes it on a
 //! `watch` channel; the trust bundle Certify returns goes on the bundle
@@ -223,6 +225,15 @@ pub enum CertifyError {
     Response(#[from] InvalidSvid),
     #[error("{0}")]
     TokenFile(#[from] crate::config::InvalidFlag),
+    #[error(
+        "Certify refused: the control plane renews only with the ServiceAccount token \
+         (--renewal-proof token), and --token-file could not be read: {}",
+        unread.reason
+    )]
+    RenewalTokenUnread {
+        /// Why the token file could not be read (its path and the error).
+        unread: crate::config::InvalidFlag,
+    },
 }
 
 /// What a Certify call needs to know about this sidecar.
@@ -273,8 +284,11 @@ pub fn control_plane_tls(
 /// One Certify call: a renewal over mTLS when `current` is valid, else the
 /// first certificate proved by the token. A ServiceAccount token proves a
 /// renewal too (a control plane with `--renewal-proof token` refuses the
-/// certificate alone); a join token, single-use, does not. Returns the new
-/// SVID and the bundle the control plane sent.
+/// certificate alone); a join token, single-use, does not. A renewal whose
+/// ServiceAccount token file cannot be read is made with the certificate
+/// alone; if the control plane refuses it for want of the token, the error
+/// is [`CertifyError::RenewalTokenUnread`], saying why the file could not
+/// be read. Returns the new SVID and the bundle the control plane sent.
 ///
 /// A renewal the control plane refuses for the certificate itself (it no
 /// longer trusts the root that signed it, which happens when a sidecar
@@ -377,14 +391,31 @@ async fn certificate_refused(
 
 /// One Certify call, proved by `current` as the TLS client certificate,
 /// or without one by the token; a ServiceAccount token is sent with the
-/// certificate too, as fresh as its file.
+/// certificate too, as fresh as its file, or, when the file cannot be
+/// read, left out with a warning: the certificate alone renews with a
+/// control plane that does not need the token.
 async fn certify_with(
     params: &CertifyParams,
     bundle: &[CertificateDer<'static>],
     current: Option<&Svid>,
 ) -> Result<(Svid, Vec<CertificateDer<'static>>), CertifyError> {
+    // Why the ServiceAccount token is not sent with this renewal.
+    let mut unread = None;
     let proof = match (current, &params.token) {
-        (_, Some(Credential::ServiceAccountToken(path))) => {
+        (Some(svid), Some(Credential::ServiceAccountToken(path))) => match read_token(path) {
+            Ok(token) => Some(Proof::ServiceAccountToken(token)),
+            Err(e) => {
+                tracing::warn!(
+                    serial = %svid.serial,
+                    error = %e,
+                    "the ServiceAccount token file could not be read: renewing with the current \
+                     certificate alone, which a control plane with --renewal-proof token refuses"
+                );
+                unread = Some(e);
+                None
+            }
+        },
+        (None, Some(Credential::ServiceAccountToken(path))) => {
             Some(Proof::ServiceAccountToken(read_token(path)?))
         }
         (Some(_), _) => None,
@@ -414,10 +445,16 @@ async fn certify_with(
         .await
         .map_err(|_| CertifyError::Timeout)?
         .map_err(|s| {
-            refused(
-                &s,
-                current.is_none() && matches!(params.token, Some(Credential::JoinToken { .. })),
-            )
+            let join_token =
+                current.is_none() && matches!(params.token, Some(Credential::JoinToken { .. }));
+            match (refused(&s, join_token), unread) {
+                (CertifyError::Refused { reason, .. }, Some(unread))
+                    if reason == trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN =>
+                {
+                    CertifyError::RenewalTokenUnread { unread }
+                }
+                (e, _) => e,
+            }
         })?
         .into_inner();
     for refused in &response.refused_inbound_addresses {

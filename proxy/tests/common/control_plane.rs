@@ -1,6 +1,7 @@
 //! A fake control plane over real gRPC and real mTLS: Identity signs CSRs
-//! with a throwaway CA, Discovery streams whatever snapshot the test pushes
-//! and records every ACK and NACK.
+//! with a throwaway CA (refusing renewals without the ServiceAccount token
+//! as `--renewal-proof token` does, once told to), Discovery streams
+//! whatever snapshot the test pushes and records every ACK and NACK.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,9 @@ pub struct FakeControlPlane {
     /// Whether a Watch from a sidecar that holds the pushed snapshot is
     /// sent nothing, as the real control plane does (see [`Self::hold`]).
     hold: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether a renewal must prove a ServiceAccount token too (see
+    /// [`Self::renewals_need_token`]).
+    renewals_need_token: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -73,6 +77,7 @@ struct Service {
     snapshot: watch::Receiver<Option<pb::Snapshot>>,
     generation: watch::Receiver<u64>,
     hold: Arc<std::sync::atomic::AtomicBool>,
+    renewals_need_token: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -96,6 +101,25 @@ impl Identity for Service {
         }
         if !token && peer.is_none() {
             return Err(Status::unauthenticated("no proof"));
+        }
+        if peer.is_some()
+            && !matches!(req.proof, Some(Proof::ServiceAccountToken(_)))
+            && self
+                .renewals_need_token
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // As the real control plane refuses it, reason included.
+            let mut status = Status::unauthenticated(
+                "renewal needs the ServiceAccount token: this control plane runs with \
+                 --renewal-proof token",
+            );
+            status.metadata_mut().insert(
+                trellis_core::grpc::REFUSAL_KEY,
+                tonic::metadata::MetadataValue::from_static(
+                    trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN,
+                ),
+            );
+            return Err(status);
         }
         let mut csr = CertificateSigningRequestParams::from_der(&req.csr.into())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -229,6 +253,7 @@ impl FakeControlPlane {
         let (snapshot, snapshot_rx) = watch::channel(None);
         let (generation, generation_rx) = watch::channel(0);
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewals_need_token = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = Service {
             ca: ca.clone(),
             root: root.clone(),
@@ -237,6 +262,7 @@ impl FakeControlPlane {
             snapshot: snapshot_rx,
             generation: generation_rx,
             hold: hold.clone(),
+            renewals_need_token: renewals_need_token.clone(),
         };
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -252,7 +278,18 @@ impl FakeControlPlane {
             snapshot,
             generation,
             hold,
+            renewals_need_token,
         }
+    }
+
+    /// From now on, a renewal (a Certify with a client certificate) without
+    /// a ServiceAccount token is refused `UNAUTHENTICATED` with reason
+    /// `renewal_needs_token`, as by a control plane with
+    /// `--renewal-proof token`; until then the certificate alone renews,
+    /// as with `--renewal-proof certificate`.
+    pub fn renewals_need_token(&self) {
+        self.renewals_need_token
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// From now on, a Watch from a sidecar that already holds the pushed
