@@ -80,6 +80,53 @@ async fn refuses_plaintext() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
+/// A plaintext client finds its refusal in the admin port's `/metrics`
+/// and in the log as soon as it has read its answer: the refusal is
+/// counted when the plaintext is seen, not once the answered connection
+/// closes. The client keeps its connection open while it looks, so the
+/// sidecar is still reading from it ([`trellis_core::refusal::linger`]).
+#[tokio::test]
+async fn a_plaintext_refusal_is_on_record_once_answered() {
+    use common::control_plane::FakeControlPlane;
+    use common::http::{push_to, snapshot};
+    use common::sidecar::{Logs, sidecar};
+    use tokio::io::AsyncReadExt;
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+
+    let mut tcp = TcpStream::connect(s.inbound).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Up to the end of the answer: the sidecar shuts its side down.
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer:?}"
+    );
+
+    let metrics = s.get("/metrics").await;
+    for series in [
+        "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 1\n",
+        "trellis_connections_total{direction=\"inbound\",outcome=\"refused\"} 1\n",
+    ] {
+        assert!(metrics.contains(series), "no {series:?} in:\n{metrics}");
+    }
+    assert!(
+        logs.find(&["inbound handshake failed", "reason=not_tls"])
+            .is_some(),
+        "{:#?}",
+        logs.lines()
+    );
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+    drop(tcp);
+}
+
 /// A plaintext HTTP/2 client (curl with prior knowledge, a gRPC client as
 /// `grpcurl -plaintext` is) is told the same in its own protocol: `400`
 /// with the text, or `UNAVAILABLE` with it as the message.

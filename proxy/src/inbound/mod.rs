@@ -395,13 +395,22 @@ pub async fn serve(
         return shared.refuse(client, "no_local_certificate", None, refused);
     };
     let opaque = shared.is_opaque(target.port());
+    // Plaintext is counted and logged once seen, before its answer: the
+    // answer lingers (`trellis_core::refusal::answer`), and a client that
+    // reads the metrics or the log once answered finds its refusal there.
+    let mut plaintext = false;
+    let found_plaintext = || {
+        plaintext = true;
+        let error = net::PlaintextAnswered;
+        shared.refuse(client, "not_tls", Some(&error), HANDSHAKE_FAILED);
+    };
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
     // the connection.
     let handshake = Box::pin(async {
         let mut tcp = tcp;
-        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, net::HANDSHAKE_TIMEOUT, || {}).await
-        {
+        let patience = net::HANDSHAKE_TIMEOUT;
+        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, patience, found_plaintext).await {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 net::PlaintextAnswered,
@@ -441,8 +450,11 @@ pub async fn serve(
             }
         }
     });
-    let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await;
+    let stream = match handshake {
         Ok(Ok(stream)) => Box::new(stream),
+        // Counted when it was seen, its answer sent or cut short since.
+        _ if plaintext => return,
         Ok(Err(e)) => {
             let reason = net::handshake_failure_reason(&e);
             let error = trellis_core::tls::Described(&e);
