@@ -420,7 +420,17 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
         head
     };
     let bare_cr = "400 malformed request line: a bare CR (a CR not followed by LF)";
-    let cases: [(&str, &[u8], &str); 13] = [
+    let bare_cr_in_header = "400 malformed header line: a bare CR (a CR not followed by LF)";
+    // More fields than the forwarder parses at once, fewer than it takes.
+    let fields_then_bare_cr = {
+        let mut head = b"GET /a HTTP/1.1\r\nhost: api\r\n".to_vec();
+        for i in 0..80 {
+            head.extend(format!("x-field-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend(b"x-last: one\rtwo\r\n\r\n");
+        head
+    };
+    let cases: [(&str, &[u8], &str); 18] = [
         (
             "two different lengths",
             b"POST /a HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\ncontent-length: 40\r\n\r\n\
@@ -487,6 +497,31 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
             "a bare CR in the target",
             b"GET /a\rb HTTP/1.1\r\nhost: api\r\n\r\n",
             bare_cr,
+        ),
+        (
+            "a bare CR starting a header line",
+            b"GET /admin/x HTTP/1.1\r\nhost: api\r\n\rx-after: cr\r\n\r\n",
+            bare_cr_in_header,
+        ),
+        (
+            "a bare CR in a header value",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nx-value: one\rtwo\r\n\r\n",
+            bare_cr_in_header,
+        ),
+        (
+            "a bare CR in a field name",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nx-na\rme: value\r\n\r\n",
+            bare_cr_in_header,
+        ),
+        (
+            "a bare CR after more fields than the forwarder parses at once",
+            &fields_then_bare_cr,
+            bare_cr_in_header,
+        ),
+        (
+            "a fault in a header line before one with a bare CR",
+            b"GET /a HTTP/1.1\r\nhost: api\r\nx-bell: \x07\r\nx-value: one\rtwo\r\n\r\n",
+            "400 invalid character in a header value",
         ),
     ];
     for (case, bytes, expected) in cases {

@@ -13,8 +13,8 @@
 //! ([`super::serve`]), which serves it and the rest of the connection as
 //! it serves every other HTTP/1 connection: chunked requests,
 //! `100-continue`, upgrades and HTTP/1.0 are answered as before. A head
-//! that does not parse (a bare CR in its request line among the faults
-//! named), whose framing no server may read (two lengths, a
+//! that does not parse (a bare CR in its request line or a header line
+//! among the faults named), whose framing no server may read (two lengths, a
 //! `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0), with more
 //! than 100 fields or longer than [`MAX_REQUEST_HEAD`] is answered here,
 //! with 400 (431) and a text naming what was wrong ([`Malformed`]), and
@@ -632,12 +632,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return Some(too_many_fields(buf)),
         Err(e) => {
-            let why =
-                if detect::bare_cr(detect::first_line(detect::skip_empty_lines(buf))).is_some() {
-                    BARE_CR
-                } else {
-                    unparsable(e, parsed.method.is_some())
-                };
+            let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, parsed.method.is_some()));
             return Some(Taken::Malformed(Malformed::bad(why)));
         }
     };
@@ -796,7 +791,10 @@ fn too_many_fields(buf: &[u8]) -> Taken {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             why: "more than 100 header fields",
         }),
-        Err(e) => Taken::Malformed(Malformed::bad(unparsable(e, true))),
+        Err(e) => {
+            let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, true));
+            Taken::Malformed(Malformed::bad(why))
+        }
         Ok(_) => Taken::Other,
     }
 }
@@ -820,6 +818,37 @@ fn unparsable(e: httparse::Error, method: bool) -> &'static str {
 
 /// What a request line with a CR not followed by LF is told.
 const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
+/// What a header line with a CR not followed by LF is told.
+const BARE_CR_IN_HEADER: &str = "malformed header line: a bare CR (a CR not followed by LF)";
+
+/// What a head that does not parse is told when its first fault is in a
+/// line holding a bare CR ([`detect::bare_cr`]): [`BARE_CR`] for the
+/// request line, [`BARE_CR_IN_HEADER`] for a header line; `None` when the
+/// head has a fault before its first such line, or none.
+fn bare_cr_fault(buf: &[u8]) -> Option<&'static str> {
+    let head = detect::skip_empty_lines(buf);
+    let mut start = 0;
+    loop {
+        let line = detect::first_line(&head[start..]);
+        if detect::bare_cr(line).is_some() {
+            break;
+        }
+        start += line.len() + 1;
+        if start >= head.len() {
+            return None;
+        }
+    }
+    if start == 0 {
+        return Some(BARE_CR);
+    }
+    // The lines before it are a head begun without a fault (nor ended):
+    // the first fault is in this line.
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    match httparse::Request::new(&mut fields).parse(&head[..start]) {
+        Ok(httparse::Status::Partial) => Some(BARE_CR_IN_HEADER),
+        _ => None,
+    }
+}
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, as hyper
 /// reads it.
