@@ -487,15 +487,6 @@ async fn answer_dial_refused(
     answer_refused(app, opaque, e.status(), dst, why).await;
 }
 
-/// Whether the port the app called is declared opaque: never looked at,
-/// not even to answer a refusal.
-fn opaque_port(shared: &Shared, dst: SocketAddr) -> bool {
-    let snapshot = shared.snapshot.borrow();
-    snapshot
-        .as_deref()
-        .is_some_and(|s| s.policies.is_opaque(dst.port()))
-}
-
 /// Tells an HTTP app why its call was refused, before anything of it left
 /// the pod, and closes the connection ([`refusal::answer`]): HTTP/1 gets
 /// `status` with a text body naming `dst` and `why`, HTTP/2 the same for
@@ -540,20 +531,6 @@ async fn answer_refused(
     // What detection read is the start of the app's request.
     let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
     refusal::answer(&mut io, version, &refused, ANSWER_PATIENCE).await;
-}
-
-impl App {
-    /// [`answer_refused`] for a call to `dst`, unless `dst`'s port is
-    /// declared opaque.
-    async fn refuse(
-        &mut self,
-        shared: &Shared,
-        status: StatusCode,
-        dst: SocketAddr,
-        why: impl std::fmt::Display,
-    ) {
-        answer_refused(self, opaque_port(shared, dst), status, dst, why).await;
-    }
 }
 
 /// A `--route` listener: plaintext on `route.local`, mTLS to `route.remote`.
@@ -924,6 +901,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
     let Resolved {
         service,
         candidates,
+        opaque: dst_opaque,
         mut target,
     } = {
         let snapshot = shared.snapshot.borrow();
@@ -968,14 +946,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, "loop");
                 let why = format!("{addr} is this sidecar (loop)");
-                app.refuse(shared, BAD_GATEWAY, dst, why).await;
+                answer_refused(&mut app, dst_opaque, BAD_GATEWAY, dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
                 metrics.connection(OUTBOUND, NO_BACKEND);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
-                app.refuse(shared, SERVICE_UNAVAILABLE, dst, why).await;
+                answer_refused(&mut app, dst_opaque, SERVICE_UNAVAILABLE, dst, why).await;
                 return;
             }
             Target::NoMeshBackend { backends } => {
@@ -985,12 +963,13 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
                     name.unwrap_or("")
                 );
-                app.refuse(shared, SERVICE_UNAVAILABLE, dst, why).await;
+                answer_refused(&mut app, dst_opaque, SERVICE_UNAVAILABLE, dst, why).await;
                 return;
             }
             Target::Outside {
                 addr,
                 policy: OutboundPolicy::Deny,
+                ..
             } => {
                 tracing::info!(
                     %client,
@@ -1004,7 +983,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 metrics.connection(OUTBOUND, "denied");
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
-                app.refuse(shared, FORBIDDEN, dst, why).await;
+                answer_refused(&mut app, dst_opaque, FORBIDDEN, dst, why).await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {
@@ -1070,12 +1049,13 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     }
                 }
             }
-            Target::SamePod(addr)
+            Target::SamePod { addr, opaque }
             | Target::Outside {
                 addr,
                 policy: OutboundPolicy::Passthrough,
+                opaque,
             } => {
-                let same_pod = matches!(target, Target::SamePod(_));
+                let same_pod = matches!(target, Target::SamePod { .. });
                 // A connection within the pod gets no user timeout: its
                 // peer does not vanish.
                 let dialled = if same_pod {
@@ -1110,8 +1090,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                                 "connecting to {addr}: {e} ({})",
                                 net::connect_failure_reason(&e)
                             );
-                            let opaque = opaque_port(shared, dst) || opaque_port(shared, *addr);
-                            answer_refused(&mut app, opaque, BAD_GATEWAY, dst, why).await;
+                            answer_refused(&mut app, *opaque, BAD_GATEWAY, dst, why).await;
                             return;
                         }
                     },

@@ -46,6 +46,10 @@ pub(super) struct Resolved {
     /// How many backends of that service a call may go to under the
     /// outbound policy (0 for a destination that is no service's).
     pub candidates: usize,
+    /// Whether the port the app dialled is declared opaque (never before
+    /// the first snapshot): a refusal of the call is then only a closed
+    /// connection, the app's bytes never looked at.
+    pub opaque: bool,
     pub target: Target,
 }
 
@@ -59,8 +63,9 @@ pub(super) enum Target {
     /// outbound `deny`: refused. `backends` is how many there are.
     NoMeshBackend { backends: usize },
     /// A mesh endpoint: mTLS to `addr`, the server must present `id`.
-    /// `opaque` (the port of `addr`, or of the virtual address the app
-    /// dialled, is declared opaque): never parsed as HTTP.
+    /// `opaque` here and below: the port of `addr`, or of the address the
+    /// app dialled, is declared opaque, so the connection is never parsed
+    /// as HTTP, not even to answer a refusal.
     Mesh {
         addr: SocketAddr,
         id: SpiffeId,
@@ -69,11 +74,12 @@ pub(super) enum Target {
     /// An address of this pod that is no endpoint's inbound: plain TCP,
     /// which never leaves the pod (the app's own call to it would not be
     /// redirected at all).
-    SamePod(SocketAddr),
+    SamePod { addr: SocketAddr, opaque: bool },
     /// Outside the mesh: refused or plain TCP, as `policy` says.
     Outside {
         addr: SocketAddr,
         policy: OutboundPolicy,
+        opaque: bool,
     },
 }
 
@@ -83,10 +89,11 @@ impl Target {
     pub(super) fn dialled(&self) -> Option<SocketAddr> {
         match self {
             Target::Mesh { addr, .. }
-            | Target::SamePod(addr)
+            | Target::SamePod { addr, .. }
             | Target::Outside {
                 addr,
                 policy: OutboundPolicy::Passthrough,
+                ..
             } => Some(*addr),
             Target::Loop(_)
             | Target::NoBackend
@@ -108,9 +115,11 @@ pub(super) fn resolve(
     snapshot: Option<&Snapshot>,
     dst: SocketAddr,
 ) -> Resolved {
+    let opaque = snapshot.is_some_and(|s| s.policies.is_opaque(dst.port()));
     let direct = |target| Resolved {
         service: None,
         candidates: 0,
+        opaque,
         target,
     };
     if is_own(own, dst) {
@@ -120,20 +129,21 @@ pub(super) fn resolve(
         return direct(Target::Outside {
             addr: dst,
             policy: OutboundPolicy::default(),
+            opaque,
         });
     };
     let Some(service) = snapshot.service_for(dst) else {
-        return direct(destination(own, snapshot, dst, &snapshot.peer(dst), dst));
+        return direct(destination(own, snapshot, dst, &snapshot.peer(dst), opaque));
     };
     let target = match service.pick(snapshot.outbound_policy) {
-        Pick::Backend(backend) => destination(own, snapshot, backend.addr, &backend.peer, dst),
+        Pick::Backend(backend) => destination(own, snapshot, backend.addr, &backend.peer, opaque),
         Pick::NoBackend => Target::NoBackend,
         // None of them would be allowed out, but one that is this pod
         // itself (its own endpoint not known yet, or its address shared
         // by several identities) never leaves it.
         Pick::NoMeshBackend(outside) => {
             match outside.iter().find(|b| is_own_ip(own, b.addr.ip())) {
-                Some(Backend { addr, peer }) => destination(own, snapshot, *addr, peer, dst),
+                Some(Backend { addr, peer }) => destination(own, snapshot, *addr, peer, opaque),
                 None => Target::NoMeshBackend {
                     backends: outside.len(),
                 },
@@ -143,6 +153,7 @@ pub(super) fn resolve(
     Resolved {
         service: Some(service.name.clone()),
         candidates: service.candidates(snapshot.outbound_policy).len(),
+        opaque,
         target,
     }
 }
@@ -162,22 +173,23 @@ pub(super) fn retry(
 ) -> Option<Target> {
     let snapshot = snapshot?;
     let service = snapshot.service_for(dst)?;
+    let opaque = snapshot.policies.is_opaque(dst.port());
     service
         .retry(snapshot.outbound_policy, tried)
-        .map(|b| destination(own, snapshot, b.addr, &b.peer, dst))
+        .map(|b| destination(own, snapshot, b.addr, &b.peer, opaque))
         .find(|target| target.dialled().is_some())
 }
 
-/// What `addr` is, `peer` being who the endpoints say is there; `dst` is
-/// the address the app dialled (`addr` itself, or the service's virtual
-/// address whose backend `addr` is): the connection is opaque if either
-/// port is.
+/// What `addr` is, `peer` being who the endpoints say is there;
+/// `dst_opaque` is whether the port the app dialled (`addr` itself, or the
+/// service's virtual address whose backend `addr` is) is declared opaque:
+/// the connection is opaque if either port is.
 fn destination(
     own: &[SocketAddr],
     snapshot: &Snapshot,
     addr: SocketAddr,
     peer: &Peer,
-    dst: SocketAddr,
+    dst_opaque: bool,
 ) -> Target {
     if is_own(own, addr) {
         return Target::Loop(addr);
@@ -185,19 +197,20 @@ fn destination(
     // Another sidecar's inbound on an address this pod shares (several
     // sidecars on one host) is still a mesh peer; any other port of this
     // pod's address is the pod itself, whose one identity is this one.
+    let opaque = dst_opaque || snapshot.policies.is_opaque(addr.port());
     if is_own_ip(own, addr.ip()) && !matches!(peer, Peer::Endpoint(_)) {
-        return Target::SamePod(addr);
+        return Target::SamePod { addr, opaque };
     }
     match peer.id() {
         Some(id) => Target::Mesh {
             addr,
             id: id.clone(),
-            opaque: snapshot.policies.is_opaque(addr.port())
-                || snapshot.policies.is_opaque(dst.port()),
+            opaque,
         },
         None => Target::Outside {
             addr,
             policy: snapshot.outbound_policy,
+            opaque,
         },
     }
 }
@@ -274,6 +287,7 @@ mod tests {
         Resolved {
             service: Some("shop/api".into()),
             candidates,
+            opaque: false,
             target,
         }
     }
@@ -333,6 +347,7 @@ mod tests {
                 Target::Outside {
                     addr: addr("192.0.2.7:8080"),
                     policy: OutboundPolicy::Passthrough,
+                    opaque: false,
                 }
             )
         );
@@ -415,6 +430,59 @@ mod tests {
         assert!(!opaque("10.96.0.13:80"));
     }
 
+    /// What a refusal needs to know is resolved with the call: whether the
+    /// port the app dialled is opaque, for a call refused outright, and
+    /// whether either port is, for one whose plain TCP dial failed.
+    #[test]
+    fn the_opaque_ports_a_refusal_keeps_to_are_resolved_with_the_call() {
+        let s = snapshot_of(
+            "passthrough",
+            vec![
+                api_service("10.96.0.11:5432", &[]),
+                api_service("10.96.0.12:80", &["192.0.2.7:5432"]),
+                api_service("10.96.0.13:5432", &["10.0.0.5:8080"]),
+            ],
+        );
+        let resolved = |dst| resolve(&own(), Some(&s), addr(dst));
+        let r = resolved("10.96.0.11:5432");
+        assert_eq!((r.opaque, r.target), (true, Target::NoBackend));
+        let r = resolved("10.96.0.12:80");
+        assert!(!r.opaque, "the virtual address's port is not opaque");
+        assert_eq!(
+            r.target,
+            Target::Outside {
+                addr: addr("192.0.2.7:5432"),
+                policy: OutboundPolicy::Passthrough,
+                opaque: true,
+            }
+        );
+        let r = resolved("10.96.0.13:5432");
+        assert_eq!(
+            (r.opaque, r.target),
+            (
+                true,
+                Target::SamePod {
+                    addr: addr("10.0.0.5:8080"),
+                    opaque: true,
+                }
+            )
+        );
+        let s = snapshot("deny", &[]);
+        let r = resolve(&own(), Some(&s), addr("192.0.2.7:5432"));
+        assert_eq!(
+            (r.opaque, r.target),
+            (
+                true,
+                Target::Outside {
+                    addr: addr("192.0.2.7:5432"),
+                    policy: OutboundPolicy::Deny,
+                    opaque: true,
+                }
+            )
+        );
+        assert!(!resolve(&own(), None, addr("192.0.2.7:5432")).opaque);
+    }
+
     #[test]
     fn a_backend_that_is_this_pod_stays_inside_it() {
         // This pod's address holds two identities, so no endpoint stands for
@@ -424,7 +492,13 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(
                 resolve(&own(), Some(&s), addr(VIP)),
-                via_service(0, Target::SamePod(addr("10.0.0.5:8080")))
+                via_service(
+                    0,
+                    Target::SamePod {
+                        addr: addr("10.0.0.5:8080"),
+                        opaque: false,
+                    }
+                )
             );
         }
         // A pod address with one identity makes a mesh backend, which is
@@ -433,7 +507,13 @@ mod tests {
         let s = snapshot("deny", &["10.0.0.1:8080"]);
         assert_eq!(
             resolve(&api_pod, Some(&s), addr(VIP)),
-            via_service(1, Target::SamePod(addr("10.0.0.1:8080")))
+            via_service(
+                1,
+                Target::SamePod {
+                    addr: addr("10.0.0.1:8080"),
+                    opaque: false,
+                }
+            )
         );
         // Its own inbound listener is a loop, as a direct call to it is.
         let s = snapshot("passthrough", &["10.0.0.5:15006"]);
@@ -490,6 +570,7 @@ mod tests {
                 Some(Target::Outside {
                     addr: addr("192.0.2.7:8080"),
                     policy: OutboundPolicy::Passthrough,
+                    opaque: false,
                 })
             );
         }
@@ -505,7 +586,10 @@ mod tests {
         let s = snapshot("deny", &["10.0.0.1:8080", "10.0.0.2:8080"]);
         assert_eq!(
             retry(&api_pod, Some(&s), addr(VIP), &[addr("10.0.0.2:8080")]),
-            Some(Target::SamePod(addr("10.0.0.1:8080")))
+            Some(Target::SamePod {
+                addr: addr("10.0.0.1:8080"),
+                opaque: false,
+            })
         );
     }
 
@@ -548,6 +632,7 @@ mod tests {
         let direct = |target| Resolved {
             service: None,
             candidates: 0,
+            opaque: false,
             target,
         };
         assert_eq!(
@@ -563,6 +648,7 @@ mod tests {
             direct(Target::Outside {
                 addr: addr("192.0.2.7:80"),
                 policy: OutboundPolicy::Deny,
+                opaque: false,
             })
         );
         assert_eq!(
@@ -576,6 +662,7 @@ mod tests {
             direct(Target::Outside {
                 addr: addr(VIP),
                 policy: OutboundPolicy::Deny,
+                opaque: false,
             })
         );
     }
