@@ -17,6 +17,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use trellis_core::connections::Refused;
 
+use crate::inbound::H2Refused;
+
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
@@ -322,9 +324,13 @@ impl Metrics {
              serves)",
             h2_refused_family.clone(),
         );
-        let h2_refused = ["per_peer", "total"].map(|reason| {
+        let h2_refused = [
+            H2Refused::PerPeer { limit: 0 },
+            H2Refused::Total { limit: 0 },
+        ]
+        .map(|refused| {
             h2_refused_family
-                .get_or_create(&[("reason", reason)])
+                .get_or_create(&[("reason", refused.reason())])
                 .clone()
         });
         Metrics {
@@ -477,10 +483,10 @@ impl Metrics {
 
     /// Counts an inbound HTTP/2 connection refused by the limit that
     /// `refused` it. No lock: both series were resolved up front.
-    pub fn h2_connection_refused(&self, refused: crate::inbound::H2Refused) {
+    pub fn h2_connection_refused(&self, refused: H2Refused) {
         let index = match refused {
-            crate::inbound::H2Refused::PerPeer { .. } => 0,
-            crate::inbound::H2Refused::Total { .. } => 1,
+            H2Refused::PerPeer { .. } => 0,
+            H2Refused::Total { .. } => 1,
         };
         self.h2_refused[index].inc();
     }
@@ -570,6 +576,27 @@ mod tests {
             "trellis_h2_connections_refused_total{reason=\"total\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    /// Each refused HTTP/2 connection counts under the label its limit's
+    /// `reason` names, the one its log line gives.
+    #[test]
+    fn h2_refusals_count_under_their_reason() {
+        let m = Metrics::new();
+        m.h2_connection_refused(H2Refused::Total { limit: 4 });
+        m.h2_connection_refused(H2Refused::PerPeer { limit: 2 });
+        m.h2_connection_refused(H2Refused::Total { limit: 4 });
+        let text = m.encode();
+        for (refused, count) in [
+            (H2Refused::PerPeer { limit: 2 }, 1),
+            (H2Refused::Total { limit: 4 }, 2),
+        ] {
+            let series = format!(
+                "trellis_h2_connections_refused_total{{reason=\"{}\"}} {count}",
+                refused.reason()
+            );
+            assert!(text.contains(&series), "{series} missing from\n{text}");
         }
     }
 
