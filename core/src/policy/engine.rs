@@ -64,6 +64,7 @@ use trellis_proto::policy::v1 as proto;
 use super::document::Action;
 use super::l7::HttpRequest;
 use super::pattern::IdPattern;
+use super::rules::sorted_ports;
 pub(crate) use super::rules::{CompiledPolicy, CompiledRule};
 use super::validate::{ValidationContext, Violation, Violations};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -434,6 +435,7 @@ impl PolicySet {
         opaque: &[u16],
     ) -> Result<Self, CompileError> {
         let mesh = local.trust_domain();
+        let opaque = sorted_ports(opaque);
         let mut compiled = Vec::new();
         let mut fallbacks = Vec::new();
         for policy in policies {
@@ -441,7 +443,7 @@ impl PolicySet {
             if !policy.selects(local) {
                 continue;
             }
-            fallbacks.extend(policy.fail_closed_on(opaque));
+            fallbacks.extend(policy.fail_closed_on_sorted(&opaque));
             compiled.push(policy);
         }
         fallbacks.sort_by(|a, b| (&a.rule.policy, a.rule.rule).cmp(&(&b.rule.policy, b.rule.rule)));

@@ -89,6 +89,15 @@ pub(crate) struct FailedClosed {
     pub every_port: bool,
 }
 
+/// `ports` sorted, without duplicates, as
+/// [`CompiledRule::fail_closed_on`] takes the opaque ones.
+pub(crate) fn sorted_ports(ports: &[u16]) -> Vec<u16> {
+    let mut sorted = ports.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted
+}
+
 impl CompiledRule {
     pub fn source_match(
         &self,
@@ -144,16 +153,15 @@ impl CompiledRule {
     /// if the rule is DENY or AUDIT (as if it had no L7 matches), and is
     /// left off them if it is ALLOW (it could never match). Its other
     /// ports keep the L7 matches. Returns the ports of `opaque` the rule
-    /// had L7 matches on.
+    /// had L7 matches on. `opaque` is sorted, without duplicates
+    /// ([`CompiledPolicy::fail_closed_on`] makes it so once for all its
+    /// rules).
     pub fn fail_closed_on(&mut self, opaque: &[u16], action: Action) -> FailedClosed {
+        debug_assert!(opaque.is_sorted_by(|a, b| a < b), "{opaque:?}");
         let mut found = FailedClosed::default();
         if opaque.is_empty() {
             return found;
         }
-        let mut sorted = opaque.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let opaque = sorted.as_slice();
         let mut to = Vec::with_capacity(self.to.len());
         for d in self.to.iter() {
             let Some(l7) = &d.l7 else {
@@ -338,6 +346,12 @@ impl CompiledPolicy {
     /// Makes each rule fail closed on the `opaque` ports
     /// ([`CompiledRule::fail_closed_on`]): the rules it changed, by index.
     pub fn fail_closed_on(&mut self, opaque: &[u16]) -> Vec<OpaqueFallback> {
+        self.fail_closed_on_sorted(&sorted_ports(opaque))
+    }
+
+    /// [`fail_closed_on`](Self::fail_closed_on) the `opaque` ports, sorted
+    /// and without duplicates ([`sorted_ports`]).
+    pub fn fail_closed_on_sorted(&mut self, opaque: &[u16]) -> Vec<OpaqueFallback> {
         let action = self.action;
         let mut fallbacks = Vec::new();
         for (index, rule) in self.rules.iter_mut().enumerate() {
