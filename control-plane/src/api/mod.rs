@@ -133,19 +133,19 @@ pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -
 }
 
 /// A time as status messages give it: RFC 3339, in whole seconds, UTC;
-/// the number itself when it is before 1970 or past what a system time
-/// holds.
+/// the number itself when it has none ([`rfc3339_checked`]).
 pub fn rfc3339(unix: i64) -> String {
+    rfc3339_checked(unix).unwrap_or_else(|| unix.to_string())
+}
+
+/// `unix` in RFC 3339, in whole seconds, UTC; `None` when it is before
+/// 1970, past the year 9999 or past what a system time holds.
+pub fn rfc3339_checked(unix: i64) -> Option<String> {
     use std::fmt::Write as _;
+    let time = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(unix).ok()?))?;
     let mut out = String::new();
-    let written = u64::try_from(unix)
-        .ok()
-        .and_then(|u| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(u)))
-        .map(|t| write!(out, "{}", humantime::format_rfc3339_seconds(t)));
-    match written {
-        Some(Ok(())) => out,
-        _ => unix.to_string(),
-    }
+    write!(out, "{}", humantime::format_rfc3339_seconds(time)).ok()?;
+    Some(out)
 }
 
 /// The guard of a service only one identity may call: the Admin service's
@@ -203,5 +203,16 @@ mod tests {
             shown.ends_with(&format!("... ({} bytes)", huge.len())),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn times_without_an_rfc3339_form_are_shown_as_numbers() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        for unix in [-1, 253_402_300_800, i64::MAX] {
+            assert_eq!(rfc3339_checked(unix), None, "{unix}");
+            assert_eq!(rfc3339(unix), unix.to_string());
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls::ClientConfig;
@@ -36,6 +36,7 @@ use trellis_proto::admin::v1::{
 
 use self::policy::PolicyCommand;
 
+use crate::api;
 use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 use crate::discovery::SyncState;
@@ -706,21 +707,13 @@ pub fn revocations_json(revocations: &[Revocation]) -> String {
     pretty(&items)
 }
 
-/// A time for people, or `-` for none: 0, or beyond year 9999 (the
-/// Kubernetes store's Pod endpoints, which no certificate expiry ends).
+/// A time for people ([`api::rfc3339_checked`]), or `-` for none: 0, or
+/// one without an RFC 3339 form, such as beyond year 9999 (the Kubernetes
+/// store's Pod endpoints, which no certificate expiry ends).
 fn rfc3339(unix: i64) -> String {
-    use std::fmt::Write as _;
-    let Some(time) = u64::try_from(unix)
-        .ok()
-        .filter(|&u| u > 0)
-        .and_then(|u| UNIX_EPOCH.checked_add(Duration::from_secs(u)))
-    else {
-        return "-".into();
-    };
-    let mut out = String::new();
-    match write!(out, "{}", humantime::format_rfc3339_seconds(time)) {
-        Ok(()) => out,
-        Err(_) => "-".into(),
+    match unix {
+        0 => "-".into(),
+        _ => api::rfc3339_checked(unix).unwrap_or_else(|| "-".into()),
     }
 }
 
@@ -1000,4 +993,17 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
         })
         .collect();
     pretty(&items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_shown_in_rfc3339_or_as_a_dash_for_none() {
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        for none in [0, -1, 253_402_300_800, i64::MAX] {
+            assert_eq!(rfc3339(none), "-", "{none}");
+        }
+    }
 }
