@@ -113,10 +113,11 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub advertise_address: Vec<String>,
-    /// How long the drain after SIGTERM may last at most: the inbound and
-    /// admin listeners close at once, the outbound ones keep accepting
-    /// (for an app making its last calls) until the drain ends, and the
-    /// connections still open then are closed.
+    /// How long the drain after SIGTERM may last at most: the inbound
+    /// listeners close at once, the outbound ones keep accepting (for an
+    /// app making its last calls) until the drain ends, and the
+    /// connections still open then are closed. The admin port serves until
+    /// exit (`/ready` answers 503 while draining).
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s")]
     pub drain_timeout: String,
     /// The drain after SIGTERM ends once no connection has been open for
