@@ -647,9 +647,6 @@ pub struct ResumptionRefused;
 /// metrics; `"io"` when it is not a TLS error.
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
     if let Some(inner) = e.get_ref() {
-        if inner.is::<PlaintextAnswered>() {
-            return "not_tls";
-        }
         if inner.is::<ResumptionRefused>() {
             return "not_resumed";
         }

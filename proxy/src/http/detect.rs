@@ -280,19 +280,13 @@ const METHODS: [&[u8]; 9] = [
     b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
 ];
 
-/// Where `line` (one line, without its LF) holds a CR followed by anything
-/// but LF: lines end only at CRLF (or LF) for the sidecar, and at a bare CR
-/// for some servers, so the words around it are not what an app would read.
+/// Where `line` (one line or several) holds a CR followed by anything but
+/// LF: lines end only at CRLF (or LF) for the sidecar, and at a bare CR for
+/// some servers, so the words around it are not what an app would read.
 pub(super) fn bare_cr(line: &[u8]) -> Option<usize> {
     line.iter()
         .enumerate()
         .position(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
-}
-
-/// The first line of `buf`, without its LF (all of `buf` when it has none).
-pub(super) fn first_line(buf: &[u8]) -> &[u8] {
-    let end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
-    &buf[..end]
 }
 
 /// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before

@@ -827,17 +827,13 @@ const BARE_CR_IN_HEADER: &str = "malformed header line: a bare CR (a CR not foll
 /// head has a fault before its first such line, or none.
 fn bare_cr_fault(buf: &[u8]) -> Option<&'static str> {
     let head = detect::skip_empty_lines(buf);
-    let mut start = 0;
-    loop {
-        let line = detect::first_line(&head[start..]);
-        if detect::bare_cr(line).is_some() {
-            break;
-        }
-        start += line.len() + 1;
-        if start >= head.len() {
-            return None;
-        }
-    }
+    // A CR before LF is never bare, so the first bare CR of the head is
+    // that of its first line holding one.
+    let cr = detect::bare_cr(head)?;
+    let start = head[..cr]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |lf| lf + 1);
     if start == 0 {
         return Some(BARE_CR);
     }

@@ -402,9 +402,10 @@ async fn certify_with(
     // Why the ServiceAccount token is not sent with this renewal.
     let mut unread = None;
     let proof = match (current, &params.token) {
-        (Some(svid), Some(Credential::ServiceAccountToken(path))) => match read_token(path) {
-            Ok(token) => Some(Proof::ServiceAccountToken(token)),
-            Err(e) => {
+        (_, Some(Credential::ServiceAccountToken(path))) => match (read_token(path), current) {
+            (Ok(token), _) => Some(Proof::ServiceAccountToken(token)),
+            (Err(e), None) => return Err(e.into()),
+            (Err(e), Some(svid)) => {
                 tracing::warn!(
                     serial = %svid.serial,
                     error = %e,
@@ -415,9 +416,6 @@ async fn certify_with(
                 None
             }
         },
-        (None, Some(Credential::ServiceAccountToken(path))) => {
-            Some(Proof::ServiceAccountToken(read_token(path)?))
-        }
         (Some(_), _) => None,
         (None, Some(Credential::JoinToken { path, at_start })) => Some(Proof::JoinToken(
             read_token(path).unwrap_or_else(|_| at_start.0.clone()),
@@ -447,14 +445,7 @@ async fn certify_with(
         .map_err(|s| {
             let join_token =
                 current.is_none() && matches!(params.token, Some(Credential::JoinToken { .. }));
-            match (refused(&s, join_token), unread) {
-                (CertifyError::Refused { reason, .. }, Some(unread))
-                    if reason == trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN =>
-                {
-                    CertifyError::RenewalTokenUnread { unread }
-                }
-                (e, _) => e,
-            }
+            refused(&s, join_token, unread)
         })?
         .into_inner();
     for refused in &response.refused_inbound_addresses {
@@ -475,8 +466,14 @@ async fn certify_with(
 }
 
 /// The error for the refusal `status`; `join_token` when the call was
-/// proved by a join token, whose refusal as used says what to do.
-fn refused(status: &tonic::Status, join_token: bool) -> CertifyError {
+/// proved by a join token, whose refusal as used says what to do; `unread`
+/// why the ServiceAccount token was left out, which a refusal for want of
+/// it names.
+fn refused(
+    status: &tonic::Status,
+    join_token: bool,
+    unread: Option<crate::config::InvalidFlag>,
+) -> CertifyError {
     let reason = status
         .metadata()
         .get(trellis_core::grpc::REFUSAL_KEY)
@@ -484,6 +481,11 @@ fn refused(status: &tonic::Status, join_token: bool) -> CertifyError {
         .unwrap_or_default();
     if join_token && reason == trellis_core::grpc::REFUSAL_TOKEN_USED {
         return CertifyError::JoinTokenUsed;
+    }
+    if reason == trellis_core::grpc::REFUSAL_RENEWAL_NEEDS_TOKEN
+        && let Some(unread) = unread
+    {
+        return CertifyError::RenewalTokenUnread { unread };
     }
     CertifyError::Refused {
         code: status.code(),

@@ -411,10 +411,8 @@ pub async fn serve(
         let mut tcp = tcp;
         let patience = net::HANDSHAKE_TIMEOUT;
         if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, patience, found_plaintext).await {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                net::PlaintextAnswered,
-            ));
+            // Counted and logged in `found_plaintext`: only ends the attempt.
+            return Err(io::ErrorKind::InvalidData.into());
         }
         // The session tickets, written after the handshake flight, wait
         // for the first answer and leave in its segment.
