@@ -4,8 +4,8 @@
 use trellis_core::SpiffeId;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
-    CompileError, DefaultPolicy, Explanation, PolicySet, Reason, Verdict, explain, load_source,
-    selects,
+    CompileError, DefaultPolicy, Explanation, OpaquePorts, PolicySet, Reason, Verdict, explain,
+    load_source, selects,
 };
 use trellis_proto::policy::v1 as proto;
 
@@ -236,7 +236,15 @@ fn explain_names_the_deciding_rule_and_why() {
     .concat();
     yaml.push_str(&policy("for-web", "DENY", "    - {}\n").replace("sa/api", "sa/web"));
     let all = policies(&yaml);
-    let e = explain(&id(WEB), &id(API), 8080, &all, DefaultPolicy::Deny, &[]).unwrap();
+    let e = explain(
+        &id(WEB),
+        &id(API),
+        8080,
+        &all,
+        DefaultPolicy::Deny,
+        &OpaquePorts::default(),
+    )
+    .unwrap();
     assert_eq!(e.decision.verdict, Verdict::Allow);
     let deciding = e.deciding_rule().unwrap();
     assert_eq!(
@@ -262,7 +270,15 @@ fn explain_names_the_deciding_rule_and_why() {
     let back = Explanation::from_proto(&e.to_proto()).unwrap();
     assert_eq!(back, e);
 
-    let by_default = explain(&id(WEB), &id(API), 9090, &all, DefaultPolicy::Deny, &[]).unwrap();
+    let by_default = explain(
+        &id(WEB),
+        &id(API),
+        9090,
+        &all,
+        DefaultPolicy::Deny,
+        &OpaquePorts::default(),
+    )
+    .unwrap();
     assert_eq!(by_default.deciding_rule(), None);
     assert!(
         by_default
@@ -296,7 +312,15 @@ fn explain_agrees_with_decide_everywhere() {
         let set = PolicySet::compile(&id(API), &all, default).unwrap();
         for source in [WEB, PROM, LEGACY, ADMIN, API] {
             for port in 1..=4 {
-                let e = explain(&id(source), &id(API), port, &all, default, &[]).unwrap();
+                let e = explain(
+                    &id(source),
+                    &id(API),
+                    port,
+                    &all,
+                    default,
+                    &OpaquePorts::default(),
+                )
+                .unwrap();
                 let decision = set.decide(&id(source), port);
                 assert_eq!(e.decision, decision, "{source} {port}");
                 if let Some(r) = e.deciding_rule() {

@@ -6,8 +6,8 @@ use http::HeaderMap;
 use trellis_core::SpiffeId;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
-    DefaultPolicy, HttpRequest, PolicySet, ValidationContext, Verdict, explain, load_source,
-    validate_proto,
+    DefaultPolicy, HttpRequest, OpaquePorts, PolicySet, ValidationContext, Verdict, explain,
+    load_source, validate_proto,
 };
 use trellis_proto::policy::v1 as proto;
 
@@ -400,7 +400,15 @@ fn l7_matches_without_ports_fail_closed_on_opaque_ports() {
 fn explain_says_why_l7_matches_deny_on_an_opaque_port() {
     let all = policies(&policy("no-admin", "DENY", "[{paths: [/admin]}]"));
     let default = DefaultPolicy::AllowMesh;
-    let e = explain(&id(WEB), &id(API), 5432, &all, default, &[5432]).unwrap();
+    let e = explain(
+        &id(WEB),
+        &id(API),
+        5432,
+        &all,
+        default,
+        &OpaquePorts::mesh_wide(&[5432]),
+    )
+    .unwrap();
     assert_eq!(e.decision.to_string(), "deny by default/no-admin rule 0");
     let rule = &e.policies[0].rules[0];
     assert!(rule.matched);
@@ -413,9 +421,63 @@ fn explain_says_why_l7_matches_deny_on_an_opaque_port() {
         )
     );
     // Elsewhere the rule decides per request.
-    let e = explain(&id(WEB), &id(API), 8080, &all, default, &[5432]).unwrap();
+    let e = explain(
+        &id(WEB),
+        &id(API),
+        8080,
+        &all,
+        default,
+        &OpaquePorts::mesh_wide(&[5432]),
+    )
+    .unwrap();
     assert!(e.decision.is_allowed());
     assert!(!e.policies[0].rules[0].matched);
+}
+
+/// The explanation says where the explained port being opaque comes
+/// from: the mesh, the destination's sidecars (saying so when they
+/// disagree), or the request.
+#[test]
+fn explain_says_where_an_opaque_port_comes_from() {
+    let all = policies(&policy("no-admin", "DENY", "[{paths: [/admin]}]"));
+    let opaque = OpaquePorts {
+        mesh: vec![25],
+        sidecars: vec![vec![5432], Vec::new()],
+        requested: vec![6379],
+    };
+    let explained = |port| {
+        explain(
+            &id(WEB),
+            &id(API),
+            port,
+            &all,
+            DefaultPolicy::AllowMesh,
+            &opaque,
+        )
+        .unwrap()
+    };
+    for (port, origin) in [
+        (25, "mesh-wide (the control plane's --opaque-ports)"),
+        (
+            5432,
+            "declared by only 1 of the destination's 2 connected sidecars (their \
+             --opaque-ports): the sidecars disagree, the other 1 parse it as HTTP and may \
+             decide otherwise",
+        ),
+        (6379, "named in the request"),
+    ] {
+        let e = explained(port);
+        assert_eq!(e.decision.to_string(), "deny by default/no-admin rule 0");
+        let text = e.to_string();
+        let line = format!("\n  port {port} is opaque (never parsed as HTTP): {origin}\n");
+        assert!(text.contains(&line), "{text}");
+        let read = trellis_core::policy::Explanation::from_proto(&e.to_proto()).unwrap();
+        assert_eq!(read, e);
+    }
+    let e = explained(8080);
+    assert!(e.decision.is_allowed());
+    assert_eq!(e.opaque, None);
+    assert!(!e.to_string().contains("is opaque"), "{e}");
 }
 
 #[test]

@@ -24,7 +24,7 @@
 use prost::Message;
 use tonic::{Code, Status};
 use trellis_core::policy::{
-    AuthorizationPolicy, Diagnostic, Document, RateLimitPolicy, ValidationContext,
+    AuthorizationPolicy, Diagnostic, Document, OpaquePorts, RateLimitPolicy, ValidationContext,
     WorkloadSelector, document_from_proto, explain, load_source_in, policy_key, validate_proto_in,
     validate_rate_limit_in_with,
 };
@@ -590,7 +590,7 @@ pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainRespo
     let policies: Vec<Policy> = view.policies.iter().map(|(_, p)| p.clone()).collect();
     let default = mesh.discovery.default_policy();
     // The mesh's opaque ports; those a sidecar declares itself are its own.
-    let opaque = mesh.discovery.validation_context().opaque_ports;
+    let opaque = OpaquePorts::mesh_wide(&mesh.discovery.validation_context().opaque_ports);
     let explanation =
         explain(&source, &destination, port, &policies, default, &opaque).map_err(internal)?;
     Ok(ExplainResponse {

@@ -20,7 +20,7 @@ use super::document::{
     Metadata, Rule, Selector, Source,
 };
 use super::engine::{Decision, DefaultPolicy, Reason, RuleRef, Verdict};
-use super::explain::{Explanation, PolicyTrace, RuleTrace};
+use super::explain::{Explanation, OpaqueOrigin, PolicyTrace, RuleTrace};
 use super::path::FieldPath;
 use super::validate::{
     Severity, ValidPolicy, ValidationContext, Violation, Violations, validate_in,
@@ -270,6 +270,12 @@ impl Explanation {
             default_policy: default.map(|m| m.as_str().to_owned()).unwrap_or_default(),
             audits: decision.audits.iter().map(RuleRef::to_proto).collect(),
             policies: self.policies.iter().map(trace_to_proto).collect(),
+            opaque: self.opaque.map(|o| proto::OpaquePortOrigin {
+                mesh: o.mesh,
+                declaring_sidecars: o.declaring_sidecars,
+                connected_sidecars: o.connected_sidecars,
+                requested: o.requested,
+            }),
         }
     }
 
@@ -305,6 +311,12 @@ impl Explanation {
                 reason,
                 audits: e.audits.iter().map(RuleRef::from_proto).collect(),
             },
+            opaque: e.opaque.as_ref().map(|o| OpaqueOrigin {
+                mesh: o.mesh,
+                declaring_sidecars: o.declaring_sidecars,
+                connected_sidecars: o.connected_sidecars,
+                requested: o.requested,
+            }),
         })
     }
 }

@@ -28,6 +28,101 @@ pub struct Explanation {
     /// Every policy given, ordered by `namespace/name`.
     pub policies: Vec<PolicyTrace>,
     pub decision: Decision,
+    /// Where `port` being opaque comes from; `None` when it is not.
+    pub opaque: Option<OpaqueOrigin>,
+}
+
+/// A destination's opaque ports (never parsed as HTTP), by where each
+/// comes from: the explanation says which made the explained port opaque.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpaquePorts {
+    /// The mesh's, which every sidecar holds opaque.
+    pub mesh: Vec<u16>,
+    /// Each connected sidecar of the destination's identity: the ports it
+    /// declares opaque itself (empty for one that declares none).
+    pub sidecars: Vec<Vec<u16>>,
+    /// Named by whoever asks (a sidecar not connected now).
+    pub requested: Vec<u16>,
+}
+
+impl OpaquePorts {
+    /// Only the mesh's `ports`.
+    pub fn mesh_wide(ports: &[u16]) -> Self {
+        Self {
+            mesh: ports.to_vec(),
+            ..Self::default()
+        }
+    }
+
+    /// Every port opaque for the destination from any origin, sorted.
+    pub fn all(&self) -> Vec<u16> {
+        let mut all: Vec<u16> = (self.mesh.iter())
+            .chain(self.sidecars.iter().flatten())
+            .chain(&self.requested)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Where `port` being opaque comes from, if it is.
+    pub fn origin(&self, port: u16) -> Option<OpaqueOrigin> {
+        let declaring = self.sidecars.iter().filter(|s| s.contains(&port)).count();
+        let origin = OpaqueOrigin {
+            mesh: self.mesh.contains(&port),
+            declaring_sidecars: u32::try_from(declaring).unwrap_or(u32::MAX),
+            connected_sidecars: u32::try_from(self.sidecars.len()).unwrap_or(u32::MAX),
+            requested: self.requested.contains(&port),
+        };
+        (origin.mesh || origin.declaring_sidecars > 0 || origin.requested).then_some(origin)
+    }
+}
+
+/// Why a port is opaque for a destination; any number of these may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpaqueOrigin {
+    /// One of the mesh's opaque ports.
+    pub mesh: bool,
+    /// How many of the destination's connected sidecars declare it opaque
+    /// themselves, of how many are connected.
+    pub declaring_sidecars: u32,
+    pub connected_sidecars: u32,
+    /// Named by whoever asks.
+    pub requested: bool,
+}
+
+impl fmt::Display for OpaqueOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut origins = Vec::new();
+        if self.mesh {
+            origins.push("mesh-wide (the control plane's --opaque-ports)".to_owned());
+        }
+        let (declaring, connected) = (self.declaring_sidecars, self.connected_sidecars);
+        if declaring > 0 {
+            origins.push(match (declaring, connected) {
+                (1, 1) => "declared by the destination's sidecar (its --opaque-ports)".to_owned(),
+                _ if declaring == connected => format!(
+                    "declared by all {connected} of the destination's connected sidecars \
+                     (their --opaque-ports)"
+                ),
+                // Mesh-wide, it is opaque on every sidecar anyway.
+                _ if self.mesh => format!(
+                    "declared by {declaring} of the destination's {connected} connected sidecars"
+                ),
+                _ => format!(
+                    "declared by only {declaring} of the destination's {connected} connected \
+                     sidecars (their --opaque-ports): the sidecars disagree, the other {} \
+                     parse it as HTTP and may decide otherwise",
+                    connected - declaring
+                ),
+            });
+        }
+        if self.requested {
+            origins.push("named in the request".to_owned());
+        }
+        write!(f, "{}", origins.join("; "))
+    }
 }
 
 /// One policy and how it took part.
@@ -60,17 +155,21 @@ impl Explanation {
 
 /// Explains the decision on a connection from `source` to `destination` on
 /// `port`, given every policy of the mesh (those not selecting the
-/// destination are listed as such) and its `opaque` ports (never parsed as
-/// HTTP, where L7 matches fail closed as the sidecars enforce them: see
-/// [`PolicySet::compile_with_opaque`]).
+/// destination are listed as such) and the destination's `opaque` ports
+/// (never parsed as HTTP, where L7 matches fail closed as the sidecars
+/// enforce them: see [`PolicySet::compile_with_opaque`]), every origin's
+/// together.
 pub fn explain(
     source: &SpiffeId,
     destination: &SpiffeId,
     port: u16,
     policies: &[proto::Policy],
     default: DefaultPolicy,
-    opaque: &[u16],
+    opaque: &OpaquePorts,
 ) -> Result<Explanation, CompileError> {
+    let origin = opaque.origin(port);
+    let opaque = opaque.all();
+    let opaque = opaque.as_slice();
     let mesh = destination.trust_domain();
     // The mesh's policies are stored ones, compiled as the sidecars compile
     // them: one stored before a check got stricter is enforced as far as
@@ -104,6 +203,7 @@ pub fn explain(
         port,
         policies: traces,
         decision: set.decide(source, port),
+        opaque: origin,
     })
 }
 
@@ -191,6 +291,13 @@ impl fmt::Display for Explanation {
             "{} -> {} port {}: {}",
             self.source, self.destination, self.port, self.decision
         )?;
+        if let Some(origin) = &self.opaque {
+            writeln!(
+                f,
+                "  port {} is opaque (never parsed as HTTP): {origin}",
+                self.port
+            )?;
+        }
         if self.policies.is_empty() {
             writeln!(f, "  no policies")?;
         }
@@ -255,7 +362,7 @@ spec:
                 80,
                 &[policy.clone()],
                 DefaultPolicy::AllowMesh,
-                &[],
+                &OpaquePorts::default(),
             )
             .unwrap_or_else(|e| panic!("{destination}: {e}"));
             assert!(explained.decision.is_allowed(), "{destination}");
