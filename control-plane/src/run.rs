@@ -536,8 +536,8 @@ mod tests {
         let discovery = discovery(&tmp);
         let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
         let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
-        let first = discovery.open_stream(&web, None);
-        let second = discovery.open_stream(&api, None);
+        let first = discovery.open_stream(&web, None, Vec::new());
+        let second = discovery.open_stream(&api, None, Vec::new());
         assert_eq!(discovery.streams_open(), 2);
         let (streams_tx, mut streams) = watch::channel(false);
         let (listeners_tx, listeners) = watch::channel(false);
@@ -571,7 +571,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let discovery = discovery(&tmp);
         let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
-        let _stuck = discovery.open_stream(&web, None);
+        let _stuck = discovery.open_stream(&web, None, Vec::new());
         let (streams_tx, streams) = watch::channel(false);
         let (listeners_tx, listeners) = watch::channel(false);
         let deadline = Duration::from_millis(50);

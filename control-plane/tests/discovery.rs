@@ -38,6 +38,7 @@ fn subscribe(inbound: &str) -> WatchRequest {
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     }
 }
@@ -64,6 +65,7 @@ fn resubscribe(inbound: &str, held: &Snapshot, accepts_endpoint_changes: bool) -
             accepts_endpoint_changes,
             last_version_epoch: held.version_epoch,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     }
 }

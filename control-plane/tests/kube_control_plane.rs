@@ -124,6 +124,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     })
     .await

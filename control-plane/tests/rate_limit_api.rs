@@ -53,6 +53,7 @@ async fn watch(
             accepts_endpoint_changes: false,
             last_version_epoch: 0,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     })
     .await

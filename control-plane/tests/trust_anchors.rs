@@ -70,6 +70,7 @@ async fn watch(
             accepts_endpoint_changes: false,
             last_version_epoch,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     })
     .await

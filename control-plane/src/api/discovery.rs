@@ -80,6 +80,9 @@ impl DiscoveryService {
                 ));
             }
         };
+        // Kept with the stream for Explain; a sidecar never sends a number
+        // that is not a port, so one that does is refused.
+        let opaque_ports = super::port_list("Subscribe.opaque_ports", &subscribe.opaque_ports)?;
         let (tx, rx) = mpsc::channel(4);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
@@ -95,7 +98,7 @@ impl DiscoveryService {
             // Open until the closing line is written: a stopping replica
             // stops listening once every stream is closed, so the lines
             // of its streams come before the line that says so.
-            let open = mesh.discovery.open_stream(&id, presented);
+            let open = mesh.discovery.open_stream(&id, presented, opaque_ports);
             let reason = serve_stream(&mesh, &open, &id, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");

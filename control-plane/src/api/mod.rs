@@ -132,6 +132,24 @@ pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -
     out
 }
 
+/// The port numbers of `field`, a caller's list of ports, sorted and each
+/// once; INVALID_ARGUMENT naming the field and the first number that is not
+/// a port (0, or past 65535).
+pub fn port_list(field: &str, ports: &[u32]) -> Result<Vec<u16>, Status> {
+    let mut valid = ports
+        .iter()
+        .map(|&p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| Status::invalid_argument(format!("{field}: {p} is not in 1-65535")))
+        })
+        .collect::<Result<Vec<u16>, Status>>()?;
+    valid.sort_unstable();
+    valid.dedup();
+    Ok(valid)
+}
+
 /// A time as status messages give it: RFC 3339, in whole seconds, UTC;
 /// the number itself when it has none ([`rfc3339_checked`]).
 pub fn rfc3339(unix: i64) -> String {

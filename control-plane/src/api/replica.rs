@@ -467,6 +467,7 @@ fn open_stream(status: &SidecarStatus) -> OpenStream {
         cert_not_before_unix: presented.map_or(0, |c| c.not_before_unix),
         cert_not_after_unix: presented.map_or(0, |c| c.not_after_unix),
         cert_presented_at_unix: presented.map_or(0, |c| c.presented_at_unix),
+        opaque_ports: status.opaque_ports.iter().map(|&p| p.into()).collect(),
     }
 }
 
@@ -586,6 +587,9 @@ pub struct Fleet {
     /// The certificates each identity's open streams presented, over the
     /// replicas that answered.
     presented: HashMap<String, Presented>,
+    /// The ports each of an identity's open streams declared opaque, over
+    /// the replicas that answered.
+    opaque_ports: HashMap<String, Vec<Vec<u16>>>,
 }
 
 /// The certificates one identity's open streams presented.
@@ -737,6 +741,13 @@ impl Fleet {
                     .entry(stream.spiffe_id.clone())
                     .or_insert_with(Presented::new)
                     .add(&stream, answer.issued_log_since_unix);
+                let declared = self.opaque_ports.entry(stream.spiffe_id.clone());
+                let declared = declared.or_default();
+                for open in &stream.open {
+                    // A peer sends only ports its sidecars declared.
+                    let ports = (open.opaque_ports.iter()).filter_map(|&p| u16::try_from(p).ok());
+                    declared.push(ports.filter(|&p| p != 0).collect());
+                }
             }
             let joined = self.joined.entry(stream.spiffe_id.clone()).or_default();
             join(joined, &answer.name, stream);
@@ -757,6 +768,15 @@ impl Fleet {
     /// seen one).
     pub fn status(&self, spiffe_id: &str) -> Joined {
         self.joined.get(spiffe_id).cloned().unwrap_or_default()
+    }
+
+    /// The ports each open stream of `spiffe_id` declared opaque, one
+    /// entry a stream (empty for one that declared none).
+    pub fn opaque_ports(&self, spiffe_id: &str) -> Vec<Vec<u16>> {
+        self.opaque_ports
+            .get(spiffe_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// What the replicas' issued-certificate logs tell of `spiffe_id`'s
@@ -1131,6 +1151,7 @@ mod tests {
             cert_not_before_unix: issued_at - backdate,
             cert_not_after_unix: issued_at + HOUR,
             cert_presented_at_unix: presented_at,
+            opaque_ports: Vec::new(),
         }];
         if presented_at == 0 {
             stream.open[0] = OpenStream {
@@ -1277,6 +1298,32 @@ mod tests {
             fleet.certificate(DB, NOW, HOUR),
             Certificate::Unknown(_)
         ));
+    }
+
+    /// The opaque ports each open stream of an identity declared, over
+    /// every replica: one entry a stream, so Explain sees pods of one
+    /// identity that disagree, wherever they are connected.
+    #[test]
+    fn the_opaque_ports_of_every_open_stream_are_joined() {
+        let declaring = |ports: &[u32]| OpenStream {
+            opaque_ports: ports.to_vec(),
+            ..OpenStream::default()
+        };
+        let mut two = stream(2, 7, SnapshotSync::Synced, "");
+        two.open = vec![declaring(&[5432]), declaring(&[])];
+        let mut one = stream(1, 7, SnapshotSync::Synced, "");
+        one.open = vec![declaring(&[5432, 6379])];
+        let mut closed = stream(0, 7, SnapshotSync::NotConnected, "");
+        closed.open = vec![declaring(&[25])];
+        let mut fleet = Fleet::default();
+        fleet.add("a".into(), answer("cp-a", vec![two]));
+        fleet.add("b".into(), answer("cp-b", vec![one]));
+        fleet.add("c".into(), answer("cp-c", vec![closed]));
+        assert_eq!(
+            fleet.opaque_ports(WEB),
+            [vec![5432], vec![], vec![5432, 6379]]
+        );
+        assert!(fleet.opaque_ports(API).is_empty());
     }
 
     #[test]

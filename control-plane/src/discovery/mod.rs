@@ -87,6 +87,10 @@ pub struct SidecarStatus {
     /// The certificate its sidecar presented for the connection the stream
     /// is on, when this replica saw it presented ([`PresentedCert`]).
     pub presented: Option<PresentedCert>,
+    /// The ports its sidecar declared opaque on its own when it
+    /// subscribed, sorted (empty from one that declares none, or predates
+    /// `Subscribe.opaque_ports`).
+    pub opaque_ports: Vec<u16>,
 }
 
 /// A certificate a client presented in a full TLS handshake. A resumed
@@ -911,11 +915,13 @@ impl Discovery {
     /// Marks a stream from `id` open until the returned guard is dropped;
     /// the guard records what the sidecar at its end answers. `presented`
     /// is the certificate the sidecar presented for the stream's
-    /// connection, when it presented one in a full handshake.
+    /// connection, when it presented one in a full handshake;
+    /// `opaque_ports` those the sidecar declares opaque on its own.
     pub fn open_stream(
         self: &Arc<Self>,
         id: &SpiffeId,
         presented: Option<PresentedCert>,
+        opaque_ports: Vec<u16>,
     ) -> StreamGuard {
         let number = self
             .next_stream
@@ -932,6 +938,7 @@ impl Discovery {
                     streams: 1,
                     opened_at_unix: crate::unix_now(),
                     presented,
+                    opaque_ports,
                     ..SidecarStatus::default()
                 },
             );

@@ -160,7 +160,7 @@ fn the_acked_version_is_the_last_one_acknowledged_not_the_greatest() {
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
     let web = SpiffeId::parse(WEB).unwrap();
-    let stream = discovery.open_stream(&web, None);
+    let stream = discovery.open_stream(&web, None, Vec::new());
     stream.ack(at(0x9f3a_0000_0000_0001), None, Vec::new());
     stream.nack("bad policy");
     stream.ack(at(0x1b20_0000_0000_0002), None, Vec::new());
@@ -191,8 +191,8 @@ fn streams_of_one_identity_keep_their_own_status() {
     let web = SpiffeId::parse(WEB).unwrap();
     let current = discovery.current();
     let (one, two) = (
-        discovery.open_stream(&web, None),
-        discovery.open_stream(&web, None),
+        discovery.open_stream(&web, None, Vec::new()),
+        discovery.open_stream(&web, None, Vec::new()),
     );
     one.ack(current, Some(current), Vec::new());
     two.nack("bad policy");

@@ -67,17 +67,44 @@ impl Watcher {
 
     /// A stream whose Subscribe says how it takes the endpoints.
     pub async fn open_with(cp: &ControlPlane, svid: &Svid, inbound: &str, takes: Takes) -> Self {
+        let subscribe = Subscribe {
+            inbound_address: inbound.into(),
+            last_version: 0,
+            inbound_addresses: Vec::new(),
+            accepts_endpoints_version: takes != Takes::AllEndpoints,
+            accepts_endpoint_changes: takes == Takes::EndpointChanges,
+            last_version_epoch: 0,
+            warnings: Vec::new(),
+            opaque_ports: Vec::new(),
+        };
+        Self::subscribe(cp, svid, subscribe).await.unwrap()
+    }
+
+    /// A stream of a sidecar that declares `opaque_ports` its own.
+    pub async fn open_declaring(
+        cp: &ControlPlane,
+        svid: &Svid,
+        inbound: &str,
+        opaque_ports: &[u32],
+    ) -> Result<Self, tonic::Status> {
+        let subscribe = Subscribe {
+            inbound_address: inbound.into(),
+            opaque_ports: opaque_ports.to_vec(),
+            ..Subscribe::default()
+        };
+        Self::subscribe(cp, svid, subscribe).await
+    }
+
+    /// A stream that begins with `subscribe`, or why the control plane
+    /// refused it.
+    pub async fn subscribe(
+        cp: &ControlPlane,
+        svid: &Svid,
+        subscribe: Subscribe,
+    ) -> Result<Self, tonic::Status> {
         let (acks, rx) = mpsc::channel(64);
         acks.send(WatchRequest {
-            kind: Some(Kind::Subscribe(Subscribe {
-                inbound_address: inbound.into(),
-                last_version: 0,
-                inbound_addresses: Vec::new(),
-                accepts_endpoints_version: takes != Takes::AllEndpoints,
-                accepts_endpoint_changes: takes == Takes::EndpointChanges,
-                last_version_epoch: 0,
-                warnings: Vec::new(),
-            })),
+            kind: Some(Kind::Subscribe(subscribe)),
         })
         .await
         .unwrap();
@@ -86,10 +113,9 @@ impl Watcher {
             .unwrap();
         let snapshots = DiscoveryClient::new(channel)
             .watch(ReceiverStream::new(rx))
-            .await
-            .unwrap()
+            .await?
             .into_inner();
-        Self { acks, snapshots }
+        Ok(Self { acks, snapshots })
     }
 
     /// The next snapshot, not answered.

@@ -204,6 +204,8 @@ async fn session_inner(
         accepts_endpoint_changes: true,
         last_version_epoch,
         warnings,
+        // So that Explain holds them opaque for connections to us too.
+        opaque_ports: params.opaque_ports.iter().map(|&p| p.into()).collect(),
     });
     // The receiver is alive: it was just made.
     let _ = tx

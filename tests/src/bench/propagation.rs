@@ -234,6 +234,7 @@ async fn watch(
             accepts_endpoint_changes: takes_changes(),
             last_version_epoch: last_version.1,
             warnings: Vec::new(),
+            opaque_ports: Vec::new(),
         })),
     })
     .await?;
