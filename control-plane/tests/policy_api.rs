@@ -11,8 +11,10 @@ use common::policy::*;
 use common::*;
 use tonic::Code;
 use trellis_control_plane::api::policy::policy_errors_of;
+use trellis_core::policy::Explanation;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{ExplainRequest, ListWorkloadsRequest, PolicyOutcome};
+use trellis_proto::policy::v1::OpaquePortOrigin;
 
 /// The epoch the control plane's snapshot versions are set in, as
 /// ListWorkloads reports it (the embedded store sets one, never 0, each
@@ -391,6 +393,7 @@ async fn a_sidecar_identity_may_not_apply_policies() {
             source: WEB.into(),
             destination: API.into(),
             port: 80,
+            opaque_ports: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -440,6 +443,7 @@ async fn explain_says_an_l7_deny_fails_closed_on_a_mesh_opaque_port() {
             source: WEB.into(),
             destination: API.into(),
             port: 5432,
+            opaque_ports: Vec::new(),
         })
         .await
         .unwrap()
@@ -459,6 +463,152 @@ async fn explain_says_an_l7_deny_fails_closed_on_a_mesh_opaque_port() {
     );
 }
 
+/// A port the destination's connected sidecars declare opaque themselves
+/// is opaque to Explain too, as those sidecars enforce it: an L7 DENY
+/// denies the whole connection there. The explanation says where the port
+/// came from, and that the sidecars disagree when only some declare it;
+/// once they are gone, the port is a port like any other again.
+#[tokio::test]
+async fn explain_knows_the_opaque_ports_of_the_destinations_sidecars() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let deny = allow("no-admin", API, WEB, 5432)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [5432]", "- paths: [/admin]");
+    let both = format!("{}---\n{deny}", allow("web-to-api", API, WEB, 5432));
+    apply(&mut admin, &both, false).await.unwrap();
+    let parsed = explain_web_to_api(&mut admin, 5432).await;
+    assert_eq!(parsed.verdict, "allow");
+    assert_eq!(parsed.opaque, None);
+
+    let api = enroll(&cp, API, "127.0.0.1:7101").await;
+    let mut declaring = Watcher::open_declaring(&cp, &api, "127.0.0.1:7101", &[5432, 6379])
+        .await
+        .unwrap();
+    // Its stream is open once it sends the first snapshot.
+    declaring.next().await;
+    let opaque = explain_web_to_api(&mut admin, 5432).await;
+    assert_eq!(opaque.verdict, "deny", "{opaque:?}");
+    let rule = opaque.deciding_rule.as_ref().unwrap();
+    assert_eq!((rule.policy.as_str(), rule.rule), ("default/no-admin", 0));
+    assert_eq!(
+        opaque.opaque,
+        Some(OpaquePortOrigin {
+            mesh: false,
+            declaring_sidecars: 1,
+            connected_sidecars: 1,
+            requested: false,
+        })
+    );
+    let text = Explanation::from_proto(&opaque).unwrap().to_string();
+    assert!(
+        text.contains(
+            "port 5432 is opaque (never parsed as HTTP): declared by the destination's sidecar \
+             (its --opaque-ports)"
+        ),
+        "{text}"
+    );
+    // Another port is still parsed as HTTP.
+    assert_eq!(explain_web_to_api(&mut admin, 8080).await.opaque, None);
+
+    // A second pod of the identity that does not declare it: they disagree.
+    let mut silent = Watcher::open(&cp, &api, "127.0.0.1:7102").await;
+    silent.next().await;
+    let disputed = explain_web_to_api(&mut admin, 5432).await;
+    let origin = disputed.opaque.unwrap();
+    assert_eq!(
+        (origin.declaring_sidecars, origin.connected_sidecars),
+        (1, 2)
+    );
+    let text = Explanation::from_proto(&disputed).unwrap().to_string();
+    assert!(text.contains("the sidecars disagree"), "{text}");
+
+    drop((declaring, silent));
+    let closed = eventually_async("the streams to close", || {
+        let mut admin = admin.clone();
+        async move {
+            let e = explain_web_to_api(&mut admin, 5432).await;
+            e.opaque.is_none().then_some(e)
+        }
+    })
+    .await;
+    assert_eq!(closed.verdict, "allow");
+}
+
+/// Explain of a connection from WEB to API on `port`.
+async fn explain_web_to_api(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    port: u32,
+) -> trellis_proto::policy::v1::Explanation {
+    let request = ExplainRequest {
+        source: WEB.into(),
+        destination: API.into(),
+        port,
+        opaque_ports: Vec::new(),
+    };
+    (admin.explain(request).await)
+        .unwrap()
+        .into_inner()
+        .explanation
+        .unwrap()
+}
+
+/// A port the request names (`--opaque-ports` of `trellisctl policy
+/// explain`, for a sidecar not connected now) is opaque for the
+/// destination; a number that is not a port is refused naming the field,
+/// as is a sidecar that subscribes declaring one.
+#[tokio::test]
+async fn explain_takes_opaque_ports_in_the_request_and_refuses_bad_ones() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let deny = allow("no-admin", API, WEB, 5432)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [5432]", "- paths: [/admin]");
+    apply(&mut admin, &deny, false).await.unwrap();
+    let explain = |opaque_ports: Vec<u32>| ExplainRequest {
+        source: WEB.into(),
+        destination: API.into(),
+        port: 5432,
+        opaque_ports,
+    };
+    let what_if = admin
+        .explain(explain(vec![6379, 5432]))
+        .await
+        .unwrap()
+        .into_inner()
+        .explanation
+        .unwrap();
+    assert_eq!(what_if.verdict, "deny");
+    assert!(what_if.deciding_rule.is_some());
+    assert!(what_if.opaque.unwrap().requested);
+    let text = Explanation::from_proto(&what_if).unwrap().to_string();
+    assert!(
+        text.contains("port 5432 is opaque (never parsed as HTTP): named in the request"),
+        "{text}"
+    );
+
+    for bad in [0, 65536] {
+        let err = admin.explain(explain(vec![5432, bad])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            format!("opaque_ports: {bad} is not in 1-65535"),
+            "{err:?}"
+        );
+    }
+
+    let api = enroll(&cp, API, "127.0.0.1:7101").await;
+    let refused = match Watcher::open_declaring(&cp, &api, "127.0.0.1:7101", &[0]).await {
+        Ok(mut watcher) => watcher.snapshots.message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "Subscribe.opaque_ports: 0 is not in 1-65535"
+    );
+}
+
 #[tokio::test]
 async fn explain_names_the_deciding_rule() {
     let cp = ControlPlane::start(&[]);
@@ -470,6 +620,7 @@ async fn explain_names_the_deciding_rule() {
         source: WEB.into(),
         destination: API.into(),
         port,
+        opaque_ports: Vec::new(),
     };
     let allowed = admin
         .explain(explain(8080))

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::policy::API;
+use common::policy::{API, WEB};
 use common::*;
 
 fn fixtures() -> PathBuf {
@@ -172,6 +172,7 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
         trace.contains("decided by default/web-to-api rule 0"),
         "{trace}"
     );
+    assert!(!trace.contains("is opaque"), "{trace}");
 
     let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
     assert!(out.status.success());
@@ -180,6 +181,73 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
     let out = cp.ctl(&["policy", "get", "no-slash"]);
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// `policy explain --opaque-ports` explains a destination whose sidecar
+/// is not connected now as if it declared those ports opaque: an L7 DENY
+/// denies the whole connection on them, and the trace says the port is
+/// opaque because the request named it. A number that is not a port is a
+/// usage error naming the flag, before any call.
+#[test]
+fn explain_takes_the_opaque_ports_of_a_sidecar_not_connected() {
+    let cp = ControlPlane::start(&[]);
+    let deny = cp.tmp.path().join("no-admin.yaml");
+    let document = common::policy::allow("no-admin", API, WEB, 5432)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [5432]", "- paths: [/admin]");
+    std::fs::write(&deny, document).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", deny.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explain = |extra: &[&str]| {
+        let args = [
+            "policy", "explain", "--from", WEB, "--to", API, "--port", "5432",
+        ];
+        cp.ctl(&[&args[..], extra].concat())
+    };
+
+    let parsed = explain(&[]);
+    let trace = String::from_utf8(parsed.stdout).unwrap();
+    assert!(
+        trace.contains("no rule decided: mesh default deny"),
+        "{trace}"
+    );
+    assert!(!trace.contains("is opaque"), "{trace}");
+
+    let out = explain(&["--opaque-ports", "6379,5432"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        trace.contains("decided by default/no-admin rule 0"),
+        "{trace}"
+    );
+    assert!(
+        trace.contains("port 5432 is opaque (never parsed as HTTP): named in the request"),
+        "{trace}"
+    );
+    let out = explain(&["--opaque-ports", "5432", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["verdict"], "deny", "{json}");
+    assert_eq!(json["opaque"]["requested"], true, "{json}");
+    assert_eq!(json["opaque"]["mesh"], false, "{json}");
+
+    for bad in ["0", "70000"] {
+        let out = explain(&["--opaque-ports", &format!("5432,{bad}")]);
+        assert_eq!(out.status.code(), Some(64), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--opaque-ports")
+                && stderr.contains(&format!("\"{bad}\" is not a port (1-65535)")),
+            "{stderr}"
+        );
+    }
 }
 
 /// Every flag's environment twin works as the flag does: a twin that says

@@ -291,7 +291,9 @@ impl Admin for AdminService {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
-        policy::explain_request(&self.mesh, request.get_ref()).map(Response::new)
+        policy::explain_request(&self.mesh, &self.replicas, request.get_ref())
+            .await
+            .map(Response::new)
     }
 
     async fn revoke_identity(

@@ -32,11 +32,13 @@ use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, DeletePolicyResponse,
     ExplainRequest, ExplainResponse, GetPolicyRequest, GetPolicyResponse, ListPoliciesResponse,
-    PolicyError, PolicyErrors, PolicyResult, RateLimitRecord, StoredPolicyWarning,
+    ListStreamsRequest, PolicyError, PolicyErrors, PolicyResult, RateLimitRecord,
+    StoredPolicyWarning,
 };
 use trellis_proto::policy::v1::{Policy, RateLimit, Selector, Violation};
 
 use super::Mesh;
+use super::replica::Replicas;
 use crate::store::{AppliedPolicy, Generation, PolicyOutcome, WorkloadRecord};
 
 /// How the Admin API names the request's text in positions.
@@ -567,7 +569,14 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
     })
 }
 
-pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainResponse, Status> {
+/// Explain, for the destination's opaque ports: the mesh's, those each of
+/// the destination identity's sidecars connected to any replica that
+/// answers declared when it subscribed, and those the request names.
+pub async fn explain_request(
+    mesh: &Mesh,
+    replicas: &Replicas,
+    req: &ExplainRequest,
+) -> Result<ExplainResponse, Status> {
     let id = |field: &str, value: &str| {
         let id = SpiffeId::parse(value).map_err(|e| {
             Status::invalid_argument(format!("{field}: {}: {e}", super::quoted(value)))
@@ -586,11 +595,16 @@ pub fn explain_request(mesh: &Mesh, req: &ExplainRequest) -> Result<ExplainRespo
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| Status::invalid_argument(format!("port: {} is not in 1-65535", req.port)))?;
+    let requested = super::port_list("opaque_ports", &req.opaque_ports)?;
+    let fleet = replicas.fleet(mesh, ListStreamsRequest::default()).await;
+    let opaque = OpaquePorts {
+        mesh: mesh.discovery.validation_context().opaque_ports,
+        sidecars: fleet.opaque_ports(destination.as_str()),
+        requested,
+    };
     let view = mesh.discovery.view();
     let policies: Vec<Policy> = view.policies.iter().map(|(_, p)| p.clone()).collect();
     let default = mesh.discovery.default_policy();
-    // The mesh's opaque ports; those a sidecar declares itself are its own.
-    let opaque = OpaquePorts::mesh_wide(&mesh.discovery.validation_context().opaque_ports);
     let explanation =
         explain(&source, &destination, port, &policies, default, &opaque).map_err(internal)?;
     Ok(ExplainResponse {

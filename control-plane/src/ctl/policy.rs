@@ -151,12 +151,25 @@ pub enum PolicyCommand {
         /// SPIFFE ID of the workload connected to.
         #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
         to: String,
-        /// Destination port. On one of the mesh's opaque ports, a rule's
-        /// HTTP conditions fail closed as the sidecars enforce them (a
-        /// DENY rule denies the whole connection); a sidecar's own opaque
-        /// ports are not known here.
+        /// Destination port. On an opaque port (never parsed as HTTP), a
+        /// rule's HTTP conditions fail closed as the sidecars enforce them
+        /// (a DENY rule denies the whole connection). The destination's
+        /// opaque ports are the mesh's, those its connected sidecars
+        /// declare (their --opaque-ports), and --opaque-ports here; the
+        /// trace says which made the port opaque.
         #[arg(long, value_name = "P", env = "TRELLIS_PORT")]
         port: u16,
+        /// Ports to explain as opaque for the destination, besides the
+        /// mesh's and those its connected sidecars declare: what a sidecar
+        /// not connected now would declare with --opaque-ports.
+        #[arg(
+            long,
+            env = "TRELLIS_OPAQUE_PORTS",
+            value_name = "PORT,...",
+            value_delimiter = ',',
+            value_parser = trellis_core::tcp::parse_port
+        )]
+        opaque_ports: Vec<u16>,
         /// Output format: `table` prints the trace as text.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
@@ -298,6 +311,7 @@ pub async fn run(
             from,
             to,
             port,
+            opaque_ports,
             output,
         } => {
             parse_id("--from", from)?;
@@ -307,6 +321,7 @@ pub async fn run(
                     source: from.clone(),
                     destination: to.clone(),
                     port: u32::from(*port),
+                    opaque_ports: opaque_ports.iter().map(|&p| p.into()).collect(),
                 })
                 .await?
                 .into_inner();
@@ -638,6 +653,13 @@ fn explanation_json(e: &Explanation) -> String {
         "decided_by": e.decision.policy_label(),
         "deciding_rule": rule.map(|r| serde_json::json!({"policy": &*r.policy, "rule": r.rule})),
         "audits": e.decision.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        // Where the port being opaque comes from; null when it is not.
+        "opaque": e.opaque.map(|o| serde_json::json!({
+            "mesh": o.mesh,
+            "declaring_sidecars": o.declaring_sidecars,
+            "connected_sidecars": o.connected_sidecars,
+            "requested": o.requested,
+        })),
         "trace": e.to_string(),
     }))
 }

@@ -472,8 +472,10 @@ spec:
 /// An L7 DENY entry that names no ports has its HTTP conditions on every
 /// port, the sidecar's opaque ones included, where they cannot be checked.
 /// There it fails closed instead of letting the rule's sources through:
-/// the attacker's TCP connection to the opaque port is refused, and the
-/// log and the decision metric name the policy.
+/// the attacker's TCP connection to the opaque port is refused, the log
+/// and the decision metric name the policy, and `trellisctl policy
+/// explain`, which knows the ports the sidecar declared when it
+/// subscribed, says the same and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_deny_naming_no_ports_fails_closed_on_an_opaque_port() -> anyhow::Result<()> {
     let db = EchoApp::start().await?;
@@ -543,6 +545,24 @@ spec:
     assert!(
         reported.starts_with("default/no-admin rule 0 has HTTP conditions on every port"),
         "{config}"
+    );
+    let port = db_port.to_string();
+    let (from, to) = (attacker.identity(), db_sidecar.identity());
+    let explained = mesh
+        .ctl([
+            "policy", "explain", "--from", from, "--to", to, "--port", &port,
+        ])
+        .await?;
+    assert!(
+        explained.contains("deny by default/no-admin rule 0"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains(&format!(
+            "port {db_port} is opaque (never parsed as HTTP): declared by the destination's \
+             sidecar (its --opaque-ports)"
+        )),
+        "{explained}"
     );
     Ok(())
 }
