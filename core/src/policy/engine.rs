@@ -443,7 +443,7 @@ impl PolicySet {
             if !policy.selects(local) {
                 continue;
             }
-            fallbacks.extend(policy.fail_closed_on_sorted(&opaque));
+            fallbacks.extend(policy.fail_closed_on(&opaque));
             compiled.push(policy);
         }
         fallbacks.sort_by(|a, b| (&a.rule.policy, a.rule.rule).cmp(&(&b.rule.policy, b.rule.rule)));

@@ -168,6 +168,7 @@ pub fn explain(
     opaque: &OpaquePorts,
 ) -> Result<Explanation, CompileError> {
     let origin = opaque.origin(port);
+    // Sorted, without duplicates, as `fail_closed_on` takes them.
     let opaque = opaque.all();
     let opaque = opaque.as_slice();
     let mesh = destination.trust_domain();

@@ -154,8 +154,7 @@ impl CompiledRule {
     /// left off them if it is ALLOW (it could never match). Its other
     /// ports keep the L7 matches. Returns the ports of `opaque` the rule
     /// had L7 matches on. `opaque` is sorted, without duplicates
-    /// ([`CompiledPolicy::fail_closed_on`] makes it so once for all its
-    /// rules).
+    /// (its callers sort once for all rules).
     pub fn fail_closed_on(&mut self, opaque: &[u16], action: Action) -> FailedClosed {
         debug_assert!(opaque.is_sorted_by(|a, b| a < b), "{opaque:?}");
         let mut found = FailedClosed::default();
@@ -343,15 +342,10 @@ impl CompiledPolicy {
         self.selector.selects(id)
     }
 
-    /// Makes each rule fail closed on the `opaque` ports
-    /// ([`CompiledRule::fail_closed_on`]): the rules it changed, by index.
+    /// Makes each rule fail closed on the `opaque` ports, sorted and without
+    /// duplicates ([`CompiledRule::fail_closed_on`]): the rules it changed,
+    /// by index.
     pub fn fail_closed_on(&mut self, opaque: &[u16]) -> Vec<OpaqueFallback> {
-        self.fail_closed_on_sorted(&sorted_ports(opaque))
-    }
-
-    /// [`fail_closed_on`](Self::fail_closed_on) the `opaque` ports, sorted
-    /// and without duplicates ([`sorted_ports`]).
-    pub fn fail_closed_on_sorted(&mut self, opaque: &[u16]) -> Vec<OpaqueFallback> {
         let action = self.action;
         let mut fallbacks = Vec::new();
         for (index, rule) in self.rules.iter_mut().enumerate() {
