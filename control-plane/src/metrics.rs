@@ -24,6 +24,7 @@ pub struct Metrics {
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
     /// (in the order of [`SNAPSHOT_ENDPOINTS`]): counted without a lock,
@@ -74,6 +75,13 @@ impl Metrics {
     /// limit that refused it (`per_client` or `total`).
     pub fn admin_connection_refused(&self, reason: &'static str) {
         count(&self.admin_connections_refused, reason);
+    }
+
+    /// A pod reviewed by the webhooks whose `trellis.io/inject` (label or
+    /// annotation, of the pod or of its namespace: the reason) is neither
+    /// `enabled` nor `disabled`; its author was warned.
+    pub fn inject_unknown_value(&self, reason: &'static str) {
+        count(&self.inject_unknown_values, reason);
     }
 
     pub fn watch_stream_opened(&self) {
@@ -168,6 +176,13 @@ impl Metrics {
                 .webhook_connections_refused
                 .lock()
                 .expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_inject_unknown_values_total",
+            "Pods the admission webhooks warned that their trellis.io/inject is neither enabled \
+             nor disabled, and ignored, by where: pod_label, pod_annotation or namespace_label.",
+            &self.inject_unknown_values.lock().expect("not poisoned"),
         );
         render_family(
             &mut out,

@@ -348,20 +348,95 @@ fn an_invalid_opaque_ports_annotation_is_refused() {
     }
 }
 
-/// An unknown value of `trellis.io/inject` is an error, not a guess: the
-/// pod is denied naming it.
+/// A value of `trellis.io/inject` that is neither `enabled` nor `disabled`
+/// (a typo: `true`, `Enabled`) is ignored, never guessed at nor refused:
+/// the next of the pod's annotation, its label and its namespace's label
+/// decides, and the answer warns, naming where the value is, the value and
+/// the values allowed, and whether the pod got its sidecar. In a namespace
+/// that opted in, the pod is injected: the mesh's protection is kept, and a
+/// sidecar the author did not want is seen, where one missing is not. A
+/// re-invocation of the webhook for the injected pod says nothing again.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.
 #[test]
-fn an_unknown_inject_value_is_reported() {
+fn an_unknown_inject_value_is_ignored_with_a_warning() {
     let review = fixture("pod-deployment-http-probes.json");
-    let mut pod = review["request"]["object"].clone();
-    pod["metadata"]["annotations"]["trellis.io/inject"] = json!("yes");
+    let with = |field: &str, value: &str| {
+        let mut pod = review["request"]["object"].clone();
+        pod["metadata"][field]["trellis.io/inject"] = json!(value);
+        pod
+    };
+    let warnings = |reply: &serde_json::Value| -> Vec<String> {
+        reply["response"]["warnings"]
+            .as_array()
+            .map(|w| w.iter().map(|w| w.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+
+    // In a namespace that opted in.
+    for (field, value) in [
+        ("annotations", "yes"),
+        ("labels", "true"),
+        ("labels", "Enabled"),
+    ] {
+        let pod = with(field, value);
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        let patched = apply(&pod, &patch_of(&reply).expect("injected"));
+        assert_eq!(
+            names(&patched["spec"]["initContainers"]),
+            ["trellis-init", "trellis-proxy", "wait-for-db"]
+        );
+        assert_eq!(
+            warnings(&reply)[0],
+            format!(
+                "trellis: metadata.{field}[trellis.io/inject] is {value:?}, neither \"enabled\" \
+                 nor \"disabled\": ignored, so the pod is injected"
+            )
+        );
+        let again = answer_for(&with_object(&review, patched));
+        assert!(patch_of(&again).is_none(), "{again}");
+        assert!(warnings(&again).is_empty(), "told once: {again}");
+    }
+    // An unknown annotation over a label that opts out: the label decides.
+    let mut pod = with("annotations", "off");
+    pod["metadata"]["labels"]["trellis.io/inject"] = json!("disabled");
     let reply = answer_for(&with_object(&review, pod));
-    assert_eq!(reply["response"]["allowed"], false);
-    let message = reply["response"]["status"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("metadata.annotations[trellis.io/inject]: expected \"enabled\" or \"disabled\", got \"yes\""),
-        "{message}"
+    assert_eq!(reply["response"]["allowed"], true);
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    assert_eq!(
+        warnings(&reply),
+        [
+            "trellis: metadata.annotations[trellis.io/inject] is \"off\", neither \"enabled\" nor \
+          \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
+        ]
+    );
+
+    // Where the namespace's labels are known: one that did not opt in
+    // leaves a mistyped pod alone, and a mistyped namespace is named.
+    let plain = labels(&[("kubernetes.io/metadata.name", "legacy")]);
+    let reply = answer(
+        &with_object(&review, with("labels", "true")),
+        NamespaceScope::Labels(&plain),
+        &config(),
+    );
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    assert_eq!(
+        warnings(&reply),
+        [
+            "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \"enabled\" nor \
+          \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
+        ]
+    );
+    let mistyped = labels(&[("trellis.io/inject", "enable")]);
+    let reply = answer(&review, NamespaceScope::Labels(&mistyped), &config());
+    assert!(patch_of(&reply).is_none(), "{reply}");
+    assert_eq!(
+        warnings(&reply),
+        [
+            "trellis: the namespace's label trellis.io/inject is \"enable\", neither \"enabled\" \
+          nor \"disabled\": pods here are not injected; this one runs without a sidecar, outside \
+          the mesh"
+        ]
     );
 }

@@ -20,11 +20,13 @@ use hyper_util::rt::TokioIo;
 use inject::server::{ServingFiles, WebhookServer, tls_config};
 use inject::{InjectConfig, TrustBundleSource};
 use rustls_pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
+use trellis_control_plane::metrics::Metrics;
 
 struct Webhook {
     addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
     ca: CertificateDer<'static>,
     _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
@@ -47,16 +49,19 @@ async fn start() -> Webhook {
     };
     let (_config_tx, config_rx) = watch::channel(Arc::new(config));
     let (stop, stopped) = oneshot::channel::<()>();
+    let metrics = Arc::new(Metrics::default());
+    let counting = metrics.clone();
     tokio::spawn(async move {
         let _keep = _config_tx;
         server
-            .run(config_rx, Default::default(), async {
+            .run(config_rx, counting, async {
                 let _ = stopped.await;
             })
             .await;
     });
     Webhook {
         addr,
+        metrics,
         ca: generated.cert.der().clone(),
         _stop: stop,
         _dir: dir,
@@ -140,6 +145,83 @@ async fn inject_answers_with_a_patch_over_https() {
         review["response"]["uid"],
         "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11"
     );
+}
+
+/// The warning-only webhooks the chart calls for a mistyped
+/// `trellis.io/inject` label, of the pod (`/inject/unknown-pod-label`) or
+/// of its namespace (`/inject/unknown-namespace-label`), admit the pod as
+/// it is with a warning that kubectl prints, saying what is wrong and that
+/// the pod runs without a sidecar, and count it by where the value was. A
+/// pod whose label is right by the time it is reviewed gets no warning.
+#[tokio::test]
+async fn unknown_inject_labels_are_warned_of_over_https() {
+    let webhook = start().await;
+    let review: Value = serde_json::from_slice(&fixture("pod-unlabelled-namespace.json")).unwrap();
+    let mistyped = {
+        let mut review = review.clone();
+        review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("true");
+        serde_json::to_vec(&review).unwrap()
+    };
+    let unlabelled = serde_json::to_vec(&review).unwrap();
+    let answer = |body: Vec<u8>| {
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        let response = review["response"].clone();
+        assert_eq!(response["allowed"], true, "{response}");
+        assert_eq!(response["uid"], "c3d9e1a4-7b2f-4e6c-8a0d-5f1b3c7e9a26");
+        assert!(
+            response.get("patch").is_none(),
+            "nothing changed: {response}"
+        );
+        response["warnings"].clone()
+    };
+
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-pod-label",
+        mistyped.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        answer(body),
+        json!([
+            "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \"enabled\" nor \
+             \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
+        ])
+    );
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-pod-label",
+        unlabelled.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer(body), Value::Null);
+
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-namespace-label",
+        unlabelled,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        answer(body),
+        json!([
+            "trellis: the namespace's label trellis.io/inject is neither \"enabled\" nor \
+             \"disabled\": pods here are not injected; this one runs without a sidecar, outside \
+             the mesh"
+        ])
+    );
+
+    let rendered = webhook.metrics.render();
+    for reason in ["pod_label", "namespace_label"] {
+        let counted = format!("trellis_inject_unknown_values_total{{reason=\"{reason}\"}} 1\n");
+        assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+    }
 }
 
 /// `/validate` denies an invalid policy with the lint message.

@@ -1,6 +1,8 @@
 //! The Kubernetes admission webhooks, as pure functions from the body the API
 //! server sends to the body it expects back: `/inject` (mutating: adds the
-//! sidecar to a Pod) and `/validate` (validating: Trellis policy objects).
+//! sidecar to a Pod), `/inject/unknown-pod-label` and
+//! `/inject/unknown-namespace-label` (warning only: a mistyped
+//! `trellis.io/inject`) and `/validate` (validating: Trellis policy objects).
 //!
 //! This module owns what is injected and why, and the verdict on policy
 //! objects. It never talks to the API server and holds no state. Everything
@@ -83,7 +85,19 @@
 //! name, then the namespace. The selectors act before that: a pod labelled
 //! `disabled` is never sent, and outside a labelled namespace only pods
 //! labelled `enabled` are, so the annotation alone cannot opt a pod in
-//! there. Only CREATE is mutated. Pods on the host's network and Windows
+//! there. Only CREATE is mutated.
+//!
+//! A value of `trellis.io/inject` that is neither `enabled` nor `disabled`
+//! (`true`, `Enabled`) is ignored, never guessed at, and the next of the
+//! three decides: in a namespace that opted in, such a pod is injected,
+//! which keeps it in the mesh (a sidecar its author did not want shows; one
+//! missing would not). The answer warns, naming where the value is, the
+//! value and the values allowed ([`UnknownInjectValue::warning`]), and the
+//! server counts it. A typo that keeps the API server from calling `/inject`
+//! at all (a pod's label outside an opted-in namespace, a namespace's label)
+//! brings the pod to a warning-only entry of the chart instead, whose path
+//! says which ([`respond_unknown_label`]): the pod is admitted as it is, with
+//! the warning, never changed or denied. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]); a Windows pod is told so in a
 //! warning.
 //!
@@ -96,13 +110,14 @@
 //!
 //! A body that is not an `AdmissionReview` is a [`ReviewError`]: the server
 //! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod with an
-//! invalid `trellis.io/*` annotation or label is denied, naming it, whatever
-//! the failure policy: admitted, it would run outside the mesh, and only the
-//! pod's author can fix it. A pod that cannot be injected for another reason
-//! (no trust bundle configured, not a Pod) follows
-//! [`InjectConfig::failure_policy`], which the chart sets from the same value
-//! as the webhook's `failurePolicy`: `Ignore` (default) admits it unchanged
-//! with a warning that `kubectl` prints; `Fail` denies it with the message.
+//! invalid `trellis.io/*` annotation (but `trellis.io/inject`, see above) is
+//! denied, naming it, whatever the failure policy: admitted, it would run
+//! outside the mesh, and only the pod's author can fix it. A pod that cannot
+//! be injected for another reason (no trust bundle configured, not a Pod)
+//! follows [`InjectConfig::failure_policy`], which the chart sets from the
+//! same value as the webhook's `failurePolicy`: `Ignore` (default) admits it
+//! unchanged with a warning that `kubectl` prints; `Fail` denies it with the
+//! message.
 //!
 //! The patch is a few `add` operations on whole fields
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
@@ -124,7 +139,8 @@ use std::time::Duration;
 use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
 
-pub use pod::{InjectError, Injection, Skip, inject_pod};
+use pod::unknown_inject_values;
+pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
 pub use policy::{GROUP, respond_policy, review_policy};
 pub use probes::{PROBE_KINDS, app_health_path};
 pub use review::{
@@ -339,9 +355,19 @@ pub fn respond_pod(
     scope: NamespaceScope<'_>,
     config: &InjectConfig,
 ) -> AdmissionResponse {
+    respond_pod_reporting(request, scope, config).0
+}
+
+/// [`respond_pod`], with the unknown values of `trellis.io/inject` the
+/// answer warns about (for the server to count).
+pub fn respond_pod_reporting(
+    request: &AdmissionRequest,
+    scope: NamespaceScope<'_>,
+    config: &InjectConfig,
+) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
     let allow = AdmissionResponse::allow(&request.uid);
     if request.operation != "CREATE" {
-        return allow;
+        return (allow, Vec::new());
     }
     let result = if request.kind.group.is_empty() && request.kind.kind == "Pod" {
         match &request.object {
@@ -351,24 +377,55 @@ pub fn respond_pod(
     } else {
         Err(InjectError::NotAPod(request.kind.to_string()))
     };
+    // Ignored values are told of once, by the call that decided: a
+    // re-invocation finds the pod injected and says nothing again.
+    let unknown = |injected: bool| {
+        let pod = request.object.as_ref().unwrap_or(&serde_json::Value::Null);
+        unknown_inject_values(pod, scope)
+            .into_iter()
+            .map(|(found, value)| (found, found.warning(Some(&value), injected)))
+            .unzip::<_, _, Vec<_>, Vec<_>>()
+    };
     match result {
-        Ok(Injection::Injected { patch, warnings }) => AdmissionResponse {
+        Ok(Injection::Injected {
             patch,
-            warnings,
-            ..allow
-        },
-        Ok(Injection::Skipped(skip)) => match skip.warning() {
-            Some(warning) => allow.with_warning(warning),
-            None => allow,
-        },
+            warnings: injection_warnings,
+        }) => {
+            let (found, mut warnings) = unknown(true);
+            warnings.extend(injection_warnings);
+            let response = AdmissionResponse {
+                patch,
+                warnings,
+                ..allow
+            };
+            (response, found)
+        }
+        Ok(Injection::Skipped(Skip::AlreadyInjected)) => (allow, Vec::new()),
+        Ok(Injection::Skipped(skip)) => {
+            let (found, mut warnings) = unknown(false);
+            warnings.extend(skip.warning().map(str::to_owned));
+            (AdmissionResponse { warnings, ..allow }, found)
+        }
+        Err(e) => (deny_or_warn(request, config, e), Vec::new()),
+    }
+}
+
+/// The answer to a pod that cannot be injected.
+fn deny_or_warn(
+    request: &AdmissionRequest,
+    config: &InjectConfig,
+    e: InjectError,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::allow(&request.uid);
+    match e {
         // The pod's own mistake: denied whatever the failure policy. It
         // is no outage to ride out, a retry never fixes it, and admitting
         // the pod would run it outside the mesh, open to plaintext and to
         // no policy; the denial shows as the ReplicaSet's FailedCreate.
-        Err(e @ (InjectError::InvalidAnnotation { .. } | InjectError::InvalidLabel(_))) => {
+        e @ InjectError::InvalidAnnotation { .. } => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
-        Err(e) => match config.failure_policy {
+        e => match config.failure_policy {
             FailurePolicy::Ignore => {
                 allow.with_warning(format!("trellis: sidecar not injected: {e}"))
             }
@@ -377,4 +434,43 @@ pub fn respond_pod(
             }
         },
     }
+}
+
+/// The warning-only webhooks (`/inject/unknown-pod-label`,
+/// `/inject/unknown-namespace-label`): the chart calls them for pods that
+/// no injecting webhook is sent, because the pod's label `found` (or its
+/// namespace's) has a value that is neither `enabled` nor `disabled`. The
+/// pod is admitted as it is, never changed nor denied, with a warning that
+/// it runs without a sidecar; the value found is returned for the server
+/// to count. A pod whose label is known by the time it is reviewed (a
+/// webhook before this one changed it) gets no warning.
+pub fn respond_unknown_label(
+    request: &AdmissionRequest,
+    found: UnknownInjectValue,
+) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
+    let allow = AdmissionResponse::allow(&request.uid);
+    let pod = match &request.object {
+        Some(pod)
+            if request.operation == "CREATE"
+                && request.kind.group.is_empty()
+                && request.kind.kind == "Pod" =>
+        {
+            pod
+        }
+        _ => return (allow, Vec::new()),
+    };
+    let value = match found {
+        UnknownInjectValue::NamespaceLabel => None,
+        UnknownInjectValue::PodLabel | UnknownInjectValue::PodAnnotation => {
+            match unknown_inject_values(pod, NamespaceScope::SelectedByWebhook)
+                .into_iter()
+                .find(|(f, _)| *f == found)
+            {
+                Some((_, value)) => Some(value),
+                None => return (allow, Vec::new()),
+            }
+        }
+    };
+    let warning = found.warning(value.as_deref(), false);
+    (allow.with_warning(warning), vec![found])
 }

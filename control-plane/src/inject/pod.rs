@@ -32,8 +32,6 @@ pub enum InjectError {
     Malformed(&'static str),
     #[error("metadata.annotations[{key}]: {message}")]
     InvalidAnnotation { key: &'static str, message: String },
-    #[error("metadata.labels[{INJECT_KEY}]: expected \"enabled\" or \"disabled\", got {0:?}")]
-    InvalidLabel(String),
     #[error(
         "the injector has no trust bundle (the control plane has not loaded its CA, or injection.trustBundle is empty)"
     )]
@@ -200,6 +198,98 @@ pub fn inject_pod(
     Ok(Injection::Injected { patch, warnings })
 }
 
+/// Where a value of `trellis.io/inject` that is neither `enabled` nor
+/// `disabled` was found. Such a value is ignored, never guessed at: the
+/// next of the pod's annotation, its label and its namespace's label
+/// decides, and the pod's author is warned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownInjectValue {
+    PodAnnotation,
+    PodLabel,
+    NamespaceLabel,
+}
+
+impl UnknownInjectValue {
+    /// The metrics' label for it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::PodAnnotation => "pod_annotation",
+            Self::PodLabel => "pod_label",
+            Self::NamespaceLabel => "namespace_label",
+        }
+    }
+
+    /// What the pod's author is told: where, the `value` if known (the
+    /// webhook cannot read a namespace's labels), the values allowed, and
+    /// whether the pod got its sidecar all the same.
+    pub fn warning(self, value: Option<&str>, injected: bool) -> String {
+        let is = match value {
+            Some(value) => format!("is {value:?}, neither"),
+            None => "is neither".to_owned(),
+        };
+        let allowed = "\"enabled\" nor \"disabled\"";
+        match self {
+            Self::PodAnnotation | Self::PodLabel => {
+                let field = if self == Self::PodLabel {
+                    "labels"
+                } else {
+                    "annotations"
+                };
+                let outcome = if injected {
+                    "the pod is injected"
+                } else {
+                    "the pod runs without a sidecar, outside the mesh"
+                };
+                format!(
+                    "trellis: metadata.{field}[{INJECT_KEY}] {is} {allowed}: ignored, so {outcome}"
+                )
+            }
+            Self::NamespaceLabel => {
+                let outcome = if injected {
+                    "this one opted in itself and is"
+                } else {
+                    "this one runs without a sidecar, outside the mesh"
+                };
+                format!(
+                    "trellis: the namespace's label {INJECT_KEY} {is} {allowed}: pods here are not \
+                     injected; {outcome}"
+                )
+            }
+        }
+    }
+}
+
+/// The values of `trellis.io/inject` on `pod` (and on its namespace, when
+/// `scope` has its labels) that are neither `enabled` nor `disabled`.
+pub(super) fn unknown_inject_values(
+    pod: &Value,
+    scope: NamespaceScope<'_>,
+) -> Vec<(UnknownInjectValue, String)> {
+    let of_pod = |field| {
+        pod.get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(|m| m.get(INJECT_KEY))
+            .and_then(Value::as_str)
+    };
+    let namespace = match scope {
+        NamespaceScope::Labels(ns) => ns.get(INJECT_KEY).map(String::as_str),
+        NamespaceScope::SelectedByWebhook => None,
+    };
+    [
+        (UnknownInjectValue::PodAnnotation, of_pod("annotations")),
+        (UnknownInjectValue::PodLabel, of_pod("labels")),
+        (UnknownInjectValue::NamespaceLabel, namespace),
+    ]
+    .into_iter()
+    .filter_map(|(found, value)| {
+        let value = value?;
+        parse_switch(value)
+            .is_none()
+            .then(|| (found, value.to_owned()))
+    })
+    .collect()
+}
+
 /// Whether to leave the pod alone; the pod's annotation decides first, then
 /// its label, then the namespace.
 fn skip_reason(
@@ -211,26 +301,15 @@ fn skip_reason(
     if annotations.contains_key(INJECTED_ANNOTATION) || has_our_containers(spec) {
         return Ok(Some(Skip::AlreadyInjected));
     }
-    let pod_choice = match annotations.get(INJECT_KEY) {
-        Some(value) => Some(
-            parse_switch(value).ok_or_else(|| InjectError::InvalidAnnotation {
-                key: INJECT_KEY,
-                message: format!("expected \"enabled\" or \"disabled\", got {value:?}"),
-            })?,
-        ),
-        None => match labels.get(INJECT_KEY) {
-            Some(value) => {
-                Some(parse_switch(value).ok_or_else(|| InjectError::InvalidLabel(value.clone()))?)
-            }
-            None => None,
-        },
-    };
+    // A value that is neither `enabled` nor `disabled` is ignored (the
+    // answer warns of it, see [`unknown_inject_values`]): the next one
+    // decides.
+    let switch = |map: &BTreeMap<String, String>| map.get(INJECT_KEY).and_then(|v| parse_switch(v));
+    let pod_choice = switch(annotations).or_else(|| switch(labels));
     let enabled = match (pod_choice, scope) {
         (Some(choice), _) => choice,
         (None, NamespaceScope::SelectedByWebhook) => true,
-        (None, NamespaceScope::Labels(ns)) => {
-            ns.get(INJECT_KEY).map(String::as_str) == Some("enabled")
-        }
+        (None, NamespaceScope::Labels(ns)) => switch(ns) == Some(true),
     };
     if !enabled {
         return Ok(Some(if pod_choice == Some(false) {

@@ -1,6 +1,8 @@
-//! The webhook port (15017): HTTPS for the Kubernetes API server, `POST
-//! /inject` and `POST /validate`, each answered by the pure functions of
-//! [`super`].
+//! The webhook port (15017): HTTPS for the Kubernetes API server, `POST`
+//! to [`INJECT_PATH`], [`UNKNOWN_POD_LABEL_PATH`],
+//! [`UNKNOWN_NAMESPACE_LABEL_PATH`] and [`VALIDATE_PATH`], each answered by
+//! the pure functions of [`super`]; the unknown values of
+//! `trellis.io/inject` an answer warns of are counted.
 //!
 //! This module owns only the transport: TLS with the serving certificate
 //! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
@@ -47,10 +49,24 @@ use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 
-use super::{InjectConfig, NamespaceScope, review_pod, review_policy};
+use super::{
+    AdmissionRequest, AdmissionResponse, InjectConfig, NamespaceScope, UnknownInjectValue,
+    respond_pod_reporting, respond_unknown_label, review_policy,
+};
 use crate::api::quoted;
 use crate::metrics::Metrics;
 use crate::server::Refusals;
+
+/// The mutating webhook that injects pods.
+pub const INJECT_PATH: &str = "/inject";
+/// The warning-only webhook for pods whose `trellis.io/inject` label is
+/// neither `enabled` nor `disabled`, in namespaces that did not opt in.
+pub const UNKNOWN_POD_LABEL_PATH: &str = "/inject/unknown-pod-label";
+/// The warning-only webhook for pods of namespaces whose
+/// `trellis.io/inject` label is neither `enabled` nor `disabled`.
+pub const UNKNOWN_NAMESPACE_LABEL_PATH: &str = "/inject/unknown-namespace-label";
+/// The validating webhook for Trellis policies.
+pub const VALIDATE_PATH: &str = "/validate";
 
 /// The largest review body accepted. A Pod object is at most a few hundred
 /// KiB (annotations are capped at 256 KiB); the API server's own request
@@ -242,7 +258,10 @@ impl WebhookServer {
         tokio::pin!(shutdown);
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         let over_limits = Refusals::new(metrics.clone(), Metrics::webhook_connection_refused);
-        let failures = Arc::new(Refusals::new(metrics, Metrics::webhook_handshake_failed));
+        let failures = Arc::new(Refusals::new(
+            metrics.clone(),
+            Metrics::webhook_handshake_failed,
+        ));
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -264,6 +283,7 @@ impl WebhookServer {
             };
             let acceptor = self.acceptor.clone();
             let config = config.clone();
+            let metrics = metrics.clone();
             let failures = failures.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
@@ -277,7 +297,8 @@ impl WebhookServer {
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let config = config.borrow().clone();
-                    async move { Ok::<_, Infallible>(serve(req, &config).await) }
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(serve(req, &config, &metrics).await) }
                 });
                 serve_http1_for(
                     tls,
@@ -383,7 +404,11 @@ fn webhook_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn serve(req: Request<Incoming>, config: &InjectConfig) -> Response<Full<Bytes>> {
+async fn serve(
+    req: Request<Incoming>,
+    config: &InjectConfig,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
@@ -409,7 +434,8 @@ async fn serve(req: Request<Incoming>, config: &InjectConfig) -> Response<Full<B
                 return answer;
             }
         };
-    let (status, content_type, body) = respond(&parts.method, parts.uri.path(), &body, config);
+    let (status, content_type, body) =
+        respond(&parts.method, parts.uri.path(), &body, config, metrics);
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -427,22 +453,47 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 
 /// Routes one request: the status, content type and body of the answer.
 /// A body that is not an AdmissionReview gets 400, so the webhook's
-/// `failurePolicy` decides about the object.
+/// `failurePolicy` decides about the object. A `trellis.io/inject` value
+/// the answer warns of is counted in `metrics`.
 pub fn respond(
     method: &Method,
     path: &str,
     body: &[u8],
     config: &InjectConfig,
+    metrics: &Metrics,
 ) -> (StatusCode, &'static str, Vec<u8>) {
+    type Answer<'a> = &'a dyn Fn(&AdmissionRequest) -> (AdmissionResponse, Vec<UnknownInjectValue>);
+    let pod = |answer: Answer<'_>| {
+        AdmissionRequest::parse(body).map(|request| {
+            let (response, unknown) = answer(&request);
+            for found in unknown {
+                metrics.inject_unknown_value(found.reason());
+            }
+            response
+        })
+    };
     let result = match path {
-        "/inject" | "/validate" if method != Method::POST => {
+        INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH | VALIDATE_PATH
+            if method != Method::POST =>
+        {
             let message = format!("{path} takes POST, not {method}\n");
             return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", message.into());
         }
-        "/inject" => review_pod(body, NamespaceScope::SelectedByWebhook, config),
-        "/validate" => review_policy(body, &config.trust_domain, &config.validation),
+        INJECT_PATH => pod(&|request| {
+            respond_pod_reporting(request, NamespaceScope::SelectedByWebhook, config)
+        }),
+        UNKNOWN_POD_LABEL_PATH => {
+            pod(&|request| respond_unknown_label(request, UnknownInjectValue::PodLabel))
+        }
+        UNKNOWN_NAMESPACE_LABEL_PATH => {
+            pod(&|request| respond_unknown_label(request, UnknownInjectValue::NamespaceLabel))
+        }
+        VALIDATE_PATH => review_policy(body, &config.trust_domain, &config.validation),
         _ => {
-            let message = format!("not found: {path} (try /inject or /validate)\n");
+            let message = format!(
+                "not found: {path} (try {INJECT_PATH}, {UNKNOWN_POD_LABEL_PATH}, \
+                 {UNKNOWN_NAMESPACE_LABEL_PATH} or {VALIDATE_PATH})\n"
+            );
             return (StatusCode::NOT_FOUND, "text/plain", message.into());
         }
     };
@@ -702,6 +753,7 @@ mod tests {
                 "/validate",
                 body.as_bytes(),
                 &InjectConfig::default(),
+                &Metrics::default(),
             );
             drop(guard);
             assert_eq!(status, StatusCode::OK);
