@@ -46,7 +46,7 @@ fn webhooks_use_the_generated_serving_certificate() {
         .iter()
         .chain(validating["webhooks"].as_array().unwrap())
         .collect();
-    assert_eq!(webhooks.len(), 3);
+    assert_eq!(webhooks.len(), 5);
     for webhook in &webhooks {
         assert_eq!(webhook["clientConfig"]["caBundle"], ca_bundle);
         assert_eq!(
@@ -57,9 +57,21 @@ fn webhooks_use_the_generated_serving_certificate() {
         assert_eq!(webhook["sideEffects"], "None");
         assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
     }
-    let (inject, validate) = (&webhooks[..2], webhooks[2]);
+    let (inject, validate) = (&webhooks[..4], webhooks[4]);
+    let paths: Vec<&Value> = inject
+        .iter()
+        .map(|w| &w["clientConfig"]["service"]["path"])
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/inject",
+            "/inject",
+            "/inject/unknown-pod-label",
+            "/inject/unknown-namespace-label"
+        ]
+    );
     for webhook in inject {
-        assert_eq!(webhook["clientConfig"]["service"]["path"], "/inject");
         assert_eq!(webhook["failurePolicy"], "Ignore");
         assert_eq!(webhook["rules"][0]["resources"], json!(["pods"]));
         assert_eq!(webhook["rules"][0]["operations"], json!(["CREATE"]));
@@ -106,6 +118,151 @@ fn webhooks_use_the_generated_serving_certificate() {
         .collect();
     let expected = format!("DNSName(trellis-control-plane.{NAMESPACE}.svc)");
     assert!(names.contains(&expected), "{names:?}");
+}
+
+/// Whether a label selector of a webhook (`namespaceSelector`,
+/// `objectSelector`) selects `labels`, as the API server decides: every
+/// `matchLabels` pair and every `matchExpressions` requirement holds
+/// (`NotIn` holds for a missing key); no selector selects everything.
+fn selects(selector: &Value, labels: &std::collections::BTreeMap<&str, &str>) -> bool {
+    let match_labels = selector["matchLabels"].as_object().into_iter().flatten();
+    let expressions = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    match_labels
+        .map(|(key, value)| labels.get(key.as_str()).copied() == value.as_str())
+        .chain(expressions.map(|e| {
+            let value = labels.get(e["key"].as_str().unwrap()).copied();
+            let listed = |v: &str| e["values"].as_array().unwrap().iter().any(|l| l == v);
+            match e["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(listed),
+                "NotIn" => !value.is_some_and(listed),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("operator {other}"),
+            }
+        }))
+        .all(|holds| holds)
+}
+
+/// Every combination of the label `trellis.io/inject` on a namespace and
+/// on a pod (none, `enabled`, `disabled`, a typo), as the API server
+/// matches the rendered webhooks' selectors and the control plane answers
+/// the one it calls: no pod is sent to two webhooks; a pod that opted in,
+/// by its namespace or itself, is injected; a mistyped label, of the pod
+/// or of a namespace that did not opt in otherwise, is warned of and the
+/// pod admitted as it is, by a webhook whose failure never blocks the pod
+/// (`Ignore`, even under `injection.failurePolicy=Fail`); the control
+/// plane's own namespace and kube-system are never sent anything.
+#[test]
+fn every_inject_label_combination_is_injected_or_warned_of_once() {
+    use std::collections::BTreeMap;
+    use trellis_control_plane::inject::server::respond;
+    use trellis_control_plane::metrics::Metrics;
+
+    let Some((helm, _)) = tools() else { return };
+    let docs = documents(&template(&helm, &["injection.failurePolicy=Fail"]).unwrap());
+    let webhooks = one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+        .as_array()
+        .unwrap();
+    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
+        .as_str()
+        .unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let config = inject::InjectConfig::from_settings(settings, td, "PEM".into()).unwrap();
+    let path = format!(
+        "{}/tests/fixtures/k8s/pod-unlabelled-namespace.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let review: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+
+    let pod_typo = "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \
+                    \"enabled\" nor \"disabled\": ignored, so the pod";
+    let namespace_typo = "trellis: the namespace's label trellis.io/inject is neither \
+                          \"enabled\" nor \"disabled\": pods here are not injected";
+    let values = [None, Some("enabled"), Some("disabled"), Some("true")];
+    for namespace_name in ["legacy", NAMESPACE, "kube-system"] {
+        for namespace_value in values {
+            for pod_value in values {
+                let mut namespace =
+                    BTreeMap::from([("kubernetes.io/metadata.name", namespace_name)]);
+                let mut pod_labels = BTreeMap::from([("run", "debug")]);
+                if let Some(value) = namespace_value {
+                    namespace.insert("trellis.io/inject", value);
+                }
+                if let Some(value) = pod_value {
+                    pod_labels.insert("trellis.io/inject", value);
+                }
+                let case = format!("namespace {namespace:?}, pod {pod_labels:?}");
+                let called: Vec<&Value> = webhooks
+                    .iter()
+                    .filter(|w| {
+                        selects(&w["namespaceSelector"], &namespace)
+                            && selects(&w["objectSelector"], &pod_labels)
+                    })
+                    .collect();
+                assert!(called.len() <= 1, "{case}: sent to {called:?}");
+
+                // What the pod's author sees: whether it got a sidecar,
+                // and the warnings.
+                let (injected, warnings) = match called.first() {
+                    None => (false, Vec::new()),
+                    Some(webhook) => {
+                        let path = webhook["clientConfig"]["service"]["path"].as_str().unwrap();
+                        if path != "/inject" {
+                            assert_eq!(webhook["failurePolicy"], "Ignore", "{case}");
+                            assert_eq!(webhook["reinvocationPolicy"], "Never", "{case}");
+                        }
+                        let mut review = review.clone();
+                        let pod = &mut review["request"]["object"]["metadata"];
+                        pod["namespace"] = json!(namespace_name);
+                        pod["labels"] = json!(pod_labels);
+                        let body = serde_json::to_vec(&review).unwrap();
+                        let (status, _, answer) = respond(
+                            &http::Method::POST,
+                            path,
+                            &body,
+                            &config,
+                            &Metrics::default(),
+                        );
+                        assert_eq!(status, http::StatusCode::OK, "{case}");
+                        let answer: Value = serde_json::from_slice(&answer).unwrap();
+                        assert_eq!(answer["response"]["allowed"], true, "{case}: {answer}");
+                        let warnings: Vec<String> = answer["response"]["warnings"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|w| w.as_str().unwrap().to_owned())
+                            .collect();
+                        (answer["response"].get("patch").is_some(), warnings)
+                    }
+                };
+
+                let excluded = namespace_name != "legacy";
+                let opted_in = !excluded
+                    && pod_value != Some("disabled")
+                    && (namespace_value == Some("enabled") || pod_value == Some("enabled"));
+                assert_eq!(injected, opted_in, "{case}: {warnings:?}");
+                let expected = if excluded {
+                    None
+                } else if pod_value == Some("true") {
+                    Some(pod_typo)
+                } else if namespace_value == Some("true") && pod_value.is_none() {
+                    Some(namespace_typo)
+                } else {
+                    None
+                };
+                match expected {
+                    Some(expected) => assert!(
+                        warnings.len() == 1 && warnings[0].starts_with(expected),
+                        "{case}: {warnings:?}"
+                    ),
+                    None => assert!(warnings.is_empty(), "{case}: {warnings:?}"),
+                }
+            }
+        }
+    }
 }
 
 /// The injection settings the chart renders are read by the control
@@ -791,7 +948,7 @@ impl Webhooks {
         .flat_map(|c| c["webhooks"].as_array().unwrap())
         .map(|w| &w["clientConfig"]["caBundle"])
         .collect();
-        assert_eq!(bundles.len(), 3);
+        assert_eq!(bundles.len(), 5);
         assert!(bundles.iter().all(|b| *b == bundles[0]), "{bundles:?}");
         let bundle = certificates(&b64_pem(bundles[0].as_str().unwrap()));
         let mutating = one(&docs, "MutatingWebhookConfiguration").clone();
