@@ -79,7 +79,7 @@ impl Metrics {
 
     /// A pod reviewed by the webhooks whose `trellis.io/inject` (label or
     /// annotation, of the pod or of its namespace: the reason) is neither
-    /// `enabled` nor `disabled`; its author was warned.
+    /// `enabled` nor `disabled`; the pod was denied, or its author warned.
     pub fn inject_unknown_value(&self, reason: &'static str) {
         count(&self.inject_unknown_values, reason);
     }
@@ -180,8 +180,9 @@ impl Metrics {
         render_family(
             &mut out,
             "trellis_inject_unknown_values_total",
-            "Pods the admission webhooks warned that their trellis.io/inject is neither enabled \
-             nor disabled, and ignored, by where: pod_label, pod_annotation or namespace_label.",
+            "Pods the admission webhooks denied, or warned, because their trellis.io/inject is \
+             neither enabled nor disabled, by where: pod_label, pod_annotation or \
+             namespace_label.",
             &self.inject_unknown_values.lock().expect("not poisoned"),
         );
         render_family(

@@ -150,13 +150,15 @@ fn selects(selector: &Value, labels: &std::collections::BTreeMap<&str, &str>) ->
 /// on a pod (none, `enabled`, `disabled`, a typo), as the API server
 /// matches the rendered webhooks' selectors and the control plane answers
 /// the one it calls: no pod is sent to two webhooks; a pod that opted in,
-/// by its namespace or itself, is injected; a mistyped label, of the pod
-/// or of a namespace that did not opt in otherwise, is warned of and the
-/// pod admitted as it is, by a webhook whose failure never blocks the pod
-/// (`Ignore`, even under `injection.failurePolicy=Fail`); the control
-/// plane's own namespace and kube-system are never sent anything.
+/// by its namespace or itself, is injected; a pod of a namespace that
+/// opted in whose own label is mistyped is denied, naming the label and
+/// its value; a mistyped label, of the pod or of a namespace that did not
+/// opt in otherwise, is warned of and the pod admitted as it is, by a
+/// webhook whose failure never blocks the pod (`Ignore`, even under
+/// `injection.failurePolicy=Fail`); the control plane's own namespace and
+/// kube-system are never sent anything.
 #[test]
-fn every_inject_label_combination_is_injected_or_warned_of_once() {
+fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
     use std::collections::BTreeMap;
     use trellis_control_plane::inject::server::respond;
     use trellis_control_plane::metrics::Metrics;
@@ -181,6 +183,8 @@ fn every_inject_label_combination_is_injected_or_warned_of_once() {
                     \"enabled\" nor \"disabled\": ignored, so the pod";
     let namespace_typo = "trellis: the namespace's label trellis.io/inject is neither \
                           \"enabled\" nor \"disabled\": pods here are not injected";
+    let pod_denial = "trellis: cannot inject: metadata.labels[trellis.io/inject]: expected \
+                      \"enabled\" or \"disabled\", got \"true\"";
     let values = [None, Some("enabled"), Some("disabled"), Some("true")];
     for namespace_name in ["legacy", NAMESPACE, "kube-system"] {
         for namespace_value in values {
@@ -204,10 +208,10 @@ fn every_inject_label_combination_is_injected_or_warned_of_once() {
                     .collect();
                 assert!(called.len() <= 1, "{case}: sent to {called:?}");
 
-                // What the pod's author sees: whether it got a sidecar,
-                // and the warnings.
-                let (injected, warnings) = match called.first() {
-                    None => (false, Vec::new()),
+                // What the pod's author sees: why it was denied, or
+                // whether it got a sidecar, and the warnings.
+                let (denial, injected, warnings) = match called.first() {
+                    None => (None, false, Vec::new()),
                     Some(webhook) => {
                         let path = webhook["clientConfig"]["service"]["path"].as_str().unwrap();
                         if path != "/inject" {
@@ -228,23 +232,36 @@ fn every_inject_label_combination_is_injected_or_warned_of_once() {
                         );
                         assert_eq!(status, http::StatusCode::OK, "{case}");
                         let answer: Value = serde_json::from_slice(&answer).unwrap();
-                        assert_eq!(answer["response"]["allowed"], true, "{case}: {answer}");
+                        let denial = match answer["response"]["allowed"].as_bool() {
+                            Some(true) => None,
+                            Some(false) => answer["response"]["status"]["message"].as_str(),
+                            None => panic!("{case}: {answer}"),
+                        }
+                        .map(str::to_owned);
                         let warnings: Vec<String> = answer["response"]["warnings"]
                             .as_array()
                             .into_iter()
                             .flatten()
                             .map(|w| w.as_str().unwrap().to_owned())
                             .collect();
-                        (answer["response"].get("patch").is_some(), warnings)
+                        (denial, answer["response"].get("patch").is_some(), warnings)
                     }
                 };
 
                 let excluded = namespace_name != "legacy";
+                let denied =
+                    !excluded && namespace_value == Some("enabled") && pod_value == Some("true");
+                assert_eq!(
+                    denial.as_deref(),
+                    denied.then_some(pod_denial),
+                    "{case}: {warnings:?}"
+                );
                 let opted_in = !excluded
+                    && !denied
                     && pod_value != Some("disabled")
                     && (namespace_value == Some("enabled") || pod_value == Some("enabled"));
                 assert_eq!(injected, opted_in, "{case}: {warnings:?}");
-                let expected = if excluded {
+                let expected = if excluded || denied {
                     None
                 } else if pod_value == Some("true") {
                     Some(pod_typo)

@@ -348,18 +348,20 @@ fn an_invalid_opaque_ports_annotation_is_refused() {
     }
 }
 
-/// A value of `trellis.io/inject` that is neither `enabled` nor `disabled`
-/// (a typo: `true`, `Enabled`) is ignored, never guessed at nor refused:
-/// the next of the pod's annotation, its label and its namespace's label
-/// decides, and the answer warns, naming where the value is, the value and
-/// the values allowed, and whether the pod got its sidecar. In a namespace
-/// that opted in, the pod is injected: the mesh's protection is kept, and a
-/// sidecar the author did not want is seen, where one missing is not. A
-/// re-invocation of the webhook for the injected pod says nothing again.
+/// A value of `trellis.io/inject` on a pod that is neither `enabled` nor
+/// `disabled` (a typo: `true`, `Enabled`, or `false` meant as an opt-out)
+/// is an error, never a guess: where it decides (the annotation, or the
+/// label of a pod without one), the pod is denied naming the field and the
+/// value, whatever the failure policy, as an invalid `trellis.io/*`
+/// annotation is; admitted, its author would get a sidecar, or none,
+/// unasked. A mistyped label the annotation overrides decides nothing and
+/// is warned of, once: a re-invocation for the injected pod says nothing
+/// again. A mistyped namespace label leaves the namespace not opted in,
+/// with a warning.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.
 #[test]
-fn an_unknown_inject_value_is_ignored_with_a_warning() {
+fn an_unknown_inject_value_on_the_pod_is_denied() {
     let review = fixture("pod-deployment-http-probes.json");
     let with = |field: &str, value: &str| {
         let mut pod = review["request"]["object"].clone();
@@ -372,64 +374,97 @@ fn an_unknown_inject_value_is_ignored_with_a_warning() {
             .map(|w| w.iter().map(|w| w.as_str().unwrap().to_owned()).collect())
             .unwrap_or_default()
     };
+    let assert_denied = |reply: &serde_json::Value, field: &str, value: &str| {
+        assert_eq!(reply["response"]["allowed"], false, "{reply}");
+        assert_eq!(reply["response"]["status"]["code"], 403, "{reply}");
+        assert_eq!(
+            reply["response"]["status"]["message"],
+            format!(
+                "trellis: cannot inject: metadata.{field}[trellis.io/inject]: expected \"enabled\" \
+                 or \"disabled\", got {value:?}"
+            ),
+            "{reply}"
+        );
+        assert!(patch_of(reply).is_none(), "{reply}");
+    };
 
-    // In a namespace that opted in.
+    // In a namespace that opted in (the webhook was called), under either
+    // failure policy.
     for (field, value) in [
         ("annotations", "yes"),
         ("labels", "true"),
         ("labels", "Enabled"),
+        ("labels", "false"),
     ] {
-        let pod = with(field, value);
-        let reply = answer_for(&with_object(&review, pod.clone()));
-        assert_eq!(reply["response"]["allowed"], true, "{reply}");
-        let patched = apply(&pod, &patch_of(&reply).expect("injected"));
-        assert_eq!(
-            names(&patched["spec"]["initContainers"]),
-            ["trellis-init", "trellis-proxy", "wait-for-db"]
-        );
-        assert_eq!(
-            warnings(&reply)[0],
-            format!(
-                "trellis: metadata.{field}[trellis.io/inject] is {value:?}, neither \"enabled\" \
-                 nor \"disabled\": ignored, so the pod is injected"
-            )
-        );
-        let again = answer_for(&with_object(&review, patched));
-        assert!(patch_of(&again).is_none(), "{again}");
-        assert!(warnings(&again).is_empty(), "told once: {again}");
+        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
+            let config = InjectConfig {
+                failure_policy,
+                ..config()
+            };
+            let reply = answer(
+                &with_object(&review, with(field, value)),
+                NamespaceScope::SelectedByWebhook,
+                &config,
+            );
+            assert_denied(&reply, field, value);
+        }
     }
-    // An unknown annotation over a label that opts out: the label decides.
+    // The annotation decides first, even over a label that opts out.
     let mut pod = with("annotations", "off");
     pod["metadata"]["labels"]["trellis.io/inject"] = json!("disabled");
-    let reply = answer_for(&with_object(&review, pod));
-    assert_eq!(reply["response"]["allowed"], true);
-    assert!(patch_of(&reply).is_none(), "{reply}");
-    assert_eq!(
-        warnings(&reply),
-        [
-            "trellis: metadata.annotations[trellis.io/inject] is \"off\", neither \"enabled\" nor \
-          \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
-        ]
+    assert_denied(
+        &answer_for(&with_object(&review, pod)),
+        "annotations",
+        "off",
     );
-
-    // Where the namespace's labels are known: one that did not opt in
-    // leaves a mistyped pod alone, and a mistyped namespace is named.
+    // Where the namespace's labels are known, one that did not opt in.
     let plain = labels(&[("kubernetes.io/metadata.name", "legacy")]);
     let reply = answer(
         &with_object(&review, with("labels", "true")),
         NamespaceScope::Labels(&plain),
         &config(),
     );
-    assert!(patch_of(&reply).is_none(), "{reply}");
-    assert_eq!(
-        warnings(&reply),
-        [
-            "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \"enabled\" nor \
-          \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
-        ]
-    );
+    assert_denied(&reply, "labels", "true");
+
+    // A mistyped label under an annotation that decides: warned of.
+    for (annotation, outcome) in [
+        ("enabled", "the pod is injected"),
+        (
+            "disabled",
+            "the pod runs without a sidecar, outside the mesh",
+        ),
+    ] {
+        let mut pod = with("labels", "true");
+        pod["metadata"]["annotations"]["trellis.io/inject"] = json!(annotation);
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        assert_eq!(
+            warnings(&reply)[0],
+            format!(
+                "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \"enabled\" \
+                 nor \"disabled\": ignored, so {outcome}"
+            )
+        );
+        match patch_of(&reply) {
+            Some(patch) => {
+                assert_eq!(annotation, "enabled");
+                let patched = apply(&pod, &patch);
+                assert_eq!(
+                    names(&patched["spec"]["initContainers"]),
+                    ["trellis-init", "trellis-proxy", "wait-for-db"]
+                );
+                let again = answer_for(&with_object(&review, patched));
+                assert!(patch_of(&again).is_none(), "{again}");
+                assert!(warnings(&again).is_empty(), "told once: {again}");
+            }
+            None => assert_eq!(annotation, "disabled"),
+        }
+    }
+
+    // A mistyped namespace is named, and its pods left alone.
     let mistyped = labels(&[("trellis.io/inject", "enable")]);
     let reply = answer(&review, NamespaceScope::Labels(&mistyped), &config());
+    assert_eq!(reply["response"]["allowed"], true, "{reply}");
     assert!(patch_of(&reply).is_none(), "{reply}");
     assert_eq!(
         warnings(&reply),

@@ -147,6 +147,39 @@ async fn inject_answers_with_a_patch_over_https() {
     );
 }
 
+/// `/inject`, called for a pod of a namespace that opted in, denies a pod
+/// whose `trellis.io/inject` label is neither `enabled` nor `disabled`,
+/// naming the field and the value (the reason a Deployment's ReplicaSet
+/// shows in its FailedCreate events), and counts it by where it was.
+#[tokio::test]
+async fn inject_denies_a_mistyped_inject_label_over_https() {
+    let webhook = start().await;
+    let mut review: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("false");
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["allowed"], false, "{response}");
+    assert_eq!(response["uid"], "5b8e0d52-1c3f-4a8e-9d2b-6f0e7a4c9b11");
+    assert_eq!(
+        response["status"]["message"],
+        "trellis: cannot inject: metadata.labels[trellis.io/inject]: expected \"enabled\" or \
+         \"disabled\", got \"false\""
+    );
+    assert!(response.get("patch").is_none(), "{response}");
+    let rendered = webhook.metrics.render();
+    let counted = "trellis_inject_unknown_values_total{reason=\"pod_label\"} 1\n";
+    assert!(rendered.contains(counted), "{counted}in\n{rendered}");
+}
+
 /// The warning-only webhooks the chart calls for a mistyped
 /// `trellis.io/inject` label, of the pod (`/inject/unknown-pod-label`) or
 /// of its namespace (`/inject/unknown-namespace-label`), admit the pod as

@@ -88,16 +88,21 @@
 //! there. Only CREATE is mutated.
 //!
 //! A value of `trellis.io/inject` that is neither `enabled` nor `disabled`
-//! (`true`, `Enabled`) is ignored, never guessed at, and the next of the
-//! three decides: in a namespace that opted in, such a pod is injected,
-//! which keeps it in the mesh (a sidecar its author did not want shows; one
-//! missing would not). The answer warns, naming where the value is, the
-//! value and the values allowed ([`UnknownInjectValue::warning`]), and the
-//! server counts it. A typo that keeps the API server from calling `/inject`
-//! at all (a pod's label outside an opted-in namespace, a namespace's label)
-//! brings the pod to a warning-only entry of the chart instead, whose path
-//! says which ([`respond_unknown_label`]): the pod is admitted as it is, with
-//! the warning, never changed or denied. Pods on the host's network and Windows
+//! (`true`, `false`, `Enabled`) is never guessed at. On a pod the webhook is
+//! sent, the annotation (or the label, when there is no annotation) with
+//! such a value is an invalid annotation or label: the pod is denied naming
+//! it (see Errors), so "false" meant as an opt-out neither gets a sidecar
+//! nor silently runs without one. A value that decides nothing (a label the
+//! annotation overrides; a namespace's label, which leaves the namespace
+//! not opted in) is warned of, naming where the value is, the value and the
+//! values allowed ([`UnknownInjectValue::warning`]). A typo that keeps the
+//! API server from calling `/inject` at all (a pod's label outside an
+//! opted-in namespace, a namespace's label) brings the pod to a
+//! warning-only entry of the chart instead, whose path says which
+//! ([`respond_unknown_label`]): the pod is admitted as it is, with the
+//! warning, never changed or denied, since a stray label must not block the
+//! pods of a namespace that never joined the mesh. The server counts every
+//! such value, denied or warned of. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]); a Windows pod is told so in a
 //! warning.
 //!
@@ -110,9 +115,9 @@
 //!
 //! A body that is not an `AdmissionReview` is a [`ReviewError`]: the server
 //! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod with an
-//! invalid `trellis.io/*` annotation (but `trellis.io/inject`, see above) is
-//! denied, naming it, whatever the failure policy: admitted, it would run
-//! outside the mesh, and only the pod's author can fix it. A pod that cannot
+//! invalid `trellis.io/*` annotation or label is denied, naming it, whatever
+//! the failure policy: admitted, it would run outside the mesh, and only the
+//! pod's author can fix it. A pod that cannot
 //! be injected for another reason (no trust bundle configured, not a Pod)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy`: `Ignore` (default) admits it
@@ -359,7 +364,7 @@ pub fn respond_pod(
 }
 
 /// [`respond_pod`], with the unknown values of `trellis.io/inject` the
-/// answer warns about (for the server to count).
+/// answer denies or warns about (for the server to count).
 pub fn respond_pod_reporting(
     request: &AdmissionRequest,
     scope: NamespaceScope<'_>,
@@ -377,8 +382,9 @@ pub fn respond_pod_reporting(
     } else {
         Err(InjectError::NotAPod(request.kind.to_string()))
     };
-    // Ignored values are told of once, by the call that decided: a
-    // re-invocation finds the pod injected and says nothing again.
+    // Values that decided nothing are told of once, by the call that
+    // decided: a re-invocation finds the pod injected and says nothing
+    // again.
     let unknown = |injected: bool| {
         let pod = request.object.as_ref().unwrap_or(&serde_json::Value::Null);
         unknown_inject_values(pod, scope)
@@ -406,7 +412,16 @@ pub fn respond_pod_reporting(
             warnings.extend(skip.warning().map(str::to_owned));
             (AdmissionResponse { warnings, ..allow }, found)
         }
-        Err(e) => (deny_or_warn(request, config, e), Vec::new()),
+        Err(e) => {
+            let found = match e {
+                InjectError::InvalidAnnotation {
+                    key: INJECT_KEY, ..
+                } => vec![UnknownInjectValue::PodAnnotation],
+                InjectError::InvalidLabel(_) => vec![UnknownInjectValue::PodLabel],
+                _ => Vec::new(),
+            };
+            (deny_or_warn(request, config, e), found)
+        }
     }
 }
 
@@ -422,7 +437,7 @@ fn deny_or_warn(
         // is no outage to ride out, a retry never fixes it, and admitting
         // the pod would run it outside the mesh, open to plaintext and to
         // no policy; the denial shows as the ReplicaSet's FailedCreate.
-        e @ InjectError::InvalidAnnotation { .. } => {
+        e @ (InjectError::InvalidAnnotation { .. } | InjectError::InvalidLabel(_)) => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
         e => match config.failure_policy {

@@ -32,6 +32,8 @@ pub enum InjectError {
     Malformed(&'static str),
     #[error("metadata.annotations[{key}]: {message}")]
     InvalidAnnotation { key: &'static str, message: String },
+    #[error("metadata.labels[{INJECT_KEY}]: expected \"enabled\" or \"disabled\", got {0:?}")]
+    InvalidLabel(String),
     #[error(
         "the injector has no trust bundle (the control plane has not loaded its CA, or injection.trustBundle is empty)"
     )]
@@ -199,9 +201,11 @@ pub fn inject_pod(
 }
 
 /// Where a value of `trellis.io/inject` that is neither `enabled` nor
-/// `disabled` was found. Such a value is ignored, never guessed at: the
-/// next of the pod's annotation, its label and its namespace's label
-/// decides, and the pod's author is warned.
+/// `disabled` was found. Where the pod's own value decides, the pod is
+/// denied ([`InjectError::InvalidAnnotation`], [`InjectError::InvalidLabel`]);
+/// anywhere else (a label the pod's annotation overrides, a namespace's
+/// label, a pod label the injecting webhooks are never sent) it decides
+/// nothing, is never guessed at, and the pod's author is warned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnknownInjectValue {
     PodAnnotation,
@@ -301,15 +305,31 @@ fn skip_reason(
     if annotations.contains_key(INJECTED_ANNOTATION) || has_our_containers(spec) {
         return Ok(Some(Skip::AlreadyInjected));
     }
-    // A value that is neither `enabled` nor `disabled` is ignored (the
-    // answer warns of it, see [`unknown_inject_values`]): the next one
-    // decides.
-    let switch = |map: &BTreeMap<String, String>| map.get(INJECT_KEY).and_then(|v| parse_switch(v));
-    let pod_choice = switch(annotations).or_else(|| switch(labels));
+    // The pod's own value that is neither `enabled` nor `disabled` is an
+    // error, never a guess: "false" may mean opted out, and the pod's
+    // author fixes it. A label the annotation overrides decides nothing
+    // (the answer warns of it, see [`unknown_inject_values`]), nor does a
+    // namespace's mistyped label, which reads as not opted in.
+    let pod_choice = match annotations.get(INJECT_KEY) {
+        Some(value) => Some(
+            parse_switch(value).ok_or_else(|| InjectError::InvalidAnnotation {
+                key: INJECT_KEY,
+                message: format!("expected \"enabled\" or \"disabled\", got {value:?}"),
+            })?,
+        ),
+        None => match labels.get(INJECT_KEY) {
+            Some(value) => {
+                Some(parse_switch(value).ok_or_else(|| InjectError::InvalidLabel(value.clone()))?)
+            }
+            None => None,
+        },
+    };
     let enabled = match (pod_choice, scope) {
         (Some(choice), _) => choice,
         (None, NamespaceScope::SelectedByWebhook) => true,
-        (None, NamespaceScope::Labels(ns)) => switch(ns) == Some(true),
+        (None, NamespaceScope::Labels(ns)) => {
+            ns.get(INJECT_KEY).and_then(|v| parse_switch(v)) == Some(true)
+        }
     };
     if !enabled {
         return Ok(Some(if pod_choice == Some(false) {

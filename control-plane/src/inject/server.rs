@@ -2,7 +2,7 @@
 //! to [`INJECT_PATH`], [`UNKNOWN_POD_LABEL_PATH`],
 //! [`UNKNOWN_NAMESPACE_LABEL_PATH`] and [`VALIDATE_PATH`], each answered by
 //! the pure functions of [`super`]; the unknown values of
-//! `trellis.io/inject` an answer warns of are counted.
+//! `trellis.io/inject` an answer denies or warns of are counted.
 //!
 //! This module owns only the transport: TLS with the serving certificate
 //! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
@@ -454,7 +454,7 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 /// Routes one request: the status, content type and body of the answer.
 /// A body that is not an AdmissionReview gets 400, so the webhook's
 /// `failurePolicy` decides about the object. A `trellis.io/inject` value
-/// the answer warns of is counted in `metrics`.
+/// the answer denies or warns of is counted in `metrics`.
 pub fn respond(
     method: &Method,
     path: &str,
