@@ -132,18 +132,24 @@ pub fn quoted_chars(chars: impl Iterator<Item = char>, len: usize, max: usize) -
     out
 }
 
+/// `p` as a port number: `None` for 0 or past 65535.
+pub fn port(p: u32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+/// The port number `p` of `field`; INVALID_ARGUMENT naming the field when
+/// it is not a port (0, or past 65535).
+pub fn port_arg(field: &str, p: u32) -> Result<u16, Status> {
+    port(p).ok_or_else(|| Status::invalid_argument(format!("{field}: {p} is not in 1-65535")))
+}
+
 /// The port numbers of `field`, a caller's list of ports, sorted and each
 /// once; INVALID_ARGUMENT naming the field and the first number that is not
-/// a port (0, or past 65535).
+/// a port ([`port_arg`]).
 pub fn port_list(field: &str, ports: &[u32]) -> Result<Vec<u16>, Status> {
     let mut valid = ports
         .iter()
-        .map(|&p| {
-            u16::try_from(p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| Status::invalid_argument(format!("{field}: {p} is not in 1-65535")))
-        })
+        .map(|&p| port_arg(field, p))
         .collect::<Result<Vec<u16>, Status>>()?;
     valid.sort_unstable();
     valid.dedup();

@@ -591,10 +591,7 @@ pub async fn explain_request(
     };
     let source = id("source", &req.source)?;
     let destination = id("destination", &req.destination)?;
-    let port = u16::try_from(req.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| Status::invalid_argument(format!("port: {} is not in 1-65535", req.port)))?;
+    let port = super::port_arg("port", req.port)?;
     let requested = super::port_list("opaque_ports", &req.opaque_ports)?;
     let fleet = replicas.fleet(mesh, ListStreamsRequest::default()).await;
     let opaque = OpaquePorts {

@@ -745,8 +745,8 @@ impl Fleet {
                 let declared = declared.or_default();
                 for open in &stream.open {
                     // A peer sends only ports its sidecars declared.
-                    let ports = (open.opaque_ports.iter()).filter_map(|&p| u16::try_from(p).ok());
-                    declared.push(ports.filter(|&p| p != 0).collect());
+                    let ports = open.opaque_ports.iter().filter_map(|&p| super::port(p));
+                    declared.push(ports.collect());
                 }
             }
             let joined = self.joined.entry(stream.spiffe_id.clone()).or_default();

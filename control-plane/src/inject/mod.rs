@@ -476,15 +476,10 @@ pub fn respond_unknown_label(
     };
     let value = match found {
         UnknownInjectValue::NamespaceLabel => None,
-        UnknownInjectValue::PodLabel | UnknownInjectValue::PodAnnotation => {
-            match unknown_inject_values(pod, NamespaceScope::SelectedByWebhook)
-                .into_iter()
-                .find(|(f, _)| *f == found)
-            {
-                Some((_, value)) => Some(value),
-                None => return (allow, Vec::new()),
-            }
-        }
+        _ => match unknown_inject_values(pod, NamespaceScope::SelectedByWebhook).pop() {
+            Some((_, value)) => Some(value),
+            None => return (allow, Vec::new()),
+        },
     };
     let warning = found.warning(value.as_deref(), false);
     (allow.with_warning(warning), vec![found])

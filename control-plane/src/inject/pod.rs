@@ -263,25 +263,25 @@ impl UnknownInjectValue {
     }
 }
 
-/// The values of `trellis.io/inject` on `pod` (and on its namespace, when
-/// `scope` has its labels) that are neither `enabled` nor `disabled`.
+/// The values of `trellis.io/inject` that are neither `enabled` nor
+/// `disabled` on `pod`'s labels (and its namespace's, when `scope` has
+/// them). Not its annotation: an unknown one denies the pod
+/// ([`InjectError::InvalidAnnotation`]) before anything is warned of.
 pub(super) fn unknown_inject_values(
     pod: &Value,
     scope: NamespaceScope<'_>,
 ) -> Vec<(UnknownInjectValue, String)> {
-    let of_pod = |field| {
-        pod.get("metadata")
-            .and_then(|m| m.get(field))
-            .and_then(|m| m.get(INJECT_KEY))
-            .and_then(Value::as_str)
-    };
+    let label = pod
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
+        .and_then(|m| m.get(INJECT_KEY))
+        .and_then(Value::as_str);
     let namespace = match scope {
         NamespaceScope::Labels(ns) => ns.get(INJECT_KEY).map(String::as_str),
         NamespaceScope::SelectedByWebhook => None,
     };
     [
-        (UnknownInjectValue::PodAnnotation, of_pod("annotations")),
-        (UnknownInjectValue::PodLabel, of_pod("labels")),
+        (UnknownInjectValue::PodLabel, label),
         (UnknownInjectValue::NamespaceLabel, namespace),
     ]
     .into_iter()

@@ -56,14 +56,12 @@ impl OpaquePorts {
 
     /// Every port opaque for the destination from any origin, sorted.
     pub fn all(&self) -> Vec<u16> {
-        let mut all: Vec<u16> = (self.mesh.iter())
+        let all: Vec<u16> = (self.mesh.iter())
             .chain(self.sidecars.iter().flatten())
             .chain(&self.requested)
             .copied()
             .collect();
-        all.sort_unstable();
-        all.dedup();
-        all
+        super::rules::sorted_ports(&all)
     }
 
     /// Where `port` being opaque comes from, if it is.
