@@ -10,7 +10,8 @@
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `tcp` holds the sidecar's TCP
 //! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
-//! may be, which the injector checks annotations against.
+//! may be, and `h2_limits` the range of its HTTP/2 connection limits,
+//! which the injector checks annotations against.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod connections;
 pub mod gather;
 pub mod grpc;
+pub mod h2_limits;
 pub mod logging;
 pub mod open_files;
 pub mod policy;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use trellis_core::{SpiffeId, TrustDomain};
+use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
 use crate::admin::probes::AppProbes;
 
@@ -181,7 +181,7 @@ pub struct ProxyArgs {
     /// HTTP/2 connections the inbound port serves at once from one peer
     /// (a SPIFFE ID calling from one address); one more is refused with
     /// GOAWAY (ENHANCE_YOUR_CALM). Each may hold about 13 MiB of answers
-    /// its caller does not read.
+    /// its caller does not read. At most 1024.
     #[arg(
         long,
         env = "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
@@ -190,7 +190,7 @@ pub struct ProxyArgs {
     )]
     pub max_h2_connections_per_peer: String,
     /// HTTP/2 connections the inbound port serves at once from all peers;
-    /// one more is refused with GOAWAY (REFUSED_STREAM).
+    /// one more is refused with GOAWAY (REFUSED_STREAM). At most 65536.
     #[arg(
         long,
         env = "TRELLIS_MAX_H2_CONNECTIONS",
@@ -327,20 +327,6 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
     }
-}
-
-/// A limit on connections: a whole number from 1.
-fn connections(flag: &'static str, s: &str) -> Result<usize, InvalidFlag> {
-    s.trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            invalid(
-                flag,
-                format_args!("{s:?} is not a number of connections (1 or more)"),
-            )
-        })
 }
 
 fn addr(flag: &'static str, s: &str) -> Result<SocketAddr, InvalidFlag> {
@@ -485,11 +471,11 @@ impl Config {
             None | Some("") => AppProbes::default(),
             Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
         };
-        let max_h2_connections_per_peer = connections(
-            "max-h2-connections-per-peer",
-            &args.max_h2_connections_per_peer,
-        )?;
-        let max_h2_connections = connections("max-h2-connections", &args.max_h2_connections)?;
+        let max_h2_connections_per_peer =
+            h2_limits::parse_per_peer(&args.max_h2_connections_per_peer)
+                .map_err(|e| invalid("max-h2-connections-per-peer", e))?;
+        let max_h2_connections = h2_limits::parse_total(&args.max_h2_connections)
+            .map_err(|e| invalid("max-h2-connections", e))?;
         Ok(Config {
             control_plane: args.control_plane.clone(),
             identity,
@@ -759,8 +745,8 @@ mod tests {
     }
 
     /// The HTTP/2 connection limits: 8 a peer and 1,024 in all unless told
-    /// otherwise; anything but a whole number from 1 refused naming the
-    /// flag.
+    /// otherwise; anything but a whole number from 1 to 1,024 a peer and
+    /// 65,536 in all refused naming the flag.
     #[test]
     fn reads_the_http2_connection_limits() {
         let c = args(&[]).unwrap();
@@ -777,14 +763,29 @@ mod tests {
             (c.max_h2_connections_per_peer, c.max_h2_connections),
             (32, 4096)
         );
-        for flag in ["max-h2-connections-per-peer", "max-h2-connections"] {
-            for value in ["0", "-1", "many"] {
+        let c = args(&[
+            "--max-h2-connections-per-peer",
+            "1024",
+            "--max-h2-connections",
+            "65536",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.max_h2_connections_per_peer, c.max_h2_connections),
+            (1024, 65536)
+        );
+        for (flag, max, above) in [
+            ("max-h2-connections-per-peer", 1024, "1025"),
+            ("max-h2-connections", 65536, "65537"),
+        ] {
+            for value in ["0", "-1", "many", above] {
                 let e = args(&[&format!("--{flag}={value}")]).unwrap_err();
                 assert_eq!(e.flag, flag, "{value}");
                 let e = e.to_string();
                 assert!(
                     e.starts_with(&format!(
-                        "invalid --{flag}: \"{value}\" is not a number of connections (1 or more)"
+                        "invalid --{flag}: \"{value}\" is not a number of connections from 1 \
+                         to {max}"
                     )),
                     "{e}"
                 );

@@ -24,13 +24,15 @@ use trellis_core::refusal::{H2_ENHANCE_YOUR_CALM, H2_REFUSED_STREAM};
 /// HTTP/2 connections one peer (a SPIFFE ID at one address) may hold on
 /// the inbound port at once (`--max-h2-connections-per-peer`): about
 /// 100 MiB of unread answers at most, within a sidecar's 256 MiB, and
-/// more than a client's HTTP/2 pool opens to one server.
-pub const MAX_H2_CONNECTIONS_PER_PEER: usize = 8;
+/// more than a client's HTTP/2 pool opens to one server. The injector
+/// leaves it to the sidecar unless told otherwise, so it lives in
+/// [`trellis_core::h2_limits`].
+pub const MAX_H2_CONNECTIONS_PER_PEER: usize = trellis_core::h2_limits::DEFAULT_PER_PEER;
 
 /// HTTP/2 connections the inbound port serves at once from all peers
 /// together (`--max-h2-connections`): a connection from each pod of a
 /// large client workload, with room to spare.
-pub const MAX_H2_CONNECTIONS: usize = 1024;
+pub const MAX_H2_CONNECTIONS: usize = trellis_core::h2_limits::DEFAULT_TOTAL;
 
 /// The HTTP/2 connections held now, by peer.
 pub struct H2Connections {
