@@ -194,6 +194,16 @@ fn invalid_values_are_refused() {
         ("injection.tcpUserTimeout=120", "tcpUserTimeout"),
         ("injection.tcpUserTimeout=30s", "tcpUserTimeout"),
         ("injection.tcpUserTimeout=1h1s", "tcpUserTimeout"),
+        (
+            "injection.proxy.maxH2ConnectionsPerPeer=0",
+            "maxH2ConnectionsPerPeer",
+        ),
+        (
+            "injection.proxy.maxH2ConnectionsPerPeer=1025",
+            "maxH2ConnectionsPerPeer",
+        ),
+        ("injection.proxy.maxH2Connections=65537", "maxH2Connections"),
+        ("injection.proxy.maxH2Connections=many", "maxH2Connections"),
         ("watchFailureGrace=soon", "watchFailureGrace"),
         ("watchFailureGrace=60", "watchFailureGrace"),
         ("watchFailureGrace=0.5s", "watchFailureGrace"),

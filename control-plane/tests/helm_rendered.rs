@@ -294,6 +294,8 @@ fn rendered_injection_settings_parse() {
             "injection.excludeOutboundCIDRs={169.254.169.254/32}",
             "injection.ipFamilies={IPv6,IPv4}",
             "injection.tcpUserTimeout=1m30s",
+            "injection.proxy.maxH2ConnectionsPerPeer=64",
+            "injection.proxy.maxH2Connections=4096",
             "imagePullSecrets[0].name=mirror-pull",
             "imagePullSecrets[1].name=team-pull",
         ],
@@ -318,12 +320,27 @@ fn rendered_injection_settings_parse() {
         [inject::IpFamily::V6, inject::IpFamily::V4]
     );
     assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(90)));
+    assert_eq!(
+        (
+            config.max_h2_connections_per_peer,
+            config.max_h2_connections
+        ),
+        (64, 4096)
+    );
     // By default the pods are IPv4 (only or primary).
     let config = rendered_injection_config(&helm, &[]);
     assert_eq!(config.ip_families, [inject::IpFamily::V4]);
     assert!(config.image_pull_secrets.is_empty());
     // The sidecars' own default user timeout, two minutes.
     assert_eq!(config.tcp_user_timeout, Some(Duration::from_secs(120)));
+    // And its HTTP/2 connection limits.
+    assert_eq!(
+        (
+            config.max_h2_connections_per_peer,
+            config.max_h2_connections
+        ),
+        (8, 1024)
+    );
     // DNS over TCP goes straight to the cluster's DNS, which has no sidecar
     // (under outboundPolicy deny the sidecar would refuse it).
     assert_eq!(config.exclude_outbound_ports, [53]);

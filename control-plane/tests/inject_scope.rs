@@ -264,6 +264,120 @@ fn an_invalid_tcp_user_timeout_annotation_is_refused() {
     }
 }
 
+/// `trellis.io/max-h2-connections-per-peer` and
+/// `trellis.io/max-h2-connections` set the sidecar's HTTP/2 connection
+/// limits for the workload, over the injection settings' (the chart's
+/// `injection.proxy.maxH2ConnectionsPerPeer` and `maxH2Connections`); a
+/// limit at the sidecar's default gets no variable. Real AdmissionReview
+/// documents (fixtures/k8s) as the API server sends them; no Kubernetes
+/// API server can run here.
+#[test]
+fn the_h2_connection_limits_reach_the_sidecar() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let proxy_env = |annotations: &[(&str, &str)], config: &InjectConfig| {
+        let mut pod = review["request"]["object"].clone();
+        for (key, value) in annotations {
+            pod["metadata"]["annotations"][*key] = json!(value);
+        }
+        let reply = answer(
+            &with_object(&review, pod.clone()),
+            NamespaceScope::SelectedByWebhook,
+            config,
+        );
+        assert_eq!(reply["response"]["allowed"], true, "{reply}");
+        let pod = apply(&pod, &patch_of(&reply).expect("a patch"));
+        let env = env(container(&pod, "initContainers", "trellis-proxy"));
+        (
+            env.get("TRELLIS_MAX_H2_CONNECTIONS_PER_PEER").cloned(),
+            env.get("TRELLIS_MAX_H2_CONNECTIONS").cloned(),
+        )
+    };
+    let per_peer = "trellis.io/max-h2-connections-per-peer";
+    let total = "trellis.io/max-h2-connections";
+    let default = config();
+    assert_eq!(proxy_env(&[], &default), (None, None));
+    assert_eq!(
+        proxy_env(&[(per_peer, "8"), (total, "1024")], &default),
+        (None, None),
+        "the sidecar's defaults"
+    );
+    assert_eq!(
+        proxy_env(&[(per_peer, "64")], &default),
+        (Some(json!("64")), None)
+    );
+    assert_eq!(
+        proxy_env(&[(total, "256")], &default),
+        (None, Some(json!("256")))
+    );
+
+    // The chart's values, which a pod's annotations override, back to the
+    // sidecar's defaults too.
+    let chart = InjectConfig::from_settings(
+        r#"{"maxH2ConnectionsPerPeer": 32, "maxH2Connections": 512}"#,
+        "cluster.local".parse().unwrap(),
+        BUNDLE.into(),
+    )
+    .unwrap();
+    assert_eq!(
+        proxy_env(&[], &chart),
+        (Some(json!("32")), Some(json!("512")))
+    );
+    assert_eq!(
+        proxy_env(&[(per_peer, "128")], &chart),
+        (Some(json!("128")), Some(json!("512")))
+    );
+    assert_eq!(
+        proxy_env(&[(per_peer, "8"), (total, "1024")], &chart),
+        (None, None)
+    );
+}
+
+/// An HTTP/2 connection limit the sidecar would refuse is refused with an
+/// AdmissionReview error naming the annotation and what it may be,
+/// whatever the failure policy: the sidecar would never start.
+/// Real AdmissionReview documents (fixtures/k8s); no API server here.
+#[test]
+fn an_invalid_h2_connection_limit_annotation_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    for (key, value, allowed) in [
+        ("trellis.io/max-h2-connections-per-peer", "0", "1 to 1024"),
+        (
+            "trellis.io/max-h2-connections-per-peer",
+            "4096",
+            "1 to 1024",
+        ),
+        (
+            "trellis.io/max-h2-connections-per-peer",
+            "lots",
+            "1 to 1024",
+        ),
+        ("trellis.io/max-h2-connections", "-1", "1 to 65536"),
+        ("trellis.io/max-h2-connections", "100000", "1 to 65536"),
+        ("trellis.io/max-h2-connections", "1k", "1 to 65536"),
+    ] {
+        let mut pod = review["request"]["object"].clone();
+        pod["metadata"]["annotations"][key] = json!(value);
+        let review = with_object(&review, pod);
+        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
+            let config = InjectConfig {
+                failure_policy,
+                ..config()
+            };
+            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+            assert_eq!(denied["response"]["allowed"], false, "{key}: {value}");
+            assert_eq!(denied["response"]["status"]["code"], 403);
+            assert_eq!(
+                denied["response"]["status"]["message"],
+                format!(
+                    "trellis: cannot inject: metadata.annotations[{key}]: {value:?} is not a \
+                     number of connections from {allowed}"
+                )
+            );
+            assert!(patch_of(&denied).is_none());
+        }
+    }
+}
+
 /// `trellis.io/opaque-ports` becomes the sidecar's `TRELLIS_OPAQUE_PORTS`,
 /// a port name resolved to the number a container of the pod gives it (an
 /// app container's, or a native sidecar's); a pod without the annotation

@@ -343,6 +343,9 @@ fn invalid_webhook_flags_exit_64() {
     )
     .unwrap();
     let bad_secret = bad_secret.display().to_string();
+    let bad_limit = certs.dir.path().join("bad-limit.json");
+    std::fs::write(&bad_limit, r#"{"maxH2ConnectionsPerPeer": 0}"#).unwrap();
+    let bad_limit = bad_limit.display().to_string();
     let full = [
         "--webhook",
         "127.0.0.1:0",
@@ -389,6 +392,10 @@ fn invalid_webhook_flags_exit_64() {
         (
             [with(&["--inject-config"]), vec![bad_secret.clone()]].concat(),
             "imagePullSecrets: \"Registry_Creds\" is not a Secret name",
+        ),
+        (
+            [with(&["--inject-config"]), vec![bad_limit.clone()]].concat(),
+            "maxH2ConnectionsPerPeer: 0 is not a number of connections from 1 to 1024",
         ),
     ];
     for (args, expect) in cases {

@@ -1,6 +1,7 @@
 //! What a pod's annotations ask of its injection: the ports and CIDRs
 //! `trellis-proxy init` leaves alone, whether the sidecar writes an
-//! access log, its TCP user timeout and its opaque ports. Every value is
+//! access log, its TCP user timeout, its HTTP/2 connection limits and its
+//! opaque ports. Every value is
 //! checked here; a bad one is an [`InjectError::InvalidAnnotation`] naming
 //! the annotation, and the pod is refused rather than injected with a
 //! guess.
@@ -10,12 +11,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+use trellis_core::h2_limits;
 use trellis_core::tcp::{parse_port, parse_user_timeout};
 
 use super::pod::InjectError;
 use super::{
     ACCESS_LOG_ANNOTATION, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS,
-    InjectConfig, OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
+    InjectConfig, MAX_H2_CONNECTIONS_ANNOTATION, MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
+    OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
 };
 
 /// Whether the sidecar writes its access log: `trellis.io/access-log`,
@@ -45,6 +48,41 @@ pub(super) fn tcp_user_timeout(
                 message,
             })
         }
+    }
+}
+
+/// The sidecar's HTTP/2 connection limits, from one peer and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct H2Limits {
+    pub per_peer: usize,
+    pub total: usize,
+}
+
+impl H2Limits {
+    /// `trellis.io/max-h2-connections-per-peer` and
+    /// `trellis.io/max-h2-connections`, each the config's when the pod has
+    /// none.
+    pub(super) fn read(
+        annotations: &BTreeMap<String, String>,
+        config: &InjectConfig,
+    ) -> Result<Self, InjectError> {
+        let read = |key: &'static str, default: usize, parse: fn(&str) -> Result<usize, String>| {
+            annotations.get(key).map_or(Ok(default), |value| {
+                parse(value).map_err(|message| InjectError::InvalidAnnotation { key, message })
+            })
+        };
+        Ok(Self {
+            per_peer: read(
+                MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
+                config.max_h2_connections_per_peer,
+                h2_limits::parse_per_peer,
+            )?,
+            total: read(
+                MAX_H2_CONNECTIONS_ANNOTATION,
+                config.max_h2_connections,
+                h2_limits::parse_total,
+            )?,
+        })
     }
 }
 
@@ -269,6 +307,53 @@ mod tests {
         );
         let e = read("600").unwrap_err().to_string();
         assert!(e.contains("\"600\" is not a duration"), "{e}");
+    }
+
+    #[test]
+    fn the_h2_connection_annotations_override_the_config() {
+        let config = InjectConfig {
+            max_h2_connections_per_peer: 16,
+            max_h2_connections: 2048,
+            ..InjectConfig::default()
+        };
+        let read = |pairs: &[(&str, &str)]| H2Limits::read(&annotations(pairs), &config);
+        assert_eq!(
+            read(&[]).unwrap(),
+            H2Limits {
+                per_peer: 16,
+                total: 2048
+            }
+        );
+        assert_eq!(
+            read(&[(MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, "64")]).unwrap(),
+            H2Limits {
+                per_peer: 64,
+                total: 2048
+            }
+        );
+        assert_eq!(
+            read(&[(MAX_H2_CONNECTIONS_ANNOTATION, " 256 ")]).unwrap(),
+            H2Limits {
+                per_peer: 16,
+                total: 256
+            }
+        );
+        for (key, bad, max) in [
+            (MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, "0", 1024),
+            (MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, "2000", 1024),
+            (MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION, "many", 1024),
+            (MAX_H2_CONNECTIONS_ANNOTATION, "-1", 65536),
+            (MAX_H2_CONNECTIONS_ANNOTATION, "100000", 65536),
+            (MAX_H2_CONNECTIONS_ANNOTATION, "", 65536),
+        ] {
+            assert_eq!(
+                read(&[(key, bad)]).unwrap_err().to_string(),
+                format!(
+                    "metadata.annotations[{key}]: {bad:?} is not a number of connections from 1 \
+                     to {max}"
+                )
+            );
+        }
     }
 
     #[test]

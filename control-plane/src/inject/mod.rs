@@ -43,7 +43,13 @@
 //!    "false"` becomes `TRELLIS_ACCESS_LOG=false`, and
 //!    `trellis.io/tcp-user-timeout` (else the settings' `tcpUserTimeout`)
 //!    becomes `TRELLIS_TCP_USER_TIMEOUT` when it is not the sidecar's
-//!    default. `trellis.io/opaque-ports` becomes `TRELLIS_OPAQUE_PORTS`,
+//!    default; likewise `trellis.io/max-h2-connections-per-peer` and
+//!    `trellis.io/max-h2-connections` (else the settings'
+//!    `maxH2ConnectionsPerPeer` and `maxH2Connections`) become
+//!    `TRELLIS_MAX_H2_CONNECTIONS_PER_PEER` and
+//!    `TRELLIS_MAX_H2_CONNECTIONS`, the HTTP/2 connections the sidecar's
+//!    inbound port serves at once from one peer and from all.
+//!    `trellis.io/opaque-ports` becomes `TRELLIS_OPAQUE_PORTS`,
 //!    a port name resolved to the number the pod's containers give it.
 //!
 //! The pull secrets of [`InjectConfig::image_pull_secrets`] (the chart's
@@ -168,6 +174,11 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.io/exclude-outbound-cidrs";
 pub const ACCESS_LOG_ANNOTATION: &str = "trellis.io/access-log";
 /// Annotation: the sidecar's `--tcp-user-timeout` (`10m`; `0` for none).
 pub const TCP_USER_TIMEOUT_ANNOTATION: &str = "trellis.io/tcp-user-timeout";
+/// Annotation: the sidecar's `--max-h2-connections-per-peer` (`32`; 1 to
+/// 1024).
+pub const MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION: &str = "trellis.io/max-h2-connections-per-peer";
+/// Annotation: the sidecar's `--max-h2-connections` (`256`; 1 to 65536).
+pub const MAX_H2_CONNECTIONS_ANNOTATION: &str = "trellis.io/max-h2-connections";
 /// Annotation: the sidecar's own `--opaque-ports`, a comma list of ports
 /// (`3306,6379`) or names of the pod's container ports (`mysql`).
 pub const OPAQUE_PORTS_ANNOTATION: &str = "trellis.io/opaque-ports";
@@ -298,6 +309,12 @@ pub struct InjectConfig {
     /// The sidecar's `--tcp-user-timeout` for pods without the annotation
     /// `trellis.io/tcp-user-timeout`; `None`: none.
     pub tcp_user_timeout: Option<Duration>,
+    /// The sidecar's `--max-h2-connections-per-peer` and
+    /// `--max-h2-connections` for pods without the annotations
+    /// `trellis.io/max-h2-connections-per-peer` and
+    /// `trellis.io/max-h2-connections`.
+    pub max_h2_connections_per_peer: usize,
+    pub max_h2_connections: usize,
     /// What `/validate` checks policies against besides the trust domain:
     /// the mesh's opaque ports (`--opaque-ports`), on which L7 rules are
     /// refused, and its root namespace (`--root-namespace`), outside which
@@ -329,6 +346,8 @@ impl Default for InjectConfig {
             failure_policy: FailurePolicy::Ignore,
             log_format: "json".to_owned(),
             tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
+            max_h2_connections_per_peer: trellis_core::h2_limits::DEFAULT_PER_PEER,
+            max_h2_connections: trellis_core::h2_limits::DEFAULT_TOTAL,
             validation: ValidationContext::default(),
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::annotations::{Exclusions, access_log, join, opaque_ports, tcp_user_timeout};
+use super::annotations::{Exclusions, H2Limits, access_log, join, opaque_ports, tcp_user_timeout};
 use super::probes;
 use super::review::PatchOp;
 use super::{
@@ -117,6 +117,7 @@ pub fn inject_pod(
     let exclusions = Exclusions::read(&annotations, config)?;
     let access_log = access_log(&annotations)?;
     let user_timeout = tcp_user_timeout(&annotations, config)?;
+    let h2_limits = H2Limits::read(&annotations, config)?;
     let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
@@ -150,6 +151,7 @@ pub fn inject_pod(
             &rewritten.probes,
             access_log,
             user_timeout,
+            h2_limits,
             &opaque_ports,
         ),
     ];
@@ -486,6 +488,7 @@ fn proxy_container(
     app_probes: &BTreeMap<String, Value>,
     access_log: bool,
     user_timeout: Option<Duration>,
+    h2_limits: H2Limits,
     opaque_ports: &[u16],
 ) -> Value {
     let td = config.trust_domain.as_str();
@@ -526,6 +529,15 @@ fn proxy_container(
     if user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT) {
         let timeout = humantime::format_duration(user_timeout.unwrap_or_default());
         env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout.to_string()));
+    }
+    // And the HTTP/2 connection limits, each when not the sidecar's default.
+    if h2_limits.per_peer != trellis_core::h2_limits::DEFAULT_PER_PEER {
+        let limit = h2_limits.per_peer.to_string();
+        env.push(value("TRELLIS_MAX_H2_CONNECTIONS_PER_PEER", limit));
+    }
+    if h2_limits.total != trellis_core::h2_limits::DEFAULT_TOTAL {
+        let limit = h2_limits.total.to_string();
+        env.push(value("TRELLIS_MAX_H2_CONNECTIONS", limit));
     }
     if !opaque_ports.is_empty() {
         env.push(value("TRELLIS_OPAQUE_PORTS", join(opaque_ports)));

@@ -20,12 +20,13 @@
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
 //!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json",
-//!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m"}
+//!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m",
+//!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024}
 //! ```
 
 use serde::Deserialize;
 use serde_json::Value;
-use trellis_core::TrustDomain;
+use trellis_core::{TrustDomain, h2_limits};
 
 use super::{
     FailurePolicy, InjectConfig, IpFamily, MIN_TOKEN_EXPIRATION_SECONDS, Resources,
@@ -57,6 +58,10 @@ struct Settings {
     #[serde(rename = "ipFamilies")]
     ip_families: Option<Vec<String>>,
     tcp_user_timeout: Option<String>,
+    #[serde(rename = "maxH2ConnectionsPerPeer")]
+    max_h2_connections_per_peer: Option<i64>,
+    #[serde(rename = "maxH2Connections")]
+    max_h2_connections: Option<i64>,
     /// Fields this release does not know: a typo, or a newer chart's.
     #[serde(flatten)]
     unknown: std::collections::BTreeMap<String, Value>,
@@ -357,6 +362,15 @@ impl InjectConfig {
             config.tcp_user_timeout = trellis_core::tcp::parse_user_timeout(&timeout)
                 .map_err(|why| InvalidSettings(format!("tcpUserTimeout: {why}")))?;
         }
+        if let Some(limit) = s.max_h2_connections_per_peer {
+            config.max_h2_connections_per_peer =
+                h2_limits::check(limit, h2_limits::MAX_PER_PEER)
+                    .map_err(|why| InvalidSettings(format!("maxH2ConnectionsPerPeer: {why}")))?;
+        }
+        if let Some(limit) = s.max_h2_connections {
+            config.max_h2_connections = h2_limits::check(limit, h2_limits::MAX_TOTAL)
+                .map_err(|why| InvalidSettings(format!("maxH2Connections: {why}")))?;
+        }
         Ok(config)
     }
 }
@@ -497,6 +511,55 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    /// The sidecars' HTTP/2 connection limits for pods without the
+    /// annotations; a value the sidecar would refuse fails the control
+    /// plane's start, not every pod injected after it.
+    #[test]
+    fn reads_the_h2_connection_limits_and_refuses_what_the_sidecar_would() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        let config = read("{}").unwrap();
+        assert_eq!(
+            (
+                config.max_h2_connections_per_peer,
+                config.max_h2_connections
+            ),
+            (8, 1024)
+        );
+        let config = read(r#"{"maxH2ConnectionsPerPeer": 64, "maxH2Connections": 512}"#).unwrap();
+        assert_eq!(
+            (
+                config.max_h2_connections_per_peer,
+                config.max_h2_connections
+            ),
+            (64, 512)
+        );
+        for (bad, says) in [
+            (
+                r#"{"maxH2ConnectionsPerPeer": 0}"#,
+                "maxH2ConnectionsPerPeer: 0 is not a number of connections from 1 to 1024",
+            ),
+            (
+                r#"{"maxH2ConnectionsPerPeer": 1025}"#,
+                "maxH2ConnectionsPerPeer: 1025 is not a number of connections from 1 to 1024",
+            ),
+            (
+                r#"{"maxH2Connections": -5}"#,
+                "maxH2Connections: -5 is not a number of connections from 1 to 65536",
+            ),
+            (
+                r#"{"maxH2Connections": 65537}"#,
+                "maxH2Connections: 65537 is not a number of connections from 1 to 65536",
+            ),
+        ] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = read(r#"{"maxH2Connections": "1024"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     /// Resources the API server would refuse in every injected pod fail
