@@ -6,7 +6,8 @@
 //! `policy` owns authorization policies: documents, validation, the protobuf
 //! form and the engine that decides connections. `logging` reads the log
 //! filter both binaries share. `clock` waits for a wall-clock time, as
-//! certificate renewals do. `connections` limits the connections of the
+//! certificate renewals do. `revocation` says which certificates a
+//! revoked identity's revocation covers, for renewals and for peers. `connections` limits the connections of the
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `tcp` holds the sidecar's TCP
 //! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
@@ -25,6 +26,7 @@ pub mod logging;
 pub mod open_files;
 pub mod policy;
 pub mod refusal;
+pub mod revocation;
 pub mod slots;
 pub mod spiffe;
 pub mod tcp;

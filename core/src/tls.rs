@@ -76,6 +76,8 @@ pub enum SvidError {
     ExpiredRoot { subject: String, not_after: String },
     #[error("every root of the trust bundle has expired, the last {not_after}")]
     RootsExpired { not_after: String },
+    #[error(transparent)]
+    Revoked(#[from] crate::revocation::Revoked),
 }
 
 /// The SPIFFE ID held in a certificate's single URI SAN.
@@ -116,6 +118,13 @@ fn id_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Result<Spiff
 /// chain. Without this check a caller whose SVID expired, or was never
 /// renewed, could resume its way in for as long as the ticket key lives.
 pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, SvidError> {
+    peer_svid(peer_certs).map(|(id, _)| id)
+}
+
+/// As [`peer_spiffe_id`], with the certificate's notBefore (Unix seconds),
+/// read in the same parse: what a revocation is checked against
+/// ([`crate::revocation::Revocations::check_issued`]).
+pub fn peer_svid(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<(SpiffeId, i64), SvidError> {
     let leaf = peer_certs
         .and_then(|c| c.first())
         .ok_or(SvidError::NoCertificate)?;
@@ -123,7 +132,7 @@ pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<Spiff
     let id = id_in(&parsed)?;
     let (not_before, not_after) = period(&parsed);
     within_validity(not_before, not_after)?;
-    Ok(id)
+    Ok((id, not_before))
 }
 
 /// The validity period of `cert`, as Unix seconds (not before, not after).
@@ -670,6 +679,7 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
                 Some(SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. }) => {
                     "expired_root"
                 }
+                Some(SvidError::Revoked(_)) => crate::grpc::REFUSAL_REVOKED,
                 Some(_) => "invalid_svid",
                 None => "invalid_certificate",
             }

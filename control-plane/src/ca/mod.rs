@@ -30,13 +30,15 @@ pub use anchors::{TrustAnchorsError, load_trust_anchors};
 pub use csr::{CsrError, ValidCsr};
 pub use files::{AdminCredential, CaFilesError};
 
-/// How far notBefore is set into the past, against clock skew between peers.
-pub const BACKDATE: Duration = Duration::from_secs(30);
+/// How far notBefore is set into the past, against clock skew between
+/// peers: sidecars read a certificate's issue time back from it the same
+/// way ([`trellis_core::revocation`]).
+pub const BACKDATE: Duration = trellis_core::revocation::BACKDATE;
 
 /// When a certificate whose notBefore is `not_before_unix` was signed: the
 /// CA backdates it by [`BACKDATE`].
 pub fn issued_at(not_before_unix: i64) -> i64 {
-    not_before_unix.saturating_add(BACKDATE.as_secs() as i64)
+    trellis_core::revocation::issued_at(not_before_unix)
 }
 
 /// Lifetime of a root the control plane generates.
