@@ -592,3 +592,65 @@ async fn grpcurl_decodes_a_watch_snapshot() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_sidecar_is_sent_the_mesh_s_revocations_as_they_change() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7002").await;
+    let (_tx, mut snapshots) = watch(&cp, &db, "127.0.0.1:7002").await;
+    let first = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a first snapshot");
+    assert!(first.revocations.is_empty(), "{:?}", first.revocations);
+
+    let out = cp.ctl(&["identity", "revoke", WEB]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a pushed snapshot");
+    assert!(revoked.version > first.version);
+    assert_eq!(revoked.revocations.len(), 1, "{:?}", revoked.revocations);
+    assert_eq!(revoked.revocations[0].spiffe_id, WEB);
+    let at = revoked.revocations[0].revoked_at_unix;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - 60..=now).contains(&at), "revoked at {at}, now {now}");
+
+    // A sidecar that reconnects holding the snapshot before the revocation,
+    // and takes only what changed in the endpoints, is sent the
+    // revocations all the same.
+    let (_again, mut reconnected) =
+        watch_from(&cp, &db, resubscribe("127.0.0.1:7002", &first, true)).await;
+    let caught_up = reconnected.message().await.unwrap().expect("a snapshot");
+    assert_eq!(caught_up.version, revoked.version);
+    assert_eq!(caught_up.revocations, revoked.revocations);
+
+    let out = cp.ctl(&["identity", "unrevoke", WEB]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unrevoked = snapshots
+        .message()
+        .await
+        .unwrap()
+        .expect("a pushed snapshot");
+    assert!(unrevoked.version > revoked.version);
+    assert!(
+        unrevoked.revocations.is_empty(),
+        "{:?}",
+        unrevoked.revocations
+    );
+}

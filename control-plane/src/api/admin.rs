@@ -314,11 +314,13 @@ impl Admin for AdminService {
             .await
             .map_err(internal)?
             .map_err(store_status)?;
+        // The sidecars are sent it: they refuse its certificates as peers.
+        super::policy::refresh_after_write(&self.mesh.discovery);
         tracing::info!(
             spiffe_id = %id,
             revoked_at = revocation.revoked_at_unix,
             reason = %revocation.reason,
-            "revoked an identity: its certificates issued until now no longer renew"
+            "revoked an identity: its certificates issued until now no longer renew, and sidecars refuse them as peers"
         );
         // Certificates are issued in whole seconds: one issued later in
         // this second could not be told from one issued before the
@@ -347,6 +349,7 @@ impl Admin for AdminService {
             .map_err(internal)?
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("{id} is not revoked")))?;
+        super::policy::refresh_after_write(&self.mesh.discovery);
         tracing::info!(spiffe_id = %id, revoked_at = removed.revoked_at_unix, "removed an identity's revocation: its certificates renew again");
         Ok(Response::new(UnrevokeIdentityResponse {
             revocation: Some(revocation_proto(removed)),

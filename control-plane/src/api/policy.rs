@@ -502,7 +502,7 @@ pub fn stored_warnings(
 /// must not hear that a stored write failed (a retry would find it done).
 /// The load is tried again until it succeeds ([`refresh_until_loaded`]);
 /// meanwhile `--wait` says the sidecars do not hold the write yet.
-fn refresh_after_write(discovery: &std::sync::Arc<crate::discovery::Discovery>) {
+pub(super) fn refresh_after_write(discovery: &std::sync::Arc<crate::discovery::Discovery>) {
     if let Err(e) = discovery.refresh() {
         tracing::error!(error = %e, "the write is stored, but the snapshot holding it could not be loaded; trying again");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -31,7 +31,9 @@
 //! select it, and the tokens), and builds and sends a snapshot only when
 //! that key differs from what the stream last sent: sidecars a change does
 //! not affect see nothing, and the version a sidecar sees moves only when
-//! its content changes. This module also tracks what each connected sidecar
+//! its content changes. The mesh's revocations go to every sidecar, whole,
+//! in every snapshot (a revocation write sets a new version, so a
+//! reconnecting sidecar that holds the current version holds them too). This module also tracks what each connected sidecar
 //! acknowledged. It never authenticates anyone: callers pass a verified ID.
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +45,9 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::{DefaultPolicy, SelectorScope, ValidationContext, WorkloadSelector};
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
-use trellis_proto::discovery::v1::{Endpoint, EndpointChanges, MeshConfig, Service, Snapshot};
+use trellis_proto::discovery::v1::{
+    Endpoint, EndpointChanges, MeshConfig, Revocation, Service, Snapshot,
+};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::store::{DiscoveryState, Position, Store, StoreError};
@@ -183,6 +187,15 @@ pub struct View {
     policy_tokens: Vec<u64>,
     /// Per entry of `rate_limits`, a token naming its content.
     rate_limit_tokens: Vec<u64>,
+    /// Every revocation of the mesh, ordered by SPIFFE ID: every snapshot
+    /// carries them all (they are few), whatever it leaves out of the
+    /// endpoints.
+    pub revocations: Arc<Vec<Revocation>>,
+    /// `revocations` encoded as a snapshot part, once per version that
+    /// changes them.
+    revocations_part: Bytes,
+    /// Names the content of `revocations`.
+    revocations_token: u64,
     /// The soonest expiry among the endpoints' addresses when the view was
     /// built (renewals may have moved it on since).
     soonest_expiry: Option<i64>,
@@ -241,6 +254,7 @@ pub struct ContentKey {
     policies: Vec<u64>,
     /// The tokens of the rate limits that select the sidecar, in view order.
     rate_limits: Vec<u64>,
+    revocations: u64,
 }
 
 /// Leaves out of `sorted` (by address, then SPIFFE ID) every loopback or
@@ -297,6 +311,13 @@ impl View {
         } else {
             view.encode_endpoints();
             view.endpoints_token = fresh();
+        }
+        if view.revocations == previous.revocations {
+            view.revocations = previous.revocations.clone();
+            view.revocations_part = previous.revocations_part.clone();
+            view.revocations_token = previous.revocations_token;
+        } else {
+            view.revocations_token = fresh();
         }
         view.policy_tokens = tokens_after(
             &view.policies,
@@ -370,6 +391,18 @@ impl View {
         let first_limit_token = policies.len() as u64 + 1;
         let rate_limit_tokens =
             (first_limit_token..first_limit_token + rate_limits.len() as u64).collect();
+        let revocations: Vec<Revocation> = state
+            .revocations
+            .into_iter()
+            .map(|r| Revocation {
+                spiffe_id: r.spiffe_id,
+                revoked_at_unix: r.revoked_at_unix,
+            })
+            .collect();
+        let revocations_part = EncodedSnapshot::part(&Snapshot {
+            revocations: revocations.clone(),
+            ..Snapshot::default()
+        });
         Self {
             version: state.version,
             epoch: state.epoch,
@@ -381,6 +414,9 @@ impl View {
             rate_limits,
             policy_tokens,
             rate_limit_tokens,
+            revocations: Arc::new(revocations),
+            revocations_part,
+            revocations_token: 0,
             soonest_expiry,
         }
     }
@@ -432,6 +468,7 @@ impl View {
                 .filter(|((selector, _), _)| selector.selects(id))
                 .map(|(_, token)| *token)
                 .collect(),
+            revocations: self.revocations_token,
         }
     }
 
@@ -850,6 +887,7 @@ impl Discovery {
             endpoints_version: 0,
             services: view.services.as_ref().clone(),
             endpoint_changes: None,
+            revocations: view.revocations.as_ref().clone(),
         }
     }
 
@@ -877,7 +915,11 @@ impl Discovery {
             endpoints_version,
             ..Snapshot::default()
         };
-        let mut parts = vec![EncodedSnapshot::part(&own), self.constant_part.clone()];
+        let mut parts = vec![
+            EncodedSnapshot::part(&own),
+            self.constant_part.clone(),
+            view.revocations_part.clone(),
+        ];
         match endpoints {
             EndpointsIn::Full => parts.push(view.endpoints_part.clone()),
             EndpointsIn::Same(_) => {}

@@ -16,8 +16,10 @@
 //! fields are only ever added), `rate_limits` (`namespace/name` -> a
 //! `RateLimitRecord`'s protobuf encoding: the pushed form and its
 //! revision), `revocations` (SPIFFE ID -> Revocation, the identities
-//! whose certificates up to a time no longer renew; one older than
-//! [`REVOCATION_KEPT`](super::REVOCATION_KEPT) covers only expired certificates, is not read, and
+//! whose certificates up to a time no longer renew and sidecars refuse;
+//! every revocation write sets a new snapshot version, as the snapshots
+//! carry them; one older than
+//! [`REVOCATION_KEPT`](super::REVOCATION_KEPT) covers only expired certificates, is not read by renewals, and
 //! is removed when the database is opened and at every revocation write), `meta` (counters: snapshot version, the epoch it was set
 //! in and when, policy generation).
 //!
@@ -230,6 +232,14 @@ impl EmbeddedStore {
     /// What the control plane waits on to stop when a write fails for good.
     pub fn write_failure(&self) -> Arc<WriteFailure> {
         self.failure.clone()
+    }
+
+    /// Moves the snapshot version on in `txn`; returns the new one.
+    fn bump_in(&self, txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+        let mut meta = txn.open_table(META)?;
+        let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
+        set_snapshot_version(&mut meta, next, self.epoch)?;
+        Ok(next)
     }
 
     /// Runs `f` in a write transaction committed only when `f` succeeds.
@@ -591,6 +601,9 @@ impl Store for EmbeddedStore {
                 .insert(id, encode(revocation).as_slice())?
                 .map(|v| decode(v.value(), REVOCATIONS.name()))
                 .transpose()?;
+            // Every snapshot carries the revocations: a new version, in the
+            // same transaction, so a version names them too.
+            self.bump_in(txn)?;
             Ok(previous)
         })
     }
@@ -604,6 +617,9 @@ impl Store for EmbeddedStore {
                 .transpose()?
                 .filter(|r| !r.is_stale(unix_now()));
             prune_revocations(&mut table, unix_now())?;
+            if removed.is_some() {
+                self.bump_in(txn)?;
+            }
             Ok(removed)
         })
     }
@@ -656,12 +672,7 @@ impl Store for EmbeddedStore {
     }
 
     fn bump_snapshot_version(&self) -> Result<u64, StoreError> {
-        self.write(|txn| {
-            let mut meta = txn.open_table(META)?;
-            let next = get_u64(&meta, SNAPSHOT_VERSION)? + 1;
-            set_snapshot_version(&mut meta, next, self.epoch)?;
-            Ok(next)
-        })
+        self.write(|txn| self.bump_in(txn))
     }
 
     fn settle_mesh_config(&self, encoded: &str) -> Result<u64, StoreError> {
@@ -780,6 +791,14 @@ impl Store for EmbeddedStore {
             workloads.push(decode(value.value(), "workloads")?);
         }
         let policies = read_policies(&txn.open_table(POLICIES)?)?;
+        // Every one stored, stale or not: what a version holds must not
+        // change with the clock (a stale one covers only expired
+        // certificates, and the next revocation write drops it).
+        let mut revocations = Vec::new();
+        for entry in txn.open_table(REVOCATIONS)?.iter()? {
+            let (_, value) = entry?;
+            revocations.push(decode(value.value(), REVOCATIONS.name())?);
+        }
         let rate_limits = read_rate_limits(&txn.open_table(RATE_LIMITS)?)?
             .into_iter()
             .filter_map(|r| r.rate_limit)
@@ -793,6 +812,7 @@ impl Store for EmbeddedStore {
             policies,
             rate_limits,
             services: Vec::new(),
+            revocations,
         })
     }
 }

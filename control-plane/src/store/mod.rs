@@ -251,9 +251,10 @@ pub const REVOCATION_KEPT: std::time::Duration = std::time::Duration::from_secs(
 
 impl Revocation {
     /// Whether it stops a certificate issued at `issued_at_unix` from
-    /// renewing.
+    /// renewing (and sidecars from accepting it as a peer: they apply the
+    /// same rule).
     pub fn covers(&self, issued_at_unix: i64) -> bool {
-        issued_at_unix <= self.revoked_at_unix
+        trellis_core::revocation::covers(self.revoked_at_unix, issued_at_unix)
     }
 
     /// Whether it is older than [`REVOCATION_KEPT`] at `now_unix`: every
@@ -483,6 +484,9 @@ pub struct DiscoveryState {
     /// with its backends, ordered by address; empty in the embedded store,
     /// which knows no Services.
     pub services: Vec<Service>,
+    /// Every revocation stored, ordered by SPIFFE ID; empty in the
+    /// Kubernetes store, which keeps none.
+    pub revocations: Vec<Revocation>,
 }
 
 /// Whether two policies differ in anything but their revision: an apply of

@@ -909,6 +909,8 @@ impl Store for KubernetesStore {
                 .map(|(limit, _)| limit)
                 .collect(),
             services: c.services(),
+            // Revocations are refused here: sidecars are sent none.
+            revocations: Vec::new(),
         }))
     }
 }

@@ -60,7 +60,7 @@ impl EncodedSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::v1::{Endpoint, MeshConfig, Service};
+    use crate::discovery::v1::{Endpoint, MeshConfig, Revocation, Service};
     use crate::policy::v1::Policy;
 
     fn endpoint(address: &str, id: &str) -> Endpoint {
@@ -99,6 +99,10 @@ mod tests {
             }],
             endpoint_changes: None,
             version_epoch: 7,
+            revocations: vec![Revocation {
+                spiffe_id: "spiffe://td/ns/a/sa/web".into(),
+                revoked_at_unix: 1_800_000_000,
+            }],
         };
         // The per-sidecar fields first, then the shared ones, as the control
         // plane sends them: the order of fields does not matter.
@@ -115,9 +119,14 @@ mod tests {
             mesh: whole.mesh.clone(),
             ..Snapshot::default()
         };
+        let revocations = Snapshot {
+            revocations: whole.revocations.clone(),
+            ..Snapshot::default()
+        };
         let encoded = EncodedSnapshot::from_parts(vec![
             EncodedSnapshot::part(&own),
             EncodedSnapshot::part(&shared),
+            EncodedSnapshot::part(&revocations),
         ]);
         assert_eq!(encoded.encoded_len(), whole.encoded_len());
         assert_eq!(encoded.decode().unwrap(), whole);
