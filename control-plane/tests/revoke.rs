@@ -227,3 +227,58 @@ async fn a_bad_revocation_is_refused_and_changes_nothing() {
     assert!(listed.revocations.is_empty(), "{listed:?}");
     renew(&cp, WEB, &web).await.expect("nothing was revoked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_marks_a_revoked_identity_as_certs_does() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "127.0.0.1:7001").await;
+    enroll(&cp, DB, "127.0.0.1:7002").await;
+    let before = ctl_ok(&cp, &["workloads"]);
+    assert!(!before.contains("REVOKED"), "{before}");
+
+    ctl_ok(&cp, &["identity", "revoke", WEB]);
+
+    let table = ctl_ok(&cp, &["workloads"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("REVOKED"), "{table}");
+    let row = |id: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{table}"))
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(row(WEB), "yes", "{table}");
+    assert_eq!(row(DB), "no", "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&cp, &["workloads", "-o", "json"])).unwrap();
+    let revoked: Vec<(&str, bool)> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["spiffe_id"].as_str().unwrap(),
+                w["revoked"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        revoked.contains(&(WEB, true)) && revoked.contains(&(DB, false)),
+        "{revoked:?}"
+    );
+    let certs = ctl_ok(&cp, &["certs", "--spiffe-id", WEB]);
+    let rows: Vec<&str> = certs.lines().filter(|l| l.contains(WEB)).collect();
+    assert!(!rows.is_empty(), "{certs}");
+    assert!(
+        rows.iter().all(|l| l.trim_end().ends_with("yes")),
+        "{certs}"
+    );
+
+    ctl_ok(&cp, &["identity", "unrevoke", WEB]);
+    let after = ctl_ok(&cp, &["workloads"]);
+    assert!(!after.contains("REVOKED"), "{after}");
+}

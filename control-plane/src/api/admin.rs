@@ -183,10 +183,17 @@ impl Admin for AdminService {
         request: Request<ListWorkloadsRequest>,
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
         let store = self.mesh.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.workloads())
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let (records, revocations) = tokio::task::spawn_blocking(move || {
+            let records = store.workloads()?;
+            Ok::<_, StoreError>((records, revocations_or_none(store.as_ref())?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let revocations: std::collections::HashMap<String, Revocation> = revocations
+            .into_iter()
+            .map(|r| (r.spiffe_id.clone(), r))
+            .collect();
         let current = self.mesh.discovery.current();
         let asked = ListStreamsRequest {
             reached_version: request.get_ref().reached_version,
@@ -223,7 +230,13 @@ impl Admin for AdminService {
                         }
                     },
                 };
+                // A certificate of unknown issue time is covered, as a
+                // renewal by it would be.
+                let revoked = revocations
+                    .get(&w.spiffe_id)
+                    .is_some_and(|r| r.covers(cert_issued_at_unix));
                 Workload {
+                    revoked,
                     connected: status.streams > 0,
                     acked_version: status.acked_version,
                     synced_version: status.synced_version,
@@ -407,11 +420,7 @@ pub async fn issued_here(
             (spiffe_id.is_empty() || r.spiffe_id == spiffe_id)
                 && serial.as_ref().is_none_or(|s| &r.serial_hex == s)
         })?;
-        let revocations = match store.revocations() {
-            Err(StoreError::RevocationsUnsupported) => Vec::new(),
-            revocations => revocations?,
-        };
-        Ok::<_, StoreError>((records, revocations))
+        Ok::<_, StoreError>((records, revocations_or_none(store.as_ref())?))
     })
     .await
     .map_err(internal)?
@@ -439,6 +448,14 @@ pub async fn issued_here(
         truncated,
         replicas: Vec::new(),
     })
+}
+
+/// Every revocation `store` keeps; none for a store that keeps none.
+fn revocations_or_none(store: &dyn crate::store::Store) -> Result<Vec<Revocation>, StoreError> {
+    match store.revocations() {
+        Err(StoreError::RevocationsUnsupported) => Ok(Vec::new()),
+        revocations => revocations,
+    }
 }
 
 /// A stored issuance as the Admin API lists it, issued by `replica`

@@ -85,7 +85,8 @@ pub enum Command {
     /// shown with `@` and the epoch it was set in, in hex, when it has one
     /// (the embedded store's): after a restore from a backup, versions
     /// count again in another epoch, so `12@1f..` and `12@9c..` name
-    /// different snapshots.
+    /// different snapshots. When a revocation covers any workload's
+    /// certificate, a REVOKED column says whose, as `certs` does.
     Workloads {
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
@@ -112,7 +113,8 @@ pub enum Command {
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
     },
-    /// Revocations: stop a workload's certificates from renewing.
+    /// Revocations: stop a workload's certificates from renewing and
+    /// every sidecar from accepting them.
     #[command(subcommand)]
     Identity(IdentityCommand),
     /// Authorization policies: apply, get, list, delete, lint, explain.
@@ -152,12 +154,14 @@ pub enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
-    /// Stop every certificate of SPIFFE_ID issued until now from renewing
-    /// (a stolen key and certificate then last only until the
-    /// certificate expires); a new join token for it still obtains a
-    /// certificate, which renews. Revoking it again moves the revocation
-    /// to now. The embedded store only: with the Kubernetes store, delete
-    /// the pod or its ServiceAccount.
+    /// Stop every certificate of SPIFFE_ID issued until now from renewing,
+    /// and every sidecar from accepting it as a peer: new connections by
+    /// it or to it are refused and open ones it made are closed, as soon
+    /// as the sidecars hold the snapshot the revocation is in. A new join
+    /// token for it still obtains a certificate, which renews and is
+    /// accepted. Revoking it again moves the revocation to now. The
+    /// embedded store only: with the Kubernetes store, delete the pod or
+    /// its ServiceAccount.
     Revoke {
         /// The SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/web.
         spiffe_id: String,
@@ -165,7 +169,8 @@ pub enum IdentityCommand {
         #[arg(long, env = "TRELLIS_REASON")]
         reason: Option<String>,
     },
-    /// Remove SPIFFE_ID's revocation: its certificates renew again.
+    /// Remove SPIFFE_ID's revocation: its certificates renew again and
+    /// sidecars accept them.
     Unrevoke {
         /// The SPIFFE ID revoked.
         spiffe_id: String,
@@ -781,6 +786,11 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
     if several {
         header.push("REPLICA");
     }
+    // As `certs` does: a REVOKED column when any is revoked.
+    let any_revoked = answer.workloads.iter().any(|w| w.revoked);
+    if any_revoked {
+        header.push("REVOKED");
+    }
     let mut rows = vec![header.into_iter().map(String::from).collect()];
     for w in &answer.workloads {
         let mut row = vec![
@@ -800,6 +810,9 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
                 true => "-".into(),
                 false => w.replicas.join(",").escape_debug().to_string(),
             });
+        }
+        if any_revoked {
+            row.push(if w.revoked { "yes" } else { "no" }.into());
         }
         rows.push(row);
     }
@@ -980,6 +993,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "cert_issued_at_unix": w.cert_issued_at_unix,
                 "cert_issued": rfc3339(w.cert_issued_at_unix),
                 "cert_renewal_unknown": w.cert_renewal_unknown,
+                "revoked": w.revoked,
                 "acked_version": w.acked_version,
                 "acked_version_epoch": epoch_hex(w.acked_version_epoch),
                 "synced_version": w.synced_version,
