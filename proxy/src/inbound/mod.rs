@@ -9,7 +9,10 @@
 //! by ALPN is served as HTTP all the same, every request refused with 403
 //! naming the policy; any other denied connection is dropped).
 //! A forwarded connection keeps watching the policies in force and is
-//! closed as soon as they deny it (unless `close_denied` is off).
+//! closed as soon as they deny it (unless `close_denied` is off), or as
+//! soon as the snapshot's revocations cover its caller's certificate; a
+//! caller they cover is refused once its handshake is over, before the app
+//! is dialled, for a full handshake and a resumed session alike.
 //!
 //! An allowed connection is forwarded by what it carries: HTTP settled by
 //! ALPN in the handshake, or else found by detection, is handed to
@@ -108,6 +111,9 @@ pub const REFUSAL_LOG_PAUSE: Duration = Duration::from_secs(10);
 
 /// What most refusals of [`Shared::refuse`] log.
 const HANDSHAKE_FAILED: &str = "inbound handshake failed";
+
+/// What a caller refused for a revocation of its identity is logged with.
+const REVOKED_REFUSED: &str = "inbound connection refused: the caller's identity is revoked";
 
 /// The limits on inbound connections in their handshake phase, and on the
 /// lines their refusals log, shared by every inbound address of a
@@ -479,19 +485,20 @@ pub async fn serve(
     }
     drop(tls);
     metrics.established(INBOUND, stream.get_ref().1);
-    let peer = match trellis_core::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates()) {
-        Ok(peer) => peer,
-        Err(e) => {
-            // A full handshake's verifier has checked the SVID already; a
-            // resumed session's certificate is checked only here, and one
-            // that has expired since the session began is refused.
-            let reason = match e {
-                trellis_core::tls::SvidError::OutsideValidity { .. } => "expired_certificate",
-                _ => "invalid_svid",
-            };
-            return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
-        }
-    };
+    let (peer, not_before) =
+        match trellis_core::tls::peer_svid(stream.get_ref().1.peer_certificates()) {
+            Ok(peer) => peer,
+            Err(e) => {
+                // A full handshake's verifier has checked the SVID already; a
+                // resumed session's certificate is checked only here, and one
+                // that has expired since the session began is refused.
+                let reason = match e {
+                    trellis_core::tls::SvidError::OutsideValidity { .. } => "expired_certificate",
+                    _ => "invalid_svid",
+                };
+                return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
+            }
+        };
 
     // Authorize on the peer's identity and the port it meant to reach,
     // against the policies in force now (an `Arc`, so deciding never holds
@@ -499,6 +506,17 @@ pub async fn serve(
     let port = target.port();
     let mut policies = shared.policies.clone();
     let current = policies.borrow_and_update().clone();
+    // A caller whose certificate a revocation of its identity covers is
+    // refused like a failed handshake, whatever the policies say. Checked
+    // here rather than in the verifier, which rustls does not call for a
+    // resumed session; with nothing revoked this is one comparison.
+    if let Some(Err(e)) = current
+        .as_deref()
+        .map(|p| p.revocations.check_issued(&peer, not_before))
+    {
+        let reason = trellis_core::grpc::REFUSAL_REVOKED;
+        return shared.refuse(client, reason, Some(&e), REVOKED_REFUSED);
+    }
     // A connection only L7 rules may allow is served as HTTP or not at all;
     // its requests are decided (and counted) one by one.
     let decision = policy::authorize(current.as_deref(), &peer, port);
@@ -532,21 +550,31 @@ pub async fn serve(
         return;
     }
 
-    // Forward, until either side is done or new policies deny the peer.
+    // Forward, until either side is done, new policies deny the peer or
+    // new revocations cover it (those close it even with `close_denied`
+    // off: a revoked identity is no longer trusted at all).
     let per_request = policies.clone();
     let is_http = AtomicBool::new(false);
-    let denied_later = async {
-        if shared.close_denied {
-            revoked(&mut policies, &peer, port, &is_http).await
-        } else {
-            std::future::pending().await
-        }
-    };
+    let close_denied = shared.close_denied;
+    let closed_later = closed_later(
+        &mut policies,
+        (&peer, not_before),
+        port,
+        &is_http,
+        close_denied,
+    );
     let result = tokio::select! {
         result = Box::pin(forward(&shared, stream, (&peer, client, target), per_request, bytes_stream, &is_http, &tracker)) => result,
-        (decision, now) = denied_later => {
-            // Returning drops both sockets: the peer and the app both see
-            // the connection close.
+        // Returning drops both sockets: the peer and the app both see the
+        // connection close.
+        closed = closed_later => match closed {
+        Closed::Revoked(e) => {
+            tracing::warn!(%peer, port, app = %target, reason = %trellis_core::grpc::REFUSAL_REVOKED, error = %e, "open inbound connection closed: the caller's identity is revoked");
+            metrics.handshake_failure(INBOUND, trellis_core::grpc::REFUSAL_REVOKED);
+            metrics.connection(INBOUND, CLOSED_BY_POLICY);
+            return;
+        }
+        Closed::Denied(decision, now) => {
             policy::count(now.as_deref(), &decision, metrics);
             tracing::info!(
                 %peer,
@@ -561,6 +589,7 @@ pub async fn serve(
             metrics.connection(INBOUND, CLOSED_BY_POLICY);
             return;
         }
+        },
     };
     match result {
         Ok(Forwarded::Tcp {
@@ -911,26 +940,45 @@ fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_poli
     }
 }
 
-/// Waits until the policies in force deny `peer` on `port`; returns that
-/// decision and the policies that made it. Pends forever if the policies
-/// can no longer change. A connection serving HTTP (`is_http`) stays open
-/// while L7 rules may still allow its requests.
-async fn revoked(
+/// Why an open connection is closed when new policies arrive.
+enum Closed {
+    /// They deny the peer: the decision and the policies that made it.
+    Denied(Decision, Option<Arc<Policies>>),
+    /// Their revocations cover the peer's certificate.
+    Revoked(trellis_core::revocation::Revoked),
+}
+
+/// Waits until the policies in force deny `peer` on `port`, or their
+/// revocations cover its certificate (whose notBefore is given with it).
+/// Pends forever if the policies can no longer change. A connection
+/// serving HTTP (`is_http`) stays open while L7 rules may still allow its
+/// requests; with `close_denied` off, only a revocation closes it.
+async fn closed_later(
     policies: &mut watch::Receiver<Option<Arc<Policies>>>,
-    peer: &SpiffeId,
+    (peer, not_before): (&SpiffeId, i64),
     port: u16,
     is_http: &AtomicBool,
-) -> (Decision, Option<Arc<Policies>>) {
+    close_denied: bool,
+) -> Closed {
     loop {
         if policies.changed().await.is_err() {
             return std::future::pending().await;
         }
         let now = policies.borrow_and_update().clone();
+        if let Some(Err(e)) = now
+            .as_deref()
+            .map(|p| p.revocations.check_issued(peer, not_before))
+        {
+            return Closed::Revoked(e);
+        }
+        if !close_denied {
+            continue;
+        }
         let decision = policy::authorize(now.as_deref(), peer, port);
         let admitted = is_http.load(Ordering::Relaxed)
             && policy::admits_requests(now.as_deref(), &decision, peer, port);
         if !decision.is_allowed() && !admitted {
-            return (decision, now);
+            return Closed::Denied(decision, now);
         }
     }
 }

@@ -162,6 +162,8 @@ enum DialError {
     Timeout,
     #[error("sending the app's first bytes: {0}")]
     FirstBytes(io::Error),
+    #[error("{0}")]
+    Revoked(trellis_core::revocation::Revoked),
 }
 
 impl DialError {
@@ -172,6 +174,7 @@ impl DialError {
             DialError::Handshake(e) => net::handshake_failure_reason(e),
             DialError::Timeout => "timeout",
             DialError::FirstBytes(_) => "write_failed",
+            DialError::Revoked(_) => trellis_core::grpc::REFUSAL_REVOKED,
         }
     }
 
@@ -219,11 +222,30 @@ async fn dial_mesh<R>(
 where
     R: tokio::net::ToSocketAddrs + Copy,
 {
-    let peer = shared
-        .tls
-        .borrow()
-        .client_for(expected)
-        .ok_or(DialError::NoCertificate)?;
+    let (peer, revocations) = {
+        let tls = shared.tls.borrow();
+        let peer = tls.client_for(expected).ok_or(DialError::NoCertificate)?;
+        // Only a peer whose identity is revoked is checked (nothing to do
+        // while nothing is revoked).
+        let revocations = tls.revocations();
+        let revoked = (!revocations.is_empty() && revocations.revoked_at(expected).is_some())
+            .then(|| revocations.clone());
+        (peer, revoked)
+    };
+    if let Some(revocations) = revocations {
+        return dial_revoked(
+            shared,
+            remote,
+            connect_timeout,
+            expected,
+            &peer,
+            protocol,
+            first,
+            name,
+            &revocations,
+        )
+        .await;
+    }
     // A full handshake with the hybrid key exchange, `first` leaving with
     // the client's Finished.
     let full = || {
@@ -305,6 +327,48 @@ where
         }
         other => other,
     }
+}
+
+/// [`dial_mesh`] to a peer whose identity a revocation names: a full
+/// handshake (a resumed session would bring back a certificate no verifier
+/// sees), then its certificate checked against the revocation before the
+/// app's first bytes leave, so a peer it covers is sent nothing.
+#[allow(clippy::too_many_arguments)]
+async fn dial_revoked<R>(
+    shared: &Shared,
+    remote: R,
+    connect_timeout: Duration,
+    expected: &SpiffeId,
+    peer: &tls::PeerClient,
+    protocol: Protocol,
+    first: &[u8],
+    name: ServerName<'static>,
+    revocations: &trellis_core::revocation::Revocations,
+) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError>
+where
+    R: tokio::net::ToSocketAddrs + Copy,
+{
+    let connect = net::connect_within(remote, connect_timeout, shared.user_timeout);
+    let mut stream = handshake(&peer.full, connect, &name, protocol, &[], None).await?;
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    // The verifier accepted a certificate: there is a leaf.
+    if let Some(leaf) = leaf {
+        revocations
+            .check(expected, leaf)
+            .map_err(DialError::Revoked)?;
+    }
+    if !first.is_empty() {
+        stream
+            .write_all(first)
+            .await
+            .map_err(DialError::FirstBytes)?;
+    }
+    stream.flush().await.map_err(DialError::FirstBytes)?;
+    Ok(stream)
 }
 
 /// One connection and handshake of [`dial_mesh`] with `config`: `connect`
@@ -461,7 +525,10 @@ fn refused<R: std::fmt::Display>(
     );
     if matches!(
         e,
-        DialError::Handshake(_) | DialError::Timeout | DialError::NoCertificate
+        DialError::Handshake(_)
+            | DialError::Timeout
+            | DialError::NoCertificate
+            | DialError::Revoked(_)
     ) {
         metrics.handshake_failure(OUTBOUND, reason);
     }

@@ -17,6 +17,7 @@ use trellis_core::policy::{
     CompileError, Decision, DefaultPolicy, HttpRequest, OpaqueFallback, PolicySet, Reason, RuleRef,
     SelectorScope, ValidationContext, Verdict, policy_key,
 };
+use trellis_core::revocation::Revocations;
 use trellis_proto::policy::v1 as pb;
 
 use crate::http::ratelimit::{InvalidRateLimit, RateLimits};
@@ -40,6 +41,13 @@ pub struct Policies {
     /// Whether a rate limit in force reads request paths.
     limits_read_paths: bool,
     counters: Counters,
+    /// The mesh's revoked identities: a peer whose certificate one of them
+    /// covers is refused whatever the policies say, and an open connection
+    /// of one is closed when they arrive ([`Snapshot::compile_in`] sets
+    /// them; empty until then).
+    ///
+    /// [`Snapshot::compile_in`]: super::Snapshot::compile_in
+    pub revocations: Arc<Revocations>,
 }
 
 /// The inbound ports never parsed as HTTP, by who declared them.
@@ -162,13 +170,17 @@ impl Policies {
             opaque_ports,
             opaque: opaque.clone(),
             counters,
+            revocations: Arc::default(),
         })
     }
 
     /// Whether `other` enforces exactly what this does (same default, same
-    /// policies as received), so connections need not be re-decided.
+    /// policies as received, same revocations), so connections need not be
+    /// re-decided.
     pub fn same_as(&self, other: &Policies) -> bool {
-        self.received == other.received && self.opaque == other.opaque
+        self.received == other.received
+            && self.opaque == other.opaque
+            && self.revocations == other.revocations
     }
 
     /// Whether requests to `port` have their paths checked

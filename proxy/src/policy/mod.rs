@@ -22,6 +22,12 @@
 //! carries what changed since (`endpoint_changes`) makes those changes to
 //! copies of that version's endpoints and services, and looks up every
 //! backend's peer again against the endpoints that result.
+//!
+//! The snapshot's revocations (every revoked identity of the mesh, with
+//! when) travel with the policies ([`Policies::revocations`]): the inbound
+//! listener refuses a caller they cover and closes one open when they
+//! arrive, and the outbound dial refuses such a peer
+//! ([`crate::tls::TlsState::revocations`]).
 
 mod authz;
 mod services;
@@ -39,6 +45,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use trellis_core::SpiffeId;
+use trellis_core::revocation::Revocations;
 use trellis_proto::discovery::v1 as pb;
 
 use crate::metrics::Metrics;
@@ -134,6 +141,12 @@ pub enum InvalidSnapshot {
     },
     #[error("endpoint_changes.{0}")]
     InChanges(Box<InvalidSnapshot>),
+    #[error("revocations[{index}].spiffe_id {id:?}: {reason}")]
+    RevocationId {
+        index: usize,
+        id: String,
+        reason: trellis_core::spiffe::InvalidSpiffeId,
+    },
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
 }
@@ -246,7 +259,17 @@ impl Snapshot {
                 opaque.mesh.push(port);
             }
         }
-        let policies = Policies::compile_in(
+        let mut revoked = Vec::with_capacity(raw.revocations.len());
+        for (index, r) in raw.revocations.into_iter().enumerate() {
+            let id =
+                SpiffeId::parse(&r.spiffe_id).map_err(|reason| InvalidSnapshot::RevocationId {
+                    index,
+                    id: r.spiffe_id.clone(),
+                    reason,
+                })?;
+            revoked.push((id, r.revoked_at_unix));
+        }
+        let mut policies = Policies::compile_in(
             raw.version,
             local,
             mesh.default_policy,
@@ -255,6 +278,7 @@ impl Snapshot {
             &opaque,
             metrics,
         )?;
+        policies.revocations = Arc::new(Revocations::new(revoked));
         Ok(Snapshot {
             version: raw.version,
             version_epoch: raw.version_epoch,

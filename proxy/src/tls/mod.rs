@@ -46,6 +46,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::sync::watch;
+use trellis_core::revocation::Revocations;
 use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
 use trellis_core::{SpiffeId, TrustDomain};
 
@@ -88,6 +89,8 @@ pub struct TlsState {
     /// Prebuilt client configs for every SPIFFE ID this sidecar expects to
     /// dial (routes and mesh endpoints), so dialling allocates no config.
     clients: HashMap<SpiffeId, Arc<PeerClient>>,
+    /// The mesh's revoked identities, from the snapshot in force.
+    revocations: Arc<Revocations>,
 }
 
 #[derive(Clone)]
@@ -146,6 +149,7 @@ impl TlsState {
             http_server: Some(Arc::new(http_server)),
             client: Some(parts),
             clients,
+            revocations: Arc::default(),
         })
     }
 
@@ -174,7 +178,22 @@ impl TlsState {
             http_server: self.http_server.clone(),
             client: self.client.clone(),
             clients,
+            revocations: self.revocations.clone(),
         })
+    }
+
+    /// This state refusing the peers `revocations` cover.
+    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
+    /// The mesh's revoked identities, as the snapshot in force says: an
+    /// outbound dial refuses a peer whose certificate one of them covers
+    /// (checked once the handshake is over, for a full handshake and a
+    /// resumed session alike: rustls calls no verifier on resumption).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// This state with the session-ticket key of `previous`, so tickets
@@ -368,8 +387,8 @@ impl ClientParts {
     }
 }
 
-/// Rebuilds the [`TlsState`] whenever the SVID, the bundle or the mesh
-/// endpoints change, until every input's sender is gone.
+/// Rebuilds the [`TlsState`] whenever the SVID, the bundle, the mesh
+/// endpoints or the revocations change, until every input's sender is gone.
 pub async fn run(
     trust_domain: TrustDomain,
     routes: Vec<SpiffeId>,
@@ -406,7 +425,11 @@ pub async fn run(
                 None => new,
             }),
         };
-        match result {
+        let revocations = current_snapshot
+            .as_ref()
+            .map(|s| s.policies.revocations.clone())
+            .unwrap_or_default();
+        match result.map(|state| state.with_revocations(revocations)) {
             Ok(state) => {
                 let state = Arc::new(state);
                 tx.send_replace(state.clone());

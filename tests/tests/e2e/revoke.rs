@@ -2,10 +2,16 @@
 //! sidecar stops offering its certificate at the first refused renewal and
 //! proves its token file instead, so a new token written there enrols it
 //! again while the revoked certificate is still valid, without a restart.
+//! And sidecars refuse a revoked identity as a peer as soon as they hold
+//! the snapshot the revocation is in, until it is removed.
 
 use std::time::Duration;
 
-use trellis_tests::{Mesh, Sidecar, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_tests::{EchoApp, Mesh, Sidecar, eventually, http};
+
+use crate::{Pair, SOON};
 
 /// Long enough that a renewal (at about half of it) and a few retries
 /// after it end well before the first certificate expires.
@@ -63,5 +69,135 @@ async fn a_revoked_sidecar_takes_a_new_join_token_before_its_certificate_expires
         .count();
     assert_eq!(warned, 1, "the revocation is warned about once:\n{log}");
     web.process().ensure_running()?;
+    Ok(())
+}
+
+/// How many inbound handshakes `sidecar` refused as revoked.
+async fn refused_as_revoked(sidecar: &Sidecar) -> anyhow::Result<f64> {
+    Ok(sidecar.metrics().await?.counter(
+        "trellis_handshake_failures_total",
+        &[("direction", "inbound"), ("reason", "revoked")],
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> anyhow::Result<()> {
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+    let web = pair.client.identity().to_string();
+    let answer = http::get(pair.route(), "/before").await?.success()?;
+    assert_eq!(answer.body, "hello from api");
+    assert_eq!(refused_as_revoked(&pair.server).await?, 0.0);
+
+    pair.mesh.ctl(["identity", "revoke", web.as_str()]).await?;
+
+    // Once the server's sidecar holds the revocation, a new connection of
+    // web's (a resumed session, web holding api's tickets) is refused
+    // before api's app sees it.
+    eventually("the server sidecar to refuse web", SOON, || async {
+        let answer = http::get(pair.route(), "/after").await;
+        anyhow::ensure!(
+            answer.as_ref().map_or(true, |a| !a.status.is_success()),
+            "web still reached api: {answer:?}"
+        );
+        anyhow::Ok(())
+    })
+    .await?;
+    let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
+    assert!(
+        !reached.contains(&"/after".to_string()),
+        "a revoked caller reached the app: {reached:?}"
+    );
+    let line = pair
+        .server
+        .wait_for_log("the caller's identity is revoked", SOON)
+        .await?;
+    assert!(line.contains("reason=revoked"), "{line}");
+    assert!(line.contains(&format!("peer {web} is revoked")), "{line}");
+    assert!(refused_as_revoked(&pair.server).await? >= 1.0);
+
+    pair.mesh
+        .ctl(["identity", "unrevoke", web.as_str()])
+        .await?;
+
+    eventually("web to reach api again", SOON, || async {
+        let answer = http::get(pair.route(), "/again").await?.success()?;
+        anyhow::ensure!(answer.body == "hello from api", "{answer:?}");
+        anyhow::Ok(())
+    })
+    .await?;
+    pair.client.process().ensure_running()?;
+    pair.server.process().ensure_running()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_revoked_server()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let echo = EchoApp::start().await?;
+    let mut server = mesh.sidecar("echo").app(echo.addr()).start().await?;
+    let mut client = mesh.sidecar("caller").route_to(&server).start().await?;
+    let (caller, echo_id) = (client.identity().to_string(), server.identity().to_string());
+    let route = client.route_addr(server.identity());
+    let mut open = TcpStream::connect(route).await?;
+    // Bytes no one takes for HTTP: copied as they are.
+    let ping = [0u8, 1, 2, 3];
+    open.write_all(&ping).await?;
+    let mut answer = [9; 4];
+    open.read_exact(&mut answer).await?;
+    assert_eq!(answer, ping);
+
+    // The caller's connection, open before the revocation, is closed by
+    // the server's sidecar once it holds the revocation.
+    mesh.ctl(["identity", "revoke", caller.as_str()]).await?;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(SOON, open.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the revoked caller's open connection is still open"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    let line = server
+        .wait_for_log(
+            "open inbound connection closed: the caller's identity is revoked",
+            SOON,
+        )
+        .await?;
+    assert!(line.contains(&caller), "{line}");
+    mesh.ctl(["identity", "unrevoke", caller.as_str()]).await?;
+
+    // A revoked server is refused by the caller's sidecar: nothing of the
+    // app's reaches it.
+    let before = echo.connections();
+    mesh.ctl(["identity", "revoke", echo_id.as_str()]).await?;
+    eventually("the caller to refuse the revoked server", SOON, || async {
+        let mut tcp = TcpStream::connect(route).await?;
+        let _ = tcp.write_all(&[0, 1, 2, 3]).await;
+        let _ = tcp.shutdown().await;
+        let mut back = Vec::new();
+        let _ = tcp.read_to_end(&mut back).await;
+        anyhow::ensure!(back.is_empty(), "the revoked server echoed {back:?}");
+        let refused = client.metrics().await?.counter(
+            "trellis_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", "revoked")],
+        );
+        anyhow::ensure!(refused >= 1.0, "{refused} refused as revoked");
+        anyhow::Ok(())
+    })
+    .await?;
+    let line = client
+        .wait_for_log("outbound connection refused", SOON)
+        .await?;
+    assert!(line.contains("reason=revoked"), "{line}");
+    assert!(
+        line.contains(&format!("peer {echo_id} is revoked")),
+        "{line}"
+    );
+    assert_eq!(
+        echo.connections(),
+        before,
+        "the app behind the revoked server was reached"
+    );
+    client.process().ensure_running()?;
     Ok(())
 }
