@@ -76,8 +76,6 @@ pub enum SvidError {
     ExpiredRoot { subject: String, not_after: String },
     #[error("every root of the trust bundle has expired, the last {not_after}")]
     RootsExpired { not_after: String },
-    #[error(transparent)]
-    Revoked(#[from] crate::revocation::Revoked),
 }
 
 /// The SPIFFE ID held in a certificate's single URI SAN.
@@ -679,7 +677,6 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
                 Some(SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. }) => {
                     "expired_root"
                 }
-                Some(SvidError::Revoked(_)) => crate::grpc::REFUSAL_REVOKED,
                 Some(_) => "invalid_svid",
                 None => "invalid_certificate",
             }

@@ -3,6 +3,7 @@
 //! only. A token is returned once and never logged; only its hash is stored.
 //! The policy methods live in [`super::policy`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -190,10 +191,6 @@ impl Admin for AdminService {
         .await
         .map_err(internal)?
         .map_err(internal)?;
-        let revocations: std::collections::HashMap<String, Revocation> = revocations
-            .into_iter()
-            .map(|r| (r.spiffe_id.clone(), r))
-            .collect();
         let current = self.mesh.discovery.current();
         let asked = ListStreamsRequest {
             reached_version: request.get_ref().reached_version,
@@ -232,9 +229,7 @@ impl Admin for AdminService {
                 };
                 // A certificate of unknown issue time is covered, as a
                 // renewal by it would be.
-                let revoked = revocations
-                    .get(&w.spiffe_id)
-                    .is_some_and(|r| r.covers(cert_issued_at_unix));
+                let revoked = revoked(&revocations, &w.spiffe_id, cert_issued_at_unix);
                 Workload {
                     revoked,
                     connected: status.streams > 0,
@@ -427,16 +422,10 @@ pub async fn issued_here(
     .map_err(internal)?;
     let truncated = records.len() > limit;
     records.truncate(limit);
-    let revocations: std::collections::HashMap<String, _> = revocations
-        .into_iter()
-        .map(|r| (r.spiffe_id.clone(), r))
-        .collect();
     let certificates = records
         .into_iter()
         .map(|r| {
-            let revoked = revocations
-                .get(&r.spiffe_id)
-                .is_some_and(|revocation| revocation.covers(r.issued_at_unix));
+            let revoked = revoked(&revocations, &r.spiffe_id, r.issued_at_unix);
             IssuedCertificate {
                 revoked,
                 ..issued_certificate(r, replica)
@@ -450,12 +439,24 @@ pub async fn issued_here(
     })
 }
 
-/// Every revocation `store` keeps; none for a store that keeps none.
-fn revocations_or_none(store: &dyn crate::store::Store) -> Result<Vec<Revocation>, StoreError> {
-    match store.revocations() {
-        Err(StoreError::RevocationsUnsupported) => Ok(Vec::new()),
-        revocations => revocations,
-    }
+/// Every revocation `store` keeps, by SPIFFE ID; none for a store that
+/// keeps none.
+fn revocations_or_none(
+    store: &dyn crate::store::Store,
+) -> Result<HashMap<String, Revocation>, StoreError> {
+    let revocations = match store.revocations() {
+        Err(StoreError::RevocationsUnsupported) => Vec::new(),
+        revocations => revocations?,
+    };
+    Ok((revocations.into_iter())
+        .map(|r| (r.spiffe_id.clone(), r))
+        .collect())
+}
+
+/// Whether a certificate of `id` issued at `issued_at_unix` is covered by
+/// its identity's revocation in `revocations`.
+fn revoked(revocations: &HashMap<String, Revocation>, id: &str, issued_at_unix: i64) -> bool {
+    (revocations.get(id)).is_some_and(|r| r.covers(issued_at_unix))
 }
 
 /// A stored issuance as the Admin API lists it, issued by `replica`

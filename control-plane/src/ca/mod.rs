@@ -30,16 +30,9 @@ pub use anchors::{TrustAnchorsError, load_trust_anchors};
 pub use csr::{CsrError, ValidCsr};
 pub use files::{AdminCredential, CaFilesError};
 
-/// How far notBefore is set into the past, against clock skew between
-/// peers: sidecars read a certificate's issue time back from it the same
-/// way ([`trellis_core::revocation`]).
-pub const BACKDATE: Duration = trellis_core::revocation::BACKDATE;
-
-/// When a certificate whose notBefore is `not_before_unix` was signed: the
-/// CA backdates it by [`BACKDATE`].
-pub fn issued_at(not_before_unix: i64) -> i64 {
-    trellis_core::revocation::issued_at(not_before_unix)
-}
+// How far notBefore is set into the past, and the issue time read back
+// from it: one rule for the CA and the sidecars checking revocations.
+pub use trellis_core::revocation::{BACKDATE, issued_at};
 
 /// Lifetime of a root the control plane generates.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
