@@ -535,6 +535,75 @@ async fn explain_knows_the_opaque_ports_of_the_destinations_sidecars() {
     assert_eq!(closed.verdict, "allow");
 }
 
+/// A peer replica that does not answer may hold streams of the
+/// destination's sidecars, whose opaque ports Explain then does not know:
+/// the answer names it, and so do `trellisctl policy explain`'s trace and
+/// its JSON, while the ports of the sidecars streaming here still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_a_peer_that_did_not_answer() {
+    // Takes connections and never answers: the peer times out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = silent.local_addr().unwrap().to_string();
+    let cp = ControlPlane::start(&["--peers", &peer, "--replica-name", "cp-a"]);
+    let mut admin = cp.admin_client().await;
+    apply(&mut admin, &allow("web-to-api", API, WEB, 5432), false)
+        .await
+        .unwrap();
+    let api = enroll(&cp, API, "127.0.0.1:7101").await;
+    let mut declaring = Watcher::open_declaring(&cp, &api, "127.0.0.1:7101", &[5432])
+        .await
+        .unwrap();
+    declaring.next().await;
+
+    let request = ExplainRequest {
+        source: WEB.into(),
+        destination: API.into(),
+        port: 5432,
+        opaque_ports: Vec::new(),
+    };
+    let answer = admin.explain(request).await.unwrap().into_inner();
+    let origin = answer.explanation.unwrap().opaque.unwrap();
+    assert_eq!(
+        (origin.declaring_sidecars, origin.connected_sidecars),
+        (1, 1)
+    );
+    let [unanswered] = &answer.unanswered_replicas[..] else {
+        panic!("{:?}", answer.unanswered_replicas);
+    };
+    assert_eq!(unanswered.address, peer);
+    assert!(!unanswered.not_listening, "{unanswered:?}");
+    assert!(
+        unanswered.error.contains("no answer within"),
+        "{unanswered:?}"
+    );
+
+    let args = [
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "5432",
+    ];
+    let explained = cp.ctl(&args);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(
+        text.contains("declared by the destination's sidecar (its --opaque-ports)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "replica at {peer} did not answer (no answer within 3s): the opaque ports of the \
+             sidecars streaming to it are not known, and one of the destination's may hold the \
+             port opaque\n"
+        )),
+        "{text}"
+    );
+    let json = cp.ctl(&[&args[..], &["-o", "json"]].concat());
+    assert!(json.status.success(), "{json:?}");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let unanswered = &json["unanswered_replicas"];
+    assert_eq!(unanswered.as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(unanswered[0]["address"], peer.as_str());
+    assert_eq!(unanswered[0]["not_listening"], false);
+}
+
 /// Explain of a connection from WEB to API on `port`.
 async fn explain_web_to_api(
     admin: &mut AdminClient<tonic::transport::Channel>,

@@ -571,7 +571,9 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
 
 /// Explain, for the destination's opaque ports: the mesh's, those each of
 /// the destination identity's sidecars connected to any replica that
-/// answers declared when it subscribed, and those the request names.
+/// answers declared when it subscribed, and those the request names. The
+/// peers that did not answer are named in the answer: their sidecars'
+/// ports are not known.
 pub async fn explain_request(
     mesh: &Mesh,
     replicas: &Replicas,
@@ -604,8 +606,12 @@ pub async fn explain_request(
     let default = mesh.discovery.default_policy();
     let explanation =
         explain(&source, &destination, port, &policies, default, &opaque).map_err(internal)?;
+    let unanswered_replicas = (fleet.replicas.into_iter())
+        .filter(|r| !r.error.is_empty())
+        .collect();
     Ok(ExplainResponse {
         explanation: Some(explanation.to_proto()),
+        unanswered_replicas,
     })
 }
 

@@ -882,6 +882,14 @@ const SILENT_STREAMS: [&str; 2] = [
     "it holds no sidecar stream",
 ];
 
+/// What a replica that did not answer takes out of `trellisctl policy
+/// explain`: one silent, and one nothing listens for.
+const SILENT_OPAQUE_PORTS: [&str; 2] = [
+    "the opaque ports of the sidecars streaming to it are not known, and one of the \
+     destination's may hold the port opaque",
+    "it holds no sidecar stream",
+];
+
 /// A line for each replica that did not answer, with what that takes out
 /// of the answer: `silent` for one that did not answer in time, `gone`
 /// for one nothing listens for (it is starting, stopping or gone).

@@ -31,7 +31,7 @@ use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, GetPolicyRequest,
-    ListPoliciesRequest, PolicyOutcome,
+    ListPoliciesRequest, PolicyOutcome, ReplicaStatus,
 };
 use trellis_proto::policy::v1::{Action, Policy};
 
@@ -156,7 +156,8 @@ pub enum PolicyCommand {
         /// (a DENY rule denies the whole connection). The destination's
         /// opaque ports are the mesh's, those its connected sidecars
         /// declare (their --opaque-ports), and --opaque-ports here; the
-        /// trace says which made the port opaque.
+        /// trace says which made the port opaque, and names any replica
+        /// that did not answer (its sidecars' opaque ports are not known).
         #[arg(long, value_name = "P", env = "TRELLIS_PORT")]
         port: u16,
         /// Ports to explain as opaque for the destination, besides the
@@ -329,9 +330,13 @@ pub async fn run(
             let explanation = Explanation::from_proto(&proto).map_err(|e| {
                 CtlError::Usage(format!("the control plane sent an unreadable answer: {e}"))
             })?;
+            let unanswered = &response.unanswered_replicas;
             Ok(Printed::out(match output {
-                Output::Table => explanation.to_string(),
-                Output::Json => explanation_json(&explanation),
+                Output::Table => format!(
+                    "{explanation}{}",
+                    super::silent_replicas(unanswered, super::SILENT_OPAQUE_PORTS)
+                ),
+                Output::Json => explanation_json(&explanation, unanswered),
             }))
         }
         PolicyCommand::Lint {
@@ -643,7 +648,9 @@ fn policies_json(policies: &[Policy], rate_limits: &[RateLimitRecord], generatio
     }))
 }
 
-fn explanation_json(e: &Explanation) -> String {
+/// `unanswered`: the peer replicas that did not answer, whose sidecars'
+/// opaque ports are not known.
+fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
     let rule = e.deciding_rule();
     pretty(&serde_json::json!({
         "source": e.source.as_str(),
@@ -660,6 +667,13 @@ fn explanation_json(e: &Explanation) -> String {
             "connected_sidecars": o.connected_sidecars,
             "requested": o.requested,
         })),
+        // The replicas whose sidecars' opaque ports are not known.
+        "unanswered_replicas": unanswered.iter().map(|r| serde_json::json!({
+            "name": r.name,
+            "address": r.address,
+            "error": r.error,
+            "not_listening": r.not_listening,
+        })).collect::<Vec<_>>(),
         "trace": e.to_string(),
     }))
 }
