@@ -1,6 +1,6 @@
 //! The Admin API and trellisctl against the real control plane: only the
-//! operator identity may call it, tokens print alone, workloads and issued
-//! certificates list.
+//! operator identity may call it, tokens print alone, workloads (with the
+//! opaque ports their sidecars declare) and issued certificates list.
 
 mod common;
 
@@ -136,6 +136,50 @@ async fn workloads_lists_a_certified_workload() {
     assert_eq!(json[0]["spiffe_id"], WEB);
     assert_eq!(json[0]["address"], "127.0.0.1:15006");
     assert_eq!(json[0]["connected"], false);
+}
+
+/// `trellisctl workloads` shows the ports each identity's connected
+/// sidecars declare opaque themselves: every one any of them declares,
+/// once, sorted; `-` for an identity with none connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_shows_the_opaque_ports_its_sidecars_declare() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "127.0.0.1:15006").await;
+    let api = enroll(&cp, API, "127.0.0.1:7101").await;
+    let mut declaring = Watcher::open_declaring(&cp, &api, "127.0.0.1:7101", &[6379, 5432])
+        .await
+        .unwrap();
+    declaring.next().await;
+    let mut other = Watcher::open_declaring(&cp, &api, "127.0.0.1:7102", &[5432, 25])
+        .await
+        .unwrap();
+    other.next().await;
+
+    let out = cp.ctl(&["workloads"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{table}");
+    let header = table.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("OPAQUE PORTS"), "{header}");
+    let row = |id: &str| {
+        let line = table.lines().find(|l| l.starts_with(id));
+        let line = line.unwrap_or_else(|| panic!("no row for {id} in\n{table}"));
+        line.split_whitespace().last().unwrap().to_owned()
+    };
+    assert_eq!(row(API), "25,5432,6379", "{table}");
+    assert_eq!(row(WEB), "-", "{table}");
+
+    let out = cp.ctl(&["workloads", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let of = |id: &str| {
+        let listed = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["spiffe_id"] == id);
+        listed.unwrap_or_else(|| panic!("no {id} in {json}"))["opaque_ports"].clone()
+    };
+    assert_eq!(of(API), serde_json::json!([25, 5432, 6379]));
+    assert_eq!(of(WEB), serde_json::json!([]));
 }
 
 #[tokio::test]

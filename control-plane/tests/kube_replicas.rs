@@ -574,8 +574,16 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     let listing = a.ctl(&["workloads"]);
     let table = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.status.success(), "{table}");
-    assert_eq!(row(&table, WEB)[4..], ["synced", "yes", "cp-a"], "{table}");
-    assert_eq!(row(&table, API)[4..], ["synced", "yes", "cp-b"], "{table}");
+    assert_eq!(
+        row(&table, WEB)[4..],
+        ["synced", "yes", "-", "cp-a"],
+        "{table}"
+    );
+    assert_eq!(
+        row(&table, API)[4..],
+        ["synced", "yes", "-", "cp-b"],
+        "{table}"
+    );
     assert!(
         table.contains(&format!(
             "replica cp-a at 127.0.0.1:{port_a} (answering): snapshot {web_version}, 1 connected"
@@ -667,7 +675,7 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     );
     assert_eq!(
         row(&table, API)[4..],
-        ["not", "connected", "no", "-"],
+        ["not", "connected", "no", "-", "-"],
         "{table}"
     );
     let check = a.ctl(&["check"]);

@@ -240,6 +240,7 @@ impl Admin for AdminService {
                     sync: status.sync.into(),
                     last_nack: status.last_nack,
                     ack_warnings: status.ack_warnings,
+                    opaque_ports: fleet.declared_opaque_ports(&w.spiffe_id),
                     reached: status.reached,
                     replicas: status.replicas,
                     spiffe_id: w.spiffe_id,

@@ -779,6 +779,14 @@ impl Fleet {
             .unwrap_or_default()
     }
 
+    /// Every port any open stream of `spiffe_id` declared opaque, once,
+    /// sorted.
+    pub fn declared_opaque_ports(&self, spiffe_id: &str) -> Vec<u32> {
+        let declared = self.opaque_ports.get(spiffe_id).into_iter().flatten();
+        let ports: BTreeSet<u16> = declared.flatten().copied().collect();
+        ports.into_iter().map(u32::from).collect()
+    }
+
     /// What the replicas' issued-certificate logs tell of `spiffe_id`'s
     /// newest certificate at `now`. One that has not expired is as good as
     /// any newer one (though whether it is the newest is said, for its
@@ -1324,6 +1332,8 @@ mod tests {
             [vec![5432], vec![], vec![5432, 6379]]
         );
         assert!(fleet.opaque_ports(API).is_empty());
+        assert_eq!(fleet.declared_opaque_ports(WEB), [5432, 6379]);
+        assert!(fleet.declared_opaque_ports(API).is_empty());
     }
 
     #[test]

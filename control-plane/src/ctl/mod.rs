@@ -87,6 +87,9 @@ pub enum Command {
     /// count again in another epoch, so `12@1f..` and `12@9c..` name
     /// different snapshots. When a revocation covers any workload's
     /// certificate, a REVOKED column says whose, as `certs` does.
+    /// `OPAQUE PORTS` lists the ports the
+    /// workload's connected sidecars declare opaque themselves (their
+    /// --opaque-ports), every one any of them declares.
     Workloads {
         /// Output format.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
@@ -782,6 +785,7 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
         "ACKED VERSION",
         "SNAPSHOT",
         "CONNECTED",
+        "OPAQUE PORTS",
     ];
     if several {
         header.push("REPLICA");
@@ -804,6 +808,12 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
             version_shown(w.acked_version, w.acked_version_epoch),
             sync_name(w).into(),
             if w.connected { "yes" } else { "no" }.into(),
+            match w.opaque_ports.is_empty() {
+                true => "-".into(),
+                false => (w.opaque_ports.iter().map(u32::to_string))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            },
         ];
         if several {
             row.push(match w.replicas.is_empty() {
@@ -1010,6 +1020,7 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
                 "connected": w.connected,
                 "last_nack": w.last_nack,
                 "ack_warnings": w.ack_warnings,
+                "opaque_ports": w.opaque_ports,
                 "replicas": w.replicas,
             })
         })
