@@ -390,17 +390,10 @@ pub fn respond_pod_reporting(
     config: &InjectConfig,
 ) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
     let allow = AdmissionResponse::allow(&request.uid);
-    if request.operation != "CREATE" {
+    let Some(pod) = created_pod(request) else {
         return (allow, Vec::new());
-    }
-    let result = if request.kind.group.is_empty() && request.kind.kind == "Pod" {
-        match &request.object {
-            Some(pod) => inject_pod(pod, scope, config),
-            None => Err(InjectError::NoObject),
-        }
-    } else {
-        Err(InjectError::NotAPod(request.kind.to_string()))
     };
+    let result = pod.and_then(|pod| inject_pod(pod, scope, config));
     // Values that decided nothing are told of once, by the call that
     // decided: a re-invocation finds the pod injected and says nothing
     // again.
@@ -444,6 +437,22 @@ pub fn respond_pod_reporting(
     }
 }
 
+/// The pod a review is about: `None` when the request is not a CREATE
+/// (nothing to do), an error when it is not of a core `Pod` or carries no
+/// object.
+fn created_pod(request: &AdmissionRequest) -> Option<Result<&serde_json::Value, InjectError>> {
+    if request.operation != "CREATE" {
+        return None;
+    }
+    Some(
+        if request.kind.group.is_empty() && request.kind.kind == "Pod" {
+            request.object.as_ref().ok_or(InjectError::NoObject)
+        } else {
+            Err(InjectError::NotAPod(request.kind.to_string()))
+        },
+    )
+}
+
 /// The answer to a pod that cannot be injected.
 fn deny_or_warn(
     request: &AdmissionRequest,
@@ -483,15 +492,8 @@ pub fn respond_unknown_label(
     found: UnknownInjectValue,
 ) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
     let allow = AdmissionResponse::allow(&request.uid);
-    let pod = match &request.object {
-        Some(pod)
-            if request.operation == "CREATE"
-                && request.kind.group.is_empty()
-                && request.kind.kind == "Pod" =>
-        {
-            pod
-        }
-        _ => return (allow, Vec::new()),
+    let Some(Ok(pod)) = created_pod(request) else {
+        return (allow, Vec::new());
     };
     let value = match found {
         UnknownInjectValue::NamespaceLabel => None,
