@@ -50,8 +50,8 @@ use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 
 use super::{
-    AdmissionRequest, AdmissionResponse, InjectConfig, NamespaceScope, UnknownInjectValue,
-    respond_pod_reporting, respond_unknown_label, review_policy,
+    AdmissionRequest, InjectConfig, NamespaceScope, UnknownInjectValue, respond_pod_reporting,
+    respond_unknown_label, review_policy,
 };
 use crate::api::quoted;
 use crate::metrics::Metrics;
@@ -462,16 +462,6 @@ pub fn respond(
     config: &InjectConfig,
     metrics: &Metrics,
 ) -> (StatusCode, &'static str, Vec<u8>) {
-    type Answer<'a> = &'a dyn Fn(&AdmissionRequest) -> (AdmissionResponse, Vec<UnknownInjectValue>);
-    let pod = |answer: Answer<'_>| {
-        AdmissionRequest::parse(body).map(|request| {
-            let (response, unknown) = answer(&request);
-            for found in unknown {
-                metrics.inject_unknown_value(found.reason());
-            }
-            response
-        })
-    };
     let result = match path {
         INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH | VALIDATE_PATH
             if method != Method::POST =>
@@ -479,14 +469,22 @@ pub fn respond(
             let message = format!("{path} takes POST, not {method}\n");
             return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", message.into());
         }
-        INJECT_PATH => pod(&|request| {
-            respond_pod_reporting(request, NamespaceScope::SelectedByWebhook, config)
-        }),
-        UNKNOWN_POD_LABEL_PATH => {
-            pod(&|request| respond_unknown_label(request, UnknownInjectValue::PodLabel))
-        }
-        UNKNOWN_NAMESPACE_LABEL_PATH => {
-            pod(&|request| respond_unknown_label(request, UnknownInjectValue::NamespaceLabel))
+        INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH => {
+            AdmissionRequest::parse(body).map(|request| {
+                let (response, unknown) = match path {
+                    INJECT_PATH => {
+                        respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, config)
+                    }
+                    UNKNOWN_POD_LABEL_PATH => {
+                        respond_unknown_label(&request, UnknownInjectValue::PodLabel)
+                    }
+                    _ => respond_unknown_label(&request, UnknownInjectValue::NamespaceLabel),
+                };
+                for found in unknown {
+                    metrics.inject_unknown_value(found.reason());
+                }
+                response
+            })
         }
         VALIDATE_PATH => review_policy(body, &config.trust_domain, &config.validation),
         _ => {
