@@ -584,16 +584,14 @@ pub struct Fleet {
     logs_since: i64,
     /// The replicas whose logs were not read, each as the reason names it.
     logs_unread: BTreeSet<String>,
-    /// The certificates each identity's open streams presented, over the
-    /// replicas that answered.
+    /// What each identity's open streams presented, over the replicas
+    /// that answered.
     presented: HashMap<String, Presented>,
-    /// The ports each of an identity's open streams declared opaque, over
-    /// the replicas that answered.
-    opaque_ports: HashMap<String, Vec<Vec<u16>>>,
 }
 
-/// The certificates one identity's open streams presented.
-#[derive(Clone, Copy, Debug)]
+/// What one identity's open streams presented when they connected: their
+/// certificates, and the ports they declared opaque.
+#[derive(Clone, Debug)]
 struct Presented {
     /// Whether every open stream says what it presented: a replica that
     /// predates `StreamStatus.open` does not, nor a stream on a resumed TLS
@@ -606,6 +604,9 @@ struct Presented {
     earliest: (i64, bool),
     /// The newest: (issued at, notAfter).
     newest: (i64, i64),
+    /// The ports each open stream declared opaque, one entry a stream
+    /// (empty for one that declared none).
+    opaque_ports: Vec<Vec<u16>>,
 }
 
 impl Presented {
@@ -614,6 +615,7 @@ impl Presented {
             all: true,
             earliest: (i64::MAX, true),
             newest: (0, 0),
+            opaque_ports: Vec::new(),
         }
     }
 
@@ -629,6 +631,9 @@ impl Presented {
                 let issued_at = crate::ca::issued_at(open.cert_not_before_unix);
                 self.newest = (issued_at, open.cert_not_after_unix);
             }
+            // A peer sends only ports its sidecars declared.
+            let ports = open.opaque_ports.iter().filter_map(|&p| super::port(p));
+            self.opaque_ports.push(ports.collect());
         }
     }
 }
@@ -741,13 +746,6 @@ impl Fleet {
                     .entry(stream.spiffe_id.clone())
                     .or_insert_with(Presented::new)
                     .add(&stream, answer.issued_log_since_unix);
-                let declared = self.opaque_ports.entry(stream.spiffe_id.clone());
-                let declared = declared.or_default();
-                for open in &stream.open {
-                    // A peer sends only ports its sidecars declared.
-                    let ports = open.opaque_ports.iter().filter_map(|&p| super::port(p));
-                    declared.push(ports.collect());
-                }
             }
             let joined = self.joined.entry(stream.spiffe_id.clone()).or_default();
             join(joined, &answer.name, stream);
@@ -773,17 +771,19 @@ impl Fleet {
     /// The ports each open stream of `spiffe_id` declared opaque, one
     /// entry a stream (empty for one that declared none).
     pub fn opaque_ports(&self, spiffe_id: &str) -> Vec<Vec<u16>> {
-        self.opaque_ports
-            .get(spiffe_id)
-            .cloned()
+        (self.presented.get(spiffe_id))
+            .map(|p| p.opaque_ports.clone())
             .unwrap_or_default()
     }
 
     /// Every port any open stream of `spiffe_id` declared opaque, once,
     /// sorted.
     pub fn declared_opaque_ports(&self, spiffe_id: &str) -> Vec<u32> {
-        let declared = self.opaque_ports.get(spiffe_id).into_iter().flatten();
-        let ports: BTreeSet<u16> = declared.flatten().copied().collect();
+        let declared = self.presented.get(spiffe_id).into_iter();
+        let ports: BTreeSet<u16> = declared
+            .flat_map(|p| p.opaque_ports.iter().flatten())
+            .copied()
+            .collect();
         ports.into_iter().map(u32::from).collect()
     }
 
