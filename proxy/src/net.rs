@@ -646,7 +646,9 @@ pub struct ResumptionRefused;
 /// The rustls error inside an I/O error from a TLS handshake, named for
 /// metrics; `"io"` when it is not a TLS error.
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
-    if e.get_ref().is_some_and(|inner| inner.is::<ResumptionRefused>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<ResumptionRefused>())
+    {
         return "not_resumed";
     }
     match trellis_core::tls::rustls_error(e) {
