@@ -305,13 +305,7 @@ where
             match valid {
                 Ok(()) => {
                     stream.get_mut().0.release();
-                    if !first.is_empty() {
-                        stream
-                            .write_all(first)
-                            .await
-                            .map_err(DialError::FirstBytes)?;
-                    }
-                    stream.flush().await.map_err(DialError::FirstBytes)?;
+                    send_first(&mut stream, first).await?;
                     Ok(stream)
                 }
                 // The held Finished never leaves: the peer sees the
@@ -361,14 +355,23 @@ where
             .check(expected, leaf)
             .map_err(DialError::Revoked)?;
     }
+    send_first(&mut stream, first).await?;
+    Ok(stream)
+}
+
+/// Sends the app's `first` bytes, held while the peer's certificate was
+/// checked, and flushes the handshake's last flight with them.
+async fn send_first(
+    stream: &mut TlsStream<net::ReadAhead<TcpStream>>,
+    first: &[u8],
+) -> Result<(), DialError> {
     if !first.is_empty() {
         stream
             .write_all(first)
             .await
             .map_err(DialError::FirstBytes)?;
     }
-    stream.flush().await.map_err(DialError::FirstBytes)?;
-    Ok(stream)
+    stream.flush().await.map_err(DialError::FirstBytes)
 }
 
 /// One connection and handshake of [`dial_mesh`] with `config`: `connect`
