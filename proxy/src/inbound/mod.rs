@@ -454,8 +454,9 @@ pub async fn serve(
             }
         }
     });
-    let handshake = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await;
-    let stream = match handshake {
+    // Matched as it comes: a named result would keep its slot, the size of
+    // a TLS stream, in this future for the life of the connection.
+    let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(stream)) => Box::new(stream),
         // Counted when it was seen, its answer sent or cut short since.
         _ if plaintext => return,
