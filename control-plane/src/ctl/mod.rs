@@ -639,7 +639,8 @@ async fn identity(
                 .into_inner();
             let revoked = response.revocation.unwrap_or_default();
             let mut out = format!(
-                "revoked {} at {}: its certificates issued until then no longer renew\n",
+                "revoked {} at {}: its certificates issued until then no longer renew, and sidecars \
+                 refuse them as peers\n",
                 revoked.spiffe_id,
                 rfc3339(revoked.revoked_at_unix)
             );
@@ -660,7 +661,8 @@ async fn identity(
                 .into_inner();
             let removed = response.revocation.unwrap_or_default();
             Ok(Printed::out(format!(
-                "removed the revocation of {} (revoked at {}): its certificates renew again\n",
+                "removed the revocation of {} (revoked at {}): its certificates renew again, and \
+                 sidecars accept them as peers\n",
                 removed.spiffe_id,
                 rfc3339(removed.revoked_at_unix)
             )))
