@@ -30,6 +30,28 @@ fn join_token() -> trellis_proxy::config::Credential {
     }
 }
 
+/// A sidecar's Certify parameters as `me` against `cp`, proving itself
+/// with the ServiceAccount token of a file in `dir` that holds `token`;
+/// also the file's path, for a test to rotate or remove it.
+fn service_account_params(
+    cp: &FakeControlPlane,
+    me: &trellis_core::SpiffeId,
+    dir: &tempfile::TempDir,
+    token: &str,
+) -> (CertifyParams, std::path::PathBuf) {
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let params = CertifyParams {
+        control_plane: cp.addr.clone(),
+        identity: me.clone(),
+        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
+            token_file.clone(),
+        )),
+        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
+    };
+    (params, token_file)
+}
+
 /// Runs the sidecar's identity task as `me` against `cp`, proving the
 /// first certificate with the join token; its certificates come out of
 /// the returned channel, its trust bundles out of `bundle_tx`'s.
@@ -149,16 +171,8 @@ async fn certifies_renews_and_watches() {
 async fn service_account_token_is_read_from_its_file_when_certifying() {
     let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "sa-token-old\n").unwrap();
-    let params = CertifyParams {
-        control_plane: cp.addr.clone(),
-        identity: id("/ns/a/sa/web"),
-        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
-            token_file.clone(),
-        )),
-        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-    };
+    let (params, token_file) =
+        service_account_params(&cp, &id("/ns/a/sa/web"), &dir, "sa-token-old");
     // The kubelet rewrote the token after the sidecar read its flags.
     std::fs::write(&token_file, "sa-token-new\n").unwrap();
     let (svid_tx, mut svid) = watch::channel(None);
@@ -188,16 +202,7 @@ async fn a_renewal_carries_the_service_account_token_beside_the_certificate() {
     let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
     let me = id("/ns/a/sa/web");
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "sa-token-1\n").unwrap();
-    let params = CertifyParams {
-        control_plane: cp.addr.clone(),
-        identity: me.clone(),
-        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
-            token_file.clone(),
-        )),
-        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-    };
+    let (params, token_file) = service_account_params(&cp, &me, &dir, "sa-token-1");
     let bundle = [cp.root.clone()];
     let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
     // The kubelet rotated the token before the renewal.
@@ -226,16 +231,7 @@ async fn a_renewal_without_a_readable_token_file_proves_the_certificate_alone() 
     let cp = FakeControlPlane::start(Duration::from_secs(60)).await;
     let me = id("/ns/a/sa/web");
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "sa-token-1\n").unwrap();
-    let params = CertifyParams {
-        control_plane: cp.addr.clone(),
-        identity: me.clone(),
-        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
-            token_file.clone(),
-        )),
-        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-    };
+    let (params, token_file) = service_account_params(&cp, &me, &dir, "sa-token-1");
     let bundle = [cp.root.clone()];
     let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
 
@@ -296,16 +292,7 @@ async fn a_renewal_refused_for_want_of_an_unreadable_token_says_why_it_was_not_s
     cp.renewals_need_token();
     let me = id("/ns/a/sa/web");
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "sa-token-1\n").unwrap();
-    let params = CertifyParams {
-        control_plane: cp.addr.clone(),
-        identity: me.clone(),
-        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
-            token_file.clone(),
-        )),
-        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-    };
+    let (params, token_file) = service_account_params(&cp, &me, &dir, "sa-token-1");
     let bundle = [cp.root.clone()];
     let (first, _) = identity::certify(&params, &bundle, None).await.unwrap();
 
@@ -593,16 +580,7 @@ async fn a_certificate_the_control_plane_refuses_is_replaced_by_proving_the_toke
     let me = id("/ns/a/sa/web");
     let held = dropped.svid(&me);
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "sa-token\n").unwrap();
-    let params = CertifyParams {
-        control_plane: cp.addr.clone(),
-        identity: me.clone(),
-        token: Some(trellis_proxy::config::Credential::ServiceAccountToken(
-            token_file,
-        )),
-        advertise_addresses: vec!["127.0.0.1:15006".parse().unwrap()],
-    };
+    let (params, _) = service_account_params(&cp, &me, &dir, "sa-token");
     // The sidecar still trusts both roots: it never saw the new bundle.
     let bundle = [cp.root.clone(), dropped.root()];
     let (svid, _) = identity::certify(&params, &bundle, Some(&held))
