@@ -128,19 +128,11 @@ fn an_invalid_annotation_is_denied_whatever_the_failure_policy() {
     pod["metadata"]["annotations"]["trellis.io/exclude-outbound-ports"] = json!("443,https");
     let review = with_object(&review, pod);
 
-    for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
-        let config = InjectConfig {
-            failure_policy,
-            ..config()
-        };
-        let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
-        assert_eq!(denied["response"]["allowed"], false, "{failure_policy:?}");
-        assert_eq!(denied["response"]["status"]["code"], 403);
+    for message in denials(&review, "443,https") {
         assert_eq!(
-            denied["response"]["status"]["message"],
+            message,
             "trellis: cannot inject: metadata.annotations[trellis.io/exclude-outbound-ports]: \"https\" is not a port (1-65535)"
         );
-        assert!(patch_of(&denied).is_none());
     }
 }
 
@@ -244,22 +236,13 @@ fn an_invalid_tcp_user_timeout_annotation_is_refused() {
         let mut pod = review["request"]["object"].clone();
         pod["metadata"]["annotations"]["trellis.io/tcp-user-timeout"] = json!(value);
         let review = with_object(&review, pod);
-        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
-            let config = InjectConfig {
-                failure_policy,
-                ..config()
-            };
-            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
-            assert_eq!(denied["response"]["allowed"], false, "{value}");
-            assert_eq!(denied["response"]["status"]["code"], 403);
-            let message = denied["response"]["status"]["message"].as_str().unwrap();
+        for message in denials(&review, value) {
             assert!(
                 message.starts_with(
                     "trellis: cannot inject: metadata.annotations[trellis.io/tcp-user-timeout]: "
                 ) && message.contains(says),
                 "{value}: {message}"
             );
-            assert!(patch_of(&denied).is_none());
         }
     }
 }
@@ -358,22 +341,14 @@ fn an_invalid_h2_connection_limit_annotation_is_refused() {
         let mut pod = review["request"]["object"].clone();
         pod["metadata"]["annotations"][key] = json!(value);
         let review = with_object(&review, pod);
-        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
-            let config = InjectConfig {
-                failure_policy,
-                ..config()
-            };
-            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
-            assert_eq!(denied["response"]["allowed"], false, "{key}: {value}");
-            assert_eq!(denied["response"]["status"]["code"], 403);
+        for message in denials(&review, &format!("{key}: {value}")) {
             assert_eq!(
-                denied["response"]["status"]["message"],
+                message,
                 format!(
                     "trellis: cannot inject: metadata.annotations[{key}]: {value:?} is not a \
                      number of connections from {allowed}"
                 )
             );
-            assert!(patch_of(&denied).is_none());
         }
     }
 }
@@ -442,22 +417,14 @@ fn an_invalid_opaque_ports_annotation_is_refused() {
         let mut pod = review["request"]["object"].clone();
         pod["metadata"]["annotations"]["trellis.io/opaque-ports"] = json!(value);
         let review = with_object(&review, pod);
-        for failure_policy in [FailurePolicy::Ignore, FailurePolicy::Fail] {
-            let config = InjectConfig {
-                failure_policy,
-                ..config()
-            };
-            let denied = answer(&review, NamespaceScope::SelectedByWebhook, &config);
-            assert_eq!(denied["response"]["allowed"], false, "{value}");
-            assert_eq!(denied["response"]["status"]["code"], 403);
+        for message in denials(&review, value) {
             assert_eq!(
-                denied["response"]["status"]["message"],
+                message,
                 format!(
                     "trellis: cannot inject: metadata.annotations[trellis.io/opaque-ports]: {says}"
                 ),
                 "{value}"
             );
-            assert!(patch_of(&denied).is_none());
         }
     }
 }
@@ -588,4 +555,28 @@ fn an_unknown_inject_value_on_the_pod_is_denied() {
           the mesh"
         ]
     );
+}
+
+/// The answers to `review` under each failure policy (an invalid
+/// annotation denies whatever it is), each a 403 denial without a patch;
+/// their messages. `what` names the case in a failed assertion.
+fn denials(review: &serde_json::Value, what: &str) -> Vec<String> {
+    [FailurePolicy::Ignore, FailurePolicy::Fail]
+        .into_iter()
+        .map(|failure_policy| {
+            let config = InjectConfig {
+                failure_policy,
+                ..config()
+            };
+            let denied = answer(review, NamespaceScope::SelectedByWebhook, &config);
+            assert_eq!(
+                denied["response"]["allowed"], false,
+                "{what} ({failure_policy:?})"
+            );
+            assert_eq!(denied["response"]["status"]["code"], 403, "{what}");
+            assert!(patch_of(&denied).is_none(), "{what}");
+            let message = denied["response"]["status"]["message"].as_str();
+            message.expect("a denial's message").to_owned()
+        })
+        .collect()
 }
