@@ -40,12 +40,10 @@ pub fn parse_total(value: &str) -> Result<usize, String> {
 }
 
 fn parse(value: &str, max: usize) -> Result<usize, String> {
-    let trimmed = value.trim();
-    trimmed
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (1..=max).contains(n))
-        .ok_or_else(|| format!("{value:?} is not a number of connections from 1 to {max}"))
+    let parsed = value.trim().parse::<i64>().ok();
+    parsed
+        .and_then(|limit| check(limit, max).ok())
+        .ok_or_else(|| format!("{value:?} {}", not_a_limit(max)))
 }
 
 /// Checks a limit already read as a number (the injector's settings):
@@ -54,7 +52,12 @@ pub fn check(limit: i64, max: usize) -> Result<usize, String> {
     usize::try_from(limit)
         .ok()
         .filter(|n| (1..=max).contains(n))
-        .ok_or_else(|| format!("{limit} is not a number of connections from 1 to {max}"))
+        .ok_or_else(|| format!("{limit} {}", not_a_limit(max)))
+}
+
+/// What a value outside 1..=`max` is told, after the value.
+fn not_a_limit(max: usize) -> String {
+    format!("is not a number of connections from 1 to {max}")
 }
 
 #[cfg(test)]

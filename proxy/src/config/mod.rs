@@ -185,7 +185,7 @@ pub struct ProxyArgs {
     #[arg(
         long,
         env = "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
-        default_value_t = crate::inbound::MAX_H2_CONNECTIONS_PER_PEER.to_string(),
+        default_value_t = trellis_core::h2_limits::DEFAULT_PER_PEER.to_string(),
         value_name = "N"
     )]
     pub max_h2_connections_per_peer: String,
@@ -194,7 +194,7 @@ pub struct ProxyArgs {
     #[arg(
         long,
         env = "TRELLIS_MAX_H2_CONNECTIONS",
-        default_value_t = crate::inbound::MAX_H2_CONNECTIONS.to_string(),
+        default_value_t = trellis_core::h2_limits::DEFAULT_TOTAL.to_string(),
         value_name = "N"
     )]
     pub max_h2_connections: String,

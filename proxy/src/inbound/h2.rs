@@ -18,21 +18,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 
-use trellis_core::SpiffeId;
 use trellis_core::refusal::{H2_ENHANCE_YOUR_CALM, H2_REFUSED_STREAM};
-
-/// HTTP/2 connections one peer (a SPIFFE ID at one address) may hold on
-/// the inbound port at once (`--max-h2-connections-per-peer`): about
-/// 100 MiB of unread answers at most, within a sidecar's 256 MiB, and
-/// more than a client's HTTP/2 pool opens to one server. The injector
-/// leaves it to the sidecar unless told otherwise, so it lives in
-/// [`trellis_core::h2_limits`].
-pub const MAX_H2_CONNECTIONS_PER_PEER: usize = trellis_core::h2_limits::DEFAULT_PER_PEER;
-
-/// HTTP/2 connections the inbound port serves at once from all peers
-/// together (`--max-h2-connections`): a connection from each pod of a
-/// large client workload, with room to spare.
-pub const MAX_H2_CONNECTIONS: usize = trellis_core::h2_limits::DEFAULT_TOTAL;
+use trellis_core::{SpiffeId, h2_limits};
 
 /// The HTTP/2 connections held now, by peer.
 pub struct H2Connections {
@@ -128,7 +115,7 @@ impl H2Connections {
 
 impl Default for H2Connections {
     fn default() -> Self {
-        Self::new(MAX_H2_CONNECTIONS, MAX_H2_CONNECTIONS_PER_PEER)
+        Self::new(h2_limits::DEFAULT_TOTAL, h2_limits::DEFAULT_PER_PEER)
     }
 }
 

@@ -60,7 +60,7 @@ use trellis_core::warn_throttled;
 mod h2;
 mod target;
 
-pub use h2::{H2Connections, H2Refused, MAX_H2_CONNECTIONS, MAX_H2_CONNECTIONS_PER_PEER};
+pub use h2::{H2Connections, H2Refused};
 pub use target::Loop;
 
 /// Inbound connections in their handshake phase at once, from accept to
