@@ -7,8 +7,11 @@
 //! This module owns what is injected and why, and the verdict on policy
 //! objects. It never talks to the API server and holds no state. Everything
 //! but [`server`] is pure: [`server::WebhookServer`] (HTTPS on port 15017)
-//! reads a body, calls [`review_pod`] or [`review_policy`], and writes
+//! reads a body, calls [`respond_pod_reporting`] (or, on the warning-only
+//! paths, [`respond_unknown_label`]) or [`review_policy`], and writes
 //! [`AdmissionResponse::to_body`] back (or HTTP 400 with the [`ReviewError`]).
+//! [`review_pod`] is the same answer from a body, for callers without the
+//! server.
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -390,15 +393,16 @@ pub fn respond_pod_reporting(
     config: &InjectConfig,
 ) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
     let allow = AdmissionResponse::allow(&request.uid);
-    let Some(pod) = created_pod(request) else {
-        return (allow, Vec::new());
+    let pod = match created_pod(request) {
+        None => return (allow, Vec::new()),
+        Some(Err(e)) => return (deny_or_warn(request, config, e), Vec::new()),
+        Some(Ok(pod)) => pod,
     };
-    let result = pod.and_then(|pod| inject_pod(pod, scope, config));
+    let result = inject_pod(pod, scope, config);
     // Values that decided nothing are told of once, by the call that
     // decided: a re-invocation finds the pod injected and says nothing
     // again.
     let unknown = |injected: bool| {
-        let pod = request.object.as_ref().unwrap_or(&serde_json::Value::Null);
         unknown_inject_values(pod, scope)
             .into_iter()
             .map(|(found, value)| (found, found.warning(Some(&value), injected)))
