@@ -24,14 +24,16 @@ use super::{
 /// Whether the sidecar writes its access log: `trellis.io/access-log`,
 /// `"true"` (the default when absent) or `"false"`.
 pub(super) fn access_log(annotations: &BTreeMap<String, String>) -> Result<bool, InjectError> {
-    match annotations.get(ACCESS_LOG_ANNOTATION).map(String::as_str) {
-        None | Some("true") => Ok(true),
-        Some("false") => Ok(false),
-        Some(other) => Err(InjectError::InvalidAnnotation {
-            key: ACCESS_LOG_ANNOTATION,
-            message: format!("expected \"true\" or \"false\", got {other:?}"),
-        }),
-    }
+    annotation_or(
+        annotations,
+        ACCESS_LOG_ANNOTATION,
+        true,
+        |value| match value {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(format!("expected \"true\" or \"false\", got {other:?}")),
+        },
+    )
 }
 
 /// The sidecar's `--tcp-user-timeout`: `trellis.io/tcp-user-timeout`, or
@@ -40,15 +42,12 @@ pub(super) fn tcp_user_timeout(
     annotations: &BTreeMap<String, String>,
     config: &InjectConfig,
 ) -> Result<Option<Duration>, InjectError> {
-    match annotations.get(TCP_USER_TIMEOUT_ANNOTATION) {
-        None => Ok(config.tcp_user_timeout),
-        Some(value) => {
-            parse_user_timeout(value).map_err(|message| InjectError::InvalidAnnotation {
-                key: TCP_USER_TIMEOUT_ANNOTATION,
-                message,
-            })
-        }
-    }
+    annotation_or(
+        annotations,
+        TCP_USER_TIMEOUT_ANNOTATION,
+        config.tcp_user_timeout,
+        parse_user_timeout,
+    )
 }
 
 /// The sidecar's HTTP/2 connection limits, from one peer and in all.
@@ -66,18 +65,15 @@ impl H2Limits {
         annotations: &BTreeMap<String, String>,
         config: &InjectConfig,
     ) -> Result<Self, InjectError> {
-        let read = |key: &'static str, default: usize, parse: fn(&str) -> Result<usize, String>| {
-            annotations.get(key).map_or(Ok(default), |value| {
-                parse(value).map_err(|message| InjectError::InvalidAnnotation { key, message })
-            })
-        };
         Ok(Self {
-            per_peer: read(
+            per_peer: annotation_or(
+                annotations,
                 MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
                 config.max_h2_connections_per_peer,
                 h2_limits::parse_per_peer,
             )?,
-            total: read(
+            total: annotation_or(
+                annotations,
                 MAX_H2_CONNECTIONS_ANNOTATION,
                 config.max_h2_connections,
                 h2_limits::parse_total,
@@ -97,10 +93,7 @@ pub(super) fn opaque_ports<'a>(
     annotations: &BTreeMap<String, String>,
     containers: impl Iterator<Item = &'a Value> + Clone,
 ) -> Result<Vec<u16>, InjectError> {
-    let invalid = |message| InjectError::InvalidAnnotation {
-        key: OPAQUE_PORTS_ANNOTATION,
-        message,
-    };
+    let invalid = invalid(OPAQUE_PORTS_ANNOTATION);
     let mut ports = Vec::new();
     for item in list(annotations, OPAQUE_PORTS_ANNOTATION) {
         if !item.bytes().any(|b| b.is_ascii_alphabetic()) {
@@ -146,11 +139,11 @@ impl Exclusions {
         // `--exclude-ports` replaces init's default, so it is always listed.
         let mut inbound_ports = vec![config.admin_port];
         inbound_ports.extend(&config.exclude_inbound_ports);
-        inbound_ports.extend(ports(annotations, EXCLUDE_INBOUND_PORTS)?);
+        inbound_ports.extend(each(annotations, EXCLUDE_INBOUND_PORTS, parse_port)?);
         let mut outbound_ports = config.exclude_outbound_ports.clone();
-        outbound_ports.extend(ports(annotations, EXCLUDE_OUTBOUND_PORTS)?);
+        outbound_ports.extend(each(annotations, EXCLUDE_OUTBOUND_PORTS, parse_port)?);
         let mut outbound_cidrs = config.exclude_outbound_cidrs.clone();
-        outbound_cidrs.extend(cidrs(annotations, EXCLUDE_OUTBOUND_CIDRS)?);
+        outbound_cidrs.extend(each(annotations, EXCLUDE_OUTBOUND_CIDRS, cidr)?);
         dedup(&mut inbound_ports);
         dedup(&mut outbound_ports);
         dedup(&mut outbound_cidrs);
@@ -186,26 +179,37 @@ fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str
         .unwrap_or_default()
 }
 
-fn ports(
+/// Each item of the list annotation `key` read by `parse`; the first it
+/// refuses is an [`InjectError::InvalidAnnotation`] naming `key`.
+fn each<T>(
     annotations: &BTreeMap<String, String>,
     key: &'static str,
-) -> Result<Vec<u16>, InjectError> {
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, InjectError> {
     list(annotations, key)
         .into_iter()
-        .map(|item| {
-            parse_port(item).map_err(|message| InjectError::InvalidAnnotation { key, message })
-        })
+        .map(|item| parse(item).map_err(invalid(key)))
         .collect()
 }
 
-fn cidrs(
+/// The annotation `key` read by `parse`, or `default` (the config's, or
+/// the sidecar's own) when the pod has none; a value `parse` refuses is an
+/// [`InjectError::InvalidAnnotation`] naming `key`.
+fn annotation_or<T>(
     annotations: &BTreeMap<String, String>,
     key: &'static str,
-) -> Result<Vec<String>, InjectError> {
-    list(annotations, key)
-        .into_iter()
-        .map(|item| cidr(item).map_err(|message| InjectError::InvalidAnnotation { key, message }))
-        .collect()
+    default: T,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, InjectError> {
+    match annotations.get(key) {
+        None => Ok(default),
+        Some(value) => parse(value).map_err(invalid(key)),
+    }
+}
+
+/// The error for the annotation `key`, from why its value is refused.
+fn invalid(key: &'static str) -> impl Fn(String) -> InjectError + Copy {
+    move |message| InjectError::InvalidAnnotation { key, message }
 }
 
 /// `item` as a CIDR the init container takes (`ADDR/PREFIX`, a bare
