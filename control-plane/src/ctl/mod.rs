@@ -812,9 +812,7 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
             if w.connected { "yes" } else { "no" }.into(),
             match w.opaque_ports.is_empty() {
                 true => "-".into(),
-                false => (w.opaque_ports.iter().map(u32::to_string))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                false => crate::inject::join(&w.opaque_ports),
             },
         ];
         if several {

@@ -7,6 +7,7 @@
 //! guess.
 
 use std::collections::BTreeMap;
+use std::fmt::{Display, Write as _};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -233,12 +234,17 @@ pub(super) fn cidr(item: &str) -> Result<String, String> {
     Ok(format!("{addr}/{prefix}"))
 }
 
-pub(super) fn join<T: ToString>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+/// `items` comma-separated, as the sidecar's and init's list flags and the
+/// list annotations take them (`3306,5432`).
+pub(crate) fn join<T: Display>(items: impl IntoIterator<Item = T>) -> String {
+    let mut joined = String::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            joined.push(',');
+        }
+        let _ = write!(joined, "{item}");
+    }
+    joined
 }
 
 #[cfg(test)]

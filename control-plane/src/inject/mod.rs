@@ -17,6 +17,7 @@
 //! | --- | --- |
 //! | `review` | the `admission.k8s.io/v1` AdmissionReview envelope, the base64 JSONPatch |
 //! | `pod` | whether a pod is injected, and what it gets |
+//! | `annotations` | what a pod's `trellis.io/*` annotations ask of its injection, each checked |
 //! | `probes` | rewriting app probes to the sidecar's admin port |
 //! | `policy` | the `/validate` verdict on Trellis policy objects |
 //! | `settings` | the `--inject-config` file the chart renders |
@@ -153,6 +154,7 @@ use std::time::Duration;
 use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
 
+pub(crate) use annotations::join;
 use pod::unknown_inject_values;
 pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
 pub use policy::{GROUP, respond_policy, review_policy};

@@ -621,12 +621,12 @@ fn admin_address(config: &InjectConfig) -> SocketAddr {
 
 /// `ip:port` for each of the cluster's families, comma-separated.
 fn per_family(config: &InjectConfig, ip: fn(IpFamily) -> IpAddr, port: u16) -> String {
-    let addrs: Vec<String> = config
-        .ip_families
-        .iter()
-        .map(|f| SocketAddr::new(ip(*f), port).to_string())
-        .collect();
-    addrs.join(",")
+    join(
+        config
+            .ip_families
+            .iter()
+            .map(|f| SocketAddr::new(ip(*f), port)),
+    )
 }
 
 /// One projected volume for what the sidecar reads at start: the token and
