@@ -290,6 +290,95 @@ async fn explain_names_the_deciding_rule() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `trellisctl policy explain` knows the ports the destination's sidecars
+/// declared opaque whichever control-plane replica they stream to. Two
+/// replicas issue from one CA, each on its own state: the destination's
+/// sidecar declares a port opaque to `cp-b`, and `cp-a`, asked, asks its
+/// peer, and joins a sidecar of the same identity streaming to itself that
+/// does not. With `cp-b` stopped, `cp-a` answers alone, from its own
+/// sidecar, and names `cp-b` as not listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_joins_the_opaque_ports_of_sidecars_on_a_peer_replica() -> anyhow::Result<()> {
+    let mut cp_b = Mesh::builder()
+        .arg("--replica-name")
+        .arg("cp-b")
+        .start()
+        .await?;
+    let cp_a = Mesh::builder()
+        .arg("--replica-name")
+        .arg("cp-a")
+        .arg("--ca-cert")
+        .arg(cp_b.state_dir().join("ca.crt"))
+        .arg("--ca-key")
+        .arg(cp_b.state_dir().join("ca.key"))
+        .arg("--peers")
+        .arg(cp_b.control_plane_addr().to_string())
+        .start()
+        .await?;
+    let db_port = "5432";
+    let db = cp_b
+        .sidecar("db")
+        .arg("--opaque-ports")
+        .arg(db_port)
+        .start()
+        .await?;
+    let (web, db_id) = (cp_a.spiffe_id("default", "web"), db.identity().to_owned());
+    let explain = |output: &'static str| {
+        cp_a.ctl([
+            "policy", "explain", "--from", &web, "--to", &db_id, "--port", db_port, "-o", output,
+        ])
+    };
+    let explain_json = || async {
+        let out = explain("json").await?;
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map_err(|e| anyhow::anyhow!("`policy explain -o json` printed no JSON ({e}): {out}"))
+    };
+
+    let explained = explain("table").await?;
+    assert!(
+        explained.contains(&format!(
+            "port {db_port} is opaque (never parsed as HTTP): declared by the destination's \
+             sidecar (its --opaque-ports)"
+        )),
+        "{explained}"
+    );
+    assert!(!explained.contains("replica"), "{explained}");
+
+    // Another sidecar of the identity, streaming to cp-a, parses the port
+    // as HTTP: both streams are counted.
+    let _db_2 = cp_a.sidecar("db-2").identity(&db_id).start().await?;
+    let explained = explain_json().await?;
+    assert_eq!(
+        explained["opaque"],
+        serde_json::json!({
+            "mesh": false,
+            "declaring_sidecars": 1,
+            "connected_sidecars": 2,
+            "requested": false,
+        }),
+        "{explained}"
+    );
+    assert_eq!(explained["unanswered_replicas"], serde_json::json!([]));
+
+    cp_b.stop_control_plane()?;
+    let cp_b_addr = cp_b.control_plane_addr().to_string();
+    let explained = explain("table").await?;
+    assert!(!explained.contains("is opaque"), "{explained}");
+    assert!(
+        explained.contains(&format!("replica at {cp_b_addr} is not listening ("))
+            && explained
+                .contains("so it is starting, stopping or gone: it holds no sidecar stream\n"),
+        "{explained}"
+    );
+    let explained = explain_json().await?;
+    assert_eq!(explained["opaque"], serde_json::Value::Null, "{explained}");
+    let unanswered = &explained["unanswered_replicas"];
+    assert_eq!(unanswered.as_array().map(Vec::len), Some(1), "{explained}");
+    assert_eq!(unanswered[0]["address"], cp_b_addr.as_str());
+    assert_eq!(unanswered[0]["not_listening"], true);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_deny_closes_an_open_connection_it_now_denies() -> anyhow::Result<()> {
     let mut s = Setup::start().await?;
