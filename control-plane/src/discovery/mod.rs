@@ -18,10 +18,11 @@
 //! itself shared, and each part of it (the endpoint list, each policy, each
 //! rate limit) has a content token, reused from the previous view when that part did not
 //! change. What every snapshot shares is encoded once: the trust bundle and
-//! the mesh config when the control plane starts, the endpoint list once per
-//! version that changes it; a stream encodes only its sidecar's own fields
-//! (the version, the policies and rate limits that select it) and sends
-//! those bytes with the shared ones ([`EncodedSnapshot`]).
+//! the mesh config when the control plane starts, the endpoint list and the
+//! revocations each once per version that changes them; a stream encodes
+//! only its sidecar's own fields (the version, the policies and rate limits
+//! that select it) and sends those bytes with the shared ones
+//! ([`EncodedSnapshot`]).
 //!
 //! A Watch stream rebuilds at once after a change when its last rebuild is
 //! at least [`COALESCE_WINDOW`] old, and otherwise when that window ends (so
@@ -317,6 +318,7 @@ impl View {
             view.revocations_part = previous.revocations_part.clone();
             view.revocations_token = previous.revocations_token;
         } else {
+            view.encode_revocations();
             view.revocations_token = fresh();
         }
         view.policy_tokens = tokens_after(
@@ -399,10 +401,6 @@ impl View {
                 revoked_at_unix: r.revoked_at_unix,
             })
             .collect();
-        let revocations_part = EncodedSnapshot::part(&Snapshot {
-            revocations: revocations.clone(),
-            ..Snapshot::default()
-        });
         Self {
             version: state.version,
             epoch: state.epoch,
@@ -415,7 +413,7 @@ impl View {
             policy_tokens,
             rate_limit_tokens,
             revocations: Arc::new(revocations),
-            revocations_part,
+            revocations_part: Bytes::new(),
             revocations_token: 0,
             soonest_expiry,
         }
@@ -432,6 +430,19 @@ impl View {
         self.endpoints_part = EncodedSnapshot::part(&fields);
         self.endpoints = Arc::new(fields.endpoints);
         self.services = Arc::new(fields.services);
+    }
+
+    /// Encodes the revocations once for every stream of this version (and
+    /// of the later ones, until they change).
+    fn encode_revocations(&mut self) {
+        #[cfg(test)]
+        tests::REVOCATION_ENCODINGS.with(|n| n.set(n.get() + 1));
+        let fields = Snapshot {
+            revocations: std::mem::take(Arc::make_mut(&mut self.revocations)),
+            ..Snapshot::default()
+        };
+        self.revocations_part = EncodedSnapshot::part(&fields);
+        self.revocations = Arc::new(fields.revocations);
     }
 
     /// Names the content of the endpoints: equal tokens, equal endpoints
@@ -671,6 +682,7 @@ impl Discovery {
         let position = state.position;
         let mut view = View::from_state_at(state, now);
         view.encode_endpoints();
+        view.encode_revocations();
         let constant_part = EncodedSnapshot::part(&Snapshot {
             trust_bundle: bundle.clone(),
             mesh: Some(mesh.clone()),

@@ -4,6 +4,12 @@ use super::*;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
 use crate::store::{IssuedCertRecord, WorkloadRecord};
 
+thread_local! {
+    /// How many revocation lists this thread's views encoded.
+    pub(super) static REVOCATION_ENCODINGS: std::cell::Cell<usize> =
+        const { std::cell::Cell::new(0) };
+}
+
 const WEB: &str = "spiffe://td/ns/a/sa/web";
 const DB: &str = "spiffe://td/ns/a/sa/db";
 const API: &str = "spiffe://td/ns/a/sa/api";
@@ -394,6 +400,69 @@ fn services_travel_with_the_endpoints_and_change_their_token() {
         .decode()
         .unwrap();
     assert_eq!(decoded.services[0].backends.len(), 2);
+}
+
+/// The revocations are encoded once per change of them: a view after a
+/// policy write shares the previous view's encoded revocations (the same
+/// bytes, not a copy) and encodes nothing, and one after a revocation
+/// encodes the new list.
+#[test]
+fn revocations_are_encoded_once_per_change_of_them() {
+    let revoked = |ids: &[&str]| -> Vec<crate::store::Revocation> {
+        ids.iter()
+            .map(|id| crate::store::Revocation {
+                spiffe_id: (*id).into(),
+                revoked_at_unix: 1_700_000_000,
+                reason: String::new(),
+            })
+            .collect()
+    };
+    let policy = |name: &str| Policy {
+        namespace: "a".into(),
+        name: name.into(),
+        ..Policy::default()
+    };
+    let state = |version, policies: &[&str], revocations: &[&str]| DiscoveryState {
+        version,
+        workloads: vec![live(WEB, &["10.0.0.1:15006"])],
+        policies: policies.iter().map(|name| policy(name)).collect(),
+        revocations: revoked(revocations),
+        ..DiscoveryState::default()
+    };
+    let decoded = |view: &View| {
+        EncodedSnapshot::from_parts(vec![view.revocations_part.clone()])
+            .decode()
+            .unwrap()
+            .revocations
+    };
+    let encodings = || REVOCATION_ENCODINGS.with(|n| n.get());
+    let mut tokens = 0;
+    let first = View::from_state_after(state(3, &[], &[DB]), &View::default(), &mut tokens);
+    assert_eq!(decoded(&first).len(), 1);
+
+    let before = encodings();
+    let policy_write = View::from_state_after(state(4, &["p"], &[DB]), &first, &mut tokens);
+    assert_eq!(
+        encodings(),
+        before,
+        "unchanged revocations are encoded again"
+    );
+    assert_ne!(policy_write.policy_tokens, first.policy_tokens);
+    assert_eq!(policy_write.revocations_token, first.revocations_token);
+    assert_eq!(
+        policy_write.revocations_part.as_ptr(),
+        first.revocations_part.as_ptr()
+    );
+
+    let revocation =
+        View::from_state_after(state(5, &["p"], &[DB, API]), &policy_write, &mut tokens);
+    assert_eq!(encodings(), before + 1);
+    assert_ne!(revocation.revocations_token, policy_write.revocations_token);
+    let ids: Vec<_> = decoded(&revocation)
+        .into_iter()
+        .map(|r| r.spiffe_id)
+        .collect();
+    assert_eq!(ids, [DB, API]);
 }
 
 /// Sidecars that reconnect holding the stored version are sent nothing
