@@ -39,8 +39,8 @@ use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
 use crate::ca::secret::open_ca_secret;
 use crate::config::{Config, IdentityProvider, StoreKind};
 use crate::discovery::Discovery;
-use crate::inject::InjectConfig;
 use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
+use crate::inject::{InjectConfig, UninjectedPods};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::server::{GrpcListener, ServingCert, peer_client_config, server_config};
@@ -371,6 +371,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Signal)?;
     serving.spawn_renewal();
 
+    // What the webhook admits without a sidecar, for ListWorkloads.
+    let uninjected = Arc::new(UninjectedPods::default());
     let mesh = Mesh {
         trust_domain: config.trust_domain.clone(),
         ca: ca.clone(),
@@ -379,6 +381,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         cert_ttl: config.cert_ttl,
         shutdown: streams_rx,
+        uninjected: uninjected.clone(),
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
@@ -425,7 +428,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             server
-                .run(inject_rx, metrics, async move { stopping(&mut stop).await })
+                .run(inject_rx, metrics, uninjected, async move {
+                    stopping(&mut stop).await
+                })
                 .await;
             drop(inject_tx);
         });

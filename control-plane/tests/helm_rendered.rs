@@ -155,7 +155,8 @@ fn selects(selector: &Value, labels: &std::collections::BTreeMap<&str, &str>) ->
 /// its value; a mistyped label, of the pod or of a namespace that did not
 /// opt in otherwise, is warned of and the pod admitted as it is, by a
 /// webhook whose failure never blocks the pod (`Ignore`, even under
-/// `injection.failurePolicy=Fail`); the control plane's own namespace and
+/// `injection.failurePolicy=Fail`), and recorded for `trellisctl check`
+/// with the pod's value; the control plane's own namespace and
 /// kube-system are never sent anything.
 #[test]
 fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
@@ -209,7 +210,9 @@ fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
                 assert!(called.len() <= 1, "{case}: sent to {called:?}");
 
                 // What the pod's author sees: why it was denied, or
-                // whether it got a sidecar, and the warnings.
+                // whether it got a sidecar, and the warnings; and what the
+                // control plane records for `trellisctl check`.
+                let uninjected = inject::UninjectedPods::default();
                 let (denial, injected, warnings) = match called.first() {
                     None => (None, false, Vec::new()),
                     Some(webhook) => {
@@ -229,6 +232,7 @@ fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
                             &body,
                             &config,
                             &Metrics::default(),
+                            &uninjected,
                         );
                         assert_eq!(status, http::StatusCode::OK, "{case}");
                         let answer: Value = serde_json::from_slice(&answer).unwrap();
@@ -277,6 +281,22 @@ fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
                     ),
                     None => assert!(warnings.is_empty(), "{case}: {warnings:?}"),
                 }
+                // A pod admitted without a sidecar for a mistyped label is
+                // recorded, by its namespace and name, with the pod's value.
+                let recorded: Vec<_> = uninjected
+                    .recent()
+                    .into_iter()
+                    .map(|(pod, _)| (pod.namespace, pod.owner_name, pod.value))
+                    .collect();
+                let expected = expected.map(|_| {
+                    let value = pod_value.filter(|_| expected == Some(pod_typo));
+                    (
+                        namespace_name.to_owned(),
+                        "debug".to_owned(),
+                        value.map(str::to_owned),
+                    )
+                });
+                assert_eq!(recorded, Vec::from_iter(expected), "{case}");
             }
         }
     }

@@ -18,7 +18,9 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use inject::server::{ServingFiles, WebhookServer, tls_config};
-use inject::{InjectConfig, TrustBundleSource};
+use inject::{
+    Admitted, InjectConfig, TrustBundleSource, UninjectedPod, UninjectedPods, UnknownInjectValue,
+};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
@@ -27,6 +29,7 @@ use trellis_control_plane::metrics::Metrics;
 struct Webhook {
     addr: std::net::SocketAddr,
     metrics: Arc<Metrics>,
+    uninjected: Arc<UninjectedPods>,
     ca: CertificateDer<'static>,
     _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
@@ -50,11 +53,12 @@ async fn start() -> Webhook {
     let (_config_tx, config_rx) = watch::channel(Arc::new(config));
     let (stop, stopped) = oneshot::channel::<()>();
     let metrics = Arc::new(Metrics::default());
-    let counting = metrics.clone();
+    let uninjected = Arc::new(UninjectedPods::default());
+    let (counting, recording) = (metrics.clone(), uninjected.clone());
     tokio::spawn(async move {
         let _keep = _config_tx;
         server
-            .run(config_rx, counting, async {
+            .run(config_rx, counting, recording, async {
                 let _ = stopped.await;
             })
             .await;
@@ -62,6 +66,7 @@ async fn start() -> Webhook {
     Webhook {
         addr,
         metrics,
+        uninjected,
         ca: generated.cert.der().clone(),
         _stop: stop,
         _dir: dir,
@@ -254,6 +259,70 @@ async fn unknown_inject_labels_are_warned_of_over_https() {
     for reason in ["pod_label", "namespace_label"] {
         let counted = format!("trellis_inject_unknown_values_total{{reason=\"{reason}\"}} 1\n");
         assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+    }
+}
+
+/// A Deployment's pods are created by the ReplicaSet controller: the
+/// warning-only webhooks' warning reaches nobody. Each pod they admit
+/// without a sidecar is recorded for `trellisctl check`, the pods of one
+/// owner with one label's value as one entry, counted, with the time of
+/// the last; a pod without owners by its name. A pod whose label is right
+/// by the time it is reviewed is not recorded.
+#[tokio::test]
+async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
+    let webhook = start().await;
+    let mut replicated: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    replicated["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("ture");
+    let replicated = serde_json::to_vec(&replicated).unwrap();
+    let unlabelled = fixture("pod-unlabelled-namespace.json");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (path, body) in [
+        ("/inject/unknown-pod-label", replicated.clone()),
+        ("/inject/unknown-pod-label", replicated),
+        ("/inject/unknown-pod-label", unlabelled.clone()),
+        ("/inject/unknown-namespace-label", unlabelled),
+    ] {
+        let (status, body) = call(&webhook, Method::POST, path, body).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+
+    let mut recent = webhook.uninjected.recent();
+    recent.sort_by(|a, b| a.0.cmp(&b.0));
+    let recorded: Vec<_> = recent
+        .iter()
+        .map(|(pod, a)| (pod.clone(), a.count))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            (
+                UninjectedPod {
+                    namespace: "legacy".into(),
+                    owner_kind: "Pod".into(),
+                    owner_name: "debug".into(),
+                    found: UnknownInjectValue::NamespaceLabel,
+                    value: None,
+                },
+                1
+            ),
+            (
+                UninjectedPod {
+                    namespace: "shop".into(),
+                    owner_kind: "ReplicaSet".into(),
+                    owner_name: "web-6b7f9c5d8".into(),
+                    found: UnknownInjectValue::PodLabel,
+                    value: Some("ture".into()),
+                },
+                2
+            ),
+        ]
+    );
+    for (_, Admitted { last_unix, .. }) in &recent {
+        assert!(*last_unix >= before, "{recent:?}");
     }
 }
 

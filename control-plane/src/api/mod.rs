@@ -21,6 +21,7 @@ use trellis_core::{SpiffeId, TrustDomain};
 
 use crate::ca::CertificateAuthority;
 use crate::discovery::{Discovery, PresentedCert};
+use crate::inject::UninjectedPods;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -50,6 +51,9 @@ pub struct Mesh {
     pub cert_ttl: Duration,
     /// Flips to true when the control plane shuts down; open streams end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The pods this replica's warning-only admission webhooks admitted
+    /// without a sidecar lately (none without `--webhook`).
+    pub uninjected: Arc<UninjectedPods>,
 }
 
 #[cfg(test)]
@@ -72,6 +76,7 @@ impl Mesh {
             metrics: Arc::new(Metrics::default()),
             cert_ttl: Duration::from_secs(3600),
             shutdown,
+            uninjected: Arc::default(),
         };
         (mesh, stop)
     }

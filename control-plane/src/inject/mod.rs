@@ -5,8 +5,10 @@
 //! `trellis.io/inject`) and `/validate` (validating: Trellis policy objects).
 //!
 //! This module owns what is injected and why, and the verdict on policy
-//! objects. It never talks to the API server and holds no state. Everything
-//! but [`server`] is pure: [`server::WebhookServer`] (HTTPS on port 15017)
+//! objects. It never talks to the API server, and holds no state but the
+//! record of the pods the warning-only paths admitted without a sidecar
+//! ([`UninjectedPods`]). Everything else but [`server`] is pure:
+//! [`server::WebhookServer`] (HTTPS on port 15017)
 //! reads a body, calls [`respond_pod_reporting`] (or, on the warning-only
 //! paths, [`respond_unknown_label`]) or [`review_policy`], and writes
 //! [`AdmissionResponse::to_body`] back (or HTTP 400 with the [`ReviewError`]).
@@ -21,6 +23,7 @@
 //! | `probes` | rewriting app probes to the sidecar's admin port |
 //! | `policy` | the `/validate` verdict on Trellis policy objects |
 //! | `settings` | the `--inject-config` file the chart renders |
+//! | `uninjected` | the pods admitted without a sidecar lately, for `trellisctl check` |
 //! | [`server`] | the HTTPS port: TLS from the mounted Secret, routing, limits |
 //!
 //! # What a Pod gets
@@ -112,7 +115,10 @@
 //! ([`respond_unknown_label`]): the pod is admitted as it is, with the
 //! warning, never changed or denied, since a stray label must not block the
 //! pods of a namespace that never joined the mesh. The server counts every
-//! such value, denied or warned of. Pods on the host's network and Windows
+//! such value, denied or warned of, and records each pod the warning-only
+//! entries admit by its owner ([`UninjectedPods`]): `kubectl` prints the
+//! warning only for the pods it creates, not for a Deployment's, which
+//! its controller creates, and `trellisctl check` names them instead. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]); a Windows pod is told so in a
 //! warning.
 //!
@@ -146,6 +152,7 @@ mod probes;
 mod review;
 pub mod server;
 mod settings;
+mod uninjected;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -164,6 +171,7 @@ pub use review::{
     ReviewError,
 };
 pub use settings::InvalidSettings;
+pub use uninjected::{Admitted, MAX_ENTRIES, MAX_TEXT_BYTES, UninjectedPod, UninjectedPods};
 
 /// Label and annotation: `enabled` or `disabled`.
 pub const INJECT_KEY: &str = "trellis.io/inject";
@@ -490,24 +498,26 @@ fn deny_or_warn(
 /// no injecting webhook is sent, because the pod's label `found` (or its
 /// namespace's) has a value that is neither `enabled` nor `disabled`. The
 /// pod is admitted as it is, never changed nor denied, with a warning that
-/// it runs without a sidecar; the value found is returned for the server
-/// to count. A pod whose label is known by the time it is reviewed (a
-/// webhook before this one changed it) gets no warning.
+/// it runs without a sidecar; what was admitted so is returned for the
+/// server to count and record ([`UninjectedPods`]). A pod whose label is
+/// known by the time it is reviewed (a webhook before this one changed it)
+/// gets no warning.
 pub fn respond_unknown_label(
     request: &AdmissionRequest,
     found: UnknownInjectValue,
-) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
+) -> (AdmissionResponse, Option<UninjectedPod>) {
     let allow = AdmissionResponse::allow(&request.uid);
     let Some(Ok(pod)) = created_pod(request) else {
-        return (allow, Vec::new());
+        return (allow, None);
     };
     let value = match found {
         UnknownInjectValue::NamespaceLabel => None,
         _ => match unknown_inject_values(pod, NamespaceScope::SelectedByWebhook).pop() {
             Some((_, value)) => Some(value),
-            None => return (allow, Vec::new()),
+            None => return (allow, None),
         },
     };
     let warning = found.warning(value.as_deref(), false);
-    (allow.with_warning(warning), vec![found])
+    let uninjected = UninjectedPod::of(&request.namespace, pod, found, value);
+    (allow.with_warning(warning), Some(uninjected))
 }

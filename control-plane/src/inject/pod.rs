@@ -209,7 +209,7 @@ pub fn inject_pod(
 /// anywhere else (a label the pod's annotation overrides, a namespace's
 /// label, a pod label the injecting webhooks are never sent) it decides
 /// nothing, is never guessed at, and the pod's author is warned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UnknownInjectValue {
     PodAnnotation,
     PodLabel,

@@ -2,7 +2,8 @@
 //! to [`INJECT_PATH`], [`UNKNOWN_POD_LABEL_PATH`],
 //! [`UNKNOWN_NAMESPACE_LABEL_PATH`] and [`VALIDATE_PATH`], each answered by
 //! the pure functions of [`super`]; the unknown values of
-//! `trellis.io/inject` an answer denies or warns of are counted.
+//! `trellis.io/inject` an answer denies or warns of are counted, and the
+//! pods the warning-only paths admit recorded ([`UninjectedPods`]).
 //!
 //! This module owns only the transport: TLS with the serving certificate
 //! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
@@ -50,8 +51,8 @@ use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 
 use super::{
-    AdmissionRequest, InjectConfig, NamespaceScope, UnknownInjectValue, respond_pod_reporting,
-    respond_unknown_label, review_policy,
+    AdmissionRequest, InjectConfig, NamespaceScope, UninjectedPods, UnknownInjectValue,
+    respond_pod_reporting, respond_unknown_label, review_policy,
 };
 use crate::api::quoted;
 use crate::metrics::Metrics;
@@ -248,11 +249,13 @@ impl WebhookServer {
     /// Serves until `shutdown` completes. `config` carries the injection
     /// settings and the current trust bundle; a CA rotation sends a new one.
     /// Failed handshakes, and connections refused by the connection limits,
-    /// are counted in `metrics`.
+    /// are counted in `metrics`; pods the warning-only webhooks admit
+    /// without a sidecar are recorded in `uninjected`.
     pub async fn run(
         self,
         config: watch::Receiver<Arc<InjectConfig>>,
         metrics: Arc<Metrics>,
+        uninjected: Arc<UninjectedPods>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -284,6 +287,7 @@ impl WebhookServer {
             let acceptor = self.acceptor.clone();
             let config = config.clone();
             let metrics = metrics.clone();
+            let uninjected = uninjected.clone();
             let failures = failures.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
@@ -297,8 +301,11 @@ impl WebhookServer {
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let config = config.borrow().clone();
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(serve(req, &config, &metrics).await) }
+                    let (metrics, uninjected) = (metrics.clone(), uninjected.clone());
+                    async move {
+                        let answer = serve(req, &config, &metrics, &uninjected).await;
+                        Ok::<_, Infallible>(answer)
+                    }
                 });
                 serve_http1_for(
                     tls,
@@ -408,6 +415,7 @@ async fn serve(
     req: Request<Incoming>,
     config: &InjectConfig,
     metrics: &Metrics,
+    uninjected: &UninjectedPods,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body =
@@ -434,8 +442,14 @@ async fn serve(
                 return answer;
             }
         };
-    let (status, content_type, body) =
-        respond(&parts.method, parts.uri.path(), &body, config, metrics);
+    let (status, content_type, body) = respond(
+        &parts.method,
+        parts.uri.path(),
+        &body,
+        config,
+        metrics,
+        uninjected,
+    );
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -454,13 +468,15 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 /// Routes one request: the status, content type and body of the answer.
 /// A body that is not an AdmissionReview gets 400, so the webhook's
 /// `failurePolicy` decides about the object. A `trellis.io/inject` value
-/// the answer denies or warns of is counted in `metrics`.
+/// the answer denies or warns of is counted in `metrics`, and a pod the
+/// warning-only paths admit without a sidecar recorded in `uninjected`.
 pub fn respond(
     method: &Method,
     path: &str,
     body: &[u8],
     config: &InjectConfig,
     metrics: &Metrics,
+    uninjected: &UninjectedPods,
 ) -> (StatusCode, &'static str, Vec<u8>) {
     let result = match path {
         INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH | VALIDATE_PATH
@@ -471,17 +487,22 @@ pub fn respond(
         }
         INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH => {
             AdmissionRequest::parse(body).map(|request| {
-                let (response, unknown) = match path {
+                let found = match path {
                     INJECT_PATH => {
-                        respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, config)
+                        let scope = NamespaceScope::SelectedByWebhook;
+                        let (response, unknown) = respond_pod_reporting(&request, scope, config);
+                        for found in unknown {
+                            metrics.inject_unknown_value(found.reason());
+                        }
+                        return response;
                     }
-                    UNKNOWN_POD_LABEL_PATH => {
-                        respond_unknown_label(&request, UnknownInjectValue::PodLabel)
-                    }
-                    _ => respond_unknown_label(&request, UnknownInjectValue::NamespaceLabel),
+                    UNKNOWN_POD_LABEL_PATH => UnknownInjectValue::PodLabel,
+                    _ => UnknownInjectValue::NamespaceLabel,
                 };
-                for found in unknown {
+                let (response, admitted) = respond_unknown_label(&request, found);
+                if let Some(pod) = admitted {
                     metrics.inject_unknown_value(found.reason());
+                    uninjected.record(pod, crate::unix_now());
                 }
                 response
             })
@@ -557,7 +578,7 @@ mod tests {
         tokio::spawn(async move {
             let _keep = config_tx;
             server
-                .run(config, metrics, async {
+                .run(config, metrics, Default::default(), async {
                     let _ = stopped.await;
                 })
                 .await;
@@ -752,6 +773,7 @@ mod tests {
                 body.as_bytes(),
                 &InjectConfig::default(),
                 &Metrics::default(),
+                &UninjectedPods::default(),
             );
             drop(guard);
             assert_eq!(status, StatusCode::OK);
