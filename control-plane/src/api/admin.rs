@@ -258,6 +258,7 @@ impl Admin for AdminService {
             workloads,
             snapshot_version: current.version,
             snapshot_version_epoch: current.epoch,
+            uninjected_pods: fleet.uninjected_pods(),
             replicas: fleet.replicas,
         }))
     }

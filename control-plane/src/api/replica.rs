@@ -8,7 +8,10 @@
 //! to its own, so an operator sees every sidecar's state whichever replica
 //! `trellisctl` reached; `ListIssuedCertificates` joins their
 //! issued-certificate logs the same way ([`Replicas::issued`]), as the
-//! Kubernetes store keeps one per replica. With that store, whose Pods carry
+//! Kubernetes store keeps one per replica. Each peer's streams come with
+//! the pods its admission webhooks admitted without a sidecar, as the API
+//! server calls whichever replica the Service picks, joined by owner
+//! ([`Fleet::uninjected_pods`]). With that store, whose Pods carry
 //! no certificate, each peer's streams come with the newest certificate of
 //! each identity in its log, since when the log is complete, and the
 //! certificate each open stream's sidecar presented when it connected, so
@@ -38,7 +41,7 @@ use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
     HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
     ListStreamsRequest, ListStreamsResponse, OpenStream, ReplicaHealth, ReplicaStatus,
-    SnapshotSync, StreamStatus,
+    SnapshotSync, StreamStatus, UninjectedPods,
 };
 
 use super::admin::{issued_certificate, issued_here, issued_limit};
@@ -172,6 +175,7 @@ impl Replicas {
             reached: reached(current),
             newest_issued,
             issued_log_since_unix,
+            uninjected_pods: uninjected_pods(&mesh.uninjected),
         }
     }
 
@@ -458,6 +462,25 @@ fn host_name() -> String {
         .unwrap_or_else(|| "control-plane".to_owned())
 }
 
+/// What a replica's webhooks admitted without a sidecar, as the API names
+/// it (`replicas` left for the joining [`Fleet`] to fill).
+fn uninjected_pods(recorded: &crate::inject::UninjectedPods) -> Vec<UninjectedPods> {
+    recorded
+        .recent()
+        .into_iter()
+        .map(|(pod, admitted)| UninjectedPods {
+            namespace: pod.namespace,
+            owner_kind: pod.owner_kind,
+            owner_name: pod.owner_name,
+            reason: pod.found.reason().to_owned(),
+            value: pod.value.unwrap_or_default(),
+            admitted: admitted.count,
+            last_admitted_unix: admitted.last_unix,
+            replicas: Vec::new(),
+        })
+        .collect()
+}
+
 /// An open stream as the API names it.
 fn open_stream(status: &SidecarStatus) -> OpenStream {
     let presented = status.presented.as_ref();
@@ -587,6 +610,9 @@ pub struct Fleet {
     /// What each identity's open streams presented, over the replicas
     /// that answered.
     presented: HashMap<String, Presented>,
+    /// The pods the replicas that answered admitted without a sidecar,
+    /// joined by namespace, owner, label and value.
+    uninjected: HashMap<(String, String, String, String, String), UninjectedPods>,
 }
 
 /// What one identity's open streams presented when they connected: their
@@ -738,6 +764,29 @@ impl Fleet {
                 *newest = (issued.issued_at_unix, issued.not_after_unix);
             }
         }
+        for pods in answer.uninjected_pods {
+            let key = (
+                pods.namespace.clone(),
+                pods.owner_kind.clone(),
+                pods.owner_name.clone(),
+                pods.reason.clone(),
+                pods.value.clone(),
+            );
+            let joined = self
+                .uninjected
+                .entry(key)
+                .or_insert_with(|| UninjectedPods {
+                    admitted: 0,
+                    last_admitted_unix: i64::MIN,
+                    replicas: Vec::new(),
+                    ..pods.clone()
+                });
+            joined.admitted = joined.admitted.saturating_add(pods.admitted);
+            joined.last_admitted_unix = joined.last_admitted_unix.max(pods.last_admitted_unix);
+            if !joined.replicas.contains(&answer.name) {
+                joined.replicas.push(answer.name.clone());
+            }
+        }
         let mut connected = 0;
         for stream in answer.sidecars {
             if stream.streams > 0 {
@@ -760,6 +809,30 @@ impl Fleet {
             reached: answer.reached,
             not_listening: false,
         });
+    }
+
+    /// The pods the replicas that answered admitted without a sidecar,
+    /// joined: last admitted first, each naming its replicas in order.
+    pub fn uninjected_pods(&self) -> Vec<UninjectedPods> {
+        let mut joined: Vec<_> = self.uninjected.values().cloned().collect();
+        for pods in &mut joined {
+            pods.replicas.sort();
+        }
+        joined.sort_by(|a, b| {
+            let key = |p: &UninjectedPods| {
+                (
+                    std::cmp::Reverse(p.last_admitted_unix),
+                    (
+                        p.namespace.clone(),
+                        p.owner_kind.clone(),
+                        p.owner_name.clone(),
+                    ),
+                    (p.reason.clone(), p.value.clone()),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        joined
     }
 
     /// Where `spiffe_id`'s streams stand (not connected if no replica has
@@ -990,6 +1063,70 @@ mod tests {
 
     const NOW: i64 = 1_900_000_000;
     const HOUR: i64 = 3600;
+
+    /// Each replica knows the pods its own webhooks admitted without a
+    /// sidecar: the fleet joins the entries of one namespace, owner, label
+    /// and value, adding their counts, keeping the latest time, and naming
+    /// the replicas; last admitted first. A replica that did not answer
+    /// adds none.
+    #[test]
+    fn pods_admitted_without_a_sidecar_are_joined_over_the_replicas() {
+        let pods = |owner: &str, reason: &str, admitted: u64, at: i64| UninjectedPods {
+            namespace: "shop".into(),
+            owner_kind: "ReplicaSet".into(),
+            owner_name: owner.into(),
+            reason: reason.into(),
+            value: "true".into(),
+            admitted,
+            last_admitted_unix: at,
+            replicas: Vec::new(),
+        };
+        let with = |name: &str, uninjected_pods| {
+            Ok(ListStreamsResponse {
+                uninjected_pods,
+                ..answer(name, Vec::new()).unwrap()
+            })
+        };
+        let mut fleet = Fleet::default();
+        fleet.add(
+            "10.0.0.1:15012".into(),
+            with("cp-a", vec![pods("web-1", "pod_label", 2, NOW - 10)]),
+        );
+        fleet.add(
+            "10.0.0.2:15012".into(),
+            with(
+                "cp-b",
+                vec![
+                    pods("api-1", "pod_label", 1, NOW - 20),
+                    pods("web-1", "pod_label", 3, NOW - 30),
+                    pods("web-1", "namespace_label", 1, NOW - 40),
+                ],
+            ),
+        );
+        fleet.add(
+            "10.0.0.3:15012".into(),
+            Err(Unanswered::because("no answer".into())),
+        );
+        let joined = fleet.uninjected_pods();
+        let replicas = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            joined,
+            [
+                UninjectedPods {
+                    replicas: replicas(&["cp-a", "cp-b"]),
+                    ..pods("web-1", "pod_label", 5, NOW - 10)
+                },
+                UninjectedPods {
+                    replicas: replicas(&["cp-b"]),
+                    ..pods("api-1", "pod_label", 1, NOW - 20)
+                },
+                UninjectedPods {
+                    replicas: replicas(&["cp-b"]),
+                    ..pods("web-1", "namespace_label", 1, NOW - 40)
+                },
+            ]
+        );
+    }
 
     /// A replica whose log is complete since `since` and holds `issued`
     /// (identity, issued at) certificates of an hour.

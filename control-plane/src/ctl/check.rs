@@ -535,6 +535,7 @@ mod tests {
             snapshot_version: 7,
             snapshot_version_epoch: 0,
             replicas: Vec::new(),
+            uninjected_pods: Vec::new(),
         };
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
         assert_eq!(
@@ -574,6 +575,7 @@ mod tests {
             snapshot_version: 7,
             snapshot_version_epoch: 0,
             replicas: Vec::new(),
+            uninjected_pods: Vec::new(),
         };
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
         assert_eq!(
@@ -626,6 +628,7 @@ mod tests {
                     ..ReplicaStatus::default()
                 },
             ],
+            uninjected_pods: Vec::new(),
         };
         let bundle = [
             root("Signing root", NOW + 10 * DAY),
@@ -723,6 +726,7 @@ mod tests {
                 replica("cp-b", OLD),
                 replica("cp-c", 0),
             ],
+            uninjected_pods: Vec::new(),
         };
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
         assert_eq!(

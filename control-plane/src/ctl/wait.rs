@@ -301,6 +301,7 @@ mod tests {
             snapshot_version: 10,
             snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 10, true, ""), replica("cp-b", 9, true, "")],
+            uninjected_pods: Vec::new(),
         };
         let standing = standing(&answer, (9, 0));
         assert!(standing.missing.is_empty(), "{standing:?}");
@@ -319,6 +320,7 @@ mod tests {
             snapshot_version: 9,
             snapshot_version_epoch: 0,
             replicas: vec![replica("cp-a", 9, true, ""), gone],
+            uninjected_pods: Vec::new(),
         };
         let standing = standing(&answer, (9, 0));
         assert!(standing.missing.is_empty(), "{standing:?}");
@@ -368,6 +370,7 @@ mod tests {
                 replica("cp-b", 8, false, ""),
                 replica("", 0, false, "no answer within 3s"),
             ],
+            uninjected_pods: Vec::new(),
         };
         let standing = standing(&answer, (9, 0));
         assert_eq!(
@@ -420,6 +423,7 @@ mod tests {
             snapshot_version: 9,
             snapshot_version_epoch: NEW,
             replicas: vec![answering, restored, replica("cp-c", 9, true, "")],
+            uninjected_pods: Vec::new(),
         };
         let found = standing(&answer, (9, 0));
         assert_eq!(
@@ -486,6 +490,7 @@ mod tests {
             snapshot_version: 9,
             snapshot_version_epoch: NEW,
             replicas: vec![restored, kept],
+            uninjected_pods: Vec::new(),
         };
         let found = standing(&answer, (9, OLD));
         assert_eq!(
