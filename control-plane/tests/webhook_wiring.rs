@@ -14,27 +14,8 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 use common::ControlPlane;
+use common::webhook::{WebhookCerts, webhook_addr};
 use serde_json::{Value, json};
-
-/// Serving certificate files for `localhost`, and the CA that signed them.
-struct ServingCert {
-    dir: tempfile::TempDir,
-}
-
-impl ServingCert {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = common::serving::ServingCert::new("trellis webhook test CA");
-        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), &cert.cert_pem).unwrap();
-        std::fs::write(dir.path().join("tls.key"), &cert.key_pem).unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
 
 fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,52 +23,10 @@ fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The `webhook=` field of the ready line.
-fn webhook_addr(cp: &ControlPlane) -> String {
-    let log = cp.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("control plane ready"))
-        .expect("a ready line");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("webhook="))
-        .unwrap_or_else(|| panic!("no webhook= in {line:?}"))
-        .to_owned()
-}
-
 /// POSTs a fixture to the webhook as the API server would: HTTPS, verified
 /// against the CA, by name. Returns the HTTP status and the body.
-fn post(addr: &str, certs: &ServingCert, path: &str, fixture: &str) -> (u16, String) {
-    let port = addr.rsplit(':').next().unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(["--cacert", &certs.path("ca.crt")])
-        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
-        .args(["-H", "content-type: application/json"])
-        .arg("--data-binary")
-        .arg(format!("@{}", fixture_path(fixture).display()))
-        .arg(format!("https://localhost:{port}{path}"))
-        .output()
-        .expect("curl runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "curl failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (body, code) = stdout.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_owned())
-}
-
-fn webhook_flags(certs: &ServingCert) -> Vec<String> {
-    vec![
-        "--webhook".into(),
-        "127.0.0.1:0".into(),
-        "--webhook-cert".into(),
-        certs.path("tls.crt"),
-        "--webhook-key".into(),
-        certs.path("tls.key"),
-    ]
+fn post(addr: &str, certs: &WebhookCerts, path: &str, fixture: &str) -> (u16, String) {
+    certs.post(addr, path, &fixture_path(fixture))
 }
 
 fn start(extra: &[String]) -> ControlPlane {
@@ -100,7 +39,7 @@ fn start(extra: &[String]) -> ControlPlane {
 /// webhook with the rest.
 #[test]
 fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
-    let certs = ServingCert::new();
+    let certs = WebhookCerts::new();
     let settings = certs.dir.path().join("inject.json");
     std::fs::write(
         &settings,
@@ -108,7 +47,7 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
             "imagePullSecrets": [{"name": "registry-example"}]}"#,
     )
     .unwrap();
-    let mut flags = webhook_flags(&certs);
+    let mut flags = certs.flags();
     flags.extend([
         "--inject-config".into(),
         settings.display().to_string(),
@@ -215,8 +154,8 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
 /// failure is counted as `not_tls` all the same.
 #[test]
 fn plaintext_http_is_told_the_webhook_port_speaks_https() {
-    let certs = ServingCert::new();
-    let cp = start(&webhook_flags(&certs));
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
     let addr = webhook_addr(&cp);
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "%{http_code}"])
@@ -250,8 +189,8 @@ fn plaintext_http_is_told_the_webhook_port_speaks_https() {
 #[test]
 fn a_policy_selecting_another_namespace_is_denied_outside_the_root_namespace() {
     const FIXTURE: &str = "authorizationpolicy-other-namespace.json";
-    let certs = ServingCert::new();
-    let mut flags = webhook_flags(&certs);
+    let certs = WebhookCerts::new();
+    let mut flags = certs.flags();
     flags.extend(["--root-namespace".into(), "mesh-admin".into()]);
     let cp = start(&flags);
     let (status, body) = post(&webhook_addr(&cp), &certs, "/validate", FIXTURE);
@@ -271,7 +210,7 @@ fn a_policy_selecting_another_namespace_is_denied_outside_the_root_namespace() {
     drop(cp);
 
     // In the root namespace.
-    let mut flags = webhook_flags(&certs);
+    let mut flags = certs.flags();
     flags.extend(["--root-namespace".into(), "team-a".into()]);
     let cp = start(&flags);
     let (status, body) = post(&webhook_addr(&cp), &certs, "/validate", FIXTURE);
@@ -285,14 +224,14 @@ fn a_policy_selecting_another_namespace_is_denied_outside_the_root_namespace() {
 /// it starts, names the field in a warning, and injects with the rest.
 #[test]
 fn settings_of_a_newer_release_are_read_with_a_warning() {
-    let certs = ServingCert::new();
+    let certs = WebhookCerts::new();
     let settings = certs.dir.path().join("inject.json");
     std::fs::write(
         &settings,
         r#"{"image": "registry.example/trellis:test", "sidecarFlavour": "new"}"#,
     )
     .unwrap();
-    let mut flags = webhook_flags(&certs);
+    let mut flags = certs.flags();
     flags.extend(["--inject-config".into(), settings.display().to_string()]);
     let cp = start(&flags);
     let warning = cp.wait_for_line("the unknown field's warning", |l| {
@@ -331,7 +270,7 @@ fn run(args: &[&str]) -> Output {
 /// Invalid webhook flags exit 64 naming the flag, before any port is bound.
 #[test]
 fn invalid_webhook_flags_exit_64() {
-    let certs = ServingCert::new();
+    let certs = WebhookCerts::new();
     let (cert, key) = (certs.path("tls.crt"), certs.path("tls.key"));
     let bad_value = certs.dir.path().join("bad.json");
     std::fs::write(&bad_value, r#"{"tokenExpirationSeconds": 60}"#).unwrap();
@@ -414,7 +353,7 @@ fn invalid_webhook_flags_exit_64() {
 /// the start (exit 1) naming the file or the address.
 #[test]
 fn webhook_start_up_failures_name_the_cause() {
-    let certs = ServingCert::new();
+    let certs = WebhookCerts::new();
     let key = certs.path("tls.key");
     let out = run(&[
         "--webhook",
@@ -430,7 +369,7 @@ fn webhook_start_up_failures_name_the_cause() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let flags = webhook_flags(&certs);
+    let flags = certs.flags();
     let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
     args[1] = &addr;
     let out = run(&args);

@@ -10,6 +10,7 @@ pub mod policy;
 #[path = "../../../tests/src/ports.rs"]
 pub mod ports;
 pub mod serving;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,82 @@
+//! The webhook port of the real binary (`--webhook`), called as the
+//! Kubernetes API server calls it: over HTTPS with curl, trusting the CA of
+//! a serving certificate made here (the webhook configurations'
+//! `caBundle`).
+
+use std::path::Path;
+use std::process::Command;
+
+use super::ControlPlane;
+
+/// Serving certificate files for `localhost` (`tls.crt`, `tls.key`), and
+/// the CA that signed them (`ca.crt`), in a directory of their own.
+pub struct WebhookCerts {
+    pub dir: tempfile::TempDir,
+}
+
+impl WebhookCerts {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = super::serving::ServingCert::new("trellis webhook test CA");
+        std::fs::write(dir.path().join("ca.crt"), &cert.ca_pem).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), &cert.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &cert.key_pem).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// The flags serving the webhook port on a free loopback port with
+    /// these files.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--webhook".into(),
+            "127.0.0.1:0".into(),
+            "--webhook-cert".into(),
+            self.path("tls.crt"),
+            "--webhook-key".into(),
+            self.path("tls.key"),
+        ]
+    }
+
+    /// POSTs the review in the file `review` to `path` of the webhook at
+    /// `addr` as the API server would: HTTPS, verified against the CA, by
+    /// name. Returns the HTTP status and the body.
+    pub fn post(&self, addr: &str, path: &str, review: &Path) -> (u16, String) {
+        let port = addr.rsplit(':').next().unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .args(["--cacert", &self.path("ca.crt")])
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(["-H", "content-type: application/json"])
+            .arg("--data-binary")
+            .arg(format!("@{}", review.display()))
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()
+            .expect("curl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl failed: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, code) = stdout.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), body.to_owned())
+    }
+}
+
+/// The `webhook=` field of `cp`'s ready line: the webhook port's address,
+/// or `off`.
+pub fn webhook_addr(cp: &ControlPlane) -> String {
+    let log = cp.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("control plane ready"))
+        .expect("a ready line");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("webhook="))
+        .unwrap_or_else(|| panic!("no webhook= in {line:?}"))
+        .to_owned()
+}
