@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use futures::future::BoxFuture;
 
+use common::webhook::{WebhookCerts, webhook_addr};
 use common::{
     ControlPlane, Svid, Takes, Watcher, assert_renewal_overdue, certify_with, eventually_async,
     listed, until,
@@ -741,6 +742,52 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
 }
 
 /// When `svid`'s certificate expires, Unix seconds.
+/// The API server calls whichever replica the webhook's Service picks,
+/// and each knows only the pods its own warning-only webhook admitted
+/// without a sidecar: `trellisctl check` on either replica names the pods
+/// of a ReplicaSet with a mistyped `trellis.io/inject` label that both
+/// admitted, once, counted over both and naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sidecar() {
+    let fake = cluster().await;
+    let certs = WebhookCerts::new();
+    let flags = certs.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b, _, _) = pair(&fake, &flags, &flags).await;
+    let mut review = fixture_json("pod-deployment-http-probes.json");
+    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = "true".into();
+    let mistyped = certs.dir.path().join("mistyped.json");
+    std::fs::write(&mistyped, review.to_string()).unwrap();
+    tokio::task::block_in_place(|| {
+        for (cp, times) in [(&a, 2), (&b, 1)] {
+            for _ in 0..times {
+                let (status, body) =
+                    certs.post(&webhook_addr(cp), "/inject/unknown-pod-label", &mistyped);
+                assert_eq!(status, 200, "{body}");
+            }
+        }
+    });
+    for cp in [&a, &b] {
+        let (report, passed) = check(cp);
+        assert!(passed, "{report}");
+        let named: Vec<_> = report
+            .lines()
+            .filter(|l| l.contains("without a sidecar"))
+            .collect();
+        assert_eq!(named.len(), 1, "{report}");
+        assert!(
+            named[0].starts_with(
+                "warn  namespace shop: the pods of ReplicaSet web-6b7f9c5d8 run without a \
+                 sidecar, outside the mesh (3 admitted, the last at "
+            ) && named[0].ends_with(
+                ", by cp-a, cp-b): their label trellis.io/inject is \"true\", neither \
+                 \"enabled\" nor \"disabled\""
+            ),
+            "{report}"
+        );
+    }
+}
+
 fn not_after(svid: &Svid) -> i64 {
     expiries(&svid.chain[..1])[0].1
 }

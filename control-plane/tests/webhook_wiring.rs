@@ -148,6 +148,76 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
     );
 }
 
+/// A Deployment's pods with a mistyped `trellis.io/inject` label, outside
+/// an opted-in namespace, are admitted by the warning-only webhook without
+/// a sidecar; the ReplicaSet controller that creates them shows the
+/// warning to nobody. `trellisctl check` names them: the namespace, the
+/// ReplicaSet, the label, its value and the values allowed, and that they
+/// run without a sidecar; likewise a pod of a namespace whose label is
+/// mistyped.
+#[test]
+fn check_names_pods_admitted_without_a_sidecar() {
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp);
+    let mut review: Value = serde_json::from_slice(
+        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
+    )
+    .unwrap();
+    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("true");
+    let mistyped = certs.dir.path().join("mistyped.json");
+    std::fs::write(&mistyped, serde_json::to_vec(&review).unwrap()).unwrap();
+
+    let (check, passed) = {
+        let out = cp.ctl(&["check"]);
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.success(),
+        )
+    };
+    assert!(passed, "{check}");
+    assert!(!check.contains("without a sidecar"), "{check}");
+
+    for _ in 0..2 {
+        let (status, body) = certs.post(&addr, "/inject/unknown-pod-label", &mistyped);
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = post(
+        &addr,
+        &certs,
+        "/inject/unknown-namespace-label",
+        "pod-unlabelled-namespace.json",
+    );
+    assert_eq!(status, 200, "{body}");
+
+    let out = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "warnings fail nothing: {check}");
+    let warnings: Vec<_> = check
+        .lines()
+        .filter(|l| l.contains("without a sidecar"))
+        .map(|l| {
+            // The time of the last admission, from "the last at " to ")".
+            let (head, tail) = l.split_once("the last at ").expect("a time");
+            let (_, tail) = tail.split_once(')').expect("a time");
+            format!("{head}the last at T){tail}")
+        })
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "warn  namespace legacy: pod debug runs without a sidecar, outside the mesh (1 \
+             admitted, the last at T): the namespace's label trellis.io/inject is neither \
+             \"enabled\" nor \"disabled\" (the webhook cannot read its value: kubectl get \
+             namespace legacy --show-labels)",
+            "warn  namespace shop: the pods of ReplicaSet web-6b7f9c5d8 run without a sidecar, \
+             outside the mesh (2 admitted, the last at T): their label trellis.io/inject is \
+             \"true\", neither \"enabled\" nor \"disabled\"",
+        ],
+        "{check}"
+    );
+}
+
 /// `curl http://` at the webhook port, the usual slip while debugging an
 /// injection, is told in HTTP that the port speaks only HTTPS, and what to
 /// use instead, rather than sent a TLS alert curl cannot read; the

@@ -11,9 +11,12 @@
 //! store, as the replicas' issued-certificate logs tell, or that they
 //! cannot), stored policies
 //! that fail a check added since they were stored (`ListPolicies`: a
-//! selector outside the policy's namespace, enforced as written), roots of
-//! the trust bundle that expire soon or have, and an operator credential
-//! about to expire. It exits 1 when anything is `FAIL`.
+//! selector outside the policy's namespace, enforced as written), pods the
+//! replicas' warning-only admission webhooks admitted without a sidecar
+//! because of a mistyped `trellis.io/inject` label (`ListWorkloads`'
+//! `uninjected_pods`, which a controller's pods are seen in only here),
+//! roots of the trust bundle that expire soon or have, and an operator
+//! credential about to expire. It exits 1 when anything is `FAIL`.
 //!
 //! A snapshot version is compared with the epoch it was set in where both
 //! epochs are known ([`super::same_snapshot`]): after a restore of the
@@ -34,6 +37,7 @@ use trellis_proto::admin::v1::{
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
+use crate::inject::INJECT_KEY;
 
 /// How bad one finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,6 +100,7 @@ pub fn findings(inputs: &Inputs<'_>) -> Vec<Finding> {
     ));
     replicas(answer, &mut out);
     sidecars(answer, inputs.now, &mut out);
+    uninjected(answer, &mut out);
     stored_policies(inputs.stored_warnings, &mut out);
     roots(inputs, &mut out);
     operator(inputs, &mut out);
@@ -352,6 +357,49 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     ));
 }
 
+/// Each entry of the pods the replicas' warning-only webhooks admitted
+/// without a sidecar, because a `trellis.io/inject` label (theirs or their
+/// namespace's) is neither `enabled` nor `disabled`: a warning naming the
+/// namespace, the pods' owner, the label and its value. `kubectl` shows the
+/// webhook's warning only for the pods it creates itself; a controller's
+/// pods (a Deployment's) run outside the mesh unseen but for this.
+fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
+    let several_replicas = answer.replicas.len() > 1;
+    for pods in &answer.uninjected_pods {
+        let namespace = pods.namespace.escape_debug();
+        let name = pods.owner_name.escape_debug();
+        let who = match (pods.owner_kind.as_str(), pods.admitted) {
+            ("Pod", 1) => format!("pod {name} runs"),
+            ("Pod", _) => format!("pods {name} run"),
+            (kind, _) => format!("the pods of {} {name} run", kind.escape_debug()),
+        };
+        let allowed = "neither \"enabled\" nor \"disabled\"";
+        let why = match pods.reason.as_str() {
+            "namespace_label" => format!(
+                "the namespace's label {INJECT_KEY} is {allowed} (the webhook cannot read its \
+                 value: kubectl get namespace {namespace} --show-labels)"
+            ),
+            _ => format!(
+                "their label {INJECT_KEY} is {}, {allowed}",
+                crate::api::quoted(&pods.value)
+            ),
+        };
+        let by = match several_replicas {
+            true => format!(", by {}", pods.replicas.join(", ").escape_debug()),
+            false => String::new(),
+        };
+        out.push(finding(
+            Level::Warn,
+            format!(
+                "namespace {namespace}: {who} without a sidecar, outside the mesh ({} admitted, \
+                 the last at {}{by}): {why}",
+                pods.admitted,
+                rfc3339(pods.last_admitted_unix)
+            ),
+        ));
+    }
+}
+
 /// Each check a stored policy fails: it is enforced as the warning says,
 /// and applying it again as it is would be refused.
 fn stored_policies(warnings: &[StoredPolicyWarning], out: &mut Vec<Finding>) {
@@ -472,7 +520,7 @@ pub fn report(findings: &[Finding]) -> (String, bool) {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    use trellis_proto::admin::v1::{ReplicaStatus, Workload};
+    use trellis_proto::admin::v1::{ReplicaStatus, UninjectedPods, Workload};
 
     const NOW: i64 = 1_900_000_000;
     const DAY: i64 = 86_400;
@@ -802,6 +850,66 @@ mod tests {
             "stored AuthorizationPolicy team-a/deny-all: spec.selector.spiffeIds[0]: \"spiffe://td/*\" selects workloads outside the policy's namespace"
         );
         assert!(!report(&found).1, "a warning, not a failure");
+    }
+
+    /// Each entry of the pods admitted without a sidecar is a warning
+    /// naming the namespace, the owner, the label, its value and the
+    /// values allowed; the replicas that admitted them are named when
+    /// several answered. Text from the pods is escaped.
+    #[test]
+    fn pods_admitted_without_a_sidecar_are_warnings() {
+        let pods = |owner_kind: &str, owner_name: &str, reason: &str, value: &str| UninjectedPods {
+            namespace: "shop".into(),
+            owner_kind: owner_kind.into(),
+            owner_name: owner_name.into(),
+            reason: reason.into(),
+            value: value.into(),
+            admitted: 3,
+            last_admitted_unix: NOW - 60,
+            replicas: vec!["cp-a".into(), "cp-b".into()],
+        };
+        let mut debug = pods("Pod", "debug", "namespace_label", "");
+        debug.admitted = 1;
+        let mut answer = ListWorkloadsResponse {
+            uninjected_pods: vec![
+                pods("ReplicaSet", "web-7d9f", "pod_label", "true"),
+                debug,
+                pods("Pod", "job-*", "pod_label", "\x1b[31m"),
+            ],
+            ..ListWorkloadsResponse::default()
+        };
+        let at = rfc3339(NOW - 60);
+        let expected = [
+            format!(
+                "warn namespace shop: the pods of ReplicaSet web-7d9f run without a sidecar, \
+                 outside the mesh (3 admitted, the last at {at}): their label \
+                 trellis.io/inject is \"true\", neither \"enabled\" nor \"disabled\""
+            ),
+            format!(
+                "warn namespace shop: pod debug runs without a sidecar, outside the mesh (1 \
+                 admitted, the last at {at}): the namespace's label trellis.io/inject is \
+                 neither \"enabled\" nor \"disabled\" (the webhook cannot read its value: \
+                 kubectl get namespace shop --show-labels)"
+            ),
+            format!(
+                "warn namespace shop: pods job-* run without a sidecar, outside the mesh (3 \
+                 admitted, the last at {at}): their label trellis.io/inject is \
+                 \"\\u{{1b}}[31m\", neither \"enabled\" nor \"disabled\""
+            ),
+        ];
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        let warnings: Vec<_> = found.iter().filter(|l| l.starts_with("warn")).collect();
+        assert_eq!(warnings, expected.iter().collect::<Vec<_>>(), "{found:#?}");
+
+        answer.replicas = vec![ReplicaStatus::default(), ReplicaStatus::default()];
+        let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
+        assert!(
+            found.iter().any(
+                |l| l.starts_with("warn namespace shop: the pods of ReplicaSet")
+                    && l.contains(&format!("the last at {at}, by cp-a, cp-b): their label"))
+            ),
+            "{found:#?}"
+        );
     }
 
     #[test]
