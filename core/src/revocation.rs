@@ -76,6 +76,12 @@ impl Revocations {
         self.revoked_at.get(id).copied()
     }
 
+    /// Every revocation, in no order: each SPIFFE ID with when it was
+    /// revoked (Unix seconds).
+    pub fn iter(&self) -> impl Iterator<Item = (&SpiffeId, i64)> {
+        self.revoked_at.iter().map(|(id, at)| (id, *at))
+    }
+
     /// Refuses the peer `id` whose certificate began its validity at
     /// `not_before_unix` when a revocation of `id` covers it. With nothing
     /// revoked this is one comparison: no hashing, no allocation.

@@ -284,6 +284,9 @@ struct ConfigView {
     /// The services a call may be addressed to (null before the first
     /// snapshot): an operator checks here that a Service resolved.
     services: Option<ServicesView>,
+    /// The revoked identities whose certificates this sidecar refuses as
+    /// peers, by SPIFFE ID (null before the first snapshot).
+    revocations: Option<Vec<RevocationView>>,
     close_denied_connections: bool,
     /// The ports never parsed as HTTP: the sidecar's own and, once a
     /// snapshot is in force, the mesh's.
@@ -367,6 +370,44 @@ impl ServicesView {
 }
 
 #[derive(Serialize)]
+struct RevocationView {
+    spiffe_id: String,
+    /// Every certificate of `spiffe_id` issued then or before is refused.
+    revoked_at_unix: i64,
+    /// The same, as RFC 3339 (`2026-01-02T03:04:05Z`).
+    revoked_at: String,
+}
+
+impl RevocationView {
+    fn all(revocations: &trellis_core::revocation::Revocations) -> Vec<Self> {
+        let mut all: Vec<_> = revocations
+            .iter()
+            .map(|(id, at)| RevocationView {
+                spiffe_id: id.to_string(),
+                revoked_at_unix: at,
+                revoked_at: rfc3339(at),
+            })
+            .collect();
+        all.sort_unstable_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        all
+    }
+}
+
+/// Unix seconds as RFC 3339, or `-` for a time before 1970 or too far
+/// ahead to write.
+fn rfc3339(unix: i64) -> String {
+    /// 10000-01-01T00:00:00Z, the first time RFC 3339 cannot write.
+    const YEAR_10000: u64 = 253_402_300_800;
+    match u64::try_from(unix) {
+        Ok(secs) if secs < YEAR_10000 => {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            humantime::format_rfc3339_seconds(at).to_string()
+        }
+        _ => "-".into(),
+    }
+}
+
+#[derive(Serialize)]
 struct CertificateView {
     serial: String,
     expires_at_unix: u64,
@@ -404,6 +445,7 @@ fn config_view(state: &State) -> ConfigView {
         }),
         endpoints: snapshot.as_ref().map(|s| s.endpoints.len()),
         services: snapshot.as_deref().map(ServicesView::of),
+        revocations: (snapshot.as_ref()).map(|s| RevocationView::all(&s.policies.revocations)),
         close_denied_connections: c.close_denied_connections,
         opaque_ports: snapshot.as_ref().map_or_else(
             || c.opaque_ports.clone(),

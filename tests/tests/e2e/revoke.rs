@@ -201,3 +201,50 @@ async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_re
     client.process().ensure_running()?;
     Ok(())
 }
+
+/// The revocation of `id` that `sidecar`'s `/config` lists, if it does.
+async fn listed_revocation(
+    sidecar: &Sidecar,
+    id: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let config = sidecar.config().await?;
+    let listed = config
+        .get("revocations")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| anyhow::anyhow!("no revocations list in /config: {config}"))?;
+    Ok(listed.iter().find(|r| r["spiffe_id"] == id).cloned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_lists_the_revocations_it_enforces_in_config() -> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let web = mesh.sidecar("web").start().await?;
+    // An identity of the mesh's trust domain that no workload holds now.
+    let revoked = web.identity().to_string().replace("/sa/web", "/sa/stolen");
+    let revoked = revoked.as_str();
+    mesh.ctl(["identity", "revoke", revoked]).await?;
+    let listed = eventually("web to list the revocation", SOON, || async {
+        let listed = listed_revocation(&web, revoked).await?;
+        listed.ok_or_else(|| anyhow::anyhow!("{revoked} not listed"))
+    })
+    .await?;
+    // As trellisctl lists it.
+    let stored: serde_json::Value =
+        serde_json::from_str(&mesh.ctl(["identity", "revocations", "-o", "json"]).await?)?;
+    let stored = stored
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["spiffe_id"] == revoked))
+        .ok_or_else(|| anyhow::anyhow!("{revoked} not revoked: {stored}"))?;
+    assert_eq!(
+        listed["revoked_at_unix"], stored["revoked_at_unix"],
+        "{listed}"
+    );
+    assert_eq!(listed["revoked_at"], stored["revoked_at"], "{listed}");
+    assert!(
+        listed["revoked_at"]
+            .as_str()
+            .is_some_and(|at| at.ends_with('Z')),
+        "{listed}"
+    );
+    Ok(())
+}
