@@ -71,8 +71,12 @@ impl Revocations {
         self.revoked_at.len()
     }
 
-    /// When `id` was revoked; `None` when it is not.
+    /// When `id` was revoked; `None` when it is not. With nothing revoked
+    /// this is one comparison: no hashing.
     pub fn revoked_at(&self, id: &SpiffeId) -> Option<i64> {
+        if self.revoked_at.is_empty() {
+            return None;
+        }
         self.revoked_at.get(id).copied()
     }
 
@@ -86,35 +90,50 @@ impl Revocations {
     /// `not_before_unix` when a revocation of `id` covers it. With nothing
     /// revoked this is one comparison: no hashing, no allocation.
     pub fn check_issued(&self, id: &SpiffeId, not_before_unix: i64) -> Result<(), Revoked> {
-        if self.revoked_at.is_empty() {
-            return Ok(());
+        match self.revoked_at(id) {
+            Some(revoked_at_unix) => check_against(id, revoked_at_unix, not_before_unix),
+            None => Ok(()),
         }
-        let Some(revoked_at_unix) = self.revoked_at(id) else {
-            return Ok(());
-        };
-        let issued_at_unix = issued_at(not_before_unix);
-        if !covers(revoked_at_unix, issued_at_unix) {
-            return Ok(());
-        }
-        Err(Revoked {
-            spiffe_id: id.clone(),
-            revoked_at_unix,
-            issued_at_unix,
-        })
     }
+}
 
-    /// As [`check_issued`](Self::check_issued), for the peer `id` that
-    /// presented `leaf`. With no revocation of `id` (always, when nothing
-    /// is revoked) the certificate is not even parsed. A certificate whose
-    /// dates cannot be read is treated as issued at the beginning of time,
-    /// so it is refused: the verifier that accepted it read them already.
-    pub fn check(&self, id: &SpiffeId, leaf: &CertificateDer<'_>) -> Result<(), Revoked> {
-        if self.revoked_at.is_empty() || !self.revoked_at.contains_key(id) {
-            return Ok(());
-        }
-        let not_before = crate::tls::validity_of(leaf).map_or(i64::MIN, |(nb, _)| nb);
-        self.check_issued(id, not_before)
+/// Refuses the peer `id` whose certificate began its validity at
+/// `not_before_unix` when the revocation of `id` made at `revoked_at_unix`
+/// covers it: [`Revocations::check_issued`] for a revocation looked up
+/// already.
+pub fn check_against(
+    id: &SpiffeId,
+    revoked_at_unix: i64,
+    not_before_unix: i64,
+) -> Result<(), Revoked> {
+    let issued_at_unix = issued_at(not_before_unix);
+    if !covers(revoked_at_unix, issued_at_unix) {
+        return Ok(());
     }
+    Err(Revoked {
+        spiffe_id: id.clone(),
+        revoked_at_unix,
+        issued_at_unix,
+    })
+}
+
+/// [`check_against`] for the peer `id` that presented `leaf`. A
+/// certificate whose dates cannot be read is treated as issued at the
+/// beginning of time, so it is refused: the verifier that accepted it read
+/// them already.
+pub fn check_leaf(
+    id: &SpiffeId,
+    revoked_at_unix: i64,
+    leaf: &CertificateDer<'_>,
+) -> Result<(), Revoked> {
+    check_against(id, revoked_at_unix, not_before_of(leaf))
+}
+
+/// The notBefore of `leaf` (Unix seconds), or the beginning of time when
+/// its dates cannot be read: so read, a revocation of its identity covers
+/// it.
+fn not_before_of(leaf: &CertificateDer<'_>) -> i64 {
+    crate::tls::validity_of(leaf).map_or(i64::MIN, |(nb, _)| nb)
 }
 
 #[cfg(test)]
@@ -178,6 +197,14 @@ mod tests {
         let api = id("spiffe://td/ns/a/sa/api");
         assert_eq!(revoked().check_issued(&api, 0), Ok(()));
         assert_eq!(Revocations::default().check_issued(&api, 0), Ok(()));
+    }
+
+    #[test]
+    fn refuses_a_certificate_whose_dates_cannot_be_read() {
+        let web = id("spiffe://td/ns/a/sa/web");
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        let e = check_leaf(&web, REVOKED_AT, &garbage).unwrap_err();
+        assert_eq!(e.spiffe_id, web);
     }
 
     #[test]

@@ -511,10 +511,7 @@ pub async fn serve(
     // refused like a failed handshake, whatever the policies say. Checked
     // here rather than in the verifier, which rustls does not call for a
     // resumed session; with nothing revoked this is one comparison.
-    if let Some(Err(e)) = current
-        .as_deref()
-        .map(|p| p.revocations.check_issued(&peer, not_before))
-    {
+    if let Err(e) = policy::check_revoked(current.as_deref(), &peer, not_before) {
         let reason = trellis_core::grpc::REFUSAL_REVOKED;
         return shared.refuse(client, reason, Some(&e), REVOKED_REFUSED);
     }
@@ -961,27 +958,19 @@ async fn closed_later(
     is_http: &AtomicBool,
     close_denied: bool,
 ) -> Closed {
-    loop {
-        if policies.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let now = policies.borrow_and_update().clone();
-        if let Some(Err(e)) = now
-            .as_deref()
-            .map(|p| p.revocations.check_issued(peer, not_before))
-        {
-            return Closed::Revoked(e);
+    policy::closes_when(policies, |now| {
+        if let Err(e) = policy::check_revoked(now.as_deref(), peer, not_before) {
+            return Some(Closed::Revoked(e));
         }
         if !close_denied {
-            continue;
+            return None;
         }
         let decision = policy::authorize(now.as_deref(), peer, port);
         let admitted = is_http.load(Ordering::Relaxed)
             && policy::admits_requests(now.as_deref(), &decision, peer, port);
-        if !decision.is_allowed() && !admitted {
-            return Closed::Denied(decision, now);
-        }
-    }
+        (!decision.is_allowed() && !admitted).then(|| Closed::Denied(decision, now))
+    })
+    .await
 }
 
 /// Whether a ClientHello offers X25519 alone, as a sidecar's resuming

@@ -60,6 +60,11 @@
 //! bytes for it when no mesh dial did already; opaque TCP and any call to a
 //! port declared opaque are closed as before.
 //!
+//! A mesh peer whose identity a revocation of the snapshot names is
+//! checked once its handshake is over, before the app's first bytes leave
+//! (`dial_mesh`): one the revocation covers is refused, one certified
+//! again since is dialled as any other, resuming too.
+//!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
 //! opaque TCP); it never parses or changes the bytes themselves. A port
@@ -83,6 +88,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
 use trellis_core::refusal;
+use trellis_core::revocation::{self, Revoked};
 use trellis_core::tls::SvidError;
 
 use crate::config::Route;
@@ -163,7 +169,7 @@ enum DialError {
     #[error("sending the app's first bytes: {0}")]
     FirstBytes(io::Error),
     #[error("{0}")]
-    Revoked(trellis_core::revocation::Revoked),
+    Revoked(Revoked),
 }
 
 impl DialError {
@@ -193,6 +199,13 @@ const BAD_GATEWAY: StatusCode = StatusCode::BAD_GATEWAY;
 const SERVICE_UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
 const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
 
+/// A mesh peer dialled: the stream, and the time of the revocation of the
+/// peer's identity its certificate was checked against, if one named it.
+type Dialled = (PeerStream, Option<i64>);
+
+/// The TLS stream to a mesh peer.
+type PeerStream = TlsStream<net::ReadAhead<TcpStream>>;
+
 /// Dials `remote` with mTLS, accepting only a server presenting `expected`
 /// and offering `protocol`'s ALPN (nothing for opaque TCP).
 ///
@@ -210,6 +223,17 @@ const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
 /// the sidecar first checks that the certificate the session brought back
 /// is still valid and then writes `first` itself. It is never sent as
 /// 0-RTT early data.
+///
+/// A peer whose identity a revocation names is checked against it once
+/// its handshake is over, before `first` leaves: a resumed session's
+/// certificate with the others (one the revocation covers makes the dial
+/// forget the peer's tickets and begin again, as an expired one does), a
+/// full handshake's before `first` is written, which it is then not
+/// handed beforehand. A covered peer is refused and sent nothing of the
+/// app's; one whose certificate was issued after the revocation (issued
+/// again, after a compromise) is dialled as any other, resuming too. The
+/// revocation is looked up once a dial, and not at all while nothing is
+/// revoked.
 async fn dial_mesh<R>(
     shared: &Shared,
     remote: R,
@@ -218,45 +242,29 @@ async fn dial_mesh<R>(
     protocol: Protocol,
     first: &[u8],
     name: ServerName<'static>,
-) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError>
+) -> Result<Dialled, DialError>
 where
     R: tokio::net::ToSocketAddrs + Copy,
 {
-    let (peer, revocations) = {
+    let (peer, revoked_at) = {
         let tls = shared.tls.borrow();
         let peer = tls.client_for(expected).ok_or(DialError::NoCertificate)?;
-        // Only a peer whose identity is revoked is checked (nothing to do
-        // while nothing is revoked).
-        let revocations = tls.revocations();
-        let revoked = (!revocations.is_empty() && revocations.revoked_at(expected).is_some())
-            .then(|| revocations.clone());
-        (peer, revoked)
+        (peer, tls.revocations().revoked_at(expected))
     };
-    if let Some(revocations) = revocations {
-        return dial_revoked(
-            shared,
-            remote,
-            connect_timeout,
-            expected,
-            &peer,
-            protocol,
-            first,
-            name,
-            &revocations,
-        )
-        .await;
-    }
     // A full handshake with the hybrid key exchange, `first` leaving with
-    // the client's Finished.
-    let full = || {
-        handshake(
-            &peer.full,
-            net::connect_within(remote, connect_timeout, shared.user_timeout),
-            &name,
-            protocol,
-            first,
-            None,
-        )
+    // the client's Finished; for a peer a revocation names, only once its
+    // certificate was checked.
+    let (peer_ref, name_ref) = (&peer, &name);
+    let full = move || async move {
+        let (peer, name) = (peer_ref, name_ref);
+        let early = if revoked_at.is_some() { &[][..] } else { first };
+        let connect = net::connect_within(remote, connect_timeout, shared.user_timeout);
+        let mut stream = handshake(&peer.full, connect, name, protocol, early, None).await?;
+        if let Some(at) = revoked_at {
+            check_peer(&stream, expected, at).map_err(DialError::Revoked)?;
+            send_first(&mut stream, first).await?;
+        }
+        Ok((stream, revoked_at))
     };
     let Some(reserved) = peer.tickets.reserve(&name) else {
         return full().await;
@@ -282,9 +290,9 @@ where
         }
         // A resumed session brings back the peer's certificate as it was
         // verified when the session began, and no verifier looks at it
-        // again: one that has expired since is not trusted, and the peer
-        // is dialled again with a full handshake, which verifies its
-        // current one.
+        // again: one that has expired since, or that a revocation made
+        // since covers, is not trusted, and the peer is dialled again with
+        // a full handshake, which verifies its current one.
         Ok(mut stream) => {
             let chain = stream.get_ref().1.peer_certificates();
             let leaf = chain.and_then(|c| c.first());
@@ -301,17 +309,22 @@ where
                         let error = trellis_core::tls::Described(&e).to_string();
                         (error, trellis_core::tls::failure_reason(&e))
                     })
+                })
+                .and_then(|()| match revoked_at {
+                    Some(at) => check_peer(&stream, expected, at)
+                        .map_err(|e| (e.to_string(), trellis_core::grpc::REFUSAL_REVOKED)),
+                    None => Ok(()),
                 });
             match valid {
                 Ok(()) => {
                     stream.get_mut().0.release();
                     send_first(&mut stream, first).await?;
-                    Ok(stream)
+                    Ok((stream, revoked_at))
                 }
                 // The held Finished never leaves: the peer sees the
                 // handshake end unfinished.
                 Err((e, reason)) => {
-                    tracing::debug!(peer = %expected, error = %e, "resumed session's certificate no longer valid; dialling again with a full handshake");
+                    tracing::debug!(peer = %expected, error = %e, reason, "resumed session's certificate no longer valid; dialling again with a full handshake");
                     shared.metrics.handshake_failure(OUTBOUND, reason);
                     peer.tickets.forget(&name);
                     drop(stream);
@@ -319,44 +332,20 @@ where
                 }
             }
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
-/// [`dial_mesh`] to a peer whose identity a revocation names: a full
-/// handshake (a resumed session would bring back a certificate no verifier
-/// sees), then its certificate checked against the revocation before the
-/// app's first bytes leave, so a peer it covers is sent nothing.
-#[allow(clippy::too_many_arguments)]
-async fn dial_revoked<R>(
-    shared: &Shared,
-    remote: R,
-    connect_timeout: Duration,
-    expected: &SpiffeId,
-    peer: &tls::PeerClient,
-    protocol: Protocol,
-    first: &[u8],
-    name: ServerName<'static>,
-    revocations: &trellis_core::revocation::Revocations,
-) -> Result<TlsStream<net::ReadAhead<TcpStream>>, DialError>
-where
-    R: tokio::net::ToSocketAddrs + Copy,
-{
-    let connect = net::connect_within(remote, connect_timeout, shared.user_timeout);
-    let mut stream = handshake(&peer.full, connect, &name, protocol, &[], None).await?;
-    let leaf = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first());
-    // The verifier accepted a certificate: there is a leaf.
-    if let Some(leaf) = leaf {
-        revocations
-            .check(expected, leaf)
-            .map_err(DialError::Revoked)?;
+/// Refuses the peer `expected` of `stream` when the revocation of its
+/// identity made at `revoked_at` covers the certificate it presented (as
+/// verified, or as a resumed session brought it back); one that presented
+/// none is covered.
+fn check_peer(stream: &PeerStream, expected: &SpiffeId, revoked_at: i64) -> Result<(), Revoked> {
+    let chain = stream.get_ref().1.peer_certificates();
+    match chain.and_then(|c| c.first()) {
+        Some(leaf) => revocation::check_leaf(expected, revoked_at, leaf),
+        None => revocation::check_against(expected, revoked_at, i64::MIN),
     }
-    send_first(&mut stream, first).await?;
-    Ok(stream)
 }
 
 /// Sends the app's `first` bytes, held while the peer's certificate was
@@ -758,7 +747,7 @@ where
             // for the life of the connection.
             let sent = first.len() as u64;
             drop(first);
-            relay(metrics, local, upstream, sent, protocol, &to, None).await;
+            relay(metrics, local, upstream.0, sent, protocol, &to, None).await;
         }
         Err(e) => {
             refused(metrics, &e, &to, None);
@@ -1097,7 +1086,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                         let App { tcp, detected } = app;
                         let sent = detected.map_or(0, |(_, first)| first.len() as u64);
                         let tried = retry.as_ref().map(|r| &r.tried);
-                        relay(metrics, tcp, upstream, sent, protocol, &to, tried).await;
+                        relay(metrics, tcp, upstream.0, sent, protocol, &to, tried).await;
                         return;
                     }
                     Err(DialError::Connect(e)) => match retry.as_mut().and_then(|r| r.next(&e)) {

@@ -25,9 +25,10 @@
 //!
 //! The snapshot's revocations (every revoked identity of the mesh, with
 //! when) travel with the policies ([`Policies::revocations`]): the inbound
-//! listener refuses a caller they cover and closes one open when they
-//! arrive, and the outbound dial refuses such a peer
-//! ([`crate::tls::TlsState::revocations`]).
+//! listener refuses a caller they cover ([`check_revoked`]), the outbound
+//! dial refuses such a peer ([`crate::tls::TlsState::revocations`]), and
+//! an open inbound connection is closed when new ones cover its caller
+//! ([`closes_when`], which it waits on for a deny too).
 
 mod authz;
 mod services;
@@ -49,6 +50,40 @@ use trellis_core::revocation::Revocations;
 use trellis_proto::discovery::v1 as pb;
 
 use crate::metrics::Metrics;
+
+/// Refuses `peer`, whose certificate began its validity at `not_before`
+/// (Unix seconds), when a revocation in `policies` covers it: a caller
+/// once its handshake is over, and an open connection's peer when new
+/// policies arrive. With no policies yet, or nothing revoked, this is one
+/// comparison: no lock, no allocation.
+pub fn check_revoked(
+    policies: Option<&Policies>,
+    peer: &SpiffeId,
+    not_before: i64,
+) -> Result<(), trellis_core::revocation::Revoked> {
+    policies.map_or(Ok(()), |p| p.revocations.check_issued(peer, not_before))
+}
+
+/// Waits for new policies in force for which `closes` says why an open
+/// connection ends, and returns that; `closes` sees each new version once
+/// (`None` before the first snapshot). Pends forever once the policies can
+/// no longer change. The connection's only cost while nothing changes is
+/// its place among the channel's waiters: the policies change only when
+/// what they enforce does ([`Policies::same_as`]), not with the endpoints.
+pub async fn closes_when<T>(
+    policies: &mut tokio::sync::watch::Receiver<Option<Arc<Policies>>>,
+    mut closes: impl FnMut(Option<Arc<Policies>>) -> Option<T>,
+) -> T {
+    loop {
+        if policies.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = policies.borrow_and_update().clone();
+        if let Some(closed) = closes(now) {
+            return closed;
+        }
+    }
+}
 
 /// What happens to an outbound connection whose destination is not a mesh
 /// endpoint.
