@@ -69,8 +69,9 @@ impl Hot {
 pub const FORWARDED: &str = "forwarded";
 /// The outcome of an inbound connection that policy denied.
 pub const DENIED: &str = "denied";
-/// The outcome of an open inbound connection closed because a new policy
-/// denies it.
+/// The outcome of an open connection closed when new policies arrive:
+/// inbound, because they deny it or their revocations cover its caller;
+/// outbound, because their revocations cover its server.
 pub const CLOSED_BY_POLICY: &str = "closed_by_policy";
 /// The outcome of an outbound call to a service's virtual address while
 /// the service has no ready backend: refused.

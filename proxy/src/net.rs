@@ -231,20 +231,42 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
-    let error = poll_fn(|cx| {
-        let there = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+    let mut copying = Copying::default();
+    let error = poll_fn(|cx| copying.poll(cx, a, b)).await.err();
+    copying.copied(error)
+}
+
+/// A [`copy`] polled by its owner, who may look at either side between
+/// polls (the copy borrows neither in between): what it moved so far is
+/// kept here.
+#[derive(Default)]
+pub struct Copying {
+    a_to_b: Direction,
+    b_to_a: Direction,
+}
+
+impl Copying {
+    /// Moves what both sides have ready; ready once both ways are done, or
+    /// with the first error.
+    pub fn poll<A, B>(&mut self, cx: &mut Context<'_>, a: &mut A, b: &mut B) -> Poll<io::Result<()>>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let there = self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let back = self.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         ready!(there);
         ready!(back);
         Poll::Ready(Ok(()))
-    })
-    .await
-    .err();
-    Copied {
-        there: a_to_b.moved,
-        back: b_to_a.moved,
-        error,
+    }
+
+    /// What was moved, ended by `error` if one did.
+    pub fn copied(&self, error: Option<io::Error>) -> Copied {
+        Copied {
+            there: self.a_to_b.moved,
+            back: self.b_to_a.moved,
+            error,
+        }
     }
 }
 

@@ -209,7 +209,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
             .collect(),
         tls: tls_rx.clone(),
-        policies: policies_rx,
+        policies: policies_rx.clone(),
         close_denied: config.close_denied_connections,
         opaque_ports: config.opaque_ports.clone(),
         user_timeout: config.tcp_user_timeout,
@@ -256,6 +256,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
     let outbound_shared = Arc::new(outbound::Shared {
         tls: tls_rx.clone(),
         snapshot: snapshot_rx,
+        policies: policies_rx,
         metrics: metrics.clone(),
         own_addrs,
         plaintext_listeners: config.plaintext_listeners().collect(),

@@ -19,9 +19,11 @@ fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
     let svid = ca.svid(me);
     let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, expected));
     let (_snapshot_tx, snapshot) = watch::channel(None);
+    let (_policies_tx, policies) = watch::channel(None);
     Arc::new(Shared {
         tls,
         snapshot,
+        policies,
         metrics: Arc::new(Metrics::new()),
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
@@ -186,9 +188,11 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
     let svid = ca.svid(&id("/ns/a/sa/client"));
     let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, std::slice::from_ref(&expected)));
     let (_snapshot_tx, snapshot) = watch::channel(None);
+    let (_policies_tx, policies) = watch::channel(None);
     let looping = Arc::new(Shared {
         tls,
         snapshot,
+        policies,
         metrics: Arc::new(Metrics::new()),
         own_addrs: Vec::new(),
         plaintext_listeners: vec![app.addr],

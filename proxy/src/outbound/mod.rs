@@ -63,7 +63,9 @@
 //! A mesh peer whose identity a revocation of the snapshot names is
 //! checked once its handshake is over, before the app's first bytes leave
 //! (`dial_mesh`): one the revocation covers is refused, one certified
-//! again since is dialled as any other, resuming too.
+//! again since is dialled as any other, resuming too. A connection open to
+//! a peer that a later revocation covers is closed when the policies that
+//! carry it arrive (`relay`).
 //!
 //! Before dialling a mesh peer it runs the HTTP detector on the app's
 //! first bytes and offers the matching ALPN (`h2`, `http/1.1`, or none for
@@ -76,6 +78,7 @@ mod target;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ::http::StatusCode;
@@ -94,9 +97,9 @@ use trellis_core::tls::SvidError;
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
 use crate::http::{self, Protocol};
-use crate::metrics::{Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
+use crate::metrics::{CLOSED_BY_POLICY, Metrics, NO_BACKEND, NO_MESH_BACKEND, OUTBOUND, SAME_POD};
 use crate::net;
-use crate::policy::{OutboundPolicy, Snapshot};
+use crate::policy::{self, OutboundPolicy, Policies, Snapshot};
 use crate::tls::{self, NotResumed, TlsState};
 use target::{Resolved, Target, resolve};
 
@@ -143,6 +146,10 @@ fn remote_name(remote: &str) -> ServerName<'static> {
 pub struct Shared {
     pub tls: watch::Receiver<Arc<TlsState>>,
     pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// The policies in force, which an open connection watches for
+    /// revocations of its peer's identity (they change only when what
+    /// they enforce does, not with the endpoints).
+    pub policies: watch::Receiver<Option<Arc<Policies>>>,
     pub metrics: Arc<Metrics>,
     /// Every address the proxy listens on: a destination among them is a loop.
     pub own_addrs: Vec<SocketAddr>,
@@ -459,18 +466,28 @@ async fn detect<R: std::fmt::Display>(
 }
 
 /// Copies bytes between the app and the mesh peer dialled for it until
-/// both sides close. `sent` bytes of the app's, read by detection, went
-/// out with the handshake. A call to a service that reached its peer
+/// both sides close, or until new revocations cover the peer's
+/// certificate: the connection is then closed, logged naming the peer and
+/// counted (`closed_by_policy`, and the handshake failure `revoked`).
+/// `sent` bytes of the app's, read by detection, went out with the
+/// handshake; `checked` is the revocation time the dial checked the
+/// peer's certificate against. A call to a service that reached its peer
 /// after others could not be connected to names them all (`tried`).
+///
+/// While the peer's identity is not revoked the connection only waits
+/// among the policies' waiters, which wake when the policies change
+/// ([`policy::closes_when`], as the inbound listener's connections do); a
+/// new revocation of its identity has its certificate read, once.
 async fn relay<R: std::fmt::Display>(
-    metrics: &Metrics,
+    shared: &Shared,
     mut local: TcpStream,
-    mut upstream: TlsStream<net::ReadAhead<TcpStream>>,
+    (mut upstream, mut checked): Dialled,
     sent: u64,
     protocol: Protocol,
     to: &Upstream<'_, R>,
     tried: Option<&Tried>,
 ) {
+    let metrics = &shared.metrics;
     metrics.established(OUTBOUND, upstream.get_ref().1);
     let alpn = upstream.get_ref().1.alpn_protocol();
     tracing::info!(
@@ -484,7 +501,51 @@ async fn relay<R: std::fmt::Display>(
         alpn = alpn.map(String::from_utf8_lossy).as_deref().unwrap_or("none"),
         "outbound connection"
     );
-    let copied = net::copy(&mut local, &mut upstream).await;
+    let mut policies = shared.policies.clone();
+    // The dial read the revocations of the TLS state, which follows the
+    // policies: the policies in force now are read once too.
+    policies.mark_changed();
+    let mut copying = net::Copying::default();
+    let error = loop {
+        let revoked_at = {
+            let named = policy::closes_when(&mut policies, |now| {
+                let at = now?.revocations.revoked_at(to.expected)?;
+                (checked != Some(at)).then_some(at)
+            });
+            let mut named = std::pin::pin!(named);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(copied) = copying.poll(cx, &mut local, &mut upstream) {
+                    return Poll::Ready(Err(copied.err()));
+                }
+                named.as_mut().poll(cx).map(Ok)
+            })
+            .await
+        };
+        let at = match revoked_at {
+            Ok(at) => at,
+            Err(error) => break error,
+        };
+        checked = Some(at);
+        if let Err(e) = check_peer(&upstream, to.expected, at) {
+            let copied = copying.copied(None);
+            metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
+            tracing::warn!(
+                peer = %to.expected,
+                remote = %to.remote,
+                via = %to.via,
+                service = to.service.map(|s| s.name),
+                reason = %trellis_core::grpc::REFUSAL_REVOKED,
+                error = %e,
+                "open outbound connection closed: the server's identity is revoked"
+            );
+            metrics.handshake_failure(OUTBOUND, trellis_core::grpc::REFUSAL_REVOKED);
+            metrics.connection(OUTBOUND, CLOSED_BY_POLICY);
+            // Returning drops both sockets: the app and the peer both see
+            // the connection close.
+            return;
+        }
+    };
+    let copied = copying.copied(error);
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match copied.error {
         None => metrics.connection(OUTBOUND, "forwarded"),
@@ -747,7 +808,7 @@ where
             // for the life of the connection.
             let sent = first.len() as u64;
             drop(first);
-            relay(metrics, local, upstream.0, sent, protocol, &to, None).await;
+            relay(shared, local, upstream, sent, protocol, &to, None).await;
         }
         Err(e) => {
             refused(metrics, &e, &to, None);
@@ -1086,7 +1147,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                         let App { tcp, detected } = app;
                         let sent = detected.map_or(0, |(_, first)| first.len() as u64);
                         let tried = retry.as_ref().map(|r| &r.tried);
-                        relay(metrics, tcp, upstream.0, sent, protocol, &to, tried).await;
+                        relay(shared, tcp, upstream, sent, protocol, &to, tried).await;
                         return;
                     }
                     Err(DialError::Connect(e)) => match retry.as_mut().and_then(|r| r.next(&e)) {

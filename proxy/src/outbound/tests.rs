@@ -191,10 +191,12 @@ fn sidecar(
     };
     let snapshot = Snapshot::compile(raw, &id("web"), &metrics).unwrap();
     let (_, tls) = watch::channel(ca.tls(&id("web"), &[id("api")]));
+    let (_, policies) = watch::channel(Some(snapshot.policies.clone()));
     let (_, snapshot) = watch::channel(Some(Arc::new(snapshot)));
     Arc::new(Shared {
         tls,
         snapshot,
+        policies,
         metrics,
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),

@@ -27,8 +27,8 @@
 //! when) travel with the policies ([`Policies::revocations`]): the inbound
 //! listener refuses a caller they cover ([`check_revoked`]), the outbound
 //! dial refuses such a peer ([`crate::tls::TlsState::revocations`]), and
-//! an open inbound connection is closed when new ones cover its caller
-//! ([`closes_when`], which it waits on for a deny too).
+//! an open connection either way is closed when new ones cover its peer
+//! ([`closes_when`], which the inbound listener waits on for a deny too).
 
 mod authz;
 mod services;

@@ -281,6 +281,50 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_of_the_server_closes_the_callers_open_connections_to_it() -> anyhow::Result<()>
+{
+    let mesh = Mesh::start().await?;
+    let echo = EchoApp::start().await?;
+    let server = mesh.sidecar("echo").app(echo.addr()).start().await?;
+    let mut client = mesh.sidecar("caller").route_to(&server).start().await?;
+    let echo_id = server.identity().to_string();
+    let mut open = TcpStream::connect(client.route_addr(server.identity())).await?;
+    // Bytes no one takes for HTTP: copied as they are.
+    let ping = [0u8, 1, 2, 3];
+    open.write_all(&ping).await?;
+    let mut answer = [9; 4];
+    open.read_exact(&mut answer).await?;
+    assert_eq!(answer, ping);
+
+    // The caller's sidecar closes the connection it dialled once it holds
+    // the revocation of the server's identity (the server's own sidecar
+    // has no reason to).
+    mesh.ctl(["identity", "revoke", echo_id.as_str()]).await?;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(SOON, open.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the open connection to the revoked server is still open"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    let line = client
+        .wait_for_log(
+            "open outbound connection closed: the server's identity is revoked",
+            SOON,
+        )
+        .await?;
+    assert!(line.contains(&echo_id), "{line}");
+    assert!(line.contains("reason=revoked"), "{line}");
+    let closed = client.metrics().await?.counter(
+        "trellis_connections_total",
+        &[("direction", "outbound"), ("outcome", "closed_by_policy")],
+    );
+    assert_eq!(closed, 1.0);
+    client.process().ensure_running()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_lists_the_revocations_it_enforces_in_config() -> anyhow::Result<()> {
     let mesh = Mesh::start().await?;
     let web = mesh.sidecar("web").start().await?;
