@@ -198,6 +198,8 @@ pub struct ControlPlane {
     pub grpc: String,
     pub admin: String,
     pub log: Arc<Mutex<String>>,
+    /// The `control plane ready` line, naming the ports it serves.
+    ready_line: String,
 }
 
 impl ControlPlane {
@@ -244,8 +246,9 @@ impl ControlPlane {
             grpc: String::new(),
             admin: String::new(),
             log,
+            ready_line: String::new(),
         };
-        let ready_line = eventually("the control plane to log `control plane ready`", || {
+        cp.ready_line = eventually("the control plane to log `control plane ready`", || {
             if let Ok(Some(status)) = cp.child.try_wait() {
                 panic!("control plane exited with {status}:\n{}", cp.log());
             }
@@ -254,9 +257,15 @@ impl ControlPlane {
                 .find(|l| l.contains("control plane ready"))
                 .map(str::to_string)
         });
-        cp.grpc = field(&ready_line, "grpc");
-        cp.admin = field(&ready_line, "admin");
+        cp.grpc = cp.ready_field("grpc");
+        cp.admin = cp.ready_field("admin");
         cp
+    }
+
+    /// The value of `name=VALUE` in the ready line: the address a port
+    /// serves on, or `off`.
+    pub fn ready_field(&self, name: &str) -> String {
+        field(&self.ready_line, name)
     }
 
     pub fn log(&self) -> String {

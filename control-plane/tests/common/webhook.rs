@@ -70,13 +70,5 @@ impl WebhookCerts {
 /// The `webhook=` field of `cp`'s ready line: the webhook port's address,
 /// or `off`.
 pub fn webhook_addr(cp: &ControlPlane) -> String {
-    let log = cp.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("control plane ready"))
-        .expect("a ready line");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("webhook="))
-        .unwrap_or_else(|| panic!("no webhook= in {line:?}"))
-        .to_owned()
+    cp.ready_field("webhook")
 }
