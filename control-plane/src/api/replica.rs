@@ -27,7 +27,8 @@
 //! ([`Replicas::peers_health`]) to know whether to go unready
 //! ([`crate::readiness`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -611,8 +612,20 @@ pub struct Fleet {
     /// that answered.
     presented: HashMap<String, Presented>,
     /// The pods the replicas that answered admitted without a sidecar,
-    /// joined by namespace, owner, label and value.
-    uninjected: HashMap<(String, String, String, String, String), UninjectedPods>,
+    /// joined by namespace, owner kind and name, label and value.
+    uninjected: BTreeMap<(String, String, String, String, String), Uninjected>,
+}
+
+/// How the replicas that answered admitted the pods of one owner without a
+/// sidecar, for one label and value.
+#[derive(Debug)]
+struct Uninjected {
+    /// How many pods, over the replicas.
+    admitted: u64,
+    /// When the latest was admitted.
+    last_admitted_unix: i64,
+    /// The replicas that admitted them, in the order they answered.
+    replicas: Vec<String>,
 }
 
 /// What one identity's open streams presented when they connected: their
@@ -766,25 +779,29 @@ impl Fleet {
         }
         for pods in answer.uninjected_pods {
             let key = (
-                pods.namespace.clone(),
-                pods.owner_kind.clone(),
-                pods.owner_name.clone(),
-                pods.reason.clone(),
-                pods.value.clone(),
+                pods.namespace,
+                pods.owner_kind,
+                pods.owner_name,
+                pods.reason,
+                pods.value,
             );
-            let joined = self
-                .uninjected
-                .entry(key)
-                .or_insert_with(|| UninjectedPods {
-                    admitted: 0,
-                    last_admitted_unix: i64::MIN,
-                    replicas: Vec::new(),
-                    ..pods.clone()
-                });
-            joined.admitted = joined.admitted.saturating_add(pods.admitted);
-            joined.last_admitted_unix = joined.last_admitted_unix.max(pods.last_admitted_unix);
-            if !joined.replicas.contains(&answer.name) {
-                joined.replicas.push(answer.name.clone());
+            match self.uninjected.entry(key) {
+                Entry::Vacant(entry) => {
+                    entry.insert(Uninjected {
+                        admitted: pods.admitted,
+                        last_admitted_unix: pods.last_admitted_unix,
+                        replicas: vec![answer.name.clone()],
+                    });
+                }
+                Entry::Occupied(entry) => {
+                    let joined = entry.into_mut();
+                    joined.admitted = joined.admitted.saturating_add(pods.admitted);
+                    joined.last_admitted_unix =
+                        joined.last_admitted_unix.max(pods.last_admitted_unix);
+                    if !joined.replicas.contains(&answer.name) {
+                        joined.replicas.push(answer.name.clone());
+                    }
+                }
             }
         }
         let mut connected = 0;
@@ -814,24 +831,23 @@ impl Fleet {
     /// The pods the replicas that answered admitted without a sidecar,
     /// joined: last admitted first, each naming its replicas in order.
     pub fn uninjected_pods(&self) -> Vec<UninjectedPods> {
-        let mut joined: Vec<_> = self.uninjected.values().cloned().collect();
-        for pods in &mut joined {
-            pods.replicas.sort();
+        let mut joined = Vec::with_capacity(self.uninjected.len());
+        for ((namespace, owner_kind, owner_name, reason, value), pods) in &self.uninjected {
+            let mut replicas = pods.replicas.clone();
+            replicas.sort();
+            joined.push(UninjectedPods {
+                namespace: namespace.clone(),
+                owner_kind: owner_kind.clone(),
+                owner_name: owner_name.clone(),
+                reason: reason.clone(),
+                value: value.clone(),
+                admitted: pods.admitted,
+                last_admitted_unix: pods.last_admitted_unix,
+                replicas,
+            });
         }
-        joined.sort_by(|a, b| {
-            let key = |p: &UninjectedPods| {
-                (
-                    std::cmp::Reverse(p.last_admitted_unix),
-                    (
-                        p.namespace.clone(),
-                        p.owner_kind.clone(),
-                        p.owner_name.clone(),
-                    ),
-                    (p.reason.clone(), p.value.clone()),
-                )
-            };
-            key(a).cmp(&key(b))
-        });
+        // Stable: of those admitted last in the same second, key order.
+        joined.sort_by_key(|p| std::cmp::Reverse(p.last_admitted_unix));
         joined
     }
 
