@@ -485,20 +485,21 @@ pub fn respond(
             let message = format!("{path} takes POST, not {method}\n");
             return (StatusCode::METHOD_NOT_ALLOWED, "text/plain", message.into());
         }
-        INJECT_PATH | UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH => {
+        INJECT_PATH => AdmissionRequest::parse(body).map(|request| {
+            let scope = NamespaceScope::SelectedByWebhook;
+            let (response, unknown) = respond_pod_reporting(&request, scope, config);
+            for found in unknown {
+                metrics.inject_unknown_value(found.reason());
+            }
+            response
+        }),
+        UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH => {
+            let found = if path == UNKNOWN_POD_LABEL_PATH {
+                UnknownInjectValue::PodLabel
+            } else {
+                UnknownInjectValue::NamespaceLabel
+            };
             AdmissionRequest::parse(body).map(|request| {
-                let found = match path {
-                    INJECT_PATH => {
-                        let scope = NamespaceScope::SelectedByWebhook;
-                        let (response, unknown) = respond_pod_reporting(&request, scope, config);
-                        for found in unknown {
-                            metrics.inject_unknown_value(found.reason());
-                        }
-                        return response;
-                    }
-                    UNKNOWN_POD_LABEL_PATH => UnknownInjectValue::PodLabel,
-                    _ => UnknownInjectValue::NamespaceLabel,
-                };
                 let (response, admitted) = respond_unknown_label(&request, found);
                 if let Some(pod) = admitted {
                     metrics.inject_unknown_value(found.reason());
