@@ -5,7 +5,6 @@
 //! fields this version does not know survive untouched.
 
 use std::collections::BTreeMap;
-use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -532,16 +531,14 @@ fn proxy_container(
         env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout.to_string()));
     }
     // And the HTTP/2 connection limits, each when not the sidecar's default.
-    env.extend(unless_default(
-        "TRELLIS_MAX_H2_CONNECTIONS_PER_PEER",
-        h2_limits.per_peer,
-        trellis_core::h2_limits::DEFAULT_PER_PEER,
-    ));
-    env.extend(unless_default(
-        "TRELLIS_MAX_H2_CONNECTIONS",
-        h2_limits.total,
-        trellis_core::h2_limits::DEFAULT_TOTAL,
-    ));
+    if h2_limits.per_peer != trellis_core::h2_limits::DEFAULT_PER_PEER {
+        let limit = h2_limits.per_peer.to_string();
+        env.push(value("TRELLIS_MAX_H2_CONNECTIONS_PER_PEER", limit));
+    }
+    if h2_limits.total != trellis_core::h2_limits::DEFAULT_TOTAL {
+        let limit = h2_limits.total.to_string();
+        env.push(value("TRELLIS_MAX_H2_CONNECTIONS", limit));
+    }
     if !opaque_ports.is_empty() {
         env.push(value("TRELLIS_OPAQUE_PORTS", join(opaque_ports)));
     }
@@ -604,12 +601,6 @@ fn proxy_container(
     });
     pull_policy(&mut container, config);
     container
-}
-
-/// The sidecar's variable `name` set to `value`, unless that is the
-/// sidecar's own `default`, which it applies itself.
-fn unless_default<T: PartialEq + Display>(name: &str, value: T, default: T) -> Option<Value> {
-    (value != default).then(|| json!({"name": name, "value": value.to_string()}))
 }
 
 /// Every address of the primary family, which the kubelet's probes reach:
