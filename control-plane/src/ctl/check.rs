@@ -37,7 +37,7 @@ use trellis_proto::admin::v1::{
 
 use super::rfc3339;
 use crate::ca::anchors::expiries;
-use crate::inject::INJECT_KEY;
+use crate::inject::{INJECT_KEY, UnknownInjectValue};
 
 /// How bad one finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -374,15 +374,16 @@ fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             (kind, _) => format!("the pods of {} {name} run", kind.escape_debug()),
         };
         let allowed = "neither \"enabled\" nor \"disabled\"";
-        let why = match pods.reason.as_str() {
-            "namespace_label" => format!(
+        let why = if pods.reason == UnknownInjectValue::NamespaceLabel.reason() {
+            format!(
                 "the namespace's label {INJECT_KEY} is {allowed} (the webhook cannot read its \
                  value: kubectl get namespace {namespace} --show-labels)"
-            ),
-            _ => format!(
+            )
+        } else {
+            format!(
                 "their label {INJECT_KEY} is {}, {allowed}",
                 crate::api::quoted(&pods.value)
-            ),
+            )
         };
         let by = match several_replicas {
             true => format!(", by {}", pods.replicas.join(", ").escape_debug()),

@@ -171,7 +171,7 @@ pub use review::{
     ReviewError,
 };
 pub use settings::InvalidSettings;
-pub use uninjected::{Admitted, MAX_ENTRIES, MAX_TEXT_BYTES, UninjectedPod, UninjectedPods};
+pub use uninjected::{Admitted, MAX_ENTRIES, UninjectedPod, UninjectedPods};
 
 /// Label and annotation: `enabled` or `disabled`.
 pub const INJECT_KEY: &str = "trellis.io/inject";

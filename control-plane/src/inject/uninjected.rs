@@ -27,7 +27,7 @@ pub const MAX_ENTRIES: usize = 64;
 
 /// The longest text an entry keeps, in bytes: a Kubernetes name (a DNS
 /// subdomain) is at most this long, a label's value shorter.
-pub const MAX_TEXT_BYTES: usize = 253;
+const MAX_TEXT_BYTES: usize = 253;
 
 /// Pods admitted without a sidecar because of a `trellis.io/inject` label
 /// whose value is neither `enabled` nor `disabled`.
