@@ -68,21 +68,51 @@ pub fn check_revoked(
 /// connection ends, and returns that; `closes` sees each new version once
 /// (`None` before the first snapshot). Pends forever once the policies can
 /// no longer change. The connection's only cost while nothing changes is
-/// its place among the channel's waiters: the policies change only when
-/// what they enforce does ([`Policies::same_as`]), not with the endpoints.
+/// its place among the channel's waiters and one atomic load each time its
+/// task wakes: the policies change only when what they enforce does
+/// ([`Policies::same_as`]), not with the endpoints.
+///
+/// The future is polled beside the connection's copy, on every wake of its
+/// task, but a wait on the channel polled again takes its waiters' lock.
+/// So the wait is polled only once the channel holds a version it has not
+/// seen ([`Gated`]); it stays registered with the task's waker meanwhile,
+/// which is why the future must stay with the task that first polls it.
 pub async fn closes_when<T>(
     policies: &mut tokio::sync::watch::Receiver<Option<Arc<Policies>>>,
     mut closes: impl FnMut(Option<Arc<Policies>>) -> Option<T>,
 ) -> T {
-    loop {
-        if policies.changed().await.is_err() {
-            return std::future::pending().await;
+    let probe = policies.clone();
+    let wait = async {
+        loop {
+            if policies.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = policies.borrow_and_update().clone();
+            if let Some(closed) = closes(now) {
+                return closed;
+            }
         }
-        let now = policies.borrow_and_update().clone();
-        if let Some(closed) = closes(now) {
-            return closed;
+    };
+    gated(probe, wait).await
+}
+
+/// `wait`, polled on its first poll and then only once `probe` sees a
+/// version of its channel it has not (or the channel closed): between
+/// those, a wake of the task costs one atomic load.
+async fn gated<T, F: Future>(mut probe: tokio::sync::watch::Receiver<T>, wait: F) -> F::Output {
+    let mut wait = std::pin::pin!(wait);
+    let mut polled = false;
+    std::future::poll_fn(|cx| {
+        if polled && matches!(probe.has_changed(), Ok(false)) {
+            return std::task::Poll::Pending;
         }
-    }
+        polled = true;
+        // Marked before `wait` looks, so a version sent while it does is
+        // seen on the next wake.
+        probe.mark_unchanged();
+        wait.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// What happens to an outbound connection whose destination is not a mesh
@@ -469,6 +499,31 @@ fn pod_ips(endpoints: &HashMap<SocketAddr, SpiffeId>) -> HashMap<IpAddr, SpiffeI
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection's wait for new policies is polled on its first poll and
+    /// then only when the channel has a version it has not seen: the wakes
+    /// its copy causes cost no lock (a wait on the channel polled again
+    /// takes the channel's waiters' lock).
+    #[test]
+    fn the_wait_for_new_policies_is_polled_only_when_they_change() {
+        let (tx, rx) = tokio::sync::watch::channel(0u32);
+        let polls = std::cell::Cell::new(0);
+        let wait = std::future::poll_fn(|_| {
+            polls.set(polls.get() + 1);
+            std::task::Poll::<()>::Pending
+        });
+        let mut gated = std::pin::pin!(gated(rx, wait));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..5 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.get(), 1, "polled again while nothing changed");
+        tx.send(1).unwrap();
+        for _ in 0..5 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.get(), 2, "polled once for the one change");
+    }
 
     fn compile(raw: pb::Snapshot) -> Result<Snapshot, InvalidSnapshot> {
         let local = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
