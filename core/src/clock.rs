@@ -1,4 +1,4 @@
-//! Waiting for a time of the wall clock.
+//! Waiting for a time of the wall clock, and writing one.
 //!
 //! Tokio's timers run on the monotonic clock, which stands still while the
 //! host is suspended (a laptop's lid closed, a paused virtual machine). A
@@ -22,6 +22,17 @@ pub async fn sleep_until(at: SystemTime) {
     }
 }
 
+/// `unix` in RFC 3339, in whole seconds, UTC; `None` when it is before
+/// 1970, past the year 9999 or past what a system time holds.
+pub fn rfc3339_checked(unix: i64) -> Option<String> {
+    use std::fmt::Write as _;
+    let time =
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(unix).ok()?))?;
+    let mut out = String::new();
+    write!(out, "{}", humantime::format_rfc3339_seconds(time)).ok()?;
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +46,17 @@ mod tests {
         let before = std::time::Instant::now();
         sleep_until(SystemTime::now() - Duration::from_secs(60)).await;
         assert!(before.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn times_without_an_rfc3339_form_are_none() {
+        assert_eq!(rfc3339_checked(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(
+            rfc3339_checked(253_402_300_799).as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
+        for unix in [-1, 253_402_300_800, i64::MAX] {
+            assert_eq!(rfc3339_checked(unix), None, "{unix}");
+        }
     }
 }

@@ -162,19 +162,10 @@ pub fn port_list(field: &str, ports: &[u32]) -> Result<Vec<u16>, Status> {
 }
 
 /// A time as status messages give it: RFC 3339, in whole seconds, UTC;
-/// the number itself when it has none ([`rfc3339_checked`]).
+/// the number itself when it has none
+/// ([`trellis_core::clock::rfc3339_checked`]).
 pub fn rfc3339(unix: i64) -> String {
-    rfc3339_checked(unix).unwrap_or_else(|| unix.to_string())
-}
-
-/// `unix` in RFC 3339, in whole seconds, UTC; `None` when it is before
-/// 1970, past the year 9999 or past what a system time holds.
-pub fn rfc3339_checked(unix: i64) -> Option<String> {
-    use std::fmt::Write as _;
-    let time = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(unix).ok()?))?;
-    let mut out = String::new();
-    write!(out, "{}", humantime::format_rfc3339_seconds(time)).ok()?;
-    Some(out)
+    trellis_core::clock::rfc3339_checked(unix).unwrap_or_else(|| unix.to_string())
 }
 
 /// The guard of a service only one identity may call: the Admin service's
@@ -240,7 +231,6 @@ mod tests {
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
         for unix in [-1, 253_402_300_800, i64::MAX] {
-            assert_eq!(rfc3339_checked(unix), None, "{unix}");
             assert_eq!(rfc3339(unix), unix.to_string());
         }
     }

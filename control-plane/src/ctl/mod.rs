@@ -36,7 +36,6 @@ use trellis_proto::admin::v1::{
 
 use self::policy::PolicyCommand;
 
-use crate::api;
 use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 use crate::discovery::SyncState;
@@ -718,13 +717,13 @@ pub fn revocations_json(revocations: &[Revocation]) -> String {
     pretty(&items)
 }
 
-/// A time for people ([`api::rfc3339_checked`]), or `-` for none: 0, or
+/// A time for people ([`trellis_core::clock::rfc3339_checked`]), or `-` for none: 0, or
 /// one without an RFC 3339 form, such as beyond year 9999 (the Kubernetes
 /// store's Pod endpoints, which no certificate expiry ends).
 fn rfc3339(unix: i64) -> String {
     match unix {
         0 => "-".into(),
-        _ => api::rfc3339_checked(unix).unwrap_or_else(|| "-".into()),
+        _ => trellis_core::clock::rfc3339_checked(unix).unwrap_or_else(|| "-".into()),
     }
 }
 

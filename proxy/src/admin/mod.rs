@@ -374,7 +374,8 @@ struct RevocationView {
     spiffe_id: String,
     /// Every certificate of `spiffe_id` issued then or before is refused.
     revoked_at_unix: i64,
-    /// The same, as RFC 3339 (`2026-01-02T03:04:05Z`).
+    /// The same, as RFC 3339 (`2026-01-02T03:04:05Z`); `-` for a time
+    /// before 1970 or too far ahead to write.
     revoked_at: String,
 }
 
@@ -385,25 +386,11 @@ impl RevocationView {
             .map(|(id, at)| RevocationView {
                 spiffe_id: id.to_string(),
                 revoked_at_unix: at,
-                revoked_at: rfc3339(at),
+                revoked_at: trellis_core::clock::rfc3339_checked(at).unwrap_or_else(|| "-".into()),
             })
             .collect();
         all.sort_unstable_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
         all
-    }
-}
-
-/// Unix seconds as RFC 3339, or `-` for a time before 1970 or too far
-/// ahead to write.
-fn rfc3339(unix: i64) -> String {
-    /// 10000-01-01T00:00:00Z, the first time RFC 3339 cannot write.
-    const YEAR_10000: u64 = 253_402_300_800;
-    match u64::try_from(unix) {
-        Ok(secs) if secs < YEAR_10000 => {
-            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-            humantime::format_rfc3339_seconds(at).to_string()
-        }
-        _ => "-".into(),
     }
 }
 
