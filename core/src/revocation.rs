@@ -117,16 +117,16 @@ pub fn check_against(
     })
 }
 
-/// [`check_against`] for the peer `id` that presented `leaf`. A
-/// certificate whose dates cannot be read is treated as issued at the
-/// beginning of time, so it is refused: the verifier that accepted it read
-/// them already.
+/// [`check_against`] for the peer `id` that presented `leaf`, if it
+/// presented one. A certificate whose dates cannot be read, or none, is
+/// treated as issued at the beginning of time, so it is refused: the
+/// verifier that accepted it read them already.
 pub fn check_leaf(
     id: &SpiffeId,
     revoked_at_unix: i64,
-    leaf: &CertificateDer<'_>,
+    leaf: Option<&CertificateDer<'_>>,
 ) -> Result<(), Revoked> {
-    check_against(id, revoked_at_unix, not_before_of(leaf))
+    check_against(id, revoked_at_unix, leaf.map_or(i64::MIN, not_before_of))
 }
 
 /// The notBefore of `leaf` (Unix seconds), or the beginning of time when
@@ -203,7 +203,10 @@ mod tests {
     fn refuses_a_certificate_whose_dates_cannot_be_read() {
         let web = id("spiffe://td/ns/a/sa/web");
         let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
-        let e = check_leaf(&web, REVOKED_AT, &garbage).unwrap_err();
+        let e = check_leaf(&web, REVOKED_AT, Some(&garbage)).unwrap_err();
+        assert_eq!(e.spiffe_id, web);
+        // And a peer that presented none.
+        let e = check_leaf(&web, REVOKED_AT, None).unwrap_err();
         assert_eq!(e.spiffe_id, web);
     }
 

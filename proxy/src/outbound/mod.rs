@@ -348,11 +348,12 @@ where
 /// verified, or as a resumed session brought it back); one that presented
 /// none is covered.
 fn check_peer(stream: &PeerStream, expected: &SpiffeId, revoked_at: i64) -> Result<(), Revoked> {
-    let chain = stream.get_ref().1.peer_certificates();
-    match chain.and_then(|c| c.first()) {
-        Some(leaf) => revocation::check_leaf(expected, revoked_at, leaf),
-        None => revocation::check_against(expected, revoked_at, i64::MIN),
-    }
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    revocation::check_leaf(expected, revoked_at, leaf)
 }
 
 /// Sends the app's `first` bytes, held while the peer's certificate was
