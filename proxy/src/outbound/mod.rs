@@ -311,14 +311,17 @@ where
                 // A root of the bundle that expired since the session
                 // began: the chain is verified again, as a full handshake
                 // would.
-                .and_then(|()| {
-                    peer.verify_resumed(chain.unwrap_or_default()).map_err(|e| {
-                        let error = trellis_core::tls::Described(&e).to_string();
-                        (error, trellis_core::tls::failure_reason(&e))
-                    })
+                .and_then(|not_before| {
+                    peer.verify_resumed(chain.unwrap_or_default())
+                        .map(|()| not_before)
+                        .map_err(|e| {
+                            let error = trellis_core::tls::Described(&e).to_string();
+                            (error, trellis_core::tls::failure_reason(&e))
+                        })
                 })
-                .and_then(|()| match revoked_at {
-                    Some(at) => check_peer(&stream, expected, at)
+                // Against the notBefore `still_valid` read: not parsed again.
+                .and_then(|not_before| match revoked_at {
+                    Some(at) => revocation::check_against(expected, at, not_before)
                         .map_err(|e| (e.to_string(), trellis_core::grpc::REFUSAL_REVOKED)),
                     None => Ok(()),
                 });

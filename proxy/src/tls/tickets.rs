@@ -90,8 +90,9 @@ impl PeerTickets {
     /// Whether the peer certificate `leaf` that a resumed session brought
     /// back is inside its validity period now. rustls restores it from the
     /// ticket and verifies nothing on resumption, so a certificate that
-    /// expired after the session began is caught only here.
-    pub fn still_valid(&self, leaf: &CertificateDer<'_>) -> Result<(), SvidError> {
+    /// expired after the session began is caught only here. Gives its
+    /// notBefore (Unix seconds), which a revocation is checked against.
+    pub fn still_valid(&self, leaf: &CertificateDer<'_>) -> Result<i64, SvidError> {
         let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
         let (not_before, not_after) = match &*checked {
             Some((cert, not_before, not_after)) if cert.as_ref() == leaf.as_ref() => {
@@ -104,7 +105,7 @@ impl PeerTickets {
             }
         };
         drop(checked);
-        trellis_core::tls::within_validity(not_before, not_after)
+        trellis_core::tls::within_validity(not_before, not_after).map(|()| not_before)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tickets<Tls13ClientSessionValue>> {
