@@ -261,9 +261,8 @@ where
     // A full handshake with the hybrid key exchange, `first` leaving with
     // the client's Finished; for a peer a revocation names, only once its
     // certificate was checked.
-    let (peer_ref, name_ref) = (&peer, &name);
+    let (peer, name) = (&peer, &name);
     let full = move || async move {
-        let (peer, name) = (peer_ref, name_ref);
         let early = if revoked_at.is_some() { &[][..] } else { first };
         let connect = net::connect_within(remote, connect_timeout, shared.user_timeout);
         let mut stream = handshake(&peer.full, connect, name, protocol, early, None).await?;
@@ -273,7 +272,7 @@ where
         }
         Ok((stream, revoked_at))
     };
-    let Some(reserved) = peer.tickets.reserve(&name) else {
+    let Some(reserved) = peer.tickets.reserve(name) else {
         return full().await;
     };
     // The app's first bytes wait until the resumed session's certificate
@@ -282,7 +281,7 @@ where
     match tls::resuming(handshake(
         &peer.resume,
         net::connect_within(remote, connect_timeout, shared.user_timeout),
-        &name,
+        name,
         protocol,
         &[],
         Some(reserved),
@@ -292,7 +291,7 @@ where
         Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
-            peer.tickets.forget(&name);
+            peer.tickets.forget(name);
             full().await
         }
         // A resumed session brings back the peer's certificate as it was
@@ -336,7 +335,7 @@ where
                 Err((e, reason)) => {
                     tracing::debug!(peer = %expected, error = %e, reason, "resumed session's certificate no longer valid; dialling again with a full handshake");
                     shared.metrics.handshake_failure(OUTBOUND, reason);
-                    peer.tickets.forget(&name);
+                    peer.tickets.forget(name);
                     drop(stream);
                     full().await
                 }
@@ -510,7 +509,9 @@ async fn relay<R: std::fmt::Display>(
     // policies: the policies in force now are read once too.
     policies.mark_changed();
     let mut copying = net::Copying::default();
-    let error = loop {
+    // How the connection ends: its copying done, with the error that ended
+    // it if one did, or a new revocation covering the peer's certificate.
+    let ended: Result<Option<io::Error>, Revoked> = loop {
         let revoked_at = {
             let named = policy::closes_when(&mut policies, |now| {
                 let at = now?.revocations.revoked_at(to.expected)?;
@@ -527,12 +528,22 @@ async fn relay<R: std::fmt::Display>(
         };
         let at = match revoked_at {
             Ok(at) => at,
-            Err(error) => break error,
+            Err(error) => break Ok(error),
         };
         checked = Some(at);
         if let Err(e) = check_peer(&upstream, to.expected, at) {
-            let copied = copying.copied(None);
-            metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
+            break Err(e);
+        }
+    };
+    let copied = copying.copied(None);
+    metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
+    match ended {
+        Ok(None) => metrics.connection(OUTBOUND, "forwarded"),
+        Ok(Some(e)) => {
+            metrics.connection(OUTBOUND, "error");
+            tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
+        }
+        Err(e) => {
             tracing::warn!(
                 peer = %to.expected,
                 remote = %to.remote,
@@ -546,16 +557,6 @@ async fn relay<R: std::fmt::Display>(
             metrics.connection(OUTBOUND, CLOSED_BY_POLICY);
             // Returning drops both sockets: the app and the peer both see
             // the connection close.
-            return;
-        }
-    };
-    let copied = copying.copied(error);
-    metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
-    match copied.error {
-        None => metrics.connection(OUTBOUND, "forwarded"),
-        Some(e) => {
-            metrics.connection(OUTBOUND, "error");
-            tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
         }
     }
 }
