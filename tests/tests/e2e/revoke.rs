@@ -130,33 +130,63 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_revoked_server()
--> anyhow::Result<()> {
-    let mesh = Mesh::start().await?;
+/// An echo app behind an `echo` sidecar and a `caller` sidecar with a
+/// route to it, with a connection of the caller's app open through both.
+/// Fields drop in order: the connection closes before the sidecars stop.
+struct EchoPair {
+    /// Open, its first bytes echoed.
+    open: TcpStream,
+    client: Sidecar,
+    server: Sidecar,
+    echo: EchoApp,
+}
+
+/// Starts an [`EchoPair`] in `mesh`.
+async fn echo_pair(mesh: &Mesh) -> anyhow::Result<EchoPair> {
     let echo = EchoApp::start().await?;
-    let mut server = mesh.sidecar("echo").app(echo.addr()).start().await?;
-    let mut client = mesh.sidecar("caller").route_to(&server).start().await?;
-    let (caller, echo_id) = (client.identity().to_string(), server.identity().to_string());
-    let route = client.route_addr(server.identity());
-    let mut open = TcpStream::connect(route).await?;
+    let server = mesh.sidecar("echo").app(echo.addr()).start().await?;
+    let client = mesh.sidecar("caller").route_to(&server).start().await?;
+    let mut open = TcpStream::connect(client.route_addr(server.identity())).await?;
     // Bytes no one takes for HTTP: copied as they are.
     let ping = [0u8, 1, 2, 3];
     open.write_all(&ping).await?;
     let mut answer = [9; 4];
     open.read_exact(&mut answer).await?;
     assert_eq!(answer, ping);
+    Ok(EchoPair {
+        open,
+        client,
+        server,
+        echo,
+    })
+}
+
+/// Asserts that `open` is closed soon, with nothing more to read; `what`
+/// names it.
+async fn assert_closed(mut open: TcpStream, what: &str) {
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(SOON, open.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "{what} is still open");
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_revoked_server()
+-> anyhow::Result<()> {
+    let mesh = Mesh::start().await?;
+    let EchoPair {
+        open,
+        mut client,
+        mut server,
+        echo,
+    } = echo_pair(&mesh).await?;
+    let (caller, echo_id) = (client.identity().to_string(), server.identity().to_string());
+    let route = client.route_addr(server.identity());
 
     // The caller's connection, open before the revocation, is closed by
     // the server's sidecar once it holds the revocation.
     mesh.ctl(["identity", "revoke", caller.as_str()]).await?;
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(SOON, open.read_to_end(&mut rest)).await;
-    assert!(
-        closed.is_ok(),
-        "the revoked caller's open connection is still open"
-    );
-    assert!(rest.is_empty(), "{rest:?}");
+    assert_closed(open, "the revoked caller's open connection").await;
     let line = server
         .wait_for_log(
             "open inbound connection closed: the caller's identity is revoked",
@@ -284,29 +314,20 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
 async fn a_revocation_of_the_server_closes_the_callers_open_connections_to_it() -> anyhow::Result<()>
 {
     let mesh = Mesh::start().await?;
-    let echo = EchoApp::start().await?;
-    let server = mesh.sidecar("echo").app(echo.addr()).start().await?;
-    let mut client = mesh.sidecar("caller").route_to(&server).start().await?;
+    let EchoPair {
+        open,
+        mut client,
+        server,
+        // Held: the app stays up while the connection is watched.
+        echo: _echo,
+    } = echo_pair(&mesh).await?;
     let echo_id = server.identity().to_string();
-    let mut open = TcpStream::connect(client.route_addr(server.identity())).await?;
-    // Bytes no one takes for HTTP: copied as they are.
-    let ping = [0u8, 1, 2, 3];
-    open.write_all(&ping).await?;
-    let mut answer = [9; 4];
-    open.read_exact(&mut answer).await?;
-    assert_eq!(answer, ping);
 
     // The caller's sidecar closes the connection it dialled once it holds
     // the revocation of the server's identity (the server's own sidecar
     // has no reason to).
     mesh.ctl(["identity", "revoke", echo_id.as_str()]).await?;
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(SOON, open.read_to_end(&mut rest)).await;
-    assert!(
-        closed.is_ok(),
-        "the open connection to the revoked server is still open"
-    );
-    assert!(rest.is_empty(), "{rest:?}");
+    assert_closed(open, "the open connection to the revoked server").await;
     let line = client
         .wait_for_log(
             "open outbound connection closed: the server's identity is revoked",
