@@ -258,36 +258,35 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
 -> anyhow::Result<()> {
     // Short, so the server's renewal, refused as revoked, comes soon.
     let ttl = Duration::from_secs(20);
-    let mesh = Mesh::builder().cert_ttl(ttl).start().await?;
-    let api = trellis_tests::HttpApp::start("api").await?;
-    let server = mesh.sidecar("api").app(api.addr()).start().await?;
-    let client = mesh.sidecar("web").route_to(&server).start().await?;
-    let route = client.route_addr(server.identity());
-    let api_id = server.identity().to_string();
+    let pair = Pair::start(Mesh::builder().cert_ttl(ttl).start().await?).await?;
+    let route = pair.route();
+    let api_id = pair.server.identity().to_string();
     // The second call resumes the session of the first.
     http::get(route, "/first").await?.success()?;
-    let before = resumed(&client).await?;
+    let before = resumed(&pair.client).await?;
     http::get(route, "/second").await?.success()?;
-    assert!(resumed(&client).await? > before, "no session resumed");
-    let revoked_serial = server.cert_serial().await?;
+    assert!(resumed(&pair.client).await? > before, "no session resumed");
+    let revoked_serial = pair.server.cert_serial().await?;
 
     // Revoked, with a new join token waiting in its file: the server's
     // sidecar, refused at its next renewal, proves it and is certified
     // again.
-    mesh.ctl(["identity", "revoke", api_id.as_str()]).await?;
-    std::fs::write(server.token_file(), mesh.token(&api_id).await?)?;
+    pair.mesh
+        .ctl(["identity", "revoke", api_id.as_str()])
+        .await?;
+    std::fs::write(pair.server.token_file(), pair.mesh.token(&api_id).await?)?;
     eventually(
         "the client sidecar to hold the revocation",
         SOON,
         || async {
-            let listed = listed_revocation(&client, &api_id).await?;
+            let listed = listed_revocation(&pair.client, &api_id).await?;
             anyhow::ensure!(listed.is_some(), "{api_id} not listed");
             anyhow::Ok(())
         },
     )
     .await?;
     eventually("api to hold a new certificate", ttl + SOON, || async {
-        let serial = server.cert_serial().await?;
+        let serial = pair.server.cert_serial().await?;
         anyhow::ensure!(serial != revoked_serial, "still {serial}");
         anyhow::Ok(())
     })
@@ -298,14 +297,14 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
     let answer = http::get(route, "/again").await?.success()?;
     assert_eq!(answer.body, "hello from api");
     // And the next call resumes the session it began.
-    let before = resumed(&client).await?;
+    let before = resumed(&pair.client).await?;
     let answer = http::get(route, "/resumed").await?.success()?;
     assert_eq!(answer.body, "hello from api");
     assert!(
-        resumed(&client).await? > before,
+        resumed(&pair.client).await? > before,
         "the call to the server certified again after its revocation did not resume"
     );
-    let reached: Vec<_> = api.requests().into_iter().map(|r| r.path).collect();
+    let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
     assert!(reached.contains(&"/resumed".to_string()), "{reached:?}");
     Ok(())
 }
