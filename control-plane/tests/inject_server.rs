@@ -326,6 +326,36 @@ async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
     }
 }
 
+/// A server-side dry run (`kubectl create --dry-run=server`) of such a pod
+/// gets the same warning, but creates no pod: nothing is recorded, and
+/// `check` warns of no pod that never ran.
+#[tokio::test]
+async fn a_dry_run_of_a_pod_admitted_without_a_sidecar_is_not_recorded() {
+    let webhook = start().await;
+    let mut review: Value =
+        serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("ture");
+    review["request"]["dryRun"] = json!(true);
+    let path = "/inject/unknown-pod-label";
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        path,
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], json!(true), "{answer}");
+    assert!(
+        answer["response"]["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("ture")),
+        "{answer}"
+    );
+    assert_eq!(webhook.uninjected.recent(), []);
+}
+
 /// `/validate` denies an invalid policy with the lint message.
 #[tokio::test]
 async fn validate_denies_an_invalid_policy_over_https() {

@@ -180,6 +180,7 @@ mod tests {
             namespace: namespace.into(),
             operation: "CREATE".into(),
             object: Some(object),
+            dry_run: false,
         }
     }
 

@@ -66,6 +66,9 @@ pub struct AdmissionRequest {
     pub operation: String,
     /// The object as it will be stored; `None` for DELETE.
     pub object: Option<Value>,
+    /// A server-side dry run (`kubectl … --dry-run=server`): nothing is
+    /// stored, whatever the answer.
+    pub dry_run: bool,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +95,8 @@ struct RawRequest {
     operation: String,
     #[serde(default)]
     object: Option<Value>,
+    #[serde(default, rename = "dryRun")]
+    dry_run: Option<bool>,
 }
 
 impl AdmissionRequest {
@@ -118,6 +123,7 @@ impl AdmissionRequest {
             namespace: raw.namespace,
             operation: raw.operation,
             object: raw.object.filter(|o| !o.is_null()),
+            dry_run: raw.dry_run.unwrap_or(false),
         })
     }
 }

@@ -503,7 +503,11 @@ pub fn respond(
                 let (response, admitted) = respond_unknown_label(&request, found);
                 if let Some(pod) = admitted {
                     metrics.inject_unknown_value(found.reason());
-                    uninjected.record(pod, crate::unix_now());
+                    // A dry run creates no pod: nothing runs without a
+                    // sidecar.
+                    if !request.dry_run {
+                        uninjected.record(pod, crate::unix_now());
+                    }
                 }
                 response
             })
