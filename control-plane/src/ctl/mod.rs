@@ -159,8 +159,8 @@ pub enum TokenCommand {
 pub enum IdentityCommand {
     /// Stop every certificate of SPIFFE_ID issued until now from renewing,
     /// and every sidecar from accepting it as a peer: new connections by
-    /// it or to it are refused and open ones it made are closed, as soon
-    /// as the sidecars hold the snapshot the revocation is in. A new join
+    /// it or to it are refused and open ones, by it or to it, are closed,
+    /// as soon as the sidecars hold the snapshot the revocation is in. A new join
     /// token for it still obtains a certificate, which renews and is
     /// accepted. Revoking it again moves the revocation to now. The
     /// embedded store only: with the Kubernetes store, delete the pod or

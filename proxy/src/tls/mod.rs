@@ -189,9 +189,10 @@ impl TlsState {
     }
 
     /// The mesh's revoked identities, as the snapshot in force says: an
-    /// outbound dial refuses a peer whose certificate one of them covers
-    /// (checked once the handshake is over, for a full handshake and a
-    /// resumed session alike: rustls calls no verifier on resumption).
+    /// outbound dial refuses a peer whose certificate one of them covers,
+    /// checked once a full handshake is over; a resumed session whose
+    /// certificate one covers (rustls calls no verifier on resumption) is
+    /// abandoned and the peer dialled again with a full handshake.
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations
     }
