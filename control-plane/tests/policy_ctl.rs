@@ -250,6 +250,28 @@ fn explain_takes_the_opaque_ports_of_a_sidecar_not_connected() {
     }
 }
 
+/// `policy explain --port` takes a port as `--opaque-ports` does: 0 and
+/// numbers past 65535 are usage errors naming the flag and the range,
+/// before any credential is read or call made.
+#[test]
+fn explain_refuses_a_port_that_is_not_one() {
+    for bad in ["0", "70000"] {
+        let out = std::process::Command::new(CTL)
+            .args(["--state-dir", "/nonexistent", "policy", "explain"])
+            .args(["--from", WEB, "--to", API, "--port", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--port")
+                && stderr.contains(&format!("\"{bad}\" is not a port (1-65535)")),
+            "{bad}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{bad}");
+    }
+}
+
 /// Every flag's environment twin works as the flag does: a twin that says
 /// "no dry run" does not refuse `--wait` as if a dry run were asked, while
 /// a dry run and a wait asked together are still refused (exit 64); and

@@ -158,7 +158,12 @@ pub enum PolicyCommand {
         /// declare (their --opaque-ports), and --opaque-ports here; the
         /// trace says which made the port opaque, and names any replica
         /// that did not answer (its sidecars' opaque ports are not known).
-        #[arg(long, value_name = "P", env = "TRELLIS_PORT")]
+        #[arg(
+            long,
+            value_name = "P",
+            env = "TRELLIS_PORT",
+            value_parser = trellis_core::tcp::parse_port
+        )]
         port: u16,
         /// Ports to explain as opaque for the destination, besides the
         /// mesh's and those its connected sidecars declare: what a sidecar
