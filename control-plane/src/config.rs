@@ -490,12 +490,14 @@ pub fn with_program_name(name: &str, mut args: Vec<OsString>) -> Vec<OsString> {
     args
 }
 
+/// Help or version asked for is printed (exit 0); anything else, a group
+/// of subcommands called without one (`trellisctl policy`) included, is a
+/// usage error whose text (there, the group's help) goes to stderr, so a
+/// script that left the subcommand out does not pass for having run one.
 pub fn classify_clap_error(e: clap::Error) -> Parsed {
     use clap::error::ErrorKind;
     match e.kind() {
-        ErrorKind::DisplayHelp
-        | ErrorKind::DisplayVersion
-        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = e.print();
             Parsed::Printed
         }

@@ -193,6 +193,36 @@ async fn ctl_without_credentials_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
 }
 
+/// A group of subcommands called without one is a usage error (exit 64,
+/// the group's help on stderr), as `trellisctl` alone is: a script whose
+/// subcommand came out empty does not pass for having run it. Help asked
+/// for is still printed to stdout with exit 0.
+#[tokio::test]
+async fn ctl_group_without_a_subcommand_is_a_usage_error() {
+    for group in ["policy", "identity", "token"] {
+        let out = std::process::Command::new(CTL)
+            .args(["--state-dir", "/nonexistent", group])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{group}: {stderr}");
+        assert!(
+            stderr.contains(&format!("Usage: trellisctl {group} ")),
+            "{group}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{group}");
+        let help = std::process::Command::new(CTL)
+            .args([group, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{group} --help");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains(&format!("Usage: trellisctl {group} ")),
+            "{group} --help"
+        );
+    }
+}
+
 /// `--control-plane` without a port would be dialled on 443, never the
 /// control plane's 15012: refused before anything is dialled, naming the
 /// flag and what it takes.
