@@ -354,6 +354,59 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
     );
 }
 
+/// `--control-plane` at a server of the mesh that is not the control
+/// plane (a sidecar's inbound port, which presents the workload's SVID
+/// from the same CA): one line naming the identity it presented and the
+/// one expected, and what to give instead, in words, never the verifier's
+/// Rust debug form (`Other(OtherError(UnexpectedId { .. }))`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_says_which_identity_answered_in_place_of_the_control_plane() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:15006").await;
+    let config = rustls::ServerConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(web.chain.clone(), web.key_der())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sidecar = listener.local_addr().unwrap().to_string();
+    let serving = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            // trellisctl ends the handshake when it sees the identity.
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let out = tokio::process::Command::new(CTL)
+        .args(["--control-plane", &sidecar, "--state-dir"])
+        .arg(&cp.state_dir)
+        .arg("workloads")
+        .output()
+        .await
+        .unwrap();
+    serving.abort();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    for part in [
+        format!("cannot reach the control plane at {sidecar}"),
+        "not the control plane".to_string(),
+        "gRPC address".to_string(),
+        format!("peer presented {WEB}, expected spiffe://cluster.local/trellis/control-plane"),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} in {stderr}");
+    }
+    for debug in ["Other(", "UnexpectedId", "SpiffeId("] {
+        assert!(!stderr.contains(debug), "{debug:?} in {stderr}");
+    }
+    let mut said = std::collections::HashSet::new();
+    for part in stderr.trim_end().split(": ") {
+        assert!(said.insert(part), "{part:?} twice in {stderr}");
+    }
+}
+
 /// A control plane on an IPv6 address, written `[::1]:PORT` as it logs
 /// it: trellisctl dials it (with the sidecar's dial, which took the
 /// brackets for part of a host name).

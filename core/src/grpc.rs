@@ -143,6 +143,20 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
                      address (its --listen), not its admin or webhook port"
                         .into(),
                 ),
+                // A server of the mesh, from the same CA, that is not the
+                // control plane: a sidecar's inbound port.
+                rustls::Error::InvalidCertificate(Cert::Other(other))
+                    if matches!(
+                        other.0.downcast_ref::<crate::tls::SvidError>(),
+                        Some(crate::tls::SvidError::UnexpectedId { .. })
+                    ) =>
+                {
+                    Some(
+                        "it is not the control plane: give --control-plane the control plane's \
+                         gRPC address (its --listen), not a sidecar's"
+                            .into(),
+                    )
+                }
                 // The webhook port speaks TLS, but HTTP/1.1 only.
                 rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) => {
                     Some(
@@ -190,6 +204,15 @@ fn causes<'a>(
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut message = String::new();
     for cause in causes(e) {
+        // A layer that only shows its source's text (tonic's connect
+        // error around the I/O error of a refused handshake) is said by
+        // that source, in its described form: the layer's own text of a
+        // refused SVID is rustls' debug form of the verifier's error.
+        if let Some(source) = cause.source()
+            && cause.to_string() == source.to_string()
+        {
+            continue;
+        }
         let text = crate::tls::Described(cause).to_string();
         if message.ends_with(&text) {
             continue;
