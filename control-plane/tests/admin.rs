@@ -52,7 +52,6 @@ async fn token_create_refuses_bad_input() {
             vec!["--spiffe-id", "spiffe://cluster.local"],
             "names the trust domain itself",
         ),
-        (vec!["--spiffe-id", WEB, "--ttl", "25h"], "ttl_seconds"),
     ] {
         let mut full = vec!["token", "create"];
         full.extend(args);
@@ -70,6 +69,24 @@ async fn token_create_refuses_bad_input() {
         "a missing --spiffe-id is a usage error"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--spiffe-id"));
+    // A lifetime out of bounds is a usage error in the units it was given
+    // in, as the help states the bounds, not the API's seconds.
+    for (ttl, problem) in [
+        ("25h", "25h is longer than the maximum of 24h"),
+        ("2days", "2days is longer than the maximum of 24h"),
+        ("0s", "0s is not a whole number of seconds, at least 1s"),
+        ("1.5s", "1.5s is not a whole number of seconds, at least 1s"),
+    ] {
+        let out = cp.ctl(&["token", "create", "--spiffe-id", WEB, "--ttl", ttl]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{ttl}: {stderr}");
+        assert!(
+            stderr.contains("--ttl") && stderr.contains(problem),
+            "{ttl}: {stderr}"
+        );
+        assert!(!stderr.contains("ttl_seconds"), "{ttl}: {stderr}");
+        assert!(out.stdout.is_empty(), "{ttl}");
+    }
 }
 
 #[tokio::test]

@@ -149,8 +149,8 @@ pub enum TokenCommand {
         /// The SPIFFE ID the token proves, e.g. spiffe://cluster.local/ns/default/sa/web.
         #[arg(long, env = "TRELLIS_SPIFFE_ID")]
         spiffe_id: String,
-        /// Token lifetime (default 1h, at most 24h).
-        #[arg(long, env = "TRELLIS_TTL", value_parser = humantime::parse_duration)]
+        /// Token lifetime (default 1h, at most 24h), whole seconds.
+        #[arg(long, env = "TRELLIS_TTL", value_parser = token_ttl)]
         ttl: Option<Duration>,
     },
 }
@@ -391,6 +391,23 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
     Ok(certs)
 }
 
+/// `token create --ttl`: whole seconds from 1s to the control plane's
+/// maximum, refused here in the units it was given rather than by the
+/// control plane in seconds.
+fn token_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
+        return Err(format!("{s} is not a whole number of seconds, at least 1s"));
+    }
+    if ttl > crate::authn::MAX_TOKEN_TTL {
+        return Err(format!(
+            "{s} is longer than the maximum of {}h",
+            crate::authn::MAX_TOKEN_TTL.as_secs() / 3600
+        ));
+    }
+    Ok(ttl)
+}
+
 /// `--control-plane` as `host:port`: a missing port would be dialled as
 /// 443, never the control plane's 15012.
 fn host_port(s: &str) -> Result<String, String> {
@@ -494,13 +511,6 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
         ));
     }
     let credentials = cli.credentials()?;
-    if let Command::Token(TokenCommand::Create { ttl: Some(ttl), .. }) = &cli.command
-        && (ttl.as_secs() == 0 || ttl.subsec_nanos() != 0)
-    {
-        return Err(CtlError::Usage(
-            "--ttl must be a whole number of seconds, at least 1s".into(),
-        ));
-    }
     let mut client = credentials.connect(&cli.control_plane).await?;
     match run(cli, &credentials, &mut client).await {
         // A connection closed under the call: if the control plane refused
