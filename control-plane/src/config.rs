@@ -372,8 +372,8 @@ impl Config {
         self.renewal_proof == Some(RenewalProof::Token)
     }
 
-    /// Checks what clap cannot: reads and validates `--inject-config` and
-    /// `--trust-anchors`, resolves the Kubernetes API for
+    /// Checks what clap cannot: reads and validates `--inject-config`,
+    /// `--trust-anchors` and `--ca-cert`/`--ca-key`, resolves the Kubernetes API for
     /// `--identity-provider kubernetes` and the default `--renewal-proof`.
     fn resolve(&mut self) -> Result<(), String> {
         if let Some(path) = &self.trust_anchors {
@@ -395,6 +395,9 @@ impl Config {
         match self.store {
             StoreKind::Kubernetes => self.resolve_kubernetes_store()?,
             StoreKind::Embedded => {
+                if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
+                    crate::ca::files::check_operator_ca(&self.trust_domain, cert, key)?;
+                }
                 for (flag, given) in [
                     ("--ca-secret", self.ca_secret.is_some()),
                     ("--namespace", self.namespace.is_some()),

@@ -47,6 +47,60 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--opaque-ports"));
     assert!(!state.exists());
+    // An operator CA that cannot be used is refused as configuration too,
+    // naming the flag and its file, before the state dir is made: a file
+    // that is missing, one that is not a certificate, a key of another
+    // certificate.
+    let missing = tmp.path().join("missing.crt").display().to_string();
+    let not_pem = tmp.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let not_pem = not_pem.display().to_string();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&p256()).unwrap();
+    let (ca_cert, other_key) = (tmp.path().join("ca.crt"), tmp.path().join("other.key"));
+    std::fs::write(&ca_cert, ca.pem()).unwrap();
+    std::fs::write(&other_key, p256().serialize_pem()).unwrap();
+    let (ca_cert, other_key) = (
+        ca_cert.display().to_string(),
+        other_key.display().to_string(),
+    );
+    for (cert, key, names) in [
+        (
+            &missing,
+            &other_key,
+            format!("--ca-cert {missing}: cannot read it"),
+        ),
+        (
+            &ca_cert,
+            &missing,
+            format!("--ca-key {missing}: cannot read it"),
+        ),
+        (
+            &not_pem,
+            &other_key,
+            format!("--ca-cert {not_pem} is not usable"),
+        ),
+        (
+            &ca_cert,
+            &other_key,
+            format!("--ca-key {other_key} does not match the certificate in {ca_cert}"),
+        ),
+    ] {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--ca-cert", cert, "--ca-key", key])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cert} {key}: {stderr}");
+        assert!(stderr.contains(&names), "{names:?} in {stderr}");
+        assert!(
+            !state.exists(),
+            "{cert} {key} must not create the state dir"
+        );
+    }
     let out = Command::new(CP).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));

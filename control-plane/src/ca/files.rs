@@ -117,6 +117,31 @@ pub fn open_ca(
     Ok(ca)
 }
 
+/// Checks `--ca-cert` and `--ca-key` as the start will load them (each
+/// readable, a CA chain ending at its root, valid now, and the key of its
+/// first certificate), so a configuration error exits before the state
+/// dir is touched. The error names the flag and its file, never the key.
+pub fn check_operator_ca(
+    trust_domain: &trellis_core::TrustDomain,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), String> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
+    };
+    let (cert_pem, key_pem) = (read("--ca-cert", cert)?, read("--ca-key", key)?);
+    let e = match load_ca(trust_domain, &cert_pem, cert, &key_pem, key) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let flag = match &e {
+        CaFilesError::KeyMismatch { .. } => "--ca-key",
+        CaFilesError::Invalid { path, .. } if path == key => "--ca-key",
+        _ => "--ca-cert",
+    };
+    Err(format!("{flag} {e}"))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, CaFilesError> {
     std::fs::read(path).map_err(|source| CaFilesError::Read {
         path: path.to_path_buf(),
