@@ -463,6 +463,60 @@ async fn explain_says_an_l7_deny_fails_closed_on_a_mesh_opaque_port() {
     );
 }
 
+/// On a port parsed as HTTP, a rule's HTTP conditions are checked on each
+/// request, as the sidecars enforce them: `trellisctl policy explain` says
+/// so of an L7 DENY without `ports` and of an L7 ALLOW naming the port,
+/// and never that a rule whose source and port match "does not match".
+#[tokio::test]
+async fn explain_says_l7_rules_are_decided_per_request_on_a_parsed_port() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let deny = allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [/admin]");
+    let reads = allow("reads", API, WEB, 8080).replace(
+        "- ports: [8080]",
+        "- ports: [8080]\n          methods: [GET]",
+    );
+    apply(&mut admin, &format!("{deny}---\n{reads}"), false)
+        .await
+        .unwrap();
+
+    let explained = cp.ctl(&[
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
+    ]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(!text.contains("does not match"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "  default/no-admin (DENY): selects the destination\n    rule 0: decided per HTTP \
+             request: source matches spiffeId {WEB}; any port, with L7 matches\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  default/reads (ALLOW): selects the destination\n    rule 0: decided per HTTP \
+             request: source matches spiffeId {WEB}; port 8080 is listed with L7 matches\n"
+        )),
+        "{text}"
+    );
+
+    // Another source matches neither rule, whatever its requests.
+    let other = "spiffe://cluster.local/ns/default/sa/other";
+    let explained = cp.ctl(&[
+        "policy", "explain", "--from", other, "--to", API, "--port", "8080",
+    ]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(!text.contains("decided per HTTP request"), "{text}");
+    assert!(
+        text.contains("rule 0: does not match: no source matches"),
+        "{text}"
+    );
+}
+
 /// A port the destination's connected sidecars declare opaque themselves
 /// is opaque to Explain too, as those sidecars enforce it: an L7 DENY
 /// denies the whole connection there. The explanation says where the port

@@ -333,6 +333,7 @@ fn trace_to_proto(t: &PolicyTrace) -> proto::PolicyTrace {
                 index: r.index as u32,
                 matched: r.matched,
                 why: r.why.clone(),
+                per_request: r.per_request,
             })
             .collect(),
     }
@@ -352,6 +353,7 @@ fn trace_from_proto(t: &proto::PolicyTrace) -> Result<PolicyTrace, InvalidExplan
                 index: r.index as usize,
                 matched: r.matched,
                 why: r.why.clone(),
+                per_request: r.per_request,
             })
             .collect(),
     })

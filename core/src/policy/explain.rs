@@ -139,6 +139,10 @@ pub struct RuleTrace {
     pub index: usize,
     pub matched: bool,
     pub why: String,
+    /// Its source and port match, and its L7 matches on the port are
+    /// checked on each HTTP request: it neither matches nor misses the
+    /// connection as a whole (`matched` is false).
+    pub per_request: bool,
 }
 
 impl Explanation {
@@ -269,17 +273,24 @@ fn trace_rule(
                  be matched there, {instead}"
             )
         }
+        (None, None) if !rule.l4_matches(port) && rule.l7_may_match(port) => {
+            "any port, with L7 matches".to_owned()
+        }
         (None, None) => "any port".to_owned(),
         (Some(_), None) if rule.port_matches(port) && !rule.l4_matches(port) => {
-            format!("port {port} is listed with L7 matches (decided per HTTP request)")
+            format!("port {port} is listed with L7 matches")
         }
         (Some(_), None) if rule.port_matches(port) => format!("port {port} is listed"),
         (Some(ports), None) => format!("port {port} is not in {ports:?}"),
     };
+    let l4 = rule.l4_matches(port);
     RuleTrace {
         index,
-        matched: source_match.is_some() && rule.l4_matches(port),
+        matched: source_match.is_some() && l4,
         why: format!("{from}; {to}"),
+        // On an opaque port, L7 matches were turned into whole-connection
+        // ones (DENY, AUDIT) or left off (ALLOW): none are left there.
+        per_request: source_match.is_some() && !l4 && rule.l7_may_match(port),
     }
 }
 
@@ -315,6 +326,8 @@ impl fmt::Display for Explanation {
             for rule in &policy.rules {
                 let verdict = if rule.matched {
                     "matches"
+                } else if rule.per_request {
+                    "decided per HTTP request"
                 } else {
                     "does not match"
                 };
