@@ -282,3 +282,53 @@ async fn workloads_marks_a_revoked_identity_as_certs_does() {
     let after = ctl_ok(&cp, &["workloads"]);
     assert!(!after.contains("REVOKED"), "{after}");
 }
+
+/// `trellisctl check` warns of a connected sidecar whose identity is
+/// revoked: it cannot renew its certificate and its peers refuse it. It is
+/// no failure (the revocation was meant), and gone once unrevoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_of_a_connected_sidecar_whose_identity_is_revoked() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7002").await;
+    let mut streams = Vec::new();
+    for (svid, inbound) in [(&web, "127.0.0.1:7001"), (&db, "127.0.0.1:7002")] {
+        let mut stream = Watcher::open(&cp, svid, inbound).await;
+        stream.next().await;
+        streams.push(stream.answer_all());
+    }
+    // Once both sidecars hold the snapshot served (a revocation is sent
+    // in a new one).
+    let check = || {
+        tokio::task::block_in_place(|| {
+            eventually("both sidecars to hold the current snapshot", || {
+                let check = cp.ctl(&["check"]);
+                let report = String::from_utf8_lossy(&check.stdout).into_owned();
+                (report.contains("2 of 2 connected sidecars hold the current snapshot"))
+                    .then_some((report, check.status.success()))
+            })
+        })
+    };
+    let (report, passed) = check();
+    assert!(passed && !report.contains("revoked"), "{report}");
+
+    ctl_ok(&cp, &["identity", "revoke", WEB]);
+    let (report, passed) = check();
+    assert!(passed, "{report}");
+    assert!(
+        report.contains(&format!(
+            "warn  {WEB} is connected, but its certificate is revoked: it cannot renew it, and \
+             its peers refuse it"
+        )),
+        "{report}"
+    );
+    assert!(!report.contains(&format!("{DB} is connected")), "{report}");
+    assert!(report.contains("0 failures, 1 warning"), "{report}");
+
+    ctl_ok(&cp, &["identity", "unrevoke", WEB]);
+    let (report, passed) = check();
+    assert!(passed && !report.contains("revoked"), "{report}");
+    for stream in streams {
+        stream.abort();
+    }
+}

@@ -6,7 +6,8 @@
 //! soon (`warn`) and what is broken now (`FAIL`): replicas that do not
 //! answer or serve another snapshot, sidecars that refused their snapshot
 //! or have not received it yet (or hold the number served set in another
-//! epoch), connected sidecars that have not renewed
+//! epoch), connected sidecars whose certificate is revoked, connected
+//! sidecars that have not renewed
 //! their certificate or are well past the time to (with the Kubernetes
 //! store, as the replicas' issued-certificate logs tell, or that they
 //! cannot), stored policies
@@ -208,6 +209,19 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     let mut unreported = 0;
     let mut unscheduled = 0;
     for w in &connected {
+        // Revoked on purpose (`trellisctl identity revoke`), so not a
+        // failure; but the sidecar is cut off, and keeps running as if not.
+        if w.revoked {
+            out.push(finding(
+                Level::Warn,
+                format!(
+                    "{} is connected, but its certificate is revoked: it cannot renew it, and \
+                     its peers refuse it (give it a new join token, or trellisctl identity \
+                     unrevoke it)",
+                    w.spiffe_id
+                ),
+            ));
+        }
         if !w.cert_expiry_unknown.is_empty() {
             *unknown.entry(w.cert_expiry_unknown.as_str()).or_default() += 1;
         } else if w.no_certificate_since_unix != 0 {

@@ -125,7 +125,7 @@ pub enum Command {
     /// Whether the mesh is healthy: every replica answers and serves one
     /// snapshot (a version, with its epoch where both sides have one),
     /// every connected sidecar holds it and has renewed its
-    /// certificate, no pod was admitted without a sidecar because of a
+    /// certificate, none is revoked (a warning), no pod was admitted without a sidecar because of a
     /// mistyped `trellis.io/inject` label, no root of the trust bundle or
     /// the operator credential expires soon. A line per finding
     /// (`ok`, `warn`, `FAIL`); exit 1 on any `FAIL`.
