@@ -62,6 +62,21 @@ fn lint_reports_exit_codes_and_lines() {
     let missing = run(&[lint.join("missing.yaml").as_os_str()]);
     assert_eq!(missing.status.code(), Some(1));
 
+    // Files without a document: refused as `policy apply` refuses them.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "# nothing yet\n").unwrap();
+    let no_documents =
+        "no AuthorizationPolicy or RateLimitPolicy documents found in the given files";
+    let linted = run(&[empty.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&linted.stderr);
+    assert_eq!(linted.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains(no_documents), "{stderr}");
+    let applied = cp.ctl(&["policy", "apply", "-f", empty.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&applied.stderr);
+    assert_eq!(applied.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains(no_documents), "{stderr}");
+
     let other_td = run(&[
         lint.join("good").as_os_str(),
         "--trust-domain".as_ref(),

@@ -15,7 +15,8 @@
 //! `policy lint` prints its diagnostics on stdout, one per line (at most
 //! [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS), then how
 //! many more there were), and a summary counting them all on stderr; it
-//! exits 1 when there is any error, 0 otherwise (also with warnings).
+//! exits 1 when there is any error, 64 when the files hold no document at
+//! all (as `apply` does), 0 otherwise (also with warnings).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -132,7 +133,8 @@ pub enum PolicyCommand {
     },
     /// Check policy files offline (no control plane needed). Diagnostics go to
     /// stdout as `file:line:column: field.path: message`; exit 1 on any
-    /// error, 0 otherwise.
+    /// error, 64 when the files hold no document (as `apply` refuses
+    /// them), 0 otherwise.
     Lint {
         /// Policy files or directories.
         #[arg(value_name = "FILE|DIR", required = true)]
@@ -185,6 +187,11 @@ pub enum PolicyCommand {
 /// The kinds `--kind` accepts.
 const KINDS: [&str; 2] = [AuthorizationPolicy::KIND, RateLimitPolicy::KIND];
 
+/// Why `apply` and `lint` refuse files without errors that hold no
+/// document (empty, or only comments).
+const NO_DOCUMENTS: &str =
+    "no AuthorizationPolicy or RateLimitPolicy documents found in the given files";
+
 /// `policy lint`: no credentials, no network.
 pub fn lint(
     paths: &[PathBuf],
@@ -198,6 +205,10 @@ pub fn lint(
         ..ValidationContext::default()
     };
     let loaded = load_paths_in(paths, &td, &context);
+    // What `apply` would refuse to send, refused alike.
+    if !loaded.has_errors() && files_with_documents(&loaded).is_empty() {
+        return Err(CtlError::Usage(NO_DOCUMENTS.into()));
+    }
     let (errors, warnings) = (loaded.errors(), loaded.warnings());
     let stderr = format!(
         "{errors} error{}, {warnings} warning{}\n",
@@ -386,9 +397,7 @@ async fn apply(
     }
     let names = files_with_documents(&loaded);
     if names.is_empty() {
-        return Err(CtlError::Usage(
-            "no AuthorizationPolicy or RateLimitPolicy documents found in the given files".into(),
-        ));
+        return Err(CtlError::Usage(NO_DOCUMENTS.into()));
     }
     let files = read_files(&names)?;
     let (document, starts) = join_files(&files);
