@@ -26,9 +26,11 @@ use crate::inject::InjectConfig;
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 
 /// The longest `--cert-ttl` accepted: 30 days. Workload certificates are
-/// short-lived on purpose (the design's default is an hour): a leaf is never
-/// revoked for TLS, so its lifetime is how long a stolen key stays useful to
-/// a thief. With `--renewal-proof token` (the default in Kubernetes) that
+/// short-lived on purpose (the design's default is an hour): a leaf is
+/// revoked only by `trellisctl identity revoke`, with the embedded store
+/// (sidecars then refuse it as a peer); with the Kubernetes store it lives
+/// until it expires. So its lifetime is how long a stolen key stays useful
+/// to a thief nobody revoked. With `--renewal-proof token` (the default in Kubernetes) that
 /// is any thief: a renewal needs the pod's ServiceAccount token too. With
 /// renewals proved by the certificate (join tokens, `--renewal-proof
 /// certificate`) it bounds only a thief who cannot reach the control plane
@@ -150,11 +152,13 @@ pub struct Config {
     pub state_dir: PathBuf,
 
     /// Lifetime of issued workload certificates (at least 10s, at most 30
-    /// days: a leaf is never revoked for TLS, so its lifetime bounds how
-    /// long a stolen key is useful to a thief who cannot renew it; with
-    /// --renewal-proof token, the Kubernetes default, no thief can renew it
-    /// without the pod's ServiceAccount token, and `trellisctl identity
-    /// revoke` stops certificate-proved renewals of an identity).
+    /// days: with the embedded store `trellisctl identity revoke` makes
+    /// sidecars refuse an identity's certificates and stops their renewal;
+    /// with the Kubernetes store a certificate lives until it expires. So
+    /// the lifetime bounds how long a stolen key is useful to a thief who
+    /// cannot renew it and was not revoked; with --renewal-proof token, the
+    /// Kubernetes default, no thief can renew it without the pod's
+    /// ServiceAccount token).
     #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "1h", value_parser = parse_cert_ttl)]
     pub cert_ttl: Duration,
 
@@ -534,8 +538,10 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
     }
     if ttl > MAX_CERT_TTL {
         return Err(format!(
-            "{s} is longer than the maximum of 30d: a workload certificate is never revoked, \
-             so its lifetime bounds how long a stolen key is useful to a thief who cannot renew it"
+            "{s} is longer than the maximum of 30d: a workload certificate lives until it \
+             expires unless its identity is revoked (trellisctl identity revoke, with the \
+             embedded store only), so its lifetime bounds how long a stolen key is useful to a \
+             thief who cannot renew it"
         ));
     }
     Ok(ttl)

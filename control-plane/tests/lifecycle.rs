@@ -101,11 +101,44 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
             "{cert} {key} must not create the state dir"
         );
     }
+    // A lifetime too long is refused saying what is true of revocation:
+    // it exists, with the embedded store.
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--cert-ttl", "1y"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(
+            "is longer than the maximum of 30d: a workload certificate lives until it expires \
+             unless its identity is revoked (trellisctl identity revoke, with the embedded \
+             store only)"
+        ),
+        "{stderr}"
+    );
+    assert!(!state.exists());
     let out = Command::new(CP).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
     let out = Command::new(CP).arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
+    // --cert-ttl's help says where revocation exists, not that it does not.
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!help.contains("never revoked"), "{help}");
+    assert!(
+        help.contains(
+            "with the embedded store `trellisctl identity revoke` makes sidecars refuse an \
+             identity's certificates and stops their renewal; with the Kubernetes store a \
+             certificate lives until it expires"
+        ),
+        "{help}"
+    );
 }
 
 #[test]
