@@ -377,7 +377,8 @@ impl Config {
     }
 
     /// Checks what clap cannot: reads and validates `--inject-config`,
-    /// `--trust-anchors` and `--ca-cert`/`--ca-key`, resolves the Kubernetes API for
+    /// `--webhook-cert`/`--webhook-key`, `--trust-anchors` and
+    /// `--ca-cert`/`--ca-key`, resolves the Kubernetes API (its CA read) for
     /// `--identity-provider kubernetes` and the default `--renewal-proof`.
     fn resolve(&mut self) -> Result<(), String> {
         if let Some(path) = &self.trust_anchors {
@@ -390,6 +391,9 @@ impl Config {
             InjectConfig::from_settings(&json, self.trust_domain.clone(), String::new())
                 .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
             self.inject_settings = Some(json);
+        }
+        if let (Some(cert), Some(key)) = (&self.webhook_cert, &self.webhook_key) {
+            crate::inject::server::check_serving_files(cert, key)?;
         }
         let kube_flags = [
             ("--kube-api", self.kube_api.is_some()),
@@ -618,6 +622,23 @@ mod tests {
         Config::parse_args(args.iter().map(OsString::from).collect())
     }
 
+    /// A directory holding a self-signed certificate and its key, as
+    /// `tls.crt` and `tls.key` (serving files, or a CA), and the paths of
+    /// both: the flags naming them are checked by reading them.
+    fn pem_files() -> (tempfile::TempDir, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let (cert_path, key_path) = (path("tls.crt"), path("tls.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (dir, cert_path, key_path)
+    }
+
     #[test]
     fn peers_are_addresses_or_names_with_a_port() {
         let Parsed::Run(c) = parse(&[
@@ -792,6 +813,7 @@ mod tests {
             panic!("--webhook-cert without --webhook must be refused")
         };
         assert!(msg.contains("--webhook"), "{msg}");
+        let (_dir, cert, key) = pem_files();
         let Parsed::Run(c) = parse(&[
             "x",
             "--state-dir",
@@ -799,9 +821,9 @@ mod tests {
             "--webhook",
             "0.0.0.0:15017",
             "--webhook-cert",
-            "c",
+            &cert,
             "--webhook-key",
-            "k",
+            &key,
         ]) else {
             panic!("a complete webhook should parse")
         };
@@ -811,6 +833,7 @@ mod tests {
 
     #[test]
     fn kubernetes_identity_takes_the_kube_flags() {
+        let (_dir, ca, _) = pem_files();
         let Parsed::Run(c) = parse(&[
             "x",
             "--state-dir",
@@ -820,7 +843,7 @@ mod tests {
             "--kube-api",
             "https://127.0.0.1:6443",
             "--kube-ca",
-            "ca.crt",
+            &ca,
             "--kube-token-file",
             "token",
         ]) else {
@@ -828,7 +851,7 @@ mod tests {
         };
         let kube = c.kube.unwrap();
         assert_eq!(kube.url.to_string(), "https://127.0.0.1:6443/");
-        assert_eq!(kube.ca, PathBuf::from("ca.crt"));
+        assert_eq!(kube.ca, PathBuf::from(&ca));
         let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--kube-api", "https://h"])
         else {
             panic!("--kube-api without the kubernetes provider must be refused")
@@ -853,13 +876,14 @@ mod tests {
     /// it is refused, naming the flag, and renewals prove the certificate.
     #[test]
     fn the_renewal_proof_is_the_token_in_kubernetes_only() {
+        let (_dir, ca, _) = pem_files();
         let kube = [
             "--identity-provider",
             "kubernetes",
             "--kube-api",
             "https://127.0.0.1:6443",
             "--kube-ca",
-            "ca.crt",
+            &ca,
             "--kube-token-file",
             "token",
         ];
@@ -887,11 +911,14 @@ mod tests {
     }
     #[test]
     fn the_kubernetes_store_takes_its_flags_and_refuses_what_it_cannot_use() {
+        let (_dir, ca, _) = pem_files();
         let kube = [
             "--identity-provider",
             "kubernetes",
             "--kube-api",
             "https://127.0.0.1:6443",
+            "--kube-ca",
+            &ca,
         ];
         let with = |extra: &[&str]| {
             let mut args = vec!["x", "--state-dir", "d", "--store", "kubernetes"];

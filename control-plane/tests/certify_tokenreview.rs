@@ -373,21 +373,39 @@ fn in_a_pod_the_api_server_comes_from_the_environment() {
     }
 }
 
-/// A CA file that is not there fails the start (exit 1) naming it; no
-/// Kubernetes API server can run here, and none is contacted.
+/// A CA file that is not there, or holds no certificate, is configuration:
+/// it exits 64 naming the flag and the file, before the state dir is made
+/// (no CA, operator credential or database left behind); no Kubernetes API
+/// server can run here, and none is contacted.
 #[test]
-fn a_missing_kube_ca_fails_the_start_naming_the_file() {
-    let out = run_cp(&[
-        "--identity-provider",
-        "kubernetes",
-        "--kube-api",
-        "https://127.0.0.1:6443",
-        "--kube-ca",
-        "/nonexistent/ca.crt",
-        "--kube-token-file",
-        "/nonexistent/token",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("/nonexistent/ca.crt"), "{stderr}");
+fn an_unusable_kube_ca_exits_64_naming_the_flag_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let empty = dir.path().join("empty.crt");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.display().to_string();
+    for (ca, names) in [
+        (
+            "/nonexistent/ca.crt",
+            "--kube-ca /nonexistent/ca.crt: ".to_owned(),
+        ),
+        (
+            empty.as_str(),
+            format!("--kube-ca {empty}: no certificate in the file"),
+        ),
+    ] {
+        let out = std::process::Command::new(common::CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--identity-provider", "kubernetes"])
+            .args(["--kube-api", "https://127.0.0.1:6443", "--kube-ca", ca])
+            .args(["--kube-token-file", "/nonexistent/token"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{ca}: {stderr}");
+        assert!(stderr.contains(&names), "{names:?} in {stderr}");
+        assert!(!state.exists(), "{ca} must not create the state dir");
+    }
 }

@@ -419,24 +419,58 @@ fn invalid_webhook_flags_exit_64() {
     }
 }
 
-/// A serving certificate that cannot be read, or a webhook port in use, fails
-/// the start (exit 1) naming the file or the address.
+/// Serving files that cannot be used are configuration: they exit 64
+/// naming the flag and the file, before the state dir is made (no CA,
+/// operator credential or database left behind): a certificate or key
+/// that is missing, a certificate that is not one, a key of another
+/// certificate.
+#[test]
+fn unusable_webhook_files_exit_64_naming_the_flag_and_touch_nothing() {
+    let certs = WebhookCerts::new();
+    let (cert, key) = (certs.path("tls.crt"), certs.path("tls.key"));
+    let other_key = certs.path("other.key");
+    std::fs::write(&other_key, common::p256().serialize_pem()).unwrap();
+    let not_pem = certs.path("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let missing = "/nonexistent/tls.pem";
+    let state = certs.dir.path().join("state");
+    for (cert, key, names) in [
+        (missing, key.as_str(), format!("--webhook-cert {missing}: ")),
+        (cert.as_str(), missing, format!("--webhook-key {missing}: ")),
+        (
+            not_pem.as_str(),
+            key.as_str(),
+            format!("--webhook-cert {not_pem}: no certificate in the file"),
+        ),
+        (
+            cert.as_str(),
+            other_key.as_str(),
+            format!("--webhook-key {other_key}: does not match {cert}"),
+        ),
+    ] {
+        let out = Command::new(common::CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--webhook", "127.0.0.1:0", "--webhook-cert", cert])
+            .args(["--webhook-key", key])
+            .env_remove("TRELLIS_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cert} {key}: {stderr}");
+        assert!(stderr.contains(&names), "{names:?} in {stderr}");
+        assert!(
+            !state.exists(),
+            "{cert} {key} must not create the state dir"
+        );
+    }
+}
+
+/// A webhook port in use fails the start (exit 1) naming the address.
 #[test]
 fn webhook_start_up_failures_name_the_cause() {
     let certs = WebhookCerts::new();
-    let key = certs.path("tls.key");
-    let out = run(&[
-        "--webhook",
-        "127.0.0.1:0",
-        "--webhook-cert",
-        "/nonexistent/tls.crt",
-        "--webhook-key",
-        &key,
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("/nonexistent/tls.crt"), "{stderr}");
-
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let flags = certs.flags();

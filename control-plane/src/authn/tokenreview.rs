@@ -96,9 +96,10 @@ pub struct KubeApi {
 }
 
 impl KubeApi {
-    /// From the flags: `url` (else the pod's environment), `ca` and
-    /// `token_file` (else the pod's service-account files). The error is a
-    /// sentence naming the flag.
+    /// From the flags: `url` (else the pod's environment), `ca` (else the
+    /// pod's service-account CA, read now: a CA that cannot verify anything
+    /// is a configuration error) and `token_file` (else the pod's
+    /// service-account token). The error is a sentence naming the flag.
     pub fn resolve(
         url: Option<&str>,
         ca: Option<&Path>,
@@ -108,12 +109,34 @@ impl KubeApi {
             Some(url) => parse_api_url(url).map_err(|e| format!("--kube-api {url:?}: {e}"))?,
             None => in_cluster_url()?,
         };
+        let ca_path = ca.map_or_else(|| IN_CLUSTER_CA.into(), Path::to_path_buf);
+        read_roots(&ca_path).map_err(|e| match ca {
+            Some(_) => format!("--kube-ca {}: {e}", ca_path.display()),
+            None => format!(
+                "no --kube-ca given, and the pod's CA {}: {e}",
+                ca_path.display()
+            ),
+        })?;
         Ok(Self {
             url,
-            ca: ca.map_or_else(|| IN_CLUSTER_CA.into(), Path::to_path_buf),
+            ca: ca_path,
             token_file: token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf),
         })
     }
+}
+
+/// The roots of the PEM file at `path`, which must hold at least one
+/// certificate.
+fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| e.to_string())? {
+        let cert = cert.map_err(|e| e.to_string())?;
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(roots)
 }
 
 /// Checks an API server URL: `https`, a host, no query.
@@ -286,14 +309,7 @@ impl TokenReviewer {
             path: api.ca.clone(),
             message,
         };
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&api.ca).map_err(|e| ca_error(e.to_string()))? {
-            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(ca_error("no certificate in the file".into()));
-        }
+        let roots = read_roots(&api.ca).map_err(ca_error)?;
         let mut config = ClientConfig::builder_with_provider(trellis_core::tls::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

@@ -183,6 +183,22 @@ impl ServingFiles {
     }
 }
 
+/// Checks `--webhook-cert` and `--webhook-key` as the start will load them
+/// (each readable, a certificate, a key, the key of the certificate), so a
+/// configuration error exits before the state dir is touched. The error
+/// names the flag and its file, never the key.
+pub fn check_serving_files(cert: &Path, key: &Path) -> Result<(), String> {
+    let e = match load(cert, key) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let flag = match &e {
+        TlsFilesError::File { path, .. } if path == key => "--webhook-key",
+        _ => "--webhook-cert",
+    };
+    Err(format!("{flag} {e}"))
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
