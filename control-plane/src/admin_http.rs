@@ -2,7 +2,9 @@
 //! serving; with the Kubernetes store, when the watch of a policy kind has
 //! been failing for longer than its grace, 503 naming it if a peer replica
 //! answers as healthy, else 200 saying that the policies served may be
-//! stale: see [`crate::readiness`]) and `/metrics` (Prometheus text).
+//! stale: see [`crate::readiness`]) and `/metrics` (Prometheus text, the
+//! only answer typed as such; the others are plain text, a 404 naming the
+//! three paths).
 //!
 //! It exposes nothing secret and accepts nothing that changes state. It is
 //! reachable from every pod of the cluster (the kubelet probes it, a
@@ -140,13 +142,15 @@ fn respond(
     discovery: &Discovery,
     readiness: Option<&Readiness>,
 ) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String| {
+    let typed = |status: StatusCode, content_type: &'static str, body: String| {
         Response::builder()
             .status(status)
-            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     };
+    // Only /metrics is Prometheus text (its version), as a scraper reads it.
+    let text = |status, body| typed(status, "text/plain; charset=utf-8", body);
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -185,9 +189,16 @@ fn respond(
                     .collect();
                 render_store_watches(&mut body, &failing);
             }
-            text(StatusCode::OK, body)
+            typed(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live /ready /metrics\n".into(),
+        ),
     }
 }
 

@@ -653,3 +653,35 @@ async fn the_admin_http_port_limits_its_connections() {
     )
     .await;
 }
+
+/// The admin port's answers, each with its content type: only `/metrics`
+/// is Prometheus text; `/live`, `/ready` and a path it does not serve are
+/// plain text, the last naming the paths it does, as the sidecar's admin
+/// port does.
+#[test]
+fn the_admin_http_port_types_only_metrics_as_prometheus_text() {
+    let cp = ControlPlane::start(&[]);
+    let get = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code} %{content_type}"])
+            .arg(format!("http://{}{path}", cp.admin))
+            .output()
+            .expect("curl runs");
+        let answer = String::from_utf8(out.stdout).unwrap();
+        let (body, status) = answer.rsplit_once('\n').expect("a status line");
+        (status.to_owned(), body.to_owned())
+    };
+    let plain = "text/plain; charset=utf-8";
+    assert_eq!(get("/live"), (format!("200 {plain}"), "live\n".into()));
+    assert_eq!(get("/ready"), (format!("200 {plain}"), "ready\n".into()));
+    assert_eq!(
+        get("/nope"),
+        (
+            format!("404 {plain}"),
+            "not found: try /live /ready /metrics\n".into()
+        )
+    );
+    let (status, body) = get("/metrics");
+    assert_eq!(status, "200 text/plain; version=0.0.4; charset=utf-8");
+    assert!(body.contains("# TYPE "), "{body}");
+}
