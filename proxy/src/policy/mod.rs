@@ -75,7 +75,7 @@ pub fn check_revoked(
 /// The future is polled beside the connection's copy, on every wake of its
 /// task, but a wait on the channel polled again takes its waiters' lock.
 /// So the wait is polled only once the channel holds a version it has not
-/// seen ([`Gated`]); it stays registered with the task's waker meanwhile,
+/// seen; it stays registered with the task's waker meanwhile,
 /// which is why the future must stay with the task that first polls it.
 pub async fn closes_when<T>(
     policies: &mut tokio::sync::watch::Receiver<Option<Arc<Policies>>>,
