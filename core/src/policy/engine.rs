@@ -509,14 +509,33 @@ impl PolicySet {
     /// entry with L7 matches on `port`. Such a connection is served only as
     /// HTTP, each request decided by [`decide_request`](Self::decide_request).
     pub fn admits_requests(&self, decision: &Decision, source: &SpiffeId, port: u16) -> bool {
-        if decision.is_allowed() {
-            return true;
-        }
+        decision.is_allowed() || self.admitting(decision, source, port).is_some()
+    }
+
+    /// The ALLOW rule for which [`admits_requests`](Self::admits_requests)
+    /// admits a connection that `decision` did not allow: the first naming
+    /// `source` with an entry with L7 matches on `port`. `None` when
+    /// `decision` allows, or the connection is not admitted.
+    pub fn admitting_rule(
+        &self,
+        decision: &Decision,
+        source: &SpiffeId,
+        port: u16,
+    ) -> Option<RuleRef> {
+        (!decision.is_allowed())
+            .then(|| self.admitting(decision, source, port))
+            .flatten()
+            .map(|id| self.rule_ref(id))
+    }
+
+    /// [`admitting_rule`](Self::admitting_rule) for a `decision` that did
+    /// not allow, without naming it.
+    fn admitting(&self, decision: &Decision, source: &SpiffeId, port: u16) -> Option<RuleId> {
         let denied_by_rule = matches!(decision.reason, Reason::Rule(_));
-        !denied_by_rule
-            && self
-                .first_match(&self.allow, source, port, |rule| rule.l7_may_match(port))
-                .is_some()
+        if denied_by_rule {
+            return None;
+        }
+        self.first_match(&self.allow, source, port, |rule| rule.l7_may_match(port))
     }
 
     /// Whether an ALLOW or DENY rule in force matches the paths of requests
