@@ -20,7 +20,7 @@ use super::document::{
     Metadata, Rule, Selector, Source,
 };
 use super::engine::{Decision, DefaultPolicy, Reason, RuleRef, Verdict};
-use super::explain::{Explanation, OpaqueOrigin, PolicyTrace, RuleTrace};
+use super::explain::{Explanation, OpaqueOrigin, PerRequest, PolicyTrace, RuleTrace};
 use super::path::FieldPath;
 use super::validate::{
     Severity, ValidPolicy, ValidationContext, Violation, Violations, validate_in,
@@ -276,6 +276,10 @@ impl Explanation {
                 connected_sidecars: o.connected_sidecars,
                 requested: o.requested,
             }),
+            per_request: self.per_request.as_ref().map(|p| proto::PerRequestRules {
+                allowed_by: p.allowed_by.as_ref().map(RuleRef::to_proto),
+                denied_by: p.denied_by.as_ref().map(RuleRef::to_proto),
+            }),
         }
     }
 
@@ -316,6 +320,10 @@ impl Explanation {
                 declaring_sidecars: o.declaring_sidecars,
                 connected_sidecars: o.connected_sidecars,
                 requested: o.requested,
+            }),
+            per_request: e.per_request.as_ref().map(|p| PerRequest {
+                allowed_by: p.allowed_by.as_ref().map(RuleRef::from_proto),
+                denied_by: p.denied_by.as_ref().map(RuleRef::from_proto),
             }),
         })
     }

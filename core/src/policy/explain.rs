@@ -14,7 +14,7 @@ use trellis_proto::policy::v1 as proto;
 use super::document::Action;
 use super::engine::{
     CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, OpaqueFallback, PolicySet,
-    Reason, RuleRef,
+    Reason, RuleRef, Verdict,
 };
 use super::validate::{SelectorScope, ValidationContext};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -30,6 +30,29 @@ pub struct Explanation {
     pub decision: Decision,
     /// Where `port` being opaque comes from; `None` when it is not.
     pub opaque: Option<OpaqueOrigin>,
+    /// How the HTTP requests of the connection are decided when
+    /// `decision` is not the whole story for them; `None` when each request
+    /// gets `decision` (and always on an opaque port).
+    pub per_request: Option<PerRequest>,
+}
+
+/// L7 rules that decide the HTTP requests of a connection on a port parsed
+/// as HTTP one by one, as the sidecar does: when the decision denies the
+/// connection but an ALLOW rule's L7 matches may allow some of its requests
+/// ([`PolicySet::admits_requests`]), or it allows the connection but a DENY
+/// rule's L7 matches deny some ([`PolicySet::denies_unless_http`]). At
+/// least one of the two is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerRequest {
+    /// The ALLOW rule the sidecar admits the connection for (the first):
+    /// it is served as HTTP only, the requests L7 ALLOW rules match
+    /// allowed, the others decided by the mesh default. Set only when the
+    /// decision denies.
+    pub allowed_by: Option<RuleRef>,
+    /// The DENY rule whose L7 matches deny the requests they match (the
+    /// first): a connection that is not HTTP it denies whole, as its
+    /// conditions cannot be checked on bytes.
+    pub denied_by: Option<RuleRef>,
 }
 
 /// A destination's opaque ports (never parsed as HTTP), by where each
@@ -153,6 +176,23 @@ impl Explanation {
             Reason::Default(_) => None,
         }
     }
+
+    /// The verdict on a connection that turns out not to be HTTP, when
+    /// the HTTP requests are decided one by one (see [`PerRequest`]): a
+    /// connection admitted for HTTP only gets `decision`, one that a DENY
+    /// rule's L7 matches apply to is denied whole by that rule. `None` when
+    /// `decision` is the verdict on every connection.
+    pub fn not_http(&self) -> Option<Decision> {
+        let per_request = self.per_request.as_ref()?;
+        match &per_request.denied_by {
+            Some(rule) if self.decision.is_allowed() => Some(Decision {
+                verdict: Verdict::Deny,
+                reason: Reason::Rule(rule.clone()),
+                audits: Vec::new(),
+            }),
+            _ => Some(self.decision.clone()),
+        }
+    }
 }
 
 /// Explains the decision on a connection from `source` to `destination` on
@@ -200,13 +240,47 @@ pub fn explain(
         .collect();
     let set = PolicySet::from_compiled(destination.clone(), default, selected)?;
     debug_assert_eq!(set.mesh(), &mesh);
+    let decision = set.decide(source, port);
+    // As the sidecar decides on a port it parses as HTTP; one it holds
+    // opaque never carries requests, and L7 matches there failed closed.
+    let per_request = if origin.is_none() {
+        per_request(&set, &decision, source, port)
+    } else {
+        None
+    };
     Ok(Explanation {
         source: source.clone(),
         destination: destination.clone(),
         port,
         policies: traces,
-        decision: set.decide(source, port),
+        decision,
         opaque: origin,
+        per_request,
+    })
+}
+
+/// The L7 rules of `set` that decide the requests of a connection that
+/// `decision` decided, as the inbound listener applies them.
+fn per_request(
+    set: &PolicySet,
+    decision: &Decision,
+    source: &SpiffeId,
+    port: u16,
+) -> Option<PerRequest> {
+    let allowed_by = set.admitting_rule(decision, source, port);
+    // A connection denied and not admitted carries no request to decide.
+    if !decision.is_allowed() && allowed_by.is_none() {
+        return None;
+    }
+    let denied_by = set
+        .denies_unless_http(source, port)
+        .and_then(|denied| match denied.reason {
+            Reason::Rule(rule) => Some(rule),
+            Reason::Default(_) => None,
+        });
+    (allowed_by.is_some() || denied_by.is_some()).then_some(PerRequest {
+        allowed_by,
+        denied_by,
     })
 }
 
@@ -296,11 +370,48 @@ fn trace_rule(
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        let decision = &self.decision;
+        write!(
             f,
-            "{} -> {} port {}: {}",
-            self.source, self.destination, self.port, self.decision
+            "{} -> {} port {}: {} by ",
+            self.source,
+            self.destination,
+            self.port,
+            decision.verdict.as_str()
         )?;
+        match &decision.reason {
+            Reason::Rule(r) => write!(f, "{r}")?,
+            Reason::Default(mode) => f.write_str(mode.label())?,
+        }
+        if let Some(per_request) = &self.per_request {
+            match (&per_request.allowed_by, &per_request.denied_by) {
+                (Some(allowed), Some(denied)) => write!(
+                    f,
+                    ", except HTTP requests allowed per request by {allowed} (unless denied \
+                     per request by {denied})"
+                )?,
+                (Some(allowed), None) => {
+                    write!(f, ", except HTTP requests allowed per request by {allowed}")?
+                }
+                (None, Some(denied)) => {
+                    write!(f, ", except HTTP requests denied per request by {denied}")?
+                }
+                (None, None) => {}
+            }
+        }
+        for (i, audit) in decision.audits.iter().enumerate() {
+            f.write_str(if i == 0 { "; would deny by " } else { ", " })?;
+            write!(f, "{audit}")?;
+        }
+        writeln!(f)?;
+        if let Some(not_http) = self.not_http() {
+            let why = match &not_http.reason {
+                Reason::Rule(_) => "its HTTP conditions cannot be checked on bytes",
+                Reason::Default(_) => "the connection is admitted for HTTP requests only",
+            };
+            // It never has audits: `not_http` names none.
+            writeln!(f, "  a connection that is not HTTP: {not_http} ({why})")?;
+        }
         if let Some(origin) = &self.opaque {
             writeln!(
                 f,
@@ -379,5 +490,203 @@ spec:
             .unwrap_or_else(|e| panic!("{destination}: {e}"));
             assert!(explained.decision.is_allowed(), "{destination}");
         }
+    }
+
+    const WEB: &str = "spiffe://td/ns/a/sa/web";
+    const API: &str = "spiffe://td/ns/b/sa/api";
+
+    /// A policy selecting api: `rules` YAML of the `rules` list.
+    fn policy(name: &str, action: &str, rules: &str) -> proto::Policy {
+        let td = TrustDomain::new("td").unwrap();
+        let yaml = format!(
+            "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: b}}
+spec:
+  selector: {{spiffeIds: [\"{API}\"]}}
+  action: {action}
+  rules:
+{rules}"
+        );
+        let loaded = load_source("p.yaml", &yaml, &td);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        loaded.policies[0].policy.to_proto()
+    }
+
+    fn explain_web(
+        port: u16,
+        policies: &[proto::Policy],
+        default: DefaultPolicy,
+        opaque: &[u16],
+    ) -> Explanation {
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let opaque = OpaquePorts {
+            requested: opaque.to_vec(),
+            ..OpaquePorts::default()
+        };
+        explain(&web, &api, port, policies, default, &opaque).unwrap()
+    }
+
+    fn rule(policy: &str, rule: usize) -> RuleRef {
+        RuleRef {
+            policy: policy.into(),
+            rule,
+        }
+    }
+
+    fn first_lines(e: &Explanation) -> String {
+        e.to_string().lines().take(2).collect::<Vec<_>>().join("\n")
+    }
+
+    /// An ALLOW rule with only HTTP conditions, under the mesh's default
+    /// deny: the connection is denied, yet the sidecar serves it as HTTP
+    /// and allows the requests the rule matches. The verdict line says so,
+    /// and what a connection that is not HTTP gets.
+    #[test]
+    fn an_l7_allow_under_the_default_deny_allows_requests_per_request() {
+        let reads = policy(
+            "reads",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
+        );
+        let explained = explain_web(8080, &[reads], DefaultPolicy::Deny, &[]);
+        assert!(!explained.decision.is_allowed());
+        assert_eq!(
+            explained.per_request,
+            Some(PerRequest {
+                allowed_by: Some(rule("b/reads", 0)),
+                denied_by: None,
+            })
+        );
+        assert_eq!(explained.not_http(), Some(explained.decision.clone()));
+        assert_eq!(
+            first_lines(&explained),
+            format!(
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                 per request by b/reads rule 0\n  a connection that is not HTTP: deny by \
+                 default:deny (the connection is admitted for HTTP requests only)"
+            )
+        );
+        // Read back from the Admin API's answer, it says the same.
+        let read = Explanation::from_proto(&explained.to_proto()).unwrap();
+        assert_eq!(read, explained);
+    }
+
+    /// A DENY rule with only HTTP conditions under an ALLOW: the connection
+    /// is allowed, but the requests the DENY rule matches are denied, and a
+    /// connection that is not HTTP is denied whole by it.
+    #[test]
+    fn an_l7_deny_under_an_allow_denies_requests_per_request() {
+        let allow = policy(
+            "web-to-api",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
+        );
+        let deny = policy(
+            "no-admin",
+            "DENY",
+            "    - to: [{ports: [9090]}]\n    - to: [{paths: [/admin]}]\n",
+        );
+        let policies = [allow, deny];
+        let explained = explain_web(8080, &policies, DefaultPolicy::Deny, &[]);
+        assert!(explained.decision.is_allowed());
+        assert_eq!(
+            explained.per_request,
+            Some(PerRequest {
+                allowed_by: None,
+                denied_by: Some(rule("b/no-admin", 1)),
+            })
+        );
+        assert_eq!(
+            first_lines(&explained),
+            format!(
+                "{WEB} -> {API} port 8080: allow by b/web-to-api rule 0, except HTTP requests \
+                 denied per request by b/no-admin rule 1\n  a connection that is not HTTP: deny \
+                 by b/no-admin rule 1 (its HTTP conditions cannot be checked on bytes)"
+            )
+        );
+        let read = Explanation::from_proto(&explained.to_proto()).unwrap();
+        assert_eq!(read, explained);
+
+        // Both: admitted for the ALLOW's requests, less the DENY's.
+        let reads = policy(
+            "reads",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{methods: [GET]}}]\n"),
+        );
+        let explained = explain_web(
+            8080,
+            &[reads, policies[1].clone()],
+            DefaultPolicy::Deny,
+            &[],
+        );
+        assert_eq!(
+            explained.per_request,
+            Some(PerRequest {
+                allowed_by: Some(rule("b/reads", 0)),
+                denied_by: Some(rule("b/no-admin", 1)),
+            })
+        );
+        assert_eq!(explained.not_http(), Some(explained.decision.clone()));
+        assert!(
+            explained.to_string().starts_with(&format!(
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                 per request by b/reads rule 0 (unless denied per request by b/no-admin rule 1)\n"
+            )),
+            "{explained}"
+        );
+    }
+
+    /// Where the connection's verdict is every request's, the verdict line
+    /// is the connection's alone: on an opaque port (L7 matches fail closed
+    /// there), for a connection a DENY rule denies outright, and for a
+    /// source no L7 rule names.
+    #[test]
+    fn the_verdict_is_the_whole_story_where_no_request_is_decided_apart() {
+        let reads = policy(
+            "reads",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
+        );
+        let no_admin = policy("no-admin", "DENY", "    - to: [{paths: [/admin]}]\n");
+        let cases = [
+            (&reads, DefaultPolicy::Deny, "default:deny"),
+            (&no_admin, DefaultPolicy::AllowMesh, "b/no-admin rule 0"),
+        ];
+        for (policy, default, by) in cases {
+            let opaque = explain_web(5432, std::slice::from_ref(policy), default, &[5432]);
+            assert_eq!(opaque.per_request, None, "{opaque}");
+            assert_eq!(opaque.not_http(), None);
+            assert!(
+                (opaque.to_string())
+                    .starts_with(&format!("{WEB} -> {API} port 5432: deny by {by}\n  port")),
+                "{opaque}"
+            );
+        }
+
+        let everything = policy("everything", "DENY", "    - to: [{ports: [8080]}]\n");
+        let denied = explain_web(8080, &[reads.clone(), everything], DefaultPolicy::Deny, &[]);
+        assert_eq!(denied.per_request, None, "{denied}");
+        assert!(
+            denied.to_string().starts_with(&format!(
+                "{WEB} -> {API} port 8080: deny by b/everything rule 0\n  b/everything"
+            )),
+            "{denied}"
+        );
+
+        let other = policy(
+            "reads",
+            "ALLOW",
+            "    - from: [{spiffeId: spiffe://td/ns/a/sa/other}]\n      to: [{paths: [/api]}]\n",
+        );
+        let unnamed = explain_web(8080, &[other], DefaultPolicy::Deny, &[]);
+        assert_eq!(unnamed.per_request, None, "{unnamed}");
+        assert!(
+            unnamed.to_string().starts_with(&format!(
+                "{WEB} -> {API} port 8080: deny by default:deny\n  b/reads"
+            )),
+            "{unnamed}"
+        );
     }
 }

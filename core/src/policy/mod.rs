@@ -58,7 +58,9 @@ pub use engine::{
     CompileError, Decision, DefaultPolicy, OpaqueFallback, PolicySet, Reason, RuleRef,
     UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
 };
-pub use explain::{Explanation, OpaqueOrigin, OpaquePorts, PolicyTrace, RuleTrace, explain};
+pub use explain::{
+    Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RuleTrace, explain,
+};
 pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
     Diagnostic, Loaded, LoadedPolicy, LoadedRateLimit, has_errors, lint_paths, lint_source,
