@@ -517,6 +517,88 @@ async fn explain_says_l7_rules_are_decided_per_request_on_a_parsed_port() {
     );
 }
 
+/// The verdict line of `trellisctl policy explain` says when L7 rules of
+/// matching policies decide the HTTP requests on a port parsed as HTTP one
+/// by one, as the sidecar does, and what a connection that is not HTTP
+/// gets; `-o json` and the Admin API's answer carry it as `per_request`.
+/// On an opaque port the connection's verdict is the whole story.
+#[tokio::test]
+async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    // An ALLOW with only HTTP conditions, under the mesh's default deny.
+    let reads = allow("reads", API, WEB, 8080).replace("- ports: [8080]", "- paths: [/api]");
+    apply(&mut admin, &reads, false).await.unwrap();
+    let args = [
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
+    ];
+    let explained = cp.ctl(&args);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed per \
+             request by default/reads rule 0\n  a connection that is not HTTP: deny by \
+             default:deny (the connection is admitted for HTTP requests only)\n"
+        )),
+        "{text}"
+    );
+    let json = cp.ctl(&[&args[..], &["-o", "json"]].concat());
+    assert!(json.status.success(), "{json:?}");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["verdict"], "deny", "{json}");
+    assert_eq!(
+        json["per_request"],
+        serde_json::json!({
+            "allowed_by": {"policy": "default/reads", "rule": 0},
+            "denied_by": null,
+            "not_http": {"verdict": "deny", "decided_by": "default:deny", "deciding_rule": null},
+        }),
+        "{json}"
+    );
+
+    // Held opaque, the port never carries requests: the ALLOW allows
+    // nothing there.
+    let opaque = cp.ctl(&[&args[..], &["--opaque-ports", "8080", "-o", "json"]].concat());
+    assert!(opaque.status.success(), "{opaque:?}");
+    let opaque: serde_json::Value = serde_json::from_slice(&opaque.stdout).unwrap();
+    assert_eq!(opaque["per_request"], serde_json::Value::Null, "{opaque}");
+    let trace = opaque["trace"].as_str().unwrap();
+    assert!(
+        trace.starts_with(&format!(
+            "{WEB} -> {API} port 8080: deny by default:deny\n  port"
+        )),
+        "{trace}"
+    );
+
+    // A DENY with only HTTP conditions under an ALLOW of the connection.
+    let deny = allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [/admin]");
+    let both = format!("{}---\n{deny}", allow("web-to-api", API, WEB, 8080));
+    apply(&mut admin, &both, false).await.unwrap();
+    let explained = cp.ctl(&args);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "{WEB} -> {API} port 8080: allow by default/web-to-api rule 0, except HTTP requests \
+             denied per request by default/no-admin rule 0\n  a connection that is not HTTP: \
+             deny by default/no-admin rule 0 (its HTTP conditions cannot be checked on bytes)\n"
+        )),
+        "{text}"
+    );
+    let answer = explain_web_to_api(&mut admin, 8080).await;
+    assert_eq!(answer.verdict, "allow");
+    let per_request = answer.per_request.unwrap();
+    assert_eq!(per_request.allowed_by, None);
+    let denied_by = per_request.denied_by.unwrap();
+    assert_eq!(
+        (denied_by.policy.as_str(), denied_by.rule),
+        ("default/no-admin", 0)
+    );
+}
+
 /// A port the destination's connected sidecars declare opaque themselves
 /// is opaque to Explain too, as those sidecars enforce it: an L7 DENY
 /// denies the whole connection there. The explanation says where the port

@@ -24,8 +24,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, SelectorScope,
-    ValidationContext, document_from_proto, load_paths_in, policy_key,
+    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, Reason, RuleRef,
+    SelectorScope, ValidationContext, document_from_proto, load_paths_in, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -153,9 +153,12 @@ pub enum PolicyCommand {
         /// SPIFFE ID of the workload connected to.
         #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
         to: String,
-        /// Destination port. On an opaque port (never parsed as HTTP), a
-        /// rule's HTTP conditions fail closed as the sidecars enforce them
-        /// (a DENY rule denies the whole connection). The destination's
+        /// Destination port. On a port parsed as HTTP, the verdict names
+        /// the L7 rules that decide its requests one by one, and what a
+        /// connection that is not HTTP gets. On an opaque port (never
+        /// parsed as HTTP), a rule's HTTP conditions fail closed as the
+        /// sidecars enforce them (a DENY rule denies the whole
+        /// connection). The destination's
         /// opaque ports are the mesh's, those its connected sidecars
         /// declare (their --opaque-ports), and --opaque-ports here; the
         /// trace says which made the port opaque, and names any replica
@@ -672,7 +675,7 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
         "port": e.port,
         "verdict": e.decision.verdict.as_str(),
         "decided_by": e.decision.policy_label(),
-        "deciding_rule": rule.map(|r| serde_json::json!({"policy": &*r.policy, "rule": r.rule})),
+        "deciding_rule": rule.map(rule_json),
         "audits": e.decision.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         // Where the port being opaque comes from; null when it is not.
         "opaque": e.opaque.map(|o| serde_json::json!({
@@ -680,6 +683,21 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
             "declaring_sidecars": o.declaring_sidecars,
             "connected_sidecars": o.connected_sidecars,
             "requested": o.requested,
+        })),
+        // The L7 rules deciding HTTP requests one by one when the verdict
+        // is not the whole story for them, and the verdict on a connection
+        // that is not HTTP then; null when each request gets the verdict.
+        "per_request": e.per_request.as_ref().map(|p| serde_json::json!({
+            "allowed_by": p.allowed_by.as_ref().map(rule_json),
+            "denied_by": p.denied_by.as_ref().map(rule_json),
+            "not_http": e.not_http().map(|d| serde_json::json!({
+                "verdict": d.verdict.as_str(),
+                "decided_by": d.policy_label(),
+                "deciding_rule": match &d.reason {
+                    Reason::Rule(r) => Some(rule_json(r)),
+                    Reason::Default(_) => None,
+                },
+            })),
         })),
         // The replicas whose sidecars' opaque ports are not known.
         "unanswered_replicas": unanswered.iter().map(|r| serde_json::json!({
@@ -690,6 +708,10 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
         })).collect::<Vec<_>>(),
         "trace": e.to_string(),
     }))
+}
+
+fn rule_json(r: &RuleRef) -> serde_json::Value {
+    serde_json::json!({"policy": &*r.policy, "rule": r.rule})
 }
 
 /// A SPIFFE ID flag value, checked before any call.
