@@ -87,19 +87,8 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
             format!("--ca-key {other_key} does not match the certificate in {ca_cert}"),
         ),
     ] {
-        let out = Command::new(CP)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--ca-cert", cert, "--ca-key", key])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{cert} {key}: {stderr}");
-        assert!(stderr.contains(&names), "{names:?} in {stderr}");
-        assert!(
-            !state.exists(),
-            "{cert} {key} must not create the state dir"
-        );
+        let args = ["--ca-cert", cert, "--ca-key", key];
+        assert_refused_touching_nothing(&state, &args, 64, &names);
     }
     // A lifetime too long is refused saying what is true of revocation:
     // it exists, with the embedded store.

@@ -448,22 +448,19 @@ fn unusable_webhook_files_exit_64_naming_the_flag_and_touch_nothing() {
             format!("--webhook-key {other_key}: does not match {cert}"),
         ),
     ] {
-        let out = Command::new(common::CP)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--webhook", "127.0.0.1:0", "--webhook-cert", cert])
-            .args(["--webhook-key", key])
-            .env_remove("TRELLIS_LOG")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{cert} {key}: {stderr}");
-        assert!(stderr.contains(&names), "{names:?} in {stderr}");
-        assert!(
-            !state.exists(),
-            "{cert} {key} must not create the state dir"
-        );
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--webhook",
+            "127.0.0.1:0",
+            "--webhook-cert",
+            cert,
+            "--webhook-key",
+            key,
+        ];
+        common::assert_refused_touching_nothing(&state, &args, 64, &names);
     }
 }
 

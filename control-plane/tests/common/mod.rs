@@ -190,6 +190,34 @@ where
     }
 }
 
+/// Runs the control plane with `--state-dir state` and `args`, which it
+/// must refuse before touching anything: it exits with `code`, says `names`
+/// once on stderr (returned), and leaves no state dir behind (no CA,
+/// operator credential or database).
+pub fn assert_refused_touching_nothing(
+    state: &Path,
+    args: &[&str],
+    code: i32,
+    names: &str,
+) -> String {
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(
+        stderr.matches(names).count(),
+        1,
+        "{names:?} once in {stderr}"
+    );
+    assert!(!state.exists(), "{args:?} must not create the state dir");
+    stderr
+}
+
 /// A running control plane process.
 pub struct ControlPlane {
     child: Child,
