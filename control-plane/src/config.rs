@@ -378,8 +378,9 @@ impl Config {
 
     /// Checks what clap cannot: reads and validates `--inject-config`,
     /// `--webhook-cert`/`--webhook-key`, `--trust-anchors` and
-    /// `--ca-cert`/`--ca-key`, resolves the Kubernetes API (its CA read) for
-    /// `--identity-provider kubernetes` and the default `--renewal-proof`.
+    /// `--ca-cert`/`--ca-key`, resolves the Kubernetes API (its CA and token
+    /// file read) for `--identity-provider kubernetes` and the default
+    /// `--renewal-proof`.
     fn resolve(&mut self) -> Result<(), String> {
         if let Some(path) = &self.trust_anchors {
             self.trust_anchor_roots =
@@ -639,6 +640,16 @@ mod tests {
         (dir, cert_path, key_path)
     }
 
+    /// A CA as [`pem_files`] makes it and a bearer token file beside it,
+    /// and the paths of both: the `--kube-ca` and `--kube-token-file` files,
+    /// checked by reading them.
+    fn kube_files() -> (tempfile::TempDir, String, String) {
+        let (dir, ca, _) = pem_files();
+        let token = dir.path().join("token").display().to_string();
+        std::fs::write(&token, "a-bearer-token\n").unwrap();
+        (dir, ca, token)
+    }
+
     #[test]
     fn peers_are_addresses_or_names_with_a_port() {
         let Parsed::Run(c) = parse(&[
@@ -833,7 +844,7 @@ mod tests {
 
     #[test]
     fn kubernetes_identity_takes_the_kube_flags() {
-        let (_dir, ca, _) = pem_files();
+        let (_dir, ca, token) = kube_files();
         let Parsed::Run(c) = parse(&[
             "x",
             "--state-dir",
@@ -845,13 +856,14 @@ mod tests {
             "--kube-ca",
             &ca,
             "--kube-token-file",
-            "token",
+            &token,
         ]) else {
             panic!("should parse")
         };
         let kube = c.kube.unwrap();
         assert_eq!(kube.url.to_string(), "https://127.0.0.1:6443/");
         assert_eq!(kube.ca, PathBuf::from(&ca));
+        assert_eq!(kube.token_file, PathBuf::from(&token));
         let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--kube-api", "https://h"])
         else {
             panic!("--kube-api without the kubernetes provider must be refused")
@@ -871,12 +883,54 @@ mod tests {
         assert!(msg.contains("--kube-api"), "{msg}");
     }
 
+    /// The token file is re-read when used, but one that cannot be read or
+    /// holds no token is invalid configuration at start, naming the flag and
+    /// the file, never what the file holds.
+    #[test]
+    fn an_unusable_kube_token_file_is_invalid_configuration_naming_flag_and_file() {
+        let (dir, ca, _) = kube_files();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let (missing, empty, spaced) = (path("missing"), path("empty"), path("spaced"));
+        std::fs::write(&empty, " \n").unwrap();
+        std::fs::write(&spaced, "secret part\n").unwrap();
+        for (file, why) in [
+            (&missing, "No such file or directory"),
+            (&empty, "the file is empty"),
+            (
+                &spaced,
+                "the token has characters a bearer token cannot have",
+            ),
+        ] {
+            let args = [
+                "x",
+                "--state-dir",
+                "d",
+                "--identity-provider",
+                "kubernetes",
+                "--kube-api",
+                "https://127.0.0.1:6443",
+                "--kube-ca",
+                &ca,
+                "--kube-token-file",
+                file,
+            ];
+            let Parsed::Invalid(msg) = parse(&args) else {
+                panic!("{file} must be refused")
+            };
+            assert!(
+                msg.starts_with(&format!("error: --kube-token-file {file}: {why}")),
+                "{msg}"
+            );
+            assert!(!msg.contains("secret"), "{msg}");
+        }
+    }
+
     /// In Kubernetes a renewal proves the ServiceAccount token unless told
     /// otherwise; without Kubernetes there is no such token, so asking for
     /// it is refused, naming the flag, and renewals prove the certificate.
     #[test]
     fn the_renewal_proof_is_the_token_in_kubernetes_only() {
-        let (_dir, ca, _) = pem_files();
+        let (_dir, ca, token) = kube_files();
         let kube = [
             "--identity-provider",
             "kubernetes",
@@ -885,7 +939,7 @@ mod tests {
             "--kube-ca",
             &ca,
             "--kube-token-file",
-            "token",
+            &token,
         ];
         let needs_token = |extra: &[&str]| {
             let args = [&["x", "--state-dir", "d"], extra].concat();
@@ -911,7 +965,7 @@ mod tests {
     }
     #[test]
     fn the_kubernetes_store_takes_its_flags_and_refuses_what_it_cannot_use() {
-        let (_dir, ca, _) = pem_files();
+        let (_dir, ca, token) = kube_files();
         let kube = [
             "--identity-provider",
             "kubernetes",
@@ -919,6 +973,8 @@ mod tests {
             "https://127.0.0.1:6443",
             "--kube-ca",
             &ca,
+            "--kube-token-file",
+            &token,
         ];
         let with = |extra: &[&str]| {
             let mut args = vec!["x", "--state-dir", "d", "--store", "kubernetes"];

@@ -394,18 +394,67 @@ fn an_unusable_kube_ca_exits_64_naming_the_flag_and_touches_nothing() {
             format!("--kube-ca {empty}: no certificate in the file"),
         ),
     ] {
-        let out = std::process::Command::new(common::CP)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--identity-provider", "kubernetes"])
-            .args(["--kube-api", "https://127.0.0.1:6443", "--kube-ca", ca])
-            .args(["--kube-token-file", "/nonexistent/token"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{ca}: {stderr}");
-        assert!(stderr.contains(&names), "{names:?} in {stderr}");
-        assert!(!state.exists(), "{ca} must not create the state dir");
+        let args = [
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "https://127.0.0.1:6443",
+            "--kube-ca",
+            ca,
+            "--kube-token-file",
+            "/nonexistent/token",
+        ];
+        common::assert_refused_touching_nothing(&state, &args, 64, &names);
+    }
+}
+
+/// The bearer token file is re-read every minute, but one that cannot be
+/// read or holds no token is configuration too, with either store: it
+/// exits 64 naming the flag and the file (never what the file holds),
+/// before the state dir is made; no Kubernetes API server is contacted.
+#[test]
+fn an_unusable_kube_token_file_exits_64_naming_the_flag_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (ca, empty, spaced) = (path("ca.crt"), path("empty"), path("spaced"));
+    std::fs::write(&ca, ServingCert::new("fake kubernetes CA").ca_pem).unwrap();
+    std::fs::write(&empty, "\n").unwrap();
+    std::fs::write(&spaced, format!("{BEARER} {BEARER}\n")).unwrap();
+    let kube = [
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        "https://127.0.0.1:6443",
+        "--kube-ca",
+        &ca,
+    ];
+    let kube_store = [
+        "--store",
+        "kubernetes",
+        "--ca-secret",
+        "trellis-ca",
+        "--namespace",
+        "trellis",
+    ];
+    for store in [&[][..], &kube_store[..]] {
+        for (token, names) in [
+            (
+                "/nonexistent/token",
+                "--kube-token-file /nonexistent/token: ".to_owned(),
+            ),
+            (
+                empty.as_str(),
+                format!("--kube-token-file {empty}: the file is empty"),
+            ),
+            (
+                spaced.as_str(),
+                format!("--kube-token-file {spaced}: the token has characters"),
+            ),
+        ] {
+            let args = [&kube[..], store, &["--kube-token-file", token]].concat();
+            let stderr = common::assert_refused_touching_nothing(&state, &args, 64, &names);
+            assert!(!stderr.contains(BEARER), "{stderr}");
+        }
     }
 }

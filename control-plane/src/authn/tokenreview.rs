@@ -99,7 +99,9 @@ impl KubeApi {
     /// From the flags: `url` (else the pod's environment), `ca` (else the
     /// pod's service-account CA, read now: a CA that cannot verify anything
     /// is a configuration error) and `token_file` (else the pod's
-    /// service-account token). The error is a sentence naming the flag.
+    /// service-account token, read now too, only to check that it can be
+    /// read and holds a token: it is read again when used, and its content
+    /// is never part of an error). The error is a sentence naming the flag.
     pub fn resolve(
         url: Option<&str>,
         ca: Option<&Path>,
@@ -117,10 +119,18 @@ impl KubeApi {
                 ca_path.display()
             ),
         })?;
+        let token_path = token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf);
+        read_bearer(&token_path).map_err(|e| match token_file {
+            Some(_) => format!("--kube-token-file {}: {e}", token_path.display()),
+            None => format!(
+                "no --kube-token-file given, and the pod's token {}: {e}",
+                token_path.display()
+            ),
+        })?;
         Ok(Self {
             url,
             ca: ca_path,
-            token_file: token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf),
+            token_file: token_path,
         })
     }
 }
