@@ -44,6 +44,7 @@ use config::{Config, EXIT_USAGE, LogFormat, Parsed};
 /// until SIGTERM or SIGINT. Exit codes: 0 after a clean shutdown or `--help`,
 /// 64 for invalid configuration (before any port is bound or the state dir is
 /// touched), 1 when start-up fails (the error names the file or address).
+/// Either error is said once, as the last line on stderr (`error: ...`).
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let config = match Config::parse_args(args) {
         Parsed::Run(config) => *config,
@@ -66,9 +67,6 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
         }
     };
     let result = runtime.block_on(run::run(config));
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "control plane failed");
-    }
     // The runtime's tasks may still log while it stops; then everything
     // queued is written, before the last word on stderr.
     drop(runtime);
@@ -76,6 +74,8 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Said once, as the last line (not also logged), as an invalid
+            // flag is.
             eprintln!("error: {e}");
             if e.is_usage() {
                 ExitCode::from(EXIT_USAGE)

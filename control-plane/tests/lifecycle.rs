@@ -130,6 +130,37 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
     );
 }
 
+/// A start that fails once the flags are accepted (here on a state dir
+/// others can read) exits 1 saying why once, as the last line on stderr,
+/// as an invalid flag is said.
+#[test]
+fn a_failed_start_says_why_once_as_the_last_line() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let why = format!(
+        "state dir {} is accessible by group or others (mode 755); run `chmod 700` on it",
+        state.display()
+    );
+    assert_eq!(stderr.matches(&why).count(), 1, "{why:?} once in {stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(format!("error: {why}").as_str())
+    );
+}
+
 #[test]
 fn a_corrupt_ca_key_is_reported_and_left_alone() {
     let cp = ControlPlane::start(&[]);
