@@ -70,9 +70,12 @@ pub struct AdminHttp {
 
 impl AdminHttp {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self {
-            listener: crate::net::bind(addr)?,
-        })
+        Ok(Self::new(crate::net::bind(addr)?))
+    }
+
+    /// The admin port on `listener`, bound already ([`crate::net::bind`]).
+    pub fn new(listener: TcpListener) -> Self {
+        Self { listener }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -1,10 +1,11 @@
-//! Start-up and shutdown of the control plane process, in order: state dir,
-//! CA (files, or the Secret with `--store kubernetes`) and its trust bundle
-//! (its root and the `--trust-anchors`), operator credential,
+//! Start-up and shutdown of the control plane process, in order: every port
+//! bound (gRPC, admin, and the webhook when `--webhook` is given: one that
+//! cannot be fails the start naming its flag, before anything is made),
+//! state dir, CA (files, or the Secret with `--store kubernetes`) and its
+//! trust bundle (its root and the `--trust-anchors`), operator credential,
 //! store (the embedded database, or the Kubernetes watches listed once),
-//! discovery, the TokenReview client and the
-//! webhook's certificate and settings, then every port (gRPC, admin, and
-//! the webhook when `--webhook` is given) bound before anything is served;
+//! discovery, the TokenReview client and the webhook's certificate and
+//! settings, then the ports served;
 //! SIGTERM/SIGINT ends the Watch streams first, then stops accepting
 //! everywhere and drains in-flight RPCs up to a deadline.
 //!
@@ -14,10 +15,12 @@
 //! address, or `off`), `trust_domain`, `store`, `state_dir`, `trust_reported_addresses`)
 //! once the ports serve, and `control plane stopped` on a clean exit.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_core::policy::{ValidationContext, Violation, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
@@ -72,15 +75,12 @@ pub enum RunError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
-    #[error("cannot listen on admin address {addr}: {source}")]
-    AdminBind {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen on webhook address {addr}: {source}")]
-    WebhookBind {
-        addr: std::net::SocketAddr,
+    /// A port that cannot be bound (in use, an address not on this host),
+    /// named by its flag: `--listen`, `--admin` or `--webhook`.
+    #[error("{flag} {addr}: {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -194,6 +194,11 @@ async fn stop_in_order(
     left
 }
 
+/// Binds `addr`, the address of `flag`, or says which flag could not be.
+fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    crate::net::bind(addr).map_err(|source| RunError::Bind { flag, addr, source })
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -211,6 +216,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             tracing::warn!(error = %e, "cannot raise the open-files limit; fewer sidecars can connect")
         }
     }
+    // Every port first: one in use fails the start naming its flag, before
+    // the state dir, a CA or anything else is made. Connections wait in the
+    // backlog until the ports serve.
+    let grpc_port = bind("--listen", config.listen)?;
+    let admin_port = bind("--admin", config.admin)?;
+    let webhook_port = match config.webhook {
+        Some(addr) => Some(bind("--webhook", addr)?),
+        None => None,
+    };
     let dir = StateDir::open(&config.state_dir)?;
     // Only the embedded database stops the control plane when it fails.
     let mut write_failure = None;
@@ -305,8 +319,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
         _ => None,
     };
-    let webhook_setup = match (&config.webhook, &config.webhook_cert, &config.webhook_key) {
-        (Some(addr), Some(cert), Some(key)) => {
+    let webhook_setup = match (webhook_port, &config.webhook_cert, &config.webhook_key) {
+        (Some(port), Some(cert), Some(key)) => {
             let files = Arc::new(ServingFiles::load(cert, key)?);
             let mut inject = InjectConfig::from_settings(
                 config.inject_settings.as_deref().unwrap_or("{}"),
@@ -314,14 +328,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 ca.bundle_pem(),
             )?;
             inject.validation = config.validation_context();
-            Some((*addr, tls_config(files)?, inject))
+            Some((port, tls_config(files)?, inject))
         }
         _ => None,
     };
 
     let serving = ServingCert::new(ca.clone(), &config.dns_names, config.listen.ip())?;
     let tls = server_config(&ca, serving.clone())?;
-    let grpc = GrpcListener::bind(config.listen, tls).await?;
+    let grpc = GrpcListener::new(grpc_port, tls);
     let replicas = Arc::new(Replicas::new(
         config.replica_name.clone(),
         grpc.local_addr().map_err(RunError::Signal)?.to_string(),
@@ -344,21 +358,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             "ListWorkloads joins the streams of the peer replicas"
         );
     }
-    let admin = AdminHttp::bind(config.admin)
-        .await
-        .map_err(|source| RunError::AdminBind {
-            addr: config.admin,
-            source,
-        })?;
-    let webhook = match webhook_setup {
-        Some((addr, tls, inject)) => Some((
-            WebhookServer::bind(addr, tls)
-                .await
-                .map_err(|source| RunError::WebhookBind { addr, source })?,
-            inject,
-        )),
-        None => None,
-    };
+    let admin = AdminHttp::new(admin_port);
+    let webhook = webhook_setup.map(|(port, tls, inject)| (WebhookServer::new(port, tls), inject));
     let webhook_addr = match &webhook {
         Some((server, _)) => server.local_addr().map_err(RunError::Signal)?.to_string(),
         None => "off".to_owned(),

@@ -431,11 +431,16 @@ impl GrpcListener {
     pub async fn bind(addr: SocketAddr, tls: GrpcTls) -> Result<Self, ServerError> {
         let listener =
             crate::net::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        Ok(Self {
+        Ok(Self::new(listener, tls))
+    }
+
+    /// The gRPC port on `listener`, bound already ([`crate::net::bind`]).
+    pub fn new(listener: TcpListener, tls: GrpcTls) -> Self {
+        Self {
             listener,
             acceptor: TlsAcceptor::from(tls.config.clone()),
             tls,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -161,6 +161,37 @@ fn a_failed_start_says_why_once_as_the_last_line() {
     );
 }
 
+/// A port in use fails the start (exit 1) naming its flag and address,
+/// before the state dir is made: no CA is generated for a control plane
+/// that cannot serve.
+#[test]
+fn a_port_in_use_exits_naming_its_flag_and_touches_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let certs = common::webhook::WebhookCerts::new();
+    let (cert, key) = (certs.path("tls.crt"), certs.path("tls.key"));
+    let state = certs.dir.path().join("state");
+    for flag in ["--listen", "--admin", "--webhook"] {
+        let mut args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--webhook",
+            "127.0.0.1:0",
+            "--webhook-cert",
+            &cert,
+            "--webhook-key",
+            &key,
+        ];
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = &busy;
+        let names = format!("{flag} {busy}: ");
+        let stderr = assert_refused_touching_nothing(&state, &args, 1, &names);
+        assert!(stderr.contains("in use"), "{stderr}");
+    }
+}
+
 #[test]
 fn a_corrupt_ca_key_is_reported_and_left_alone() {
     let cp = ControlPlane::start(&[]);

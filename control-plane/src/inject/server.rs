@@ -252,10 +252,15 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     pub async fn bind(addr: SocketAddr, tls: Arc<ServerConfig>) -> std::io::Result<Self> {
-        Ok(Self {
-            listener: crate::net::bind(addr)?,
+        Ok(Self::new(crate::net::bind(addr)?, tls))
+    }
+
+    /// The webhook port on `listener`, bound already ([`crate::net::bind`]).
+    pub fn new(listener: TcpListener, tls: Arc<ServerConfig>) -> Self {
+        Self {
+            listener,
             acceptor: TlsAcceptor::from(tls),
-        })
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
