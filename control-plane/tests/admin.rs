@@ -520,7 +520,7 @@ async fn certs_lists_what_was_issued_newest_first_by_identity_or_serial() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        stderr.contains("InvalidArgument") && stderr.contains("serial=4A3B"),
+        stderr.starts_with("error: invalid argument: ") && stderr.contains("serial=4A3B"),
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");

@@ -242,7 +242,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         assert_eq!(refused.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
-            stderr.contains("FailedPrecondition") && stderr.contains("delete the pod"),
+            stderr.starts_with("error: failed precondition: ") && stderr.contains("delete the pod"),
             "{args:?}: {stderr}"
         );
     }

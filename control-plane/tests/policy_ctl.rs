@@ -193,7 +193,10 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
     assert!(out.status.success());
     let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: not found: policy default/web-to-api not found\n"
+    );
     let out = cp.ctl(&["policy", "get", "no-slash"]);
     assert_eq!(out.status.code(), Some(64));
 }

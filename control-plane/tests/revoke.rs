@@ -215,8 +215,18 @@ async fn a_bad_revocation_is_refused_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("InvalidArgument") && stderr.contains("outside trust domain"),
+        stderr.starts_with("error: invalid argument: spiffe_id ")
+            && stderr.contains("outside trust domain"),
         "{stderr}"
+    );
+    // A reason that would drive the terminal is refused, and said back
+    // escaped, naming the field.
+    let out = cp.ctl(&["identity", "revoke", WEB, "--reason", "a\x1b[31mred"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: invalid argument: reason \"a\\u{1b}[31mred\" holds a control character; \
+         give one line of text\n"
     );
 
     let listed = admin

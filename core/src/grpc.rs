@@ -33,6 +33,42 @@ pub const REFUSAL_TOKEN_USED: &str = "token_used";
 /// by a control plane whose renewals need the ServiceAccount token too.
 pub const REFUSAL_RENEWAL_NEEDS_TOKEN: &str = "renewal_needs_token";
 
+/// A gRPC status code in words, as the mesh's tools say it to people
+/// (`invalid argument`, `not found`, `permission denied`, ...) rather than
+/// as its Rust name (`InvalidArgument`).
+pub fn code_words(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// A refused call as people read it: its code in words ([`code_words`]),
+/// then its message, when it has one.
+pub fn status_words(status: &tonic::Status) -> String {
+    let words = code_words(status.code());
+    match status.message() {
+        "" => words.to_owned(),
+        message => format!("{words}: {message}"),
+    }
+}
+
 /// A lazily connecting channel to `addr` ("host:port"). Every new HTTP/2
 /// connection dials TCP and runs the TLS handshake with `tls` (which must
 /// offer ALPN "h2", see [`with_h2_alpn`]). Nothing is dialled until the first
@@ -291,6 +327,24 @@ mod tests {
 
         let e = Layer("transport error", Some(Box::new(Layer("timed out", None))));
         assert_eq!(why_unreachable(&e, "-"), "transport error: timed out");
+    }
+
+    #[test]
+    fn a_status_is_said_in_words() {
+        let words: std::collections::BTreeSet<_> = (0..=16)
+            .map(|i| code_words(tonic::Code::from_i32(i)))
+            .collect();
+        assert_eq!(words.len(), 17, "{words:?}");
+        assert!(
+            words
+                .iter()
+                .all(|w| w.chars().all(|c| c == ' ' || c.is_ascii_lowercase()))
+        );
+        assert_eq!(
+            status_words(&tonic::Status::invalid_argument("spiffe_id \"web\": bad")),
+            "invalid argument: spiffe_id \"web\": bad"
+        );
+        assert_eq!(status_words(&tonic::Status::not_found("")), "not found");
     }
 
     /// A real dial: refused where nothing listens, not where a listener

@@ -215,7 +215,9 @@ pub enum CtlError {
     /// The control plane refused the operator credential in the handshake.
     #[error("{0}")]
     Refused(String),
-    #[error("{:?}: {}", .0.code(), .0.message())]
+    /// The control plane refused the call: its code in words
+    /// ([`trellis_core::grpc::status_words`]), then its message.
+    #[error("{}", trellis_core::grpc::status_words(.0))]
     Rpc(#[from] tonic::Status),
     /// Already formatted for the operator (policy diagnostics); printed as is.
     #[error("{0}")]
