@@ -89,6 +89,46 @@ async fn token_create_refuses_bad_input() {
     }
 }
 
+/// Every duration flag reads its value alike: a bad one is a usage error
+/// naming what was given, with examples; a good one is said back in words.
+#[test]
+fn duration_flags_are_read_and_said_in_words() {
+    let cp = ControlPlane::start(&[]);
+    for (args, given) in [
+        (
+            &["token", "create", "--spiffe-id", WEB, "--ttl", "abc"][..],
+            "abc",
+        ),
+        (&["check", "--expiry-warning", "x"][..], "x"),
+        (&["policy", "delete", "default/web", "--wait=20"][..], "20"),
+        (
+            &["policy", "apply", "-f", "policy.yaml", "--wait=soon"][..],
+            "soon",
+        ),
+    ] {
+        let out = cp.ctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "\"{given}\" is not a duration (such as 30s, 10m, 24h)"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+
+    // The signing CA's root expires within ten years, so within 20.
+    let out = cp.ctl(&["check", "--expiry-warning", "20y"]);
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        report.lines().any(|l| l.starts_with("warn")
+            && l.contains("the signing CA's root ")
+            && l.ends_with(", within 20 years: rotate it")),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn only_the_operator_identity_may_call_admin() {
     let cp = ControlPlane::start(&[]);

@@ -618,7 +618,7 @@ async fn policy_apply_waits_until_every_connected_sidecar_holds_the_write() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("holds snapshot")
-            && stderr.contains(" after 1s:\n")
+            && stderr.contains(" after 1 second:\n")
             && stderr.contains(&format!("  {WEB} does not hold it yet\n")),
         "{stderr}"
     );

@@ -267,7 +267,7 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                      plane's trellis_certify_failures_total)",
                     w.spiffe_id,
                     rfc3339(issued),
-                    humantime::format_duration(Duration::from_secs((now - due).max(0) as u64)),
+                    super::duration_words(Duration::from_secs((now - due).max(0) as u64)),
                     rfc3339(expires)
                 ),
             ));
@@ -469,7 +469,7 @@ fn roots(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
                 format!(
                     "{which} expires at {}, within {}: rotate it",
                     rfc3339(*at),
-                    humantime::format_duration(inputs.soon)
+                    super::duration_words(inputs.soon)
                 ),
             ));
         }
@@ -718,7 +718,7 @@ mod tests {
         assert!(warnings[2].contains("spiffe://td/b does not hold the current snapshot yet"));
         assert!(
             warnings[3].contains("the signing CA's root CN=Signing root expires at")
-                && warnings[3].contains("within 30days")
+                && warnings[3].contains("within 30 days")
         );
         assert!(
             warnings[4].contains("trust anchor CN=Old root expired at")
@@ -1059,7 +1059,7 @@ mod tests {
             failures,
             [&format!(
                 "FAIL spiffe://td/c is connected, but has not renewed its certificate: the \
-                 newest, issued at {}, was due for renewal at half its life, 16m ago, and \
+                 newest, issued at {}, was due for renewal at half its life, 16 minutes ago, and \
                  expires at {}, when its peers refuse it (see its sidecar's log and \
                  trellis_certificate_renewals_total{{outcome=\"error\"}}, and the control \
                  plane's trellis_certify_failures_total)",

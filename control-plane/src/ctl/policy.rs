@@ -55,7 +55,7 @@ pub struct Wait {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "60s",
-        value_parser = humantime::parse_duration
+        value_parser = super::duration
     )]
     wait: Option<Duration>,
 }

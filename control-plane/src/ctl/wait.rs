@@ -117,7 +117,7 @@ impl Standing {
             Over::Refused => format!("not every connected sidecar holds snapshot {version}:\n"),
             Over::Late(timeout) => format!(
                 "not every connected sidecar holds snapshot {version} after {}:\n",
-                humantime::format_duration(timeout)
+                super::duration_words(timeout)
             ),
         };
         let mut missing: Vec<&String> = self.missing.iter().collect();
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(
             text,
             format!(
-                "not every connected sidecar holds snapshot 9 after 1m:\n  \
+                "not every connected sidecar holds snapshot 9 after 1 minute:\n  \
                  spiffe://td/b does not hold it yet{gone}"
             )
         );
@@ -442,7 +442,7 @@ mod tests {
         assert_eq!((found.holding, found.replicas), (2, 3));
         let told = found.told(9, Over::Late(Duration::from_secs(60)));
         assert!(
-            told.starts_with("not every connected sidecar holds snapshot 9 after 1m:\n")
+            told.starts_with("not every connected sidecar holds snapshot 9 after 1 minute:\n")
                 && told.contains("\n  spiffe://td/a (on cp-a) holds version 9 of another"),
             "{told}"
         );

@@ -158,7 +158,7 @@ async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Resul
     assert!(!status.success(), "--wait held with web stopped: {told}");
     assert!(
         told.contains(&format!(
-            "not every connected sidecar holds snapshot {version} after 3s"
+            "not every connected sidecar holds snapshot {version} after 3 seconds"
         )),
         "{told}"
     );
