@@ -89,6 +89,30 @@ async fn token_create_refuses_bad_input() {
     }
 }
 
+/// The help says what `trellisctl` is and what each group takes.
+#[test]
+fn help_says_what_trellisctl_is() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(CTL).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    assert!(
+        top.starts_with("The command line client of the Trellis control plane: "),
+        "{top}"
+    );
+    assert!(
+        top.contains("policy     Policies (AuthorizationPolicy and RateLimitPolicy documents)"),
+        "{top}"
+    );
+    let policy = help(&["policy", "--help"]);
+    assert!(
+        policy.starts_with("Policies (AuthorizationPolicy and RateLimitPolicy documents): "),
+        "{policy}"
+    );
+}
+
 /// Every duration flag reads its value alike: a bad one is a usage error
 /// naming what was given, with examples; a good one is said back in words.
 #[test]

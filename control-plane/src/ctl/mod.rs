@@ -40,9 +40,10 @@ use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 use crate::discovery::SyncState;
 
-/// Operate a Trellis mesh through the control plane's Admin API.
+/// The command line client of the Trellis control plane: operate a
+/// Trellis mesh through the control plane's Admin API.
 #[derive(Debug, Parser)]
-#[command(name = "trellisctl", version, about)]
+#[command(name = "trellisctl", version)]
 pub struct Cli {
     /// Address of the control plane's gRPC API.
     #[arg(
@@ -119,7 +120,8 @@ pub enum Command {
     /// every sidecar from accepting them.
     #[command(subcommand)]
     Identity(IdentityCommand),
-    /// Authorization policies: apply, get, list, delete, lint, explain.
+    /// Policies (AuthorizationPolicy and RateLimitPolicy documents): apply,
+    /// get, list, delete, lint, explain.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Whether the mesh is healthy: every replica answers and serves one
