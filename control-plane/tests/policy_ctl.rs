@@ -189,8 +189,34 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
     );
     assert!(!trace.contains("is opaque"), "{trace}");
 
+    // A delete says its snapshot version as an apply does, with the epoch
+    // it was set in, as `check` says the one served.
     let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
     assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let deleted = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("snapshot version "))
+        .unwrap_or_else(|| panic!("no snapshot version in {stdout}"));
+    let (_, epoch) = deleted.split_once('@').expect("version@epoch");
+    assert_eq!(epoch.len(), 16, "{deleted}");
+    let check = String::from_utf8(cp.ctl(&["check"]).stdout).unwrap();
+    assert!(
+        check.contains(&format!("serving snapshot {deleted}\n")),
+        "{deleted}: {check}"
+    );
+    let out = cp.ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let applied = stdout
+        .lines()
+        .find_map(|l| l.split_once(", snapshot version ").map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("no snapshot version in {stdout}"));
+    assert!(
+        applied.ends_with(&format!("@{epoch}")),
+        "{applied}: {stdout}"
+    );
+    cp.ctl(&["policy", "delete", "default/web-to-api"]);
+
     let out = cp.ctl(&["policy", "delete", "default/web-to-api"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

@@ -169,12 +169,12 @@ pub async fn apply_refused(mesh: &Mesh, text: &str) -> anyhow::Result<(PathBuf, 
 }
 
 /// `trellisctl policy delete NS/NAME`; returns the snapshot version that no
-/// longer holds it.
+/// longer holds it (printed as `VERSION@EPOCH`: the number).
 pub async fn delete(mesh: &Mesh, key: &str) -> anyhow::Result<u64> {
     let out = mesh.ctl(["policy", "delete", key]).await?;
     out.lines()
         .find_map(|l| l.strip_prefix("snapshot version "))
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| v.trim().split('@').next()?.parse().ok())
         .with_context(|| format!("`policy delete` printed no snapshot version: {out}"))
 }
 

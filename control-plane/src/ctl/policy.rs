@@ -318,7 +318,7 @@ pub async fn run(
                 .into_inner();
             let printed = Printed::out(format!(
                 "{kind} {key}: deleted\nsnapshot version {}\n",
-                response.snapshot_version
+                super::version_shown(response.snapshot_version, response.snapshot_version_epoch)
             ));
             let written = Written {
                 version: response.snapshot_version,
@@ -543,7 +543,8 @@ fn apply_text(response: &ApplyPolicyResponse) -> String {
     } else {
         out.push_str(&format!(
             "policy generation {}, snapshot version {}\n",
-            response.generation, response.snapshot_version
+            response.generation,
+            super::version_shown(response.snapshot_version, response.snapshot_version_epoch)
         ));
     }
     out
