@@ -213,6 +213,12 @@ fn invalid_values_are_refused() {
             "imagePullSecrets[0].name=Registry_Creds",
             "imagePullSecrets",
         ),
+        // The ConfigMap every injected pod's trust bundle is read from: a
+        // name no ConfigMap can have leaves every sidecar without it.
+        (
+            "injection.trustBundleConfigMap=Trellis_Bundle",
+            "trustBundleConfigMap",
+        ),
         // Kubernetes quantities: 256MB would make every injected pod (or
         // the control plane's) invalid.
         ("injection.proxy.resources.limits.memory=256MB", "memory"),

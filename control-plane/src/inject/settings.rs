@@ -315,6 +315,13 @@ impl InjectConfig {
             config.token_expiration_seconds = seconds;
         }
         if let Some(name) = s.trust_bundle_config_map.filter(|n| !n.is_empty()) {
+            if !crate::config::is_dns_subdomain(&name) {
+                return Err(InvalidSettings(format!(
+                    "trustBundleConfigMap: {name:?} is not a ConfigMap name (lower case \
+                     letters, digits, '-' and '.'; at most 253): no injected sidecar could \
+                     read its trust bundle"
+                )));
+            }
             config.trust_bundle = TrustBundleSource::ConfigMap(name);
         }
         if let Some(r) = s.proxy_resources {
@@ -628,6 +635,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid type"), "{e}");
+    }
+
+    /// The trust bundle's ConfigMap is named in every injected pod's volume;
+    /// a name no ConfigMap can have fails the start, naming the field.
+    #[test]
+    fn refuses_a_trust_bundle_config_map_that_is_not_a_name() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        let config = read(r#"{"trustBundleConfigMap": "trellis.bundle-1"}"#).unwrap();
+        assert_eq!(
+            config.trust_bundle,
+            TrustBundleSource::ConfigMap("trellis.bundle-1".into())
+        );
+        for bad in ["Trellis_Bundle", "-bundle", "bundle.", "bundle pem"] {
+            let json = format!(r#"{{"trustBundleConfigMap": "{bad}"}}"#);
+            let e = read(&json).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "trustBundleConfigMap: {bad:?} is not a ConfigMap name"
+                )),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
