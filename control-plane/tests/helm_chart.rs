@@ -121,6 +121,7 @@ fn custom_values_render_valid_manifests() {
             "rootNamespace=mesh-admin",
             "watchFailureGrace=5m",
             "nodeSelector.node-pool=system",
+            "injection.excludeNamespaces={monitoring,ingress-nginx}",
         ],
     )
     .unwrap();
@@ -170,6 +171,16 @@ fn custom_values_render_valid_manifests() {
     for crd in find(&docs, "CustomResourceDefinition") {
         assert!(crd["metadata"].get("annotations").is_none());
     }
+    let excluded = &mutating["webhooks"][0]["namespaceSelector"]["matchExpressions"][1];
+    assert_eq!(
+        excluded["values"],
+        json!([
+            "trellis-system",
+            "kube-system",
+            "monitoring",
+            "ingress-nginx"
+        ])
+    );
 }
 
 /// Invalid values are refused by the chart's schema, naming the value.
@@ -218,6 +229,15 @@ fn invalid_values_are_refused() {
         (
             "injection.trustBundleConfigMap=Trellis_Bundle",
             "trustBundleConfigMap",
+        ),
+        // Namespace names, as the webhooks' namespaceSelector matches them:
+        // the API server refuses the configuration with a value that is no
+        // label value (Team/A), and one that is no namespace's name
+        // (Monitoring) would exclude nothing.
+        ("injection.excludeNamespaces={Team/A}", "excludeNamespaces"),
+        (
+            "injection.excludeNamespaces={Monitoring}",
+            "excludeNamespaces",
         ),
         // Kubernetes quantities: 256MB would make every injected pod (or
         // the control plane's) invalid.
