@@ -122,6 +122,7 @@ fn custom_values_render_valid_manifests() {
             "watchFailureGrace=5m",
             "nodeSelector.node-pool=system",
             "injection.excludeNamespaces={monitoring,ingress-nginx}",
+            "podDisruptionBudget.maxUnavailable=50%",
         ],
     )
     .unwrap();
@@ -171,6 +172,8 @@ fn custom_values_render_valid_manifests() {
     for crd in find(&docs, "CustomResourceDefinition") {
         assert!(crd["metadata"].get("annotations").is_none());
     }
+    let pdb = one(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], "50%");
     let excluded = &mutating["webhooks"][0]["namespaceSelector"]["matchExpressions"][1];
     assert_eq!(
         excluded["values"],
@@ -239,6 +242,9 @@ fn invalid_values_are_refused() {
             "injection.excludeNamespaces={Monitoring}",
             "excludeNamespaces",
         ),
+        // A PodDisruptionBudget the API server would refuse.
+        ("podDisruptionBudget.maxUnavailable=one", "maxUnavailable"),
+        ("podDisruptionBudget.maxUnavailable=-1", "maxUnavailable"),
         // Kubernetes quantities: 256MB would make every injected pod (or
         // the control plane's) invalid.
         ("injection.proxy.resources.limits.memory=256MB", "memory"),
