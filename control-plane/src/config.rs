@@ -650,6 +650,22 @@ mod tests {
         (dir, ca, token)
     }
 
+    /// The flags of the Kubernetes identity provider: the API server at
+    /// `https://127.0.0.1:6443`, trusted with the CA file `ca`, called with
+    /// the bearer token in the file `token`.
+    fn kube_args<'a>(ca: &'a str, token: &'a str) -> [&'a str; 8] {
+        [
+            "--identity-provider",
+            "kubernetes",
+            "--kube-api",
+            "https://127.0.0.1:6443",
+            "--kube-ca",
+            ca,
+            "--kube-token-file",
+            token,
+        ]
+    }
+
     #[test]
     fn peers_are_addresses_or_names_with_a_port() {
         let Parsed::Run(c) = parse(&[
@@ -845,19 +861,9 @@ mod tests {
     #[test]
     fn kubernetes_identity_takes_the_kube_flags() {
         let (_dir, ca, token) = kube_files();
-        let Parsed::Run(c) = parse(&[
-            "x",
-            "--state-dir",
-            "d",
-            "--identity-provider",
-            "kubernetes",
-            "--kube-api",
-            "https://127.0.0.1:6443",
-            "--kube-ca",
-            &ca,
-            "--kube-token-file",
-            &token,
-        ]) else {
+        let Parsed::Run(c) =
+            parse(&[&["x", "--state-dir", "d"], &kube_args(&ca, &token)[..]].concat())
+        else {
             panic!("should parse")
         };
         let kube = c.kube.unwrap();
@@ -901,19 +907,7 @@ mod tests {
                 "the token has characters a bearer token cannot have",
             ),
         ] {
-            let args = [
-                "x",
-                "--state-dir",
-                "d",
-                "--identity-provider",
-                "kubernetes",
-                "--kube-api",
-                "https://127.0.0.1:6443",
-                "--kube-ca",
-                &ca,
-                "--kube-token-file",
-                file,
-            ];
+            let args = [&["x", "--state-dir", "d"], &kube_args(&ca, file)[..]].concat();
             let Parsed::Invalid(msg) = parse(&args) else {
                 panic!("{file} must be refused")
             };
@@ -931,16 +925,7 @@ mod tests {
     #[test]
     fn the_renewal_proof_is_the_token_in_kubernetes_only() {
         let (_dir, ca, token) = kube_files();
-        let kube = [
-            "--identity-provider",
-            "kubernetes",
-            "--kube-api",
-            "https://127.0.0.1:6443",
-            "--kube-ca",
-            &ca,
-            "--kube-token-file",
-            &token,
-        ];
+        let kube = kube_args(&ca, &token);
         let needs_token = |extra: &[&str]| {
             let args = [&["x", "--state-dir", "d"], extra].concat();
             match parse(&args) {
@@ -966,16 +951,7 @@ mod tests {
     #[test]
     fn the_kubernetes_store_takes_its_flags_and_refuses_what_it_cannot_use() {
         let (_dir, ca, token) = kube_files();
-        let kube = [
-            "--identity-provider",
-            "kubernetes",
-            "--kube-api",
-            "https://127.0.0.1:6443",
-            "--kube-ca",
-            &ca,
-            "--kube-token-file",
-            &token,
-        ];
+        let kube = kube_args(&ca, &token);
         let with = |extra: &[&str]| {
             let mut args = vec!["x", "--state-dir", "d", "--store", "kubernetes"];
             args.extend(extra);
