@@ -120,6 +120,9 @@ pub struct Metrics {
     /// `trellis_service_connect_retries_total`, resolved once:
     /// `[CONNECT_FAILURES]`.
     service_retries: [Counter; CONNECT_FAILURES.len()],
+    /// `trellis_tls_resumptions_abandoned_total`, resolved once:
+    /// `[RESUMPTIONS_ABANDONED]`.
+    resumptions_abandoned: [Counter; RESUMPTIONS_ABANDONED.len()],
     /// `trellis_admin_connections_refused_total`, resolved once:
     /// `[per_client, total]`.
     admin_refused: [Counter; 2],
@@ -132,6 +135,17 @@ pub struct Metrics {
 /// why connecting to a Service's backend failed (see
 /// [`crate::net::connect_failure_reason`]).
 pub const CONNECT_FAILURES: [&str; 5] = ["refused", "unreachable", "timeout", "reset", "other"];
+
+/// The `reason` label values of `trellis_tls_resumptions_abandoned_total`:
+/// why a resumed session's peer certificate is no longer trusted, named as
+/// in `trellis_handshake_failures_total` (any other reason is `other`).
+pub const RESUMPTIONS_ABANDONED: [&str; 5] = [
+    "expired_certificate",
+    "revoked",
+    "expired_root",
+    "unknown_issuer",
+    "other",
+];
 
 /// The `group` label values of `trellis_tls_handshakes_total`: the key
 /// exchange of the handshake: the hybrid, X25519 alone, or any other.
@@ -298,6 +312,20 @@ impl Metrics {
         );
         let service_retries = CONNECT_FAILURES
             .map(|reason| retries_family.get_or_create(&[("reason", reason)]).clone());
+        let abandoned_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "trellis_tls_resumptions_abandoned",
+            "Outbound sessions resumed from a ticket and dropped unused because the peer \
+             certificate they brought back is no longer trusted, by why (expired_certificate, \
+             revoked, expired_root, unknown_issuer, other): the peer is dialled again with a \
+             full handshake, counted in trellis_handshake_failures_total only if it fails",
+            abandoned_family.clone(),
+        );
+        let resumptions_abandoned = RESUMPTIONS_ABANDONED.map(|reason| {
+            abandoned_family
+                .get_or_create(&[("reason", reason)])
+                .clone()
+        });
         let admin_refused_family = Family::<Labels1, Counter>::default();
         registry.register(
             "trellis_admin_connections_refused",
@@ -340,6 +368,7 @@ impl Metrics {
             alpn,
             handshakes,
             service_retries,
+            resumptions_abandoned,
             requests,
             request_duration,
             rate_limited,
@@ -471,6 +500,20 @@ impl Metrics {
         self.service_retries[index].inc();
     }
 
+    /// Counts an outbound resumed session dropped because the peer
+    /// certificate it brought back is no longer trusted, `reason` being one
+    /// of [`RESUMPTIONS_ABANDONED`] (any other counts as `other`). Not a
+    /// handshake failure: the dial goes on with a full handshake, which
+    /// counts as one if it fails. No lock: every series was resolved up
+    /// front.
+    pub fn resumption_abandoned(&self, reason: &'static str) {
+        let index = RESUMPTIONS_ABANDONED
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(RESUMPTIONS_ABANDONED.len() - 1);
+        self.resumptions_abandoned[index].inc();
+    }
+
     /// Counts a connection to the admin port closed as it was accepted, by
     /// the limit that `refused` it. No lock: both series were resolved up
     /// front.
@@ -571,6 +614,7 @@ mod tests {
             "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
+            "trellis_tls_resumptions_abandoned_total{reason=\"revoked\"} 0",
             "trellis_admin_connections_refused_total{reason=\"per_client\"} 0",
             "trellis_admin_connections_refused_total{reason=\"total\"} 0",
             "trellis_h2_connections_refused_total{reason=\"per_peer\"} 0",

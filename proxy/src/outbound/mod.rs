@@ -298,7 +298,9 @@ where
         // verified when the session began, and no verifier looks at it
         // again: one that has expired since, or that a revocation made
         // since covers, is not trusted, and the peer is dialled again with
-        // a full handshake, which verifies its current one.
+        // a full handshake, which verifies its current one. The dropped
+        // session is no handshake failure: the dial counts as one only if
+        // the full handshake fails, once.
         Ok(mut stream) => {
             let chain = stream.get_ref().1.peer_certificates();
             let leaf = chain.and_then(|c| c.first());
@@ -334,7 +336,7 @@ where
                 // handshake end unfinished.
                 Err((e, reason)) => {
                     tracing::debug!(peer = %expected, error = %e, reason, "resumed session's certificate no longer valid; dialling again with a full handshake");
-                    shared.metrics.handshake_failure(OUTBOUND, reason);
+                    shared.metrics.resumption_abandoned(reason);
                     peer.tickets.forget(name);
                     drop(stream);
                     full().await

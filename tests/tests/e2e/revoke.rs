@@ -309,6 +309,79 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
     Ok(())
 }
 
+/// `sidecar`'s outbound handshake failures: every reason's, and `reason`'s.
+async fn outbound_failures(sidecar: &Sidecar, reason: &str) -> anyhow::Result<(f64, f64)> {
+    let metrics = sidecar.metrics().await?;
+    let name = "trellis_handshake_failures_total";
+    Ok((
+        metrics.counter(name, &[("direction", "outbound")]),
+        metrics.counter(name, &[("direction", "outbound"), ("reason", reason)]),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dial_to_a_revoked_server_counts_one_failure_though_it_tried_a_ticket()
+-> anyhow::Result<()> {
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+    let route = pair.route();
+    let api_id = pair.server.identity().to_string();
+    // The client holds api's tickets: the second call resumes the first's
+    // session.
+    http::get(route, "/first").await?.success()?;
+    let before = resumed(&pair.client).await?;
+    http::get(route, "/second").await?.success()?;
+    assert!(resumed(&pair.client).await? > before, "no session resumed");
+    // Both calls are over: no connection is open for the revocation to
+    // close (which would count too).
+    eventually("the calls' connections to close", SOON, || async {
+        let open = pair
+            .client
+            .metrics()
+            .await?
+            .counter("trellis_connections_open", &[("direction", "outbound")]);
+        anyhow::ensure!(open == 0.0, "{open} open");
+        anyhow::Ok(())
+    })
+    .await?;
+
+    pair.mesh
+        .ctl(["identity", "revoke", api_id.as_str()])
+        .await?;
+    eventually(
+        "the client sidecar to hold the revocation",
+        SOON,
+        || async {
+            let listed = listed_revocation(&pair.client, &api_id).await?;
+            anyhow::ensure!(listed.is_some(), "{api_id} not listed");
+            anyhow::Ok(())
+        },
+    )
+    .await?;
+    let (failures, _) = outbound_failures(&pair.client, "revoked").await?;
+
+    // One call, refused: its ticket brings back the revoked certificate,
+    // and the full handshake that follows finds the same one.
+    let answer = http::get(route, "/revoked").await?;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let line = pair
+        .client
+        .wait_for_log("outbound connection refused", SOON)
+        .await?;
+    assert!(line.contains("reason=revoked"), "{line}");
+    let (after, revoked) = outbound_failures(&pair.client, "revoked").await?;
+    assert_eq!(after - failures, 1.0, "one refused dial, one failure");
+    assert_eq!(revoked, 1.0);
+    // The session it would not resume shows as such.
+    let abandoned = pair.client.metrics().await?.counter(
+        "trellis_tls_resumptions_abandoned_total",
+        &[("reason", "revoked")],
+    );
+    assert_eq!(abandoned, 1.0);
+    let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
+    assert!(!reached.contains(&"/revoked".to_string()), "{reached:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_of_the_server_closes_the_callers_open_connections_to_it() -> anyhow::Result<()>
 {
