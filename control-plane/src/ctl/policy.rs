@@ -690,7 +690,7 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
         // that is not HTTP then; null when each request gets the verdict.
         "per_request": e.per_request.as_ref().map(|p| serde_json::json!({
             "allowed_by": p.allowed_by.as_ref().map(rule_json),
-            "denied_by": p.denied_by.as_ref().map(rule_json),
+            "denied_by": p.denied_by().map(rule_json),
             "not_http": e.not_http().map(|d| serde_json::json!({
                 "verdict": d.verdict.as_str(),
                 "decided_by": d.policy_label(),

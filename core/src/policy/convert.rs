@@ -278,7 +278,7 @@ impl Explanation {
             }),
             per_request: self.per_request.as_ref().map(|p| proto::PerRequestRules {
                 allowed_by: p.allowed_by.as_ref().map(RuleRef::to_proto),
-                denied_by: p.denied_by.as_ref().map(RuleRef::to_proto),
+                denied_by: p.denied_by().map(RuleRef::to_proto),
             }),
         }
     }
@@ -321,9 +321,16 @@ impl Explanation {
                 connected_sidecars: o.connected_sidecars,
                 requested: o.requested,
             }),
+            // The answer carries the DENY rule of the verdict on a
+            // connection that is not HTTP: `PolicySet::denies_unless_http`
+            // denies by it, naming no audits.
             per_request: e.per_request.as_ref().map(|p| PerRequest {
                 allowed_by: p.allowed_by.as_ref().map(RuleRef::from_proto),
-                denied_by: p.denied_by.as_ref().map(RuleRef::from_proto),
+                denied: p.denied_by.as_ref().map(|rule| Decision {
+                    verdict: Verdict::Deny,
+                    reason: Reason::Rule(RuleRef::from_proto(rule)),
+                    audits: Vec::new(),
+                }),
             }),
         })
     }

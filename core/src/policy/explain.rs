@@ -14,7 +14,7 @@ use trellis_proto::policy::v1 as proto;
 use super::document::Action;
 use super::engine::{
     CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, OpaqueFallback, PolicySet,
-    Reason, RuleRef, Verdict,
+    Reason, RuleRef,
 };
 use super::validate::{SelectorScope, ValidationContext};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -49,10 +49,21 @@ pub struct PerRequest {
     /// allowed, the others decided by the mesh default. Set only when the
     /// decision denies.
     pub allowed_by: Option<RuleRef>,
-    /// The DENY rule whose L7 matches deny the requests they match (the
-    /// first): a connection that is not HTTP it denies whole, as its
-    /// conditions cannot be checked on bytes.
-    pub denied_by: Option<RuleRef>,
+    /// The verdict of the DENY rule whose L7 matches deny the requests
+    /// they match (the first), as [`PolicySet::denies_unless_http`] gives
+    /// it: a connection that is not HTTP it denies whole, as its conditions
+    /// cannot be checked on bytes.
+    pub denied: Option<Decision>,
+}
+
+impl PerRequest {
+    /// The DENY rule of [`denied`](Self::denied).
+    pub fn denied_by(&self) -> Option<&RuleRef> {
+        match &self.denied.as_ref()?.reason {
+            Reason::Rule(rule) => Some(rule),
+            Reason::Default(_) => None,
+        }
+    }
 }
 
 /// A destination's opaque ports (never parsed as HTTP), by where each
@@ -182,15 +193,11 @@ impl Explanation {
     /// connection admitted for HTTP only gets `decision`, one that a DENY
     /// rule's L7 matches apply to is denied whole by that rule. `None` when
     /// `decision` is the verdict on every connection.
-    pub fn not_http(&self) -> Option<Decision> {
+    pub fn not_http(&self) -> Option<&Decision> {
         let per_request = self.per_request.as_ref()?;
-        match &per_request.denied_by {
-            Some(rule) if self.decision.is_allowed() => Some(Decision {
-                verdict: Verdict::Deny,
-                reason: Reason::Rule(rule.clone()),
-                audits: Vec::new(),
-            }),
-            _ => Some(self.decision.clone()),
+        match &per_request.denied {
+            Some(denied) if self.decision.is_allowed() => Some(denied),
+            _ => Some(&self.decision),
         }
     }
 }
@@ -272,16 +279,8 @@ fn per_request(
     if !decision.is_allowed() && allowed_by.is_none() {
         return None;
     }
-    let denied_by = set
-        .denies_unless_http(source, port)
-        .and_then(|denied| match denied.reason {
-            Reason::Rule(rule) => Some(rule),
-            Reason::Default(_) => None,
-        });
-    (allowed_by.is_some() || denied_by.is_some()).then_some(PerRequest {
-        allowed_by,
-        denied_by,
-    })
+    let denied = set.denies_unless_http(source, port);
+    (allowed_by.is_some() || denied.is_some()).then_some(PerRequest { allowed_by, denied })
 }
 
 /// `fallbacks`: the policy's rules that fail closed on opaque ports.
@@ -384,7 +383,7 @@ impl fmt::Display for Explanation {
             Reason::Default(mode) => f.write_str(mode.label())?,
         }
         if let Some(per_request) = &self.per_request {
-            match (&per_request.allowed_by, &per_request.denied_by) {
+            match (&per_request.allowed_by, per_request.denied_by()) {
                 (Some(allowed), Some(denied)) => write!(
                     f,
                     ", except HTTP requests allowed per request by {allowed} (unless denied \
@@ -455,7 +454,7 @@ impl fmt::Display for Explanation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::load_source;
+    use crate::policy::{Verdict, load_source};
 
     /// A policy stored before a path that can never match was refused
     /// (`/%7Euser/*`) is explained as the sidecars enforce it, for every
@@ -535,6 +534,16 @@ spec:
         }
     }
 
+    /// What a connection that is not HTTP gets from a DENY rule with HTTP
+    /// conditions.
+    fn denied_by(policy: &str, index: usize) -> Decision {
+        Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::Rule(rule(policy, index)),
+            audits: Vec::new(),
+        }
+    }
+
     fn first_lines(e: &Explanation) -> String {
         e.to_string().lines().take(2).collect::<Vec<_>>().join("\n")
     }
@@ -556,10 +565,10 @@ spec:
             explained.per_request,
             Some(PerRequest {
                 allowed_by: Some(rule("b/reads", 0)),
-                denied_by: None,
+                denied: None,
             })
         );
-        assert_eq!(explained.not_http(), Some(explained.decision.clone()));
+        assert_eq!(explained.not_http(), Some(&explained.decision));
         assert_eq!(
             first_lines(&explained),
             format!(
@@ -595,7 +604,7 @@ spec:
             explained.per_request,
             Some(PerRequest {
                 allowed_by: None,
-                denied_by: Some(rule("b/no-admin", 1)),
+                denied: Some(denied_by("b/no-admin", 1)),
             })
         );
         assert_eq!(
@@ -625,10 +634,10 @@ spec:
             explained.per_request,
             Some(PerRequest {
                 allowed_by: Some(rule("b/reads", 0)),
-                denied_by: Some(rule("b/no-admin", 1)),
+                denied: Some(denied_by("b/no-admin", 1)),
             })
         );
-        assert_eq!(explained.not_http(), Some(explained.decision.clone()));
+        assert_eq!(explained.not_http(), Some(&explained.decision));
         assert!(
             explained.to_string().starts_with(&format!(
                 "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
