@@ -552,7 +552,13 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
         serde_json::json!({
             "allowed_by": {"policy": "default/reads", "rule": 0},
             "denied_by": null,
-            "not_http": {"verdict": "deny", "decided_by": "default:deny", "deciding_rule": null},
+            "audited_by": [],
+            "not_http": {
+                "verdict": "deny",
+                "decided_by": "default:deny",
+                "deciding_rule": null,
+                "audits": [],
+            },
         }),
         "{json}"
     );
@@ -597,6 +603,39 @@ async fn explain_verdict_names_the_l7_rules_that_decide_requests() {
         (denied_by.policy.as_str(), denied_by.rule),
         ("default/no-admin", 0)
     );
+
+    // An AUDIT with only HTTP conditions: the sidecar reports the requests
+    // they match as "would deny", and a connection that is not HTTP whole
+    // (here denied by the DENY first).
+    let watch = allow("watch", API, WEB, 8080)
+        .replace("ALLOW", "AUDIT")
+        .replace("- ports: [8080]", "- paths: [/debug]");
+    apply(&mut admin, &watch, false).await.unwrap();
+    let explained = cp.ctl(&args);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success(), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "{WEB} -> {API} port 8080: allow by default/web-to-api rule 0, except HTTP requests \
+             denied per request by default/no-admin rule 0; HTTP requests audited per request \
+             by default/watch rule 0\n  a connection that is not HTTP: deny by default/no-admin \
+             rule 0 (its HTTP conditions cannot be checked on bytes)\n"
+        )),
+        "{text}"
+    );
+    let json = cp.ctl(&[&args[..], &["-o", "json"]].concat());
+    assert!(json.status.success(), "{json:?}");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        json["per_request"]["audited_by"],
+        serde_json::json!([{"policy": "default/watch", "rule": 0}]),
+        "{json}"
+    );
+    let answer = explain_web_to_api(&mut admin, 8080).await;
+    let audited: Vec<_> = (answer.per_request.unwrap().audited_by.iter())
+        .map(|r| (r.policy.clone(), r.rule))
+        .collect();
+    assert_eq!(audited, [("default/watch".to_owned(), 0)]);
 }
 
 /// A port the destination's connected sidecars declare opaque themselves

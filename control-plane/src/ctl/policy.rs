@@ -154,8 +154,8 @@ pub enum PolicyCommand {
         #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
         to: String,
         /// Destination port. On a port parsed as HTTP, the verdict names
-        /// the L7 rules that decide its requests one by one, and what a
-        /// connection that is not HTTP gets. On an opaque port (never
+        /// the L7 rules that decide (or audit) its requests one by one, and
+        /// what a connection that is not HTTP gets. On an opaque port (never
         /// parsed as HTTP), a rule's HTTP conditions fail closed as the
         /// sidecars enforce them (a DENY rule denies the whole
         /// connection). The destination's
@@ -691,6 +691,7 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
         "per_request": e.per_request.as_ref().map(|p| serde_json::json!({
             "allowed_by": p.allowed_by.as_ref().map(rule_json),
             "denied_by": p.denied_by().map(rule_json),
+            "audited_by": p.audited_by.iter().map(rule_json).collect::<Vec<_>>(),
             "not_http": e.not_http().map(|d| serde_json::json!({
                 "verdict": d.verdict.as_str(),
                 "decided_by": d.policy_label(),
@@ -698,6 +699,7 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
                     Reason::Rule(r) => Some(rule_json(r)),
                     Reason::Default(_) => None,
                 },
+                "audits": d.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })),
         })),
         // The replicas whose sidecars' opaque ports are not known.

@@ -279,6 +279,7 @@ impl Explanation {
             per_request: self.per_request.as_ref().map(|p| proto::PerRequestRules {
                 allowed_by: p.allowed_by.as_ref().map(RuleRef::to_proto),
                 denied_by: p.denied_by().map(RuleRef::to_proto),
+                audited_by: p.audited_by.iter().map(RuleRef::to_proto).collect(),
             }),
         }
     }
@@ -331,6 +332,7 @@ impl Explanation {
                     reason: Reason::Rule(RuleRef::from_proto(rule)),
                     audits: Vec::new(),
                 }),
+                audited_by: p.audited_by.iter().map(RuleRef::from_proto).collect(),
             }),
         })
     }

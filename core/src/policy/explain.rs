@@ -6,6 +6,7 @@
 //! or not, and the decision itself, which comes from the very engine the
 //! sidecars run ([`PolicySet::decide`]). It never decides on its own.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -39,9 +40,11 @@ pub struct Explanation {
 /// L7 rules that decide the HTTP requests of a connection on a port parsed
 /// as HTTP one by one, as the sidecar does: when the decision denies the
 /// connection but an ALLOW rule's L7 matches may allow some of its requests
-/// ([`PolicySet::admits_requests`]), or it allows the connection but a DENY
-/// rule's L7 matches deny some ([`PolicySet::denies_unless_http`]). At
-/// least one of the two is set.
+/// ([`PolicySet::admits_requests`]), when it allows the connection but a
+/// DENY rule's L7 matches deny some ([`PolicySet::denies_unless_http`]),
+/// and when the connection carries requests that an AUDIT rule's L7
+/// matches report as "would deny" ([`PolicySet::audits_unless_http`]). At
+/// least one of the three is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PerRequest {
     /// The ALLOW rule the sidecar admits the connection for (the first):
@@ -54,6 +57,13 @@ pub struct PerRequest {
     /// it: a connection that is not HTTP it denies whole, as its conditions
     /// cannot be checked on bytes.
     pub denied: Option<Decision>,
+    /// The AUDIT rules whose L7 matches report the requests they match as
+    /// "would deny", never changing what they get (the first of each AUDIT
+    /// policy, as [`PolicySet::audits_unless_http`] finds them): a
+    /// connection that is not HTTP, unless denied, they report whole, as
+    /// their conditions cannot be checked on bytes. A policy the
+    /// decision's `audits` name is left out: it reports every request.
+    pub audited_by: Vec<RuleRef>,
 }
 
 impl PerRequest {
@@ -191,14 +201,24 @@ impl Explanation {
     /// The verdict on a connection that turns out not to be HTTP, when
     /// the HTTP requests are decided one by one (see [`PerRequest`]): a
     /// connection admitted for HTTP only gets `decision`, one that a DENY
-    /// rule's L7 matches apply to is denied whole by that rule. `None` when
+    /// rule's L7 matches apply to is denied whole by that rule, and an
+    /// allowed one that AUDIT rules' L7 matches apply to gets `decision`
+    /// with those rules among its audits ("would deny"). `None` when
     /// `decision` is the verdict on every connection.
-    pub fn not_http(&self) -> Option<&Decision> {
+    pub fn not_http(&self) -> Option<Cow<'_, Decision>> {
         let per_request = self.per_request.as_ref()?;
-        match &per_request.denied {
-            Some(denied) if self.decision.is_allowed() => Some(denied),
-            _ => Some(&self.decision),
-        }
+        Some(match &per_request.denied {
+            _ if !self.decision.is_allowed() => Cow::Borrowed(&self.decision),
+            Some(denied) => Cow::Borrowed(denied),
+            None if per_request.audited_by.is_empty() => Cow::Borrowed(&self.decision),
+            None => {
+                let mut audited = self.decision.clone();
+                audited
+                    .audits
+                    .extend(per_request.audited_by.iter().cloned());
+                Cow::Owned(audited)
+            }
+        })
     }
 }
 
@@ -280,7 +300,18 @@ fn per_request(
         return None;
     }
     let denied = set.denies_unless_http(source, port);
-    (allowed_by.is_some() || denied.is_some()).then_some(PerRequest { allowed_by, denied })
+    // The dry run of `denies_unless_http`: the AUDIT rules whose L7
+    // matches the sidecar checks on each request (and reports a connection
+    // that is not HTTP by). A policy that matched the connection already
+    // reports each of its requests anyway.
+    let mut audited_by = set.audits_unless_http(source, port);
+    audited_by.retain(|audit| !(decision.audits.iter()).any(|a| a.policy == audit.policy));
+    let any = allowed_by.is_some() || denied.is_some() || !audited_by.is_empty();
+    any.then_some(PerRequest {
+        allowed_by,
+        denied,
+        audited_by,
+    })
 }
 
 /// `fallbacks`: the policy's rules that fail closed on opaque ports.
@@ -402,13 +433,24 @@ impl fmt::Display for Explanation {
             f.write_str(if i == 0 { "; would deny by " } else { ", " })?;
             write!(f, "{audit}")?;
         }
+        let audited_by = self.per_request.iter().flat_map(|p| &p.audited_by);
+        for (i, audit) in audited_by.enumerate() {
+            f.write_str(if i == 0 {
+                "; HTTP requests audited per request by "
+            } else {
+                ", "
+            })?;
+            write!(f, "{audit}")?;
+        }
         writeln!(f)?;
         if let Some(not_http) = self.not_http() {
-            let why = match &not_http.reason {
-                Reason::Rule(_) => "its HTTP conditions cannot be checked on bytes",
-                Reason::Default(_) => "the connection is admitted for HTTP requests only",
+            let why = if !decision.is_allowed() {
+                "the connection is admitted for HTTP requests only"
+            } else if not_http.is_allowed() {
+                "the AUDIT rules' HTTP conditions cannot be checked on bytes"
+            } else {
+                "its HTTP conditions cannot be checked on bytes"
             };
-            // It never has audits: `not_http` names none.
             writeln!(f, "  a connection that is not HTTP: {not_http} ({why})")?;
         }
         if let Some(origin) = &self.opaque {
@@ -454,7 +496,7 @@ impl fmt::Display for Explanation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Verdict, load_source};
+    use crate::policy::{HttpRequest, Verdict, load_source};
 
     /// A policy stored before a path that can never match was refused
     /// (`/%7Euser/*`) is explained as the sidecars enforce it, for every
@@ -566,9 +608,10 @@ spec:
             Some(PerRequest {
                 allowed_by: Some(rule("b/reads", 0)),
                 denied: None,
+                audited_by: Vec::new(),
             })
         );
-        assert_eq!(explained.not_http(), Some(&explained.decision));
+        assert_eq!(explained.not_http().as_deref(), Some(&explained.decision));
         assert_eq!(
             first_lines(&explained),
             format!(
@@ -605,6 +648,7 @@ spec:
             Some(PerRequest {
                 allowed_by: None,
                 denied: Some(denied_by("b/no-admin", 1)),
+                audited_by: Vec::new(),
             })
         );
         assert_eq!(
@@ -635,15 +679,112 @@ spec:
             Some(PerRequest {
                 allowed_by: Some(rule("b/reads", 0)),
                 denied: Some(denied_by("b/no-admin", 1)),
+                audited_by: Vec::new(),
             })
         );
-        assert_eq!(explained.not_http(), Some(&explained.decision));
+        assert_eq!(explained.not_http().as_deref(), Some(&explained.decision));
         assert!(
             explained.to_string().starts_with(&format!(
                 "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
                  per request by b/reads rule 0 (unless denied per request by b/no-admin rule 1)\n"
             )),
             "{explained}"
+        );
+    }
+
+    /// An AUDIT rule with only HTTP conditions: the sidecar checks them
+    /// on each request, reporting those they match as "would deny", and
+    /// reports a connection that is not HTTP by the rule whole. The verdict
+    /// line says so, and what a connection that is not HTTP gets.
+    #[test]
+    fn an_l7_audit_audits_requests_per_request() {
+        let allow = policy(
+            "web-to-api",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
+        );
+        let watch = policy("watch", "AUDIT", "    - to: [{paths: [/admin]}]\n");
+        let policies = [allow, watch.clone()];
+        // What the sidecar's engine does with each request and with the
+        // connection.
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let set = PolicySet::compile(&api, &policies, DefaultPolicy::Deny).unwrap();
+        let headers = http::HeaderMap::new();
+        let get = |path| {
+            let request = HttpRequest {
+                method: "GET",
+                path,
+                headers: &headers,
+            };
+            set.decide_request(&web, 8080, &request).to_string()
+        };
+        assert_eq!(
+            get("/admin"),
+            "allow by b/web-to-api rule 0; would deny by b/watch rule 0"
+        );
+        assert_eq!(get("/api"), "allow by b/web-to-api rule 0");
+        assert_eq!(set.decide(&web, 8080).audits, []);
+
+        let explained = explain_web(8080, &policies, DefaultPolicy::Deny, &[]);
+        assert_eq!(
+            explained.per_request,
+            Some(PerRequest {
+                allowed_by: None,
+                denied: None,
+                audited_by: vec![rule("b/watch", 0)],
+            })
+        );
+        assert_eq!(
+            first_lines(&explained),
+            format!(
+                "{WEB} -> {API} port 8080: allow by b/web-to-api rule 0; HTTP requests audited \
+                 per request by b/watch rule 0\n  a connection that is not HTTP: allow by \
+                 b/web-to-api rule 0; would deny by b/watch rule 0 (the AUDIT rules' HTTP \
+                 conditions cannot be checked on bytes)"
+            )
+        );
+        let read = Explanation::from_proto(&explained.to_proto()).unwrap();
+        assert_eq!(read, explained);
+
+        // Admitted for the requests an L7 ALLOW matches, they are audited
+        // too; a connection that is not HTTP is refused, reported by none.
+        let reads = policy(
+            "reads",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
+        );
+        let admitted = explain_web(8080, &[reads, watch], DefaultPolicy::Deny, &[]);
+        assert_eq!(
+            first_lines(&admitted),
+            format!(
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                 per request by b/reads rule 0; HTTP requests audited per request by b/watch \
+                 rule 0\n  a connection that is not HTTP: deny by default:deny (the connection \
+                 is admitted for HTTP requests only)"
+            )
+        );
+
+        // An AUDIT policy that matches the connection reports each of its
+        // requests already: named once, as it is.
+        let everything = policy(
+            "watch",
+            "AUDIT",
+            "    - to: [{paths: [/admin]}]\n    - to: [{ports: [8080]}]\n",
+        );
+        let whole = explain_web(
+            8080,
+            &[policies[0].clone(), everything],
+            DefaultPolicy::Deny,
+            &[],
+        );
+        assert_eq!(whole.per_request, None, "{whole}");
+        assert!(
+            whole.to_string().starts_with(&format!(
+                "{WEB} -> {API} port 8080: allow by b/web-to-api rule 0; would deny by b/watch \
+                 rule 1\n  b/"
+            )),
+            "{whole}"
         );
     }
 
