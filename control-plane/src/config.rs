@@ -387,8 +387,10 @@ impl Config {
                 load_trust_anchors(path).map_err(|e| format!("--trust-anchors {e}"))?;
         }
         if let Some(path) = &self.inject_config {
-            let json = std::fs::read_to_string(path)
-                .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
+            let json = std::fs::read_to_string(path).map_err(|e| {
+                let e = trellis_core::io_error::IoWords(&e);
+                format!("--inject-config {}: {e}", path.display())
+            })?;
             InjectConfig::from_settings(&json, self.trust_domain.clone(), String::new())
                 .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
             self.inject_settings = Some(json);
@@ -900,7 +902,7 @@ mod tests {
         std::fs::write(&empty, " \n").unwrap();
         std::fs::write(&spaced, "secret part\n").unwrap();
         for (file, why) in [
-            (&missing, "No such file or directory"),
+            (&missing, "no such file or directory"),
             (&empty, "the file is empty"),
             (
                 &spaced,

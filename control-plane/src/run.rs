@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_core::io_error::IoWords;
 use trellis_core::policy::{ValidationContext, Violation, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
 use trellis_proto::admin::v1::replica_server::ReplicaServer;
@@ -77,7 +78,7 @@ pub enum RunError {
     Server(#[from] crate::server::ServerError),
     /// A port that cannot be bound (in use, an address not on this host),
     /// named by its flag: `--listen`, `--admin` or `--webhook`.
-    #[error("{flag} {addr}: {source}")]
+    #[error("{flag} {addr}: {}", IoWords(source))]
     Bind {
         flag: &'static str,
         addr: SocketAddr,

@@ -100,7 +100,7 @@ pub enum ServerError {
     Issue(#[from] crate::ca::CaError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {}", trellis_core::io_error::IoWords(source))]
     Bind {
         addr: SocketAddr,
         #[source]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
-    #[error("state dir {path}: {source}")]
+    #[error("state dir {path}: {}", trellis_core::io_error::IoWords(source))]
     Io {
         path: PathBuf,
         #[source]

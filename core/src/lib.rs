@@ -9,7 +9,9 @@
 //! certificate renewals do. `revocation` says which certificates a
 //! revoked identity's revocation covers, for renewals and for peers. `connections` limits the connections of the
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
-//! limit, as both binaries do at start-up. `tcp` holds the sidecar's TCP
+//! limit, as both binaries do at start-up. `io_error` says an I/O error
+//! without the OS's `(os error N)`, as the binaries report a port in use
+//! or a file they cannot read. `tcp` holds the sidecar's TCP
 //! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
 //! may be, and `h2_limits` the range of its HTTP/2 connection limits,
 //! which the injector checks annotations against.
@@ -22,6 +24,7 @@ pub mod connections;
 pub mod gather;
 pub mod grpc;
 pub mod h2_limits;
+pub mod io_error;
 pub mod logging;
 pub mod open_files;
 pub mod policy;

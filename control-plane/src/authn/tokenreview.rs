@@ -698,7 +698,8 @@ pub fn decode(status: StatusCode, body: &[u8]) -> Result<TokenReview, ReviewErro
 }
 
 fn read_bearer(path: &Path) -> Result<String, String> {
-    let token = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| trellis_core::io_error::IoWords(&e).to_string())?;
     let token = token.trim();
     if token.is_empty() {
         return Err("the file is empty".into());

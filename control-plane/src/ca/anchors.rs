@@ -19,7 +19,7 @@ use x509_parser::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustAnchorsError {
-    #[error("{path}: cannot read it: {source}")]
+    #[error("{path}: cannot read it: {}", trellis_core::io_error::IoWords(source))]
     Read {
         path: PathBuf,
         #[source]

@@ -15,6 +15,7 @@ use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use trellis_core::SpiffeId;
+use trellis_core::io_error::IoWords;
 use x509_parser::prelude::*;
 
 use super::{CaError, CertificateAuthority, ExtraSans, der_to_pem};
@@ -33,7 +34,7 @@ pub const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 pub enum CaFilesError {
     #[error(transparent)]
     StateDir(#[from] StateDirError),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {}", IoWords(source))]
     Read {
         path: PathBuf,
         #[source]
@@ -127,7 +128,8 @@ pub fn check_operator_ca(
     key: &Path,
 ) -> Result<(), String> {
     let read = |flag: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
+        std::fs::read(path)
+            .map_err(|e| format!("{flag} {}: cannot read it: {}", path.display(), IoWords(&e)))
     };
     let (cert_pem, key_pem) = (read("--ca-cert", cert)?, read("--ca-key", key)?);
     let e = match load_ca(trust_domain, &cert_pem, cert, &key_pem, key) {

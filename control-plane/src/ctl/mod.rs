@@ -202,7 +202,7 @@ pub enum Output {
 pub enum CtlError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {}", trellis_core::io_error::IoWords(source))]
     Read {
         path: PathBuf,
         #[source]

@@ -184,7 +184,8 @@ pub fn client(api: &KubeApi) -> Result<Client, KubeStoreError> {
         path: api.ca.display().to_string(),
         message,
     };
-    let pem = std::fs::read(&api.ca).map_err(|e| ca_error(e.to_string()))?;
+    let pem = std::fs::read(&api.ca)
+        .map_err(|e| ca_error(trellis_core::io_error::IoWords(&e).to_string()))?;
     let roots = CertificateDer::pem_slice_iter(&pem)
         .map(|c| c.map(|c| c.to_vec()))
         .collect::<Result<Vec<_>, _>>()
