@@ -36,7 +36,11 @@ use config::{Cli, Command, Config};
 pub const EXIT_USAGE: u8 = 64;
 
 /// Runs `trellis-proxy` with `args` (argv, the program name first, whatever
-/// it is) until SIGTERM or SIGINT.
+/// it is) until SIGTERM or SIGINT. Exit codes: 0 after a drain or `--help`,
+/// 64 for invalid configuration (before any port is bound; a credential
+/// file that cannot be read included), 1 when start-up fails (a listener
+/// address that cannot be bound, named by its flag). Either error is said
+/// once, as the last line on stderr (`error: ...`), not logged.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
@@ -56,24 +60,35 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let config = match Config::from_args(&cli.proxy) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("trellis-proxy: {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let _logs = logging::init(config.log_format);
+    let logs = logging::init(config.log_format);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("trellis-proxy: starting the runtime: {e}");
+            drop(logs);
+            eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(run::run(config));
+    let result = runtime.block_on(run::run(config));
     // Connections still open after the drain deadline are dropped here.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    // The access-log lines of the last requests, gathered on this thread.
+    // The access-log lines of the last requests, gathered on this thread;
+    // then everything queued is written, before the last word on stderr.
     logging::access::hand_over();
-    code
+    drop(logs);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Said once, as the last line (not also logged), as an
+            // invalid flag is.
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The runtime for the sidecar's tasks. A sidecar given one core (the

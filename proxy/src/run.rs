@@ -7,11 +7,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
+use trellis_core::io_error::IoWords;
 
 use crate::config::{Config, Listen};
 use crate::identity::{self, CertifyParams};
@@ -22,9 +22,11 @@ use crate::policy::watch::{Outputs, WatchParams};
 use crate::tls::TlsState;
 use crate::{admin, drain, policy, tls};
 
-/// Why start-up failed after the configuration was valid.
+/// Why start-up failed after the configuration was valid: a listener
+/// address of `--flag` that cannot be bound (in use, not on this host),
+/// said as `--inbound 127.0.0.1:15006: address already in use`.
 #[derive(Debug, thiserror::Error)]
-#[error("binding --{flag} {addr}: {source}")]
+#[error("--{flag} {addr}: {}", IoWords(source))]
 pub struct Bind {
     flag: &'static str,
     addr: SocketAddr,
@@ -61,37 +63,31 @@ where
 }
 
 /// Runs a sidecar until SIGTERM or SIGINT, then drains it; a second
-/// signal during the drain ends it at once.
-pub async fn run(config: Config) -> ExitCode {
+/// signal during the drain ends it at once. A listener that cannot be
+/// bound ends it at once, with the error for the caller to say.
+pub async fn run(config: Config) -> Result<(), Bind> {
     raise_open_files();
-    match Sidecar::bind(config).await {
-        Ok(sidecar) => {
-            // Both watched before anything is served, so neither signal
-            // is missed.
-            let mut first = StopSignals::watch(true);
-            let mut again = StopSignals::watch(false);
-            let serving = sidecar.run(async move { first.next().await });
-            let second = async move {
-                again.next().await;
-                again.next().await
-            };
-            tokio::select! {
-                // The second signal's watch sees the first before the
-                // drain says it started.
-                biased;
-                signal = second => tracing::warn!(
-                    signal,
-                    "second signal: exiting without waiting for the drain; closing the remaining connections"
-                ),
-                () = serving => {}
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
+    let sidecar = Sidecar::bind(config).await?;
+    // Both watched before anything is served, so neither signal
+    // is missed.
+    let mut first = StopSignals::watch(true);
+    let mut again = StopSignals::watch(false);
+    let serving = sidecar.run(async move { first.next().await });
+    let second = async move {
+        again.next().await;
+        again.next().await
+    };
+    tokio::select! {
+        // The second signal's watch sees the first before the
+        // drain says it started.
+        biased;
+        signal = second => tracing::warn!(
+            signal,
+            "second signal: exiting without waiting for the drain; closing the remaining connections"
+        ),
+        () = serving => {}
     }
+    Ok(())
 }
 
 /// Raises the soft open-files limit to the hard one, before any listener

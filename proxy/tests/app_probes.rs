@@ -248,6 +248,7 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
         ("/app-health/secure/readiness", 503, "answered 400"),
         ("/app-health/db/liveness", 200, "ok"),
         ("/app-health/db/readiness", 503, "cannot connect"),
+        ("/app-health/db/readiness", 503, ": connection refused\n"),
         ("/app-health/grpc/liveness", 200, "ok"),
         ("/app-health/grpc/readiness", 503, "NOT_SERVING"),
         ("/app-health/grpc/startup", 503, "NotFound"),
@@ -257,6 +258,7 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
         let (got, body) = kubelet_get(admin, path).await;
         assert_eq!(got.as_u16(), status, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
+        assert!(!body.contains("os error"), "{path}: {body}");
     }
     drop(open);
 }

@@ -82,6 +82,8 @@ fn invalid_flags_exit_64_naming_the_flag() {
             stderr.contains(flag),
             "{extra:?} should name {flag}: {stderr}"
         );
+        assert!(stderr.starts_with("error: "), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("os error"), "{extra:?}: {stderr}");
     }
     // Without a trust bundle or a token the sidecar could never certify.
     for (args, flag) in [
@@ -140,7 +142,53 @@ fn invalid_configuration_is_reported_before_binding() {
     assert_eq!(proxy(&bad).status.code(), Some(64));
     let out = proxy(&base);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("binding --admin"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: --admin"));
+}
+
+/// A listener address in use fails the start (exit 1) naming its flag
+/// and address, said once as the last line on stderr in the OS's words,
+/// as the control plane says it: not also logged, and without the OS's
+/// error number.
+#[test]
+fn a_port_in_use_is_said_once_as_the_last_line_naming_its_flag() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let route = format!("{busy}=spiffe://td.test/ns/b/sa/api@127.0.0.1:1");
+    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
+    for flag in ["--inbound", "--outbound", "--admin", "--route"] {
+        let mut args = vec![
+            "--identity",
+            ID,
+            bundle_flag,
+            bundle,
+            token_flag,
+            token,
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        match flag {
+            "--route" => args.extend(["--route", &route]),
+            _ => {
+                let at = args.iter().position(|a| *a == flag).unwrap();
+                args[at + 1] = &busy;
+            }
+        }
+        let out = proxy(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert_eq!(
+            stderr.lines().last(),
+            Some(format!("error: {flag} {busy}: address already in use").as_str()),
+            "{flag}: {stderr}"
+        );
+        assert_eq!(stderr.matches(&busy).count(), 1, "{flag}: {stderr}");
+        assert!(!stderr.contains("ERROR"), "{flag}: {stderr}");
+        assert!(!stderr.contains("os error"), "{flag}: {stderr}");
+    }
 }
 
 /// Reads the child's stderr lines on a thread.

@@ -245,7 +245,7 @@ async fn a_renewal_without_a_readable_token_file_proves_the_certificate_alone() 
         .expect("a warning");
     assert!(
         warning.contains(&token_file.display().to_string())
-            && warning.contains("No such file or directory"),
+            && warning.contains("no such file or directory"),
         "{warning}"
     );
 
@@ -305,7 +305,7 @@ async fn a_renewal_refused_for_want_of_an_unreadable_token_says_why_it_was_not_s
         e.contains("the control plane renews only with the ServiceAccount token")
             && e.contains("--token-file could not be read")
             && e.contains(&token_file.display().to_string())
-            && e.contains("No such file or directory"),
+            && e.contains("no such file or directory"),
         "{e}"
     );
     assert_eq!(

@@ -205,7 +205,7 @@ fn an_ipv6_address_named_by_a_flag_must_bind() {
     let ns = Netns::new("listen");
     ns.disable_ipv6();
     let mut sidecar = Sidecar::start(&ns, &["--outbound", "127.0.0.1:15001,[::1]:15001"]);
-    sidecar.wait_for(&["binding --outbound [::1]:15001"]);
+    sidecar.wait_for(&["error: --outbound [::1]:15001: "]);
     let status = sidecar.child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
 }

@@ -40,6 +40,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use trellis_core::io_error::IoWords;
 
 /// The prefix of every app probe path.
 pub const PATH_PREFIX: &str = "/app-health/";
@@ -368,7 +369,7 @@ fn escape(bytes: &[u8], keeps: impl Fn(u8) -> bool) -> String {
 pub enum Failure {
     #[error("{0} did not answer within {1:?}")]
     Timeout(Target, Duration),
-    #[error("cannot connect to {0}: {1}")]
+    #[error("cannot connect to {target}: {}", IoWords(.1), target = .0)]
     Connect(Target, std::io::Error),
     #[error("TLS with {0}: {1}")]
     Tls(Target, std::io::Error),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
 use crate::admin::probes::AppProbes;
@@ -504,8 +505,12 @@ impl Config {
 
 /// The trimmed contents of a token file, which must not be empty.
 pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
-    let raw = std::fs::read_to_string(path)
-        .map_err(|e| invalid("token-file", format_args!("{}: {e}", path.display())))?;
+    let raw = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "token-file",
+            format_args!("{}: {}", path.display(), IoWords(&e)),
+        )
+    })?;
     let token = raw.trim();
     if token.is_empty() {
         return Err(invalid(
@@ -517,7 +522,7 @@ pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
 }
 
 fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {}", path.display(), IoWords(&e)))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
