@@ -62,8 +62,13 @@ pub fn code_words(code: tonic::Code) -> &'static str {
 /// A refused call as people read it: its code in words ([`code_words`]),
 /// then its message, when it has one.
 pub fn status_words(status: &tonic::Status) -> String {
-    let words = code_words(status.code());
-    match status.message() {
+    refusal_words(status.code(), status.message())
+}
+
+/// As [`status_words`], for a refusal kept as its code and message.
+pub fn refusal_words(code: tonic::Code, message: &str) -> String {
+    let words = code_words(code);
+    match message {
         "" => words.to_owned(),
         message => format!("{words}: {message}"),
     }
@@ -345,6 +350,10 @@ mod tests {
             "invalid argument: spiffe_id \"web\": bad"
         );
         assert_eq!(status_words(&tonic::Status::not_found("")), "not found");
+        assert_eq!(
+            refusal_words(tonic::Code::Unauthenticated, "join token is unknown"),
+            "unauthenticated: join token is unknown"
+        );
     }
 
     /// A real dial: refused where nothing listens, not where a listener

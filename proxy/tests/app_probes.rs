@@ -251,7 +251,11 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
         ("/app-health/db/readiness", 503, ": connection refused\n"),
         ("/app-health/grpc/liveness", 200, "ok"),
         ("/app-health/grpc/readiness", 503, "NOT_SERVING"),
-        ("/app-health/grpc/startup", 503, "NotFound"),
+        (
+            "/app-health/grpc/startup",
+            503,
+            "service \"nobody\": not found: service not registered\n",
+        ),
         ("/app-health/nobody/liveness", 404, "no app probe"),
     ];
     for (path, status, says) in expected {

@@ -505,7 +505,7 @@ async fn grpc_check(app: SocketAddr, service: &str) -> Result<(), String> {
             service: service.to_string(),
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|s| trellis_core::grpc::status_words(&s))?
         .into_inner();
     match ServingStatus::try_from(response.status) {
         Ok(ServingStatus::Serving) => Ok(()),

@@ -197,7 +197,10 @@ pub enum CertifyError {
         addr: String,
         source: tonic::transport::Error,
     },
-    #[error("Certify refused: {code:?}: {message}")]
+    #[error(
+        "Certify refused: {}",
+        trellis_core::grpc::refusal_words(*code, message)
+    )]
     Refused {
         code: tonic::Code,
         message: String,

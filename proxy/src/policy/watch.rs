@@ -58,7 +58,7 @@ pub enum WatchError {
         addr: String,
         source: tonic::transport::Error,
     },
-    #[error("Watch failed: {code:?}: {message}")]
+    #[error("Watch failed: {}", trellis_core::grpc::refusal_words(*code, message))]
     Stream { code: tonic::Code, message: String },
     #[error("a snapshot of {size} bytes is larger than the {limit} bytes this sidecar reads")]
     TooLarge { size: usize, limit: usize },
@@ -412,5 +412,10 @@ mod tests {
         );
         let other = WatchError::from(tonic::Status::out_of_range("no such version"));
         assert!(matches!(other, WatchError::Stream { .. }), "{other:?}");
+        // Said with the code in words, as the control plane's tools say it.
+        assert_eq!(
+            other.to_string(),
+            "Watch failed: out of range: no such version"
+        );
     }
 }
