@@ -486,7 +486,7 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
         (
             "more fields than the sidecar takes",
             &many_fields,
-            "431 more than 100 header fields",
+            "431 request head exceeds the sidecar's limit of 100 header fields",
         ),
         (
             "a bare CR ending the request line",
@@ -887,7 +887,10 @@ async fn a_head_past_the_bound_is_told_the_bound() {
         answers.status,
         ["HTTP/1.1 431 Request Header Fields Too Large"]
     );
-    assert_eq!(answers.bodies, ["request head larger than 408 KiB\n"]);
+    assert_eq!(
+        answers.bodies,
+        ["request head exceeds the sidecar's 408 KiB limit\n"]
+    );
     assert!(answers.closed);
     assert_eq!(seen.requests().len(), 1, "{:?}", seen.requests());
 }

@@ -11,7 +11,11 @@
 //! cut at [`MAX_LOGGED_PATH`] bytes, then with `path_length`),
 //! `status`, `bytes_in`, `bytes_out`, `duration_ms`, `decision` (allow,
 //! deny, rate_limited or invalid), `policy` and `rule` (what decided, when
-//! something did), `protocol` (`http1` or `h2`).
+//! something did), `protocol` (`http1` or `h2`). A request head the
+//! sidecar refused (one that does not parse, or is over one of its limits)
+//! has `problem`, what its answer said was wrong, under the decision
+//! `invalid`; one refused before it was read as a request
+//! ([`Entry::refused_head`]) has no `method` or `path`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,12 +49,16 @@ pub const MAX_LOGGED_METHOD: usize = 64;
 pub struct Entry {
     conn: Arc<Connection>,
     start: Instant,
-    method: Method,
+    /// `None` for a head refused before it was read as a request.
+    method: Option<Method>,
     /// Shares the request's bytes: no copy.
     path: Option<PathAndQuery>,
     protocol: &'static str,
     /// One of `metrics::REQUEST_OUTCOMES`.
     pub outcome: &'static str,
+    /// What was wrong with a request head the sidecar refused, as its
+    /// answer says.
+    pub problem: Option<&'static str>,
     pub decision: Option<Decision>,
     /// The rate limit that refused the request, if one did.
     pub limit: Option<Arc<str>>,
@@ -66,13 +74,41 @@ impl Entry {
         Entry {
             conn,
             start: Instant::now(),
-            method: req.method().clone(),
+            method: Some(req.method().clone()),
             path: req.uri().path_and_query().cloned(),
             protocol,
             outcome: "allow",
+            problem: None,
             decision: None,
             limit: None,
             status: AtomicU16::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            body_ended: AtomicBool::new(false),
+        }
+    }
+
+    /// A request head the sidecar refused with `status` before it was
+    /// read as a request (it does not parse, or is over a limit), `problem`
+    /// saying what was wrong: logged without a method or a path, counted
+    /// as `invalid`.
+    pub fn refused_head(
+        conn: Arc<Connection>,
+        protocol: &'static str,
+        status: http::StatusCode,
+        problem: &'static str,
+    ) -> Self {
+        Entry {
+            conn,
+            start: Instant::now(),
+            method: None,
+            path: None,
+            protocol,
+            outcome: "invalid",
+            problem: Some(problem),
+            decision: None,
+            limit: None,
+            status: AtomicU16::new(status.as_u16()),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             body_ended: AtomicBool::new(false),
@@ -131,9 +167,11 @@ impl Drop for Entry {
         };
         let mut line = Line::start(SystemTime::now());
         line.raw(self.conn.access_log_caller());
-        line.member_up_to("method", self.method.as_str(), MAX_LOGGED_METHOD);
-        let path = self.path.as_ref().map_or("/", PathAndQuery::path);
-        line.member_up_to("path", path, MAX_LOGGED_PATH);
+        if let Some(method) = &self.method {
+            line.member_up_to("method", method.as_str(), MAX_LOGGED_METHOD);
+            let path = self.path.as_ref().map_or("/", PathAndQuery::path);
+            line.member_up_to("path", path, MAX_LOGGED_PATH);
+        }
         line.number("status", u64::from(status));
         line.number("bytes_in", bytes_in);
         line.number("bytes_out", bytes_out);
@@ -142,6 +180,7 @@ impl Drop for Entry {
         line.member("policy", policy);
         line.number("rule", rule.map(|r| r as u64));
         line.member("protocol", self.protocol);
+        line.member("problem", self.problem);
         line.write();
     }
 }

@@ -16,16 +16,21 @@
 //! that does not parse (a bare CR in its request line or a header line
 //! among the faults named), whose framing no server may read (two lengths, a
 //! `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0), with more
-//! than 100 fields or longer than [`MAX_REQUEST_HEAD`] is answered here,
-//! with 400 (431) and a text naming what was wrong ([`Malformed`]), and
-//! the connection closed. Every head up to the hand-off is read here, so
-//! none of these gets hyper's answer, which is a status alone.
+//! than 100 fields, longer than [`MAX_REQUEST_HEAD`] or with a target
+//! longer than [`MAX_TARGET`] is answered here, with 400 (431, 414) and a
+//! text naming what was wrong and the limit ([`Malformed`]), and the
+//! connection closed; the answer is one access-log line (no method or
+//! path, its `problem`) and counted as `invalid`. Every head up to the
+//! hand-off is read here, whole, and the head handed over is checked for
+//! what hyper would refuse in it (its target), so none of these gets
+//! hyper's answer, which is a status alone.
 //!
 //! **After a hand-off.** A malformed head later on a connection hyper
 //! serves gets hyper's answer: 400, 414 or 431 with no body, and the
 //! connection closed. hyper writes it itself (its server's `on_error`,
 //! which nothing outside hyper can change) as soon as a head fails to
-//! parse. Taking the connection back after each request hyper serves is
+//! parse; the error it then ends the connection with is logged and
+//! counted as the forwarder's refusals are ([`Malformed::from_hyper`]). Taking the connection back after each request hyper serves is
 //! not possible while it is kept alive: hyper gives its stream back only
 //! where it would close it (`without_shutdown`), and turning keep-alive
 //! off to make it do so after every request makes every answer say
@@ -110,11 +115,26 @@ use super::{Connection, Protocol, Rewind, detect, headers};
 /// after a hand-off, is given the same bound (its default read buffer).
 pub const MAX_REQUEST_HEAD: usize = 8192 + 4096 * 100;
 /// What a head over [`MAX_REQUEST_HEAD`] is told.
-pub const HEAD_TOO_LARGE: &str = "request head larger than 408 KiB";
+pub const HEAD_TOO_LARGE: &str = "request head exceeds the sidecar's 408 KiB limit";
 const _: () = assert!(
     MAX_REQUEST_HEAD == 408 * 1024,
     "HEAD_TOO_LARGE names the bound"
 );
+/// The longest request target the sidecar takes (hyper's bound, and the
+/// `http` crate's): a longer one is answered 414 ([`TARGET_TOO_LONG`]),
+/// before any hand-off.
+pub const MAX_TARGET: usize = u16::MAX as usize - 1;
+/// What a target over [`MAX_TARGET`] is told.
+pub const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes";
+const _: () = assert!(MAX_TARGET == 65534, "TARGET_TOO_LONG names the bound");
+/// What a head with more than [`MAX_REQUEST_HEADERS`] fields is told.
+pub const TOO_MANY_FIELDS: &str = "request head exceeds the sidecar's limit of 100 header fields";
+const _: () = assert!(
+    MAX_REQUEST_HEADERS == 100,
+    "TOO_MANY_FIELDS names the bound"
+);
+/// What a target that is not a URI is told.
+const INVALID_TARGET: &str = "malformed request line: invalid request target";
 /// The most header fields of a request the forwarder takes.
 pub const MAX_HEADERS: usize = 64;
 /// The largest answer head read from the app (hyper's client's bound).
@@ -488,7 +508,16 @@ where
             }
             Some(Taken::Malformed(malformed)) => {
                 tracing::debug!(peer = %conn.peer, problem = malformed.why, "malformed request head");
+                // Logged and counted once the answer is out (or failed).
+                let entry = Entry::refused_head(
+                    conn.clone(),
+                    Protocol::Http1.as_str(),
+                    malformed.status,
+                    malformed.why,
+                );
                 refuse_head(&mut caller.io, &malformed).await?;
+                entry.count(Direction::Out, malformed.why.len() + 1);
+                drop(entry);
                 // What follows the head (a body, say) is never read as a
                 // request.
                 let _ = caller.io.shutdown().await;
@@ -593,10 +622,7 @@ where
             }
         }
         if caller.buf.len() >= MAX_REQUEST_HEAD {
-            return Ok(Some(Taken::Malformed(Malformed {
-                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                why: HEAD_TOO_LARGE,
-            })));
+            return Ok(Some(Taken::Malformed(Malformed::head_too_large())));
         }
         if caller.buf.capacity() - caller.buf.len() < 1024 {
             caller.buf.reserve(4096.max(caller.buf.len() / 2));
@@ -628,9 +654,14 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(buf) {
+        // A head that came whole in a read past the bound is over it all
+        // the same.
+        Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
+            return Some(Taken::Malformed(Malformed::head_too_large()));
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(httparse::Error::TooManyHeaders) => return Some(too_many_fields(buf)),
+        Err(httparse::Error::TooManyHeaders) => return too_many_fields(buf),
         Err(e) => {
             let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, parsed.method.is_some()));
             return Some(Taken::Malformed(Malformed::bad(why)));
@@ -640,6 +671,10 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     else {
         return Some(Taken::Other);
     };
+    if path.len() > MAX_TARGET {
+        return Some(Taken::Malformed(Malformed::target_too_long()));
+    }
+    let target = path;
     // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
     // the head's framing is known to be readable.
     let mut other = version != 1 || !path.starts_with('/') || method == "CONNECT";
@@ -649,9 +684,10 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         start..start + part.len()
     };
     let path = at(path.as_bytes());
-    let method = match Method::from_bytes(method.as_bytes()) {
-        Ok(method) => method,
-        Err(_) => return Some(Taken::Other),
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Some(Taken::Malformed(Malformed::bad(
+            "malformed request line: invalid method",
+        )));
     };
     let mut body = None;
     let mut close = false;
@@ -705,8 +741,8 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
                 "Transfer-Encoding whose last coding is not chunked",
             )));
         }
-        Some(true) => return Some(Taken::Other),
-        None if other => return Some(Taken::Other),
+        Some(true) => return Some(for_hyper(target)),
+        None if other => return Some(for_hyper(target)),
         None => {}
     }
     let head = buf.split_to(len).freeze();
@@ -716,9 +752,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             body: body.unwrap_or(0),
             close,
         })),
-        Err(Unbuilt::Target) => Some(Taken::Malformed(Malformed::bad(
-            "malformed request line: invalid request target",
-        ))),
+        Err(Unbuilt::Target) => Some(Taken::Malformed(Malformed::bad(INVALID_TARGET))),
         Err(Unbuilt::Field) => {
             // Put the head back for hyper, which says what is wrong.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -776,6 +810,58 @@ impl Malformed {
             why,
         }
     }
+
+    fn head_too_large() -> Self {
+        Malformed {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            why: HEAD_TOO_LARGE,
+        }
+    }
+
+    fn target_too_long() -> Self {
+        Malformed {
+            status: StatusCode::URI_TOO_LONG,
+            why: TARGET_TOO_LONG,
+        }
+    }
+
+    /// What hyper's server answered, with a status alone, for a head it
+    /// refused on a connection handed over to it (`error`), in the words
+    /// the forwarder uses for the same; `None` for an error that is not a
+    /// refused head, which hyper answers with nothing.
+    pub fn from_hyper(error: &hyper::Error) -> Option<Self> {
+        if !error.is_parse() || error.is_parse_version_h2() || error.is_parse_status() {
+            return None;
+        }
+        if error.is_parse_too_large() {
+            // hyper says which of its two bounds only in words.
+            return Some(if error.to_string().starts_with("URI") {
+                Malformed::target_too_long()
+            } else {
+                Malformed {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    why: "request head exceeds the sidecar's 408 KiB limit or its limit of \
+                          100 header fields",
+                }
+            });
+        }
+        // hyper's internal errors (a bug of its own) get no answer.
+        if error.to_string().starts_with("internal error") {
+            return None;
+        }
+        Some(Malformed::bad("malformed request head"))
+    }
+}
+
+/// A complete head that hyper is to serve, unless hyper would refuse its
+/// request `target`: nothing in the head a connection is handed over with
+/// gets hyper's answer, a status alone. (The target is copied to be read
+/// so: once for a connection, on the path where hyper copies its head.)
+fn for_hyper(target: &str) -> Taken {
+    match Uri::try_from(target) {
+        Ok(_) => Taken::Other,
+        Err(_) => Taken::Malformed(Malformed::bad(INVALID_TARGET)),
+    }
 }
 
 /// The most header fields of a request (hyper's server's bound, for the
@@ -783,20 +869,33 @@ impl Malformed {
 pub const MAX_REQUEST_HEADERS: usize = 100;
 
 /// A head with more than [`MAX_HEADERS`] fields: hyper's if it has at most
-/// [`MAX_REQUEST_HEADERS`] and parses, 431 if it has more.
-fn too_many_fields(buf: &[u8]) -> Taken {
+/// [`MAX_REQUEST_HEADERS`] and parses whole, 431 if it has more; `None`
+/// while it is not all in (read on here, so that hyper never reads the
+/// rest of a head and refuses it with a status alone).
+fn too_many_fields(buf: &[u8]) -> Option<Taken> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    match httparse::Request::new(&mut fields).parse(buf) {
+    let mut parsed = httparse::Request::new(&mut fields);
+    Some(match parsed.parse(buf) {
         Err(httparse::Error::TooManyHeaders) => Taken::Malformed(Malformed {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            why: "more than 100 header fields",
+            why: TOO_MANY_FIELDS,
         }),
         Err(e) => {
             let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, true));
             Taken::Malformed(Malformed::bad(why))
         }
-        Ok(_) => Taken::Other,
-    }
+        Ok(httparse::Status::Partial) => return None,
+        Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
+            Taken::Malformed(Malformed::head_too_large())
+        }
+        Ok(httparse::Status::Complete(_)) => match parsed.path {
+            Some(target) if target.len() > MAX_TARGET => {
+                Taken::Malformed(Malformed::target_too_long())
+            }
+            Some(target) => for_hyper(target),
+            None => Taken::Other,
+        },
+    })
 }
 
 /// What is wrong with a head that does not parse, in words; `method`:

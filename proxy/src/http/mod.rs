@@ -370,7 +370,23 @@ where
                 // ever.
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(served, draining, |c| c.graceful_shutdown()).await?;
+            if let Err(e) = until_drained(served, draining, |c| c.graceful_shutdown()).await {
+                // A head hyper refused has had hyper's answer, a status
+                // alone: it is logged and counted as the forwarder's are.
+                let Some(refused) = h1::Malformed::from_hyper(&e) else {
+                    return Err(e);
+                };
+                tracing::debug!(peer = %held.peer, problem = refused.why, "malformed request head");
+                let protocol = Protocol::Http1.as_str();
+                // Written as it drops.
+                drop(access::Entry::refused_head(
+                    held,
+                    protocol,
+                    refused.status,
+                    refused.why,
+                ));
+                return Ok(());
+            }
             // hyper is done with a connection that switched protocols once
             // it has handed the stream over: the copy runs here, inside
             // the connection's life (a drain waits for it, as for any byte
