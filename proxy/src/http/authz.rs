@@ -8,7 +8,8 @@
 //! DENY rule on the request's port or a rate limit reads paths; 400 for
 //! more than one `Host`, or one that differs from the target's authority
 //! ([`headers::host_problem`]); 501 for
-//! `CONNECT`, whatever the rules) and never reaches the inner service;
+//! `CONNECT`, whatever the rules; 431 for an HTTP/2 request whose header
+//! list is over [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST), first) and never reaches the inner service;
 //! being the first layer, it
 //! also keeps such paths from the rate limits below it. Each decision is
 //! counted in `trellis_decisions_total`, AUDIT matches are logged as
@@ -41,6 +42,15 @@ use crate::policy::{self, Policies};
 /// What a `CONNECT` request is answered, with 501.
 pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
      (declare the port opaque to pass its connections as TCP)";
+
+/// What an HTTP/2 request whose header list is over
+/// [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST) is answered, with 431.
+pub const H2_HEADERS_TOO_LARGE: &str = "request headers (the path and pseudo-headers among them, 32 bytes more for each field) \
+     exceed the sidecar's 16 KiB limit";
+const _: () = assert!(
+    super::H2_MAX_HEADER_LIST == 16 * 1024,
+    "H2_HEADERS_TOO_LARGE names the bound"
+);
 
 /// Wraps a service in [`Authorize`].
 #[derive(Clone)]
@@ -132,8 +142,19 @@ impl<S> Authorize<S> {
             request,
             entry,
             grpc,
+            headers_too_large,
             ..
         } = exchange;
+        if *headers_too_large {
+            entry.outcome = "invalid";
+            entry.problem = Some(H2_HEADERS_TOO_LARGE);
+            return Some(local(
+                *grpc,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                GrpcCode::ResourceExhausted,
+                H2_HEADERS_TOO_LARGE,
+            ));
+        }
         if request.method() == Method::CONNECT {
             // A tunnel's bytes would reach the app with no request in them
             // decided; the app's address also replaces the target, so no
@@ -264,6 +285,7 @@ mod tests {
                 request,
                 grpc,
                 upgrading: false,
+                headers_too_large: false,
             }
         };
         let mut call = async |path: &str, grpc: bool| {

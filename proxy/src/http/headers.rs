@@ -55,6 +55,31 @@ pub fn host_problem<B>(request: &http::Request<B>) -> Option<&'static str> {
     (!same).then_some("Host header differs from the authority of the request target")
 }
 
+/// The size of an HTTP/2 request's header list as HTTP/2 counts it (RFC
+/// 9113 section 6.5.2, SETTINGS_MAX_HEADER_LIST_SIZE): each field's name
+/// and value, the pseudo-headers among them, and 32 bytes for each. Read
+/// off the request as the caller sent it; no allocation.
+pub fn h2_header_list_size<B>(request: &http::Request<B>) -> usize {
+    const FIELD: usize = 32;
+    let uri = request.uri();
+    let pseudo = [
+        (":method", Some(request.method().as_str())),
+        (":scheme", uri.scheme_str()),
+        (":authority", uri.authority().map(|a| a.as_str())),
+        (":path", uri.path_and_query().map(|p| p.as_str())),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .filter_map(|(name, value)| value.map(|v| name.len() + v.len() + FIELD))
+        .sum();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
+        .sum();
+    pseudo + fields
+}
+
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` with an
 /// `Upgrade` header), on HTTP/1.1. An upgrade to `h2c` is not passed on:
 /// what follows it is HTTP/2 requests the sidecar would copy as bytes,

@@ -257,6 +257,23 @@ pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// connection to the app ([`app_h2::APP_CONNECTION_WINDOW`]).
 pub const H2_STREAM_SEND_BUFFER: usize = 64 * 1024;
 
+/// The largest header list of an HTTP/2 request the sidecar forwards, as
+/// HTTP/2 counts it ([`headers::h2_header_list_size`]; hyper's default
+/// bound): a larger one is answered 431 by the request stack, in words
+/// naming the bound ([`authz::H2_HEADERS_TOO_LARGE`]), logged and counted
+/// as `invalid`. An HTTP/1 head's bound is [`h1::MAX_REQUEST_HEAD`].
+pub const H2_MAX_HEADER_LIST: usize = 16 * 1024;
+
+/// The bound HTTP/2 itself reads header lists to (advertised to callers as
+/// SETTINGS_MAX_HEADER_LIST_SIZE), four times [`H2_MAX_HEADER_LIST`] so
+/// that the sidecar's own bound trips first. A list over it is refused
+/// inside h2, which answers 431 alone and never hands the request to the
+/// sidecar (no log line, no count): a caller that heeds the setting never
+/// sends one (Go's and h2's clients refuse to, curl's nghttp2 sends none
+/// over 64 KiB). A list up to it is held while its stream is accepted,
+/// then dropped at once when it is refused.
+pub const H2_HEADER_LIST_READ: u32 = 4 * H2_MAX_HEADER_LIST as u32;
+
 /// Why an HTTP connection ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -352,6 +369,7 @@ where
                 .keep_alive_interval(keep_alive.0)
                 .keep_alive_timeout(keep_alive.1)
                 .max_send_buf_size(H2_STREAM_SEND_BUFFER)
+                .max_header_list_size(H2_HEADER_LIST_READ)
                 .serve_connection(io, service);
             until_drained(served, draining, |c| c.graceful_shutdown()).await
         }

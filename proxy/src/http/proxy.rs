@@ -51,6 +51,10 @@ pub struct Exchange<B = Incoming> {
     pub grpc: bool,
     /// Whether it asks to switch protocols (an HTTP/1.1 upgrade).
     pub upgrading: bool,
+    /// Whether its header list, as the caller sent it, is over
+    /// [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST) (HTTP/2 only: an
+    /// HTTP/1 head is bounded as it is read).
+    pub headers_too_large: bool,
 }
 
 impl<B> Exchange<B> {
@@ -60,6 +64,8 @@ impl<B> Exchange<B> {
     pub fn start(conn: &Arc<Connection>, mut req: Request<B>, protocol: Protocol) -> Self {
         let entry = Entry::start(conn.clone(), &req, protocol.as_str());
         let grpc = is_grpc(&req);
+        let headers_too_large = req.version() == Version::HTTP_2
+            && headers::h2_header_list_size(&req) > super::H2_MAX_HEADER_LIST;
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         headers::remove_hop_by_hop(req.headers_mut(), upgrading);
         headers::set_identity(req.headers_mut(), &conn.identity);
@@ -79,6 +85,7 @@ impl<B> Exchange<B> {
             entry,
             grpc,
             upgrading,
+            headers_too_large,
         }
     }
 }
@@ -94,6 +101,7 @@ pub async fn forward(
         entry,
         grpc,
         upgrading,
+        ..
     } = exchange;
     let entry = Arc::new(entry);
     let from_client = upgrading.then(|| hyper::upgrade::on(&mut req));

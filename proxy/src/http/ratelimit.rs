@@ -616,6 +616,7 @@ mod tests {
                 request,
                 grpc,
                 upgrading: false,
+                headers_too_large: false,
             }
         };
 
