@@ -301,6 +301,177 @@ async fn round_trip(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(back)
 }
 
+/// Sends `bytes` to `addr` and reads everything back until the other end
+/// closes (without closing ours first: a caller that half-closes may lose
+/// answers hyper has yet to write), or for 10 s if it keeps the connection
+/// open.
+async fn until_closed(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<String> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(bytes).await?;
+    let mut back = Vec::new();
+    let read = tcp.read_to_end(&mut back);
+    if let Ok(read) = tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        read?;
+    }
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
+/// The answer's status line and its body, for a sidecar's answer that
+/// closes the connection.
+fn status_and_body(answer: &str) -> (&str, &str) {
+    let status = answer.split("\r\n").next().unwrap_or_default();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, body)
+}
+
+/// A request head the sidecar refuses (one too large for its limits, or
+/// malformed) is answered with the status and a text naming what was
+/// wrong and the limit, over HTTP/1.1 (through the sidecar's forwarder,
+/// also for a head hyper would serve: chunked) and HTTP/2 (curl); each is
+/// one access-log line with the caller's identity and the problem, and
+/// counted as `invalid`. A malformed head hyper reads after a hand-off
+/// gets hyper's answer, a status alone, but is logged and counted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -> anyhow::Result<()>
+{
+    const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes\n";
+    const HEAD_TOO_LARGE: &str = "request head exceeds the sidecar's 408 KiB limit\n";
+    const INVALID_TARGET: &str = "malformed request line: invalid request target\n";
+    let app = HttpApp::start("api").await?;
+    let s = Setup::start(Mesh::start().await?, app.addr()).await?;
+    let long = "a".repeat(70_000);
+    let http1: [(&str, String, &str, &str); 4] = [
+        (
+            "an over-long target",
+            format!("GET /{long} HTTP/1.1\r\nhost: api\r\n\r\n"),
+            "HTTP/1.1 414 URI Too Long",
+            TARGET_TOO_LONG,
+        ),
+        (
+            "an over-long target on a head hyper would serve",
+            format!(
+                "POST /{long} HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            "HTTP/1.1 414 URI Too Long",
+            TARGET_TOO_LONG,
+        ),
+        (
+            "headers over the limit",
+            format!(
+                "GET /big HTTP/1.1\r\nhost: api\r\ncookie: {}\r\n\r\n",
+                "c".repeat(500 * 1024)
+            ),
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            HEAD_TOO_LARGE,
+        ),
+        (
+            "a malformed request line",
+            "GET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n".to_string(),
+            "HTTP/1.1 400 Bad Request",
+            INVALID_TARGET,
+        ),
+    ];
+    // Every case is tried before any is asserted: a failure names them all.
+    let mut wrong = Vec::new();
+    for (case, head, status, text) in &http1 {
+        let answer = until_closed(s.route(), head.as_bytes()).await?;
+        if status_and_body(&answer) != (*status, *text) {
+            wrong.push(format!("HTTP/1.1, {case}: {:?}", status_and_body(&answer)));
+        }
+    }
+    // The chunked request is hyper's, and so is the connection after it.
+    let handed_off = "POST /up HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n\
+                      0\r\n\r\nGET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n";
+    let answer = until_closed(s.route(), handed_off.as_bytes()).await?;
+    let statuses: Vec<_> = answer
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|a| a.split("\r\n").next().unwrap_or_default())
+        .collect();
+    if statuses != ["200 OK", "400 Bad Request"] {
+        wrong.push(format!("HTTP/1.1 after a hand-off: {statuses:?}"));
+    }
+
+    let url = format!("http://{}/h2", s.route());
+    let big = format!("x-big: {}", "b".repeat(20 * 1024));
+    let long_path = format!("http://{}/{}", s.route(), "p".repeat(20 * 1024));
+    let h2_too_large = "request headers (the path and pseudo-headers among them, 32 bytes more \
+                        for each field) exceed the sidecar's 16 KiB limit\n";
+    for (case, args) in [
+        ("headers over the limit", ["-H", big.as_str(), url.as_str()]),
+        (
+            "an over-long path",
+            ["-H", "x-small: 1", long_path.as_str()],
+        ),
+    ] {
+        let answer = curl(
+            &[
+                &["--http2-prior-knowledge", "-w", "%{http_code}"][..],
+                &args[..],
+            ]
+            .concat(),
+        )
+        .await?;
+        if answer != format!("{h2_too_large}431") {
+            wrong.push(format!("HTTP/2, {case}: {answer:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(
+        app.requests().iter().all(|r| r.path == "/up"),
+        "{:?}",
+        app.requests()
+    );
+
+    let refused = http1.len() + 1 + 2;
+    let lines = eventually("the refusals' access-log lines from api", SOON, || async {
+        let lines: Vec<_> = access_lines(&s.api)
+            .into_iter()
+            .filter(|l| l["decision"] == "invalid")
+            .collect();
+        anyhow::ensure!(lines.len() >= refused, "{} lines so far", lines.len());
+        anyhow::Ok(lines)
+    })
+    .await?;
+    let logged: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["status"].clone(),
+                l["problem"].clone(),
+                l["protocol"].clone(),
+            )
+        })
+        .collect();
+    let expected: Vec<_> = http1
+        .iter()
+        .map(|(_, _, status, text)| {
+            let code: u64 = status[9..12].parse().unwrap();
+            (code.into(), text.trim_end().into(), "http1".into())
+        })
+        .chain([(400.into(), "malformed request head".into(), "http1".into())])
+        .chain(std::iter::repeat_n(
+            (431.into(), h2_too_large.trim_end().into(), "h2".into()),
+            2,
+        ))
+        .collect();
+    assert_eq!(logged, expected);
+    for line in &lines {
+        assert_eq!(line["source"], s.web.identity(), "{line}");
+        assert_eq!(line["policy"], serde_json::Value::Null, "{line}");
+        assert!(
+            line.to_string().len() < 4096,
+            "the caller's bytes are not logged: {line}"
+        );
+    }
+    let invalid = s.api.metrics().await?.counter(
+        "trellis_requests_total",
+        &[("decision", "invalid"), ("status", "4xx")],
+    );
+    assert_eq!(invalid, refused as f64);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_stays_tcp_and_mesh_opaque_ports_refuse_l7_policies() -> anyhow::Result<()> {
     let db = EchoApp::start().await?;
