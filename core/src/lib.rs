@@ -6,7 +6,8 @@
 //! `policy` owns authorization policies: documents, validation, the protobuf
 //! form and the engine that decides connections. `logging` reads the log
 //! filter both binaries share. `clock` waits for a wall-clock time, as
-//! certificate renewals do. `revocation` says which certificates a
+//! certificate renewals do. `duration` reads every duration flag, annotation
+//! and setting and says durations in words. `revocation` says which certificates a
 //! revoked identity's revocation covers, for renewals and for peers. `connections` limits the connections of the
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `io_error` says an I/O error
@@ -21,6 +22,7 @@
 
 pub mod clock;
 pub mod connections;
+pub mod duration;
 pub mod gather;
 pub mod grpc;
 pub mod h2_limits;

@@ -47,14 +47,14 @@ pub const MAX_USER_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Reads a user timeout as the sidecar's `--tcp-user-timeout`, the
 /// injector's `trellis.io/tcp-user-timeout` annotation and its settings
-/// take it: a duration such as `120s`, `5m` or `1h` from
-/// [`MIN_USER_TIMEOUT`] to [`MAX_USER_TIMEOUT`], or `0` for none (`None`).
+/// take it: a duration ([`crate::duration::parse`]) such as `120s`, `5m`
+/// or `1h` from [`MIN_USER_TIMEOUT`] to [`MAX_USER_TIMEOUT`], or `0` for
+/// none (`None`).
 /// The error quotes the value and says what is wrong with it, to follow
 /// the name of the flag or annotation it was given as.
 pub fn parse_user_timeout(value: &str) -> Result<Option<Duration>, String> {
     let value = value.trim();
-    let timeout = humantime::parse_duration(value)
-        .map_err(|e| format!("{value:?} is not a duration such as 5m, 300s or 0 ({e})"))?;
+    let timeout = crate::duration::parse(value)?;
     check_user_timeout(timeout).map_err(|e| format!("{value:?} {e}"))
 }
 
