@@ -69,11 +69,11 @@ async fn token_create_refuses_bad_input() {
         "a missing --spiffe-id is a usage error"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--spiffe-id"));
-    // A lifetime out of bounds is a usage error in the units it was given
-    // in, as the help states the bounds, not the API's seconds.
+    // A lifetime out of bounds is a usage error saying it as it was given
+    // and the bound in words, not in the API's seconds.
     for (ttl, problem) in [
-        ("25h", "25h is longer than the maximum of 24h"),
-        ("2days", "2days is longer than the maximum of 24h"),
+        ("25h", "25h is longer than the maximum of 1 day"),
+        ("2days", "2days is longer than the maximum of 1 day"),
         ("0s", "0s is not a whole number of seconds, at least 1s"),
         ("1.5s", "1.5s is not a whole number of seconds, at least 1s"),
     ] {

@@ -267,7 +267,7 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                      plane's trellis_certify_failures_total)",
                     w.spiffe_id,
                     rfc3339(issued),
-                    super::duration_words(Duration::from_secs((now - due).max(0) as u64)),
+                    trellis_core::duration::words(Duration::from_secs((now - due).max(0) as u64)),
                     rfc3339(expires)
                 ),
             ));
@@ -469,7 +469,7 @@ fn roots(inputs: &Inputs<'_>, out: &mut Vec<Finding>) {
                 format!(
                     "{which} expires at {}, within {}: rotate it",
                     rfc3339(*at),
-                    super::duration_words(inputs.soon)
+                    trellis_core::duration::words(inputs.soon)
                 ),
             ));
         }

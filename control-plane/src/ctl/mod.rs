@@ -138,7 +138,7 @@ pub enum Command {
             long,
             env = "TRELLIS_EXPIRY_WARNING",
             default_value = "30d",
-            value_parser = duration
+            value_parser = trellis_core::duration::parse
         )]
         expiry_warning: Duration,
     },
@@ -399,65 +399,17 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
 /// maximum, refused here in the units it was given rather than by the
 /// control plane in seconds.
 fn token_ttl(s: &str) -> Result<Duration, String> {
-    let ttl = duration(s)?;
+    let ttl = trellis_core::duration::parse(s)?;
     if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
         return Err(format!("{s} is not a whole number of seconds, at least 1s"));
     }
     if ttl > crate::authn::MAX_TOKEN_TTL {
         return Err(format!(
-            "{s} is longer than the maximum of {}h",
-            crate::authn::MAX_TOKEN_TTL.as_secs() / 3600
+            "{s} is longer than the maximum of {}",
+            trellis_core::duration::words(crate::authn::MAX_TOKEN_TTL)
         ));
     }
     Ok(ttl)
-}
-
-/// A duration flag's value, such as `30s`, `10m`, `24h` or `30d`: every
-/// duration flag of `trellisctl` is read by this, so a bad one is refused
-/// in the same words, naming what was given.
-pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|_| format!("{s:?} is not a duration (such as 30s, 10m, 24h)"))
-}
-
-/// A duration as `trellisctl` says it, in words: `20 years`, `30 days`,
-/// `1 hour 30 minutes`, `500 milliseconds`. A unit is the one `--ttl`,
-/// `--expiry-warning` and `--wait` read (a year of 365.25 days, a month of
-/// 30.44), so a duration given is said back as it was given.
-pub fn duration_words(d: Duration) -> String {
-    const UNITS: [(u64, &str); 6] = [
-        (31_557_600, "year"),
-        (2_630_016, "month"),
-        (86_400, "day"),
-        (3_600, "hour"),
-        (60, "minute"),
-        (1, "second"),
-    ];
-    const SUBSECOND: [(u32, &str); 3] = [
-        (1_000_000, "millisecond"),
-        (1_000, "microsecond"),
-        (1, "nanosecond"),
-    ];
-    let mut words: Vec<String> = Vec::new();
-    let mut say = |n: u64, unit: &str| {
-        if n > 0 {
-            words.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
-        }
-    };
-    let mut secs = d.as_secs();
-    for (size, unit) in UNITS {
-        say(secs / size, unit);
-        secs %= size;
-    }
-    let mut nanos = d.subsec_nanos();
-    for (size, unit) in SUBSECOND {
-        say(u64::from(nanos / size), unit);
-        nanos %= size;
-    }
-    match words.is_empty() {
-        true => "0 seconds".into(),
-        false => words.join(" "),
-    }
 }
 
 /// `--control-plane` as `host:port`: a missing port would be dialled as
@@ -1093,25 +1045,6 @@ pub fn workloads_json(workloads: &[Workload]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_are_said_in_words_as_they_were_given() {
-        for (given, said) in [
-            ("20y", "20 years"),
-            ("30d", "30 days"),
-            ("1month 2d", "1 month 2 days"),
-            ("90m", "1 hour 30 minutes"),
-            ("1s", "1 second"),
-            ("1500ms", "1 second 500 milliseconds"),
-            ("0s", "0 seconds"),
-        ] {
-            assert_eq!(duration_words(duration(given).unwrap()), said, "{given}");
-        }
-        assert_eq!(
-            duration("abc").unwrap_err(),
-            "\"abc\" is not a duration (such as 30s, 10m, 24h)"
-        );
-    }
 
     #[test]
     fn times_are_shown_in_rfc3339_or_as_a_dash_for_none() {

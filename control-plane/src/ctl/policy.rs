@@ -55,7 +55,7 @@ pub struct Wait {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "60s",
-        value_parser = super::duration
+        value_parser = trellis_core::duration::parse
     )]
     wait: Option<Duration>,
 }

@@ -108,16 +108,16 @@ impl Standing {
     pub fn told(&self, version: u64, over: Over) -> String {
         let mut text = match over {
             Over::Held(after) => format!(
-                "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {:.1}s)\n",
+                "every connected sidecar holds snapshot {version} or a later one: {} on {} replica{} (after {})\n",
                 self.holding,
                 self.replicas,
                 if self.replicas == 1 { "" } else { "s" },
-                after.as_secs_f64()
+                trellis_core::duration::words(to_tenths(after))
             ),
             Over::Refused => format!("not every connected sidecar holds snapshot {version}:\n"),
             Over::Late(timeout) => format!(
                 "not every connected sidecar holds snapshot {version} after {}:\n",
-                super::duration_words(timeout)
+                trellis_core::duration::words(timeout)
             ),
         };
         let mut missing: Vec<&String> = self.missing.iter().collect();
@@ -129,6 +129,13 @@ impl Standing {
         }
         text
     }
+}
+
+/// `d` to the nearest tenth of a second, as long as a wait that held is
+/// said to have taken: the time it took to ask, not to the nanosecond.
+fn to_tenths(d: Duration) -> Duration {
+    let tenths = (d.as_millis() + 50) / 100;
+    Duration::from_millis(u64::try_from(tenths * 100).unwrap_or(u64::MAX))
 }
 
 /// Where one `ListWorkloads` answer, asked with `reached_version` the
@@ -333,11 +340,11 @@ mod tests {
             ]
         );
         let gone = format!("\n  {}\n", standing.not_listening[0]);
-        let held = standing.told(9, Over::Held(Duration::from_millis(1_200)));
+        let held = standing.told(9, Over::Held(Duration::from_millis(1_234)));
         assert!(
             held.starts_with(
                 "every connected sidecar holds snapshot 9 or a later one: 1 on 1 replica \
-                 (after 1.2s)\n"
+                 (after 1 second 200 milliseconds)\n"
             ) && held.ends_with(&gone),
             "{held}"
         );

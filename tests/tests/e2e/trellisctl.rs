@@ -132,6 +132,19 @@ async fn policy_apply_waits_until_the_sidecars_hold_the_write() -> anyhow::Resul
         )),
         "{told}"
     );
+    // How long the wait took is said in words, as every duration is.
+    let took = told
+        .split_once(" (after ")
+        .and_then(|(_, rest)| rest.split_once(")\n"))
+        .map(|(took, _)| took.split(' ').collect::<Vec<_>>());
+    let said_in_words = took.as_deref().is_some_and(|words| {
+        words.len() % 2 == 0
+            && words.chunks(2).all(|pair| {
+                pair[0].parse::<u64>().is_ok()
+                    && ["second", "seconds", "millisecond", "milliseconds"].contains(&pair[1])
+            })
+    });
+    assert!(said_in_words, "{told}");
     for sidecar in [&pair.server, &pair.client] {
         let config = sidecar.config().await?;
         let holds = config["snapshot_version"].as_u64().unwrap_or(0);
