@@ -524,31 +524,32 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
 }
 
 fn parse_watch_failure_grace(s: &str) -> Result<Duration, String> {
-    let grace = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if grace < Duration::from_secs(1) {
+    const MIN: Duration = Duration::from_secs(1);
+    let grace = trellis_core::duration::parse(s)?;
+    if grace < MIN {
         return Err(format!(
-            "{} is shorter than the minimum of 1s",
-            humantime::format_duration(grace)
+            "{s} is shorter than the minimum of {}",
+            trellis_core::duration::words(MIN)
         ));
     }
     Ok(grace)
 }
 
 fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
-    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let ttl = trellis_core::duration::parse(s)?;
     if ttl < MIN_CERT_TTL {
         return Err(format!(
-            "{} is shorter than the minimum of {}",
-            humantime::format_duration(ttl),
-            humantime::format_duration(MIN_CERT_TTL)
+            "{s} is shorter than the minimum of {}",
+            trellis_core::duration::words(MIN_CERT_TTL)
         ));
     }
     if ttl > MAX_CERT_TTL {
         return Err(format!(
-            "{s} is longer than the maximum of 30d: a workload certificate lives until it \
+            "{s} is longer than the maximum of {}: a workload certificate lives until it \
              expires unless its identity is revoked (trellisctl identity revoke, with the \
              embedded store only), so its lifetime bounds how long a stolen key is useful to a \
-             thief who cannot renew it"
+             thief who cannot renew it",
+            trellis_core::duration::words(MAX_CERT_TTL)
         ));
     }
     Ok(ttl)

@@ -417,7 +417,10 @@ async fn a_body_that_does_not_arrive_is_answered_408() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("body did not arrive within 5s"), "{answer}");
+    assert!(
+        answer.contains("body did not arrive within 5 seconds"),
+        "{answer}"
+    );
     assert!(
         start.elapsed() >= BODY_TIMEOUT / 2,
         "answered by the timeout, not at once: {:?}",

@@ -102,13 +102,46 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains(
-            "is longer than the maximum of 30d: a workload certificate lives until it expires \
+            "is longer than the maximum of 30 days: a workload certificate lives until it expires \
              unless its identity is revoked (trellisctl identity revoke, with the embedded \
              store only)"
         ),
         "{stderr}"
     );
     assert!(!state.exists());
+    // Every duration flag reads its value as trellisctl's do: a bad one is
+    // refused naming the flag and what was given, with examples, and a
+    // bound is said in words.
+    for (args, says) in [
+        (
+            ["--cert-ttl", "abc"],
+            "--cert-ttl <CERT_TTL>': \"abc\" is not a duration (such as 30s, 10m, 24h)",
+        ),
+        (
+            ["--watch-failure-grace", "20"],
+            "--watch-failure-grace <WATCH_FAILURE_GRACE>': \"20\" is not a duration (such as 30s, \
+             10m, 24h)",
+        ),
+        (
+            ["--cert-ttl", "5s"],
+            "5s is shorter than the minimum of 10 seconds",
+        ),
+        (
+            ["--watch-failure-grace", "500ms"],
+            "500ms is shorter than the minimum of 1 second",
+        ),
+    ] {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!state.exists(), "{args:?} must not create the state dir");
+    }
     let out = Command::new(CP).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));

@@ -406,7 +406,7 @@ impl TokenReviewer {
                     "no answer from {} within {} (at most {MAX_REVIEWS_IN_FLIGHT} reviews are \
                      asked at once)",
                     self.url,
-                    humantime::format_duration(self.timeout)
+                    trellis_core::duration::words(self.timeout)
                 )));
             }
         };

@@ -527,8 +527,8 @@ fn proxy_container(
     }
     // Likewise the user timeout, when it is not the sidecar's default.
     if user_timeout != Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT) {
-        let timeout = humantime::format_duration(user_timeout.unwrap_or_default());
-        env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout.to_string()));
+        let timeout = trellis_core::duration::flag_value(user_timeout.unwrap_or_default());
+        env.push(value("TRELLIS_TCP_USER_TIMEOUT", timeout));
     }
     // And the HTTP/2 connection limits, each when not the sidecar's default.
     if h2_limits.per_peer != trellis_core::h2_limits::DEFAULT_PER_PEER {

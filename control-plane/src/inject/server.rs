@@ -453,7 +453,7 @@ async fn serve(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
                         "the request's body did not arrive within {}",
-                        humantime::format_duration(BODY_TIMEOUT)
+                        trellis_core::duration::words(BODY_TIMEOUT)
                     ),
                 );
                 answer.headers_mut().insert(
