@@ -115,6 +115,36 @@ fn invalid_flags_exit_64_naming_the_flag() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--close-denied-connections"));
 }
 
+/// Every duration flag reads its value as the control plane's and
+/// `trellisctl`'s do: a bad one is refused naming the flag and what was
+/// given, with examples.
+#[test]
+fn a_bad_duration_is_refused_in_the_words_of_every_binary() {
+    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
+    for flag in ["--drain-timeout", "--drain-idle", "--tcp-user-timeout"] {
+        for bad in ["soon", "20"] {
+            let out = proxy(&[
+                "--identity",
+                ID,
+                bundle_flag,
+                bundle,
+                token_flag,
+                token,
+                flag,
+                bad,
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{flag} {bad}: {stderr}");
+            assert!(
+                stderr.contains(&format!(
+                    "invalid {flag}: \"{bad}\" is not a duration (such as 30s, 10m, 24h)"
+                )),
+                "{flag} {bad}: {stderr}"
+            );
+        }
+    }
+}
+
 #[test]
 fn invalid_configuration_is_reported_before_binding() {
     // The admin port is taken: a bind would fail with exit 1, so exit 64

@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use clap::Parser;
 use common::injector::sidecar_env;
@@ -132,4 +133,37 @@ fn an_injected_sidecar_holds_the_pods_opaque_ports_opaque() {
     });
     let config = config_from(&kubelet_env(&sidecar_env(&pod), "10.0.0.7"));
     assert_eq!(config.opaque_ports, [3306, 25]);
+}
+
+/// The pod's `trellis.io/tcp-user-timeout`, as the injector writes it into
+/// the sidecar's environment, is the injected sidecar's own user timeout,
+/// whichever way a duration the annotation takes is written.
+#[test]
+fn an_injected_sidecar_holds_the_pods_tcp_user_timeout() {
+    for (annotation, expected) in [
+        ("90s", Some(Duration::from_secs(90))),
+        ("1m30s", Some(Duration::from_secs(90))),
+        ("1m 30s", Some(Duration::from_secs(90))),
+        ("90500ms", Some(Duration::from_millis(90_500))),
+        ("10m", Some(Duration::from_secs(600))),
+        ("1h", Some(Duration::from_secs(3600))),
+        ("2m", Some(Duration::from_secs(120))),
+        ("0", None),
+    ] {
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "db-0",
+                "namespace": "default",
+                "annotations": {"trellis.io/tcp-user-timeout": annotation},
+            },
+            "spec": {
+                "serviceAccountName": "db",
+                "containers": [{"name": "db", "image": "mysql"}],
+            },
+        });
+        let config = config_from(&kubelet_env(&sidecar_env(&pod), "10.0.0.7"));
+        assert_eq!(config.tcp_user_timeout, expected, "{annotation}");
+    }
 }

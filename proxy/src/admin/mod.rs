@@ -246,9 +246,9 @@ fn draining_reason(draining: &drain::Draining, config: &Config) -> String {
          once no connection has been open for {} ({} open now), or {} after the drain started",
         humantime::format_rfc3339_seconds(draining.since),
         draining.elapsed.as_secs(),
-        humantime::format_duration(config.drain_idle),
+        trellis_core::duration::words(config.drain_idle),
         draining.open,
-        humantime::format_duration(config.drain_timeout),
+        trellis_core::duration::words(config.drain_timeout),
     )
 }
 
@@ -439,8 +439,9 @@ fn config_view(state: &State) -> ConfigView {
             |s| s.policies.opaque_ports().to_vec(),
         ),
         access_log: c.access_log,
-        tcp_user_timeout: humantime::format_duration(c.tcp_user_timeout.unwrap_or_default())
-            .to_string(),
+        tcp_user_timeout: trellis_core::duration::flag_value(
+            c.tcp_user_timeout.unwrap_or_default(),
+        ),
         max_h2_connections_per_peer: c.max_h2_connections_per_peer,
         max_h2_connections: c.max_h2_connections,
         app_probes: c.app_probes.paths(),

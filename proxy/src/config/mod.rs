@@ -437,13 +437,13 @@ impl Config {
             }
         }
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
-        let drain_timeout = humantime::parse_duration(&args.drain_timeout)
+        let drain_timeout = trellis_core::duration::parse(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
         let drain_idle = match &args.drain_idle {
             None => DEFAULT_DRAIN_IDLE.min(drain_timeout),
             Some(given) => {
                 let idle =
-                    humantime::parse_duration(given).map_err(|e| invalid("drain-idle", e))?;
+                    trellis_core::duration::parse(given).map_err(|e| invalid("drain-idle", e))?;
                 if idle > drain_timeout {
                     return Err(invalid(
                         "drain-idle",

@@ -129,7 +129,14 @@ async fn after_sigterm_the_admin_port_answers_until_the_process_exits() -> anyho
         "{}",
         ready.body
     );
-    assert!(ready.body.contains("(1 open now)"), "{}", ready.body);
+    assert!(
+        ready.body.contains(
+            "once no connection has been open for 1 second (1 open now), or 1 hour after the \
+             drain started"
+        ),
+        "{}",
+        ready.body
+    );
     let live = http::get(admin.addr(), "/live").await?;
     assert_eq!(
         live.status, 200,
