@@ -777,11 +777,11 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
         assert_eq!(named.len(), 1, "{report}");
         assert!(
             named[0].starts_with(
-                "warn  namespace shop: the pods of ReplicaSet web-6b7f9c5d8 run without a \
-                 sidecar, outside the mesh (3 admitted, the last at "
+                "warn  namespace shop: the webhook let the pods of ReplicaSet web-6b7f9c5d8 \
+                 through without a sidecar (3 pods, the last at "
             ) && named[0].ends_with(
                 ", by cp-a, cp-b): their label trellis.io/inject is \"true\", neither \
-                 \"enabled\" nor \"disabled\""
+                 \"enabled\" nor \"disabled\"; those created run outside the mesh"
             ),
             "{report}"
         );

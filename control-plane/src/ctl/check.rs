@@ -371,21 +371,27 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
     ));
 }
 
-/// Each entry of the pods the replicas' warning-only webhooks admitted
+/// Each entry of the pods the replicas' warning-only webhooks let through
 /// without a sidecar, because a `trellis.io/inject` label (theirs or their
 /// namespace's) is neither `enabled` nor `disabled`: a warning naming the
 /// namespace, the pods' owner, the label and its value. `kubectl` shows the
 /// webhook's warning only for the pods it creates itself; a controller's
-/// pods (a Deployment's) run outside the mesh unseen but for this.
+/// pods (a Deployment's) run outside the mesh unseen but for this. Only
+/// what is known is said: the webhook reviewed the pods, and those created
+/// run without a sidecar (a later admission step may have refused a pod).
 fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     let several_replicas = answer.replicas.len() > 1;
     for pods in &answer.uninjected_pods {
         let namespace = pods.namespace.escape_debug();
         let name = pods.owner_name.escape_debug();
         let who = match (pods.owner_kind.as_str(), pods.admitted) {
-            ("Pod", 1) => format!("pod {name} runs"),
-            ("Pod", _) => format!("pods {name} run"),
-            (kind, _) => format!("the pods of {} {name} run", kind.escape_debug()),
+            ("Pod", 1) => format!("pod {name}"),
+            ("Pod", _) => format!("pods {name}"),
+            (kind, _) => format!("the pods of {} {name}", kind.escape_debug()),
+        };
+        let (count, created) = match pods.admitted {
+            1 => ("1 pod".to_owned(), "if it was created, it runs"),
+            n => (format!("{n} pods"), "those created run"),
         };
         let allowed = "neither \"enabled\" nor \"disabled\"";
         let why = if pods.reason == UnknownInjectValue::NamespaceLabel.reason() {
@@ -406,9 +412,8 @@ fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
         out.push(finding(
             Level::Warn,
             format!(
-                "namespace {namespace}: {who} without a sidecar, outside the mesh ({} admitted, \
-                 the last at {}{by}): {why}",
-                pods.admitted,
+                "namespace {namespace}: the webhook let {who} through without a sidecar \
+                 ({count}, the last at {}{by}): {why}; {created} outside the mesh",
                 rfc3339(pods.last_admitted_unix)
             ),
         ));
@@ -867,10 +872,12 @@ mod tests {
         assert!(!report(&found).1, "a warning, not a failure");
     }
 
-    /// Each entry of the pods admitted without a sidecar is a warning
+    /// Each entry of the pods let through without a sidecar is a warning
     /// naming the namespace, the owner, the label, its value and the
-    /// values allowed; the replicas that admitted them are named when
-    /// several answered. Text from the pods is escaped.
+    /// values allowed, and that the pods created run outside the mesh
+    /// (a later admission step may have refused one); the replicas that
+    /// let them through are named when several answered. Text from the
+    /// pods is escaped.
     #[test]
     fn pods_admitted_without_a_sidecar_are_warnings() {
         let pods = |owner_kind: &str, owner_name: &str, reason: &str, value: &str| UninjectedPods {
@@ -896,20 +903,21 @@ mod tests {
         let at = rfc3339(NOW - 60);
         let expected = [
             format!(
-                "warn namespace shop: the pods of ReplicaSet web-7d9f run without a sidecar, \
-                 outside the mesh (3 admitted, the last at {at}): their label \
-                 trellis.io/inject is \"true\", neither \"enabled\" nor \"disabled\""
+                "warn namespace shop: the webhook let the pods of ReplicaSet web-7d9f through \
+                 without a sidecar (3 pods, the last at {at}): their label trellis.io/inject \
+                 is \"true\", neither \"enabled\" nor \"disabled\"; those created run outside \
+                 the mesh"
             ),
             format!(
-                "warn namespace shop: pod debug runs without a sidecar, outside the mesh (1 \
-                 admitted, the last at {at}): the namespace's label trellis.io/inject is \
-                 neither \"enabled\" nor \"disabled\" (the webhook cannot read its value: \
-                 kubectl get namespace shop --show-labels)"
+                "warn namespace shop: the webhook let pod debug through without a sidecar (1 \
+                 pod, the last at {at}): the namespace's label trellis.io/inject is neither \
+                 \"enabled\" nor \"disabled\" (the webhook cannot read its value: kubectl get \
+                 namespace shop --show-labels); if it was created, it runs outside the mesh"
             ),
             format!(
-                "warn namespace shop: pods job-* run without a sidecar, outside the mesh (3 \
-                 admitted, the last at {at}): their label trellis.io/inject is \
-                 \"\\u{{1b}}[31m\", neither \"enabled\" nor \"disabled\""
+                "warn namespace shop: the webhook let pods job-* through without a sidecar (3 \
+                 pods, the last at {at}): their label trellis.io/inject is \"\\u{{1b}}[31m\", \
+                 neither \"enabled\" nor \"disabled\"; those created run outside the mesh"
             ),
         ];
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
@@ -920,7 +928,7 @@ mod tests {
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
         assert!(
             found.iter().any(
-                |l| l.starts_with("warn namespace shop: the pods of ReplicaSet")
+                |l| l.starts_with("warn namespace shop: the webhook let the pods of ReplicaSet")
                     && l.contains(&format!("the last at {at}, by cp-a, cp-b): their label"))
             ),
             "{found:#?}"
