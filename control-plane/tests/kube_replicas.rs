@@ -735,7 +735,8 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     assert!(
         report.contains(&format!(
             "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3s): the \
-             sidecars streaming to it are not seen"
+             sidecars streaming to it are not seen, nor its webhook's record of the pods it let \
+             through without a sidecar\n"
         )) && report.contains("1 failure, 0 warnings\n"),
         "{report}"
     );
@@ -746,14 +747,16 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
 /// and each knows only the pods its own warning-only webhook admitted
 /// without a sidecar: `trellisctl check` on either replica names the pods
 /// of a ReplicaSet with a mistyped `trellis.io/inject` label that both
-/// admitted, once, counted over both and naming both.
+/// admitted, once, counted over both and naming both. With cp-b silent,
+/// the check on cp-a says that cp-b's record is missing, and counts only
+/// cp-a's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sidecar() {
     let fake = cluster().await;
     let certs = WebhookCerts::new();
     let flags = certs.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (a, b, _, _) = pair(&fake, &flags, &flags).await;
+    let (a, b, _, port_b) = pair(&fake, &flags, &flags).await;
     let mut review = fixture_json("pod-deployment-http-probes.json");
     review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = "true".into();
     let mistyped = certs.dir.path().join("mistyped.json");
@@ -786,6 +789,22 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
             "{report}"
         );
     }
+
+    // Something that takes connections at cp-b's address and never
+    // answers: what cp-b alone knows is missing, and the check says so.
+    b.stop_async().await;
+    let _silent = std::net::TcpListener::bind(("127.0.0.1", port_b)).unwrap();
+    let (report, passed) = check(&a);
+    assert!(!passed, "{report}");
+    assert!(
+        report.contains(&format!(
+            "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3s): the \
+             sidecars streaming to it are not seen, nor its webhook's record of the pods it let \
+             through without a sidecar\n"
+        )) && report.contains("(2 pods, the last at ")
+            && report.contains(", by cp-a): their label trellis.io/inject is \"true\""),
+        "{report}"
+    );
 }
 
 fn not_after(svid: &Svid) -> i64 {

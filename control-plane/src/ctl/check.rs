@@ -130,7 +130,8 @@ fn replicas(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             out.push(finding(
                 Level::Fail,
                 format!(
-                    "{}: the sidecars streaming to it are not seen",
+                    "{}: the sidecars streaming to it are not seen, nor its webhook's record \
+                     of the pods it let through without a sidecar",
                     super::unanswered(r)
                 ),
             ));
@@ -707,7 +708,9 @@ mod tests {
         assert_eq!(
             failures,
             [
-                "FAIL replica at 10.0.0.3:15012 did not answer (no answer within 3s): the sidecars streaming to it are not seen",
+                "FAIL replica at 10.0.0.3:15012 did not answer (no answer within 3s): the sidecars \
+                 streaming to it are not seen, nor its webhook's record of the pods it let \
+                 through without a sidecar",
                 "FAIL spiffe://td/a refused its newest snapshot and enforces an older one: bad\\u{1b}[0m",
             ]
         );
