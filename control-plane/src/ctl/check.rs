@@ -930,10 +930,9 @@ mod tests {
         answer.replicas = vec![ReplicaStatus::default(), ReplicaStatus::default()];
         let found = lines(&answer, &[root("Trellis root", NOW + 3650 * DAY)]);
         assert!(
-            found.iter().any(
-                |l| l.starts_with("warn namespace shop: the webhook let the pods of ReplicaSet")
-                    && l.contains(&format!("the last at {at}, by cp-a, cp-b): their label"))
-            ),
+            found.iter().any(|l| l
+                .starts_with("warn namespace shop: the webhook let the pods of ReplicaSet")
+                && l.contains(&format!("the last at {at}, by cp-a, cp-b): their label"))),
             "{found:#?}"
         );
     }
