@@ -265,8 +265,9 @@ async fn unknown_inject_labels_are_warned_of_over_https() {
 /// A Deployment's pods are created by the ReplicaSet controller: the
 /// warning-only webhooks' warning reaches nobody. Each pod they admit
 /// without a sidecar is recorded for `trellisctl check`, the pods of one
-/// owner with one label's value as one entry, counted, with the time of
-/// the last; a pod without owners by its name. A pod whose label is right
+/// owner (the Deployment of a ReplicaSet named after it) with one label's
+/// value as one entry, counted, with the time of the last; a pod without
+/// owners by its name. A pod whose label is right
 /// by the time it is reviewed is not recorded.
 #[tokio::test]
 async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
@@ -312,8 +313,8 @@ async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
             (
                 UninjectedPod {
                     namespace: "shop".into(),
-                    owner_kind: "ReplicaSet".into(),
-                    owner_name: "web-6b7f9c5d8".into(),
+                    owner_kind: "Deployment".into(),
+                    owner_name: "web".into(),
                     found: UnknownInjectValue::PodLabel,
                     value: Some("ture".into()),
                 },

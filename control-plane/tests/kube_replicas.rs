@@ -746,7 +746,7 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
 /// The API server calls whichever replica the webhook's Service picks,
 /// and each knows only the pods its own warning-only webhook admitted
 /// without a sidecar: `trellisctl check` on either replica names the pods
-/// of a ReplicaSet with a mistyped `trellis.io/inject` label that both
+/// of a Deployment with a mistyped `trellis.io/inject` label that both
 /// admitted, once, counted over both and naming both. With cp-b silent,
 /// the check on cp-a says that cp-b's record is missing, and counts only
 /// cp-a's.
@@ -780,8 +780,8 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
         assert_eq!(named.len(), 1, "{report}");
         assert!(
             named[0].starts_with(
-                "warn  namespace shop: the webhook let the pods of ReplicaSet web-6b7f9c5d8 \
-                 through without a sidecar (3 pods, the last at "
+                "warn  namespace shop: the webhook let the pods of Deployment web through \
+                 without a sidecar (3 pods, the last at "
             ) && named[0].ends_with(
                 ", by cp-a, cp-b): their label trellis.io/inject is \"true\", neither \
                  \"enabled\" nor \"disabled\"; those created run outside the mesh"
@@ -805,6 +805,50 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
             && report.contains(", by cp-a): their label trellis.io/inject is \"true\""),
         "{report}"
     );
+}
+
+/// cp-a let a Deployment's pods through without a sidecar; its label
+/// fixed, the Deployment rolls out, and the API server sends the new
+/// ReplicaSet's pods to cp-b, which injects them: `trellisctl check` on
+/// either replica no longer warns of the Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_forgets_pods_of_a_deployment_another_replica_injected_since() {
+    let fake = cluster().await;
+    let certs = WebhookCerts::new();
+    let flags = certs.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b, _, _) = pair(&fake, &flags, &flags).await;
+    let mut review = fixture_json("pod-deployment-http-probes.json");
+    let labels = &mut review["request"]["object"]["metadata"]["labels"];
+    labels["trellis.io/inject"] = "true".into();
+    let mistyped = certs.dir.path().join("mistyped.json");
+    std::fs::write(&mistyped, review.to_string()).unwrap();
+    let metadata = &mut review["request"]["object"]["metadata"];
+    metadata["labels"]["trellis.io/inject"] = "enabled".into();
+    metadata["labels"]["pod-template-hash"] = "5c8d7e9f4".into();
+    metadata["generateName"] = "web-5c8d7e9f4-".into();
+    metadata["ownerReferences"][0]["name"] = "web-5c8d7e9f4".into();
+    let fixed = certs.dir.path().join("fixed.json");
+    std::fs::write(&fixed, review.to_string()).unwrap();
+    let post = |cp: &ControlPlane, path: &str, review: &std::path::Path| {
+        let (status, body) =
+            tokio::task::block_in_place(|| certs.post(&webhook_addr(cp), path, review));
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    post(&a, "/inject/unknown-pod-label", &mistyped);
+    let (report, _) = check(&b);
+    assert!(
+        report.contains("the webhook let the pods of Deployment web through without a sidecar"),
+        "{report}"
+    );
+    let injected = post(&b, "/inject", &fixed);
+    assert!(injected.contains("\"patch\""), "{injected}");
+    for cp in [&a, &b] {
+        let (report, passed) = check(cp);
+        assert!(passed, "{report}");
+        assert!(!report.contains("without a sidecar"), "{report}");
+    }
 }
 
 fn not_after(svid: &Svid) -> i64 {

@@ -152,7 +152,7 @@ fn the_binary_serves_the_webhooks_with_its_settings_and_bundle() {
 /// an opted-in namespace, are admitted by the warning-only webhook without
 /// a sidecar; the ReplicaSet controller that creates them shows the
 /// warning to nobody. `trellisctl check` names them: the namespace, the
-/// ReplicaSet, the label, its value and the values allowed, and that
+/// Deployment, the label, its value and the values allowed, and that
 /// those created (a later admission step may refuse a pod) run without a
 /// sidecar; likewise a pod of a namespace whose label is mistyped.
 #[test]
@@ -210,12 +210,76 @@ fn check_names_pods_admitted_without_a_sidecar() {
              pod, the last at T): the namespace's label trellis.io/inject is neither \
              \"enabled\" nor \"disabled\" (the webhook cannot read its value: kubectl get \
              namespace legacy --show-labels); if it was created, it runs outside the mesh",
-            "warn  namespace shop: the webhook let the pods of ReplicaSet web-6b7f9c5d8 through \
-             without a sidecar (2 pods, the last at T): their label trellis.io/inject is \
-             \"true\", neither \"enabled\" nor \"disabled\"; those created run outside the mesh",
+            "warn  namespace shop: the webhook let the pods of Deployment web through without a \
+             sidecar (2 pods, the last at T): their label trellis.io/inject is \"true\", neither \
+             \"enabled\" nor \"disabled\"; those created run outside the mesh",
         ],
         "{check}"
     );
+}
+
+/// The label of the Deployment whose pods the warning-only webhook let
+/// through without a sidecar is fixed, and the Deployment rolls out: its
+/// new ReplicaSet's pods are injected, and `trellisctl check` no longer
+/// warns of the Deployment; it still warns of another owner's pods. A
+/// server-side dry run of an injected pod changes nothing.
+#[test]
+fn check_forgets_a_deployment_once_its_pods_are_injected() {
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp);
+    let fixture: Value = serde_json::from_slice(
+        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
+    )
+    .unwrap();
+    let mut review = fixture.clone();
+    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("true");
+    let mistyped = certs.dir.path().join("mistyped.json");
+    std::fs::write(&mistyped, serde_json::to_vec(&review).unwrap()).unwrap();
+    // The rollout of the fixed label: a new ReplicaSet of the Deployment,
+    // named by the new pod template's hash.
+    let mut review = fixture;
+    let metadata = &mut review["request"]["object"]["metadata"];
+    metadata["labels"]["trellis.io/inject"] = json!("enabled");
+    metadata["labels"]["pod-template-hash"] = json!("5c8d7e9f4");
+    metadata["generateName"] = json!("web-5c8d7e9f4-");
+    metadata["ownerReferences"][0]["name"] = json!("web-5c8d7e9f4");
+    let fixed = certs.dir.path().join("fixed.json");
+    std::fs::write(&fixed, serde_json::to_vec(&review).unwrap()).unwrap();
+    review["request"]["dryRun"] = json!(true);
+    let dry_run = certs.dir.path().join("fixed-dry-run.json");
+    std::fs::write(&dry_run, serde_json::to_vec(&review).unwrap()).unwrap();
+
+    let (status, body) = certs.post(&addr, "/inject/unknown-pod-label", &mistyped);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        &addr,
+        &certs,
+        "/inject/unknown-namespace-label",
+        "pod-unlabelled-namespace.json",
+    );
+    assert_eq!(status, 200, "{body}");
+    let warned = |check: &str| -> Vec<String> {
+        check
+            .lines()
+            .filter(|l| l.contains("without a sidecar"))
+            .map(|l| l.split(" through ").next().unwrap().to_owned())
+            .collect()
+    };
+    let web = "warn  namespace shop: the webhook let the pods of Deployment web";
+    let debug = "warn  namespace legacy: the webhook let pod debug";
+    for (path, review) in [("/inject", &dry_run), ("/inject", &fixed)] {
+        let check = cp.ctl(&["check"]);
+        let check = String::from_utf8_lossy(&check.stdout);
+        assert_eq!(warned(&check), [debug, web], "{check}");
+        let (status, body) = certs.post(&addr, path, review);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"patch\""), "injected: {body}");
+    }
+    let out = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{check}");
+    assert_eq!(warned(&check), [debug], "{check}");
 }
 
 /// `curl http://` at the webhook port, the usual slip while debugging an

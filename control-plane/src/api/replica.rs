@@ -10,7 +10,8 @@
 //! issued-certificate logs the same way ([`Replicas::issued`]), as the
 //! Kubernetes store keeps one per replica. Each peer's streams come with
 //! the pods its admission webhooks admitted without a sidecar, as the API
-//! server calls whichever replica the Service picks, joined by owner
+//! server calls whichever replica the Service picks, joined by owner,
+//! less those of owners any replica injected a pod of since
 //! ([`Fleet::uninjected_pods`]). With that store, whose Pods carry
 //! no certificate, each peer's streams come with the newest certificate of
 //! each identity in its log, since when the log is complete, and the
@@ -27,7 +28,6 @@
 //! ([`Replicas::peers_health`]) to know whether to go unready
 //! ([`crate::readiness`]).
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,9 +40,9 @@ use tonic::{Code, Request, Response, Status};
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
-    HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
-    ListStreamsRequest, ListStreamsResponse, OpenStream, ReplicaHealth, ReplicaStatus,
-    SnapshotSync, StreamStatus, UninjectedPods,
+    HealthRequest, HealthResponse, InjectedPods, ListIssuedCertificatesRequest,
+    ListIssuedCertificatesResponse, ListStreamsRequest, ListStreamsResponse, OpenStream,
+    ReplicaHealth, ReplicaStatus, SnapshotSync, StreamStatus, UninjectedPods,
 };
 
 use super::admin::{issued_certificate, issued_here, issued_limit};
@@ -177,6 +177,7 @@ impl Replicas {
             newest_issued,
             issued_log_since_unix,
             uninjected_pods: uninjected_pods(&mesh.uninjected),
+            injected_pods: injected_pods(&mesh.uninjected),
         }
     }
 
@@ -482,6 +483,21 @@ fn uninjected_pods(recorded: &crate::inject::UninjectedPods) -> Vec<UninjectedPo
         .collect()
 }
 
+/// The owners a replica's `/inject` webhook injected a pod of lately, as
+/// the API names them.
+fn injected_pods(recorded: &crate::inject::UninjectedPods) -> Vec<InjectedPods> {
+    recorded
+        .injected_owners()
+        .into_iter()
+        .map(|(owner, at)| InjectedPods {
+            namespace: owner.namespace,
+            owner_kind: owner.kind,
+            owner_name: owner.name,
+            last_injected_unix: at,
+        })
+        .collect()
+}
+
 /// An open stream as the API names it.
 fn open_stream(status: &SidecarStatus) -> OpenStream {
     let presented = status.presented.as_ref();
@@ -612,20 +628,23 @@ pub struct Fleet {
     /// that answered.
     presented: HashMap<String, Presented>,
     /// The pods the replicas that answered admitted without a sidecar,
-    /// joined by namespace, owner kind and name, label and value.
-    uninjected: BTreeMap<(String, String, String, String, String), Uninjected>,
+    /// by namespace, owner kind and name, label and value: each replica's
+    /// entry, in the order they answered.
+    uninjected: BTreeMap<(String, String, String, String, String), Vec<Uninjected>>,
+    /// When the replicas that answered last injected a pod of each owner
+    /// (namespace, owner kind and name).
+    injected: HashMap<(String, String, String), i64>,
 }
 
-/// How the replicas that answered admitted the pods of one owner without a
-/// sidecar, for one label and value.
+/// How one replica admitted the pods of one owner without a sidecar, for
+/// one label and value.
 #[derive(Debug)]
 struct Uninjected {
-    /// How many pods, over the replicas.
+    replica: String,
+    /// How many pods.
     admitted: u64,
     /// When the latest was admitted.
     last_admitted_unix: i64,
-    /// The replicas that admitted them, in the order they answered.
-    replicas: Vec<String>,
 }
 
 /// What one identity's open streams presented when they connected: their
@@ -785,24 +804,19 @@ impl Fleet {
                 pods.reason,
                 pods.value,
             );
-            match self.uninjected.entry(key) {
-                Entry::Vacant(entry) => {
-                    entry.insert(Uninjected {
-                        admitted: pods.admitted,
-                        last_admitted_unix: pods.last_admitted_unix,
-                        replicas: vec![answer.name.clone()],
-                    });
-                }
-                Entry::Occupied(entry) => {
-                    let joined = entry.into_mut();
-                    joined.admitted = joined.admitted.saturating_add(pods.admitted);
-                    joined.last_admitted_unix =
-                        joined.last_admitted_unix.max(pods.last_admitted_unix);
-                    if !joined.replicas.contains(&answer.name) {
-                        joined.replicas.push(answer.name.clone());
-                    }
-                }
-            }
+            self.uninjected.entry(key).or_default().push(Uninjected {
+                replica: answer.name.clone(),
+                admitted: pods.admitted,
+                last_admitted_unix: pods.last_admitted_unix,
+            });
+        }
+        for pods in answer.injected_pods {
+            let owner = (pods.namespace, pods.owner_kind, pods.owner_name);
+            let at = self
+                .injected
+                .entry(owner)
+                .or_insert(pods.last_injected_unix);
+            *at = (*at).max(pods.last_injected_unix);
         }
         let mut connected = 0;
         for stream in answer.sidecars {
@@ -829,11 +843,35 @@ impl Fleet {
     }
 
     /// The pods the replicas that answered admitted without a sidecar,
-    /// joined: last admitted first, each naming its replicas in order.
+    /// joined: last admitted first, each naming its replicas in order. A
+    /// replica's entry is left out when one of them injected a pod of its
+    /// owner in the same second or later: the owner's pods are injected
+    /// now, and a rollout replaces those admitted before. (In the same
+    /// second either may have come first; a replica that admits a pod
+    /// without a sidecar after its own injection in the same second says
+    /// its injection was the second before.)
     pub fn uninjected_pods(&self) -> Vec<UninjectedPods> {
         let mut joined = Vec::with_capacity(self.uninjected.len());
-        for ((namespace, owner_kind, owner_name, reason, value), pods) in &self.uninjected {
-            let mut replicas = pods.replicas.clone();
+        for (key, entries) in &self.uninjected {
+            let (namespace, owner_kind, owner_name, reason, value) = key;
+            let owner = (namespace.clone(), owner_kind.clone(), owner_name.clone());
+            let injected = self.injected.get(&owner).copied();
+            let mut left = entries
+                .iter()
+                .filter(|e| injected.is_none_or(|at| e.last_admitted_unix > at))
+                .peekable();
+            if left.peek().is_none() {
+                continue;
+            }
+            let (mut admitted, mut last_admitted_unix) = (0u64, i64::MIN);
+            let mut replicas = Vec::new();
+            for e in left {
+                admitted = admitted.saturating_add(e.admitted);
+                last_admitted_unix = last_admitted_unix.max(e.last_admitted_unix);
+                if !replicas.contains(&e.replica) {
+                    replicas.push(e.replica.clone());
+                }
+            }
             replicas.sort();
             joined.push(UninjectedPods {
                 namespace: namespace.clone(),
@@ -841,8 +879,8 @@ impl Fleet {
                 owner_name: owner_name.clone(),
                 reason: reason.clone(),
                 value: value.clone(),
-                admitted: pods.admitted,
-                last_admitted_unix: pods.last_admitted_unix,
+                admitted,
+                last_admitted_unix,
                 replicas,
             });
         }
@@ -1141,6 +1179,48 @@ mod tests {
                     ..pods("web-1", "namespace_label", 1, NOW - 40)
                 },
             ]
+        );
+    }
+
+    /// An entry of any replica is left out once a replica injected a pod
+    /// of its owner in the same second or later; one admitted after that
+    /// stays, counting only the replicas whose entries are left.
+    #[test]
+    fn pods_of_an_owner_injected_since_are_left_out() {
+        let pods = |owner: &str, admitted: u64, at: i64| UninjectedPods {
+            namespace: "shop".into(),
+            owner_kind: "Deployment".into(),
+            owner_name: owner.into(),
+            reason: "pod_label".into(),
+            value: "true".into(),
+            admitted,
+            last_admitted_unix: at,
+            replicas: Vec::new(),
+        };
+        let injected = |owner: &str, at: i64| InjectedPods {
+            namespace: "shop".into(),
+            owner_kind: "Deployment".into(),
+            owner_name: owner.into(),
+            last_injected_unix: at,
+        };
+        let mut fleet = Fleet::default();
+        let a = ListStreamsResponse {
+            uninjected_pods: vec![pods("web", 2, NOW - 30), pods("api", 1, NOW - 30)],
+            ..answer("cp-a", Vec::new()).unwrap()
+        };
+        fleet.add("10.0.0.1:15012".into(), Ok(a));
+        let b = ListStreamsResponse {
+            uninjected_pods: vec![pods("api", 4, NOW)],
+            injected_pods: vec![injected("web", NOW - 30), injected("api", NOW - 10)],
+            ..answer("cp-b", Vec::new()).unwrap()
+        };
+        fleet.add("10.0.0.2:15012".into(), Ok(b));
+        assert_eq!(
+            fleet.uninjected_pods(),
+            [UninjectedPods {
+                replicas: vec!["cp-b".into()],
+                ..pods("api", 4, NOW)
+            }]
         );
     }
 

@@ -116,7 +116,8 @@
 //! warning, never changed or denied, since a stray label must not block the
 //! pods of a namespace that never joined the mesh. The server counts every
 //! such value, denied or warned of, and records each pod the warning-only
-//! entries admit by its owner ([`UninjectedPods`]): `kubectl` prints the
+//! entries admit by its owner ([`UninjectedPods`]), until a pod of that
+//! owner is injected: `kubectl` prints the
 //! warning only for the pods it creates, not for a Deployment's, which
 //! its controller creates, and `trellisctl check` names them instead. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]); a Windows pod is told so in a
@@ -171,7 +172,7 @@ pub use review::{
     ReviewError,
 };
 pub use settings::InvalidSettings;
-pub use uninjected::{Admitted, MAX_ENTRIES, UninjectedPod, UninjectedPods};
+pub use uninjected::{Admitted, MAX_ENTRIES, MAX_INJECTED, Owner, UninjectedPod, UninjectedPods};
 
 /// Label and annotation: `enabled` or `disabled`.
 pub const INJECT_KEY: &str = "trellis.io/inject";

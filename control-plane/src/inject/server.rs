@@ -2,8 +2,9 @@
 //! to [`INJECT_PATH`], [`UNKNOWN_POD_LABEL_PATH`],
 //! [`UNKNOWN_NAMESPACE_LABEL_PATH`] and [`VALIDATE_PATH`], each answered by
 //! the pure functions of [`super`]; the unknown values of
-//! `trellis.io/inject` an answer denies or warns of are counted, and the
-//! pods the warning-only paths admit recorded ([`UninjectedPods`]).
+//! `trellis.io/inject` an answer denies or warns of are counted, the pods
+//! the warning-only paths admit recorded ([`UninjectedPods`]), and the
+//! owners of the pods `/inject` injects told to it.
 //!
 //! This module owns only the transport: TLS with the serving certificate
 //! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
@@ -51,7 +52,7 @@ use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 
 use super::{
-    AdmissionRequest, InjectConfig, NamespaceScope, UninjectedPods, UnknownInjectValue,
+    AdmissionRequest, InjectConfig, NamespaceScope, Owner, UninjectedPods, UnknownInjectValue,
     respond_pod_reporting, respond_unknown_label, review_policy,
 };
 use crate::api::quoted;
@@ -489,8 +490,9 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 /// Routes one request: the status, content type and body of the answer.
 /// A body that is not an AdmissionReview gets 400, so the webhook's
 /// `failurePolicy` decides about the object. A `trellis.io/inject` value
-/// the answer denies or warns of is counted in `metrics`, and a pod the
-/// warning-only paths admit without a sidecar recorded in `uninjected`.
+/// the answer denies or warns of is counted in `metrics`, a pod the
+/// warning-only paths admit without a sidecar recorded in `uninjected`,
+/// and the owner of a pod injected told to it.
 pub fn respond(
     method: &Method,
     path: &str,
@@ -511,6 +513,14 @@ pub fn respond(
             let (response, unknown) = respond_pod_reporting(&request, scope, config);
             for found in unknown {
                 metrics.inject_unknown_value(found.reason());
+            }
+            // Injected: the owner's pods admitted without a sidecar before
+            // are replaced by pods like this one. A dry run creates none.
+            if let Some(pod) = request.object.as_ref()
+                && !response.patch.is_empty()
+                && !request.dry_run
+            {
+                uninjected.injected(Owner::of(&request.namespace, pod), crate::unix_now());
             }
             response
         }),

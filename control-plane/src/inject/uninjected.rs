@@ -5,12 +5,21 @@
 //! creates itself, but a Deployment's pods are created by the ReplicaSet
 //! controller, and the warning reaches nobody: the pods run outside the
 //! mesh, silently. The server records each such admission here
-//! ([`UninjectedPods::record`]): the pods of one owner, with one value of
-//! one label, are one entry, with how many were admitted and when the last
-//! was. At most [`MAX_ENTRIES`] are kept, the one admitted least lately
-//! making way for a new one, in memory: a restart empties it. Entries do
-//! not age out otherwise: a pod admitted without a sidecar runs so until
+//! ([`UninjectedPods::record`]): the pods of one owner ([`Owner`]), with
+//! one value of one label, are one entry, with how many were admitted and
+//! when the last was. At most [`MAX_ENTRIES`] are kept, the one admitted
+//! least lately making way for a new one, in memory: a restart empties it.
+//! Entries do not age out: a pod admitted without a sidecar runs so until
 //! it is replaced, however long ago it was admitted.
+//!
+//! Once the label is fixed, the owner's new pods go to `/inject`. The
+//! server tells each injection of a created pod here
+//! ([`UninjectedPods::injected`]): the entries of the pod's owner are
+//! dropped, and the owner is remembered as injected then, the
+//! [`MAX_INJECTED`] injected least lately making way, since the API server
+//! may have sent the earlier pods to another replica: `ListWorkloads`
+//! drops an entry of any replica whose owner a replica injected a pod of
+//! in the same second or later (`Fleet::uninjected_pods`).
 //!
 //! It holds what the pod's metadata says (namespace, owner, the label's
 //! value), each cut at [`MAX_TEXT_BYTES`]; never the pod's spec.
@@ -25,17 +34,101 @@ use super::UnknownInjectValue;
 /// The most entries kept.
 pub const MAX_ENTRIES: usize = 64;
 
+/// The most owners remembered as injected: more than any replica's
+/// entries, since it does not know which owners its peers hold entries
+/// of.
+pub const MAX_INJECTED: usize = 1024;
+
 /// The longest text an entry keeps, in bytes: a Kubernetes name (a DNS
 /// subdomain) is at most this long, a label's value shorter.
 const MAX_TEXT_BYTES: usize = 253;
+
+/// Who a pod's kind are: the owner its entry is kept by, and whose
+/// injected pods end it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    pub namespace: String,
+    /// `Deployment` for the pods of a Deployment's ReplicaSet, else the
+    /// kind of the pod's controlling owner (`StatefulSet`, `Job`), or
+    /// `Pod` for a pod without owners.
+    pub kind: String,
+    /// The owner's name; for a pod without owners its name, or its
+    /// `generateName` followed by `*`.
+    pub name: String,
+}
+
+impl Owner {
+    /// The owner of `pod`, of a review in `namespace`. The controlling
+    /// owner, else the first; but a ReplicaSet named after a Deployment
+    /// and the pod's `pod-template-hash` label (`web-6b7f9c5d8`, as the
+    /// Deployment controller names it) is its Deployment (`web`): a fixed
+    /// label rolls out as a new ReplicaSet of the same Deployment.
+    pub fn of(namespace: &str, pod: &Value) -> Self {
+        let metadata = pod.get("metadata");
+        let text = |key: &str| {
+            metadata
+                .and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        // The controller among the owners (a ReplicaSet, a Job), else the
+        // first.
+        let owners = metadata
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(Value::as_array);
+        let owner = owners.and_then(|owners| {
+            let controller = owners
+                .iter()
+                .find(|o| o.get("controller").and_then(Value::as_bool) == Some(true));
+            let owner = controller.or(owners.first())?;
+            let field = |key| owner.get(key).and_then(Value::as_str);
+            Some((field("kind")?, field("name")?))
+        });
+        let hash = metadata
+            .and_then(|m| m.get("labels"))
+            .and_then(|l| l.get("pod-template-hash"))
+            .and_then(Value::as_str)
+            .filter(|h| !h.is_empty());
+        let (kind, name) = match owner {
+            Some(("ReplicaSet", name)) => match hash.and_then(|h| deployment_of(name, h)) {
+                Some(deployment) => ("Deployment".to_owned(), deployment.to_owned()),
+                None => ("ReplicaSet".to_owned(), name.to_owned()),
+            },
+            Some((kind, name)) => (kind.to_owned(), name.to_owned()),
+            None => match (text("name"), text("generateName")) {
+                (Some(name), _) => ("Pod".to_owned(), name.to_owned()),
+                (None, Some(prefix)) => ("Pod".to_owned(), format!("{prefix}*")),
+                (None, None) => ("Pod".to_owned(), "*".to_owned()),
+            },
+        };
+        let namespace = match namespace {
+            "" => text("namespace").unwrap_or_default(),
+            namespace => namespace,
+        };
+        Self {
+            namespace: cut(namespace.to_owned()),
+            kind: cut(kind),
+            name: cut(name),
+        }
+    }
+}
+
+/// The Deployment a ReplicaSet named `replica_set` belongs to, when its
+/// name is the Deployment's and the pod template's `hash`.
+fn deployment_of<'a>(replica_set: &'a str, hash: &str) -> Option<&'a str> {
+    replica_set
+        .strip_suffix(hash)?
+        .strip_suffix('-')
+        .filter(|name| !name.is_empty())
+}
 
 /// Pods admitted without a sidecar because of a `trellis.io/inject` label
 /// whose value is neither `enabled` nor `disabled`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UninjectedPod {
     pub namespace: String,
-    /// The kind of the pod's controlling owner (`ReplicaSet`), or `Pod`
-    /// for a pod without owners.
+    /// The kind of the pods' [`Owner`]: `Deployment`, `StatefulSet`, ...,
+    /// or `Pod` for a pod without owners.
     pub owner_kind: String,
     /// The owner's name; for a pod without owners its name, or its
     /// `generateName` followed by `*`.
@@ -57,45 +150,21 @@ impl UninjectedPod {
         found: UnknownInjectValue,
         value: Option<String>,
     ) -> Self {
-        let metadata = pod.get("metadata");
-        let text = |key: &str| {
-            metadata
-                .and_then(|m| m.get(key))
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-        };
-        // The controller among the owners (a ReplicaSet, a Job), else the
-        // first.
-        let owners = metadata
-            .and_then(|m| m.get("ownerReferences"))
-            .and_then(Value::as_array);
-        let owner = owners.and_then(|owners| {
-            let controller = owners
-                .iter()
-                .find(|o| o.get("controller").and_then(Value::as_bool) == Some(true));
-            let owner = controller.or(owners.first())?;
-            let field = |key| owner.get(key).and_then(Value::as_str);
-            Some((field("kind")?, field("name")?))
-        });
-        let (owner_kind, owner_name) = match owner {
-            Some((kind, name)) => (kind.to_owned(), name.to_owned()),
-            None => match (text("name"), text("generateName")) {
-                (Some(name), _) => ("Pod".to_owned(), name.to_owned()),
-                (None, Some(prefix)) => ("Pod".to_owned(), format!("{prefix}*")),
-                (None, None) => ("Pod".to_owned(), "*".to_owned()),
-            },
-        };
-        let namespace = match namespace {
-            "" => text("namespace").unwrap_or_default(),
-            namespace => namespace,
-        };
+        let owner = Owner::of(namespace, pod);
         Self {
-            namespace: cut(namespace.to_owned()),
-            owner_kind: cut(owner_kind),
-            owner_name: cut(owner_name),
+            namespace: owner.namespace,
+            owner_kind: owner.kind,
+            owner_name: owner.name,
             found,
             value: value.map(cut),
         }
+    }
+
+    /// Whether its pods are `owner`'s.
+    fn of_owner(&self, owner: &Owner) -> bool {
+        self.namespace == owner.namespace
+            && self.owner_kind == owner.kind
+            && self.owner_name == owner.name
     }
 }
 
@@ -119,11 +188,19 @@ pub struct Admitted {
     pub last_unix: i64,
 }
 
-/// The entries, at most [`MAX_ENTRIES`]; shared by the webhook server,
-/// which records, and the Admin and Replica services, which list.
+/// The entries, at most [`MAX_ENTRIES`], and the owners injected lately,
+/// at most [`MAX_INJECTED`]; shared by the webhook server, which records,
+/// and the Admin and Replica services, which list.
 #[derive(Debug, Default)]
 pub struct UninjectedPods {
-    entries: Mutex<HashMap<UninjectedPod, Admitted>>,
+    recorded: Mutex<Recorded>,
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    entries: HashMap<UninjectedPod, Admitted>,
+    /// When each owner's last pod was injected, Unix seconds.
+    injected: HashMap<Owner, i64>,
 }
 
 impl UninjectedPods {
@@ -131,7 +208,15 @@ impl UninjectedPods {
     /// new entry past [`MAX_ENTRIES`] takes the place of the one admitted
     /// least lately.
     pub fn record(&self, pod: UninjectedPod, now: i64) {
-        let mut entries = self.entries.lock().expect("not poisoned");
+        let mut recorded = self.recorded.lock().expect("not poisoned");
+        // Admitted after this replica's last injection of the owner, if
+        // in the same second: the join must not take the entry for older.
+        for (owner, at) in &mut recorded.injected {
+            if *at >= now && pod.of_owner(owner) {
+                *at = now - 1;
+            }
+        }
+        let entries = &mut recorded.entries;
         if let Some(admitted) = entries.get_mut(&pod) {
             admitted.count = admitted.count.saturating_add(1);
             admitted.last_unix = admitted.last_unix.max(now);
@@ -155,13 +240,51 @@ impl UninjectedPods {
         );
     }
 
+    /// A pod of `owner` injected at `now` (Unix seconds): the owner's
+    /// entries end, and it is remembered as injected then. An owner new
+    /// past [`MAX_INJECTED`] takes the place of the one injected least
+    /// lately.
+    pub fn injected(&self, owner: Owner, now: i64) {
+        let mut recorded = self.recorded.lock().expect("not poisoned");
+        recorded.entries.retain(|pod, _| !pod.of_owner(&owner));
+        let injected = &mut recorded.injected;
+        if let Some(at) = injected.get_mut(&owner) {
+            *at = (*at).max(now);
+            return;
+        }
+        if injected.len() >= MAX_INJECTED {
+            let oldest = injected
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(owner, _)| owner.clone());
+            if let Some(oldest) = oldest {
+                injected.remove(&oldest);
+            }
+        }
+        injected.insert(owner, now);
+    }
+
     /// Every entry, last admitted first.
     pub fn recent(&self) -> Vec<(UninjectedPod, Admitted)> {
-        let entries = self.entries.lock().expect("not poisoned");
-        let mut recent: Vec<_> = entries.iter().map(|(p, a)| (p.clone(), *a)).collect();
-        drop(entries);
+        let recorded = self.recorded.lock().expect("not poisoned");
+        let mut recent: Vec<_> = (recorded.entries.iter())
+            .map(|(p, a)| (p.clone(), *a))
+            .collect();
+        drop(recorded);
         recent.sort_by(|a, b| b.1.last_unix.cmp(&a.1.last_unix).then(a.0.cmp(&b.0)));
         recent
+    }
+
+    /// Every owner injected lately, with when its last pod was, last
+    /// injected first.
+    pub fn injected_owners(&self) -> Vec<(Owner, i64)> {
+        let recorded = self.recorded.lock().expect("not poisoned");
+        let mut owners: Vec<_> = (recorded.injected.iter())
+            .map(|(o, at)| (o.clone(), *at))
+            .collect();
+        drop(recorded);
+        owners.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        owners
     }
 }
 
@@ -209,8 +332,60 @@ mod tests {
         assert!(recent.iter().any(|(p, _)| p.owner_name == "web-2"));
     }
 
-    /// The controlling owner names the pods; a pod without owners is named
-    /// by its name, or its generateName; text is cut at the bound.
+    /// An injected pod of an owner ends its entries, whatever their label
+    /// and value, and no other owner's; the owner is remembered as
+    /// injected then. An entry admitted after an injection in the same
+    /// second is not taken for older than it.
+    #[test]
+    fn an_injected_pod_ends_its_owners_entries() {
+        let recorded = UninjectedPods::default();
+        let mut namespace_label = pod_of("web");
+        namespace_label.found = UnknownInjectValue::NamespaceLabel;
+        namespace_label.value = None;
+        recorded.record(pod_of("web"), 1000);
+        recorded.record(namespace_label, 1001);
+        recorded.record(pod_of("api"), 1002);
+        let mut elsewhere = pod_of("web");
+        elsewhere.namespace = "other".into();
+        recorded.record(elsewhere.clone(), 1003);
+        let web = Owner {
+            namespace: "shop".into(),
+            kind: "ReplicaSet".into(),
+            name: "web".into(),
+        };
+        recorded.injected(web.clone(), 1010);
+        let left: Vec<_> = recorded.recent().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(left, [elsewhere, pod_of("api")]);
+        assert_eq!(recorded.injected_owners(), [(web.clone(), 1010)]);
+
+        recorded.record(pod_of("web"), 1010);
+        assert_eq!(recorded.injected_owners(), [(web, 1009)]);
+    }
+
+    /// Past the bound, the owner injected least lately makes way.
+    #[test]
+    fn injected_owners_are_bounded() {
+        let recorded = UninjectedPods::default();
+        let owner = |i: usize| Owner {
+            namespace: "shop".into(),
+            kind: "StatefulSet".into(),
+            name: format!("db-{i}"),
+        };
+        for i in 0..MAX_INJECTED {
+            recorded.injected(owner(i), 1000 + i as i64);
+        }
+        recorded.injected(owner(0), 5000);
+        recorded.injected(owner(MAX_INJECTED), 6000);
+        let owners = recorded.injected_owners();
+        assert_eq!(owners.len(), MAX_INJECTED);
+        assert_eq!(owners[..2], [(owner(MAX_INJECTED), 6000), (owner(0), 5000)]);
+        assert!(!owners.iter().any(|(o, _)| *o == owner(1)));
+    }
+
+    /// The controlling owner names the pods; a Deployment's ReplicaSet,
+    /// by its name and the pods' pod-template-hash, is the Deployment; a
+    /// pod without owners is named by its name, or its generateName; text
+    /// is cut at the bound.
     #[test]
     fn the_owner_is_the_controller_else_the_pod() {
         let owned = json!({"metadata": {
@@ -224,6 +399,28 @@ mod tests {
         assert_eq!(
             (found.owner_kind.as_str(), found.owner_name.as_str()),
             ("ReplicaSet", "web-7d9f")
+        );
+        let of_deployment = |hash: &str| {
+            let pod = json!({"metadata": {
+                "labels": {"pod-template-hash": hash},
+                "ownerReferences": [
+                    {"kind": "ReplicaSet", "name": "web-api-7d9f", "controller": true},
+                ],
+            }});
+            let owner = Owner::of("shop", &pod);
+            (owner.kind, owner.name)
+        };
+        assert_eq!(
+            of_deployment("7d9f"),
+            ("Deployment".into(), "web-api".into())
+        );
+        assert_eq!(
+            of_deployment("8e0a"),
+            ("ReplicaSet".into(), "web-api-7d9f".into())
+        );
+        assert_eq!(
+            of_deployment(""),
+            ("ReplicaSet".into(), "web-api-7d9f".into())
         );
         let named = json!({"metadata": {"name": "debug", "namespace": "legacy"}});
         let found = UninjectedPod::of("", &named, UnknownInjectValue::NamespaceLabel, None);
