@@ -33,7 +33,7 @@ fn lint_reports_exit_codes_and_lines() {
     );
     assert!(good.stdout.is_empty());
 
-    let all = run(&[lint.as_os_str()]);
+    let all = run(&[lint.as_os_str(), "-R".as_ref()]);
     assert_eq!(all.status.code(), Some(1));
     let stdout = String::from_utf8(all.stdout).unwrap();
     let lines: Vec<String> = stdout
@@ -225,6 +225,144 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
     );
     let out = cp.ctl(&["policy", "get", "no-slash"]);
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// A policy with `name` in `namespace`, selecting `WEB`; a bad document
+/// when `port` is not a port.
+fn policy_text(name: &str, port: u32) -> String {
+    format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{WEB}\"]}}
+  action: ALLOW
+  rules: [{{to: [{{ports: [{port}]}}]}}]
+"
+    )
+}
+
+/// `-f DIR` (and `lint DIR`) reads the directory's own `*.yaml`, `*.yml`
+/// and `*.json` files, not hidden ones, as kubectl does; `-R` its
+/// subdirectories' too, in sorted order, never following a symbolic link
+/// into a directory (a link loop ends). A directory with none is a usage
+/// error naming it, before any credential is read.
+#[test]
+fn a_directory_is_read_as_kubectl_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = tmp.path().join("policies");
+    let write = |path: &str, text: &str| {
+        let path = top.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write("a.yaml", &policy_text("a", 80));
+    // Never read: not a policy file's name, or hidden.
+    write("notes.txt", "not: [yaml");
+    write(".draft.yaml", "not: [yaml");
+    write(".git/config.yaml", "not: [yaml");
+    // Read with -R only.
+    write("team/z/z.yml", &policy_text("z", 70000));
+    write("team/deeper/b.json", &policy_text("b", 70001));
+    std::os::unix::fs::symlink("..", top.join("team/loop")).unwrap();
+    let lint = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(CTL)
+            .args(["policy", "lint"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let own = lint(&[top.as_os_str()]);
+    assert_eq!(own.status.code(), Some(0), "{own:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&own.stderr),
+        "0 errors, 0 warnings\n"
+    );
+
+    let all = lint(&[top.as_os_str(), "-R".as_ref()]);
+    assert_eq!(all.status.code(), Some(1), "{all:?}");
+    let stdout = String::from_utf8(all.stdout).unwrap();
+    let files: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    let team = top.join("team");
+    assert_eq!(
+        files,
+        [
+            team.join("deeper/b.json").display().to_string(),
+            team.join("z/z.yml").display().to_string()
+        ],
+        "{stdout}"
+    );
+
+    // The subdirectory alone holds no file of its own.
+    let empty = lint(&[team.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert_eq!(empty.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {}: no policy file (*.yaml, *.yml, *.json, not hidden) in it \
+             (-R reads its subdirectories too)\n",
+            team.display()
+        )
+    );
+    write("drafts/.wip.yaml", &policy_text("wip", 80));
+    write("drafts/.old/x.yaml", &policy_text("x", 80));
+    let hidden_only = top.join("drafts");
+    let empty = lint(&[hidden_only.as_os_str(), "--recursive".as_ref()]);
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert_eq!(empty.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.ends_with(" in it or its subdirectories\n"),
+        "{stderr}"
+    );
+    // `apply` refuses it alike, before reading any credential.
+    let out = std::process::Command::new(CTL)
+        .args(["--state-dir", "/nonexistent", "policy", "apply", "-f"])
+        .arg(&team)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("(-R reads its subdirectories too)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("/nonexistent"), "{stderr}");
+
+    // `apply -f DIR` applies the directory's own files; `-R` the rest.
+    write("team/z/z.yml", &policy_text("z", 81));
+    write("team/deeper/b.json", &policy_text("b", 82));
+    let cp = ControlPlane::start(&[]);
+    let top_arg = top.to_str().unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", top_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with("AuthorizationPolicy default/a: created"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches(": created").count(), 1, "{stdout}");
+    let out = cp.ctl(&["policy", "apply", "-R", "-f", top_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let outcomes: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split(" (").next())
+        .filter(|l| l.starts_with("AuthorizationPolicy"))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "AuthorizationPolicy default/a: unchanged",
+            "AuthorizationPolicy default/b: created",
+            "AuthorizationPolicy default/z: created",
+        ],
+        "{stdout}"
+    );
 }
 
 /// `policy explain --opaque-ports` explains a destination whose sidecar

@@ -493,11 +493,12 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
 pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     if let Command::Policy(PolicyCommand::Lint {
         paths,
+        recursive,
         trust_domain,
         root,
     }) = &cli.command
     {
-        return policy::lint(paths, trust_domain, &root.root_namespace);
+        return policy::lint(paths, recursive, trust_domain, &root.root_namespace);
     }
     // Checked here, not by clap: an environment twin such as
     // TRELLIS_DRY_RUN=false counts as given to clap's conflicts, and would
@@ -514,9 +515,17 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
                 .into(),
         ));
     }
+    // A directory without policy files is a usage error before any
+    // credential is read.
+    let found = match &cli.command {
+        Command::Policy(PolicyCommand::Apply {
+            files, recursive, ..
+        }) => Some(policy::policy_files(files, recursive)?),
+        _ => None,
+    };
     let credentials = cli.credentials()?;
     let mut client = credentials.connect(&cli.control_plane).await?;
-    match run(cli, &credentials, &mut client).await {
+    match run(cli, &credentials, &mut client, found).await {
         // A connection closed under the call: if the control plane refused
         // the operator certificate, say so rather than "canceled".
         Err(CtlError::Rpc(status))
@@ -539,6 +548,7 @@ async fn run(
     cli: &Cli,
     credentials: &AdminCredentials,
     client: &mut AdminClient<Channel>,
+    found: Option<trellis_core::policy::PolicyFiles>,
 ) -> Result<Printed, CtlError> {
     match &cli.command {
         Command::Token(TokenCommand::Create { spiffe_id, ttl }) => {
@@ -605,7 +615,7 @@ async fn run(
         Command::Identity(command) => identity(client, command).await,
         Command::Policy(command) => {
             let td = credentials.trust_domain()?;
-            policy::run(client, &td, command).await
+            policy::run(client, &td, command, found).await
         }
         Command::Check { expiry_warning } => {
             let answer = client

@@ -2,8 +2,12 @@
 //! RateLimitPolicy, mixed freely in files) from files to the Admin API, and
 //! `policy lint`, which needs no control plane at all.
 //!
-//! Files are read and validated here first, by the same library function the
-//! control plane runs (`trellis_core::policy::load_paths`), so a mistake is
+//! A directory given names its own `*.yaml`, `*.yml` and `*.json` files,
+//! not hidden ones, as `kubectl -f DIR` reads them, and with `-R` those of
+//! its subdirectories too (`trellis_core::policy::find_policy_files`); one
+//! that holds none is a usage error naming it. The files are read in sorted
+//! order and validated here first, by the same library function the
+//! control plane runs (`trellis_core::policy::load_files_in`), so a mistake is
 //! reported at `file:line:column: field.path: message` before anything is
 //! sent; if any document is invalid nothing is applied. The valid documents
 //! of every file go to the control plane in one ApplyPolicy request, so a
@@ -24,8 +28,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, Explanation, Loaded, RateLimitPolicy, Reason, RuleRef,
-    SelectorScope, ValidationContext, document_from_proto, load_paths_in, policy_key,
+    AuthorizationPolicy, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy, Reason,
+    RuleRef, SelectorScope, ValidationContext, Walk, document_from_proto, find_policy_files,
+    load_files_in, policy_key,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
@@ -83,13 +88,54 @@ impl Wait {
     }
 }
 
+/// `-R` of the commands that read policy files.
+#[derive(Debug, Args)]
+pub struct Recursive {
+    /// Read the policy files of each directory's subdirectories too, at
+    /// every depth (not hidden ones; symbolic links to directories are not
+    /// followed).
+    #[arg(short = 'R', long = "recursive", env = "TRELLIS_RECURSIVE")]
+    recursive: bool,
+}
+
+impl Recursive {
+    /// How directories are read.
+    fn walk(&self) -> Walk {
+        match self.recursive {
+            true => Walk::Recursive,
+            false => Walk::Directory,
+        }
+    }
+}
+
+/// The policy files `paths` name, directories read as `recursive` says: a
+/// directory that holds none is a usage error naming it, before anything
+/// else is read.
+pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFiles, CtlError> {
+    let walk = recursive.walk();
+    let found = find_policy_files(paths, walk);
+    if let Some(dir) = found.empty_directories.first() {
+        let deeper = match walk {
+            Walk::Directory => " (-R reads its subdirectories too)",
+            Walk::Recursive => " or its subdirectories",
+        };
+        return Err(CtlError::Usage(format!(
+            "{}: no policy file (*.yaml, *.yml, *.json, not hidden) in it{deeper}",
+            dir.display()
+        )));
+    }
+    Ok(found)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Create or update policies from YAML/JSON files (several documents per
-    /// file; directories are searched for *.yaml, *.yml, *.json). Nothing is
-    /// applied if any document is invalid.
+    /// file), read in sorted order. Nothing is applied if any document is
+    /// invalid.
     Apply {
-        /// A policy file or a directory; repeatable.
+        /// A policy file, or a directory: its own *.yaml, *.yml and *.json
+        /// files, not hidden ones (with -R, its subdirectories' too);
+        /// repeatable.
         #[arg(
             short = 'f',
             long = "filename",
@@ -98,6 +144,8 @@ pub enum PolicyCommand {
             env = "TRELLIS_FILENAME"
         )]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        recursive: Recursive,
         /// Validate and show what would change and whom it would select.
         #[arg(long, env = "TRELLIS_DRY_RUN")]
         dry_run: bool,
@@ -136,9 +184,11 @@ pub enum PolicyCommand {
     /// error, 64 when the files hold no document (as `apply` refuses
     /// them), 0 otherwise.
     Lint {
-        /// Policy files or directories.
+        /// Policy files or directories, read as `apply -f` reads them.
         #[arg(value_name = "FILE|DIR", required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        recursive: Recursive,
         /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
         #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
         trust_domain: String,
@@ -198,16 +248,18 @@ const NO_DOCUMENTS: &str =
 /// `policy lint`: no credentials, no network.
 pub fn lint(
     paths: &[PathBuf],
+    recursive: &Recursive,
     trust_domain: &str,
     root_namespace: &str,
 ) -> Result<Printed, CtlError> {
     let td = TrustDomain::new(trust_domain)
         .map_err(|e| CtlError::Usage(format!("--trust-domain {trust_domain:?}: {e}")))?;
+    let found = policy_files(paths, recursive)?;
     let context = ValidationContext {
         scope: SelectorScope::root(root_namespace),
         ..ValidationContext::default()
     };
-    let loaded = load_paths_in(paths, &td, &context);
+    let loaded = load_files_in(&found, &td, &context);
     // What `apply` would refuse to send, refused alike.
     if !loaded.has_errors() && files_with_documents(&loaded).is_empty() {
         return Err(CtlError::Usage(NO_DOCUMENTS.into()));
@@ -255,20 +307,27 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Runs a subcommand that talks to the control plane; `td` is the trust
-/// domain of the operator credential.
+/// domain of the operator credential, `found` the files of `apply` when
+/// [`policy_files`] has found them already.
 pub async fn run(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
     command: &PolicyCommand,
+    found: Option<PolicyFiles>,
 ) -> Result<Printed, CtlError> {
     match command {
         PolicyCommand::Apply {
             files,
+            recursive,
             dry_run,
             output,
             wait,
         } => {
-            let (printed, written) = apply(client, td, files, *dry_run, *output).await?;
+            let found = match found {
+                Some(found) => found,
+                None => policy_files(files, recursive)?,
+            };
+            let (printed, written) = apply(client, td, &found, *dry_run, *output).await?;
             wait.then(client, printed, written).await
         }
         PolicyCommand::Get { name, kind } => {
@@ -360,9 +419,10 @@ pub async fn run(
         }
         PolicyCommand::Lint {
             paths,
+            recursive,
             trust_domain,
             root,
-        } => lint(paths, trust_domain, &root.root_namespace),
+        } => lint(paths, recursive, trust_domain, &root.root_namespace),
     }
 }
 
@@ -380,7 +440,7 @@ fn split_name(text: &str) -> Result<(String, String), CtlError> {
 async fn apply(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
-    files: &[PathBuf],
+    found: &PolicyFiles,
     dry_run: bool,
     output: Output,
 ) -> Result<(Printed, Written), CtlError> {
@@ -391,7 +451,7 @@ async fn apply(
         scope: SelectorScope::Unchecked,
         ..ValidationContext::default()
     };
-    let loaded = load_paths_in(files, td, &context);
+    let loaded = load_files_in(found, td, &context);
     let mut report = listing(&loaded);
     if loaded.has_errors() {
         return Err(CtlError::Reported(format!(
@@ -816,6 +876,7 @@ spec:
         std::fs::write(&file, "---\nx: 1\n".repeat(MAX_DIAGNOSTICS + 3)).unwrap();
         let printed = lint(
             std::slice::from_ref(&file),
+            &Recursive { recursive: false },
             "cluster.local",
             "trellis-system",
         )

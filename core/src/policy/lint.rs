@@ -157,31 +157,38 @@ pub fn load_source_in(
     reading.finish()
 }
 
-/// Checks files and directories (searched recursively for `*.yaml`, `*.yml`
-/// and `*.json`, in sorted order); duplicate names across all of them are
-/// errors. The diagnostics [`load_paths`] keeps.
+/// Checks files and directories (each directory's policy files at every
+/// depth, as [`Walk::Recursive`] finds them, in sorted order); duplicate
+/// names across all of them are errors. The diagnostics [`load_paths`]
+/// keeps.
 pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
     load_paths(paths, td).diagnostics
 }
 
 /// Reads and validates files and directories, as [`lint_paths`] checks them.
 pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
-    load_paths_in(paths, td, &ValidationContext::default())
+    load_paths_in(paths, Walk::Recursive, td, &ValidationContext::default())
 }
 
 /// [`load_paths`] for a mesh whose `context` is known (`policy lint
-/// --root-namespace`).
-pub fn load_paths_in(paths: &[PathBuf], td: &TrustDomain, context: &ValidationContext) -> Loaded {
-    let mut files = Vec::new();
+/// --root-namespace`), reading directories as `walk` says.
+pub fn load_paths_in(
+    paths: &[PathBuf],
+    walk: Walk,
+    td: &TrustDomain,
+    context: &ValidationContext,
+) -> Loaded {
+    load_files_in(&find_policy_files(paths, walk), td, context)
+}
+
+/// Reads and validates the files [`find_policy_files`] found, in their
+/// order; a path it could not read is an error diagnostic.
+pub fn load_files_in(found: &PolicyFiles, td: &TrustDomain, context: &ValidationContext) -> Loaded {
     let mut reading = Reading::default();
-    for path in paths {
-        if let Err(e) = collect(path, true, &mut files) {
-            reading.found.push(None, unreadable(path, &e));
-        }
+    for d in &found.unreadable {
+        reading.found.push(None, d.clone());
     }
-    files.sort();
-    files.dedup();
-    for (index, file) in files.iter().enumerate() {
+    for (index, file) in found.files.iter().enumerate() {
         match fs::read_to_string(file) {
             Ok(text) => {
                 let name = file.display().to_string();
@@ -193,6 +200,87 @@ pub fn load_paths_in(paths: &[PathBuf], td: &TrustDomain, context: &ValidationCo
     reading.finish()
 }
 
+/// Which files of a directory named among the paths are read: the policy
+/// files (`*.yaml`, `*.yml`, `*.json`) whose names do not start with `.`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Walk {
+    /// Its own, as `kubectl -f DIR` reads them; not its subdirectories'.
+    #[default]
+    Directory,
+    /// Its own and its subdirectories', at every depth (`kubectl -f DIR
+    /// -R`). Subdirectories whose names start with `.` are skipped, and
+    /// symbolic links are never followed into directories, so a link loop
+    /// cannot recurse forever.
+    Recursive,
+}
+
+/// The files some paths name ([`find_policy_files`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyFiles {
+    /// The files to read, sorted, each once.
+    pub files: Vec<PathBuf>,
+    /// The directories named that hold no policy file (as the [`Walk`]
+    /// reads them): a path given by mistake, as a caller may refuse it.
+    pub empty_directories: Vec<PathBuf>,
+    /// What could not be read (a path named, a directory met), as errors.
+    unreadable: Vec<Diagnostic>,
+}
+
+/// The files `paths` name: each path that is not a directory as it is
+/// (whatever its name), and the policy files of each directory as `walk`
+/// says; sorted, so a set of files is always read in one order.
+pub fn find_policy_files(paths: &[PathBuf], walk: Walk) -> PolicyFiles {
+    let mut found = PolicyFiles::default();
+    for path in paths {
+        match fs::metadata(path) {
+            Err(e) => found.unreadable.push(unreadable(path, &e)),
+            Ok(meta) if meta.is_dir() => {
+                let before = (found.files.len(), found.unreadable.len());
+                found.walk(path, walk);
+                if (found.files.len(), found.unreadable.len()) == before {
+                    found.empty_directories.push(path.clone());
+                }
+            }
+            Ok(_) => found.files.push(path.clone()),
+        }
+    }
+    found.files.sort();
+    found.files.dedup();
+    found
+}
+
+impl PolicyFiles {
+    /// Adds the policy files of `dir`, and with [`Walk::Recursive`] those
+    /// of its subdirectories.
+    fn walk(&mut self, dir: &Path, walk: Walk) {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => return self.unreadable.push(unreadable(dir, &e)),
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => return self.unreadable.push(unreadable(dir, &e)),
+            };
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let path = entry.path();
+            // The entry's own type: a symbolic link is not a directory.
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => {
+                    if walk == Walk::Recursive {
+                        self.walk(&path, walk);
+                    }
+                }
+                Ok(_) if is_policy_file(&path) => self.files.push(path),
+                Ok(_) => {}
+                Err(e) => self.unreadable.push(unreadable(&path, &e)),
+            }
+        }
+    }
+}
+
 fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
     Diagnostic {
         file: path.display().to_string(),
@@ -202,25 +290,6 @@ fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
         path: FieldPath::root(),
         message: format!("cannot read: {e}"),
     }
-}
-
-/// Adds `path`: any file named explicitly, and the policy files found in
-/// directories. Symbolic links met while walking are never followed into
-/// directories, so a link loop cannot recurse forever.
-fn collect(path: &Path, explicit: bool, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let is_dir = if explicit {
-        fs::metadata(path)?.is_dir()
-    } else {
-        fs::symlink_metadata(path)?.is_dir()
-    };
-    if is_dir {
-        for entry in fs::read_dir(path)? {
-            collect(&entry?.path(), false, files)?;
-        }
-    } else if explicit || is_policy_file(path) {
-        files.push(path.to_owned());
-    }
-    Ok(())
 }
 
 fn is_policy_file(path: &Path) -> bool {

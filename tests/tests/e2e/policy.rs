@@ -457,7 +457,12 @@ async fn lint_over_a_directory_gives_exit_codes_and_lines() -> anyhow::Result<()
 
     let all = policy::ctl_offline(
         &mesh,
-        ["policy".as_ref(), "lint".as_ref(), lint.as_os_str()],
+        [
+            "policy".as_ref(),
+            "lint".as_ref(),
+            "-R".as_ref(),
+            lint.as_os_str(),
+        ],
     )
     .await?;
     assert_eq!(all.status.code(), Some(1), "{all:?}");
