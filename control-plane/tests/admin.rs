@@ -38,28 +38,37 @@ async fn token_create_prints_only_the_token() {
 #[tokio::test]
 async fn token_create_refuses_bad_input() {
     let cp = ControlPlane::start(&[]);
-    for (args, names) in [
+    // Only the control plane knows its trust domain: one outside it is
+    // refused by the call.
+    let out = cp.ctl(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        "spiffe://other.org/ns/a/sa/b",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("outside trust domain"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+    assert!(out.stdout.is_empty());
+    // Any other bad ID is a usage error, as the control plane says it.
+    for (id, names) in [
+        ("not-an-id", "a SPIFFE ID must start with \"spiffe://\""),
         (
-            vec!["--spiffe-id", "spiffe://other.org/ns/a/sa/b"],
-            "outside trust domain",
+            "spiffe://cluster.local/trellis/admin",
+            "it is reserved for the control plane",
         ),
-        (vec!["--spiffe-id", "not-an-id"], "spiffe_id"),
-        (
-            vec!["--spiffe-id", "spiffe://cluster.local/trellis/admin"],
-            "reserved",
-        ),
-        (
-            vec!["--spiffe-id", "spiffe://cluster.local"],
-            "names the trust domain itself",
-        ),
+        ("spiffe://cluster.local", "it names the trust domain itself"),
     ] {
-        let mut full = vec!["token", "create"];
-        full.extend(args);
-        let out = cp.ctl(&full);
-        assert_eq!(out.status.code(), Some(1), "{full:?}");
+        let out = cp.ctl(&["token", "create", "--spiffe-id", id]);
         let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(stderr.contains(names), "{full:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+        assert_eq!(out.status.code(), Some(64), "{id}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "error: invalid value '{id}' for '--spiffe-id <SPIFFE_ID>': {names}"
+            )),
+            "{id}: {stderr}"
+        );
         assert!(out.stdout.is_empty());
     }
     let out = cp.ctl(&["token", "create"]);
@@ -579,15 +588,97 @@ async fn certs_lists_what_was_issued_newest_first_by_identity_or_serial() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--limit"));
 
-    // A serial that is not hex is refused, by name.
+    // A serial that is not hex is a usage error naming the flag.
     let out = cp.ctl(&["certs", "--serial", "serial=4A3B"]);
-    assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
-        stderr.starts_with("error: invalid argument: ") && stderr.contains("serial=4A3B"),
+        stderr.starts_with("error: invalid value 'serial=4A3B' for '--serial <SERIAL>'"),
         "{stderr}"
     );
-    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+}
+
+/// A flag's value the control plane would refuse, where `trellisctl` can
+/// tell without it, is a usage error (exit 64) naming the flag and what it
+/// takes, before any credential is read or call made: no state dir is
+/// there to read.
+#[test]
+fn values_the_control_plane_would_refuse_are_usage_errors() {
+    let reason = "a".repeat(1025);
+    for (args, says) in [
+        (
+            &["certs", "--serial", "zz"][..],
+            "invalid value 'zz' for '--serial <SERIAL>': serial \"zz\" is not a serial number: \
+             hex digits, with or without colons, such as 4A:3B:00:FF",
+        ),
+        (
+            &["certs", "--spiffe-id", "web"],
+            "invalid value 'web' for '--spiffe-id <SPIFFE_ID>': a SPIFFE ID must start with",
+        ),
+        (
+            &["identity", "revoke", "spiffe://cluster.local"],
+            "invalid value 'spiffe://cluster.local' for '<SPIFFE_ID>': it names the trust \
+             domain itself",
+        ),
+        (
+            &[
+                "identity",
+                "unrevoke",
+                "spiffe://cluster.local/trellis/admin",
+            ],
+            "for '<SPIFFE_ID>': it is reserved for the control plane",
+        ),
+        (
+            &["identity", "revoke", WEB, "--reason", "two\nlines"],
+            "for '--reason <REASON>': reason \"two\\nlines\" holds \
+             a control character",
+        ),
+        (
+            &["identity", "revoke", WEB, "--reason", &reason],
+            "reason is 1025 bytes long; at most 1024 are kept",
+        ),
+        (
+            &[
+                "policy", "explain", "--from", "web", "--to", API, "--port", "80",
+            ],
+            "invalid value 'web' for '--from <ID>': a SPIFFE ID must start with",
+        ),
+        (
+            &[
+                "policy",
+                "explain",
+                "--from",
+                WEB,
+                "--to",
+                "spiffe://",
+                "--port",
+                "80",
+            ],
+            "invalid value 'spiffe://' for '--to <ID>': the trust domain is empty",
+        ),
+        (
+            &["policy", "get", "web"],
+            "invalid value 'web' for '<NAME>': \"web\" is not NAMESPACE/NAME",
+        ),
+        (
+            &["policy", "delete", "default/"],
+            "invalid value 'default/' for '<NAME>': \"default/\" is not NAMESPACE/NAME",
+        ),
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args(["--state-dir", "/nonexistent"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("/nonexistent"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
 
 /// A mesh whose ListWorkloads answer passes gRPC's usual 4 MiB (12,000

@@ -219,14 +219,17 @@ async fn a_bad_revocation_is_refused_and_changes_nothing() {
             && stderr.contains("outside trust domain"),
         "{stderr}"
     );
-    // A reason that would drive the terminal is refused, and said back
-    // escaped, naming the field.
+    // A reason that would drive the terminal is refused before any call,
+    // naming the flag, and said back escaped.
     let out = cp.ctl(&["identity", "revoke", WEB, "--reason", "a\x1b[31mred"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        "error: invalid argument: reason \"a\\u{1b}[31mred\" holds a control character; \
-         give one line of text\n"
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "for '--reason <REASON>': reason \"a\\u{1b}[31mred\" holds a control character; \
+             give one line of text\n"
+        ),
+        "{stderr}"
     );
 
     let listed = admin

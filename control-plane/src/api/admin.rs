@@ -59,7 +59,7 @@ impl AdminService {
     /// `raw` as the SPIFFE ID of a workload of this trust domain, or
     /// INVALID_ARGUMENT naming what is wrong with it.
     fn workload_id(&self, raw: &str) -> Result<SpiffeId, Status> {
-        let id = SpiffeId::parse(raw).map_err(|e| {
+        let id = workload_id(raw).map_err(|e| {
             Status::invalid_argument(format!("spiffe_id {}: {e}", super::quoted(raw)))
         })?;
         if !id.is_member_of(&self.mesh.trust_domain) {
@@ -68,35 +68,42 @@ impl AdminService {
                 self.mesh.trust_domain
             )));
         }
-        if id.path().is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id {id} names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
-            )));
-        }
-        if is_reserved(&id) {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id {id} is reserved for the control plane"
-            )));
-        }
         Ok(id)
     }
 }
 
-/// A revocation's reason as given, or INVALID_ARGUMENT: at most
+/// `raw` as the SPIFFE ID of a workload of some trust domain, or why it is
+/// not one: the checks of the Admin API's `spiffe_id` fields that need no
+/// trust domain, which `trellisctl` makes before any call.
+pub fn workload_id(raw: &str) -> Result<SpiffeId, String> {
+    let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+    if id.path().is_empty() {
+        return Err(
+            "it names the trust domain itself: a workload's ID has a path (spiffe://TD/ns/NS/sa/SA)"
+                .into(),
+        );
+    }
+    if is_reserved(&id) {
+        return Err("it is reserved for the control plane".into());
+    }
+    Ok(id)
+}
+
+/// A revocation's reason as given, or why it is refused: at most
 /// [`MAX_REVOCATION_REASON_BYTES`], no control characters (listings print
 /// it as it is).
-fn revocation_reason(reason: &str) -> Result<&str, Status> {
+pub fn revocation_reason(reason: &str) -> Result<&str, String> {
     if reason.len() > MAX_REVOCATION_REASON_BYTES {
-        return Err(Status::invalid_argument(format!(
+        return Err(format!(
             "reason is {} bytes long; at most {MAX_REVOCATION_REASON_BYTES} are kept",
             reason.len()
-        )));
+        ));
     }
     if reason.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!(
+        return Err(format!(
             "reason {} holds a control character; give one line of text",
             super::quoted(reason)
-        )));
+        ));
     }
     Ok(reason)
 }
@@ -129,7 +136,8 @@ pub fn normalize_serial(serial: &str) -> Result<Option<String>, String> {
     }
     if !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!(
-            "serial {} is not a hexadecimal serial number",
+            "serial {} is not a serial number: hex digits, with or without colons, \
+             such as 4A:3B:00:FF (as `openssl x509 -serial` prints it)",
             super::quoted(serial)
         ));
     }
@@ -312,7 +320,7 @@ impl Admin for AdminService {
     ) -> Result<Response<RevokeIdentityResponse>, Status> {
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
-        let reason = revocation_reason(&req.reason)?;
+        let reason = revocation_reason(&req.reason).map_err(Status::invalid_argument)?;
         let revocation = Revocation {
             spiffe_id: id.to_string(),
             revoked_at_unix: unix_now(),
@@ -498,6 +506,6 @@ mod tests {
         // A huge value is quoted as far as fits in a status message.
         let err = normalize_serial(&"z ".repeat(20_000)).unwrap_err();
         assert!(err.len() < 1_000, "{} bytes", err.len());
-        assert!(err.ends_with("is not a hexadecimal serial number"), "{err}");
+        assert!(err.contains("is not a serial number: hex digits"), "{err}");
     }
 }

@@ -98,11 +98,11 @@ pub enum Command {
     /// The certificates the control plane issued, newest first.
     Certs {
         /// Only those for this SPIFFE ID.
-        #[arg(long, env = "TRELLIS_SPIFFE_ID")]
+        #[arg(long, env = "TRELLIS_SPIFFE_ID", value_parser = spiffe_id)]
         spiffe_id: Option<String>,
         /// Only the one with this serial number (hex, with or without
         /// colons, as `openssl x509 -serial` prints it).
-        #[arg(long, env = "TRELLIS_SERIAL")]
+        #[arg(long, env = "TRELLIS_SERIAL", value_parser = serial)]
         serial: Option<String>,
         /// At most this many, the newest (at most 10000).
         #[arg(
@@ -149,7 +149,7 @@ pub enum TokenCommand {
     /// Make a single-use join token; prints only the token.
     Create {
         /// The SPIFFE ID the token proves, e.g. spiffe://cluster.local/ns/default/sa/web.
-        #[arg(long, env = "TRELLIS_SPIFFE_ID")]
+        #[arg(long, env = "TRELLIS_SPIFFE_ID", value_parser = workload_id)]
         spiffe_id: String,
         /// Token lifetime (default 1h, at most 24h), whole seconds.
         #[arg(long, env = "TRELLIS_TTL", value_parser = token_ttl)]
@@ -169,15 +169,18 @@ pub enum IdentityCommand {
     /// its ServiceAccount.
     Revoke {
         /// The SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/web.
+        #[arg(value_parser = workload_id)]
         spiffe_id: String,
-        /// Why, as `identity revocations` lists it (at most 1024 bytes).
-        #[arg(long, env = "TRELLIS_REASON")]
+        /// Why, as `identity revocations` lists it (at most 1024 bytes, one
+        /// line).
+        #[arg(long, env = "TRELLIS_REASON", value_parser = revocation_reason)]
         reason: Option<String>,
     },
     /// Remove SPIFFE_ID's revocation: its certificates renew again and
     /// sidecars accept them.
     Unrevoke {
         /// The SPIFFE ID revoked.
+        #[arg(value_parser = workload_id)]
         spiffe_id: String,
     },
     /// The revoked SPIFFE IDs, each with when it was revoked and why. A
@@ -410,6 +413,35 @@ fn token_ttl(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(ttl)
+}
+
+/// A SPIFFE ID flag's value, refused here as the control plane would
+/// refuse it, so a mistake is a usage error before any call.
+pub fn spiffe_id(s: &str) -> Result<String, String> {
+    SpiffeId::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// A workload's SPIFFE ID (`token create`, `identity revoke`): checked as
+/// the control plane checks it ([`crate::api::admin::workload_id`]) but
+/// for its trust domain, which only the credential says.
+fn workload_id(s: &str) -> Result<String, String> {
+    crate::api::admin::workload_id(s)?;
+    Ok(s.to_owned())
+}
+
+/// `certs --serial`, checked as the control plane checks it
+/// ([`crate::api::admin::normalize_serial`]).
+fn serial(s: &str) -> Result<String, String> {
+    crate::api::admin::normalize_serial(s)?;
+    Ok(s.to_owned())
+}
+
+/// `identity revoke --reason`, checked as the control plane checks it
+/// ([`crate::api::admin::revocation_reason`]).
+fn revocation_reason(s: &str) -> Result<String, String> {
+    crate::api::admin::revocation_reason(s).map(str::to_owned)
 }
 
 /// `--control-plane` as `host:port`: a missing port would be dialled as

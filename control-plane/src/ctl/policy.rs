@@ -27,12 +27,12 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
+use trellis_core::TrustDomain;
 use trellis_core::policy::{
     AuthorizationPolicy, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy, Reason,
     RuleRef, SelectorScope, ValidationContext, Walk, document_from_proto, find_policy_files,
     load_files_in, policy_key,
 };
-use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
@@ -158,7 +158,8 @@ pub enum PolicyCommand {
     /// Print one policy as a YAML document.
     Get {
         /// NAMESPACE/NAME
-        name: String,
+        #[arg(value_parser = split_name)]
+        name: (String, String),
         /// The document kind.
         #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
         kind: String,
@@ -172,7 +173,8 @@ pub enum PolicyCommand {
     /// Delete one policy.
     Delete {
         /// NAMESPACE/NAME
-        name: String,
+        #[arg(value_parser = split_name)]
+        name: (String, String),
         /// The document kind.
         #[arg(long, env = "TRELLIS_KIND", value_parser = KINDS, default_value = AuthorizationPolicy::KIND)]
         kind: String,
@@ -198,10 +200,10 @@ pub enum PolicyCommand {
     /// Explain which rule decides a connection, and why.
     Explain {
         /// SPIFFE ID of the connecting workload.
-        #[arg(long, value_name = "ID", env = "TRELLIS_FROM")]
+        #[arg(long, value_name = "ID", env = "TRELLIS_FROM", value_parser = super::spiffe_id)]
         from: String,
         /// SPIFFE ID of the workload connected to.
-        #[arg(long, value_name = "ID", env = "TRELLIS_TO")]
+        #[arg(long, value_name = "ID", env = "TRELLIS_TO", value_parser = super::spiffe_id)]
         to: String,
         /// Destination port. On a port parsed as HTTP, the verdict names
         /// the L7 rules that decide (or audit) its requests one by one, and
@@ -331,7 +333,7 @@ pub async fn run(
             wait.then(client, printed, written).await
         }
         PolicyCommand::Get { name, kind } => {
-            let (namespace, name) = split_name(name)?;
+            let (namespace, name) = name.clone();
             let response = client
                 .get_policy(GetPolicyRequest {
                     namespace,
@@ -365,7 +367,7 @@ pub async fn run(
             }))
         }
         PolicyCommand::Delete { name, kind, wait } => {
-            let (namespace, name) = split_name(name)?;
+            let (namespace, name) = name.clone();
             let key = policy_key(&namespace, &name);
             let response = client
                 .delete_policy(DeletePolicyRequest {
@@ -393,8 +395,6 @@ pub async fn run(
             opaque_ports,
             output,
         } => {
-            parse_id("--from", from)?;
-            parse_id("--to", to)?;
             let response = client
                 .explain(ExplainRequest {
                     source: from.clone(),
@@ -426,14 +426,15 @@ pub async fn run(
     }
 }
 
-fn split_name(text: &str) -> Result<(String, String), CtlError> {
+/// A policy's `NAMESPACE/NAME`, each set (as the control plane requires).
+fn split_name(text: &str) -> Result<(String, String), String> {
     match text.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok((ns.to_owned(), name.to_owned()))
         }
-        _ => Err(CtlError::Usage(format!(
+        _ => Err(format!(
             "{text:?} is not NAMESPACE/NAME, e.g. default/web-to-api"
-        ))),
+        )),
     }
 }
 
@@ -775,11 +776,6 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
 
 fn rule_json(r: &RuleRef) -> serde_json::Value {
     serde_json::json!({"policy": &*r.policy, "rule": r.rule})
-}
-
-/// A SPIFFE ID flag value, checked before any call.
-fn parse_id(flag: &str, value: &str) -> Result<SpiffeId, CtlError> {
-    SpiffeId::parse(value).map_err(|e| CtlError::Usage(format!("{flag} {value:?}: {e}")))
 }
 
 #[cfg(test)]
