@@ -81,10 +81,13 @@ async fn token_create_refuses_bad_input() {
     // A lifetime out of bounds is a usage error saying it as it was given
     // and the bound in words, not in the API's seconds.
     for (ttl, problem) in [
-        ("25h", "25h is longer than the maximum of 1 day"),
-        ("2days", "2days is longer than the maximum of 1 day"),
-        ("0s", "0s is not a whole number of seconds, at least 1s"),
-        ("1.5s", "1.5s is not a whole number of seconds, at least 1s"),
+        ("25h", "\"25h\" is longer than the maximum of 1 day"),
+        ("2days", "\"2days\" is longer than the maximum of 1 day"),
+        ("0s", "\"0s\" is not a whole number of seconds, at least 1s"),
+        (
+            "1.5s",
+            "\"1.5s\" is not a whole number of seconds, at least 1s",
+        ),
     ] {
         let out = cp.ctl(&["token", "create", "--spiffe-id", WEB, "--ttl", ttl]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -630,7 +633,7 @@ fn values_the_control_plane_would_refuse_are_usage_errors() {
         ),
         (
             &["identity", "revoke", WEB, "--reason", "two\nlines"],
-            "for '--reason <REASON>': reason \"two\\nlines\" holds \
+            "invalid value 'two\\nlines' for '--reason <REASON>': reason \"two\\nlines\" holds \
              a control character",
         ),
         (
@@ -679,6 +682,101 @@ fn values_the_control_plane_would_refuse_are_usage_errors() {
         assert!(!stderr.contains("/nonexistent"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
+}
+
+/// A refused value is said back with its control characters escaped,
+/// whoever refuses it (clap or `trellisctl`): a value that would drive
+/// the terminal (from a script, or a copied manifest) cannot. The rest of
+/// clap's text stays as it is.
+#[test]
+fn refused_values_are_said_with_control_characters_escaped() {
+    let red = "\x1b[31mx";
+    for (args, says) in [
+        (
+            &["token", "create", "--spiffe-id", WEB, "--ttl", red][..],
+            "error: invalid value '\\u{1b}[31mx' for '--ttl <TTL>': \"\\u{1b}[31mx\" is not a \
+             duration (such as 30s, 10m, 24h)\n",
+        ),
+        (
+            &["token", "create", "--spiffe-id", WEB, "--ttl", "1\r2"],
+            "error: invalid value '1\\r2' for '--ttl <TTL>': ",
+        ),
+        (
+            &["workloads", "-o", red],
+            "error: invalid value '\\u{1b}[31mx' for '--output <OUTPUT>'\n  \
+             [possible values: table, json]\n",
+        ),
+        (
+            &["certs", "--serial", "\u{202e}4a"],
+            "error: invalid value '\\u{202e}4a' for '--serial <SERIAL>'",
+        ),
+        (&[red], "error: unrecognized subcommand '\\u{1b}[31mx'\n"),
+        (
+            &["policy", "lint", "--x\x07"],
+            "error: unexpected argument '--x\\u{7}' found\n\n  \
+             tip: to pass '--x\\u{7}' as a value, use '-- --x\\u{7}'\n",
+        ),
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args(["--state-dir", "/nonexistent"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.starts_with(says), "{args:?}: {stderr:?}");
+        assert!(
+            !stderr.contains(['\x1b', '\r', '\x07', '\u{202e}']),
+            "{args:?}: {stderr:?}"
+        );
+        assert!(
+            stderr.ends_with("For more information, try '--help'.\n"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // And a directory named in a usage error of `trellisctl`'s own.
+    let dir = tempfile::tempdir().unwrap();
+    let named = dir.path().join("p\x1b[2Jolicies");
+    std::fs::create_dir(&named).unwrap();
+    let out = std::process::Command::new(CTL)
+        .args(["policy", "lint"])
+        .arg(&named)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{stderr:?}");
+    assert!(
+        stderr.contains("p\\u{1b}[2Jolicies: no policy file"),
+        "{stderr:?}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    // A diagnostic naming a file in it.
+    std::fs::write(named.join("x\x1b[2J.yaml"), "x: 1\n").unwrap();
+    let out = std::process::Command::new(CTL)
+        .args(["policy", "lint"])
+        .arg(&named)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout:?}");
+    assert!(
+        stdout.contains("p\\u{1b}[2Jolicies/x\\u{1b}[2J.yaml:1:1: missing field"),
+        "{stdout:?}"
+    );
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+    // A credential file that cannot be read.
+    let out = std::process::Command::new(CTL)
+        .args(["--ca", "ca\x1b[2J.pem", "--cert", "a.pem", "--key", "a.key"])
+        .arg("workloads")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert!(
+        stderr.starts_with("error: cannot read ca\\u{1b}[2J.pem: "),
+        "{stderr:?}"
+    );
 }
 
 /// A mesh whose ListWorkloads answer passes gRPC's usual 4 MiB (12,000

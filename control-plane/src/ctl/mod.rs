@@ -205,13 +205,13 @@ pub enum Output {
 pub enum CtlError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read {path}: {}", trellis_core::io_error::IoWords(source))]
+    #[error("cannot read {}: {}", shown(path), trellis_core::io_error::IoWords(source))]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {reason}")]
+    #[error("{}: {reason}", shown(path))]
     Invalid { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -404,11 +404,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
 fn token_ttl(s: &str) -> Result<Duration, String> {
     let ttl = trellis_core::duration::parse(s)?;
     if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
-        return Err(format!("{s} is not a whole number of seconds, at least 1s"));
+        return Err(format!(
+            "{s:?} is not a whole number of seconds, at least 1s"
+        ));
     }
     if ttl > crate::authn::MAX_TOKEN_TTL {
         return Err(format!(
-            "{s} is longer than the maximum of {}",
+            "{s:?} is longer than the maximum of {}",
             trellis_core::duration::words(crate::authn::MAX_TOKEN_TTL)
         ));
     }
@@ -477,7 +479,7 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(with_program_name("trellisctl", args)) {
         Ok(cli) => cli,
         Err(e) => {
-            return match classify_clap_error(e) {
+            return match classify_clap_error(escape_given(e)) {
                 Parsed::Invalid(message) => {
                     eprint!("{message}");
                     ExitCode::from(EXIT_USAGE)
@@ -519,6 +521,66 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` with what the user gave that it quotes (a refused value, an unknown
+/// argument or subcommand) shown with its control characters escaped
+/// ([`escape_controls`]): clap prints them as given, and a value may come
+/// from a script or a copied manifest. Nothing else of clap's text changes.
+fn escape_given(mut e: clap::Error) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue};
+    let mut given = Vec::new();
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+    ] {
+        if let Some(ContextValue::String(raw)) = e.get(kind) {
+            let escaped = escape_controls(raw);
+            if escaped != *raw {
+                given.push((raw.clone(), escaped.clone()));
+                e.insert(kind, ContextValue::String(escaped));
+            }
+        }
+    }
+    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
+    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
+        let tips = tips
+            .iter()
+            .map(|tip| {
+                let mut text = tip.ansi().to_string();
+                for (raw, escaped) in &given {
+                    text = text.replace(raw.as_str(), escaped);
+                }
+                StyledStr::from(text)
+            })
+            .collect();
+        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    e
+}
+
+/// A path as errors name it: [`escape_controls`] of its text.
+fn shown(path: &Path) -> String {
+    escape_controls(&path.display().to_string())
+}
+
+/// `text` with its control characters, and those that reorder text
+/// (bidirectional overrides and isolates), escaped as Rust writes them
+/// (`\u{1b}`, `\n`); any other character as it is.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() => out.extend(c.escape_debug()),
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.extend(c.escape_unicode())
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Runs one subcommand; returns what to print.

@@ -121,7 +121,7 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFi
         };
         return Err(CtlError::Usage(format!(
             "{}: no policy file (*.yaml, *.yml, *.json, not hidden) in it{deeper}",
-            dir.display()
+            super::escape_controls(&dir.display().to_string())
         )));
     }
     Ok(found)
@@ -282,11 +282,12 @@ pub fn lint(
 /// The diagnostics reading kept, one a line (at most
 /// [`MAX_DIAGNOSTICS`](trellis_core::policy::MAX_DIAGNOSTICS): past that
 /// many a file is usually one mistake repeated), then how many more there
-/// were.
+/// were. A file's name, or the text a message quotes, is shown with its
+/// control characters escaped ([`super::escape_controls`]).
 fn listing(loaded: &Loaded) -> String {
     let mut out = String::new();
     for d in &loaded.diagnostics {
-        out.push_str(&d.to_string());
+        out.push_str(&super::escape_controls(&d.to_string()));
         out.push('\n');
     }
     let more = loaded.omitted;
