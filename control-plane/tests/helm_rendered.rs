@@ -404,6 +404,56 @@ fn injection_resources_the_api_server_would_refuse_are_refused() {
     );
 }
 
+/// Destinations excluded from interception for every injected pod: the IPv4
+/// and IPv6 CIDRs (and bare addresses) the control plane reads render and
+/// reach it; anything it would refuse at start (exit 64, then a crash loop)
+/// is refused at `helm template` instead, naming the value.
+#[test]
+fn excluded_cidrs_the_control_plane_refuses_are_refused() {
+    let Some((helm, _)) = tools() else { return };
+    for bad in [
+        "garbage",
+        "10.0.0.0/33",
+        "10.0.0.256/8",
+        "10.0.0/8",
+        "10.0.0.0/",
+        "fd00::/129",
+        "fd00::1::/64",
+        "fe80::1%eth0/64",
+        "kubernetes.default",
+    ] {
+        let e = template(
+            &helm,
+            &[&format!("injection.excludeOutboundCIDRs={{{bad}}}")],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("excludeOutboundCIDRs") && e.contains(bad),
+            "{bad}: {e}"
+        );
+    }
+    let good = [
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("0.0.0.0/0", "0.0.0.0/0"),
+        ("169.254.169.254", "169.254.169.254/32"),
+        ("fd00::/8", "fd00::/8"),
+        ("::1/128", "::1/128"),
+        ("::/0", "::/0"),
+        ("2001:db8:0:0:0:0:0:1/64", "2001:db8::1/64"),
+        ("2001:DB8::/32", "2001:db8::/32"),
+        ("::ffff:10.0.0.0/104", "::ffff:10.0.0.0/104"),
+    ];
+    let list = good.map(|(value, _)| value).join(",");
+    let config = rendered_injection_config(
+        &helm,
+        &[&format!("injection.excludeOutboundCIDRs={{{list}}}")],
+    );
+    assert_eq!(
+        config.exclude_outbound_cidrs,
+        good.map(|(_, read)| read.to_owned())
+    );
+}
+
 /// The injection settings the chart renders with `set`, as the control
 /// plane reads them.
 fn rendered_injection_config(helm: &Path, set: &[&str]) -> inject::InjectConfig {
