@@ -256,6 +256,51 @@ fn invalid_values_are_refused() {
     }
 }
 
+/// A request above its limit in the control plane's own resources (cpu or
+/// memory) is refused at `helm template`, naming both: the API server would
+/// refuse the Deployment. Raised together they render, and validate.
+#[test]
+fn control_plane_resources_the_api_server_would_refuse_are_refused() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    for (set, says) in [
+        (
+            "resources.limits.memory=64Mi",
+            "resources: requests.memory 128Mi is above limits.memory 64Mi",
+        ),
+        (
+            "resources.requests.cpu=1500m",
+            "resources: requests.cpu 1500m is above limits.cpu 1",
+        ),
+        (
+            "resources.requests.memory=1.5Gi,resources.limits.memory=1536Mi,resources.requests.cpu=2",
+            "resources: requests.cpu 2 is above limits.cpu 1",
+        ),
+    ] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(e.contains(says), "{set}: {e}");
+    }
+    // Equal quantities written differently, and a request raised with its
+    // limit, are what the Deployment gets.
+    let rendered = template(
+        &helm,
+        &[
+            "resources.requests.cpu=0.3,resources.limits.cpu=300m",
+            "resources.requests.memory=1Gi,resources.limits.memory=1024Mi",
+        ],
+    )
+    .unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    let resources =
+        &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"];
+    assert_eq!(
+        resources,
+        &json!({"requests": {"cpu": "0.3", "memory": "1Gi"}, "limits": {"cpu": "300m", "memory": "1024Mi"}})
+    );
+}
+
 /// The rule list of a Role or ClusterRole, normalised for comparison.
 fn rules(role: &Value) -> Vec<Value> {
     role["rules"].as_array().unwrap().clone()

@@ -370,26 +370,45 @@ fn rendered_injection_settings_parse() {
 }
 
 /// Sidecar resources the API server would refuse in every injected pod (a
-/// request above the chart's default limit) stop the control plane at
-/// start, naming the value, instead of every meshed pod created after it.
+/// request above the chart's default limit) are refused at `helm template`,
+/// naming the value, instead of every meshed pod created after it; the
+/// control plane, which has the last word, refuses the same settings at
+/// start.
 #[test]
 fn injection_resources_the_api_server_would_refuse_are_refused() {
     let Some((helm, _)) = tools() else { return };
-    let e =
-        read_rendered_injection_config(&helm, &["injection.proxy.resources.requests.memory=512Mi"])
+    for (set, says, field, resources) in [
+        (
+            "injection.proxy.resources.requests.memory=512Mi",
+            "injection.proxy.resources: requests.memory 512Mi is above limits.memory 256Mi",
+            "proxyResources",
+            json!({"requests": {"memory": "512Mi"}, "limits": {"memory": "256Mi"}}),
+        ),
+        (
+            "injection.init.resources.requests.cpu=200m",
+            "injection.init.resources: requests.cpu 200m is above limits.cpu 100m",
+            "initResources",
+            json!({"requests": {"cpu": "200m"}, "limits": {"cpu": "100m"}}),
+        ),
+    ] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(e.contains(says), "{set}: {e}");
+        // The rendered settings with those resources, as a chart that did
+        // not check them would have written them.
+        let mut settings: Value =
+            serde_json::from_str(&rendered_injection_settings(&helm, &[])).unwrap();
+        settings[field] = resources;
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let e = inject::InjectConfig::from_settings(&settings.to_string(), td, "PEM".into())
             .unwrap_err()
             .to_string();
-    assert!(
-        e.contains("proxyResources: requests.memory 512Mi is above limits.memory 256Mi"),
-        "{e}"
-    );
-    let e = read_rendered_injection_config(&helm, &["injection.init.resources.requests.cpu=200m"])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("initResources: requests.cpu 200m is above limits.cpu 100m"),
-        "{e}"
-    );
+        let resource = if field == "proxyResources" {
+            "requests.memory 512Mi is above limits.memory 256Mi"
+        } else {
+            "requests.cpu 200m is above limits.cpu 100m"
+        };
+        assert!(e.contains(&format!("{field}: {resource}")), "{e}");
+    }
     // Raised together, they are what the pods get.
     let config = rendered_injection_config(
         &helm,
@@ -454,6 +473,15 @@ fn excluded_cidrs_the_control_plane_refuses_are_refused() {
     );
 }
 
+/// The injection settings file the chart renders with `set`.
+fn rendered_injection_settings(helm: &Path, set: &[&str]) -> String {
+    let docs = documents(&template(helm, set).unwrap());
+    one(&docs, "ConfigMap")["data"]["inject.json"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// The injection settings the chart renders with `set`, as the control
 /// plane reads them.
 fn rendered_injection_config(helm: &Path, set: &[&str]) -> inject::InjectConfig {
@@ -466,11 +494,7 @@ fn read_rendered_injection_config(
     helm: &Path,
     set: &[&str],
 ) -> Result<inject::InjectConfig, inject::InvalidSettings> {
-    let docs = documents(&template(helm, set).unwrap());
-    let settings = one(&docs, "ConfigMap")["data"]["inject.json"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let settings = rendered_injection_settings(helm, set);
     let td = TrustDomain::new("cluster.local").unwrap();
     inject::InjectConfig::from_settings(&settings, td, "PEM".into())
 }

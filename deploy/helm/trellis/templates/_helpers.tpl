@@ -78,12 +78,51 @@ or several: 1h30m), as text; 0 for the number 0.
 {{- end -}}
 
 {{/*
+A Kubernetes quantity of the form the schema allows (100m, 0.5, 64Mi, 1e3, or a number) as a
+floating-point number, as text, for comparing a request with its limit. A decimal suffix below
+one divides rather than multiplies, so 300m and 0.3 give the same number.
+*/}}
+{{- define "trellis.quantity" -}}
+{{- $text := toString . -}}
+{{- $suffix := regexFind "([KMGTPE]i|[numkMGTPE])$" $text -}}
+{{- $number := float64 (trimSuffix $suffix $text) -}}
+{{- $multiply := get (dict "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0) $suffix | default 1.0 -}}
+{{- $divide := get (dict "n" 1e9 "u" 1e6 "m" 1e3) $suffix | default 1.0 -}}
+{{- divf (mulf $number $multiply) $divide -}}
+{{- end -}}
+
+{{/*
+Refuses resources (dict "resources" the value, "name" its path, "refused" what the API server
+would refuse) whose cpu or memory request is above its limit: the API server refuses a container
+so made, long after the chart rendered. The control plane checks the injected containers' again
+at start (the authority, comparing exactly); here the comparison is of floating-point numbers,
+which a request must exceed its limit by more than a part in 10^12 to fail.
+*/}}
+{{- define "trellis.checkResources" -}}
+{{- $requests := .resources.requests | default dict -}}
+{{- $limits := .resources.limits | default dict -}}
+{{- range $resource := list "cpu" "memory" -}}
+{{- $request := get $requests $resource -}}
+{{- $limit := get $limits $resource -}}
+{{- if and (ne (toString $request) "") (ne (toString $limit) "") -}}
+{{- $r := include "trellis.quantity" $request | float64 -}}
+{{- $l := include "trellis.quantity" $limit | float64 -}}
+{{- if gt $r (mulf $l 1.000000000001) -}}
+{{- fail (printf "%s: requests.%s %s is above limits.%s %s: the API server would refuse %s; raise the limit or lower the request" $.name $resource (toString $request) $resource (toString $limit) $.refused) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
 64, so a release that passed would never start; watchFailureGrace below 1s likewise;
 injection.tcpUserTimeout outside 0 or 80s..1h likewise (the control plane refuses the injection
 settings). antiAffinity hard with one replica: a rollout stops that replica before its
 replacement runs, and pods created meanwhile get no sidecar (the webhook fails open).
+Resources with a request above its limit: the API server would refuse the control plane's
+Deployment, or every injected pod.
 trustAnchorsPEM without a certificate: the control plane would exit 64; with a private key: a key
 would be published in a ConfigMap (checked here, not by a schema pattern, whose refusal would echo
 the value).
@@ -107,6 +146,9 @@ the value).
 {{- if and .Values.trustAnchorsPEM (not (contains "-----BEGIN CERTIFICATE-----" .Values.trustAnchorsPEM)) -}}
 {{- fail "trustAnchorsPEM holds no PEM certificate (-----BEGIN CERTIFICATE-----): set it to the roots to trust, e.g. --set-file trustAnchorsPEM=roots.pem" -}}
 {{- end -}}
+{{- include "trellis.checkResources" (dict "resources" .Values.resources "name" "resources" "refused" "the control plane's Deployment") -}}
+{{- include "trellis.checkResources" (dict "resources" .Values.injection.proxy.resources "name" "injection.proxy.resources" "refused" "every injected pod") -}}
+{{- include "trellis.checkResources" (dict "resources" .Values.injection.init.resources "name" "injection.init.resources" "refused" "every injected pod") -}}
 {{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
 {{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile get no sidecar" -}}
 {{- end -}}
