@@ -301,6 +301,55 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
     );
 }
 
+/// The ClusterRole and ClusterRoleBinding are cluster-scoped: releases of
+/// one name in two namespaces get their own, each binding its namespace's
+/// control plane to its own role, as the webhook configurations do.
+#[test]
+fn releases_of_one_name_in_two_namespaces_share_no_cluster_object() {
+    let Some((helm, _)) = tools() else { return };
+    let chart = chart();
+    let render = |namespace: &str| {
+        documents(
+            &run_helm(
+                &helm,
+                &[
+                    "template",
+                    "trellis",
+                    chart.to_str().unwrap(),
+                    "--namespace",
+                    namespace,
+                ],
+            )
+            .unwrap(),
+        )
+    };
+    let (a, b) = (render("mesh-a"), render("mesh-b"));
+    let cluster_scoped = |docs: &[Value]| -> Vec<String> {
+        docs.iter()
+            .filter(|d| d["metadata"].get("namespace").is_none())
+            .filter(|d| d["kind"] != "CustomResourceDefinition")
+            .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
+            .collect()
+    };
+    let (names_a, names_b) = (cluster_scoped(&a), cluster_scoped(&b));
+    assert_eq!(names_a.len(), 4, "{names_a:?}");
+    for name in &names_a {
+        assert!(!names_b.contains(name), "{name} in both releases");
+    }
+    for (docs, namespace) in [(&a, "mesh-a"), (&b, "mesh-b")] {
+        let role = one(docs, "ClusterRole");
+        let name = format!("trellis-control-plane-{namespace}");
+        assert_eq!(role["metadata"]["name"], name.as_str());
+        let binding = one(docs, "ClusterRoleBinding");
+        assert_eq!(binding["metadata"]["name"], name.as_str());
+        assert_eq!(binding["roleRef"]["name"], name.as_str());
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "trellis-control-plane", "namespace": namespace}])
+        );
+    }
+}
+
 /// The rule list of a Role or ClusterRole, normalised for comparison.
 fn rules(role: &Value) -> Vec<Value> {
     role["rules"].as_array().unwrap().clone()

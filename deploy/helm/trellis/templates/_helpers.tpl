@@ -8,9 +8,18 @@
 {{- end -}}
 {{- end -}}
 
-{{/* The control plane's Deployment, Service, ServiceAccount and RBAC objects. */}}
+{{/* The control plane's Deployment, Service, ServiceAccount, Role and RoleBinding. */}}
 {{- define "trellis.controlPlane" -}}
 {{- printf "%s-control-plane" (include "trellis.fullname" .) -}}
+{{- end -}}
+
+{{/*
+The control plane's ClusterRole and ClusterRoleBinding: cluster-scoped, so named with the
+release's namespace too, as the webhook configurations are; releases of one name in two
+namespaces would otherwise share (and overwrite) them.
+*/}}
+{{- define "trellis.clusterControlPlane" -}}
+{{- printf "%s-%s" (include "trellis.controlPlane" .) .Release.Namespace -}}
 {{- end -}}
 
 {{/* The Secret holding the mesh CA; the control plane may read and write only this one. */}}
