@@ -250,6 +250,7 @@ fn invalid_values_are_refused() {
         ("injection.proxy.resources.limits.memory=256MB", "memory"),
         ("injection.init.resources.requests.cpu=1 core", "cpu"),
         ("resources.requests.memory=-1Gi", "memory"),
+        ("podDisruptionBudget.maxUnavailable=101%", "maxUnavailable"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");
@@ -299,6 +300,48 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
         resources,
         &json!({"requests": {"cpu": "0.3", "memory": "1Gi"}, "limits": {"cpu": "300m", "memory": "1024Mi"}})
     );
+}
+
+/// A PodDisruptionBudget that lets no replica go (maxUnavailable 0 or 0%)
+/// would hold every drain of a node running one for ever: it is refused,
+/// saying so; without the budget the value does not matter.
+#[test]
+fn a_disruption_budget_that_blocks_every_drain_is_refused() {
+    let Some((helm, _)) = tools() else { return };
+    for max in ["0", "0%"] {
+        let e = template(
+            &helm,
+            &[&format!("podDisruptionBudget.maxUnavailable={max}")],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "podDisruptionBudget.maxUnavailable {max} lets no control-plane replica be evicted"
+            )),
+            "{max}: {e}"
+        );
+    }
+    let docs = documents(
+        &template(
+            &helm,
+            &["podDisruptionBudget.enabled=false,podDisruptionBudget.maxUnavailable=0"],
+        )
+        .unwrap(),
+    );
+    assert!(find(&docs, "PodDisruptionBudget").is_empty());
+    for max in ["1", "100%"] {
+        let docs = documents(
+            &template(
+                &helm,
+                &[&format!("podDisruptionBudget.maxUnavailable={max}")],
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            one(&docs, "PodDisruptionBudget")["spec"]["maxUnavailable"].to_string(),
+            if max == "1" { "1" } else { "\"100%\"" }
+        );
+    }
 }
 
 /// The ClusterRole and ClusterRoleBinding are cluster-scoped: releases of

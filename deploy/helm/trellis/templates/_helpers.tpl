@@ -132,6 +132,8 @@ settings). antiAffinity hard with one replica: a rollout stops that replica befo
 replacement runs, and pods created meanwhile get no sidecar (the webhook fails open).
 Resources with a request above its limit: the API server would refuse the control plane's
 Deployment, or every injected pod.
+podDisruptionBudget.maxUnavailable 0 (or 0%): no replica could ever be evicted, so every drain
+of a node running one would wait for ever.
 trustAnchorsPEM without a certificate: the control plane would exit 64; with a private key: a key
 would be published in a ConfigMap (checked here, not by a schema pattern, whose refusal would echo
 the value).
@@ -158,6 +160,9 @@ the value).
 {{- include "trellis.checkResources" (dict "resources" .Values.resources "name" "resources" "refused" "the control plane's Deployment") -}}
 {{- include "trellis.checkResources" (dict "resources" .Values.injection.proxy.resources "name" "injection.proxy.resources" "refused" "every injected pod") -}}
 {{- include "trellis.checkResources" (dict "resources" .Values.injection.init.resources "name" "injection.init.resources" "refused" "every injected pod") -}}
+{{- if and .Values.podDisruptionBudget.enabled (regexMatch "^0+%?$" (toString .Values.podDisruptionBudget.maxUnavailable)) -}}
+{{- fail (printf "podDisruptionBudget.maxUnavailable %s lets no control-plane replica be evicted: every drain of a node running one would wait for ever; give 1 or more (or 50%%), or podDisruptionBudget.enabled=false" (toString .Values.podDisruptionBudget.maxUnavailable)) -}}
+{{- end -}}
 {{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
 {{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile get no sidecar" -}}
 {{- end -}}
