@@ -250,6 +250,13 @@ fn invalid_values_are_refused() {
         ("injection.proxy.resources.limits.memory=256MB", "memory"),
         ("injection.init.resources.requests.cpu=1 core", "cpu"),
         ("resources.requests.memory=-1Gi", "memory"),
+        // A digest is no tag: repository:sha256:... is no image reference.
+        (
+            "image.tag=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "tag",
+        ),
+        ("image.digest=sha256:abc", "digest"),
+        ("image.digest=0123456789abcdef", "digest"),
         ("podDisruptionBudget.maxUnavailable=101%", "maxUnavailable"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();

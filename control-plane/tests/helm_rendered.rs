@@ -473,6 +473,35 @@ fn excluded_cidrs_the_control_plane_refuses_are_refused() {
     );
 }
 
+/// `image.digest` pins the image by digest for every role: the control
+/// plane's container and, through the injection settings the control plane
+/// reads, the sidecar and init containers it injects; it takes precedence
+/// over the tag.
+#[test]
+fn an_image_digest_pins_every_image() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let set = [
+        "image.repository=registry.example.com/mesh/trellis",
+        "image.tag=0.1.0-rc1",
+        &format!("image.digest={digest}"),
+    ];
+    let rendered = template(&helm, &set).unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    let image = format!("registry.example.com/mesh/trellis@{digest}");
+    assert_eq!(
+        one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"],
+        image.as_str()
+    );
+    assert_eq!(rendered_injection_config(&helm, &set).image, image);
+    // Without a digest, the tag.
+    let config = rendered_injection_config(&helm, &set[..2]);
+    assert_eq!(config.image, "registry.example.com/mesh/trellis:0.1.0-rc1");
+}
+
 /// The injection settings file the chart renders with `set`.
 fn rendered_injection_settings(helm: &Path, set: &[&str]) -> String {
     let docs = documents(&template(helm, set).unwrap());

@@ -46,8 +46,16 @@ namespaces would otherwise share (and overwrite) them.
 {{- default .Release.Namespace .Values.rootNamespace -}}
 {{- end -}}
 
+{{/*
+The image of every role: repository@digest when image.digest is set (the tag is then ignored),
+else repository:tag, the tag defaulting to the chart's appVersion.
+*/}}
 {{- define "trellis.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "trellis.selectorLabels" -}}
