@@ -250,6 +250,12 @@ fn invalid_values_are_refused() {
         ("injection.proxy.resources.limits.memory=256MB", "memory"),
         ("injection.init.resources.requests.cpu=1 core", "cpu"),
         ("resources.requests.memory=-1Gi", "memory"),
+        // Kubernetes refuses a projected token asking for more than 2^32
+        // seconds in every injected pod.
+        (
+            "injection.tokenExpirationSeconds=4294967297",
+            "tokenExpirationSeconds",
+        ),
         // A digest is no tag: repository:sha256:... is no image reference.
         (
             "image.tag=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",

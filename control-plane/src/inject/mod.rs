@@ -209,6 +209,9 @@ pub const IDENTITY_DIR: &str = "/var/run/trellis/identity";
 pub const TOKEN_AUDIENCE: &str = "trellis";
 /// The shortest token lifetime Kubernetes accepts for a projected token.
 pub const MIN_TOKEN_EXPIRATION_SECONDS: i64 = 600;
+/// The longest token lifetime Kubernetes accepts for a projected token
+/// (2^32 seconds): the API server refuses a pod asking for more.
+pub const MAX_TOKEN_EXPIRATION_SECONDS: i64 = 1 << 32;
 
 /// What an injection failure does to the pod.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -15,8 +15,9 @@ use super::probes;
 use super::review::PatchOp;
 use super::{
     IDENTITY_DIR, IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
-    IpFamily, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope, PROXY_CONTAINER, Resources,
-    TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource, XTABLES_VOLUME,
+    IpFamily, MAX_TOKEN_EXPIRATION_SECONDS, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope,
+    PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource,
+    XTABLES_VOLUME,
 };
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
@@ -39,7 +40,7 @@ pub enum InjectError {
     )]
     NoTrustBundle,
     #[error(
-        "injection.tokenExpirationSeconds is {0}; Kubernetes requires at least {MIN_TOKEN_EXPIRATION_SECONDS}"
+        "injection.tokenExpirationSeconds is {0}; Kubernetes requires {MIN_TOKEN_EXPIRATION_SECONDS} to {MAX_TOKEN_EXPIRATION_SECONDS}"
     )]
     TokenExpiration(i64),
 }
@@ -109,7 +110,9 @@ pub fn inject_pod(
     if let Some(skip) = skip_reason(&annotations, &labels, spec, scope)? {
         return Ok(Injection::Skipped(skip));
     }
-    if config.token_expiration_seconds < MIN_TOKEN_EXPIRATION_SECONDS {
+    if !(MIN_TOKEN_EXPIRATION_SECONDS..=MAX_TOKEN_EXPIRATION_SECONDS)
+        .contains(&config.token_expiration_seconds)
+    {
         return Err(InjectError::TokenExpiration(
             config.token_expiration_seconds,
         ));

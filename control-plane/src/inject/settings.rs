@@ -29,8 +29,8 @@ use serde_json::Value;
 use trellis_core::{TrustDomain, h2_limits};
 
 use super::{
-    FailurePolicy, InjectConfig, IpFamily, MIN_TOKEN_EXPIRATION_SECONDS, Resources,
-    TrustBundleSource,
+    FailurePolicy, InjectConfig, IpFamily, MAX_TOKEN_EXPIRATION_SECONDS,
+    MIN_TOKEN_EXPIRATION_SECONDS, Resources, TrustBundleSource,
 };
 
 /// Why a settings file was refused; the message names the field.
@@ -312,6 +312,13 @@ impl InjectConfig {
                     "tokenExpirationSeconds: {seconds} is below the Kubernetes minimum of {MIN_TOKEN_EXPIRATION_SECONDS}"
                 )));
             }
+            if seconds > MAX_TOKEN_EXPIRATION_SECONDS {
+                return Err(InvalidSettings(format!(
+                    "tokenExpirationSeconds: {seconds} is above the Kubernetes maximum of \
+                     {MAX_TOKEN_EXPIRATION_SECONDS} (2^32): the API server would refuse every \
+                     injected pod"
+                )));
+            }
             config.token_expiration_seconds = seconds;
         }
         if let Some(name) = s.trust_bundle_config_map.filter(|n| !n.is_empty()) {
@@ -462,6 +469,29 @@ mod tests {
         ] {
             let e = read(bad).unwrap_err().to_string();
             assert!(e.contains("ipFamilies") && e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    /// A token lifetime the API server would refuse in every injected pod
+    /// (below 10 minutes, above 2^32 seconds) fails the control plane's
+    /// start.
+    #[test]
+    fn refuses_a_token_lifetime_kubernetes_would() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        for seconds in [600, 3600, 4_294_967_296] {
+            let json = format!(r#"{{"tokenExpirationSeconds": {seconds}}}"#);
+            assert_eq!(read(&json).unwrap().token_expiration_seconds, seconds);
+        }
+        for (seconds, says) in [
+            (599_i64, "below the Kubernetes minimum of 600"),
+            (4_294_967_297, "above the Kubernetes maximum of 4294967296"),
+        ] {
+            let json = format!(r#"{{"tokenExpirationSeconds": {seconds}}}"#);
+            let e = read(&json).unwrap_err().to_string();
+            assert!(
+                e.contains("tokenExpirationSeconds") && e.contains(says),
+                "{e}"
+            );
         }
     }
 
