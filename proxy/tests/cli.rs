@@ -145,6 +145,44 @@ fn a_bad_duration_is_refused_in_the_words_of_every_binary() {
     }
 }
 
+/// The flags `--help` marks "(required)" are those the sidecar cannot
+/// start without: given all the others, it exits 64 naming the one left
+/// out.
+#[test]
+fn help_marks_each_flag_the_sidecar_cannot_start_without() {
+    let out = proxy(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
+    let required = [
+        ("--identity", ID),
+        (bundle_flag, bundle),
+        (token_flag, token),
+    ];
+    for (flag, _) in required {
+        // The flag's entry: its line and the lines of text below it, up to
+        // the next flag's.
+        let mut lines = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(flag));
+        let first = lines.next().unwrap_or_else(|| panic!("{flag} in {help}"));
+        let entry: Vec<&str> = std::iter::once(first)
+            .chain(lines.take_while(|l| !l.trim_start().starts_with('-')))
+            .collect();
+        let entry = entry.join("\n");
+        assert!(entry.contains("(required)"), "{entry}");
+        let others: Vec<&str> = required
+            .iter()
+            .filter(|(f, _)| *f != flag)
+            .flat_map(|(f, v)| [*f, *v])
+            .collect();
+        let out = proxy(&others);
+        assert_eq!(out.status.code(), Some(64), "without {flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "without {flag}: {stderr}");
+    }
+}
+
 #[test]
 fn invalid_configuration_is_reported_before_binding() {
     // The admin port is taken: a bind would fail with exit 1, so exit 64

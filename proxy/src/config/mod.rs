@@ -49,7 +49,8 @@ pub struct ProxyArgs {
     /// (required).
     #[arg(long, env = "TRELLIS_TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
-    /// This workload's SPIFFE ID; its trust domain is the mesh's.
+    /// This workload's SPIFFE ID (required); its trust domain is the
+    /// mesh's.
     #[arg(long, env = "TRELLIS_IDENTITY")]
     pub identity: Option<String>,
     /// File holding the token that proves this workload's identity for its
