@@ -205,7 +205,11 @@ pub enum Output {
 pub enum CtlError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read {}: {}", shown(path), trellis_core::io_error::IoWords(source))]
+    #[error(
+        "cannot read {}: {}",
+        shown(path),
+        trellis_core::io_error::IoWords(source)
+    )]
     Read {
         path: PathBuf,
         #[source]
