@@ -219,9 +219,23 @@ fn l7_matches_on_a_sidecars_own_opaque_port_fail_closed() {
     let set = compile(&[5432]);
     let web = id(WEB);
     let on_db = set.decide(&web, 5432);
+    // Denied anyway: the AUDIT rule reports only what is allowed.
+    assert_eq!(on_db.to_string(), "deny by default/no-admin rule 0");
+    let dry_run = PolicySet::compile_with_opaque(
+        &id(API),
+        &policies(&policy(
+            "dry-run",
+            "AUDIT",
+            "[{ports: [5432], methods: [DELETE]}]",
+        )),
+        DefaultPolicy::AllowMesh,
+        &ValidationContext::default(),
+        &[5432],
+    )
+    .unwrap();
     assert_eq!(
-        on_db.to_string(),
-        "deny by default/no-admin rule 0; would deny by default/dry-run rule 0"
+        dry_run.decide(&web, 5432).to_string(),
+        "allow by default:allow-mesh; would deny by default/dry-run rule 0"
     );
     assert!(!set.admits_requests(&on_db, &web, 5432));
     // Another source is not named by the DENY rule; the ALLOW rule's
@@ -315,10 +329,9 @@ fn l7_matches_without_ports_fail_closed_on_opaque_ports() {
         let yaml = [deny.as_str(), &audit].concat();
         let set = compile(&yaml, DefaultPolicy::AllowMesh, context, &[5432]);
         let on_db = set.decide(&web, 5432);
-        assert_eq!(
-            on_db.to_string(),
-            "deny by default/no-admin rule 0; would deny by default/dry-run rule 0"
-        );
+        // Denied anyway: the AUDIT rule reports only what is allowed
+        // (alone, below, it reports the connection).
+        assert_eq!(on_db.to_string(), "deny by default/no-admin rule 0");
         assert!(!set.admits_requests(&on_db, &web, 5432));
         // A source the rule does not name is not denied.
         let other = id("spiffe://cluster.local/ns/default/sa/other");
@@ -547,9 +560,18 @@ fn a_repeated_header_matches_a_deny_or_audit_if_any_value_does() {
     let mut h = HeaderMap::new();
     h.append("x-env", "prod".parse().unwrap());
     h.append("x-env", "canary".parse().unwrap());
+    // Denied anyway: the AUDIT rule reports only what is allowed.
     assert_eq!(
         request(&set, 1, "GET", "/", &h),
-        "deny by default/no-canary rule 0; would deny by default/watch-canary rule 0"
+        "deny by default/no-canary rule 0"
+    );
+    let dry_run = self::set(
+        &(policy("web-to-api", "ALLOW", "[{ports: [1]}]")
+            + &policy("watch-canary", "AUDIT", "[{headers: {x-env: canary}}]")),
+    );
+    assert_eq!(
+        request(&dry_run, 1, "GET", "/", &h),
+        "allow by default/web-to-api rule 0; would deny by default/watch-canary rule 0"
     );
     let mut prod = HeaderMap::new();
     prod.append("x-env", "prod".parse().unwrap());

@@ -163,7 +163,9 @@ pub enum Reason {
 pub struct Decision {
     pub verdict: Verdict,
     pub reason: Reason,
-    /// The first matching rule of each AUDIT policy that matched ("would deny").
+    /// The first matching rule of each AUDIT policy that matched ("would
+    /// deny"), when `verdict` allows: an AUDIT rule reports what it would
+    /// deny that is allowed today, so a denied decision names none.
     pub audits: Vec<RuleRef>,
 }
 
@@ -587,6 +589,18 @@ impl PolicySet {
         self.audits(source, port, |rule| rule.l7_may_match(port))
     }
 
+    /// The AUDIT policies that may report the HTTP requests from `source`
+    /// on `port` as "would deny": the first rule of each AUDIT policy
+    /// naming `source` that matches `port` whole or has HTTP conditions
+    /// there. For a connection [`admits_requests`](Self::admits_requests)
+    /// admits for HTTP only, whose denied decision names no audits while
+    /// the requests rules allow report theirs.
+    pub fn audits_of_requests(&self, source: &SpiffeId, port: u16) -> Vec<RuleRef> {
+        self.audits(source, port, |rule| {
+            rule.l4_matches(port) || rule.l7_may_match(port)
+        })
+    }
+
     /// The verdict by the rules `matches`, which is told the action of the
     /// rule it is asked about (see [`L7Match`](super::l7::L7Match) for why
     /// a header condition needs it).
@@ -608,10 +622,15 @@ impl PolicySet {
         } else {
             (self.default_verdict(source), Reason::Default(self.default))
         };
+        // Denied anyway: nothing for a dry run of a DENY to report.
+        let audits = match verdict {
+            Verdict::Allow => self.audits(source, port, as_rule_of(Action::Audit)),
+            Verdict::Deny => Vec::new(),
+        };
         Decision {
             verdict,
             reason,
-            audits: self.audits(source, port, as_rule_of(Action::Audit)),
+            audits,
         }
     }
 

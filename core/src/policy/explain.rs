@@ -62,7 +62,10 @@ pub struct PerRequest {
     /// policy, as [`PolicySet::audits_unless_http`] finds them): a
     /// connection that is not HTTP, unless denied, they report whole, as
     /// their conditions cannot be checked on bytes. A policy the
-    /// decision's `audits` name is left out: it reports every request.
+    /// decision's `audits` name is left out: it reports every request. For
+    /// a connection admitted for HTTP only, whose denied decision names
+    /// none, those matching it whole are listed too
+    /// ([`PolicySet::audits_of_requests`]).
     pub audited_by: Vec<RuleRef>,
 }
 
@@ -300,12 +303,20 @@ fn per_request(
         return None;
     }
     let denied = set.denies_unless_http(source, port);
-    // The dry run of `denies_unless_http`: the AUDIT rules whose L7
-    // matches the sidecar checks on each request (and reports a connection
-    // that is not HTTP by). A policy that matched the connection already
-    // reports each of its requests anyway.
-    let mut audited_by = set.audits_unless_http(source, port);
-    audited_by.retain(|audit| !(decision.audits.iter()).any(|a| a.policy == audit.policy));
+    let audited_by = if decision.is_allowed() {
+        // The dry run of `denies_unless_http`: the AUDIT rules whose L7
+        // matches the sidecar checks on each request (and reports a
+        // connection that is not HTTP by). A policy that matched the
+        // connection already reports each of its requests anyway.
+        let mut audited_by = set.audits_unless_http(source, port);
+        audited_by.retain(|audit| !(decision.audits.iter()).any(|a| a.policy == audit.policy));
+        audited_by
+    } else {
+        // Admitted for HTTP only: the denied connection reports nothing,
+        // the requests the ALLOW rule's L7 matches allow are reported by
+        // every AUDIT rule that matches them, whole or per request.
+        set.audits_of_requests(source, port)
+    };
     let any = allowed_by.is_some() || denied.is_some() || !audited_by.is_empty();
     any.then_some(PerRequest {
         allowed_by,
@@ -689,6 +700,41 @@ spec:
                  per request by b/reads rule 0 (unless denied per request by b/no-admin rule 1)\n"
             )),
             "{explained}"
+        );
+    }
+
+    /// An AUDIT rule reports what it would deny that is allowed today: a
+    /// connection denied anyway names none, its requests answered 403 by
+    /// the denying policy alone; one admitted for HTTP only names those
+    /// matching it whole as auditing its requests, as the sidecar reports
+    /// each request they allow.
+    #[test]
+    fn audits_name_only_what_is_allowed() {
+        let watch = policy("watch", "AUDIT", "    - to: [{ports: [8080]}]\n");
+        let denied = explain_web(8080, std::slice::from_ref(&watch), DefaultPolicy::Deny, &[]);
+        assert_eq!(denied.decision.audits, [], "{denied}");
+        assert_eq!(denied.per_request, None, "{denied}");
+        assert_eq!(
+            first_lines(&denied),
+            format!(
+                "{WEB} -> {API} port 8080: deny by default:deny\n  b/watch (AUDIT): selects the destination"
+            )
+        );
+
+        let reads = policy(
+            "reads",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
+        );
+        let admitted = explain_web(8080, &[reads, watch], DefaultPolicy::Deny, &[]);
+        assert_eq!(
+            first_lines(&admitted),
+            format!(
+                "{WEB} -> {API} port 8080: deny by default:deny, except HTTP requests allowed \
+                 per request by b/reads rule 0; HTTP requests audited per request by b/watch \
+                 rule 0\n  a connection that is not HTTP: deny by default:deny (the connection \
+                 is admitted for HTTP requests only)"
+            )
         );
     }
 

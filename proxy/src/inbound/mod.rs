@@ -907,7 +907,8 @@ async fn copy_to_app(
 
 /// Logs one decision on a new connection: allowed or denied, naming the
 /// deciding policy and rule (no `rule` for the mesh default), then one
-/// "would deny" warning per AUDIT policy that matched. Text values are
+/// "would deny" warning per AUDIT policy that matched (only ever on an
+/// allowed decision: a denied one names none). Text values are
 /// recorded with `Display`, so the text format shows `policy=ns/name`
 /// unquoted and JSON gets plain strings.
 fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_policies: bool) {

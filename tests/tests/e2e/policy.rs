@@ -174,6 +174,48 @@ async fn audit_passes_and_logs_would_deny() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An AUDIT rule answers what it would deny that is allowed today: a
+/// caller denied anyway, whose sidecar's requests are each answered 403 by
+/// the denying policy, is neither logged nor counted by it. Once allowed,
+/// its connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_nothing_already_denied() -> anyhow::Result<()> {
+    let mut s = Setup::start().await?;
+    let audit = PolicyDoc::audit("audit-web", s.api_id()).from(s.web.identity());
+    s.apply(std::slice::from_ref(&audit)).await?;
+    s.assert_denied(&s.web, "default:deny").await;
+    s.assert_denied(&s.web, "default:deny").await;
+    // Logged and counted before the 403 was sent.
+    s.server
+        .wait_for_log("inbound connection denied", SOON)
+        .await?;
+    let audited = |metrics: &trellis_tests::Metrics| {
+        metrics.counter(
+            "trellis_decisions_total",
+            &[("action", "audit"), ("policy", "default/audit-web")],
+        )
+    };
+    let metrics = s.server.metrics().await?;
+    let denied = metrics.counter(
+        "trellis_decisions_total",
+        &[("action", "deny"), ("policy", "default:deny")],
+    );
+    assert_eq!(denied, 2.0, "each refused request counts a deny");
+    assert_eq!(audited(&metrics), 0.0, "a denied request counted as audit");
+    let log = s.server.log();
+    assert!(
+        !log.contains("would deny"),
+        "a denied caller was reported by the AUDIT policy:\n{log}"
+    );
+
+    s.apply(&[s.allow_web(), audit]).await?;
+    s.assert_allowed(&s.web).await;
+    let line = s.server.wait_for_log("would deny", SOON).await?;
+    assert!(line.contains("policy=default/audit-web rule=0"), "{line}");
+    assert_eq!(audited(&s.server.metrics().await?), 1.0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_returns_to_the_default() -> anyhow::Result<()> {
     let s = Setup::start().await?;
