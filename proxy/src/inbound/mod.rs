@@ -45,7 +45,7 @@ use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
 use trellis_core::logging::throttle::Throttle;
-use trellis_core::policy::Decision;
+use trellis_core::policy::{Decision, RuleRef};
 use trellis_core::refusal::refuse_plaintext_briefly;
 
 use crate::drain::{Drain, Tracker};
@@ -538,8 +538,24 @@ pub async fn serve(
         }
         log_decision(&peer, target, &decision, current.is_some());
     }
-    let count_bytes_stream = || policy::count(current.as_deref(), &decision, metrics);
-    let bytes_stream: Option<&(dyn Fn() + Sync)> = match http_only {
+    let count_bytes_stream = |not_http: &[RuleRef]| {
+        policy::count(current.as_deref(), &decision, metrics);
+        // A policy the decision names reported the connection already.
+        let named = |audit: &RuleRef| decision.audits.iter().any(|a| a.policy == audit.policy);
+        for audit in not_http.iter().filter(|audit| !named(audit)) {
+            tracing::warn!(
+                %peer,
+                port,
+                app = %target,
+                decision = %"audit",
+                policy = %audit.policy,
+                rule = audit.rule,
+                "inbound connection is not HTTP: would deny (AUDIT, not enforced)"
+            );
+            policy::count_audit(current.as_deref(), audit, metrics);
+        }
+    };
+    let bytes_stream: Option<&BytesStream<'_>> = match http_only {
         true => None,
         false => Some(&count_bytes_stream),
     };
@@ -713,19 +729,25 @@ fn settled_by_alpn(stream: &PeerStream) -> Option<http::Protocol> {
         .and_then(http::Protocol::from_alpn)
 }
 
+/// Called once a connection is known to pass as a byte stream, with the
+/// AUDIT rules that would deny it for not being HTTP: counts its decision
+/// and logs and counts those.
+type BytesStream<'a> = dyn Fn(&[RuleRef]) + Sync + 'a;
+
 /// Forwards an allowed connection to the app at `target`: ports declared
 /// opaque (here or mesh-wide) and streams that are not HTTP as bytes
 /// (unless `bytes_stream` is `None`: HTTP only), HTTP request by request.
 /// The protocol ALPN settled is served without looking at the bytes;
 /// without one, detection decides. Sets `is_http` once it knows, and calls
-/// `bytes_stream` once a byte stream is known to pass (its connection's
-/// decision counts then; an HTTP connection's requests count one by one).
+/// `bytes_stream` once a byte stream is known to pass, with the AUDIT
+/// rules that would deny it for not being HTTP (its connection's decision
+/// and those count then; an HTTP connection's requests count one by one).
 async fn forward(
     shared: &Shared,
     stream: PeerStream,
     (peer, client, target): (&SpiffeId, SocketAddr, SocketAddr),
     policies: watch::Receiver<Option<Arc<Policies>>>,
-    bytes_stream: Option<&(dyn Fn() + Sync)>,
+    bytes_stream: Option<&BytesStream<'_>>,
     is_http: &AtomicBool,
     tracker: &Tracker,
 ) -> Result<Forwarded, ForwardError> {
@@ -769,21 +791,13 @@ async fn forward(
                 return Err(ForwardError::DeniedNotHttp(decision));
             }
             // The dry run of the same: an AUDIT rule with HTTP conditions
-            // here would deny this connection once it is a DENY.
-            let port = target.port();
-            for audit in policy::audits_unless_http(current.as_deref(), peer, port) {
-                tracing::warn!(
-                    %peer,
-                    port,
-                    app = %target,
-                    decision = %"audit",
-                    policy = %audit.policy,
-                    rule = audit.rule,
-                    "inbound connection is not HTTP: would deny (AUDIT, not enforced)"
-                );
-            }
+            // here would deny this connection once it is a DENY. Logged and
+            // counted with the connection's decision.
+            let audits = policy::audits_unless_http(current.as_deref(), peer, target.port());
+            count_bytes_stream(&audits);
+        } else {
+            count_bytes_stream(&[]);
         }
-        count_bytes_stream();
         let (prefix, stream) = stream.into_parts();
         return copy_to_app(stream, prefix, target, app).await;
     }

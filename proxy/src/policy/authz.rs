@@ -240,12 +240,18 @@ impl Policies {
             None => metrics.decision(decision.verdict.as_str(), decision.policy_label()),
         }
         for audit in &decision.audits {
-            match self.counters.by_policy.get(&*audit.policy) {
-                Some(counter) => {
-                    counter.inc();
-                }
-                None => metrics.decision(AUDIT, &audit.policy),
+            self.count_audit(audit, metrics);
+        }
+    }
+
+    /// Counts `audit`'s AUDIT policy in `trellis_decisions_total` as
+    /// having a "would deny", on its series resolved with these policies.
+    pub fn count_audit(&self, audit: &RuleRef, metrics: &Metrics) {
+        match self.counters.by_policy.get(&*audit.policy) {
+            Some(counter) => {
+                counter.inc();
             }
+            None => metrics.decision(AUDIT, &audit.policy),
         }
     }
 }
@@ -281,6 +287,15 @@ pub fn count(policies: Option<&Policies>, decision: &Decision, metrics: &Metrics
     match policies {
         Some(policies) => policies.count(decision, metrics),
         None => metrics.denied_without_snapshot(),
+    }
+}
+
+/// Counts `audit` (a rule of an AUDIT policy in force in `policies`) as a
+/// "would deny": see [`Policies::count_audit`].
+pub fn count_audit(policies: Option<&Policies>, audit: &RuleRef, metrics: &Metrics) {
+    match policies {
+        Some(policies) => policies.count_audit(audit, metrics),
+        None => metrics.decision(AUDIT, &audit.policy),
     }
 }
 

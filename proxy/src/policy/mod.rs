@@ -36,7 +36,7 @@ pub mod watch;
 
 pub use authz::{
     InvalidPolicies, OpaquePorts, Policies, admits_requests, audits_unless_http, authorize,
-    authorize_request, count, denies_unless_http,
+    authorize_request, count, count_audit, denies_unless_http,
 };
 pub use services::{Backend, Peer, Pick, Service, Services};
 

@@ -737,3 +737,56 @@ spec:
     );
     Ok(())
 }
+
+/// An AUDIT rule with HTTP conditions is the dry run of the DENY that
+/// would refuse a connection that is not HTTP whole: such a connection
+/// passes, logged as "would deny" naming the policy and rule and counted
+/// under the policy's `audit` decisions, as an HTTP request it matches is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l7_audit_counts_a_connection_that_is_not_http() -> anyhow::Result<()> {
+    let echo = EchoApp::start().await?;
+    let mesh = Mesh::builder()
+        .default_policy(Some("allow-mesh"))
+        .start()
+        .await?;
+    let mut echo_sidecar = mesh.sidecar("echo").app(echo.addr()).start().await?;
+    let web = mesh.sidecar("web").route_to(&echo_sidecar).start().await?;
+    let watch = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: watch-admin, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{}\"]}}
+  action: AUDIT
+  rules:
+    - from: [{{spiffeId: \"{}\"}}]
+      to:
+        - paths: [/admin]
+",
+        echo_sidecar.identity(),
+        web.identity()
+    );
+    let applied = policy::apply(&mesh, &watch).await?;
+    policy::wait_for_ack(&mesh, echo_sidecar.identity(), applied.snapshot_version).await?;
+
+    let binary = b"\x16\x03\x01\x00\x05hello\x00";
+    let to_echo = web.route_addr(echo_sidecar.identity());
+    assert_eq!(round_trip(to_echo, binary).await?, binary);
+    let line = echo_sidecar
+        .wait_for_log("inbound connection is not HTTP: would deny", SOON)
+        .await?;
+    assert!(line.contains("policy=default/watch-admin rule=0"), "{line}");
+    // Counted with the connection's decision, before its bytes reach the
+    // app: the echo answered, so both are in.
+    let metrics = echo_sidecar.metrics().await?;
+    let audited = metrics.counter(
+        "trellis_decisions_total",
+        &[("action", "audit"), ("policy", "default/watch-admin")],
+    );
+    let allowed = metrics.counter(
+        "trellis_decisions_total",
+        &[("action", "allow"), ("policy", "default:allow-mesh")],
+    );
+    assert_eq!((audited, allowed), (1.0, 1.0), "audit and allow counted");
+    Ok(())
+}
