@@ -71,21 +71,12 @@ pub struct Entry {
 
 impl Entry {
     pub fn start<B>(conn: Arc<Connection>, req: &http::Request<B>, protocol: &'static str) -> Self {
-        Entry {
+        Entry::new(
             conn,
-            start: Instant::now(),
-            method: Some(req.method().clone()),
-            path: req.uri().path_and_query().cloned(),
             protocol,
-            outcome: "allow",
-            problem: None,
-            decision: None,
-            limit: None,
-            status: AtomicU16::new(0),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            body_ended: AtomicBool::new(false),
-        }
+            Some(req.method().clone()),
+            req.uri().path_and_query().cloned(),
+        )
     }
 
     /// A request head the sidecar refused with `status` before it was
@@ -98,17 +89,31 @@ impl Entry {
         status: http::StatusCode,
         problem: &'static str,
     ) -> Self {
+        let mut entry = Entry::new(conn, protocol, None, None);
+        entry.outcome = "invalid";
+        entry.problem = Some(problem);
+        entry.set_status(status);
+        entry
+    }
+
+    /// An entry for a request allowed so far, with no status yet.
+    fn new(
+        conn: Arc<Connection>,
+        protocol: &'static str,
+        method: Option<Method>,
+        path: Option<PathAndQuery>,
+    ) -> Self {
         Entry {
             conn,
             start: Instant::now(),
-            method: None,
-            path: None,
+            method,
+            path,
             protocol,
-            outcome: "invalid",
-            problem: Some(problem),
+            outcome: "allow",
+            problem: None,
             decision: None,
             limit: None,
-            status: AtomicU16::new(status.as_u16()),
+            status: AtomicU16::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             body_ended: AtomicBool::new(false),

@@ -443,8 +443,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
 
 /// Answers a head the forwarder refuses ([`Malformed`]) with its status and
 /// what was wrong as a text body, as the sidecar's other answers are
-/// written, and `connection: close`.
-async fn refuse_head<S: AsyncWrite + Unpin>(io: &mut S, malformed: &Malformed) -> io::Result<()> {
+/// written, and `connection: close`; the length of the body written.
+async fn refuse_head<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    malformed: &Malformed,
+) -> io::Result<usize> {
     let status = malformed.status;
     let mut out = Vec::with_capacity(256);
     status_line(
@@ -453,17 +456,15 @@ async fn refuse_head<S: AsyncWrite + Unpin>(io: &mut S, malformed: &Malformed) -
         status.canonical_reason().unwrap_or(""),
     );
     field(&mut out, b"content-type", b"text/plain; charset=utf-8");
+    let body = malformed.why.len() + 1;
     let mut digits = itoa::Buffer::new();
-    field(
-        &mut out,
-        b"content-length",
-        digits.format(malformed.why.len() + 1).as_bytes(),
-    );
+    field(&mut out, b"content-length", digits.format(body).as_bytes());
     head_end(&mut out, false, true);
     out.extend_from_slice(malformed.why.as_bytes());
     out.push(b'\n');
     io.write_all(&out).await?;
-    io.flush().await
+    io.flush().await?;
+    Ok(body)
 }
 
 /// Serves HTTP/1.1 requests from `io` until the caller is done, the
@@ -507,16 +508,12 @@ where
                 });
             }
             Some(Taken::Malformed(malformed)) => {
-                tracing::debug!(peer = %conn.peer, problem = malformed.why, "malformed request head");
                 // Logged and counted once the answer is out (or failed).
-                let entry = Entry::refused_head(
-                    conn.clone(),
-                    Protocol::Http1.as_str(),
-                    malformed.status,
-                    malformed.why,
+                let entry = malformed.entry(conn.clone());
+                entry.count(
+                    Direction::Out,
+                    refuse_head(&mut caller.io, &malformed).await?,
                 );
-                refuse_head(&mut caller.io, &malformed).await?;
-                entry.count(Direction::Out, malformed.why.len() + 1);
                 drop(entry);
                 // What follows the head (a body, say) is never read as a
                 // request.
@@ -654,11 +651,6 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(buf) {
-        // A head that came whole in a read past the bound is over it all
-        // the same.
-        Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
-            return Some(Taken::Malformed(Malformed::head_too_large()));
-        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return too_many_fields(buf),
@@ -667,23 +659,22 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             return Some(Taken::Malformed(Malformed::bad(why)));
         }
     };
-    let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version)
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
     else {
         return Some(Taken::Other);
     };
-    if path.len() > MAX_TARGET {
-        return Some(Taken::Malformed(Malformed::target_too_long()));
+    if let Some(malformed) = over_limits(len, target) {
+        return Some(Taken::Malformed(malformed));
     }
-    let target = path;
     // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
     // the head's framing is known to be readable.
-    let mut other = version != 1 || !path.starts_with('/') || method == "CONNECT";
+    let mut other = version != 1 || !target.starts_with('/') || method == "CONNECT";
     let base = buf.as_ptr() as usize;
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - base;
         start..start + part.len()
     };
-    let path = at(path.as_bytes());
+    let path = at(target.as_bytes());
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Some(Taken::Malformed(Malformed::bad(
             "malformed request line: invalid method",
@@ -825,6 +816,13 @@ impl Malformed {
         }
     }
 
+    /// The access-log entry of the head refused on `conn` (written as it
+    /// drops), its refusal traced.
+    pub fn entry(&self, conn: Arc<Connection>) -> Entry {
+        tracing::debug!(peer = %conn.peer, problem = self.why, "malformed request head");
+        Entry::refused_head(conn, Protocol::Http1.as_str(), self.status, self.why)
+    }
+
     /// What hyper's server answered, with a status alone, for a head it
     /// refused on a connection handed over to it (`error`), in the words
     /// the forwarder uses for the same; `None` for an error that is not a
@@ -885,17 +883,28 @@ fn too_many_fields(buf: &[u8]) -> Option<Taken> {
             Taken::Malformed(Malformed::bad(why))
         }
         Ok(httparse::Status::Partial) => return None,
-        Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
-            Taken::Malformed(Malformed::head_too_large())
-        }
-        Ok(httparse::Status::Complete(_)) => match parsed.path {
-            Some(target) if target.len() > MAX_TARGET => {
-                Taken::Malformed(Malformed::target_too_long())
-            }
-            Some(target) => for_hyper(target),
+        Ok(httparse::Status::Complete(len)) => match parsed.path {
+            Some(target) => match over_limits(len, target) {
+                Some(malformed) => Taken::Malformed(malformed),
+                None => for_hyper(target),
+            },
             None => Taken::Other,
         },
     })
+}
+
+/// What a complete head of `len` bytes with the request `target` is
+/// refused for, if it is over one of the sidecar's bounds: its size (a
+/// head that came whole in a read past the bound is over it all the
+/// same), then its target's length.
+fn over_limits(len: usize, target: &str) -> Option<Malformed> {
+    if len > MAX_REQUEST_HEAD {
+        Some(Malformed::head_too_large())
+    } else if target.len() > MAX_TARGET {
+        Some(Malformed::target_too_long())
+    } else {
+        None
+    }
 }
 
 /// What is wrong with a head that does not parse, in words; `method`:

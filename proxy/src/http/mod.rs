@@ -394,15 +394,8 @@ where
                 let Some(refused) = h1::Malformed::from_hyper(&e) else {
                     return Err(e);
                 };
-                tracing::debug!(peer = %held.peer, problem = refused.why, "malformed request head");
-                let protocol = Protocol::Http1.as_str();
                 // Written as it drops.
-                drop(access::Entry::refused_head(
-                    held,
-                    protocol,
-                    refused.status,
-                    refused.why,
-                ));
+                drop(refused.entry(held));
                 return Ok(());
             }
             // hyper is done with a connection that switched protocols once
