@@ -167,18 +167,11 @@ pub fn lint_paths(paths: &[PathBuf], td: &TrustDomain) -> Vec<Diagnostic> {
 
 /// Reads and validates files and directories, as [`lint_paths`] checks them.
 pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Loaded {
-    load_paths_in(paths, Walk::Recursive, td, &ValidationContext::default())
-}
-
-/// [`load_paths`] for a mesh whose `context` is known (`policy lint
-/// --root-namespace`), reading directories as `walk` says.
-pub fn load_paths_in(
-    paths: &[PathBuf],
-    walk: Walk,
-    td: &TrustDomain,
-    context: &ValidationContext,
-) -> Loaded {
-    load_files_in(&find_policy_files(paths, walk), td, context)
+    load_files_in(
+        &find_policy_files(paths, Walk::Recursive),
+        td,
+        &ValidationContext::default(),
+    )
 }
 
 /// Reads and validates the files [`find_policy_files`] found, in their
@@ -202,10 +195,9 @@ pub fn load_files_in(found: &PolicyFiles, td: &TrustDomain, context: &Validation
 
 /// Which files of a directory named among the paths are read: the policy
 /// files (`*.yaml`, `*.yml`, `*.json`) whose names do not start with `.`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Walk {
     /// Its own, as `kubectl -f DIR` reads them; not its subdirectories'.
-    #[default]
     Directory,
     /// Its own and its subdirectories', at every depth (`kubectl -f DIR
     /// -R`). Subdirectories whose names start with `.` are skipped, and
