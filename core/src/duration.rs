@@ -48,22 +48,10 @@ pub fn parse(value: &str) -> Result<Duration, String> {
 /// [`parse`] reads, so a duration given is said back as it was given.
 pub fn words(d: Duration) -> String {
     let mut out = String::new();
-    let mut say = |n: u64, unit: &str| {
-        if n > 0 {
-            let space = if out.is_empty() { "" } else { " " };
-            let plural = if n == 1 { "" } else { "s" };
-            let _ = write!(out, "{space}{n} {unit}{plural}");
-        }
-    };
-    let mut secs = d.as_secs();
-    for (size, unit) in WORD_UNITS {
-        say(secs / size, unit);
-        secs %= size;
-    }
-    let mut nanos = d.subsec_nanos();
-    for (size, unit) in WORD_SUBSECOND {
-        say(u64::from(nanos / size), unit);
-        nanos %= size;
+    for (n, unit) in parts(d, &WORD_UNITS, &WORD_SUBSECOND) {
+        let space = if out.is_empty() { "" } else { " " };
+        let plural = if n == 1 { "" } else { "s" };
+        let _ = write!(out, "{space}{n} {unit}{plural}");
     }
     if out.is_empty() {
         out.push_str("0 seconds");
@@ -79,24 +67,37 @@ pub fn flag_value(d: Duration) -> String {
     const UNITS: [(u64, &str); 3] = [(3_600, "h"), (60, "m"), (1, "s")];
     const SUBSECOND: [(u32, &str); 3] = [(1_000_000, "ms"), (1_000, "us"), (1, "ns")];
     let mut out = String::new();
-    let mut secs = d.as_secs();
-    for (size, unit) in UNITS {
-        if secs >= size {
-            let _ = write!(out, "{}{unit}", secs / size);
-            secs %= size;
-        }
-    }
-    let mut nanos = d.subsec_nanos();
-    for (size, unit) in SUBSECOND {
-        if nanos >= size {
-            let _ = write!(out, "{}{unit}", nanos / size);
-            nanos %= size;
-        }
+    for (n, unit) in parts(d, &UNITS, &SUBSECOND) {
+        let _ = write!(out, "{n}{unit}");
     }
     if out.is_empty() {
         out.push_str("0s");
     }
     out
+}
+
+/// The parts of `d` that are not zero, each a count and its unit, largest
+/// first: whole seconds in `units` (lengths in seconds), then the rest in
+/// `subsecond` (lengths in nanoseconds), each unit taking what the larger
+/// ones left.
+fn parts<'a>(
+    d: Duration,
+    units: &'a [(u64, &'a str)],
+    subsecond: &'a [(u32, &'a str)],
+) -> impl Iterator<Item = (u64, &'a str)> + 'a {
+    let mut secs = d.as_secs();
+    let whole = units.iter().map(move |&(size, unit)| {
+        let n = secs / size;
+        secs %= size;
+        (n, unit)
+    });
+    let mut nanos = d.subsec_nanos();
+    let fraction = subsecond.iter().map(move |&(size, unit)| {
+        let n = nanos / size;
+        nanos %= size;
+        (u64::from(n), unit)
+    });
+    whole.chain(fraction).filter(|&(n, _)| n > 0)
 }
 
 #[cfg(test)]
