@@ -302,66 +302,47 @@ impl Metrics {
                 })
             })
         });
-        let retries_family = Family::<Labels1, Counter>::default();
-        registry.register(
+        let service_retries = per_reason(
+            &mut registry,
             "trellis_service_connect_retries",
             "Calls to a Service sent on to another of its backends because connecting to \
              the one tried failed (before any byte of the app's was sent), by why \
              (refused, unreachable, timeout, reset, other)",
-            retries_family.clone(),
+            CONNECT_FAILURES,
         );
-        let service_retries = CONNECT_FAILURES
-            .map(|reason| retries_family.get_or_create(&[("reason", reason)]).clone());
-        let abandoned_family = Family::<Labels1, Counter>::default();
-        registry.register(
+        let resumptions_abandoned = per_reason(
+            &mut registry,
             "trellis_tls_resumptions_abandoned",
             "Outbound sessions resumed from a ticket and dropped unused because the peer \
              certificate they brought back is no longer trusted, by why (expired_certificate, \
              revoked, expired_root, unknown_issuer, other): the peer is dialled again with a \
              full handshake, counted in trellis_handshake_failures_total only if it fails",
-            abandoned_family.clone(),
+            RESUMPTIONS_ABANDONED,
         );
-        let resumptions_abandoned = RESUMPTIONS_ABANDONED.map(|reason| {
-            abandoned_family
-                .get_or_create(&[("reason", reason)])
-                .clone()
-        });
-        let admin_refused_family = Family::<Labels1, Counter>::default();
-        registry.register(
+        let admin_refused = per_reason(
+            &mut registry,
             "trellis_admin_connections_refused",
             "Connections to the admin port (/live, /ready, /metrics, /config, the app's probes) \
              closed as they were accepted, by the limit that refused them: per_client (as many \
              open from the client's address as one may hold) or total (every slot taken, none \
              from an address holding more)",
-            admin_refused_family.clone(),
+            [
+                Refused::FromClient { limit: 0 }.reason(),
+                Refused::Total { limit: 0 }.reason(),
+            ],
         );
-        let admin_refused = [
-            Refused::FromClient { limit: 0 },
-            Refused::Total { limit: 0 },
-        ]
-        .map(|refused| {
-            admin_refused_family
-                .get_or_create(&[("reason", refused.reason())])
-                .clone()
-        });
-        let h2_refused_family = Family::<Labels1, Counter>::default();
-        registry.register(
+        let h2_refused = per_reason(
+            &mut registry,
             "trellis_h2_connections_refused",
             "Inbound HTTP/2 connections refused with GOAWAY once their preface was in, by the \
              limit that refused them: per_peer (as many open from the caller's identity at its \
              address as one may hold) or total (as many open from all callers as the sidecar \
              serves)",
-            h2_refused_family.clone(),
+            [
+                H2Refused::PerPeer { limit: 0 }.reason(),
+                H2Refused::Total { limit: 0 }.reason(),
+            ],
         );
-        let h2_refused = [
-            H2Refused::PerPeer { limit: 0 },
-            H2Refused::Total { limit: 0 },
-        ]
-        .map(|refused| {
-            h2_refused_family
-                .get_or_create(&[("reason", refused.reason())])
-                .clone()
-        });
         Metrics {
             admin_refused,
             h2_refused,
@@ -493,11 +474,7 @@ impl Metrics {
     /// [`CONNECT_FAILURES`] (any other counts as `other`). No lock: every
     /// series was resolved up front.
     pub fn service_retry(&self, reason: &'static str) {
-        let index = CONNECT_FAILURES
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(CONNECT_FAILURES.len() - 1);
-        self.service_retries[index].inc();
+        self.service_retries[reason_index(&CONNECT_FAILURES, reason)].inc();
     }
 
     /// Counts an outbound resumed session dropped because the peer
@@ -507,11 +484,7 @@ impl Metrics {
     /// counts as one if it fails. No lock: every series was resolved up
     /// front.
     pub fn resumption_abandoned(&self, reason: &'static str) {
-        let index = RESUMPTIONS_ABANDONED
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(RESUMPTIONS_ABANDONED.len() - 1);
-        self.resumptions_abandoned[index].inc();
+        self.resumptions_abandoned[reason_index(&RESUMPTIONS_ABANDONED, reason)].inc();
     }
 
     /// Counts a connection to the admin port closed as it was accepted, by
@@ -577,6 +550,29 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String never fails");
         out
     }
+}
+
+/// Registers the counter family `name` with a `reason` label and resolves
+/// its series, one for each of `reasons` in their order, so that counting
+/// takes no lock.
+fn per_reason<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    reasons: [&'static str; N],
+) -> [Counter; N] {
+    let family = Family::<Labels1, Counter>::default();
+    registry.register(name, help, family.clone());
+    reasons.map(|reason| family.get_or_create(&[("reason", reason)]).clone())
+}
+
+/// The index of `reason` in `values`, whose last value (`other`) stands
+/// for any reason not among them.
+fn reason_index(values: &[&str], reason: &str) -> usize {
+    values
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(values.len() - 1)
 }
 
 /// Decrements `trellis_connections_open` when dropped.
