@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_tests::grpc::{self, GrpcApp, STREAMING_METHOD, STREAMING_SERVICE};
 use trellis_tests::http::{HttpConnection, StatusCode};
-use trellis_tests::policy;
 use trellis_tests::{EchoApp, HttpApp, Mesh, Sidecar, eventually};
+use trellis_tests::{policy, probes};
 
 use crate::SOON;
 
@@ -301,21 +301,6 @@ async fn round_trip(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(back)
 }
 
-/// Sends `bytes` to `addr` and reads everything back until the other end
-/// closes (without closing ours first: a caller that half-closes may lose
-/// answers hyper has yet to write), or for 10 s if it keeps the connection
-/// open.
-async fn until_closed(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<String> {
-    let mut tcp = TcpStream::connect(addr).await?;
-    tcp.write_all(bytes).await?;
-    let mut back = Vec::new();
-    let read = tcp.read_to_end(&mut back);
-    if let Ok(read) = tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
-        read?;
-    }
-    Ok(String::from_utf8_lossy(&back).into_owned())
-}
-
 /// The answer's status line and its body, for a sidecar's answer that
 /// closes the connection.
 fn status_and_body(answer: &str) -> (&str, &str) {
@@ -374,7 +359,9 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
     // Every case is tried before any is asserted: a failure names them all.
     let mut wrong = Vec::new();
     for (case, head, status, text) in &http1 {
-        let answer = until_closed(s.route(), head.as_bytes()).await?;
+        let answer = probes::plaintext(s.route(), head.as_bytes())
+            .await?
+            .received_text();
         if status_and_body(&answer) != (*status, *text) {
             wrong.push(format!("HTTP/1.1, {case}: {:?}", status_and_body(&answer)));
         }
@@ -382,7 +369,9 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
     // The chunked request is hyper's, and so is the connection after it.
     let handed_off = "POST /up HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n\
                       0\r\n\r\nGET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n";
-    let answer = until_closed(s.route(), handed_off.as_bytes()).await?;
+    let answer = probes::plaintext(s.route(), handed_off.as_bytes())
+        .await?
+        .received_text();
     let statuses: Vec<_> = answer
         .split("HTTP/1.1 ")
         .skip(1)

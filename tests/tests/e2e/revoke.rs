@@ -72,12 +72,19 @@ async fn a_revoked_sidecar_takes_a_new_join_token_before_its_certificate_expires
     Ok(())
 }
 
-/// How many inbound handshakes `sidecar` refused as revoked.
-async fn refused_as_revoked(sidecar: &Sidecar) -> anyhow::Result<f64> {
-    Ok(sidecar.metrics().await?.counter(
-        "trellis_handshake_failures_total",
-        &[("direction", "inbound"), ("reason", "revoked")],
-    ))
+/// How many of `sidecar`'s `direction` (`inbound` or `outbound`)
+/// handshakes failed for `reason`, or for any reason with `None`.
+async fn handshake_failures(
+    sidecar: &Sidecar,
+    direction: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<f64> {
+    let mut labels = vec![("direction", direction)];
+    labels.extend(reason.map(|reason| ("reason", reason)));
+    Ok(sidecar
+        .metrics()
+        .await?
+        .counter("trellis_handshake_failures_total", &labels))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +93,10 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
     let web = pair.client.identity().to_string();
     let answer = http::get(pair.route(), "/before").await?.success()?;
     assert_eq!(answer.body, "hello from api");
-    assert_eq!(refused_as_revoked(&pair.server).await?, 0.0);
+    assert_eq!(
+        handshake_failures(&pair.server, "inbound", Some("revoked")).await?,
+        0.0
+    );
 
     pair.mesh.ctl(["identity", "revoke", web.as_str()]).await?;
 
@@ -113,7 +123,7 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
         .await?;
     assert!(line.contains("reason=revoked"), "{line}");
     assert!(line.contains(&format!("peer {web} is revoked")), "{line}");
-    assert!(refused_as_revoked(&pair.server).await? >= 1.0);
+    assert!(handshake_failures(&pair.server, "inbound", Some("revoked")).await? >= 1.0);
 
     pair.mesh
         .ctl(["identity", "unrevoke", web.as_str()])
@@ -207,10 +217,7 @@ async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_re
         let mut back = Vec::new();
         let _ = tcp.read_to_end(&mut back).await;
         anyhow::ensure!(back.is_empty(), "the revoked server echoed {back:?}");
-        let refused = client.metrics().await?.counter(
-            "trellis_handshake_failures_total",
-            &[("direction", "outbound"), ("reason", "revoked")],
-        );
+        let refused = handshake_failures(&client, "outbound", Some("revoked")).await?;
         anyhow::ensure!(refused >= 1.0, "{refused} refused as revoked");
         anyhow::Ok(())
     })
@@ -253,6 +260,31 @@ async fn listed_revocation(
     Ok(listed.iter().find(|r| r["spiffe_id"] == id).cloned())
 }
 
+/// Calls api through `pair` twice, the second call resuming the session
+/// of the first: the client sidecar then holds api's tickets.
+async fn resume_a_session(pair: &Pair) -> anyhow::Result<()> {
+    let route = pair.route();
+    http::get(route, "/first").await?.success()?;
+    let before = resumed(&pair.client).await?;
+    http::get(route, "/second").await?.success()?;
+    assert!(resumed(&pair.client).await? > before, "no session resumed");
+    Ok(())
+}
+
+/// Waits for the client sidecar of `pair` to hold the revocation of `id`.
+async fn client_holds_revocation(pair: &Pair, id: &str) -> anyhow::Result<()> {
+    eventually(
+        "the client sidecar to hold the revocation",
+        SOON,
+        || async {
+            let listed = listed_revocation(&pair.client, id).await?;
+            anyhow::ensure!(listed.is_some(), "{id} not listed");
+            anyhow::Ok(())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption()
 -> anyhow::Result<()> {
@@ -261,11 +293,7 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
     let pair = Pair::start(Mesh::builder().cert_ttl(ttl).start().await?).await?;
     let route = pair.route();
     let api_id = pair.server.identity().to_string();
-    // The second call resumes the session of the first.
-    http::get(route, "/first").await?.success()?;
-    let before = resumed(&pair.client).await?;
-    http::get(route, "/second").await?.success()?;
-    assert!(resumed(&pair.client).await? > before, "no session resumed");
+    resume_a_session(&pair).await?;
     let revoked_serial = pair.server.cert_serial().await?;
 
     // Revoked, with a new join token waiting in its file: the server's
@@ -275,16 +303,7 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
         .ctl(["identity", "revoke", api_id.as_str()])
         .await?;
     std::fs::write(pair.server.token_file(), pair.mesh.token(&api_id).await?)?;
-    eventually(
-        "the client sidecar to hold the revocation",
-        SOON,
-        || async {
-            let listed = listed_revocation(&pair.client, &api_id).await?;
-            anyhow::ensure!(listed.is_some(), "{api_id} not listed");
-            anyhow::Ok(())
-        },
-    )
-    .await?;
+    client_holds_revocation(&pair, &api_id).await?;
     eventually("api to hold a new certificate", ttl + SOON, || async {
         let serial = pair.server.cert_serial().await?;
         anyhow::ensure!(serial != revoked_serial, "still {serial}");
@@ -309,28 +328,13 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
     Ok(())
 }
 
-/// `sidecar`'s outbound handshake failures: every reason's, and `reason`'s.
-async fn outbound_failures(sidecar: &Sidecar, reason: &str) -> anyhow::Result<(f64, f64)> {
-    let metrics = sidecar.metrics().await?;
-    let name = "trellis_handshake_failures_total";
-    Ok((
-        metrics.counter(name, &[("direction", "outbound")]),
-        metrics.counter(name, &[("direction", "outbound"), ("reason", reason)]),
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_dial_to_a_revoked_server_counts_one_failure_though_it_tried_a_ticket()
 -> anyhow::Result<()> {
     let mut pair = Pair::start(Mesh::start().await?).await?;
     let route = pair.route();
     let api_id = pair.server.identity().to_string();
-    // The client holds api's tickets: the second call resumes the first's
-    // session.
-    http::get(route, "/first").await?.success()?;
-    let before = resumed(&pair.client).await?;
-    http::get(route, "/second").await?.success()?;
-    assert!(resumed(&pair.client).await? > before, "no session resumed");
+    resume_a_session(&pair).await?;
     // Both calls are over: no connection is open for the revocation to
     // close (which would count too).
     eventually("the calls' connections to close", SOON, || async {
@@ -347,17 +351,8 @@ async fn a_refused_dial_to_a_revoked_server_counts_one_failure_though_it_tried_a
     pair.mesh
         .ctl(["identity", "revoke", api_id.as_str()])
         .await?;
-    eventually(
-        "the client sidecar to hold the revocation",
-        SOON,
-        || async {
-            let listed = listed_revocation(&pair.client, &api_id).await?;
-            anyhow::ensure!(listed.is_some(), "{api_id} not listed");
-            anyhow::Ok(())
-        },
-    )
-    .await?;
-    let (failures, _) = outbound_failures(&pair.client, "revoked").await?;
+    client_holds_revocation(&pair, &api_id).await?;
+    let failures = handshake_failures(&pair.client, "outbound", None).await?;
 
     // One call, refused: its ticket brings back the revoked certificate,
     // and the full handshake that follows finds the same one.
@@ -368,8 +363,9 @@ async fn a_refused_dial_to_a_revoked_server_counts_one_failure_though_it_tried_a
         .wait_for_log("outbound connection refused", SOON)
         .await?;
     assert!(line.contains("reason=revoked"), "{line}");
-    let (after, revoked) = outbound_failures(&pair.client, "revoked").await?;
+    let after = handshake_failures(&pair.client, "outbound", None).await?;
     assert_eq!(after - failures, 1.0, "one refused dial, one failure");
+    let revoked = handshake_failures(&pair.client, "outbound", Some("revoked")).await?;
     assert_eq!(revoked, 1.0);
     // The session it would not resume shows as such.
     let abandoned = pair.client.metrics().await?.counter(
