@@ -57,6 +57,20 @@ pub struct SidecarBuilder {
     preferred: Option<[SocketAddr; 3]>,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    token_file: Option<PathBuf>,
+}
+
+/// A sidecar process spawned, not yet known to be ready, and what it was
+/// given.
+struct Spawned {
+    identity: String,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    app: SocketAddr,
+    routes: Vec<Route>,
+    token_file: PathBuf,
+    process: ChildProcess,
 }
 
 impl SidecarBuilder {
@@ -70,7 +84,15 @@ impl SidecarBuilder {
             preferred: None,
             args: Vec::new(),
             env: Vec::new(),
+            token_file: None,
         }
+    }
+
+    /// The join token file the sidecar proves, as it is (default: one
+    /// holding a token made for the sidecar's identity).
+    pub fn token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.token_file = Some(path.into());
+        self
     }
 
     /// The SPIFFE ID (default `spiffe://<td>/ns/default/sa/<name>`).
@@ -136,7 +158,8 @@ impl SidecarBuilder {
         self
     }
 
-    /// Makes a join token, starts the sidecar and waits until `/ready`.
+    /// Makes a join token (unless given a token file), starts the sidecar
+    /// and waits until `/ready`.
     pub async fn start(self) -> anyhow::Result<Sidecar> {
         let mut last_error = None;
         for attempt in 0..START_ATTEMPTS {
@@ -149,66 +172,26 @@ impl SidecarBuilder {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("sidecar {} did not start", self.name)))
     }
 
+    /// Starts the sidecar without waiting for it to be ready (for one that
+    /// is not to be, such as one the control plane refuses).
+    pub async fn spawn(self) -> anyhow::Result<ChildProcess> {
+        Ok(self.spawn_attempt(0).await?.process)
+    }
+
     async fn try_start(&self, attempt: usize) -> Result<Sidecar, StartError> {
-        let ctx = &self.context;
-        let identity = self.identity.clone().unwrap_or_else(|| {
-            format!("spiffe://{}/ns/default/sa/{}", ctx.trust_domain, self.name)
-        });
-        let mut free = free_addrs(4 + self.routes.len()).into_iter();
-        let mut next_free = || free.next().expect("enough free addresses were taken");
-        let pick = |preferred: Option<SocketAddr>, free: SocketAddr| match (attempt, preferred) {
-            (0, Some(addr)) => preferred_or_free(addr),
-            _ => free,
-        };
-        let inbound = pick(self.preferred.map(|p| p[0]), next_free());
-        let outbound = pick(self.preferred.map(|p| p[1]), next_free());
-        let admin = pick(self.preferred.map(|p| p[2]), next_free());
-        let app = self.app.unwrap_or_else(&mut next_free);
-        let routes: Vec<Route> = self
-            .routes
-            .iter()
-            .map(|spec| Route {
-                local: pick(spec.local, next_free()),
-                spiffe_id: spec.spiffe_id.clone(),
-                remote: spec.remote,
-            })
-            .collect();
-
-        let token = ctx.token(&identity).await.map_err(StartError::Failed)?;
-        let token_file = ctx
-            .dir
-            .path()
-            .join(format!("{}-{attempt}.token", self.name));
-        write_secret(&token_file, &token).map_err(StartError::Failed)?;
-
-        let mut command = ctx.command(Program::Proxy);
-        command
-            .arg("--control-plane")
-            .arg(ctx.control_plane.to_string())
-            .arg("--trust-bundle")
-            .arg(ctx.state_dir.join("bundle.pem"))
-            .arg("--identity")
-            .arg(&identity)
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--inbound")
-            .arg(inbound.to_string())
-            .arg("--app")
-            .arg(app.to_string())
-            .arg("--outbound")
-            .arg(outbound.to_string())
-            .arg("--admin")
-            .arg(admin.to_string());
-        for route in &routes {
-            command.arg("--route").arg(route.flag_value());
-        }
-        command.args(&self.args);
-        command.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let log = ctx.dir.log(&format!("sidecar-{}", self.name));
-        let label = format!("sidecar {}", self.name);
-        let mut process = ChildProcess::spawn(&label, command, &log).map_err(StartError::Failed)?;
-        process.set_tail_on_drop(ctx.tail_on_drop);
-
+        let Spawned {
+            identity,
+            inbound,
+            outbound,
+            admin,
+            app,
+            routes,
+            token_file,
+            mut process,
+        } = self
+            .spawn_attempt(attempt)
+            .await
+            .map_err(StartError::Failed)?;
         let admin_client = Admin::new(admin);
         let what = format!("sidecar {} to be ready", self.name);
         let waited = eventually(&what, START_PATIENCE, || {
@@ -244,6 +227,85 @@ impl SidecarBuilder {
             token_file,
             process,
             _context: self.context.clone(),
+        })
+    }
+
+    /// Spawns the sidecar with fresh ports (its preferred ones on the first
+    /// `attempt`) and, unless it was given one, a join token file.
+    async fn spawn_attempt(&self, attempt: usize) -> anyhow::Result<Spawned> {
+        let ctx = &self.context;
+        let identity = self.identity.clone().unwrap_or_else(|| {
+            format!("spiffe://{}/ns/default/sa/{}", ctx.trust_domain, self.name)
+        });
+        let mut free = free_addrs(4 + self.routes.len()).into_iter();
+        let mut next_free = || free.next().expect("enough free addresses were taken");
+        let pick = |preferred: Option<SocketAddr>, free: SocketAddr| match (attempt, preferred) {
+            (0, Some(addr)) => preferred_or_free(addr),
+            _ => free,
+        };
+        let inbound = pick(self.preferred.map(|p| p[0]), next_free());
+        let outbound = pick(self.preferred.map(|p| p[1]), next_free());
+        let admin = pick(self.preferred.map(|p| p[2]), next_free());
+        let app = self.app.unwrap_or_else(&mut next_free);
+        let routes: Vec<Route> = self
+            .routes
+            .iter()
+            .map(|spec| Route {
+                local: pick(spec.local, next_free()),
+                spiffe_id: spec.spiffe_id.clone(),
+                remote: spec.remote,
+            })
+            .collect();
+
+        let token_file = match &self.token_file {
+            Some(given) => given.clone(),
+            None => {
+                let token = ctx.token(&identity).await?;
+                let made = ctx
+                    .dir
+                    .path()
+                    .join(format!("{}-{attempt}.token", self.name));
+                write_secret(&made, &token)?;
+                made
+            }
+        };
+
+        let mut command = ctx.command(Program::Proxy);
+        command
+            .arg("--control-plane")
+            .arg(ctx.control_plane.to_string())
+            .arg("--trust-bundle")
+            .arg(ctx.state_dir.join("bundle.pem"))
+            .arg("--identity")
+            .arg(&identity)
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--inbound")
+            .arg(inbound.to_string())
+            .arg("--app")
+            .arg(app.to_string())
+            .arg("--outbound")
+            .arg(outbound.to_string())
+            .arg("--admin")
+            .arg(admin.to_string());
+        for route in &routes {
+            command.arg("--route").arg(route.flag_value());
+        }
+        command.args(&self.args);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let log = ctx.dir.log(&format!("sidecar-{}", self.name));
+        let label = format!("sidecar {}", self.name);
+        let mut process = ChildProcess::spawn(&label, command, &log)?;
+        process.set_tail_on_drop(ctx.tail_on_drop);
+        Ok(Spawned {
+            identity,
+            inbound,
+            outbound,
+            admin,
+            app,
+            routes,
+            token_file,
+            process,
         })
     }
 }
