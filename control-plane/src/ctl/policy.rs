@@ -529,7 +529,13 @@ fn read_files(names: &[String]) -> Result<Vec<(String, String)>, CtlError> {
         .map(|name| {
             std::fs::read_to_string(name)
                 .map(|text| (name.clone(), text))
-                .map_err(|e| CtlError::Usage(format!("{name}: cannot read: {e}")))
+                .map_err(|e| {
+                    CtlError::Usage(format!(
+                        "{}: cannot read: {}",
+                        super::escape_controls(name),
+                        trellis_core::io_error::IoWords(&e)
+                    ))
+                })
         })
         .collect()
 }

@@ -280,7 +280,7 @@ fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
         column: 0,
         severity: Severity::Error,
         path: FieldPath::root(),
-        message: format!("cannot read: {e}"),
+        message: format!("cannot read: {}", crate::io_error::IoWords(e)),
     }
 }
 
