@@ -5,12 +5,13 @@
 //! [`parse`]: `30s`, `10m`, `1h30m`, `24h`, `30d`, `500ms`, or `0`, so a bad
 //! one is refused in the same words, naming what was given. Every duration
 //! a person reads in a message is said by [`words`] (`1 hour 30 minutes`),
+//! or by [`Words`], which writes the same words straight into the message,
 //! and every duration one binary writes for another to read (the injector
 //! into the sidecar's environment) or a script to read back as a flag
 //! value (the sidecar's `/config`) is written by [`flag_value`] (`1h30m`),
 //! which [`parse`] reads back exactly.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 /// A unit [`words`] says, with its length in seconds: the lengths
@@ -47,16 +48,30 @@ pub fn parse(value: &str) -> Result<Duration, String> {
 /// `1 hour 30 minutes`, `500 milliseconds`, `0 seconds`. A unit is one
 /// [`parse`] reads, so a duration given is said back as it was given.
 pub fn words(d: Duration) -> String {
-    let mut out = String::new();
-    for (n, unit) in parts(d, &WORD_UNITS, &WORD_SUBSECOND) {
-        let space = if out.is_empty() { "" } else { " " };
-        let plural = if n == 1 { "" } else { "s" };
-        let _ = write!(out, "{space}{n} {unit}{plural}");
+    Words(d).to_string()
+}
+
+/// A duration said in words as [`words`] says it, by its `Display`, which
+/// writes straight into the message it is part of: for a message built
+/// often, such as an answer to a request, or an error's text
+/// (`format!("no answer within {}", Words(TIMEOUT))`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Words(pub Duration);
+
+impl fmt::Display for Words {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut said = false;
+        for (n, unit) in parts(self.0, &WORD_UNITS, &WORD_SUBSECOND) {
+            let space = if said { " " } else { "" };
+            let plural = if n == 1 { "" } else { "s" };
+            said = true;
+            write!(f, "{space}{n} {unit}{plural}")?;
+        }
+        if !said {
+            f.write_str("0 seconds")?;
+        }
+        Ok(())
     }
-    if out.is_empty() {
-        out.push_str("0 seconds");
-    }
-    out
 }
 
 /// A duration as a flag takes it, for a program or a script to read back
@@ -142,7 +157,9 @@ mod tests {
             ("1500ms", "1 second 500 milliseconds"),
             ("0s", "0 seconds"),
         ] {
-            assert_eq!(words(parse(given).unwrap()), said, "{given}");
+            let d = parse(given).unwrap();
+            assert_eq!(words(d), said, "{given}");
+            assert_eq!(format!("within {}", Words(d)), format!("within {said}"));
         }
     }
 
