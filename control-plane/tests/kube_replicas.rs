@@ -734,7 +734,7 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     assert_eq!(check.status.code(), Some(1), "{report}");
     assert!(
         report.contains(&format!(
-            "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3s): the \
+            "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3 seconds): the \
              sidecars streaming to it are not seen, nor its webhook's record of the pods it let \
              through without a sidecar\n"
         )) && report.contains("1 failure, 0 warnings\n"),
@@ -798,7 +798,7 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
     assert!(!passed, "{report}");
     assert!(
         report.contains(&format!(
-            "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3s): the \
+            "FAIL  replica at 127.0.0.1:{port_b} did not answer (no answer within 3 seconds): the \
              sidecars streaming to it are not seen, nor its webhook's record of the pods it let \
              through without a sidecar\n"
         )) && report.contains("(2 pods, the last at ")

@@ -764,7 +764,7 @@ async fn explain_names_a_peer_that_did_not_answer() {
     );
     assert!(
         text.contains(&format!(
-            "replica at {peer} did not answer (no answer within 3s): the opaque ports of the \
+            "replica at {peer} did not answer (no answer within 3 seconds): the opaque ports of the \
              sidecars streaming to it are not known, and one of the destination's may hold the \
              port opaque\n"
         )),

@@ -37,6 +37,7 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+use trellis_core::duration::Words;
 use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::Replica;
 use trellis_proto::admin::v1::{
@@ -335,7 +336,7 @@ impl Replicas {
                         continue;
                     }
                     Err(_) => {
-                        let why = format!("cannot resolve it within {PEER_TIMEOUT:?}");
+                        let why = format!("cannot resolve it within {}", Words(PEER_TIMEOUT));
                         answers.push((entry.clone(), Err(Unanswered::because(why))));
                         continue;
                     }
@@ -350,7 +351,7 @@ impl Replicas {
                     let answer = tokio::time::timeout(PEER_TIMEOUT, ask(addr, tls, call))
                         .await
                         .unwrap_or_else(|_| {
-                            let why = format!("no answer within {PEER_TIMEOUT:?}");
+                            let why = format!("no answer within {}", Words(PEER_TIMEOUT));
                             Err(Unanswered::because(why))
                         });
                     match answer {
@@ -1321,7 +1322,7 @@ mod tests {
         );
         fleet.add(
             "10.0.0.2:15012".into(),
-            Err(Unanswered::because("no answer within 3s".into())),
+            Err(Unanswered::because("no answer within 3 seconds".into())),
         );
         let Certificate::Unknown(why) = fleet.certificate(WEB, NOW, HOUR) else {
             panic!("web is known");
@@ -1621,7 +1622,7 @@ mod tests {
             "b".into(),
             answer("cp-b", vec![stream(0, 4, SnapshotSync::NotConnected, "")]),
         );
-        let why = Unanswered::because("no answer within 3s".into());
+        let why = Unanswered::because("no answer within 3 seconds".into());
         fleet.add("10.0.0.3:15012".into(), Err(why));
         let web = fleet.status(WEB);
         assert_eq!(web.sync, SnapshotSync::NotConnected);
@@ -1629,7 +1630,7 @@ mod tests {
         assert_eq!(web.replicas, ["cp-b"]);
         let silent = &fleet.replicas[2];
         assert_eq!(silent.address, "10.0.0.3:15012");
-        assert_eq!(silent.error, "no answer within 3s");
+        assert_eq!(silent.error, "no answer within 3 seconds");
         assert_eq!(
             fleet.status("spiffe://cluster.local/ns/x/sa/y"),
             Joined::default()

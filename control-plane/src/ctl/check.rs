@@ -687,7 +687,7 @@ mod tests {
                 },
                 ReplicaStatus {
                     address: "10.0.0.3:15012".into(),
-                    error: "no answer within 3s".into(),
+                    error: "no answer within 3 seconds".into(),
                     ..ReplicaStatus::default()
                 },
                 ReplicaStatus {
@@ -708,7 +708,7 @@ mod tests {
         assert_eq!(
             failures,
             [
-                "FAIL replica at 10.0.0.3:15012 did not answer (no answer within 3s): the sidecars \
+                "FAIL replica at 10.0.0.3:15012 did not answer (no answer within 3 seconds): the sidecars \
                  streaming to it are not seen, nor its webhook's record of the pods it let \
                  through without a sidecar",
                 "FAIL spiffe://td/a refused its newest snapshot and enforces an older one: bad\\u{1b}[0m",

@@ -375,7 +375,7 @@ mod tests {
             replicas: vec![
                 replica("cp-a", 9, true, ""),
                 replica("cp-b", 8, false, ""),
-                replica("", 0, false, "no answer within 3s"),
+                replica("", 0, false, "no answer within 3 seconds"),
             ],
             uninjected_pods: Vec::new(),
         };
@@ -384,7 +384,7 @@ mod tests {
             standing.missing,
             [
                 "replica cp-b at 10.0.0.1:15012 serves snapshot 8, which does not hold the write (snapshot 9) yet",
-                "replica at 10.0.0.1:15012 did not answer (no answer within 3s)",
+                "replica at 10.0.0.1:15012 did not answer (no answer within 3 seconds)",
                 "spiffe://td/a (on cp-a) does not hold it yet",
                 "spiffe://td/b (on cp-a) refused its newest snapshot: bad\\u{1b}[0m",
             ]
