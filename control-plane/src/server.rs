@@ -707,8 +707,9 @@ mod tests {
         let served = tokio::time::timeout(patience, handshake).await;
         assert!(
             served.is_ok(),
-            "a handshake behind {} stalled ones was not through within {patience:?}",
-            stalled.len()
+            "a handshake behind {} stalled ones was not through within {}",
+            stalled.len(),
+            trellis_core::duration::Words(patience)
         );
         drop(stalled);
     }

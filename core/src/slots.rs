@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::duration::Words;
+
 /// The slots of every client address, the same number each.
 pub struct ClientSlots {
     limit: usize,
@@ -45,7 +47,7 @@ pub enum NoSlot {
         "the address holds all {limit} of its slots and {waiting} more of its connections wait for one"
     )]
     Full { limit: usize, waiting: usize },
-    #[error("the address held all {limit} of its slots for {patience:?}")]
+    #[error("the address held all {limit} of its slots for {}", Words(*patience))]
     TimedOut { limit: usize, patience: Duration },
 }
 

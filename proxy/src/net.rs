@@ -23,6 +23,7 @@ use std::time::Duration;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use trellis_core::duration::Words;
 // In `trellis_core::tcp` beside the user timeout's range, which the
 // injector checks annotations against too.
 pub use trellis_core::tcp::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES};
@@ -192,7 +193,7 @@ async fn dial(addr: impl tokio::net::ToSocketAddrs, timeout: Duration) -> io::Re
         .map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no answer within {}s", timeout.as_secs_f32()),
+                format!("no answer within {}", Words(timeout)),
             )
         })??;
     stream.set_nodelay(true)?;

@@ -288,7 +288,11 @@ async fn a_probe_gives_up_after_its_timeout() {
         .await
         .unwrap_err();
     assert!(matches!(err, Failure::Timeout(..)), "{err}");
-    assert!(err.to_string().contains("did not answer"), "{err}");
+    // The 503 answer of `/app-health/...` says it, in words.
+    assert_eq!(
+        err.to_string(),
+        format!("http://127.0.0.1:{port}/ok did not answer within 300 milliseconds")
+    );
 }
 
 /// The kubelet probes the pod IP: a check goes to the address it is given

@@ -43,7 +43,10 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
     #[error("invalid SAN {0:?}")]
     San(String),
-    #[error("a lifetime of {0:?} ends past the latest date a certificate can hold")]
+    #[error(
+        "a lifetime of {} ends past the latest date a certificate can hold",
+        trellis_core::duration::Words(*.0)
+    )]
     Lifetime(Duration),
     #[error(
         "the signing CA's chain expired at {0} (its first certificate to expire): nothing it \

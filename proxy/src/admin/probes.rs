@@ -40,6 +40,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use trellis_core::duration::Words;
 use trellis_core::io_error::IoWords;
 
 /// The prefix of every app probe path.
@@ -367,7 +368,7 @@ fn escape(bytes: &[u8], keeps: impl Fn(u8) -> bool) -> String {
 /// Why a check failed, as the 503 body says it.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
-    #[error("{0} did not answer within {1:?}")]
+    #[error("{target} did not answer within {}", Words(*.1), target = .0)]
     Timeout(Target, Duration),
     #[error("cannot connect to {target}: {}", IoWords(.1), target = .0)]
     Connect(Target, std::io::Error),

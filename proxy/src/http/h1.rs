@@ -637,7 +637,10 @@ where
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
             Err(_elapsed) => {
-                tracing::debug!("no request head within {}s", HEAD_TIMEOUT.as_secs());
+                tracing::debug!(
+                    "no request head within {}",
+                    trellis_core::duration::Words(HEAD_TIMEOUT)
+                );
                 return Ok(None);
             }
         }
@@ -1162,7 +1165,8 @@ async fn rest_of_body(
                 return Err(BodyStopped::Failed(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the rest of the body did not move for {BODY_STALL:?} after the answer"
+                        "the rest of the body did not move for {} after the answer",
+                        trellis_core::duration::Words(BODY_STALL)
                     ),
                 )));
             }

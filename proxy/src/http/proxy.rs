@@ -17,6 +17,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
 
+use trellis_core::duration::Words;
 use trellis_core::refusal;
 
 use super::access::{Counted, Direction, Entry};
@@ -180,8 +181,9 @@ fn watch_body(entry: &Arc<Entry>, app: AbortHandle) {
             let sent = now.bytes_in();
             if sent == before {
                 tracing::debug!(
-                    "the rest of the body did not move for {BODY_STALL:?} after the answer: \
-                     ending its app connection"
+                    "the rest of the body did not move for {} after the answer: ending its app \
+                     connection",
+                    Words(BODY_STALL)
                 );
                 app.abort();
                 return;

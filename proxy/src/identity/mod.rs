@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
+use trellis_core::duration::Words;
 use trellis_core::tls::{ExpectedServer, SpiffeServerVerifier};
 use trellis_proto::identity::v1::{
     CertifyRequest, RefusedInboundAddress, certify_request::Proof, identity_client::IdentityClient,
@@ -222,7 +223,7 @@ pub enum CertifyError {
         refusal: String,
         source: Box<CertifyError>,
     },
-    #[error("Certify got no answer within {CERTIFY_TIMEOUT:?}")]
+    #[error("Certify got no answer within {}", Words(CERTIFY_TIMEOUT))]
     Timeout,
     #[error("Certify answered an unusable certificate: {0}")]
     Response(#[from] InvalidSvid),

@@ -44,6 +44,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
+use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::policy::{Decision, RuleRef};
 use trellis_core::refusal::refuse_plaintext_briefly;
@@ -152,7 +153,7 @@ enum Overloaded {
         "the address holds all of its slots and {0} connections of all addresses wait for one already"
     )]
     Waiting(usize),
-    #[error("the address's slot came, but no handshake came free within {0:?}")]
+    #[error("the address's slot came, but no handshake came free within {}", Words(*.0))]
     Handshakes(Duration),
 }
 
@@ -654,8 +655,8 @@ pub async fn serve(
                 shared.handshakes.refusals,
                 NO_PREFACE,
                 { %peer, %client },
-                "inbound HTTP/2 connection closed: no client preface within {:?}",
-                http::detect::DETECT_TIMEOUT
+                "inbound HTTP/2 connection closed: no client preface within {}",
+                Words(http::detect::DETECT_TIMEOUT)
             );
         }
         Err(ForwardError::H2Refused(refused)) => {

@@ -90,6 +90,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
+use trellis_core::duration::Words;
 use trellis_core::refusal;
 use trellis_core::revocation::{self, Revoked};
 use trellis_core::tls::SvidError;
@@ -742,7 +743,7 @@ async fn resolve_route(
         Err(_) => {
             let e = io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no answer within {}s", net::CONNECT_TIMEOUT.as_secs_f32()),
+                format!("no answer within {}", Words(net::CONNECT_TIMEOUT)),
             );
             return unresolved(metrics, route, &e);
         }

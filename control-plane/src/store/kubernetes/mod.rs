@@ -112,7 +112,10 @@ pub enum KubeStoreError {
     Client(String),
     #[error("Kubernetes API server: listing {kind} objects failed: {message}")]
     List { kind: &'static str, message: String },
-    #[error("Kubernetes API server: no complete list of {kind} objects within {timeout:?}")]
+    #[error(
+        "Kubernetes API server: no complete list of {kind} objects within {}",
+        trellis_core::duration::Words(*timeout)
+    )]
     SyncTimeout {
         kind: &'static str,
         timeout: Duration,
