@@ -286,7 +286,7 @@ fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
                 let recorded: Vec<_> = uninjected
                     .recent()
                     .into_iter()
-                    .map(|(pod, _)| (pod.namespace, pod.owner_name, pod.value))
+                    .map(|(pod, _)| (pod.owner.namespace, pod.owner.name, pod.value))
                     .collect();
                 let expected = expected.map(|_| {
                     let value = pod_value.filter(|_| expected == Some(pod_typo));

@@ -19,7 +19,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use inject::server::{ServingFiles, WebhookServer, tls_config};
 use inject::{
-    Admitted, InjectConfig, TrustBundleSource, UninjectedPod, UninjectedPods, UnknownInjectValue,
+    Admitted, InjectConfig, Owner, TrustBundleSource, UninjectedPod, UninjectedPods,
+    UnknownInjectValue,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -302,9 +303,11 @@ async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
         [
             (
                 UninjectedPod {
-                    namespace: "legacy".into(),
-                    owner_kind: "Pod".into(),
-                    owner_name: "debug".into(),
+                    owner: Owner {
+                        namespace: "legacy".into(),
+                        kind: "Pod".into(),
+                        name: "debug".into(),
+                    },
                     found: UnknownInjectValue::NamespaceLabel,
                     value: None,
                 },
@@ -312,9 +315,11 @@ async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
             ),
             (
                 UninjectedPod {
-                    namespace: "shop".into(),
-                    owner_kind: "Deployment".into(),
-                    owner_name: "web".into(),
+                    owner: Owner {
+                        namespace: "shop".into(),
+                        kind: "Deployment".into(),
+                        name: "web".into(),
+                    },
                     found: UnknownInjectValue::PodLabel,
                     value: Some("ture".into()),
                 },

@@ -49,6 +49,7 @@ use trellis_proto::admin::v1::{
 use super::admin::{issued_certificate, issued_here, issued_limit};
 use super::{Mesh, rfc3339};
 use crate::discovery::{SidecarStatus, SyncState, Write};
+use crate::inject::Owner;
 use crate::store::Position;
 use crate::store::kubernetes::WatchHealth;
 
@@ -472,9 +473,9 @@ fn uninjected_pods(recorded: &crate::inject::UninjectedPods) -> Vec<UninjectedPo
         .recent()
         .into_iter()
         .map(|(pod, admitted)| UninjectedPods {
-            namespace: pod.namespace,
-            owner_kind: pod.owner_kind,
-            owner_name: pod.owner_name,
+            namespace: pod.owner.namespace,
+            owner_kind: pod.owner.kind,
+            owner_name: pod.owner.name,
             reason: pod.found.reason().to_owned(),
             value: pod.value.unwrap_or_default(),
             admitted: admitted.count,
@@ -631,10 +632,9 @@ pub struct Fleet {
     /// The pods the replicas that answered admitted without a sidecar,
     /// by namespace, owner kind and name, label and value: each replica's
     /// entry, in the order they answered.
-    uninjected: BTreeMap<(String, String, String, String, String), Vec<Uninjected>>,
-    /// When the replicas that answered last injected a pod of each owner
-    /// (namespace, owner kind and name).
-    injected: HashMap<(String, String, String), i64>,
+    uninjected: BTreeMap<(Owner, String, String), Vec<Uninjected>>,
+    /// When the replicas that answered last injected a pod of each owner.
+    injected: HashMap<Owner, i64>,
 }
 
 /// How one replica admitted the pods of one owner without a sidecar, for
@@ -798,13 +798,12 @@ impl Fleet {
             }
         }
         for pods in answer.uninjected_pods {
-            let key = (
-                pods.namespace,
-                pods.owner_kind,
-                pods.owner_name,
-                pods.reason,
-                pods.value,
-            );
+            let owner = Owner {
+                namespace: pods.namespace,
+                kind: pods.owner_kind,
+                name: pods.owner_name,
+            };
+            let key = (owner, pods.reason, pods.value);
             self.uninjected.entry(key).or_default().push(Uninjected {
                 replica: answer.name.clone(),
                 admitted: pods.admitted,
@@ -812,7 +811,11 @@ impl Fleet {
             });
         }
         for pods in answer.injected_pods {
-            let owner = (pods.namespace, pods.owner_kind, pods.owner_name);
+            let owner = Owner {
+                namespace: pods.namespace,
+                kind: pods.owner_kind,
+                name: pods.owner_name,
+            };
             let at = self
                 .injected
                 .entry(owner)
@@ -854,9 +857,8 @@ impl Fleet {
     pub fn uninjected_pods(&self) -> Vec<UninjectedPods> {
         let mut joined = Vec::with_capacity(self.uninjected.len());
         for (key, entries) in &self.uninjected {
-            let (namespace, owner_kind, owner_name, reason, value) = key;
-            let owner = (namespace.clone(), owner_kind.clone(), owner_name.clone());
-            let injected = self.injected.get(&owner).copied();
+            let (owner, reason, value) = key;
+            let injected = self.injected.get(owner).copied();
             let mut left = entries
                 .iter()
                 .filter(|e| injected.is_none_or(|at| e.last_admitted_unix > at))
@@ -875,9 +877,9 @@ impl Fleet {
             }
             replicas.sort();
             joined.push(UninjectedPods {
-                namespace: namespace.clone(),
-                owner_kind: owner_kind.clone(),
-                owner_name: owner_name.clone(),
+                namespace: owner.namespace.clone(),
+                owner_kind: owner.kind.clone(),
+                owner_name: owner.name.clone(),
                 reason: reason.clone(),
                 value: value.clone(),
                 admitted,

@@ -126,13 +126,8 @@ fn deployment_of<'a>(replica_set: &'a str, hash: &str) -> Option<&'a str> {
 /// whose value is neither `enabled` nor `disabled`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UninjectedPod {
-    pub namespace: String,
-    /// The kind of the pods' [`Owner`]: `Deployment`, `StatefulSet`, ...,
-    /// or `Pod` for a pod without owners.
-    pub owner_kind: String,
-    /// The owner's name; for a pod without owners its name, or its
-    /// `generateName` followed by `*`.
-    pub owner_name: String,
+    /// Whose pods: the entry ends when a pod of theirs is injected.
+    pub owner: Owner,
     /// Whose label: [`UnknownInjectValue::PodLabel`] or
     /// [`UnknownInjectValue::NamespaceLabel`].
     pub found: UnknownInjectValue,
@@ -150,21 +145,11 @@ impl UninjectedPod {
         found: UnknownInjectValue,
         value: Option<String>,
     ) -> Self {
-        let owner = Owner::of(namespace, pod);
         Self {
-            namespace: owner.namespace,
-            owner_kind: owner.kind,
-            owner_name: owner.name,
+            owner: Owner::of(namespace, pod),
             found,
             value: value.map(cut),
         }
-    }
-
-    /// Whether its pods are `owner`'s.
-    fn of_owner(&self, owner: &Owner) -> bool {
-        self.namespace == owner.namespace
-            && self.owner_kind == owner.kind
-            && self.owner_name == owner.name
     }
 }
 
@@ -211,10 +196,10 @@ impl UninjectedPods {
         let mut recorded = self.recorded.lock().expect("not poisoned");
         // Admitted after this replica's last injection of the owner, if
         // in the same second: the join must not take the entry for older.
-        for (owner, at) in &mut recorded.injected {
-            if *at >= now && pod.of_owner(owner) {
-                *at = now - 1;
-            }
+        if let Some(at) = recorded.injected.get_mut(&pod.owner)
+            && *at >= now
+        {
+            *at = now - 1;
         }
         let entries = &mut recorded.entries;
         if let Some(admitted) = entries.get_mut(&pod) {
@@ -246,7 +231,7 @@ impl UninjectedPods {
     /// lately.
     pub fn injected(&self, owner: Owner, now: i64) {
         let mut recorded = self.recorded.lock().expect("not poisoned");
-        recorded.entries.retain(|pod, _| !pod.of_owner(&owner));
+        recorded.entries.retain(|pod, _| pod.owner != owner);
         let injected = &mut recorded.injected;
         if let Some(at) = injected.get_mut(&owner) {
             *at = (*at).max(now);
@@ -296,9 +281,11 @@ mod tests {
 
     fn pod_of(name: &str) -> UninjectedPod {
         UninjectedPod {
-            namespace: "shop".into(),
-            owner_kind: "ReplicaSet".into(),
-            owner_name: name.into(),
+            owner: Owner {
+                namespace: "shop".into(),
+                kind: "ReplicaSet".into(),
+                name: name.into(),
+            },
             found: UnknownInjectValue::PodLabel,
             value: Some("true".into()),
         }
@@ -317,7 +304,7 @@ mod tests {
         recorded.record(pod_of("new"), 6000);
         let recent = recorded.recent();
         assert_eq!(recent.len(), MAX_ENTRIES);
-        assert_eq!(recent[0].0.owner_name, "new");
+        assert_eq!(recent[0].0.owner.name, "new");
         assert_eq!(
             recent[1],
             (
@@ -328,8 +315,8 @@ mod tests {
                 }
             )
         );
-        assert!(!recent.iter().any(|(p, _)| p.owner_name == "web-1"));
-        assert!(recent.iter().any(|(p, _)| p.owner_name == "web-2"));
+        assert!(!recent.iter().any(|(p, _)| p.owner.name == "web-1"));
+        assert!(recent.iter().any(|(p, _)| p.owner.name == "web-2"));
     }
 
     /// An injected pod of an owner ends its entries, whatever their label
@@ -346,7 +333,7 @@ mod tests {
         recorded.record(namespace_label, 1001);
         recorded.record(pod_of("api"), 1002);
         let mut elsewhere = pod_of("web");
-        elsewhere.namespace = "other".into();
+        elsewhere.owner.namespace = "other".into();
         recorded.record(elsewhere.clone(), 1003);
         let web = Owner {
             namespace: "shop".into(),
@@ -397,7 +384,7 @@ mod tests {
         }});
         let found = UninjectedPod::of("shop", &owned, UnknownInjectValue::PodLabel, None);
         assert_eq!(
-            (found.owner_kind.as_str(), found.owner_name.as_str()),
+            (found.owner.kind.as_str(), found.owner.name.as_str()),
             ("ReplicaSet", "web-7d9f")
         );
         let of_deployment = |hash: &str| {
@@ -426,16 +413,16 @@ mod tests {
         let found = UninjectedPod::of("", &named, UnknownInjectValue::NamespaceLabel, None);
         assert_eq!(
             (
-                found.namespace.as_str(),
-                found.owner_kind.as_str(),
-                found.owner_name.as_str()
+                found.owner.namespace.as_str(),
+                found.owner.kind.as_str(),
+                found.owner.name.as_str()
             ),
             ("legacy", "Pod", "debug")
         );
         let generated = json!({"metadata": {"generateName": "job-"}});
         let long = "é".repeat(200);
         let found = UninjectedPod::of("shop", &generated, UnknownInjectValue::PodLabel, Some(long));
-        assert_eq!(found.owner_name, "job-*");
+        assert_eq!(found.owner.name, "job-*");
         assert_eq!(found.value.unwrap(), "é".repeat(MAX_TEXT_BYTES / 2));
     }
 }
