@@ -23,6 +23,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
+use trellis_core::policy::PolicyFiles;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store, spiffe_id_of,
 };
@@ -618,8 +619,8 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     let found = match &cli.command {
         Command::Policy(PolicyCommand::Apply {
             files, recursive, ..
-        }) => Some(policy::policy_files(files, recursive)?),
-        _ => None,
+        }) => policy::policy_files(files, recursive)?,
+        _ => PolicyFiles::default(),
     };
     let credentials = cli.credentials()?;
     let mut client = credentials.connect(&cli.control_plane).await?;
@@ -641,12 +642,13 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     }
 }
 
-/// The subcommand's calls over `client`.
+/// The subcommand's calls over `client`; `found` the files of `policy
+/// apply` (none for other subcommands).
 async fn run(
     cli: &Cli,
     credentials: &AdminCredentials,
     client: &mut AdminClient<Channel>,
-    found: Option<trellis_core::policy::PolicyFiles>,
+    found: PolicyFiles,
 ) -> Result<Printed, CtlError> {
     match &cli.command {
         Command::Token(TokenCommand::Create { spiffe_id, ttl }) => {

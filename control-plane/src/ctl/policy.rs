@@ -121,7 +121,7 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFi
         };
         return Err(CtlError::Usage(format!(
             "{}: no policy file (*.yaml, *.yml, *.json, not hidden) in it{deeper}",
-            super::escape_controls(&dir.display().to_string())
+            super::shown(dir)
         )));
     }
     Ok(found)
@@ -310,26 +310,22 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Runs a subcommand that talks to the control plane; `td` is the trust
-/// domain of the operator credential, `found` the files of `apply` when
-/// [`policy_files`] has found them already.
+/// domain of the operator credential, `found` the files of `apply`, which
+/// [`policy_files`] found before the credential was read (none for the
+/// other subcommands).
 pub async fn run(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
     command: &PolicyCommand,
-    found: Option<PolicyFiles>,
+    found: PolicyFiles,
 ) -> Result<Printed, CtlError> {
     match command {
         PolicyCommand::Apply {
-            files,
-            recursive,
             dry_run,
             output,
             wait,
+            ..
         } => {
-            let found = match found {
-                Some(found) => found,
-                None => policy_files(files, recursive)?,
-            };
             let (printed, written) = apply(client, td, &found, *dry_run, *output).await?;
             wait.then(client, printed, written).await
         }
