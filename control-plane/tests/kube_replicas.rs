@@ -757,10 +757,7 @@ async fn check_on_either_replica_names_pods_every_replica_admitted_without_a_sid
     let flags = certs.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (a, b, _, port_b) = pair(&fake, &flags, &flags).await;
-    let mut review = fixture_json("pod-deployment-http-probes.json");
-    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = "true".into();
-    let mistyped = certs.dir.path().join("mistyped.json");
-    std::fs::write(&mistyped, review.to_string()).unwrap();
+    let (mistyped, _) = certs.deployment_reviews();
     tokio::task::block_in_place(|| {
         for (cp, times) in [(&a, 2), (&b, 1)] {
             for _ in 0..times {
@@ -818,18 +815,7 @@ async fn check_forgets_pods_of_a_deployment_another_replica_injected_since() {
     let flags = certs.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (a, b, _, _) = pair(&fake, &flags, &flags).await;
-    let mut review = fixture_json("pod-deployment-http-probes.json");
-    let labels = &mut review["request"]["object"]["metadata"]["labels"];
-    labels["trellis.io/inject"] = "true".into();
-    let mistyped = certs.dir.path().join("mistyped.json");
-    std::fs::write(&mistyped, review.to_string()).unwrap();
-    let metadata = &mut review["request"]["object"]["metadata"];
-    metadata["labels"]["trellis.io/inject"] = "enabled".into();
-    metadata["labels"]["pod-template-hash"] = "5c8d7e9f4".into();
-    metadata["generateName"] = "web-5c8d7e9f4-".into();
-    metadata["ownerReferences"][0]["name"] = "web-5c8d7e9f4".into();
-    let fixed = certs.dir.path().join("fixed.json");
-    std::fs::write(&fixed, review.to_string()).unwrap();
+    let (mistyped, fixed) = certs.deployment_reviews();
     let post = |cp: &ControlPlane, path: &str, review: &std::path::Path| {
         let (status, body) =
             tokio::task::block_in_place(|| certs.post(&webhook_addr(cp), path, review));

@@ -160,13 +160,7 @@ fn check_names_pods_admitted_without_a_sidecar() {
     let certs = WebhookCerts::new();
     let cp = start(&certs.flags());
     let addr = webhook_addr(&cp);
-    let mut review: Value = serde_json::from_slice(
-        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
-    )
-    .unwrap();
-    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("true");
-    let mistyped = certs.dir.path().join("mistyped.json");
-    std::fs::write(&mistyped, serde_json::to_vec(&review).unwrap()).unwrap();
+    let (mistyped, _) = certs.deployment_reviews();
 
     let (check, passed) = {
         let out = cp.ctl(&["check"]);
@@ -228,24 +222,8 @@ fn check_forgets_a_deployment_once_its_pods_are_injected() {
     let certs = WebhookCerts::new();
     let cp = start(&certs.flags());
     let addr = webhook_addr(&cp);
-    let fixture: Value = serde_json::from_slice(
-        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
-    )
-    .unwrap();
-    let mut review = fixture.clone();
-    review["request"]["object"]["metadata"]["labels"]["trellis.io/inject"] = json!("true");
-    let mistyped = certs.dir.path().join("mistyped.json");
-    std::fs::write(&mistyped, serde_json::to_vec(&review).unwrap()).unwrap();
-    // The rollout of the fixed label: a new ReplicaSet of the Deployment,
-    // named by the new pod template's hash.
-    let mut review = fixture;
-    let metadata = &mut review["request"]["object"]["metadata"];
-    metadata["labels"]["trellis.io/inject"] = json!("enabled");
-    metadata["labels"]["pod-template-hash"] = json!("5c8d7e9f4");
-    metadata["generateName"] = json!("web-5c8d7e9f4-");
-    metadata["ownerReferences"][0]["name"] = json!("web-5c8d7e9f4");
-    let fixed = certs.dir.path().join("fixed.json");
-    std::fs::write(&fixed, serde_json::to_vec(&review).unwrap()).unwrap();
+    let (mistyped, fixed) = certs.deployment_reviews();
+    let mut review: Value = serde_json::from_slice(&std::fs::read(&fixed).unwrap()).unwrap();
     review["request"]["dryRun"] = json!(true);
     let dry_run = certs.dir.path().join("fixed-dry-run.json");
     std::fs::write(&dry_run, serde_json::to_vec(&review).unwrap()).unwrap();

@@ -3,8 +3,10 @@
 //! a serving certificate made here (the webhook configurations'
 //! `caBundle`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use serde_json::{Value, json};
 
 use super::ControlPlane;
 
@@ -64,6 +66,29 @@ impl WebhookCerts {
         );
         let (body, code) = stdout.rsplit_once('\n').unwrap();
         (code.trim().parse().unwrap(), body.to_owned())
+    }
+
+    /// Reviews of a Deployment `web`'s pods in namespace `shop`, written
+    /// next to the certificates (`mistyped.json`, `fixed.json`): one whose
+    /// `trellis.io/inject` label is mistyped (`true`), and the rollout of
+    /// the fixed label (`enabled`), a pod of a new ReplicaSet of the
+    /// Deployment, named by the new pod template's hash.
+    pub fn deployment_reviews(&self) -> (PathBuf, PathBuf) {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/k8s/pod-deployment-http-probes.json");
+        let mut review: Value = serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
+        let metadata = &mut review["request"]["object"]["metadata"];
+        metadata["labels"]["trellis.io/inject"] = json!("true");
+        let mistyped = self.dir.path().join("mistyped.json");
+        std::fs::write(&mistyped, serde_json::to_vec(&review).unwrap()).unwrap();
+        let metadata = &mut review["request"]["object"]["metadata"];
+        metadata["labels"]["trellis.io/inject"] = json!("enabled");
+        metadata["labels"]["pod-template-hash"] = json!("5c8d7e9f4");
+        metadata["generateName"] = json!("web-5c8d7e9f4-");
+        metadata["ownerReferences"][0]["name"] = json!("web-5c8d7e9f4");
+        let fixed = self.dir.path().join("fixed.json");
+        std::fs::write(&fixed, serde_json::to_vec(&review).unwrap()).unwrap();
+        (mistyped, fixed)
     }
 }
 
