@@ -363,22 +363,7 @@ fn a_disruption_budget_that_blocks_every_drain_is_refused() {
 #[test]
 fn releases_of_one_name_in_two_namespaces_share_no_cluster_object() {
     let Some((helm, _)) = tools() else { return };
-    let chart = chart();
-    let render = |namespace: &str| {
-        documents(
-            &run_helm(
-                &helm,
-                &[
-                    "template",
-                    "trellis",
-                    chart.to_str().unwrap(),
-                    "--namespace",
-                    namespace,
-                ],
-            )
-            .unwrap(),
-        )
-    };
+    let render = |namespace: &str| documents(&template_in(&helm, namespace, &[]).unwrap());
     let (a, b) = (render("mesh-a"), render("mesh-b"));
     let cluster_scoped = |docs: &[Value]| -> Vec<String> {
         docs.iter()

@@ -377,36 +377,33 @@ fn rendered_injection_settings_parse() {
 #[test]
 fn injection_resources_the_api_server_would_refuse_are_refused() {
     let Some((helm, _)) = tools() else { return };
-    for (set, says, field, resources) in [
+    let defaults: Value = serde_json::from_str(&rendered_injection_settings(&helm, &[])).unwrap();
+    for (set, value, field, resource, resources) in [
         (
             "injection.proxy.resources.requests.memory=512Mi",
-            "injection.proxy.resources: requests.memory 512Mi is above limits.memory 256Mi",
+            "injection.proxy.resources",
             "proxyResources",
+            "requests.memory 512Mi is above limits.memory 256Mi",
             json!({"requests": {"memory": "512Mi"}, "limits": {"memory": "256Mi"}}),
         ),
         (
             "injection.init.resources.requests.cpu=200m",
-            "injection.init.resources: requests.cpu 200m is above limits.cpu 100m",
+            "injection.init.resources",
             "initResources",
+            "requests.cpu 200m is above limits.cpu 100m",
             json!({"requests": {"cpu": "200m"}, "limits": {"cpu": "100m"}}),
         ),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
-        assert!(e.contains(says), "{set}: {e}");
+        assert!(e.contains(&format!("{value}: {resource}")), "{set}: {e}");
         // The rendered settings with those resources, as a chart that did
         // not check them would have written them.
-        let mut settings: Value =
-            serde_json::from_str(&rendered_injection_settings(&helm, &[])).unwrap();
+        let mut settings = defaults.clone();
         settings[field] = resources;
         let td = TrustDomain::new("cluster.local").unwrap();
         let e = inject::InjectConfig::from_settings(&settings.to_string(), td, "PEM".into())
             .unwrap_err()
             .to_string();
-        let resource = if field == "proxyResources" {
-            "requests.memory 512Mi is above limits.memory 256Mi"
-        } else {
-            "requests.cpu 200m is above limits.cpu 100m"
-        };
         assert!(e.contains(&format!("{field}: {resource}")), "{e}");
     }
     // Raised together, they are what the pods get.

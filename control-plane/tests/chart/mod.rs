@@ -90,14 +90,20 @@ pub fn run_helm(helm: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The chart rendered as release `trellis` in [`NAMESPACE`], with `sets`.
 pub fn template(helm: &Path, sets: &[&str]) -> Result<String, String> {
+    template_in(helm, NAMESPACE, sets)
+}
+
+/// The chart rendered as release `trellis` in `namespace`, with `sets`.
+pub fn template_in(helm: &Path, namespace: &str, sets: &[&str]) -> Result<String, String> {
     let chart = chart();
     let mut args = vec![
         "template",
         "trellis",
         chart.to_str().unwrap(),
         "--namespace",
-        NAMESPACE,
+        namespace,
     ];
     for set in sets {
         args.extend(["--set", set]);
