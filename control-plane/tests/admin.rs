@@ -668,20 +668,26 @@ fn values_the_control_plane_would_refuse_are_usage_errors() {
             "invalid value 'default/' for '<NAME>': \"default/\" is not NAMESPACE/NAME",
         ),
     ] {
-        let out = std::process::Command::new(CTL)
-            .args(["--state-dir", "/nonexistent"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
-        assert!(
-            stderr.starts_with("error: ") && stderr.contains(says),
-            "{args:?}: {stderr}"
-        );
+        let stderr = offline(args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!stderr.contains("/nonexistent"), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?}");
     }
+}
+
+/// `trellisctl` with `args` and no state dir to read, which must refuse
+/// them as a usage error: exit 64, stdout empty, stderr starting with
+/// `error: `, which is returned.
+fn offline(args: &[&str]) -> String {
+    let out = std::process::Command::new(CTL)
+        .args(["--state-dir", "/nonexistent"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr:?}");
+    assert!(out.stdout.is_empty(), "{args:?}");
+    stderr
 }
 
 /// A refused value is said back with its control characters escaped,
@@ -717,13 +723,7 @@ fn refused_values_are_said_with_control_characters_escaped() {
              tip: to pass '--x\\u{7}' as a value, use '-- --x\\u{7}'\n",
         ),
     ] {
-        let out = std::process::Command::new(CTL)
-            .args(["--state-dir", "/nonexistent"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        let stderr = offline(args);
         assert!(stderr.starts_with(says), "{args:?}: {stderr:?}");
         assert!(
             !stderr.contains(['\x1b', '\r', '\x07', '\u{202e}']),

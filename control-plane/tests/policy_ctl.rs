@@ -12,19 +12,21 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/policies")
 }
 
+/// `trellisctl policy lint` with `args`: offline, no --control-plane or
+/// credentials needed.
+fn lint(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(CTL)
+        .args(["policy", "lint"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn lint_reports_exit_codes_and_lines() {
     let cp = ControlPlane::start(&[]);
-    let lint = fixtures().join("lint");
-    // Offline: no --control-plane or credentials needed.
-    let run = |args: &[&std::ffi::OsStr]| {
-        std::process::Command::new(CTL)
-            .args(["policy", "lint"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let good = run(&[lint.join("good").as_os_str()]);
+    let lints = fixtures().join("lint");
+    let good = lint(&[lints.join("good").as_os_str()]);
     assert_eq!(
         good.status.code(),
         Some(0),
@@ -33,12 +35,12 @@ fn lint_reports_exit_codes_and_lines() {
     );
     assert!(good.stdout.is_empty());
 
-    let all = run(&[lint.as_os_str(), "-R".as_ref()]);
+    let all = lint(&[lints.as_os_str(), "-R".as_ref()]);
     assert_eq!(all.status.code(), Some(1));
     let stdout = String::from_utf8(all.stdout).unwrap();
     let lines: Vec<String> = stdout
         .lines()
-        .map(|l| l.replace(&lint.display().to_string(), "LINT"))
+        .map(|l| l.replace(&lints.display().to_string(), "LINT"))
         .collect();
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(
@@ -59,7 +61,7 @@ fn lint_reports_exit_codes_and_lines() {
     );
     assert!(String::from_utf8_lossy(&all.stderr).contains("3 errors"));
 
-    let missing = run(&[lint.join("missing.yaml").as_os_str()]);
+    let missing = lint(&[lints.join("missing.yaml").as_os_str()]);
     assert_eq!(missing.status.code(), Some(1));
 
     // Files without a document: refused as `policy apply` refuses them.
@@ -68,7 +70,7 @@ fn lint_reports_exit_codes_and_lines() {
     std::fs::write(&empty, "# nothing yet\n").unwrap();
     let no_documents =
         "no AuthorizationPolicy or RateLimitPolicy documents found in the given files";
-    let linted = run(&[empty.as_os_str()]);
+    let linted = lint(&[empty.as_os_str()]);
     let stderr = String::from_utf8_lossy(&linted.stderr);
     assert_eq!(linted.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(no_documents), "{stderr}");
@@ -77,8 +79,8 @@ fn lint_reports_exit_codes_and_lines() {
     assert_eq!(applied.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(no_documents), "{stderr}");
 
-    let other_td = run(&[
-        lint.join("good").as_os_str(),
+    let other_td = lint(&[
+        lints.join("good").as_os_str(),
         "--trust-domain".as_ref(),
         "example.org".as_ref(),
     ]);
@@ -265,13 +267,6 @@ fn a_directory_is_read_as_kubectl_reads_it() {
     write("team/z/z.yml", &policy_text("z", 70000));
     write("team/deeper/b.json", &policy_text("b", 70001));
     std::os::unix::fs::symlink("..", top.join("team/loop")).unwrap();
-    let lint = |args: &[&std::ffi::OsStr]| {
-        std::process::Command::new(CTL)
-            .args(["policy", "lint"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
 
     let own = lint(&[top.as_os_str()]);
     assert_eq!(own.status.code(), Some(0), "{own:?}");
