@@ -586,7 +586,7 @@ fn configuration_reaches_the_pod() {
         reply["response"]["warnings"][0]
             .as_str()
             .unwrap()
-            .contains("at least 600")
+            .contains("Kubernetes requires 600 to 4294967296")
     );
 }
 
