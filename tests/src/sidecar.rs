@@ -60,19 +60,6 @@ pub struct SidecarBuilder {
     token_file: Option<PathBuf>,
 }
 
-/// A sidecar process spawned, not yet known to be ready, and what it was
-/// given.
-struct Spawned {
-    identity: String,
-    inbound: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-    app: SocketAddr,
-    routes: Vec<Route>,
-    token_file: PathBuf,
-    process: ChildProcess,
-}
-
 impl SidecarBuilder {
     pub(crate) fn new(context: Arc<MeshContext>, name: &str) -> SidecarBuilder {
         SidecarBuilder {
@@ -179,20 +166,12 @@ impl SidecarBuilder {
     }
 
     async fn try_start(&self, attempt: usize) -> Result<Sidecar, StartError> {
-        let Spawned {
-            identity,
-            inbound,
-            outbound,
-            admin,
-            app,
-            routes,
-            token_file,
-            mut process,
-        } = self
+        let mut sidecar = self
             .spawn_attempt(attempt)
             .await
             .map_err(StartError::Failed)?;
-        let admin_client = Admin::new(admin);
+        let process = &mut sidecar.process;
+        let admin_client = Admin::new(sidecar.admin);
         let what = format!("sidecar {} to be ready", self.name);
         let waited = eventually(&what, START_PATIENCE, || {
             let running = process.ensure_running();
@@ -216,23 +195,13 @@ impl SidecarBuilder {
                 StartError::Failed(e)
             });
         }
-        Ok(Sidecar {
-            name: self.name.clone(),
-            identity,
-            inbound,
-            outbound,
-            admin,
-            app,
-            routes,
-            token_file,
-            process,
-            _context: self.context.clone(),
-        })
+        Ok(sidecar)
     }
 
     /// Spawns the sidecar with fresh ports (its preferred ones on the first
-    /// `attempt`) and, unless it was given one, a join token file.
-    async fn spawn_attempt(&self, attempt: usize) -> anyhow::Result<Spawned> {
+    /// `attempt`) and, unless it was given one, a join token file; it is not
+    /// yet known to be ready.
+    async fn spawn_attempt(&self, attempt: usize) -> anyhow::Result<Sidecar> {
         let ctx = &self.context;
         let identity = self.identity.clone().unwrap_or_else(|| {
             format!("spiffe://{}/ns/default/sa/{}", ctx.trust_domain, self.name)
@@ -297,7 +266,8 @@ impl SidecarBuilder {
         let label = format!("sidecar {}", self.name);
         let mut process = ChildProcess::spawn(&label, command, &log)?;
         process.set_tail_on_drop(ctx.tail_on_drop);
-        Ok(Spawned {
+        Ok(Sidecar {
+            name: self.name.clone(),
             identity,
             inbound,
             outbound,
@@ -306,6 +276,7 @@ impl SidecarBuilder {
             routes,
             token_file,
             process,
+            _context: self.context.clone(),
         })
     }
 }
