@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ID: &str = "spiffe://td.test/ns/a/sa/web";
 
+/// The flags no sidecar starts without (an identity, a trust bundle and a
+/// token file), then `extra`.
+fn with_required<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--identity", ID];
+    args.extend(common::sidecar::credential_flags());
+    args.extend_from_slice(extra);
+    args
+}
+
 fn proxy(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -120,19 +129,9 @@ fn invalid_flags_exit_64_naming_the_flag() {
 /// given, with examples.
 #[test]
 fn a_bad_duration_is_refused_in_the_words_of_every_binary() {
-    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
     for flag in ["--drain-timeout", "--drain-idle", "--tcp-user-timeout"] {
         for bad in ["soon", "20"] {
-            let out = proxy(&[
-                "--identity",
-                ID,
-                bundle_flag,
-                bundle,
-                token_flag,
-                token,
-                flag,
-                bad,
-            ]);
+            let out = proxy(&with_required(&[flag, bad]));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(64), "{flag} {bad}: {stderr}");
             assert!(
@@ -222,22 +221,8 @@ fn a_port_in_use_is_said_once_as_the_last_line_naming_its_flag() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().to_string();
     let route = format!("{busy}=spiffe://td.test/ns/b/sa/api@127.0.0.1:1");
-    let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
     for flag in ["--inbound", "--outbound", "--admin", "--route"] {
-        let mut args = vec![
-            "--identity",
-            ID,
-            bundle_flag,
-            bundle,
-            token_flag,
-            token,
-            "--inbound",
-            "127.0.0.1:0",
-            "--outbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ];
+        let mut args = with_required(&common::sidecar::LOOPBACK_LISTENERS);
         match flag {
             "--route" => args.extend(["--route", &route]),
             _ => {
