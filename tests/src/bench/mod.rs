@@ -693,6 +693,10 @@ fn measured_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
 /// can be read against the peer it is most often compared with.
 const PROFILED: [Kind; 2] = [Kind::Trellis, Kind::Envoy];
 
+/// The fewest bytes a stream of a profiled bulk round may move: more than
+/// any pair moves in the round's time, so that the round lasts that time.
+const PROFILED_BULK_BYTES: u64 = 64 << 30;
+
 /// The scenarios a profile is taken through: one-stream bulk, and
 /// keep-alive, HTTP/2 and new connections, of those the run measures.
 fn profiled_scenarios(sizes: &Sizes, tools: Tools<'_>) -> Vec<Scenario> {
@@ -740,6 +744,14 @@ async fn profile_pairs(
         }
     };
     let scenarios = profiled_scenarios(sizes, tools);
+    // A profiled bulk round runs for its time, whatever the mode's cap on
+    // the bytes it moves: the smoke run's 16 MiB go by in a few
+    // milliseconds of each side's CPU, which a profiler that took longer
+    // than `ATTACH` to start on a busy host would miss altogether.
+    let sizes = &Sizes {
+        bulk_max_bytes_per_stream: sizes.bulk_max_bytes_per_stream.max(PROFILED_BULK_BYTES),
+        ..sizes.clone()
+    };
     let mut failures = Vec::new();
     for c in PROFILED.into_iter().filter_map(running) {
         let (name, pair) = (&c.figures.name, c.pair.as_deref().expect("running"));
