@@ -260,6 +260,32 @@ fn check_forgets_a_deployment_once_its_pods_are_injected() {
     assert_eq!(warned(&check), [debug], "{check}");
 }
 
+/// A pod that has the sidecar when it is reviewed (created again from a
+/// running pod's manifest, or injected by hand) gets no patch, but runs
+/// in the mesh: `trellisctl check` no longer warns of its Deployment's
+/// pods let through without a sidecar before.
+#[test]
+fn check_forgets_a_deployment_once_a_pod_with_the_sidecar_is_created() {
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp);
+    let (mistyped, _) = certs.deployment_reviews();
+    let (status, body) = certs.post(&addr, "/inject/unknown-pod-label", &mistyped);
+    assert_eq!(status, 200, "{body}");
+    let web = "the webhook let the pods of Deployment web through without a sidecar";
+    let check = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(check.contains(web), "{check}");
+
+    let (status, body) = post(&addr, &certs, "/inject", "pod-already-injected.json");
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("\"patch\""), "injected before: {body}");
+    let out = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{check}");
+    assert!(!check.contains("without a sidecar"), "{check}");
+}
+
 /// `curl http://` at the webhook port, the usual slip while debugging an
 /// injection, is told in HTTP that the port speaks only HTTPS, and what to
 /// use instead, rather than sent a TLS alert curl cannot read; the

@@ -396,20 +396,39 @@ pub fn respond_pod(
     scope: NamespaceScope<'_>,
     config: &InjectConfig,
 ) -> AdmissionResponse {
-    respond_pod_reporting(request, scope, config).0
+    respond_pod_reporting(request, scope, config).response
+}
+
+/// [`respond_pod_reporting`]'s answer, and what the server counts and
+/// records of it.
+#[derive(Debug)]
+pub struct PodReview {
+    pub response: AdmissionResponse,
+    /// The unknown values of `trellis.io/inject` the answer denies or
+    /// warns about.
+    pub unknown: Vec<UnknownInjectValue>,
+    /// The pod is created with the sidecar: injected by this answer, or
+    /// before it ([`Skip::AlreadyInjected`]); its owner runs in the mesh.
+    pub meshed: bool,
 }
 
 /// [`respond_pod`], with the unknown values of `trellis.io/inject` the
-/// answer denies or warns about (for the server to count).
+/// answer denies or warns about (for the server to count), and whether
+/// the pod created has the sidecar.
 pub fn respond_pod_reporting(
     request: &AdmissionRequest,
     scope: NamespaceScope<'_>,
     config: &InjectConfig,
-) -> (AdmissionResponse, Vec<UnknownInjectValue>) {
+) -> PodReview {
+    let answer = |response, unknown| PodReview {
+        response,
+        unknown,
+        meshed: false,
+    };
     let allow = AdmissionResponse::allow(&request.uid);
     let pod = match created_pod(request) {
-        None => return (allow, Vec::new()),
-        Some(Err(e)) => return (deny_or_warn(request, config, e), Vec::new()),
+        None => return answer(allow, Vec::new()),
+        Some(Err(e)) => return answer(deny_or_warn(request, config, e), Vec::new()),
         Some(Ok(pod)) => pod,
     };
     let result = inject_pod(pod, scope, config);
@@ -434,13 +453,19 @@ pub fn respond_pod_reporting(
                 warnings,
                 ..allow
             };
-            (response, found)
+            PodReview {
+                meshed: true,
+                ..answer(response, found)
+            }
         }
-        Ok(Injection::Skipped(Skip::AlreadyInjected)) => (allow, Vec::new()),
+        Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
+            meshed: true,
+            ..answer(allow, Vec::new())
+        },
         Ok(Injection::Skipped(skip)) => {
             let (found, mut warnings) = unknown(false);
             warnings.extend(skip.warning().map(str::to_owned));
-            (AdmissionResponse { warnings, ..allow }, found)
+            answer(AdmissionResponse { warnings, ..allow }, found)
         }
         Err(e) => {
             let found = match e {
@@ -450,7 +475,7 @@ pub fn respond_pod_reporting(
                 InjectError::InvalidLabel(_) => vec![UnknownInjectValue::PodLabel],
                 _ => Vec::new(),
             };
-            (deny_or_warn(request, config, e), found)
+            answer(deny_or_warn(request, config, e), found)
         }
     }
 }

@@ -510,19 +510,21 @@ pub fn respond(
         }
         INJECT_PATH => AdmissionRequest::parse(body).map(|request| {
             let scope = NamespaceScope::SelectedByWebhook;
-            let (response, unknown) = respond_pod_reporting(&request, scope, config);
-            for found in unknown {
+            let review = respond_pod_reporting(&request, scope, config);
+            for found in review.unknown {
                 metrics.inject_unknown_value(found.reason());
             }
-            // Injected: the owner's pods admitted without a sidecar before
-            // are replaced by pods like this one. A dry run creates none.
+            // With the sidecar, injected now or before (re-submitted, or
+            // injected by hand): the owner's pods admitted without one
+            // before are replaced by pods like this one. A dry run creates
+            // none.
             if let Some(pod) = request.object.as_ref()
-                && !response.patch.is_empty()
+                && review.meshed
                 && !request.dry_run
             {
                 uninjected.injected(Owner::of(&request.namespace, pod), crate::unix_now());
             }
-            response
+            review.response
         }),
         UNKNOWN_POD_LABEL_PATH | UNKNOWN_NAMESPACE_LABEL_PATH => {
             let found = if path == UNKNOWN_POD_LABEL_PATH {

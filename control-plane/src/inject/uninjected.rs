@@ -13,8 +13,8 @@
 //! it is replaced, however long ago it was admitted.
 //!
 //! Once the label is fixed, the owner's new pods go to `/inject`. The
-//! server tells each injection of a created pod here
-//! ([`UninjectedPods::injected`]): the entries of the pod's owner are
+//! server tells each created pod with the sidecar here, injected then or
+//! before ([`UninjectedPods::injected`]): the entries of the pod's owner are
 //! dropped, and the owner is remembered as injected then, the
 //! [`MAX_INJECTED`] injected least lately making way, since the API server
 //! may have sent the earlier pods to another replica: `ListWorkloads`
