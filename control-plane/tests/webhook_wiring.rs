@@ -286,6 +286,53 @@ fn check_forgets_a_deployment_once_a_pod_with_the_sidecar_is_created() {
     assert!(!check.contains("without a sidecar"), "{check}");
 }
 
+/// A CronJob's pods are created by the Job controller, for a Job of each
+/// run named after the CronJob and the run's scheduled minute since the
+/// epoch. The pods of a run let through without a sidecar are warned of
+/// as the CronJob's; once the label is fixed, a later run's pods are
+/// injected, and `trellisctl check` no longer warns of the CronJob.
+#[test]
+fn check_forgets_a_cronjob_once_a_later_runs_pods_are_injected() {
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp);
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 60;
+    let mistyped = certs.cronjob_review("mistyped-run.json", minute - 60, "true");
+    let fixed = certs.cronjob_review("fixed-run.json", minute, "enabled");
+
+    let (status, body) = certs.post(&addr, "/inject/unknown-pod-label", &mistyped);
+    assert_eq!(status, 200, "{body}");
+    let warned = |check: &str| -> Vec<String> {
+        check
+            .lines()
+            .filter(|l| l.contains("without a sidecar"))
+            .map(|l| l.split(" (").next().unwrap().to_owned())
+            .collect()
+    };
+    let check = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(
+        warned(&check),
+        [
+            "warn  namespace shop: the webhook let the pods of CronJob backup through without a \
+             sidecar"
+        ],
+        "{check}"
+    );
+
+    let (status, body) = certs.post(&addr, "/inject", &fixed);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"patch\""), "injected: {body}");
+    let out = cp.ctl(&["check"]);
+    let check = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{check}");
+    assert_eq!(warned(&check), Vec::<String>::new(), "{check}");
+}
+
 /// `curl http://` at the webhook port, the usual slip while debugging an
 /// injection, is told in HTTP that the port speaks only HTTPS, and what to
 /// use instead, rather than sent a TLS alert curl cannot read; the

@@ -528,12 +528,14 @@ fn deny_or_warn(
 /// namespace's) has a value that is neither `enabled` nor `disabled`. The
 /// pod is admitted as it is, never changed nor denied, with a warning that
 /// it runs without a sidecar; what was admitted so is returned for the
-/// server to count and record ([`UninjectedPods`]). A pod whose label is
+/// server to count and record ([`UninjectedPods`]), by its owner at `now`
+/// (Unix seconds; see [`Owner::of`]). A pod whose label is
 /// known by the time it is reviewed (a webhook before this one changed it)
 /// gets no warning.
 pub fn respond_unknown_label(
     request: &AdmissionRequest,
     found: UnknownInjectValue,
+    now: i64,
 ) -> (AdmissionResponse, Option<UninjectedPod>) {
     let allow = AdmissionResponse::allow(&request.uid);
     let Some(Ok(pod)) = created_pod(request) else {
@@ -547,6 +549,6 @@ pub fn respond_unknown_label(
         },
     };
     let warning = found.warning(value.as_deref(), false);
-    let uninjected = UninjectedPod::of(&request.namespace, pod, found, value);
+    let uninjected = UninjectedPod::of(&request.namespace, pod, now, found, value);
     (allow.with_warning(warning), Some(uninjected))
 }

@@ -522,7 +522,8 @@ pub fn respond(
                 && review.meshed
                 && !request.dry_run
             {
-                uninjected.injected(Owner::of(&request.namespace, pod), crate::unix_now());
+                let now = crate::unix_now();
+                uninjected.injected(Owner::of(&request.namespace, pod, now), now);
             }
             review.response
         }),
@@ -533,13 +534,14 @@ pub fn respond(
                 UnknownInjectValue::NamespaceLabel
             };
             AdmissionRequest::parse(body).map(|request| {
-                let (response, admitted) = respond_unknown_label(&request, found);
+                let now = crate::unix_now();
+                let (response, admitted) = respond_unknown_label(&request, found, now);
                 if let Some(pod) = admitted {
                     metrics.inject_unknown_value(found.reason());
                     // A dry run creates no pod: nothing runs without a
                     // sidecar.
                     if !request.dry_run {
-                        uninjected.record(pod, crate::unix_now());
+                        uninjected.record(pod, now);
                     }
                 }
                 response

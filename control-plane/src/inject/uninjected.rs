@@ -48,9 +48,10 @@ const MAX_TEXT_BYTES: usize = 253;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
     pub namespace: String,
-    /// `Deployment` for the pods of a Deployment's ReplicaSet, else the
-    /// kind of the pod's controlling owner (`StatefulSet`, `Job`), or
-    /// `Pod` for a pod without owners.
+    /// `Deployment` for the pods of a Deployment's ReplicaSet, `CronJob`
+    /// for the pods of a CronJob's run, else the kind of the pod's
+    /// controlling owner (`StatefulSet`, `Job`), or `Pod` for a pod without
+    /// owners.
     pub kind: String,
     /// The owner's name; for a pod without owners its name, or its
     /// `generateName` followed by `*`.
@@ -58,12 +59,15 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// The owner of `pod`, of a review in `namespace`. The controlling
-    /// owner, else the first; but a ReplicaSet named after a Deployment
-    /// and the pod's `pod-template-hash` label (`web-6b7f9c5d8`, as the
-    /// Deployment controller names it) is its Deployment (`web`): a fixed
-    /// label rolls out as a new ReplicaSet of the same Deployment.
-    pub fn of(namespace: &str, pod: &Value) -> Self {
+    /// The owner of `pod`, of a review in `namespace` at `now` (Unix
+    /// seconds). The controlling owner, else the first; but a ReplicaSet
+    /// named after a Deployment and the pod's `pod-template-hash` label
+    /// (`web-6b7f9c5d8`, as the Deployment controller names it) is its
+    /// Deployment (`web`): a fixed label rolls out as a new ReplicaSet of
+    /// the same Deployment. Likewise a Job named as the CronJob controller
+    /// names a run lately scheduled (`backup-29412345`, see [`cronjob_of`])
+    /// is its CronJob (`backup`): the next run is a new Job.
+    pub fn of(namespace: &str, pod: &Value, now: i64) -> Self {
         let metadata = pod.get("metadata");
         let text = |key: &str| {
             metadata
@@ -82,19 +86,36 @@ impl Owner {
                 .find(|o| o.get("controller").and_then(Value::as_bool) == Some(true));
             let owner = controller.or(owners.first())?;
             let field = |key| owner.get(key).and_then(Value::as_str);
-            Some((field("kind")?, field("name")?))
+            let group = field("apiVersion")
+                .and_then(|v| v.split_once('/'))
+                .map(|(g, _)| g);
+            Some((group, field("kind")?, field("name")?))
         });
-        let hash = metadata
-            .and_then(|m| m.get("labels"))
-            .and_then(|l| l.get("pod-template-hash"))
-            .and_then(Value::as_str)
-            .filter(|h| !h.is_empty());
+        let label = |key: &str| {
+            metadata
+                .and_then(|m| m.get("labels"))
+                .and_then(|l| l.get(key))
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+        };
         let (kind, name) = match owner {
-            Some(("ReplicaSet", name)) => match hash.and_then(|h| deployment_of(name, h)) {
-                Some(deployment) => ("Deployment".to_owned(), deployment.to_owned()),
-                None => ("ReplicaSet".to_owned(), name.to_owned()),
-            },
-            Some((kind, name)) => (kind.to_owned(), name.to_owned()),
+            Some((_, "ReplicaSet", name)) => {
+                match label("pod-template-hash").and_then(|h| deployment_of(name, h)) {
+                    Some(deployment) => ("Deployment".to_owned(), deployment.to_owned()),
+                    None => ("ReplicaSet".to_owned(), name.to_owned()),
+                }
+            }
+            // The Job controller labels its pods with their Job's name.
+            Some((Some("batch"), "Job", name))
+                if [label("batch.kubernetes.io/job-name"), label("job-name")]
+                    .contains(&Some(name)) =>
+            {
+                match cronjob_of(name, now) {
+                    Some(cronjob) => ("CronJob".to_owned(), cronjob.to_owned()),
+                    None => ("Job".to_owned(), name.to_owned()),
+                }
+            }
+            Some((_, kind, name)) => (kind.to_owned(), name.to_owned()),
             None => match (text("name"), text("generateName")) {
                 (Some(name), _) => ("Pod".to_owned(), name.to_owned()),
                 (None, Some(prefix)) => ("Pod".to_owned(), format!("{prefix}*")),
@@ -122,6 +143,43 @@ fn deployment_of<'a>(replica_set: &'a str, hash: &str) -> Option<&'a str> {
         .filter(|name| !name.is_empty())
 }
 
+/// The longest name of a CronJob: the API server refuses longer ones, so
+/// that a run's Job name, 11 characters more, is a valid label value.
+const MAX_CRONJOB_NAME: usize = 52;
+
+/// How long after its scheduled minute a CronJob's run may create pods to
+/// be told by its name: a run starts at that minute, or as soon after as
+/// the controller catches up, and its Job retries failed pods within
+/// minutes. A pod created later is its Job's.
+const RUN_MINUTES: i64 = 24 * 60;
+
+/// How far the clock of the controllers may run ahead of this one.
+const SKEW_MINUTES: i64 = 5;
+
+/// The CronJob whose run a Job named `job` is, at `now` (Unix seconds):
+/// the CronJob controller names a run's Job after the CronJob and the
+/// scheduled time in minutes since the epoch (`backup-29412345`), with no
+/// leading zero. The pod alone does not say whether a CronJob made its
+/// Job, so the name must be one only a run scheduled in the last
+/// [`RUN_MINUTES`] (and up to [`SKEW_MINUTES`] ahead) has: a plain Job
+/// `backup-2`, `backup-20240101` or `backup-1765000000` is never taken for
+/// a run of `backup`; one named after the minute it runs in would be.
+fn cronjob_of(job: &str, now: i64) -> Option<&str> {
+    let (cronjob, minute) = job.rsplit_once('-')?;
+    if cronjob.is_empty()
+        || cronjob.len() > MAX_CRONJOB_NAME
+        || minute.starts_with('0')
+        || !minute.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let minute: i64 = minute.parse().ok()?;
+    let now = now.div_euclid(60);
+    (now - RUN_MINUTES..=now + SKEW_MINUTES)
+        .contains(&minute)
+        .then_some(cronjob)
+}
+
 /// Pods admitted without a sidecar because of a `trellis.io/inject` label
 /// whose value is neither `enabled` nor `disabled`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -137,16 +195,17 @@ pub struct UninjectedPod {
 }
 
 impl UninjectedPod {
-    /// The pod `pod` of a review in `namespace`, admitted because of the
-    /// label `found` with `value`.
+    /// The pod `pod` of a review in `namespace` at `now` (Unix seconds),
+    /// admitted because of the label `found` with `value`.
     pub(super) fn of(
         namespace: &str,
         pod: &Value,
+        now: i64,
         found: UnknownInjectValue,
         value: Option<String>,
     ) -> Self {
         Self {
-            owner: Owner::of(namespace, pod),
+            owner: Owner::of(namespace, pod, now),
             found,
             value: value.map(cut),
         }
@@ -279,6 +338,9 @@ mod tests {
 
     use super::*;
 
+    /// 2026-12-01T00:00:00Z.
+    const NOW: i64 = 1_764_547_200;
+
     fn pod_of(name: &str) -> UninjectedPod {
         UninjectedPod {
             owner: Owner {
@@ -382,7 +444,7 @@ mod tests {
                 {"kind": "ReplicaSet", "name": "web-7d9f", "controller": true},
             ],
         }});
-        let found = UninjectedPod::of("shop", &owned, UnknownInjectValue::PodLabel, None);
+        let found = UninjectedPod::of("shop", &owned, NOW, UnknownInjectValue::PodLabel, None);
         assert_eq!(
             (found.owner.kind.as_str(), found.owner.name.as_str()),
             ("ReplicaSet", "web-7d9f")
@@ -394,7 +456,7 @@ mod tests {
                     {"kind": "ReplicaSet", "name": "web-api-7d9f", "controller": true},
                 ],
             }});
-            let owner = Owner::of("shop", &pod);
+            let owner = Owner::of("shop", &pod, NOW);
             (owner.kind, owner.name)
         };
         assert_eq!(
@@ -410,7 +472,7 @@ mod tests {
             ("ReplicaSet".into(), "web-api-7d9f".into())
         );
         let named = json!({"metadata": {"name": "debug", "namespace": "legacy"}});
-        let found = UninjectedPod::of("", &named, UnknownInjectValue::NamespaceLabel, None);
+        let found = UninjectedPod::of("", &named, NOW, UnknownInjectValue::NamespaceLabel, None);
         assert_eq!(
             (
                 found.owner.namespace.as_str(),
@@ -421,8 +483,87 @@ mod tests {
         );
         let generated = json!({"metadata": {"generateName": "job-"}});
         let long = "é".repeat(200);
-        let found = UninjectedPod::of("shop", &generated, UnknownInjectValue::PodLabel, Some(long));
+        let found = UninjectedPod::of(
+            "shop",
+            &generated,
+            NOW,
+            UnknownInjectValue::PodLabel,
+            Some(long),
+        );
         assert_eq!(found.owner.name, "job-*");
         assert_eq!(found.value.unwrap(), "é".repeat(MAX_TEXT_BYTES / 2));
+    }
+
+    /// A Job's pod, as the Job controller labels it, is its CronJob's when
+    /// the Job is named after a CronJob and a minute since the epoch no
+    /// more than a day before now (or a few minutes after): the run's
+    /// name. Any other Job is itself: a number that is no such minute
+    /// (`backup-2`, a date, seconds since the epoch, a leading zero), a
+    /// run too long ago, a Job of another group, or a pod whose labels
+    /// do not name its Job.
+    #[test]
+    fn a_cronjobs_run_is_its_cronjob() {
+        let minute = NOW / 60;
+        let of_job = |job: &str, api_version: &str, labelled: &str| {
+            let pod = json!({"metadata": {
+                "generateName": format!("{job}-"),
+                "labels": {
+                    "batch.kubernetes.io/controller-uid": "8d1f0c2e-7a43-4b5e-9c61-2f3a4b5c6d7e",
+                    "batch.kubernetes.io/job-name": labelled,
+                    "controller-uid": "8d1f0c2e-7a43-4b5e-9c61-2f3a4b5c6d7e",
+                    "job-name": labelled,
+                },
+                "ownerReferences": [{
+                    "apiVersion": api_version,
+                    "kind": "Job",
+                    "name": job,
+                    "controller": true,
+                    "blockOwnerDeletion": true,
+                }],
+            }});
+            let owner = Owner::of("shop", &pod, NOW);
+            format!("{} {}", owner.kind, owner.name)
+        };
+        let run = |job: &str| of_job(job, "batch/v1", job);
+        assert_eq!(run(&format!("backup-{minute}")), "CronJob backup");
+        assert_eq!(
+            run(&format!("nightly-db-backup-{}", minute - 23 * 60)),
+            "CronJob nightly-db-backup"
+        );
+        assert_eq!(run(&format!("backup-{}", minute + 5)), "CronJob backup");
+        let longest = "c".repeat(MAX_CRONJOB_NAME);
+        assert_eq!(
+            run(&format!("{longest}-{minute}")),
+            format!("CronJob {longest}")
+        );
+        for job in [
+            "backup-2".to_owned(),
+            "backup-20261201".to_owned(),
+            format!("backup-{NOW}"),
+            format!("backup-0{minute}"),
+            format!("backup-{}", minute - 24 * 60 - 1),
+            format!("backup-{}", minute + 6),
+            format!("-{minute}"),
+            format!("backup-{minute}x"),
+            format!("{}c-{minute}", longest),
+            "backup".to_owned(),
+        ] {
+            assert_eq!(run(&job), format!("Job {job}"));
+        }
+        let job = format!("backup-{minute}");
+        assert_eq!(of_job(&job, "example.com/v1", &job), format!("Job {job}"));
+        assert_eq!(of_job(&job, "batch/v1", "other"), format!("Job {job}"));
+        // The legacy label alone names the Job as well.
+        let pod = json!({"metadata": {
+            "labels": {"job-name": job},
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": job, "controller": true},
+            ],
+        }});
+        let owner = Owner::of("shop", &pod, NOW);
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("CronJob", "backup")
+        );
     }
 }

@@ -90,6 +90,46 @@ impl WebhookCerts {
         std::fs::write(&fixed, serde_json::to_vec(&review).unwrap()).unwrap();
         (mistyped, fixed)
     }
+
+    /// A review of a pod of the run of CronJob `backup` in namespace
+    /// `shop` scheduled at `minute` (since the epoch), whose
+    /// `trellis.io/inject` label is `inject`, written next to the
+    /// certificates as `name`: the recorded review of a Deployment's pod,
+    /// with what the Job controller gives a pod instead (the run's Job
+    /// `backup-MINUTE` as its controller, the labels naming the Job, its
+    /// restart policy, the Job controller as the creator).
+    pub fn cronjob_review(&self, name: &str, minute: i64, inject: &str) -> PathBuf {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/k8s/pod-deployment-http-probes.json");
+        let mut review: Value = serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
+        let job = format!("backup-{minute}");
+        let uid = "7e1c9a3f-5b2d-4c8e-a6f0-3d9b1e7c5a24";
+        review["request"]["userInfo"]["username"] =
+            json!("system:serviceaccount:kube-system:job-controller");
+        let pod = &mut review["request"]["object"];
+        pod["spec"]["restartPolicy"] = json!("OnFailure");
+        let metadata = &mut pod["metadata"];
+        metadata["generateName"] = json!(format!("{job}-"));
+        metadata["labels"] = json!({
+            "app.kubernetes.io/name": "backup",
+            "batch.kubernetes.io/controller-uid": uid,
+            "batch.kubernetes.io/job-name": job,
+            "controller-uid": uid,
+            "job-name": job,
+            "trellis.io/inject": inject,
+        });
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job,
+            "uid": uid,
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }]);
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, serde_json::to_vec(&review).unwrap()).unwrap();
+        path
+    }
 }
 
 /// The `webhook=` field of `cp`'s ready line: the webhook port's address,
