@@ -244,6 +244,29 @@ fn a_port_in_use_is_said_once_as_the_last_line_naming_its_flag() {
     }
 }
 
+/// `trellis-proxy init` speaks as the sidecar does: a failure is one line,
+/// `error: ...`, exiting 64 for invalid flags; a warning is
+/// `warning: ...`. Neither is prefixed with the program's name.
+#[test]
+fn init_says_its_failure_and_warnings_as_the_sidecar_does() {
+    let out = proxy(&["init", "--inbound-port", "15001"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: invalid flags: --inbound-port and --outbound-port are both 15001\n"
+    );
+
+    // A dry run changes nothing, and works where the nat table cannot be read.
+    let out = proxy(&["init", "--proxy-uid", "0", "--ipv6", "off", "--dry-run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        ["warning: --proxy-uid 0 exempts everything running as root from the mesh"]
+    );
+}
+
 /// Reads the child's stderr lines on a thread.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();

@@ -170,10 +170,15 @@ fn cleanup_removes_ours_and_nothing_else() {
     );
     let before = (ns.nat(Family::V4), ns.nat(Family::V6));
 
-    ok(&ns.init(&[]));
+    // What it did is said plainly, without the program's name.
+    let said = |out: &std::process::Output, line: &str| {
+        ok(out);
+        let stderr = text(&out.stderr);
+        assert!(stderr.lines().any(|l| l.starts_with(line)), "{stderr}");
+    };
+    said(&ns.init(&[]), "IPv4 rules installed (iptables-");
     assert!(ns.nat(Family::V4).contains("TRELLIS"));
-    let out = ns.init(&["--cleanup"]);
-    ok(&out);
+    said(&ns.init(&["--cleanup"]), "IPv4 rules removed (iptables-");
     let after = (ns.nat(Family::V4), ns.nat(Family::V6));
     assert!(
         !after.0.contains("TRELLIS") && !after.1.contains("TRELLIS"),
@@ -182,7 +187,7 @@ fn cleanup_removes_ours_and_nothing_else() {
     assert_eq!(after, before);
 
     // Nothing left: a second cleanup is a successful no-op.
-    ok(&ns.init(&["--cleanup"]));
+    said(&ns.init(&["--cleanup"]), "IPv4: nothing of ours to remove");
     assert_eq!((ns.nat(Family::V4), ns.nat(Family::V6)), before);
 }
 

@@ -37,6 +37,11 @@
 //!
 //! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
 //! allowed (not root / no NET_ADMIN), 1 anything else.
+//!
+//! It speaks on stderr as the sidecar does: a failure is one line, `error: ...`, the last;
+//! what needs a look but does not stop it is `warning: ...`; what it did is said plainly
+//! (`IPv4 rules installed (iptables-nft)`), with no prefix naming the program: the init
+//! container's log holds only its own lines.
 
 mod cidr;
 mod iptables;
@@ -244,7 +249,7 @@ pub fn run(args: InitArgs) -> ExitCode {
     match execute(&args, &mut stdout.lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("trellis-proxy init: {error}");
+            eprintln!("error: {error}");
             ExitCode::from(error.exit_code())
         }
     }
@@ -254,10 +259,7 @@ pub fn run(args: InitArgs) -> ExitCode {
 pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
     let interception = args.interception()?;
     if args.proxy_uid == 0 {
-        eprintln!(
-            "trellis-proxy init: warning: --proxy-uid 0 exempts everything running as root \
-             from the mesh"
-        );
+        eprintln!("warning: --proxy-uid 0 exempts everything running as root from the mesh");
     }
 
     let (backend, v4_state) = match choose_backend(args.backend) {
@@ -286,7 +288,8 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
             families.push((Tables::new(backend, Family::V6), String::new()));
         }
         Err(error) if args.ipv6 == Ipv6::On => return Err(InitError::Ipv6Unavailable(error)),
-        Err(error) => eprintln!("trellis-proxy init: IPv6 rules skipped: {error}"),
+        // The pod's IPv6 connections then pass the sidecar by.
+        Err(error) => eprintln!("warning: IPv6 rules skipped: {error}"),
     }
 
     let mut applied: Vec<(Tables, NatTable)> = Vec::new();
@@ -302,10 +305,7 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
             if args.dry_run {
                 writeln!(out, "# {}: nothing of ours to remove", tables.family)?;
             } else {
-                eprintln!(
-                    "trellis-proxy init: {}: nothing of ours to remove",
-                    tables.family
-                );
+                eprintln!("{}: nothing of ours to remove", tables.family);
             }
             continue;
         };
@@ -321,11 +321,7 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
         if let Err(failed) = tables.restore(&input) {
             return Err(revert(applied, failed));
         }
-        eprintln!(
-            "trellis-proxy init: {} rules {verb} ({})",
-            tables.family,
-            tables.backend.name()
-        );
+        eprintln!("{} rules {verb} ({})", tables.family, tables.backend.name());
         applied.push((tables, current));
     }
     Ok(())

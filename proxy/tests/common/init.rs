@@ -260,7 +260,7 @@ pub fn child_process_entry() {
             let code = match trellis_proxy::init::execute(&cli.args, &mut std::io::stdout()) {
                 Ok(()) => 0,
                 Err(error) => {
-                    eprintln!("trellis-proxy init: {error}");
+                    eprintln!("error: {error}");
                     i32::from(error.exit_code())
                 }
             };
