@@ -260,6 +260,22 @@ mod tests {
         Instant::now() - Duration::from_secs(1)
     }
 
+    /// How long a policy kind's watch has been failing is said in words,
+    /// to the whole second, as every duration in a message is.
+    #[test]
+    fn a_failing_watch_is_said_in_words() {
+        let watches = WatchHealth::new(GRACE);
+        let failed_at = Instant::now() - Duration::from_secs(185);
+        watches.failed(Kind::AuthorizationPolicy, failed_at);
+        assert_eq!(
+            watches.unready().as_deref(),
+            Some(
+                "the AuthorizationPolicy watch has been failing for 3 minutes 5 seconds: the \
+                 policies served may be stale"
+            )
+        );
+    }
+
     fn healthy_peer() -> Option<PeersHealth> {
         Some(PeersHealth::Healthy("cp-b at 10.0.0.2:8443".into()))
     }

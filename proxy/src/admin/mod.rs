@@ -37,6 +37,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
+use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
@@ -185,7 +186,14 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => match (state.drain.draining(), not_ready(state, SystemTime::now())) {
             (Some(draining), _) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {}\n", draining_reason(&draining, &state.config)),
+                format!(
+                    "not ready: {}\n",
+                    draining_reason(
+                        &draining,
+                        state.config.drain_idle,
+                        state.config.drain_timeout
+                    )
+                ),
             ),
             (None, None) => text(StatusCode::OK, "ready\n"),
             (None, Some(reason)) => text(
@@ -238,17 +246,18 @@ async fn app_health(
     }
 }
 
-/// What `/ready` says of a drain under way: since when, and what it waits
-/// for before the process exits.
-fn draining_reason(draining: &drain::Draining, config: &Config) -> String {
+/// What `/ready` says of a drain under way: since when (and how long ago,
+/// in whole seconds, in words), and what it waits for before the process
+/// exits (`--drain-idle`, `--drain-timeout`).
+fn draining_reason(draining: &drain::Draining, idle: Duration, timeout: Duration) -> String {
     format!(
-        "draining since {} ({} s ago): inbound refuses new connections; the sidecar exits \
+        "draining since {} ({} ago): inbound refuses new connections; the sidecar exits \
          once no connection has been open for {} ({} open now), or {} after the drain started",
         humantime::format_rfc3339_seconds(draining.since),
-        draining.elapsed.as_secs(),
-        trellis_core::duration::words(config.drain_idle),
+        Words(Duration::from_secs(draining.elapsed.as_secs())),
+        Words(idle),
         draining.open,
-        trellis_core::duration::words(config.drain_timeout),
+        Words(timeout),
     )
 }
 
@@ -472,6 +481,28 @@ mod tests {
     use super::*;
     use trellis_core::SpiffeId;
     use trellis_proto::discovery::v1 as pb;
+
+    /// How long ago the drain started is said in words, as its limits
+    /// are, to the whole second.
+    #[test]
+    fn a_drain_is_said_in_words() {
+        let since = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let draining = drain::Draining {
+            since,
+            elapsed: Duration::from_millis(185_400),
+            open: 2,
+        };
+        assert_eq!(
+            draining_reason(
+                &draining,
+                Duration::from_secs(1),
+                Duration::from_secs(3_600)
+            ),
+            "draining since 2023-11-14T22:13:20Z (3 minutes 5 seconds ago): inbound refuses \
+             new connections; the sidecar exits once no connection has been open for 1 second \
+             (2 open now), or 1 hour after the drain started"
+        );
+    }
 
     #[test]
     fn config_lists_services_by_name_up_to_a_bound() {

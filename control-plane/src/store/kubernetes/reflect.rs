@@ -44,6 +44,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, watch};
+use trellis_core::duration::Words;
 
 use super::cache::{Cache, Entry, Kind, Reflected, numeric};
 use super::objects::object_key;
@@ -183,9 +184,9 @@ impl WatchHealth {
             .filter_map(|(kind, failing)| {
                 let failing = failing.filter(|d| *d > self.unready_after)?;
                 Some(format!(
-                    "the {} watch has been failing for {} s",
+                    "the {} watch has been failing for {}",
                     kind.as_str(),
-                    failing.as_secs()
+                    Words(Duration::from_secs(failing.as_secs()))
                 ))
             })
             .collect();
