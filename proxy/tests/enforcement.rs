@@ -185,10 +185,13 @@ async fn deny_beats_allow() {
     .await;
 }
 
+/// An AUDIT rule lets the connection through and warns it would deny it,
+/// naming the peer, the port and the AUDIT policy and rule, and nothing
+/// more: it reports only allowed connections, so it carries no verdict.
 #[tokio::test]
 async fn audit_passes_and_logs_would_deny() {
-    let (logs, _guard) = Logs::capture(false);
-    let (cp, _app, s) = protected_echo(&[]).await;
+    let (logs, _guard) = Logs::capture(true);
+    let (cp, app, s) = protected_echo(&[]).await;
     let policies = vec![
         policy("web-in", "ALLOW", "/ns/a/sa/web"),
         policy("audit-web", "AUDIT", "/ns/a/sa/web"),
@@ -196,14 +199,22 @@ async fn audit_passes_and_logs_would_deny() {
     acked(&cp, snapshot(1, "deny", policies)).await;
 
     assert!(gets_through(&cp, &s, &web()).await);
-    logs.wait_for(&[
-        "WARN",
-        "would deny",
-        &format!("peer={}", web()),
-        "policy=b/audit-web",
-        "rule=0",
-    ])
-    .await;
+    let line = logs.wait_for(&["would deny"]).await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert_eq!(
+        v["fields"],
+        serde_json::json!({
+            "message": "inbound connection: would deny (AUDIT, not enforced)",
+            "peer": web().as_str(),
+            "port": app.addr.port(),
+            "app": app.addr.to_string(),
+            "decision": "audit",
+            "policy": "b/audit-web",
+            "rule": 0,
+        }),
+        "{line}"
+    );
     assert!(s.has_sample(&decisions("audit", "b/audit-web"), 1));
     assert!(s.has_sample(&decisions("allow", "b/web-in"), 1));
 }

@@ -922,8 +922,10 @@ async fn copy_to_app(
 
 /// Logs one decision on a new connection: allowed or denied, naming the
 /// deciding policy and rule (no `rule` for the mesh default), then one
-/// "would deny" warning per AUDIT policy that matched (only ever on an
-/// allowed decision: a denied one names none). Text values are
+/// "would deny" warning per AUDIT policy that matched, naming it and its
+/// rule: only ever on an allowed decision (a denied one names none), so
+/// it carries no verdict, as the request's "would deny" does not; the
+/// line before it names what allowed the connection. Text values are
 /// recorded with `Display`, so the text format shows `policy=ns/name`
 /// unquoted and JSON gets plain strings.
 fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_policies: bool) {
@@ -948,7 +950,6 @@ fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_poli
             decision = %"audit",
             policy = %audit.policy,
             rule = audit.rule,
-            verdict = %decision.verdict.as_str(),
             "inbound connection: would deny (AUDIT, not enforced)"
         );
     }
