@@ -184,19 +184,30 @@ pub fn why_unreachable(e: &(dyn std::error::Error + 'static), trusted: &str) -> 
                      address (its --listen), not its admin or webhook port"
                         .into(),
                 ),
-                // A server of the mesh, from the same CA, that is not the
-                // control plane: a sidecar's inbound port.
-                rustls::Error::InvalidCertificate(Cert::Other(other))
-                    if matches!(
-                        other.0.downcast_ref::<crate::tls::SvidError>(),
-                        Some(crate::tls::SvidError::UnexpectedId { .. })
-                    ) =>
-                {
-                    Some(
-                        "it is not the control plane: give --control-plane the control plane's \
-                         gRPC address (its --listen), not a sidecar's"
-                            .into(),
-                    )
+                rustls::Error::InvalidCertificate(Cert::Other(other)) => {
+                    match other.0.downcast_ref::<crate::tls::SvidError>() {
+                        // The control plane of another trust domain under the
+                        // same CA: the address is right, the identity is not.
+                        Some(crate::tls::SvidError::UnexpectedId { found, expected })
+                            if found.trust_domain_str() != expected.trust_domain_str()
+                                && found.path() == expected.path() =>
+                        {
+                            Some(format!(
+                                "it is the control plane of trust domain {:?}, not of {:?}: \
+                                 the identity given is in another trust domain than the mesh's",
+                                found.trust_domain_str(),
+                                expected.trust_domain_str()
+                            ))
+                        }
+                        // A server of the mesh, from the same CA, that is not
+                        // the control plane: a sidecar's inbound port.
+                        Some(crate::tls::SvidError::UnexpectedId { .. }) => Some(
+                            "it is not the control plane: give --control-plane the control \
+                             plane's gRPC address (its --listen), not a sidecar's"
+                                .into(),
+                        ),
+                        _ => None,
+                    }
                 }
                 // The webhook port speaks TLS, but HTTP/1.1 only.
                 rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) => {
@@ -332,6 +343,42 @@ mod tests {
 
         let e = Layer("transport error", Some(Box::new(Layer("timed out", None))));
         assert_eq!(why_unreachable(&e, "-"), "transport error: timed out");
+    }
+
+    /// A sidecar whose `--identity` names another trust domain than the
+    /// mesh's reaches the right control plane, which presents the control
+    /// plane's ID of its own domain: said as the trust domain given, not as
+    /// a wrong address; a sidecar's ID at that address still is.
+    #[test]
+    fn a_control_plane_of_another_trust_domain_is_named_so() {
+        let unexpected = |found: &str, expected: &str| {
+            let svid = crate::tls::SvidError::UnexpectedId {
+                found: crate::spiffe::SpiffeId::parse(found).unwrap(),
+                expected: crate::spiffe::SpiffeId::parse(expected).unwrap(),
+            };
+            let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(std::sync::Arc::new(svid)),
+            ));
+            Layer("transport error", Some(Box::new(io::Error::other(tls))))
+        };
+        let e = unexpected(
+            "spiffe://cluster.local/trellis/control-plane",
+            "spiffe://wrong.td/trellis/control-plane",
+        );
+        let said = why_unreachable(&e, "-");
+        assert!(
+            said.starts_with(
+                "it is the control plane of trust domain \"cluster.local\", not of \"wrong.td\": \
+                 the identity given is in another trust domain than the mesh's ("
+            ),
+            "{said}"
+        );
+        let e = unexpected(
+            "spiffe://cluster.local/ns/demo/sa/web",
+            "spiffe://cluster.local/trellis/control-plane",
+        );
+        let said = why_unreachable(&e, "-");
+        assert!(said.starts_with("it is not the control plane: "), "{said}");
     }
 
     #[test]
