@@ -137,9 +137,11 @@ pub struct Metrics {
 pub const CONNECT_FAILURES: [&str; 5] = ["refused", "unreachable", "timeout", "reset", "other"];
 
 /// The `reason` label values of `trellis_tls_resumptions_abandoned_total`:
-/// why a resumed session's peer certificate is no longer trusted, named as
-/// in `trellis_handshake_failures_total` (any other reason is `other`).
-pub const RESUMPTIONS_ABANDONED: [&str; 5] = [
+/// `not_resumed` (the peer no longer accepted the ticket), or why a resumed
+/// session's peer certificate is no longer trusted, named as in
+/// `trellis_handshake_failures_total` (any other reason is `other`).
+pub const RESUMPTIONS_ABANDONED: [&str; 6] = [
+    "not_resumed",
     "expired_certificate",
     "revoked",
     "expired_root",
@@ -313,10 +315,12 @@ impl Metrics {
         let resumptions_abandoned = per_reason(
             &mut registry,
             "trellis_tls_resumptions_abandoned",
-            "Outbound sessions resumed from a ticket and dropped unused because the peer \
-             certificate they brought back is no longer trusted, by why (expired_certificate, \
-             revoked, expired_root, unknown_issuer, other): the peer is dialled again with a \
-             full handshake, counted in trellis_handshake_failures_total only if it fails",
+            "Outbound attempts to resume a session from a ticket given up before anything of \
+             the app's was sent, because the peer no longer accepted the ticket (not_resumed) \
+             or the peer certificate the session brought back is no longer trusted \
+             (expired_certificate, revoked, expired_root, unknown_issuer, other): the peer is \
+             dialled again with a full handshake, counted in trellis_handshake_failures_total \
+             only if it fails",
             RESUMPTIONS_ABANDONED,
         );
         let admin_refused = per_reason(
@@ -477,12 +481,12 @@ impl Metrics {
         self.service_retries[reason_index(&CONNECT_FAILURES, reason)].inc();
     }
 
-    /// Counts an outbound resumed session dropped because the peer
-    /// certificate it brought back is no longer trusted, `reason` being one
-    /// of [`RESUMPTIONS_ABANDONED`] (any other counts as `other`). Not a
-    /// handshake failure: the dial goes on with a full handshake, which
-    /// counts as one if it fails. No lock: every series was resolved up
-    /// front.
+    /// Counts an outbound attempt to resume a session given up because the
+    /// peer refused its ticket or the peer certificate it brought back is
+    /// no longer trusted, `reason` being one of [`RESUMPTIONS_ABANDONED`]
+    /// (any other counts as `other`). Not a handshake failure: the dial
+    /// goes on with a full handshake, which counts as one if it fails. No
+    /// lock: every series was resolved up front.
     pub fn resumption_abandoned(&self, reason: &'static str) {
         self.resumptions_abandoned[reason_index(&RESUMPTIONS_ABANDONED, reason)].inc();
     }
@@ -611,6 +615,7 @@ mod tests {
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
             "trellis_tls_resumptions_abandoned_total{reason=\"revoked\"} 0",
+            "trellis_tls_resumptions_abandoned_total{reason=\"not_resumed\"} 0",
             "trellis_admin_connections_refused_total{reason=\"per_client\"} 0",
             "trellis_admin_connections_refused_total{reason=\"total\"} 0",
             "trellis_h2_connections_refused_total{reason=\"per_peer\"} 0",

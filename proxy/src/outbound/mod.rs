@@ -289,9 +289,13 @@ where
     ))
     .await
     {
+        // The peer no longer accepts the ticket (it restarted, or took a
+        // new trust bundle): an abandoned resumption, not a handshake
+        // failure, as below; the dial counts one only if the full
+        // handshake fails.
         Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
-            shared.metrics.handshake_failure(OUTBOUND, "not_resumed");
+            shared.metrics.resumption_abandoned("not_resumed");
             peer.tickets.forget(name);
             full().await
         }
