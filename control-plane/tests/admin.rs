@@ -779,6 +779,101 @@ fn refused_values_are_said_with_control_characters_escaped() {
     );
 }
 
+/// What the control plane sends back, names, SPIFFE IDs, reasons, its
+/// refusals, is printed with its control characters escaped, by every
+/// command that prints it: none can drive the terminal. The store holds a
+/// workload, a revocation and a policy named with an ANSI escape (written
+/// before the control plane starts, as an older version or a restored
+/// database could hold them); `-o json` stays JSON, the text as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_control_plane_sends_is_printed_escaped() {
+    use trellis_control_plane::store::embedded::{DB_FILE, EmbeddedStore};
+    use trellis_control_plane::store::{IssuedCertRecord, Revocation, Store, WorkloadRecord};
+    use trellis_proto::policy::v1::{Action, Policy, Rule, Selector};
+
+    const RED: &str = "spiffe://cluster.local/ns/default/sa/red\x1b[31m";
+    const RED_SHOWN: &str = "spiffe://cluster.local/ns/default/sa/red\\u{1b}[31m";
+    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    {
+        let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
+        let now = trellis_control_plane::unix_now();
+        let issued = IssuedCertRecord {
+            serial_hex: "0a".into(),
+            spiffe_id: RED.into(),
+            not_after_unix: now + 3600,
+            issued_at_unix: now,
+        };
+        let workload = WorkloadRecord::new(RED, ["10.0.0.9:15006".to_string()], now + 3600, now);
+        store
+            .queue_issuance(None, &issued, &workload, &std::sync::Arc::default())
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .revoke(&Revocation {
+                spiffe_id: RED.into(),
+                revoked_at_unix: now,
+                reason: "clears\x1b[2J the screen".into(),
+            })
+            .unwrap();
+        let policy = Policy {
+            name: "p\x1b[31m".into(),
+            namespace: "default".into(),
+            selector: Some(Selector {
+                spiffe_ids: vec!["spiffe://cluster.local/ns/default/*".into()],
+            }),
+            action: Action::Deny.into(),
+            rules: vec![Rule::default()],
+            ..Policy::default()
+        };
+        store.apply_documents(&[policy], &[], false).unwrap();
+    }
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start_in(tmp, &[]))
+        .await
+        .unwrap();
+
+    let printed = |args: &[&str]| {
+        let out = cp.ctl(args);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+            "{args:?}: {stdout:?} {stderr:?}"
+        );
+        format!("{stdout}{stderr}")
+    };
+    for (args, shows) in [
+        (&["workloads"][..], RED_SHOWN),
+        (&["certs"], RED_SHOWN),
+        (&["identity", "revocations"], "clears\\u{1b}[2J the screen"),
+        (&["policy", "list"], "default/p\\u{1b}[31m"),
+        (
+            &[
+                "policy", "explain", "--from", API, "--to", WEB, "--port", "80",
+            ],
+            "default/p\\u{1b}[31m",
+        ),
+        (
+            &["policy", "get", "default/q\x1b[31m"],
+            "policy default/q\\u{1b}[31m not found",
+        ),
+    ] {
+        let text = printed(args);
+        assert!(text.contains(shows), "{args:?}: {text}");
+    }
+
+    // JSON stays JSON, with the text as it is.
+    let out = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["policies"][0]["policy"], "default/p\x1b[31m");
+    let out = cp.ctl(&["workloads", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["spiffe_id"], RED);
+}
+
 /// A mesh whose ListWorkloads answer passes gRPC's usual 4 MiB (12,000
 /// workloads of 16 addresses each, about 5 MB): `trellisctl workloads`
 /// still lists every one. The workloads are written into the embedded store

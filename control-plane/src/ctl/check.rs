@@ -65,8 +65,14 @@ pub struct Finding {
     pub text: String,
 }
 
+/// A finding whose text is escaped ([`super::escape_controls`]): it holds
+/// what the control plane and the sidecars sent (SPIFFE IDs, policy names,
+/// reasons, warnings), which must not drive the terminal.
 fn finding(level: Level, text: String) -> Finding {
-    Finding { level, text }
+    Finding {
+        level,
+        text: super::escape_controls(&text),
+    }
 }
 
 /// What to check against.
@@ -281,7 +287,7 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
             format!(
                 "certificate renewal not known for {}: {}",
                 sidecars(count),
-                why.escape_debug()
+                why
             ),
         ));
     }
@@ -336,8 +342,7 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                 Level::Fail,
                 format!(
                     "{} refused its newest snapshot and enforces an older one: {}",
-                    w.spiffe_id,
-                    w.last_nack.escape_debug()
+                    w.spiffe_id, w.last_nack
                 ),
             )),
             _ => out.push(finding(
@@ -348,14 +353,12 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
                 ),
             )),
         }
-        // The sidecar's text: escaped, so it cannot drive the terminal.
         for warning in &w.ack_warnings {
             out.push(finding(
                 Level::Warn,
                 format!(
                     "{} enforces its snapshot otherwise than sent: {}",
-                    w.spiffe_id,
-                    warning.escape_debug()
+                    w.spiffe_id, warning
                 ),
             ));
         }
@@ -383,12 +386,11 @@ fn sidecars(answer: &ListWorkloadsResponse, now: i64, out: &mut Vec<Finding>) {
 fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
     let several_replicas = answer.replicas.len() > 1;
     for pods in &answer.uninjected_pods {
-        let namespace = pods.namespace.escape_debug();
-        let name = pods.owner_name.escape_debug();
+        let (namespace, name) = (&pods.namespace, &pods.owner_name);
         let who = match (pods.owner_kind.as_str(), pods.admitted) {
             ("Pod", 1) => format!("pod {name}"),
             ("Pod", _) => format!("pods {name}"),
-            (kind, _) => format!("the pods of {} {name}", kind.escape_debug()),
+            (kind, _) => format!("the pods of {kind} {name}"),
         };
         let (count, created) = match pods.admitted {
             1 => ("1 pod".to_owned(), "if it was created, it runs"),
@@ -407,7 +409,7 @@ fn uninjected(answer: &ListWorkloadsResponse, out: &mut Vec<Finding>) {
             )
         };
         let by = match several_replicas {
-            true => format!(", by {}", pods.replicas.join(", ").escape_debug()),
+            true => format!(", by {}", pods.replicas.join(", ")),
             false => String::new(),
         };
         out.push(finding(

@@ -226,8 +226,9 @@ pub enum CtlError {
     #[error("{0}")]
     Refused(String),
     /// The control plane refused the call: its code in words
-    /// ([`trellis_core::grpc::status_words`]), then its message.
-    #[error("{}", trellis_core::grpc::status_words(.0))]
+    /// ([`trellis_core::grpc::status_words`]), then its message, escaped
+    /// ([`escape_controls`]).
+    #[error("{}", escape_controls(&trellis_core::grpc::status_words(.0)))]
     Rpc(#[from] tonic::Status),
     /// Already formatted for the operator (policy diagnostics); printed as is.
     #[error("{0}")]
@@ -573,7 +574,11 @@ fn shown(path: &Path) -> String {
 
 /// `text` with its control characters, and those that reorder text
 /// (bidirectional overrides and isolates), escaped as Rust writes them
-/// (`\u{1b}`, `\n`); any other character as it is.
+/// (`\u{1b}`, `\n`); any other character as it is. Every text `trellisctl`
+/// prints that it did not write itself, what the user gave or what the
+/// control plane sent (names, SPIFFE IDs, messages, warnings), goes through
+/// it, so none can drive the terminal; `-o json` output is JSON as
+/// serialized.
 pub fn escape_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -584,6 +589,19 @@ pub fn escape_controls(text: &str) -> String {
             }
             c => out.push(c),
         }
+    }
+    out
+}
+
+/// Text of several lines, each through [`escape_controls`], the line
+/// breaks kept: a policy as YAML, the trace of `policy explain`.
+pub fn escape_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&escape_controls(line));
     }
     out
 }
@@ -659,7 +677,10 @@ async fn run(
                 })
                 .await?
                 .into_inner();
-            Ok(Printed::out(format!("{}\n", response.token)))
+            Ok(Printed::out(format!(
+                "{}\n",
+                escape_controls(&response.token)
+            )))
         }
         Command::Workloads { output } => {
             let mut answer = client
@@ -765,7 +786,7 @@ async fn identity(
             let mut out = format!(
                 "revoked {} at {}: its certificates issued until then no longer renew, and sidecars \
                  refuse them as peers\n",
-                revoked.spiffe_id,
+                escape_controls(&revoked.spiffe_id),
                 rfc3339(revoked.revoked_at_unix)
             );
             if response.previously_revoked_at_unix != 0 {
@@ -787,7 +808,7 @@ async fn identity(
             Ok(Printed::out(format!(
                 "removed the revocation of {} (revoked at {}): its certificates renew again, and \
                  sidecars accept them as peers\n",
-                removed.spiffe_id,
+                escape_controls(&removed.spiffe_id),
                 rfc3339(removed.revoked_at_unix)
             )))
         }
@@ -818,7 +839,7 @@ pub fn revocations_table(revocations: &[Revocation]) -> String {
             rfc3339(r.revoked_at_unix),
             match r.reason.is_empty() {
                 true => "-".into(),
-                false => r.reason.escape_debug().to_string(),
+                false => r.reason.clone(),
             },
         ]);
     }
@@ -942,7 +963,7 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
         if several {
             row.push(match w.replicas.is_empty() {
                 true => "-".into(),
-                false => w.replicas.join(",").escape_debug().to_string(),
+                false => w.replicas.join(","),
             });
         }
         if any_revoked {
@@ -951,26 +972,26 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
         rows.push(row);
     }
     let mut out = table(rows);
-    // The reason is the sidecar's text: escaped, so it cannot drive the
-    // terminal.
+    // The sidecar's reason and warnings, and the SPIFFE ID, are escaped
+    // ([`escape_controls`]), as the table's cells are.
     for w in answer
         .workloads
         .iter()
         .filter(|w| w.sync() == SnapshotSync::Refused)
     {
-        out.push_str(&format!(
-            "{} refused its newest snapshot: {}\n",
-            w.spiffe_id,
-            w.last_nack.escape_debug()
-        ));
+        out.push_str(&escape_controls(&format!(
+            "{} refused its newest snapshot: {}",
+            w.spiffe_id, w.last_nack
+        )));
+        out.push('\n');
     }
     for w in &answer.workloads {
         for warning in &w.ack_warnings {
-            out.push_str(&format!(
-                "{} enforces its snapshot with a warning: {}\n",
-                w.spiffe_id,
-                warning.escape_debug()
-            ));
+            out.push_str(&escape_controls(&format!(
+                "{} enforces its snapshot with a warning: {warning}",
+                w.spiffe_id
+            )));
+            out.push('\n');
         }
     }
     if several {
@@ -991,18 +1012,19 @@ pub fn workloads_table(answer: &ListWorkloadsResponse) -> String {
 }
 
 /// A replica as every command names it: by its name and address, or by
-/// its address alone when it gave no name (it did not answer).
+/// its address alone when it gave no name (it did not answer); escaped
+/// ([`escape_controls`]).
 pub fn replica_label(r: &ReplicaStatus) -> String {
-    match r.name.is_empty() {
+    escape_controls(&match r.name.is_empty() {
         true => format!("replica at {}", r.address),
-        false => format!("replica {} at {}", r.name.escape_debug(), r.address),
-    }
+        false => format!("replica {} at {}", r.name, r.address),
+    })
 }
 
 /// A replica that did not answer, as every command names it: why, and
 /// whether nothing listened for it (`not_listening`).
 pub fn unanswered(r: &ReplicaStatus) -> String {
-    let (label, error) = (replica_label(r), r.error.escape_debug());
+    let (label, error) = (replica_label(r), escape_controls(&r.error));
     match r.not_listening {
         true => format!("{label} is not listening ({error})"),
         false => format!("{label} did not answer ({error})"),
@@ -1062,7 +1084,7 @@ pub fn certs_table(certs: &[IssuedCertificate], replicas: usize) -> String {
             rfc3339(c.not_after_unix),
         ];
         if replicas > 1 {
-            row.push(c.replica.escape_debug().to_string());
+            row.push(c.replica.clone());
         }
         if any_revoked {
             row.push(if c.revoked { "yes" } else { "no" }.into());
@@ -1099,8 +1121,13 @@ fn pretty(value: &serde_json::Value) -> String {
     out
 }
 
-/// Rows (the first is the header) as aligned text columns.
+/// Rows (the first is the header) as aligned text columns, each cell
+/// escaped ([`escape_controls`]): cells hold what the control plane sent.
 pub fn table(rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape_controls(cell)).collect())
+        .collect();
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))

@@ -346,7 +346,7 @@ pub async fn run(
             };
             Ok(Printed::out(format!(
                 "# revision {revision}\n{}",
-                response.yaml
+                super::escape_lines(&response.yaml)
             )))
         }
         PolicyCommand::List { output } => {
@@ -375,7 +375,8 @@ pub async fn run(
                 .await?
                 .into_inner();
             let printed = Printed::out(format!(
-                "{kind} {key}: deleted\nsnapshot version {}\n",
+                "{kind} {}: deleted\nsnapshot version {}\n",
+                super::escape_controls(&key),
                 super::version_shown(response.snapshot_version, response.snapshot_version_epoch)
             ));
             let written = Written {
@@ -403,12 +404,15 @@ pub async fn run(
                 .into_inner();
             let proto = response.explanation.unwrap_or_default();
             let explanation = Explanation::from_proto(&proto).map_err(|e| {
-                CtlError::Usage(format!("the control plane sent an unreadable answer: {e}"))
+                CtlError::Usage(super::escape_controls(&format!(
+                    "the control plane sent an unreadable answer: {e}"
+                )))
             })?;
             let unanswered = &response.unanswered_replicas;
             Ok(Printed::out(match output {
                 Output::Table => format!(
-                    "{explanation}{}",
+                    "{}{}",
+                    super::escape_lines(&explanation.to_string()),
                     super::silent_replicas(unanswered, super::SILENT_OPAQUE_PORTS)
                 ),
                 Output::Json => explanation_json(&explanation, unanswered),
@@ -473,7 +477,8 @@ async fn apply(
                     let v = e.violation.unwrap_or_default();
                     if e.line == 0 {
                         // Not a place: how many errors the refusal left out.
-                        report.push_str(&format!("{}\n", v.message));
+                        report.push_str(&super::escape_controls(&v.message));
+                        report.push('\n');
                         continue;
                     }
                     let place = place(&files, &starts, e.line as usize, e.column);
@@ -483,7 +488,9 @@ async fn apply(
                         format!("{}: ", v.path)
                     };
                     let warning = if v.warning { "warning: " } else { "" };
-                    report.push_str(&format!("{place}: {warning}{path}{}\n", v.message));
+                    let line = format!("{place}: {warning}{path}{}", v.message);
+                    report.push_str(&super::escape_controls(&line));
+                    report.push('\n');
                 }
                 return Err(CtlError::Reported(format!(
                     "{report}nothing applied: the control plane refused the policies\n"
@@ -594,12 +601,15 @@ fn apply_text(response: &ApplyPolicyResponse) -> String {
         } else {
             format!("selects {}", r.selected_workloads.join(", "))
         };
-        out.push_str(&format!(
-            "{key}: {word} (revision {}); {selects}\n",
-            r.revision
-        ));
+        // The names, the workloads selected and the warnings are the
+        // control plane's text: escaped.
+        let line = format!("{key}: {word} (revision {}); {selects}", r.revision);
+        out.push_str(&super::escape_controls(&line));
+        out.push('\n');
         for w in &r.warnings {
-            out.push_str(&format!("  warning: {}\n", path_message(w)));
+            out.push_str("  warning: ");
+            out.push_str(&super::escape_controls(&path_message(w)));
+            out.push('\n');
         }
     }
     if response.dry_run {

@@ -191,7 +191,7 @@ pub fn standing(answer: &ListWorkloadsResponse, written: (u64, u64)) -> Standing
         // Which replica, when there is more than one to tell apart.
         let on = match w.replicas.is_empty() || answer.replicas.len() < 2 {
             true => String::new(),
-            false => format!(" (on {})", w.replicas.join(",").escape_debug()),
+            false => format!(" (on {})", w.replicas.join(",")),
         };
         let held = (w.synced_version, w.synced_version_epoch);
         let holds = match ordered {
@@ -204,8 +204,7 @@ pub fn standing(answer: &ListWorkloadsResponse, written: (u64, u64)) -> Standing
         } else if w.sync() == SnapshotSync::Refused {
             standing.missing.push(format!(
                 "{}{on} refused its newest snapshot: {}",
-                w.spiffe_id,
-                w.last_nack.escape_debug()
+                w.spiffe_id, w.last_nack
             ));
             standing.refused.push(w.spiffe_id.clone());
         } else if other_epoch {
@@ -221,6 +220,15 @@ pub fn standing(answer: &ListWorkloadsResponse, written: (u64, u64)) -> Standing
                 .missing
                 .push(format!("{}{on} does not hold it yet", w.spiffe_id));
         }
+    }
+    // The lines hold what the replicas and sidecars sent (SPIFFE IDs,
+    // reasons): escaped, so none can drive the terminal.
+    for line in standing
+        .missing
+        .iter_mut()
+        .chain(&mut standing.not_listening)
+    {
+        *line = super::escape_controls(line);
     }
     standing
 }
