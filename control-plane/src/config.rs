@@ -507,7 +507,8 @@ pub fn with_program_name(name: &str, mut args: Vec<OsString>) -> Vec<OsString> {
 /// Help or version asked for is printed (exit 0); anything else, a group
 /// of subcommands called without one (`trellisctl policy`) included, is a
 /// usage error whose text (there, the group's help) goes to stderr, so a
-/// script that left the subcommand out does not pass for having run one.
+/// script that left the subcommand out does not pass for having run one;
+/// what the user gave is shown escaped there ([`escape_given`]).
 pub fn classify_clap_error(e: clap::Error) -> Parsed {
     use clap::error::ErrorKind;
     match e.kind() {
@@ -515,8 +516,47 @@ pub fn classify_clap_error(e: clap::Error) -> Parsed {
             let _ = e.print();
             Parsed::Printed
         }
-        _ => Parsed::Invalid(e.render().to_string()),
+        _ => Parsed::Invalid(escape_given(e).render().to_string()),
     }
+}
+
+/// `e` with what the user gave that it quotes (a refused value, an unknown
+/// argument or subcommand) shown with its control characters escaped
+/// ([`crate::ctl::escape_controls`]): clap prints them as given, and a value may come
+/// from a script or a copied manifest. Nothing else of clap's text changes.
+/// Both binaries' errors go through it ([`classify_clap_error`]).
+fn escape_given(mut e: clap::Error) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue};
+    let mut given = Vec::new();
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+    ] {
+        if let Some(ContextValue::String(raw)) = e.get(kind) {
+            let escaped = crate::ctl::escape_controls(raw);
+            if escaped != *raw {
+                given.push((raw.clone(), escaped.clone()));
+                e.insert(kind, ContextValue::String(escaped));
+            }
+        }
+    }
+    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
+    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
+        let tips = tips
+            .iter()
+            .map(|tip| {
+                let mut text = tip.ansi().to_string();
+                for (raw, escaped) in &given {
+                    text = text.replace(raw.as_str(), escaped);
+                }
+                StyledStr::from(text)
+            })
+            .collect();
+        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    e
 }
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {

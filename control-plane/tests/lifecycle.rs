@@ -683,3 +683,51 @@ async fn a_burst_of_log_lines_is_written_whole_before_exit() {
         );
     }
 }
+
+/// A refused flag value is said back with its control characters escaped,
+/// as trellisctl says it: clap would print a carriage return or a line
+/// feed as given, and take an escape sequence's ESC out but leave the
+/// rest. The rest of clap's text stays as it is.
+#[test]
+fn refused_flag_values_are_said_with_control_characters_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    for (args, says) in [
+        (
+            &["--cert-ttl", "\x1b[31mx"][..],
+            "error: invalid value '\\u{1b}[31mx' for '--cert-ttl <CERT_TTL>': \"\\u{1b}[31mx\" \
+             is not a duration (such as 30s, 10m, 24h)\n",
+        ),
+        (
+            &["--log-format", "json\rtext"],
+            "error: invalid value 'json\\rtext' for '--log-format <LOG_FORMAT>'\n",
+        ),
+        (
+            &["--default-policy", "deny\n\u{202e}allow"],
+            "error: invalid value 'deny\\n\\u{202e}allow' for '--default-policy ",
+        ),
+        (
+            &["--no-such-flag\x07"],
+            "error: unexpected argument '--no-such-flag\\u{7}' found\n",
+        ),
+    ] {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr:?}");
+        assert!(stderr.starts_with(says), "{args:?}: {stderr:?}");
+        assert!(
+            !stderr.contains(['\x1b', '\r', '\x07', '\u{202e}']),
+            "{args:?}: {stderr:?}"
+        );
+        assert!(
+            stderr.ends_with("For more information, try '--help'.\n"),
+            "{args:?}: {stderr:?}"
+        );
+        assert!(!state.exists(), "{args:?} must not create the state dir");
+    }
+}
