@@ -627,6 +627,10 @@ where
         let idle = caller.buf.is_empty();
         let may_drain = idle && !drain.done;
         let read = tokio::select! {
+            // The read first: bytes of a request already received are
+            // served, even when the drain has begun; only a connection
+            // with none is idle, and closed.
+            biased;
             read = tokio::time::timeout_at(deadline, caller.io.read_buf(&mut caller.buf)) => read,
             () = drain.wait(), if may_drain => return Ok(None),
         };
@@ -1018,7 +1022,6 @@ where
 
     let target = conn.target;
     bufs.keep_fields(request);
-    let close = close || drain.started();
     let (mut app, parsed) = loop {
         let (mut app, reused) = match conn.http.h1.unpark(target) {
             Some(app) => (app, true),
@@ -1059,6 +1062,7 @@ where
             Some(&mut *caller),
             head_request,
             close || unread != 0,
+            &mut *drain,
             &mut bufs.rewritten,
         );
         match reading.await {
@@ -1276,6 +1280,7 @@ where
                 None::<&mut Caller<S>>,
                 head_request,
                 close,
+                &mut *drain,
                 &mut bufs.rewritten,
             )
             .await?;
@@ -1352,7 +1357,7 @@ struct Streaming {
     /// Body bytes still to come.
     rest: u64,
     head_request: bool,
-    /// The caller asked for the connection to close, or the sidecar drains.
+    /// The caller asked for the connection to close.
     close: bool,
 }
 
@@ -1406,22 +1411,28 @@ fn never_read(reading: &Reading, app: &TcpStream) -> bool {
 
 /// Reads the answer head into `answer`, skipping 1xx answers. While it
 /// waits, reads what the caller sends ahead (up to [`PIPELINED`] bytes),
-/// so a caller that goes away ends the request at once.
-async fn read_answer<R, S>(
+/// so a caller that goes away ends the request at once. The head says
+/// `connection: close` if `close`, or if the sidecar drains by the time
+/// it is whole: a drain that begins while the app answers still ends the
+/// connection after this answer, not at the caller's next request.
+async fn read_answer<R, S, D>(
     app: &mut R,
     answer: &mut BytesMut,
     mut caller: Option<&mut Caller<S>>,
     head_request: bool,
     close: bool,
+    drain: &mut Drain<'_, D>,
     rewritten: &mut Vec<u8>,
 ) -> Result<Parsed, Reading>
 where
     R: AsyncRead + Unpin,
     S: AsyncRead + Unpin,
+    D: Future<Output = ()>,
 {
     loop {
         if !answer.is_empty() {
-            match parse_answer(answer, head_request, close, rewritten)? {
+            let closes = || close || drain.started();
+            match parse_answer(answer, head_request, closes, rewritten)? {
                 Some(parsed) => return Ok(parsed),
                 None if answer.len() >= MAX_ANSWER_HEAD => {
                     return Err(Reading::Invalid("answer head too large"));
@@ -1467,11 +1478,12 @@ where
 /// for the caller to `rewritten` and takes it off `answer`. A 1xx answer
 /// (but 101, which no request of the forwarder asked for) is dropped and
 /// the next one awaited. The answer to a HEAD request has no body,
-/// whatever its head says.
+/// whatever its head says. `close` says, once the head is whole, whether
+/// the caller's connection closes after it.
 fn parse_answer(
     answer: &mut BytesMut,
     head_request: bool,
-    close: bool,
+    close: impl FnOnce() -> bool,
     rewritten: &mut Vec<u8>,
 ) -> Result<Option<Parsed>, Reading> {
     loop {
@@ -1526,7 +1538,7 @@ fn parse_answer(
             (None, Some(length)) => Framing::Length(length),
             (None, None) => Framing::UntilClose,
         };
-        let close = close || matches!(framing, Framing::UntilClose);
+        let close = matches!(framing, Framing::UntilClose) || close();
         answer_head(rewritten, code, parsed.reason, parsed.headers, close);
         answer.advance(len);
         return Ok(Some(Parsed {
@@ -2567,6 +2579,24 @@ mod tests {
     /// rest of the connection.
     #[tokio::test]
     async fn a_request_the_forwarder_does_not_take_and_the_rest_of_its_connection_go_to_hyper() {
+        let app = hyper_app().await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET /first HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("GET /first "), "{read}");
+        let read = exchange(
+            &mut caller,
+            "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+             GET /after HTTP/1.1\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.contains("POST /chunked abc"), "{read}");
+        assert!(read.ends_with("GET /after "), "{read}");
+    }
+
+    /// An app served by hyper's server that answers each request with its
+    /// method, target and body: `POST /x body`.
+    async fn hyper_app() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -2583,18 +2613,7 @@ mod tests {
                 );
             }
         });
-        let mut caller = caller_of(app).await;
-        let read = exchange(&mut caller, "GET /first HTTP/1.1\r\n\r\n", 1).await;
-        assert!(read.ends_with("GET /first "), "{read}");
-        let read = exchange(
-            &mut caller,
-            "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
-             GET /after HTTP/1.1\r\n\r\n",
-            2,
-        )
-        .await;
-        assert!(read.contains("POST /chunked abc"), "{read}");
-        assert!(read.ends_with("GET /after "), "{read}");
+        app
     }
 
     /// Servers that map `-` and `_` in field names to one character (CGI
@@ -3059,5 +3078,187 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// When the sidecar serving a caller's connection begins to drain.
+    #[derive(Clone, Copy)]
+    enum DrainAt {
+        /// When the test starts it.
+        Told,
+        /// As the sidecar reads the caller's first bytes.
+        FirstRead,
+        /// Before the connection is served, once the caller's first bytes
+        /// are in its socket.
+        BeforeServing,
+    }
+
+    /// The sidecar's end of a caller's connection; starts the drain, if
+    /// given one, as the caller's first bytes are read.
+    struct DrainsOnRead {
+        tcp: TcpStream,
+        shutdown: Option<Arc<crate::drain::Shutdown>>,
+    }
+
+    impl AsyncRead for DrainsOnRead {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+            if buf.filled().len() > before
+                && let Some(shutdown) = this.shutdown.take()
+            {
+                shutdown.start();
+            }
+            read
+        }
+    }
+
+    impl AsyncWrite for DrainsOnRead {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        }
+    }
+
+    /// A caller's connection to a sidecar's inbound HTTP serving in front
+    /// of `app`, like [`caller_of`], told of a drain of its own (the
+    /// sidecar's: a tracker's) that begins `at`; the drain's handle.
+    async fn draining_caller_of(
+        app: SocketAddr,
+        at: DrainAt,
+    ) -> (TcpStream, Arc<crate::drain::Shutdown>) {
+        let metrics = Arc::new(Metrics::new());
+        let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let http = Arc::new(Http::with_access_log(metrics, false));
+        let conn = Connection::new(http, id("/ns/a/sa/web"), app, policies);
+        let (shutdown, drain) = crate::drain::channel();
+        let (shutdown, tracker) = (Arc::new(shutdown), drain.tracker());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let starts = shutdown.clone();
+        tokio::spawn(async move {
+            let _keep = keep;
+            let (tcp, _) = listener.accept().await.unwrap();
+            let on_read = match at {
+                DrainAt::FirstRead => Some(starts),
+                DrainAt::Told => None,
+                DrainAt::BeforeServing => {
+                    tcp.readable().await.unwrap();
+                    starts.start();
+                    None
+                }
+            };
+            let io = DrainsOnRead {
+                tcp,
+                shutdown: on_read,
+            };
+            let _ = crate::http::serve(conn, Protocol::Http1, io, tracker.draining()).await;
+        });
+        (TcpStream::connect(addr).await.unwrap(), shutdown)
+    }
+
+    /// Everything the sidecar writes until it closes the connection, which
+    /// it must within 10 s; as text.
+    async fn until_closed(caller: &mut TcpStream) -> String {
+        let mut read = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut read))
+            .await
+            .expect("the connection was not closed within 10 s")
+            .unwrap();
+        String::from_utf8(read).unwrap()
+    }
+
+    /// A drain that begins while the app is answering ends the connection
+    /// after that answer, and the answer says so (`connection: close`): a
+    /// caller keeping its connection does not send its next request into
+    /// a connection about to close. The app holds its answer until the
+    /// drain has begun.
+    #[tokio::test]
+    async fn a_drain_while_the_app_answers_closes_after_the_answer_which_says_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let (arrived, has_arrived) = tokio::sync::oneshot::channel();
+        let (answer, may_answer) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            read_head(&mut tcp).await;
+            arrived.send(()).unwrap();
+            may_answer.await.unwrap();
+            tcp.write_all(&ok("done", "")).await.unwrap();
+            // Keeps the connection: the sidecar could reuse it.
+            std::future::pending::<()>().await;
+        });
+        let (mut caller, shutdown) = draining_caller_of(app, DrainAt::Told).await;
+        caller
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: api\r\n\r\n")
+            .await
+            .unwrap();
+        has_arrived.await.unwrap();
+        shutdown.start();
+        answer.send(()).unwrap();
+        let read = until_closed(&mut caller).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
+        assert!(read.ends_with("\r\n\r\ndone"), "{read}");
+    }
+
+    /// A request the forwarder hands to hyper (a chunked body here) just
+    /// as the drain begins is served, not closed unanswered as hyper's
+    /// idle connection: the drain begins as the sidecar reads the request,
+    /// so it has begun when hyper gets it. Each connection is a new draw of
+    /// which future is polled first; with the request first, every one
+    /// is answered, with `connection: close`, and then closed.
+    #[tokio::test]
+    async fn a_request_handed_to_hyper_as_the_drain_begins_is_answered() {
+        let app = hyper_app().await;
+        for _ in 0..20 {
+            let (mut caller, _shutdown) = draining_caller_of(app, DrainAt::FirstRead).await;
+            caller
+                .write_all(
+                    b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      5\r\nhello\r\n0\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            let read = until_closed(&mut caller).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read:?}");
+            assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
+            assert!(read.ends_with("POST /upload hello"), "{read}");
+        }
+    }
+
+    /// A request already in the socket of a connection that has not been
+    /// served yet when the drain begins is answered (`connection: close`)
+    /// before the connection closes: only a connection with no request
+    /// in it is idle. As above, each connection is a new draw of which is
+    /// polled first.
+    #[tokio::test]
+    async fn a_request_received_before_the_drain_is_answered() {
+        let (app, seen) = bare_app(|_| ok("here", ""), |_| false).await;
+        for _ in 0..20 {
+            let (mut caller, _shutdown) = draining_caller_of(app, DrainAt::BeforeServing).await;
+            caller
+                .write_all(b"GET /early HTTP/1.1\r\nHost: api\r\n\r\n")
+                .await
+                .unwrap();
+            let read = until_closed(&mut caller).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read:?}");
+            assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
+            assert!(read.ends_with("\r\n\r\nhere"), "{read}");
+        }
+        assert_eq!(seen.requests.lock().unwrap().len(), 20);
     }
 }

@@ -422,6 +422,12 @@ where
 {
     let mut served = std::pin::pin!(served);
     tokio::select! {
+        // `served` first: what is already received, or handed over by the
+        // forwarder, is read before a drain that has begun asks hyper to
+        // finish, so a request in it is served (its answer says
+        // `connection: close`), not taken for an idle connection's silence
+        // and closed unanswered.
+        biased;
         result = served.as_mut() => return result,
         () = draining.as_mut() => shut(served.as_mut()),
     }
