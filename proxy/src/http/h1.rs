@@ -78,7 +78,9 @@
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
 //! waiting for it (hyper's header read timeout, which also ends idle
 //! keep-alive connections), and is read up to [`MAX_REQUEST_HEAD`] bytes,
-//! parsed again past 16 KiB only when a line of it has ended; the buffers
+//! parsed again past 16 KiB only when a line of it has ended, after at
+//! most [`MAX_EMPTY_LINES`] bytes of empty lines, dropped as they come
+//! rather than parsed again with each read; the buffers
 //! of a request go back to a small spare set of the thread's when it is
 //! over (`Buffers`), so an idle caller holds none but what it sent ahead,
 //! and a busy one allocates none per request.
@@ -132,6 +134,18 @@ pub const TOO_MANY_FIELDS: &str = "request head exceeds the sidecar's limit of 1
 const _: () = assert!(
     MAX_REQUEST_HEADERS == 100,
     "TOO_MANY_FIELDS names the bound"
+);
+/// The most bytes of empty lines read before a request line (RFC 9112
+/// section 2.2 has a server ignore at least one): as many as protocol
+/// detection reads ([`detect::MAX_PEEK`]). More are answered 400
+/// ([`TOO_MANY_EMPTY_LINES`]).
+pub const MAX_EMPTY_LINES: usize = detect::MAX_PEEK;
+/// What a caller sending more than [`MAX_EMPTY_LINES`] of empty lines is
+/// told.
+pub const TOO_MANY_EMPTY_LINES: &str = "more than 8 KiB of empty lines before the request line";
+const _: () = assert!(
+    MAX_EMPTY_LINES == 8 * 1024,
+    "TOO_MANY_EMPTY_LINES names the bound"
 );
 /// What a target that is not a URI is told.
 const INVALID_TARGET: &str = "malformed request line: invalid request target";
@@ -609,8 +623,21 @@ where
     // 16 KiB a head is parsed again only once a line of it may have
     // ended, so a long head sent a few bytes at a time is not parsed whole
     // once a read.
-    let mut parsed = 0;
+    let mut parsed: usize = 0;
+    // The empty lines before the request line, dropped as they come: every
+    // read of them ends a line, and parsing them again with each would
+    // cost the square of their number.
+    let mut skipped = 0;
     loop {
+        let empty = caller.buf.len() - detect::skip_empty_lines(&caller.buf).len();
+        if empty > 0 {
+            caller.buf.advance(empty);
+            parsed = parsed.saturating_sub(empty);
+            skipped += empty;
+            if skipped > MAX_EMPTY_LINES {
+                return Ok(Some(Taken::Malformed(Malformed::bad(TOO_MANY_EMPTY_LINES))));
+            }
+        }
         let again = caller.buf.len() <= 16 * 1024 || caller.buf[parsed..].contains(&b'\n');
         if !caller.buf.is_empty() && again {
             match take_head(&mut caller.buf) {
@@ -655,6 +682,8 @@ where
 /// serves; `Some(Taken::Other)` if hyper must have it; `None` if more
 /// bytes are needed.
 fn take_head(buf: &mut BytesMut) -> Option<Taken> {
+    #[cfg(test)]
+    tests::PARSED.set(tests::PARSED.get() + buf.len());
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(buf) {
@@ -3260,5 +3289,88 @@ mod tests {
             assert!(read.ends_with("\r\n\r\nhere"), "{read}");
         }
         assert_eq!(seen.requests.lock().unwrap().len(), 20);
+    }
+
+    thread_local! {
+        /// The bytes the thread's [`take_head`] calls were given to parse.
+        pub(super) static PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A caller that sends its bytes two at a time, a read each.
+    struct Trickle(Vec<u8>, usize);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let at = self.1;
+            let n = (self.0.len() - at).min(2).min(buf.remaining());
+            buf.put_slice(&self.0[at..at + n]);
+            self.1 += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The head read from `sent`, trickled, and the bytes parsed to read it.
+    async fn trickled_head(sent: Vec<u8>) -> (Option<Taken>, usize) {
+        PARSED.set(0);
+        let mut caller = Caller {
+            io: Trickle(sent, 0),
+            buf: BytesMut::new(),
+            unread: false,
+        };
+        let mut drain = Drain {
+            draining: std::pin::pin!(std::future::pending::<()>()),
+            done: false,
+        };
+        let taken = super::read_head(&mut caller, &mut drain).await.unwrap();
+        (taken, PARSED.get())
+    }
+
+    #[tokio::test]
+    async fn empty_lines_before_a_request_line_are_parsed_once_and_bounded() {
+        let request = b"GET /after HTTP/1.1\r\nhost: a\r\n\r\n";
+        for line in [&b"\r\n"[..], b"\n"] {
+            let mut sent = line.repeat(MAX_EMPTY_LINES / line.len());
+            sent.extend_from_slice(request);
+            let (taken, parsed) = trickled_head(sent.clone()).await;
+            let Some(Taken::Request(head)) = taken else {
+                panic!("{line:?}: not read as a request");
+            };
+            assert_eq!(head.request.uri().path(), "/after");
+            // The request line and fields are parsed again as they come
+            // (about 500 bytes in all), the empty lines never.
+            assert!(
+                parsed < 2 * 1024,
+                "{line:?}: {parsed} bytes parsed for {} sent",
+                sent.len()
+            );
+
+            let mut sent = line.repeat(MAX_EMPTY_LINES / line.len() + 1);
+            sent.extend_from_slice(request);
+            let (taken, _) = trickled_head(sent).await;
+            let Some(Taken::Malformed(malformed)) = taken else {
+                panic!("{line:?}: more empty lines than the bound were read on");
+            };
+            assert_eq!(
+                (malformed.status, malformed.why),
+                (StatusCode::BAD_REQUEST, TOO_MANY_EMPTY_LINES)
+            );
+        }
+
+        // What the caller is told.
+        let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        let mut sent = "\r\n".repeat(MAX_EMPTY_LINES / 2 + 1);
+        sent.push_str("GET /after HTTP/1.1\r\n\r\n");
+        let read = exchange(&mut caller, &sent, 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(&format!("\r\n\r\n{TOO_MANY_EMPTY_LINES}\n")),
+            "{read}"
+        );
+        assert!(seen.requests.lock().unwrap().is_empty());
     }
 }
