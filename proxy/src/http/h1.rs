@@ -6,7 +6,8 @@
 //! head and byte copies.
 //!
 //! **What it takes.** A request whose framing has one reading: HTTP/1.1,
-//! in origin form, a body framed by Content-Length (one value) or none, no
+//! in origin form, a body framed by Content-Length (one value, however
+//! often sent: the app gets it once, without leading zeros) or none, no
 //! `Transfer-Encoding`, `Upgrade`, `Expect` or gRPC, and a head within
 //! [`MAX_HEADERS`] fields. The first request that is anything else is
 //! handed with the bytes read so far to hyper's server
@@ -724,10 +725,12 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     let mut coded = None;
     let mut ranges: [(Range<usize>, Range<usize>); MAX_HEADERS] =
         std::array::from_fn(|_| (0..0, 0..0));
-    let count = parsed.headers.len();
-    for (field, range) in parsed.headers.iter().zip(ranges.iter_mut()) {
+    // The fields that reach the app: all but the repeats of
+    // `Content-Length`.
+    let mut count = 0;
+    for field in parsed.headers.iter() {
         let name = field.name.as_bytes();
-        let value = field.value;
+        let mut value = field.value;
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if version != 1 {
                 return Some(Taken::Malformed(Malformed::bad(
@@ -744,12 +747,22 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             let Some(length) = decimal(value) else {
                 return Some(Taken::Malformed(Malformed::bad("invalid Content-Length")));
             };
-            if body.is_some_and(|b| b != length) {
-                return Some(Taken::Malformed(Malformed::bad(
-                    "two different Content-Length values",
-                )));
+            match body {
+                Some(b) if b != length => {
+                    return Some(Taken::Malformed(Malformed::bad(
+                        "two different Content-Length values",
+                    )));
+                }
+                // One field says the length to the app (RFC 9110 section
+                // 8.6): apps that refuse two (Node's, Go's) would answer
+                // 400 to `5` and `005` sent as two.
+                Some(_) => continue,
+                None => body = Some(length),
             }
-            body = Some(length);
+            // Written as the number the sidecar read, without leading
+            // zeros: the one spelling every app reads alike.
+            let zeros = value.iter().take_while(|d| **d == b'0').count();
+            value = &value[zeros.min(value.len() - 1)..];
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in headers::list(value) {
                 other |= token.eq_ignore_ascii_case(b"upgrade");
@@ -760,7 +773,8 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         {
             other = true;
         }
-        *range = (at(name), at(value));
+        ranges[count] = (at(name), at(value));
+        count += 1;
     }
     match coded {
         Some(false) => {
@@ -3372,5 +3386,45 @@ mod tests {
             "{read}"
         );
         assert!(seen.requests.lock().unwrap().is_empty());
+    }
+
+    /// `5` and `005` are one length, which reaches the app once, in one
+    /// spelling: apps that refuse a repeated `Content-Length` (Node's,
+    /// Go's) would answer 400.
+    #[tokio::test]
+    async fn one_content_length_reaches_the_app_without_leading_zeros() {
+        let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        for (lengths, body) in [
+            ("Content-Length: 5\r\nContent-Length: 005\r\n", "hello"),
+            ("Content-Length: 0005\r\n", "hello"),
+            (
+                "content-length: 00\r\nX-After: 1\r\nContent-Length: 0\r\n",
+                "",
+            ),
+        ] {
+            let request = format!("POST /up HTTP/1.1\r\nHost: a\r\n{lengths}\r\n{body}");
+            let read = exchange(&mut caller, &request, 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        }
+        let seen = seen.requests.lock().unwrap();
+        let lengths: Vec<Vec<&str>> = seen
+            .iter()
+            .map(|(head, _)| {
+                head.lines()
+                    .filter(|l| l.to_ascii_lowercase().starts_with("content-length"))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            lengths,
+            [
+                ["content-length: 5"],
+                ["content-length: 5"],
+                ["content-length: 0"]
+            ]
+        );
+        assert_eq!(seen[0].1, b"hello");
+        assert!(seen[2].0.contains("\r\nx-after: 1\r\n"), "{}", seen[2].0);
     }
 }
