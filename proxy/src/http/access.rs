@@ -11,10 +11,11 @@
 //! cut at [`MAX_LOGGED_PATH`] bytes, then with `path_length`),
 //! `status`, `bytes_in`, `bytes_out`, `duration_ms`, `decision` (allow,
 //! deny, rate_limited or invalid), `policy` and `rule` (what decided, when
-//! something did), `protocol` (`http1` or `h2`). A request head the
-//! sidecar refused (one that does not parse, or is over one of its limits)
-//! has `problem`, what its answer said was wrong, under the decision
-//! `invalid`; one refused before it was read as a request
+//! something did), `protocol` (`http1` or `h2`). A request the sidecar
+//! refused as `invalid` (a head that does not parse or is over one of its
+//! limits, `CONNECT`, a `Host` or a path an app could read otherwise) has
+//! `problem`, what its answer said was wrong (a path's escape left out);
+//! one refused before it was read as a request
 //! ([`Entry::refused_head`]) has no `method` or `path`.
 
 use std::pin::Pin;
@@ -56,8 +57,8 @@ pub struct Entry {
     protocol: &'static str,
     /// One of `metrics::REQUEST_OUTCOMES`.
     pub outcome: &'static str,
-    /// What was wrong with a request head the sidecar refused, as its
-    /// answer says.
+    /// What was wrong with a request the sidecar refused as `invalid`, as
+    /// its answer says.
     pub problem: Option<&'static str>,
     pub decision: Option<Decision>,
     /// The rate limit that refused the request, if one did.

@@ -32,6 +32,7 @@ use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
+use trellis_core::policy::l7::PathProblem;
 use trellis_core::policy::{Decision, HttpRequest, l7};
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
@@ -160,6 +161,7 @@ impl<S> Authorize<S> {
             // decided; the app's address also replaces the target, so no
             // tunnel could work. Refused whatever the policies say.
             entry.outcome = "invalid";
+            entry.problem = Some(CONNECT_REFUSED);
             return Some(local(
                 *grpc,
                 StatusCode::NOT_IMPLEMENTED,
@@ -171,6 +173,7 @@ impl<S> Authorize<S> {
             // The app and the rules could read it as meant for another
             // host than the one named.
             entry.outcome = "invalid";
+            entry.problem = Some(problem);
             return Some(local(
                 *grpc,
                 StatusCode::BAD_REQUEST,
@@ -195,6 +198,7 @@ impl<S> Authorize<S> {
             && let Err(problem) = l7::check_path(path)
         {
             entry.outcome = "invalid";
+            entry.problem = Some(path_problem(problem));
             return Some(local(
                 *grpc,
                 StatusCode::BAD_REQUEST,
@@ -233,6 +237,28 @@ impl<S> Authorize<S> {
         });
         entry.decision = Some(decision);
         refused
+    }
+}
+
+/// What the access log says of a path refused for `problem`: the words
+/// its answer has, without the escape they quote (the line's `path` has
+/// it), so that no refusal costs an allocation to log.
+fn path_problem(problem: PathProblem) -> &'static str {
+    match problem {
+        PathProblem::Segment => {
+            "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
+             containers read them)"
+        }
+        PathProblem::EncodedUnreserved(_) => {
+            "path encodes an unreserved character: send unreserved characters as they are \
+             (RFC 3986)"
+        }
+        PathProblem::EncodedSlash(_) => "path encodes '/': an app could read it as a separator",
+        PathProblem::EncodedBackslash(_) => {
+            "path encodes '\\': an app could read it as a separator"
+        }
+        PathProblem::Backslash => "path contains '\\': an app could read it as a separator",
+        PathProblem::BadEscape => "path has a '%' not followed by two hex digits",
     }
 }
 
@@ -317,5 +343,65 @@ mod tests {
             2,
             "the service was called for a refused request"
         );
+    }
+
+    /// Every request refused as `invalid` has its access-log line say why,
+    /// as its answer does.
+    #[test]
+    fn every_invalid_request_has_a_problem() {
+        let metrics = Arc::new(Metrics::new());
+        let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+        let web = id("/ns/a/sa/web");
+        let conn = Arc::new(Connection::new(
+            Arc::new(Http::with_access_log(metrics.clone(), false)),
+            web.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+            policies.clone(),
+        ));
+        let mut authorize = AuthorizeLayer::new(web, 8080, policies, metrics).layer(());
+        let connect = Request::connect("api:443").body(()).unwrap();
+        let hosts = Request::get("/users")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        let mut cases = vec![
+            (connect, StatusCode::NOT_IMPLEMENTED, CONNECT_REFUSED),
+            (hosts, StatusCode::BAD_REQUEST, "more than one Host header"),
+        ];
+        for (path, problem) in [
+            (
+                "/%61dmin/x",
+                "path encodes an unreserved character: send unreserved characters as they \
+                 are (RFC 3986)",
+            ),
+            (
+                "/users/../admin/x",
+                "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
+                 containers read them)",
+            ),
+            (
+                "/admin%2fx",
+                "path encodes '/': an app could read it as a separator",
+            ),
+            ("/admin%x", "path has a '%' not followed by two hex digits"),
+        ] {
+            let request = Request::get(path).body(()).unwrap();
+            cases.push((request, StatusCode::BAD_REQUEST, problem));
+        }
+        for (request, status, problem) in cases {
+            let what = format!("{} {}", request.method(), request.uri());
+            let mut exchange = Exchange {
+                entry: Entry::start(conn.clone(), &request, "http1"),
+                request,
+                grpc: false,
+                upgrading: false,
+                headers_too_large: false,
+            };
+            let answer = authorize.check(&mut exchange).expect(&what);
+            assert_eq!(answer.status(), status, "{what}");
+            assert_eq!(exchange.entry.outcome, "invalid", "{what}");
+            assert_eq!(exchange.entry.problem, Some(problem), "{what}");
+        }
     }
 }
