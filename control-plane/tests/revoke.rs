@@ -10,6 +10,7 @@ use tonic::Code;
 use trellis_proto::admin::v1::{
     ListRevocationsRequest, RevokeIdentityRequest, UnrevokeIdentityRequest,
 };
+use trellis_proto::discovery::v1::Subscribe;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
@@ -240,6 +241,106 @@ async fn a_bad_revocation_is_refused_and_changes_nothing() {
     renew(&cp, WEB, &web).await.expect("nothing was revoked");
 }
 
+/// The time `trellisctl identity revocations` shows for `id`'s revocation.
+fn revoked_at_listed(cp: &ControlPlane, id: &str) -> String {
+    let listed = ctl_ok(cp, &["identity", "revocations", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let entry = (listed.as_array().unwrap().iter())
+        .find(|r| r["spiffe_id"] == id)
+        .unwrap_or_else(|| panic!("{id} is not listed: {listed}"));
+    entry["revoked_at"].as_str().unwrap().to_owned()
+}
+
+/// Asserts `status` is the refusal of a certificate of `id` revoked at
+/// `revoked_at`, as Certify refuses a renewal by it.
+fn assert_refused_as_revoked(status: &tonic::Status, id: &str, revoked_at: &str) {
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        (status.metadata().get(trellis_core::grpc::REFUSAL_KEY)).map(|v| v.to_str().unwrap()),
+        Some("revoked"),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .message()
+            .starts_with(&format!("{id} was revoked at {revoked_at} (")),
+        "names the identity and when it was revoked ({revoked_at}): {}",
+        status.message()
+    );
+}
+
+/// A thief holding a revoked certificate and its key cannot renew it, and
+/// cannot subscribe with it either: the Watch is refused before anything
+/// (endpoints, policies, revocations) is sent. A certificate issued after
+/// the revocation watches as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_opens_no_watch() {
+    let cp = ControlPlane::start(&[]);
+    let stolen = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    enroll(&cp, DB, "127.0.0.1:7002").await;
+    ctl_ok(&cp, &["identity", "revoke", WEB]);
+    let revoked_at = revoked_at_listed(&cp, WEB);
+
+    let refused = Watcher::subscribe(&cp, &stolen, Subscribe::default())
+        .await
+        .err()
+        .expect("a revoked certificate opens no Watch");
+    assert_refused_as_revoked(&refused, WEB, &revoked_at);
+    let answer = cp.list_workloads().await;
+    assert!(!listed(&answer, WEB).connected, "{answer:?}");
+
+    let fresh = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let mut watcher = Watcher::open(&cp, &fresh, "127.0.0.1:7001").await;
+    let snapshot = watcher.next().await;
+    assert_eq!(snapshot.endpoints.len(), 2, "{snapshot:?}");
+}
+
+/// Streams already open when their certificate is revoked end with the
+/// refusal a new Watch gets, and the workload is no longer listed as
+/// connected; other streams go on, and are sent the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_ends_the_streams_of_the_certificates_it_covers() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let db = enroll(&cp, DB, "127.0.0.1:7002").await;
+    let mut web_stream = Watcher::open(&cp, &web, "127.0.0.1:7001").await;
+    let mut db_stream = Watcher::open(&cp, &db, "127.0.0.1:7002").await;
+    web_stream.next().await;
+    db_stream.next().await;
+    eventually_async("both streams to be listed as connected", || async {
+        let answer = cp.list_workloads().await;
+        (listed(&answer, WEB).connected && listed(&answer, DB).connected).then_some(())
+    })
+    .await;
+
+    ctl_ok(&cp, &["identity", "revoke", WEB]);
+    let revoked_at = revoked_at_listed(&cp, WEB);
+
+    let ended = tokio::time::timeout(PATIENCE, web_stream.snapshots.message())
+        .await
+        .expect("the stream ends in time")
+        .expect_err("the stream ends with an error, sending nothing more");
+    assert_refused_as_revoked(&ended, WEB, &revoked_at);
+    let told = db_stream.next().await;
+    let revoked: Vec<&str> = told
+        .revocations
+        .iter()
+        .map(|r| r.spiffe_id.as_str())
+        .collect();
+    assert_eq!(revoked, [WEB], "{told:?}");
+    eventually_async("web to be listed as no longer connected", || async {
+        let answer = cp.list_workloads().await;
+        assert!(listed(&answer, DB).connected, "{answer:?}");
+        (!listed(&answer, WEB).connected).then_some(())
+    })
+    .await;
+    assert!(
+        cp.log().contains("reason=\"certificate revoked\""),
+        "the closing line says why: {}",
+        cp.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_marks_a_revoked_identity_as_certs_does() {
     let cp = ControlPlane::start(&[]);
@@ -295,11 +396,10 @@ async fn workloads_marks_a_revoked_identity_as_certs_does() {
     assert!(!after.contains("REVOKED"), "{after}");
 }
 
-/// `trellisctl check` warns of a connected sidecar whose identity is
-/// revoked: it cannot renew its certificate and its peers refuse it. It is
-/// no failure (the revocation was meant), and gone once unrevoked.
+/// A revoked sidecar's stream ends, so `trellisctl check` counts it no
+/// longer connected, and has no connected revoked sidecar to warn of.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_warns_of_a_connected_sidecar_whose_identity_is_revoked() {
+async fn check_counts_a_revoked_sidecar_no_longer_connected() {
     let cp = ControlPlane::start(&[]);
     let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
     let db = enroll(&cp, DB, "127.0.0.1:7002").await;
@@ -311,35 +411,23 @@ async fn check_warns_of_a_connected_sidecar_whose_identity_is_revoked() {
     }
     // Once both sidecars hold the snapshot served (a revocation is sent
     // in a new one).
-    let check = || {
+    let check = |connected: &str| {
         tokio::task::block_in_place(|| {
-            eventually("both sidecars to hold the current snapshot", || {
+            eventually("the sidecars to hold the current snapshot", || {
                 let check = cp.ctl(&["check"]);
                 let report = String::from_utf8_lossy(&check.stdout).into_owned();
-                (report.contains("2 of 2 connected sidecars hold the current snapshot"))
+                (report.contains(&format!("{connected} hold the current snapshot")))
                     .then_some((report, check.status.success()))
             })
         })
     };
-    let (report, passed) = check();
+    let (report, passed) = check("2 of 2 connected sidecars");
     assert!(passed && !report.contains("revoked"), "{report}");
 
     ctl_ok(&cp, &["identity", "revoke", WEB]);
-    let (report, passed) = check();
+    let (report, passed) = check("1 of 1 connected sidecar");
     assert!(passed, "{report}");
-    assert!(
-        report.contains(&format!(
-            "warn  {WEB} is connected, but its certificate is revoked: it cannot renew it, and \
-             its peers refuse it"
-        )),
-        "{report}"
-    );
-    assert!(!report.contains(&format!("{DB} is connected")), "{report}");
-    assert!(report.contains("0 failures, 1 warning"), "{report}");
-
-    ctl_ok(&cp, &["identity", "unrevoke", WEB]);
-    let (report, passed) = check();
-    assert!(passed && !report.contains("revoked"), "{report}");
+    assert!(!report.contains("is connected, but"), "{report}");
     for stream in streams {
         stream.abort();
     }

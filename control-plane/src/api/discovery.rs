@@ -17,6 +17,15 @@
 //! [`EncodedSnapshot`]s, whose shared parts were encoded once per version
 //! (the route that writes them is `super::discovery_server`).
 //! The stream ends with UNAVAILABLE when the control plane shuts down.
+//!
+//! A revoked certificate is sent nothing: a Watch whose client certificate
+//! a revocation of its identity covers (issued at or before it, or at a
+//! time not known, as Certify decides a renewal) is refused with
+//! PERMISSION_DENIED naming the identity and when it was revoked, and an
+//! open stream ends with that status at its first rebuild after such a
+//! revocation (which sets a new version, so every stream rebuilds). A
+//! stream looks its identity up in the view's revocations only when they
+//! changed, so other changes cost it nothing more.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -31,7 +40,7 @@ use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
-use super::{Mesh, peer_of, quoted_chars, quoted_up_to, require_svid};
+use super::{Mesh, peer_of, quoted_chars, quoted_up_to, require_svid, rfc3339};
 use crate::discovery::{
     COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, SnapshotVersion,
     StreamGuard, View,
@@ -63,6 +72,11 @@ impl DiscoveryService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
         let id = require_svid(&request, "Discovery.Watch")?;
+        let issued_at = peer_of(&request).and_then(|p| p.cert_issued_at_unix);
+        if let Some(refused) = refused_as_revoked(&self.mesh.discovery.view(), &id, issued_at) {
+            tracing::warn!(spiffe_id = %id, detail = ?refused.message(), "discovery stream refused: the certificate is revoked");
+            return Err(refused);
+        }
         let presented = peer_of(&request).and_then(|p| p.presented.clone());
         let mut inbound = request.into_inner();
         let subscribe = match inbound.message().await? {
@@ -99,7 +113,7 @@ impl DiscoveryService {
             // stops listening once every stream is closed, so the lines
             // of its streams come before the line that says so.
             let open = mesh.discovery.open_stream(&id, presented, opaque_ports);
-            let reason = serve_stream(&mesh, &open, &id, &subscribe, inbound, tx).await;
+            let reason = serve_stream(&mesh, &open, &id, issued_at, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");
             drop(open);
@@ -109,6 +123,31 @@ impl DiscoveryService {
 }
 
 type Sender = mpsc::Sender<Result<EncodedSnapshot, Status>>;
+
+/// How long a stream whose certificate was revoked waits for room to tell
+/// its sidecar so (one that stopped reading sees its stream end without
+/// it).
+const REVOKED_SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// PERMISSION_DENIED, as Certify refuses a renewal, when a revocation of
+/// `id` in `view` covers a certificate issued at `issued_at` (Unix
+/// seconds; `None` when not known, which is covered).
+fn refused_as_revoked(view: &View, id: &SpiffeId, issued_at: Option<i64>) -> Option<Status> {
+    let at = view.revoked_at(id)?;
+    if issued_at.is_some_and(|issued| !trellis_core::revocation::covers(at, issued)) {
+        return None;
+    }
+    let mut status = Status::permission_denied(format!(
+        "{id} was revoked at {} ({at}): a certificate issued then or before is sent no \
+         snapshot; obtain a new one with a join token",
+        rfc3339(at)
+    ));
+    status.metadata_mut().insert(
+        trellis_core::grpc::REFUSAL_KEY,
+        tonic::metadata::MetadataValue::from_static(trellis_core::grpc::REFUSAL_REVOKED),
+    );
+    Some(status)
+}
 
 /// One snapshot a stream sent: its version and its endpoints.
 #[derive(Clone, Debug)]
@@ -225,6 +264,7 @@ async fn serve_stream(
     mesh: &Mesh,
     stream: &StreamGuard,
     id: &SpiffeId,
+    issued_at: Option<i64>,
     subscribe: &Subscribe,
     mut inbound: Streaming<WatchRequest>,
     tx: Sender,
@@ -249,6 +289,8 @@ async fn serve_stream(
     // burst reaches the sidecar together).
     let mut due = Some(Instant::now());
     let mut rebuilt: Option<Instant> = None;
+    // The revocations the stream's certificate was last checked against.
+    let mut revocations_checked: Option<u64> = None;
     loop {
         tokio::select! {
             changed = versions.changed() => {
@@ -267,6 +309,19 @@ async fn serve_stream(
                 // One shared view per version; only the key is per stream,
                 // and the snapshot is built only when it is sent.
                 let view = mesh.discovery.view();
+                if revocations_checked != Some(view.revocations_token()) {
+                    revocations_checked = Some(view.revocations_token());
+                    if let Some(refused) = refused_as_revoked(&view, id, issued_at) {
+                        drop(view);
+                        tracing::warn!(spiffe_id = %id, detail = ?refused.message(), "ending a discovery stream: the certificate is revoked");
+                        tokio::select! {
+                            _ = tx.send(Err(refused)) => {}
+                            () = tokio::time::sleep(REVOKED_SEND_PATIENCE) => {}
+                            _ = crate::run::stopping(&mut shutdown) => {}
+                        }
+                        return "certificate revoked";
+                    }
+                }
                 let key = view.content_key(id);
                 let first = last_sent.is_none();
                 if last_sent.as_ref() == Some(&key) {

@@ -451,6 +451,21 @@ impl View {
         self.endpoints_token
     }
 
+    /// Names the content of the revocations: equal tokens, equal
+    /// revocations (for views of one [`Discovery`]). A stream looks its
+    /// identity up again only when this changes.
+    pub fn revocations_token(&self) -> u64 {
+        self.revocations_token
+    }
+
+    /// When `id` was revoked (Unix seconds), if it is: read through the
+    /// revocations (they are few), whatever order a store gave them in.
+    pub fn revoked_at(&self, id: &SpiffeId) -> Option<i64> {
+        (self.revocations.iter())
+            .find(|r| r.spiffe_id == id.as_str())
+            .map(|r| r.revoked_at_unix)
+    }
+
     /// The endpoints and services of this view, as a stream remembers
     /// what its sidecar holds (shared, not copied).
     pub fn held_endpoints(&self) -> HeldEndpoints {
