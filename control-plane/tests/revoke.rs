@@ -241,6 +241,35 @@ async fn a_bad_revocation_is_refused_and_changes_nothing() {
     renew(&cp, WEB, &web).await.expect("nothing was revoked");
 }
 
+/// Revoking a SPIFFE ID this control plane never issued a certificate to
+/// (a typo, or revoking ahead) is stored, and trellisctl says so with a
+/// warning to check the spelling; an ID that has a certificate gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_id_never_issued_a_certificate_warns_of_its_spelling() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "").await;
+    let typo = "spiffe://cluster.local/ns/default/sa/wbe";
+
+    let said = ctl_ok(&cp, &["identity", "revoke", typo]);
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("revoked {typo} at ")),
+        "{said}"
+    );
+    assert_eq!(
+        lines[1..],
+        [format!(
+            "  warning: no certificate has been issued to {typo} by this control plane: check \
+             the spelling of the SPIFFE ID (the revocation is stored all the same)"
+        )],
+        "{said}"
+    );
+    revoked_at_listed(&cp, typo);
+
+    let said = ctl_ok(&cp, &["identity", "revoke", WEB]);
+    assert!(!said.contains("warning"), "{said}");
+}
+
 /// The time `trellisctl identity revocations` shows for `id`'s revocation.
 fn revoked_at_listed(cp: &ControlPlane, id: &str) -> String {
     let listed = ctl_ok(cp, &["identity", "revocations", "-o", "json"]);

@@ -328,10 +328,22 @@ impl Admin for AdminService {
         };
         let store = self.mesh.store.clone();
         let stored = revocation.clone();
-        let previous = tokio::task::spawn_blocking(move || store.revoke(&stored))
-            .await
-            .map_err(internal)?
-            .map_err(store_status)?;
+        let (previous, issued) = tokio::task::spawn_blocking(move || {
+            let previous = store.revoke(&stored)?;
+            Ok::<_, StoreError>((previous, store.issued_to(&stored.spiffe_id)?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(store_status)?;
+        // Revoking ahead is allowed, but a misspelt ID revokes nothing that
+        // exists: said, not refused.
+        let warnings = match issued {
+            true => Vec::new(),
+            false => vec![format!(
+                "no certificate has been issued to {id} by this control plane: check the \
+                 spelling of the SPIFFE ID (the revocation is stored all the same)"
+            )],
+        };
         // The sidecars are sent it: they refuse its certificates as peers.
         super::policy::refresh_after_write(&self.mesh.discovery);
         tracing::info!(
@@ -351,6 +363,7 @@ impl Admin for AdminService {
         Ok(Response::new(RevokeIdentityResponse {
             previously_revoked_at_unix: previous.map_or(0, |p| p.revoked_at_unix),
             revocation: Some(revocation_proto(revocation)),
+            warnings,
         }))
     }
 

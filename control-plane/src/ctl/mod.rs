@@ -165,9 +165,11 @@ pub enum IdentityCommand {
     /// it or to it are refused and open ones, by it or to it, are closed,
     /// as soon as the sidecars hold the snapshot the revocation is in. A new join
     /// token for it still obtains a certificate, which renews and is
-    /// accepted. Revoking it again moves the revocation to now. The
-    /// embedded store only: with the Kubernetes store, delete the pod or
-    /// its ServiceAccount.
+    /// accepted. Its Watch streams end, and a Watch with a revoked
+    /// certificate is refused. Revoking it again moves the revocation to
+    /// now. An ID no certificate was issued to is revoked too, with a
+    /// warning to check its spelling. The embedded store only: with the
+    /// Kubernetes store, delete the pod or its ServiceAccount.
     Revoke {
         /// The SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/web.
         #[arg(value_parser = workload_id)]
@@ -756,6 +758,9 @@ async fn identity(
                     "(it was revoked before, at {})\n",
                     rfc3339(response.previously_revoked_at_unix)
                 ));
+            }
+            for warning in &response.warnings {
+                out.push_str(&format!("  warning: {}\n", warning.escape_debug()));
             }
             Ok(Printed::out(out))
         }

@@ -640,6 +640,14 @@ impl Store for EmbeddedStore {
         Ok(revocation.filter(|r| !r.is_stale(unix_now())))
     }
 
+    /// A workload is recorded with its first certificate, and kept.
+    fn issued_to(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = txn.open_table(WORKLOADS).map_err(|e| self.db_error(e))?;
+        let value = table.get(spiffe_id).map_err(|e| self.db_error(e))?;
+        Ok(value.is_some())
+    }
+
     /// Reads the log from its newest record back, and stops at `limit`.
     fn newest_issued(
         &self,

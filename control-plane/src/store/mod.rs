@@ -607,6 +607,15 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether this control plane has issued a certificate to
+    /// `spiffe_id` (that the store still knows of): read when it is
+    /// revoked, to warn of a revocation that may name no workload.
+    fn issued_to(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        Ok(!self
+            .newest_issued(1, &|r| r.spiffe_id == spiffe_id)?
+            .is_empty())
+    }
+
     /// The newest `limit` records of the issued-certificate log that
     /// `matches` keeps, newest first, read from the newest end: a listing
     /// reads what it returns and what it skips, not the whole log.
