@@ -321,16 +321,14 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
         let reason = revocation_reason(&req.reason).map_err(Status::invalid_argument)?;
-        let revocation = Revocation {
-            spiffe_id: id.to_string(),
-            revoked_at_unix: unix_now(),
-            reason: reason.to_owned(),
-        };
         let store = self.mesh.store.clone();
-        let stored = revocation.clone();
-        let (previous, issued) = tokio::task::spawn_blocking(move || {
-            let previous = store.revoke(&stored)?;
-            Ok::<_, StoreError>((previous, store.issued_to(&stored.spiffe_id)?))
+        let (key, reason) = (id.to_string(), reason.to_owned());
+        // Stamped in the store's transaction: a renewal recorded after it
+        // sees it, and of two revokes the one committed last holds the
+        // later time.
+        let (revocation, previous, issued) = tokio::task::spawn_blocking(move || {
+            let (revocation, previous) = store.revoke(&key, &reason)?;
+            Ok::<_, StoreError>((revocation, previous, store.issued_to(&key)?))
         })
         .await
         .map_err(internal)?

@@ -62,7 +62,8 @@ use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
 use crate::discovery::Discovery;
 use crate::store::{
-    EndpointChange, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    EndpointChange, IssuanceProof, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal,
+    WorkloadRecord,
 };
 use crate::unix_now;
 
@@ -163,15 +164,20 @@ impl IdentityService {
         if issued_at.is_some_and(|at| !revocation.covers(at)) {
             return Ok(());
         }
-        let at = revocation.revoked_at_unix;
-        Err(self.refuse(
+        Err(self.refuse_revoked_at(id, revocation.revoked_at_unix))
+    }
+
+    /// [`refuse`](Self::refuse) for a renewal by a certificate of `id`
+    /// that its revocation at `at` covers.
+    fn refuse_revoked_at(&self, id: &trellis_core::SpiffeId, at: i64) -> Status {
+        self.refuse(
             trellis_core::grpc::REFUSAL_REVOKED,
             Status::permission_denied(format!(
                 "{id} was revoked at {} ({at}): a certificate issued then or before no longer \
                  renews; obtain a new one with a join token",
                 rfc3339(at)
             )),
-        ))
+        )
     }
 }
 
@@ -528,12 +534,22 @@ impl Identity for IdentityService {
         for (stored, (_, verified)) in workload.addresses.iter_mut().zip(&addresses) {
             stored.verified = *verified;
         }
+        // A renewal by certificate is checked against the revocation again
+        // in the issuance's transaction: one stored since the check above
+        // still stops it.
+        let renewed_by =
+            (req.proof.is_none()).then(|| peer.as_ref().and_then(|p| p.cert_issued_at_unix));
         let recorded = loop {
-            let claim = token_hash.as_ref().map(|hash| TokenClaim {
-                hash,
-                spiffe_id: &id,
-                now_unix: now,
-            });
+            let proof = match &token_hash {
+                Some(hash) => Some(IssuanceProof::Token(TokenClaim {
+                    hash,
+                    spiffe_id: &id,
+                    now_unix: now,
+                })),
+                None => {
+                    renewed_by.map(|issued_at_unix| IssuanceProof::Certificate { issued_at_unix })
+                }
+            };
             // The store's writer answers once the record is durable, and a
             // commit that changed the endpoints must reach discovery. A
             // caller that goes away first (a reset stream, a deadline) drops
@@ -545,7 +561,7 @@ impl Identity for IdentityService {
                 reply: Some(
                     self.mesh
                         .store
-                        .queue_issuance(claim, &record, &workload, &abandoned),
+                        .queue_issuance(proof, &record, &workload, &abandoned),
                 ),
                 discovery: self.mesh.discovery.clone(),
                 abandoned,
@@ -590,6 +606,9 @@ impl Identity for IdentityService {
         match recorded {
             Ok(_) => {}
             Err(StoreError::Token(refusal)) => return Err(self.refuse_token(refusal, &id)),
+            Err(StoreError::Revoked(revocation)) => {
+                return Err(self.refuse_revoked_at(&id, revocation.revoked_at_unix));
+            }
             Err(e) => return Err(self.refuse("store_error", Status::internal(e.to_string()))),
         }
         self.mesh.metrics.certificate_issued();
@@ -1048,5 +1067,88 @@ mod tests {
         .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         assert_eq!(refused.message(), "join token is unknown");
+    }
+
+    /// A revoke whose commit waits for the store past the second it was
+    /// asked in, and a renewal by the stolen certificate in that wait: the
+    /// renewal read no revocation, yet gets no certificate the revocation
+    /// does not cover. It is refused in the issuance's transaction as a
+    /// revoked caller is, or (recorded before the revocation) gets one
+    /// issued before it.
+    #[tokio::test]
+    async fn a_renewal_racing_a_revoke_gets_no_certificate_the_revocation_misses() {
+        use trellis_proto::admin::v1::RevokeIdentityRequest;
+        use trellis_proto::admin::v1::admin_server::Admin;
+
+        use crate::api::admin::AdminService;
+        use crate::api::replica::Replicas;
+        use crate::server::{ServingCert, peer_client_config};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, store, .. } = setup(&tmp);
+        let mesh = service.mesh.clone();
+        let serving = ServingCert::new(mesh.ca.clone(), &[], [127, 0, 0, 1].into()).unwrap();
+        let tls = peer_client_config(&mesh.ca, serving).unwrap();
+        let replicas = Replicas::new(None, "127.0.0.1:15012".into(), vec![], tls);
+        let admin = AdminService::new(mesh, Arc::new(replicas));
+
+        let held = store.hold_writes();
+        let revoke = tokio::spawn(async move {
+            let request = RevokeIdentityRequest {
+                spiffe_id: WEB.into(),
+                reason: "key copied".into(),
+            };
+            admin.revoke_identity(Request::new(request)).await
+        });
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let mut request = certify_request(None, "10.0.0.1:15006");
+        request.extensions_mut().insert(PeerInfo {
+            remote: "10.0.0.1:40000".parse().unwrap(),
+            spiffe_id: Some(SpiffeId::parse(WEB).unwrap()),
+            cert_issued_at_unix: Some(unix_now() - 600),
+            presented: None,
+        });
+        let renewal = tokio::spawn(async move { service.certify(request).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let released_at = unix_now();
+        held.abort().unwrap();
+
+        let wait = Duration::from_secs(10);
+        let revoked = tokio::time::timeout(wait, revoke).await.unwrap().unwrap();
+        let revocation = revoked.unwrap().into_inner().revocation.unwrap();
+        assert!(
+            revocation.revoked_at_unix >= released_at,
+            "stamped when stored, not when asked: {} < {released_at}",
+            revocation.revoked_at_unix
+        );
+        let renewed = tokio::time::timeout(wait, renewal).await.unwrap().unwrap();
+        let logged = store.newest_issued(1, &|_| true).unwrap();
+        match renewed {
+            Err(refused) => {
+                assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+                let expected = format!("{WEB} was revoked at ");
+                assert!(refused.message().starts_with(&expected), "{refused:?}");
+                assert!(
+                    refused
+                        .message()
+                        .contains(&revocation.revoked_at_unix.to_string()),
+                    "{refused:?}"
+                );
+                assert_eq!(
+                    refused.metadata().get(REFUSAL_KEY).unwrap(),
+                    trellis_core::grpc::REFUSAL_REVOKED
+                );
+                assert!(logged.is_empty(), "recorded nothing: {logged:?}");
+            }
+            Ok(_) => {
+                let issued_at = logged[0].issued_at_unix;
+                assert!(
+                    issued_at <= revocation.revoked_at_unix,
+                    "renewed with a certificate issued at {issued_at}, after the revocation \
+                     at {}",
+                    revocation.revoked_at_unix
+                );
+            }
+        }
     }
 }

@@ -787,8 +787,8 @@ mod stored_writes {
     use crate::discovery::Discovery;
     use crate::store::embedded::{DB_FILE, EmbeddedStore};
     use crate::store::{
-        AppliedDocuments, DiscoveryState, EndpointChange, IssuedCertRecord, JoinToken, Position,
-        Store, StoreError, TokenClaim,
+        AppliedDocuments, DiscoveryState, EndpointChange, IssuanceProof, IssuedCertRecord,
+        JoinToken, Position, Store, StoreError,
     };
 
     /// The embedded store, whose discovery state cannot be read while
@@ -809,11 +809,11 @@ mod stored_writes {
         }
         fn record_issuance(
             &self,
-            claim: Option<TokenClaim<'_>>,
+            proof: Option<IssuanceProof<'_>>,
             issued: &IssuedCertRecord,
             workload: &WorkloadRecord,
         ) -> Result<EndpointChange, StoreError> {
-            self.inner.record_issuance(claim, issued, workload)
+            self.inner.record_issuance(proof, issued, workload)
         }
         fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
             self.inner.workloads()

@@ -49,9 +49,9 @@ use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use super::{
-    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    JoinToken, PolicyOutcome, Position, Revocation, Store, StoreError, TokenClaim, WorkloadRecord,
-    same_content,
+    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuanceProof,
+    IssuedCertRecord, JoinToken, PolicyOutcome, Position, Revocation, Store, StoreError,
+    TokenClaim, WorkloadRecord, same_content,
 };
 use crate::unix_now;
 
@@ -564,11 +564,11 @@ impl Store for EmbeddedStore {
 
     fn record_issuance(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        self.issuances.record(claim, issued, workload)
+        self.issuances.record(proof, issued, workload)
     }
 
     fn check_join_token(&self, claim: TokenClaim<'_>) -> Result<(), StoreError> {
@@ -579,33 +579,25 @@ impl Store for EmbeddedStore {
 
     fn queue_issuance(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
         abandoned: &Arc<AtomicBool>,
     ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
         self.issuances
-            .queue(claim, issued, workload, Some(abandoned))
+            .queue(proof, issued, workload, Some(abandoned))
     }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
         self.read_all(WORKLOADS)
     }
 
-    fn revoke(&self, revocation: &Revocation) -> Result<Option<Revocation>, StoreError> {
-        self.write(|txn| {
-            let mut table = txn.open_table(REVOCATIONS)?;
-            prune_revocations(&mut table, unix_now())?;
-            let id = revocation.spiffe_id.as_str();
-            let previous = table
-                .insert(id, encode(revocation).as_slice())?
-                .map(|v| decode(v.value(), REVOCATIONS.name()))
-                .transpose()?;
-            // Every snapshot carries the revocations: a new version, in the
-            // same transaction, so a version names them too.
-            self.bump_in(txn)?;
-            Ok(previous)
-        })
+    fn revoke(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+    ) -> Result<(Revocation, Option<Revocation>), StoreError> {
+        self.revoke_at(spiffe_id, reason, unix_now)
     }
 
     fn unrevoke(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
@@ -826,6 +818,37 @@ impl Store for EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// [`Store::revoke`], stamped with `now()` read once the write
+    /// transaction is open.
+    fn revoke_at(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+        now: impl FnOnce() -> i64,
+    ) -> Result<(Revocation, Option<Revocation>), StoreError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(REVOCATIONS)?;
+            let now = now();
+            prune_revocations(&mut table, now)?;
+            let previous: Option<Revocation> = table
+                .get(spiffe_id)?
+                .map(|v| decode(v.value(), REVOCATIONS.name()))
+                .transpose()?;
+            let revocation = Revocation {
+                spiffe_id: spiffe_id.to_owned(),
+                revoked_at_unix: previous
+                    .as_ref()
+                    .map_or(now, |p| p.revoked_at_unix.max(now)),
+                reason: reason.to_owned(),
+            };
+            table.insert(spiffe_id, encode(&revocation).as_slice())?;
+            // Every snapshot carries the revocations: a new version, in the
+            // same transaction, so a version names them too.
+            self.bump_in(txn)?;
+            Ok((revocation, previous))
+        })
+    }
+
     fn apply_in(
         &self,
         txn: &redb::WriteTransaction,

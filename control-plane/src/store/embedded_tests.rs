@@ -53,25 +53,29 @@ fn a_token_is_consumed_once_and_refusals_change_nothing() {
     };
     let w = workload(id.as_str(), "127.0.0.1:1");
     let err = store
-        .record_issuance(Some(claim(&other, 10)), &issued("01", other.as_str()), &w)
+        .record_issuance(
+            Some(claim(&other, 10).into()),
+            &issued("01", other.as_str()),
+            &w,
+        )
         .unwrap_err();
     assert!(matches!(
         err,
         StoreError::Token(TokenRefusal::OtherIdentity { .. })
     ));
     let err = store
-        .record_issuance(Some(claim(&id, 60)), &issued("02", id.as_str()), &w)
+        .record_issuance(Some(claim(&id, 60).into()), &issued("02", id.as_str()), &w)
         .unwrap_err();
     assert!(matches!(err, StoreError::Token(TokenRefusal::Expired)));
     assert!(store.issued_certificates().unwrap().is_empty());
     assert!(store.workloads().unwrap().is_empty());
 
     let change = store
-        .record_issuance(Some(claim(&id, 10)), &issued("03", id.as_str()), &w)
+        .record_issuance(Some(claim(&id, 10).into()), &issued("03", id.as_str()), &w)
         .unwrap();
     assert_eq!(change, EndpointChange::Changed);
     let err = store
-        .record_issuance(Some(claim(&id, 10)), &issued("04", id.as_str()), &w)
+        .record_issuance(Some(claim(&id, 10).into()), &issued("04", id.as_str()), &w)
         .unwrap_err();
     assert!(matches!(err, StoreError::Token(TokenRefusal::Used)));
     assert_eq!(store.issued_certificates().unwrap().len(), 1);
@@ -129,7 +133,7 @@ fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
         1,
     );
     let err = store
-        .record_issuance(Some(claim), &issued("02", thief.as_str()), &taking)
+        .record_issuance(Some(claim.into()), &issued("02", thief.as_str()), &taking)
         .unwrap_err();
     assert!(
         matches!(&err, StoreError::AddressHeld { address, holder }
@@ -143,7 +147,7 @@ fn an_address_a_live_workload_holds_is_refused_and_nothing_is_written() {
     // The token was not spent: it proves the identity at its own address.
     let own = workload(thief.as_str(), "10.0.0.2:15006");
     let change = store
-        .record_issuance(Some(claim), &issued("03", thief.as_str()), &own)
+        .record_issuance(Some(claim.into()), &issued("03", thief.as_str()), &own)
         .unwrap();
     assert_eq!(change, EndpointChange::Changed);
 
@@ -463,7 +467,7 @@ fn concurrent_issuances_each_get_their_own_answer() {
                     };
                     let w = workload(id.as_str(), &format!("127.0.0.1:{}", 1000 + i));
                     let outcome =
-                        store.record_issuance(Some(claim), &issued(serial, id.as_str()), &w);
+                        store.record_issuance(Some(claim.into()), &issued(serial, id.as_str()), &w);
                     (serial.clone(), outcome)
                 })
             })
@@ -548,7 +552,7 @@ fn the_issued_log_keeps_the_newest_issuances_in_the_order_they_were_made() {
         now_unix: 1,
     };
     store
-        .record_issuance(Some(unknown), &issued("ee", id.as_str()), &w)
+        .record_issuance(Some(unknown.into()), &issued("ee", id.as_str()), &w)
         .unwrap_err();
     for serial in ["07", "22"] {
         store
@@ -669,7 +673,7 @@ fn tokens_expired_over_a_day_ago_are_removed_when_a_token_is_added() {
     // Within the day after it expired, a claim hears why it is refused.
     let err = store
         .record_issuance(
-            Some(claim_at(&old, &id, 2_000)),
+            Some(claim_at(&old, &id, 2_000).into()),
             &issued("01", id.as_str()),
             &w,
         )
@@ -685,7 +689,7 @@ fn tokens_expired_over_a_day_ago_are_removed_when_a_token_is_added() {
         .unwrap();
     let err = store
         .record_issuance(
-            Some(claim_at(&old, &id, later)),
+            Some(claim_at(&old, &id, later).into()),
             &issued("02", id.as_str()),
             &w,
         )
@@ -697,7 +701,7 @@ fn tokens_expired_over_a_day_ago_are_removed_when_a_token_is_added() {
     // A token expired less than a day ago stays, and so does the new one.
     let err = store
         .record_issuance(
-            Some(claim_at(&young, &id, later)),
+            Some(claim_at(&young, &id, later).into()),
             &issued("03", id.as_str()),
             &w,
         )
@@ -708,7 +712,7 @@ fn tokens_expired_over_a_day_ago_are_removed_when_a_token_is_added() {
     );
     store
         .record_issuance(
-            Some(claim_at(&new, &id, later)),
+            Some(claim_at(&new, &id, later).into()),
             &issued("04", id.as_str()),
             &w,
         )
@@ -740,7 +744,7 @@ fn tokens_from_before_the_expiry_index_are_indexed_on_open() {
         .unwrap();
     let err = store
         .record_issuance(
-            Some(claim_at(&old, &id, later)),
+            Some(claim_at(&old, &id, later).into()),
             &issued("01", id.as_str()),
             &w,
         )
@@ -1145,10 +1149,14 @@ fn a_revocation_past_every_certificate_lifetime_is_pruned() {
         revoked_at_unix: at,
         reason: String::new(),
     };
+    let revoke = |store: &EmbeddedStore, r: &Revocation| {
+        let at = r.revoked_at_unix;
+        store.revoke_at(&r.spiffe_id, &r.reason, || at).unwrap();
+    };
     let old = revocation("spiffe://td/ns/a/sa/old", unix_now() - kept - 60);
     let recent = revocation("spiffe://td/ns/a/sa/recent", unix_now() - kept + 3600);
     for r in [&recent, &old] {
-        store.revoke(r).unwrap();
+        revoke(&store, r);
     }
     assert_eq!(store.revocation(&old.spiffe_id).unwrap(), None);
     assert_eq!(
@@ -1160,14 +1168,68 @@ fn a_revocation_past_every_certificate_lifetime_is_pruned() {
     assert_eq!(stored.len(), 2, "not removed before the next write");
 
     let fresh = revocation("spiffe://td/ns/a/sa/fresh", unix_now());
-    store.revoke(&fresh).unwrap();
+    revoke(&store, &fresh);
     let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
     assert_eq!(stored, [fresh.clone(), recent.clone()]);
 
     // Opening the database prunes too.
-    store.revoke(&old).unwrap();
+    revoke(&store, &old);
     drop(store);
     let store = EmbeddedStore::open(&path).unwrap();
     let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
     assert_eq!(stored, [fresh, recent]);
+}
+
+/// A revocation is stamped in its write's transaction and never moves
+/// back: of two revokes committed in the other order than they were
+/// stamped, the later time holds.
+#[test]
+fn a_revocation_never_moves_back_in_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let id = "spiffe://td/ns/a/sa/b";
+    let now = unix_now();
+    let (first, previous) = store.revoke_at(id, "first", || now).unwrap();
+    assert_eq!((first.revoked_at_unix, previous), (now, None));
+    let (second, previous) = store.revoke_at(id, "second", || now - 5).unwrap();
+    assert_eq!(second.revoked_at_unix, now, "not moved back");
+    assert_eq!(second.reason, "second");
+    assert_eq!(previous, Some(first));
+    assert_eq!(store.revocation(id).unwrap(), Some(second));
+}
+
+/// A renewal by certificate is checked against the identity's revocation
+/// in the issuance's transaction: one covering the certificate (or one of
+/// unknown issue time) is refused and changes nothing; a certificate
+/// issued after the revocation renews.
+#[test]
+fn a_renewal_by_a_revoked_certificate_is_refused_in_its_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let id = "spiffe://td/ns/a/sa/b";
+    let now = unix_now();
+    let w = certified(id, &["10.0.0.1:1"], now + 3600, now);
+    let (revocation, _) = store.revoke_at(id, "", || now - 10).unwrap();
+    let version = store.snapshot_version().unwrap();
+    for issued_at_unix in [Some(now - 10), Some(now - 600), None] {
+        let proof = IssuanceProof::Certificate { issued_at_unix };
+        let err = store
+            .record_issuance(Some(proof), &issued("01", id), &w)
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Revoked(r) if *r == revocation),
+            "{issued_at_unix:?}: {err}"
+        );
+    }
+    assert!(store.workloads().unwrap().is_empty());
+    assert!(store.issued_certificates().unwrap().is_empty());
+    assert_eq!(store.snapshot_version().unwrap(), version);
+
+    let after = IssuanceProof::Certificate {
+        issued_at_unix: Some(now - 9),
+    };
+    store
+        .record_issuance(Some(after), &issued("02", id), &w)
+        .unwrap();
+    assert_eq!(store.issued_certificates().unwrap().len(), 1);
 }

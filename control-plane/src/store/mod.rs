@@ -285,6 +285,25 @@ pub struct TokenClaim<'a> {
     pub now_unix: i64,
 }
 
+/// What a Certify proved its identity with, where the store decides
+/// whether it still does, in the issuance's own transaction.
+#[derive(Clone, Copy, Debug)]
+pub enum IssuanceProof<'a> {
+    /// A join token: checked and used.
+    Token(TokenClaim<'a>),
+    /// A certificate of the identity, issued at `issued_at_unix` (`None`:
+    /// when is not known): refused when a revocation of the identity covers
+    /// it ([`StoreError::Revoked`]), so a revocation stored after the
+    /// caller's was read still stops the renewal.
+    Certificate { issued_at_unix: Option<i64> },
+}
+
+impl<'a> From<TokenClaim<'a>> for IssuanceProof<'a> {
+    fn from(claim: TokenClaim<'a>) -> Self {
+        IssuanceProof::Token(claim)
+    }
+}
+
 /// Why a join token does not prove an identity.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TokenRefusal {
@@ -319,6 +338,10 @@ pub enum StoreError {
         "inbound address {address} is at an IP that {holder} holds, whose certificate is still valid"
     )]
     AddressHeld { address: String, holder: String },
+    /// A renewal by a certificate that a revocation of its identity
+    /// covers.
+    #[error("{} was revoked at {} (Unix seconds)", .0.spiffe_id, .0.revoked_at_unix)]
+    Revoked(Revocation),
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeStoreError),
     /// The store keeps no revocations (the Kubernetes store: its sidecars
@@ -531,9 +554,11 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Records an issued certificate and upserts its workload, in one
-    /// transaction. With a `claim`, the token is checked and consumed in the
-    /// same transaction; a refused claim ([`StoreError::Token`]) changes
-    /// nothing. `workload.addresses` (what one Certify reported, each
+    /// transaction. With a `proof`, it is checked in the same transaction:
+    /// a token is consumed, and a refused one ([`StoreError::Token`])
+    /// changes nothing; a certificate a revocation covers is refused
+    /// ([`StoreError::Revoked`], by a store that keeps revocations) and
+    /// changes nothing. `workload.addresses` (what one Certify reported, each
     /// expiring with its certificate) are added to the workload's, or
     /// refreshed there (an address keeps the later of its two expiries);
     /// its other addresses stay until their own expiry (several sidecars
@@ -551,7 +576,7 @@ pub trait Store: Send + Sync + 'static {
     /// the caller only refreshes discovery.
     fn record_issuance(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError>;
@@ -559,31 +584,40 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::record_issuance`] for async callers: the answer comes on the
     /// receiver, and the caller's thread is not held meanwhile. A closed
     /// receiver means the store stopped before answering. The caller sets
-    /// `abandoned` when it goes away: an issuance with a token claim that
+    /// `abandoned` when it goes away: an issuance proved by a token that
     /// is still waiting then is not applied ([`StoreError::Abandoned`]), so
     /// the token stays unused for the caller's next try. The default
     /// answers at once, which suits stores whose `record_issuance` does not
     /// block.
     fn queue_issuance(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
         abandoned: &Arc<AtomicBool>,
     ) -> tokio::sync::oneshot::Receiver<Result<EndpointChange, StoreError>> {
         let _ = abandoned;
         let (answer, reply) = tokio::sync::oneshot::channel();
-        let _ = answer.send(self.record_issuance(claim, issued, workload));
+        let _ = answer.send(self.record_issuance(proof, issued, workload));
         reply
     }
 
     fn workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError>;
 
-    /// Revokes `revocation.spiffe_id` as `revocation` says, replacing a
-    /// revocation it had; returns that one. The default (a store that keeps
-    /// no revocations) refuses with [`StoreError::RevocationsUnsupported`].
-    fn revoke(&self, revocation: &Revocation) -> Result<Option<Revocation>, StoreError> {
-        let _ = revocation;
+    /// Revokes `spiffe_id` for `reason`, replacing a revocation it had;
+    /// returns the revocation stored and the one replaced. It is stamped
+    /// with the time inside the write's own transaction, so an issuance
+    /// recorded after it sees it (a renewal it covers is refused there),
+    /// and never earlier than the one it replaces (two revokes committed in
+    /// the other order than they were stamped).
+    /// The default (a store that keeps no revocations) refuses with
+    /// [`StoreError::RevocationsUnsupported`].
+    fn revoke(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+    ) -> Result<(Revocation, Option<Revocation>), StoreError> {
+        let _ = (spiffe_id, reason);
         Err(StoreError::RevocationsUnsupported)
     }
 

@@ -15,7 +15,9 @@
 //! last page instead of landing on random pages, as records keyed by serial
 //! did) and pruned from its oldest end to the store's retention in the same
 //! commit. Each
-//! issuance checks its token, and the addresses it reports against those
+//! issuance checks its token (a renewal by certificate: that no revocation
+//! of its identity covers the certificate, however recently stored), and
+//! the addresses it reports against those
 //! other live workloads hold (loopback and unspecified addresses are every
 //! network namespace's own and have no owner), before it writes anything,
 //! so a refused one changes nothing, whatever its neighbours in the batch
@@ -41,18 +43,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableHandle};
 use tokio::sync::oneshot;
 use trellis_core::SpiffeId;
 
 use super::{
-    ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, SNAPSHOT_VERSION, SNAPSHOT_VERSION_SET_AT,
-    WORKLOADS, decode, encode, get_u64, set_snapshot_version,
+    ENDPOINT_OWNERS, ISSUED_LOG, JOIN_TOKENS, META, REVOCATIONS, SNAPSHOT_VERSION,
+    SNAPSHOT_VERSION_SET_AT, WORKLOADS, decode, encode, get_u64, set_snapshot_version,
 };
 use crate::net::is_namespace_local;
 use crate::store::{
-    EndpointChange, InboundAddress, IssuedCertRecord, JoinToken, MAX_WORKLOAD_ADDRESSES,
-    StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
+    EndpointChange, InboundAddress, IssuanceProof, IssuedCertRecord, JoinToken,
+    MAX_WORKLOAD_ADDRESSES, Revocation, StoreError, TokenClaim, TokenRefusal, WorkloadRecord,
 };
 
 /// The most issuances one commit holds: bounds the transaction and the
@@ -68,7 +70,7 @@ const GATHER: Duration = Duration::from_micros(500);
 
 /// An issuance waiting for its commit, owned so it can cross to the writer.
 struct Issuance {
-    claim: Option<OwnedClaim>,
+    proof: Option<OwnedProof>,
     issued: IssuedCertRecord,
     workload: WorkloadRecord,
     answer: oneshot::Sender<Result<EndpointChange, StoreError>>,
@@ -76,10 +78,47 @@ struct Issuance {
     abandoned: Option<Arc<AtomicBool>>,
 }
 
-struct OwnedClaim {
-    hash: [u8; 32],
-    spiffe_id: SpiffeId,
-    now_unix: i64,
+enum OwnedProof {
+    Token {
+        hash: [u8; 32],
+        spiffe_id: SpiffeId,
+        now_unix: i64,
+    },
+    Certificate {
+        issued_at_unix: Option<i64>,
+    },
+}
+
+impl OwnedProof {
+    fn new(proof: IssuanceProof<'_>) -> Self {
+        match proof {
+            IssuanceProof::Token(c) => OwnedProof::Token {
+                hash: *c.hash,
+                spiffe_id: c.spiffe_id.clone(),
+                now_unix: c.now_unix,
+            },
+            IssuanceProof::Certificate { issued_at_unix } => {
+                OwnedProof::Certificate { issued_at_unix }
+            }
+        }
+    }
+
+    fn borrowed(&self) -> IssuanceProof<'_> {
+        match self {
+            OwnedProof::Token {
+                hash,
+                spiffe_id,
+                now_unix,
+            } => IssuanceProof::Token(TokenClaim {
+                hash,
+                spiffe_id,
+                now_unix: *now_unix,
+            }),
+            OwnedProof::Certificate { issued_at_unix } => IssuanceProof::Certificate {
+                issued_at_unix: *issued_at_unix,
+            },
+        }
+    }
 }
 
 /// The handle to the writer thread; dropping it stops the thread and waits
@@ -116,33 +155,29 @@ impl IssuanceWriter {
     /// Blocks the calling thread: call it where blocking is allowed.
     pub(super) fn record(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        self.queue(claim, issued, workload, None)
+        self.queue(proof, issued, workload, None)
             .blocking_recv()
             .unwrap_or_else(|_| Err(self.stopped()))
     }
 
     /// Queues one issuance without blocking; the answer arrives once it is
-    /// durable (or refused). One with a token claim whose caller has set
+    /// durable (or refused). One proved by a token whose caller has set
     /// `abandoned` by the time its batch is applied is refused
     /// ([`StoreError::Abandoned`]) and leaves the token unused.
     pub(super) fn queue(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         workload: &WorkloadRecord,
         abandoned: Option<&Arc<AtomicBool>>,
     ) -> oneshot::Receiver<Result<EndpointChange, StoreError>> {
         let (answer, reply) = oneshot::channel();
         let issuance = Issuance {
-            claim: claim.map(|c| OwnedClaim {
-                hash: *c.hash,
-                spiffe_id: c.spiffe_id.clone(),
-                now_unix: c.now_unix,
-            }),
+            proof: proof.map(OwnedProof::new),
             issued: issued.clone(),
             workload: workload.clone(),
             answer,
@@ -236,18 +271,13 @@ fn commit(
                 .abandoned
                 .as_ref()
                 .is_some_and(|a| a.load(Ordering::Acquire));
-            if gone && issuance.claim.is_some() {
+            if gone && matches!(issuance.proof, Some(OwnedProof::Token { .. })) {
                 outcomes.push(Err(StoreError::Abandoned));
                 continue;
             }
-            let claim = issuance.claim.as_ref().map(|c| TokenClaim {
-                hash: &c.hash,
-                spiffe_id: &c.spiffe_id,
-                now_unix: c.now_unix,
-            });
             let outcome = record_one(
                 &mut tables,
-                claim,
+                issuance.proof.as_ref().map(OwnedProof::borrowed),
                 &issuance.issued,
                 &issuance.workload,
                 version_set_at,
@@ -291,6 +321,7 @@ struct Tables<'txn> {
     log: redb::Table<'txn, u64, &'static [u8]>,
     workloads: redb::Table<'txn, &'static str, &'static [u8]>,
     owners: redb::Table<'txn, &'static str, &'static str>,
+    revocations: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -300,6 +331,7 @@ impl<'txn> Tables<'txn> {
             log: txn.open_table(ISSUED_LOG)?,
             workloads: txn.open_table(WORKLOADS)?,
             owners: txn.open_table(ENDPOINT_OWNERS)?,
+            revocations: txn.open_table(REVOCATIONS)?,
         })
     }
 }
@@ -315,7 +347,7 @@ impl<'txn> Tables<'txn> {
 /// now was published by that version if it expired after.
 fn record_one(
     tables: &mut Tables<'_>,
-    claim: Option<TokenClaim<'_>>,
+    proof: Option<IssuanceProof<'_>>,
     issued: &IssuedCertRecord,
     workload: &WorkloadRecord,
     version_set_at: Option<i64>,
@@ -325,9 +357,17 @@ fn record_one(
         log,
         workloads,
         owners,
+        revocations,
     } = tables;
     let now = workload.last_seen_unix;
+    let claim = match proof {
+        Some(IssuanceProof::Token(claim)) => Some(claim),
+        _ => None,
+    };
     let decided = (|| {
+        if let Some(IssuanceProof::Certificate { issued_at_unix }) = proof {
+            refuse_revoked(revocations, &workload.spiffe_id, issued_at_unix, now)?;
+        }
         let token = match claim {
             Some(claim) => Some(consume(tokens, claim)?),
             None => None,
@@ -577,6 +617,26 @@ pub(super) fn prune_log(
         log.pop_first()?;
     }
     Ok(())
+}
+
+/// Refuses a renewal of `spiffe_id` by a certificate issued at
+/// `issued_at_unix` (`None`: not known) that its revocation covers at
+/// `now`: read in the issuance's transaction, so a revocation committed
+/// after the renewal's own check still stops it.
+fn refuse_revoked(
+    revocations: &redb::Table<'_, &str, &[u8]>,
+    spiffe_id: &str,
+    issued_at_unix: Option<i64>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let Some(value) = revocations.get(spiffe_id)? else {
+        return Ok(());
+    };
+    let revocation: Revocation = decode(value.value(), REVOCATIONS.name())?;
+    if revocation.is_stale(now) || issued_at_unix.is_some_and(|at| !revocation.covers(at)) {
+        return Ok(());
+    }
+    Err(StoreError::Revoked(revocation))
 }
 
 /// The claimed token, marked used, if it proves the claim's identity now.

@@ -74,9 +74,9 @@ pub use self::reflect::WatchHealth;
 use self::reflect::{Convert, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
-    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuedCertRecord,
-    IssuedLogView, JoinToken, PolicyOutcome, Position, Store, StoreError, TokenClaim, TokenRefusal,
-    WorkloadRecord, same_content,
+    AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuanceProof,
+    IssuedCertRecord, IssuedLogView, JoinToken, PolicyOutcome, Position, Store, StoreError,
+    TokenClaim, TokenRefusal, WorkloadRecord, same_content,
 };
 use crate::authn::tokenreview::KubeApi;
 
@@ -703,11 +703,11 @@ impl Store for KubernetesStore {
 
     fn record_issuance(
         &self,
-        claim: Option<TokenClaim<'_>>,
+        proof: Option<IssuanceProof<'_>>,
         issued: &IssuedCertRecord,
         _workload: &WorkloadRecord,
     ) -> Result<EndpointChange, StoreError> {
-        if claim.is_some() {
+        if matches!(proof, Some(IssuanceProof::Token(_))) {
             return Err(TokenRefusal::Disabled.into());
         }
         self.issued.lock().expect("not poisoned").push(issued);
