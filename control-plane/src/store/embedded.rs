@@ -20,7 +20,8 @@
 //! every revocation write sets a new snapshot version, as the snapshots
 //! carry them; one older than
 //! [`REVOCATION_KEPT`](super::REVOCATION_KEPT) covers only expired certificates, is not read by renewals, and
-//! is removed when the database is opened and at every revocation write), `meta` (counters: snapshot version, the epoch it was set
+//! is removed when the database is opened and at every revocation write,
+//! with a new snapshot version when any was), `meta` (counters: snapshot version, the epoch it was set
 //! in and when, policy generation).
 //!
 //! The snapshot version is a counter, so a database restored from a backup
@@ -205,7 +206,11 @@ impl EmbeddedStore {
             txn.open_table(POLICIES)?;
             txn.open_table(RATE_LIMITS)?;
             txn.open_table(META)?;
-            prune_revocations(&mut txn.open_table(REVOCATIONS)?, unix_now())?;
+            // Snapshots carry every stored revocation: removing one is new
+            // content, so a new version (of this open's epoch) names it.
+            if prune_revocations(&mut txn.open_table(REVOCATIONS)?, unix_now())? > 0 {
+                store.bump_in(txn)?;
+            }
             let mut log = txn.open_table(ISSUED_LOG)?;
             let moved = move_log_by_serial(txn, &mut log)?;
             issuance::prune_log(&mut log, retained)?;
@@ -927,8 +932,12 @@ impl EmbeddedStore {
 
 /// Removes the revocations stale at `now` (older than
 /// [`REVOCATION_KEPT`](super::REVOCATION_KEPT)); the table holds one per revoked identity, so
-/// reading it whole is cheap.
-fn prune_revocations(table: &mut redb::Table<'_, &str, &[u8]>, now: i64) -> Result<(), StoreError> {
+/// reading it whole is cheap. Returns how many it removed: the caller sets a
+/// new snapshot version when any were.
+fn prune_revocations(
+    table: &mut redb::Table<'_, &str, &[u8]>,
+    now: i64,
+) -> Result<usize, StoreError> {
     let mut stale = Vec::new();
     for entry in table.iter()? {
         let (id, value) = entry?;
@@ -946,7 +955,7 @@ fn prune_revocations(table: &mut redb::Table<'_, &str, &[u8]>, now: i64) -> Resu
             "removed revocations that cover only expired certificates"
         );
     }
-    Ok(())
+    Ok(stale.len())
 }
 
 #[cfg(test)]

@@ -1233,3 +1233,35 @@ fn a_renewal_by_a_revoked_certificate_is_refused_in_its_transaction() {
         .unwrap();
     assert_eq!(store.issued_certificates().unwrap().len(), 1);
 }
+
+/// Opening the database removes revocations past every certificate
+/// lifetime, which snapshots carried: it sets a new version, so the
+/// (version, epoch) a sidecar holds never names other content. An open
+/// that removes nothing keeps both.
+#[test]
+fn pruning_revocations_on_open_sets_a_new_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let old = unix_now() - REVOCATION_KEPT.as_secs() as i64 - 60;
+    store
+        .revoke_at("spiffe://td/ns/a/sa/old", "", || old)
+        .unwrap();
+    let before = versioned(&store);
+    drop(store);
+
+    let store = EmbeddedStore::open(&path).unwrap();
+    let state = store.discovery_state().unwrap();
+    assert!(state.revocations.is_empty());
+    assert_ne!(
+        (state.version, state.epoch),
+        before,
+        "new content, new version"
+    );
+    assert_eq!(state.version, before.0 + 1);
+    let after = versioned(&store);
+    drop(store);
+
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(versioned(&store), after, "nothing removed, nothing new");
+}
