@@ -608,16 +608,20 @@ impl Store for EmbeddedStore {
     fn unrevoke(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
         self.write(|txn| {
             let mut table = txn.open_table(REVOCATIONS)?;
-            let removed = table
-                .remove(spiffe_id)?
-                .map(|v| decode::<Revocation>(v.value(), REVOCATIONS.name()))
-                .transpose()?
-                .filter(|r| !r.is_stale(unix_now()));
-            prune_revocations(&mut table, unix_now())?;
-            if removed.is_some() {
-                self.bump_in(txn)?;
-            }
-            Ok(removed)
+            let now = unix_now();
+            let stored: Option<Revocation> = table
+                .get(spiffe_id)?
+                .map(|v| decode(v.value(), REVOCATIONS.name()))
+                .transpose()?;
+            // Not revoked (a stale revocation is none): answered before
+            // anything is written, so the refusal changes nothing.
+            let Some(removed) = stored.filter(|r| !r.is_stale(now)) else {
+                return Ok(None);
+            };
+            table.remove(spiffe_id)?;
+            prune_revocations(&mut table, now)?;
+            self.bump_in(txn)?;
+            Ok(Some(removed))
         })
     }
 

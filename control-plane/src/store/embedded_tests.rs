@@ -1265,3 +1265,32 @@ fn pruning_revocations_on_open_sets_a_new_version() {
     let store = EmbeddedStore::open(&path).unwrap();
     assert_eq!(versioned(&store), after, "nothing removed, nothing new");
 }
+
+/// An unrevoke of an identity that is not revoked (or whose revocation is
+/// past every certificate lifetime) is answered `None` and changes
+/// nothing: no revocation removed, stale ones included, no new version.
+#[test]
+fn an_unrevoke_of_an_identity_not_revoked_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap();
+    let old = unix_now() - REVOCATION_KEPT.as_secs() as i64 - 60;
+    let stale = "spiffe://td/ns/a/sa/stale";
+    store.revoke_at(stale, "", || old).unwrap();
+    let stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+    let before = versioned(&store);
+    for id in ["spiffe://td/ns/a/sa/never", stale] {
+        assert_eq!(store.unrevoke(id).unwrap(), None, "{id}");
+        let now_stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+        assert_eq!(now_stored, stored, "{id}");
+        assert_eq!(versioned(&store), before, "{id}");
+    }
+
+    // One that is revoked is removed, in a new version.
+    let live = "spiffe://td/ns/a/sa/live";
+    store.revoke_at(live, "", unix_now).unwrap();
+    let version = store.snapshot_version().unwrap();
+    assert!(store.unrevoke(live).unwrap().is_some());
+    let now_stored: Vec<Revocation> = store.read_all(REVOCATIONS).unwrap();
+    assert!(now_stored.is_empty(), "{now_stored:?}");
+    assert_eq!(store.snapshot_version().unwrap(), version + 1);
+}
