@@ -90,8 +90,9 @@ pub fn workload_id(raw: &str) -> Result<SpiffeId, String> {
 }
 
 /// A revocation's reason as given, or why it is refused: at most
-/// [`MAX_REVOCATION_REASON_BYTES`], no control characters (listings print
-/// it as it is).
+/// [`MAX_REVOCATION_REASON_BYTES`], no control characters and no invisible
+/// format characters ([`is_format`]: listings print it as it is, and a
+/// bidi override would make it read otherwise than it is).
 pub fn revocation_reason(reason: &str) -> Result<&str, String> {
     if reason.len() > MAX_REVOCATION_REASON_BYTES {
         return Err(format!(
@@ -105,7 +106,44 @@ pub fn revocation_reason(reason: &str) -> Result<&str, String> {
             super::quoted(reason)
         ));
     }
+    if let Some(c) = reason.chars().find(|&c| is_format(c)) {
+        return Err(format!(
+            "reason {} holds the invisible format character U+{:04X}; give plain text",
+            super::quoted(reason),
+            u32::from(c)
+        ));
+    }
     Ok(reason)
+}
+
+/// Whether `c` is an invisible format character (Unicode category Cf):
+/// bidi embeddings, overrides, isolates and marks, zero-width characters,
+/// the byte order mark, invisible operators and the like.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61C}'
+            | '\u{6DD}'
+            | '\u{70F}'
+            | '\u{890}'..='\u{891}'
+            | '\u{8E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 fn revocation_proto(r: Revocation) -> trellis_proto::admin::v1::Revocation {
@@ -503,7 +541,32 @@ pub fn issued_limit(request: &ListIssuedCertificatesRequest) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_serial;
+    use super::{normalize_serial, revocation_reason};
+
+    /// A reason is printed as it is: one holding a bidi override or a
+    /// zero-width character is refused, naming the character's code point.
+    #[test]
+    fn a_reason_with_an_invisible_format_character_is_refused() {
+        for (reason, named) in [
+            ("key \u{202E}deipoc", "U+202E"),
+            ("\u{2066}copied\u{2069}", "U+2066"),
+            ("key\u{200B}copied", "U+200B"),
+            ("\u{FEFF}key copied", "U+FEFF"),
+            ("key copied\u{200F}", "U+200F"),
+        ] {
+            let err = revocation_reason(reason).unwrap_err();
+            assert!(
+                err.ends_with(&format!(
+                    "holds the invisible format character {named}; give plain text"
+                )),
+                "{reason:?}: {err}"
+            );
+        }
+        assert_eq!(
+            revocation_reason("clé copiée, ключ 複製").unwrap(),
+            "clé copiée, ключ 複製"
+        );
+    }
 
     #[test]
     fn serials_read_as_openssl_and_the_log_write_them() {

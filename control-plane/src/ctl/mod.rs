@@ -1157,4 +1157,22 @@ mod tests {
             assert_eq!(rfc3339(none), "-", "{none}");
         }
     }
+
+    /// `--reason` is checked before any call, by the server's own rule.
+    #[test]
+    fn a_reason_with_a_bidi_override_is_refused_before_any_call() {
+        let args = [
+            "trellisctl",
+            "identity",
+            "revoke",
+            "spiffe://cluster.local/ns/default/sa/web",
+            "--reason",
+            "key \u{202E}deipoc",
+        ];
+        let err = Cli::try_parse_from(args).unwrap_err().to_string();
+        assert!(
+            err.contains("holds the invisible format character U+202E; give plain text"),
+            "{err}"
+        );
+    }
 }
