@@ -411,10 +411,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CtlError> {
 /// control plane in seconds.
 fn token_ttl(s: &str) -> Result<Duration, String> {
     let ttl = trellis_core::duration::parse(s)?;
-    if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
-        return Err(format!(
-            "{s:?} is not a whole number of seconds, at least 1s"
-        ));
+    if ttl < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than the minimum of 1 second"));
+    }
+    if ttl.subsec_nanos() != 0 {
+        return Err(format!("{s:?} is not a whole number of seconds"));
     }
     if ttl > crate::authn::MAX_TOKEN_TTL {
         return Err(format!(
@@ -1156,6 +1157,21 @@ mod tests {
         for none in [0, -1, 253_402_300_800, i64::MAX] {
             assert_eq!(rfc3339(none), "-", "{none}");
         }
+    }
+
+    /// `--ttl` says the bound it is out of, in the words of the others.
+    #[test]
+    fn a_token_ttl_out_of_bounds_names_the_bound() {
+        for (ttl, problem) in [
+            ("0", "\"0\" is shorter than the minimum of 1 second"),
+            ("0s", "\"0s\" is shorter than the minimum of 1 second"),
+            ("500ms", "\"500ms\" is shorter than the minimum of 1 second"),
+            ("1.5s", "\"1.5s\" is not a whole number of seconds"),
+            ("25h", "\"25h\" is longer than the maximum of 1 day"),
+        ] {
+            assert_eq!(token_ttl(ttl).unwrap_err(), problem);
+        }
+        assert_eq!(token_ttl("1s").unwrap(), Duration::from_secs(1));
     }
 
     /// `--reason` is checked before any call, by the server's own rule.
