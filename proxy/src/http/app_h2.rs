@@ -19,18 +19,27 @@
 //! request has used for [`IDLE`] is let go: no new request takes it, and
 //! it closes once the streams on it are done.
 //!
+//! A request whose connection fails after the app's first bytes were not
+//! HTTP/2 (an app that speaks only HTTP/1 answers the connection preface
+//! with an HTTP/1 status line) fails with [`SendError::NotHttp2`], not as
+//! an app that could not be reached.
+//!
 //! Each connection gathers its writes ([`GatheredWrites`]), so the frames
 //! of the streams in flight leave together instead of one write for each
 //! DATA frame h2 sends from a request's own buffer.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use trellis_core::gather::GatheredWrites;
 
 use super::upstream::{IDLE, SendError};
@@ -67,12 +76,14 @@ struct Shared<B> {
     idle: Duration,
 }
 
-/// One app port: its connection, if one is open, and the lock its dial is
-/// made under.
+/// One app port: its connection, if one is open, the lock its dial is
+/// made under, and whether the app's first bytes on the last connection
+/// dialled were not HTTP/2 ([`FirstBytes`]).
 struct Port<B> {
     target: SocketAddr,
     conn: Option<Conn<B>>,
     dialing: Arc<tokio::sync::Mutex<()>>,
+    not_h2: Arc<AtomicBool>,
 }
 
 struct Conn<B> {
@@ -126,19 +137,34 @@ impl<B> Shared<B> {
         Some((conn.id, conn.sender.clone()))
     }
 
-    /// The lock the dial to `target` is made under.
-    fn dialing(&self, target: SocketAddr) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock the dial to `target` is made under, and the port's
+    /// [`not_h2`](Port::not_h2).
+    fn dialing(&self, target: SocketAddr) -> (Arc<tokio::sync::Mutex<()>>, Arc<AtomicBool>) {
         let mut ports = self.lock();
         if let Some(port) = ports.iter().find(|p| p.target == target) {
-            return port.dialing.clone();
+            return (port.dialing.clone(), port.not_h2.clone());
         }
         let dialing = Arc::new(tokio::sync::Mutex::new(()));
+        let not_h2 = Arc::new(AtomicBool::new(false));
         ports.push(Port {
             target,
             conn: None,
             dialing: dialing.clone(),
+            not_h2: not_h2.clone(),
         });
-        dialing
+        (dialing, not_h2)
+    }
+
+    /// Why a request to `target` failed: [`SendError::NotHttp2`] if the
+    /// app's first bytes on its connection were not HTTP/2, else `e`.
+    fn failed(&self, target: SocketAddr, e: hyper::Error) -> SendError {
+        let ports = self.lock();
+        let port = ports.iter().find(|p| p.target == target);
+        if port.is_some_and(|p| p.not_h2.load(Ordering::Relaxed)) {
+            SendError::NotHttp2(e)
+        } else {
+            SendError::Request(e)
+        }
     }
 
     /// Forgets connection `id` to `target`, if it is still the port's.
@@ -201,7 +227,7 @@ where
                     }
                     match unsent {
                         Some(unsent) if reused => req = unsent,
-                        _ => return Err(SendError::Request(e.into_error())),
+                        _ => return Err(self.shared.failed(target, e.into_error())),
                     }
                 }
             }
@@ -211,7 +237,7 @@ where
     /// The connection to `target` another request dialled meanwhile, or a
     /// new one; `true` with the first.
     async fn dial(&self, target: SocketAddr) -> Result<((u64, SendRequest<B>), bool), SendError> {
-        let dialing = self.shared.dialing(target);
+        let (dialing, not_h2) = self.shared.dialing(target);
         let _one = dialing.lock().await;
         if let Some(open) = self.shared.checkout(target) {
             return Ok((open, true));
@@ -219,6 +245,11 @@ where
         let tcp = crate::net::connect(target)
             .await
             .map_err(SendError::Connect)?;
+        not_h2.store(false, Ordering::Relaxed);
+        let tcp = FirstBytes {
+            inner: tcp,
+            not_h2: Some(not_h2),
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(APP_STREAM_WINDOW)
@@ -261,6 +292,66 @@ where
             });
         }
         Ok(((id, sender), false))
+    }
+}
+
+/// An app connection that notes whether the app's first bytes were not
+/// HTTP/2: an HTTP/2 server's first frame is its SETTINGS (frame type 4
+/// after a 3-byte length), and an HTTP/1-only app answers the connection
+/// preface with a status line (`HTTP/1.1 400 ...`) instead. Once the first
+/// bytes are in, reads and writes pass straight through.
+struct FirstBytes<S> {
+    inner: S,
+    /// Set (to whether they were not HTTP/2) and dropped at the first bytes.
+    not_h2: Option<Arc<AtomicBool>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.not_h2.is_some() && buf.filled().len() > before {
+            let first = &buf.filled()[before..];
+            let not_h2 = first.get(3).is_some_and(|kind| *kind != 4);
+            if let Some(flag) = self.not_h2.take() {
+                flag.store(not_h2, Ordering::Relaxed);
+            }
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

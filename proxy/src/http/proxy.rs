@@ -91,6 +91,11 @@ impl<B> Exchange<B> {
     }
 }
 
+/// The answer to an HTTP/2 request whose app answered the sidecar's HTTP/2
+/// connection with something else.
+pub const NOT_HTTP2: &str = "the app did not answer in HTTP/2: the request came in HTTP/2, and the \
+                             sidecar sends each request to the app in the version it came in";
+
 /// The end of the stack: sends the request to the app and streams the
 /// app's response back.
 pub async fn forward(
@@ -131,11 +136,12 @@ pub async fn forward(
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
             // An answer hyper could not read one way only (two lengths, a
             // malformed head) is the app's fault, not its absence.
-            let invalid = matches!(&e, SendError::Request(e) if e.is_parse());
-            let message = if invalid {
-                "invalid answer from the app"
-            } else {
-                "app unreachable"
+            let message = match &e {
+                SendError::Request(e) if e.is_parse() => "invalid answer from the app",
+                // It is up, but HTTP/1 only: the request came in HTTP/2
+                // and is sent on in the version it came in.
+                SendError::NotHttp2(_) => NOT_HTTP2,
+                _ => "app unreachable",
             };
             local(
                 grpc,

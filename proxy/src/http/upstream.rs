@@ -46,6 +46,10 @@ pub enum SendError {
     Handshake(hyper::Error),
     #[error("HTTP/2 handshake with the app: {0}")]
     Http2Handshake(hyper::Error),
+    /// The app answered an HTTP/2 connection with bytes that are not
+    /// HTTP/2 (an HTTP/1-only app's answer to the connection preface).
+    #[error("the app did not answer in HTTP/2: {0}")]
+    NotHttp2(hyper::Error),
     #[error(transparent)]
     Request(hyper::Error),
 }

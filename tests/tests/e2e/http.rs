@@ -162,6 +162,46 @@ async fn curl_over_http1_and_h2_reaches_the_app_with_the_verified_identity_and_i
     Ok(())
 }
 
+/// An app that speaks only HTTP/1 (Python's `http.server`), called in
+/// HTTP/2: the caller's 502 says the app did not answer in HTTP/2, not that
+/// it is unreachable, and so does the sidecar's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_only_app_called_in_h2_is_named_as_such_not_unreachable() -> anyhow::Result<()> {
+    let addr = trellis_tests::ports::free_addr();
+    let mut app = tokio::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(addr.port().to_string())
+        .current_dir(std::env::temp_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually("the HTTP/1 app to listen", SOON, || {
+        TcpStream::connect(addr)
+    })
+    .await?;
+    let mut s = Setup::start(Mesh::start().await?, addr).await?;
+    let url = format!("http://{}/", s.route());
+
+    let http1 = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await?;
+    let h2 = curl(&["--http2-prior-knowledge", "-w", "%{http_code}", &url]).await?;
+    let logged = s
+        .api
+        .wait_for_log("the app did not answer in HTTP/2", SOON)
+        .await;
+    app.kill().await?;
+
+    assert_eq!(http1, "200", "the app is up");
+    assert_eq!(
+        h2,
+        "the app did not answer in HTTP/2: the request came in HTTP/2, and the sidecar sends \
+         each request to the app in the version it came in\n502"
+    );
+    let logged = logged?;
+    assert!(logged.contains("request to the app failed"), "{logged}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() -> anyhow::Result<()> {
     let app = HttpApp::start("api").await?;
