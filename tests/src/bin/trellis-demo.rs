@@ -2,7 +2,9 @@
 //!
 //! It starts a control plane, three sidecars and two small services on
 //! loopback, makes one call across the mesh over mTLS, prints who talked to
-//! whom and how to call it yourself, and stays up until Ctrl-C:
+//! whom and how to call it yourself, and stays up until Ctrl-C (a program
+//! of the mesh that exits before then is named, with its exit status and
+//! its log, and the rest stay up):
 //!
 //! ```text
 //! you -> client sidecar =mTLS=> web sidecar -> web app
@@ -344,6 +346,47 @@ fn print_instructions(demo: &Demo) {
     println!("Press Ctrl-C to stop.");
 }
 
+/// How often the demo looks for a program of the mesh that has exited.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// Says so, once each, when the control plane or a sidecar exits on its
+/// own while the demo is up: which one, how it exited, and where its log
+/// is, with the log's last lines. The rest stay up (and the log stays where
+/// it is) until Ctrl-C, so that what happened can be looked at; the exited
+/// one is not restarted. Never returns.
+async fn watch(demo: &mut Demo) {
+    let mut told: Vec<String> = Vec::new();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Demo {
+            client,
+            web,
+            api,
+            mesh,
+            ..
+        } = demo;
+        let processes = [client.process(), web.process(), api.process()]
+            .into_iter()
+            .chain(mesh.control_plane().process());
+        for process in processes {
+            let Some(status) = process.try_exit_status() else {
+                continue;
+            };
+            if told.iter().any(|name| name == process.name()) {
+                continue;
+            }
+            told.push(process.name().to_string());
+            eprintln!(
+                "\ntrellis-demo: {} exited on its own ({status}); its log is {}, ending:\n{}\n\
+                 The rest of the mesh stays up; press Ctrl-C to stop it.",
+                process.name(),
+                process.log_path().display(),
+                process.log_tail(10)
+            );
+        }
+    }
+}
+
 /// SIGINT (Ctrl-C) or SIGTERM, listened to from the start so that an
 /// interrupted start-up still tears down what it started.
 struct Shutdown {
@@ -389,7 +432,10 @@ async fn run(exit_after_check: bool) -> anyhow::Result<()> {
     };
     if !interrupted && !exit_after_check {
         print_instructions(&demo);
-        shutdown.requested().await;
+        tokio::select! {
+            () = shutdown.requested() => {}
+            () = watch(&mut demo) => {}
+        }
     }
     println!("\nStopping the mesh...");
     // Sidecars stop before the control plane (field order), then the

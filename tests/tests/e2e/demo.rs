@@ -1,5 +1,5 @@
 //! `trellis-demo` keeps working: it starts a mesh, makes its mTLS call and
-//! prints the success line.
+//! prints the success line, and says so when a program of its mesh dies.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -49,5 +49,114 @@ async fn demo_starts_and_its_call_succeeds() -> anyhow::Result<()> {
         "trellis-demo failed ({status}):\n{out}\n{err}"
     );
     assert!(out.contains(SUCCESS), "no success line in:\n{out}\n{err}");
+    Ok(())
+}
+
+/// The pid of the demo's child running the sidecar whose identity ends
+/// with `/sa/{name}`.
+fn sidecar_pid(demo: u32, name: &str) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{demo}/task")).ok()?;
+    let children: Vec<i32> = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    let suffix = format!("/sa/{name}");
+    children.into_iter().find(|pid| {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.windows(2)
+            .any(|w| w[0] == b"--identity" && w[1].ends_with(suffix.as_bytes()))
+    })
+}
+
+/// A sidecar that dies while the demo is up is named, with how it exited
+/// and where its log is; the demo stays up, and Ctrl-C still stops it
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_names_a_sidecar_that_exits_and_still_stops_on_ctrl_c() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-demo"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = demo.id().expect("the demo is running");
+    let demo_pid = Pid::from_raw(pid as i32).expect("a pid is not zero");
+    // Both outputs, line by line, as they come.
+    let (said, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for output in [
+        Box::new(demo.stdout.take().expect("stdout is piped"))
+            as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(demo.stderr.take().expect("stderr is piped")),
+    ] {
+        let said = said.clone();
+        tokio::spawn(async move {
+            let mut output = BufReader::new(output).lines();
+            while let Ok(Some(line)) = output.next_line().await {
+                let _ = said.send(line);
+            }
+        });
+    }
+    drop(said);
+    let mut seen = String::new();
+    let mut until = async |needle: &str| {
+        let found = tokio::time::timeout(patience(Duration::from_secs(120)), async {
+            while let Some(line) = lines.recv().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(needle) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        anyhow::ensure!(found == Ok(true), "no {needle:?} in:\n{seen}");
+        anyhow::Ok(seen.clone())
+    };
+    let stop = |signal| {
+        let _ = kill_process(demo_pid, signal);
+    };
+
+    if let Err(e) = until("Press Ctrl-C to stop.").await {
+        stop(Signal::TERM);
+        return Err(e);
+    }
+    let api = sidecar_pid(pid, "api").expect("the demo runs the api sidecar as its child");
+    kill_process(Pid::from_raw(api).expect("a pid is not zero"), Signal::KILL)?;
+    let told = until("press Ctrl-C to stop it").await;
+    // Read while the demo is up: stopping removes the mesh's directory.
+    let log = told.as_ref().ok().and_then(|told| {
+        let path = told
+            .split("its log is ")
+            .nth(1)?
+            .split(", ending:")
+            .next()?;
+        Some((path.to_string(), std::path::Path::new(path).is_file()))
+    });
+    stop(Signal::INT);
+    let told = told?;
+    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait()).await??;
+    let all = until("Stopped.").await?;
+
+    assert!(
+        told.contains("trellis-demo: sidecar api exited on its own (signal: 9 (SIGKILL))"),
+        "{told}"
+    );
+    let (log, is_file) = log.expect("the log's path is named");
+    assert!(
+        log.ends_with("sidecar-api.log") && is_file,
+        "{log}:\n{told}"
+    );
+    assert!(status.success(), "the demo failed ({status}):\n{all}");
     Ok(())
 }
