@@ -267,11 +267,14 @@ pub const H2_MAX_HEADER_LIST: usize = 16 * 1024;
 /// The bound HTTP/2 itself reads header lists to (advertised to callers as
 /// SETTINGS_MAX_HEADER_LIST_SIZE), four times [`H2_MAX_HEADER_LIST`] so
 /// that the sidecar's own bound trips first. A list over it is refused
-/// inside h2, which answers 431 alone and never hands the request to the
-/// sidecar (no log line, no count): a caller that heeds the setting never
-/// sends one (Go's and h2's clients refuse to, curl's nghttp2 sends none
-/// over 64 KiB). A list up to it is held while its stream is accepted,
-/// then dropped at once when it is refused.
+/// inside h2, which answers 431 alone (no body, on that stream only) and
+/// never hands the request to the sidecar (no log line, no count); h2 ends
+/// the connection with GOAWAY `ENHANCE_YOUR_CALM` for one over four times
+/// this, or a header block in more than six CONTINUATION frames. A caller that heeds the setting never sends one (Go's and h2's
+/// clients refuse to; curl's nghttp2 sends nothing of such a request, and
+/// curl reports `REFUSED_STREAM`, retries, then gives up with "Connection
+/// died"). A list up to it is held while its stream is accepted, then
+/// dropped at once when it is refused.
 pub const H2_HEADER_LIST_READ: u32 = 4 * H2_MAX_HEADER_LIST as u32;
 
 /// Why an HTTP connection ended early.

@@ -162,6 +162,98 @@ async fn curl_over_http1_and_h2_reaches_the_app_with_the_verified_identity_and_i
     Ok(())
 }
 
+/// An HTTP/2 frame: its 9-byte header (length, `kind`, `flags`, stream)
+/// and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// A header field as HPACK writes it literally, not indexed (RFC 7541
+/// section 6.2.2; lengths as 7-bit prefix integers).
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![0];
+    for text in [name, value] {
+        let mut n = text.len();
+        if n < 127 {
+            out.push(n as u8);
+        } else {
+            out.push(127);
+            n -= 127;
+            while n >= 128 {
+                out.push((n % 128) as u8 | 128);
+                n /= 128;
+            }
+            out.push(n as u8);
+        }
+        out.extend(text.as_bytes());
+    }
+    out
+}
+
+/// A header list over the 64 KiB h2 reads (what a client that ignores the
+/// sidecar's SETTINGS_MAX_HEADER_LIST_SIZE sends) is answered 431 with no
+/// body, on its stream alone: the connection stays open, and the request
+/// reaches neither the app nor the sidecar's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_header_list_over_64_kib_is_answered_431_on_its_stream() -> anyhow::Result<()> {
+    let app = HttpApp::start("api").await?;
+    let s = Setup::start(Mesh::start().await?, app.addr()).await?;
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/big"),
+        (":authority", "api"),
+    ] {
+        block.extend(hpack_literal(name, value));
+    }
+    block.extend(hpack_literal("x-big", &"a".repeat(70_000)));
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    request.extend(h2_frame(4, 0, 0, &[]));
+    let chunks: Vec<_> = block.chunks(16 * 1024).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let (kind, first) = if i == 0 { (1, 0x1) } else { (9, 0) };
+        let last = if i == chunks.len() - 1 { 0x4 } else { 0 };
+        request.extend(h2_frame(kind, first | last, 1, chunk));
+    }
+    let mut tcp = TcpStream::connect(s.route()).await?;
+    tcp.write_all(&request).await?;
+
+    // Frames until the answer on stream 1: (kind, flags, stream, payload).
+    let mut frames: Vec<(u8, u8, u32, Vec<u8>)> = Vec::new();
+    let read = tokio::time::timeout(SOON, async {
+        while !frames.iter().any(|f| f.2 == 1) {
+            let mut head = [0; 9];
+            tcp.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await?;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            frames.push((head[3], head[4], stream, payload));
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    let kinds: Vec<_> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert!(read.is_ok_and(|r| r.is_ok()), "{kinds:?}");
+    let answer = frames.iter().find(|f| f.2 == 1).expect("read until found");
+    // HEADERS with END_STREAM and END_HEADERS; `:status: 431` as h2 encodes
+    // it: indexed name 8 (`:status`), Huffman-coded value "431".
+    assert_eq!((answer.0, answer.1), (1, 0x5), "{kinds:?}");
+    assert_eq!(answer.3, [0x48, 0x83, 0x69, 0x90, 0xff]);
+    assert!(
+        frames.iter().all(|f| f.0 != 7),
+        "no GOAWAY: the connection goes on: {kinds:?}"
+    );
+    assert!(app.requests().is_empty());
+    assert!(access_lines(&s.api).is_empty());
+    Ok(())
+}
+
 /// An app that speaks only HTTP/1 (Python's `http.server`), called in
 /// HTTP/2: the caller's 502 says the app did not answer in HTTP/2, not that
 /// it is unreachable, and so does the sidecar's log.
