@@ -786,7 +786,7 @@ fn refused_values_are_said_with_control_characters_escaped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_control_plane_sends_is_printed_escaped() {
     use trellis_control_plane::store::embedded::{DB_FILE, EmbeddedStore};
-    use trellis_control_plane::store::{IssuedCertRecord, Revocation, Store, WorkloadRecord};
+    use trellis_control_plane::store::{IssuedCertRecord, Store, WorkloadRecord};
     use trellis_proto::policy::v1::{Action, Policy, Rule, Selector};
 
     const RED: &str = "spiffe://cluster.local/ns/default/sa/red\x1b[31m";
@@ -810,13 +810,7 @@ async fn what_the_control_plane_sends_is_printed_escaped() {
             .await
             .unwrap()
             .unwrap();
-        store
-            .revoke(&Revocation {
-                spiffe_id: RED.into(),
-                revoked_at_unix: now,
-                reason: "clears\x1b[2J the screen".into(),
-            })
-            .unwrap();
+        store.revoke(RED, "clears\x1b[2J the screen").unwrap();
         let policy = Policy {
             name: "p\x1b[31m".into(),
             namespace: "default".into(),
