@@ -1,9 +1,11 @@
 //! A call crosses the mesh over mTLS, and a route refuses a remote that is
 //! not who it should be.
 
+use std::net::SocketAddr;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use trellis_tests::{EchoApp, HttpApp, Mesh, eventually, http};
+use trellis_tests::{EchoApp, HttpApp, Mesh, Sidecar, eventually, http};
 
 use crate::{Pair, SOON};
 
@@ -66,6 +68,107 @@ async fn route_refuses_a_remote_that_presents_another_identity() -> anyhow::Resu
         .await?
         .success()?;
     assert_eq!(answer.body, "hello from b");
+    Ok(())
+}
+
+/// Starts sidecar `name` for `app` listening on `inbound`, where another
+/// listened until a moment ago: a sidecar that starts has new ticket keys.
+async fn start_at(
+    mesh: &Mesh,
+    name: &str,
+    app: SocketAddr,
+    inbound: SocketAddr,
+) -> anyhow::Result<Sidecar> {
+    let [outbound, admin] = trellis_tests::ports::free_addrs(2)[..] else {
+        unreachable!("two addresses");
+    };
+    let sidecar = mesh
+        .sidecar(name)
+        .app(app)
+        .preferred_addrs(inbound, outbound, admin)
+        .start()
+        .await?;
+    anyhow::ensure!(
+        sidecar.inbound_addr() == inbound,
+        "{inbound} was taken meanwhile: the test proves nothing"
+    );
+    Ok(sidecar)
+}
+
+/// `sidecar`'s outbound handshake failures of every reason, and its
+/// resumptions abandoned because the peer refused the ticket.
+async fn failures_and_refused_tickets(sidecar: &Sidecar) -> anyhow::Result<(f64, f64)> {
+    let metrics = sidecar.metrics().await?;
+    Ok((
+        metrics.counter(
+            "trellis_handshake_failures_total",
+            &[("direction", "outbound")],
+        ),
+        metrics.counter(
+            "trellis_tls_resumptions_abandoned_total",
+            &[("reason", "not_resumed")],
+        ),
+    ))
+}
+
+/// A caller holding tickets of a server sidecar that restarted (and so has
+/// new ticket keys) offers one, which is refused, and dials again with a
+/// full handshake: an abandoned resumption, and no handshake failure when
+/// the full handshake goes through, though the server counts the attempt
+/// it saw end. When the full handshake is refused too (another workload
+/// listens at the server's address now), the dial counts one failure: the
+/// full handshake's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ticket_is_abandoned_and_a_dial_counts_one_failure_at_most() -> anyhow::Result<()>
+{
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+    let (route, inbound) = (pair.route(), pair.server.inbound_addr());
+    http::get(route, "/first").await?.success()?;
+    http::get(route, "/second").await?.success()?;
+    let resumed = pair.client.metrics().await?.counter(
+        "trellis_tls_handshakes_total",
+        &[("direction", "outbound"), ("kind", "resumed")],
+    );
+    assert_eq!(resumed, 1.0, "the caller holds api's tickets");
+
+    pair.server.stop()?;
+    pair.server = start_at(&pair.mesh, "api", pair.api.addr(), inbound).await?;
+    let answer = http::get(route, "/restarted").await?.success()?;
+    assert_eq!(answer.body, "hello from api");
+    assert_eq!(
+        failures_and_refused_tickets(&pair.client).await?,
+        (0.0, 1.0),
+        "a dial whose ticket was refused and that went through: no failure, one abandoned \
+         resumption"
+    );
+    eventually("api to count the attempt it saw end", SOON, || async {
+        let refused = pair.server.metrics().await?.counter(
+            "trellis_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", "not_resumed")],
+        );
+        anyhow::ensure!(refused == 1.0, "{refused} not_resumed");
+        anyhow::Ok(())
+    })
+    .await?;
+
+    // The caller holds the restarted api's tickets; another workload
+    // takes api's address.
+    pair.server.stop()?;
+    let _intruder = start_at(&pair.mesh, "intruder", pair.api.addr(), inbound).await?;
+    let answer = http::get(route, "/intruder").await?;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert_eq!(
+        failures_and_refused_tickets(&pair.client).await?,
+        (1.0, 2.0),
+        "a dial whose ticket and full handshake were refused: one failure"
+    );
+    let unexpected = pair.client.metrics().await?.counter(
+        "trellis_handshake_failures_total",
+        &[("direction", "outbound"), ("reason", "unexpected_identity")],
+    );
+    assert_eq!(unexpected, 1.0);
+    let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(reached, ["/first", "/second", "/restarted"]);
     Ok(())
 }
 
