@@ -508,7 +508,7 @@ pub fn with_program_name(name: &str, mut args: Vec<OsString>) -> Vec<OsString> {
 /// of subcommands called without one (`trellisctl policy`) included, is a
 /// usage error whose text (there, the group's help) goes to stderr, so a
 /// script that left the subcommand out does not pass for having run one;
-/// what the user gave is shown escaped there ([`escape_given`]).
+/// what the user gave is shown escaped there (`escape_given`).
 pub fn classify_clap_error(e: clap::Error) -> Parsed {
     use clap::error::ErrorKind;
     match e.kind() {

@@ -91,7 +91,7 @@ pub fn workload_id(raw: &str) -> Result<SpiffeId, String> {
 
 /// A revocation's reason as given, or why it is refused: at most
 /// [`MAX_REVOCATION_REASON_BYTES`], no control characters and no invisible
-/// format characters ([`is_format`]: listings print it as it is, and a
+/// format characters (`is_format`: listings print it as it is, and a
 /// bidi override would make it read otherwise than it is).
 pub fn revocation_reason(reason: &str) -> Result<&str, String> {
     if reason.len() > MAX_REVOCATION_REASON_BYTES {

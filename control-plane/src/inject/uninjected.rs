@@ -65,7 +65,7 @@ impl Owner {
     /// (`web-6b7f9c5d8`, as the Deployment controller names it) is its
     /// Deployment (`web`): a fixed label rolls out as a new ReplicaSet of
     /// the same Deployment. Likewise a Job named as the CronJob controller
-    /// names a run lately scheduled (`backup-29412345`, see [`cronjob_of`])
+    /// names a run lately scheduled (`backup-29412345`, see `cronjob_of`)
     /// is its CronJob (`backup`): the next run is a new Job.
     pub fn of(namespace: &str, pod: &Value, now: i64) -> Self {
         let metadata = pod.get("metadata");
