@@ -364,9 +364,16 @@ impl Admin for AdminService {
         // Stamped in the store's transaction: a renewal recorded after it
         // sees it, and of two revokes the one committed last holds the
         // later time.
+        let discovery = self.mesh.discovery.clone();
+        // The whole view is read again: off the runtime's threads, as a
+        // policy write does.
         let (revocation, previous, issued) = tokio::task::spawn_blocking(move || {
             let (revocation, previous) = store.revoke(&key, &reason)?;
-            Ok::<_, StoreError>((revocation, previous, store.issued_to(&key)?))
+            // The sidecars are sent it: they refuse its certificates as peers.
+            super::policy::refresh_after_write(&discovery);
+            // Only words a warning: the revocation is stored whatever it says.
+            let issued = store.issued_to(&key);
+            Ok::<_, StoreError>((revocation, previous, issued))
         })
         .await
         .map_err(internal)?
@@ -374,14 +381,16 @@ impl Admin for AdminService {
         // Revoking ahead is allowed, but a misspelt ID revokes nothing that
         // exists: said, not refused.
         let warnings = match issued {
-            true => Vec::new(),
-            false => vec![format!(
+            Ok(true) => Vec::new(),
+            Ok(false) => vec![format!(
                 "no certificate has been issued to {id} by this control plane: check the \
                  spelling of the SPIFFE ID (the revocation is stored all the same)"
             )],
+            Err(e) => {
+                tracing::warn!(spiffe_id = %id, error = %e, "revoked, but whether a certificate was ever issued to it could not be read");
+                Vec::new()
+            }
         };
-        // The sidecars are sent it: they refuse its certificates as peers.
-        super::policy::refresh_after_write(&self.mesh.discovery);
         tracing::info!(
             spiffe_id = %id,
             revoked_at = revocation.revoked_at_unix,
@@ -411,12 +420,18 @@ impl Admin for AdminService {
         let id = self.workload_id(&req.spiffe_id)?;
         let store = self.mesh.store.clone();
         let key = id.to_string();
-        let removed = tokio::task::spawn_blocking(move || store.unrevoke(&key))
-            .await
-            .map_err(internal)?
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("{id} is not revoked")))?;
-        super::policy::refresh_after_write(&self.mesh.discovery);
+        let discovery = self.mesh.discovery.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let removed = store.unrevoke(&key)?;
+            if removed.is_some() {
+                super::policy::refresh_after_write(&discovery);
+            }
+            Ok::<_, StoreError>(removed)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(store_status)?
+        .ok_or_else(|| Status::not_found(format!("{id} is not revoked")))?;
         tracing::info!(spiffe_id = %id, revoked_at = removed.revoked_at_unix, "removed an identity's revocation: its certificates renew again");
         Ok(Response::new(UnrevokeIdentityResponse {
             revocation: Some(revocation_proto(removed)),
