@@ -214,7 +214,7 @@ pub struct Config {
     pub trust_anchor_roots: Vec<CertificateDer<'static>>,
 
     /// Extra DNS name for the control plane's serving certificate (repeatable).
-    #[arg(long = "dns-name", env = "TRELLIS_DNS_NAME", value_delimiter = ',', value_parser = parse_dns_name)]
+    #[arg(long = "dns-name", env = "TRELLIS_DNS_NAME", value_name = "NAME", value_delimiter = ',', value_parser = parse_dns_name)]
     pub dns_names: Vec<String>,
 
     /// The other control-plane replicas' gRPC addresses (HOST:PORT, comma
@@ -241,6 +241,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Address of the Kubernetes admission webhooks (HTTPS: /inject,
+    /// /inject/unknown-pod-label, /inject/unknown-namespace-label,
     /// /validate); off unless given. Requires --webhook-cert and --webhook-key.
     #[arg(long, env = "TRELLIS_WEBHOOK", requires_all = ["webhook_cert", "webhook_key"])]
     pub webhook: Option<SocketAddr>,
@@ -254,7 +255,9 @@ pub struct Config {
     pub webhook_key: Option<PathBuf>,
 
     /// Injection settings (JSON) for --webhook; defaults when not given.
-    #[arg(long, env = "TRELLIS_INJECT_CONFIG", requires = "webhook")]
+    // Checked in `resolve`: clap's `requires` would name --webhook's own
+    // requirements, not --webhook.
+    #[arg(long, env = "TRELLIS_INJECT_CONFIG")]
     pub inject_config: Option<PathBuf>,
 
     /// The contents of --inject-config, read and checked while parsing.
@@ -382,6 +385,13 @@ impl Config {
     /// file read) for `--identity-provider kubernetes` and the default
     /// `--renewal-proof`.
     fn resolve(&mut self) -> Result<(), String> {
+        if self.inject_config.is_some() && self.webhook.is_none() {
+            return Err(
+                "--inject-config configures the injection webhook: it needs --webhook (with \
+                 --webhook-cert and --webhook-key)"
+                    .into(),
+            );
+        }
         if let Some(path) = &self.trust_anchors {
             self.trust_anchor_roots =
                 load_trust_anchors(path).map_err(|e| format!("--trust-anchors {e}"))?;
@@ -1111,5 +1121,17 @@ mod tests {
             panic!("--ca-cert alone must be refused")
         };
         assert!(msg.contains("--ca-key"), "{msg}");
+    }
+
+    /// `--inject-config` alone is refused naming `--webhook`, the flag it
+    /// needs, not `--webhook`'s own requirements; its file is not read.
+    #[test]
+    fn inject_config_without_webhook_names_webhook() {
+        let args = ["x", "--state-dir", "d", "--inject-config", "missing.json"];
+        let Parsed::Invalid(msg) = parse(&args) else {
+            panic!("--inject-config without --webhook must be refused")
+        };
+        assert!(msg.contains("it needs --webhook"), "{msg}");
+        assert!(!msg.contains("missing.json"), "{msg}");
     }
 }
