@@ -75,7 +75,9 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub inbound: Vec<String>,
-    /// The local application inbound connections are forwarded to.
+    /// The local application that connections made straight to the inbound
+    /// listener are forwarded to (a connection redirected by interception goes
+    /// to the address its caller dialled).
     #[arg(long, env = "TRELLIS_APP", default_value = "127.0.0.1:8080")]
     pub app: String,
     /// Transparent outbound listeners, where iptables redirects the app's

@@ -420,6 +420,9 @@ async fn run(exit_after_check: bool) -> anyhow::Result<()> {
         demo = start() => demo?,
         () = shutdown.requested() => {
             println!("Interrupted; stopped.");
+            // As when interrupted during the check: a run that was to
+            // check the mesh and exit did not.
+            anyhow::ensure!(!exit_after_check, "interrupted before the check finished");
             return Ok(());
         }
     };
