@@ -61,7 +61,8 @@ fn default_values_render_valid_manifests() {
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
-            "Secret",
+            // The webhooks' serving certificate; never the CA (the control
+            // plane creates it).
             "Secret",
             "Service",
             "Service",
@@ -399,8 +400,9 @@ fn rules(role: &Value) -> Vec<Value> {
 /// The control plane may create tokenreviews, list and watch pods, services
 /// and endpointslices (never get one), read the Trellis CRDs, write them (the Admin API's applies,
 /// as creates and patches of the `spec`, and deletes with the Kubernetes store; never a full
-/// update, which would erase what other tools set), and read and update the one CA Secret, by
-/// name, in its own namespace: nothing else, compared rule by rule.
+/// update, which would erase what other tools set), read and update the one CA Secret, by
+/// name, and create Secrets (the CA Secret, which the chart does not render), in its own
+/// namespace: nothing else, compared rule by rule.
 #[test]
 fn rbac_grants_nothing_beyond_the_list() {
     let Some((helm, _)) = tools() else { return };
@@ -436,19 +438,18 @@ fn rbac_grants_nothing_beyond_the_list() {
         rules(role),
         [
             json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["trellis-ca"],
-                "verbs": ["get", "update"]})
+                "verbs": ["get", "update"]}),
+            // The control plane creates the CA Secret: RBAC cannot hold a
+            // create to one name, so it may create any Secret, in its own
+            // namespace only (a Role, never the ClusterRole).
+            json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}),
         ]
     );
-    // The named Secret is the CA the chart creates, kept on uninstall.
-    let ca = find(&docs, "Secret")
-        .into_iter()
-        .find(|s| s["metadata"]["name"] == "trellis-ca")
-        .expect("the CA Secret");
-    assert_eq!(ca["metadata"]["namespace"], NAMESPACE);
-    assert_eq!(
-        ca["metadata"]["annotations"]["helm.sh/resource-policy"],
-        "keep"
-    );
+    // In another namespace, the Role (and so the create) moves with the
+    // release.
+    let elsewhere = documents(&template_in(&helm, "mesh-b", &[]).unwrap());
+    assert_eq!(one(&elsewhere, "Role")["metadata"]["namespace"], "mesh-b");
+    assert_eq!(rules(one(&elsewhere, "Role")), rules(role));
 
     // Each binding gives its role to the control plane's account only.
     let subject = json!([{"kind": "ServiceAccount", "name": "trellis-control-plane", "namespace": NAMESPACE}]);

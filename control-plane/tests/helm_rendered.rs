@@ -968,20 +968,25 @@ fn cluster_with(
     }
 }
 
-/// The CA Secret holds the mesh's root once the first replica wrote it.
-/// An upgrade that replaces objects instead of patching them (`helm
-/// upgrade --force`, a GitOps "Replace" sync) sends the rendered Secret
-/// whole: were it rendered empty, the next replica to start would make a
-/// new root, which no running sidecar trusts. Rendered against a cluster
-/// holding the Secret (`--dry-run=server` looks it up), its data comes
-/// back as it is. No API server can run here: a local HTTPS stand-in
-/// answers helm's discovery requests and the Secret's GET with the API
-/// server's JSON shapes, and 404 for the rest.
+/// The mesh CA's Secret is never rendered, so its key (the mesh root's) is
+/// in no release record, no `helm get manifest`, `helm diff` or
+/// `--dry-run=server` output, and no upgrade (`--force` and GitOps
+/// "Replace" syncs included) can empty or replace it: the control plane
+/// creates it. Rendered as an upgrade of a cluster that holds it, as an
+/// earlier chart left it (`--dry-run=server` looks objects up), no document
+/// is a Secret of that name and the key appears nowhere, in PEM or base64;
+/// the only `tls.key` is the webhooks' serving key. A plain `helm template`
+/// renders no CA Secret either. No API server can run here: a local HTTPS
+/// stand-in answers helm's discovery requests and the Secret's GET with the
+/// API server's JSON shapes, and 404 for the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
+async fn no_rendering_holds_the_ca_secret_or_its_key() {
     use base64::Engine as _;
+    use trellis_control_plane::ca::secret::{CERT_KEY, KEY_KEY};
     let Some((helm, _)) = tools() else { return };
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let (_, cert, key) = CertificateAuthority::generate(&td).unwrap();
     let secret = json!({
         "apiVersion": "v1",
         "kind": "Secret",
@@ -989,7 +994,7 @@ async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
             "name": "trellis-ca",
             "namespace": NAMESPACE,
             "resourceVersion": "4711",
-            // What Helm set when it created the Secret: it adopts only its own.
+            // As an earlier chart created it.
             "labels": {"app.kubernetes.io/managed-by": "Helm"},
             "annotations": {
                 "meta.helm.sh/release-name": "trellis",
@@ -998,27 +1003,43 @@ async fn an_upgrade_renders_the_ca_secret_with_the_root_it_holds() {
             }
         },
         "type": "Opaque",
-        "data": {
-            trellis_control_plane::ca::secret::CERT_KEY: b64("-----BEGIN CERTIFICATE-----\nroot\n"),
-            trellis_control_plane::ca::secret::KEY_KEY: b64("-----BEGIN PRIVATE KEY-----\nkey\n"),
-        }
+        "data": {CERT_KEY: b64(&cert), KEY_KEY: b64(&key)}
     });
-    let rendered =
-        render_against_cluster(&helm, vec![secret.clone()], "templates/ca-secret.yaml").await;
-    let docs = documents(&rendered);
-    let rendered = one(&docs, "Secret");
-    assert_eq!(rendered["data"], secret["data"], "{rendered}");
-    assert_eq!(
-        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
-        "keep"
-    );
+    let upgrade = render_against_cluster(&helm, vec![secret], None).await;
+    let plain = template(&helm, &[]).unwrap();
+    let key_body = key.lines().nth(1).expect("a PEM body line");
+    for leaked in [b64(&key).as_str(), key_body, &b64(&cert)] {
+        assert!(
+            !upgrade.contains(leaked),
+            "the CA Secret's data was rendered"
+        );
+    }
+    for rendered in [&upgrade, &plain] {
+        let docs = documents(rendered);
+        assert!(docs.len() > 10, "the whole chart: {rendered}");
+        let secrets: Vec<&str> = find(&docs, "Secret")
+            .iter()
+            .map(|s| s["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(secrets, ["trellis-webhook-tls"], "no CA Secret");
+        let with_key: Vec<&Value> = docs
+            .iter()
+            .filter(|d| !d["data"][KEY_KEY].is_null() || !d["stringData"][KEY_KEY].is_null())
+            .collect();
+        assert_eq!(with_key.len(), 1, "only the webhooks' key");
+        assert_eq!(with_key[0]["metadata"]["name"], "trellis-webhook-tls");
+    }
 }
 
-/// `show_only` of the chart rendered as an upgrade of a cluster holding
+/// The chart (or only `show_only` of it) rendered as an upgrade of a cluster holding
 /// `objects`: `--dry-run=server` looks them up in a local HTTPS stand-in
 /// for the API server ([`cluster_with`]). Must run on a multi-threaded
 /// runtime, where the stand-in answers while helm blocks.
-async fn render_against_cluster(helm: &Path, objects: Vec<Value>, show_only: &str) -> String {
+async fn render_against_cluster(
+    helm: &Path,
+    objects: Vec<Value>,
+    show_only: Option<&str>,
+) -> String {
     let answer = cluster_with(objects);
     let server = serving::ApiServer::start(
         "operator-token",
@@ -1062,11 +1083,13 @@ async fn render_against_cluster(helm: &Path, objects: Vec<Value>, show_only: &st
         "--disable-openapi-validation",
         "--kubeconfig",
         &kubeconfig,
-        "--show-only",
-        show_only,
     ]
     .map(String::from)
     .to_vec();
+    let args = match show_only {
+        Some(only) => [args, vec!["--show-only".into(), only.into()]].concat(),
+        None => args,
+    };
     let helm = helm.to_owned();
     // helm blocks; the stand-in answers on this runtime meanwhile.
     tokio::task::spawn_blocking(move || {
@@ -1231,7 +1254,8 @@ async fn renewing_the_webhook_certificate_keeps_the_previous_ca_for_a_while() {
         &[("trellis.io/renew-after", "2020-01-01T00:00:00Z")],
         "2019-01-01T00:00:00Z",
     );
-    let rendered = render_against_cluster(&helm, vec![secret], "templates/webhooks.yaml").await;
+    let rendered =
+        render_against_cluster(&helm, vec![secret], Some("templates/webhooks.yaml")).await;
     validate_manifests(&validate, &rendered);
     let renewed = Webhooks::from(&rendered);
     assert_ne!(renewed.pem("ca.crt"), old.pem("ca.crt"), "a new CA");
@@ -1274,14 +1298,15 @@ async fn renewing_the_webhook_certificate_keeps_the_previous_ca_for_a_while() {
         .collect();
     let mut secret = live(&renewed.secret, &kept, &days_from_now(0));
     let rendered =
-        render_against_cluster(&helm, vec![secret.clone()], "templates/webhooks.yaml").await;
+        render_against_cluster(&helm, vec![secret.clone()], Some("templates/webhooks.yaml")).await;
     let again = Webhooks::from(&rendered);
     assert_eq!(again.secret, renewed.secret);
     assert_eq!(again.bundle, renewed.bundle);
 
     // The first upgrade past previous-ca-until drops the previous CA.
     secret["metadata"]["annotations"]["trellis.io/previous-ca-until"] = json!(days_from_now(-1));
-    let rendered = render_against_cluster(&helm, vec![secret], "templates/webhooks.yaml").await;
+    let rendered =
+        render_against_cluster(&helm, vec![secret], Some("templates/webhooks.yaml")).await;
     validate_manifests(&validate, &rendered);
     let later = Webhooks::from(&rendered);
     assert_eq!(later.bundle, new_ca);
@@ -1308,7 +1333,8 @@ async fn a_deleted_webhook_secret_keeps_the_ca_the_webhooks_trusted() {
     let Some((helm, _)) = tools() else { return };
     let deleted = installed(&helm);
     let mutating = live(&deleted.mutating, &[], &days_from_now(0));
-    let rendered = render_against_cluster(&helm, vec![mutating], "templates/webhooks.yaml").await;
+    let rendered =
+        render_against_cluster(&helm, vec![mutating], Some("templates/webhooks.yaml")).await;
     let renewed = Webhooks::from(&rendered);
     let new_ca = certificates(&renewed.pem("ca.crt"));
     assert_ne!(new_ca, deleted.bundle);
@@ -1335,7 +1361,7 @@ async fn a_secret_of_an_earlier_chart_is_renewed_by_its_age() {
     let old = live(&installed.secret, &[], &rfc3339(created));
     let old_ca = installed.bundle;
     let rendered =
-        render_against_cluster(&helm, vec![old.clone()], "templates/webhooks.yaml").await;
+        render_against_cluster(&helm, vec![old.clone()], Some("templates/webhooks.yaml")).await;
     let kept = Webhooks::from(&rendered);
     assert_eq!(kept.secret["data"], old["data"]);
     assert_eq!(kept.bundle, old_ca);
@@ -1347,7 +1373,7 @@ async fn a_secret_of_an_earlier_chart_is_renewed_by_its_age() {
 
     let mut aged = old;
     aged["metadata"]["creationTimestamp"] = json!(days_from_now(-2500));
-    let rendered = render_against_cluster(&helm, vec![aged], "templates/webhooks.yaml").await;
+    let rendered = render_against_cluster(&helm, vec![aged], Some("templates/webhooks.yaml")).await;
     let renewed = Webhooks::from(&rendered);
     let new_ca = certificates(&renewed.pem("ca.crt"));
     assert_ne!(new_ca, old_ca);

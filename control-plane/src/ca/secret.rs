@@ -2,14 +2,22 @@
 //! keys `tls.crt` (the signing CA, then its chain up to the root) and
 //! `tls.key`.
 //!
-//! Every replica loads the same CA from the Secret. When the Secret is
-//! empty (the chart creates it so) or missing, a replica generates a root
-//! and writes it once: an update on the empty Secret's resourceVersion, or a
-//! create. The chart grants no `create`: a missing Secret refused so is an
-//! error saying how to restore it. A `409 Conflict` means another replica won the race: its CA is
-//! read and used, never overwritten. A Secret holding only one of the two
-//! keys, or ones that do not parse, is an error naming the Secret and key,
-//! and is left as it is. The key never reaches a log or an error.
+//! Every replica loads the same CA from the Secret. The chart does not
+//! render it: rendered, its key would be in every Helm release record and
+//! every rendered manifest, and an upgrade that replaces objects (`helm
+//! upgrade --force`, a GitOps "Replace" sync) would empty it. When the
+//! Secret is missing, a replica generates a root and creates the Secret;
+//! when it exists without data (as an earlier chart left it, or an operator
+//! made it), the root is written with an update on the empty version read.
+//! Either write is made once: a `409` (`AlreadyExists` for the create,
+//! `Conflict` for the update) means another replica won the race: its CA is
+//! read and used, never overwritten. A Secret so created belongs to no Helm
+//! release, so no upgrade touches it and an uninstall leaves it (deleting it
+//! changes every identity's root of trust). A create the API server refuses
+//! with a 403 (RBAC without `create` on Secrets) is an error saying how to
+//! restore the Secret. A Secret holding only one of the two keys, or ones
+//! that do not parse, is an error naming the Secret and key, and is left as
+//! it is. The key never reaches a log or an error.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -58,11 +66,11 @@ pub enum CaSecretError {
     #[error("CA Secret {secret} kept changing while it was being written; try again")]
     Contended { secret: String },
     #[error(
-        "CA Secret {secret} does not exist, and this control plane may not create it (the \
-         chart's RBAC lets it get and update that Secret only): restore it from a backup to keep \
-         the mesh's root; or `helm upgrade` the release, which recreates it empty, so that a \
-         replica generates a new root, then restart every control-plane replica and every \
-         meshed pod, whose sidecars trust the old root only"
+        "CA Secret {secret} does not exist, and this control plane may not create it (its Role \
+         grants no `create` on Secrets in that namespace): restore it from a backup to keep the \
+         mesh's root; or grant that `create` (the chart's Role does), so that a replica \
+         generates a new root, then restart every control-plane replica and every meshed pod, \
+         whose sidecars trust the old root only"
     )]
     Missing { secret: String },
 }
@@ -146,6 +154,7 @@ pub async fn open_ca_secret(
                     metadata: ObjectMeta {
                         name: Some(name.to_owned()),
                         namespace: Some(namespace.to_owned()),
+                        labels: Some(created_labels()),
                         ..ObjectMeta::default()
                     },
                     type_: Some("Opaque".into()),
@@ -166,8 +175,8 @@ pub async fn open_ca_secret(
                 );
                 return Ok(ca);
             }
-            // The chart creates the Secret and grants no `create`: it was
-            // deleted since, and only the operator can bring it back.
+            // RBAC without `create` on Secrets (a Role of an earlier chart,
+            // or the operator's own): only the operator can bring it back.
             Err(("create", e)) if status_code(&e) == Some(403) => {
                 return Err(CaSecretError::Missing {
                     secret: secret_name,
@@ -182,6 +191,21 @@ pub async fn open_ca_secret(
     Err(CaSecretError::Contended {
         secret: secret_name,
     })
+}
+
+/// The labels of a Secret this control plane creates. No
+/// `app.kubernetes.io/instance`: Argo CD's label tracking would take the
+/// Secret for one of its application's resources and prune it, as it is in
+/// no rendered manifest.
+fn created_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "trellis".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "ca".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "trellis-control-plane".to_owned(),
+        ),
+    ])
 }
 
 /// How errors about a Secret's key name it (they read like file errors).

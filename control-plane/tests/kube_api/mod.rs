@@ -97,8 +97,12 @@ struct State {
     hold_answer: Option<oneshot::Receiver<()>>,
     /// Per token: the TokenReview answered instead of the recorded one.
     reviews: HashMap<String, Value>,
-    /// When set, creating a Secret is forbidden, as the chart's RBAC has it.
+    /// When set, creating a Secret is forbidden, as a Role without
+    /// `create` on Secrets has it.
     forbid_secret_create: bool,
+    /// When set, the CA Secret another replica creates just before the
+    /// next create of it arrives.
+    created_first: Option<Value>,
     requests: Vec<Recorded>,
 }
 
@@ -295,10 +299,18 @@ impl FakeKube {
         .collect()
     }
 
-    /// Answers a creation of a Secret with the recorded 403, as the
-    /// chart's RBAC does (`get` and `update` of the CA Secret only).
+    /// Answers a creation of a Secret with the recorded 403, as a Role
+    /// without `create` on Secrets does (the chart's before it stopped
+    /// rendering the CA Secret: `get` and `update` of it only).
     pub fn forbid_secret_create(&self) {
         self.state.lock().unwrap().forbid_secret_create = true;
+    }
+
+    /// Stores `secret` as the CA Secret when the next create of it
+    /// arrives, before answering it: another replica, which also found no
+    /// Secret, created it first, and this create is a 409 AlreadyExists.
+    pub fn create_secret_first(&self, secret: Value) {
+        self.state.lock().unwrap().created_first = Some(secret);
     }
 
     pub fn set_secret(&self, secret: Option<Value>) {
@@ -456,6 +468,10 @@ fn answer(
     if path == SECRETS && *method == Method::POST {
         if state.forbid_secret_create {
             return (403, fixture_json("store/secret-create-forbidden-403.json"));
+        }
+        if let Some(first) = state.created_first.take() {
+            let stored = stamp(state, first, None);
+            state.secret = Some(stored);
         }
         if state.secret.is_some() {
             let message = format!("secrets \"{CA_SECRET}\" already exists");

@@ -22,7 +22,10 @@ namespaces would otherwise share (and overwrite) them.
 {{- printf "%s-%s" (include "trellis.controlPlane" .) .Release.Namespace -}}
 {{- end -}}
 
-{{/* The Secret holding the mesh CA; the control plane may read and write only this one. */}}
+{{/*
+The Secret holding the mesh CA, which the control plane creates (the chart never renders it); it
+may read and update only this one.
+*/}}
 {{- define "trellis.caSecret" -}}
 {{- printf "%s-ca" (include "trellis.fullname" .) -}}
 {{- end -}}
