@@ -332,6 +332,116 @@ async fn pods_admitted_without_a_sidecar_are_recorded_by_owner() {
     }
 }
 
+/// The review of `fixture` with the pod's label `trellis.io/inject` set to
+/// `label` (none for `None`) and its init containers named in `removed`
+/// taken out.
+fn pod_review(fixture_name: &str, label: Option<&str>, removed: &[&str]) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture(fixture_name)).unwrap();
+    let pod = &mut review["request"]["object"];
+    if let Some(label) = label {
+        pod["metadata"]["labels"]["trellis.io/inject"] = json!(label);
+    }
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| !removed.contains(&c["name"].as_str().unwrap()));
+    serde_json::to_vec(&review).unwrap()
+}
+
+/// The warnings of an answer that admits the pod unchanged.
+fn admitted_unchanged(body: &[u8]) -> Value {
+    let review: Value = serde_json::from_slice(body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response.get("patch").is_none(), "{response}");
+    response["warnings"].clone()
+}
+
+/// The entry of the fixtures' Deployment `web` admitted with the label
+/// `ture`.
+fn web_admitted_with_ture() -> UninjectedPod {
+    UninjectedPod {
+        owner: web(),
+        found: UnknownInjectValue::PodLabel,
+        value: Some("ture".into()),
+    }
+}
+
+fn web() -> Owner {
+    Owner {
+        namespace: "shop".into(),
+        kind: "Deployment".into(),
+        name: "web".into(),
+    }
+}
+
+/// A pod that has the sidecar already (injected by hand, or created again
+/// from a running pod's manifest) brought to a warning-only webhook by a
+/// mistyped label, its own or its namespace's, runs in the mesh: it is
+/// not recorded as admitted without a sidecar, and its owner counts as
+/// injected, so `check` no longer warns of the owner's earlier pods. The
+/// warning says the value is wrong, and that the pod is injected.
+#[tokio::test]
+async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
+    let webhook = start().await;
+    let uninjected = pod_review("pod-deployment-http-probes.json", Some("ture"), &[]);
+    let (status, _) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-pod-label",
+        uninjected,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let recorded: Vec<_> = webhook
+        .uninjected
+        .recent()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(recorded, [web_admitted_with_ture()]);
+
+    let meshed = pod_review("pod-already-injected.json", Some("ture"), &[]);
+    let (status, body) = call(&webhook, Method::POST, "/inject/unknown-pod-label", meshed).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        admitted_unchanged(&body),
+        json!([
+            "trellis: metadata.labels[trellis.io/inject] is \"ture\", neither \"enabled\" nor \
+             \"disabled\": ignored, so the pod is injected"
+        ])
+    );
+    assert_eq!(webhook.uninjected.recent(), []);
+    let owners: Vec<_> = (webhook.uninjected.injected_owners().into_iter())
+        .map(|(owner, _)| owner)
+        .collect();
+    assert_eq!(owners, [web()]);
+
+    let meshed = pod_review("pod-already-injected.json", None, &[]);
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-namespace-label",
+        meshed,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        admitted_unchanged(&body),
+        json!([
+            "trellis: the namespace's label trellis.io/inject is neither \"enabled\" nor \
+             \"disabled\": pods here are not injected; this one opted in itself and is"
+        ])
+    );
+    assert_eq!(webhook.uninjected.recent(), []);
+    let rendered = webhook.metrics.render();
+    for (reason, count) in [("pod_label", 2), ("namespace_label", 1)] {
+        let counted =
+            format!("trellis_inject_unknown_values_total{{reason=\"{reason}\"}} {count}\n");
+        assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+    }
+}
+
 /// A server-side dry run (`kubectl create --dry-run=server`) of such a pod
 /// gets the same warning, but creates no pod: nothing is recorded, and
 /// `check` warns of no pod that never ran.

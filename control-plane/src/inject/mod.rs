@@ -126,7 +126,11 @@
 //! Idempotent: a pod with the annotation `trellis.io/injected` or a
 //! container named `trellis-proxy` or `trellis-init` gets no patch, so
 //! injecting twice equals injecting once (a re-invoked webhook, a pod
-//! manifest copied from a running pod).
+//! manifest copied from a running pod). A pod the warning-only entries
+//! admit with the `trellis-proxy` container (injected by hand) is warned
+//! of its label but counts as injected for the record of
+//! [`UninjectedPods`]; one without it is recorded however it is
+//! annotated.
 //!
 //! # Errors
 //!
@@ -163,8 +167,8 @@ use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
 
 pub(crate) use annotations::join;
-use pod::unknown_inject_values;
 pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
+use pod::{has_sidecar, unknown_inject_values};
 pub use policy::{GROUP, respond_policy, review_policy};
 pub use probes::{PROBE_KINDS, app_health_path};
 pub use review::{
@@ -522,6 +526,19 @@ fn deny_or_warn(
     }
 }
 
+/// What a warning-only webhook admitted, for the server to record
+/// ([`UninjectedPods`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelAdmission {
+    /// A pod without the sidecar: it runs outside the mesh
+    /// ([`UninjectedPods::record`]).
+    Uninjected(UninjectedPod),
+    /// A pod with the sidecar already (injected by hand, or created again
+    /// from a running pod's manifest): its owner runs in the mesh
+    /// ([`UninjectedPods::injected`]).
+    Meshed(Owner),
+}
+
 /// The warning-only webhooks (`/inject/unknown-pod-label`,
 /// `/inject/unknown-namespace-label`): the chart calls them for pods that
 /// no injecting webhook is sent, because the pod's label `found` (or its
@@ -529,14 +546,17 @@ fn deny_or_warn(
 /// pod is admitted as it is, never changed nor denied, with a warning that
 /// it runs without a sidecar; what was admitted so is returned for the
 /// server to count and record ([`UninjectedPods`]), by its owner at `now`
-/// (Unix seconds; see [`Owner::of`]). A pod whose label is
+/// (Unix seconds; see [`Owner::of`]). A pod that has the sidecar already
+/// (a `trellis-proxy` container: the marker annotation alone is not
+/// enough) is warned that it is injected all the same, and returned as
+/// meshed. A pod whose label is
 /// known by the time it is reviewed (a webhook before this one changed it)
 /// gets no warning.
 pub fn respond_unknown_label(
     request: &AdmissionRequest,
     found: UnknownInjectValue,
     now: i64,
-) -> (AdmissionResponse, Option<UninjectedPod>) {
+) -> (AdmissionResponse, Option<LabelAdmission>) {
     let allow = AdmissionResponse::allow(&request.uid);
     let Some(Ok(pod)) = created_pod(request) else {
         return (allow, None);
@@ -548,7 +568,18 @@ pub fn respond_unknown_label(
             None => return (allow, None),
         },
     };
-    let warning = found.warning(value.as_deref(), false);
-    let uninjected = UninjectedPod::of(&request.namespace, pod, now, found, value);
-    (allow.with_warning(warning), Some(uninjected))
+    let meshed = has_sidecar(pod);
+    let warning = found.warning(value.as_deref(), meshed);
+    let admitted = if meshed {
+        LabelAdmission::Meshed(Owner::of(&request.namespace, pod, now))
+    } else {
+        LabelAdmission::Uninjected(UninjectedPod::of(
+            &request.namespace,
+            pod,
+            now,
+            found,
+            value,
+        ))
+    };
+    (allow.with_warning(warning), Some(admitted))
 }

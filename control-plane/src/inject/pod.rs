@@ -373,6 +373,17 @@ fn parse_switch(value: &str) -> Option<bool> {
     }
 }
 
+/// Whether `pod` runs the sidecar: a container or init container named
+/// `trellis-proxy`. The marker annotation alone says nothing: it may have
+/// been copied by hand, or the container taken out by another webhook.
+pub(super) fn has_sidecar(pod: &Value) -> bool {
+    ["containers", "initContainers"].iter().any(|field| {
+        array(pod.get("spec").and_then(|spec| spec.get(*field)))
+            .iter()
+            .any(|c| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
+    })
+}
+
 fn has_our_containers(spec: &Map<String, Value>) -> bool {
     ["containers", "initContainers"].iter().any(|field| {
         array(spec.get(*field)).iter().any(|c| {

@@ -52,8 +52,8 @@ use trellis_core::refusal::{plaintext_version, refuse_plaintext};
 use trellis_core::tls::{Described, failure_reason, rustls_error};
 
 use super::{
-    AdmissionRequest, InjectConfig, NamespaceScope, Owner, UninjectedPods, UnknownInjectValue,
-    respond_pod_reporting, respond_unknown_label, review_policy,
+    AdmissionRequest, InjectConfig, LabelAdmission, NamespaceScope, Owner, UninjectedPods,
+    UnknownInjectValue, respond_pod_reporting, respond_unknown_label, review_policy,
 };
 use crate::api::quoted;
 use crate::metrics::Metrics;
@@ -536,12 +536,16 @@ pub fn respond(
             AdmissionRequest::parse(body).map(|request| {
                 let now = crate::unix_now();
                 let (response, admitted) = respond_unknown_label(&request, found, now);
-                if let Some(pod) = admitted {
+                if let Some(admitted) = admitted {
                     metrics.inject_unknown_value(found.reason());
-                    // A dry run creates no pod: nothing runs without a
-                    // sidecar.
-                    if !request.dry_run {
-                        uninjected.record(pod, now);
+                    // A dry run creates no pod: nothing runs, with a
+                    // sidecar or without.
+                    match admitted {
+                        _ if request.dry_run => {}
+                        LabelAdmission::Uninjected(pod) => uninjected.record(pod, now),
+                        // Injected before (by hand, or created again from
+                        // a running pod's manifest): meshed all the same.
+                        LabelAdmission::Meshed(owner) => uninjected.injected(owner, now),
                     }
                 }
                 response
