@@ -509,6 +509,48 @@ fn an_already_injected_pod_gets_no_patch() {
     assert!(patch_of(&answer2).is_none());
 }
 
+/// The marker annotation `trellis.io/injected` without the sidecar (copied
+/// into a manifest by hand, or the containers taken out by a later webhook,
+/// which re-invokes this one) is no sidecar: the pod is injected as any
+/// other, and the volumes of an earlier injection make way for the new
+/// ones, each once, since the API server refuses a name twice.
+#[test]
+fn a_pod_marked_injected_without_the_sidecar_is_injected() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["metadata"]["annotations"]["trellis.io/injected"] = json!("true");
+    let pod = injected(&with_object(&review, pod));
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["trellis-init", "trellis-proxy", "wait-for-db"]
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["trellis.io/injected"],
+        "true"
+    );
+
+    let review = fixture("pod-already-injected.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| !["trellis-init", "trellis-proxy"].contains(&c["name"].as_str().unwrap()));
+    let pod = injected(&with_object(&review, pod));
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["trellis-init", "trellis-proxy", "wait-for-db"]
+    );
+    assert_eq!(
+        names(&pod["spec"]["volumes"]),
+        [
+            "cache",
+            "kube-api-access-7xq2m",
+            "trellis-identity",
+            "trellis-xtables"
+        ]
+    );
+}
+
 /// Without a trust bundle the sidecar could never start: the injector
 /// refuses rather than produce a pod that hangs.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

@@ -123,14 +123,18 @@
 //! pods are left alone (see [`Skip`]); a Windows pod is told so in a
 //! warning.
 //!
-//! Idempotent: a pod with the annotation `trellis.io/injected` or a
-//! container named `trellis-proxy` or `trellis-init` gets no patch, so
-//! injecting twice equals injecting once (a re-invoked webhook, a pod
-//! manifest copied from a running pod). A pod the warning-only entries
-//! admit with the `trellis-proxy` container (injected by hand) is warned
-//! of its label but counts as injected for the record of
-//! [`UninjectedPods`]; one without it is recorded however it is
-//! annotated.
+//! Idempotent: a pod with a container named `trellis-proxy` or
+//! `trellis-init` gets no patch, so injecting twice equals injecting once
+//! (a re-invoked webhook, a pod manifest copied from a running pod). The
+//! annotation `trellis.io/injected` alone is not enough: a pod that carries
+//! it without our containers (the annotation copied by hand, or the
+//! containers taken out by a later webhook, which re-invokes this one) has
+//! no sidecar and is injected as any other, the volumes of an earlier
+//! injection making way for the new ones. A pod runs in the mesh, for the
+//! record of [`UninjectedPods`], when it has the `trellis-proxy` container:
+//! one the warning-only entries admit with it (injected by hand) is warned
+//! of its label but counts as injected, one without it is recorded however
+//! it is annotated.
 //!
 //! # Errors
 //!
@@ -412,7 +416,8 @@ pub struct PodReview {
     /// warns about.
     pub unknown: Vec<UnknownInjectValue>,
     /// The pod is created with the sidecar: injected by this answer, or
-    /// before it ([`Skip::AlreadyInjected`]); its owner runs in the mesh.
+    /// before it ([`Skip::AlreadyInjected`] with the `trellis-proxy`
+    /// container); its owner runs in the mesh.
     pub meshed: bool,
 }
 
@@ -462,8 +467,9 @@ pub fn respond_pod_reporting(
                 ..answer(response, found)
             }
         }
+        // Our init container without the sidecar is no sidecar.
         Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
-            meshed: true,
+            meshed: has_sidecar(pod),
             ..answer(allow, Vec::new())
         },
         Ok(Injection::Skipped(skip)) => {

@@ -52,7 +52,8 @@ pub enum Skip {
     OptedOut,
     /// Neither the namespace nor the pod opted in.
     NotEnabled,
-    /// Injected before (the marker annotation or our containers).
+    /// Injected before: `trellis-proxy` or `trellis-init` is among its
+    /// containers (the marker annotation alone is not enough).
     AlreadyInjected,
     /// The pod shares the node's network namespace: iptables there would
     /// redirect the node's traffic.
@@ -160,7 +161,13 @@ pub fn inject_pod(
     ];
     init_containers.extend(own_init_containers);
 
+    // Ours of an earlier injection (a pod marked injected whose containers
+    // were taken out) make way for the new ones: a name twice is refused.
     let mut volumes = array(spec.get("volumes"));
+    volumes.retain(|v| {
+        !matches!(v.get("name").and_then(Value::as_str),
+                  Some(name) if name == IDENTITY_VOLUME || name == XTABLES_VOLUME)
+    });
     volumes.push(identity_volume(config));
     volumes.push(
         json!({"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}),
@@ -307,7 +314,11 @@ fn skip_reason(
     spec: &Map<String, Value>,
     scope: NamespaceScope<'_>,
 ) -> Result<Option<Skip>, InjectError> {
-    if annotations.contains_key(INJECTED_ANNOTATION) || has_our_containers(spec) {
+    // Our containers, not the marker annotation: a pod carrying the
+    // annotation without them (copied by hand, or the containers taken out
+    // by a later webhook, which re-invokes this one) has no sidecar, and
+    // is injected as any other.
+    if has_our_containers(spec) {
         return Ok(Some(Skip::AlreadyInjected));
     }
     // The pod's own value that is neither `enabled` nor `disabled` is an
