@@ -600,9 +600,11 @@ fn hard_anti_affinity_rolls_out_with_a_replica_always_running() {
         json!({"maxSurge": 1, "maxUnavailable": 0})
     );
 
-    // One replica: soft may surge, hard would stop the only one.
-    template(&helm, &["antiAffinity=soft", "replicas=1"]).unwrap();
-    let e = template(&helm, &["antiAffinity=hard", "replicas=1"]).unwrap_err();
+    // One replica (accepted under the injection's Fail): soft may surge,
+    // hard would stop the only one.
+    let one_replica = ["replicas=1", "injection.singleReplicaAccepted=true"];
+    template(&helm, &[&one_replica[..], &["antiAffinity=soft"]].concat()).unwrap();
+    let e = template(&helm, &[&one_replica[..], &["antiAffinity=hard"]].concat()).unwrap_err();
     assert!(
         e.contains("antiAffinity: hard") && e.contains("replicas"),
         "{e}"

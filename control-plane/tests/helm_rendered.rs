@@ -71,8 +71,11 @@ fn webhooks_use_the_generated_serving_certificate() {
             "/inject/unknown-namespace-label"
         ]
     );
-    for webhook in inject {
-        assert_eq!(webhook["failurePolicy"], "Ignore");
+    for (i, webhook) in inject.iter().enumerate() {
+        // The injecting entries fail closed; the warning-only ones never
+        // block a pod.
+        let policy = if i < 2 { "Fail" } else { "Ignore" };
+        assert_eq!(webhook["failurePolicy"], policy);
         assert_eq!(webhook["rules"][0]["resources"], json!(["pods"]));
         assert_eq!(webhook["rules"][0]["operations"], json!(["CREATE"]));
         let excluded = webhook["namespaceSelector"]["matchExpressions"]
@@ -300,6 +303,202 @@ fn every_inject_label_combination_is_injected_denied_or_warned_of_once() {
             }
         }
     }
+}
+
+/// Injection fails closed by default: both injecting entries are `Fail`
+/// and the control plane's settings deny what it cannot inject, so a pod
+/// of a meshed namespace created while no replica answers is refused (its
+/// controller retries it) instead of running outside the mesh unrecorded.
+/// `Ignore` stays selectable. The control plane still starts under `Fail`:
+/// its own pods, in its namespace (labelled `enabled` or not) and in
+/// kube-system, are sent to no `Fail` entry. One replica under `Fail` is
+/// refused, naming the ways out, unless accepted, and the notes then warn
+/// of it; one replica under `Ignore` renders.
+#[test]
+fn injection_fails_closed_by_default_and_the_control_plane_still_starts() {
+    use std::collections::BTreeMap;
+
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let policies = |docs: &[Value]| -> Vec<(String, String)> {
+        one(docs, "MutatingWebhookConfiguration")["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["clientConfig"]["service"]["path"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    w["failurePolicy"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let expected = |policy: &str| -> Vec<(String, String)> {
+        [
+            ("/inject", policy),
+            ("/inject", policy),
+            ("/inject/unknown-pod-label", "Ignore"),
+            ("/inject/unknown-namespace-label", "Ignore"),
+        ]
+        .iter()
+        .map(|(p, f)| (p.to_string(), f.to_string()))
+        .collect()
+    };
+    let docs = documents(&template(&helm, &[]).unwrap());
+    assert_eq!(policies(&docs), expected("Fail"));
+    assert_eq!(
+        rendered_injection_config(&helm, &[]).failure_policy,
+        inject::FailurePolicy::Fail
+    );
+    let ignore = documents(&template(&helm, &["injection.failurePolicy=Ignore"]).unwrap());
+    assert_eq!(policies(&ignore), expected("Ignore"));
+
+    // The control plane's own pods, as its Deployment labels them, in its
+    // namespace (even labelled for injection) and in kube-system.
+    let deployment = one(&docs, "Deployment");
+    let template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .unwrap();
+    let pod: BTreeMap<&str, &str> = template_labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+        .collect();
+    let mut unlabelled_pod = pod.clone();
+    unlabelled_pod.remove("trellis.io/inject");
+    for namespace_name in [NAMESPACE, "kube-system"] {
+        for namespace_value in [None, Some("enabled")] {
+            let mut namespace = BTreeMap::from([("kubernetes.io/metadata.name", namespace_name)]);
+            if let Some(value) = namespace_value {
+                namespace.insert("trellis.io/inject", value);
+            }
+            for labels in [&pod, &unlabelled_pod] {
+                let called: Vec<&Value> = one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|w| {
+                        selects(&w["namespaceSelector"], &namespace)
+                            && selects(&w["objectSelector"], labels)
+                    })
+                    .collect();
+                assert!(called.is_empty(), "{namespace:?} {labels:?}: {called:?}");
+            }
+        }
+    }
+
+    // One replica: refused under Fail, naming the ways out; nothing renders.
+    let e = template(&helm, &["replicas=1"]).unwrap_err();
+    assert!(
+        e.contains(
+            "replicas: 1 with injection.failurePolicy: Fail refuses every pod of the meshed \
+             namespaces whenever that replica is down"
+        ) && e.contains("set replicas: 2 or more, or injection.singleReplicaAccepted: true")
+            && e.contains("or injection.failurePolicy: Ignore"),
+        "{e}"
+    );
+    assert!(!e.contains("kind: Deployment"), "{e}");
+    // Accepted: it renders and validates, and the notes warn of it.
+    let accepted = template(
+        &helm,
+        &["replicas=1", "injection.singleReplicaAccepted=true"],
+    )
+    .unwrap();
+    validate_manifests(&validate, &accepted);
+    let chart = chart();
+    let warning = "WARNING: one control-plane replica with injection.failurePolicy Fail";
+    let notes = install_notes(
+        &helm,
+        &chart,
+        &["--set", "replicas=1,injection.singleReplicaAccepted=true"],
+    );
+    assert!(notes.contains(warning), "{notes}");
+    assert!(
+        notes.contains(
+            "failurePolicy Fail (pods of meshed namespaces are refused while no replica answers)"
+        ),
+        "{notes}"
+    );
+    let notes = install_notes(&helm, &chart, &[]);
+    assert!(!notes.contains(warning), "{notes}");
+    // Under Ignore one replica loses no pod, only its sidecar: rendered, and
+    // the notes say what Ignore does.
+    template(&helm, &["replicas=1", "injection.failurePolicy=Ignore"]).unwrap();
+    let notes = install_notes(
+        &helm,
+        &chart,
+        &["--set", "replicas=1,injection.failurePolicy=Ignore"],
+    );
+    assert!(!notes.contains(warning), "{notes}");
+    assert!(
+        notes.contains("start without a sidecar, unrecorded, while no replica answers"),
+        "{notes}"
+    );
+}
+
+/// The injecting entries are never reinvoked: called again after a later
+/// webhook added a container, the control plane finds its own marker on
+/// the pod and changes nothing (the added container's probe stays as it
+/// is), so `IfNeeded` would only add a call to the pod's admission. Shown
+/// on a real AdmissionReview: injected, patched, a container added, and
+/// reviewed again.
+#[test]
+fn injecting_webhooks_are_never_reinvoked() {
+    use base64::Engine as _;
+    use trellis_control_plane::inject::server::respond;
+    use trellis_control_plane::metrics::Metrics;
+
+    let Some((helm, _)) = tools() else { return };
+    for sets in [&[][..], &["injection.failurePolicy=Ignore"][..]] {
+        let docs = documents(&template(&helm, sets).unwrap());
+        for webhook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+            .as_array()
+            .unwrap()
+        {
+            assert_eq!(
+                webhook["reinvocationPolicy"], "Never",
+                "{sets:?}: {webhook}"
+            );
+        }
+    }
+
+    let config = rendered_injection_config(&helm, &[]);
+    let review_of = |review: &Value| -> Value {
+        let (status, _, answer) = respond(
+            &http::Method::POST,
+            "/inject",
+            &serde_json::to_vec(review).unwrap(),
+            &config,
+            &Metrics::default(),
+            &inject::UninjectedPods::default(),
+        );
+        assert_eq!(status, http::StatusCode::OK);
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        answer
+    };
+    let path = format!(
+        "{}/tests/fixtures/k8s/pod-deployment-http-probes.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut review: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let answer = review_of(&review);
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().expect("injected"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let pod = &mut review["request"]["object"];
+    json_patch::patch(pod, &patch).unwrap();
+    let probe = json!({"httpGet": {"path": "/healthz", "port": 9000}});
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "log-shipper", "image": "registry.example.com/shipper:1", "readinessProbe": probe}));
+    let again = review_of(&review);
+    assert!(again["response"].get("patch").is_none(), "{again}");
 }
 
 /// The injection settings the chart renders are read by the control

@@ -145,7 +145,8 @@
 //! pod's author can fix it. A pod that cannot
 //! be injected for another reason (no trust bundle configured, not a Pod)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
-//! same value as the webhook's `failurePolicy`: `Ignore` (default) admits it
+//! same value as the webhook's `failurePolicy` (`Fail` by default there):
+//! `Ignore` (the default of a settings file that names none) admits it
 //! unchanged with a warning that `kubectl` prints; `Fail` denies it with the
 //! message.
 //!

@@ -140,7 +140,10 @@ the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (3
 64, so a release that passed would never start; watchFailureGrace below 1s likewise;
 injection.tcpUserTimeout outside 0 or 80s..1h likewise (the control plane refuses the injection
 settings). antiAffinity hard with one replica: a rollout stops that replica before its
-replacement runs, and pods created meanwhile get no sidecar (the webhook fails open).
+replacement runs, and pods created meanwhile are refused (or, under Ignore, get no sidecar).
+One replica with injection.failurePolicy Fail, unless injection.singleReplicaAccepted: a drain of
+its node (the PodDisruptionBudget lets it go) or a crash refuses every pod of the meshed
+namespaces until it runs again.
 Resources with a request above its limit: the API server would refuse the control plane's
 Deployment, or every injected pod.
 podDisruptionBudget.maxUnavailable 0 (or 0%): no replica could ever be evicted, so every drain
@@ -175,6 +178,9 @@ the value).
 {{- fail (printf "podDisruptionBudget.maxUnavailable %s lets no control-plane replica be evicted: every drain of a node running one would wait for ever; give 1 or more (or 50%%), or podDisruptionBudget.enabled=false" (toString .Values.podDisruptionBudget.maxUnavailable)) -}}
 {{- end -}}
 {{- if and (eq .Values.antiAffinity "hard") (lt (int .Values.replicas) 2) -}}
-{{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile get no sidecar" -}}
+{{- fail "antiAffinity: hard needs replicas: 2 or more: with one replica a rollout stops it before its replacement can run, and pods created meanwhile are refused or get no sidecar" -}}
+{{- end -}}
+{{- if and (eq .Values.injection.failurePolicy "Fail") (lt (int .Values.replicas) 2) (not .Values.injection.singleReplicaAccepted) -}}
+{{- fail "replicas: 1 with injection.failurePolicy: Fail refuses every pod of the meshed namespaces whenever that replica is down (each drain of its node, each crash): set replicas: 2 or more, or injection.singleReplicaAccepted: true to accept it (a test cluster), or injection.failurePolicy: Ignore to let such pods start without a sidecar" -}}
 {{- end -}}
 {{- end -}}
