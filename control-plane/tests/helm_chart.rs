@@ -717,3 +717,70 @@ async fn control_plane_listens_on_both_ip_families() {
         }
     }
 }
+
+/// Replicas spread over zones as well as nodes: by default a
+/// `topologySpreadConstraints` entry over `topology.kubernetes.io/zone`,
+/// preferred (`ScheduleAnyway`, so a cluster of one zone still runs them),
+/// on the Deployment's own pods. The key, skew and whether it is required
+/// are values, and it can be turned off; a value the API server would
+/// refuse is refused by the chart, naming it.
+#[test]
+fn control_plane_spreads_over_zones() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let rendered = template(&helm, &[]).unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    let deployment = one(&docs, "Deployment");
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["topologySpreadConstraints"],
+        json!([{"topologyKey": "topology.kubernetes.io/zone", "maxSkew": 1,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}}])
+    );
+    // Over nodes still, as before.
+    assert!(
+        spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .is_array()
+    );
+
+    let rendered = template(
+        &helm,
+        &[
+            "topologySpread.whenUnsatisfiable=DoNotSchedule",
+            "topologySpread.topologyKey=example.com/rack",
+            "topologySpread.maxSkew=2",
+            "replicas=3",
+        ],
+    )
+    .unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    let constraint =
+        &one(&docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"][0];
+    assert_eq!(constraint["topologyKey"], "example.com/rack");
+    assert_eq!(constraint["maxSkew"], 2);
+    assert_eq!(constraint["whenUnsatisfiable"], "DoNotSchedule");
+
+    let docs = documents(&template(&helm, &["topologySpread.enabled=false"]).unwrap());
+    assert!(
+        one(&docs, "Deployment")["spec"]["template"]["spec"]
+            .get("topologySpreadConstraints")
+            .is_none()
+    );
+
+    for (set, names) in [
+        (
+            "topologySpread.whenUnsatisfiable=Sometimes",
+            "whenUnsatisfiable",
+        ),
+        ("topologySpread.maxSkew=0", "maxSkew"),
+        ("topologySpread.topologyKey=", "topologyKey"),
+        ("topologySpread.topologyKey=zone name", "topologyKey"),
+    ] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(e.contains(names), "{set}: {e}");
+    }
+}
