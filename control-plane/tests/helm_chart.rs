@@ -784,3 +784,85 @@ fn control_plane_spreads_over_zones() {
         assert!(e.contains(names), "{set}: {e}");
     }
 }
+
+/// `networkPolicy.enabled` renders an ingress NetworkPolicy on the control
+/// plane's pods: the gRPC port from every namespace (sidecars, and the
+/// replicas between them), the webhook port from anywhere (the API
+/// server's address is unknown), the admin port only from `metricsFrom`
+/// (the kubelet's probes come from the node, which a NetworkPolicy never
+/// blocks); egress is left alone. Each port it names is one the control
+/// plane's container declares, with the number it listens on. Off by
+/// default; a `metricsFrom` entry that is no NetworkPolicy peer is refused.
+#[test]
+fn network_policy_opens_each_port_to_what_must_reach_it() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let docs = documents(&template(&helm, &[]).unwrap());
+    assert!(find(&docs, "NetworkPolicy").is_empty());
+
+    let rendered = template(&helm, &["networkPolicy.enabled=true"]).unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    let deployment = one(&docs, "Deployment");
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([
+            {"ports": [{"port": "grpc", "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]},
+            {"ports": [{"port": "webhook", "protocol": "TCP"}]},
+        ])
+    );
+    let declared: Vec<(Value, Value)> =
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].clone(), p["containerPort"].clone()))
+            .collect();
+    assert_eq!(
+        declared,
+        [
+            (json!("grpc"), json!(15012)),
+            (json!("admin"), json!(15014)),
+            (json!("webhook"), json!(15017)),
+        ]
+    );
+
+    let rendered = template(
+        &helm,
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+            "networkPolicy.metricsFrom[0].podSelector.matchLabels.app\\.kubernetes\\.io/name=prometheus",
+        ],
+    )
+    .unwrap();
+    validate_manifests(&validate, &rendered);
+    let docs = documents(&rendered);
+    assert_eq!(
+        one(&docs, "NetworkPolicy")["spec"]["ingress"][2],
+        json!({"ports": [{"port": "admin", "protocol": "TCP"}],
+               "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]})
+    );
+
+    let e = template(
+        &helm,
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.metricsFrom[0].namespaceSelectors.matchLabels.team=monitoring",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("metricsFrom") && e.contains("namespaceSelectors"),
+        "{e}"
+    );
+}
