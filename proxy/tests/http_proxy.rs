@@ -171,15 +171,21 @@ async fn a_forged_identity_in_request_trailers_never_reaches_the_app() {
     assert_eq!(body, "", "the app saw an identity in the trailers");
 }
 
-/// A new connection to `inbound` switched to the app's echo protocol.
+/// A new connection to `inbound` switched to the app's echo protocol,
+/// its request head padded with a field of `padding` bytes.
 async fn upgrade_to_echo(
     cp: &FakeControlPlane,
     inbound: std::net::SocketAddr,
+    padding: usize,
 ) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
-    let req = ::http::Request::get("/ws")
+    let mut req = ::http::Request::get("/ws")
         .header("host", "api")
         .header("connection", "upgrade")
-        .header("upgrade", "echo")
+        .header("upgrade", "echo");
+    if padding > 0 {
+        req = req.header("x-padding", "p".repeat(padding));
+    }
+    let req = req
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     let mut c = h1(cp, inbound, &web()).await;
@@ -203,7 +209,7 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "chunk 1\nchunk 2\nchunk 3\nchunk 4\n");
 
-    let mut upgraded = upgrade_to_echo(&cp, s.inbound).await;
+    let mut upgraded = upgrade_to_echo(&cp, s.inbound, 0).await;
     let sent = b"\x00binary after the upgrade\xff";
     let echoed = round_trip(&mut upgraded, sent).await.unwrap();
     assert_eq!(echoed, sent);
@@ -217,6 +223,13 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
         s.has_sample("trellis_bytes_total{direction=\"inbound\"}", bytes)
     })
     .await;
+
+    // After a head large enough to grow the sidecar's read buffer, the
+    // upgraded connection carries bytes both ways all the same.
+    let mut upgraded = upgrade_to_echo(&cp, s.inbound, 256 * 1024).await;
+    for sent in [&b"first after a large head"[..], b"and the next"] {
+        assert_eq!(round_trip(&mut upgraded, sent).await.unwrap(), sent);
+    }
 }
 
 #[tokio::test]
@@ -796,7 +809,7 @@ async fn an_upgraded_connection_is_closed_when_new_policies_deny_the_caller() {
     let s = sidecar(&cp, app.addr, &[]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
-    let mut upgraded = upgrade_to_echo(&cp, s.inbound).await;
+    let mut upgraded = upgrade_to_echo(&cp, s.inbound, 0).await;
     assert_eq!(
         round_trip(&mut upgraded, b"before").await.unwrap(),
         b"before"

@@ -118,7 +118,7 @@ where
             Err(_) => break classify_unfinished(&buf, false),
         }
     };
-    Ok((protocol, Rewind { prefix: buf, io }))
+    Ok((protocol, Rewind::with_prefix(buf, io)))
 }
 
 /// The largest first SETTINGS frame [`h2_preface`] waits for: the
@@ -152,7 +152,7 @@ where
             Err(_) => return Ok(None),
         }
     }
-    Ok(Some(Rewind { prefix: buf, io }))
+    Ok(Some(Rewind::with_prefix(buf, io)))
 }
 
 /// Whether `buf` holds the start of an HTTP/2 connection (the preface
@@ -343,8 +343,15 @@ impl<S> Rewind<S> {
         }
     }
 
-    /// `io` with `prefix`, bytes already read from it, put back.
+    /// `io` with `prefix`, bytes already read from it, put back. The
+    /// prefix's allocation is released once it is all read (at once, if it
+    /// is empty).
     pub fn with_prefix(prefix: BytesMut, io: S) -> Self {
+        let prefix = if prefix.is_empty() {
+            BytesMut::new()
+        } else {
+            prefix
+        };
         Rewind { prefix, io }
     }
 
@@ -375,6 +382,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // `advance` keeps the allocation, which may be a read
+                // buffer grown to a large head: it is not held for the
+                // rest of a long-lived (upgraded, say) connection.
+                self.prefix = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
@@ -441,6 +454,34 @@ mod tests {
         let stream = Rewind::with_prefix(BytesMut::from(&H2_PREFACE[..5]), ours);
         assert!(h2_preface(stream).await.unwrap().is_none());
         drop(caller);
+    }
+
+    #[tokio::test]
+    async fn the_prefix_is_freed_once_it_is_read() {
+        // A forwarder's read buffer grown to a large head, then handed on.
+        const HEAD: &[u8] = b"GET /ws HTTP/1.1\r\nupgrade: echo\r\n\r\n";
+        let mut head = BytesMut::with_capacity(256 * 1024);
+        head.extend_from_slice(HEAD);
+        let (mut caller, ours) = tokio::io::duplex(1024);
+        let mut stream = Rewind::with_prefix(head, ours);
+        let mut read = vec![0; 10];
+        stream.read_exact(&mut read).await.unwrap();
+        assert!(stream.prefix.capacity() > 128 * 1024, "still being read");
+        let mut rest = vec![0; HEAD.len() - 10];
+        stream.read_exact(&mut rest).await.unwrap();
+        read.extend(rest);
+        assert_eq!(read, HEAD);
+        assert_eq!(stream.prefix.capacity(), 0, "the read prefix is still held");
+        // The stream itself follows.
+        tokio::io::AsyncWriteExt::write_all(&mut caller, b"after")
+            .await
+            .unwrap();
+        let mut after = [0; 5];
+        stream.read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"after");
+        // An empty prefix holds nothing from the start.
+        let empty = Rewind::with_prefix(BytesMut::with_capacity(64 * 1024), caller);
+        assert_eq!(empty.prefix.capacity(), 0, "an empty prefix is still held");
     }
 
     #[test]
