@@ -45,6 +45,8 @@ struct Framed {
 struct Record {
     requests: Vec<Framed>,
     ambiguous: Vec<String>,
+    /// The `Content-Length` fields of each request framed, as sent.
+    lengths: Vec<Vec<String>>,
 }
 
 #[derive(Clone, Default)]
@@ -56,6 +58,9 @@ impl Seen {
     }
     fn ambiguous(&self) -> Vec<String> {
         self.0.lock().unwrap().ambiguous.clone()
+    }
+    fn lengths(&self) -> Vec<Vec<String>> {
+        self.0.lock().unwrap().lengths.clone()
     }
 }
 
@@ -194,11 +199,11 @@ async fn serve(tcp: TcpStream, seen: Seen) -> std::io::Result<()> {
                 return Ok(());
             }
         };
-        seen.0
-            .lock()
-            .unwrap()
-            .requests
-            .push(Framed { method, path, body });
+        {
+            let mut record = seen.0.lock().unwrap();
+            record.lengths.push(lengths);
+            record.requests.push(Framed { method, path, body });
+        }
         write
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             .await?;
@@ -584,6 +589,64 @@ async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     )
     .await;
     assert_eq!(same.status, ["HTTP/1.1 200 OK"]);
+}
+
+/// A request hyper serves (an absolute-form target, HTTP/1.0, one after
+/// a chunked request on the same connection) reaches the app framed as
+/// the forwarder passes one on: a `Content-Length` sent more than once
+/// with one value arrives once, without leading zeros, and the empty
+/// lines before a request line are dropped.
+#[tokio::test]
+async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
+    let (cp, s, seen) = setup().await;
+    let twice = "content-length: 005\r\ncontent-length: 5\r\n\r\nhello";
+    let cases = [
+        (
+            "the forwarder's",
+            format!("POST /a HTTP/1.1\r\nhost: api\r\n{twice}"),
+        ),
+        (
+            "an absolute-form target",
+            format!("POST http://api/b HTTP/1.1\r\nhost: api\r\n{twice}"),
+        ),
+        (
+            "HTTP/1.0",
+            format!("POST /c HTTP/1.0\r\nhost: api\r\n{twice}"),
+        ),
+        (
+            "after a hand-off, after empty lines",
+            format!(
+                "POST /d HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n\
+                 \r\n\n\r\nPOST /e HTTP/1.1\r\nhost: api\r\n{twice}"
+            ),
+        ),
+    ];
+    for (case, bytes) in &cases {
+        let answers = send_raw(&cp, s.inbound, bytes.as_bytes()).await;
+        assert!(!answers.status.is_empty(), "{case}: no answer");
+        for status in &answers.status {
+            assert_eq!(status, "HTTP/1.1 200 OK", "{case}");
+        }
+    }
+    assert_nothing_smuggled(&seen);
+    let framed: Vec<(String, Vec<u8>)> = seen
+        .requests()
+        .into_iter()
+        .map(|r| (r.path, r.body))
+        .collect();
+    let hello = || b"hello".to_vec();
+    assert_eq!(
+        framed,
+        [
+            ("/a".into(), hello()),
+            ("/b".into(), hello()),
+            ("/c".into(), hello()),
+            ("/d".into(), Vec::new()),
+            ("/e".into(), hello()),
+        ]
+    );
+    let one = || vec!["5".to_string()];
+    assert_eq!(seen.lengths(), [one(), one(), one(), vec![], one()]);
 }
 
 /// A denied request whose body is larger than the socket buffers, sent

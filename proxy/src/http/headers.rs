@@ -176,6 +176,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
+/// Writes a request's `Content-Length` as the number it says, without
+/// leading zeros: the one spelling every app reads alike (an app that
+/// reads `010` as octal would take eight bytes for the body where the
+/// sidecar took ten, and the rest as a request of its own). The forwarder
+/// writes the length so itself; this does it for what hyper's server
+/// read, which checked the value is digits and kept one field of several
+/// with the same value, but as the caller spelled it.
+pub fn length_without_zeros(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return;
+    };
+    let digits = value.as_bytes();
+    let zeros = digits.iter().take_while(|d| **d == b'0').count();
+    if zeros == 0 || digits.len() == 1 {
+        return;
+    }
+    let number = &digits[zeros.min(digits.len() - 1)..];
+    if let Ok(number) = HeaderValue::from_bytes(number) {
+        headers.insert(header::CONTENT_LENGTH, number);
+    }
+}
+
 /// Replaces every client-sent [`PEER_IDENTITY`] with the verified one.
 pub fn set_identity(headers: &mut HeaderMap, identity: &HeaderValue) {
     remove_identity(headers);
@@ -220,6 +242,25 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn a_length_reaches_the_app_without_leading_zeros() {
+        for (sent, passed) in [
+            ("005", "5"),
+            ("010", "10"),
+            ("00", "0"),
+            ("0", "0"),
+            ("40", "40"),
+        ] {
+            let mut h = map(&[("content-length", sent)]);
+            length_without_zeros(&mut h);
+            let lengths: Vec<_> = h.get_all("content-length").iter().collect();
+            assert_eq!(lengths, [passed], "{sent}");
+        }
+        let mut none = map(&[("x-length", "005")]);
+        length_without_zeros(&mut none);
+        assert_eq!(none, map(&[("x-length", "005")]));
     }
 
     #[test]

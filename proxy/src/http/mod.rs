@@ -458,11 +458,13 @@ where
     type Error = Infallible;
     type Future = S::Future;
 
-    fn call(&self, req: Request<Incoming>) -> S::Future {
+    fn call(&self, mut req: Request<Incoming>) -> S::Future {
         let unfinished = !hyper::body::Body::is_end_stream(req.body());
         self.conn
             .body_unfinished
             .store(unfinished, std::sync::atomic::Ordering::Relaxed);
+        // As the forwarder passes a length on.
+        headers::length_without_zeros(req.headers_mut());
         let exchange = Exchange::start(&self.conn, req, self.protocol);
         let mut stack = self.stack.borrow_mut();
         let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
