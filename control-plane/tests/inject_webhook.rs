@@ -14,7 +14,7 @@ mod chart;
 use admission::*;
 use serde_json::{Value, json};
 use trellis_control_plane::inject::{
-    InjectConfig, IpFamily, NamespaceScope, TrustBundleSource, review_pod,
+    FailurePolicy, InjectConfig, IpFamily, NamespaceScope, TrustBundleSource, review_pod,
 };
 
 /// A Deployment's pod gets the init container, then the native sidecar,
@@ -562,8 +562,20 @@ fn no_trust_bundle_no_injection() {
         trust_bundle: TrustBundleSource::Annotation(String::new()),
         ..config()
     };
+    // Fail, the default: the pod is refused, saying why.
     let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
     assert!(patch_of(&reply).is_none());
+    assert_eq!(reply["response"]["allowed"], false);
+    let message = reply["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("no trust bundle"), "{message}");
+    // Ignore: admitted without the sidecar, with a warning saying why.
+    let config = InjectConfig {
+        failure_policy: FailurePolicy::Ignore,
+        ..config
+    };
+    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+    assert!(patch_of(&reply).is_none());
+    assert_eq!(reply["response"]["allowed"], true);
     assert!(
         reply["response"]["warnings"][0]
             .as_str()
@@ -624,11 +636,11 @@ fn configuration_reaches_the_pod() {
     };
     let reply = answer(&review, NamespaceScope::SelectedByWebhook, &short);
     assert!(patch_of(&reply).is_none());
+    assert_eq!(reply["response"]["allowed"], false);
+    let message = reply["response"]["status"]["message"].as_str().unwrap();
     assert!(
-        reply["response"]["warnings"][0]
-            .as_str()
-            .unwrap()
-            .contains("Kubernetes requires 600 to 4294967296")
+        message.contains("Kubernetes requires 600 to 4294967296"),
+        "{message}"
     );
 }
 

@@ -369,7 +369,7 @@ impl Default for InjectConfig {
             // DNS over TCP reaches the cluster's DNS, which has no sidecar.
             exclude_outbound_ports: vec![53],
             exclude_outbound_cidrs: Vec::new(),
-            failure_policy: FailurePolicy::Ignore,
+            failure_policy: FailurePolicy::Fail,
             log_format: "json".to_owned(),
             tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
             max_h2_connections_per_peer: trellis_core::h2_limits::DEFAULT_PER_PEER,
@@ -522,6 +522,10 @@ fn deny_or_warn(
         e @ (InjectError::InvalidAnnotation { .. } | InjectError::InvalidLabel(_)) => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
+        // Not a pod (a webhook rule widened by hand): nothing runs outside
+        // the mesh by admitting it, and refusing it would block objects the
+        // injector has no business with.
+        e @ InjectError::NotAPod(_) => allow.with_warning(format!("trellis: {e}")),
         e => match config.failure_policy {
             FailurePolicy::Ignore => {
                 allow.with_warning(format!("trellis: sidecar not injected: {e}"))

@@ -19,7 +19,7 @@
 //!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
-//!  "excludeOutboundCIDRs": [], "failurePolicy": "Ignore", "logFormat": "json",
+//!  "excludeOutboundCIDRs": [], "failurePolicy": "Fail", "logFormat": "json",
 //!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m",
 //!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024}
 //! ```
@@ -687,6 +687,18 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    /// Settings that name no failure policy fail closed, as the chart's
+    /// default does: a pod that cannot be injected is refused, not run
+    /// outside the mesh.
+    #[test]
+    fn without_a_failure_policy_injection_fails_closed() {
+        let config = InjectConfig::from_settings("{}", td(), "PEM".into()).unwrap();
+        assert_eq!(config.failure_policy, FailurePolicy::Fail);
+        let ignore = r#"{"failurePolicy": "Ignore"}"#;
+        let config = InjectConfig::from_settings(ignore, td(), "PEM".into()).unwrap();
+        assert_eq!(config.failure_policy, FailurePolicy::Ignore);
     }
 
     #[test]
