@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::init::{self, can_run, connect, ipv6_usable, ok, serve};
+use common::init::{self, can_run, connect, ipv6_usable, ok, send_udp, serve, serve_udp};
 use common::netns::Netns;
 
 #[test]
@@ -117,6 +117,89 @@ fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
     ok(&pod.init(&["--cleanup"]));
     let reply = connect(&pod, "192.0.2.2:9090", None);
     assert!(reply.starts_with("remote "), "{reply}");
+}
+
+/// DNS bypasses the sidecar only towards the pod's nameservers; port 53 of any other host
+/// is redirected like any port. Under outbound deny UDP leaving the pod is dropped, except
+/// DNS to the nameservers and the proxy's own; under passthrough it passes.
+#[test]
+fn dns_goes_direct_only_to_the_nameservers_and_outbound_deny_drops_other_udp() {
+    if !can_run() {
+        return;
+    }
+    let pod = Netns::new("init");
+    let peer = Netns::new("init");
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ]);
+    pod.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"]);
+    // The peer is both the nameserver (.2) and another host (.3).
+    peer.ip(&["addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+    peer.ip(&["addr", "add", "192.0.2.3/24", "dev", "eth0"]);
+    for ns in [&pod, &peer] {
+        ns.ip(&["link", "set", "eth0", "up"]);
+    }
+    let resolv = std::env::temp_dir().join(format!("trellis-resolv-{}", pod.name));
+    std::fs::write(
+        &resolv,
+        "search default.svc.cluster.local\nnameserver 192.0.2.2\noptions ndots:5\n",
+    )
+    .unwrap();
+    let resolv_path = resolv.to_str().unwrap().to_owned();
+    let _outbound = serve(&pod, 15001, "outbound");
+    let _tcp_dns = serve(&peer, 53, "remote-dns");
+    let _udp_dns = serve_udp(&peer, 53, "remote-dns");
+    let _quic = serve_udp(&peer, 443, "remote-quic");
+
+    let deny = [
+        "--exclude-outbound-dns",
+        "--resolv-conf",
+        &resolv_path,
+        "--outbound-policy",
+        "deny",
+    ];
+    let installed = pod.init(&deny);
+    std::fs::remove_file(&resolv).unwrap();
+    ok(&installed);
+
+    let tcp = |to: &str, uid| connect(&pod, to, uid);
+    let udp = |to: &str, uid| send_udp(&pod, to, uid);
+    let cases = [
+        ("tcp", tcp("192.0.2.2:53", None), "remote-dns "),
+        ("tcp", tcp("192.0.2.3:53", None), "outbound "),
+        ("udp", udp("192.0.2.2:53", None), "remote-dns local=53"),
+        (
+            "udp",
+            udp("192.0.2.3:53", None),
+            "error: Operation not permitted",
+        ),
+        (
+            "udp",
+            udp("192.0.2.3:443", None),
+            "error: Operation not permitted",
+        ),
+        (
+            "udp",
+            udp("192.0.2.3:443", Some(1337)),
+            "remote-quic local=443",
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter(|(_, got, wanted)| !got.starts_with(wanted))
+        .map(|(proto, got, wanted)| format!("{proto}: wanted {wanted:?}, got {got:?}"))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The redirected one kept its destination for the sidecar.
+    assert!(
+        tcp("192.0.2.3:53", None).contains("orig=192.0.2.3:53"),
+        "port 53 of another host should reach the sidecar"
+    );
+
+    // Passthrough leaves UDP alone again.
+    ok(&pod.init(&["--outbound-policy", "passthrough"]));
+    let reply = udp("192.0.2.3:443", None);
+    assert!(reply.starts_with("remote-quic local=443"), "{reply}");
 }
 
 /// Not a test by itself: the child processes' entry ([`init::child_process_entry`]).

@@ -42,6 +42,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The block of one address (`/32` or `/128`).
+    pub fn host(addr: IpAddr) -> Cidr {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Cidr { addr, prefix }
+    }
+
     pub fn family(&self) -> Family {
         match self.addr {
             IpAddr::V4(_) => Family::V4,

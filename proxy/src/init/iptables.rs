@@ -87,9 +87,22 @@ impl Tables {
     /// The nat table as `iptables-save -t nat` prints it. Also the probe of whether this
     /// backend works here at all.
     pub fn save_nat(self) -> Result<String, IptablesError> {
+        self.save_table("nat")
+    }
+
+    /// The filter table as `iptables-save -t filter` prints it; empty when the legacy
+    /// backend has none (reading it would create it).
+    pub fn save_filter(self) -> Result<String, IptablesError> {
+        if self.backend == Backend::Legacy && !legacy_table_exists(self.family, "filter") {
+            return Ok(String::new());
+        }
+        self.save_table("filter")
+    }
+
+    fn save_table(self, table: &str) -> Result<String, IptablesError> {
         let program = self.save_program();
         let mut command = Command::new(program);
-        command.args(["-t", "nat"]).stdin(Stdio::null());
+        command.args(["-t", table]).stdin(Stdio::null());
         let output = command
             .output()
             .map_err(|source| spawn_error(program, source))?;
@@ -201,8 +214,16 @@ fn failed_line<'a>(detail: &str, input: &'a str) -> Option<&'a str> {
 /// Whether this network namespace has a legacy (x_tables) IPv4 nat table, read without
 /// running iptables-legacy, which would create one.
 pub fn legacy_nat_exists() -> bool {
-    std::fs::read_to_string("/proc/net/ip_tables_names")
-        .is_ok_and(|names| names.lines().any(|name| name.trim() == "nat"))
+    legacy_table_exists(Family::V4, "nat")
+}
+
+/// Whether this network namespace has a legacy (x_tables) table of that name.
+fn legacy_table_exists(family: Family, table: &str) -> bool {
+    let names = match family {
+        Family::V4 => "/proc/net/ip_tables_names",
+        Family::V6 => "/proc/net/ip6_tables_names",
+    };
+    std::fs::read_to_string(names).is_ok_and(|names| names.lines().any(|name| name.trim() == table))
 }
 
 /// Whether this network namespace has IPv6 at all: the kernel has it and it is not

@@ -8,8 +8,19 @@
 //! PREROUTING -p tcp -> TRELLIS_INBOUND:  excluded ports (--exclude-ports) RETURN,
 //!                                        else -> TRELLIS_IN_REDIRECT: REDIRECT to --inbound-port
 //! OUTPUT -p tcp     -> TRELLIS_OUTPUT:   the proxy's UID (and GID) RETURN, out via lo RETURN,
-//!                                        to loopback RETURN, excluded ports and CIDRs RETURN,
+//!                                        to loopback RETURN, port 53 to a nameserver RETURN
+//!                                        (--exclude-outbound-dns), excluded ports and CIDRs
+//!                                        RETURN,
 //!                                        else -> TRELLIS_OUT_REDIRECT: REDIRECT to --outbound-port
+//! ```
+//!
+//! Under `--outbound-policy deny` it also owns one chain in the filter table, with one jump
+//! from its `OUTPUT`:
+//!
+//! ```text
+//! OUTPUT -p udp     -> TRELLIS_OUT_UDP:  the proxy's UID (and GID) RETURN, out via lo RETURN,
+//!                                        to loopback RETURN, port 53 to a nameserver RETURN,
+//!                                        excluded ports and CIDRs RETURN, else DROP
 //! ```
 //!
 //! Decisions:
@@ -23,7 +34,17 @@
 //!   would make the sidecar authorise the pod against itself.
 //! - The proxy's own connections (its UID, and its GID if given) are never redirected, so
 //!   it cannot loop into itself; that rule comes first.
-//! - Only TCP is touched: UDP (DNS among it) and everything else passes as before.
+//! - `--exclude-outbound-dns` lets DNS (port 53) bypass the sidecar only towards the
+//!   nameservers of the pod's resolv.conf (`--resolv-conf`), read when init runs: the
+//!   cluster's DNS has no sidecar. `--exclude-outbound-ports 53` would let port 53 to any
+//!   host bypass it, unauthenticated and unlogged.
+//! - Only TCP is redirected. Under `--outbound-policy passthrough` UDP passes as before;
+//!   under `deny` UDP leaving the pod is dropped except DNS to the nameservers, loopback,
+//!   the proxy's own, and excluded ports and CIDRs: the sidecar cannot check UDP, so it
+//!   must not leave the pod unchecked. Anything neither TCP nor UDP passes as before.
+//! - With `--ipv6 auto`, when IPv6 rules cannot be written init fails if the pod has an
+//!   IPv6 address that is neither loopback nor link-local (its IPv6 traffic would bypass
+//!   the sidecar), and only warns when it has none.
 //! - `REDIRECT` sends IPv6 connections to `[::1]:<outbound-port>` and
 //!   `[pod address]:<inbound-port>`: with IPv6 rules the sidecar must listen on IPv6 too.
 //! - `--backend auto` takes iptables-nft where it works and legacy otherwise, but keeps
@@ -48,11 +69,13 @@ mod iptables;
 mod rules;
 
 use std::io::Write;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
-pub use rules::{CHAINS, Interception, NatTable};
+pub use rules::{CHAINS, FILTER_CHAINS, Interception, NatTable, Table};
 
 /// Flags of `trellis-proxy init`.
 #[derive(Debug, Clone, clap::Args)]
@@ -92,6 +115,26 @@ pub struct InitArgs {
           value_parser = parse_cidrs, value_name = "CIDRS")]
     pub exclude_outbound_cidrs: Cidrs,
 
+    /// DNS (port 53, TCP and UDP) to the nameservers of `--resolv-conf` is not redirected
+    /// (nor dropped under `--outbound-policy deny`); to any other host it is.
+    #[arg(long, env = "TRELLIS_EXCLUDE_OUTBOUND_DNS")]
+    pub exclude_outbound_dns: bool,
+
+    /// The pod's resolv.conf, whose `nameserver` lines `--exclude-outbound-dns` reads.
+    #[arg(
+        long,
+        env = "TRELLIS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf",
+        value_name = "FILE"
+    )]
+    pub resolv_conf: PathBuf,
+
+    /// The mesh's outbound policy: under `deny` UDP leaving the pod is dropped, except DNS
+    /// to the nameservers, loopback and the proxy's own; under `passthrough` UDP passes.
+    #[arg(long, env = "TRELLIS_OUTBOUND_POLICY", value_enum,
+          default_value_t = OutboundPolicy::Passthrough)]
+    pub outbound_policy: OutboundPolicy,
+
     /// IPv6 rules: `auto` programs them when the namespace has IPv6 and ip6tables works.
     #[arg(long, env = "TRELLIS_IPV6", value_enum, default_value_t = Ipv6::Auto)]
     pub ipv6: Ipv6,
@@ -120,6 +163,9 @@ impl Default for InitArgs {
             exclude_ports: Ports(vec![15020]),
             exclude_outbound_ports: Ports::default(),
             exclude_outbound_cidrs: Cidrs::default(),
+            exclude_outbound_dns: false,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            outbound_policy: OutboundPolicy::Passthrough,
             ipv6: Ipv6::Auto,
             dry_run: false,
             cleanup: false,
@@ -142,6 +188,13 @@ pub enum Ipv6 {
     Auto,
     On,
     Off,
+}
+
+/// `--outbound-policy`: what the mesh does with destinations outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboundPolicy {
+    Deny,
+    Passthrough,
 }
 
 /// `--backend`.
@@ -187,6 +240,18 @@ pub enum InitError {
     Iptables(#[from] IptablesError),
     #[error("IPv6 was asked for (--ipv6 on) but is not usable here: {0}")]
     Ipv6Unavailable(IptablesError),
+    #[error(
+        "the pod has the IPv6 address {address} but IPv6 rules could not be written \
+         ({failed}): its IPv6 traffic would bypass the sidecar; make ip6tables work in the \
+         pod's network namespace (the node's kernel needs IPv6 netfilter: ip6table_nat and \
+         ip6table_filter, or nf_tables) or give the pod no IPv6 address"
+    )]
+    Ipv6Bypass {
+        address: Ipv6Addr,
+        failed: IptablesError,
+    },
+    #[error("--exclude-outbound-dns: {0}")]
+    ResolvConf(String),
     #[error("{failed}; the {applied} change was reverted so neither family is half done")]
     Reverted {
         failed: IptablesError,
@@ -210,7 +275,10 @@ impl InitError {
     pub fn exit_code(&self) -> u8 {
         let iptables = match self {
             InitError::Config(_) => return 64,
-            InitError::Iptables(e) | InitError::Ipv6Unavailable(e) => e,
+            InitError::ResolvConf(_) => return 1,
+            InitError::Iptables(e)
+            | InitError::Ipv6Unavailable(e)
+            | InitError::Ipv6Bypass { failed: e, .. } => e,
             InitError::Reverted { failed, .. } | InitError::RevertFailed { failed, .. } => failed,
             InitError::Output(_) => return 1,
         };
@@ -223,7 +291,8 @@ impl InitError {
 }
 
 impl InitArgs {
-    /// What to intercept, checked.
+    /// What to intercept, checked; reads `--resolv-conf` when `--exclude-outbound-dns`
+    /// (and not `--cleanup`).
     pub fn interception(&self) -> Result<Interception, InitError> {
         if self.inbound_port == self.outbound_port {
             return Err(InitError::Config(format!(
@@ -231,6 +300,15 @@ impl InitArgs {
                 self.inbound_port
             )));
         }
+        // Removing our rules needs no nameserver.
+        let nameservers = if self.exclude_outbound_dns && !self.cleanup {
+            let text = std::fs::read_to_string(&self.resolv_conf).map_err(|e| {
+                InitError::ResolvConf(format!("cannot read {}: {e}", self.resolv_conf.display()))
+            })?;
+            nameservers(&text, &self.resolv_conf)?
+        } else {
+            Vec::new()
+        };
         Ok(Interception {
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
@@ -239,7 +317,68 @@ impl InitArgs {
             exclude_inbound_ports: self.exclude_ports.0.clone(),
             exclude_outbound_ports: self.exclude_outbound_ports.0.clone(),
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.0.clone(),
+            nameservers,
+            drop_udp: self.outbound_policy == OutboundPolicy::Deny,
         })
+    }
+}
+
+/// The addresses of the `nameserver` lines of a resolv.conf (`path` names it in errors).
+/// A zone (`fe80::1%eth0`) is dropped: iptables matches the address on any interface.
+pub fn nameservers(text: &str, path: &Path) -> Result<Vec<IpAddr>, InitError> {
+    let mut found = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let value = words.next().unwrap_or_default();
+        let address = value.split('%').next().unwrap_or_default();
+        let ip: IpAddr = address.parse().map_err(|_| {
+            InitError::ResolvConf(format!(
+                "{} line {}: nameserver {value:?} is not an IP address",
+                path.display(),
+                number + 1
+            ))
+        })?;
+        if !found.contains(&ip) {
+            found.push(ip);
+        }
+    }
+    if found.is_empty() {
+        return Err(InitError::ResolvConf(format!(
+            "{} names no nameserver, so DNS could not be let past the sidecar",
+            path.display()
+        )));
+    }
+    Ok(found)
+}
+
+/// An IPv6 address of the pod that is neither loopback nor link-local, from
+/// `/proc/net/if_inet6` (`address ifindex prefix scope flags name`, the address as 32 hex
+/// digits): traffic from or to it passes the sidecar by unless IPv6 rules are written.
+pub fn routable_ipv6(if_inet6: &str) -> Option<Ipv6Addr> {
+    const HOST: u8 = 0x10;
+    const LINK: u8 = 0x20;
+    if_inet6.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let address = u128::from_str_radix(fields.next()?, 16).ok()?;
+        let scope = u8::from_str_radix(fields.nth(2)?, 16).ok()?;
+        let address = Ipv6Addr::from(address);
+        (scope != HOST && scope != LINK && !address.is_loopback()).then_some(address)
+    })
+}
+
+/// Under `--ipv6 auto`, what IPv6 rules that could not be written mean: nothing to worry
+/// about when the pod has no routable IPv6 address (`if_inet6` lists its addresses), the
+/// sidecar bypassed otherwise, which fails init.
+fn ipv6_skipped(failed: IptablesError, if_inet6: &str) -> Result<String, InitError> {
+    match routable_ipv6(if_inet6) {
+        Some(address) => Err(InitError::Ipv6Bypass { address, failed }),
+        None => Ok(format!(
+            "IPv6 rules skipped: {failed} (the pod has no IPv6 address beyond link-local)"
+        )),
     }
 }
 
@@ -288,17 +427,39 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
             families.push((Tables::new(backend, Family::V6), String::new()));
         }
         Err(error) if args.ipv6 == Ipv6::On => return Err(InitError::Ipv6Unavailable(error)),
-        // The pod's IPv6 connections then pass the sidecar by.
-        Err(error) => eprintln!("warning: IPv6 rules skipped: {error}"),
+        // With a routable IPv6 address the pod's IPv6 connections would pass the sidecar
+        // by: that fails; without one there is nothing to intercept.
+        // Cleaning up never makes a bypass worse.
+        Err(error) if args.cleanup => eprintln!("warning: IPv6 rules skipped: {error}"),
+        Err(error) => {
+            let if_inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+            let warning = ipv6_skipped(error, &if_inet6)?;
+            eprintln!("warning: {warning}");
+        }
+    }
+    if !args.cleanup
+        && interception.drop_udp
+        && interception.nameservers.is_empty()
+        && !interception.exclude_outbound_ports.contains(&53)
+    {
+        eprintln!(
+            "warning: --outbound-policy deny drops DNS over UDP: add --exclude-outbound-dns \
+             to let DNS reach the pod's nameservers"
+        );
     }
 
-    let mut applied: Vec<(Tables, NatTable)> = Vec::new();
+    let mut applied: Vec<(Tables, Saved)> = Vec::new();
     for (tables, state) in families {
-        let current = NatTable::parse(&state);
+        let filter_state = match tables.save_filter() {
+            Ok(filter) => filter,
+            Err(_) if args.dry_run => String::new(),
+            Err(error) => return Err(revert(applied, error)),
+        };
+        let current = Saved::parse(&state, &filter_state);
         let input = if args.cleanup {
-            rules::cleanup_input(&current)
+            rules::cleanup_all_input(&current.nat, &current.filter)
         } else {
-            Some(interception.apply_input(tables.family, &current))
+            Some(interception.apply_all_input(tables.family, &current.nat, &current.filter))
         };
         let verb = if args.cleanup { "removed" } else { "installed" };
         let Some(input) = input else {
@@ -327,8 +488,23 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
     Ok(())
 }
 
+/// What of ours a family's nat and filter tables held.
+struct Saved {
+    nat: NatTable,
+    filter: NatTable,
+}
+
+impl Saved {
+    fn parse(nat: &str, filter: &str) -> Saved {
+        Saved {
+            nat: NatTable::parse(nat),
+            filter: NatTable::parse_table(filter, Table::Filter),
+        }
+    }
+}
+
 /// Undoes the changes already applied after a later one failed.
-fn revert(applied: Vec<(Tables, NatTable)>, failed: IptablesError) -> InitError {
+fn revert(applied: Vec<(Tables, Saved)>, failed: IptablesError) -> InitError {
     let mut result = InitError::Iptables(failed);
     for (tables, previous) in applied {
         let failed = match result {
@@ -337,7 +513,10 @@ fn revert(applied: Vec<(Tables, NatTable)>, failed: IptablesError) -> InitError 
         };
         let undo = tables
             .save_nat()
-            .map(|now| rules::revert_input(&previous, &NatTable::parse(&now)))
+            .and_then(|nat| Ok(Saved::parse(&nat, &tables.save_filter()?)))
+            .map(|now| {
+                rules::revert_all_input((&previous.nat, &previous.filter), (&now.nat, &now.filter))
+            })
             .and_then(|input| tables.restore(&input));
         result = match undo {
             Ok(()) => InitError::Reverted {
@@ -484,6 +663,96 @@ mod tests {
         let error = same.interception().unwrap_err();
         assert_eq!(error.exit_code(), 64);
         assert!(error.to_string().contains("both 15001"), "{error}");
+    }
+
+    #[test]
+    fn nameservers_are_read_from_resolv_conf() {
+        let path = Path::new("/etc/resolv.conf");
+        let text = "# kubelet\nsearch default.svc.cluster.local svc.cluster.local\n\
+                    nameserver 10.96.0.10\nnameserver  fd00::a ; second\n\
+                    nameserver 10.96.0.10\nnameserver fe80::1%eth0\noptions ndots:5\n";
+        let found = nameservers(text, path).unwrap();
+        let expected: Vec<IpAddr> = ["10.96.0.10", "fd00::a", "fe80::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(found, expected);
+
+        let error = nameservers("search svc.cluster.local\n", path).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--exclude-outbound-dns: /etc/resolv.conf names no nameserver, so DNS could not \
+             be let past the sidecar"
+        );
+        let error = nameservers("nameserver 10.96.0.10\nnameserver dns.local\n", path)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "--exclude-outbound-dns: /etc/resolv.conf line 2: nameserver \"dns.local\" is not \
+             an IP address"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_resolv_conf_is_an_error_naming_it_only_when_asked_for() {
+        let missing = "/nonexistent/trellis-test/resolv.conf";
+        let args = parse(&["--exclude-outbound-dns", "--resolv-conf", missing]).unwrap();
+        let error = args.interception().unwrap_err();
+        assert_eq!(error.exit_code(), 1);
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("--exclude-outbound-dns: cannot read {missing}: ")),
+            "{text}"
+        );
+        let args = parse(&["--resolv-conf", missing]).unwrap();
+        assert!(args.interception().unwrap().nameservers.is_empty());
+    }
+
+    #[test]
+    fn the_outbound_policy_decides_whether_udp_is_dropped() {
+        assert!(!parse(&[]).unwrap().interception().unwrap().drop_udp);
+        let deny = parse(&["--outbound-policy", "deny"]).unwrap();
+        assert!(deny.interception().unwrap().drop_udp);
+        let passthrough = parse(&["--outbound-policy", "passthrough"]).unwrap();
+        assert!(!passthrough.interception().unwrap().drop_udp);
+        assert!(parse(&["--outbound-policy", "allow"]).is_err());
+    }
+
+    const IF_INET6_LINK_LOCAL: &str = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe800000000000000c1a2bfffe3d4e5f 02 40 20 80     eth0
+";
+
+    fn refused() -> IptablesError {
+        IptablesError::Failed {
+            program: "ip6tables-nft-restore",
+            status: "exit status: 1".into(),
+            detail: "no IPv6 nat table".into(),
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_that_cannot_be_written_fail_init_when_the_pod_has_an_ipv6_address() {
+        assert_eq!(routable_ipv6(IF_INET6_LINK_LOCAL), None);
+        let warning = ipv6_skipped(refused(), IF_INET6_LINK_LOCAL).unwrap();
+        assert!(warning.starts_with("IPv6 rules skipped: "), "{warning}");
+
+        let global =
+            format!("{IF_INET6_LINK_LOCAL}fd00000000000000000000000000000a 02 40 00 80     eth0\n");
+        assert_eq!(routable_ipv6(&global), Some("fd00::a".parse().unwrap()));
+        let error = ipv6_skipped(refused(), &global).unwrap_err();
+        assert_eq!(error.exit_code(), 1);
+        let text = error.to_string();
+        assert!(
+            text.starts_with(
+                "the pod has the IPv6 address fd00::a but IPv6 rules could not be written \
+                 (ip6tables-nft-restore failed (exit status: 1): no IPv6 nat table): its IPv6 \
+                 traffic would bypass the sidecar; make ip6tables work"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("or give the pod no IPv6 address"), "{text}");
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! a second run can tell that nothing has to change.
 //!
 //! This module must never emit a rule that touches a chain that is not ours, except the
-//! one jump rule from `PREROUTING` and the one from `OUTPUT`.
+//! one jump rule from `PREROUTING` and the one from `OUTPUT` in the nat table, and the
+//! one from `OUTPUT` in the filter table (only under outbound deny).
+
+use std::net::IpAddr;
 
 use super::cidr::{Cidr, Family};
 
@@ -22,11 +25,51 @@ pub const OUTPUT: &str = "TRELLIS_OUTPUT";
 /// Redirects outbound TCP to the sidecar's outbound port.
 pub const OUT_REDIRECT: &str = "TRELLIS_OUT_REDIRECT";
 
-/// All chains we own, in the order they are declared. Nothing else is ours.
-pub const CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT];
+/// Our chain in the filter table (jumped to from its `OUTPUT` under outbound deny): lets
+/// UDP out only to the pod's nameservers on port 53, over loopback, from the proxy, and
+/// to excluded ports and CIDRs; drops the rest.
+pub const OUT_UDP: &str = "TRELLIS_OUT_UDP";
 
-/// The one rule in a built-in chain that sends TCP into ours.
-const JUMPS: [(&str, &str); 2] = [("PREROUTING", INBOUND), ("OUTPUT", OUTPUT)];
+/// All chains we own in the nat table, in the order they are declared.
+pub const CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT];
+/// All chains we own in the filter table. Nothing else is ours.
+pub const FILTER_CHAINS: [&str; 1] = [OUT_UDP];
+
+/// The one rule in a built-in nat chain that sends TCP into ours.
+const JUMPS: [(&str, &str, &str); 2] = [("PREROUTING", "tcp", INBOUND), ("OUTPUT", "tcp", OUTPUT)];
+/// The one rule in a built-in filter chain that sends UDP into ours.
+const FILTER_JUMPS: [(&str, &str, &str); 1] = [("OUTPUT", "udp", OUT_UDP)];
+
+/// The nat or the filter table: which chains of ours it holds and which jumps lead there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Nat,
+    Filter,
+}
+
+impl Table {
+    /// The name `iptables-save` prints after `*`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+
+    fn chains(self) -> &'static [&'static str] {
+        match self {
+            Table::Nat => &CHAINS,
+            Table::Filter => &FILTER_CHAINS,
+        }
+    }
+
+    fn jumps(self) -> &'static [(&'static str, &'static str, &'static str)] {
+        match self {
+            Table::Nat => &JUMPS,
+            Table::Filter => &FILTER_JUMPS,
+        }
+    }
+}
 
 /// What to intercept: the validated flags of `trellis-proxy init`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +81,11 @@ pub struct Interception {
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// The pod's nameservers: DNS (port 53, TCP and UDP) to them is not redirected.
+    pub nameservers: Vec<IpAddr>,
+    /// Outbound deny: UDP that leaves the pod is dropped, except DNS to the nameservers,
+    /// loopback, the proxy's own, and excluded ports and CIDRs.
+    pub drop_udp: bool,
 }
 
 impl Interception {
@@ -70,6 +118,11 @@ impl Interception {
         // itself never crosses a pod boundary, so there is no peer to authenticate.
         rules.push(format!("-A {OUTPUT} -o lo -j RETURN"));
         rules.push(format!("-A {OUTPUT} -d {} -j RETURN", family.loopback()));
+        for nameserver in self.nameservers(family) {
+            rules.push(format!(
+                "-A {OUTPUT} -d {nameserver} -p tcp -m tcp --dport 53 -j RETURN"
+            ));
+        }
         for port in &self.exclude_outbound_ports {
             rules.push(format!(
                 "-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN"
@@ -90,49 +143,131 @@ impl Interception {
         rules
     }
 
+    /// The pod's nameservers of one family, as iptables prints them (`10.96.0.10/32`).
+    fn nameservers(&self, family: Family) -> Vec<Cidr> {
+        self.nameservers
+            .iter()
+            .map(|ip| Cidr::host(*ip))
+            .filter(|c| c.family() == family)
+            .collect()
+    }
+
+    /// The rules of our filter chain for one family, one `-A` line each, in order: empty
+    /// unless UDP is dropped (outbound deny).
+    pub fn filter_rules(&self, family: Family) -> Vec<String> {
+        if !self.drop_udp {
+            return Vec::new();
+        }
+        let mut rules = vec![format!(
+            "-A {OUT_UDP} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        )];
+        if let Some(gid) = self.proxy_gid {
+            rules.push(format!("-A {OUT_UDP} -m owner --gid-owner {gid} -j RETURN"));
+        }
+        rules.push(format!("-A {OUT_UDP} -o lo -j RETURN"));
+        rules.push(format!("-A {OUT_UDP} -d {} -j RETURN", family.loopback()));
+        for nameserver in self.nameservers(family) {
+            rules.push(format!(
+                "-A {OUT_UDP} -d {nameserver} -p udp -m udp --dport 53 -j RETURN"
+            ));
+        }
+        // What the operator excluded bypasses the sidecar for UDP too: with DROP they
+        // would otherwise be cut off, not merely left alone.
+        for port in &self.exclude_outbound_ports {
+            rules.push(format!(
+                "-A {OUT_UDP} -p udp -m udp --dport {port} -j RETURN"
+            ));
+        }
+        for cidr in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|c| c.family() == family)
+        {
+            rules.push(format!("-A {OUT_UDP} -d {cidr} -j RETURN"));
+        }
+        rules.push(format!("-A {OUT_UDP} -j DROP"));
+        rules
+    }
+
+    /// The `iptables-restore --noflush` input for both tables: the nat table as
+    /// [`Interception::apply_input`] makes it, then the filter table: our UDP chain and its
+    /// jump under outbound deny, or the removal of any left by an earlier run otherwise.
+    pub fn apply_all_input(&self, family: Family, nat: &NatTable, filter: &NatTable) -> String {
+        let mut out = self.apply_input(family, nat);
+        if self.drop_udp {
+            out.push_str(&table_input(
+                Table::Filter,
+                &self.filter_rules(family),
+                filter,
+            ));
+        } else if let Some(cleanup) = cleanup_input_of(Table::Filter, filter) {
+            out.push_str(&cleanup);
+        }
+        out
+    }
+
     /// The `iptables-restore --noflush` input that makes the nat table hold exactly our
     /// rules, given what it holds now. Declaring a chain (`:NAME - [0:0]`) creates it or
     /// empties it, so our chain contents are replaced whole; the jump rules are kept when
     /// they are already right and otherwise removed and appended once. The whole input is
     /// one transaction: it applies completely or not at all.
     pub fn apply_input(&self, family: Family, current: &NatTable) -> String {
-        let mut out = String::from("*nat\n");
-        for chain in CHAINS {
-            out.push_str(&format!(":{chain} - [0:0]\n"));
-        }
-        for rule in self.chain_rules(family) {
-            out.push_str(&rule);
-            out.push('\n');
-        }
-        for rule in &current.references {
-            let wanted = JUMPS.iter().any(|(from, _)| *from == rule.chain)
-                && current.jump_is_right(&rule.chain);
-            if !wanted {
-                out.push_str(&rule.delete());
-            }
-        }
-        for (from, to) in JUMPS {
-            if !current.jump_is_right(from) {
-                out.push_str(&jump_rule(from, to));
-                out.push('\n');
-            }
-        }
-        out.push_str("COMMIT\n");
-        out
+        table_input(Table::Nat, &self.chain_rules(family), current)
     }
 }
 
-fn jump_rule(from: &str, to: &str) -> String {
-    format!("-A {from} -p tcp -j {to}")
+/// The input that makes `table` hold exactly `rules` in our chains and our jumps once.
+fn table_input(table: Table, rules: &[String], current: &NatTable) -> String {
+    let mut out = format!("*{}\n", table.name());
+    for chain in table.chains() {
+        out.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    for rule in rules {
+        out.push_str(rule);
+        out.push('\n');
+    }
+    for rule in &current.references {
+        let wanted = table.jumps().iter().any(|(from, ..)| *from == rule.chain)
+            && current.jump_is_right(table, &rule.chain);
+        if !wanted {
+            out.push_str(&rule.delete());
+        }
+    }
+    for (from, protocol, to) in table.jumps() {
+        if !current.jump_is_right(table, from) {
+            out.push_str(&jump_rule(from, protocol, to));
+            out.push('\n');
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn jump_rule(from: &str, protocol: &str, to: &str) -> String {
+    format!("-A {from} -p {protocol} -j {to}")
 }
 
 /// The `iptables-restore --noflush` input that removes every rule and chain of ours and
-/// nothing else, or `None` when there is nothing of ours to remove.
+/// nothing else from both tables, or `None` when there is nothing of ours to remove.
+pub fn cleanup_all_input(nat: &NatTable, filter: &NatTable) -> Option<String> {
+    match (cleanup_input(nat), cleanup_input_of(Table::Filter, filter)) {
+        (None, None) => None,
+        (nat, filter) => Some(nat.unwrap_or_default() + &filter.unwrap_or_default()),
+    }
+}
+
+/// The `iptables-restore --noflush` input that removes every rule and chain of ours and
+/// nothing else from the nat table, or `None` when there is nothing of ours to remove.
 pub fn cleanup_input(current: &NatTable) -> Option<String> {
+    cleanup_input_of(Table::Nat, current)
+}
+
+fn cleanup_input_of(table: Table, current: &NatTable) -> Option<String> {
     if !current.holds_ours() {
         return None;
     }
-    let mut out = String::from("*nat\n");
+    let mut out = format!("*{}\n", table.name());
     for rule in &current.references {
         out.push_str(&rule.delete());
     }
@@ -150,8 +285,17 @@ pub fn cleanup_input(current: &NatTable) -> Option<String> {
 /// The `iptables-restore --noflush` input that puts back what was ours in `previous`
 /// (read before a change) when the table now holds `now`: used to undo the IPv4 change
 /// when the IPv6 one fails, so a failure leaves neither family half done.
-pub fn revert_input(previous: &NatTable, now: &NatTable) -> String {
-    let mut out = String::from("*nat\n");
+/// Both tables: `previous` and `now` are (nat, filter).
+pub fn revert_all_input(previous: (&NatTable, &NatTable), now: (&NatTable, &NatTable)) -> String {
+    let mut out = revert_input_of(Table::Nat, previous.0, now.0);
+    if previous.1.holds_ours() || now.1.holds_ours() {
+        out.push_str(&revert_input_of(Table::Filter, previous.1, now.1));
+    }
+    out
+}
+
+fn revert_input_of(table: Table, previous: &NatTable, now: &NatTable) -> String {
+    let mut out = format!("*{}\n", table.name());
     for rule in &now.references {
         out.push_str(&rule.delete());
     }
@@ -196,7 +340,7 @@ impl Reference {
     }
 }
 
-/// What of ours the nat table holds now, read from `iptables-save -t nat`.
+/// What of ours the nat (or the filter) table holds now, read from `iptables-save`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatTable {
     /// Our chains that exist.
@@ -210,25 +354,30 @@ pub struct NatTable {
 impl NatTable {
     /// Reads the `*nat` section of `iptables-save` output; other tables are ignored.
     pub fn parse(save: &str) -> NatTable {
+        NatTable::parse_table(save, Table::Nat)
+    }
+
+    /// Reads the section of `table` in `iptables-save` output; other tables are ignored.
+    pub fn parse_table(save: &str, which: Table) -> NatTable {
         let mut table = NatTable::default();
-        let mut in_nat = false;
+        let mut in_table = false;
         for line in save.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix('*') {
-                in_nat = name == "nat";
+                in_table = name == which.name();
                 continue;
             }
-            if !in_nat {
+            if !in_table {
                 continue;
             }
             if let Some(decl) = line.strip_prefix(':') {
                 let name = decl.split_whitespace().next().unwrap_or_default();
-                if is_ours(name) {
+                if is_ours(which, name) {
                     table.chains.push(name.to_owned());
                 }
             } else if let Some(spec) = line.strip_prefix("-A ") {
                 let mut words = spec.split_whitespace();
                 let chain = words.next().unwrap_or_default();
-                if is_ours(chain) {
+                if is_ours(which, chain) {
                     table.rules.push(line.to_owned());
                     continue;
                 }
@@ -240,7 +389,7 @@ impl NatTable {
                     }
                     prev = word;
                 }
-                if target.is_some_and(is_ours) {
+                if target.is_some_and(|t| is_ours(which, t)) {
                     table.references.push(Reference {
                         chain: chain.to_owned(),
                         line: line.to_owned(),
@@ -258,18 +407,21 @@ impl NatTable {
 
     /// Whether `chain` holds exactly one reference to our chains and it is the jump rule
     /// we install.
-    fn jump_is_right(&self, chain: &str) -> bool {
-        let Some((from, to)) = JUMPS.iter().find(|(from, _)| *from == chain) else {
+    fn jump_is_right(&self, table: Table, chain: &str) -> bool {
+        let Some((from, protocol, to)) = table.jumps().iter().find(|(from, ..)| *from == chain)
+        else {
             return false;
         };
         let mut refs = self.references.iter().filter(|r| r.chain == *from);
-        let one = refs.next().is_some_and(|r| r.line == jump_rule(from, to));
+        let one = refs
+            .next()
+            .is_some_and(|r| r.line == jump_rule(from, protocol, to));
         one && refs.next().is_none()
     }
 }
 
-fn is_ours(chain: &str) -> bool {
-    CHAINS.contains(&chain)
+fn is_ours(table: Table, chain: &str) -> bool {
+    table.chains().contains(&chain)
 }
 
 #[cfg(test)]
@@ -285,6 +437,8 @@ mod tests {
             exclude_inbound_ports: vec![15020],
             exclude_outbound_ports: vec![],
             exclude_outbound_cidrs: vec![],
+            nameservers: vec![],
+            drop_udp: false,
         }
     }
 
@@ -332,6 +486,8 @@ mod tests {
                 "fd00::1/8".parse().unwrap(),
                 "192.168.1.7".parse().unwrap(),
             ],
+            nameservers: vec![],
+            drop_udp: false,
         };
         assert_eq!(
             config.chain_rules(Family::V4),
@@ -359,6 +515,122 @@ mod tests {
             !v6.iter()
                 .any(|r| r.contains("10.0.0.0") || r.contains("127."))
         );
+    }
+
+    fn with_dns(drop_udp: bool) -> Interception {
+        Interception {
+            nameservers: vec!["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
+            drop_udp,
+            ..defaults()
+        }
+    }
+
+    #[test]
+    fn dns_bypasses_only_towards_the_nameservers_of_its_family() {
+        let v4 = with_dns(false).chain_rules(Family::V4);
+        let dns: Vec<&String> = v4.iter().filter(|r| r.contains("--dport 53")).collect();
+        assert_eq!(
+            dns,
+            ["-A TRELLIS_OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j RETURN"]
+        );
+        let dns_at = v4.iter().position(|r| r.contains("--dport 53"));
+        let redirect = v4
+            .iter()
+            .position(|r| r.ends_with("-j TRELLIS_OUT_REDIRECT"));
+        assert!(dns_at.unwrap() < redirect.unwrap());
+
+        let v6 = with_dns(false).chain_rules(Family::V6);
+        let dns: Vec<&String> = v6.iter().filter(|r| r.contains("--dport 53")).collect();
+        assert_eq!(
+            dns,
+            ["-A TRELLIS_OUTPUT -d fd00::a/128 -p tcp -m tcp --dport 53 -j RETURN"]
+        );
+        assert!(
+            !defaults()
+                .chain_rules(Family::V4)
+                .iter()
+                .any(|r| r.contains("--dport 53"))
+        );
+    }
+
+    #[test]
+    fn outbound_deny_drops_udp_but_dns_to_the_nameservers_loopback_and_the_proxy() {
+        let config = Interception {
+            proxy_gid: Some(3000),
+            exclude_outbound_ports: vec![5353],
+            exclude_outbound_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+            ..with_dns(true)
+        };
+        assert_eq!(
+            config.filter_rules(Family::V4),
+            [
+                "-A TRELLIS_OUT_UDP -m owner --uid-owner 1337 -j RETURN",
+                "-A TRELLIS_OUT_UDP -m owner --gid-owner 3000 -j RETURN",
+                "-A TRELLIS_OUT_UDP -o lo -j RETURN",
+                "-A TRELLIS_OUT_UDP -d 127.0.0.0/8 -j RETURN",
+                "-A TRELLIS_OUT_UDP -d 10.96.0.10/32 -p udp -m udp --dport 53 -j RETURN",
+                "-A TRELLIS_OUT_UDP -p udp -m udp --dport 5353 -j RETURN",
+                "-A TRELLIS_OUT_UDP -d 10.2.0.0/16 -j RETURN",
+                "-A TRELLIS_OUT_UDP -j DROP",
+            ]
+        );
+        let v6 = config.filter_rules(Family::V6);
+        assert!(v6.contains(
+            &"-A TRELLIS_OUT_UDP -d fd00::a/128 -p udp -m udp --dport 53 -j RETURN".to_owned()
+        ));
+        assert!(!v6.iter().any(|r| r.contains("10.")), "{v6:?}");
+
+        let input = config.apply_all_input(Family::V4, &NatTable::default(), &NatTable::default());
+        let filter = input.split_once("COMMIT\n").unwrap().1;
+        assert!(
+            filter.starts_with("*filter\n:TRELLIS_OUT_UDP - [0:0]\n"),
+            "{input}"
+        );
+        assert!(
+            filter.ends_with("-A OUTPUT -p udp -j TRELLIS_OUT_UDP\nCOMMIT\n"),
+            "{input}"
+        );
+    }
+
+    #[test]
+    fn outbound_passthrough_leaves_udp_alone_and_removes_an_earlier_drop() {
+        assert!(with_dns(false).filter_rules(Family::V4).is_empty());
+        let input =
+            with_dns(false).apply_all_input(Family::V4, &NatTable::default(), &NatTable::default());
+        assert!(!input.contains("*filter"), "{input}");
+        assert!(!input.contains("udp"), "{input}");
+
+        let earlier = "*filter\n:OUTPUT ACCEPT [0:0]\n:TRELLIS_OUT_UDP - [0:0]\n\
+            -A OUTPUT -p udp -j TRELLIS_OUT_UDP\n-A TRELLIS_OUT_UDP -j DROP\nCOMMIT\n";
+        let filter = NatTable::parse_table(earlier, Table::Filter);
+        let input = with_dns(false).apply_all_input(Family::V4, &NatTable::default(), &filter);
+        let tail = input.split_once("COMMIT\n").unwrap().1;
+        assert_eq!(
+            lines(tail),
+            [
+                "*filter",
+                "-D OUTPUT -p udp -j TRELLIS_OUT_UDP",
+                "-F TRELLIS_OUT_UDP",
+                "-X TRELLIS_OUT_UDP",
+                "COMMIT",
+            ]
+        );
+        // A rerun under deny keeps the jump and replaces the chain.
+        let again = with_dns(true).apply_all_input(Family::V4, &NatTable::default(), &filter);
+        assert!(!again.contains("-D OUTPUT"), "{again}");
+        assert_eq!(lines_with(&again, "-A OUTPUT -p udp"), 0, "{again}");
+        // Cleanup removes it too, and nat chains in the filter table are not ours.
+        let all = cleanup_all_input(&NatTable::default(), &filter).unwrap();
+        assert!(
+            all.starts_with("*filter\n-D OUTPUT -p udp -j TRELLIS_OUT_UDP\n"),
+            "{all}"
+        );
+        let stray = NatTable::parse_table(INSTALLED, Table::Filter);
+        assert!(!stray.holds_ours(), "{stray:?}");
+    }
+
+    fn lines_with(text: &str, needle: &str) -> usize {
+        text.lines().filter(|l| l.contains(needle)).count()
     }
 
     #[test]
@@ -478,12 +750,12 @@ COMMIT
         let before = NatTable::default();
         let after = NatTable::parse(INSTALLED);
         assert_eq!(
-            revert_input(&before, &after),
+            revert_input_of(Table::Nat, &before, &after),
             cleanup_input(&after).unwrap(),
             "nothing before: reverting is cleaning up"
         );
 
-        let input = revert_input(&after, &after);
+        let input = revert_input_of(Table::Nat, &after, &after);
         assert_eq!(
             lines(&input),
             [

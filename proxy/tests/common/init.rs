@@ -8,7 +8,7 @@
 //! redirect test.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -209,6 +209,41 @@ pub fn connect(ns: &Netns, to: &str, uid: Option<u32>) -> String {
         .unwrap_or_else(|| format!("no reply: {}{}", text(&out.stdout), text(&out.stderr)))
 }
 
+/// Starts a UDP responder inside `ns` on `port` (IPv4) that answers every datagram with
+/// `NAME local=PORT`.
+pub fn serve_udp(ns: &Netns, port: u16, name: &str) -> Running {
+    let mut child = ns
+        .child("serve-udp", &[&port.to_string(), name])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let running = Running(child);
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line == "ready" => return running,
+            Some(Ok(_)) => continue,
+            other => panic!("UDP responder {name} on {port} did not start: {other:?}"),
+        }
+    }
+}
+
+/// Sends one datagram from inside `ns` (as `uid` when given) and returns the answer, or
+/// `error: ...` when sending or receiving failed (a datagram dropped in `OUTPUT` is
+/// refused to the sender at once: "Operation not permitted").
+pub fn send_udp(ns: &Netns, to: &str, uid: Option<u32>) -> String {
+    let mut command = ns.child("send-udp", &[to]);
+    if let Some(uid) = uid {
+        command.env(AS_UID, uid.to_string());
+    }
+    let out = command.output().unwrap();
+    text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("reply: ").or(l.strip_prefix("udp ")))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("no reply: {}{}", text(&out.stdout), text(&out.stderr)))
+}
+
 // ---------------------------------------------------------------------------------------
 // The child process
 
@@ -268,6 +303,35 @@ pub fn child_process_entry() {
             std::process::exit(code);
         }
         "serve" => serve_forever(args[0].parse().unwrap(), &args[1]),
+        "serve-udp" => {
+            let port: u16 = args[0].parse().unwrap();
+            let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).unwrap();
+            println!("ready");
+            std::io::stdout().flush().unwrap();
+            let mut buf = [0u8; 512];
+            loop {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let answer = format!("{} local={port}", args[1]);
+                    let _ = socket.send_to(answer.as_bytes(), from);
+                }
+            }
+        }
+        "send-udp" => {
+            let to: SocketAddr = args[0].parse().unwrap();
+            let exchange = || -> std::io::Result<String> {
+                let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+                socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+                socket.send_to(b"ping", to)?;
+                let mut buf = [0u8; 512];
+                let n = socket.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            };
+            match exchange() {
+                Ok(reply) => println!("reply: {}", reply.trim()),
+                Err(e) => println!("udp error: {e}"),
+            }
+            std::process::exit(0);
+        }
         "connect" => {
             let to: SocketAddr = args[0].parse().unwrap();
             match talk(to) {
