@@ -329,6 +329,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 ca.bundle_pem(),
             )?;
             inject.validation = config.validation_context();
+            inject.outbound_policy = config.outbound_policy;
             Some((port, tls_config(files)?, inject))
         }
         _ => None,

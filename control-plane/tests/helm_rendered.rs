@@ -560,9 +560,13 @@ fn rendered_injection_settings_parse() {
         ),
         (8, 1024)
     );
-    // DNS over TCP goes straight to the cluster's DNS, which has no sidecar
-    // (under outboundPolicy deny the sidecar would refuse it).
-    assert_eq!(config.exclude_outbound_ports, [53]);
+    // DNS goes straight to the pod's nameservers, which have no sidecar
+    // (under outboundPolicy deny the sidecar would refuse it); port 53 of
+    // any other host does not.
+    assert!(config.exclude_outbound_dns);
+    assert!(config.exclude_outbound_ports.is_empty());
+    let config = rendered_injection_config(&helm, &["injection.excludeOutboundDNS=false"]);
+    assert!(!config.exclude_outbound_dns);
     // `--set injection.tcpUserTimeout=0` (a number to helm) turns it off.
     let config = rendered_injection_config(&helm, &["injection.tcpUserTimeout=0"]);
     assert_eq!(config.tcp_user_timeout, None);

@@ -75,8 +75,9 @@ fn security_contexts_grant_only_what_each_container_needs() {
 }
 
 /// `trellis-proxy init` gets the proxy UID, its ports, the admin port, DNS
-/// over TCP (53) left to the cluster's DNS, and the pod's exclusion
-/// annotations. Real AdmissionReview; no API server here.
+/// to the pod's nameservers (and no other host) left to the cluster's DNS,
+/// the pod's exclusion annotations and the mesh's outbound policy. Real
+/// AdmissionReview; no API server here.
 #[test]
 fn exclusion_annotations_become_init_flags() {
     let pod = injected(&fixture("pod-deployment-http-probes.json"));
@@ -94,10 +95,11 @@ fn exclusion_annotations_become_init_flags() {
             "15001",
             "--exclude-ports",
             "15020,9100",
-            "--exclude-outbound-ports",
-            "53",
             "--exclude-outbound-cidrs",
-            "169.254.169.254/32"
+            "169.254.169.254/32",
+            "--exclude-outbound-dns",
+            "--outbound-policy",
+            "deny"
         ])
     );
 }

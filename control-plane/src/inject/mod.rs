@@ -329,6 +329,12 @@ pub struct InjectConfig {
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<String>,
+    /// DNS (port 53) to the pod's nameservers, and to no other host, bypasses
+    /// the sidecar (init's `--exclude-outbound-dns`).
+    pub exclude_outbound_dns: bool,
+    /// The control plane's `--outbound-policy`, passed to init: under deny it
+    /// drops the pod's UDP except DNS to its nameservers.
+    pub outbound_policy: crate::config::OutboundPolicy,
     pub failure_policy: FailurePolicy,
     /// `text` or `json`, the sidecar's `--log-format`.
     pub log_format: String,
@@ -366,9 +372,12 @@ impl Default for InjectConfig {
             admin_port: 15020,
             ip_families: vec![IpFamily::V4],
             exclude_inbound_ports: Vec::new(),
-            // DNS over TCP reaches the cluster's DNS, which has no sidecar.
-            exclude_outbound_ports: vec![53],
+            exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            // DNS reaches the cluster's DNS, which has no sidecar; port 53 of any
+            // other host goes through the sidecar.
+            exclude_outbound_dns: true,
+            outbound_policy: crate::config::OutboundPolicy::Deny,
             failure_policy: FailurePolicy::Fail,
             log_format: "json".to_owned(),
             tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),

@@ -474,6 +474,11 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
         args.push("--exclude-outbound-cidrs".into());
         args.push(join(&exclusions.outbound_cidrs));
     }
+    if config.exclude_outbound_dns {
+        args.push("--exclude-outbound-dns".into());
+    }
+    args.push("--outbound-policy".into());
+    args.push(config.outbound_policy.as_str().into());
     // In a cluster with IPv6 pods, IPv6 rules are required: without them
     // IPv6 connections would reach the app in plaintext, so an init that
     // cannot write them fails and the pod does not start unprotected.

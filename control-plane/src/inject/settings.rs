@@ -19,7 +19,7 @@
 //!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
 //!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
-//!  "excludeOutboundCIDRs": [], "failurePolicy": "Fail", "logFormat": "json",
+//!  "excludeOutboundCIDRs": [], "excludeOutboundDNS": true, "failurePolicy": "Fail", "logFormat": "json",
 //!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m",
 //!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024}
 //! ```
@@ -53,6 +53,8 @@ struct Settings {
     exclude_outbound_ports: Option<Vec<u16>>,
     #[serde(rename = "excludeOutboundCIDRs")]
     exclude_outbound_cidrs: Option<Vec<String>>,
+    #[serde(rename = "excludeOutboundDNS")]
+    exclude_outbound_dns: Option<bool>,
     failure_policy: Option<String>,
     log_format: Option<String>,
     #[serde(rename = "ipFamilies")]
@@ -350,6 +352,9 @@ impl InjectConfig {
                 .collect::<Result<_, _>>()
                 .map_err(|why| InvalidSettings(format!("excludeOutboundCIDRs: {why}")))?;
         }
+        if let Some(dns) = s.exclude_outbound_dns {
+            config.exclude_outbound_dns = dns;
+        }
         if let Some(policy) = s.failure_policy {
             config.failure_policy = match policy.as_str() {
                 "Ignore" => FailurePolicy::Ignore,
@@ -493,6 +498,25 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// DNS bypasses the sidecar only towards the pod's nameservers unless
+    /// the settings turn it off; port 53 is excluded for no other host.
+    #[test]
+    fn reads_whether_dns_to_the_nameservers_bypasses_the_sidecar() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        let config = read("{}").unwrap();
+        assert!(config.exclude_outbound_dns);
+        assert!(config.exclude_outbound_ports.is_empty());
+        assert!(
+            !read(r#"{"excludeOutboundDNS": false}"#)
+                .unwrap()
+                .exclude_outbound_dns
+        );
+        let e = read(r#"{"excludeOutboundDNS": "yes"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     /// A CIDR the init container would refuse fails the control plane's
