@@ -20,6 +20,7 @@ use trellis_core::tcp::parse_port;
 
 use crate::authn::tokenreview::KubeApi;
 use crate::ca::load_trust_anchors;
+use crate::escape::shown;
 use crate::inject::InjectConfig;
 
 /// The shortest `--cert-ttl` accepted.
@@ -399,10 +400,10 @@ impl Config {
         if let Some(path) = &self.inject_config {
             let json = std::fs::read_to_string(path).map_err(|e| {
                 let e = trellis_core::io_error::IoWords(&e);
-                format!("--inject-config {}: {e}", path.display())
+                format!("--inject-config {}: {e}", shown(path))
             })?;
             InjectConfig::from_settings(&json, self.trust_domain.clone(), String::new())
-                .map_err(|e| format!("--inject-config {}: {e}", path.display()))?;
+                .map_err(|e| format!("--inject-config {}: {e}", shown(path)))?;
             self.inject_settings = Some(json);
         }
         if let (Some(cert), Some(key)) = (&self.webhook_cert, &self.webhook_key) {
@@ -532,7 +533,7 @@ pub fn classify_clap_error(e: clap::Error) -> Parsed {
 
 /// `e` with what the user gave that it quotes (a refused value, an unknown
 /// argument or subcommand) shown with its control characters escaped
-/// ([`crate::ctl::escape_controls`]): clap prints them as given, and a value may come
+/// ([`crate::escape::escape_controls`]): clap prints them as given, and a value may come
 /// from a script or a copied manifest. Nothing else of clap's text changes.
 /// Both binaries' errors go through it ([`classify_clap_error`]).
 fn escape_given(mut e: clap::Error) -> clap::Error {
@@ -545,7 +546,7 @@ fn escape_given(mut e: clap::Error) -> clap::Error {
         ContextKind::InvalidSubcommand,
     ] {
         if let Some(ContextValue::String(raw)) = e.get(kind) {
-            let escaped = crate::ctl::escape_controls(raw);
+            let escaped = crate::escape::escape_controls(raw);
             if escaped != *raw {
                 given.push((raw.clone(), escaped.clone()));
                 e.insert(kind, ContextValue::String(escaped));

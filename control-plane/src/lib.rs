@@ -17,6 +17,7 @@ pub mod ca;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
+pub mod escape;
 pub mod inject;
 pub mod metrics;
 pub mod net;

@@ -12,19 +12,26 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::escape::shown;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
-    #[error("state dir {path}: {}", trellis_core::io_error::IoWords(source))]
+    #[error(
+        "state dir {}: {}",
+        shown(path),
+        trellis_core::io_error::IoWords(source)
+    )]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error(
-        "state dir {path} is accessible by group or others (mode {mode:o}); run `chmod 700` on it"
+        "state dir {} is accessible by group or others (mode {mode:o}); run `chmod 700` on it",
+        shown(path)
     )]
     OpenPermissions { path: PathBuf, mode: u32 },
-    #[error("state dir {0} exists and is not a directory")]
+    #[error("state dir {} exists and is not a directory", shown(.0))]
     NotADirectory(PathBuf),
 }
 

@@ -777,6 +777,71 @@ fn refused_values_are_said_with_control_characters_escaped() {
     );
 }
 
+/// The credential files trellisctl cannot use are named with their
+/// control characters escaped, in every error that names them: a key
+/// that is not the certificate's, a bundle of another CA, an operator
+/// certificate the control plane refuses.
+#[tokio::test]
+async fn credential_paths_in_errors_are_said_escaped() {
+    let cp = ControlPlane::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    // A file named with a line feed and an escape sequence: its path as
+    // given, and as the operator is to see it.
+    let odd = |name: &str, content: &[u8]| {
+        let path = dir.path().join(format!("{name}\n\x1b[2J"));
+        std::fs::write(&path, content).unwrap();
+        let shown = dir.path().join(format!("{name}\\n\\u{{1b}}[2J"));
+        (path.display().to_string(), shown.display().to_string())
+    };
+    let own = |name: &str| cp.state_dir.join(name).display().to_string();
+    let (bundle, cert, key) = (own("bundle.pem"), own("admin.crt"), own("admin.key"));
+
+    // Another CA, and an operator certificate of the trust domain it signed.
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = rcgen::Issuer::new(params.clone(), p256());
+    let other_root = params.self_signed(other_ca.key()).unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![uri("spiffe://cluster.local/trellis/admin")];
+    let leaf_key = p256();
+    let leaf = leaf.signed_by(&leaf_key, &other_ca).unwrap();
+
+    let (copied_cert, copied_cert_shown) = odd("admin.crt", &std::fs::read(&cert).unwrap());
+    let (other_bundle, other_bundle_shown) = odd("bundle.pem", other_root.pem().as_bytes());
+    let (foreign_cert, foreign_cert_shown) = odd("foreign.crt", leaf.pem().as_bytes());
+    let foreign_key = dir.path().join("foreign.key");
+    std::fs::write(&foreign_key, leaf_key.serialize_pem()).unwrap();
+    let foreign_key = foreign_key.display().to_string();
+    for (files, says) in [
+        (
+            [&bundle, &copied_cert, &foreign_key],
+            format!(": not the private key of the certificate in {copied_cert_shown}\n"),
+        ),
+        (
+            [&other_bundle, &cert, &key],
+            format!("not issued by the CA in {other_bundle_shown}"),
+        ),
+        (
+            [&bundle, &foreign_cert, &foreign_key],
+            format!(
+                "the control plane at {} refused the operator certificate {foreign_cert_shown}: ",
+                cp.grpc
+            ),
+        ),
+    ] {
+        let [ca, cert, key] = files;
+        let out = std::process::Command::new(CTL)
+            .args(["--control-plane", &cp.grpc, "--ca", ca, "--cert", cert])
+            .args(["--key", key, "workloads"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{files:?}: {stderr:?}");
+        assert!(stderr.contains(&says), "{files:?}: {stderr:?}");
+        assert!(!stderr.contains('\x1b'), "{files:?}: {stderr:?}");
+    }
+}
+
 /// What the control plane sends back, names, SPIFFE IDs, reasons, its
 /// refusals, is printed with its control characters escaped, by every
 /// command that prints it: none can drive the terminal. The store holds a

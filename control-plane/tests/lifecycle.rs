@@ -163,6 +163,123 @@ fn invalid_flags_exit_64_naming_the_flag_and_touch_nothing() {
     );
 }
 
+/// An operator CA certificate named `name`, signed by `by` (its own key
+/// without one); the PEM, and the key to sign with it.
+fn operator_ca(
+    name: &str,
+    by: Option<&rcgen::Issuer<'_, rcgen::KeyPair>>,
+) -> (String, rcgen::KeyPair) {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let key = p256();
+    let cert = match by {
+        Some(by) => params.signed_by(&key, by).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    (cert.pem(), key)
+}
+
+/// A path the operator gave is said back with its control characters
+/// escaped in every configuration error that names it: a file name from
+/// a script or a directory listing cannot drive the terminal.
+#[test]
+fn paths_in_configuration_errors_are_said_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    // Escaped as the operator sees it: `\n`, `\u{1b}`.
+    let path = |name: &str| {
+        let escaped = name.replace('\n', "\\n").replace('\x1b', "\\u{1b}");
+        (
+            tmp.path().join(name).display().to_string(),
+            tmp.path().join(escaped).display().to_string(),
+        )
+    };
+    let (missing, missing_shown) = path("gone\n\x1b[2J.pem");
+    let (garbage, garbage_shown) = path("not\n\x1b[2Jpem.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let (kube_ca, _) = operator_ca("Kubernetes CA", None);
+    let (kube_ca_path, _) = path("kube-ca.crt");
+    std::fs::write(&kube_ca_path, kube_ca).unwrap();
+    let kube = [
+        "--identity-provider",
+        "kubernetes",
+        "--kube-api",
+        "https://127.0.0.1:6443",
+    ];
+    let webhook = [
+        "--webhook",
+        "127.0.0.1:0",
+        "--webhook-cert",
+        &missing,
+        "--webhook-key",
+        &garbage,
+    ];
+    let cases: [(Vec<&str>, String); 7] = [
+        (
+            [&webhook[..], &["--inject-config", &missing]].concat(),
+            format!("--inject-config {missing_shown}: "),
+        ),
+        (
+            vec!["--trust-anchors", &missing],
+            format!("--trust-anchors {missing_shown}: cannot read it"),
+        ),
+        (
+            webhook.to_vec(),
+            format!("--webhook-cert {missing_shown}: "),
+        ),
+        (
+            vec!["--ca-cert", &missing, "--ca-key", &kube_ca_path],
+            format!("--ca-cert {missing_shown}: cannot read it"),
+        ),
+        (
+            vec!["--ca-cert", &garbage, "--ca-key", &kube_ca_path],
+            format!("--ca-cert {garbage_shown} is not usable: "),
+        ),
+        (
+            [
+                &kube[..],
+                &["--kube-ca", &missing, "--kube-token-file", "/nonexistent"],
+            ]
+            .concat(),
+            format!("--kube-ca {missing_shown}: "),
+        ),
+        (
+            [
+                &kube[..],
+                &["--kube-ca", &kube_ca_path, "--kube-token-file", &missing],
+            ]
+            .concat(),
+            format!("--kube-token-file {missing_shown}: "),
+        ),
+    ];
+    for (args, names) in cases {
+        let stderr = assert_refused_touching_nothing(&state, &args, 64, &names);
+        assert!(!stderr.contains('\x1b'), "{args:?}: {stderr:?}");
+    }
+    // A state dir that is a file: the start fails, exit 1.
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&garbage)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert!(
+        stderr.ends_with(&format!(
+            "error: state dir {garbage_shown} exists and is not a directory\n"
+        )),
+        "{stderr:?}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
+
 /// A start that fails once the flags are accepted (here on a state dir
 /// others can read) exits 1 saying why once, as the last line on stderr,
 /// as an invalid flag is said.

@@ -50,6 +50,7 @@ use tokio_rustls::TlsConnector;
 use trellis_core::{SpiffeId, TrustDomain};
 
 use crate::config::{is_dns_label, is_dns_subdomain};
+use crate::escape::shown;
 
 /// The audience the projected tokens are made for, and the only one asked for.
 pub const AUDIENCE: &str = crate::inject::TOKEN_AUDIENCE;
@@ -113,18 +114,18 @@ impl KubeApi {
         };
         let ca_path = ca.map_or_else(|| IN_CLUSTER_CA.into(), Path::to_path_buf);
         read_roots(&ca_path).map_err(|e| match ca {
-            Some(_) => format!("--kube-ca {}: {e}", ca_path.display()),
+            Some(_) => format!("--kube-ca {}: {e}", shown(&ca_path)),
             None => format!(
                 "no --kube-ca given, and the pod's CA {}: {e}",
-                ca_path.display()
+                shown(&ca_path)
             ),
         })?;
         let token_path = token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf);
         read_bearer(&token_path).map_err(|e| match token_file {
-            Some(_) => format!("--kube-token-file {}: {e}", token_path.display()),
+            Some(_) => format!("--kube-token-file {}: {e}", shown(&token_path)),
             None => format!(
                 "no --kube-token-file given, and the pod's token {}: {e}",
-                token_path.display()
+                shown(&token_path)
             ),
         })?;
         Ok(Self {
@@ -190,9 +191,9 @@ fn in_cluster_url() -> Result<Uri, String> {
 /// Why the reviewer cannot be set up (start-up fails naming the file).
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSetupError {
-    #[error("Kubernetes API CA {}: {message}", path.display())]
+    #[error("Kubernetes API CA {}: {message}", shown(path))]
     Ca { path: PathBuf, message: String },
-    #[error("Kubernetes API token {}: {message}", path.display())]
+    #[error("Kubernetes API token {}: {message}", shown(path))]
     Token { path: PathBuf, message: String },
     #[error("Kubernetes API TLS: {0}")]
     Tls(#[from] rustls::Error),

@@ -17,34 +17,51 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{PemObject, SectionKind};
 use x509_parser::prelude::*;
 
+use crate::escape::{escape_controls, shown};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrustAnchorsError {
-    #[error("{path}: cannot read it: {}", trellis_core::io_error::IoWords(source))]
+    #[error(
+        "{}: cannot read it: {}",
+        shown(path),
+        trellis_core::io_error::IoWords(source)
+    )]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not PEM: {reason}")]
+    #[error("{}: not PEM: {reason}", shown(path))]
     Pem { path: PathBuf, reason: String },
-    #[error("{path}: no certificate in it (it should hold the PEM roots to trust)")]
+    #[error(
+        "{}: no certificate in it (it should hold the PEM roots to trust)",
+        shown(path)
+    )]
     Empty { path: PathBuf },
     #[error(
-        "{path}: PEM block {block} is {what}, not a certificate: the file holds the public roots \
-         to trust, never a key"
+        "{}: PEM block {block} is {what}, not a certificate: the file holds the public roots \
+         to trust, never a key",
+        shown(path)
     )]
     NotACertificate {
         path: PathBuf,
         block: usize,
         what: &'static str,
     },
-    #[error("{path}: certificate {index} is not an X.509 certificate: {reason}")]
+    #[error(
+        "{}: certificate {index} is not an X.509 certificate: {reason}",
+        shown(path)
+    )]
     Unparsable {
         path: PathBuf,
         index: usize,
         reason: String,
     },
-    #[error("{path}: certificate {index} ({subject}): {reason}")]
+    #[error(
+        "{}: certificate {index} ({}): {reason}",
+        shown(path),
+        escape_controls(subject)
+    )]
     Refused {
         path: PathBuf,
         index: usize,

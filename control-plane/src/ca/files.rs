@@ -19,6 +19,7 @@ use trellis_core::io_error::IoWords;
 use x509_parser::prelude::*;
 
 use super::{CaError, CertificateAuthority, ExtraSans, der_to_pem};
+use crate::escape::shown;
 use crate::state_dir::{Secrecy, StateDir, StateDirError};
 
 pub const CA_CERT: &str = "ca.crt";
@@ -34,22 +35,27 @@ pub const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 pub enum CaFilesError {
     #[error(transparent)]
     StateDir(#[from] StateDirError),
-    #[error("cannot read {path}: {}", IoWords(source))]
+    #[error("cannot read {}: {}", shown(path), IoWords(source))]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not usable: {reason}")]
+    #[error("{} is not usable: {reason}", shown(path))]
     Invalid { path: PathBuf, reason: String },
-    #[error("{key} does not match the certificate in {cert}")]
+    #[error("{} does not match the certificate in {}", shown(key), shown(cert))]
     KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("{present} exists but {missing} does not; refusing to overwrite, restore or remove it")]
+    #[error(
+        "{} exists but {} does not; refusing to overwrite, restore or remove it",
+        shown(present),
+        shown(missing)
+    )]
     Incomplete { present: PathBuf, missing: PathBuf },
     #[error(
-        "the state dir already holds a generated CA ({path}); to sign with --ca-cert/--ca-key, \
+        "the state dir already holds a generated CA ({}); to sign with --ca-cert/--ca-key, \
          move ca.crt and ca.key out of the state dir (they can be given as --ca-cert/--ca-key, or \
-         ca.crt as --trust-anchors), or drop --ca-cert/--ca-key"
+         ca.crt as --trust-anchors), or drop --ca-cert/--ca-key",
+        shown(path)
     )]
     ConflictingCa { path: PathBuf },
     #[error(transparent)]
@@ -129,7 +135,7 @@ pub fn check_operator_ca(
 ) -> Result<(), String> {
     let read = |flag: &str, path: &Path| {
         std::fs::read(path)
-            .map_err(|e| format!("{flag} {}: cannot read it: {}", path.display(), IoWords(&e)))
+            .map_err(|e| format!("{flag} {}: cannot read it: {}", shown(path), IoWords(&e)))
     };
     let (cert_pem, key_pem) = (read("--ca-cert", cert)?, read("--ca-key", key)?);
     let e = match load_ca(trust_domain, &cert_pem, cert, &key_pem, key) {
@@ -346,6 +352,17 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// Paths from the operator's files are said with their control
+    /// characters escaped.
+    #[test]
+    fn paths_and_names_in_errors_are_escaped() {
+        let err = CaFilesError::Invalid {
+            path: PathBuf::from("ca\n\x1b[2J.pem"),
+            reason: "no".into(),
+        };
+        assert_eq!(err.to_string(), "ca\\n\\u{1b}[2J.pem is not usable: no");
     }
 
     #[test]

@@ -40,6 +40,8 @@ use self::policy::PolicyCommand;
 use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
 use crate::discovery::SyncState;
+pub use crate::escape::escape_controls;
+use crate::escape::shown;
 
 /// The command line client of the Trellis control plane: operate a
 /// Trellis mesh through the control plane's Admin API.
@@ -301,7 +303,7 @@ impl AdminCredentials {
                     path: self.key.clone(),
                     reason: format!(
                         "not the private key of the certificate in {}",
-                        self.cert.display()
+                        shown(&self.cert)
                     ),
                 },
                 e => CtlError::Tls(e),
@@ -329,7 +331,7 @@ impl AdminCredentials {
                     addr: addr.to_string(),
                     reason: trellis_core::grpc::why_unreachable(
                         &e,
-                        &format!("the CA in {}", self.bundle.display()),
+                        &format!("the CA in {}", shown(&self.bundle)),
                     ),
                 })?;
         Ok(AdminClient::new(channel).max_decoding_message_size(crate::api::MAX_LISTING_BYTES))
@@ -361,7 +363,7 @@ impl AdminCredentials {
             Some(rustls::Error::AlertReceived(alert)) => *alert,
             _ => return None,
         };
-        let cert = self.cert.display();
+        let cert = shown(&self.cert);
         let why = match alert {
             rustls::AlertDescription::CertificateExpired => {
                 "it has expired, or the control plane's clock is ahead".to_string()
@@ -530,32 +532,6 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A path as errors name it: [`escape_controls`] of its text.
-fn shown(path: &Path) -> String {
-    escape_controls(&path.display().to_string())
-}
-
-/// `text` with its control characters, and those that reorder text
-/// (bidirectional overrides and isolates), escaped as Rust writes them
-/// (`\u{1b}`, `\n`); any other character as it is. Every text `trellisctl`
-/// prints that it did not write itself, what the user gave or what the
-/// control plane sent (names, SPIFFE IDs, messages, warnings), goes through
-/// it, so none can drive the terminal; `-o json` output is JSON as
-/// serialized.
-pub fn escape_controls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            c if c.is_control() => out.extend(c.escape_debug()),
-            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
-                out.extend(c.escape_unicode())
-            }
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Text of several lines, each through [`escape_controls`], the line

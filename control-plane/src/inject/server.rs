@@ -115,7 +115,7 @@ const PLAINTEXT_ANSWER: &str = "this is the Trellis control plane's admission we
 /// Why the serving certificate cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFilesError {
-    #[error("{}: {message}", path.display())]
+    #[error("{}: {message}", crate::escape::shown(path))]
     File { path: PathBuf, message: String },
     #[error("webhook TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -219,9 +219,12 @@ fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsFilesError> {
         .load_private_key(der)
         .map_err(|e| file_error(key, e))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| file_error(key, format!("does not match {}: {e}", cert.display())))?;
+    certified.keys_match().map_err(|e| {
+        file_error(
+            key,
+            format!("does not match {}: {e}", crate::escape::shown(cert)),
+        )
+    })?;
     Ok(Loaded {
         key: Arc::new(certified),
         modified,
