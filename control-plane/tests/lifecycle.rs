@@ -184,6 +184,57 @@ fn operator_ca(
     (cert.pem(), key)
 }
 
+fn issuer_of(pem: &str, key: rcgen::KeyPair) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    rcgen::Issuer::from_ca_cert_pem(pem, key).unwrap()
+}
+
+/// An operator chain whose links do not sign each other starts nothing:
+/// an intermediate from another root of the same name, or the chain out
+/// of order, exits 64 naming the flag, the file and the link, before the
+/// state dir is made (it would otherwise issue SVIDs no sidecar accepts).
+#[test]
+fn an_operator_chain_that_does_not_link_up_exits_64_and_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (root, _) = operator_ca("Operator root", None);
+    // Another root of the same name: only the signature tells them apart.
+    let (other_root, other_root_key) = operator_ca("Operator root", None);
+    let other_issuer = issuer_of(&other_root, other_root_key);
+    let (middle, middle_key) = operator_ca("Operator intermediate", Some(&other_issuer));
+    let middle_issuer = issuer_of(&middle, middle_key);
+    let (signing, signing_key) = operator_ca("Operator signing CA", Some(&middle_issuer));
+    let key = tmp.path().join("signing.key");
+    std::fs::write(&key, signing_key.serialize_pem()).unwrap();
+    let key = key.display().to_string();
+    for (name, chain, says) in [
+        (
+            "foreign.pem",
+            [&signing, &middle, &root],
+            "certificate 3 of the chain (CN=Operator root) did not sign certificate 2: the \
+             signature does not verify with its key\n",
+        ),
+        (
+            "unordered.pem",
+            [&signing, &root, &middle],
+            "certificate 1 of the chain is issued by CN=Operator intermediate, but certificate 2 \
+             is CN=Operator root: give the signing CA first, then each certificate's issuer, \
+             ending at the root\n",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, chain.map(String::as_str).concat()).unwrap();
+        let path = path.display().to_string();
+        let names = format!("error: --ca-cert {path} is not usable: {says}");
+        let stderr = assert_refused_touching_nothing(
+            &state,
+            &["--ca-cert", &path, "--ca-key", &key],
+            64,
+            &names,
+        );
+        assert!(stderr.ends_with(&names), "{stderr}");
+    }
+}
+
 /// A path the operator gave is said back with its control characters
 /// escaped in every configuration error that names it: a file name from
 /// a script or a directory listing cannot drive the terminal.

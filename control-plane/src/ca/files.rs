@@ -19,7 +19,7 @@ use trellis_core::io_error::IoWords;
 use x509_parser::prelude::*;
 
 use super::{CaError, CertificateAuthority, ExtraSans, der_to_pem};
-use crate::escape::shown;
+use crate::escape::{escape_controls, shown};
 use crate::state_dir::{Secrecy, StateDir, StateDirError};
 
 pub const CA_CERT: &str = "ca.crt";
@@ -125,9 +125,10 @@ pub fn open_ca(
 }
 
 /// Checks `--ca-cert` and `--ca-key` as the start will load them (each
-/// readable, a CA chain ending at its root, valid now, and the key of its
-/// first certificate), so a configuration error exits before the state
-/// dir is touched. The error names the flag and its file, never the key.
+/// readable, a chain of CAs each signed by the next, ending at a root that
+/// signed itself, valid now, and the key of its first certificate), so a
+/// configuration error exits before the state dir is touched. The error
+/// names the flag, its file and the certificate, never the key.
 pub fn check_operator_ca(
     trust_domain: &trellis_core::TrustDomain,
     cert: &Path,
@@ -180,6 +181,45 @@ fn key_matches(cert: &X509Certificate<'_>, key: &KeyPair) -> bool {
     cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
 }
 
+/// Why `cert` cannot sign certificates, if it cannot: no basicConstraints
+/// CA:TRUE, or a keyUsage without keyCertSign. Peers refuse what such a
+/// certificate signs.
+fn cannot_sign(cert: &X509Certificate<'_>) -> Option<&'static str> {
+    if !cert.is_ca() {
+        return Some("is not a CA (its basicConstraints do not say CA:TRUE)");
+    }
+    match cert.key_usage() {
+        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
+            Some("may not sign certificates (its keyUsage lacks keyCertSign)")
+        }
+        Ok(_) => None,
+        Err(_) => Some("has a keyUsage extension that cannot be read"),
+    }
+}
+
+/// Why `signed`'s signature does not verify with `key`, in words.
+fn bad_signature(
+    signed: &X509Certificate<'_>,
+    key: Option<&SubjectPublicKeyInfo<'_>>,
+) -> Option<String> {
+    match signed.verify_signature(key) {
+        Ok(()) => None,
+        Err(X509Error::SignatureVerificationError) => {
+            Some("the signature does not verify with its key".to_string())
+        }
+        Err(X509Error::SignatureUnsupportedAlgorithm) => Some(format!(
+            "its signature algorithm ({}) is not supported",
+            signed.signature_algorithm.algorithm
+        )),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// A name from a certificate as errors show it.
+fn name_shown(name: &X509Name<'_>) -> String {
+    escape_controls(&name.to_string())
+}
+
 pub(super) fn load_ca(
     trust_domain: &trellis_core::TrustDomain,
     cert_pem: &[u8],
@@ -189,12 +229,18 @@ pub(super) fn load_ca(
 ) -> Result<CertificateAuthority, CaFilesError> {
     let certs = parse_certs(cert_pem, cert_path)?;
     let key = parse_key(key_pem, key_path)?;
+    let chain = certs
+        .iter()
+        .map(|der| {
+            parse_x509_certificate(der)
+                .map(|(_, cert)| cert)
+                .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     // A CA outside its validity period signs certificates no peer accepts:
     // refuse it at start rather than issue them.
     let mut signs_until = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(365 * 100);
-    for (at, der) in certs.iter().enumerate() {
-        let (_, cert) = parse_x509_certificate(der)
-            .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+    for (at, cert) in chain.iter().enumerate() {
         let validity = cert.validity();
         signs_until = signs_until.min(validity.not_after.to_datetime());
         if !validity.is_valid() {
@@ -209,29 +255,74 @@ pub(super) fn load_ca(
             ));
         }
     }
-    let (_, signing) = parse_x509_certificate(&certs[0])
-        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
-    if !signing.is_ca() {
-        return Err(invalid(cert_path, "the first certificate is not a CA"));
+    let signing = &chain[0];
+    if let Some(why) = cannot_sign(signing) {
+        return Err(invalid(cert_path, format!("the first certificate {why}")));
     }
-    if !key_matches(&signing, &key) {
+    if !key_matches(signing, &key) {
         return Err(CaFilesError::KeyMismatch {
             cert: cert_path.to_path_buf(),
             key: key_path.to_path_buf(),
         });
     }
-    let root = certs
-        .last()
-        .cloned()
-        .expect("parse_certs returns at least one");
-    let (_, root_parsed) = parse_x509_certificate(&root)
-        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
-    if root_parsed.subject() != root_parsed.issuer() {
+    // Each certificate must be signed by the next, up to the root: a peer
+    // verifies every SVID along this chain, so a wrong intermediate, a
+    // chain out of order or a root that only claims its name would let the
+    // control plane start and issue certificates that every handshake
+    // refuses.
+    for (at, pair) in chain.windows(2).enumerate() {
+        let (child, parent) = (&pair[0], &pair[1]);
+        let (child_at, parent_at) = (at + 1, at + 2);
+        if child.issuer() != parent.subject() {
+            return Err(invalid(
+                cert_path,
+                format!(
+                    "certificate {child_at} of the chain is issued by {}, but certificate \
+                     {parent_at} is {}: give the signing CA first, then each certificate's \
+                     issuer, ending at the root",
+                    name_shown(child.issuer()),
+                    name_shown(parent.subject())
+                ),
+            ));
+        }
+        if let Some(why) = cannot_sign(parent) {
+            return Err(invalid(
+                cert_path,
+                format!("certificate {parent_at} of the chain {why}"),
+            ));
+        }
+        if let Some(why) = bad_signature(child, Some(parent.public_key())) {
+            return Err(invalid(
+                cert_path,
+                format!(
+                    "certificate {parent_at} of the chain ({}) did not sign certificate \
+                     {child_at}: {why}",
+                    name_shown(parent.subject())
+                ),
+            ));
+        }
+    }
+    let root = chain.last().expect("parse_certs returns at least one");
+    if root.subject() != root.issuer() {
         return Err(invalid(
             cert_path,
             "the last certificate must be the self-signed root of the chain",
         ));
     }
+    if let Some(why) = bad_signature(root, None) {
+        return Err(invalid(
+            cert_path,
+            format!(
+                "the last certificate ({}) names itself as its issuer but did not sign itself: \
+                 {why}",
+                name_shown(root.subject())
+            ),
+        ));
+    }
+    let root = certs
+        .last()
+        .cloned()
+        .expect("parse_certs returns at least one");
     let intermediates = certs[..certs.len() - 1].to_vec();
     let issuer = Issuer::from_ca_cert_der(&certs[0], key)
         .map_err(|e| invalid(cert_path, format!("cannot sign with it: {e}")))?;
@@ -354,8 +445,172 @@ mod tests {
         );
     }
 
-    /// Paths from the operator's files are said with their control
-    /// characters escaped.
+    /// A CA certificate as an operator's PKI makes it, with its key.
+    struct Link {
+        der: CertificateDer<'static>,
+        pem: String,
+        key_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn p256() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    fn ca_params(name: &str) -> rcgen::CertificateParams {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params
+    }
+
+    /// `params` signed by `by`, or by its own key without one.
+    fn link(params: rcgen::CertificateParams, by: Option<&Link>) -> Link {
+        let key = p256();
+        let cert = match by {
+            Some(by) => params.signed_by(&key, &by.issuer).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        Link {
+            der: cert.der().clone(),
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Loads `chain` as `--ca-cert` with the first link's key.
+    fn load_chain(chain: &[&Link]) -> Result<CertificateAuthority, String> {
+        let pem: String = chain.iter().map(|l| l.pem.as_str()).collect();
+        load_ca(
+            &td(),
+            pem.as_bytes(),
+            Path::new("operator/chain.pem"),
+            chain[0].key_pem.as_bytes(),
+            Path::new("operator/signing.key"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_valid_three_link_chain_signs_with_its_intermediates_and_root() {
+        let root = link(ca_params("Operator root"), None);
+        let middle = link(ca_params("Operator intermediate"), Some(&root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let ca = load_chain(&[&signing, &middle, &root]).unwrap();
+        assert_eq!(
+            ca.bundle(),
+            std::slice::from_ref(&root.der),
+            "the root alone is trusted"
+        );
+        assert_eq!(ca.signing_cert(), &signing.der);
+        let (issued, _) = ca
+            .issue_with_key(
+                &SpiffeId::admin(&td()),
+                &ExtraSans::default(),
+                ADMIN_LIFETIME,
+            )
+            .unwrap();
+        assert_eq!(
+            issued.chain[1..],
+            [signing.der.clone(), middle.der.clone()],
+            "a leaf is sent with the intermediates, not the root"
+        );
+    }
+
+    #[test]
+    fn a_chain_out_of_order_is_refused_naming_the_link() {
+        let root = link(ca_params("Operator root"), None);
+        let middle = link(ca_params("Operator intermediate"), Some(&root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let err = load_chain(&[&signing, &root, &middle]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: certificate 1 of the chain is issued by \
+             CN=Operator intermediate, but certificate 2 is CN=Operator root: give the signing \
+             CA first, then each certificate's issuer, ending at the root"
+        );
+    }
+
+    /// An intermediate of the same name from another root: the names
+    /// chain, the signature does not.
+    #[test]
+    fn an_intermediate_from_another_root_is_refused() {
+        let root = link(ca_params("Operator root"), None);
+        let other_root = link(ca_params("Operator root"), None);
+        let middle = link(ca_params("Operator intermediate"), Some(&other_root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let err = load_chain(&[&signing, &middle, &root]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: certificate 3 of the chain (CN=Operator root) did \
+             not sign certificate 2: the signature does not verify with its key"
+        );
+        // The wrong intermediate for the signing CA, under the right root.
+        let stranger = link(ca_params("Operator intermediate"), Some(&root));
+        let err = load_chain(&[&signing, &stranger, &root]).unwrap_err();
+        assert!(
+            err.contains(
+                "certificate 2 of the chain (CN=Operator intermediate) did not sign \
+                 certificate 1: "
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_intermediate_that_may_not_sign_is_refused() {
+        let root = link(ca_params("Operator root"), None);
+        let mut not_ca = ca_params("Operator intermediate");
+        not_ca.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let middle = link(not_ca, Some(&root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let err = load_chain(&[&signing, &middle, &root]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: certificate 2 of the chain is not a CA (its \
+             basicConstraints do not say CA:TRUE)"
+        );
+        let mut no_cert_sign = ca_params("Operator intermediate");
+        no_cert_sign.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let middle = link(no_cert_sign, Some(&root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let err = load_chain(&[&signing, &middle, &root]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: certificate 2 of the chain may not sign \
+             certificates (its keyUsage lacks keyCertSign)"
+        );
+    }
+
+    /// A last certificate whose issuer is its own name, but signed by
+    /// another key: it only claims to be a root.
+    #[test]
+    fn a_root_that_did_not_sign_itself_is_refused() {
+        let impostor = link(ca_params("Operator root"), None);
+        let claims = link(ca_params("Operator root"), Some(&impostor));
+        let signing = link(ca_params("Operator signing CA"), Some(&claims));
+        let err = load_chain(&[&signing, &claims]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: the last certificate (CN=Operator root) names \
+             itself as its issuer but did not sign itself: the signature does not verify with \
+             its key"
+        );
+        // Alone, as the signing CA.
+        let err = load_chain(&[&claims]).unwrap_err();
+        assert!(err.contains("did not sign itself"), "{err}");
+    }
+
+    /// Paths and names from the operator's files are said with their
+    /// control characters escaped.
     #[test]
     fn paths_and_names_in_errors_are_escaped() {
         let err = CaFilesError::Invalid {
@@ -363,6 +618,13 @@ mod tests {
             reason: "no".into(),
         };
         assert_eq!(err.to_string(), "ca\\n\\u{1b}[2J.pem is not usable: no");
+        let root = link(ca_params("Operator \x1b[31mroot"), None);
+        let other = link(ca_params("Operator signing CA"), None);
+        let err = load_chain(&[&other, &root]).unwrap_err();
+        assert!(
+            err.contains("certificate 2 is CN=Operator \\u{1b}[31mroot:"),
+            "{err}"
+        );
     }
 
     #[test]
