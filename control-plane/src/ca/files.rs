@@ -588,6 +588,16 @@ mod tests {
             "operator/chain.pem is not usable: certificate 2 of the chain may not sign \
              certificates (its keyUsage lacks keyCertSign)"
         );
+        // The signing CA itself.
+        let mut no_cert_sign = ca_params("Operator signing CA");
+        no_cert_sign.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let signing = link(no_cert_sign, Some(&root));
+        let err = load_chain(&[&signing, &root]).unwrap_err();
+        assert_eq!(
+            err,
+            "operator/chain.pem is not usable: the first certificate may not sign certificates \
+             (its keyUsage lacks keyCertSign)"
+        );
     }
 
     /// A last certificate whose issuer is its own name, but signed by
