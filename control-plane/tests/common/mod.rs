@@ -200,15 +200,38 @@ pub fn assert_refused_touching_nothing(
     code: i32,
     names: &str,
 ) -> String {
-    let out = Command::new(CP)
+    let mut child = Command::new(CP)
         .arg("--state-dir")
         .arg(state)
         .args(args)
         .env_remove("TRELLIS_LOG")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    // Read while it runs, so a start that goes on logging never blocks on
+    // a full pipe; one that starts instead of being refused is stopped.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut pipe, &mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+            panic!("{args:?}: still running after 60 s, not refused: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    assert_eq!(status.code(), Some(code), "{args:?}: {stderr}");
     assert_eq!(
         stderr.matches(names).count(),
         1,
