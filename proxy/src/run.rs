@@ -324,6 +324,17 @@ async fn serve(sidecar: Sidecar, stop: impl Future<Output = &'static str>) {
         routes = ?route_addrs,
         "listening"
     );
+    let hooks: Vec<String> = (config.app_probes.paths().into_iter())
+        .filter(|path| admin::access::is_hook(path))
+        .collect();
+    if config.hook_token.is_none() && !hooks.is_empty() {
+        // A pod injected before hook tokens: its hooks work as they did.
+        tracing::warn!(
+            hooks = %hooks.join(","),
+            "no --hook-token: the app's lifecycle hooks on the admin port run for any caller \
+             that reaches it; re-create the pod to have the injector give it a token"
+        );
+    }
 
     // Identity, TLS configs and discovery.
     let Channels {

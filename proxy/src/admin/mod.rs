@@ -1,7 +1,9 @@
 //! The admin server on `--admin`: `/live`, `/ready`, `/metrics`, `/config`
 //! and the app's own probes under `/app-health/` ([`probes`]), plain
 //! HTTP/1.1 meant for the kubelet, Prometheus and operators on the same
-//! host.
+//! host. Every pod of the cluster reaches it: `/config` is served to
+//! loopback peers only, and the app's lifecycle hooks to requests with the
+//! pod's hook token ([`access`]); any other request gets 403 saying why.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -41,6 +43,7 @@ use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
+pub mod access;
 pub mod probes;
 
 use crate::config::Config;
@@ -144,10 +147,18 @@ impl Admin {
                 let app = probes::app_host(tcp.local_addr().ok());
                 tokio::spawn(async move {
                     let admitted = admitted;
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
                         async move {
-                            let response = if req.uri().path().starts_with(probes::PATH_PREFIX) {
+                            let allowed = access::check(
+                                req.uri().path(),
+                                client.ip(),
+                                req.headers().get(access::HOOK_TOKEN_HEADER),
+                                state.config.hook_token.as_ref(),
+                            );
+                            let response = if let Err(refused) = allowed {
+                                text(StatusCode::FORBIDDEN, format!("{refused}\n"))
+                            } else if req.uri().path().starts_with(probes::PATH_PREFIX) {
                                 app_health(&state, &req, app).await
                             } else {
                                 route(&state, &req)

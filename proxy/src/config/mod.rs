@@ -17,6 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
+use crate::admin::access::HookToken;
 use crate::admin::probes::AppProbes;
 
 mod listen;
@@ -182,6 +183,17 @@ pub struct ProxyArgs {
     /// injector writes it.
     #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON")]
     pub app_probes: Option<String>,
+    /// The secret the kubelet's calls of the app's lifecycle hooks
+    /// (`/app-health/<container>/post-start|pre-stop`) carry in the
+    /// `x-trellis-hook-token` header, as the injector writes it; a hook
+    /// called without it is refused. Unset: hooks run for any caller.
+    #[arg(
+        long,
+        env = "TRELLIS_HOOK_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub hook_token: Option<String>,
     /// HTTP/2 connections the inbound port serves at once from one peer
     /// (a SPIFFE ID calling from one address); one more is refused with
     /// GOAWAY (ENHANCE_YOUR_CALM). Each may hold about 13 MiB of answers
@@ -303,6 +315,9 @@ pub struct Config {
     pub access_log: bool,
     /// The app probes the admin port runs (`--app-probes`).
     pub app_probes: AppProbes,
+    /// What a request for one of the app's lifecycle hooks must carry
+    /// (`--hook-token`); `None`: hooks run for any caller. Never logged.
+    pub hook_token: Option<HookToken>,
     /// HTTP/2 connections served at once on the inbound port: from one
     /// peer, and in all; never zero.
     pub max_h2_connections_per_peer: usize,
@@ -475,6 +490,10 @@ impl Config {
             None | Some("") => AppProbes::default(),
             Some(json) => AppProbes::parse(json).map_err(|e| invalid("app-probes", e))?,
         };
+        let hook_token = match args.hook_token.as_deref() {
+            None => None,
+            Some(token) => Some(HookToken::parse(token).map_err(|e| invalid("hook-token", e))?),
+        };
         let max_h2_connections_per_peer =
             h2_limits::parse_per_peer(&args.max_h2_connections_per_peer)
                 .map_err(|e| invalid("max-h2-connections-per-peer", e))?;
@@ -500,6 +519,7 @@ impl Config {
             opaque_ports: args.opaque_ports.clone(),
             access_log: args.access_log,
             app_probes,
+            hook_token,
             max_h2_connections_per_peer,
             max_h2_connections,
         })
@@ -602,6 +622,22 @@ mod tests {
             assert_eq!(e.flag, flag);
             assert!(e.to_string().contains("is required"), "{e}");
         }
+    }
+
+    /// A hook token that cannot be sent as a header is refused naming the
+    /// flag, without echoing the secret; a good one never shows in `Debug`.
+    #[test]
+    fn a_hook_token_must_be_a_header_value_and_never_shows() {
+        for bad in ["", "se cret", "s\u{e9}cret"] {
+            let e = args(&["--hook-token", bad]).unwrap_err();
+            assert_eq!(e.flag, "hook-token");
+            assert!(!bad.trim().is_empty() || e.reason == "is empty", "{e}");
+            assert!(bad.is_empty() || !e.to_string().contains(bad), "{e}");
+        }
+        let config = args(&["--hook-token", "s3cret-h00k"]).unwrap();
+        assert!(config.hook_token.is_some());
+        assert!(!format!("{config:?}").contains("s3cret-h00k"));
+        assert!(args(&[]).unwrap().hook_token.is_none());
     }
 
     #[test]

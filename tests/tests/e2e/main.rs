@@ -7,6 +7,7 @@
 //! One test binary holds every module so that libtest runs them all in
 //! parallel (separate `tests/*.rs` binaries would run one after another).
 
+mod admin;
 mod certify;
 mod demo;
 mod http;
