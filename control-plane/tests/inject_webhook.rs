@@ -286,6 +286,68 @@ fn rewrites_app_probes_to_the_sidecar_admin_port() {
     );
 }
 
+/// An `httpGet` lifecycle hook goes through the sidecar's admin port,
+/// which every pod of the cluster reaches: the rewritten hook carries a
+/// token of the pod's own in `x-trellis-hook-token`, and the sidecar gets
+/// the same one in `TRELLIS_HOOK_TOKEN`, so it runs the app's hook only for
+/// the kubelet. Each pod gets its own; a reinvocation leaves it as it is;
+/// a pod without hooks gets none. The real AdmissionReview of
+/// `rewrites_app_probes_to_the_sidecar_admin_port`, its `web` container
+/// given a preStop hook as the API server sends it (defaults filled in);
+/// no API server here.
+#[test]
+fn a_rewritten_hook_carries_the_token_the_sidecar_is_given() {
+    let mut review = fixture("pod-deployment-http-probes.json");
+    review["request"]["object"]["spec"]["containers"][0]["lifecycle"] = json!({
+        "preStop": {"httpGet": {"path": "/drain", "port": "http", "scheme": "HTTP"}},
+    });
+    let pod = injected(&review);
+    let proxy = container(&pod, "initContainers", "trellis-proxy");
+    let token = env(proxy)["TRELLIS_HOOK_TOKEN"]
+        .as_str()
+        .expect("the sidecar is given a hook token")
+        .to_owned();
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    let web = container(&pod, "containers", "web");
+    assert_eq!(
+        web["lifecycle"],
+        json!({"preStop": {"httpGet": {
+            "path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP",
+            "httpHeaders": [{"name": "x-trellis-hook-token", "value": token}],
+        }}})
+    );
+    // The app's own request carries no token: the sidecar makes it from
+    // the original hook.
+    assert_eq!(
+        app_probes(&pod)["/app-health/web/pre-stop"],
+        json!({"httpGet": {"port": 8080, "path": "/drain", "scheme": "HTTP"}})
+    );
+
+    // Another pod of the same Deployment: another token.
+    let other = injected(&review);
+    let other =
+        env(container(&other, "initContainers", "trellis-proxy"))["TRELLIS_HOOK_TOKEN"].clone();
+    assert_ne!(other, json!(token));
+
+    // Re-sent injected, as on reinvocation: nothing changes, the token
+    // neither.
+    let again = answer(
+        &with_object(&review, pod.clone()),
+        NamespaceScope::SelectedByWebhook,
+        &config(),
+    );
+    assert!(patch_of(&again).is_none(), "{again}");
+
+    // Without hooks the sidecar has nothing to guard, and no token.
+    let plain = injected(&fixture("pod-deployment-http-probes.json"));
+    let plain_env = env(container(&plain, "initContainers", "trellis-proxy"));
+    assert!(
+        !plain_env.contains_key("TRELLIS_HOOK_TOKEN"),
+        "{plain_env:?}"
+    );
+}
+
 /// The pod's own native sidecar (an init container with `restartPolicy:
 /// Always`, here cloud-sql-proxy) is probed on the pod IP like an app
 /// container, so its probes go to the sidecar's admin port too, or the

@@ -133,6 +133,11 @@ pub fn inject_pod(
     // The pod's own native sidecars run beside the app for the pod's whole
     // life and are probed on the pod IP like it; ordinary init containers
     // cannot have probes and are left as they are.
+    // One token per pod, written into its hooks and its sidecar's
+    // environment in this one patch. A pod is injected once: a
+    // reinvocation or a later admission of it is skipped as already
+    // injected, so its spec never holds two tokens.
+    let hook_token = new_hook_token();
     let rewritten = probes::rewrite(
         containers.iter_mut().chain(
             own_init_containers
@@ -140,6 +145,7 @@ pub fn inject_pod(
                 .filter(|c| is_native_sidecar(c)),
         ),
         config.admin_port,
+        &hook_token,
     );
     warnings.extend(rewritten.warnings);
     warnings.extend(proxy_uid_warnings(
@@ -153,6 +159,7 @@ pub fn inject_pod(
         proxy_container(
             config,
             &rewritten.probes,
+            (rewritten.hooks > 0).then_some(hook_token.as_str()),
             access_log,
             user_timeout,
             h2_limits,
@@ -513,9 +520,19 @@ fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
 const SIDECAR_INBOUND_PORT: u16 = 15006;
 const SIDECAR_OUTBOUND_PORT: u16 = 15001;
 
+/// A fresh secret for the lifecycle hooks of one pod: 32 random bytes, as
+/// hex (a header value as it is).
+fn new_hook_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
 fn proxy_container(
     config: &InjectConfig,
     app_probes: &BTreeMap<String, Value>,
+    hook_token: Option<&str>,
     access_log: bool,
     user_timeout: Option<Duration>,
     h2_limits: H2Limits,
@@ -587,6 +604,11 @@ fn proxy_container(
     if !app_probes.is_empty() {
         let probes = serde_json::to_string(app_probes).unwrap_or_default();
         env.push(value("TRELLIS_APP_PROBES", probes));
+    }
+    // Only a pod with rewritten hooks has a token: the sidecar of one
+    // without hooks has nothing to guard with it.
+    if let Some(token) = hook_token {
+        env.push(value("TRELLIS_HOOK_TOKEN", token.to_owned()));
     }
     let admin = config.admin_port;
     let mut container = json!({

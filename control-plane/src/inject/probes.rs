@@ -28,7 +28,11 @@
 //! are `httpGet` (the kubelet calls them on the pod IP as well) go the same
 //! way, path `/app-health/<container>/<post-start|pre-stop>`: the sidecar
 //! makes the call to the app, as the kubelet would have (within the 10 s it
-//! gives any check).
+//! gives any check). A hook makes the app act (drain, deregister) and
+//! every pod of the cluster reaches the admin port, so the rewritten hook
+//! carries the pod's hook token in the [`HOOK_TOKEN_HEADER`] header, the
+//! same token the sidecar gets in `TRELLIS_HOOK_TOKEN`; the sidecar runs a
+//! hook only for a request carrying it.
 //!
 //! Left alone: `exec` probes (they run inside the container), probes with an
 //! explicit `host` (they target another machine), and probes whose named port
@@ -50,6 +54,10 @@ pub const PROBE_KINDS: [(&str, &str); 3] = [
 /// probe's, and the path segment each becomes.
 pub const HOOK_KINDS: [(&str, &str); 2] = [("postStart", "post-start"), ("preStop", "pre-stop")];
 
+/// The header a rewritten lifecycle hook carries the pod's hook token in;
+/// the sidecar's admin port reads the same name.
+pub const HOOK_TOKEN_HEADER: &str = "x-trellis-hook-token";
+
 /// The admin path the rewritten probe of `container` calls.
 pub fn app_health_path(container: &str, kind: &str) -> String {
     format!("/app-health/{container}/{kind}")
@@ -60,16 +68,20 @@ pub fn app_health_path(container: &str, kind: &str) -> String {
 pub struct Rewritten {
     /// Admin path -> the original check, for `TRELLIS_APP_PROBES`.
     pub probes: BTreeMap<String, Value>,
+    /// How many lifecycle hooks were rewritten to carry the hook token.
+    pub hooks: usize,
     pub warnings: Vec<String>,
 }
 
 /// Rewrites the network probes of every container in `containers` (the
 /// pod's `spec.containers` and its own native sidecars) to `admin_port`.
 /// Container names are unique across a pod's containers and init
-/// containers, so every path names one probe.
+/// containers, so every path names one probe. Each rewritten lifecycle
+/// hook sends `hook_token` in [`HOOK_TOKEN_HEADER`].
 pub fn rewrite<'a>(
     containers: impl IntoIterator<Item = &'a mut Value>,
     admin_port: u16,
+    hook_token: &str,
 ) -> Rewritten {
     let mut out = Rewritten::default();
     for container in containers {
@@ -124,9 +136,13 @@ pub fn rewrite<'a>(
                     let path = app_health_path(&name, kind);
                     handler.insert(
                         "httpGet".into(),
-                        json!({"path": path, "port": admin_port, "scheme": "HTTP"}),
+                        json!({
+                            "path": path, "port": admin_port, "scheme": "HTTP",
+                            "httpHeaders": [{"name": HOOK_TOKEN_HEADER, "value": hook_token}],
+                        }),
                     );
                     out.probes.insert(path, check);
+                    out.hooks += 1;
                 }
                 Ok(None) => {}
                 Err(why) => out.warnings.push(format!(
@@ -231,7 +247,7 @@ mod tests {
             "readinessProbe": {"httpGet": {"host": "example.com", "port": 80}},
         })];
         let before = containers.clone();
-        let out = rewrite(&mut containers, 15020);
+        let out = rewrite(&mut containers, 15020, "t0ken");
         assert_eq!(containers, before);
         assert!(out.probes.is_empty() && out.warnings.is_empty());
     }
@@ -248,14 +264,16 @@ mod tests {
                 "postStart": {"exec": {"command": ["true"]}},
             },
         })];
-        let out = rewrite(&mut containers, 15020);
+        let out = rewrite(&mut containers, 15020, "t0ken");
         assert_eq!(
             containers[0]["lifecycle"],
             json!({
-                "preStop": {"httpGet": {"path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP"}},
+                "preStop": {"httpGet": {"path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP",
+                    "httpHeaders": [{"name": "x-trellis-hook-token", "value": "t0ken"}]}},
                 "postStart": {"exec": {"command": ["true"]}},
             })
         );
+        assert_eq!(out.hooks, 1);
         assert_eq!(
             out.probes["/app-health/web/pre-stop"],
             json!({"httpGet": {"port": 8080, "path": "/drain", "scheme": "HTTP"}})
@@ -267,7 +285,7 @@ mod tests {
             "lifecycle": {"postStart": {"httpGet": {"host": "10.0.0.9", "port": 80}}},
         })];
         let before = elsewhere.clone();
-        assert!(rewrite(&mut elsewhere, 15020).probes.is_empty());
+        assert!(rewrite(&mut elsewhere, 15020, "t0ken").probes.is_empty());
         assert_eq!(elsewhere, before);
     }
 
@@ -278,7 +296,7 @@ mod tests {
             "livenessProbe": {"tcpSocket": {"port": 5432}, "periodSeconds": 7},
             "readinessProbe": {"grpc": {"port": 9000, "service": "health"}},
         })];
-        let out = rewrite(&mut containers, 15020);
+        let out = rewrite(&mut containers, 15020, "t0ken");
         assert_eq!(
             containers[0]["livenessProbe"],
             json!({"httpGet": {"path": "/app-health/db/liveness", "port": 15020, "scheme": "HTTP"},
