@@ -13,8 +13,9 @@
 //! and what it waits for, `/live` stays 200 (a draining sidecar must not
 //! be restarted), and every other endpoint answers as before. Its
 //! connections do not count towards the drain: a probe or a scrape never
-//! holds it open. It has no endpoint that changes anything, so there is
-//! nothing to refuse while draining.
+//! holds it open. A drain refuses nothing there: who may reach each path
+//! (`/config` loopback peers only, the app's lifecycle hooks only with the
+//! pod's hook token) is decided as always, in `access`.
 //!
 //! A connection closed as it is accepted, past the port's connection
 //! limits, is counted by the limit that refused it

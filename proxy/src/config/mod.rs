@@ -101,7 +101,8 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub routes: Vec<String>,
-    /// Admin listener: /live /ready /metrics /config.
+    /// Admin listener: /live /ready /metrics, /config (loopback peers only)
+    /// and the app's probes and hooks under /app-health/.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: String,
     /// Inbound address reported to the control plane, each a mesh endpoint
