@@ -36,6 +36,9 @@ pub struct Metrics {
     /// When the signing CA's chain first expires (Unix seconds; 0 before
     /// it is known).
     signs_until: AtomicI64,
+    /// When the webhook's serving certificate expires (Unix seconds; 0
+    /// without the webhook).
+    webhook_certificate_expiry: AtomicI64,
 }
 
 impl Metrics {
@@ -115,6 +118,13 @@ impl Metrics {
     /// expires (Unix seconds).
     pub fn signing_chain(&self, signs_until: i64) {
         self.signs_until.store(signs_until, Ordering::Relaxed);
+    }
+
+    /// The webhook's serving certificate loaded: its notAfter (Unix
+    /// seconds).
+    pub fn webhook_certificate(&self, not_after: i64) {
+        self.webhook_certificate_expiry
+            .store(not_after, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -243,6 +253,17 @@ impl Metrics {
                  issued past it, nor after it.\n\
                  # TYPE trellis_ca_signing_expiry_timestamp_seconds gauge\n\
                  trellis_ca_signing_expiry_timestamp_seconds {signs_until}"
+            );
+        }
+        let webhook_expiry = self.webhook_certificate_expiry.load(Ordering::Relaxed);
+        if webhook_expiry != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP trellis_webhook_certificate_expiry_timestamp_seconds When the admission \
+                 webhook port's serving certificate expires (Unix seconds): every admission call \
+                 fails past it. Follows the mounted files within 10 s of a renewal.\n\
+                 # TYPE trellis_webhook_certificate_expiry_timestamp_seconds gauge\n\
+                 trellis_webhook_certificate_expiry_timestamp_seconds {webhook_expiry}"
             );
         }
         let expiries = self

@@ -322,7 +322,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let webhook_setup = match (webhook_port, &config.webhook_cert, &config.webhook_key) {
         (Some(port), Some(cert), Some(key)) => {
-            let files = Arc::new(ServingFiles::load(cert, key)?);
+            let files = Arc::new(ServingFiles::load(cert, key)?.with_metrics(metrics.clone()));
+            // Without webhook calls the files are still checked, so that the
+            // expiry metric follows a renewal.
+            tokio::spawn(files.clone().recheck_every());
             let mut inject = InjectConfig::from_settings(
                 config.inject_settings.as_deref().unwrap_or("{}"),
                 config.trust_domain.clone(),

@@ -43,6 +43,15 @@ async fn start() -> Webhook {
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
     let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+    start_with(files, generated.cert.der().clone(), dir).await
+}
+
+/// The webhook serving `files`, whose certificate `ca` signs.
+async fn start_with(
+    files: Arc<ServingFiles>,
+    ca: CertificateDer<'static>,
+    dir: tempfile::TempDir,
+) -> Webhook {
     let server = WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
         .await
         .unwrap();
@@ -68,7 +77,7 @@ async fn start() -> Webhook {
         addr,
         metrics,
         uninjected,
-        ca: generated.cert.der().clone(),
+        ca,
         _stop: stop,
         _dir: dir,
     }
@@ -705,4 +714,148 @@ async fn the_webhook_port_limits_its_connections() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A serving certificate for `localhost` expiring at `not_after` (Unix
+/// seconds), and its key, in PEM.
+fn serving_certificate(not_after: i64) -> (rcgen::Certificate, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+    (params.self_signed(&key).unwrap(), key.serialize_pem())
+}
+
+/// Writes a Secret's files as the kubelet updates a mounted Secret: into a
+/// new directory, then `..data` swapped to it by renaming a symlink over
+/// it (`tls.crt` and `tls.key` link to `..data/`, once).
+fn kubelet_writes(dir: &std::path::Path, version: &str, cert: &rcgen::Certificate, key: &str) {
+    let files = dir.join(version);
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(files.join("tls.key"), key).unwrap();
+    std::os::unix::fs::symlink(version, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for name in ["tls.crt", "tls.key"] {
+        if !dir.join(name).exists() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+    }
+}
+
+/// The certificate the webhook presents in a handshake.
+async fn presented(webhook: &Webhook) -> CertificateDer<'static> {
+    let tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
+    // Trusting whatever it presents: the test compares the certificate.
+    let config = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        trellis_core::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+const EXPIRY_METRIC: &str = "trellis_webhook_certificate_expiry_timestamp_seconds";
+
+/// A certificate renewed in the mounted Secret (by cert-manager, or an
+/// upgrade of the chart) is served once the files are checked again, and
+/// the expiry metric shows the new notAfter: the kubelet's update is a
+/// `..data` symlink swapped to a new directory, followed through the
+/// `tls.crt` symlink. A swapped-in file that kept the previous file's
+/// modification time is still a change.
+#[tokio::test]
+async fn a_renewed_secret_is_served_and_its_expiry_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, first_key) = serving_certificate(2_000_000_000);
+    kubelet_writes(dir.path(), "..2026_01_01_00_00_00.1", &first, &first_key);
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let metrics = Arc::new(Metrics::default());
+    let files = ServingFiles::load(&cert, &key)
+        .unwrap()
+        .with_metrics(metrics.clone());
+    let files = Arc::new(files);
+    let root = tempfile::tempdir().unwrap();
+    let webhook = start_with(files.clone(), first.der().clone(), root).await;
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("{EXPIRY_METRIC} 2000000000\n")),
+        "{text}"
+    );
+    assert_eq!(presented(&webhook).await, *first.der());
+
+    let (second, second_key) = serving_certificate(2_100_000_000);
+    kubelet_writes(dir.path(), "..2026_02_01_00_00_00.2", &second, &second_key);
+    // Checked every 10 s; at once here.
+    files.recheck();
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("{EXPIRY_METRIC} 2100000000\n")),
+        "{text}"
+    );
+    assert_eq!(presented(&webhook).await, *second.der());
+
+    // Files copied in keeping their times are another file all the same.
+    let (third, third_key) = serving_certificate(2_200_000_000);
+    let kept = std::fs::metadata(&cert).unwrap().modified().unwrap();
+    kubelet_writes(dir.path(), "..2026_03_01_00_00_00.3", &third, &third_key);
+    std::fs::File::options()
+        .write(true)
+        .open(&cert)
+        .unwrap()
+        .set_modified(kept)
+        .unwrap();
+    files.recheck();
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("{EXPIRY_METRIC} 2200000000\n")),
+        "{text}"
+    );
+    assert_eq!(presented(&webhook).await, *third.der());
 }

@@ -7,7 +7,8 @@
 //! owners of the pods `/inject` injects told to it.
 //!
 //! This module owns only the transport: TLS with the serving certificate
-//! the chart generated (re-read when the mounted Secret changes), HTTP/1.1,
+//! of the mounted Secret (the chart's, cert-manager's or the operator's;
+//! re-read when it changes, its expiry reported), HTTP/1.1,
 //! a body size limit, status codes, and limits on connections (in number,
 //! per client address and in time), since every pod of the cluster can
 //! reach the port. It decides nothing about pods or policies. The API
@@ -131,16 +132,34 @@ fn file_error(path: &Path, message: impl ToString) -> TlsFilesError {
 /// The serving certificate from PEM files (`tls.crt` with its chain,
 /// `tls.key` in PKCS#1, PKCS#8 or SEC1), re-read when the certificate file
 /// changes; a failed re-read keeps the certificate in use.
+///
+/// The files are followed through symlinks, so a mounted Secret's update
+/// (the kubelet writes the new files into a new directory and swaps the
+/// `..data` symlink to it, as it does when cert-manager renews the
+/// certificate) is a change: the file reached is another one.
 pub struct ServingFiles {
     cert: PathBuf,
     key: PathBuf,
     state: RwLock<Loaded>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct Loaded {
     key: Arc<CertifiedKey>,
-    modified: Option<SystemTime>,
+    stamp: Option<FileStamp>,
+    /// The certificate's notAfter (Unix seconds).
+    not_after: i64,
     checked: Instant,
+}
+
+/// What tells a certificate file from the one loaded: its modification
+/// time, and which file it is (a file swapped in keeping the time of the
+/// one it replaces is still another file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    device: u64,
+    inode: u64,
 }
 
 impl std::fmt::Debug for ServingFiles {
@@ -159,7 +178,22 @@ impl ServingFiles {
             cert: cert.to_owned(),
             key: key.to_owned(),
             state: RwLock::new(loaded),
+            metrics: None,
         })
+    }
+
+    /// Reports the certificate's notAfter to `metrics` now and after each
+    /// reload.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        metrics.webhook_certificate(self.state.read().expect("not poisoned").not_after);
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// When the certificate served now expires (its notAfter, Unix
+    /// seconds).
+    pub fn not_after(&self) -> i64 {
+        self.state.read().expect("not poisoned").not_after
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
@@ -169,18 +203,43 @@ impl ServingFiles {
                 return state.key.clone();
             }
         }
+        self.recheck()
+    }
+
+    /// Re-reads the files if the certificate file changed since it was
+    /// loaded, and answers the certificate served from now on. Handshakes
+    /// call it at most every 10 s; [`Self::recheck_every`] calls it when
+    /// there are none, so that the expiry metric follows a renewal.
+    pub fn recheck(&self) -> Arc<CertifiedKey> {
         let mut state = self.state.write().expect("not poisoned");
         state.checked = Instant::now();
-        if modified(&self.cert) != state.modified {
+        if stamp(&self.cert) != state.stamp {
             match load(&self.cert, &self.key) {
                 Ok(loaded) => {
-                    tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+                    tracing::info!(
+                        cert = %self.cert.display(),
+                        not_after = loaded.not_after,
+                        "webhook certificate reloaded"
+                    );
+                    if let Some(metrics) = &self.metrics {
+                        metrics.webhook_certificate(loaded.not_after);
+                    }
                     *state = loaded;
                 }
                 Err(e) => tracing::warn!(error = %e, "webhook certificate not reloaded"),
             }
         }
         state.key.clone()
+    }
+
+    /// Checks the files for a change every 10 s, forever.
+    pub async fn recheck_every(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(CERT_RECHECK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.recheck();
+        }
     }
 }
 
@@ -200,12 +259,19 @@ pub fn check_serving_files(cert: &Path, key: &Path) -> Result<(), String> {
     Err(format!("{flag} {e}"))
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// The certificate file's stamp, through symlinks.
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: metadata.modified().ok()?,
+        device: metadata.dev(),
+        inode: metadata.ino(),
+    })
 }
 
 fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsFilesError> {
-    let modified = modified(cert);
+    let stamp = stamp(cert);
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| file_error(cert, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -218,6 +284,9 @@ fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsFilesError> {
         .key_provider
         .load_private_key(der)
         .map_err(|e| file_error(key, e))?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| file_error(cert, format!("bad certificate: {e}")))?;
+    let not_after = leaf.validity().not_after.timestamp();
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| {
         file_error(
@@ -227,7 +296,8 @@ fn load(cert: &Path, key: &Path) -> Result<Loaded, TlsFilesError> {
     })?;
     Ok(Loaded {
         key: Arc::new(certified),
-        modified,
+        stamp,
+        not_after,
         checked: Instant::now(),
     })
 }
