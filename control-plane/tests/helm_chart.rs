@@ -201,6 +201,11 @@ fn invalid_values_are_refused() {
             "tokenExpirationSeconds",
         ),
         ("replicas=0", "replicas"),
+        // A certificate the expiry alert (30 days before) would fire for
+        // before an upgrade renews it (two thirds into its validity).
+        ("webhook.certValidityDays=30", "certValidityDays"),
+        // The caBundle is the CA's PEM; the chart encodes it.
+        ("webhook.caBundle=TUlJQ0V6Q0NBYnFn", "caBundle"),
         ("opaquePorts={0}", "opaquePorts"),
         ("injection.failurePolicy=Maybe", "failurePolicy"),
         ("injection.ipFamilies={IPv4,IPv4}", "ipFamilies"),

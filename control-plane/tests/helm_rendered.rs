@@ -1582,3 +1582,183 @@ async fn a_secret_of_an_earlier_chart_is_renewed_by_its_age() {
     assert_ne!(new_ca, old_ca);
     assert_eq!(renewed.bundle, [new_ca, old_ca].concat());
 }
+
+/// Every webhook of both configurations.
+fn all_webhooks(docs: &[Value]) -> Vec<Value> {
+    [
+        one(docs, "MutatingWebhookConfiguration"),
+        one(docs, "ValidatingWebhookConfiguration"),
+    ]
+    .into_iter()
+    .flat_map(|c| c["webhooks"].as_array().unwrap().clone())
+    .collect()
+}
+
+/// The Secret the control plane's Deployment mounts as its serving
+/// certificate.
+fn mounted_secret(docs: &[Value]) -> String {
+    one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "webhook-tls")
+        .unwrap()["secret"]["secretName"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// With cert-manager the chart renders no key and no caBundle (the CA
+/// injector fills it in from the Certificate the annotation names), and
+/// the same manifests each render: `helm template` under Argo CD or Flux
+/// shows no drift, and a sync swaps nothing. Without an issuer given, a CA
+/// of the release's own signs the serving certificate the Deployment
+/// mounts, for the Service's names.
+#[test]
+fn cert_manager_mode_renders_no_key_and_the_same_each_time() {
+    let Some((helm, _)) = tools() else { return };
+    let set = ["webhook.certManager.enabled=true"];
+    let rendered = template(&helm, &set).unwrap();
+    assert_eq!(rendered, template(&helm, &set).unwrap(), "a second render");
+    assert!(!rendered.contains("tls.key:"), "{rendered}");
+    assert!(!rendered.contains("PRIVATE KEY"), "{rendered}");
+    let docs = documents(&rendered);
+    assert!(find(&docs, "Secret").is_empty(), "no Secret rendered");
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        assert_eq!(
+            one(&docs, kind)["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "trellis-system/trellis-webhook-cert",
+            "{kind}"
+        );
+    }
+    for webhook in all_webhooks(&docs) {
+        assert!(
+            webhook["clientConfig"].get("caBundle").is_none(),
+            "{webhook}"
+        );
+    }
+    let certificates = find(&docs, "Certificate");
+    let serving = certificates
+        .iter()
+        .find(|c| c["metadata"]["name"] == "trellis-webhook-cert")
+        .expect("the serving Certificate");
+    assert_eq!(serving["spec"]["secretName"], "trellis-webhook-cert");
+    assert_eq!(mounted_secret(&docs), "trellis-webhook-cert");
+    assert_eq!(
+        serving["spec"]["dnsNames"],
+        json!([
+            "trellis-control-plane",
+            "trellis-control-plane.trellis-system",
+            "trellis-control-plane.trellis-system.svc",
+            "trellis-control-plane.trellis-system.svc.cluster.local",
+        ])
+    );
+    assert_eq!(
+        serving["spec"]["issuerRef"],
+        json!({"name": "trellis-webhook-cert-ca", "kind": "Issuer", "group": "cert-manager.io"})
+    );
+    let ca = certificates
+        .iter()
+        .find(|c| c["metadata"]["name"] == "trellis-webhook-cert-ca")
+        .expect("the CA Certificate");
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(
+        ca["spec"]["issuerRef"]["name"],
+        "trellis-webhook-cert-selfsigned"
+    );
+    let issuers = find(&docs, "Issuer");
+    assert_eq!(issuers.len(), 2);
+    assert!(issuers.iter().any(|i| i["spec"]["selfSigned"] == json!({})));
+    assert!(
+        issuers
+            .iter()
+            .any(|i| i["spec"]["ca"]["secretName"] == "trellis-webhook-cert-ca")
+    );
+
+    // An issuer of the operator's: only the serving Certificate.
+    let docs = documents(
+        &template(
+            &helm,
+            &[
+                "webhook.certManager.enabled=true",
+                "webhook.certManager.issuerRef.name=corp-ca",
+                "webhook.certManager.issuerRef.kind=ClusterIssuer",
+            ],
+        )
+        .unwrap(),
+    );
+    assert!(find(&docs, "Issuer").is_empty());
+    assert_eq!(
+        one(&docs, "Certificate")["spec"]["issuerRef"],
+        json!({"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+}
+
+/// With a Secret of the operator's, the Deployment mounts it, the
+/// webhooks trust the CA given (its PEM, base64 in the caBundle as the API
+/// expects), and nothing else about the certificate is rendered.
+#[test]
+fn an_existing_secret_is_served_with_the_ca_bundle_given() {
+    let Some((helm, _)) = tools() else { return };
+    let ca = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ca.crt");
+    std::fs::write(&file, ca.cert.pem()).unwrap();
+    let chart = chart();
+    let args = [
+        "template",
+        "trellis",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "webhook.existingSecret=corp-webhook-tls",
+        "--set-file",
+        &format!("webhook.caBundle={}", file.display()),
+    ];
+    let rendered = run_helm(&helm, &args).unwrap();
+    assert_eq!(rendered, run_helm(&helm, &args).unwrap(), "a second render");
+    let docs = documents(&rendered);
+    assert!(find(&docs, "Secret").is_empty(), "no Secret rendered");
+    assert!(find(&docs, "Certificate").is_empty());
+    assert_eq!(mounted_secret(&docs), "corp-webhook-tls");
+    for webhook in all_webhooks(&docs) {
+        let bundle = b64_pem(webhook["clientConfig"]["caBundle"].as_str().unwrap());
+        assert_eq!(certificates(&bundle), [ca.cert.der().to_vec()]);
+    }
+}
+
+/// Half of an existing-Secret configuration is refused, naming both
+/// values, as is an existing Secret with cert-manager: either would leave
+/// the API server trusting a CA that did not sign what is served.
+#[test]
+fn half_an_existing_secret_configuration_is_refused() {
+    let Some((helm, _)) = tools() else { return };
+    for sets in [
+        &["webhook.existingSecret=corp-webhook-tls"][..],
+        &["webhook.caBundle=-----BEGIN CERTIFICATE-----"][..],
+    ] {
+        let err = template(&helm, sets).unwrap_err();
+        assert!(
+            err.contains("webhook.existingSecret") && err.contains("webhook.caBundle"),
+            "{sets:?}: {err}"
+        );
+        assert!(err.contains("set both"), "{sets:?}: {err}");
+    }
+    let err = template(
+        &helm,
+        &[
+            "webhook.existingSecret=corp-webhook-tls",
+            "webhook.caBundle=-----BEGIN CERTIFICATE-----",
+            "webhook.certManager.enabled=true",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("webhook.certManager.enabled and webhook.existingSecret exclude each other"),
+        "{err}"
+    );
+}

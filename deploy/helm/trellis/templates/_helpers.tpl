@@ -30,9 +30,49 @@ may read and update only this one.
 {{- printf "%s-ca" (include "trellis.fullname" .) -}}
 {{- end -}}
 
-{{/* The Secret holding the webhooks' serving certificate. */}}
+{{/*
+The Secret holding the webhooks' serving certificate: webhook.existingSecret when given; with
+cert-manager the one its Certificate writes (another name than the chart's own Secret, so that
+switching to cert-manager on an upgrade never has Helm delete the Secret cert-manager writes);
+else the chart's.
+*/}}
 {{- define "trellis.webhookSecret" -}}
+{{- if .Values.webhook.existingSecret -}}
+{{- .Values.webhook.existingSecret -}}
+{{- else if .Values.webhook.certManager.enabled -}}
+{{- include "trellis.webhookCertificate" . -}}
+{{- else -}}
 {{- printf "%s-webhook-tls" (include "trellis.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The cert-manager Certificate of the webhooks' serving certificate, and its Secret. */}}
+{{- define "trellis.webhookCertificate" -}}
+{{- printf "%s-webhook-cert" (include "trellis.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Which serving certificate the webhooks use, after checking that the values agree: certManager,
+existingSecret or generated.
+*/}}
+{{- define "trellis.webhookCertMode" -}}
+{{- $w := .Values.webhook -}}
+{{- if and $w.existingSecret (not $w.caBundle) -}}
+{{- fail "webhook.existingSecret is set without webhook.caBundle: set both (the Secret of the serving certificate, and the PEM of the CA that signed it, which the API server trusts), or neither" -}}
+{{- end -}}
+{{- if and $w.caBundle (not $w.existingSecret) -}}
+{{- fail "webhook.caBundle is set without webhook.existingSecret: set both (the Secret of the serving certificate, and the PEM of the CA that signed it, which the API server trusts), or neither" -}}
+{{- end -}}
+{{- if and $w.certManager.enabled $w.existingSecret -}}
+{{- fail "webhook.certManager.enabled and webhook.existingSecret exclude each other: cert-manager writes the Secret itself" -}}
+{{- end -}}
+{{- if $w.certManager.enabled -}}
+certManager
+{{- else if $w.existingSecret -}}
+existingSecret
+{{- else -}}
+generated
+{{- end -}}
 {{- end -}}
 
 {{/* The ConfigMap of the trust anchors (trustAnchorsPEM). */}}
