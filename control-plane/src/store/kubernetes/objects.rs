@@ -23,7 +23,7 @@ use trellis_core::policy::{
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
-use crate::inject::{GROUP, INJECTED_ANNOTATION, PROXY_CONTAINER};
+use crate::inject::{GROUP, PROXY_CONTAINER};
 use crate::store::WorkloadRecord;
 
 /// The API version of the policy CRDs.
@@ -232,8 +232,11 @@ pub fn spec_patch(spec: &Value, resource_version: &str) -> Value {
 
 /// The mesh endpoints of a Pod: one per pod IP with the sidecar's inbound
 /// port, named `spiffe://TD/ns/NS/sa/SA`. `None` unless the Pod is Running,
-/// has an IP, and was injected (the injector's annotation or its sidecar
-/// container); host-network pods share the node's IP and are left out.
+/// has an IP, and runs the sidecar (a `trellis-proxy` container, as the
+/// injector counts it: the `trellis.io/injected` annotation alone may have
+/// been copied by hand, or the container taken out, and nothing would
+/// listen on the inbound port); host-network pods share the node's IP and
+/// are left out.
 pub fn endpoints_from_pod(pod: &Pod, td: &TrustDomain) -> Option<Vec<WorkloadRecord>> {
     let spec = pod.spec.as_ref()?;
     let status = pod.status.as_ref()?;
@@ -245,12 +248,8 @@ pub fn endpoints_from_pod(pod: &Pod, td: &TrustDomain) -> Option<Vec<WorkloadRec
         .iter()
         .flatten()
         .chain(&spec.containers)
-        .find(|c| c.name == PROXY_CONTAINER);
-    let injected = pod.annotations().contains_key(INJECTED_ANNOTATION);
-    if sidecar.is_none() && !injected {
-        return None;
-    }
-    let port = sidecar.map_or(DEFAULT_INBOUND_PORT, inbound_port);
+        .find(|c| c.name == PROXY_CONTAINER)?;
+    let port = inbound_port(sidecar);
     let namespace = pod.namespace()?;
     let account = spec
         .service_account_name
@@ -343,6 +342,33 @@ mod tests {
     fn pending_or_plain_pods_are_no_endpoints() {
         assert_eq!(endpoints_from_pod(&pod("Pending", true), &td()), None);
         assert_eq!(endpoints_from_pod(&pod("Running", false), &td()), None);
+    }
+
+    /// A pod marked `trellis.io/injected` without the sidecar (the
+    /// annotation copied into a manifest by hand, or the container taken
+    /// out by another webhook) has nothing listening on the inbound port:
+    /// it is no endpoint. The recorded Pod is the injected one of the
+    /// store's fixtures, as the API server lists it.
+    #[test]
+    fn the_injected_annotation_alone_is_no_endpoint() {
+        let list: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/k8s/store/pods-list.json"
+        ))
+        .unwrap();
+        let mut recorded = list["items"][0].clone();
+        let parse = |pod: &Value| serde_json::from_value::<Pod>(pod.clone()).unwrap();
+        assert_eq!(
+            recorded["metadata"]["annotations"]["trellis.io/injected"],
+            "true"
+        );
+        let records = endpoints_from_pod(&parse(&recorded), &td()).unwrap();
+        assert_eq!(records[0].addresses[0].address, "10.244.1.17:15006");
+
+        recorded["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|c| c["name"] != "trellis-proxy");
+        assert_eq!(endpoints_from_pod(&parse(&recorded), &td()), None);
     }
 
     #[test]
