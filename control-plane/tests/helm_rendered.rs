@@ -623,6 +623,28 @@ fn injection_resources_the_api_server_would_refuse_are_refused() {
     );
 }
 
+/// The sidecar's UID reaches the control plane's injection settings, so an
+/// operator whose images run as 1337 moves the sidecar off it; root, or a
+/// UID Kubernetes refuses, is refused at `helm template`, naming the value.
+#[test]
+fn the_sidecar_uid_is_set_from_the_chart_and_never_root() {
+    let Some((helm, _)) = tools() else { return };
+    assert_eq!(rendered_injection_config(&helm, &[]).proxy_uid, 1337);
+    let config = rendered_injection_config(&helm, &["injection.proxy.uid=2102"]);
+    assert_eq!(config.proxy_uid, 2102);
+    for (bad, says) in [
+        ("0", "minimum: got 0, want 1"),
+        ("-1", "minimum: got -1, want 1"),
+        ("2147483648", "maximum: got 2.147483648"),
+    ] {
+        let e = template(&helm, &[&format!("injection.proxy.uid={bad}")]).unwrap_err();
+        assert!(
+            e.contains("injection/proxy/uid") && e.contains(says),
+            "{bad}: {e}"
+        );
+    }
+}
+
 /// Destinations excluded from interception for every injected pod: the IPv4
 /// and IPv6 CIDRs (and bare addresses) the control plane reads render and
 /// reach it; anything it would refuse at start (exit 64, then a crash loop)

@@ -21,7 +21,7 @@
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
 //!  "excludeOutboundCIDRs": [], "excludeOutboundDNS": true, "failurePolicy": "Fail", "logFormat": "json",
 //!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m",
-//!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024}
+//!  "maxH2ConnectionsPerPeer": 8, "maxH2Connections": 1024, "proxyUid": 1337}
 //! ```
 
 use serde::Deserialize;
@@ -64,6 +64,7 @@ struct Settings {
     max_h2_connections_per_peer: Option<i64>,
     #[serde(rename = "maxH2Connections")]
     max_h2_connections: Option<i64>,
+    proxy_uid: Option<i64>,
     /// Fields this release does not know: a typo, or a newer chart's.
     #[serde(flatten)]
     unknown: std::collections::BTreeMap<String, Value>,
@@ -390,9 +391,24 @@ impl InjectConfig {
             config.max_h2_connections = h2_limits::check(limit, h2_limits::MAX_TOTAL)
                 .map_err(|why| InvalidSettings(format!("maxH2Connections: {why}")))?;
         }
+        if let Some(uid) = s.proxy_uid {
+            config.proxy_uid = u32::try_from(uid)
+                .ok()
+                .filter(|uid| (1..=MAX_RUN_AS_USER).contains(uid))
+                .ok_or_else(|| {
+                    InvalidSettings(format!(
+                        "proxyUid: {uid} is outside 1..{MAX_RUN_AS_USER}: the sidecar never runs \
+                         as root (UID 0), and Kubernetes refuses a runAsUser above \
+                         {MAX_RUN_AS_USER}"
+                    ))
+                })?;
+        }
         Ok(config)
     }
 }
+
+/// The largest `runAsUser` the API server accepts.
+const MAX_RUN_AS_USER: u32 = i32::MAX as u32;
 
 /// `["IPv4"]`, `["IPv6"]`, or both in the cluster's order, as a Service's
 /// `ipFamilies` names them.
@@ -570,6 +586,29 @@ mod tests {
             assert!(
                 e.contains(&format!("tcpUserTimeout: \"{bad}\" ")) && e.contains(says),
                 "{bad}: {e}"
+            );
+        }
+    }
+
+    /// The sidecar's UID, which an operator moves off one their images
+    /// use; root, or a UID Kubernetes refuses, fails the control plane's
+    /// start, naming the field, rather than every pod injected after it.
+    #[test]
+    fn reads_the_proxy_uid_and_refuses_root() {
+        let read = |json: &str| InjectConfig::from_settings(json, td(), "PEM".into());
+        assert_eq!(read("{}").unwrap().proxy_uid, 1337);
+        assert_eq!(read(r#"{"proxyUid": 2102}"#).unwrap().proxy_uid, 2102);
+        for bad in ["0", "-1", "2147483648"] {
+            let e = read(&format!(r#"{{"proxyUid": {bad}}}"#))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "invalid injection settings: proxyUid: {bad} is outside 1..2147483647: the \
+                     sidecar never runs as root (UID 0), and Kubernetes refuses a runAsUser \
+                     above 2147483647"
+                )
             );
         }
     }
