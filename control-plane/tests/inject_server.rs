@@ -455,8 +455,9 @@ async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
 /// container (copied by hand, or the container taken out by another
 /// webhook) is no sidecar: on a warning-only path the pod is recorded as
 /// admitted without one, and warned so; on `/inject`, a pod with our init
-/// container but not the sidecar (which it cannot inject twice) does not
-/// end its owner's entries.
+/// container but not the sidecar (which would redirect its traffic to
+/// nothing) is denied naming the missing container, and does not end its
+/// owner's entries.
 #[tokio::test]
 async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
     let webhook = start().await;
@@ -485,7 +486,15 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
     let init_only = pod_review("pod-already-injected.json", None, &["trellis-proxy"]);
     let (status, body) = call(&webhook, Method::POST, "/inject", init_only).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(admitted_unchanged(&body), Value::Null);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], false, "{review}");
+    assert!(
+        review["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has the container trellis-init but not trellis-proxy"),
+        "{review}"
+    );
     let recorded: Vec<_> = webhook
         .uninjected
         .recent()

@@ -14,7 +14,8 @@ mod chart;
 use admission::*;
 use serde_json::{Value, json};
 use trellis_control_plane::inject::{
-    FailurePolicy, InjectConfig, IpFamily, NamespaceScope, TrustBundleSource, review_pod,
+    AdmissionRequest, FailurePolicy, InjectConfig, IpFamily, NamespaceScope, OutboundPolicy,
+    TrustBundleSource, respond_pod_reporting, review_pod,
 };
 
 /// A Deployment's pod gets the init container, then the native sidecar,
@@ -432,7 +433,11 @@ fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
     let mut pod = review["request"]["object"].clone();
     pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
     pod["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 10001});
-    let reply = answer_for(&with_object(&review, pod));
+    let reply = answer(
+        &with_object(&review, pod),
+        NamespaceScope::SelectedByWebhook,
+        &passthrough(),
+    );
     assert!(patch_of(&reply).is_some());
     let warnings = reply["response"]["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
@@ -802,8 +807,9 @@ fn envelope_rules() {
     assert!(e.to_string().contains("AdmissionReview"), "{e}");
 }
 
-/// An app container running as the proxy's UID would bypass the mesh: the
-/// pod is injected, and the warning says so.
+/// An app container running as the proxy's UID would bypass the mesh:
+/// under the outbound policy passthrough the pod is injected, and the
+/// warning says so.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
 /// Kubernetes API server can run here.
 #[test]
@@ -811,12 +817,182 @@ fn warns_when_an_app_runs_as_the_proxy_uid() {
     let review = fixture("pod-deployment-http-probes.json");
     let mut pod = review["request"]["object"].clone();
     pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
-    let reply = answer_for(&with_object(&review, pod));
+    let reply = answer(
+        &with_object(&review, pod),
+        NamespaceScope::SelectedByWebhook,
+        &passthrough(),
+    );
     assert!(patch_of(&reply).is_some());
     let warnings = reply["response"]["warnings"].as_array().unwrap();
     // "web" sets its own UID; "log-shipper" inherits the pod's.
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].as_str().unwrap().contains("\"log-shipper\""));
+}
+
+fn passthrough() -> InjectConfig {
+    InjectConfig {
+        outbound_policy: OutboundPolicy::Passthrough,
+        ..config()
+    }
+}
+
+/// The reply's denial message, after checking it denies with no patch.
+fn denial(reply: &Value) -> &str {
+    assert_eq!(reply["response"]["allowed"], false, "{reply}");
+    assert!(patch_of(reply).is_none(), "{reply}");
+    reply["response"]["status"]["message"].as_str().unwrap()
+}
+
+/// Under the outbound policy deny, a container running as the sidecar's
+/// UID (its own `runAsUser` or the pod's; an app container, a native
+/// sidecar or an ordinary init container) would reach destinations the mesh
+/// refuses, since init never redirects that UID: the pod is refused naming
+/// the container, whatever the failure policy. Moving the sidecar to
+/// another UID admits it. Real AdmissionReview documents (fixtures/k8s); no
+/// Kubernetes API server can run here.
+#[test]
+fn under_outbound_deny_a_container_running_as_the_proxy_uid_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let says = |container: &str, set_by: &str| {
+        format!(
+            "trellis: cannot inject: container \"{container}\" runs as UID 1337 ({set_by}), the \
+             sidecar's UID, whose traffic is never intercepted: under the outbound policy deny \
+             it would reach destinations the mesh refuses; run it as another UID, or move the \
+             sidecar to one no image uses (injection.proxy.uid)"
+        )
+    };
+    // "web" sets its own UID; "log-shipper" inherits the pod's.
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    assert_eq!(
+        denial(&reply),
+        says("log-shipper", "the pod's securityContext.runAsUser")
+    );
+    // The failure policy Ignore does not admit it.
+    assert_eq!(config().failure_policy, FailurePolicy::Ignore);
+    // Moved off that UID, the sidecar gets the pod, running as the new one.
+    let moved = InjectConfig {
+        proxy_uid: 2102,
+        ..config()
+    };
+    let reply = answer(
+        &with_object(&review, pod),
+        NamespaceScope::SelectedByWebhook,
+        &moved,
+    );
+    let pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
+    let proxy = container(&pod, "initContainers", "trellis-proxy");
+    assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
+    let init = container(&pod, "initContainers", "trellis-init");
+    let args = init["args"].as_array().unwrap();
+    let at = args.iter().position(|a| a == "--proxy-uid").unwrap();
+    assert_eq!(args[at + 1], "2102");
+
+    // An ordinary init container, by its own securityContext.
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"][0]["securityContext"] = json!({"runAsUser": 1337});
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        denial(&reply),
+        says("wait-for-db", "its securityContext.runAsUser")
+    );
+
+    // A native sidecar of the pod, by the pod's UID.
+    let review = fixture("pod-native-sidecar-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    pod["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 10001});
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        denial(&reply),
+        says("cloud-sql-proxy", "the pod's securityContext.runAsUser")
+    );
+}
+
+/// A container declaring a TCP port the sidecar listens on would never
+/// serve it: the sidecar binds first ("address in use", a crash loop), or,
+/// on the admin port, the container's clients reach the sidecar. The pod is
+/// refused naming the container, the port and the sidecar's port, whatever
+/// the failure policy, and nothing records it as meshed. The same number
+/// over UDP clashes with nothing. Real AdmissionReview documents
+/// (fixtures/k8s); no Kubernetes API server can run here.
+#[test]
+fn a_container_on_a_port_of_the_sidecar_is_refused() {
+    let review = fixture("pod-deployment-http-probes.json");
+    for (field, index, port, sidecar) in [
+        ("containers", 0, 15006, "inbound"),
+        ("containers", 1, 15020, "admin"),
+        ("initContainers", 0, 15001, "outbound"),
+    ] {
+        let mut pod = review["request"]["object"].clone();
+        let target = &mut pod["spec"][field][index];
+        let name = target["name"].as_str().unwrap().to_owned();
+        target["ports"] = json!([{"name": "clash", "containerPort": port}]);
+        let reply = answer_for(&with_object(&review, pod.clone()));
+        assert_eq!(
+            denial(&reply),
+            format!(
+                "trellis: cannot inject: container \"{name}\" declares TCP port {port}, the \
+                 sidecar's {sidecar} port: the sidecar listens there in the same network \
+                 namespace, so the container could not bind it and its clients would reach the \
+                 sidecar; give the container another port"
+            )
+        );
+        let request = AdmissionRequest::parse(&body(&with_object(&review, pod))).unwrap();
+        let reviewed =
+            respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, &config());
+        assert!(!reviewed.meshed, "{port}: recorded as meshed");
+    }
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["containers"][0]["ports"] =
+        json!([{"name": "dns", "containerPort": 15006, "protocol": "UDP"}]);
+    assert!(patch_of(&answer_for(&with_object(&review, pod))).is_some());
+}
+
+/// A pod on the node's network in an opted-in namespace is admitted
+/// without a sidecar (iptables there would capture the node's traffic), and
+/// its author is told so rather than left to believe it meshed. Real
+/// AdmissionReview documents (fixtures/k8s); no Kubernetes API server can
+/// run here.
+#[test]
+fn a_host_network_pod_is_admitted_unmeshed_with_a_warning() {
+    let review = fixture("pod-deployment-http-probes.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["hostNetwork"] = json!(true);
+    let reply = answer_for(&with_object(&review, pod));
+    assert_eq!(
+        reply["response"],
+        json!({"uid": review["request"]["uid"], "allowed": true, "warnings": [
+            "trellis: sidecar not injected: the pod uses the node's network (spec.hostNetwork); \
+             the sidecar's iptables rules would redirect the whole node's traffic, so this pod \
+             runs outside the mesh"
+        ]})
+    );
+}
+
+/// Our init container without the sidecar (the sidecar taken out of an
+/// injected pod's manifest) redirects the pod's traffic to ports nothing
+/// listens on: the pod is refused naming the missing container, even
+/// opted out, rather than admitted cut off. Real AdmissionReview documents
+/// (fixtures/k8s); no Kubernetes API server can run here.
+#[test]
+fn our_init_without_the_sidecar_is_refused() {
+    let review = fixture("pod-already-injected.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "trellis-proxy");
+    let says = "trellis: cannot inject: the pod has the container trellis-init but not \
+                trellis-proxy: its traffic would be redirected to a sidecar that is not there; \
+                create it without trellis-init to have both injected";
+    assert_eq!(
+        denial(&answer_for(&with_object(&review, pod.clone()))),
+        says
+    );
+    pod["metadata"]["annotations"]["trellis.io/inject"] = json!("disabled");
+    assert_eq!(denial(&answer_for(&with_object(&review, pod))), says);
 }
 
 /// The injected pod is a valid Pod for the Kubernetes API (native sidecar

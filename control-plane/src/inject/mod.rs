@@ -40,7 +40,8 @@
 //!    Always`). Its `startupProbe` on the admin port's `/ready` makes the
 //!    kubelet start the next container only once the proxy holds a
 //!    certificate and a policy snapshot, and a Job's pod still completes
-//!    (native sidecars are stopped when the app containers finish). UID 1337,
+//!    (native sidecars are stopped when the app containers finish). UID 1337
+//!    ([`InjectConfig::proxy_uid`], the chart's `injection.proxy.uid`),
 //!    non-root, read-only root filesystem, no privilege escalation, all
 //!    capabilities dropped, seccomp `RuntimeDefault`. Configured entirely
 //!    through `TRELLIS_*` environment variables (the flags' twins):
@@ -120,8 +121,7 @@
 //! owner is injected: `kubectl` prints the
 //! warning only for the pods it creates, not for a Deployment's, which
 //! its controller creates, and `trellisctl check` names them instead. Pods on the host's network and Windows
-//! pods are left alone (see [`Skip`]); a Windows pod is told so in a
-//! warning.
+//! pods are left alone (see [`Skip`]), and told so in a warning.
 //!
 //! Idempotent: a pod with a container named `trellis-proxy` or
 //! `trellis-init` gets no patch, so injecting twice equals injecting once
@@ -142,7 +142,13 @@
 //! answers HTTP 400 and the webhook's `failurePolicy` decides. A pod with an
 //! invalid `trellis.io/*` annotation or label is denied, naming it, whatever
 //! the failure policy: admitted, it would run outside the mesh, and only the
-//! pod's author can fix it. A pod that cannot
+//! pod's author can fix it. So is a pod the mesh cannot serve as it is
+//! ([`InjectError::PortClash`]: a container declares a TCP port the
+//! sidecar listens on; [`InjectError::ProxyUid`]: under the outbound policy
+//! deny, a container runs as the sidecar's UID, by its own or the pod's
+//! `securityContext.runAsUser`, and would bypass it; under passthrough the
+//! pod is injected with a warning; [`InjectError::InitWithoutProxy`]: our
+//! init container without the sidecar). A pod that cannot
 //! be injected for another reason (no trust bundle configured, not a Pod)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy` (`Fail` by default there):
@@ -170,6 +176,8 @@ use std::time::Duration;
 
 use trellis_core::TrustDomain;
 use trellis_core::policy::ValidationContext;
+
+pub use crate::config::OutboundPolicy;
 
 pub(crate) use annotations::join;
 pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
@@ -315,7 +323,14 @@ pub struct InjectConfig {
     pub token_expiration_seconds: i64,
     pub proxy_resources: Resources,
     pub init_resources: Resources,
+    /// The sidecar's UID (and GID), which init never redirects: a
+    /// container of the pod running as it bypasses the sidecar. Not 0.
     pub proxy_uid: u32,
+    /// The mesh's outbound policy (`--outbound-policy`): under
+    /// [`OutboundPolicy::Deny`] a pod with a container running as
+    /// [`Self::proxy_uid`] is refused, since that container would reach
+    /// what the mesh refuses; under `Passthrough` it is warned of.
+    pub outbound_policy: OutboundPolicy,
     pub inbound_port: u16,
     pub outbound_port: u16,
     pub admin_port: u16,
@@ -367,6 +382,7 @@ impl Default for InjectConfig {
             proxy_resources: Resources::quantities("50m", "64Mi", "1", "256Mi"),
             init_resources: Resources::quantities("10m", "16Mi", "100m", "64Mi"),
             proxy_uid: 1337,
+            outbound_policy: OutboundPolicy::Deny,
             inbound_port: 15006,
             outbound_port: 15001,
             admin_port: 15020,
@@ -528,7 +544,14 @@ fn deny_or_warn(
         // is no outage to ride out, a retry never fixes it, and admitting
         // the pod would run it outside the mesh, open to plaintext and to
         // no policy; the denial shows as the ReplicaSet's FailedCreate.
-        e @ (InjectError::InvalidAnnotation { .. } | InjectError::InvalidLabel(_)) => {
+        // Likewise a pod the mesh cannot serve as it is: a container on a
+        // port of the sidecar's, one running as its UID under the outbound
+        // policy deny, our init without the sidecar.
+        e @ (InjectError::InvalidAnnotation { .. }
+        | InjectError::InvalidLabel(_)
+        | InjectError::PortClash { .. }
+        | InjectError::ProxyUid { .. }
+        | InjectError::InitWithoutProxy) => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
         // Not a pod (a webhook rule widened by hand): nothing runs outside

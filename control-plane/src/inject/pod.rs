@@ -16,8 +16,8 @@ use super::review::PatchOp;
 use super::{
     IDENTITY_DIR, IDENTITY_VOLUME, INIT_CONTAINER, INJECT_KEY, INJECTED_ANNOTATION, InjectConfig,
     IpFamily, MAX_TOKEN_EXPIRATION_SECONDS, MIN_TOKEN_EXPIRATION_SECONDS, NamespaceScope,
-    PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION, TrustBundleSource,
-    XTABLES_VOLUME,
+    OutboundPolicy, PROXY_CONTAINER, Resources, TOKEN_AUDIENCE, TRUST_BUNDLE_ANNOTATION,
+    TrustBundleSource, XTABLES_VOLUME,
 };
 
 const XTABLES_DIR: &str = "/run/trellis-xtables";
@@ -43,6 +43,33 @@ pub enum InjectError {
         "injection.tokenExpirationSeconds is {0}; Kubernetes requires {MIN_TOKEN_EXPIRATION_SECONDS} to {MAX_TOKEN_EXPIRATION_SECONDS}"
     )]
     TokenExpiration(i64),
+    #[error(
+        "container {container:?} declares TCP port {port}, the sidecar's {sidecar} port: the \
+         sidecar listens there in the same network namespace, so the container could not bind \
+         it and its clients would reach the sidecar; give the container another port"
+    )]
+    PortClash {
+        container: String,
+        port: u16,
+        sidecar: &'static str,
+    },
+    #[error(
+        "container {container:?} runs as UID {uid} ({set_by}), the sidecar's UID, whose traffic \
+         is never intercepted: under the outbound policy deny it would reach destinations the \
+         mesh refuses; run it as another UID, or move the sidecar to one no image uses \
+         (injection.proxy.uid)"
+    )]
+    ProxyUid {
+        container: String,
+        uid: u32,
+        set_by: &'static str,
+    },
+    #[error(
+        "the pod has the container {INIT_CONTAINER} but not {PROXY_CONTAINER}: its traffic would \
+         be redirected to a sidecar that is not there; create it without {INIT_CONTAINER} to have \
+         both injected"
+    )]
+    InitWithoutProxy,
 }
 
 /// Why a pod was left as it is.
@@ -56,7 +83,7 @@ pub enum Skip {
     /// containers (the marker annotation alone is not enough).
     AlreadyInjected,
     /// The pod shares the node's network namespace: iptables there would
-    /// redirect the node's traffic.
+    /// redirect the node's traffic. Its author is warned.
     HostNetwork,
     /// The pod runs on Windows (`spec.os.name: windows`, or the node
     /// selector `kubernetes.io/os: windows`). The sidecar and its iptables
@@ -76,7 +103,12 @@ impl Skip {
                  kubernetes.io/os node selector); the sidecar runs on Linux only, so this pod \
                  runs outside the mesh",
             ),
-            Self::OptedOut | Self::NotEnabled | Self::AlreadyInjected | Self::HostNetwork => None,
+            Self::HostNetwork => Some(
+                "trellis: sidecar not injected: the pod uses the node's network \
+                 (spec.hostNetwork); the sidecar's iptables rules would redirect the whole \
+                 node's traffic, so this pod runs outside the mesh",
+            ),
+            Self::OptedOut | Self::NotEnabled | Self::AlreadyInjected => None,
         }
     }
 }
@@ -123,6 +155,8 @@ pub fn inject_pod(
     let user_timeout = tcp_user_timeout(&annotations, config)?;
     let h2_limits = H2Limits::read(&annotations, config)?;
     let opaque_ports = opaque_ports(&annotations, serving_containers(spec))?;
+    check_port_clashes(spec, config)?;
+    check_proxy_uid(spec, config)?;
     if matches!(&config.trust_bundle, TrustBundleSource::Annotation(pem) if pem.trim().is_empty()) {
         return Err(InjectError::NoTrustBundle);
     }
@@ -325,6 +359,11 @@ fn skip_reason(
     // annotation without them (copied by hand, or the containers taken out
     // by a later webhook, which re-invokes this one) has no sidecar, and
     // is injected as any other.
+    // Our init without the sidecar redirects the pod's traffic to ports
+    // nothing listens on: no pod works so, whatever it asks.
+    if has_container(spec, INIT_CONTAINER) && !has_container(spec, PROXY_CONTAINER) {
+        return Err(InjectError::InitWithoutProxy);
+    }
     if has_our_containers(spec) {
         return Ok(Some(Skip::AlreadyInjected));
     }
@@ -402,6 +441,23 @@ pub(super) fn has_sidecar(pod: &Value) -> bool {
     })
 }
 
+fn has_container(spec: &Map<String, Value>, name: &str) -> bool {
+    all_containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// Every container of the pod: its app containers, then its init
+/// containers (ordinary ones and native sidecars alike).
+fn all_containers(spec: &Map<String, Value>) -> impl Iterator<Item = &Value> {
+    ["containers", "initContainers"]
+        .into_iter()
+        .flat_map(|field| {
+            spec.get(field)
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        })
+}
+
 fn has_our_containers(spec: &Map<String, Value>) -> bool {
     ["containers", "initContainers"].iter().any(|field| {
         array(spec.get(*field)).iter().any(|c| {
@@ -433,7 +489,8 @@ fn is_native_sidecar(container: &Value) -> bool {
 
 /// App containers (and the pod's own native sidecars) running as the
 /// proxy's UID bypass interception (init never redirects that UID): say so
-/// rather than silently leak.
+/// rather than silently leak. Only under the outbound policy passthrough:
+/// under deny [`check_proxy_uid`] has refused such a pod already.
 fn proxy_uid_warnings<'a>(
     spec: &Map<String, Value>,
     containers: impl Iterator<Item = &'a Value>,
@@ -459,6 +516,82 @@ fn proxy_uid_warnings<'a>(
             )
         })
         .collect()
+}
+
+/// Refuses a pod with a container that declares a TCP port the sidecar
+/// listens on. Every container shares the pod's network namespace, and the
+/// sidecar starts first: the container's own listener fails with "address
+/// in use" (crash-looping), or, on the admin port, its clients reach the
+/// sidecar instead. Init containers are checked too: the sidecar already
+/// runs when they do.
+fn check_port_clashes(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
+    let sidecar = [
+        (config.outbound_port, "outbound"),
+        (config.inbound_port, "inbound"),
+        (config.admin_port, "admin"),
+    ];
+    for container in all_containers(spec) {
+        for declared in array(container.get("ports")) {
+            // The sidecar's listeners are TCP; UDP and SCTP ports are free.
+            let protocol = declared.get("protocol").and_then(Value::as_str);
+            if !matches!(protocol, None | Some("TCP")) {
+                continue;
+            }
+            let port = declared.get("containerPort").and_then(Value::as_u64);
+            if let Some(&(port, name)) = sidecar.iter().find(|(p, _)| Some(u64::from(*p)) == port) {
+                return Err(InjectError::PortClash {
+                    container: container_name(container),
+                    port,
+                    sidecar: name,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Under the outbound policy `deny`, refuses a pod with a container (app,
+/// native sidecar or ordinary init container) that runs as the sidecar's
+/// UID, by its own `securityContext.runAsUser` or the pod's: init never
+/// redirects that UID, so the container would reach any destination the
+/// mesh refuses. Under `passthrough` such traffic leaves the pod as any
+/// other would, and [`proxy_uid_warnings`] only warns. A UID the pod does
+/// not set (the image's `USER`) cannot be known here.
+fn check_proxy_uid(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
+    if config.outbound_policy != OutboundPolicy::Deny {
+        return Ok(());
+    }
+    let proxy_uid = u64::from(config.proxy_uid);
+    let pod_uid = spec
+        .get("securityContext")
+        .and_then(|s| s.get("runAsUser"))
+        .and_then(Value::as_u64);
+    for container in all_containers(spec) {
+        let own = container
+            .get("securityContext")
+            .and_then(|s| s.get("runAsUser"))
+            .and_then(Value::as_u64);
+        let set_by = match own {
+            Some(uid) if uid == proxy_uid => "its securityContext.runAsUser",
+            Some(_) => continue,
+            None if pod_uid == Some(proxy_uid) => "the pod's securityContext.runAsUser",
+            None => continue,
+        };
+        return Err(InjectError::ProxyUid {
+            container: container_name(container),
+            uid: config.proxy_uid,
+            set_by,
+        });
+    }
+    Ok(())
+}
+
+fn container_name(container: &Value) -> String {
+    container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn init_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
