@@ -404,6 +404,55 @@ fn a_policy_selecting_another_namespace_is_denied_outside_the_root_namespace() {
     assert_eq!(review["response"]["allowed"], true, "{body}");
 }
 
+/// The binary's `--outbound-policy` reaches `/inject`: under `deny` (the
+/// default) a pod with a container running as the sidecar's UID is refused
+/// naming it, since that container would reach what the mesh refuses;
+/// under `passthrough` it is injected with a warning. The fixture's pod
+/// with the pod's `runAsUser` set to 1337, which its container
+/// `log-shipper` inherits.
+#[test]
+fn the_outbound_policy_decides_a_pod_running_as_the_sidecars_uid() {
+    let certs = WebhookCerts::new();
+    let mut review: Value = serde_json::from_slice(
+        &std::fs::read(fixture_path("pod-deployment-http-probes.json")).unwrap(),
+    )
+    .unwrap();
+    review["request"]["object"]["spec"]["securityContext"]["runAsUser"] = json!(1337);
+    let pod = certs.dir.path().join("pod-as-proxy-uid.json");
+    std::fs::write(&pod, serde_json::to_vec(&review).unwrap()).unwrap();
+
+    let cp = start(&certs.flags());
+    let (status, body) = certs.post(&webhook_addr(&cp), "/inject", &pod);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], false, "{body}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "trellis: cannot inject: container \"log-shipper\" runs as UID 1337 (the pod's \
+             securityContext.runAsUser), the sidecar's UID"
+        ),
+        "{message}"
+    );
+    drop(cp);
+
+    let mut flags = certs.flags();
+    flags.extend(["--outbound-policy".into(), "passthrough".into()]);
+    let cp = start(&flags);
+    let (status, body) = certs.post(&webhook_addr(&cp), "/inject", &pod);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{body}");
+    assert_eq!(answer["response"]["patchType"], "JSONPatch", "{body}");
+    assert_eq!(
+        answer["response"]["warnings"],
+        json!([
+            "container \"log-shipper\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+             the sidecar"
+        ])
+    );
+}
+
 /// Settings written by a newer chart (a field this release does not know)
 /// are what a rolled-back control plane reads from the shared ConfigMap:
 /// it starts, names the field in a warning, and injects with the rest.
