@@ -326,8 +326,9 @@ pub struct InjectConfig {
     /// The sidecar's UID (and GID), which init never redirects: a
     /// container of the pod running as it bypasses the sidecar. Not 0.
     pub proxy_uid: u32,
-    /// The mesh's outbound policy (`--outbound-policy`): under
-    /// [`OutboundPolicy::Deny`] a pod with a container running as
+    /// The mesh's outbound policy (`--outbound-policy`), passed to init:
+    /// under [`OutboundPolicy::Deny`] init drops the pod's UDP except DNS to
+    /// its nameservers, and a pod with a container running as
     /// [`Self::proxy_uid`] is refused, since that container would reach
     /// what the mesh refuses; under `Passthrough` it is warned of.
     pub outbound_policy: OutboundPolicy,
@@ -347,9 +348,6 @@ pub struct InjectConfig {
     /// DNS (port 53) to the pod's nameservers, and to no other host, bypasses
     /// the sidecar (init's `--exclude-outbound-dns`).
     pub exclude_outbound_dns: bool,
-    /// The control plane's `--outbound-policy`, passed to init: under deny it
-    /// drops the pod's UDP except DNS to its nameservers.
-    pub outbound_policy: crate::config::OutboundPolicy,
     pub failure_policy: FailurePolicy,
     /// `text` or `json`, the sidecar's `--log-format`.
     pub log_format: String,
@@ -393,7 +391,6 @@ impl Default for InjectConfig {
             // DNS reaches the cluster's DNS, which has no sidecar; port 53 of any
             // other host goes through the sidecar.
             exclude_outbound_dns: true,
-            outbound_policy: crate::config::OutboundPolicy::Deny,
             failure_policy: FailurePolicy::Fail,
             log_format: "json".to_owned(),
             tcp_user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
