@@ -92,6 +92,95 @@ fn lint_reports_exit_codes_and_lines() {
     drop(cp);
 }
 
+/// `policy lint` reads files only: its help lists none of the flags that
+/// name the control plane or the operator credential, and one given, before
+/// or after its name, is refused naming it; their environment variables,
+/// which an operator's shell may export, are ignored. The subcommands that
+/// talk to the control plane keep them all.
+#[test]
+fn lint_takes_no_control_plane_or_credential_flags() {
+    let good = fixtures().join("lint").join("good");
+    let flags = ["--control-plane", "--state-dir", "--ca", "--cert", "--key"];
+    let help = lint(&["--help".as_ref()]);
+    assert_eq!(help.status.code(), Some(0));
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("--trust-domain"), "{help}");
+    for flag in flags {
+        assert!(!help.contains(flag), "{flag} in {help}");
+    }
+    let run = |args: &[&str]| {
+        std::process::Command::new(CTL)
+            .args(args)
+            .arg(&good)
+            .env("TRELLIS_STATE_DIR", "/nonexistent")
+            .env("TRELLIS_CERT", "/nonexistent/admin.crt")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["policy", "lint", "--cert", "x"][..],
+        &["policy", "lint", "--cert=x"],
+        &["--cert", "x", "policy", "lint"],
+        &["policy", "--cert", "x", "lint"],
+    ] {
+        let refused = run(args);
+        assert_eq!(refused.status.code(), Some(64), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr),
+            "error: --cert: policy lint reads files only and never connects to a control \
+             plane: it takes no --control-plane, --state-dir, --ca, --cert or --key\n",
+            "{args:?}"
+        );
+        assert!(refused.stdout.is_empty(), "{args:?}");
+    }
+    for flag in flags {
+        let refused = run(&["policy", "lint", flag, "127.0.0.1:1"]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(64), "{flag}: {stderr}");
+        assert!(stderr.starts_with(&format!("error: {flag}: ")), "{stderr}");
+    }
+    let linted = run(&["policy", "lint"]);
+    let stderr = String::from_utf8_lossy(&linted.stderr);
+    assert_eq!(linted.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "0 errors, 0 warnings\n");
+
+    for command in [
+        &["policy", "list"][..],
+        &["workloads"],
+        &["token", "create"],
+    ] {
+        let out = std::process::Command::new(CTL)
+            .args(command)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        for flag in flags {
+            assert!(help.contains(&format!("{flag} <")), "{flag} not in {help}");
+        }
+        assert!(help.contains("[env: TRELLIS_CERT="), "{help}");
+    }
+    // Still taken after the subcommand's name, and read from the
+    // environment.
+    let out = std::process::Command::new(CTL)
+        .args(["policy", "list", "--state-dir", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: cannot read /nonexistent/bundle.pem: no such file or directory\n"
+    );
+    let out = std::process::Command::new(CTL)
+        .args(["policy", "list"])
+        .env("TRELLIS_STATE_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: cannot read /nonexistent/bundle.pem: no such file or directory\n"
+    );
+}
+
 #[test]
 fn ctl_applies_files_all_or_nothing_and_explains() {
     let cp = ControlPlane::start(&[]);

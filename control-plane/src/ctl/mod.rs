@@ -6,7 +6,8 @@
 //! domain taken from the credential's own SPIFFE ID. Results go to stdout,
 //! errors to stderr as one line (policy diagnostics: one line each). It never
 //! prints or logs the private key. The `policy` subcommands are in
-//! [`policy`].
+//! [`policy`]. `policy lint` reads files only, and takes neither the
+//! control plane's address nor a credential.
 
 pub mod check;
 pub mod policy;
@@ -18,7 +19,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -484,20 +486,80 @@ impl Cli {
     }
 }
 
+/// The flags naming the control plane and the operator credential: their
+/// argument ids, names and value names. They are global, so a subcommand that talks to
+/// the control plane takes them after its name too; `policy lint`, which
+/// reads files only, takes none of them ([`offline_flags`]).
+const CONNECTION_FLAGS: [(&str, &str, &str); 5] = [
+    ("control_plane", "--control-plane", "CONTROL_PLANE"),
+    ("state_dir", "--state-dir", "STATE_DIR"),
+    ("ca", "--ca", "CA"),
+    ("cert", "--cert", "CERT"),
+    ("key", "--key", "KEY"),
+];
+
+/// The connection flags as an offline subcommand (`policy lint`) declares
+/// them itself: hidden, and without their environment variables (an
+/// operator's shell may export them; lint ignores them). clap gives a
+/// subcommand no global argument whose id it declares, so its help lists
+/// none of them; one given on the command line is refused
+/// ([`offline_refusal`]). Each takes a value of its global's type, which
+/// clap carries up to the global.
+pub(crate) fn offline_flags() -> Vec<Arg> {
+    CONNECTION_FLAGS
+        .iter()
+        .map(|&(id, flag, value)| {
+            let arg = Arg::new(id).long(&flag[2..]).value_name(value).hide(true);
+            match id {
+                "control_plane" => arg.value_parser(clap::value_parser!(String)),
+                _ => arg.value_parser(clap::value_parser!(PathBuf)),
+            }
+        })
+        .collect()
+}
+
+/// Why `matches` are refused, if they are: `policy lint` given a
+/// connection flag on the command line, before or after its name.
+fn offline_refusal(matches: &ArgMatches) -> Option<String> {
+    let lint = matches
+        .subcommand_matches("policy")?
+        .subcommand_matches("lint")?;
+    let (_, flag, _) = CONNECTION_FLAGS
+        .iter()
+        .find(|(id, _, _)| lint.value_source(id) == Some(ValueSource::CommandLine))?;
+    Some(format!(
+        "{flag}: policy lint reads files only and never connects to a control plane: it takes \
+         no --control-plane, --state-dir, --ca, --cert or --key"
+    ))
+}
+
+/// `args` as a [`Cli`], or the exit code after saying why not (or after
+/// printing the help or version asked for).
+fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
+    let usage = |message: String| {
+        eprint!("{message}");
+        ExitCode::from(EXIT_USAGE)
+    };
+    let clap_error = |e: clap::Error| match classify_clap_error(e) {
+        Parsed::Invalid(message) => usage(message),
+        _ => ExitCode::SUCCESS,
+    };
+    let mut command = Cli::command();
+    let mut matches = command
+        .try_get_matches_from_mut(with_program_name("trellisctl", args))
+        .map_err(clap_error)?;
+    if let Some(refusal) = offline_refusal(&matches) {
+        return Err(usage(format!("error: {refusal}\n")));
+    }
+    Cli::from_arg_matches_mut(&mut matches).map_err(|e| clap_error(e.format(&mut command)))
+}
+
 /// Runs `trellisctl` with `args` (argv, including a program name).
 /// Exit codes: 0 success, 64 usage error, 1 any other failure.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(with_program_name("trellisctl", args)) {
+    let cli = match parse(args) {
         Ok(cli) => cli,
-        Err(e) => {
-            return match classify_clap_error(e) {
-                Parsed::Invalid(message) => {
-                    eprint!("{message}");
-                    ExitCode::from(EXIT_USAGE)
-                }
-                _ => ExitCode::SUCCESS,
-            };
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

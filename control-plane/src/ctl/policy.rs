@@ -185,6 +185,7 @@ pub enum PolicyCommand {
     /// stdout as `file:line:column: field.path: message`; exit 1 on any
     /// error, 64 when the files hold no document (as `apply` refuses
     /// them), 0 otherwise.
+    #[command(args = super::offline_flags())]
     Lint {
         /// Policy files or directories, read as `apply -f` reads them.
         #[arg(value_name = "FILE|DIR", required = true)]
