@@ -92,6 +92,56 @@ fn lint_reports_exit_codes_and_lines() {
     drop(cp);
 }
 
+/// A file of several documents, two of them not YAML we read: lint names
+/// each of those by file, document number, line and column, and still
+/// checks the others, listing their diagnostics too, in one run (exit 1).
+/// `apply` of that file lists the same and applies nothing.
+#[test]
+fn lint_reports_every_document_that_does_not_parse() {
+    let cp = ControlPlane::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("team.yaml");
+    let unclosed = policy_text("unclosed", 80).replace("namespace: default}", "namespace: default");
+    let duplicate =
+        policy_text("duplicate", 80).replace("action: ALLOW", "action: ALLOW\n  action: DENY");
+    let text = [
+        unclosed,
+        policy_text("wide", 70000),
+        duplicate,
+        policy_text("fine", 80),
+    ]
+    .join("---\n");
+    std::fs::write(&file, &text).unwrap();
+    let name = file.display().to_string();
+
+    let linted = lint(&[file.as_os_str()]);
+    let stdout = String::from_utf8(linted.stdout).unwrap();
+    let stderr = String::from_utf8(linted.stderr).unwrap();
+    assert_eq!(linted.status.code(), Some(1), "{stdout}{stderr}");
+    let expected = [
+        format!(
+            "{name}:4:5: document 1: YAML syntax error: while parsing a flow mapping, did not \
+             find expected ',' or '}}'"
+        ),
+        format!("{name}:15:26: spec.rules[0].to[0].ports[0]: port 70000 is out of range 1..=65535"),
+        format!("{name}:23:3: document 3: duplicate key \"action\""),
+    ];
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stdout}");
+    assert_eq!(stderr, "3 errors, 0 warnings\n");
+
+    let applied = cp.ctl(&["policy", "apply", "-f", &name]);
+    assert_eq!(applied.status.code(), Some(1));
+    let expected = format!(
+        "{}nothing applied: fix the errors above\n",
+        expected.map(|l| l + "\n").concat()
+    );
+    assert_eq!(String::from_utf8_lossy(&applied.stderr), expected);
+    assert!(applied.stdout.is_empty());
+    let listed = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["policies"], serde_json::json!([]));
+}
+
 /// `policy lint` reads files only: its help lists none of the flags that
 /// name the control plane or the operator credential, and one given, before
 /// or after its name, is refused naming it; their environment variables,

@@ -1,9 +1,11 @@
 //! Policy files: reading, validating and reporting at `file:line:column`.
 //!
 //! This module owns turning files into validated policies and every problem
-//! into a [`Diagnostic`] at a line: YAML syntax, unknown fields and wrong
-//! types (from serde's field path), and each [`Violation`] of `validate`,
-//! its field path mapped back to the node that holds it. It is what
+//! into a [`Diagnostic`] at a line: YAML syntax (each document's, named by
+//! its number, `document N: ...`: one that cannot be read hides no other),
+//! unknown fields and wrong types (from serde's field path), and each
+//! [`Violation`] of `validate`, its field path mapped back to the node that
+//! holds it. It is what
 //! `trellisctl policy lint` and `policy apply -f` run; it never talks to a
 //! control plane.
 //!
@@ -352,14 +354,15 @@ impl Reading {
         td: &TrustDomain,
         context: &ValidationContext,
     ) {
-        let syntax = parse_each(text, |node| {
-            self.check_document(index, name, &node, td, context);
+        parse_each(text, |read| match read {
+            Ok(node) => self.check_document(index, name, &node, td, context),
+            Err(e) => {
+                let message = format!("document {}: {}", e.document, e.message);
+                let violation = Violation::error(FieldPath::root(), message);
+                self.found
+                    .push(Some(index), Diagnostic::at(name, e.pos, violation));
+            }
         });
-        if let Some(e) = syntax {
-            let violation = Violation::error(FieldPath::root(), e.message);
-            self.found
-                .push(Some(index), Diagnostic::at(name, e.pos, violation));
-        }
     }
 
     fn check_document(

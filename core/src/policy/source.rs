@@ -40,11 +40,14 @@ impl fmt::Display for Pos {
     }
 }
 
-/// Why a text is not a stream of YAML documents we accept.
+/// Why a document of a text is not one we accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct SyntaxError {
     pub pos: Pos,
+    /// Which document of the text, counting from 1 as YAML counts them
+    /// (an empty one too); 0 until [`parse_each`] knows.
+    pub document: usize,
     pub message: String,
 }
 
@@ -52,15 +55,15 @@ impl SyntaxError {
     fn new(pos: Pos, message: impl Into<String>) -> Self {
         Self {
             pos,
+            document: 0,
             message: message.into(),
         }
     }
-}
 
-impl From<ScanError> for SyntaxError {
-    fn from(e: ScanError) -> Self {
+    /// A scanner's error, in a text whose first line is line `base + 1`.
+    fn scan(e: &ScanError, base: usize) -> Self {
         let pos = Pos {
-            line: e.marker().line(),
+            line: e.marker().line() + base,
             column: e.marker().col() + 1,
         };
         Self::new(pos, format!("YAML syntax error: {}", e.info()))
@@ -189,31 +192,125 @@ pub(crate) fn resolves_to_string(text: &str) -> bool {
 }
 
 /// Every document of a stream, each handed to `each` as soon as it is
-/// complete (a text of many documents is never held as trees at once);
-/// then the syntax error that ended the stream early, if one did. The
-/// documents complete before such an error are still handed over, so they
-/// can still be checked.
-pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Node)) -> Option<SyntaxError> {
-    // The scanner queues every token of a flow collection (`[...]`,
-    // `{...}`) before it yields the collection's first event, a few hundred
-    // bytes each, so a document of a list of millions is refused before it
-    // is scanned; the documents before it are read.
-    let (text, refused) = match overlong_flow(text) {
-        Some((start, error)) => (&text[..start], Some(error)),
-        None => (text, None),
-    };
-    let mut builder = Builder::default();
-    for event in Parser::new_from_str(text) {
-        let step = event
-            .map_err(SyntaxError::from)
-            .and_then(|(event, span)| builder.push(event, &span));
-        match step {
-            Ok(Some(root)) if !root.is_empty_document() => each(root),
-            Ok(_) => {}
-            Err(e) => return Some(e),
+/// complete (a text of many documents is never held as trees at once), and
+/// each document's syntax error, handed over in its place. A document with
+/// a syntax error hides neither the documents before it nor those after:
+/// reading starts again at the next line that starts a document (`---`),
+/// as whoever split the text meant, and goes on to its end, or to the
+/// [`MAX_SYNTAX_ERRORS`]th error, which says the rest is not read.
+pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Result<Node, SyntaxError>)) {
+    // Where the part of `text` being read starts: a byte offset, the
+    // number of lines before it, and the number of documents begun before.
+    let (mut offset, mut base, mut documents) = (0, 0, 0);
+    let mut errors = 0;
+    // The first document at or after `offset` with too long a flow
+    // collection: where it starts, and the error (its line in `text`).
+    let mut overlong: Option<Option<(usize, SyntaxError)>> = None;
+    loop {
+        let rest = &text[offset..];
+        // The scanner queues every token of a flow collection (`[...]`,
+        // `{...}`) before it yields the collection's first event, a few
+        // hundred bytes each, so a document of a list of millions is
+        // refused before it is scanned; the documents before it are read.
+        if overlong
+            .as_ref()
+            .is_none_or(|found| found.as_ref().is_some_and(|(start, _)| *start < offset))
+        {
+            overlong = Some(overlong_flow(rest).map(|(start, mut e)| {
+                e.pos.line += base;
+                (offset + start, e)
+            }));
+        }
+        let (readable, refused) = match overlong.as_ref().and_then(Option::as_ref) {
+            Some((start, error)) => (&text[offset..*start], Some(error)),
+            None => (rest, None),
+        };
+        let mut builder = Builder {
+            base,
+            ..Builder::default()
+        };
+        // The line the document being read started on, while one is.
+        let mut open: Option<usize> = None;
+        let mut failed = None;
+        for event in Parser::new_from_str(readable) {
+            let step = match event {
+                Ok((event, span)) => {
+                    match event {
+                        Event::DocumentStart(_) => {
+                            documents += 1;
+                            open = Some(span.start.line() + base);
+                        }
+                        Event::DocumentEnd => open = None,
+                        _ => {}
+                    }
+                    builder.push(event, &span)
+                }
+                Err(e) => Err(SyntaxError::scan(&e, base)),
+            };
+            match step {
+                Ok(Some(root)) if !root.is_empty_document() => each(Ok(root)),
+                Ok(_) => {}
+                Err(e) => {
+                    failed = Some((e, open));
+                    break;
+                }
+            }
+        }
+        // The error, and the line after which the next document may start.
+        let (mut error, after) = match (failed, refused) {
+            (Some((e, Some(start))), _) => (e, start),
+            // Between documents: it is in the next one.
+            (Some((e, None)), _) => {
+                documents += 1;
+                let line = e.pos.line;
+                (e, line)
+            }
+            // The document the bound refused starts where `readable` ends.
+            (None, Some(e)) => {
+                documents += 1;
+                (e.clone(), e.pos.line)
+            }
+            (None, None) => return,
+        };
+        error.document = documents;
+        errors += 1;
+        if errors == MAX_SYNTAX_ERRORS {
+            error.message.push_str(&format!(
+                " (and the rest of the text is not read: {MAX_SYNTAX_ERRORS} documents with \
+                 syntax errors)"
+            ));
+            return each(Err(error));
+        }
+        each(Err(error));
+        let next = rest
+            .split_inclusive('\n')
+            .scan(offset, |at, line| {
+                let start = *at;
+                *at += line.len();
+                Some((start, line))
+            })
+            .enumerate()
+            .find(|&(index, (_, line))| base + index + 1 > after && starts_document(line));
+        match next {
+            Some((index, (start, _))) => (offset, base) = (start, base + index),
+            None => return,
         }
     }
-    refused
+}
+
+/// How many documents of one text with a syntax error are reported before
+/// the rest of the text is left unread: as many as diagnostics are listed.
+/// A scanner that meets an open flow collection reads on past the next
+/// `---`, up to its nesting limit, so reading on after each such document
+/// reads up to a few hundred lines again; a bound keeps a hostile text of
+/// many from taking minutes.
+const MAX_SYNTAX_ERRORS: usize = super::validate::MAX_DIAGNOSTICS;
+
+/// Whether `line` begins a document: `---` at its start, then a space, a
+/// tab or its end.
+fn starts_document(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.chars().next().is_none_or(char::is_whitespace))
 }
 
 /// The first document of `text` with more than [`MAX_NODES`] commas (each
@@ -224,10 +321,7 @@ pub(crate) fn parse_each(text: &str, mut each: impl FnMut(Node)) -> Option<Synta
 fn overlong_flow(text: &str) -> Option<(usize, SyntaxError)> {
     let (mut start, mut offset, mut commas) = (0, 0, 0);
     for (index, line) in text.split_inclusive('\n').enumerate() {
-        let marker = line
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.chars().next().is_none_or(char::is_whitespace));
-        if marker {
+        if starts_document(line) {
             (start, commas) = (offset, 0);
         }
         offset += line.len();
@@ -253,12 +347,22 @@ fn overlong_flow(text: &str) -> Option<(usize, SyntaxError)> {
     None
 }
 
-/// [`parse_each`], collecting the documents.
+/// [`parse_each`], collecting the documents; the first syntax error.
 #[cfg(test)]
 pub(crate) fn parse_stream(text: &str) -> (Vec<Node>, Option<SyntaxError>) {
-    let mut documents = Vec::new();
-    let error = parse_each(text, |root| documents.push(root));
-    (documents, error)
+    let (documents, errors) = parse_all(text);
+    (documents, errors.into_iter().next())
+}
+
+/// [`parse_each`], collecting the documents and the syntax errors.
+#[cfg(test)]
+pub(crate) fn parse_all(text: &str) -> (Vec<Node>, Vec<SyntaxError>) {
+    let (mut documents, mut errors) = (Vec::new(), Vec::new());
+    parse_each(text, |read| match read {
+        Ok(root) => documents.push(root),
+        Err(e) => errors.push(e),
+    });
+    (documents, errors)
 }
 
 /// Far deeper than any policy; bounds the recursion of later passes (and of
@@ -274,6 +378,8 @@ pub const MAX_NODES: usize = 50_000;
 /// Builds nodes from parser events; a stack of open collections.
 #[derive(Default)]
 struct Builder {
+    /// The lines of the text before the part parsed.
+    base: usize,
     open: Vec<Open>,
     /// Nodes begun in the document being built.
     nodes: usize,
@@ -290,7 +396,8 @@ enum Open {
 impl Builder {
     /// Feeds one event; returns a document's root when one completes.
     fn push(&mut self, event: Event<'_>, span: &Span) -> Result<Option<Node>, SyntaxError> {
-        let pos = Pos::of(span);
+        let mut pos = Pos::of(span);
+        pos.line += self.base;
         if matches!(
             event,
             Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
@@ -489,7 +596,7 @@ mod tests {
             let ports = vec!["1"; MAX_NODES + 2].join(separator);
             let text = format!("{small}--- # two\nports: [{ports}]\n---\n{small}");
             let (docs, err) = parse_stream(&text);
-            assert_eq!(docs.len(), 1, "the document before it is kept");
+            assert_eq!(docs.len(), 2, "the documents before and after it are read");
             let err = err.expect("refused");
             assert!(
                 err.message.contains("more than 50000 list items"),
@@ -515,7 +622,7 @@ mod tests {
         let small = "a: [1, 2]\n";
         let text = format!("{small}---\nports:\n{ports}---\n{small}");
         let (docs, err) = parse_stream(&text);
-        assert_eq!(docs.len(), 1, "the document before it is kept");
+        assert_eq!(docs.len(), 2, "the documents before and after it are read");
         let err = err.expect("refused");
         assert!(
             err.message.contains("more than 50000 YAML nodes"),
@@ -529,6 +636,72 @@ mod tests {
         let many = vec![small; MAX_NODES].join("---\n");
         let (docs, err) = parse_stream(&many);
         assert_eq!((docs.len(), err), (MAX_NODES, None));
+    }
+
+    /// Each document with a syntax error is reported, at its line and by
+    /// its number, and neither hides the documents before or after it.
+    #[test]
+    fn every_document_with_a_syntax_error_is_reported_and_the_others_read() {
+        let text = "# policies\na: 1\n---\nb: [1, 2\n---\nc: 1\n--- # four\nd: 1\nd: 2\n\
+                    ---\ne: 1\n";
+        let (documents, errors) = parse_all(text);
+        let read: Vec<_> = documents.iter().map(|d| (d.to_json(), d.pos())).collect();
+        assert_eq!(
+            read,
+            [
+                (json!({"a": 1}), Pos { line: 2, column: 1 }),
+                (json!({"c": 1}), Pos { line: 6, column: 1 }),
+                (
+                    json!({"e": 1}),
+                    Pos {
+                        line: 11,
+                        column: 1
+                    }
+                ),
+            ]
+        );
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.document, e.pos.line, e.message.as_str()))
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(found[0].0, 2, "{errors:?}");
+        assert!(found[0].2.starts_with("YAML syntax error: "), "{errors:?}");
+        assert!((4..=5).contains(&found[0].1), "{errors:?}");
+        assert_eq!(found[1], (4, 9, "duplicate key \"d\""));
+        assert_eq!(errors[1].pos.column, 1);
+    }
+
+    /// A document refused for its size is one error among the others.
+    #[test]
+    fn an_overlong_document_is_numbered_and_the_next_one_read() {
+        let ports = vec!["1"; MAX_NODES + 2].join(",");
+        let text = format!("a: [1\n---\nports: [{ports}]\n---\nb: 2\n");
+        let (documents, errors) = parse_all(&text);
+        assert_eq!(documents.len(), 1);
+        assert_eq!(documents[0].to_json(), json!({"b": 2}));
+        assert_eq!(documents[0].pos().line, 5);
+        let found: Vec<_> = errors.iter().map(|e| (e.document, e.pos.line)).collect();
+        assert_eq!(found, [(1, 2), (2, 3)], "{errors:?}");
+        assert!(errors[1].message.contains("more than 50000 list items"));
+    }
+
+    /// Past a bound, the rest of a text of many broken documents is left
+    /// unread, and the last error says so.
+    #[test]
+    fn stops_after_a_thousand_documents_with_syntax_errors() {
+        let text = "a: [1\n---\n".repeat(MAX_SYNTAX_ERRORS + 5) + "b: 1\n";
+        let (documents, errors) = parse_all(&text);
+        assert_eq!(errors.len(), MAX_SYNTAX_ERRORS);
+        assert_eq!(documents, []);
+        let last = &errors[MAX_SYNTAX_ERRORS - 1];
+        assert_eq!(last.document, MAX_SYNTAX_ERRORS);
+        assert!(
+            last.message.ends_with(
+                " (and the rest of the text is not read: 1000 documents with syntax errors)"
+            ),
+            "{last:?}"
+        );
     }
 
     #[test]
