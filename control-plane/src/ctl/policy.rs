@@ -29,9 +29,9 @@ use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
-    AuthorizationPolicy, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy, Reason,
-    RuleRef, SelectorScope, ValidationContext, Walk, document_from_proto, find_policy_files,
-    load_files_in, policy_key,
+    AuthorizationPolicy, Decision, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy,
+    Reason, RuleRef, SelectorScope, ValidationContext, Walk, document_from_proto,
+    find_policy_files, load_files_in, policy_key,
 };
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
@@ -744,15 +744,10 @@ fn policies_json(policies: &[Policy], rate_limits: &[RateLimitRecord], generatio
 /// `unanswered`: the peer replicas that did not answer, whose sidecars'
 /// opaque ports are not known.
 fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
-    let rule = e.deciding_rule();
-    pretty(&serde_json::json!({
+    let mut out = serde_json::json!({
         "source": e.source.as_str(),
         "destination": e.destination.as_str(),
         "port": e.port,
-        "verdict": e.decision.verdict.as_str(),
-        "decided_by": e.decision.policy_label(),
-        "deciding_rule": rule.map(rule_json),
-        "audits": e.decision.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         // Where the port being opaque comes from; null when it is not.
         "opaque": e.opaque.map(|o| serde_json::json!({
             "mesh": o.mesh,
@@ -767,15 +762,7 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
             "allowed_by": p.allowed_by.as_ref().map(rule_json),
             "denied_by": p.denied_by().map(rule_json),
             "audited_by": p.audited_by.iter().map(rule_json).collect::<Vec<_>>(),
-            "not_http": e.not_http().map(|d| serde_json::json!({
-                "verdict": d.verdict.as_str(),
-                "decided_by": d.policy_label(),
-                "deciding_rule": match &d.reason {
-                    Reason::Rule(r) => Some(rule_json(r)),
-                    Reason::Default(_) => None,
-                },
-                "audits": d.audits.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            })),
+            "not_http": e.not_http().map(|d| serde_json::Value::Object(decision_json(&d))),
         })),
         // The replicas whose sidecars' opaque ports are not known.
         "unanswered_replicas": unanswered.iter().map(|r| serde_json::json!({
@@ -785,7 +772,28 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
             "not_listening": r.not_listening,
         })).collect::<Vec<_>>(),
         "trace": e.to_string(),
-    }))
+    });
+    if let Some(fields) = out.as_object_mut() {
+        fields.extend(decision_json(&e.decision));
+    }
+    pretty(&out)
+}
+
+/// The fields saying one decision, in an explanation and in its verdict on
+/// a connection that is not HTTP alike: the verdict, the policy that
+/// decided (or the default), the rule (null for a default) and the audits.
+fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
+    let rule = match &d.reason {
+        Reason::Rule(r) => Some(rule_json(r)),
+        Reason::Default(_) => None,
+    };
+    let audits: Vec<String> = d.audits.iter().map(ToString::to_string).collect();
+    serde_json::Map::from_iter([
+        ("verdict".to_owned(), d.verdict.as_str().into()),
+        ("decided_by".to_owned(), d.policy_label().into()),
+        ("deciding_rule".to_owned(), rule.into()),
+        ("audits".to_owned(), audits.into()),
+    ])
 }
 
 fn rule_json(r: &RuleRef) -> serde_json::Value {
