@@ -317,6 +317,13 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_CA_SECRET", value_parser = parse_object_name)]
     pub ca_secret: Option<String>,
 
+    /// With --store kubernetes: let a replica generate a new root when
+    /// --ca-secret is missing or empty although pods carry Trellis sidecars
+    /// (a lost Secret, which is refused without it). Those sidecars trust
+    /// the old root only: restart every meshed pod, and remove the flag.
+    #[arg(long, env = "TRELLIS_CA_SECRET_NEW_ROOT")]
+    pub ca_secret_new_root: bool,
+
     /// Namespace of --ca-secret [default: $POD_NAMESPACE, else the pod's
     /// service-account namespace file].
     #[arg(long, env = "TRELLIS_NAMESPACE", value_parser = parse_object_name)]
@@ -422,6 +429,7 @@ impl Config {
                 }
                 for (flag, given) in [
                     ("--ca-secret", self.ca_secret.is_some()),
+                    ("--ca-secret-new-root", self.ca_secret_new_root),
                     ("--namespace", self.namespace.is_some()),
                 ] {
                     if given {
@@ -1046,6 +1054,21 @@ mod tests {
             panic!("--ca-secret without the Kubernetes store must be refused")
         };
         assert!(msg.contains("--store kubernetes"), "{msg}");
+
+        assert!(!c.ca_secret_new_root);
+        let mut new_root = complete.clone();
+        new_root.push("--ca-secret-new-root");
+        let Parsed::Run(c) = with(&new_root) else {
+            panic!("should parse")
+        };
+        assert!(c.ca_secret_new_root);
+        let Parsed::Invalid(msg) = parse(&["x", "--state-dir", "d", "--ca-secret-new-root"]) else {
+            panic!("--ca-secret-new-root without the Kubernetes store must be refused")
+        };
+        assert_eq!(
+            msg,
+            "error: --ca-secret-new-root is only used with --store kubernetes\n"
+        );
     }
 
     #[test]

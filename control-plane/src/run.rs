@@ -40,7 +40,7 @@ use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
-use crate::ca::secret::open_ca_secret;
+use crate::ca::secret::{NewRoot, open_ca_secret};
 use crate::config::{Config, IdentityProvider, StoreKind};
 use crate::discovery::Discovery;
 use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
@@ -239,7 +239,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 config.namespace.as_deref().unwrap_or_default(),
                 config.ca_secret.as_deref().unwrap_or_default(),
             );
-            let ca = open_ca_secret(client.clone(), namespace, secret, &config.trust_domain)
+            let new_root = if config.ca_secret_new_root {
+                NewRoot::Deliberate
+            } else {
+                NewRoot::FirstInstall
+            };
+            let td = &config.trust_domain;
+            let ca = open_ca_secret(client.clone(), namespace, secret, td, new_root)
                 .await?
                 .with_trust_anchors(&config.trust_anchor_roots);
             dir.write_if_changed(BUNDLE, ca.bundle_pem().as_bytes(), Secrecy::Public)?;

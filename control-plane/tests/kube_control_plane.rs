@@ -30,7 +30,7 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
 /// No API server can run here: the real `trellis-control-plane --store
 /// kubernetes` binary runs against the fake (lists, watches, the empty CA
-/// Secret, TokenReview). It becomes ready, stores its CA in the Secret,
+/// Secret of a first install, TokenReview). It becomes ready, stores its CA in the Secret,
 /// certifies a sidecar by its ServiceAccount token, serves the CRD policies
 /// through the Admin API, logs the invalid one, pushes the Pods as
 /// endpoints and the Services with their backends, and refuses join tokens
@@ -39,6 +39,7 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     let fake = recorded_cluster().await;
     fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    fake.first_install();
     let flags = fake.control_plane_flags();
     let cp = tokio::task::spawn_blocking(move || {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -258,6 +259,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
 async fn a_listed_policy_with_l7_rules_on_an_opaque_port_stops_the_start() {
     let fake = recorded_cluster().await;
     fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    fake.first_install();
     let mut list = policies_list();
     let mut l7 = item(&list, "web-to-api", 48300);
     l7["spec"]["rules"][0]["to"] = serde_json::json!([{"ports": [5432], "methods": ["GET"]}]);

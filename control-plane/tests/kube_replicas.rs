@@ -96,11 +96,13 @@ struct Fleet {
     api_stream: Watcher,
 }
 
-/// The stand-in API server, with no CA Secret yet and a TokenReview for
-/// each of web's and api's tokens.
+/// The stand-in API server, with no CA Secret yet (a first install: the
+/// first list of pods has none with a sidecar) and a TokenReview for each
+/// of web's and api's tokens.
 async fn cluster() -> kube_api::FakeKube {
     let fake = recorded_cluster().await;
     fake.set_secret(Some(fixture_json("store/secret-empty.json")));
+    fake.first_install();
     let mut api_review = fixture_json("tokenreview/authenticated.json");
     let user = &mut api_review["status"]["user"];
     user["username"] = "system:serviceaccount:shop:api".into();

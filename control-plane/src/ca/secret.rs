@@ -9,11 +9,27 @@
 //! Secret is missing, a replica generates a root and creates the Secret;
 //! when it exists without data (as an earlier chart left it, or an operator
 //! made it), the root is written with an update on the empty version read.
+//!
+//! Only on a first install, though: a Secret deleted (by mistake, a GitOps
+//! prune, a namespace clean-up) or emptied while the mesh runs is a lost
+//! root, and a new one would split the mesh (replicas running keep the
+//! old root, and every running sidecar trusts it only). Before generating,
+//! a replica lists the cluster's unfinished pods, metadata only, 500 a
+//! page and at most 40 pages (the `list` on pods the store's watch has);
+//! one carrying the injector's annotation `trellis.io/injected` or
+//! `trellis.io/trust-bundle` makes it refuse, naming the Secret, the pod
+//! and the ways out: restore the Secret from a backup, or start a new root
+//! on purpose with [`NewRoot::Deliberate`] (`--ca-secret-new-root`), which
+//! skips the check and logs a warning saying to restart every meshed pod.
+//! A list the API server refuses, or one past the pages read, is an error
+//! too, and generates nothing: not knowing is no first install. Pods of
+//! another Trellis mesh in the cluster count as well.
+//!
 //! Either write is made once: a `409` (`AlreadyExists` for the create,
 //! `Conflict` for the update) means another replica won the race: its CA is
 //! read and used, never overwritten. A Secret so created belongs to no Helm
 //! release, so no upgrade touches it and an uninstall leaves it (deleting it
-//! changes every identity's root of trust). A create the API server refuses
+//! loses the mesh's root, as above). A create the API server refuses
 //! with a 403 (RBAC without `create` on Secrets) is an error saying how to
 //! restore the Secret. A Secret holding only one of the two keys, or ones
 //! that do not parse, is an error naming the Secret and key, and is left as
@@ -23,13 +39,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use trellis_core::TrustDomain;
 
 use super::files::{CaFilesError, load_ca};
 use super::{CaError, CertificateAuthority};
+use crate::inject::{INJECTED_ANNOTATION, TRUST_BUNDLE_ANNOTATION};
 use crate::store::kubernetes::{describe, status_code};
 
 pub const CERT_KEY: &str = "tls.crt";
@@ -37,6 +54,25 @@ pub const KEY_KEY: &str = "tls.key";
 
 /// How many times a lost race is re-read before giving up.
 const ATTEMPTS: usize = 4;
+
+/// Pods read per page when looking for a sidecar of the mesh.
+const PODS_PAGE: u32 = 500;
+/// Pages read at most: a cluster with more unfinished pods, none of them
+/// meshed in the pages read, is not taken for a first install.
+const PODS_PAGES: u32 = 40;
+/// Pods that still run or may run: a finished pod's sidecar trusts nothing.
+const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+/// When a replica may generate a root for a Secret that holds none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewRoot {
+    /// Only on a first install: when no unfinished pod in the cluster
+    /// carries a Trellis sidecar (the injector's annotation).
+    FirstInstall,
+    /// Whatever pods run (`--ca-secret-new-root`): the operator starts a
+    /// new root on purpose, and restarts every meshed pod.
+    Deliberate,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaSecretError {
@@ -73,18 +109,48 @@ pub enum CaSecretError {
          whose sidecars trust the old root only"
     )]
     Missing { secret: String },
+    #[error(
+        "CA Secret {secret} {state}, but the mesh whose root it held exists: pod {pod} carries \
+         a Trellis sidecar (annotation {marker}), and running sidecars trust that root only; \
+         refusing to generate a new one. Restore the Secret from its backup (`kubectl create \
+         -f` the saved manifest, its metadata.resourceVersion and uid removed; replicas that \
+         stopped start again on their own); or, to start a new root on purpose, start the \
+         control plane with --ca-secret-new-root (TRELLIS_CA_SECRET_NEW_ROOT=true) once, \
+         restart every control-plane replica, then every meshed pod"
+    )]
+    MeshExists {
+        secret: String,
+        state: &'static str,
+        pod: String,
+        marker: &'static str,
+    },
+    #[error(
+        "CA Secret {secret} {state}, and whether pods already carry Trellis sidecars could not \
+         be checked ({reason}); refusing to generate a new root they would not trust. Restore \
+         the Secret from its backup; or, on a first install or to start a new root on purpose, \
+         start the control plane with --ca-secret-new-root (TRELLIS_CA_SECRET_NEW_ROOT=true) \
+         once, then restart every meshed pod"
+    )]
+    Unchecked {
+        secret: String,
+        state: &'static str,
+        reason: String,
+    },
 }
 
 /// Loads the CA from the Secret `namespace/name`, generating and storing a
-/// root when the Secret is empty or missing (see the module docs).
+/// root when the Secret is empty or missing, as `new_root` allows (see the
+/// module docs).
 pub async fn open_ca_secret(
     client: Client,
     namespace: &str,
     name: &str,
     trust_domain: &TrustDomain,
+    new_root: NewRoot,
 ) -> Result<CertificateAuthority, CaSecretError> {
     let secret_name = format!("{namespace}/{name}");
-    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut checked = new_root == NewRoot::Deliberate;
     let refused = |action: &'static str, e: &kube::Error| CaSecretError::Api {
         secret: secret_name.clone(),
         action,
@@ -110,6 +176,13 @@ pub async fn open_ca_secret(
                     &secret_path(&secret_name, KEY_KEY),
                 )?;
                 tracing::info!(secret = %secret_name, "loaded the mesh CA from its Secret");
+                if new_root == NewRoot::Deliberate {
+                    tracing::warn!(
+                        secret = %secret_name,
+                        "--ca-secret-new-root has no effect: the Secret holds a CA; remove the \
+                         flag, which would let a lost Secret become a new root"
+                    );
+                }
                 return Ok(ca);
             }
             (Some(_), None) => {
@@ -127,6 +200,31 @@ pub async fn open_ca_secret(
                 });
             }
             (None, None) => {}
+        }
+        if !checked {
+            let state = if existing.is_some() {
+                "holds no CA"
+            } else {
+                "does not exist"
+            };
+            match meshed_pod(client.clone()).await {
+                Ok(None) => checked = true,
+                Ok(Some((pod, marker))) => {
+                    return Err(CaSecretError::MeshExists {
+                        secret: secret_name,
+                        state,
+                        pod,
+                        marker,
+                    });
+                }
+                Err(reason) => {
+                    return Err(CaSecretError::Unchecked {
+                        secret: secret_name,
+                        state,
+                        reason,
+                    });
+                }
+            }
         }
         let (ca, cert_pem, key_pem) =
             CertificateAuthority::generate(trust_domain).map_err(|source| {
@@ -167,11 +265,22 @@ pub async fn open_ca_secret(
             }
         };
         match written {
+            Ok(secret) if new_root == NewRoot::Deliberate => {
+                tracing::warn!(
+                    secret = %secret_name,
+                    resource_version = secret.resource_version().unwrap_or_default(),
+                    "generated a new root CA on --ca-secret-new-root and stored it in its \
+                     Secret: sidecars started before trust the old root only; restart every \
+                     control-plane replica and every meshed pod, and remove the flag"
+                );
+                return Ok(ca);
+            }
             Ok(secret) => {
                 tracing::info!(
                     secret = %secret_name,
                     resource_version = secret.resource_version().unwrap_or_default(),
-                    "generated a new root CA and stored it in its Secret"
+                    "no pod carries a Trellis sidecar (a first install): generated a new root \
+                     CA and stored it in its Secret"
                 );
                 return Ok(ca);
             }
@@ -191,6 +300,48 @@ pub async fn open_ca_secret(
     Err(CaSecretError::Contended {
         secret: secret_name,
     })
+}
+
+/// The first unfinished pod in the cluster that carries a Trellis sidecar,
+/// as `namespace/name` and the injector's annotation it carries: evidence
+/// that a mesh runs on the root of a Secret now lost. Pods' metadata only,
+/// [`PODS_PAGE`] at a time, at most [`PODS_PAGES`] pages (the `list` on
+/// pods the store's watch has already). An error when the API server
+/// refuses a page or there are more pages: not knowing is no first install.
+async fn meshed_pod(client: Client) -> Result<Option<(String, &'static str)>, String> {
+    let api: Api<Pod> = Api::all(client);
+    let mut params = ListParams::default()
+        .fields(UNFINISHED_PODS)
+        .limit(PODS_PAGE);
+    for _ in 0..PODS_PAGES {
+        let page = api
+            .list_metadata(&params)
+            .await
+            .map_err(|e| format!("listing pods: {}", describe(&e)))?;
+        for pod in &page.items {
+            let annotations = pod.metadata.annotations.as_ref();
+            let marker = [INJECTED_ANNOTATION, TRUST_BUNDLE_ANNOTATION]
+                .into_iter()
+                .find(|key| annotations.is_some_and(|a| a.contains_key(*key)));
+            if let Some(marker) = marker {
+                let meta = &pod.metadata;
+                let pod = format!(
+                    "{}/{}",
+                    meta.namespace.as_deref().unwrap_or_default(),
+                    meta.name.as_deref().unwrap_or_default()
+                );
+                return Ok(Some((pod, marker)));
+            }
+        }
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(None),
+        }
+    }
+    Err(format!(
+        "more than {} unfinished pods, none of the first ones meshed",
+        PODS_PAGE * PODS_PAGES
+    ))
 }
 
 /// The labels of a Secret this control plane creates. No

@@ -144,6 +144,20 @@ impl FakeKube {
             .insert(path.to_owned(), answers.into());
     }
 
+    /// Answers the first list of pods with none, then as set before: a
+    /// first install, where no pod has a sidecar yet when the first
+    /// replica looks for one before it generates the mesh's root, and the
+    /// pods are injected once its webhook serves. Call after [`Self::lists`]
+    /// of [`PODS`].
+    pub fn first_install(&self) {
+        let none = json!({"kind": "PodList", "apiVersion": "v1",
+                          "metadata": {"resourceVersion": "48100"}, "items": []});
+        let mut state = self.state.lock().unwrap();
+        let answers = state.lists.entry(PODS.to_owned()).or_default();
+        assert!(!answers.is_empty(), "the pods are listed");
+        answers.push_front((200, none));
+    }
+
     /// Starts the next watch of `path` with these event lines.
     pub fn script_watch(&self, path: &str, lines: Vec<String>) {
         self.state

@@ -9,9 +9,10 @@
 //! kube-apiserver would list for this lab: the two pods and a third one
 //! that is not ready as Pods, the Services and their EndpointSlices
 //! (written below, shaped like the recorded documents of
-//! `control-plane/tests/fixtures/k8s/store/`), the chart's empty CA
-//! Secret, and for each sidecar's token the recorded TokenReview of a
-//! `shop/web` token (renamed to `shop/api` for pod B). The
+//! `control-plane/tests/fixtures/k8s/store/`), an empty CA Secret (a
+//! first install: the first list of pods has none with a sidecar), and
+//! for each sidecar's token the recorded TokenReview of a `shop/web`
+//! token (renamed to `shop/api` for pod B). The
 //! stand-in runs in this test process on a thread inside the `cp`
 //! namespace, so the control plane reaches it at that namespace's
 //! 127.0.0.1; nothing touches the machine's own network.
@@ -349,6 +350,7 @@ async fn service_cluster_with(
     let mut api_pods = vec![(API_POD, POD_B)];
     api_pods.extend_from_slice(more_api_pods);
     kube.lists(PODS, vec![(200, list("v1", "PodList", pods))]);
+    kube.first_install();
     let services = vec![
         service("api", API_SERVICE),
         service("checkout", CHECKOUT_SERVICE),
