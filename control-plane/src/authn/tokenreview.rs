@@ -112,28 +112,41 @@ impl KubeApi {
             Some(url) => parse_api_url(url).map_err(|e| format!("--kube-api {url:?}: {e}"))?,
             None => in_cluster_url()?,
         };
-        let ca_path = ca.map_or_else(|| IN_CLUSTER_CA.into(), Path::to_path_buf);
-        read_roots(&ca_path).map_err(|e| match ca {
-            Some(_) => format!("--kube-ca {}: {e}", shown(&ca_path)),
-            None => format!(
-                "no --kube-ca given, and the pod's CA {}: {e}",
-                shown(&ca_path)
-            ),
-        })?;
-        let token_path = token_file.map_or_else(|| IN_CLUSTER_TOKEN.into(), Path::to_path_buf);
-        read_bearer(&token_path).map_err(|e| match token_file {
-            Some(_) => format!("--kube-token-file {}: {e}", shown(&token_path)),
-            None => format!(
-                "no --kube-token-file given, and the pod's token {}: {e}",
-                shown(&token_path)
-            ),
-        })?;
+        let ca = usable_file(ca, "--kube-ca", IN_CLUSTER_CA, "CA", read_roots)?;
+        let token_file = usable_file(
+            token_file,
+            "--kube-token-file",
+            IN_CLUSTER_TOKEN,
+            "token",
+            read_bearer,
+        )?;
         Ok(Self {
             url,
-            ca: ca_path,
-            token_file: token_path,
+            ca,
+            token_file,
         })
     }
+}
+
+/// The file given with `flag`, else the pod's own `pods` file at
+/// `in_cluster`, once `read` finds it usable. The error names the flag (or
+/// says it was not given) and the file, and what `read` says of it.
+fn usable_file<T>(
+    given: Option<&Path>,
+    flag: &str,
+    in_cluster: &str,
+    pods: &str,
+    read: impl FnOnce(&Path) -> Result<T, String>,
+) -> Result<PathBuf, String> {
+    let path = given.map_or_else(|| in_cluster.into(), Path::to_path_buf);
+    read(&path).map_err(|e| match given {
+        Some(_) => format!("{flag} {}: {e}", shown(&path)),
+        None => format!(
+            "no {flag} given, and the pod's {pods} {}: {e}",
+            shown(&path)
+        ),
+    })?;
+    Ok(path)
 }
 
 /// The roots of the PEM file at `path`, which must hold at least one
