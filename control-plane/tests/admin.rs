@@ -856,10 +856,7 @@ async fn what_the_control_plane_sends_is_printed_escaped() {
 
     const RED: &str = "spiffe://cluster.local/ns/default/sa/red\x1b[31m";
     const RED_SHOWN: &str = "spiffe://cluster.local/ns/default/sa/red\\u{1b}[31m";
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let (tmp, state) = empty_state_dir();
     {
         let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
         let now = trellis_control_plane::unix_now();
@@ -941,10 +938,7 @@ async fn workloads_lists_a_mesh_whose_answer_passes_4_mib() {
     use trellis_control_plane::store::{IssuedCertRecord, Store, WorkloadRecord};
 
     const WORKLOADS: usize = 12_000;
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let (tmp, state) = empty_state_dir();
     {
         let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
         let now = trellis_control_plane::unix_now();

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use common::*;
@@ -286,10 +285,7 @@ async fn state_with_victim() -> Arc<tempfile::TempDir> {
     use trellis_control_plane::store::embedded::{DB_FILE, EmbeddedStore};
     use trellis_control_plane::store::{IssuedCertRecord, Store, WorkloadRecord};
 
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (tmp, state) = empty_state_dir();
     let store = EmbeddedStore::open(&state.join(DB_FILE)).unwrap();
     let now = trellis_control_plane::unix_now();
     let issued = IssuedCertRecord {
@@ -626,10 +622,7 @@ async fn reads_workloads_stored_in_the_older_formats() {
 
     // A database as the single-address and the addresses control planes
     // wrote it.
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (tmp, state) = empty_state_dir();
     let single = serde_json::json!({
         "spiffe_id": DB,
         "address": "10.0.0.2:15006",

@@ -241,6 +241,18 @@ pub fn assert_refused_touching_nothing(
     stderr
 }
 
+/// A temp dir holding an empty state dir, private as the control plane
+/// makes it, for a test to fill before [`ControlPlane::start_in`]: the temp
+/// dir, and the state dir in it.
+pub fn empty_state_dir() -> (Arc<tempfile::TempDir>, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (tmp, state)
+}
+
 /// A running control plane process.
 pub struct ControlPlane {
     child: Child,
