@@ -75,10 +75,6 @@ async fn gets_through(cp: &FakeControlPlane, s: &TestSidecar, client: &SpiffeId)
     round_trip(&mut stream, b"ping").await.is_ok()
 }
 
-fn web() -> SpiffeId {
-    id("/ns/a/sa/web")
-}
-
 fn other() -> SpiffeId {
     id("/ns/a/sa/other")
 }

@@ -30,9 +30,7 @@ fn access_lines(logs: &Logs) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn every_request_gets_one_json_access_line_and_is_counted() {
     let (logs, _guard) = Logs::capture(true);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
     let web = id("/ns/a/sa/web");
 
@@ -97,7 +95,7 @@ async fn the_access_log_can_be_switched_off() {
     let app = http_app().await;
     let s = sidecar(&cp, app.addr, &["--access-log", "false"]).await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
-    let mut c = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let mut c = h1(&cp, s.inbound, &web()).await;
     let (status, _) = text(c.send_request(get("/", &[])).await.unwrap()).await;
     assert_eq!(status, 200);
     eventually("the request counted", || {
@@ -112,11 +110,9 @@ async fn the_access_log_can_be_switched_off() {
 #[tokio::test]
 async fn a_request_the_caller_abandons_is_counted_without_a_status() {
     use tokio::io::AsyncWriteExt;
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
-    let mut tls = connect(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let mut tls = connect(&cp, s.inbound, &web()).await;
     tls.write_all(b"GET /hang HTTP/1.1\r\nhost: api\r\n\r\n")
         .await
         .unwrap();

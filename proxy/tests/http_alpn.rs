@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::control_plane::FakeControlPlane;
 use common::grpc::{self, GrpcApp};
 use common::http::*;
-use common::sidecar::{TestSidecar, sidecar};
+use common::sidecar::TestSidecar;
 use common::*;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,10 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
-
-fn web() -> trellis_core::SpiffeId {
-    id("/ns/a/sa/web")
-}
 
 /// Waits until `sidecar` counted `n` connections in `direction` that
 /// settled `alpn`.
@@ -184,9 +180,7 @@ fn client_offering(cp: &FakeControlPlane, alpn: &[&[u8]]) -> Arc<rustls::ClientC
 
 #[tokio::test]
 async fn the_inbound_settles_what_a_client_offers_and_serves_it_without_sniffing() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     // h2 preferred when both are offered, and served as HTTP/2.
@@ -295,9 +289,7 @@ async fn the_pods_opaque_ports_annotation_holds_its_port_opaque() {
 
 #[tokio::test]
 async fn openssl_s_client_sees_h2_settled_by_the_inbound() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
     let Some(seen) = common::openssl::s_client(s.inbound, &cp.ca, &web(), &["-alpn", "h2"]).await
     else {

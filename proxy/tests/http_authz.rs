@@ -16,10 +16,6 @@ use trellis_proto::policy::v1 as policy_pb;
 
 const CERT_TTL: Duration = Duration::from_secs(3600);
 
-fn web() -> trellis_core::SpiffeId {
-    id("/ns/a/sa/web")
-}
-
 /// A policy protecting `ns/b/sa/api` with one rule from `ns/a/sa/web`
 /// whose `to` is `to` (YAML flow syntax).
 fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
@@ -32,9 +28,7 @@ fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
 
 #[tokio::test]
 async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![
         policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
         policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]"),
@@ -78,9 +72,7 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
 /// them too, while an ALLOW of a path allows only that path as sent.
 #[tokio::test]
 async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![
         policy("no-admin", "DENY", "[{paths: [\"/admin\"]}]"),
         policy(
@@ -117,9 +109,7 @@ async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
 /// decided as sent.
 #[tokio::test]
 async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![
         policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
         policy(
@@ -194,9 +184,7 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
 /// another way, even with no L7 rule in force.
 #[tokio::test]
 async fn an_encoded_path_cannot_escape_a_rate_limit() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let mut snap = snapshot(1, "allow-mesh", vec![]);
     snap.rate_limits = vec![policy_pb::RateLimit {
         name: "search".into(),
@@ -232,9 +220,7 @@ async fn an_encoded_path_cannot_escape_a_rate_limit() {
 /// element of a list on one line.
 #[tokio::test]
 async fn a_repeated_header_cannot_help_a_request_get_allowed() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![
         policy("canary", "ALLOW", "[{headers: {x-env: canary}}]"),
         policy("no-debug", "DENY", "[{headers: {x-debug: \"on\"}}]"),
@@ -284,9 +270,7 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
 /// `-` is a copy of the header, for a DENY rule and for an ALLOW rule.
 #[tokio::test]
 async fn a_header_spelled_with_underscores_is_the_same_header() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![
         policy("canary", "ALLOW", "[{headers: {x-env: canary}}]"),
         policy("no-debug", "DENY", "[{headers: {x-debug: \"on\"}}]"),
@@ -314,9 +298,7 @@ async fn a_header_spelled_with_underscores_is_the_same_header() {
 
 #[tokio::test]
 async fn new_policies_decide_the_next_request_on_an_open_connection() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
     let mut c1 = h1(&cp, s.inbound, &web()).await;
     let mut c2 = h2(&cp, s.inbound, &web()).await;
@@ -360,9 +342,7 @@ async fn raw_request(
 
 #[tokio::test]
 async fn a_request_behind_empty_lines_is_still_decided() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let policies = vec![policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]")];
     push_to(&cp, snapshot(1, "allow-mesh", policies), 1).await;
 
@@ -387,9 +367,7 @@ async fn a_request_behind_empty_lines_is_still_decided() {
 
 #[tokio::test]
 async fn only_l7_rules_allow_http_and_never_raw_bytes() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     let policies = vec![policy("web-to-api", "ALLOW", "[{paths: [/health]}]")];
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
 
@@ -632,9 +610,7 @@ async fn what_python_reads_as_a_request_never_reaches_the_app_as_bytes() {
 #[tokio::test]
 async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_be() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let mut no_admin = policy(
         "no-admin",
         "DENY",
@@ -701,9 +677,7 @@ async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_b
 /// paths, and gets 400 where one does.
 #[tokio::test]
 async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     let port = app.addr.port();
     let allow = || policy("web-to-api", "ALLOW", "[{methods: [GET]}]");
     push_to(&cp, snapshot(1, "deny", vec![allow()]), 1).await;

@@ -28,9 +28,7 @@ fn web() -> trellis_core::SpiffeId {
 
 #[tokio::test]
 async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     let spoof = [(
@@ -65,9 +63,7 @@ async fn http1_and_h2_reach_the_app_with_the_verified_identity_only() {
 /// forged header.
 #[tokio::test]
 async fn a_request_line_paused_after_any_method_is_still_http() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
     let forged = "spiffe://td.test/ns/kube-system/sa/admin";
     for (first, rest) in [("FOO /x", " HTTP/1.1"), ("FOO", " /x HTTP/1.1")] {
@@ -196,9 +192,7 @@ async fn upgrade_to_echo(
 
 #[tokio::test]
 async fn response_bodies_stream_and_upgrades_pass_through() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
@@ -234,9 +228,7 @@ async fn response_bodies_stream_and_upgrades_pass_through() {
 
 #[tokio::test]
 async fn an_upgrade_to_h2c_is_not_passed_to_the_app() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     // After an h2c switch every request would be bytes the sidecar copies
@@ -415,9 +407,7 @@ async fn bytes_that_are_not_http_pass_as_tcp() {
 /// a lenient server reads (`HTTP/1.2`) is refused, not passed as bytes.
 #[tokio::test]
 async fn a_request_sent_after_a_silence_is_still_http() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
     let forged = "X-Trellis-Peer-Identity: spiffe://td.test/ns/kube-system/sa/admin\r\n";
 
@@ -804,9 +794,7 @@ async fn a_caller_that_goes_away_mid_request_frees_its_app_connection() {
 /// they close any other connection of a denied caller.
 #[tokio::test]
 async fn an_upgraded_connection_is_closed_when_new_policies_deny_the_caller() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     let mut upgraded = upgrade_to_echo(&cp, s.inbound, 0).await;
@@ -1087,9 +1075,7 @@ async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u
 #[tokio::test]
 async fn an_http2_caller_that_sends_no_preface_is_closed() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, app, s) = app_behind_sidecar().await;
     push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
 
     let mut silent = h2_by_alpn(&cp, s.inbound, &web()).await;

@@ -7,13 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::control_plane::FakeControlPlane;
 use common::http::*;
-use common::sidecar::sidecar;
 use common::*;
 use trellis_proto::policy::v1 as policy_pb;
-
-const CERT_TTL: Duration = Duration::from_secs(3600);
 
 fn limit(rps: f64, burst: u32) -> policy_pb::RateLimit {
     policy_pb::RateLimit {
@@ -33,14 +29,12 @@ fn limit(rps: f64, burst: u32) -> policy_pb::RateLimit {
 
 #[tokio::test]
 async fn answers_429_after_the_burst_and_recovers() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     let mut snap = snapshot(1, "allow-mesh", vec![]);
     snap.rate_limits = vec![limit(5.0, 3)];
     push_to(&cp, snap, 1).await;
 
-    let mut c = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let mut c = h1(&cp, s.inbound, &web()).await;
     let mut statuses = Vec::new();
     let mut limited = None;
     for _ in 0..10 {
@@ -82,15 +76,13 @@ async fn answers_429_after_the_burst_and_recovers() {
 
 #[tokio::test]
 async fn a_limited_grpc_call_gets_resource_exhausted() {
-    let cp = FakeControlPlane::start(CERT_TTL).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (cp, _app, s) = app_behind_sidecar().await;
     let mut snap = snapshot(1, "allow-mesh", vec![]);
     let mut l = limit(0.01, 1);
     l.matches.clear();
     snap.rate_limits = vec![l];
     push_to(&cp, snap, 1).await;
-    let mut c = h1(&cp, s.inbound, &id("/ns/a/sa/web")).await;
+    let mut c = h1(&cp, s.inbound, &web()).await;
     let grpc = || get("/pkg.S/M", &[("content-type", "application/grpc")]);
     let first = c.send_request(grpc()).await.unwrap();
     assert!(

@@ -21,7 +21,7 @@ use trellis_proto::discovery::v1 as dpb;
 
 use super::control_plane::FakeControlPlane;
 use super::sidecar::{TestSidecar, sidecar, sidecar_as};
-use super::{id, tls_connect};
+use super::{tls_connect, web};
 
 /// What reached the HTTP app: one entry per request, the values of
 /// `x-trellis-peer-identity` it carried.
@@ -147,6 +147,16 @@ pub async fn h1(cp: &FakeControlPlane, inbound: SocketAddr, client: &SpiffeId) -
     send
 }
 
+/// What most HTTP tests start from: a fake control plane issuing hour-long
+/// certificates, an [`http_app`], and a sidecar as `ns/b/sa/api` in front
+/// of it with no further flags.
+pub async fn app_behind_sidecar() -> (FakeControlPlane, HttpApp, TestSidecar) {
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    (cp, app, s)
+}
+
 /// An HTTP/2 (prior knowledge) connection as `client` to `inbound`.
 pub async fn h2(cp: &FakeControlPlane, inbound: SocketAddr, client: &SpiffeId) -> Client2 {
     let stream = connect(cp, inbound, client).await;
@@ -204,7 +214,7 @@ pub async fn pair(cp: &FakeControlPlane, app: SocketAddr, server_flags: &[&str])
     let server = sidecar(cp, app, server_flags).await;
     let route = super::ports::free_addr();
     let flag = format!("{route}={}@{}", server.identity, server.inbound);
-    let client = sidecar_as(cp, id("/ns/a/sa/web"), app, &["--route", &flag]).await;
+    let client = sidecar_as(cp, web(), app, &["--route", &flag]).await;
     Pair {
         server,
         client,

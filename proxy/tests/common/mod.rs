@@ -45,6 +45,12 @@ pub fn id(path: &str) -> SpiffeId {
     SpiffeId::parse(&format!("spiffe://{TD}{path}")).unwrap()
 }
 
+/// `ns/a/sa/web`, the caller most tests connect as and name in their
+/// policies.
+pub fn web() -> SpiffeId {
+    id("/ns/a/sa/web")
+}
+
 pub fn td() -> TrustDomain {
     TrustDomain::new(TD).unwrap()
 }
