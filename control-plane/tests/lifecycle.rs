@@ -625,37 +625,9 @@ async fn silent_clients_do_not_block_others() {
 #[tokio::test]
 async fn serves_with_an_operator_supplied_root() {
     let tmp = tempfile::tempdir().unwrap();
+    operator_root(tmp.path(), "/O=Operator/CN=Operator root");
     let cert = tmp.path().join("root.crt");
     let key = tmp.path().join("root.key");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/O=Operator/CN=Operator root",
-        ])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
     let cp = ControlPlane::start(&["--ca-cert", &cert_arg, "--ca-key", &key_arg]);
     let root = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
@@ -689,19 +661,20 @@ fn openssl(args: &[&str], dir: &std::path::Path) {
     );
 }
 
-#[tokio::test]
-async fn signs_with_an_operator_supplied_intermediate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let p256_key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut root = vec!["req", "-x509", "-days", "30", "-subj", "/CN=Operator root"];
-    root.extend(p256_key);
+/// `openssl req` flags for a new P-256 key, written unencrypted.
+const P256_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+/// An operator's self-signed root CA named `subject`, valid 30 days, made
+/// by openssl in `dir` as `root.crt` and `root.key`.
+fn operator_root(dir: &Path, subject: &str) {
+    let mut root = vec!["req", "-x509", "-days", "30", "-subj", subject];
+    root.extend(P256_KEY);
     root.extend([
         "-addext",
         "basicConstraints=critical,CA:TRUE",
@@ -713,8 +686,15 @@ async fn signs_with_an_operator_supplied_intermediate() {
         "root.crt",
     ]);
     openssl(&root, dir);
+}
+
+#[tokio::test]
+async fn signs_with_an_operator_supplied_intermediate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    operator_root(dir, "/CN=Operator root");
     let mut csr = vec!["req", "-new", "-subj", "/CN=Operator intermediate"];
-    csr.extend(p256_key);
+    csr.extend(P256_KEY);
     csr.extend(["-keyout", "int.key", "-out", "int.csr"]);
     openssl(&csr, dir);
     std::fs::write(
