@@ -186,19 +186,7 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
 async fn an_encoded_path_cannot_escape_a_rate_limit() {
     let (cp, app, s) = app_behind_sidecar().await;
     let mut snap = snapshot(1, "allow-mesh", vec![]);
-    snap.rate_limits = vec![policy_pb::RateLimit {
-        name: "search".into(),
-        namespace: "b".into(),
-        selector: Some(policy_pb::Selector {
-            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
-        }),
-        requests_per_second: 0.01,
-        burst: 1,
-        key: "source".into(),
-        matches: vec![policy_pb::RateLimitMatch {
-            paths: vec!["/search/*".into()],
-        }],
-    }];
+    snap.rate_limits = vec![api_rate_limit("search", 0.01, 1, "/search/*")];
     push_to(&cp, snap, 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
@@ -626,19 +614,7 @@ async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_b
             policy("web-to-api", "ALLOW", "[{methods: [GET]}]"),
         ],
     );
-    snap.rate_limits = vec![policy_pb::RateLimit {
-        name: "slow".into(),
-        namespace: "b".into(),
-        selector: Some(policy_pb::Selector {
-            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
-        }),
-        requests_per_second: 1e-9,
-        burst: 1,
-        key: "source".into(),
-        matches: vec![policy_pb::RateLimitMatch {
-            paths: vec!["/slow/*".into()],
-        }],
-    }];
+    snap.rate_limits = vec![api_rate_limit("slow", 1e-9, 1, "/slow/*")];
     push_to(&cp, snap, 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;

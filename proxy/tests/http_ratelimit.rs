@@ -12,19 +12,7 @@ use common::*;
 use trellis_proto::policy::v1 as policy_pb;
 
 fn limit(rps: f64, burst: u32) -> policy_pb::RateLimit {
-    policy_pb::RateLimit {
-        name: "api-limit".into(),
-        namespace: "b".into(),
-        selector: Some(policy_pb::Selector {
-            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
-        }),
-        requests_per_second: rps,
-        burst,
-        key: "source".into(),
-        matches: vec![policy_pb::RateLimitMatch {
-            paths: vec!["/search/*".into()],
-        }],
-    }
+    api_rate_limit("api-limit", rps, burst, "/search/*")
 }
 
 #[tokio::test]

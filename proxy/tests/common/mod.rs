@@ -228,6 +228,31 @@ spec:
     loaded.policies[0].policy.to_proto()
 }
 
+/// A rate limit `b/<name>` on the sidecar under test (`ns/b/sa/api`):
+/// each caller's requests to `path` get `rps` a second after a burst of
+/// `burst`.
+pub fn api_rate_limit(
+    name: &str,
+    rps: f64,
+    burst: u32,
+    path: &str,
+) -> trellis_proto::policy::v1::RateLimit {
+    use trellis_proto::policy::v1 as pb;
+    pb::RateLimit {
+        name: name.into(),
+        namespace: "b".into(),
+        selector: Some(pb::Selector {
+            spiffe_ids: vec![format!("spiffe://{TD}/ns/b/sa/api")],
+        }),
+        requests_per_second: rps,
+        burst,
+        key: "source".into(),
+        matches: vec![pb::RateLimitMatch {
+            paths: vec![path.into()],
+        }],
+    }
+}
+
 /// Policies under which the mesh default `allow-mesh` lets every peer of
 /// the test trust domain in: for tests about something other than policy.
 pub fn allow_mesh(metrics: &Metrics) -> Arc<Policies> {
