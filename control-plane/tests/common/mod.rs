@@ -163,8 +163,13 @@ impl Watcher {
 }
 
 /// Retries `f` until it returns `Some`, or panics naming `what` at the deadline.
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_within(PATIENCE, what, f)
+}
+
+/// [`eventually`] with a deadline of its own.
+pub fn eventually_within<T>(patience: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = f() {
             return v;
@@ -311,15 +316,23 @@ impl ControlPlane {
             log,
             ready_line: String::new(),
         };
-        cp.ready_line = eventually("the control plane to log `control plane ready`", || {
-            if let Ok(Some(status)) = cp.child.try_wait() {
-                panic!("control plane exited with {status}:\n{}", cp.log());
-            }
-            cp.log()
-                .lines()
-                .find(|l| l.contains("control plane ready"))
-                .map(str::to_string)
-        });
+        // A start opens and reads the whole store: one a test filled with
+        // thousands of workloads takes longer on a loaded machine than
+        // other waits may.
+        let patience = PATIENCE * 4;
+        cp.ready_line = eventually_within(
+            patience,
+            "the control plane to log `control plane ready`",
+            || {
+                if let Ok(Some(status)) = cp.child.try_wait() {
+                    panic!("control plane exited with {status}:\n{}", cp.log());
+                }
+                cp.log()
+                    .lines()
+                    .find(|l| l.contains("control plane ready"))
+                    .map(str::to_string)
+            },
+        );
         cp.grpc = cp.ready_field("grpc");
         cp.admin = cp.ready_field("admin");
         cp
