@@ -670,3 +670,38 @@ async fn environment_twins_work_as_their_flags() {
         "TRELLIS_LIMIT is read and checked"
     );
 }
+
+/// `trellisctl policy lint DIR | head -1`: the reader of stdout goes away
+/// before the listing is written. trellisctl ends as `ls` does in a shell
+/// (exit 141, no panic), still saying its summary on stderr.
+#[test]
+fn lint_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy =
+        std::fs::read_to_string(fixtures().join("lint/bad/port-out-of-range.yaml")).unwrap();
+    for i in 0..1100 {
+        let named = policy
+            .replace("name: fine", &format!("name: fine-{i}"))
+            .replace("name: bad-port", &format!("name: bad-port-{i}"));
+        std::fs::write(dir.path().join(format!("policy-{i:04}.yaml")), named).unwrap();
+    }
+    // More than a pipe holds (64 KiB), so the writer meets the closed end
+    // whenever it starts writing.
+    let whole = lint(&[dir.path().as_os_str()]);
+    assert_eq!(whole.status.code(), Some(1));
+    assert!(whole.stdout.len() > 64 * 1024, "{}", whole.stdout.len());
+
+    let mut child = std::process::Command::new(CTL)
+        .args(["policy", "lint"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr, "1100 errors, 0 warnings\n");
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+}

@@ -256,6 +256,14 @@ impl Printed {
             ..Self::default()
         }
     }
+
+    /// Only `stderr`: an error, whose exit code [`cli_main`] picks.
+    fn err(stderr: String) -> Self {
+        Self {
+            stderr,
+            ..Self::default()
+        }
+    }
 }
 
 /// Where the operator credential and the trust bundle are.
@@ -537,7 +545,7 @@ fn offline_refusal(matches: &ArgMatches) -> Option<String> {
 /// printing the help or version asked for).
 fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
     let usage = |message: String| {
-        eprint!("{message}");
+        to_stderr(&message);
         ExitCode::from(EXIT_USAGE)
     };
     let clap_error = |e: clap::Error| match classify_clap_error(e) {
@@ -554,8 +562,14 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
     Cli::from_arg_matches_mut(&mut matches).map_err(|e| clap_error(e.format(&mut command)))
 }
 
+/// Exit code of `trellisctl` when the reader of its stdout went away before
+/// all was written (`trellisctl policy lint DIR | head -1`): what a shell
+/// reports for a command that `SIGPIPE` ended (128 + 13), as for `ls | head`.
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
+
 /// Runs `trellisctl` with `args` (argv, including a program name).
-/// Exit codes: 0 success, 64 usage error, 1 any other failure.
+/// Exit codes: 0 success, 64 usage error, 141 stdout closed by its reader
+/// ([`EXIT_STDOUT_CLOSED`]), 1 any other failure.
 pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let cli = match parse(args) {
         Ok(cli) => cli,
@@ -567,33 +581,57 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            to_stderr(&format!("error: cannot start the async runtime: {e}\n"));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(&cli)) {
+    let (printed, code) = match runtime.block_on(execute(&cli)) {
         Ok(printed) => {
-            print!("{}", printed.stdout);
-            eprint!("{}", printed.stderr);
-            if printed.failed {
+            let code = if printed.failed {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
-            }
+            };
+            (printed, code)
         }
-        Err(CtlError::Reported(report)) => {
-            eprint!("{report}");
-            ExitCode::FAILURE
-        }
-        Err(CtlError::Usage(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(EXIT_USAGE)
-        }
+        Err(CtlError::Reported(report)) => (Printed::err(report), ExitCode::FAILURE),
+        Err(CtlError::Usage(message)) => (
+            Printed::err(format!("error: {message}\n")),
+            ExitCode::from(EXIT_USAGE),
+        ),
+        Err(e) => (Printed::err(format!("error: {e}\n")), ExitCode::FAILURE),
+    };
+    finish(&printed, code)
+}
+
+/// Writes what a subcommand printed, stdout then stderr, and returns
+/// `code`, the exit code it earned; or [`EXIT_STDOUT_CLOSED`] if stdout's
+/// reader went away, with stdout cut short but stderr still written and no
+/// panic (`print!` panics on a closed pipe, as Rust ignores `SIGPIPE`); or
+/// 1 if stdout could not be written for another reason, said on stderr.
+fn finish(printed: &Printed, code: ExitCode) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(printed.stdout.as_bytes())
+        .and_then(|()| stdout.flush());
+    drop(stdout);
+    to_stderr(&printed.stderr);
+    match written {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {e}");
+            to_stderr(&format!("error: cannot write to stdout: {e}\n"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `text` to stderr; if that fails there is nowhere left to say so,
+/// and `trellisctl` ends with the exit code it has rather than a panic.
+fn to_stderr(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Text of several lines, each through [`escape_controls`], the line
