@@ -453,8 +453,9 @@ async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
 
 /// The marker annotation `trellis.io/injected` without the `trellis-proxy`
 /// container (copied by hand, or the container taken out by another
-/// webhook) is no sidecar: on a warning-only path the pod is recorded as
-/// admitted without one, and warned so; on `/inject`, a pod with our init
+/// webhook) is no sidecar, nor is the sidecar without our init container
+/// (nothing redirects traffic to it): on a warning-only path the pod is
+/// recorded as admitted without one, and warned so; on `/inject`, a pod with our init
 /// container but not the sidecar (which would redirect its traffic to
 /// nothing) is denied naming the missing container, and does not end its
 /// owner's entries.
@@ -482,6 +483,32 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
         .map(|(p, _)| p)
         .collect();
     assert_eq!(recorded, [web_admitted_with_ture()]);
+
+    // The sidecar without our init: nothing redirects traffic to it.
+    let proxy_only = pod_review("pod-already-injected.json", Some("ture"), &["trellis-init"]);
+    let (status, body) = call(
+        &webhook,
+        Method::POST,
+        "/inject/unknown-pod-label",
+        proxy_only,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        admitted_unchanged(&body),
+        json!([
+            "trellis: metadata.labels[trellis.io/inject] is \"ture\", neither \"enabled\" nor \
+             \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
+        ])
+    );
+    let recorded: Vec<_> = webhook
+        .uninjected
+        .recent()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(recorded, [web_admitted_with_ture()]);
+    assert_eq!(webhook.uninjected.injected_owners(), []);
 
     let init_only = pod_review("pod-already-injected.json", None, &["trellis-proxy"]);
     let (status, body) = call(&webhook, Method::POST, "/inject", init_only).await;

@@ -995,6 +995,34 @@ fn our_init_without_the_sidecar_is_refused() {
     assert_eq!(denial(&answer_for(&with_object(&review, pod))), says);
 }
 
+/// The sidecar without our init container (the init taken out of an
+/// injected pod by another mutating webhook or by hand) is never reached:
+/// nothing redirects the pod's traffic to it. The pod is refused naming the
+/// missing container, even opted out, rather than admitted looking meshed,
+/// and nothing records it as meshed. Real AdmissionReview documents
+/// (fixtures/k8s); no Kubernetes API server can run here.
+#[test]
+fn the_sidecar_without_our_init_is_refused() {
+    let review = fixture("pod-already-injected.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "trellis-init");
+    let says = "trellis: cannot inject: the pod has the container trellis-proxy but not \
+                trellis-init: nothing would redirect its traffic to the sidecar, so it would run \
+                outside the mesh; create it without trellis-proxy to have both injected";
+    assert_eq!(
+        denial(&answer_for(&with_object(&review, pod.clone()))),
+        says
+    );
+    let request = AdmissionRequest::parse(&body(&with_object(&review, pod.clone()))).unwrap();
+    let reviewed = respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, &config());
+    assert!(!reviewed.meshed, "recorded as meshed");
+    pod["metadata"]["annotations"]["trellis.io/inject"] = json!("disabled");
+    assert_eq!(denial(&answer_for(&with_object(&review, pod))), says);
+}
+
 /// The injected pod is a valid Pod for the Kubernetes API (native sidecar
 /// fields included), checked with `kubernetes-validate --strict` against the
 /// OpenAPI schemas of the oldest supported release and the one where native

@@ -148,7 +148,8 @@
 //! deny, a container runs as the sidecar's UID, by its own or the pod's
 //! `securityContext.runAsUser`, and would bypass it; under passthrough the
 //! pod is injected with a warning; [`InjectError::InitWithoutProxy`]: our
-//! init container without the sidecar). A pod that cannot
+//! init container without the sidecar; [`InjectError::ProxyWithoutInit`]:
+//! the sidecar without our init, so nothing reaches it). A pod that cannot
 //! be injected for another reason (no trust bundle configured, not a Pod)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy` (`Fail` by default there):
@@ -439,8 +440,8 @@ pub struct PodReview {
     /// warns about.
     pub unknown: Vec<UnknownInjectValue>,
     /// The pod is created with the sidecar: injected by this answer, or
-    /// before it ([`Skip::AlreadyInjected`] with the `trellis-proxy`
-    /// container); its owner runs in the mesh.
+    /// before it ([`Skip::AlreadyInjected`]: the `trellis-proxy` and
+    /// `trellis-init` containers); its owner runs in the mesh.
     pub meshed: bool,
 }
 
@@ -490,9 +491,9 @@ pub fn respond_pod_reporting(
                 ..answer(response, found)
             }
         }
-        // Our init container without the sidecar is no sidecar.
+        // Both our containers: one without the other is refused.
         Ok(Injection::Skipped(Skip::AlreadyInjected)) => PodReview {
-            meshed: has_sidecar(pod),
+            meshed: true,
             ..answer(allow, Vec::new())
         },
         Ok(Injection::Skipped(skip)) => {
@@ -543,12 +544,14 @@ fn deny_or_warn(
         // no policy; the denial shows as the ReplicaSet's FailedCreate.
         // Likewise a pod the mesh cannot serve as it is: a container on a
         // port of the sidecar's, one running as its UID under the outbound
-        // policy deny, our init without the sidecar.
+        // policy deny, our init without the sidecar or the sidecar without
+        // our init.
         e @ (InjectError::InvalidAnnotation { .. }
         | InjectError::InvalidLabel(_)
         | InjectError::PortClash { .. }
         | InjectError::ProxyUid { .. }
-        | InjectError::InitWithoutProxy) => {
+        | InjectError::InitWithoutProxy
+        | InjectError::ProxyWithoutInit) => {
             AdmissionResponse::deny(&request.uid, format!("trellis: cannot inject: {e}"))
         }
         // Not a pod (a webhook rule widened by hand): nothing runs outside
@@ -587,8 +590,8 @@ pub enum LabelAdmission {
 /// it runs without a sidecar; what was admitted so is returned for the
 /// server to count and record ([`UninjectedPods`]), by its owner at `now`
 /// (Unix seconds; see [`Owner::of`]). A pod that has the sidecar already
-/// (a `trellis-proxy` container: the marker annotation alone is not
-/// enough) is warned that it is injected all the same, and returned as
+/// (the `trellis-proxy` and `trellis-init` containers: the marker
+/// annotation alone is not enough) is warned that it is injected all the same, and returned as
 /// meshed. A pod whose label is
 /// known by the time it is reviewed (a webhook before this one changed it)
 /// gets no warning.

@@ -70,6 +70,12 @@ pub enum InjectError {
          both injected"
     )]
     InitWithoutProxy,
+    #[error(
+        "the pod has the container {PROXY_CONTAINER} but not {INIT_CONTAINER}: nothing would \
+         redirect its traffic to the sidecar, so it would run outside the mesh; create it without \
+         {PROXY_CONTAINER} to have both injected"
+    )]
+    ProxyWithoutInit,
 }
 
 /// Why a pod was left as it is.
@@ -79,8 +85,9 @@ pub enum Skip {
     OptedOut,
     /// Neither the namespace nor the pod opted in.
     NotEnabled,
-    /// Injected before: `trellis-proxy` or `trellis-init` is among its
-    /// containers (the marker annotation alone is not enough).
+    /// Injected before: `trellis-proxy` and `trellis-init` are among its
+    /// containers (the marker annotation alone is not enough; one without
+    /// the other is refused).
     AlreadyInjected,
     /// The pod shares the node's network namespace: iptables there would
     /// redirect the node's traffic. Its author is warned.
@@ -360,12 +367,17 @@ fn skip_reason(
     // by a later webhook, which re-invokes this one) has no sidecar, and
     // is injected as any other.
     // Our init without the sidecar redirects the pod's traffic to ports
-    // nothing listens on: no pod works so, whatever it asks.
-    if has_container(spec, INIT_CONTAINER) && !has_container(spec, PROXY_CONTAINER) {
-        return Err(InjectError::InitWithoutProxy);
-    }
-    if has_our_containers(spec) {
-        return Ok(Some(Skip::AlreadyInjected));
+    // nothing listens on: no pod works so, whatever it asks. The sidecar
+    // without our init (taken out by a later webhook, or by hand) is never
+    // reached: the pod would run outside the mesh, yet look injected.
+    match (
+        has_container(spec, INIT_CONTAINER),
+        has_container(spec, PROXY_CONTAINER),
+    ) {
+        (true, false) => return Err(InjectError::InitWithoutProxy),
+        (false, true) => return Err(InjectError::ProxyWithoutInit),
+        (true, true) => return Ok(Some(Skip::AlreadyInjected)),
+        (false, false) => {}
     }
     // The pod's own value that is neither `enabled` nor `disabled` is an
     // error, never a guess: "false" may mean opted out, and the pod's
@@ -430,15 +442,17 @@ fn parse_switch(value: &str) -> Option<bool> {
     }
 }
 
-/// Whether `pod` runs the sidecar: a container or init container named
-/// `trellis-proxy`. The marker annotation alone says nothing: it may have
-/// been copied by hand, or the container taken out by another webhook.
+/// Whether `pod` runs in the mesh: it has the containers (or init
+/// containers) `trellis-proxy` and `trellis-init`, the sidecar and what
+/// redirects the pod's traffic to it. The marker annotation alone says
+/// nothing: it may have been copied by hand, or the containers taken out
+/// by another webhook.
 pub(super) fn has_sidecar(pod: &Value) -> bool {
-    ["containers", "initContainers"].iter().any(|field| {
-        array(pod.get("spec").and_then(|spec| spec.get(*field)))
-            .iter()
-            .any(|c| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
-    })
+    pod.get("spec")
+        .and_then(Value::as_object)
+        .is_some_and(|spec| {
+            has_container(spec, PROXY_CONTAINER) && has_container(spec, INIT_CONTAINER)
+        })
 }
 
 fn has_container(spec: &Map<String, Value>, name: &str) -> bool {
@@ -456,15 +470,6 @@ fn all_containers(spec: &Map<String, Value>) -> impl Iterator<Item = &Value> {
                 .map(Vec::as_slice)
                 .unwrap_or_default()
         })
-}
-
-fn has_our_containers(spec: &Map<String, Value>) -> bool {
-    ["containers", "initContainers"].iter().any(|field| {
-        array(spec.get(*field)).iter().any(|c| {
-            matches!(c.get("name").and_then(Value::as_str),
-                     Some(name) if name == PROXY_CONTAINER || name == INIT_CONTAINER)
-        })
-    })
 }
 
 /// The containers that serve on the pod's ports: the app containers and
