@@ -424,9 +424,9 @@ fn rewrites_probes_of_the_pods_own_native_sidecars() {
 }
 
 /// A native sidecar of the pod running as the proxy's UID bypasses the mesh
-/// as an app container would: the warning names it, and not the ordinary
-/// init container that inherits the same UID. Real AdmissionReview
-/// (fixtures/k8s); no Kubernetes API server can run here.
+/// as an app container would, and so does an ordinary init container (it
+/// runs after the sidecar has started): the warning names both. Real
+/// AdmissionReview (fixtures/k8s); no Kubernetes API server can run here.
 #[test]
 fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
     let review = fixture("pod-native-sidecar-probes.json");
@@ -439,14 +439,15 @@ fn warns_when_a_native_sidecar_runs_as_the_proxy_uid() {
         &passthrough(),
     );
     assert!(patch_of(&reply).is_some());
-    let warnings = reply["response"]["warnings"].as_array().unwrap();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(
-        warnings[0]
-            .as_str()
-            .unwrap()
-            .contains("\"cloud-sql-proxy\""),
-        "{warnings:?}"
+    let says = |container: &str| {
+        format!(
+            "container \"{container}\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+             the sidecar"
+        )
+    };
+    assert_eq!(
+        reply["response"]["warnings"],
+        json!([says("cloud-sql-proxy"), says("migrate")])
     );
 }
 
@@ -807,26 +808,41 @@ fn envelope_rules() {
     assert!(e.to_string().contains("AdmissionReview"), "{e}");
 }
 
-/// An app container running as the proxy's UID would bypass the mesh:
-/// under the outbound policy passthrough the pod is injected, and the
-/// warning says so.
-/// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no
-/// Kubernetes API server can run here.
+/// A container running as the proxy's UID would bypass the mesh: under
+/// the outbound policy passthrough the pod is injected, and the warning
+/// names each such container, app and init alike (the same ones deny
+/// refuses). Real AdmissionReview documents (fixtures/k8s) as the API
+/// server sends them; no Kubernetes API server can run here.
 #[test]
 fn warns_when_an_app_runs_as_the_proxy_uid() {
     let review = fixture("pod-deployment-http-probes.json");
+    let warned = |pod: Value| {
+        let reply = answer(
+            &with_object(&review, pod),
+            NamespaceScope::SelectedByWebhook,
+            &passthrough(),
+        );
+        assert!(patch_of(&reply).is_some(), "{reply}");
+        reply["response"]["warnings"].clone()
+    };
+    let says = |container: &str| {
+        format!(
+            "container \"{container}\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+             the sidecar"
+        )
+    };
+    // "web" sets its own UID; "log-shipper" and the init container
+    // "wait-for-db" inherit the pod's.
     let mut pod = review["request"]["object"].clone();
     pod["spec"]["securityContext"]["runAsUser"] = json!(1337);
-    let reply = answer(
-        &with_object(&review, pod),
-        NamespaceScope::SelectedByWebhook,
-        &passthrough(),
+    assert_eq!(
+        warned(pod),
+        json!([says("log-shipper"), says("wait-for-db")])
     );
-    assert!(patch_of(&reply).is_some());
-    let warnings = reply["response"]["warnings"].as_array().unwrap();
-    // "web" sets its own UID; "log-shipper" inherits the pod's.
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].as_str().unwrap().contains("\"log-shipper\""));
+    // An ordinary init container alone, by its own UID.
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"][0]["securityContext"] = json!({"runAsUser": 1337});
+    assert_eq!(warned(pod), json!([says("wait-for-db")]));
 }
 
 fn passthrough() -> InjectConfig {

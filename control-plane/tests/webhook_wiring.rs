@@ -448,6 +448,8 @@ fn the_outbound_policy_decides_a_pod_running_as_the_sidecars_uid() {
         answer["response"]["warnings"],
         json!([
             "container \"log-shipper\" runs as UID 1337, the proxy's UID: its traffic bypasses \
+             the sidecar",
+            "container \"wait-for-db\" runs as UID 1337, the proxy's UID: its traffic bypasses \
              the sidecar"
         ])
     );

@@ -189,11 +189,7 @@ pub fn inject_pod(
         &hook_token,
     );
     warnings.extend(rewritten.warnings);
-    warnings.extend(proxy_uid_warnings(
-        spec,
-        serving_containers(spec),
-        config.proxy_uid,
-    ));
+    warnings.extend(proxy_uid_warnings(spec, config.proxy_uid));
 
     let mut init_containers = vec![
         init_container(config, &exclusions),
@@ -492,35 +488,48 @@ fn is_native_sidecar(container: &Value) -> bool {
     container.get("restartPolicy").and_then(Value::as_str) == Some("Always")
 }
 
-/// App containers (and the pod's own native sidecars) running as the
-/// proxy's UID bypass interception (init never redirects that UID): say so
-/// rather than silently leak. Only under the outbound policy passthrough:
-/// under deny [`check_proxy_uid`] has refused such a pod already.
-fn proxy_uid_warnings<'a>(
-    spec: &Map<String, Value>,
-    containers: impl Iterator<Item = &'a Value>,
-    proxy_uid: u32,
-) -> Vec<String> {
-    let pod_uid = spec
-        .get("securityContext")
-        .and_then(|s| s.get("runAsUser"))
-        .and_then(Value::as_u64);
-    containers
-        .filter(|c| {
-            let uid = c
-                .get("securityContext")
-                .and_then(|s| s.get("runAsUser"))
-                .and_then(Value::as_u64)
-                .or(pod_uid);
-            uid == Some(u64::from(proxy_uid))
-        })
-        .map(|c| {
-            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+/// Containers running as the proxy's UID bypass interception (init never
+/// redirects that UID): say so rather than silently leak. The same
+/// containers [`check_proxy_uid`] refuses under the outbound policy deny
+/// (app containers, native sidecars and ordinary init containers, which
+/// run after the sidecar has started); so only under passthrough.
+fn proxy_uid_warnings(spec: &Map<String, Value>, proxy_uid: u32) -> Vec<String> {
+    proxy_uid_containers(spec, proxy_uid)
+        .map(|(c, _)| {
+            let name = container_name(c);
             format!(
                 "container {name:?} runs as UID {proxy_uid}, the proxy's UID: its traffic bypasses the sidecar"
             )
         })
         .collect()
+}
+
+/// Every container of the pod (app, native sidecar or ordinary init
+/// container) that runs as `proxy_uid`, by its own
+/// `securityContext.runAsUser` or the pod's, with which one sets it. A UID
+/// the pod does not set (the image's `USER`) cannot be known here.
+fn proxy_uid_containers(
+    spec: &Map<String, Value>,
+    proxy_uid: u32,
+) -> impl Iterator<Item = (&Value, &'static str)> {
+    let proxy_uid = u64::from(proxy_uid);
+    let pod_uid = spec
+        .get("securityContext")
+        .and_then(|s| s.get("runAsUser"))
+        .and_then(Value::as_u64);
+    all_containers(spec).filter_map(move |container| {
+        let own = container
+            .get("securityContext")
+            .and_then(|s| s.get("runAsUser"))
+            .and_then(Value::as_u64);
+        let set_by = match own {
+            Some(uid) if uid == proxy_uid => "its securityContext.runAsUser",
+            Some(_) => return None,
+            None if pod_uid == Some(proxy_uid) => "the pod's securityContext.runAsUser",
+            None => return None,
+        };
+        Some((container, set_by))
+    })
 }
 
 /// Refuses a pod with a container that declares a TCP port the sidecar
@@ -566,29 +575,14 @@ fn check_proxy_uid(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(
     if config.outbound_policy != OutboundPolicy::Deny {
         return Ok(());
     }
-    let proxy_uid = u64::from(config.proxy_uid);
-    let pod_uid = spec
-        .get("securityContext")
-        .and_then(|s| s.get("runAsUser"))
-        .and_then(Value::as_u64);
-    for container in all_containers(spec) {
-        let own = container
-            .get("securityContext")
-            .and_then(|s| s.get("runAsUser"))
-            .and_then(Value::as_u64);
-        let set_by = match own {
-            Some(uid) if uid == proxy_uid => "its securityContext.runAsUser",
-            Some(_) => continue,
-            None if pod_uid == Some(proxy_uid) => "the pod's securityContext.runAsUser",
-            None => continue,
-        };
-        return Err(InjectError::ProxyUid {
+    match proxy_uid_containers(spec, config.proxy_uid).next() {
+        Some((container, set_by)) => Err(InjectError::ProxyUid {
             container: container_name(container),
             uid: config.proxy_uid,
             set_by,
-        });
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn container_name(container: &Value) -> String {
