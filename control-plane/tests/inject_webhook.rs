@@ -885,8 +885,20 @@ fn under_outbound_deny_a_container_running_as_the_proxy_uid_is_refused() {
         denial(&reply),
         says("log-shipper", "the pod's securityContext.runAsUser")
     );
-    // The failure policy Ignore does not admit it.
-    assert_eq!(config().failure_policy, FailurePolicy::Ignore);
+    // The failure policy Ignore does not admit it either.
+    let ignore = InjectConfig {
+        failure_policy: FailurePolicy::Ignore,
+        ..config()
+    };
+    let reply = answer(
+        &with_object(&review, pod.clone()),
+        NamespaceScope::SelectedByWebhook,
+        &ignore,
+    );
+    assert_eq!(
+        denial(&reply),
+        says("log-shipper", "the pod's securityContext.runAsUser")
+    );
     // Moved off that UID, the sidecar gets the pod, running as the new one.
     let moved = InjectConfig {
         proxy_uid: 2102,

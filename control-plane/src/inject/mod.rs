@@ -153,9 +153,10 @@
 //! be injected for another reason (no trust bundle configured, not a Pod)
 //! follows [`InjectConfig::failure_policy`], which the chart sets from the
 //! same value as the webhook's `failurePolicy` (`Fail` by default there):
-//! `Ignore` (the default of a settings file that names none) admits it
-//! unchanged with a warning that `kubectl` prints; `Fail` denies it with the
-//! message.
+//! `Ignore` admits it unchanged with a warning that `kubectl` prints; `Fail`
+//! (also the default of a settings file that names none) denies it with the
+//! message. An object that is not a Pod is admitted with a warning whatever
+//! the policy.
 //!
 //! The patch is a few `add` operations on whole fields
 //! (`/metadata/annotations`, `/spec/initContainers`, `/spec/containers`,
