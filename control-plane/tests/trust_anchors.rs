@@ -355,6 +355,8 @@ fn retiring_root(lifetime: ::time::Duration, id: &str) -> (String, Svid) {
     let key = p256();
     let mut leaf = CertificateParams::default();
     leaf.subject_alt_names = vec![uri(id)];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     leaf.not_before = now - ::time::Duration::minutes(1);
     leaf.not_after = now + ::time::Duration::hours(1);

@@ -76,6 +76,42 @@ pub enum SvidError {
     ExpiredRoot { subject: String, not_after: String },
     #[error("every root of the trust bundle has expired, the last {not_after}")]
     RootsExpired { not_after: String },
+    #[error(
+        "{id} is the trust domain's own ID; an X.509-SVID names a workload, whose ID has a path"
+    )]
+    NoPath { id: SpiffeId },
+    #[error(
+        "the certificate {0}; an X.509-SVID leaf's keyUsage holds digitalSignature and neither keyCertSign nor cRLSign"
+    )]
+    KeyUsage(&'static str),
+    #[error("the certificate {0}; an X.509-SVID leaf carries basicConstraints with cA false")]
+    BasicConstraints(&'static str),
+    #[error("a CA certificate was presented as the leaf; an X.509-SVID leaf is not a CA")]
+    CaAsLeaf,
+    #[error("a leaf certificate signed another certificate of the chain; only a CA may")]
+    LeafAsCa,
+}
+
+impl SvidError {
+    /// Names the refusal for metrics and logs with a short, bounded label,
+    /// as [`failure_reason`] names the handshake failure it ends.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SvidError::UnexpectedId { .. } => "unexpected_identity",
+            SvidError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. } => "expired_root",
+            SvidError::OutsideValidity { .. } => "expired_certificate",
+            SvidError::NoPath { .. } => "trust_domain_id",
+            SvidError::KeyUsage(_) => "svid_key_usage",
+            SvidError::BasicConstraints(_) => "svid_basic_constraints",
+            SvidError::CaAsLeaf => "ca_used_as_leaf",
+            SvidError::LeafAsCa => "leaf_used_as_ca",
+            SvidError::Malformed(_)
+            | SvidError::UriSanCount(_)
+            | SvidError::InvalidId(_)
+            | SvidError::NoCertificate => "invalid_svid",
+        }
+    }
 }
 
 /// The SPIFFE ID held in a certificate's single URI SAN.
@@ -106,6 +142,45 @@ fn id_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Result<Spiff
     }
 }
 
+/// The SPIFFE ID of an X.509-SVID leaf, which must be shaped as the
+/// X.509-SVID specification has it: a workload's ID (with a path), a
+/// keyUsage with digitalSignature and neither keyCertSign nor cRLSign, and
+/// basicConstraints with cA false. webpki checks none of these on a leaf
+/// but the last's cA.
+pub fn leaf_spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
+    leaf_id_in(&parse(cert)?)
+}
+
+fn leaf_id_in(
+    parsed: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<SpiffeId, SvidError> {
+    let id = id_in(parsed)?;
+    if id.path().is_empty() {
+        return Err(SvidError::NoPath { id });
+    }
+    match parsed.key_usage() {
+        Ok(Some(usage)) if !usage.value.digital_signature() => {
+            return Err(SvidError::KeyUsage(
+                "has a keyUsage without digitalSignature",
+            ));
+        }
+        Ok(Some(usage)) if usage.value.key_cert_sign() || usage.value.crl_sign() => {
+            return Err(SvidError::KeyUsage(
+                "has a keyUsage with keyCertSign or cRLSign, a CA's",
+            ));
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(SvidError::KeyUsage("has no keyUsage")),
+        Err(e) => return Err(SvidError::Malformed(e.to_string())),
+    }
+    match parsed.basic_constraints() {
+        Ok(Some(constraints)) if constraints.value.ca => Err(SvidError::CaAsLeaf),
+        Ok(Some(_)) => Ok(id),
+        Ok(None) => Err(SvidError::BasicConstraints("has no basicConstraints")),
+        Err(e) => Err(SvidError::Malformed(e.to_string())),
+    }
+}
+
 /// The SPIFFE ID of the peer of an established TLS connection, whose
 /// certificate must be valid now.
 ///
@@ -127,7 +202,7 @@ pub fn peer_svid(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<(SpiffeId,
         .and_then(|c| c.first())
         .ok_or(SvidError::NoCertificate)?;
     let parsed = parse(leaf)?;
-    let id = id_in(&parsed)?;
+    let id = leaf_id_in(&parsed)?;
     let (not_before, not_after) = period(&parsed);
     within_validity(not_before, not_after)?;
     Ok((id, not_before))
@@ -347,6 +422,28 @@ fn no_path(result: &Result<(), rustls::Error>) -> bool {
     )
 }
 
+/// webpki's refusals of a chain whose certificates play the wrong part, as
+/// the SVID checks' own errors: rustls would write them as webpki's
+/// `Debug` (`Other(OtherError(CaUsedAsEndEntity))`).
+fn in_words(e: rustls::Error) -> rustls::Error {
+    match &e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            as_svid_error(other).map_or(e, svid_error)
+        }
+        _ => e,
+    }
+}
+
+/// The SVID check's error a webpki refusal amounts to, if it is one of
+/// those of a certificate playing the wrong part.
+fn as_svid_error(other: &OtherError) -> Option<SvidError> {
+    match other.0.downcast_ref::<webpki::Error>()? {
+        webpki::Error::CaUsedAsEndEntity => Some(SvidError::CaAsLeaf),
+        webpki::Error::EndEntityUsedAsCa => Some(SvidError::LeafAsCa),
+        _ => None,
+    }
+}
+
 fn svid_error(e: SvidError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
@@ -432,8 +529,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         {
             return Err(svid_error(expired));
         }
-        verified?;
-        let found = spiffe_id_of(end_entity).map_err(svid_error)?;
+        verified.map_err(in_words)?;
+        let found = leaf_spiffe_id(end_entity).map_err(svid_error)?;
         match &self.expected {
             ExpectedServer::Exact(expected) if &found != expected => {
                 Err(svid_error(SvidError::UnexpectedId {
@@ -601,8 +698,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         {
             return Err(svid_error(expired));
         }
-        verified?;
-        let found = spiffe_id_of(end_entity).map_err(svid_error)?;
+        verified.map_err(in_words)?;
+        let found = leaf_spiffe_id(end_entity).map_err(svid_error)?;
         if !found.is_member_of(&self.trust_domain) {
             return Err(svid_error(SvidError::ForeignTrustDomain {
                 found,
@@ -647,9 +744,13 @@ impl fmt::Display for Described<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
             rustls_error(self.0)
-            && let Some(svid) = other.0.downcast_ref::<SvidError>()
         {
-            return write!(f, "invalid peer certificate: {svid}");
+            if let Some(svid) = other.0.downcast_ref::<SvidError>() {
+                return write!(f, "invalid peer certificate: {svid}");
+            }
+            if let Some(svid) = as_svid_error(other) {
+                return write!(f, "invalid peer certificate: {svid}");
+            }
         }
         fmt::Display::fmt(self.0, f)
     }
@@ -672,13 +773,11 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
         E::NoCertificatesPresented => "no_client_certificate",
         E::InvalidCertificate(CertificateError::Other(other)) => {
             match other.0.downcast_ref::<SvidError>() {
-                Some(SvidError::UnexpectedId { .. }) => "unexpected_identity",
-                Some(SvidError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
-                Some(SvidError::ExpiredRoot { .. } | SvidError::RootsExpired { .. }) => {
-                    "expired_root"
-                }
-                Some(_) => "invalid_svid",
-                None => "invalid_certificate",
+                Some(svid) => svid.reason(),
+                None => match as_svid_error(other) {
+                    Some(svid) => svid.reason(),
+                    None => "invalid_certificate",
+                },
             }
         }
         E::InvalidCertificate(CertificateError::Expired)

@@ -224,6 +224,51 @@ async fn refuses_a_certificate_from_another_ca() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
+/// A caller whose certificate chains to the bundle but is not shaped as
+/// an X.509-SVID leaf is refused before the app, counted under what is
+/// wrong with it.
+#[tokio::test]
+async fn refuses_a_certificate_that_is_not_an_svid_leaf() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound(
+        app.addr,
+        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
+    )
+    .await;
+    let client = id("/ns/a/sa/client");
+    let td_id = trellis_core::SpiffeId::parse(&format!("spiffe://{TD}")).unwrap();
+    let cases = [
+        (
+            ca.leaf_shaped(&client, |p| p.key_usages = vec![]),
+            "svid_key_usage",
+        ),
+        (
+            ca.leaf_shaped(&client, |p| p.is_ca = rcgen::IsCa::NoCa),
+            "svid_basic_constraints",
+        ),
+        (ca.leaf_shaped(&td_id, |_| {}), "trust_domain_id"),
+        (
+            ca.leaf_shaped(&client, |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+            "ca_used_as_leaf",
+        ),
+        (ca.leaf_under_leaf(&client), "leaf_used_as_ca"),
+    ];
+    for (presented, reason) in cases {
+        let config = ca.client_config_presenting(Some(presented));
+        if let Ok(mut stream) = tls_connect(inbound.addr, config).await {
+            assert!(round_trip(&mut stream, b"hello").await.is_err());
+        }
+        eventually(&format!("a {reason} failure is counted"), || {
+            failures(&inbound.metrics, reason)
+        })
+        .await;
+    }
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
 #[tokio::test]
 async fn refuses_everything_before_the_first_certificate() {
     let ca = Ca::new();

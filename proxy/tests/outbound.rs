@@ -141,6 +141,88 @@ async fn a_route_refuses_a_server_presenting_another_identity() {
     .await;
 }
 
+/// A server whose certificate chains to the bundle and carries the
+/// route's ID but is not shaped as an X.509-SVID leaf is refused: the app
+/// calling is told what is wrong in words, counted under its own reason.
+#[tokio::test]
+async fn a_route_refuses_a_server_whose_certificate_is_not_an_svid_leaf() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let key_usage = "an X.509-SVID leaf's keyUsage holds digitalSignature and neither \
+                     keyCertSign nor cRLSign";
+    let td_id = SpiffeId::parse(&format!("spiffe://{TD}")).unwrap();
+    let cases = [
+        (
+            ca.leaf_shaped(&server, |p| p.key_usages = vec![]),
+            server.clone(),
+            format!("the certificate has no keyUsage; {key_usage} (svid_key_usage)"),
+        ),
+        (
+            ca.leaf_shaped(&server, |p| {
+                p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+            }),
+            server.clone(),
+            format!(
+                "the certificate has a keyUsage without digitalSignature; {key_usage} \
+                 (svid_key_usage)"
+            ),
+        ),
+        (
+            ca.leaf_shaped(&server, |p| p.is_ca = rcgen::IsCa::NoCa),
+            server.clone(),
+            "the certificate has no basicConstraints; an X.509-SVID leaf carries \
+             basicConstraints with cA false (svid_basic_constraints)"
+                .to_owned(),
+        ),
+        (
+            ca.leaf_shaped(&td_id, |_| {}),
+            td_id.clone(),
+            format!(
+                "{td_id} is the trust domain's own ID; an X.509-SVID names a workload, whose \
+                 ID has a path (trust_domain_id)"
+            ),
+        ),
+        (
+            ca.leaf_shaped(&server, |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+            server.clone(),
+            "a CA certificate was presented as the leaf; an X.509-SVID leaf is not a CA \
+             (ca_used_as_leaf)"
+                .to_owned(),
+        ),
+        (
+            ca.leaf_under_leaf(&server),
+            server.clone(),
+            "a leaf certificate signed another certificate of the chain; only a CA may \
+             (leaf_used_as_ca)"
+                .to_owned(),
+        ),
+    ];
+    for ((chain, key), presented, why) in cases {
+        let svid = trellis_proxy::identity::Svid::new(&presented, chain, key).unwrap();
+        let inbound = inbound(app.addr, ca.tls_state(&svid, &[])).await;
+        let client = shared(
+            &ca,
+            &id("/ns/a/sa/client"),
+            std::slice::from_ref(&presented),
+        );
+        let (local, _shutdown) = route(client.clone(), presented, inbound.addr).await;
+        let answer = http_call(local).await;
+        let to = inbound.addr;
+        assert!(
+            answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+                && answer.ends_with(&format!(
+                    "\r\n\r\ntrellis: outbound call to {to} refused: dialling {to}: \
+                     handshake: invalid peer certificate: {why}\n"
+                )),
+            "{answer}"
+        );
+    }
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
 /// Sends an HTTP/1 request to `local` and returns what came back.
 async fn http_call(local: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -494,10 +494,7 @@ pub async fn serve(
                 // A full handshake's verifier has checked the SVID already; a
                 // resumed session's certificate is checked only here, and one
                 // that has expired since the session began is refused.
-                let reason = match e {
-                    trellis_core::tls::SvidError::OutsideValidity { .. } => "expired_certificate",
-                    _ => "invalid_svid",
-                };
+                let reason = e.reason();
                 return shared.refuse(client, reason, Some(&e), HANDSHAKE_FAILED);
             }
         };

@@ -35,6 +35,8 @@ pub mod tickets;
 
 #[cfg(test)]
 mod expired_roots;
+#[cfg(test)]
+mod svid_shape;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -127,6 +127,9 @@ impl Identity for Service {
         // Backdated like a real CA: renewal must count from receipt.
         csr.params.not_before = now - time::Duration::minutes(5);
         csr.params.not_after = now + self.cert_ttl;
+        // A leaf as the X.509-SVID specification has it, as a real CA signs.
+        csr.params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let cert = self.ca.sign(&csr);
         let mut trust_bundle = vec![self.root.to_vec()];
         let seen = self.seen.lock().unwrap();

@@ -114,10 +114,49 @@ impl Ca {
         id: &SpiffeId,
         lifetime: time::Duration,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (params, key) = Self::leaf_params(id, lifetime);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], der)
+    }
+
+    /// A leaf for `id` as [`Ca::leaf`] makes one, its fields changed by
+    /// `shape` first (to make it other than an X.509-SVID leaf).
+    pub fn leaf_shaped(
+        &self,
+        id: &SpiffeId,
+        shape: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (mut params, key) = Self::leaf_params(id, time::Duration::hours(1));
+        shape(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], der)
+    }
+
+    /// A leaf for `id` signed by another leaf of this CA: the chain of both.
+    pub fn leaf_under_leaf(
+        &self,
+        id: &SpiffeId,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (mut signer, signer_key) = Self::leaf_params(id, time::Duration::hours(1));
+        signer
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "a leaf");
+        let signer_cert = signer.signed_by(&signer_key, &self.issuer).unwrap();
+        let signer = rcgen::Issuer::new(signer, signer_key);
+        let (params, key) = Self::leaf_params(id, time::Duration::hours(1));
+        let cert = params.signed_by(&key, &signer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone(), signer_cert.der().clone()], der)
+    }
+
+    fn leaf_params(id: &SpiffeId, lifetime: time::Duration) -> (CertificateParams, KeyPair) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -126,9 +165,7 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + lifetime;
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (vec![cert.der().clone()], der)
+        (params, key)
     }
 
     pub fn svid(&self, id: &SpiffeId) -> Svid {
@@ -144,6 +181,15 @@ impl Ca {
     /// A plain rustls client presenting `client` (if any) and accepting any
     /// server chained to `roots`.
     pub fn client_config(&self, client: Option<(&Ca, &SpiffeId)>) -> Arc<rustls::ClientConfig> {
+        self.client_config_presenting(client.map(|(ca, id)| ca.leaf(id)))
+    }
+
+    /// As [`Ca::client_config`], presenting `client`'s chain and key as
+    /// they are.
+    pub fn client_config_presenting(
+        &self,
+        client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Arc<rustls::ClientConfig> {
         let roots = trellis_core::tls::root_store(&[self.root()]).unwrap();
         let verifier = trellis_core::tls::SpiffeServerVerifier::new(
             roots,
@@ -155,10 +201,7 @@ impl Ca {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier));
         let config = match client {
-            Some((ca, id)) => {
-                let (chain, key) = ca.leaf(id);
-                builder.with_client_auth_cert(chain, key).unwrap()
-            }
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
             None => builder.with_no_client_auth(),
         };
         Arc::new(config)
