@@ -108,10 +108,16 @@ pub enum InvalidSvid {
     Svid(#[from] trellis_core::tls::SvidError),
     #[error("the key is unusable: {0}")]
     Key(rustls::Error),
+    #[error(
+        "the leaf's public key is not that of this sidecar's private key (the certificate was \
+         not issued for the CSR this sidecar sent)"
+    )]
+    KeyMismatch,
 }
 
 impl Svid {
-    /// Checks that `chain` is an SVID for `expected` and pairs it with `key`.
+    /// Checks that `chain` is an SVID for `expected`, valid now, whose leaf
+    /// holds the public half of `key`, and pairs it with `key`.
     pub fn new(
         expected: &SpiffeId,
         chain: Vec<CertificateDer<'static>>,
@@ -136,13 +142,25 @@ impl Svid {
             .tbs_certificate
             .raw_serial_as_string()
             .replace(':', "");
+        trellis_core::tls::within_validity(
+            parsed.validity().not_before.timestamp(),
+            parsed.validity().not_after.timestamp(),
+        )?;
         let signing = trellis_core::tls::provider()
             .key_provider
             .load_private_key(key)
             .map_err(InvalidSvid::Key)?;
+        let certified = CertifiedKey::new(chain, signing);
+        // A leaf for another key would be presented in every handshake and
+        // fail each one at its signature, while this sidecar reads as ready.
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            certified.keys_match()
+        {
+            return Err(InvalidSvid::KeyMismatch);
+        }
         Ok(Svid {
             id,
-            certified: Arc::new(CertifiedKey::new(chain, signing)),
+            certified: Arc::new(certified),
             not_before,
             not_after,
             serial,
@@ -617,6 +635,66 @@ mod tests {
         match &sans[0] {
             SanType::URI(uri) => assert_eq!(uri.as_str(), id.as_str()),
             other => panic!("unexpected SAN {other:?}"),
+        }
+    }
+
+    /// A leaf for `id` signed by a throwaway CA, for the key of `csr_key`,
+    /// valid from `not_before` to `not_after` (minutes from now).
+    fn leaf(
+        id: &SpiffeId,
+        csr_key: &KeyPair,
+        not_before: i64,
+        not_after: i64,
+    ) -> CertificateDer<'static> {
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::Issuer::new(ca, ca_key);
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::minutes(not_before);
+        params.not_after = now + time::Duration::minutes(not_after);
+        params.signed_by(csr_key, &ca).unwrap().der().clone()
+    }
+
+    fn pkcs8(key: &KeyPair) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
+    }
+
+    /// A Certify answer the sidecar could not present is refused, naming
+    /// why, so the current certificate stays: a leaf for another key, or
+    /// one outside its dates.
+    #[test]
+    fn a_certificate_for_another_key_or_outside_its_dates_is_refused() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let (mine, other) = (
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+        );
+        assert!(Svid::new(&id, vec![leaf(&id, &mine, -1, 60)], pkcs8(&mine)).is_ok());
+
+        let refused = Svid::new(&id, vec![leaf(&id, &other, -1, 60)], pkcs8(&mine)).unwrap_err();
+        assert_eq!(
+            CertifyError::from(refused).to_string(),
+            "Certify answered an unusable certificate: the leaf's public key is not that of \
+             this sidecar's private key (the certificate was not issued for the CSR this \
+             sidecar sent)"
+        );
+        for (not_before, not_after) in [(-120, -60), (60, 120)] {
+            let refused = Svid::new(
+                &id,
+                vec![leaf(&id, &mine, not_before, not_after)],
+                pkcs8(&mine),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                refused.starts_with("the certificate is outside its validity period (not before "),
+                "{refused}"
+            );
         }
     }
 }
