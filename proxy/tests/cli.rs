@@ -72,6 +72,18 @@ fn invalid_flags_exit_64_naming_the_flag() {
         (&["--control-plane", "::1:15012"], "--control-plane"),
         (&["--control-plane", "cp:15012/path"], "--control-plane"),
         (&["--no-such-flag"], "--no-such-flag"),
+        // A plaintext listener off loopback would lend the identity.
+        (
+            &[
+                "--route",
+                "0.0.0.0:9000=spiffe://td.test/ns/b/sa/c@10.0.0.2:15006",
+            ],
+            "--allow-non-loopback-listeners",
+        ),
+        (
+            &["--outbound", "0.0.0.0:15001"],
+            "--allow-non-loopback-listeners",
+        ),
     ];
     let [bundle_flag, bundle, token_flag, token] = common::sidecar::credential_flags();
     for (extra, flag) in cases {

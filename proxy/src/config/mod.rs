@@ -101,6 +101,12 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub routes: Vec<String>,
+    /// Let --route and --outbound listen on an address other than
+    /// loopback. Such a listener lends this sidecar's identity to every
+    /// client that reaches it: each connection it accepts, from any host,
+    /// leaves over mTLS as this workload.
+    #[arg(long, env = "TRELLIS_ALLOW_NON_LOOPBACK_LISTENERS")]
+    pub allow_non_loopback_listeners: bool,
     /// Admin listener: /live /ready /metrics, /config (loopback peers only)
     /// and the app's probes and hooks under /app-health/.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15020")]
@@ -455,6 +461,27 @@ impl Config {
                 }
             }
         }
+        // A plaintext listener leaves over mTLS as this workload, asking
+        // its clients nothing: off loopback, any host that reaches it would
+        // be served under this sidecar's identity.
+        if !args.allow_non_loopback_listeners {
+            let outbound = outbound.iter().map(|l| ("outbound", l.addr, String::new()));
+            let routes = routes.iter().map(|r| ("route", r.local, format!("{r}: ")));
+            if let Some((flag, addr, route)) = outbound
+                .chain(routes)
+                .find(|(_, addr, _)| !addr.ip().to_canonical().is_loopback())
+            {
+                return Err(invalid(
+                    flag,
+                    format_args!(
+                        "{route}{addr} is not a loopback address: every client that reaches it \
+                         would be served under this sidecar's identity; listen on 127.0.0.1 or \
+                         [::1], or pass --allow-non-loopback-listeners to lend the identity to \
+                         every client that reaches it"
+                    ),
+                ));
+            }
+        }
         let advertise_addresses = listen::advertise(&args.advertise_address, &inbound)?;
         let drain_timeout = trellis_core::duration::parse(&args.drain_timeout)
             .map_err(|e| invalid("drain-timeout", e))?;
@@ -698,6 +725,55 @@ mod tests {
             args(&[
                 "--route",
                 "127.0.0.1:9000=spiffe://td/ns/b/sa/c@localhost:9000"
+            ])
+            .is_ok()
+        );
+    }
+
+    /// A plaintext listener off loopback would lend this sidecar's
+    /// identity to any host reaching it: refused at start naming the flag,
+    /// the address and the way out, unless the operator opts in.
+    #[test]
+    fn refuses_a_plaintext_listener_off_loopback_unless_told_to_allow_it() {
+        let way_out = "is not a loopback address: every client that reaches it would be \
+                       served under this sidecar's identity; listen on 127.0.0.1 or [::1], or \
+                       pass --allow-non-loopback-listeners to lend the identity to every client \
+                       that reaches it";
+        let route = "0.0.0.0:9000=spiffe://td/ns/b/sa/c@10.0.0.2:15006";
+        let e = args(&["--route", route]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("invalid --route: {route}: 0.0.0.0:9000 {way_out}")
+        );
+        let e = args(&["--outbound", "127.0.0.1:15001,10.0.0.1:15001"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("invalid --outbound: 10.0.0.1:15001 {way_out}")
+        );
+        let e = args(&["--outbound", "[::]:15001"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("invalid --outbound: [::]:15001 {way_out}")
+        );
+
+        let opted_in = [
+            "--allow-non-loopback-listeners",
+            "--route",
+            route,
+            "--outbound",
+            "0.0.0.0:15001",
+        ];
+        let c = args(&opted_in).unwrap();
+        assert_eq!(c.routes[0].to_string(), route);
+        // Loopback of either family, IPv4 as IPv6 included, needs nothing.
+        assert!(
+            args(&[
+                "--route",
+                "[::1]:9000=spiffe://td/ns/b/sa/c@10.0.0.2:15006",
+                "--route",
+                "[::ffff:127.0.0.1]:9001=spiffe://td/ns/b/sa/c@10.0.0.2:15006",
+                "--outbound",
+                "127.0.0.2:15001",
             ])
             .is_ok()
         );
