@@ -462,7 +462,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         webhook = %webhook_addr,
         trust_domain = %config.trust_domain,
         store = ?config.store,
-        state_dir = %config.state_dir.display(),
+        state_dir = %crate::escape::shown(&config.state_dir),
         trust_reported_addresses = config.trust_reported_addresses,
         "control plane ready"
     );
@@ -480,7 +480,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         _ = sigint.recv() => "SIGINT",
         reason = database_failed => {
             failed = Some(RunError::DatabaseFailed {
-                path: dir.path(DB_FILE).display().to_string(),
+                path: crate::escape::shown(&dir.path(DB_FILE)),
                 reason,
             });
             "none (a failed database write)"

@@ -321,6 +321,32 @@ fn paths_in_configuration_errors_are_said_escaped() {
         "{stderr:?}"
     );
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    // A database that cannot be opened (its path is a directory) in a state
+    // dir whose path holds a newline and ESC: the start fails, exit 1.
+    let (dirty, dirty_shown) = path("state\n\x1b[2J");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dirty)
+            .unwrap();
+    }
+    std::fs::create_dir(std::path::Path::new(&dirty).join("trellis.redb")).unwrap();
+    let out = Command::new(CP)
+        .arg("--state-dir")
+        .arg(&dirty)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove("TRELLIS_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("error: database {dirty_shown}/trellis.redb: ")),
+        "{stderr:?}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
 }
 
 /// A start that fails once the flags are accepted (here on a state dir

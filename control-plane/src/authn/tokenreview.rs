@@ -473,7 +473,7 @@ impl TokenReviewer {
             match read_bearer(&self.token_file) {
                 Ok(token) => bearer.token = token,
                 Err(message) => tracing::warn!(
-                    file = %self.token_file.display(),
+                    file = %shown(&self.token_file),
                     error = %message,
                     "cannot re-read the Kubernetes API token; keeping the last one"
                 ),

@@ -102,7 +102,7 @@ pub fn open_ca(
                 // silently replacing.
                 dir.write_atomic(CA_KEY, key_pem.as_bytes(), Secrecy::Secret)?;
                 dir.write_atomic(CA_CERT, cert_pem.as_bytes(), Secrecy::Public)?;
-                tracing::info!(cert = %dir.path(CA_CERT).display(), "generated a new root CA");
+                tracing::info!(cert = %shown(&dir.path(CA_CERT)), "generated a new root CA");
                 ca
             }
             (Some(_), None) => {
@@ -365,11 +365,11 @@ pub fn ensure_admin_credential(
         let fresh =
             leaf.validity().not_after.to_datetime() > ::time::OffsetDateTime::now_utc() + margin;
         if !key_matches(&leaf, &key) {
-            tracing::warn!(cert = %cred.cert.display(), key = %cred.key.display(), "operator certificate and key do not belong together; issuing a new pair");
+            tracing::warn!(cert = %shown(&cred.cert), key = %shown(&cred.key), "operator certificate and key do not belong together; issuing a new pair");
         } else if fresh && signed_by_ca(&leaf, ca) {
             return Ok(cred);
         } else {
-            tracing::info!(cert = %cred.cert.display(), "operator credential expired or from another CA; issuing a new one");
+            tracing::info!(cert = %shown(&cred.cert), "operator credential expired or from another CA; issuing a new one");
         }
     }
     let admin = SpiffeId::admin(ca.trust_domain());

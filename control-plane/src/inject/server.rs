@@ -217,7 +217,7 @@ impl ServingFiles {
             match load(&self.cert, &self.key) {
                 Ok(loaded) => {
                     tracing::info!(
-                        cert = %self.cert.display(),
+                        cert = %crate::escape::shown(&self.cert),
                         not_after = loaded.not_after,
                         "webhook certificate reloaded"
                     );

@@ -54,6 +54,7 @@ use super::{
     IssuedCertRecord, JoinToken, PolicyOutcome, Position, Revocation, Store, StoreError,
     TokenClaim, WorkloadRecord, same_content,
 };
+use crate::escape::shown;
 use crate::unix_now;
 
 /// The database file name inside the state dir.
@@ -122,7 +123,7 @@ pub struct WriteFailure {
 impl WriteFailure {
     fn new(path: &Path) -> Self {
         Self {
-            path: path.display().to_string(),
+            path: shown(path),
             reason: tokio::sync::watch::Sender::new(None),
         }
     }
@@ -179,7 +180,7 @@ impl EmbeddedStore {
     /// newest `retained` issuances.
     pub(crate) fn open_retaining(path: &Path, retained: u64) -> Result<Self, StoreError> {
         let database_error = |reason: String| StoreError::Database {
-            path: path.display().to_string(),
+            path: shown(path),
             reason,
         };
         let db = Arc::new(Database::create(path).map_err(|e| database_error(e.to_string()))?);
@@ -187,7 +188,7 @@ impl EmbeddedStore {
         let epoch = new_epoch();
         let issuances = issuance::IssuanceWriter::start(
             db.clone(),
-            path.display().to_string(),
+            shown(path),
             retained,
             epoch,
             failure.clone(),
@@ -216,7 +217,7 @@ impl EmbeddedStore {
             issuance::prune_log(&mut log, retained)?;
             if moved > 0 {
                 tracing::info!(
-                    path = %path.display(),
+                    path = %shown(path),
                     moved,
                     kept = log.len()?,
                     "moved the issued-certificate log to its bounded table"
@@ -229,7 +230,7 @@ impl EmbeddedStore {
 
     fn db_error(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Database {
-            path: self.path.display().to_string(),
+            path: shown(&self.path),
             reason: e.to_string(),
         }
     }

@@ -324,6 +324,7 @@ pub enum TokenRefusal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `path` is as errors name a path ([`crate::escape::shown`]).
     #[error("database {path}: {reason}")]
     Database { path: String, reason: String },
     #[error("database record {what} is corrupt: {reason}")]

@@ -184,7 +184,7 @@ fn kept_before(e: StoreError, applied: &AppliedDocuments) -> StoreError {
 /// kubelet rotates it).
 pub fn client(api: &KubeApi) -> Result<Client, KubeStoreError> {
     let ca_error = |message: String| KubeStoreError::Ca {
-        path: api.ca.display().to_string(),
+        path: crate::escape::shown(&api.ca),
         message,
     };
     let pem = std::fs::read(&api.ca)
@@ -916,5 +916,31 @@ impl Store for KubernetesStore {
             // Revocations are refused here: sidecars are sent none.
             revocations: Vec::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_that_cannot_be_read_is_named_with_its_path_escaped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("gone\n\x1b[2J.crt");
+        let api = KubeApi {
+            url: "https://127.0.0.1:6443".parse().unwrap(),
+            ca,
+            token_file: tmp.path().join("token"),
+        };
+        let Err(error) = client(&api) else {
+            panic!("a CA that cannot be read makes no client")
+        };
+        let error = error.to_string();
+        let shown = tmp.path().join("gone\\n\\u{1b}[2J.crt");
+        assert!(
+            error.starts_with(&format!("Kubernetes API CA {}: ", shown.display())),
+            "{error:?}"
+        );
+        assert!(!error.contains('\x1b'), "{error:?}");
     }
 }
