@@ -621,6 +621,44 @@ fn a_pod_marked_injected_without_the_sidecar_is_injected() {
     );
 }
 
+/// Probes an earlier injection rewrote to the sidecar's admin port, in a
+/// pod injected again after its containers were removed by hand, are not
+/// the app's own checks: the sidecar is not told to run them (it would
+/// probe itself), they stay as they are, and a warning says why they fail.
+/// Real AdmissionReview (fixtures/k8s); no API server here.
+#[test]
+fn probes_already_pointing_at_the_sidecar_are_not_taken_as_the_apps() {
+    let review = fixture("pod-already-injected.json");
+    let mut pod = review["request"]["object"].clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| !["trellis-init", "trellis-proxy"].contains(&c["name"].as_str().unwrap()));
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    let injected = apply(&pod, &patch_of(&reply).expect("a patch"));
+    let proxy = container(&injected, "initContainers", "trellis-proxy");
+    assert!(!env(proxy).contains_key("TRELLIS_APP_PROBES"), "{proxy}");
+    for (name, field) in [
+        ("web", "livenessProbe"),
+        ("web", "readinessProbe"),
+        ("log-shipper", "livenessProbe"),
+    ] {
+        assert_eq!(
+            container(&injected, "containers", name)[field],
+            container(&pod, "containers", name)[field],
+            "{name} {field}"
+        );
+    }
+    assert_eq!(
+        reply["response"]["warnings"][0],
+        "container \"web\" livenessProbe already calls the sidecar's \
+         \"/app-health/web/liveness\", from an earlier injection; the app's own check is \
+         not known, so it is left as it is and fails until the container's own check is \
+         put back"
+    );
+    assert_eq!(reply["response"]["warnings"].as_array().unwrap().len(), 3);
+}
+
 /// Without a trust bundle the sidecar could never start: the injector
 /// refuses rather than produce a pod that hangs.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

@@ -37,7 +37,11 @@
 //! Left alone: `exec` probes (they run inside the container), probes with an
 //! explicit `host` (they target another machine), and probes whose named port
 //! the container does not declare (the kubelet would fail them already; a
-//! warning says so).
+//! warning says so). So is a probe or hook that already calls the sidecar's
+//! `/app-health/` on the admin port (an earlier injection's, its containers
+//! removed and the pod injected again): taken as the app's check, it would
+//! have the sidecar call itself. The app's own check is not known, so a
+//! warning says that it fails until it is put back.
 
 use std::collections::BTreeMap;
 
@@ -98,6 +102,10 @@ pub fn rewrite<'a>(
             let Some(probe) = container.get_mut(field).and_then(Value::as_object_mut) else {
                 continue;
             };
+            if let Some(path) = admin_path(probe, admin_port) {
+                out.warnings.push(already_ours(&name, field, path));
+                continue;
+            }
             match original_check(probe, &ports) {
                 Ok(Some(check)) => {
                     let path = app_health_path(&name, kind);
@@ -131,6 +139,11 @@ pub fn rewrite<'a>(
             else {
                 continue;
             };
+            if let Some(path) = admin_path(handler, admin_port) {
+                let field = format!("lifecycle.{hook}");
+                out.warnings.push(already_ours(&name, &field, path));
+                continue;
+            }
             match original_check(handler, &ports) {
                 Ok(Some(check)) => {
                     let path = app_health_path(&name, kind);
@@ -153,6 +166,28 @@ pub fn rewrite<'a>(
         }
     }
     out
+}
+
+/// The admin path `handler` calls when it is already one of ours: an
+/// `httpGet` on `admin_port` under `/app-health/`, as an earlier injection
+/// rewrote it (its containers since removed, the pod injected again). Taken
+/// as the app's own check, it would have the sidecar probe itself.
+fn admin_path(handler: &Map<String, Value>, admin_port: u16) -> Option<&str> {
+    let http = handler.get("httpGet").and_then(Value::as_object)?;
+    let path = http.get("path").and_then(Value::as_str)?;
+    let port = http.get("port").and_then(Value::as_u64)?;
+    (!has_host(http) && port == u64::from(admin_port) && path.starts_with("/app-health/"))
+        .then_some(path)
+}
+
+/// The warning for a probe or hook of `container` (its `field`) that
+/// already calls the sidecar's `path`.
+fn already_ours(container: &str, field: &str, path: &str) -> String {
+    format!(
+        "container {container:?} {field} already calls the sidecar's {path:?}, from an \
+         earlier injection; the app's own check is not known, so it is left as it is and \
+         fails until the container's own check is put back"
+    )
 }
 
 /// The check a probe makes, with its port resolved, or `None` when the probe
