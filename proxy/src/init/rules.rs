@@ -104,28 +104,42 @@ impl Interception {
             self.inbound_port
         ));
 
+        rules.extend(self.outbound_returns(family, OUTPUT, "tcp"));
+        rules.push(format!("-A {OUTPUT} -p tcp -j {OUT_REDIRECT}"));
+        rules.push(format!(
+            "-A {OUT_REDIRECT} -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        ));
+        rules
+    }
+
+    /// The rules of `chain` letting outbound `proto` traffic through untouched, one `-A`
+    /// line each, in order: the proxy's own, what stays in the pod, DNS to the pod's
+    /// nameservers and what the operator excluded. The nat table redirects what is left
+    /// of TCP; the filter table drops what is left of UDP.
+    fn outbound_returns(&self, family: Family, chain: &str, proto: &str) -> Vec<String> {
         // First the proxy's own traffic: whatever it dials (peers, the app over
         // loopback, the control plane) must never come back into it.
-        rules.push(format!(
-            "-A {OUTPUT} -m owner --uid-owner {} -j RETURN",
+        let mut rules = vec![format!(
+            "-A {chain} -m owner --uid-owner {} -j RETURN",
             self.proxy_uid
-        ));
+        )];
         if let Some(gid) = self.proxy_gid {
-            rules.push(format!("-A {OUTPUT} -m owner --gid-owner {gid} -j RETURN"));
+            rules.push(format!("-A {chain} -m owner --gid-owner {gid} -j RETURN"));
         }
         // Everything that leaves through lo stays inside the pod: 127.0.0.0/8 and ::1,
         // and also the pod's own address (the kernel routes it via lo). An app calling
         // itself never crosses a pod boundary, so there is no peer to authenticate.
-        rules.push(format!("-A {OUTPUT} -o lo -j RETURN"));
-        rules.push(format!("-A {OUTPUT} -d {} -j RETURN", family.loopback()));
+        rules.push(format!("-A {chain} -o lo -j RETURN"));
+        rules.push(format!("-A {chain} -d {} -j RETURN", family.loopback()));
         for nameserver in self.nameservers(family) {
             rules.push(format!(
-                "-A {OUTPUT} -d {nameserver} -p tcp -m tcp --dport 53 -j RETURN"
+                "-A {chain} -d {nameserver} -p {proto} -m {proto} --dport 53 -j RETURN"
             ));
         }
         for port in &self.exclude_outbound_ports {
             rules.push(format!(
-                "-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN"
+                "-A {chain} -p {proto} -m {proto} --dport {port} -j RETURN"
             ));
         }
         for cidr in self
@@ -133,13 +147,8 @@ impl Interception {
             .iter()
             .filter(|c| c.family() == family)
         {
-            rules.push(format!("-A {OUTPUT} -d {cidr} -j RETURN"));
+            rules.push(format!("-A {chain} -d {cidr} -j RETURN"));
         }
-        rules.push(format!("-A {OUTPUT} -p tcp -j {OUT_REDIRECT}"));
-        rules.push(format!(
-            "-A {OUT_REDIRECT} -p tcp -j REDIRECT --to-ports {}",
-            self.outbound_port
-        ));
         rules
     }
 
@@ -158,34 +167,9 @@ impl Interception {
         if !self.drop_udp {
             return Vec::new();
         }
-        let mut rules = vec![format!(
-            "-A {OUT_UDP} -m owner --uid-owner {} -j RETURN",
-            self.proxy_uid
-        )];
-        if let Some(gid) = self.proxy_gid {
-            rules.push(format!("-A {OUT_UDP} -m owner --gid-owner {gid} -j RETURN"));
-        }
-        rules.push(format!("-A {OUT_UDP} -o lo -j RETURN"));
-        rules.push(format!("-A {OUT_UDP} -d {} -j RETURN", family.loopback()));
-        for nameserver in self.nameservers(family) {
-            rules.push(format!(
-                "-A {OUT_UDP} -d {nameserver} -p udp -m udp --dport 53 -j RETURN"
-            ));
-        }
         // What the operator excluded bypasses the sidecar for UDP too: with DROP they
         // would otherwise be cut off, not merely left alone.
-        for port in &self.exclude_outbound_ports {
-            rules.push(format!(
-                "-A {OUT_UDP} -p udp -m udp --dport {port} -j RETURN"
-            ));
-        }
-        for cidr in self
-            .exclude_outbound_cidrs
-            .iter()
-            .filter(|c| c.family() == family)
-        {
-            rules.push(format!("-A {OUT_UDP} -d {cidr} -j RETURN"));
-        }
+        let mut rules = self.outbound_returns(family, OUT_UDP, "udp");
         rules.push(format!("-A {OUT_UDP} -j DROP"));
         rules
     }
