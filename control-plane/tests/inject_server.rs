@@ -36,6 +36,14 @@ struct Webhook {
     _dir: tempfile::TempDir,
 }
 
+impl Webhook {
+    /// The pods recorded as admitted without a sidecar, as `recent` lists them.
+    fn recorded(&self) -> Vec<UninjectedPod> {
+        let recent = self.uninjected.recent().into_iter();
+        recent.map(|(pod, _)| pod).collect()
+    }
+}
+
 async fn start() -> Webhook {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -402,13 +410,7 @@ async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let recorded: Vec<_> = webhook
-        .uninjected
-        .recent()
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(recorded, [web_admitted_with_ture()]);
+    assert_eq!(webhook.recorded(), [web_admitted_with_ture()]);
 
     let meshed = pod_review("pod-already-injected.json", Some("ture"), &[]);
     let (status, body) = call(&webhook, Method::POST, "/inject/unknown-pod-label", meshed).await;
@@ -476,13 +478,7 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
              \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
         ])
     );
-    let recorded: Vec<_> = webhook
-        .uninjected
-        .recent()
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(recorded, [web_admitted_with_ture()]);
+    assert_eq!(webhook.recorded(), [web_admitted_with_ture()]);
 
     // The sidecar without our init: nothing redirects traffic to it.
     let proxy_only = pod_review("pod-already-injected.json", Some("ture"), &["trellis-init"]);
@@ -501,13 +497,7 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
              \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
         ])
     );
-    let recorded: Vec<_> = webhook
-        .uninjected
-        .recent()
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(recorded, [web_admitted_with_ture()]);
+    assert_eq!(webhook.recorded(), [web_admitted_with_ture()]);
     assert_eq!(webhook.uninjected.injected_owners(), []);
 
     let init_only = pod_review("pod-already-injected.json", None, &["trellis-proxy"]);
@@ -522,13 +512,7 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
             .contains("has the container trellis-init but not trellis-proxy"),
         "{review}"
     );
-    let recorded: Vec<_> = webhook
-        .uninjected
-        .recent()
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(recorded, [web_admitted_with_ture()]);
+    assert_eq!(webhook.recorded(), [web_admitted_with_ture()]);
     assert_eq!(webhook.uninjected.injected_owners(), []);
 }
 

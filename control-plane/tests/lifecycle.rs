@@ -304,16 +304,21 @@ fn paths_in_configuration_errors_are_said_escaped() {
         let stderr = assert_refused_touching_nothing(&state, &args, 64, &names);
         assert!(!stderr.contains('\x1b'), "{args:?}: {stderr:?}");
     }
+    // A start on `state` that fails, exit 1: what it said.
+    let failed_start = |state: &str| {
+        let out = Command::new(CP)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env_remove("TRELLIS_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+        stderr
+    };
     // A state dir that is a file: the start fails, exit 1.
-    let out = Command::new(CP)
-        .arg("--state-dir")
-        .arg(&garbage)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env_remove("TRELLIS_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    let stderr = failed_start(&garbage);
     assert!(
         stderr.ends_with(&format!(
             "error: state dir {garbage_shown} exists and is not a directory\n"
@@ -332,15 +337,7 @@ fn paths_in_configuration_errors_are_said_escaped() {
             .unwrap();
     }
     std::fs::create_dir(std::path::Path::new(&dirty).join("trellis.redb")).unwrap();
-    let out = Command::new(CP)
-        .arg("--state-dir")
-        .arg(&dirty)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env_remove("TRELLIS_LOG")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    let stderr = failed_start(&dirty);
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with(&format!("error: database {dirty_shown}/trellis.redb: ")),
