@@ -12,27 +12,44 @@ mod common;
 use common::init::{self, can_run, connect, ipv6_usable, ok, send_udp, serve, serve_udp};
 use common::netns::Netns;
 
+/// A peer namespace joined to `pod` by a veth pair, `eth0` on both sides, each side with
+/// its addresses (IPv6 ones usable at once: no duplicate address detection) and up.
+fn peer_of(pod: &Netns, pod_addresses: &[&str], peer_addresses: &[&str]) -> Netns {
+    let peer = Netns::new("init");
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ]);
+    for (ns, addresses) in [(pod, pod_addresses), (&peer, peer_addresses)] {
+        for address in addresses {
+            let mut add = vec!["addr", "add", address, "dev", "eth0"];
+            if address.contains(':') {
+                add.push("nodad");
+            }
+            ns.ip(&add);
+        }
+        ns.ip(&["link", "set", "eth0", "up"]);
+    }
+    peer
+}
+
 #[test]
 fn redirects_reach_the_sidecar_ports_and_keep_the_original_destination() {
     if !can_run() {
         return;
     }
     let pod = Netns::new("init");
-    let peer = Netns::new("init");
-    pod.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
-    ]);
     let six = ipv6_usable(&pod);
-    for (ns, v4, v6) in [
-        (&pod, "192.0.2.1/24", "fd00:7e11::1/64"),
-        (&peer, "192.0.2.2/24", "fd00:7e11::2/64"),
-    ] {
-        ns.ip(&["addr", "add", v4, "dev", "eth0"]);
-        if six {
-            ns.ip(&["addr", "add", v6, "dev", "eth0", "nodad"]);
-        }
-        ns.ip(&["link", "set", "eth0", "up"]);
-    }
+    let families = |addresses: [&'static str; 2]| -> Vec<&'static str> {
+        addresses
+            .into_iter()
+            .filter(|a| six || !a.contains(':'))
+            .collect()
+    };
+    let peer = peer_of(
+        &pod,
+        &families(["192.0.2.1/24", "fd00:7e11::1/64"]),
+        &families(["192.0.2.2/24", "fd00:7e11::2/64"]),
+    );
 
     let _inbound = serve(&pod, 15006, "inbound");
     let _outbound = serve(&pod, 15001, "outbound");
@@ -128,17 +145,8 @@ fn dns_goes_direct_only_to_the_nameservers_and_outbound_deny_drops_other_udp() {
         return;
     }
     let pod = Netns::new("init");
-    let peer = Netns::new("init");
-    pod.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
-    ]);
-    pod.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"]);
     // The peer is both the nameserver (.2) and another host (.3).
-    peer.ip(&["addr", "add", "192.0.2.2/24", "dev", "eth0"]);
-    peer.ip(&["addr", "add", "192.0.2.3/24", "dev", "eth0"]);
-    for ns in [&pod, &peer] {
-        ns.ip(&["link", "set", "eth0", "up"]);
-    }
+    let peer = peer_of(&pod, &["192.0.2.1/24"], &["192.0.2.2/24", "192.0.2.3/24"]);
     let resolv = std::env::temp_dir().join(format!("trellis-resolv-{}", pod.name));
     std::fs::write(
         &resolv,

@@ -178,42 +178,19 @@ pub fn lines_with(table: &str, needle: &str) -> Vec<String> {
 /// Starts a listener inside `ns` on `port` (IPv4 and IPv6) that answers every connection
 /// with `NAME local=ADDR orig=ADDR`.
 pub fn serve(ns: &Netns, port: u16, name: &str) -> Running {
-    let mut child = ns
-        .child("serve", &[&port.to_string(), name])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let running = Running(child);
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line == "ready" => break,
-            Some(Ok(_)) => continue,
-            other => panic!("listener {name} on {port} did not start: {other:?}"),
-        }
-    }
-    running
-}
-
-/// Connects from inside `ns` (as `uid` when given) and returns what the server said.
-pub fn connect(ns: &Netns, to: &str, uid: Option<u32>) -> String {
-    let mut command = ns.child("connect", &[to]);
-    if let Some(uid) = uid {
-        command.env(AS_UID, uid.to_string());
-    }
-    let out = command.output().unwrap();
-    text(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("reply: "))
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("no reply: {}{}", text(&out.stdout), text(&out.stderr)))
+    start(ns, "serve", port, name)
 }
 
 /// Starts a UDP responder inside `ns` on `port` (IPv4) that answers every datagram with
 /// `NAME local=PORT`.
 pub fn serve_udp(ns: &Netns, port: u16, name: &str) -> Running {
+    start(ns, "serve-udp", port, name)
+}
+
+/// Runs the child `role` serving `port` as `name` inside `ns`, once it says it is ready.
+fn start(ns: &Netns, role: &str, port: u16, name: &str) -> Running {
     let mut child = ns
-        .child("serve-udp", &[&port.to_string(), name])
+        .child(role, &[&port.to_string(), name])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -223,16 +200,27 @@ pub fn serve_udp(ns: &Netns, port: u16, name: &str) -> Running {
         match lines.next() {
             Some(Ok(line)) if line == "ready" => return running,
             Some(Ok(_)) => continue,
-            other => panic!("UDP responder {name} on {port} did not start: {other:?}"),
+            other => panic!("{role} {name} on {port} did not start: {other:?}"),
         }
     }
+}
+
+/// Connects from inside `ns` (as `uid` when given) and returns what the server said.
+pub fn connect(ns: &Netns, to: &str, uid: Option<u32>) -> String {
+    ask(ns, "connect", to, uid)
 }
 
 /// Sends one datagram from inside `ns` (as `uid` when given) and returns the answer, or
 /// `error: ...` when sending or receiving failed (a datagram dropped in `OUTPUT` is
 /// refused to the sender at once: "Operation not permitted").
 pub fn send_udp(ns: &Netns, to: &str, uid: Option<u32>) -> String {
-    let mut command = ns.child("send-udp", &[to]);
+    ask(ns, "send-udp", to, uid)
+}
+
+/// Runs the client child `role` towards `to` inside `ns` (as `uid` when given) and returns
+/// the answer it printed, or all it printed when there was none.
+fn ask(ns: &Netns, role: &str, to: &str, uid: Option<u32>) -> String {
+    let mut command = ns.child(role, &[to]);
     if let Some(uid) = uid {
         command.env(AS_UID, uid.to_string());
     }
