@@ -11,7 +11,9 @@
 
 mod common;
 
-use common::init::{self, AS_UID, WITH_PATH, can_run, ipv6_usable, lines_with, ok, text};
+use common::init::{
+    self, AS_UID, WITH_PATH, can_run, ipv6_usable, lines_with, nat_of, ok, on_path, text,
+};
 use common::netns::Netns;
 use trellis_proxy::init::Family;
 
@@ -224,18 +226,6 @@ fn without_iptables_init_says_which_program_is_missing() {
     assert!(stderr.contains("install iptables"), "{stderr}");
 }
 
-/// The nat table as one backend's save program prints it, without comment lines.
-fn nat_of(ns: &Netns, program: &str) -> Option<String> {
-    let out = ns.exec(program).args(["-t", "nat"]).output().ok()?;
-    out.status.success().then(|| {
-        text(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{l}\n"))
-            .collect()
-    })
-}
-
 #[test]
 fn legacy_backend_works_alike() {
     if !can_run() {
@@ -301,13 +291,6 @@ fn ipv6_auto_skips_a_namespace_with_ipv6_disabled() {
     if ipv6_usable(&ns) {
         assert!(!ns.nat(Family::V6).contains("TRELLIS"));
     }
-}
-
-/// Where `program` is on this machine's PATH.
-fn on_path(program: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `trellis-proxy init` redirects for real: a pod namespace and a peer namespace joined by a
 //! veth pair, listeners standing in for the sidecar's ports and the app, and connections
-//! from both sides, IPv4 and (where the namespace has it) IPv6.
+//! from both sides, IPv4 and (where the namespace has it) IPv6. And that a pod never starts
+//! with half its interception: a table that fails leaves the others as they were.
 //!
 //! Needs root, `ip` (iproute2) and iptables; writes `skipped: needs root` or
 //! `skipped: iptables not installed` to stderr and passes otherwise, except
@@ -9,7 +10,10 @@
 
 mod common;
 
-use common::init::{self, can_run, connect, ipv6_usable, ok, send_udp, serve, serve_udp};
+use common::init::{
+    self, WITH_PATH, can_run, connect, ipv6_usable, nat_of, ok, on_path, send_udp, serve,
+    serve_udp, table_of, text,
+};
 use common::netns::Netns;
 
 /// A peer namespace joined to `pod` by a veth pair, `eth0` on both sides, each side with
@@ -208,6 +212,91 @@ fn dns_goes_direct_only_to_the_nameservers_and_outbound_deny_drops_other_udp() {
     ok(&pod.init(&["--outbound-policy", "passthrough"]));
     let reply = udp("192.0.2.3:443", None);
     assert!(reply.starts_with("remote-quic local=443"), "{reply}");
+}
+
+/// iptables-legacy commits its input table by table: when the filter table (outbound deny's
+/// UDP chain) fails, the nat table committed before it is put back, so a pod never starts
+/// with half its interception and a retry of init finds what was there before.
+#[test]
+fn a_failed_filter_table_leaves_the_nat_table_as_it_was() {
+    if !can_run() {
+        return;
+    }
+    let pod = Netns::new("init");
+    let programs = ["iptables-legacy-save", "iptables-legacy-restore", "sed"].map(on_path);
+    let ([Some(save), Some(restore), Some(sed)], Some(_)) =
+        (programs, nat_of(&pod, "iptables-legacy-save"))
+    else {
+        common::machine::note("skipped: iptables-legacy does not work here");
+        return;
+    };
+    // A PATH whose iptables-legacy-restore is the real one given a filter chain that ends
+    // in a target it does not know, which it refuses once it has committed the nat table.
+    let bin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(save, bin.path().join("iptables-legacy-save")).unwrap();
+    let failing = bin.path().join("iptables-legacy-restore");
+    let script = format!(
+        "#!/bin/sh\n{} 's/^-A TRELLIS_OUT_UDP -j DROP$/-A TRELLIS_OUT_UDP -j SIMULATED_FAILURE/' \
+         | {} \"$@\"\n",
+        sed.display(),
+        restore.display()
+    );
+    std::fs::write(&failing, script).unwrap();
+    std::fs::set_permissions(
+        &failing,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    fn legacy<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        [&["--backend", "legacy", "--ipv6", "off"][..], args].concat()
+    }
+    let failing_init = |args: &[&str]| {
+        pod.child("init", &legacy(args))
+            .env(WITH_PATH, bin.path())
+            .output()
+            .unwrap()
+    };
+    let deny = ["--outbound-policy", "deny"];
+    let filter = || table_of(&pod, "iptables-legacy-save", "filter").unwrap();
+
+    // Nothing before: nothing after, and the error says which table failed.
+    let before = nat_of(&pod, "iptables-legacy-save").unwrap();
+    let out = failing_init(&deny);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let error = stderr.lines().last().unwrap_or_default();
+    assert!(
+        error.starts_with("error: iptables-legacy-restore failed (exit status: 2): ")
+            && error.contains("Couldn't load target `SIMULATED_FAILURE'")
+            && error.ends_with(
+                "(the line was \"-A TRELLIS_OUT_UDP -j DROP\", in the filter table); the IPv4 \
+                 change was reverted, so nothing is left half done"
+            ),
+        "{stderr}"
+    );
+    assert_eq!(nat_of(&pod, "iptables-legacy-save").unwrap(), before);
+    assert!(!filter().contains("TRELLIS"), "{}", filter());
+
+    // Earlier rules: the very same rules after.
+    ok(&pod.init(&legacy(&["--exclude-outbound-ports", "53"])));
+    let before = nat_of(&pod, "iptables-legacy-save").unwrap();
+    let out = failing_init(&[&deny[..], &["--exclude-outbound-ports", "5432"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(nat_of(&pod, "iptables-legacy-save").unwrap(), before);
+    assert!(!filter().contains("TRELLIS"), "{}", filter());
+
+    // The retry that works installs both tables.
+    ok(&pod.init(&legacy(&deny)));
+    assert!(
+        nat_of(&pod, "iptables-legacy-save")
+            .unwrap()
+            .contains("-A TRELLIS_OUTPUT -p tcp -j TRELLIS_OUT_REDIRECT")
+    );
+    assert!(
+        filter().contains("-A OUTPUT -p udp -j TRELLIS_OUT_UDP"),
+        "{}",
+        filter()
+    );
 }
 
 /// Not a test by itself: the child processes' entry ([`init::child_process_entry`]).

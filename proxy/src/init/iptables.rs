@@ -116,7 +116,9 @@ impl Tables {
         })
     }
 
-    /// Feeds `input` to `iptables-restore --noflush`: one transaction, all or nothing.
+    /// Feeds `input` to `iptables-restore --noflush`. iptables-nft applies it all or
+    /// nothing; iptables-legacy commits each table at its `COMMIT`, so when a later table
+    /// fails the earlier ones stay changed.
     pub fn restore(self, input: &str) -> Result<(), IptablesError> {
         let program = self.restore_program();
         let mut command = Command::new(program);
@@ -176,9 +178,14 @@ fn failure(
     if is_permission_problem(&detail) {
         return IptablesError::Permission { program, detail };
     }
-    // iptables-restore names the line it choked on; show that line, not just its number.
-    if let Some(line) = input.and_then(|input| failed_line(&detail, input)) {
-        detail.push_str(&format!(" (the line was {line:?})"));
+    // iptables-restore names the line it choked on; show that line and its table, not
+    // just its number: legacy commits table by table, so which table failed matters.
+    if let Some((table, line)) = input.and_then(|input| failed_line(&detail, input)) {
+        if line == "COMMIT" {
+            detail.push_str(&format!(" (committing the {table} table)"));
+        } else {
+            detail.push_str(&format!(" (the line was {line:?}, in the {table} table)"));
+        }
     }
     if detail.is_empty() {
         detail = "no message".into();
@@ -204,11 +211,29 @@ pub fn is_permission_problem(message: &str) -> bool {
             && !message.contains("table `")
 }
 
-fn failed_line<'a>(detail: &str, input: &'a str) -> Option<&'a str> {
-    let (_, after) = detail.split_once("Error occurred at line: ")?;
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    let number: usize = digits.parse().ok()?;
-    input.lines().nth(number.checked_sub(1)?)
+/// The table and the text of the input line an iptables-restore message names: a line it
+/// could not parse (`Error occurred at line: N`) or a `COMMIT` the kernel refused
+/// (`line N failed`).
+fn failed_line<'a>(detail: &str, input: &'a str) -> Option<(&'a str, &'a str)> {
+    let number = line_number(detail, "Error occurred at line: ", "")
+        .or_else(|| line_number(detail, "line ", " failed"))?;
+    let mut table = None;
+    for line in input.lines().take(number.checked_sub(1)?) {
+        if let Some(name) = line.strip_prefix('*') {
+            table = Some(name);
+        }
+    }
+    Some((table?, input.lines().nth(number - 1)?))
+}
+
+/// The number `detail` gives between `before` and `after`, at the first place it does.
+fn line_number(detail: &str, before: &str, after: &str) -> Option<usize> {
+    detail.match_indices(before).find_map(|(at, _)| {
+        let rest = &detail[at + before.len()..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let number = rest[..digits].parse().ok()?;
+        rest[digits..].starts_with(after).then_some(number)
+    })
 }
 
 /// Whether this network namespace has a legacy (x_tables) IPv4 nat table, read without
@@ -256,15 +281,33 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_restore_names_the_line() {
+    fn a_failed_restore_names_the_line_and_its_table() {
         let input = "*nat\n:TRELLIS_OUTPUT - [0:0]\n-A TRELLIS_OUTPUT -j NOPE\nCOMMIT\n";
         let detail = "iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE'; \
                       Error occurred at line: 3";
         assert_eq!(
             failed_line(detail, input),
-            Some("-A TRELLIS_OUTPUT -j NOPE")
+            Some(("nat", "-A TRELLIS_OUTPUT -j NOPE"))
         );
         assert_eq!(failed_line("other", input), None);
+
+        let both = format!("{input}*filter\n-A OUTPUT -m owner --uid-owner 0 -j DROP\nCOMMIT\n");
+        let refused = "iptables-restore: line 7 failed";
+        assert_eq!(failed_line(refused, &both), Some(("filter", "COMMIT")));
+        let error = failure(
+            "iptables-legacy-restore",
+            &std::process::Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+                stdout: Vec::new(),
+                stderr: refused.as_bytes().to_vec(),
+            },
+            Some(&both),
+        );
+        assert_eq!(
+            error.to_string(),
+            "iptables-legacy-restore failed (exit status: 1): iptables-restore: line 7 failed \
+             (committing the filter table)"
+        );
     }
 
     #[test]

@@ -51,10 +51,13 @@
 //!   legacy when our rules already sit in a legacy table, so reruns and `--cleanup` find
 //!   them.
 //!
-//! Each family is changed with one `iptables-restore --noflush` transaction that declares
-//! only our chains, so a failure leaves that family as it was; if IPv6 fails after IPv4
-//! succeeded, the IPv4 change is reverted. Running twice gives the same rules; `--cleanup`
-//! removes exactly our chains and jumps and does nothing when there are none.
+//! Each family is changed with one `iptables-restore --noflush` input that declares only
+//! our chains. iptables-nft applies it whole or not at all; iptables-legacy commits it
+//! table by table, so a failing filter table can leave the nat table changed. When a
+//! change fails, what of ours every family held before is put back: the failing family's
+//! tables that did change, and IPv4 when IPv6 fails after it. The error names the table
+//! and line that failed. Running twice gives the same rules; `--cleanup` removes exactly
+//! our chains and jumps and does nothing when there are none.
 //!
 //! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
 //! allowed (not root / no NET_ADMIN), 1 anything else.
@@ -252,13 +255,13 @@ pub enum InitError {
     },
     #[error("--exclude-outbound-dns: {0}")]
     ResolvConf(String),
-    #[error("{failed}; the {applied} change was reverted so neither family is half done")]
+    #[error("{failed}; {} reverted, so nothing is left half done", changes(.reverted))]
     Reverted {
         failed: IptablesError,
-        applied: Family,
+        reverted: Vec<Family>,
     },
     #[error(
-        "{failed}; reverting the {applied} change failed too ({revert}): check `iptables-save -t nat`"
+        "{failed}; reverting the {applied} change failed too ({revert}): check `iptables-save`"
     )]
     RevertFailed {
         failed: IptablesError,
@@ -267,6 +270,15 @@ pub enum InitError {
     },
     #[error("could not write the rules: {0}")]
     Output(#[from] std::io::Error),
+}
+
+/// `the IPv4 change was`, `the IPv4 and IPv6 changes were`.
+fn changes(families: &[Family]) -> String {
+    let names: Vec<String> = families.iter().map(Family::to_string).collect();
+    match names.len() {
+        1 => format!("the {} change was", names[0]),
+        _ => format!("the {} changes were", names.join(" and ")),
+    }
 }
 
 impl InitError {
@@ -480,6 +492,9 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
             continue;
         }
         if let Err(failed) = tables.restore(&input) {
+            // iptables-legacy-restore commits table by table: when the filter table fails
+            // the nat table of this family is already changed. Undo that too.
+            applied.push((tables, current));
             return Err(revert(applied, failed));
         }
         eprintln!("{} rules {verb} ({})", tables.family, tables.backend.name());
@@ -489,6 +504,7 @@ pub fn execute(args: &InitArgs, out: &mut dyn Write) -> Result<(), InitError> {
 }
 
 /// What of ours a family's nat and filter tables held.
+#[derive(PartialEq)]
 struct Saved {
     nat: NatTable,
     filter: NatTable,
@@ -503,34 +519,41 @@ impl Saved {
     }
 }
 
-/// Undoes the changes already applied after a later one failed.
+/// Puts back what of ours each family held before (`applied`: the families changed, the
+/// last one perhaps only in part) after a change failed.
 fn revert(applied: Vec<(Tables, Saved)>, failed: IptablesError) -> InitError {
-    let mut result = InitError::Iptables(failed);
+    let mut reverted = Vec::new();
     for (tables, previous) in applied {
-        let failed = match result {
-            InitError::Iptables(e) | InitError::Reverted { failed: e, .. } => e,
-            other => return other,
-        };
         let undo = tables
             .save_nat()
             .and_then(|nat| Ok(Saved::parse(&nat, &tables.save_filter()?)))
-            .map(|now| {
-                rules::revert_all_input((&previous.nat, &previous.filter), (&now.nat, &now.filter))
-            })
-            .and_then(|input| tables.restore(&input));
-        result = match undo {
-            Ok(()) => InitError::Reverted {
-                failed,
-                applied: tables.family,
-            },
-            Err(revert) => InitError::RevertFailed {
-                failed,
-                applied: tables.family,
-                revert: Box::new(revert),
-            },
-        };
+            .and_then(|now| {
+                if now == previous {
+                    return Ok(false);
+                }
+                let input = rules::revert_all_input(
+                    (&previous.nat, &previous.filter),
+                    (&now.nat, &now.filter),
+                );
+                tables.restore(&input).map(|()| true)
+            });
+        match undo {
+            Ok(true) => reverted.push(tables.family),
+            Ok(false) => {}
+            Err(revert) => {
+                return InitError::RevertFailed {
+                    failed,
+                    applied: tables.family,
+                    revert: Box::new(revert),
+                };
+            }
+        }
     }
-    result
+    if reverted.is_empty() {
+        InitError::Iptables(failed)
+    } else {
+        InitError::Reverted { failed, reverted }
+    }
 }
 
 fn preferred(choice: BackendChoice) -> Backend {
@@ -753,6 +776,28 @@ fe800000000000000c1a2bfffe3d4e5f 02 40 20 80     eth0
             "{text}"
         );
         assert!(text.ends_with("or give the pod no IPv6 address"), "{text}");
+    }
+
+    #[test]
+    fn a_reverted_change_names_every_family_put_back() {
+        let reverted = |families: Vec<Family>| {
+            InitError::Reverted {
+                failed: refused(),
+                reverted: families,
+            }
+            .to_string()
+        };
+        let failed = "ip6tables-nft-restore failed (exit status: 1): no IPv6 nat table";
+        assert_eq!(
+            reverted(vec![Family::V4]),
+            format!("{failed}; the IPv4 change was reverted, so nothing is left half done")
+        );
+        assert_eq!(
+            reverted(vec![Family::V4, Family::V6]),
+            format!(
+                "{failed}; the IPv4 and IPv6 changes were reverted, so nothing is left half done"
+            )
+        );
     }
 
     #[test]

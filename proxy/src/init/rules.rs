@@ -267,8 +267,9 @@ fn cleanup_input_of(table: Table, current: &NatTable) -> Option<String> {
 }
 
 /// The `iptables-restore --noflush` input that puts back what was ours in `previous`
-/// (read before a change) when the table now holds `now`: used to undo the IPv4 change
-/// when the IPv6 one fails, so a failure leaves neither family half done.
+/// (read before a change) when the table now holds `now`: used to undo what changed when
+/// a change fails (the IPv4 one when IPv6 fails; the nat table when iptables-legacy fails
+/// in the filter table after committing it), so a failure leaves nothing half done.
 /// Both tables: `previous` and `now` are (nat, filter).
 pub fn revert_all_input(previous: (&NatTable, &NatTable), now: (&NatTable, &NatTable)) -> String {
     let mut out = revert_input_of(Table::Nat, previous.0, now.0);

@@ -127,6 +127,32 @@ impl Netns {
     }
 }
 
+/// The nat table as one backend's save program prints it inside `ns`, without comment
+/// lines; `None` when that program does not work there.
+pub fn nat_of(ns: &Netns, program: &str) -> Option<String> {
+    table_of(ns, program, "nat")
+}
+
+/// `table` as one backend's save program prints it inside `ns`, without comment lines;
+/// `None` when that program does not work there.
+pub fn table_of(ns: &Netns, program: &str, table: &str) -> Option<String> {
+    let out = ns.exec(program).args(["-t", table]).output().ok()?;
+    out.status.success().then(|| {
+        text(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    })
+}
+
+/// Where `program` is on this machine's PATH.
+pub fn on_path(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
