@@ -602,3 +602,60 @@ async fn a_certificate_the_control_plane_refuses_is_replaced_by_proving_the_toke
     ])
     .await;
 }
+
+/// A certificate from Certify that peers would refuse (a faulty CA's leaf
+/// without basicConstraints) is not taken, as every handshake with it
+/// would fail: at start the sidecar stays without one and not ready, at a
+/// renewal it keeps the current one. Each refusal is logged saying what is
+/// wrong and counted as a failed renewal.
+#[tokio::test]
+async fn a_certificate_peers_would_refuse_is_not_taken() {
+    const WHY: &str = "error=Certify answered an unusable certificate: every peer would refuse \
+                       the leaf: the certificate has no basicConstraints; an X.509-SVID leaf \
+                       carries basicConstraints with cA false";
+    let (logs, _guard) = Logs::capture(false);
+    let cp = FakeControlPlane::start(Duration::from_secs(4)).await;
+    cp.seen.lock().unwrap().leaf_without_basic_constraints = true;
+    let app = echo_app().await;
+    let s = common::sidecar::sidecar(&cp, app.addr, &[]).await;
+    let refusals = || {
+        logs.lines()
+            .iter()
+            .filter(|l| l.contains("certify failed") && l.contains(WHY))
+            .count()
+    };
+    eventually("the first certificate refused", || refusals() > 0).await;
+    let ready = s.get("/ready").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503 ")
+            && ready.ends_with("\r\n\r\nnot ready: no certificate yet\n"),
+        "{ready}"
+    );
+    let errors = "trellis_certificate_renewals_total{outcome=\"error\"}";
+    assert!(s.metrics.encode().contains(errors), "no {errors}");
+
+    // A well-formed leaf is taken; the renewal's, again without
+    // basicConstraints, is not.
+    cp.seen.lock().unwrap().leaf_without_basic_constraints = false;
+    logs.wait_for(&["certificate issued", "renewal=false"])
+        .await;
+    cp.seen.lock().unwrap().leaf_without_basic_constraints = true;
+    let serial = || async {
+        let config = s.get("/config").await;
+        let (_, body) = config.split_once("\r\n\r\n").unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        body["certificate"]["serial"].as_str().unwrap().to_owned()
+    };
+    let held = serial().await;
+    let before = refusals();
+    eventually("a renewal refused", || refusals() > before).await;
+    assert!(
+        cp.seen
+            .lock()
+            .unwrap()
+            .certify
+            .contains(&(false, Some(s.identity.clone()))),
+        "no renewal proved by the certificate"
+    );
+    assert_eq!(serial().await, held, "the refused certificate was taken");
+}

@@ -106,6 +106,10 @@ pub enum InvalidSvid {
     WrongId { found: SpiffeId, expected: SpiffeId },
     #[error(transparent)]
     Svid(#[from] trellis_core::tls::SvidError),
+    /// The leaf is not shaped as an X.509-SVID leaf, in the words with
+    /// which every peer would refuse it.
+    #[error("every peer would refuse the leaf: {0}")]
+    Shape(trellis_core::tls::SvidError),
     #[error("the key is unusable: {0}")]
     Key(rustls::Error),
     #[error(
@@ -116,7 +120,8 @@ pub enum InvalidSvid {
 }
 
 impl Svid {
-    /// Checks that `chain` is an SVID for `expected`, valid now, whose leaf
+    /// Checks that `chain` is an SVID for `expected`, shaped as peers check
+    /// a leaf ([`trellis_core::tls::leaf_spiffe_id`]), valid now, whose leaf
     /// holds the public half of `key`, and pairs it with `key`.
     pub fn new(
         expected: &SpiffeId,
@@ -131,6 +136,11 @@ impl Svid {
                 expected: expected.clone(),
             });
         }
+        // A leaf peers refuse (without basicConstraints, or with a CA's
+        // keyUsage, as a faulty or foreign CA may issue it) would be
+        // presented in every handshake and refused by every peer, while
+        // this sidecar reads as ready.
+        trellis_core::tls::leaf_spiffe_id(leaf).map_err(InvalidSvid::Shape)?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
             .map_err(|e| InvalidSvid::Leaf(e.to_string()))?;
         let to_time = |t: x509_parser::time::ASN1Time| {
@@ -646,6 +656,20 @@ mod tests {
         not_before: i64,
         not_after: i64,
     ) -> CertificateDer<'static> {
+        leaf_shaped(id, csr_key, |params| {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::minutes(not_before);
+            params.not_after = now + time::Duration::minutes(not_after);
+        })
+    }
+
+    /// As [`leaf`] makes one valid for the hour, its fields changed by
+    /// `shape` first.
+    fn leaf_shaped(
+        id: &SpiffeId,
+        csr_key: &KeyPair,
+        shape: impl FnOnce(&mut CertificateParams),
+    ) -> CertificateDer<'static> {
         let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca = CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -655,8 +679,9 @@ mod tests {
         params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + time::Duration::minutes(not_before);
-        params.not_after = now + time::Duration::minutes(not_after);
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::hours(1);
+        shape(&mut params);
         params.signed_by(csr_key, &ca).unwrap().der().clone()
     }
 
@@ -694,6 +719,60 @@ mod tests {
             assert!(
                 refused.starts_with("the certificate is outside its validity period (not before "),
                 "{refused}"
+            );
+        }
+    }
+
+    /// A Certify answer whose leaf peers would refuse, as a faulty or
+    /// foreign CA may issue it, is refused in the words peers use: taken,
+    /// it would read as ready and fail every handshake.
+    #[test]
+    fn a_certificate_peers_would_refuse_is_refused_naming_what_is_wrong() {
+        use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose as Usage};
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let mine = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let key_usage = "an X.509-SVID leaf's keyUsage holds digitalSignature and neither \
+                         keyCertSign nor cRLSign";
+        let leaves = [
+            (
+                leaf_shaped(&id, &mine, |p| p.is_ca = IsCa::NoCa),
+                "the certificate has no basicConstraints; an X.509-SVID leaf carries \
+                 basicConstraints with cA false"
+                    .to_owned(),
+            ),
+            (
+                leaf_shaped(&id, &mine, |p| {
+                    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+                }),
+                "a CA certificate was presented as the leaf; an X.509-SVID leaf is not a CA"
+                    .to_owned(),
+            ),
+            (
+                leaf_shaped(&id, &mine, |p| p.key_usages = vec![Usage::KeyCertSign]),
+                format!("the certificate has a keyUsage without digitalSignature; {key_usage}"),
+            ),
+            (
+                leaf_shaped(&id, &mine, |p| {
+                    p.key_usages = vec![Usage::DigitalSignature, Usage::KeyCertSign]
+                }),
+                format!(
+                    "the certificate has a keyUsage with keyCertSign or cRLSign, a CA's; \
+                     {key_usage}"
+                ),
+            ),
+            (
+                leaf_shaped(&id, &mine, |p| p.key_usages = vec![]),
+                format!("the certificate has no keyUsage; {key_usage}"),
+            ),
+        ];
+        for (leaf, why) in leaves {
+            let refused = Svid::new(&id, vec![leaf], pkcs8(&mine)).unwrap_err();
+            assert_eq!(
+                CertifyError::from(refused).to_string(),
+                format!(
+                    "Certify answered an unusable certificate: every peer would refuse the \
+                     leaf: {why}"
+                )
             );
         }
     }

@@ -49,6 +49,9 @@ pub struct Seen {
     pub bundle_extra: Vec<Vec<u8>>,
     /// The inbound addresses Certify says it did not record, with why.
     pub not_recorded: Vec<RefusedInboundAddress>,
+    /// Whether Certify signs leaves without basicConstraints, which peers
+    /// refuse (a faulty CA's).
+    pub leaf_without_basic_constraints: bool,
 }
 
 /// A running fake; dropped with the test's runtime.
@@ -127,12 +130,16 @@ impl Identity for Service {
         // Backdated like a real CA: renewal must count from receipt.
         csr.params.not_before = now - time::Duration::minutes(5);
         csr.params.not_after = now + self.cert_ttl;
+        let seen = self.seen.lock().unwrap();
         // A leaf as the X.509-SVID specification has it, as a real CA signs.
-        csr.params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        csr.params.is_ca = if seen.leaf_without_basic_constraints {
+            rcgen::IsCa::NoCa
+        } else {
+            rcgen::IsCa::ExplicitNoCa
+        };
         csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         let cert = self.ca.sign(&csr);
         let mut trust_bundle = vec![self.root.to_vec()];
-        let seen = self.seen.lock().unwrap();
         trust_bundle.extend(seen.bundle_extra.iter().cloned());
         Ok(Response::new(CertifyResponse {
             chain: vec![cert.to_vec()],

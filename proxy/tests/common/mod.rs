@@ -173,6 +173,30 @@ impl Ca {
         Svid::new(id, chain, key).unwrap()
     }
 
+    /// An SVID of `id` holding `chain` and `key` as they are, without the
+    /// checks of `Svid::new`, which refuses a leaf that peers refuse: what
+    /// a sidecar would present had it taken such a leaf, for a test of how
+    /// its peers answer.
+    pub fn svid_as_is(
+        id: &SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Svid {
+        let (not_before, not_after) = trellis_core::tls::validity_of(&chain[0]).unwrap();
+        let at = |secs: i64| std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+        let signing = trellis_core::tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .unwrap();
+        Svid {
+            id: id.clone(),
+            certified: Arc::new(rustls::sign::CertifiedKey::new(chain, signing)),
+            not_before: at(not_before),
+            not_after: at(not_after),
+            serial: "as-is".to_owned(),
+        }
+    }
+
     /// A TLS state as a sidecar holding `svid` and trusting this CA has.
     pub fn tls_state(&self, svid: &Svid, expected: &[SpiffeId]) -> Arc<TlsState> {
         Arc::new(TlsState::build(Some(svid), &[self.root()], &td(), expected).unwrap())
