@@ -15,11 +15,14 @@
 //! or a file they cannot read. `tcp` holds the sidecar's TCP
 //! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
 //! may be, and `h2_limits` the range of its HTTP/2 connection limits,
-//! which the injector checks annotations against.
+//! which the injector checks annotations against. `app_health` holds the
+//! admin path and header of the app's probes and hooks, which the injector
+//! writes and the sidecar serves.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod app_health;
 pub mod clock;
 pub mod connections;
 pub mod duration;

@@ -46,6 +46,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
+use trellis_core::app_health::{HOOK_TOKEN_HEADER, PATH_PREFIX};
 
 /// The probe fields of a container, and the path segment each becomes.
 pub const PROBE_KINDS: [(&str, &str); 3] = [
@@ -58,13 +59,9 @@ pub const PROBE_KINDS: [(&str, &str); 3] = [
 /// probe's, and the path segment each becomes.
 pub const HOOK_KINDS: [(&str, &str); 2] = [("postStart", "post-start"), ("preStop", "pre-stop")];
 
-/// The header a rewritten lifecycle hook carries the pod's hook token in;
-/// the sidecar's admin port reads the same name.
-pub const HOOK_TOKEN_HEADER: &str = "x-trellis-hook-token";
-
 /// The admin path the rewritten probe of `container` calls.
 pub fn app_health_path(container: &str, kind: &str) -> String {
-    format!("/app-health/{container}/{kind}")
+    format!("{PATH_PREFIX}{container}/{kind}")
 }
 
 /// What rewriting the probes of a pod's containers gave.
@@ -176,7 +173,7 @@ fn admin_path(handler: &Map<String, Value>, admin_port: u16) -> Option<&str> {
     let http = handler.get("httpGet").and_then(Value::as_object)?;
     let path = http.get("path").and_then(Value::as_str)?;
     let port = http.get("port").and_then(Value::as_u64)?;
-    (!has_host(http) && port == u64::from(admin_port) && path.starts_with("/app-health/"))
+    (!has_host(http) && port == u64::from(admin_port) && path.starts_with(PATH_PREFIX))
         .then_some(path)
 }
 

@@ -26,8 +26,7 @@ use std::net::IpAddr;
 
 use http::HeaderValue;
 
-/// The header a rewritten lifecycle hook carries the pod's hook token in.
-pub const HOOK_TOKEN_HEADER: &str = "x-trellis-hook-token";
+pub use trellis_core::app_health::HOOK_TOKEN_HEADER;
 
 /// The path segments of the app's lifecycle hooks, as the injector writes
 /// them (`/app-health/<container>/<kind>`).

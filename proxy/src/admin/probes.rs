@@ -43,8 +43,7 @@ use tokio::net::TcpStream;
 use trellis_core::duration::Words;
 use trellis_core::io_error::IoWords;
 
-/// The prefix of every app probe path.
-pub const PATH_PREFIX: &str = "/app-health/";
+pub use trellis_core::app_health::PATH_PREFIX;
 
 /// How long one check may take. The kubelet gives up on the rewritten
 /// probe after its own `timeoutSeconds` anyway; this bound only keeps a
