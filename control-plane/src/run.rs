@@ -305,7 +305,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let discovery = Discovery::new(store.clone(), bundle, mesh_config)?
         .with_root_namespace(&config.root.root_namespace);
     let discovery = Arc::new(discovery);
-    tokio::spawn(discovery.clone().expire_endpoints());
+    // Two steps, in order: the Watch streams end, then the listeners and
+    // the background tasks stop.
+    let (streams_tx, streams_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(discovery.clone().expire_endpoints(shutdown_rx.clone()));
     if let Some(changes) = store_changes {
         tokio::spawn(follow_store(discovery.clone(), changes));
     }
@@ -314,9 +318,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     metrics.trust_bundle(roots.iter().map(|(_, at)| *at).collect());
     metrics.signing_chain(ca.signs_until().unix_timestamp());
     tokio::spawn(report_expiring_roots(roots));
-    // Two steps, in order: the Watch streams end, then the listeners stop.
-    let (streams_tx, streams_rx) = watch::channel(false);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let reviewer = match (&config.kube, config.identity_provider) {
         (Some(api), IdentityProvider::Kubernetes) => {
@@ -331,7 +332,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             let files = Arc::new(ServingFiles::load(cert, key)?.with_metrics(metrics.clone()));
             // Without webhook calls the files are still checked, so that the
             // expiry metric follows a renewal.
-            tokio::spawn(files.clone().recheck_every());
+            tokio::spawn(files.clone().recheck_every(shutdown_rx.clone()));
             let mut inject = InjectConfig::from_settings(
                 config.inject_settings.as_deref().unwrap_or("{}"),
                 config.trust_domain.clone(),

@@ -780,8 +780,9 @@ impl Discovery {
     /// knows; only then does it read the store's workloads, whose renewals
     /// may have moved that expiry on, so a new version costs no read of
     /// every workload, and it still wakes for sidecars that stopped
-    /// renewing. Runs until the announcements end.
-    pub async fn expire_endpoints(self: Arc<Self>) {
+    /// renewing. Runs until `shutdown` turns true (or the announcements
+    /// end).
+    pub async fn expire_endpoints(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut versions = self.subscribe();
         loop {
             // The view's soonest expiry only moves on with a new version;
@@ -822,6 +823,7 @@ impl Discovery {
                         return;
                     }
                 }
+                () = crate::run::stopping(&mut shutdown) => return,
             }
         }
     }

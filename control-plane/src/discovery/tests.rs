@@ -658,3 +658,26 @@ fn sidecars_sharing_an_identity_are_each_an_endpoint_until_their_address_expires
     assert_eq!(endpoints_of(&view), [("10.0.0.2:15006", WEB)]);
     assert!(!discovery.endpoint_expiries().unwrap().0);
 }
+
+/// The expiry task ends when the control plane shuts down, as its other
+/// background tasks do, though it would otherwise sleep for the hour an
+/// empty mesh gives it; until then it keeps running.
+#[tokio::test(start_paused = true)]
+async fn endpoint_expiry_ends_at_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+    let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let mut task = tokio::spawn(discovery.clone().expire_endpoints(shutdown));
+    let day = Duration::from_secs(24 * 3600);
+    assert!(
+        tokio::time::timeout(day, &mut task).await.is_err(),
+        "ended before the shutdown"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(day, task)
+        .await
+        .expect("still running after the shutdown")
+        .unwrap();
+    assert_eq!(Arc::strong_count(&discovery), 1);
+}

@@ -232,12 +232,16 @@ impl ServingFiles {
         state.key.clone()
     }
 
-    /// Checks the files for a change every 10 s, forever.
-    pub async fn recheck_every(self: Arc<Self>) {
+    /// Checks the files for a change every 10 s, until `shutdown` turns
+    /// true.
+    pub async fn recheck_every(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(CERT_RECHECK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = crate::run::stopping(&mut shutdown) => return,
+            }
             self.recheck();
         }
     }
@@ -701,6 +705,32 @@ mod tests {
                 .await;
         });
         (addr, stop, dir)
+    }
+
+    /// The webhook certificate's recheck ends when the control plane shuts
+    /// down, as its other background tasks do; until then it keeps
+    /// checking.
+    #[tokio::test(start_paused = true)]
+    async fn the_certificate_recheck_ends_at_shutdown() {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let (stop, shutdown) = watch::channel(false);
+        let mut task = tokio::spawn(files.clone().recheck_every(shutdown));
+        let minute = Duration::from_secs(60);
+        assert!(
+            tokio::time::timeout(minute, &mut task).await.is_err(),
+            "ended before the shutdown"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(minute, task)
+            .await
+            .expect("still running after the shutdown")
+            .unwrap();
+        assert_eq!(Arc::strong_count(&files), 1);
     }
 
     /// An API server whose `caBundle` is not the webhook's CA, and clients
