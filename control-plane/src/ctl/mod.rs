@@ -37,7 +37,7 @@ use trellis_proto::admin::v1::{
     RevokeIdentityRequest, SnapshotSync, UnrevokeIdentityRequest, Workload,
 };
 
-use self::policy::PolicyCommand;
+use self::policy::{PolicyCommand, RemotePolicyCommand};
 
 use crate::api::admin::{ISSUED_DEFAULT_LIMIT, ISSUED_MAX_LIMIT};
 use crate::config::{EXIT_USAGE, Parsed, classify_clap_error, with_program_name};
@@ -80,9 +80,20 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Subcommands; each maps to Admin API calls.
+/// Subcommands: those of [`RemoteCommand`], then `policy`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(flatten)]
+    Remote(RemoteCommand),
+    /// Policies (AuthorizationPolicy and RateLimitPolicy documents): apply,
+    /// get, list, delete, explain, lint.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// The subcommands besides `policy`; each maps to Admin API calls.
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
     /// Join tokens for a workload's first certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -125,10 +136,6 @@ pub enum Command {
     /// every sidecar from accepting them.
     #[command(subcommand)]
     Identity(IdentityCommand),
-    /// Policies (AuthorizationPolicy and RateLimitPolicy documents): apply,
-    /// get, list, delete, lint, explain.
-    #[command(subcommand)]
-    Policy(PolicyCommand),
     /// Whether the mesh is healthy: every replica answers and serves one
     /// snapshot (a version, with its epoch where both sides have one),
     /// every connected sidecar holds it and has renewed its
@@ -647,25 +654,36 @@ pub fn escape_lines(text: &str) -> String {
     out
 }
 
-/// Runs one subcommand; returns what to print.
+/// Runs one subcommand; returns what to print. `policy lint` reads files
+/// only; every other subcommand calls the control plane.
 pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
-    if let Command::Policy(PolicyCommand::Lint {
-        paths,
-        recursive,
-        trust_domain,
-        root,
-    }) = &cli.command
-    {
-        return policy::lint(paths, recursive, trust_domain, &root.root_namespace);
+    match &cli.command {
+        Command::Policy(PolicyCommand::Lint {
+            paths,
+            recursive,
+            trust_domain,
+            root,
+        }) => policy::lint(paths, recursive, trust_domain, &root.root_namespace),
+        Command::Policy(PolicyCommand::Remote(command)) => remote_policy(cli, command).await,
+        Command::Remote(command) => {
+            connected(cli, async |credentials, client| {
+                run(cli, command, credentials, client).await
+            })
+            .await
+        }
     }
+}
+
+/// A `policy` subcommand that calls the control plane.
+async fn remote_policy(cli: &Cli, command: &RemotePolicyCommand) -> Result<Printed, CtlError> {
     // Checked here, not by clap: an environment twin such as
     // TRELLIS_DRY_RUN=false counts as given to clap's conflicts, and would
     // refuse a plain `--wait`.
-    if let Command::Policy(PolicyCommand::Apply {
+    if let RemotePolicyCommand::Apply {
         dry_run: true,
         wait,
         ..
-    }) = &cli.command
+    } = command
         && wait.is_set()
     {
         return Err(CtlError::Usage(
@@ -675,15 +693,28 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     }
     // A directory without policy files is a usage error before any
     // credential is read.
-    let found = match &cli.command {
-        Command::Policy(PolicyCommand::Apply {
+    let found = match command {
+        RemotePolicyCommand::Apply {
             files, recursive, ..
-        }) => policy::policy_files(files, recursive)?,
+        } => policy::policy_files(files, recursive)?,
         _ => PolicyFiles::default(),
     };
+    connected(cli, async |credentials, client| {
+        let td = credentials.trust_domain()?;
+        policy::run(client, &td, command, found).await
+    })
+    .await
+}
+
+/// Connects to the control plane with the operator credential and makes
+/// `calls` over the connection.
+async fn connected(
+    cli: &Cli,
+    calls: impl AsyncFnOnce(&AdminCredentials, &mut AdminClient<Channel>) -> Result<Printed, CtlError>,
+) -> Result<Printed, CtlError> {
     let credentials = cli.credentials()?;
     let mut client = credentials.connect(&cli.control_plane).await?;
-    match run(cli, &credentials, &mut client, found).await {
+    match calls(&credentials, &mut client).await {
         // A connection closed under the call: if the control plane refused
         // the operator certificate, say so rather than "canceled".
         Err(CtlError::Rpc(status))
@@ -701,16 +732,15 @@ pub async fn execute(cli: &Cli) -> Result<Printed, CtlError> {
     }
 }
 
-/// The subcommand's calls over `client`; `found` the files of `policy
-/// apply` (none for other subcommands).
+/// The calls of a subcommand besides `policy` over `client`.
 async fn run(
     cli: &Cli,
+    command: &RemoteCommand,
     credentials: &AdminCredentials,
     client: &mut AdminClient<Channel>,
-    found: PolicyFiles,
 ) -> Result<Printed, CtlError> {
-    match &cli.command {
-        Command::Token(TokenCommand::Create { spiffe_id, ttl }) => {
+    match command {
+        RemoteCommand::Token(TokenCommand::Create { spiffe_id, ttl }) => {
             let response = client
                 .create_join_token(CreateJoinTokenRequest {
                     spiffe_id: spiffe_id.clone(),
@@ -723,7 +753,7 @@ async fn run(
                 escape_controls(&response.token)
             )))
         }
-        Command::Workloads { output } => {
+        RemoteCommand::Workloads { output } => {
             let mut answer = client
                 .list_workloads(ListWorkloadsRequest::default())
                 .await?
@@ -742,7 +772,7 @@ async fn run(
                 },
             })
         }
-        Command::Certs {
+        RemoteCommand::Certs {
             spiffe_id,
             serial,
             limit,
@@ -774,12 +804,8 @@ async fn run(
                 failed: false,
             })
         }
-        Command::Identity(command) => identity(client, command).await,
-        Command::Policy(command) => {
-            let td = credentials.trust_domain()?;
-            policy::run(client, &td, command, found).await
-        }
-        Command::Check { expiry_warning } => {
+        RemoteCommand::Identity(command) => identity(client, command).await,
+        RemoteCommand::Check { expiry_warning } => {
             let answer = client
                 .list_workloads(ListWorkloadsRequest::default())
                 .await?

@@ -127,8 +127,33 @@ pub fn policy_files(paths: &[PathBuf], recursive: &Recursive) -> Result<PolicyFi
     Ok(found)
 }
 
+/// The `policy` subcommands: those of [`RemotePolicyCommand`], then `lint`.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    #[command(flatten)]
+    Remote(RemotePolicyCommand),
+    /// Check policy files offline (no control plane needed). Diagnostics go to
+    /// stdout as `file:line:column: field.path: message`; exit 1 on any
+    /// error, 64 when the files hold no document (as `apply` refuses
+    /// them), 0 otherwise.
+    #[command(args = super::offline_flags())]
+    Lint {
+        /// Policy files or directories, read as `apply -f` reads them.
+        #[arg(value_name = "FILE|DIR", required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        recursive: Recursive,
+        /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
+        #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        #[command(flatten)]
+        root: RootNamespaceArg,
+    },
+}
+
+/// The `policy` subcommands that call the control plane.
+#[derive(Debug, Subcommand)]
+pub enum RemotePolicyCommand {
     /// Create or update policies from YAML/JSON files (several documents per
     /// file), read in sorted order. Nothing is applied if any document is
     /// invalid.
@@ -180,23 +205,6 @@ pub enum PolicyCommand {
         kind: String,
         #[command(flatten)]
         wait: Wait,
-    },
-    /// Check policy files offline (no control plane needed). Diagnostics go to
-    /// stdout as `file:line:column: field.path: message`; exit 1 on any
-    /// error, 64 when the files hold no document (as `apply` refuses
-    /// them), 0 otherwise.
-    #[command(args = super::offline_flags())]
-    Lint {
-        /// Policy files or directories, read as `apply -f` reads them.
-        #[arg(value_name = "FILE|DIR", required = true)]
-        paths: Vec<PathBuf>,
-        #[command(flatten)]
-        recursive: Recursive,
-        /// The mesh's trust domain, which SPIFFE IDs in the policies must use.
-        #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        #[command(flatten)]
-        root: RootNamespaceArg,
     },
     /// Explain which rule decides a connection, and why.
     Explain {
@@ -317,11 +325,11 @@ fn plural(n: usize) -> &'static str {
 pub async fn run(
     client: &mut AdminClient<Channel>,
     td: &TrustDomain,
-    command: &PolicyCommand,
+    command: &RemotePolicyCommand,
     found: PolicyFiles,
 ) -> Result<Printed, CtlError> {
     match command {
-        PolicyCommand::Apply {
+        RemotePolicyCommand::Apply {
             dry_run,
             output,
             wait,
@@ -330,7 +338,7 @@ pub async fn run(
             let (printed, written) = apply(client, td, &found, *dry_run, *output).await?;
             wait.then(client, printed, written).await
         }
-        PolicyCommand::Get { name, kind } => {
+        RemotePolicyCommand::Get { name, kind } => {
             let (namespace, name) = name.clone();
             let response = client
                 .get_policy(GetPolicyRequest {
@@ -350,7 +358,7 @@ pub async fn run(
                 super::escape_lines(&response.yaml)
             )))
         }
-        PolicyCommand::List { output } => {
+        RemotePolicyCommand::List { output } => {
             let response = client
                 .list_policies(ListPoliciesRequest {})
                 .await?
@@ -364,7 +372,7 @@ pub async fn run(
                 ),
             }))
         }
-        PolicyCommand::Delete { name, kind, wait } => {
+        RemotePolicyCommand::Delete { name, kind, wait } => {
             let (namespace, name) = name.clone();
             let key = policy_key(&namespace, &name);
             let response = client
@@ -387,7 +395,7 @@ pub async fn run(
             };
             wait.then(client, printed, written).await
         }
-        PolicyCommand::Explain {
+        RemotePolicyCommand::Explain {
             from,
             to,
             port,
@@ -419,12 +427,6 @@ pub async fn run(
                 Output::Json => explanation_json(&explanation, unanswered),
             }))
         }
-        PolicyCommand::Lint {
-            paths,
-            recursive,
-            trust_domain,
-            root,
-        } => lint(paths, recursive, trust_domain, &root.root_namespace),
     }
 }
 
