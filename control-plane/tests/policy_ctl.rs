@@ -231,6 +231,121 @@ fn lint_takes_no_control_plane_or_credential_flags() {
     );
 }
 
+/// The environment variables of the flags `policy lint` does not take
+/// may hold anything, values those flags would refuse included (an
+/// operator's shell may export a stale one): lint reports as without them.
+/// The subcommands that read them refuse such a value naming the variable,
+/// unless its flag is given.
+#[test]
+fn lint_ignores_connection_variables_whatever_they_hold() {
+    let lints = fixtures().join("lint");
+    let bad = [
+        ("TRELLIS_CONTROL_PLANE", "foo"),
+        ("TRELLIS_STATE_DIR", ""),
+        ("TRELLIS_CA", ""),
+        ("TRELLIS_CERT", ""),
+        ("TRELLIS_KEY", ""),
+    ];
+    for paths in [vec![lints.join("good")], vec![lints.clone(), "-R".into()]] {
+        let plain = lint(&paths.iter().map(|p| p.as_os_str()).collect::<Vec<_>>());
+        for (name, value) in [bad[0], ("TRELLIS_CONTROL_PLANE", "")]
+            .into_iter()
+            .chain(bad)
+        {
+            let linted = std::process::Command::new(CTL)
+                .args(["policy", "lint"])
+                .args(&paths)
+                .env(name, value)
+                .output()
+                .unwrap();
+            assert_eq!(
+                linted.status.code(),
+                plain.status.code(),
+                "{name}={value:?}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&linted.stderr),
+                String::from_utf8_lossy(&plain.stderr),
+                "{name}={value:?}"
+            );
+            assert_eq!(linted.stdout, plain.stdout, "{name}={value:?}");
+        }
+        let all_bad = std::process::Command::new(CTL)
+            .args(["policy", "lint"])
+            .args(&paths)
+            .envs(bad)
+            .output()
+            .unwrap();
+        assert_eq!(all_bad.status.code(), plain.status.code());
+        assert_eq!(all_bad.stdout, plain.stdout);
+    }
+
+    let remote = |args: &[&str], env: (&str, &str)| {
+        let out = std::process::Command::new(CTL)
+            .args(args)
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(out.stdout.is_empty());
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    assert_eq!(
+        remote(&["policy", "list"], ("TRELLIS_CONTROL_PLANE", "foo")),
+        (
+            Some(64),
+            "error: invalid value 'foo' in TRELLIS_CONTROL_PLANE (--control-plane): expected \
+             host:port\n"
+                .to_owned()
+        )
+    );
+    for (name, flag) in [
+        ("TRELLIS_STATE_DIR", "--state-dir"),
+        ("TRELLIS_CA", "--ca"),
+        ("TRELLIS_CERT", "--cert"),
+        ("TRELLIS_KEY", "--key"),
+    ] {
+        assert_eq!(
+            remote(&["workloads"], (name, "")),
+            (
+                Some(64),
+                format!(
+                    "error: {name} ({flag}) is set but empty: set it to a value for {flag}, or \
+                     unset it\n"
+                )
+            )
+        );
+    }
+    // The flag given, its variable is not read.
+    let unreadable = "error: cannot read /nonexistent/bundle.pem: no such file or directory\n";
+    for args in [
+        &["--control-plane", "127.0.0.1:1", "policy", "list"][..],
+        &["policy", "list", "--control-plane", "127.0.0.1:1"],
+    ] {
+        let args = [args, &["--state-dir", "/nonexistent"]].concat();
+        assert_eq!(
+            remote(&args, ("TRELLIS_CONTROL_PLANE", "foo")),
+            (Some(1), unreadable.to_owned())
+        );
+    }
+    let files = [
+        "--ca",
+        "/nonexistent/ca.pem",
+        "--cert",
+        "/nonexistent/c.pem",
+        "--key",
+    ];
+    assert_eq!(
+        remote(
+            &[&["policy", "list"], &files[..], &["/nonexistent/k.pem"]].concat(),
+            ("TRELLIS_CA", "")
+        ),
+        (
+            Some(1),
+            "error: cannot read /nonexistent/ca.pem: no such file or directory\n".to_owned()
+        )
+    );
+}
+
 #[test]
 fn ctl_applies_files_all_or_nothing_and_explains() {
     let cp = ControlPlane::start(&[]);

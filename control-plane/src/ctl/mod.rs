@@ -7,7 +7,8 @@
 //! errors to stderr as one line (policy diagnostics: one line each). It never
 //! prints or logs the private key. The `policy` subcommands are in
 //! [`policy`]. `policy lint` reads files only, and takes neither the
-//! control plane's address nor a credential.
+//! control plane's address nor a credential: it ignores their environment
+//! variables, whatever they hold.
 
 pub mod check;
 pub mod policy;
@@ -19,6 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::Resettable;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rustls::ClientConfig;
@@ -560,13 +562,84 @@ fn parse(args: Vec<OsString>) -> Result<Cli, ExitCode> {
         _ => ExitCode::SUCCESS,
     };
     let mut command = Cli::command();
+    // A connection flag's environment variable holding a value the flag
+    // would refuse is not given to clap, which would refuse it whatever the
+    // subcommand: `policy lint` ignores it, any other subcommand that would
+    // read it is refused naming it.
+    let mut unread = Vec::new();
+    for (id, _, _) in CONNECTION_FLAGS {
+        if let Some(refusal) = env_refusal(&command, id) {
+            command = command.mut_arg(id, |arg| arg.env(Resettable::Reset));
+            unread.push((id, refusal));
+        }
+    }
     let mut matches = command
         .try_get_matches_from_mut(with_program_name("trellisctl", args))
         .map_err(clap_error)?;
     if let Some(refusal) = offline_refusal(&matches) {
         return Err(usage(format!("error: {refusal}\n")));
     }
+    if !is_lint(&matches)
+        && let Some((_, refusal)) = unread
+            .iter()
+            .find(|(id, _)| !given_on_command_line(&matches, id))
+    {
+        return Err(usage(format!("error: {refusal}\n")));
+    }
     Cli::from_arg_matches_mut(&mut matches).map_err(|e| clap_error(e.format(&mut command)))
+}
+
+/// Whether `matches` are of `policy lint`.
+fn is_lint(matches: &ArgMatches) -> bool {
+    matches
+        .subcommand_matches("policy")
+        .and_then(|policy| policy.subcommand_matches("lint"))
+        .is_some()
+}
+
+/// Whether the argument `id` was given on the command line, before or after
+/// any subcommand's name.
+fn given_on_command_line(matches: &ArgMatches, id: &str) -> bool {
+    let mut level = Some(matches);
+    while let Some(matches) = level {
+        if matches.try_contains_id(id).unwrap_or(false)
+            && matches.value_source(id) == Some(ValueSource::CommandLine)
+        {
+            return true;
+        }
+        level = matches.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
+/// Why the value of the environment variable of the connection flag `id`
+/// (of `command`) would be refused, naming the variable and its flag; or
+/// `None` when the variable is unset or its value is one the flag takes.
+fn env_refusal(command: &clap::Command, id: &str) -> Option<String> {
+    let (_, flag, _) = CONNECTION_FLAGS.iter().find(|(each, _, _)| *each == id)?;
+    let name = command
+        .get_arguments()
+        .find(|arg| arg.get_id() == id)?
+        .get_env()?;
+    let value = std::env::var_os(name)?;
+    let name = name.to_string_lossy();
+    if value.is_empty() {
+        return Some(format!(
+            "{name} ({flag}) is set but empty: set it to a value for {flag}, or unset it"
+        ));
+    }
+    if id != "control_plane" {
+        return None;
+    }
+    let Some(text) = value.to_str() else {
+        return Some(format!("{name} ({flag}) is not UTF-8"));
+    };
+    host_port(text).err().map(|why| {
+        format!(
+            "invalid value '{}' in {name} ({flag}): {why}",
+            escape_controls(text)
+        )
+    })
 }
 
 /// Exit code of `trellisctl` when the reader of its stdout went away before
