@@ -219,53 +219,21 @@ async fn unknown_inject_labels_are_warned_of_over_https() {
         serde_json::to_vec(&review).unwrap()
     };
     let unlabelled = serde_json::to_vec(&review).unwrap();
-    let answer = |body: Vec<u8>| {
-        let review: Value = serde_json::from_slice(&body).unwrap();
-        let response = review["response"].clone();
-        assert_eq!(response["allowed"], true, "{response}");
-        assert_eq!(response["uid"], "c3d9e1a4-7b2f-4e6c-8a0d-5f1b3c7e9a26");
-        assert!(
-            response.get("patch").is_none(),
-            "nothing changed: {response}"
-        );
-        response["warnings"].clone()
-    };
 
-    let (status, body) = call(
-        &webhook,
-        Method::POST,
-        "/inject/unknown-pod-label",
-        mistyped.clone(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
+    let pod_label = "/inject/unknown-pod-label";
     assert_eq!(
-        answer(body),
+        admitted_unchanged(&webhook, pod_label, mistyped).await,
         json!([
             "trellis: metadata.labels[trellis.io/inject] is \"true\", neither \"enabled\" nor \
              \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
         ])
     );
-    let (status, body) = call(
-        &webhook,
-        Method::POST,
-        "/inject/unknown-pod-label",
-        unlabelled.clone(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(answer(body), Value::Null);
-
-    let (status, body) = call(
-        &webhook,
-        Method::POST,
-        "/inject/unknown-namespace-label",
-        unlabelled,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        answer(body),
+        admitted_unchanged(&webhook, pod_label, unlabelled.clone()).await,
+        Value::Null
+    );
+    assert_eq!(
+        admitted_unchanged(&webhook, "/inject/unknown-namespace-label", unlabelled).await,
         json!([
             "trellis: the namespace's label trellis.io/inject is neither \"enabled\" nor \
              \"disabled\": pods here are not injected; this one runs without a sidecar, outside \
@@ -365,12 +333,20 @@ fn pod_review(fixture_name: &str, label: Option<&str>, removed: &[&str]) -> Vec<
     serde_json::to_vec(&review).unwrap()
 }
 
-/// The warnings of an answer that admits the pod unchanged.
-fn admitted_unchanged(body: &[u8]) -> Value {
-    let review: Value = serde_json::from_slice(body).unwrap();
+/// The warnings of the answer of `path` to `review`, which must admit
+/// the pod of that review unchanged.
+async fn admitted_unchanged(webhook: &Webhook, path: &str, review: Vec<u8>) -> Value {
+    let uid = serde_json::from_slice::<Value>(&review).unwrap()["request"]["uid"].clone();
+    let (status, body) = call(webhook, Method::POST, path, review).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let review: Value = serde_json::from_slice(&body).unwrap();
     let response = &review["response"];
     assert_eq!(response["allowed"], true, "{response}");
-    assert!(response.get("patch").is_none(), "{response}");
+    assert_eq!(response["uid"], uid, "{response}");
+    assert!(
+        response.get("patch").is_none(),
+        "nothing changed: {response}"
+    );
     response["warnings"].clone()
 }
 
@@ -413,10 +389,8 @@ async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
     assert_eq!(webhook.recorded(), [web_admitted_with_ture()]);
 
     let meshed = pod_review("pod-already-injected.json", Some("ture"), &[]);
-    let (status, body) = call(&webhook, Method::POST, "/inject/unknown-pod-label", meshed).await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        admitted_unchanged(&body),
+        admitted_unchanged(&webhook, "/inject/unknown-pod-label", meshed).await,
         json!([
             "trellis: metadata.labels[trellis.io/inject] is \"ture\", neither \"enabled\" nor \
              \"disabled\": ignored, so the pod is injected"
@@ -429,16 +403,8 @@ async fn a_pod_with_the_sidecar_counts_as_injected_on_the_warning_only_paths() {
     assert_eq!(owners, [web()]);
 
     let meshed = pod_review("pod-already-injected.json", None, &[]);
-    let (status, body) = call(
-        &webhook,
-        Method::POST,
-        "/inject/unknown-namespace-label",
-        meshed,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        admitted_unchanged(&body),
+        admitted_unchanged(&webhook, "/inject/unknown-namespace-label", meshed).await,
         json!([
             "trellis: the namespace's label trellis.io/inject is neither \"enabled\" nor \
              \"disabled\": pods here are not injected; this one opted in itself and is"
@@ -469,10 +435,8 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
         Some("ture"),
         &["trellis-init", "trellis-proxy"],
     );
-    let (status, body) = call(&webhook, Method::POST, "/inject/unknown-pod-label", marked).await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        admitted_unchanged(&body),
+        admitted_unchanged(&webhook, "/inject/unknown-pod-label", marked).await,
         json!([
             "trellis: metadata.labels[trellis.io/inject] is \"ture\", neither \"enabled\" nor \
              \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"
@@ -482,16 +446,8 @@ async fn a_pod_marked_injected_without_the_sidecar_counts_as_uninjected() {
 
     // The sidecar without our init: nothing redirects traffic to it.
     let proxy_only = pod_review("pod-already-injected.json", Some("ture"), &["trellis-init"]);
-    let (status, body) = call(
-        &webhook,
-        Method::POST,
-        "/inject/unknown-pod-label",
-        proxy_only,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        admitted_unchanged(&body),
+        admitted_unchanged(&webhook, "/inject/unknown-pod-label", proxy_only).await,
         json!([
             "trellis: metadata.labels[trellis.io/inject] is \"ture\", neither \"enabled\" nor \
              \"disabled\": ignored, so the pod runs without a sidecar, outside the mesh"

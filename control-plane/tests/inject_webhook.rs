@@ -600,11 +600,7 @@ fn a_pod_marked_injected_without_the_sidecar_is_injected() {
     );
 
     let review = fixture("pod-already-injected.json");
-    let mut pod = review["request"]["object"].clone();
-    pod["spec"]["initContainers"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|c| !["trellis-init", "trellis-proxy"].contains(&c["name"].as_str().unwrap()));
+    let pod = without_init_containers(&review["request"]["object"], &OURS);
     let pod = injected(&with_object(&review, pod));
     assert_eq!(
         names(&pod["spec"]["initContainers"]),
@@ -629,11 +625,7 @@ fn a_pod_marked_injected_without_the_sidecar_is_injected() {
 #[test]
 fn probes_already_pointing_at_the_sidecar_are_not_taken_as_the_apps() {
     let review = fixture("pod-already-injected.json");
-    let mut pod = review["request"]["object"].clone();
-    pod["spec"]["initContainers"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|c| !["trellis-init", "trellis-proxy"].contains(&c["name"].as_str().unwrap()));
+    let pod = without_init_containers(&review["request"]["object"], &OURS);
     let reply = answer_for(&with_object(&review, pod.clone()));
     let injected = apply(&pod, &patch_of(&reply).expect("a patch"));
     let proxy = container(&injected, "initContainers", "trellis-proxy");
@@ -1044,21 +1036,12 @@ fn a_host_network_pod_is_admitted_unmeshed_with_a_warning() {
 /// (fixtures/k8s); no Kubernetes API server can run here.
 #[test]
 fn our_init_without_the_sidecar_is_refused() {
-    let review = fixture("pod-already-injected.json");
-    let mut pod = review["request"]["object"].clone();
-    pod["spec"]["initContainers"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|c| c["name"] != "trellis-proxy");
-    let says = "trellis: cannot inject: the pod has the container trellis-init but not \
-                trellis-proxy: its traffic would be redirected to a sidecar that is not there; \
-                create it without trellis-init to have both injected";
-    assert_eq!(
-        denial(&answer_for(&with_object(&review, pod.clone()))),
-        says
+    refused_even_opted_out(
+        "trellis-proxy",
+        "trellis: cannot inject: the pod has the container trellis-init but not \
+         trellis-proxy: its traffic would be redirected to a sidecar that is not there; \
+         create it without trellis-init to have both injected",
     );
-    pod["metadata"]["annotations"]["trellis.io/inject"] = json!("disabled");
-    assert_eq!(denial(&answer_for(&with_object(&review, pod))), says);
 }
 
 /// The sidecar without our init container (the init taken out of an
@@ -1069,24 +1052,42 @@ fn our_init_without_the_sidecar_is_refused() {
 /// (fixtures/k8s); no Kubernetes API server can run here.
 #[test]
 fn the_sidecar_without_our_init_is_refused() {
+    refused_even_opted_out(
+        "trellis-init",
+        "trellis: cannot inject: the pod has the container trellis-proxy but not \
+         trellis-init: nothing would redirect its traffic to the sidecar, so it would run \
+         outside the mesh; create it without trellis-proxy to have both injected",
+    );
+}
+
+/// The injected pod of the real AdmissionReview `pod-already-injected.json`,
+/// its init container `removed` taken out, is refused saying `says`, and
+/// recorded as not meshed; opted out, it is refused all the same.
+fn refused_even_opted_out(removed: &str, says: &str) {
     let review = fixture("pod-already-injected.json");
-    let mut pod = review["request"]["object"].clone();
-    pod["spec"]["initContainers"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|c| c["name"] != "trellis-init");
-    let says = "trellis: cannot inject: the pod has the container trellis-proxy but not \
-                trellis-init: nothing would redirect its traffic to the sidecar, so it would run \
-                outside the mesh; create it without trellis-proxy to have both injected";
+    let mut pod = without_init_containers(&review["request"]["object"], &[removed]);
     assert_eq!(
         denial(&answer_for(&with_object(&review, pod.clone()))),
         says
     );
     let request = AdmissionRequest::parse(&body(&with_object(&review, pod.clone()))).unwrap();
     let reviewed = respond_pod_reporting(&request, NamespaceScope::SelectedByWebhook, &config());
-    assert!(!reviewed.meshed, "recorded as meshed");
+    assert!(!reviewed.meshed, "{removed} removed: recorded as meshed");
     pod["metadata"]["annotations"]["trellis.io/inject"] = json!("disabled");
     assert_eq!(denial(&answer_for(&with_object(&review, pod))), says);
+}
+
+/// The containers the injector adds.
+const OURS: [&str; 2] = ["trellis-init", "trellis-proxy"];
+
+/// `pod` without its init containers named in `removed`.
+fn without_init_containers(pod: &Value, removed: &[&str]) -> Value {
+    let mut pod = pod.clone();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| !removed.contains(&c["name"].as_str().unwrap()));
+    pod
 }
 
 /// The injected pod is a valid Pod for the Kubernetes API (native sidecar
