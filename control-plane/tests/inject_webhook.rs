@@ -651,6 +651,50 @@ fn probes_already_pointing_at_the_sidecar_are_not_taken_as_the_apps() {
     assert_eq!(reply["response"]["warnings"].as_array().unwrap().len(), 3);
 }
 
+/// A hook an earlier injection rewrote, in a pod injected again after its
+/// Trellis containers were removed, carries that injection's token, which
+/// the new sidecar does not know: it is given the new sidecar's token in
+/// place of the old one, so the two agree, and the sidecar keeps refusing
+/// hook calls without it (given none, it would run hooks for anyone). The
+/// app's own hook is no longer known: a warning says so. Real
+/// AdmissionReview (fixtures/k8s); no API server here.
+#[test]
+fn a_hook_of_an_earlier_injection_gets_the_new_token() {
+    let mut review = fixture("pod-deployment-http-probes.json");
+    review["request"]["object"]["spec"]["containers"][0]["lifecycle"] = json!({
+        "preStop": {"httpGet": {"path": "/drain", "port": "http", "scheme": "HTTP"}},
+    });
+    let first = injected(&review);
+    let first_token = hook_token(&first);
+
+    let pod = without_init_containers(&first, &OURS);
+    let reply = answer_for(&with_object(&review, pod.clone()));
+    let again = apply(&pod, &patch_of(&reply).expect("a patch"));
+    let token = hook_token(&again);
+    assert_ne!(token, first_token);
+    assert_eq!(
+        container(&again, "containers", "web")["lifecycle"],
+        json!({"preStop": {"httpGet": {
+            "path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP",
+            "httpHeaders": [{"name": "x-trellis-hook-token", "value": token}],
+        }}})
+    );
+    let warnings = reply["response"]["warnings"].as_array().unwrap();
+    let says = "container \"web\" lifecycle.preStop already calls the sidecar's \
+                \"/app-health/web/pre-stop\", from an earlier injection; the app's own hook \
+                is not known, so it is left as it is but for the pod's new hook token, and \
+                fails until the container's own hook is put back";
+    assert!(warnings.contains(&json!(says)), "{warnings:?}");
+}
+
+/// The hook token the sidecar of the injected `pod` is given.
+fn hook_token(pod: &Value) -> String {
+    env(container(pod, "initContainers", "trellis-proxy"))["TRELLIS_HOOK_TOKEN"]
+        .as_str()
+        .expect("the sidecar is given a hook token")
+        .to_owned()
+}
+
 /// Without a trust bundle the sidecar could never start: the injector
 /// refuses rather than produce a pod that hangs.
 /// Real AdmissionReview documents (fixtures/k8s) as the API server sends them; no

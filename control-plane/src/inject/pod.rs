@@ -177,7 +177,9 @@ pub fn inject_pod(
     // One token per pod, written into its hooks and its sidecar's
     // environment in this one patch. A pod is injected once: a
     // reinvocation or a later admission of it is skipped as already
-    // injected, so its spec never holds two tokens.
+    // injected. One injected again after its containers were removed has
+    // its earlier hooks given the new token too, so its spec never holds
+    // two tokens.
     let hook_token = new_hook_token();
     let rewritten = probes::rewrite(
         containers.iter_mut().chain(

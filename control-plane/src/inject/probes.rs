@@ -41,7 +41,12 @@
 //! `/app-health/` on the admin port (an earlier injection's, its containers
 //! removed and the pod injected again): taken as the app's check, it would
 //! have the sidecar call itself. The app's own check is not known, so a
-//! warning says that it fails until it is put back.
+//! warning says that it fails until it is put back. Such a hook still
+//! carries the earlier injection's token, which the new sidecar does not
+//! know: its [`HOOK_TOKEN_HEADER`] gets the new token, and it counts as a
+//! rewritten hook, so the new sidecar gets the same token and keeps
+//! refusing hook calls without it. Such a probe carries no token and is
+//! left exactly as it is.
 
 use std::collections::BTreeMap;
 
@@ -69,7 +74,8 @@ pub fn app_health_path(container: &str, kind: &str) -> String {
 pub struct Rewritten {
     /// Admin path -> the original check, for `TRELLIS_APP_PROBES`.
     pub probes: BTreeMap<String, Value>,
-    /// How many lifecycle hooks were rewritten to carry the hook token.
+    /// How many lifecycle hooks carry the hook token: rewritten now, or
+    /// rewritten by an earlier injection and given the new token.
     pub hooks: usize,
     pub warnings: Vec<String>,
 }
@@ -136,9 +142,13 @@ pub fn rewrite<'a>(
             else {
                 continue;
             };
+            // An earlier injection's hook carries that injection's token,
+            // which this pod's new sidecar does not know: it gets this
+            // one's, and the sidecar the same, or the two would disagree.
             if let Some(path) = admin_path(handler, admin_port) {
-                let field = format!("lifecycle.{hook}");
-                out.warnings.push(already_ours(&name, &field, path));
+                out.warnings.push(hook_already_ours(&name, hook, path));
+                set_hook_token(handler, hook_token);
+                out.hooks += 1;
                 continue;
             }
             match original_check(handler, &ports) {
@@ -185,6 +195,38 @@ fn already_ours(container: &str, field: &str, path: &str) -> String {
          earlier injection; the app's own check is not known, so it is left as it is and \
          fails until the container's own check is put back"
     )
+}
+
+/// The warning for a lifecycle `hook` of `container` that already calls
+/// the sidecar's `path`: given the new token, it still fails (the sidecar
+/// knows no app hook at `path`).
+fn hook_already_ours(container: &str, hook: &str, path: &str) -> String {
+    format!(
+        "container {container:?} lifecycle.{hook} already calls the sidecar's {path:?}, from \
+         an earlier injection; the app's own hook is not known, so it is left as it is but for \
+         the pod's new hook token, and fails until the container's own hook is put back"
+    )
+}
+
+/// Puts `token` in the [`HOOK_TOKEN_HEADER`] header of an `httpGet`
+/// handler, in place of any value it had; its other headers stay.
+fn set_hook_token(handler: &mut Map<String, Value>, token: &str) {
+    let Some(http) = handler.get_mut("httpGet").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let mut headers = http
+        .get("httpHeaders")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    headers.retain(|header| {
+        !header
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|name| name.eq_ignore_ascii_case(HOOK_TOKEN_HEADER))
+    });
+    headers.push(json!({"name": HOOK_TOKEN_HEADER, "value": token}));
+    http.insert("httpHeaders".into(), Value::Array(headers));
 }
 
 /// The check a probe makes, with its port resolved, or `None` when the probe
@@ -319,6 +361,35 @@ mod tests {
         let before = elsewhere.clone();
         assert!(rewrite(&mut elsewhere, 15020, "t0ken").probes.is_empty());
         assert_eq!(elsewhere, before);
+    }
+
+    /// A hook an earlier injection rewrote gets the new token in place of
+    /// its old one (whatever the case of the header's name), keeps its
+    /// other headers, and counts as carrying the token; the sidecar is
+    /// told of no app check for it.
+    #[test]
+    fn an_earlier_injections_hook_gets_the_new_token() {
+        let mut containers = vec![json!({
+            "name": "web",
+            "lifecycle": {"preStop": {"httpGet": {
+                "path": "/app-health/web/pre-stop", "port": 15020, "scheme": "HTTP",
+                "httpHeaders": [
+                    {"name": "X-Trellis-Hook-Token", "value": "old"},
+                    {"name": "x-team", "value": "shop"},
+                ],
+            }}},
+        })];
+        let out = rewrite(&mut containers, 15020, "new");
+        assert_eq!(
+            containers[0]["lifecycle"]["preStop"]["httpGet"]["httpHeaders"],
+            json!([
+                {"name": "x-team", "value": "shop"},
+                {"name": "x-trellis-hook-token", "value": "new"},
+            ])
+        );
+        assert_eq!(out.hooks, 1);
+        assert!(out.probes.is_empty());
+        assert_eq!(out.warnings.len(), 1);
     }
 
     #[test]
