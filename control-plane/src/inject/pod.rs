@@ -90,7 +90,8 @@ pub enum Skip {
     /// the other is refused).
     AlreadyInjected,
     /// The pod shares the node's network namespace: iptables there would
-    /// redirect the node's traffic. Its author is warned.
+    /// redirect the node's traffic, and the sidecar's ports would be the
+    /// node's, one sidecar a node. Its author is warned.
     HostNetwork,
     /// The pod runs on Windows (`spec.os.name: windows`, or the node
     /// selector `kubernetes.io/os: windows`). The sidecar and its iptables
@@ -540,6 +541,12 @@ fn proxy_uid_containers(
 /// in use" (crash-looping), or, on the admin port, its clients reach the
 /// sidecar instead. Init containers are checked too: the sidecar already
 /// runs when they do.
+///
+/// A `hostPort` is not checked: it is a port of the node, which the node
+/// forwards to the pod IP's `containerPort` (checked here), and the sidecar
+/// binds nothing on the node. Only with `hostNetwork` would the two be one
+/// port (the API server then requires them equal), and such a pod is not
+/// injected ([`Skip::HostNetwork`]).
 fn check_port_clashes(spec: &Map<String, Value>, config: &InjectConfig) -> Result<(), InjectError> {
     let sidecar = [
         (config.outbound_port, "outbound"),
