@@ -1184,3 +1184,38 @@ async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
         }
     }
 }
+
+/// A chunked body that does not parse (a size with a `0x` prefix, a
+/// chunk extension with a CRLF in quotes) is the caller's fault: 400,
+/// naming what was wrong, and the log says the caller sent it.
+#[tokio::test]
+async fn a_malformed_chunk_from_the_caller_is_400_naming_it() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let (cp, s, _) = setup().await;
+    let cases = [
+        (
+            "0x1\r\nz\r\n0\r\n\r\n",
+            "malformed chunked request body: Invalid chunk size line: Invalid Size",
+        ),
+        (
+            "1;x=\"a\r\nb\"\r\nz\r\n0\r\n\r\n",
+            "malformed chunked request body: Invalid chunk body CR",
+        ),
+    ];
+    for (body, expected) in cases {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n{body}"
+        );
+        let answers = send_raw(&cp, s.inbound, request.as_bytes()).await;
+        assert_eq!(answers.status, ["HTTP/1.1 400 Bad Request"], "{body:?}");
+        assert_eq!(answers.bodies, [format!("{expected}\n")], "{body:?}");
+    }
+    let line = logs
+        .wait_for(&[
+            "the caller sent a malformed chunked request body",
+            "ns/a/sa/web",
+        ])
+        .await;
+    assert!(line.contains("Invalid chunk size line"), "{line}");
+    assert_eq!(logs.find(&["request to the app failed"]), None);
+}

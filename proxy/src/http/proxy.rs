@@ -132,24 +132,19 @@ pub async fn forward(
     };
     let mut response = match sent {
         Ok(response) => response.map(Either::Left),
-        Err(e) => {
-            tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
-            // An answer hyper could not read one way only (two lengths, a
-            // malformed head) is the app's fault, not its absence.
-            let message = match &e {
-                SendError::Request(e) if e.is_parse() => "invalid answer from the app",
-                // It is up, but HTTP/1 only: the request came in HTTP/2
-                // and is sent on in the version it came in.
-                SendError::NotHttp2(_) => NOT_HTTP2,
-                _ => "app unreachable",
-            };
-            local(
-                grpc,
-                StatusCode::BAD_GATEWAY,
-                GrpcCode::Unavailable,
-                message,
-            )
-        }
+        Err(e) => match malformed_chunk(&e) {
+            Some(fault) => {
+                tracing::info!(peer = %conn.peer, error = %fault, "the caller sent a malformed chunked request body");
+                let message = format!("{MALFORMED_CHUNK}: {fault}");
+                local(
+                    grpc,
+                    StatusCode::BAD_REQUEST,
+                    GrpcCode::InvalidArgument,
+                    message,
+                )
+            }
+            None => app_failed(&conn, grpc, e),
+        },
     };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     match from_client {
@@ -166,6 +161,53 @@ pub async fn forward(
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
     entry.set_status(response.status());
     Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
+}
+
+/// The answer to a request the app failed: 502.
+fn app_failed(conn: &Connection, grpc: bool, e: SendError) -> Response<LocalBody> {
+    tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
+    // An answer hyper could not read one way only (two lengths, a
+    // malformed head) is the app's fault, not its absence.
+    let message = match &e {
+        SendError::Request(e) if e.is_parse() => "invalid answer from the app",
+        // It is up, but HTTP/1 only: the request came in HTTP/2
+        // and is sent on in the version it came in.
+        SendError::NotHttp2(_) => NOT_HTTP2,
+        _ => "app unreachable",
+    };
+    local(
+        grpc,
+        StatusCode::BAD_GATEWAY,
+        GrpcCode::Unavailable,
+        message,
+    )
+}
+
+/// What a caller whose chunked request body does not parse is told, before
+/// the fault hyper's server found in it (the size line, the end of a chunk).
+pub const MALFORMED_CHUNK: &str = "malformed chunked request body";
+
+/// The fault in the caller's chunked body that failed the request, if that
+/// is what did: hyper's client stopped on an error of the body it was
+/// sending, and the body's error is hyper's server refusing a chunk. The
+/// request is the caller's fault then, not the app's: the app may have
+/// read part of the body, but not an answer to it.
+fn malformed_chunk(e: &SendError) -> Option<&std::io::Error> {
+    let SendError::Request(e) = e else {
+        return None;
+    };
+    if !e.is_user() {
+        return None;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{InvalidData, InvalidInput};
+            return matches!(io.kind(), InvalidData | InvalidInput).then_some(io);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// The rest of an HTTP/1 request body whose answer came first, watched:
