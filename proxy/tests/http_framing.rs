@@ -1219,3 +1219,31 @@ async fn a_malformed_chunk_from_the_caller_is_400_naming_it() {
     assert!(line.contains("Invalid chunk size line"), "{line}");
     assert_eq!(logs.find(&["request to the app failed"]), None);
 }
+
+/// A `GET` or `HEAD` with a chunked body (hyper's path): the app gets the
+/// body, framed, not a request without it.
+#[tokio::test]
+async fn a_chunked_body_on_a_get_or_head_reaches_the_app() {
+    let (cp, s, seen) = setup().await;
+    for method in ["GET", "HEAD"] {
+        let request = format!(
+            "{method} /with-body HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\
+             connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        );
+        let answers = send_raw(&cp, s.inbound, request.as_bytes()).await;
+        assert_eq!(answers.status, ["HTTP/1.1 200 OK"], "{method}");
+    }
+    assert_nothing_smuggled(&seen);
+    let requests: Vec<(String, String)> = seen
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, String::from_utf8(r.body).unwrap()))
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            ("GET".to_owned(), "hello world".to_owned()),
+            ("HEAD".to_owned(), "hello world".to_owned())
+        ]
+    );
+}

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::header::HOST;
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, Uri};
 use hyper::body::{Body, Incoming};
@@ -298,9 +298,13 @@ impl<B> Drop for Upstream<B> {
 }
 
 /// Puts `req` in the form an HTTP/1 server expects from a client: the
-/// request target in origin form (authority form for `CONNECT`) and a
-/// `Host` header, the app's address when the caller sent none.
-fn prepare<B>(req: &mut Request<B>, authority: &Authority) {
+/// request target in origin form (authority form for `CONNECT`), a `Host`
+/// header, the app's address when the caller sent none, and the framing of
+/// a `GET` or `HEAD` body of unknown length (a chunked one), which hyper's
+/// client would otherwise send as no body at all: `Transfer-Encoding:
+/// chunked`, named here since the caller's was removed with the other
+/// hop-by-hop headers.
+fn prepare<B: Body>(req: &mut Request<B>, authority: &Authority) {
     let mut parts = http::uri::Parts::default();
     if req.method() == Method::CONNECT {
         parts.authority = Some(authority.clone());
@@ -313,6 +317,15 @@ fn prepare<B>(req: &mut Request<B>, authority: &Authority) {
         let host = HeaderValue::from_str(authority.as_str())
             .expect("a socket address is a valid header value");
         req.headers_mut().insert(HOST, host);
+    }
+    let body = req.body();
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !req.headers().contains_key(CONTENT_LENGTH)
+    {
+        req.headers_mut()
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
 }
 
