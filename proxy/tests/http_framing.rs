@@ -1247,3 +1247,153 @@ async fn a_chunked_body_on_a_get_or_head_reaches_the_app() {
         ]
     );
 }
+
+/// An app that reads no request body: the body of a request is read as
+/// the next request on the connection (a `GET` handler that ignores its
+/// body does so, "CL.0"). It is slow to answer `/admin/*`: that answer goes
+/// out with the answer to the next request on the connection, before it.
+/// Each answer's body names the target it answers and the identity header
+/// the request came with.
+async fn body_ignoring_app() -> SocketAddr {
+    app(|tcp| async move {
+        let (read, mut write) = tcp.into_split();
+        let mut r = Reader {
+            io: read,
+            buf: Vec::new(),
+        };
+        let mut late = Vec::new();
+        loop {
+            let request_line = String::from_utf8_lossy(&r.line().await?).into_owned();
+            let mut identity = String::new();
+            loop {
+                let line = r.line().await?;
+                if line.is_empty() {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&line).into_owned();
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("x-trellis-peer-identity")
+                {
+                    identity = value.trim().to_owned();
+                }
+            }
+            let target = request_line.split(' ').nth(1).unwrap_or_default();
+            let body = format!("{target} for {identity}");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            late.extend_from_slice(answer.as_bytes());
+            if !target.starts_with("/admin") {
+                write.write_all(&late).await?;
+                late.clear();
+            }
+        }
+    })
+    .await
+}
+
+/// The body of the next answer on `stream` (one framed by its length),
+/// read to its end and no further.
+async fn one_answer<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut answer = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = answer.parse(&got) {
+            let length: usize = answer
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .expect("every answer here has a length");
+            if got.len() >= head + length {
+                assert_eq!(got.len(), head + length, "more than one answer came");
+                return String::from_utf8_lossy(&got[head..]).into_owned();
+            }
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before an answer: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A sidecar in front of [`body_ignoring_app`] that denies `/admin/*`.
+async fn body_ignoring_setup() -> (FakeControlPlane, common::sidecar::TestSidecar) {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let s = sidecar(&cp, body_ignoring_app().await, &[]).await;
+    let deny = api_policy("no-admin", "DENY", "{to: [{paths: [\"/admin/*\"]}]}");
+    push_to(&cp, snapshot(1, "allow-mesh", vec![deny]), 1).await;
+    (cp, s)
+}
+
+/// A request for `target` with `hidden` as its body.
+fn with_hidden(method: &str, target: &str) -> String {
+    let hidden = "GET /admin/x HTTP/1.1\r\nhost: api\r\nx-trellis-peer-identity: forged\r\n\r\n";
+    format!(
+        "{method} {target} HTTP/1.1\r\nhost: api\r\ncontent-length: {}\r\n\r\n{hidden}",
+        hidden.len()
+    )
+}
+
+/// An app that reads a request's body as a request of its own answers it
+/// too, after the answer to the request: app connections are shared
+/// between the requests of one caller identity only, so that answer never
+/// reaches another caller as its own.
+#[tokio::test]
+async fn an_answer_to_a_request_hidden_in_a_body_never_reaches_another_caller() {
+    let (cp, s) = body_ignoring_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &web())));
+    let mut from_web = tls_connect(s.inbound, config).await.unwrap();
+    let request = with_hidden("POST", "/public/x");
+    from_web.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(
+        one_answer(&mut from_web).await,
+        format!("/public/x for {}", web())
+    );
+
+    let api = id("/ns/b/sa/api");
+    for round in 1..=2 {
+        let mut from_api = h1(&cp, s.inbound, &api).await;
+        let answer = from_api.send_request(get("/public/y", &[])).await.unwrap();
+        assert_eq!(
+            text(answer).await,
+            (::http::StatusCode::OK, format!("/public/y for {api}")),
+            "round {round}"
+        );
+    }
+}
+
+/// A `GET` (or `HEAD`) has no use for a body, and an app may read one as
+/// a request: the app connection of a `GET` with a body is closed after
+/// its answer, so the late answer to what the body held is not read as
+/// the answer to the caller's next request either.
+#[tokio::test]
+async fn an_answer_to_a_request_hidden_in_a_get_body_never_reaches_the_next_request() {
+    let (cp, s) = body_ignoring_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &web())));
+    let mut from_web = tls_connect(s.inbound, config).await.unwrap();
+    let request = with_hidden("GET", "/public/x");
+    from_web.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(
+        one_answer(&mut from_web).await,
+        format!("/public/x for {}", web())
+    );
+
+    // The same connection, then a new one of the same caller.
+    from_web
+        .write_all(b"GET /public/y HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        one_answer(&mut from_web).await,
+        format!("/public/y for {}", web())
+    );
+    let mut again = h1(&cp, s.inbound, &web()).await;
+    let answer = again.send_request(get("/public/z", &[])).await.unwrap();
+    assert_eq!(
+        text(answer).await,
+        (::http::StatusCode::OK, format!("/public/z for {}", web()))
+    );
+}

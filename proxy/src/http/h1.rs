@@ -46,8 +46,11 @@
 //! request authorized ([`Authorize`]) and checked against the rate limits
 //! ([`RateLimit`]) with the same answers, the access-log line and metrics
 //! written when the answer is over ([`Entry`]). The request goes to an app
-//! connection parked between requests
-//! ([`AppConnections`](super::upstream::AppConnections)); a
+//! connection parked between the requests of the caller's identity
+//! ([`AppConnections`](super::upstream::AppConnections)), and is parked
+//! again after the answer unless bytes came after it or the request was a
+//! `GET` or `HEAD` with a body (an app that ignores that body reads it as a
+//! request, and answers it too); a
 //! connection the app closed while parked is noticed before it is used,
 //! and a request that meets one the app closes as it goes out is sent on
 //! another connection when that cannot apply it twice (`never_read`).
@@ -277,10 +280,22 @@ pub struct AppStream(TcpStream);
 impl Reusable for AppStream {
     /// Whether the app has closed it, or sent bytes no request asked for:
     /// either way it cannot carry another request. Costs a system call
-    /// only when the socket has become readable since it was last read.
+    /// only when the runtime has seen the socket become readable since it
+    /// was last read.
     fn is_closed(&self) -> bool {
         let mut probe = [0u8; 1];
         !matches!(self.0.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// As [`is_closed`](Self::is_closed), but asking the socket itself
+    /// (one system call, as the connection is parked after an answer):
+    /// bytes that came after the answer was read, before the runtime has
+    /// noticed them (an app answering one request twice), keep the
+    /// connection from the next request.
+    fn unfit_to_park(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::uninit(); 1];
+        let peeked = socket2::SockRef::from(&self.0).peek(&mut probe);
+        !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -1044,6 +1059,12 @@ where
         close,
     } = head;
     let head_request = request.method() == Method::HEAD;
+    // A body on a `GET` or `HEAD` has no meaning (RFC 9110 section 9.3),
+    // and an app may ignore it, then read it as a request of its own and
+    // answer that too, after this request's answer. Its app connection is
+    // closed after the answer rather than parked: the next request (of
+    // this caller: others never share it) would read that answer as its own.
+    let park = body == 0 || !matches!(*request.method(), Method::GET | Method::HEAD);
     let mut exchange = Exchange::start(conn, request, Protocol::Http1);
     if let Some(answer) = authorize
         .check(&mut exchange)
@@ -1068,7 +1089,7 @@ where
     let target = conn.target;
     bufs.keep_fields(request);
     let (mut app, parsed) = loop {
-        let (mut app, reused) = match conn.http.h1.unpark(target) {
+        let (mut app, reused) = match conn.http.h1.unpark(target, &conn.peer) {
             Some(app) => (app, true),
             None => match crate::net::connect(target).await {
                 Ok(tcp) => (AppStream(tcp), false),
@@ -1088,6 +1109,7 @@ where
                     rest,
                     head_request,
                     close,
+                    park,
                 };
                 return duplex(conn, caller, app, entry, request, bufs, drain).await;
             }
@@ -1153,7 +1175,7 @@ where
     .await;
     drop(entry);
     bufs.give_back();
-    settle(conn, passed, app, close)
+    settle(conn, passed.map(|reusable| reusable && park), app, close)
 }
 
 /// After an answer was passed to the caller (or not all of it): the app
@@ -1168,7 +1190,7 @@ fn settle(
     match passed {
         Ok(reusable) => {
             if reusable {
-                conn.http.h1.park(conn.target, app);
+                conn.http.h1.park(conn.target, &conn.peer, app);
             }
             Ok(close)
         }
@@ -1313,6 +1335,7 @@ where
         rest,
         head_request,
         close,
+        park,
     } = request;
     let (sent, answered) = {
         let (mut app_r, mut app_w) = app.0.split();
@@ -1382,7 +1405,7 @@ where
             caller.unread |= !whole;
             settle(
                 conn,
-                passed.map(|reusable| reusable && whole),
+                passed.map(|reusable| reusable && whole && park),
                 app,
                 close || !whole,
             )
@@ -1404,6 +1427,8 @@ struct Streaming {
     head_request: bool,
     /// The caller asked for the connection to close.
     close: bool,
+    /// Whether the app connection may be parked after the answer.
+    park: bool,
 }
 
 /// What an answer head says.
@@ -2057,6 +2082,7 @@ mod tests {
 
     use super::*;
     use crate::http::testing::{id, no_admin};
+    use crate::http::upstream::AppConnections;
     use crate::http::{Connection, Http};
     use crate::metrics::Metrics;
     use http_body_util::Full;
@@ -3428,5 +3454,33 @@ mod tests {
         );
         assert_eq!(seen[0].1, b"hello");
         assert!(seen[2].0.contains("\r\nx-after: 1\r\n"), "{}", seen[2].0);
+    }
+
+    #[tokio::test]
+    async fn an_app_connection_with_an_answer_nobody_asked_for_is_not_parked() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = listener.local_addr().unwrap();
+        let ours = TcpStream::connect(app).await.unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        // As after an answer read to its end: nothing more to read, as far
+        // as the runtime knows.
+        let mut buf = [0u8; 64];
+        let read = ours.try_read(&mut buf);
+        assert!(matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+        // The app's second answer to the one request, come since (an app
+        // that read the request's body as a request of its own).
+        std::io::Write::write_all(
+            &mut theirs,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray",
+        )
+        .unwrap();
+
+        let pool = AppConnections::default();
+        let web = id("/ns/a/sa/web");
+        pool.park(app, &web, AppStream(ours));
+        assert!(
+            pool.unpark(app, &web).is_none(),
+            "a connection with a stray answer waiting was parked for the next request"
+        );
     }
 }

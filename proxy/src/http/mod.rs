@@ -164,7 +164,7 @@ impl Connection {
             .expect("a SPIFFE ID is a valid header value");
         let authority =
             Authority::try_from(target.to_string()).expect("a socket address is a valid authority");
-        let upstream = Upstream::new(http.app.clone(), target);
+        let upstream = Upstream::new(http.app.clone(), target, peer.clone());
         Connection {
             http,
             peer,

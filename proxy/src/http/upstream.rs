@@ -2,16 +2,26 @@
 //!
 //! An HTTP/1 connection carries one request at a time. A request goes out
 //! on an app connection taken from [`AppConnections`] (the one to the same
-//! app port parked last) or dialled for it; when the request is over (its response
-//! written to the caller or dropped), the app connection is parked again
-//! for the next request of any caller ([`Upstream::release`]). So a
-//! keep-alive caller, a caller that opens a connection per request and an
-//! idle caller all cost the app as few connections as the requests in
-//! flight. A request locks the shared list twice (uncontended on the
-//! sidecar's one-thread runtime) and, unless its app connection is still
-//! reading the end of the response when the request is over, spawns
-//! nothing and allocates no future of its own (hyper-util's pooled client
-//! boxed a 3 KiB one and spawned a task for every request).
+//! app port parked last for the same caller identity) or dialled for it;
+//! when the request is over (its response written to the caller or
+//! dropped), the app connection is parked again for the next request of
+//! that caller ([`Upstream::release`]). So a keep-alive caller, a caller
+//! that opens a connection per request and an idle caller all cost the app
+//! as few connections as the requests in flight of each identity. A
+//! request locks the shared list twice (uncontended on the sidecar's
+//! one-thread runtime) and, unless its app connection is still reading the
+//! end of the response when the request is over, spawns nothing and
+//! allocates no future of its own (hyper-util's pooled client boxed a 3 KiB
+//! one and spawned a task for every request).
+//!
+//! An app connection is never shared between identities: an app that reads
+//! one request as two (one that ignores a `GET`'s body, which then reads as
+//! a request of its own) answers twice, and the second answer, arriving
+//! late, would be read as the answer to the next request on the
+//! connection. Kept to one identity, such an answer can only reach the
+//! caller that sent the bytes it answers, never another caller; and the
+//! app connection of a `GET` or `HEAD` with a body, the usual such case, is
+//! closed when the request is over rather than parked.
 //!
 //! Each app connection is driven by a task of its own, which also notices
 //! when the app closes an idle one. A parked connection unused for
@@ -19,6 +29,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +40,7 @@ use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
+use trellis_core::SpiffeId;
 
 use super::RequestBody;
 
@@ -57,7 +69,15 @@ pub enum SendError {
 /// An app connection that can be parked: it knows when the app has
 /// closed it.
 pub trait Reusable {
+    /// Whether the app has closed it, as far as the runtime has noticed.
     fn is_closed(&self) -> bool;
+
+    /// Whether it cannot be parked: asked once, as it is parked, so it may
+    /// look further than [`is_closed`](Self::is_closed) (at the socket
+    /// itself, for bytes that came after its last answer).
+    fn unfit_to_park(&self) -> bool {
+        self.is_closed()
+    }
 }
 
 /// An app connection hyper drives: the sender of its requests, and the
@@ -75,9 +95,12 @@ impl<B> Reusable for AppConn<B> {
 }
 
 /// App connections parked between requests, newest last, each with the
-/// app address it was dialled to: a sidecar serves every port of its app,
-/// and a request decided for one port must never go out on a connection
-/// to another. `C` is hyper's sender for the connections hyper drives, or
+/// app address it was dialled to and the caller identity whose requests
+/// it carried: a sidecar serves every port of its app, and a request
+/// decided for one port must never go out on a connection to another; nor
+/// on one that carried another identity's requests (see the module's
+/// documentation). One bound ([`MAX_PARKED`]) holds for every port and
+/// identity together. `C` is hyper's sender for the connections hyper drives, or
 /// the socket itself for those of the HTTP/1 forwarder ([`super::h1`]).
 pub struct AppConnections<C = AppConn<RequestBody>> {
     parked: Mutex<VecDeque<Parked<C>>>,
@@ -85,6 +108,7 @@ pub struct AppConnections<C = AppConn<RequestBody>> {
 
 struct Parked<C> {
     target: SocketAddr,
+    caller: SpiffeId,
     conn: C,
     since: Instant,
 }
@@ -98,11 +122,11 @@ impl<C> Default for AppConnections<C> {
 }
 
 impl<C: Reusable> AppConnections<C> {
-    /// Parks `conn` for a later request, unless the app closed it; drops
-    /// the connections parked too long, and the oldest beyond
-    /// [`MAX_PARKED`].
-    pub fn park(&self, target: SocketAddr, conn: C) {
-        if conn.is_closed() {
+    /// Parks `conn` for a later request of `caller`, unless it is unfit
+    /// (the app closed it, or sent bytes no request asked for); drops the
+    /// connections parked too long, and the oldest beyond [`MAX_PARKED`].
+    pub fn park(&self, target: SocketAddr, caller: &SpiffeId, conn: C) {
+        if conn.unfit_to_park() {
             return;
         }
         let now = Instant::now();
@@ -115,20 +139,23 @@ impl<C: Reusable> AppConnections<C> {
         }
         parked.push_back(Parked {
             target,
+            // A reference count, not a copy of the ID.
+            caller: caller.clone(),
             conn,
             since: now,
         });
     }
 
-    /// The most recently parked connection to `target` that is still
-    /// open, if any. With one app port, the newest parked connection is
-    /// the one; the search goes further back only past other ports'.
-    pub fn unpark(&self, target: SocketAddr) -> Option<C> {
+    /// The most recently parked connection to `target` for `caller` that
+    /// is still open, if any. With one app port and one caller identity,
+    /// the newest parked connection is the one; the search goes further
+    /// back only past other ports' and identities'.
+    pub fn unpark(&self, target: SocketAddr, caller: &SpiffeId) -> Option<C> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let mut at = parked.len();
         while at > 0 {
             at -= 1;
-            if parked[at].target != target {
+            if parked[at].target != target || parked[at].caller != *caller {
                 continue;
             }
             let Some(Parked { conn, since, .. }) = parked.remove(at) else {
@@ -153,9 +180,17 @@ impl<C: Reusable> AppConnections<C> {
 pub struct Upstream<B = RequestBody> {
     pool: Arc<AppConnections<AppConn<B>>>,
     target: SocketAddr,
+    /// The caller's identity: the app connections it takes and parks are
+    /// its own.
+    caller: SpiffeId,
     /// Set once a request is on its way, until [`release`](Self::release);
     /// never locked across an await.
     current: Mutex<Option<AppConn<B>>>,
+    /// Whether the app connection of the request in flight is closed when
+    /// the request is over rather than parked: the request is a `GET` or
+    /// `HEAD` with a body, which an app may read as a request of its own
+    /// and answer after this request's answer.
+    spent: AtomicBool,
 }
 
 impl<B> Upstream<B>
@@ -164,11 +199,17 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub fn new(pool: Arc<AppConnections<AppConn<B>>>, target: SocketAddr) -> Self {
+    pub fn new(
+        pool: Arc<AppConnections<AppConn<B>>>,
+        target: SocketAddr,
+        caller: SpiffeId,
+    ) -> Self {
         Upstream {
             pool,
             target,
+            caller,
             current: Mutex::new(None),
+            spent: AtomicBool::new(false),
         }
     }
 
@@ -183,7 +224,8 @@ where
         authority: &Authority,
         keep: bool,
     ) -> Result<Response<Incoming>, SendError> {
-        prepare(&mut req, authority);
+        let spent = prepare(&mut req, authority);
+        self.spent.store(spent, Ordering::Relaxed);
         loop {
             let (mut app, reused) = match self.checkout() {
                 Some(app) => (app, true),
@@ -229,13 +271,16 @@ where
         let Some(mut app) = self.lock().take() else {
             return;
         };
+        if self.spent.load(Ordering::Relaxed) {
+            return;
+        }
         if app.sender.is_ready() {
-            self.pool.park(self.target, app);
+            self.pool.park(self.target, &self.caller, app);
         } else if !app.sender.is_closed() {
-            let (pool, target) = (self.pool.clone(), self.target);
+            let (pool, target, caller) = (self.pool.clone(), self.target, self.caller.clone());
             tokio::spawn(async move {
                 if app.sender.ready().await.is_ok() {
-                    pool.park(target, app);
+                    pool.park(target, &caller, app);
                 }
             });
         }
@@ -252,10 +297,10 @@ where
     }
 
     /// The app connection this caller's last request kept, else one
-    /// parked to the same app address.
+    /// parked to the same app address for the same identity.
     fn checkout(&self) -> Option<AppConn<B>> {
         let held = self.lock().take();
-        held.or_else(|| self.pool.unpark(self.target))
+        held.or_else(|| self.pool.unpark(self.target, &self.caller))
     }
 }
 
@@ -291,8 +336,9 @@ impl<B> Drop for Upstream<B> {
     /// trusts a parked connection to be ready.
     fn drop(&mut self) {
         let current = self.current.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(app) = current.take().filter(|app| app.sender.is_ready()) {
-            self.pool.park(self.target, app);
+        let spent = *self.spent.get_mut();
+        if let Some(app) = current.take().filter(|app| !spent && app.sender.is_ready()) {
+            self.pool.park(self.target, &self.caller, app);
         }
     }
 }
@@ -303,8 +349,8 @@ impl<B> Drop for Upstream<B> {
 /// a `GET` or `HEAD` body of unknown length (a chunked one), which hyper's
 /// client would otherwise send as no body at all: `Transfer-Encoding:
 /// chunked`, named here since the caller's was removed with the other
-/// hop-by-hop headers.
-fn prepare<B: Body>(req: &mut Request<B>, authority: &Authority) {
+/// hop-by-hop headers. Whether it is a `GET` or `HEAD` with a body.
+fn prepare<B: Body>(req: &mut Request<B>, authority: &Authority) -> bool {
     let mut parts = http::uri::Parts::default();
     if req.method() == Method::CONNECT {
         parts.authority = Some(authority.clone());
@@ -319,14 +365,14 @@ fn prepare<B: Body>(req: &mut Request<B>, authority: &Authority) {
         req.headers_mut().insert(HOST, host);
     }
     let body = req.body();
-    if matches!(*req.method(), Method::GET | Method::HEAD)
-        && !body.is_end_stream()
-        && body.size_hint().exact().is_none()
-        && !req.headers().contains_key(CONTENT_LENGTH)
-    {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) || body.is_end_stream() {
+        return false;
+    }
+    if body.size_hint().exact().is_none() && !req.headers().contains_key(CONTENT_LENGTH) {
         req.headers_mut()
             .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
+    true
 }
 
 #[cfg(test)]
@@ -378,6 +424,10 @@ mod tests {
         (addr, accepted, seen)
     }
 
+    fn web_id() -> SpiffeId {
+        SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap()
+    }
+
     fn get(uri: &str) -> Request<Empty<Bytes>> {
         Request::get(uri).body(Empty::new()).unwrap()
     }
@@ -397,7 +447,7 @@ mod tests {
         let (addr, accepted, seen) = app().await;
         let pool = Arc::new(AppConnections::default());
 
-        let first = Upstream::new(pool.clone(), addr);
+        let first = Upstream::new(pool.clone(), addr, web_id());
         assert_eq!(send(&first, get("http://api.example/a?x=1")).await, 200);
         let mut with_host = get("/b");
         with_host
@@ -412,7 +462,7 @@ mod tests {
         );
 
         // The first caller is idle now, and holds no app connection.
-        let second = Upstream::new(pool.clone(), addr);
+        let second = Upstream::new(pool.clone(), addr, web_id());
         assert_eq!(send(&second, get("/c")).await, 200);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -445,12 +495,12 @@ mod tests {
         let (admin, admin_accepted, admin_seen) = app().await;
         let pool = Arc::new(AppConnections::default());
 
-        let to_web = Upstream::new(pool.clone(), web);
+        let to_web = Upstream::new(pool.clone(), web, web_id());
         assert_eq!(send(&to_web, get("/public")).await, 200);
         drop(to_web);
         assert_eq!(pool.parked(), 1);
 
-        let to_admin = Upstream::new(pool.clone(), admin);
+        let to_admin = Upstream::new(pool.clone(), admin, web_id());
         assert_eq!(send(&to_admin, get("/admin")).await, 200);
         drop(to_admin);
         assert_eq!(
@@ -462,7 +512,7 @@ mod tests {
 
         // Each port's parked connection is still there for its own callers.
         assert_eq!(pool.parked(), 2);
-        let again = Upstream::new(pool.clone(), web);
+        let again = Upstream::new(pool.clone(), web, web_id());
         assert_eq!(send(&again, get("/public/2")).await, 200);
         assert_eq!(
             web_accepted.load(Ordering::SeqCst),
@@ -505,7 +555,7 @@ mod tests {
         });
 
         let pool = Arc::new(AppConnections::default());
-        let upstream = Upstream::new(pool.clone(), addr);
+        let upstream = Upstream::new(pool.clone(), addr, web_id());
         for round in 1..=3 {
             assert_eq!(send(&upstream, get("/")).await, 200, "request {round}");
             // Until the sidecar has seen the close, the next request could
@@ -524,5 +574,68 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         drop(upstream);
         assert_eq!(pool.parked(), 0, "a closed connection was parked");
+    }
+
+    #[tokio::test]
+    async fn a_connection_parked_for_one_identity_never_carries_anothers_request() {
+        let (addr, accepted, _) = app().await;
+        let pool = Arc::new(AppConnections::default());
+        let web = Upstream::new(pool.clone(), addr, web_id());
+        assert_eq!(send(&web, get("/")).await, 200);
+        drop(web);
+        assert_eq!(pool.parked(), 1);
+
+        let other = SpiffeId::parse("spiffe://td/ns/b/sa/api").unwrap();
+        let api = Upstream::new(pool.clone(), addr, other);
+        assert_eq!(send(&api, get("/")).await, 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "another identity's request went out on web's app connection"
+        );
+        drop(api);
+        assert_eq!(pool.parked(), 2, "each identity's connection is parked");
+
+        // web's own is still there for it.
+        let web = Upstream::new(pool.clone(), addr, web_id());
+        assert_eq!(send(&web, get("/")).await, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_app_connection_of_a_get_with_a_body_is_closed_not_parked() {
+        let (addr, accepted, _) = app().await;
+        let pool = Arc::new(AppConnections::default());
+        let upstream = Upstream::new(pool.clone(), addr, web_id());
+        let authority = Authority::from_maybe_shared(addr.to_string()).unwrap();
+        let with_body = Request::get("/")
+            .body(http_body_util::Full::new(Bytes::from_static(
+                b"GET /admin HTTP/1.1\r\n\r\n",
+            )))
+            .unwrap();
+        let response = upstream.send(with_body, &authority, true).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        upstream.release();
+        drop(upstream);
+        assert_eq!(pool.parked(), 0, "its app connection was parked");
+
+        // The next request, without a body, takes a new one and parks it.
+        let upstream = Upstream::new(pool.clone(), addr, web_id());
+        let authority = Authority::from_maybe_shared(addr.to_string()).unwrap();
+        let response = upstream
+            .send(get_full("/"), &authority, true)
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        upstream.release();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.parked(), 1);
+    }
+
+    fn get_full(uri: &str) -> Request<http_body_util::Full<Bytes>> {
+        Request::get(uri)
+            .body(http_body_util::Full::default())
+            .unwrap()
     }
 }
