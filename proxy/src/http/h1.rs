@@ -286,17 +286,6 @@ impl Reusable for AppStream {
         let mut probe = [0u8; 1];
         !matches!(self.0.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
-
-    /// As [`is_closed`](Self::is_closed), but asking the socket itself
-    /// (one system call, as the connection is parked after an answer):
-    /// bytes that came after the answer was read, before the runtime has
-    /// noticed them (an app answering one request twice), keep the
-    /// connection from the next request.
-    fn unfit_to_park(&self) -> bool {
-        let mut probe = [std::mem::MaybeUninit::uninit(); 1];
-        let peeked = socket2::SockRef::from(&self.0).peek(&mut probe);
-        !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 /// How [`serve`] ended.
@@ -2082,7 +2071,6 @@ mod tests {
 
     use super::*;
     use crate::http::testing::{id, no_admin};
-    use crate::http::upstream::AppConnections;
     use crate::http::{Connection, Http};
     use crate::metrics::Metrics;
     use http_body_util::Full;
@@ -3454,33 +3442,5 @@ mod tests {
         );
         assert_eq!(seen[0].1, b"hello");
         assert!(seen[2].0.contains("\r\nx-after: 1\r\n"), "{}", seen[2].0);
-    }
-
-    #[tokio::test]
-    async fn an_app_connection_with_an_answer_nobody_asked_for_is_not_parked() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let app = listener.local_addr().unwrap();
-        let ours = TcpStream::connect(app).await.unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        // As after an answer read to its end: nothing more to read, as far
-        // as the runtime knows.
-        let mut buf = [0u8; 64];
-        let read = ours.try_read(&mut buf);
-        assert!(matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock));
-        // The app's second answer to the one request, come since (an app
-        // that read the request's body as a request of its own).
-        std::io::Write::write_all(
-            &mut theirs,
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray",
-        )
-        .unwrap();
-
-        let pool = AppConnections::default();
-        let web = id("/ns/a/sa/web");
-        pool.park(app, &web, AppStream(ours));
-        assert!(
-            pool.unpark(app, &web).is_none(),
-            "a connection with a stray answer waiting was parked for the next request"
-        );
     }
 }

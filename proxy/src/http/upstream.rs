@@ -71,13 +71,6 @@ pub enum SendError {
 pub trait Reusable {
     /// Whether the app has closed it, as far as the runtime has noticed.
     fn is_closed(&self) -> bool;
-
-    /// Whether it cannot be parked: asked once, as it is parked, so it may
-    /// look further than [`is_closed`](Self::is_closed) (at the socket
-    /// itself, for bytes that came after its last answer).
-    fn unfit_to_park(&self) -> bool {
-        self.is_closed()
-    }
 }
 
 /// An app connection hyper drives: the sender of its requests, and the
@@ -122,11 +115,13 @@ impl<C> Default for AppConnections<C> {
 }
 
 impl<C: Reusable> AppConnections<C> {
-    /// Parks `conn` for a later request of `caller`, unless it is unfit
-    /// (the app closed it, or sent bytes no request asked for); drops the
-    /// connections parked too long, and the oldest beyond [`MAX_PARKED`].
+    /// Parks `conn` for a later request of `caller`, unless the app closed
+    /// it or sent bytes no request asked for (as far as the runtime has
+    /// noticed: asking the socket itself would cost a system call on every
+    /// request); drops the connections parked too long, and the oldest
+    /// beyond [`MAX_PARKED`].
     pub fn park(&self, target: SocketAddr, caller: &SpiffeId, conn: C) {
-        if conn.unfit_to_park() {
+        if conn.is_closed() {
             return;
         }
         let now = Instant::now();
