@@ -348,6 +348,33 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
     let out = failing_init(&["--exclude-outbound-ports", "5432"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert_eq!(ns.nat(Family::V4), before);
+
+    // The pod's own rules after our jumps (a CNI's, say): still after them, in order.
+    ns.restore(
+        Family::V4,
+        "*nat\n-A PREROUTING -s 10.9.0.0/16 -j RETURN\n\
+         -A OUTPUT -d 10.9.9.9/32 -j RETURN\nCOMMIT\n",
+    );
+    let before = ns.nat(Family::V4);
+    let after_ours = |table: &str, ours: &str, theirs: &str| {
+        let at = |rule: &str| table.lines().position(|l| l == rule).unwrap();
+        at(ours) < at(theirs)
+    };
+    assert!(
+        after_ours(
+            &before,
+            "-A OUTPUT -p tcp -j TRELLIS_OUTPUT",
+            "-A OUTPUT -d 10.9.9.9/32 -j RETURN"
+        ) && after_ours(
+            &before,
+            "-A PREROUTING -p tcp -j TRELLIS_INBOUND",
+            "-A PREROUTING -s 10.9.0.0/16 -j RETURN"
+        ),
+        "{before}"
+    );
+    let out = failing_init(&["--exclude-outbound-ports", "5432"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(ns.nat(Family::V4), before);
 }
 
 /// Not a test by itself: the child processes' entry ([`init::child_process_entry`]).

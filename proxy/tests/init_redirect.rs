@@ -285,6 +285,30 @@ fn a_failed_filter_table_leaves_the_nat_table_as_it_was() {
     assert_eq!(nat_of(&pod, "iptables-legacy-save").unwrap(), before);
     assert!(!filter().contains("TRELLIS"), "{}", filter());
 
+    // The pod's own rules after our jumps (a CNI's, say): still after them, in order.
+    for rule in [
+        ["PREROUTING", "-s", "10.9.0.0/16"],
+        ["OUTPUT", "-d", "10.9.9.9/32"],
+    ] {
+        let added = pod
+            .exec("iptables-legacy")
+            .args(["-w", "10", "-t", "nat", "-A"])
+            .args(rule)
+            .args(["-j", "RETURN"])
+            .status()
+            .unwrap();
+        assert!(added.success());
+    }
+    let before = nat_of(&pod, "iptables-legacy-save").unwrap();
+    assert!(
+        before.contains("-A OUTPUT -p tcp -j TRELLIS_OUTPUT\n-A OUTPUT -d 10.9.9.9/32 -j RETURN\n"),
+        "{before}"
+    );
+    let out = failing_init(&[&deny[..], &["--exclude-outbound-ports", "5432"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(nat_of(&pod, "iptables-legacy-save").unwrap(), before);
+    assert!(!filter().contains("TRELLIS"), "{}", filter());
+
     // The retry that works installs both tables.
     ok(&pod.init(&legacy(&deny)));
     assert!(

@@ -55,9 +55,11 @@
 //! our chains. iptables-nft applies it whole or not at all; iptables-legacy commits it
 //! table by table, so a failing filter table can leave the nat table changed. When a
 //! change fails, what of ours every family held before is put back: the failing family's
-//! tables that did change, and IPv4 when IPv6 fails after it. The error names the table
-//! and line that failed. Running twice gives the same rules; `--cleanup` removes exactly
-//! our chains and jumps and does nothing when there are none.
+//! tables that did change, and IPv4 when IPv6 fails after it. Our chains get their rules
+//! back and each jump goes back to its number in its chain, so the pod's own rules after
+//! it stay after it. The error names the table and line that failed. Running twice gives
+//! the same rules; `--cleanup` removes exactly our chains and jumps and does nothing when
+//! there are none.
 //!
 //! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
 //! allowed (not root / no NET_ADMIN), 1 anything else.

@@ -269,8 +269,10 @@ fn cleanup_input_of(table: Table, current: &NatTable) -> Option<String> {
 /// The `iptables-restore --noflush` input that puts back what was ours in `previous`
 /// (read before a change) when the table now holds `now`: used to undo what changed when
 /// a change fails (the IPv4 one when IPv6 fails; the nat table when iptables-legacy fails
-/// in the filter table after committing it), so a failure leaves nothing half done.
-/// Both tables: `previous` and `now` are (nat, filter).
+/// in the filter table after committing it), so a failure leaves nothing half done. Our
+/// chains get their rules back and each jump goes back to its number in its chain, so
+/// the table reads as it did, order included. Both tables: `previous` and `now` are
+/// (nat, filter).
 pub fn revert_all_input(previous: (&NatTable, &NatTable), now: (&NatTable, &NatTable)) -> String {
     let mut out = revert_input_of(Table::Nat, previous.0, now.0);
     if previous.1.holds_ours() || now.1.holds_ours() {
@@ -302,9 +304,12 @@ fn revert_input_of(table: Table, previous: &NatTable, now: &NatTable) -> String 
         out.push_str(rule);
         out.push('\n');
     }
+    // Each jump goes back to the place it had in its chain: rules the pod holds after it
+    // (an earlier run's, a CNI's) stay after it. With ours deleted the chain holds only
+    // the others, unchanged, so inserting in the order they were read puts every one back
+    // at its number.
     for rule in &previous.references {
-        out.push_str(&rule.line);
-        out.push('\n');
+        out.push_str(&rule.insert());
     }
     out.push_str("COMMIT\n");
     out
@@ -316,12 +321,27 @@ pub struct Reference {
     pub chain: String,
     /// The rule as `iptables-save` printed it, starting with `-A CHAIN`.
     pub line: String,
+    /// Its number in its chain (1 for the first rule), counting every rule there.
+    pub position: usize,
 }
 
 impl Reference {
+    /// The rule without `-A `: the chain and what follows.
+    fn spec(&self) -> &str {
+        self.line.strip_prefix("-A ").unwrap_or(&self.line)
+    }
+
     fn delete(&self) -> String {
-        let spec = self.line.strip_prefix("-A ").unwrap_or(&self.line);
-        format!("-D {spec}\n")
+        format!("-D {}\n", self.spec())
+    }
+
+    /// Puts the rule back at its number in its chain.
+    fn insert(&self) -> String {
+        let rest = self
+            .spec()
+            .strip_prefix(self.chain.as_str())
+            .unwrap_or_default();
+        format!("-I {} {}{rest}\n", self.chain, self.position)
     }
 }
 
@@ -346,6 +366,8 @@ impl NatTable {
     pub fn parse_table(save: &str, which: Table) -> NatTable {
         let mut table = NatTable::default();
         let mut in_table = false;
+        // How many rules each chain not ours has shown so far.
+        let mut counts: std::collections::HashMap<&str, usize> = Default::default();
         for line in save.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix('*') {
                 in_table = name == which.name();
@@ -366,6 +388,8 @@ impl NatTable {
                     table.rules.push(line.to_owned());
                     continue;
                 }
+                let position = counts.entry(chain).or_default();
+                *position += 1;
                 let mut target = None;
                 let mut prev = "";
                 for word in words {
@@ -378,6 +402,7 @@ impl NatTable {
                     table.references.push(Reference {
                         chain: chain.to_owned(),
                         line: line.to_owned(),
+                        position: *position,
                     });
                 }
             }
@@ -662,10 +687,12 @@ COMMIT
                 Reference {
                     chain: "PREROUTING".into(),
                     line: "-A PREROUTING -p tcp -j TRELLIS_INBOUND".into(),
+                    position: 1,
                 },
                 Reference {
                     chain: "OUTPUT".into(),
                     line: "-A OUTPUT -p tcp -j TRELLIS_OUTPUT".into(),
+                    position: 2,
                 },
             ]
         );
@@ -753,10 +780,42 @@ COMMIT
                 ":TRELLIS_OUT_REDIRECT - [0:0]",
                 "-A TRELLIS_INBOUND -p tcp -j TRELLIS_IN_REDIRECT",
                 "-A TRELLIS_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
-                "-A PREROUTING -p tcp -j TRELLIS_INBOUND",
-                "-A OUTPUT -p tcp -j TRELLIS_OUTPUT",
+                "-I PREROUTING 1 -p tcp -j TRELLIS_INBOUND",
+                "-I OUTPUT 2 -p tcp -j TRELLIS_OUTPUT",
                 "COMMIT",
             ]
         );
+    }
+
+    #[test]
+    fn revert_puts_each_jump_back_at_its_number_in_its_chain() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            :TRELLIS_OUTPUT - [0:0]\n\
+            -A PREROUTING -s 10.0.0.0/8 -j RETURN\n\
+            -A OUTPUT -p tcp -j TRELLIS_OUTPUT\n\
+            -A PREROUTING -p tcp -j TRELLIS_INBOUND\n\
+            -A OUTPUT -d 10.9.9.9/32 -j RETURN\n\
+            -A OUTPUT -p udp -j TRELLIS_OUTPUT\n\
+            -A TRELLIS_OUTPUT -j RETURN\nCOMMIT\n";
+        let before = NatTable::parse(save);
+        let positions: Vec<(&str, usize)> = before
+            .references
+            .iter()
+            .map(|r| (r.chain.as_str(), r.position))
+            .collect();
+        assert_eq!(positions, [("OUTPUT", 1), ("PREROUTING", 2), ("OUTPUT", 3)]);
+
+        let input = revert_input_of(Table::Nat, &before, &NatTable::default());
+        let inserts: Vec<&str> = input.lines().filter(|l| l.starts_with("-I")).collect();
+        assert_eq!(
+            inserts,
+            [
+                "-I OUTPUT 1 -p tcp -j TRELLIS_OUTPUT",
+                "-I PREROUTING 2 -p tcp -j TRELLIS_INBOUND",
+                "-I OUTPUT 3 -p udp -j TRELLIS_OUTPUT",
+            ]
+        );
+        assert!(!input.contains("\n-A PREROUTING"), "{input}");
+        assert!(!input.contains("\n-A OUTPUT"), "{input}");
     }
 }
