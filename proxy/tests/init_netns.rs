@@ -377,6 +377,83 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
     assert_eq!(ns.nat(Family::V4), before);
 }
 
+/// When a family cannot be put back, the others still are, and the error says which were
+/// and which were not, and what to do: the namespace may hold half our rules.
+#[test]
+fn a_revert_that_fails_for_one_family_still_reverts_the_other_and_says_so() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("init");
+    let programs = [
+        "iptables-nft-save",
+        "iptables-nft-restore",
+        "ip6tables-nft-save",
+        "ip6tables-nft-restore",
+    ];
+    let (Some([save4, restore4, save6, restore6]), true) = (
+        programs
+            .iter()
+            .map(|p| on_path(p))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|found| <[_; 4]>::try_from(found).ok()),
+        ipv6_usable(&ns) && nat_of(&ns, "iptables-nft-save").is_some(),
+    ) else {
+        common::machine::note("skipped: needs iptables-nft with IPv6");
+        return;
+    };
+    // A PATH where the IPv4 change works and putting it back does not, and the IPv6
+    // change is made but reported failed, and putting it back works.
+    let bin = tempfile::tempdir().unwrap();
+    for (name, target) in [("iptables-nft-save", save4), ("ip6tables-nft-save", save6)] {
+        std::os::unix::fs::symlink(target, bin.path().join(name)).unwrap();
+    }
+    let script = |name: &str, first: String, second: String| {
+        let path = bin.path().join(name);
+        let calls = bin.path().join(format!("{name}.calls"));
+        let text = format!(
+            "#!/bin/sh\nif [ -e {calls} ]; then\n{second}\nelse\n: > {calls}\n{first}\nfi\n",
+            calls = calls.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    script(
+        "iptables-nft-restore",
+        format!("exec {} \"$@\"", restore4.display()),
+        "echo 'simulated revert failure' >&2; exit 4".into(),
+    );
+    script(
+        "ip6tables-nft-restore",
+        format!(
+            "{} \"$@\"; echo 'simulated failure' >&2; exit 1",
+            restore6.display()
+        ),
+        format!("exec {} \"$@\"", restore6.display()),
+    );
+
+    let before = (ns.nat(Family::V4), ns.nat(Family::V6));
+    let out = ns
+        .child("init", &["--backend", "nft", "--ipv6", "on"])
+        .env(WITH_PATH, bin.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        "error: ip6tables-nft-restore failed (exit status: 1): simulated failure; the IPv6 \
+         change was reverted, but reverting the IPv4 change failed too (iptables-nft-restore \
+         failed (exit status: 4): simulated revert failure): the pod's IPv4 rules may be left \
+         half changed, so some of its traffic may bypass the sidecar; delete the pod so that \
+         it starts again in a new network namespace",
+        "{stderr}"
+    );
+    assert_eq!(ns.nat(Family::V6), before.1);
+    assert_ne!(ns.nat(Family::V4), before.0);
+}
+
 /// Not a test by itself: the child processes' entry ([`init::child_process_entry`]).
 #[test]
 fn child_process_entry() {

@@ -57,8 +57,10 @@
 //! change fails, what of ours every family held before is put back: the failing family's
 //! tables that did change, and IPv4 when IPv6 fails after it. Our chains get their rules
 //! back and each jump goes back to its number in its chain, so the pod's own rules after
-//! it stay after it. The error names the table and line that failed. Running twice gives
-//! the same rules; `--cleanup` removes exactly our chains and jumps and does nothing when
+//! it stay after it. The error names the table and line that failed; when a family cannot
+//! be put back the others still are, and the error names which were and which were not
+//! and says to delete the pod (its rules may be half changed). Running twice gives the
+//! same rules; `--cleanup` removes exactly our chains and jumps and does nothing when
 //! there are none.
 //!
 //! Exit codes: 0 done, 64 invalid flags, 69 an iptables program is missing, 77 not
@@ -262,13 +264,13 @@ pub enum InitError {
         failed: IptablesError,
         reverted: Vec<Family>,
     },
-    #[error(
-        "{failed}; reverting the {applied} change failed too ({revert}): check `iptables-save`"
-    )]
+    #[error("{failed}; {}", partly_reverted(.reverted, .unreverted))]
     RevertFailed {
         failed: IptablesError,
-        applied: Family,
-        revert: Box<IptablesError>,
+        /// The families whose change was put back.
+        reverted: Vec<Family>,
+        /// The families whose change could not be put back, and why.
+        unreverted: Vec<(Family, IptablesError)>,
     },
     #[error("could not write the rules: {0}")]
     Output(#[from] std::io::Error),
@@ -276,11 +278,48 @@ pub enum InitError {
 
 /// `the IPv4 change was`, `the IPv4 and IPv6 changes were`.
 fn changes(families: &[Family]) -> String {
-    let names: Vec<String> = families.iter().map(Family::to_string).collect();
-    match names.len() {
-        1 => format!("the {} change was", names[0]),
-        _ => format!("the {} changes were", names.join(" and ")),
+    let verb = if families.len() == 1 { "was" } else { "were" };
+    format!("{} {verb}", changes_of(families))
+}
+
+/// `the IPv4 change`, `the IPv4 and IPv6 changes`.
+fn changes_of(families: &[Family]) -> String {
+    let names = names(families);
+    match families.len() {
+        1 => format!("the {names} change"),
+        _ => format!("the {names} changes"),
     }
+}
+
+/// `IPv4`, `IPv4 and IPv6`.
+fn names(families: &[Family]) -> String {
+    let names: Vec<String> = families.iter().map(Family::to_string).collect();
+    names.join(" and ")
+}
+
+/// What was put back and what could not be, and what the operator has to do about it.
+fn partly_reverted(reverted: &[Family], unreverted: &[(Family, IptablesError)]) -> String {
+    let put_back = if reverted.is_empty() {
+        String::new()
+    } else {
+        format!("{} reverted, but ", changes(reverted))
+    };
+    let families: Vec<Family> = unreverted.iter().map(|(family, _)| *family).collect();
+    let why = match unreverted {
+        [(_, error)] => error.to_string(),
+        _ => unreverted
+            .iter()
+            .map(|(family, error)| format!("{family}: {error}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    format!(
+        "{put_back}reverting {} failed too ({why}): the pod's {} rules may be left half \
+         changed, so some of its traffic may bypass the sidecar; delete the pod so that it \
+         starts again in a new network namespace",
+        changes_of(&families),
+        names(&families),
+    )
 }
 
 impl InitError {
@@ -525,6 +564,9 @@ impl Saved {
 /// last one perhaps only in part) after a change failed.
 fn revert(applied: Vec<(Tables, Saved)>, failed: IptablesError) -> InitError {
     let mut reverted = Vec::new();
+    let mut unreverted = Vec::new();
+    // Each family is put back on its own: one that cannot be must not keep the others
+    // from being.
     for (tables, previous) in applied {
         let undo = tables
             .save_nat()
@@ -542,16 +584,16 @@ fn revert(applied: Vec<(Tables, Saved)>, failed: IptablesError) -> InitError {
         match undo {
             Ok(true) => reverted.push(tables.family),
             Ok(false) => {}
-            Err(revert) => {
-                return InitError::RevertFailed {
-                    failed,
-                    applied: tables.family,
-                    revert: Box::new(revert),
-                };
-            }
+            Err(revert) => unreverted.push((tables.family, revert)),
         }
     }
-    if reverted.is_empty() {
+    if !unreverted.is_empty() {
+        InitError::RevertFailed {
+            failed,
+            reverted,
+            unreverted,
+        }
+    } else if reverted.is_empty() {
         InitError::Iptables(failed)
     } else {
         InitError::Reverted { failed, reverted }
@@ -798,6 +840,51 @@ fe800000000000000c1a2bfffe3d4e5f 02 40 20 80     eth0
             reverted(vec![Family::V4, Family::V6]),
             format!(
                 "{failed}; the IPv4 and IPv6 changes were reverted, so nothing is left half done"
+            )
+        );
+    }
+
+    #[test]
+    fn a_revert_that_fails_names_what_was_put_back_and_what_was_not() {
+        let revert_refused = || IptablesError::Failed {
+            program: "ip6tables-nft-restore",
+            status: "exit status: 4".into(),
+            detail: "Resource temporarily unavailable".into(),
+        };
+        let failed = "ip6tables-nft-restore failed (exit status: 1): no IPv6 nat table";
+        let refusal = "ip6tables-nft-restore failed (exit status: 4): Resource temporarily \
+                       unavailable";
+        let advice = "delete the pod so that it starts again in a new network namespace";
+
+        let error = InitError::RevertFailed {
+            failed: refused(),
+            reverted: vec![Family::V4],
+            unreverted: vec![(Family::V6, revert_refused())],
+        };
+        assert_eq!(error.exit_code(), 1);
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{failed}; the IPv4 change was reverted, but reverting the IPv6 change failed \
+                 too ({refusal}): the pod's IPv6 rules may be left half changed, so some of its \
+                 traffic may bypass the sidecar; {advice}"
+            )
+        );
+
+        let error = InitError::RevertFailed {
+            failed: refused(),
+            reverted: vec![],
+            unreverted: vec![
+                (Family::V4, revert_refused()),
+                (Family::V6, revert_refused()),
+            ],
+        };
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{failed}; reverting the IPv4 and IPv6 changes failed too (IPv4: {refusal}; \
+                 IPv6: {refusal}): the pod's IPv4 and IPv6 rules may be left half changed, so \
+                 some of its traffic may bypass the sidecar; {advice}"
             )
         );
     }
