@@ -65,6 +65,14 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// control-plane benchmark at most 32 on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
+/// The largest reflection request read (a message of the reflection
+/// stream); a larger one ends the stream. Reflection is served without a
+/// client certificate, so that `grpcurl` lists and describes the services;
+/// its requests name a file or a symbol, well under this, and tonic's
+/// default of 4 MiB would let anyone make each of a connection's
+/// [`MAX_STREAMS_PER_CONNECTION`] streams buffer that much.
+pub const MAX_REFLECTION_REQUEST_BYTES: usize = 4 * 1024;
+
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -398,10 +406,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()?
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
     let incoming = grpc.run(shutdown_rx.clone(), metrics.clone());
     let mut stop = shutdown_rx.clone();
     let serve = tonic::transport::Server::builder()

@@ -1,0 +1,121 @@
+//! The gRPC port against clients that hold what it gives them without a
+//! client certificate: a reflection stream that announces a huge message.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// Far longer than anything awaited here takes, so that a test fails
+/// instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(40);
+
+/// What keeps a request's body open: dropped, the body ends.
+type BodySender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+/// Calls `path` on a TLS connection without a client certificate, with
+/// one message whose gRPC length prefix announces `announced` bytes, of
+/// which `sent` are sent and the rest never: the answer's head, and what
+/// keeps the request open.
+async fn stalled_call(
+    cp: &ControlPlane,
+    path: &str,
+    announced: u32,
+    sent: usize,
+) -> (http::Response<Incoming>, BodySender) {
+    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(None)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake without a client certificate");
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
+            tls,
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (body, rx) = mpsc::channel(4);
+    let mut message = vec![0u8];
+    message.extend_from_slice(&announced.to_be_bytes());
+    message.resize(5 + sent, 0x0a);
+    body.send(Ok(Frame::data(Bytes::from(message))))
+        .await
+        .unwrap();
+    let request = http::Request::post(format!("http://{}{path}", cp.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .unwrap_or_else(|_| panic!("{path} never answered"))
+        .expect("an answer");
+    (answer, body)
+}
+
+/// A reflection stream whose message announces more than reflection reads
+/// (tonic's default of 4 MiB, in the length prefix) and stalls is ended
+/// at once, none of it buffered; reflection still answers a real request
+/// without a client certificate, and a Certify goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_oversized_reflection_request_is_ended_and_others_are_served() {
+    let cp = ControlPlane::start(&[]);
+    let announced = 4 * 1024 * 1024 - 16;
+    let (answer, _body) = stalled_call(&cp, REFLECTION, announced, 64 * 1024).await;
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    let ended = tokio::time::timeout(PATIENCE, answer.into_body().collect())
+        .await
+        .expect("a reflection stream announcing 4 MiB was held open")
+        .expect("the stream ends cleanly");
+    assert!(
+        ended.trailers().is_some(),
+        "the stream ended with its trailers"
+    );
+    assert!(ended.to_bytes().is_empty(), "nothing answered");
+    assert!(MAX_REFLECTION_REQUEST_BYTES < announced as usize);
+
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(None)))
+        .await
+        .unwrap();
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .expect("reflection without a client certificate")
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    let Some(MessageResponse::ListServicesResponse(services)) = answer.message_response else {
+        panic!("not a list of services: {answer:?}");
+    };
+    assert!(
+        services
+            .service
+            .iter()
+            .any(|s| s.name == "trellis.identity.v1.Identity"),
+        "{services:?}"
+    );
+
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+}
