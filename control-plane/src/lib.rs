@@ -13,6 +13,7 @@
 pub mod admin_http;
 pub mod api;
 pub mod authn;
+pub mod body_deadline;
 pub mod ca;
 pub mod config;
 pub mod ctl;

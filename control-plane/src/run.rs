@@ -38,6 +38,7 @@ use crate::api::policy::stored_warnings;
 use crate::api::replica::{ReplicaService, Replicas};
 use crate::api::{Mesh, OnlyCaller};
 use crate::authn::tokenreview::TokenReviewer;
+use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
 use crate::ca::files::{BUNDLE, ensure_admin_credential, open_ca};
 use crate::ca::secret::{NewRoot, open_ca_secret};
@@ -417,6 +418,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(BodyDeadlineLayer)
         .add_service(
             IdentityServer::new(
                 IdentityService::new(mesh.clone())

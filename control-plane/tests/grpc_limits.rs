@@ -1,5 +1,6 @@
 //! The gRPC port against clients that hold what it gives them without a
-//! client certificate: a reflection stream that announces a huge message.
+//! client certificate: a reflection stream that announces a huge message,
+//! a unary call whose request never arrives in full.
 
 mod common;
 
@@ -19,10 +20,12 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const CERTIFY: &str = "/trellis.identity.v1.Identity/Certify";
 
 /// Far longer than anything awaited here takes, so that a test fails
 /// instead of hanging.
@@ -72,6 +75,30 @@ async fn stalled_call(
     (answer, body)
 }
 
+/// A gRPC header of `headers`, its percent-encoding undone.
+fn grpc_header(headers: &http::HeaderMap, name: &str) -> String {
+    let raw = headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in {headers:?}"))
+        .as_bytes();
+    let mut decoded = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], raw.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                let hex = std::str::from_utf8(hex).unwrap();
+                decoded.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).unwrap()
+}
+
 /// A reflection stream whose message announces more than reflection reads
 /// (tonic's default of 4 MiB, in the length prefix) and stalls is ended
 /// at once, none of it buffered; reflection still answers a real request
@@ -117,5 +144,27 @@ async fn a_stalled_oversized_reflection_request_is_ended_and_others_are_served()
         "{services:?}"
     );
 
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+}
+
+/// A Certify whose message never arrives in full is ended with
+/// DEADLINE_EXCEEDED once [`REQUEST_BODY_TIMEOUT`] has passed, instead of
+/// holding what it sent for as long as its client keeps the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_whose_request_stalls_is_ended() {
+    let cp = ControlPlane::start(&[]);
+    let (answer, _body) = stalled_call(&cp, CERTIFY, 1000, 10).await;
+    let headers = answer.headers();
+    assert_eq!(
+        grpc_header(headers, "grpc-status"),
+        (tonic::Code::DeadlineExceeded as i32).to_string()
+    );
+    assert_eq!(
+        grpc_header(headers, "grpc-message"),
+        format!(
+            "the request did not arrive in full within {} of its headers",
+            trellis_core::duration::Words(REQUEST_BODY_TIMEOUT)
+        )
+    );
     enroll(&cp, WEB, "127.0.0.1:7000").await;
 }
