@@ -291,6 +291,21 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_TRUST_REPORTED_ADDRESSES")]
     pub trust_reported_addresses: bool,
 
+    /// Connections to the gRPC port one client address may hold at once,
+    /// from their accept (waiting for their TLS handshake, in it or
+    /// served), from 1 to 65536; one more is closed as it is accepted.
+    /// Sidecars dial from their pods' addresses and hold one or two each:
+    /// raise it only where many reach the control plane from one address
+    /// (through a NAT, or simulated on one host).
+    #[arg(
+        long,
+        env = "TRELLIS_MAX_GRPC_CONNECTIONS_PER_CLIENT",
+        value_name = "N",
+        default_value_t = crate::server::MAX_CONNECTIONS_PER_CLIENT,
+        value_parser = trellis_core::h2_limits::parse_total
+    )]
+    pub max_grpc_connections_per_client: usize,
+
     /// Kubernetes API server URL (https://HOST:PORT); in a pod it defaults to
     /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
     #[arg(long, env = "TRELLIS_KUBE_API")]

@@ -23,6 +23,7 @@ pub struct Metrics {
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
@@ -72,6 +73,12 @@ impl Metrics {
     /// limit that refused it (`per_client` or `total`).
     pub fn webhook_connection_refused(&self, reason: &'static str) {
         count(&self.webhook_connections_refused, reason);
+    }
+
+    /// A connection to the gRPC port closed as it was accepted, by the
+    /// limit that refused it (`per_client` or `total`).
+    pub fn grpc_connection_refused(&self, reason: &'static str) {
+        count(&self.grpc_connections_refused, reason);
     }
 
     /// A connection to the admin port closed as it was accepted, by the
@@ -186,6 +193,15 @@ impl Metrics {
                 .webhook_connections_refused
                 .lock()
                 .expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_grpc_connections_refused_total",
+            "Connections to the gRPC port closed as they were accepted, before their TLS \
+             handshake, by the limit that refused them: per_client (as many open from the \
+             client's address as one may hold) or total (every slot taken, none from an address \
+             holding more).",
+            &self.grpc_connections_refused.lock().expect("not poisoned"),
         );
         render_family(
             &mut out,

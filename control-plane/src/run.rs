@@ -356,7 +356,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let serving = ServingCert::new(ca.clone(), &config.dns_names, config.listen.ip())?;
     let tls = server_config(&ca, serving.clone())?;
-    let grpc = GrpcListener::new(grpc_port, tls);
+    let grpc = GrpcListener::new(grpc_port, tls)
+        .with_max_connections_per_client(config.max_grpc_connections_per_client);
     let replicas = Arc::new(Replicas::new(
         config.replica_name.clone(),
         grpc.local_addr().map_err(RunError::Signal)?.to_string(),

@@ -12,6 +12,11 @@
 //! bounds the CPU of handshakes, not the wait for a client: it is given back
 //! when the handshake ends or after [`TURN_HOLD`], whichever comes first, so
 //! clients that start a handshake and stall cannot keep the others waiting.
+//! Connections are limited in number, in all and from one client address
+//! ([`MAX_CONNECTIONS`], [`MAX_CONNECTIONS_PER_CLIENT`]), from their
+//! accept: one address's stalled handshakes hold few turns, and one client
+//! cannot make the control plane hold the requests of connections without
+//! end.
 //! Handshake failures are counted by a bounded reason, and logged at most
 //! once per reason per [`REFUSAL_LOG_PAUSE`]: a scanner, plaintext probes
 //! or a client failing its handshake in a loop write one line per reason
@@ -20,6 +25,7 @@
 //! This module authenticates connections; it never authorizes a request.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -39,6 +45,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use trellis_core::SpiffeId;
+use trellis_core::connections::{Admitted, ConnectionLimits};
 use trellis_core::gather::GatheredWrites;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal::refuse_plaintext;
@@ -80,6 +87,37 @@ pub const TURN_HOLD: Duration = Duration::from_secs(1);
 /// The longest an accepted connection waits for its handshake's turn; a
 /// client still there after it is closed (and retries with backoff).
 pub const HANDSHAKE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// gRPC connections served at once, those still waiting for or in their
+/// handshake among them; more are closed as they are accepted. Each holds
+/// a file descriptor and may hold up to [`crate::run::MAX_STREAMS_PER_CONNECTION`]
+/// requests being read: a sidecar holds one or two, so this leaves room for
+/// the sidecars of a large mesh reconnecting to one replica, while a
+/// client opening connections without end runs into it rather than into
+/// the process's file descriptor limit.
+pub const MAX_CONNECTIONS: usize = 16384;
+
+/// gRPC connections one client address may hold at once by default
+/// (`--max-grpc-connections-per-client`), from the moment
+/// they are accepted (waiting for a handshake's turn, in it, or served).
+/// A sidecar holds one or two and `trellisctl` one a command, so a pod
+/// never needs more; one client cannot hold the memory of more than this
+/// many connections' requests in progress, nor more than this many of the
+/// [`MAX_CONCURRENT_HANDSHAKES`] turns, so that its stalled handshakes do
+/// not keep another client's waiting. With every slot of
+/// [`MAX_CONNECTIONS`] taken, an address holding at least two fewer than
+/// the address holding the most takes a slot from it (its oldest
+/// connection is closed), as on the admin and webhook ports.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+
+/// How a connection closed as it was accepted, past the gRPC port's
+/// connection limits, is logged, with the limit (`reason`, `error`) and
+/// peer.
+const OVER_LIMITS: &str = "gRPC connection refused: past the port's connection limits";
+
+/// What the reads of a connection closed to make way for a client address
+/// holding fewer fail with.
+const EVICTED: &str = "closed to make way for a client address holding fewer connections";
 
 /// How often handshake failures are logged, at most, for each reason: the
 /// first at once, the next after the pause with how many were not logged
@@ -322,10 +360,15 @@ fn presented(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Opt
     })
 }
 
-/// A TLS connection with who is on the other end.
+/// A TLS connection with who is on the other end, and its slot in the
+/// port's connection limits: once told to make way for a client address
+/// holding fewer, its reads fail, which closes it.
 pub struct TlsConn {
     stream: GatheredWrites<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: PeerInfo,
+    _admitted: Admitted,
+    /// Resolves once the connection is told to close; none once it has.
+    eviction: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Connected for TlsConn {
@@ -341,7 +384,19 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let evicted = match &mut this.eviction {
+            Some(eviction) => eviction.as_mut().poll(cx).is_ready(),
+            None => true,
+        };
+        if evicted {
+            this.eviction = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                EVICTED,
+            )));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -372,7 +427,7 @@ impl AsyncWrite for TlsConn {
 }
 
 /// How a port's refused connections are counted and logged: the gRPC
-/// port's failed handshakes here, the admission webhook port's failed
+/// port's failed handshakes and connections past its limits here, the admission webhook port's failed
 /// handshakes and connections past its limits (`crate::inject::server`),
 /// the admin port's connections past its limits (`crate::admin_http`),
 /// each into a metric of its own.
@@ -425,6 +480,8 @@ pub struct GrpcListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tls: GrpcTls,
+    total: usize,
+    per_client: usize,
 }
 
 impl GrpcListener {
@@ -440,7 +497,16 @@ impl GrpcListener {
             listener,
             acceptor: TlsAcceptor::from(tls.config.clone()),
             tls,
+            total: MAX_CONNECTIONS,
+            per_client: MAX_CONNECTIONS_PER_CLIENT,
         }
+    }
+
+    /// At most `per_client` connections from one client address, in place
+    /// of [`MAX_CONNECTIONS_PER_CLIENT`] (`--max-grpc-connections-per-client`).
+    pub fn with_max_connections_per_client(mut self, per_client: usize) -> Self {
+        self.per_client = per_client;
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -455,7 +521,9 @@ impl GrpcListener {
     ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
         let turns = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
-        let refusals = Arc::new(Refusals::new(metrics, Metrics::handshake_failed));
+        let refusals = Arc::new(Refusals::new(metrics.clone(), Metrics::handshake_failed));
+        let limits = ConnectionLimits::new(self.total, self.per_client);
+        let over_limits = Refusals::new(metrics, Metrics::grpc_connection_refused);
         tokio::spawn(async move {
             loop {
                 let (tcp, remote) = tokio::select! {
@@ -469,6 +537,15 @@ impl GrpcListener {
                         }
                     },
                     _ = crate::run::stopping(&mut shutdown) => return,
+                };
+                // Counted from the accept, so that connections waiting for
+                // a handshake's turn, or stalled in one, count too.
+                let admitted = match limits.admit(remote.ip()) {
+                    Ok(admitted) => admitted,
+                    Err(refused) => {
+                        over_limits.refuse(remote, refused.reason(), Some(&refused), OVER_LIMITS);
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = self.acceptor.clone();
@@ -566,10 +643,13 @@ impl GrpcListener {
                                 cert_issued_at_unix,
                                 presented,
                             };
+                            let eviction = Some(Box::pin(admitted.eviction()) as Pin<Box<_>>);
                             let _ = tx
                                 .send(Ok(TlsConn {
                                     stream: GatheredWrites::new(stream),
                                     peer,
+                                    _admitted: admitted,
+                                    eviction,
                                 }))
                                 .await;
                         }
@@ -658,10 +738,12 @@ mod tests {
         let mut incoming = listener.run(shutdown, Arc::new(Metrics::default()));
 
         // More stalled clients than there are turns: each has sent the
-        // first byte of a TLS record, so each takes a turn.
+        // first byte of a TLS record, so each takes a turn. From as many
+        // addresses as it takes, each holding all it may.
         let mut stalled = Vec::new();
-        for _ in 0..MAX_CONCURRENT_HANDSHAKES + 16 {
-            let mut tcp = TcpStream::connect(addr).await.unwrap();
+        for i in 0..MAX_CONCURRENT_HANDSHAKES + 16 {
+            let from = 2 + u8::try_from(i / MAX_CONNECTIONS_PER_CLIENT).unwrap();
+            let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, from), addr).await;
             tcp.write_all(&[0x16]).await.unwrap();
             stalled.push(tcp);
         }
@@ -712,6 +794,105 @@ mod tests {
             trellis_core::duration::Words(patience)
         );
         drop(stalled);
+    }
+
+    /// Thousands of clients from one address that send the first byte of
+    /// a handshake and stall hold no more than
+    /// [`MAX_CONNECTIONS_PER_CLIENT`] of the turns: the rest are closed as
+    /// they are accepted, counted by the limit, and a sidecar at another
+    /// address is through its handshake long before
+    /// [`HANDSHAKE_TIMEOUT`], not after turn upon turn of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_handshakes_of_one_address_do_not_hold_up_another() {
+        const STALLED: usize = 3000;
+        let (_, ca, listener, addr) = loopback_listener().await;
+        let (_stop, shutdown) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let mut incoming = listener.run(shutdown, metrics.clone());
+
+        let mut stalled = Vec::new();
+        for _ in 0..STALLED {
+            let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 2), addr).await;
+            // One refused may be closed already.
+            let _ = tcp.write_all(&[0x16]).await;
+            stalled.push(tcp);
+        }
+
+        let config = trusting_the_control_plane(&ca)
+            .unwrap()
+            .with_no_client_auth();
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let patience = HANDSHAKE_TIMEOUT / 2;
+        let handshake = async {
+            let tcp = connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).await;
+            let _client = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("the handshake completes");
+            incoming
+                .next()
+                .await
+                .expect("the listener goes on")
+                .expect("a connection")
+        };
+        let served = tokio::time::timeout(patience, handshake).await;
+        assert!(
+            served.is_ok_and(|conn| conn.peer.remote.ip() == Ipv4Addr::new(127, 0, 0, 3)),
+            "a handshake from another address behind {STALLED} stalled ones was not through \
+             within {}",
+            trellis_core::duration::Words(patience)
+        );
+        let refused = format!(
+            "trellis_grpc_connections_refused_total{{reason=\"per_client\"}} {}\n",
+            STALLED - MAX_CONNECTIONS_PER_CLIENT
+        );
+        let rendered = metrics.render();
+        assert!(rendered.contains(&refused), "{refused}in\n{rendered}");
+        drop(stalled);
+    }
+
+    /// With every slot taken, a connection from an address holding none
+    /// is served, and the oldest connection of the address holding the most
+    /// is closed to make way for it: its reads fail, naming why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_port_closes_the_oldest_connection_of_the_address_holding_most() {
+        let (_, ca, mut listener, addr) = loopback_listener().await;
+        (listener.total, listener.per_client) = (4, 3);
+        let (_stop, shutdown) = watch::channel(false);
+        let mut incoming = listener.run(shutdown, Arc::new(Metrics::default()));
+        let config = trusting_the_control_plane(&ca)
+            .unwrap()
+            .with_no_client_auth();
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let mut clients = Vec::new();
+        let mut served = Vec::new();
+        for from in [2, 2, 2, 3, 4] {
+            let tcp = connect_from(Ipv4Addr::new(127, 0, 0, from), addr).await;
+            let client = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .expect("the handshake completes");
+            clients.push(client);
+            let conn = incoming.next().await.unwrap().unwrap();
+            assert_eq!(conn.peer.remote.ip(), Ipv4Addr::new(127, 0, 0, from));
+            served.push(conn);
+        }
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, served[0].read(&mut buf))
+            .await
+            .expect("the oldest connection of 127.0.0.2 was not closed");
+        let error = read.expect_err("its read fails");
+        assert_eq!(error.to_string(), EVICTED);
+        drop(clients);
+    }
+
+    /// A TCP connection to `addr` from the loopback address `from`.
+    async fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from.into(), 0)).unwrap();
+        socket.connect(addr).await.unwrap()
     }
 
     /// A flood of failed handshakes - plaintext clients, clients whose

@@ -1,6 +1,7 @@
 //! The gRPC port against clients that hold what it gives them without a
 //! client certificate: a reflection stream that announces a huge message,
-//! a unary call whose request never arrives in full.
+//! a unary call whose request never arrives in full, one address opening
+//! connections without end.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::connections::{REFUSAL, closed_within, connect_from, hold, loopback};
 use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -22,6 +24,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
+use trellis_control_plane::server::MAX_CONNECTIONS_PER_CLIENT;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -167,4 +170,37 @@ async fn a_unary_call_whose_request_stalls_is_ended() {
         )
     );
     enroll(&cp, WEB, "127.0.0.1:7000").await;
+}
+
+/// One address holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections
+/// of the gRPC port, counted from their accept (these send nothing, as a
+/// client that stalls before its handshake); one more is closed at once,
+/// counted and logged naming the address, while another address is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_grpc_connections() {
+    let cp = ControlPlane::start(&[]);
+    let grpc = cp.grpc.parse().unwrap();
+    let _held = hold(loopback(2), grpc, MAX_CONNECTIONS_PER_CLIENT).await;
+    let mut extra = connect_from(loopback(2), grpc).await;
+    assert!(
+        closed_within(&mut extra, REFUSAL).await.is_some(),
+        "one address holds at most {MAX_CONNECTIONS_PER_CLIENT} connections"
+    );
+    // From 127.0.0.1.
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+
+    let refused = "trellis_grpc_connections_refused_total{reason=\"per_client\"} 1\n";
+    let metrics = cp.metrics();
+    assert!(metrics.contains(refused), "{refused}in\n{metrics}");
+    let line = cp.wait_for_line("the refusal logged", |line| {
+        line.contains("gRPC connection refused: past the port's connection limits")
+    });
+    assert!(line.contains("127.0.0.2"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "{MAX_CONNECTIONS_PER_CLIENT} connections are open from this address already"
+        )),
+        "{line}"
+    );
 }

@@ -1,7 +1,7 @@
-//! Limits on the connections of the HTTP/1.1 ports that every pod of
-//! the cluster can reach (the sidecar's admin port, the control plane's
-//! admin and webhook ports): how many are served at once, in all and from
-//! one client address ([`ConnectionLimits`]), how long a client has to send
+//! Limits on the connections of the ports that every pod of the cluster
+//! can reach (the sidecar's admin port, the control plane's admin, webhook
+//! and gRPC ports): how many are served at once, in all and from one
+//! client address ([`ConnectionLimits`]), and for the HTTP/1.1 ones how long a client has to send
 //! a request's head and how long one connection is served at all
 //! ([`serve_http1_for`]). A client that opens connections and sends
 //! nothing, or sends slowly, then holds neither file descriptors nor
@@ -79,6 +79,14 @@ impl Admitted {
     /// client address that holds fewer.
     pub async fn evicted(&self) {
         self.evicted.notified().await;
+    }
+
+    /// Resolves once the connection is told to close, as
+    /// [`Admitted::evicted`], without borrowing the slot: for a connection
+    /// that keeps its slot and watches for eviction in its own IO.
+    pub fn eviction(&self) -> impl Future<Output = ()> + Send + 'static {
+        let evicted = self.evicted.clone();
+        async move { evicted.notified().await }
     }
 }
 
