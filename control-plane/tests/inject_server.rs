@@ -835,3 +835,50 @@ async fn a_renewed_secret_is_served_and_its_expiry_reported() {
     );
     assert_eq!(presented(&webhook).await, *third.der());
 }
+
+/// A pod whose list annotation holds more items than
+/// [`inject::MAX_LIST_ITEMS`] (here `trellis.io/exclude-outbound-cidrs`:
+/// thousands of /32s would make every review slow) is denied over HTTPS
+/// naming the annotation, the count and the limit; one at the limit, with
+/// duplicates, is injected with each CIDR once, in the order written.
+#[tokio::test]
+async fn a_list_annotation_past_the_limit_is_denied_over_https() {
+    use base64::Engine as _;
+    let webhook = start().await;
+    let review_with = |cidrs: &[String]| {
+        let mut review: Value =
+            serde_json::from_slice(&fixture("pod-deployment-http-probes.json")).unwrap();
+        review["request"]["object"]["metadata"]["annotations"]["trellis.io/exclude-outbound-cidrs"] =
+            json!(cidrs.join(","));
+        serde_json::to_vec(&review).unwrap()
+    };
+    let cidr = |i: usize| format!("10.1.{}.{}/32", i / 256, i % 256);
+    let over: Vec<String> = (0..=inject::MAX_LIST_ITEMS).map(cidr).collect();
+    let (status, body) = call(&webhook, Method::POST, "/inject", review_with(&over)).await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["allowed"], false, "{}", response["status"]);
+    assert_eq!(
+        response["status"]["message"],
+        "trellis: cannot inject: metadata.annotations[trellis.io/exclude-outbound-cidrs]: 257 \
+         items, more than the 256 a list annotation may hold"
+    );
+    assert!(response.get("patch").is_none(), "{response}");
+
+    // At the limit: 128 CIDRs, each written twice.
+    let half = inject::MAX_LIST_ITEMS / 2;
+    let distinct: Vec<String> = (0..half).map(cidr).collect();
+    let twice = [distinct.clone(), distinct.clone()].concat();
+    let (status, body) = call(&webhook, Method::POST, "/inject", review_with(&twice)).await;
+    assert_eq!(status, StatusCode::OK);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    let response = &review["response"];
+    assert_eq!(response["allowed"], true, "{response}");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch = String::from_utf8(patch).unwrap();
+    let excluded = format!("\"--exclude-outbound-cidrs\",\"{}\"", distinct.join(","));
+    assert!(patch.contains(&excluded), "{excluded} not in {patch}");
+}

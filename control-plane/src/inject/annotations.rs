@@ -6,8 +6,9 @@
 //! the annotation, and the pod is refused rather than injected with a
 //! guess.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::{Display, Write as _};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -21,6 +22,16 @@ use super::{
     InjectConfig, MAX_H2_CONNECTIONS_ANNOTATION, MAX_H2_CONNECTIONS_PER_PEER_ANNOTATION,
     OPAQUE_PORTS_ANNOTATION, TCP_USER_TIMEOUT_ANNOTATION,
 };
+
+/// The most items a list annotation (`trellis.io/exclude-inbound-ports`,
+/// `trellis.io/exclude-outbound-ports`, `trellis.io/exclude-outbound-cidrs`,
+/// `trellis.io/opaque-ports`) may hold, duplicates included; a longer one
+/// is refused naming the annotation. Each excluded port or CIDR becomes an
+/// iptables rule that every new connection of the pod walks in order, and
+/// each opaque port an entry the sidecar checks: lists are written by hand
+/// and real ones hold a few items, so a few hundred is a mistake (or a pod
+/// making the webhook's every review slow), never a workload's need.
+pub const MAX_LIST_ITEMS: usize = 256;
 
 /// Whether the sidecar writes its access log: `trellis.io/access-log`,
 /// `"true"` (the default when absent) or `"false"`.
@@ -89,33 +100,49 @@ impl H2Limits {
 /// cannot resolve itself: it never sees the pod's spec. An item with a
 /// letter is a name (a Kubernetes port name has one); a name several
 /// containers give different numbers stands for each of them. Duplicates
-/// are dropped, the order kept.
+/// are dropped, the order kept; more than [`MAX_LIST_ITEMS`] items are
+/// refused.
 pub(super) fn opaque_ports<'a>(
     annotations: &BTreeMap<String, String>,
-    containers: impl Iterator<Item = &'a Value> + Clone,
+    containers: impl Iterator<Item = &'a Value>,
 ) -> Result<Vec<u16>, InjectError> {
     let invalid = invalid(OPAQUE_PORTS_ANNOTATION);
+    let items = list(annotations, OPAQUE_PORTS_ANNOTATION)?;
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The pod's TCP port names and their numbers, in the containers'
+    // order, read once rather than for each item.
+    let mut named: HashMap<&str, Vec<u16>> = HashMap::new();
+    let declared = containers
+        .filter_map(|c| c.get("ports").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP");
+    for port in declared {
+        let name = port.get("name").and_then(Value::as_str);
+        let number = port
+            .get("containerPort")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        if let (Some(name), Some(number)) = (name, number) {
+            named.entry(name).or_default().push(number);
+        }
+    }
     let mut ports = Vec::new();
-    for item in list(annotations, OPAQUE_PORTS_ANNOTATION) {
+    for item in items {
         if !item.bytes().any(|b| b.is_ascii_alphabetic()) {
             ports.push(parse_port(item).map_err(invalid)?);
             continue;
         }
-        let named = containers
-            .clone()
-            .filter_map(|c| c.get("ports").and_then(Value::as_array))
-            .flatten()
-            .filter(|p| p.get("name").and_then(Value::as_str) == Some(item))
-            .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
-            .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
-            .filter_map(|p| u16::try_from(p).ok().filter(|p| *p != 0));
-        let before = ports.len();
-        ports.extend(named);
-        if ports.len() == before {
-            return Err(invalid(format!(
-                "{item:?} is neither a port (1-65535) nor the name of a TCP port a container \
-                 of the pod declares"
-            )));
+        match named.get(item) {
+            Some(numbers) => ports.extend(numbers),
+            None => {
+                return Err(invalid(format!(
+                    "{item:?} is neither a port (1-65535) nor the name of a TCP port a \
+                     container of the pod declares"
+                )));
+            }
         }
     }
     dedup(&mut ports);
@@ -156,20 +183,20 @@ impl Exclusions {
     }
 }
 
-fn dedup<T: PartialEq + Clone>(items: &mut Vec<T>) {
-    let mut seen = Vec::with_capacity(items.len());
-    items.retain(|item| {
-        if seen.contains(item) {
-            false
-        } else {
-            seen.push(item.clone());
-            true
-        }
-    });
+/// Drops the items seen before, keeping the first of each in its place.
+fn dedup<T: Eq + Hash + Clone>(items: &mut Vec<T>) {
+    let mut seen = HashSet::with_capacity(items.len());
+    items.retain(|item| seen.insert(item.clone()));
 }
 
-fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str> {
-    annotations
+/// The items of the list annotation `key` (comma-separated, blanks
+/// ignored); more than [`MAX_LIST_ITEMS`] are an
+/// [`InjectError::InvalidAnnotation`] naming `key`.
+fn list<'a>(
+    annotations: &'a BTreeMap<String, String>,
+    key: &'static str,
+) -> Result<Vec<&'a str>, InjectError> {
+    let items: Vec<&str> = annotations
         .get(key)
         .map(|v| {
             v.split(',')
@@ -177,7 +204,14 @@ fn list<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Vec<&'a str
                 .filter(|s| !s.is_empty())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if items.len() > MAX_LIST_ITEMS {
+        return Err(invalid(key)(format!(
+            "{} items, more than the {MAX_LIST_ITEMS} a list annotation may hold",
+            items.len()
+        )));
+    }
+    Ok(items)
 }
 
 /// Each item of the list annotation `key` read by `parse`; the first it
@@ -187,7 +221,7 @@ fn each<T>(
     key: &'static str,
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Vec<T>, InjectError> {
-    list(annotations, key)
+    list(annotations, key)?
         .into_iter()
         .map(|item| parse(item).map_err(invalid(key)))
         .collect()
@@ -406,6 +440,56 @@ mod tests {
                 e.starts_with("metadata.annotations[trellis.io/opaque-ports]: ")
                     && e.contains(says),
                 "{bad}: {e}"
+            );
+        }
+    }
+
+    /// A list annotation of [`MAX_LIST_ITEMS`] items is taken, its
+    /// duplicates dropped and the first of each kept in its place; one
+    /// item more is refused naming the annotation, the count and the limit.
+    #[test]
+    fn list_annotations_take_up_to_the_limit_of_items() {
+        // 200 distinct /32s, then the first 56 again, reversed.
+        let distinct: Vec<String> = (0..200)
+            .map(|i| format!("10.0.{}.{}/32", i / 100, i % 100))
+            .collect();
+        let mut items = distinct.clone();
+        items.extend(distinct[..MAX_LIST_ITEMS - 200].iter().rev().cloned());
+        assert_eq!(items.len(), MAX_LIST_ITEMS);
+        let ports: Vec<String> = (0..MAX_LIST_ITEMS)
+            .map(|i| (1000 + i % 100).to_string())
+            .collect();
+        let a = annotations(&[
+            (EXCLUDE_OUTBOUND_CIDRS, &items.join(",")),
+            (EXCLUDE_INBOUND_PORTS, &ports.join(", ")),
+            (OPAQUE_PORTS_ANNOTATION, &ports.join(",")),
+        ]);
+        let e = Exclusions::read(&a, &InjectConfig::default()).unwrap();
+        assert_eq!(e.outbound_cidrs, distinct);
+        let expected: Vec<u16> = (1000..1100).collect();
+        assert_eq!(e.inbound_ports[0], 15020);
+        assert_eq!(e.inbound_ports[1..], expected);
+        assert_eq!(opaque_ports(&a, [].iter()).unwrap(), expected);
+
+        for key in [
+            EXCLUDE_INBOUND_PORTS,
+            EXCLUDE_OUTBOUND_PORTS,
+            EXCLUDE_OUTBOUND_CIDRS,
+            OPAQUE_PORTS_ANNOTATION,
+        ] {
+            let value = vec!["443"; MAX_LIST_ITEMS + 1].join(",");
+            let a = annotations(&[(key, &value)]);
+            let e = if key == OPAQUE_PORTS_ANNOTATION {
+                opaque_ports(&a, [].iter()).unwrap_err()
+            } else {
+                Exclusions::read(&a, &InjectConfig::default()).unwrap_err()
+            };
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "metadata.annotations[{key}]: 257 items, more than the 256 a list \
+                     annotation may hold"
+                )
             );
         }
     }

@@ -181,6 +181,7 @@ use trellis_core::policy::ValidationContext;
 
 pub use crate::config::OutboundPolicy;
 
+pub use annotations::MAX_LIST_ITEMS;
 pub(crate) use annotations::join;
 pub use pod::{InjectError, Injection, Skip, UnknownInjectValue, inject_pod};
 use pod::{has_sidecar, unknown_inject_values};

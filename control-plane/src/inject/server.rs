@@ -45,7 +45,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
@@ -75,6 +75,14 @@ pub const VALIDATE_PATH: &str = "/validate";
 /// KiB (annotations are capped at 256 KiB); the API server's own request
 /// limit is 3 MiB.
 pub const MAX_BODY: usize = 4 << 20;
+
+/// Reviews answered at once. Answering one is CPU work (parsing the pod,
+/// reading its annotations, building the patch), done on a blocking
+/// thread, never on the async runtime's workers, so that a slow review
+/// cannot stall the gRPC and admin ports; the others wait their turn. Two,
+/// so that one large review leaves a turn for the next and the control
+/// plane's CPU limit is not exceeded many times over.
+pub const MAX_REVIEWS_AT_ONCE: usize = 2;
 
 /// How often the certificate files are checked for a change.
 const CERT_RECHECK: Duration = Duration::from_secs(10);
@@ -364,6 +372,7 @@ impl WebhookServer {
             metrics.clone(),
             Metrics::webhook_handshake_failed,
         ));
+        let turns = Arc::new(Semaphore::new(MAX_REVIEWS_AT_ONCE));
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -388,6 +397,7 @@ impl WebhookServer {
             let metrics = metrics.clone();
             let uninjected = uninjected.clone();
             let failures = failures.clone();
+            let turns = turns.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
                 let tls = tokio::select! {
@@ -399,12 +409,13 @@ impl WebhookServer {
                     return;
                 };
                 let service = hyper::service::service_fn(move |req| {
-                    let config = config.borrow().clone();
-                    let (metrics, uninjected) = (metrics.clone(), uninjected.clone());
-                    async move {
-                        let answer = serve(req, &config, &metrics, &uninjected).await;
-                        Ok::<_, Infallible>(answer)
-                    }
+                    let reviewing = Reviewing {
+                        config: config.borrow().clone(),
+                        metrics: metrics.clone(),
+                        uninjected: uninjected.clone(),
+                        turns: turns.clone(),
+                    };
+                    async move { Ok::<_, Infallible>(serve(req, reviewing).await) }
                 });
                 serve_http1_for(
                     tls,
@@ -510,12 +521,16 @@ fn webhook_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn serve(
-    req: Request<Incoming>,
-    config: &InjectConfig,
-    metrics: &Metrics,
-    uninjected: &UninjectedPods,
-) -> Response<Full<Bytes>> {
+/// What answering a review takes: the injection settings of the moment,
+/// where to count and record, and the turns ([`MAX_REVIEWS_AT_ONCE`]).
+struct Reviewing {
+    config: Arc<InjectConfig>,
+    metrics: Arc<Metrics>,
+    uninjected: Arc<UninjectedPods>,
+    turns: Arc<Semaphore>,
+}
+
+async fn serve(req: Request<Incoming>, reviewing: Reviewing) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
@@ -541,14 +556,33 @@ async fn serve(
                 return answer;
             }
         };
-    let (status, content_type, body) = respond(
-        &parts.method,
-        parts.uri.path(),
-        &body,
+    let Reviewing {
         config,
         metrics,
         uninjected,
-    );
+        turns,
+    } = reviewing;
+    let _turn = turns.acquire_owned().await.expect("never closed");
+    let answered = tokio::task::spawn_blocking(move || {
+        respond(
+            &parts.method,
+            parts.uri.path(),
+            &body,
+            &config,
+            &metrics,
+            &uninjected,
+        )
+    })
+    .await;
+    let (status, content_type, body) = match answered {
+        Ok(answer) => answer,
+        // A bug: `respond` panicked (its message is on stderr).
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            b"the review could not be answered\n".to_vec(),
+        ),
+    };
     Response::builder()
         .status(status)
         .header("content-type", content_type)
