@@ -67,7 +67,8 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
         .certify(CertifyRequest {
             csr: csr_for(&key, WEB),
             proof: Some(Proof::ServiceAccountToken(
-                "projected-token-of-shop-web".into(),
+                "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl"
+                    .into(),
             )),
             inbound_address: "10.244.1.17:15006".into(),
             inbound_addresses: vec!["10.244.1.17:15006".into()],

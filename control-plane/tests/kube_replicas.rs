@@ -47,8 +47,10 @@ use trellis_proto::identity::v1::certify_request::Proof;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-const WEB_TOKEN: &str = "projected-token-of-shop-web";
-const API_TOKEN: &str = "projected-token-of-shop-api";
+/// JWT-shaped tokens of `shop/web` and `shop/api`, unsigned: the stand-in
+/// API server answers by token.
+const WEB_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl";
+const API_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOmFwaSJ9.c2lnbmF0dXJl";
 
 /// A replica named `name` listening on `port`, whose peers are `peers`.
 async fn replica(flags: &[String], name: &str, port: u16, peers: &str) -> ControlPlane {

@@ -56,7 +56,8 @@ async fn trust_anchors_join_the_root_of_the_ca_secret() {
         .certify(CertifyRequest {
             csr: csr_for(&p256(), WEB),
             proof: Some(Proof::ServiceAccountToken(
-                "projected-token-of-shop-web".into(),
+                "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl"
+                    .into(),
             )),
             inbound_address: "10.244.1.17:15006".into(),
             inbound_addresses: vec!["10.244.1.17:15006".into()],

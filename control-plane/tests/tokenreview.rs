@@ -85,29 +85,36 @@ async fn api_server_refusals_are_not_the_callers_fault() {
 }
 
 /// No Kubernetes API server can run here; the fake answers with stand-in API
-/// server responses and counts the reviews it gets.
+/// server responses and counts the reviews it gets. A token the API server
+/// refused is refused again without a review, as an accepted one is
+/// accepted, each for a short while.
 #[tokio::test]
-async fn successes_are_cached_briefly_and_failures_not_at_all() {
+async fn answers_are_cached_briefly() {
     let api = FakeApi::start(by_token).await;
     let reviewer = api.reviewer();
     reviewer.review(WEB_TOKEN).await.unwrap();
     reviewer.review(WEB_TOKEN).await.unwrap();
     assert_eq!(api.requests().len(), 1, "the second review is cached");
 
-    reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
-    reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
-    assert_eq!(api.requests().len(), 3, "failures are asked again");
+    for _ in 0..2 {
+        let e = reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
+        assert!(matches!(e, ReviewError::NotAuthenticated(_)), "{e}");
+        assert!(e.to_string().contains("has expired"), "{e}");
+    }
+    assert_eq!(api.requests().len(), 2, "the refusal is cached");
 
     let uncached = api.reviewer().with_cache_ttl(Duration::ZERO);
     uncached.review(WEB_TOKEN).await.unwrap();
     uncached.review(WEB_TOKEN).await.unwrap();
-    assert_eq!(api.requests().len(), 5);
+    uncached.review(EXPIRED_TOKEN).await.unwrap_err();
+    uncached.review(EXPIRED_TOKEN).await.unwrap_err();
+    assert_eq!(api.requests().len(), 6);
 
     let short = api.reviewer().with_cache_ttl(Duration::from_millis(200));
     short.review(WEB_TOKEN).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     short.review(WEB_TOKEN).await.unwrap();
-    assert_eq!(api.requests().len(), 7, "an entry ends with its TTL");
+    assert_eq!(api.requests().len(), 8, "an entry ends with its TTL");
 }
 
 /// No Kubernetes API server can run here; the stand-in answers with the
@@ -295,13 +302,13 @@ async fn the_bearer_token_file_is_re_read() {
         .reviewer()
         .with_cache_ttl(Duration::ZERO)
         .with_bearer_reload(Duration::from_millis(100));
-    reviewer.review("first").await.unwrap();
+    reviewer.review(&jwt_of("first")).await.unwrap();
     std::fs::write(api.token_file(), "rotated-token\n").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    reviewer.review("second").await.unwrap();
+    reviewer.review(&jwt_of("second")).await.unwrap();
     std::fs::write(api.token_file(), "").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    reviewer.review("third").await.unwrap();
+    reviewer.review(&jwt_of("third")).await.unwrap();
     let bearers: Vec<String> = api
         .requests()
         .iter()
@@ -363,7 +370,7 @@ async fn at_most_a_bound_of_reviews_are_asked_at_once() {
     let mut reviews = tokio::task::JoinSet::new();
     for i in 0..calls {
         let reviewer = reviewer.clone();
-        reviews.spawn(async move { reviewer.review(&format!("made-up-token-{i}")).await });
+        reviews.spawn(async move { reviewer.review(&jwt_of(&format!("made-up-{i}"))).await });
     }
     while let Some(review) = reviews.join_next().await {
         let e = review.unwrap().unwrap_err();
@@ -374,4 +381,115 @@ async fn at_most_a_bound_of_reviews_are_asked_at_once() {
         (1..=MAX_REVIEWS_IN_FLIGHT).contains(&most),
         "{most} reviews were asked at once"
     );
+}
+
+/// Anyone may send Certify a made-up token. One that cannot be a
+/// ServiceAccount token the API server would accept is refused, saying
+/// which check failed and never echoing it, without a review: not shaped
+/// as a JWT, or its unverified payload expired or for another audience.
+/// No Kubernetes API server can run here; the stand-in records requests.
+#[tokio::test]
+async fn tokens_that_cannot_be_valid_never_reach_the_api_server() {
+    use base64::Engine as _;
+    let api = FakeApi::start(by_token).await;
+    let reviewer = api.reviewer();
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let header = b64(r#"{"alg":"RS256"}"#);
+    let with_payload = |payload: &str| format!("{header}.{}.c2ln", b64(payload));
+    let not_a_jwt = |why: &str| {
+        format!(
+            "the service account token is not a JWT: {why}; a ServiceAccount token is three \
+             base64url parts separated by dots, the second a JSON object"
+        )
+    };
+    for (token, says) in [
+        (
+            "garbage-17".to_owned(),
+            not_a_jwt("it does not have three parts"),
+        ),
+        (
+            "a.b.c.d".to_owned(),
+            not_a_jwt("it does not have three parts"),
+        ),
+        (
+            "a.b+c.d".to_owned(),
+            not_a_jwt("a part is empty or holds characters base64url does not use"),
+        ),
+        (
+            format!("{header}..c2ln"),
+            not_a_jwt("a part is empty or holds characters base64url does not use"),
+        ),
+        (
+            with_payload("[1,2]"),
+            not_a_jwt("its payload is not a JSON object"),
+        ),
+        (
+            format!("{header}.bm90IGpzb24.c2ln"),
+            not_a_jwt("its payload is not a JSON object"),
+        ),
+        (
+            jwt_expiring_at(unix_now() - 3600),
+            "the service account token expired (its exp claim is past); the kubelet renews a \
+             projected token before then: read the token file again"
+                .to_owned(),
+        ),
+        (
+            with_payload(r#"{"aud":["https://kubernetes.default.svc"],"exp":4102444800}"#),
+            "the service account token is not for audience \"trellis\" (its aud claim does \
+             not include it); mount a projected token with audience \"trellis\""
+                .to_owned(),
+        ),
+        (
+            with_payload(r#"{"aud":"vault","exp":4102444800}"#),
+            "the service account token is not for audience \"trellis\" (its aud claim does \
+             not include it); mount a projected token with audience \"trellis\""
+                .to_owned(),
+        ),
+    ] {
+        let e = reviewer.review(&token).await.unwrap_err();
+        assert_eq!(e.to_string(), says, "{token}");
+        assert!(e.is_callers_fault(), "{token}");
+    }
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+    // Shaped right, for us and not expired: the API server decides.
+    reviewer
+        .review(&with_payload(r#"{"aud":"trellis"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(api.requests().len(), 1);
+}
+
+/// Every turn to ask the API server taken (it never answers): a review is
+/// refused saying the control plane is busy reviewing tokens, not that the
+/// API server cannot be reached, and nothing more is asked of it. No
+/// Kubernetes API server can run here; the stand-in accepts connections
+/// and never answers.
+#[tokio::test]
+async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
+    use std::sync::Arc;
+    use trellis_control_plane::authn::tokenreview::MAX_REVIEWS_IN_FLIGHT;
+    let api = FakeApi::start_with(by_token, true).await;
+    let reviewer = Arc::new(api.reviewer().with_turn_wait(Duration::ZERO));
+    let mut held = tokio::task::JoinSet::new();
+    for i in 0..MAX_REVIEWS_IN_FLIGHT {
+        let reviewer = reviewer.clone();
+        held.spawn(async move { reviewer.review(&jwt_of(&format!("held-{i}"))).await });
+    }
+    // Each review opens its connection once it has its turn.
+    while api.connections() < MAX_REVIEWS_IN_FLIGHT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = reviewer.review(WEB_TOKEN).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the control plane is busy reviewing service account tokens: all \
+             {MAX_REVIEWS_IN_FLIGHT} of its TokenReview turns stayed taken for 0 seconds; try \
+             again"
+        )
+    );
+    assert!(!e.is_callers_fault());
+    assert_eq!(e.reason(), "token_reviews_busy");
+    assert_eq!(api.connections(), MAX_REVIEWS_IN_FLIGHT);
+    held.abort_all();
 }

@@ -17,10 +17,23 @@
 //! the kubelet rotates it. TLS 1.2 or 1.3: this is the cluster's API server,
 //! not a mesh peer.
 //!
+//! Before any review, a token is refused without asking the API server
+//! when it cannot be one the API server would accept ([`precheck`]): not
+//! shaped as a JWT, or its payload (read without checking the signature)
+//! says it expired or is for another audience. Certify needs no client
+//! certificate, so anyone can send made-up tokens; these checks keep them
+//! from costing reviews. They only refuse: the TokenReview stays the one
+//! authority on a token that passes them.
+//!
 //! Successful reviews are cached under the SHA-256 of the token for at most
 //! [`CACHE_TTL`], and never past the token's own `exp` (read from the JWT
-//! payload without trusting it: it can only shorten the entry). Failures are
-//! never cached: a sidecar retrying with a fresh token is reviewed again.
+//! payload without trusting it: it can only shorten the entry). A token the
+//! API server refused is remembered the same way for [`REFUSAL_CACHE_TTL`],
+//! so the same bad token sent again is refused without another review; a
+//! sidecar retrying with a fresh token is reviewed again. A review waits
+//! for one of [`MAX_REVIEWS_IN_FLIGHT`] turns at most [`TURN_WAIT`], then
+//! is refused as the control plane being busy, not the API server being
+//! unreachable; its own [`REVIEW_TIMEOUT`] starts with its turn.
 //!
 //! Connections to the API server are kept open between reviews (at most
 //! [`MAX_REVIEWS_IN_FLIGHT`] of them, each idle at most [`IDLE_CONNECTION`]
@@ -69,7 +82,7 @@ pub const BEARER_RELOAD: Duration = Duration::from_secs(60);
 /// Tokens longer than this are refused without asking the API server.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// How many reviews are asked of the API server at once; more wait their
-/// turn within [`REVIEW_TIMEOUT`]. Certify needs no client certificate, so
+/// turn at most [`TURN_WAIT`]. Certify needs no client certificate, so
 /// a flood of made-up tokens would otherwise open as many connections to
 /// the API server, and fill the control plane's share of it, as it likes.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
@@ -82,7 +95,23 @@ pub const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// The largest API server answer read.
 const MAX_RESPONSE: usize = 1 << 20;
-/// Cached reviews kept at most; beyond, expired ones go, then all.
+/// How long a review waits for one of the [`MAX_REVIEWS_IN_FLIGHT`] turns
+/// before it is refused as the control plane being busy. Apart from
+/// [`REVIEW_TIMEOUT`], which starts with the turn: a caller kept waiting by
+/// a flood of other reviews is told so, not that the API server is
+/// unreachable.
+pub const TURN_WAIT: Duration = Duration::from_secs(5);
+/// How long a token the API server refused is refused again without a
+/// review: long enough that a caller repeating one bad token costs one
+/// review in that time, short enough that a token refused while the API
+/// server had not yet seen its new pod is soon reviewed again.
+pub const REFUSAL_CACHE_TTL: Duration = Duration::from_secs(10);
+/// How far past its `exp` a token's payload may say it is before it is
+/// refused without a review: the control plane's clock may run ahead of
+/// the API server's.
+pub const EXPIRY_LEEWAY: Duration = Duration::from_secs(60);
+/// Cached reviews (and, apart, cached refusals) kept at most; beyond,
+/// expired ones go, then all.
 const CACHE_CAPACITY: usize = 10_000;
 
 /// Where the Kubernetes API server is and how to trust and call it.
@@ -223,12 +252,27 @@ pub struct ReviewedAccount {
 
 /// Why a token was not accepted. [`ReviewError::is_callers_fault`] splits the
 /// caller's problems (UNAUTHENTICATED) from ours (UNAVAILABLE).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("the service account token is empty")]
     Empty,
     #[error("the service account token is longer than {MAX_TOKEN_LEN} bytes")]
     TooLong,
+    #[error(
+        "the service account token is not a JWT: {0}; a ServiceAccount token is three \
+         base64url parts separated by dots, the second a JSON object"
+    )]
+    NotAJwt(&'static str),
+    #[error(
+        "the service account token expired (its exp claim is past); the kubelet renews a \
+         projected token before then: read the token file again"
+    )]
+    Expired,
+    #[error(
+        "the service account token is not for audience \"trellis\" (its aud claim does not \
+         include it); mount a projected token with audience \"trellis\""
+    )]
+    NotForAudience,
     #[error("the Kubernetes API server did not authenticate the service account token: {0}")]
     NotAuthenticated(String),
     #[error(
@@ -242,6 +286,12 @@ pub enum ReviewError {
     BadAccount(String),
     #[error("cannot reach the Kubernetes API server for a TokenReview: {0}")]
     Unreachable(String),
+    #[error(
+        "the control plane is busy reviewing service account tokens: all \
+         {MAX_REVIEWS_IN_FLIGHT} of its TokenReview turns stayed taken for {}; try again",
+        trellis_core::duration::Words(*.0)
+    )]
+    Busy(Duration),
     #[error(
         "the Kubernetes API server refused the TokenReview ({code}: {message}); check the \
          control plane's credentials and its RBAC (create tokenreviews)"
@@ -259,6 +309,9 @@ impl ReviewError {
             self,
             Self::Empty
                 | Self::TooLong
+                | Self::NotAJwt(_)
+                | Self::Expired
+                | Self::NotForAudience
                 | Self::NotAuthenticated(_)
                 | Self::WrongAudience(_)
                 | Self::NotAServiceAccount(_)
@@ -269,11 +322,12 @@ impl ReviewError {
     /// A short label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Empty | Self::TooLong => "sa_token_malformed",
-            Self::NotAuthenticated(_) => "sa_token_not_authenticated",
-            Self::WrongAudience(_) => "sa_token_wrong_audience",
+            Self::Empty | Self::TooLong | Self::NotAJwt(_) => "sa_token_malformed",
+            Self::NotAuthenticated(_) | Self::Expired => "sa_token_not_authenticated",
+            Self::WrongAudience(_) | Self::NotForAudience => "sa_token_wrong_audience",
             Self::NotAServiceAccount(_) | Self::BadAccount(_) => "sa_token_not_service_account",
             Self::Unreachable(_) => "kube_api_unreachable",
+            Self::Busy(_) => "token_reviews_busy",
             Self::Refused { .. } => "kube_api_refused",
             Self::BadResponse(_) => "kube_api_bad_response",
         }
@@ -285,9 +339,43 @@ struct Bearer {
     read_at: Instant,
 }
 
-struct CacheEntry {
-    account: ReviewedAccount,
-    until: Instant,
+/// Answers remembered under the SHA-256 of a token, each until its own
+/// time, at most [`CACHE_CAPACITY`] of them.
+struct Cache<T> {
+    entries: HashMap<[u8; 32], (T, Instant)>,
+}
+
+impl<T: Clone> Cache<T> {
+    fn new() -> Self {
+        Self {
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The answer remembered for `key`, unless its time has passed.
+    fn get(&mut self, key: &[u8; 32]) -> Option<T> {
+        match self.entries.get(key) {
+            Some((value, until)) if *until > Instant::now() => Some(value.clone()),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers `value` for `key` for `ttl`; when full, the expired
+    /// entries go first, then all of them.
+    fn insert(&mut self, key: [u8; 32], value: T, ttl: Duration) {
+        let now = Instant::now();
+        if self.entries.len() >= CACHE_CAPACITY {
+            self.entries.retain(|_, (_, until)| *until > now);
+            if self.entries.len() >= CACHE_CAPACITY {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(key, (value, now + ttl));
+    }
 }
 
 /// Reviews ServiceAccount tokens against one API server (see the module docs).
@@ -300,9 +388,12 @@ pub struct TokenReviewer {
     tls: TlsConnector,
     token_file: PathBuf,
     bearer: Mutex<Bearer>,
-    cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    cache: Mutex<Cache<ReviewedAccount>>,
     cache_ttl: Duration,
+    /// Tokens the API server refused, and why.
+    refused: Mutex<Cache<ReviewError>>,
     timeout: Duration,
+    turn_wait: Duration,
     bearer_reload: Duration,
     /// One permit for each review asked of the API server now.
     in_flight: tokio::sync::Semaphore,
@@ -362,16 +453,19 @@ impl TokenReviewer {
                 token,
                 read_at: Instant::now(),
             }),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::new()),
             cache_ttl: CACHE_TTL,
+            refused: Mutex::new(Cache::new()),
             timeout: REVIEW_TIMEOUT,
+            turn_wait: TURN_WAIT,
             bearer_reload: BEARER_RELOAD,
             in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
             idle: Mutex::new(Vec::new()),
         })
     }
 
-    /// Replaces [`CACHE_TTL`] (zero disables the cache).
+    /// Replaces [`CACHE_TTL`] (zero disables the caches; refusals are
+    /// remembered for the shorter of it and [`REFUSAL_CACHE_TTL`]).
     pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
         self.cache_ttl = ttl;
         self
@@ -380,6 +474,13 @@ impl TokenReviewer {
     /// Replaces [`REVIEW_TIMEOUT`].
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Replaces [`TURN_WAIT`] (zero: a review finding every turn taken is
+    /// refused at once).
+    pub fn with_turn_wait(mut self, wait: Duration) -> Self {
+        self.turn_wait = wait;
         self
     }
 
@@ -403,41 +504,45 @@ impl TokenReviewer {
         if token.len() > MAX_TOKEN_LEN {
             return Err(ReviewError::TooLong);
         }
+        precheck(token)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(account) = self.cached(&key) {
+        if let Some(account) = self.cache.lock().expect("not poisoned").get(&key) {
             tracing::debug!(spiffe_id = %account.spiffe_id, "token review answered from the cache");
             return Ok(account);
         }
-        // The wait for a turn counts in the review's time.
-        let asked = async {
-            let _turn = self.in_flight.acquire().await.expect("never closed");
-            self.ask(token).await
+        if let Some(refused) = self.refused.lock().expect("not poisoned").get(&key) {
+            return Err(refused);
+        }
+        let Ok(_turn) = tokio::time::timeout(self.turn_wait, self.in_flight.acquire()).await else {
+            return Err(ReviewError::Busy(self.turn_wait));
         };
-        let answer = match tokio::time::timeout(self.timeout, asked).await {
+        let answer = match tokio::time::timeout(self.timeout, self.ask(token)).await {
             Ok(answer) => answer?,
             Err(_) => {
                 return Err(ReviewError::Unreachable(format!(
-                    "no answer from {} within {} (at most {MAX_REVIEWS_IN_FLIGHT} reviews are \
-                     asked at once)",
+                    "no answer from {} within {}",
                     self.url,
                     trellis_core::duration::words(self.timeout)
                 )));
             }
         };
-        let account = verdict(answer, &self.trust_domain)?;
-        self.remember(key, token, &account);
-        Ok(account)
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<ReviewedAccount> {
-        let mut cache = self.cache.lock().expect("not poisoned");
-        match cache.get(key) {
-            Some(entry) if entry.until > Instant::now() => Some(entry.account.clone()),
-            Some(_) => {
-                cache.remove(key);
-                None
+        match verdict(answer, &self.trust_domain) {
+            Ok(account) => {
+                self.remember(key, token, &account);
+                Ok(account)
             }
-            None => None,
+            Err(refused) => {
+                // Only the token is at fault here, not the API server or
+                // our credentials: the same token gets the same answer.
+                if refused.is_callers_fault() {
+                    let mut refusals = self.refused.lock().expect("not poisoned");
+                    let ttl = REFUSAL_CACHE_TTL.min(self.cache_ttl);
+                    if !ttl.is_zero() {
+                        refusals.insert(key, refused.clone(), ttl);
+                    }
+                }
+                Err(refused)
+            }
         }
     }
 
@@ -449,21 +554,8 @@ impl TokenReviewer {
         if ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
         let mut cache = self.cache.lock().expect("not poisoned");
-        if cache.len() >= CACHE_CAPACITY {
-            cache.retain(|_, entry| entry.until > now);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
-        }
-        cache.insert(
-            key,
-            CacheEntry {
-                account: account.clone(),
-                until: now + ttl,
-            },
-        );
+        cache.insert(key, account.clone(), ttl);
     }
 
     fn bearer(&self) -> String {
@@ -722,6 +814,58 @@ fn read_bearer(path: &Path) -> Result<String, String> {
         return Err("the token has characters a bearer token cannot have".into());
     }
     Ok(token.to_owned())
+}
+
+/// Refuses, before any review, a token the API server could not accept:
+/// not shaped as a JWT (three base64url parts, the second a JSON object),
+/// or whose payload says it expired more than [`EXPIRY_LEEWAY`] ago or
+/// names audiences (`aud`) without [`AUDIENCE`]. The payload is read
+/// without checking the signature, so passing proves nothing: these are
+/// cheap filters that spare the API server a review of a token it would
+/// refuse, and the TokenReview stays the only authority on a token. A
+/// payload without `exp` or `aud` is left to the review. The error never
+/// holds the token.
+pub fn precheck(token: &str) -> Result<(), ReviewError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ReviewError::NotAJwt("it does not have three parts"));
+    };
+    if [header, payload, signature].iter().any(|part| {
+        part.is_empty()
+            || !part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) {
+        return Err(ReviewError::NotAJwt(
+            "a part is empty or holds characters base64url does not use",
+        ));
+    }
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .filter(serde_json::Value::is_object)
+        .ok_or(ReviewError::NotAJwt("its payload is not a JSON object"))?;
+    if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_u64) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if exp.saturating_add(EXPIRY_LEEWAY.as_secs()) < now {
+            return Err(ReviewError::Expired);
+        }
+    }
+    let for_us = match claims.get("aud") {
+        None => true,
+        Some(serde_json::Value::String(aud)) => aud == AUDIENCE,
+        Some(serde_json::Value::Array(auds)) => auds.iter().any(|a| a == AUDIENCE),
+        Some(_) => false,
+    };
+    if !for_us {
+        return Err(ReviewError::NotForAudience);
+    }
+    Ok(())
 }
 
 /// How long until the JWT's `exp`, read from its payload without checking

@@ -21,10 +21,16 @@ use trellis_core::TrustDomain;
 
 /// The control plane's own bearer token, as its pod would mount it.
 pub const BEARER: &str = "control-plane-sa-token";
-/// Tokens the fake API server knows, and the answer each gets.
-pub const WEB_TOKEN: &str = "projected-token-of-shop-web";
-pub const EXPIRED_TOKEN: &str = "expired-projected-token";
-pub const API_AUDIENCE_TOKEN: &str = "token-for-the-api-servers-audience";
+/// Tokens the fake API server knows, and the answer each gets: JWT-shaped
+/// as projected tokens are (the control plane refuses any other shape
+/// without a review), their payloads for audience `trellis` and expiring in
+/// 2100, unsigned: the fake does not check, it answers by token.
+pub const WEB_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl";
+/// One the fake answers expired (not authenticated), as the API server
+/// answers a token whose pod is gone whatever its payload says.
+pub const EXPIRED_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOmV4cGlyZWQifQ.c2lnbmF0dXJl";
+/// One the fake answers authenticated for the API server's own audience.
+pub const API_AUDIENCE_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOm90aGVyLWF1ZGllbmNlIn0.c2lnbmF0dXJl";
 pub const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
 pub fn fixture(name: &str) -> String {
@@ -160,6 +166,19 @@ pub fn jwt_expiring_at(exp: u64) -> String {
         "{}.{}.c2lnbmF0dXJl",
         b64(r#"{"alg":"RS256","kid":"k"}"#),
         b64(&format!(r#"{{"aud":["trellis"],"exp":{exp}}}"#))
+    )
+}
+
+/// A JWT-shaped token for audience `trellis`, expiring in 2100, told from
+/// others by `subject` (unsigned, like [`jwt_expiring_at`]'s).
+pub fn jwt_of(subject: &str) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(r#"{"alg":"RS256","kid":"k"}"#),
+        b64(&format!(
+            r#"{{"aud":["trellis"],"exp":4102444800,"sub":{subject:?}}}"#
+        ))
     )
 }
 

@@ -43,8 +43,10 @@ use crate::kube_api::{ENDPOINT_SLICES, FakeKube, PODS, POLICIES, RATE_LIMITS, SE
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 /// The projected tokens the sidecars present; the stand-in reviews each.
-const WEB_TOKEN: &str = "projected-token-of-shop-web";
-const API_TOKEN: &str = "projected-token-of-shop-api";
+/// JWT-shaped, as the control plane requires, and unsigned: the stand-in
+/// answers by token.
+const WEB_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl";
+const API_TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOmFwaSJ9.c2lnbmF0dXJl";
 
 /// `shop/api`: port 80 to the target port named `http`, pod B ready
 /// behind it.
