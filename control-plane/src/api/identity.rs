@@ -61,14 +61,20 @@ use crate::authn::hash_token;
 use crate::authn::tokenreview::TokenReviewer;
 use crate::ca::csr;
 use crate::discovery::Discovery;
+use crate::server::REFUSAL_LOG_PAUSE;
 use crate::store::{
     EndpointChange, IssuanceProof, IssuedCertRecord, StoreError, TokenClaim, TokenRefusal,
     WorkloadRecord,
 };
 use crate::unix_now;
+use trellis_core::logging::throttle::Throttle;
+use trellis_core::warn_throttled;
 
 pub struct IdentityService {
     mesh: Mesh,
+    /// The refusals logged, by reason: any caller can have Certify refused
+    /// as often as it calls.
+    refusal_lines: Throttle,
     reviewer: Option<Arc<TokenReviewer>>,
     trust_reported_addresses: bool,
     renewals_need_token: bool,
@@ -78,6 +84,7 @@ impl IdentityService {
     pub fn new(mesh: Mesh) -> Self {
         Self {
             mesh,
+            refusal_lines: Throttle::new(REFUSAL_LOG_PAUSE),
             reviewer: None,
             trust_reported_addresses: false,
             renewals_need_token: false,
@@ -106,11 +113,19 @@ impl IdentityService {
     }
 
     /// Counts and logs a refusal, and names `reason` in the status's
-    /// metadata ([`REFUSAL_KEY`]) for the sidecar to act on.
+    /// metadata ([`REFUSAL_KEY`]) for the sidecar to act on. Any caller can
+    /// be refused as often as it calls, so a reason is logged at most once
+    /// per [`REFUSAL_LOG_PAUSE`], the next line saying how many were not
+    /// (`suppressed`); each is counted.
     fn refuse(&self, reason: &'static str, mut status: Status) -> Status {
-        self.mesh.metrics.certify_failed(reason);
         // `detail`, not `message`: that is the event's own message field.
-        tracing::warn!(reason, code = ?status.code(), detail = ?status.message(), "certify refused");
+        warn_throttled!(
+            self.refusal_lines,
+            reason,
+            { reason, code = ?status.code(), detail = ?status.message() },
+            "certify refused"
+        );
+        self.mesh.metrics.certify_failed(reason);
         status
             .metadata_mut()
             .insert(REFUSAL_KEY, MetadataValue::from_static(reason));
@@ -785,9 +800,10 @@ mod tests {
     /// input holds a newline.
     #[tokio::test]
     async fn a_refusal_is_logged_under_its_own_message() {
-        let tmp = tempfile::tempdir().unwrap();
-        let Setup { service, .. } = setup(&tmp);
         for json in [true, false] {
+            // A service of its own: a reason is logged once per pause.
+            let tmp = tempfile::tempdir().unwrap();
+            let Setup { service, .. } = setup(&tmp);
             let (logs, guard) = crate::test_logs::capture(json);
             let refused = service
                 .certify(certify_request(join_token(), "10.0.0.1:1\nforged"))
@@ -810,6 +826,54 @@ mod tests {
                 assert!(line.contains("detail="), "{line}");
             }
         }
+    }
+
+    /// Refusals for one reason (a caller repeating a bad request) are
+    /// each counted but logged once per [`REFUSAL_LOG_PAUSE`]; the next
+    /// line after it says how many were not. Another reason has a line of
+    /// its own.
+    #[tokio::test]
+    async fn refusals_are_logged_once_per_reason_per_pause() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, .. } = setup(&tmp);
+        let (logs, _guard) = crate::test_logs::capture(false);
+        for _ in 0..5 {
+            let refused = service
+                .certify(certify_request(join_token(), "not an address"))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        }
+        let reason_lines = |reason: &str| {
+            let text = logs.text();
+            let reason = format!("reason=\"{reason}\"");
+            text.lines()
+                .filter(|l| l.contains("certify refused") && l.contains(&reason))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let lines = reason_lines("bad_inbound_address");
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(!lines[0].contains("suppressed"), "{}", lines[0]);
+        assert!(
+            service
+                .mesh
+                .metrics
+                .render()
+                .contains("trellis_certify_failures_total{reason=\"bad_inbound_address\"} 5\n"),
+            "each refusal counted"
+        );
+
+        tokio::time::pause();
+        tokio::time::advance(REFUSAL_LOG_PAUSE).await;
+        tokio::time::resume();
+        service
+            .certify(certify_request(join_token(), "not an address"))
+            .await
+            .unwrap_err();
+        let lines = reason_lines("bad_inbound_address");
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[1].contains("suppressed=4"), "{}", lines[1]);
     }
 
     /// Which reported addresses the connection's IP verifies, which are
