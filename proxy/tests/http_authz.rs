@@ -103,6 +103,53 @@ async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
     assert_eq!(app.seen.paths(), ["/users", "/administrator"]);
 }
 
+/// IIS URL Rewrite, Zend Framework and older Symfony route a request by
+/// `X-Original-URL` or `X-Rewrite-URL` when it has one: a request allowed
+/// for `/headers` must not run `/admin` there. Neither reaches the app, in
+/// any spelling, whichever way the request comes.
+#[tokio::test]
+async fn headers_that_override_the_path_never_reach_the_app() {
+    let (cp, _app, s) = app_behind_sidecar().await;
+    let policies = vec![policy("headers", "ALLOW", "[{paths: [\"/headers\"]}]")];
+    push_to(&cp, snapshot(1, "deny", policies), 1).await;
+
+    let overrides = [
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x_original_url", "/admin"),
+        ("x-kept", "yes"),
+    ];
+    let check = |how: &str, status: ::http::StatusCode, names: String| {
+        assert_eq!(status, 200, "{how}: {names}");
+        let names: Vec<&str> = names.lines().collect();
+        assert!(names.contains(&"x-kept"), "{how}: {names:?}");
+        for gone in ["x-original-url", "x-rewrite-url", "x_original_url"] {
+            assert!(!names.contains(&gone), "{how}: {gone} reached the app");
+        }
+    };
+
+    // The sidecar's own HTTP/1 forwarder.
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    let (status, names) = text(c1.send_request(get("/headers", &overrides)).await.unwrap()).await;
+    check("HTTP/1.1", status, names);
+    // A chunked body: hyper's HTTP/1 server.
+    let mut chunked = get("/headers", &overrides);
+    *chunked.method_mut() = ::http::Method::POST;
+    *chunked.body_mut() = http_body_util::Full::new(bytes::Bytes::from("x"));
+    chunked
+        .headers_mut()
+        .insert("transfer-encoding", "chunked".parse().unwrap());
+    let (status, names) = text(c1.send_request(chunked).await.unwrap()).await;
+    assert!(names.contains("transfer-encoding"), "not chunked: {names}");
+    check("HTTP/1.1 chunked", status, names);
+    // HTTP/2.
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    let mut req = get("http://api/headers", &overrides);
+    *req.version_mut() = ::http::Version::HTTP_2;
+    let (status, names) = text(c2.send_request(req).await.unwrap()).await;
+    check("HTTP/2", status, names);
+}
+
 /// Apps decode and resolve a path before routing it, so a path that spells
 /// `/admin/users` another way is refused with 400 saying what is wrong with
 /// it, never decided as the unknown path it looks like; other escapes are

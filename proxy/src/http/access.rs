@@ -31,7 +31,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use trellis_core::policy::Decision;
 
 use super::Connection;
-use super::headers::remove_identity;
+use super::headers::remove_forged;
 use crate::logging::access::Line;
 use crate::metrics::INBOUND;
 
@@ -237,8 +237,9 @@ where
                     (self.direction, frame.trailers_mut())
                 {
                     // An app may read trailers like headers: a caller must
-                    // not slip a forged identity in there either.
-                    remove_identity(trailers);
+                    // not slip a forged identity or URL override in there
+                    // either.
+                    remove_forged(trailers);
                 }
             }
             Poll::Ready(None) if matches!(self.direction, Direction::In) => self.entry.end_body(),

@@ -1,7 +1,9 @@
 //! Header rules of the proxy: hop-by-hop headers (RFC 9110 section 7.6.1)
 //! are removed in both directions, and the caller's verified identity is
 //! put in [`PEER_IDENTITY`] after any copy the caller sent is removed (in
-//! any spelling an app could read as it: [`remove_identity`]).
+//! any spelling an app could read as it: [`remove_forged`]), with the
+//! headers some frameworks route by instead of the path
+//! ([`URL_OVERRIDES`]).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -198,37 +200,48 @@ pub fn length_without_zeros(headers: &mut HeaderMap) {
     }
 }
 
-/// Replaces every client-sent [`PEER_IDENTITY`] with the verified one.
+/// Headers that IIS URL Rewrite, Zend Framework and older Symfony read as
+/// the request's path in place of the one it was sent to: an app honouring
+/// them would run `/admin` for a request the rules allowed as
+/// `/public/x`. No caller of the mesh may set them; the sidecar removes
+/// them from requests before rules see them.
+pub const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Replaces every client-sent [`PEER_IDENTITY`] with the verified one, and
+/// removes the [`URL_OVERRIDES`].
 pub fn set_identity(headers: &mut HeaderMap, identity: &HeaderValue) {
-    remove_identity(headers);
+    remove_forged(headers);
     headers.insert(PEER_IDENTITY, identity.clone());
 }
 
-/// Removes every field an app could read as [`PEER_IDENTITY`]: the name
-/// itself and its spellings with `_` for `-`, which CGI and WSGI servers
-/// (Python's `wsgiref`, for one) turn into the same variable,
-/// `HTTP_X_TRELLIS_PEER_IDENTITY`, joined to the sidecar's value or in its
-/// place. Costs a look at each field name, and nothing more unless a caller
-/// sent such a spelling.
-pub fn remove_identity(headers: &mut HeaderMap) {
+/// Removes every field an app could read as [`PEER_IDENTITY`] or one of
+/// the [`URL_OVERRIDES`]: the name itself and its spellings with `_` for
+/// `-`, which CGI and WSGI servers (Python's `wsgiref`, PHP's FastCGI, for
+/// some) turn into the same variable (`HTTP_X_TRELLIS_PEER_IDENTITY`,
+/// joined to the sidecar's value or in its place). Costs a look at each
+/// field name, and nothing more unless a caller sent such a field.
+pub fn remove_forged(headers: &mut HeaderMap) {
     headers.remove(PEER_IDENTITY);
-    let spelled = |name: &HeaderName| reads_as_identity(name.as_str().as_bytes());
-    if headers.keys().any(spelled) {
-        let forged: Vec<HeaderName> = headers.keys().filter(|n| spelled(n)).cloned().collect();
+    let caller_set = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        reads_as(name, IDENTITY_NAME) || URL_OVERRIDES.iter().any(|o| reads_as(name, o))
+    };
+    if headers.keys().any(caller_set) {
+        let forged: Vec<HeaderName> = headers.keys().filter(|n| caller_set(n)).cloned().collect();
         for name in forged {
             headers.remove(name);
         }
     }
 }
 
-/// Whether a (lower-case) field name is [`PEER_IDENTITY`] with some of its
-/// `-` written `_`.
-fn reads_as_identity(name: &[u8]) -> bool {
-    let identity = IDENTITY_NAME.as_bytes();
-    name.len() == identity.len()
+/// Whether a (lower-case) field name is `canonical` with some of its `-`
+/// written `_`, or `canonical` itself.
+fn reads_as(name: &[u8], canonical: &str) -> bool {
+    let canonical = canonical.as_bytes();
+    name.len() == canonical.len()
         && name
             .iter()
-            .zip(identity)
+            .zip(canonical)
             .all(|(&b, &i)| b == i || (b == b'_' && i == b'-'))
 }
 
@@ -351,6 +364,20 @@ mod tests {
         set_identity(&mut h, &real);
         let all: Vec<_> = h.get_all(PEER_IDENTITY).iter().collect();
         assert_eq!(all, [&real]);
+    }
+
+    #[test]
+    fn url_overrides_are_removed_in_any_spelling() {
+        let mut h = map(&[
+            ("x-original-url", "/admin"),
+            ("x_rewrite_url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-original-url-extra", "kept"),
+        ]);
+        set_identity(&mut h, &HeaderValue::from_static("spiffe://td/ns/a/sa/web"));
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["x-original-url-extra", "x-trellis-peer-identity"]);
     }
 
     #[test]

@@ -58,8 +58,9 @@ pub struct HttpApp {
 type AppBody = BoxBody<Bytes, Infallible>;
 
 /// An HTTP/1.1 and HTTP/2 app. Answers `METHOD PATH VERSION` as text;
-/// `/stream` answers five chunks 20 ms apart; `/hang` never answers; an
-/// `Upgrade` request gets 101 and an echo of every byte after it.
+/// `/stream` answers five chunks 20 ms apart; `/hang` never answers;
+/// `/headers` answers the names of the headers it got, sorted, one a
+/// line; an `Upgrade` request gets 101 and an echo of every byte after it.
 pub async fn http_app() -> HttpApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -113,6 +114,12 @@ fn answer(mut req: Request<Incoming>, seen: &Seen) -> Response<AppBody> {
             .header("upgrade", "echo")
             .body(Full::new(Bytes::new()).boxed())
             .unwrap();
+    }
+    if path == "/headers" {
+        let mut names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
+        names.sort();
+        let text = names.join("\n");
+        return Response::new(Full::new(Bytes::from(text)).boxed());
     }
     if path == "/stream" {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
