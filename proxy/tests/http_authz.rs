@@ -196,6 +196,43 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
             "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
              containers read them)",
         ),
+        (
+            "/public/..%00/admin/users",
+            "path encodes a control character as %00: an app could cut the path there",
+        ),
+        (
+            "/admin%09/users",
+            "path encodes a control character as %09: an app could cut the path there",
+        ),
+        (
+            "/public/%252e%252e/admin/users",
+            "path encodes '%' as %25 before two hex digits (%252e): an app that decodes \
+             twice could read another path",
+        ),
+        (
+            "/public/%c0%ae%c0%ae/admin/users",
+            "path has percent escapes that do not decode to UTF-8",
+        ),
+        (
+            "/public/%ef%bc%8e%ef%bc%8e/admin/users",
+            "path contains U+FF0E, which an app could read as '.'",
+        ),
+        (
+            "/public/\u{ff0e}\u{ff0e}/admin/users",
+            "path contains U+FF0E, which an app could read as '.'",
+        ),
+        (
+            "/admin%ef%bc%8fusers",
+            "path contains U+FF0F, which an app could read as '/'",
+        ),
+        (
+            "/admin%e2%88%95users",
+            "path contains U+2215, which an app could read as '/'",
+        ),
+        (
+            "/admin%EF%BC%BCusers",
+            "path contains U+FF3C, which an app could read as '\\'",
+        ),
     ] {
         let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
         assert_eq!(

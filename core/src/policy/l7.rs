@@ -23,9 +23,15 @@
 //! containers drop `;x` before they resolve dot segments, so `/a/..;/admin`
 //! is `/admin` to them), a percent-encoded unreserved character
 //! (`/%61dmin`: RFC 3986 says those are decoded, so no rule written as
-//! sent could match), an encoded `/` or `\` (`/admin%2Fx`), a raw `\`, or
-//! a `%` not followed by two hex digits. Other escapes (`%20`) are matched
-//! as sent, their hex digits in either case.
+//! sent could match), an encoded `/` or `\` (`/admin%2Fx`), a raw `\`, a
+//! `%` not followed by two hex digits, an encoded control character
+//! (`%00`-`%1F`, `%7F`: `/admin%00.png` is `/admin` to an app cutting at
+//! NUL), an encoded `%` before two hex digits (`%252e`: `.` to an app
+//! that decodes twice), escapes that do not decode to UTF-8 (`%c0%ae`,
+//! an overlong `.` some decoders take), and a character, raw or encoded,
+//! that an app could fold into `.`, `/` or `\` (`%ef%bc%8e`, U+FF0E, is
+//! `.` after Unicode NFKC normalization). Other escapes (`%20`) are
+//! matched as sent, their hex digits in either case.
 
 use std::fmt;
 
@@ -239,11 +245,21 @@ pub enum PathProblem {
     Backslash,
     /// A `%` not followed by two hex digits.
     BadEscape,
+    /// `%00`-`%1F` or `%7F`: an encoded control character.
+    EncodedControl([u8; 3]),
+    /// `%25` and two hex digits: a `%` escape encoded again.
+    DoubleEncoded([u8; 5]),
+    /// Escapes that do not decode to UTF-8 (overlong, cut short, or a
+    /// byte that starts no character).
+    NotUtf8,
+    /// A character, raw or encoded, that an app could fold into the ASCII
+    /// one it looks like (`.`, `/` or `\`).
+    LookAlike(char, char),
 }
 
 impl fmt::Display for PathProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = |escape: &[u8; 3]| String::from_utf8_lossy(escape).into_owned();
+        let text = |escape: &[u8]| String::from_utf8_lossy(escape).into_owned();
         match self {
             Self::Segment => f.write_str(
                 "path has an empty, '.' or '..' segment (';' parameters aside, as servlet \
@@ -271,6 +287,23 @@ impl fmt::Display for PathProblem {
                 f.write_str("path contains '\\': an app could read it as a separator")
             }
             Self::BadEscape => f.write_str("path has a '%' not followed by two hex digits"),
+            Self::EncodedControl(escape) => write!(
+                f,
+                "path encodes a control character as {}: an app could cut the path there",
+                text(escape)
+            ),
+            Self::DoubleEncoded(escape) => write!(
+                f,
+                "path encodes '%' as %25 before two hex digits ({}): an app that decodes \
+                 twice could read another path",
+                text(escape)
+            ),
+            Self::NotUtf8 => f.write_str("path has percent escapes that do not decode to UTF-8"),
+            Self::LookAlike(c, like) => write!(
+                f,
+                "path contains U+{:04X}, which an app could read as '{like}'",
+                u32::from(*c)
+            ),
         }
     }
 }
@@ -281,10 +314,29 @@ fn decode(escape: &[u8; 3]) -> u8 {
     digit(escape[1]) << 4 | digit(escape[2])
 }
 
+/// Characters apps may fold into `.`, `/` or `\` (Unicode NFKC
+/// normalization, as Python's IDNA and some frameworks apply it, or the
+/// "best fit" mapping of Windows code pages), with the character each
+/// becomes.
+const LOOK_ALIKES: [(char, char); 12] = [
+    ('\u{FF0E}', '.'),  // FULLWIDTH FULL STOP
+    ('\u{FE52}', '.'),  // SMALL FULL STOP
+    ('\u{2024}', '.'),  // ONE DOT LEADER
+    ('\u{FF0F}', '/'),  // FULLWIDTH SOLIDUS
+    ('\u{2215}', '/'),  // DIVISION SLASH
+    ('\u{2044}', '/'),  // FRACTION SLASH
+    ('\u{29F8}', '/'),  // BIG SOLIDUS
+    ('\u{FF3C}', '\\'), // FULLWIDTH REVERSE SOLIDUS
+    ('\u{FE68}', '\\'), // SMALL REVERSE SOLIDUS
+    ('\u{2216}', '\\'), // SET MINUS
+    ('\u{29F5}', '\\'), // REVERSE SOLIDUS OPERATOR
+    ('\u{29F9}', '\\'), // BIG REVERSE SOLIDUS
+];
+
 /// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
 /// segments (a trailing `/` is fine), what follows a `;` in a segment left
-/// out (`..;x` is `..` to a servlet container), and no escapes or
-/// backslashes an app could read as another path (see the module docs).
+/// out (`..;x` is `..` to a servlet container), and no escapes, characters
+/// or backslashes an app could read as another path (see the module docs).
 pub fn check_path(path: &str) -> Result<(), PathProblem> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathProblem::Segment);
@@ -302,31 +354,80 @@ pub fn check_path(path: &str) -> Result<(), PathProblem> {
     Ok(())
 }
 
-/// The first escape or backslash in `path` that an app could read as
-/// another path than the one written.
+/// The first escape, character or backslash in `path` that an app could
+/// read as another path than the one written. Reads `path` as an app
+/// decodes it, one byte at a time (raw or escaped), and each character
+/// past ASCII whole, from raw bytes or escapes alike; allocates nothing.
 fn check_escapes(path: &str) -> Result<(), PathProblem> {
     let bytes = path.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'\\' => return Err(PathProblem::Backslash),
-            b'%' => {
-                let escape = match bytes.get(i..i + 3) {
-                    Some(&[p, h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => [p, h, l],
-                    _ => return Err(PathProblem::BadEscape),
-                };
-                match decode(&escape) {
-                    b'/' => return Err(PathProblem::EncodedSlash(escape)),
-                    b'\\' => return Err(PathProblem::EncodedBackslash(escape)),
-                    c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
-                        return Err(PathProblem::EncodedUnreserved(escape));
-                    }
-                    _ => {}
-                }
+    let mut at = 0;
+    while at < bytes.len() {
+        let (byte, len) = decoded_at(bytes, at)?;
+        at += len;
+        if byte.is_ascii() {
+            continue;
+        }
+        // The first byte of a character past ASCII says how many follow.
+        let need = match byte {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return Err(PathProblem::NotUtf8),
+        };
+        let mut utf8 = [byte, 0, 0, 0];
+        for slot in &mut utf8[1..need] {
+            if at >= bytes.len() {
+                return Err(PathProblem::NotUtf8);
             }
-            _ => {}
+            let (next, len) = decoded_at(bytes, at)?;
+            *slot = next;
+            at += len;
+        }
+        // Overlong forms, surrogates and bytes that continue nothing fail
+        // here.
+        let c = std::str::from_utf8(&utf8[..need])
+            .map_err(|_| PathProblem::NotUtf8)?
+            .chars()
+            .next()
+            .expect("one character");
+        if let Some(&(_, like)) = LOOK_ALIKES.iter().find(|(look, _)| *look == c) {
+            return Err(PathProblem::LookAlike(c, like));
         }
     }
     Ok(())
+}
+
+/// The byte at `at` in `bytes` as an app decodes it, and how many bytes of
+/// `bytes` it took: itself, or a `%XX` escape; or why an app could read
+/// it as another path.
+fn decoded_at(bytes: &[u8], at: usize) -> Result<(u8, usize), PathProblem> {
+    match bytes[at] {
+        b'\\' => Err(PathProblem::Backslash),
+        b'%' => {
+            let escape = match bytes.get(at..at + 3) {
+                Some(&[p, h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => [p, h, l],
+                _ => return Err(PathProblem::BadEscape),
+            };
+            match decode(&escape) {
+                b'/' => Err(PathProblem::EncodedSlash(escape)),
+                b'\\' => Err(PathProblem::EncodedBackslash(escape)),
+                c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                    Err(PathProblem::EncodedUnreserved(escape))
+                }
+                c if c.is_ascii_control() => Err(PathProblem::EncodedControl(escape)),
+                b'%' => match bytes.get(at + 3..at + 5) {
+                    Some(&[h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                        Err(PathProblem::DoubleEncoded([
+                            escape[0], escape[1], escape[2], h, l,
+                        ]))
+                    }
+                    _ => Ok((b'%', 3)),
+                },
+                c => Ok((c, 3)),
+            }
+        }
+        b => Ok((b, 1)),
+    }
 }
 
 /// RFC 9110 `token`.
@@ -565,6 +666,15 @@ mod tests {
             Ok(()),
             "other escapes are fine"
         );
+        for fine in [
+            "/caf%C3%A9",
+            "/caf\u{e9}/%e2%82%ac",
+            "/%25zz",
+            "/50%25",
+            "/%F0%9F%98%80",
+        ] {
+            assert_eq!(check_path(fine), Ok(()), "{fine}");
+        }
         assert_eq!(check_path("/a//b"), Err(PathProblem::Segment));
         assert_eq!(check_path("/a/../admin"), Err(PathProblem::Segment));
         assert_eq!(check_path("/./a"), Err(PathProblem::Segment));
@@ -610,6 +720,63 @@ mod tests {
             ("/a%zzb", "path has a '%' not followed by two hex digits"),
             ("/a%u0061", "path has a '%' not followed by two hex digits"),
             ("/a%2", "path has a '%' not followed by two hex digits"),
+            (
+                "/public/..%00/admin",
+                "path encodes a control character as %00: an app could cut the path there",
+            ),
+            (
+                "/admin%1f",
+                "path encodes a control character as %1f: an app could cut the path there",
+            ),
+            (
+                "/admin%7F",
+                "path encodes a control character as %7F: an app could cut the path there",
+            ),
+            (
+                "/public/%252e%252e/admin",
+                "path encodes '%' as %25 before two hex digits (%252e): an app that decodes \
+                 twice could read another path",
+            ),
+            (
+                "/public/%c0%ae%c0%ae/admin",
+                "path has percent escapes that do not decode to UTF-8",
+            ),
+            (
+                "/caf%e9",
+                "path has percent escapes that do not decode to UTF-8",
+            ),
+            (
+                "/a%c3",
+                "path has percent escapes that do not decode to UTF-8",
+            ),
+            (
+                "/a%c3%20",
+                "path has percent escapes that do not decode to UTF-8",
+            ),
+            (
+                "/a%a9",
+                "path has percent escapes that do not decode to UTF-8",
+            ),
+            (
+                "/public/%ef%bc%8e%ef%bc%8e/admin",
+                "path contains U+FF0E, which an app could read as '.'",
+            ),
+            (
+                "/public/\u{ff0e}\u{ff0e}/admin",
+                "path contains U+FF0E, which an app could read as '.'",
+            ),
+            (
+                "/public%EF%BC%8Fadmin",
+                "path contains U+FF0F, which an app could read as '/'",
+            ),
+            (
+                "/public%e2%88%95admin",
+                "path contains U+2215, which an app could read as '/'",
+            ),
+            (
+                "/public%ef%bc%bcadmin",
+                "path contains U+FF3C, which an app could read as '\\'",
+            ),
         ] {
             assert_eq!(check_path(path).unwrap_err().to_string(), problem, "{path}");
         }

@@ -259,6 +259,17 @@ fn path_problem(problem: PathProblem) -> &'static str {
         }
         PathProblem::Backslash => "path contains '\\': an app could read it as a separator",
         PathProblem::BadEscape => "path has a '%' not followed by two hex digits",
+        PathProblem::EncodedControl(_) => {
+            "path encodes a control character: an app could cut the path there"
+        }
+        PathProblem::DoubleEncoded(_) => {
+            "path encodes '%' as %25 before two hex digits: an app that decodes twice could \
+             read another path"
+        }
+        PathProblem::NotUtf8 => "path has percent escapes that do not decode to UTF-8",
+        PathProblem::LookAlike(_, '.') => "path contains a character an app could read as '.'",
+        PathProblem::LookAlike(_, '/') => "path contains a character an app could read as '/'",
+        PathProblem::LookAlike(..) => "path contains a character an app could read as '\\'",
     }
 }
 
