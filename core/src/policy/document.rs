@@ -128,8 +128,10 @@ pub struct Destination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
     /// Request paths: exact `/x`, prefix `/x/*`, templates `/users/{id}`,
-    /// matched as sent; paths an app could read as another one are refused
-    /// before matching ([`check_path`](super::l7::check_path)).
+    /// matched as sent by an ALLOW rule, and also in any ASCII letter case
+    /// (and with a trailing `/` or segment parameters) by a DENY or AUDIT
+    /// rule; paths an app could read as another one are refused before
+    /// matching ([`check_path`](super::l7::check_path)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<String>>,
     /// Header name to exact value; every one must match. A header sent more

@@ -8,12 +8,12 @@
 //! (`/users/{id}` matches `/users/7`, not `/users/7/posts` nor `/users/`;
 //! `/users/{id}/*` matches both of the first two). A DENY or AUDIT rule
 //! also matches the spellings routers commonly take for the same path,
-//! with a trailing `/` and with segment parameters (`/admin;x`); an ALLOW
-//! rule only the path as sent. A gRPC match is a path match on
-//! `/<service>/<method>`. Header names are case-insensitive and
-//! values exact; a header sent more than once matches an ALLOW rule only
-//! if every value does, a DENY or AUDIT rule if any does, or any element
-//! of a comma-separated one (`L7Match::matches`).
+//! with a trailing `/`, with segment parameters (`/admin;x`) and in any
+//! ASCII letter case (`/ADMIN`); an ALLOW rule only the path as sent. A
+//! gRPC match is a path match on `/<service>/<method>`. Header names are
+//! case-insensitive and values exact; a header sent more than once matches
+//! an ALLOW rule only if every value does, a DENY or AUDIT rule if any
+//! does, or any element of a comma-separated one (`L7Match::matches`).
 //!
 //! Apps decode and resolve a path before routing it, so a path that names
 //! the same resource in another spelling must not reach them past a rule
@@ -127,23 +127,31 @@ impl PathPattern {
             // "/" has no segments.
             parts.next();
         }
-        self.matches_segments(parts)
+        self.matches_segments(parts, false)
     }
 
     /// Whether `path`, or a spelling of it that apps commonly route to
     /// the same handler, matches: without a trailing `/` (`/admin/` is
-    /// `/admin` to many routers) and without the parameters of its
-    /// segments (`/admin;x` is `/admin` to servlet containers). What a
-    /// DENY or AUDIT rule matches, so that another spelling does not slip
-    /// past it; an ALLOW rule matches only the path as sent. A pattern
-    /// whose literal holds a `;` still matches the path it spells.
+    /// `/admin` to many routers), without the parameters of its
+    /// segments (`/admin;x` is `/admin` to servlet containers), and in
+    /// any ASCII letter case (`/ADMIN` is `/admin` to Express, ASP.NET
+    /// Core and other routers that ignore case). What a DENY or AUDIT rule
+    /// matches, so that another spelling does not slip past it; an ALLOW
+    /// rule matches only the path as sent. A pattern whose literal holds a
+    /// `;` still matches the path it spells.
     pub fn matches_as_routed(&self, path: &str) -> bool {
         path.starts_with('/')
-            && (self.matches_segments(routed_segments(path, false))
-                || (path.contains(';') && self.matches_segments(routed_segments(path, true))))
+            && (self.matches_segments(routed_segments(path, false), true)
+                || (path.contains(';') && self.matches_segments(routed_segments(path, true), true)))
     }
 
-    fn matches_segments<'a>(&self, mut parts: impl Iterator<Item = &'a str>) -> bool {
+    /// Whether the segments `parts` match; with `any_case`, literals match
+    /// in any ASCII letter case.
+    fn matches_segments<'a>(
+        &self,
+        mut parts: impl Iterator<Item = &'a str>,
+        any_case: bool,
+    ) -> bool {
         if self.nothing {
             return false;
         }
@@ -152,7 +160,10 @@ impl PathPattern {
                 return false;
             };
             let ok = match segment {
-                Segment::Literal(lit) => segment_is(lit, part),
+                Segment::Literal(lit) => match any_case {
+                    true => lit.eq_ignore_ascii_case(part),
+                    false => segment_is(lit, part),
+                },
                 Segment::Param => !part.is_empty(),
             };
             if !ok {
@@ -167,8 +178,9 @@ impl PathPattern {
 /// it: without a final empty one, so `/admin/` is `/admin` and `/` has
 /// none, and with `without_parameters`, each without what follows a `;`
 /// in it, so `/admin;x/` is `/admin` too. What DENY and AUDIT rules
-/// match, and what a rate limit keys a route's bucket by, so that another
-/// spelling neither slips past a rule nor gets a fresh bucket.
+/// match (in any ASCII letter case, [`PathPattern::matches_as_routed`]),
+/// and what a rate limit keys a route's bucket by (likewise), so that
+/// another spelling neither slips past a rule nor gets a fresh bucket.
 pub fn routed_segments(path: &str, without_parameters: bool) -> impl Iterator<Item = &str> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     let mut segments = rest
@@ -629,6 +641,11 @@ mod tests {
             ("/", "/;x"),
             ("/admin", "/admin/;x"),
             ("/a;b", "/a;b/"),
+            ("/admin/*", "/ADMIN/x"),
+            ("/admin/*", "/Admin"),
+            ("/admin", "/aDmIn;x/"),
+            ("/users/{id}/edit", "/Users/7/EDIT"),
+            ("/a%3Ab", "/A%3aB"),
         ] {
             assert!(
                 routed(pattern, path),
@@ -646,6 +663,8 @@ mod tests {
         // An ALLOW keeps to the path as sent.
         assert!(!matches("/admin", "/admin/"));
         assert!(!matches("/admin", "/admin;x"));
+        assert!(!matches("/public/*", "/PUBLIC/x"));
+        assert!(!matches("/public/*", "/Public"));
     }
 
     #[test]

@@ -250,45 +250,32 @@ impl Limit {
 
 /// Feeds `path` to `hasher` as apps read it for routing: without a
 /// trailing `/` and without the parameters of its segments (`/search/q/`
-/// and `/search/q;1` are `/search/q` to many routers), and the hex digits
-/// of each percent escape in upper case, so `/a%3ab` and `/a%3Ab` (one path
-/// to an app, and to the path matches) share a route's bucket instead of
-/// counting apart: a caller cannot get a fresh bucket by spelling a path
-/// another way. Escapes an app could read as another path altogether
-/// (`%2F`, an encoded unreserved character) never get here: they are
-/// refused while a limit reads paths. No allocation: the spans between
-/// escapes are written as they are.
+/// and `/search/q;1` are `/search/q` to many routers), and in lower case
+/// (ASCII letters only), so `/LOGIN` and `/login` (one path to routers
+/// that ignore case, and to the path matches of a limit), or `/a%3ab` and
+/// `/a%3Ab`, share a route's bucket instead of counting apart: a caller
+/// cannot get a fresh bucket by spelling a path another way. Escapes an
+/// app could read as another path altogether (`%2F`, an encoded
+/// unreserved character) never get here: they are refused while a limit
+/// reads paths. No allocation: the path goes through a small buffer on
+/// the stack.
 fn hash_path(path: &str, hasher: &mut impl Hasher) {
     for segment in routed_segments(path, true) {
         hasher.write(b"/");
-        hash_escapes(segment, hasher);
+        hash_lower_case(segment, hasher);
     }
     hasher.write_u8(0xff);
 }
 
-/// Feeds `text` to `hasher` with the hex digits of each percent escape in
-/// upper case.
-fn hash_escapes(text: &str, hasher: &mut impl Hasher) {
-    let bytes = text.as_bytes();
-    let mut written = 0;
-    let mut at = 0;
-    while let Some(found) = bytes[at..].iter().position(|b| *b == b'%') {
-        let escape = at + found;
-        match bytes.get(escape + 1..escape + 3) {
-            Some(&[high, low])
-                if high.is_ascii_hexdigit()
-                    && low.is_ascii_hexdigit()
-                    && (high.is_ascii_lowercase() || low.is_ascii_lowercase()) =>
-            {
-                hasher.write(&bytes[written..escape]);
-                hasher.write(&[b'%', high.to_ascii_uppercase(), low.to_ascii_uppercase()]);
-                written = escape + 3;
-                at = escape + 3;
-            }
-            _ => at = escape + 1,
-        }
+/// Feeds `text` to `hasher` with its ASCII letters in lower case.
+fn hash_lower_case(text: &str, hasher: &mut impl Hasher) {
+    let mut buf = [0u8; 64];
+    for chunk in text.as_bytes().chunks(buf.len()) {
+        let lower = &mut buf[..chunk.len()];
+        lower.copy_from_slice(chunk);
+        lower.make_ascii_lowercase();
+        hasher.write(lower);
     }
-    hasher.write(&bytes[written..]);
 }
 
 /// The longest wait a refused caller is told: a day, what the slowest rate
@@ -451,7 +438,8 @@ mod tests {
     }
 
     /// Escapes whose hex digits differ only in case are one path to an
-    /// app: a route's bucket cannot be dodged by writing them otherwise.
+    /// app, and so are paths whose letters do to routers that ignore
+    /// case: a route's bucket cannot be dodged by writing them otherwise.
     #[test]
     fn a_route_is_one_bucket_whatever_the_case_of_its_escapes() {
         let l = limits(0.001, 1, "route");
@@ -468,11 +456,15 @@ mod tests {
             l.check(&a, "/search/cafe").is_ok(),
             "another path has its own bucket"
         );
+        for spelling in ["/SEARCH/CAFE", "/Search/Cafe;x/"] {
+            assert!(l.check(&a, spelling).is_err(), "{spelling} counted apart");
+        }
+        let long = format!("/search/{}", "a".repeat(100));
+        assert!(l.check(&a, &long).is_ok());
         assert!(
-            l.check(&a, "/search/%zz%").is_ok(),
-            "not an escape: as sent"
+            l.check(&a, &long.to_ascii_uppercase()).is_err(),
+            "a segment longer than the buffer counts as one too"
         );
-        assert!(l.check(&a, "/search/%ZZ%").is_ok(), "and so another path");
     }
 
     /// A trailing `/` or a segment parameter is the same path to many
@@ -484,7 +476,7 @@ mod tests {
         login.matches[0].paths = vec!["/login".into()];
         let l = RateLimits::compile(&[login], &api(), &Metrics::new()).unwrap();
         assert!(l.check(&a, "/login").is_ok());
-        for spelling in ["/login/", "/login;jsessionid=1"] {
+        for spelling in ["/login/", "/login;jsessionid=1", "/LOGIN", "/Login/"] {
             assert!(
                 l.check(&a, spelling).is_err(),
                 "{spelling} escaped the limit"
