@@ -25,6 +25,7 @@ pub struct Metrics {
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    watch_streams_refused: Mutex<BTreeMap<&'static str, u64>>,
     inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
     /// Snapshots sent, and their bytes, by how they carried the endpoints
@@ -92,6 +93,12 @@ impl Metrics {
     /// `enabled` nor `disabled`; the pod was denied, or its author warned.
     pub fn inject_unknown_value(&self, reason: &'static str) {
         count(&self.inject_unknown_values, reason);
+    }
+
+    /// A Discovery.Watch stream refused as it opened, by the limit that
+    /// refused it (`per_sidecar` or `total`).
+    pub fn watch_stream_refused(&self, reason: &'static str) {
+        count(&self.watch_streams_refused, reason);
     }
 
     pub fn watch_stream_opened(&self) {
@@ -219,6 +226,14 @@ impl Metrics {
              client's address as one may hold) or total (every slot taken, none from an address \
              holding more).",
             &self.admin_connections_refused.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_watch_streams_refused_total",
+            "Discovery.Watch streams refused as they opened, by the limit that refused them: \
+             per_sidecar (as many open from the identity and address as one sidecar may hold) \
+             or total (as many open as the replica holds).",
+            &self.watch_streams_refused.lock().expect("not poisoned"),
         );
         let _ = writeln!(
             out,

@@ -17,6 +17,9 @@
 //! [`EncodedSnapshot`]s, whose shared parts were encoded once per version
 //! (the route that writes them is `super::discovery_server`).
 //! The stream ends with UNAVAILABLE when the control plane shuts down.
+//! A stream past the replica's [`WatchLimits`](crate::discovery::WatchLimits)
+//! (per sidecar: an identity from one address; and in all) is refused
+//! with RESOURCE_EXHAUSTED naming the limit and the identity.
 //!
 //! A revoked certificate is sent nothing: a Watch whose client certificate
 //! a revocation of its identity covers (issued at or before it, or at a
@@ -45,6 +48,8 @@ use crate::discovery::{
     COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, SnapshotVersion,
     StreamGuard, View,
 };
+use crate::metrics::Metrics;
+use crate::server::Refusals;
 
 /// At most this many characters of what a sidecar sent (its addresses, a
 /// NACK's reason, each warning of an ACK) are logged.
@@ -58,11 +63,20 @@ pub type SnapshotStream = Pin<Box<dyn Stream<Item = Result<EncodedSnapshot, Stat
 
 pub struct DiscoveryService {
     mesh: Mesh,
+    /// Streams refused past the Watch limits: counted, and logged at most
+    /// once per limit per pause (a sidecar retrying in a loop must not
+    /// flood the log).
+    over_limits: Refusals,
 }
+
+/// How a Watch stream refused past the Watch limits is logged, with the
+/// limit (`reason`, `error`) and peer.
+const OVER_LIMITS: &str = "discovery stream refused: past the Watch limits";
 
 impl DiscoveryService {
     pub fn new(mesh: Mesh) -> Self {
-        Self { mesh }
+        let over_limits = Refusals::new(mesh.metrics.clone(), Metrics::watch_stream_refused);
+        Self { mesh, over_limits }
     }
 
     /// `Discovery.Watch`: checks the caller and its Subscribe, then serves
@@ -77,6 +91,7 @@ impl DiscoveryService {
             tracing::warn!(spiffe_id = %id, detail = ?refused.message(), "discovery stream refused: the certificate is revoked");
             return Err(refused);
         }
+        let peer = peer_of(&request).map(|p| p.remote);
         let presented = peer_of(&request).and_then(|p| p.presented.clone());
         let mut inbound = request.into_inner();
         let subscribe = match inbound.message().await? {
@@ -97,6 +112,25 @@ impl DiscoveryService {
         // Kept with the stream for Explain; a sidecar never sends a number
         // that is not a port, so one that does is refused.
         let opaque_ports = super::port_list("Subscribe.opaque_ports", &subscribe.opaque_ports)?;
+        // The caller's address is the TLS layer's, never missing with an
+        // SVID; unspecified stands for one all the same.
+        let peer = peer.unwrap_or_else(|| (std::net::Ipv4Addr::UNSPECIFIED, 0).into());
+        // Open until the closing line is written: a stopping replica
+        // stops listening once every stream is closed, so the lines of
+        // its streams come before the line that says so.
+        let open =
+            match self
+                .mesh
+                .discovery
+                .try_open_stream(&id, peer.ip(), presented, opaque_ports)
+            {
+                Ok(open) => open,
+                Err(refused) => {
+                    self.over_limits
+                        .refuse(peer, refused.reason(), Some(&refused), OVER_LIMITS);
+                    return Err(Status::resource_exhausted(refused.to_string()));
+                }
+            };
         let (tx, rx) = mpsc::channel(4);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
@@ -109,10 +143,6 @@ impl DiscoveryService {
             };
             tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, last_version_epoch = subscribe.last_version_epoch, "discovery stream opened");
             mesh.metrics.watch_stream_opened();
-            // Open until the closing line is written: a stopping replica
-            // stops listening once every stream is closed, so the lines
-            // of its streams come before the line that says so.
-            let open = mesh.discovery.open_stream(&id, presented, opaque_ports);
             let reason = serve_stream(&mesh, &open, &id, issued_at, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();
             tracing::info!(spiffe_id = %id, reason, "discovery stream closed");

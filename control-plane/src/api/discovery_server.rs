@@ -276,4 +276,129 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.message(), "control plane shutting down");
     }
+
+    /// A sidecar (an identity on connections from one address) holding as
+    /// many Watch streams as one may is refused another with
+    /// RESOURCE_EXHAUSTED naming the limit and the identity; another pod
+    /// of the same identity (another address) is not. Past the replica's
+    /// total, any identity is refused. Each refusal is counted by its
+    /// limit, and a stream that ends frees its slot.
+    #[tokio::test]
+    async fn watch_streams_past_the_limits_are_refused_until_one_closes() {
+        use crate::api::{Mesh, PeerInfo};
+        use crate::discovery::{Discovery, WatchLimits};
+        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use futures::channel::mpsc;
+        use tower::Service;
+        use trellis_proto::discovery::v1::watch_request::Kind;
+        use trellis_proto::discovery::v1::{MeshConfig, Subscribe};
+
+        const WEB: &str = "spiffe://cluster.local/ns/a/sa/web";
+        const API: &str = "spiffe://cluster.local/ns/a/sa/api";
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let limits = WatchLimits {
+            per_sidecar: 2,
+            total: 3,
+        };
+        let discovery = Arc::new(
+            Discovery::new(store.clone(), Vec::new(), MeshConfig::default())
+                .unwrap()
+                .with_watch_limits(limits),
+        );
+        let (mesh, _stop) = Mesh::for_tests(store, discovery.clone());
+        let metrics = mesh.metrics.clone();
+        let server = DiscoveryServer::new(DiscoveryService::new(mesh));
+
+        // A Watch from `id` on a connection from `remote` that subscribes
+        // and stays open while the returned sender lives; the status it
+        // was refused with, if it was.
+        type Held = (
+            mpsc::Sender<Result<Frame<Bytes>, Status>>,
+            http::Response<Body>,
+        );
+        let watch = |id: &str, remote: &str| {
+            let mut server = server.clone();
+            let (id, remote) = (id.to_owned(), remote.parse().unwrap());
+            async move {
+                let subscribe = WatchRequest {
+                    kind: Some(Kind::Subscribe(Subscribe {
+                        inbound_address: "10.0.0.1:15006".into(),
+                        ..Subscribe::default()
+                    })),
+                };
+                let mut framed = BytesMut::new();
+                framed.put_u8(0);
+                framed.put_u32(subscribe.encoded_len() as u32);
+                subscribe.encode(&mut framed).unwrap();
+                let (mut tx, rx) = mpsc::channel(4);
+                tx.try_send(Ok(Frame::data(framed.freeze()))).unwrap();
+                let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
+                    .header(http::header::CONTENT_TYPE, "application/grpc")
+                    .body(Body::new(StreamBody::new(rx)))
+                    .unwrap();
+                request.extensions_mut().insert(PeerInfo {
+                    remote,
+                    spiffe_id: Some(trellis_core::SpiffeId::parse(&id).unwrap()),
+                    cert_issued_at_unix: None,
+                    presented: None,
+                });
+                let response = server.call(request).await.unwrap();
+                match Status::from_header_map(response.headers()) {
+                    Some(refused) => Err(refused),
+                    None => Ok::<Held, Status>((tx, response)),
+                }
+            }
+        };
+
+        let first = watch(WEB, "10.0.0.1:40000").await.expect("opened");
+        let _second = watch(WEB, "10.0.0.1:40001").await.expect("opened");
+        let refused = watch(WEB, "10.0.0.1:40002").await.expect_err("refused");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.message(),
+            "spiffe://cluster.local/ns/a/sa/web already holds 2 Watch streams from 10.0.0.1, \
+             the most one sidecar may hold at once; close one first (the stream of a restarted \
+             sidecar closes when its old connection fails)"
+        );
+        // Another replica of the Deployment: the same identity, its own pod.
+        let _other_pod = watch(WEB, "10.0.0.2:40000").await.expect("opened");
+        let refused = watch(API, "10.0.0.3:40000").await.expect_err("refused");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.message(),
+            "this control plane replica already holds 3 Watch streams, the most it holds at \
+             once; the stream of spiffe://cluster.local/ns/a/sa/api from 10.0.0.3 is refused \
+             until one closes"
+        );
+        let rendered = metrics.render();
+        for reason in ["per_sidecar", "total"] {
+            let counted = format!("trellis_watch_streams_refused_total{{reason=\"{reason}\"}} 1\n");
+            assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
+        }
+        assert_eq!(
+            discovery.statuses().len(),
+            1,
+            "a refused identity is not listed"
+        );
+
+        // The sidecar closes its first stream: its slot is free again.
+        drop(first);
+        let mut patience = 500;
+        while discovery.streams_open() > 2 {
+            patience -= 1;
+            assert!(patience > 0, "the closed stream never freed its slot");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _again = watch(WEB, "10.0.0.1:40003").await.expect("opened again");
+        assert_eq!(discovery.streams_open(), 3);
+    }
 }

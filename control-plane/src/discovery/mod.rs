@@ -38,6 +38,7 @@
 //! acknowledged. It never authenticates anyone: callers pass a verified ID.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -112,6 +113,74 @@ pub struct PresentedCert {
     /// When the handshake presented it, Unix seconds: the client held no
     /// newer certificate then.
     pub presented_at_unix: i64,
+}
+
+/// Watch streams one sidecar may hold open at once: a sidecar holds one,
+/// and a few more while a restarted one's old connection has not failed
+/// yet.
+pub const MAX_WATCH_STREAMS_PER_SIDECAR: usize = 16;
+
+/// Watch streams a replica holds open at once, over every sidecar: well
+/// above the 10,000 sidecars the benchmark watches with.
+pub const MAX_WATCH_STREAMS: usize = 50_000;
+
+/// How many Watch streams may be open at once on a replica. Every stream
+/// keeps its sidecar's status (with the opaque ports it declared), so
+/// without a bound one SVID could make the control plane hold any number.
+///
+/// One sidecar is an identity on a connection from one address: the
+/// replicas of a Deployment share their identity (their ServiceAccount's)
+/// but each pod has its own address, and the address is the connection's,
+/// which the caller cannot choose as it chooses what its Subscribe says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// Streams of one identity from one address.
+    pub per_sidecar: usize,
+    /// Streams over every identity.
+    pub total: usize,
+}
+
+impl Default for WatchLimits {
+    fn default() -> Self {
+        Self {
+            per_sidecar: MAX_WATCH_STREAMS_PER_SIDECAR,
+            total: MAX_WATCH_STREAMS,
+        }
+    }
+}
+
+/// Why a Watch stream was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchLimitReached {
+    #[error(
+        "{id} already holds {limit} Watch streams from {from}, the most one sidecar may hold at \
+         once; close one first (the stream of a restarted sidecar closes when its old \
+         connection fails)"
+    )]
+    PerSidecar {
+        limit: usize,
+        id: SpiffeId,
+        from: IpAddr,
+    },
+    #[error(
+        "this control plane replica already holds {limit} Watch streams, the most it holds at \
+         once; the stream of {id} from {from} is refused until one closes"
+    )]
+    Total {
+        limit: usize,
+        id: SpiffeId,
+        from: IpAddr,
+    },
+}
+
+impl WatchLimitReached {
+    /// The limit's name in metrics: `per_sidecar` or `total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WatchLimitReached::PerSidecar { .. } => "per_sidecar",
+            WatchLimitReached::Total { .. } => "total",
+        }
+    }
 }
 
 /// Whether a sidecar holds the snapshot the control plane serves now,
@@ -581,6 +650,8 @@ pub struct Discovery {
     /// How many Watch streams are open, over every identity: a stopping
     /// replica waits for none before it stops listening.
     open_streams: watch::Sender<usize>,
+    /// How many Watch streams may be open at once.
+    watch_limits: WatchLimits,
     served: Mutex<Served>,
     changes: Mutex<ChangesTo>,
 }
@@ -721,9 +792,17 @@ impl Discovery {
             sidecars: Mutex::new(BTreeMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(0),
             open_streams: watch::Sender::new(0),
+            watch_limits: WatchLimits::default(),
             served: Mutex::new(served),
             changes: Mutex::default(),
         })
+    }
+
+    /// With `limits` on the Watch streams open at once (by default
+    /// [`WatchLimits::default`]).
+    pub fn with_watch_limits(mut self, limits: WatchLimits) -> Self {
+        self.watch_limits = limits;
+        self
     }
 
     /// With `root` as the mesh's root namespace ([`SelectorScope`]) in
@@ -983,42 +1062,79 @@ impl Discovery {
         part
     }
 
-    /// Marks a stream from `id` open until the returned guard is dropped;
-    /// the guard records what the sidecar at its end answers. `presented`
-    /// is the certificate the sidecar presented for the stream's
-    /// connection, when it presented one in a full handshake;
-    /// `opaque_ports` those the sidecar declares opaque on its own.
+    /// Marks a stream from `id`, on a connection from `from`, open until
+    /// the returned guard is dropped; the guard records what the sidecar
+    /// at its end answers. `presented` is the certificate the sidecar
+    /// presented for the stream's connection, when it presented one in a
+    /// full handshake; `opaque_ports` those the sidecar declares opaque on
+    /// its own. Refused, opening nothing, past the [`WatchLimits`].
+    pub fn try_open_stream(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+        from: IpAddr,
+        presented: Option<PresentedCert>,
+        opaque_ports: Vec<u16>,
+    ) -> Result<StreamGuard, WatchLimitReached> {
+        let limits = self.watch_limits;
+        let mut sidecars = self.sidecars.lock().expect("not poisoned");
+        // Checked and counted under the lock: streams opening at once
+        // cannot all pass the same last free slot.
+        let open = *self.open_streams.borrow();
+        if open >= limits.total {
+            return Err(WatchLimitReached::Total {
+                limit: limits.total,
+                id: id.clone(),
+                from,
+            });
+        }
+        let from_there = (sidecars.get(id))
+            .and_then(|streams| streams.from.get(&from))
+            .copied()
+            .unwrap_or(0);
+        if from_there >= limits.per_sidecar {
+            return Err(WatchLimitReached::PerSidecar {
+                limit: limits.per_sidecar,
+                id: id.clone(),
+                from,
+            });
+        }
+        let streams = sidecars.entry(id.clone()).or_default();
+        *streams.from.entry(from).or_default() += 1;
+        let number = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        streams.open.insert(
+            number,
+            SidecarStatus {
+                streams: 1,
+                opened_at_unix: crate::unix_now(),
+                presented,
+                opaque_ports,
+                ..SidecarStatus::default()
+            },
+        );
+        self.open_streams.send_modify(|open| *open += 1);
+        drop(sidecars);
+        Ok(StreamGuard {
+            discovery: self.clone(),
+            id: id.clone(),
+            from,
+            number,
+        })
+    }
+
+    /// [`try_open_stream`](Self::try_open_stream) from an unspecified
+    /// address, within the limits.
+    #[cfg(test)]
     pub fn open_stream(
         self: &Arc<Self>,
         id: &SpiffeId,
         presented: Option<PresentedCert>,
         opaque_ports: Vec<u16>,
     ) -> StreamGuard {
-        let number = self
-            .next_stream
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.sidecars
-            .lock()
-            .expect("not poisoned")
-            .entry(id.clone())
-            .or_default()
-            .open
-            .insert(
-                number,
-                SidecarStatus {
-                    streams: 1,
-                    opened_at_unix: crate::unix_now(),
-                    presented,
-                    opaque_ports,
-                    ..SidecarStatus::default()
-                },
-            );
-        self.open_streams.send_modify(|open| *open += 1);
-        StreamGuard {
-            discovery: self.clone(),
-            id: id.clone(),
-            number,
-        }
+        let from = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        self.try_open_stream(id, from, presented, opaque_ports)
+            .expect("within the Watch limits")
     }
 
     /// How many Watch streams are open now, over every identity.
@@ -1099,6 +1215,8 @@ impl Discovery {
 struct IdentityStreams {
     /// Each open stream's status, by the number it was opened with.
     open: BTreeMap<u64, SidecarStatus>,
+    /// How many of them are open from each address.
+    from: HashMap<IpAddr, usize>,
     /// The status of the stream that closed last, kept while none is open.
     closed: SidecarStatus,
 }
@@ -1108,6 +1226,7 @@ struct IdentityStreams {
 pub struct StreamGuard {
     discovery: Arc<Discovery>,
     id: SpiffeId,
+    from: IpAddr,
     number: u64,
 }
 
@@ -1166,11 +1285,18 @@ impl Drop for StreamGuard {
                     streams: 0,
                     ..status
                 };
+                if let Some(from_there) = streams.from.get_mut(&self.from) {
+                    *from_there -= 1;
+                    if *from_there == 0 {
+                        streams.from.remove(&self.from);
+                    }
+                }
             }
+            // Under the lock, as opening counts it.
+            self.discovery
+                .open_streams
+                .send_modify(|open| *open = open.saturating_sub(1));
         }
-        self.discovery
-            .open_streams
-            .send_modify(|open| *open = open.saturating_sub(1));
     }
 }
 
