@@ -9,7 +9,8 @@
 //! This module owns only the transport: TLS with the serving certificate
 //! of the mounted Secret (the chart's, cert-manager's or the operator's;
 //! re-read when it changes, its expiry reported), HTTP/1.1,
-//! a body size limit, status codes, and limits on connections (in number,
+//! a body size limit and a budget for the bodies read at once
+//! ([`BODY_BUDGET`]), status codes, and limits on connections (in number,
 //! per client address and in time), since every pod of the cluster can
 //! reach the port. It decides nothing about pods or policies. The API
 //! server authenticates us by the `caBundle` of the webhook
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -84,6 +85,14 @@ pub const MAX_BODY: usize = 4 << 20;
 /// plane's CPU limit is not exceeded many times over.
 pub const MAX_REVIEWS_AT_ONCE: usize = 2;
 
+/// Bytes of review bodies the webhook port holds at once, over every
+/// connection: a body is read only with room for it in this budget (as its
+/// `Content-Length` announces, or as its chunks arrive), and answered 503
+/// when there is none. Without it, [`MAX_CONNECTIONS`] clients sending
+/// [`MAX_BODY`] each slowly would hold 512 MiB; this is 16 bodies of the
+/// largest size, hundreds of real reviews at once.
+pub const BODY_BUDGET: usize = 64 << 20;
+
 /// How often the certificate files are checked for a change.
 const CERT_RECHECK: Duration = Duration::from_secs(10);
 
@@ -99,8 +108,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Webhook connections served at once; more are closed as they are
-/// accepted. Each may be reading a body of up to [`MAX_BODY`], so this
-/// bounds the memory that clients sending large bodies slowly can take.
+/// accepted. Each may be reading a body of up to [`MAX_BODY`]; what they
+/// hold together is bounded by [`BODY_BUDGET`].
 pub const MAX_CONNECTIONS: usize = 128;
 
 /// Webhook connections one client address may hold at once: half of
@@ -334,6 +343,8 @@ pub fn tls_config(files: Arc<ServingFiles>) -> Result<Arc<ServerConfig>, TlsFile
 pub struct WebhookServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    /// Room for the bodies being read, in bytes ([`BODY_BUDGET`]).
+    bodies: BodyBudget,
 }
 
 impl WebhookServer {
@@ -346,7 +357,15 @@ impl WebhookServer {
         Self {
             listener,
             acceptor: TlsAcceptor::from(tls),
+            bodies: BodyBudget::new(BODY_BUDGET),
         }
+    }
+
+    /// With `bytes` of review bodies held at once instead of
+    /// [`BODY_BUDGET`].
+    pub fn with_body_budget(mut self, bytes: usize) -> Self {
+        self.bodies = BodyBudget::new(bytes);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -398,6 +417,7 @@ impl WebhookServer {
             let uninjected = uninjected.clone();
             let failures = failures.clone();
             let turns = turns.clone();
+            let bodies = self.bodies.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
                 let tls = tokio::select! {
@@ -415,7 +435,8 @@ impl WebhookServer {
                         uninjected: uninjected.clone(),
                         turns: turns.clone(),
                     };
-                    async move { Ok::<_, Infallible>(serve(req, reviewing).await) }
+                    let bodies = bodies.clone();
+                    async move { Ok::<_, Infallible>(serve(req, &bodies, reviewing).await) }
                 });
                 serve_http1_for(
                     tls,
@@ -530,32 +551,51 @@ struct Reviewing {
     turns: Arc<Semaphore>,
 }
 
-async fn serve(req: Request<Incoming>, reviewing: Reviewing) -> Response<Full<Bytes>> {
+async fn serve(
+    req: Request<Incoming>,
+    bodies: &BodyBudget,
+    reviewing: Reviewing,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body =
-        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) => {
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("cannot read the body: {e}"),
-                );
-            }
-            Err(_) => {
-                let mut answer = text(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request's body did not arrive within {}",
-                        trellis_core::duration::words(BODY_TIMEOUT)
-                    ),
-                );
+    // Held until the answer is made: the body is in memory until then.
+    let (body, _room) = match tokio::time::timeout(BODY_TIMEOUT, bodies.read(body)).await {
+        Ok(Ok(read)) => read,
+        Ok(Err(refused)) => {
+            let status = match refused {
+                BodyRefused::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyRefused::NoRoom { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                BodyRefused::Read(_) => StatusCode::BAD_REQUEST,
+            };
+            let mut answer = text(status, refused.to_string());
+            if let BodyRefused::NoRoom { .. } = refused {
                 answer.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
                 );
-                return answer;
             }
-        };
+            // The rest of its body is not read: the connection cannot
+            // carry another request.
+            answer.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return answer;
+        }
+        Err(_) => {
+            let mut answer = text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request's body did not arrive within {}",
+                    trellis_core::duration::words(BODY_TIMEOUT)
+                ),
+            );
+            answer.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return answer;
+        }
+    };
     let Reviewing {
         config,
         metrics,
@@ -588,6 +628,82 @@ async fn serve(req: Request<Incoming>, reviewing: Reviewing) -> Response<Full<By
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+/// Room for the review bodies being read, in bytes, shared by every
+/// connection of the port: a body is never held without its room.
+#[derive(Clone)]
+struct BodyBudget {
+    room: Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+}
+
+/// Why a request's body was not read.
+#[derive(Debug, thiserror::Error)]
+enum BodyRefused {
+    #[error("cannot read the body: it is larger than {MAX_BODY} bytes, the most a review may be")]
+    TooLarge,
+    #[error(
+        "cannot read the body now: the webhook holds at most {budget} bytes of review bodies \
+         at once, and those being read leave no room for {needed} more bytes of this one; try \
+         again"
+    )]
+    NoRoom { budget: usize, needed: usize },
+    #[error("cannot read the body: {0}")]
+    Read(hyper::Error),
+}
+
+impl BodyBudget {
+    fn new(bytes: usize) -> Self {
+        Self {
+            room: Arc::new(tokio::sync::Semaphore::new(bytes)),
+            bytes,
+        }
+    }
+
+    /// `n` more bytes of room, at once or not at all.
+    fn take(&self, n: usize) -> Result<tokio::sync::OwnedSemaphorePermit, BodyRefused> {
+        let no_room = || BodyRefused::NoRoom {
+            budget: self.bytes,
+            needed: n,
+        };
+        let n32 = u32::try_from(n).map_err(|_| no_room())?;
+        self.room
+            .clone()
+            .try_acquire_many_owned(n32)
+            .map_err(|_| no_room())
+    }
+
+    /// The body, at most [`MAX_BODY`], with its room: taken as its
+    /// `Content-Length` announces before any of it is read, and as chunks
+    /// arrive past that (a chunked body announces nothing).
+    async fn read(
+        &self,
+        mut body: Incoming,
+    ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), BodyRefused> {
+        use hyper::body::Body as _;
+        let hint = body.size_hint();
+        let announced = usize::try_from(hint.exact().unwrap_or(hint.lower())).unwrap_or(usize::MAX);
+        if announced > MAX_BODY {
+            return Err(BodyRefused::TooLarge);
+        }
+        let mut room = self.take(announced)?;
+        let mut read = bytes::BytesMut::with_capacity(announced);
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(BodyRefused::Read)?.into_data() else {
+                continue;
+            };
+            let length = read.len() + data.len();
+            if length > MAX_BODY {
+                return Err(BodyRefused::TooLarge);
+            }
+            if length > room.num_permits() {
+                room.merge(self.take(length - room.num_permits())?);
+            }
+            read.extend_from_slice(&data);
+        }
+        Ok((read.freeze(), room))
+    }
 }
 
 fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
@@ -971,5 +1087,114 @@ mod tests {
                 assert!(text.contains(r#"uid="7d1c\nINFO forged"#), "{text:?}");
             }
         }
+    }
+
+    /// With every byte of the body budget taken by a body being read, a
+    /// request needing more is answered 503 saying so, before its body is
+    /// read; once the first body is read and answered, its room is free
+    /// and the same request is served.
+    #[tokio::test]
+    async fn a_body_past_the_budget_is_refused_until_room_is_freed() {
+        const BUDGET: usize = 1 << 20;
+        const SIZE: usize = 600 << 10;
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+        let server =
+            WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
+                .await
+                .unwrap()
+                .with_body_budget(BUDGET);
+        let addr = server.local_addr().unwrap();
+        let (_config_tx, config) = watch::channel(Arc::new(InjectConfig::default()));
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(server.run(config, metrics, Default::default(), async {
+            let _ = stopped.await;
+        }));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(generated.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let connect = || async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.unwrap()
+        };
+        // A policy review, padded with whitespace to SIZE bytes.
+        let mut body = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "7d1c",
+                "kind": {"group": "trellis.io", "version": "v1alpha1", "kind": "AuthorizationPolicy"},
+                "operation": "CREATE",
+            },
+        })
+        .to_string()
+        .into_bytes();
+        body.resize(SIZE, b' ');
+        let head = |expect: &str| {
+            format!(
+                "POST {VALIDATE_PATH} HTTP/1.1\r\nHost: webhook\r\nContent-Type: \
+                 application/json\r\nContent-Length: {SIZE}\r\n{expect}Connection: close\r\n\r\n"
+            )
+        };
+        let answer = |mut tls: ClientTls| async move {
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+        // The first announces its body and waits to be told to send it:
+        // told, its room is taken. It sends half of it and holds.
+        let mut first = connect().await;
+        first
+            .write_all(head("Expect: 100-continue\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut continued = Vec::new();
+        while !continued.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(first.read(&mut byte).await.unwrap(), 1, "{continued:?}");
+            continued.push(byte[0]);
+        }
+        assert!(continued.starts_with(b"HTTP/1.1 100 "), "{continued:?}");
+        first.write_all(&body[..SIZE / 2]).await.unwrap();
+        first.flush().await.unwrap();
+
+        let send_whole = || async {
+            let mut tls = connect().await;
+            tls.write_all(head("").as_bytes()).await.unwrap();
+            // The server may answer before it is all sent.
+            let _ = tls.write_all(&body).await;
+            let _ = tls.flush().await;
+            answer(tls).await
+        };
+        let refused = send_whole().await;
+        assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+        let message = format!(
+            "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
+             bodies at once, and those being read leave no room for {SIZE} more bytes of this \
+             one; try again\n"
+        );
+        assert!(refused.ends_with(&message), "{refused}");
+
+        // The first finishes and is answered: its room is free again.
+        first.write_all(&body[SIZE / 2..]).await.unwrap();
+        first.flush().await.unwrap();
+        let served = answer(first).await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+        let served = send_whole().await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+        assert!(served.contains("\"uid\":\"7d1c\""), "{served}");
     }
 }
