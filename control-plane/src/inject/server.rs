@@ -1089,46 +1089,128 @@ mod tests {
         }
     }
 
-    /// With every byte of the body budget taken by a body being read, a
-    /// request needing more is answered 503 saying so, before its body is
-    /// read; once the first body is read and answered, its room is free
-    /// and the same request is served.
-    #[tokio::test]
-    async fn a_body_past_the_budget_is_refused_until_room_is_freed() {
-        const BUDGET: usize = 1 << 20;
-        const SIZE: usize = 600 << 10;
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
-        let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
-        let server =
-            WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
-                .await
+    /// A webhook port on loopback holding at most `budget` bytes of
+    /// bodies at once, serving a self-signed certificate for `localhost`.
+    struct Budgeted {
+        addr: SocketAddr,
+        connector: tokio_rustls::TlsConnector,
+        _stop: tokio::sync::oneshot::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+    /// The body budget the tests give, and the size of the bodies they
+    /// send: room for one, not two.
+    const BUDGET: usize = 1 << 20;
+    const SIZE: usize = 600 << 10;
+
+    impl Budgeted {
+        async fn start() -> Self {
+            let generated =
+                rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            std::fs::write(&cert, generated.cert.pem()).unwrap();
+            std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+            let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
+            let server =
+                WebhookServer::bind("127.0.0.1:0".parse().unwrap(), tls_config(files).unwrap())
+                    .await
+                    .unwrap()
+                    .with_body_budget(BUDGET);
+            let addr = server.local_addr().unwrap();
+            let (config_tx, config) = watch::channel(Arc::new(InjectConfig::default()));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let metrics = Arc::new(Metrics::default());
+            tokio::spawn(async move {
+                let _keep = config_tx;
+                server
+                    .run(config, metrics, Default::default(), async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(generated.cert.der().clone()).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
+                .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
                 .unwrap()
-                .with_body_budget(BUDGET);
-        let addr = server.local_addr().unwrap();
-        let (_config_tx, config) = watch::channel(Arc::new(InjectConfig::default()));
-        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics = Arc::new(Metrics::default());
-        tokio::spawn(server.run(config, metrics, Default::default(), async {
-            let _ = stopped.await;
-        }));
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(generated.cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(trellis_core::tls::provider())
-            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let connect = || async {
-            let tcp = TcpStream::connect(addr).await.unwrap();
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Self {
+                addr,
+                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                _stop: stop,
+                _dir: dir,
+            }
+        }
+
+        async fn connect(&self) -> ClientTls {
+            let tcp = TcpStream::connect(self.addr).await.unwrap();
             let name = ServerName::try_from("localhost").unwrap();
-            connector.connect(name, tcp).await.unwrap()
-        };
-        // A policy review, padded with whitespace to SIZE bytes.
+            self.connector.connect(name, tcp).await.unwrap()
+        }
+
+        /// A connection whose request announced a body of [`SIZE`] and
+        /// was told to send it (so its room is taken), and sent half.
+        async fn holding_room(&self) -> ClientTls {
+            let mut tls = self.connect().await;
+            let head = request_head(&format!(
+                "Content-Length: {SIZE}\r\nExpect: 100-continue\r\n"
+            ));
+            tls.write_all(head.as_bytes()).await.unwrap();
+            let mut continued = Vec::new();
+            while !continued.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "{continued:?}");
+                continued.push(byte[0]);
+            }
+            assert!(continued.starts_with(b"HTTP/1.1 100 "), "{continued:?}");
+            tls.write_all(&review(SIZE)[..SIZE / 2]).await.unwrap();
+            tls.flush().await.unwrap();
+            tls
+        }
+
+        /// The answer to a request sending all of `review(SIZE)` at once,
+        /// chunked or with its length.
+        async fn send_whole(&self, chunked: bool) -> String {
+            let mut tls = self.connect().await;
+            let body = review(SIZE);
+            let sent = match chunked {
+                false => {
+                    let head = request_head(&format!("Content-Length: {SIZE}\r\n"));
+                    [head.into_bytes(), body].concat()
+                }
+                true => {
+                    let mut sent = request_head("Transfer-Encoding: chunked\r\n").into_bytes();
+                    for chunk in body.chunks(64 << 10) {
+                        sent.extend(format!("{:x}\r\n", chunk.len()).into_bytes());
+                        sent.extend(chunk);
+                        sent.extend(b"\r\n");
+                    }
+                    sent.extend(b"0\r\n\r\n");
+                    sent
+                }
+            };
+            // The server may answer before it is all sent.
+            let _ = tls.write_all(&sent).await;
+            let _ = tls.flush().await;
+            answer(tls).await
+        }
+    }
+
+    /// A POST of a policy review to `/validate` with `headers`, closing
+    /// the connection after its answer.
+    fn request_head(headers: &str) -> String {
+        format!(
+            "POST {VALIDATE_PATH} HTTP/1.1\r\nHost: webhook\r\nContent-Type: \
+             application/json\r\n{headers}Connection: close\r\n\r\n"
+        )
+    }
+
+    /// A policy review, padded with whitespace to `size` bytes.
+    fn review(size: usize) -> Vec<u8> {
         let mut body = serde_json::json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -1140,46 +1222,26 @@ mod tests {
         })
         .to_string()
         .into_bytes();
-        body.resize(SIZE, b' ');
-        let head = |expect: &str| {
-            format!(
-                "POST {VALIDATE_PATH} HTTP/1.1\r\nHost: webhook\r\nContent-Type: \
-                 application/json\r\nContent-Length: {SIZE}\r\n{expect}Connection: close\r\n\r\n"
-            )
-        };
-        let answer = |mut tls: ClientTls| async move {
-            let mut answer = Vec::new();
-            let _ = tls.read_to_end(&mut answer).await;
-            String::from_utf8_lossy(&answer).into_owned()
-        };
-        type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+        body.resize(size, b' ');
+        body
+    }
 
-        // The first announces its body and waits to be told to send it:
-        // told, its room is taken. It sends half of it and holds.
-        let mut first = connect().await;
-        first
-            .write_all(head("Expect: 100-continue\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut continued = Vec::new();
-        while !continued.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            assert_eq!(first.read(&mut byte).await.unwrap(), 1, "{continued:?}");
-            continued.push(byte[0]);
-        }
-        assert!(continued.starts_with(b"HTTP/1.1 100 "), "{continued:?}");
-        first.write_all(&body[..SIZE / 2]).await.unwrap();
-        first.flush().await.unwrap();
+    async fn answer(mut tls: ClientTls) -> String {
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
 
-        let send_whole = || async {
-            let mut tls = connect().await;
-            tls.write_all(head("").as_bytes()).await.unwrap();
-            // The server may answer before it is all sent.
-            let _ = tls.write_all(&body).await;
-            let _ = tls.flush().await;
-            answer(tls).await
-        };
-        let refused = send_whole().await;
+    /// With the body budget taken by a body being read, a request whose
+    /// `Content-Length` needs more is answered 503 saying so, before its
+    /// body is read; once the first body is read and answered, its room is
+    /// free and the same request is served.
+    #[tokio::test]
+    async fn a_body_past_the_budget_is_refused_until_room_is_freed() {
+        let webhook = Budgeted::start().await;
+        let first = webhook.holding_room().await;
+
+        let refused = webhook.send_whole(false).await;
         assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
         let message = format!(
             "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
@@ -1189,12 +1251,36 @@ mod tests {
         assert!(refused.ends_with(&message), "{refused}");
 
         // The first finishes and is answered: its room is free again.
-        first.write_all(&body[SIZE / 2..]).await.unwrap();
+        let mut first = first;
+        first.write_all(&review(SIZE)[SIZE / 2..]).await.unwrap();
         first.flush().await.unwrap();
         let served = answer(first).await;
         assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
-        let served = send_whole().await;
+        let served = webhook.send_whole(false).await;
         assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
         assert!(served.contains("\"uid\":\"7d1c\""), "{served}");
+    }
+
+    /// A chunked body announces no length: it takes its room as its
+    /// chunks arrive, and is refused once there is none.
+    #[tokio::test]
+    async fn a_chunked_body_takes_its_room_as_it_arrives() {
+        let webhook = Budgeted::start().await;
+        let first = webhook.holding_room().await;
+
+        let refused = webhook.send_whole(true).await;
+        assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+        let message = format!(
+            "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
+             bodies at once, and those being read leave no room for "
+        );
+        assert!(refused.contains(&message), "{refused}");
+
+        let mut first = first;
+        first.write_all(&review(SIZE)[SIZE / 2..]).await.unwrap();
+        first.flush().await.unwrap();
+        assert!(answer(first).await.starts_with("HTTP/1.1 200 "));
+        let served = webhook.send_whole(true).await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
     }
 }
