@@ -20,8 +20,7 @@ fn failures(metrics: &trellis_proxy::metrics::Metrics, reason: &str) -> bool {
 async fn forwards_bytes_for_a_valid_svid() {
     let ca = Ca::new();
     let app = echo_app().await;
-    let server = ca.svid(&id("/ns/b/sa/server"));
-    let inbound = inbound(app.addr, ca.tls_state(&server, &[])).await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
 
     let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
     let mut stream = tls_connect(inbound.addr, config).await.unwrap();
@@ -53,11 +52,7 @@ async fn forwards_bytes_for_a_valid_svid() {
 async fn refuses_plaintext() {
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
 
     let mut tcp = TcpStream::connect(inbound.addr).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -137,11 +132,7 @@ async fn refuses_plaintext_http2_and_grpc_in_their_protocol() {
     const SAYS: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual TLS";
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
 
     let url = format!("http://{}/", inbound.addr);
     let args = [
@@ -173,11 +164,7 @@ async fn refuses_plaintext_http2_and_grpc_in_their_protocol() {
 async fn refuses_tls_without_a_client_certificate() {
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
 
     // With TLS 1.3 the client may finish its side of the handshake before
     // the server refuses it: the refusal shows on the first read.
@@ -198,11 +185,7 @@ async fn refuses_a_certificate_from_another_ca() {
     let ca = Ca::new();
     let other = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
 
     let config = ca.client_config(Some((&other, &id("/ns/a/sa/client"))));
     // TLS 1.3: the client's handshake ends before the server has checked
@@ -231,11 +214,7 @@ async fn refuses_a_certificate_from_another_ca() {
 async fn refuses_a_certificate_that_is_not_an_svid_leaf() {
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
     let client = id("/ns/a/sa/client");
     let td_id = trellis_core::SpiffeId::parse(&format!("spiffe://{TD}")).unwrap();
     let cases = [
@@ -295,11 +274,7 @@ async fn shutdown_stops_accepting_and_waits_for_open_connections() {
         shutdown,
         drain,
         ..
-    } = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    } = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
     drop(drain);
     let config = ca.client_config(Some((&ca, &id("/ns/a/sa/client"))));
     let mut open = tls_connect(addr, config.clone()).await.unwrap();
@@ -379,11 +354,7 @@ async fn shutdown_closes_http_connections_between_requests() {
         shutdown,
         drain,
         ..
-    } = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]),
-    )
-    .await;
+    } = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
     drop(drain);
     let mut config = (*ca.client_config(Some((&ca, &id("/ns/a/sa/client"))))).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -66,7 +66,7 @@ impl Pair {
         let ca = Ca::new();
         let app = echo_app().await;
         let server = id("/ns/b/sa/server");
-        let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+        let inbound = inbound_as(&ca, &server, app.addr).await;
         let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
         let (local, shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
         Pair {
@@ -109,11 +109,7 @@ async fn a_route_refuses_a_server_presenting_another_identity() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/impostor")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/impostor"), app.addr).await;
     let expected = id("/ns/b/sa/server");
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&expected));
     let (local, _shutdown) = route(client.clone(), expected, inbound.addr).await;
@@ -244,11 +240,7 @@ async fn http_call(local: std::net::SocketAddr) -> String {
 async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
     let ca = Ca::new();
     let app = echo_app().await;
-    let inbound = inbound(
-        app.addr,
-        ca.tls_state(&ca.svid(&id("/ns/b/sa/impostor")), &[]),
-    )
-    .await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/impostor"), app.addr).await;
     let expected = id("/ns/b/sa/server");
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&expected));
     let (local, _shutdown) = route(client, expected.clone(), inbound.addr).await;
@@ -468,7 +460,7 @@ async fn a_long_poll_brings_back_tickets_before_its_answer() {
     let ca = Ca::new();
     let app = silent_app().await;
     let server = id("/ns/b/sa/server");
-    let inbound = inbound(app, ca.tls_state(&ca.svid(&server), &[])).await;
+    let inbound = inbound_as(&ca, &server, app).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
     let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
 
@@ -496,8 +488,8 @@ async fn tickets_of_one_replica_are_not_offered_to_another() {
     let ca = Ca::new();
     let echo = echo_app().await;
     let server = id("/ns/b/sa/server");
-    let one = inbound(echo.addr, ca.tls_state(&ca.svid(&server), &[])).await;
-    let two = inbound(echo.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let one = inbound_as(&ca, &server, echo.addr).await;
+    let two = inbound_as(&ca, &server, echo.addr).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
     let (to_one, _one) = route(client.clone(), server.clone(), one.addr).await;
     let (to_two, _two) = route(client.clone(), server.clone(), two.addr).await;
@@ -560,7 +552,7 @@ async fn dials_whose_handshakes_overlap_each_resume_while_tickets_last() {
     let ca = Ca::new();
     let app = echo_app().await;
     let server = id("/ns/b/sa/server");
-    let inbound = inbound(app.addr, ca.tls_state(&ca.svid(&server), &[])).await;
+    let inbound = inbound_as(&ca, &server, app.addr).await;
     let (open_tx, open) = watch::channel(true);
     let (relay, mut hellos) = held_relay(inbound.addr, open).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
@@ -768,7 +760,7 @@ async fn a_caller_that_only_sends_still_gets_tickets() {
     let (app, received) = keeping_app(false).await;
     let ca = Ca::new();
     let server = id("/ns/b/sa/server");
-    let inbound = inbound(app, ca.tls_state(&ca.svid(&server), &[])).await;
+    let inbound = inbound_as(&ca, &server, app).await;
     let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
     let (local, _shutdown) = route(client.clone(), server.clone(), inbound.addr).await;
 

@@ -345,6 +345,12 @@ pub async fn inbound(app: SocketAddr, state: Arc<TlsState>) -> TestInbound {
     inbound_with(app, state, Some(policies), metrics).await
 }
 
+/// An inbound listener as [`inbound`], in front of `app`, serving as `id`
+/// with an SVID of `ca`.
+pub async fn inbound_as(ca: &Ca, id: &SpiffeId, app: SocketAddr) -> TestInbound {
+    inbound(app, ca.tls_state(&ca.svid(id), &[])).await
+}
+
 /// An inbound listener under `policies` (`None`: no snapshot yet), closing
 /// open connections that new policies deny.
 pub async fn inbound_with(
