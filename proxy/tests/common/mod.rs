@@ -115,9 +115,7 @@ impl Ca {
         lifetime: time::Duration,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let (params, key) = Self::leaf_params(id, lifetime);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (vec![cert.der().clone()], der)
+        self.signed_leaf(params, key)
     }
 
     /// A leaf for `id` as [`Ca::leaf`] makes one, its fields changed by
@@ -129,6 +127,16 @@ impl Ca {
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let (mut params, key) = Self::leaf_params(id, time::Duration::hours(1));
         shape(&mut params);
+        self.signed_leaf(params, key)
+    }
+
+    /// The leaf `params` describe, for `key`, signed by this CA: its
+    /// one-certificate chain and the key.
+    fn signed_leaf(
+        &self,
+        params: CertificateParams,
+        key: KeyPair,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         (vec![cert.der().clone()], der)
