@@ -925,16 +925,11 @@ fn trust_anchors_reach_the_control_plane() {
     };
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new("cluster.local").unwrap();
-    let chart = chart();
     let render = |name: &str, pem: &str| {
         let file = dir.path().join(name);
         std::fs::write(&file, pem).unwrap();
         let value = format!("trustAnchorsPEM={}", file.display());
-        let args = ["template", "trellis", chart.to_str().unwrap()];
-        run_helm(
-            &helm,
-            &[&args[..], &["--namespace", NAMESPACE, "--set-file", &value]].concat(),
-        )
+        template_with(&helm, NAMESPACE, &["--set-file", &value])
     };
     let (ca, root_pem, key_pem) = CertificateAuthority::generate(&td).unwrap();
     let rendered = render("roots.pem", &root_pem).unwrap();
@@ -1296,14 +1291,8 @@ async fn render_against_cluster(
         ),
     )
     .unwrap();
-    let chart = chart().display().to_string();
     let kubeconfig = kubeconfig.display().to_string();
-    let args: Vec<String> = [
-        "template",
-        "trellis",
-        &chart,
-        "--namespace",
-        NAMESPACE,
+    let mut args: Vec<String> = [
         "--dry-run=server",
         "--disable-openapi-validation",
         "--kubeconfig",
@@ -1311,15 +1300,14 @@ async fn render_against_cluster(
     ]
     .map(String::from)
     .to_vec();
-    let args = match show_only {
-        Some(only) => [args, vec!["--show-only".into(), only.into()]].concat(),
-        None => args,
-    };
+    if let Some(only) = show_only {
+        args.extend(["--show-only".into(), only.into()]);
+    }
     let helm = helm.to_owned();
     // helm blocks; the stand-in answers on this runtime meanwhile.
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_helm(&helm, &args)
+        template_with(&helm, NAMESPACE, &args)
     })
     .await
     .unwrap()
@@ -1428,16 +1416,8 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 
 /// The webhooks and their Secret as an install renders them.
 fn installed(helm: &Path) -> Webhooks {
-    let chart = chart();
-    let args = [
-        "template",
-        "trellis",
-        chart.to_str().unwrap(),
-        "--namespace",
-        NAMESPACE,
-    ];
     let show_only = ["--show-only", "templates/webhooks.yaml"];
-    Webhooks::from(&run_helm(helm, &[&args[..], &show_only].concat()).unwrap())
+    Webhooks::from(&template_with(helm, NAMESPACE, &show_only).unwrap())
 }
 
 /// `object` of the chart as the cluster holds it after an install:
@@ -1729,20 +1709,18 @@ fn an_existing_secret_is_served_with_the_ca_bundle_given() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ca.crt");
     std::fs::write(&file, ca.cert.pem()).unwrap();
-    let chart = chart();
     let args = [
-        "template",
-        "trellis",
-        chart.to_str().unwrap(),
-        "--namespace",
-        NAMESPACE,
         "--set",
         "webhook.existingSecret=corp-webhook-tls",
         "--set-file",
         &format!("webhook.caBundle={}", file.display()),
     ];
-    let rendered = run_helm(&helm, &args).unwrap();
-    assert_eq!(rendered, run_helm(&helm, &args).unwrap(), "a second render");
+    let rendered = template_with(&helm, NAMESPACE, &args).unwrap();
+    assert_eq!(
+        rendered,
+        template_with(&helm, NAMESPACE, &args).unwrap(),
+        "a second render"
+    );
     let docs = documents(&rendered);
     assert!(find(&docs, "Secret").is_empty(), "no Secret rendered");
     assert!(find(&docs, "Certificate").is_empty());

@@ -97,18 +97,22 @@ pub fn template(helm: &Path, sets: &[&str]) -> Result<String, String> {
 
 /// The chart rendered as release `trellis` in `namespace`, with `sets`.
 pub fn template_in(helm: &Path, namespace: &str, sets: &[&str]) -> Result<String, String> {
+    let args: Vec<&str> = sets.iter().flat_map(|set| ["--set", set]).collect();
+    template_with(helm, namespace, &args)
+}
+
+/// The chart rendered as release `trellis` in `namespace`, with helm's
+/// further `args` (`--set-file`, `--show-only`, ...).
+pub fn template_with(helm: &Path, namespace: &str, args: &[&str]) -> Result<String, String> {
     let chart = chart();
-    let mut args = vec![
+    let release = [
         "template",
         "trellis",
         chart.to_str().unwrap(),
         "--namespace",
         namespace,
     ];
-    for set in sets {
-        args.extend(["--set", set]);
-    }
-    run_helm(helm, &args)
+    run_helm(helm, &[&release[..], args].concat())
 }
 
 /// The rendered manifests as JSON values.
