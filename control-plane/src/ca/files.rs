@@ -486,6 +486,15 @@ mod tests {
         }
     }
 
+    /// An operator's chain: a root, an intermediate it signed, and a
+    /// signing CA the intermediate signed.
+    fn three_links() -> [Link; 3] {
+        let root = link(ca_params("Operator root"), None);
+        let middle = link(ca_params("Operator intermediate"), Some(&root));
+        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        [root, middle, signing]
+    }
+
     /// Loads `chain` as `--ca-cert` with the first link's key.
     fn load_chain(chain: &[&Link]) -> Result<CertificateAuthority, String> {
         let pem: String = chain.iter().map(|l| l.pem.as_str()).collect();
@@ -501,9 +510,7 @@ mod tests {
 
     #[test]
     fn a_valid_three_link_chain_signs_with_its_intermediates_and_root() {
-        let root = link(ca_params("Operator root"), None);
-        let middle = link(ca_params("Operator intermediate"), Some(&root));
-        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let [root, middle, signing] = three_links();
         let ca = load_chain(&[&signing, &middle, &root]).unwrap();
         assert_eq!(
             ca.bundle(),
@@ -527,9 +534,7 @@ mod tests {
 
     #[test]
     fn a_chain_out_of_order_is_refused_naming_the_link() {
-        let root = link(ca_params("Operator root"), None);
-        let middle = link(ca_params("Operator intermediate"), Some(&root));
-        let signing = link(ca_params("Operator signing CA"), Some(&middle));
+        let [root, middle, signing] = three_links();
         let err = load_chain(&[&signing, &root, &middle]).unwrap_err();
         assert_eq!(
             err,
