@@ -9,9 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::control_plane::FakeControlPlane;
 use common::http::*;
-use common::sidecar::{Logs, sidecar};
+use common::sidecar::Logs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trellis_proxy::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT};
@@ -28,9 +27,7 @@ async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_client_that_sends_nothing_is_closed() {
-    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (_cp, _app, s) = app_behind_sidecar().await;
     let within = HEAD_TIMEOUT + Duration::from_secs(5);
 
     // Half a request head, then nothing.
@@ -67,6 +64,16 @@ async fn served_from(host: u8, admin: std::net::SocketAddr) -> TcpStream {
     tcp
 }
 
+/// As many connections from `127.0.0.<host>` as one address may hold,
+/// each served once before it is kept.
+async fn share_of(host: u8, admin: std::net::SocketAddr) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
+        held.push(served_from(host, admin).await);
+    }
+    held
+}
+
 /// Whether a connection from `127.0.0.<host>` is closed unserved.
 async fn refused_from(host: u8, admin: std::net::SocketAddr) -> bool {
     let mut over = connect_from(host, admin).await;
@@ -80,16 +87,11 @@ async fn refused_from(host: u8, admin: std::net::SocketAddr) -> bool {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once() {
-    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (_cp, _app, s) = app_behind_sidecar().await;
 
     // One address takes its share; the next from it is refused, while
     // another address (the kubelet's) is still served.
-    let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
-        held.push(served_from(2, s.admin).await);
-    }
+    let mut held = share_of(2, s.admin).await;
     assert!(
         refused_from(2, s.admin).await,
         "one address took more than its share"
@@ -147,15 +149,10 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
 #[tokio::test]
 async fn connections_past_the_limits_are_counted_and_warned() {
     let (logs, _guard) = Logs::capture(false);
-    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
-    let app = http_app().await;
-    let s = sidecar(&cp, app.addr, &[]).await;
+    let (_cp, _app, s) = app_behind_sidecar().await;
 
     // Past the share of 127.0.0.2, twice.
-    let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
-        held.push(served_from(2, s.admin).await);
-    }
+    let mut held = share_of(2, s.admin).await;
     assert!(
         refused_from(2, s.admin).await,
         "past the share of one address"
