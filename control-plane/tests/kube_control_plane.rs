@@ -16,14 +16,13 @@ use base64::Engine as _;
 use common::{ControlPlane, Svid, csr_for, eventually_async, p256};
 use kube_api::{
     CA_NAMESPACE, CA_SECRET, POLICIES, event, fixture_json, item, policies_list, recorded_cluster,
+    web_certify_request,
 };
 use rustls_pki_types::CertificateDer;
 use tonic::Code;
 use trellis_proto::admin::v1::ApplyPolicyRequest;
 use trellis_proto::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest, watch_request};
-use trellis_proto::identity::v1::CertifyRequest;
-use trellis_proto::identity::v1::certify_request::Proof;
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -64,15 +63,7 @@ async fn the_control_plane_binary_runs_on_the_kubernetes_store() {
     let key = p256();
     let mut identity = cp.identity_client(None).await;
     let response = identity
-        .certify(CertifyRequest {
-            csr: csr_for(&key, WEB),
-            proof: Some(Proof::ServiceAccountToken(
-                "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl"
-                    .into(),
-            )),
-            inbound_address: "10.244.1.17:15006".into(),
-            inbound_addresses: vec!["10.244.1.17:15006".into()],
-        })
+        .certify(web_certify_request(csr_for(&key, WEB)))
         .await
         .unwrap()
         .into_inner();

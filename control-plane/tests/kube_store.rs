@@ -18,7 +18,7 @@ use kube_api::store::{API, connect, connect_in, td, watched_by};
 use kube_api::{
     ENDPOINT_SLICES, PODS, POLICIES, RATE_LIMITS, SERVICES, endpoint_slices_list, event, fixture,
     fixture_json, item, pods_list, policies_list, rate_limits_list, recorded_cluster,
-    services_list,
+    services_list, unready,
 };
 use serde_json::{Value, json};
 use trellis_control_plane::discovery::Discovery;
@@ -689,9 +689,7 @@ async fn services_are_published_with_their_ready_backends_and_follow_events() {
     let first = store.snapshot_version().unwrap();
     // The api pod's readiness probe fails: its endpoint stays in the slice,
     // no longer ready.
-    let mut unready = item(&endpoint_slices_list(), "api-7h5tq", 48900);
-    unready["endpoints"][0]["conditions"] =
-        json!({"ready": false, "serving": false, "terminating": false});
+    let unready = unready(&endpoint_slices_list(), "api-7h5tq", 48900);
     fake.publish(ENDPOINT_SLICES, event("MODIFIED", &unready));
     eventually_async("the unready backend to leave", || async {
         let state = store.discovery_state().unwrap();
@@ -773,13 +771,9 @@ async fn only_what_the_snapshots_carry_moves_the_version() {
     assert_eq!(first, store.snapshot_version().unwrap());
 
     let slices = endpoint_slices_list();
-    let mut dns_unready = item(&slices, "kube-dns-8qzwn", 49000);
-    dns_unready["endpoints"][0]["conditions"] =
-        json!({"ready": false, "serving": false, "terminating": false});
+    let dns_unready = unready(&slices, "kube-dns-8qzwn", 49000);
     fake.publish(ENDPOINT_SLICES, event("MODIFIED", &dns_unready));
-    let mut web_unready = item(&slices, "web-2xk8d", 49001);
-    web_unready["endpoints"][0]["conditions"] =
-        json!({"ready": false, "serving": false, "terminating": false});
+    let web_unready = unready(&slices, "web-2xk8d", 49001);
     fake.publish(ENDPOINT_SLICES, event("MODIFIED", &web_unready));
     eventually_async("shop/web's backend to leave", || async {
         let state = store.discovery_state().unwrap();

@@ -8,12 +8,10 @@ mod kube_api;
 
 use base64::Engine as _;
 use common::{ControlPlane, csr_for, p256};
-use kube_api::{fixture_json, recorded_cluster};
+use kube_api::{fixture_json, recorded_cluster, web_certify_request};
 use serde_json::json;
 use trellis_control_plane::ca::CertificateAuthority;
 use trellis_core::TrustDomain;
-use trellis_proto::identity::v1::CertifyRequest;
-use trellis_proto::identity::v1::certify_request::Proof;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
@@ -53,15 +51,7 @@ async fn trust_anchors_join_the_root_of_the_ca_secret() {
     let response = cp
         .identity_client(None)
         .await
-        .certify(CertifyRequest {
-            csr: csr_for(&p256(), WEB),
-            proof: Some(Proof::ServiceAccountToken(
-                "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl"
-                    .into(),
-            )),
-            inbound_address: "10.244.1.17:15006".into(),
-            inbound_addresses: vec!["10.244.1.17:15006".into()],
-        })
+        .certify(web_certify_request(csr_for(&p256(), WEB)))
         .await
         .unwrap()
         .into_inner();

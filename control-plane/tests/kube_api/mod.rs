@@ -28,6 +28,8 @@ use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+use trellis_proto::identity::v1::CertifyRequest;
+use trellis_proto::identity::v1::certify_request::Proof;
 
 use crate::common::serving::{Answering, ApiServer};
 
@@ -692,6 +694,31 @@ pub async fn recorded_cluster() -> FakeKube {
     fake.lists(SERVICES, vec![(200, services_list())]);
     fake.lists(ENDPOINT_SLICES, vec![(200, endpoint_slices_list())]);
     fake
+}
+
+/// The EndpointSlice `name` of `slices` at resource version `rv`, its
+/// endpoint no longer ready, as when its pod's readiness probe fails.
+pub fn unready(slices: &Value, name: &str, rv: u64) -> Value {
+    let mut slice = item(slices, name, rv);
+    slice["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": false, "terminating": false});
+    slice
+}
+
+/// shop/web's certify request as its sidecar sends it in the recorded
+/// cluster: `csr`, the pod's projected token and its address.
+pub fn web_certify_request(csr: Vec<u8>) -> CertifyRequest {
+    CertifyRequest {
+        csr,
+        // A projected token's shape (audience trellis, expiring in 2100,
+        // unsigned): the recorded TokenReview answer decides it.
+        proof: Some(Proof::ServiceAccountToken(
+            "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJhdWQiOlsidHJlbGxpcyJdLCJleHAiOjQxMDI0NDQ4MDAsInN1YiI6InN5c3RlbTpzZXJ2aWNlYWNjb3VudDpzaG9wOndlYiJ9.c2lnbmF0dXJl"
+                .into(),
+        )),
+        inbound_address: "10.244.1.17:15006".into(),
+        inbound_addresses: vec!["10.244.1.17:15006".into()],
+    }
 }
 
 pub fn rate_limits_list() -> Value {
