@@ -43,9 +43,7 @@ fn default_values_render_valid_manifests() {
     let Some((helm, validate)) = tools() else {
         return;
     };
-    let rendered = template(&helm, &[]).unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    let docs = validated(&helm, &validate, &[]);
     let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     kinds.sort_unstable();
     assert_eq!(
@@ -103,8 +101,9 @@ fn custom_values_render_valid_manifests() {
     let Some((helm, validate)) = tools() else {
         return;
     };
-    let rendered = template(
+    let docs = validated(
         &helm,
+        &validate,
         &[
             "trustDomain=example.org",
             "replicas=3",
@@ -125,10 +124,7 @@ fn custom_values_render_valid_manifests() {
             "injection.excludeNamespaces={monitoring,ingress-nginx}",
             "podDisruptionBudget.maxUnavailable=50%",
         ],
-    )
-    .unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    );
     let deployment = one(&docs, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 3);
     let args = args(&docs);
@@ -303,16 +299,14 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
     }
     // Equal quantities written differently, and a request raised with its
     // limit, are what the Deployment gets.
-    let rendered = template(
+    let docs = validated(
         &helm,
+        &validate,
         &[
             "resources.requests.cpu=0.3,resources.limits.cpu=300m",
             "resources.requests.memory=1Gi,resources.limits.memory=1024Mi",
         ],
-    )
-    .unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    );
     let resources =
         &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"];
     assert_eq!(
@@ -579,9 +573,7 @@ fn hard_anti_affinity_rolls_out_with_a_replica_always_running() {
         return;
     };
     for (value, surge, unavailable) in [("soft", 1, 0), ("none", 1, 0), ("hard", 1, 1)] {
-        let rendered = template(&helm, &[&format!("antiAffinity={value}")]).unwrap();
-        validate_manifests(&validate, &rendered);
-        let docs = documents(&rendered);
+        let docs = validated(&helm, &validate, &[&format!("antiAffinity={value}")]);
         let deployment = one(&docs, "Deployment");
         assert_eq!(
             deployment["spec"]["strategy"],
@@ -734,9 +726,7 @@ fn control_plane_spreads_over_zones() {
     let Some((helm, validate)) = tools() else {
         return;
     };
-    let rendered = template(&helm, &[]).unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    let docs = validated(&helm, &validate, &[]);
     let deployment = one(&docs, "Deployment");
     let spec = &deployment["spec"]["template"]["spec"];
     assert_eq!(
@@ -751,18 +741,16 @@ fn control_plane_spreads_over_zones() {
             .is_array()
     );
 
-    let rendered = template(
+    let docs = validated(
         &helm,
+        &validate,
         &[
             "topologySpread.whenUnsatisfiable=DoNotSchedule",
             "topologySpread.topologyKey=example.com/rack",
             "topologySpread.maxSkew=2",
             "replicas=3",
         ],
-    )
-    .unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    );
     let constraint =
         &one(&docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"][0];
     assert_eq!(constraint["topologyKey"], "example.com/rack");
@@ -806,9 +794,7 @@ fn network_policy_opens_each_port_to_what_must_reach_it() {
     let docs = documents(&template(&helm, &[]).unwrap());
     assert!(find(&docs, "NetworkPolicy").is_empty());
 
-    let rendered = template(&helm, &["networkPolicy.enabled=true"]).unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    let docs = validated(&helm, &validate, &["networkPolicy.enabled=true"]);
     let deployment = one(&docs, "Deployment");
     let policy = one(&docs, "NetworkPolicy");
     assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
@@ -840,17 +826,15 @@ fn network_policy_opens_each_port_to_what_must_reach_it() {
         ]
     );
 
-    let rendered = template(
+    let docs = validated(
         &helm,
+        &validate,
         &[
             "networkPolicy.enabled=true",
             "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
             "networkPolicy.metricsFrom[0].podSelector.matchLabels.app\\.kubernetes\\.io/name=prometheus",
         ],
-    )
-    .unwrap();
-    validate_manifests(&validate, &rendered);
-    let docs = documents(&rendered);
+    );
     assert_eq!(
         one(&docs, "NetworkPolicy")["spec"]["ingress"][2],
         json!({"ports": [{"port": "admin", "protocol": "TCP"}],

@@ -115,6 +115,14 @@ pub fn template_with(helm: &Path, namespace: &str, args: &[&str]) -> Result<Stri
     run_helm(helm, &[&release[..], args].concat())
 }
 
+/// The chart rendered as [`template`] renders it with `sets`, the
+/// manifests validated ([`validate_manifests`]), as JSON values.
+pub fn validated(helm: &Path, validate: &Path, sets: &[&str]) -> Vec<Value> {
+    let rendered = template(helm, sets).unwrap();
+    validate_manifests(validate, &rendered);
+    documents(&rendered)
+}
+
 /// The rendered manifests as JSON values.
 pub fn documents(rendered: &str) -> Vec<Value> {
     YamlLoader::load_from_str(rendered)
