@@ -5,8 +5,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -56,14 +56,7 @@ fn root(name: &str, not_after: u64) -> (CertificateDer<'static>, Issuer<'static,
 /// An SVID for `API` signed by `issuer`, valid for ten days.
 fn svid(issuer: &Issuer<'static, KeyPair>) -> CertificateDer<'static> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(API.try_into().unwrap())];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    let mut params = super::svid_shape::leaf_params(API);
     params.not_before = at(now_secs() - DAY);
     params.not_after = at(now_secs() + 10 * DAY);
     params.signed_by(&key, issuer).unwrap().der().clone()

@@ -39,8 +39,9 @@ fn root() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
     (cert.der().clone(), Issuer::new(params, key))
 }
 
-/// The fields of a well-formed SVID for `id`.
-fn leaf_params(id: &str) -> CertificateParams {
+/// The fields of a well-formed SVID for `id` (the expired-root tests
+/// make their SVIDs from these too).
+pub(super) fn leaf_params(id: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
     params.is_ca = IsCa::ExplicitNoCa;
