@@ -660,6 +660,26 @@ spec:
     Ok(())
 }
 
+/// An allow-mesh mesh and in it an echo app, `db`, behind a sidecar that
+/// declares the app's port opaque (`--opaque-ports` on that sidecar
+/// alone): the app, its port, the mesh and the sidecar.
+async fn db_behind_its_own_opaque_port() -> anyhow::Result<(EchoApp, u16, Mesh, Sidecar)> {
+    let db = EchoApp::start().await?;
+    let db_port = db.addr().port();
+    let mesh = Mesh::builder()
+        .default_policy(Some("allow-mesh"))
+        .start()
+        .await?;
+    let db_sidecar = mesh
+        .sidecar("db")
+        .app(db.addr())
+        .arg("--opaque-ports")
+        .arg(db_port.to_string())
+        .start()
+        .await?;
+    Ok((db, db_port, mesh, db_sidecar))
+}
+
 /// A port one sidecar declares opaque (`--opaque-ports` on it, not on the
 /// control plane): the control plane cannot know it, so an L7 policy on it
 /// is valid and reaches the sidecar. The sidecar applies the snapshot
@@ -669,19 +689,7 @@ spec:
 /// reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_rules_on_a_sidecars_own_opaque_port_fail_closed() -> anyhow::Result<()> {
-    let db = EchoApp::start().await?;
-    let db_port = db.addr().port();
-    let mesh = Mesh::builder()
-        .default_policy(Some("allow-mesh"))
-        .start()
-        .await?;
-    let mut db_sidecar = mesh
-        .sidecar("db")
-        .app(db.addr())
-        .arg("--opaque-ports")
-        .arg(db_port.to_string())
-        .start()
-        .await?;
+    let (_db, db_port, mesh, mut db_sidecar) = db_behind_its_own_opaque_port().await?;
     let web = mesh.sidecar("web").route_to(&db_sidecar).start().await?;
     let to_db = web.route_addr(db_sidecar.identity());
     let binary = b"\x16\x03\x01\x00\x05hello\x00";
@@ -770,19 +778,7 @@ spec:
 /// subscribed, says the same and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_deny_naming_no_ports_fails_closed_on_an_opaque_port() -> anyhow::Result<()> {
-    let db = EchoApp::start().await?;
-    let db_port = db.addr().port();
-    let mesh = Mesh::builder()
-        .default_policy(Some("allow-mesh"))
-        .start()
-        .await?;
-    let mut db_sidecar = mesh
-        .sidecar("db")
-        .app(db.addr())
-        .arg("--opaque-ports")
-        .arg(db_port.to_string())
-        .start()
-        .await?;
+    let (_db, db_port, mesh, mut db_sidecar) = db_behind_its_own_opaque_port().await?;
     let attacker = mesh
         .sidecar("attacker")
         .route_to(&db_sidecar)
