@@ -20,7 +20,7 @@ use trellis_control_plane::authn::tokenreview::{ReviewError, TokenReviewer};
 #[tokio::test]
 async fn an_authenticated_token_gives_the_service_accounts_identity() {
     let api = FakeApi::start(by_token).await;
-    let account = api.reviewer().review(WEB_TOKEN).await.unwrap();
+    let account = api.reviewer().review(WEB_TOKEN, None).await.unwrap();
     assert_eq!(account.spiffe_id.as_str(), WEB);
     assert_eq!(account.namespace, "shop");
     assert_eq!(account.service_account, "web");
@@ -46,7 +46,11 @@ async fn an_authenticated_token_gives_the_service_accounts_identity() {
 #[tokio::test]
 async fn an_unauthenticated_token_is_refused_with_the_api_servers_reason() {
     let api = FakeApi::start(by_token).await;
-    let e = api.reviewer().review(EXPIRED_TOKEN).await.unwrap_err();
+    let e = api
+        .reviewer()
+        .review(EXPIRED_TOKEN, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ReviewError::NotAuthenticated(_)), "{e}");
     assert!(e.is_callers_fault());
     assert!(e.to_string().contains("has expired"), "{e}");
@@ -61,7 +65,11 @@ async fn an_unauthenticated_token_is_refused_with_the_api_servers_reason() {
 #[tokio::test]
 async fn a_token_for_another_audience_is_refused() {
     let api = FakeApi::start(by_token).await;
-    let e = api.reviewer().review(API_AUDIENCE_TOKEN).await.unwrap_err();
+    let e = api
+        .reviewer()
+        .review(API_AUDIENCE_TOKEN, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ReviewError::WrongAudience(_)), "{e}");
     assert!(e.is_callers_fault());
     assert!(e.to_string().contains("audience \"trellis\""), "{e}");
@@ -73,12 +81,20 @@ async fn a_token_for_another_audience_is_refused() {
 #[tokio::test]
 async fn api_server_refusals_are_not_the_callers_fault() {
     let unauthorized = FakeApi::start(|_| (401, "unauthorized-401.json")).await;
-    let e = unauthorized.reviewer().review(WEB_TOKEN).await.unwrap_err();
+    let e = unauthorized
+        .reviewer()
+        .review(WEB_TOKEN, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ReviewError::Refused { code: 401, .. }), "{e}");
     assert!(!e.is_callers_fault());
 
     let forbidden = FakeApi::start(|_| (403, "forbidden-403.json")).await;
-    let e = forbidden.reviewer().review(WEB_TOKEN).await.unwrap_err();
+    let e = forbidden
+        .reviewer()
+        .review(WEB_TOKEN, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ReviewError::Refused { code: 403, .. }), "{e}");
     assert!(e.to_string().contains("cannot create resource"), "{e}");
     assert!(e.to_string().contains("RBAC"), "{e}");
@@ -92,28 +108,28 @@ async fn api_server_refusals_are_not_the_callers_fault() {
 async fn answers_are_cached_briefly() {
     let api = FakeApi::start(by_token).await;
     let reviewer = api.reviewer();
-    reviewer.review(WEB_TOKEN).await.unwrap();
-    reviewer.review(WEB_TOKEN).await.unwrap();
+    reviewer.review(WEB_TOKEN, None).await.unwrap();
+    reviewer.review(WEB_TOKEN, None).await.unwrap();
     assert_eq!(api.requests().len(), 1, "the second review is cached");
 
     for _ in 0..2 {
-        let e = reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
+        let e = reviewer.review(EXPIRED_TOKEN, None).await.unwrap_err();
         assert!(matches!(e, ReviewError::NotAuthenticated(_)), "{e}");
         assert!(e.to_string().contains("has expired"), "{e}");
     }
     assert_eq!(api.requests().len(), 2, "the refusal is cached");
 
     let uncached = api.reviewer().with_cache_ttl(Duration::ZERO);
-    uncached.review(WEB_TOKEN).await.unwrap();
-    uncached.review(WEB_TOKEN).await.unwrap();
-    uncached.review(EXPIRED_TOKEN).await.unwrap_err();
-    uncached.review(EXPIRED_TOKEN).await.unwrap_err();
+    uncached.review(WEB_TOKEN, None).await.unwrap();
+    uncached.review(WEB_TOKEN, None).await.unwrap();
+    uncached.review(EXPIRED_TOKEN, None).await.unwrap_err();
+    uncached.review(EXPIRED_TOKEN, None).await.unwrap_err();
     assert_eq!(api.requests().len(), 6);
 
     let short = api.reviewer().with_cache_ttl(Duration::from_millis(200));
-    short.review(WEB_TOKEN).await.unwrap();
+    short.review(WEB_TOKEN, None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    short.review(WEB_TOKEN).await.unwrap();
+    short.review(WEB_TOKEN, None).await.unwrap();
     assert_eq!(api.requests().len(), 8, "an entry ends with its TTL");
 }
 
@@ -127,15 +143,15 @@ async fn reviews_reuse_the_connection_to_the_api_server() {
     let api = FakeApi::start(by_token).await;
     let reviewer = api.reviewer().with_cache_ttl(Duration::ZERO);
     for _ in 0..3 {
-        reviewer.review(WEB_TOKEN).await.unwrap();
-        reviewer.review(EXPIRED_TOKEN).await.unwrap_err();
+        reviewer.review(WEB_TOKEN, None).await.unwrap();
+        reviewer.review(EXPIRED_TOKEN, None).await.unwrap_err();
     }
     assert_eq!(api.requests().len(), 6, "every review was asked");
     assert_eq!(api.connections(), 1, "one connection for six reviews");
 
     // Another reviewer (another control plane) has connections of its own.
     let other = api.reviewer().with_cache_ttl(Duration::ZERO);
-    other.review(WEB_TOKEN).await.unwrap();
+    other.review(WEB_TOKEN, None).await.unwrap();
     assert_eq!(api.connections(), 2);
 }
 
@@ -214,7 +230,7 @@ async fn a_kept_connection_the_api_server_closed_is_replaced() {
         .unwrap()
         .with_cache_ttl(Duration::ZERO);
     for review in 1..=3 {
-        let account = reviewer.review(WEB_TOKEN).await;
+        let account = reviewer.review(WEB_TOKEN, None).await;
         assert_eq!(
             account
                 .unwrap_or_else(|e| panic!("review {review}: {e}"))
@@ -238,13 +254,13 @@ async fn the_cache_never_outlives_the_tokens_expiry() {
     let api = FakeApi::start(|_| (201, "authenticated.json")).await;
     let reviewer = api.reviewer();
     let expired = jwt_expiring_at(unix_now() - 1);
-    reviewer.review(&expired).await.unwrap();
-    reviewer.review(&expired).await.unwrap();
+    reviewer.review(&expired, None).await.unwrap();
+    reviewer.review(&expired, None).await.unwrap();
     assert_eq!(api.requests().len(), 2);
 
     let fresh = jwt_expiring_at(unix_now() + 600);
-    reviewer.review(&fresh).await.unwrap();
-    reviewer.review(&fresh).await.unwrap();
+    reviewer.review(&fresh, None).await.unwrap();
+    reviewer.review(&fresh, None).await.unwrap();
     assert_eq!(api.requests().len(), 3);
 }
 
@@ -259,7 +275,7 @@ async fn an_api_server_out_of_reach_is_unavailable() {
     unreachable.url = format!("https://{gone}").parse().unwrap();
     let e = TokenReviewer::new(&unreachable, td())
         .unwrap()
-        .review(WEB_TOKEN)
+        .review(WEB_TOKEN, None)
         .await
         .unwrap_err();
     assert!(matches!(e, ReviewError::Unreachable(_)), "{e}");
@@ -269,7 +285,7 @@ async fn an_api_server_out_of_reach_is_unavailable() {
     let e = hung
         .reviewer()
         .with_timeout(Duration::from_millis(300))
-        .review(WEB_TOKEN)
+        .review(WEB_TOKEN, None)
         .await
         .unwrap_err();
     assert!(matches!(e, ReviewError::Unreachable(_)), "{e}");
@@ -280,7 +296,7 @@ async fn an_api_server_out_of_reach_is_unavailable() {
     untrusted.ca = other.ca();
     let e = TokenReviewer::new(&untrusted, td())
         .unwrap()
-        .review(WEB_TOKEN)
+        .review(WEB_TOKEN, None)
         .await
         .unwrap_err();
     assert!(matches!(e, ReviewError::Unreachable(_)), "{e}");
@@ -302,13 +318,13 @@ async fn the_bearer_token_file_is_re_read() {
         .reviewer()
         .with_cache_ttl(Duration::ZERO)
         .with_bearer_reload(Duration::from_millis(100));
-    reviewer.review(&jwt_of("first")).await.unwrap();
+    reviewer.review(&jwt_of("first"), None).await.unwrap();
     std::fs::write(api.token_file(), "rotated-token\n").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    reviewer.review(&jwt_of("second")).await.unwrap();
+    reviewer.review(&jwt_of("second"), None).await.unwrap();
     std::fs::write(api.token_file(), "").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    reviewer.review(&jwt_of("third")).await.unwrap();
+    reviewer.review(&jwt_of("third"), None).await.unwrap();
     let bearers: Vec<String> = api
         .requests()
         .iter()
@@ -330,7 +346,7 @@ async fn the_bearer_token_file_is_re_read() {
 #[tokio::test]
 async fn empty_tokens_never_reach_the_api_server() {
     let api = FakeApi::start(by_token).await;
-    let e = api.reviewer().review("  \n").await.unwrap_err();
+    let e = api.reviewer().review("  \n", None).await.unwrap_err();
     assert!(matches!(e, ReviewError::Empty), "{e}");
     assert!(api.requests().is_empty());
 }
@@ -370,7 +386,11 @@ async fn at_most_a_bound_of_reviews_are_asked_at_once() {
     let mut reviews = tokio::task::JoinSet::new();
     for i in 0..calls {
         let reviewer = reviewer.clone();
-        reviews.spawn(async move { reviewer.review(&jwt_of(&format!("made-up-{i}"))).await });
+        reviews.spawn(async move {
+            reviewer
+                .review(&jwt_of(&format!("made-up-{i}")), None)
+                .await
+        });
     }
     while let Some(review) = reviews.join_next().await {
         let e = review.unwrap().unwrap_err();
@@ -446,14 +466,14 @@ async fn tokens_that_cannot_be_valid_never_reach_the_api_server() {
                 .to_owned(),
         ),
     ] {
-        let e = reviewer.review(&token).await.unwrap_err();
+        let e = reviewer.review(&token, None).await.unwrap_err();
         assert_eq!(e.to_string(), says, "{token}");
         assert!(e.is_callers_fault(), "{token}");
     }
     assert!(api.requests().is_empty(), "{:?}", api.requests());
     // Shaped right, for us and not expired: the API server decides.
     reviewer
-        .review(&with_payload(r#"{"aud":"trellis"}"#))
+        .review(&with_payload(r#"{"aud":"trellis"}"#), None)
         .await
         .unwrap_err();
     assert_eq!(api.requests().len(), 1);
@@ -473,13 +493,13 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
     let mut held = tokio::task::JoinSet::new();
     for i in 0..MAX_REVIEWS_IN_FLIGHT {
         let reviewer = reviewer.clone();
-        held.spawn(async move { reviewer.review(&jwt_of(&format!("held-{i}"))).await });
+        held.spawn(async move { reviewer.review(&jwt_of(&format!("held-{i}")), None).await });
     }
     // Each review opens its connection once it has its turn.
     while api.connections() < MAX_REVIEWS_IN_FLIGHT {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let e = reviewer.review(WEB_TOKEN).await.unwrap_err();
+    let e = reviewer.review(WEB_TOKEN, None).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         format!(
@@ -492,4 +512,72 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
     assert_eq!(e.reason(), "token_reviews_busy");
     assert_eq!(api.connections(), MAX_REVIEWS_IN_FLIGHT);
     held.abort_all();
+}
+
+/// A caller sending made-up tokens, each different and each passing the
+/// checks made before a review, holds at most its share of the turns: past
+/// [`MAX_REVIEWS_PER_CLIENT`] reviews in progress from its address, one
+/// more is refused at once naming that limit, without waiting for a turn
+/// nor asking the API server, while a pod at another address still gets
+/// its review asked. Once the caller's reviews end, its address gets
+/// reviews again. No Kubernetes API server can run here; the stand-in
+/// accepts connections and never answers, so each review asked holds its
+/// turn and its connection.
+#[tokio::test]
+async fn one_client_address_holds_only_its_share_of_the_turns() {
+    use futures::FutureExt as _;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    use trellis_control_plane::authn::tokenreview::MAX_REVIEWS_PER_CLIENT;
+    let api = FakeApi::start_with(by_token, true).await;
+    // Reviews asked stay asked for the whole test.
+    let reviewer = Arc::new(api.reviewer().with_timeout(Duration::from_secs(3600)));
+    let flooding: IpAddr = "10.244.1.9".parse().unwrap();
+    let new_pod: IpAddr = "10.244.2.4".parse().unwrap();
+    let mut held = tokio::task::JoinSet::new();
+    for i in 0..MAX_REVIEWS_PER_CLIENT {
+        let reviewer = reviewer.clone();
+        held.spawn(async move {
+            let token = jwt_of(&format!("made-up-{i}"));
+            reviewer.review(&token, Some(flooding)).await
+        });
+    }
+    while api.connections() < MAX_REVIEWS_PER_CLIENT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = reviewer
+        .review(&jwt_of("made-up-past-the-share"), Some(flooding))
+        .now_or_never()
+        .expect("refused at once, not waiting for a turn")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "this client address already has {MAX_REVIEWS_PER_CLIENT} service account token \
+             reviews in progress, the most one address may have at once; try again once they \
+             are answered"
+        )
+    );
+    assert!(!e.is_callers_fault());
+    assert_eq!(e.reason(), "token_reviews_per_client");
+    assert_eq!(api.connections(), MAX_REVIEWS_PER_CLIENT);
+
+    // Another address is not refused, and its review is asked.
+    let review_from = |client: IpAddr| {
+        let reviewer = reviewer.clone();
+        Box::pin(async move { reviewer.review(WEB_TOKEN, Some(client)).await })
+    };
+    let mut pod = review_from(new_pod);
+    assert!(futures::poll!(pod.as_mut()).is_pending(), "refused");
+    let pod = tokio::spawn(pod);
+    while api.connections() < MAX_REVIEWS_PER_CLIENT + 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pod.abort();
+
+    // Its reviews ended, the flooding address has its whole share again.
+    held.abort_all();
+    while held.join_next().await.is_some() {}
+    let mut again = review_from(flooding);
+    assert!(futures::poll!(again.as_mut()).is_pending(), "refused");
 }

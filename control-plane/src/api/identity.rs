@@ -412,7 +412,8 @@ impl Identity for IdentityService {
                         ),
                     ));
                 };
-                let account = reviewer.review(token).await.map_err(|e| {
+                let client = peer.as_ref().map(|p| p.remote.ip());
+                let account = reviewer.review(token, client).await.map_err(|e| {
                     let status = if e.is_callers_fault() {
                         Status::unauthenticated(e.to_string())
                     } else {
@@ -711,6 +712,105 @@ mod tests {
 
     fn join_token() -> Option<Proof> {
         Some(Proof::JoinToken(TOKEN.into()))
+    }
+
+    /// Certify calls with ServiceAccount tokens from one client address
+    /// hold at most its share of the TokenReview turns: with
+    /// [`MAX_REVIEWS_PER_CLIENT`] of its reviews in progress, one more from
+    /// it is refused at once, UNAVAILABLE naming the limit, and counted by
+    /// that reason, while the same address's share is never taken by a
+    /// caller elsewhere. The API server stand-in accepts connections and
+    /// never answers, so each review asked holds its turn.
+    ///
+    /// [`MAX_REVIEWS_PER_CLIENT`]: crate::authn::tokenreview::MAX_REVIEWS_PER_CLIENT
+    #[tokio::test]
+    async fn certify_holds_a_client_address_to_its_share_of_token_reviews() {
+        use crate::authn::tokenreview::{KubeApi, MAX_REVIEWS_PER_CLIENT};
+        use base64::Engine as _;
+        use futures::FutureExt as _;
+        use std::sync::atomic::AtomicUsize;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let Setup { service, .. } = setup(&tmp);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counting = accepted.clone();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                open.push(connection);
+                counting.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let api = KubeApi {
+            url: format!("https://127.0.0.1:{port}").parse().unwrap(),
+            ca: tmp.path().join("ca.pem"),
+            token_file: tmp.path().join("token"),
+        };
+        std::fs::write(&api.ca, ca.cert.pem()).unwrap();
+        std::fs::write(&api.token_file, "control-plane-token\n").unwrap();
+        // Reviews asked stay asked for the whole test.
+        let reviewer = TokenReviewer::new(&api, service.mesh.trust_domain.clone())
+            .unwrap()
+            .with_timeout(Duration::from_secs(3600));
+        let service = Arc::new(service.with_token_reviewer(Some(Arc::new(reviewer))));
+
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let certify_from = |client: &str, subject: &str| {
+            let payload = format!(r#"{{"aud":["trellis"],"exp":4102444800,"sub":"{subject}"}}"#);
+            let token = format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&payload));
+            let mut request =
+                certify_request(Some(Proof::ServiceAccountToken(token)), "10.0.0.1:15006");
+            request.extensions_mut().insert(PeerInfo {
+                remote: format!("{client}:40000").parse().unwrap(),
+                spiffe_id: None,
+                cert_issued_at_unix: None,
+                presented: None,
+            });
+            let service = service.clone();
+            async move { service.certify(request).await }
+        };
+        let mut held = tokio::task::JoinSet::new();
+        for i in 0..MAX_REVIEWS_PER_CLIENT {
+            held.spawn(certify_from("10.0.0.1", &format!("made-up-{i}")));
+        }
+        while accepted.load(Ordering::SeqCst) < MAX_REVIEWS_PER_CLIENT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused = certify_from("10.0.0.1", "one-more")
+            .now_or_never()
+            .expect("refused at once, not waiting for a turn")
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            refused.message(),
+            format!(
+                "this client address already has {MAX_REVIEWS_PER_CLIENT} service account token \
+                 reviews in progress, the most one address may have at once; try again once \
+                 they are answered"
+            )
+        );
+        assert_eq!(
+            refused.metadata().get(REFUSAL_KEY).unwrap(),
+            "token_reviews_per_client"
+        );
+        let metrics = service.mesh.metrics.render();
+        assert!(
+            metrics.contains(
+                "trellis_certify_failures_total{reason=\"token_reviews_per_client\"} 1\n"
+            ),
+            "{metrics}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), MAX_REVIEWS_PER_CLIENT);
+
+        // Another address's review is asked.
+        held.spawn(certify_from("10.0.0.2", "a-new-pod"));
+        while accepted.load(Ordering::SeqCst) < MAX_REVIEWS_PER_CLIENT + 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        held.abort_all();
     }
 
     /// A caller that goes away while its issuance waits for the commit

@@ -35,6 +35,16 @@
 //! is refused as the control plane being busy, not the API server being
 //! unreachable; its own [`REVIEW_TIMEOUT`] starts with its turn.
 //!
+//! The turns are shared between client addresses: one address may have at
+//! most [`MAX_REVIEWS_PER_CLIENT`] reviews in progress (waiting for a turn
+//! or asked), and one more from it is refused at once, before it waits,
+//! naming that limit. A caller sending made-up tokens that pass the checks
+//! above, each different, thus holds a few turns, not all of them, and the
+//! first Certify of a new pod elsewhere still gets a review. Only addresses
+//! with reviews in progress are remembered. Loopback callers are not held to
+//! it: they are on the control plane's own host (in a cluster, in its own
+//! pod), where a local mesh may start many sidecars at once.
+//!
 //! Connections to the API server are kept open between reviews (at most
 //! [`MAX_REVIEWS_IN_FLIGHT`] of them, each idle at most [`IDLE_CONNECTION`]
 //! and open at most [`CONNECTION_LIFETIME`]), so a mesh whose pods start
@@ -45,6 +55,7 @@
 //! error message.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -86,6 +97,12 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// a flood of made-up tokens would otherwise open as many connections to
 /// the API server, and fill the control plane's share of it, as it likes.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
+/// How many reviews one client address may have in progress at once
+/// (waiting for one of the [`MAX_REVIEWS_IN_FLIGHT`] turns, or asked); one
+/// more is refused at once. A pod asks one review at a time, and in a
+/// cluster every pod has an address of its own, so only a caller sending
+/// many tokens at once runs into it; loopback callers never do.
+pub const MAX_REVIEWS_PER_CLIENT: usize = 4;
 /// How long a connection to the API server is kept idle for the next
 /// review. Below the API server's own idle timeout (Go's HTTP server keeps
 /// an idle connection as long as it allows a read, at least a minute here).
@@ -293,6 +310,11 @@ pub enum ReviewError {
     )]
     Busy(Duration),
     #[error(
+        "this client address already has {MAX_REVIEWS_PER_CLIENT} service account token reviews \
+         in progress, the most one address may have at once; try again once they are answered"
+    )]
+    ClientBusy,
+    #[error(
         "the Kubernetes API server refused the TokenReview ({code}: {message}); check the \
          control plane's credentials and its RBAC (create tokenreviews)"
     )]
@@ -328,6 +350,7 @@ impl ReviewError {
             Self::NotAServiceAccount(_) | Self::BadAccount(_) => "sa_token_not_service_account",
             Self::Unreachable(_) => "kube_api_unreachable",
             Self::Busy(_) => "token_reviews_busy",
+            Self::ClientBusy => "token_reviews_per_client",
             Self::Refused { .. } => "kube_api_refused",
             Self::BadResponse(_) => "kube_api_bad_response",
         }
@@ -397,8 +420,63 @@ pub struct TokenReviewer {
     bearer_reload: Duration,
     /// One permit for each review asked of the API server now.
     in_flight: tokio::sync::Semaphore,
+    /// Reviews in progress by client address.
+    clients: ClientShares,
     /// Connections between reviews, the most recently used last.
     idle: Mutex<Vec<IdleConnection>>,
+}
+
+/// How many reviews each client address has in progress; an address is
+/// there only while it has at least one.
+#[derive(Default)]
+struct ClientShares {
+    reviewing: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ClientShares {
+    /// One of `client`'s [`MAX_REVIEWS_PER_CLIENT`], given back when the
+    /// share is dropped; none is needed without an address or over loopback.
+    fn take(&self, client: Option<IpAddr>) -> Result<Option<Share<'_>>, ReviewError> {
+        let Some(client) = client.map(|ip| ip.to_canonical()) else {
+            return Ok(None);
+        };
+        if client.is_loopback() {
+            return Ok(None);
+        }
+        let mut reviewing = self.reviewing.lock().expect("not poisoned");
+        let count = reviewing.entry(client).or_insert(0);
+        if *count >= MAX_REVIEWS_PER_CLIENT {
+            return Err(ReviewError::ClientBusy);
+        }
+        *count += 1;
+        Ok(Some(Share {
+            shares: self,
+            client,
+        }))
+    }
+
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        self.reviewing.lock().expect("not poisoned").len()
+    }
+}
+
+/// One review in progress from `client`.
+struct Share<'a> {
+    shares: &'a ClientShares,
+    client: IpAddr,
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut reviewing = self.shares.reviewing.lock().expect("not poisoned");
+        if let Some(count) = reviewing.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                reviewing.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// An open HTTP/1.1 connection to the API server waiting for a review.
@@ -460,6 +538,7 @@ impl TokenReviewer {
             turn_wait: TURN_WAIT,
             bearer_reload: BEARER_RELOAD,
             in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+            clients: ClientShares::default(),
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -495,8 +574,14 @@ impl TokenReviewer {
         &self.url
     }
 
-    /// Reviews `token`: the ServiceAccount it proves, or why not.
-    pub async fn review(&self, token: &str) -> Result<ReviewedAccount, ReviewError> {
+    /// Reviews `token`, sent from `client` (`None`: an address not known,
+    /// held to no share of the turns): the ServiceAccount it proves, or why
+    /// not.
+    pub async fn review(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> Result<ReviewedAccount, ReviewError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(ReviewError::Empty);
@@ -513,6 +598,7 @@ impl TokenReviewer {
         if let Some(refused) = self.refused.lock().expect("not poisoned").get(&key) {
             return Err(refused);
         }
+        let _share = self.clients.take(client)?;
         let Ok(_turn) = tokio::time::timeout(self.turn_wait, self.in_flight.acquire()).await else {
             return Err(ReviewError::Busy(self.turn_wait));
         };
@@ -890,6 +976,51 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::new("cluster.local").unwrap()
+    }
+
+    /// An address past its share is refused, naming the limit, while
+    /// another still gets one; loopback and unknown callers take none, and
+    /// an address whose reviews all ended is forgotten.
+    #[test]
+    fn each_client_address_has_a_share_of_the_reviews() {
+        let shares = ClientShares::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.1.0.7".parse().unwrap(), "10.1.0.8".parse().unwrap());
+        let held: Vec<_> = (0..MAX_REVIEWS_PER_CLIENT)
+            .map(|_| shares.take(Some(a)).unwrap().unwrap())
+            .collect();
+        let Err(e) = shares.take(Some(a)) else {
+            panic!("a fifth review from one address was let through");
+        };
+        assert_eq!(
+            e.to_string(),
+            "this client address already has 4 service account token reviews in progress, \
+             the most one address may have at once; try again once they are answered"
+        );
+        assert_eq!(e.reason(), "token_reviews_per_client");
+        assert!(!e.is_callers_fault());
+        // The same address written as IPv4-mapped IPv6 is the same client.
+        let mapped: IpAddr = "::ffff:10.1.0.7".parse().unwrap();
+        assert!(shares.take(Some(mapped)).is_err());
+        let other = shares.take(Some(b)).unwrap();
+        assert!(other.is_some());
+        for _ in 0..MAX_REVIEWS_PER_CLIENT * 2 {
+            assert!(
+                shares
+                    .take(Some("127.0.0.1".parse().unwrap()))
+                    .unwrap()
+                    .is_none()
+            );
+            assert!(shares.take(None).unwrap().is_none());
+        }
+        assert_eq!(shares.addresses(), 2);
+        drop(held);
+        drop(other);
+        assert_eq!(
+            shares.addresses(),
+            0,
+            "addresses without reviews are forgotten"
+        );
+        assert!(shares.take(Some(a)).unwrap().is_some());
     }
 
     #[test]
