@@ -489,7 +489,13 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
     use std::sync::Arc;
     use trellis_control_plane::authn::tokenreview::MAX_REVIEWS_IN_FLIGHT;
     let api = FakeApi::start_with(by_token, true).await;
-    let reviewer = Arc::new(api.reviewer().with_turn_wait(Duration::ZERO));
+    // The held reviews never time out, however slow the machine: a turn
+    // given back before the check would let its review through.
+    let reviewer = Arc::new(
+        api.reviewer()
+            .with_turn_wait(Duration::ZERO)
+            .with_timeout(Duration::from_secs(3600)),
+    );
     let mut held = tokio::task::JoinSet::new();
     for i in 0..MAX_REVIEWS_IN_FLIGHT {
         let reviewer = reviewer.clone();
