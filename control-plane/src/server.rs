@@ -107,7 +107,9 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// not keep another client's waiting. With every slot of
 /// [`MAX_CONNECTIONS`] taken, an address holding at least two fewer than
 /// the address holding the most takes a slot from it (its oldest
-/// connection is closed), as on the admin and webhook ports.
+/// connection is closed), as on the admin and webhook ports. The host's
+/// own address (`127.0.0.1`, `::1`) is spared it: a local mesh's sidecars
+/// all dial from there.
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 
 /// How a connection closed as it was accepted, past the gRPC port's
@@ -522,7 +524,8 @@ impl GrpcListener {
         let (tx, rx) = mpsc::channel(64);
         let turns = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
         let refusals = Arc::new(Refusals::new(metrics.clone(), Metrics::handshake_failed));
-        let limits = ConnectionLimits::new(self.total, self.per_client);
+        // A local mesh's sidecars all dial from the host's own address.
+        let limits = ConnectionLimits::new(self.total, self.per_client).sparing_the_own_host();
         let over_limits = Refusals::new(metrics, Metrics::grpc_connection_refused);
         tokio::spawn(async move {
             loop {

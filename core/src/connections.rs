@@ -33,6 +33,9 @@ pub struct ConnectionLimits {
     held: Arc<Mutex<Held>>,
     total: usize,
     per_client: usize,
+    /// Whether the host's own address (`127.0.0.1`, `::1`) is spared the
+    /// per-address cap ([`ConnectionLimits::sparing_the_own_host`]).
+    spare_own_host: bool,
 }
 
 /// The connections a port serves now.
@@ -116,7 +119,18 @@ impl ConnectionLimits {
             held: Arc::default(),
             total,
             per_client,
+            spare_own_host: false,
         }
+    }
+
+    /// Spares connections from the host's own address (`127.0.0.1`, `::1`)
+    /// the per-address cap; they still count towards the total. For a port
+    /// whose legitimate clients may all share the host's address (a local
+    /// mesh whose sidecars run beside its control plane), where a client
+    /// there could do worse than hold connections anyway.
+    pub fn sparing_the_own_host(mut self) -> Self {
+        self.spare_own_host = true;
+        self
     }
 
     /// The slot for one more connection from `client` (perhaps taken from
@@ -124,7 +138,7 @@ impl ConnectionLimits {
     pub fn admit(&self, client: IpAddr) -> Result<Admitted, Refused> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let mine = held.clients.get(&client).map_or(0, VecDeque::len);
-        if mine >= self.per_client {
+        if mine >= self.per_client && !(self.spare_own_host && is_own_host(client)) {
             return Err(Refused::FromClient {
                 limit: self.per_client,
             });
@@ -165,6 +179,18 @@ impl ConnectionLimits {
             .unwrap_or_else(|e| e.into_inner())
             .clients
             .len()
+    }
+}
+
+/// `127.0.0.1` or `::1` (an IPv4-mapped `127.0.0.1` too): the host itself,
+/// not the rest of the loopback range.
+fn is_own_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => {
+            v6 == std::net::Ipv6Addr::LOCALHOST
+                || v6.to_ipv4_mapped() == Some(std::net::Ipv4Addr::LOCALHOST)
+        }
     }
 }
 
@@ -209,6 +235,31 @@ mod tests {
     use hyper::service::service_fn;
 
     use super::*;
+
+    /// Spared, the host's own address holds more than the per-address cap;
+    /// the rest of the loopback range and other addresses do not, and
+    /// without sparing neither does the host.
+    #[test]
+    fn the_own_host_is_spared_the_per_address_cap_only_when_asked() {
+        let host: IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let limits = ConnectionLimits::new(16, 2).sparing_the_own_host();
+        let _host: Vec<_> = (0..4).map(|_| limits.admit(host).unwrap()).collect();
+        let _mapped: Vec<_> = (0..3).map(|_| limits.admit(mapped).unwrap()).collect();
+        let _other: Vec<_> = (0..2).map(|_| limits.admit(other).unwrap()).collect();
+        assert_eq!(
+            limits.admit(other).err(),
+            Some(Refused::FromClient { limit: 2 })
+        );
+
+        let strict = ConnectionLimits::new(16, 2);
+        let _held: Vec<_> = (0..2).map(|_| strict.admit(host).unwrap()).collect();
+        assert_eq!(
+            strict.admit(host).err(),
+            Some(Refused::FromClient { limit: 2 })
+        );
+    }
 
     /// A client that asks for answers and never reads them cannot hold its
     /// connection past its lifetime and the grace after it.
