@@ -320,13 +320,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(discovery.clone().expire_endpoints(shutdown_rx.clone()));
     if let Some(changes) = store_changes {
-        tokio::spawn(follow_store(discovery.clone(), changes));
+        tokio::spawn(follow_store(
+            discovery.clone(),
+            changes,
+            shutdown_rx.clone(),
+        ));
     }
     let metrics = Arc::new(Metrics::default());
     let roots = expiries(ca.bundle());
     metrics.trust_bundle(roots.iter().map(|(_, at)| *at).collect());
     metrics.signing_chain(ca.signs_until().unix_timestamp());
-    tokio::spawn(report_expiring_roots(roots));
+    tokio::spawn(report_expiring_roots(roots, shutdown_rx.clone()));
 
     let reviewer = match (&config.kube, config.identity_provider) {
         (Some(api), IdentityProvider::Kubernetes) => {
@@ -392,7 +396,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(RunError::Signal)?;
-    serving.spawn_renewal();
+    tokio::spawn(serving.clone().renew_until(shutdown_rx.clone()));
 
     // What the webhook admits without a sidecar, for ListWorkloads.
     let uninjected = Arc::new(UninjectedPods::default());
@@ -537,9 +541,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// Announces what the Kubernetes store's watches changed: discovery reloads
-/// its view (and the Watch streams push) after every change of content.
-async fn follow_store(discovery: Arc<Discovery>, mut changes: watch::Receiver<u64>) {
-    while changes.changed().await.is_ok() {
+/// its view (and the Watch streams push) after every change of content,
+/// until the store stops or `shutdown` turns true.
+async fn follow_store(
+    discovery: Arc<Discovery>,
+    mut changes: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = stopping(&mut shutdown) => return,
+        }
         let discovery = discovery.clone();
         match tokio::task::spawn_blocking(move || discovery.refresh()).await {
             Ok(Ok(_)) => {}
@@ -626,5 +643,28 @@ mod tests {
         );
         assert_eq!(stopped.await, Ok(0), "stopped without waiting");
         assert!(*listeners.borrow());
+    }
+
+    /// Following the store's changes ends when the control plane shuts
+    /// down, as its other background tasks do, though the store (its
+    /// changes' sender here) is still open; until then it keeps following.
+    #[tokio::test(start_paused = true)]
+    async fn following_the_store_ends_at_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let discovery = discovery(&tmp);
+        let (_changes_tx, changes) = watch::channel(0u64);
+        let (stop, shutdown) = watch::channel(false);
+        let mut task = tokio::spawn(follow_store(discovery.clone(), changes, shutdown));
+        let day = Duration::from_secs(24 * 3600);
+        assert!(
+            tokio::time::timeout(day, &mut task).await.is_err(),
+            "ended before the shutdown"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(day, task)
+            .await
+            .expect("still running after the shutdown")
+            .unwrap();
+        assert_eq!(Arc::strong_count(&discovery), 1);
     }
 }

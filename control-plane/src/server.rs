@@ -208,22 +208,25 @@ impl ServingCert {
     }
 
     /// Renews at half-life, by the wall clock (a host suspended past it
-    /// renews as it wakes), until the process ends; a failed renewal is
-    /// tried again after [`SERVING_CERT_RETRY`].
-    pub fn spawn_renewal(self: &Arc<Self>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                trellis_core::clock::sleep_until(this.renew_at()).await;
-                match this.renew() {
-                    Ok(()) => tracing::info!("renewed the control plane's serving certificate"),
-                    Err(e) => {
-                        tracing::error!(error = %e, retry_in = ?SERVING_CERT_RETRY, "could not renew the serving certificate");
-                        tokio::time::sleep(SERVING_CERT_RETRY).await;
+    /// renews as it wakes), until `shutdown` turns true; a failed renewal
+    /// is tried again after [`SERVING_CERT_RETRY`].
+    pub async fn renew_until(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = trellis_core::clock::sleep_until(self.renew_at()) => {}
+                () = crate::run::stopping(&mut shutdown) => return,
+            }
+            match self.renew() {
+                Ok(()) => tracing::info!("renewed the control plane's serving certificate"),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?SERVING_CERT_RETRY, "could not renew the serving certificate");
+                    tokio::select! {
+                        () = tokio::time::sleep(SERVING_CERT_RETRY) => {}
+                        () = crate::run::stopping(&mut shutdown) => return,
                     }
                 }
             }
-        });
+        }
     }
 }
 
@@ -708,6 +711,29 @@ mod tests {
             serving.renew_at(),
             SystemTime::now() + Duration::from_secs(50),
         );
+    }
+
+    /// The renewal task ends when the control plane shuts down, as its
+    /// other background tasks do, though its next renewal is hours away;
+    /// until then it keeps waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn the_serving_certificate_renewal_ends_at_shutdown() {
+        let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
+        let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
+        let serving = ServingCert::new(Arc::new(ca), &[], Ipv4Addr::LOCALHOST.into()).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let mut task = tokio::spawn(serving.clone().renew_until(shutdown));
+        let minute = Duration::from_secs(60);
+        assert!(
+            tokio::time::timeout(minute, &mut task).await.is_err(),
+            "ended before the shutdown"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(minute, task)
+            .await
+            .expect("still running after the shutdown")
+            .unwrap();
+        assert_eq!(Arc::strong_count(&serving), 1);
     }
 
     /// A gRPC listener on a loopback port, serving a certificate of a new

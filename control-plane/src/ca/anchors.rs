@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{PemObject, SectionKind};
+use tokio::sync::watch;
 use x509_parser::prelude::*;
 
 use crate::escape::{escape_controls, shown};
@@ -204,9 +205,13 @@ pub fn expiries(roots: &[CertificateDer<'_>]) -> Vec<(String, i64)> {
 }
 
 /// Logs as each root of the bundle (`expiries`, the signing CA's root
-/// first) expires, until the last one has: an expired root anchors
-/// nothing, and stays published until a restart without it.
-pub async fn report_expiring_roots(expiries: Vec<(String, i64)>) {
+/// first) expires, until the last one has or `shutdown` turns true: an
+/// expired root anchors nothing, and stays published until a restart
+/// without it.
+pub async fn report_expiring_roots(
+    expiries: Vec<(String, i64)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ahead: Vec<(usize, String, i64)> = expiries
         .into_iter()
         .enumerate()
@@ -217,7 +222,10 @@ pub async fn report_expiring_roots(expiries: Vec<(String, i64)>) {
         let expiry = std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
         // In steps of a day at most, so a clock set forward is noticed.
         while let Ok(left) = expiry.duration_since(std::time::SystemTime::now()) {
-            tokio::time::sleep(left.min(Duration::from_secs(86_400))).await;
+            tokio::select! {
+                () = tokio::time::sleep(left.min(Duration::from_secs(86_400))) => {}
+                () = crate::run::stopping(&mut shutdown) => return,
+            }
         }
         if index == 0 {
             tracing::error!(
@@ -352,5 +360,26 @@ mod tests {
                 .starts_with("/nonexistent/anchors.pem: cannot read it"),
             "{err}"
         );
+    }
+
+    /// The task that reports expiring roots ends when the control plane
+    /// shuts down, as its other background tasks do, though its root
+    /// expires only in a year; until then it keeps waiting for that.
+    #[tokio::test(start_paused = true)]
+    async fn the_root_expiry_report_ends_at_shutdown() {
+        let pem = root("Root");
+        let roots = parse_trust_anchors(pem.as_bytes(), Path::new(FILE)).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let mut task = tokio::spawn(report_expiring_roots(expiries(&roots), shutdown));
+        let day = std::time::Duration::from_secs(24 * 3600);
+        assert!(
+            tokio::time::timeout(day, &mut task).await.is_err(),
+            "ended before the shutdown"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(day, task)
+            .await
+            .expect("still running after the shutdown")
+            .unwrap();
     }
 }
