@@ -51,7 +51,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
-use trellis_core::app_health::{HOOK_TOKEN_HEADER, PATH_PREFIX};
+use trellis_core::app_health::{HOOK_TOKEN_HEADER, PATH_PREFIX, POST_START, PRE_STOP};
 
 /// The probe fields of a container, and the path segment each becomes.
 pub const PROBE_KINDS: [(&str, &str); 3] = [
@@ -62,7 +62,7 @@ pub const PROBE_KINDS: [(&str, &str); 3] = [
 
 /// The lifecycle hooks of a container whose `httpGet` is rewritten like a
 /// probe's, and the path segment each becomes.
-pub const HOOK_KINDS: [(&str, &str); 2] = [("postStart", "post-start"), ("preStop", "pre-stop")];
+pub const HOOK_KINDS: [(&str, &str); 2] = [("postStart", POST_START), ("preStop", PRE_STOP)];
 
 /// The admin path the rewritten probe of `container` calls.
 pub fn app_health_path(container: &str, kind: &str) -> String {

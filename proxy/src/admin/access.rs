@@ -26,11 +26,7 @@ use std::net::IpAddr;
 
 use http::HeaderValue;
 
-pub use trellis_core::app_health::HOOK_TOKEN_HEADER;
-
-/// The path segments of the app's lifecycle hooks, as the injector writes
-/// them (`/app-health/<container>/<kind>`).
-pub const HOOK_KINDS: [&str; 2] = ["post-start", "pre-stop"];
+pub use trellis_core::app_health::{HOOK_KINDS, HOOK_TOKEN_HEADER};
 
 /// The admin path only loopback peers are served.
 pub const CONFIG_PATH: &str = "/config";
