@@ -22,6 +22,9 @@ use crate::inbound::H2Refused;
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
+/// `outcome` alone when a Certify call succeeded, with a `reason` when it
+/// failed (one of [`crate::identity::RENEWAL_FAILURE_REASONS`]).
+type RenewalLabels = Vec<(&'static str, &'static str)>;
 /// `action` (static) and `policy` (a policy's `namespace/name` or
 /// `default:<mode>`: bounded by the policies selecting this workload).
 type DecisionLabels = (Labels1, [(&'static str, Arc<str>); 1]);
@@ -100,7 +103,7 @@ pub struct Metrics {
     bytes: Family<Labels1, Counter>,
     handshake_failures: Family<Labels2, Counter>,
     pub certificate_expiry: Gauge,
-    renewals: Family<Labels1, Counter>,
+    renewals: Family<RenewalLabels, Counter>,
     pub snapshot_version: Gauge<u64, AtomicU64>,
     /// `trellis_drain_start_timestamp_seconds`: 0 until the drain starts.
     drain_start: Gauge,
@@ -209,10 +212,10 @@ impl Metrics {
             "notAfter of the current SVID, seconds since the Unix epoch",
             certificate_expiry.clone(),
         );
-        let renewals = Family::<Labels1, Counter>::default();
+        let renewals = Family::<RenewalLabels, Counter>::default();
         registry.register(
             "trellis_certificate_renewals",
-            "Certify calls by outcome",
+            "Certify calls by outcome, and by reason when they failed",
             renewals.clone(),
         );
         let snapshot_version = Gauge::<u64, AtomicU64>::default();
@@ -534,8 +537,17 @@ impl Metrics {
             .set(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
     }
 
-    pub fn renewal(&self, outcome: &'static str) {
-        self.renewals.get_or_create(&[("outcome", outcome)]).inc();
+    /// Counts a Certify call that gave this sidecar its certificate.
+    pub fn renewed(&self) {
+        self.renewals.get_or_create(&vec![("outcome", "ok")]).inc();
+    }
+
+    /// Counts a failed Certify call, by `reason`: one of
+    /// [`crate::identity::RENEWAL_FAILURE_REASONS`].
+    pub fn renewal_failed(&self, reason: &'static str) {
+        self.renewals
+            .get_or_create(&vec![("outcome", "error"), ("reason", reason)])
+            .inc();
     }
 
     /// Marks a connection open until the returned guard is dropped.
@@ -598,7 +610,8 @@ mod tests {
         m.connection(INBOUND, "forwarded");
         m.handshake_failure(INBOUND, "not_tls");
         m.bytes(OUTBOUND, 10);
-        m.renewal("ok");
+        m.renewed();
+        m.renewal_failed("unreachable");
         let _g = m.open(INBOUND);
         let text = m.encode();
         for name in [
@@ -610,6 +623,7 @@ mod tests {
             "trellis_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 1",
             "trellis_certificate_expiry_timestamp_seconds 0",
             "trellis_certificate_renewals_total{outcome=\"ok\"} 1",
+            "trellis_certificate_renewals_total{outcome=\"error\",reason=\"unreachable\"} 1",
             "trellis_snapshot_version 0",
             "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",

@@ -427,7 +427,9 @@ fn serves_admin_without_a_certificate_and_drains_on_sigterm() {
     assert!(body.contains("no certificate yet"), "{body}");
     let (_, metrics) = get(admin, "/metrics");
     assert!(
-        metrics.contains("trellis_certificate_renewals_total{outcome=\"error\"}"),
+        metrics.contains(
+            "trellis_certificate_renewals_total{outcome=\"error\",reason=\"unreachable\"} "
+        ),
         "{metrics}"
     );
     let (status, config) = get(admin, "/config");

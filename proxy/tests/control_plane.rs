@@ -299,8 +299,9 @@ async fn a_renewal_refused_for_want_of_an_unreadable_token_says_why_it_was_not_s
     std::fs::remove_file(&token_file).unwrap();
     let e = identity::certify(&params, &bundle, Some(&first))
         .await
-        .expect_err("refused without the token")
-        .to_string();
+        .expect_err("refused without the token");
+    assert_eq!(e.reason(), "refused");
+    let e = e.to_string();
     assert!(
         e.contains("the control plane renews only with the ServiceAccount token")
             && e.contains("--token-file could not be read")
@@ -356,8 +357,9 @@ async fn a_failed_dial_says_what_to_check() {
     let foreign = Ca::new().root();
     let e = identity::certify(&params(cp.addr.clone()), &[foreign], None)
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    assert_eq!(e.reason(), "unreachable");
+    let e = e.to_string();
     assert!(
         e.starts_with(&format!(
             "connecting to the control plane at {}: its certificate was not issued by a CA of \
@@ -380,8 +382,9 @@ async fn a_failed_dial_says_what_to_check() {
         None,
     )
     .await
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert_eq!(e.reason(), "unreachable");
+    let e = e.to_string();
     assert!(
         e.starts_with(&format!(
             "connecting to the control plane at {stopped}: nothing listens there"
@@ -607,7 +610,7 @@ async fn a_certificate_the_control_plane_refuses_is_replaced_by_proving_the_toke
 /// without basicConstraints) is not taken, as every handshake with it
 /// would fail: at start the sidecar stays without one and not ready, at a
 /// renewal it keeps the current one. Each refusal is logged saying what is
-/// wrong and counted as a failed renewal.
+/// wrong and counted as a failed renewal, for that reason.
 #[tokio::test]
 async fn a_certificate_peers_would_refuse_is_not_taken() {
     const WHY: &str = "error=Certify answered an unusable certificate: every peer would refuse \
@@ -631,7 +634,8 @@ async fn a_certificate_peers_would_refuse_is_not_taken() {
             && ready.ends_with("\r\n\r\nnot ready: no certificate yet\n"),
         "{ready}"
     );
-    let errors = "trellis_certificate_renewals_total{outcome=\"error\"}";
+    let errors =
+        "trellis_certificate_renewals_total{outcome=\"error\",reason=\"peers_would_refuse\"}";
     assert!(s.metrics.encode().contains(errors), "no {errors}");
 
     // A well-formed leaf is taken; the renewal's, again without

@@ -119,6 +119,24 @@ pub enum InvalidSvid {
     KeyMismatch,
 }
 
+impl InvalidSvid {
+    /// Why, as the `reason` of a failed renewal's count.
+    fn reason(&self) -> &'static str {
+        match self {
+            InvalidSvid::KeyMismatch => "key_mismatch",
+            InvalidSvid::Svid(trellis_core::tls::SvidError::OutsideValidity { .. }) => {
+                "outside_validity"
+            }
+            InvalidSvid::Shape(_) => "peers_would_refuse",
+            InvalidSvid::EmptyChain
+            | InvalidSvid::Leaf(_)
+            | InvalidSvid::WrongId { .. }
+            | InvalidSvid::Svid(_)
+            | InvalidSvid::Key(_) => "invalid_certificate",
+        }
+    }
+}
+
 impl Svid {
     /// Checks that `chain` is an SVID for `expected`, shaped as peers check
     /// a leaf ([`trellis_core::tls::leaf_spiffe_id`]), valid now, whose leaf
@@ -266,6 +284,41 @@ pub enum CertifyError {
         /// Why the token file could not be read (its path and the error).
         unread: crate::config::InvalidFlag,
     },
+}
+
+/// The `reason` values of `trellis_certificate_renewals_total` for a
+/// failed Certify call ([`CertifyError::reason`]): a fixed set, so that
+/// the series stay few whatever the errors say.
+pub const RENEWAL_FAILURE_REASONS: [&str; 7] = [
+    "unreachable",
+    "refused",
+    "key_mismatch",
+    "outside_validity",
+    "peers_would_refuse",
+    "invalid_certificate",
+    "local",
+];
+
+impl CertifyError {
+    /// Why the call failed, as the `reason` of its count (one of
+    /// [`RENEWAL_FAILURE_REASONS`]): the control plane not reached or not
+    /// answering in time, its refusal, what is wrong with the certificate
+    /// it answered, or what kept this sidecar from asking.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CertifyError::Connect { .. } | CertifyError::Timeout => "unreachable",
+            CertifyError::Refused { .. }
+            | CertifyError::JoinTokenUsed
+            | CertifyError::RenewalTokenUnread { .. } => "refused",
+            CertifyError::Response(invalid) => invalid.reason(),
+            CertifyError::AfterRevocation { source, .. } => source.reason(),
+            CertifyError::NoProof
+            | CertifyError::Csr(_)
+            | CertifyError::NoBundle
+            | CertifyError::Tls(_)
+            | CertifyError::TokenFile(_) => "local",
+        }
+    }
 }
 
 /// What a Certify call needs to know about this sidecar.
@@ -585,7 +638,7 @@ pub async fn run(
         let due = match certify(&params, &bundle, proof).await {
             Ok((svid, new_bundle)) => {
                 attempt = 0;
-                metrics.renewal("ok");
+                metrics.renewed();
                 metrics
                     .certificate_expiry
                     .set(svid.expires_at_unix() as i64);
@@ -620,7 +673,7 @@ pub async fn run(
                 if let CertifyError::AfterRevocation { serial, .. } = &e {
                     revoked = Some(serial.clone());
                 }
-                metrics.renewal("error");
+                metrics.renewal_failed(e.reason());
                 let delay = schedule::retry_delay(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?delay, "certify failed");
@@ -702,8 +755,10 @@ mod tests {
         assert!(Svid::new(&id, vec![leaf(&id, &mine, -1, 60)], pkcs8(&mine)).is_ok());
 
         let refused = Svid::new(&id, vec![leaf(&id, &other, -1, 60)], pkcs8(&mine)).unwrap_err();
+        let refused = CertifyError::from(refused);
+        assert_eq!(refused.reason(), "key_mismatch");
         assert_eq!(
-            CertifyError::from(refused).to_string(),
+            refused.to_string(),
             "Certify answered an unusable certificate: the leaf's public key is not that of \
              this sidecar's private key (the certificate was not issued for the CSR this \
              sidecar sent)"
@@ -714,10 +769,15 @@ mod tests {
                 vec![leaf(&id, &mine, not_before, not_after)],
                 pkcs8(&mine),
             )
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+            let refused = CertifyError::from(refused);
+            assert_eq!(refused.reason(), "outside_validity");
+            let refused = refused.to_string();
             assert!(
-                refused.starts_with("the certificate is outside its validity period (not before "),
+                refused.starts_with(
+                    "Certify answered an unusable certificate: the certificate is outside its \
+                     validity period (not before "
+                ),
                 "{refused}"
             );
         }
@@ -766,9 +826,10 @@ mod tests {
             ),
         ];
         for (leaf, why) in leaves {
-            let refused = Svid::new(&id, vec![leaf], pkcs8(&mine)).unwrap_err();
+            let refused = CertifyError::from(Svid::new(&id, vec![leaf], pkcs8(&mine)).unwrap_err());
+            assert_eq!(refused.reason(), "peers_would_refuse");
             assert_eq!(
-                CertifyError::from(refused).to_string(),
+                refused.to_string(),
                 format!(
                     "Certify answered an unusable certificate: every peer would refuse the \
                      leaf: {why}"
