@@ -38,15 +38,32 @@ pub struct Revocations {
 }
 
 /// A peer refused: a revocation of its identity covers its certificate.
+/// Its text gives both times in RFC 3339, as `/config` and `trellisctl`
+/// show revocations.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "peer {spiffe_id} is revoked: its certificate was issued at {issued_at_unix} (Unix seconds), \
-     at or before the revocation at {revoked_at_unix}"
+    "peer {spiffe_id} is revoked: its certificate was issued at {}, at or before the revocation \
+     at {}",
+    Written(*.issued_at_unix),
+    Written(*.revoked_at_unix)
 )]
 pub struct Revoked {
     pub spiffe_id: SpiffeId,
     pub revoked_at_unix: i64,
     pub issued_at_unix: i64,
+}
+
+/// Unix seconds in RFC 3339, or as the number they are when they have no
+/// such form (before 1970, past the year 9999).
+struct Written(i64);
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::clock::rfc3339_checked(self.0) {
+            Some(at) => f.write_str(&at),
+            None => write!(f, "{} (Unix seconds)", self.0),
+        }
+    }
 }
 
 impl Revocations {
@@ -216,5 +233,23 @@ mod tests {
         let both = Revocations::new([(web.clone(), REVOKED_AT), (web.clone(), REVOKED_AT - 100)]);
         assert_eq!(both.revoked_at(&web), Some(REVOKED_AT));
         assert_eq!(both.len(), 1);
+    }
+
+    /// The refusal gives both times as people read them; a time without
+    /// an RFC 3339 form (an unreadable certificate's) as its number.
+    #[test]
+    fn the_refusal_writes_its_times_in_rfc_3339() {
+        let web = id("spiffe://td/ns/a/sa/web");
+        let e = revoked()
+            .check_issued(&web, REVOKED_AT - 600 - BACK)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "peer spiffe://td/ns/a/sa/web is revoked: its certificate was issued at \
+             2027-01-15T07:50:00Z, at or before the revocation at 2027-01-15T08:00:00Z"
+        );
+        let e = check_leaf(&web, REVOKED_AT, None).unwrap_err();
+        let unreadable = format!("issued at {} (Unix seconds),", i64::MIN + BACK);
+        assert!(e.to_string().contains(&unreadable), "{e}");
     }
 }
