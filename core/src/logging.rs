@@ -4,9 +4,11 @@
 //! it), and the output streams written in batches by a thread of their own
 //! ([`batched`]), so that no request, connection or Certify waits for a
 //! write to a slow log collector; and the [`throttle`] of the lines a peer
-//! can make them write as often as it opens connections.
+//! can make them write as often as it opens connections, with its
+//! counterpart by key ([`keyed`]) for lines about authenticated peers.
 
 pub mod batched;
+pub mod keyed;
 pub mod throttle;
 
 use std::io::Write;

@@ -628,3 +628,128 @@ async fn connections_waiting_for_a_slot_are_bounded_in_total() {
     assert_eq!(other.unwrap(), b"other");
     drop(stalled);
 }
+
+/// Policies under which the mesh default is `default` (`allow-mesh`,
+/// `deny`), with `revoked` revoked at `revoked_at` (Unix seconds).
+fn policies_revoking(
+    metrics: &trellis_proxy::metrics::Metrics,
+    default: &str,
+    revoked: &[trellis_core::SpiffeId],
+    revoked_at: i64,
+) -> Arc<trellis_proxy::policy::Policies> {
+    let local = id("/ns/b/sa/server");
+    let mut policies =
+        trellis_proxy::policy::Policies::compile(1, &local, default.into(), Vec::new(), metrics)
+            .unwrap();
+    policies.revocations = Arc::new(trellis_core::revocation::Revocations::new(
+        revoked.iter().map(|id| (id.clone(), revoked_at)),
+    ));
+    Arc::new(policies)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A caller refused for its revoked identity is logged naming it (`peer`)
+/// and the address it called from (`client`), with the revocation's time
+/// in RFC 3339; the refusals of one revoked caller are throttled, but
+/// those of another within the same pause are logged all the same.
+#[tokio::test]
+async fn each_revoked_caller_is_logged_by_its_identity() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
+    let (web, api) = (web(), id("/ns/c/sa/api"));
+    let revoked_at = unix_now() + 3600;
+    let policies = policies_revoking(
+        &metrics,
+        "allow-mesh",
+        &[web.clone(), api.clone()],
+        revoked_at,
+    );
+    let server = ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]);
+    let inbound = inbound_with(app.addr, server, Some(policies), metrics).await;
+
+    let refused = "inbound connection refused: the caller's identity is revoked";
+    let mut callers = Vec::new();
+    for caller in [&web, &web, &api] {
+        let config = ca.client_config(Some((&ca, caller)));
+        let mut stream = tls_connect(inbound.addr, config).await.unwrap();
+        let from = stream.get_ref().0.local_addr().unwrap();
+        assert!(
+            read_to_end(&mut stream)
+                .await
+                .unwrap_or_default()
+                .is_empty()
+        );
+        callers.push(from);
+    }
+    let at = trellis_core::clock::rfc3339_checked(revoked_at).unwrap();
+    let at = format!("at or before the revocation at {at}");
+    for (caller, from) in [(&web, callers[0]), (&api, callers[2])] {
+        let peer = format!("peer={caller} ");
+        let line = logs
+            .wait_for(&[refused, &peer, "reason=revoked", &at])
+            .await;
+        assert_eq!(field(&line, "client"), Some(from.to_string()), "{line}");
+    }
+    eventually("all three refusals are counted", || {
+        failures_counted(&inbound.metrics, "revoked", 3)
+    })
+    .await;
+    // The second refusal of `web`, within the pause, is counted only.
+    let web_lines = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(refused) && l.contains(&format!("peer={web} ")))
+        .count();
+    assert_eq!(web_lines, 1, "{}", logs.lines().join("\n"));
+    assert_eq!(*app.accepted.borrow(), 0, "the app was never dialled");
+}
+
+fn failures_counted(metrics: &trellis_proxy::metrics::Metrics, reason: &str, n: u64) -> bool {
+    metrics.encode().contains(&format!(
+        "trellis_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}} {n}\n"
+    ))
+}
+
+/// The line of a denied connection names the address the caller called
+/// from (`client`), which the caller's sidecar logs as `remote`.
+#[tokio::test]
+async fn a_denied_connection_is_logged_with_the_callers_address() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
+    let policies = policies_revoking(&metrics, "deny", &[], 0);
+    let server = ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]);
+    let inbound = inbound_with(app.addr, server, Some(policies), metrics).await;
+
+    let config = ca.client_config(Some((&ca, &web())));
+    let mut stream = tls_connect(inbound.addr, config).await.unwrap();
+    let from = stream.get_ref().0.local_addr().unwrap();
+    assert!(
+        read_to_end(&mut stream)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    let peer = format!("peer={} ", web());
+    let line = logs
+        .wait_for(&["inbound connection denied", &peer, "policy=default:deny"])
+        .await;
+    assert_eq!(field(&line, "client"), Some(from.to_string()), "{line}");
+}
+
+/// The value of the field `name` of a text log line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name}=");
+    line.split(' ')
+        .find_map(|f| f.strip_prefix(&prefix))
+        .map(str::to_owned)
+}

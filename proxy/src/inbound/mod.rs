@@ -45,6 +45,7 @@ use tokio_rustls::server::TlsStream;
 
 use trellis_core::SpiffeId;
 use trellis_core::duration::Words;
+use trellis_core::logging::keyed::Keyed;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::policy::{Decision, RuleRef};
 use trellis_core::refusal::refuse_plaintext_briefly;
@@ -56,7 +57,7 @@ use crate::net;
 use crate::policy::{self, Policies};
 use crate::tls::TlsState;
 use trellis_core::slots::{ClientSlot, ClientSlots, NoSlot};
-use trellis_core::warn_throttled;
+use trellis_core::{warn_throttled, warn_throttled_by_key};
 
 mod h2;
 mod target;
@@ -110,6 +111,11 @@ pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(5);
 /// connections past its limits are logged so too, for each limit.
 pub const REFUSAL_LOG_PAUSE: Duration = Duration::from_secs(10);
 
+/// Peers whose refusals for a revoked identity are logged each in a
+/// window of their own ([`REFUSAL_LOG_PAUSE`]); past them, the others
+/// share one. Bounds what the throttle of those lines remembers.
+pub const REVOKED_PEERS_LOGGED: usize = 64;
+
 /// What most refusals of [`Shared::refuse`] log.
 const HANDSHAKE_FAILED: &str = "inbound handshake failed";
 
@@ -133,6 +139,8 @@ pub struct Handshakes {
     slot_wait: Duration,
     /// The lines of refusals written, by reason.
     refusals: Throttle,
+    /// The lines of refusals of revoked callers written, by identity.
+    revoked: Keyed<SpiffeId>,
 }
 
 /// What a connection holds in its handshake: one of
@@ -177,6 +185,7 @@ impl Handshakes {
             waiting_per_client,
             slot_wait,
             refusals: Throttle::new(REFUSAL_LOG_PAUSE),
+            revoked: Keyed::new(REFUSAL_LOG_PAUSE, REVOKED_PEERS_LOGGED),
         }
     }
 
@@ -297,6 +306,31 @@ impl Shared {
             reason,
             { %client, reason = %reason, error },
             "{message}"
+        );
+    }
+
+    /// Counts a caller `peer` from `client` refused once its handshake was
+    /// over because a revocation of its identity covers its certificate,
+    /// as the handshake failure `revoked` (as the outbound dial and the
+    /// control plane count theirs; no policy decided it, so it is no
+    /// decision), and logs it naming the peer, unless a refusal of the
+    /// same peer was logged within the last [`REFUSAL_LOG_PAUSE`]: one
+    /// revoked caller's retries write one line per pause, and another
+    /// revoked caller's first refusal is logged all the same.
+    fn refuse_revoked(
+        &self,
+        client: SocketAddr,
+        peer: &SpiffeId,
+        error: &trellis_core::revocation::Revoked,
+    ) {
+        let reason = trellis_core::grpc::REFUSAL_REVOKED;
+        self.metrics.handshake_failure(INBOUND, reason);
+        self.metrics.connection(INBOUND, "refused");
+        warn_throttled_by_key!(
+            self.handshakes.revoked,
+            peer,
+            { %peer, %client, reason = %reason, %error },
+            "{REVOKED_REFUSED}"
         );
     }
 
@@ -510,8 +544,7 @@ pub async fn serve(
     // here rather than in the verifier, which rustls does not call for a
     // resumed session; with nothing revoked this is one comparison.
     if let Err(e) = policy::check_revoked(current.as_deref(), &peer, not_before) {
-        let reason = trellis_core::grpc::REFUSAL_REVOKED;
-        return shared.refuse(client, reason, Some(&e), REVOKED_REFUSED);
+        return shared.refuse_revoked(client, &peer, &e);
     }
     // A connection only L7 rules may allow is served as HTTP or not at all;
     // its requests are decided (and counted) one by one.
@@ -534,7 +567,7 @@ pub async fn serve(
         if !decision.is_allowed() && !refused_http {
             policy::count(current.as_deref(), &decision, metrics);
         }
-        log_decision(&peer, target, &decision, current.is_some());
+        log_decision((&peer, client), target, &decision, current.is_some());
     }
     let count_bytes_stream = |not_http: &[RuleRef]| {
         policy::count(current.as_deref(), &decision, metrics);
@@ -918,24 +951,31 @@ async fn copy_to_app(
 }
 
 /// Logs one decision on a new connection: allowed or denied, naming the
-/// deciding policy and rule (no `rule` for the mesh default), then one
+/// deciding policy and rule (no `rule` for the mesh default) and the
+/// caller's socket address (`client`, which the caller's sidecar logs as
+/// its connection's `remote`), then one
 /// "would deny" warning per AUDIT policy that matched, naming it and its
 /// rule: only ever on an allowed decision (a denied one names none), so
 /// it carries no verdict, as the request's "would deny" does not; the
 /// line before it names what allowed the connection. Text values are
 /// recorded with `Display`, so the text format shows `policy=ns/name`
 /// unquoted and JSON gets plain strings.
-fn log_decision(peer: &SpiffeId, app: SocketAddr, decision: &Decision, have_policies: bool) {
+fn log_decision(
+    (peer, client): (&SpiffeId, SocketAddr),
+    app: SocketAddr,
+    decision: &Decision,
+    have_policies: bool,
+) {
     let port = app.port();
     let policy = decision.policy_label();
     let rule = decision.rule();
     if decision.is_allowed() {
-        tracing::info!(%peer, port, %app, decision = %"allow", %policy, rule, "inbound connection allowed");
+        tracing::info!(%peer, port, %app, decision = %"allow", %policy, rule, %client, "inbound connection allowed");
     } else if have_policies {
-        tracing::info!(%peer, port, %app, decision = %"deny", %policy, rule, "inbound connection denied");
+        tracing::info!(%peer, port, %app, decision = %"deny", %policy, rule, %client, "inbound connection denied");
     } else {
         tracing::info!(
-            %peer, port, %app, decision = %"deny", %policy, rule,
+            %peer, port, %app, decision = %"deny", %policy, rule, %client,
             "inbound connection denied: no policy snapshot yet"
         );
     }
