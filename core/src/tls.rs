@@ -22,6 +22,10 @@ use rustls::{
 
 use crate::spiffe::{InvalidSpiffeId, SpiffeId, TrustDomain};
 
+mod claimed;
+
+pub use claimed::{Bounded, CLAIMED_CHARS, Claimed, claimed, noting_refused};
+
 /// The only protocol version Trellis speaks.
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
@@ -686,27 +690,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .verifier_at(now)?
-            .verify_client_cert(end_entity, intermediates, now)
-            .map(|_| ());
-        if no_path(&verified)
-            && let Some(expired) = self.roots.expired_anchor(now, |roots| {
-                webpki_client_verifier(roots, true)
-                    .is_ok_and(|v| v.verify_client_cert(end_entity, intermediates, now).is_ok())
-            })
-        {
-            return Err(svid_error(expired));
+        let checked = self.check_client_cert(end_entity, intermediates, now);
+        if let Err(e) = &checked {
+            claimed::note_refused(end_entity, e);
         }
-        verified.map_err(in_words)?;
-        let found = leaf_spiffe_id(end_entity).map_err(svid_error)?;
-        if !found.is_member_of(&self.trust_domain) {
-            return Err(svid_error(SvidError::ForeignTrustDomain {
-                found,
-                expected: self.trust_domain.clone(),
-            }));
-        }
-        Ok(ClientCertVerified::assertion())
+        checked
     }
 
     fn verify_tls12_signature(
@@ -729,6 +717,39 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+impl SpiffeClientVerifier {
+    /// [`ClientCertVerifier::verify_client_cert`], without noting what a
+    /// refused certificate claims.
+    fn check_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .verifier_at(now)?
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ());
+        if no_path(&verified)
+            && let Some(expired) = self.roots.expired_anchor(now, |roots| {
+                webpki_client_verifier(roots, true)
+                    .is_ok_and(|v| v.verify_client_cert(end_entity, intermediates, now).is_ok())
+            })
+        {
+            return Err(svid_error(expired));
+        }
+        verified.map_err(in_words)?;
+        let found = leaf_spiffe_id(end_entity).map_err(svid_error)?;
+        if !found.is_member_of(&self.trust_domain) {
+            return Err(svid_error(SvidError::ForeignTrustDomain {
+                found,
+                expected: self.trust_domain.clone(),
+            }));
+        }
+        Ok(ClientCertVerified::assertion())
     }
 }
 

@@ -753,3 +753,43 @@ fn field(line: &str, name: &str) -> Option<String> {
         .find_map(|f| f.strip_prefix(&prefix))
         .map(str::to_owned)
 }
+
+/// A client certificate the verifier refuses is logged with the SPIFFE ID
+/// it claims (`claimed_peer`), and what it was refused for: the name of
+/// an issuer no root of the bundle leads to, the notAfter of an expired
+/// one, in RFC 3339.
+#[tokio::test]
+async fn a_refused_client_certificate_is_logged_with_what_it_claims() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
+
+    let foreign = Ca::new();
+    let config = ca.client_config_presenting(Some(foreign.leaf(&web())));
+    let _ = tls_connect(inbound.addr, config).await;
+    let root = foreign.root();
+    let (_, parsed) = x509_parser::parse_x509_certificate(root.as_ref()).unwrap();
+    let issuer = format!("issuer={}", parsed.subject());
+    let line = logs
+        .wait_for(&["inbound handshake failed", "reason=unknown_issuer"])
+        .await;
+    assert!(line.ends_with(&issuer), "{line}");
+    assert_eq!(
+        field(&line, "claimed_peer"),
+        Some(web().to_string()),
+        "{line}"
+    );
+
+    let expired = ca.leaf_valid_for(&id("/ns/c/sa/api"), time::Duration::seconds(-30));
+    let (_, not_after) = trellis_core::tls::validity_of(&expired.0[0]).unwrap();
+    let not_after = trellis_core::clock::rfc3339_checked(not_after).unwrap();
+    let config = ca.client_config_presenting(Some(expired));
+    let _ = tls_connect(inbound.addr, config).await;
+    let line = logs
+        .wait_for(&["inbound handshake failed", "reason=expired_certificate"])
+        .await;
+    assert_eq!(field(&line, "not_after"), Some(not_after), "{line}");
+    let api = id("/ns/c/sa/api").to_string();
+    assert_eq!(field(&line, "claimed_peer"), Some(api), "{line}");
+}

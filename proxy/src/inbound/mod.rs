@@ -309,6 +309,38 @@ impl Shared {
         );
     }
 
+    /// [`Shared::refuse`] for a handshake that failed with `error`, with
+    /// what the client certificate claims when the verifier refused one
+    /// (`claimed`): the SPIFFE ID of its URI SAN (`claimed_peer`), and its
+    /// `not_after` when it has expired or its `issuer` when no root of
+    /// the bundle leads to it. Unverified, so only ever logged.
+    fn refuse_certificate(
+        &self,
+        client: SocketAddr,
+        reason: &'static str,
+        error: &dyn std::fmt::Display,
+        claimed: Option<&trellis_core::tls::Claimed>,
+    ) {
+        self.metrics.handshake_failure(INBOUND, reason);
+        self.metrics.connection(INBOUND, "refused");
+        let claimed_peer = claimed.and_then(|c| c.peer.as_ref());
+        let not_after = claimed.and_then(|c| c.not_after.as_deref());
+        let issuer = claimed.and_then(|c| c.issuer.as_ref());
+        warn_throttled!(
+            self.handshakes.refusals,
+            reason,
+            {
+                %client,
+                reason = %reason,
+                %error,
+                claimed_peer = claimed_peer.map(tracing::field::display),
+                not_after = not_after.map(tracing::field::display),
+                issuer = issuer.map(tracing::field::display)
+            },
+            "{HANDSHAKE_FAILED}"
+        );
+    }
+
     /// Counts a caller `peer` from `client` refused once its handshake was
     /// over because a revocation of its identity covers its certificate,
     /// as the handshake failure `revoked` (as the outbound dial and the
@@ -447,8 +479,9 @@ pub async fn serve(
     };
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
-    // the connection.
-    let handshake = Box::pin(async {
+    // the connection. What a client certificate the verifier refuses
+    // claims comes out with it, for the refusal's line.
+    let handshake = Box::pin(trellis_core::tls::noting_refused(async {
         let mut tcp = tcp;
         let patience = net::HANDSHAKE_TIMEOUT;
         if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, patience, found_plaintext).await {
@@ -488,14 +521,14 @@ pub async fn serve(
                 })
             }
         }
-    });
+    }));
     // Matched as it comes: a named result would keep its slot, the size of
     // a TLS stream, in this future for the life of the connection.
     let stream = match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(stream)) => Box::new(stream),
+        Ok((Ok(stream), _)) => Box::new(stream),
         // Counted when it was seen, its answer sent or cut short since.
         _ if plaintext => return,
-        Ok(Err(e)) => {
+        Ok((Err(e), claimed)) => {
             let reason = net::handshake_failure_reason(&e);
             let error = trellis_core::tls::Described(&e);
             if reason == "not_resumed" {
@@ -506,7 +539,7 @@ pub async fn serve(
                 metrics.connection(INBOUND, "refused");
                 return;
             }
-            return shared.refuse(client, reason, Some(&error), HANDSHAKE_FAILED);
+            return shared.refuse_certificate(client, reason, &error, claimed.as_ref());
         }
         Err(_) => return shared.refuse(client, "timeout", None, HANDSHAKE_FAILED),
     };
