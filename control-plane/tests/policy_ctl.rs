@@ -820,3 +820,124 @@ fn lint_into_a_closed_pipe_ends_quietly() {
     assert_eq!(stderr, "1100 errors, 0 warnings\n");
     assert_eq!(output.status.code(), Some(141), "{stderr}");
 }
+
+/// `policy explain` says what the policies alone do not: a revoked source
+/// (or destination) is refused by every sidecar whatever they say, named
+/// with the time of its revocation before the trace, and the connection's
+/// outcome is "refused"; the rate limits selecting the destination are
+/// listed after the decision, applying to the HTTP requests of a port
+/// parsed as HTTP and to none on an opaque one.
+#[test]
+fn explain_names_revocations_and_rate_limits() {
+    let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
+    let limit = cp.tmp.path().join("slow.yaml");
+    let document = format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: slow, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{API}\"]}}
+  limit: {{requestsPerSecond: 0.5, burst: 2}}
+  match: [{{paths: [\"/users/*\"]}}, {{paths: [/login]}}]
+"
+    );
+    std::fs::write(&limit, document).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", limit.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explain = |from: &str, to: &str, extra: &[&str]| {
+        let args = [
+            "policy", "explain", "--from", from, "--to", to, "--port", "8080",
+        ];
+        let out = cp.ctl(&[&args[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json = |from: &str, to: &str| -> serde_json::Value {
+        serde_json::from_str(&explain(from, to, &["-o", "json"])).unwrap()
+    };
+    let verdict = format!("{WEB} -> {API} port 8080: allow by default:allow-mesh\n");
+    let limited = "rate limits on the HTTP requests of port 8080:\n  \
+                   default/slow: 0.5/s burst 2 per source, on paths /users/*, /login\n";
+
+    let text = explain(WEB, API, &[]);
+    assert!(text.starts_with(&verdict), "{text}");
+    assert!(text.ends_with(limited), "{text}");
+    let answer = json(WEB, API);
+    assert_eq!(answer["outcome"], "allow", "{answer}");
+    assert_eq!(answer["revocations"], serde_json::json!([]), "{answer}");
+    assert_eq!(
+        answer["rate_limits"],
+        serde_json::json!([{
+            "policy": "default/slow",
+            "requests_per_second": 0.5,
+            "burst": 2,
+            "key": "source",
+            "paths": ["/users/*", "/login"],
+        }]),
+        "{answer}"
+    );
+    // The limit selects api, not web.
+    let text = explain(API, WEB, &[]);
+    assert!(
+        text.ends_with("rate limits: none selects the destination\n"),
+        "{text}"
+    );
+
+    let out = cp.ctl(&["identity", "revoke", WEB]);
+    assert!(out.status.success());
+    let listed = cp.ctl(&["identity", "revocations", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let revoked_at = listed[0]["revoked_at"].as_str().unwrap().to_owned();
+    let revoked_at_unix = listed[0]["revoked_at_unix"].clone();
+    assert!(revoked_at.ends_with('Z'), "{listed}");
+
+    let refused = |role: &str| {
+        format!(
+            "{role} {WEB} is revoked since {revoked_at}: every sidecar refuses it (its \
+             certificates issued at or before then), whatever the policies say\n\
+             decision: refused (revoked); the policies alone would decide:\n"
+        )
+    };
+    let text = explain(WEB, API, &[]);
+    assert!(
+        text.starts_with(&format!("{}{verdict}", refused("source"))),
+        "{text}"
+    );
+    assert!(text.ends_with(limited), "{text}");
+    let answer = json(WEB, API);
+    assert_eq!(answer["outcome"], "refused", "{answer}");
+    // The policies' own verdict is kept as it was.
+    assert_eq!(answer["verdict"], "allow", "{answer}");
+    assert_eq!(
+        answer["revocations"],
+        serde_json::json!([{
+            "spiffe_id": WEB,
+            "role": "source",
+            "revoked_at": revoked_at,
+            "revoked_at_unix": revoked_at_unix,
+        }]),
+        "{answer}"
+    );
+    // A revoked destination is refused by its callers' sidecars.
+    let text = explain(API, WEB, &[]);
+    assert!(text.starts_with(&refused("destination")), "{text}");
+    assert_eq!(json(API, WEB)["outcome"], "refused");
+    // An opaque port carries no HTTP requests for a limit to count.
+    let text = explain(WEB, API, &["--opaque-ports", "8080"]);
+    assert!(
+        text.ends_with(
+            "rate limits selecting the destination (none applies on port 8080: it is \
+             opaque, it carries no HTTP requests):\n  \
+             default/slow: 0.5/s burst 2 per source, on paths /users/*, /login\n"
+        ),
+        "{text}"
+    );
+}

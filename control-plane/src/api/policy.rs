@@ -31,9 +31,9 @@ use trellis_core::policy::{
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, DeletePolicyResponse,
-    ExplainRequest, ExplainResponse, GetPolicyRequest, GetPolicyResponse, ListPoliciesResponse,
-    ListStreamsRequest, PolicyError, PolicyErrors, PolicyResult, RateLimitRecord,
-    StoredPolicyWarning,
+    ExplainRequest, ExplainResponse, ExplainedRevocation, GetPolicyRequest, GetPolicyResponse,
+    ListPoliciesResponse, ListStreamsRequest, PolicyError, PolicyErrors, PolicyResult,
+    RateLimitRecord, StoredPolicyWarning,
 };
 use trellis_proto::policy::v1::{Policy, RateLimit, Selector, Violation};
 
@@ -609,9 +609,25 @@ pub async fn explain_request(
     let unanswered_replicas = (fleet.replicas.into_iter())
         .filter(|r| !r.error.is_empty())
         .collect();
+    // As every sidecar holds them: the source's first, a self-call's once.
+    let mut ids = vec![&source];
+    if destination != source {
+        ids.push(&destination);
+    }
+    let revocations = (ids.into_iter())
+        .filter_map(|id| {
+            view.revoked_at(id)
+                .map(|revoked_at_unix| ExplainedRevocation {
+                    spiffe_id: id.to_string(),
+                    revoked_at_unix,
+                })
+        })
+        .collect();
     Ok(ExplainResponse {
         explanation: Some(explanation.to_proto()),
         unanswered_replicas,
+        revocations,
+        rate_limits: view.rate_limits_for(&destination),
     })
 }
 

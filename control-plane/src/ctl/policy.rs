@@ -36,10 +36,10 @@ use trellis_core::policy::{
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
-    ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, GetPolicyRequest,
-    ListPoliciesRequest, PolicyOutcome, ReplicaStatus,
+    ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, ExplainResponse,
+    GetPolicyRequest, ListPoliciesRequest, PolicyOutcome,
 };
-use trellis_proto::policy::v1::{Action, Policy};
+use trellis_proto::policy::v1::{Action, Policy, RateLimit};
 
 use super::wait::Written;
 use super::{CtlError, Output, Printed, pretty};
@@ -206,7 +206,9 @@ pub enum RemotePolicyCommand {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Explain which rule decides a connection, and why.
+    /// Explain which rule decides a connection, and why; first whether a
+    /// revocation of either end refuses it whatever the policies say, and
+    /// last the rate limits on the destination's requests.
     Explain {
         /// SPIFFE ID of the connecting workload.
         #[arg(long, value_name = "ID", env = "TRELLIS_FROM", value_parser = super::spiffe_id)]
@@ -402,7 +404,7 @@ pub async fn run(
             opaque_ports,
             output,
         } => {
-            let response = client
+            let mut response = client
                 .explain(ExplainRequest {
                     source: from.clone(),
                     destination: to.clone(),
@@ -411,20 +413,22 @@ pub async fn run(
                 })
                 .await?
                 .into_inner();
-            let proto = response.explanation.unwrap_or_default();
+            let proto = response.explanation.take().unwrap_or_default();
             let explanation = Explanation::from_proto(&proto).map_err(|e| {
                 CtlError::Usage(super::escape_controls(&format!(
                     "the control plane sent an unreadable answer: {e}"
                 )))
             })?;
-            let unanswered = &response.unanswered_replicas;
             Ok(Printed::out(match output {
                 Output::Table => format!(
                     "{}{}",
-                    super::escape_lines(&explanation.to_string()),
-                    super::silent_replicas(unanswered, super::SILENT_OPAQUE_PORTS)
+                    super::escape_lines(&explanation_table(&explanation, &response)),
+                    super::silent_replicas(
+                        &response.unanswered_replicas,
+                        super::SILENT_OPAQUE_PORTS
+                    )
                 ),
-                Output::Json => explanation_json(&explanation, unanswered),
+                Output::Json => explanation_json(&explanation, &response),
             }))
         }
     }
@@ -743,9 +747,84 @@ fn policies_json(policies: &[Policy], rate_limits: &[RateLimitRecord], generatio
     }))
 }
 
-/// `unanswered`: the peer replicas that did not answer, whose sidecars'
-/// opaque ports are not known.
-fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
+/// Who a revocation of `explain` covers, as its lines say.
+fn revoked_role(e: &Explanation, id: &str) -> &'static str {
+    match (e.source.as_str() == id, e.destination.as_str() == id) {
+        (true, true) => "source and destination",
+        (true, false) => "source",
+        _ => "destination",
+    }
+}
+
+/// The trace of `policy explain`: first the revocations that refuse the
+/// connection whatever the policies say (and so the connection's verdict),
+/// then the policies' account, then the rate limits on the destination.
+fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
+    let mut out = String::new();
+    for r in &response.revocations {
+        out.push_str(&format!(
+            "{} {} is revoked since {}: every sidecar refuses it (its certificates issued at \
+             or before then), whatever the policies say\n",
+            revoked_role(e, &r.spiffe_id),
+            r.spiffe_id,
+            super::rfc3339(r.revoked_at_unix)
+        ));
+    }
+    if !response.revocations.is_empty() {
+        out.push_str("decision: refused (revoked); the policies alone would decide:\n");
+    }
+    out.push_str(&e.to_string());
+    let limits = &response.rate_limits;
+    match (limits.is_empty(), e.opaque) {
+        (true, _) => out.push_str("rate limits: none selects the destination\n"),
+        (false, Some(_)) => out.push_str(&format!(
+            "rate limits selecting the destination (none applies on port {}: it is opaque, \
+             it carries no HTTP requests):\n",
+            e.port
+        )),
+        (false, None) => out.push_str(&format!(
+            "rate limits on the HTTP requests of port {}:\n",
+            e.port
+        )),
+    }
+    for l in limits {
+        let paths = rate_limit_paths(l);
+        let on = match paths.is_empty() {
+            true => "every request".to_owned(),
+            false => format!("paths {}", paths.join(", ")),
+        };
+        out.push_str(&format!(
+            "  {}: {}/s burst {} per {}, on {on}\n",
+            policy_key(&l.namespace, &l.name),
+            l.requests_per_second,
+            l.burst,
+            rate_limit_key(l)
+        ));
+    }
+    out
+}
+
+/// The paths a rate limit counts requests on (any of them); none: every
+/// request.
+fn rate_limit_paths(l: &RateLimit) -> Vec<&str> {
+    (l.matches.iter().flat_map(|m| &m.paths))
+        .map(String::as_str)
+        .collect()
+}
+
+/// What a rate limit keeps a bucket per (`source` when unset).
+fn rate_limit_key(l: &RateLimit) -> &str {
+    match l.key.as_str() {
+        "" => "source",
+        key => key,
+    }
+}
+
+/// `response`: the explanation's answer, with the peer replicas that did
+/// not answer (whose sidecars' opaque ports are not known), the
+/// revocations and the rate limits.
+fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
+    let unanswered = &response.unanswered_replicas;
     let mut out = serde_json::json!({
         "source": e.source.as_str(),
         "destination": e.destination.as_str(),
@@ -774,6 +853,29 @@ fn explanation_json(e: &Explanation, unanswered: &[ReplicaStatus]) -> String {
             "not_listening": r.not_listening,
         })).collect::<Vec<_>>(),
         "trace": e.to_string(),
+        // The revocations of the source and the destination: any refuses
+        // the connection, whatever `verdict` says.
+        "revocations": response.revocations.iter().map(|r| serde_json::json!({
+            "spiffe_id": r.spiffe_id,
+            "role": revoked_role(e, &r.spiffe_id),
+            "revoked_at": super::rfc3339(r.revoked_at_unix),
+            "revoked_at_unix": r.revoked_at_unix,
+        })).collect::<Vec<_>>(),
+        // What the sidecars do: "refused" when a revocation covers either
+        // end, else `verdict`.
+        "outcome": match response.revocations.is_empty() {
+            true => e.decision.verdict.as_str(),
+            false => "refused",
+        },
+        // The rate limits selecting the destination; none applies on an
+        // opaque port.
+        "rate_limits": response.rate_limits.iter().map(|l| serde_json::json!({
+            "policy": policy_key(&l.namespace, &l.name),
+            "requests_per_second": l.requests_per_second,
+            "burst": l.burst,
+            "key": rate_limit_key(l),
+            "paths": rate_limit_paths(l),
+        })).collect::<Vec<_>>(),
     });
     if let Some(fields) = out.as_object_mut() {
         fields.extend(decision_json(&e.decision));
