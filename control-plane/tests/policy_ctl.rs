@@ -941,3 +941,52 @@ spec:
         "{text}"
     );
 }
+
+/// `policy explain` evaluates no HTTP request: it says so, naming the
+/// rules whose HTTP conditions the sidecar checks on each request, and
+/// names none on an opaque port, where such conditions fail closed whole.
+#[test]
+fn explain_says_which_http_conditions_it_did_not_evaluate() {
+    let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
+    let deny = cp.tmp.path().join("no-admin.yaml");
+    let document = common::policy::allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [/admin]");
+    std::fs::write(&deny, document).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", deny.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explain = |extra: &[&str]| {
+        let args = [
+            "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
+        ];
+        let out = cp.ctl(&[&args[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let unchecked = "not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) \
+                     of default/no-admin rule 0, which the sidecar checks on each request\n";
+    let text = explain(&[]);
+    assert!(
+        text.ends_with(&format!(
+            "no rule decided: mesh default allow-mesh\n{unchecked}\
+             rate limits: none selects the destination\n"
+        )),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&explain(&["-o", "json"])).unwrap();
+    assert_eq!(
+        json["not_evaluated"],
+        serde_json::json!([{"policy": "default/no-admin", "rule": 0}]),
+        "{json}"
+    );
+    let text = explain(&["--opaque-ports", "8080"]);
+    assert!(!text.contains("not evaluated"), "{text}");
+}

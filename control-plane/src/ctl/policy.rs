@@ -774,6 +774,16 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
         out.push_str("decision: refused (revoked); the policies alone would decide:\n");
     }
     out.push_str(&e.to_string());
+    let unchecked: Vec<String> = (per_request_rules(e).iter())
+        .map(ToString::to_string)
+        .collect();
+    if !unchecked.is_empty() {
+        out.push_str(&format!(
+            "not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) of {}, \
+             which the sidecar checks on each request\n",
+            unchecked.join(", ")
+        ));
+    }
     let limits = &response.rate_limits;
     match (limits.is_empty(), e.opaque) {
         (true, _) => out.push_str("rate limits: none selects the destination\n"),
@@ -802,6 +812,19 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
         ));
     }
     out
+}
+
+/// The rules whose source and port match and whose HTTP conditions decide
+/// each request: an explanation evaluates no request against them.
+fn per_request_rules(e: &Explanation) -> Vec<RuleRef> {
+    (e.policies.iter())
+        .flat_map(|p| {
+            (p.rules.iter()).filter(|r| r.per_request).map(|r| RuleRef {
+                policy: p.policy.clone(),
+                rule: r.index,
+            })
+        })
+        .collect()
 }
 
 /// The paths a rate limit counts requests on (any of them); none: every
@@ -867,6 +890,9 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
             true => e.decision.verdict.as_str(),
             false => "refused",
         },
+        // The rules whose HTTP conditions decide each request, which no
+        // request was evaluated against.
+        "not_evaluated": per_request_rules(e).iter().map(rule_json).collect::<Vec<_>>(),
         // The rate limits selecting the destination; none applies on an
         // opaque port.
         "rate_limits": response.rate_limits.iter().map(|l| serde_json::json!({
