@@ -296,7 +296,9 @@ pub struct Config {
     /// served), from 1 to 65536; one more is closed as it is accepted.
     /// Sidecars dial from their pods' addresses and hold one or two each:
     /// raise it only where many reach the control plane from one address
-    /// (through a NAT, or simulated on one host).
+    /// (through a NAT). Connections from the host's own address (127.0.0.1,
+    /// ::1: a local mesh's sidecars) are spared it, but still count towards
+    /// the port's 16384.
     #[arg(
         long,
         env = "TRELLIS_MAX_GRPC_CONNECTIONS_PER_CLIENT",
