@@ -184,7 +184,7 @@ impl ConnectionLimits {
 
 /// `127.0.0.1` or `::1` (an IPv4-mapped `127.0.0.1` too): the host itself,
 /// not the rest of the loopback range.
-fn is_own_host(ip: IpAddr) -> bool {
+pub fn is_own_host(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
         IpAddr::V6(v6) => {

@@ -101,7 +101,8 @@ pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
 /// (waiting for one of the [`MAX_REVIEWS_IN_FLIGHT`] turns, or asked); one
 /// more is refused at once. A pod asks one review at a time, and in a
 /// cluster every pod has an address of its own, so only a caller sending
-/// many tokens at once runs into it; loopback callers never do.
+/// many tokens at once runs into it; callers from the host's own address
+/// (`127.0.0.1`, `::1`), as on the gRPC port's connection cap, never do.
 pub const MAX_REVIEWS_PER_CLIENT: usize = 4;
 /// How long a connection to the API server is kept idle for the next
 /// review. Below the API server's own idle timeout (Go's HTTP server keeps
@@ -435,12 +436,13 @@ struct ClientShares {
 
 impl ClientShares {
     /// One of `client`'s [`MAX_REVIEWS_PER_CLIENT`], given back when the
-    /// share is dropped; none is needed without an address or over loopback.
+    /// share is dropped; none is needed without an address or from the host's
+    /// own address.
     fn take(&self, client: Option<IpAddr>) -> Result<Option<Share<'_>>, ReviewError> {
         let Some(client) = client.map(|ip| ip.to_canonical()) else {
             return Ok(None);
         };
-        if client.is_loopback() {
+        if trellis_core::connections::is_own_host(client) {
             return Ok(None);
         }
         let mut reviewing = self.reviewing.lock().expect("not poisoned");
@@ -979,7 +981,8 @@ mod tests {
     }
 
     /// An address past its share is refused, naming the limit, while
-    /// another still gets one; loopback and unknown callers take none, and
+    /// another still gets one; the host's own address and unknown callers
+    /// take none (the rest of the loopback range does), and
     /// an address whose reviews all ended is forgotten.
     #[test]
     fn each_client_address_has_a_share_of_the_reviews() {
@@ -1003,6 +1006,12 @@ mod tests {
         assert!(shares.take(Some(mapped)).is_err());
         let other = shares.take(Some(b)).unwrap();
         assert!(other.is_some());
+        let elsewhere = shares.take(Some("127.0.0.2".parse().unwrap())).unwrap();
+        assert!(
+            elsewhere.is_some(),
+            "127.0.0.2 is not the host's own address"
+        );
+        drop(elsewhere);
         for _ in 0..MAX_REVIEWS_PER_CLIENT * 2 {
             assert!(
                 shares

@@ -444,10 +444,6 @@ impl ControlPlane {
         let mesh = Mesh::builder()
             .launcher(launcher.clone())
             .trust_domain(super::certs::TRUST_DOMAIN)
-            // Every simulated sidecar and issuing client dials from this
-            // host's one address.
-            .arg("--max-grpc-connections-per-client")
-            .arg("65536")
             .log_tails_on_drop(false)
             .start()
             .await
