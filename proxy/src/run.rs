@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use trellis_core::io_error::IoWords;
+use trellis_core::logging::throttle::Throttle;
 
 use crate::config::{Config, Listen};
 use crate::identity::{self, CertifyParams};
@@ -257,6 +258,7 @@ async fn bind(config: Config) -> Result<Sidecar, Bind> {
         own_addrs,
         plaintext_listeners: config.plaintext_listeners().collect(),
         user_timeout: config.tcp_user_timeout,
+        peer_refusals: Throttle::new(inbound::REFUSAL_LOG_PAUSE),
     });
     let mut transparent = Vec::with_capacity(config.outbound.len());
     for listen in &config.outbound {

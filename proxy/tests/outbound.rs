@@ -10,8 +10,10 @@ use common::*;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use trellis_core::SpiffeId;
+use trellis_core::logging::throttle::Throttle;
 use trellis_proxy::config::Route;
 use trellis_proxy::drain;
+use trellis_proxy::inbound::REFUSAL_LOG_PAUSE;
 use trellis_proxy::metrics::Metrics;
 use trellis_proxy::outbound::{RouteListener, Shared, Transparent};
 
@@ -28,6 +30,7 @@ fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
         user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
+        peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
     })
 }
 
@@ -273,6 +276,7 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
         own_addrs: Vec::new(),
         plaintext_listeners: vec![app.addr],
         user_timeout: None,
+        peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
     });
     let (_shutdown, drain) = drain::channel();
     let remote = format!("localhost:{}", app.addr.port());
@@ -789,4 +793,138 @@ async fn a_caller_that_only_sends_still_gets_tickets() {
         open.len()
     );
     assert!(open.len() < 50);
+}
+
+/// A route from a sidecar holding `state`, as `shared` makes one.
+fn shared_holding(state: trellis_proxy::tls::TlsState) -> Arc<Shared> {
+    let (_tls_tx, tls) = watch::channel(Arc::new(state));
+    let (_snapshot_tx, snapshot) = watch::channel(None);
+    let (_policies_tx, policies) = watch::channel(None);
+    Arc::new(Shared {
+        tls,
+        snapshot,
+        policies,
+        metrics: Arc::new(Metrics::new()),
+        own_addrs: Vec::new(),
+        plaintext_listeners: Vec::new(),
+        user_timeout: None,
+        peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
+    })
+}
+
+/// The server's sidecar verifies a caller's certificate once the caller's
+/// own handshake is over (TLS 1.3), so a caller it does not trust learns
+/// it only from the alert it then reads: its app is answered with why,
+/// the caller's log names the peer and the alert, and
+/// the refusal is counted, instead of an empty reply and a line that
+/// reads as success.
+#[tokio::test]
+async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_with_why() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let inbound = inbound_as(&ca, &server, app.addr).await;
+    // Signed by a root the server does not trust (another trust domain's,
+    // one it no longer holds), the caller trusting the server's.
+    let other = Ca::new();
+    let me = id("/ns/a/sa/client");
+    let state = trellis_proxy::tls::TlsState::build(
+        Some(&other.svid(&me)),
+        &[ca.root()],
+        &td(),
+        std::slice::from_ref(&server),
+    )
+    .unwrap();
+    let client = shared_holding(state);
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let to = inbound.addr;
+    let words = format!(
+        "trellis: outbound call to {to} refused by its sidecar: this sidecar's certificate is \
+         not signed by a root it trusts (another trust domain, or a root it no longer or not \
+         yet holds) (alert_unknown_ca)\n"
+    );
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && answer.ends_with(&words),
+        "{answer}"
+    );
+    logs.wait_for(&[
+        "WARN",
+        "outbound connection refused by the server's sidecar",
+        "peer=spiffe://td.test/ns/b/sa/server",
+        &format!("remote={to}"),
+        "alert=UnknownCA",
+        "reason=alert_unknown_ca",
+    ])
+    .await;
+    let text = client.metrics.encode();
+    for counted in [
+        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_unknown_ca\"} 1",
+        "trellis_connections_total{direction=\"outbound\",outcome=\"refused_by_peer\"} 1",
+    ] {
+        assert!(text.contains(counted), "{counted} in {text}");
+    }
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// A caller the server's sidecar refuses once the handshake is over, a
+/// revoked one, is closed without a TLS alert: its app is told the call
+/// ended there before any answer, and the caller's log and metrics say so.
+#[tokio::test]
+async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let me = id("/ns/a/sa/client");
+    let metrics = Arc::new(Metrics::new());
+    let mut policies = trellis_proxy::policy::Policies::compile(
+        1,
+        &server,
+        "allow-mesh".into(),
+        Vec::new(),
+        &metrics,
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Revoked an hour from now: the caller's certificate, issued before,
+    // is covered.
+    let later = i64::try_from(now).unwrap() + 3600;
+    policies.revocations = Arc::new(trellis_core::revocation::Revocations::new([(
+        me.clone(),
+        later,
+    )]));
+    let state = ca.tls_state(&ca.svid(&server), &[]);
+    let inbound = inbound_with(app.addr, state, Some(Arc::new(policies)), metrics).await;
+    let client = shared(&ca, &me, std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let to = inbound.addr;
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+            && answer.ends_with(&format!(
+                "trellis: outbound call to {to} ended by its sidecar before any answer: it \
+                 closed the connection after the handshake without a TLS alert (a refusal its \
+                 log names, such as a revoked caller, or a failure) (closed)\n"
+            )),
+        "{answer}"
+    );
+    logs.wait_for(&[
+        "WARN",
+        "outbound connection closed by the server's sidecar before any answer",
+        "peer=spiffe://td.test/ns/b/sa/server",
+        &format!("remote={to}"),
+        "reason=closed",
+    ])
+    .await;
+    let text = client.metrics.encode();
+    let counted = "trellis_connections_total{direction=\"outbound\",outcome=\"closed_by_peer\"} 1";
+    assert!(text.contains(counted), "{counted} in {text}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }

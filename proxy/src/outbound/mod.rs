@@ -60,6 +60,12 @@
 //! bytes for it when no mesh dial did already; opaque TCP and any call to a
 //! port declared opaque are closed as before.
 //!
+//! The peer's sidecar may refuse a connection once this one's handshake is
+//! over (TLS 1.3 has it verify this sidecar's certificate then): with a TLS
+//! alert, or by closing without one (a revoked caller). Met before any byte
+//! of an answer, either is logged naming the peer and the alert, counted,
+//! and answered to an HTTP app with `502` (`PeerRefusal`).
+//!
 //! A mesh peer whose identity a revocation of the snapshot names is
 //! checked once its handshake is over, before the app's first bytes leave
 //! (`dial_mesh`): one the revocation covers is refused, one certified
@@ -91,9 +97,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
 use trellis_core::duration::Words;
+use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal;
 use trellis_core::revocation::{self, Revoked};
 use trellis_core::tls::SvidError;
+use trellis_core::warn_throttled;
 
 use crate::config::Route;
 use crate::drain::{Drain, Tracker};
@@ -161,6 +169,10 @@ pub struct Shared {
     /// `TCP_USER_TIMEOUT` of the dials beyond the pod
     /// (`--tcp-user-timeout`; [`net::connect_within`]).
     pub user_timeout: Option<Duration>,
+    /// The lines of connections the peer's sidecar refused after the
+    /// handshake, by reason: one a reason every
+    /// [`REFUSAL_LOG_PAUSE`](crate::inbound::REFUSAL_LOG_PAUSE).
+    pub peer_refusals: Throttle,
 }
 
 /// Why a mesh dial failed.
@@ -484,6 +496,17 @@ async fn detect<R: std::fmt::Display>(
 /// peer's certificate against. A call to a service that reached its peer
 /// after others could not be connected to names them all (`tried`).
 ///
+/// The peer's sidecar may still refuse the connection once this one's
+/// handshake is over: TLS 1.3 has the server verify the caller's
+/// certificate after the caller has sent its last flight, so a refusal
+/// (a certificate it does not trust, or has expired) arrives as a TLS
+/// alert, the first thing read; one refused after its handshake (a
+/// revoked caller) is closed without a word. Either, before any byte of
+/// an answer came back, is logged naming the peer and why, counted, and
+/// an HTTP app is answered `502` saying so ([`PeerRefusal`]), for which
+/// `first`, the bytes detection read (none for opaque TCP), is kept until
+/// the first byte of an answer comes.
+///
 /// While the peer's identity is not revoked the connection only waits
 /// among the policies' waiters, which wake when the policies change
 /// ([`policy::closes_when`], as the inbound listener's connections do); a
@@ -492,12 +515,15 @@ async fn relay<R: std::fmt::Display>(
     shared: &Shared,
     mut local: TcpStream,
     (mut upstream, mut checked): Dialled,
-    sent: u64,
+    (sent, mut first): (u64, Option<BytesMut>),
     protocol: Protocol,
     to: &Upstream<'_, R>,
     tried: Option<&Tried>,
 ) {
     let metrics = &shared.metrics;
+    if protocol == Protocol::Opaque {
+        first = None;
+    }
     metrics.established(OUTBOUND, upstream.get_ref().1);
     let alpn = upstream.get_ref().1.alpn_protocol();
     tracing::info!(
@@ -529,6 +555,10 @@ async fn relay<R: std::fmt::Display>(
                 if let Poll::Ready(copied) = copying.poll(cx, &mut local, &mut upstream) {
                     return Poll::Ready(Err(copied.err()));
                 }
+                // Answered: the peer's sidecar let the connection through.
+                if first.is_some() && copying.copied(None).back > 0 {
+                    first = None;
+                }
                 named.as_mut().poll(cx).map(Ok)
             })
             .await
@@ -546,10 +576,26 @@ async fn relay<R: std::fmt::Display>(
     metrics.bytes(OUTBOUND, sent + copied.there + copied.back);
     match ended {
         Ok(None) => metrics.connection(OUTBOUND, "forwarded"),
-        Ok(Some(e)) => {
-            metrics.connection(OUTBOUND, "error");
-            tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
-        }
+        Ok(Some(e)) => match PeerRefusal::of(&e).filter(|_| copied.back == 0) {
+            Some(refusal) => {
+                refusal.report(shared, to, tried);
+                drop(upstream);
+                let mut app = App {
+                    tcp: local,
+                    detected: first.map(|first| (protocol, first)),
+                };
+                if app.detected.is_some() {
+                    let message = refusal.message(to);
+                    // Boxed: the answer's state would otherwise size every
+                    // connection's task for its whole life.
+                    Box::pin(answer_app(&mut app, BAD_GATEWAY, &message)).await;
+                }
+            }
+            None => {
+                metrics.connection(OUTBOUND, "error");
+                tracing::debug!(remote = %to.remote, service = to.service.map(|s| s.name), error = %e, "outbound connection ended with an error");
+            }
+        },
         Err(e) => {
             tracing::warn!(
                 peer = %to.expected,
@@ -600,6 +646,141 @@ fn refused<R: std::fmt::Display>(
     metrics.connection(OUTBOUND, "refused");
 }
 
+/// Why the peer's sidecar ended a connection after the handshake before
+/// any byte of an answer came back (see [`relay`]): the TLS alert it sent,
+/// or its closing the connection without one (no `close_notify`: a
+/// sidecar ends a connection its app ended with one). `reason` is a
+/// bounded label: `alert_` and the alert's name, or `closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerRefusal {
+    alert: Option<rustls::AlertDescription>,
+    reason: &'static str,
+    /// What the alert says, in words.
+    words: &'static str,
+}
+
+impl PeerRefusal {
+    /// The refusal an error of the connection to the peer is, if it is
+    /// one: a TLS alert received, or the end of the connection without
+    /// `close_notify` (which only the peer's side can be).
+    fn of(e: &io::Error) -> Option<Self> {
+        use rustls::AlertDescription as A;
+        let alert = match trellis_core::tls::rustls_error(e) {
+            Some(rustls::Error::AlertReceived(alert)) => *alert,
+            _ if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Some(PeerRefusal {
+                    alert: None,
+                    reason: "closed",
+                    words: "it closed the connection after the handshake without a TLS alert \
+                            (a refusal its log names, such as a revoked caller, or a failure)",
+                });
+            }
+            _ => return None,
+        };
+        let (reason, words) = match alert {
+            A::CertificateRevoked => (
+                "alert_certificate_revoked",
+                "it holds this sidecar's certificate as revoked",
+            ),
+            A::CertificateExpired => (
+                "alert_certificate_expired",
+                "this sidecar's certificate has expired, or is not valid yet, by its clock",
+            ),
+            A::UnknownCA => (
+                "alert_unknown_ca",
+                "this sidecar's certificate is not signed by a root it trusts \
+                 (another trust domain, or a root it no longer or not yet holds)",
+            ),
+            A::CertificateRequired => (
+                "alert_certificate_required",
+                "it got no certificate from this sidecar",
+            ),
+            A::BadCertificate | A::UnsupportedCertificate | A::DecryptError => (
+                "alert_bad_certificate",
+                "it found this sidecar's certificate malformed or unsupported",
+            ),
+            A::CertificateUnknown => (
+                "alert_certificate_unknown",
+                "it refused this sidecar's certificate (not an SVID it accepts)",
+            ),
+            A::AccessDenied => ("alert_access_denied", "it denied access"),
+            A::HandshakeFailure => ("alert_handshake_failure", "the handshake failed"),
+            A::InternalError => ("alert_internal_error", "it failed internally"),
+            _ => ("alert_other", "it sent a TLS alert"),
+        };
+        Some(PeerRefusal {
+            alert: Some(alert),
+            reason,
+            words,
+        })
+    }
+
+    /// Logs (one line a reason every
+    /// [`REFUSAL_LOG_PAUSE`](crate::inbound::REFUSAL_LOG_PAUSE), the next
+    /// saying how many were not) and counts the refusal of the connection
+    /// to `to`: `trellis_connections_total{outcome="refused_by_peer"}`
+    /// and the handshake failure `reason` for an alert,
+    /// `outcome="closed_by_peer"` for a close.
+    fn report<R: std::fmt::Display>(
+        &self,
+        shared: &Shared,
+        to: &Upstream<'_, R>,
+        tried: Option<&Tried>,
+    ) {
+        let metrics = &shared.metrics;
+        let service = to.service.map(|s| s.name);
+        let dst = to.service.map(|s| tracing::field::display(s.dst));
+        let tried = Tried::detour(tried);
+        match self.alert {
+            Some(alert) => {
+                metrics.handshake_failure(OUTBOUND, self.reason);
+                metrics.connection(OUTBOUND, "refused_by_peer");
+                warn_throttled!(
+                    shared.peer_refusals,
+                    self.reason,
+                    {
+                        peer = %to.expected, remote = %to.remote, via = %to.via, service, dst,
+                        tried, alert = ?alert, reason = %self.reason, error = %self.words
+                    },
+                    "outbound connection refused by the server's sidecar"
+                );
+            }
+            None => {
+                metrics.connection(OUTBOUND, "closed_by_peer");
+                warn_throttled!(
+                    shared.peer_refusals,
+                    self.reason,
+                    {
+                        peer = %to.expected, remote = %to.remote, via = %to.via, service, dst,
+                        tried, reason = %self.reason, error = %self.words
+                    },
+                    "outbound connection closed by the server's sidecar before any answer"
+                );
+            }
+        }
+    }
+
+    /// What an HTTP app whose call to `to` this ended is told: the
+    /// address it called, and why.
+    fn message<R: std::fmt::Display>(&self, to: &Upstream<'_, R>) -> String {
+        let what = match self.alert {
+            Some(_) => "refused by its sidecar",
+            None => "ended by its sidecar before any answer",
+        };
+        let (words, reason) = (self.words, self.reason);
+        match to.service {
+            Some(call) => {
+                let dst = call.dst;
+                format!("trellis: outbound call to {dst} {what}: {words} ({reason})")
+            }
+            None => {
+                let dst = &to.remote;
+                format!("trellis: outbound call to {dst} {what}: {words} ({reason})")
+            }
+        }
+    }
+}
+
 /// How long answering a refused app takes at most, from the app's first
 /// bytes (read already, or for at most [`http::detect::DETECT_TIMEOUT`])
 /// to the answer sent; the connection is then read from a little longer
@@ -638,6 +819,13 @@ async fn answer_refused(
     if opaque {
         return;
     }
+    let message = format!("trellis: outbound call to {dst} refused: {why}");
+    answer_app(app, status, &message).await;
+}
+
+/// Answers the first request of an HTTP app with `status` and `message`
+/// ([`answer_refused`]); an app that does not speak HTTP is only closed.
+async fn answer_app(app: &mut App, status: StatusCode, message: &str) {
     let (protocol, first) = match app.detected.take() {
         Some(detected) => detected,
         None => match http::detect(&mut app.tcp).await {
@@ -650,7 +838,6 @@ async fn answer_refused(
         Protocol::Http2 => refusal::Version::Http2,
         Protocol::Opaque => return,
     };
-    let message = format!("trellis: outbound call to {dst} refused: {why}");
     let refused = refusal::Refusal {
         status,
         grpc_code: if status == FORBIDDEN {
@@ -658,7 +845,7 @@ async fn answer_refused(
         } else {
             refusal::GRPC_UNAVAILABLE
         },
-        message: &message,
+        message,
     };
     // What detection read is the start of the app's request.
     let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
@@ -816,10 +1003,9 @@ where
     .await;
     match dialled {
         Ok(upstream) => {
-            // The first bytes went out with the handshake's end. Not held
-            // for the life of the connection.
-            let sent = first.len() as u64;
-            drop(first);
+            // The first bytes went out with the handshake's end; kept
+            // only until an answer comes (see `relay`).
+            let sent = (first.len() as u64, Some(first));
             relay(shared, local, upstream, sent, protocol, &to, None).await;
         }
         Err(e) => {
@@ -1155,9 +1341,12 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 match dialled {
                     Ok(upstream) => {
                         // The first bytes went out with the handshake's
-                        // end. Not held for the life of the connection.
+                        // end; kept only until an answer comes, and not
+                        // at all for opaque TCP (see `relay`).
                         let App { tcp, detected } = app;
-                        let sent = detected.map_or(0, |(_, first)| first.len() as u64);
+                        let first = detected.map(|(_, first)| first);
+                        let sent = first.as_ref().map_or(0, |first| first.len() as u64);
+                        let sent = (sent, first);
                         let tried = retry.as_ref().map(|r| &r.tried);
                         relay(shared, tcp, upstream, sent, protocol, &to, tried).await;
                         return;

@@ -202,6 +202,7 @@ fn sidecar(
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
         user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
+        peer_refusals: Throttle::new(crate::inbound::REFUSAL_LOG_PAUSE),
     })
 }
 
