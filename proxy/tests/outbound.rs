@@ -928,3 +928,33 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
     assert!(text.contains(counted), "{counted} in {text}");
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
+
+/// A server's sidecar with no certificate yet answers a caller's handshake
+/// with an alert rather than a reset: the caller's app is told the peer is
+/// not ready, with `503`, where it was told of a reset, as from a crash.
+#[tokio::test]
+async fn a_call_to_a_sidecar_without_a_certificate_yet_is_answered_that_it_is_not_ready() {
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let not_ready = Arc::new(trellis_proxy::tls::TlsState::default());
+    let inbound = inbound(app.addr, not_ready).await;
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let to = inbound.addr;
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && answer.ends_with(&format!(
+                "\r\n\r\ntrellis: outbound call to {to} refused: dialling {to}: its sidecar has \
+                 no certificate yet (not ready) (peer_not_ready)\n"
+            )),
+        "{answer}"
+    );
+    let text = client.metrics.encode();
+    let counted =
+        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"peer_not_ready\"} 1";
+    assert!(text.contains(counted), "{counted} in {text}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}

@@ -7,7 +7,9 @@
 //! handshake failure, before the first policy snapshot and for a denied
 //! peer, the application is never dialled (a denied peer that settled HTTP
 //! by ALPN is served as HTTP all the same, every request refused with 403
-//! naming the policy; any other denied connection is dropped).
+//! naming the policy; any other denied connection is dropped). Before the
+//! first certificate a caller's handshake is answered with an
+//! `access_denied` alert, which its sidecar reads as "not ready".
 //! A forwarded connection keeps watching the policies in force and is
 //! closed as soon as they deny it (unless `close_denied` is off), or as
 //! soon as the snapshot's revocations cover its caller's certificate; a
@@ -413,6 +415,14 @@ impl Inbound {
     }
 }
 
+/// Answers a caller's handshake with an `access_denied` alert while this
+/// sidecar has no certificate ([`crate::tls::not_ready_server`]), within
+/// [`net::HANDSHAKE_TIMEOUT`], holding the connection's handshake slot.
+async fn answer_not_ready(tcp: TcpStream, _handshaking: Handshaking) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(crate::tls::not_ready_server());
+    let _ = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+}
+
 /// What a client that sends plaintext to the inbound port is told (a caller
 /// outside the mesh whose connection to the app was redirected here, or
 /// curl pointed at the port).
@@ -465,7 +475,14 @@ pub async fn serve(
     let tls = shared.tls.borrow().clone();
     let (Some(server), Some(http_server)) = (tls.server(), tls.http_server()) else {
         let refused = "inbound connection refused: no certificate yet";
-        return shared.refuse(client, "no_local_certificate", None, refused);
+        shared.refuse(client, "no_local_certificate", None, refused);
+        // Told with an alert, not a reset: the caller's sidecar says this
+        // one is not ready, where a reset reads as a crash.
+        // Boxed, as the handshake below is, with what it holds: not
+        // sizing this task. The handshake's slot is held until it ends.
+        let answer = Box::pin(answer_not_ready(tcp, handshaking));
+        drop(tls);
+        return answer.await;
     };
     let opaque = shared.is_opaque(target.port());
     // Plaintext is counted and logged once seen, before its answer: the

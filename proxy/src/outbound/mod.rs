@@ -64,7 +64,9 @@
 //! over (TLS 1.3 has it verify this sidecar's certificate then): with a TLS
 //! alert, or by closing without one (a revoked caller). Met before any byte
 //! of an answer, either is logged naming the peer and the alert, counted,
-//! and answered to an HTTP app with `502` (`PeerRefusal`).
+//! and answered to an HTTP app with `502` (`PeerRefusal`). A peer whose
+//! sidecar has no certificate yet answers the handshake with
+//! `access_denied`, which the app is told as `503`, not ready.
 //!
 //! A mesh peer whose identity a revocation of the snapshot names is
 //! checked once its handshake is over, before the app's first bytes leave
@@ -186,6 +188,11 @@ enum DialError {
     Handshake(io::Error),
     #[error("handshake timed out")]
     Timeout,
+    /// The peer answered the handshake with `access_denied` before its
+    /// certificate: a sidecar that has none yet
+    /// ([`crate::tls::not_ready_server`]).
+    #[error("its sidecar has no certificate yet (not ready)")]
+    PeerNotReady,
     #[error("sending the app's first bytes: {0}")]
     FirstBytes(io::Error),
     #[error("{0}")]
@@ -199,17 +206,18 @@ impl DialError {
             DialError::Connect(_) => "connect_failed",
             DialError::Handshake(e) => net::handshake_failure_reason(e),
             DialError::Timeout => "timeout",
+            DialError::PeerNotReady => "peer_not_ready",
             DialError::FirstBytes(_) => "write_failed",
             DialError::Revoked(_) => trellis_core::grpc::REFUSAL_REVOKED,
         }
     }
 
     /// The status an HTTP app is answered with ([`answer_refused`]):
-    /// `503` while this sidecar has no certificate, `502` when the peer
-    /// could not be reached or was not who the mesh says.
+    /// `503` while this sidecar or the peer's has no certificate, `502`
+    /// when the peer could not be reached or was not who the mesh says.
     fn status(&self) -> StatusCode {
         match self {
-            DialError::NoCertificate => SERVICE_UNAVAILABLE,
+            DialError::NoCertificate | DialError::PeerNotReady => SERVICE_UNAVAILABLE,
             _ => BAD_GATEWAY,
         }
     }
@@ -450,7 +458,12 @@ async fn handshake(
             }
             Ok(stream)
         }
-        Ok(Err(e)) => Err(DialError::Handshake(e)),
+        Ok(Err(e)) => match trellis_core::tls::rustls_error(&e) {
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied)) => {
+                Err(DialError::PeerNotReady)
+            }
+            _ => Err(DialError::Handshake(e)),
+        },
         Err(_) => Err(DialError::Timeout),
     }
 }
@@ -639,6 +652,7 @@ fn refused<R: std::fmt::Display>(
         DialError::Handshake(_)
             | DialError::Timeout
             | DialError::NoCertificate
+            | DialError::PeerNotReady
             | DialError::Revoked(_)
     ) {
         metrics.handshake_failure(OUTBOUND, reason);

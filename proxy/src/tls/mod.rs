@@ -77,6 +77,36 @@ impl ResolvesClientCert for SvidResolver {
     }
 }
 
+/// Presents no certificate: a server config with it ends every handshake
+/// with an `access_denied` alert once it has read the ClientHello (rustls'
+/// answer when no certificate is resolved).
+#[derive(Debug)]
+struct NoCertificate;
+
+impl ResolvesServerCert for NoCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+/// The inbound config of a sidecar that has no certificate yet: it
+/// answers a caller's handshake with an `access_denied` alert rather than
+/// a reset, so the caller's sidecar can tell it is not ready from one that
+/// crashed (rustls sends no other alert before a server certificate).
+pub fn not_ready_server() -> Arc<ServerConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<ServerConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let config = ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)
+                .expect("the provider supports TLS 1.3")
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(NoCertificate));
+            Arc::new(config)
+        })
+        .clone()
+}
+
 /// The TLS configs in force. Empty (every handshake refused) until the
 /// sidecar holds a certificate and a trust bundle.
 #[derive(Default)]
