@@ -108,7 +108,7 @@ pub struct Metrics {
     /// `trellis_drain_start_timestamp_seconds`: 0 until the drain starts.
     drain_start: Gauge,
     decisions: Family<DecisionLabels, Counter>,
-    /// Denials before the first snapshot, under the mesh default `deny`.
+    /// Denials before the first snapshot, under `default:no-snapshot`.
     denied_without_snapshot: Counter,
     /// `trellis_requests_total` by status class and request outcome,
     /// resolved once: `[STATUS_CLASSES][REQUEST_OUTCOMES]`.
@@ -234,16 +234,14 @@ impl Metrics {
         registry.register(
             "trellis_decisions",
             "Authorization decisions on inbound connections, by action (allow, deny, audit) \
-             and deciding policy (namespace/name, or default:<mode>)",
+             and deciding policy (namespace/name, default:<mode>, or default:no-snapshot before the \
+             first policy snapshot)",
             decisions.clone(),
         );
         let denied_without_snapshot = decisions
             .get_or_create(&(
                 [("action", "deny")],
-                [(
-                    "policy",
-                    Arc::from(trellis_core::policy::DefaultPolicy::Deny.label()),
-                )],
+                [("policy", Arc::from(trellis_core::policy::NO_SNAPSHOT))],
             ))
             .clone();
         let requests_family = Family::<Labels2, Counter>::default();
@@ -625,7 +623,7 @@ mod tests {
             "trellis_certificate_renewals_total{outcome=\"ok\"} 1",
             "trellis_certificate_renewals_total{outcome=\"error\",reason=\"unreachable\"} 1",
             "trellis_snapshot_version 0",
-            "trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 0",
+            "trellis_decisions_total{action=\"deny\",policy=\"default:no-snapshot\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
             "trellis_tls_resumptions_abandoned_total{reason=\"revoked\"} 0",

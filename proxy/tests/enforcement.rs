@@ -93,10 +93,10 @@ async fn denies_everything_before_the_first_snapshot() {
     logs.wait_for(&[
         "inbound connection denied: no policy snapshot yet",
         &format!("peer={}", web()),
-        "policy=default:deny",
+        "policy=default:no-snapshot",
     ])
     .await;
-    assert!(s.has_sample(&decisions("deny", "default:deny"), 1));
+    assert!(s.has_sample(&decisions("deny", "default:no-snapshot"), 1));
     assert!(s.get("/ready").await.contains("no discovery snapshot yet"));
 }
 

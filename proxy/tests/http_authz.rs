@@ -855,3 +855,54 @@ async fn bytes_that_are_not_http_are_logged_by_an_audit_rule_with_http_condition
     ])
     .await;
 }
+
+/// Before the first policy snapshot, a caller is denied as no mesh
+/// default would deny it: the answer says that the sidecar has no
+/// snapshot (HTTP/1.1 and HTTP/2 alike), and the access log and the
+/// metric name `default:no-snapshot`, never `default:deny`.
+#[tokio::test]
+async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let p = pair(&cp, app.addr, &[]).await;
+    let no_snapshot =
+        "denied: this sidecar has no policy snapshot yet (the control plane has not been reached)";
+    let issued = "trellis_certificate_renewals_total{outcome=\"ok\"}";
+    eventually("both sidecars have their certificates", || {
+        p.server.has_sample(issued, 1) && p.client.has_sample(issued, 1)
+    })
+    .await;
+
+    for (version, path) in [
+        ("--http1.1", "/users/7"),
+        ("--http2-prior-knowledge", "/users/8"),
+    ] {
+        let url = format!("http://{}{path}", p.route);
+        let Some(out) = curl(&[version, &url, "-w", "\n%{http_code}"]).await else {
+            return;
+        };
+        assert_eq!(out, format!("{no_snapshot}\n\n403"), "{version}");
+    }
+
+    for protocol in ["http1", "h2"] {
+        let protocol_member = format!(r#""protocol":"{protocol}""#);
+        let access = logs.wait_for(&["trellis::access", &protocol_member]).await;
+        assert!(
+            access.contains(&format!(
+                r#""decision":"deny","policy":"default:no-snapshot","protocol":"{protocol}","problem":"{no_snapshot}"}}"#
+            )),
+            "{access}"
+        );
+    }
+    assert!(p.server.has_sample(
+        "trellis_decisions_total{action=\"deny\",policy=\"default:no-snapshot\"}",
+        2
+    ));
+    let metrics = p.server.metrics.encode();
+    assert!(!metrics.contains("default:deny"), "{metrics}");
+    assert!(
+        app.seen.paths().is_empty(),
+        "a denied request reached the app"
+    );
+}

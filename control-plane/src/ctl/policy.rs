@@ -915,7 +915,7 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
 fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
     let rule = match &d.reason {
         Reason::Rule(r) => Some(rule_json(r)),
-        Reason::Default(_) => None,
+        Reason::Default(_) | Reason::NoSnapshot => None,
     };
     let audits: Vec<String> = d.audits.iter().map(ToString::to_string).collect();
     serde_json::Map::from_iter([

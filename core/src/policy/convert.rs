@@ -260,6 +260,8 @@ impl Explanation {
         let (deciding_rule, default) = match &decision.reason {
             Reason::Rule(r) => (Some(r.to_proto()), None),
             Reason::Default(mode) => (None, Some(*mode)),
+            // The control plane always has its policies.
+            Reason::NoSnapshot => (None, None),
         };
         proto::Explanation {
             source: self.source.to_string(),

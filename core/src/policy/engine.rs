@@ -155,7 +155,15 @@ impl fmt::Display for RuleRef {
 pub enum Reason {
     Rule(RuleRef),
     Default(DefaultPolicy),
+    /// A sidecar that has no policy snapshot yet denies everything, whatever
+    /// the mesh default will be: named [`NO_SNAPSHOT`].
+    NoSnapshot,
 }
+
+/// How decisions name a denial by a sidecar that has no policy snapshot yet
+/// ([`Reason::NoSnapshot`]): `default:` like the mesh defaults, which no
+/// `namespace/name` of a policy can be.
+pub const NO_SNAPSHOT: &str = "default:no-snapshot";
 
 /// The verdict on one connection, what decided it, and the AUDIT rules that
 /// would have denied it.
@@ -170,12 +178,13 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// `namespace/name` of the deciding policy, or `default:<mode>`: the
-    /// `policy` label of `trellis_decisions_total`.
+    /// `namespace/name` of the deciding policy, `default:<mode>`, or
+    /// [`NO_SNAPSHOT`]: the `policy` label of `trellis_decisions_total`.
     pub fn policy_label(&self) -> &str {
         match &self.reason {
             Reason::Rule(r) => &r.policy,
             Reason::Default(mode) => mode.label(),
+            Reason::NoSnapshot => NO_SNAPSHOT,
         }
     }
 
@@ -183,7 +192,7 @@ impl Decision {
     pub fn rule(&self) -> Option<usize> {
         match &self.reason {
             Reason::Rule(r) => Some(r.rule),
-            Reason::Default(_) => None,
+            Reason::Default(_) | Reason::NoSnapshot => None,
         }
     }
 
@@ -197,7 +206,7 @@ impl fmt::Display for Decision {
         write!(f, "{} by ", self.verdict.as_str())?;
         match &self.reason {
             Reason::Rule(r) => write!(f, "{r}")?,
-            Reason::Default(mode) => f.write_str(mode.label())?,
+            Reason::Default(_) | Reason::NoSnapshot => f.write_str(self.policy_label())?,
         }
         for (i, audit) in self.audits.iter().enumerate() {
             f.write_str(if i == 0 { "; would deny by " } else { ", " })?;

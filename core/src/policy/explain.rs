@@ -74,7 +74,7 @@ impl PerRequest {
     pub fn denied_by(&self) -> Option<&RuleRef> {
         match &self.denied.as_ref()?.reason {
             Reason::Rule(rule) => Some(rule),
-            Reason::Default(_) => None,
+            Reason::Default(_) | Reason::NoSnapshot => None,
         }
     }
 }
@@ -197,7 +197,7 @@ impl Explanation {
     pub fn deciding_rule(&self) -> Option<&RuleRef> {
         match &self.decision.reason {
             Reason::Rule(r) => Some(r),
-            Reason::Default(_) => None,
+            Reason::Default(_) | Reason::NoSnapshot => None,
         }
     }
 
@@ -422,7 +422,7 @@ impl fmt::Display for Explanation {
         )?;
         match &decision.reason {
             Reason::Rule(r) => write!(f, "{r}")?,
-            Reason::Default(mode) => f.write_str(mode.label())?,
+            Reason::Default(_) | Reason::NoSnapshot => f.write_str(decision.policy_label())?,
         }
         if let Some(per_request) = &self.per_request {
             match (&per_request.allowed_by, per_request.denied_by()) {
@@ -500,6 +500,7 @@ impl fmt::Display for Explanation {
         match &self.decision.reason {
             Reason::Rule(r) => writeln!(f, "decided by {r}"),
             Reason::Default(mode) => writeln!(f, "no rule decided: mesh default {}", mode.as_str()),
+            Reason::NoSnapshot => writeln!(f, "no rule decided: no policy snapshot yet"),
         }
     }
 }

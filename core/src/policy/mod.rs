@@ -55,7 +55,7 @@ pub use document::{
     DocumentError, GrpcMatch, Metadata, Rule, Selector, Source,
 };
 pub use engine::{
-    CompileError, Decision, DefaultPolicy, OpaqueFallback, PolicySet, Reason, RuleRef,
+    CompileError, Decision, DefaultPolicy, NO_SNAPSHOT, OpaqueFallback, PolicySet, Reason, RuleRef,
     UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
 };
 pub use explain::{

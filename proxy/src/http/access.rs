@@ -15,8 +15,9 @@
 //! refused as `invalid` (a head that does not parse or is over one of its
 //! limits, `CONNECT`, a `Host` or a path an app could read otherwise) has
 //! `problem`, what its answer said was wrong (a path's escape left out);
-//! one refused before it was read as a request
-//! ([`Entry::refused_head`]) has no `method` or `path`.
+//! so has one denied before the first policy snapshot
+//! (`policy` `default:no-snapshot`); one refused before it was read as a
+//! request ([`Entry::refused_head`]) has no `method` or `path`.
 
 use std::pin::Pin;
 use std::sync::Arc;

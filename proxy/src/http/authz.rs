@@ -27,18 +27,25 @@ use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures::future::Either;
 use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::l7::PathProblem;
-use trellis_core::policy::{Decision, HttpRequest, l7};
+use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
 use super::{Body, InForce, headers};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
+
+/// What a request is answered, with 403, before the sidecar has its first
+/// policy snapshot: whatever the mesh default will be, it denies all
+/// (`default:no-snapshot`). Its access-log line has it as `problem`.
+pub const NO_SNAPSHOT_DENIAL: &str =
+    "denied: this sidecar has no policy snapshot yet (the control plane has not been reached)";
 
 /// What a `CONNECT` request is answered, with 501.
 pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
@@ -228,6 +235,9 @@ impl<S> Authorize<S> {
         }
         let refused = (!decision.is_allowed()).then(|| {
             entry.outcome = "deny";
+            if decision.reason == Reason::NoSnapshot {
+                entry.problem = Some(NO_SNAPSHOT_DENIAL);
+            }
             local(
                 *grpc,
                 StatusCode::FORBIDDEN,
@@ -274,11 +284,15 @@ fn path_problem(problem: PathProblem) -> &'static str {
 }
 
 /// What a refused caller is told: the deciding policy and rule
-/// (`denied by policy NS/NAME rule N`, or the mesh default's label).
-fn denial(decision: &Decision) -> String {
-    match decision.rule() {
-        Some(rule) => format!("denied by policy {} rule {rule}", decision.policy_label()),
-        None => format!("denied by policy {}", decision.policy_label()),
+/// (`denied by policy NS/NAME rule N`, or the mesh default's label), or
+/// [`NO_SNAPSHOT_DENIAL`].
+fn denial(decision: &Decision) -> Bytes {
+    match (&decision.reason, decision.rule()) {
+        (Reason::NoSnapshot, _) => Bytes::from_static(NO_SNAPSHOT_DENIAL.as_bytes()),
+        (_, Some(rule)) => {
+            format!("denied by policy {} rule {rule}", decision.policy_label()).into()
+        }
+        (_, None) => format!("denied by policy {}", decision.policy_label()).into(),
     }
 }
 

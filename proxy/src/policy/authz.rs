@@ -230,6 +230,8 @@ impl Policies {
                 Verdict::Allow => &self.counters.default_allow,
                 Verdict::Deny => &self.counters.default_deny,
             }),
+            // Never made with policies in force.
+            Reason::NoSnapshot => None,
         };
         match counter {
             Some(counter) => {
@@ -270,13 +272,15 @@ pub enum InvalidPolicies {
 /// Decides whether `peer` may connect to local `port` under the policies in
 /// force: a matching DENY rule denies, else a matching ALLOW rule allows,
 /// else the mesh default decides. Zero trust: with no snapshot yet (`None`)
-/// everything is denied, named as the mesh default `deny`.
+/// everything is denied, named `default:no-snapshot`
+/// ([`Reason::NoSnapshot`]), not as any mesh default: the one the snapshot
+/// will bring is not known yet.
 pub fn authorize(policies: Option<&Policies>, peer: &SpiffeId, port: u16) -> Decision {
     match policies {
         Some(policies) => policies.set.decide(peer, port),
         None => Decision {
             verdict: Verdict::Deny,
-            reason: Reason::Default(DefaultPolicy::Deny),
+            reason: Reason::NoSnapshot,
             audits: Vec::new(),
         },
     }

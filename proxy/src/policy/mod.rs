@@ -990,13 +990,17 @@ spec:
         let peer = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
         let decision = authorize(None, &peer, 8080);
         assert!(!decision.is_allowed());
-        assert_eq!(decision.policy_label(), "default:deny");
+        assert_eq!(decision.policy_label(), "default:no-snapshot");
+        assert_eq!(decision.to_string(), "deny by default:no-snapshot");
         count(None, &decision, &metrics);
+        let text = metrics.encode();
         assert!(
-            metrics
-                .encode()
-                .contains("trellis_decisions_total{action=\"deny\",policy=\"default:deny\"} 1")
+            text.contains(
+                "trellis_decisions_total{action=\"deny\",policy=\"default:no-snapshot\"} 1"
+            ),
+            "{text}"
         );
+        assert!(!text.contains("policy=\"default:deny\""), "{text}");
     }
 
     #[test]
