@@ -856,10 +856,26 @@ async fn bytes_that_are_not_http_are_logged_by_an_audit_rule_with_http_condition
     .await;
 }
 
+/// An HTTP/2 request for `path`, for a connection from [`h2`].
+fn h2_get(path: &str) -> ::http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = get(&format!("http://api{path}"), &[]);
+    *req.version_mut() = ::http::Version::HTTP_2;
+    req
+}
+
+/// The part of the captured text line holding `message` from the message
+/// on (timestamp, level and target left out), or a failure showing every
+/// line.
+async fn logged(logs: &common::sidecar::Logs, message: &str) -> String {
+    let line = logs.wait_for(&[message]).await;
+    let (_, rest) = line.split_once(": ").expect("a target before the message");
+    rest.to_owned()
+}
+
 /// Before the first policy snapshot, a caller is denied as no mesh
 /// default would deny it: the answer says that the sidecar has no
-/// snapshot (HTTP/1.1 and HTTP/2 alike), and the access log and the
-/// metric name `default:no-snapshot`, never `default:deny`.
+/// snapshot (HTTP/1.1 and HTTP/2 alike), and the access log, the log line
+/// and the metric name `default:no-snapshot`, never `default:deny`.
 #[tokio::test]
 async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
@@ -885,6 +901,15 @@ async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
         assert_eq!(out, format!("{no_snapshot}\n\n403"), "{version}");
     }
 
+    let port = app.addr.port();
+    assert_eq!(
+        logged(&logs, "inbound request denied").await,
+        format!(
+            "inbound request denied: no policy snapshot yet peer={} port={port} method=GET \
+             path=/users/7 decision=deny policy=default:no-snapshot",
+            web()
+        )
+    );
     for protocol in ["http1", "h2"] {
         let protocol_member = format!(r#""protocol":"{protocol}""#);
         let access = logs.wait_for(&["trellis::access", &protocol_member]).await;
@@ -895,6 +920,14 @@ async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
             "{access}"
         );
     }
+    assert_eq!(
+        logs.lines()
+            .iter()
+            .filter(|l| l.contains("inbound request denied"))
+            .count(),
+        1,
+        "a second denial within the pause is only counted"
+    );
     assert!(p.server.has_sample(
         "trellis_decisions_total{action=\"deny\",policy=\"default:no-snapshot\"}",
         2
@@ -904,5 +937,49 @@ async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
     assert!(
         app.seen.paths().is_empty(),
         "a denied request reached the app"
+    );
+}
+
+/// With the access log off, a request an L7 rule denies and one a rate
+/// limit refuses are still logged: a line each, naming the peer, the
+/// request, the outcome and what decided (the policy, and its rule).
+#[tokio::test]
+async fn l7_denials_and_rate_limits_are_logged_with_the_access_log_off() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &["--access-log", "false"]).await;
+    let no_admin = policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]");
+    let mut snap = snapshot(1, "allow-mesh", vec![no_admin]);
+    snap.rate_limits = vec![api_rate_limit("slow", 0.01, 1, "/search/*")];
+    push_to(&cp, snap, 1).await;
+    let (peer, port) = (web(), app.addr.port());
+
+    let mut c1 = h1(&cp, s.inbound, &peer).await;
+    let (status, _) = text(c1.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        logged(&logs, "inbound request denied").await,
+        format!(
+            "inbound request denied peer={peer} port={port} method=GET path=/admin/users \
+             decision=deny policy=b/no-admin rule=0"
+        )
+    );
+
+    let mut c2 = h2(&cp, s.inbound, &peer).await;
+    let (status, _) = text(c2.send_request(h2_get("/search/q")).await.unwrap()).await;
+    assert_eq!(status, 200, "the burst lets the first through");
+    let (status, _) = text(c2.send_request(h2_get("/search/q")).await.unwrap()).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        logged(&logs, "inbound request rate limited").await,
+        format!(
+            "inbound request rate limited peer={peer} port={port} method=GET path=/search/q \
+             decision=rate_limited policy=b/slow"
+        )
+    );
+    assert!(
+        logs.find(&["trellis::access"]).is_none(),
+        "the access log is off"
     );
 }

@@ -18,6 +18,10 @@
 //! so has one denied before the first policy snapshot
 //! (`policy` `default:no-snapshot`); one refused before it was read as a
 //! request ([`Entry::refused_head`]) has no `method` or `path`.
+//!
+//! A request denied by a policy or rate limited is also logged through
+//! `tracing`, throttled ([`Entry::log_refusal`]): with the access log off,
+//! the log still shows what the sidecar refuses.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use bytes::Bytes;
 use http::Method;
 use http::uri::PathAndQuery;
 use hyper::body::{Body, Frame, SizeHint};
-use trellis_core::policy::Decision;
+use trellis_core::policy::{Decision, Reason};
 
 use super::Connection;
 use super::headers::remove_forged;
@@ -46,6 +50,9 @@ pub const ACCESS_TARGET: &str = "trellis::access";
 pub const MAX_LOGGED_PATH: usize = 2048;
 /// The same for the method, which the caller writes too.
 pub const MAX_LOGGED_METHOD: usize = 64;
+/// The most of a request's path a refused request's log line
+/// ([`Entry::log_refusal`]) holds.
+pub const MAX_REFUSAL_PATH: usize = 256;
 
 /// One request, as it will be logged.
 pub struct Entry {
@@ -149,6 +156,74 @@ impl Entry {
     pub fn body_ended(&self) -> bool {
         self.body_ended.load(Ordering::Relaxed)
     }
+
+    /// Logs the request, which its `decision` denied or its `limit` rate
+    /// limited, at INFO as the listener logs a denied connection: the
+    /// peer, the app's port, the method and path (escaped, the path cut at
+    /// [`MAX_REFUSAL_PATH`] bytes), the outcome, the policy and the rule.
+    /// A caller makes one with each request it sends: at most one line of
+    /// each kind (denied, denied with no policy snapshot yet, rate limited)
+    /// is written per [`REFUSAL_LOG_PAUSE`], the next one saying how many
+    /// were not (`suppressed`). Written whether the access log is on or not.
+    ///
+    /// [`REFUSAL_LOG_PAUSE`]: crate::inbound::REFUSAL_LOG_PAUSE
+    pub fn log_refusal(&self) {
+        let no_snapshot = self
+            .decision
+            .as_ref()
+            .is_some_and(|d| d.reason == Reason::NoSnapshot);
+        let (kind, message) = if self.limit.is_some() {
+            ("rate_limited", "inbound request rate limited")
+        } else if no_snapshot {
+            (
+                "no_snapshot",
+                "inbound request denied: no policy snapshot yet",
+            )
+        } else {
+            ("denied", "inbound request denied")
+        };
+        let Some(suppressed) = self.conn.http.refusals.admit(kind) else {
+            return;
+        };
+        let suppressed = (suppressed > 0).then_some(suppressed);
+        let (policy, rule) = self.policy_and_rule();
+        let method = self.method.as_ref().map(Method::as_str).unwrap_or("");
+        let path = self.path.as_ref().map_or("", PathAndQuery::path);
+        let (method, path) = (
+            up_to(method, MAX_LOGGED_METHOD),
+            up_to(path, MAX_REFUSAL_PATH),
+        );
+        tracing::info!(
+            peer = %self.conn.peer,
+            port = self.conn.target.port(),
+            method = %method.escape_debug(),
+            path = %path.escape_debug(),
+            decision = %self.outcome,
+            policy = policy.map(tracing::field::display),
+            rule,
+            suppressed,
+            "{message}"
+        );
+    }
+
+    /// What decided the request, for its log lines: the rate limit that
+    /// refused it, else the deciding policy and rule.
+    fn policy_and_rule(&self) -> (Option<&str>, Option<usize>) {
+        match (&self.decision, &self.limit) {
+            (_, Some(limit)) => (Some(&**limit), None),
+            (Some(d), None) => (Some(d.policy_label()), d.rule()),
+            (None, None) => (None, None),
+        }
+    }
+}
+
+/// The first `most` bytes of `s` at most, cut on a character boundary.
+fn up_to(s: &str, most: usize) -> &str {
+    let mut end = most.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl Drop for Entry {
@@ -167,11 +242,7 @@ impl Drop for Entry {
         if !self.conn.http.access_log {
             return;
         }
-        let (policy, rule) = match (&self.decision, &self.limit) {
-            (_, Some(limit)) => (Some(&**limit), None),
-            (Some(d), None) => (Some(d.policy_label()), d.rule()),
-            (None, None) => (None, None),
-        };
+        let (policy, rule) = self.policy_and_rule();
         let mut line = Line::start(SystemTime::now());
         line.raw(self.conn.access_log_caller());
         if let Some(method) = &self.method {

@@ -246,6 +246,9 @@ impl<S> Authorize<S> {
             )
         });
         entry.decision = Some(decision);
+        if refused.is_some() {
+            entry.log_refusal();
+        }
         refused
     }
 }

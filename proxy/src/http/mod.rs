@@ -50,6 +50,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
+use trellis_core::logging::throttle::Throttle;
 
 pub use access::ACCESS_TARGET;
 pub use detect::{Protocol, Rewind, detect, detect_after, h2_preface};
@@ -80,6 +81,9 @@ pub struct Http {
     pub metrics: Arc<Metrics>,
     /// Whether each request is written to the access log.
     pub access_log: bool,
+    /// The pauses between log lines of requests the sidecar refused
+    /// ([`access::Entry::log_refusal`]).
+    refusals: Throttle,
     /// How long an HTTP/2 caller may send nothing before it is pinged, and
     /// how long it then has to answer ([`H2_KEEP_ALIVE_INTERVAL`],
     /// [`H2_KEEP_ALIVE_TIMEOUT`]; shorter in tests).
@@ -97,6 +101,7 @@ impl Http {
             h1: AppConnections::default(),
             metrics,
             access_log,
+            refusals: Throttle::new(crate::inbound::REFUSAL_LOG_PAUSE),
             h2_keep_alive: (H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT),
         }
     }

@@ -369,6 +369,7 @@ impl<S> RateLimit<S> {
         let response = too_many_requests(exchange.grpc, &limited);
         exchange.entry.outcome = "rate_limited";
         exchange.entry.limit = Some(limited.policy);
+        exchange.entry.log_refusal();
         Some(response)
     }
 }
