@@ -441,7 +441,9 @@ impl Metrics {
 
     /// Counts one finished HTTP request: `outcome` is one of
     /// [`REQUEST_OUTCOMES`]. No lock: every series was resolved up front.
-    /// `status` 0 means there was no answer.
+    /// `status` 0 means there was no answer. A gRPC call the sidecar refuses
+    /// is answered HTTP 200 (its `grpc-status` in the trailers), so counts
+    /// as 2xx: its `outcome` is what says it was refused.
     pub fn request(&self, status: u16, outcome: &'static str, seconds: f64) {
         let class = match status {
             0 => STATUS_CLASSES.len() - 1,
