@@ -983,3 +983,66 @@ async fn l7_denials_and_rate_limits_are_logged_with_the_access_log_off() {
         "the access log is off"
     );
 }
+
+/// Every answer the sidecar makes itself instead of the app carries
+/// `trellis-proxy-error` naming why, HTTP/1.1 and HTTP/2 alike, so that it
+/// cannot be taken for the app's own; the app's answers carry none.
+#[tokio::test]
+async fn the_sidecars_own_answers_are_marked_as_its_own() {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+    let gone = sidecar(&cp, common::ports::free_addr(), &[]).await;
+    let no_admin = policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]");
+    let mut snap = snapshot(1, "allow-mesh", vec![no_admin]);
+    snap.rate_limits = vec![api_rate_limit("slow", 0.01, 1, "/search/*")];
+    push_to(&cp, snap, 2).await;
+    let mark = |response: &::http::Response<hyper::body::Incoming>| {
+        let value = response.headers().get("trellis-proxy-error");
+        value.map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let mut c1 = h1(&cp, s.inbound, &web()).await;
+    let mut c2 = h2(&cp, s.inbound, &web()).await;
+    for (path, status, expected) in [
+        ("/users/7", 200, None),
+        ("/admin/x", 403, Some("denied")),
+        ("/a/../admin/x", 400, Some("invalid_request")),
+        ("/search/q", 200, None),
+        ("/search/q", 429, Some("rate_limited")),
+    ] {
+        let answer = c1.send_request(get(path, &[])).await.unwrap();
+        assert_eq!(
+            (answer.status().as_u16(), mark(&answer).as_deref()),
+            (status, expected),
+            "HTTP/1.1 {path}"
+        );
+        let _ = text(answer).await;
+    }
+    for (path, status, expected) in [
+        ("/users/7", 200, None),
+        ("/admin/x", 403, Some("denied")),
+        ("/search/q", 429, Some("rate_limited")),
+    ] {
+        let answer = c2.send_request(h2_get(path)).await.unwrap();
+        assert_eq!(
+            (answer.status().as_u16(), mark(&answer).as_deref()),
+            (status, expected),
+            "HTTP/2 {path}"
+        );
+        let _ = text(answer).await;
+    }
+
+    let mut c1 = h1(&cp, gone.inbound, &web()).await;
+    let answer = c1.send_request(get("/users/7", &[])).await.unwrap();
+    assert_eq!(
+        (answer.status().as_u16(), mark(&answer).as_deref()),
+        (502, Some("app_unreachable"))
+    );
+    let mut c2 = h2(&cp, gone.inbound, &web()).await;
+    let answer = c2.send_request(h2_get("/users/7")).await.unwrap();
+    assert_eq!(
+        (answer.status().as_u16(), mark(&answer).as_deref()),
+        (502, Some("app_unreachable"))
+    );
+}

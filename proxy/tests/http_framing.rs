@@ -1397,3 +1397,27 @@ async fn an_answer_to_a_request_hidden_in_a_get_body_never_reaches_the_next_requ
         (::http::StatusCode::OK, format!("/public/z for {}", web()))
     );
 }
+
+/// A head the sidecar refuses before it is a request is marked as the
+/// sidecar's answer, as its other answers are: `trellis-proxy-error`.
+#[tokio::test]
+async fn a_refused_head_is_marked_as_the_sidecars_answer() {
+    let (cp, s, seen) = setup().await;
+    let mut head = b"GET /big HTTP/1.1\r\nhost: api\r\n".to_vec();
+    for i in 0..120 {
+        head.extend(format!("x-field-{i}: a\r\n").as_bytes());
+    }
+    head.extend(b"\r\n");
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let mut tls = tls_connect(s.inbound, config).await.unwrap();
+    tls.write_all(&head).await.unwrap();
+    let (got, _) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+    let got = String::from_utf8_lossy(&got);
+    let (answer_head, _) = got.split_once("\r\n\r\n").expect("an answer");
+    let fields: Vec<&str> = answer_head.lines().skip(1).collect();
+    assert!(
+        fields.contains(&"trellis-proxy-error: invalid_request"),
+        "{answer_head}"
+    );
+    assert!(seen.requests().is_empty(), "{:?}", seen.requests());
+}

@@ -160,6 +160,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 GrpcCode::ResourceExhausted,
+                "headers_too_large",
                 H2_HEADERS_TOO_LARGE,
             ));
         }
@@ -173,6 +174,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::NOT_IMPLEMENTED,
                 GrpcCode::InvalidArgument,
+                "connect_refused",
                 CONNECT_REFUSED,
             ));
         }
@@ -185,6 +187,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
+                "invalid_request",
                 problem,
             ));
         }
@@ -210,6 +213,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
+                "invalid_request",
                 problem.to_string(),
             ));
         }
@@ -242,6 +246,7 @@ impl<S> Authorize<S> {
                 *grpc,
                 StatusCode::FORBIDDEN,
                 GrpcCode::PermissionDenied,
+                "denied",
                 denial(&decision),
             )
         });
@@ -327,7 +332,13 @@ mod tests {
             let calls = calls.clone();
             move |exchange: Exchange<()>| {
                 calls.fetch_add(1, Ordering::Relaxed);
-                let ok = local(false, StatusCode::OK, GrpcCode::Unavailable, "from the app");
+                let ok = local(
+                    false,
+                    StatusCode::OK,
+                    GrpcCode::Unavailable,
+                    "none",
+                    "from the app",
+                );
                 ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
             }
         });

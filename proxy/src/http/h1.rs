@@ -477,6 +477,11 @@ async fn refuse_head<S: AsyncWrite + Unpin>(
         status.canonical_reason().unwrap_or(""),
     );
     field(&mut out, b"content-type", b"text/plain; charset=utf-8");
+    field(
+        &mut out,
+        super::proxy::PROXY_ERROR.as_str().as_bytes(),
+        b"invalid_request",
+    );
     let body = malformed.why.len() + 1;
     let mut digits = itoa::Buffer::new();
     field(&mut out, b"content-length", digits.format(body).as_bytes());
@@ -1953,20 +1958,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: Future<Output = ()>,
 {
-    let message = match &failure {
+    let (reason, message) = match &failure {
         Failed::Unreachable(e) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
-            "app unreachable"
+            ("app_unreachable", "app unreachable")
         }
         Failed::Invalid(why) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %why, "request to the app failed");
-            "invalid answer from the app"
+            ("invalid_app_answer", "invalid answer from the app")
         }
     };
     let answer = local(
         false,
         StatusCode::BAD_GATEWAY,
         GrpcCode::Unavailable,
+        reason,
         message,
     );
     answer_locally(caller, entry, answer, unread, close, drain).await

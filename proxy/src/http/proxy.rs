@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -140,6 +141,7 @@ pub async fn forward(
                     grpc,
                     StatusCode::BAD_REQUEST,
                     GrpcCode::InvalidArgument,
+                    "invalid_request",
                     message,
                 )
             }
@@ -168,17 +170,20 @@ fn app_failed(conn: &Connection, grpc: bool, e: SendError) -> Response<LocalBody
     tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
     // An answer hyper could not read one way only (two lengths, a
     // malformed head) is the app's fault, not its absence.
-    let message = match &e {
-        SendError::Request(e) if e.is_parse() => "invalid answer from the app",
+    let (reason, message) = match &e {
+        SendError::Request(e) if e.is_parse() => {
+            ("invalid_app_answer", "invalid answer from the app")
+        }
         // It is up, but HTTP/1 only: the request came in HTTP/2
         // and is sent on in the version it came in.
-        SendError::NotHttp2(_) => NOT_HTTP2,
-        _ => "app unreachable",
+        SendError::NotHttp2(_) => ("app_not_http2", NOT_HTTP2),
+        _ => ("app_unreachable", "app unreachable"),
     };
     local(
         grpc,
         StatusCode::BAD_GATEWAY,
         GrpcCode::Unavailable,
+        reason,
         message,
     )
 }
@@ -294,14 +299,26 @@ async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
     }
 }
 
+/// The header on every answer the sidecar makes itself instead of the app,
+/// naming why in a fixed token ([`local`]): an app's own 403 or 502 has
+/// none.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
+
 /// An answer from the sidecar itself: `status` with `message` as a text
 /// body, or for gRPC HTTP 200 with `grpc-status` and `grpc-message` in a
-/// trailers-only response ([`refusal::local_answer`]).
+/// trailers-only response ([`refusal::local_answer`]); either way with
+/// [`PROXY_ERROR`]`: reason`, a fixed token (`denied`, `rate_limited`,
+/// `invalid_request`, `app_unreachable`...).
 pub fn local(
     grpc: bool,
     status: StatusCode,
     code: GrpcCode,
+    reason: &'static str,
     message: impl Into<Bytes>,
 ) -> Response<LocalBody> {
-    refusal::local_answer(grpc, status, code as u16, message.into()).map(Either::Right)
+    let mut answer = refusal::local_answer(grpc, status, code as u16, message.into());
+    answer
+        .headers_mut()
+        .insert(PROXY_ERROR, HeaderValue::from_static(reason));
+    answer.map(Either::Right)
 }

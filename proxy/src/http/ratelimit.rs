@@ -381,6 +381,7 @@ fn too_many_requests(grpc: bool, limited: &Limited) -> Response<LocalBody> {
         grpc,
         StatusCode::TOO_MANY_REQUESTS,
         GrpcCode::ResourceExhausted,
+        "rate_limited",
         format!("rate limited by policy {}", limited.policy),
     );
     let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -597,7 +598,13 @@ mod tests {
             let calls = calls.clone();
             move |exchange: Exchange<()>| {
                 calls.fetch_add(1, Ordering::Relaxed);
-                let ok = local(false, StatusCode::OK, GrpcCode::Unavailable, "from the app");
+                let ok = local(
+                    false,
+                    StatusCode::OK,
+                    GrpcCode::Unavailable,
+                    "none",
+                    "from the app",
+                );
                 ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
             }
         });
