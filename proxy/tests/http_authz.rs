@@ -992,7 +992,8 @@ async fn the_sidecars_own_answers_are_marked_as_its_own() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
     let app = http_app().await;
     let s = sidecar(&cp, app.addr, &[]).await;
-    let gone = sidecar(&cp, common::ports::free_addr(), &[]).await;
+    let gone_app = common::ports::free_addr();
+    let gone = sidecar(&cp, gone_app, &[]).await;
     let no_admin = policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]");
     let mut snap = snapshot(1, "allow-mesh", vec![no_admin]);
     snap.rate_limits = vec![api_rate_limit("slow", 0.01, 1, "/search/*")];
@@ -1033,16 +1034,20 @@ async fn the_sidecars_own_answers_are_marked_as_its_own() {
         let _ = text(answer).await;
     }
 
+    // The 502 of an app that is not there names it and why.
+    let refused = format!("app unreachable: the app at {gone_app} refused the connection\n");
     let mut c1 = h1(&cp, gone.inbound, &web()).await;
     let answer = c1.send_request(get("/users/7", &[])).await.unwrap();
     assert_eq!(
         (answer.status().as_u16(), mark(&answer).as_deref()),
         (502, Some("app_unreachable"))
     );
+    assert_eq!(text(answer).await.1, refused, "HTTP/1.1");
     let mut c2 = h2(&cp, gone.inbound, &web()).await;
     let answer = c2.send_request(h2_get("/users/7")).await.unwrap();
     assert_eq!(
         (answer.status().as_u16(), mark(&answer).as_deref()),
         (502, Some("app_unreachable"))
     );
+    assert_eq!(text(answer).await.1, refused, "HTTP/2");
 }

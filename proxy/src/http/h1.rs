@@ -1088,7 +1088,7 @@ where
             None => match crate::net::connect(target).await {
                 Ok(tcp) => (AppStream(tcp), false),
                 Err(e) => {
-                    let e = Failed::Unreachable(e.to_string());
+                    let e = Failed::Unreachable(super::proxy::connect_failure(&e));
                     let unread = Unread {
                         body: rest,
                         head_request,
@@ -1932,13 +1932,11 @@ enum Failed {
 impl From<Reading> for Failed {
     fn from(reading: Reading) -> Self {
         match reading {
-            Reading::Closed => {
-                Failed::Unreachable("the app closed the connection before answering".into())
+            Reading::Closed => Failed::Unreachable("closed the connection before answering".into()),
+            Reading::Reset => Failed::Unreachable("reset the connection before answering".into()),
+            Reading::App(e) | Reading::Caller(e) => {
+                Failed::Unreachable(format!("failed the request ({e})"))
             }
-            Reading::Reset => {
-                Failed::Unreachable("the app reset the connection before answering".into())
-            }
-            Reading::App(e) | Reading::Caller(e) => Failed::Unreachable(e.to_string()),
             Reading::Invalid(why) => Failed::Invalid(why),
         }
     }
@@ -1961,11 +1959,17 @@ where
     let (reason, message) = match &failure {
         Failed::Unreachable(e) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
-            ("app_unreachable", "app unreachable")
+            (
+                "app_unreachable",
+                super::proxy::app_unreachable(conn.target, e),
+            )
         }
         Failed::Invalid(why) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %why, "request to the app failed");
-            ("invalid_app_answer", "invalid answer from the app")
+            (
+                "invalid_app_answer",
+                bytes::Bytes::from_static(b"invalid answer from the app"),
+            )
         }
     };
     let answer = local(
@@ -2636,7 +2640,12 @@ mod tests {
         let mut caller = caller_of(gone).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
-        assert!(read.ends_with("app unreachable\n"), "{read}");
+        assert!(
+            read.ends_with(&format!(
+                "app unreachable: the app at {gone} refused the connection\n"
+            )),
+            "{read}"
+        );
     }
 
     /// A request the forwarder does not take (a chunked body here) goes

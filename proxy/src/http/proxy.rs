@@ -171,13 +171,21 @@ fn app_failed(conn: &Connection, grpc: bool, e: SendError) -> Response<LocalBody
     // An answer hyper could not read one way only (two lengths, a
     // malformed head) is the app's fault, not its absence.
     let (reason, message) = match &e {
-        SendError::Request(e) if e.is_parse() => {
-            ("invalid_app_answer", "invalid answer from the app")
-        }
+        SendError::Request(e) if e.is_parse() => (
+            "invalid_app_answer",
+            Bytes::from_static(b"invalid answer from the app"),
+        ),
         // It is up, but HTTP/1 only: the request came in HTTP/2
         // and is sent on in the version it came in.
-        SendError::NotHttp2(_) => ("app_not_http2", NOT_HTTP2),
-        _ => ("app_unreachable", "app unreachable"),
+        SendError::NotHttp2(_) => ("app_not_http2", Bytes::from_static(NOT_HTTP2.as_bytes())),
+        SendError::Connect(io) => (
+            "app_unreachable",
+            app_unreachable(conn.target, &connect_failure(io)),
+        ),
+        other => (
+            "app_unreachable",
+            app_unreachable(conn.target, &format!("failed the request ({other})")),
+        ),
     };
     local(
         grpc,
@@ -186,6 +194,22 @@ fn app_failed(conn: &Connection, grpc: bool, e: SendError) -> Response<LocalBody
         reason,
         message,
     )
+}
+
+/// What a caller is told when the app at `app` was not reached, or failed
+/// the request, for `cause` ([`connect_failure`], say): `app unreachable:
+/// the app at 127.0.0.1:8080 refused the connection`.
+pub fn app_unreachable(app: std::net::SocketAddr, cause: &str) -> Bytes {
+    format!("app unreachable: the app at {app} {cause}").into()
+}
+
+/// Why connecting to the app failed, as [`app_unreachable`] words it.
+pub fn connect_failure(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused the connection".to_owned(),
+        std::io::ErrorKind::TimedOut => "did not accept the connection in time".to_owned(),
+        _ => format!("could not be connected to ({e})"),
+    }
 }
 
 /// What a caller whose chunked request body does not parse is told, before
