@@ -566,6 +566,29 @@ async fn follow_store(
     }
 }
 
+/// For tests of background tasks: the task `start` makes from a shutdown
+/// receiver keeps running through `patience` of (paused) time, then ends
+/// within as long once the shutdown is sent.
+#[cfg(test)]
+pub(crate) async fn assert_runs_until_shutdown<F>(
+    patience: Duration,
+    start: impl FnOnce(watch::Receiver<bool>) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop, shutdown) = watch::channel(false);
+    let mut task = tokio::spawn(start(shutdown));
+    assert!(
+        tokio::time::timeout(patience, &mut task).await.is_err(),
+        "ended before the shutdown"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(patience, task)
+        .await
+        .expect("still running after the shutdown")
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,18 +676,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let discovery = discovery(&tmp);
         let (_changes_tx, changes) = watch::channel(0u64);
-        let (stop, shutdown) = watch::channel(false);
-        let mut task = tokio::spawn(follow_store(discovery.clone(), changes, shutdown));
         let day = Duration::from_secs(24 * 3600);
-        assert!(
-            tokio::time::timeout(day, &mut task).await.is_err(),
-            "ended before the shutdown"
-        );
-        stop.send(true).unwrap();
-        tokio::time::timeout(day, task)
-            .await
-            .expect("still running after the shutdown")
-            .unwrap();
+        let following = discovery.clone();
+        assert_runs_until_shutdown(day, |shutdown| follow_store(following, changes, shutdown))
+            .await;
         assert_eq!(Arc::strong_count(&discovery), 1);
     }
 }

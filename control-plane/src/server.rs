@@ -721,18 +721,11 @@ mod tests {
         let td = trellis_core::TrustDomain::new("cluster.local").unwrap();
         let (ca, _, _) = CertificateAuthority::generate(&td).unwrap();
         let serving = ServingCert::new(Arc::new(ca), &[], Ipv4Addr::LOCALHOST.into()).unwrap();
-        let (stop, shutdown) = watch::channel(false);
-        let mut task = tokio::spawn(serving.clone().renew_until(shutdown));
-        let minute = Duration::from_secs(60);
-        assert!(
-            tokio::time::timeout(minute, &mut task).await.is_err(),
-            "ended before the shutdown"
-        );
-        stop.send(true).unwrap();
-        tokio::time::timeout(minute, task)
-            .await
-            .expect("still running after the shutdown")
-            .unwrap();
+        let renewing = serving.clone();
+        crate::run::assert_runs_until_shutdown(Duration::from_secs(60), |shutdown| {
+            renewing.renew_until(shutdown)
+        })
+        .await;
         assert_eq!(Arc::strong_count(&serving), 1);
     }
 

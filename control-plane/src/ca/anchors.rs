@@ -369,17 +369,11 @@ mod tests {
     async fn the_root_expiry_report_ends_at_shutdown() {
         let pem = root("Root");
         let roots = parse_trust_anchors(pem.as_bytes(), Path::new(FILE)).unwrap();
-        let (stop, shutdown) = watch::channel(false);
-        let mut task = tokio::spawn(report_expiring_roots(expiries(&roots), shutdown));
         let day = std::time::Duration::from_secs(24 * 3600);
-        assert!(
-            tokio::time::timeout(day, &mut task).await.is_err(),
-            "ended before the shutdown"
-        );
-        stop.send(true).unwrap();
-        tokio::time::timeout(day, task)
-            .await
-            .expect("still running after the shutdown")
-            .unwrap();
+        let expiries = expiries(&roots);
+        crate::run::assert_runs_until_shutdown(day, |shutdown| {
+            report_expiring_roots(expiries, shutdown)
+        })
+        .await;
     }
 }

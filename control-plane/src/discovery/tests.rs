@@ -667,17 +667,10 @@ async fn endpoint_expiry_ends_at_shutdown() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
     let discovery = Arc::new(Discovery::new(store, Vec::new(), MeshConfig::default()).unwrap());
-    let (stop, shutdown) = watch::channel(false);
-    let mut task = tokio::spawn(discovery.clone().expire_endpoints(shutdown));
-    let day = Duration::from_secs(24 * 3600);
-    assert!(
-        tokio::time::timeout(day, &mut task).await.is_err(),
-        "ended before the shutdown"
-    );
-    stop.send(true).unwrap();
-    tokio::time::timeout(day, task)
-        .await
-        .expect("still running after the shutdown")
-        .unwrap();
+    let expiring = discovery.clone();
+    crate::run::assert_runs_until_shutdown(Duration::from_secs(24 * 3600), |shutdown| {
+        expiring.expire_endpoints(shutdown)
+    })
+    .await;
     assert_eq!(Arc::strong_count(&discovery), 1);
 }

@@ -868,18 +868,11 @@ mod tests {
         std::fs::write(&cert, generated.cert.pem()).unwrap();
         std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
         let files = Arc::new(ServingFiles::load(&cert, &key).unwrap());
-        let (stop, shutdown) = watch::channel(false);
-        let mut task = tokio::spawn(files.clone().recheck_every(shutdown));
-        let minute = Duration::from_secs(60);
-        assert!(
-            tokio::time::timeout(minute, &mut task).await.is_err(),
-            "ended before the shutdown"
-        );
-        stop.send(true).unwrap();
-        tokio::time::timeout(minute, task)
-            .await
-            .expect("still running after the shutdown")
-            .unwrap();
+        let rechecking = files.clone();
+        crate::run::assert_runs_until_shutdown(Duration::from_secs(60), |shutdown| {
+            rechecking.recheck_every(shutdown)
+        })
+        .await;
         assert_eq!(Arc::strong_count(&files), 1);
     }
 
