@@ -42,7 +42,7 @@ async fn assert_app_unreachable(cluster: &mut Cluster, url: &str, dialled: Socke
         .b_logs_inbound_from_a(&[
             "request to the app failed",
             &format!("app={dialled}"),
-            "Connection refused",
+            "error=refused the connection",
         ])
         .await;
 }
