@@ -65,7 +65,29 @@ impl HttpApp {
         addr: SocketAddr,
         handler: Handler,
     ) -> anyhow::Result<HttpApp> {
-        let listener = TcpListener::bind(addr).await?;
+        HttpApp::serve(name, TcpListener::bind(addr).await?, handler)
+    }
+
+    /// [`HttpApp::start_with`] on `preferred` if it can be bound, on a free
+    /// port of the same host otherwise. Binding is the check: a port looked
+    /// at first could be taken before the bind (by another mesh on the host
+    /// starting at the same time).
+    pub async fn start_preferring(
+        name: &str,
+        preferred: SocketAddr,
+        handler: Handler,
+    ) -> anyhow::Result<HttpApp> {
+        let listener = match TcpListener::bind(preferred).await {
+            Ok(listener) => listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                TcpListener::bind(SocketAddr::new(preferred.ip(), 0)).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        HttpApp::serve(name, listener, handler)
+    }
+
+    fn serve(name: &str, listener: TcpListener, handler: Handler) -> anyhow::Result<HttpApp> {
         let addr = listener.local_addr()?;
         let record = Arc::new(Record::default());
         let task = tokio::spawn(serve_http(listener, handler, record.clone()));

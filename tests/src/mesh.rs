@@ -342,15 +342,21 @@ impl ControlPlane {
         let admin = Admin::new(self.admin_addr);
         let bundle = self.state_dir.join("bundle.pem");
         let waited = eventually("the control plane to be ready", START_PATIENCE, || {
-            let exited = process.ensure_running();
+            let running = process.ensure_running();
+            let ours = process.ensure_listening(admin.addr());
             let bundle = bundle.clone();
             async move {
-                exited?;
+                // One that exited will not become ready: stop waiting.
+                if let Err(exited) = running {
+                    return Ok(Err(exited));
+                }
                 anyhow::ensure!(bundle.is_file(), "{} does not exist yet", bundle.display());
-                admin.ready().await
+                admin.ready().await?;
+                ours.map(Ok)
             }
         })
-        .await;
+        .await
+        .and_then(|ready| ready);
         match waited {
             Ok(()) => {
                 self.process = Some(process);

@@ -3,6 +3,7 @@
 //! grace period), also when a test panics.
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -104,6 +105,21 @@ impl ChildProcess {
                 self.log_tail(30)
             ),
         }
+    }
+
+    /// Fails unless this child itself listens on `addr`: a port another
+    /// process took between the harness choosing it and the child binding
+    /// it answers too, but from the wrong program (the child then exits,
+    /// unable to bind it).
+    pub fn ensure_listening(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        let listening = crate::sockets::listening(self.pid())
+            .with_context(|| format!("cannot list the sockets of {}", self.name))?;
+        anyhow::ensure!(
+            listening.contains(&addr),
+            "{addr} answers, but {} does not listen on it (yet)",
+            self.name
+        );
+        Ok(())
     }
 
     /// Waits until the log contains `needle` and returns the first line that

@@ -55,6 +55,7 @@ pub struct SidecarBuilder {
     app: Option<SocketAddr>,
     routes: Vec<RouteSpec>,
     preferred: Option<[SocketAddr; 3]>,
+    unchecked: bool,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     token_file: Option<PathBuf>,
@@ -69,6 +70,7 @@ impl SidecarBuilder {
             app: None,
             routes: Vec::new(),
             preferred: None,
+            unchecked: false,
             args: Vec::new(),
             env: Vec::new(),
             token_file: None,
@@ -132,6 +134,20 @@ impl SidecarBuilder {
         self
     }
 
+    /// Tries the preferred addresses first without checking that they are
+    /// free: as when another program takes one between the check and the
+    /// sidecar's bind (two meshes on one host starting at once).
+    pub fn preferred_addrs_unchecked(
+        mut self,
+        inbound: SocketAddr,
+        outbound: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        self.preferred = Some([inbound, outbound, admin]);
+        self.unchecked = true;
+        self
+    }
+
     /// An extra command-line argument.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
@@ -170,17 +186,24 @@ impl SidecarBuilder {
             .spawn_attempt(attempt)
             .await
             .map_err(StartError::Failed)?;
+        let admin = sidecar.admin;
         let process = &mut sidecar.process;
-        let admin_client = Admin::new(sidecar.admin);
+        let admin_client = Admin::new(admin);
         let what = format!("sidecar {} to be ready", self.name);
         let waited = eventually(&what, START_PATIENCE, || {
             let running = process.ensure_running();
+            let ours = process.ensure_listening(admin);
             async move {
-                running?;
-                admin_client.ready().await
+                // One that exited will not become ready: stop waiting.
+                if let Err(exited) = running {
+                    return Ok(Err(exited));
+                }
+                admin_client.ready().await?;
+                ours.map(Ok)
             }
         })
-        .await;
+        .await
+        .and_then(|ready| ready);
         if let Err(e) = waited {
             let _ = process.stop(STOP_GRACE);
             let e = e.context(format!(
@@ -209,6 +232,7 @@ impl SidecarBuilder {
         let mut free = free_addrs(4 + self.routes.len()).into_iter();
         let mut next_free = || free.next().expect("enough free addresses were taken");
         let pick = |preferred: Option<SocketAddr>, free: SocketAddr| match (attempt, preferred) {
+            (0, Some(addr)) if self.unchecked => addr,
             (0, Some(addr)) => preferred_or_free(addr),
             _ => free,
         };

@@ -63,21 +63,61 @@ fn open(pid: u32) -> rustix::io::Result<OwnedFd> {
 
 /// The established IPv4 TCP connections process `pid` holds.
 pub fn established(pid: u32) -> anyhow::Result<Vec<HeldSocket>> {
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))?;
-    // inode -> (local, remote) of each established connection.
-    let mut connections = std::collections::HashMap::new();
-    for line in table.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [_, local, remote, state, _, _, _, _, _, inode, ..] = fields[..] else {
+    // `01`: TCP_ESTABLISHED.
+    let connections = in_state(pid, "01")?;
+    let pidfd = open(pid).context("pidfd_open")?;
+    let mut held = Vec::new();
+    for (fd, (local, remote)) in descriptors(pid, &connections)? {
+        let Ok(socket) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
             continue;
         };
-        // `01`: TCP_ESTABLISHED.
-        if state != "01" {
-            continue;
-        }
-        connections.insert(inode.to_string(), (address(local)?, address(remote)?));
+        held.push(HeldSocket {
+            local,
+            remote,
+            socket,
+        });
     }
-    let pidfd = open(pid).context("pidfd_open")?;
+    Ok(held)
+}
+
+/// The IPv4 addresses process `pid` itself listens on (not another process
+/// of its network namespace). Needs no privilege for one's own children:
+/// it reads `/proc`, and copies no descriptor.
+pub fn listening(pid: u32) -> anyhow::Result<Vec<SocketAddr>> {
+    // `0A`: TCP_LISTEN.
+    let listeners = in_state(pid, "0A")?;
+    Ok(descriptors(pid, &listeners)?
+        .into_iter()
+        .map(|(_, (local, _))| local)
+        .collect())
+}
+
+/// Socket inode -> (local, remote) of each IPv4 TCP socket of `pid`'s
+/// network namespace in `state` (`/proc/net/tcp`'s hex state).
+fn in_state(
+    pid: u32,
+    state: &str,
+) -> anyhow::Result<std::collections::HashMap<String, (SocketAddr, SocketAddr)>> {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))?;
+    let mut sockets = std::collections::HashMap::new();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, local, remote, st, _, _, _, _, _, inode, ..] = fields[..] else {
+            continue;
+        };
+        if st == state {
+            sockets.insert(inode.to_string(), (address(local)?, address(remote)?));
+        }
+    }
+    Ok(sockets)
+}
+
+/// Those of `sockets` that `pid` holds a descriptor of, with the
+/// descriptor's number.
+fn descriptors(
+    pid: u32,
+    sockets: &std::collections::HashMap<String, (SocketAddr, SocketAddr)>,
+) -> anyhow::Result<Vec<(i32, (SocketAddr, SocketAddr))>> {
     let mut held = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
@@ -92,20 +132,13 @@ pub fn established(pid: u32) -> anyhow::Result<Vec<HeldSocket>> {
         else {
             continue;
         };
-        let Some(&(local, remote)) = connections.get(inode) else {
+        let Some(&addrs) = sockets.get(inode) else {
             continue;
         };
         let Ok(fd) = entry.file_name().to_string_lossy().parse() else {
             continue;
         };
-        let Ok(socket) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
-            continue;
-        };
-        held.push(HeldSocket {
-            local,
-            remote,
-            socket,
-        });
+        held.push((fd, addrs));
     }
     Ok(held)
 }
@@ -125,6 +158,25 @@ fn address(hex: &str) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener of this process is found, and is not counted as another
+    /// process's (a child's, in the same network namespace).
+    #[test]
+    fn finds_its_own_listener_and_not_another_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mine = listener.local_addr().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let theirs = listening(other.id());
+        let _ = other.kill();
+        let _ = other.wait();
+        let ours = listening(std::process::id()).unwrap();
+        assert!(ours.contains(&mine), "{mine} not in {ours:?}");
+        let theirs = theirs.unwrap();
+        assert!(!theirs.contains(&mine), "{mine} in {theirs:?}");
+    }
 
     /// This process's own connection is found, with its addresses and the
     /// options set on it.

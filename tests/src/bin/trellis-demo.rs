@@ -28,7 +28,6 @@ use std::time::Duration;
 use anyhow::Context;
 use trellis_tests::apps::Handler;
 use trellis_tests::policy::{self, PolicyDoc};
-use trellis_tests::ports::preferred_or_free;
 use trellis_tests::{HttpApp, Launcher, Mesh, Program, Sidecar, http};
 
 /// The sidecar's allocator, for when this program runs as the sidecar
@@ -126,7 +125,7 @@ async fn start() -> anyhow::Result<Demo> {
         .context("the control plane did not start")?;
     let id = |sa: &str| mesh.spiffe_id(NAMESPACE, sa);
 
-    let api_app = HttpApp::start_with("api", preferred_or_free(addr(8081)), greeter("api")).await?;
+    let api_app = HttpApp::start_preferring("api", addr(8081), greeter("api")).await?;
     let api = mesh
         .sidecar("api")
         .identity(&id("api"))
@@ -137,12 +136,8 @@ async fn start() -> anyhow::Result<Demo> {
 
     // web answers with what api told it, asked through web's own route.
     let web_route: Arc<OnceLock<SocketAddr>> = Arc::default();
-    let web_app = HttpApp::start_with(
-        "web",
-        preferred_or_free(addr(8080)),
-        web_handler(web_route.clone()),
-    )
-    .await?;
+    let web_app =
+        HttpApp::start_preferring("web", addr(8080), web_handler(web_route.clone())).await?;
     let web = mesh
         .sidecar("web")
         .identity(&id("web"))

@@ -160,3 +160,33 @@ async fn demo_names_a_sidecar_that_exits_and_still_stops_on_ctrl_c() -> anyhow::
     assert!(status.success(), "the demo failed ({status}):\n{all}");
     Ok(())
 }
+
+/// Two meshes on one host (two demos started at once) may both find a
+/// preferred port free and both hand it to a sidecar. The one that loses
+/// the bind exits; its mesh must not take the winner, which answers on that
+/// port, for its own sidecar (the demo then waited for a sidecar that was
+/// not running). It starts again on other ports, and is the one serving
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_whose_preferred_port_another_mesh_holds_starts_elsewhere() -> anyhow::Result<()>
+{
+    let first = trellis_tests::Mesh::builder().start().await?;
+    let holder = first.sidecar("web").start().await?;
+    let taken = holder.admin().addr();
+    let second = trellis_tests::Mesh::builder().start().await?;
+    let free = trellis_tests::ports::free_addrs(2);
+    let mut started = second
+        .sidecar("web")
+        .preferred_addrs_unchecked(free[0], free[1], taken)
+        .start()
+        .await?;
+
+    let admin = started.admin().addr();
+    assert_ne!(
+        admin, taken,
+        "the other mesh's sidecar was taken for this one"
+    );
+    started.process().ensure_running()?;
+    started.process().ensure_listening(admin)?;
+    Ok(())
+}
