@@ -126,7 +126,7 @@ async fn start() -> anyhow::Result<Demo> {
     let id = |sa: &str| mesh.spiffe_id(NAMESPACE, sa);
 
     let api_app = HttpApp::start_preferring("api", addr(8081), greeter("api")).await?;
-    let api = mesh
+    let mut api = mesh
         .sidecar("api")
         .identity(&id("api"))
         .app(api_app.addr())
@@ -138,7 +138,7 @@ async fn start() -> anyhow::Result<Demo> {
     let web_route: Arc<OnceLock<SocketAddr>> = Arc::default();
     let web_app =
         HttpApp::start_preferring("web", addr(8080), web_handler(web_route.clone())).await?;
-    let web = mesh
+    let mut web = mesh
         .sidecar("web")
         .identity(&id("web"))
         .app(web_app.addr())
@@ -164,8 +164,11 @@ async fn start() -> anyhow::Result<Demo> {
     let applied = policy::apply(&mesh, &policies)
         .await
         .context("applying the demo's policies")?;
-    for sidecar in [&web, &api] {
-        policy::wait_for_ack(&mesh, sidecar.identity(), applied.snapshot_version).await?;
+    for sidecar in [&mut web, &mut api] {
+        let acked = policy::wait_for_ack(&mesh, sidecar.identity(), applied.snapshot_version).await;
+        if let Err(e) = acked {
+            return Err(e.context(where_to_look(sidecar)));
+        }
     }
 
     Ok(Demo {
@@ -176,6 +179,22 @@ async fn start() -> anyhow::Result<Demo> {
         api_app,
         mesh,
     })
+}
+
+/// What a sidecar that let the start-up down said: whether it is still
+/// running and the end of its log.
+fn where_to_look(sidecar: &mut Sidecar) -> String {
+    let process = sidecar.process();
+    let state = match process.try_exit_status() {
+        Some(status) => format!("exited ({status})"),
+        None => "is running".to_string(),
+    };
+    format!(
+        "{} {state}; the end of its log ({}):\n{}",
+        process.name(),
+        process.log_path().display(),
+        process.log_tail(15)
+    )
 }
 
 fn greeter(name: &str) -> Handler {
