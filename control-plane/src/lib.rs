@@ -23,6 +23,7 @@ pub mod inject;
 pub mod metrics;
 pub mod net;
 pub mod readiness;
+pub mod reflection;
 pub mod run;
 pub mod server;
 pub mod state_dir;

@@ -67,7 +67,8 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// The largest reflection request read (a message of the reflection
-/// stream); a larger one ends the stream. Reflection is served without a
+/// stream); a larger one ends the stream with RESOURCE_EXHAUSTED naming
+/// this limit (`crate::reflection`). Reflection is served without a
 /// client certificate, so that `grpcurl` lists and describes the services;
 /// its requests name a file or a symbol, well under this, and tonic's
 /// default of 4 MiB would let anyone make each of a connection's
@@ -410,14 +411,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         shutdown: streams_rx,
         uninjected: uninjected.clone(),
     };
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?
-        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(trellis_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?
-        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
+    let reflection_v1 = crate::reflection::v1(trellis_proto::FILE_DESCRIPTOR_SET)?;
+    let reflection_v1alpha = crate::reflection::v1alpha(trellis_proto::FILE_DESCRIPTOR_SET)?;
     let incoming = grpc.run(shutdown_rx.clone(), metrics.clone());
     let mut stop = shutdown_rx.clone();
     let serve = tonic::transport::Server::builder()

@@ -102,25 +102,49 @@ fn grpc_header(headers: &http::HeaderMap, name: &str) -> String {
     String::from_utf8(decoded).unwrap()
 }
 
+/// What a reflection stream whose request is past
+/// [`MAX_REFLECTION_REQUEST_BYTES`] ends with.
+fn reflection_refusal() -> String {
+    format!(
+        "a reflection request may be at most {MAX_REFLECTION_REQUEST_BYTES} bytes; this one is larger"
+    )
+}
+
+/// The status code and message that end the answer of a streaming call.
+async fn ended_with(answer: http::Response<Incoming>) -> (String, String) {
+    let ended = tokio::time::timeout(PATIENCE, answer.into_body().collect())
+        .await
+        .expect("the stream was held open")
+        .expect("the stream ends cleanly");
+    let trailers = ended
+        .trailers()
+        .cloned()
+        .expect("the stream ended with its trailers");
+    assert!(ended.to_bytes().is_empty(), "nothing answered");
+    (
+        grpc_header(&trailers, "grpc-status"),
+        grpc_header(&trailers, "grpc-message"),
+    )
+}
+
 /// A reflection stream whose message announces more than reflection reads
 /// (tonic's default of 4 MiB, in the length prefix) and stalls is ended
-/// at once, none of it buffered; reflection still answers a real request
-/// without a client certificate, and a Certify goes through.
+/// at once with RESOURCE_EXHAUSTED naming the limit, none of it buffered;
+/// reflection still answers a real request without a client certificate,
+/// and a Certify goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_oversized_reflection_request_is_ended_and_others_are_served() {
     let cp = ControlPlane::start(&[]);
     let announced = 4 * 1024 * 1024 - 16;
     let (answer, _body) = stalled_call(&cp, REFLECTION, announced, 64 * 1024).await;
     assert_eq!(answer.status(), http::StatusCode::OK);
-    let ended = tokio::time::timeout(PATIENCE, answer.into_body().collect())
-        .await
-        .expect("a reflection stream announcing 4 MiB was held open")
-        .expect("the stream ends cleanly");
-    assert!(
-        ended.trailers().is_some(),
-        "the stream ended with its trailers"
+    assert_eq!(
+        ended_with(answer).await,
+        (
+            (tonic::Code::ResourceExhausted as i32).to_string(),
+            reflection_refusal()
+        )
     );
-    assert!(ended.to_bytes().is_empty(), "nothing answered");
     assert!(MAX_REFLECTION_REQUEST_BYTES < announced as usize);
 
     let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(None)))
@@ -148,6 +172,47 @@ async fn a_stalled_oversized_reflection_request_is_ended_and_others_are_served()
     );
 
     enroll(&cp, WEB, "127.0.0.1:7000").await;
+}
+
+/// A reflection request a little past [`MAX_REFLECTION_REQUEST_BYTES`]
+/// (a symbol name of 5,000 characters), from tonic's own reflection
+/// client, is answered RESOURCE_EXHAUSTED naming the limit, and one whose
+/// bytes are not a reflection request INVALID_ARGUMENT, each instead of a
+/// stream that ends with OK and no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_requests_that_cannot_be_read_are_answered_with_why() {
+    let cp = ControlPlane::start(&[]);
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(None)))
+        .await
+        .unwrap();
+    let oversized = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("a".repeat(5000))),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([oversized]))
+        .await
+        .expect("reflection without a client certificate")
+        .into_inner();
+    let status = answers
+        .message()
+        .await
+        .expect_err("an oversized request is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), reflection_refusal());
+
+    // A field of wire type 7, which protobuf does not have.
+    let garbage: &'static [u8] = &[0x0f, 0xff, 0xff];
+    let (answer, body) = stalled_call(&cp, REFLECTION, garbage.len() as u32, 0).await;
+    body.send(Ok(Frame::data(Bytes::from_static(garbage))))
+        .await
+        .unwrap();
+    let (code, message) = ended_with(answer).await;
+    assert_eq!(code, (tonic::Code::InvalidArgument as i32).to_string());
+    assert!(
+        message.starts_with("the reflection request could not be read: "),
+        "{message}"
+    );
 }
 
 /// A Certify whose message never arrives in full is ended with

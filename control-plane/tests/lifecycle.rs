@@ -10,6 +10,7 @@ use std::sync::Arc;
 use common::*;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 
@@ -500,6 +501,32 @@ fn grpcurl_lists_the_services_through_reflection() {
             "{service} missing:\n{stdout}"
         );
     }
+}
+
+/// `grpcurl describe` of a symbol whose name makes the request larger
+/// than reflection reads is told the limit, not left with an empty answer.
+#[test]
+fn grpcurl_is_told_the_reflection_request_limit() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        common::machine::skip("skipped: grpcurl not installed");
+        return;
+    }
+    let cp = ControlPlane::start(&[]);
+    let symbol = format!("trellis.{}", "a".repeat(MAX_REFLECTION_REQUEST_BYTES));
+    let out = Command::new("grpcurl")
+        .arg("-cacert")
+        .arg(cp.state_dir.join("bundle.pem"))
+        .arg(format!("localhost:{}", cp.port()))
+        .arg("describe")
+        .arg(&symbol)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let told = format!(
+        "code = ResourceExhausted desc = a reflection request may be at most {MAX_REFLECTION_REQUEST_BYTES} bytes; this one is larger"
+    );
+    assert!(stderr.contains(&told), "{told} missing:\n{stderr}");
 }
 
 #[test]
