@@ -7,7 +7,9 @@
 //! buffer for as long as it keeps its connection, on each of its streams.
 //!
 //! The Discovery Watch and reflection streams are left alone: a Watch
-//! request stream lives as long as the sidecar watches, and a reflection
+//! request stream lives as long as the sidecar watches (only its first
+//! message, the Subscribe, has a deadline:
+//! [`SUBSCRIBE_TIMEOUT`](crate::api::discovery::SUBSCRIBE_TIMEOUT)), and a reflection
 //! stream as long as its client browses; their messages are small (their
 //! services' own decode limits) and what they hold is bounded by the
 //! connection limits of [`crate::server`].

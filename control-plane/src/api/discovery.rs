@@ -1,7 +1,9 @@
 //! `trellis.discovery.v1.Discovery/Watch`: one stream per sidecar, snapshots
 //! down, ACK/NACK up.
 //!
-//! The caller must present an SVID; the first message must be a Subscribe.
+//! The caller must present an SVID; the first message must be a Subscribe,
+//! sent within [`SUBSCRIBE_TIMEOUT`] of the stream's headers (else the
+//! stream ends with DEADLINE_EXCEEDED).
 //! A snapshot is sent first (unless the sidecar already holds the current
 //! version: it subscribed with that version and the epoch it was set in),
 //! then again whenever the sidecar's snapshot content changes: an
@@ -69,6 +71,15 @@ pub struct DiscoveryService {
     over_limits: Refusals,
 }
 
+/// How long a Watch has, from its headers, to send its Subscribe, as
+/// long as a unary call has for its request
+/// ([`REQUEST_BODY_TIMEOUT`](crate::body_deadline::REQUEST_BODY_TIMEOUT)):
+/// a sidecar sends it at once. A stream takes a slot in the
+/// [`WatchLimits`](crate::discovery::WatchLimits) only once it has
+/// subscribed, so without this a caller could hold any number of streams
+/// waiting, each with the part of a Subscribe it sent.
+pub const SUBSCRIBE_TIMEOUT: std::time::Duration = crate::body_deadline::REQUEST_BODY_TIMEOUT;
+
 /// How a Watch stream refused past the Watch limits is logged, with the
 /// limit (`reason`, `error`) and peer.
 const OVER_LIMITS: &str = "discovery stream refused: past the Watch limits";
@@ -94,7 +105,15 @@ impl DiscoveryService {
         let peer = peer_of(&request).map(|p| p.remote);
         let presented = peer_of(&request).and_then(|p| p.presented.clone());
         let mut inbound = request.into_inner();
-        let subscribe = match inbound.message().await? {
+        let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the Subscribe of a Watch did not arrive in full within {} of its headers",
+                    trellis_core::duration::Words(SUBSCRIBE_TIMEOUT)
+                ))
+            })?;
+        let subscribe = match first? {
             Some(WatchRequest {
                 kind: Some(Kind::Subscribe(s)),
             }) => s,

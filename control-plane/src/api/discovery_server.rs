@@ -262,6 +262,64 @@ mod tests {
         );
     }
 
+    /// A Watch that sends no Subscribe, or part of one and then stalls, is
+    /// ended with DEADLINE_EXCEEDED naming the deadline once
+    /// [`SUBSCRIBE_TIMEOUT`](super::super::discovery::SUBSCRIBE_TIMEOUT)
+    /// has passed, instead of being held, outside the Watch limits, for as
+    /// long as its caller keeps the connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_without_its_subscribe_is_ended_at_the_deadline() {
+        use crate::api::discovery::SUBSCRIBE_TIMEOUT;
+        use crate::api::{Mesh, PeerInfo};
+        use crate::discovery::Discovery;
+        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use futures::channel::mpsc;
+        use tower::Service;
+        use trellis_proto::discovery::v1::MeshConfig;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
+        let discovery =
+            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
+        let (mesh, _stop) = Mesh::for_tests(store, discovery.clone());
+        let mut server = DiscoveryServer::new(DiscoveryService::new(mesh));
+        // Nothing, then the prefix of a 1,000-byte message and 10 of its bytes.
+        let mut part = BytesMut::new();
+        part.put_u8(0);
+        part.put_u32(1000);
+        part.put_slice(&[0x0a; 10]);
+        for sent in [Bytes::new(), part.freeze()] {
+            let (mut tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
+            if !sent.is_empty() {
+                tx.try_send(Ok(Frame::data(sent.clone()))).unwrap();
+            }
+            let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(Body::new(StreamBody::new(rx)))
+                .unwrap();
+            request.extensions_mut().insert(PeerInfo {
+                remote: "127.0.0.1:40000".parse().unwrap(),
+                spiffe_id: Some(
+                    trellis_core::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap(),
+                ),
+                cert_issued_at_unix: None,
+                presented: None,
+            });
+            let response = tokio::time::timeout(SUBSCRIBE_TIMEOUT * 100, server.call(request))
+                .await
+                .unwrap_or_else(|_| panic!("a Watch that sent {sent:?} was held open"))
+                .unwrap();
+            let status = Status::from_header_map(response.headers()).expect("a status");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            assert_eq!(
+                status.message(),
+                "the Subscribe of a Watch did not arrive in full within 10 seconds of its headers"
+            );
+            assert_eq!(discovery.streams_open(), 0);
+            drop(tx);
+        }
+    }
+
     #[tokio::test]
     async fn an_error_ends_the_stream_with_its_status() {
         let stream = futures::stream::iter(vec![
