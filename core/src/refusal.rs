@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -80,7 +80,7 @@ pub async fn refuse_plaintext(
     patience: Duration,
     found: impl FnOnce(),
 ) -> Option<TcpStream> {
-    if refuse_plaintext_briefly(&mut tcp, message, patience, found).await {
+    if refuse_plaintext_briefly(&mut tcp, message, None, patience, found).await {
         None
     } else {
         Some(tcp)
@@ -88,10 +88,12 @@ pub async fn refuse_plaintext(
 }
 
 /// Like [`refuse_plaintext`], on a connection the caller keeps: returns
-/// whether it answered; the connection is then done.
+/// whether it answered; the connection is then done. A sidecar's answer
+/// names `proxy_error` in [`PROXY_ERROR`] ([`Refusal::proxy_error`]).
 pub async fn refuse_plaintext_briefly(
     tcp: &mut TcpStream,
     message: &str,
+    proxy_error: Option<&'static str>,
     patience: Duration,
     found: impl FnOnce(),
 ) -> bool {
@@ -103,6 +105,7 @@ pub async fn refuse_plaintext_briefly(
         status: StatusCode::BAD_REQUEST,
         grpc_code: GRPC_UNAVAILABLE,
         message,
+        proxy_error,
     };
     // Boxed: a caller's future keeps room only for the pointer.
     Box::pin(answer(tcp, version, &refusal, patience)).await;
@@ -142,7 +145,14 @@ pub struct Refusal<'a> {
     /// Why, as the client is shown it: the text body (with a newline), or
     /// the `grpc-message`.
     pub message: &'a str,
+    /// For an answer of a sidecar, the fixed token its [`PROXY_ERROR`]
+    /// header carries, HTTP/1 and HTTP/2 (gRPC too) alike.
+    pub proxy_error: Option<&'static str>,
 }
+
+/// The header on an answer a sidecar writes itself instead of an app,
+/// naming why in a fixed token: a client tells it from the app's own.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
 
 /// How long an answered connection goes on being read from (and what it
 /// sends dropped) after its answer, and how much of it, at most: a client
@@ -217,8 +227,12 @@ async fn read_h1_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> b
 
 /// `refusal` as an HTTP/1.1 answer that closes the connection.
 fn h1_answer(refusal: &Refusal<'_>) -> Vec<u8> {
+    let proxy_error = match refusal.proxy_error {
+        Some(reason) => format!("{PROXY_ERROR}: {reason}\r\n"),
+        None => String::new(),
+    };
     let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{proxy_error}\
          content-length: {}\r\nconnection: close\r\n\r\n",
         refusal.status.as_u16(),
         refusal.status.canonical_reason().unwrap_or(""),
@@ -243,12 +257,17 @@ where
     let message = Bytes::copy_from_slice(refusal.message.as_bytes());
     let service = hyper::service::service_fn(|req: Request<Incoming>| {
         answered.notify_one();
-        let response = local_answer(
+        let mut response = local_answer(
             is_grpc(&req),
             refusal.status,
             refusal.grpc_code,
             message.clone(),
         );
+        if let Some(reason) = refusal.proxy_error {
+            response
+                .headers_mut()
+                .insert(PROXY_ERROR, HeaderValue::from_static(reason));
+        }
         std::future::ready(Ok::<_, Infallible>(response))
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -218,3 +218,34 @@ async fn connections_past_the_limits_are_counted_and_warned() {
     }
     drop(held);
 }
+
+/// The admin port's 403s are the sidecar's own answers, and say so as its
+/// others do: `trellis-proxy-error: denied`, beside the text saying why.
+/// What it serves carries none.
+#[tokio::test]
+async fn a_refused_admin_request_is_marked_as_the_sidecar_s_answer() {
+    use common::control_plane::FakeControlPlane;
+    use common::sidecar::sidecar;
+    use hyper_util::rt::TokioIo;
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &["--hook-token", "the-pods-hook-token"]).await;
+
+    let tcp = TokioIo::new(TcpStream::connect(s.admin).await.unwrap());
+    let (mut admin, conn) = hyper::client::conn::http1::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let hook = "/app-health/app/pre-stop";
+    let response = admin.send_request(get(hook, &[])).await.unwrap();
+    let marked = response.headers().get("trellis-proxy-error").cloned();
+    let (status, body) = text(response).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.starts_with("forbidden: a lifecycle hook runs only with the pod's hook token"),
+        "{body}"
+    );
+    assert_eq!(marked.as_ref().map(|v| v.as_bytes()), Some(&b"denied"[..]));
+
+    let response = admin.send_request(get("/live", &[])).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!response.headers().contains_key("trellis-proxy-error"));
+}

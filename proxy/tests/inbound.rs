@@ -63,6 +63,7 @@ async fn refuses_plaintext() {
     assert!(
         answer.starts_with("HTTP/1.1 400 Bad Request\r\n")
             && answer.contains("connection: close\r\n")
+            && answer.contains("\r\ntrellis-proxy-error: not_tls\r\n")
             && answer.contains(
                 "\r\n\r\nthis is a Trellis sidecar's inbound port: it accepts only mutual TLS"
             ),
@@ -144,6 +145,22 @@ async fn refuses_plaintext_http2_and_grpc_in_their_protocol() {
         let (body, status) = answer.rsplit_once('\n').unwrap();
         assert_eq!(status, "2 400", "{answer}");
         assert!(body.starts_with(SAYS), "{answer}");
+    }
+
+    // Marked as the sidecar's answer, as its answers over mTLS are.
+    {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = TokioIo::new(TcpStream::connect(inbound.addr).await.unwrap());
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let response = h2.send_request(http::get("/", &[])).await.unwrap();
+        let marked = response.headers().get("trellis-proxy-error").cloned();
+        let (status, body) = http::text(response).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.starts_with(SAYS), "{body}");
+        assert_eq!(marked.as_ref().map(|v| v.as_bytes()), Some(&b"not_tls"[..]));
     }
 
     let channel = tonic::transport::Endpoint::from_shared(url)

@@ -224,6 +224,14 @@ async fn a_route_refuses_a_server_whose_certificate_is_not_an_svid_leaf() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
+/// The `trellis-proxy-error` of an HTTP/1 answer as it came, if its head
+/// has one.
+fn proxy_error(answer: &str) -> Option<&str> {
+    let (head, _) = answer.split_once("\r\n\r\n")?;
+    head.split("\r\n")
+        .find_map(|line| line.strip_prefix("trellis-proxy-error: "))
+}
+
 /// Sends an HTTP/1 request to `local` and returns what came back.
 async fn http_call(local: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -261,6 +269,7 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
         )),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("handshake_failed"), "{answer}");
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 
     // `app.addr` stands for a plaintext listener of this sidecar.
@@ -301,6 +310,7 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
         )),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("loop"), "{answer}");
 }
 
 #[tokio::test]
@@ -850,6 +860,7 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
         answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && answer.ends_with(&words),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("peer_refused"), "{answer}");
     logs.wait_for(&[
         "WARN",
         "outbound connection refused by the server's sidecar",
@@ -915,6 +926,7 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
             )),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("peer_refused"), "{answer}");
     logs.wait_for(&[
         "WARN",
         "outbound connection closed by the server's sidecar before any answer",
@@ -952,9 +964,56 @@ async fn a_call_to_a_sidecar_without_a_certificate_yet_is_answered_that_it_is_no
             )),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("peer_not_ready"), "{answer}");
     let text = client.metrics.encode();
     let counted =
         "trellis_handshake_failures_total{direction=\"outbound\",reason=\"peer_not_ready\"} 1";
     assert!(text.contains(counted), "{counted} in {text}");
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// A call whose remote cannot be connected to is answered by the sidecar,
+/// not by an app: HTTP/1.1 and HTTP/2 clients alike read
+/// `trellis-proxy-error` naming why beside the `502`.
+#[tokio::test]
+async fn a_call_to_an_unreachable_remote_is_marked_as_the_sidecar_s_answer() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let ca = Ca::new();
+    let server = id("/ns/b/sa/server");
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&server));
+    let closed = common::ports::free_addr();
+    let (local, _shutdown) = route(client, server, closed).await;
+    let request = || {
+        ::http::Request::get(format!("http://{local}/"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let says = format!("trellis: outbound call to {closed} refused: dialling {closed}: connect:");
+
+    let tcp = TokioIo::new(TcpStream::connect(local).await.unwrap());
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let tcp = TokioIo::new(TcpStream::connect(local).await.unwrap());
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for response in [
+        h1.send_request(request()).await.unwrap(),
+        h2.send_request(request()).await.unwrap(),
+    ] {
+        let (head, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(head.status, 502, "{head:?} {body}");
+        assert!(body.starts_with(&says), "{body}");
+        assert_eq!(
+            head.headers
+                .get("trellis-proxy-error")
+                .map(|v| v.as_bytes()),
+            Some(&b"connect_failed"[..]),
+            "{head:?}"
+        );
+    }
 }

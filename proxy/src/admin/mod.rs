@@ -3,7 +3,8 @@
 //! HTTP/1.1 meant for the kubelet, Prometheus and operators on the same
 //! host. Every pod of the cluster reaches it: `/config` is served to
 //! loopback peers only, and the app's lifecycle hooks to requests with the
-//! pod's hook token ([`access`]); any other request gets 403 saying why.
+//! pod's hook token ([`access`]); any other request gets 403 saying why,
+//! with `trellis-proxy-error: denied`.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -158,7 +159,7 @@ impl Admin {
                                 state.config.hook_token.as_ref(),
                             );
                             let response = if let Err(refused) = allowed {
-                                text(StatusCode::FORBIDDEN, format!("{refused}\n"))
+                                forbidden(&refused)
                             } else if req.uri().path().starts_with(probes::PATH_PREFIX) {
                                 app_health(&state, &req, app).await
                             } else {
@@ -187,6 +188,17 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Full::new(body.into()))
         .expect("static response parts are valid")
+}
+
+/// The 403 of a request [`access`] refuses: why, as its text, and
+/// `trellis-proxy-error: denied`, as the sidecar's other refusals carry.
+fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::FORBIDDEN, format!("{refused}\n"));
+    response.headers_mut().insert(
+        trellis_core::refusal::PROXY_ERROR,
+        header::HeaderValue::from_static("denied"),
+    );
+    response
 }
 
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -326,7 +326,7 @@ async fn splice(client: OnUpgrade, app: OnUpgrade, metrics: Arc<Metrics>) {
 /// The header on every answer the sidecar makes itself instead of the app,
 /// naming why in a fixed token ([`local`]): an app's own 403 or 502 has
 /// none.
-pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
+pub const PROXY_ERROR: HeaderName = refusal::PROXY_ERROR;
 
 /// An answer from the sidecar itself: `status` with `message` as a text
 /// body, or for gRPC HTTP 200 with `grpc-status` and `grpc-message` in a

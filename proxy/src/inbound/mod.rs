@@ -429,6 +429,10 @@ async fn answer_not_ready(tcp: TcpStream, _handshaking: Handshaking) {
 const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual \
      TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar";
 
+/// The `trellis-proxy-error` of the answer to plaintext
+/// ([`PLAINTEXT_ANSWER`]), as its handshake failure is counted.
+const PLAINTEXT_REASON: &str = "not_tls";
+
 /// One inbound connection, from accept to close. `handshake` is its permit
 /// of [`Handshakes::permits`], held until its handshake is over (given
 /// back while it waits for a slot of its address).
@@ -501,7 +505,8 @@ pub async fn serve(
     let handshake = Box::pin(trellis_core::tls::noting_refused(async {
         let mut tcp = tcp;
         let patience = net::HANDSHAKE_TIMEOUT;
-        if refuse_plaintext_briefly(&mut tcp, PLAINTEXT_ANSWER, patience, found_plaintext).await {
+        let (answer, reason) = (PLAINTEXT_ANSWER, Some(PLAINTEXT_REASON));
+        if refuse_plaintext_briefly(&mut tcp, answer, reason, patience, found_plaintext).await {
             // Counted and logged in `found_plaintext`: only ends the attempt.
             return Err(io::ErrorKind::InvalidData.into());
         }

@@ -53,7 +53,10 @@
 //! backend, no certificate yet) or `502` (anything else) and a text body
 //! naming the address the app called and why (`answer_refused`): an app's
 //! log then says what the sidecar's does, where a closed connection said
-//! nothing. HTTP/1 is answered at once; HTTP/2 on its first request, a
+//! nothing. The answer carries `trellis-proxy-error` with a fixed token
+//! (`denied`, `no_backend`, `connect_failed`, `handshake_failed`, ...), as
+//! the inbound side's own answers do, so the app tells it from a peer
+//! app's. HTTP/1 is answered at once; HTTP/2 on its first request, a
 //! gRPC call with `grpc-status` (`PERMISSION_DENIED` for a denial,
 //! `UNAVAILABLE` otherwise) and those words as its message
 //! ([`trellis_core::refusal::answer`]). The detector reads the app's first
@@ -212,6 +215,18 @@ impl DialError {
         }
     }
 
+    /// The `trellis-proxy-error` an HTTP app is answered with
+    /// ([`answer_refused`]): the label [`reason`](Self::reason) counts it
+    /// under, but one token for every handshake failure (the answer's text
+    /// names which).
+    fn answer_reason(&self) -> &'static str {
+        match self {
+            DialError::Handshake(..) => "handshake_failed",
+            DialError::Timeout => "handshake_timeout",
+            _ => self.reason(),
+        }
+    }
+
     /// The status an HTTP app is answered with ([`answer_refused`]):
     /// `503` while this sidecar or the peer's has no certificate, `502`
     /// when the peer could not be reached or was not who the mesh says.
@@ -226,6 +241,10 @@ impl DialError {
 const BAD_GATEWAY: StatusCode = StatusCode::BAD_GATEWAY;
 const SERVICE_UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
 const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
+
+/// The `trellis-proxy-error` of a call the peer's sidecar refused, or
+/// ended before any answer, once the handshake was over ([`PeerRefusal`]).
+const PEER_REFUSED: &str = "peer_refused";
 
 /// A mesh peer dialled: the stream, and the time of the revocation of the
 /// peer's identity its certificate was checked against, if one named it.
@@ -601,7 +620,8 @@ async fn relay<R: std::fmt::Display>(
                     let message = refusal.message(to);
                     // Boxed: the answer's state would otherwise size every
                     // connection's task for its whole life.
-                    Box::pin(answer_app(&mut app, BAD_GATEWAY, &message)).await;
+                    let refused = (BAD_GATEWAY, PEER_REFUSED);
+                    Box::pin(answer_app(&mut app, refused, &message)).await;
                 }
             }
             None => {
@@ -811,14 +831,17 @@ async fn answer_dial_refused(
     remote: impl std::fmt::Display,
 ) {
     let why = format!("dialling {remote}: {e} ({})", e.reason());
-    answer_refused(app, opaque, e.status(), dst, why).await;
+    let refused = (e.status(), e.answer_reason());
+    answer_refused(app, opaque, refused, dst, why).await;
 }
 
 /// Tells an HTTP app why its call was refused, before anything of it left
 /// the pod, and closes the connection ([`refusal::answer`]): HTTP/1 gets
 /// `status` with a text body naming `dst` and `why`, HTTP/2 the same for
 /// its first request, or for a gRPC call `grpc-status` (`PERMISSION_DENIED`
-/// for `403`, `UNAVAILABLE` otherwise) with that text as `grpc-message`.
+/// for `403`, `UNAVAILABLE` otherwise) with that text as `grpc-message`;
+/// each with `trellis-proxy-error: reason`, a fixed token
+/// ([`refusal::PROXY_ERROR`]).
 /// The app's first bytes are read first (the detector's, at most
 /// [`http::detect::DETECT_TIMEOUT`]) unless an attempt already did; an app
 /// speaking anything else (opaque TCP), or calling a port declared
@@ -826,7 +849,7 @@ async fn answer_dial_refused(
 async fn answer_refused(
     app: &mut App,
     opaque: bool,
-    status: StatusCode,
+    refused: (StatusCode, &'static str),
     dst: impl std::fmt::Display,
     why: impl std::fmt::Display,
 ) {
@@ -834,12 +857,13 @@ async fn answer_refused(
         return;
     }
     let message = format!("trellis: outbound call to {dst} refused: {why}");
-    answer_app(app, status, &message).await;
+    answer_app(app, refused, &message).await;
 }
 
-/// Answers the first request of an HTTP app with `status` and `message`
-/// ([`answer_refused`]); an app that does not speak HTTP is only closed.
-async fn answer_app(app: &mut App, status: StatusCode, message: &str) {
+/// Answers the first request of an HTTP app with `status`, `message` and
+/// `trellis-proxy-error: reason` ([`answer_refused`]); an app that does
+/// not speak HTTP is only closed.
+async fn answer_app(app: &mut App, (status, reason): (StatusCode, &'static str), message: &str) {
     let (protocol, first) = match app.detected.take() {
         Some(detected) => detected,
         None => match http::detect(&mut app.tcp).await {
@@ -860,6 +884,7 @@ async fn answer_app(app: &mut App, status: StatusCode, message: &str) {
             refusal::GRPC_UNAVAILABLE
         },
         message,
+        proxy_error: Some(reason),
     };
     // What detection read is the start of the app's request.
     let mut io = http::Rewind::with_prefix(first, &mut app.tcp);
@@ -910,12 +935,13 @@ impl RouteListener {
                     }
                     match resolve_route(&route, &shared, client).await {
                         Ok(addrs) => serve_route(&route, &shared, tcp, addrs.as_slice()).await,
-                        Err(why) => {
+                        Err((reason, why)) => {
                             let mut app = App {
                                 tcp,
                                 detected: None,
                             };
-                            answer_refused(&mut app, false, BAD_GATEWAY, &route.remote, why).await;
+                            let refused = (BAD_GATEWAY, reason);
+                            answer_refused(&mut app, false, refused, &route.remote, why).await;
                         }
                     }
                 });
@@ -925,8 +951,8 @@ impl RouteListener {
 }
 
 /// The addresses a route's host name stands for now, for a connection from
-/// `client`. An error saying why, the connection refused (logged and
-/// counted), when the name cannot be resolved within
+/// `client`. An error saying why (with the `trellis-proxy-error` of its
+/// answer), the connection refused (logged and counted), when the name cannot be resolved within
 /// [`net::CONNECT_TIMEOUT`], or when it stands for one of the sidecar's
 /// own plaintext listeners: dialled, the
 /// connection would come back to the route (or the outbound listener),
@@ -935,7 +961,7 @@ async fn resolve_route(
     route: &Route,
     shared: &Shared,
     client: SocketAddr,
-) -> Result<Vec<SocketAddr>, String> {
+) -> Result<Vec<SocketAddr>, (&'static str, String)> {
     let metrics = &shared.metrics;
     let resolved = tokio::time::timeout(
         net::CONNECT_TIMEOUT,
@@ -962,14 +988,19 @@ async fn resolve_route(
     if let Some(own) = own {
         tracing::warn!(%client, %route, address = %own, "outbound connection refused: the route's remote resolves to this sidecar's own listener (loop)");
         metrics.connection(OUTBOUND, "loop");
-        return Err(format!("it resolves to {own}, this sidecar (loop)"));
+        let why = format!("it resolves to {own}, this sidecar (loop)");
+        return Err(("loop", why));
     }
     Ok(addrs)
 }
 
 /// Logs and counts a connection refused because its route's host name
 /// could not be resolved (`e`); returns why, for the app.
-fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Result<Vec<SocketAddr>, String> {
+fn unresolved(
+    metrics: &Metrics,
+    route: &Route,
+    e: &io::Error,
+) -> Result<Vec<SocketAddr>, (&'static str, String)> {
     let e = DialError::Connect(io::Error::new(
         e.kind(),
         format!("resolving {}: {e}", route.remote),
@@ -981,7 +1012,7 @@ fn unresolved(metrics: &Metrics, route: &Route, e: &io::Error) -> Result<Vec<Soc
         service: None,
     };
     refused(metrics, &e, &to, None);
-    Err(format!("{e} ({})", e.reason()))
+    Err((e.answer_reason(), format!("{e} ({})", e.reason())))
 }
 
 /// One connection on a route: straight to the route's remote over mTLS
@@ -1278,14 +1309,15 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, "loop");
                 let why = format!("{addr} is this sidecar (loop)");
-                answer_refused(&mut app, dst_opaque, BAD_GATEWAY, dst, why).await;
+                answer_refused(&mut app, dst_opaque, (BAD_GATEWAY, "loop"), dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
                 metrics.connection(OUTBOUND, NO_BACKEND);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
-                answer_refused(&mut app, dst_opaque, SERVICE_UNAVAILABLE, dst, why).await;
+                let refused = (SERVICE_UNAVAILABLE, NO_BACKEND);
+                answer_refused(&mut app, dst_opaque, refused, dst, why).await;
                 return;
             }
             Target::NoMeshBackend { backends } => {
@@ -1295,7 +1327,8 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
                     name.unwrap_or("")
                 );
-                answer_refused(&mut app, dst_opaque, SERVICE_UNAVAILABLE, dst, why).await;
+                let refused = (SERVICE_UNAVAILABLE, NO_MESH_BACKEND);
+                answer_refused(&mut app, dst_opaque, refused, dst, why).await;
                 return;
             }
             Target::Outside {
@@ -1315,7 +1348,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 metrics.connection(OUTBOUND, "denied");
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
-                answer_refused(&mut app, dst_opaque, FORBIDDEN, dst, why).await;
+                answer_refused(&mut app, dst_opaque, (FORBIDDEN, "denied"), dst, why).await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {
@@ -1425,7 +1458,8 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                                 "connecting to {addr}: {e} ({})",
                                 net::connect_failure_reason(&e)
                             );
-                            answer_refused(&mut app, *opaque, BAD_GATEWAY, dst, why).await;
+                            let refused = (BAD_GATEWAY, "connect_failed");
+                            answer_refused(&mut app, *opaque, refused, dst, why).await;
                             return;
                         }
                     },

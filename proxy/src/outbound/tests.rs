@@ -418,10 +418,19 @@ async fn http_round_trip(shared: &Arc<Shared>, dst: &str) -> String {
     String::from_utf8(answer).unwrap()
 }
 
+/// The `trellis-proxy-error` of an HTTP/1 answer as it came, if its head
+/// has one.
+fn proxy_error(answer: &str) -> Option<&str> {
+    let (head, _) = answer.split_once("\r\n\r\n")?;
+    head.split("\r\n")
+        .find_map(|line| line.strip_prefix("trellis-proxy-error: "))
+}
+
 /// An HTTP/1 app whose call is refused before anything of it left the pod
-/// is told so in an answer naming the address it called and why, not left
-/// with a closed connection; other protocols, and any call to an opaque
-/// port, are only closed.
+/// is told so in an answer naming the address it called and why, marked
+/// as the sidecar's (`trellis-proxy-error`), not left with a closed
+/// connection; other protocols, and any call to an opaque port, are only
+/// closed.
 #[tokio::test]
 async fn an_http1_call_refused_is_answered_with_why() {
     let ca = Ca::new();
@@ -440,6 +449,7 @@ async fn an_http1_call_refused_is_answered_with_why() {
         "{answer}"
     );
     assert!(answer.contains("(connect_failed)\n"), "{answer}");
+    assert_eq!(proxy_error(&answer), Some("connect_failed"), "{answer}");
     assert_eq!(outcome(&shared, "refused"), 1);
 
     let answer = http_round_trip(&shared, "192.0.2.7:80").await;
@@ -451,6 +461,7 @@ async fn an_http1_call_refused_is_answered_with_why() {
         ),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("denied"), "{answer}");
     assert_eq!(outcome(&shared, "denied"), 1);
     assert_eq!(round_trip(&shared, "192.0.2.7:80").await, b"", "not HTTP");
     assert_eq!(
@@ -468,6 +479,7 @@ async fn an_http1_call_refused_is_answered_with_why() {
         "{answer}"
     );
     assert!(answer.contains("(unexpected_identity)\n"), "{answer}");
+    assert_eq!(proxy_error(&answer), Some("handshake_failed"), "{answer}");
     assert_eq!(*fooled.borrow(), 0);
 
     let shared = sidecar(&ca, "deny", &[], &[]);
@@ -480,6 +492,7 @@ async fn an_http1_call_refused_is_answered_with_why() {
         answer.ends_with("refused: service shop/api has no ready backend\n"),
         "{answer}"
     );
+    assert_eq!(proxy_error(&answer), Some("no_backend"), "{answer}");
 }
 
 /// Each address of a peer identity is its own TLS name (its tickets are
@@ -553,7 +566,8 @@ async fn grpc_call(port: SocketAddr) -> tonic::Status {
 /// An HTTP/2 app (curl with prior knowledge, a gRPC client) whose call is
 /// refused is answered on its first request, as an HTTP/1 app is: a
 /// status with a text body, or for gRPC a `grpc-status` with the same
-/// words as its message, naming the address it called and why.
+/// words as its message, naming the address it called and why, and
+/// `trellis-proxy-error` naming it in a token.
 #[tokio::test]
 async fn an_http2_or_grpc_call_refused_is_answered_with_why() {
     let ca = Ca::new();
@@ -578,10 +592,20 @@ async fn an_http2_or_grpc_call_refused_is_answered_with_why() {
         assert_eq!(body, format!("{no_backend}\n"));
     }
 
+    let marked = |refused: &tonic::Status| {
+        let value = refused.metadata().get("trellis-proxy-error");
+        value.map(|v| v.to_str().unwrap().to_owned())
+    };
     let refused = grpc_call(to_outside).await;
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert_eq!(refused.message(), denied);
+    assert_eq!(marked(&refused).as_deref(), Some("denied"), "{refused:?}");
     let refused = grpc_call(to_service).await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(refused.message(), no_backend);
+    assert_eq!(
+        marked(&refused).as_deref(),
+        Some("no_backend"),
+        "{refused:?}"
+    );
 }
