@@ -508,13 +508,13 @@ impl fmt::Debug for SpiffeServerVerifier {
     }
 }
 
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
+impl SpiffeServerVerifier {
+    /// [`ServerCertVerifier::verify_server_cert`], before what a refused
+    /// certificate claims is noted.
+    fn check_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
@@ -550,6 +550,25 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             }
             _ => Ok(ServerCertVerified::assertion()),
         }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    /// A refused certificate's claims are noted for the refusal's line
+    /// ([`noting_refused`]), as the client verifier's are.
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let checked = self.check_server_cert(end_entity, intermediates, now);
+        if let Err(e) = &checked {
+            claimed::note_refused(end_entity, e);
+        }
+        checked
     }
 
     fn verify_tls12_signature(

@@ -232,6 +232,14 @@ fn proxy_error(answer: &str) -> Option<&str> {
         .find_map(|line| line.strip_prefix("trellis-proxy-error: "))
 }
 
+/// The value of the field `name` of a text log line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let prefix = format!("{name}=");
+    line.split(' ')
+        .find_map(|f| f.strip_prefix(&prefix))
+        .map(str::to_owned)
+}
+
 /// Sends an HTTP/1 request to `local` and returns what came back.
 async fn http_call(local: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1016,4 +1024,61 @@ async fn a_call_to_an_unreachable_remote_is_marked_as_the_sidecar_s_answer() {
             "{head:?}"
         );
     }
+}
+
+/// A server certificate this sidecar refuses is logged with what it
+/// claims, read unverified and never trusted: the SPIFFE ID it names
+/// (`claimed_peer`), and what it was refused for: the notAfter of an
+/// expired one, in RFC 3339, the name of an issuer no root of the bundle
+/// leads to.
+#[tokio::test]
+async fn a_refused_server_certificate_is_logged_with_what_it_claims() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let expected = id("/ns/b/sa/server");
+    let client = shared(&ca, &id("/ns/a/sa/client"), std::slice::from_ref(&expected));
+    // The line of the refused dial to `remote`, for `reason`.
+    let refused = async |remote: std::net::SocketAddr, reason: &str| {
+        let (local, _shutdown) = route(client.clone(), expected.clone(), remote).await;
+        let answer = http_call(local).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        let remote = format!("remote={remote} ");
+        let reason = format!("reason={reason} ");
+        logs.wait_for(&["outbound connection refused", &remote, &reason])
+            .await
+    };
+
+    let impostor = id("/ns/b/sa/impostor");
+    let server = inbound_as(&ca, &impostor, app.addr).await;
+    let line = refused(server.addr, "unexpected_identity").await;
+    let claimed = Some(impostor.to_string());
+    assert_eq!(field(&line, "claimed_peer"), claimed, "{line}");
+    assert_eq!(field(&line, "not_after"), None, "{line}");
+    assert_eq!(field(&line, "issuer"), None, "{line}");
+
+    let other = Ca::new();
+    let server = inbound(app.addr, other.tls_state(&other.svid(&expected), &[])).await;
+    let line = refused(server.addr, "unknown_issuer").await;
+    let root = other.root();
+    let (_, parsed) = x509_parser::parse_x509_certificate(root.as_ref()).unwrap();
+    assert!(
+        line.ends_with(&format!("issuer={}", parsed.subject())),
+        "{line}"
+    );
+    let claimed = Some(expected.to_string());
+    assert_eq!(field(&line, "claimed_peer"), claimed, "{line}");
+    assert_eq!(field(&line, "not_after"), None, "{line}");
+
+    let (chain, key) = ca.leaf_valid_for(&expected, time::Duration::seconds(-30));
+    let (_, not_after) = trellis_core::tls::validity_of(&chain[0]).unwrap();
+    let not_after = trellis_core::clock::rfc3339_checked(not_after).unwrap();
+    let svid = Ca::svid_as_is(&expected, chain, key);
+    let server = inbound(app.addr, ca.tls_state(&svid, &[])).await;
+    let line = refused(server.addr, "expired_certificate").await;
+    assert_eq!(field(&line, "not_after"), Some(not_after), "{line}");
+    let claimed = Some(expected.to_string());
+    assert_eq!(field(&line, "claimed_peer"), claimed, "{line}");
+    assert_eq!(field(&line, "issuer"), None, "{line}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }

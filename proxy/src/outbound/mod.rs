@@ -105,7 +105,7 @@ use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::refusal;
 use trellis_core::revocation::{self, Revoked};
-use trellis_core::tls::SvidError;
+use trellis_core::tls::{Claimed, SvidError};
 use trellis_core::warn_throttled;
 
 use crate::config::Route;
@@ -187,8 +187,10 @@ enum DialError {
     NoCertificate,
     #[error("connect: {0}")]
     Connect(io::Error),
+    /// With what the server's certificate claims when this sidecar
+    /// refused it (read unverified, for the refusal's line only).
     #[error("handshake: {}", trellis_core::tls::Described(.0))]
-    Handshake(io::Error),
+    Handshake(io::Error, Option<Box<Claimed>>),
     #[error("handshake timed out")]
     Timeout,
     /// The peer answered the handshake with `access_denied` before its
@@ -207,7 +209,7 @@ impl DialError {
         match self {
             DialError::NoCertificate => "no_local_certificate",
             DialError::Connect(_) => "connect_failed",
-            DialError::Handshake(e) => net::handshake_failure_reason(e),
+            DialError::Handshake(e, _) => net::handshake_failure_reason(e),
             DialError::Timeout => "timeout",
             DialError::PeerNotReady => "peer_not_ready",
             DialError::FirstBytes(_) => "write_failed",
@@ -332,7 +334,7 @@ where
         // new trust bundle): an abandoned resumption, not a handshake
         // failure, as below; the dial counts one only if the full
         // handshake fails.
-        Err(DialError::Handshake(e)) if NotResumed::caused(&e) => {
+        Err(DialError::Handshake(e, _)) if NotResumed::caused(&e) => {
             tracing::debug!(peer = %expected, "session not resumed; dialling again with the hybrid key exchange");
             shared.metrics.resumption_abandoned("not_resumed");
             peer.tickets.forget(name);
@@ -465,8 +467,12 @@ async fn handshake(
             Err((e, io)) => Err(io.fail_handshake(e).await),
         }
     };
-    match tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect).await {
-        Ok(Ok(mut stream)) => {
+    // What a server certificate the verifier refuses claims comes out with
+    // the failure, for the refusal's line.
+    let handshaken =
+        trellis_core::tls::noting_refused(tokio::time::timeout(net::HANDSHAKE_TIMEOUT, connect));
+    match handshaken.await {
+        (Ok(Ok(mut stream)), _) => {
             stream.get_mut().0.read_ahead();
             let rest = &first[queued.get()..];
             if !rest.is_empty() {
@@ -477,13 +483,13 @@ async fn handshake(
             }
             Ok(stream)
         }
-        Ok(Err(e)) => match trellis_core::tls::rustls_error(&e) {
+        (Ok(Err(e)), claimed) => match trellis_core::tls::rustls_error(&e) {
             Some(rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied)) => {
                 Err(DialError::PeerNotReady)
             }
-            _ => Err(DialError::Handshake(e)),
+            _ => Err(DialError::Handshake(e, claimed.map(Box::new))),
         },
-        Err(_) => Err(DialError::Timeout),
+        (Err(_), _) => Err(DialError::Timeout),
     }
 }
 
@@ -648,7 +654,9 @@ async fn relay<R: std::fmt::Display>(
 }
 
 /// Logs and counts a connection refused because its mesh dial to `to`
-/// failed; `tried` names a service's backends tried, this one last.
+/// failed; `tried` names a service's backends tried, this one last. A
+/// server certificate this sidecar refused is logged with what it claims
+/// (`claimed_peer`, and `not_after` or `issuer`), unverified.
 fn refused<R: std::fmt::Display>(
     metrics: &Metrics,
     e: &DialError,
@@ -656,6 +664,16 @@ fn refused<R: std::fmt::Display>(
     tried: Option<&Tried>,
 ) {
     let reason = e.reason();
+    // What a server certificate this sidecar refused claims: logged only,
+    // never trusted (read unverified), as the inbound side logs a refused
+    // client's.
+    let claimed = match e {
+        DialError::Handshake(_, claimed) => claimed.as_deref(),
+        _ => None,
+    };
+    let claimed_peer = claimed.and_then(|c| c.peer.as_ref());
+    let not_after = claimed.and_then(|c| c.not_after.as_deref());
+    let issuer = claimed.and_then(|c| c.issuer.as_ref());
     tracing::warn!(
         remote = %to.remote,
         expected = %to.expected,
@@ -665,11 +683,14 @@ fn refused<R: std::fmt::Display>(
         tried = tried.map(tracing::field::display),
         reason = %reason,
         error = %e,
+        claimed_peer = claimed_peer.map(tracing::field::display),
+        not_after = not_after.map(tracing::field::display),
+        issuer = issuer.map(tracing::field::display),
         "outbound connection refused"
     );
     if matches!(
         e,
-        DialError::Handshake(_)
+        DialError::Handshake(..)
             | DialError::Timeout
             | DialError::NoCertificate
             | DialError::PeerNotReady
