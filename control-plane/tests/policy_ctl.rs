@@ -614,6 +614,37 @@ fn a_directory_is_read_as_kubectl_reads_it() {
     );
 }
 
+/// Applies `default/no-admin`, which denies `WEB` the path `/admin` of
+/// `API` on every port.
+fn deny_admin(cp: &ControlPlane) {
+    let deny = cp.tmp.path().join("no-admin.yaml");
+    let document = common::policy::allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [/admin]");
+    std::fs::write(&deny, document).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", deny.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `trellisctl policy explain` prints for a connection from `from` to
+/// `to` on port 8080, with `extra` flags; it must succeed.
+fn explained(cp: &ControlPlane, from: &str, to: &str, extra: &[&str]) -> String {
+    let args = [
+        "policy", "explain", "--from", from, "--to", to, "--port", "8080",
+    ];
+    let out = cp.ctl(&[&args[..], extra].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `policy explain --opaque-ports` explains a destination whose sidecar
 /// is not connected now as if it declared those ports opaque: an L7 DENY
 /// denies the whole connection on them, and the trace says the port is
@@ -622,17 +653,7 @@ fn a_directory_is_read_as_kubectl_reads_it() {
 #[test]
 fn explain_takes_the_opaque_ports_of_a_sidecar_not_connected() {
     let cp = ControlPlane::start(&[]);
-    let deny = cp.tmp.path().join("no-admin.yaml");
-    let document = common::policy::allow("no-admin", API, WEB, 5432)
-        .replace("ALLOW", "DENY")
-        .replace("- ports: [5432]", "- paths: [/admin]");
-    std::fs::write(&deny, document).unwrap();
-    let out = cp.ctl(&["policy", "apply", "-f", deny.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    deny_admin(&cp);
     let explain = |extra: &[&str]| {
         let args = [
             "policy", "explain", "--from", WEB, "--to", API, "--port", "5432",
@@ -848,18 +869,7 @@ spec:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let explain = |from: &str, to: &str, extra: &[&str]| {
-        let args = [
-            "policy", "explain", "--from", from, "--to", to, "--port", "8080",
-        ];
-        let out = cp.ctl(&[&args[..], extra].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let explain = |from: &str, to: &str, extra: &[&str]| explained(&cp, from, to, extra);
     let json = |from: &str, to: &str| -> serde_json::Value {
         serde_json::from_str(&explain(from, to, &["-o", "json"])).unwrap()
     };
@@ -948,29 +958,8 @@ spec:
 #[test]
 fn explain_says_which_http_conditions_it_did_not_evaluate() {
     let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
-    let deny = cp.tmp.path().join("no-admin.yaml");
-    let document = common::policy::allow("no-admin", API, WEB, 8080)
-        .replace("ALLOW", "DENY")
-        .replace("- ports: [8080]", "- paths: [/admin]");
-    std::fs::write(&deny, document).unwrap();
-    let out = cp.ctl(&["policy", "apply", "-f", deny.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let explain = |extra: &[&str]| {
-        let args = [
-            "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
-        ];
-        let out = cp.ctl(&[&args[..], extra].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    deny_admin(&cp);
+    let explain = |extra: &[&str]| explained(&cp, WEB, API, extra);
     let unchecked = "not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) \
                      of default/no-admin rule 0, which the sidecar checks on each request\n";
     let text = explain(&[]);
