@@ -409,33 +409,32 @@ mod tests {
             }
         };
 
+        // A Watch refused for want of room, saying `message`.
+        fn assert_exhausted(watched: Result<Held, Status>, message: &str) {
+            let refused = watched.expect_err("refused");
+            assert_eq!(
+                refused.code(),
+                tonic::Code::ResourceExhausted,
+                "{refused:?}"
+            );
+            assert_eq!(refused.message(), message);
+        }
+
         let first = watch(WEB, "10.0.0.1:40000").await.expect("opened");
         let _second = watch(WEB, "10.0.0.1:40001").await.expect("opened");
-        let refused = watch(WEB, "10.0.0.1:40002").await.expect_err("refused");
-        assert_eq!(
-            refused.code(),
-            tonic::Code::ResourceExhausted,
-            "{refused:?}"
-        );
-        assert_eq!(
-            refused.message(),
+        assert_exhausted(
+            watch(WEB, "10.0.0.1:40002").await,
             "spiffe://cluster.local/ns/a/sa/web already holds 2 Watch streams from 10.0.0.1, \
              the most one sidecar may hold at once; close one first (the stream of a restarted \
-             sidecar closes when its old connection fails)"
+             sidecar closes when its old connection fails)",
         );
         // Another replica of the Deployment: the same identity, its own pod.
         let _other_pod = watch(WEB, "10.0.0.2:40000").await.expect("opened");
-        let refused = watch(API, "10.0.0.3:40000").await.expect_err("refused");
-        assert_eq!(
-            refused.code(),
-            tonic::Code::ResourceExhausted,
-            "{refused:?}"
-        );
-        assert_eq!(
-            refused.message(),
+        assert_exhausted(
+            watch(API, "10.0.0.3:40000").await,
             "this control plane replica already holds 3 Watch streams, the most it holds at \
              once; the stream of spiffe://cluster.local/ns/a/sa/api from 10.0.0.3 is refused \
-             until one closes"
+             until one closes",
         );
         let rendered = metrics.render();
         for reason in ["per_sidecar", "total"] {

@@ -1225,6 +1225,24 @@ mod tests {
         String::from_utf8_lossy(&answer).into_owned()
     }
 
+    /// How a body is refused while those being read take all the budget,
+    /// up to the size it needed.
+    fn no_room() -> String {
+        format!(
+            "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
+             bodies at once, and those being read leave no room for "
+        )
+    }
+
+    /// Sends the rest of the body `first` holds room for, and checks it is
+    /// answered.
+    async fn finish(mut first: ClientTls) {
+        first.write_all(&review(SIZE)[SIZE / 2..]).await.unwrap();
+        first.flush().await.unwrap();
+        let served = answer(first).await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+    }
+
     /// With the body budget taken by a body being read, a request whose
     /// `Content-Length` needs more is answered 503 saying so, before its
     /// body is read; once the first body is read and answered, its room is
@@ -1236,19 +1254,11 @@ mod tests {
 
         let refused = webhook.send_whole(false).await;
         assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
-        let message = format!(
-            "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
-             bodies at once, and those being read leave no room for {SIZE} more bytes of this \
-             one; try again\n"
-        );
+        let message = format!("{}{SIZE} more bytes of this one; try again\n", no_room());
         assert!(refused.ends_with(&message), "{refused}");
 
         // The first finishes and is answered: its room is free again.
-        let mut first = first;
-        first.write_all(&review(SIZE)[SIZE / 2..]).await.unwrap();
-        first.flush().await.unwrap();
-        let served = answer(first).await;
-        assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+        finish(first).await;
         let served = webhook.send_whole(false).await;
         assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
         assert!(served.contains("\"uid\":\"7d1c\""), "{served}");
@@ -1263,16 +1273,9 @@ mod tests {
 
         let refused = webhook.send_whole(true).await;
         assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
-        let message = format!(
-            "cannot read the body now: the webhook holds at most {BUDGET} bytes of review \
-             bodies at once, and those being read leave no room for "
-        );
-        assert!(refused.contains(&message), "{refused}");
+        assert!(refused.contains(&no_room()), "{refused}");
 
-        let mut first = first;
-        first.write_all(&review(SIZE)[SIZE / 2..]).await.unwrap();
-        first.flush().await.unwrap();
-        assert!(answer(first).await.starts_with("HTTP/1.1 200 "));
+        finish(first).await;
         let served = webhook.send_whole(true).await;
         assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
     }
