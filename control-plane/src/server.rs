@@ -749,6 +749,33 @@ mod tests {
         (td, ca, listener, addr)
     }
 
+    /// A client of the gRPC port trusting `ca`, presenting no certificate.
+    fn anonymous_client(ca: &CertificateAuthority) -> tokio_rustls::TlsConnector {
+        let config = trusting_the_control_plane(ca)
+            .unwrap()
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)))
+    }
+
+    /// The client's side of a handshake `connector` completes over `tcp`,
+    /// and the connection `incoming` yields for it.
+    async fn complete_handshake(
+        connector: &tokio_rustls::TlsConnector,
+        tcp: TcpStream,
+        incoming: &mut ReceiverStream<Result<TlsConn, io::Error>>,
+    ) -> (tokio_rustls::client::TlsStream<TcpStream>, TlsConn) {
+        let client = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("the handshake completes");
+        let conn = incoming
+            .next()
+            .await
+            .expect("the listener goes on")
+            .expect("a connection");
+        (client, conn)
+    }
+
     /// Clients that send the first byte of a handshake and then nothing
     /// hold every turn for [`TURN_HOLD`] at most: a sidecar that comes
     /// after them is through its handshake long before
@@ -790,23 +817,11 @@ mod tests {
             "never every turn held with clients waiting: {read} read, {unread} unread"
         );
 
-        let config = trusting_the_control_plane(&ca)
-            .unwrap()
-            .with_no_client_auth();
-        let connector =
-            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let connector = anonymous_client(&ca);
         let patience = HANDSHAKE_TIMEOUT / 2;
         let handshake = async {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let _client = connector
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-                .expect("the handshake completes");
-            incoming
-                .next()
-                .await
-                .expect("the listener goes on")
-                .expect("a connection")
+            complete_handshake(&connector, tcp, &mut incoming).await.1
         };
         let served = tokio::time::timeout(patience, handshake).await;
         assert!(
@@ -840,23 +855,11 @@ mod tests {
             stalled.push(tcp);
         }
 
-        let config = trusting_the_control_plane(&ca)
-            .unwrap()
-            .with_no_client_auth();
-        let connector =
-            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let connector = anonymous_client(&ca);
         let patience = HANDSHAKE_TIMEOUT / 2;
         let handshake = async {
             let tcp = connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).await;
-            let _client = connector
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-                .expect("the handshake completes");
-            incoming
-                .next()
-                .await
-                .expect("the listener goes on")
-                .expect("a connection")
+            complete_handshake(&connector, tcp, &mut incoming).await.1
         };
         let served = tokio::time::timeout(patience, handshake).await;
         assert!(
@@ -883,21 +886,13 @@ mod tests {
         (listener.total, listener.per_client) = (4, 3);
         let (_stop, shutdown) = watch::channel(false);
         let mut incoming = listener.run(shutdown, Arc::new(Metrics::default()));
-        let config = trusting_the_control_plane(&ca)
-            .unwrap()
-            .with_no_client_auth();
-        let connector =
-            tokio_rustls::TlsConnector::from(Arc::new(trellis_core::grpc::with_h2_alpn(config)));
+        let connector = anonymous_client(&ca);
         let mut clients = Vec::new();
         let mut served = Vec::new();
         for from in [2, 2, 2, 3, 4] {
             let tcp = connect_from(Ipv4Addr::new(127, 0, 0, from), addr).await;
-            let client = connector
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-                .expect("the handshake completes");
+            let (client, conn) = complete_handshake(&connector, tcp, &mut incoming).await;
             clients.push(client);
-            let conn = incoming.next().await.unwrap().unwrap();
             assert_eq!(conn.peer.remote.ip(), Ipv4Addr::new(127, 0, 0, from));
             served.push(conn);
         }
