@@ -646,22 +646,46 @@ async fn connections_waiting_for_a_slot_are_bounded_in_total() {
     drop(stalled);
 }
 
-/// Policies under which the mesh default is `default` (`allow-mesh`,
-/// `deny`), with `revoked` revoked at `revoked_at` (Unix seconds).
-fn policies_revoking(
-    metrics: &trellis_proxy::metrics::Metrics,
+/// An inbound listener serving as `/ns/b/sa/server` with an SVID of `ca`
+/// in front of `app`, under policies whose mesh default is `default`
+/// (`allow-mesh`, `deny`), with `revoked` revoked at `revoked_at` (Unix
+/// seconds).
+async fn inbound_revoking(
+    ca: &Ca,
+    app: std::net::SocketAddr,
     default: &str,
     revoked: &[trellis_core::SpiffeId],
     revoked_at: i64,
-) -> Arc<trellis_proxy::policy::Policies> {
+) -> TestInbound {
+    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
     let local = id("/ns/b/sa/server");
     let mut policies =
-        trellis_proxy::policy::Policies::compile(1, &local, default.into(), Vec::new(), metrics)
+        trellis_proxy::policy::Policies::compile(1, &local, default.into(), Vec::new(), &metrics)
             .unwrap();
     policies.revocations = Arc::new(trellis_core::revocation::Revocations::new(
         revoked.iter().map(|id| (id.clone(), revoked_at)),
     ));
-    Arc::new(policies)
+    let server = ca.tls_state(&ca.svid(&local), &[]);
+    inbound_with(app, server, Some(Arc::new(policies)), metrics).await
+}
+
+/// Calls `inbound` as `caller`, with an SVID of `ca`, and checks the
+/// connection is closed with nothing read; the address it called from.
+async fn unanswered_call(
+    ca: &Ca,
+    inbound: &TestInbound,
+    caller: &trellis_core::SpiffeId,
+) -> std::net::SocketAddr {
+    let config = ca.client_config(Some((ca, caller)));
+    let mut stream = tls_connect(inbound.addr, config).await.unwrap();
+    let from = stream.get_ref().0.local_addr().unwrap();
+    assert!(
+        read_to_end(&mut stream)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    from
 }
 
 fn unix_now() -> i64 {
@@ -680,31 +704,15 @@ async fn each_revoked_caller_is_logged_by_its_identity() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
-    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
     let (web, api) = (web(), id("/ns/c/sa/api"));
     let revoked_at = unix_now() + 3600;
-    let policies = policies_revoking(
-        &metrics,
-        "allow-mesh",
-        &[web.clone(), api.clone()],
-        revoked_at,
-    );
-    let server = ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]);
-    let inbound = inbound_with(app.addr, server, Some(policies), metrics).await;
+    let revoked = [web.clone(), api.clone()];
+    let inbound = inbound_revoking(&ca, app.addr, "allow-mesh", &revoked, revoked_at).await;
 
     let refused = "inbound connection refused: the caller's identity is revoked";
     let mut callers = Vec::new();
     for caller in [&web, &web, &api] {
-        let config = ca.client_config(Some((&ca, caller)));
-        let mut stream = tls_connect(inbound.addr, config).await.unwrap();
-        let from = stream.get_ref().0.local_addr().unwrap();
-        assert!(
-            read_to_end(&mut stream)
-                .await
-                .unwrap_or_default()
-                .is_empty()
-        );
-        callers.push(from);
+        callers.push(unanswered_call(&ca, &inbound, caller).await);
     }
     let at = trellis_core::clock::rfc3339_checked(revoked_at).unwrap();
     let at = format!("at or before the revocation at {at}");
@@ -742,20 +750,9 @@ async fn a_denied_connection_is_logged_with_the_callers_address() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let ca = Ca::new();
     let app = echo_app().await;
-    let metrics = Arc::new(trellis_proxy::metrics::Metrics::new());
-    let policies = policies_revoking(&metrics, "deny", &[], 0);
-    let server = ca.tls_state(&ca.svid(&id("/ns/b/sa/server")), &[]);
-    let inbound = inbound_with(app.addr, server, Some(policies), metrics).await;
+    let inbound = inbound_revoking(&ca, app.addr, "deny", &[], 0).await;
 
-    let config = ca.client_config(Some((&ca, &web())));
-    let mut stream = tls_connect(inbound.addr, config).await.unwrap();
-    let from = stream.get_ref().0.local_addr().unwrap();
-    assert!(
-        read_to_end(&mut stream)
-            .await
-            .unwrap_or_default()
-            .is_empty()
-    );
+    let from = unanswered_call(&ca, &inbound, &web()).await;
     let peer = format!("peer={} ", web());
     let line = logs
         .wait_for(&["inbound connection denied", &peer, "policy=default:deny"])

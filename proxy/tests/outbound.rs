@@ -16,22 +16,25 @@ use trellis_proxy::drain;
 use trellis_proxy::inbound::REFUSAL_LOG_PAUSE;
 use trellis_proxy::metrics::Metrics;
 use trellis_proxy::outbound::{RouteListener, Shared, Transparent};
+use trellis_proxy::tls::TlsState;
 
 fn shared(ca: &Ca, me: &SpiffeId, expected: &[SpiffeId]) -> Arc<Shared> {
-    let svid = ca.svid(me);
-    let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, expected));
-    let (_snapshot_tx, snapshot) = watch::channel(None);
-    let (_policies_tx, policies) = watch::channel(None);
-    Arc::new(Shared {
-        tls,
-        snapshot,
-        policies,
+    Arc::new(holding(ca.tls_state(&ca.svid(me), expected)))
+}
+
+/// The outbound side of a sidecar holding `tls`, with no snapshot or
+/// policies yet.
+fn holding(tls: Arc<TlsState>) -> Shared {
+    Shared {
+        tls: watch::channel(tls).1,
+        snapshot: watch::channel(None).1,
+        policies: watch::channel(None).1,
         metrics: Arc::new(Metrics::new()),
         own_addrs: Vec::new(),
         plaintext_listeners: Vec::new(),
         user_timeout: Some(trellis_core::tcp::DEFAULT_USER_TIMEOUT),
         peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
-    })
+    }
 }
 
 /// A running route listener; it stops when the returned `Shutdown` drops.
@@ -282,18 +285,10 @@ async fn an_http1_call_on_a_refused_route_is_answered_with_why() {
 
     // `app.addr` stands for a plaintext listener of this sidecar.
     let svid = ca.svid(&id("/ns/a/sa/client"));
-    let (_tls_tx, tls) = watch::channel(ca.tls_state(&svid, std::slice::from_ref(&expected)));
-    let (_snapshot_tx, snapshot) = watch::channel(None);
-    let (_policies_tx, policies) = watch::channel(None);
     let looping = Arc::new(Shared {
-        tls,
-        snapshot,
-        policies,
-        metrics: Arc::new(Metrics::new()),
-        own_addrs: Vec::new(),
         plaintext_listeners: vec![app.addr],
         user_timeout: None,
-        peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
+        ..holding(ca.tls_state(&svid, std::slice::from_ref(&expected)))
     });
     let (_shutdown, drain) = drain::channel();
     let remote = format!("localhost:{}", app.addr.port());
@@ -813,23 +808,6 @@ async fn a_caller_that_only_sends_still_gets_tickets() {
     assert!(open.len() < 50);
 }
 
-/// A route from a sidecar holding `state`, as `shared` makes one.
-fn shared_holding(state: trellis_proxy::tls::TlsState) -> Arc<Shared> {
-    let (_tls_tx, tls) = watch::channel(Arc::new(state));
-    let (_snapshot_tx, snapshot) = watch::channel(None);
-    let (_policies_tx, policies) = watch::channel(None);
-    Arc::new(Shared {
-        tls,
-        snapshot,
-        policies,
-        metrics: Arc::new(Metrics::new()),
-        own_addrs: Vec::new(),
-        plaintext_listeners: Vec::new(),
-        user_timeout: None,
-        peer_refusals: Throttle::new(REFUSAL_LOG_PAUSE),
-    })
-}
-
 /// The server's sidecar verifies a caller's certificate once the caller's
 /// own handshake is over (TLS 1.3), so a caller it does not trust learns
 /// it only from the alert it then reads: its app is answered with why,
@@ -854,7 +832,10 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
         std::slice::from_ref(&server),
     )
     .unwrap();
-    let client = shared_holding(state);
+    let client = Arc::new(Shared {
+        user_timeout: None,
+        ..holding(Arc::new(state))
+    });
     let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
 
     let to = inbound.addr;
