@@ -15,6 +15,7 @@ use common::init::{
     self, AS_UID, WITH_PATH, can_run, ipv6_usable, lines_with, nat_of, ok, on_path, text,
 };
 use common::netns::Netns;
+use std::path::{Path, PathBuf};
 use trellis_proxy::init::Family;
 
 // ---------------------------------------------------------------------------------------
@@ -293,6 +294,27 @@ fn ipv6_auto_skips_a_namespace_with_ipv6_disabled() {
     }
 }
 
+/// Where each of `programs` is on the PATH, when iptables-nft works in `ns` and so does
+/// IPv6; `None`, noted as a skip, otherwise.
+fn nft_with_ipv6<const N: usize>(ns: &Netns, programs: [&str; N]) -> Option<[PathBuf; N]> {
+    let found = programs.map(on_path);
+    if found.iter().all(Option::is_some)
+        && ipv6_usable(ns)
+        && nat_of(ns, "iptables-nft-save").is_some()
+    {
+        Some(found.map(Option::unwrap))
+    } else {
+        common::machine::note("skipped: needs iptables-nft with IPv6");
+        None
+    }
+}
+
+/// A shell script at `path` running `body`, executable.
+fn write_script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 #[test]
 fn a_failed_ipv6_change_reverts_the_ipv4_one() {
     if !can_run() {
@@ -304,14 +326,7 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
         "iptables-nft-restore",
         "ip6tables-nft-save",
     ];
-    let (Some(found), true) = (
-        programs
-            .iter()
-            .map(|p| on_path(p))
-            .collect::<Option<Vec<_>>>(),
-        ipv6_usable(&ns) && nat_of(&ns, "iptables-nft-save").is_some(),
-    ) else {
-        common::machine::note("skipped: needs iptables-nft with IPv6");
+    let Some(found) = nft_with_ipv6(&ns, programs) else {
         return;
     };
     // A PATH where everything works except ip6tables-nft-restore.
@@ -319,9 +334,10 @@ fn a_failed_ipv6_change_reverts_the_ipv4_one() {
     for (name, target) in programs.iter().zip(found) {
         std::os::unix::fs::symlink(target, bin.path().join(name)).unwrap();
     }
-    let broken = bin.path().join("ip6tables-nft-restore");
-    std::fs::write(&broken, "#!/bin/sh\necho 'simulated failure' >&2\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    write_script(
+        &bin.path().join("ip6tables-nft-restore"),
+        "echo 'simulated failure' >&2\nexit 1",
+    );
     let failing_init = |args: &[&str]| {
         let mut all = vec!["--backend", "nft", "--ipv6", "on"];
         all.extend_from_slice(args);
@@ -391,15 +407,7 @@ fn a_revert_that_fails_for_one_family_still_reverts_the_other_and_says_so() {
         "ip6tables-nft-save",
         "ip6tables-nft-restore",
     ];
-    let (Some([save4, restore4, save6, restore6]), true) = (
-        programs
-            .iter()
-            .map(|p| on_path(p))
-            .collect::<Option<Vec<_>>>()
-            .and_then(|found| <[_; 4]>::try_from(found).ok()),
-        ipv6_usable(&ns) && nat_of(&ns, "iptables-nft-save").is_some(),
-    ) else {
-        common::machine::note("skipped: needs iptables-nft with IPv6");
+    let Some([save4, restore4, save6, restore6]) = nft_with_ipv6(&ns, programs) else {
         return;
     };
     // A PATH where the IPv4 change works and putting it back does not, and the IPv6
@@ -409,15 +417,12 @@ fn a_revert_that_fails_for_one_family_still_reverts_the_other_and_says_so() {
         std::os::unix::fs::symlink(target, bin.path().join(name)).unwrap();
     }
     let script = |name: &str, first: String, second: String| {
-        let path = bin.path().join(name);
         let calls = bin.path().join(format!("{name}.calls"));
-        let text = format!(
-            "#!/bin/sh\nif [ -e {calls} ]; then\n{second}\nelse\n: > {calls}\n{first}\nfi\n",
+        let body = format!(
+            "if [ -e {calls} ]; then\n{second}\nelse\n: > {calls}\n{first}\nfi",
             calls = calls.display()
         );
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        write_script(&bin.path().join(name), &body);
     };
     script(
         "iptables-nft-restore",
