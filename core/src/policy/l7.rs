@@ -345,6 +345,25 @@ const LOOK_ALIKES: [(char, char); 12] = [
     ('\u{29F9}', '\\'), // BIG REVERSE SOLIDUS
 ];
 
+/// What a `CONNECT` request is answered, with 501, whatever the rules: a
+/// tunnel would carry requests no policy decides.
+pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
+     (declare the port opaque to pass its connections as TCP)";
+
+/// Why the proxy refuses the path of a request with `method` before any
+/// rule decides it, if it does: only where `reads_paths` (an ALLOW or DENY
+/// rule on the request's port, or a rate limit, reads paths; an encoded
+/// `/` in an ID is no one's business where nothing compares paths), and
+/// never for `OPTIONS *`, which asks about the server as a whole and is
+/// decided with `*` as its path, which no path in a rule matches.
+pub fn request_path_problem(method: &str, path: &str, reads_paths: bool) -> Option<PathProblem> {
+    let asterisk = path == "*" && method == "OPTIONS";
+    if !reads_paths || asterisk {
+        return None;
+    }
+    check_path(path).err()
+}
+
 /// Whether the proxy decides on `path`, or why not: no `.`/`..` or empty
 /// segments (a trailing `/` is fine), what follows a `;` in a segment left
 /// out (`..;x` is `..` to a servlet container), and no escapes, characters

@@ -282,6 +282,15 @@ impl Limit {
 }
 
 impl RateLimitPolicy {
+    /// Whether the limit looks at the request path (it matches paths, or
+    /// keys buckets by route): then a path an app could read as another
+    /// must be refused before the limit sees it, or it would escape the
+    /// limit ([`request_path_problem`](super::l7::request_path_problem)).
+    pub fn reads_paths(&self) -> bool {
+        let paths = self.spec.matches.iter().flatten().flat_map(|m| &m.paths);
+        paths.count() > 0 || self.spec.key != LimitKey::Source
+    }
+
     /// The protobuf form of a valid rate limit.
     pub fn to_proto(&self) -> proto::RateLimit {
         proto::RateLimit {

@@ -48,8 +48,7 @@ pub const NO_SNAPSHOT_DENIAL: &str =
     "denied: this sidecar has no policy snapshot yet (the control plane has not been reached)";
 
 /// What a `CONNECT` request is answered, with 501.
-pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
-     (declare the port opaque to pass its connections as TCP)";
+pub use trellis_core::policy::l7::CONNECT_REFUSED;
 
 /// What an HTTP/2 request whose header list is over
 /// [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST) is answered, with 431.
@@ -193,19 +192,14 @@ impl<S> Authorize<S> {
         }
         let current = self.policies.get();
         let path = request.uri().path();
-        // `OPTIONS *` asks about the server as a whole: decided with `*` as
-        // its path, which no path in a rule matches.
-        let asterisk = path == "*" && request.method() == Method::OPTIONS;
         // Rules and rate limits match paths as written, apps route them
         // decoded and resolved: `/a/../admin`, `/%61dmin` or `/admin%2Fx`
         // must not pass for something a rule on `/admin/*` does not see.
-        // Only where a rule on this port or a rate limit reads paths: an
-        // encoded `/` in an ID (`group%2Fproject`) is no one's business
-        // where nothing compares paths.
+        // Only where a rule on this port or a rate limit reads paths (and
+        // never for `OPTIONS *`), as `policy explain` answers too.
         let reads_paths = current.is_some_and(|p| p.checks_paths(self.port));
-        if reads_paths
-            && !asterisk
-            && let Err(problem) = l7::check_path(path)
+        if let Some(problem) =
+            l7::request_path_problem(request.method().as_str(), path, reads_paths)
         {
             entry.outcome = "invalid";
             entry.problem = Some(path_problem(problem));

@@ -61,6 +61,8 @@ struct Limit {
     key: LimitKey,
     /// Empty: every request.
     paths: Box<[PathPattern]>,
+    /// See [`RateLimitPolicy::reads_paths`].
+    reads_paths: bool,
     hasher: RandomState,
     shards: Box<[Mutex<HashMap<u64, Bucket>>]>,
     counter: Counter,
@@ -157,6 +159,7 @@ impl RateLimits {
                 burst: doc.spec.limit.burst as f64,
                 key: doc.spec.key,
                 paths,
+                reads_paths: doc.reads_paths(),
                 hasher: RandomState::new(),
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             });
@@ -182,9 +185,7 @@ impl RateLimits {
     /// keys buckets by route): then a path an app could read as another
     /// must be refused before it gets here, or it would escape the limit.
     pub fn reads_paths(&self) -> bool {
-        self.limits
-            .iter()
-            .any(|l| !l.paths.is_empty() || l.key != LimitKey::Source)
+        self.limits.iter().any(|l| l.reads_paths)
     }
 
     /// Takes a token for a request from `source` to `path` from every limit
