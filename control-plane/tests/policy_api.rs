@@ -394,6 +394,7 @@ async fn a_sidecar_identity_may_not_apply_policies() {
             destination: API.into(),
             port: 80,
             opaque_ports: Vec::new(),
+            request: None,
         })
         .await
         .unwrap_err();
@@ -444,6 +445,7 @@ async fn explain_says_an_l7_deny_fails_closed_on_a_mesh_opaque_port() {
             destination: API.into(),
             port: 5432,
             opaque_ports: Vec::new(),
+            request: None,
         })
         .await
         .unwrap()
@@ -735,6 +737,7 @@ async fn explain_names_a_peer_that_did_not_answer() {
         destination: API.into(),
         port: 5432,
         opaque_ports: Vec::new(),
+        request: None,
     };
     let answer = admin.explain(request).await.unwrap().into_inner();
     let origin = answer.explanation.unwrap().opaque.unwrap();
@@ -789,6 +792,7 @@ async fn explain_web_to_api(
         destination: API.into(),
         port,
         opaque_ports: Vec::new(),
+        request: None,
     };
     (admin.explain(request).await)
         .unwrap()
@@ -814,6 +818,7 @@ async fn explain_takes_opaque_ports_in_the_request_and_refuses_bad_ones() {
         destination: API.into(),
         port: 5432,
         opaque_ports,
+        request: None,
     };
     let what_if = admin
         .explain(explain(vec![6379, 5432]))
@@ -865,6 +870,7 @@ async fn explain_names_the_deciding_rule() {
         destination: API.into(),
         port,
         opaque_ports: Vec::new(),
+        request: None,
     };
     let allowed = admin
         .explain(explain(8080))

@@ -24,16 +24,16 @@
 use prost::Message;
 use tonic::{Code, Status};
 use trellis_core::policy::{
-    AuthorizationPolicy, Diagnostic, Document, OpaquePorts, RateLimitPolicy, ValidationContext,
-    WorkloadSelector, document_from_proto, explain, load_source_in, policy_key, validate_proto_in,
-    validate_rate_limit_in_with,
+    AuthorizationPolicy, Diagnostic, Document, ExplainedHttp, HttpRequest, OpaquePorts,
+    RateLimitPolicy, ValidationContext, WorkloadSelector, document_from_proto, explain,
+    explain_http, l7, load_source_in, policy_key, validate_proto_in, validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, DeletePolicyResponse,
-    ExplainRequest, ExplainResponse, ExplainedRevocation, GetPolicyRequest, GetPolicyResponse,
-    ListPoliciesResponse, ListStreamsRequest, PolicyError, PolicyErrors, PolicyResult,
-    RateLimitRecord, StoredPolicyWarning,
+    ExplainRequest, ExplainResponse, ExplainedHttpRequest, ExplainedRevocation, GetPolicyRequest,
+    GetPolicyResponse, ListPoliciesResponse, ListStreamsRequest, PolicyError, PolicyErrors,
+    PolicyResult, RateLimitRecord, StoredPolicyWarning,
 };
 use trellis_proto::policy::v1::{Policy, RateLimit, Selector, Violation};
 
@@ -601,11 +601,36 @@ pub async fn explain_request(
         sidecars: fleet.opaque_ports(destination.as_str()),
         requested,
     };
+    let http = (req.request.as_ref())
+        .map(|r| explained_request(r).map_err(Status::invalid_argument))
+        .transpose()?;
     let view = mesh.discovery.view();
     let policies: Vec<Policy> = view.policies.iter().map(|(_, p)| p.clone()).collect();
     let default = mesh.discovery.default_policy();
-    let explanation =
-        explain(&source, &destination, port, &policies, default, &opaque).map_err(internal)?;
+    let rate_limits = view.rate_limits_for(&destination);
+    let explanation = match &http {
+        None => explain(&source, &destination, port, &policies, default, &opaque),
+        Some((method, path, headers)) => {
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method,
+                    path,
+                    headers,
+                },
+                limits_read_paths: limits_read_paths(&rate_limits),
+            };
+            explain_http(
+                &source,
+                &destination,
+                port,
+                &policies,
+                default,
+                &opaque,
+                &http,
+            )
+        }
+    }
+    .map_err(internal)?;
     let unanswered_replicas = (fleet.replicas.into_iter())
         .filter(|r| !r.error.is_empty())
         .collect();
@@ -627,8 +652,83 @@ pub async fn explain_request(
         explanation: Some(explanation.to_proto()),
         unanswered_replicas,
         revocations,
-        rate_limits: view.rate_limits_for(&destination),
+        rate_limits,
     })
+}
+
+/// Whether any of a destination's rate limits reads request paths, as
+/// its sidecar compiles them (a stored one that no longer reads back is
+/// taken to, as a path check is the safe answer).
+fn limits_read_paths(limits: &[RateLimit]) -> bool {
+    (limits.iter()).any(|l| !matches!(RateLimitPolicy::from_proto(l), Ok(p) if !p.reads_paths()))
+}
+
+/// The method, path (without its query) and headers of an Explain's HTTP
+/// request, each checked as an HTTP server reads it; why not, naming the
+/// field (a header's value is never repeated: it may hold a credential).
+fn explained_request(
+    r: &ExplainedHttpRequest,
+) -> Result<(String, String, http::HeaderMap), String> {
+    let method = http_method(&r.method).map_err(|e| format!("request.method: {e}"))?;
+    let path = http_path(&r.path).map_err(|e| format!("request.path: {e}"))?;
+    let mut headers = http::HeaderMap::new();
+    for (i, h) in r.headers.iter().enumerate() {
+        let (name, value) =
+            header_parts(&h.name, &h.value).map_err(|e| format!("request.headers[{i}]: {e}"))?;
+        headers.append(name, value);
+    }
+    Ok((method, path, headers))
+}
+
+/// An HTTP method as a request line carries it: an RFC 9110 token, case
+/// kept (`get` is another method than `GET`).
+pub fn http_method(text: &str) -> Result<String, String> {
+    match l7::is_token(text) {
+        true => Ok(text.to_owned()),
+        false => Err(format!(
+            "{} is not an HTTP method (a token such as GET)",
+            super::quoted(text)
+        )),
+    }
+}
+
+/// The path of a request target (`/users/7?x=1`), or `*`: the path
+/// without its query, as the sidecar matches rules on it.
+pub fn http_path(text: &str) -> Result<String, String> {
+    let parsed = (text.starts_with('/') || text == "*")
+        .then(|| http::uri::PathAndQuery::try_from(text).ok())
+        .flatten();
+    match parsed {
+        Some(p) => Ok(p.path().to_owned()),
+        None => Err(format!(
+            "{} is not a request path (it starts with '/', or is '*', and holds no spaces \
+             or control characters)",
+            super::quoted(text)
+        )),
+    }
+}
+
+/// One header `NAME: VALUE`, as `trellisctl policy explain --header` takes
+/// it; why not, never repeating the value.
+pub fn http_header(text: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = text.split_once(':') else {
+        return Err(format!(
+            "{} is not NAME: VALUE (no ':')",
+            super::quoted(text.split_whitespace().next().unwrap_or_default())
+        ));
+    };
+    let (name, value) = (name.trim(), value.trim());
+    header_parts(name, value)?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// A header's name and value, each checked as an HTTP server does.
+fn header_parts(name: &str, value: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let header_name = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{} is not a header name", super::quoted(name)))?;
+    let value = http::HeaderValue::from_str(value)
+        .map_err(|_| format!("the value of {} is not a header value", super::quoted(name)))?;
+    Ok((header_name, value))
 }
 
 #[cfg(test)]

@@ -30,14 +30,14 @@ use tonic::transport::Channel;
 use trellis_core::TrustDomain;
 use trellis_core::policy::{
     AuthorizationPolicy, Decision, Document, Explanation, Loaded, PolicyFiles, RateLimitPolicy,
-    Reason, RuleRef, SelectorScope, ValidationContext, Walk, document_from_proto,
-    find_policy_files, load_files_in, policy_key,
+    Reason, RequestAnswer, RequestOutcome, RuleRef, SelectorScope, ValidationContext, Walk,
+    document_from_proto, find_policy_files, load_files_in, policy_key,
 };
 use trellis_proto::admin::v1::RateLimitRecord;
 use trellis_proto::admin::v1::admin_client::AdminClient;
 use trellis_proto::admin::v1::{
     ApplyPolicyRequest, ApplyPolicyResponse, DeletePolicyRequest, ExplainRequest, ExplainResponse,
-    GetPolicyRequest, ListPoliciesRequest, PolicyOutcome,
+    ExplainedHttpRequest, GetPolicyRequest, HttpHeader, ListPoliciesRequest, PolicyOutcome,
 };
 use trellis_proto::policy::v1::{Action, Policy, RateLimit};
 
@@ -244,6 +244,21 @@ pub enum RemotePolicyCommand {
             value_parser = trellis_core::tcp::parse_port
         )]
         opaque_ports: Vec<u16>,
+        /// Also decide one HTTP request with this path on the connection
+        /// (a query after `?` is left out), as the destination's sidecar
+        /// would: the answer names the deciding rule and the outcome
+        /// (allowed, denied with 403, or refused before any rule, e.g. a
+        /// path an app could read as another one), and the rules' HTTP
+        /// conditions are evaluated against it.
+        #[arg(long, value_name = "PATH", value_parser = crate::api::policy::http_path)]
+        path: Option<String>,
+        /// The method of the request --path names (default GET).
+        #[arg(long, value_name = "M", requires = "path", value_parser = crate::api::policy::http_method)]
+        method: Option<String>,
+        /// A header of the request --path names, `NAME: VALUE`; repeat for
+        /// more (a name given twice is sent twice).
+        #[arg(long, value_name = "NAME: VALUE", requires = "path", value_parser = crate::api::policy::http_header)]
+        header: Vec<(String, String)>,
         /// Output format: `table` prints the trace as text.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
@@ -402,14 +417,29 @@ pub async fn run(
             to,
             port,
             opaque_ports,
+            path,
+            method,
+            header,
             output,
         } => {
+            let request = path.as_ref().map(|path| ExplainedHttpRequest {
+                method: method.clone().unwrap_or_else(|| "GET".to_owned()),
+                path: path.clone(),
+                headers: (header.iter())
+                    .map(|(name, value)| HttpHeader {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            });
+            let asked = request.is_some();
             let mut response = client
                 .explain(ExplainRequest {
                     source: from.clone(),
                     destination: to.clone(),
                     port: u32::from(*port),
                     opaque_ports: opaque_ports.iter().map(|&p| p.into()).collect(),
+                    request,
                 })
                 .await?
                 .into_inner();
@@ -419,6 +449,16 @@ pub async fn run(
                     "the control plane sent an unreadable answer: {e}"
                 )))
             })?;
+            if asked && explanation.request.is_none() {
+                // A control plane older than --path answers the connection
+                // alone: saying nothing of the request would read as if
+                // the connection's verdict were the request's.
+                return Err(CtlError::Usage(
+                    "the control plane does not decide HTTP requests (it predates --path): \
+                     upgrade it, or explain the connection alone"
+                        .to_owned(),
+                ));
+            }
             Ok(Printed::out(match output {
                 Output::Table => format!(
                     "{}{}",
@@ -774,9 +814,7 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
         out.push_str("decision: refused (revoked); the policies alone would decide:\n");
     }
     out.push_str(&e.to_string());
-    let unchecked: Vec<String> = (per_request_rules(e).iter())
-        .map(ToString::to_string)
-        .collect();
+    let unchecked: Vec<String> = (not_evaluated(e).iter()).map(ToString::to_string).collect();
     if !unchecked.is_empty() {
         out.push_str(&format!(
             "not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) of {}, \
@@ -815,8 +853,12 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
 }
 
 /// The rules whose source and port match and whose HTTP conditions decide
-/// each request: an explanation evaluates no request against them.
-fn per_request_rules(e: &Explanation) -> Vec<RuleRef> {
+/// each request, when the explanation evaluated no request against them
+/// (none was named, or the one named was refused before any rule).
+fn not_evaluated(e: &Explanation) -> Vec<RuleRef> {
+    if matches!(&e.request, Some(r) if matches!(r.outcome, RequestOutcome::Decided(_))) {
+        return Vec::new();
+    }
     (e.policies.iter())
         .flat_map(|p| {
             (p.rules.iter()).filter(|r| r.per_request).map(|r| RuleRef {
@@ -892,7 +934,10 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
         },
         // The rules whose HTTP conditions decide each request, which no
         // request was evaluated against.
-        "not_evaluated": per_request_rules(e).iter().map(rule_json).collect::<Vec<_>>(),
+        "not_evaluated": not_evaluated(e).iter().map(rule_json).collect::<Vec<_>>(),
+        // What the destination's sidecar does with the request named
+        // (--path); null when none was.
+        "request": e.request.as_ref().map(request_json),
         // The rate limits selecting the destination; none applies on an
         // opaque port.
         "rate_limits": response.rate_limits.iter().map(|l| serde_json::json!({
@@ -924,6 +969,39 @@ fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
         ("deciding_rule".to_owned(), rule.into()),
         ("audits".to_owned(), audits.into()),
     ])
+}
+
+/// A request's outcome ("allow", "deny", "refused" or "opaque"), the status
+/// the sidecar answers with (null when the app answers), and why: the
+/// deciding rule and audits of a decision, the words of a refusal.
+fn request_json(r: &RequestAnswer) -> serde_json::Value {
+    let mut out = serde_json::json!({
+        "method": r.method,
+        "path": r.path,
+        "answer": r.to_string(),
+    });
+    let fields = match &r.outcome {
+        RequestOutcome::Decided(d) => {
+            let mut fields = decision_json(d);
+            let status = (!d.is_allowed()).then_some(403);
+            fields.insert("outcome".to_owned(), d.verdict.as_str().into());
+            fields.insert("status".to_owned(), status.into());
+            fields
+        }
+        RequestOutcome::Refused { status, why } => serde_json::Map::from_iter([
+            ("outcome".to_owned(), "refused".into()),
+            ("status".to_owned(), (*status).into()),
+            ("refusal".to_owned(), why.as_str().into()),
+        ]),
+        RequestOutcome::Opaque => serde_json::Map::from_iter([
+            ("outcome".to_owned(), "opaque".into()),
+            ("status".to_owned(), serde_json::Value::Null),
+        ]),
+    };
+    if let Some(out) = out.as_object_mut() {
+        out.extend(fields);
+    }
+    out
 }
 
 fn rule_json(r: &RuleRef) -> serde_json::Value {

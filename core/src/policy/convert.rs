@@ -20,7 +20,9 @@ use super::document::{
     Metadata, Rule, Selector, Source,
 };
 use super::engine::{Decision, DefaultPolicy, Reason, RuleRef, Verdict};
-use super::explain::{Explanation, OpaqueOrigin, PerRequest, PolicyTrace, RuleTrace};
+use super::explain::{
+    Explanation, OpaqueOrigin, PerRequest, PolicyTrace, RequestAnswer, RequestOutcome, RuleTrace,
+};
 use super::path::FieldPath;
 use super::validate::{
     Severity, ValidPolicy, ValidationContext, Violation, Violations, validate_in,
@@ -283,6 +285,7 @@ impl Explanation {
                 denied_by: p.denied_by().map(RuleRef::to_proto),
                 audited_by: p.audited_by.iter().map(RuleRef::to_proto).collect(),
             }),
+            request: self.request.as_ref().map(request_to_proto),
         }
     }
 
@@ -336,8 +339,69 @@ impl Explanation {
                 }),
                 audited_by: p.audited_by.iter().map(RuleRef::from_proto).collect(),
             }),
+            request: e.request.as_ref().map(request_from_proto).transpose()?,
         })
     }
+}
+
+fn request_to_proto(r: &RequestAnswer) -> proto::RequestAnswer {
+    let mut answer = proto::RequestAnswer {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        ..proto::RequestAnswer::default()
+    };
+    match &r.outcome {
+        RequestOutcome::Decided(d) => {
+            answer.outcome = d.verdict.as_str().to_owned();
+            answer.status = if d.is_allowed() { 0 } else { 403 };
+            match &d.reason {
+                Reason::Rule(rule) => answer.deciding_rule = Some(rule.to_proto()),
+                Reason::Default(mode) => answer.default_policy = mode.as_str().to_owned(),
+                // The control plane always has its policies.
+                Reason::NoSnapshot => {}
+            }
+            answer.audits = d.audits.iter().map(RuleRef::to_proto).collect();
+        }
+        RequestOutcome::Refused { status, why } => {
+            answer.outcome = "refused".to_owned();
+            answer.status = u32::from(*status);
+            answer.refusal = why.clone();
+        }
+        RequestOutcome::Opaque => answer.outcome = "opaque".to_owned(),
+    }
+    answer
+}
+
+fn request_from_proto(r: &proto::RequestAnswer) -> Result<RequestAnswer, InvalidExplanation> {
+    let bad = |what: String| InvalidExplanation(format!("request: {what}"));
+    let decided = |verdict| {
+        let reason = match &r.deciding_rule {
+            Some(rule) => Reason::Rule(RuleRef::from_proto(rule)),
+            None => Reason::Default(
+                (r.default_policy.parse::<DefaultPolicy>()).map_err(|e| bad(e.to_string()))?,
+            ),
+        };
+        Ok(RequestOutcome::Decided(Decision {
+            verdict,
+            reason,
+            audits: r.audits.iter().map(RuleRef::from_proto).collect(),
+        }))
+    };
+    let outcome = match r.outcome.as_str() {
+        "allow" => decided(Verdict::Allow)?,
+        "deny" => decided(Verdict::Deny)?,
+        "refused" => RequestOutcome::Refused {
+            status: u16::try_from(r.status).map_err(|_| bad(format!("status {}", r.status)))?,
+            why: r.refusal.clone(),
+        },
+        "opaque" => RequestOutcome::Opaque,
+        other => return Err(bad(format!("outcome {other:?}"))),
+    };
+    Ok(RequestAnswer {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        outcome,
+    })
 }
 
 fn trace_to_proto(t: &PolicyTrace) -> proto::PolicyTrace {

@@ -17,6 +17,7 @@ use super::engine::{
     CompileError, CompiledPolicy, CompiledRule, Decision, DefaultPolicy, OpaqueFallback, PolicySet,
     Reason, RuleRef,
 };
+use super::l7::{self, HttpRequest};
 use super::validate::{SelectorScope, ValidationContext};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -35,6 +36,96 @@ pub struct Explanation {
     /// `decision` is not the whole story for them; `None` when each request
     /// gets `decision` (and always on an opaque port).
     pub per_request: Option<PerRequest>,
+    /// What the destination's sidecar does with the HTTP request asked
+    /// about ([`explain_http`]); `None` when none was.
+    pub request: Option<RequestAnswer>,
+}
+
+/// An HTTP request to explain, and what the destination's sidecar knows
+/// besides the authorization policies that decides whether it checks the
+/// request's path.
+#[derive(Debug, Clone, Copy)]
+pub struct ExplainedHttp<'a> {
+    pub request: HttpRequest<'a>,
+    /// Whether a rate limit selecting the destination reads paths
+    /// ([`RateLimitPolicy::reads_paths`](super::RateLimitPolicy::reads_paths)).
+    pub limits_read_paths: bool,
+}
+
+/// What the destination's sidecar does with one HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestAnswer {
+    pub method: String,
+    /// Without the query.
+    pub path: String,
+    pub outcome: RequestOutcome,
+}
+
+/// How a sidecar answers one HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Decided by the rules ([`PolicySet::decide_request`]): allowed, it
+    /// reaches the app; denied, it is answered 403.
+    Decided(Decision),
+    /// Answered before any rule is checked, with `status`, for `why`
+    /// (e.g. a path an app could read as another one).
+    Refused { status: u16, why: String },
+    /// The port is opaque: never parsed as HTTP, so no request is decided
+    /// and the connection's verdict applies.
+    Opaque,
+}
+
+impl RequestAnswer {
+    /// What the sidecar holding `set` does with `http` from `source` on
+    /// `port` (`opaque` when it never parses the port as HTTP): the checks
+    /// its request layer makes before the rules, then the rules.
+    fn of(
+        set: &PolicySet,
+        http: &ExplainedHttp<'_>,
+        source: &SpiffeId,
+        port: u16,
+        opaque: bool,
+    ) -> Self {
+        let HttpRequest { method, path, .. } = http.request;
+        let reads_paths = http.limits_read_paths || set.matches_paths_on(port);
+        let outcome = if opaque {
+            RequestOutcome::Opaque
+        } else if method == "CONNECT" {
+            RequestOutcome::Refused {
+                status: 501,
+                why: l7::CONNECT_REFUSED.to_owned(),
+            }
+        } else if let Some(problem) = l7::request_path_problem(method, path, reads_paths) {
+            RequestOutcome::Refused {
+                status: 400,
+                why: problem.to_string(),
+            }
+        } else {
+            RequestOutcome::Decided(set.decide_request(source, port, &http.request))
+        };
+        RequestAnswer {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            outcome,
+        }
+    }
+}
+
+impl fmt::Display for RequestAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request {} {}: ", self.method, self.path)?;
+        match &self.outcome {
+            RequestOutcome::Decided(d) if d.is_allowed() => write!(f, "{d} (passed to the app)"),
+            RequestOutcome::Decided(d) => write!(f, "{d} (answered 403)"),
+            RequestOutcome::Refused { status, why } => {
+                write!(f, "refused (answered {status}): {why}")
+            }
+            RequestOutcome::Opaque => f.write_str(
+                "not decided: the port is opaque (never parsed as HTTP), the connection's \
+                 verdict applies",
+            ),
+        }
+    }
 }
 
 /// L7 rules that decide the HTTP requests of a connection on a port parsed
@@ -239,6 +330,41 @@ pub fn explain(
     default: DefaultPolicy,
     opaque: &OpaquePorts,
 ) -> Result<Explanation, CompileError> {
+    explain_with(source, destination, port, policies, default, opaque, None)
+}
+
+/// [`explain`], and what the destination's sidecar does with the HTTP
+/// request `http` on the connection ([`Explanation::request`]), by the
+/// same code as the sidecar's request layer.
+pub fn explain_http(
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    port: u16,
+    policies: &[proto::Policy],
+    default: DefaultPolicy,
+    opaque: &OpaquePorts,
+    http: &ExplainedHttp<'_>,
+) -> Result<Explanation, CompileError> {
+    explain_with(
+        source,
+        destination,
+        port,
+        policies,
+        default,
+        opaque,
+        Some(http),
+    )
+}
+
+fn explain_with(
+    source: &SpiffeId,
+    destination: &SpiffeId,
+    port: u16,
+    policies: &[proto::Policy],
+    default: DefaultPolicy,
+    opaque: &OpaquePorts,
+    http: Option<&ExplainedHttp<'_>>,
+) -> Result<Explanation, CompileError> {
     let origin = opaque.origin(port);
     // Sorted, without duplicates, as `fail_closed_on` takes them.
     let opaque = opaque.all();
@@ -278,6 +404,7 @@ pub fn explain(
     } else {
         None
     };
+    let request = http.map(|http| RequestAnswer::of(&set, http, source, port, origin.is_some()));
     Ok(Explanation {
         source: source.clone(),
         destination: destination.clone(),
@@ -286,6 +413,7 @@ pub fn explain(
         decision,
         opaque: origin,
         per_request,
+        request,
     })
 }
 
@@ -454,6 +582,9 @@ impl fmt::Display for Explanation {
             write!(f, "{audit}")?;
         }
         writeln!(f)?;
+        if let Some(request) = &self.request {
+            writeln!(f, "  {request}")?;
+        }
         if let Some(not_http) = self.not_http() {
             let why = if !decision.is_allowed() {
                 "the connection is admitted for HTTP requests only"
@@ -600,6 +731,98 @@ spec:
 
     fn first_lines(e: &Explanation) -> String {
         e.to_string().lines().take(2).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A request named is answered as the sidecar's request layer answers
+    /// it: a path an app could read as another is refused only where a
+    /// rule or a rate limit reads paths, `CONNECT` is refused whatever
+    /// the rules, a header condition is checked, and on an opaque port no
+    /// request is decided. Each answer reads back from its protobuf form.
+    #[test]
+    fn an_http_request_is_answered_as_the_sidecar_answers_it() {
+        let allow = policy(
+            "web-to-api",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
+        );
+        let deny = policy(
+            "no-debug",
+            "DENY",
+            "    - to: [{headers: {x-debug: \"1\"}}]\n",
+        );
+        let policies = [allow, deny];
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let answer = |method, path, headers: &[(&str, &str)], limits_read_paths, opaque: &[u16]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method,
+                    path,
+                    headers: &map,
+                },
+                limits_read_paths,
+            };
+            let opaque = OpaquePorts {
+                requested: opaque.to_vec(),
+                ..OpaquePorts::default()
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                &policies,
+                DefaultPolicy::Deny,
+                &opaque,
+                &http,
+            )
+            .unwrap();
+            let read = Explanation::from_proto(&explained.to_proto()).unwrap();
+            assert_eq!(read, explained);
+            explained.request.unwrap().to_string()
+        };
+
+        assert_eq!(
+            answer("GET", "/a/%2e%2e/b", &[], false, &[]),
+            "request GET /a/%2e%2e/b: allow by b/web-to-api rule 0 (passed to the app)"
+        );
+        assert_eq!(
+            answer("GET", "/a/%2e%2e/b", &[], true, &[]),
+            "request GET /a/%2e%2e/b: refused (answered 400): path encodes '.' as %2e: send \
+             unreserved characters as they are (RFC 3986)"
+        );
+        assert_eq!(
+            answer("OPTIONS", "*", &[], true, &[]),
+            "request OPTIONS *: allow by b/web-to-api rule 0 (passed to the app)"
+        );
+        assert_eq!(
+            answer("CONNECT", "/", &[], false, &[]),
+            format!(
+                "request CONNECT /: refused (answered 501): {}",
+                l7::CONNECT_REFUSED
+            )
+        );
+        assert_eq!(
+            answer(
+                "GET",
+                "/x",
+                &[("x-debug", "0"), ("x-debug", "1")],
+                false,
+                &[]
+            ),
+            "request GET /x: deny by b/no-debug rule 0 (answered 403)"
+        );
+        assert_eq!(
+            answer("GET", "/x", &[("x-debug", "1")], false, &[8080]),
+            "request GET /x: not decided: the port is opaque (never parsed as HTTP), the \
+             connection's verdict applies"
+        );
     }
 
     /// An ALLOW rule with only HTTP conditions, under the mesh's default

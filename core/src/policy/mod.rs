@@ -59,7 +59,8 @@ pub use engine::{
     UnknownDefaultPolicy, Verdict, WorkloadSelector, selects,
 };
 pub use explain::{
-    Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RuleTrace, explain,
+    ExplainedHttp, Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RequestAnswer,
+    RequestOutcome, RuleTrace, explain, explain_http,
 };
 pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
