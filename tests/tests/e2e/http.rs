@@ -322,12 +322,44 @@ spec:
     );
     let allowed = connection.get("/hello").await?.success()?;
     assert_eq!(allowed.body, app.greeting());
+    // A DENY path matches in any letter case.
+    let denied = connection.get("/ADMIN/users").await?;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
     let paths: Vec<_> = app.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(
         paths,
         ["/hello"],
         "the denied request never reached the app"
     );
+
+    // `policy explain` answers each request as the sidecar did.
+    let port = app.addr().port().to_string();
+    for (path, answer) in [
+        (
+            "/admin/users",
+            "deny by default/no-admin rule 0 (answered 403)",
+        ),
+        (
+            "/ADMIN/users",
+            "deny by default/no-admin rule 0 (answered 403)",
+        ),
+        (
+            "/hello",
+            "allow by default/web-to-api rule 0 (passed to the app)",
+        ),
+    ] {
+        let (from, to) = (s.web.identity(), s.api.identity());
+        let explained = s
+            .mesh
+            .ctl([
+                "policy", "explain", "--from", from, "--to", to, "--port", &port, "--path", path,
+            ])
+            .await?;
+        assert!(
+            explained.contains(&format!("\n  request GET {path}: {answer}\n")),
+            "{explained}"
+        );
+    }
     Ok(())
 }
 
