@@ -869,9 +869,105 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
-/// A caller the server's sidecar refuses once the handshake is over, a
-/// revoked one, is closed without a TLS alert: its app is told the call
-/// ended there before any answer, and the caller's log and metrics say so.
+/// The policies of the sidecar `server` allowing the mesh, with `revoked`
+/// revoked an hour from now: a certificate issued before is covered.
+fn policies_revoking(
+    server: &SpiffeId,
+    revoked: &SpiffeId,
+    metrics: &Metrics,
+) -> trellis_proxy::policy::Policies {
+    let mut policies = trellis_proxy::policy::Policies::compile(
+        1,
+        server,
+        "allow-mesh".into(),
+        Vec::new(),
+        metrics,
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let later = i64::try_from(now).unwrap() + 3600;
+    policies.revocations = Arc::new(trellis_core::revocation::Revocations::new([(
+        revoked.clone(),
+        later,
+    )]));
+    policies
+}
+
+/// A revoked caller's full handshake is refused by the server's sidecar
+/// with the alert `certificate_revoked`, its TLS configs holding the
+/// revocations of the policies in force: the caller's app is answered
+/// that it is revoked, the caller's log and metrics say the peer refused
+/// it, and the server's log names the caller.
+#[tokio::test]
+async fn a_revoked_caller_s_call_is_answered_with_the_revocation_alert() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let server = id("/ns/b/sa/server");
+    let me = id("/ns/a/sa/client");
+    let metrics = Arc::new(Metrics::new());
+    let policies = policies_revoking(&server, &me, &metrics);
+    let state = trellis_proxy::tls::TlsState::build(
+        Some(&ca.svid(&server)),
+        &[ca.root()],
+        &td(),
+        std::iter::empty(),
+    )
+    .unwrap()
+    .with_revocations(policies.revocations.clone())
+    .unwrap();
+    let inbound = inbound_with(app.addr, Arc::new(state), Some(Arc::new(policies)), metrics).await;
+    let client = shared(&ca, &me, std::slice::from_ref(&server));
+    let (local, _shutdown) = route(client.clone(), server, inbound.addr).await;
+
+    let to = inbound.addr;
+    let answer = http_call(local).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+            && answer.ends_with(&format!(
+                "trellis: outbound call to {to} refused by its sidecar: it holds this sidecar's \
+                 certificate as revoked (alert_certificate_revoked)\n"
+            )),
+        "{answer}"
+    );
+    logs.wait_for(&[
+        "WARN",
+        "outbound connection refused by the server's sidecar",
+        "peer=spiffe://td.test/ns/b/sa/server",
+        &format!("remote={to}"),
+        "alert=CertificateRevoked",
+        "reason=alert_certificate_revoked",
+    ])
+    .await;
+    let text = client.metrics.encode();
+    for counted in [
+        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_certificate_revoked\"} 1",
+        "trellis_connections_total{direction=\"outbound\",outcome=\"refused_by_peer\"} 1",
+    ] {
+        assert!(text.contains(counted), "{counted} in {text}");
+    }
+    logs.wait_for(&[
+        "WARN",
+        "inbound connection refused: the caller's identity is revoked",
+        &format!("peer={me} "),
+        "reason=revoked",
+        &format!("peer {me} is revoked"),
+    ])
+    .await;
+    let counted = "trellis_handshake_failures_total{direction=\"inbound\",reason=\"revoked\"} 1";
+    let text = inbound.metrics.encode();
+    assert!(text.contains(counted), "{counted} in {text}");
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// A revoked caller the server's sidecar refuses only once the handshake
+/// is over (its TLS configs did not hold the revocation yet, or the
+/// caller resumed a session, which no verifier sees) is closed without a
+/// TLS alert: its app is told the call ended there before any answer,
+/// and the caller's log and metrics say so.
 #[tokio::test]
 async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
@@ -880,25 +976,7 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
     let server = id("/ns/b/sa/server");
     let me = id("/ns/a/sa/client");
     let metrics = Arc::new(Metrics::new());
-    let mut policies = trellis_proxy::policy::Policies::compile(
-        1,
-        &server,
-        "allow-mesh".into(),
-        Vec::new(),
-        &metrics,
-    )
-    .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    // Revoked an hour from now: the caller's certificate, issued before,
-    // is covered.
-    let later = i64::try_from(now).unwrap() + 3600;
-    policies.revocations = Arc::new(trellis_core::revocation::Revocations::new([(
-        me.clone(),
-        later,
-    )]));
+    let policies = policies_revoking(&server, &me, &metrics);
     let state = ca.tls_state(&ca.svid(&server), &[]);
     let inbound = inbound_with(app.addr, state, Some(Arc::new(policies)), metrics).await;
     let client = shared(&ca, &me, std::slice::from_ref(&server));
@@ -911,7 +989,7 @@ async fn a_revoked_caller_s_call_is_answered_that_the_server_s_sidecar_ended_it(
             && answer.ends_with(&format!(
                 "trellis: outbound call to {to} ended by its sidecar before any answer: it \
                  closed the connection after the handshake without a TLS alert (a refusal its \
-                 log names, such as a revoked caller, or a failure) (closed)\n"
+                 log names, such as a revoked caller's resumed session, or a failure) (closed)\n"
             )),
         "{answer}"
     );

@@ -29,6 +29,9 @@ pub struct Claimed {
     pub not_after: Option<String>,
     /// Its issuer's name, when no root of the bundle leads to it.
     pub issuer: Option<Bounded>,
+    /// The revocation that covers it, when it was refused as revoked. Its
+    /// chain was verified before, so this one names the peer it verified.
+    pub revoked: Option<crate::revocation::Revoked>,
 }
 
 /// Text a peer wrote: at most [`CLAIMED_CHARS`] of its characters, each
@@ -81,6 +84,18 @@ pub(super) fn note_refused(leaf: &CertificateDer<'_>, error: &rustls::Error) {
     });
 }
 
+/// Notes `leaf`, refused because `revoked` covers it, within
+/// [`noting_refused`]; outside it, does nothing.
+pub(super) fn note_revoked(leaf: &CertificateDer<'_>, revoked: crate::revocation::Revoked) {
+    let _ = REFUSED.try_with(|refused| {
+        let error = rustls::Error::InvalidCertificate(CertificateError::Revoked);
+        *refused.borrow_mut() = Some(Claimed {
+            revoked: Some(revoked),
+            ..claimed(leaf, &error)
+        });
+    });
+}
+
 /// What `leaf`, refused with `error`, claims.
 pub fn claimed(leaf: &CertificateDer<'_>, error: &rustls::Error) -> Claimed {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
@@ -119,6 +134,7 @@ pub fn claimed(leaf: &CertificateDer<'_>, error: &rustls::Error) -> Claimed {
         peer,
         not_after,
         issuer,
+        revoked: None,
     }
 }
 

@@ -343,8 +343,9 @@ impl Shared {
         );
     }
 
-    /// Counts a caller `peer` from `client` refused once its handshake was
-    /// over because a revocation of its identity covers its certificate,
+    /// Counts a caller `peer` from `client` refused, by the verifier or
+    /// once its handshake was over, because a revocation of its identity
+    /// covers its certificate,
     /// as the handshake failure `revoked` (as the outbound dial and the
     /// control plane count theirs; no policy decided it, so it is no
     /// decision), and logs it naming the peer, unless a refusal of the
@@ -561,6 +562,14 @@ pub async fn serve(
                 metrics.connection(INBOUND, "refused");
                 return;
             }
+            // Refused by the verifier with the alert `certificate_revoked`:
+            // logged and counted as the check below does for a resumed
+            // session, naming the peer (its chain was verified).
+            if let Some(revoked) = claimed.as_ref().and_then(|c| c.revoked.as_ref())
+                && reason == trellis_core::grpc::REFUSAL_REVOKED
+            {
+                return shared.refuse_revoked(client, &revoked.spiffe_id, revoked);
+            }
             return shared.refuse_certificate(client, reason, &error, claimed.as_ref());
         }
         Err(_) => return shared.refuse(client, "timeout", None, HANDSHAKE_FAILED),
@@ -595,9 +604,13 @@ pub async fn serve(
     let mut policies = shared.policies.clone();
     let current = policies.borrow_and_update().clone();
     // A caller whose certificate a revocation of its identity covers is
-    // refused like a failed handshake, whatever the policies say. Checked
-    // here rather than in the verifier, which rustls does not call for a
-    // resumed session; with nothing revoked this is one comparison.
+    // refused like a failed handshake, whatever the policies say. The
+    // verifier refused it already in a full handshake (with the alert
+    // `certificate_revoked`) if the configs held the revocation; rustls
+    // calls no verifier for a resumed session, and a revocation may have
+    // come since the configs were taken, so it is checked here too (with
+    // nothing revoked, one comparison). rustls sends no alert once the
+    // handshake is over: this one only closes the connection.
     if let Err(e) = policy::check_revoked(current.as_deref(), &peer, not_before) {
         return shared.refuse_revoked(client, &peer, &e);
     }

@@ -727,7 +727,8 @@ impl PeerRefusal {
                     alert: None,
                     reason: "closed",
                     words: "it closed the connection after the handshake without a TLS alert \
-                            (a refusal its log names, such as a revoked caller, or a failure)",
+                            (a refusal its log names, such as a revoked caller's resumed \
+                            session, or a failure)",
                 });
             }
             _ => return None,

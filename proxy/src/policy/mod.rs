@@ -25,7 +25,9 @@
 //!
 //! The snapshot's revocations (every revoked identity of the mesh, with
 //! when) travel with the policies ([`Policies::revocations`]): the inbound
-//! listener refuses a caller they cover ([`check_revoked`]), the outbound
+//! TLS configs' verifier refuses a caller they cover in a full handshake
+//! and the inbound listener once any handshake is over ([`check_revoked`]),
+//! the outbound
 //! dial refuses such a peer ([`crate::tls::TlsState::revocations`]), and
 //! an open connection either way is closed when new ones cover its peer
 //! ([`closes_when`], which the inbound listener waits on for a deny too).

@@ -11,7 +11,10 @@
 //! that settles `h2` or `http/1.1` when the client offers it, for ports
 //! that may carry HTTP, and one that settles nothing, for opaque ports and
 //! clients that offer no HTTP protocol (so a foreign offer is ignored, not
-//! refused). The client configs offer nothing by themselves; the outbound
+//! refused). Their verifier of callers holds the revocations of the
+//! snapshot in force, so a revoked caller's full handshake ends with the
+//! alert `certificate_revoked`; a revocation change builds them again.
+//! The client configs offer nothing by themselves; the outbound
 //! dial adds the ALPN of the protocol it detected, and the configs of a
 //! peer keep its session tickets ([`tickets`]) so reconnecting resumes.
 //!
@@ -36,6 +39,8 @@ pub mod tickets;
 #[cfg(test)]
 mod expired_roots;
 #[cfg(test)]
+mod revoked_callers;
+#[cfg(test)]
 mod svid_shape;
 
 use std::collections::HashMap;
@@ -44,9 +49,12 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use tokio::sync::watch;
 use trellis_core::revocation::Revocations;
 use trellis_core::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier, provider};
@@ -153,21 +161,19 @@ impl TlsState {
             trust_domain.clone(),
             true,
         )?);
-        let mut server = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
-            .with_client_cert_verifier(verifier.clone())
-            .with_cert_resolver(resolver.clone());
+        let callers = Callers {
+            verifier: verifier.clone(),
+            revocations: Arc::default(),
+        };
         // Stateless session tickets: the session, the caller's verified
         // chain with it, sealed with a key of this config ([`ticketer`]),
         // so resumption holds for any number of callers (a server-side
         // cache keeps only the latest sessions). The key is passed on to
-        // the next config when only the SVID changes (`keeping_tickets`)
-        // and dies with a new bundle.
-        server.ticketer = ticketer::ticketer()?;
-        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        let mut http_server = server.clone();
-        // Preference order: h2 first when a client offers both.
-        http_server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        // the next config when only the SVID or the revocations change
+        // (`keeping_tickets`, `with_revocations`) and dies with a new
+        // bundle.
+        let (server, http_server) =
+            server_configs(callers, resolver.clone(), ticketer::ticketer()?)?;
         let parts = ClientParts { roots, resolver };
         let mut clients = HashMap::new();
         for id in expected {
@@ -177,8 +183,8 @@ impl TlsState {
         }
         Ok(TlsState {
             callers: Some(verifier),
-            server: Some(Arc::new(server)),
-            http_server: Some(Arc::new(http_server)),
+            server: Some(server),
+            http_server: Some(http_server),
             client: Some(parts),
             clients,
             revocations: Arc::default(),
@@ -214,17 +220,41 @@ impl TlsState {
         })
     }
 
-    /// This state refusing the peers `revocations` cover.
-    pub fn with_revocations(mut self, revocations: Arc<Revocations>) -> Self {
+    /// This state refusing the peers `revocations` cover. Its server
+    /// configs are built again, with the same session-ticket key, when
+    /// they differ from the revocations the configs refuse: their
+    /// verifier holds them, so a caller's full handshake reads them
+    /// without a lock.
+    pub fn with_revocations(
+        mut self,
+        revocations: Arc<Revocations>,
+    ) -> Result<Self, rustls::Error> {
+        let same = Arc::ptr_eq(&revocations, &self.revocations) || revocations == self.revocations;
+        if let (false, Some(verifier), Some(parts), Some(server)) =
+            (same, &self.callers, &self.client, &self.server)
+        {
+            let callers = Callers {
+                verifier: verifier.clone(),
+                revocations: revocations.clone(),
+            };
+            let ticketer = server.ticketer.clone();
+            let (server, http_server) = server_configs(callers, parts.resolver.clone(), ticketer)?;
+            self.server = Some(server);
+            self.http_server = Some(http_server);
+        }
         self.revocations = revocations;
-        self
+        Ok(self)
     }
 
-    /// The mesh's revoked identities, as the snapshot in force says: an
-    /// outbound dial refuses a peer whose certificate one of them covers,
-    /// checked once a full handshake is over; a resumed session whose
-    /// certificate one covers (rustls calls no verifier on resumption) is
-    /// abandoned and the peer dialled again with a full handshake.
+    /// The mesh's revoked identities, as the snapshot in force says. A
+    /// caller whose certificate one of them covers is refused by the
+    /// server configs' verifier, in a full handshake, with the alert
+    /// `certificate_revoked`; the inbound listener checks a resumed
+    /// session's caller once the handshake is over (rustls calls no
+    /// verifier on resumption). An outbound dial refuses a peer whose
+    /// certificate one covers, checked once a full handshake is over; a
+    /// resumed session whose certificate one covers is abandoned and the
+    /// peer dialled again with a full handshake.
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations
     }
@@ -291,6 +321,89 @@ impl TlsState {
                 None
             }
         }
+    }
+}
+
+/// The two inbound configs, verifying callers with `callers` and
+/// presenting the certificate of `resolver`, sealing session tickets with
+/// `ticketer`: the second settles `h2` or `http/1.1` by ALPN.
+fn server_configs(
+    callers: Callers,
+    resolver: Arc<SvidResolver>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), rustls::Error> {
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(trellis_core::tls::PROTOCOL_VERSIONS)?
+        .with_client_cert_verifier(Arc::new(callers))
+        .with_cert_resolver(resolver);
+    server.ticketer = ticketer;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    let mut http_server = server.clone();
+    // Preference order: h2 first when a client offers both.
+    http_server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok((Arc::new(server), Arc::new(http_server)))
+}
+
+/// The verifier of callers of both inbound configs: a caller's SVID
+/// checked as [`SpiffeClientVerifier`] does, and refused with the alert
+/// `certificate_revoked` when a revocation of the snapshot the configs
+/// were built for covers it, so the caller's sidecar is told why. The
+/// revocations are the `Arc` the policies in force hold, read with no
+/// lock; rustls asks it only in a full handshake, so the inbound listener
+/// checks a resumed session's caller again once its handshake is over.
+#[derive(Debug)]
+struct Callers {
+    verifier: Arc<SpiffeClientVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for Callers {
+    fn offer_client_auth(&self) -> bool {
+        self.verifier.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.verifier.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.verifier.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier.verify_unrevoked_client_cert(
+            end_entity,
+            intermediates,
+            now,
+            &self.revocations,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier.supported_verify_schemes()
     }
 }
 
@@ -462,7 +575,7 @@ pub async fn run(
             .as_ref()
             .map(|s| s.policies.revocations.clone())
             .unwrap_or_default();
-        match result.map(|state| state.with_revocations(revocations)) {
+        match result.and_then(|state| state.with_revocations(revocations)) {
             Ok(state) => {
                 let state = Arc::new(state);
                 tx.send_replace(state.clone());

@@ -23,11 +23,11 @@ const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const KEY_USAGE: &str = "an X.509-SVID leaf's keyUsage holds digitalSignature and neither \
                          keyCertSign nor cRLSign";
 
-fn key() -> KeyPair {
+pub(super) fn key() -> KeyPair {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
 }
 
-fn root() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+pub(super) fn root() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
     let key = key();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();

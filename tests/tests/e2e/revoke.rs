@@ -140,6 +140,67 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
     Ok(())
 }
 
+/// A revoked caller with no session to resume makes a full handshake,
+/// which the server's sidecar refuses with the alert
+/// `certificate_revoked`: the caller's app is answered 502 naming the
+/// alert, the caller's sidecar logs and counts the refusal by its peer,
+/// and the server's sidecar logs it naming the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_caller_is_told_by_the_server_sidecar_that_it_is_revoked() -> anyhow::Result<()> {
+    let mut pair = Pair::start(Mesh::start().await?).await?;
+    let web = pair.client.identity().to_string();
+    pair.mesh.ctl(["identity", "revoke", web.as_str()]).await?;
+    eventually(
+        "the server sidecar to hold the revocation",
+        SOON,
+        || async {
+            let listed = listed_revocation(&pair.server, &web).await?;
+            anyhow::ensure!(listed.is_some(), "{web} not listed");
+            anyhow::Ok(())
+        },
+    )
+    .await?;
+
+    // Its TLS configs follow the snapshot the revocation came in: until
+    // they do, a call is only closed after its handshake.
+    let alert = "it holds this sidecar's certificate as revoked (alert_certificate_revoked)";
+    let answer = eventually("the call to be refused with the alert", SOON, || async {
+        let answer = http::get(pair.route(), "/revoked").await?;
+        anyhow::ensure!(answer.body.contains(alert), "{answer:?}");
+        anyhow::Ok(answer)
+    })
+    .await?;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    let to = pair.server.inbound_addr();
+    assert_eq!(
+        answer.body,
+        format!("trellis: outbound call to {to} refused by its sidecar: {alert}\n")
+    );
+    let line = pair
+        .client
+        .wait_for_log("outbound connection refused by the server's sidecar", SOON)
+        .await?;
+    assert!(line.contains("reason=alert_certificate_revoked"), "{line}");
+    let refused = pair.client.metrics().await?.counter(
+        "trellis_connections_total",
+        &[("direction", "outbound"), ("outcome", "refused_by_peer")],
+    );
+    assert!(refused >= 1.0, "{refused} refused_by_peer");
+    let line = pair
+        .server
+        .wait_for_log("the caller's identity is revoked", SOON)
+        .await?;
+    assert!(line.contains(&format!("peer={web} ")), "{line}");
+    assert!(line.contains("reason=revoked"), "{line}");
+    assert!(handshake_failures(&pair.server, "inbound", Some("revoked")).await? >= 1.0);
+    let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
+    assert!(
+        reached.is_empty(),
+        "a revoked caller reached the app: {reached:?}"
+    );
+    Ok(())
+}
+
 /// An echo app behind an `echo` sidecar and a `caller` sidecar with a
 /// route to it, with a connection of the caller's app open through both.
 /// Fields drop in order: the connection closes before the sidecars stop.
@@ -222,8 +283,11 @@ async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_re
         anyhow::Ok(())
     })
     .await?;
+    // The dial's own refusal, not one by the server's sidecar: a call made
+    // before it dropped the caller's revocation from its TLS configs was
+    // refused with the alert `certificate_revoked`.
     let line = client
-        .wait_for_log("outbound connection refused", SOON)
+        .wait_for_log("outbound connection refused remote=", SOON)
         .await?;
     assert!(line.contains("reason=revoked"), "{line}");
     assert!(
