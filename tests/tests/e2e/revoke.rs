@@ -269,8 +269,11 @@ async fn a_revocation_closes_the_open_connections_of_the_caller_and_refuses_a_re
 
     // A revoked server is refused by the caller's sidecar: nothing of the
     // app's reaches it.
-    let before = echo.connections();
     mesh.ctl(["identity", "revoke", echo_id.as_str()]).await?;
+    // Counted once the caller's sidecar holds the revocation: a call it
+    // dialled before then reached the app, as it should have.
+    holds_revocation(&client, &echo_id).await?;
+    let before = echo.connections();
     eventually("the caller to refuse the revoked server", SOON, || async {
         let mut tcp = TcpStream::connect(route).await?;
         let _ = tcp.write_all(&[0, 1, 2, 3]).await;
@@ -335,13 +338,13 @@ async fn resume_a_session(pair: &Pair) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for the client sidecar of `pair` to hold the revocation of `id`.
-async fn client_holds_revocation(pair: &Pair, id: &str) -> anyhow::Result<()> {
+/// Waits for `sidecar` to hold the revocation of `id`.
+async fn holds_revocation(sidecar: &Sidecar, id: &str) -> anyhow::Result<()> {
     eventually(
-        "the client sidecar to hold the revocation",
+        &format!("sidecar {} to hold the revocation", sidecar.name()),
         SOON,
         || async {
-            let listed = listed_revocation(&pair.client, id).await?;
+            let listed = listed_revocation(sidecar, id).await?;
             anyhow::ensure!(listed.is_some(), "{id} not listed");
             anyhow::Ok(())
         },
@@ -367,7 +370,7 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
         .ctl(["identity", "revoke", api_id.as_str()])
         .await?;
     std::fs::write(pair.server.token_file(), pair.mesh.token(&api_id).await?)?;
-    client_holds_revocation(&pair, &api_id).await?;
+    holds_revocation(&pair.client, &api_id).await?;
     eventually("api to hold a new certificate", ttl + SOON, || async {
         let serial = pair.server.cert_serial().await?;
         anyhow::ensure!(serial != revoked_serial, "still {serial}");
@@ -415,7 +418,7 @@ async fn a_refused_dial_to_a_revoked_server_counts_one_failure_though_it_tried_a
     pair.mesh
         .ctl(["identity", "revoke", api_id.as_str()])
         .await?;
-    client_holds_revocation(&pair, &api_id).await?;
+    holds_revocation(&pair.client, &api_id).await?;
     let failures = handshake_failures(&pair.client, "outbound", None).await?;
 
     // One call, refused: its ticket brings back the revoked certificate,
