@@ -7,8 +7,8 @@
 //!
 //! - `/config` names the sidecar's identity, policies, the services it
 //!   knows and the control plane: it is served to loopback peers only (an
-//!   operator's `kubectl port-forward` or `kubectl exec ... curl`, which
-//!   connect from inside the pod).
+//!   operator's `kubectl port-forward`, which connects from inside the
+//!   pod; the image has no curl to `kubectl exec`).
 //! - The app's lifecycle hooks (`/app-health/<container>/post-start` and
 //!   `pre-stop`) make the app do something (drain, register): the kubelet
 //!   calls them from an address that varies with the CNI, so they are run
@@ -67,11 +67,13 @@ impl fmt::Debug for HookToken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "forbidden: {CONFIG_PATH} is served on loopback only; reach it from inside the pod \
-         (kubectl port-forward <pod> 15020, then curl http://127.0.0.1:15020/config; or \
-         kubectl exec <pod> -c trellis-proxy -- curl -s http://127.0.0.1:15020/config)"
+        "forbidden: {CONFIG_PATH} is served on loopback only; reach it from inside the pod: \
+         kubectl port-forward <pod> {port}, then curl http://127.0.0.1:{port}/config"
     )]
-    ConfigNotLoopback,
+    ConfigNotLoopback {
+        /// The admin port the request came to, which the answer names.
+        port: u16,
+    },
     #[error(
         "forbidden: a lifecycle hook runs only with the pod's hook token in the \
          {HOOK_TOKEN_HEADER} header, which this request does not carry"
@@ -91,16 +93,18 @@ pub fn is_hook(path: &str) -> bool {
         .is_some_and(|(container, kind)| !container.is_empty() && HOOK_KINDS.contains(&kind))
 }
 
-/// Whether a request for `path` from `peer`, carrying `hook_header` in
-/// [`HOOK_TOKEN_HEADER`], is served, given the sidecar's hook token.
+/// Whether a request for `path` from `peer` to the admin port `port`,
+/// carrying `hook_header` in [`HOOK_TOKEN_HEADER`], is served, given the
+/// sidecar's hook token.
 pub fn check(
     path: &str,
     peer: IpAddr,
+    port: u16,
     hook_header: Option<&HeaderValue>,
     token: Option<&HookToken>,
 ) -> Result<(), Refusal> {
     if path == CONFIG_PATH && !peer.to_canonical().is_loopback() {
-        return Err(Refusal::ConfigNotLoopback);
+        return Err(Refusal::ConfigNotLoopback { port });
     }
     if is_hook(path)
         && let Some(token) = token
@@ -127,21 +131,27 @@ mod tests {
     #[test]
     fn config_is_served_to_loopback_peers_only() {
         for peer in ["127.0.0.1", "127.0.0.5", "::1", "::ffff:127.0.0.1"] {
-            assert_eq!(check("/config", ip(peer), None, None), Ok(()), "{peer}");
-        }
-        for peer in ["10.1.2.3", "192.0.2.2", "fd00::2", "::ffff:10.1.2.3"] {
             assert_eq!(
-                check("/config", ip(peer), None, None),
-                Err(Refusal::ConfigNotLoopback),
+                check("/config", ip(peer), 15020, None, None),
+                Ok(()),
                 "{peer}"
             );
         }
-        let said = Refusal::ConfigNotLoopback.to_string();
-        assert!(
-            said.contains("/config is served on loopback only"),
-            "{said}"
+        for peer in ["10.1.2.3", "192.0.2.2", "fd00::2", "::ffff:10.1.2.3"] {
+            assert_eq!(
+                check("/config", ip(peer), 15020, None, None),
+                Err(Refusal::ConfigNotLoopback { port: 15020 }),
+                "{peer}"
+            );
+        }
+        // The image has no curl to run with `kubectl exec`: the operator
+        // is told to forward the admin port the request came to.
+        let said = Refusal::ConfigNotLoopback { port: 15021 }.to_string();
+        assert_eq!(
+            said,
+            "forbidden: /config is served on loopback only; reach it from inside the pod: \
+             kubectl port-forward <pod> 15021, then curl http://127.0.0.1:15021/config"
         );
-        assert!(said.contains("kubectl port-forward"), "{said}");
     }
 
     #[test]
@@ -157,7 +167,7 @@ mod tests {
             "/app-health/pre-stop/readiness",
         ] {
             assert_eq!(
-                check(path, ip("10.1.2.3"), None, Some(&token)),
+                check(path, ip("10.1.2.3"), 15020, None, Some(&token)),
                 Ok(()),
                 "{path}"
             );
@@ -175,14 +185,14 @@ mod tests {
             // not known.
             for peer in ["10.1.2.3", "127.0.0.1"] {
                 let peer = ip(peer);
-                assert_eq!(check(path, peer, Some(&right), Some(&token)), Ok(()));
+                assert_eq!(check(path, peer, 15020, Some(&right), Some(&token)), Ok(()));
                 assert_eq!(
-                    check(path, peer, None, Some(&token)),
+                    check(path, peer, 15020, None, Some(&token)),
                     Err(Refusal::HookTokenMissing)
                 );
                 for bad in [&wrong, &longer] {
                     assert_eq!(
-                        check(path, peer, Some(bad), Some(&token)),
+                        check(path, peer, 15020, Some(bad), Some(&token)),
                         Err(Refusal::HookTokenWrong)
                     );
                 }
@@ -205,7 +215,13 @@ mod tests {
     #[test]
     fn without_a_token_hooks_run_as_before() {
         assert_eq!(
-            check("/app-health/web/pre-stop", ip("10.1.2.3"), None, None),
+            check(
+                "/app-health/web/pre-stop",
+                ip("10.1.2.3"),
+                15020,
+                None,
+                None
+            ),
             Ok(())
         );
     }

@@ -124,6 +124,8 @@ impl Admin {
         } = self;
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         let refusals = Throttle::new(REFUSAL_LOG_PAUSE);
+        // Named in the answer to `/config` from elsewhere.
+        let port = listener.local_addr().map_or(0, |a| a.port());
         drain
             .accept(listener, "admin", |tcp, client, _tracker| {
                 let admitted = match limits.admit(client.ip()) {
@@ -155,6 +157,7 @@ impl Admin {
                             let allowed = access::check(
                                 req.uri().path(),
                                 client.ip(),
+                                port,
                                 req.headers().get(access::HOOK_TOKEN_HEADER),
                                 state.config.hook_token.as_ref(),
                             );

@@ -127,7 +127,9 @@ async fn config_is_served_over_loopback_only() -> anyhow::Result<()> {
     assert_eq!(status, 403, "{body}");
     assert!(
         body.contains("forbidden: /config is served on loopback only")
-            && body.contains("kubectl port-forward"),
+            && body.contains(&format!(
+                "kubectl port-forward <pod> {port}, then curl http://127.0.0.1:{port}/config"
+            )),
         "{body}"
     );
     assert!(!body.contains(sidecar.identity()), "{body}");
