@@ -882,8 +882,7 @@ async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
     let cp = FakeControlPlane::start(CERT_TTL).await;
     let app = http_app().await;
     let p = pair(&cp, app.addr, &[]).await;
-    let no_snapshot =
-        "denied: this sidecar has no policy snapshot yet (the control plane has not been reached)";
+    let no_snapshot = "denied: this sidecar has no policy snapshot yet (see its log for why)";
     let issued = "trellis_certificate_renewals_total{outcome=\"ok\"}";
     eventually("both sidecars have their certificates", || {
         p.server.has_sample(issued, 1) && p.client.has_sample(issued, 1)

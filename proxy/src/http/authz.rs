@@ -43,9 +43,12 @@ use crate::policy::{self, Policies};
 
 /// What a request is answered, with 403, before the sidecar has its first
 /// policy snapshot: whatever the mesh default will be, it denies all
-/// (`default:no-snapshot`). Its access-log line has it as `problem`.
+/// (`default:no-snapshot`). Its access-log line has it as `problem`. The
+/// control plane not reached is one reason; a Watch it refused (the
+/// per-sidecar cap, a revoked identity, a snapshot too large, a first
+/// snapshot this sidecar refused) is another, and only the log says which.
 pub const NO_SNAPSHOT_DENIAL: &str =
-    "denied: this sidecar has no policy snapshot yet (the control plane has not been reached)";
+    "denied: this sidecar has no policy snapshot yet (see its log for why)";
 
 /// What a `CONNECT` request is answered, with 501.
 pub use trellis_core::policy::l7::CONNECT_REFUSED;
