@@ -92,6 +92,12 @@ fn default_values_render_valid_manifests() {
         !args.iter().any(|a| a.starts_with("--opaque-ports")),
         "no mesh-wide opaque ports unless asked: {args:?}"
     );
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--max-grpc-connections-per-client")),
+        "the control plane's own per-client cap unless asked: {args:?}"
+    );
     assert_eq!(one(&docs, "Deployment")["spec"]["replicas"], 2);
 }
 
@@ -224,6 +230,18 @@ fn invalid_values_are_refused() {
         ("watchFailureGrace=60", "watchFailureGrace"),
         ("watchFailureGrace=0.5s", "watchFailureGrace"),
         ("watchFailureGrace=null", "watchFailureGrace"),
+        (
+            "maxGrpcConnectionsPerClient=0",
+            "maxGrpcConnectionsPerClient",
+        ),
+        (
+            "maxGrpcConnectionsPerClient=65537",
+            "maxGrpcConnectionsPerClient",
+        ),
+        (
+            "maxGrpcConnectionsPerClient=many",
+            "maxGrpcConnectionsPerClient",
+        ),
         // A pull secret name every injected pod would carry.
         (
             "imagePullSecrets[0].name=Registry_Creds",
@@ -677,6 +695,37 @@ fn watch_failure_grace_the_control_plane_refuses_is_refused() {
             std::time::Duration::from_secs(seconds),
             "{flag}"
         );
+    }
+}
+
+/// `maxGrpcConnectionsPerClient` reaches the control plane as
+/// `--max-grpc-connections-per-client`, which it takes as the same number,
+/// up to the largest it accepts.
+#[test]
+fn max_grpc_connections_per_client_reaches_the_control_plane() {
+    use trellis_control_plane::config::{Config, Parsed};
+    let Some((helm, _)) = tools() else { return };
+    for n in [1, 64, 65536] {
+        let args = args(&documents(
+            &template(&helm, &[&format!("maxGrpcConnectionsPerClient={n}")]).unwrap(),
+        ));
+        let flag = format!("--max-grpc-connections-per-client={n}");
+        assert!(args.contains(&flag), "{n}: {args:?}");
+        let parsed = Config::parse_args(
+            [
+                "trellis-control-plane",
+                "--state-dir",
+                "state",
+                flag.as_str(),
+            ]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        );
+        let Parsed::Run(config) = parsed else {
+            panic!("the control plane refuses {flag}")
+        };
+        assert_eq!(config.max_grpc_connections_per_client, n, "{flag}");
     }
 }
 
