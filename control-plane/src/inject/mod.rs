@@ -123,18 +123,18 @@
 //! its controller creates, and `trellisctl check` names them instead. Pods on the host's network and Windows
 //! pods are left alone (see [`Skip`]), and told so in a warning.
 //!
-//! Idempotent: a pod with a container named `trellis-proxy` or
+//! Idempotent: a pod with both containers `trellis-proxy` and
 //! `trellis-init` gets no patch, so injecting twice equals injecting once
-//! (a re-invoked webhook, a pod manifest copied from a running pod). The
-//! annotation `trellis.io/injected` alone is not enough: a pod that carries
-//! it without our containers (the annotation copied by hand, or the
-//! containers taken out by a later webhook, which re-invokes this one) has
-//! no sidecar and is injected as any other, the volumes of an earlier
-//! injection making way for the new ones. A pod runs in the mesh, for the
-//! record of [`UninjectedPods`], when it has the `trellis-proxy` container:
-//! one the warning-only entries admit with it (injected by hand) is warned
-//! of its label but counts as injected, one without it is recorded however
-//! it is annotated.
+//! (a pod manifest copied from a running pod); a pod with only one of them
+//! is denied. The annotation `trellis.io/injected` alone is not enough: a
+//! pod that carries it without our containers (the annotation copied by
+//! hand, or from a pod a later webhook took them out of; no entry is
+//! reinvoked) has no sidecar and is injected as any other, the volumes of
+//! an earlier injection making way for the new ones. A pod runs in the
+//! mesh, for the record of [`UninjectedPods`], when it has both
+//! containers: one the warning-only entries admit with them (injected by
+//! hand) is warned of its label but counts as injected, one without them
+//! is recorded however it is annotated.
 //!
 //! # Errors
 //!

@@ -176,8 +176,8 @@ pub fn inject_pod(
     // life and are probed on the pod IP like it; ordinary init containers
     // cannot have probes and are left as they are.
     // One token per pod, written into its hooks and its sidecar's
-    // environment in this one patch. A pod is injected once: a
-    // reinvocation or a later admission of it is skipped as already
+    // environment in this one patch. A pod is injected once: a later
+    // admission of it (its manifest copied) is skipped as already
     // injected. One injected again after its containers were removed has
     // its earlier hooks given the new token too, so its spec never holds
     // two tokens.
@@ -362,9 +362,10 @@ fn skip_reason(
     scope: NamespaceScope<'_>,
 ) -> Result<Option<Skip>, InjectError> {
     // Our containers, not the marker annotation: a pod carrying the
-    // annotation without them (copied by hand, or the containers taken out
-    // by a later webhook, which re-invokes this one) has no sidecar, and
-    // is injected as any other.
+    // annotation without them (copied by hand, or from a pod a later
+    // webhook took them out of: no entry is reinvoked, so that webhook's
+    // change never comes back here) has no sidecar, and is injected as any
+    // other.
     // Our init without the sidecar redirects the pod's traffic to ports
     // nothing listens on: no pod works so, whatever it asks. The sidecar
     // without our init (taken out by a later webhook, or by hand) is never
