@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use trellis_core::revocation::Revocations;
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::discovery::v1 as pb;
 
@@ -607,5 +608,167 @@ async fn an_http2_or_grpc_call_refused_is_answered_with_why() {
         marked(&refused).as_deref(),
         Some("no_backend"),
         "{refused:?}"
+    );
+}
+
+/// [`sidecar`], then changed by `change` before any call.
+fn changed(shared: Arc<Shared>, change: impl FnOnce(&mut Shared)) -> Arc<Shared> {
+    let mut shared = Arc::into_inner(shared).expect("no call made yet");
+    change(&mut shared);
+    Arc::new(shared)
+}
+
+/// An HTTP/1 answer's status line, `trellis-proxy-error` and body.
+fn refusal(answer: &str) -> (&str, Option<&str>, &str) {
+    let status = answer.split("\r\n").next().unwrap_or_default();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, proxy_error(answer), body)
+}
+
+/// A call to a service whose ready backends are all outside the mesh,
+/// under outbound `deny`, is told no backend of it is in the mesh, not
+/// that it has none.
+#[tokio::test]
+async fn a_service_without_a_mesh_backend_is_answered_no_mesh_backend() {
+    let ca = Ca::new();
+    let outside: SocketAddr = "192.0.2.9:8080".parse().unwrap();
+    let shared = sidecar(&ca, "deny", &[outside], &[]);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 503 Service Unavailable",
+            Some("no_mesh_backend"),
+            "trellis: outbound call to 10.96.0.10:80 refused: no ready backend of service \
+             shop/api is in the mesh, and the outbound policy is deny\n"
+        ),
+        "{answer}"
+    );
+    assert_eq!(outcome(&shared, "no_mesh_backend"), 1);
+}
+
+/// A transparent call to one of the sidecar's own listeners, directly or
+/// as a service's backend, is a loop: refused, and the app told so.
+#[tokio::test]
+async fn a_call_to_the_sidecar_itself_is_answered_loop() {
+    let ca = Ca::new();
+    let own: SocketAddr = "10.0.0.5:15001".parse().unwrap();
+    let shared = changed(sidecar(&ca, "deny", &[own], &[own]), |s| {
+        s.own_addrs = vec![own];
+    });
+    let answer = http_round_trip(&shared, "10.0.0.5:15001").await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 502 Bad Gateway",
+            Some("loop"),
+            "trellis: outbound call to 10.0.0.5:15001 refused: 10.0.0.5:15001 is this sidecar \
+             (loop)\n"
+        ),
+        "{answer}"
+    );
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 502 Bad Gateway",
+            Some("loop"),
+            "trellis: outbound call to 10.96.0.10:80 refused: 10.0.0.5:15001 is this sidecar \
+             (loop)\n"
+        ),
+        "{answer}"
+    );
+    assert_eq!(outcome(&shared, "loop"), 2);
+}
+
+/// A sidecar that has no certificate yet cannot dial a mesh peer: the app
+/// is told so with `503`, and nothing is dialled.
+#[tokio::test]
+async fn a_sidecar_without_a_certificate_answers_no_local_certificate() {
+    let ca = Ca::new();
+    let (api, served) = backend(Some(ca.tls(&id("api"), &[]))).await;
+    let shared = changed(sidecar(&ca, "deny", &[api], &[api]), |s| {
+        s.tls = watch::channel(Arc::new(TlsState::default())).1;
+    });
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 503 Service Unavailable",
+            Some("no_local_certificate"),
+            format!(
+                "trellis: outbound call to 10.96.0.10:80 refused: dialling {api}: no certificate \
+                 yet (no_local_certificate)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    assert_eq!(*served.borrow(), 0, "a peer was dialled");
+    assert_eq!(outcome(&shared, "refused"), 1);
+    assert_eq!(
+        counted(
+            &shared,
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"no_local_certificate\"}"
+        ),
+        1
+    );
+}
+
+/// A backend whose identity this sidecar holds as revoked, presenting a
+/// certificate issued before the revocation, is refused once its
+/// handshake is over: the app is told it is revoked, and nothing of the
+/// app's reaches it.
+#[tokio::test]
+async fn a_backend_whose_identity_is_revoked_is_answered_revoked() {
+    let ca = Ca::new();
+    let (received_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(ca.tls(&id("api"), &[]).server().unwrap().clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, received_tx) = (acceptor.clone(), received_tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut read = Vec::new();
+                let _ = tls.read_to_end(&mut read).await;
+                let _ = received_tx.send(read);
+            });
+        }
+    });
+    // Now: after the backend's certificate was issued.
+    let revoked_at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let revocations = Arc::new(Revocations::new([(id("api"), revoked_at)]));
+    let shared = changed(sidecar(&ca, "deny", &[api], &[api]), |s| {
+        let tls = Arc::into_inner(ca.tls(&id("web"), &[id("api")])).unwrap();
+        let tls = tls.with_revocations(revocations).unwrap();
+        s.tls = watch::channel(Arc::new(tls)).1;
+    });
+    let answer = http_round_trip(&shared, VIP).await;
+    let (status, token, body) = refusal(&answer);
+    assert_eq!(status, "HTTP/1.1 502 Bad Gateway", "{answer}");
+    assert_eq!(token, Some("revoked"), "{answer}");
+    let called = format!(
+        "trellis: outbound call to 10.96.0.10:80 refused: dialling {api}: peer \
+         spiffe://td.test/ns/shop/sa/api is revoked: its certificate was issued at "
+    );
+    assert!(body.starts_with(&called), "{answer}");
+    assert!(body.ends_with(" (revoked)\n"), "{answer}");
+    assert_eq!(
+        received.recv().await.unwrap(),
+        b"",
+        "the app's request reached a revoked peer"
+    );
+    assert_eq!(outcome(&shared, "refused"), 1);
+    assert_eq!(
+        counted(
+            &shared,
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"revoked\"}"
+        ),
+        1
     );
 }
