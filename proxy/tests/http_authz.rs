@@ -983,6 +983,65 @@ async fn l7_denials_and_rate_limits_are_logged_with_the_access_log_off() {
     );
 }
 
+/// The refusals of each policy are logged in a pause of their own: a flood
+/// denied by one policy does not hide the first denial by another, and
+/// the first line of a policy after its pause says how many of its
+/// denials were not logged.
+#[tokio::test]
+async fn each_policy_s_denials_are_logged_in_a_pause_of_their_own() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &["--access-log", "false"]).await;
+    let no_admin = policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]");
+    let no_debug = policy("no-debug", "DENY", "[{paths: [\"/debug/*\"]}]");
+    push_to(&cp, snapshot(1, "allow-mesh", vec![no_admin, no_debug]), 1).await;
+    let (peer, port) = (web(), app.addr.port());
+    let denied = |policy: &str| -> Vec<String> {
+        let policy = format!(" policy=b/{policy} ");
+        logs.lines()
+            .into_iter()
+            .filter(|l| l.contains("inbound request denied") && l.contains(&policy))
+            .map(|l| l.split_once(": ").expect("a target").1.to_owned())
+            .collect()
+    };
+
+    let mut c = h1(&cp, s.inbound, &peer).await;
+    for path in ["/admin/1", "/admin/2", "/debug/1", "/admin/3"] {
+        let (status, _) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        assert_eq!(status, 403, "{path}");
+    }
+    let line = |path: &str, policy: &str, suppressed: &str| {
+        format!(
+            "inbound request denied peer={peer} port={port} method=GET path={path} \
+             decision=deny policy=b/{policy} rule=0{suppressed}"
+        )
+    };
+    assert_eq!(denied("no-admin"), [line("/admin/1", "no-admin", "")]);
+    assert_eq!(
+        denied("no-debug"),
+        [line("/debug/1", "no-debug", "")],
+        "another policy's first denial is logged within the pause"
+    );
+
+    // The pause over (tokio's clock, which the throttle reads), the next
+    // denial by the first policy reports the two not logged.
+    tokio::time::pause();
+    tokio::time::advance(trellis_proxy::inbound::REFUSAL_LOG_PAUSE).await;
+    tokio::time::resume();
+    let mut c = h1(&cp, s.inbound, &peer).await;
+    let (status, _) = text(c.send_request(get("/admin/4", &[])).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        denied("no-admin"),
+        [
+            line("/admin/1", "no-admin", ""),
+            line("/admin/4", "no-admin", " suppressed=2"),
+        ]
+    );
+    assert_eq!(denied("no-debug").len(), 1);
+}
+
 /// Every answer the sidecar makes itself instead of the app carries
 /// `trellis-proxy-error` naming why, HTTP/1.1 and HTTP/2 alike, so that it
 /// cannot be taken for the app's own; the app's answers carry none.

@@ -1,7 +1,8 @@
 //! At most one line per key per window, for lines about an authenticated
-//! peer (a caller refused for its revoked identity): one peer's flood is
-//! throttled without hiding another's first line, which a throttle by
-//! reason alone ([`super::throttle`]) would swallow for its window.
+//! peer (a caller refused for its revoked identity) or what refused one's
+//! request (a policy): one peer's or policy's flood is throttled without
+//! hiding another's first line, which a throttle by reason alone
+//! ([`super::throttle`]) would swallow for its window.
 //!
 //! The keys remembered are bounded ([`Keyed::new`]'s `capacity`): a new
 //! key takes the place of one whose window is over, and when every place

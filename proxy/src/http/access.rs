@@ -20,8 +20,9 @@
 //! request ([`Entry::refused_head`]) has no `method` or `path`.
 //!
 //! A request denied by a policy or rate limited is also logged through
-//! `tracing`, throttled ([`Entry::log_refusal`]): with the access log off,
-//! the log still shows what the sidecar refuses.
+//! `tracing`, throttled for each policy or rate limit
+//! ([`Entry::log_refusal`]): with the access log off, the log still shows
+//! what the sidecar refuses, and what each policy refuses.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,6 +54,16 @@ pub const MAX_LOGGED_METHOD: usize = 64;
 /// The most of a request's path a refused request's log line
 /// ([`Entry::log_refusal`]) holds.
 pub const MAX_REFUSAL_PATH: usize = 256;
+
+/// Policies (and rate limits) whose refusals are logged each in a pause of
+/// their own ([`Entry::log_refusal`]); past them, the others share one.
+/// Bounds what the throttle of those lines remembers.
+pub const REFUSAL_POLICIES_LOGGED: usize = 64;
+
+/// What the lines of refused requests are throttled by: their kind
+/// (denied, denied with no policy snapshot yet, rate limited) and the
+/// policy or rate limit that refused them.
+pub type RefusalKey = (&'static str, Box<str>);
 
 /// One request, as it will be logged.
 pub struct Entry {
@@ -163,8 +174,12 @@ impl Entry {
     /// [`MAX_REFUSAL_PATH`] bytes), the outcome, the policy and the rule.
     /// A caller makes one with each request it sends: at most one line of
     /// each kind (denied, denied with no policy snapshot yet, rate limited)
-    /// is written per [`REFUSAL_LOG_PAUSE`], the next one saying how many
-    /// were not (`suppressed`). Written whether the access log is on or not.
+    /// for each policy or rate limit is written per [`REFUSAL_LOG_PAUSE`],
+    /// the next one saying how many were not (`suppressed`): a flood
+    /// refused by one policy does not hide the first refusal by another.
+    /// Up to [`REFUSAL_POLICIES_LOGGED`] of them are remembered; past
+    /// those, the others share one pause. Written whether the access log
+    /// is on or not.
     ///
     /// [`REFUSAL_LOG_PAUSE`]: crate::inbound::REFUSAL_LOG_PAUSE
     pub fn log_refusal(&self) {
@@ -182,11 +197,12 @@ impl Entry {
         } else {
             ("denied", "inbound request denied")
         };
-        let Some(suppressed) = self.conn.http.refusals.admit(kind) else {
+        let (policy, rule) = self.policy_and_rule();
+        let key = (kind, policy.unwrap_or_default().into());
+        let Some(suppressed) = self.conn.http.refusals.admit(&key) else {
             return;
         };
         let suppressed = (suppressed > 0).then_some(suppressed);
-        let (policy, rule) = self.policy_and_rule();
         let method = self.method.as_ref().map(Method::as_str).unwrap_or("");
         let path = self.path.as_ref().map_or("", PathAndQuery::path);
         let (method, path) = (

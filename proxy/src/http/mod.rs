@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
-use trellis_core::logging::throttle::Throttle;
+use trellis_core::logging::keyed::Keyed;
 
 pub use access::ACCESS_TARGET;
 pub use detect::{Protocol, Rewind, detect, detect_after, h2_preface};
@@ -82,8 +82,8 @@ pub struct Http {
     /// Whether each request is written to the access log.
     pub access_log: bool,
     /// The pauses between log lines of requests the sidecar refused
-    /// ([`access::Entry::log_refusal`]).
-    refusals: Throttle,
+    /// ([`access::Entry::log_refusal`]), by kind and policy.
+    refusals: Keyed<access::RefusalKey>,
     /// How long an HTTP/2 caller may send nothing before it is pinged, and
     /// how long it then has to answer ([`H2_KEEP_ALIVE_INTERVAL`],
     /// [`H2_KEEP_ALIVE_TIMEOUT`]; shorter in tests).
@@ -101,7 +101,10 @@ impl Http {
             h1: AppConnections::default(),
             metrics,
             access_log,
-            refusals: Throttle::new(crate::inbound::REFUSAL_LOG_PAUSE),
+            refusals: Keyed::new(
+                crate::inbound::REFUSAL_LOG_PAUSE,
+                access::REFUSAL_POLICIES_LOGGED,
+            ),
             h2_keep_alive: (H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT),
         }
     }
