@@ -249,3 +249,57 @@ async fn a_refused_admin_request_is_marked_as_the_sidecar_s_answer() {
     assert_eq!(response.status(), 200);
     assert!(!response.headers().contains_key("trellis-proxy-error"));
 }
+
+/// The admin port's 404 (a path it serves nothing at, an app probe path
+/// with no probe) and 405 (a method other than GET or HEAD) are its own
+/// answers too, each with a token of its own, beside the text saying why.
+#[tokio::test]
+async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
+    use common::control_plane::FakeControlPlane;
+    use common::sidecar::sidecar;
+    use hyper_util::rt::TokioIo;
+    let cp = FakeControlPlane::start(Duration::from_secs(3600)).await;
+    let app = http_app().await;
+    let s = sidecar(&cp, app.addr, &[]).await;
+
+    let tcp = TokioIo::new(TcpStream::connect(s.admin).await.unwrap());
+    let (mut admin, conn) = hyper::client::conn::http1::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let post = |path: &str| {
+        let mut req = get(path, &[]);
+        *req.method_mut() = ::http::Method::POST;
+        req
+    };
+    for (req, status, token, said) in [
+        (
+            get("/nope", &[]),
+            404,
+            "not_found",
+            "not found: try /live /ready /metrics /config\n",
+        ),
+        (
+            get("/app-health/app/nothing", &[]),
+            404,
+            "not_found",
+            "no app probe at /app-health/app/nothing\n",
+        ),
+        (post("/live"), 405, "method_not_allowed", "GET only\n"),
+        (
+            post("/app-health/app/nothing"),
+            405,
+            "method_not_allowed",
+            "GET only\n",
+        ),
+    ] {
+        let what = format!("{} {}", req.method(), req.uri());
+        let response = admin.send_request(req).await.unwrap();
+        let marked = response.headers().get("trellis-proxy-error").cloned();
+        let (got, body) = text(response).await;
+        assert_eq!((got.as_u16(), body.as_str()), (status, said), "{what}");
+        assert_eq!(
+            marked.as_ref().and_then(|v| v.to_str().ok()),
+            Some(token),
+            "{what}"
+        );
+    }
+}

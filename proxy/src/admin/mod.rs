@@ -4,7 +4,9 @@
 //! host. Every pod of the cluster reaches it: `/config` is served to
 //! loopback peers only, and the app's lifecycle hooks to requests with the
 //! pod's hook token ([`access`]); any other request gets 403 saying why,
-//! with `trellis-proxy-error: denied`.
+//! with `trellis-proxy-error: denied`. A path it serves nothing at gets
+//! 404 with `trellis-proxy-error: not_found`, a method other than `GET`
+//! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed`.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -196,17 +198,44 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 /// The 403 of a request [`access`] refuses: why, as its text, and
 /// `trellis-proxy-error: denied`, as the sidecar's other refusals carry.
 fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
-    let mut response = text(StatusCode::FORBIDDEN, format!("{refused}\n"));
+    refusal(StatusCode::FORBIDDEN, "denied", format!("{refused}\n"))
+}
+
+/// The 405 of a request whose method is neither `GET` nor `HEAD`, with
+/// `trellis-proxy-error: method_not_allowed`.
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    refusal(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "GET only\n",
+    )
+}
+
+/// The 404 of a path the port serves nothing at, with
+/// `trellis-proxy-error: not_found` (under `/app-health/`, a path no app
+/// probe is registered at).
+fn not_found(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    refusal(StatusCode::NOT_FOUND, "not_found", body)
+}
+
+/// A refusal of the admin port: `status` with `body` as its text, marked as
+/// the sidecar's own answer by `trellis-proxy-error: token`.
+fn refusal(
+    status: StatusCode,
+    token: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = text(status, body);
     response.headers_mut().insert(
         trellis_core::refusal::PROXY_ERROR,
-        header::HeaderValue::from_static("denied"),
+        header::HeaderValue::from_static(token),
     );
     response
 }
 
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        return method_not_allowed();
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
@@ -242,10 +271,7 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .body(Full::new(body.into()))
                 .expect("static response parts are valid")
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /live /ready /metrics /config\n",
-        ),
+        _ => not_found("not found: try /live /ready /metrics /config\n"),
     }
 }
 
@@ -258,11 +284,11 @@ async fn app_health(
     app: std::net::IpAddr,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        return method_not_allowed();
     }
     let path = req.uri().path();
     let Some(check) = state.config.app_probes.get(path) else {
-        return text(StatusCode::NOT_FOUND, format!("no app probe at {path}\n"));
+        return not_found(format!("no app probe at {path}\n"));
     };
     match probes::run(check, app, probes::TIMEOUT).await {
         Ok(()) => text(StatusCode::OK, "ok\n"),
