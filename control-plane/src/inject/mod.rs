@@ -467,9 +467,11 @@ pub fn respond_pod_reporting(
         Some(Ok(pod)) => pod,
     };
     let result = inject_pod(pod, scope, config);
-    // Values that decided nothing are told of once, by the call that
-    // decided: a re-invocation finds the pod injected and says nothing
-    // again.
+    // Values that decided nothing are told of by the call that injects or
+    // skips the pod. A pod created already injected (its manifest copied
+    // from an injected pod; no webhook here is reinvoked) is told nothing:
+    // whatever it carries was told of when the pod it came from was
+    // injected.
     let unknown = |injected: bool| {
         unknown_inject_values(pod, scope)
             .into_iter()
