@@ -955,20 +955,30 @@ spec:
 /// `policy explain` evaluates no HTTP request: it says so, naming the
 /// rules whose HTTP conditions the sidecar checks on each request, and
 /// names none on an opaque port, where such conditions fail closed whole.
+/// What it does decide is the DENY's: HTTP requests denied per request by
+/// its rule, a connection that is not HTTP denied by it, and on an opaque
+/// port the whole connection denied by it.
 #[test]
 fn explain_says_which_http_conditions_it_did_not_evaluate() {
     let cp = ControlPlane::start(&["--default-policy", "allow-mesh"]);
     deny_admin(&cp);
     let explain = |extra: &[&str]| explained(&cp, WEB, API, extra);
-    let unchecked = "not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) \
-                     of default/no-admin rule 0, which the sidecar checks on each request\n";
     let text = explain(&[]);
-    assert!(
-        text.ends_with(&format!(
-            "no rule decided: mesh default allow-mesh\n{unchecked}\
+    assert_eq!(
+        text,
+        format!(
+            "{WEB} -> {API} port 8080: allow by default:allow-mesh, except HTTP requests \
+             denied per request by default/no-admin rule 0\n  \
+             a connection that is not HTTP: deny by default/no-admin rule 0 (its HTTP \
+             conditions cannot be checked on bytes)\n  \
+             default/no-admin (DENY): selects the destination\n    \
+             rule 0: decided per HTTP request: source matches spiffeId {WEB}; any port, \
+             with L7 matches\n\
+             no rule decided: mesh default allow-mesh\n\
+             not evaluated: the HTTP conditions (methods, paths, headers, gRPC calls) of \
+             default/no-admin rule 0, which the sidecar checks on each request\n\
              rate limits: none selects the destination\n"
-        )),
-        "{text}"
+        )
     );
     let json: serde_json::Value = serde_json::from_str(&explain(&["-o", "json"])).unwrap();
     assert_eq!(
@@ -976,7 +986,21 @@ fn explain_says_which_http_conditions_it_did_not_evaluate() {
         serde_json::json!([{"policy": "default/no-admin", "rule": 0}]),
         "{json}"
     );
+    let per_request = &json["per_request"];
+    assert_eq!(
+        per_request["denied_by"],
+        serde_json::json!({"policy": "default/no-admin", "rule": 0}),
+        "{json}"
+    );
+    assert_eq!(per_request["allowed_by"], serde_json::Value::Null, "{json}");
+    assert_eq!(per_request["not_http"]["verdict"], "deny", "{json}");
     let text = explain(&["--opaque-ports", "8080"]);
+    assert!(
+        text.starts_with(&format!(
+            "{WEB} -> {API} port 8080: deny by default/no-admin rule 0\n"
+        )),
+        "{text}"
+    );
     assert!(!text.contains("not evaluated"), "{text}");
 }
 
