@@ -164,9 +164,9 @@ fn framed<M: prost::Message>(message: &M) -> Bytes {
 /// end of the stream); any other status (the connection failed) is kept.
 fn refused(status: &Status) -> Status {
     match status.code() {
-        Code::OutOfRange => Status::resource_exhausted(format!(
-            "a reflection request may be at most {MAX_REFLECTION_REQUEST_BYTES} bytes; this one is larger"
-        )),
+        Code::OutOfRange => {
+            crate::api::request_too_large("reflection", MAX_REFLECTION_REQUEST_BYTES)
+        }
         Code::Internal => Status::invalid_argument(format!(
             "the reflection request could not be read: {}",
             status.message()

@@ -36,7 +36,7 @@ use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::policy::stored_warnings;
 use crate::api::replica::{ReplicaService, Replicas};
-use crate::api::{Mesh, OnlyCaller};
+use crate::api::{Mesh, OnlyCaller, RequestLimit};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
@@ -419,7 +419,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(BodyDeadlineLayer)
-        .add_service(
+        .add_service(RequestLimit::new(
             IdentityServer::new(
                 IdentityService::new(mesh.clone())
                     .with_token_reviewer(reviewer)
@@ -427,7 +427,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     .renewals_needing_token(config.renewals_need_token()),
             )
             .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
-        )
+            "Certify",
+            MAX_CERTIFY_REQUEST_BYTES,
+        ))
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         .add_service(ReplicaServer::with_interceptor(

@@ -195,6 +195,44 @@ async fn watch_pushes_snapshots_and_records_acks() {
     .await;
 }
 
+/// A Watch request past [`MAX_WATCH_REQUEST_BYTES`] is refused with
+/// RESOURCE_EXHAUSTED naming the call and the limit, whether it is the
+/// Subscribe or a NACK later in the stream, which otherwise would end as
+/// if the control plane had nothing more to say.
+#[tokio::test]
+async fn an_oversized_watch_request_is_refused_naming_the_limit() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let too_large = format!(
+        "a Watch request may be at most {MAX_WATCH_REQUEST_BYTES} bytes; this one is larger"
+    );
+
+    let huge = "9".repeat(MAX_WATCH_REQUEST_BYTES + 1);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(subscribe(&huge)).await.unwrap();
+    let err = discovery_client(&cp, Some(&web))
+        .await
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), too_large);
+
+    let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7001").await;
+    let first = snapshots.message().await.unwrap().expect("a snapshot");
+    tx.send(WatchRequest {
+        kind: Some(Kind::Nack(Nack {
+            version: first.version,
+            reason: "x".repeat(MAX_WATCH_REQUEST_BYTES + 1),
+        })),
+    })
+    .await
+    .unwrap();
+    let err = snapshots.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), too_large);
+}
+
 #[tokio::test]
 async fn watch_requires_an_svid_and_a_subscribe_first() {
     let cp = ControlPlane::start(&[]);

@@ -39,12 +39,13 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use trellis_core::SpiffeId;
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
+use super::discovery_server::MAX_WATCH_REQUEST_BYTES;
 use super::{Mesh, peer_of, quoted_chars, quoted_up_to, require_svid, rfc3339};
 use crate::discovery::{
     COALESCE_WINDOW, ContentKey, Discovery, EndpointsIn, HeldEndpoints, SnapshotVersion,
@@ -113,7 +114,9 @@ impl DiscoveryService {
                     trellis_core::duration::Words(SUBSCRIBE_TIMEOUT)
                 ))
             })?;
-        let subscribe = match first? {
+        let subscribe = match first
+            .map_err(|status| super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status))?
+        {
             Some(WatchRequest {
                 kind: Some(Kind::Subscribe(s)),
             }) => s,
@@ -449,6 +452,11 @@ async fn serve_stream(
                     return "protocol error";
                 }
                 Ok(None) => return "sidecar closed the stream",
+                Err(status) if status.code() == Code::OutOfRange => {
+                    let refusal = super::request_too_large("Watch", MAX_WATCH_REQUEST_BYTES);
+                    let _ = tx.send(Err(refusal)).await;
+                    return "request too large";
+                }
                 Err(_) => return "stream broken",
             },
             _ = crate::run::stopping(&mut shutdown) => {

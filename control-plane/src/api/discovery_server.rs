@@ -39,7 +39,8 @@ const WATCH_PATH: &str = "/trellis.discovery.v1.Discovery/Watch";
 /// for refusing a snapshot (the text of its error, which quotes a field
 /// or two of the snapshot, cut by the sidecar to its
 /// `MAX_NACK_REASON_BYTES`, 4 KiB). Far below gRPC's usual 4 MiB: a larger
-/// request ends its stream with OUT_OF_RANGE naming its size.
+/// request is refused as its length prefix arrives, ending its stream with
+/// RESOURCE_EXHAUSTED naming the call and this limit.
 pub const MAX_WATCH_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The Discovery service as a tonic route.
@@ -221,9 +222,9 @@ mod tests {
 
     /// A Watch request larger than [`MAX_WATCH_REQUEST_BYTES`] (here 1 MiB,
     /// below gRPC's usual 4 MiB) is refused as its length prefix arrives,
-    /// naming its size, instead of being buffered.
+    /// naming the call and the limit, instead of being buffered.
     #[tokio::test]
-    async fn an_oversized_watch_request_is_refused_naming_its_size() {
+    async fn an_oversized_watch_request_is_refused_naming_the_limit() {
         use crate::api::{Mesh, PeerInfo};
         use crate::discovery::Discovery;
         use crate::store::embedded::{DB_FILE, EmbeddedStore};
@@ -255,10 +256,12 @@ mod tests {
         });
         let response = server.call(request).await.unwrap();
         let status = Status::from_header_map(response.headers()).expect("a status");
-        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-        assert!(
-            status.message().contains(&size.to_string()),
-            "the size is named: {status:?}"
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!(
+                "a Watch request may be at most {MAX_WATCH_REQUEST_BYTES} bytes; this one is larger"
+            )
         );
     }
 

@@ -209,8 +209,8 @@ pub const MAX_ADDRESS_LEN: usize = 64;
 /// addresses at most [`MAX_INBOUND_ADDRESSES`] of [`MAX_ADDRESS_LEN`]
 /// bytes. Certify needs no client certificate, so this bounds what anyone
 /// who can reach the port makes the control plane buffer per stream, far
-/// below gRPC's usual 4 MiB; a larger request is refused with OUT_OF_RANGE
-/// naming its size.
+/// below gRPC's usual 4 MiB; a larger request is refused as its length
+/// prefix arrives, with RESOURCE_EXHAUSTED naming the call and this limit.
 ///
 /// [`MAX_TOKEN_LEN`]: crate::authn::tokenreview::MAX_TOKEN_LEN
 pub const MAX_CERTIFY_REQUEST_BYTES: usize = 64 * 1024;
