@@ -173,6 +173,46 @@ mod tests {
     use prost::Message;
     use trellis_proto::discovery::v1::{Endpoint, Snapshot};
 
+    /// A Discovery over a fresh store in `dir` with `limits`, and the mesh
+    /// of a replica serving it (the sender stops its background tasks when
+    /// dropped).
+    fn mesh_in(
+        dir: &std::path::Path,
+        limits: crate::discovery::WatchLimits,
+    ) -> (
+        crate::api::Mesh,
+        Arc<crate::discovery::Discovery>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use trellis_proto::discovery::v1::MeshConfig;
+
+        let store = Arc::new(EmbeddedStore::open(&dir.join(DB_FILE)).unwrap());
+        let discovery = Arc::new(
+            crate::discovery::Discovery::new(store.clone(), Vec::new(), MeshConfig::default())
+                .unwrap()
+                .with_watch_limits(limits),
+        );
+        let (mesh, stop) = crate::api::Mesh::for_tests(store, discovery.clone());
+        (mesh, discovery, stop)
+    }
+
+    /// A Watch request carrying `body`, from `id` on a connection from
+    /// `remote`.
+    fn watch_request(body: Body, id: &str, remote: &str) -> http::Request<Body> {
+        let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(body)
+            .unwrap();
+        request.extensions_mut().insert(crate::api::PeerInfo {
+            remote: remote.parse().unwrap(),
+            spiffe_id: Some(trellis_core::SpiffeId::parse(id).unwrap()),
+            cert_issued_at_unix: None,
+            presented: None,
+        });
+        request
+    }
+
     fn snapshot(version: u64) -> EncodedSnapshot {
         let own = Snapshot {
             version,
@@ -225,35 +265,21 @@ mod tests {
     /// naming the call and the limit, instead of being buffered.
     #[tokio::test]
     async fn an_oversized_watch_request_is_refused_naming_the_limit() {
-        use crate::api::{Mesh, PeerInfo};
-        use crate::discovery::Discovery;
-        use crate::store::embedded::{DB_FILE, EmbeddedStore};
         use tower::Service;
-        use trellis_proto::discovery::v1::MeshConfig;
 
         let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-        let discovery =
-            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
-        let (mesh, _stop) = Mesh::for_tests(store, discovery);
+        let (mesh, _, _stop) = mesh_in(tmp.path(), Default::default());
         let mut server = DiscoveryServer::new(DiscoveryService::new(mesh));
         let size: u32 = 1 << 20;
         let mut prefix = BytesMut::new();
         prefix.put_u8(0);
         prefix.put_u32(size);
         prefix.put_slice(&[0; 1024]);
-        let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .body(Body::new(http_body_util::Full::new(prefix.freeze())))
-            .unwrap();
-        request.extensions_mut().insert(PeerInfo {
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            spiffe_id: Some(
-                trellis_core::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap(),
-            ),
-            cert_issued_at_unix: None,
-            presented: None,
-        });
+        let request = watch_request(
+            Body::new(http_body_util::Full::new(prefix.freeze())),
+            "spiffe://cluster.local/ns/a/sa/web",
+            "127.0.0.1:40000",
+        );
         let response = server.call(request).await.unwrap();
         let status = Status::from_header_map(response.headers()).expect("a status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -273,18 +299,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_watch_without_its_subscribe_is_ended_at_the_deadline() {
         use crate::api::discovery::SUBSCRIBE_TIMEOUT;
-        use crate::api::{Mesh, PeerInfo};
-        use crate::discovery::Discovery;
-        use crate::store::embedded::{DB_FILE, EmbeddedStore};
         use futures::channel::mpsc;
         use tower::Service;
-        use trellis_proto::discovery::v1::MeshConfig;
 
         let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
-        let discovery =
-            Arc::new(Discovery::new(store.clone(), Vec::new(), MeshConfig::default()).unwrap());
-        let (mesh, _stop) = Mesh::for_tests(store, discovery.clone());
+        let (mesh, discovery, _stop) = mesh_in(tmp.path(), Default::default());
         let mut server = DiscoveryServer::new(DiscoveryService::new(mesh));
         // Nothing, then the prefix of a 1,000-byte message and 10 of its bytes.
         let mut part = BytesMut::new();
@@ -296,18 +315,11 @@ mod tests {
             if !sent.is_empty() {
                 tx.try_send(Ok(Frame::data(sent.clone()))).unwrap();
             }
-            let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
-                .header(http::header::CONTENT_TYPE, "application/grpc")
-                .body(Body::new(StreamBody::new(rx)))
-                .unwrap();
-            request.extensions_mut().insert(PeerInfo {
-                remote: "127.0.0.1:40000".parse().unwrap(),
-                spiffe_id: Some(
-                    trellis_core::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap(),
-                ),
-                cert_issued_at_unix: None,
-                presented: None,
-            });
+            let request = watch_request(
+                Body::new(StreamBody::new(rx)),
+                "spiffe://cluster.local/ns/a/sa/web",
+                "127.0.0.1:40000",
+            );
             let response = tokio::time::timeout(SUBSCRIBE_TIMEOUT * 100, server.call(request))
                 .await
                 .unwrap_or_else(|_| panic!("a Watch that sent {sent:?} was held open"))
@@ -346,28 +358,20 @@ mod tests {
     /// limit, and a stream that ends frees its slot.
     #[tokio::test]
     async fn watch_streams_past_the_limits_are_refused_until_one_closes() {
-        use crate::api::{Mesh, PeerInfo};
-        use crate::discovery::{Discovery, WatchLimits};
-        use crate::store::embedded::{DB_FILE, EmbeddedStore};
+        use crate::discovery::WatchLimits;
         use futures::channel::mpsc;
         use tower::Service;
+        use trellis_proto::discovery::v1::Subscribe;
         use trellis_proto::discovery::v1::watch_request::Kind;
-        use trellis_proto::discovery::v1::{MeshConfig, Subscribe};
 
         const WEB: &str = "spiffe://cluster.local/ns/a/sa/web";
         const API: &str = "spiffe://cluster.local/ns/a/sa/api";
         let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(&tmp.path().join(DB_FILE)).unwrap());
         let limits = WatchLimits {
             per_sidecar: 2,
             total: 3,
         };
-        let discovery = Arc::new(
-            Discovery::new(store.clone(), Vec::new(), MeshConfig::default())
-                .unwrap()
-                .with_watch_limits(limits),
-        );
-        let (mesh, _stop) = Mesh::for_tests(store, discovery.clone());
+        let (mesh, discovery, _stop) = mesh_in(tmp.path(), limits);
         let metrics = mesh.metrics.clone();
         let server = DiscoveryServer::new(DiscoveryService::new(mesh));
 
@@ -380,30 +384,20 @@ mod tests {
         );
         let watch = |id: &str, remote: &str| {
             let mut server = server.clone();
-            let (id, remote) = (id.to_owned(), remote.parse().unwrap());
+            let subscribe = WatchRequest {
+                kind: Some(Kind::Subscribe(Subscribe {
+                    inbound_address: "10.0.0.1:15006".into(),
+                    ..Subscribe::default()
+                })),
+            };
+            let mut framed = BytesMut::new();
+            framed.put_u8(0);
+            framed.put_u32(subscribe.encoded_len() as u32);
+            subscribe.encode(&mut framed).unwrap();
+            let (mut tx, rx) = mpsc::channel(4);
+            tx.try_send(Ok(Frame::data(framed.freeze()))).unwrap();
+            let request = watch_request(Body::new(StreamBody::new(rx)), id, remote);
             async move {
-                let subscribe = WatchRequest {
-                    kind: Some(Kind::Subscribe(Subscribe {
-                        inbound_address: "10.0.0.1:15006".into(),
-                        ..Subscribe::default()
-                    })),
-                };
-                let mut framed = BytesMut::new();
-                framed.put_u8(0);
-                framed.put_u32(subscribe.encoded_len() as u32);
-                subscribe.encode(&mut framed).unwrap();
-                let (mut tx, rx) = mpsc::channel(4);
-                tx.try_send(Ok(Frame::data(framed.freeze()))).unwrap();
-                let mut request = http::Request::post(format!("http://cp{WATCH_PATH}"))
-                    .header(http::header::CONTENT_TYPE, "application/grpc")
-                    .body(Body::new(StreamBody::new(rx)))
-                    .unwrap();
-                request.extensions_mut().insert(PeerInfo {
-                    remote,
-                    spiffe_id: Some(trellis_core::SpiffeId::parse(&id).unwrap()),
-                    cert_issued_at_unix: None,
-                    presented: None,
-                });
                 let response = server.call(request).await.unwrap();
                 match Status::from_header_map(response.headers()) {
                     Some(refused) => Err(refused),
