@@ -655,7 +655,6 @@ fn cert_ttl_beyond_what_the_control_plane_accepts_is_refused() {
 /// renders the control plane takes, as the same duration.
 #[test]
 fn watch_failure_grace_the_control_plane_refuses_is_refused() {
-    use trellis_control_plane::config::{Config, Parsed};
     let Some((helm, _)) = tools() else { return };
     for grace in ["0s", "999ms", "0m"] {
         let e = template(&helm, &[&format!("watchFailureGrace={grace}")]).unwrap_err();
@@ -671,31 +670,40 @@ fn watch_failure_grace_the_control_plane_refuses_is_refused() {
         ("1m30s", 90),
         ("2h", 7200),
     ] {
-        let args = args(&documents(
-            &template(&helm, &[&format!("watchFailureGrace={grace}")]).unwrap(),
-        ));
-        let flag = format!("--watch-failure-grace={grace}");
-        assert!(args.contains(&flag), "{grace}: {args:?}");
-        let parsed = Config::parse_args(
-            [
-                "trellis-control-plane",
-                "--state-dir",
-                "state",
-                flag.as_str(),
-            ]
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        let config = rendered_and_taken(
+            &helm,
+            &format!("watchFailureGrace={grace}"),
+            &format!("--watch-failure-grace={grace}"),
         );
-        let Parsed::Run(config) = parsed else {
-            panic!("the control plane refuses {flag}")
-        };
         assert_eq!(
             config.watch_failure_grace,
             std::time::Duration::from_secs(seconds),
-            "{flag}"
+            "{grace}"
         );
     }
+}
+
+/// The control plane's config from `flag`, after asserting that the chart
+/// rendered with `value` (`name=value`) passes it `flag` and that the
+/// control plane takes it.
+fn rendered_and_taken(
+    helm: &std::path::Path,
+    value: &str,
+    flag: &str,
+) -> trellis_control_plane::config::Config {
+    use trellis_control_plane::config::{Config, Parsed};
+    let args = args(&documents(&template(helm, &[value]).unwrap()));
+    assert!(args.iter().any(|a| a == flag), "{value}: {args:?}");
+    let parsed = Config::parse_args(
+        ["trellis-control-plane", "--state-dir", "state", flag]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    );
+    let Parsed::Run(config) = parsed else {
+        panic!("the control plane refuses {flag}")
+    };
+    *config
 }
 
 /// `maxGrpcConnectionsPerClient` reaches the control plane as
@@ -703,29 +711,14 @@ fn watch_failure_grace_the_control_plane_refuses_is_refused() {
 /// up to the largest it accepts.
 #[test]
 fn max_grpc_connections_per_client_reaches_the_control_plane() {
-    use trellis_control_plane::config::{Config, Parsed};
     let Some((helm, _)) = tools() else { return };
     for n in [1, 64, 65536] {
-        let args = args(&documents(
-            &template(&helm, &[&format!("maxGrpcConnectionsPerClient={n}")]).unwrap(),
-        ));
-        let flag = format!("--max-grpc-connections-per-client={n}");
-        assert!(args.contains(&flag), "{n}: {args:?}");
-        let parsed = Config::parse_args(
-            [
-                "trellis-control-plane",
-                "--state-dir",
-                "state",
-                flag.as_str(),
-            ]
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        let config = rendered_and_taken(
+            &helm,
+            &format!("maxGrpcConnectionsPerClient={n}"),
+            &format!("--max-grpc-connections-per-client={n}"),
         );
-        let Parsed::Run(config) = parsed else {
-            panic!("the control plane refuses {flag}")
-        };
-        assert_eq!(config.max_grpc_connections_per_client, n, "{flag}");
+        assert_eq!(config.max_grpc_connections_per_client, n, "{n}");
     }
 }
 
