@@ -850,23 +850,38 @@ async fn a_call_the_server_s_sidecar_refuses_after_the_handshake_is_answered_wit
         "{answer}"
     );
     assert_eq!(proxy_error(&answer), Some("peer_refused"), "{answer}");
+    assert_refused_by_peer(&logs, &client, to, "UnknownCA", "alert_unknown_ca").await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}
+
+/// Asserts that `client` logged the refusal of its call to `to` by the
+/// sidecar `spiffe://td.test/ns/b/sa/server` with the TLS alert `alert`
+/// (as rustls names it), and counted it as the handshake failure `reason`
+/// and the connection outcome `refused_by_peer`, once each.
+async fn assert_refused_by_peer(
+    logs: &common::sidecar::Logs,
+    client: &Shared,
+    to: std::net::SocketAddr,
+    alert: &str,
+    reason: &str,
+) {
     logs.wait_for(&[
         "WARN",
         "outbound connection refused by the server's sidecar",
         "peer=spiffe://td.test/ns/b/sa/server",
         &format!("remote={to}"),
-        "alert=UnknownCA",
-        "reason=alert_unknown_ca",
+        &format!("alert={alert}"),
+        &format!("reason={reason}"),
     ])
     .await;
     let text = client.metrics.encode();
     for counted in [
-        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_unknown_ca\"} 1",
-        "trellis_connections_total{direction=\"outbound\",outcome=\"refused_by_peer\"} 1",
+        format!("trellis_handshake_failures_total{{direction=\"outbound\",reason=\"{reason}\"}} 1"),
+        "trellis_connections_total{direction=\"outbound\",outcome=\"refused_by_peer\"} 1"
+            .to_string(),
     ] {
-        assert!(text.contains(counted), "{counted} in {text}");
+        assert!(text.contains(&counted), "{counted} in {text}");
     }
-    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
 
 /// The policies of the sidecar `server` allowing the mesh, with `revoked`
@@ -933,22 +948,14 @@ async fn a_revoked_caller_s_call_is_answered_with_the_revocation_alert() {
             )),
         "{answer}"
     );
-    logs.wait_for(&[
-        "WARN",
-        "outbound connection refused by the server's sidecar",
-        "peer=spiffe://td.test/ns/b/sa/server",
-        &format!("remote={to}"),
-        "alert=CertificateRevoked",
-        "reason=alert_certificate_revoked",
-    ])
+    assert_refused_by_peer(
+        &logs,
+        &client,
+        to,
+        "CertificateRevoked",
+        "alert_certificate_revoked",
+    )
     .await;
-    let text = client.metrics.encode();
-    for counted in [
-        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"alert_certificate_revoked\"} 1",
-        "trellis_connections_total{direction=\"outbound\",outcome=\"refused_by_peer\"} 1",
-    ] {
-        assert!(text.contains(counted), "{counted} in {text}");
-    }
     logs.wait_for(&[
         "WARN",
         "inbound connection refused: the caller's identity is revoked",
