@@ -191,7 +191,7 @@ enum DialError {
     /// refused it (read unverified, for the refusal's line only).
     #[error("handshake: {}", trellis_core::tls::Described(.0))]
     Handshake(io::Error, Option<Box<Claimed>>),
-    #[error("handshake timed out")]
+    #[error("handshake: no answer within {}", Words(net::HANDSHAKE_TIMEOUT))]
     Timeout,
     /// The peer answered the handshake with `access_denied` before its
     /// certificate: a sidecar that has none yet

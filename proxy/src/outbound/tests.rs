@@ -772,3 +772,49 @@ async fn a_backend_whose_identity_is_revoked_is_answered_revoked() {
         1
     );
 }
+
+/// A backend that takes the connection and never answers the handshake
+/// (a hung sidecar, a port that is not a sidecar's): the call is refused
+/// after [`net::HANDSHAKE_TIMEOUT`], the app told so in words naming the
+/// wait, and the timeout counted as a handshake failure. The clock is
+/// paused, so the ten seconds pass as soon as nothing else is left to do.
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_never_answers_the_handshake_is_answered_handshake_timeout() {
+    let ca = Ca::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = listener.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            // Held open, never read from or written to.
+            let _ = accepted_tx.send(tcp);
+        }
+    });
+    let shared = sidecar(&ca, "deny", &[hung], &[hung]);
+    let answer = http_round_trip(&shared, VIP).await;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 502 Bad Gateway",
+            Some("handshake_timeout"),
+            format!(
+                "trellis: outbound call to 10.96.0.10:80 refused: dialling {hung}: handshake: no \
+                 answer within 10 seconds (timeout)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    assert!(
+        accepted.recv().await.is_some(),
+        "the backend was not dialled"
+    );
+    assert_eq!(outcome(&shared, "refused"), 1);
+    assert_eq!(
+        counted(
+            &shared,
+            "trellis_handshake_failures_total{direction=\"outbound\",reason=\"timeout\"}"
+        ),
+        1
+    );
+}
