@@ -219,8 +219,10 @@ impl DialError {
 
     /// The `trellis-proxy-error` an HTTP app is answered with
     /// ([`answer_refused`]): the label [`reason`](Self::reason) counts it
-    /// under, but one token for every handshake failure (the answer's text
-    /// names which).
+    /// under, but one token for every handshake failure and another for a
+    /// handshake timeout. The answer's text ends with the label in
+    /// parentheses ([`answer_dial_refused`]), so the token, the text, the
+    /// log line and `trellis_handshake_failures_total` meet on it.
     fn answer_reason(&self) -> &'static str {
         match self {
             DialError::Handshake(..) => "handshake_failed",

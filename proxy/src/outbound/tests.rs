@@ -34,11 +34,18 @@ fn id(name: &str) -> SpiffeId {
 struct Ca(CertifiedIssuer<'static, KeyPair>);
 
 impl Ca {
+    /// A CA named apart from every other one made here, as two meshes'
+    /// CAs are: a certificate of one is of an unknown issuer to the other.
     fn new() -> Self {
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {n}"));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         Ca(CertifiedIssuer::self_signed(params, key).unwrap())
     }
@@ -817,4 +824,37 @@ async fn a_backend_that_never_answers_the_handshake_is_answered_handshake_timeou
         ),
         1
     );
+}
+
+/// The reason an outbound refusal's text ends with, in parentheses.
+fn reason_in(body: &str) -> Option<&str> {
+    let (_, reason) = body.trim_end().rsplit_once(" (")?;
+    reason.strip_suffix(')')
+}
+
+/// Every handshake failure is answered with one coarse token,
+/// `handshake_failed`, and a text ending with the reason it is counted
+/// under in `trellis_handshake_failures_total` and logged with, so one
+/// grep of the answer's reason finds both: a server presenting another
+/// identity, one certified by a CA outside the trust bundle.
+#[tokio::test]
+async fn a_handshake_failure_s_answer_names_the_reason_it_is_counted_under() {
+    let ca = Ca::new();
+    let (impostor, _) = backend(Some(ca.tls(&id("impostor"), &[]))).await;
+    let (foreign, _) = backend(Some(Ca::new().tls(&id("api"), &[]))).await;
+    for (server, expected) in [
+        (impostor, "unexpected_identity"),
+        (foreign, "unknown_issuer"),
+    ] {
+        let shared = sidecar(&ca, "deny", &[server], &[server]);
+        let answer = http_round_trip(&shared, VIP).await;
+        let (status, token, body) = refusal(&answer);
+        assert_eq!(status, "HTTP/1.1 502 Bad Gateway", "{answer}");
+        assert_eq!(token, Some("handshake_failed"), "{answer}");
+        assert_eq!(reason_in(body), Some(expected), "{answer}");
+        let series = format!(
+            "trellis_handshake_failures_total{{direction=\"outbound\",reason=\"{expected}\"}}"
+        );
+        assert_eq!(counted(&shared, &series), 1, "{series}");
+    }
 }
