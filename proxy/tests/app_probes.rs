@@ -172,6 +172,12 @@ async fn sidecar(probes: &str) -> SocketAddr {
 
 /// What the kubelet gets for `GET path` on the admin port.
 async fn kubelet_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+    let (status, _, body) = kubelet_get_marked(admin, path).await;
+    (status, body)
+}
+
+/// [`kubelet_get`], with the answer's `trellis-proxy-error`, if any.
+async fn kubelet_get_marked(admin: SocketAddr, path: &str) -> (StatusCode, Option<String>, String) {
     let tcp = TcpStream::connect(admin).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -183,8 +189,10 @@ async fn kubelet_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let status = response.status();
+    let marked = response.headers().get("trellis-proxy-error");
+    let marked = marked.map(|v| v.to_str().unwrap().to_owned());
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, marked, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test]
@@ -259,12 +267,37 @@ async fn each_probe_kind_passes_and_fails_as_the_kubelet_would_see_it() {
         ("/app-health/nobody/liveness", 404, "no app probe"),
     ];
     for (path, status, says) in expected {
-        let (got, body) = kubelet_get(admin, path).await;
+        let (got, marked, body) = kubelet_get_marked(admin, path).await;
         assert_eq!(got.as_u16(), status, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
         assert!(!body.contains("os error"), "{path}: {body}");
+        // The sidecar's own verdict on the app, not the app's answer.
+        let token = match status {
+            200 => None,
+            503 => Some("probe_failed"),
+            _ => Some("not_found"),
+        };
+        assert_eq!(marked.as_deref(), token, "{path}: {body}");
     }
     drop(open);
+}
+
+/// The sidecar's `/ready`, while it is not ready (here it has no
+/// certificate: no control plane answers it), answers 503 saying why,
+/// marked as the sidecar's own answer as its other refusals are.
+#[tokio::test]
+async fn the_sidecar_s_own_503_is_marked_not_ready() {
+    let admin = sidecar("{}").await;
+    let (status, marked, body) = kubelet_get_marked(admin, "/ready").await;
+    assert_eq!(
+        (status.as_u16(), marked.as_deref(), body.as_str()),
+        (503, Some("not_ready"), "not ready: no certificate yet\n")
+    );
+    let (status, marked, body) = kubelet_get_marked(admin, "/live").await;
+    assert_eq!(
+        (status.as_u16(), marked.as_deref(), body.as_str()),
+        (200, None, "live\n")
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,12 @@
 //! pod's hook token ([`access`]); any other request gets 403 saying why,
 //! with `trellis-proxy-error: denied`. A path it serves nothing at gets
 //! 404 with `trellis-proxy-error: not_found`, a method other than `GET`
-//! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed`.
+//! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed`. `/ready`
+//! answers 503 with `trellis-proxy-error: not_ready` while the sidecar is
+//! not ready, and an app probe that fails 503 with `probe_failed`. A
+//! request head hyper's server cannot parse gets hyper's own 400 (431 for
+//! too large a head), a status alone: hyper writes it with no hook to add
+//! the header.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -218,6 +223,16 @@ fn not_found(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     refusal(StatusCode::NOT_FOUND, "not_found", body)
 }
 
+/// The 503 of `/ready` while the sidecar is not ready (or drains), saying
+/// why, with `trellis-proxy-error: not_ready`.
+fn unready(why: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        format!("not ready: {why}\n"),
+    )
+}
+
 /// A refusal of the admin port: `status` with `body` as its text, marked as
 /// the sidecar's own answer by `trellis-proxy-error: token`.
 fn refusal(
@@ -240,22 +255,13 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => match (state.drain.draining(), not_ready(state, SystemTime::now())) {
-            (Some(draining), _) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "not ready: {}\n",
-                    draining_reason(
-                        &draining,
-                        state.config.drain_idle,
-                        state.config.drain_timeout
-                    )
-                ),
-            ),
+            (Some(draining), _) => unready(draining_reason(
+                &draining,
+                state.config.drain_idle,
+                state.config.drain_timeout,
+            )),
             (None, None) => text(StatusCode::OK, "ready\n"),
-            (None, Some(reason)) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {reason}\n"),
-            ),
+            (None, Some(reason)) => unready(reason),
         },
         "/metrics" => Response::builder()
             .header(
@@ -294,7 +300,11 @@ async fn app_health(
         Ok(()) => text(StatusCode::OK, "ok\n"),
         Err(e) => {
             tracing::info!(probe = %path, reason = %e, "app probe failed");
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "probe_failed",
+                format!("{e}\n"),
+            )
         }
     }
 }
