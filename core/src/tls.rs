@@ -462,6 +462,46 @@ pub enum ExpectedServer {
     AnyIn(TrustDomain),
 }
 
+/// Writes, inside an `impl` of rustls' `ServerCertVerifier` or
+/// `ClientCertVerifier`, the three methods that check a handshake's
+/// signature (`verify_tls12_signature`, `verify_tls13_signature`,
+/// `supported_verify_schemes`) as passed on to the verifier `self.$field`,
+/// for a verifier that only changes how a certificate is judged. The
+/// callers' crates depend on `rustls`.
+///
+/// ```ignore
+/// impl ClientCertVerifier for Callers {
+///     // ...
+///     trellis_core::delegate_signature_checks!(verifier);
+/// }
+/// ```
+#[macro_export]
+macro_rules! delegate_signature_checks {
+    ($field:tt) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            self.$field.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            self.$field.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.$field.supported_verify_schemes()
+        }
+    };
+}
+
 /// A client-side verifier: the server's chain must lead to the bundle and its
 /// SPIFFE ID must be the expected one. The TLS server name is ignored.
 pub struct SpiffeServerVerifier {
@@ -719,27 +759,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    crate::delegate_signature_checks!(inner);
 }
 
 impl SpiffeClientVerifier {
