@@ -697,6 +697,16 @@ spec:
         loaded.policies[0].policy.to_proto()
     }
 
+    /// An ALLOW policy selecting api whose one rule admits web to `to`,
+    /// the YAML of one `to` entry.
+    fn allow_from_web(name: &str, to: &str) -> proto::Policy {
+        policy(
+            name,
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{to}]\n"),
+        )
+    }
+
     fn explain_web(
         port: u16,
         policies: &[proto::Policy],
@@ -740,11 +750,7 @@ spec:
     /// request is decided. Each answer reads back from its protobuf form.
     #[test]
     fn an_http_request_is_answered_as_the_sidecar_answers_it() {
-        let allow = policy(
-            "web-to-api",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
-        );
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
         let deny = policy(
             "no-debug",
             "DENY",
@@ -831,11 +837,7 @@ spec:
     /// and what a connection that is not HTTP gets.
     #[test]
     fn an_l7_allow_under_the_default_deny_allows_requests_per_request() {
-        let reads = policy(
-            "reads",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
-        );
+        let reads = allow_from_web("reads", "{paths: [/api]}");
         let explained = explain_web(8080, &[reads], DefaultPolicy::Deny, &[]);
         assert!(!explained.decision.is_allowed());
         assert_eq!(
@@ -865,11 +867,7 @@ spec:
     /// connection that is not HTTP is denied whole by it.
     #[test]
     fn an_l7_deny_under_an_allow_denies_requests_per_request() {
-        let allow = policy(
-            "web-to-api",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
-        );
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
         let deny = policy(
             "no-admin",
             "DENY",
@@ -898,11 +896,7 @@ spec:
         assert_eq!(read, explained);
 
         // Both: admitted for the ALLOW's requests, less the DENY's.
-        let reads = policy(
-            "reads",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{methods: [GET]}}]\n"),
-        );
+        let reads = allow_from_web("reads", "{methods: [GET]}");
         let explained = explain_web(
             8080,
             &[reads, policies[1].clone()],
@@ -945,11 +939,7 @@ spec:
             )
         );
 
-        let reads = policy(
-            "reads",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
-        );
+        let reads = allow_from_web("reads", "{paths: [/api]}");
         let admitted = explain_web(8080, &[reads, watch], DefaultPolicy::Deny, &[]);
         assert_eq!(
             first_lines(&admitted),
@@ -968,11 +958,7 @@ spec:
     /// line says so, and what a connection that is not HTTP gets.
     #[test]
     fn an_l7_audit_audits_requests_per_request() {
-        let allow = policy(
-            "web-to-api",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
-        );
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
         let watch = policy("watch", "AUDIT", "    - to: [{paths: [/admin]}]\n");
         let policies = [allow, watch.clone()];
         // What the sidecar's engine does with each request and with the
@@ -1019,11 +1005,7 @@ spec:
 
         // Admitted for the requests an L7 ALLOW matches, they are audited
         // too; a connection that is not HTTP is refused, reported by none.
-        let reads = policy(
-            "reads",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
-        );
+        let reads = allow_from_web("reads", "{paths: [/api]}");
         let admitted = explain_web(8080, &[reads, watch], DefaultPolicy::Deny, &[]);
         assert_eq!(
             first_lines(&admitted),
@@ -1064,11 +1046,7 @@ spec:
     /// source no L7 rule names.
     #[test]
     fn the_verdict_is_the_whole_story_where_no_request_is_decided_apart() {
-        let reads = policy(
-            "reads",
-            "ALLOW",
-            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{paths: [/api]}}]\n"),
-        );
+        let reads = allow_from_web("reads", "{paths: [/api]}");
         let no_admin = policy("no-admin", "DENY", "    - to: [{paths: [/admin]}]\n");
         let cases = [
             (&reads, DefaultPolicy::Deny, "default:deny"),
