@@ -134,16 +134,11 @@ impl SidecarBuilder {
         self
     }
 
-    /// Tries the preferred addresses first without checking that they are
-    /// free: as when another program takes one between the check and the
-    /// sidecar's bind (two meshes on one host starting at once).
-    pub fn preferred_addrs_unchecked(
-        mut self,
-        inbound: SocketAddr,
-        outbound: SocketAddr,
-        admin: SocketAddr,
-    ) -> Self {
-        self.preferred = Some([inbound, outbound, admin]);
+    /// Tries the addresses of [`Self::preferred_addrs`] first without
+    /// checking that they are free: as when another program takes one
+    /// between the check and the sidecar's bind (two meshes on one host
+    /// starting at once).
+    pub fn preferred_unchecked(mut self) -> Self {
         self.unchecked = true;
         self
     }

@@ -177,7 +177,8 @@ async fn a_sidecar_whose_preferred_port_another_mesh_holds_starts_elsewhere() ->
     let free = trellis_tests::ports::free_addrs(2);
     let mut started = second
         .sidecar("web")
-        .preferred_addrs_unchecked(free[0], free[1], taken)
+        .preferred_addrs(free[0], free[1], taken)
+        .preferred_unchecked()
         .start()
         .await?;
 
