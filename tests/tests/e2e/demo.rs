@@ -187,6 +187,13 @@ async fn a_sidecar_whose_preferred_port_another_mesh_holds_starts_elsewhere() ->
         admin, taken,
         "the other mesh's sidecar was taken for this one"
     );
+    // The first start was given the taken port and lost it: this one is
+    // the second (the join token file is named after the attempt).
+    let token_file = started.token_file().display().to_string();
+    assert!(
+        token_file.ends_with("web-1.token"),
+        "the sidecar was not first started on the taken port: {token_file}"
+    );
     started.process().ensure_running()?;
     started.process().ensure_listening(admin)?;
     Ok(())
