@@ -68,7 +68,8 @@ pub enum RequestOutcome {
     /// reaches the app; denied, it is answered 403.
     Decided(Decision),
     /// Answered before any rule is checked, with `status`, for `why`
-    /// (e.g. a path an app could read as another one).
+    /// (e.g. a path an app could read as another one, or more than one
+    /// `Host`).
     Refused { status: u16, why: String },
     /// The port is opaque: never parsed as HTTP, so no request is decided
     /// and the connection's verdict applies.
@@ -78,7 +79,8 @@ pub enum RequestOutcome {
 impl RequestAnswer {
     /// What the sidecar holding `set` does with `http` from `source` on
     /// `port` (`opaque` when it never parses the port as HTTP): the checks
-    /// its request layer makes before the rules, then the rules.
+    /// its request layer makes before the rules, in its order (`CONNECT`,
+    /// the `Host`, the path), then the rules.
     fn of(
         set: &PolicySet,
         http: &ExplainedHttp<'_>,
@@ -94,6 +96,13 @@ impl RequestAnswer {
             RequestOutcome::Refused {
                 status: 501,
                 why: l7::CONNECT_REFUSED.to_owned(),
+            }
+        } else if let Some(problem) = l7::host_problem(http.request.headers, None) {
+            // The request is in origin form: its `Host` is the only
+            // authority it names, so only a second one is refused.
+            RequestOutcome::Refused {
+                status: 400,
+                why: problem.to_owned(),
             }
         } else if let Some(problem) = l7::request_path_problem(method, path, reads_paths) {
             RequestOutcome::Refused {
@@ -823,6 +832,24 @@ spec:
                 &[]
             ),
             "request GET /x: deny by b/no-debug rule 0 (answered 403)"
+        );
+        // A second `Host` is refused before the path is looked at, after
+        // `CONNECT`, as the sidecar's request layer orders its checks.
+        let hosts = [("host", "api"), ("host", "other")];
+        assert_eq!(
+            answer("GET", "/a/%2e%2e/b", &hosts, true, &[]),
+            "request GET /a/%2e%2e/b: refused (answered 400): more than one Host header"
+        );
+        assert_eq!(
+            answer("CONNECT", "/", &hosts, false, &[]),
+            format!(
+                "request CONNECT /: refused (answered 501): {}",
+                l7::CONNECT_REFUSED
+            )
+        );
+        assert_eq!(
+            answer("GET", "/x", &[("host", "api")], false, &[]),
+            "request GET /x: allow by b/web-to-api rule 0 (passed to the app)"
         );
         assert_eq!(
             answer("GET", "/x", &[("x-debug", "1")], false, &[8080]),

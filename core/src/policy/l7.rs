@@ -350,6 +350,43 @@ const LOOK_ALIKES: [(char, char); 12] = [
 pub const CONNECT_REFUSED: &str = "CONNECT is not forwarded: a tunnel would carry requests no policy decides \
      (declare the port opaque to pass its connections as TCP)";
 
+/// What a request with more than one `Host` is answered, with 400.
+pub const MORE_THAN_ONE_HOST: &str = "more than one Host header";
+/// What a request whose `Host` names another host or port than its target
+/// is answered, with 400.
+pub const HOST_DIFFERS: &str = "Host header differs from the authority of the request target";
+
+/// What is wrong with a request's `Host` (in `headers`), if anything (RFC
+/// 9112 section 3.2, RFC 9113 section 8.3.1): more than one, or one naming
+/// another host or port than the request's `target` authority does (an
+/// absolute-form HTTP/1.1 target, or HTTP/2's `:authority`; `None` for an
+/// origin-form target, which names none). An app and the rules could read
+/// such a request as meant for different hosts, so the proxy answers it
+/// with 400 before any rule, and `policy explain` says so.
+pub fn host_problem(
+    headers: &HeaderMap,
+    target: Option<&http::uri::Authority>,
+) -> Option<&'static str> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some(MORE_THAN_ONE_HOST);
+    }
+    let target = target?;
+    // The usual case, a Host made from the authority (HTTP/2's, by the
+    // sidecar) or written as it, needs no parse.
+    if host
+        .as_bytes()
+        .eq_ignore_ascii_case(target.as_str().as_bytes())
+    {
+        return None;
+    }
+    let same = http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|host| {
+        host.host().eq_ignore_ascii_case(target.host()) && host.port_u16() == target.port_u16()
+    });
+    (!same).then_some(HOST_DIFFERS)
+}
+
 /// Why the proxy refuses the path of a request with `method` before any
 /// rule decides it, if it does: only where `reads_paths` (an ALLOW or DENY
 /// rule on the request's port, or a rate limit, reads paths; an encoded
@@ -625,6 +662,35 @@ mod tests {
 
     fn matches(pattern: &str, path: &str) -> bool {
         PathPattern::parse(pattern).unwrap().matches(path)
+    }
+
+    /// A second `Host` is refused whatever the target; one that names
+    /// another host or port than the target's authority is refused, one
+    /// naming the same in another letter case or with the same port is
+    /// not, and an origin-form target (no authority) leaves one alone.
+    #[test]
+    fn a_host_is_refused_when_doubled_or_naming_another_authority() {
+        let hosts = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(http::header::HOST, HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        let api: http::uri::Authority = "api:8080".parse().unwrap();
+        let problem = |values: &[&str], target| host_problem(&hosts(values), target);
+        assert_eq!(problem(&["api", "api"], None), Some(MORE_THAN_ONE_HOST));
+        assert_eq!(
+            problem(&["api:8080", "api:8080"], Some(&api)),
+            Some(MORE_THAN_ONE_HOST)
+        );
+        assert_eq!(problem(&["other:8080"], Some(&api)), Some(HOST_DIFFERS));
+        assert_eq!(problem(&["api:9090"], Some(&api)), Some(HOST_DIFFERS));
+        assert_eq!(problem(&["api"], Some(&api)), Some(HOST_DIFFERS));
+        assert_eq!(problem(&["API:8080"], Some(&api)), None);
+        assert_eq!(problem(&["other"], None), None);
+        assert_eq!(problem(&[], Some(&api)), None);
+        assert_eq!(MORE_THAN_ONE_HOST, "more than one Host header");
     }
 
     #[test]

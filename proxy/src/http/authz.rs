@@ -7,7 +7,7 @@
 //! an app could read as another one, [`l7::check_path`], where an ALLOW or
 //! DENY rule on the request's port or a rate limit reads paths; 400 for
 //! more than one `Host`, or one that differs from the target's authority
-//! ([`headers::host_problem`]); 501 for
+//! ([`l7::host_problem`]); 501 for
 //! `CONNECT`, whatever the rules; 431 for an HTTP/2 request whose header
 //! list is over [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST), first) and never reaches the inner service;
 //! being the first layer, it
@@ -37,7 +37,7 @@ use trellis_core::policy::l7::PathProblem;
 use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
-use super::{Body, InForce, headers};
+use super::{Body, InForce};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
 
@@ -180,7 +180,7 @@ impl<S> Authorize<S> {
                 CONNECT_REFUSED,
             ));
         }
-        if let Some(problem) = headers::host_problem(request) {
+        if let Some(problem) = l7::host_problem(request.headers(), request.uri().authority()) {
             // The app and the rules could read it as meant for another
             // host than the one named.
             entry.outcome = "invalid";

@@ -31,32 +31,6 @@ pub fn never_named_away(name: &[u8]) -> bool {
         .any(|kept| name.eq_ignore_ascii_case(kept.as_bytes()))
 }
 
-/// What is wrong with a request's `Host`, if anything (RFC 9112 section
-/// 3.2, RFC 9113 section 8.3.1): more than one, or one naming another
-/// host or port than the request's target does (an absolute-form HTTP/1.1
-/// target, or HTTP/2's `:authority`). An app and the rules could read
-/// such a request as meant for different hosts.
-pub fn host_problem<B>(request: &http::Request<B>) -> Option<&'static str> {
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    let host = hosts.next()?;
-    if hosts.next().is_some() {
-        return Some("more than one Host header");
-    }
-    let target = request.uri().authority()?;
-    // The usual case, a Host made from the authority (HTTP/2's, by the
-    // sidecar) or written as it, needs no parse.
-    if host
-        .as_bytes()
-        .eq_ignore_ascii_case(target.as_str().as_bytes())
-    {
-        return None;
-    }
-    let same = http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|host| {
-        host.host().eq_ignore_ascii_case(target.host()) && host.port_u16() == target.port_u16()
-    });
-    (!same).then_some("Host header differs from the authority of the request target")
-}
-
 /// The size of an HTTP/2 request's header list as HTTP/2 counts it (RFC
 /// 9113 section 6.5.2, SETTINGS_MAX_HEADER_LIST_SIZE): each field's name
 /// and value, the pseudo-headers among them, and 32 bytes for each. Read

@@ -74,7 +74,7 @@ impl<B> Exchange<B> {
         // An HTTP/2 request names its authority in `:authority`, which the
         // app gets: rules on `Host` read it there too, as they read an
         // HTTP/1 request's (a `Host` beside it names the same,
-        // [`headers::host_problem`]).
+        // [`l7::host_problem`](trellis_core::policy::l7::host_problem)).
         if req.version() == Version::HTTP_2
             && !req.headers().contains_key(http::header::HOST)
             && let Some(authority) = req.uri().authority()

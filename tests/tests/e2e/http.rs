@@ -332,8 +332,45 @@ spec:
         "the denied request never reached the app"
     );
 
+    // A second `Host` is refused before any rule.
+    let hosts = "GET /hello HTTP/1.1\r\nhost: api\r\nhost: other\r\n\r\n";
+    let answer = probes::plaintext(s.route(), hosts.as_bytes())
+        .await?
+        .received_text();
+    assert_eq!(
+        status_and_body(&answer),
+        ("HTTP/1.1 400 Bad Request", "more than one Host header\n"),
+        "{answer}"
+    );
+
     // `policy explain` answers each request as the sidecar did.
     let port = app.addr().port().to_string();
+    let (from, to) = (s.web.identity(), s.api.identity());
+    let explained = s
+        .mesh
+        .ctl([
+            "policy",
+            "explain",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port,
+            "--path",
+            "/hello",
+            "--header",
+            "Host: api",
+            "--header",
+            "Host: other",
+        ])
+        .await?;
+    assert!(
+        explained.contains(
+            "\n  request GET /hello: refused (answered 400): more than one Host header\n"
+        ),
+        "{explained}"
+    );
     for (path, answer) in [
         (
             "/admin/users",
@@ -348,7 +385,6 @@ spec:
             "allow by default/web-to-api rule 0 (passed to the app)",
         ),
     ] {
-        let (from, to) = (s.web.identity(), s.api.identity());
         let explained = s
             .mesh
             .ctl([
