@@ -618,6 +618,7 @@ pub async fn explain_request(
                     headers,
                 },
                 limits_read_paths: limits_read_paths(&rate_limits),
+                http2: req.request.as_ref().is_some_and(|r| r.http2),
             };
             explain_http(
                 &source,

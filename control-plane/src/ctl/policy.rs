@@ -259,6 +259,11 @@ pub enum RemotePolicyCommand {
         /// more (a name given twice is sent twice).
         #[arg(long, value_name = "NAME: VALUE", requires = "path", value_parser = crate::api::policy::http_header)]
         header: Vec<(String, String)>,
+        /// The request --path names comes in HTTP/2 (default HTTP/1.1):
+        /// the sidecar answers 431 to an HTTP/2 header list over 16 KiB,
+        /// and to an HTTP/1.1 head over 408 KiB.
+        #[arg(long, requires = "path")]
+        http2: bool,
         /// Output format: `table` prints the trace as text.
         #[arg(short = 'o', long, env = "TRELLIS_OUTPUT", value_enum, default_value_t)]
         output: Output,
@@ -420,6 +425,7 @@ pub async fn run(
             path,
             method,
             header,
+            http2,
             output,
         } => {
             let request = path.as_ref().map(|path| ExplainedHttpRequest {
@@ -431,6 +437,7 @@ pub async fn run(
                         value: value.clone(),
                     })
                     .collect(),
+                http2: *http2,
             });
             let asked = request.is_some();
             let mut response = client

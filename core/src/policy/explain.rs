@@ -50,6 +50,9 @@ pub struct ExplainedHttp<'a> {
     /// Whether a rate limit selecting the destination reads paths
     /// ([`RateLimitPolicy::reads_paths`](super::RateLimitPolicy::reads_paths)).
     pub limits_read_paths: bool,
+    /// Whether the request comes in HTTP/2 (else HTTP/1.1): the bound on
+    /// its headers differs (see [`RequestAnswer`]).
+    pub http2: bool,
 }
 
 /// What the destination's sidecar does with one HTTP request.
@@ -79,8 +82,8 @@ pub enum RequestOutcome {
 impl RequestAnswer {
     /// What the sidecar holding `set` does with `http` from `source` on
     /// `port` (`opaque` when it never parses the port as HTTP): the checks
-    /// its request layer makes before the rules, in its order (`CONNECT`,
-    /// the `Host`, the path), then the rules.
+    /// its request layer makes before the rules, in its order (the size of
+    /// the head, `CONNECT`, the `Host`, the path), then the rules.
     fn of(
         set: &PolicySet,
         http: &ExplainedHttp<'_>,
@@ -92,6 +95,11 @@ impl RequestAnswer {
         let reads_paths = http.limits_read_paths || set.matches_paths_on(port);
         let outcome = if opaque {
             RequestOutcome::Opaque
+        } else if let Some(why) = too_large(http) {
+            RequestOutcome::Refused {
+                status: 431,
+                why: why.to_owned(),
+            }
         } else if method == "CONNECT" {
             RequestOutcome::Refused {
                 status: 501,
@@ -117,6 +125,25 @@ impl RequestAnswer {
             path: path.to_owned(),
             outcome,
         }
+    }
+}
+
+/// Why the sidecar answers 431 to `http` for the size of its head, if it
+/// does: an HTTP/1.1 head over [`l7::MAX_REQUEST_HEAD`], or an HTTP/2
+/// header list over [`l7::H2_MAX_HEADER_LIST`], counted with `:scheme`
+/// `http` and no `:authority` besides a `Host` given (as a header).
+fn too_large(http: &ExplainedHttp<'_>) -> Option<&'static str> {
+    let HttpRequest {
+        method,
+        path,
+        headers,
+    } = http.request;
+    if http.http2 {
+        let size = l7::h2_header_list_size(method, Some("http"), None, Some(path), headers);
+        (size > l7::H2_MAX_HEADER_LIST).then_some(l7::H2_HEADERS_TOO_LARGE)
+    } else {
+        let size = l7::http1_head_size(method, path, headers);
+        (size > l7::MAX_REQUEST_HEAD).then_some(l7::HEAD_TOO_LARGE)
     }
 }
 
@@ -783,6 +810,7 @@ spec:
                     headers: &map,
                 },
                 limits_read_paths,
+                http2: false,
             };
             let opaque = OpaquePorts {
                 requested: opaque.to_vec(),
@@ -856,6 +884,89 @@ spec:
             "request GET /x: not decided: the port is opaque (never parsed as HTTP), the \
              connection's verdict applies"
         );
+    }
+
+    /// A head over the sidecar's bound is answered 431 with the sidecar's
+    /// words before anything else is checked (`CONNECT`, a second `Host`),
+    /// one at the bound is not: 408 KiB of HTTP/1.1 head, 16 KiB of HTTP/2
+    /// header list (32 bytes more for each field, pseudo-headers among
+    /// them), so 20 KiB of headers pass in HTTP/1.1 only.
+    #[test]
+    fn a_head_over_the_sidecars_bound_is_answered_431_first() {
+        let allow = policy(
+            "web-to-api",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
+        );
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let answer = |method, headers: &[(&str, &str)], http2| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method,
+                    path: "/x",
+                    headers: &map,
+                },
+                limits_read_paths: false,
+                http2,
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                std::slice::from_ref(&allow),
+                DefaultPolicy::Deny,
+                &OpaquePorts::default(),
+                &http,
+            )
+            .unwrap();
+            explained.request.unwrap().to_string()
+        };
+        let refused =
+            |status, why| format!("request CONNECT /x: refused (answered {status}): {why}");
+
+        // The head as a client writes it, at the bound: the rest is `x-big`.
+        let head = |big: &str| {
+            format!("CONNECT /x HTTP/1.1\r\nhost: a\r\nhost: b\r\nx-big: {big}\r\n\r\n")
+        };
+        let at_bound = "b".repeat(l7::MAX_REQUEST_HEAD - head("").len());
+        assert_eq!(head(&at_bound).len(), 408 * 1024);
+        let over = format!("{at_bound}b");
+        let h1 = |big: &str| {
+            answer(
+                "CONNECT",
+                &[("host", "a"), ("host", "b"), ("x-big", big)],
+                false,
+            )
+        };
+        assert_eq!(h1(&at_bound), refused(501, l7::CONNECT_REFUSED));
+        assert_eq!(
+            h1(&over),
+            refused(431, "request head exceeds the sidecar's 408 KiB limit")
+        );
+
+        // `:method` GET, `:scheme` http, `:path` /x and `x-big`, each 32
+        // bytes more.
+        let fields = (7 + 3 + 32) + (7 + 4 + 32) + (5 + 2 + 32) + (5 + 32);
+        let at_bound = "b".repeat(16 * 1024 - fields);
+        let over = format!("{at_bound}b");
+        let h2 = |big: &str, http2| answer("GET", &[("x-big", big)], http2);
+        let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
+        assert_eq!(h2(&at_bound, true), allowed);
+        assert_eq!(
+            h2(&over, true),
+            "request GET /x: refused (answered 431): request headers (the path and \
+             pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
+             16 KiB limit"
+        );
+        assert_eq!(h2(&over, false), allowed);
     }
 
     /// An ALLOW rule with only HTTP conditions, under the mesh's default

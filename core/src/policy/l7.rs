@@ -387,7 +387,71 @@ pub fn host_problem(
     (!same).then_some(HOST_DIFFERS)
 }
 
-/// Why the proxy refuses the path of a request with `method` before any
+/// The largest HTTP/1.1 request head the sidecar reads (its request line
+/// and header lines, each with its CRLF, and the empty line ending it,
+/// [`http1_head_size`]): a longer one is answered 431
+/// ([`HEAD_TOO_LARGE`]) before anything else is checked.
+pub const MAX_REQUEST_HEAD: usize = 8192 + 4096 * 100;
+/// What a head over [`MAX_REQUEST_HEAD`] is told.
+pub const HEAD_TOO_LARGE: &str = "request head exceeds the sidecar's 408 KiB limit";
+const _: () = assert!(
+    MAX_REQUEST_HEAD == 408 * 1024,
+    "HEAD_TOO_LARGE names the bound"
+);
+
+/// The largest header list of an HTTP/2 request the sidecar forwards, as
+/// HTTP/2 counts it ([`h2_header_list_size`]): a larger one is answered
+/// 431 ([`H2_HEADERS_TOO_LARGE`]) before anything else is checked.
+pub const H2_MAX_HEADER_LIST: usize = 16 * 1024;
+/// What an HTTP/2 request whose header list is over
+/// [`H2_MAX_HEADER_LIST`] is answered, with 431.
+pub const H2_HEADERS_TOO_LARGE: &str = "request headers (the path and pseudo-headers among them, 32 bytes more for each field) \
+     exceed the sidecar's 16 KiB limit";
+const _: () = assert!(
+    H2_MAX_HEADER_LIST == 16 * 1024,
+    "H2_HEADERS_TOO_LARGE names the bound"
+);
+
+/// The size of an HTTP/1.1 request head with `method`, `target` and
+/// `headers` as a client writes it: `METHOD TARGET HTTP/1.1`, then each
+/// header as `name: value`, every line ended by CRLF, then an empty line.
+pub fn http1_head_size(method: &str, target: &str, headers: &HeaderMap) -> usize {
+    const LINE_END: usize = 2;
+    let request_line = method.len() + 1 + target.len() + " HTTP/1.1".len() + LINE_END;
+    let fields: usize = (headers.iter())
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + LINE_END)
+        .sum();
+    request_line + fields + LINE_END
+}
+
+/// The size of an HTTP/2 request's header list as HTTP/2 counts it (RFC
+/// 9113 section 6.5.2, SETTINGS_MAX_HEADER_LIST_SIZE): each field's name
+/// and value, the pseudo-headers among them (`:method`, and `:scheme`,
+/// `:authority` and `:path` when the request has them), and 32 bytes for
+/// each. No allocation.
+pub fn h2_header_list_size(
+    method: &str,
+    scheme: Option<&str>,
+    authority: Option<&str>,
+    path: Option<&str>,
+    headers: &HeaderMap,
+) -> usize {
+    const FIELD: usize = 32;
+    let pseudo = [
+        (":method", Some(method)),
+        (":scheme", scheme),
+        (":authority", authority),
+        (":path", path),
+    ];
+    let pseudo: usize = (pseudo.iter())
+        .filter_map(|(name, value)| value.map(|v| name.len() + v.len() + FIELD))
+        .sum();
+    let fields: usize = (headers.iter())
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
+        .sum();
+    pseudo + fields
+}
+
 /// rule decides it, if it does: only where `reads_paths` (an ALLOW or DENY
 /// rule on the request's port, or a rate limit, reads paths; an encoded
 /// `/` in an ID is no one's business where nothing compares paths), and
@@ -662,6 +726,20 @@ mod tests {
 
     fn matches(pattern: &str, path: &str) -> bool {
         PathPattern::parse(pattern).unwrap().matches(path)
+    }
+
+    /// A head is sized as a client writes it in HTTP/1.1, and a header
+    /// list as HTTP/2 counts it.
+    #[test]
+    fn a_head_is_sized_as_each_version_counts_it() {
+        let mut headers = HeaderMap::new();
+        headers.append(http::header::HOST, HeaderValue::from_static("api"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        let written = "GET /users HTTP/1.1\r\nhost: api\r\nx-a: 1\r\n\r\n";
+        assert_eq!(http1_head_size("GET", "/users", &headers), written.len());
+        let list = (7 + 3) + (7 + 4) + (10 + 3) + (5 + 6) + (4 + 3) + (3 + 1) + 6 * 32;
+        let size = h2_header_list_size("GET", Some("http"), Some("api"), Some("/users"), &headers);
+        assert_eq!(size, list);
     }
 
     /// A second `Host` is refused whatever the target; one that names

@@ -55,12 +55,7 @@ pub use trellis_core::policy::l7::CONNECT_REFUSED;
 
 /// What an HTTP/2 request whose header list is over
 /// [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST) is answered, with 431.
-pub const H2_HEADERS_TOO_LARGE: &str = "request headers (the path and pseudo-headers among them, 32 bytes more for each field) \
-     exceed the sidecar's 16 KiB limit";
-const _: () = assert!(
-    super::H2_MAX_HEADER_LIST == 16 * 1024,
-    "H2_HEADERS_TOO_LARGE names the bound"
-);
+pub use trellis_core::policy::l7::H2_HEADERS_TOO_LARGE;
 
 /// Wraps a service in [`Authorize`].
 #[derive(Clone)]

@@ -119,13 +119,9 @@ use super::{Connection, Protocol, Rewind, detect, headers};
 /// one is answered 431 ([`HEAD_TOO_LARGE`]) by the forwarder, which reads
 /// every connection's first head. hyper's server, which reads the heads
 /// after a hand-off, is given the same bound (its default read buffer).
-pub const MAX_REQUEST_HEAD: usize = 8192 + 4096 * 100;
+pub const MAX_REQUEST_HEAD: usize = trellis_core::policy::l7::MAX_REQUEST_HEAD;
 /// What a head over [`MAX_REQUEST_HEAD`] is told.
-pub const HEAD_TOO_LARGE: &str = "request head exceeds the sidecar's 408 KiB limit";
-const _: () = assert!(
-    MAX_REQUEST_HEAD == 408 * 1024,
-    "HEAD_TOO_LARGE names the bound"
-);
+pub use trellis_core::policy::l7::HEAD_TOO_LARGE;
 /// The longest request target the sidecar takes (hyper's bound, and the
 /// `http` crate's): a longer one is answered 414 ([`TARGET_TOO_LONG`]),
 /// before any hand-off.

@@ -32,28 +32,18 @@ pub fn never_named_away(name: &[u8]) -> bool {
 }
 
 /// The size of an HTTP/2 request's header list as HTTP/2 counts it (RFC
-/// 9113 section 6.5.2, SETTINGS_MAX_HEADER_LIST_SIZE): each field's name
-/// and value, the pseudo-headers among them, and 32 bytes for each. Read
-/// off the request as the caller sent it; no allocation.
+/// 9113 section 6.5.2, SETTINGS_MAX_HEADER_LIST_SIZE), read off the
+/// request as the caller sent it, by the function `policy explain` uses
+/// ([`h2_header_list_size`](trellis_core::policy::l7::h2_header_list_size)).
 pub fn h2_header_list_size<B>(request: &http::Request<B>) -> usize {
-    const FIELD: usize = 32;
     let uri = request.uri();
-    let pseudo = [
-        (":method", Some(request.method().as_str())),
-        (":scheme", uri.scheme_str()),
-        (":authority", uri.authority().map(|a| a.as_str())),
-        (":path", uri.path_and_query().map(|p| p.as_str())),
-    ];
-    let pseudo: usize = pseudo
-        .iter()
-        .filter_map(|(name, value)| value.map(|v| name.len() + v.len() + FIELD))
-        .sum();
-    let fields: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
-        .sum();
-    pseudo + fields
+    trellis_core::policy::l7::h2_header_list_size(
+        request.method().as_str(),
+        uri.scheme_str(),
+        uri.authority().map(|a| a.as_str()),
+        uri.path_and_query().map(|p| p.as_str()),
+        request.headers(),
+    )
 }
 
 /// Whether `headers` ask to switch protocols (`Connection: upgrade` with an

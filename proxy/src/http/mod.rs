@@ -270,7 +270,7 @@ pub const H2_STREAM_SEND_BUFFER: usize = 64 * 1024;
 /// bound): a larger one is answered 431 by the request stack, in words
 /// naming the bound ([`authz::H2_HEADERS_TOO_LARGE`]), logged and counted
 /// as `invalid`. An HTTP/1 head's bound is [`h1::MAX_REQUEST_HEAD`].
-pub const H2_MAX_HEADER_LIST: usize = 16 * 1024;
+pub const H2_MAX_HEADER_LIST: usize = trellis_core::policy::l7::H2_MAX_HEADER_LIST;
 
 /// The bound HTTP/2 itself reads header lists to (advertised to callers as
 /// SETTINGS_MAX_HEADER_LIST_SIZE), four times [`H2_MAX_HEADER_LIST`] so

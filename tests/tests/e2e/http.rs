@@ -343,6 +343,22 @@ spec:
         "{answer}"
     );
 
+    // An HTTP/2 header list over 16 KiB is refused before any rule.
+    let big = format!("x-big: {}", "b".repeat(20 * 1024));
+    let url = format!("http://{}/hello", s.route());
+    let answer = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &big,
+        &url,
+    ])
+    .await?;
+    let too_large = "request headers (the path and pseudo-headers among them, 32 bytes more \
+                     for each field) exceed the sidecar's 16 KiB limit";
+    assert_eq!(answer, format!("{too_large}\n431"));
+
     // `policy explain` answers each request as the sidecar did.
     let port = app.addr().port().to_string();
     let (from, to) = (s.web.identity(), s.api.identity());
@@ -369,6 +385,19 @@ spec:
         explained.contains(
             "\n  request GET /hello: refused (answered 400): more than one Host header\n"
         ),
+        "{explained}"
+    );
+    let explained = s
+        .mesh
+        .ctl([
+            "policy", "explain", "--from", from, "--to", to, "--port", &port, "--path", "/hello",
+            "--http2", "--header", &big,
+        ])
+        .await?;
+    assert!(
+        explained.contains(&format!(
+            "\n  request GET /hello: refused (answered 431): {too_large}\n"
+        )),
         "{explained}"
     );
     for (path, answer) in [
