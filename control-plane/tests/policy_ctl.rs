@@ -891,9 +891,36 @@ spec:
             "burst": 2,
             "key": "source",
             "paths": ["/users/*", "/login"],
+            "counts_request": null,
         }]),
         "{answer}"
     );
+    // With a request named, the limit says whether it counts it: its
+    // paths as apps route them (another spelling too), and only a
+    // request that gets to the rate limits.
+    let limit = "default/slow: 0.5/s burst 2 per source, on paths /users/*, /login";
+    for (path, counting) in [
+        ("/LOGIN/", "counts request GET /LOGIN/".to_owned()),
+        (
+            "/other",
+            "does not count request GET /other (no path of it matches)".to_owned(),
+        ),
+        (
+            "/a/%2e%2e/login",
+            "does not count request GET /a/%2e%2e/login (it does not get to the rate \
+             limits)"
+                .to_owned(),
+        ),
+    ] {
+        let text = explain(WEB, API, &["--path", path]);
+        assert!(
+            text.ends_with(&format!("  {limit}: {counting}\n")),
+            "{text}"
+        );
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(&explain(WEB, API, &["--path", "/users/7", "-o", "json"])).unwrap();
+    assert_eq!(answer["rate_limits"][0]["counts_request"], true, "{answer}");
     // The limit selects api, not web.
     let text = explain(API, WEB, &[]);
     assert!(

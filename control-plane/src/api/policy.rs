@@ -26,7 +26,8 @@ use tonic::{Code, Status};
 use trellis_core::policy::{
     AuthorizationPolicy, Diagnostic, Document, ExplainedHttp, HttpRequest, OpaquePorts,
     RateLimitPolicy, ValidationContext, WorkloadSelector, document_from_proto, explain,
-    explain_http, l7, load_source_in, policy_key, validate_proto_in, validate_rate_limit_in_with,
+    explain_http, l7, load_source_in, policy_key, rate_limits_counting, validate_proto_in,
+    validate_rate_limit_in_with,
 };
 use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::admin::v1::{
@@ -649,11 +650,15 @@ pub async fn explain_request(
                 })
         })
         .collect();
+    let rate_limits_counting = (explanation.request.as_ref())
+        .map(|answer| rate_limits_counting(&rate_limits, answer))
+        .unwrap_or_default();
     Ok(ExplainResponse {
         explanation: Some(explanation.to_proto()),
         unanswered_replicas,
         revocations,
         rate_limits,
+        rate_limits_counting,
     })
 }
 

@@ -842,14 +842,26 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
             e.port
         )),
     }
-    for l in limits {
+    for (i, l) in limits.iter().enumerate() {
         let paths = rate_limit_paths(l);
         let on = match paths.is_empty() {
             true => "every request".to_owned(),
             false => format!("paths {}", paths.join(", ")),
         };
+        let counting = match (&e.request, counts_request(response, i)) {
+            (Some(r), Some(true)) => format!(": counts request {} {}", r.method, r.path),
+            (Some(r), Some(false)) if r.reaches_rate_limits() => format!(
+                ": does not count request {} {} (no path of it matches)",
+                r.method, r.path
+            ),
+            (Some(r), Some(false)) => format!(
+                ": does not count request {} {} (it does not get to the rate limits)",
+                r.method, r.path
+            ),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "  {}: {}/s burst {} per {}, on {on}\n",
+            "  {}: {}/s burst {} per {}, on {on}{counting}\n",
             policy_key(&l.namespace, &l.name),
             l.requests_per_second,
             l.burst,
@@ -857,6 +869,16 @@ fn explanation_table(e: &Explanation, response: &ExplainResponse) -> String {
         ));
     }
     out
+}
+
+/// Whether the `i`th rate limit of `response` counts the request explained;
+/// `None` when no request was named (or the control plane predates the
+/// answer).
+fn counts_request(response: &ExplainResponse, i: usize) -> Option<bool> {
+    let counting = &response.rate_limits_counting;
+    (counting.len() == response.rate_limits.len())
+        .then(|| counting.get(i).copied())
+        .flatten()
 }
 
 /// The rules whose source and port match and whose HTTP conditions decide
@@ -947,12 +969,15 @@ fn explanation_json(e: &Explanation, response: &ExplainResponse) -> String {
         "request": e.request.as_ref().map(request_json),
         // The rate limits selecting the destination; none applies on an
         // opaque port.
-        "rate_limits": response.rate_limits.iter().map(|l| serde_json::json!({
+        // `counts_request`: whether it counts the request named (--path);
+        // null when none was.
+        "rate_limits": response.rate_limits.iter().enumerate().map(|(i, l)| serde_json::json!({
             "policy": policy_key(&l.namespace, &l.name),
             "requests_per_second": l.requests_per_second,
             "burst": l.burst,
             "key": rate_limit_key(l),
             "paths": rate_limit_paths(l),
+            "counts_request": counts_request(response, i),
         })).collect::<Vec<_>>(),
     });
     if let Some(fields) = out.as_object_mut() {

@@ -147,6 +147,29 @@ fn too_large(http: &ExplainedHttp<'_>) -> Option<&'static str> {
     }
 }
 
+impl RequestAnswer {
+    /// Whether the request gets to the rate limits: the sidecar checks
+    /// them below its request layer, on a request the rules allow only.
+    pub fn reaches_rate_limits(&self) -> bool {
+        matches!(&self.outcome, RequestOutcome::Decided(d) if d.is_allowed())
+    }
+}
+
+/// Which of `limits` (those selecting the destination) count the request
+/// `answer` is about, each in turn: one counts it when the request gets to
+/// the rate limits ([`RequestAnswer::reaches_rate_limits`]) and its paths
+/// take in the request's ([`RateLimitPolicy::counts`](super::RateLimitPolicy::counts);
+/// one that does not read back is taken to count it).
+pub fn rate_limits_counting(limits: &[proto::RateLimit], answer: &RequestAnswer) -> Vec<bool> {
+    let reaches = answer.reaches_rate_limits();
+    (limits.iter())
+        .map(|l| {
+            reaches
+                && super::RateLimitPolicy::from_proto(l).map_or(true, |p| p.counts(&answer.path))
+        })
+        .collect()
+}
+
 impl fmt::Display for RequestAnswer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "request {} {}: ", self.method, self.path)?;
@@ -967,6 +990,73 @@ spec:
              16 KiB limit"
         );
         assert_eq!(h2(&over, false), allowed);
+    }
+
+    /// A rate limit counts a request when its paths take in the request's
+    /// as apps route it (another spelling too), or it names none, and only
+    /// when the rules let the request get to the rate limits: not a denied
+    /// one, nor any on an opaque port.
+    #[test]
+    fn the_rate_limits_counting_a_request_are_named() {
+        let allow = policy(
+            "web-to-api",
+            "ALLOW",
+            &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
+        );
+        let deny = policy("no-admin", "DENY", "    - to: [{paths: [/admin/*]}]\n");
+        let policies = [allow, deny];
+        let limit = |name: &str, paths: &[&str]| proto::RateLimit {
+            name: name.into(),
+            namespace: "b".into(),
+            requests_per_second: 1.0,
+            burst: 1,
+            matches: (!paths.is_empty())
+                .then(|| proto::RateLimitMatch {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let limits = [
+            limit("login", &["/login"]),
+            limit("all", &[]),
+            limit("admin", &["/admin/*"]),
+        ];
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let headers = http::HeaderMap::new();
+        let counting = |path, opaque: &[u16]| {
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method: "POST",
+                    path,
+                    headers: &headers,
+                },
+                limits_read_paths: true,
+                http2: false,
+            };
+            let opaque = OpaquePorts {
+                requested: opaque.to_vec(),
+                ..OpaquePorts::default()
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                &policies,
+                DefaultPolicy::Deny,
+                &opaque,
+                &http,
+            )
+            .unwrap();
+            rate_limits_counting(&limits, &explained.request.unwrap())
+        };
+        assert_eq!(counting("/login", &[]), [true, true, false]);
+        assert_eq!(counting("/LOGIN/", &[]), [true, true, false]);
+        assert_eq!(counting("/logout", &[]), [false, true, false]);
+        assert_eq!(counting("/admin/x", &[]), [false, false, false]);
+        assert_eq!(counting("/login", &[8080]), [false, false, false]);
     }
 
     /// An ALLOW rule with only HTTP conditions, under the mesh's default

@@ -60,7 +60,7 @@ pub use engine::{
 };
 pub use explain::{
     ExplainedHttp, Explanation, OpaqueOrigin, OpaquePorts, PerRequest, PolicyTrace, RequestAnswer,
-    RequestOutcome, RuleTrace, explain, explain_http,
+    RequestOutcome, RuleTrace, explain, explain_http, rate_limits_counting,
 };
 pub use l7::{HttpRequest, PathPattern, routed_segments};
 pub use lint::{
@@ -70,7 +70,7 @@ pub use lint::{
 pub use path::{FieldPath, Segment};
 pub use pattern::{IdPattern, InvalidPattern};
 pub use ratelimit::{
-    LimitKey, RateLimitPolicy, validate_rate_limit, validate_rate_limit_in,
+    LimitKey, RateLimitPolicy, counts_path, validate_rate_limit, validate_rate_limit_in,
     validate_rate_limit_in_with, validate_rate_limit_with,
 };
 pub use validate::{

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use trellis_proto::policy::v1 as proto;
 
 use super::document::{API_VERSION, Metadata, Selector};
+use super::l7::PathPattern;
 use super::path::FieldPath;
 use super::pattern::{DNS_LABEL_RULE, IdPattern, is_dns_label};
 use super::validate::{
@@ -93,6 +94,15 @@ impl LimitKey {
 pub struct LimitMatch {
     #[serde(default)]
     pub paths: Vec<String>,
+}
+
+/// Whether a limit matching `paths` (none: every request) counts a
+/// request to `path`: one of them matches it as apps route it
+/// ([`PathPattern::matches_as_routed`]), so that another spelling of a
+/// path it names (`/login/`, `/login;x`, `/LOGIN`) does not escape it. The
+/// sidecar's limiter and `policy explain` both ask this.
+pub fn counts_path(paths: &[PathPattern], path: &str) -> bool {
+    paths.is_empty() || paths.iter().any(|p| p.matches_as_routed(path))
 }
 
 /// The lowest `requestsPerSecond` accepted: one request per day. A bucket
@@ -291,6 +301,17 @@ impl RateLimitPolicy {
         paths.count() > 0 || self.spec.key != LimitKey::Source
     }
 
+    /// Whether the limit counts (takes a token for) a request to `path`,
+    /// without its query: [`counts_path`] on its `match` paths. A stored
+    /// path that no longer reads back is taken to match.
+    pub fn counts(&self, path: &str) -> bool {
+        let texts = self.spec.matches.iter().flatten().flat_map(|m| &m.paths);
+        let patterns: Result<Vec<PathPattern>, String> = texts
+            .map(|text| PathPattern::parse_stored(text).map(|(p, _)| p))
+            .collect();
+        patterns.map_or(true, |patterns| counts_path(&patterns, path))
+    }
+
     /// The protobuf form of a valid rate limit.
     pub fn to_proto(&self) -> proto::RateLimit {
         proto::RateLimit {
@@ -376,6 +397,22 @@ mod tests {
             }
         });
         serde_json::from_value(yaml).unwrap()
+    }
+
+    /// A limit counts the requests its paths take in as apps route them,
+    /// other spellings of them too; one naming no path counts every one.
+    #[test]
+    fn a_limit_counts_the_paths_it_names_as_routed() {
+        let limit = sample();
+        for path in ["/search/x", "/SEARCH/x/", "/search/x;v=1"] {
+            assert!(limit.counts(path), "{path}");
+        }
+        for path in ["/searching/x", "/other/search/x"] {
+            assert!(!limit.counts(path), "{path}");
+        }
+        let mut every = sample();
+        every.spec.matches = None;
+        assert!(every.counts("/other/x"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
-    routed_segments, validate_rate_limit_with,
+    counts_path, routed_segments, validate_rate_limit_with,
 };
 use trellis_proto::policy::v1 as pb;
 
@@ -194,8 +194,9 @@ impl RateLimits {
         let now = Instant::now();
         for limit in &self.limits {
             // A limit counts every spelling an app routes to a path it names
-            // (`/login/`, `/login;x`), as a DENY rule matches them.
-            if !limit.paths.is_empty() && !limit.paths.iter().any(|p| p.matches_as_routed(path)) {
+            // (`/login/`, `/login;x`), as a DENY rule matches them; `policy
+            // explain` says which limits count a request by the same check.
+            if !counts_path(&limit.paths, path) {
                 continue;
             }
             if let Err(retry_after) = limit.take(source, path, now) {
