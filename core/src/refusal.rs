@@ -154,6 +154,22 @@ pub struct Refusal<'a> {
 /// naming why in a fixed token: a client tells it from the app's own.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
 
+/// What the text of every answer a sidecar writes itself begins with (its
+/// body, or a gRPC answer's `grpc-message`), beside [`PROXY_ERROR`]: a
+/// person reading only the body tells the sidecar's answer from the app's.
+pub const SIDECAR_PREFIX: &str = "trellis: ";
+
+/// The text body of an answer: `message` and a newline, after
+/// [`SIDECAR_PREFIX`] for a sidecar's (`sidecar`).
+pub fn body_text(message: &[u8], sidecar: bool) -> Vec<u8> {
+    let prefix = if sidecar { SIDECAR_PREFIX } else { "" };
+    let mut text = Vec::with_capacity(prefix.len() + message.len() + 1);
+    text.extend_from_slice(prefix.as_bytes());
+    text.extend_from_slice(message);
+    text.push(b'\n');
+    text
+}
+
 /// How long an answered connection goes on being read from (and what it
 /// sends dropped) after its answer, and how much of it, at most: a client
 /// still sending (the rest of a request, the body of a call) whose
@@ -231,16 +247,16 @@ fn h1_answer(refusal: &Refusal<'_>) -> Vec<u8> {
         Some(reason) => format!("{PROXY_ERROR}: {reason}\r\n"),
         None => String::new(),
     };
+    let body = body_text(refusal.message.as_bytes(), refusal.proxy_error.is_some());
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{proxy_error}\
          content-length: {}\r\nconnection: close\r\n\r\n",
         refusal.status.as_u16(),
         refusal.status.canonical_reason().unwrap_or(""),
-        refusal.message.len() + 1
+        body.len()
     );
     let mut text = head.into_bytes();
-    text.extend_from_slice(refusal.message.as_bytes());
-    text.push(b'\n');
+    text.extend_from_slice(&body);
     text
 }
 
@@ -257,17 +273,13 @@ where
     let message = Bytes::copy_from_slice(refusal.message.as_bytes());
     let service = hyper::service::service_fn(|req: Request<Incoming>| {
         answered.notify_one();
-        let mut response = local_answer(
+        let response = local_answer(
             is_grpc(&req),
             refusal.status,
             refusal.grpc_code,
+            refusal.proxy_error,
             message.clone(),
         );
-        if let Some(reason) = refusal.proxy_error {
-            response
-                .headers_mut()
-                .insert(PROXY_ERROR, HeaderValue::from_static(reason));
-        }
         std::future::ready(Ok::<_, Infallible>(response))
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -330,11 +342,14 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
 
 /// An answer written by Trellis itself: `status` with `message` and a
 /// newline as a text body, or for gRPC HTTP 200 with `grpc-status:
-/// grpc_code` and `grpc-message: message` in a trailers-only response.
+/// grpc_code` and `grpc-message: message` in a trailers-only response. A
+/// sidecar's answer names `proxy_error` in [`PROXY_ERROR`], and its text
+/// begins with [`SIDECAR_PREFIX`].
 pub fn local_answer(
     grpc: bool,
     status: StatusCode,
     grpc_code: u16,
+    proxy_error: Option<&'static str>,
     message: Bytes,
 ) -> Response<Full<Bytes>> {
     let mut response = Response::builder();
@@ -343,6 +358,10 @@ pub fn local_answer(
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/grpc")
             .header("grpc-status", grpc_code);
+        let message = match proxy_error {
+            Some(_) => Bytes::from([SIDECAR_PREFIX.as_bytes(), &message].concat()),
+            None => message,
+        };
         if let Ok(value) = HeaderValue::from_maybe_shared(grpc_message(message)) {
             response = response.header("grpc-message", value);
         }
@@ -351,11 +370,11 @@ pub fn local_answer(
         response = response
             .status(status)
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
-        let mut text = Vec::with_capacity(message.len() + 1);
-        text.extend_from_slice(&message);
-        text.push(b'\n');
-        text.into()
+        body_text(&message, proxy_error.is_some()).into()
     };
+    if let Some(reason) = proxy_error {
+        response = response.header(PROXY_ERROR, HeaderValue::from_static(reason));
+    }
     response
         .body(Full::new(body))
         .expect("static headers are valid")
@@ -419,20 +438,88 @@ mod tests {
             false,
             StatusCode::FORBIDDEN,
             GRPC_PERMISSION_DENIED,
+            None,
             Bytes::from_static(b"denied"),
         );
         assert_eq!(text.status(), StatusCode::FORBIDDEN);
         assert_eq!(text.headers()["content-type"], "text/plain; charset=utf-8");
+        assert!(!text.headers().contains_key(PROXY_ERROR));
 
         let grpc = local_answer(
             true,
             StatusCode::FORBIDDEN,
             GRPC_PERMISSION_DENIED,
+            None,
             Bytes::from_static(b"denied"),
         );
         assert_eq!(grpc.status(), StatusCode::OK);
         assert_eq!(grpc.headers()["grpc-status"], "7");
         assert_eq!(grpc.headers()["grpc-message"], "denied");
+    }
+
+    /// A sidecar's own answer says so twice: in `trellis-proxy-error`, and
+    /// in its text, which begins with `trellis: `; text or gRPC alike.
+    #[tokio::test]
+    async fn a_sidecar_answer_begins_with_trellis() {
+        use http_body_util::BodyExt;
+
+        let text = local_answer(
+            false,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            Some("denied"),
+            Bytes::from_static(b"denied by policy b/no-admin rule 0"),
+        );
+        assert_eq!(text.headers()["trellis-proxy-error"], "denied");
+        let body = text.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "trellis: denied by policy b/no-admin rule 0\n");
+
+        let grpc = local_answer(
+            true,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            Some("denied"),
+            Bytes::from_static(b"denied by policy b/no-admin rule 0"),
+        );
+        assert_eq!(grpc.headers()["trellis-proxy-error"], "denied");
+        assert_eq!(
+            grpc.headers()["grpc-message"],
+            "trellis: denied by policy b/no-admin rule 0"
+        );
+    }
+
+    /// An answer to a refused connection: a sidecar's begins with
+    /// `trellis: `, the control plane's (no `trellis-proxy-error`) is its
+    /// message as it is; the length is the body's.
+    #[test]
+    fn an_h1_answer_of_a_sidecar_begins_with_trellis() {
+        let mut refusal = Refusal {
+            status: StatusCode::BAD_REQUEST,
+            grpc_code: GRPC_UNAVAILABLE,
+            message: "not TLS",
+            proxy_error: Some("not_tls"),
+        };
+        let sidecar = String::from_utf8(h1_answer(&refusal)).unwrap();
+        assert!(
+            sidecar.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{sidecar}"
+        );
+        assert!(
+            sidecar.contains("\r\ntrellis-proxy-error: not_tls\r\n"),
+            "{sidecar}"
+        );
+        assert!(
+            sidecar
+                .ends_with("\r\ncontent-length: 17\r\nconnection: close\r\n\r\ntrellis: not TLS\n"),
+            "{sidecar}"
+        );
+
+        refusal.proxy_error = None;
+        let control_plane = String::from_utf8(h1_answer(&refusal)).unwrap();
+        assert!(
+            control_plane.ends_with("\r\ncontent-length: 8\r\nconnection: close\r\n\r\nnot TLS\n"),
+            "{control_plane}"
+        );
     }
 
     /// A message holding `%` or text outside printable ASCII reaches a gRPC
@@ -448,6 +535,7 @@ mod tests {
                 true,
                 StatusCode::BAD_REQUEST,
                 3,
+                None,
                 Bytes::copy_from_slice(message.as_bytes()),
             );
             let status = tonic::Status::from_header_map(grpc.headers()).unwrap();

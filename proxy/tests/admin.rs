@@ -240,7 +240,9 @@ async fn a_refused_admin_request_is_marked_as_the_sidecar_s_answer() {
     let (status, body) = text(response).await;
     assert_eq!(status, 403, "{body}");
     assert!(
-        body.starts_with("forbidden: a lifecycle hook runs only with the pod's hook token"),
+        body.starts_with(
+            "trellis: forbidden: a lifecycle hook runs only with the pod's hook token"
+        ),
         "{body}"
     );
     assert_eq!(marked.as_ref().map(|v| v.as_bytes()), Some(&b"denied"[..]));
@@ -275,20 +277,25 @@ async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
             get("/nope", &[]),
             404,
             "not_found",
-            "not found: try /live /ready /metrics /config\n",
+            "trellis: not found: try /live /ready /metrics /config\n",
         ),
         (
             get("/app-health/app/nothing", &[]),
             404,
             "not_found",
-            "no app probe at /app-health/app/nothing\n",
+            "trellis: no app probe at /app-health/app/nothing\n",
         ),
-        (post("/live"), 405, "method_not_allowed", "GET only\n"),
+        (
+            post("/live"),
+            405,
+            "method_not_allowed",
+            "trellis: GET only\n",
+        ),
         (
             post("/app-health/app/nothing"),
             405,
             "method_not_allowed",
-            "GET only\n",
+            "trellis: GET only\n",
         ),
     ] {
         let what = format!("{} {}", req.method(), req.uri());

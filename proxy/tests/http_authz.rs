@@ -38,7 +38,7 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     let mut c = h1(&cp, s.inbound, &web()).await;
     let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
     assert_eq!(status, 403);
-    assert_eq!(body, "denied by policy b/no-admin rule 0\n");
+    assert_eq!(body, "trellis: denied by policy b/no-admin rule 0\n");
     let (status, body) = text(c.send_request(get("/users/7", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
@@ -50,7 +50,7 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
         .unwrap();
     let (status, body) = text(c.send_request(post).await.unwrap()).await;
     assert_eq!(status, 403);
-    assert_eq!(body, "denied by policy default:deny\n");
+    assert_eq!(body, "trellis: denied by policy default:deny\n");
     let (status, _) = text(c.send_request(get("/a/../admin/x", &[])).await.unwrap()).await;
     assert_eq!(status, 400, "a path that is not normalized is refused");
     let (status, _) = text(c.send_request(get("/", &[])).await.unwrap()).await;
@@ -85,16 +85,24 @@ async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
 
     let mut c = h1(&cp, s.inbound, &web()).await;
     for (path, status, body) in [
-        ("/admin", 403, "denied by policy b/no-admin rule 0\n"),
-        ("/admin/", 403, "denied by policy b/no-admin rule 0\n"),
+        (
+            "/admin",
+            403,
+            "trellis: denied by policy b/no-admin rule 0\n",
+        ),
+        (
+            "/admin/",
+            403,
+            "trellis: denied by policy b/no-admin rule 0\n",
+        ),
         (
             "/admin;jsessionid=1",
             403,
-            "denied by policy b/no-admin rule 0\n",
+            "trellis: denied by policy b/no-admin rule 0\n",
         ),
         ("/users", 200, "GET /users HTTP/1.1"),
-        ("/users/", 403, "denied by policy default:deny\n"),
-        ("/users;x", 403, "denied by policy default:deny\n"),
+        ("/users/", 403, "trellis: denied by policy default:deny\n"),
+        ("/users;x", 403, "trellis: denied by policy default:deny\n"),
         ("/administrator", 200, "GET /administrator HTTP/1.1"),
     ] {
         let (got, text) = text(c.send_request(get(path, &[])).await.unwrap()).await;
@@ -126,7 +134,7 @@ async fn a_deny_matches_a_path_in_any_letter_case_and_an_allow_only_as_written()
         let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
         assert_eq!(
             (status.as_u16(), body.as_str()),
-            (403, "denied by policy b/no-admin rule 0\n"),
+            (403, "trellis: denied by policy b/no-admin rule 0\n"),
             "{path}"
         );
     }
@@ -144,7 +152,7 @@ async fn a_deny_matches_a_path_in_any_letter_case_and_an_allow_only_as_written()
     let (status, body) = text(c.send_request(post("/PUBLIC/x")).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy default:deny\n")
+        (403, "trellis: denied by policy default:deny\n")
     );
     assert_eq!(
         app.seen.paths(),
@@ -287,20 +295,20 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
         let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
         assert_eq!(
             (status.as_u16(), body.as_str()),
-            (400, format!("{problem}\n").as_str()),
+            (400, format!("trellis: {problem}\n").as_str()),
             "{path}"
         );
     }
     let (status, body) = text(c.send_request(get("/old%20admin/x", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-admin rule 0\n"),
+        (403, "trellis: denied by policy b/no-admin rule 0\n"),
         "other escapes are matched as sent"
     );
     let (status, body) = text(c.send_request(get("/OLD%20Admin/x", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-admin rule 0\n"),
+        (403, "trellis: denied by policy b/no-admin rule 0\n"),
         "and in any letter case by a DENY"
     );
     let (status, body) = text(c.send_request(get("/a%20b", &[])).await.unwrap()).await;
@@ -359,7 +367,7 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     let (status, body) = send("/two", &[("x-env", "prod"), ("x-env", "canary")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy default:deny\n")
+        (403, "trellis: denied by policy default:deny\n")
     );
     let (status, body) = send(
         "/three",
@@ -368,14 +376,14 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     .await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-debug rule 0\n")
+        (403, "trellis: denied by policy b/no-debug rule 0\n")
     );
     // One line may carry a list: `on` in it is `x-debug` sent with `on`,
     // and an allowed value in a list is not the allowed value.
     let (status, body) = send("/four", &[("x-env", "canary"), ("x-debug", "off,  on")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-debug rule 0\n")
+        (403, "trellis: denied by policy b/no-debug rule 0\n")
     );
     let (status, _) = send("/five", &[("x-env", "canary, prod")]).await;
     assert_eq!(status, 403);
@@ -407,12 +415,12 @@ async fn a_header_spelled_with_underscores_is_the_same_header() {
     let (status, body) = send("/one", &[("x-env", "canary"), ("x_debug", "on")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-debug rule 0\n")
+        (403, "trellis: denied by policy b/no-debug rule 0\n")
     );
     let (status, body) = send("/two", &[("x-env", "canary"), ("x_env", "prod")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy default:deny\n")
+        (403, "trellis: denied by policy default:deny\n")
     );
     let (status, _) = send("/three", &[("x_env", "canary"), ("x_debug", "off")]).await;
     assert_eq!(status, 200, "x_env is x-env, and no copy of x-debug is on");
@@ -440,7 +448,7 @@ async fn new_policies_decide_the_next_request_on_an_open_connection() {
     let (status, body) = text(c1.send_request(get("/admin/x", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-admin rule 0\n")
+        (403, "trellis: denied by policy b/no-admin rule 0\n")
     );
     let (status, _) = text(c2.send_request(h2_get("/admin/x")).await.unwrap()).await;
     assert_eq!(status, 403);
@@ -479,7 +487,7 @@ async fn a_request_behind_empty_lines_is_still_decided() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(
-        answer.ends_with("denied by policy b/no-admin rule 0\n"),
+        answer.ends_with("trellis: denied by policy b/no-admin rule 0\n"),
         "{answer}"
     );
     assert!(
@@ -527,7 +535,10 @@ async fn a_denied_grpc_method_gets_permission_denied() {
 
     let status = grpc::watch_versions(channel.clone()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert_eq!(status.message(), "denied by policy b/no-watch rule 0");
+    assert_eq!(
+        status.message(),
+        "trellis: denied by policy b/no-watch rule 0"
+    );
 
     let chain = grpc::certify(channel).await.unwrap();
     assert_eq!(chain, [b"ok".to_vec()]);
@@ -551,11 +562,11 @@ async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
     let Some(out) = curl(&args).await else {
         return;
     };
-    assert_eq!(out, "denied by policy default:deny\n\n403");
+    assert_eq!(out, "trellis: denied by policy default:deny\n\n403");
     let mut args = vec!["--http2-prior-knowledge", url.as_str()];
     args.extend(status_and_body);
     let out = curl(&args).await.unwrap();
-    assert_eq!(out, "denied by policy default:deny\n\n403");
+    assert_eq!(out, "trellis: denied by policy default:deny\n\n403");
 
     let no_web = api_policy(
         "no-web",
@@ -566,7 +577,7 @@ async fn a_caller_denied_outright_is_told_which_policy_refused_it() {
     let mut args = vec!["--http1.1", url.as_str()];
     args.extend(status_and_body);
     let out = curl(&args).await.unwrap();
-    assert_eq!(out, "denied by policy b/no-web rule 0\n\n403");
+    assert_eq!(out, "trellis: denied by policy b/no-web rule 0\n\n403");
 
     assert!(
         app.seen.paths().is_empty(),
@@ -593,7 +604,7 @@ async fn a_grpc_caller_denied_outright_gets_permission_denied() {
     let channel = grpc::channel(p.route).await.unwrap();
     let status = grpc::certify(channel).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert_eq!(status.message(), "denied by policy default:deny");
+    assert_eq!(status.message(), "trellis: denied by policy default:deny");
 }
 
 /// An app that reads one line, keeps it, answers `ok` and closes.
@@ -756,7 +767,7 @@ async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_b
     let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
-        (403, "denied by policy b/no-admin rule 0\n")
+        (403, "trellis: denied by policy b/no-admin rule 0\n")
     );
     let (status, _) = text(c.send_request(get("/files/a%2Fb", &[])).await.unwrap()).await;
     assert_eq!(status, 400);
@@ -822,7 +833,7 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
         (status.as_u16(), body.as_str()),
         (
             400,
-            "path encodes '/' as %2F: an app could read it as a separator\n"
+            "trellis: path encodes '/' as %2F: an app could read it as a separator\n"
         )
     );
     assert_eq!(
@@ -897,7 +908,7 @@ async fn a_request_before_the_first_snapshot_is_told_there_is_none() {
         let Some(out) = curl(&[version, &url, "-w", "\n%{http_code}"]).await else {
             return;
         };
-        assert_eq!(out, format!("{no_snapshot}\n\n403"), "{version}");
+        assert_eq!(out, format!("trellis: {no_snapshot}\n\n403"), "{version}");
     }
 
     let port = app.addr.port();
@@ -1093,7 +1104,8 @@ async fn the_sidecars_own_answers_are_marked_as_its_own() {
     }
 
     // The 502 of an app that is not there names it and why.
-    let refused = format!("app unreachable: the app at {gone_app} refused the connection\n");
+    let refused =
+        format!("trellis: app unreachable: the app at {gone_app} refused the connection\n");
     let mut c1 = h1(&cp, gone.inbound, &web()).await;
     let answer = c1.send_request(get("/users/7", &[])).await.unwrap();
     assert_eq!(

@@ -538,7 +538,11 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
             .map(|line| line.split(' ').nth(1).unwrap().to_string())
             .zip(answers.bodies)
             .collect();
-        assert_eq!(got, [(code.to_string(), format!("{why}\n"))], "{case}");
+        assert_eq!(
+            got,
+            [(code.to_string(), format!("trellis: {why}\n"))],
+            "{case}"
+        );
         assert!(answers.closed, "{case}");
         assert!(seen.requests().is_empty(), "{case}: {:?}", seen.requests());
     }
@@ -579,7 +583,7 @@ async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     for (case, bytes, why) in cases {
         let answers = send_raw(&cp, s.inbound, bytes).await;
         assert_eq!(answers.status, ["HTTP/1.1 400 Bad Request"], "{case}");
-        assert_eq!(answers.bodies, [format!("{why}\n")], "{case}");
+        assert_eq!(answers.bodies, [format!("trellis: {why}\n")], "{case}");
     }
     assert!(seen.requests().is_empty(), "{:?}", seen.requests());
     let same = send_raw(
@@ -688,7 +692,7 @@ async fn a_denied_upload_is_told_why_not_reset() {
             answers(&got),
             [(
                 "HTTP/1.1 403 Forbidden".to_string(),
-                "denied by policy b/no-admin rule 0\n".to_string()
+                "trellis: denied by policy b/no-admin rule 0\n".to_string()
             )],
             "{framing}"
         );
@@ -879,7 +883,7 @@ async fn connect_is_refused_by_name_and_options_asterisk_is_decided() {
             head.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
             "{head}"
         );
-        let expected = format!("{}\n", trellis_proxy::http::authz::CONNECT_REFUSED);
+        let expected = format!("trellis: {}\n", trellis_proxy::http::authz::CONNECT_REFUSED);
         let mut body = vec![0u8; expected.len()];
         tls.read_exact(&mut body).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&body), expected);
@@ -895,10 +899,8 @@ async fn connect_is_refused_by_name_and_options_asterisk_is_decided() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     let (status, body) = text(h2.send_request(connect).await.unwrap()).await;
-    assert_eq!(
-        (status.as_u16(), body.trim_end()),
-        (501, trellis_proxy::http::authz::CONNECT_REFUSED)
-    );
+    let expected = format!("trellis: {}", trellis_proxy::http::authz::CONNECT_REFUSED);
+    assert_eq!((status.as_u16(), body.trim_end()), (501, expected.as_str()));
     let requests: Vec<(String, String)> = seen
         .requests()
         .into_iter()
@@ -952,7 +954,7 @@ async fn a_head_past_the_bound_is_told_the_bound() {
     );
     assert_eq!(
         answers.bodies,
-        ["request head exceeds the sidecar's 408 KiB limit\n"]
+        ["trellis: request head exceeds the sidecar's 408 KiB limit\n"]
     );
     assert!(answers.closed);
     assert_eq!(seen.requests().len(), 1, "{:?}", seen.requests());
@@ -975,7 +977,7 @@ async fn a_denied_upload_sent_slowly_is_told_why_not_reset() {
         answers(&answer),
         [(
             "HTTP/1.1 403 Forbidden".to_string(),
-            "denied by policy b/no-admin rule 0\n".to_string()
+            "trellis: denied by policy b/no-admin rule 0\n".to_string()
         )]
     );
     end.expect("the caller sends the rest of its body and sees a clean close");
@@ -1170,7 +1172,7 @@ async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
         assert!(!got.contains("injected"), "{case}: the caller got {got:?}");
         if expected.contains("502") {
             assert!(
-                got.ends_with("invalid answer from the app\n"),
+                got.ends_with("trellis: invalid answer from the app\n"),
                 "{case}: {got:?}"
             );
         }
@@ -1195,11 +1197,11 @@ async fn a_malformed_chunk_from_the_caller_is_400_naming_it() {
     let cases = [
         (
             "0x1\r\nz\r\n0\r\n\r\n",
-            "malformed chunked request body: Invalid chunk size line: Invalid Size",
+            "trellis: malformed chunked request body: Invalid chunk size line: Invalid Size",
         ),
         (
             "1;x=\"a\r\nb\"\r\nz\r\n0\r\n\r\n",
-            "malformed chunked request body: Invalid chunk body CR",
+            "trellis: malformed chunked request body: Invalid chunk body CR",
         ),
     ];
     for (body, expected) in cases {

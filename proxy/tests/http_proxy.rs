@@ -985,7 +985,7 @@ async fn the_app_and_the_rules_read_the_authority_the_caller_named() {
             "http://admin/x",
             None,
             403,
-            "denied by policy b/no-admin rule 0\n",
+            "trellis: denied by policy b/no-admin rule 0\n",
         ),
     ];
     for (uri, host, status, seen) in cases {

@@ -41,7 +41,7 @@ async fn answers_429_after_the_burst_and_recovers() {
         "limited before the burst was spent: {statuses:?}"
     );
     assert!(retry_after.is_some(), "no Retry-After");
-    assert_eq!(body, "rate limited by policy b/api-limit\n");
+    assert_eq!(body, "trellis: rate limited by policy b/api-limit\n");
     let (status, _) = text(c.send_request(get("/other", &[])).await.unwrap()).await;
     assert_eq!(status, 200, "paths outside the match are not limited");
     assert!(
@@ -83,6 +83,6 @@ async fn a_limited_grpc_call_gets_resource_exhausted() {
     assert_eq!(second.headers()["grpc-status"], "8");
     assert_eq!(
         second.headers()["grpc-message"],
-        "rate limited by policy b/api-limit"
+        "trellis: rate limited by policy b/api-limit"
     );
 }

@@ -65,7 +65,7 @@ async fn refuses_plaintext() {
             && answer.contains("connection: close\r\n")
             && answer.contains("\r\ntrellis-proxy-error: not_tls\r\n")
             && answer.contains(
-                "\r\n\r\nthis is a Trellis sidecar's inbound port: it accepts only mutual TLS"
+                "\r\n\r\ntrellis: this is a Trellis sidecar's inbound port: it accepts only mutual TLS"
             ),
         "{answer:?}"
     );
@@ -130,7 +130,8 @@ async fn a_plaintext_refusal_is_on_record_once_answered() {
 async fn refuses_plaintext_http2_and_grpc_in_their_protocol() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    const SAYS: &str = "this is a Trellis sidecar's inbound port: it accepts only mutual TLS";
+    const SAYS: &str =
+        "trellis: this is a Trellis sidecar's inbound port: it accepts only mutual TLS";
     let ca = Ca::new();
     let app = echo_app().await;
     let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;

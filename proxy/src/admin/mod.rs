@@ -203,7 +203,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 /// The 403 of a request [`access`] refuses: why, as its text, and
 /// `trellis-proxy-error: denied`, as the sidecar's other refusals carry.
 fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
-    refusal(StatusCode::FORBIDDEN, "denied", format!("{refused}\n"))
+    refusal(StatusCode::FORBIDDEN, "denied", refused.to_string())
 }
 
 /// The 405 of a request whose method is neither `GET` nor `HEAD`, with
@@ -212,7 +212,7 @@ fn method_not_allowed() -> Response<Full<Bytes>> {
     refusal(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "GET only\n",
+        "GET only",
     )
 }
 
@@ -229,23 +229,22 @@ fn unready(why: impl std::fmt::Display) -> Response<Full<Bytes>> {
     refusal(
         StatusCode::SERVICE_UNAVAILABLE,
         "not_ready",
-        format!("not ready: {why}\n"),
+        format!("not ready: {why}"),
     )
 }
 
-/// A refusal of the admin port: `status` with `body` as its text, marked as
-/// the sidecar's own answer by `trellis-proxy-error: token`.
+/// A refusal of the admin port: `status` with `message` (and a newline) as
+/// its text, marked as the sidecar's own answer as its other refusals are:
+/// `trellis-proxy-error: token`, and the text begins with `trellis: `
+/// ([`trellis_core::refusal::local_answer`]).
 fn refusal(
     status: StatusCode,
     token: &'static str,
-    body: impl Into<Bytes>,
+    message: impl Into<Bytes>,
 ) -> Response<Full<Bytes>> {
-    let mut response = text(status, body);
-    response.headers_mut().insert(
-        trellis_core::refusal::PROXY_ERROR,
-        header::HeaderValue::from_static(token),
-    );
-    response
+    // A refusal of the admin port is never gRPC: the code is not used.
+    let grpc_code = trellis_core::refusal::GRPC_PERMISSION_DENIED;
+    trellis_core::refusal::local_answer(false, status, grpc_code, Some(token), message.into())
 }
 
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -277,7 +276,7 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .body(Full::new(body.into()))
                 .expect("static response parts are valid")
         }
-        _ => not_found("not found: try /live /ready /metrics /config\n"),
+        _ => not_found("not found: try /live /ready /metrics /config"),
     }
 }
 
@@ -294,7 +293,7 @@ async fn app_health(
     }
     let path = req.uri().path();
     let Some(check) = state.config.app_probes.get(path) else {
-        return not_found(format!("no app probe at {path}\n"));
+        return not_found(format!("no app probe at {path}"));
     };
     match probes::run(check, app, probes::TIMEOUT).await {
         Ok(()) => text(StatusCode::OK, "ok\n"),
@@ -303,7 +302,7 @@ async fn app_health(
             refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "probe_failed",
-                format!("{e}\n"),
+                e.to_string(),
             )
         }
     }

@@ -363,7 +363,7 @@ mod tests {
         assert_eq!(denied.headers()["grpc-status"], "7");
         assert_eq!(
             denied.headers()["grpc-message"],
-            "denied by policy b/no-admin rule 0"
+            "trellis: denied by policy b/no-admin rule 0"
         );
         for odd in ["/users/../admin/x", "/%61dmin/x", "/admin%2Fx"] {
             assert_eq!(call(odd, false).await.status(), StatusCode::BAD_REQUEST);

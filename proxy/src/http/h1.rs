@@ -478,15 +478,18 @@ async fn refuse_head<S: AsyncWrite + Unpin>(
         super::proxy::PROXY_ERROR.as_str().as_bytes(),
         b"invalid_request",
     );
-    let body = malformed.why.len() + 1;
+    let body = trellis_core::refusal::body_text(malformed.why.as_bytes(), true);
     let mut digits = itoa::Buffer::new();
-    field(&mut out, b"content-length", digits.format(body).as_bytes());
+    field(
+        &mut out,
+        b"content-length",
+        digits.format(body.len()).as_bytes(),
+    );
     head_end(&mut out, false, true);
-    out.extend_from_slice(malformed.why.as_bytes());
-    out.push(b'\n');
+    out.extend_from_slice(&body);
     io.write_all(&out).await?;
     io.flush().await?;
-    Ok(body)
+    Ok(body.len())
 }
 
 /// Serves HTTP/1.1 requests from `io` until the caller is done, the
@@ -3409,7 +3412,7 @@ mod tests {
         let read = exchange(&mut caller, &sent, 1).await;
         assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
         assert!(
-            read.ends_with(&format!("\r\n\r\n{TOO_MANY_EMPTY_LINES}\n")),
+            read.ends_with(&format!("\r\n\r\ntrellis: {TOO_MANY_EMPTY_LINES}\n")),
             "{read}"
         );
         assert!(seen.requests.lock().unwrap().is_empty());

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -330,9 +330,10 @@ pub const PROXY_ERROR: HeaderName = refusal::PROXY_ERROR;
 
 /// An answer from the sidecar itself: `status` with `message` as a text
 /// body, or for gRPC HTTP 200 with `grpc-status` and `grpc-message` in a
-/// trailers-only response ([`refusal::local_answer`]); either way with
-/// [`PROXY_ERROR`]`: reason`, a fixed token (`denied`, `rate_limited`,
-/// `invalid_request`, `app_unreachable`...).
+/// trailers-only response ([`refusal::local_answer`]), the text starting
+/// with `trellis: `; either way with [`PROXY_ERROR`]`: reason`, a fixed
+/// token (`denied`, `rate_limited`, `invalid_request`,
+/// `app_unreachable`...).
 pub fn local(
     grpc: bool,
     status: StatusCode,
@@ -340,9 +341,6 @@ pub fn local(
     reason: &'static str,
     message: impl Into<Bytes>,
 ) -> Response<LocalBody> {
-    let mut answer = refusal::local_answer(grpc, status, code as u16, message.into());
-    answer
-        .headers_mut()
-        .insert(PROXY_ERROR, HeaderValue::from_static(reason));
+    let answer = refusal::local_answer(grpc, status, code as u16, Some(reason), message.into());
     answer.map(Either::Right)
 }

@@ -644,7 +644,10 @@ mod tests {
             "gRPC errors travel in trailers"
         );
         assert_eq!(grpc.headers()["grpc-status"], "8");
-        assert_eq!(grpc.headers()["grpc-message"], "rate limited by policy n/l");
+        assert_eq!(
+            grpc.headers()["grpc-message"],
+            "trellis: rate limited by policy n/l"
+        );
         assert_eq!(
             calls.load(Ordering::Relaxed),
             1,

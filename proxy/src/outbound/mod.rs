@@ -829,11 +829,11 @@ impl PeerRefusal {
         match to.service {
             Some(call) => {
                 let dst = call.dst;
-                format!("trellis: outbound call to {dst} {what}: {words} ({reason})")
+                format!("outbound call to {dst} {what}: {words} ({reason})")
             }
             None => {
                 let dst = &to.remote;
-                format!("trellis: outbound call to {dst} {what}: {words} ({reason})")
+                format!("outbound call to {dst} {what}: {words} ({reason})")
             }
         }
     }
@@ -880,7 +880,7 @@ async fn answer_refused(
     if opaque {
         return;
     }
-    let message = format!("trellis: outbound call to {dst} refused: {why}");
+    let message = format!("outbound call to {dst} refused: {why}");
     answer_app(app, refused, &message).await;
 }
 

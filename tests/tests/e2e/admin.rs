@@ -126,7 +126,7 @@ async fn config_is_served_over_loopback_only() -> anyhow::Result<()> {
     let (status, body) = get(elsewhere, to, "/config", None).await?;
     assert_eq!(status, 403, "{body}");
     assert!(
-        body.contains("forbidden: /config is served on loopback only")
+        body.contains("trellis: forbidden: /config is served on loopback only")
             && body.contains(&format!(
                 "kubectl port-forward <pod> {port}, then curl http://127.0.0.1:{port}/config"
             )),

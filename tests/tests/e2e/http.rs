@@ -286,8 +286,8 @@ async fn an_http1_only_app_called_in_h2_is_named_as_such_not_unreachable() -> an
     assert_eq!(http1, "200", "the app is up");
     assert_eq!(
         h2,
-        "the app did not answer in HTTP/2: the request came in HTTP/2, and the sidecar sends \
-         each request to the app in the version it came in\n502"
+        "trellis: the app did not answer in HTTP/2: the request came in HTTP/2, and the \
+         sidecar sends each request to the app in the version it came in\n502"
     );
     let logged = logged?;
     assert!(logged.contains("request to the app failed"), "{logged}");
@@ -317,7 +317,7 @@ spec:
     assert!(
         denied
             .body
-            .contains("denied by policy default/no-admin rule 0"),
+            .contains("trellis: denied by policy default/no-admin rule 0"),
         "{denied:?}"
     );
     let allowed = connection.get("/hello").await?.success()?;
@@ -548,9 +548,10 @@ fn status_and_body(answer: &str) -> (&str, &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -> anyhow::Result<()>
 {
-    const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes\n";
-    const HEAD_TOO_LARGE: &str = "request head exceeds the sidecar's 408 KiB limit\n";
-    const INVALID_TARGET: &str = "malformed request line: invalid request target\n";
+    const TARGET_TOO_LONG: &str =
+        "trellis: request target exceeds the sidecar's limit of 65534 bytes\n";
+    const HEAD_TOO_LARGE: &str = "trellis: request head exceeds the sidecar's 408 KiB limit\n";
+    const INVALID_TARGET: &str = "trellis: malformed request line: invalid request target\n";
     let app = HttpApp::start("api").await?;
     let s = Setup::start(Mesh::start().await?, app.addr()).await?;
     let long = "a".repeat(70_000);
@@ -613,7 +614,7 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
     let url = format!("http://{}/h2", s.route());
     let big = format!("x-big: {}", "b".repeat(20 * 1024));
     let long_path = format!("http://{}/{}", s.route(), "p".repeat(20 * 1024));
-    let h2_too_large = "request headers (the path and pseudo-headers among them, 32 bytes more \
+    let h2_too_large = "trellis: request headers (the path and pseudo-headers among them, 32 bytes more \
                         for each field) exceed the sidecar's 16 KiB limit\n";
     for (case, args) in [
         ("headers over the limit", ["-H", big.as_str(), url.as_str()]),
@@ -661,15 +662,20 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
             )
         })
         .collect();
+    // The log's problem is the answer's words, without `trellis: `.
+    let problem = |text: &str| {
+        let words = text.trim_end().strip_prefix("trellis: ");
+        serde_json::Value::from(words.unwrap_or(text))
+    };
     let expected: Vec<_> = http1
         .iter()
         .map(|(_, _, status, text)| {
             let code: u64 = status[9..12].parse().unwrap();
-            (code.into(), text.trim_end().into(), "http1".into())
+            (code.into(), problem(text), "http1".into())
         })
         .chain([(400.into(), "malformed request head".into(), "http1".into())])
         .chain(std::iter::repeat_n(
-            (431.into(), h2_too_large.trim_end().into(), "h2".into()),
+            (431.into(), problem(h2_too_large), "h2".into()),
             2,
         ))
         .collect();

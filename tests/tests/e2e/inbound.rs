@@ -57,7 +57,7 @@ async fn inbound_refuses_a_plaintext_client() -> anyhow::Result<()> {
         "{probe:?}"
     );
     assert!(
-        text.ends_with("\r\n\r\nthis is a Trellis sidecar's inbound port: it accepts only mutual TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar\n"),
+        text.ends_with("\r\n\r\ntrellis: this is a Trellis sidecar's inbound port: it accepts only mutual TLS from another sidecar of the mesh; call the app from a workload that has a Trellis sidecar\n"),
         "{probe:?}"
     );
     assert_refused(&server, &probe, before).await

@@ -72,7 +72,7 @@ impl Setup {
         match response {
             Ok(r) if r.status == ::http::StatusCode::FORBIDDEN => assert_eq!(
                 r.body,
-                format!("denied by policy {policy}\n"),
+                format!("trellis: denied by policy {policy}\n"),
                 "{} was refused by another policy",
                 caller.name()
             ),

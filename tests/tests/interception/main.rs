@@ -123,7 +123,7 @@ async fn the_mesh_default_deny_blocks_pod_a_to_pod_b() {
     let b_url = format!("http://{}/", cluster.b().host().addr(APP_PORT));
     // Pod A's app is told by pod B's sidecar which policy refused it.
     let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_refused(&reply, 403, "denied by policy default:deny");
+    assert_refused(&reply, 403, "trellis: denied by policy default:deny");
 
     cluster
         .b_logs_inbound_from_a(&["inbound connection denied"])
@@ -180,7 +180,11 @@ spec:
     // policy.
     let reached = cluster.apps[0].requests().len();
     let reply = cluster.a_calls(&b_url).await.unwrap();
-    assert_refused(&reply, 403, "denied by policy default/deny-pod-a rule 0");
+    assert_refused(
+        &reply,
+        403,
+        "trellis: denied by policy default/deny-pod-a rule 0",
+    );
     cluster
         .b_logs_inbound_from_a(&["inbound connection denied", "deny-pod-a"])
         .await;
@@ -396,7 +400,7 @@ async fn a_caller_outside_the_mesh_is_told_the_pod_accepts_only_mtls() {
     assert_refused(
         &reply,
         400,
-        "this is a Trellis sidecar's inbound port: it accepts only mutual TLS",
+        "trellis: this is a Trellis sidecar's inbound port: it accepts only mutual TLS",
     );
     let requests = cluster.apps[0].requests();
     assert!(requests.is_empty(), "the app was reached: {requests:?}");

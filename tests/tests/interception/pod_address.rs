@@ -37,7 +37,7 @@ async fn b_serves_on(cluster: &mut Cluster, bind: IpAddr, port: u16, body: &str)
 /// that it could not reach the app at `dialled`.
 async fn assert_app_unreachable(cluster: &mut Cluster, url: &str, dialled: SocketAddr) {
     let reply = cluster.a_calls(url).await.unwrap();
-    assert_refused(&reply, 502, "app unreachable");
+    assert_refused(&reply, 502, "trellis: app unreachable");
     cluster
         .b_logs_inbound_from_a(&[
             "request to the app failed",
