@@ -95,26 +95,34 @@ impl<K: PartialEq + Clone> Keyed<K> {
     /// or `None` (the line is counted, to be reported by the next one
     /// written).
     pub fn admit(&self, key: &K) -> Option<u64> {
+        self.admit_by(|known| known == key, || key.clone())
+    }
+
+    /// [`admit`](Self::admit) for the key `is_key` tells from the others,
+    /// which `make` makes only when it is to be remembered anew: a key
+    /// holding a copy of what the line borrows (a policy's name) is copied
+    /// once while it is remembered, not for each line.
+    pub fn admit_by(&self, is_key: impl Fn(&K) -> bool, make: impl FnOnce() -> K) -> Option<u64> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let State { keys, shared } = &mut *state;
-        if let Some(known) = keys.iter_mut().find(|w| w.key == *key) {
+        if let Some(known) = keys.iter_mut().find(|w| is_key(&w.key)) {
             return known.admit(now, self.window);
         }
-        let fresh = Window {
-            key: key.clone(),
+        let fresh = |key| Window {
+            key,
             until: Some(now + self.window),
             unwritten: 0,
         };
         if keys.len() < self.capacity {
-            keys.push(fresh);
+            keys.push(fresh(make()));
             return Some(0);
         }
         match keys.iter_mut().find(|w| w.is_over(now)) {
             Some(place) => {
                 // Its lines not written are the shared window's to report.
                 shared.unwritten += place.unwritten;
-                *place = fresh;
+                *place = fresh(make());
                 Some(0)
             }
             None => shared.admit(now, self.window),
@@ -182,5 +190,39 @@ mod tests {
         }
         assert_eq!(throttle.admit(&40_000), Some(9_995 + 1));
         assert_eq!(throttle.len(), 4);
+    }
+
+    /// A key told by `is_key` is made only when it is remembered anew:
+    /// not for a line about a key remembered, written or not, nor for one
+    /// that finds no place and shares the window of the others; and its
+    /// lines are throttled as `admit`'s are.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_is_made_only_when_it_is_remembered_anew() {
+        let throttle: Keyed<(&str, Box<str>)> = Keyed::new(WINDOW, 1);
+        let made = std::cell::Cell::new(0);
+        let admit = |kind: &'static str, policy: &str| {
+            let is_key = |(k, p): &(&str, Box<str>)| *k == kind && **p == *policy;
+            throttle.admit_by(is_key, || {
+                made.set(made.get() + 1);
+                (kind, policy.into())
+            })
+        };
+        assert_eq!(admit("denied", "b/no-admin"), Some(0));
+        assert_eq!(admit("denied", "b/no-admin"), None);
+        assert_eq!(admit("denied", "b/no-admin"), None);
+        assert_eq!(made.get(), 1);
+        // No place left: the shared window, and nothing made.
+        assert_eq!(admit("rate_limited", "b/no-admin"), Some(0));
+        assert_eq!(admit("denied", "b/other"), None);
+        assert_eq!(made.get(), 1);
+
+        tokio::time::advance(WINDOW).await;
+        assert_eq!(admit("denied", "b/no-admin"), Some(2));
+        assert_eq!(made.get(), 1);
+        // A new key takes the place of one whose window is over: made.
+        tokio::time::advance(WINDOW).await;
+        assert_eq!(admit("denied", "b/other"), Some(0));
+        assert_eq!(made.get(), 2);
+        assert_eq!(throttle.len(), 1);
     }
 }

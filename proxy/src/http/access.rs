@@ -198,8 +198,12 @@ impl Entry {
             ("denied", "inbound request denied")
         };
         let (policy, rule) = self.policy_and_rule();
-        let key = (kind, policy.unwrap_or_default().into());
-        let Some(suppressed) = self.conn.http.refusals.admit(&key) else {
+        let name = policy.unwrap_or_default();
+        // The name is copied only when its key is remembered anew, not for
+        // each refusal of a flood.
+        let is_key = |(k, p): &RefusalKey| *k == kind && **p == *name;
+        let make = || (kind, Box::from(name));
+        let Some(suppressed) = self.conn.http.refusals.admit_by(is_key, make) else {
             return;
         };
         let suppressed = (suppressed > 0).then_some(suppressed);
