@@ -631,7 +631,7 @@ async fn a_certificate_peers_would_refuse_is_not_taken() {
     let ready = s.get("/ready").await;
     assert!(
         ready.starts_with("HTTP/1.1 503 ")
-            && ready.ends_with("\r\n\r\nnot ready: no certificate yet\n"),
+            && ready.ends_with("\r\n\r\ntrellis: not ready: no certificate yet\n"),
         "{ready}"
     );
     let errors =
