@@ -98,8 +98,10 @@ pub struct ExtraSans {
 }
 
 impl CertificateAuthority {
-    /// Generates a self-signed ECDSA P-256 root for `trust_domain`.
-    /// Returns the CA and the PEM of its certificate and key.
+    /// Generates a self-signed ECDSA P-256 root for `trust_domain`, named
+    /// `O=Trellis, CN=Trellis root CA <trust domain> <key id>` (see
+    /// [`root_key_id`]). Returns the CA and the PEM of its certificate and
+    /// key.
     pub fn generate(trust_domain: &TrustDomain) -> Result<(Self, String, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -107,7 +109,7 @@ impl CertificateAuthority {
         name.push(DnType::OrganizationName, "Trellis");
         name.push(
             DnType::CommonName,
-            format!("Trellis root CA {trust_domain}"),
+            format!("Trellis root CA {trust_domain} {}", root_key_id(&key)),
         );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -288,6 +290,18 @@ impl CertificateAuthority {
     }
 }
 
+/// The first 8 hex digits of the SHA-256 of `key`'s SubjectPublicKeyInfo:
+/// what sets a generated root's name apart from every other root of its
+/// trust domain (another mesh's, the root it is rotated in beside). A
+/// verifier picks the root that signed a chain by its subject; under one
+/// name for all, a certificate of another mesh's root would be refused as
+/// of a bad signature rather than of an unknown issuer.
+pub fn root_key_id(key: &impl rcgen::PublicKeyData) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.subject_public_key_info());
+    hex::encode(&digest[..4])
+}
+
 /// Now, truncated to whole seconds as X.509 times are.
 fn now_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
@@ -357,6 +371,29 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, CaError::ChainExpired(at) if at == ended), "{e}");
         assert!(e.to_string().contains("chain expired"), "{e}");
+    }
+
+    /// Two roots generated for one trust domain (two meshes', or a new
+    /// root rotated in beside the old) never share a subject: each ends
+    /// with the id of its own key, as `openssl x509 -subject` shows it.
+    #[test]
+    fn each_generated_root_is_named_apart_by_its_key() {
+        use sha2::{Digest, Sha256};
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let subject = || {
+            let (ca, cert_pem, _) = CertificateAuthority::generate(&td).unwrap();
+            let (_, pem) = parse_x509_pem(cert_pem.as_bytes()).unwrap();
+            assert_eq!(pem.contents, ca.bundle()[0].as_ref());
+            let (_, cert) = parse_x509_certificate(&pem.contents).unwrap();
+            let key_id = hex::encode(&Sha256::digest(cert.public_key().raw)[..4]);
+            let subject = cert.subject().to_string();
+            assert_eq!(
+                subject,
+                format!("O=Trellis, CN=Trellis root CA cluster.local {key_id}")
+            );
+            subject
+        };
+        assert_ne!(subject(), subject());
     }
 
     #[test]

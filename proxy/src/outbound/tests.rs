@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,10 @@ fn id(name: &str) -> SpiffeId {
 }
 
 /// A throwaway CA and the TLS state of sidecars it certifies.
-struct Ca(CertifiedIssuer<'static, KeyPair>);
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+}
 
 impl Ca {
     /// A CA named apart from every other one made here, as two meshes'
@@ -47,7 +50,27 @@ impl Ca {
             .distinguished_name
             .push(rcgen::DnType::CommonName, format!("test CA {n}"));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        Ca(CertifiedIssuer::self_signed(params, key).unwrap())
+        let root = params.self_signed(&key).unwrap().der().clone();
+        Ca {
+            issuer: Issuer::new(params, key),
+            root,
+        }
+    }
+
+    /// A root as the control plane generates one for `td.test`: every
+    /// such root has the same trust domain, as two meshes' roots of the
+    /// default trust domain do.
+    fn generated() -> Self {
+        let td = TrustDomain::new("td.test").unwrap();
+        let (_, cert_pem, key_pem) =
+            trellis_control_plane::ca::CertificateAuthority::generate(&td).unwrap();
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+        Ca {
+            issuer,
+            root: CertificateDer::from(pem.contents),
+        }
     }
 
     /// What a sidecar holding an SVID of `me` has, dialling `expected`.
@@ -65,10 +88,10 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + time::Duration::hours(1);
-        let cert = params.signed_by(&key, &self.0).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let svid = Svid::new(me, vec![cert.der().clone()], der).unwrap();
-        let root: CertificateDer<'static> = self.0.der().clone();
+        let root = self.root.clone();
         let td = TrustDomain::new("td.test").unwrap();
         Arc::new(TlsState::build(Some(&svid), &[root], &td, expected).unwrap())
     }
@@ -857,4 +880,25 @@ async fn a_handshake_failure_s_answer_names_the_reason_it_is_counted_under() {
         );
         assert_eq!(counted(&shared, &series), 1, "{series}");
     }
+}
+
+/// A server certified by another mesh's root of the same trust domain,
+/// both generated as the control plane generates them, is refused as of an
+/// unknown issuer: the roots are named apart, so the verifier does not
+/// take the other root for its own and report a bad signature.
+#[tokio::test]
+async fn a_server_of_another_generated_root_of_the_trust_domain_is_an_unknown_issuer() {
+    let ours = Ca::generated();
+    let theirs = Ca::generated();
+    let (server, served) = backend(Some(theirs.tls(&id("api"), &[]))).await;
+    let shared = sidecar(&ours, "deny", &[server], &[server]);
+    let answer = http_round_trip(&shared, VIP).await;
+    let (status, token, body) = refusal(&answer);
+    assert_eq!(status, "HTTP/1.1 502 Bad Gateway", "{answer}");
+    assert_eq!(token, Some("handshake_failed"), "{answer}");
+    assert_eq!(reason_in(body), Some("unknown_issuer"), "{answer}");
+    let series =
+        "trellis_handshake_failures_total{direction=\"outbound\",reason=\"unknown_issuer\"}";
+    assert_eq!(counted(&shared, series), 1, "{series}");
+    assert_eq!(*served.borrow(), 0);
 }
