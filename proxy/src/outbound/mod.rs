@@ -1477,12 +1477,13 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                             } else {
                                 tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound passthrough failed");
                             }
-                            metrics.connection(OUTBOUND, "connect_failed");
-                            let why = format!(
-                                "connecting to {addr}: {e} ({})",
-                                net::connect_failure_reason(&e)
-                            );
-                            let refused = (BAD_GATEWAY, "connect_failed");
+                            // Counted, answered and ended in the text
+                            // with one reason, as a failed mesh dial is; the
+                            // error says how the connect failed.
+                            const CONNECT_FAILED: &str = "connect_failed";
+                            metrics.connection(OUTBOUND, CONNECT_FAILED);
+                            let why = format!("connecting to {addr}: {e} ({CONNECT_FAILED})");
+                            let refused = (BAD_GATEWAY, CONNECT_FAILED);
                             answer_refused(&mut app, *opaque, refused, dst, why).await;
                             return;
                         }

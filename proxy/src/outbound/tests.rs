@@ -526,6 +526,33 @@ async fn an_http1_call_refused_is_answered_with_why() {
     assert_eq!(proxy_error(&answer), Some("no_backend"), "{answer}");
 }
 
+/// A passthrough call to a port that refuses is answered `connect_failed`,
+/// its text ending with that same reason in parentheses, as a failed mesh
+/// dial's does, and counted under it (a call within the pod is answered
+/// by the same code; this pod's own address is never loopback).
+#[tokio::test]
+async fn a_passthrough_call_that_cannot_connect_ends_its_text_with_its_token() {
+    let ca = Ca::new();
+    let gone = refusing();
+    let shared = sidecar(&ca, "passthrough", &[], &[]);
+    let answer = http_round_trip(&shared, &gone.addr.to_string()).await;
+    let addr = gone.addr;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 502 Bad Gateway",
+            Some("connect_failed"),
+            format!(
+                "trellis: outbound call to {addr} refused: connecting to {addr}: Connection \
+                 refused (os error 111) (connect_failed)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    assert_eq!(outcome(&shared, "connect_failed"), 1);
+}
+
 /// Each address of a peer identity is its own TLS name (its tickets are
 /// kept apart), IPv4 and IPv6 alike; a host name keeps the shared one.
 #[test]
