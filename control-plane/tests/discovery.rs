@@ -4,9 +4,16 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+use rustls_pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -231,6 +238,114 @@ async fn an_oversized_watch_request_is_refused_naming_the_limit() {
     let err = snapshots.message().await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(err.message(), too_large);
+}
+
+/// A message of `bytes` as gRPC frames it: not compressed, its length,
+/// then the bytes.
+fn grpc_frame(bytes: &[u8]) -> Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(bytes);
+    framed.into()
+}
+
+/// A field of wire type 7, which protobuf does not have: a valid gRPC
+/// message that is no `WatchRequest`.
+const NOT_A_WATCH_REQUEST: &[u8] = &[0x0f, 0xff, 0xff];
+
+/// A Watch of `svid` over a raw HTTP/2 stream, its request body sending
+/// `first`: the answer's head, and the sender of the request's body.
+async fn raw_watch(
+    cp: &ControlPlane,
+    svid: &Svid,
+    first: Bytes,
+) -> (
+    http::Response<hyper::body::Incoming>,
+    mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(Some(svid))))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the SVID");
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
+            tls,
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (body, rx) = mpsc::channel(4);
+    body.send(Ok(Frame::data(first))).await.unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/trellis.discovery.v1.Discovery/Watch",
+        cp.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(StreamBody::new(ReceiverStream::new(rx)))
+    .unwrap();
+    let answer = sender.send_request(request).await.expect("an answer");
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    (answer, body)
+}
+
+/// The status a Watch's answer ends with: in its headers when it ended
+/// before its first message, else in its trailers, after all it sent.
+async fn ended_with(answer: http::Response<hyper::body::Incoming>) -> tonic::Status {
+    if let Some(status) = tonic::Status::from_header_map(answer.headers()) {
+        return status;
+    }
+    let ended = answer.into_body().collect().await.expect("the stream ends");
+    let trailers = ended.trailers().cloned().expect("trailers");
+    tonic::Status::from_header_map(&trailers).expect("a status in the trailers")
+}
+
+/// Bytes that are a gRPC message but no `WatchRequest` end a Watch with
+/// INVALID_ARGUMENT saying which message could not be decoded and why,
+/// whether they come first or after the Subscribe (then logged as a
+/// warning naming the sidecar), instead of a stream that ends with OK
+/// and tells the sidecar nothing.
+#[tokio::test]
+async fn a_watch_message_that_does_not_decode_is_refused_naming_it() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+
+    let (answer, _body) = raw_watch(&cp, &web, grpc_frame(NOT_A_WATCH_REQUEST)).await;
+    let status = ended_with(answer).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let reason = "could not be decoded: failed to decode Protobuf message: invalid wire type";
+    assert!(
+        status.message().starts_with(&format!(
+            "the first message of a Watch (its Subscribe) {reason}"
+        )),
+        "{status:?}"
+    );
+
+    let (answer, body) = raw_watch(&cp, &web, grpc_frame(&subscribe("").encode_to_vec())).await;
+    let mut answer = answer.into_body();
+    // The first snapshot, then the message that does not decode.
+    let first = answer.frame().await.expect("a snapshot").expect("a frame");
+    assert!(first.is_data(), "{first:?}");
+    body.send(Ok(Frame::data(grpc_frame(NOT_A_WATCH_REQUEST))))
+        .await
+        .unwrap();
+    let status = ended_with(http::Response::new(answer)).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with(&format!("a Watch message after the Subscribe {reason}")),
+        "{status:?}"
+    );
+    let line = cp.wait_for_line("the warning", |l| {
+        l.contains("ending a discovery stream: a message after the Subscribe could not be decoded")
+    });
+    assert!(line.contains("WARN") && line.contains(WEB), "{line}");
+    assert!(line.contains("invalid wire type"), "{line}");
+    cp.wait_for_line("the stream's end", |l| {
+        l.contains("discovery stream closed") && l.contains("undecodable message")
+    });
 }
 
 #[tokio::test]

@@ -3,7 +3,9 @@
 //!
 //! The caller must present an SVID; the first message must be a Subscribe,
 //! sent within [`SUBSCRIBE_TIMEOUT`] of the stream's headers (else the
-//! stream ends with DEADLINE_EXCEEDED).
+//! stream ends with DEADLINE_EXCEEDED). A message that does not decode
+//! as a `WatchRequest`, the Subscribe or one after it, ends the stream
+//! with INVALID_ARGUMENT naming which one and why.
 //! A snapshot is sent first (unless the sidecar already holds the current
 //! version: it subscribed with that version and the epoch it was set in),
 //! then again whenever the sidecar's snapshot content changes: an
@@ -457,6 +459,13 @@ async fn serve_stream(
                     let _ = tx.send(Err(refusal)).await;
                     return "request too large";
                 }
+                // Only the stream's decoder says INVALID_ARGUMENT: the
+                // failures of the connection carry other codes.
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    tracing::warn!(spiffe_id = %id, error = %status.message(), "ending a discovery stream: a message after the Subscribe could not be decoded");
+                    let _ = tx.send(Err(status)).await;
+                    return "undecodable message";
+                }
                 Err(_) => return "stream broken",
             },
             _ = crate::run::stopping(&mut shutdown) => {
@@ -466,6 +475,44 @@ async fn serve_stream(
                 return "control plane shutting down";
             }
         }
+    }
+}
+
+/// At most this many characters of the decoder's reason are kept in the
+/// refusal of a Watch message that could not be decoded.
+const DECODE_REASON_CHARS: usize = 256;
+
+/// Decodes the messages of a Watch's request stream, as tonic's own
+/// decoder does, except that a message that is not a [`WatchRequest`]
+/// ends the stream with INVALID_ARGUMENT naming which message it was and
+/// why, rather than INTERNAL (tonic's word for bytes that do not decode,
+/// as if the control plane had failed).
+#[derive(Debug, Default)]
+pub(super) struct WatchRequestDecoder {
+    /// Whether the first message, the Subscribe, was decoded.
+    subscribed: bool,
+}
+
+impl tonic::codec::Decoder for WatchRequestDecoder {
+    type Item = WatchRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<WatchRequest>, Status> {
+        let which = match self.subscribed {
+            false => "the first message of a Watch (its Subscribe)",
+            true => "a Watch message after the Subscribe",
+        };
+        let request = <WatchRequest as prost::Message>::decode(buf).map_err(|e| {
+            Status::invalid_argument(format!(
+                "{which} could not be decoded: {}",
+                shown_up_to(&e.to_string(), DECODE_REASON_CHARS)
+            ))
+        })?;
+        self.subscribed = true;
+        Ok(Some(request))
     }
 }
 
@@ -485,9 +532,6 @@ fn quoted_list_up_to(pieces: &[String], max: usize) -> String {
     quoted_chars(chars, total, max)
 }
 
-/// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,
-/// followed by `... (N bytes)` when that is not all of it: what is kept of
-/// a sidecar's text, so it is bounded as the log line is.
 /// The warnings of an ACK as the status keeps them: each bounded as a
 /// NACK's reason is, at most [`ACK_WARNINGS_KEPT`] of them.
 fn kept_warnings(warnings: &[String]) -> Vec<String> {
@@ -504,6 +548,9 @@ fn kept_warnings(warnings: &[String]) -> Vec<String> {
     kept
 }
 
+/// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,
+/// followed by `... (N bytes)` when that is not all of it: what is kept of
+/// a sidecar's text, so it is bounded as the log line is.
 fn shown_up_to(raw: &str, max: usize) -> String {
     let mut escaped = 0;
     for (at, c) in raw.char_indices() {

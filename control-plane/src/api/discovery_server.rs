@@ -7,9 +7,10 @@
 //! and change, all held at once while slow sidecars read. Here a snapshot
 //! is framed as gRPC frames it (a 5-byte prefix: not compressed, length)
 //! and its [`EncodedSnapshot`] parts follow as they are, reference-counted,
-//! down to the TLS writer. Requests are still decoded by tonic
-//! (`Streaming<WatchRequest>`), and errors end the stream as gRPC status
-//! trailers, so clients see the same protocol as from a generated server.
+//! down to the TLS writer. Requests are still read by tonic
+//! (`Streaming<WatchRequest>`, with the Watch's own decoder), and errors
+//! end the stream as gRPC status trailers, so clients see the same
+//! protocol as from a generated server.
 //! This module only frames bytes; [`DiscoveryService`] decides what is sent.
 
 use std::convert::Infallible;
@@ -25,11 +26,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 use tonic::server::NamedService;
-use tonic_prost::ProstDecoder;
-use trellis_proto::discovery::v1::WatchRequest;
 use trellis_proto::discovery::v1::encoded::EncodedSnapshot;
 
-use super::discovery::DiscoveryService;
+use super::discovery::{DiscoveryService, WatchRequestDecoder};
 
 /// The one method of the service.
 const WATCH_PATH: &str = "/trellis.discovery.v1.Discovery/Watch";
@@ -82,7 +81,7 @@ impl tower::Service<http::Request<Body>> for DiscoveryServer {
             }
             let request = tonic::Request::from_http(request.map(|body| {
                 Streaming::new_request(
-                    ProstDecoder::<WatchRequest>::default(),
+                    WatchRequestDecoder::default(),
                     body,
                     None,
                     Some(MAX_WATCH_REQUEST_BYTES),
@@ -171,7 +170,7 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use prost::Message;
-    use trellis_proto::discovery::v1::{Endpoint, Snapshot};
+    use trellis_proto::discovery::v1::{Endpoint, Snapshot, WatchRequest};
 
     /// A Discovery over a fresh store in `dir` with `limits`, and the mesh
     /// of a replica serving it (the sender stops its background tasks when
