@@ -308,6 +308,18 @@ pub struct Config {
     )]
     pub max_grpc_connections_per_client: usize,
 
+    /// How long a connection to the gRPC port is kept with no request in
+    /// flight (a Watch stream is one for as long as it lives), 1s or more;
+    /// then it is closed gracefully (an HTTP/2 GOAWAY).
+    #[arg(
+        long,
+        env = "TRELLIS_GRPC_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = parse_grpc_idle_timeout
+    )]
+    pub grpc_idle_timeout: Duration,
+
     /// Kubernetes API server URL (https://HOST:PORT); in a pod it defaults to
     /// https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
     #[arg(long, env = "TRELLIS_KUBE_API")]
@@ -611,6 +623,18 @@ fn parse_watch_failure_grace(s: &str) -> Result<Duration, String> {
     Ok(grace)
 }
 
+fn parse_grpc_idle_timeout(s: &str) -> Result<Duration, String> {
+    const MIN: Duration = Duration::from_secs(1);
+    let timeout = trellis_core::duration::parse(s)?;
+    if timeout < MIN {
+        return Err(format!(
+            "{s} is shorter than the minimum of {}",
+            trellis_core::duration::words(MIN)
+        ));
+    }
+    Ok(timeout)
+}
+
 fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
     let ttl = trellis_core::duration::parse(s)?;
     if ttl < MIN_CERT_TTL {
@@ -811,6 +835,25 @@ mod tests {
                 panic!("{bad} should be refused")
             };
             assert!(message.contains("--watch-failure-grace"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_grpc_idle_timeout_is_five_minutes_or_a_duration_of_a_second_or_more() {
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d"]) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.grpc_idle_timeout, crate::server::DEFAULT_IDLE_TIMEOUT);
+        let Parsed::Run(c) = parse(&["x", "--state-dir", "d", "--grpc-idle-timeout", "90s"]) else {
+            panic!("should parse")
+        };
+        assert_eq!(c.grpc_idle_timeout, Duration::from_secs(90));
+        for bad in ["500ms", "0s", "off", "soon"] {
+            let args = ["x", "--state-dir", "d", "--grpc-idle-timeout", bad];
+            let Parsed::Invalid(message) = parse(&args) else {
+                panic!("{bad} should be refused")
+            };
+            assert!(message.contains("--grpc-idle-timeout"), "{message}");
         }
     }
 

@@ -24,6 +24,7 @@ pub struct Metrics {
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    grpc_connections_closed: Mutex<BTreeMap<&'static str, u64>>,
     admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams_refused: Mutex<BTreeMap<&'static str, u64>>,
     inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
@@ -80,6 +81,13 @@ impl Metrics {
     /// limit that refused it (`per_client` or `total`).
     pub fn grpc_connection_refused(&self, reason: &'static str) {
         count(&self.grpc_connections_refused, reason);
+    }
+
+    /// A served connection of the gRPC port closed by the control plane,
+    /// for `reason` (`idle`: no request in flight for
+    /// `--grpc-idle-timeout`).
+    pub fn grpc_connection_closed(&self, reason: &'static str) {
+        count(&self.grpc_connections_closed, reason);
     }
 
     /// A connection to the admin port closed as it was accepted, by the
@@ -209,6 +217,13 @@ impl Metrics {
              client's address as one may hold) or total (every slot taken, none from an address \
              holding more).",
             &self.grpc_connections_refused.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_grpc_connections_closed_total",
+            "Served connections of the gRPC port the control plane closed, gracefully, by \
+             reason: idle (no request in flight for --grpc-idle-timeout).",
+            &self.grpc_connections_closed.lock().expect("not poisoned"),
         );
         render_family(
             &mut out,

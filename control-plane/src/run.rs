@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_core::io_error::IoWords;
@@ -48,7 +49,9 @@ use crate::inject::server::{ServingFiles, WebhookServer, tls_config};
 use crate::inject::{InjectConfig, UninjectedPods};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-use crate::server::{GrpcListener, ServingCert, peer_client_config, server_config};
+use crate::server::{
+    GrpcListener, InFlightLayer, ServingCert, peer_client_config, serve_connections, server_config,
+};
 use crate::state_dir::{Secrecy, StateDir};
 use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
@@ -107,8 +110,6 @@ pub enum RunError {
     CaSecret(#[from] crate::ca::secret::CaSecretError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     /// A write to the embedded database met an I/O error; the database
@@ -414,10 +415,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let reflection_v1 = crate::reflection::v1(trellis_proto::FILE_DESCRIPTOR_SET)?;
     let reflection_v1alpha = crate::reflection::v1alpha(trellis_proto::FILE_DESCRIPTOR_SET)?;
     let incoming = grpc.run(shutdown_rx.clone(), metrics.clone());
-    let mut stop = shutdown_rx.clone();
-    let serve = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(InFlightLayer)
         .layer(BodyDeadlineLayer)
         .add_service(RequestLimit::new(
             IdentityServer::new(
@@ -441,10 +442,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             OnlyCaller::admin(&config.trust_domain),
         ))
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, async move {
-            stopping(&mut stop).await;
-        });
+        .add_service(reflection_v1alpha);
+    // Each connection is served on its own, so that one left idle can be
+    // closed gracefully while the others go on.
+    let serve = serve_connections(
+        incoming,
+        shutdown_rx.clone(),
+        metrics.clone(),
+        config.grpc_idle_timeout,
+        move |conn, closing| {
+            let one = futures::stream::iter([Ok::<_, std::io::Error>(conn)])
+                .chain(futures::stream::pending());
+            router.clone().serve_with_incoming_shutdown(one, closing)
+        },
+    );
     let ready = Arc::new(AtomicBool::new(false));
     if let Some((server, inject)) = webhook {
         // The sender lives as long as the webhook. The bundle is fixed for
@@ -490,7 +501,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     let mut failed = None;
     let signal = tokio::select! {
-        result = &mut serve => return result.map_err(RunError::from),
+        () = &mut serve => return Ok(()),
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
         reason = database_failed => {
@@ -512,7 +523,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // Serving goes on meanwhile: the listener still accepts, and a stream
     // opened now ends at once.
     let left = tokio::select! {
-        result = &mut serve => return result.map_err(RunError::from),
+        () = &mut serve => return Ok(()),
         left = &mut stopped => left,
     };
     if left > 0 {
@@ -524,7 +535,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     tracing::info!("no new connections, draining in-flight calls");
     match tokio::time::timeout(DRAIN_DEADLINE, &mut serve).await {
-        Ok(result) => result?,
+        Ok(()) => {}
         Err(_) => tracing::warn!(
             deadline = ?DRAIN_DEADLINE,
             "calls still open at the drain deadline; closing them"

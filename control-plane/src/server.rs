@@ -16,7 +16,10 @@
 //! ([`MAX_CONNECTIONS`], [`MAX_CONNECTIONS_PER_CLIENT`]), from their
 //! accept: one address's stalled handshakes hold few turns, and one client
 //! cannot make the control plane hold the requests of connections without
-//! end.
+//! end. A served connection with no request in flight (a Watch is one
+//! for as long as it lives) for `--grpc-idle-timeout`
+//! ([`DEFAULT_IDLE_TIMEOUT`]) is closed gracefully, each connection being
+//! served on its own ([`serve_connections`]).
 //! Handshake failures are counted by a bounded reason, and logged at most
 //! once per reason per [`REFUSAL_LOG_PAUSE`]: a scanner, plaintext probes
 //! or a client failing its handshake in a loop write one line per reason
@@ -376,6 +379,13 @@ pub struct TlsConn {
     eviction: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
+/// The connection is gone: its idle timeout no longer waits.
+impl Drop for TlsConn {
+    fn drop(&mut self) {
+        self.peer.activity.close();
+    }
+}
+
 impl Connected for TlsConn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
@@ -429,6 +439,210 @@ impl AsyncWrite for TlsConn {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+}
+
+/// The default of `--grpc-idle-timeout`: how long a connection of the
+/// gRPC port is kept with no request in flight before it is closed,
+/// gracefully (an HTTP/2 GOAWAY, then the end of the connection). A
+/// sidecar's connection holds its Watch, so it is never idle; `trellisctl`
+/// and peer replicas call again within moments or not at all. Without it
+/// a client, with or without a certificate, could hold its share of the
+/// [`MAX_CONNECTIONS`] open doing nothing for as long as it liked.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// How many requests a connection has in flight, and whether it is still
+/// open: shared by the connection and the requests on it.
+#[derive(Clone, Debug)]
+pub struct Activity(Arc<watch::Sender<Load>>);
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    in_flight: usize,
+    closed: bool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(Load::default())))
+    }
+}
+
+impl Activity {
+    /// A request begins; it is in flight until the guard is dropped (with
+    /// its response's body, which a stream holds as long as it lives).
+    fn begin(&self) -> InFlight {
+        self.0.send_modify(|load| load.in_flight += 1);
+        InFlight(self.clone())
+    }
+
+    /// The connection is gone.
+    fn close(&self) {
+        self.0.send_modify(|load| load.closed = true);
+    }
+
+    /// Resolves with `true` once the connection has had no request in
+    /// flight for `timeout` (each request that comes starts the wait
+    /// again), or with `false` once it is gone.
+    async fn idle_for(&self, timeout: Duration) -> bool {
+        let mut load = self.0.subscribe();
+        loop {
+            let Ok(now) = load
+                .wait_for(|load| load.in_flight == 0 || load.closed)
+                .await
+                .map(|load| *load)
+            else {
+                return false;
+            };
+            if now.closed {
+                return false;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => return true,
+                changed = load.changed() => if changed.is_err() {
+                    return false;
+                },
+            }
+        }
+    }
+}
+
+/// A request in flight on its connection.
+struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|load| load.in_flight -= 1);
+    }
+}
+
+/// Counts each request of the gRPC port as in flight on its connection
+/// until its response has been sent in full (a [`tower::Layer`]), for the
+/// connection's idle timeout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlightLayer;
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlightService<S>;
+
+    fn layer(&self, inner: S) -> InFlightService<S> {
+        InFlightService { inner }
+    }
+}
+
+/// The service of [`InFlightLayer`].
+#[derive(Clone, Debug)]
+pub struct InFlightService<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for InFlightService<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let guard = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|peer| peer.activity.begin());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| {
+                tonic::body::Body::new(HeldBody {
+                    body,
+                    _in_flight: guard,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it is dropped.
+struct HeldBody {
+    body: tonic::body::Body,
+    _in_flight: Option<InFlight>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves each connection of `incoming` with `serve` (given the
+/// connection and what tells it to close, gracefully) until `shutdown`
+/// turns true, then until every connection has closed. A connection with
+/// no request in flight for `idle_timeout` is told to close, counted in
+/// `trellis_grpc_connections_closed_total{reason="idle"}`.
+pub async fn serve_connections<F, Fut>(
+    mut incoming: ReceiverStream<Result<TlsConn, io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+    serve: F,
+) where
+    F: Fn(TlsConn, Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let conn = tokio::select! {
+            conn = incoming.next() => match conn {
+                Some(Ok(conn)) => conn,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+            Some(_) = connections.join_next() => continue,
+            () = crate::run::stopping(&mut shutdown) => break,
+        };
+        let activity = conn.peer.activity.clone();
+        let mut stop = shutdown.clone();
+        let metrics = metrics.clone();
+        let closing = Box::pin(async move {
+            tokio::select! {
+                idle = activity.idle_for(idle_timeout) => if idle {
+                    metrics.grpc_connection_closed("idle");
+                    tracing::debug!("closing an idle gRPC connection");
+                },
+                () = crate::run::stopping(&mut stop) => {}
+            }
+        });
+        let served = serve(conn, closing);
+        connections.spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "serving a gRPC connection failed");
+            }
+        });
+    }
+    drop(incoming);
+    while connections.join_next().await.is_some() {}
 }
 
 /// How a port's refused connections are counted and logged: the gRPC
@@ -648,6 +862,7 @@ impl GrpcListener {
                                 spiffe_id,
                                 cert_issued_at_unix,
                                 presented,
+                                activity: Activity::default(),
                             };
                             let eviction = Some(Box::pin(admitted.eviction()) as Pin<Box<_>>);
                             let _ = tx

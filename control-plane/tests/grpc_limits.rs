@@ -15,7 +15,9 @@ use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -25,10 +27,13 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 use trellis_control_plane::server::MAX_CONNECTIONS_PER_CLIENT;
+use trellis_proto::discovery::v1::watch_request::Kind;
+use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 const CERTIFY: &str = "/trellis.identity.v1.Identity/Certify";
+const WATCH: &str = "/trellis.discovery.v1.Discovery/Watch";
 
 /// Far longer than anything awaited here takes, so that a test fails
 /// instead of hanging.
@@ -268,4 +273,158 @@ async fn one_address_holds_at_most_its_share_of_grpc_connections() {
         )),
         "{line}"
     );
+}
+
+/// A TLS connection to the gRPC port, presenting `svid` when given.
+async fn tls_connection(
+    cp: &ControlPlane,
+    svid: Option<&Svid>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(svid)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake")
+}
+
+/// The HTTP/2 frames the server sends on `tls`, as a client that makes
+/// no call sees them (it sends its preface and settings, and answers the
+/// server's settings and pings), until the server ends the connection:
+/// each frame's type and payload.
+async fn frames_until_closed(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Vec<(u8, Vec<u8>)> {
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame.
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut received = Vec::new();
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The server's keepalive pings, answered, would keep the connection
+    // open for ever: the whole wait is bounded.
+    let closed = tokio::time::timeout(PATIENCE, async {
+        // Until the end of the stream, or a TLS error once it is closed.
+        while let Ok(n @ 1..) = tls.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+            while received.len() >= 9 {
+                let len = u32::from_be_bytes([0, received[0], received[1], received[2]]) as usize;
+                if received.len() < 9 + len {
+                    break;
+                }
+                let frame: Vec<u8> = received.drain(..9 + len).collect();
+                let (kind, flags, payload) = (frame[3], frame[4], frame[9..].to_vec());
+                const SETTINGS: u8 = 0x4;
+                const PING: u8 = 0x6;
+                const ACK: u8 = 0x1;
+                let answer = match (kind, flags & ACK) {
+                    (SETTINGS, 0) => Some(vec![0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]),
+                    (PING, 0) => Some([&[0, 0, 8, PING, ACK, 0, 0, 0, 0][..], &payload].concat()),
+                    _ => None,
+                };
+                if let Some(answer) = answer {
+                    // The server may have closed its side already.
+                    let _ = tls.write_all(&answer).await;
+                    let _ = tls.flush().await;
+                }
+                frames.push((kind, payload));
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection was never closed: {frames:?}"
+    );
+    frames
+}
+
+/// HTTP/2's GOAWAY frame type, and its NO_ERROR code.
+const GOAWAY: u8 = 0x7;
+const NO_ERROR: [u8; 4] = [0, 0, 0, 0];
+
+/// With `--grpc-idle-timeout 1s`, a connection that holds no request is
+/// closed by the control plane gracefully (a GOAWAY with NO_ERROR, then
+/// the end of the connection) and counted, while one that holds a Watch
+/// is not: it still takes a new call and is sent the next snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_one_holding_a_watch_is_not() {
+    let cp = ControlPlane::start(&["--grpc-idle-timeout", "1s"]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7000").await;
+
+    // A Watch, on a connection of its own.
+    let (mut watching, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
+            tls_connection(&cp, Some(&web)).await,
+        ))
+        .await
+        .unwrap();
+    let watching_conn = tokio::spawn(conn);
+    let subscribe = WatchRequest {
+        kind: Some(Kind::Subscribe(Subscribe {
+            inbound_address: "127.0.0.1:7000".into(),
+            ..Subscribe::default()
+        })),
+    };
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(subscribe.encoded_len() as u32).to_be_bytes());
+    message.extend_from_slice(&subscribe.encode_to_vec());
+    let (_request, rx) = mpsc::channel(4);
+    _request
+        .send(Ok(Frame::data(Bytes::from(message))))
+        .await
+        .unwrap();
+    let post = |path: &str, rx| {
+        http::Request::post(format!("http://{}{path}", cp.grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(StreamBody::new(ReceiverStream::new(rx)))
+            .unwrap()
+    };
+    let answer = watching.send_request(post(WATCH, rx)).await.unwrap();
+    let mut snapshots = answer.into_body();
+    let first = snapshots.frame().await.expect("a snapshot").unwrap();
+    assert!(first.is_data(), "{first:?}");
+
+    // A connection that makes no call, opened after the Watch's.
+    let frames = frames_until_closed(tls_connection(&cp, None).await).await;
+    assert!(
+        frames
+            .iter()
+            .any(|(kind, payload)| *kind == GOAWAY && payload.get(4..8) == Some(&NO_ERROR[..])),
+        "no GOAWAY with NO_ERROR among {frames:?}"
+    );
+    let metrics = cp.metrics();
+    assert!(
+        metrics.contains("trellis_grpc_connections_closed_total{reason=\"idle\"}"),
+        "{metrics}"
+    );
+
+    // The Watch's connection, open longer than that, was not closed: it
+    // takes another call, and the Watch is sent the next snapshot.
+    assert!(!watching_conn.is_finished(), "the Watch's connection ended");
+    let (_another, rx) = mpsc::channel(1);
+    let unknown = "/trellis.discovery.v1.Discovery/Unknown";
+    let answer = tokio::time::timeout(PATIENCE, watching.send_request(post(unknown, rx)))
+        .await
+        .expect("no answer on the Watch's connection")
+        .expect("the Watch's connection takes another call");
+    assert_eq!(
+        grpc_header(answer.headers(), "grpc-message"),
+        format!("{unknown} is not a method of trellis.discovery.v1.Discovery")
+    );
+    enroll(
+        &cp,
+        "spiffe://cluster.local/ns/default/sa/db",
+        "127.0.0.1:7001",
+    )
+    .await;
+    let next = tokio::time::timeout(PATIENCE, snapshots.frame())
+        .await
+        .expect("no snapshot after the change")
+        .expect("a snapshot")
+        .unwrap();
+    assert!(next.is_data(), "{next:?}");
 }

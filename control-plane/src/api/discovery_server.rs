@@ -204,6 +204,7 @@ mod tests {
             .body(body)
             .unwrap();
         request.extensions_mut().insert(crate::api::PeerInfo {
+            activity: Default::default(),
             remote: remote.parse().unwrap(),
             spiffe_id: Some(trellis_core::SpiffeId::parse(id).unwrap()),
             cert_issued_at_unix: None,

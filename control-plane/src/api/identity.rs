@@ -764,6 +764,7 @@ mod tests {
             let mut request =
                 certify_request(Some(Proof::ServiceAccountToken(token)), "10.0.0.1:15006");
             request.extensions_mut().insert(PeerInfo {
+                activity: Default::default(),
                 remote: format!("{client}:40000").parse().unwrap(),
                 spiffe_id: None,
                 cert_issued_at_unix: None,
@@ -835,6 +836,7 @@ mod tests {
         let held = store.hold_writes();
         let mut request = certify_request(None, "10.0.0.1:15006");
         request.extensions_mut().insert(PeerInfo {
+            activity: Default::default(),
             remote: "10.0.0.1:40000".parse().unwrap(),
             spiffe_id: Some(web.clone()),
             cert_issued_at_unix: None,
@@ -1116,6 +1118,7 @@ mod tests {
         let mut request = certify_request(proof, "");
         request.get_mut().inbound_addresses = addresses.iter().map(|a| a.to_string()).collect();
         request.extensions_mut().insert(PeerInfo {
+            activity: Default::default(),
             remote: remote.parse().unwrap(),
             spiffe_id: renewal.then(|| SpiffeId::parse(WEB).unwrap()),
             cert_issued_at_unix: None,
@@ -1267,6 +1270,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1300)).await;
         let mut request = certify_request(None, "10.0.0.1:15006");
         request.extensions_mut().insert(PeerInfo {
+            activity: Default::default(),
             remote: "10.0.0.1:40000".parse().unwrap(),
             spiffe_id: Some(SpiffeId::parse(WEB).unwrap()),
             cert_issued_at_unix: Some(unix_now() - 600),

@@ -116,6 +116,8 @@ pub struct PeerInfo {
     /// That certificate, when it was presented in a full handshake (not
     /// for a resumed session); `None` without one.
     pub presented: Option<PresentedCert>,
+    /// The requests the connection has in flight, for its idle timeout.
+    pub activity: crate::server::Activity,
 }
 
 /// Everything the services work with.
