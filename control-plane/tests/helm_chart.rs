@@ -85,6 +85,7 @@ fn default_values_render_valid_manifests() {
         "--root-namespace=trellis-system",
         // The control plane's own default, written out.
         "--watch-failure-grace=60s",
+        "--grpc-idle-timeout=5m",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -230,6 +231,9 @@ fn invalid_values_are_refused() {
         ("watchFailureGrace=60", "watchFailureGrace"),
         ("watchFailureGrace=0.5s", "watchFailureGrace"),
         ("watchFailureGrace=null", "watchFailureGrace"),
+        ("grpcIdleTimeout=soon", "grpcIdleTimeout"),
+        ("grpcIdleTimeout=300", "grpcIdleTimeout"),
+        ("grpcIdleTimeout=null", "grpcIdleTimeout"),
         (
             "maxGrpcConnectionsPerClient=0",
             "maxGrpcConnectionsPerClient",
@@ -679,6 +683,33 @@ fn watch_failure_grace_the_control_plane_refuses_is_refused() {
             config.watch_failure_grace,
             std::time::Duration::from_secs(seconds),
             "{grace}"
+        );
+    }
+}
+
+/// The chart refuses a `grpcIdleTimeout` under 1s, which the control
+/// plane would refuse at start, naming it; what it renders reaches the
+/// control plane as `--grpc-idle-timeout`, taken as the same duration.
+#[test]
+fn grpc_idle_timeout_reaches_the_control_plane() {
+    let Some((helm, _)) = tools() else { return };
+    for timeout in ["0s", "999ms"] {
+        let e = template(&helm, &[&format!("grpcIdleTimeout={timeout}")]).unwrap_err();
+        assert!(
+            e.contains(&format!("grpcIdleTimeout {timeout} is shorter than 1s")),
+            "{timeout}: {e}"
+        );
+    }
+    for (timeout, seconds) in [("1s", 1), ("90s", 90), ("5m", 300), ("1h", 3600)] {
+        let config = rendered_and_taken(
+            &helm,
+            &format!("grpcIdleTimeout={timeout}"),
+            &format!("--grpc-idle-timeout={timeout}"),
+        );
+        assert_eq!(
+            config.grpc_idle_timeout,
+            std::time::Duration::from_secs(seconds),
+            "{timeout}"
         );
     }
 }

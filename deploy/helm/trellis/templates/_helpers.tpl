@@ -177,7 +177,8 @@ which a request must exceed its limit by more than a part in 10^12 to fail.
 {{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
-64, so a release that passed would never start; watchFailureGrace below 1s likewise;
+64, so a release that passed would never start; watchFailureGrace and grpcIdleTimeout below 1s
+likewise;
 injection.tcpUserTimeout outside 0 or 80s..1h likewise (the control plane refuses the injection
 settings). antiAffinity hard with one replica: a rollout stops that replica before its
 replacement runs, and pods created meanwhile are refused (or, under Ignore, get no sidecar).
@@ -200,6 +201,10 @@ the value).
 {{- $ms = include "trellis.milliseconds" .Values.watchFailureGrace | int64 -}}
 {{- if lt $ms 1000 -}}
 {{- fail (printf "watchFailureGrace %s is shorter than 1s: the control plane refuses a shorter --watch-failure-grace and would exit at start" (toString .Values.watchFailureGrace)) -}}
+{{- end -}}
+{{- $ms = include "trellis.milliseconds" .Values.grpcIdleTimeout | int64 -}}
+{{- if lt $ms 1000 -}}
+{{- fail (printf "grpcIdleTimeout %s is shorter than 1s: the control plane refuses a shorter --grpc-idle-timeout and would exit at start" (toString .Values.grpcIdleTimeout)) -}}
 {{- end -}}
 {{- $ms = include "trellis.milliseconds" .Values.injection.tcpUserTimeout | int64 -}}
 {{- if and (gt $ms 0) (or (lt $ms 80000) (gt $ms 3600000)) -}}
