@@ -1187,13 +1187,13 @@ mod tests {
         // Each refusal is counted and logged (or not) before the server
         // closes the connection, on this thread.
         let rendered = metrics.render();
-        for reason in ["not_tls", "invalid_certificate"] {
+        for reason in ["not_tls", "unknown_issuer"] {
             let counted =
                 format!("trellis_tls_handshake_failures_total{{reason=\"{reason}\"}} {FLOOD}\n");
             assert!(rendered.contains(&counted), "{counted}in\n{rendered}");
         }
         const FAILED: &str = "TLS handshake failed";
-        logs.assert_first_warnings(FAILED, &["not_tls", "invalid_certificate"]);
+        logs.assert_first_warnings(FAILED, &["not_tls", "unknown_issuer"]);
 
         // The pause passes: the next failure is logged, with how many were
         // not.

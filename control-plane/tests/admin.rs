@@ -378,7 +378,7 @@ async fn ctl_names_the_credential_or_address_it_cannot_use() {
             in_dir(&cp.grpc, &other),
             vec![
                 format!("not issued by the CA in {}", file(&other, "bundle.pem")),
-                "BadSignature".into(),
+                "UnknownIssuer".into(),
             ],
         ),
         (

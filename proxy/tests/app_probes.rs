@@ -291,7 +291,11 @@ async fn the_sidecar_s_own_503_is_marked_not_ready() {
     let (status, marked, body) = kubelet_get_marked(admin, "/ready").await;
     assert_eq!(
         (status.as_u16(), marked.as_deref(), body.as_str()),
-        (503, Some("not_ready"), "trellis: not ready: no certificate yet\n")
+        (
+            503,
+            Some("not_ready"),
+            "trellis: not ready: no certificate yet\n"
+        )
     );
     let (status, marked, body) = kubelet_get_marked(admin, "/live").await;
     assert_eq!(

@@ -125,7 +125,9 @@ async fn after_sigterm_the_admin_port_answers_until_the_process_exits() -> anyho
         .map_err(|e| e.context("/ready of a draining sidecar"))?;
     assert_eq!(ready.status, 503, "{}", ready.body);
     assert!(
-        ready.body.starts_with("trellis: not ready: draining since "),
+        ready
+            .body
+            .starts_with("trellis: not ready: draining since "),
         "{}",
         ready.body
     );
