@@ -339,7 +339,7 @@ spec:
         .received_text();
     assert_eq!(
         status_and_body(&answer),
-        ("HTTP/1.1 400 Bad Request", "more than one Host header\n"),
+        ("HTTP/1.1 400 Bad Request", "trellis: more than one Host header\n"),
         "{answer}"
     );
 
@@ -357,7 +357,7 @@ spec:
     .await?;
     let too_large = "request headers (the path and pseudo-headers among them, 32 bytes more \
                      for each field) exceed the sidecar's 16 KiB limit";
-    assert_eq!(answer, format!("{too_large}\n431"));
+    assert_eq!(answer, format!("trellis: {too_large}\n431"));
 
     // `policy explain` answers each request as the sidecar did.
     let port = app.addr().port().to_string();
