@@ -1106,6 +1106,18 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
     );
     // The rules' HTTP conditions were not checked against a refused path.
     assert!(refused.contains("not evaluated"), "{refused}");
+    // A query is matched by no rule, but counts towards the head's bound
+    // as the sidecar counts it: here the HTTP/2 header list's.
+    let long = format!("/api/x?q={}", "q".repeat(16 * 1024));
+    let refused = text(&["--http2", "--path", &long]);
+    assert!(
+        refused.contains(
+            "  request GET /api/x: refused (answered 431): request headers (the path and \
+             pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
+             16 KiB limit\n"
+        ),
+        "{refused}"
+    );
 
     let out = explain(&["--path", "/admin/x", "-o", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

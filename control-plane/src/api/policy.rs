@@ -611,13 +611,14 @@ pub async fn explain_request(
     let rate_limits = view.rate_limits_for(&destination);
     let explanation = match &http {
         None => explain(&source, &destination, port, &policies, default, &opaque),
-        Some((method, path, headers)) => {
+        Some((method, (path, query), headers)) => {
             let http = ExplainedHttp {
                 request: HttpRequest {
                     method,
                     path,
                     headers,
                 },
+                query,
                 limits_read_paths: limits_read_paths(&rate_limits),
                 http2: req.request.as_ref().is_some_and(|r| r.http2),
             };
@@ -669,12 +670,13 @@ fn limits_read_paths(limits: &[RateLimit]) -> bool {
     (limits.iter()).any(|l| !matches!(RateLimitPolicy::from_proto(l), Ok(p) if !p.reads_paths()))
 }
 
-/// The method, path (without its query) and headers of an Explain's HTTP
-/// request, each checked as an HTTP server reads it; why not, naming the
-/// field (a header's value is never repeated: it may hold a credential).
+/// The method, path and query ([`http_path`]) and headers of an Explain's
+/// HTTP request, each checked as an HTTP server reads it; why not, naming
+/// the field (a header's value is never repeated: it may hold a
+/// credential).
 fn explained_request(
     r: &ExplainedHttpRequest,
-) -> Result<(String, String, http::HeaderMap), String> {
+) -> Result<(String, (String, String), http::HeaderMap), String> {
     let method = http_method(&r.method).map_err(|e| format!("request.method: {e}"))?;
     let path = http_path(&r.path).map_err(|e| format!("request.path: {e}"))?;
     let mut headers = http::HeaderMap::new();
@@ -698,14 +700,28 @@ pub fn http_method(text: &str) -> Result<String, String> {
     }
 }
 
-/// The path of a request target (`/users/7?x=1`), or `*`: the path
-/// without its query, as the sidecar matches rules on it.
-pub fn http_path(text: &str) -> Result<String, String> {
+/// A request target in origin form (`/users/7?x=1`), or `*`, as
+/// `trellisctl policy explain --path` takes it: the path and its query.
+pub fn http_target(text: &str) -> Result<String, String> {
+    request_target(text).map(|p| p.as_str().to_owned())
+}
+
+/// The path of a request target (`/users/7?x=1`), or `*`, without its
+/// query, as the sidecar matches rules on it, and the query from its `?`
+/// on (empty without one), which counts towards the sidecar's bounds on
+/// the head.
+pub fn http_path(text: &str) -> Result<(String, String), String> {
+    let target = request_target(text)?;
+    let query = target.query().map(|q| format!("?{q}")).unwrap_or_default();
+    Ok((target.path().to_owned(), query))
+}
+
+fn request_target(text: &str) -> Result<http::uri::PathAndQuery, String> {
     let parsed = (text.starts_with('/') || text == "*")
         .then(|| http::uri::PathAndQuery::try_from(text).ok())
         .flatten();
     match parsed {
-        Some(p) => Ok(p.path().to_owned()),
+        Some(p) => Ok(p),
         None => Err(format!(
             "{} is not a request path (it starts with '/', or is '*', and holds no spaces \
              or control characters)",
@@ -761,6 +777,24 @@ mod tests {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len())
             .sum()
+    }
+
+    /// `--path` keeps the query for the control plane, which matches
+    /// rules on the path alone and sizes the head with the query.
+    #[test]
+    fn a_request_target_keeps_its_query_apart_from_the_path() {
+        assert_eq!(http_target("/users/7?x=1&y").unwrap(), "/users/7?x=1&y");
+        assert_eq!(
+            http_path("/users/7?x=1&y").unwrap(),
+            ("/users/7".to_owned(), "?x=1&y".to_owned())
+        );
+        assert_eq!(http_path("/x?").unwrap(), ("/x".to_owned(), "?".to_owned()));
+        assert_eq!(http_path("*").unwrap(), ("*".to_owned(), String::new()));
+        assert_eq!(
+            http_target("x?y").unwrap_err(),
+            "\"x?y\" is not a request path (it starts with '/', or is '*', and holds no \
+             spaces or control characters)"
+        );
     }
 
     #[test]

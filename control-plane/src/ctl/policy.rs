@@ -244,13 +244,14 @@ pub enum RemotePolicyCommand {
             value_parser = trellis_core::tcp::parse_port
         )]
         opaque_ports: Vec<u16>,
-        /// Also decide one HTTP request with this path on the connection
-        /// (a query after `?` is left out), as the destination's sidecar
-        /// would: the answer names the deciding rule and the outcome
-        /// (allowed, denied with 403, or refused before any rule, e.g. a
-        /// path an app could read as another one), and the rules' HTTP
-        /// conditions are evaluated against it.
-        #[arg(long, value_name = "PATH", value_parser = crate::api::policy::http_path)]
+        /// Also decide one HTTP request with this path on the connection,
+        /// as the destination's sidecar would: the answer names the
+        /// deciding rule and the outcome (allowed, denied with 403, or
+        /// refused before any rule, e.g. a path an app could read as
+        /// another one), and the rules' HTTP conditions are evaluated
+        /// against it. A query after `?` is matched by no rule, but counts
+        /// towards the sidecar's bounds on the request's head.
+        #[arg(long, value_name = "PATH", value_parser = crate::api::policy::http_target)]
         path: Option<String>,
         /// The method of the request --path names (default GET).
         #[arg(long, value_name = "M", requires = "path", value_parser = crate::api::policy::http_method)]

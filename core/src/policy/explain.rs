@@ -46,7 +46,13 @@ pub struct Explanation {
 /// request's path.
 #[derive(Debug, Clone, Copy)]
 pub struct ExplainedHttp<'a> {
+    /// The request, its path without the query, as the sidecar matches
+    /// rules on it.
     pub request: HttpRequest<'a>,
+    /// The query of the request target, from its `?` on (empty without
+    /// one): no rule matches it, but it counts towards the sidecar's
+    /// bounds on the head as the rest of the target does.
+    pub query: &'a str,
     /// Whether a rate limit selecting the destination reads paths
     /// ([`RateLimitPolicy::reads_paths`](super::RateLimitPolicy::reads_paths)).
     pub limits_read_paths: bool,
@@ -131,18 +137,20 @@ impl RequestAnswer {
 /// Why the sidecar answers 431 to `http` for the size of its head, if it
 /// does: an HTTP/1.1 head over [`l7::MAX_REQUEST_HEAD`], or an HTTP/2
 /// header list over [`l7::H2_MAX_HEADER_LIST`], counted with `:scheme`
-/// `http` and no `:authority` besides a `Host` given (as a header).
+/// `http` and no `:authority` besides a `Host` given (as a header). The
+/// request target counts whole, its query too (`:path` in HTTP/2).
 fn too_large(http: &ExplainedHttp<'_>) -> Option<&'static str> {
     let HttpRequest {
         method,
         path,
         headers,
     } = http.request;
+    let target = format!("{path}{}", http.query);
     if http.http2 {
-        let size = l7::h2_header_list_size(method, Some("http"), None, Some(path), headers);
+        let size = l7::h2_header_list_size(method, Some("http"), None, Some(&target), headers);
         (size > l7::H2_MAX_HEADER_LIST).then_some(l7::H2_HEADERS_TOO_LARGE)
     } else {
-        let size = l7::http1_head_size(method, path, headers);
+        let size = l7::http1_head_size(method, &target, headers);
         (size > l7::MAX_REQUEST_HEAD).then_some(l7::HEAD_TOO_LARGE)
     }
 }
@@ -832,6 +840,7 @@ spec:
                     path,
                     headers: &map,
                 },
+                query: "",
                 limits_read_paths,
                 http2: false,
             };
@@ -937,6 +946,7 @@ spec:
                     path: "/x",
                     headers: &map,
                 },
+                query: "",
                 limits_read_paths: false,
                 http2,
             };
@@ -992,6 +1002,64 @@ spec:
         assert_eq!(h2(&over, false), allowed);
     }
 
+    /// A query counts towards the sidecar's bound on the head as the rest
+    /// of the request target does, in HTTP/1.1 (the request line) and in
+    /// HTTP/2 (`:path`), while the rules match the path without it.
+    #[test]
+    fn a_query_counts_towards_the_head_but_not_the_path_matched() {
+        let allow = allow_from_web("web-to-x", "{ports: [8080], paths: [/x]}");
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let headers = http::HeaderMap::new();
+        let answer = |query: &str, http2| {
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method: "GET",
+                    path: "/x",
+                    headers: &headers,
+                },
+                query,
+                limits_read_paths: false,
+                http2,
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                std::slice::from_ref(&allow),
+                DefaultPolicy::Deny,
+                &OpaquePorts::default(),
+                &http,
+            )
+            .unwrap();
+            explained.request.unwrap().to_string()
+        };
+        let allowed = "request GET /x: allow by b/web-to-x rule 0 (passed to the app)";
+
+        // `GET /x?q=... HTTP/1.1` and the empty line, at the bound.
+        let line = |q: &str| format!("GET /x?q={q} HTTP/1.1\r\n\r\n");
+        let at_bound = "q".repeat(l7::MAX_REQUEST_HEAD - line("").len());
+        assert_eq!(line(&at_bound).len(), 408 * 1024);
+        assert_eq!(answer(&format!("?q={at_bound}"), false), allowed);
+        assert_eq!(
+            answer(&format!("?q={at_bound}q"), false),
+            "request GET /x: refused (answered 431): request head exceeds the sidecar's \
+             408 KiB limit"
+        );
+
+        // `:method` GET, `:scheme` http and `:path` /x?q=..., each 32
+        // bytes more.
+        let fields = (7 + 3 + 32) + (7 + 4 + 32) + (5 + "/x?q=".len() + 32);
+        let at_bound = "q".repeat(16 * 1024 - fields);
+        assert_eq!(answer(&format!("?q={at_bound}"), true), allowed);
+        assert_eq!(
+            answer(&format!("?q={at_bound}q"), true),
+            "request GET /x: refused (answered 431): request headers (the path and \
+             pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
+             16 KiB limit"
+        );
+    }
+
     /// A rate limit counts a request when its paths take in the request's
     /// as apps route it (another spelling too), or it names none, and only
     /// when the rules let the request get to the rate limits: not a denied
@@ -1033,6 +1101,7 @@ spec:
                     path,
                     headers: &headers,
                 },
+                query: "",
                 limits_read_paths: true,
                 http2: false,
             };
