@@ -262,7 +262,8 @@ pub enum RemotePolicyCommand {
         header: Vec<(String, String)>,
         /// The request --path names comes in HTTP/2 (default HTTP/1.1):
         /// the sidecar answers 431 to an HTTP/2 header list over 16 KiB,
-        /// and to an HTTP/1.1 head over 408 KiB.
+        /// and to an HTTP/1.1 head over 408 KiB or with more than 100
+        /// header fields (414 to an HTTP/1.1 target over 65,534 bytes).
         #[arg(long, requires = "path")]
         http2: bool,
         /// Output format: `table` prints the trace as text.

@@ -101,9 +101,9 @@ impl RequestAnswer {
         let reads_paths = http.limits_read_paths || set.matches_paths_on(port);
         let outcome = if opaque {
             RequestOutcome::Opaque
-        } else if let Some(why) = too_large(http) {
+        } else if let Some((status, why)) = over_bounds(http) {
             RequestOutcome::Refused {
-                status: 431,
+                status,
                 why: why.to_owned(),
             }
         } else if method == "CONNECT" {
@@ -134,12 +134,14 @@ impl RequestAnswer {
     }
 }
 
-/// Why the sidecar answers 431 to `http` for the size of its head, if it
-/// does: an HTTP/1.1 head over [`l7::MAX_REQUEST_HEAD`], or an HTTP/2
-/// header list over [`l7::H2_MAX_HEADER_LIST`], counted with `:scheme`
-/// `http` and no `:authority` besides a `Host` given (as a header). The
-/// request target counts whole, its query too (`:path` in HTTP/2).
-fn too_large(http: &ExplainedHttp<'_>) -> Option<&'static str> {
+/// The status and words the sidecar answers `http` with for the size of
+/// its head, if it does: an HTTP/1.1 head over one of its bounds
+/// ([`l7::HeadLimit::http1`]: more than 100 fields or 408 KiB, 431; a
+/// target over 65,534 bytes, 414), or an HTTP/2 header list over
+/// [`l7::H2_MAX_HEADER_LIST`] (431), counted with `:scheme` `http` and no
+/// `:authority` besides a `Host` given (as a header). The request target
+/// counts whole, its query too (`:path` in HTTP/2).
+fn over_bounds(http: &ExplainedHttp<'_>) -> Option<(u16, &'static str)> {
     let HttpRequest {
         method,
         path,
@@ -148,10 +150,11 @@ fn too_large(http: &ExplainedHttp<'_>) -> Option<&'static str> {
     let target = format!("{path}{}", http.query);
     if http.http2 {
         let size = l7::h2_header_list_size(method, Some("http"), None, Some(&target), headers);
-        (size > l7::H2_MAX_HEADER_LIST).then_some(l7::H2_HEADERS_TOO_LARGE)
+        (size > l7::H2_MAX_HEADER_LIST).then_some((431, l7::H2_HEADERS_TOO_LARGE))
     } else {
         let size = l7::http1_head_size(method, &target, headers);
-        (size > l7::MAX_REQUEST_HEAD).then_some(l7::HEAD_TOO_LARGE)
+        let limit = l7::HeadLimit::http1(headers.len(), size, target.len())?;
+        Some((limit.status().as_u16(), limit.why()))
     }
 }
 
@@ -1010,8 +1013,12 @@ spec:
         let allow = allow_from_web("web-to-x", "{ports: [8080], paths: [/x]}");
         let web = SpiffeId::parse(WEB).unwrap();
         let api = SpiffeId::parse(API).unwrap();
-        let headers = http::HeaderMap::new();
-        let answer = |query: &str, http2| {
+        // `big`: the value of an `x-big` header, none if empty.
+        let answer = |query: &str, big: &str, http2| {
+            let mut headers = http::HeaderMap::new();
+            if !big.is_empty() {
+                headers.append("x-big", http::HeaderValue::from_str(big).unwrap());
+            }
             let http = ExplainedHttp {
                 request: HttpRequest {
                     method: "GET",
@@ -1036,13 +1043,14 @@ spec:
         };
         let allowed = "request GET /x: allow by b/web-to-x rule 0 (passed to the app)";
 
-        // `GET /x?q=... HTTP/1.1` and the empty line, at the bound.
-        let line = |q: &str| format!("GET /x?q={q} HTTP/1.1\r\n\r\n");
-        let at_bound = "q".repeat(l7::MAX_REQUEST_HEAD - line("").len());
-        assert_eq!(line(&at_bound).len(), 408 * 1024);
-        assert_eq!(answer(&format!("?q={at_bound}"), false), allowed);
+        // `GET /x?q=1 HTTP/1.1`, `x-big` and the empty line, at the bound
+        // (a target over 65,534 bytes is refused on its own, 414).
+        let head = |big: &str| format!("GET /x?q=1 HTTP/1.1\r\nx-big: {big}\r\n\r\n");
+        let big = "b".repeat(l7::MAX_REQUEST_HEAD - head("").len());
+        assert_eq!(head(&big).len(), 408 * 1024);
+        assert_eq!(answer("?q=1", &big, false), allowed);
         assert_eq!(
-            answer(&format!("?q={at_bound}q"), false),
+            answer("?q=12", &big, false),
             "request GET /x: refused (answered 431): request head exceeds the sidecar's \
              408 KiB limit"
         );
@@ -1051,12 +1059,69 @@ spec:
         // bytes more.
         let fields = (7 + 3 + 32) + (7 + 4 + 32) + (5 + "/x?q=".len() + 32);
         let at_bound = "q".repeat(16 * 1024 - fields);
-        assert_eq!(answer(&format!("?q={at_bound}"), true), allowed);
+        assert_eq!(answer(&format!("?q={at_bound}"), "", true), allowed);
         assert_eq!(
-            answer(&format!("?q={at_bound}q"), true),
+            answer(&format!("?q={at_bound}q"), "", true),
             "request GET /x: refused (answered 431): request headers (the path and \
              pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
              16 KiB limit"
+        );
+    }
+
+    /// The sidecar's other bounds on an HTTP/1.1 head are answered with its
+    /// status and words: more than 100 header fields with 431, a request
+    /// target (its query too) over 65,534 bytes with 414; at the bound, or
+    /// in HTTP/2, which has neither bound, the request is decided.
+    #[test]
+    fn the_http1_bounds_on_fields_and_target_are_the_sidecars() {
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let answer = |fields: usize, query: &str, http2| {
+            let mut headers = http::HeaderMap::new();
+            for _ in 0..fields {
+                headers.append("x-a", http::HeaderValue::from_static("1"));
+            }
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method: "GET",
+                    path: "/x",
+                    headers: &headers,
+                },
+                query,
+                limits_read_paths: false,
+                http2,
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                std::slice::from_ref(&allow),
+                DefaultPolicy::Deny,
+                &OpaquePorts::default(),
+                &http,
+            )
+            .unwrap();
+            explained.request.unwrap().to_string()
+        };
+        let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
+
+        assert_eq!(answer(100, "", false), allowed);
+        assert_eq!(
+            answer(101, "", false),
+            "request GET /x: refused (answered 431): request head exceeds the sidecar's limit \
+             of 100 header fields"
+        );
+        assert_eq!(answer(101, "", true), allowed);
+
+        // `/x?q=` and the rest of the query, at the bound.
+        let at_bound = format!("?q={}", "q".repeat(l7::MAX_TARGET - "/x?q=".len()));
+        assert_eq!(format!("/x{at_bound}").len(), 65534);
+        assert_eq!(answer(0, &at_bound, false), allowed);
+        assert_eq!(
+            answer(0, &format!("{at_bound}q"), false),
+            "request GET /x: refused (answered 414): request target exceeds the sidecar's \
+             limit of 65534 bytes"
         );
     }
 

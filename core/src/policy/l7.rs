@@ -399,6 +399,71 @@ const _: () = assert!(
     "HEAD_TOO_LARGE names the bound"
 );
 
+/// The longest HTTP/1.1 request target the sidecar takes (hyper's bound,
+/// and the `http` crate's): a longer one is answered 414
+/// ([`TARGET_TOO_LONG`]).
+pub const MAX_TARGET: usize = u16::MAX as usize - 1;
+/// What a target over [`MAX_TARGET`] is told.
+pub const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes";
+const _: () = assert!(MAX_TARGET == 65534, "TARGET_TOO_LONG names the bound");
+/// The most header fields of an HTTP/1.1 request the sidecar takes
+/// (hyper's server's bound): more are answered 431 ([`TOO_MANY_FIELDS`]).
+pub const MAX_REQUEST_HEADERS: usize = 100;
+/// What a head with more than [`MAX_REQUEST_HEADERS`] fields is told.
+pub const TOO_MANY_FIELDS: &str = "request head exceeds the sidecar's limit of 100 header fields";
+const _: () = assert!(
+    MAX_REQUEST_HEADERS == 100,
+    "TOO_MANY_FIELDS names the bound"
+);
+
+/// A bound of the sidecar on an HTTP/1.1 request head, over which it
+/// answers the request itself, before anything else is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLimit {
+    /// More than [`MAX_REQUEST_HEADERS`] fields: 431.
+    Fields,
+    /// A head longer than [`MAX_REQUEST_HEAD`]: 431.
+    Size,
+    /// A request target longer than [`MAX_TARGET`]: 414.
+    Target,
+}
+
+impl HeadLimit {
+    /// The bound a whole HTTP/1.1 head with `fields` header fields,
+    /// `head` bytes long (as [`http1_head_size`] counts it) and a request
+    /// target (path and query) of `target` bytes is over, if any, in the
+    /// order the sidecar finds them: the fields as it parses them, then the
+    /// head's length, then the target's.
+    pub fn http1(fields: usize, head: usize, target: usize) -> Option<Self> {
+        if fields > MAX_REQUEST_HEADERS {
+            Some(Self::Fields)
+        } else if head > MAX_REQUEST_HEAD {
+            Some(Self::Size)
+        } else if target > MAX_TARGET {
+            Some(Self::Target)
+        } else {
+            None
+        }
+    }
+
+    /// The status the sidecar answers with.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Self::Fields | Self::Size => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Target => http::StatusCode::URI_TOO_LONG,
+        }
+    }
+
+    /// What the sidecar's answer says.
+    pub fn why(self) -> &'static str {
+        match self {
+            Self::Fields => TOO_MANY_FIELDS,
+            Self::Size => HEAD_TOO_LARGE,
+            Self::Target => TARGET_TOO_LONG,
+        }
+    }
+}
+
 /// The largest header list of an HTTP/2 request the sidecar forwards, as
 /// HTTP/2 counts it ([`h2_header_list_size`]): a larger one is answered
 /// 431 ([`H2_HEADERS_TOO_LARGE`]) before anything else is checked.
@@ -740,6 +805,20 @@ mod tests {
         let list = (7 + 3) + (7 + 4) + (10 + 3) + (5 + 6) + (4 + 3) + (3 + 1) + 6 * 32;
         let size = h2_header_list_size("GET", Some("http"), Some("api"), Some("/users"), &headers);
         assert_eq!(size, list);
+    }
+
+    /// An HTTP/1.1 head over several bounds is refused for the first the
+    /// sidecar finds: its fields, then its length, then its target's.
+    #[test]
+    fn an_http1_head_is_refused_for_the_first_bound_it_is_over() {
+        let over = |fields, head, target| HeadLimit::http1(fields, head, target);
+        let (head, target) = (MAX_REQUEST_HEAD + 1, MAX_TARGET + 1);
+        assert_eq!(over(101, head, target), Some(HeadLimit::Fields));
+        assert_eq!(over(100, head, target), Some(HeadLimit::Size));
+        assert_eq!(over(100, MAX_REQUEST_HEAD, target), Some(HeadLimit::Target));
+        assert_eq!(over(100, MAX_REQUEST_HEAD, MAX_TARGET), None);
+        assert_eq!(HeadLimit::Target.status().as_u16(), 414);
+        assert_eq!(HeadLimit::Fields.status().as_u16(), 431);
     }
 
     /// A second `Host` is refused whatever the target; one that names

@@ -106,6 +106,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
+use trellis_core::policy::l7::HeadLimit;
 use trellis_core::refusal;
 
 use super::access::{Direction, Entry};
@@ -125,16 +126,11 @@ pub use trellis_core::policy::l7::HEAD_TOO_LARGE;
 /// The longest request target the sidecar takes (hyper's bound, and the
 /// `http` crate's): a longer one is answered 414 ([`TARGET_TOO_LONG`]),
 /// before any hand-off.
-pub const MAX_TARGET: usize = u16::MAX as usize - 1;
+pub use trellis_core::policy::l7::MAX_TARGET;
 /// What a target over [`MAX_TARGET`] is told.
-pub const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes";
-const _: () = assert!(MAX_TARGET == 65534, "TARGET_TOO_LONG names the bound");
+pub use trellis_core::policy::l7::TARGET_TOO_LONG;
 /// What a head with more than [`MAX_REQUEST_HEADERS`] fields is told.
-pub const TOO_MANY_FIELDS: &str = "request head exceeds the sidecar's limit of 100 header fields";
-const _: () = assert!(
-    MAX_REQUEST_HEADERS == 100,
-    "TOO_MANY_FIELDS names the bound"
-);
+pub use trellis_core::policy::l7::TOO_MANY_FIELDS;
 /// The most bytes of empty lines read before a request line (RFC 9112
 /// section 2.2 has a server ignore at least one): as many as protocol
 /// detection reads ([`detect::MAX_PEEK`]). More are answered 400
@@ -710,7 +706,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     else {
         return Some(Taken::Other);
     };
-    if let Some(malformed) = over_limits(len, target) {
+    if let Some(malformed) = over_limits(parsed.headers.len(), len, target) {
         return Some(Taken::Malformed(malformed));
     }
     // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
@@ -862,18 +858,20 @@ impl Malformed {
         }
     }
 
-    fn head_too_large() -> Self {
+    /// The answer to a head over `limit`, the one `policy explain` gives.
+    fn over(limit: HeadLimit) -> Self {
         Malformed {
-            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            why: HEAD_TOO_LARGE,
+            status: limit.status(),
+            why: limit.why(),
         }
     }
 
+    fn head_too_large() -> Self {
+        Malformed::over(HeadLimit::Size)
+    }
+
     fn target_too_long() -> Self {
-        Malformed {
-            status: StatusCode::URI_TOO_LONG,
-            why: TARGET_TOO_LONG,
-        }
+        Malformed::over(HeadLimit::Target)
     }
 
     /// The access-log entry of the head refused on `conn` (written as it
@@ -924,7 +922,7 @@ fn for_hyper(target: &str) -> Taken {
 
 /// The most header fields of a request (hyper's server's bound, for the
 /// requests the forwarder hands it).
-pub const MAX_REQUEST_HEADERS: usize = 100;
+pub use trellis_core::policy::l7::MAX_REQUEST_HEADERS;
 
 /// A head with more than [`MAX_HEADERS`] fields: hyper's if it has at most
 /// [`MAX_REQUEST_HEADERS`] and parses whole, 431 if it has more; `None`
@@ -934,17 +932,16 @@ fn too_many_fields(buf: &[u8]) -> Option<Taken> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     Some(match parsed.parse(buf) {
-        Err(httparse::Error::TooManyHeaders) => Taken::Malformed(Malformed {
-            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            why: TOO_MANY_FIELDS,
-        }),
+        Err(httparse::Error::TooManyHeaders) => {
+            Taken::Malformed(Malformed::over(HeadLimit::Fields))
+        }
         Err(e) => {
             let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, true));
             Taken::Malformed(Malformed::bad(why))
         }
         Ok(httparse::Status::Partial) => return None,
         Ok(httparse::Status::Complete(len)) => match parsed.path {
-            Some(target) => match over_limits(len, target) {
+            Some(target) => match over_limits(parsed.headers.len(), len, target) {
                 Some(malformed) => Taken::Malformed(malformed),
                 None => for_hyper(target),
             },
@@ -953,18 +950,13 @@ fn too_many_fields(buf: &[u8]) -> Option<Taken> {
     })
 }
 
-/// What a complete head of `len` bytes with the request `target` is
-/// refused for, if it is over one of the sidecar's bounds: its size (a
-/// head that came whole in a read past the bound is over it all the
-/// same), then its target's length.
-fn over_limits(len: usize, target: &str) -> Option<Malformed> {
-    if len > MAX_REQUEST_HEAD {
-        Some(Malformed::head_too_large())
-    } else if target.len() > MAX_TARGET {
-        Some(Malformed::target_too_long())
-    } else {
-        None
-    }
+/// What a complete head of `len` bytes with `fields` header fields and
+/// the request `target` is refused for, if it is over one of the
+/// sidecar's bounds ([`HeadLimit::http1`], which `policy explain` asks
+/// too): its size (a head that came whole in a read past the bound is
+/// over it all the same), then its target's length.
+fn over_limits(fields: usize, len: usize, target: &str) -> Option<Malformed> {
+    HeadLimit::http1(fields, len, target.len()).map(Malformed::over)
 }
 
 /// What is wrong with a head that does not parse, in words; `method`:
