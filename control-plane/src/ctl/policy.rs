@@ -261,7 +261,10 @@ pub enum RemotePolicyCommand {
         #[arg(long, value_name = "NAME: VALUE", requires = "path", value_parser = crate::api::policy::http_header)]
         header: Vec<(String, String)>,
         /// The request --path names comes in HTTP/2 (default HTTP/1.1):
-        /// the sidecar answers 431 to an HTTP/2 header list over 16 KiB,
+        /// a `--header 'Host: ...'` stands for its `:authority` (HTTP/2
+        /// clients send that instead) and is counted as one; a second
+        /// `Host` must name the same authority. The sidecar answers 431 to
+        /// an HTTP/2 header list over 16 KiB,
         /// and to an HTTP/1.1 head over 408 KiB or with more than 100
         /// header fields (414 to an HTTP/1.1 target over 65,534 bytes).
         #[arg(long, requires = "path")]

@@ -111,9 +111,7 @@ impl RequestAnswer {
                 status: 501,
                 why: l7::CONNECT_REFUSED.to_owned(),
             }
-        } else if let Some(problem) = l7::host_problem(http.request.headers, None) {
-            // The request is in origin form: its `Host` is the only
-            // authority it names, so only a second one is refused.
+        } else if let Some(problem) = host_problem(http) {
             RequestOutcome::Refused {
                 status: 400,
                 why: problem.to_owned(),
@@ -134,13 +132,49 @@ impl RequestAnswer {
     }
 }
 
+/// What the sidecar refuses in the `Host` of `http`, if anything. An
+/// HTTP/1.1 request is in origin form: its `Host` is the only authority it
+/// names, so only a second one is refused. In HTTP/2 the first `Host`
+/// given stands for `:authority` ([`h2_authority`]), which a second one
+/// must name again.
+fn host_problem(http: &ExplainedHttp<'_>) -> Option<&'static str> {
+    let headers = http.request.headers;
+    if !http.http2 {
+        return l7::host_problem(headers, None);
+    }
+    let (authority, rest) = h2_authority(headers);
+    let authority = authority.and_then(|a| http::uri::Authority::try_from(a).ok());
+    l7::host_problem(&rest, authority.as_ref())
+}
+
+/// The `:authority` of an HTTP/2 request with `headers` as `policy
+/// explain` takes them, and its other headers: a `Host` given stands for
+/// `:authority` (HTTP/2 clients send that instead), the first one when
+/// more are.
+fn h2_authority(headers: &http::HeaderMap) -> (Option<&str>, http::HeaderMap) {
+    let mut authority = None;
+    let mut rest = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        match value.to_str() {
+            Ok(host) if name == http::header::HOST && authority.is_none() => {
+                authority = Some(host);
+            }
+            _ => {
+                rest.append(name.clone(), value.clone());
+            }
+        }
+    }
+    (authority, rest)
+}
+
 /// The status and words the sidecar answers `http` with for the size of
 /// its head, if it does: an HTTP/1.1 head over one of its bounds
 /// ([`l7::HeadLimit::http1`]: more than 100 fields or 408 KiB, 431; a
 /// target over 65,534 bytes, 414), or an HTTP/2 header list over
-/// [`l7::H2_MAX_HEADER_LIST`] (431), counted with `:scheme` `http` and no
-/// `:authority` besides a `Host` given (as a header). The request target
-/// counts whole, its query too (`:path` in HTTP/2).
+/// [`l7::H2_MAX_HEADER_LIST`] (431), counted with `:scheme` `http` and a
+/// `Host` given as `:authority` ([`h2_authority`]), as the sidecar counts
+/// the `:authority` a client sends. The request target counts whole, its
+/// query too (`:path` in HTTP/2).
 fn over_bounds(http: &ExplainedHttp<'_>) -> Option<(u16, &'static str)> {
     let HttpRequest {
         method,
@@ -149,7 +183,8 @@ fn over_bounds(http: &ExplainedHttp<'_>) -> Option<(u16, &'static str)> {
     } = http.request;
     let target = format!("{path}{}", http.query);
     if http.http2 {
-        let size = l7::h2_header_list_size(method, Some("http"), None, Some(&target), headers);
+        let (authority, rest) = h2_authority(headers);
+        let size = l7::h2_header_list_size(method, Some("http"), authority, Some(&target), &rest);
         (size > l7::H2_MAX_HEADER_LIST).then_some((431, l7::H2_HEADERS_TOO_LARGE))
     } else {
         let size = l7::http1_head_size(method, &target, headers);
@@ -1122,6 +1157,75 @@ spec:
             answer(0, &format!("{at_bound}q"), false),
             "request GET /x: refused (answered 414): request target exceeds the sidecar's \
              limit of 65534 bytes"
+        );
+    }
+
+    /// In HTTP/2 a `Host` given stands for `:authority`: it is counted
+    /// in the header list as `:authority` (6 bytes more than as `host`),
+    /// and a second `Host` is refused only when it names another
+    /// authority, as the sidecar checks one beside `:authority`.
+    #[test]
+    fn an_http2_host_stands_for_the_authority() {
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
+        let web = SpiffeId::parse(WEB).unwrap();
+        let api = SpiffeId::parse(API).unwrap();
+        let answer = |headers: &[(&str, &str)], http2| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method: "GET",
+                    path: "/x",
+                    headers: &map,
+                },
+                query: "",
+                limits_read_paths: false,
+                http2,
+            };
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                std::slice::from_ref(&allow),
+                DefaultPolicy::Deny,
+                &OpaquePorts::default(),
+                &http,
+            )
+            .unwrap();
+            explained.request.unwrap().to_string()
+        };
+        let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
+
+        // `:method` GET, `:scheme` http, `:authority` api, `:path` /x and
+        // `x-big`, each 32 bytes more.
+        let fields = (7 + 3 + 32) + (7 + 4 + 32) + (10 + 3 + 32) + (5 + 2 + 32) + (5 + 32);
+        let at_bound = "b".repeat(16 * 1024 - fields);
+        let over = format!("{at_bound}b");
+        assert_eq!(
+            answer(&[("host", "api"), ("x-big", &at_bound)], true),
+            allowed
+        );
+        assert_eq!(
+            answer(&[("host", "api"), ("x-big", &over)], true),
+            "request GET /x: refused (answered 431): request headers (the path and \
+             pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
+             16 KiB limit"
+        );
+
+        assert_eq!(answer(&[("host", "api"), ("host", "API")], true), allowed);
+        assert_eq!(
+            answer(&[("host", "api"), ("host", "other")], true),
+            "request GET /x: refused (answered 400): Host header differs from the authority \
+             of the request target"
+        );
+        assert_eq!(
+            answer(&[("host", "api"), ("host", "api")], false),
+            "request GET /x: refused (answered 400): more than one Host header"
         );
     }
 
