@@ -1106,6 +1106,11 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
     );
     // The rules' HTTP conditions were not checked against a refused path.
     assert!(refused.contains("not evaluated"), "{refused}");
+    // The control plane confirms it sized the request as HTTP/2: no
+    // warning.
+    let out = explain(&["--http2", "--path", "/api/x"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     // A query is matched by no rule, but counts towards the head's bound
     // as the sidecar counts it: here the HTTP/2 header list's.
     let long = format!("/api/x?q={}", "q".repeat(16 * 1024));

@@ -605,6 +605,7 @@ pub async fn explain_request(
     let http = (req.request.as_ref())
         .map(|r| explained_request(r).map_err(Status::invalid_argument))
         .transpose()?;
+    let http2 = req.request.as_ref().is_some_and(|r| r.http2);
     let view = mesh.discovery.view();
     let policies: Vec<Policy> = view.policies.iter().map(|(_, p)| p.clone()).collect();
     let default = mesh.discovery.default_policy();
@@ -620,7 +621,7 @@ pub async fn explain_request(
                 },
                 query,
                 limits_read_paths: limits_read_paths(&rate_limits),
-                http2: req.request.as_ref().is_some_and(|r| r.http2),
+                http2,
             };
             explain_http(
                 &source,
@@ -660,6 +661,7 @@ pub async fn explain_request(
         revocations,
         rate_limits,
         rate_limits_counting,
+        http2_evaluated: http2,
     })
 }
 

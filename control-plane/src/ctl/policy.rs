@@ -471,17 +471,7 @@ pub async fn run(
                         .to_owned(),
                 ));
             }
-            Ok(Printed::out(match output {
-                Output::Table => format!(
-                    "{}{}",
-                    super::escape_lines(&explanation_table(&explanation, &response)),
-                    super::silent_replicas(
-                        &response.unanswered_replicas,
-                        super::SILENT_OPAQUE_PORTS
-                    )
-                ),
-                Output::Json => explanation_json(&explanation, &response),
-            }))
+            Ok(explained(&explanation, &response, *output, *http2))
         }
     }
 }
@@ -808,6 +798,41 @@ fn revoked_role(e: &Explanation, id: &str) -> &'static str {
     }
 }
 
+/// What `policy explain` prints of `response` (`explanation` read from
+/// it) in `output`; `http2`: whether the request named was asked about in
+/// HTTP/2, which stderr warns of when the answer does not confirm it was
+/// evaluated so (a control plane that predates it sizes it as HTTP/1.1).
+fn explained(
+    explanation: &Explanation,
+    response: &ExplainResponse,
+    output: Output,
+    http2: bool,
+) -> Printed {
+    let stdout = match output {
+        Output::Table => format!(
+            "{}{}",
+            super::escape_lines(&explanation_table(explanation, response)),
+            super::silent_replicas(&response.unanswered_replicas, super::SILENT_OPAQUE_PORTS)
+        ),
+        Output::Json => explanation_json(explanation, response),
+    };
+    let stderr = match http2 && !response.http2_evaluated {
+        true => format!("{HTTP2_UNCONFIRMED}\n"),
+        false => String::new(),
+    };
+    Printed {
+        stdout,
+        stderr,
+        failed: false,
+    }
+}
+
+/// What `policy explain --http2` warns when the control plane does not
+/// confirm it evaluated the request as HTTP/2.
+const HTTP2_UNCONFIRMED: &str = "warning: the control plane did not evaluate the request as HTTP/2 \
+     (it predates --http2): its head was sized as HTTP/1.1, and the rate limits counting it may \
+     not be marked; upgrade the control plane";
+
 /// The trace of `policy explain`: first the revocations that refuse the
 /// connection whatever the policies say (and so the connection's verdict),
 /// then the policies' account, then the rate limits on the destination.
@@ -1049,6 +1074,62 @@ fn rule_json(r: &RuleRef) -> serde_json::Value {
 mod tests {
     use super::*;
     use trellis_core::policy::{MAX_DIAGNOSTICS, load_source};
+
+    /// An answer to `--http2` that does not confirm the request was
+    /// evaluated as HTTP/2 (from a control plane that predates it) is
+    /// warned of on stderr, the explanation printed all the same; one that
+    /// confirms it, or a request in HTTP/1.1, is not.
+    #[test]
+    fn an_answer_not_confirming_http2_is_warned_of() {
+        let web = trellis_core::SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let api = trellis_core::SpiffeId::parse("spiffe://td/ns/b/sa/api").unwrap();
+        let headers = http::HeaderMap::new();
+        let http = trellis_core::policy::ExplainedHttp {
+            request: trellis_core::policy::HttpRequest {
+                method: "GET",
+                path: "/x",
+                headers: &headers,
+            },
+            query: "",
+            limits_read_paths: false,
+            http2: false,
+        };
+        let explanation = trellis_core::policy::explain_http(
+            &web,
+            &api,
+            8080,
+            &[],
+            trellis_core::policy::DefaultPolicy::AllowMesh,
+            &trellis_core::policy::OpaquePorts::default(),
+            &http,
+        )
+        .unwrap();
+        let older = ExplainResponse::default();
+        for output in [Output::Table, Output::Json] {
+            let printed = explained(&explanation, &older, output, true);
+            assert_eq!(
+                printed.stderr,
+                "warning: the control plane did not evaluate the request as HTTP/2 (it \
+                 predates --http2): its head was sized as HTTP/1.1, and the rate limits \
+                 counting it may not be marked; upgrade the control plane\n"
+            );
+            assert!(!printed.failed);
+            assert!(
+                printed.stdout.contains("request GET /x: allow"),
+                "{}",
+                printed.stdout
+            );
+            assert_eq!(explained(&explanation, &older, output, false).stderr, "");
+        }
+        let confirmed = ExplainResponse {
+            http2_evaluated: true,
+            ..ExplainResponse::default()
+        };
+        assert_eq!(
+            explained(&explanation, &confirmed, Output::Table, true).stderr,
+            ""
+        );
+    }
 
     #[test]
     fn joined_files_map_positions_back_to_each_file() {
