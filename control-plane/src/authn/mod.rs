@@ -6,6 +6,7 @@
 //! instead, checked with the API server's TokenReview ([`tokenreview`]).
 //! This module never logs a token and never stores one in clear.
 
+pub mod jwks;
 pub mod tokenreview;
 
 use std::time::Duration;
