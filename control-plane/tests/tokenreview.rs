@@ -241,8 +241,8 @@ async fn a_kept_connection_the_api_server_closed_is_replaced() {
     }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        3,
-        "one connection a review"
+        4,
+        "one connection for the issuer keys (this server has none), then one a review"
     );
 }
 
@@ -374,7 +374,7 @@ async fn at_most_a_bound_of_reviews_are_asked_at_once() {
                 let held = now.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(held, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let answer = serve(req, by_token, &record).await;
+                let answer = serve(req, by_token, &record, &IssuerKeys::default()).await;
                 now.fetch_sub(1, Ordering::SeqCst);
                 answer
             }
@@ -501,8 +501,9 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
         let reviewer = reviewer.clone();
         held.spawn(async move { reviewer.review(&jwt_of(&format!("held-{i}")), None).await });
     }
-    // Each review opens its connection once it has its turn.
-    while api.connections() < MAX_REVIEWS_IN_FLIGHT {
+    // Each review opens its connection once it has its turn; the first
+    // connection is the fetch of the issuer keys, never answered either.
+    while api.connections() < MAX_REVIEWS_IN_FLIGHT + 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let e = reviewer.review(WEB_TOKEN, None).await.unwrap_err();
@@ -516,7 +517,7 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
     );
     assert!(!e.is_callers_fault());
     assert_eq!(e.reason(), "token_reviews_busy");
-    assert_eq!(api.connections(), MAX_REVIEWS_IN_FLIGHT);
+    assert_eq!(api.connections(), MAX_REVIEWS_IN_FLIGHT + 1);
     held.abort_all();
 }
 
@@ -548,7 +549,8 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
             reviewer.review(&token, Some(flooding)).await
         });
     }
-    while api.connections() < MAX_REVIEWS_PER_CLIENT {
+    // The first connection is the fetch of the issuer keys, never answered.
+    while api.connections() < MAX_REVIEWS_PER_CLIENT + 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let e = reviewer
@@ -566,7 +568,7 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
     );
     assert!(!e.is_callers_fault());
     assert_eq!(e.reason(), "token_reviews_per_client");
-    assert_eq!(api.connections(), MAX_REVIEWS_PER_CLIENT);
+    assert_eq!(api.connections(), MAX_REVIEWS_PER_CLIENT + 1);
 
     // Another address is not refused, and its review is asked.
     let review_from = |client: IpAddr| {
@@ -576,7 +578,7 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
     let mut pod = review_from(new_pod);
     assert!(futures::poll!(pod.as_mut()).is_pending(), "refused");
     let pod = tokio::spawn(pod);
-    while api.connections() < MAX_REVIEWS_PER_CLIENT + 1 {
+    while api.connections() < MAX_REVIEWS_PER_CLIENT + 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pod.abort();
@@ -586,4 +588,208 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
     while held.join_next().await.is_some() {}
     let mut again = review_from(flooding);
     assert!(futures::poll!(again.as_mut()).is_pending(), "refused");
+}
+
+/// A token signed by a key the cluster publishes goes on to the review,
+/// RS256 and ES256 alike, and the keys are fetched once for both. No
+/// Kubernetes API server can run here: the API server is simulated with
+/// recorded responses (the stand-in serves a key set shaped as the API
+/// server serves it, and answers the reviews with the stand-in responses).
+#[tokio::test]
+async fn a_token_signed_by_a_published_key_goes_on_to_the_review() {
+    let api = FakeApi::start(|_| (201, "authenticated.json")).await;
+    let (rsa, p256) = (Signer::rsa(), Signer::p256());
+    api.keys.publish(jwks(&[("rsa-1", &rsa), ("ec-1", &p256)]));
+    let reviewer = api.reviewer();
+    for token in [rsa.token("rsa-1", "a"), p256.token("ec-1", "b")] {
+        let account = reviewer.review(&token, None).await.unwrap();
+        assert_eq!(account.spiffe_id.as_str(), WEB);
+    }
+    assert_eq!(api.requests().len(), 2, "both tokens were reviewed");
+    assert_eq!(api.keys.fetches(), 1);
+}
+
+/// Anyone may send Certify a token signed by a key of their own, each with
+/// a fresh subject: it is refused, naming why, without a review, RS256 and
+/// ES256 alike, and the same token again costs nothing more. No Kubernetes
+/// API server can run here: the API server is simulated with recorded
+/// responses, and the stand-in records every review asked.
+#[tokio::test]
+async fn a_token_signed_by_another_key_is_refused_without_a_review() {
+    let api = FakeApi::start(|_| (201, "authenticated.json")).await;
+    let (rsa, p256) = (Signer::rsa(), Signer::p256());
+    api.keys.publish(jwks(&[("rsa-1", &rsa), ("ec-1", &p256)]));
+    let reviewer = api.reviewer();
+    let forged = [
+        Signer::rsa().token("rsa-1", "forged-1"),
+        Signer::p256().token("ec-1", "forged-2"),
+    ];
+    for token in &forged {
+        for _ in 0..2 {
+            let e = reviewer.review(token, None).await.unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "the token's signature does not verify against the cluster's service account \
+                 issuer keys"
+            );
+            assert!(e.is_callers_fault());
+            assert_eq!(e.reason(), "sa_token_bad_signature");
+        }
+    }
+    assert!(
+        api.requests().is_empty(),
+        "no TokenReview was asked: {:?}",
+        api.requests()
+    );
+    assert_eq!(api.keys.fetches(), 1);
+}
+
+/// Keys rotate: a token naming a key ID the fetched set lacks fetches the
+/// set exactly once more, and is reviewed if the key is there now, refused
+/// naming the key if not. Within `KEYS_REFETCH` of the last fetch, made-up
+/// key IDs fetch nothing. No Kubernetes API server can run here: the API
+/// server is simulated with recorded responses, the stand-in counting the
+/// fetches of its key set.
+#[tokio::test]
+async fn an_unknown_key_id_fetches_the_keys_once_more() {
+    let api = FakeApi::start(|_| (201, "authenticated.json")).await;
+    let (old, new) = (Signer::rsa(), Signer::rsa());
+    api.keys.publish(jwks(&[("old", &old)]));
+    let reviewer = api.reviewer();
+    reviewer.review(&old.token("old", "a"), None).await.unwrap();
+    assert_eq!(api.keys.fetches(), 1);
+    let e = reviewer
+        .review(&new.token("new", "b"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the token is signed by key \"new\", which the cluster does not publish"
+    );
+    assert_eq!(e.reason(), "sa_token_bad_signature");
+    assert_eq!(api.keys.fetches(), 1, "fetched 30 s ago at most: no fetch");
+
+    // A reviewer held to no least time between fetches.
+    let rotating = api.reviewer().with_keys_refetch(Duration::ZERO);
+    rotating.review(&old.token("old", "c"), None).await.unwrap();
+    assert_eq!(api.keys.fetches(), 2);
+    api.keys.publish(jwks(&[("old", &old), ("new", &new)]));
+    rotating.review(&new.token("new", "d"), None).await.unwrap();
+    assert_eq!(api.keys.fetches(), 3, "exactly one fetch for the new key");
+    let e = rotating
+        .review(&new.token("gone", "e"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the token is signed by key \"gone\", which the cluster does not publish"
+    );
+    assert_eq!(api.keys.fetches(), 4, "one fetch, then refused");
+    assert_eq!(
+        api.requests().len(),
+        3,
+        "the refused ones were not reviewed"
+    );
+}
+
+/// What the reviewer logs, as the control plane's subscriber writes it.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn warnings(&self, containing: &str) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(containing))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The key set out of reach (403: the control plane's ServiceAccount may
+/// not read it; or not a key set) is not the caller's fault: tokens go on
+/// to the review as before, and a warning says why, once for many reviews.
+/// No Kubernetes API server can run here: the API server is simulated with
+/// recorded responses (a recorded 403 Status for the key set).
+#[tokio::test]
+async fn keys_out_of_reach_leave_tokens_to_the_review_with_a_warning() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let api = FakeApi::start(by_token).await;
+    api.keys.answer(403, fixture("jwks-forbidden-403.json"));
+    let reviewer = api.reviewer();
+    let account = reviewer.review(WEB_TOKEN, None).await.unwrap();
+    assert_eq!(account.spiffe_id.as_str(), WEB);
+    let e = reviewer.review(&jwt_of("other"), None).await.unwrap_err();
+    assert!(matches!(e, ReviewError::NotAuthenticated(_)), "{e}");
+    assert_eq!(api.requests().len(), 2, "both tokens were reviewed");
+    assert_eq!(api.keys.fetches(), 1);
+    let warnings = logs.warnings("cannot get the cluster's service account issuer keys");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("/openid/v1/jwks answered 403")
+            && warnings[0].contains("cannot get path")
+            && warnings[0].contains("system:service-account-issuer-discovery"),
+        "{}",
+        warnings[0]
+    );
+    assert!(!warnings[0].contains(BEARER), "{}", warnings[0]);
+
+    let malformed = FakeApi::start(by_token).await;
+    malformed.keys.publish("<html>".into());
+    malformed.reviewer().review(WEB_TOKEN, None).await.unwrap();
+    assert_eq!(malformed.requests().len(), 1);
+    let warnings = logs.warnings("not a JSON Web Key Set");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+}
+
+/// A token whose header names `none`, or any algorithm but RS256 and
+/// ES256, is refused naming it, without a review nor a fetch of the keys.
+/// No Kubernetes API server can run here: the API server is simulated with
+/// recorded responses, and the stand-in records every review asked.
+#[tokio::test]
+async fn a_token_with_alg_none_is_refused_without_a_review() {
+    use base64::Engine as _;
+    let api = FakeApi::start(|_| (201, "authenticated.json")).await;
+    api.keys.publish(jwks(&[("k", &Signer::rsa())]));
+    let reviewer = api.reviewer();
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let payload = b64(
+        r#"{"aud":["trellis"],"exp":4102444800,"sub":"system:serviceaccount:kube-system:admin"}"#,
+    );
+    for alg in ["none", "HS256"] {
+        let header = b64(&format!(r#"{{"alg":"{alg}","kid":"k"}}"#));
+        let e = reviewer
+            .review(&format!("{header}.{payload}.c2ln"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the token's signature algorithm \"{alg}\" cannot be verified; a \
+                 ServiceAccount token is signed with RS256 or ES256"
+            )
+        );
+        assert_eq!(e.reason(), "sa_token_bad_signature");
+        assert!(e.is_callers_fault());
+    }
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+    assert_eq!(api.keys.fetches(), 0);
 }

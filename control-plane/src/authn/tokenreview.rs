@@ -25,10 +25,26 @@
 //! from costing reviews. They only refuse: the TokenReview stays the one
 //! authority on a token that passes them.
 //!
+//! A made-up token that passes them, each with a fresh subject, would still
+//! cost a review; so its signature is checked next against the cluster's
+//! service account issuer keys ([`jwks`]), fetched
+//! from [`JWKS_PATH`] with the same connections, CA and bearer token as the
+//! reviews: on first need, again when a token names a key ID the set
+//! lacks, and in the background once the set is [`KEYS_REFETCH`] old, but
+//! never twice within [`KEYS_REFETCH`]. A token whose signature does not
+//! verify, that names a key the cluster does not publish, or that is
+//! signed with an algorithm other than RS256 and ES256 is refused without
+//! a review. Keys that cannot be had (the API server out of reach, a 403,
+//! a document that is not a key set) leave the token to the review alone,
+//! as without this check, with a warning at most every [`KEYS_WARN_EVERY`]
+//! saying why. A signature that verifies proves only that the cluster once
+//! issued the token: the review still decides.
+//!
 //! Successful reviews are cached under the SHA-256 of the token for at most
 //! [`CACHE_TTL`], and never past the token's own `exp` (read from the JWT
 //! payload without trusting it: it can only shorten the entry). A token the
-//! API server refused is remembered the same way for [`REFUSAL_CACHE_TTL`],
+//! API server refused, or refused for its signature, is remembered the same
+//! way for [`REFUSAL_CACHE_TTL`],
 //! so the same bad token sent again is refused without another review; a
 //! sidecar retrying with a fresh token is reviewed again. A review waits
 //! for one of [`MAX_REVIEWS_IN_FLIGHT`] turns at most [`TURN_WAIT`], then
@@ -73,6 +89,7 @@ use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
 use trellis_core::{SpiffeId, TrustDomain};
 
+use crate::authn::jwks::{self, IssuerKeys, JWKS_PATH, SignatureError};
 use crate::config::{is_dns_label, is_dns_subdomain};
 use crate::escape::shown;
 
@@ -128,6 +145,16 @@ pub const REFUSAL_CACHE_TTL: Duration = Duration::from_secs(10);
 /// refused without a review: the control plane's clock may run ahead of
 /// the API server's.
 pub const EXPIRY_LEEWAY: Duration = Duration::from_secs(60);
+/// The least time between two fetches of the issuer keys: a token naming
+/// a key ID the set does not have fetches it again at most this often (so
+/// made-up key IDs cost the API server one GET in that time), and a set
+/// this old is refreshed in the background when next used.
+pub const KEYS_REFETCH: Duration = Duration::from_secs(30);
+/// How long a fetch of the issuer keys may take (at most the review's own
+/// timeout).
+pub const KEYS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the issuer keys being out of reach is logged at most.
+pub const KEYS_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Cached reviews (and, apart, cached refusals) kept at most; beyond,
 /// expired ones go, then all.
 const CACHE_CAPACITY: usize = 10_000;
@@ -322,6 +349,8 @@ pub enum ReviewError {
     Refused { code: u16, message: String },
     #[error("unusable TokenReview answer from the Kubernetes API server: {0}")]
     BadResponse(String),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 impl ReviewError {
@@ -339,13 +368,18 @@ impl ReviewError {
                 | Self::WrongAudience(_)
                 | Self::NotAServiceAccount(_)
                 | Self::BadAccount(_)
+                | Self::Signature(_)
         )
     }
 
     /// A short label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Empty | Self::TooLong | Self::NotAJwt(_) => "sa_token_malformed",
+            Self::Empty
+            | Self::TooLong
+            | Self::NotAJwt(_)
+            | Self::Signature(SignatureError::BadHeader) => "sa_token_malformed",
+            Self::Signature(_) => "sa_token_bad_signature",
             Self::NotAuthenticated(_) | Self::Expired => "sa_token_not_authenticated",
             Self::WrongAudience(_) | Self::NotForAudience => "sa_token_wrong_audience",
             Self::NotAServiceAccount(_) | Self::BadAccount(_) => "sa_token_not_service_account",
@@ -405,6 +439,24 @@ impl<T: Clone> Cache<T> {
 /// Reviews ServiceAccount tokens against one API server (see the module docs).
 pub struct TokenReviewer {
     trust_domain: TrustDomain,
+    api: Arc<ApiClient>,
+    /// The cluster's service account issuer keys, as last fetched.
+    keys: Arc<KeyCache>,
+    cache: Mutex<Cache<ReviewedAccount>>,
+    cache_ttl: Duration,
+    /// Tokens the API server refused, and why.
+    refused: Mutex<Cache<ReviewError>>,
+    timeout: Duration,
+    turn_wait: Duration,
+    /// One permit for each review asked of the API server now.
+    in_flight: tokio::sync::Semaphore,
+    /// Reviews in progress by client address.
+    clients: ClientShares,
+}
+
+/// How the reviewer reaches the API server: its address, TLS, bearer
+/// token and the connections kept open between requests.
+struct ApiClient {
     url: Uri,
     host: String,
     port: u16,
@@ -412,19 +464,149 @@ pub struct TokenReviewer {
     tls: TlsConnector,
     token_file: PathBuf,
     bearer: Mutex<Bearer>,
-    cache: Mutex<Cache<ReviewedAccount>>,
-    cache_ttl: Duration,
-    /// Tokens the API server refused, and why.
-    refused: Mutex<Cache<ReviewError>>,
-    timeout: Duration,
-    turn_wait: Duration,
     bearer_reload: Duration,
-    /// One permit for each review asked of the API server now.
-    in_flight: tokio::sync::Semaphore,
-    /// Reviews in progress by client address.
-    clients: ClientShares,
-    /// Connections between reviews, the most recently used last.
+    /// Connections between requests, the most recently used last.
     idle: Mutex<Vec<IdleConnection>>,
+}
+
+/// The issuer keys last fetched, and when and how the last fetch went.
+struct KeyCache {
+    /// The least time between two fetches ([`KEYS_REFETCH`]).
+    refetch: Duration,
+    state: Mutex<KeyState>,
+    /// Held by the one fetch in progress.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    /// The set of the last fetch that succeeded, and when it was fetched.
+    keys: Option<(Arc<IssuerKeys>, Instant)>,
+    /// When a fetch was last begun, whatever its outcome.
+    attempted: Option<Instant>,
+    /// Why the last fetch failed; `None` once one succeeds.
+    failure: Option<String>,
+    /// When falling back to the review alone was last logged.
+    warned: Option<Instant>,
+}
+
+/// What a review does about the token's signature.
+enum KeysNow {
+    /// Verify with these keys.
+    Use(Arc<IssuerKeys>),
+    /// Fetch the keys first, then decide again.
+    Fetch,
+    /// The keys cannot be had: leave the token to the review.
+    Fallback,
+}
+
+impl KeyCache {
+    fn new(refetch: Duration) -> Self {
+        Self {
+            refetch,
+            state: Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether a fetch may begin: none was begun in the last `refetch`.
+    fn due(&self, state: &KeyState) -> bool {
+        state.attempted.is_none_or(|t| t.elapsed() >= self.refetch)
+    }
+
+    /// What to do for a token naming `kid` (`fetched`: this review fetched
+    /// the keys, or waited for a fetch, already, and does not again), and
+    /// whether a refresh of a set that knows it is due, to be made in the
+    /// background: the set is [`KEYS_REFETCH`] old and no fetch began since.
+    fn now(&self, kid: Option<&str>, fetched: bool) -> (KeysNow, bool) {
+        let mut state = self.state.lock().expect("not poisoned");
+        let due = self.due(&state);
+        match &state.keys {
+            Some((keys, at)) if kid.is_none_or(|kid| keys.has(kid)) => {
+                let stale = due && at.elapsed() >= KEYS_REFETCH;
+                (KeysNow::Use(keys.clone()), stale)
+            }
+            // Due, or a fetch is in progress: this review waits for it.
+            _ if (due || self.fetching.try_lock().is_err()) && !fetched => (KeysNow::Fetch, false),
+            // The last fetch succeeded and did not have the key: the
+            // token is refused naming it.
+            Some((keys, _)) if state.failure.is_none() => (KeysNow::Use(keys.clone()), false),
+            _ => {
+                if state.warned.is_none_or(|t| t.elapsed() >= KEYS_WARN_EVERY) {
+                    state.warned = Some(Instant::now());
+                    tracing::warn!(
+                        error = state.failure.as_deref().unwrap_or("not fetched yet"),
+                        "cannot get the cluster's service account issuer keys; tokens are \
+                         checked with TokenReview alone, their signatures unchecked"
+                    );
+                }
+                (KeysNow::Fallback, false)
+            }
+        }
+    }
+
+    /// Fetches the set from `api` now, unless another fetch was begun
+    /// since this one was found due, and keeps the outcome: a failed fetch
+    /// keeps the last set.
+    async fn refresh(&self, api: &ApiClient, timeout: Duration) {
+        let _one = self.fetching.lock().await;
+        if !self.due(&self.state.lock().expect("not poisoned")) {
+            return;
+        }
+        self.state.lock().expect("not poisoned").attempted = Some(Instant::now());
+        let fetched = fetch_keys(api, timeout).await;
+        let mut state = self.state.lock().expect("not poisoned");
+        match fetched {
+            Ok(keys) => {
+                tracing::debug!(keys = keys.len(), "fetched the service account issuer keys");
+                state.keys = Some((Arc::new(keys), Instant::now()));
+                state.failure = None;
+            }
+            Err(why) => state.failure = Some(why),
+        }
+    }
+}
+
+/// `GET` [`JWKS_PATH`] of `api`: the issuer keys, or why not (a sentence
+/// naming the URL).
+async fn fetch_keys(api: &ApiClient, timeout: Duration) -> Result<IssuerKeys, String> {
+    let url = format!("{}{JWKS_PATH}", api.url.to_string().trim_end_matches('/'));
+    let (status, body) =
+        match tokio::time::timeout(timeout, api.send(Method::GET, JWKS_PATH, None)).await {
+            Err(_) => {
+                return Err(format!(
+                    "no answer from {url} within {}",
+                    trellis_core::duration::words(timeout)
+                ));
+            }
+            Ok(Err(ReviewError::Unreachable(why))) => return Err(why),
+            Ok(Err(other)) => return Err(other.to_string()),
+            Ok(Ok(answer)) => answer,
+        };
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ApiStatus>(&body)
+            .ok()
+            .map(|s| {
+                if s.message.is_empty() {
+                    s.reason
+                } else {
+                    s.message
+                }
+            })
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("no reason").to_owned());
+        let hint = if status == StatusCode::FORBIDDEN {
+            "; the default system:service-account-issuer-discovery ClusterRoleBinding lets \
+             every ServiceAccount get it"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "{url} answered {} ({message}){hint}",
+            status.as_u16()
+        ));
+    }
+    IssuerKeys::parse(&body).map_err(|e| format!("{url}: {e}"))
 }
 
 /// How many reviews each client address has in progress; an address is
@@ -490,8 +672,8 @@ struct IdleConnection {
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenReviewer")
-            .field("url", &self.url)
-            .field("token_file", &self.token_file)
+            .field("url", &self.api.url)
+            .field("token_file", &self.api.token_file)
             .finish_non_exhaustive()
     }
 }
@@ -523,25 +705,28 @@ impl TokenReviewer {
             })?;
         Ok(Self {
             trust_domain,
-            url: api.url.clone(),
-            host: host.to_owned(),
-            port: api.url.port_u16().unwrap_or(443),
-            server_name,
-            tls: TlsConnector::from(Arc::new(config)),
-            token_file: api.token_file.clone(),
-            bearer: Mutex::new(Bearer {
-                token,
-                read_at: Instant::now(),
+            api: Arc::new(ApiClient {
+                url: api.url.clone(),
+                host: host.to_owned(),
+                port: api.url.port_u16().unwrap_or(443),
+                server_name,
+                tls: TlsConnector::from(Arc::new(config)),
+                token_file: api.token_file.clone(),
+                bearer: Mutex::new(Bearer {
+                    token,
+                    read_at: Instant::now(),
+                }),
+                bearer_reload: BEARER_RELOAD,
+                idle: Mutex::new(Vec::new()),
             }),
+            keys: Arc::new(KeyCache::new(KEYS_REFETCH)),
             cache: Mutex::new(Cache::new()),
             cache_ttl: CACHE_TTL,
             refused: Mutex::new(Cache::new()),
             timeout: REVIEW_TIMEOUT,
             turn_wait: TURN_WAIT,
-            bearer_reload: BEARER_RELOAD,
             in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
             clients: ClientShares::default(),
-            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -565,15 +750,27 @@ impl TokenReviewer {
         self
     }
 
+    /// Replaces [`KEYS_REFETCH`] as the least time between two fetches of
+    /// the issuer keys (a set is still refreshed in the background only
+    /// once it is [`KEYS_REFETCH`] old).
+    pub fn with_keys_refetch(mut self, every: Duration) -> Self {
+        Arc::get_mut(&mut self.keys)
+            .expect("set before the reviewer is used")
+            .refetch = every;
+        self
+    }
+
     /// Replaces [`BEARER_RELOAD`].
     pub fn with_bearer_reload(mut self, every: Duration) -> Self {
-        self.bearer_reload = every;
+        Arc::get_mut(&mut self.api)
+            .expect("set before the reviewer is used")
+            .bearer_reload = every;
         self
     }
 
     /// The API server this reviewer asks.
     pub fn url(&self) -> &Uri {
-        &self.url
+        &self.api.url
     }
 
     /// Reviews `token`, sent from `client` (`None`: an address not known,
@@ -601,6 +798,10 @@ impl TokenReviewer {
             return Err(refused);
         }
         let _share = self.clients.take(client)?;
+        if let Err(refused) = self.check_signature(token).await {
+            self.remember_refusal(key, &refused);
+            return Err(refused);
+        }
         let Ok(_turn) = tokio::time::timeout(self.turn_wait, self.in_flight.acquire()).await else {
             return Err(ReviewError::Busy(self.turn_wait));
         };
@@ -609,7 +810,7 @@ impl TokenReviewer {
             Err(_) => {
                 return Err(ReviewError::Unreachable(format!(
                     "no answer from {} within {}",
-                    self.url,
+                    self.api.url,
                     trellis_core::duration::words(self.timeout)
                 )));
             }
@@ -620,18 +821,55 @@ impl TokenReviewer {
                 Ok(account)
             }
             Err(refused) => {
-                // Only the token is at fault here, not the API server or
-                // our credentials: the same token gets the same answer.
-                if refused.is_callers_fault() {
-                    let mut refusals = self.refused.lock().expect("not poisoned");
-                    let ttl = REFUSAL_CACHE_TTL.min(self.cache_ttl);
-                    if !ttl.is_zero() {
-                        refusals.insert(key, refused.clone(), ttl);
-                    }
-                }
+                self.remember_refusal(key, &refused);
                 Err(refused)
             }
         }
+    }
+
+    /// Remembers a refusal for [`REFUSAL_CACHE_TTL`] when only the token
+    /// is at fault, not the API server or our credentials: the same token
+    /// gets the same answer.
+    fn remember_refusal(&self, key: [u8; 32], refused: &ReviewError) {
+        if refused.is_callers_fault() {
+            let mut refusals = self.refused.lock().expect("not poisoned");
+            let ttl = REFUSAL_CACHE_TTL.min(self.cache_ttl);
+            if !ttl.is_zero() {
+                refusals.insert(key, refused.clone(), ttl);
+            }
+        }
+    }
+
+    /// Refuses a token whose signature does not verify against the
+    /// cluster's issuer keys, or whose algorithm cannot be verified. The
+    /// keys are fetched on first need, again for a key ID the set does not
+    /// have, and refreshed in the background; no fetch begins within
+    /// [`KEYS_REFETCH`] of the last. Without keys (the fetch failed), the
+    /// token is left to the review, as it would be without this check.
+    async fn check_signature(&self, token: &str) -> Result<(), ReviewError> {
+        let header = jwks::header(token)?;
+        let mut fetched = false;
+        let keys = loop {
+            match self.keys.now(header.kid.as_deref(), fetched) {
+                (KeysNow::Use(keys), refresh) => {
+                    if refresh {
+                        let (cache, api) = (self.keys.clone(), self.api.clone());
+                        let timeout = self.timeout.min(KEYS_TIMEOUT);
+                        tokio::spawn(async move { cache.refresh(&api, timeout).await });
+                    }
+                    break keys;
+                }
+                (KeysNow::Fetch, _) => {
+                    self.keys
+                        .refresh(&self.api, self.timeout.min(KEYS_TIMEOUT))
+                        .await;
+                    fetched = true;
+                }
+                (KeysNow::Fallback, _) => return Ok(()),
+            }
+        };
+        jwks::verify(token, &keys)?;
+        Ok(())
     }
 
     fn remember(&self, key: [u8; 32], token: &str, account: &ReviewedAccount) {
@@ -646,6 +884,22 @@ impl TokenReviewer {
         cache.insert(key, account.clone(), ttl);
     }
 
+    /// One TokenReview POST; the decoded answer or why there is none.
+    async fn ask(&self, token: &str) -> Result<TokenReview, ReviewError> {
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [AUDIENCE]},
+        });
+        let (status, body) = self
+            .api
+            .send(Method::POST, TOKENREVIEW_PATH, Some(body.to_string()))
+            .await?;
+        decode(status, &body)
+    }
+}
+
+impl ApiClient {
     fn bearer(&self) -> String {
         let mut bearer = self.bearer.lock().expect("not poisoned");
         if bearer.read_at.elapsed() >= self.bearer_reload {
@@ -662,20 +916,30 @@ impl TokenReviewer {
         bearer.token.clone()
     }
 
-    /// One POST; the decoded answer or why there is none.
-    async fn ask(&self, token: &str) -> Result<TokenReview, ReviewError> {
+    /// One request to `path` (under the API server URL's own path); the
+    /// status and body of the answer, or why there is none.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Bytes), ReviewError> {
         if let Some(mut sender) = self.idle_connection() {
-            match sender.send_request(self.request(token)?).await {
+            match sender
+                .send_request(self.request(&method, path, body.clone())?)
+                .await
+            {
                 Ok(response) => return self.answer(sender, response).await,
-                // The API server closed the idle connection as the review
-                // was sent. A review changes nothing, so it is asked again
-                // on a new connection even if the server had read it.
+                // The API server closed the idle connection as the request
+                // was sent. A review or a GET changes nothing, so it is
+                // asked again on a new connection even if the server had
+                // read it.
                 Err(e) => tracing::debug!(error = %e, "an idle API server connection had closed"),
             }
         }
         let mut sender = self.connect().await?;
         let response = sender
-            .send_request(self.request(token)?)
+            .send_request(self.request(&method, path, body)?)
             .await
             .map_err(|e| self.unreachable("no answer from", &e))?;
         self.answer(sender, response).await
@@ -685,47 +949,47 @@ impl TokenReviewer {
         ReviewError::Unreachable(format!("{what} {}: {e}", self.url))
     }
 
-    /// The TokenReview POST for `token`.
-    fn request(&self, token: &str) -> Result<Request<Full<Bytes>>, ReviewError> {
-        let body = serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenReview",
-            "spec": {"token": token, "audiences": [AUDIENCE]},
-        });
-        let path = format!(
-            "{}{TOKENREVIEW_PATH}",
-            self.url.path().trim_end_matches('/')
-        );
+    /// The request to `path`, with a JSON `body` if any.
+    fn request(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Request<Full<Bytes>>, ReviewError> {
+        let path = format!("{}{path}", self.url.path().trim_end_matches('/'));
         let authority = self
             .url
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        Request::builder()
-            .method(Method::POST)
+        let mut request = Request::builder()
+            .method(method.clone())
             .uri(path)
             .header(http::header::HOST, authority)
             .header(
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.bearer()),
             )
-            .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
             .header(
                 http::header::USER_AGENT,
                 concat!("trellis-control-plane/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(Bytes::from(body.to_string())))
+            );
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ReviewError::BadResponse(format!("cannot build the request: {e}")))
     }
 
-    /// Reads and decodes an answer; the connection is kept for the next
-    /// review unless the API server said it closes it.
+    /// Reads an answer; the connection is kept for the next request
+    /// unless the API server said it closes it.
     async fn answer(
         &self,
         sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
         response: http::Response<hyper::body::Incoming>,
-    ) -> Result<TokenReview, ReviewError> {
+    ) -> Result<(StatusCode, Bytes), ReviewError> {
         let status = response.status();
         let closing = response
             .headers()
@@ -739,7 +1003,7 @@ impl TokenReviewer {
         if !closing {
             self.keep(sender);
         }
-        decode(status, &body)
+        Ok((status, body))
     }
 
     /// The most recently used idle connection still open, if any; those

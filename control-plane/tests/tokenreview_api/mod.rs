@@ -2,11 +2,15 @@
 //! the Kubernetes API server for TokenReview: it answers `POST
 //! /apis/authentication.k8s.io/v1/tokenreviews` with the API server
 //! responses in `fixtures/k8s/tokenreview/` (stand-ins for recorded
-//! responses; see the README there) and records every request it gets.
+//! responses; see the README there) and records every request it gets. At
+//! `GET /openid/v1/jwks` it serves the issuer keys a test publishes
+//! ([`IssuerKeys`]; none: 404, as a path it does not serve), counting the
+//! fetches apart from the reviews.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::common::serving::{Answering, ApiServer};
@@ -16,6 +20,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::Value;
+use trellis_control_plane::authn::jwks::JWKS_PATH;
 use trellis_control_plane::authn::tokenreview::{TOKENREVIEW_PATH, TokenReviewer};
 use trellis_core::TrustDomain;
 
@@ -61,10 +66,46 @@ pub struct Recorded {
     pub body: Value,
 }
 
+/// What the stand-in answers at `GET /openid/v1/jwks`, and how often it
+/// was asked.
+#[derive(Clone, Default)]
+pub struct IssuerKeys {
+    answer: Arc<Mutex<Option<(u16, String)>>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl IssuerKeys {
+    /// Publishes the key set `jwks` (200).
+    pub fn publish(&self, jwks: String) {
+        self.answer(200, jwks);
+    }
+
+    /// Answers `status` with `body` from now on.
+    pub fn answer(&self, status: u16, body: String) {
+        *self.answer.lock().unwrap() = Some((status, body));
+    }
+
+    /// How many times the key set was asked for.
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    fn serve(&self) -> (u16, String) {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        self.answer
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| (404, fixture("not-found-404.json")))
+    }
+}
+
 /// A local HTTPS server standing in for the Kubernetes API server.
 pub struct FakeApi {
     server: ApiServer,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Its `GET /openid/v1/jwks`.
+    pub keys: IssuerKeys,
 }
 
 impl std::ops::Deref for FakeApi {
@@ -84,23 +125,30 @@ impl FakeApi {
     pub async fn start_with(answer: Answer, silent: bool) -> Self {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let record = requests.clone();
+        let keys = IssuerKeys::default();
+        let serving = keys.clone();
         let answering = if silent {
             Answering::Never
         } else {
             Answering::Yes
         };
         let server = ApiServer::start(&format!("{BEARER}\n"), answering, move |req| {
-            let record = record.clone();
-            async move { serve(req, answer, &record).await }
+            let (record, keys) = (record.clone(), serving.clone());
+            async move { serve(req, answer, &record, &keys).await }
         })
         .await;
-        Self { server, requests }
+        Self {
+            server,
+            requests,
+            keys,
+        }
     }
 
     pub fn reviewer(&self) -> TokenReviewer {
         TokenReviewer::new(&self.api(), td()).unwrap()
     }
 
+    /// The requests other than for the issuer keys: the reviews.
     pub fn requests(&self) -> Vec<Recorded> {
         self.requests.lock().unwrap().clone()
     }
@@ -124,7 +172,16 @@ pub async fn serve(
     req: Request<Incoming>,
     answer: Answer,
     record: &Mutex<Vec<Recorded>>,
+    keys: &IssuerKeys,
 ) -> Response<Full<Bytes>> {
+    if req.method() == http::Method::GET && req.uri().path() == JWKS_PATH {
+        let (status, body) = keys.serve();
+        return Response::builder()
+            .status(StatusCode::from_u16(status).unwrap())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+    }
     let (parts, body) = req.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -187,4 +244,88 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// A throwaway issuer signing key, and its JWK as the API server publishes
+/// it at `GET /openid/v1/jwks`.
+pub enum Signer {
+    Rsa(aws_lc_rs::rsa::KeyPair),
+    P256(aws_lc_rs::signature::EcdsaKeyPair),
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Signer {
+    pub fn rsa() -> Self {
+        Self::Rsa(aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap())
+    }
+
+    pub fn p256() -> Self {
+        Self::P256(
+            aws_lc_rs::signature::EcdsaKeyPair::generate(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The key's entry in the set, with ID `kid`.
+    pub fn jwk(&self, kid: &str) -> Value {
+        use aws_lc_rs::signature::KeyPair as _;
+        match self {
+            Self::Rsa(key) => {
+                let public = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public_key());
+                serde_json::json!({"use": "sig", "kty": "RSA", "kid": kid, "alg": "RS256",
+                    "n": b64(&public.n), "e": b64(&public.e)})
+            }
+            Self::P256(key) => {
+                let point = key.public_key().as_ref();
+                serde_json::json!({"use": "sig", "kty": "EC", "crv": "P-256", "kid": kid,
+                    "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+            }
+        }
+    }
+
+    /// A projected token of `shop/web` for audience `trellis`, expiring in
+    /// 2100, told from others by `jti`, its header naming `kid` and this
+    /// key's algorithm, signed by this key.
+    pub fn token(&self, kid: &str, jti: &str) -> String {
+        let alg = match self {
+            Self::Rsa(_) => "RS256",
+            Self::P256(_) => "ES256",
+        };
+        let header = serde_json::json!({"alg": alg, "kid": kid});
+        let claims = serde_json::json!({"aud": ["trellis"], "exp": 4_102_444_800_u64,
+            "iss": "https://kubernetes.default.svc.cluster.local", "jti": jti,
+            "sub": "system:serviceaccount:shop:web"});
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let signature = match self {
+            Self::Rsa(key) => {
+                let mut signature = vec![0; key.public_modulus_len()];
+                key.sign(
+                    &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    signed.as_bytes(),
+                    &mut signature,
+                )
+                .unwrap();
+                signature
+            }
+            Self::P256(key) => key.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec(),
+        };
+        format!("{signed}.{}", b64(&signature))
+    }
+}
+
+/// A key set of `keys`, shaped as the API server serves it.
+pub fn jwks(keys: &[(&str, &Signer)]) -> String {
+    let keys: Vec<Value> = keys.iter().map(|(kid, key)| key.jwk(kid)).collect();
+    serde_json::json!({ "keys": keys }).to_string()
 }
