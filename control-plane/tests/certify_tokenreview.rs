@@ -233,6 +233,39 @@ async fn certify_refuses_tokens_the_api_server_does_not_vouch_for() {
     );
 }
 
+/// A token signed by a key of the caller's own, naming the cluster's key,
+/// is refused UNAUTHENTICATED saying its signature does not verify, counted
+/// as `sa_token_bad_signature`, without a TokenReview; one signed by the
+/// cluster's key is issued its identity. No Kubernetes API server can run
+/// here: the API server is simulated with recorded responses (the stand-in
+/// serves the cluster's key set and answers reviews with the stand-in
+/// response of an authenticated token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certify_refuses_a_forged_token_without_a_review() {
+    let api = FakeApi::start(|_| (201, "authenticated.json")).await;
+    let cluster = Signer::rsa();
+    api.keys.publish(jwks(&[("cluster-key", &cluster)]));
+    let cp = start_cp(&api);
+
+    let forged = Signer::rsa().token("cluster-key", "forged");
+    let e = certify_with_sa_token(&cp, WEB, &forged).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "the token's signature does not verify against the cluster's service account issuer \
+         keys"
+    );
+    assert_eq!(refusals(&cp, "sa_token_bad_signature"), 1);
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+    assert!(cp.workloads().await.is_empty(), "nothing was issued");
+
+    certify_with_sa_token(&cp, WEB, &cluster.token("cluster-key", "real"))
+        .await
+        .unwrap();
+    assert_eq!(api.requests().len(), 1);
+    assert!(!cp.log().contains(&forged));
+}
+
 /// No Kubernetes API server can run here; the fake answers with the stand-in
 /// API server Status of a forbidden TokenReview, and then is not there at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
