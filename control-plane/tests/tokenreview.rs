@@ -503,9 +503,7 @@ async fn a_review_finding_every_turn_taken_says_the_control_plane_is_busy() {
     }
     // Each review opens its connection once it has its turn; the first
     // connection is the fetch of the issuer keys, never answered either.
-    while api.connections() < MAX_REVIEWS_IN_FLIGHT + 1 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    connections_reach(&api, MAX_REVIEWS_IN_FLIGHT + 1).await;
     let e = reviewer.review(WEB_TOKEN, None).await.unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -550,9 +548,7 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
         });
     }
     // The first connection is the fetch of the issuer keys, never answered.
-    while api.connections() < MAX_REVIEWS_PER_CLIENT + 1 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    connections_reach(&api, MAX_REVIEWS_PER_CLIENT + 1).await;
     let e = reviewer
         .review(&jwt_of("made-up-past-the-share"), Some(flooding))
         .now_or_never()
@@ -578,9 +574,7 @@ async fn one_client_address_holds_only_its_share_of_the_turns() {
     let mut pod = review_from(new_pod);
     assert!(futures::poll!(pod.as_mut()).is_pending(), "refused");
     let pod = tokio::spawn(pod);
-    while api.connections() < MAX_REVIEWS_PER_CLIENT + 2 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    connections_reach(&api, MAX_REVIEWS_PER_CLIENT + 2).await;
     pod.abort();
 
     // Its reviews ended, the flooding address has its whole share again.
@@ -760,8 +754,8 @@ async fn keys_out_of_reach_leave_tokens_to_the_review_with_a_warning() {
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
 }
 
-/// A token whose header names `none`, or any algorithm but RS256 and
-/// ES256, is refused naming it, without a review nor a fetch of the keys.
+/// A token whose header names `none`, or any algorithm but RS256,
+/// ES256, ES384 and ES512, is refused naming it, without a review nor a fetch of the keys.
 /// No Kubernetes API server can run here: the API server is simulated with
 /// recorded responses, and the stand-in records every review asked.
 #[tokio::test]
@@ -784,7 +778,7 @@ async fn a_token_with_alg_none_is_refused_without_a_review() {
             e.to_string(),
             format!(
                 "the token's signature algorithm \"{alg}\" cannot be verified; a \
-                 ServiceAccount token is signed with RS256 or ES256"
+                 ServiceAccount token is signed with RS256, ES256, ES384 or ES512"
             )
         );
         assert_eq!(e.reason(), "sa_token_bad_signature");
@@ -792,4 +786,22 @@ async fn a_token_with_alg_none_is_refused_without_a_review() {
     }
     assert!(api.requests().is_empty(), "{:?}", api.requests());
     assert_eq!(api.keys.fetches(), 0);
+}
+
+/// Waits until the stand-in API server has accepted `n` connections; a
+/// minute without them fails the test (a regression must not hang it).
+async fn connections_reach(api: &FakeApi, n: usize) {
+    let reached = async {
+        while api.connections() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), reached)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the API server saw {} of {n} connections",
+                api.connections()
+            )
+        });
 }

@@ -779,9 +779,14 @@ mod tests {
         }
         // The first connection is the fetch of the issuer keys, never
         // answered either.
-        while accepted.load(Ordering::SeqCst) < MAX_REVIEWS_PER_CLIENT + 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let opened = async {
+            while accepted.load(Ordering::SeqCst) < MAX_REVIEWS_PER_CLIENT + 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), opened)
+            .await
+            .expect("each review's connection opened within a minute");
         let refused = certify_from("10.0.0.1", "one-more")
             .now_or_never()
             .expect("refused at once, not waiting for a turn")

@@ -10,13 +10,16 @@
 //! issued the token once: the TokenReview stays the authority on whether it
 //! still stands (its pod deleted, the token revoked).
 //!
-//! Only RS256 (RSA) and ES256 (P-256) are verified; a token signed with
-//! any other algorithm, `none` included, is refused as not verifiable.
+//! The algorithms the API server signs with are verified: RS256 (an RSA
+//! key) and ES256, ES384 or ES512 (an ECDSA key on P-256, P-384 or P-521).
+//! A token signed with any other algorithm, `none` included, is refused as
+//! not verifiable.
 
 use std::collections::HashMap;
 
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents, UnparsedPublicKey,
+    ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, ECDSA_P521_SHA512_FIXED,
+    RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents, UnparsedPublicKey,
 };
 use base64::Engine as _;
 use serde::Deserialize;
@@ -33,15 +36,16 @@ const MAX_KID_SHOWN: usize = 64;
 enum IssuerKey {
     /// RS256: big-endian modulus and exponent.
     Rsa { n: Vec<u8>, e: Vec<u8> },
-    /// ES256: the uncompressed P-256 point (`04 || x || y`).
-    P256 { point: Vec<u8> },
+    /// ES256, ES384 or ES512 (`alg`): the uncompressed point of its curve
+    /// (`04 || x || y`).
+    Ec { alg: Alg, point: Vec<u8> },
 }
 
 impl IssuerKey {
     fn alg(&self) -> Alg {
         match self {
             Self::Rsa { .. } => Alg::Rs256,
-            Self::P256 { .. } => Alg::Es256,
+            Self::Ec { alg, .. } => *alg,
         }
     }
 
@@ -50,9 +54,16 @@ impl IssuerKey {
             Self::Rsa { n, e } => RsaPublicKeyComponents { n, e }
                 .verify(&RSA_PKCS1_2048_8192_SHA256, message, signature)
                 .is_ok(),
-            Self::P256 { point } => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
-                .verify(message, signature)
-                .is_ok(),
+            Self::Ec { alg, point } => {
+                let algorithm = match alg {
+                    Alg::Es384 => &ECDSA_P384_SHA384_FIXED,
+                    Alg::Es512 => &ECDSA_P521_SHA512_FIXED,
+                    Alg::Es256 | Alg::Rs256 => &ECDSA_P256_SHA256_FIXED,
+                };
+                UnparsedPublicKey::new(algorithm, point)
+                    .verify(message, signature)
+                    .is_ok()
+            }
         }
     }
 }
@@ -61,6 +72,8 @@ impl IssuerKey {
 enum Alg {
     Rs256,
     Es256,
+    Es384,
+    Es512,
 }
 
 /// The issuer keys the API server publishes, by key ID.
@@ -125,31 +138,38 @@ impl IssuerKeys {
                     };
                     IssuerKey::Rsa { n, e }
                 }
-                ("EC", "P-256") => {
+                ("EC", crv @ ("P-256" | "P-384" | "P-521")) => {
+                    let (alg, len) = match crv {
+                        "P-256" => (Alg::Es256, 32),
+                        "P-384" => (Alg::Es384, 48),
+                        _ => (Alg::Es512, 66),
+                    };
                     let (Some(x), Some(y)) = (unbase64(&jwk.x), unbase64(&jwk.y)) else {
                         return Err(format!(
-                            "P-256 key {} has no base64url x and y",
+                            "{crv} key {} has no base64url x and y",
                             shown_kid(&jwk.kid)
                         ));
                     };
-                    if x.len() != 32 || y.len() != 32 {
+                    if x.len() != len || y.len() != len {
                         return Err(format!(
-                            "P-256 key {} has an x or y that is not 32 bytes",
+                            "{crv} key {} has an x or y that is not {len} bytes",
                             shown_kid(&jwk.kid)
                         ));
                     }
-                    let mut point = Vec::with_capacity(65);
+                    let mut point = Vec::with_capacity(1 + 2 * len);
                     point.push(4);
                     point.extend_from_slice(&x);
                     point.extend_from_slice(&y);
-                    IssuerKey::P256 { point }
+                    IssuerKey::Ec { alg, point }
                 }
                 _ => continue,
             };
             keys.insert(jwk.kid, key);
         }
         if keys.is_empty() {
-            return Err("the key set holds no RSA or P-256 signing key".into());
+            return Err(
+                "the key set holds no RSA or ECDSA (P-256, P-384, P-521) signing key".into(),
+            );
         }
         Ok(Self { keys })
     }
@@ -189,7 +209,7 @@ pub enum SignatureError {
     UnknownKey(String),
     #[error(
         "the token's signature algorithm {} cannot be verified; a ServiceAccount token is \
-         signed with RS256 or ES256",
+         signed with RS256, ES256, ES384 or ES512",
         shown_kid(.0)
     )]
     Unverifiable(String),
@@ -208,7 +228,7 @@ fn shown_kid(kid: &str) -> String {
 }
 
 /// Reads the JOSE header of `token` (three base64url parts): its `kid` and
-/// its `alg`, which must be RS256 or ES256.
+/// its `alg`, which must be RS256, ES256, ES384 or ES512.
 pub fn header(token: &str) -> Result<TokenHeader, SignatureError> {
     let part = token.split('.').next().unwrap_or_default();
     let header = unbase64(part)
@@ -217,6 +237,8 @@ pub fn header(token: &str) -> Result<TokenHeader, SignatureError> {
     let alg = match header.get("alg").and_then(serde_json::Value::as_str) {
         Some("RS256") => Alg::Rs256,
         Some("ES256") => Alg::Es256,
+        Some("ES384") => Alg::Es384,
+        Some("ES512") => Alg::Es512,
         Some(other) => return Err(SignatureError::Unverifiable(other.to_owned())),
         None => return Err(SignatureError::BadHeader),
     };
@@ -261,7 +283,8 @@ pub(crate) mod testing {
     use aws_lc_rs::rand::SystemRandom;
     use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents};
     use aws_lc_rs::signature::{
-        ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _, RSA_PKCS1_SHA256,
+        ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
+        ECDSA_P521_SHA512_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _, RSA_PKCS1_SHA256,
     };
     use base64::Engine as _;
 
@@ -272,7 +295,8 @@ pub(crate) mod testing {
     /// A signing key and its JWK, as the API server publishes it.
     pub enum Signer {
         Rsa(RsaKeyPair),
-        P256(EcdsaKeyPair),
+        /// An ECDSA key, its curve's JWK name and its token's `alg`.
+        Ec(EcdsaKeyPair, &'static str, &'static str),
     }
 
     impl Signer {
@@ -281,7 +305,18 @@ pub(crate) mod testing {
         }
 
         pub fn p256() -> Self {
-            Self::P256(EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap())
+            let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+            Self::Ec(key, "P-256", "ES256")
+        }
+
+        pub fn p384() -> Self {
+            let key = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).unwrap();
+            Self::Ec(key, "P-384", "ES384")
+        }
+
+        pub fn p521() -> Self {
+            let key = EcdsaKeyPair::generate(&ECDSA_P521_SHA512_FIXED_SIGNING).unwrap();
+            Self::Ec(key, "P-521", "ES512")
         }
 
         /// The key's entry in `keys`, with ID `kid`.
@@ -292,10 +327,11 @@ pub(crate) mod testing {
                     serde_json::json!({"use": "sig", "kty": "RSA", "kid": kid,
                         "alg": "RS256", "n": b64(&public.n), "e": b64(&public.e)})
                 }
-                Self::P256(key) => {
+                Self::Ec(key, crv, alg) => {
                     let point = key.public_key().as_ref();
-                    serde_json::json!({"use": "sig", "kty": "EC", "crv": "P-256", "kid": kid,
-                        "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+                    let (x, y) = point[1..].split_at(point.len() / 2);
+                    serde_json::json!({"use": "sig", "kty": "EC", "crv": crv, "kid": kid,
+                        "alg": alg, "x": b64(x), "y": b64(y)})
                 }
             }
         }
@@ -315,7 +351,7 @@ pub(crate) mod testing {
                         .unwrap();
                     signature
                 }
-                Self::P256(key) => key.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec(),
+                Self::Ec(key, ..) => key.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec(),
             };
             format!("{signed}.{}", b64(&signature))
         }
@@ -325,7 +361,7 @@ pub(crate) mod testing {
         pub fn token(&self, kid: &str, subject: &str) -> String {
             let alg = match self {
                 Self::Rsa(_) => "RS256",
-                Self::P256(_) => "ES256",
+                Self::Ec(_, _, alg) => alg,
             };
             self.sign(
                 &serde_json::json!({"alg": alg, "kid": kid}),
@@ -389,6 +425,23 @@ mod tests {
         );
     }
 
+    /// A cluster whose service account signing key is on P-384 or P-521
+    /// signs with ES384 or ES512: its tokens verify, each against its own
+    /// curve's key only.
+    #[test]
+    fn verifies_es384_and_es512_against_the_published_keys() {
+        let (p384, p521) = (Signer::p384(), Signer::p521());
+        let keys = IssuerKeys::parse(jwks(&[("p384", &p384), ("p521", &p521)]).as_bytes()).unwrap();
+        assert_eq!(keys.len(), 2);
+        verify(&p384.token("p384", "system:serviceaccount:shop:web"), &keys).unwrap();
+        verify(&p521.token("p521", "system:serviceaccount:shop:web"), &keys).unwrap();
+        let forged = Signer::p384().token("p384", "system:serviceaccount:shop:web");
+        assert_eq!(verify(&forged, &keys), Err(SignatureError::DoesNotVerify));
+        // An ES512 token whose kid names the P-384 key.
+        let crossed = p521.token("p384", "system:serviceaccount:shop:web");
+        assert_eq!(verify(&crossed, &keys), Err(SignatureError::DoesNotVerify));
+    }
+
     /// A token without a kid is checked against every key of its algorithm.
     #[test]
     fn a_token_without_a_kid_is_checked_against_every_key() {
@@ -409,7 +462,7 @@ mod tests {
         let keys = IssuerKeys::parse(jwks(&[("k", &rsa)]).as_bytes()).unwrap();
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let payload = b64(r#"{"aud":["trellis"],"exp":4102444800}"#);
-        for alg in ["none", "HS256", "RS512", "ES384"] {
+        for alg in ["none", "HS256", "RS512", "PS256", "EdDSA"] {
             let token = format!(
                 "{}.{payload}.c2ln",
                 b64(&format!(r#"{{"alg":"{alg}","kid":"k"}}"#))
@@ -419,7 +472,7 @@ mod tests {
                 e.to_string(),
                 format!(
                     "the token's signature algorithm \"{alg}\" cannot be verified; a \
-                     ServiceAccount token is signed with RS256 or ES256"
+                     ServiceAccount token is signed with RS256, ES256, ES384 or ES512"
                 )
             );
         }
@@ -435,12 +488,12 @@ mod tests {
         let rsa = Signer::rsa();
         let mut set: serde_json::Value = serde_json::from_str(&jwks(&[("k", &rsa)])).unwrap();
         set["keys"].as_array_mut().unwrap().extend([
-            serde_json::json!({"use": "sig", "kty": "EC", "crv": "P-384", "kid": "p384",
+            serde_json::json!({"use": "sig", "kty": "EC", "crv": "secp256k1", "kid": "k1",
                 "x": "AA", "y": "AA"}),
             serde_json::json!({"use": "enc", "kty": "RSA", "kid": "enc", "n": "AQAB", "e": "AQAB"}),
         ]);
         let keys = IssuerKeys::parse(set.to_string().as_bytes()).unwrap();
-        assert!(keys.has("k") && !keys.has("p384") && !keys.has("enc"));
+        assert!(keys.has("k") && !keys.has("k1") && !keys.has("enc"));
 
         let err = |body: &str| IssuerKeys::parse(body.as_bytes()).unwrap_err();
         assert!(
@@ -451,7 +504,7 @@ mod tests {
         assert!(err(r#"{"kind":"Status"}"#).starts_with("not a JSON Web Key Set: "));
         assert_eq!(
             err(r#"{"keys":[]}"#),
-            "the key set holds no RSA or P-256 signing key"
+            "the key set holds no RSA or ECDSA (P-256, P-384, P-521) signing key"
         );
         assert_eq!(
             err(r#"{"keys":[{"kty":"RSA","kid":"k","n":"!!","e":"AQAB"}]}"#),
@@ -460,6 +513,10 @@ mod tests {
         assert_eq!(
             err(r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k","x":"AAAA","y":"AAAA"}]}"#),
             "P-256 key \"k\" has an x or y that is not 32 bytes"
+        );
+        assert_eq!(
+            err(r#"{"keys":[{"kty":"EC","crv":"P-521","kid":"k","x":"AAAA","y":"AAAA"}]}"#),
+            "P-521 key \"k\" has an x or y that is not 66 bytes"
         );
     }
 

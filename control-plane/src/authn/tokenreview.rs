@@ -33,7 +33,7 @@
 //! lacks, and in the background once the set is [`KEYS_REFETCH`] old, but
 //! never twice within [`KEYS_REFETCH`]. A token whose signature does not
 //! verify, that names a key the cluster does not publish, or that is
-//! signed with an algorithm other than RS256 and ES256 is refused without
+//! signed with an algorithm other than RS256, ES256, ES384 and ES512 is refused without
 //! a review. Keys that cannot be had (the API server out of reach, a 403,
 //! a document that is not a key set) leave the token to the review alone,
 //! as without this check, with a warning at most every [`KEYS_WARN_EVERY`]

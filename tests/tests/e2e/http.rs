@@ -339,7 +339,10 @@ spec:
         .received_text();
     assert_eq!(
         status_and_body(&answer),
-        ("HTTP/1.1 400 Bad Request", "trellis: more than one Host header\n"),
+        (
+            "HTTP/1.1 400 Bad Request",
+            "trellis: more than one Host header\n"
+        ),
         "{answer}"
     );
 
