@@ -827,6 +827,74 @@ spec:
         explain(&web, &api, port, policies, default, &opaque).unwrap()
     }
 
+    /// One HTTP request a test asks `explain` to decide, from web to api's
+    /// port 8080: `GET /x` with nothing else unless told.
+    struct Ask<'a> {
+        method: &'a str,
+        path: &'a str,
+        query: &'a str,
+        headers: &'a [(&'a str, &'a str)],
+        limits_read_paths: bool,
+        http2: bool,
+        opaque: &'a [u16],
+    }
+
+    impl Default for Ask<'_> {
+        fn default() -> Self {
+            Ask {
+                method: "GET",
+                path: "/x",
+                query: "",
+                headers: &[],
+                limits_read_paths: false,
+                http2: false,
+                opaque: &[],
+            }
+        }
+    }
+
+    impl Ask<'_> {
+        /// The request's line of the explanation under `policies` and the
+        /// default deny (the explanation read back from its proto the same).
+        fn answer(&self, policies: &[proto::Policy]) -> String {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in self.headers {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            let http = ExplainedHttp {
+                request: HttpRequest {
+                    method: self.method,
+                    path: self.path,
+                    headers: &headers,
+                },
+                query: self.query,
+                limits_read_paths: self.limits_read_paths,
+                http2: self.http2,
+            };
+            let opaque = OpaquePorts {
+                requested: self.opaque.to_vec(),
+                ..OpaquePorts::default()
+            };
+            let (web, api) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(API).unwrap());
+            let explained = explain_http(
+                &web,
+                &api,
+                8080,
+                policies,
+                DefaultPolicy::Deny,
+                &opaque,
+                &http,
+            )
+            .unwrap();
+            let read = Explanation::from_proto(&explained.to_proto()).unwrap();
+            assert_eq!(read, explained);
+            explained.request.unwrap().to_string()
+        }
+    }
+
     fn rule(policy: &str, rule: usize) -> RuleRef {
         RuleRef {
             policy: policy.into(),
@@ -862,43 +930,20 @@ spec:
             "    - to: [{headers: {x-debug: \"1\"}}]\n",
         );
         let policies = [allow, deny];
-        let web = SpiffeId::parse(WEB).unwrap();
-        let api = SpiffeId::parse(API).unwrap();
-        let answer = |method, path, headers: &[(&str, &str)], limits_read_paths, opaque: &[u16]| {
-            let mut map = http::HeaderMap::new();
-            for (name, value) in headers {
-                map.append(
-                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    http::HeaderValue::from_str(value).unwrap(),
-                );
-            }
-            let http = ExplainedHttp {
-                request: HttpRequest {
-                    method,
-                    path,
-                    headers: &map,
-                },
-                query: "",
+        let answer = |method: &str,
+                      path: &str,
+                      headers: &[(&str, &str)],
+                      limits_read_paths: bool,
+                      opaque: &[u16]| {
+            Ask {
+                method,
+                path,
+                headers,
                 limits_read_paths,
-                http2: false,
-            };
-            let opaque = OpaquePorts {
-                requested: opaque.to_vec(),
-                ..OpaquePorts::default()
-            };
-            let explained = explain_http(
-                &web,
-                &api,
-                8080,
-                &policies,
-                DefaultPolicy::Deny,
-                &opaque,
-                &http,
-            )
-            .unwrap();
-            let read = Explanation::from_proto(&explained.to_proto()).unwrap();
-            assert_eq!(read, explained);
-            explained.request.unwrap().to_string()
+                opaque,
+                ..Ask::default()
+            }
+            .answer(&policies)
         };
 
         assert_eq!(
@@ -968,37 +1013,14 @@ spec:
             "ALLOW",
             &format!("    - from: [{{spiffeId: {WEB}}}]\n      to: [{{ports: [8080]}}]\n"),
         );
-        let web = SpiffeId::parse(WEB).unwrap();
-        let api = SpiffeId::parse(API).unwrap();
-        let answer = |method, headers: &[(&str, &str)], http2| {
-            let mut map = http::HeaderMap::new();
-            for (name, value) in headers {
-                map.append(
-                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    http::HeaderValue::from_str(value).unwrap(),
-                );
-            }
-            let http = ExplainedHttp {
-                request: HttpRequest {
-                    method,
-                    path: "/x",
-                    headers: &map,
-                },
-                query: "",
-                limits_read_paths: false,
+        let answer = |method: &str, headers: &[(&str, &str)], http2: bool| {
+            Ask {
+                method,
+                headers,
                 http2,
-            };
-            let explained = explain_http(
-                &web,
-                &api,
-                8080,
-                std::slice::from_ref(&allow),
-                DefaultPolicy::Deny,
-                &OpaquePorts::default(),
-                &http,
-            )
-            .unwrap();
-            explained.request.unwrap().to_string()
+                ..Ask::default()
+            }
+            .answer(std::slice::from_ref(&allow))
         };
         let refused =
             |status, why| format!("request CONNECT /x: refused (answered {status}): {why}");
@@ -1046,35 +1068,17 @@ spec:
     #[test]
     fn a_query_counts_towards_the_head_but_not_the_path_matched() {
         let allow = allow_from_web("web-to-x", "{ports: [8080], paths: [/x]}");
-        let web = SpiffeId::parse(WEB).unwrap();
-        let api = SpiffeId::parse(API).unwrap();
         // `big`: the value of an `x-big` header, none if empty.
-        let answer = |query: &str, big: &str, http2| {
-            let mut headers = http::HeaderMap::new();
-            if !big.is_empty() {
-                headers.append("x-big", http::HeaderValue::from_str(big).unwrap());
-            }
-            let http = ExplainedHttp {
-                request: HttpRequest {
-                    method: "GET",
-                    path: "/x",
-                    headers: &headers,
-                },
+        let answer = |query: &str, big: &str, http2: bool| {
+            let big = [("x-big", big)];
+            let headers: &[(&str, &str)] = if big[0].1.is_empty() { &[] } else { &big };
+            Ask {
                 query,
-                limits_read_paths: false,
+                headers,
                 http2,
-            };
-            let explained = explain_http(
-                &web,
-                &api,
-                8080,
-                std::slice::from_ref(&allow),
-                DefaultPolicy::Deny,
-                &OpaquePorts::default(),
-                &http,
-            )
-            .unwrap();
-            explained.request.unwrap().to_string()
+                ..Ask::default()
+            }
+            .answer(std::slice::from_ref(&allow))
         };
         let allowed = "request GET /x: allow by b/web-to-x rule 0 (passed to the app)";
 
@@ -1110,34 +1114,15 @@ spec:
     #[test]
     fn the_http1_bounds_on_fields_and_target_are_the_sidecars() {
         let allow = allow_from_web("web-to-api", "{ports: [8080]}");
-        let web = SpiffeId::parse(WEB).unwrap();
-        let api = SpiffeId::parse(API).unwrap();
-        let answer = |fields: usize, query: &str, http2| {
-            let mut headers = http::HeaderMap::new();
-            for _ in 0..fields {
-                headers.append("x-a", http::HeaderValue::from_static("1"));
-            }
-            let http = ExplainedHttp {
-                request: HttpRequest {
-                    method: "GET",
-                    path: "/x",
-                    headers: &headers,
-                },
+        let answer = |fields: usize, query: &str, http2: bool| {
+            let headers = vec![("x-a", "1"); fields];
+            Ask {
                 query,
-                limits_read_paths: false,
+                headers: &headers,
                 http2,
-            };
-            let explained = explain_http(
-                &web,
-                &api,
-                8080,
-                std::slice::from_ref(&allow),
-                DefaultPolicy::Deny,
-                &OpaquePorts::default(),
-                &http,
-            )
-            .unwrap();
-            explained.request.unwrap().to_string()
+                ..Ask::default()
+            }
+            .answer(std::slice::from_ref(&allow))
         };
         let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
 
@@ -1167,37 +1152,13 @@ spec:
     #[test]
     fn an_http2_host_stands_for_the_authority() {
         let allow = allow_from_web("web-to-api", "{ports: [8080]}");
-        let web = SpiffeId::parse(WEB).unwrap();
-        let api = SpiffeId::parse(API).unwrap();
-        let answer = |headers: &[(&str, &str)], http2| {
-            let mut map = http::HeaderMap::new();
-            for (name, value) in headers {
-                map.append(
-                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    http::HeaderValue::from_str(value).unwrap(),
-                );
-            }
-            let http = ExplainedHttp {
-                request: HttpRequest {
-                    method: "GET",
-                    path: "/x",
-                    headers: &map,
-                },
-                query: "",
-                limits_read_paths: false,
+        let answer = |headers: &[(&str, &str)], http2: bool| {
+            Ask {
+                headers,
                 http2,
-            };
-            let explained = explain_http(
-                &web,
-                &api,
-                8080,
-                std::slice::from_ref(&allow),
-                DefaultPolicy::Deny,
-                &OpaquePorts::default(),
-                &http,
-            )
-            .unwrap();
-            explained.request.unwrap().to_string()
+                ..Ask::default()
+            }
+            .answer(std::slice::from_ref(&allow))
         };
         let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
 
