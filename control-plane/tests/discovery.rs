@@ -4,16 +4,13 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
-use rustls_pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -259,33 +256,9 @@ async fn raw_watch(
     cp: &ControlPlane,
     svid: &Svid,
     first: Bytes,
-) -> (
-    http::Response<hyper::body::Incoming>,
-    mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
-) {
-    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(Some(svid))))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("a TLS handshake with the SVID");
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
-            tls,
-        ))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let (body, rx) = mpsc::channel(4);
-    body.send(Ok(Frame::data(first))).await.unwrap();
-    let request = http::Request::post(format!(
-        "http://{}/trellis.discovery.v1.Discovery/Watch",
-        cp.grpc
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(StreamBody::new(ReceiverStream::new(rx)))
-    .unwrap();
-    let answer = sender.send_request(request).await.expect("an answer");
+) -> (http::Response<hyper::body::Incoming>, raw_grpc::BodySender) {
+    let path = "/trellis.discovery.v1.Discovery/Watch";
+    let (answer, body) = raw_grpc::call(cp, Some(svid), path, first).await;
     assert_eq!(answer.status(), http::StatusCode::OK);
     (answer, body)
 }

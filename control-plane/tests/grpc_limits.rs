@@ -39,9 +39,6 @@ const WATCH: &str = "/trellis.discovery.v1.Discovery/Watch";
 /// instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(40);
 
-/// What keeps a request's body open: dropped, the body ends.
-type BodySender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
-
 /// Calls `path` on a TLS connection without a client certificate, with
 /// one message whose gRPC length prefix announces `announced` bytes, of
 /// which `sent` are sent and the rest never: the answer's head, and what
@@ -51,36 +48,11 @@ async fn stalled_call(
     path: &str,
     announced: u32,
     sent: usize,
-) -> (http::Response<Incoming>, BodySender) {
-    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(None)))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("a TLS handshake without a client certificate");
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
-            tls,
-        ))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let (body, rx) = mpsc::channel(4);
+) -> (http::Response<Incoming>, raw_grpc::BodySender) {
     let mut message = vec![0u8];
     message.extend_from_slice(&announced.to_be_bytes());
     message.resize(5 + sent, 0x0a);
-    body.send(Ok(Frame::data(Bytes::from(message))))
-        .await
-        .unwrap();
-    let request = http::Request::post(format!("http://{}{path}", cp.grpc))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(StreamBody::new(ReceiverStream::new(rx)))
-        .unwrap();
-    let answer = tokio::time::timeout(PATIENCE, sender.send_request(request))
-        .await
-        .unwrap_or_else(|_| panic!("{path} never answered"))
-        .expect("an answer");
-    (answer, body)
+    raw_grpc::call(cp, None, path, Bytes::from(message)).await
 }
 
 /// A gRPC header of `headers`, its percent-encoding undone.

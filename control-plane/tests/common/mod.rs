@@ -9,6 +9,7 @@ pub mod machine;
 pub mod policy;
 #[path = "../../../tests/src/ports.rs"]
 pub mod ports;
+pub mod raw_grpc;
 pub mod serving;
 pub mod webhook;
 

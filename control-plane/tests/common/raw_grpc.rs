@@ -1,0 +1,57 @@
+//! gRPC calls made by hand over HTTP/2, for requests no tonic client sends:
+//! a message that does not decode, one announced and never finished.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ControlPlane, Svid};
+
+/// What keeps a hand-made request's body open: dropped, the body ends.
+pub type BodySender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+/// How long a hand-made call waits for its answer's head.
+const PATIENCE: Duration = Duration::from_secs(40);
+
+/// Calls `path` (`/package.Service/Method`) on a new TLS connection to the
+/// gRPC port, presenting `svid`'s certificate (or none), the request's body
+/// beginning with `first`: the answer's head, and what keeps the body open.
+pub async fn call(
+    cp: &ControlPlane,
+    svid: Option<&Svid>,
+    path: &str,
+    first: Bytes,
+) -> (http::Response<Incoming>, BodySender) {
+    let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(svid)))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the gRPC port");
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
+            tls,
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (body, rx) = mpsc::channel(4);
+    body.send(Ok(Frame::data(first))).await.unwrap();
+    let request = http::Request::post(format!("http://{}{path}", cp.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .unwrap_or_else(|_| panic!("{path} never answered"))
+        .expect("an answer");
+    (answer, body)
+}
