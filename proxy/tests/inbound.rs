@@ -738,6 +738,115 @@ async fn each_revoked_caller_is_logged_by_its_identity() {
     assert_eq!(*app.accepted.borrow(), 0, "the app was never dialled");
 }
 
+/// Connects to `inbound` as `config` presents, and has a line echoed:
+/// whether the handshake resumed a session, or the error the caller met,
+/// in its handshake or at its first read (TLS 1.3 brings the server's
+/// refusal of the caller's certificate after the caller's handshake is
+/// over). The echo brings the caller the server's tickets.
+async fn echoed(
+    inbound: &TestInbound,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<rustls::HandshakeKind> {
+    let mut stream = tls_connect(inbound.addr, config.clone()).await?;
+    assert_eq!(round_trip(&mut stream, b"ping").await?, b"ping");
+    Ok(stream.get_ref().1.handshake_kind().unwrap())
+}
+
+/// What a sidecar serving as `/ns/b/sa/server` makes of a snapshot whose
+/// revocations are `revoked` (SPIFFE ID, revoked at): the TLS configs in
+/// force built again from the ones in force (as `tls::run` does), and the
+/// policies holding the same revocations.
+fn snapshot_revoking(inbound: &TestInbound, revoked: &[(trellis_core::SpiffeId, i64)]) {
+    let revocations = Arc::new(trellis_core::revocation::Revocations::new(
+        revoked.iter().cloned(),
+    ));
+    let current = inbound.tls.borrow().clone();
+    let state = current
+        .with_expected(std::iter::empty())
+        .unwrap()
+        .with_revocations(revocations.clone())
+        .unwrap();
+    inbound.tls.send_replace(Arc::new(state));
+    let local = id("/ns/b/sa/server");
+    let mut policies = trellis_proxy::policy::Policies::compile(
+        1,
+        &local,
+        "allow-mesh".into(),
+        Vec::new(),
+        &inbound.metrics,
+    )
+    .unwrap();
+    policies.revocations = revocations;
+    inbound.policies.send_replace(Some(Arc::new(policies)));
+}
+
+/// What a sidecar serving as `/ns/b/sa/server` makes of a new SVID under
+/// the same bundle and snapshot: configs built again keeping the
+/// session-ticket key of those in force, as `tls::run` does.
+fn renewed(ca: &Ca, inbound: &TestInbound) {
+    let current = inbound.tls.borrow().clone();
+    let svid = ca.svid(&id("/ns/b/sa/server"));
+    let state =
+        trellis_proxy::tls::TlsState::build(Some(&svid), &[ca.root()], &td(), std::iter::empty())
+            .unwrap()
+            .keeping_tickets(&current)
+            .with_revocations(current.revocations().clone())
+            .unwrap();
+    inbound.tls.send_replace(Arc::new(state));
+}
+
+/// A caller revoked after it got session tickets offers one on its next
+/// connection: the sidecar, whose configs seal tickets with a new key
+/// once a revocation covers more, refuses the ticket, and the caller's
+/// full handshake is refused with the alert `certificate_revoked`, which
+/// tells it why (not a close after the handshake). A caller not revoked
+/// makes one full handshake and resumes again after it; a renewal of the
+/// sidecar's certificate, and a change that only removes a revocation,
+/// keep the key, and sessions resume across them.
+#[tokio::test]
+async fn a_caller_revoked_since_it_got_its_tickets_is_refused_with_the_revocation_alert() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let (web, api) = (web(), id("/ns/c/sa/api"));
+    let inbound = inbound_revoking(&ca, app.addr, "allow-mesh", &[], 0).await;
+    let web_config = ca.client_config(Some((&ca, &web)));
+    let api_config = ca.client_config(Some((&ca, &api)));
+    for config in [&web_config, &api_config] {
+        assert_eq!(echoed(&inbound, config).await.unwrap(), Full);
+        assert_eq!(echoed(&inbound, config).await.unwrap(), Resumed);
+    }
+
+    snapshot_revoking(&inbound, &[(web.clone(), unix_now() + 3600)]);
+    let refused = echoed(&inbound, &web_config).await.unwrap_err();
+    assert_eq!(
+        trellis_core::tls::rustls_error(&refused),
+        Some(&rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateRevoked
+        )),
+        "{refused}"
+    );
+    // The caller not revoked: one full handshake, its tickets of before
+    // refused with the key, then resumed with the new key's.
+    assert_eq!(echoed(&inbound, &api_config).await.unwrap(), Full);
+    assert_eq!(echoed(&inbound, &api_config).await.unwrap(), Resumed);
+    // A new certificate of the sidecar's, the revocation still in force,
+    // keeps the key.
+    renewed(&ca, &inbound);
+    assert_eq!(echoed(&inbound, &api_config).await.unwrap(), Resumed);
+
+    // Removing the revocation covers nothing more: the key is kept.
+    snapshot_revoking(&inbound, &[]);
+    assert_eq!(echoed(&inbound, &api_config).await.unwrap(), Resumed);
+    // web's tickets died with the key before: a full handshake, accepted.
+    assert_eq!(echoed(&inbound, &web_config).await.unwrap(), Full);
+    assert_eq!(echoed(&inbound, &web_config).await.unwrap(), Resumed);
+    eventually("the refusal is counted", || {
+        failures_counted(&inbound.metrics, "revoked", 1)
+    })
+    .await;
+}
+
 fn failures_counted(metrics: &trellis_proxy::metrics::Metrics, reason: &str, n: u64) -> bool {
     metrics.encode().contains(&format!(
         "trellis_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}} {n}\n"

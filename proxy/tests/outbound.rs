@@ -972,7 +972,8 @@ async fn a_revoked_caller_s_call_is_answered_with_the_revocation_alert() {
 
 /// A revoked caller the server's sidecar refuses only once the handshake
 /// is over (its TLS configs did not hold the revocation yet, or the
-/// caller resumed a session, which no verifier sees) is closed without a
+/// caller resumed a session with configs taken before they did, which no
+/// verifier sees) is closed without a
 /// TLS alert: its app is told the call ended there before any answer,
 /// and the caller's log and metrics say so.
 #[tokio::test]

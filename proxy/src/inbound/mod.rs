@@ -606,11 +606,14 @@ pub async fn serve(
     // A caller whose certificate a revocation of its identity covers is
     // refused like a failed handshake, whatever the policies say. The
     // verifier refused it already in a full handshake (with the alert
-    // `certificate_revoked`) if the configs held the revocation; rustls
-    // calls no verifier for a resumed session, and a revocation may have
-    // come since the configs were taken, so it is checked here too (with
-    // nothing revoked, one comparison). rustls sends no alert once the
-    // handshake is over: this one only closes the connection.
+    // `certificate_revoked`) if the configs held the revocation, and
+    // configs that hold a new one no longer open the tickets sealed before
+    // it (`TlsState::with_revocations`). rustls calls no verifier for a
+    // resumed session, and a revocation may have come since the configs
+    // were taken (a ticket sealed by configs taken before it), so it is
+    // checked here too (with nothing revoked, one comparison). rustls
+    // sends no alert once the handshake is over: this one only closes the
+    // connection.
     if let Err(e) = policy::check_revoked(current.as_deref(), &peer, not_before) {
         return shared.refuse_revoked(client, &peer, &e);
     }

@@ -13,7 +13,10 @@
 //! clients that offer no HTTP protocol (so a foreign offer is ignored, not
 //! refused). Their verifier of callers holds the revocations of the
 //! snapshot in force, so a revoked caller's full handshake ends with the
-//! alert `certificate_revoked`; a revocation change builds them again.
+//! alert `certificate_revoked`; a revocation change builds them again,
+//! with a new session-ticket key when it covers a certificate the
+//! revocations before did not, so a caller revoked since it got its
+//! tickets cannot resume past the verifier.
 //! The client configs offer nothing by themselves; the outbound
 //! dial adds the ALPN of the protocol it detected, and the configs of a
 //! peer keep its session tickets ([`tickets`]) so reconnecting resumes.
@@ -129,6 +132,10 @@ pub struct TlsState {
     clients: HashMap<SpiffeId, Arc<PeerClient>>,
     /// The mesh's revoked identities, from the snapshot in force.
     revocations: Arc<Revocations>,
+    /// The revocations of the configs that last sealed tickets with the
+    /// server configs' session-ticket key: no ticket of the key is of a
+    /// caller they cover. Passed on with the key (`keeping_tickets`).
+    sealed_under: Arc<Revocations>,
 }
 
 #[derive(Clone)]
@@ -167,9 +174,9 @@ impl TlsState {
         // chain with it, sealed with a key of this config ([`ticketer`]),
         // so resumption holds for any number of callers (a server-side
         // cache keeps only the latest sessions). The key is passed on to
-        // the next config when only the SVID or the revocations change
-        // (`keeping_tickets`, `with_revocations`) and dies with a new
-        // bundle.
+        // the next config when only the SVID changes, or the revocations
+        // without covering anything more (`keeping_tickets`,
+        // `with_revocations`), and dies with a new bundle.
         let (server, http_server) =
             server_configs(callers, resolver.clone(), ticketer::ticketer()?)?;
         let parts = ClientParts { roots, resolver };
@@ -186,6 +193,7 @@ impl TlsState {
             client: Some(parts),
             clients,
             revocations: Arc::default(),
+            sealed_under: Arc::default(),
         })
     }
 
@@ -215,14 +223,24 @@ impl TlsState {
             client: self.client.clone(),
             clients,
             revocations: self.revocations.clone(),
+            sealed_under: self.sealed_under.clone(),
         })
     }
 
     /// This state refusing the peers `revocations` cover. Its server
-    /// configs are built again, with the same session-ticket key, when
-    /// they differ from the revocations the configs refuse: their
-    /// verifier holds them, so a caller's full handshake reads them
-    /// without a lock.
+    /// configs are built again when they differ from the revocations the
+    /// configs refuse: their verifier holds them, so a caller's full
+    /// handshake reads them without a lock.
+    ///
+    /// rustls calls no verifier when a caller resumes a session, so when
+    /// `revocations` cover a certificate the ones before did not (a new
+    /// revocation, or one moved later), the new configs seal and open
+    /// tickets with a new key: every ticket sealed before is refused, and
+    /// each caller makes one full handshake, in which a revoked one is
+    /// refused with the alert `certificate_revoked`. Revocations are
+    /// rare; that full handshake per caller is what one costs. A change
+    /// that covers nothing more (a revocation removed) keeps the key.
+    /// The configs keep no server-side session cache to clear.
     pub fn with_revocations(
         mut self,
         revocations: Arc<Revocations>,
@@ -235,11 +253,16 @@ impl TlsState {
                 verifier: verifier.clone(),
                 revocations: revocations.clone(),
             };
-            let ticketer = server.ticketer.clone();
+            let ticketer = if covers_more(&self.sealed_under, &revocations) {
+                ticketer::ticketer()?
+            } else {
+                server.ticketer.clone()
+            };
             let (server, http_server) = server_configs(callers, parts.resolver.clone(), ticketer)?;
             self.server = Some(server);
             self.http_server = Some(http_server);
         }
+        self.sealed_under = revocations.clone();
         self.revocations = revocations;
         Ok(self)
     }
@@ -247,9 +270,12 @@ impl TlsState {
     /// The mesh's revoked identities, as the snapshot in force says. A
     /// caller whose certificate one of them covers is refused by the
     /// server configs' verifier, in a full handshake, with the alert
-    /// `certificate_revoked`; the inbound listener checks a resumed
-    /// session's caller once the handshake is over (rustls calls no
-    /// verifier on resumption). An outbound dial refuses a peer whose
+    /// `certificate_revoked`; a caller's ticket sealed before the
+    /// revocation no longer opens ([`with_revocations`](Self::with_revocations)),
+    /// and the inbound listener checks a resumed session's caller once the
+    /// handshake is over all the same (rustls calls no verifier on
+    /// resumption), for a session that began with configs taken before
+    /// the revocation. An outbound dial refuses a peer whose
     /// certificate one covers, checked once a full handshake is over; a
     /// resumed session whose certificate one covers is abandoned and the
     /// peer dialled again with a full handshake.
@@ -261,15 +287,19 @@ impl TlsState {
     /// it sealed still resume: for a new SVID under the same trust
     /// bundle. The callers' identities were verified against that bundle,
     /// and this sidecar's own identity does not change with its
-    /// certificate; a new bundle or a restart gets a new key.
+    /// certificate; a new bundle or a restart gets a new key. The
+    /// revocations `previous` sealed its tickets under go with the key,
+    /// so [`with_revocations`](Self::with_revocations) replaces it only if
+    /// the revocations then cover more.
     pub fn keeping_tickets(mut self, previous: &TlsState) -> Self {
-        if let Some(previous) = &previous.server {
-            for config in [&mut self.server, &mut self.http_server]
+        if let Some(config) = &previous.server {
+            for mine in [&mut self.server, &mut self.http_server]
                 .into_iter()
                 .flatten()
             {
-                Arc::make_mut(config).ticketer = previous.ticketer.clone();
+                Arc::make_mut(mine).ticketer = config.ticketer.clone();
             }
+            self.sealed_under = previous.sealed_under.clone();
         }
         self
     }
@@ -342,13 +372,22 @@ fn server_configs(
     Ok((Arc::new(server), Arc::new(http_server)))
 }
 
+/// Whether `new` covers a certificate `old` does not: it revokes an
+/// identity `old` does not, or revokes one at a later time.
+fn covers_more(old: &Revocations, new: &Revocations) -> bool {
+    new.iter()
+        .any(|(id, at)| old.revoked_at(id).is_none_or(|before| before < at))
+}
+
 /// The verifier of callers of both inbound configs: a caller's SVID
 /// checked as [`SpiffeClientVerifier`] does, and refused with the alert
 /// `certificate_revoked` when a revocation of the snapshot the configs
 /// were built for covers it, so the caller's sidecar is told why. The
 /// revocations are the `Arc` the policies in force hold, read with no
-/// lock; rustls asks it only in a full handshake, so the inbound listener
-/// checks a resumed session's caller again once its handshake is over.
+/// lock. rustls asks it only in a full handshake: configs whose
+/// revocations cover more seal with a new ticket key, so a caller's
+/// earlier tickets no longer resume, and the inbound listener checks a
+/// resumed session's caller again once its handshake is over.
 #[derive(Debug)]
 struct Callers {
     verifier: Arc<SpiffeClientVerifier>,

@@ -2,7 +2,8 @@
 //! its identity covers, by the rule the post-handshake check applies
 //! (`Revocations::check_issued`): refused with `certificate_revoked`,
 //! noted for the refusal's line, and a certificate issued after the
-//! revocation accepted.
+//! revocation accepted; and the revocation changes that replace the
+//! inbound configs' session-ticket key.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -85,4 +86,24 @@ async fn a_caller_is_refused_with_certificate_revoked_only_if_issued_by_the_revo
             .verify_unrevoked_client_cert(&covered, &[], now, &Revocations::default())
             .is_ok()
     );
+}
+
+/// The revocations that make the inbound configs seal with a new ticket
+/// key (`TlsState::with_revocations`): those covering a certificate the
+/// ones before did not.
+#[test]
+fn only_revocations_that_cover_more_replace_the_ticket_key() {
+    let web = SpiffeId::parse(WEB).unwrap();
+    let api = SpiffeId::parse(API).unwrap();
+    let none = Revocations::default();
+    let web_at = |at: i64| Revocations::new([(web.clone(), at)]);
+    let both = Revocations::new([(web.clone(), 100), (api.clone(), 100)]);
+    let covers_more = super::covers_more;
+    assert!(covers_more(&none, &web_at(100)), "a new revocation");
+    assert!(covers_more(&web_at(100), &web_at(101)), "moved later");
+    assert!(covers_more(&web_at(100), &both), "another identity");
+    assert!(!covers_more(&web_at(100), &web_at(100)), "the same");
+    assert!(!covers_more(&web_at(100), &web_at(99)), "moved earlier");
+    assert!(!covers_more(&both, &web_at(100)), "one removed");
+    assert!(!covers_more(&web_at(100), &none), "all removed");
 }

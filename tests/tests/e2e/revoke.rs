@@ -101,8 +101,9 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
     pair.mesh.ctl(["identity", "revoke", web.as_str()]).await?;
 
     // Once the server's sidecar holds the revocation, a new connection of
-    // web's (a resumed session, web holding api's tickets) is refused
-    // before api's app sees it.
+    // web's is refused before api's app sees it: the tickets web holds
+    // were sealed with a key the revocation replaced, and its full
+    // handshake is refused.
     eventually("the server sidecar to refuse web", SOON, || async {
         let answer = http::get(pair.route(), "/after").await;
         anyhow::ensure!(
