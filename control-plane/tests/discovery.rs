@@ -321,6 +321,110 @@ async fn a_watch_message_that_does_not_decode_is_refused_naming_it() {
     });
 }
 
+/// A gRPC message whose length prefix announces 64 bytes of which only
+/// `bytes` follow: cut short once the request stream ends.
+fn truncated_frame(bytes: &[u8]) -> Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&64u32.to_be_bytes());
+    framed.extend_from_slice(bytes);
+    framed.into()
+}
+
+/// A Watch of `svid` that sent its Subscribe and received its first
+/// snapshot: the rest of the answer, and the sender of the request's body.
+async fn subscribed_watch(
+    cp: &ControlPlane,
+    svid: &Svid,
+) -> (hyper::body::Incoming, raw_grpc::BodySender) {
+    let (answer, body) = raw_watch(cp, svid, grpc_frame(&subscribe("").encode_to_vec())).await;
+    let mut answer = answer.into_body();
+    let first = answer.frame().await.expect("a snapshot").expect("a frame");
+    assert!(first.is_data(), "{first:?}");
+    (answer, body)
+}
+
+/// A Watch message cut short by the end of the request stream, which
+/// tonic's decoder cannot read as one, ends the Watch with INVALID_ARGUMENT
+/// saying which message and why (a later one logged as a warning naming
+/// the sidecar), instead of INTERNAL for the Subscribe and a stream that
+/// ends with OK, telling the sidecar nothing, for a later one.
+#[tokio::test]
+async fn a_watch_message_that_cannot_be_read_is_refused_naming_it() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+    let cut_short = "could not be read: Unexpected EOF decoding stream.";
+
+    let subscribe_cut_short = truncated_frame(&subscribe("").encode_to_vec()[..2]);
+    let path = "/trellis.discovery.v1.Discovery/Watch";
+    let answer = raw_grpc::call_ended(&cp, Some(&web), path, subscribe_cut_short).await;
+    let status = ended_with(answer).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("the first message of a Watch (its Subscribe) {cut_short}")
+    );
+
+    let (answer, body) = subscribed_watch(&cp, &web).await;
+    body.send(Ok(Frame::data(truncated_frame(&[0x12, 0x02]))))
+        .await
+        .unwrap();
+    drop(body);
+    let status = ended_with(http::Response::new(answer)).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("a Watch message after the Subscribe {cut_short}")
+    );
+    let line = cp.wait_for_line("the warning", |l| {
+        l.contains("ending a discovery stream: a message after the Subscribe could not be read")
+    });
+    assert!(line.contains("WARN") && line.contains(WEB), "{line}");
+    assert!(line.contains("Unexpected EOF decoding stream."), "{line}");
+    cp.wait_for_line("the stream's end", |l| {
+        l.contains("discovery stream closed") && l.contains("unreadable message")
+    });
+}
+
+/// A Watch message flagged compressed, though the Watch negotiated no
+/// encoding, ends the Watch with INVALID_ARGUMENT saying so, instead of a
+/// stream that ends with OK.
+#[tokio::test]
+async fn a_watch_message_flagged_compressed_without_an_encoding_is_refused() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+
+    let (answer, body) = subscribed_watch(&cp, &web).await;
+    let mut compressed = grpc_frame(&subscribe("").encode_to_vec()).to_vec();
+    compressed[0] = 1;
+    body.send(Ok(Frame::data(compressed.into()))).await.unwrap();
+    let status = ended_with(http::Response::new(answer)).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "a Watch message after the Subscribe could not be read: protocol error: received \
+         message with compressed-flag but no grpc-encoding was specified"
+    );
+}
+
+/// A Watch its sidecar resets (RST_STREAM, INTERNAL_ERROR, which tonic
+/// reads as INTERNAL too) is a broken stream, ended quietly: not taken
+/// for a message of the sidecar's that could not be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_reset_by_its_sidecar_is_not_taken_for_an_unreadable_message() {
+    let cp = ControlPlane::start(&[]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7001").await;
+
+    let (_answer, body) = subscribed_watch(&cp, &web).await;
+    body.send(Err(std::io::Error::other("the sidecar gives up")))
+        .await
+        .unwrap();
+    let line = cp.wait_for_line("the stream's end", |l| {
+        l.contains("discovery stream closed")
+    });
+    assert!(line.contains("stream broken"), "{line}");
+    assert!(!cp.log().contains("could not be read"), "{}", cp.log());
+}
+
 #[tokio::test]
 async fn watch_requires_an_svid_and_a_subscribe_first() {
     let cp = ControlPlane::start(&[]);

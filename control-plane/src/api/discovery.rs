@@ -116,9 +116,13 @@ impl DiscoveryService {
                     trellis_core::duration::Words(SUBSCRIBE_TIMEOUT)
                 ))
             })?;
-        let subscribe = match first
-            .map_err(|status| super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status))?
-        {
+        let subscribe = match first.map_err(|status| {
+            if super::unreadable_request(&status) {
+                unreadable("the first message of a Watch (its Subscribe)", &status)
+            } else {
+                super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status)
+            }
+        })? {
             Some(WatchRequest {
                 kind: Some(Kind::Subscribe(s)),
             }) => s,
@@ -466,6 +470,14 @@ async fn serve_stream(
                     let _ = tx.send(Err(status)).await;
                     return "undecodable message";
                 }
+                // Bytes tonic's decoder could not read as a message, as
+                // opposed to a connection that failed: nobody is left to
+                // tell of the latter.
+                Err(status) if super::unreadable_request(&status) => {
+                    tracing::warn!(spiffe_id = %id, error = %shown_up_to(status.message(), DECODE_REASON_CHARS), "ending a discovery stream: a message after the Subscribe could not be read");
+                    let _ = tx.send(Err(unreadable("a Watch message after the Subscribe", &status))).await;
+                    return "unreadable message";
+                }
                 Err(_) => return "stream broken",
             },
             _ = crate::run::stopping(&mut shutdown) => {
@@ -481,6 +493,17 @@ async fn serve_stream(
 /// At most this many characters of the decoder's reason are kept in the
 /// refusal of a Watch message that could not be decoded.
 const DECODE_REASON_CHARS: usize = 256;
+
+/// What the sidecar is told of `which` message of its Watch, which tonic's
+/// decoder could not read (see [`super::unreadable_request`]): INVALID_ARGUMENT
+/// naming it and why, in place of tonic's INTERNAL, which says the control
+/// plane failed.
+fn unreadable(which: &str, status: &Status) -> Status {
+    Status::invalid_argument(format!(
+        "{which} could not be read: {}",
+        shown_up_to(status.message(), DECODE_REASON_CHARS)
+    ))
+}
 
 /// Decodes the messages of a Watch's request stream, as tonic's own
 /// decoder does, except that a message that is not a [`WatchRequest`]

@@ -50,6 +50,18 @@ pub(crate) fn request_refused(call: &str, limit: usize, status: Status) -> Statu
     }
 }
 
+/// Whether `status`, from reading a request stream, is the request's own
+/// fault: bytes tonic's decoder could not read as a message (one cut short
+/// by the end of the stream, a compressed flag set though no encoding was
+/// negotiated, bytes that do not decode). tonic says INTERNAL for these,
+/// made from its own words alone; a broken connection (a stream reset, an
+/// I/O error) may say INTERNAL too, but that status is made from the
+/// HTTP/2 or I/O error, which it keeps as its source. Nobody is left to
+/// tell of the latter, while the former is told to its client.
+pub(crate) fn unreadable_request(status: &Status) -> bool {
+    status.code() == Code::Internal && std::error::Error::source(status).is_none()
+}
+
 /// A unary tonic route `S` whose request is read up to `limit` bytes (its
 /// `max_decoding_message_size`), answering a larger one with
 /// [`request_too_large`] instead of tonic's OUT_OF_RANGE. tonic ends such a

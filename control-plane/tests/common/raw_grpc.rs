@@ -1,7 +1,8 @@
 //! gRPC calls made by hand over HTTP/2, for requests no tonic client sends:
-//! a message that does not decode, one announced and never finished.
+//! a message that does not decode, one announced and never finished, a
+//! stream reset.
 
-use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{ControlPlane, Svid};
 
-/// What keeps a hand-made request's body open: dropped, the body ends.
-pub type BodySender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+/// What keeps a hand-made request's body open: dropped, the body ends;
+/// sent an error, the stream is reset (RST_STREAM, INTERNAL_ERROR).
+pub type BodySender = mpsc::Sender<Result<Frame<Bytes>, io::Error>>;
 
 /// How long a hand-made call waits for its answer's head.
 const PATIENCE: Duration = Duration::from_secs(40);
@@ -30,28 +32,52 @@ pub async fn call(
     path: &str,
     first: Bytes,
 ) -> (http::Response<Incoming>, BodySender) {
+    let (body, rx) = mpsc::channel(4);
+    body.send(Ok(Frame::data(first))).await.unwrap();
+    (send(cp, svid, path, rx).await, body)
+}
+
+/// Calls `path` as [`call`] does, the request's body `whole` and ended
+/// before the answer is awaited: the answer's head.
+pub async fn call_ended(
+    cp: &ControlPlane,
+    svid: Option<&Svid>,
+    path: &str,
+    whole: Bytes,
+) -> http::Response<Incoming> {
+    let (body, rx) = mpsc::channel(1);
+    body.send(Ok(Frame::data(whole))).await.unwrap();
+    drop(body);
+    send(cp, svid, path, rx).await
+}
+
+/// Sends a request of `path` whose body is what `rx` receives: the
+/// answer's head.
+async fn send(
+    cp: &ControlPlane,
+    svid: Option<&Svid>,
+    path: &str,
+    rx: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
+) -> http::Response<Incoming> {
     let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(svid)))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("a TLS handshake with the gRPC port");
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(
+        .handshake::<_, StreamBody<ReceiverStream<Result<Frame<Bytes>, io::Error>>>>(TokioIo::new(
             tls,
         ))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let (body, rx) = mpsc::channel(4);
-    body.send(Ok(Frame::data(first))).await.unwrap();
     let request = http::Request::post(format!("http://{}{path}", cp.grpc))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(StreamBody::new(ReceiverStream::new(rx)))
         .unwrap();
-    let answer = tokio::time::timeout(PATIENCE, sender.send_request(request))
+    tokio::time::timeout(PATIENCE, sender.send_request(request))
         .await
         .unwrap_or_else(|_| panic!("{path} never answered"))
-        .expect("an answer");
-    (answer, body)
+        .expect("an answer")
 }
