@@ -161,13 +161,15 @@ fn framed<M: prost::Message>(message: &M) -> Bytes {
 /// decoder says OUT_OF_RANGE for a message past the limit, and INTERNAL
 /// for one that is not a message of the method (bytes that do not decode,
 /// a compressed flag that was not negotiated, a message cut short by the
-/// end of the stream); any other status (the connection failed) is kept.
+/// end of the stream; see [`crate::api::unreadable_request`]); any other
+/// status, INTERNAL from a stream reset among them (the connection
+/// failed), is kept.
 fn refused(status: &Status) -> Status {
     match status.code() {
         Code::OutOfRange => {
             crate::api::request_too_large("reflection", MAX_REFLECTION_REQUEST_BYTES)
         }
-        Code::Internal => Status::invalid_argument(format!(
+        _ if crate::api::unreadable_request(status) => Status::invalid_argument(format!(
             "the reflection request could not be read: {}",
             status.message()
         )),
@@ -223,4 +225,30 @@ fn ended_ok(trailers: &HeaderMap) -> bool {
     trailers
         .get("grpc-status")
         .is_some_and(|status| status.as_bytes() == b"0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller is told its request could not be read when tonic's
+    /// decoder says so, and not when the stream was reset: tonic makes
+    /// the INTERNAL of a reset from the HTTP/2 error, kept as its source,
+    /// and nobody is left to be told.
+    #[test]
+    fn only_the_decoders_internal_is_the_callers_unreadable_request() {
+        let cut_short = Status::internal("Unexpected EOF decoding stream.");
+        let refusal = refused(&cut_short);
+        assert_eq!(refusal.code(), Code::InvalidArgument);
+        assert_eq!(
+            refusal.message(),
+            "the reflection request could not be read: Unexpected EOF decoding stream."
+        );
+
+        let mut reset = Status::internal("h2 protocol error: stream error received");
+        reset.set_source(Arc::new(std::io::Error::other("stream reset")));
+        let kept = refused(&reset);
+        assert_eq!(kept.code(), Code::Internal);
+        assert_eq!(kept.message(), "h2 protocol error: stream error received");
+    }
 }

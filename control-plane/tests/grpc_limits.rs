@@ -154,8 +154,9 @@ async fn a_stalled_oversized_reflection_request_is_ended_and_others_are_served()
 /// A reflection request a little past [`MAX_REFLECTION_REQUEST_BYTES`]
 /// (a symbol name of 5,000 characters), from tonic's own reflection
 /// client, is answered RESOURCE_EXHAUSTED naming the limit, and one whose
-/// bytes are not a reflection request INVALID_ARGUMENT, each instead of a
-/// stream that ends with OK and no answer.
+/// bytes are not a reflection request, or that the end of its stream cuts
+/// short, INVALID_ARGUMENT, each instead of a stream that ends with OK and
+/// no answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_requests_that_cannot_be_read_are_answered_with_why() {
     let cp = ControlPlane::start(&[]);
@@ -189,6 +190,17 @@ async fn reflection_requests_that_cannot_be_read_are_answered_with_why() {
     assert!(
         message.starts_with("the reflection request could not be read: "),
         "{message}"
+    );
+
+    // A message cut short by the end of the request stream.
+    let (answer, body) = stalled_call(&cp, REFLECTION, 1000, 10).await;
+    drop(body);
+    assert_eq!(
+        ended_with(answer).await,
+        (
+            (tonic::Code::InvalidArgument as i32).to_string(),
+            "the reflection request could not be read: Unexpected EOF decoding stream.".to_owned()
+        )
     );
 }
 
