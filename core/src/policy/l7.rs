@@ -477,6 +477,36 @@ const _: () = assert!(
     "H2_HEADERS_TOO_LARGE names the bound"
 );
 
+/// The bound HTTP/2 itself reads a request's header list to in the
+/// sidecar (advertised to callers as SETTINGS_MAX_HEADER_LIST_SIZE), four
+/// times [`H2_MAX_HEADER_LIST`] so that the sidecar's own bound trips
+/// first. h2 refuses a list of this size or more ([`h2_header_list_size`])
+/// itself: 431 with no body, on that stream only, before the sidecar's
+/// code sees the request (nothing is logged or counted); one over
+/// [`H2_HEADER_LIST_ABUSE`], or a header block sent in more than six
+/// CONTINUATION frames, ends the whole connection instead.
+pub const H2_HEADER_LIST_READ: usize = 4 * H2_MAX_HEADER_LIST;
+/// How large a header list h2 reads before it ends the connection with
+/// GOAWAY `ENHANCE_YOUR_CALM` instead of refusing the one request: four
+/// times [`H2_HEADER_LIST_READ`].
+pub const H2_HEADER_LIST_ABUSE: usize = 4 * H2_HEADER_LIST_READ;
+/// What `policy explain` says of an HTTP/2 request whose header list
+/// reaches [`H2_HEADER_LIST_READ`], answered 431: not the sidecar's words,
+/// as its answer has none.
+pub const H2_HEADERS_REFUSED_BY_HTTP2: &str = "request headers (counted as HTTP/2 counts them) reach \
+     the HTTP/2 layer's 64 KiB bound: it refuses the request itself, before any rule, with no \
+     body, and the sidecar logs nothing (a header block sent in more than six \
+     CONTINUATION frames ends the connection instead)";
+/// What `policy explain` says of an HTTP/2 request whose header list is
+/// over [`H2_HEADER_LIST_ABUSE`]: nothing answers it.
+pub const H2_HEADERS_END_CONNECTION: &str = "request headers (counted as HTTP/2 counts them) exceed \
+     256 KiB: the HTTP/2 layer ends the whole connection (GOAWAY ENHANCE_YOUR_CALM) before any \
+     rule, answering no request, and the sidecar logs nothing";
+const _: () = assert!(
+    H2_HEADER_LIST_READ == 64 * 1024 && H2_HEADER_LIST_ABUSE == 256 * 1024,
+    "H2_HEADERS_REFUSED_BY_HTTP2 and H2_HEADERS_END_CONNECTION name the bounds"
+);
+
 /// The size of an HTTP/1.1 request head with `method`, `target` and
 /// `headers` as a client writes it: `METHOD TARGET HTTP/1.1`, then each
 /// header as `name: value`, every line ended by CRLF, then an empty line.

@@ -274,16 +274,25 @@ pub const H2_MAX_HEADER_LIST: usize = trellis_core::policy::l7::H2_MAX_HEADER_LI
 
 /// The bound HTTP/2 itself reads header lists to (advertised to callers as
 /// SETTINGS_MAX_HEADER_LIST_SIZE), four times [`H2_MAX_HEADER_LIST`] so
-/// that the sidecar's own bound trips first. A list over it is refused
-/// inside h2, which answers 431 alone (no body, on that stream only) and
-/// never hands the request to the sidecar (no log line, no count); h2 ends
-/// the connection with GOAWAY `ENHANCE_YOUR_CALM` for one over four times
-/// this, or a header block in more than six CONTINUATION frames. A caller that heeds the setting never sends one (Go's and h2's
-/// clients refuse to; curl's nghttp2 sends nothing of such a request, and
-/// curl reports `REFUSED_STREAM`, retries, then gives up with "Connection
-/// died"). A list up to it is held while its stream is accepted, then
-/// dropped at once when it is refused.
-pub const H2_HEADER_LIST_READ: u32 = 4 * H2_MAX_HEADER_LIST as u32;
+/// that the sidecar's own bound trips first; `policy explain` answers from
+/// the same constant ([`trellis_core::policy::l7::H2_HEADER_LIST_READ`]). A
+/// list of this size or more is refused inside h2, which answers 431 alone
+/// (no body, on that stream only) and never hands the request to the
+/// sidecar (no log line, no count); h2 ends the connection with GOAWAY
+/// `ENHANCE_YOUR_CALM` for one over four times this, or a header block in
+/// more than six CONTINUATION frames. A caller that heeds the setting
+/// never sends one (Go's and h2's clients refuse to; curl's nghttp2 sends
+/// nothing of such a request, and curl reports `REFUSED_STREAM`, retries,
+/// then gives up with "Connection died"). A list up to it is held while
+/// its stream is accepted, then dropped at once when it is refused.
+pub const H2_HEADER_LIST_READ: u32 = {
+    let read = trellis_core::policy::l7::H2_HEADER_LIST_READ;
+    assert!(
+        read <= u32::MAX as usize,
+        "SETTINGS_MAX_HEADER_LIST_SIZE is 32 bits"
+    );
+    read as u32
+};
 
 /// Why an HTTP connection ended early.
 #[derive(Debug, thiserror::Error)]
