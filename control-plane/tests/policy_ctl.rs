@@ -1161,3 +1161,259 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
         assert!(out.stdout.is_empty(), "{bad:?}");
     }
 }
+
+/// The API reads policy of `explain_decides_an_http_request_as_the_sidecar_would`
+/// and a DENY on `/admin/*`, applied; then `trellisctl policy explain` from
+/// WEB to API on port 8080 with `extra` flags, and its request line.
+fn apply_reads_and_no_admin(cp: &ControlPlane) {
+    let reads = common::policy::allow("api-reads", API, WEB, 8080).replace(
+        "- ports: [8080]",
+        "- {ports: [8080], methods: [GET], paths: [\"/api/*\"]}",
+    );
+    let deny = common::policy::allow("no-admin", API, WEB, 8080)
+        .replace("ALLOW", "DENY")
+        .replace("- ports: [8080]", "- paths: [\"/admin/*\"]");
+    let file = cp.tmp.path().join("http.yaml");
+    std::fs::write(&file, format!("{reads}---\n{deny}")).unwrap();
+    let out = cp.ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The request line `policy explain` prints from WEB to API on 8080 with
+/// `extra` flags (it must succeed).
+fn request_line(cp: &ControlPlane, extra: &[&str]) -> String {
+    let text = explained(cp, WEB, API, extra);
+    let line = text.lines().find(|l| l.starts_with("  request "));
+    line.unwrap_or_else(|| panic!("no request line: {text}"))
+        .to_owned()
+}
+
+/// An HTTP/2 header list the sidecar's HTTP/2 layer refuses itself (64 KiB
+/// or more as HTTP/2 counts it) never reaches the sidecar's code: the
+/// answer says so (431, no body, nothing logged) instead of quoting the
+/// sidecar's 16 KiB refusal, which a list just under it still gets; one
+/// over 256 KiB ends the connection, and nothing answers it.
+#[test]
+fn explain_says_the_http2_layer_refuses_a_header_list_past_its_bound() {
+    let cp = ControlPlane::start(&[]);
+    // `:method GET`, `:scheme http` and `:path` take 122 bytes besides the
+    // target.
+    let list = |size: usize| format!("/x?{}", "q".repeat(size - 122 - "/x?".len()));
+    let own = "  request GET /x: refused (answered 431): request headers (the path and \
+               pseudo-headers among them, 32 bytes more for each field) exceed the sidecar's \
+               16 KiB limit";
+    let http2_layer = "request headers (counted as HTTP/2 counts them) reach the HTTP/2 \
+                       layer's 64 KiB bound: it refuses the request itself, before any rule, \
+                       with no body, and the sidecar logs nothing (a header block sent in more \
+                       than six CONTINUATION frames ends the connection instead)";
+    let just_under = list(64 * 1024 - 1);
+    assert_eq!(request_line(&cp, &["--http2", "--path", &just_under]), own);
+    let at_bound = list(64 * 1024);
+    assert_eq!(
+        request_line(&cp, &["--http2", "--path", &at_bound]),
+        format!("  request GET /x: refused (answered 431): {http2_layer}")
+    );
+    let json = explained(
+        &cp,
+        WEB,
+        API,
+        &["--http2", "--path", &at_bound, "-o", "json"],
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["request"]["outcome"], "refused", "{json}");
+    assert_eq!(json["request"]["status"], 431, "{json}");
+    assert_eq!(json["request"]["refusal"], http2_layer, "{json}");
+    // The same as HTTP/1.1 is decided: its bounds are other.
+    assert_eq!(
+        request_line(&cp, &["--path", &at_bound]),
+        "  request GET /x: deny by default:deny (answered 403)"
+    );
+
+    // Over 256 KiB, in headers each short enough for a command line.
+    let big = format!("x-big: {}", "b".repeat(90 * 1024));
+    let mut args = vec!["--http2", "--path", "/x"];
+    for _ in 0..3 {
+        args.extend(["--header", &big]);
+    }
+    assert_eq!(
+        request_line(&cp, &args),
+        "  request GET /x: refused (no answer): request headers (counted as HTTP/2 counts \
+         them) exceed 256 KiB: the HTTP/2 layer ends the whole connection (GOAWAY \
+         ENHANCE_YOUR_CALM) before any rule, answering no request, and the sidecar logs nothing"
+    );
+    args.extend(["-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&explained(&cp, WEB, API, &args)).unwrap();
+    assert_eq!(json["request"]["outcome"], "refused", "{json}");
+    assert_eq!(json["request"]["status"], serde_json::Value::Null, "{json}");
+}
+
+/// An absolute-form HTTP/1.1 target is taken as the sidecar takes it: the
+/// rules match its path, a `Host` naming another host or port than its
+/// authority is refused with 400, and it counts whole towards the bound
+/// on the target. HTTP/2 has no such form: a usage error, before any call.
+#[test]
+fn explain_takes_an_absolute_form_target_as_the_sidecar_does() {
+    let cp = ControlPlane::start(&[]);
+    apply_reads_and_no_admin(&cp);
+    let line = |extra: &[&str]| request_line(&cp, extra);
+    assert_eq!(
+        line(&["--path", "http://api:8080/api/x?q=1"]),
+        "  request GET /api/x: allow by default/api-reads rule 0 (passed to the app)"
+    );
+    assert_eq!(
+        line(&["--path", "http://api:8080/admin/x"]),
+        "  request GET /admin/x: deny by default/no-admin rule 0 (answered 403)"
+    );
+    for host in ["api:8080", "API:8080"] {
+        assert_eq!(
+            line(&[
+                "--path",
+                "http://api:8080/api/x",
+                "--header",
+                &format!("Host: {host}")
+            ]),
+            "  request GET /api/x: allow by default/api-reads rule 0 (passed to the app)",
+            "{host}"
+        );
+    }
+    for host in ["web:8080", "api", "api:80"] {
+        assert_eq!(
+            line(&[
+                "--path",
+                "http://api:8080/api/x",
+                "--header",
+                &format!("Host: {host}")
+            ]),
+            "  request GET /api/x: refused (answered 400): Host header differs from the \
+             authority of the request target",
+            "{host}"
+        );
+    }
+    // An origin-form target names no authority: any one Host goes.
+    assert_eq!(
+        line(&["--path", "/api/x", "--header", "Host: web:8080"]),
+        "  request GET /api/x: allow by default/api-reads rule 0 (passed to the app)"
+    );
+    // The whole target counts towards the sidecar's 65,534 bytes.
+    let target = |len: usize| {
+        let head = "http://api:8080/api/x?q=";
+        format!("{head}{}", "q".repeat(len - head.len()))
+    };
+    assert_eq!(
+        line(&["--path", &target(65_534)]),
+        "  request GET /api/x: allow by default/api-reads rule 0 (passed to the app)"
+    );
+    assert_eq!(
+        line(&["--path", &target(65_535)]),
+        "  request GET /api/x: refused (answered 414): request target exceeds the sidecar's \
+         limit of 65534 bytes"
+    );
+
+    let args = [
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
+    ];
+    let out = cp.ctl(&[&args[..], &["--http2", "--path", "http://api/api/x"]].concat());
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: --path \"http://api/api/x\": an absolute-form target is HTTP/1.1's: for HTTP/2 \
+         give its path, and its authority as a Host header (which stands for :authority)\n"
+    );
+    assert!(out.stdout.is_empty());
+    let out = cp.ctl(&[&args[..], &["--path", "mailto:a@b"]].concat());
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "invalid value 'mailto:a@b' for '--path <PATH>': \"mailto:a@b\" is not a request \
+             target (a path starting with '/', '*', or an absolute URI such as \
+             http://host:port/path; no spaces or control characters)"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--path @FILE` reads a target too long for a command line (one argument
+/// is at most 128 KiB on Linux) from FILE, and `@-` from standard input,
+/// one line end after it left out; a file that cannot be read, or does not
+/// hold a target, is a usage error naming it, before any call.
+#[test]
+fn explain_reads_a_long_target_from_a_file() {
+    let cp = ControlPlane::start(&[]);
+    apply_reads_and_no_admin(&cp);
+    let long = format!("/api/x?q={}", "q".repeat(409 * 1024));
+    assert!(long.len() > 128 * 1024);
+    let file = cp.tmp.path().join("target.txt");
+    std::fs::write(&file, format!("{long}\r\n")).unwrap();
+    let at_file = format!("@{}", file.display());
+    let too_large = "  request GET /api/x: refused (answered 431): request head exceeds the \
+                     sidecar's 408 KiB limit";
+    assert_eq!(request_line(&cp, &["--path", &at_file]), too_large);
+    // A target that fits is decided as given on the command line.
+    std::fs::write(&file, "/admin/x\n").unwrap();
+    assert_eq!(
+        request_line(&cp, &["--path", &at_file]),
+        "  request GET /admin/x: deny by default/no-admin rule 0 (answered 403)"
+    );
+
+    let args = [
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "8080", "--path", "@-",
+    ];
+    let mut child = cp
+        .ctl_command(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        std::io::Write::write_all(&mut stdin, long.as_bytes()).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("{too_large}\n")), "{text}");
+
+    let missing = cp.tmp.path().join("missing.txt");
+    let bad = cp.tmp.path().join("bad.txt");
+    std::fs::write(&bad, "api/x\n").unwrap();
+    for (path, error) in [
+        (
+            &missing,
+            format!(
+                "{}: cannot read: no such file or directory",
+                missing.display()
+            ),
+        ),
+        (
+            &bad,
+            format!(
+                "{}: \"api/x\" is not a request target (a path starting with '/', '*', or an \
+                 absolute URI such as http://host:port/path; no spaces or control characters)",
+                bad.display()
+            ),
+        ),
+    ] {
+        let at = format!("@{}", path.display());
+        let out = cp.ctl(&[&args[..8], &["--path", &at]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "invalid value '{at}' for '--path <PATH>': {error}\n"
+            )),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}

@@ -612,14 +612,15 @@ pub async fn explain_request(
     let rate_limits = view.rate_limits_for(&destination);
     let explanation = match &http {
         None => explain(&source, &destination, port, &policies, default, &opaque),
-        Some((method, (path, query), headers)) => {
+        Some((method, target, headers)) => {
             let http = ExplainedHttp {
                 request: HttpRequest {
                     method,
-                    path,
+                    path: &target.path,
                     headers,
                 },
-                query,
+                query: &target.query,
+                absolute: &target.absolute,
                 limits_read_paths: limits_read_paths(&rate_limits),
                 http2,
             };
@@ -672,15 +673,21 @@ fn limits_read_paths(limits: &[RateLimit]) -> bool {
     (limits.iter()).any(|l| !matches!(RateLimitPolicy::from_proto(l), Ok(p) if !p.reads_paths()))
 }
 
-/// The method, path and query ([`http_path`]) and headers of an Explain's
+/// The method, target ([`http_path`]) and headers of an Explain's
 /// HTTP request, each checked as an HTTP server reads it; why not, naming
 /// the field (a header's value is never repeated: it may hold a
 /// credential).
 fn explained_request(
     r: &ExplainedHttpRequest,
-) -> Result<(String, (String, String), http::HeaderMap), String> {
+) -> Result<(String, RequestTarget, http::HeaderMap), String> {
     let method = http_method(&r.method).map_err(|e| format!("request.method: {e}"))?;
     let path = http_path(&r.path).map_err(|e| format!("request.path: {e}"))?;
+    if r.http2 && !path.absolute.is_empty() {
+        return Err(format!(
+            "request.path: {}: {NO_ABSOLUTE_H2}",
+            super::quoted(&r.path)
+        ));
+    }
     let mut headers = http::HeaderMap::new();
     for (i, h) in r.headers.iter().enumerate() {
         let (name, value) =
@@ -702,33 +709,123 @@ pub fn http_method(text: &str) -> Result<String, String> {
     }
 }
 
-/// A request target in origin form (`/users/7?x=1`), or `*`, as
-/// `trellisctl policy explain --path` takes it: the path and its query.
+/// A request target as `trellisctl policy explain --path` takes it: in
+/// origin form (`/users/7?x=1`), `*`, or in absolute form
+/// (`http://api:8080/users/7?x=1`), which the sidecar takes over HTTP/1.1.
 pub fn http_target(text: &str) -> Result<String, String> {
-    request_target(text).map(|p| p.as_str().to_owned())
+    request_target(text).map(|_| text.to_owned())
 }
 
-/// The path of a request target (`/users/7?x=1`), or `*`, without its
-/// query, as the sidecar matches rules on it, and the query from its `?`
-/// on (empty without one), which counts towards the sidecar's bounds on
-/// the head.
-pub fn http_path(text: &str) -> Result<(String, String), String> {
-    let target = request_target(text)?;
-    let query = target.query().map(|q| format!("?{q}")).unwrap_or_default();
-    Ok((target.path().to_owned(), query))
+/// Why an HTTP/2 request's target cannot be in absolute form.
+pub const NO_ABSOLUTE_H2: &str = "an absolute-form target is HTTP/1.1's: for HTTP/2 give its \
+     path, and its authority as a Host header (which stands for :authority)";
+
+/// Whether `target`, read as [`http_target`] reads it, is in absolute form.
+pub fn is_absolute_target(target: &str) -> bool {
+    matches!(request_target(target), Ok((true, ..)))
 }
 
-fn request_target(text: &str) -> Result<http::uri::PathAndQuery, String> {
-    let parsed = (text.starts_with('/') || text == "*")
-        .then(|| http::uri::PathAndQuery::try_from(text).ok())
-        .flatten();
-    match parsed {
-        Some(p) => Ok(p),
-        None => Err(format!(
-            "{} is not a request path (it starts with '/', or is '*', and holds no spaces \
-             or control characters)",
+/// A request target as the sidecar reads it ([`http_path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTarget {
+    /// The path, without the query, as the sidecar matches rules on it
+    /// (`/` for an absolute-form target that names none).
+    pub path: String,
+    /// The query from its `?` on (empty without one): matched by no rule,
+    /// but counted towards the sidecar's bounds on the head.
+    pub query: String,
+    /// The whole target when in absolute form, else empty: its authority
+    /// is the one a `Host` must name.
+    pub absolute: String,
+}
+
+/// The path, query and absolute form of a request target ([`http_target`]).
+pub fn http_path(text: &str) -> Result<RequestTarget, String> {
+    let (absolute, path, query) = request_target(text)?;
+    Ok(RequestTarget {
+        path,
+        query,
+        absolute: if absolute {
+            text.to_owned()
+        } else {
+            String::new()
+        },
+    })
+}
+
+/// Whether `text` is in absolute form, and its path and query. The scheme
+/// and authority are read apart from the rest ([`absolute_parts`]), and a
+/// long path or query in pieces ([`path_and_query`]): a target of any
+/// length reads, the sidecar's bounds on it being the explanation's to
+/// tell.
+fn request_target(text: &str) -> Result<(bool, String, String), String> {
+    let parsed = if text.starts_with('/') || text == "*" {
+        path_and_query(text).map(|(p, q)| (false, p, q))
+    } else {
+        absolute_parts(text)
+            .and_then(path_and_query)
+            .map(|(p, q)| (true, p, q))
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "{} is not a request target (a path starting with '/', '*', or an absolute URI such \
+             as http://host:port/path; no spaces or control characters)",
             super::quoted(text)
-        )),
+        )
+    })
+}
+
+/// The path of `text` (a target from its path on) and its query from the
+/// `?` on, as the `http` crate reads them. That crate reads no target over
+/// 65,534 bytes: a longer one is read in pieces, each holding only what a
+/// target may, and no fragment (`#`, which a shorter one may end with).
+fn path_and_query(text: &str) -> Option<(String, String)> {
+    const PIECE: usize = 16 * 1024;
+    if text.len() <= PIECE {
+        let target = http::uri::PathAndQuery::try_from(text).ok()?;
+        let query = target.query().map(|q| format!("?{q}")).unwrap_or_default();
+        return Some((target.path().to_owned(), query));
+    }
+    let (path, query) = text.split_at(text.find('?').unwrap_or(text.len()));
+    let reads = |piece: &str, before: &str| {
+        let whole = format!("{before}{piece}");
+        http::uri::PathAndQuery::try_from(whole.as_str()).is_ok_and(|t| t.as_str() == whole)
+    };
+    let in_pieces = |part: &str, before: &str| {
+        let mut rest = part;
+        while !rest.is_empty() {
+            let mut at = rest.len().min(PIECE);
+            while !rest.is_char_boundary(at) {
+                at -= 1;
+            }
+            let (piece, tail) = rest.split_at(at);
+            if !reads(piece, before) {
+                return false;
+            }
+            rest = tail;
+        }
+        true
+    };
+    // An absolute-form target may go from its authority to its query.
+    let path_reads = path.is_empty() || path.starts_with('/') && in_pieces(&path[1..], "/");
+    let query_reads = query.is_empty() || in_pieces(&query[1..], "/?");
+    let path = if path.is_empty() { "/" } else { path };
+    (path_reads && query_reads).then(|| (path.to_owned(), query.to_owned()))
+}
+
+/// The path and query of an absolute-form target (`/p?q` of
+/// `http://host:port/p?q`, `/` when it has neither), if its scheme and
+/// authority read as hyper reads them.
+fn absolute_parts(text: &str) -> Option<&str> {
+    let after_scheme = text.find("://")? + "://".len();
+    let end = text[after_scheme..]
+        .find(['/', '?'])
+        .map_or(text.len(), |at| after_scheme + at);
+    let uri = http::Uri::try_from(&text[..end]).ok()?;
+    uri.authority()?;
+    match &text[end..] {
+        "" => Some("/"),
+        rest => Some(rest),
     }
 }
 
@@ -785,18 +882,59 @@ mod tests {
     /// rules on the path alone and sizes the head with the query.
     #[test]
     fn a_request_target_keeps_its_query_apart_from_the_path() {
+        let target = |path: &str, query: &str, absolute: &str| RequestTarget {
+            path: path.to_owned(),
+            query: query.to_owned(),
+            absolute: absolute.to_owned(),
+        };
         assert_eq!(http_target("/users/7?x=1&y").unwrap(), "/users/7?x=1&y");
         assert_eq!(
             http_path("/users/7?x=1&y").unwrap(),
-            ("/users/7".to_owned(), "?x=1&y".to_owned())
+            target("/users/7", "?x=1&y", "")
         );
-        assert_eq!(http_path("/x?").unwrap(), ("/x".to_owned(), "?".to_owned()));
-        assert_eq!(http_path("*").unwrap(), ("*".to_owned(), String::new()));
+        assert_eq!(http_path("/x?").unwrap(), target("/x", "?", ""));
+        assert_eq!(http_path("*").unwrap(), target("*", "", ""));
+        let absolute = "http://api:8080/users/7?x=1";
         assert_eq!(
-            http_target("x?y").unwrap_err(),
-            "\"x?y\" is not a request path (it starts with '/', or is '*', and holds no \
-             spaces or control characters)"
+            http_path(absolute).unwrap(),
+            target("/users/7", "?x=1", absolute)
         );
+        assert_eq!(
+            http_path("http://api?x").unwrap(),
+            target("/", "?x", "http://api?x")
+        );
+        assert_eq!(
+            http_path("http://api").unwrap(),
+            target("/", "", "http://api")
+        );
+        // Past the `http` crate's 65,534 bytes, read in pieces.
+        let long = "q".repeat(100 * 1024);
+        assert_eq!(
+            http_path(&format!("/{long}?{long}")).unwrap(),
+            target(&format!("/{long}"), &format!("?{long}"), "")
+        );
+        let absolute = format!("http://api?{long}");
+        assert_eq!(
+            http_path(&absolute).unwrap(),
+            target("/", &format!("?{long}"), &absolute)
+        );
+        for bad in [
+            format!("/x?{long} "),
+            format!("/x?{long}#f"),
+            format!("/{long}\t"),
+        ] {
+            assert!(http_target(&bad).is_err());
+        }
+        for bad in ["x?y", "http://", "http://a b/c", "mailto:a@b"] {
+            assert_eq!(
+                http_target(bad).unwrap_err(),
+                format!(
+                    "{bad:?} is not a request target (a path starting with '/', '*', or an \
+                     absolute URI such as http://host:port/path; no spaces or control \
+                     characters)"
+                )
+            );
+        }
     }
 
     #[test]

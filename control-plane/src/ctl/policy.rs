@@ -244,14 +244,20 @@ pub enum RemotePolicyCommand {
             value_parser = trellis_core::tcp::parse_port
         )]
         opaque_ports: Vec<u16>,
-        /// Also decide one HTTP request with this path on the connection,
-        /// as the destination's sidecar would: the answer names the
-        /// deciding rule and the outcome (allowed, denied with 403, or
-        /// refused before any rule, e.g. a path an app could read as
-        /// another one), and the rules' HTTP conditions are evaluated
+        /// Also decide one HTTP request with this target on the
+        /// connection, as the destination's sidecar would: the answer
+        /// names the deciding rule and the outcome (allowed, denied with
+        /// 403, or refused before any rule, e.g. a path an app could read
+        /// as another one), and the rules' HTTP conditions are evaluated
         /// against it. A query after `?` is matched by no rule, but counts
-        /// towards the sidecar's bounds on the request's head.
-        #[arg(long, value_name = "PATH", value_parser = crate::api::policy::http_target)]
+        /// towards the sidecar's bounds on the request's head. An
+        /// absolute-form target (`http://host:port/path?query`, HTTP/1.1
+        /// only) is taken as the sidecar takes it: the rules match its
+        /// path, and a `Host` header must name the same host and port.
+        /// `@FILE` reads the target from FILE (`@-`: standard input), one
+        /// line end after it left out: a long one does not fit on a
+        /// command line.
+        #[arg(long, value_name = "PATH", value_parser = explained_target)]
         path: Option<String>,
         /// The method of the request --path names (default GET).
         #[arg(long, value_name = "M", requires = "path", value_parser = crate::api::policy::http_method)]
@@ -264,7 +270,8 @@ pub enum RemotePolicyCommand {
         /// a `--header 'Host: ...'` stands for its `:authority` (HTTP/2
         /// clients send that instead) and is counted as one; a second
         /// `Host` must name the same authority. The sidecar answers 431 to
-        /// an HTTP/2 header list over 16 KiB,
+        /// an HTTP/2 header list over 16 KiB (its HTTP/2 layer refuses one
+        /// of 64 KiB or more itself: 431 with no body, nothing logged),
         /// and to an HTTP/1.1 head over 408 KiB or with more than 100
         /// header fields (414 to an HTTP/1.1 target over 65,534 bytes).
         #[arg(long, requires = "path")]
@@ -433,6 +440,16 @@ pub async fn run(
             http2,
             output,
         } => {
+            if *http2
+                && let Some(path) = path
+                && crate::api::policy::is_absolute_target(path)
+            {
+                return Err(CtlError::Usage(format!(
+                    "--path {}: {}",
+                    crate::api::quoted(path),
+                    crate::api::policy::NO_ABSOLUTE_H2
+                )));
+            }
             let request = path.as_ref().map(|path| ExplainedHttpRequest {
                 method: method.clone().unwrap_or_else(|| "GET".to_owned()),
                 path: path.clone(),
@@ -474,6 +491,35 @@ pub async fn run(
             Ok(explained(&explanation, &response, *output, *http2))
         }
     }
+}
+
+/// `policy explain --path`: a request target
+/// ([`http_target`](crate::api::policy::http_target)), or `@FILE` for the
+/// one FILE holds (`@-`: standard input), without one line end after it.
+/// Why not, naming the file (the target is quoted cut short: it may be
+/// long).
+fn explained_target(text: &str) -> Result<String, String> {
+    let Some(file) = text.strip_prefix('@') else {
+        return crate::api::policy::http_target(text);
+    };
+    let (name, read) = match file {
+        "-" => ("standard input".to_owned(), {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes).map(|_| bytes)
+        }),
+        _ => (super::escape_controls(file), std::fs::read(file)),
+    };
+    let bytes = read.map_err(|e| {
+        format!(
+            "{name}: cannot read: {}",
+            trellis_core::io_error::IoWords(&e)
+        )
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{name}: not UTF-8 text"))?;
+    let target = (text.strip_suffix('\n'))
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    crate::api::policy::http_target(target).map_err(|e| format!("{name}: {e}"))
 }
 
 /// A policy's `NAMESPACE/NAME`, each set (as the control plane requires).
@@ -1034,8 +1080,9 @@ fn decision_json(d: &Decision) -> serde_json::Map<String, serde_json::Value> {
 }
 
 /// A request's outcome ("allow", "deny", "refused" or "opaque"), the status
-/// the sidecar answers with (null when the app answers), and why: the
-/// deciding rule and audits of a decision, the words of a refusal.
+/// the sidecar answers with (null when the app answers, or nothing does),
+/// and why: the deciding rule and audits of a decision, the words of a
+/// refusal.
 fn request_json(r: &RequestAnswer) -> serde_json::Value {
     let mut out = serde_json::json!({
         "method": r.method,
@@ -1052,7 +1099,10 @@ fn request_json(r: &RequestAnswer) -> serde_json::Value {
         }
         RequestOutcome::Refused { status, why } => serde_json::Map::from_iter([
             ("outcome".to_owned(), "refused".into()),
-            ("status".to_owned(), (*status).into()),
+            (
+                "status".to_owned(),
+                (*status != 0).then_some(*status).into(),
+            ),
             ("refusal".to_owned(), why.as_str().into()),
         ]),
         RequestOutcome::Opaque => serde_json::Map::from_iter([
@@ -1091,6 +1141,7 @@ mod tests {
                 headers: &headers,
             },
             query: "",
+            absolute: "",
             limits_read_paths: false,
             http2: false,
         };

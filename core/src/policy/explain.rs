@@ -53,6 +53,13 @@ pub struct ExplainedHttp<'a> {
     /// one): no rule matches it, but it counts towards the sidecar's
     /// bounds on the head as the rest of the target does.
     pub query: &'a str,
+    /// An absolute-form HTTP/1.1 request target as sent
+    /// (`http://api:8080/users?x=1`, whose `request.path` is `/users` and
+    /// `query` `?x=1`); empty for one in origin form. The sidecar takes
+    /// such a target as hyper reads it: the rules match its path, a `Host`
+    /// must name the same host and port as its authority, and it counts
+    /// whole towards the bounds on the head.
+    pub absolute: &'a str,
     /// Whether a rate limit selecting the destination reads paths
     /// ([`RateLimitPolicy::reads_paths`](super::RateLimitPolicy::reads_paths)).
     pub limits_read_paths: bool,
@@ -78,7 +85,8 @@ pub enum RequestOutcome {
     Decided(Decision),
     /// Answered before any rule is checked, with `status`, for `why`
     /// (e.g. a path an app could read as another one, or more than one
-    /// `Host`).
+    /// `Host`); `status` 0 when nothing answers it (the connection is
+    /// ended).
     Refused { status: u16, why: String },
     /// The port is opaque: never parsed as HTTP, so no request is decided
     /// and the connection's verdict applies.
@@ -133,18 +141,28 @@ impl RequestAnswer {
 }
 
 /// What the sidecar refuses in the `Host` of `http`, if anything. An
-/// HTTP/1.1 request is in origin form: its `Host` is the only authority it
-/// names, so only a second one is refused. In HTTP/2 the first `Host`
-/// given stands for `:authority` ([`h2_authority`]), which a second one
-/// must name again.
+/// HTTP/1.1 request in origin form names no authority but its `Host`, so
+/// only a second one is refused; in absolute form, its target's authority
+/// (of [`ExplainedHttp::absolute`]) is the one a `Host` must name. In HTTP/2
+/// the first `Host` given stands for `:authority` ([`h2_authority`]),
+/// which a second one must name again.
 fn host_problem(http: &ExplainedHttp<'_>) -> Option<&'static str> {
     let headers = http.request.headers;
     if !http.http2 {
-        return l7::host_problem(headers, None);
+        return l7::host_problem(headers, absolute_authority(http.absolute).as_ref());
     }
     let (authority, rest) = h2_authority(headers);
     let authority = authority.and_then(|a| http::uri::Authority::try_from(a).ok());
     l7::host_problem(&rest, authority.as_ref())
+}
+
+/// The authority of an absolute-form target (`api:8080` of
+/// `http://api:8080/x`); `None` for one in origin form (empty). Read from
+/// the text before the path alone: a target of any length has one.
+fn absolute_authority(absolute: &str) -> Option<http::uri::Authority> {
+    let (_, rest) = absolute.split_once("://")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    http::uri::Authority::try_from(&rest[..end]).ok()
 }
 
 /// The `:authority` of an HTTP/2 request with `headers` as `policy
@@ -174,18 +192,31 @@ fn h2_authority(headers: &http::HeaderMap) -> (Option<&str>, http::HeaderMap) {
 /// [`l7::H2_MAX_HEADER_LIST`] (431), counted with `:scheme` `http` and a
 /// `Host` given as `:authority` ([`h2_authority`]), as the sidecar counts
 /// the `:authority` a client sends. The request target counts whole, its
-/// query too (`:path` in HTTP/2).
+/// query too (`:path` in HTTP/2), and an absolute-form one as sent. An
+/// HTTP/2 list the HTTP/2 layer itself refuses (from
+/// [`l7::H2_HEADER_LIST_READ`] on) never reaches the sidecar's code: 431
+/// with no words of the sidecar's, or, over [`l7::H2_HEADER_LIST_ABUSE`],
+/// no answer at all (status 0), the connection ended.
 fn over_bounds(http: &ExplainedHttp<'_>) -> Option<(u16, &'static str)> {
     let HttpRequest {
         method,
         path,
         headers,
     } = http.request;
-    let target = format!("{path}{}", http.query);
+    let target = match http.absolute {
+        "" => format!("{path}{}", http.query),
+        absolute => absolute.to_owned(),
+    };
     if http.http2 {
         let (authority, rest) = h2_authority(headers);
         let size = l7::h2_header_list_size(method, Some("http"), authority, Some(&target), &rest);
-        (size > l7::H2_MAX_HEADER_LIST).then_some((431, l7::H2_HEADERS_TOO_LARGE))
+        if size > l7::H2_HEADER_LIST_ABUSE {
+            Some((0, l7::H2_HEADERS_END_CONNECTION))
+        } else if size >= l7::H2_HEADER_LIST_READ {
+            Some((431, l7::H2_HEADERS_REFUSED_BY_HTTP2))
+        } else {
+            (size > l7::H2_MAX_HEADER_LIST).then_some((431, l7::H2_HEADERS_TOO_LARGE))
+        }
     } else {
         let size = l7::http1_head_size(method, &target, headers);
         let limit = l7::HeadLimit::http1(headers.len(), size, target.len())?;
@@ -222,6 +253,7 @@ impl fmt::Display for RequestAnswer {
         match &self.outcome {
             RequestOutcome::Decided(d) if d.is_allowed() => write!(f, "{d} (passed to the app)"),
             RequestOutcome::Decided(d) => write!(f, "{d} (answered 403)"),
+            RequestOutcome::Refused { status: 0, why } => write!(f, "refused (no answer): {why}"),
             RequestOutcome::Refused { status, why } => {
                 write!(f, "refused (answered {status}): {why}")
             }
@@ -871,6 +903,7 @@ spec:
                     headers: &headers,
                 },
                 query: self.query,
+                absolute: "",
                 limits_read_paths: self.limits_read_paths,
                 http2: self.http2,
             };
@@ -1232,6 +1265,7 @@ spec:
                     headers: &headers,
                 },
                 query: "",
+                absolute: "",
                 limits_read_paths: true,
                 http2: false,
             };
