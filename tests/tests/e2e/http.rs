@@ -251,6 +251,39 @@ async fn an_h2_header_list_over_64_kib_is_answered_431_on_its_stream() -> anyhow
     );
     assert!(app.requests().is_empty());
     assert!(access_lines(&s.api).is_empty());
+
+    // `policy explain` says the same, not the sidecar's own 16 KiB words.
+    let port = app.addr().port().to_string();
+    let big = format!("x-big: {}", "a".repeat(70_000));
+    let explained = s
+        .mesh
+        .ctl([
+            "policy",
+            "explain",
+            "--from",
+            s.web.identity(),
+            "--to",
+            s.api.identity(),
+            "--port",
+            &port,
+            "--path",
+            "/big",
+            "--http2",
+            "--header",
+            "Host: api",
+            "--header",
+            &big,
+        ])
+        .await?;
+    assert!(
+        explained.contains(
+            "\n  request GET /big: refused (answered 431): request headers (counted as HTTP/2 \
+             counts them) reach the HTTP/2 layer's 64 KiB bound: it refuses the request itself, \
+             before any rule, with no body, and the sidecar logs nothing (a header block sent \
+             in more than six CONTINUATION frames ends the connection instead)\n"
+        ),
+        "{explained}"
+    );
     Ok(())
 }
 
@@ -346,6 +379,31 @@ spec:
         "{answer}"
     );
 
+    // An absolute-form target is taken: the rules match its path, and a
+    // Host naming another authority is refused before any rule.
+    let absolute = "GET http://api/admin/users HTTP/1.1\r\nhost: api\r\n\r\n";
+    let answer = probes::plaintext(s.route(), absolute.as_bytes())
+        .await?
+        .received_text();
+    let (status, body) = status_and_body(&answer);
+    assert_eq!(status, "HTTP/1.1 403 Forbidden", "{answer}");
+    assert!(
+        body.starts_with("trellis: denied by policy default/no-admin rule 0"),
+        "{answer}"
+    );
+    let differs = "GET http://api/hello HTTP/1.1\r\nhost: other\r\n\r\n";
+    let answer = probes::plaintext(s.route(), differs.as_bytes())
+        .await?
+        .received_text();
+    assert_eq!(
+        status_and_body(&answer),
+        (
+            "HTTP/1.1 400 Bad Request",
+            "trellis: Host header differs from the authority of the request target\n"
+        ),
+        "{answer}"
+    );
+
     // An HTTP/2 header list over 16 KiB is refused before any rule.
     let big = format!("x-big: {}", "b".repeat(20 * 1024));
     let url = format!("http://{}/hello", s.route());
@@ -403,7 +461,35 @@ spec:
         )),
         "{explained}"
     );
+    let explained = s
+        .mesh
+        .ctl([
+            "policy",
+            "explain",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port,
+            "--path",
+            "http://api/hello",
+            "--header",
+            "Host: other",
+        ])
+        .await?;
+    assert!(
+        explained.contains(
+            "\n  request GET /hello: refused (answered 400): Host header differs from the \
+             authority of the request target\n"
+        ),
+        "{explained}"
+    );
     for (path, answer) in [
+        (
+            "http://api/admin/users",
+            "deny by default/no-admin rule 0 (answered 403)",
+        ),
         (
             "/admin/users",
             "deny by default/no-admin rule 0 (answered 403)",
@@ -424,7 +510,10 @@ spec:
             ])
             .await?;
         assert!(
-            explained.contains(&format!("\n  request GET {path}: {answer}\n")),
+            explained.contains(&format!(
+                "\n  request GET {}: {answer}\n",
+                path.trim_start_matches("http://api")
+            )),
             "{explained}"
         );
     }
