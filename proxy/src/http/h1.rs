@@ -116,13 +116,13 @@ use super::ratelimit::{RateLimit, RateLimitLayer};
 use super::upstream::Reusable;
 use super::{Connection, Protocol, Rewind, detect, headers};
 
+/// What a head over [`MAX_REQUEST_HEAD`] is told.
+pub use trellis_core::policy::l7::HEAD_TOO_LARGE;
 /// The largest request head the sidecar reads, on either path: a longer
 /// one is answered 431 ([`HEAD_TOO_LARGE`]) by the forwarder, which reads
 /// every connection's first head. hyper's server, which reads the heads
 /// after a hand-off, is given the same bound (its default read buffer).
-pub const MAX_REQUEST_HEAD: usize = trellis_core::policy::l7::MAX_REQUEST_HEAD;
-/// What a head over [`MAX_REQUEST_HEAD`] is told.
-pub use trellis_core::policy::l7::HEAD_TOO_LARGE;
+pub use trellis_core::policy::l7::MAX_REQUEST_HEAD;
 /// The longest request target the sidecar takes (hyper's bound, and the
 /// `http` crate's): a longer one is answered 414 ([`TARGET_TOO_LONG`]),
 /// before any hand-off.
