@@ -32,6 +32,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,7 +44,7 @@ use rustls::{ClientConfig, HandshakeKind, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -452,55 +453,60 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// How many requests a connection has in flight, and whether it is still
 /// open: shared by the connection and the requests on it.
-#[derive(Clone, Debug)]
-pub struct Activity(Arc<watch::Sender<Load>>);
+#[derive(Clone, Debug, Default)]
+pub struct Activity(Arc<Load>);
 
-#[derive(Clone, Copy, Debug, Default)]
+/// What [`Activity`] shares: counted without a lock, since every request
+/// of the port updates it twice.
+#[derive(Debug, Default)]
 struct Load {
-    in_flight: usize,
-    closed: bool,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self(Arc::new(watch::Sender::new(Load::default())))
-    }
+    in_flight: AtomicUsize,
+    closed: AtomicBool,
+    /// Told when a request begins on a connection with none in flight,
+    /// when the last in flight ends, and when the connection closes: the
+    /// changes [`Activity::idle_for`] waits on. Only these take its lock:
+    /// a connection holding a Watch counts its other requests lock-free.
+    changed: Notify,
 }
 
 impl Activity {
     /// A request begins; it is in flight until the guard is dropped (with
     /// its response's body, which a stream holds as long as it lives).
     fn begin(&self) -> InFlight {
-        self.0.send_modify(|load| load.in_flight += 1);
+        if self.0.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.0.changed.notify_waiters();
+        }
         InFlight(self.clone())
     }
 
     /// The connection is gone.
     fn close(&self) {
-        self.0.send_modify(|load| load.closed = true);
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
     }
 
     /// Resolves with `true` once the connection has had no request in
     /// flight for `timeout` (each request that comes starts the wait
     /// again), or with `false` once it is gone.
     async fn idle_for(&self, timeout: Duration) -> bool {
-        let mut load = self.0.subscribe();
+        let load = &*self.0;
         loop {
-            let Ok(now) = load
-                .wait_for(|load| load.in_flight == 0 || load.closed)
-                .await
-                .map(|load| *load)
-            else {
-                return false;
-            };
-            if now.closed {
+            // Registered before the state is read, so that a change made
+            // after the read still wakes this wait.
+            let changed = load.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if load.closed.load(Ordering::SeqCst) {
                 return false;
             }
+            if load.in_flight.load(Ordering::SeqCst) > 0 {
+                changed.await;
+                continue;
+            }
             tokio::select! {
+                biased;
+                () = changed => {}
                 () = tokio::time::sleep(timeout) => return true,
-                changed = load.changed() => if changed.is_err() {
-                    return false;
-                },
             }
         }
     }
@@ -511,7 +517,10 @@ struct InFlight(Activity);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.0.send_modify(|load| load.in_flight -= 1);
+        let load = &*self.0.0;
+        if load.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            load.changed.notify_waiters();
+        }
     }
 }
 
@@ -942,6 +951,59 @@ mod tests {
         })
         .await;
         assert_eq!(Arc::strong_count(&serving), 1);
+    }
+
+    /// A connection is idle once no request has been in flight for the
+    /// whole timeout: a request that begins starts the wait again, one in
+    /// flight keeps the connection from being idle however long it lasts,
+    /// and the wait begins anew when the last one ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_after_a_whole_timeout_without_a_request() {
+        use tokio::time::timeout as within;
+        const TIMEOUT: Duration = Duration::from_secs(60);
+        let activity = Activity::default();
+        let idle = activity.idle_for(TIMEOUT);
+        tokio::pin!(idle);
+
+        assert!(within(Duration::from_secs(40), &mut idle).await.is_err());
+        drop(activity.begin());
+        assert!(
+            within(Duration::from_secs(59), &mut idle).await.is_err(),
+            "a request that came starts the wait again"
+        );
+
+        let request = activity.begin();
+        assert!(
+            within(TIMEOUT * 100, &mut idle).await.is_err(),
+            "a request in flight is never idle"
+        );
+        drop(activity.begin());
+        assert!(
+            within(TIMEOUT * 100, &mut idle).await.is_err(),
+            "nor once another request came and went beside it"
+        );
+        drop(request);
+        assert!(within(Duration::from_secs(59), &mut idle).await.is_err());
+        assert_eq!(within(Duration::from_secs(2), &mut idle).await, Ok(true));
+    }
+
+    /// Once its connection is gone, the idle wait ends without having
+    /// found it idle, with or without a request in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_connection_is_not_idle() {
+        const TIMEOUT: Duration = Duration::from_secs(60);
+        let activity = Activity::default();
+        let idle = activity.idle_for(TIMEOUT);
+        tokio::pin!(idle);
+        let request = activity.begin();
+        assert!(tokio::time::timeout(TIMEOUT, &mut idle).await.is_err());
+        activity.close();
+        assert_eq!(tokio::time::timeout(TIMEOUT, idle).await, Ok(false));
+        drop(request);
+
+        let closed = Activity::default();
+        closed.close();
+        assert!(!closed.idle_for(TIMEOUT).await);
     }
 
     /// A gRPC listener on a loopback port, serving a certificate of a new
