@@ -24,6 +24,11 @@ use trellis_control_plane::authn::jwks::JWKS_PATH;
 use trellis_control_plane::authn::tokenreview::{TOKENREVIEW_PATH, TokenReviewer};
 use trellis_core::TrustDomain;
 
+/// The crate's test issuer keys and tokens, shared with its unit tests.
+#[path = "../../src/authn/jwks/testing.rs"]
+mod signer;
+pub use signer::{Signer, jwks};
+
 /// The control plane's own bearer token, as its pod would mount it.
 pub const BEARER: &str = "control-plane-sa-token";
 /// Tokens the fake API server knows, and the answer each gets: JWT-shaped
@@ -244,88 +249,4 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// A throwaway issuer signing key, and its JWK as the API server publishes
-/// it at `GET /openid/v1/jwks`.
-pub enum Signer {
-    Rsa(aws_lc_rs::rsa::KeyPair),
-    P256(aws_lc_rs::signature::EcdsaKeyPair),
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-impl Signer {
-    pub fn rsa() -> Self {
-        Self::Rsa(aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap())
-    }
-
-    pub fn p256() -> Self {
-        Self::P256(
-            aws_lc_rs::signature::EcdsaKeyPair::generate(
-                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            )
-            .unwrap(),
-        )
-    }
-
-    /// The key's entry in the set, with ID `kid`.
-    pub fn jwk(&self, kid: &str) -> Value {
-        use aws_lc_rs::signature::KeyPair as _;
-        match self {
-            Self::Rsa(key) => {
-                let public = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public_key());
-                serde_json::json!({"use": "sig", "kty": "RSA", "kid": kid, "alg": "RS256",
-                    "n": b64(&public.n), "e": b64(&public.e)})
-            }
-            Self::P256(key) => {
-                let point = key.public_key().as_ref();
-                serde_json::json!({"use": "sig", "kty": "EC", "crv": "P-256", "kid": kid,
-                    "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..65])})
-            }
-        }
-    }
-
-    /// A projected token of `shop/web` for audience `trellis`, expiring in
-    /// 2100, told from others by `jti`, its header naming `kid` and this
-    /// key's algorithm, signed by this key.
-    pub fn token(&self, kid: &str, jti: &str) -> String {
-        let alg = match self {
-            Self::Rsa(_) => "RS256",
-            Self::P256(_) => "ES256",
-        };
-        let header = serde_json::json!({"alg": alg, "kid": kid});
-        let claims = serde_json::json!({"aud": ["trellis"], "exp": 4_102_444_800_u64,
-            "iss": "https://kubernetes.default.svc.cluster.local", "jti": jti,
-            "sub": "system:serviceaccount:shop:web"});
-        let signed = format!(
-            "{}.{}",
-            b64(header.to_string().as_bytes()),
-            b64(claims.to_string().as_bytes())
-        );
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let signature = match self {
-            Self::Rsa(key) => {
-                let mut signature = vec![0; key.public_modulus_len()];
-                key.sign(
-                    &aws_lc_rs::signature::RSA_PKCS1_SHA256,
-                    &rng,
-                    signed.as_bytes(),
-                    &mut signature,
-                )
-                .unwrap();
-                signature
-            }
-            Self::P256(key) => key.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec(),
-        };
-        format!("{signed}.{}", b64(&signature))
-    }
-}
-
-/// A key set of `keys`, shaped as the API server serves it.
-pub fn jwks(keys: &[(&str, &Signer)]) -> String {
-    let keys: Vec<Value> = keys.iter().map(|(kid, key)| key.jwk(kid)).collect();
-    serde_json::json!({ "keys": keys }).to_string()
 }
