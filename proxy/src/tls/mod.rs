@@ -136,6 +136,12 @@ pub struct TlsState {
     /// server configs' session-ticket key: no ticket of the key is of a
     /// caller they cover. Passed on with the key (`keeping_tickets`).
     sealed_under: Arc<Revocations>,
+    /// The session-ticket key was made by [`TlsState::build`] and has
+    /// sealed no ticket yet: the first revocations this state is given
+    /// are taken as those it seals under, without a new key. False once
+    /// the state is given revocations or another state's key, and in a
+    /// state made from it (`with_expected`): those may be in force.
+    fresh: bool,
 }
 
 #[derive(Clone)]
@@ -174,9 +180,9 @@ impl TlsState {
         // chain with it, sealed with a key of this config ([`ticketer`]),
         // so resumption holds for any number of callers (a server-side
         // cache keeps only the latest sessions). The key is passed on to
-        // the next config when only the SVID changes, or the revocations
-        // without covering anything more (`keeping_tickets`,
-        // `with_revocations`), and dies with a new bundle.
+        // the next config when only the SVID changes (`keeping_tickets`),
+        // or the revocations, given for the first time or covering nothing
+        // more (`with_revocations`), and dies with a new bundle.
         let (server, http_server) =
             server_configs(callers, resolver.clone(), ticketer::ticketer()?)?;
         let parts = ClientParts { roots, resolver };
@@ -194,6 +200,7 @@ impl TlsState {
             clients,
             revocations: Arc::default(),
             sealed_under: Arc::default(),
+            fresh: true,
         })
     }
 
@@ -224,6 +231,8 @@ impl TlsState {
             clients,
             revocations: self.revocations.clone(),
             sealed_under: self.sealed_under.clone(),
+            // This state may be in force, its key sealing tickets.
+            fresh: false,
         })
     }
 
@@ -239,8 +248,10 @@ impl TlsState {
     /// each caller makes one full handshake, in which a revoked one is
     /// refused with the alert `certificate_revoked`. Revocations are
     /// rare; that full handshake per caller is what one costs. A change
-    /// that covers nothing more (a revocation removed) keeps the key.
-    /// The configs keep no server-side session cache to clear.
+    /// that covers nothing more (a revocation removed) keeps the key,
+    /// and so does a state just built ([`build`](Self::build)), whose key
+    /// has sealed no ticket yet. The configs keep no server-side session
+    /// cache to clear.
     pub fn with_revocations(
         mut self,
         revocations: Arc<Revocations>,
@@ -253,7 +264,7 @@ impl TlsState {
                 verifier: verifier.clone(),
                 revocations: revocations.clone(),
             };
-            let ticketer = if covers_more(&self.sealed_under, &revocations) {
+            let ticketer = if !self.fresh && covers_more(&self.sealed_under, &revocations) {
                 ticketer::ticketer()?
             } else {
                 server.ticketer.clone()
@@ -264,6 +275,7 @@ impl TlsState {
         }
         self.sealed_under = revocations.clone();
         self.revocations = revocations;
+        self.fresh = false;
         Ok(self)
     }
 
@@ -300,6 +312,7 @@ impl TlsState {
                 Arc::make_mut(mine).ticketer = config.ticketer.clone();
             }
             self.sealed_under = previous.sealed_under.clone();
+            self.fresh = false;
         }
         self
     }

@@ -5,14 +5,17 @@
 //! revocation accepted; and the revocation changes that replace the
 //! inbound configs' session-ticket key.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use trellis_core::revocation::{BACKDATE, Revocations};
 use trellis_core::tls::{SpiffeClientVerifier, failure_reason, noting_refused, root_store};
 use trellis_core::{SpiffeId, TrustDomain};
 
+use super::TlsState;
 use super::svid_shape::{key, leaf_params, root};
+use crate::identity::Svid;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -106,4 +109,54 @@ fn only_revocations_that_cover_more_replace_the_ticket_key() {
     assert!(!covers_more(&web_at(100), &web_at(99)), "moved earlier");
     assert!(!covers_more(&both, &web_at(100)), "one removed");
     assert!(!covers_more(&web_at(100), &none), "all removed");
+}
+
+/// The session-ticket key of `state`'s inbound configs.
+fn ticket_key(state: &TlsState) -> Arc<dyn rustls::server::ProducesTickets> {
+    let server = state.server().expect("a server config");
+    let http = state.http_server().expect("an HTTP server config");
+    assert!(Arc::ptr_eq(&server.ticketer, &http.ticketer));
+    server.ticketer.clone()
+}
+
+/// A state just built (at start-up, or for a new bundle) has sealed no
+/// ticket with its key: the revocations of its first snapshot keep that
+/// key. A state that may have been in force gets a new key when
+/// revocations cover more, as before.
+#[test]
+fn a_state_just_built_keeps_its_ticket_key_through_its_first_revocations() {
+    let (root, issuer) = root();
+    let key = key();
+    let cert = leaf_params(API).signed_by(&key, &issuer).unwrap();
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let svid = Svid::new(
+        &SpiffeId::parse(API).unwrap(),
+        vec![cert.der().clone()],
+        der,
+    )
+    .unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let revoked = Arc::new(Revocations::new([(web.clone(), now_secs())]));
+
+    let built = TlsState::build(Some(&svid), &[root], &td, []).unwrap();
+    let first = ticket_key(&built);
+    let state = built.with_revocations(revoked.clone()).unwrap();
+    assert!(
+        Arc::ptr_eq(&ticket_key(&state), &first),
+        "a new key for a state that sealed nothing"
+    );
+    assert_eq!(state.revocations(), &revoked);
+
+    // In force: a revocation moved later covers more, and replaces the key.
+    let later = Arc::new(Revocations::new([(web, now_secs() + 60)]));
+    let state = state
+        .with_expected([])
+        .unwrap()
+        .with_revocations(later)
+        .unwrap();
+    assert!(
+        !Arc::ptr_eq(&ticket_key(&state), &first),
+        "the key kept though the revocations cover more"
+    );
 }
