@@ -87,9 +87,22 @@ async fn handshake_failures(
         .counter("trellis_handshake_failures_total", &labels))
 }
 
+/// A caller revoked after it got session tickets offers one on its next
+/// call: the server's sidecar, whose TLS configs seal tickets with a new
+/// key once a revocation covers more, refuses the ticket, and refuses the
+/// full handshake that follows with the alert `certificate_revoked`. The
+/// caller's app is answered naming the revocation, not told of a close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> anyhow::Result<()> {
     let mut pair = Pair::start(Mesh::start().await?).await?;
+    // A caller with no tickets, revoked after web: refused with the alert
+    // once the server's TLS configs hold both revocations.
+    let other = pair
+        .mesh
+        .sidecar("other")
+        .route_to(&pair.server)
+        .start()
+        .await?;
     let web = pair.client.identity().to_string();
     let answer = http::get(pair.route(), "/before").await?.success()?;
     assert_eq!(answer.body, "hello from api");
@@ -99,32 +112,71 @@ async fn a_revoked_client_is_refused_by_the_server_sidecar_until_unrevoked() -> 
     );
 
     pair.mesh.ctl(["identity", "revoke", web.as_str()]).await?;
-
-    // Once the server's sidecar holds the revocation, a new connection of
-    // web's is refused before api's app sees it: the tickets web holds
-    // were sealed with a key the revocation replaced, and its full
-    // handshake is refused.
-    eventually("the server sidecar to refuse web", SOON, || async {
-        let answer = http::get(pair.route(), "/after").await;
-        anyhow::ensure!(
-            answer.as_ref().map_or(true, |a| !a.status.is_success()),
-            "web still reached api: {answer:?}"
-        );
-        anyhow::Ok(())
-    })
+    let other_id = other.identity().to_string();
+    pair.mesh
+        .ctl(["identity", "revoke", other_id.as_str()])
+        .await?;
+    let alert = "it holds this sidecar's certificate as revoked (alert_certificate_revoked)";
+    let other_route = other.route_addr(pair.server.identity());
+    eventually(
+        "the server sidecar's TLS configs to hold the revocations",
+        SOON,
+        || async {
+            let answer = http::get(other_route, "/other").await?;
+            anyhow::ensure!(answer.body.contains(alert), "{answer:?}");
+            anyhow::Ok(())
+        },
+    )
     .await?;
+
+    // web's tickets were sealed with the key the revocation replaced: its
+    // next call makes a full handshake, refused with the alert, which
+    // web's sidecar names to its app.
+    let answer = http::get(pair.route(), "/after").await?;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert_eq!(
+        answer
+            .headers
+            .get("trellis-proxy-error")
+            .map(|v| v.as_bytes()),
+        Some(&b"peer_refused"[..]),
+        "{answer:?}"
+    );
+    let to = pair.server.inbound_addr();
+    assert_eq!(
+        answer.body,
+        format!("trellis: outbound call to {to} refused by its sidecar: {alert}\n")
+    );
+    let metrics = pair.client.metrics().await?;
+    let not_resumed = metrics.counter(
+        "trellis_tls_resumptions_abandoned_total",
+        &[("reason", "not_resumed")],
+    );
+    assert_eq!(not_resumed, 1.0, "web's ticket was not refused");
+    let told = metrics.counter(
+        "trellis_handshake_failures_total",
+        &[
+            ("direction", "outbound"),
+            ("reason", "alert_certificate_revoked"),
+        ],
+    );
+    assert_eq!(told, 1.0, "web's sidecar did not count the alert");
     let reached: Vec<_> = pair.api.requests().into_iter().map(|r| r.path).collect();
     assert!(
         !reached.contains(&"/after".to_string()),
         "a revoked caller reached the app: {reached:?}"
     );
+    // Logged for each revoked caller, web's refusal after other's.
     let line = pair
         .server
-        .wait_for_log("the caller's identity is revoked", SOON)
+        .wait_for_log(
+            &format!("the caller's identity is revoked peer={web} "),
+            SOON,
+        )
         .await?;
     assert!(line.contains("reason=revoked"), "{line}");
     assert!(line.contains(&format!("peer {web} is revoked")), "{line}");
-    assert!(handshake_failures(&pair.server, "inbound", Some("revoked")).await? >= 1.0);
+    assert!(handshake_failures(&pair.server, "inbound", Some("revoked")).await? >= 2.0);
 
     pair.mesh
         .ctl(["identity", "unrevoke", web.as_str()])
