@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use trellis_core::io_error::IoWords;
 use trellis_core::policy::{ValidationContext, Violation, policy_key, validate_proto_in};
 use trellis_proto::admin::v1::admin_server::AdminServer;
@@ -37,7 +38,7 @@ use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::policy::stored_warnings;
 use crate::api::replica::{ReplicaService, Replicas};
-use crate::api::{Mesh, OnlyCaller, RequestLimit};
+use crate::api::{Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
@@ -420,7 +421,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(InFlightLayer)
         .layer(BodyDeadlineLayer)
-        .add_service(RequestLimit::new(
+        .add_service(UnaryRequests::limited(
             IdentityServer::new(
                 IdentityService::new(mesh.clone())
                     .with_token_reviewer(reviewer)
@@ -428,17 +429,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     .renewals_needing_token(config.renewals_need_token()),
             )
             .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
-            "Certify",
             MAX_CERTIFY_REQUEST_BYTES,
         ))
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
-        .add_service(ReplicaServer::with_interceptor(
-            ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches),
+        // The interceptor refuses a caller before its request is read.
+        .add_service(InterceptedService::new(
+            UnaryRequests::new(ReplicaServer::new(
+                ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches),
+            )),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
-        .add_service(AdminServer::with_interceptor(
-            AdminService::new(mesh, replicas),
+        .add_service(InterceptedService::new(
+            UnaryRequests::new(AdminServer::new(AdminService::new(mesh, replicas))),
             OnlyCaller::admin(&config.trust_domain),
         ))
         .add_service(reflection_v1)

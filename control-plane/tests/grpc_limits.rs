@@ -33,6 +33,8 @@ use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 const CERTIFY: &str = "/trellis.identity.v1.Identity/Certify";
+const LIST_WORKLOADS: &str = "/trellis.admin.v1.Admin/ListWorkloads";
+const EXPLAIN: &str = "/trellis.admin.v1.Admin/Explain";
 const WATCH: &str = "/trellis.discovery.v1.Discovery/Watch";
 
 /// Far longer than anything awaited here takes, so that a test fails
@@ -224,6 +226,67 @@ async fn a_unary_call_whose_request_stalls_is_ended() {
         )
     );
     enroll(&cp, WEB, "127.0.0.1:7000").await;
+}
+
+/// The status code and message in the head of a unary call's answer.
+fn answered_with(answer: &http::Response<Incoming>) -> (String, String) {
+    (
+        grpc_header(answer.headers(), "grpc-status"),
+        grpc_header(answer.headers(), "grpc-message"),
+    )
+}
+
+/// A unary request tonic's decoder cannot read is answered
+/// INVALID_ARGUMENT naming the call and why, not INTERNAL (which says the
+/// control plane failed): a Certify cut short by the end of its stream,
+/// an Admin call whose message is flagged compressed though no
+/// `grpc-encoding` was sent, one whose bytes do not decode. Well-formed
+/// calls are still answered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_requests_that_cannot_be_read_are_answered_with_why() {
+    let cp = ControlPlane::start(&[]);
+    let invalid = (tonic::Code::InvalidArgument as i32).to_string();
+
+    // 10 bytes of a message announced as 1000, then the end of the stream.
+    let mut cut_short = vec![0, 0, 0, 0x03, 0xe8];
+    cut_short.resize(5 + 10, 0x0a);
+    let answer = raw_grpc::call_ended(&cp, None, CERTIFY, Bytes::from(cut_short)).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            invalid.clone(),
+            "a Certify request could not be read: Unexpected EOF decoding stream.".to_owned()
+        )
+    );
+
+    let compressed = Bytes::from_static(&[1, 0, 0, 0, 2, 0x08, 0x01]);
+    let answer = raw_grpc::admin_call_ended(&cp, LIST_WORKLOADS, compressed).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            invalid.clone(),
+            "a ListWorkloads request could not be read: protocol error: received message with \
+             compressed-flag but no grpc-encoding was specified"
+                .to_owned()
+        )
+    );
+
+    // A field of wire type 7, which protobuf does not have.
+    let garbage = Bytes::from_static(&[0, 0, 0, 0, 3, 0x0f, 0xff, 0xff]);
+    let answer = raw_grpc::admin_call_ended(&cp, EXPLAIN, garbage).await;
+    let (code, message) = answered_with(&answer);
+    assert_eq!(code, invalid);
+    assert!(
+        message
+            .starts_with("an Explain request could not be read: failed to decode Protobuf message"),
+        "{message}"
+    );
+
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+    assert!(
+        cp.workloads().await.iter().any(|w| w.spiffe_id == WEB),
+        "ListWorkloads answers as before"
+    );
 }
 
 /// One address holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections

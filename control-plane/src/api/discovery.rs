@@ -492,7 +492,7 @@ async fn serve_stream(
 
 /// At most this many characters of the decoder's reason are kept in the
 /// refusal of a Watch message that could not be decoded.
-const DECODE_REASON_CHARS: usize = 256;
+pub(super) const DECODE_REASON_CHARS: usize = 256;
 
 /// What the sidecar is told of `which` message of its Watch, which tonic's
 /// decoder could not read (see [`super::unreadable_request`]): INVALID_ARGUMENT
@@ -574,7 +574,7 @@ fn kept_warnings(warnings: &[String]) -> Vec<String> {
 /// The start of `raw` that [`quoted_up_to`] shows within `max`, unescaped,
 /// followed by `... (N bytes)` when that is not all of it: what is kept of
 /// a sidecar's text, so it is bounded as the log line is.
-fn shown_up_to(raw: &str, max: usize) -> String {
+pub(super) fn shown_up_to(raw: &str, max: usize) -> String {
     let mut escaped = 0;
     for (at, c) in raw.char_indices() {
         escaped += c.escape_debug().map(char::len_utf8).sum::<usize>();

@@ -11,15 +11,12 @@ pub mod discovery_server;
 pub mod identity;
 pub mod policy;
 pub mod replica;
+mod unary;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::body::Body;
-use tonic::server::NamedService;
 use tonic::{Code, Request, Status};
 use trellis_core::{SpiffeId, TrustDomain};
 
@@ -29,14 +26,25 @@ use crate::inject::UninjectedPods;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+pub(crate) use unary::UnaryRequests;
+
 /// What a client is told of a request of `call` larger than the `limit`
 /// bytes it is read up to: RESOURCE_EXHAUSTED naming both, in place of
 /// the OUT_OF_RANGE tonic's decoder ends the call with ("decoded message
 /// length too large"), which names neither the call nor what to change.
 pub(crate) fn request_too_large(call: &str, limit: usize) -> Status {
     Status::resource_exhausted(format!(
-        "a {call} request may be at most {limit} bytes; this one is larger"
+        "{} {call} request may be at most {limit} bytes; this one is larger",
+        article(call)
     ))
+}
+
+/// The article before `call` (a Certify, an Explain request).
+pub(crate) fn article(call: &str) -> &'static str {
+    match call.chars().next() {
+        Some('A' | 'E' | 'I' | 'O' | 'U') => "an",
+        _ => "a",
+    }
 }
 
 /// `status`, from reading a request of `call` up to `limit` bytes, as the
@@ -60,59 +68,6 @@ pub(crate) fn request_refused(call: &str, limit: usize, status: Status) -> Statu
 /// tell of the latter, while the former is told to its client.
 pub(crate) fn unreadable_request(status: &Status) -> bool {
     status.code() == Code::Internal && std::error::Error::source(status).is_none()
-}
-
-/// A unary tonic route `S` whose request is read up to `limit` bytes (its
-/// `max_decoding_message_size`), answering a larger one with
-/// [`request_too_large`] instead of tonic's OUT_OF_RANGE. tonic ends such a
-/// call before the service sees it, with the status in the response's
-/// headers; the services wrapped never answer OUT_OF_RANGE themselves, so
-/// that status can only be the decoder's.
-#[derive(Clone)]
-pub(crate) struct RequestLimit<S> {
-    inner: S,
-    call: &'static str,
-    limit: usize,
-}
-
-impl<S> RequestLimit<S> {
-    /// `inner`, whose method `call` reads requests up to `limit` bytes.
-    pub(crate) fn new(inner: S, call: &'static str, limit: usize) -> Self {
-        Self { inner, call, limit }
-    }
-}
-
-impl<S: NamedService> NamedService for RequestLimit<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S> tower::Service<http::Request<Body>> for RequestLimit<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let (call, limit) = (self.call, self.limit);
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let Ok(answer) = answer.await;
-            let refused = Status::from_header_map(answer.headers())
-                .is_some_and(|status| status.code() == Code::OutOfRange);
-            Ok(if refused {
-                request_too_large(call, limit).into_http()
-            } else {
-                answer
-            })
-        })
-    }
 }
 
 /// Who is on the other end of a gRPC connection.

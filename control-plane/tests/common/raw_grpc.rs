@@ -34,7 +34,7 @@ pub async fn call(
 ) -> (http::Response<Incoming>, BodySender) {
     let (body, rx) = mpsc::channel(4);
     body.send(Ok(Frame::data(first))).await.unwrap();
-    (send(cp, svid, path, rx).await, body)
+    (send(cp, cp.client_config(svid), path, rx).await, body)
 }
 
 /// Calls `path` as [`call`] does, the request's body `whole` and ended
@@ -48,19 +48,35 @@ pub async fn call_ended(
     let (body, rx) = mpsc::channel(1);
     body.send(Ok(Frame::data(whole))).await.unwrap();
     drop(body);
-    send(cp, svid, path, rx).await
+    send(cp, cp.client_config(svid), path, rx).await
 }
 
-/// Sends a request of `path` whose body is what `rx` receives: the
-/// answer's head.
+/// Calls `path` as [`call_ended`] does, presenting the operator SVID the
+/// control plane wrote into its state dir: the answer's head.
+pub async fn admin_call_ended(
+    cp: &ControlPlane,
+    path: &str,
+    whole: Bytes,
+) -> http::Response<Incoming> {
+    let config = trellis_control_plane::ctl::AdminCredentials::in_state_dir(&cp.state_dir)
+        .client_config()
+        .expect("the operator's credentials");
+    let (body, rx) = mpsc::channel(1);
+    body.send(Ok(Frame::data(whole))).await.unwrap();
+    drop(body);
+    send(cp, config, path, rx).await
+}
+
+/// Sends a request of `path` on a connection made with `config`, its
+/// body what `rx` receives: the answer's head.
 async fn send(
     cp: &ControlPlane,
-    svid: Option<&Svid>,
+    config: rustls::ClientConfig,
     path: &str,
     rx: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>,
 ) -> http::Response<Incoming> {
     let tcp = tokio::net::TcpStream::connect(&cp.grpc).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cp.client_config(svid)))
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("a TLS handshake with the gRPC port");
