@@ -32,12 +32,12 @@ use trellis_proto::discovery::v1::MeshConfig;
 use trellis_proto::identity::v1::identity_server::IdentityServer;
 
 use crate::admin_http::AdminHttp;
-use crate::api::admin::AdminService;
+use crate::api::admin::{AdminService, MAX_ADMIN_REQUEST_BYTES};
 use crate::api::discovery::DiscoveryService;
 use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::policy::stored_warnings;
-use crate::api::replica::{ReplicaService, Replicas};
+use crate::api::replica::{MAX_REPLICA_REQUEST_BYTES, ReplicaService, Replicas};
 use crate::api::{Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
@@ -435,13 +435,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         // The interceptor refuses a caller before its request is read.
         .add_service(InterceptedService::new(
-            UnaryRequests::new(ReplicaServer::new(
-                ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches),
-            )),
+            UnaryRequests::limited(
+                ReplicaServer::new(
+                    ReplicaService::new(mesh.clone(), replicas.clone()).with_watches(watches),
+                )
+                .max_decoding_message_size(MAX_REPLICA_REQUEST_BYTES),
+                MAX_REPLICA_REQUEST_BYTES,
+            ),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
         .add_service(InterceptedService::new(
-            UnaryRequests::new(AdminServer::new(AdminService::new(mesh, replicas))),
+            UnaryRequests::limited(
+                AdminServer::new(AdminService::new(mesh, replicas))
+                    .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES),
+                MAX_ADMIN_REQUEST_BYTES,
+            ),
             OnlyCaller::admin(&config.trust_domain),
         ))
         .add_service(reflection_v1)

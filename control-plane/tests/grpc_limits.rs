@@ -24,6 +24,7 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use trellis_control_plane::api::admin::MAX_ADMIN_REQUEST_BYTES;
 use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 use trellis_control_plane::server::MAX_CONNECTIONS_PER_CLIENT;
@@ -287,6 +288,42 @@ async fn unary_requests_that_cannot_be_read_are_answered_with_why() {
         cp.workloads().await.iter().any(|w| w.spiffe_id == WEB),
         "ListWorkloads answers as before"
     );
+}
+
+/// An Admin request past its limit, an ApplyPolicy of a valid policy
+/// padded past [`MAX_ADMIN_REQUEST_BYTES`] with a YAML comment, is refused
+/// with RESOURCE_EXHAUSTED naming the call and the limit (not tonic's
+/// OUT_OF_RANGE "decoded message length too large") and stores nothing;
+/// the same policy unpadded is then applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_past_its_limit_is_told_the_limit() {
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let one = common::policy::allow("web-in", WEB, WEB, 8080);
+    let mut padded = format!("{one}#");
+    padded.push_str(&"x".repeat(MAX_ADMIN_REQUEST_BYTES));
+    padded.push('\n');
+
+    let refusal = common::policy::apply(&mut admin, &padded, false)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (refusal.code(), refusal.message()),
+        (
+            tonic::Code::ResourceExhausted,
+            format!(
+                "an ApplyPolicy request may be at most {MAX_ADMIN_REQUEST_BYTES} bytes; this one \
+                 is larger"
+            )
+            .as_str()
+        )
+    );
+    let listed = common::policy::list(&mut admin).await;
+    assert!(listed.policies.is_empty(), "{listed:?}");
+
+    let applied = common::policy::apply(&mut admin, &one, false).await;
+    assert!(applied.is_ok(), "{applied:?}");
+    assert_eq!(common::policy::list(&mut admin).await.policies.len(), 1);
 }
 
 /// One address holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections

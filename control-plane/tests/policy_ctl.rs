@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use common::policy::{API, WEB};
 use common::*;
+use trellis_control_plane::api::admin::MAX_ADMIN_REQUEST_BYTES;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/policies")
@@ -485,6 +486,33 @@ fn ctl_applies_files_all_or_nothing_and_explains() {
 
 /// A policy with `name` in `namespace`, selecting `WEB`; a bad document
 /// when `port` is not a port.
+/// A policy file too large for one ApplyPolicy request (a valid policy
+/// padded with a comment past the control plane's limit) is refused with
+/// the limit in words, exit 1, and nothing applied.
+#[test]
+fn apply_of_a_file_past_the_request_limit_says_the_limit() {
+    let cp = ControlPlane::start(&[]);
+    let file = cp.tmp.path().join("huge.yaml");
+    let mut text = policy_text("web-in", 8080);
+    text.push('#');
+    text.push_str(&"x".repeat(MAX_ADMIN_REQUEST_BYTES));
+    text.push('\n');
+    std::fs::write(&file, text).unwrap();
+
+    let out = cp.ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!(
+            "error: resource exhausted: an ApplyPolicy request may be at most \
+             {MAX_ADMIN_REQUEST_BYTES} bytes; this one is larger\n"
+        )
+    );
+    let out = cp.ctl(&["policy", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["policies"], serde_json::json!([]));
+}
+
 fn policy_text(name: &str, port: u32) -> String {
     format!(
         "apiVersion: trellis.io/v1alpha1

@@ -55,6 +55,17 @@ fn store_status(e: StoreError) -> Status {
 /// The longest reason a revocation keeps, in bytes.
 pub const MAX_REVOCATION_REASON_BYTES: usize = 1024;
 
+/// The largest Admin request read, in bytes. The largest an operator
+/// sends is an ApplyPolicy of many policies at once, each well under a
+/// few KiB (a selector of thousands of SPIFFE IDs is a few hundred KiB;
+/// no document may hold more than 50,000 YAML nodes); this is gRPC's
+/// usual 4 MiB, so every request read before is read still. A larger
+/// request is
+/// refused as its length prefix arrives, with RESOURCE_EXHAUSTED naming
+/// the call and this limit (`an ApplyPolicy request may be at most ...
+/// bytes; this one is larger`), and nothing is applied.
+pub const MAX_ADMIN_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 impl AdminService {
     /// `raw` as the SPIFFE ID of a workload of this trust domain, or
     /// INVALID_ARGUMENT naming what is wrong with it.

@@ -60,6 +60,12 @@ const INSTANCE: &str = "trellis-replica-instance";
 /// The longest a peer replica may take to answer, connection included.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The largest Replica request read, in bytes. A peer's requests hold at
+/// most a SPIFFE ID, a serial number and a store position, far under
+/// this; a larger one is refused as its length prefix arrives, with
+/// RESOURCE_EXHAUSTED naming the call and this limit.
+pub const MAX_REPLICA_REQUEST_BYTES: usize = 64 * 1024;
+
 /// This replica, and the peers it asks.
 pub struct Replicas {
     /// As `--replica-name` gives it, else the host name (the pod's name in

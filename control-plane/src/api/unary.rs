@@ -32,30 +32,21 @@ const PREFIX: usize = 5;
 
 /// A tonic service `S` of unary calls whose requests tonic refuses before
 /// `S` sees them are answered as the client's fault, naming the call:
-/// INVALID_ARGUMENT for one that could not be read (see the module), and,
-/// when built [`limited`](Self::limited), [`request_too_large`] for one
-/// past the limit. Any other answer is passed on as it is.
+/// INVALID_ARGUMENT for one that could not be read (see the module), and
+/// [`request_too_large`] for one past the limit. Any other answer is
+/// passed on as it is.
 #[derive(Clone)]
 pub(crate) struct UnaryRequests<S> {
     inner: S,
-    limit: Option<usize>,
+    limit: usize,
 }
 
 impl<S> UnaryRequests<S> {
-    /// `inner`, reading requests up to tonic's default decode limit, whose
-    /// OUT_OF_RANGE is passed on.
-    pub(crate) fn new(inner: S) -> Self {
-        Self { inner, limit: None }
-    }
-
     /// `inner`, whose requests are read up to `limit` bytes (its
     /// `max_decoding_message_size`). The services wrapped never answer
     /// OUT_OF_RANGE themselves, so that status can only be the decoder's.
     pub(crate) fn limited(inner: S, limit: usize) -> Self {
-        Self {
-            inner,
-            limit: Some(limit),
-        }
+        Self { inner, limit }
     }
 }
 
@@ -104,9 +95,9 @@ where
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .request_at_fault();
-            Ok(match (status.code(), limit) {
-                (Code::OutOfRange, Some(limit)) => request_too_large(&call, limit).into_http(),
-                (Code::Internal, _) if at_fault => unreadable(&call, &status).into_http(),
+            Ok(match status.code() {
+                Code::OutOfRange => request_too_large(&call, limit).into_http(),
+                Code::Internal if at_fault => unreadable(&call, &status).into_http(),
                 _ => answer,
             })
         })
@@ -309,7 +300,7 @@ mod tests {
         let request = http::Request::post("/trellis.admin.v1.Admin/ListWorkloads")
             .body(Body::new(http_body_util::Full::new(Bytes::from(body))))
             .unwrap();
-        let Ok(answer) = UnaryRequests::new(inner).oneshot(request).await;
+        let Ok(answer) = UnaryRequests::limited(inner, 1024).oneshot(request).await;
         let status = Status::from_header_map(answer.headers()).expect("a status");
         (status.code(), status.message().to_owned())
     }
