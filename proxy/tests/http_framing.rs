@@ -595,6 +595,67 @@ async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     assert_eq!(same.status, ["HTTP/1.1 200 OK"]);
 }
 
+/// A raw `#` in a request target is refused with 400, whether the
+/// forwarder or hyper serves the request: the `http` crate would drop it
+/// and what follows, so the rules and the app would get another target
+/// than the one sent. `%23` is a `#` in a path, and reaches the app.
+#[tokio::test]
+async fn a_raw_fragment_mark_in_a_target_is_refused_and_an_encoded_one_goes() {
+    let (cp, s, seen) = setup().await;
+    // More fields than the forwarder parses at once, fewer than it takes.
+    let many_fields = {
+        let mut head = b"GET /a#x HTTP/1.1\r\nhost: api\r\n".to_vec();
+        for i in 0..80 {
+            head.extend(format!("x-field-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend(b"\r\n");
+        head
+    };
+    let cases: [(&str, &[u8]); 6] = [
+        ("after a path", b"GET /admin# HTTP/1.1\r\nhost: api\r\n\r\n"),
+        (
+            "before dot segments",
+            b"GET /a#/../admin/x HTTP/1.1\r\nhost: api\r\n\r\n",
+        ),
+        ("in a query", b"GET /a?q=1#x HTTP/1.1\r\nhost: api\r\n\r\n"),
+        (
+            "in an absolute-form target",
+            b"GET http://api/a#x HTTP/1.1\r\nhost: api\r\n\r\n",
+        ),
+        (
+            "with a chunked body",
+            b"POST /a#x HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n\
+              0\r\n\r\n",
+        ),
+        ("with more fields than the forwarder parses", &many_fields),
+    ];
+    for (case, bytes) in cases {
+        let answers = send_raw(&cp, s.inbound, bytes).await;
+        assert_eq!(answers.status, ["HTTP/1.1 400 Bad Request"], "{case}");
+        assert_eq!(
+            answers.bodies,
+            [
+                "trellis: request target contains '#': a request carries no fragment (send a '#' \
+              in a path or query as %23)\n"
+            ],
+            "{case}"
+        );
+        assert!(answers.closed, "{case}");
+    }
+    assert!(seen.requests().is_empty(), "{:?}", seen.requests());
+    for target in ["/a%23b", "http://api/a%23b"] {
+        let answers = send_raw(
+            &cp,
+            s.inbound,
+            format!("GET {target} HTTP/1.1\r\nhost: api\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(answers.status, ["HTTP/1.1 200 OK"], "{target}");
+    }
+    let paths: Vec<String> = seen.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/a%23b", "/a%23b"]);
+}
+
 /// A request hyper serves (an absolute-form target, HTTP/1.0, one after
 /// a chunked request on the same connection) reaches the app framed as
 /// the forwarder passes one on: a `Content-Length` sent more than once

@@ -406,6 +406,20 @@ pub const MAX_TARGET: usize = u16::MAX as usize - 1;
 /// What a target over [`MAX_TARGET`] is told.
 pub const TARGET_TOO_LONG: &str = "request target exceeds the sidecar's limit of 65534 bytes";
 const _: () = assert!(MAX_TARGET == 65534, "TARGET_TOO_LONG names the bound");
+/// What an HTTP/1.1 request target with a raw `#` is answered, with 400,
+/// whatever the rules: no request target carries a fragment (RFC 9112
+/// section 3.2), and one the sidecar took would reach the app with the
+/// fragment dropped, another target than the one sent. `%23` is a `#`
+/// in a path or query, and is forwarded.
+pub const TARGET_FRAGMENT: &str = "request target contains '#': a request carries no fragment \
+     (send a '#' in a path or query as %23)";
+
+/// What the sidecar refuses in an HTTP/1.1 request `target` as sent (its
+/// path and query, or the whole of an absolute-form one), before any
+/// rule: a raw `#` ([`TARGET_FRAGMENT`]). `policy explain` asks the same.
+pub fn target_problem(target: &str) -> Option<&'static str> {
+    target.contains('#').then_some(TARGET_FRAGMENT)
+}
 /// The most header fields of an HTTP/1.1 request the sidecar takes
 /// (hyper's server's bound): more are answered 431 ([`TOO_MANY_FIELDS`]).
 pub const MAX_REQUEST_HEADERS: usize = 100;
@@ -821,6 +835,28 @@ mod tests {
 
     fn matches(pattern: &str, path: &str) -> bool {
         PathPattern::parse(pattern).unwrap().matches(path)
+    }
+
+    /// A raw `#` anywhere in a target is refused, in its path, its query
+    /// or an absolute-form one; `%23` is a `#` in a path and goes.
+    #[test]
+    fn a_target_with_a_raw_fragment_mark_is_refused() {
+        for target in [
+            "/public#/../admin",
+            "/admin#",
+            "/a?q=1#x",
+            "http://api:8080/public#x",
+        ] {
+            assert_eq!(target_problem(target), Some(TARGET_FRAGMENT), "{target}");
+        }
+        for target in ["/a%23b", "/a?q=%23", "http://api:8080/a%23", "*"] {
+            assert_eq!(target_problem(target), None, "{target}");
+        }
+        assert_eq!(
+            TARGET_FRAGMENT,
+            "request target contains '#': a request carries no fragment (send a '#' in a path \
+             or query as %23)"
+        );
     }
 
     /// A head is sized as a client writes it in HTTP/1.1, and a header

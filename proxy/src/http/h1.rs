@@ -17,8 +17,10 @@
 //! that does not parse (a bare CR in its request line or a header line
 //! among the faults named), whose framing no server may read (two lengths, a
 //! `Transfer-Encoding` not ending in `chunked` or on HTTP/1.0), with more
-//! than 100 fields, longer than [`MAX_REQUEST_HEAD`] or with a target
-//! longer than [`MAX_TARGET`] is answered here, with 400 (431, 414) and a
+//! than 100 fields, longer than [`MAX_REQUEST_HEAD`], with a target
+//! longer than [`MAX_TARGET`] or with a raw `#` in its target
+//! ([`l7::target_problem`]: the `http` crate drops it and what follows) is
+//! answered here, with 400 (431, 414) and a
 //! text naming what was wrong and the limit ([`Malformed`]), and the
 //! connection closed; the answer is one access-log line (no method or
 //! path, its `problem`) and counted as `invalid`. Every head up to the
@@ -106,7 +108,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
-use trellis_core::policy::l7::HeadLimit;
+use trellis_core::policy::l7::{self, HeadLimit};
 use trellis_core::refusal;
 
 use super::access::{Direction, Entry};
@@ -709,6 +711,11 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     if let Some(malformed) = over_limits(parsed.headers.len(), len, target) {
         return Some(Taken::Malformed(malformed));
     }
+    // The `http` crate, and hyper with it, drops a `#` and what follows it:
+    // the rules and the app would get another target than the one sent.
+    if let Some(why) = l7::target_problem(target) {
+        return Some(Taken::Malformed(Malformed::bad(why)));
+    }
     // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
     // the head's framing is known to be readable.
     let mut other = version != 1 || !target.starts_with('/') || method == "CONNECT";
@@ -914,6 +921,9 @@ impl Malformed {
 /// gets hyper's answer, a status alone. (The target is copied to be read
 /// so: once for a connection, on the path where hyper copies its head.)
 fn for_hyper(target: &str) -> Taken {
+    if let Some(why) = l7::target_problem(target) {
+        return Taken::Malformed(Malformed::bad(why));
+    }
     match Uri::try_from(target) {
         Ok(_) => Taken::Other,
         Err(_) => Taken::Malformed(Malformed::bad(INVALID_TARGET)),
