@@ -688,6 +688,12 @@ fn explained_request(
             super::quoted(&r.path)
         ));
     }
+    if r.http2 && r.path.contains('#') {
+        return Err(format!(
+            "request.path: {}: {NO_FRAGMENT_H2}",
+            super::quoted(&r.path)
+        ));
+    }
     let mut headers = http::HeaderMap::new();
     for (i, h) in r.headers.iter().enumerate() {
         let (name, value) =
@@ -719,6 +725,10 @@ pub fn http_target(text: &str) -> Result<String, String> {
 /// Why an HTTP/2 request's target cannot be in absolute form.
 pub const NO_ABSOLUTE_H2: &str = "an absolute-form target is HTTP/1.1's: for HTTP/2 give its \
      path, and its authority as a Host header (which stands for :authority)";
+
+/// Why an HTTP/2 request's target cannot have a `#`.
+pub const NO_FRAGMENT_H2: &str = "HTTP/2's layer drops a '#' in :path and what follows it before \
+     the sidecar reads the path: give the path without it (a '#' in a path or query is %23)";
 
 /// Whether `target`, read as [`http_target`] reads it, is in absolute form.
 pub fn is_absolute_target(target: &str) -> bool {
@@ -776,10 +786,27 @@ fn request_target(text: &str) -> Result<(bool, String, String), String> {
 }
 
 /// The path of `text` (a target from its path on) and its query from the
-/// `?` on, as the `http` crate reads them. That crate reads no target over
-/// 65,534 bytes: a longer one is read in pieces, each holding only what a
-/// target may, and no fragment (`#`, which a shorter one may end with).
+/// `?` on, as the `http` crate reads them, a `#` and what follows it kept
+/// at the end of the one it is in: that crate would drop them, and the
+/// sidecar refuses an HTTP/1.1 target with a `#`
+/// ([`l7::target_problem`]), which the explanation is to say.
 fn path_and_query(text: &str) -> Option<(String, String)> {
+    let (text, fragment) = text.split_at(text.find('#').unwrap_or(text.len()));
+    if !(fragment.bytes()).all(|b| b.is_ascii_graphic() || !b.is_ascii()) {
+        return None;
+    }
+    // An absolute-form target may go from its authority to its `#`.
+    let (path, query) = fragmentless(if text.is_empty() { "/" } else { text })?;
+    Some(match query.is_empty() {
+        true => (path + fragment, query),
+        false => (path, query + fragment),
+    })
+}
+
+/// [`path_and_query`] of a `text` without a `#`. The `http` crate reads no
+/// target over 65,534 bytes: a longer one is read in pieces, each holding
+/// only what a target may.
+fn fragmentless(text: &str) -> Option<(String, String)> {
     const PIECE: usize = 16 * 1024;
     if text.len() <= PIECE {
         let target = http::uri::PathAndQuery::try_from(text).ok()?;
@@ -819,7 +846,7 @@ fn path_and_query(text: &str) -> Option<(String, String)> {
 fn absolute_parts(text: &str) -> Option<&str> {
     let after_scheme = text.find("://")? + "://".len();
     let end = text[after_scheme..]
-        .find(['/', '?'])
+        .find(['/', '?', '#'])
         .map_or(text.len(), |at| after_scheme + at);
     let uri = http::Uri::try_from(&text[..end]).ok()?;
     uri.authority()?;
@@ -918,9 +945,21 @@ mod tests {
             http_path(&absolute).unwrap(),
             target("/", &format!("?{long}"), &absolute)
         );
+        // A `#` and what follows it are kept, at any length, for the
+        // explanation to refuse as the sidecar does.
+        assert_eq!(http_path("/a#f").unwrap(), target("/a#f", "", ""));
+        assert_eq!(
+            http_path(&format!("/x?{long}#f")).unwrap(),
+            target("/x", &format!("?{long}#f"), "")
+        );
+        assert_eq!(
+            http_path("http://api#f").unwrap(),
+            target("/#f", "", "http://api#f")
+        );
         for bad in [
             format!("/x?{long} "),
-            format!("/x?{long}#f"),
+            format!("/x?{long}#f g"),
+            "/x#f g".to_owned(),
             format!("/{long}\t"),
         ] {
             assert!(http_target(&bad).is_err());

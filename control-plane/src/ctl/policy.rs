@@ -450,6 +450,16 @@ pub async fn run(
                     crate::api::policy::NO_ABSOLUTE_H2
                 )));
             }
+            if *http2
+                && let Some(path) = path
+                && path.contains('#')
+            {
+                return Err(CtlError::Usage(format!(
+                    "--path {}: {}",
+                    crate::api::quoted(path),
+                    crate::api::policy::NO_FRAGMENT_H2
+                )));
+            }
             let request = path.as_ref().map(|path| ExplainedHttpRequest {
                 method: method.clone().unwrap_or_else(|| "GET".to_owned()),
                 path: path.clone(),

@@ -97,7 +97,8 @@ impl RequestAnswer {
     /// What the sidecar holding `set` does with `http` from `source` on
     /// `port` (`opaque` when it never parses the port as HTTP): the checks
     /// its request layer makes before the rules, in its order (the size of
-    /// the head, `CONNECT`, the `Host`, the path), then the rules.
+    /// the head, a `#` in the target, `CONNECT`, the `Host`, the path),
+    /// then the rules.
     fn of(
         set: &PolicySet,
         http: &ExplainedHttp<'_>,
@@ -112,6 +113,11 @@ impl RequestAnswer {
         } else if let Some((status, why)) = over_bounds(http) {
             RequestOutcome::Refused {
                 status,
+                why: why.to_owned(),
+            }
+        } else if let Some(why) = target_problem(http) {
+            RequestOutcome::Refused {
+                status: 400,
                 why: why.to_owned(),
             }
         } else if method == "CONNECT" {
@@ -137,6 +143,20 @@ impl RequestAnswer {
             path: path.to_owned(),
             outcome,
         }
+    }
+}
+
+/// What the sidecar refuses in the target of `http` as sent, if anything
+/// ([`l7::target_problem`]): its HTTP/1.1 head is read for it before
+/// anything else but the bounds. (HTTP/2's layer drops a `#` in `:path`
+/// before the sidecar reads it: such a request is not explained.)
+fn target_problem(http: &ExplainedHttp<'_>) -> Option<&'static str> {
+    match (http.http2, http.absolute) {
+        (true, _) => None,
+        (false, "") => {
+            l7::target_problem(http.request.path).or_else(|| l7::target_problem(http.query))
+        }
+        (false, absolute) => l7::target_problem(absolute),
     }
 }
 
