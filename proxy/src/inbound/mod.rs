@@ -928,13 +928,15 @@ async fn forward(
 
 /// Refuses an HTTP/2 connection whose preface is in: the server preface
 /// and a GOAWAY naming the limit (no stream processed, so the caller may
-/// send its requests again, to another replica), the TLS session closed,
+/// send its requests again, to another replica), its debug data beginning
+/// as every answer the sidecar writes itself does
+/// ([`trellis_core::refusal::SIDECAR_PREFIX`]), the TLS session closed,
 /// then what the caller still sends read and dropped until it closes its
 /// end, for at most [`http::h1::LINGER`]: closed with its requests unread,
 /// the connection would be reset and the GOAWAY perhaps lost with it.
 async fn refuse_h2(stream: http::Rewind<PeerStream>, refused: H2Refused) {
     let (_, mut io) = stream.into_parts();
-    let message = format!("Trellis sidecar: {refused}");
+    let message = format!("{}{refused}", trellis_core::refusal::SIDECAR_PREFIX);
     let frames = trellis_core::refusal::goaway(refused.goaway_code(), &message);
     let refuse = async {
         io.write_all(&frames).await?;
