@@ -1471,16 +1471,16 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     Err(e) => match retry.as_mut().and_then(|r| r.next(&e)) {
                         Some(next) => next,
                         None => {
+                            // Logged, counted, answered and ended in the
+                            // text with one reason, as a failed mesh dial
+                            // is; the error says how the connect failed.
+                            const CONNECT_FAILED: &str = "connect_failed";
                             let tried = retry.as_ref().map(|r| tracing::field::display(&r.tried));
                             if same_pod {
-                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound connection within the pod failed");
+                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, reason = %CONNECT_FAILED, error = %e, "outbound connection within the pod failed");
                             } else {
-                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, error = %e, "outbound passthrough failed");
+                                tracing::warn!(%dst, service = name, backend = backend(*addr), tried, reason = %CONNECT_FAILED, error = %e, "outbound passthrough failed");
                             }
-                            // Counted, answered and ended in the text
-                            // with one reason, as a failed mesh dial is; the
-                            // error says how the connect failed.
-                            const CONNECT_FAILED: &str = "connect_failed";
                             metrics.connection(OUTBOUND, CONNECT_FAILED);
                             let why = format!("connecting to {addr}: {e} ({CONNECT_FAILED})");
                             let refused = (BAD_GATEWAY, CONNECT_FAILED);

@@ -4,7 +4,7 @@
 //! so these tests hand it to [`forward_transparent`] themselves.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -277,6 +277,45 @@ fn outcome(shared: &Shared, outcome: &str) -> u64 {
     )
 }
 
+/// The text lines logged on this thread while the guard [`Logged::capture`]
+/// returns lives: a test on the current-thread runtime runs the sidecar's
+/// tasks there too.
+#[derive(Clone, Default)]
+struct Logged(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    fn capture() -> (Logged, tracing::subscriber::DefaultGuard) {
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logged, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// The one line holding `message`; fails showing every line if there
+    /// is none or more than one.
+    fn line(&self, message: &str) -> String {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(message)).collect();
+        assert_eq!(lines.len(), 1, "one line with {message:?} in:\n{text}");
+        lines[0].to_owned()
+    }
+}
+
 fn retried(shared: &Shared, reason: &str) -> u64 {
     counted(
         shared,
@@ -528,10 +567,10 @@ async fn an_http1_call_refused_is_answered_with_why() {
 
 /// A passthrough call to a port that refuses is answered `connect_failed`,
 /// its text ending with that same reason in parentheses, as a failed mesh
-/// dial's does, and counted under it (a call within the pod is answered
-/// by the same code; this pod's own address is never loopback).
+/// dial's does, and counted and logged under it.
 #[tokio::test]
 async fn a_passthrough_call_that_cannot_connect_ends_its_text_with_its_token() {
+    let (logs, _guard) = Logged::capture();
     let ca = Ca::new();
     let gone = refusing();
     let shared = sidecar(&ca, "passthrough", &[], &[]);
@@ -551,6 +590,8 @@ async fn a_passthrough_call_that_cannot_connect_ends_its_text_with_its_token() {
         "{answer}"
     );
     assert_eq!(outcome(&shared, "connect_failed"), 1);
+    let line = logs.line("outbound passthrough failed");
+    assert!(line.contains(" reason=connect_failed "), "{line}");
 }
 
 /// Each address of a peer identity is its own TLS name (its tickets are
