@@ -3,7 +3,7 @@
 //! destination a redirected connection carries needs iptables (and root),
 //! so these tests hand it to [`forward_transparent`] themselves.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use rcgen::{
@@ -97,11 +97,19 @@ impl Ca {
     }
 }
 
-/// A backend that echoes every byte and closes at EOF: over mTLS with
-/// `tls` (a stand-in for a sidecar's inbound), or plain TCP. Counts the
-/// connections that reached its app.
+/// A backend on loopback that echoes every byte and closes at EOF: over
+/// mTLS with `tls` (a stand-in for a sidecar's inbound), or plain TCP.
+/// Counts the connections that reached its app.
 async fn backend(tls: Option<Arc<TlsState>>) -> (SocketAddr, watch::Receiver<usize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_on(Ipv4Addr::LOCALHOST.into(), tls).await
+}
+
+/// [`backend`], listening on `ip`.
+async fn backend_on(
+    ip: IpAddr,
+    tls: Option<Arc<TlsState>>,
+) -> (SocketAddr, watch::Receiver<usize>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (served_tx, served) = watch::channel(0);
     let acceptor = tls.map(|tls| tokio_rustls::TlsAcceptor::from(tls.server().unwrap().clone()));
@@ -142,8 +150,18 @@ struct Refusing {
 }
 
 fn refusing() -> Refusing {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    refusing_on(Ipv4Addr::LOCALHOST.into())
+}
+
+/// [`refusing`], on `ip`.
+fn refusing_on(ip: IpAddr) -> Refusing {
+    let any = SocketAddr::new(ip, 0);
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(any),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
     socket.bind(&any.into()).unwrap();
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
     Refusing {
@@ -591,6 +609,61 @@ async fn a_passthrough_call_that_cannot_connect_ends_its_text_with_its_token() {
     );
     assert_eq!(outcome(&shared, "connect_failed"), 1);
     let line = logs.line("outbound passthrough failed");
+    assert!(line.contains(" reason=connect_failed "), "{line}");
+}
+
+/// A non-loopback address of this host, standing for the pod's own (which
+/// is never loopback): the source a socket bound to no address takes
+/// toward an address off the host (nothing is sent). `None` on a host with
+/// no route off itself.
+fn pod_address() -> Option<IpAddr> {
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    udp.connect("203.0.113.1:9").ok()?;
+    let ip = udp.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// A service whose backend is this pod's own address is plain TCP that
+/// never leaves the pod, under `deny` too, counted as `same_pod`; a port
+/// there that refuses is answered, counted and logged `connect_failed`, as
+/// a passthrough call is.
+#[tokio::test]
+async fn a_call_to_this_pods_own_address_is_plain_tcp_within_the_pod() {
+    let Some(pod) = pod_address() else {
+        eprintln!("skipped: the host has no address but loopback");
+        return;
+    };
+    let (logs, _guard) = Logged::capture();
+    let ca = Ca::new();
+    let inbound = SocketAddr::new(pod, 15006);
+    let own = |s: &mut Shared| s.own_addrs = vec![inbound];
+
+    let (app, served) = backend_on(pod, None).await;
+    let shared = changed(sidecar(&ca, "deny", &[app], &[]), own);
+    assert_eq!(round_trip(&shared, VIP).await, MESSAGE, "plain TCP echoed");
+    assert_eq!(*served.borrow(), 1);
+    assert_eq!(outcome(&shared, "same_pod"), 1);
+    assert_eq!(outcome(&shared, "passthrough"), 0);
+
+    let gone = refusing_on(pod);
+    let shared = changed(sidecar(&ca, "deny", &[gone.addr], &[]), own);
+    let answer = http_round_trip(&shared, VIP).await;
+    let addr = gone.addr;
+    assert_eq!(
+        refusal(&answer),
+        (
+            "HTTP/1.1 502 Bad Gateway",
+            Some("connect_failed"),
+            format!(
+                "trellis: outbound call to 10.96.0.10:80 refused: connecting to {addr}: \
+                 Connection refused (os error 111) (connect_failed)\n"
+            )
+            .as_str()
+        ),
+        "{answer}"
+    );
+    assert_eq!(outcome(&shared, "connect_failed"), 1);
+    let line = logs.line("outbound connection within the pod failed");
     assert!(line.contains(" reason=connect_failed "), "{line}");
 }
 
