@@ -101,7 +101,8 @@ async fn after_sigterm_outbound_keeps_working_until_the_connections_are_done() -
 
 /// Through the drain, web's admin port keeps answering until the process
 /// exits: `/ready` 503 saying the sidecar drains, since when and what for
-/// (the app's connection still open), `/live` 200 (a draining sidecar must
+/// (the app's connection still open), marked as the sidecar's own answer
+/// (`trellis-proxy-error: not_ready`), `/live` 200 (a draining sidecar must
 /// not be restarted), `/metrics` with when the drain started. Neither the
 /// probes nor the scrapes hold the drain open: once the app's connection
 /// closes, web exits 0.
@@ -124,6 +125,15 @@ async fn after_sigterm_the_admin_port_answers_until_the_process_exits() -> anyho
         .await
         .map_err(|e| e.context("/ready of a draining sidecar"))?;
     assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(
+        ready
+            .headers
+            .get("trellis-proxy-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("not_ready"),
+        "{:?}",
+        ready.headers
+    );
     assert!(
         ready
             .body
