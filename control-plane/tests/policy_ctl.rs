@@ -1069,21 +1069,7 @@ fn explain_says_which_http_conditions_it_did_not_evaluate() {
 #[test]
 fn explain_decides_an_http_request_as_the_sidecar_would() {
     let cp = ControlPlane::start(&[]);
-    let reads = common::policy::allow("api-reads", API, WEB, 8080).replace(
-        "- ports: [8080]",
-        "- {ports: [8080], methods: [GET], paths: [\"/api/*\"]}",
-    );
-    let deny = common::policy::allow("no-admin", API, WEB, 8080)
-        .replace("ALLOW", "DENY")
-        .replace("- ports: [8080]", "- paths: [\"/admin/*\"]");
-    let file = cp.tmp.path().join("http.yaml");
-    std::fs::write(&file, format!("{reads}---\n{deny}")).unwrap();
-    let out = cp.ctl(&["policy", "apply", "-f", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_reads_and_no_admin(&cp);
     let explain = |extra: &[&str]| {
         let args = [
             "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
@@ -1190,9 +1176,8 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
     }
 }
 
-/// The API reads policy of `explain_decides_an_http_request_as_the_sidecar_would`
-/// and a DENY on `/admin/*`, applied; then `trellisctl policy explain` from
-/// WEB to API on port 8080 with `extra` flags, and its request line.
+/// An API reads policy (GET on `/api/*` from WEB on port 8080) and a DENY
+/// on `/admin/*`, applied to `cp` with `trellisctl policy apply`.
 fn apply_reads_and_no_admin(cp: &ControlPlane) {
     let reads = common::policy::allow("api-reads", API, WEB, 8080).replace(
         "- ports: [8080]",

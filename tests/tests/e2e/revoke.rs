@@ -424,6 +424,10 @@ async fn a_server_certified_again_after_its_revocation_is_dialled_by_resumption(
         .await?;
     std::fs::write(pair.server.token_file(), pair.mesh.token(&api_id).await?)?;
     holds_revocation(&pair.client, &api_id).await?;
+    // The server's sidecar too: a revocation that covers more gives its
+    // inbound configs a new session-ticket key, so a ticket sealed before
+    // the revocation reached it would not resume.
+    holds_revocation(&pair.server, &api_id).await?;
     eventually("api to hold a new certificate", ttl + SOON, || async {
         let serial = pair.server.cert_serial().await?;
         anyhow::ensure!(serial != revoked_serial, "still {serial}");
