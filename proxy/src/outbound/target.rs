@@ -25,16 +25,21 @@ use trellis_core::SpiffeId;
 
 use crate::policy::{Backend, OutboundPolicy, Peer, Pick, Snapshot};
 
-/// Whether `dst` is one of the proxy's own listeners.
+/// Whether `dst` is one of the proxy's own listeners. An IPv4 address
+/// written IPv4-mapped (`::ffff:127.0.0.1`) is taken as the IPv4 address
+/// it maps: it is the same destination.
 fn is_own(own: &[SocketAddr], dst: SocketAddr) -> bool {
+    let ip = dst.ip().to_canonical();
     own.iter()
-        .any(|a| a.port() == dst.port() && (a.ip() == dst.ip() || dst.ip().is_loopback()))
+        .any(|a| a.port() == dst.port() && (a.ip().to_canonical() == ip || ip.is_loopback()))
 }
 
 /// Whether `ip` is an address of this pod: one the proxy listens on or
-/// advertises, other than loopback or unspecified ones.
+/// advertises, other than loopback or unspecified ones (IPv4-mapped
+/// addresses taken as the IPv4 address they map).
 fn is_own_ip(own: &[SocketAddr], ip: IpAddr) -> bool {
-    !ip.is_loopback() && !ip.is_unspecified() && own.iter().any(|a| a.ip() == ip)
+    let ip = ip.to_canonical();
+    !ip.is_loopback() && !ip.is_unspecified() && own.iter().any(|a| a.ip().to_canonical() == ip)
 }
 
 /// Where a redirected connection goes, as [`resolve`] decides it.
@@ -678,5 +683,20 @@ mod tests {
         assert!(is_own(&own, "127.0.0.1:15001".parse().unwrap()));
         assert!(!is_own(&own, "10.0.0.5:15001".parse().unwrap()));
         assert!(!is_own(&own, "10.0.0.5:8080".parse().unwrap()));
+    }
+
+    /// An IPv4 address written IPv4-mapped is the address it maps: mapped
+    /// loopback on a listener's port is this proxy (a loop), mapped
+    /// loopback is never the pod's own address, and the pod's address
+    /// mapped is.
+    #[test]
+    fn an_ipv4_mapped_address_is_the_address_it_maps() {
+        let own = own();
+        assert!(is_own(&own, addr("[::ffff:127.0.0.1]:15001")));
+        assert!(is_own(&own, addr("[::ffff:10.0.0.5]:15006")));
+        assert!(!is_own(&own, addr("[::ffff:10.0.0.5]:8080")));
+        assert!(!is_own_ip(&own, "::ffff:127.0.0.1".parse().unwrap()));
+        assert!(is_own_ip(&own, "::ffff:10.0.0.5".parse().unwrap()));
+        assert!(!is_own_ip(&own, "::ffff:10.0.0.6".parse().unwrap()));
     }
 }
