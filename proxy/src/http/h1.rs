@@ -708,13 +708,8 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     else {
         return Some(Taken::Other);
     };
-    if let Some(malformed) = over_limits(parsed.headers.len(), len, target) {
+    if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
         return Some(Taken::Malformed(malformed));
-    }
-    // The `http` crate, and hyper with it, drops a `#` and what follows it:
-    // the rules and the app would get another target than the one sent.
-    if let Some(why) = l7::target_problem(target) {
-        return Some(Taken::Malformed(Malformed::bad(why)));
     }
     // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
     // the head's framing is known to be readable.
@@ -921,9 +916,6 @@ impl Malformed {
 /// gets hyper's answer, a status alone. (The target is copied to be read
 /// so: once for a connection, on the path where hyper copies its head.)
 fn for_hyper(target: &str) -> Taken {
-    if let Some(why) = l7::target_problem(target) {
-        return Taken::Malformed(Malformed::bad(why));
-    }
     match Uri::try_from(target) {
         Ok(_) => Taken::Other,
         Err(_) => Taken::Malformed(Malformed::bad(INVALID_TARGET)),
@@ -951,7 +943,7 @@ fn too_many_fields(buf: &[u8]) -> Option<Taken> {
         }
         Ok(httparse::Status::Partial) => return None,
         Ok(httparse::Status::Complete(len)) => match parsed.path {
-            Some(target) => match over_limits(parsed.headers.len(), len, target) {
+            Some(target) => match head_problem(parsed.headers.len(), len, target) {
                 Some(malformed) => Taken::Malformed(malformed),
                 None => for_hyper(target),
             },
@@ -961,12 +953,18 @@ fn too_many_fields(buf: &[u8]) -> Option<Taken> {
 }
 
 /// What a complete head of `len` bytes with `fields` header fields and
-/// the request `target` is refused for, if it is over one of the
+/// the request `target` is refused for, if it is: over one of the
 /// sidecar's bounds ([`HeadLimit::http1`], which `policy explain` asks
 /// too): its size (a head that came whole in a read past the bound is
-/// over it all the same), then its target's length.
-fn over_limits(fields: usize, len: usize, target: &str) -> Option<Malformed> {
-    HeadLimit::http1(fields, len, target.len()).map(Malformed::over)
+/// over it all the same), then its target's length; then a raw `#` in the
+/// target ([`l7::target_problem`]), which the `http` crate, and hyper with
+/// it, drops with what follows it, so that the rules and the app would get
+/// another target than the one sent.
+fn head_problem(fields: usize, len: usize, target: &str) -> Option<Malformed> {
+    match HeadLimit::http1(fields, len, target.len()) {
+        Some(limit) => Some(Malformed::over(limit)),
+        None => l7::target_problem(target).map(Malformed::bad),
+    }
 }
 
 /// What is wrong with a head that does not parse, in words; `method`:
