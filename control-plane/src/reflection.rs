@@ -169,10 +169,9 @@ fn refused(status: &Status) -> Status {
         Code::OutOfRange => {
             crate::api::request_too_large("reflection", MAX_REFLECTION_REQUEST_BYTES)
         }
-        _ if crate::api::unreadable_request(status) => Status::invalid_argument(format!(
-            "the reflection request could not be read: {}",
-            status.message()
-        )),
+        _ if crate::api::unreadable_request(status) => {
+            crate::api::unreadable("the reflection request", status)
+        }
         _ => status.clone(),
     }
 }

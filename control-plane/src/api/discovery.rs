@@ -118,7 +118,7 @@ impl DiscoveryService {
             })?;
         let subscribe = match first.map_err(|status| {
             if super::unreadable_request(&status) {
-                unreadable("the first message of a Watch (its Subscribe)", &status)
+                super::unreadable("the first message of a Watch (its Subscribe)", &status)
             } else {
                 super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status)
             }
@@ -475,7 +475,7 @@ async fn serve_stream(
                 // tell of the latter.
                 Err(status) if super::unreadable_request(&status) => {
                     tracing::warn!(spiffe_id = %id, error = %shown_up_to(status.message(), DECODE_REASON_CHARS), "ending a discovery stream: a message after the Subscribe could not be read");
-                    let _ = tx.send(Err(unreadable("a Watch message after the Subscribe", &status))).await;
+                    let _ = tx.send(Err(super::unreadable("a Watch message after the Subscribe", &status))).await;
                     return "unreadable message";
                 }
                 Err(_) => return "stream broken",
@@ -491,19 +491,8 @@ async fn serve_stream(
 }
 
 /// At most this many characters of the decoder's reason are kept in the
-/// refusal of a Watch message that could not be decoded.
+/// refusal of a request or stream message that could not be decoded.
 pub(super) const DECODE_REASON_CHARS: usize = 256;
-
-/// What the sidecar is told of `which` message of its Watch, which tonic's
-/// decoder could not read (see [`super::unreadable_request`]): INVALID_ARGUMENT
-/// naming it and why, in place of tonic's INTERNAL, which says the control
-/// plane failed.
-fn unreadable(which: &str, status: &Status) -> Status {
-    Status::invalid_argument(format!(
-        "{which} could not be read: {}",
-        shown_up_to(status.message(), DECODE_REASON_CHARS)
-    ))
-}
 
 /// Decodes the messages of a Watch's request stream, as tonic's own
 /// decoder does, except that a message that is not a [`WatchRequest`]

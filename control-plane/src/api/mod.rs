@@ -70,6 +70,18 @@ pub(crate) fn unreadable_request(status: &Status) -> bool {
     status.code() == Code::Internal && std::error::Error::source(status).is_none()
 }
 
+/// What the client is told of `which` request (or message of a stream)
+/// tonic's decoder could not read (see [`unreadable_request`]):
+/// INVALID_ARGUMENT naming it and tonic's reason (at most
+/// [`discovery::DECODE_REASON_CHARS`] of it), in place of tonic's INTERNAL,
+/// which says the control plane failed.
+pub(crate) fn unreadable(which: &str, status: &Status) -> Status {
+    Status::invalid_argument(format!(
+        "{which} could not be read: {}",
+        discovery::shown_up_to(status.message(), discovery::DECODE_REASON_CHARS)
+    ))
+}
+
 /// Who is on the other end of a gRPC connection.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {

@@ -23,7 +23,6 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use super::discovery::{DECODE_REASON_CHARS, shown_up_to};
 use super::{article, request_too_large};
 
 /// The length of a gRPC message's prefix: its compressed flag (a byte),
@@ -97,22 +96,14 @@ where
                 .request_at_fault();
             Ok(match status.code() {
                 Code::OutOfRange => request_too_large(&call, limit).into_http(),
-                Code::Internal if at_fault => unreadable(&call, &status).into_http(),
+                Code::Internal if at_fault => {
+                    let which = format!("{} {call} request", article(&call));
+                    super::unreadable(&which, &status).into_http()
+                }
                 _ => answer,
             })
         })
     }
-}
-
-/// What the client of `call` is told of a request tonic refused with
-/// `status` (INTERNAL, which says the control plane failed): INVALID_ARGUMENT
-/// naming the call and tonic's reason.
-fn unreadable(call: &str, status: &Status) -> Status {
-    Status::invalid_argument(format!(
-        "{} {call} request could not be read: {}",
-        article(call),
-        shown_up_to(status.message(), DECODE_REASON_CHARS)
-    ))
 }
 
 /// How a request stream ended, as tonic read it.
