@@ -1,7 +1,10 @@
 //! The gRPC port against clients that hold what it gives them without a
 //! client certificate: a reflection stream that announces a huge message,
 //! a unary call whose request never arrives in full, one address opening
-//! connections without end.
+//! connections without end. And the unary services' own limits, each
+//! called as its callers are: the Admin service with the operator's SVID,
+//! the Replica service with the SVID a peer replica issues itself from the
+//! CA the replicas share ([`common::replica`]).
 
 mod common;
 
@@ -11,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::connections::{REFUSAL, closed_within, connect_from, hold, loopback};
+use common::replica::SharedCa;
 use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -25,9 +29,11 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use trellis_control_plane::api::admin::MAX_ADMIN_REQUEST_BYTES;
+use trellis_control_plane::api::replica::MAX_REPLICA_REQUEST_BYTES;
 use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 use trellis_control_plane::server::MAX_CONNECTIONS_PER_CLIENT;
+use trellis_proto::admin::v1::{HealthRequest, ListIssuedCertificatesRequest, ReplicaHealth};
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
@@ -37,6 +43,7 @@ const CERTIFY: &str = "/trellis.identity.v1.Identity/Certify";
 const LIST_WORKLOADS: &str = "/trellis.admin.v1.Admin/ListWorkloads";
 const EXPLAIN: &str = "/trellis.admin.v1.Admin/Explain";
 const WATCH: &str = "/trellis.discovery.v1.Discovery/Watch";
+const LIST_STREAMS: &str = "/trellis.admin.v1.Replica/ListStreams";
 
 /// Far longer than anything awaited here takes, so that a test fails
 /// instead of hanging.
@@ -324,6 +331,106 @@ async fn an_admin_request_past_its_limit_is_told_the_limit() {
     let applied = common::policy::apply(&mut admin, &one, false).await;
     assert!(applied.is_ok(), "{applied:?}");
     assert_eq!(common::policy::list(&mut admin).await.policies.len(), 1);
+}
+
+/// The name the control plane under a Replica test answers by.
+const REPLICA_NAME: &str = "cp-a";
+
+/// `cp` answers a peer replica's well-formed calls: `Health` says it is
+/// healthy, by its name, and `ListIssuedCertificates` lists web's one
+/// certificate.
+async fn serves_its_peers(cp: &ControlPlane, ca: &SharedCa) {
+    let mut peer = ca.replica_client(cp).await;
+    let health = peer.health(HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (health.name.as_str(), health.health()),
+        (REPLICA_NAME, ReplicaHealth::Healthy)
+    );
+    let issued = peer
+        .list_issued_certificates(ListIssuedCertificatesRequest {
+            spiffe_id: WEB.into(),
+            ..ListIssuedCertificatesRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = issued.certificates.iter().map(|c| &c.spiffe_id).collect();
+    assert_eq!(ids, [WEB], "{issued:?}");
+}
+
+/// A Replica request past [`MAX_REPLICA_REQUEST_BYTES`], from a peer
+/// replica (a `ListIssuedCertificates` whose SPIFFE ID alone is that
+/// long), is refused with RESOURCE_EXHAUSTED naming the call and the
+/// limit, not read whole up to tonic's default of 4 MiB; the replica then
+/// answers its peers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_request_past_its_limit_is_told_the_limit() {
+    assert_eq!(MAX_REPLICA_REQUEST_BYTES, 65536);
+    let ca = SharedCa::generate();
+    let cp = ca.start(&["--replica-name", REPLICA_NAME]);
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+    serves_its_peers(&cp, &ca).await;
+
+    let oversized = ListIssuedCertificatesRequest {
+        spiffe_id: "x".repeat(MAX_REPLICA_REQUEST_BYTES),
+        ..ListIssuedCertificatesRequest::default()
+    };
+    let refusal = ca
+        .replica_client(&cp)
+        .await
+        .list_issued_certificates(oversized)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (refusal.code(), refusal.message()),
+        (
+            tonic::Code::ResourceExhausted,
+            "a ListIssuedCertificates request may be at most 65536 bytes; this one is larger"
+        )
+    );
+    serves_its_peers(&cp, &ca).await;
+}
+
+/// A Replica request from a peer replica that tonic cannot read is
+/// answered INVALID_ARGUMENT naming the call and why, not INTERNAL (which
+/// says the control plane failed): a ListStreams cut short by the end of
+/// its stream, one whose message is flagged compressed though no
+/// `grpc-encoding` was sent. The replica answers its peers as before after
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_requests_that_cannot_be_read_are_answered_with_why() {
+    let ca = SharedCa::generate();
+    let cp = ca.start(&["--replica-name", REPLICA_NAME]);
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+    let invalid = (tonic::Code::InvalidArgument as i32).to_string();
+    let as_a_replica = || (*ca.replica_tls()).clone();
+
+    // 10 bytes of a message announced as 1000, then the end of the stream.
+    let mut cut_short = vec![0, 0, 0, 0x03, 0xe8];
+    cut_short.resize(5 + 10, 0x0a);
+    let answer =
+        raw_grpc::call_ended_with(&cp, as_a_replica(), LIST_STREAMS, Bytes::from(cut_short)).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            invalid.clone(),
+            "a ListStreams request could not be read: Unexpected EOF decoding stream.".to_owned()
+        )
+    );
+    serves_its_peers(&cp, &ca).await;
+
+    let compressed = Bytes::from_static(&[1, 0, 0, 0, 2, 0x08, 0x01]);
+    let answer = raw_grpc::call_ended_with(&cp, as_a_replica(), LIST_STREAMS, compressed).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            invalid,
+            "a ListStreams request could not be read: protocol error: received message with \
+             compressed-flag but no grpc-encoding was specified"
+                .to_owned()
+        )
+    );
+    serves_its_peers(&cp, &ca).await;
 }
 
 /// One address holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections

@@ -10,6 +10,7 @@ pub mod policy;
 #[path = "../../../tests/src/ports.rs"]
 pub mod ports;
 pub mod raw_grpc;
+pub mod replica;
 pub mod serving;
 pub mod webhook;
 

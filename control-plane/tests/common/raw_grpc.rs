@@ -61,6 +61,17 @@ pub async fn admin_call_ended(
     let config = trellis_control_plane::ctl::AdminCredentials::in_state_dir(&cp.state_dir)
         .client_config()
         .expect("the operator's credentials");
+    call_ended_with(cp, config, path, whole).await
+}
+
+/// Calls `path` as [`call_ended`] does, on a connection made with `config`
+/// (a peer replica's, say): the answer's head.
+pub async fn call_ended_with(
+    cp: &ControlPlane,
+    config: rustls::ClientConfig,
+    path: &str,
+    whole: Bytes,
+) -> http::Response<Incoming> {
     let (body, rx) = mpsc::channel(1);
     body.send(Ok(Frame::data(whole))).await.unwrap();
     drop(body);
