@@ -627,6 +627,11 @@ fn pod_address() -> Option<IpAddr> {
 /// never leaves the pod, under `deny` too, counted as `same_pod`; a port
 /// there that refuses is answered, counted and logged `connect_failed`, as
 /// a passthrough call is.
+///
+/// Runs without root, where the host has an address other than loopback;
+/// `tests/outbound_same_pod.rs` checks the same with a whole sidecar behind
+/// `init`'s interception, in a network namespace of its own with an
+/// address on `eth0`, wherever it runs as root.
 #[tokio::test]
 async fn a_call_to_this_pods_own_address_is_plain_tcp_within_the_pod() {
     let Some(pod) = pod_address() else {
