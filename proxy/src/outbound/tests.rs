@@ -2,6 +2,11 @@
 //! resolved destination on, with real sockets on loopback: the original
 //! destination a redirected connection carries needs iptables (and root),
 //! so these tests hand it to [`forward_transparent`] themselves.
+//!
+//! Whether a destination is outside the mesh, or this pod, is read from the
+//! snapshot and the sidecar's own addresses, never from the host's: a
+//! documentation address standing for one outside (`192.0.2.7`) is outside
+//! whatever the host has, and under `deny` it is never dialled.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
