@@ -20,6 +20,12 @@ pub mod ctl;
 pub mod discovery;
 pub mod escape;
 pub mod inject;
+// What the machine can do for a unit test, and how one says it cannot run:
+// the file every test crate of the workspace shares.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../tests/src/machine.rs"]
+mod machine;
 pub mod metrics;
 pub mod net;
 pub mod readiness;

@@ -797,7 +797,9 @@ mod tests {
                     "{to_app} segments to the app for {requests} requests"
                 );
             }
-            _ => println!("skipped: needs ss (iproute2) to count the segments to the app"),
+            _ => crate::machine::skip(
+                "skipped: needs ss (iproute2) to count the segments to the app",
+            ),
         }
     }
 

@@ -640,7 +640,10 @@ fn pod_address() -> Option<IpAddr> {
 #[tokio::test]
 async fn a_call_to_this_pods_own_address_is_plain_tcp_within_the_pod() {
     let Some(pod) = pod_address() else {
-        eprintln!("skipped: the host has no address but loopback");
+        crate::machine::note(
+            "skipped: the host has no address but loopback (tests/outbound_same_pod.rs checks this \
+             in a network namespace)",
+        );
         return;
     };
     let (logs, _guard) = Logged::capture();
@@ -717,7 +720,7 @@ async fn curl_h2(url: &str) -> Option<(String, String)> {
     let out = match curl.output().await {
         Ok(out) => out,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            eprintln!("skipped: curl not installed");
+            crate::machine::skip("skipped: curl not installed");
             return None;
         }
         Err(e) => panic!("curl: {e}"),
