@@ -22,22 +22,17 @@
 //!
 //! [`PolicySet::decide_request`]: trellis_core::policy::PolicySet::decide_request
 
-use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::future::Either;
 use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
-use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::l7::PathProblem;
 use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
 
-use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
-use super::{Body, InForce};
+use super::proxy::{Exchange, GrpcCode, LocalBody, local};
+use super::{Check, Guard, GuardLayer};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policies};
 
@@ -58,13 +53,7 @@ pub use trellis_core::policy::l7::CONNECT_REFUSED;
 pub use trellis_core::policy::l7::H2_HEADERS_TOO_LARGE;
 
 /// Wraps a service in [`Authorize`].
-#[derive(Clone)]
-pub struct AuthorizeLayer {
-    peer: SpiffeId,
-    port: u16,
-    policies: watch::Receiver<Option<Arc<Policies>>>,
-    metrics: Arc<Metrics>,
-}
+pub type AuthorizeLayer = GuardLayer<Authorization>;
 
 impl AuthorizeLayer {
     /// Decides requests from `peer` to the app's `port` under the policies
@@ -75,74 +64,35 @@ impl AuthorizeLayer {
         policies: watch::Receiver<Option<Arc<Policies>>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        AuthorizeLayer {
+        let check = Authorization {
             peer,
             port,
-            policies,
             metrics,
-        }
+        };
+        GuardLayer { check, policies }
     }
 }
 
-impl<S> Layer<S> for AuthorizeLayer {
-    type Service = Authorize<S>;
+/// Answers requests the policies deny; passes the others to `S`. Before
+/// the first snapshot, it denies all.
+pub type Authorize<S> = Guard<Authorization, S>;
 
-    fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize {
-            inner,
-            peer: self.peer.clone(),
-            port: self.port,
-            metrics: self.metrics.clone(),
-            policies: InForce::new(self.policies.clone()),
-        }
-    }
-}
-
-/// Answers requests the policies deny; passes the others to `S`.
-pub struct Authorize<S> {
-    inner: S,
+/// The decision [`Authorize`] makes of each request from `peer` to the
+/// app's `port`.
+#[derive(Clone)]
+pub struct Authorization {
     peer: SpiffeId,
     port: u16,
     metrics: Arc<Metrics>,
-    /// Before the first snapshot, none: deny all.
-    policies: InForce,
 }
 
-impl<S, B> Service<Exchange<B>> for Authorize<S>
-where
-    S: Service<Exchange<B>, Response = Response<Body>, Error = Infallible>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.policies.refresh();
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
-        match self.refusal(&mut exchange) {
-            Some(response) => Either::Left(ready(Ok(finish(exchange.entry, response)))),
-            None => Either::Right(self.inner.call(exchange)),
-        }
-    }
-}
-
-impl Authorize<()> {
-    /// The check alone, for a request path that is not a tower stack (the
-    /// HTTP/1 forwarder): the policies in force picked up if they
-    /// changed, then the same decision as the layer's.
-    pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
-        self.policies.refresh();
-        self.refusal(exchange)
-    }
-}
-
-impl<S> Authorize<S> {
-    /// Decides `exchange`; `Some` is the answer to send instead of passing
-    /// it on. Either way its entry says what decided.
-    fn refusal<B>(&self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
+impl Check for Authorization {
+    /// Either way, `exchange`'s entry says what decided.
+    fn refusal<B>(
+        &self,
+        current: Option<&Policies>,
+        exchange: &mut Exchange<B>,
+    ) -> Option<Response<LocalBody>> {
         let Exchange {
             request,
             entry,
@@ -188,7 +138,6 @@ impl<S> Authorize<S> {
                 problem,
             ));
         }
-        let current = self.policies.get();
         let path = request.uri().path();
         // Rules and rate limits match paths as written, apps route them
         // decoded and resolved: `/a/../admin`, `/%61dmin` or `/admin%2Fx`
@@ -298,13 +247,16 @@ fn denial(decision: &Decision) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::future::ready;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http::Request;
-    use tower::ServiceExt;
+    use tower::{Layer, Service, ServiceExt};
 
     use super::*;
     use crate::http::access::Entry;
+    use crate::http::proxy::finish;
     use crate::http::testing::{id, no_admin};
     use crate::http::{Connection, Http};
 

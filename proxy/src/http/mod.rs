@@ -34,12 +34,14 @@ pub mod upstream;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
@@ -58,7 +60,7 @@ pub use detect::{Protocol, Rewind, detect, detect_after, h2_preface};
 use access::Counted;
 use app_h2::AppH2;
 use authz::AuthorizeLayer;
-use proxy::Exchange;
+use proxy::{Exchange, LocalBody};
 use ratelimit::RateLimitLayer;
 use upstream::{AppConnections, Upstream};
 
@@ -516,6 +518,81 @@ impl InForce {
     /// `None` before the first snapshot.
     fn get(&self) -> Option<&Policies> {
         self.current.as_deref()
+    }
+}
+
+/// What one layer of the request stack decides of a request, under the
+/// policies in force.
+pub trait Check {
+    /// Decides `exchange` under `policies` (`None` before the first
+    /// snapshot); `Some` is the answer to send instead of passing it on.
+    fn refusal<B>(
+        &self,
+        policies: Option<&Policies>,
+        exchange: &mut Exchange<B>,
+    ) -> Option<Response<LocalBody>>;
+}
+
+/// Wraps a service in a [`Guard`] running `C`.
+#[derive(Clone)]
+pub struct GuardLayer<C> {
+    check: C,
+    policies: watch::Receiver<Option<Arc<Policies>>>,
+}
+
+impl<C: Clone, S> tower::Layer<S> for GuardLayer<C> {
+    type Service = Guard<C, S>;
+
+    fn layer(&self, inner: S) -> Guard<C, S> {
+        Guard {
+            check: self.check.clone(),
+            policies: InForce::new(self.policies.clone()),
+            inner,
+        }
+    }
+}
+
+/// A layer of the request stack: answers the requests its [`Check`]
+/// refuses, passes the others to `S`. The policies in force are picked up
+/// when it is polled for readiness.
+pub struct Guard<C, S> {
+    check: C,
+    policies: InForce,
+    inner: S,
+}
+
+impl<C, S, B> tower::Service<Exchange<B>> for Guard<C, S>
+where
+    C: Check,
+    S: tower::Service<Exchange<B>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = future::Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.policies.refresh();
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
+        match self.check.refusal(self.policies.get(), &mut exchange) {
+            Some(response) => {
+                let answer = proxy::finish(exchange.entry, response);
+                future::Either::Left(ready(Ok(answer)))
+            }
+            None => future::Either::Right(self.inner.call(exchange)),
+        }
+    }
+}
+
+impl<C: Check> Guard<C, ()> {
+    /// The check alone, for a request path that is not a tower stack (the
+    /// HTTP/1 forwarder): the policies in force picked up if they
+    /// changed, then the same decision as the layer's.
+    pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
+        self.policies.refresh();
+        self.check.refusal(self.policies.get(), exchange)
     }
 }
 

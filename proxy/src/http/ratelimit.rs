@@ -17,19 +17,14 @@
 //! shard starts over. Internal callers are limited like external ones.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::future::Either;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
-use tower::{Layer, Service};
 use trellis_core::SpiffeId;
 use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
@@ -37,8 +32,8 @@ use trellis_core::policy::{
 };
 use trellis_proto::policy::v1 as pb;
 
-use super::proxy::{Exchange, GrpcCode, LocalBody, finish, local};
-use super::{Body, InForce};
+use super::proxy::{Exchange, GrpcCode, LocalBody, local};
+use super::{Check, Guard, GuardLayer};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 
@@ -294,74 +289,36 @@ fn retry_after(seconds: f64) -> Duration {
 }
 
 /// Wraps a service in [`RateLimit`].
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    peer: SpiffeId,
-    policies: watch::Receiver<Option<Arc<Policies>>>,
-}
+pub type RateLimitLayer = GuardLayer<Limiting>;
 
 impl RateLimitLayer {
     /// Limits requests from `peer` by the rate limits of the policies
     /// `policies` holds.
     pub fn new(peer: SpiffeId, policies: watch::Receiver<Option<Arc<Policies>>>) -> Self {
-        RateLimitLayer { peer, policies }
-    }
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            peer: self.peer.clone(),
-            policies: InForce::new(self.policies.clone()),
+        GuardLayer {
+            check: Limiting { peer },
+            policies,
         }
     }
 }
 
 /// Answers requests over a rate limit; passes the others to `S`.
-pub struct RateLimit<S> {
-    inner: S,
+pub type RateLimit<S> = Guard<Limiting, S>;
+
+/// The check [`RateLimit`] makes of each request from `peer`.
+#[derive(Clone)]
+pub struct Limiting {
     peer: SpiffeId,
-    policies: InForce,
 }
 
-impl<S, B> Service<Exchange<B>> for RateLimit<S>
-where
-    S: Service<Exchange<B>, Response = Response<Body>, Error = Infallible>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response<Body>, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.policies.refresh();
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut exchange: Exchange<B>) -> Self::Future {
-        match self.refusal(&mut exchange) {
-            Some(response) => Either::Left(ready(Ok(finish(exchange.entry, response)))),
-            None => Either::Right(self.inner.call(exchange)),
-        }
-    }
-}
-
-impl RateLimit<()> {
-    /// The check alone, for a request path that is not a tower stack (the
-    /// HTTP/1 forwarder): the limits in force picked up if they changed,
-    /// then the same decision as the layer's.
-    pub fn check<B>(&mut self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
-        self.policies.refresh();
-        self.refusal(exchange)
-    }
-}
-
-impl<S> RateLimit<S> {
+impl Check for Limiting {
     /// 429 for `exchange` if it is over a limit, its entry saying which.
-    fn refusal<B>(&self, exchange: &mut Exchange<B>) -> Option<Response<LocalBody>> {
-        let limits = self.policies.get().map(|p| &p.rate_limits);
+    fn refusal<B>(
+        &self,
+        policies: Option<&Policies>,
+        exchange: &mut Exchange<B>,
+    ) -> Option<Response<LocalBody>> {
+        let limits = policies.map(|p| &p.rate_limits);
         let limited = match limits {
             Some(limits) if !limits.is_empty() => limits
                 .check(&self.peer, exchange.request.uri().path())
@@ -568,12 +525,15 @@ mod tests {
     /// The layer over a service that counts its calls and answers 200.
     #[tokio::test]
     async fn the_layer_answers_over_the_limit_itself_and_never_calls_the_service() {
+        use std::convert::Infallible;
+        use std::future::ready;
         use std::sync::atomic::{AtomicUsize, Ordering};
 
         use http::Request;
-        use tower::ServiceExt;
+        use tower::{Layer, Service, ServiceExt};
 
         use crate::http::access::Entry;
+        use crate::http::proxy::finish;
         use crate::http::{Connection, Http};
 
         let metrics = Arc::new(Metrics::new());
