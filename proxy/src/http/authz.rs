@@ -247,56 +247,25 @@ fn denial(decision: &Decision) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::future::ready;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http::Request;
     use tower::{Layer, Service, ServiceExt};
 
     use super::*;
-    use crate::http::access::Entry;
-    use crate::http::proxy::finish;
-    use crate::http::testing::{id, no_admin};
-    use crate::http::{Connection, Http};
+    use crate::http::testing::{connection, counting_app, exchange, id, no_admin};
 
     #[tokio::test]
     async fn the_layer_answers_a_denied_request_itself_and_never_calls_the_service() {
         let metrics = Arc::new(Metrics::new());
         let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
         let web = id("/ns/a/sa/web");
-        let conn = Arc::new(Connection::new(
-            Arc::new(Http::with_access_log(metrics.clone(), false)),
-            web.clone(),
-            "127.0.0.1:8080".parse().unwrap(),
-            policies.clone(),
-        ));
+        let conn = connection(&metrics, &web, &policies);
         let calls = Arc::new(AtomicUsize::new(0));
-        let app = tower::service_fn({
-            let calls = calls.clone();
-            move |exchange: Exchange<()>| {
-                calls.fetch_add(1, Ordering::Relaxed);
-                let ok = local(
-                    false,
-                    StatusCode::OK,
-                    GrpcCode::Unavailable,
-                    "none",
-                    "from the app",
-                );
-                ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
-            }
-        });
+        let app = counting_app(&calls);
         let mut service = AuthorizeLayer::new(web, 8080, policies, metrics.clone()).layer(app);
-        let exchange = |path: &str, grpc: bool| {
-            let request = Request::get(path).body(()).unwrap();
-            Exchange {
-                entry: Entry::start(conn.clone(), &request, "http1"),
-                request,
-                grpc,
-                upgrading: false,
-                headers_too_large: false,
-            }
-        };
+        let exchange =
+            |path: &str, grpc: bool| exchange(&conn, Request::get(path).body(()).unwrap(), grpc);
         let mut call = async |path: &str, grpc: bool| {
             let ready = service.ready().await.unwrap();
             ready.call(exchange(path, grpc)).await.unwrap()
@@ -335,12 +304,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (_keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
         let web = id("/ns/a/sa/web");
-        let conn = Arc::new(Connection::new(
-            Arc::new(Http::with_access_log(metrics.clone(), false)),
-            web.clone(),
-            "127.0.0.1:8080".parse().unwrap(),
-            policies.clone(),
-        ));
+        let conn = connection(&metrics, &web, &policies);
         let mut authorize = AuthorizeLayer::new(web, 8080, policies, metrics).layer(());
         let connect = Request::connect("api:443").body(()).unwrap();
         let hosts = Request::get("/users")
@@ -374,13 +338,7 @@ mod tests {
         }
         for (request, status, problem) in cases {
             let what = format!("{} {}", request.method(), request.uri());
-            let mut exchange = Exchange {
-                entry: Entry::start(conn.clone(), &request, "http1"),
-                request,
-                grpc: false,
-                upgrading: false,
-                headers_too_large: false,
-            };
+            let mut exchange = exchange(&conn, request, false);
             let answer = authorize.check(&mut exchange).expect(&what);
             assert_eq!(answer.status(), status, "{what}");
             assert_eq!(exchange.entry.outcome, "invalid", "{what}");

@@ -599,15 +599,76 @@ impl<C: Check> Guard<C, ()> {
 /// What the HTTP tests share.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::convert::Infallible;
+    use std::future::{Ready, ready};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::{Request, Response, StatusCode};
     use tokio::io::{AsyncRead, AsyncReadExt};
+    use tokio::sync::watch;
     use trellis_core::{SpiffeId, TrustDomain};
 
+    use super::access::Entry;
+    use super::proxy::{Exchange, GrpcCode, finish, local};
+    use super::{Body, Connection, Http};
     use crate::metrics::Metrics;
     use crate::policy::Policies;
 
     /// `spiffe://td{path}`.
     pub fn id(path: &str) -> SpiffeId {
         SpiffeId::parse(&format!("spiffe://td{path}")).unwrap()
+    }
+
+    /// A connection from `peer` to the app's port 8080 under `policies`,
+    /// counted in `metrics`, with no access log.
+    pub fn connection(
+        metrics: &Arc<Metrics>,
+        peer: &SpiffeId,
+        policies: &watch::Receiver<Option<Arc<Policies>>>,
+    ) -> Arc<Connection> {
+        Arc::new(Connection::new(
+            Arc::new(Http::with_access_log(metrics.clone(), false)),
+            peer.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+            policies.clone(),
+        ))
+    }
+
+    /// `request` on `conn` as the request stack takes it: HTTP/1, no
+    /// upgrade, headers within the limit.
+    pub fn exchange<B>(conn: &Arc<Connection>, request: Request<B>, grpc: bool) -> Exchange<B> {
+        Exchange {
+            entry: Entry::start(conn.clone(), &request, "http1"),
+            request,
+            grpc,
+            upgrading: false,
+            headers_too_large: false,
+        }
+    }
+
+    /// An app that answers every request 200 `from the app`, counting the
+    /// requests that reach it in `calls`.
+    pub fn counting_app(
+        calls: &Arc<AtomicUsize>,
+    ) -> impl tower::Service<
+        Exchange<()>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = Ready<Result<Response<Body>, Infallible>>,
+    > {
+        let calls = calls.clone();
+        tower::service_fn(move |exchange: Exchange<()>| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let ok = local(
+                false,
+                StatusCode::OK,
+                GrpcCode::Unavailable,
+                "none",
+                "from the app",
+            );
+            ready(Ok(finish(exchange.entry, ok)))
+        })
     }
 
     /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with

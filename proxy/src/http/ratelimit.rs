@@ -525,16 +525,12 @@ mod tests {
     /// The layer over a service that counts its calls and answers 200.
     #[tokio::test]
     async fn the_layer_answers_over_the_limit_itself_and_never_calls_the_service() {
-        use std::convert::Infallible;
-        use std::future::ready;
         use std::sync::atomic::{AtomicUsize, Ordering};
 
         use http::Request;
         use tower::{Layer, Service, ServiceExt};
 
-        use crate::http::access::Entry;
-        use crate::http::proxy::finish;
-        use crate::http::{Connection, Http};
+        use crate::http::testing::{connection, counting_app, exchange};
 
         let metrics = Arc::new(Metrics::new());
         let policies = Policies::compile_in(
@@ -549,38 +545,12 @@ mod tests {
         .unwrap();
         let (_keep, policies) = watch::channel(Some(Arc::new(policies)));
         let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
-        let conn = Arc::new(Connection::new(
-            Arc::new(Http::with_access_log(metrics.clone(), false)),
-            web.clone(),
-            "127.0.0.1:8080".parse().unwrap(),
-            policies.clone(),
-        ));
+        let conn = connection(&metrics, &web, &policies);
         let calls = Arc::new(AtomicUsize::new(0));
-        let app = tower::service_fn({
-            let calls = calls.clone();
-            move |exchange: Exchange<()>| {
-                calls.fetch_add(1, Ordering::Relaxed);
-                let ok = local(
-                    false,
-                    StatusCode::OK,
-                    GrpcCode::Unavailable,
-                    "none",
-                    "from the app",
-                );
-                ready(Ok::<_, Infallible>(finish(exchange.entry, ok)))
-            }
-        });
+        let app = counting_app(&calls);
         let mut service = RateLimitLayer::new(web, policies).layer(app);
-        let exchange = |grpc: bool| {
-            let request = Request::get("/search/q").body(()).unwrap();
-            Exchange {
-                entry: Entry::start(conn.clone(), &request, "http1"),
-                request,
-                grpc,
-                upgrading: false,
-                headers_too_large: false,
-            }
-        };
+        let exchange =
+            |grpc: bool| exchange(&conn, Request::get("/search/q").body(()).unwrap(), grpc);
 
         let first = service.ready().await.unwrap().call(exchange(false)).await;
         assert_eq!(first.unwrap().status(), StatusCode::OK);
