@@ -26,6 +26,15 @@ fn policy(name: &str, action: &str, to: &str) -> policy_pb::Policy {
     )
 }
 
+/// GET `path` with `headers` on `c`: the answer's status and body.
+async fn send(
+    c: &mut Client1,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (::http::StatusCode, String) {
+    text(c.send_request(get(path, headers)).await.unwrap()).await
+}
+
 #[tokio::test]
 async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     let (cp, app, s) = app_behind_sidecar().await;
@@ -36,10 +45,10 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/admin/users", &[]).await;
     assert_eq!(status, 403);
     assert_eq!(body, "trellis: denied by policy b/no-admin rule 0\n");
-    let (status, body) = text(c.send_request(get("/users/7", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/users/7", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (200, "GET /users/7 HTTP/1.1")
@@ -51,9 +60,9 @@ async fn a_denied_path_gets_403_naming_the_rule_and_the_connection_goes_on() {
     let (status, body) = text(c.send_request(post).await.unwrap()).await;
     assert_eq!(status, 403);
     assert_eq!(body, "trellis: denied by policy default:deny\n");
-    let (status, _) = text(c.send_request(get("/a/../admin/x", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/a/../admin/x", &[]).await;
     assert_eq!(status, 400, "a path that is not normalized is refused");
-    let (status, _) = text(c.send_request(get("/", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/", &[]).await;
     assert_eq!(status, 200, "the connection still serves requests");
     assert_eq!(
         app.seen.paths(),
@@ -105,7 +114,7 @@ async fn a_deny_covers_the_spellings_an_app_routes_as_the_same_path() {
         ("/users;x", 403, "trellis: denied by policy default:deny\n"),
         ("/administrator", 200, "GET /administrator HTTP/1.1"),
     ] {
-        let (got, text) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        let (got, text) = send(&mut c, path, &[]).await;
         assert_eq!((got.as_u16(), text.as_str()), (status, body), "{path}");
     }
     assert_eq!(app.seen.paths(), ["/users", "/administrator"]);
@@ -131,7 +140,7 @@ async fn a_deny_matches_a_path_in_any_letter_case_and_an_allow_only_as_written()
 
     let mut c = h1(&cp, s.inbound, &web()).await;
     for path in ["/ADMIN/x", "/Admin", "/aDMIN/"] {
-        let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        let (status, body) = send(&mut c, path, &[]).await;
         assert_eq!(
             (status.as_u16(), body.as_str()),
             (403, "trellis: denied by policy b/no-admin rule 0\n"),
@@ -188,7 +197,7 @@ async fn headers_that_override_the_path_never_reach_the_app() {
 
     // The sidecar's own HTTP/1 forwarder.
     let mut c1 = h1(&cp, s.inbound, &web()).await;
-    let (status, names) = text(c1.send_request(get("/headers", &overrides)).await.unwrap()).await;
+    let (status, names) = send(&mut c1, "/headers", &overrides).await;
     check("HTTP/1.1", status, names);
     // A chunked body: hyper's HTTP/1 server.
     let mut chunked = get("/headers", &overrides);
@@ -292,26 +301,26 @@ async fn an_encoded_path_gets_400_naming_the_problem_and_never_reaches_the_app()
             "path contains U+FF3C, which an app could read as '\\'",
         ),
     ] {
-        let (status, body) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        let (status, body) = send(&mut c, path, &[]).await;
         assert_eq!(
             (status.as_u16(), body.as_str()),
             (400, format!("trellis: {problem}\n").as_str()),
             "{path}"
         );
     }
-    let (status, body) = text(c.send_request(get("/old%20admin/x", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/old%20admin/x", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-admin rule 0\n"),
         "other escapes are matched as sent"
     );
-    let (status, body) = text(c.send_request(get("/OLD%20Admin/x", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/OLD%20Admin/x", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-admin rule 0\n"),
         "and in any letter case by a DENY"
     );
-    let (status, body) = text(c.send_request(get("/a%20b", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/a%20b", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (200, "GET /a%20b HTTP/1.1")
@@ -333,15 +342,15 @@ async fn an_encoded_path_cannot_escape_a_rate_limit() {
     push_to(&cp, snap, 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let (status, _) = text(c.send_request(get("/search/q", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/search/q", &[]).await;
     assert_eq!(status, 200);
-    let (status, _) = text(c.send_request(get("/search/q", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/search/q", &[]).await;
     assert_eq!(status, 429);
     for path in ["/%73earch/q", "/x/../search/q"] {
-        let (status, _) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        let (status, _) = send(&mut c, path, &[]).await;
         assert_eq!(status, 400, "{path}");
     }
-    let (status, _) = text(c.send_request(get("/other", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/other", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(app.seen.paths(), ["/search/q", "/other"]);
 }
@@ -359,17 +368,15 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let mut send = async |path: &str, headers: &[(&str, &str)]| {
-        text(c.send_request(get(path, headers)).await.unwrap()).await
-    };
-    let (status, _) = send("/one", &[("x-env", "canary")]).await;
+    let (status, _) = send(&mut c, "/one", &[("x-env", "canary")]).await;
     assert_eq!(status, 200);
-    let (status, body) = send("/two", &[("x-env", "prod"), ("x-env", "canary")]).await;
+    let (status, body) = send(&mut c, "/two", &[("x-env", "prod"), ("x-env", "canary")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy default:deny\n")
     );
     let (status, body) = send(
+        &mut c,
         "/three",
         &[("x-env", "canary"), ("x-debug", "off"), ("x-debug", "on")],
     )
@@ -380,14 +387,24 @@ async fn a_repeated_header_cannot_help_a_request_get_allowed() {
     );
     // One line may carry a list: `on` in it is `x-debug` sent with `on`,
     // and an allowed value in a list is not the allowed value.
-    let (status, body) = send("/four", &[("x-env", "canary"), ("x-debug", "off,  on")]).await;
+    let (status, body) = send(
+        &mut c,
+        "/four",
+        &[("x-env", "canary"), ("x-debug", "off,  on")],
+    )
+    .await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-debug rule 0\n")
     );
-    let (status, _) = send("/five", &[("x-env", "canary, prod")]).await;
+    let (status, _) = send(&mut c, "/five", &[("x-env", "canary, prod")]).await;
     assert_eq!(status, 403);
-    let (status, _) = send("/six", &[("x-env", "canary"), ("x-debug", "off, once")]).await;
+    let (status, _) = send(
+        &mut c,
+        "/six",
+        &[("x-env", "canary"), ("x-debug", "off, once")],
+    )
+    .await;
     assert_eq!(status, 200, "no element is `on`");
     assert_eq!(
         app.seen.paths(),
@@ -409,20 +426,17 @@ async fn a_header_spelled_with_underscores_is_the_same_header() {
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let mut send = async |path: &str, headers: &[(&str, &str)]| {
-        text(c.send_request(get(path, headers)).await.unwrap()).await
-    };
-    let (status, body) = send("/one", &[("x-env", "canary"), ("x_debug", "on")]).await;
+    let (status, body) = send(&mut c, "/one", &[("x-env", "canary"), ("x_debug", "on")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-debug rule 0\n")
     );
-    let (status, body) = send("/two", &[("x-env", "canary"), ("x_env", "prod")]).await;
+    let (status, body) = send(&mut c, "/two", &[("x-env", "canary"), ("x_env", "prod")]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy default:deny\n")
     );
-    let (status, _) = send("/three", &[("x_env", "canary"), ("x_debug", "off")]).await;
+    let (status, _) = send(&mut c, "/three", &[("x_env", "canary"), ("x_debug", "off")]).await;
     assert_eq!(status, 200, "x_env is x-env, and no copy of x-debug is on");
     assert_eq!(app.seen.paths(), ["/three"], "the app saw a denied request");
 }
@@ -438,14 +452,14 @@ async fn new_policies_decide_the_next_request_on_an_open_connection() {
         *req.version_mut() = ::http::Version::HTTP_2;
         req
     };
-    let (status, _) = text(c1.send_request(get("/admin/x", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c1, "/admin/x", &[]).await;
     assert_eq!(status, 200);
     let (status, _) = text(c2.send_request(h2_get("/admin/x")).await.unwrap()).await;
     assert_eq!(status, 200);
 
     let policies = vec![policy("no-admin", "DENY", "[{paths: [\"/admin/*\"]}]")];
     push_to(&cp, snapshot(2, "allow-mesh", policies), 1).await;
-    let (status, body) = text(c1.send_request(get("/admin/x", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c1, "/admin/x", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-admin rule 0\n")
@@ -503,9 +517,9 @@ async fn only_l7_rules_allow_http_and_never_raw_bytes() {
     push_to(&cp, snapshot(1, "deny", policies), 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let (status, _) = text(c.send_request(get("/health", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/health", &[]).await;
     assert_eq!(status, 200);
-    let (status, _) = text(c.send_request(get("/other", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/other", &[]).await;
     assert_eq!(status, 403);
 
     // Not HTTP: no rule allows the connection itself.
@@ -764,19 +778,19 @@ async fn a_stored_policy_that_newer_checks_refuse_is_enforced_as_far_as_it_can_b
     push_to(&cp, snap, 1).await;
 
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let (status, body) = text(c.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/admin/users", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (403, "trellis: denied by policy b/no-admin rule 0\n")
     );
-    let (status, _) = text(c.send_request(get("/files/a%2Fb", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/files/a%2Fb", &[]).await;
     assert_eq!(status, 400);
-    let (status, _) = text(c.send_request(get("/slow/x", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/slow/x", &[]).await;
     assert_eq!(status, 200);
     let response = c.send_request(get("/slow/x", &[])).await.unwrap();
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "86400");
-    let (status, _) = text(c.send_request(get("/users/7", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/users/7", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(app.seen.paths(), ["/slow/x", "/users/7"]);
     logs.wait_for(&[
@@ -804,12 +818,12 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
     let allow = || policy("web-to-api", "ALLOW", "[{methods: [GET]}]");
     push_to(&cp, snapshot(1, "deny", vec![allow()]), 1).await;
     let mut c = h1(&cp, s.inbound, &web()).await;
-    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/group%2Fproject", &[]).await;
     assert_eq!(status, 200, "a methods-only rule does not read paths");
 
     let elsewhere = policy("no-admin", "DENY", "[{ports: [1], paths: [\"/admin/*\"]}]");
     push_to(&cp, snapshot(2, "deny", vec![allow(), elsewhere]), 1).await;
-    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/group%2Fproject", &[]).await;
     assert_eq!(status, 200, "a path rule on another port does not either");
 
     // AUDIT is a dry run: it never changes what a request gets.
@@ -819,7 +833,7 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
         &format!("[{{ports: [{port}], paths: [\"/admin/*\"]}}]"),
     );
     push_to(&cp, snapshot(3, "deny", vec![allow(), dry_run]), 1).await;
-    let (status, _) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/group%2Fproject", &[]).await;
     assert_eq!(status, 200, "an AUDIT path rule refused a request");
 
     let here = policy(
@@ -828,7 +842,7 @@ async fn an_encoded_slash_is_refused_only_where_a_rule_matches_paths_on_the_port
         &format!("[{{ports: [{port}], paths: [\"/admin/*\"]}}]"),
     );
     push_to(&cp, snapshot(4, "deny", vec![allow(), here]), 1).await;
-    let (status, body) = text(c.send_request(get("/group%2Fproject", &[])).await.unwrap()).await;
+    let (status, body) = send(&mut c, "/group%2Fproject", &[]).await;
     assert_eq!(
         (status.as_u16(), body.as_str()),
         (
@@ -966,7 +980,7 @@ async fn l7_denials_and_rate_limits_are_logged_with_the_access_log_off() {
     let (peer, port) = (web(), app.addr.port());
 
     let mut c1 = h1(&cp, s.inbound, &peer).await;
-    let (status, _) = text(c1.send_request(get("/admin/users", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c1, "/admin/users", &[]).await;
     assert_eq!(status, 403);
     assert_eq!(
         logged(&logs, "inbound request denied").await,
@@ -1019,7 +1033,7 @@ async fn each_policy_s_denials_are_logged_in_a_pause_of_their_own() {
 
     let mut c = h1(&cp, s.inbound, &peer).await;
     for path in ["/admin/1", "/admin/2", "/debug/1", "/admin/3"] {
-        let (status, _) = text(c.send_request(get(path, &[])).await.unwrap()).await;
+        let (status, _) = send(&mut c, path, &[]).await;
         assert_eq!(status, 403, "{path}");
     }
     let line = |path: &str, policy: &str, suppressed: &str| {
@@ -1041,7 +1055,7 @@ async fn each_policy_s_denials_are_logged_in_a_pause_of_their_own() {
     tokio::time::advance(trellis_proxy::inbound::REFUSAL_LOG_PAUSE).await;
     tokio::time::resume();
     let mut c = h1(&cp, s.inbound, &peer).await;
-    let (status, _) = text(c.send_request(get("/admin/4", &[])).await.unwrap()).await;
+    let (status, _) = send(&mut c, "/admin/4", &[]).await;
     assert_eq!(status, 403);
     assert_eq!(
         denied("no-admin"),
