@@ -151,6 +151,14 @@ pub async fn apply(mesh: &Mesh, text: &str) -> anyhow::Result<Applied> {
     })
 }
 
+/// Applies `text` as [`apply`] does, then waits until `spiffe_id`'s
+/// sidecar has acknowledged the snapshot that holds it; the version
+/// acknowledged.
+pub async fn apply_and_wait(mesh: &Mesh, spiffe_id: &str, text: &str) -> anyhow::Result<u64> {
+    let applied = apply(mesh, text).await?;
+    wait_for_ack(mesh, spiffe_id, applied.snapshot_version).await
+}
+
 /// `trellisctl policy apply -f FILE` with `text` in the file, which must
 /// be refused: the file, and the error as `{:#}` prints it, for a test to
 /// check that it names the file and the place.

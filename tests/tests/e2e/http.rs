@@ -54,8 +54,7 @@ impl Setup {
     /// Applies `text` with `trellisctl policy apply` and waits until api
     /// enforces it.
     async fn apply(&self, text: &str) -> anyhow::Result<()> {
-        let applied = policy::apply(&self.mesh, text).await?;
-        policy::wait_for_ack(&self.mesh, self.api.identity(), applied.snapshot_version).await?;
+        policy::apply_and_wait(&self.mesh, self.api.identity(), text).await?;
         Ok(())
     }
 }
@@ -906,8 +905,7 @@ spec:
         db_sidecar.identity(),
         web.identity()
     );
-    let applied = policy::apply(&mesh, &no_admin).await?;
-    policy::wait_for_ack(&mesh, db_sidecar.identity(), applied.snapshot_version).await?;
+    policy::apply_and_wait(&mesh, db_sidecar.identity(), &no_admin).await?;
 
     // Nothing reaches the app: the connection ends without an answer.
     let back = round_trip(to_db, binary).await.unwrap_or_default();
@@ -998,8 +996,7 @@ spec:
         db_sidecar.identity(),
         attacker.identity()
     );
-    let applied = policy::apply(&mesh, &no_admin).await?;
-    policy::wait_for_ack(&mesh, db_sidecar.identity(), applied.snapshot_version).await?;
+    policy::apply_and_wait(&mesh, db_sidecar.identity(), &no_admin).await?;
 
     // Nothing reaches the app: the connection ends without an answer.
     let back = round_trip(to_db, binary).await.unwrap_or_default();
@@ -1078,8 +1075,7 @@ spec:
         echo_sidecar.identity(),
         web.identity()
     );
-    let applied = policy::apply(&mesh, &watch).await?;
-    policy::wait_for_ack(&mesh, echo_sidecar.identity(), applied.snapshot_version).await?;
+    policy::apply_and_wait(&mesh, echo_sidecar.identity(), &watch).await?;
 
     let binary = b"\x16\x03\x01\x00\x05hello\x00";
     let to_echo = web.route_addr(echo_sidecar.identity());

@@ -86,8 +86,7 @@ impl Setup {
 
     /// Applies `documents` and waits until api enforces them.
     async fn apply(&self, documents: &[PolicyDoc]) -> anyhow::Result<u64> {
-        let applied = policy::apply(&self.mesh, &stream(documents)).await?;
-        policy::wait_for_ack(&self.mesh, self.api_id(), applied.snapshot_version).await
+        policy::apply_and_wait(&self.mesh, self.api_id(), &stream(documents)).await
     }
 
     fn allow_web(&self) -> PolicyDoc {
