@@ -204,6 +204,22 @@ pub async fn wait_for_ack(mesh: &Mesh, spiffe_id: &str, version: u64) -> anyhow:
     .await
 }
 
+/// `trellisctl policy explain --from FROM --to TO --port PORT`, then the
+/// arguments `more` (a path, headers, an output format); what it printed.
+pub async fn explain(
+    mesh: &Mesh,
+    from: &str,
+    to: &str,
+    port: u16,
+    more: &[&str],
+) -> anyhow::Result<String> {
+    let port = port.to_string();
+    let args = [
+        "policy", "explain", "--from", from, "--to", to, "--port", &port,
+    ];
+    mesh.ctl(args.iter().chain(more)).await
+}
+
 /// Runs `trellisctl ARGS` without the mesh's address or credentials (as
 /// `policy lint` is run in CI) and returns its exit status and output,
 /// whatever the status.

@@ -57,6 +57,13 @@ impl Setup {
         policy::apply_and_wait(&self.mesh, self.api.identity(), text).await?;
         Ok(())
     }
+
+    /// `trellisctl policy explain` for web calling api's `port`, with
+    /// `more` arguments.
+    async fn explain(&self, port: u16, more: &[&str]) -> anyhow::Result<String> {
+        let (from, to) = (self.web.identity(), self.api.identity());
+        policy::explain(&self.mesh, from, to, port, more).await
+    }
 }
 
 /// Lets web call api on `{PORT}`.
@@ -252,28 +259,17 @@ async fn an_h2_header_list_over_64_kib_is_answered_431_on_its_stream() -> anyhow
     assert!(access_lines(&s.api).is_empty());
 
     // `policy explain` says the same, not the sidecar's own 16 KiB words.
-    let port = app.addr().port().to_string();
     let big = format!("x-big: {}", "a".repeat(70_000));
-    let explained = s
-        .mesh
-        .ctl([
-            "policy",
-            "explain",
-            "--from",
-            s.web.identity(),
-            "--to",
-            s.api.identity(),
-            "--port",
-            &port,
-            "--path",
-            "/big",
-            "--http2",
-            "--header",
-            "Host: api",
-            "--header",
-            &big,
-        ])
-        .await?;
+    let more = [
+        "--path",
+        "/big",
+        "--http2",
+        "--header",
+        "Host: api",
+        "--header",
+        &big,
+    ];
+    let explained = s.explain(app.addr().port(), &more).await?;
     assert!(
         explained.contains(
             "\n  request GET /big: refused (answered 431): request headers (counted as HTTP/2 \
@@ -420,27 +416,16 @@ spec:
     assert_eq!(answer, format!("trellis: {too_large}\n431"));
 
     // `policy explain` answers each request as the sidecar did.
-    let port = app.addr().port().to_string();
-    let (from, to) = (s.web.identity(), s.api.identity());
-    let explained = s
-        .mesh
-        .ctl([
-            "policy",
-            "explain",
-            "--from",
-            from,
-            "--to",
-            to,
-            "--port",
-            &port,
-            "--path",
-            "/hello",
-            "--header",
-            "Host: api",
-            "--header",
-            "Host: other",
-        ])
-        .await?;
+    let port = app.addr().port();
+    let two_hosts = [
+        "--path",
+        "/hello",
+        "--header",
+        "Host: api",
+        "--header",
+        "Host: other",
+    ];
+    let explained = s.explain(port, &two_hosts).await?;
     assert!(
         explained.contains(
             "\n  request GET /hello: refused (answered 400): more than one Host header\n"
@@ -448,11 +433,7 @@ spec:
         "{explained}"
     );
     let explained = s
-        .mesh
-        .ctl([
-            "policy", "explain", "--from", from, "--to", to, "--port", &port, "--path", "/hello",
-            "--http2", "--header", &big,
-        ])
+        .explain(port, &["--path", "/hello", "--http2", "--header", &big])
         .await?;
     assert!(
         explained.contains(&format!(
@@ -460,23 +441,8 @@ spec:
         )),
         "{explained}"
     );
-    let explained = s
-        .mesh
-        .ctl([
-            "policy",
-            "explain",
-            "--from",
-            from,
-            "--to",
-            to,
-            "--port",
-            &port,
-            "--path",
-            "http://api/hello",
-            "--header",
-            "Host: other",
-        ])
-        .await?;
+    let other_host = ["--path", "http://api/hello", "--header", "Host: other"];
+    let explained = s.explain(port, &other_host).await?;
     assert!(
         explained.contains(
             "\n  request GET /hello: refused (answered 400): Host header differs from the \
@@ -502,12 +468,7 @@ spec:
             "allow by default/web-to-api rule 0 (passed to the app)",
         ),
     ] {
-        let explained = s
-            .mesh
-            .ctl([
-                "policy", "explain", "--from", from, "--to", to, "--port", &port, "--path", path,
-            ])
-            .await?;
+        let explained = s.explain(port, &["--path", path]).await?;
         assert!(
             explained.contains(&format!(
                 "\n  request GET {}: {answer}\n",
@@ -1026,13 +987,8 @@ spec:
         reported.starts_with("default/no-admin rule 0 has HTTP conditions on every port"),
         "{config}"
     );
-    let port = db_port.to_string();
     let (from, to) = (attacker.identity(), db_sidecar.identity());
-    let explained = mesh
-        .ctl([
-            "policy", "explain", "--from", from, "--to", to, "--port", &port,
-        ])
-        .await?;
+    let explained = policy::explain(&mesh, from, to, db_port, &[]).await?;
     assert!(
         explained.contains("deny by default/no-admin rule 0"),
         "{explained}"

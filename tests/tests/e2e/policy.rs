@@ -301,29 +301,21 @@ async fn explain_names_the_deciding_rule() -> anyhow::Result<()> {
     let s = Setup::start().await?;
     let not_intruder = PolicyDoc::deny("deny-intruder", s.api_id()).from(s.intruder.identity());
     policy::apply(&s.mesh, &stream(&[s.allow_web(), not_intruder])).await?;
-    let port = s.port().to_string();
-    let explain = |from: String, port: String| {
-        let to = s.api_id().to_owned();
-        let mesh = &s.mesh;
-        async move {
-            mesh.ctl([
-                "policy", "explain", "--from", &from, "--to", &to, "--port", &port,
-            ])
-            .await
-        }
+    let explain = async |from: &Sidecar, port: u16| {
+        policy::explain(&s.mesh, from.identity(), s.api_id(), port, &[]).await
     };
-    let web = explain(s.web.identity().to_owned(), port.clone()).await?;
+    let web = explain(&s.web, s.port()).await?;
     assert!(web.contains("allow by default/web-to-api rule 0"), "{web}");
     assert!(
         web.contains("decided by default/web-to-api rule 0"),
         "{web}"
     );
-    let intruder = explain(s.intruder.identity().to_owned(), port).await?;
+    let intruder = explain(&s.intruder, s.port()).await?;
     assert!(
         intruder.contains("decided by default/deny-intruder rule 0"),
         "{intruder}"
     );
-    let elsewhere = explain(s.web.identity().to_owned(), "1".into()).await?;
+    let elsewhere = explain(&s.web, 1).await?;
     assert!(
         elsewhere.contains("no rule decided: mesh default deny"),
         "{elsewhere}"
