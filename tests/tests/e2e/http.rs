@@ -815,6 +815,23 @@ spec:
     Ok(())
 }
 
+/// The policy `default/{name}` on `target`'s workload: one `action` rule,
+/// from `source`, to `to` (a YAML flow mapping: ports, paths).
+fn one_rule(name: &str, action: &str, target: &Sidecar, source: &Sidecar, to: &str) -> String {
+    format!(
+        "apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{spiffeIds: [\"{}\"]}}
+  action: {action}
+  rules: [{{from: [{{spiffeId: \"{}\"}}], to: [{to}]}}]
+",
+        target.identity(),
+        source.identity()
+    )
+}
+
 /// An allow-mesh mesh and in it an echo app, `db`, behind a sidecar that
 /// declares the app's port opaque (`--opaque-ports` on that sidecar
 /// alone): the app, its port, the mesh and the sidecar.
@@ -850,22 +867,8 @@ async fn l7_rules_on_a_sidecars_own_opaque_port_fail_closed() -> anyhow::Result<
     let binary = b"\x16\x03\x01\x00\x05hello\x00";
     assert_eq!(round_trip(to_db, binary).await?, binary);
 
-    let no_admin = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: no-admin, namespace: default}}
-spec:
-  selector: {{spiffeIds: [\"{}\"]}}
-  action: DENY
-  rules:
-    - from: [{{spiffeId: \"{}\"}}]
-      to:
-        - ports: [{db_port}]
-          paths: [/admin]
-",
-        db_sidecar.identity(),
-        web.identity()
-    );
+    let to = format!("{{ports: [{db_port}], paths: [/admin]}}");
+    let no_admin = one_rule("no-admin", "DENY", &db_sidecar, &web, &to);
     policy::apply_and_wait(&mesh, db_sidecar.identity(), &no_admin).await?;
 
     // Nothing reaches the app: the connection ends without an answer.
@@ -942,20 +945,12 @@ async fn l7_deny_naming_no_ports_fails_closed_on_an_opaque_port() -> anyhow::Res
     let binary = b"\x16\x03\x01\x00\x05hello\x00";
     assert_eq!(round_trip(to_db, binary).await?, binary);
 
-    let no_admin = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: no-admin, namespace: default}}
-spec:
-  selector: {{spiffeIds: [\"{}\"]}}
-  action: DENY
-  rules:
-    - from: [{{spiffeId: \"{}\"}}]
-      to:
-        - paths: [/admin]
-",
-        db_sidecar.identity(),
-        attacker.identity()
+    let no_admin = one_rule(
+        "no-admin",
+        "DENY",
+        &db_sidecar,
+        &attacker,
+        "{paths: [/admin]}",
     );
     policy::apply_and_wait(&mesh, db_sidecar.identity(), &no_admin).await?;
 
@@ -1016,20 +1011,12 @@ async fn an_l7_audit_counts_a_connection_that_is_not_http() -> anyhow::Result<()
         .await?;
     let mut echo_sidecar = mesh.sidecar("echo").app(echo.addr()).start().await?;
     let web = mesh.sidecar("web").route_to(&echo_sidecar).start().await?;
-    let watch = format!(
-        "apiVersion: trellis.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: watch-admin, namespace: default}}
-spec:
-  selector: {{spiffeIds: [\"{}\"]}}
-  action: AUDIT
-  rules:
-    - from: [{{spiffeId: \"{}\"}}]
-      to:
-        - paths: [/admin]
-",
-        echo_sidecar.identity(),
-        web.identity()
+    let watch = one_rule(
+        "watch-admin",
+        "AUDIT",
+        &echo_sidecar,
+        &web,
+        "{paths: [/admin]}",
     );
     policy::apply_and_wait(&mesh, echo_sidecar.identity(), &watch).await?;
 
