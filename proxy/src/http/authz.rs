@@ -100,43 +100,44 @@ impl Check for Authorization {
             headers_too_large,
             ..
         } = exchange;
-        if *headers_too_large {
+        // A request refused before any rule is read: `problem` in its
+        // log line, `message` in its answer.
+        let mut invalid = |status, code, reason, problem: &'static str, message: Bytes| {
             entry.outcome = "invalid";
-            entry.problem = Some(H2_HEADERS_TOO_LARGE);
-            return Some(local(
-                *grpc,
+            entry.problem = Some(problem);
+            Some(local(*grpc, status, code, reason, message))
+        };
+        if *headers_too_large {
+            return invalid(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 GrpcCode::ResourceExhausted,
                 "headers_too_large",
                 H2_HEADERS_TOO_LARGE,
-            ));
+                Bytes::from_static(H2_HEADERS_TOO_LARGE.as_bytes()),
+            );
         }
         if request.method() == Method::CONNECT {
             // A tunnel's bytes would reach the app with no request in them
             // decided; the app's address also replaces the target, so no
             // tunnel could work. Refused whatever the policies say.
-            entry.outcome = "invalid";
-            entry.problem = Some(CONNECT_REFUSED);
-            return Some(local(
-                *grpc,
+            return invalid(
                 StatusCode::NOT_IMPLEMENTED,
                 GrpcCode::InvalidArgument,
                 "connect_refused",
                 CONNECT_REFUSED,
-            ));
+                Bytes::from_static(CONNECT_REFUSED.as_bytes()),
+            );
         }
         if let Some(problem) = l7::host_problem(request.headers(), request.uri().authority()) {
             // The app and the rules could read it as meant for another
             // host than the one named.
-            entry.outcome = "invalid";
-            entry.problem = Some(problem);
-            return Some(local(
-                *grpc,
+            return invalid(
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
                 "invalid_request",
                 problem,
-            ));
+                Bytes::from_static(problem.as_bytes()),
+            );
         }
         let path = request.uri().path();
         // Rules and rate limits match paths as written, apps route them
@@ -148,15 +149,13 @@ impl Check for Authorization {
         if let Some(problem) =
             l7::request_path_problem(request.method().as_str(), path, reads_paths)
         {
-            entry.outcome = "invalid";
-            entry.problem = Some(path_problem(problem));
-            return Some(local(
-                *grpc,
+            return invalid(
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
                 "invalid_request",
-                problem.to_string(),
-            ));
+                path_problem(problem),
+                problem.to_string().into(),
+            );
         }
         let http = HttpRequest {
             method: request.method().as_str(),
