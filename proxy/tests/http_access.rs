@@ -130,3 +130,33 @@ async fn a_request_the_caller_abandons_is_counted_without_a_status() {
         0
     ));
 }
+
+/// A chunked request body counts as its payload, without its chunk
+/// framing, as a body framed by its length does.
+#[tokio::test]
+async fn a_chunked_body_counts_its_payload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (logs, _guard) = Logs::capture(true);
+    let (cp, _app, s) = app_behind_sidecar().await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    let mut tls = connect(&cp, s.inbound, &web()).await;
+    tls.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+          5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("the answer and the close")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    eventually("an access line", || access_lines(&logs).len() == 1).await;
+    let f = &access_lines(&logs)[0];
+    assert_eq!(
+        (f["method"].as_str(), f["status"].as_u64()),
+        (Some("POST"), Some(200))
+    );
+    assert_eq!(f["bytes_in"], 11, "{f}");
+}

@@ -199,7 +199,7 @@ async fn headers_that_override_the_path_never_reach_the_app() {
     let mut c1 = h1(&cp, s.inbound, &web()).await;
     let (status, names) = send(&mut c1, "/headers", &overrides).await;
     check("HTTP/1.1", status, names);
-    // A chunked body: hyper's HTTP/1 server.
+    // A chunked body: the forwarder too.
     let mut chunked = get("/headers", &overrides);
     *chunked.method_mut() = ::http::Method::POST;
     *chunked.body_mut() = http_body_util::Full::new(bytes::Bytes::from("x"));
@@ -209,6 +209,15 @@ async fn headers_that_override_the_path_never_reach_the_app() {
     let (status, names) = text(c1.send_request(chunked).await.unwrap()).await;
     assert!(names.contains("transfer-encoding"), "not chunked: {names}");
     check("HTTP/1.1 chunked", status, names);
+    // `Expect: 100-continue`: hyper's HTTP/1 server.
+    let mut expecting = get("/headers", &overrides);
+    *expecting.method_mut() = ::http::Method::POST;
+    *expecting.body_mut() = http_body_util::Full::new(bytes::Bytes::from("x"));
+    expecting
+        .headers_mut()
+        .insert("expect", "100-continue".parse().unwrap());
+    let (status, names) = text(c1.send_request(expecting).await.unwrap()).await;
+    check("HTTP/1.1 100-continue", status, names);
     // HTTP/2.
     let mut c2 = h2(&cp, s.inbound, &web()).await;
     let mut req = get("http://api/headers", &overrides);

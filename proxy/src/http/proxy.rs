@@ -134,17 +134,7 @@ pub async fn forward(
     let mut response = match sent {
         Ok(response) => response.map(Either::Left),
         Err(e) => match malformed_chunk(&e) {
-            Some(fault) => {
-                tracing::info!(peer = %conn.peer, error = %fault, "the caller sent a malformed chunked request body");
-                let message = format!("{MALFORMED_CHUNK}: {fault}");
-                local(
-                    grpc,
-                    StatusCode::BAD_REQUEST,
-                    GrpcCode::InvalidArgument,
-                    "invalid_request",
-                    message,
-                )
-            }
+            Some(fault) => malformed_chunk_answer(&conn, grpc, fault),
             None => app_failed(&conn, grpc, e),
         },
     };
@@ -213,8 +203,33 @@ pub fn connect_failure(e: &std::io::Error) -> String {
 }
 
 /// What a caller whose chunked request body does not parse is told, before
-/// the fault hyper's server found in it (the size line, the end of a chunk).
+/// the fault found in it (the size line, the end of a chunk), by the
+/// forwarder or by hyper's server.
 pub const MALFORMED_CHUNK: &str = "malformed chunked request body";
+
+/// Logs a caller's chunked request body that does not parse (`fault`):
+/// the caller's fault, not the app's. Both paths log it so.
+pub fn log_malformed_chunk(conn: &Connection, fault: &dyn std::fmt::Display) {
+    tracing::info!(peer = %conn.peer, error = %fault, "the caller sent a malformed chunked request body");
+}
+
+/// The answer to a request whose chunked body does not parse, on either
+/// path: 400, [`MALFORMED_CHUNK`] and the `fault`, logged as the caller's
+/// ([`log_malformed_chunk`]).
+pub fn malformed_chunk_answer(
+    conn: &Connection,
+    grpc: bool,
+    fault: &dyn std::fmt::Display,
+) -> Response<LocalBody> {
+    log_malformed_chunk(conn, fault);
+    local(
+        grpc,
+        StatusCode::BAD_REQUEST,
+        GrpcCode::InvalidArgument,
+        "invalid_request",
+        format!("{MALFORMED_CHUNK}: {fault}"),
+    )
+}
 
 /// The fault in the caller's chunked body that failed the request, if that
 /// is what did: hyper's client stopped on an error of the body it was
