@@ -1479,8 +1479,12 @@ where
         }
     };
     let whole = sent.is_ok();
-    if let Err(e) = &sent {
-        tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "request body not all sent");
+    match &sent {
+        Err(BodyStopped::Malformed(fault)) => super::proxy::log_malformed_chunk(conn, fault),
+        Err(e) => {
+            tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "request body not all sent");
+        }
+        Ok(()) => {}
     }
     match answered {
         Ok((close, passed)) => {
@@ -3052,6 +3056,57 @@ mod tests {
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 1, "{requests:?}");
+    }
+
+    /// A chunk that does not parse once the app's answer has begun: the
+    /// caller has part of that answer, so it gets no 400 after it; the
+    /// connection ends, as for a caller gone mid-body. Once the answer is
+    /// all out, the connection closes after it.
+    #[tokio::test]
+    async fn a_malformed_chunk_after_the_answer_began_ends_the_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let head = read_head(&mut tcp).await;
+                    let answer: &[u8] = if head.starts_with(b"POST /half ") {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf!"
+                    } else {
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
+                    };
+                    tcp.write_all(answer).await.unwrap();
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        for (path, end) in [("/half", &b"half!"[..]), ("/whole", b"too big!")] {
+            let mut caller = caller_of(app).await;
+            let head = format!("POST {path} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+            caller
+                .write_all(format!("{head}5\r\nhello\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut read = Vec::new();
+            read_until(&mut caller, &mut read, end, "the answer").await;
+            caller.write_all(b"zz\r\n").await.unwrap();
+            let mut buf = [0u8; 4096];
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match caller.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "{path}: the connection was kept");
+            assert!(
+                read.ends_with(end),
+                "{path}: something came after the answer: {}",
+                String::from_utf8_lossy(&read)
+            );
+        }
     }
 
     /// An app served by hyper's server that answers each request with its
