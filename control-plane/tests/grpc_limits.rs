@@ -4,7 +4,9 @@
 //! connections without end. And the unary services' own limits, each
 //! called as its callers are: the Admin service with the operator's SVID,
 //! the Replica service with the SVID a peer replica issues itself from the
-//! CA the replicas share ([`common::replica`]).
+//! CA the replicas share ([`common::replica`]). And the callers the
+//! Replica service refuses (a workload, one with no client certificate),
+//! before it reads what they send.
 
 mod common;
 
@@ -24,6 +26,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -33,7 +36,10 @@ use trellis_control_plane::api::replica::MAX_REPLICA_REQUEST_BYTES;
 use trellis_control_plane::body_deadline::REQUEST_BODY_TIMEOUT;
 use trellis_control_plane::run::MAX_REFLECTION_REQUEST_BYTES;
 use trellis_control_plane::server::MAX_CONNECTIONS_PER_CLIENT;
-use trellis_proto::admin::v1::{HealthRequest, ListIssuedCertificatesRequest, ReplicaHealth};
+use trellis_proto::admin::v1::replica_client::ReplicaClient;
+use trellis_proto::admin::v1::{
+    HealthRequest, ListIssuedCertificatesRequest, ListStreamsRequest, ReplicaHealth,
+};
 use trellis_proto::discovery::v1::watch_request::Kind;
 use trellis_proto::discovery::v1::{Subscribe, WatchRequest};
 
@@ -430,6 +436,130 @@ async fn replica_requests_that_cannot_be_read_are_answered_with_why() {
                 .to_owned()
         )
     );
+    serves_its_peers(&cp, &ca).await;
+}
+
+/// What a caller with `id`'s SVID is told by the Replica service.
+fn not_a_replica(id: &str) -> String {
+    format!(
+        "{id} may not call the Replica API; only spiffe://cluster.local/trellis/control-plane may"
+    )
+}
+
+/// A `Replica` client of `cp` on a connection made with `svid` (a
+/// workload's), or with no client certificate.
+async fn replica_client_as(cp: &ControlPlane, svid: Option<&Svid>) -> ReplicaClient<Channel> {
+    let channel = trellis_core::grpc::connect(&cp.grpc, Arc::new(cp.client_config(svid)))
+        .await
+        .expect("connects to the control plane");
+    ReplicaClient::new(channel)
+}
+
+/// Each of the Replica service's calls, made by `client`: its name and
+/// how it was answered.
+async fn every_replica_call(
+    client: &mut ReplicaClient<Channel>,
+) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+    vec![
+        ("Health", client.health(HealthRequest {}).await.map(drop)),
+        (
+            "ListStreams",
+            client
+                .list_streams(ListStreamsRequest::default())
+                .await
+                .map(drop),
+        ),
+        (
+            "ListIssuedCertificates",
+            client
+                .list_issued_certificates(ListIssuedCertificatesRequest {
+                    spiffe_id: WEB.into(),
+                    ..ListIssuedCertificatesRequest::default()
+                })
+                .await
+                .map(drop),
+        ),
+    ]
+}
+
+/// The Replica service answers only the control plane's own identity: a
+/// workload's SVID is refused PERMISSION_DENIED naming it and the one
+/// identity allowed, in each of the service's calls, and a caller with no
+/// client certificate UNAUTHENTICATED, while a peer replica is answered
+/// each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_peer_replica_may_call_the_replica_service() {
+    let ca = SharedCa::generate();
+    let cp = ca.start(&["--replica-name", REPLICA_NAME]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7000").await;
+
+    let mut as_web = replica_client_as(&cp, Some(&web)).await;
+    for (call, answer) in every_replica_call(&mut as_web).await {
+        let refusal = answer.expect_err(call);
+        assert_eq!(
+            (refusal.code(), refusal.message()),
+            (tonic::Code::PermissionDenied, not_a_replica(WEB).as_str()),
+            "{call}"
+        );
+    }
+
+    let mut anonymous = replica_client_as(&cp, None).await;
+    for (call, answer) in every_replica_call(&mut anonymous).await {
+        let refusal = answer.expect_err(call);
+        assert_eq!(
+            (refusal.code(), refusal.message()),
+            (
+                tonic::Code::Unauthenticated,
+                "the Replica API requires an SVID presented as the TLS client certificate"
+            ),
+            "{call}"
+        );
+    }
+
+    let mut as_a_replica = ca.replica_client(&cp).await;
+    for (call, answer) in every_replica_call(&mut as_a_replica).await {
+        assert!(answer.is_ok(), "{call}: {answer:?}");
+    }
+}
+
+/// A workload's Replica request is refused for who sent it before any of
+/// it is read: one past [`MAX_REPLICA_REQUEST_BYTES`] is answered
+/// PERMISSION_DENIED, not RESOURCE_EXHAUSTED (which would tell a caller
+/// with no business here the service's limit), and one whose message never
+/// arrives in full is answered PERMISSION_DENIED at once, not
+/// DEADLINE_EXCEEDED when the body's time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_replica_request_is_refused_unread() {
+    let ca = SharedCa::generate();
+    let cp = ca.start(&["--replica-name", REPLICA_NAME]);
+    let web = enroll(&cp, WEB, "127.0.0.1:7000").await;
+
+    let oversized = ListIssuedCertificatesRequest {
+        spiffe_id: "x".repeat(MAX_REPLICA_REQUEST_BYTES),
+        ..ListIssuedCertificatesRequest::default()
+    };
+    let refusal = replica_client_as(&cp, Some(&web))
+        .await
+        .list_issued_certificates(oversized)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (refusal.code(), refusal.message()),
+        (tonic::Code::PermissionDenied, not_a_replica(WEB).as_str())
+    );
+
+    // 10 bytes of a message announced as 1000; the rest never comes.
+    let mut stalled = vec![0, 0, 0, 0x03, 0xe8];
+    stalled.resize(5 + 10, 0x0a);
+    let (answer, _body) = raw_grpc::call(&cp, Some(&web), LIST_STREAMS, Bytes::from(stalled)).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            (tonic::Code::PermissionDenied as i32).to_string(),
+            not_a_replica(WEB)
+        )
+    );
+
     serves_its_peers(&cp, &ca).await;
 }
 
