@@ -36,7 +36,6 @@ use trellis_control_plane::ca::anchors::expiries;
 use trellis_control_plane::metrics::Metrics;
 use trellis_control_plane::server::{GrpcListener, ServingCert, server_config};
 use trellis_core::TrustDomain;
-use trellis_proto::admin::v1::replica_client::ReplicaClient;
 use trellis_proto::admin::v1::replica_server::{self, Replica, ReplicaServer};
 use trellis_proto::admin::v1::{
     HealthRequest, HealthResponse, ListIssuedCertificatesRequest, ListIssuedCertificatesResponse,
@@ -89,7 +88,6 @@ struct Fleet {
     b: ControlPlane,
     port_a: u16,
     port_b: u16,
-    web: Svid,
     /// web's stream, past its first snapshot, of `web_version`.
     web_stream: Watcher,
     web_version: u64,
@@ -155,7 +153,6 @@ impl Fleet {
             b,
             port_a,
             port_b,
-            web,
             web_stream,
             web_version,
             api_stream,
@@ -526,13 +523,12 @@ fn row<'a>(table: &'a str, id: &str) -> Vec<&'a str> {
 /// (and `trellisctl workloads` on it) shows both sidecars synced, each
 /// with the replica it streams to, and a line per replica; `trellisctl
 /// certs` lists the certificates both replicas issued, and `trellisctl
-/// check` finds the mesh healthy. The Replica API
-/// answers only the control plane's identity. When a peer stops, the
-/// answers name it as not listening: its sidecar shows as not connected
-/// and its certificates are not listed, instead of the whole call failing;
-/// `check` warns naming it, and `policy apply --wait` does not wait for
-/// it. One that takes connections and does not answer may hold streams:
-/// `check` fails naming it.
+/// check` finds the mesh healthy. When a peer stops, the answers name it
+/// as not listening: its sidecar shows as not connected and its
+/// certificates are not listed, instead of the whole call failing; `check`
+/// warns naming it, and `policy apply --wait` does not wait for it. One
+/// that takes connections and does not answer may hold streams: `check`
+/// fails naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
     let Fleet {
@@ -541,7 +537,6 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         b,
         port_b,
         port_a,
-        web,
         mut web_stream,
         web_version,
         mut api_stream,
@@ -636,21 +631,6 @@ async fn either_replica_lists_the_sidecars_streaming_to_every_replica() {
         assert!(report.contains(&line), "no {line:?} in\n{report}");
     }
     assert!(!report.contains("certificate renewal"), "{report}");
-
-    // The Replica API is for replicas: a sidecar's SVID is refused.
-    let channel =
-        trellis_core::grpc::connect(&b.grpc, std::sync::Arc::new(b.client_config(Some(&web))))
-            .await
-            .unwrap();
-    let refused = ReplicaClient::new(channel)
-        .list_streams(ListStreamsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(
-        refused.message().contains(WEB) && refused.message().contains("the Replica API"),
-        "{refused:?}"
-    );
 
     // With cp-b gone, cp-a still answers: nothing listens at cp-b's
     // address, so cp-b is named as not listening, and the sidecar that
