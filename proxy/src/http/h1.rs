@@ -9,8 +9,9 @@
 //! in origin form, a body framed by Content-Length (one value, however
 //! often sent: the app gets it once, without leading zeros), by
 //! `Transfer-Encoding: chunked` (that one coding, in one field) or none,
-//! no `Upgrade`, `Expect` or gRPC, and a head within [`MAX_HEADERS`]
-//! fields. A chunked body goes to the app as it came, chunk framing,
+//! no `Upgrade`, `Expect` or gRPC, and a head within
+//! [`MAX_REQUEST_HEADERS`] fields (all parsed at once, so no head is
+//! handed over for its number of fields). A chunked body goes to the app as it came, chunk framing,
 //! extensions and trailers included (not chunked again), and is followed
 //! as it passes ([`Chunked`], as a chunked answer is), so its end is known
 //! and the next request on the connection is read here too. The first
@@ -169,8 +170,9 @@ pub const TWO_FRAMINGS: &str =
     "both Transfer-Encoding and Content-Length: a request body is framed one way";
 /// What a target that is not a URI is told.
 const INVALID_TARGET: &str = "malformed request line: invalid request target";
-/// The most header fields of a request the forwarder takes.
-pub const MAX_HEADERS: usize = 64;
+/// The largest header map a thread keeps for its next requests
+/// ([`Buffers::fields`]): one grown for a head of many fields is freed.
+const KEPT_FIELDS: usize = 128;
 /// The largest answer head read from the app (hyper's client's bound).
 pub const MAX_ANSWER_HEAD: usize = 8192 + 4096 * 100;
 /// The most header fields of an answer (hyper's client's bound).
@@ -275,7 +277,7 @@ impl Buffers {
         if !usual {
             return;
         }
-        if self.fields.capacity() > 2 * MAX_HEADERS {
+        if self.fields.capacity() > KEPT_FIELDS {
             self.fields = HeaderMap::new();
         }
         // Drops the values, and with them the request head's bytes.
@@ -715,12 +717,16 @@ where
 fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     #[cfg(test)]
     tests::PARSED.set(tests::PARSED.get() + buf.len());
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Every field a head may have, on the stack: a head over the bound is
+    // refused, never handed to hyper without the checks below.
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(httparse::Error::TooManyHeaders) => return too_many_fields(buf),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Some(Taken::Malformed(Malformed::over(HeadLimit::Fields)));
+        }
         Err(e) => {
             let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, parsed.method.is_some()));
             return Some(Taken::Malformed(Malformed::bad(why)));
@@ -756,7 +762,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     // follows that framing itself; any other is hyper's.
     let mut only_chunked = false;
     let mut lengths = false;
-    let mut ranges: [(Range<usize>, Range<usize>); MAX_HEADERS] =
+    let mut ranges: [(Range<usize>, Range<usize>); MAX_REQUEST_HEADERS] =
         std::array::from_fn(|_| (0..0, 0..0));
     // The fields that reach the app: all but the repeats of
     // `Content-Length`.
@@ -953,35 +959,11 @@ fn for_hyper(target: &str) -> Taken {
     }
 }
 
-/// The most header fields of a request (hyper's server's bound, for the
-/// requests the forwarder hands it).
+/// The most header fields of a request, on either path: a head with more
+/// is answered 431 ([`TOO_MANY_FIELDS`]) by the forwarder, which parses
+/// them all; hyper's server, which reads the heads after a hand-off, has
+/// the same bound (its default).
 pub use trellis_core::policy::l7::MAX_REQUEST_HEADERS;
-
-/// A head with more than [`MAX_HEADERS`] fields: hyper's if it has at most
-/// [`MAX_REQUEST_HEADERS`] and parses whole, 431 if it has more; `None`
-/// while it is not all in (read on here, so that hyper never reads the
-/// rest of a head and refuses it with a status alone).
-fn too_many_fields(buf: &[u8]) -> Option<Taken> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    Some(match parsed.parse(buf) {
-        Err(httparse::Error::TooManyHeaders) => {
-            Taken::Malformed(Malformed::over(HeadLimit::Fields))
-        }
-        Err(e) => {
-            let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, true));
-            Taken::Malformed(Malformed::bad(why))
-        }
-        Ok(httparse::Status::Partial) => return None,
-        Ok(httparse::Status::Complete(len)) => match parsed.path {
-            Some(target) => match head_problem(parsed.headers.len(), len, target) {
-                Some(malformed) => Taken::Malformed(malformed),
-                None => for_hyper(target),
-            },
-            None => Taken::Other,
-        },
-    })
-}
 
 /// What a complete head of `len` bytes with `fields` header fields and
 /// the request `target` is refused for, if it is: over one of the
@@ -2253,7 +2235,7 @@ mod tests {
                             return;
                         }
                         let (head, len, body_len) = loop {
-                            let mut fields = [httparse::EMPTY_HEADER; 32];
+                            let mut fields = [httparse::EMPTY_HEADER; 128];
                             let mut req = httparse::Request::new(&mut fields);
                             if let Ok(httparse::Status::Complete(len)) = req.parse(&buf) {
                                 let field = |name: &str| {
@@ -2814,6 +2796,71 @@ mod tests {
         assert!(read.starts_with("HTTP/1.1 100 Continue\r\n\r\n"), "{read}");
         assert!(read.contains("POST /expects abc"), "{read}");
         assert!(read.ends_with("GET /after "), "{read}");
+    }
+
+    /// A head of `n` fields `x-field-i`, after the request line and
+    /// before `more`.
+    fn many_fields(line: &str, n: usize, more: &str) -> String {
+        let mut head = format!("{line}\r\n");
+        for i in 0..n {
+            head.push_str(&format!("x-field-{i}: {i}\r\n"));
+        }
+        head + more + "\r\n"
+    }
+
+    /// A head of more fields than a usual one and at most 100 is the
+    /// forwarder's, its framing checked as any other's: chunked beside a
+    /// length is refused in words, an ordinary one reaches the app with
+    /// every field and the forwarder keeps the connection (a malformed
+    /// head after it is refused in words). One of 101 fields is 431.
+    #[tokio::test]
+    async fn heads_of_up_to_100_fields_are_the_forwarders() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        let two = many_fields(
+            "POST /two HTTP/1.1",
+            70,
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        );
+        let read = exchange(&mut caller, &(two + "0\r\n\r\n"), 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {TWO_FRAMINGS}\n")),
+            "{read}"
+        );
+        assert!(seen.requests.lock().unwrap().is_empty());
+
+        let mut caller = caller_of(app).await;
+        let seventy = many_fields("GET /seventy HTTP/1.1", 70, "");
+        let read = exchange(&mut caller, &seventy, 1).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(read.contains("request target contains '#'"), "{read}");
+        {
+            let requests = seen.requests.lock().unwrap();
+            assert_eq!(requests.len(), 1);
+            assert!(
+                requests[0].0.contains("\r\nx-field-69: 69\r\n"),
+                "{requests:?}"
+            );
+        }
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, &many_fields("GET /many HTTP/1.1", 101, ""), 1).await;
+        assert!(
+            read.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {TOO_MANY_FIELDS}\n")),
+            "{read}"
+        );
+        assert_eq!(seen.requests.lock().unwrap().len(), 1);
     }
 
     /// A chunked body, with an extension and a trailer.
