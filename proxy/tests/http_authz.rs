@@ -209,7 +209,7 @@ async fn headers_that_override_the_path_never_reach_the_app() {
     let (status, names) = text(c1.send_request(chunked).await.unwrap()).await;
     assert!(names.contains("transfer-encoding"), "not chunked: {names}");
     check("HTTP/1.1 chunked", status, names);
-    // `Expect: 100-continue`: hyper's HTTP/1 server.
+    // `Expect: 100-continue`: the forwarder too.
     let mut expecting = get("/headers", &overrides);
     *expecting.method_mut() = ::http::Method::POST;
     *expecting.body_mut() = http_body_util::Full::new(bytes::Bytes::from("x"));
@@ -218,6 +218,11 @@ async fn headers_that_override_the_path_never_reach_the_app() {
         .insert("expect", "100-continue".parse().unwrap());
     let (status, names) = text(c1.send_request(expecting).await.unwrap()).await;
     check("HTTP/1.1 100-continue", status, names);
+    // HTTP/1.0: hyper's HTTP/1 server.
+    let mut old = get("/headers", &overrides);
+    *old.version_mut() = ::http::Version::HTTP_10;
+    let (status, names) = text(c1.send_request(old).await.unwrap()).await;
+    check("HTTP/1.0", status, names);
     // HTTP/2.
     let mut c2 = h2(&cp, s.inbound, &web()).await;
     let mut req = get("http://api/headers", &overrides);

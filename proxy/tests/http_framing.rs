@@ -47,6 +47,8 @@ struct Record {
     ambiguous: Vec<String>,
     /// The `Content-Length` fields of each request framed, as sent.
     lengths: Vec<Vec<String>>,
+    /// The `Expect` fields of each request framed, after its path.
+    expectations: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -61,6 +63,9 @@ impl Seen {
     }
     fn lengths(&self) -> Vec<Vec<String>> {
         self.0.lock().unwrap().lengths.clone()
+    }
+    fn expectations(&self) -> Vec<String> {
+        self.0.lock().unwrap().expectations.clone()
     }
 }
 
@@ -158,7 +163,7 @@ async fn serve(tcp: TcpStream, seen: Seen) -> std::io::Result<()> {
         buf: Vec::new(),
     };
     loop {
-        let (method, path, lengths, codings, head_len) = loop {
+        let (method, path, lengths, codings, expect, head_len) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 128];
             let mut req = httparse::Request::new(&mut headers);
             if let httparse::Status::Complete(n) = req
@@ -177,6 +182,7 @@ async fn serve(tcp: TcpStream, seen: Seen) -> std::io::Result<()> {
                     req.path.unwrap_or_default().to_string(),
                     values("content-length"),
                     values("transfer-encoding"),
+                    values("expect"),
                     n,
                 );
             }
@@ -202,6 +208,9 @@ async fn serve(tcp: TcpStream, seen: Seen) -> std::io::Result<()> {
         {
             let mut record = seen.0.lock().unwrap();
             record.lengths.push(lengths);
+            for value in expect {
+                record.expectations.push(format!("{path}: {value}"));
+            }
             record.requests.push(Framed { method, path, body });
         }
         write
@@ -427,37 +436,13 @@ async fn after_a_chunked_request_heads_are_still_refused_in_words() {
 async fn a_chunked_upload_from_curl_reaches_the_app_and_the_connection_goes_on() {
     let (cp, s, seen) = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    let (chain, key) = cp.ca.leaf(&id("/ns/a/sa/web"));
-    let (cert_file, key_file, body_file) = (
-        dir.path().join("cert.der"),
-        dir.path().join("key.der"),
-        dir.path().join("body"),
-    );
-    std::fs::write(&cert_file, &chain[0]).unwrap();
-    std::fs::write(&key_file, key.secret_der()).unwrap();
     // Larger than a chunk curl reads at once, so it comes in several.
     let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-    std::fs::write(&body_file, &body).unwrap();
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let (cert_file, key_file) = (path(&cert_file), path(&key_file));
-    let data = format!("@{}", path(&body_file));
+    let (tls, data) = curl_files(&cp, dir.path(), &body);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
     let upload = format!("https://{}/upload", s.inbound);
     let after = format!("https://{}/after", s.inbound);
-    // The sidecar's certificate names a SPIFFE ID, not a host: curl is
-    // not asked to check it, only to present the caller's.
-    let tls = [
-        "--http1.1",
-        "--insecure",
-        "--cert-type",
-        "DER",
-        "--cert",
-        &cert_file,
-        "--key-type",
-        "DER",
-        "--key",
-        &key_file,
-    ];
-    let mut args: Vec<&str> = tls.to_vec();
+    let mut args = tls.clone();
     args.extend([
         "-H",
         "Transfer-Encoding: chunked",
@@ -468,9 +453,9 @@ async fn a_chunked_upload_from_curl_reaches_the_app_and_the_connection_goes_on()
         " %{http_code} %{num_connects}\n",
         "--next",
     ]);
-    args.extend(tls);
+    args.extend(&tls);
     args.extend([&after, "-w", " %{http_code} %{num_connects}\n", "--next"]);
-    args.extend(tls);
+    args.extend(&tls);
     args.extend([
         "--request-target",
         "/after#/../admin/x",
@@ -499,6 +484,88 @@ async fn a_chunked_upload_from_curl_reaches_the_app_and_the_connection_goes_on()
         [("POST", "/upload", body.len()), ("GET", "/after", 0)]
     );
     assert!(requests[0].body == body, "the body reached the app changed");
+}
+
+/// Writes the caller's (`ns/a/sa/web`) certificate and key and `body` to
+/// files in `dir`: curl's arguments to present them over HTTP/1.1, and
+/// its `--data-binary` argument to send the body.
+fn curl_files(cp: &FakeControlPlane, dir: &std::path::Path, body: &[u8]) -> (Vec<String>, String) {
+    let (chain, key) = cp.ca.leaf(&id("/ns/a/sa/web"));
+    let (cert_file, key_file, body_file) =
+        (dir.join("cert.der"), dir.join("key.der"), dir.join("body"));
+    std::fs::write(&cert_file, &chain[0]).unwrap();
+    std::fs::write(&key_file, key.secret_der()).unwrap();
+    std::fs::write(&body_file, body).unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    // The sidecar's certificate names a SPIFFE ID, not a host: curl is
+    // not asked to check it, only to present the caller's.
+    let tls = [
+        "--http1.1",
+        "--insecure",
+        "--cert-type",
+        "DER",
+        "--cert",
+        &path(&cert_file),
+        "--key-type",
+        "DER",
+        "--key",
+        &path(&key_file),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    (tls, format!("@{}", path(&body_file)))
+}
+
+/// curl's upload of a file over 1 MiB (`--data-binary @file`), which it
+/// sends with `Expect: 100-continue`, waiting for the `100 Continue` (here
+/// longer than it may run, so an upload it was not told to send fails),
+/// reaches the app byte for byte with the expectation. The forwarder goes
+/// on with the connection: curl's next request on it, whose target has a
+/// raw `#`, is refused in words with `trellis-proxy-error:
+/// invalid_request`, where hyper's server would have cut the target
+/// silently.
+#[tokio::test]
+async fn an_expect_continue_upload_from_curl_reaches_the_app_and_the_connection_goes_on() {
+    let (cp, s, seen) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (tls, data) = curl_files(&cp, dir.path(), &body);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let upload = format!("https://{}/upload", s.inbound);
+    let after = format!("https://{}/after", s.inbound);
+    let mut args = tls.clone();
+    args.extend([
+        "--expect100-timeout",
+        "30",
+        "--data-binary",
+        &data,
+        &upload,
+        "-w",
+        " %{http_code} %{num_connects}\n",
+        "--next",
+    ]);
+    args.extend(&tls);
+    args.extend([
+        "--request-target",
+        "/after#/../admin/x",
+        &after,
+        "-w",
+        " %{http_code} %{num_connects} %header{trellis-proxy-error}\n",
+    ]);
+    let Some(out) = curl(&args).await else {
+        return;
+    };
+    assert_eq!(
+        out,
+        "ok 200 1\ntrellis: request target contains '#': a request carries no fragment (send a \
+         '#' in a path or query as %23)\n 400 0 invalid_request\n"
+    );
+    assert_nothing_smuggled(&seen);
+    let requests = seen.requests();
+    assert_eq!(requests.len(), 1, "{:?}", seen.expectations());
+    assert_eq!(requests[0].path, "/upload");
+    assert!(requests[0].body == body, "the body reached the app changed");
+    assert_eq!(seen.expectations(), ["/upload: 100-continue"]);
 }
 
 /// A denied request's body is skipped, never read as the next request:
@@ -672,7 +739,7 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
 /// another host than its `Host`, is refused with 400 saying so (RFC 9112,
 /// section 3.2): the app could read it as meant for a host other than
 /// the one the rules saw. Whether the forwarder or hyper serves it
-/// (`Expect: 100-continue`, an absolute-form target).
+/// (HTTP/1.0, an absolute-form target).
 #[tokio::test]
 async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     let (cp, s, seen) = setup().await;
@@ -683,9 +750,8 @@ async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
             "more than one Host header",
         ),
         (
-            "two hosts and an expectation",
-            b"POST /a HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\nhost: api\r\n\
-              content-length: 0\r\n\r\n",
+            "two hosts on HTTP/1.0",
+            b"POST /a HTTP/1.0\r\nhost: api\r\nhost: api\r\ncontent-length: 0\r\n\r\n",
             "more than one Host header",
         ),
         (
@@ -742,9 +808,8 @@ async fn a_raw_fragment_mark_in_a_target_is_refused_and_an_encoded_one_goes() {
             b"GET http://api/a#x HTTP/1.1\r\nhost: api\r\n\r\n",
         ),
         (
-            "with an expectation",
-            b"POST /a#x HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\n\
-              content-length: 0\r\n\r\n",
+            "on HTTP/1.0",
+            b"POST /a#x HTTP/1.0\r\nhost: api\r\ncontent-length: 0\r\n\r\n",
         ),
         ("with 80 fields", &many_fields),
     ];
@@ -776,7 +841,7 @@ async fn a_raw_fragment_mark_in_a_target_is_refused_and_an_encoded_one_goes() {
 }
 
 /// A request hyper serves (an absolute-form target, HTTP/1.0, one after
-/// an `Expect: 100-continue` request on the same connection) reaches the app framed as
+/// such a request on the same connection) reaches the app framed as
 /// the forwarder passes one on: a `Content-Length` sent more than once
 /// with one value arrives once, without leading zeros, and the empty
 /// lines before a request line are dropped.
@@ -800,7 +865,7 @@ async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
         (
             "after a hand-off, after empty lines",
             format!(
-                "POST /d HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n\
+                "POST http://api/d HTTP/1.1\r\nhost: api\r\ncontent-length: 0\r\n\r\n\
                  \r\n\n\r\nPOST /e HTTP/1.1\r\nhost: api\r\n{twice}"
             ),
         ),
@@ -840,9 +905,9 @@ async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
 /// connection. The sidecar closes after that answer without reading the
 /// body as requests, but reads and drops what the caller still sends
 /// first, so no unread bytes make the kernel reset the connection.
-/// Its body framed by a length or chunked (the forwarder's), or by a
-/// length after `Expect: 100-continue` (hyper's, which refuses it without
-/// a `100 Continue`).
+/// Its body framed by a length, chunked, or by a length after `Expect:
+/// 100-continue` (the forwarder's, which refuses it without a `100
+/// Continue`), or by a length on HTTP/1.0 (hyper's).
 #[tokio::test]
 async fn a_denied_upload_is_told_why_not_reset() {
     let (cp, s, seen) = setup().await;
@@ -870,10 +935,15 @@ async fn a_denied_upload_is_told_why_not_reset() {
     )
     .into_bytes();
     expecting.extend_from_slice(&length[length.len() - BODY..]);
+    let mut old =
+        format!("POST /admin/upload HTTP/1.0\r\nhost: api\r\ncontent-length: {BODY}\r\n\r\n")
+            .into_bytes();
+    old.extend_from_slice(&length[length.len() - BODY..]);
     for (framing, request) in [
         ("length", length),
         ("chunked", chunked),
         ("expecting", expecting),
+        ("HTTP/1.0", old),
     ] {
         let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
         tls.write_all(&request)
@@ -997,9 +1067,9 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> String {
 }
 
 /// `Expect: 100-continue`: an allowed request's caller is told to go on
-/// and its body reaches the app; a denied one's caller is not, gets 403,
-/// and the connection closes, so a body sent anyway (here, a request for
-/// a denied path) is never read as a request.
+/// and its body reaches the app; a denied one's caller is not, gets 403
+/// naming the policy at once, and the connection closes, so a body sent
+/// anyway (here, a request for a denied path) is never read as a request.
 #[tokio::test]
 async fn only_an_allowed_request_is_told_to_continue() {
     let (cp, s, seen) = setup().await;
@@ -1045,10 +1115,10 @@ async fn only_an_allowed_request_is_told_to_continue() {
     let _ = denied.flush().await;
     let (rest, closed) = read_until_quiet(&mut denied, Duration::from_secs(3)).await;
     assert!(closed, "the connection of a refused 100-continue closes");
-    assert!(
-        !String::from_utf8_lossy(&rest).contains("HTTP/1.1"),
-        "no second answer: {:?}",
-        String::from_utf8_lossy(&rest)
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(
+        rest, "trellis: denied by policy b/no-admin rule 0\n",
+        "no second answer"
     );
     assert_nothing_smuggled(&seen);
     assert_eq!(seen.requests().len(), 1);
@@ -1154,8 +1224,8 @@ async fn a_head_past_the_bound_is_told_the_bound() {
 }
 
 /// A denied upload whose body comes slowly, on the forwarder's path
-/// (chunked) and on hyper's (`Expect: 100-continue`, the body sent
-/// anyway): when the 403 goes out, only part of a TLS record of the body
+/// (chunked, or `Expect: 100-continue` with the body sent anyway) and on
+/// hyper's (HTTP/1.0): when the 403 goes out, only part of a TLS record of the body
 /// is waiting at the sidecar, which reads as nothing yet. The caller still
 /// sending its body after the answer is not reset: it sends the rest, and
 /// the connection ends cleanly once it is done.
@@ -1164,10 +1234,10 @@ async fn a_denied_upload_sent_slowly_is_told_why_not_reset() {
     let (cp, s, seen) = setup().await;
     let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
     let inbound = s.inbound;
-    for chunked in [true, false] {
+    for framing in [Slow::Chunked, Slow::Expecting, Slow::Http10] {
         let config = config.clone();
         let (answer, end) =
-            tokio::task::spawn_blocking(move || slow_upload(config, inbound, chunked))
+            tokio::task::spawn_blocking(move || slow_upload(config, inbound, framing))
                 .await
                 .unwrap();
         assert_eq!(
@@ -1176,25 +1246,36 @@ async fn a_denied_upload_sent_slowly_is_told_why_not_reset() {
                 "HTTP/1.1 403 Forbidden".to_string(),
                 "trellis: denied by policy b/no-admin rule 0\n".to_string()
             )],
-            "chunked: {chunked}"
+            "{framing:?}"
         );
         end.unwrap_or_else(|e| {
-            panic!("chunked: {chunked}: the caller sends the rest of its body and sees a clean close: {e}")
+            panic!("{framing:?}: the caller sends the rest of its body and sees a clean close: {e}")
         });
     }
     assert_nothing_smuggled(&seen);
 }
 
-/// Sends an upload to a denied path over mTLS, `chunked` or framed by its
-/// length after `Expect: 100-continue`, the TLS records written by hand:
+/// How a slow upload is framed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slow {
+    Chunked,
+    /// By its length, after `Expect: 100-continue`.
+    Expecting,
+    /// By its length, on HTTP/1.0 (hyper's).
+    Http10,
+}
+
+/// Sends an upload to a denied path over mTLS, framed as `framing` says,
+/// the TLS records written by hand:
 /// the head, then half of the body's first record. Once the answer is
 /// read, sends the rest of the body and closes its side. Returns the
 /// answer, and how the connection ended (an error: reset).
 fn slow_upload(
     config: std::sync::Arc<rustls::ClientConfig>,
     inbound: SocketAddr,
-    chunked: bool,
+    framing: Slow,
 ) -> (Vec<u8>, std::io::Result<()>) {
+    let chunked = framing == Slow::Chunked;
     use std::io::{Read, Write};
     let name = rustls::pki_types::ServerName::try_from("test").unwrap();
     let mut tls = rustls::ClientConnection::new(config, name).unwrap();
@@ -1222,14 +1303,20 @@ fn slow_upload(
             body.extend(b"\r\n");
         }
     }
-    let head = if chunked {
-        body.extend(b"0\r\n\r\n");
-        "transfer-encoding: chunked".to_owned()
-    } else {
-        format!("expect: 100-continue\r\ncontent-length: {}", body.len())
+    let (version, head) = match framing {
+        Slow::Chunked => {
+            body.extend(b"0\r\n\r\n");
+            ("1.1", "transfer-encoding: chunked".to_owned())
+        }
+        Slow::Expecting => (
+            "1.1",
+            format!("expect: 100-continue\r\ncontent-length: {}", body.len()),
+        ),
+        Slow::Http10 => ("1.0", format!("content-length: {}", body.len())),
     };
-    let head =
-        records(format!("POST /admin/upload HTTP/1.1\r\nhost: api\r\n{head}\r\n\r\n").as_bytes());
+    let head = records(
+        format!("POST /admin/upload HTTP/{version}\r\nhost: api\r\n{head}\r\n\r\n").as_bytes(),
+    );
     let body = records(&body);
     tcp.write_all(&head).unwrap();
     tcp.write_all(&body[..4096]).unwrap();
@@ -1408,8 +1495,8 @@ async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
 async fn a_malformed_chunk_from_the_caller_is_400_naming_it() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let (cp, s, _) = setup().await;
-    let hyper_first = "POST /first HTTP/1.1\r\nhost: api\r\nexpect: 100-continue\r\n\
-                       content-length: 2\r\n\r\nhi";
+    // An absolute-form target: hyper's.
+    let hyper_first = "POST http://api/first HTTP/1.1\r\nhost: api\r\ncontent-length: 2\r\n\r\nhi";
     let cases = [
         (
             "",

@@ -9,18 +9,20 @@
 //! in origin form, a body framed by Content-Length (one value, however
 //! often sent: the app gets it once, without leading zeros), by
 //! `Transfer-Encoding: chunked` (that one coding, in one field) or none,
-//! no `Upgrade`, `Expect` or gRPC, and a head within
-//! [`MAX_REQUEST_HEADERS`] fields (all parsed at once, so no head is
-//! handed over for its number of fields). A chunked body goes to the app as it came, chunk framing,
-//! extensions and trailers included (not chunked again), and is followed
-//! as it passes ([`Chunked`], as a chunked answer is), so its end is known
-//! and the next request on the connection is read here too. The first
-//! request that is anything else is handed with the bytes read so far to
-//! hyper's server ([`super::serve`]), which serves it and the rest of the
-//! connection as it serves every other HTTP/1 connection: `100-continue`,
-//! upgrades, HTTP/1.0 and codings other than `chunked` alone are answered
-//! as before. A head that does not parse (a bare CR in its request line
-//! or a header line among the faults named), whose framing no server may
+//! no `Upgrade`, no `Expect` but `100-continue` (in one field), no gRPC,
+//! and a head within [`MAX_REQUEST_HEADERS`] fields (all parsed at once,
+//! so no head is handed over for its number of fields). A chunked body
+//! goes to the app as it came, chunk framing, extensions and trailers
+//! included (not chunked again), and is followed as it passes
+//! ([`Chunked`], as a chunked answer is), so its end is known and the
+//! next request on the connection is read here too. The first request
+//! that is anything else is handed with the bytes read so far to hyper's
+//! server ([`super::serve`]), which serves it and the rest of the
+//! connection as it serves every other HTTP/1 connection: upgrades,
+//! HTTP/1.0 (and absolute-form targets), other expectations and codings
+//! other than `chunked` alone are answered as before. A head that does
+//! not parse (a bare CR in its request line or a header line among the
+//! faults named), whose framing no server may
 //! read (two lengths, a `Transfer-Encoding` not ending in `chunked` or on
 //! HTTP/1.0, one beside a `Content-Length`, which RFC 9112 section 6.1
 //! lets a server refuse: an app reading the length would take the rest of
@@ -48,8 +50,20 @@
 //! `connection: close`. Answering in a wrapper would mean a second parser
 //! in front of hyper's, following every body's framing to find the next
 //! head. Such a caller has already been served a request hyper had to
-//! take (`100-continue`, an upgrade, HTTP/1.0), and its malformed request
-//! is refused all the same, only without the words.
+//! take (an upgrade, HTTP/1.0), and its malformed request is refused all
+//! the same, only without the words.
+//!
+//! **`Expect: 100-continue`.** As on hyper's path: the app gets the
+//! field, and the caller a `100 Continue` once its request has gone to
+//! the app with the body still to come (hyper's server sends it as the
+//! body is first read; one whose body came whole with its head is not
+//! sent one, which RFC 9110 section 10.1.1 allows). A request the sidecar
+//! answers itself (a denial, a rate limit, an app it cannot reach) is
+//! answered at once, without a `100 Continue`, and its connection closed
+//! (lingering, below): the caller may send its body or not, so what
+//! follows cannot be read as a request. The app's own interim answers
+//! are dropped, as all are (below), so the caller gets one `100
+//! Continue`, the sidecar's.
 //!
 //! **What it does with one.** The same as hyper's path: hop-by-hop headers
 //! removed and the caller's identity set ([`Exchange::start`]), the
@@ -66,7 +80,8 @@
 //! another connection when that cannot apply it twice (`never_read`).
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
-//! 1xx answers skipped as hyper's client skips them) and rewritten: the
+//! 1xx answers, `100 Continue` and `103 Early Hints` among them, dropped
+//! as hyper's client drops them) and rewritten: the
 //! hop-by-hop headers removed, `Content-Length` dropped beside
 //! `Transfer-Encoding`, `Date` added when missing. Its body is passed on as
 //! it came, framed as the app framed it: by its length, chunked (the
@@ -173,6 +188,8 @@ const INVALID_TARGET: &str = "malformed request line: invalid request target";
 /// The largest header map a thread keeps for its next requests
 /// ([`Buffers::fields`]): one grown for a head of many fields is freed.
 const KEPT_FIELDS: usize = 128;
+/// What tells a caller that sent `Expect: 100-continue` to send its body.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// The largest answer head read from the app (hyper's client's bound).
 pub const MAX_ANSWER_HEAD: usize = 8192 + 4096 * 100;
 /// The most header fields of an answer (hyper's client's bound).
@@ -638,6 +655,9 @@ struct Head {
     body: Framing,
     /// The caller asked for the connection to close after it.
     close: bool,
+    /// The caller sent `Expect: 100-continue`: it may wait for a `100
+    /// Continue` before it sends the body.
+    expect: bool,
 }
 
 /// Reads the next request head; `None` once the caller has closed the
@@ -755,6 +775,8 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let mut body = None;
     let mut close = false;
+    // Whether the caller waits to be told to send its body.
+    let mut expect = false;
     // Whether the request has a `Transfer-Encoding`, and whether its last
     // one ends in `chunked` (hyper's reading).
     let mut coded = None;
@@ -778,8 +800,14 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             }
             only_chunked = coded.is_none() && value.trim_ascii().eq_ignore_ascii_case(b"chunked");
             coded = Some(ends_chunked(value));
-        } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
             other = true;
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            // `100-continue`, in one field, is the forwarder's to answer
+            // (hyper's reading); any other expectation is hyper's, which
+            // passes it on.
+            other |= expect || !value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            expect = true;
         } else if name.eq_ignore_ascii_case(b"content-length") {
             lengths = true;
             let Some(length) = decimal(value) else {
@@ -837,6 +865,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             request,
             body,
             close,
+            expect,
         })),
         Err(Unbuilt::Target) => Some(Taken::Malformed(Malformed::bad(INVALID_TARGET))),
         Err(Unbuilt::Field) => {
@@ -1063,6 +1092,7 @@ where
         request,
         body: mut framing,
         close,
+        expect,
     } = head;
     let head_request = request.method() == Method::HEAD;
     let chunked = matches!(framing, Framing::Chunked(_));
@@ -1131,6 +1161,15 @@ where
         };
         let (unread, unsent) = match app.0.write_all(&bufs.request).await {
             Ok(()) if !whole => {
+                // The request is on its way to the app: a caller waiting
+                // to send its body is told to go on (as hyper's server
+                // tells it when the body is first read). One that was
+                // refused, or whose request never went out, is not; and
+                // one whose body is all in has no need to be.
+                if expect {
+                    caller.io.write_all(CONTINUE).await?;
+                    caller.io.flush().await?;
+                }
                 let request = Streaming {
                     body: framing,
                     head_request,
@@ -2777,7 +2816,7 @@ mod tests {
         );
     }
 
-    /// A request the forwarder does not take (`Expect: 100-continue`
+    /// A request the forwarder does not take (an absolute-form target
     /// here) goes to hyper's server with what was read after it, and hyper
     /// serves the rest of the connection.
     #[tokio::test]
@@ -2788,14 +2827,131 @@ mod tests {
         assert!(read.ends_with("GET /first "), "{read}");
         let read = exchange(
             &mut caller,
-            "POST /expects HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc\
+            "POST http://api/abs HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nabc\
              GET /after HTTP/1.1\r\n\r\n",
-            3,
+            2,
         )
         .await;
-        assert!(read.starts_with("HTTP/1.1 100 Continue\r\n\r\n"), "{read}");
-        assert!(read.contains("POST /expects abc"), "{read}");
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(read.contains("POST /abs abc"), "{read}");
         assert!(read.ends_with("GET /after "), "{read}");
+    }
+
+    /// An `Expect: 100-continue` upload: the caller is told to go on once
+    /// the request is on its way to the app (and only then: the head
+    /// alone gets the `100 Continue`), the app gets the expectation and
+    /// the body byte for byte, and its own interim answers (its `100
+    /// Continue`, a `103`) are dropped, as hyper's client drops them: the
+    /// caller gets one `100 Continue`, the sidecar's, and the final
+    /// answer. The forwarder keeps the connection: a malformed head after
+    /// it is refused in words.
+    #[tokio::test]
+    async fn an_expect_continue_upload_is_told_to_go_on_and_the_forwarder_keeps_the_connection() {
+        let (app, seen) = bare_app(
+            |_| {
+                let mut answer = b"HTTP/1.1 100 Continue\r\n\r\n\
+                    HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                    .to_vec();
+                answer.extend(ok("stored", ""));
+                answer
+            },
+            |_| false,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        caller
+            .write_all(
+                format!(
+                    "POST /upload HTTP/1.1\r\nHost: api\r\nExpect: 100-Continue\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"\r\n\r\n", "the 100 Continue").await;
+        assert_eq!(
+            String::from_utf8_lossy(&read),
+            "HTTP/1.1 100 Continue\r\n\r\n"
+        );
+        caller.write_all(&body).await.unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"stored", "the answer").await;
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(!read.contains("Link") && !read.contains(" 10"), "{read}");
+        {
+            let requests = seen.requests.lock().unwrap();
+            let (head, got) = &requests[0];
+            assert!(head.contains("\r\nexpect: 100-Continue\r\n"), "{head}");
+            assert!(got == &body, "the body reached the app changed");
+        }
+
+        let read = exchange(&mut caller, "GET /a HTTP/1.1\r\nx-no-colon\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(
+                "\r\n\r\ntrellis: malformed header line: not a field name and a colon \
+                 (a line without a colon, or a space before it)\n"
+            ),
+            "{read}"
+        );
+        assert_eq!(seen.requests.lock().unwrap().len(), 1);
+    }
+
+    /// A denied `Expect: 100-continue` request is answered 403 naming the
+    /// policy at once, without a `100 Continue`, and the connection closes:
+    /// a body sent anyway (a request, here) is never read as a request,
+    /// and nothing reaches the app.
+    #[tokio::test]
+    async fn a_denied_expect_continue_request_is_answered_without_its_body() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        caller
+            .write_all(
+                b"POST /admin/x HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\n\
+                  Content-Length: 18\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"rule 0\n", "the 403").await;
+        // The body anyway: the sidecar may already have closed.
+        let _ = caller.write_all(b"GET /ok HTTP/1.1\r\n").await;
+        let _ = caller.write_all(b"\r\n").await;
+        let read = String::from_utf8(read).unwrap() + &until_closed(&mut caller).await;
+        assert!(read.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{read}");
+        assert!(
+            read.ends_with("\r\n\r\ntrellis: denied by policy b/no-admin rule 0\n"),
+            "{read}"
+        );
+        assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
+        assert!(seen.requests.lock().unwrap().is_empty());
+    }
+
+    /// An expectation other than `100-continue` is hyper's, which passes
+    /// it to the app: the forwarder does not take it.
+    #[tokio::test]
+    async fn another_expectation_goes_to_hyper() {
+        let app = hyper_app().await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "POST /x HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 3\r\n\r\nabc\
+             GET /a#b HTTP/1.1\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.contains("POST /x abc"), "{read}");
+        // hyper's server, which cuts a raw `#`, serves the rest.
+        assert!(read.ends_with("GET /a "), "{read}");
     }
 
     /// A head of `n` fields `x-field-i`, after the request line and
@@ -3776,7 +3932,7 @@ mod tests {
         assert!(read.ends_with("\r\n\r\ndone"), "{read}");
     }
 
-    /// A request the forwarder hands to hyper (`Expect: 100-continue`
+    /// A request the forwarder hands to hyper (an absolute-form target
     /// here) just as the drain begins is served, not closed unanswered as hyper's
     /// idle connection: the drain begins as the sidecar reads the request,
     /// so it has begun when hyper gets it. Each connection is a new draw of
@@ -3789,16 +3945,12 @@ mod tests {
             let (mut caller, _shutdown) = draining_caller_of(app, DrainAt::FirstRead).await;
             caller
                 .write_all(
-                    b"POST /upload HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\n\
+                    b"POST http://api/upload HTTP/1.1\r\nHost: api\r\n\
                       Content-Length: 5\r\n\r\nhello",
                 )
                 .await
                 .unwrap();
             let read = until_closed(&mut caller).await;
-            // hyper says to go on as it reads the body, sent already.
-            let read = read
-                .strip_prefix("HTTP/1.1 100 Continue\r\n\r\n")
-                .unwrap_or(&read);
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read:?}");
             assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
             assert!(read.ends_with("POST /upload hello"), "{read}");
