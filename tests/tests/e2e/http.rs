@@ -593,7 +593,7 @@ fn status_and_body(answer: &str) -> (&str, &str) {
 /// A request head the sidecar refuses (one too large for its limits, or
 /// malformed) is answered with the status and a text naming what was
 /// wrong and the limit, over HTTP/1.1 (through the sidecar's forwarder,
-/// also for a head hyper would serve: chunked) and HTTP/2 (curl); each is
+/// also for a head hyper would serve: an absolute-form target) and HTTP/2 (curl); each is
 /// one access-log line with the caller's identity and the problem, and
 /// counted as `invalid`. A malformed head hyper reads after a hand-off
 /// gets hyper's answer, a status alone, but is logged and counted too.
@@ -616,9 +616,7 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
         ),
         (
             "an over-long target on a head hyper would serve",
-            format!(
-                "POST /{long} HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
-            ),
+            format!("GET http://api/{long} HTTP/1.1\r\nhost: api\r\n\r\n"),
             "HTTP/1.1 414 URI Too Long",
             TARGET_TOO_LONG,
         ),
@@ -648,9 +646,10 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
             wrong.push(format!("HTTP/1.1, {case}: {:?}", status_and_body(&answer)));
         }
     }
-    // The chunked request is hyper's, and so is the connection after it.
-    let handed_off = "POST /up HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n\
-                      0\r\n\r\nGET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n";
+    // The absolute-form request is hyper's, and so is the connection after
+    // it.
+    let handed_off = "GET http://api/up HTTP/1.1\r\nhost: api\r\n\r\n\
+                      GET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n";
     let answer = probes::plaintext(s.route(), handed_off.as_bytes())
         .await?
         .received_text();
