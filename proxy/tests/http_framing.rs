@@ -14,6 +14,10 @@
 //! `chunked`, two lengths) followed by bytes that read as a second answer:
 //! app connections are shared by callers between requests, so those bytes
 //! must never become another caller's answer.
+//!
+//! And HTTP/1.0 keep-alive: a caller that asks for it keeps its
+//! connection when the answer's length is known, whichever version the
+//! app answers in, and only then.
 
 mod common;
 
@@ -1740,4 +1744,180 @@ async fn a_refused_head_is_marked_as_the_sidecars_answer() {
         "{answer_head}"
     );
     assert!(seen.requests().is_empty(), "{:?}", seen.requests());
+}
+
+/// An app of HTTP/1.0's ways, as Go's, Python's or hyper's servers are:
+/// it answers a request in the version it came in, keeps its connection
+/// only for an HTTP/1.1 request or an HTTP/1.0 one with `Connection:
+/// keep-alive`, and answers with the request's target as the body:
+/// framed by its length, or for `/unframed` not framed (HTTP/1.0 and
+/// closing after it), for `/unframed-1.1` in HTTP/1.1 with `Connection:
+/// close` and closing after it. It records each target.
+async fn old_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let addr = app(move |tcp| {
+        let record = record.clone();
+        async move {
+            let (read, mut write) = tcp.into_split();
+            let mut r = Reader {
+                io: read,
+                buf: Vec::new(),
+            };
+            loop {
+                let (target, minor, keep) = loop {
+                    let mut headers = [httparse::EMPTY_HEADER; 32];
+                    let mut req = httparse::Request::new(&mut headers);
+                    if let httparse::Status::Complete(n) = req
+                        .parse(&r.buf)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                    {
+                        let minor = req.version.unwrap_or_default();
+                        let asked = req.headers.iter().any(|h| {
+                            h.name.eq_ignore_ascii_case("connection")
+                                && String::from_utf8_lossy(h.value)
+                                    .split(',')
+                                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+                        });
+                        let target = req.path.unwrap_or_default().to_owned();
+                        r.buf.drain(..n);
+                        break (target, minor, minor == 1 || asked);
+                    }
+                    if !r.fill().await? {
+                        return Ok(());
+                    }
+                };
+                record.lock().unwrap().push(target.clone());
+                let answer = match target.as_str() {
+                    "/unframed" => format!("HTTP/1.0 200 OK\r\n\r\n{target}"),
+                    "/unframed-1.1" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{target}"),
+                    _ => {
+                        let connection = if keep && minor == 0 {
+                            "connection: keep-alive\r\n"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "HTTP/1.{minor} 200 OK\r\ncontent-length: {}\r\n{connection}\r\n{target}",
+                            target.len()
+                        )
+                    }
+                };
+                write.write_all(answer.as_bytes()).await?;
+                if !keep || target.starts_with("/unframed") {
+                    return Ok(());
+                }
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+/// One answer framed by its length on `stream`: its head (lower-cased)
+/// and body, read to its end and no further; `None` if the connection
+/// ends before a head.
+async fn framed_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Option<(String, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+        match read.expect("an answer within 5 s") {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("an answer framed by its length: {head}"));
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    Some((head, String::from_utf8(body).unwrap()))
+}
+
+/// A sidecar in front of [`old_app`], and a connection to it.
+async fn old_app_setup() -> (
+    FakeControlPlane,
+    common::sidecar::TestSidecar,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let (app, seen) = old_app().await;
+    let s = sidecar(&cp, app, &[]).await;
+    push_to(&cp, snapshot(1, "allow-mesh", vec![]), 1).await;
+    (cp, s, seen)
+}
+
+/// HTTP/1.0 callers that ask for keep-alive (`ab -k`, some health
+/// checks) keep their connection: each answer whose length is known says
+/// `connection: keep-alive`, and the next request goes on the same
+/// connection, also from an app that answers in HTTP/1.0.
+#[tokio::test]
+async fn http_1_0_keep_alive_requests_go_on_one_connection() {
+    let (cp, s, seen) = old_app_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let mut tls = tls_connect(s.inbound, config).await.unwrap();
+    for target in ["/1", "/2", "/3"] {
+        let request =
+            format!("GET {target} HTTP/1.0\r\nhost: api\r\nconnection: keep-alive\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let (head, body) = framed_answer(&mut tls)
+            .await
+            .unwrap_or_else(|| panic!("{target}: the connection closed before its answer"));
+        assert!(head.starts_with("http/1.0 200 ok\r\n"), "{target}: {head}");
+        assert!(
+            head.contains("\r\nconnection: keep-alive\r\n"),
+            "{target}: {head}"
+        );
+        assert_eq!(body, target);
+    }
+    assert_eq!(*seen.lock().unwrap(), ["/1", "/2", "/3"]);
+}
+
+/// An HTTP/1.0 request without `Connection: keep-alive` is answered and
+/// its connection closed, the answer not saying keep-alive.
+#[tokio::test]
+async fn an_http_1_0_request_without_keep_alive_is_answered_and_closed() {
+    let (cp, s, seen) = old_app_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    let mut tls = tls_connect(s.inbound, config).await.unwrap();
+    tls.write_all(b"GET /once HTTP/1.0\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let (head, body) = got.split_once("\r\n\r\n").expect("an answer");
+    assert!(head.starts_with("http/1.0 200 ok\r\n"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    assert_eq!(body, "/once");
+    assert!(closed, "the connection closes after the answer");
+    assert_eq!(*seen.lock().unwrap(), ["/once"]);
+}
+
+/// An HTTP/1.0 caller that asked for keep-alive, given an answer whose
+/// length is not known (the app ends it by closing, in HTTP/1.0 or in
+/// HTTP/1.1, which would be chunked but HTTP/1.0 has no chunks), gets it
+/// whole up to the close, not told keep-alive.
+#[tokio::test]
+async fn an_http_1_0_keep_alive_answer_of_unknown_length_is_answered_and_closed() {
+    let (cp, s, seen) = old_app_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    for target in ["/unframed", "/unframed-1.1"] {
+        let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+        let request =
+            format!("GET {target} HTTP/1.0\r\nhost: api\r\nconnection: keep-alive\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let (head, body) = got.split_once("\r\n\r\n").expect("an answer");
+        assert!(head.starts_with("http/1.0 200 ok\r\n"), "{target}: {head}");
+        assert!(!head.contains("keep-alive"), "{target}: {head}");
+        assert!(!head.contains("content-length"), "{target}: {head}");
+        assert_eq!(body, target);
+        assert!(closed, "{target}: the connection closes after the answer");
+    }
+    assert_eq!(*seen.lock().unwrap(), ["/unframed", "/unframed-1.1"]);
 }

@@ -111,6 +111,7 @@ pub async fn forward(
         ..
     } = exchange;
     let entry = Arc::new(entry);
+    let http_1_0 = req.version() == Version::HTTP_10;
     let from_client = upgrading.then(|| hyper::upgrade::on(&mut req));
     let req = req.map(|body| Counted::new(body, entry.clone(), Direction::In));
     if req.body().is_end_stream() {
@@ -151,8 +152,41 @@ pub async fn forward(
         _ => {}
     }
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
+    if http_1_0 {
+        mark_for_http_1_0(&mut response);
+    }
     entry.set_status(response.status());
     Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
+}
+
+/// Marks the answer to an HTTP/1.0 request so that hyper's server keeps
+/// the caller's connection when, and only when, it can. hyper answers an
+/// HTTP/1.0 caller in HTTP/1.0 whatever the answer is marked, and decides
+/// by the mark: one marked HTTP/1.1 says `connection: keep-alive` if the
+/// caller asked for it (and the connection is not closing), and the
+/// connection is kept; one marked HTTP/1.0 without `Connection:
+/// keep-alive` closes it. Left as it comes, the mark is the app's
+/// version, and the app's `Connection` is removed with the other
+/// hop-by-hop headers (it spoke of the app's own connection): an app
+/// answering in HTTP/1.0 would close every keep-alive caller's
+/// connection, and one answering in HTTP/1.1 would have callers told
+/// keep-alive on an answer that then ends by closing. So it is marked
+/// from the answer's framing: HTTP/1.1 when its length is
+/// known (a `Content-Length`, or no body), HTTP/1.0 when it is not, for
+/// HTTP/1.0 has no chunked coding and such an answer ends by closing
+/// (RFC 9112 section 9.3 and appendix C.2.2).
+fn mark_for_http_1_0<B: hyper::body::Body>(response: &mut Response<B>) {
+    let body = response.body();
+    let length_known = body.is_end_stream()
+        || body.size_hint().exact().is_some()
+        || response
+            .headers()
+            .contains_key(http::header::CONTENT_LENGTH);
+    *response.version_mut() = if length_known {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
 }
 
 /// The answer to a request the app failed: 502.
