@@ -77,7 +77,14 @@
 //! request, and answers it too); a
 //! connection the app closed while parked is noticed before it is used,
 //! and a request that meets one the app closes as it goes out is sent on
-//! another connection when that cannot apply it twice (`never_read`).
+//! another connection when that cannot apply it twice (`never_read`) and
+//! all of it that has left the caller is kept to be sent again: the whole
+//! request read with its head, or the head and what came with it while
+//! none of the rest of the body has gone to the app (or been read past
+//! what is kept). An `Expect: 100-continue` upload meeting such a
+//! connection has sent no body yet, so it goes out again, and its caller
+//! is told `100 Continue` once. A request some of whose streamed body has
+//! gone to the app is answered 502: that part cannot be sent again.
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
 //! 1xx answers, `100 Continue` and `103 Early Hints` among them, dropped
@@ -131,6 +138,8 @@ use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1136,14 +1145,19 @@ where
     entry.count(Direction::In, framing.payload(&caller.buf[..buffered]));
     caller.buf.advance(buffered);
     // The body bytes still to come from the caller: none, or some (how
-    // many, `framing` knows). A request all in `bufs.request` (`whole`)
-    // can be written again to another connection when the first did not
-    // take it.
+    // many, `framing` knows). What is in `bufs.request` can be written
+    // again to another connection when the first did not take it: the
+    // whole request (`whole`), or its head and the body read with it
+    // while none of the rest has been taken from the caller.
     let rest = if whole { 0 } else { u64::MAX };
     let idempotent = request.method().is_idempotent();
+    // Whether the caller has been told `100 Continue`: once, whatever
+    // connection the request goes out on.
+    let mut continued = false;
 
     let target = conn.target;
     bufs.keep_fields(request);
+    let mut entry = entry;
     let (mut app, parsed) = loop {
         let (mut app, reused) = match conn.http.h1.unpark(target, &conn.peer) {
             Some(app) => (app, true),
@@ -1166,23 +1180,34 @@ where
                 // tells it when the body is first read). One that was
                 // refused, or whose request never went out, is not; and
                 // one whose body is all in has no need to be.
-                if expect {
+                if expect && !continued {
                     caller.io.write_all(CONTINUE).await?;
                     caller.io.flush().await?;
+                    continued = true;
                 }
                 let request = Streaming {
-                    body: framing,
+                    body: framing.clone(),
                     head_request,
                     close,
                     park,
+                    reused,
+                    idempotent,
                 };
-                return duplex(conn, caller, app, entry, request, bufs, drain).await;
+                match duplex(conn, caller, app, entry, request, bufs, drain).await {
+                    Streamed::Over(over) => return over,
+                    Streamed::Again(back, kept) => {
+                        (entry, bufs) = (back, kept);
+                        continue;
+                    }
+                }
             }
             Ok(()) => (0, false),
             Err(e) => {
                 tracing::debug!(app = %conn.target, error = %e, "writing the request to the app failed");
-                // The body still to come from the caller, if any, goes
-                // unread: the connection closes after the answer.
+                // The body still to come from the caller, if any, stays
+                // with the caller (what it sends meanwhile is kept in
+                // `caller.buf`): it goes unread if the connection closes
+                // after the answer.
                 (rest, true)
             }
         };
@@ -1203,10 +1228,14 @@ where
             // A parked connection that ended before any answer: the app
             // closed it as the request went out. The next connection gets
             // the request if sending it twice is harmless, or if the app
-            // never read it (whatever its method).
+            // never read it (whatever its method), and if all of it that
+            // left the caller is in `bufs.request`: the whole request, or
+            // one whose head could not be written, the rest of its body
+            // still the caller's. (One whose head went out streams its
+            // body in `duplex`, which decides the same there.)
             Err(ref reading @ (Reading::Closed | Reading::Reset))
                 if reused
-                    && whole
+                    && (whole || unsent)
                     && bufs.answer.is_empty()
                     && (idempotent || unsent || never_read(reading, &app.0)) =>
             {
@@ -1321,13 +1350,16 @@ async fn rest_of_body(
 /// `ahead` (up to [`PIPELINED`] bytes), so a caller that goes away ends
 /// the request even when the app has stopped reading. Bytes read past the
 /// body are left in `buf`, in order. The access log counts the payload
-/// (without chunk framing) as it goes out.
+/// (without chunk framing) as it goes out. `touched` is set once a byte
+/// of the body has gone to the app or been read ahead: until then, all of
+/// it read from the caller is in `buf`.
 async fn stream_body<R, W>(
     caller: &mut R,
     buf: &mut BytesMut,
     app: &mut W,
     mut body: Framing,
     entry: &Entry,
+    touched: &AtomicBool,
 ) -> Result<(), BodyStopped>
 where
     R: AsyncRead + Unpin,
@@ -1365,7 +1397,9 @@ where
                     biased;
                     written = app.write(&buf[sent..take]) => break written.map_err(BodyStopped::Failed)?,
                     read = caller.read_buf(&mut ahead), if watch => {
-                        if read.map_err(BodyStopped::CallerGone)? == 0 {
+                        let read = read.map_err(BodyStopped::CallerGone)?;
+                        touched.store(true, Relaxed);
+                        if read == 0 {
                             // Gone before the body was all sent, or done.
                             if done || body.ends_in([&buf[take..], &ahead]).is_some() {
                                 caller_done = true;
@@ -1379,6 +1413,7 @@ where
             if written == 0 {
                 return Err(BodyStopped::Failed(io::ErrorKind::WriteZero.into()));
             }
+            touched.store(true, Relaxed);
             sent += written;
             let counted = written.min(payload);
             payload -= counted;
@@ -1398,6 +1433,14 @@ where
 /// answer before it has read the body. The connection is kept only if the
 /// whole body went out; the answer's head says `connection: close` if it
 /// is known by then that it will not.
+///
+/// A parked connection (`reused`) the app closes before answering, when
+/// none of the body has gone to the app or been read past what `caller`
+/// keeps (for an `Expect: 100-continue` request, also when the caller has
+/// not sent any of it yet), gives the request back to go out on another
+/// connection ([`Streamed::Again`]) under the rules of the whole request:
+/// its method is idempotent, or the app never read it ([`never_read`], or
+/// the first write of the body failed, the connection already reset).
 async fn duplex<S, D>(
     conn: &Arc<Connection>,
     caller: &mut Caller<S>,
@@ -1406,7 +1449,7 @@ async fn duplex<S, D>(
     request: Streaming,
     mut bufs: Buffers,
     drain: &mut Drain<'_, D>,
-) -> io::Result<bool>
+) -> Streamed
 where
     S: AsyncRead + AsyncWrite + Unpin,
     D: Future<Output = ()>,
@@ -1416,13 +1459,23 @@ where
         head_request,
         close,
         park,
+        reused,
+        idempotent,
     } = request;
+    let touched = AtomicBool::new(false);
     // Whether the answer's head is read, and so on its way to the caller.
     let answer_begun = std::sync::atomic::AtomicBool::new(false);
     let (sent, answered) = {
         let (mut app_r, mut app_w) = app.0.split();
         let (mut caller_r, mut caller_w) = tokio::io::split(&mut caller.io);
-        let body = stream_body(&mut caller_r, &mut caller.buf, &mut app_w, body, &entry);
+        let body = stream_body(
+            &mut caller_r,
+            &mut caller.buf,
+            &mut app_w,
+            body,
+            &entry,
+            &touched,
+        );
         let answering = async {
             let parsed = read_answer(
                 &mut app_r,
@@ -1459,7 +1512,7 @@ where
                     // the app connection closes with it.
                     Err(BodyStopped::CallerGone(e)) => {
                         tracing::debug!(peer = %conn.peer, app = %conn.target, error = %e, "the caller went away mid-body");
-                        return Err(e);
+                        return Streamed::Over(Err(e));
                     }
                     // So does a chunk that does not parse: the app waits
                     // for the rest of a body it will not get. Before the
@@ -1470,7 +1523,7 @@ where
                     }
                     Err(BodyStopped::Malformed(fault)) => {
                         super::proxy::log_malformed_chunk(conn, &fault);
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, fault));
+                        return Streamed::Over(Err(io::Error::new(io::ErrorKind::InvalidData, fault)));
                     }
                     done => sent = Some(done),
                 },
@@ -1487,6 +1540,26 @@ where
         };
         (sent, answered)
     };
+    // A parked connection the app closed as the request went out, before
+    // any of the body reached it: the request goes to another connection
+    // when it cannot be applied twice, as a whole one does. A body write
+    // that failed with none of it sent found the connection reset, so the
+    // app never read what it was sent. Once any of the body is out (or
+    // read ahead, which is not kept), the request is answered 502: the
+    // caller's body cannot be sent again.
+    if let Ok(Err(ref reading @ (Reading::Closed | Reading::Reset))) = answered
+        && reused
+        && !touched.load(Relaxed)
+        && bufs.answer.is_empty()
+        && (idempotent
+            || never_read(reading, &app.0)
+            || matches!(&sent, Err(BodyStopped::Failed(e))
+                if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)))
+    {
+        tracing::debug!(peer = %conn.peer, app = %conn.target, "the app closed its connection before the request's body: sending it on another");
+        drop(app);
+        return Streamed::Again(entry, bufs);
+    }
     let answered = match answered {
         Ok(answered) => answered,
         Err(fault) => {
@@ -1496,7 +1569,9 @@ where
                 body: u64::MAX,
                 head_request,
             };
-            return answer_locally(caller, entry, answer, unread, close, drain).await;
+            return Streamed::Over(
+                answer_locally(caller, entry, answer, unread, close, drain).await,
+            );
         }
     };
     let whole = sent.is_ok();
@@ -1513,21 +1588,34 @@ where
             bufs.give_back();
             // A body not all sent leaves the connection unreadable.
             caller.unread |= !whole;
-            settle(
+            Streamed::Over(settle(
                 conn,
                 passed.map(|reusable| reusable && whole && park),
                 app,
                 close || !whole,
-            )
+            ))
         }
         Err(reading) => {
             let unread = Unread {
                 body: u64::MAX,
                 head_request,
             };
-            failed(conn, caller, entry, reading.into(), unread, close, drain).await
+            Streamed::Over(failed(conn, caller, entry, reading.into(), unread, close, drain).await)
         }
     }
+}
+
+/// How [`duplex`] ended.
+// Returned once a streamed request: boxing the request's entry and
+// buffers to send it again would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Streamed {
+    /// The request is over: whether the caller's connection closes.
+    Over(io::Result<bool>),
+    /// The app closed the connection before any of the body reached it,
+    /// and the request cannot have been applied: it goes out again, on
+    /// another connection, with its log entry and buffers.
+    Again(Entry, Buffers),
 }
 
 /// A request whose body is still to come from the caller.
@@ -1539,6 +1627,11 @@ struct Streaming {
     close: bool,
     /// Whether the app connection may be parked after the answer.
     park: bool,
+    /// The app connection was parked: the app may close it as the
+    /// request goes out.
+    reused: bool,
+    /// Sending the request twice is harmless.
+    idempotent: bool,
 }
 
 /// What an answer head says.
@@ -2700,6 +2793,248 @@ mod tests {
         // The caller's connection goes on, on a new app connection.
         let read = exchange(&mut caller, "GET /again HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET /again HTTP/1.1"), "{read}");
+    }
+
+    /// Waits until the app has accepted `n` connections; fails with what
+    /// the sidecar said if it answers the caller first.
+    async fn until_accepted(seen: &Seen, n: usize, caller: &mut TcpStream) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        while seen.accepted.load(Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the app did not get connection {n}"
+            );
+            tokio::select! {
+                read = caller.read(&mut buf) => panic!(
+                    "answered before the app got connection {n}: {}",
+                    String::from_utf8_lossy(&buf[..read.unwrap_or(0)])
+                ),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
+    /// An upload of 300 000 bytes, framed by its length.
+    fn upload() -> Vec<u8> {
+        (0..300_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// The app closes its parked connection unread as the head of an
+    /// `Expect: 100-continue` upload arrives: none of the body has left
+    /// the caller, so the request goes to a new connection, with its
+    /// body, and the caller gets the app's answer after one `100
+    /// Continue`.
+    #[tokio::test]
+    async fn an_expect_continue_upload_the_app_reset_unread_goes_to_another_connection() {
+        let (app, seen) = resetting_app(
+            |line| ok(&format!("for {line}"), ""),
+            |_| false,
+            |c, r| c == 0 && r == 1,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
+        let body = upload();
+        caller
+            .write_all(
+                format!(
+                    "POST /upload HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        read_until(&mut caller, &mut read, b"\r\n\r\n", "the 100 Continue").await;
+        assert_eq!(
+            String::from_utf8_lossy(&read),
+            "HTTP/1.1 100 Continue\r\n\r\n"
+        );
+        until_accepted(&seen, 2, &mut caller).await;
+        caller.write_all(&body).await.unwrap();
+        let mut read = Vec::new();
+        read_until(
+            &mut caller,
+            &mut read,
+            b"for POST /upload HTTP/1.1",
+            "the answer",
+        )
+        .await;
+        let read = String::from_utf8(read).unwrap();
+        // The answer, and no second `100 Continue` before it.
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        let requests = seen.requests.lock().unwrap();
+        assert_eq!(requests.len(), 2, "the app saw the upload once");
+        let (head, got) = &requests[1];
+        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
+        assert!(got == &body, "the body reached the app changed");
+    }
+
+    /// The same for an upload without `Expect`, its head sent with the
+    /// start of its body and the rest of the body after: what the caller
+    /// sent first goes again with the head, the rest follows.
+    #[tokio::test]
+    async fn an_upload_the_app_reset_unread_before_the_rest_of_its_body_goes_to_another_connection()
+    {
+        let (app, seen) = resetting_app(
+            |line| ok(&format!("for {line}"), ""),
+            |_| false,
+            |c, r| c == 0 && r == 1,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
+        let body = upload();
+        let mut first = format!(
+            "POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        first.extend_from_slice(&body[..1000]);
+        caller.write_all(&first).await.unwrap();
+        until_accepted(&seen, 2, &mut caller).await;
+        caller.write_all(&body[1000..]).await.unwrap();
+        let mut read = Vec::new();
+        read_until(
+            &mut caller,
+            &mut read,
+            b"for POST /upload HTTP/1.1",
+            "the answer",
+        )
+        .await;
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        let requests = seen.requests.lock().unwrap();
+        assert_eq!(requests.len(), 2, "the app saw the upload once");
+        assert!(requests[1].1 == body, "the body reached the app changed");
+    }
+
+    /// An app that answers each connection's first request (a GET),
+    /// then reads the head of the next and `body` bytes after it, and
+    /// closes the connection without answering; how many connections it
+    /// accepted, and what it notifies when it has read a second head.
+    async fn app_dropping_the_second(
+        body: usize,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let second = Arc::new(tokio::sync::Notify::new());
+        let notify = second.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    read_until(&mut tcp, &mut read, b"\r\n\r\n", "a GET").await;
+                    tcp.write_all(&ok("fine", "")).await.unwrap();
+                    let mut read = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let mut told = false;
+                    loop {
+                        let head = find(&read, b"\r\n\r\n");
+                        if head.is_some() && !told {
+                            notify.notify_one();
+                            told = true;
+                        }
+                        if head.is_some_and(|end| read.len() >= end + 4 + body) {
+                            break;
+                        }
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (app, accepted, second)
+    }
+
+    /// The app reads the head of an `Expect: 100-continue` `POST` and
+    /// closes its connection without answering (a FIN alone): it may have
+    /// acted on the head, so the request is not sent again, though none of
+    /// its body has left the caller. The caller gets 502 after its `100
+    /// Continue`.
+    #[tokio::test]
+    async fn an_expect_continue_post_whose_head_the_app_read_is_not_sent_twice() {
+        let (app, accepted, _) = app_dropping_the_second(0).await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("fine"), "{read}");
+        caller
+            .write_all(
+                b"POST /pay HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\n\
+                  Content-Length: 300000\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let read = until_closed(&mut caller).await;
+        assert!(
+            read.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with(&format!(
+                "\r\n\r\ntrellis: app unreachable: the app at {app} closed the connection \
+                 before answering\n"
+            )),
+            "{read}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// The app reads the head of an upload and some of its body, then
+    /// closes its connection with the rest unread (a reset): part of the
+    /// body has left the caller and cannot be sent again, so the caller
+    /// gets 502 and the app no second connection.
+    #[tokio::test]
+    async fn an_upload_whose_body_began_to_reach_the_app_is_not_sent_again() {
+        let (app, accepted, second) = app_dropping_the_second(2000).await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.ends_with("fine"), "{read}");
+        let body = upload();
+        let mut first = format!(
+            "POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        first.extend_from_slice(&body[..1000]);
+        caller.write_all(&first).await.unwrap();
+        // The rest once the head has reached the app: the sidecar has read
+        // what was sent first, and streams the rest.
+        tokio::time::timeout(Duration::from_secs(10), second.notified())
+            .await
+            .expect("the upload's head did not reach the app");
+        let (mut from, mut to) = caller.split();
+        // The rest of the body, as far as the sidecar takes it.
+        let sending = async {
+            let _ = to.write_all(&body[1000..]).await;
+        };
+        let mut read = Vec::new();
+        let reading = tokio::time::timeout(Duration::from_secs(10), from.read_to_end(&mut read));
+        let ((), got) = tokio::join!(sending, reading);
+        got.expect("the connection was not closed within 10 s")
+            .unwrap();
+        let read = String::from_utf8(read).unwrap();
+        assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
+        assert!(
+            read.contains(&format!(
+                "\r\n\r\ntrellis: app unreachable: the app at {app} "
+            )),
+            "{read}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     /// The app's kernel resets a connection whose app had closed it when
