@@ -2820,6 +2820,23 @@ mod tests {
         (0..300_000u32).map(|i| (i % 251) as u8).collect()
     }
 
+    /// Sends the head of a `POST /upload` of `len` bytes that expects
+    /// (`expect`, as spelled) to be told to go on, and reads the sidecar's
+    /// `100 Continue`.
+    async fn told_to_continue(caller: &mut TcpStream, expect: &str, len: usize) {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: api\r\nExpect: {expect}\r\n\
+             Content-Length: {len}\r\n\r\n"
+        );
+        caller.write_all(head.as_bytes()).await.unwrap();
+        let mut read = Vec::new();
+        read_until(caller, &mut read, b"\r\n\r\n", "the 100 Continue").await;
+        assert_eq!(
+            String::from_utf8_lossy(&read),
+            "HTTP/1.1 100 Continue\r\n\r\n"
+        );
+    }
+
     /// The app closes its parked connection unread as the head of an
     /// `Expect: 100-continue` upload arrives: none of the body has left
     /// the caller, so the request goes to a new connection, with its
@@ -2837,23 +2854,7 @@ mod tests {
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let body = upload();
-        caller
-            .write_all(
-                format!(
-                    "POST /upload HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut read = Vec::new();
-        read_until(&mut caller, &mut read, b"\r\n\r\n", "the 100 Continue").await;
-        assert_eq!(
-            String::from_utf8_lossy(&read),
-            "HTTP/1.1 100 Continue\r\n\r\n"
-        );
+        told_to_continue(&mut caller, "100-continue", body.len()).await;
         until_accepted(&seen, 2, &mut caller).await;
         caller.write_all(&body).await.unwrap();
         let mut read = Vec::new();
@@ -3194,24 +3195,8 @@ mod tests {
         )
         .await;
         let mut caller = caller_of(app).await;
-        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        caller
-            .write_all(
-                format!(
-                    "POST /upload HTTP/1.1\r\nHost: api\r\nExpect: 100-Continue\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut read = Vec::new();
-        read_until(&mut caller, &mut read, b"\r\n\r\n", "the 100 Continue").await;
-        assert_eq!(
-            String::from_utf8_lossy(&read),
-            "HTTP/1.1 100 Continue\r\n\r\n"
-        );
+        let body = upload();
+        told_to_continue(&mut caller, "100-Continue", body.len()).await;
         caller.write_all(&body).await.unwrap();
         let mut read = Vec::new();
         read_until(&mut caller, &mut read, b"stored", "the answer").await;
