@@ -1752,7 +1752,9 @@ async fn a_refused_head_is_marked_as_the_sidecars_answer() {
 /// keep-alive`, and answers with the request's target as the body:
 /// framed by its length, or for `/unframed` not framed (HTTP/1.0 and
 /// closing after it), for `/unframed-1.1` in HTTP/1.1 with `Connection:
-/// close` and closing after it. It records each target.
+/// close` and closing after it, for `/framed-1.0` by its length in
+/// HTTP/1.0 whatever the request's version, and closing after it. It
+/// records each target.
 async fn old_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
@@ -1791,6 +1793,10 @@ async fn old_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                 let answer = match target.as_str() {
                     "/unframed" => format!("HTTP/1.0 200 OK\r\n\r\n{target}"),
                     "/unframed-1.1" => format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{target}"),
+                    "/framed-1.0" => format!(
+                        "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{target}",
+                        target.len()
+                    ),
                     _ => {
                         let connection = if keep && minor == 0 {
                             "connection: keep-alive\r\n"
@@ -1804,7 +1810,7 @@ async fn old_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                     }
                 };
                 write.write_all(answer.as_bytes()).await?;
-                if !keep || target.starts_with("/unframed") {
+                if !keep || target.starts_with("/unframed") || target == "/framed-1.0" {
                     return Ok(());
                 }
             }
@@ -1920,4 +1926,49 @@ async fn an_http_1_0_keep_alive_answer_of_unknown_length_is_answered_and_closed(
         assert!(closed, "{target}: the connection closes after the answer");
     }
     assert_eq!(*seen.lock().unwrap(), ["/unframed", "/unframed-1.1"]);
+}
+
+/// An HTTP/1.1 caller is answered in HTTP/1.1 by an app answering in
+/// HTTP/1.0 (RFC 9110 section 6.2: the sidecar sends its own version), on
+/// the forwarder's path and on hyper's (after an absolute-form target):
+/// an answer with a length on a connection that goes on, and one the app
+/// ends by closing whole, up to the close on the forwarder's path (which
+/// then closes the caller's connection), chunked on hyper's.
+#[tokio::test]
+async fn an_http_1_1_caller_is_answered_in_http_1_1_by_an_http_1_0_app() {
+    let (cp, s, seen) = old_app_setup().await;
+    let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
+    for (path, target) in [
+        ("forwarder", "/framed-1.0"),
+        ("hyper", "http://api/framed-1.0"),
+    ] {
+        let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
+        for round in 0..2 {
+            let request = format!("GET {target} HTTP/1.1\r\nhost: api\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let (head, body) = framed_answer(&mut tls)
+                .await
+                .unwrap_or_else(|| panic!("{path} {round}: closed before its answer"));
+            assert!(head.starts_with("http/1.1 200 ok\r\n"), "{path}: {head}");
+            assert_eq!(body, "/framed-1.0", "{path}");
+        }
+        let unframed = target.replace("framed-1.0", "unframed");
+        let request = format!("GET {unframed} HTTP/1.1\r\nhost: api\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let (got, closed) = read_until_quiet(&mut tls, Duration::from_secs(3)).await;
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let (head, body) = got.split_once("\r\n\r\n").expect("an answer");
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{path}: {head}");
+        if path == "forwarder" {
+            assert!(head.contains("\r\nconnection: close"), "{path}: {head}");
+            assert_eq!(body, "/unframed", "{path}");
+            assert!(closed, "{path}: the connection closes after the answer");
+        } else {
+            assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+            assert_eq!(body, "9\r\n/unframed\r\n0\r\n\r\n", "{path}");
+            assert!(!closed, "{path}: the connection goes on");
+        }
+    }
+    let framed = ["/framed-1.0", "/framed-1.0", "/unframed"];
+    assert_eq!(*seen.lock().unwrap(), [framed, framed].concat());
 }

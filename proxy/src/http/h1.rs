@@ -88,13 +88,16 @@
 //!
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
 //! 1xx answers, `100 Continue` and `103 Early Hints` among them, dropped
-//! as hyper's client drops them) and rewritten: the
+//! as hyper's client drops them) and rewritten: the status line in
+//! HTTP/1.1 whatever version the app answered in (RFC 9110 section 6.2:
+//! an intermediary sends its own), the
 //! hop-by-hop headers removed, `Content-Length` dropped beside
 //! `Transfer-Encoding`, `Date` added when missing. Its body is passed on as
 //! it came, framed as the app framed it: by its length, chunked (the
 //! chunks are followed, [`Chunked`], so the end of the answer is known and
 //! a malformed chunk ends the connection), or up to the app closing, after
-//! which the caller's connection closes too. An answer that cannot be read
+//! which the caller's connection closes too (an HTTP/1.0 answer without a
+//! length among them, framed so in HTTP/1.1 too). An answer that cannot be read
 //! one way (two lengths, a malformed head) is 502, "invalid answer from
 //! the app", as on hyper's path.
 //!
@@ -1874,7 +1877,8 @@ fn answer_head(
     head_end(out, dated, close);
 }
 
-/// Writes an HTTP/1.1 status line.
+/// Writes an HTTP/1.1 status line: the sidecar's own version, whatever
+/// the app answered in (RFC 9110 section 6.2).
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(code).as_bytes());
@@ -2673,6 +2677,58 @@ mod tests {
             assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// An app of HTTP/1.0's ways: answers `/unframed` with no length,
+    /// ending the answer by closing, and any other target with a length;
+    /// in HTTP/1.0 either way, closing after it.
+    async fn http_1_0_app() -> SocketAddr {
+        let answer = |line: &str| match line.contains("/unframed ") {
+            true => b"HTTP/1.0 200 OK\r\n\r\nuntil the end".to_vec(),
+            false => b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nlength".to_vec(),
+        };
+        bare_app(answer, |_| true).await.0
+    }
+
+    /// An HTTP/1.1 caller is answered in HTTP/1.1 (RFC 9110 section 6.2)
+    /// by an app answering in HTTP/1.0: an answer with a length on a
+    /// connection that goes on, one ended by the app's close up to that
+    /// close, which ends the caller's connection too.
+    #[tokio::test]
+    async fn an_http_1_0_answer_reaches_an_http_1_1_caller_in_http_1_1() {
+        let mut caller = caller_of(http_1_0_app().await).await;
+        for round in 0..2 {
+            let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
+            assert!(!read.contains("connection: close"), "{round}: {read}");
+            assert!(read.ends_with("\r\n\r\nlength"), "{round}: {read}");
+        }
+        // Reads until the sidecar closes.
+        let read = exchange(&mut caller, "GET /unframed HTTP/1.1\r\n\r\n", 2).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(read.contains("connection: close\r\n"), "{read}");
+        assert!(read.ends_with("\r\n\r\nuntil the end"), "{read}");
+    }
+
+    /// The same on hyper's path (after an absolute-form target): the
+    /// answer the app ended by closing is chunked, so the caller's
+    /// connection goes on.
+    #[tokio::test]
+    async fn an_http_1_0_answer_reaches_an_http_1_1_caller_in_http_1_1_on_hypers_path() {
+        let mut caller = caller_of(http_1_0_app().await).await;
+        let request = "GET http://api/length HTTP/1.1\r\nHost: api\r\n\r\n";
+        let read = exchange(&mut caller, request, 1).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(read.ends_with("\r\n\r\nlength"), "{read}");
+        let request = "GET http://api/unframed HTTP/1.1\r\nHost: api\r\n\r\n";
+        let read = exchange(&mut caller, request, 1).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(
+            read.ends_with("\r\n\r\nD\r\nuntil the end\r\n0\r\n\r\n"),
+            "{read}"
+        );
+        let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
     }
 
     /// What the app saw of `POST /pay` requests.

@@ -154,6 +154,13 @@ pub async fn forward(
     headers::remove_hop_by_hop(response.headers_mut(), switched && upgrading);
     if http_1_0 {
         mark_for_http_1_0(&mut response);
+    } else if response.version() == Version::HTTP_10 {
+        // An HTTP/1.1 caller is answered in the sidecar's own version,
+        // not the app's (RFC 9110 section 6.2). hyper writes the status
+        // line from this mark, and frames an answer of unknown length
+        // (one the app ended by closing) chunked, which the caller reads
+        // to its end on a connection that goes on.
+        *response.version_mut() = Version::HTTP_11;
     }
     entry.set_status(response.status());
     Ok(response.map(|body| Counted::new(body, entry, Direction::Out)))
