@@ -97,7 +97,11 @@
 //! chunks are followed, [`Chunked`], so the end of the answer is known and
 //! a malformed chunk ends the connection), or up to the app closing, after
 //! which the caller's connection closes too (an HTTP/1.0 answer without a
-//! length among them, framed so in HTTP/1.1 too). An answer that cannot be read
+//! length among them, framed so in HTTP/1.1 too). The app connection is
+//! parked only if the app keeps it: not after `Connection: close`, nor
+//! after an HTTP/1.0 answer that does not say `Connection: keep-alive`
+//! (HTTP/1.0's default is to close) or that has a `Transfer-Encoding`
+//! (which HTTP/1.0 lacks). An answer that cannot be read
 //! one way (two lengths, a malformed head) is 502, "invalid answer from
 //! the app", as on hyper's path.
 //!
@@ -1790,7 +1794,8 @@ fn parse_answer(
         }
         let mut length = None;
         let mut chunked = None;
-        let mut app_close = parsed.version == Some(0);
+        let mut app_close = false;
+        let mut keep_alive = false;
         for field in parsed.headers.iter() {
             let name = field.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -1804,9 +1809,18 @@ fn parse_answer(
                 // Chunked only if it is the last coding (RFC 9112 section 6.3).
                 chunked = Some(ends_chunked(field.value));
             } else if name.eq_ignore_ascii_case(b"connection") {
-                app_close |= headers::list(field.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+                for token in headers::list(field.value) {
+                    app_close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
             }
         }
+        // An HTTP/1.0 answer ends its connection unless it says it keeps
+        // it (RFC 9112 appendix C.2.2): parked, it would only be found
+        // closed by the next request. One with a `Transfer-Encoding`,
+        // which HTTP/1.0 lacks, is framed faultily: its connection is
+        // closed after it, keep-alive or not (RFC 9112 section 6.1).
+        app_close |= parsed.version == Some(0) && (!keep_alive || chunked.is_some());
         let bodiless =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = match (chunked, length) {
@@ -2729,6 +2743,89 @@ mod tests {
         );
         let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+    }
+
+    /// An app answering in HTTP/1.0 without `Connection: keep-alive` is
+    /// done with its connection (this one holds it open a while before
+    /// closing, serving nothing more on it): the next request goes to a
+    /// new connection, rather than waiting on this one or failing on it.
+    #[tokio::test]
+    async fn an_http_1_0_answer_without_keep_alive_does_not_park_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    while !read.ends_with(b"\r\n\r\n") {
+                        if tcp.read_buf(&mut read).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    let answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    tcp.write_all(answer).await.unwrap();
+                    // Held, never read again, until the test ends.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        let mut caller = caller_of(app).await;
+        for round in 0..2 {
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
+            assert!(read.ends_with("\r\n\r\nok"), "{round}: {read}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An app answering in HTTP/1.0 with `Connection: keep-alive` keeps
+    /// its connection, and the next request goes on it; the caller is
+    /// told neither the version nor the app's keep-alive.
+    #[tokio::test]
+    async fn an_http_1_0_answer_saying_keep_alive_parks_its_connection() {
+        let answer = |_: &str| {
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 2\r\n\r\nok"
+                .to_vec()
+        };
+        let (app, seen) = bare_app(answer, |_| false).await;
+        let mut caller = caller_of(app).await;
+        for round in 0..2 {
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
+            assert!(
+                !read.to_ascii_lowercase().contains("keep-alive"),
+                "{round}: {read}"
+            );
+            assert!(read.ends_with("\r\n\r\nok"), "{round}: {read}");
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An HTTP/1.0 answer with a `Transfer-Encoding`, which HTTP/1.0
+    /// lacks, is framed faultily (RFC 9112 section 6.1): its app
+    /// connection is not parked, though it says keep-alive.
+    #[tokio::test]
+    async fn an_http_1_0_answer_with_a_transfer_encoding_does_not_park_its_connection() {
+        let answer = |_: &str| {
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n"
+                .to_vec()
+        };
+        let (app, seen) = bare_app(answer, |_| false).await;
+        let mut caller = caller_of(app).await;
+        for round in 0..2 {
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
+            assert!(
+                read.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+                "{round}: {read}"
+            );
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
     }
 
     /// What the app saw of `POST /pay` requests.
