@@ -1232,19 +1232,14 @@ where
         match reading.await {
             Ok(parsed) => break (app, parsed),
             Err(Reading::Caller(e)) => return Err(e),
-            // A parked connection that ended before any answer: the app
-            // closed it as the request went out. The next connection gets
-            // the request if sending it twice is harmless, or if the app
-            // never read it (whatever its method), and if all of it that
-            // left the caller is in `bufs.request`: the whole request, or
-            // one whose head could not be written, the rest of its body
-            // still the caller's. (One whose head went out streams its
-            // body in `duplex`, which decides the same there.)
-            Err(ref reading @ (Reading::Closed | Reading::Reset))
-                if reused
-                    && (whole || unsent)
-                    && bufs.answer.is_empty()
-                    && (idempotent || unsent || never_read(reading, &app.0)) =>
+            // The next connection gets the request if all of it that left
+            // the caller is in `bufs.request`: the whole request, or one
+            // whose head could not be written, the rest of its body still
+            // the caller's. (One whose head went out streams its body in
+            // `duplex`, which asks the same there.)
+            Err(ref reading)
+                if (whole || unsent)
+                    && send_again(reading, reused, &bufs.answer, idempotent, unsent, &app.0) =>
             {
                 continue;
             }
@@ -1471,7 +1466,7 @@ where
     } = request;
     let touched = AtomicBool::new(false);
     // Whether the answer's head is read, and so on its way to the caller.
-    let answer_begun = std::sync::atomic::AtomicBool::new(false);
+    let answer_begun = AtomicBool::new(false);
     let (sent, answered) = {
         let (mut app_r, mut app_w) = app.0.split();
         let (mut caller_r, mut caller_w) = tokio::io::split(&mut caller.io);
@@ -1494,7 +1489,7 @@ where
                 &mut bufs.rewritten,
             )
             .await?;
-            answer_begun.store(true, std::sync::atomic::Ordering::Relaxed);
+            answer_begun.store(true, Relaxed);
             entry.set_status(parsed.status);
             let passed = pass_body(
                 &mut caller_w,
@@ -1525,7 +1520,7 @@ where
                     // for the rest of a body it will not get. Before the
                     // answer, the caller is told what was wrong; after it,
                     // the connection ends as for a caller gone.
-                    Err(BodyStopped::Malformed(fault)) if !answer_begun.load(std::sync::atomic::Ordering::Relaxed) => {
+                    Err(BodyStopped::Malformed(fault)) if !answer_begun.load(Relaxed) => {
                         break Err(fault);
                     }
                     Err(BodyStopped::Malformed(fault)) => {
@@ -1554,14 +1549,18 @@ where
     // app never read what it was sent. Once any of the body is out (or
     // read ahead, which is not kept), the request is answered 502: the
     // caller's body cannot be sent again.
-    if let Ok(Err(ref reading @ (Reading::Closed | Reading::Reset))) = answered
-        && reused
+    let reset_unsent = matches!(&sent, Err(BodyStopped::Failed(e))
+        if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe));
+    if let Ok(Err(ref reading)) = answered
         && !touched.load(Relaxed)
-        && bufs.answer.is_empty()
-        && (idempotent
-            || never_read(reading, &app.0)
-            || matches!(&sent, Err(BodyStopped::Failed(e))
-                if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)))
+        && send_again(
+            reading,
+            reused,
+            &bufs.answer,
+            idempotent,
+            reset_unsent,
+            &app.0,
+        )
     {
         tracing::debug!(peer = %conn.peer, app = %conn.target, "the app closed its connection before the request's body: sending it on another");
         drop(app);
@@ -1670,6 +1669,28 @@ enum Reading {
     App(io::Error),
     Caller(io::Error),
     Invalid(&'static str),
+}
+
+/// Whether a request whose answer `reading` ended before it began may go
+/// out again on another app connection, as far as the app is concerned
+/// (the caller decides whether all of it is still at hand): the app closed
+/// a parked connection (`reused`) as the request went out, with nothing of
+/// an answer read (`answer`), and the request cannot have been applied:
+/// sending it twice is harmless (`idempotent`), what failed to be written
+/// never reached the app (`unsent`), or the app never read it
+/// ([`never_read`]).
+fn send_again(
+    reading: &Reading,
+    reused: bool,
+    answer: &[u8],
+    idempotent: bool,
+    unsent: bool,
+    app: &TcpStream,
+) -> bool {
+    matches!(reading, Reading::Closed | Reading::Reset)
+        && reused
+        && answer.is_empty()
+        && (idempotent || unsent || never_read(reading, app))
 }
 
 /// Whether an app connection that ended before its answer (`reading`)
