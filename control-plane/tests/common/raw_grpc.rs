@@ -45,10 +45,7 @@ pub async fn call_ended(
     path: &str,
     whole: Bytes,
 ) -> http::Response<Incoming> {
-    let (body, rx) = mpsc::channel(1);
-    body.send(Ok(Frame::data(whole))).await.unwrap();
-    drop(body);
-    send(cp, cp.client_config(svid), path, rx).await
+    call_ended_with(cp, cp.client_config(svid), path, whole).await
 }
 
 /// Calls `path` as [`call_ended`] does, presenting the operator SVID the
