@@ -123,6 +123,9 @@ pub struct Metrics {
     /// `trellis_service_connect_retries_total`, resolved once:
     /// `[CONNECT_FAILURES]`.
     service_retries: [Counter; CONNECT_FAILURES.len()],
+    /// `trellis_app_request_retries_total`, resolved once:
+    /// `[APP_RETRIES]`.
+    app_retries: [Counter; APP_RETRIES.len()],
     /// `trellis_tls_resumptions_abandoned_total`, resolved once:
     /// `[RESUMPTIONS_ABANDONED]`.
     resumptions_abandoned: [Counter; RESUMPTIONS_ABANDONED.len()],
@@ -138,6 +141,13 @@ pub struct Metrics {
 /// why connecting to a Service's backend failed (see
 /// [`crate::net::connect_failure_reason`]).
 pub const CONNECT_FAILURES: [&str; 5] = ["refused", "unreachable", "timeout", "reset", "other"];
+
+/// The `reason` label values of `trellis_app_request_retries_total`: what
+/// of an inbound request was at hand when it went out again on another app
+/// connection: all of it (`whole_request`), or its head, with the body read
+/// along with it, while the rest of the body was still the caller's
+/// (`streaming_body`).
+pub const APP_RETRIES: [&str; 2] = ["whole_request", "streaming_body"];
 
 /// The `reason` label values of `trellis_tls_resumptions_abandoned_total`:
 /// `not_resumed` (the peer no longer accepted the ticket), or why a resumed
@@ -313,6 +323,20 @@ impl Metrics {
              (refused, unreachable, timeout, reset, other)",
             CONNECT_FAILURES,
         );
+        let app_retries = per_reason(
+            &mut registry,
+            "trellis_app_request_retries",
+            &format!(
+                "Inbound HTTP requests sent again on a new HTTP/1 connection to the app because \
+                 the app closed the kept-alive one they went out on before answering, when that \
+                 cannot apply them twice (an app keep-alive timeout shorter than the sidecar's \
+                 {} s idle bound), by what of the request was at hand: whole_request, or \
+                 streaming_body (its body still coming from the caller, none of it sent yet); \
+                 requests to an HTTP/2 app are not counted",
+                crate::http::upstream::IDLE.as_secs()
+            ),
+            APP_RETRIES,
+        );
         let resumptions_abandoned = per_reason(
             &mut registry,
             "trellis_tls_resumptions_abandoned",
@@ -354,6 +378,7 @@ impl Metrics {
             alpn,
             handshakes,
             service_retries,
+            app_retries,
             resumptions_abandoned,
             requests,
             request_duration,
@@ -482,6 +507,17 @@ impl Metrics {
     /// series was resolved up front.
     pub fn service_retry(&self, reason: &'static str) {
         self.service_retries[reason_index(&CONNECT_FAILURES, reason)].inc();
+    }
+
+    /// Counts an inbound request sent again on a new HTTP/1 app connection
+    /// because the app closed the kept-alive one it went out on before
+    /// answering, when that cannot apply it twice: under `whole_request` if
+    /// all of it was at hand (`whole`), else `streaming_body`. Both the
+    /// HTTP/1 forwarder's requests and those hyper sends count; a request
+    /// to an HTTP/2 app sent again on a new connection does not. No lock:
+    /// both series were resolved up front.
+    pub fn app_request_retry(&self, whole: bool) {
+        self.app_retries[usize::from(!whole)].inc();
     }
 
     /// Counts an outbound attempt to resume a session given up because the
@@ -628,12 +664,15 @@ mod tests {
             "trellis_decisions_total{action=\"deny\",policy=\"default:no-snapshot\"} 0",
             "trellis_connections_total{direction=\"inbound\",outcome=\"denied\"} 0",
             "trellis_service_connect_retries_total{reason=\"refused\"} 0",
+            "trellis_app_request_retries_total{reason=\"whole_request\"} 0",
+            "trellis_app_request_retries_total{reason=\"streaming_body\"} 0",
             "trellis_tls_resumptions_abandoned_total{reason=\"revoked\"} 0",
             "trellis_tls_resumptions_abandoned_total{reason=\"not_resumed\"} 0",
             "trellis_admin_connections_refused_total{reason=\"per_client\"} 0",
             "trellis_admin_connections_refused_total{reason=\"total\"} 0",
             "trellis_h2_connections_refused_total{reason=\"per_peer\"} 0",
             "trellis_h2_connections_refused_total{reason=\"total\"} 0",
+            "# HELP trellis_app_request_retries Inbound HTTP requests sent again",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
@@ -657,6 +696,22 @@ mod tests {
                 refused.reason()
             );
             assert!(text.contains(&series), "{series} missing from\n{text}");
+        }
+    }
+
+    /// A request sent again counts once, under what of it was at hand.
+    #[test]
+    fn app_request_retries_count_under_what_was_at_hand() {
+        let m = Metrics::new();
+        m.app_request_retry(true);
+        m.app_request_retry(false);
+        m.app_request_retry(false);
+        let text = m.encode();
+        for series in [
+            "trellis_app_request_retries_total{reason=\"whole_request\"} 1",
+            "trellis_app_request_retries_total{reason=\"streaming_body\"} 2",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
         }
     }
 

@@ -1241,6 +1241,7 @@ where
                 if (whole || unsent)
                     && send_again(reading, reused, &bufs.answer, idempotent, unsent, &app.0) =>
             {
+                conn.http.metrics.app_request_retry(whole);
                 continue;
             }
             Err(reading) => {
@@ -1563,6 +1564,7 @@ where
         )
     {
         tracing::debug!(peer = %conn.peer, app = %conn.target, "the app closed its connection before the request's body: sending it on another");
+        conn.http.metrics.app_request_retry(false);
         drop(app);
         return Streamed::Again(entry, bufs);
     }
@@ -2497,7 +2499,17 @@ mod tests {
     /// The address of a sidecar's inbound HTTP serving as [`caller_of`]
     /// connects to, for callers that share its parked app connections.
     async fn sidecar_of(app: SocketAddr) -> SocketAddr {
-        let metrics = Arc::new(Metrics::new());
+        sidecar_counting(app, Arc::new(Metrics::new())).await
+    }
+
+    /// A [`caller_of`] whose sidecar counts in `metrics`.
+    async fn counted_caller_of(app: SocketAddr, metrics: &Arc<Metrics>) -> TcpStream {
+        let sidecar = sidecar_counting(app, metrics.clone()).await;
+        TcpStream::connect(sidecar).await.unwrap()
+    }
+
+    /// A [`sidecar_of`] that counts in `metrics`.
+    async fn sidecar_counting(app: SocketAddr, metrics: Arc<Metrics>) -> SocketAddr {
         let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
         let http = Arc::new(Http::with_access_log(metrics.clone(), false));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2849,6 +2861,20 @@ mod tests {
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// How many requests `metrics` counts as sent again on a new app
+    /// connection: whole ones, and ones whose body was still streaming.
+    fn retries(metrics: &Metrics) -> (u64, u64) {
+        let text = metrics.encode();
+        let count = |reason: &str| {
+            let series = format!("trellis_app_request_retries_total{{reason=\"{reason}\"}} ");
+            let line = text.lines().find_map(|l| l.strip_prefix(series.as_str()));
+            line.unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        (count("whole_request"), count("streaming_body"))
+    }
+
     /// What the app saw of `POST /pay` requests.
     fn payments(seen: &Seen) -> usize {
         let requests = seen.requests.lock().unwrap();
@@ -2861,10 +2887,10 @@ mod tests {
     const PAY: &str = "POST /pay HTTP/1.1\r\nContent-Length: 3\r\n\r\nx=1";
 
     /// A caller of `app` (which answers "for" and the request line) that
-    /// sends a GET, then [`PAY`] on the same connection: the caller, and
-    /// what it read for the POST.
-    async fn pay_after_a_get(app: SocketAddr) -> (TcpStream, String) {
-        let mut caller = caller_of(app).await;
+    /// sends a GET, then [`PAY`] on the same connection, through a sidecar
+    /// counting in `metrics`: the caller, and what it read for the POST.
+    async fn pay_after_a_get(app: SocketAddr, metrics: &Arc<Metrics>) -> (TcpStream, String) {
+        let mut caller = counted_caller_of(app, metrics).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let read = exchange(&mut caller, PAY, 1).await;
@@ -2882,11 +2908,13 @@ mod tests {
             |c, r| c == 0 && r == 1,
         )
         .await;
-        let (_caller, read) = pay_after_a_get(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let (_caller, read) = pay_after_a_get(app, &metrics).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.ends_with("for POST /pay HTTP/1.1"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(payments(&seen), 1);
+        assert_eq!(retries(&metrics), (1, 0), "sent again once, whole");
     }
 
     /// A caller's `Connection` naming `Content-Length` must not strip the
@@ -2959,10 +2987,12 @@ mod tests {
             move |line| line.starts_with("POST") && dropped.load(Ordering::SeqCst) == 1,
         )
         .await;
-        let (mut caller, read) = pay_after_a_get(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let (mut caller, read) = pay_after_a_get(app, &metrics).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(payments(&seen), 1);
+        assert_eq!(retries(&metrics), (0, 0));
 
         // The caller's connection goes on, on a new app connection.
         let read = exchange(&mut caller, "GET /again HTTP/1.1\r\n\r\n", 1).await;
@@ -3024,7 +3054,8 @@ mod tests {
             |c, r| c == 0 && r == 1,
         )
         .await;
-        let mut caller = caller_of(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let body = upload();
@@ -3048,6 +3079,7 @@ mod tests {
         let (head, got) = &requests[1];
         assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
         assert!(got == &body, "the body reached the app changed");
+        assert_eq!(retries(&metrics), (0, 1), "sent again once, streaming");
     }
 
     /// The same for an upload without `Expect`, its head sent with the
@@ -3062,7 +3094,8 @@ mod tests {
             |c, r| c == 0 && r == 1,
         )
         .await;
-        let mut caller = caller_of(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let body = upload();
@@ -3089,6 +3122,7 @@ mod tests {
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 2, "the app saw the upload once");
         assert!(requests[1].1 == body, "the body reached the app changed");
+        assert_eq!(retries(&metrics), (0, 1), "sent again once, streaming");
     }
 
     /// An app that answers each connection's first request (a GET),
@@ -3143,7 +3177,8 @@ mod tests {
     #[tokio::test]
     async fn an_expect_continue_post_whose_head_the_app_read_is_not_sent_twice() {
         let (app, accepted, _) = app_dropping_the_second(0).await;
-        let mut caller = caller_of(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         caller
@@ -3166,6 +3201,7 @@ mod tests {
             "{read}"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(retries(&metrics), (0, 0));
     }
 
     /// The app reads the head of an upload and some of its body, then
@@ -3175,7 +3211,8 @@ mod tests {
     #[tokio::test]
     async fn an_upload_whose_body_began_to_reach_the_app_is_not_sent_again() {
         let (app, accepted, second) = app_dropping_the_second(2000).await;
-        let mut caller = caller_of(app).await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
         let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         let body = upload();
@@ -3210,6 +3247,7 @@ mod tests {
             "{read}"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(retries(&metrics), (0, 0));
     }
 
     /// The app's kernel resets a connection whose app had closed it when

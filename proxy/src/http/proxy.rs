@@ -121,7 +121,10 @@ pub async fn forward(
     let sent = if req.version() == Version::HTTP_2 {
         to_app_h2(&conn, req).await
     } else {
-        let sent = conn.upstream.send(req, &conn.authority, !upgrading).await;
+        let sent = conn
+            .upstream
+            .send(req, &conn.authority, !upgrading, &conn.http.metrics)
+            .await;
         // An answer in before the body: the rest of the body is watched.
         if sent.is_ok()
             && !upgrading

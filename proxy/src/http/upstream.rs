@@ -43,6 +43,7 @@ use tokio::task::AbortHandle;
 use trellis_core::SpiffeId;
 
 use super::RequestBody;
+use crate::metrics::Metrics;
 
 /// How long a parked app connection is kept unused.
 pub const IDLE: Duration = Duration::from_secs(90);
@@ -211,13 +212,15 @@ where
     /// Sends `req` to the app at `authority` over this connection's app
     /// connection, a parked one or a new one, in that order. A request
     /// that never left a reused connection (the app had closed it) is sent
-    /// again on the next. `keep` is false for an upgrade: its connection
-    /// is the upgraded stream's afterwards, not this one's.
+    /// again on the next, and counted in `metrics`
+    /// ([`Metrics::app_request_retry`]). `keep` is false for an upgrade:
+    /// its connection is the upgraded stream's afterwards, not this one's.
     pub async fn send(
         &self,
         mut req: Request<B>,
         authority: &Authority,
         keep: bool,
+        metrics: &Metrics,
     ) -> Result<Response<Incoming>, SendError> {
         let spent = prepare(&mut req, authority);
         self.spent.store(spent, Ordering::Relaxed);
@@ -250,7 +253,10 @@ where
                         self.lock().take();
                     }
                     match e.take_message() {
-                        Some(unsent) if reused => req = unsent,
+                        Some(unsent) if reused => {
+                            metrics.app_request_retry(unsent.body().is_end_stream());
+                            req = unsent;
+                        }
                         _ => return Err(SendError::Request(e.into_error())),
                     }
                 }
@@ -429,7 +435,10 @@ mod tests {
 
     async fn send(upstream: &Upstream<Empty<Bytes>>, req: Request<Empty<Bytes>>) -> u16 {
         let authority = Authority::from_maybe_shared(upstream.target.to_string()).unwrap();
-        let response = upstream.send(req, &authority, true).await.unwrap();
+        let response = upstream
+            .send(req, &authority, true, &Metrics::new())
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         response.into_body().collect().await.unwrap();
         // As the access-log entry does when the request is over.
@@ -608,7 +617,10 @@ mod tests {
                 b"GET /admin HTTP/1.1\r\n\r\n",
             )))
             .unwrap();
-        let response = upstream.send(with_body, &authority, true).await.unwrap();
+        let response = upstream
+            .send(with_body, &authority, true, &Metrics::new())
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
         upstream.release();
@@ -619,13 +631,57 @@ mod tests {
         let upstream = Upstream::new(pool.clone(), addr, web_id());
         let authority = Authority::from_maybe_shared(addr.to_string()).unwrap();
         let response = upstream
-            .send(get_full("/"), &authority, true)
+            .send(get_full("/"), &authority, true, &Metrics::new())
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
         upstream.release();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.parked(), 1);
+    }
+
+    /// A kept-alive connection the app closes with a request queued on it,
+    /// before hyper wrote any of it: the request comes back unsent and
+    /// goes out on a new connection, counted once as a whole request sent
+    /// again.
+    #[tokio::test]
+    async fn a_request_that_never_left_a_closed_connection_goes_out_again_and_counts() {
+        let (addr, accepted, seen) = app().await;
+        let pool = Arc::new(AppConnections::default());
+        // A parked connection whose driver the test holds: polled once, it
+        // waits for a request; dropped, it ends with the one queued unsent.
+        let (ours, _app_end) = tokio::io::duplex(4096);
+        let (sender, conn) = http1::handshake(TokioIo::new(ours)).await.unwrap();
+        let mut conn = Box::pin(conn);
+        std::future::poll_fn(|cx| {
+            assert!(conn.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let task = tokio::spawn(std::future::pending::<()>()).abort_handle();
+        pool.park(addr, &web_id(), AppConn { sender, task });
+
+        let metrics = Metrics::new();
+        let upstream = Upstream::new(pool.clone(), addr, web_id());
+        let authority = Authority::from_maybe_shared(addr.to_string()).unwrap();
+        let mut sending = Box::pin(upstream.send(get("/again"), &authority, true, &metrics));
+        std::future::poll_fn(|cx| {
+            assert!(sending.as_mut().poll(cx).is_pending(), "answered unsent");
+            std::task::Poll::Ready(())
+        })
+        .await;
+        drop(conn);
+        let response = sending.await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.lock().unwrap()[0].0, "/again");
+        let text = metrics.encode();
+        for series in [
+            "trellis_app_request_retries_total{reason=\"whole_request\"} 1",
+            "trellis_app_request_retries_total{reason=\"streaming_body\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
     }
 
     fn get_full(uri: &str) -> Request<http_body_util::Full<Bytes>> {
