@@ -200,14 +200,17 @@ pub fn is_own_host(ip: IpAddr) -> bool {
 /// told to make way, [`Admitted::evicted`]), the connection closes once the
 /// answer in progress is written, or `head_timeout` later if it cannot be
 /// (a client that pipelines requests and never reads would otherwise hold
-/// its connection for ever).
+/// its connection for ever). The error hyper ended the connection with, if
+/// any: a request head it refused (with a status alone, [`hyper::Error::is_parse`])
+/// among them, for the caller to log and count.
 pub async fn serve_http1_for<I, S>(
     io: I,
     service: S,
     head_timeout: Duration,
     lifetime: Duration,
     stop: impl Future<Output = ()>,
-) where
+) -> Option<hyper::Error>
+where
     I: AsyncRead + AsyncWrite + Unpin,
     S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -218,13 +221,13 @@ pub async fn serve_http1_for<I, S>(
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
-        served = tokio::time::timeout(lifetime, conn.as_mut()) => if served.is_ok() {
-            return;
+        served = tokio::time::timeout(lifetime, conn.as_mut()) => if let Ok(served) = served {
+            return served.err();
         },
         () = stop => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(head_timeout, conn).await;
+    tokio::time::timeout(head_timeout, conn).await.ok()?.err()
 }
 
 #[cfg(test)]

@@ -132,6 +132,9 @@ pub struct Metrics {
     /// `trellis_admin_connections_refused_total`, resolved once:
     /// `[per_client, total]`.
     admin_refused: [Counter; 2],
+    /// `trellis_admin_malformed_requests_total`, resolved once:
+    /// `[ADMIN_MALFORMED]`.
+    admin_malformed: [Counter; ADMIN_MALFORMED.len()],
     /// `trellis_h2_connections_refused_total`, resolved once:
     /// `[per_peer, total]`.
     h2_refused: [Counter; 2],
@@ -153,6 +156,11 @@ pub const APP_RETRIES: [&str; 2] = ["whole_request", "streaming_body"];
 /// `not_resumed` (the peer no longer accepted the ticket), or why a resumed
 /// session's peer certificate is no longer trusted, named as in
 /// `trellis_handshake_failures_total` (any other reason is `other`).
+/// The `reason` label of `trellis_admin_malformed_requests_total`: what
+/// was wrong with a request head the admin port refused. The last stands
+/// for any other.
+pub const ADMIN_MALFORMED: [&str; 3] = ["target_too_long", "head_too_large", "malformed"];
+
 pub const RESUMPTIONS_ABANDONED: [&str; 6] = [
     "not_resumed",
     "expired_certificate",
@@ -360,6 +368,15 @@ impl Metrics {
                 Refused::Total { limit: 0 }.reason(),
             ],
         );
+        let admin_malformed = per_reason(
+            &mut registry,
+            "trellis_admin_malformed_requests",
+            "Requests to the admin port refused for their head, and their connection closed: \
+             target_too_long (414, a target over 65534 bytes), head_too_large (431, a head over 408 \
+             KiB or 100 fields) or malformed (400, a head that does not parse or names an \
+             invalid method or target)",
+            ADMIN_MALFORMED,
+        );
         let h2_refused = per_reason(
             &mut registry,
             "trellis_h2_connections_refused",
@@ -374,6 +391,7 @@ impl Metrics {
         );
         Metrics {
             admin_refused,
+            admin_malformed,
             h2_refused,
             alpn,
             handshakes,
@@ -539,6 +557,13 @@ impl Metrics {
             Refused::Total { .. } => 1,
         };
         self.admin_refused[index].inc();
+    }
+
+    /// Counts a request head the admin port refused, by what was wrong
+    /// with it (`reason`, one of [`ADMIN_MALFORMED`]; any other counts as
+    /// `malformed`). No lock: every series was resolved up front.
+    pub fn admin_malformed_request(&self, reason: &'static str) {
+        self.admin_malformed[reason_index(&ADMIN_MALFORMED, reason)].inc();
     }
 
     /// Counts an inbound HTTP/2 connection refused by the limit that

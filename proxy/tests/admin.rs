@@ -310,3 +310,186 @@ async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
         );
     }
 }
+
+/// Writes `request` on a new connection to `admin` and reads the answer
+/// up to the close: its status line, its head, and its body.
+async fn answer_to(admin: std::net::SocketAddr, request: &[u8]) -> (String, String, String) {
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    // A head over the bound may be answered before all of it is written.
+    let _ = tcp.write_all(request).await;
+    split(&closed_within(&mut tcp, Duration::from_secs(10)).await)
+}
+
+/// An answer's status line, head and body.
+fn split(answer: &[u8]) -> (String, String, String) {
+    let answer = String::from_utf8(answer.to_vec()).unwrap();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an answer: {answer:?}"));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// A request head the admin port cannot read is answered in words, as the
+/// sidecar's forwarder answers it: the status (400, 431, 414), the
+/// text naming what was wrong, `trellis-proxy-error: invalid_request`,
+/// and the connection closed. Each is counted by its kind and logged as a
+/// warning naming the client and the fault, once per kind per pause, and
+/// never with what the head carried (the hook token among it).
+#[tokio::test]
+async fn a_malformed_admin_request_head_is_answered_in_words_counted_and_warned() {
+    use trellis_proxy::http::h1::{HEAD_TOO_LARGE, MAX_REQUEST_HEAD, MAX_TARGET, TARGET_TOO_LONG};
+    let (logs, _guard) = Logs::capture(false);
+    let (_cp, _app, s) = app_behind_sidecar().await;
+
+    let no_colon = "malformed header line: not a field name and a colon (a line without a \
+                    colon, or a space before it)";
+    let big = format!(
+        "GET /live HTTP/1.1\r\nhost: admin\r\nx-big: {}\r\n\r\n",
+        "a".repeat(MAX_REQUEST_HEAD)
+    );
+    for (request, status, why) in [
+        (
+            "GET /app-health/app/pre-stop HTTP/1.1\r\nx-trellis-hook-token: the-pods-hook-token\r\n\
+             broken line\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+            no_colon,
+        ),
+        (
+            "GET /live HTTP/1.2\r\nhost: admin\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+            "malformed request line: not HTTP/1.0 or HTTP/1.1",
+        ),
+        (
+            "GET /live\rHTTP/1.1\r\nhost: admin\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+            "malformed request line: a bare CR (a CR not followed by LF)",
+        ),
+        (
+            big.as_str(),
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            HEAD_TOO_LARGE,
+        ),
+    ] {
+        let (got, head, body) = answer_to(s.admin, request.as_bytes()).await;
+        assert_eq!(got, status, "{why}");
+        assert!(
+            head.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert_eq!(body, format!("trellis: {why}\n"));
+    }
+
+    // Too long a target, as an operator's curl sends it.
+    let url = format!(
+        "http://{}/live?{}",
+        s.admin,
+        "a".repeat(MAX_TARGET - "/live?".len() + 1)
+    );
+    let curled = curl(&["-i", &url]).await;
+    if let Some(answer) = &curled {
+        let (got, head, body) = split(answer.as_bytes());
+        assert_eq!(got, "HTTP/1.1 414 URI Too Long");
+        assert!(
+            head.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
+            "{head}"
+        );
+        assert_eq!(body, format!("trellis: {TARGET_TOO_LONG}\n"));
+    }
+
+    // A good probe on a new connection is served as before.
+    let live = s.get("/live").await;
+    assert!(live.starts_with("HTTP/1.1 200 "), "{live}");
+    let scraped = s.get("/metrics").await;
+    let mut kinds = vec![("malformed", 3), ("head_too_large", 1)];
+    if curled.is_some() {
+        kinds.push(("target_too_long", 1));
+    }
+    for (reason, count) in kinds {
+        let counted =
+            format!("trellis_admin_malformed_requests_total{{reason=\"{reason}\"}} {count}\n");
+        assert!(scraped.contains(&counted), "{counted}in\n{scraped}");
+    }
+
+    let warned = |reason: &str| -> Vec<String> {
+        let reason = format!("reason=\"{reason}\"");
+        logs.lines()
+            .into_iter()
+            .filter(|l| l.contains(trellis_proxy::admin::MALFORMED) && l.contains(&reason))
+            .collect()
+    };
+    let malformed = warned("malformed");
+    assert_eq!(
+        malformed.len(),
+        1,
+        "one line a kind a pause: {malformed:#?}"
+    );
+    let line = &malformed[0];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert!(line.contains(no_colon), "{line}");
+    assert_eq!(warned("head_too_large").len(), 1);
+    assert!(
+        !logs
+            .lines()
+            .iter()
+            .any(|l| l.contains("the-pods-hook-token")),
+        "a header value was logged"
+    );
+}
+
+/// Reads one answer with a `content-length` off a kept-alive connection.
+async fn next_answer(tcp: &mut TcpStream) -> (String, String) {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "closed mid-answer");
+        seen.push(byte[0]);
+    }
+    let head = String::from_utf8(seen).unwrap().to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    tcp.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+/// A kept-alive admin connection serves one request after another. A
+/// malformed head later on it gets hyper's answer, a status alone, and
+/// the connection closes; it is counted and logged all the same.
+#[tokio::test]
+async fn a_kept_alive_admin_connection_is_served_and_a_later_malformed_head_counted() {
+    let (logs, _guard) = Logs::capture(false);
+    let (_cp, _app, s) = app_behind_sidecar().await;
+
+    let mut tcp = TcpStream::connect(s.admin).await.unwrap();
+    for _ in 0..2 {
+        tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = next_answer(&mut tcp).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert_eq!(body, "live\n");
+    }
+    tcp.write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\nbroken line\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut tcp, Duration::from_secs(10)).await;
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+
+    let line = logs
+        .wait_for(&[trellis_proxy::admin::MALFORMED, "reason=\"malformed\""])
+        .await;
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert!(line.contains("status only"), "{line}");
+    let scraped = s.get("/metrics").await;
+    let counted = "trellis_admin_malformed_requests_total{reason=\"malformed\"} 1\n";
+    assert!(scraped.contains(counted), "{counted}in\n{scraped}");
+}

@@ -8,10 +8,26 @@
 //! 404 with `trellis-proxy-error: not_found`, a method other than `GET`
 //! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed`. `/ready`
 //! answers 503 with `trellis-proxy-error: not_ready` while the sidecar is
-//! not ready, and an app probe that fails 503 with `probe_failed`. A
-//! request head hyper's server cannot parse gets hyper's own 400 (431 for
-//! too large a head), a status alone: hyper writes it with no hook to add
-//! the header.
+//! not ready, and an app probe that fails 503 with `probe_failed`.
+//!
+//! A connection's first request head is read before hyper's server is
+//! given the connection (`head`), and checked as the sidecar's HTTP/1.1
+//! forwarder checks a head: one that does not parse (a bad request line,
+//! a bare CR, a header line without a colon), with more than 100 fields
+//! or over 408 KiB (431), with a target over 65534 bytes (414) or one that
+//! is not a URI or holds a raw `#`, or an invalid method, is answered as
+//! the forwarder answers it: 400, 414 or 431 with
+//! `trellis-proxy-error: invalid_request`, one line of text naming what
+//! was wrong, and the connection closed. A head refused later on a
+//! kept-alive connection, or one hyper refuses for what is not checked
+//! first (a field name the `http` crate refuses, a `Content-Length` or
+//! `Transfer-Encoding` it cannot read), gets hyper's own answer, a status
+//! alone: hyper writes it with no hook to add words. Either way the
+//! refusal is counted by its kind (`trellis_admin_malformed_requests_total`,
+//! `reason`: `malformed`, `head_too_large`, `target_too_long`) and logged
+//! as a warning ([`MALFORMED`]) naming the client and the fault (never a
+//! header's value: the hook token travels in one), at most once per kind
+//! per [`REFUSAL_LOG_PAUSE`], hyper's marked `answered="status only"`.
 //!
 //! It reads the published state (SVID, bundle, snapshot, metrics) and never
 //! changes it. It must never expose key material or the join token.
@@ -53,7 +69,10 @@ use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
 pub mod access;
+mod head;
 pub mod probes;
+
+pub use head::MALFORMED;
 
 use crate::config::Config;
 use crate::drain::{self, Drain};
@@ -130,7 +149,7 @@ impl Admin {
             drain,
         } = self;
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
-        let refusals = Throttle::new(REFUSAL_LOG_PAUSE);
+        let refusals = Arc::new(Throttle::new(REFUSAL_LOG_PAUSE));
         // Named in the answer to `/config` from elsewhere.
         let port = listener.local_addr().map_or(0, |a| a.port());
         drain
@@ -153,11 +172,20 @@ impl Admin {
                     }
                 };
                 let state = state.clone();
+                let refusals = refusals.clone();
                 // The kubelet's probes reach the pod IP: the app's are run
                 // there too.
                 let app = probes::app_host(tcp.local_addr().ok());
                 tokio::spawn(async move {
                     let admitted = admitted;
+                    let mut evicted = std::pin::pin!(admitted.evicted());
+                    let metrics = &state.metrics;
+                    let Some(tcp) =
+                        head::first(tcp, client, metrics, &refusals, evicted.as_mut()).await
+                    else {
+                        return;
+                    };
+                    let metrics = state.metrics.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
                         async move {
@@ -178,14 +206,12 @@ impl Admin {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    serve_http1_for(
-                        tcp,
-                        service,
-                        HEAD_TIMEOUT,
-                        CONNECTION_LIFETIME,
-                        admitted.evicted(),
-                    )
-                    .await;
+                    let ended =
+                        serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted)
+                            .await;
+                    if let Some(error) = ended {
+                        head::refused_by_hyper(&error, client, &metrics, &refusals);
+                    }
                 });
             })
             .await;

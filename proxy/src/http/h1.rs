@@ -201,6 +201,8 @@ pub const TWO_FRAMINGS: &str =
     "both Transfer-Encoding and Content-Length: a request body is framed one way";
 /// What a target that is not a URI is told.
 const INVALID_TARGET: &str = "malformed request line: invalid request target";
+/// What a method that is not a token is told.
+const INVALID_METHOD: &str = "malformed request line: invalid method";
 /// The largest header map a thread keeps for its next requests
 /// ([`Buffers::fields`]): one grown for a head of many fields is freed.
 const KEPT_FIELDS: usize = 128;
@@ -515,8 +517,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
 
 /// Answers a head the forwarder refuses ([`Malformed`]) with its status and
 /// what was wrong as a text body, as the sidecar's other answers are
-/// written, and `connection: close`; the length of the body written.
-async fn refuse_head<S: AsyncWrite + Unpin>(
+/// written, and `connection: close`; the length of the body written. The
+/// admin port answers the heads it refuses so too.
+pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
     io: &mut S,
     malformed: &Malformed,
 ) -> io::Result<usize> {
@@ -760,12 +763,12 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(httparse::Error::TooManyHeaders) => {
-            return Some(Taken::Malformed(Malformed::over(HeadLimit::Fields)));
-        }
         Err(e) => {
-            let why = bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, parsed.method.is_some()));
-            return Some(Taken::Malformed(Malformed::bad(why)));
+            return Some(Taken::Malformed(parse_fault(
+                buf,
+                e,
+                parsed.method.is_some(),
+            )));
         }
     };
     let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
@@ -785,9 +788,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let path = at(target.as_bytes());
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return Some(Taken::Malformed(Malformed::bad(
-            "malformed request line: invalid method",
-        )));
+        return Some(Taken::Malformed(Malformed::bad(INVALID_METHOD)));
     };
     let mut body = None;
     let mut close = false;
@@ -958,6 +959,17 @@ impl Malformed {
         Malformed::over(HeadLimit::Target)
     }
 
+    /// What the refusal is counted as where it is counted by its kind
+    /// (`reason`): `target_too_long` (414), `head_too_large` (431) or
+    /// `malformed` (400).
+    pub fn reason(&self) -> &'static str {
+        match self.status {
+            StatusCode::URI_TOO_LONG => "target_too_long",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
+            _ => "malformed",
+        }
+    }
+
     /// The access-log entry of the head refused on `conn` (written as it
     /// drops), its refusal traced.
     pub fn entry(&self, conn: Arc<Connection>) -> Entry {
@@ -1029,7 +1041,7 @@ fn head_problem(fields: usize, len: usize, target: &str) -> Option<Malformed> {
 /// whether the request line's method was read.
 fn unparsable(e: httparse::Error, method: bool) -> &'static str {
     match e {
-        httparse::Error::Token if !method => "malformed request line: invalid method",
+        httparse::Error::Token if !method => INVALID_METHOD,
         httparse::Error::Token => "malformed request line: invalid request target",
         httparse::Error::Version => "malformed request line: not HTTP/1.0 or HTTP/1.1",
         httparse::Error::HeaderName => {
@@ -1046,6 +1058,50 @@ fn unparsable(e: httparse::Error, method: bool) -> &'static str {
 const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
 /// What a header line with a CR not followed by LF is told.
 const BARE_CR_IN_HEADER: &str = "malformed header line: a bare CR (a CR not followed by LF)";
+
+/// What a head that does not parse (`e`, `method`: whether its method was
+/// read) is refused for: 431 past [`MAX_REQUEST_HEADERS`] fields, else
+/// 400 and the fault in words.
+fn parse_fault(buf: &[u8], e: httparse::Error, method: bool) -> Malformed {
+    match e {
+        httparse::Error::TooManyHeaders => Malformed::over(HeadLimit::Fields),
+        e => Malformed::bad(bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, method))),
+    }
+}
+
+/// A connection's first request head as far as it has come in `buf`,
+/// checked as the forwarder checks it, for a server that hands every head
+/// to hyper's (the admin port's): `Ok(None)` while more of it is to come,
+/// `Ok(Some(len))` for a whole head of `len` bytes that is none of those
+/// faults, or the fault, in the forwarder's words: a head that does not
+/// parse, over the sidecar's bounds ([`head_problem`]), with a method or
+/// target hyper refuses. Its framing (`Content-Length`,
+/// `Transfer-Encoding`) and its field names are left to hyper.
+pub(crate) fn check_head(buf: &[u8]) -> Result<Option<usize>, Malformed> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+            return Err(Malformed::head_too_large());
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_fault(buf, e, parsed.method.is_some())),
+    };
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Ok(Some(len));
+    };
+    if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
+        return Err(malformed);
+    }
+    if Method::from_bytes(method.as_bytes()).is_err() {
+        return Err(Malformed::bad(INVALID_METHOD));
+    }
+    match for_hyper(target) {
+        Taken::Malformed(malformed) => Err(malformed),
+        _ => Ok(Some(len)),
+    }
+}
 
 /// What a head that does not parse is told when its first fault is in a
 /// line holding a bare CR ([`detect::bare_cr`]): [`BARE_CR`] for the

@@ -1,0 +1,145 @@
+//! The first request head of each admin connection, read before hyper's
+//! server is given the connection: one the sidecar's HTTP/1.1 forwarder
+//! would refuse ([`h1::check_head`]) is answered here in its words, as
+//! the forwarder answers it, and the connection closed; any other is
+//! handed to hyper with the bytes read so far. A head hyper refuses later
+//! on a kept-alive connection gets hyper's answer, a status alone; it is
+//! logged and counted all the same ([`refused_by_hyper`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_core::logging::throttle::Throttle;
+use trellis_core::warn_throttled;
+
+use super::HEAD_TIMEOUT;
+use crate::http::Rewind;
+use crate::http::h1::{self, LINGER, LINGER_BYTES, MAX_REQUEST_HEAD, Malformed};
+use crate::metrics::Metrics;
+
+/// How a request head the admin port refused is logged, with what was
+/// wrong (`problem`, `reason`) and the client: never the head's bytes,
+/// which may carry the hook token.
+pub const MALFORMED: &str = "admin request refused: malformed request head";
+
+/// Reads `tcp`'s first request head, within [`HEAD_TIMEOUT`]: the
+/// connection with what was read put back, for hyper to serve, or `None`
+/// once it is closed: a head refused (answered, logged and counted), the
+/// client gone or silent, or `stop` resolved first.
+pub async fn first<F: Future<Output = ()>>(
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    metrics: &Metrics,
+    refusals: &Throttle,
+    mut stop: Pin<&mut F>,
+) -> Option<Rewind<TcpStream>> {
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    let mut buf = BytesMut::with_capacity(1024);
+    // The bytes already parsed of a head not all in: past 16 KiB it is
+    // parsed again only once a line of it may have ended, or it is over
+    // the bound.
+    let mut parsed = 0;
+    loop {
+        let again = buf.len() <= 16 * 1024
+            || buf.len() >= MAX_REQUEST_HEAD
+            || buf[parsed..].contains(&b'\n');
+        if !buf.is_empty() && again {
+            match h1::check_head(&buf) {
+                Ok(Some(_)) => return Some(Rewind::with_prefix(buf, tcp)),
+                Ok(None) => parsed = buf.len(),
+                Err(malformed) => {
+                    refuse(tcp, buf, client, &malformed, metrics, refusals).await;
+                    return None;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096.max(buf.len() / 2));
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)) => read,
+            () = stop.as_mut() => return None,
+        };
+        match read {
+            // Closed, or failed, before a whole head came: hyper answers
+            // nothing either.
+            Ok(Ok(0) | Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_elapsed) => {
+                tracing::debug!(
+                    %client,
+                    "no admin request head within {}",
+                    trellis_core::duration::Words(HEAD_TIMEOUT)
+                );
+                return None;
+            }
+        }
+    }
+}
+
+/// Answers a refused head in words, logs and counts it, and closes the
+/// connection, lingering so that the answer is not lost to a reset for
+/// bytes left unread. The answer gets [`HEAD_TIMEOUT`] to be written.
+async fn refuse(
+    mut tcp: TcpStream,
+    mut buf: BytesMut,
+    client: SocketAddr,
+    malformed: &Malformed,
+    metrics: &Metrics,
+    refusals: &Throttle,
+) {
+    logged(client, malformed, true, metrics, refusals);
+    let answered = tokio::time::timeout(HEAD_TIMEOUT, h1::refuse_head(&mut tcp, malformed)).await;
+    if matches!(answered, Ok(Ok(_))) {
+        let _ = tcp.shutdown().await;
+        trellis_core::refusal::linger(&mut tcp, &mut buf, LINGER, LINGER_BYTES).await;
+    }
+}
+
+/// Logs and counts a head hyper refused on a connection it served (its
+/// `error`), answered with a status alone; errors that are not a refused
+/// head are left alone.
+pub fn refused_by_hyper(
+    error: &hyper::Error,
+    client: SocketAddr,
+    metrics: &Metrics,
+    refusals: &Throttle,
+) {
+    if let Some(malformed) = Malformed::from_hyper(error) {
+        logged(client, &malformed, false, metrics, refusals);
+    }
+}
+
+/// The warning of a refused head, at most once per kind per
+/// [`REFUSAL_LOG_PAUSE`](crate::inbound::REFUSAL_LOG_PAUSE), then its
+/// count: a refusal the metric shows has been logged, or counted as not.
+fn logged(
+    client: SocketAddr,
+    malformed: &Malformed,
+    worded: bool,
+    metrics: &Metrics,
+    refusals: &Throttle,
+) {
+    let reason = malformed.reason();
+    let status = malformed.status.as_u16();
+    if worded {
+        warn_throttled!(
+            refusals,
+            reason,
+            { %client, status, reason, problem = malformed.why },
+            "{MALFORMED}"
+        );
+    } else {
+        warn_throttled!(
+            refusals,
+            reason,
+            { %client, status, reason, problem = malformed.why, answered = "status only" },
+            "{MALFORMED}"
+        );
+    }
+    metrics.admin_malformed_request(reason);
+}
