@@ -335,12 +335,12 @@ impl Metrics {
             &mut registry,
             "trellis_app_request_retries",
             &format!(
-                "Inbound HTTP requests sent again on a new HTTP/1 connection to the app because \
-                 the app closed the kept-alive one they went out on before answering, when that \
-                 cannot apply them twice (an app keep-alive timeout shorter than the sidecar's \
-                 {} s idle bound), by what of the request was at hand: whole_request, or \
-                 streaming_body (its body still coming from the caller, none of it sent yet); \
-                 requests to an HTTP/2 app are not counted",
+                "Inbound HTTP requests sent again on a new connection to the app because the \
+                 app closed the kept-alive one they went out on before answering, when that \
+                 cannot apply them twice (over HTTP/2: the closed connection gave them back \
+                 unsent), as an app keep-alive timeout shorter than the sidecar's {} s idle \
+                 bound causes, by what of the request was at hand: whole_request, or \
+                 streaming_body (its body still coming from the caller, none of it sent yet)",
                 crate::http::upstream::IDLE.as_secs()
             ),
             APP_RETRIES,
@@ -527,13 +527,13 @@ impl Metrics {
         self.service_retries[reason_index(&CONNECT_FAILURES, reason)].inc();
     }
 
-    /// Counts an inbound request sent again on a new HTTP/1 app connection
+    /// Counts an inbound request sent again on a new app connection
     /// because the app closed the kept-alive one it went out on before
     /// answering, when that cannot apply it twice: under `whole_request` if
-    /// all of it was at hand (`whole`), else `streaming_body`. Both the
-    /// HTTP/1 forwarder's requests and those hyper sends count; a request
-    /// to an HTTP/2 app sent again on a new connection does not. No lock:
-    /// both series were resolved up front.
+    /// all of it was at hand (`whole`), else `streaming_body`. The HTTP/1
+    /// forwarder's requests, those hyper sends over HTTP/1, and those an
+    /// HTTP/2 app connection gave back unsent all count. No lock: both
+    /// series were resolved up front.
     pub fn app_request_retry(&self, whole: bool) {
         self.app_retries[usize::from(!whole)].inc();
     }

@@ -14,10 +14,11 @@
 //! being dialled wait for that one connection rather than dial their own.
 //! A connection the app closes, or that fails, is forgotten and the next
 //! request dials again; a request that never left a reused connection
-//! (the app had closed it) goes out on the next. A stream the app resets
-//! fails alone: its connection stays the port's. A connection that no
-//! request has used for [`IDLE`] is let go: no new request takes it, and
-//! it closes once the streams on it are done.
+//! (the app had closed it) goes out on the next, counted in
+//! `trellis_app_request_retries_total` ([`Metrics::app_request_retry`]).
+//! A stream the app resets fails alone: its connection stays the port's.
+//! A connection that no request has used for [`IDLE`] is let go: no new
+//! request takes it, and it closes once the streams on it are done.
 //!
 //! A request whose connection fails after the app's first bytes were not
 //! HTTP/2 (an app that speaks only HTTP/1 answers the connection preface
@@ -43,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use trellis_core::gather::GatheredWrites;
 
 use super::upstream::{IDLE, SendError};
+use crate::metrics::Metrics;
 
 /// The flow-control window each HTTP/2 connection to the app opens for one
 /// stream: how much of one answer the sidecar takes from the app before it
@@ -201,11 +203,15 @@ where
 {
     /// Sends `req` (its URI in absolute form, with the authority the app is
     /// to read in `:authority`) to the app at `target` over the port's
-    /// connection, dialling one if there is none.
+    /// connection, dialling one if there is none. A request a reused
+    /// connection gives back unsent (the app had closed it) goes out on
+    /// the next, and is counted in `metrics`
+    /// ([`Metrics::app_request_retry`]).
     pub async fn send(
         &self,
         target: SocketAddr,
         mut req: Request<B>,
+        metrics: &Metrics,
     ) -> Result<Response<Incoming>, SendError> {
         loop {
             let ((id, mut sender), reused) = match self.shared.checkout(target) {
@@ -226,7 +232,10 @@ where
                         self.shared.forget(target, id);
                     }
                     match unsent {
-                        Some(unsent) if reused => req = unsent,
+                        Some(unsent) if reused => {
+                            metrics.app_request_retry(unsent.body().is_end_stream());
+                            req = unsent;
+                        }
                         _ => return Err(self.shared.failed(target, e.into_error())),
                     }
                 }
@@ -465,7 +474,10 @@ mod tests {
 
     /// Sends `path` to `app` and returns the status and body.
     async fn call(h2: &AppH2<Full<Bytes>>, app: SocketAddr, path: &str) -> (StatusCode, Bytes) {
-        let answer = h2.send(app, post(app, path)).await.unwrap();
+        let answer = h2
+            .send(app, post(app, path), &Metrics::new())
+            .await
+            .unwrap();
         let status = answer.status();
         (
             status,
@@ -518,7 +530,10 @@ mod tests {
         let (app, seen) = app(false).await;
         let h2 = AppH2::default();
         assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
-        let slow = h2.send(app, post(app, "/slow")).await.unwrap();
+        let slow = h2
+            .send(app, post(app, "/slow"), &Metrics::new())
+            .await
+            .unwrap();
         drop(h2);
         let body = slow.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1000, "the stream in flight is delivered whole");
@@ -531,7 +546,7 @@ mod tests {
         let (app, seen) = app(false).await;
         let h2 = AppH2::default();
         assert_eq!(call(&h2, app, "/").await.0, StatusCode::OK);
-        let reset = h2.send(app, post(app, "/reset")).await;
+        let reset = h2.send(app, post(app, "/reset"), &Metrics::new()).await;
         assert!(
             matches!(&reset, Err(SendError::Request(e)) if !e.is_closed()),
             "{reset:?}"
@@ -557,6 +572,105 @@ mod tests {
             until("the app closing its connection", || seen.ended() == n).await;
             until("the connection being forgotten", || h2.open() == 0).await;
         }
+    }
+
+    /// The series of `trellis_app_request_retries_total`, as `metrics`
+    /// has them: whole_request, then streaming_body.
+    fn retries(metrics: &Metrics) -> [String; 2] {
+        let text = metrics.encode();
+        ["whole_request", "streaming_body"].map(|reason| {
+            let series = format!("trellis_app_request_retries_total{{reason=\"{reason}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&series));
+            line.unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+                .to_owned()
+        })
+    }
+
+    /// Sends `req` to `app` with the port's connection replaced by one whose
+    /// driver the test holds and drops once the request is queued on it, as
+    /// a connection the app closed gives it back unsent; returns the body
+    /// of the answer it got on the connection it went out on instead.
+    async fn given_back(
+        h2: &AppH2<Full<Bytes>>,
+        app: SocketAddr,
+        req: Request<Full<Bytes>>,
+        metrics: &Metrics,
+    ) -> Bytes {
+        let (ours, _app_end) = tokio::io::duplex(4096);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, Full<Bytes>>(TokioIo::new(ours))
+            .await
+            .unwrap();
+        if let Some(port) = h2.shared.lock().iter_mut().find(|p| p.target == app) {
+            port.conn = Some(Conn {
+                id: next_id(),
+                sender,
+                used: Instant::now(),
+            });
+        }
+        let mut sending = Box::pin(h2.send(app, req, metrics));
+        std::future::poll_fn(|cx| {
+            assert!(sending.as_mut().poll(cx).is_pending(), "answered unsent");
+            std::task::Poll::Ready(())
+        })
+        .await;
+        drop(conn);
+        let answer = sending.await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        answer.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    /// A request on a fresh connection counts nothing; one a reused
+    /// connection gives back unsent goes out on a new connection and
+    /// counts once: under whole_request if its body was at its end, else
+    /// under streaming_body.
+    #[tokio::test]
+    async fn a_request_a_closed_connection_gave_back_goes_out_again_and_counts() {
+        let (app, seen) = app(false).await;
+        let h2 = AppH2::default();
+        let metrics = Metrics::new();
+        let get = Request::get(format!("http://{app}/fresh"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let answer = h2.send(app, get, &metrics).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(
+            retries(&metrics),
+            [
+                "trellis_app_request_retries_total{reason=\"whole_request\"} 0",
+                "trellis_app_request_retries_total{reason=\"streaming_body\"} 0",
+            ],
+            "a request on a fresh connection is not sent again"
+        );
+
+        let get = Request::get(format!("http://{app}/again"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        assert_eq!(given_back(&h2, app, get, &metrics).await, "/again");
+        assert_eq!(seen.accepted(), 2, "sent again on a new connection");
+        assert_eq!(
+            retries(&metrics),
+            [
+                "trellis_app_request_retries_total{reason=\"whole_request\"} 1",
+                "trellis_app_request_retries_total{reason=\"streaming_body\"} 0",
+            ],
+            "a request with no body left counts as a whole request"
+        );
+
+        let with_body = post(app, "/with-body");
+        assert_eq!(
+            given_back(&h2, app, with_body, &metrics).await,
+            "/with-body"
+        );
+        assert_eq!(seen.accepted(), 3);
+        assert_eq!(
+            retries(&metrics),
+            [
+                "trellis_app_request_retries_total{reason=\"whole_request\"} 1",
+                "trellis_app_request_retries_total{reason=\"streaming_body\"} 1",
+            ],
+            "a request whose body was still to be read counts as streaming"
+        );
     }
 
     #[tokio::test]
@@ -612,7 +726,7 @@ mod tests {
         let app = listener.local_addr().unwrap();
         let h2: AppH2<Full<Bytes>> = AppH2::default();
         let sending = tokio::spawn(async move {
-            let _ = h2.send(app, post(app, "/")).await;
+            let _ = h2.send(app, post(app, "/"), &Metrics::new()).await;
         });
         let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
             .await

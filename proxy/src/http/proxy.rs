@@ -353,7 +353,7 @@ async fn to_app_h2(
     *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
     conn.h2
         .get_or_init(super::app_h2::AppH2::default)
-        .send(conn.target, req)
+        .send(conn.target, req, &conn.http.metrics)
         .await
 }
 
