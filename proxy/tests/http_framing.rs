@@ -520,6 +520,58 @@ fn curl_files(cp: &FakeControlPlane, dir: &std::path::Path, body: &[u8]) -> (Vec
     (tls, format!("@{}", path(&body_file)))
 }
 
+/// curl with the sidecar as its HTTPS proxy (`--proxy`) sends absolute-form
+/// targets (`GET http://api/proxied?q=1`, RFC 9112 section 3.2.2): the
+/// forwarder takes them, and the app gets them in origin form. The
+/// forwarder goes on with the connection: curl's next request on it, whose
+/// target has a raw `#`, is refused in words, where hyper's server would
+/// have cut the target silently.
+#[tokio::test]
+async fn requests_from_curl_through_the_sidecar_as_its_proxy_reach_the_app_in_origin_form() {
+    let (cp, s, seen) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, _) = curl_files(&cp, dir.path(), b"");
+    // The same certificate and key, presented to the proxy.
+    let mut proxy = vec!["--proxy".to_owned(), format!("https://{}", s.inbound)];
+    proxy.extend(tls.into_iter().map(|arg| match arg.as_str() {
+        "--insecure" | "--cert-type" | "--cert" | "--key-type" | "--key" => {
+            arg.replacen("--", "--proxy-", 1)
+        }
+        _ => arg,
+    }));
+    let proxy: Vec<&str> = proxy.iter().map(String::as_str).collect();
+    let mut args = proxy.clone();
+    args.extend([
+        "http://api/proxied?q=1",
+        "-w",
+        " %{http_code} %{num_connects}\n",
+        "--next",
+    ]);
+    args.extend(&proxy);
+    args.extend([
+        "--request-target",
+        "/after#/../admin/x",
+        "http://api/after",
+        "-w",
+        " %{http_code} %{num_connects} %header{trellis-proxy-error}\n",
+    ]);
+    let Some(out) = curl(&args).await else {
+        return;
+    };
+    assert_eq!(
+        out,
+        "ok 200 1\ntrellis: request target contains '#': a request carries no fragment (send a \
+         '#' in a path or query as %23)\n 400 0 invalid_request\n"
+    );
+    assert_nothing_smuggled(&seen);
+    let requests: Vec<(String, String)> = seen
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(requests, [("GET".into(), "/proxied?q=1".into())]);
+}
+
 /// curl's upload of a file over 1 MiB (`--data-binary @file`), which it
 /// sends with `Expect: 100-continue`, waiting for the `100 Continue` (here
 /// longer than it may run, so an upload it was not told to send fails),
@@ -743,7 +795,7 @@ async fn ambiguous_or_malformed_framing_is_refused_before_the_app() {
 /// another host than its `Host`, is refused with 400 saying so (RFC 9112,
 /// section 3.2): the app could read it as meant for a host other than
 /// the one the rules saw. Whether the forwarder or hyper serves it
-/// (HTTP/1.0, an absolute-form target).
+/// (HTTP/1.0).
 #[tokio::test]
 async fn two_hosts_or_a_host_other_than_the_target_are_refused() {
     let (cp, s, seen) = setup().await;
@@ -844,7 +896,7 @@ async fn a_raw_fragment_mark_in_a_target_is_refused_and_an_encoded_one_goes() {
     assert_eq!(paths, ["/a%23b", "/a%23b"]);
 }
 
-/// A request hyper serves (an absolute-form target, HTTP/1.0, one after
+/// A request hyper serves (an `https` absolute-form target, HTTP/1.0, one after
 /// such a request on the same connection) reaches the app framed as
 /// the forwarder passes one on: a `Content-Length` sent more than once
 /// with one value arrives once, without leading zeros, and the empty
@@ -859,8 +911,8 @@ async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
             format!("POST /a HTTP/1.1\r\nhost: api\r\n{twice}"),
         ),
         (
-            "an absolute-form target",
-            format!("POST http://api/b HTTP/1.1\r\nhost: api\r\n{twice}"),
+            "an `https` absolute-form target",
+            format!("POST https://api/b HTTP/1.1\r\nhost: api\r\n{twice}"),
         ),
         (
             "HTTP/1.0",
@@ -869,7 +921,7 @@ async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
         (
             "after a hand-off, after empty lines",
             format!(
-                "POST http://api/d HTTP/1.1\r\nhost: api\r\ncontent-length: 0\r\n\r\n\
+                "POST https://api/d HTTP/1.1\r\nhost: api\r\ncontent-length: 0\r\n\r\n\
                  \r\n\n\r\nPOST /e HTTP/1.1\r\nhost: api\r\n{twice}"
             ),
         ),
@@ -1499,8 +1551,8 @@ async fn an_answer_the_app_frames_two_ways_never_reaches_another_caller() {
 async fn a_malformed_chunk_from_the_caller_is_400_naming_it() {
     let (logs, _guard) = common::sidecar::Logs::capture(false);
     let (cp, s, _) = setup().await;
-    // An absolute-form target: hyper's.
-    let hyper_first = "POST http://api/first HTTP/1.1\r\nhost: api\r\ncontent-length: 2\r\n\r\nhi";
+    // An `https` absolute-form target: hyper's.
+    let hyper_first = "POST https://api/first HTTP/1.1\r\nhost: api\r\ncontent-length: 2\r\n\r\nhi";
     let cases = [
         (
             "",
@@ -1930,7 +1982,7 @@ async fn an_http_1_0_keep_alive_answer_of_unknown_length_is_answered_and_closed(
 
 /// An HTTP/1.1 caller is answered in HTTP/1.1 by an app answering in
 /// HTTP/1.0 (RFC 9110 section 6.2: the sidecar sends its own version), on
-/// the forwarder's path and on hyper's (after an absolute-form target):
+/// the forwarder's path and on hyper's (after an `https` absolute-form target):
 /// an answer with a length on a connection that goes on, and one the app
 /// ends by closing whole, up to the close on the forwarder's path (which
 /// then closes the caller's connection), chunked on hyper's.
@@ -1940,7 +1992,7 @@ async fn an_http_1_1_caller_is_answered_in_http_1_1_by_an_http_1_0_app() {
     let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
     for (path, target) in [
         ("forwarder", "/framed-1.0"),
-        ("hyper", "http://api/framed-1.0"),
+        ("hyper", "https://api/framed-1.0"),
     ] {
         let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
         for round in 0..2 {

@@ -6,7 +6,11 @@
 //! head and byte copies.
 //!
 //! **What it takes.** A request whose framing has one reading: HTTP/1.1,
-//! in origin form, a body framed by Content-Length (one value, however
+//! in origin form or in absolute form with the `http` scheme (`GET
+//! http://api/x`, RFC 9112 section 3.2.2, as clients configured with an
+//! HTTP proxy send it: as on hyper's path, its authority is what a `Host`
+//! must name, its path what the rules match and the access log writes,
+//! and the app gets it in origin form), a body framed by Content-Length (one value, however
 //! often sent: the app gets it once, without leading zeros), by
 //! `Transfer-Encoding: chunked` (that one coding, in one field) or none,
 //! no `Upgrade`, no `Expect` but `100-continue` (in one field), no gRPC,
@@ -19,8 +23,9 @@
 //! that is anything else is handed with the bytes read so far to hyper's
 //! server ([`super::serve`]), which serves it and the rest of the
 //! connection as it serves every other HTTP/1 connection: upgrades,
-//! HTTP/1.0 (and absolute-form targets), other expectations and codings
-//! other than `chunked` alone are answered as before. A head that does
+//! HTTP/1.0, other targets (`*`, another scheme's absolute form) and
+//! CONNECT, other expectations and codings other than `chunked` alone are
+//! answered as before. A head that does
 //! not parse (a bare CR in its request line or a header line among the
 //! faults named), whose framing no server may
 //! read (two lengths, a `Transfer-Encoding` not ending in `chunked` or on
@@ -778,9 +783,11 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
         return Some(Taken::Malformed(malformed));
     }
-    // HTTP/1.0, absolute-form targets, `*` and CONNECT are hyper's, once
+    // HTTP/1.0, targets neither in origin form nor in absolute form with
+    // the `http` scheme (`*`, `https://`...) and CONNECT are hyper's, once
     // the head's framing is known to be readable.
-    let mut other = version != 1 || !target.starts_with('/') || method == "CONNECT";
+    let mut other =
+        version != 1 || !(target.starts_with('/') || http_absolute(target)) || method == "CONNECT";
     let base = buf.as_ptr() as usize;
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - base;
@@ -896,6 +903,16 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     }
 }
 
+/// Whether a request target is in absolute form with the `http` scheme
+/// (RFC 9112 section 3.2.2), as clients configured with an HTTP proxy
+/// send it; the scheme is case-insensitive.
+fn http_absolute(target: &str) -> bool {
+    target
+        .as_bytes()
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"http://"))
+}
+
 /// What of a parsed head the request could not be built from.
 enum Unbuilt {
     /// The target is not a path and query the `http` crate takes (hyper
@@ -905,14 +922,22 @@ enum Unbuilt {
     Field,
 }
 
-/// The request of a parsed head; the path and values share `head`'s bytes.
+/// The request of a parsed head; the target and values share `head`'s
+/// bytes. An absolute-form target is parsed as hyper's server parses it:
+/// its authority is what a `Host` must name ([`l7::host_problem`]), its
+/// path what the rules match, as on hyper's path.
 fn build(
     head: &Bytes,
     method: Method,
-    path: Range<usize>,
+    target: Range<usize>,
     fields: &[(Range<usize>, Range<usize>)],
 ) -> Result<Request<()>, Unbuilt> {
-    let path = PathAndQuery::from_maybe_shared(head.slice(path)).map_err(|_| Unbuilt::Target)?;
+    let target = head.slice(target);
+    let uri = if target.first() == Some(&b'/') {
+        Uri::from(PathAndQuery::from_maybe_shared(target).map_err(|_| Unbuilt::Target)?)
+    } else {
+        Uri::from_maybe_shared(target).map_err(|_| Unbuilt::Target)?
+    };
     let mut headers = Buffers::fields(fields.len() + 1);
     for (name, value) in fields {
         let name = HeaderName::from_bytes(&head[name.clone()]).map_err(|_| Unbuilt::Field)?;
@@ -922,7 +947,7 @@ fn build(
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
-    *request.uri_mut() = Uri::from(path);
+    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
 }
@@ -2384,6 +2409,11 @@ fn request_head(out: &mut Vec<u8>, request: &Request<()>, conn: &Connection, chu
         .uri()
         .path_and_query()
         .map_or("/", PathAndQuery::as_str);
+    // In origin form, as hyper's client sends it: an absolute-form
+    // target's path, which is empty before a query (`http://api?q`).
+    if !path.starts_with('/') {
+        out.push(b'/');
+    }
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !request.headers().contains_key(header::HOST) {
@@ -2813,17 +2843,17 @@ mod tests {
         assert!(read.ends_with("\r\n\r\nuntil the end"), "{read}");
     }
 
-    /// The same on hyper's path (after an absolute-form target): the
+    /// The same on hyper's path (after an `https` absolute-form target): the
     /// answer the app ended by closing is chunked, so the caller's
     /// connection goes on.
     #[tokio::test]
     async fn an_http_1_0_answer_reaches_an_http_1_1_caller_in_http_1_1_on_hypers_path() {
         let mut caller = caller_of(http_1_0_app().await).await;
-        let request = "GET http://api/length HTTP/1.1\r\nHost: api\r\n\r\n";
+        let request = "GET https://api/length HTTP/1.1\r\nHost: api\r\n\r\n";
         let read = exchange(&mut caller, request, 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.ends_with("\r\n\r\nlength"), "{read}");
-        let request = "GET http://api/unframed HTTP/1.1\r\nHost: api\r\n\r\n";
+        let request = "GET https://api/unframed HTTP/1.1\r\nHost: api\r\n\r\n";
         let read = exchange(&mut caller, request, 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(
@@ -3420,8 +3450,103 @@ mod tests {
         );
     }
 
-    /// A request the forwarder does not take (an absolute-form target
-    /// here) goes to hyper's server with what was read after it, and hyper
+    /// The request line and `Host` of each request a bare app saw.
+    fn lines_and_hosts(seen: &Seen) -> Vec<(String, String)> {
+        let requests = seen.requests.lock().unwrap();
+        requests
+            .iter()
+            .map(|(head, _)| {
+                let mut lines = head.lines();
+                let line = lines.next().unwrap_or_default().to_owned();
+                let host = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+                    .map(|(_, value)| value.trim().to_owned());
+                (line, host.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// An absolute-form `http` target (what a client configured with an
+    /// HTTP proxy sends, RFC 9112 section 3.2.2) is the forwarder's, and
+    /// its outcome is hyper's path's: the app gets it in origin form (`/`
+    /// for an authority alone), with the caller's `Host`, or the target's
+    /// authority as `Host` when the caller sent none; the rules match its
+    /// path; a `Host` naming another authority is refused. The forwarder
+    /// keeps the connection: a raw `#` later on it is refused in words,
+    /// where hyper would cut it silently. Another scheme is hyper's, and
+    /// reaches the app in origin form all the same.
+    #[tokio::test]
+    async fn an_absolute_form_target_is_the_forwarders_and_reaches_the_app_in_origin_form() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "GET http://api/x?q=1 HTTP/1.1\r\nHost: api\r\n\r\n\
+             GET HTTP://API?q HTTP/1.1\r\nHost: api\r\n\r\n\
+             POST http://api:8080/no-host HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi\
+             GET http://api/admin/x HTTP/1.1\r\nHost: api\r\n\r\n",
+            4,
+        )
+        .await;
+        let statuses: Vec<&str> = read
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .map(|a| a.split("\r\n").next().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            ["200 OK", "200 OK", "200 OK", "403 Forbidden"],
+            "{read}"
+        );
+        assert!(
+            read.ends_with("denied by policy b/no-admin rule 0\n"),
+            "{read}"
+        );
+        let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
+            "{read}"
+        );
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "GET http://other/x HTTP/1.1\r\nHost: api\r\n\r\n",
+            1,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::HOST_DIFFERS)),
+            "{read}"
+        );
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "GET https://api/s HTTP/1.1\r\nHost: api\r\n\r\n",
+            1,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+
+        let host = |h: &str| h.to_owned();
+        // No `Host`: the app's address, as on hyper's path.
+        assert_eq!(
+            lines_and_hosts(&seen),
+            [
+                ("GET /x?q=1 HTTP/1.1".into(), host("api")),
+                ("GET /?q HTTP/1.1".into(), host("api")),
+                ("POST /no-host HTTP/1.1".into(), app.to_string()),
+                ("GET /s HTTP/1.1".into(), host("api")),
+            ]
+        );
+    }
+
+    /// A request the forwarder does not take (an `https` absolute-form
+    /// target here) goes to hyper's server with what was read after it, and hyper
     /// serves the rest of the connection.
     #[tokio::test]
     async fn a_request_the_forwarder_does_not_take_and_the_rest_of_its_connection_go_to_hyper() {
@@ -3431,7 +3556,7 @@ mod tests {
         assert!(read.ends_with("GET /first "), "{read}");
         let read = exchange(
             &mut caller,
-            "POST http://api/abs HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nabc\
+            "POST https://api/abs HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nabc\
              GET /after HTTP/1.1\r\n\r\n",
             2,
         )
@@ -4520,8 +4645,8 @@ mod tests {
         assert!(read.ends_with("\r\n\r\ndone"), "{read}");
     }
 
-    /// A request the forwarder hands to hyper (an absolute-form target
-    /// here) just as the drain begins is served, not closed unanswered as hyper's
+    /// A request the forwarder hands to hyper (an `https` absolute-form
+    /// target here) just as the drain begins is served, not closed unanswered as hyper's
     /// idle connection: the drain begins as the sidecar reads the request,
     /// so it has begun when hyper gets it. Each connection is a new draw of
     /// which future is polled first; with the request first, every one
@@ -4533,7 +4658,7 @@ mod tests {
             let (mut caller, _shutdown) = draining_caller_of(app, DrainAt::FirstRead).await;
             caller
                 .write_all(
-                    b"POST http://api/upload HTTP/1.1\r\nHost: api\r\n\
+                    b"POST https://api/upload HTTP/1.1\r\nHost: api\r\n\
                       Content-Length: 5\r\n\r\nhello",
                 )
                 .await

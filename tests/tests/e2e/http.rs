@@ -616,7 +616,7 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
         ),
         (
             "an over-long target on a head hyper would serve",
-            format!("GET http://api/{long} HTTP/1.1\r\nhost: api\r\n\r\n"),
+            format!("GET https://api/{long} HTTP/1.1\r\nhost: api\r\n\r\n"),
             "HTTP/1.1 414 URI Too Long",
             TARGET_TOO_LONG,
         ),
@@ -646,9 +646,9 @@ async fn refused_request_heads_say_what_was_wrong_and_are_logged_and_counted() -
             wrong.push(format!("HTTP/1.1, {case}: {:?}", status_and_body(&answer)));
         }
     }
-    // The absolute-form request is hyper's, and so is the connection after
-    // it.
-    let handed_off = "GET http://api/up HTTP/1.1\r\nhost: api\r\n\r\n\
+    // An `https` absolute-form request is hyper's, and so is the connection
+    // after it.
+    let handed_off = "GET https://api/up HTTP/1.1\r\nhost: api\r\n\r\n\
                       GET /a\x7fb HTTP/1.1\r\nhost: api\r\n\r\n";
     let answer = probes::plaintext(s.route(), handed_off.as_bytes())
         .await?
