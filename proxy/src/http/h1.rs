@@ -119,7 +119,8 @@
 //! answer's.
 //!
 //! **A chunk that does not parse.** The caller's fault, on this path as on
-//! hyper's: 400, [`MALFORMED_CHUNK`](super::proxy::MALFORMED_CHUNK) and
+//! hyper's (which bound chunk extensions alike: 16 KiB over a whole body,
+//! whichever size lines carry them): 400, [`MALFORMED_CHUNK`](super::proxy::MALFORMED_CHUNK) and
 //! what was wrong, logged as the caller's, and the connection closed. One
 //! read with the head is refused before the app gets any of the request;
 //! one found as the body streams closes the app connection (the app waits
@@ -238,8 +239,18 @@ const ANSWER_BUFFER: usize = 8 * 1024;
 const ANSWER_BUFFER_BULK: usize = 64 * 1024;
 /// The least room for a caller's bytes read while an answer is awaited.
 const CALLER_ROOM: usize = 64;
-/// The most bytes of a chunk-size line's extensions and of trailers.
-const CHUNK_LINE: usize = 4096;
+/// The most bytes of chunk extensions in one chunked body, over all its
+/// size lines (hyper's bound, on its path), which bounds one line's too:
+/// more are refused ([`EXTENSIONS_TOO_LONG`]).
+const CHUNK_EXTENSIONS: usize = 16 * 1024;
+/// What a chunked body with more than [`CHUNK_EXTENSIONS`] bytes of
+/// extensions is refused for.
+const EXTENSIONS_TOO_LONG: &str = "chunk extensions over 16 KiB in one body";
+const _: () = assert!(
+    CHUNK_EXTENSIONS == 16 * 1024,
+    "EXTENSIONS_TOO_LONG names the bound"
+);
+/// The most bytes of a chunked body's trailers.
 const TRAILERS: usize = 16 * 1024;
 
 /// How many sets of [`Buffers`] a thread keeps for its next requests: one
@@ -2167,8 +2178,10 @@ pub struct Chunked {
     size: u64,
     /// Hex digits of the size read so far.
     digits: u8,
-    /// Bytes of the current extension or trailer section.
+    /// Bytes of the trailer section.
     line: usize,
+    /// Bytes of chunk extensions in the body so far.
+    extensions: usize,
     /// Payload bytes passed since last asked.
     payload: usize,
 }
@@ -2221,21 +2234,20 @@ impl Chunked {
                     self.size = self.size << 4 | u64::from(digit);
                     Size
                 }
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => {
-                    self.line = 0;
-                    Extension
-                }
                 (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Size, _) => return Err("invalid chunk size"),
+                (Size, _) if self.digits == 0 => return Err("invalid chunk size"),
                 (Extension, b'\r') => SizeLf,
                 (Extension, b'\n') => return Err("bare LF in a chunk extension"),
-                (Extension, _) => {
-                    self.line += 1;
-                    if self.line > CHUNK_LINE {
-                        return Err("chunk extension too long");
+                // Every byte of a size line after its digits, the `;`
+                // among them, counts towards the body's bound.
+                (Size, b';' | b' ' | b'\t') | (Extension, _) => {
+                    self.extensions += 1;
+                    if self.extensions > CHUNK_EXTENSIONS {
+                        return Err(EXTENSIONS_TOO_LONG);
                     }
                     Extension
                 }
+                (Size, _) => return Err("invalid chunk size"),
                 (SizeLf, b'\n') => {
                     self.digits = 0;
                     if self.size == 0 {
@@ -4508,6 +4520,62 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// A chunked body with `n` one-byte chunks, each with `ext` bytes of
+    /// extension (`;` and a name).
+    fn extended_chunks(n: usize, ext: usize) -> String {
+        let chunk = format!("1;{}\r\nx\r\n", "e".repeat(ext - 1));
+        format!("{}0\r\n\r\n", chunk.repeat(n))
+    }
+
+    /// Chunk extensions are bounded over a whole body, as hyper bounds
+    /// them: 16 KiB on one size line or over many pass, a byte more in
+    /// all is refused.
+    #[test]
+    fn chunk_extensions_are_bounded_over_a_whole_body() {
+        for body in [extended_chunks(1, 16 * 1024), extended_chunks(16, 1024)] {
+            assert_eq!(
+                Chunked::default().take(body.as_bytes()),
+                Ok((body.len(), true))
+            );
+        }
+        let mut over = extended_chunks(16, 1024);
+        over.insert(1, ';');
+        assert_eq!(
+            Chunked::default().take(over.as_bytes()),
+            Err(EXTENSIONS_TOO_LONG)
+        );
+    }
+
+    /// A caller's chunked body with 4 to 16 KiB of extensions on one size
+    /// line reaches the app as it came; one with more than 16 KiB of them
+    /// over many small ones is refused with 400 saying so.
+    #[tokio::test]
+    async fn a_chunked_body_with_up_to_16_kib_of_extensions_reaches_the_app() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let head = "POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut caller = caller_of(app).await;
+        for ext in [5000, 12 * 1024, 16 * 1024] {
+            let body = extended_chunks(1, ext);
+            let read = exchange(&mut caller, &format!("{head}{body}"), 1).await;
+            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{ext}: {read}");
+            let requests = seen.requests.lock().unwrap();
+            assert!(requests.last().unwrap().1 == body.as_bytes(), "{ext}");
+        }
+
+        let mut caller = caller_of(app).await;
+        let body = extended_chunks(40, 500);
+        let read = exchange(&mut caller, &format!("{head}{body}"), 1).await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(
+                "\r\n\r\ntrellis: malformed chunked request body: chunk extensions over 16 KiB \
+                 in one body\n"
+            ),
+            "{read}"
+        );
+        assert_eq!(seen.requests.lock().unwrap().len(), 3);
     }
 
     /// When the sidecar serving a caller's connection begins to drain.
