@@ -572,6 +572,58 @@ async fn requests_from_curl_through_the_sidecar_as_its_proxy_reach_the_app_in_or
     assert_eq!(requests, [("GET".into(), "/proxied?q=1".into())]);
 }
 
+/// curl's HTTP/1.0 requests with `Connection: keep-alive` (`--http1.0`)
+/// are the forwarder's: the answer says keep-alive, curl sends its next
+/// request on the same connection, and that one, whose target has a raw
+/// `#`, is refused in words, where hyper's server would have cut the
+/// target silently.
+#[tokio::test]
+async fn http_1_0_keep_alive_requests_from_curl_stay_with_the_forwarder() {
+    let (cp, s, seen) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, _) = curl_files(&cp, dir.path(), b"");
+    let tls: Vec<&str> = tls
+        .iter()
+        .map(|arg| match arg.as_str() {
+            "--http1.1" => "--http1.0",
+            arg => arg,
+        })
+        .collect();
+    let first = format!("https://{}/first", s.inbound);
+    let after = format!("https://{}/after", s.inbound);
+    let mut args = tls.clone();
+    args.extend([
+        "-H",
+        "Connection: keep-alive",
+        &first,
+        "-w",
+        " %{http_version} %{http_code} %{num_connects}\n",
+        "--next",
+    ]);
+    args.extend(&tls);
+    args.extend([
+        "-H",
+        "Connection: keep-alive",
+        "--request-target",
+        "/after#/../admin/x",
+        &after,
+        "-w",
+        " %{http_code} %{num_connects} %header{trellis-proxy-error}\n",
+    ]);
+    let Some(out) = curl(&args).await else {
+        return;
+    };
+    // curl writes HTTP/1.0 as `1`.
+    assert_eq!(
+        out,
+        "ok 1 200 1\ntrellis: request target contains '#': a request carries no fragment (send \
+         a '#' in a path or query as %23)\n 400 0 invalid_request\n"
+    );
+    assert_nothing_smuggled(&seen);
+    let paths: Vec<String> = seen.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/first"]);
+}
+
 /// curl's upload of a file over 1 MiB (`--data-binary @file`), which it
 /// sends with `Expect: 100-continue`, waiting for the `100 Continue` (here
 /// longer than it may run, so an upload it was not told to send fails),
@@ -896,9 +948,9 @@ async fn a_raw_fragment_mark_in_a_target_is_refused_and_an_encoded_one_goes() {
     assert_eq!(paths, ["/a%23b", "/a%23b"]);
 }
 
-/// A request hyper serves (an `https` absolute-form target, HTTP/1.0, one after
+/// A request hyper serves (an `https` absolute-form target, one after
 /// such a request on the same connection) reaches the app framed as
-/// the forwarder passes one on: a `Content-Length` sent more than once
+/// the forwarder passes one on (an HTTP/1.0 one among them): a `Content-Length` sent more than once
 /// with one value arrives once, without leading zeros, and the empty
 /// lines before a request line are dropped.
 #[tokio::test]
@@ -963,7 +1015,8 @@ async fn a_repeated_length_reaches_the_app_once_whichever_path_serves_it() {
 /// first, so no unread bytes make the kernel reset the connection.
 /// Its body framed by a length, chunked, or by a length after `Expect:
 /// 100-continue` (the forwarder's, which refuses it without a `100
-/// Continue`), or by a length on HTTP/1.0 (hyper's).
+/// Continue`), or by a length on HTTP/1.0 (also the forwarder's), or by a
+/// length on hyper's path (an `https` absolute-form target).
 #[tokio::test]
 async fn a_denied_upload_is_told_why_not_reset() {
     let (cp, s, seen) = setup().await;
@@ -995,11 +1048,17 @@ async fn a_denied_upload_is_told_why_not_reset() {
         format!("POST /admin/upload HTTP/1.0\r\nhost: api\r\ncontent-length: {BODY}\r\n\r\n")
             .into_bytes();
     old.extend_from_slice(&length[length.len() - BODY..]);
+    let mut hypers = format!(
+        "POST https://api/admin/upload HTTP/1.1\r\nhost: api\r\ncontent-length: {BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    hypers.extend_from_slice(&length[length.len() - BODY..]);
     for (framing, request) in [
         ("length", length),
         ("chunked", chunked),
         ("expecting", expecting),
         ("HTTP/1.0", old),
+        ("hyper's", hypers),
     ] {
         let mut tls = tls_connect(s.inbound, config.clone()).await.unwrap();
         tls.write_all(&request)
@@ -1280,8 +1339,8 @@ async fn a_head_past_the_bound_is_told_the_bound() {
 }
 
 /// A denied upload whose body comes slowly, on the forwarder's path
-/// (chunked, or `Expect: 100-continue` with the body sent anyway) and on
-/// hyper's (HTTP/1.0): when the 403 goes out, only part of a TLS record of the body
+/// (chunked, `Expect: 100-continue` with the body sent anyway, or HTTP/1.0)
+/// and on hyper's (an `https` absolute-form target): when the 403 goes out, only part of a TLS record of the body
 /// is waiting at the sidecar, which reads as nothing yet. The caller still
 /// sending its body after the answer is not reset: it sends the rest, and
 /// the connection ends cleanly once it is done.
@@ -1290,7 +1349,7 @@ async fn a_denied_upload_sent_slowly_is_told_why_not_reset() {
     let (cp, s, seen) = setup().await;
     let config = cp.ca.client_config(Some((&cp.ca, &id("/ns/a/sa/web"))));
     let inbound = s.inbound;
-    for framing in [Slow::Chunked, Slow::Expecting, Slow::Http10] {
+    for framing in [Slow::Chunked, Slow::Expecting, Slow::Http10, Slow::Hypers] {
         let config = config.clone();
         let (answer, end) =
             tokio::task::spawn_blocking(move || slow_upload(config, inbound, framing))
@@ -1317,8 +1376,10 @@ enum Slow {
     Chunked,
     /// By its length, after `Expect: 100-continue`.
     Expecting,
-    /// By its length, on HTTP/1.0 (hyper's).
+    /// By its length, on HTTP/1.0.
     Http10,
+    /// By its length, to an `https` absolute-form target (hyper's).
+    Hypers,
 }
 
 /// Sends an upload to a denied path over mTLS, framed as `framing` says,
@@ -1369,10 +1430,14 @@ fn slow_upload(
             format!("expect: 100-continue\r\ncontent-length: {}", body.len()),
         ),
         Slow::Http10 => ("1.0", format!("content-length: {}", body.len())),
+        Slow::Hypers => ("1.1", format!("content-length: {}", body.len())),
     };
-    let head = records(
-        format!("POST /admin/upload HTTP/{version}\r\nhost: api\r\n{head}\r\n\r\n").as_bytes(),
-    );
+    let target = match framing {
+        Slow::Hypers => "https://api/admin/upload",
+        _ => "/admin/upload",
+    };
+    let head =
+        records(format!("POST {target} HTTP/{version}\r\nhost: api\r\n{head}\r\n\r\n").as_bytes());
     let body = records(&body);
     tcp.write_all(&head).unwrap();
     tcp.write_all(&body[..4096]).unwrap();

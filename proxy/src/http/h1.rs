@@ -5,8 +5,8 @@
 //! state machines and a task hand-off per request) with one parse of each
 //! head and byte copies.
 //!
-//! **What it takes.** A request whose framing has one reading: HTTP/1.1,
-//! in origin form or in absolute form with the `http` scheme (`GET
+//! **What it takes.** A request whose framing has one reading: HTTP/1.1
+//! or HTTP/1.0 (below), in origin form or in absolute form with the `http` scheme (`GET
 //! http://api/x`, RFC 9112 section 3.2.2, as clients configured with an
 //! HTTP proxy send it: as on hyper's path, its authority is what a `Host`
 //! must name, its path what the rules match and the access log writes,
@@ -22,10 +22,10 @@
 //! next request on the connection is read here too. The first request
 //! that is anything else is handed with the bytes read so far to hyper's
 //! server ([`super::serve`]), which serves it and the rest of the
-//! connection as it serves every other HTTP/1 connection: upgrades,
-//! HTTP/1.0, other targets (`*`, another scheme's absolute form) and
-//! CONNECT, other expectations and codings other than `chunked` alone are
-//! answered as before. A head that does
+//! connection as it serves every other HTTP/1 connection: upgrades, other
+//! targets (`*`, another scheme's absolute form) and CONNECT, other
+//! expectations and codings other than `chunked` alone are answered as
+//! before. A head that does
 //! not parse (a bare CR in its request line or a header line among the
 //! faults named), whose framing no server may
 //! read (two lengths, a `Transfer-Encoding` not ending in `chunked` or on
@@ -55,8 +55,19 @@
 //! `connection: close`. Answering in a wrapper would mean a second parser
 //! in front of hyper's, following every body's framing to find the next
 //! head. Such a caller has already been served a request hyper had to
-//! take (an upgrade, HTTP/1.0), and its malformed request is refused all
-//! the same, only without the words.
+//! take (an upgrade, an `https` absolute-form target), and its malformed
+//! request is refused all the same, only without the words.
+//!
+//! **HTTP/1.0.** As on hyper's path: the request goes to the app in
+//! HTTP/1.0 (a `Transfer-Encoding` in it is refused above, and an
+//! `Expect` gets no `100 Continue`), its app connection is not parked
+//! (the app closes it after the answer), and the answer is written in
+//! HTTP/1.0. The caller's connection goes on only when the caller asked
+//! for it (`Connection: keep-alive`) and the answer's length is known;
+//! that answer then says `connection: keep-alive`. Any other answer ends
+//! with the connection: one of unknown length up to the app's close, a
+//! chunked one without its chunk framing (HTTP/1.0 has none, so it never
+//! gets a chunked answer).
 //!
 //! **`Expect: 100-continue`.** As on hyper's path: the app gets the
 //! field, and the caller a `100 Continue` once its request has gone to
@@ -94,8 +105,8 @@
 //! **The answer.** Its head is parsed (at most [`MAX_ANSWER_HEAD`] bytes,
 //! 1xx answers, `100 Continue` and `103 Early Hints` among them, dropped
 //! as hyper's client drops them) and rewritten: the status line in
-//! HTTP/1.1 whatever version the app answered in (RFC 9110 section 6.2:
-//! an intermediary sends its own), the
+//! HTTP/1.1 (HTTP/1.0 to an HTTP/1.0 request) whatever version the app
+//! answered in (RFC 9110 section 6.2: an intermediary sends its own), the
 //! hop-by-hop headers removed, `Content-Length` dropped beside
 //! `Transfer-Encoding`, `Date` added when missing. Its body is passed on as
 //! it came, framed as the app framed it: by its length, chunked (the
@@ -159,7 +170,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -376,6 +387,10 @@ struct Caller<S> {
     /// The caller may still be sending a request body the connection
     /// closes without reading: [`linger`] before closing.
     unread: bool,
+    /// The request in flight is HTTP/1.0: its answers are written in
+    /// HTTP/1.0, say `connection: keep-alive` when the connection goes on,
+    /// and are never chunked.
+    http_1_0: bool,
 }
 
 /// How long a connection closed with a request body unread goes on
@@ -543,6 +558,7 @@ pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
     let mut out = Vec::with_capacity(256);
     status_line(
         &mut out,
+        false,
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
     );
@@ -559,7 +575,7 @@ pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
         b"content-length",
         digits.format(body.len()).as_bytes(),
     );
-    head_end(&mut out, false, true);
+    head_end(&mut out, false, true, false);
     out.extend_from_slice(&body);
     io.write_all(&out).await?;
     io.flush().await?;
@@ -591,6 +607,7 @@ where
         io,
         buf: BytesMut::new(),
         unread: false,
+        http_1_0: false,
     };
     let mut drain = Drain {
         draining: draining.as_mut(),
@@ -794,11 +811,10 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
         return Some(Taken::Malformed(malformed));
     }
-    // HTTP/1.0, targets neither in origin form nor in absolute form with
-    // the `http` scheme (`*`, `https://`...) and CONNECT are hyper's, once
-    // the head's framing is known to be readable.
-    let mut other =
-        version != 1 || !(target.starts_with('/') || http_absolute(target)) || method == "CONNECT";
+    // Targets neither in origin form nor in absolute form with the `http`
+    // scheme (`*`, `https://`...) and CONNECT are hyper's, once the head's
+    // framing is known to be readable.
+    let mut other = !(target.starts_with('/') || http_absolute(target)) || method == "CONNECT";
     let base = buf.as_ptr() as usize;
     let at = |part: &[u8]| {
         let start = part.as_ptr() as usize - base;
@@ -810,6 +826,9 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let mut body = None;
     let mut close = false;
+    // HTTP/1.0 closes the connection after the answer unless the caller
+    // asks for keep-alive (RFC 9112 appendix C.2.2).
+    let mut keep_alive = false;
     // Whether the caller waits to be told to send its body.
     let mut expect = false;
     // Whether the request has a `Transfer-Encoding`, and whether its last
@@ -868,6 +887,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             for token in headers::list(value) {
                 other |= token.eq_ignore_ascii_case(b"upgrade");
                 close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case(b"content-type")
             && value.starts_with(b"application/grpc")
@@ -896,6 +916,17 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let head = buf.split_to(len).freeze();
     match build(&head, method, path, &ranges[..count]) {
+        Ok(mut request) if version == 0 => {
+            *request.version_mut() = Version::HTTP_10;
+            // The app gets the field, but an HTTP/1.0 caller is not told
+            // `100 Continue` (hyper's reading: it knows no 1xx answer).
+            Some(Taken::Request(Head {
+                request,
+                body,
+                close: close || !keep_alive,
+                expect: false,
+            }))
+        }
         Ok(request) => Some(Taken::Request(Head {
             request,
             body,
@@ -1204,13 +1235,18 @@ where
     } = head;
     let head_request = request.method() == Method::HEAD;
     let chunked = matches!(framing, Framing::Chunked(_));
+    let http_1_0 = request.version() == Version::HTTP_10;
+    caller.http_1_0 = http_1_0;
     // A body on a `GET` or `HEAD` has no meaning (RFC 9110 section 9.3),
     // and an app may ignore it, then read it as a request of its own and
     // answer that too, after this request's answer. Its app connection is
     // closed after the answer rather than parked: the next request (of
     // this caller: others never share it) would read that answer as its own.
-    let park = matches!(framing, Framing::Length(0))
-        || !matches!(*request.method(), Method::GET | Method::HEAD);
+    // An HTTP/1.0 request goes to the app in HTTP/1.0, as hyper's client
+    // sends it, and the app closes its connection after the answer.
+    let park = (matches!(framing, Framing::Length(0))
+        || !matches!(*request.method(), Method::GET | Method::HEAD))
+        && !http_1_0;
     let mut exchange = Exchange::start(conn, request, Protocol::Http1);
     if let Some(answer) = authorize
         .check(&mut exchange)
@@ -1316,8 +1352,11 @@ where
             &mut app.0,
             &mut bufs.answer,
             Some(&mut *caller),
-            head_request,
-            close || unread != 0,
+            AnswerTo {
+                head_request,
+                close: close || unread != 0,
+                http_1_0,
+            },
             &mut *drain,
             &mut bufs.rewritten,
         );
@@ -1557,6 +1596,7 @@ where
         reused,
         idempotent,
     } = request;
+    let http_1_0 = caller.http_1_0;
     let touched = AtomicBool::new(false);
     // Whether the answer's head is read, and so on its way to the caller.
     let answer_begun = AtomicBool::new(false);
@@ -1576,8 +1616,11 @@ where
                 &mut app_r,
                 &mut bufs.answer,
                 None::<&mut Caller<S>>,
-                head_request,
-                close,
+                AnswerTo {
+                    head_request,
+                    close,
+                    http_1_0,
+                },
                 &mut *drain,
                 &mut bufs.rewritten,
             )
@@ -1734,6 +1777,15 @@ struct Streaming {
     idempotent: bool,
 }
 
+/// What the answer read is to: a HEAD request (its answer has no body),
+/// one after which the connection closes, an HTTP/1.0 one.
+#[derive(Clone, Copy)]
+struct AnswerTo {
+    head_request: bool,
+    close: bool,
+    http_1_0: bool,
+}
+
 /// What an answer head says.
 struct Parsed {
     status: StatusCode,
@@ -1751,6 +1803,9 @@ enum Framing {
     Empty,
     Length(u64),
     Chunked(Chunked),
+    /// A chunked answer to an HTTP/1.0 request, passed on without its
+    /// chunk framing, up to the caller's connection's close.
+    Dechunked(Chunked),
     UntilClose,
 }
 
@@ -1809,15 +1864,14 @@ fn never_read(reading: &Reading, app: &TcpStream) -> bool {
 /// Reads the answer head into `answer`, skipping 1xx answers. While it
 /// waits, reads what the caller sends ahead (up to [`PIPELINED`] bytes),
 /// so a caller that goes away ends the request at once. The head says
-/// `connection: close` if `close`, or if the sidecar drains by the time
+/// `connection: close` if `to.close`, or if the sidecar drains by the time
 /// it is whole: a drain that begins while the app answers still ends the
 /// connection after this answer, not at the caller's next request.
 async fn read_answer<R, S, D>(
     app: &mut R,
     answer: &mut BytesMut,
     mut caller: Option<&mut Caller<S>>,
-    head_request: bool,
-    close: bool,
+    to: AnswerTo,
     drain: &mut Drain<'_, D>,
     rewritten: &mut Vec<u8>,
 ) -> Result<Parsed, Reading>
@@ -1826,10 +1880,15 @@ where
     S: AsyncRead + Unpin,
     D: Future<Output = ()>,
 {
+    let AnswerTo {
+        head_request,
+        close,
+        http_1_0,
+    } = to;
     loop {
         if !answer.is_empty() {
             let closes = || close || drain.started();
-            match parse_answer(answer, head_request, closes, rewritten)? {
+            match parse_answer(answer, head_request, closes, http_1_0, rewritten)? {
                 Some(parsed) => return Ok(parsed),
                 None if answer.len() >= MAX_ANSWER_HEAD => {
                     return Err(Reading::Invalid("answer head too large"));
@@ -1881,6 +1940,7 @@ fn parse_answer(
     answer: &mut BytesMut,
     head_request: bool,
     close: impl FnOnce() -> bool,
+    http_1_0: bool,
     rewritten: &mut Vec<u8>,
 ) -> Result<Option<Parsed>, Reading> {
     loop {
@@ -1940,13 +2000,23 @@ fn parse_answer(
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = match (chunked, length) {
             _ if bodiless => Framing::Empty,
+            // HTTP/1.0 has no chunks: the caller gets the payload alone,
+            // up to the connection's close.
+            (Some(true), _) if http_1_0 => Framing::Dechunked(Chunked::default()),
             (Some(true), _) => Framing::Chunked(Chunked::default()),
             (Some(false), _) => Framing::UntilClose,
             (None, Some(length)) => Framing::Length(length),
             (None, None) => Framing::UntilClose,
         };
-        let close = matches!(framing, Framing::UntilClose) || close();
-        answer_head(rewritten, code, parsed.reason, parsed.headers, close);
+        let close = matches!(framing, Framing::UntilClose | Framing::Dechunked(_)) || close();
+        answer_head(
+            rewritten,
+            code,
+            parsed.reason,
+            parsed.headers,
+            close,
+            http_1_0,
+        );
         answer.advance(len);
         return Ok(Some(Parsed {
             status,
@@ -1978,8 +2048,9 @@ fn answer_head(
     reason: Option<&str>,
     fields: &[httparse::Header<'_>],
     close: bool,
+    http_1_0: bool,
 ) {
-    status_line(out, code, reason.unwrap_or_default());
+    status_line(out, http_1_0, code, reason.unwrap_or_default());
     let named = |name: &[u8]| {
         !headers::never_named_away(name)
             && fields
@@ -1996,6 +2067,7 @@ fn answer_head(
         let name = kept.name.as_bytes();
         if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             || (encoded && name.eq_ignore_ascii_case(b"content-length"))
+            || (http_1_0 && name.eq_ignore_ascii_case(b"transfer-encoding"))
             || named(name)
         {
             continue;
@@ -2003,13 +2075,14 @@ fn answer_head(
         dated |= name.eq_ignore_ascii_case(b"date");
         field(out, name, kept.value);
     }
-    head_end(out, dated, close);
+    head_end(out, dated, close, http_1_0);
 }
 
-/// Writes an HTTP/1.1 status line: the sidecar's own version, whatever
-/// the app answered in (RFC 9110 section 6.2).
-fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
-    out.extend_from_slice(b"HTTP/1.1 ");
+/// Writes a status line in the sidecar's own version, whatever the app
+/// answered in (RFC 9110 section 6.2): HTTP/1.1, or HTTP/1.0 to an
+/// HTTP/1.0 request (`http_1_0`), as hyper's server answers one.
+fn status_line(out: &mut Vec<u8>, http_1_0: bool, code: u16, reason: &str) {
+    out.extend_from_slice(if http_1_0 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(itoa::Buffer::new().format(code).as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
@@ -2025,8 +2098,10 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Ends an answer head of the sidecar's: `Date` unless the head has one
-/// (`dated`), and `connection: close` if the connection closes after it.
-fn head_end(out: &mut Vec<u8>, dated: bool, close: bool) {
+/// (`dated`), and `connection: close` if the connection closes after it;
+/// `connection: keep-alive` if an HTTP/1.0 caller's (`http_1_0`) goes on,
+/// which it would otherwise take to close.
+fn head_end(out: &mut Vec<u8>, dated: bool, close: bool, http_1_0: bool) {
     if !dated {
         out.extend_from_slice(b"date: ");
         now(out);
@@ -2034,6 +2109,8 @@ fn head_end(out: &mut Vec<u8>, dated: bool, close: bool) {
     }
     if close {
         field(out, b"connection", b"close");
+    } else if http_1_0 {
+        field(out, b"connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -2075,22 +2152,34 @@ async fn pass_body<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
 ) -> Result<bool, Passing> {
     let mut first = true;
     let mut bulk = false;
+    // The payload of a chunked answer to an HTTP/1.0 request, without its
+    // chunk framing (no allocation for any other).
+    let mut plain = Vec::new();
     loop {
-        let (take, done) = framing
-            .take(answer)
-            .map_err(|why| Passing::App(io::Error::new(io::ErrorKind::InvalidData, why)))?;
+        let taken = match &mut framing {
+            Framing::Dechunked(chunked) => {
+                plain.clear();
+                let data = &answer[..];
+                chunked.take_each(data, |part| plain.extend_from_slice(&data[part]))
+            }
+            framing => framing.take(answer),
+        };
+        let (take, done) =
+            taken.map_err(|why| Passing::App(io::Error::new(io::ErrorKind::InvalidData, why)))?;
         let payload = framing.payload(&answer[..take]);
         entry.count(Direction::Out, payload);
+        let passed = if matches!(framing, Framing::Dechunked(_)) {
+            &plain[..]
+        } else {
+            &answer[..take]
+        };
         if first {
             // The rewritten head and the body read with it, in one write.
-            out.extend_from_slice(&answer[..take]);
+            out.extend_from_slice(passed);
             caller.write_all(out).await.map_err(Passing::Caller)?;
             first = false;
-        } else if take > 0 {
-            caller
-                .write_all(&answer[..take])
-                .await
-                .map_err(Passing::Caller)?;
+        } else if !passed.is_empty() {
+            caller.write_all(passed).await.map_err(Passing::Caller)?;
         }
         answer.advance(take);
         if done {
@@ -2137,7 +2226,7 @@ impl Framing {
                 *rest -= take as u64;
                 (take, *rest == 0)
             }
-            Framing::Chunked(chunked) => chunked.take(data)?,
+            Framing::Chunked(chunked) | Framing::Dechunked(chunked) => chunked.take(data)?,
             Framing::UntilClose => (data.len(), false),
         })
     }
@@ -2162,7 +2251,9 @@ impl Framing {
     /// access log.
     fn payload(&mut self, passed: &[u8]) -> usize {
         match self {
-            Framing::Chunked(chunked) => std::mem::take(&mut chunked.payload),
+            Framing::Chunked(chunked) | Framing::Dechunked(chunked) => {
+                std::mem::take(&mut chunked.payload)
+            }
             _ => passed.len(),
         }
     }
@@ -2206,6 +2297,16 @@ impl Chunked {
     /// How many bytes of `data` belong to the body, and whether it ends
     /// with them.
     pub fn take(&mut self, data: &[u8]) -> Result<(usize, bool), &'static str> {
+        self.take_each(data, |_| {})
+    }
+
+    /// As [`take`](Self::take), giving `payload` each range of `data`
+    /// that is chunk data, in order.
+    fn take_each(
+        &mut self,
+        data: &[u8],
+        mut payload: impl FnMut(Range<usize>),
+    ) -> Result<(usize, bool), &'static str> {
         use ChunkState::*;
         if self.state == Done {
             return Ok((0, true));
@@ -2214,6 +2315,7 @@ impl Chunked {
         while at < data.len() {
             if self.state == Data {
                 let take = (self.size).min((data.len() - at) as u64) as usize;
+                payload(at..at + take);
                 at += take;
                 self.payload += take;
                 self.size -= take as u64;
@@ -2386,6 +2488,7 @@ where
     let status = parts.status;
     status_line(
         &mut out,
+        caller.http_1_0,
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
     );
@@ -2398,7 +2501,7 @@ where
         b"content-length",
         digits.format(body.len()).as_bytes(),
     );
-    head_end(&mut out, false, close);
+    head_end(&mut out, false, close, caller.http_1_0);
     if !unread.head_request {
         out.extend_from_slice(&body);
         entry.count(Direction::Out, body.len());
@@ -2427,7 +2530,11 @@ fn request_head(out: &mut Vec<u8>, request: &Request<()>, conn: &Connection, chu
         out.push(b'/');
     }
     out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(if request.version() == Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     if !request.headers().contains_key(header::HOST) {
         field(out, b"host", conn.authority.as_str().as_bytes());
     }
@@ -2874,6 +2981,100 @@ mod tests {
         );
         let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+    }
+
+    /// HTTP/1.0 requests are the forwarder's, answered as hyper's path
+    /// answers them: in HTTP/1.0, the request going to the app in HTTP/1.0.
+    /// A caller that asks for keep-alive keeps its connection when the
+    /// answer's length is known, and is told so; the forwarder goes on with
+    /// it (a raw `#` later on it is refused in words, where hyper would cut
+    /// it silently). A chunked answer reaches it without its chunk framing,
+    /// up to the connection's close; a caller that did not ask for
+    /// keep-alive gets its answer and the close. A `Transfer-Encoding` in
+    /// an HTTP/1.0 request is refused.
+    #[tokio::test]
+    async fn http_1_0_requests_are_the_forwarders_and_never_get_chunks() {
+        let (app, seen) = bare_app(
+            |line| {
+                if line.starts_with("GET /chunked ") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"
+                        .to_vec()
+                } else {
+                    ok("length", "")
+                }
+            },
+            |_| false,
+        )
+        .await;
+        let mut caller = caller_of(app).await;
+        let keep_alive = "Connection: keep-alive\r\n\r\n";
+        for _ in 0..2 {
+            let read = exchange(
+                &mut caller,
+                &format!("GET /length HTTP/1.0\r\n{keep_alive}"),
+                1,
+            )
+            .await;
+            assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
+            assert!(read.contains("\r\nconnection: keep-alive\r\n"), "{read}");
+            assert!(read.ends_with("\r\n\r\nlength"), "{read}");
+        }
+        let read = exchange(
+            &mut caller,
+            &format!("GET /a#b HTTP/1.0\r\n{keep_alive}"),
+            1,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
+            "{read}"
+        );
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            &format!("GET /chunked HTTP/1.0\r\n{keep_alive}"),
+            2,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
+        let lower = read.to_ascii_lowercase();
+        assert!(!lower.contains("transfer-encoding"), "{read}");
+        assert!(!lower.contains("keep-alive"), "{read}");
+        // Read to the close: nothing after the payload.
+        assert!(read.ends_with("\r\n\r\nhello world"), "{read}");
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(&mut caller, "GET /length HTTP/1.0\r\n\r\n", 2).await;
+        assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
+        assert!(!read.contains("keep-alive"), "{read}");
+        assert!(read.ends_with("\r\n\r\nlength"), "{read}");
+
+        let mut caller = caller_of(app).await;
+        let read = exchange(
+            &mut caller,
+            "POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            2,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with("\r\n\r\ntrellis: Transfer-Encoding in an HTTP/1.0 request\n"),
+            "{read}"
+        );
+
+        let lines: Vec<String> = lines_and_hosts(&seen).into_iter().map(|(l, _)| l).collect();
+        assert_eq!(
+            lines,
+            [
+                "GET /length HTTP/1.0",
+                "GET /length HTTP/1.0",
+                "GET /chunked HTTP/1.0",
+                "GET /length HTTP/1.0",
+            ]
+        );
     }
 
     /// An app answering in HTTP/1.0 without `Connection: keep-alive` is
@@ -4789,6 +4990,7 @@ mod tests {
             io: Trickle(sent, 0),
             buf: BytesMut::new(),
             unread: false,
+            http_1_0: false,
         };
         let mut drain = Drain {
             draining: std::pin::pin!(std::future::pending::<()>()),
