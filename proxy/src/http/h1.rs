@@ -3683,8 +3683,8 @@ mod tests {
     /// An absolute-form `http` target (what a client configured with an
     /// HTTP proxy sends, RFC 9112 section 3.2.2) is the forwarder's, and
     /// its outcome is hyper's path's: the app gets it in origin form (`/`
-    /// for an authority alone), with the caller's `Host`, or the target's
-    /// authority as `Host` when the caller sent none; the rules match its
+    /// for an authority alone), with the caller's `Host`, or the app's
+    /// address as `Host` when the caller sent none; the rules match its
     /// path; a `Host` naming another authority is refused. The forwarder
     /// keeps the connection: a raw `#` later on it is refused in words,
     /// where hyper would cut it silently. Another scheme is hyper's, and
