@@ -38,6 +38,7 @@ use crate::api::discovery_server::DiscoveryServer;
 use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::policy::stored_warnings;
 use crate::api::replica::{MAX_REPLICA_REQUEST_BYTES, ReplicaService, Replicas};
+use crate::api::unknown_method::UnknownMethodsLayer;
 use crate::api::{Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
@@ -78,6 +79,17 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// default of 4 MiB would let anyone make each of a connection's
 /// [`MAX_STREAMS_PER_CONNECTION`] streams buffer that much.
 pub const MAX_REFLECTION_REQUEST_BYTES: usize = 4 * 1024;
+
+/// The services of the gRPC port, as an unknown method's answer names
+/// them.
+const GRPC_SERVICES: &[&str] = &[
+    trellis_proto::identity::v1::identity_server::SERVICE_NAME,
+    <DiscoveryServer as tonic::server::NamedService>::NAME,
+    trellis_proto::admin::v1::admin_server::SERVICE_NAME,
+    trellis_proto::admin::v1::replica_server::SERVICE_NAME,
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -421,6 +433,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(InFlightLayer)
         .layer(BodyDeadlineLayer)
+        .layer(UnknownMethodsLayer::new(GRPC_SERVICES))
         .add_service(UnaryRequests::limited(
             IdentityServer::new(
                 IdentityService::new(mesh.clone())

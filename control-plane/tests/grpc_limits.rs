@@ -303,6 +303,56 @@ async fn unary_requests_that_cannot_be_read_are_answered_with_why() {
     );
 }
 
+/// A call of a method the gRPC port does not serve is answered
+/// UNIMPLEMENTED naming it: for a served service (after the caller passed
+/// the service's own check, as the operator does for Admin), that the
+/// method is not one of it; for any other path, the services there are.
+/// Not tonic's UNIMPLEMENTED without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_unknown_methods_are_answered_with_what_is_served() {
+    let cp = ControlPlane::start(&[]);
+    let unimplemented = (tonic::Code::Unimplemented as i32).to_string();
+    let empty = || Bytes::from_static(&[0, 0, 0, 0, 0]);
+
+    let answer =
+        raw_grpc::admin_call_ended(&cp, "/trellis.admin.v1.Admin/DeleteEverything", empty()).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            unimplemented.clone(),
+            "\"/trellis.admin.v1.Admin/DeleteEverything\" is not a method of \
+             trellis.admin.v1.Admin"
+                .to_owned()
+        )
+    );
+
+    let answer =
+        raw_grpc::call_ended(&cp, None, "/trellis.identity.v1.Identity/Renew", empty()).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            unimplemented.clone(),
+            "\"/trellis.identity.v1.Identity/Renew\" is not a method of \
+             trellis.identity.v1.Identity"
+                .to_owned()
+        )
+    );
+
+    let answer =
+        raw_grpc::call_ended(&cp, None, "/trellis.identity.v2.Identity/Certify", empty()).await;
+    assert_eq!(
+        answered_with(&answer),
+        (
+            unimplemented,
+            "\"/trellis.identity.v2.Identity/Certify\" names no service of this control plane; \
+             it serves trellis.identity.v1.Identity, trellis.discovery.v1.Discovery, \
+             trellis.admin.v1.Admin, trellis.admin.v1.Replica, \
+             grpc.reflection.v1.ServerReflection, grpc.reflection.v1alpha.ServerReflection"
+                .to_owned()
+        )
+    );
+}
+
 /// An Admin request past its limit, an ApplyPolicy of a valid policy
 /// padded past [`MAX_ADMIN_REQUEST_BYTES`] with a YAML comment, is refused
 /// with RESOURCE_EXHAUSTED naming the call and the limit (not tonic's

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod policy;
 pub mod replica;
 mod unary;
+pub mod unknown_method;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
