@@ -428,22 +428,29 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let reflection_v1 = crate::reflection::v1(trellis_proto::FILE_DESCRIPTOR_SET)?;
     let reflection_v1alpha = crate::reflection::v1alpha(trellis_proto::FILE_DESCRIPTOR_SET)?;
     let incoming = grpc.run(shutdown_rx.clone(), metrics.clone());
+    let identity = Arc::new(
+        IdentityService::new(mesh.clone())
+            .with_token_reviewer(reviewer)
+            .trusting_reported_addresses(config.trust_reported_addresses)
+            .renewals_needing_token(config.renewals_need_token()),
+    );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(InFlightLayer)
         .layer(BodyDeadlineLayer)
         .layer(UnknownMethodsLayer::new(GRPC_SERVICES))
-        .add_service(UnaryRequests::limited(
-            IdentityServer::new(
-                IdentityService::new(mesh.clone())
-                    .with_token_reviewer(reviewer)
-                    .trusting_reported_addresses(config.trust_reported_addresses)
-                    .renewals_needing_token(config.renewals_need_token()),
+        .add_service(
+            UnaryRequests::limited(
+                IdentityServer::from_arc(identity.clone())
+                    .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
+                MAX_CERTIFY_REQUEST_BYTES,
             )
-            .max_decoding_message_size(MAX_CERTIFY_REQUEST_BYTES),
-            MAX_CERTIFY_REQUEST_BYTES,
-        ))
+            // Counted and logged as the refusals Certify makes itself.
+            .refusing_with(Arc::new(move |reason, status| {
+                identity.refuse(reason, status)
+            })),
+        )
         // Reads Watch requests up to its own `MAX_WATCH_REQUEST_BYTES`.
         .add_service(DiscoveryServer::new(DiscoveryService::new(mesh.clone())))
         // The interceptor refuses a caller before its request is read.

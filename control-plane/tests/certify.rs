@@ -82,6 +82,62 @@ async fn refuses_an_oversized_request_naming_the_limit() {
         .expect("a Certify of the usual size is served on the same connection");
 }
 
+/// A Certify refused before the service reads it, one past the limit or
+/// one whose bytes are no CertifyRequest, is a refusal like any other:
+/// counted in `trellis_certify_failures_total` by its reason, logged as
+/// `certify refused`, and named in the answer's `trellis-refusal`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certify_refused_unread_is_counted_and_logged() {
+    use prost::Message;
+    use trellis_core::grpc::REFUSAL_KEY;
+    use trellis_proto::identity::v1::CertifyRequest;
+
+    let cp = ControlPlane::start(&[]);
+    let mut client = cp.identity_client(None).await;
+    let oversized = CertifyRequest {
+        csr: vec![0x30; 1 << 20],
+        ..Default::default()
+    };
+    assert!(oversized.encoded_len() > MAX_CERTIFY_REQUEST_BYTES);
+    let err = client.certify(oversized).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        err.metadata().get(REFUSAL_KEY).map(|v| v.to_str().unwrap()),
+        Some("request_too_large"),
+        "{err:?}"
+    );
+
+    // A message of 4 bytes that do not decode (a varint never ended).
+    let garbage = bytes::Bytes::from_static(&[0, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]);
+    let answer =
+        raw_grpc::call_ended(&cp, None, "/trellis.identity.v1.Identity/Certify", garbage).await;
+    let status = tonic::Status::from_header_map(answer.headers()).expect("a status");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        answer
+            .headers()
+            .get(REFUSAL_KEY)
+            .map(|v| v.to_str().unwrap()),
+        Some("request_unreadable")
+    );
+
+    let metrics = cp.metrics();
+    for reason in ["request_too_large", "request_unreadable"] {
+        assert!(
+            metrics.contains(&format!(
+                "trellis_certify_failures_total{{reason=\"{reason}\"}} 1\n"
+            )),
+            "{reason} not counted once in {metrics}"
+        );
+        cp.wait_for_line(&format!("a `certify refused` line for {reason}"), |l| {
+            l.contains("WARN")
+                && l.contains("certify refused")
+                && l.contains(&format!("reason=\"{reason}\""))
+        });
+    }
+    assert_nothing_issued(&cp).await;
+}
+
 #[tokio::test]
 async fn rejects_a_reused_token() {
     let cp = ControlPlane::start(&[]);

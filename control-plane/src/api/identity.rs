@@ -117,7 +117,7 @@ impl IdentityService {
     /// be refused as often as it calls, so a reason is logged at most once
     /// per [`REFUSAL_LOG_PAUSE`], the next line saying how many were not
     /// (`suppressed`); each is counted.
-    fn refuse(&self, reason: &'static str, mut status: Status) -> Status {
+    pub(crate) fn refuse(&self, reason: &'static str, mut status: Status) -> Status {
         // `detail`, not `message`: that is the event's own message field.
         warn_throttled!(
             self.refusal_lines,

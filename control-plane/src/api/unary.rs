@@ -38,14 +38,37 @@ const PREFIX: usize = 5;
 pub(crate) struct UnaryRequests<S> {
     inner: S,
     limit: usize,
+    refusals: Option<Refusals>,
 }
+
+/// What a service does with a refusal of a request it never saw: given
+/// the reason ([`REQUEST_TOO_LARGE`], [`REQUEST_UNREADABLE`]) and the
+/// status, the status the client is told (Certify counts and logs it as
+/// its own refusals, and names the reason in the metadata).
+pub(crate) type Refusals = Arc<dyn Fn(&'static str, Status) -> Status + Send + Sync>;
+
+/// The reason of a refusal of a request past the limit.
+pub(crate) const REQUEST_TOO_LARGE: &str = "request_too_large";
+
+/// The reason of a refusal of a request that could not be read.
+pub(crate) const REQUEST_UNREADABLE: &str = "request_unreadable";
 
 impl<S> UnaryRequests<S> {
     /// `inner`, whose requests are read up to `limit` bytes (its
     /// `max_decoding_message_size`). The services wrapped never answer
     /// OUT_OF_RANGE themselves, so that status can only be the decoder's.
     pub(crate) fn limited(inner: S, limit: usize) -> Self {
-        Self { inner, limit }
+        Self {
+            inner,
+            limit,
+            refusals: None,
+        }
+    }
+
+    /// Hands each refusal of a request `inner` never saw to `refusals`.
+    pub(crate) fn refusing_with(mut self, refusals: Refusals) -> Self {
+        self.refusals = Some(refusals);
+        self
     }
 }
 
@@ -77,6 +100,11 @@ where
             .unwrap_or_default()
             .to_owned();
         let limit = self.limit;
+        let refusals = self.refusals.clone();
+        let refused = move |reason: &'static str, status: Status| match &refusals {
+            Some(refusals) => refusals(reason, status),
+            None => status,
+        };
         let framing = Arc::new(Mutex::new(Framing::default()));
         let request = request.map(|body| {
             Body::new(Followed {
@@ -95,10 +123,12 @@ where
                 .unwrap_or_else(PoisonError::into_inner)
                 .request_at_fault();
             Ok(match status.code() {
-                Code::OutOfRange => request_too_large(&call, limit).into_http(),
+                Code::OutOfRange => {
+                    refused(REQUEST_TOO_LARGE, request_too_large(&call, limit)).into_http()
+                }
                 Code::Internal if at_fault => {
                     let which = format!("{} {call} request", article(&call));
-                    super::unreadable(&which, &status).into_http()
+                    refused(REQUEST_UNREADABLE, super::unreadable(&which, &status)).into_http()
                 }
                 _ => answer,
             })
