@@ -202,7 +202,8 @@ async fn watch_pushes_snapshots_and_records_acks() {
 /// A Watch request past [`MAX_WATCH_REQUEST_BYTES`] is refused with
 /// RESOURCE_EXHAUSTED naming the call and the limit, whether it is the
 /// Subscribe or a NACK later in the stream, which otherwise would end as
-/// if the control plane had nothing more to say.
+/// if the control plane had nothing more to say. A refused Subscribe is
+/// logged once as a warning naming the caller and why.
 #[tokio::test]
 async fn an_oversized_watch_request_is_refused_naming_the_limit() {
     let cp = ControlPlane::start(&[]);
@@ -221,6 +222,15 @@ async fn an_oversized_watch_request_is_refused_naming_the_limit() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(err.message(), too_large);
+    // The control plane's operator is told too, once.
+    let refused = |l: &str| {
+        l.contains("WARN")
+            && l.contains("discovery stream refused: no valid Subscribe")
+            && l.contains(&format!("spiffe_id={WEB}"))
+            && l.contains(&too_large)
+    };
+    cp.wait_for_line("the refused Subscribe logged", refused);
+    assert_eq!(cp.log().lines().filter(|l| refused(l)).count(), 1);
 
     let (tx, mut snapshots) = watch(&cp, &web, "127.0.0.1:7001").await;
     let first = snapshots.message().await.unwrap().expect("a snapshot");

@@ -108,38 +108,52 @@ impl DiscoveryService {
         let peer = peer_of(&request).map(|p| p.remote);
         let presented = peer_of(&request).and_then(|p| p.presented.clone());
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "the Subscribe of a Watch did not arrive in full within {} of its headers",
-                    trellis_core::duration::Words(SUBSCRIBE_TIMEOUT)
-                ))
-            })?;
-        let subscribe = match first.map_err(|status| {
-            if super::unreadable_request(&status) {
-                super::unreadable("the first message of a Watch (its Subscribe)", &status)
-            } else {
-                super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status)
+        // A stream refused before it opens is logged once, as a revoked
+        // one is: its sidecar is told why, its operator reads it here.
+        let subscribed: Result<(Subscribe, Vec<u16>), Status> = async {
+            let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "the Subscribe of a Watch did not arrive in full within {} of its headers",
+                        trellis_core::duration::Words(SUBSCRIBE_TIMEOUT)
+                    ))
+                })?;
+            let subscribe = match first.map_err(|status| {
+                if super::unreadable_request(&status) {
+                    super::unreadable("the first message of a Watch (its Subscribe)", &status)
+                } else {
+                    super::request_refused("Watch", MAX_WATCH_REQUEST_BYTES, status)
+                }
+            })? {
+                Some(WatchRequest {
+                    kind: Some(Kind::Subscribe(s)),
+                }) => s,
+                Some(_) => {
+                    return Err(Status::invalid_argument(
+                        "the first message of a Watch must be a Subscribe",
+                    ));
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "the stream closed before a Subscribe",
+                    ));
+                }
+            };
+            // Kept with the stream for Explain; a sidecar never sends a number
+            // that is not a port, so one that does is refused.
+            let opaque_ports = super::port_list("Subscribe.opaque_ports", &subscribe.opaque_ports)?;
+            Ok((subscribe, opaque_ports))
+        }
+        .await;
+        let (subscribe, opaque_ports) = subscribed.inspect_err(|refused| {
+            // A stream that failed (reset, a broken connection) keeps that
+            // failure as its source: nobody sent anything wrong.
+            if std::error::Error::source(refused).is_some() {
+                return;
             }
-        })? {
-            Some(WatchRequest {
-                kind: Some(Kind::Subscribe(s)),
-            }) => s,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of a Watch must be a Subscribe",
-                ));
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "the stream closed before a Subscribe",
-                ));
-            }
-        };
-        // Kept with the stream for Explain; a sidecar never sends a number
-        // that is not a port, so one that does is refused.
-        let opaque_ports = super::port_list("Subscribe.opaque_ports", &subscribe.opaque_ports)?;
+            tracing::warn!(spiffe_id = %id, code = ?refused.code(), detail = ?refused.message(), "discovery stream refused: no valid Subscribe");
+        })?;
         // The caller's address is the TLS layer's, never missing with an
         // SVID; unspecified stands for one all the same.
         let peer = peer.unwrap_or_else(|| (std::net::Ipv4Addr::UNSPECIFIED, 0).into());
