@@ -145,6 +145,47 @@ async fn a_revoked_identity_renews_only_with_a_certificate_issued_after() {
     );
 }
 
+/// A removal of what is not there (an unrevoke of an ID not revoked, a
+/// delete of a policy of either kind that does not exist) is refused
+/// NOT_FOUND and leaves the state dir's database byte for byte as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_removal_leaves_the_database_file_as_it_was() {
+    let cp = ControlPlane::start(&[]);
+    enroll(&cp, WEB, "127.0.0.1:7000").await;
+    let database = cp.state_dir.join("trellis.redb");
+    let before = std::fs::read(&database).unwrap();
+    for (args, names) in [
+        (
+            &["identity", "unrevoke", WEB][..],
+            format!("{WEB} is not revoked"),
+        ),
+        (
+            &["policy", "delete", "default/nope"][..],
+            "policy default/nope not found".to_owned(),
+        ),
+        (
+            &[
+                "policy",
+                "delete",
+                "--kind",
+                "RateLimitPolicy",
+                "default/nope",
+            ][..],
+            "default/nope not found".to_owned(),
+        ),
+    ] {
+        let out = cp.ctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&names), "{args:?}: {stderr}");
+        assert!(
+            std::fs::read(&database).unwrap() == before,
+            "{args:?} changed {}",
+            database.display()
+        );
+    }
+}
+
 /// Revoking again moves the revocation to now, so a certificate issued
 /// between the two revocations stops renewing too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -263,6 +263,28 @@ impl EmbeddedStore {
         Ok(value)
     }
 
+    /// [`write`](Self::write) for a change that may find nothing to do:
+    /// `f` answers `None` for that, and the transaction is then dropped
+    /// uncommitted, so a refused call leaves the database file as it was
+    /// (a commit rewrites its header even when nothing changed).
+    fn write_if<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<Option<T>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        let Some(value) = f(&txn)? else {
+            txn.abort()
+                .map_err(|e| self.db_error(self.failure.note(e)))?;
+            return Ok(None);
+        };
+        txn.commit()
+            .map_err(|e| self.db_error(self.failure.note(e)))?;
+        Ok(Some(value))
+    }
+
     fn read_all<K: redb::Key + 'static, T: DeserializeOwned>(
         &self,
         table: TableDefinition<'_, K, &[u8]>,
@@ -607,7 +629,7 @@ impl Store for EmbeddedStore {
     }
 
     fn unrevoke(&self, spiffe_id: &str) -> Result<Option<Revocation>, StoreError> {
-        self.write(|txn| {
+        self.write_if(|txn| {
             let mut table = txn.open_table(REVOCATIONS)?;
             let now = unix_now();
             let stored: Option<Revocation> = table
@@ -746,7 +768,7 @@ impl Store for EmbeddedStore {
         name: &str,
     ) -> Result<Option<Generation>, StoreError> {
         let key = policy_key(namespace, name);
-        self.write(|txn| {
+        self.write_if(|txn| {
             let mut table = txn.open_table(RATE_LIMITS)?;
             if table.remove(key.as_str())?.is_none() {
                 return Ok(None);
@@ -771,7 +793,7 @@ impl Store for EmbeddedStore {
 
     fn delete_policy(&self, namespace: &str, name: &str) -> Result<Option<Generation>, StoreError> {
         let key = policy_key(namespace, name);
-        self.write(|txn| {
+        self.write_if(|txn| {
             let mut table = txn.open_table(POLICIES)?;
             if table.remove(key.as_str())?.is_none() {
                 return Ok(None);
