@@ -875,6 +875,12 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
         }
         E::InvalidCertificate(CertificateError::Expired)
         | E::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired_certificate",
+        // Its holder's clock, or this one, is off by more than the CA
+        // backdates: told apart from an expired one.
+        E::InvalidCertificate(CertificateError::NotValidYet)
+        | E::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            "not_yet_valid_certificate"
+        }
         E::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
         E::InvalidCertificate(CertificateError::Revoked) => crate::grpc::REFUSAL_REVOKED,
         E::InvalidCertificate(_) => "invalid_certificate",

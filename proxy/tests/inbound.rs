@@ -917,3 +917,57 @@ async fn a_refused_client_certificate_is_logged_with_what_it_claims() {
     let api = id("/ns/c/sa/api").to_string();
     assert_eq!(field(&line, "claimed_peer"), Some(api), "{line}");
 }
+
+/// A caller whose certificate is not valid yet by this sidecar's clock
+/// (one of the two clocks is off by more than the CA backdates) is
+/// refused, counted and logged as such, with the notBefore it holds, not
+/// as any invalid certificate: an operator reads the clock skew off the
+/// line.
+#[tokio::test]
+async fn a_caller_whose_certificate_is_not_valid_yet_is_refused_as_such() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
+
+    let early = ca.leaf_shaped(&web(), |p| {
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::hours(1);
+        p.not_after = now + time::Duration::hours(2);
+    });
+    let (not_before, _) = trellis_core::tls::validity_of(&early.0[0]).unwrap();
+    let not_before = trellis_core::clock::rfc3339_checked(not_before).unwrap();
+    let config = ca.client_config_presenting(Some(early));
+    let refused = match tls_connect(inbound.addr, config).await {
+        Ok(mut stream) => round_trip(&mut stream, b"hello").await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(
+        refused
+            .to_string()
+            .contains("received fatal alert: CertificateExpired"),
+        "{refused}"
+    );
+    let line = logs
+        .wait_for(&[
+            "inbound handshake failed",
+            "reason=not_yet_valid_certificate",
+        ])
+        .await;
+    assert!(
+        line.contains("error=invalid peer certificate: certificate not valid yet"),
+        "{line}"
+    );
+    assert_eq!(field(&line, "not_before"), Some(not_before), "{line}");
+    assert_eq!(
+        field(&line, "claimed_peer"),
+        Some(web().to_string()),
+        "{line}"
+    );
+    assert!(
+        failures_counted(&inbound.metrics, "not_yet_valid_certificate", 1),
+        "{}",
+        inbound.metrics.encode()
+    );
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}

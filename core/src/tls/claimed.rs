@@ -1,6 +1,6 @@
 //! What a refused peer certificate claims, for the line that logs its
 //! refusal: the SPIFFE ID of its URI SAN, and what it was refused for (its
-//! notAfter, its issuer's name). Read from the certificate unverified, so
+//! notAfter or notBefore, its issuer's name). Read from the certificate unverified, so
 //! never trusted for any decision, and bounded and escaped, as a peer
 //! writes it.
 //!
@@ -27,6 +27,9 @@ pub struct Claimed {
     pub peer: Option<Bounded>,
     /// Its notAfter in RFC 3339, when it was refused for having expired.
     pub not_after: Option<String>,
+    /// Its notBefore in RFC 3339, when it was refused for not being valid
+    /// yet (a clock, its holder's or the verifier's, is off).
+    pub not_before: Option<String>,
     /// Its issuer's name, when no root of the bundle leads to it.
     pub issuer: Option<Bounded>,
     /// The revocation that covers it, when it was refused as revoked. Its
@@ -117,12 +120,18 @@ pub fn claimed(leaf: &CertificateDer<'_>, error: &rustls::Error) -> Claimed {
         rustls::Error::InvalidCertificate(e) => Some(e),
         _ => None,
     };
+    let rfc3339 = |at: i64| {
+        crate::clock::rfc3339_checked(at).unwrap_or_else(|| format!("{at} (Unix seconds)"))
+    };
     let not_after = match refused_for {
         Some(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-            let at = parsed.validity().not_after.timestamp();
-            Some(
-                crate::clock::rfc3339_checked(at).unwrap_or_else(|| format!("{at} (Unix seconds)")),
-            )
+            Some(rfc3339(parsed.validity().not_after.timestamp()))
+        }
+        _ => None,
+    };
+    let not_before = match refused_for {
+        Some(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+            Some(rfc3339(parsed.validity().not_before.timestamp()))
         }
         _ => None,
     };
@@ -133,6 +142,7 @@ pub fn claimed(leaf: &CertificateDer<'_>, error: &rustls::Error) -> Claimed {
     Claimed {
         peer,
         not_after,
+        not_before,
         issuer,
         revoked: None,
     }

@@ -314,8 +314,9 @@ impl Shared {
     /// [`Shared::refuse`] for a handshake that failed with `error`, with
     /// what the client certificate claims when the verifier refused one
     /// (`claimed`): the SPIFFE ID of its URI SAN (`claimed_peer`), and its
-    /// `not_after` when it has expired or its `issuer` when no root of
-    /// the bundle leads to it. Unverified, so only ever logged.
+    /// `not_after` when it has expired, its `not_before` when it is not
+    /// valid yet, or its `issuer` when no root of the bundle leads to it.
+    /// Unverified, so only ever logged.
     fn refuse_certificate(
         &self,
         client: SocketAddr,
@@ -327,6 +328,7 @@ impl Shared {
         self.metrics.connection(INBOUND, "refused");
         let claimed_peer = claimed.and_then(|c| c.peer.as_ref());
         let not_after = claimed.and_then(|c| c.not_after.as_deref());
+        let not_before = claimed.and_then(|c| c.not_before.as_deref());
         let issuer = claimed.and_then(|c| c.issuer.as_ref());
         warn_throttled!(
             self.handshakes.refusals,
@@ -337,6 +339,7 @@ impl Shared {
                 %error,
                 claimed_peer = claimed_peer.map(tracing::field::display),
                 not_after = not_after.map(tracing::field::display),
+                not_before = not_before.map(tracing::field::display),
                 issuer = issuer.map(tracing::field::display)
             },
             "{HANDSHAKE_FAILED}"

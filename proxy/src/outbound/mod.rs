@@ -658,7 +658,7 @@ async fn relay<R: std::fmt::Display>(
 /// Logs and counts a connection refused because its mesh dial to `to`
 /// failed; `tried` names a service's backends tried, this one last. A
 /// server certificate this sidecar refused is logged with what it claims
-/// (`claimed_peer`, and `not_after` or `issuer`), unverified.
+/// (`claimed_peer`, and `not_after`, `not_before` or `issuer`), unverified.
 fn refused<R: std::fmt::Display>(
     metrics: &Metrics,
     e: &DialError,
@@ -675,6 +675,7 @@ fn refused<R: std::fmt::Display>(
     };
     let claimed_peer = claimed.and_then(|c| c.peer.as_ref());
     let not_after = claimed.and_then(|c| c.not_after.as_deref());
+    let not_before = claimed.and_then(|c| c.not_before.as_deref());
     let issuer = claimed.and_then(|c| c.issuer.as_ref());
     tracing::warn!(
         remote = %to.remote,
@@ -687,6 +688,7 @@ fn refused<R: std::fmt::Display>(
         error = %e,
         claimed_peer = claimed_peer.map(tracing::field::display),
         not_after = not_after.map(tracing::field::display),
+        not_before = not_before.map(tracing::field::display),
         issuer = issuer.map(tracing::field::display),
         "outbound connection refused"
     );
