@@ -971,3 +971,63 @@ async fn a_caller_whose_certificate_is_not_valid_yet_is_refused_as_such() {
     );
     assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
 }
+
+/// A caller that settles HTTP/2 by ALPN and then sends something other
+/// than the HTTP/2 client preface (`openssl s_client -alpn h2` with an
+/// HTTP/1.1 request typed in, or a client that offers `h2` and speaks
+/// HTTP/1.1) is told why, not closed without a word: an HTTP/1 request is
+/// answered `400` in HTTP/1.1, other bytes with a GOAWAY with
+/// PROTOCOL_ERROR; each is counted as `no_preface` and logged, and the
+/// app is never dialled.
+#[tokio::test]
+async fn a_caller_that_settles_h2_and_sends_no_preface_is_told_why() {
+    const SAYS: &str = "trellis: this connection settled HTTP/2 by ALPN (h2), and its first \
+                        bytes are not the HTTP/2 client preface";
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let ca = Ca::new();
+    let app = echo_app().await;
+    let inbound = inbound_as(&ca, &id("/ns/b/sa/server"), app.addr).await;
+    let mut config = (*ca.client_config(Some((&ca, &web())))).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Arc::new(config);
+
+    let mut http1 = tls_connect(inbound.addr, config.clone()).await.unwrap();
+    http1
+        .write_all(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut http1).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n")
+            && answer.contains("\r\ntrellis-proxy-error: invalid_request\r\n")
+            && answer.contains(&format!("\r\n\r\n{SAYS}")),
+        "{answer:?}"
+    );
+    let line = logs
+        .wait_for(&["inbound HTTP/2 connection refused", "sent=http1"])
+        .await;
+    assert!(line.contains("not the HTTP/2 client preface"), "{line}");
+    assert_eq!(field(&line, "peer"), Some(web().to_string()), "{line}");
+
+    let mut other = tls_connect(inbound.addr, config).await.unwrap();
+    other.write_all(b"\x00\x01\x02 hello\r\n").await.unwrap();
+    let answer = read_to_end(&mut other).await.unwrap();
+    // The server preface (an empty SETTINGS frame), then GOAWAY: last
+    // stream 0, PROTOCOL_ERROR, the words as debug data.
+    let goaway = &answer[9..];
+    assert_eq!(goaway[3], 0x7, "{answer:?}");
+    assert_eq!(&goaway[9..17], &[0, 0, 0, 0, 0, 0, 0, 1], "{answer:?}");
+    assert!(
+        String::from_utf8_lossy(&goaway[17..]).starts_with(SAYS),
+        "{answer:?}"
+    );
+    eventually("both counted as no_preface", || {
+        inbound
+            .metrics
+            .encode()
+            .contains("trellis_connections_total{direction=\"inbound\",outcome=\"no_preface\"} 2\n")
+    })
+    .await;
+    assert_eq!(*app.accepted.borrow(), 0, "the app was reached");
+}

@@ -365,6 +365,11 @@ impl<S> Rewind<S> {
         skip_empty_lines(&self.prefix).is_empty()
     }
 
+    /// The bytes read so far, put back in front of the stream.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// The bytes read so far and the stream after them: a byte copy
     /// writes the prefix once, then runs on the stream itself.
     pub fn into_parts(self) -> (BytesMut, S) {

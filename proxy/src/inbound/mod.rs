@@ -21,7 +21,8 @@
 //! [`crate::http`], which decides every request again; on a port declared
 //! opaque (where the handshake never settles HTTP), or when detection
 //! finds no HTTP, bytes are copied. HTTP/2 is served once its client
-//! preface is in (a caller that sends none in time is closed), and only
+//! preface is in (a caller that sends none in time is closed; one that
+//! sends other bytes in its place is told why), and only
 //! while its peer and the port have room for another HTTP/2 connection
 //! (`inbound/h2.rs`): one more is refused with GOAWAY.
 //!
@@ -763,6 +764,8 @@ pub async fn serve(
                 Words(http::detect::DETECT_TIMEOUT)
             );
         }
+        // Counted and logged before its answer, in `forward`.
+        Err(ForwardError::NotH2(_)) => {}
         Err(ForwardError::H2Refused(refused)) => {
             metrics.h2_connection_refused(refused);
             metrics.connection(INBOUND, "refused");
@@ -810,6 +813,8 @@ enum ForwardError {
     AppUnreachable(io::Error),
     #[error("no HTTP/2 client preface in time")]
     NoPreface,
+    #[error("HTTP/2 settled by ALPN, and {} came in place of its client preface", .0.as_str())]
+    NotH2(NotPreface),
     #[error("HTTP/2 connection refused: {0}")]
     H2Refused(H2Refused),
     #[error(transparent)]
@@ -914,6 +919,20 @@ async fn forward(
             let Some(stream) = http::h2_preface(stream).await? else {
                 return Err(ForwardError::NoPreface);
             };
+            if let Some(sent) = instead_of_preface(&stream) {
+                // Counted and logged before the answer, which lingers: a
+                // caller that looks once answered finds it on record.
+                shared.metrics.connection(INBOUND, NO_PREFACE);
+                warn_throttled!(
+                    shared.handshakes.refusals,
+                    "not_h2",
+                    { %peer, %client, sent = %sent.as_str() },
+                    "inbound HTTP/2 connection refused: it settled HTTP/2 by ALPN, and its first \
+                     bytes are not the HTTP/2 client preface"
+                );
+                Box::pin(refuse_not_h2(stream, sent)).await;
+                return Err(ForwardError::NotH2(sent));
+            }
             match shared.h2.admit(peer, client.ip()) {
                 Ok(slot) => (stream, Some(slot)),
                 Err(refused) => {
@@ -938,9 +957,16 @@ async fn forward(
 /// end, for at most [`http::h1::LINGER`]: closed with its requests unread,
 /// the connection would be reset and the GOAWAY perhaps lost with it.
 async fn refuse_h2(stream: http::Rewind<PeerStream>, refused: H2Refused) {
-    let (_, mut io) = stream.into_parts();
     let message = format!("{}{refused}", trellis_core::refusal::SIDECAR_PREFIX);
-    let frames = trellis_core::refusal::goaway(refused.goaway_code(), &message);
+    goaway_and_close(stream, refused.goaway_code(), &message).await;
+}
+
+/// Writes a GOAWAY with `code` and `message` after the server preface,
+/// closes the TLS session, then reads and drops what the caller still
+/// sends, as [`refuse_h2`] tells it.
+async fn goaway_and_close(stream: http::Rewind<PeerStream>, code: u32, message: &str) {
+    let (_, mut io) = stream.into_parts();
+    let frames = trellis_core::refusal::goaway(code, message);
     let refuse = async {
         io.write_all(&frames).await?;
         io.shutdown().await?;
@@ -949,6 +975,77 @@ async fn refuse_h2(stream: http::Rewind<PeerStream>, refused: H2Refused) {
         Ok::<_, io::Error>(())
     };
     let _ = tokio::time::timeout(http::h1::LINGER, refuse).await;
+}
+
+/// What a caller that settled HTTP/2 by ALPN sent in place of the HTTP/2
+/// client preface.
+#[derive(Clone, Copy, Debug)]
+enum NotPreface {
+    /// An HTTP/1 request: a client that offers `h2` and speaks HTTP/1.1
+    /// (`openssl s_client -alpn h2` and a request typed in).
+    Http1,
+    /// Anything else.
+    Other,
+}
+
+impl NotPreface {
+    fn as_str(self) -> &'static str {
+        match self {
+            NotPreface::Http1 => "http1",
+            NotPreface::Other => "other",
+        }
+    }
+}
+
+/// The HTTP/2 error code PROTOCOL_ERROR (RFC 9113, section 7): what a
+/// connection that does not begin with the client preface is (section
+/// 3.4).
+const H2_PROTOCOL_ERROR: u32 = 0x1;
+
+/// What a caller that settled HTTP/2 by ALPN and sent no preface is told.
+const NOT_H2_ANSWER: &str = "this connection settled HTTP/2 by ALPN (h2), and its first bytes are \
+     not the HTTP/2 client preface; a client that speaks HTTP/1.1 offers http/1.1";
+
+/// What `stream`, whose HTTP/2 start [`http::h2_preface`] has read, holds
+/// in place of the client preface; `None` when it holds the preface, or
+/// as much of it as came before the caller closed its end (which hyper's
+/// server ends quietly).
+fn instead_of_preface(stream: &http::Rewind<PeerStream>) -> Option<NotPreface> {
+    use trellis_core::refusal::H2_PREFACE;
+    let prefix = stream.prefix();
+    let n = prefix.len().min(H2_PREFACE.len());
+    if prefix[..n] == H2_PREFACE[..n] {
+        return None;
+    }
+    Some(match http::detect::classify(prefix) {
+        Some(http::Protocol::Http1) => NotPreface::Http1,
+        _ => NotPreface::Other,
+    })
+}
+
+/// Refuses a caller that settled HTTP/2 by ALPN and sent `sent` in place
+/// of the client preface (hyper's server would close it without a word):
+/// an HTTP/1 request is answered `400` in HTTP/1.1, saying so, as
+/// plaintext is on this port; anything else gets the server preface and
+/// a GOAWAY with PROTOCOL_ERROR saying the same.
+async fn refuse_not_h2(mut stream: http::Rewind<PeerStream>, sent: NotPreface) {
+    use trellis_core::refusal::{self, Refusal};
+    match sent {
+        NotPreface::Http1 => {
+            let refusal = Refusal {
+                status: ::http::StatusCode::BAD_REQUEST,
+                grpc_code: refusal::GRPC_INVALID_ARGUMENT,
+                message: NOT_H2_ANSWER,
+                proxy_error: Some("invalid_request"),
+            };
+            let version = refusal::Version::Http1;
+            refusal::answer(&mut stream, version, &refusal, net::HANDSHAKE_TIMEOUT).await;
+        }
+        NotPreface::Other => {
+            let message = format!("{}{NOT_H2_ANSWER}", refusal::SIDECAR_PREFIX);
+            goaway_and_close(stream, H2_PROTOCOL_ERROR, &message).await;
+        }
+    }
 }
 
 /// Detection goes on for a caller that said nothing before its timeout.
