@@ -829,8 +829,9 @@ impl SpiffeClientVerifier {
 /// writes what a verifier of ours refused with `Debug`
 /// (`invalid peer certificate: Other(OtherError(UnexpectedId { .. }))`);
 /// this writes the SVID check's own message instead (`invalid peer
-/// certificate: peer presented spiffe://.., expected spiffe://..`). Any
-/// other error is its usual text.
+/// certificate: peer presented spiffe://.., expected spiffe://..`), and a
+/// client that speaks only TLS 1.2 or older as such, where rustls names
+/// the TLS 1.3 extension it lacks. Any other error is its usual text.
 pub struct Described<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Described<'_> {
@@ -844,6 +845,16 @@ impl fmt::Display for Described<'_> {
             if let Some(svid) = as_svid_error(other) {
                 return write!(f, "invalid peer certificate: {svid}");
             }
+        }
+        // rustls names the TLS 1.3 extension a TLS 1.2 client lacks.
+        if let Some(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+        )) = rustls_error(self.0)
+        {
+            return f.write_str(
+                "the client offers only TLS 1.2 or older (no supported_versions extension); \
+                 Trellis speaks TLS 1.3 only",
+            );
         }
         fmt::Display::fmt(self.0, f)
     }

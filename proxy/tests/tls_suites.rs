@@ -56,14 +56,36 @@ async fn a_client_offering_only_aes_256_is_served_with_it() {
     assert!(seen.contains("Cipher is TLS_AES_256_GCM_SHA384"), "{seen}");
 }
 
+/// A TLS 1.2 client is refused with the alert `protocol_version`, and
+/// the sidecar's line says in words that it offered only TLS 1.2, not
+/// which TLS 1.3 extension rustls missed.
 #[tokio::test]
 async fn tls_1_2_is_refused() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
     let (ca, inbound, app) = sidecar().await;
     let client = id("/ns/a/sa/client");
     let Some(seen) = s_client(inbound.addr, &ca, &client, &["-tls1_2"]).await else {
         return;
     };
     assert!(seen.contains("Cipher is (NONE)"), "{seen}");
+    assert!(seen.contains("alert protocol version"), "{seen}");
+    let line = logs
+        .wait_for(&["inbound handshake failed", "reason=incompatible_peer"])
+        .await;
+    assert!(
+        line.ends_with(
+            "error=the client offers only TLS 1.2 or older (no supported_versions extension); \
+             Trellis speaks TLS 1.3 only"
+        ),
+        "{line}"
+    );
+    assert!(
+        inbound.metrics.encode().contains(
+            "trellis_handshake_failures_total{direction=\"inbound\",reason=\"incompatible_peer\"} 1\n"
+        ),
+        "{}",
+        inbound.metrics.encode()
+    );
     assert_eq!(*app.accepted.borrow(), 0, "the app must not be reached");
 }
 
