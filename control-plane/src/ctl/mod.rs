@@ -1349,6 +1349,43 @@ mod tests {
         assert_eq!(token_ttl("1s").unwrap(), Duration::from_secs(1));
     }
 
+    /// The README's rule: every flag of the control plane and of trellisctl
+    /// has the environment twin `TRELLIS_<FLAG>`, but the flags of the one
+    /// request `policy explain` decides, which the README names as the
+    /// exception.
+    #[test]
+    fn every_flag_has_its_environment_twin_but_the_explained_request_s() {
+        use clap::CommandFactory;
+
+        const REQUEST_FLAGS: [&str; 4] = ["path", "method", "header", "http2"];
+        fn flags(command: &clap::Command, at: &str, found: &mut Vec<String>) {
+            let at = format!("{at} {}", command.get_name());
+            for arg in command.get_arguments() {
+                let (Some(long), false) = (arg.get_long(), arg.is_hide_set()) else {
+                    continue;
+                };
+                if ["help", "version"].contains(&long) {
+                    continue;
+                }
+                let twin = format!("TRELLIS_{}", long.to_uppercase().replace('-', "_"));
+                let env = arg.get_env().and_then(|e| e.to_str());
+                let request = at.ends_with("policy explain") && REQUEST_FLAGS.contains(&long);
+                match (env, request) {
+                    (Some(env), false) if env == twin => {}
+                    (None, true) => {}
+                    _ => found.push(format!("{at} --{long}: {env:?}")),
+                }
+            }
+            for sub in command.get_subcommands() {
+                flags(sub, &at, found);
+            }
+        }
+        let mut wrong = Vec::new();
+        flags(&Cli::command(), "", &mut wrong);
+        flags(&crate::config::Config::command(), "", &mut wrong);
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
     /// `--reason` is checked before any call, by the server's own rule.
     #[test]
     fn a_reason_with_a_bidi_override_is_refused_before_any_call() {
