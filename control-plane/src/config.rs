@@ -133,6 +133,16 @@ pub enum StoreKind {
     Kubernetes,
 }
 
+impl StoreKind {
+    /// The value `--store` takes for it, as the log says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
 /// Where the CA Secret's namespace is found inside a pod.
 pub const IN_CLUSTER_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 

@@ -518,7 +518,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         admin = %admin_addr,
         webhook = %webhook_addr,
         trust_domain = %config.trust_domain,
-        store = ?config.store,
+        store = %config.store.as_str(),
         state_dir = %crate::escape::shown(&config.state_dir),
         trust_reported_addresses = config.trust_reported_addresses,
         "control plane ready"

@@ -650,6 +650,14 @@ fn admin_port_reports_live_and_ready() {
     }
 }
 
+/// The ready line says the store as `--store` takes it, so that a search
+/// of the logs for the flag's value finds it.
+#[test]
+fn the_ready_line_names_the_store_as_the_flag_does() {
+    let cp = ControlPlane::start(&[]);
+    assert_eq!(cp.ready_field("store"), "embedded", "{}", cp.log());
+}
+
 /// Clients that connect and never say a word wait in tasks of their own and
 /// take none of the limited handshake turns: more of them than there are
 /// turns still leave a normal client served at once, not after their
