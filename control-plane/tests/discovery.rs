@@ -595,6 +595,17 @@ async fn a_sidecar_reconnecting_after_a_restart_is_not_resent_what_it_holds() {
         (held.version_epoch, held.version_epoch),
         "the held version's epoch, set before the restart"
     );
+    // The log says the held epoch as trellisctl and /config show it.
+    let said = format!(
+        "last_version={} last_version_epoch={:016x}",
+        held.version, held.version_epoch
+    );
+    eventually("the stream's opening logged with its epoch in hex", || {
+        cp.log()
+            .lines()
+            .any(|l| l.contains("discovery stream opened") && l.contains(&said))
+            .then_some(())
+    });
 
     enroll(&cp, DB, "127.0.0.1:7005").await;
     let next = snapshots.message().await.unwrap().expect("the next change");

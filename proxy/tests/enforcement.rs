@@ -407,10 +407,11 @@ async fn a_stream_that_opened_resets_the_reconnect_backoff() {
 /// it in (one whose database was restored from an older copy sets the
 /// same versions again, in another epoch): a reconnecting sidecar names
 /// both, so that it is sent nothing only when it holds what is served.
-/// `/config` shows both too, the epoch in hex.
+/// `/config` shows both too, the epoch in hex, and so does the log.
 #[tokio::test]
 async fn a_reconnecting_sidecar_names_the_version_it_holds_with_its_epoch() {
     const EPOCH: u64 = 0x9f3a_5c1e_0b7d_2e64;
+    let (logs, _guard) = Logs::capture(false);
     let (cp, _app, s) = protected_echo(&[]).await;
     let held = pb::Snapshot {
         version_epoch: EPOCH,
@@ -430,6 +431,11 @@ async fn a_reconnecting_sidecar_names_the_version_it_holds_with_its_epoch() {
     })
     .await;
     assert_eq!(cp.seen.lock().unwrap().subscribes, [(0, 0), (1, EPOCH)]);
+    logs.wait_for(&[
+        "discovery stream open",
+        "last_version=1 last_version_epoch=9f3a5c1e0b7d2e64",
+    ])
+    .await;
 }
 
 #[tokio::test]

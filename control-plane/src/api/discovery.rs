@@ -183,7 +183,7 @@ impl DiscoveryService {
             } else {
                 quoted_list_up_to(&subscribe.inbound_addresses, LOGGED_CHARS)
             };
-            tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, last_version_epoch = subscribe.last_version_epoch, "discovery stream opened");
+            tracing::info!(spiffe_id = %id, inbound = %addresses, last_version = subscribe.last_version, last_version_epoch = %crate::ctl::epoch_hex(subscribe.last_version_epoch), "discovery stream opened");
             mesh.metrics.watch_stream_opened();
             let reason = serve_stream(&mesh, &open, &id, issued_at, &subscribe, inbound, tx).await;
             mesh.metrics.watch_stream_closed();

@@ -218,7 +218,13 @@ async fn session_inner(
         .await?
         .into_inner();
     *opened = true;
-    tracing::info!(control_plane = %params.control_plane, last_version, last_version_epoch, "discovery stream open");
+    // The epoch in hex, as `/config` and `trellisctl workloads` show it.
+    tracing::info!(
+        control_plane = %params.control_plane,
+        last_version,
+        last_version_epoch = %format_args!("{last_version_epoch:016x}"),
+        "discovery stream open"
+    );
     while let Some(raw) = stream.message().await? {
         let version = raw.version;
         let endpoints_from = raw.endpoints_version;
