@@ -2,32 +2,7 @@
 //! write themselves (a path or a value the operator gave, a name from a
 //! certificate, what the control plane sent), made safe for a terminal.
 //! Every error or diagnostic that says such text back goes through here:
-//! none may write a control character to the operator's terminal.
+//! none may write a control character to the operator's terminal. The
+//! rules are the sidecar's too, so they live in `trellis_core`.
 
-use std::path::Path;
-
-/// A path as errors name it: [`escape_controls`] of its text.
-pub fn shown(path: &Path) -> String {
-    escape_controls(&path.display().to_string())
-}
-
-/// `text` with its control characters, and those that reorder text
-/// (bidirectional overrides and isolates), escaped as Rust writes them
-/// (`\u{1b}`, `\n`); any other character as it is. Every text `trellisctl`
-/// prints that it did not write itself, what the user gave or what the
-/// control plane sent (names, SPIFFE IDs, messages, warnings), goes through
-/// it, so none can drive the terminal; `-o json` output is JSON as
-/// serialized.
-pub fn escape_controls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            c if c.is_control() => out.extend(c.escape_debug()),
-            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
-                out.extend(c.escape_unicode())
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use trellis_core::escape::{escape_controls, shown};

@@ -26,6 +26,7 @@ pub mod app_health;
 pub mod clock;
 pub mod connections;
 pub mod duration;
+pub mod escape;
 pub mod gather;
 pub mod grpc;
 pub mod h2_limits;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use trellis_core::escape::shown;
 use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
@@ -559,26 +560,26 @@ pub fn read_token(path: &Path) -> Result<String, InvalidFlag> {
     let raw = std::fs::read_to_string(path).map_err(|e| {
         invalid(
             "token-file",
-            format_args!("{}: {}", path.display(), IoWords(&e)),
+            format_args!("{}: {}", shown(path), IoWords(&e)),
         )
     })?;
     let token = raw.trim();
     if token.is_empty() {
         return Err(invalid(
             "token-file",
-            format_args!("{} is empty", path.display()),
+            format_args!("{} is empty", shown(path)),
         ));
     }
     Ok(token.to_string())
 }
 
 fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {}", path.display(), IoWords(&e)))?;
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {}", shown(path), IoWords(&e)))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("{}: {e}", shown(path)))?;
     if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        return Err(format!("{} holds no PEM certificate", shown(path)));
     }
     Ok(certs)
 }
@@ -649,6 +650,46 @@ mod tests {
             let e = without(flag);
             assert_eq!(e.flag, flag);
             assert!(e.to_string().contains("is required"), "{e}");
+        }
+    }
+
+    /// A path said back in an error has its control characters escaped,
+    /// as the control plane and trellisctl say them: a file name cannot
+    /// drive the operator's terminal.
+    #[test]
+    fn credential_file_paths_are_said_back_escaped() {
+        let (_, bundle, token) = credential_files();
+        let dir = tempfile::tempdir().unwrap();
+        let name = "\u{1b}[31mx";
+        let missing = dir.path().join(name);
+        let empty = dir.path().join(format!("{name}.empty"));
+        std::fs::write(&empty, "").unwrap();
+        let escaped = |path: &str| path.replace('\u{1b}', "\\u{1b}");
+        for (flag, path, problem) in [
+            ("trust-bundle", &missing, "no such file or directory"),
+            ("trust-bundle", &empty, "holds no PEM certificate"),
+            ("token-file", &missing, "no such file or directory"),
+            ("token-file", &empty, "is empty"),
+        ] {
+            let path = path.to_str().unwrap();
+            let mut argv = vec!["trellis-proxy", "--identity", "spiffe://td/ns/a/sa/b"];
+            argv.extend([
+                "--trust-bundle",
+                if flag == "trust-bundle" { path } else { bundle },
+            ]);
+            argv.extend([
+                "--token-file",
+                if flag == "token-file" { path } else { token },
+            ]);
+            let cli = Cli::try_parse_from(argv).expect("clap parses");
+            let e = Config::from_args(&cli.proxy).unwrap_err();
+            assert_eq!(e.flag, flag);
+            let said = e.to_string();
+            assert!(!said.contains('\u{1b}'), "{said:?}");
+            assert!(
+                said.contains(&escaped(path)) && said.contains(problem),
+                "{said}"
+            );
         }
     }
 

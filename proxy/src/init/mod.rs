@@ -80,6 +80,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use trellis_core::escape::shown;
+
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
 pub use rules::{CHAINS, FILTER_CHAINS, Interception, NatTable, Table};
@@ -356,7 +358,7 @@ impl InitArgs {
         // Removing our rules needs no nameserver.
         let nameservers = if self.exclude_outbound_dns && !self.cleanup {
             let text = std::fs::read_to_string(&self.resolv_conf).map_err(|e| {
-                InitError::ResolvConf(format!("cannot read {}: {e}", self.resolv_conf.display()))
+                InitError::ResolvConf(format!("cannot read {}: {e}", shown(&self.resolv_conf)))
             })?;
             nameservers(&text, &self.resolv_conf)?
         } else {
@@ -391,7 +393,7 @@ pub fn nameservers(text: &str, path: &Path) -> Result<Vec<IpAddr>, InitError> {
         let ip: IpAddr = address.parse().map_err(|_| {
             InitError::ResolvConf(format!(
                 "{} line {}: nameserver {value:?} is not an IP address",
-                path.display(),
+                shown(path),
                 number + 1
             ))
         })?;
@@ -402,7 +404,7 @@ pub fn nameservers(text: &str, path: &Path) -> Result<Vec<IpAddr>, InitError> {
     if found.is_empty() {
         return Err(InitError::ResolvConf(format!(
             "{} names no nameserver, so DNS could not be let past the sidecar",
-            path.display()
+            shown(path)
         )));
     }
     Ok(found)
@@ -774,6 +776,26 @@ mod tests {
         );
         let args = parse(&["--resolv-conf", missing]).unwrap();
         assert!(args.interception().unwrap().nameservers.is_empty());
+    }
+
+    /// The resolv.conf's path is said back with its control characters
+    /// escaped, as the sidecar's other errors say paths.
+    #[test]
+    fn a_resolv_conf_path_is_said_back_escaped() {
+        let path = "/nonexistent/\u{1b}[31mresolv.conf";
+        let escaped = "/nonexistent/\\u{1b}[31mresolv.conf";
+        let args = parse(&["--exclude-outbound-dns", "--resolv-conf", path]).unwrap();
+        let unreadable = args.interception().unwrap_err().to_string();
+        let unnamed = nameservers("search svc.cluster.local\n", Path::new(path))
+            .unwrap_err()
+            .to_string();
+        let unparsed = nameservers("nameserver dns.local\n", Path::new(path))
+            .unwrap_err()
+            .to_string();
+        for said in [unreadable, unnamed, unparsed] {
+            assert!(!said.contains('\u{1b}'), "{said:?}");
+            assert!(said.contains(escaped), "{said}");
+        }
     }
 
     #[test]
