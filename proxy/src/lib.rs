@@ -51,12 +51,15 @@ pub fn cli_main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
-            let _ = e.print();
             return match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    let _ = e.print();
                     ExitCode::SUCCESS
                 }
-                _ => ExitCode::from(EXIT_USAGE),
+                _ => {
+                    eprint!("{}", config::refusal_text(e));
+                    ExitCode::from(EXIT_USAGE)
+                }
             };
         }
     };

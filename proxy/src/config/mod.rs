@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use trellis_core::escape::shown;
+use trellis_core::escape::{escape_controls, shown};
 use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
@@ -33,6 +33,45 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+}
+
+/// What clap says of flags it refuses, with what the user gave that it
+/// quotes (a refused value, an unknown argument or subcommand) escaped
+/// ([`escape_controls`]), as the control plane and trellisctl say it:
+/// clap prints them as given, and a value may come from a script or a
+/// copied manifest. Nothing else of clap's text changes.
+pub fn refusal_text(mut e: clap::Error) -> String {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue};
+    let mut given = Vec::new();
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+    ] {
+        if let Some(ContextValue::String(raw)) = e.get(kind) {
+            let escaped = escape_controls(raw);
+            if escaped != *raw {
+                given.push((raw.clone(), escaped.clone()));
+                e.insert(kind, ContextValue::String(escaped));
+            }
+        }
+    }
+    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
+    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
+        let tips = tips
+            .iter()
+            .map(|tip| {
+                let mut text = tip.ansi().to_string();
+                for (raw, escaped) in &given {
+                    text = text.replace(raw.as_str(), escaped);
+                }
+                StyledStr::from(text)
+            })
+            .collect();
+        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    e.render().to_string()
 }
 
 #[derive(Debug, Subcommand)]
@@ -902,6 +941,25 @@ mod tests {
             assert!(
                 e.contains("--opaque-ports") && e.contains(says),
                 "{value}: {e}"
+            );
+        }
+    }
+
+    /// A value clap refuses is said back with its control characters
+    /// escaped, as the control plane and trellisctl say it, init's too.
+    #[test]
+    fn a_value_clap_refuses_is_said_back_escaped() {
+        for extra in [
+            &["--opaque-ports", "\u{1b}[31mx"][..],
+            &["--access-log", "\u{1b}[31mx"],
+            &["--\u{1b}[31mx"],
+            &["init", "--backend", "\u{1b}[31mx"],
+        ] {
+            let said = refusal_text(Cli::try_parse_from(argv(extra)).unwrap_err());
+            assert!(!said.contains('\u{1b}'), "{said:?}");
+            assert!(
+                said.contains("'\\u{1b}[31mx'") || said.contains("'--\\u{1b}[31mx'"),
+                "{said}"
             );
         }
     }
