@@ -664,13 +664,29 @@ fn explained(cp: &ControlPlane, from: &str, to: &str, extra: &[&str]) -> String 
     let args = [
         "policy", "explain", "--from", from, "--to", to, "--port", "8080",
     ];
-    let out = cp.ctl(&[&args[..], extra].concat());
+    let out = cp.ctl(&[&args[..], &with_host(extra)].concat());
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `extra` flags of `policy explain`, with `--header 'Host: api'` when they
+/// name an HTTP/1.1 request in origin form without a `Host`, as every
+/// HTTP/1.1 client sends one (the sidecar refuses a request without).
+fn with_host<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = extra.to_vec();
+    let origin_form = (extra.windows(2))
+        .any(|w| w[0] == "--path" && !w[1].starts_with("http://") && !w[1].starts_with("HTTP"));
+    let named = extra
+        .iter()
+        .any(|a| a.to_ascii_lowercase().starts_with("host:"));
+    if origin_form && !named && !extra.contains(&"--http2") {
+        args.extend(["--header", "Host: api"]);
+    }
+    args
 }
 
 /// `policy explain --opaque-ports` explains a destination whose sidecar
@@ -1074,7 +1090,7 @@ fn explain_decides_an_http_request_as_the_sidecar_would() {
         let args = [
             "policy", "explain", "--from", WEB, "--to", API, "--port", "8080",
         ];
-        cp.ctl(&[&args[..], extra].concat())
+        cp.ctl(&[&args[..], &with_host(extra)].concat())
     };
     let text = |extra: &[&str]| {
         let out = explain(extra);
@@ -1306,10 +1322,30 @@ fn explain_takes_an_absolute_form_target_as_the_sidecar_does() {
             "{host}"
         );
     }
-    // An origin-form target names no authority: any one Host goes.
+    // An origin-form target names no authority: any one Host goes, and
+    // none is refused, as the sidecar refuses it; an absolute-form one
+    // without a `Host` has its authority as one, unless that has a
+    // userinfo part.
     assert_eq!(
         line(&["--path", "/api/x", "--header", "Host: web:8080"]),
         "  request GET /api/x: allow by default/api-reads rule 0 (passed to the app)"
+    );
+    let no_host = cp.ctl(&[
+        "policy", "explain", "--from", WEB, "--to", API, "--port", "8080", "--path", "/api/x",
+    ]);
+    assert!(no_host.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_host.stdout).contains(
+            "\n  request GET /api/x: refused (answered 400): missing Host header: an HTTP/1.1 \
+             request names its host in one (or in an absolute-form target)\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(&no_host.stdout)
+    );
+    assert_eq!(
+        line(&["--path", "http://user@api:8080/api/x"]),
+        "  request GET /api/x: refused (answered 400): the authority of the request target has \
+         a userinfo part ('@'), which HTTP does not send"
     );
     // The whole target counts towards the sidecar's 65,534 bytes.
     let target = |len: usize| {

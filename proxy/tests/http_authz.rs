@@ -572,6 +572,54 @@ async fn a_denied_grpc_method_gets_permission_denied() {
     assert_eq!(chain, [b"ok".to_vec()]);
 }
 
+/// An HTTP/1.1 request names its host in `Host` or in an absolute-form
+/// target (RFC 9112 section 3.2): curl's request in origin form without a
+/// `Host` is refused 400 with the words (its access-log line `invalid`, the
+/// words as `problem`), and one in absolute form without a `Host` has its
+/// authority read by the rules, so a DENY of `host: admin` denies
+/// `http://admin/users/7` as it denies the same request over HTTP/2. The
+/// app sees neither.
+#[tokio::test]
+async fn an_http1_request_names_its_host_or_is_refused() {
+    let (logs, _guard) = common::sidecar::Logs::capture(false);
+    let cp = FakeControlPlane::start(CERT_TTL).await;
+    let app = http_app().await;
+    let p = pair(&cp, app.addr, &[]).await;
+    let no_admin = api_policy("no-admin", "DENY", "{to: [{headers: {host: admin}}]}");
+    push_to(&cp, snapshot(1, "allow-mesh", vec![no_admin]), 2).await;
+    let url = format!("http://{}/users/7", p.route);
+    let curled = |more: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let mut args = vec!["--http1.1", "-H", "Host:", "-w", "\n%{http_code}"];
+            args.extend(more);
+            args.push(&url);
+            curl(&args).await
+        }
+    };
+
+    let Some(out) = curled(&[]).await else {
+        return;
+    };
+    let missing = "missing Host header: an HTTP/1.1 request names its host in one (or in an \
+                   absolute-form target)";
+    assert_eq!(out, format!("trellis: {missing}\n\n400"));
+    let access = logs.wait_for(&["trellis::access", "missing Host"]).await;
+    assert!(
+        access.contains(&format!(
+            r#""decision":"invalid","protocol":"http1","problem":"{missing}""#
+        )),
+        "{access}"
+    );
+
+    let out = curled(&["--request-target", "http://admin/users/7"]).await;
+    assert_eq!(
+        out.unwrap(),
+        "trellis: denied by policy b/no-admin rule 0\n\n403"
+    );
+    assert!(app.seen.paths().is_empty(), "{:?}", app.seen.paths());
+}
+
 /// A caller that no policy lets in on the port at all, through its own
 /// sidecar: each request gets 403 naming the deciding policy (HTTP/1.1 and
 /// HTTP/2 alike), as a request refused by an L7 rule does, instead of a

@@ -263,7 +263,9 @@ pub enum RemotePolicyCommand {
         #[arg(long, value_name = "M", requires = "path", value_parser = crate::api::policy::http_method)]
         method: Option<String>,
         /// A header of the request --path names, `NAME: VALUE`; repeat for
-        /// more (a name given twice is sent twice).
+        /// more (a name given twice is sent twice). An HTTP/1.1 request in
+        /// origin form needs a `Host` (`--header 'Host: api'`): the sidecar
+        /// refuses one without with 400, and so does the answer.
         #[arg(long, value_name = "NAME: VALUE", requires = "path", value_parser = crate::api::policy::http_header)]
         header: Vec<(String, String)>,
         /// The request --path names comes in HTTP/2 (default HTTP/1.1):

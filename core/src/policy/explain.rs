@@ -135,6 +135,14 @@ impl RequestAnswer {
                 status: 400,
                 why: problem.to_string(),
             }
+        } else if let Some(headers) = absolute_host(http) {
+            // The rules read the target's authority as its `Host`, as the
+            // sidecar gives it to them and the app.
+            let request = HttpRequest {
+                headers: &headers,
+                ..http.request
+            };
+            RequestOutcome::Decided(set.decide_request(source, port, &request))
         } else {
             RequestOutcome::Decided(set.decide_request(source, port, &http.request))
         };
@@ -162,18 +170,35 @@ fn target_problem(http: &ExplainedHttp<'_>) -> Option<&'static str> {
 
 /// What the sidecar refuses in the `Host` of `http`, if anything. An
 /// HTTP/1.1 request in origin form names no authority but its `Host`, so
-/// only a second one is refused; in absolute form, its target's authority
-/// (of [`ExplainedHttp::absolute`]) is the one a `Host` must name. In HTTP/2
-/// the first `Host` given stands for `:authority` ([`h2_authority`]),
-/// which a second one must name again.
+/// none is refused, and so is a second one; in absolute form, its target's
+/// authority (of [`ExplainedHttp::absolute`]) is its host, which a `Host`
+/// must name, and which has no userinfo part. In HTTP/2 the first `Host`
+/// given stands for `:authority` ([`h2_authority`]), which a second one
+/// must name again.
 fn host_problem(http: &ExplainedHttp<'_>) -> Option<&'static str> {
     let headers = http.request.headers;
     if !http.http2 {
-        return l7::host_problem(headers, absolute_authority(http.absolute).as_ref());
+        let authority = absolute_authority(http.absolute);
+        return l7::host_problem(headers, authority.as_ref(), authority.is_none());
     }
     let (authority, rest) = h2_authority(headers);
     let authority = authority.and_then(|a| http::uri::Authority::try_from(a).ok());
-    l7::host_problem(&rest, authority.as_ref())
+    l7::host_problem(&rest, authority.as_ref(), false)
+}
+
+/// The headers of an HTTP/1.1 request `http` in absolute form without a
+/// `Host`, with its target's authority as one, as the sidecar gives it to
+/// the rules and the app (RFC 9112 section 3.2.2); `None` for any other.
+fn absolute_host(http: &ExplainedHttp<'_>) -> Option<http::HeaderMap> {
+    let headers = http.request.headers;
+    if http.http2 || headers.contains_key(http::header::HOST) {
+        return None;
+    }
+    let authority = absolute_authority(http.absolute)?;
+    let host = http::HeaderValue::from_str(authority.as_str()).ok()?;
+    let mut headers = headers.clone();
+    headers.insert(http::header::HOST, host);
+    Some(headers)
 }
 
 /// The authority of an absolute-form target (`api:8080` of
@@ -880,11 +905,17 @@ spec:
     }
 
     /// One HTTP request a test asks `explain` to decide, from web to api's
-    /// port 8080: `GET /x` with nothing else unless told.
+    /// port 8080: `GET /x` with nothing else unless told (but `host: api`
+    /// first in HTTP/1.1, where a request has one).
     struct Ask<'a> {
         method: &'a str,
         path: &'a str,
         query: &'a str,
+        /// The target in absolute form, if it is.
+        absolute: &'a str,
+        /// The `Host` put first in HTTP/1.1 when `headers` have none (none
+        /// if empty).
+        host: &'a str,
         headers: &'a [(&'a str, &'a str)],
         limits_read_paths: bool,
         http2: bool,
@@ -897,6 +928,8 @@ spec:
                 method: "GET",
                 path: "/x",
                 query: "",
+                absolute: "",
+                host: "api",
                 headers: &[],
                 limits_read_paths: false,
                 http2: false,
@@ -910,6 +943,10 @@ spec:
         /// default deny (the explanation read back from its proto the same).
         fn answer(&self, policies: &[proto::Policy]) -> String {
             let mut headers = http::HeaderMap::new();
+            let has_host = self.headers.iter().any(|(name, _)| *name == "host");
+            if !self.http2 && !has_host && !self.host.is_empty() {
+                headers.append(http::header::HOST, self.host.parse().unwrap());
+            }
             for (name, value) in self.headers {
                 headers.append(
                     http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -923,7 +960,7 @@ spec:
                     headers: &headers,
                 },
                 query: self.query,
-                absolute: "",
+                absolute: self.absolute,
                 limits_read_paths: self.limits_read_paths,
                 http2: self.http2,
             };
@@ -1135,9 +1172,9 @@ spec:
         };
         let allowed = "request GET /x: allow by b/web-to-x rule 0 (passed to the app)";
 
-        // `GET /x?q=1 HTTP/1.1`, `x-big` and the empty line, at the bound
-        // (a target over 65,534 bytes is refused on its own, 414).
-        let head = |big: &str| format!("GET /x?q=1 HTTP/1.1\r\nx-big: {big}\r\n\r\n");
+        // `GET /x?q=1 HTTP/1.1`, `host`, `x-big` and the empty line, at the
+        // bound (a target over 65,534 bytes is refused on its own, 414).
+        let head = |big: &str| format!("GET /x?q=1 HTTP/1.1\r\nhost: api\r\nx-big: {big}\r\n\r\n");
         let big = "b".repeat(l7::MAX_REQUEST_HEAD - head("").len());
         assert_eq!(head(&big).len(), 408 * 1024);
         assert_eq!(answer("?q=1", &big, false), allowed);
@@ -1167,8 +1204,9 @@ spec:
     #[test]
     fn the_http1_bounds_on_fields_and_target_are_the_sidecars() {
         let allow = allow_from_web("web-to-api", "{ports: [8080]}");
+        // `fields`: `host` among them in HTTP/1.1.
         let answer = |fields: usize, query: &str, http2: bool| {
-            let headers = vec![("x-a", "1"); fields];
+            let headers = vec![("x-a", "1"); fields - usize::from(!http2)];
             Ask {
                 query,
                 headers: &headers,
@@ -1190,9 +1228,9 @@ spec:
         // `/x?q=` and the rest of the query, at the bound.
         let at_bound = format!("?q={}", "q".repeat(l7::MAX_TARGET - "/x?q=".len()));
         assert_eq!(format!("/x{at_bound}").len(), 65534);
-        assert_eq!(answer(0, &at_bound, false), allowed);
+        assert_eq!(answer(1, &at_bound, false), allowed);
         assert_eq!(
-            answer(0, &format!("{at_bound}q"), false),
+            answer(1, &format!("{at_bound}q"), false),
             "request GET /x: refused (answered 414): request target exceeds the sidecar's \
              limit of 65534 bytes"
         );
@@ -1243,6 +1281,53 @@ spec:
         );
     }
 
+    /// An HTTP/1.1 request names its host in its `Host`, or in an
+    /// absolute-form target, as the sidecar reads it: one in origin form
+    /// without a `Host` is refused 400, one in absolute form without has
+    /// its target's authority as `Host` for the rules (a DENY of `host:
+    /// admin` denies `http://admin/x`), unless that has a userinfo part,
+    /// which is refused. HTTP/2 names it in `:authority`, and needs no
+    /// `Host`.
+    #[test]
+    fn an_http1_request_without_a_host_is_answered_as_the_sidecar_answers_it() {
+        let allow = allow_from_web("web-to-api", "{ports: [8080]}");
+        let deny = policy("no-admin", "DENY", "    - to: [{headers: {host: admin}}]\n");
+        let policies = [allow, deny];
+        let answer = |absolute: &str, host: &str, http2: bool| {
+            Ask {
+                absolute,
+                host,
+                http2,
+                ..Ask::default()
+            }
+            .answer(&policies)
+        };
+        let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
+        let refused = |why| format!("request GET /x: refused (answered 400): {why}");
+
+        assert_eq!(answer("", "", false), refused(l7::MISSING_HOST));
+        assert_eq!(
+            refused(l7::MISSING_HOST),
+            "request GET /x: refused (answered 400): missing Host header: an HTTP/1.1 request \
+             names its host in one (or in an absolute-form target)"
+        );
+        assert_eq!(answer("", "api", false), allowed);
+        assert_eq!(answer("", "", true), allowed);
+        assert_eq!(answer("http://api/x", "", false), allowed);
+        assert_eq!(
+            answer("http://admin/x", "", false),
+            "request GET /x: deny by b/no-admin rule 0 (answered 403)"
+        );
+        assert_eq!(
+            answer("http://user@api/x", "", false),
+            refused(l7::AUTHORITY_USERINFO)
+        );
+        assert_eq!(
+            answer("http://user@api/x", "api", false),
+            refused(l7::AUTHORITY_USERINFO)
+        );
+    }
+
     /// A rate limit counts a request when its paths take in the request's
     /// as apps route it (another spelling too), or it names none, and only
     /// when the rules let the request get to the rate limits: not a denied
@@ -1276,7 +1361,8 @@ spec:
         ];
         let web = SpiffeId::parse(WEB).unwrap();
         let api = SpiffeId::parse(API).unwrap();
-        let headers = http::HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("api"));
         let counting = |path, opaque: &[u16]| {
             let http = ExplainedHttp {
                 request: HttpRequest {

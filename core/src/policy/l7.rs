@@ -355,20 +355,39 @@ pub const MORE_THAN_ONE_HOST: &str = "more than one Host header";
 /// What a request whose `Host` names another host or port than its target
 /// is answered, with 400.
 pub const HOST_DIFFERS: &str = "Host header differs from the authority of the request target";
+/// What an HTTP/1.1 request without a `Host` is answered, with 400 (RFC
+/// 9112 section 3.2): one in absolute form has its target's authority as
+/// its `Host`, one in origin form names no host at all.
+pub const MISSING_HOST: &str = "missing Host header: an HTTP/1.1 request names its host in one \
+     (or in an absolute-form target)";
+/// What a request whose target authority has a userinfo part (`user@`)
+/// is answered, with 400 (RFC 9110 section 4.2.4, RFC 9113 section
+/// 8.3.1): it would be the `Host` the rules and the app read.
+pub const AUTHORITY_USERINFO: &str =
+    "the authority of the request target has a userinfo part ('@'), which HTTP does not send";
 
 /// What is wrong with a request's `Host` (in `headers`), if anything (RFC
-/// 9112 section 3.2, RFC 9113 section 8.3.1): more than one, or one naming
+/// 9112 section 3.2, RFC 9113 section 8.3.1): more than one, one naming
 /// another host or port than the request's `target` authority does (an
 /// absolute-form HTTP/1.1 target, or HTTP/2's `:authority`; `None` for an
-/// origin-form target, which names none). An app and the rules could read
-/// such a request as meant for different hosts, so the proxy answers it
-/// with 400 before any rule, and `policy explain` says so.
+/// origin-form target, which names none), none where the request must
+/// have one (`required`: an HTTP/1.1 request whose target names no
+/// authority), or a `target` authority with a userinfo part. An app and
+/// the rules could read such a request as meant for different hosts, or
+/// for none, so the proxy answers it with 400 before any rule, and
+/// `policy explain` says so.
 pub fn host_problem(
     headers: &HeaderMap,
     target: Option<&http::uri::Authority>,
+    required: bool,
 ) -> Option<&'static str> {
+    if target.is_some_and(|target| target.as_str().contains('@')) {
+        return Some(AUTHORITY_USERINFO);
+    }
     let mut hosts = headers.get_all(http::header::HOST).iter();
-    let host = hosts.next()?;
+    let Some(host) = hosts.next() else {
+        return required.then_some(MISSING_HOST);
+    };
     if hosts.next().is_some() {
         return Some(MORE_THAN_ONE_HOST);
     }
@@ -381,8 +400,12 @@ pub fn host_problem(
     {
         return None;
     }
+    // A userinfo part (`user@api`, which `host()` leaves out) is no part
+    // of the target's authority: it names another.
     let same = http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|host| {
-        host.host().eq_ignore_ascii_case(target.host()) && host.port_u16() == target.port_u16()
+        !host.as_str().contains('@')
+            && host.host().eq_ignore_ascii_case(target.host())
+            && host.port_u16() == target.port_u16()
     });
     (!same).then_some(HOST_DIFFERS)
 }
@@ -901,7 +924,7 @@ mod tests {
             map
         };
         let api: http::uri::Authority = "api:8080".parse().unwrap();
-        let problem = |values: &[&str], target| host_problem(&hosts(values), target);
+        let problem = |values: &[&str], target| host_problem(&hosts(values), target, false);
         assert_eq!(problem(&["api", "api"], None), Some(MORE_THAN_ONE_HOST));
         assert_eq!(
             problem(&["api:8080", "api:8080"], Some(&api)),
@@ -910,10 +933,38 @@ mod tests {
         assert_eq!(problem(&["other:8080"], Some(&api)), Some(HOST_DIFFERS));
         assert_eq!(problem(&["api:9090"], Some(&api)), Some(HOST_DIFFERS));
         assert_eq!(problem(&["api"], Some(&api)), Some(HOST_DIFFERS));
+        assert_eq!(problem(&["user@api:8080"], Some(&api)), Some(HOST_DIFFERS));
         assert_eq!(problem(&["API:8080"], Some(&api)), None);
         assert_eq!(problem(&["other"], None), None);
         assert_eq!(problem(&[], Some(&api)), None);
         assert_eq!(MORE_THAN_ONE_HOST, "more than one Host header");
+    }
+
+    /// A request that must have a `Host` (HTTP/1.1 in origin form) is
+    /// refused without one, and not when it need not; an authority with
+    /// a userinfo part is refused, with or without a `Host`.
+    #[test]
+    fn a_missing_host_or_a_userinfo_authority_is_refused() {
+        let none = HeaderMap::new();
+        let mut api = HeaderMap::new();
+        api.insert(http::header::HOST, HeaderValue::from_static("api"));
+        assert_eq!(host_problem(&none, None, true), Some(MISSING_HOST));
+        assert_eq!(host_problem(&none, None, false), None);
+        assert_eq!(host_problem(&api, None, true), None);
+        let user: http::uri::Authority = "user@api".parse().unwrap();
+        assert_eq!(
+            host_problem(&api, Some(&user), false),
+            Some(AUTHORITY_USERINFO)
+        );
+        assert_eq!(
+            host_problem(&none, Some(&user), false),
+            Some(AUTHORITY_USERINFO)
+        );
+        assert_eq!(
+            MISSING_HOST,
+            "missing Host header: an HTTP/1.1 request names its host in one \
+             (or in an absolute-form target)"
+        );
     }
 
     #[test]

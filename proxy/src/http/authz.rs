@@ -6,8 +6,9 @@
 //! rule, gRPC `PERMISSION_DENIED`; 400 naming what is wrong with a path
 //! an app could read as another one, [`l7::check_path`], where an ALLOW or
 //! DENY rule on the request's port or a rate limit reads paths; 400 for
-//! more than one `Host`, or one that differs from the target's authority
-//! ([`l7::host_problem`]); 501 for
+//! more than one `Host`, one that differs from the target's authority,
+//! none on an HTTP/1.1 request, or a target authority with a userinfo
+//! part ([`l7::host_problem`]); 501 for
 //! `CONNECT`, whatever the rules; 431 for an HTTP/2 request whose header
 //! list is over [`H2_MAX_HEADER_LIST`](super::H2_MAX_HEADER_LIST), first) and never reaches the inner service;
 //! being the first layer, it
@@ -128,9 +129,14 @@ impl Check for Authorization {
                 Bytes::from_static(CONNECT_REFUSED.as_bytes()),
             );
         }
-        if let Some(problem) = l7::host_problem(request.headers(), request.uri().authority()) {
+        // An HTTP/1.1 request in absolute form has its target's authority
+        // as `Host` by now ([`Exchange::start`]): one without names none.
+        let required = request.version() == http::Version::HTTP_11;
+        if let Some(problem) =
+            l7::host_problem(request.headers(), request.uri().authority(), required)
+        {
             // The app and the rules could read it as meant for another
-            // host than the one named.
+            // host than the one named, or for none.
             return invalid(
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
@@ -263,8 +269,10 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let app = counting_app(&calls);
         let mut service = AuthorizeLayer::new(web, 8080, policies, metrics.clone()).layer(app);
-        let exchange =
-            |path: &str, grpc: bool| exchange(&conn, Request::get(path).body(()).unwrap(), grpc);
+        let exchange = |path: &str, grpc: bool| {
+            let request = Request::get(path).header("host", "api").body(()).unwrap();
+            exchange(&conn, request, grpc)
+        };
         let mut call = async |path: &str, grpc: bool| {
             let ready = service.ready().await.unwrap();
             ready.call(exchange(path, grpc)).await.unwrap()
@@ -311,9 +319,16 @@ mod tests {
             .header("host", "b")
             .body(())
             .unwrap();
+        let no_host = Request::get("/users").body(()).unwrap();
+        let userinfo = Request::get("http://user@api/users")
+            .header("host", "user@api")
+            .body(())
+            .unwrap();
         let mut cases = vec![
             (connect, StatusCode::NOT_IMPLEMENTED, CONNECT_REFUSED),
             (hosts, StatusCode::BAD_REQUEST, "more than one Host header"),
+            (no_host, StatusCode::BAD_REQUEST, l7::MISSING_HOST),
+            (userinfo, StatusCode::BAD_REQUEST, l7::AUTHORITY_USERINFO),
         ];
         for (path, problem) in [
             (
@@ -332,7 +347,7 @@ mod tests {
             ),
             ("/admin%x", "path has a '%' not followed by two hex digits"),
         ] {
-            let request = Request::get(path).body(()).unwrap();
+            let request = Request::get(path).header("host", "api").body(()).unwrap();
             cases.push((request, StatusCode::BAD_REQUEST, problem));
         }
         for (request, status, problem) in cases {

@@ -9,7 +9,8 @@
 //! or HTTP/1.0 (below), in origin form or in absolute form with the `http` scheme (`GET
 //! http://api/x`, RFC 9112 section 3.2.2, as clients configured with an
 //! HTTP proxy send it: as on hyper's path, its authority is what a `Host`
-//! must name, its path what the rules match and the access log writes,
+//! must name and the `Host` the rules and the app get when none was sent,
+//! its path what the rules match and the access log writes,
 //! and the app gets it in origin form), a body framed by Content-Length (one value, however
 //! often sent: the app gets it once, without leading zeros), by
 //! `Transfer-Encoding: chunked` (that one coding, in one field) or none,
@@ -2513,7 +2514,9 @@ where
 }
 
 /// Writes the head of `request` as the app gets it: origin form, and the
-/// app's address as `Host` when the caller sent none.
+/// app's address as `Host` when it has none (an HTTP/1.0 request: an
+/// HTTP/1.1 one without is refused, and one in absolute form has its
+/// target's authority by now, [`Exchange::start`]).
 /// A chunked body (`chunked`) goes as it came, so its head says so: the
 /// caller's `Transfer-Encoding` was removed with the other hop-by-hop
 /// fields.
@@ -2811,7 +2814,7 @@ mod tests {
             &mut caller,
             "GET /a?x=1 HTTP/1.1\r\nHost: api\r\nX-Trellis-Peer-Identity: spiffe://evil/ns/x/sa/y\r\n\
              Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\r\n\
-             POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+             POST /b HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\n\r\nhello",
             2,
         )
         .await;
@@ -2841,7 +2844,7 @@ mod tests {
             "{first}"
         );
         let (second, body) = &requests[1];
-        assert!(second.contains(&format!("host: {app}\r\n")), "{second}");
+        assert!(second.contains("host: api\r\n"), "{second}");
         assert_eq!(body, b"hello");
         assert_eq!(
             seen.accepted.load(Ordering::SeqCst),
@@ -2869,7 +2872,7 @@ mod tests {
         .await;
         let mut caller = caller_of(app).await;
 
-        let read = exchange(&mut caller, "GET /chunked HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /chunked HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.contains("Transfer-Encoding: chunked\r\n"), "{read}");
         assert!(
             !read.contains("Content-Length"),
@@ -2880,7 +2883,10 @@ mod tests {
             "{read}"
         );
         // The answer to HEAD has no body, whatever its length says.
-        caller.write_all(b"HEAD /x HTTP/1.1\r\n\r\n").await.unwrap();
+        caller
+            .write_all(b"HEAD /x HTTP/1.1\r\nHost: api\r\n\r\n")
+            .await
+            .unwrap();
         let mut read = String::new();
         while !read.ends_with("\r\n\r\n") {
             let mut buf = [0u8; 4096];
@@ -2892,15 +2898,15 @@ mod tests {
             read.contains("Content-Length: 10\r\n") && read.ends_with("\r\n\r\n"),
             "{read}"
         );
-        let read = exchange(&mut caller, "GET /empty HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /empty HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 204 No Content\r\n"), "{read}");
         // 1xx answers are not passed on, as hyper's client does not.
-        let read = exchange(&mut caller, "GET /early HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /early HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(
             read.starts_with("HTTP/1.1 200 OK\r\n") && read.ends_with("\r\n\r\nok"),
             "{read}"
         );
-        let read = exchange(&mut caller, "GET /x HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /x HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("\r\n\r\n0123456789"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
@@ -2914,7 +2920,7 @@ mod tests {
         .await;
         let mut caller = caller_of(app).await;
         // Reads until the sidecar closes.
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 2).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 2).await;
         assert!(read.contains("connection: close\r\n"), "{read}");
         assert!(read.ends_with("\r\n\r\nuntil the end"), "{read}");
     }
@@ -2925,7 +2931,7 @@ mod tests {
         let (app, seen) = bare_app(|_| ok("fine", ""), |_| true).await;
         let mut caller = caller_of(app).await;
         for round in 0..3 {
-            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
@@ -2950,13 +2956,18 @@ mod tests {
     async fn an_http_1_0_answer_reaches_an_http_1_1_caller_in_http_1_1() {
         let mut caller = caller_of(http_1_0_app().await).await;
         for round in 0..2 {
-            let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
+            let read = exchange(&mut caller, "GET /length HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
             assert!(!read.contains("connection: close"), "{round}: {read}");
             assert!(read.ends_with("\r\n\r\nlength"), "{round}: {read}");
         }
         // Reads until the sidecar closes.
-        let read = exchange(&mut caller, "GET /unframed HTTP/1.1\r\n\r\n", 2).await;
+        let read = exchange(
+            &mut caller,
+            "GET /unframed HTTP/1.1\r\nHost: api\r\n\r\n",
+            2,
+        )
+        .await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.contains("connection: close\r\n"), "{read}");
         assert!(read.ends_with("\r\n\r\nuntil the end"), "{read}");
@@ -2979,7 +2990,7 @@ mod tests {
             read.ends_with("\r\n\r\nD\r\nuntil the end\r\n0\r\n\r\n"),
             "{read}"
         );
-        let read = exchange(&mut caller, "GET /length HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /length HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
     }
 
@@ -3106,7 +3117,7 @@ mod tests {
         });
         let mut caller = caller_of(app).await;
         for round in 0..2 {
-            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
             assert!(read.ends_with("\r\n\r\nok"), "{round}: {read}");
         }
@@ -3126,7 +3137,7 @@ mod tests {
         let (app, seen) = bare_app(answer, |_| false).await;
         let mut caller = caller_of(app).await;
         for round in 0..2 {
-            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
             assert!(
                 !read.to_ascii_lowercase().contains("keep-alive"),
@@ -3150,7 +3161,7 @@ mod tests {
         let (app, seen) = bare_app(answer, |_| false).await;
         let mut caller = caller_of(app).await;
         for round in 0..2 {
-            let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+            let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
             assert!(
                 read.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
@@ -3183,14 +3194,14 @@ mod tests {
             .count()
     }
 
-    const PAY: &str = "POST /pay HTTP/1.1\r\nContent-Length: 3\r\n\r\nx=1";
+    const PAY: &str = "POST /pay HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nx=1";
 
     /// A caller of `app` (which answers "for" and the request line) that
     /// sends a GET, then [`PAY`] on the same connection, through a sidecar
     /// counting in `metrics`: the caller, and what it read for the POST.
     async fn pay_after_a_get(app: SocketAddr, metrics: &Arc<Metrics>) -> (TcpStream, String) {
         let mut caller = counted_caller_of(app, metrics).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let read = exchange(&mut caller, PAY, 1).await;
         (caller, read)
@@ -3294,7 +3305,7 @@ mod tests {
         assert_eq!(retries(&metrics), (0, 0));
 
         // The caller's connection goes on, on a new app connection.
-        let read = exchange(&mut caller, "GET /again HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /again HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET /again HTTP/1.1"), "{read}");
     }
 
@@ -3355,7 +3366,7 @@ mod tests {
         .await;
         let metrics = Arc::new(Metrics::new());
         let mut caller = counted_caller_of(app, &metrics).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let body = upload();
         told_to_continue(&mut caller, "100-continue", body.len()).await;
@@ -3395,7 +3406,7 @@ mod tests {
         .await;
         let metrics = Arc::new(Metrics::new());
         let mut caller = counted_caller_of(app, &metrics).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET / HTTP/1.1"), "{read}");
         let body = upload();
         let mut first = format!(
@@ -3478,7 +3489,7 @@ mod tests {
         let (app, accepted, _) = app_dropping_the_second(0).await;
         let metrics = Arc::new(Metrics::new());
         let mut caller = counted_caller_of(app, &metrics).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         caller
             .write_all(
@@ -3512,7 +3523,7 @@ mod tests {
         let (app, accepted, second) = app_dropping_the_second(2000).await;
         let metrics = Arc::new(Metrics::new());
         let mut caller = counted_caller_of(app, &metrics).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         let body = upload();
         let mut first = format!(
@@ -3601,7 +3612,7 @@ mod tests {
         let mut caller = caller_of(app).await;
         let read = exchange(
             &mut caller,
-            "POST /admin/x HTTP/1.1\r\nContent-Length: 4\r\n\r\nGET GET /ok HTTP/1.1\r\n\r\n",
+            "POST /admin/x HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\n\r\nGET GET /ok HTTP/1.1\r\nHost: api\r\n\r\n",
             2,
         )
         .await;
@@ -3623,7 +3634,9 @@ mod tests {
         let (app, _) = bare_app(|_| ok("fine", ""), |_| false).await;
         let mut caller = caller_of(app).await;
         caller
-            .write_all(b"HEAD /admin/x HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\n\r\n")
+            .write_all(
+                b"HEAD /admin/x HTTP/1.1\r\nHost: api\r\n\r\nGET /ok HTTP/1.1\r\nHost: api\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut read = Vec::new();
@@ -3643,7 +3656,7 @@ mod tests {
         )
         .await;
         let mut caller = caller_of(app).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert!(read.ends_with("invalid answer from the app\n"), "{read}");
 
@@ -3653,7 +3666,7 @@ mod tests {
             listener.local_addr().unwrap()
         };
         let mut caller = caller_of(gone).await;
-        let read = exchange(&mut caller, "GET / HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
         assert!(
             read.ends_with(&format!(
@@ -3683,9 +3696,10 @@ mod tests {
     /// An absolute-form `http` target (what a client configured with an
     /// HTTP proxy sends, RFC 9112 section 3.2.2) is the forwarder's, and
     /// its outcome is hyper's path's: the app gets it in origin form (`/`
-    /// for an authority alone), with the caller's `Host`, or the app's
-    /// address as `Host` when the caller sent none; the rules match its
-    /// path; a `Host` naming another authority is refused. The forwarder
+    /// for an authority alone), with the caller's `Host`, or the target's
+    /// authority as `Host` when the caller sent none, which the rules read
+    /// too (a DENY of `host: admin` denies `http://admin/x`); the rules
+    /// match its path; a `Host` naming another authority is refused. The forwarder
     /// keeps the connection: a raw `#` later on it is refused in words,
     /// where hyper would cut it silently. Another scheme is hyper's, and
     /// reaches the app in origin form all the same.
@@ -3698,8 +3712,9 @@ mod tests {
             "GET http://api/x?q=1 HTTP/1.1\r\nHost: api\r\n\r\n\
              GET HTTP://API?q HTTP/1.1\r\nHost: api\r\n\r\n\
              POST http://api:8080/no-host HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi\
-             GET http://api/admin/x HTTP/1.1\r\nHost: api\r\n\r\n",
-            4,
+             GET http://api/admin/x HTTP/1.1\r\nHost: api\r\n\r\n\
+             GET http://admin/x HTTP/1.1\r\n\r\n",
+            5,
         )
         .await;
         let statuses: Vec<&str> = read
@@ -3709,11 +3724,21 @@ mod tests {
             .collect();
         assert_eq!(
             statuses,
-            ["200 OK", "200 OK", "200 OK", "403 Forbidden"],
+            [
+                "200 OK",
+                "200 OK",
+                "200 OK",
+                "403 Forbidden",
+                "403 Forbidden"
+            ],
             "{read}"
         );
         assert!(
-            read.ends_with("denied by policy b/no-admin rule 0\n"),
+            read.contains("denied by policy b/no-admin rule 0\n"),
+            "{read}"
+        );
+        assert!(
+            read.ends_with("denied by policy b/no-admin rule 1\n"),
             "{read}"
         );
         let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
@@ -3746,16 +3771,82 @@ mod tests {
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
 
         let host = |h: &str| h.to_owned();
-        // No `Host`: the app's address, as on hyper's path.
+        // No `Host`: the target's authority, as on hyper's path.
         assert_eq!(
             lines_and_hosts(&seen),
             [
                 ("GET /x?q=1 HTTP/1.1".into(), host("api")),
                 ("GET /?q HTTP/1.1".into(), host("api")),
-                ("POST /no-host HTTP/1.1".into(), app.to_string()),
+                ("POST /no-host HTTP/1.1".into(), host("api:8080")),
                 ("GET /s HTTP/1.1".into(), host("api")),
             ]
         );
+    }
+
+    /// An HTTP/1.1 request without a `Host` names no host for the rules
+    /// or the app (RFC 9112 section 3.2): in origin form it is refused
+    /// 400 in words, on the forwarder's path and on hyper's (after an
+    /// `https` absolute-form target), and counted as invalid; in absolute
+    /// form its target's authority is its `Host` on hyper's path too (a
+    /// DENY of `host: admin` denies it), unless that has a userinfo part,
+    /// which is refused. An HTTP/1.0 request without one still gets the
+    /// app's address.
+    #[tokio::test]
+    async fn an_http_1_1_request_without_a_host_is_refused_on_either_path() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let metrics = Arc::new(Metrics::new());
+        let refused = |read: &str, why: &str| {
+            assert!(read.contains("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+            assert!(
+                read.ends_with(&format!("\r\n\r\ntrellis: {why}\n")),
+                "{read}"
+            );
+        };
+        for request in ["GET /x HTTP/1.1\r\n\r\n", "OPTIONS * HTTP/1.1\r\n\r\n"] {
+            let mut caller = counted_caller_of(app, &metrics).await;
+            refused(&exchange(&mut caller, request, 1).await, l7::MISSING_HOST);
+        }
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(&mut caller, "GET http://user@api/x HTTP/1.1\r\n\r\n", 1).await;
+        refused(&read, l7::AUTHORITY_USERINFO);
+
+        let handed = "GET https://api/s HTTP/1.1\r\nHost: api\r\n\r\n";
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(
+            &mut caller,
+            &format!("{handed}GET http://admin/x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n"),
+            3,
+        )
+        .await;
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
+        assert!(
+            read.contains("\r\n\r\ntrellis: denied by policy b/no-admin rule 1\n"),
+            "{read}"
+        );
+        refused(&read, l7::MISSING_HOST);
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(
+            &mut caller,
+            &format!("{handed}GET http://user@api/x HTTP/1.1\r\n\r\n"),
+            2,
+        )
+        .await;
+        refused(&read, l7::AUTHORITY_USERINFO);
+
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let read = exchange(&mut caller, "GET /old HTTP/1.0\r\n\r\n", 1).await;
+        assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
+        assert_eq!(
+            lines_and_hosts(&seen),
+            [
+                ("GET /s HTTP/1.1".into(), "api".into()),
+                ("GET /s HTTP/1.1".into(), "api".into()),
+                ("GET /old HTTP/1.0".into(), app.to_string()),
+            ]
+        );
+        let text = metrics.encode();
+        let invalid = "trellis_requests_total{status=\"4xx\",decision=\"invalid\"} 5";
+        assert!(text.contains(invalid), "{text}");
     }
 
     /// A request the forwarder does not take (an `https` absolute-form
@@ -3765,12 +3856,12 @@ mod tests {
     async fn a_request_the_forwarder_does_not_take_and_the_rest_of_its_connection_go_to_hyper() {
         let app = hyper_app().await;
         let mut caller = caller_of(app).await;
-        let read = exchange(&mut caller, "GET /first HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /first HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("GET /first "), "{read}");
         let read = exchange(
             &mut caller,
             "POST https://api/abs HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\n\r\nabc\
-             GET /after HTTP/1.1\r\n\r\n",
+             GET /after HTTP/1.1\r\nHost: api\r\n\r\n",
             2,
         )
         .await;
@@ -3816,7 +3907,12 @@ mod tests {
             assert!(got == &body, "the body reached the app changed");
         }
 
-        let read = exchange(&mut caller, "GET /a HTTP/1.1\r\nx-no-colon\r\n\r\n", 1).await;
+        let read = exchange(
+            &mut caller,
+            "GET /a HTTP/1.1\r\nHost: api\r\nx-no-colon\r\n\r\n",
+            1,
+        )
+        .await;
         assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
         assert!(
             read.contains("\r\ntrellis-proxy-error: invalid_request\r\n"),
@@ -3850,7 +3946,7 @@ mod tests {
         let mut read = Vec::new();
         read_until(&mut caller, &mut read, b"rule 0\n", "the 403").await;
         // The body anyway: the sidecar may already have closed.
-        let _ = caller.write_all(b"GET /ok HTTP/1.1\r\n").await;
+        let _ = caller.write_all(b"GET /ok HTTP/1.1\r\nHost: api\r\n").await;
         let _ = caller.write_all(b"\r\n").await;
         let read = String::from_utf8(read).unwrap() + &until_closed(&mut caller).await;
         assert!(read.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{read}");
@@ -3870,8 +3966,8 @@ mod tests {
         let mut caller = caller_of(app).await;
         let read = exchange(
             &mut caller,
-            "POST /x HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 3\r\n\r\nabc\
-             GET /a#b HTTP/1.1\r\n\r\n",
+            "POST /x HTTP/1.1\r\nHost: api\r\nExpect: something-else\r\nContent-Length: 3\r\n\r\nabc\
+             GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n",
             2,
         )
         .await;
@@ -3880,10 +3976,10 @@ mod tests {
         assert!(read.ends_with("GET /a "), "{read}");
     }
 
-    /// A head of `n` fields `x-field-i`, after the request line and
-    /// before `more`.
+    /// A head of `Host: api` and `n` fields `x-field-i`, after the
+    /// request line and before `more`.
     fn many_fields(line: &str, n: usize, more: &str) -> String {
-        let mut head = format!("{line}\r\n");
+        let mut head = format!("{line}\r\nHost: api\r\n");
         for i in 0..n {
             head.push_str(&format!("x-field-{i}: {i}\r\n"));
         }
@@ -3920,7 +4016,7 @@ mod tests {
         let seventy = many_fields("GET /seventy HTTP/1.1", 70, "");
         let read = exchange(&mut caller, &seventy, 1).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
-        let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
         assert!(read.contains("request target contains '#'"), "{read}");
         {
@@ -3966,14 +4062,14 @@ mod tests {
         .await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.ends_with("for POST /up HTTP/1.1"), "{read}");
-        let read = exchange(&mut caller, "GET /next HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /next HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET /next HTTP/1.1"), "{read}");
         // Pipelined, the coding in capitals.
         let read = exchange(
             &mut caller,
             &format!(
-                "POST /piped HTTP/1.1\r\nTransfer-Encoding: CHUNKED\r\n\r\n{CHUNKED_BODY}\
-                 GET /after HTTP/1.1\r\n\r\n"
+                "POST /piped HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: CHUNKED\r\n\r\n{CHUNKED_BODY}\
+                 GET /after HTTP/1.1\r\nHost: api\r\n\r\n"
             ),
             2,
         )
@@ -4030,7 +4126,7 @@ mod tests {
         let mut caller = caller_of(app).await;
         for (round, method) in ["GET", "HEAD"].into_iter().enumerate() {
             let request = format!(
-                "{method} /with-body HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNKED_BODY}"
+                "{method} /with-body HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNKED_BODY}"
             );
             caller.write_all(request.as_bytes()).await.unwrap();
             let mut read = Vec::new();
@@ -4043,11 +4139,11 @@ mod tests {
             assert!(read.starts_with(b"HTTP/1.1 200 OK\r\n"), "{method}");
             assert_eq!(seen.accepted.load(Ordering::SeqCst), round + 1, "{method}");
         }
-        let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
         // A plain GET's connection is parked.
-        let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
     }
@@ -4059,15 +4155,19 @@ mod tests {
     #[tokio::test]
     async fn after_a_chunked_request_heads_are_still_refused_in_words() {
         let (app, seen) = bare_app(|line| ok(&format!("for {line}"), ""), |_| false).await;
-        let chunked =
-            format!("POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNKED_BODY}");
+        let chunked = format!(
+            "POST /up HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNKED_BODY}"
+        );
         let cases = [
             (
-                "GET /a HTTP/1.1\r\nx-no-colon\r\n\r\n",
+                "GET /a HTTP/1.1\r\nHost: api\r\nx-no-colon\r\n\r\n",
                 "malformed header line: not a field name and a colon (a line without a colon, \
                  or a space before it)",
             ),
-            ("GET /a#/../admin HTTP/1.1\r\n\r\n", l7::TARGET_FRAGMENT),
+            (
+                "GET /a#/../admin HTTP/1.1\r\nHost: api\r\n\r\n",
+                l7::TARGET_FRAGMENT,
+            ),
         ];
         for (next, why) in cases {
             let mut caller = caller_of(app).await;
@@ -4108,14 +4208,14 @@ mod tests {
     #[tokio::test]
     async fn chunked_beside_a_length_is_refused_and_the_app_sees_nothing() {
         let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
-        let hidden = "GET /admin/x HTTP/1.1\r\n\r\n";
+        let hidden = "GET /admin/x HTTP/1.1\r\nHost: api\r\n\r\n";
         for fields in [
             "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
             "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
         ] {
             let mut caller = caller_of(app).await;
             let request = format!(
-                "POST /a HTTP/1.1\r\n{fields}\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n",
+                "POST /a HTTP/1.1\r\nHost: api\r\n{fields}\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n",
                 hidden.len()
             );
             let read = exchange(&mut caller, &request, 2).await;
@@ -4142,7 +4242,7 @@ mod tests {
     async fn a_malformed_chunk_ends_the_connection_and_the_app_connection_is_not_reused() {
         let (app, seen) = bare_app(|line| ok(&format!("for {line}"), ""), |_| false).await;
         let sidecar = sidecar_of(app).await;
-        let head = "POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = "POST /up HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
 
         let mut caller = TcpStream::connect(sidecar).await.unwrap();
         let read = exchange(&mut caller, &format!("{head}5\r\nhelloX\r\n0\r\n\r\n"), 2).await;
@@ -4180,7 +4280,7 @@ mod tests {
         // The next request from the same identity gets a new app
         // connection: the one waiting for the body would never answer.
         let mut caller = TcpStream::connect(sidecar).await.unwrap();
-        let read = exchange(&mut caller, "GET /next HTTP/1.1\r\n\r\n", 1).await;
+        let read = exchange(&mut caller, "GET /next HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET /next HTTP/1.1"), "{read}");
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
         let requests = seen.requests.lock().unwrap();
@@ -4211,7 +4311,8 @@ mod tests {
         });
         for (path, end) in [("/half", &b"half!"[..]), ("/whole", b"too big!")] {
             let mut caller = caller_of(app).await;
-            let head = format!("POST {path} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let head =
+                format!("POST {path} HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n");
             caller
                 .write_all(format!("{head}5\r\nhello\r\n").as_bytes())
                 .await
@@ -4335,11 +4436,11 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let mut caller = caller_of(app).await;
-        let head = format!("POST /upload HTTP/1.1\r\nContent-Length: {BODY}\r\n\r\n");
+        let head = format!("POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {BODY}\r\n\r\n");
         caller.write_all(head.as_bytes()).await.unwrap();
         caller.write_all(&vec![7u8; BODY]).await.unwrap();
         caller
-            .write_all(b"GET /next HTTP/1.1\r\n\r\n")
+            .write_all(b"GET /next HTTP/1.1\r\nHost: api\r\n\r\n")
             .await
             .unwrap();
         both_answers_come(&mut caller).await;
@@ -4355,7 +4456,7 @@ mod tests {
         let (mut from, mut to) = caller_of(app).await.into_split();
         let writer = tokio::spawn(async move {
             let head = format!(
-                "POST /upload HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                "POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n",
                 1u64 << 30
             );
             to.write_all(head.as_bytes()).await?;
@@ -4452,8 +4553,10 @@ mod tests {
         let app = answers_without_reading().await;
         let (mut from, mut to) = caller_of(app).await.into_split();
         let writer = tokio::spawn(async move {
-            to.write_all(b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .await?;
+            to.write_all(
+                b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n",
+            )
+            .await?;
             let mut chunk = b"100000\r\n".to_vec();
             chunk.extend_from_slice(&[7u8; 1 << 20]);
             chunk.extend_from_slice(b"\r\n");
@@ -4518,13 +4621,14 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let mut caller = caller_of(app).await;
-        let mut request = b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         for _ in 0..CHUNKS {
             request.extend_from_slice(b"100000\r\n");
             request.extend_from_slice(&[b'x'; 1 << 20]);
             request.extend_from_slice(b"\r\n");
         }
-        request.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        request.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\nHost: api\r\n\r\n");
         caller.write_all(&request).await.unwrap();
         both_answers_come(&mut caller).await;
         assert_eq!(
@@ -4563,7 +4667,7 @@ mod tests {
         let mut caller = caller_of(app).await;
         caller
             .write_all(
-                b"POST /stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+                b"POST /stream HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
             )
             .await
             .unwrap();
@@ -4655,7 +4759,7 @@ mod tests {
         SPARE.with_borrow_mut(Vec::clear);
         let mut used = Buffers::take();
         used.request
-            .extend_from_slice(b"POST /secret HTTP/1.1\r\n\r\nbody");
+            .extend_from_slice(b"POST /secret HTTP/1.1\r\nHost: api\r\n\r\nbody");
         used.answer
             .extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nanswer");
         used.answer.advance(19);
@@ -4755,7 +4859,7 @@ mod tests {
     #[tokio::test]
     async fn a_chunked_body_with_up_to_16_kib_of_extensions_reaches_the_app() {
         let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
-        let head = "POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = "POST /up HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n";
         let mut caller = caller_of(app).await;
         for ext in [5000, 12 * 1024, 16 * 1024] {
             let body = extended_chunks(1, ext);
@@ -5035,7 +5139,7 @@ mod tests {
         let (app, seen) = bare_app(|_| ok("", ""), |_| false).await;
         let mut caller = caller_of(app).await;
         let mut sent = "\r\n".repeat(MAX_EMPTY_LINES / 2 + 1);
-        sent.push_str("GET /after HTTP/1.1\r\n\r\n");
+        sent.push_str("GET /after HTTP/1.1\r\nHost: api\r\n\r\n");
         let read = exchange(&mut caller, &sent, 1).await;
         assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
         assert!(

@@ -155,8 +155,9 @@ pub struct Connection {
     /// its own streams, never another caller's.
     h2: std::sync::OnceLock<AppH2<RequestBody>>,
     /// The `:authority` of the connection's first HTTP/2 request without a
-    /// `Host`, and the `Host` value made of it: the next requests, which
-    /// name the same, take it without an allocation.
+    /// `Host` (or the target authority of its first HTTP/1 request in
+    /// absolute form without one), and the `Host` value made of it: the
+    /// next requests, which name the same, take it without an allocation.
     h2_host: std::sync::OnceLock<(Authority, HeaderValue)>,
 }
 
@@ -672,7 +673,8 @@ pub(crate) mod testing {
     }
 
     /// Policies of `ns/b/sa/api` under the mesh default `allow-mesh`, with
-    /// one DENY of `/admin/*` (policy `b/no-admin`).
+    /// one DENY (policy `b/no-admin`) of `/admin/*` (rule 0) and of the
+    /// host `admin` (rule 1).
     pub fn no_admin(metrics: &Metrics) -> Policies {
         let yaml = "apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -682,6 +684,7 @@ spec:
   action: DENY
   rules:
     - to: [{paths: [\"/admin/*\"]}]
+    - to: [{headers: {host: admin}}]
 ";
         let loaded =
             trellis_core::policy::load_source("p.yaml", yaml, &TrustDomain::new("td").unwrap());

@@ -71,13 +71,14 @@ impl<B> Exchange<B> {
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         headers::remove_hop_by_hop(req.headers_mut(), upgrading);
         headers::set_identity(req.headers_mut(), &conn.identity);
-        // An HTTP/2 request names its authority in `:authority`, which the
-        // app gets: rules on `Host` read it there too, as they read an
-        // HTTP/1 request's (a `Host` beside it names the same,
+        // An HTTP/2 request names its authority in `:authority`, an
+        // HTTP/1 request in absolute form (`GET http://api/x`) in its
+        // target: that is its host, which the app gets and rules on `Host`
+        // read (RFC 9112 section 3.2.2; a `Host` beside it names the same,
         // [`l7::host_problem`](trellis_core::policy::l7::host_problem)).
-        if req.version() == Version::HTTP_2
+        // An HTTP/1 request in origin form names none but its `Host`.
+        if let Some(authority) = req.uri().authority()
             && !req.headers().contains_key(http::header::HOST)
-            && let Some(authority) = req.uri().authority()
         {
             let host = conn.host_value(authority);
             req.headers_mut().insert(http::header::HOST, host);

@@ -468,7 +468,9 @@ spec:
             "allow by default/web-to-api rule 0 (passed to the app)",
         ),
     ] {
-        let explained = s.explain(port, &["--path", path]).await?;
+        let explained = s
+            .explain(port, &["--path", path, "--header", "Host: api"])
+            .await?;
         assert!(
             explained.contains(&format!(
                 "\n  request GET {}: {answer}\n",
@@ -477,6 +479,23 @@ spec:
             "{explained}"
         );
     }
+    // An HTTP/1.1 request names its host: without a `Host`, in origin
+    // form, it is refused; in absolute form, its authority is its `Host`.
+    let explained = s.explain(port, &["--path", "/hello"]).await?;
+    assert!(
+        explained.contains(
+            "\n  request GET /hello: refused (answered 400): missing Host header: an HTTP/1.1 \
+             request names its host in one (or in an absolute-form target)\n"
+        ),
+        "{explained}"
+    );
+    let explained = s.explain(port, &["--path", "http://api/hello"]).await?;
+    assert!(
+        explained.contains(
+            "\n  request GET /hello: allow by default/web-to-api rule 0 (passed to the app)\n"
+        ),
+        "{explained}"
+    );
     Ok(())
 }
 
