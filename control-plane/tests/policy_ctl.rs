@@ -1337,7 +1337,8 @@ fn explain_takes_an_absolute_form_target_as_the_sidecar_does() {
     assert!(
         String::from_utf8_lossy(&no_host.stdout).contains(
             "\n  request GET /api/x: refused (answered 400): missing Host header: an HTTP/1.1 \
-             request names its host in one (or in an absolute-form target)\n"
+             request names its host in one (or in an absolute-form target); to explain a request \
+             that names one, add --header 'Host: NAME'\n"
         ),
         "{}",
         String::from_utf8_lossy(&no_host.stdout)

@@ -300,7 +300,15 @@ impl fmt::Display for RequestAnswer {
             RequestOutcome::Decided(d) => write!(f, "{d} (answered 403)"),
             RequestOutcome::Refused { status: 0, why } => write!(f, "refused (no answer): {why}"),
             RequestOutcome::Refused { status, why } => {
-                write!(f, "refused (answered {status}): {why}")
+                write!(f, "refused (answered {status}): {why}")?;
+                // The likelier cause is a Host left out of the question,
+                // not a client that leaves it out.
+                if *why == l7::MISSING_HOST {
+                    f.write_str(
+                        "; to explain a request that names one, add --header 'Host: NAME'",
+                    )?;
+                }
+                Ok(())
             }
             RequestOutcome::Opaque => f.write_str(
                 "not decided: the port is opaque (never parsed as HTTP), the connection's \
@@ -1305,7 +1313,11 @@ spec:
         let allowed = "request GET /x: allow by b/web-to-api rule 0 (passed to the app)";
         let refused = |why| format!("request GET /x: refused (answered 400): {why}");
 
-        assert_eq!(answer("", "", false), refused(l7::MISSING_HOST));
+        assert_eq!(
+            answer("", "", false),
+            refused(l7::MISSING_HOST)
+                + "; to explain a request that names one, add --header 'Host: NAME'"
+        );
         assert_eq!(
             refused(l7::MISSING_HOST),
             "request GET /x: refused (answered 400): missing Host header: an HTTP/1.1 request \

@@ -485,7 +485,8 @@ spec:
     assert!(
         explained.contains(
             "\n  request GET /hello: refused (answered 400): missing Host header: an HTTP/1.1 \
-             request names its host in one (or in an absolute-form target)\n"
+             request names its host in one (or in an absolute-form target); to explain a request \
+             that names one, add --header 'Host: NAME'\n"
         ),
         "{explained}"
     );
