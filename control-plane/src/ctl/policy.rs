@@ -1145,7 +1145,8 @@ mod tests {
     fn an_answer_not_confirming_http2_is_warned_of() {
         let web = trellis_core::SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
         let api = trellis_core::SpiffeId::parse("spiffe://td/ns/b/sa/api").unwrap();
-        let headers = http::HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("api"));
         let http = trellis_core::policy::ExplainedHttp {
             request: trellis_core::policy::HttpRequest {
                 method: "GET",
