@@ -3037,11 +3037,7 @@ mod tests {
             1,
         )
         .await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
-            "{read}"
-        );
+        refused_400(&read, l7::TARGET_FRAGMENT);
 
         let mut caller = caller_of(app).await;
         let read = exchange(
@@ -3070,11 +3066,7 @@ mod tests {
             2,
         )
         .await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with("\r\n\r\ntrellis: Transfer-Encoding in an HTTP/1.0 request\n"),
-            "{read}"
-        );
+        refused_400(&read, "Transfer-Encoding in an HTTP/1.0 request");
 
         let lines: Vec<String> = lines_and_hosts(&seen).into_iter().map(|(l, _)| l).collect();
         assert_eq!(
@@ -3676,6 +3668,15 @@ mod tests {
         );
     }
 
+    /// Asserts `read` is the forwarder's 400 saying `why`.
+    fn refused_400(read: &str, why: &str) {
+        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
+        assert!(
+            read.ends_with(&format!("\r\n\r\ntrellis: {why}\n")),
+            "{read}"
+        );
+    }
+
     /// The request line and `Host` of each request a bare app saw.
     fn lines_and_hosts(seen: &Seen) -> Vec<(String, String)> {
         let requests = seen.requests.lock().unwrap();
@@ -3742,11 +3743,7 @@ mod tests {
             "{read}"
         );
         let read = exchange(&mut caller, "GET /a#b HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::TARGET_FRAGMENT)),
-            "{read}"
-        );
+        refused_400(&read, l7::TARGET_FRAGMENT);
 
         let mut caller = caller_of(app).await;
         let read = exchange(
@@ -3755,11 +3752,7 @@ mod tests {
             1,
         )
         .await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(&format!("\r\n\r\ntrellis: {}\n", l7::HOST_DIFFERS)),
-            "{read}"
-        );
+        refused_400(&read, l7::HOST_DIFFERS);
 
         let mut caller = caller_of(app).await;
         let read = exchange(
@@ -4219,13 +4212,10 @@ mod tests {
                 hidden.len()
             );
             let read = exchange(&mut caller, &request, 2).await;
-            assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-            assert!(
-                read.ends_with(
-                    "\r\n\r\ntrellis: both Transfer-Encoding and Content-Length: a request body \
-                     is framed one way\n"
-                ),
-                "{read}"
+            refused_400(
+                &read,
+                "both Transfer-Encoding and Content-Length: a request body \
+                     is framed one way",
             );
             assert_eq!(complete(read.as_bytes()), 1, "{read}");
         }
@@ -4246,12 +4236,9 @@ mod tests {
 
         let mut caller = TcpStream::connect(sidecar).await.unwrap();
         let read = exchange(&mut caller, &format!("{head}5\r\nhelloX\r\n0\r\n\r\n"), 2).await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(
-                "\r\n\r\ntrellis: malformed chunked request body: chunk data not followed by CRLF\n"
-            ),
-            "{read}"
+        refused_400(
+            &read,
+            "malformed chunked request body: chunk data not followed by CRLF",
         );
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 0, "the app saw it");
 
@@ -4872,13 +4859,10 @@ mod tests {
         let mut caller = caller_of(app).await;
         let body = extended_chunks(40, 500);
         let read = exchange(&mut caller, &format!("{head}{body}"), 1).await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(
-                "\r\n\r\ntrellis: malformed chunked request body: chunk extensions over 16 KiB \
-                 in one body\n"
-            ),
-            "{read}"
+        refused_400(
+            &read,
+            "malformed chunked request body: chunk extensions over 16 KiB \
+                 in one body",
         );
         assert_eq!(seen.requests.lock().unwrap().len(), 3);
     }
@@ -5141,11 +5125,7 @@ mod tests {
         let mut sent = "\r\n".repeat(MAX_EMPTY_LINES / 2 + 1);
         sent.push_str("GET /after HTTP/1.1\r\nHost: api\r\n\r\n");
         let read = exchange(&mut caller, &sent, 1).await;
-        assert!(read.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{read}");
-        assert!(
-            read.ends_with(&format!("\r\n\r\ntrellis: {TOO_MANY_EMPTY_LINES}\n")),
-            "{read}"
-        );
+        refused_400(&read, TOO_MANY_EMPTY_LINES);
         assert!(seen.requests.lock().unwrap().is_empty());
     }
 
