@@ -574,47 +574,8 @@ pub fn classify_clap_error(e: clap::Error) -> Parsed {
             let _ = e.print();
             Parsed::Printed
         }
-        _ => Parsed::Invalid(escape_given(e).render().to_string()),
+        _ => Parsed::Invalid(crate::escape::escape_given(e).render().to_string()),
     }
-}
-
-/// `e` with what the user gave that it quotes (a refused value, an unknown
-/// argument or subcommand) shown with its control characters escaped
-/// ([`crate::escape::escape_controls`]): clap prints them as given, and a value may come
-/// from a script or a copied manifest. Nothing else of clap's text changes.
-/// Both binaries' errors go through it ([`classify_clap_error`]).
-fn escape_given(mut e: clap::Error) -> clap::Error {
-    use clap::builder::StyledStr;
-    use clap::error::{ContextKind, ContextValue};
-    let mut given = Vec::new();
-    for kind in [
-        ContextKind::InvalidValue,
-        ContextKind::InvalidArg,
-        ContextKind::InvalidSubcommand,
-    ] {
-        if let Some(ContextValue::String(raw)) = e.get(kind) {
-            let escaped = crate::escape::escape_controls(raw);
-            if escaped != *raw {
-                given.push((raw.clone(), escaped.clone()));
-                e.insert(kind, ContextValue::String(escaped));
-            }
-        }
-    }
-    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
-    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
-        let tips = tips
-            .iter()
-            .map(|tip| {
-                let mut text = tip.ansi().to_string();
-                for (raw, escaped) in &given {
-                    text = text.replace(raw.as_str(), escaped);
-                }
-                StyledStr::from(text)
-            })
-            .collect();
-        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
-    }
-    e
 }
 
 fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {

@@ -12,6 +12,45 @@ pub fn shown(path: &Path) -> String {
     escape_controls(&path.display().to_string())
 }
 
+/// `e` with what the user gave that it quotes (a refused value, an unknown
+/// argument or subcommand) shown with its control characters escaped
+/// ([`escape_controls`]): clap prints them as given, and a value may come
+/// from a script or a copied manifest. Nothing else of clap's text changes.
+/// Every binary's flag errors go through it.
+pub fn escape_given(mut e: clap::Error) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue};
+    let mut given = Vec::new();
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+    ] {
+        if let Some(ContextValue::String(raw)) = e.get(kind) {
+            let escaped = escape_controls(raw);
+            if escaped != *raw {
+                given.push((raw.clone(), escaped.clone()));
+                e.insert(kind, ContextValue::String(escaped));
+            }
+        }
+    }
+    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
+    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
+        let tips = tips
+            .iter()
+            .map(|tip| {
+                let mut text = tip.ansi().to_string();
+                for (raw, escaped) in &given {
+                    text = text.replace(raw.as_str(), escaped);
+                }
+                StyledStr::from(text)
+            })
+            .collect();
+        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    e
+}
+
 /// `text` with its control characters, and those that reorder text
 /// (bidirectional overrides and isolates), escaped as Rust writes them
 /// (`\u{1b}`, `\n`); any other character as it is. Every text `trellisctl`

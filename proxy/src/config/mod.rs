@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use trellis_core::escape::{escape_controls, shown};
+use trellis_core::escape::{escape_given, shown};
 use trellis_core::io_error::IoWords;
 use trellis_core::{SpiffeId, TrustDomain, h2_limits};
 
@@ -36,42 +36,10 @@ pub struct Cli {
 }
 
 /// What clap says of flags it refuses, with what the user gave that it
-/// quotes (a refused value, an unknown argument or subcommand) escaped
-/// ([`escape_controls`]), as the control plane and trellisctl say it:
-/// clap prints them as given, and a value may come from a script or a
-/// copied manifest. Nothing else of clap's text changes.
-pub fn refusal_text(mut e: clap::Error) -> String {
-    use clap::builder::StyledStr;
-    use clap::error::{ContextKind, ContextValue};
-    let mut given = Vec::new();
-    for kind in [
-        ContextKind::InvalidValue,
-        ContextKind::InvalidArg,
-        ContextKind::InvalidSubcommand,
-    ] {
-        if let Some(ContextValue::String(raw)) = e.get(kind) {
-            let escaped = escape_controls(raw);
-            if escaped != *raw {
-                given.push((raw.clone(), escaped.clone()));
-                e.insert(kind, ContextValue::String(escaped));
-            }
-        }
-    }
-    // The tips (`to pass '...' as a value, use '-- ...'`) quote it too.
-    if let Some(ContextValue::StyledStrs(tips)) = e.get(ContextKind::Suggested) {
-        let tips = tips
-            .iter()
-            .map(|tip| {
-                let mut text = tip.ansi().to_string();
-                for (raw, escaped) in &given {
-                    text = text.replace(raw.as_str(), escaped);
-                }
-                StyledStr::from(text)
-            })
-            .collect();
-        e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
-    }
-    e.render().to_string()
+/// quotes escaped ([`escape_given`]), as the control plane and trellisctl
+/// say it.
+pub fn refusal_text(e: clap::Error) -> String {
+    escape_given(e).render().to_string()
 }
 
 #[derive(Debug, Subcommand)]
