@@ -48,21 +48,53 @@ pub fn plaintext_version(first: &[u8]) -> Option<Version> {
         return None;
     }
     let seen = first.len().min(H2_PREFACE.len());
-    if seen >= 3 && H2_PREFACE.starts_with(&first[..seen]) {
+    if seen >= H2_DECIDES && H2_PREFACE.starts_with(&first[..seen]) {
         Some(Version::Http2)
     } else {
         Some(Version::Http1)
     }
 }
 
+/// How much of [`H2_PREFACE`] tells it from an HTTP/1 request line: `PRI`
+/// (`POST`, `PUT` and `PATCH` begin as it does).
+const H2_DECIDES: usize = 3;
+
+/// Whether `first` cannot yet be told: the start of [`H2_PREFACE`], too
+/// short to say whether it is HTTP/2 or HTTP/1 (`P`, `PR`).
+fn undecided(first: &[u8]) -> bool {
+    !first.is_empty() && first.len() < H2_DECIDES && H2_PREFACE.starts_with(first)
+}
+
+/// The first pause before peeking again at bytes that cannot be told yet
+/// ([`undecided`]), and the longest: each pause doubles.
+const PEEK_AGAIN_AFTER: Duration = Duration::from_millis(1);
+const PEEK_AGAIN_AT_MOST: Duration = Duration::from_millis(50);
+
 /// Waits at most `patience` for a new connection's first bytes and peeks at
-/// them: the HTTP version when they are plaintext HTTP.
+/// them: the HTTP version when they are plaintext HTTP. A TLS ClientHello
+/// or HTTP/1 is told from the first peek. A client whose first segment is
+/// only the start of the HTTP/2 preface (`P`) is peeked at again, within
+/// the same `patience`, until it can be told: taken for HTTP/1 it would be
+/// answered in a protocol it cannot read. A peek leaves the bytes in the
+/// socket, which stays readable, so nothing wakes this task when more
+/// come: it pauses between peeks instead. Still untold once `patience` is
+/// over, it is what it began as (`P`: HTTP/1).
 async fn peek_plaintext(tcp: &TcpStream, patience: Duration) -> Option<Version> {
     let mut first = [0u8; H2_PREFACE.len()];
-    match tokio::time::timeout(patience, tcp.peek(&mut first)).await {
-        Ok(Ok(n)) => plaintext_version(&first[..n]),
-        _ => None,
-    }
+    let mut seen = 0;
+    let peeking = async {
+        let mut pause = PEEK_AGAIN_AFTER;
+        loop {
+            seen = tcp.peek(&mut first).await.unwrap_or(0);
+            if !undecided(&first[..seen]) {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PEEK_AGAIN_AT_MOST);
+        }
+    };
+    let _ = tokio::time::timeout(patience, peeking).await;
+    plaintext_version(&first[..seen])
 }
 
 /// Peeks at what a new connection to a TLS port sent first (waiting for it
@@ -419,6 +451,97 @@ mod tests {
         assert_eq!(plaintext_version(&[0x16, 3, 1, 0, 200]), None);
         assert_eq!(plaintext_version(&[0, 1, 2]), None);
         assert_eq!(plaintext_version(b""), None);
+    }
+
+    /// Only the start of the HTTP/2 preface, too short to be told from
+    /// `POST` or `PUT`, is peeked at again.
+    #[test]
+    fn only_the_start_of_the_preface_is_undecided() {
+        assert!(undecided(b"P"));
+        assert!(undecided(b"PR"));
+        for told in [&b"PRI"[..], b"PO", b"G", b"", &[0x16, 3]] {
+            assert!(!undecided(told), "{told:?}");
+        }
+    }
+
+    /// A client speaking HTTP/2 with prior knowledge whose first segment
+    /// is only `P` (one that writes as it goes) is answered in HTTP/2 all
+    /// the same: the server preface, its request answered with the
+    /// message, and GOAWAY. Taken for HTTP/1 it would read an HTTP/1.1
+    /// answer where it expects frames.
+    #[tokio::test]
+    async fn a_preface_cut_after_its_first_byte_is_answered_in_http2() {
+        const SAYS: &str = "this port speaks only TLS";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            refuse_plaintext(tcp, SAYS, Duration::from_secs(10), || {}).await
+        });
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.set_nodelay(true).unwrap();
+        client.write_all(&H2_PREFACE[..1]).await.unwrap();
+        // The rest once the sidecar has had the time to peek at the `P`.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.write_all(&H2_PREFACE[1..]).await.unwrap();
+        // An empty SETTINGS, then HEADERS opening and ending stream 1: `GET
+        // http /`, as HPACK's static table (2, 6, 4) names them.
+        client
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let get = [0, 0, 3, 1, 0x5, 0, 0, 0, 1, 0x82, 0x86, 0x84];
+        client.write_all(&get).await.unwrap();
+
+        let frames = h2_frames(&mut client).await;
+        let kinds: Vec<u8> = frames.iter().map(|(kind, _)| *kind).collect();
+        const DATA: u8 = 0x0;
+        const HEADERS: u8 = 0x1;
+        const SETTINGS: u8 = 0x4;
+        const GOAWAY: u8 = 0x7;
+        assert_eq!(kinds.first(), Some(&SETTINGS), "{frames:?}");
+        assert!(kinds.contains(&GOAWAY), "{frames:?}");
+        // `:status 400`, index 12 of the static table.
+        let head = frames.iter().find(|(kind, _)| *kind == HEADERS);
+        assert_eq!(head.map(|(_, block)| block[0]), Some(0x8c), "{frames:?}");
+        let body: Vec<u8> = frames
+            .iter()
+            .filter(|(kind, _)| *kind == DATA)
+            .flat_map(|(_, data)| data.iter().copied())
+            .collect();
+        assert_eq!(body, format!("{SAYS}\n").as_bytes(), "{frames:?}");
+        assert!(
+            server.await.unwrap().is_none(),
+            "the connection was not answered"
+        );
+    }
+
+    /// The frames a server sends, type and payload, until it closes (or
+    /// sends what is not a frame); its PINGs are acknowledged, as a
+    /// client's HTTP/2 library does.
+    async fn h2_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+        const PING: u8 = 0x6;
+        const ACK: u8 = 0x1;
+        let mut frames = Vec::new();
+        let mut head = [0u8; 9];
+        while tcp.read_exact(&mut head).await.is_ok() {
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            if length > 16 * 1024 {
+                break;
+            }
+            let mut payload = vec![0; length];
+            if tcp.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            if head[3] == PING && head[4] & ACK == 0 {
+                let mut pong = [0, 0, 8, PING, ACK, 0, 0, 0, 0].to_vec();
+                pong.extend_from_slice(&payload);
+                let _ = tcp.write_all(&pong).await;
+            }
+            frames.push((head[3], payload));
+        }
+        frames
     }
 
     #[test]
