@@ -279,6 +279,58 @@ fn init_says_its_failure_and_warnings_as_the_sidecar_does() {
     );
 }
 
+/// A resolv.conf `init --exclude-outbound-dns` cannot use is refused as the
+/// sidecar refuses its own files: one line naming the flag, the file and
+/// what is wrong with it, in words (no `os error`), exit 64; nothing done.
+#[test]
+fn an_unusable_resolv_conf_is_refused_naming_the_flag_and_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (latin1, search_only, secret) = (at("latin1.conf"), at("search.conf"), at("secret.conf"));
+    std::fs::write(&latin1, b"nameserver 10.96.0.10\n# caf\xe9\n").unwrap();
+    std::fs::write(&search_only, "search svc.cluster.local\n").unwrap();
+    std::fs::write(&secret, "nameserver 10.96.0.10\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let missing = at("missing.conf");
+    let directory = dir.path().to_str().unwrap().to_owned();
+    let cases = [
+        (&missing, format!("{missing}: no such file or directory")),
+        (&directory, format!("{directory}: is a directory")),
+        (&secret, format!("{secret}: permission denied")),
+        (&latin1, format!("{latin1} line 2 is not UTF-8 text")),
+        (
+            &search_only,
+            format!(
+                "{search_only} names no nameserver, so --exclude-outbound-dns could not let DNS \
+                 past the sidecar"
+            ),
+        ),
+    ];
+    for (path, why) in cases {
+        let mut init = Command::new(BIN);
+        init.args([
+            "init",
+            "--exclude-outbound-dns",
+            "--dry-run",
+            "--resolv-conf",
+            path,
+        ])
+        .env_clear();
+        if path == &secret && common::machine::is_root() {
+            // Root reads any file: the sidecar's user reads it here.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            init.uid(65534).gid(65534);
+        }
+        let out = init.output().expect("run trellis-proxy init");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr, format!("error: invalid --resolv-conf: {why}\n"));
+        assert_eq!(out.status.code(), Some(64), "{path}: {stderr}");
+        assert!(out.stdout.is_empty(), "{path}: rules written");
+    }
+}
+
 /// Reads the child's stderr lines on a thread.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();

@@ -81,6 +81,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use trellis_core::escape::shown;
+use trellis_core::io_error::IoWords;
 
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
@@ -259,7 +260,9 @@ pub enum InitError {
         address: Ipv6Addr,
         failed: IptablesError,
     },
-    #[error("--exclude-outbound-dns: {0}")]
+    /// The resolv.conf `--exclude-outbound-dns` reads, named as the sidecar's own files are
+    /// (`invalid --token-file: PATH: ...`).
+    #[error("invalid --resolv-conf: {0}")]
     ResolvConf(String),
     #[error("{failed}; {} reverted, so nothing is left half done", changes(.reverted))]
     Reverted {
@@ -329,8 +332,7 @@ impl InitError {
     /// permission).
     pub fn exit_code(&self) -> u8 {
         let iptables = match self {
-            InitError::Config(_) => return 64,
-            InitError::ResolvConf(_) => return 1,
+            InitError::Config(_) | InitError::ResolvConf(_) => return 64,
             InitError::Iptables(e)
             | InitError::Ipv6Unavailable(e)
             | InitError::Ipv6Bypass { failed: e, .. } => e,
@@ -357,10 +359,7 @@ impl InitArgs {
         }
         // Removing our rules needs no nameserver.
         let nameservers = if self.exclude_outbound_dns && !self.cleanup {
-            let text = std::fs::read_to_string(&self.resolv_conf).map_err(|e| {
-                InitError::ResolvConf(format!("cannot read {}: {e}", shown(&self.resolv_conf)))
-            })?;
-            nameservers(&text, &self.resolv_conf)?
+            read_nameservers(&self.resolv_conf)?
         } else {
             Vec::new()
         };
@@ -376,6 +375,19 @@ impl InitArgs {
             drop_udp: self.outbound_policy == OutboundPolicy::Deny,
         })
     }
+}
+
+/// The [`nameservers`] of the resolv.conf at `path`; an error naming it when it cannot be
+/// read (missing, not allowed, a directory: in the OS's words) or is not UTF-8 text.
+pub fn read_nameservers(path: &Path) -> Result<Vec<IpAddr>, InitError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| InitError::ResolvConf(format!("{}: {}", shown(path), IoWords(&e))))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = 1 + valid.iter().filter(|b| **b == b'\n').count();
+        InitError::ResolvConf(format!("{} line {line} is not UTF-8 text", shown(path)))
+    })?;
+    nameservers(&text, path)
 }
 
 /// The addresses of the `nameserver` lines of a resolv.conf (`path` names it in errors).
@@ -403,7 +415,8 @@ pub fn nameservers(text: &str, path: &Path) -> Result<Vec<IpAddr>, InitError> {
     }
     if found.is_empty() {
         return Err(InitError::ResolvConf(format!(
-            "{} names no nameserver, so DNS could not be let past the sidecar",
+            "{} names no nameserver, so --exclude-outbound-dns could not let DNS past the \
+             sidecar",
             shown(path)
         )));
     }
@@ -750,15 +763,15 @@ mod tests {
         let error = nameservers("search svc.cluster.local\n", path).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "--exclude-outbound-dns: /etc/resolv.conf names no nameserver, so DNS could not \
-             be let past the sidecar"
+            "invalid --resolv-conf: /etc/resolv.conf names no nameserver, so \
+             --exclude-outbound-dns could not let DNS past the sidecar"
         );
         let error = nameservers("nameserver 10.96.0.10\nnameserver dns.local\n", path)
             .unwrap_err()
             .to_string();
         assert_eq!(
             error,
-            "--exclude-outbound-dns: /etc/resolv.conf line 2: nameserver \"dns.local\" is not \
+            "invalid --resolv-conf: /etc/resolv.conf line 2: nameserver \"dns.local\" is not \
              an IP address"
         );
     }
@@ -768,11 +781,10 @@ mod tests {
         let missing = "/nonexistent/trellis-test/resolv.conf";
         let args = parse(&["--exclude-outbound-dns", "--resolv-conf", missing]).unwrap();
         let error = args.interception().unwrap_err();
-        assert_eq!(error.exit_code(), 1);
-        let text = error.to_string();
-        assert!(
-            text.starts_with(&format!("--exclude-outbound-dns: cannot read {missing}: ")),
-            "{text}"
+        assert_eq!(error.exit_code(), 64);
+        assert_eq!(
+            error.to_string(),
+            format!("invalid --resolv-conf: {missing}: no such file or directory")
         );
         let args = parse(&["--resolv-conf", missing]).unwrap();
         assert!(args.interception().unwrap().nameservers.is_empty());
