@@ -4,10 +4,27 @@
 //! 98)`: the OS's message, capitalised, then its number. The programs'
 //! own errors are lower-case sentences (`--listen 127.0.0.1:15012: ...`),
 //! so [`IoWords`] says the OS's message alone, lower-cased:
-//! `address already in use`.
+//! `address already in use`. A program whose stdout's reader went away
+//! ([`stdout_closed`]) says nothing of it and ends with
+//! [`EXIT_STDOUT_CLOSED`].
 
 use std::fmt;
 use std::io;
+
+/// Exit code of a program when the reader of its stdout went away before
+/// all was written (`trellisctl policy lint DIR | head -1`,
+/// `trellis-proxy init --dry-run | head -1`): what a shell reports for a
+/// command that `SIGPIPE` ended (128 + 13), as for `ls | head`. The rest
+/// of stdout is dropped, stderr is still written, and no error is said.
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
+
+/// Whether `e`, from writing stdout, means that its reader went away: Rust
+/// ignores `SIGPIPE`, so the write fails (`print!` would panic) where a C
+/// program would have been ended quietly. The program then ends with
+/// [`EXIT_STDOUT_CLOSED`], saying nothing of it.
+pub fn stdout_closed(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::BrokenPipe
+}
 
 /// `e` as people read it: for an error from the OS, its message without
 /// the ` (os error N)` suffix and with a lower-case first letter (`no such

@@ -12,7 +12,8 @@
 //! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `io_error` says an I/O error
 //! without the OS's `(os error N)`, as the binaries report a port in use
-//! or a file they cannot read. `tcp` holds the sidecar's TCP
+//! or a file they cannot read, and how they end when the reader of their
+//! stdout goes away. `tcp` holds the sidecar's TCP
 //! timers, the range of its `TCP_USER_TIMEOUT` and what its opaque ports
 //! may be, and `h2_limits` the range of its HTTP/2 connection limits,
 //! which the injector checks annotations against. `app_health` holds the

@@ -331,6 +331,42 @@ fn an_unusable_resolv_conf_is_refused_naming_the_flag_and_the_file() {
     }
 }
 
+/// `trellis-proxy init --dry-run | head -1`: the reader of the rules goes
+/// away after their first line. init ends as `ls` does in a shell, and as
+/// `trellisctl` does: exit 141, no error said.
+#[test]
+fn a_dry_run_into_a_pipe_closed_early_ends_quietly() {
+    // More rules than a pipe holds (64 KiB): init is still writing when
+    // the reader goes away.
+    let cidrs: Vec<String> = (0..4000)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let mut child = Command::new(BIN)
+        .args([
+            "init",
+            "--dry-run",
+            "--ipv6",
+            "off",
+            "--exclude-outbound-cidrs",
+        ])
+        .arg(cidrs.join(","))
+        .env_clear()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run trellis-proxy init");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with('#'), "{first:?}");
+    // Dropped here: the pipe's read end closes.
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr, "", "said on stderr");
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+}
+
 /// Reads the child's stderr lines on a thread.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();

@@ -27,6 +27,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Channel;
+use trellis_core::io_error::stdout_closed;
 use trellis_core::policy::PolicyFiles;
 use trellis_core::tls::{
     ExpectedServer, PROTOCOL_VERSIONS, SpiffeServerVerifier, provider, root_store, spiffe_id_of,
@@ -643,9 +644,9 @@ fn env_refusal(command: &clap::Command, id: &str) -> Option<String> {
 }
 
 /// Exit code of `trellisctl` when the reader of its stdout went away before
-/// all was written (`trellisctl policy lint DIR | head -1`): what a shell
-/// reports for a command that `SIGPIPE` ended (128 + 13), as for `ls | head`.
-pub const EXIT_STDOUT_CLOSED: u8 = 141;
+/// all was written (`trellisctl policy lint DIR | head -1`), as of every
+/// Trellis program.
+pub use trellis_core::io_error::EXIT_STDOUT_CLOSED;
 
 /// Runs `trellisctl` with `args` (argv, including a program name).
 /// Exit codes: 0 success, 64 usage error, 141 stdout closed by its reader
@@ -699,7 +700,7 @@ fn finish(printed: &Printed, code: ExitCode) -> ExitCode {
     to_stderr(&printed.stderr);
     match written {
         Ok(()) => code,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_STDOUT_CLOSED),
+        Err(e) if stdout_closed(&e) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
             to_stderr(&format!("error: cannot write to stdout: {e}\n"));
             ExitCode::FAILURE

@@ -81,7 +81,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use trellis_core::escape::shown;
-use trellis_core::io_error::IoWords;
+use trellis_core::io_error::{EXIT_STDOUT_CLOSED, IoWords, stdout_closed};
 
 pub use cidr::{Cidr, CidrError, Family};
 pub use iptables::{Backend, IptablesError, Tables};
@@ -450,11 +450,14 @@ fn ipv6_skipped(failed: IptablesError, if_inet6: &str) -> Result<String, InitErr
     }
 }
 
-/// Runs `trellis-proxy init` with parsed flags.
+/// Runs `trellis-proxy init` with parsed flags. A dry run whose reader goes away before
+/// all is written (`--dry-run | head -1`) ends quietly with [`EXIT_STDOUT_CLOSED`].
 pub fn run(args: InitArgs) -> ExitCode {
-    let stdout = std::io::stdout();
-    match execute(&args, &mut stdout.lock()) {
+    let mut stdout = std::io::stdout().lock();
+    let done = execute(&args, &mut stdout).and_then(|()| stdout.flush().map_err(InitError::Output));
+    match done {
         Ok(()) => ExitCode::SUCCESS,
+        Err(InitError::Output(e)) if stdout_closed(&e) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::from(error.exit_code())
