@@ -2558,10 +2558,10 @@ mod tests {
 
     use std::convert::Infallible;
     use std::net::SocketAddr;
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::http::test_app::{Seen, bare_app, resetting_app};
     use crate::http::testing::{id, no_admin};
     use crate::http::{Connection, Http};
     use crate::metrics::Metrics;
@@ -2570,109 +2570,6 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
     use tokio::sync::watch;
-
-    /// What a bare app saw: each request's head and body, and how many
-    /// connections it accepted.
-    #[derive(Default)]
-    struct Seen {
-        requests: Mutex<Vec<(String, Vec<u8>)>>,
-        accepted: AtomicUsize,
-    }
-
-    /// A bare HTTP/1.1 app: reads each request (its body framed by
-    /// Content-Length or chunked, kept as it came) and writes what
-    /// `answer` makes of its request line; closes the connection after
-    /// answers for which `close` says so.
-    async fn bare_app(
-        answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
-        close: impl Fn(&str) -> bool + Send + Sync + 'static,
-    ) -> (SocketAddr, Arc<Seen>) {
-        resetting_app(answer, close, |_, _| false).await
-    }
-
-    /// A [`bare_app`] that closes connection `c` (from 0, in the order
-    /// accepted) when its request `r` (from 0) arrives, without reading
-    /// it, where `unread(c, r)`: the kernel resets the connection.
-    async fn resetting_app(
-        answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
-        close: impl Fn(&str) -> bool + Send + Sync + 'static,
-        unread: impl Fn(usize, usize) -> bool + Send + Sync + 'static,
-    ) -> (SocketAddr, Arc<Seen>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Seen::default());
-        let (record, answer, close) = (seen.clone(), Arc::new(answer), Arc::new(close));
-        let unread = Arc::new(unread);
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let c = record.accepted.fetch_add(1, Ordering::SeqCst);
-                let (record, answer, close) = (record.clone(), answer.clone(), close.clone());
-                let unread = unread.clone();
-                tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    for r in 0.. {
-                        if unread(c, r) {
-                            let _ = tcp.readable().await;
-                            return;
-                        }
-                        let (head, len, body_len) = loop {
-                            let mut fields = [httparse::EMPTY_HEADER; 128];
-                            let mut req = httparse::Request::new(&mut fields);
-                            if let Ok(httparse::Status::Complete(len)) = req.parse(&buf) {
-                                let field = |name: &str| {
-                                    req.headers
-                                        .iter()
-                                        .find(|f| f.name.eq_ignore_ascii_case(name))
-                                        .map(|f| f.value)
-                                };
-                                let body_len = match field("transfer-encoding") {
-                                    Some(_) => None,
-                                    None => Some(
-                                        field("content-length")
-                                            .map_or(0, |v| decimal(v).unwrap() as usize),
-                                    ),
-                                };
-                                let head = String::from_utf8(buf[..len].to_vec()).unwrap();
-                                break (head, len, body_len);
-                            }
-                            if tcp.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                        };
-                        buf.advance(len);
-                        let body_len = loop {
-                            let ended = match body_len {
-                                Some(n) => (buf.len() >= n).then_some(n),
-                                // At a chunk that does not parse, the app
-                                // waits for more, as one reading the body
-                                // as it comes would.
-                                None => match Chunked::default().take(&buf) {
-                                    Ok((n, true)) => Some(n),
-                                    _ => None,
-                                },
-                            };
-                            if let Some(n) = ended {
-                                break n;
-                            }
-                            if tcp.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                        };
-                        let body = buf.split_to(body_len).to_vec();
-                        let line = head.lines().next().unwrap_or_default().to_owned();
-                        record.requests.lock().unwrap().push((head, body));
-                        if tcp.write_all(&answer(&line)).await.is_err() {
-                            return;
-                        }
-                        if close(&line) {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, seen)
-    }
 
     /// Reads from `from` into `read` until it ends with `end`, which
     /// must come within 10 s and before the connection closes.
@@ -2846,11 +2743,7 @@ mod tests {
         let (second, body) = &requests[1];
         assert!(second.contains("host: api\r\n"), "{second}");
         assert_eq!(body, b"hello");
-        assert_eq!(
-            seen.accepted.load(Ordering::SeqCst),
-            1,
-            "one caller, one app connection"
-        );
+        assert_eq!(seen.accepted(), 1, "one caller, one app connection");
     }
 
     #[tokio::test]
@@ -2908,7 +2801,7 @@ mod tests {
         );
         let read = exchange(&mut caller, "GET /x HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("\r\n\r\n0123456789"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.accepted(), 1);
     }
 
     #[tokio::test]
@@ -2934,7 +2827,7 @@ mod tests {
             let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.ends_with("\r\n\r\nfine"), "round {round}: {read}");
         }
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(seen.accepted(), 3);
     }
 
     /// An app of HTTP/1.0's ways: answers `/unframed` with no length,
@@ -3068,7 +2961,7 @@ mod tests {
         .await;
         refused_400(&read, "Transfer-Encoding in an HTTP/1.0 request");
 
-        let lines: Vec<String> = lines_and_hosts(&seen).into_iter().map(|(l, _)| l).collect();
+        let lines: Vec<String> = seen.lines_and_hosts().into_iter().map(|(l, _)| l).collect();
         assert_eq!(
             lines,
             [
@@ -3081,39 +2974,20 @@ mod tests {
     }
 
     /// An app answering in HTTP/1.0 without `Connection: keep-alive` is
-    /// done with its connection (this one holds it open a while before
-    /// closing, serving nothing more on it): the next request goes to a
-    /// new connection, rather than waiting on this one or failing on it.
+    /// done with its connection, whatever it then does with it (this one
+    /// keeps it open and would answer another request on it): the next
+    /// request goes to a new connection.
     #[tokio::test]
     async fn an_http_1_0_answer_without_keep_alive_does_not_park_its_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut read = Vec::new();
-                    while !read.ends_with(b"\r\n\r\n") {
-                        if tcp.read_buf(&mut read).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                    }
-                    let answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    tcp.write_all(answer).await.unwrap();
-                    // Held, never read again, until the test ends.
-                    std::future::pending::<()>().await;
-                });
-            }
-        });
+        let answer = |_: &str| b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (app, seen) = bare_app(answer, |_| false).await;
         let mut caller = caller_of(app).await;
         for round in 0..2 {
             let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
             assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
             assert!(read.ends_with("\r\n\r\nok"), "{round}: {read}");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
     }
 
     /// An app answering in HTTP/1.0 with `Connection: keep-alive` keeps
@@ -3137,7 +3011,7 @@ mod tests {
             );
             assert!(read.ends_with("\r\n\r\nok"), "{round}: {read}");
         }
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.accepted(), 1);
     }
 
     /// An HTTP/1.0 answer with a `Transfer-Encoding`, which HTTP/1.0
@@ -3160,7 +3034,7 @@ mod tests {
                 "{round}: {read}"
             );
         }
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
     }
 
     /// How many requests `metrics` counts as sent again on a new app
@@ -3214,7 +3088,7 @@ mod tests {
         let (_caller, read) = pay_after_a_get(app, &metrics).await;
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
         assert!(read.ends_with("for POST /pay HTTP/1.1"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
         assert_eq!(payments(&seen), 1);
         assert_eq!(retries(&metrics), (1, 0), "sent again once, whole");
     }
@@ -3292,7 +3166,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (mut caller, read) = pay_after_a_get(app, &metrics).await;
         assert!(read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.accepted(), 1);
         assert_eq!(payments(&seen), 1);
         assert_eq!(retries(&metrics), (0, 0));
 
@@ -3306,7 +3180,7 @@ mod tests {
     async fn until_accepted(seen: &Seen, n: usize, caller: &mut TcpStream) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 4096];
-        while seen.accepted.load(Ordering::SeqCst) < n {
+        while seen.accepted() < n {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the app did not get connection {n}"
@@ -3375,7 +3249,7 @@ mod tests {
         let read = String::from_utf8(read).unwrap();
         // The answer, and no second `100 Continue` before it.
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 2, "the app saw the upload once");
         let (head, got) = &requests[1];
@@ -3420,7 +3294,7 @@ mod tests {
         .await;
         let read = String::from_utf8(read).unwrap();
         assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 2, "the app saw the upload once");
         assert!(requests[1].1 == body, "the body reached the app changed");
@@ -3677,23 +3551,6 @@ mod tests {
         );
     }
 
-    /// The request line and `Host` of each request a bare app saw.
-    fn lines_and_hosts(seen: &Seen) -> Vec<(String, String)> {
-        let requests = seen.requests.lock().unwrap();
-        requests
-            .iter()
-            .map(|(head, _)| {
-                let mut lines = head.lines();
-                let line = lines.next().unwrap_or_default().to_owned();
-                let host = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(name, _)| name.eq_ignore_ascii_case("host"))
-                    .map(|(_, value)| value.trim().to_owned());
-                (line, host.unwrap_or_default())
-            })
-            .collect()
-    }
-
     /// An absolute-form `http` target (what a client configured with an
     /// HTTP proxy sends, RFC 9112 section 3.2.2) is the forwarder's, and
     /// its outcome is hyper's path's: the app gets it in origin form (`/`
@@ -3766,7 +3623,7 @@ mod tests {
         let host = |h: &str| h.to_owned();
         // No `Host`: the target's authority, as on hyper's path.
         assert_eq!(
-            lines_and_hosts(&seen),
+            seen.lines_and_hosts(),
             [
                 ("GET /x?q=1 HTTP/1.1".into(), host("api")),
                 ("GET /?q HTTP/1.1".into(), host("api")),
@@ -3830,7 +3687,7 @@ mod tests {
         let read = exchange(&mut caller, "GET /old HTTP/1.0\r\n\r\n", 1).await;
         assert!(read.starts_with("HTTP/1.0 200 OK\r\n"), "{read}");
         assert_eq!(
-            lines_and_hosts(&seen),
+            seen.lines_and_hosts(),
             [
                 ("GET /s HTTP/1.1".into(), "api".into()),
                 ("GET /s HTTP/1.1".into(), "api".into()),
@@ -4096,11 +3953,7 @@ mod tests {
             );
             assert_eq!(String::from_utf8_lossy(body), CHUNKED_BODY);
         }
-        assert_eq!(
-            seen.accepted.load(Ordering::SeqCst),
-            1,
-            "one caller, one app connection"
-        );
+        assert_eq!(seen.accepted(), 1, "one caller, one app connection");
     }
 
     /// A `GET` or `HEAD` with a chunked body has its app connection closed
@@ -4130,15 +3983,15 @@ mod tests {
             };
             read_until(&mut caller, &mut read, end, "the answer").await;
             assert!(read.starts_with(b"HTTP/1.1 200 OK\r\n"), "{method}");
-            assert_eq!(seen.accepted.load(Ordering::SeqCst), round + 1, "{method}");
+            assert_eq!(seen.accepted(), round + 1, "{method}");
         }
         let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(seen.accepted(), 3);
         // A plain GET's connection is parked.
         let read = exchange(&mut caller, "GET /plain HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("fine"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(seen.accepted(), 3);
     }
 
     /// After a chunked request the forwarder still reads the connection:
@@ -4220,7 +4073,7 @@ mod tests {
             assert_eq!(complete(read.as_bytes()), 1, "{read}");
         }
         assert!(seen.requests.lock().unwrap().is_empty());
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(seen.accepted(), 0);
     }
 
     /// A chunk that does not parse: read with the head, the request is
@@ -4240,7 +4093,7 @@ mod tests {
             &read,
             "malformed chunked request body: chunk data not followed by CRLF",
         );
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 0, "the app saw it");
+        assert_eq!(seen.accepted(), 0, "the app saw it");
 
         let mut caller = TcpStream::connect(sidecar).await.unwrap();
         caller
@@ -4249,7 +4102,7 @@ mod tests {
             .unwrap();
         // The request is on its way once the app has its connection.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while seen.accepted.load(Ordering::SeqCst) == 0 {
+        while seen.accepted() == 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the request never went out"
@@ -4269,7 +4122,7 @@ mod tests {
         let mut caller = TcpStream::connect(sidecar).await.unwrap();
         let read = exchange(&mut caller, "GET /next HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
         assert!(read.ends_with("for GET /next HTTP/1.1"), "{read}");
-        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
         let requests = seen.requests.lock().unwrap();
         assert_eq!(requests.len(), 1, "{requests:?}");
     }

@@ -30,6 +30,8 @@ pub mod h1;
 pub mod headers;
 pub mod proxy;
 pub mod ratelimit;
+#[cfg(test)]
+pub(crate) mod test_app;
 pub mod upstream;
 
 use std::cell::RefCell;

@@ -381,48 +381,26 @@ mod tests {
     //! Against real apps on loopback sockets: hyper's HTTP/1 server, and a
     //! bare one that closes each connection after its answer.
 
-    use std::convert::Infallible;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     use super::*;
+    use crate::http::test_app::{Seen, bare_app};
 
-    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+    /// An HTTP/1.1 app that answers every request 200 with no body and
+    /// keeps its connection: what it saw, the connections it accepted
+    /// among it.
+    async fn app() -> (SocketAddr, Arc<Seen>) {
+        bare_app(|_| EMPTY_200.to_vec(), |_| false).await
+    }
 
-    /// An HTTP/1.1 app that answers every request with 200, and counts the
-    /// connections it accepted and records each request's target and `Host`.
-    async fn app() -> (SocketAddr, Arc<AtomicUsize>, Seen) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let seen = Seen::default();
-        let (count, record) = (accepted.clone(), seen.clone());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let record = record.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let host = req
-                        .headers()
-                        .get(HOST)
-                        .map(|h| h.to_str().unwrap().to_owned());
-                    record
-                        .lock()
-                        .unwrap()
-                        .push((req.uri().to_string(), host.unwrap_or_default()));
-                    std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service),
-                );
-            }
-        });
-        (addr, accepted, seen)
+    const EMPTY_200: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+
+    /// The target and `Host` of each request `seen`.
+    fn targets_and_hosts(seen: &Seen) -> Vec<(String, String)> {
+        let target = |line: &str| line.split(' ').nth(1).unwrap_or_default().to_owned();
+        let requests = seen.lines_and_hosts().into_iter();
+        requests.map(|(line, host)| (target(&line), host)).collect()
     }
 
     fn web_id() -> SpiffeId {
@@ -448,7 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_take_turns_on_one_app_connection_while_their_requests_do() {
-        let (addr, accepted, seen) = app().await;
+        let (addr, seen) = app().await;
         let pool = Arc::new(AppConnections::default());
 
         let first = Upstream::new(pool.clone(), addr, web_id());
@@ -459,20 +437,12 @@ mod tests {
             .insert(HOST, HeaderValue::from_static("api.example"));
         assert_eq!(send(&first, with_host).await, 200);
         assert_eq!(send(&first, get("/")).await, 200);
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one caller, one app connection"
-        );
+        assert_eq!(seen.accepted(), 1, "one caller, one app connection");
 
         // The first caller is idle now, and holds no app connection.
         let second = Upstream::new(pool.clone(), addr, web_id());
         assert_eq!(send(&second, get("/c")).await, 200);
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "an idle caller held the app connection"
-        );
+        assert_eq!(seen.accepted(), 1, "an idle caller held the app connection");
         drop((first, second));
         assert_eq!(pool.parked(), 1, "the app connection was not parked");
 
@@ -484,9 +454,8 @@ mod tests {
             ("/", &app),
             ("/c", &app),
         ];
-        let seen = seen.lock().unwrap().clone();
         assert_eq!(
-            seen,
+            targets_and_hosts(&seen),
             expected.map(|(t, h)| (t.to_owned(), h.to_owned())).to_vec()
         );
     }
@@ -495,8 +464,8 @@ mod tests {
     async fn a_request_goes_out_only_on_a_connection_to_its_own_app_port() {
         // One sidecar serves every port of its app: a request decided for
         // one port must reach that port, whatever another left parked.
-        let (web, web_accepted, web_seen) = app().await;
-        let (admin, admin_accepted, admin_seen) = app().await;
+        let (web, web_seen) = app().await;
+        let (admin, admin_seen) = app().await;
         let pool = Arc::new(AppConnections::default());
 
         let to_web = Upstream::new(pool.clone(), web, web_id());
@@ -508,26 +477,20 @@ mod tests {
         assert_eq!(send(&to_admin, get("/admin")).await, 200);
         drop(to_admin);
         assert_eq!(
-            admin_seen.lock().unwrap().len(),
+            admin_seen.lines_and_hosts().len(),
             1,
             "the request for the admin port did not reach it"
         );
-        assert_eq!(admin_accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(admin_seen.accepted(), 1);
 
         // Each port's parked connection is still there for its own callers.
         assert_eq!(pool.parked(), 2);
         let again = Upstream::new(pool.clone(), web, web_id());
         assert_eq!(send(&again, get("/public/2")).await, 200);
-        assert_eq!(
-            web_accepted.load(Ordering::SeqCst),
-            1,
-            "web's was not reused"
-        );
-        let web_targets: Vec<String> = web_seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(t, _)| t.clone())
+        assert_eq!(web_seen.accepted(), 1, "web's was not reused");
+        let web_targets: Vec<String> = targets_and_hosts(&web_seen)
+            .into_iter()
+            .map(|(t, _)| t)
             .collect();
         assert_eq!(web_targets, ["/public", "/public/2"]);
     }
@@ -536,27 +499,7 @@ mod tests {
     async fn a_connection_the_app_closed_is_never_used_again() {
         // Answers one request per connection, then closes it, without
         // saying so (an app whose idle timeout is shorter than ours).
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let n = tcp.read(&mut buf).await.unwrap();
-                        assert!(n > 0, "the request ended early");
-                        head.extend_from_slice(&buf[..n]);
-                    }
-                    tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .await
-                        .unwrap();
-                });
-            }
-        });
+        let (addr, seen) = bare_app(|_| EMPTY_200.to_vec(), |_| true).await;
 
         let pool = Arc::new(AppConnections::default());
         let upstream = Upstream::new(pool.clone(), addr, web_id());
@@ -575,14 +518,14 @@ mod tests {
                 waited += 1;
             }
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(seen.accepted(), 3);
         drop(upstream);
         assert_eq!(pool.parked(), 0, "a closed connection was parked");
     }
 
     #[tokio::test]
     async fn a_connection_parked_for_one_identity_never_carries_anothers_request() {
-        let (addr, accepted, _) = app().await;
+        let (addr, seen) = app().await;
         let pool = Arc::new(AppConnections::default());
         let web = Upstream::new(pool.clone(), addr, web_id());
         assert_eq!(send(&web, get("/")).await, 200);
@@ -593,7 +536,7 @@ mod tests {
         let api = Upstream::new(pool.clone(), addr, other);
         assert_eq!(send(&api, get("/")).await, 200);
         assert_eq!(
-            accepted.load(Ordering::SeqCst),
+            seen.accepted(),
             2,
             "another identity's request went out on web's app connection"
         );
@@ -603,12 +546,12 @@ mod tests {
         // web's own is still there for it.
         let web = Upstream::new(pool.clone(), addr, web_id());
         assert_eq!(send(&web, get("/")).await, 200);
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
     }
 
     #[tokio::test]
     async fn the_app_connection_of_a_get_with_a_body_is_closed_not_parked() {
-        let (addr, accepted, _) = app().await;
+        let (addr, seen) = app().await;
         let pool = Arc::new(AppConnections::default());
         let upstream = Upstream::new(pool.clone(), addr, web_id());
         let authority = Authority::from_maybe_shared(addr.to_string()).unwrap();
@@ -636,7 +579,7 @@ mod tests {
             .unwrap();
         response.into_body().collect().await.unwrap();
         upstream.release();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.accepted(), 2);
         assert_eq!(pool.parked(), 1);
     }
 
@@ -646,7 +589,7 @@ mod tests {
     /// again.
     #[tokio::test]
     async fn a_request_that_never_left_a_closed_connection_goes_out_again_and_counts() {
-        let (addr, accepted, seen) = app().await;
+        let (addr, seen) = app().await;
         let pool = Arc::new(AppConnections::default());
         // A parked connection whose driver the test holds: polled once, it
         // waits for a request; dropped, it ends with the one queued unsent.
@@ -673,8 +616,8 @@ mod tests {
         drop(conn);
         let response = sending.await.unwrap();
         assert_eq!(response.status(), 200);
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(seen.lock().unwrap()[0].0, "/again");
+        assert_eq!(seen.accepted(), 1);
+        assert_eq!(targets_and_hosts(&seen)[0].0, "/again");
         let text = metrics.encode();
         for series in [
             "trellis_app_request_retries_total{reason=\"whole_request\"} 1",
