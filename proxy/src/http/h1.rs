@@ -148,8 +148,13 @@
 //!
 //! **Bounded.** At most [`PIPELINED`] bytes are read ahead of a request in
 //! flight; a head must arrive within [`HEAD_TIMEOUT`] of the connection
-//! waiting for it (hyper's header read timeout, which also ends idle
-//! keep-alive connections), and is read up to [`MAX_REQUEST_HEAD`] bytes,
+//! waiting for it (as hyper's header read timeout, which also ends idle
+//! keep-alive connections): a connection with no byte of a head by then
+//! (but empty lines) is idle, and closed without a word; one with part of
+//! a head is answered 408 ([`HEAD_TIMED_OUT`], `trellis-proxy-error:
+//! request_timeout`), logged and counted as a malformed head is, and
+//! closed (as Envoy's header timeout answers; nginx closes without one).
+//! A head is read up to [`MAX_REQUEST_HEAD`] bytes,
 //! parsed again past 16 KiB only when a line of it has ended, after at
 //! most [`MAX_EMPTY_LINES`] bytes of empty lines, dropped as they come
 //! rather than parsed again with each read; the buffers
@@ -233,6 +238,13 @@ const MAX_ANSWER_HEADERS: usize = 100;
 /// How long a caller has to send a whole request head, counted from when
 /// the connection starts waiting for it.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a caller that sent part of a request head, and not the rest
+/// within [`HEAD_TIMEOUT`], is told (with 408).
+pub const HEAD_TIMED_OUT: &str = "request head did not arrive within 30 s";
+const _: () = assert!(
+    HEAD_TIMEOUT.as_secs() == 30 && HEAD_TIMEOUT.subsec_nanos() == 0,
+    "HEAD_TIMED_OUT names the bound"
+);
 /// How long the rest of a request body may go without a byte of it
 /// reaching the app once the answer is out (nginx's `client_body_timeout`
 /// is as long): an app that answered without reading the body and keeps
@@ -567,7 +579,7 @@ pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
     field(
         &mut out,
         super::proxy::PROXY_ERROR.as_str().as_bytes(),
-        b"invalid_request",
+        malformed.proxy_error().as_bytes(),
     );
     let body = trellis_core::refusal::body_text(malformed.why.as_bytes(), true);
     let mut digits = itoa::Buffer::new();
@@ -697,8 +709,8 @@ enum Taken {
     Request(Head),
     /// Not one the forwarder takes: hyper's.
     Other,
-    /// Not one at all, or framed in a way no server may read: answered
-    /// with what is wrong, and the connection closed.
+    /// Not one at all, framed in a way no server may read, or not whole
+    /// in time: answered with what is wrong, and the connection closed.
     Malformed(Malformed),
 }
 
@@ -715,7 +727,8 @@ struct Head {
 
 /// Reads the next request head; `None` once the caller has closed the
 /// connection between requests, the sidecar drains while it is idle, or
-/// a head did not come within [`HEAD_TIMEOUT`].
+/// no byte of a head (but empty lines) came within [`HEAD_TIMEOUT`]. A
+/// head begun and not whole by then is [`Malformed::head_timed_out`].
 async fn read_head<S, D>(
     caller: &mut Caller<S>,
     drain: &mut Drain<'_, D>,
@@ -773,13 +786,19 @@ where
             Ok(Ok(0)) => return Ok(Some(Taken::Other)),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_elapsed) => {
+            // A kept-alive connection with no byte of a next head is idle:
+            // closed without a word, as hyper's server closes one.
+            Err(_elapsed) if idle => {
                 tracing::debug!(
-                    "no request head within {}",
+                    "no request head within {}: idle connection closed",
                     trellis_core::duration::Words(HEAD_TIMEOUT)
                 );
                 return Ok(None);
             }
+            // Part of a head came and the rest did not (a caller that
+            // stalled, or one holding connections open a byte at a time):
+            // told why, as Envoy's header timeout tells it.
+            Err(_elapsed) => return Ok(Some(Taken::Malformed(Malformed::head_timed_out()))),
         }
     }
 }
@@ -1027,6 +1046,18 @@ impl Malformed {
         Malformed::over(HeadLimit::Target)
     }
 
+    /// A head begun and not whole within [`HEAD_TIMEOUT`]: 408.
+    fn head_timed_out() -> Self {
+        Malformed {
+            status: StatusCode::REQUEST_TIMEOUT,
+            why: HEAD_TIMED_OUT,
+        }
+    }
+
+    fn timed_out(&self) -> bool {
+        self.status == StatusCode::REQUEST_TIMEOUT
+    }
+
     /// What the refusal is counted as where it is counted by its kind
     /// (`reason`): `target_too_long` (414), `head_too_large` (431) or
     /// `malformed` (400).
@@ -1038,10 +1069,26 @@ impl Malformed {
         }
     }
 
+    /// The `trellis-proxy-error` token of its answer: `request_timeout`
+    /// for a head that did not come whole in time, `invalid_request` for
+    /// the others.
+    fn proxy_error(&self) -> &'static str {
+        if self.timed_out() {
+            "request_timeout"
+        } else {
+            "invalid_request"
+        }
+    }
+
     /// The access-log entry of the head refused on `conn` (written as it
     /// drops), its refusal traced.
     pub fn entry(&self, conn: Arc<Connection>) -> Entry {
-        tracing::debug!(peer = %conn.peer, problem = self.why, "malformed request head");
+        let what = if self.timed_out() {
+            "request head timed out"
+        } else {
+            "malformed request head"
+        };
+        tracing::debug!(peer = %conn.peer, problem = self.why, "{what}");
         Entry::refused_head(conn, Protocol::Http1.as_str(), self.status, self.why)
     }
 
@@ -2615,21 +2662,48 @@ mod tests {
 
     /// A [`sidecar_of`] that counts in `metrics`.
     async fn sidecar_counting(app: SocketAddr, metrics: Arc<Metrics>) -> SocketAddr {
-        let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
-        let http = Arc::new(Http::with_access_log(metrics.clone(), false));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let _keep = keep;
+            let sidecar = Sidecar::new(app, metrics);
             while let Ok((tcp, _)) = listener.accept().await {
-                let conn = Connection::new(http.clone(), id("/ns/a/sa/web"), app, policies.clone());
-                tokio::spawn(async move {
-                    let _ = crate::http::serve(conn, Protocol::Http1, tcp, std::future::pending())
-                        .await;
-                });
+                sidecar.serve(tcp);
             }
         });
         addr
+    }
+
+    /// A sidecar's inbound HTTP serving in front of `app`, counting in
+    /// its metrics, for connections a test hands it.
+    struct Sidecar {
+        app: SocketAddr,
+        http: Arc<Http>,
+        policies: watch::Receiver<Option<Arc<crate::policy::Policies>>>,
+        _keep: watch::Sender<Option<Arc<crate::policy::Policies>>>,
+    }
+
+    impl Sidecar {
+        fn new(app: SocketAddr, metrics: Arc<Metrics>) -> Self {
+            let (keep, policies) = watch::channel(Some(Arc::new(no_admin(&metrics))));
+            let http = Arc::new(Http::with_access_log(metrics, false));
+            Sidecar {
+                app,
+                http,
+                policies,
+                _keep: keep,
+            }
+        }
+
+        /// Serves `tcp`, a connection from `spiffe://td/ns/a/sa/web`, in a
+        /// task of its own.
+        fn serve(&self, tcp: TcpStream) {
+            let peer = id("/ns/a/sa/web");
+            let conn = Connection::new(self.http.clone(), peer, self.app, self.policies.clone());
+            tokio::spawn(async move {
+                let _ =
+                    crate::http::serve(conn, Protocol::Http1, tcp, std::future::pending()).await;
+            });
+        }
     }
 
     /// Writes `request` and reads until `answers` answers have come whole,
@@ -3035,6 +3109,81 @@ mod tests {
             );
         }
         assert_eq!(seen.accepted(), 2);
+    }
+
+    /// How many requests `metrics` counts refused as `invalid` with a 4xx.
+    fn invalid_4xx(metrics: &Metrics) -> u64 {
+        let text = metrics.encode();
+        let series = "trellis_requests_total{status=\"4xx\",decision=\"invalid\"} ";
+        let line = text.lines().find_map(|l| l.strip_prefix(series));
+        line.unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// A caller that sends part of a request head and no more (a client
+    /// that stalls, or one holding connections a byte at a time) is
+    /// answered 408 in words once [`HEAD_TIMEOUT`] has passed, and the
+    /// connection closed; the app never hears of it, and the refusal is
+    /// counted as the forwarder's refused heads are. The clock is paused
+    /// (it moves only when every task waits on a timer), so the 30 s pass
+    /// at once; the head's bytes are in the sidecar's socket before its
+    /// connection is served, so none of them can arrive after the clock
+    /// has moved.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_stalls_is_answered_408_and_its_connection_closed() {
+        let (app, seen) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let metrics = Arc::new(Metrics::new());
+        let sidecar = Sidecar::new(app, metrics.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut caller = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        caller
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: api\r\nX-Wait: ")
+            .await
+            .unwrap();
+        ours.readable().await.unwrap();
+        sidecar.serve(ours);
+
+        let mut read = Vec::new();
+        caller.read_to_end(&mut read).await.unwrap();
+        let read = String::from_utf8(read).unwrap();
+        assert!(
+            read.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{read}"
+        );
+        assert!(
+            read.contains("\r\ntrellis-proxy-error: request_timeout\r\n"),
+            "{read}"
+        );
+        assert!(read.contains("\r\nconnection: close\r\n"), "{read}");
+        assert!(
+            read.ends_with("\r\n\r\ntrellis: request head did not arrive within 30 s\n"),
+            "{read}"
+        );
+        assert_eq!(seen.accepted(), 0, "the app heard of it");
+        assert_eq!(invalid_4xx(&metrics), 1);
+    }
+
+    /// A kept-alive connection with no byte of a next head (an empty line
+    /// after a request is none, RFC 9112 section 2.2) is idle: closed
+    /// without a word once [`HEAD_TIMEOUT`] has passed, and not counted.
+    /// The clock is paused once the request is answered.
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_without_an_answer() {
+        let (app, _) = bare_app(|_| ok("fine", ""), |_| false).await;
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let request = "GET / HTTP/1.1\r\nHost: api\r\n\r\n\r\n";
+        let read = exchange(&mut caller, request, 1).await;
+        assert!(read.ends_with("\r\n\r\nfine"), "{read}");
+        tokio::time::pause();
+        let mut rest = Vec::new();
+        caller.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        assert_eq!(invalid_4xx(&metrics), 0);
     }
 
     /// How many requests `metrics` counts as sent again on a new app
