@@ -117,10 +117,11 @@
 //! length among them, framed so in HTTP/1.1 too). The app connection is
 //! parked only if the app keeps it: not after `Connection: close`, nor
 //! after an HTTP/1.0 answer that does not say `Connection: keep-alive`
-//! (HTTP/1.0's default is to close) or that has a `Transfer-Encoding`
-//! (which HTTP/1.0 lacks). An answer that cannot be read
-//! one way (two lengths, a malformed head) is 502, "invalid answer from
-//! the app", as on hyper's path.
+//! (HTTP/1.0's default is to close). An answer that cannot be read
+//! one way (two lengths, a malformed head, a `Transfer-Encoding` in an
+//! HTTP/1.0 answer, which RFC 9112 section 6.1 has a recipient treat as
+//! faulty framing) is 502, "invalid answer from the app", as on hyper's
+//! path (whose client refuses the same), and its app connection closed.
 //!
 //! **Bodies that stream.** A request whose body is not all read with its
 //! head has the rest copied to the app while the answer is read and passed
@@ -235,6 +236,9 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 pub const MAX_ANSWER_HEAD: usize = 8192 + 4096 * 100;
 /// The most header fields of an answer (hyper's client's bound).
 const MAX_ANSWER_HEADERS: usize = 100;
+/// Why an HTTP/1.0 answer with a `Transfer-Encoding` is refused, as the
+/// log line of its 502 says.
+const TRANSFER_ENCODING_IN_HTTP_1_0: &str = "Transfer-Encoding in an HTTP/1.0 answer";
 /// How long a caller has to send a whole request head, counted from when
 /// the connection starts waiting for it.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -2038,12 +2042,17 @@ fn parse_answer(
                 }
             }
         }
+        // HTTP/1.0 has no `Transfer-Encoding`: an answer with one is
+        // framed faultily (RFC 9112 section 6.1), and the app may mean its
+        // body otherwise than its chunks say. Refused, as hyper's client
+        // refuses it, and its connection closed.
+        if parsed.version == Some(0) && chunked.is_some() {
+            return Err(Reading::Invalid(TRANSFER_ENCODING_IN_HTTP_1_0));
+        }
         // An HTTP/1.0 answer ends its connection unless it says it keeps
         // it (RFC 9112 appendix C.2.2): parked, it would only be found
-        // closed by the next request. One with a `Transfer-Encoding`,
-        // which HTTP/1.0 lacks, is framed faultily: its connection is
-        // closed after it, keep-alive or not (RFC 9112 section 6.1).
-        app_close |= parsed.version == Some(0) && (!keep_alive || chunked.is_some());
+        // closed by the next request.
+        app_close |= parsed.version == Some(0) && !keep_alive;
         let bodiless =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = match (chunked, length) {
@@ -3089,26 +3098,45 @@ mod tests {
     }
 
     /// An HTTP/1.0 answer with a `Transfer-Encoding`, which HTTP/1.0
-    /// lacks, is framed faultily (RFC 9112 section 6.1): its app
-    /// connection is not parked, though it says keep-alive.
+    /// lacks, is framed faultily (RFC 9112 section 6.1): it is 502 in
+    /// words on either path, counted as the app's other invalid answers
+    /// are, and its app connection is closed, though it says keep-alive
+    /// (the app would serve more on it). The caller's connection goes on.
     #[tokio::test]
-    async fn an_http_1_0_answer_with_a_transfer_encoding_does_not_park_its_connection() {
+    async fn an_http_1_0_answer_with_a_transfer_encoding_is_refused_on_either_path() {
         let answer = |_: &str| {
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n\
               2\r\nok\r\n0\r\n\r\n"
                 .to_vec()
         };
         let (app, seen) = bare_app(answer, |_| false).await;
-        let mut caller = caller_of(app).await;
-        for round in 0..2 {
-            let read = exchange(&mut caller, "GET / HTTP/1.1\r\nHost: api\r\n\r\n", 1).await;
-            assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{round}: {read}");
+        let metrics = Arc::new(Metrics::new());
+        let mut caller = counted_caller_of(app, &metrics).await;
+        let requests = [
+            "GET /a HTTP/1.1\r\nHost: api\r\n\r\n",
+            "GET /b HTTP/1.1\r\nHost: api\r\n\r\n",
+            // hyper's path.
+            "GET https://api/c HTTP/1.1\r\nHost: api\r\n\r\n",
+        ];
+        for (round, request) in requests.into_iter().enumerate() {
+            let read = exchange(&mut caller, request, 1).await;
             assert!(
-                read.ends_with("\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+                read.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
                 "{round}: {read}"
             );
+            assert!(
+                read.contains("\r\ntrellis-proxy-error: invalid_app_answer\r\n"),
+                "{round}: {read}"
+            );
+            assert!(
+                read.ends_with("\r\n\r\ntrellis: invalid answer from the app\n"),
+                "{round}: {read}"
+            );
+            assert_eq!(seen.accepted(), round + 1, "{round}: a connection reused");
         }
-        assert_eq!(seen.accepted(), 2);
+        let text = metrics.encode();
+        let counted = "trellis_requests_total{status=\"5xx\",decision=\"allow\"} 3";
+        assert!(text.contains(counted), "{text}");
     }
 
     /// How many requests `metrics` counts refused as `invalid` with a 4xx.
