@@ -19,6 +19,8 @@ const SNAPSHOT_ENDPOINTS: [&str; 3] = ["full", "unchanged", "changes"];
 pub struct Metrics {
     certificates_issued: AtomicU64,
     certify_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Admin calls answered, by method and gRPC code.
+    admin_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     inbound_addresses_refused: Mutex<BTreeMap<&'static str, u64>>,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     webhook_handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
@@ -51,6 +53,17 @@ impl Metrics {
 
     pub fn certify_failed(&self, reason: &'static str) {
         count(&self.certify_failures, reason);
+    }
+
+    /// An Admin call of `method` answered with the gRPC `code` (`OK` for
+    /// one answered with its response).
+    pub fn admin_call(&self, method: &'static str, code: &'static str) {
+        *self
+            .admin_calls
+            .lock()
+            .expect("not poisoned")
+            .entry((method, code))
+            .or_default() += 1;
     }
 
     /// An inbound address a Certify reported that was not recorded, for
@@ -171,6 +184,18 @@ impl Metrics {
             "Certify calls refused, by reason.",
             &self.certify_failures.lock().expect("not poisoned"),
         );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_admin_calls_total Admin API calls answered, by method and gRPC code \
+             (OK: answered with its response; any other: refused, and logged).\n\
+             # TYPE trellis_admin_calls_total counter"
+        );
+        for ((method, code), count) in self.admin_calls.lock().expect("not poisoned").iter() {
+            let _ = writeln!(
+                out,
+                "trellis_admin_calls_total{{method=\"{method}\",code=\"{code}\"}} {count}"
+            );
+        }
         render_family(
             &mut out,
             "trellis_inbound_addresses_refused_total",
@@ -433,7 +458,14 @@ mod tests {
         m.certify_failed("token_used");
         m.certify_failed("token_used");
         m.watch_stream_opened();
+        m.admin_call("ApplyPolicy", "InvalidArgument");
+        m.admin_call("ApplyPolicy", "InvalidArgument");
+        m.admin_call("ApplyPolicy", "OK");
         let text = m.render();
+        assert!(text.contains(
+            "trellis_admin_calls_total{method=\"ApplyPolicy\",code=\"InvalidArgument\"} 2\n\
+             trellis_admin_calls_total{method=\"ApplyPolicy\",code=\"OK\"} 1\n"
+        ));
         assert!(
             text.contains("trellis_certificates_issued_total 1\n"),
             "{text}"

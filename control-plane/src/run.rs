@@ -39,7 +39,7 @@ use crate::api::identity::{IdentityService, MAX_CERTIFY_REQUEST_BYTES};
 use crate::api::policy::stored_warnings;
 use crate::api::replica::{MAX_REPLICA_REQUEST_BYTES, ReplicaService, Replicas};
 use crate::api::unknown_method::UnknownMethodsLayer;
-use crate::api::{Mesh, OnlyCaller, UnaryRequests};
+use crate::api::{AdminCalls, Mesh, OnlyCaller, UnaryRequests};
 use crate::authn::tokenreview::TokenReviewer;
 use crate::body_deadline::BodyDeadlineLayer;
 use crate::ca::anchors::{describe_roots, expiries, report_expiring_roots};
@@ -464,13 +464,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             ),
             OnlyCaller::control_plane(&config.trust_domain),
         ))
-        .add_service(InterceptedService::new(
-            UnaryRequests::limited(
-                AdminServer::new(AdminService::new(mesh, replicas))
-                    .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES),
-                MAX_ADMIN_REQUEST_BYTES,
+        // Every call counted and every refusal logged, the caller check's
+        // among them.
+        .add_service(AdminCalls::new(
+            InterceptedService::new(
+                UnaryRequests::limited(
+                    AdminServer::new(AdminService::new(mesh, replicas))
+                        .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES),
+                    MAX_ADMIN_REQUEST_BYTES,
+                ),
+                OnlyCaller::admin(&config.trust_domain),
             ),
-            OnlyCaller::admin(&config.trust_domain),
+            metrics.clone(),
         ))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -190,6 +190,146 @@ async fn only_the_operator_identity_may_call_admin() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 }
 
+/// The lines of `log` that hold every one of `parts`.
+fn lines_with<'a>(log: &'a str, parts: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .collect()
+}
+
+/// Each refused Admin call is logged once by the control plane, naming the
+/// method, the caller and the code (WARN for a caller the API does not
+/// allow, INFO for the operator's own mistake), never what the call
+/// carried besides its request (a bearer token in its metadata); and every
+/// call is counted by method and code.
+#[tokio::test]
+async fn refused_admin_calls_are_logged_once_and_counted() {
+    if std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_err()
+    {
+        common::machine::skip("skipped: grpcurl not installed");
+        return;
+    }
+    const BEARER: &str = "tr3llis-bearer-never-logged";
+    let cp = ControlPlane::start(&[]);
+    // The operator deletes a policy that is not there, as `grpcurl` with
+    // the operator's credential, sending a token it has no use for.
+    let grpcurl = || {
+        let mut command = std::process::Command::new("grpcurl");
+        command
+            .arg("-cacert")
+            .arg(cp.state_dir.join("bundle.pem"))
+            .arg("-cert")
+            .arg(cp.state_dir.join("admin.crt"))
+            .arg("-key")
+            .arg(cp.state_dir.join("admin.key"))
+            .args(["-H", &format!("authorization: Bearer {BEARER}")]);
+        command
+    };
+    let out = grpcurl()
+        .args(["-d", r#"{"namespace":"shop","name":"missing"}"#])
+        .arg(format!("localhost:{}", cp.port()))
+        .arg("trellis.admin.v1.Admin/DeletePolicy")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("NotFound"), "{stderr}");
+    let line = cp.wait_for_line("the refused DeletePolicy's line", |l| {
+        l.contains("admin call refused") && l.contains("method=\"DeletePolicy\"")
+    });
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains("caller=spiffe://cluster.local/trellis/admin "),
+        "{line}"
+    );
+    assert!(line.contains("code=\"NotFound\""), "{line}");
+    assert!(
+        line.contains("detail=\"policy shop/missing not found\""),
+        "{line}"
+    );
+
+    // An invalid document, as `trellisctl policy apply` sends it.
+    let err = cp
+        .admin_client()
+        .await
+        .apply_policy(trellis_proto::admin::v1::ApplyPolicyRequest {
+            document: "kind: Nonsense\n".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let invalid = cp.wait_for_line("the refused ApplyPolicy's line", |l| {
+        l.contains("admin call refused") && l.contains("method=\"ApplyPolicy\"")
+    });
+    assert!(invalid.contains(" INFO "), "{invalid}");
+    assert!(invalid.contains("code=\"InvalidArgument\""), "{invalid}");
+
+    // A sidecar's identity, twice, and a caller without a certificate.
+    let workload = enroll(&cp, WEB, "").await;
+    for identity in [Some(&workload), Some(&workload), None] {
+        let channel =
+            trellis_core::grpc::connect(&cp.grpc, std::sync::Arc::new(cp.client_config(identity)))
+                .await
+                .unwrap();
+        AdminClient::new(channel)
+            .list_workloads(ListWorkloadsRequest::default())
+            .await
+            .unwrap_err();
+    }
+    let denied = cp.wait_for_line("the refused sidecar's line", |l| {
+        l.contains("admin call refused") && l.contains("code=\"PermissionDenied\"")
+    });
+    assert!(denied.contains(" WARN "), "{denied}");
+    assert!(denied.contains("method=\"ListWorkloads\""), "{denied}");
+    assert!(denied.contains(&format!("caller={WEB} ")), "{denied}");
+    assert!(denied.contains("client=127.0.0.1:"), "{denied}");
+    assert!(
+        denied.contains(&format!("detail=\"{WEB} may not call the Admin API; only ")),
+        "{denied}"
+    );
+    let anonymous = cp.wait_for_line("the refused anonymous caller's line", |l| {
+        l.contains("admin call refused") && l.contains("code=\"Unauthenticated\"")
+    });
+    assert!(anonymous.contains(" WARN "), "{anonymous}");
+    assert!(anonymous.contains("caller=anonymous "), "{anonymous}");
+
+    let metrics = cp.metrics();
+    for (method, code, count) in [
+        ("DeletePolicy", "NotFound", 1),
+        ("ApplyPolicy", "InvalidArgument", 1),
+        ("ListWorkloads", "PermissionDenied", 2),
+        ("ListWorkloads", "Unauthenticated", 1),
+    ] {
+        let series =
+            format!("trellis_admin_calls_total{{method=\"{method}\",code=\"{code}\"}} {count}\n");
+        assert!(metrics.contains(&series), "no {series} in {metrics}");
+    }
+    assert!(
+        metrics.contains("trellis_admin_calls_total{method=\"CreateJoinToken\",code=\"OK\"} 1\n"),
+        "{metrics}"
+    );
+
+    let log = cp.log();
+    // Each refusal once: the sidecar's second, within the window of its
+    // first, only counted; the caller check no longer logs one of its own.
+    assert_eq!(
+        lines_with(&log, &["code=\"PermissionDenied\""]).len(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("refused a call from an identity"), "{log}");
+    assert_eq!(
+        lines_with(&log, &["method=\"DeletePolicy\""]).len(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains(BEARER), "{log}");
+}
+
 #[tokio::test]
 async fn workloads_lists_a_certified_workload() {
     let cp = ControlPlane::start(&[]);

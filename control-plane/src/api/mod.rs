@@ -6,6 +6,7 @@
 //! against the bundle during the handshake (see `server`).
 
 pub mod admin;
+mod admin_calls;
 pub mod discovery;
 pub mod discovery_server;
 pub mod identity;
@@ -27,6 +28,7 @@ use crate::inject::UninjectedPods;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+pub(crate) use admin_calls::AdminCalls;
 pub(crate) use unary::UnaryRequests;
 
 /// What a client is told of a request of `call` larger than the `limit`
@@ -235,6 +237,9 @@ pub fn rfc3339(unix: i64) -> String {
 pub struct OnlyCaller {
     allowed: SpiffeId,
     api: &'static str,
+    /// Whether a caller refused is logged here: the Admin API's refusals
+    /// are logged with the others of its calls (`AdminCalls`).
+    logs: bool,
 }
 
 impl OnlyCaller {
@@ -243,6 +248,7 @@ impl OnlyCaller {
         Self {
             allowed: SpiffeId::admin(trust_domain),
             api: "the Admin API",
+            logs: false,
         }
     }
 
@@ -251,6 +257,7 @@ impl OnlyCaller {
         Self {
             allowed: SpiffeId::control_plane(trust_domain),
             api: "the Replica API",
+            logs: true,
         }
     }
 }
@@ -259,7 +266,9 @@ impl tonic::service::Interceptor for OnlyCaller {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let caller = require_svid(&request, self.api)?;
         if caller != self.allowed {
-            tracing::warn!(caller = %caller, api = self.api, "refused a call from an identity the API does not allow");
+            if self.logs {
+                tracing::warn!(caller = %caller, api = self.api, "refused a call from an identity the API does not allow");
+            }
             return Err(Status::permission_denied(format!(
                 "{caller} may not call {}; only {} may",
                 self.api, self.allowed
