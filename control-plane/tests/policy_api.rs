@@ -374,6 +374,73 @@ async fn a_dry_run_reports_selected_workloads_and_stores_nothing() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// An ApplyPolicy of thousands of policies is logged in one INFO line,
+/// counting them by outcome and naming the first few it changed, with the
+/// snapshot version (its epoch in hex, as the other lines give it) and the
+/// caller; not in a line per policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_apply_is_logged_in_one_line() {
+    const POLICIES: usize = 3000;
+    let cp = ControlPlane::start(&[]);
+    let mut admin = cp.admin_client().await;
+    let document = |port_of: &dyn Fn(usize) -> u32, count: usize| {
+        (0..count)
+            .map(|i| allow(&format!("p{i:04}"), API, WEB, port_of(i)))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let summaries = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("policies applied"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let answer = apply(&mut admin, &document(&|_| 8080, POLICIES), false)
+        .await
+        .unwrap();
+    let epoch = format!("{:016x}", served_epoch(&mut admin).await);
+    let line = cp.wait_for_line("the apply's line", |l| l.contains("policies applied"));
+    assert!(line.contains(" INFO "), "{line}");
+    for field in [
+        format!("created={POLICIES} "),
+        "updated=0 ".to_owned(),
+        "unchanged=0 ".to_owned(),
+        format!("snapshot_version={} ", answer.snapshot_version),
+        format!("snapshot_version_epoch={epoch} "),
+        "caller=spiffe://cluster.local/trellis/admin ".to_owned(),
+        "changed=AuthorizationPolicy default/p0000, AuthorizationPolicy default/p0001, \
+         AuthorizationPolicy default/p0002, AuthorizationPolicy default/p0003, \
+         AuthorizationPolicy default/p0004, and 2995 more"
+            .to_owned(),
+    ] {
+        assert!(line.contains(&field), "no {field:?} in {line}");
+    }
+
+    // Two changed, one more, the rest as they were.
+    let port_of = |i: usize| if i == 7 || i == 2000 { 9090 } else { 8080 };
+    let answer = apply(&mut admin, &document(&port_of, POLICIES + 1), false)
+        .await
+        .unwrap();
+    let second = eventually("the second apply's line", || {
+        summaries(&cp.log()).get(1).cloned()
+    });
+    for field in [
+        "created=1 ".to_owned(),
+        "updated=2 ".to_owned(),
+        format!("unchanged={} ", POLICIES - 2),
+        format!("snapshot_version={} ", answer.snapshot_version),
+        "changed=AuthorizationPolicy default/p0007, AuthorizationPolicy default/p2000, \
+         AuthorizationPolicy default/p3000"
+            .to_owned(),
+    ] {
+        assert!(second.contains(&field), "no {field:?} in {second}");
+    }
+    let log = cp.log();
+    assert_eq!(summaries(&log).len(), 2, "{log}");
+    let per_policy = log.lines().filter(|l| l.contains("policy applied")).count();
+    assert_eq!(per_policy, 0, "a line per policy at INFO");
+}
+
 #[tokio::test]
 async fn a_sidecar_identity_may_not_apply_policies() {
     let cp = ControlPlane::start(&[]);

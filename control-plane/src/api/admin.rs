@@ -324,7 +324,8 @@ impl Admin for AdminService {
         &self,
         request: Request<ApplyPolicyRequest>,
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
-        policy::apply(&self.mesh, request.into_inner())
+        let caller = super::peer_of(&request).and_then(|p| p.spiffe_id.clone());
+        policy::apply(&self.mesh, request.into_inner(), caller.as_ref())
             .await
             .map(Response::new)
     }

@@ -80,7 +80,12 @@ fn store_status(e: crate::store::StoreError) -> Status {
     }
 }
 
-pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyResponse, Status> {
+/// ApplyPolicy of `req`, by `caller` (named in its log line).
+pub async fn apply(
+    mesh: &Mesh,
+    req: ApplyPolicyRequest,
+    caller: Option<&SpiffeId>,
+) -> Result<ApplyPolicyResponse, Status> {
     let context = mesh.discovery.validation_context();
     let loaded = load_source_in(SOURCE_NAME, &req.document, &mesh.trust_domain, &context);
     if loaded.has_errors() {
@@ -171,18 +176,7 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
     }
     results.sort_by_key(|(line, _)| *line);
     if !dry_run {
-        for (_, r) in results
-            .iter()
-            .filter(|(_, r)| r.outcome != trellis_proto::admin::v1::PolicyOutcome::Unchanged as i32)
-        {
-            tracing::info!(
-                kind = %r.kind,
-                policy = %policy_key(&r.namespace, &r.name),
-                revision = r.revision,
-                snapshot_version = generation.snapshot,
-                "policy applied"
-            );
-        }
+        log_applied(results.iter().map(|(_, r)| r), &generation, caller);
     }
     Ok(ApplyPolicyResponse {
         results: results.into_iter().map(|(_, r)| r).collect(),
@@ -192,6 +186,65 @@ pub async fn apply(mesh: &Mesh, req: ApplyPolicyRequest) -> Result<ApplyPolicyRe
         position: Some(generation.position.into()),
         snapshot_version_epoch: generation.epoch,
     })
+}
+
+/// How many changed documents an ApplyPolicy's log line names; the others
+/// it counts.
+const NAMED_IN_LOG: usize = 5;
+
+/// Logs an ApplyPolicy stored as `generation` by `caller`, whose documents
+/// had `results`: one line at INFO, however many documents it held, counting
+/// them by outcome and naming the first [`NAMED_IN_LOG`] it changed; a line
+/// at DEBUG for each it changed.
+fn log_applied<'a>(
+    results: impl Iterator<Item = &'a PolicyResult>,
+    generation: &Generation,
+    caller: Option<&SpiffeId>,
+) {
+    use std::fmt::Write;
+    use trellis_proto::admin::v1::PolicyOutcome as Outcome;
+    let (mut created, mut updated, mut unchanged) = (0usize, 0usize, 0usize);
+    let mut named = String::new();
+    for r in results {
+        match Outcome::try_from(r.outcome) {
+            Ok(Outcome::Created) => created += 1,
+            Ok(Outcome::Updated) => updated += 1,
+            _ => {
+                unchanged += 1;
+                continue;
+            }
+        }
+        tracing::debug!(
+            kind = %r.kind,
+            policy = %policy_key(&r.namespace, &r.name),
+            revision = r.revision,
+            snapshot_version = generation.snapshot,
+            "policy applied"
+        );
+        if created + updated <= NAMED_IN_LOG {
+            let comma = if named.is_empty() { "" } else { ", " };
+            let _ = write!(
+                named,
+                "{comma}{} {}",
+                r.kind,
+                policy_key(&r.namespace, &r.name)
+            );
+        }
+    }
+    let more = (created + updated).saturating_sub(NAMED_IN_LOG);
+    if more > 0 {
+        let _ = write!(named, ", and {more} more");
+    }
+    tracing::info!(
+        created,
+        updated,
+        unchanged,
+        snapshot_version = generation.snapshot,
+        snapshot_version_epoch = %crate::ctl::epoch_hex(generation.epoch),
+        caller = %super::admin_calls::Caller(caller),
+        changed = (!named.is_empty()).then_some(tracing::field::display(&named)),
+        "policies applied"
+    );
 }
 
 /// The result of one applied document: its outcome and the known workloads
@@ -1253,6 +1306,7 @@ spec:
                 document: POLICY.into(),
                 dry_run: false,
             },
+            None,
         )
         .await
         .expect("the write is stored, so the call reports it");
