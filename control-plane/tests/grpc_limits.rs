@@ -536,7 +536,7 @@ async fn every_replica_call(
 /// workload's SVID is refused PERMISSION_DENIED naming it and the one
 /// identity allowed, in each of the service's calls, and a caller with no
 /// client certificate UNAUTHENTICATED, while a peer replica is answered
-/// each of them.
+/// each of them. The workload's refusals are logged in one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_peer_replica_may_call_the_replica_service() {
     let ca = SharedCa::generate();
@@ -552,6 +552,10 @@ async fn only_a_peer_replica_may_call_the_replica_service() {
             "{call}"
         );
     }
+    // Logged once for the caller, not once for each of its calls: any
+    // workload can call as often as it likes.
+    let refused = |l: &str| l.contains("refused a call from an identity") && l.contains(WEB);
+    cp.wait_for_line("the refused caller's line", refused);
 
     let mut anonymous = replica_client_as(&cp, None).await;
     for (call, answer) in every_replica_call(&mut anonymous).await {
@@ -570,6 +574,8 @@ async fn only_a_peer_replica_may_call_the_replica_service() {
     for (call, answer) in every_replica_call(&mut as_a_replica).await {
         assert!(answer.is_ok(), "{call}: {answer:?}");
     }
+    let log = cp.log();
+    assert_eq!(log.lines().filter(|l| refused(l)).count(), 1, "{log}");
 }
 
 /// A workload's Replica request is refused for who sent it before any of

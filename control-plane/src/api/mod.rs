@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Code, Request, Status};
+use trellis_core::logging::keyed::Keyed;
+use trellis_core::warn_throttled_by_key;
 use trellis_core::{SpiffeId, TrustDomain};
 
 use crate::ca::CertificateAuthority;
@@ -230,16 +232,23 @@ pub fn rfc3339(unix: i64) -> String {
     trellis_core::clock::rfc3339_checked(unix).unwrap_or_else(|| unix.to_string())
 }
 
+/// How many refused callers keep a log window of their own; past that
+/// they share one.
+const REFUSED_CALLERS_KEPT: usize = 64;
+
 /// The guard of a service only one identity may call: the Admin service's
 /// (`spiffe://TD/trellis/admin`) and the Replica service's (the control
 /// plane's own ID, which its peer replicas present).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct OnlyCaller {
     allowed: SpiffeId,
     api: &'static str,
-    /// Whether a caller refused is logged here: the Admin API's refusals
-    /// are logged with the others of its calls (`AdminCalls`).
-    logs: bool,
+    /// Where a caller refused is logged from, at most once per caller per
+    /// [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE): any
+    /// workload of the trust domain can call as often as it likes. `None`
+    /// for the Admin API, whose refusals are logged with the others of its
+    /// calls (`AdminCalls`).
+    lines: Option<Arc<Keyed<SpiffeId>>>,
 }
 
 impl OnlyCaller {
@@ -248,7 +257,7 @@ impl OnlyCaller {
         Self {
             allowed: SpiffeId::admin(trust_domain),
             api: "the Admin API",
-            logs: false,
+            lines: None,
         }
     }
 
@@ -257,8 +266,20 @@ impl OnlyCaller {
         Self {
             allowed: SpiffeId::control_plane(trust_domain),
             api: "the Replica API",
-            logs: true,
+            lines: Some(Arc::new(Keyed::new(
+                crate::server::REFUSAL_LOG_PAUSE,
+                REFUSED_CALLERS_KEPT,
+            ))),
         }
+    }
+}
+
+impl std::fmt::Debug for OnlyCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlyCaller")
+            .field("allowed", &self.allowed)
+            .field("api", &self.api)
+            .finish_non_exhaustive()
     }
 }
 
@@ -266,8 +287,13 @@ impl tonic::service::Interceptor for OnlyCaller {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let caller = require_svid(&request, self.api)?;
         if caller != self.allowed {
-            if self.logs {
-                tracing::warn!(caller = %caller, api = self.api, "refused a call from an identity the API does not allow");
+            if let Some(lines) = &self.lines {
+                warn_throttled_by_key!(
+                    lines,
+                    &caller,
+                    { caller = %caller, api = self.api },
+                    "refused a call from an identity the API does not allow"
+                );
             }
             return Err(Status::permission_denied(format!(
                 "{caller} may not call {}; only {} may",
