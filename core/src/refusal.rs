@@ -177,8 +177,8 @@ pub struct Refusal<'a> {
     /// Why, as the client is shown it: the text body (with a newline), or
     /// the `grpc-message`.
     pub message: &'a str,
-    /// For an answer of a sidecar, the fixed token its [`PROXY_ERROR`]
-    /// header carries, HTTP/1 and HTTP/2 (gRPC too) alike.
+    /// For an answer of a sidecar, the fixed token (one of [`token`]) its
+    /// [`PROXY_ERROR`] header carries, HTTP/1 and HTTP/2 (gRPC too) alike.
     pub proxy_error: Option<&'static str>,
 }
 
@@ -190,6 +190,95 @@ pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error
 /// body, or a gRPC answer's `grpc-message`), beside [`PROXY_ERROR`]: a
 /// person reading only the body tells the sidecar's answer from the app's.
 pub const SIDECAR_PREFIX: &str = "trellis: ";
+
+/// The fixed tokens a sidecar's own answer names in [`PROXY_ERROR`]: every
+/// one it writes is here, and [`ALL`](token::ALL) lists them, as the
+/// README does for users.
+pub mod token {
+    /// Policy refused the request (403), or an outbound call to a
+    /// destination outside the mesh under `deny` (403), or the admin port
+    /// refused the caller (403).
+    pub const DENIED: &str = "denied";
+    /// A rate limit refused the request (429).
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The request, or its head, is malformed (400, 414, 431).
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// An HTTP/1 request head begun and not whole in time (408).
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// HTTP/2 request headers over the limit (431).
+    pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
+    /// A `CONNECT` request, which no app behind a sidecar serves (501).
+    pub const CONNECT_REFUSED: &str = "connect_refused";
+    /// The app could not be reached, or failed the request (502).
+    pub const APP_UNREACHABLE: &str = "app_unreachable";
+    /// The app's answer does not parse (502).
+    pub const INVALID_APP_ANSWER: &str = "invalid_app_answer";
+    /// An HTTP/2 request to an app that speaks HTTP/1 only (502).
+    pub const APP_NOT_HTTP2: &str = "app_not_http2";
+    /// Plaintext sent to the inbound port (400).
+    pub const NOT_TLS: &str = "not_tls";
+    /// A path the admin port serves nothing at (404).
+    pub const NOT_FOUND: &str = "not_found";
+    /// A method the admin port does not serve (405).
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// `/ready` while the sidecar is not ready or drains (503).
+    pub const NOT_READY: &str = "not_ready";
+    /// An app probe the app failed (503).
+    pub const PROBE_FAILED: &str = "probe_failed";
+    /// An outbound call to a service with no ready backend (503).
+    pub const NO_BACKEND: &str = "no_backend";
+    /// An outbound call under `deny` to a service with no ready backend in
+    /// the mesh (503).
+    pub const NO_MESH_BACKEND: &str = "no_mesh_backend";
+    /// An outbound call while this sidecar has no certificate yet (503).
+    pub const NO_LOCAL_CERTIFICATE: &str = "no_local_certificate";
+    /// An outbound call whose server's sidecar has no certificate yet (503).
+    pub const PEER_NOT_READY: &str = "peer_not_ready";
+    /// An outbound call whose remote could not be reached (502).
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    /// An outbound call whose TLS handshake failed (502).
+    pub const HANDSHAKE_FAILED: &str = "handshake_failed";
+    /// An outbound call whose TLS handshake was not answered in time (502).
+    pub const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
+    /// An outbound call whose first bytes could not be sent on (502).
+    pub const WRITE_FAILED: &str = "write_failed";
+    /// An outbound call whose server's identity is revoked (502).
+    pub const REVOKED: &str = "revoked";
+    /// An outbound call the server's sidecar refused, or ended before any
+    /// answer, after the handshake (502).
+    pub const PEER_REFUSED: &str = "peer_refused";
+    /// An outbound call that would come back to this sidecar (502).
+    pub const LOOP: &str = "loop";
+
+    /// Every token, each once.
+    pub const ALL: &[&str] = &[
+        DENIED,
+        RATE_LIMITED,
+        INVALID_REQUEST,
+        REQUEST_TIMEOUT,
+        HEADERS_TOO_LARGE,
+        CONNECT_REFUSED,
+        APP_UNREACHABLE,
+        INVALID_APP_ANSWER,
+        APP_NOT_HTTP2,
+        NOT_TLS,
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        NOT_READY,
+        PROBE_FAILED,
+        NO_BACKEND,
+        NO_MESH_BACKEND,
+        NO_LOCAL_CERTIFICATE,
+        PEER_NOT_READY,
+        CONNECT_FAILED,
+        HANDSHAKE_FAILED,
+        HANDSHAKE_TIMEOUT,
+        WRITE_FAILED,
+        REVOKED,
+        PEER_REFUSED,
+        LOOP,
+    ];
+}
 
 /// The text body of an answer: `message` and a newline, after
 /// [`SIDECAR_PREFIX`] for a sidecar's (`sidecar`).

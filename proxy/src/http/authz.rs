@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use trellis_core::SpiffeId;
 use trellis_core::policy::l7::PathProblem;
 use trellis_core::policy::{Decision, HttpRequest, Reason, l7};
+use trellis_core::refusal::token;
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, local};
 use super::{Check, Guard, GuardLayer};
@@ -112,7 +113,7 @@ impl Check for Authorization {
             return invalid(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 GrpcCode::ResourceExhausted,
-                "headers_too_large",
+                token::HEADERS_TOO_LARGE,
                 H2_HEADERS_TOO_LARGE,
                 Bytes::from_static(H2_HEADERS_TOO_LARGE.as_bytes()),
             );
@@ -124,7 +125,7 @@ impl Check for Authorization {
             return invalid(
                 StatusCode::NOT_IMPLEMENTED,
                 GrpcCode::InvalidArgument,
-                "connect_refused",
+                token::CONNECT_REFUSED,
                 CONNECT_REFUSED,
                 Bytes::from_static(CONNECT_REFUSED.as_bytes()),
             );
@@ -140,7 +141,7 @@ impl Check for Authorization {
             return invalid(
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
-                "invalid_request",
+                token::INVALID_REQUEST,
                 problem,
                 Bytes::from_static(problem.as_bytes()),
             );
@@ -158,7 +159,7 @@ impl Check for Authorization {
             return invalid(
                 StatusCode::BAD_REQUEST,
                 GrpcCode::InvalidArgument,
-                "invalid_request",
+                token::INVALID_REQUEST,
                 path_problem(problem),
                 problem.to_string().into(),
             );
@@ -192,7 +193,7 @@ impl Check for Authorization {
                 *grpc,
                 StatusCode::FORBIDDEN,
                 GrpcCode::PermissionDenied,
-                "denied",
+                token::DENIED,
                 denial(&decision),
             )
         });

@@ -183,7 +183,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
 use trellis_core::policy::l7::{self, HeadLimit};
-use trellis_core::refusal;
+use trellis_core::refusal::{self, token};
 
 use super::access::{Direction, Entry};
 use super::authz::{Authorize, AuthorizeLayer};
@@ -1078,9 +1078,9 @@ impl Malformed {
     /// the others.
     fn proxy_error(&self) -> &'static str {
         if self.timed_out() {
-            "request_timeout"
+            token::REQUEST_TIMEOUT
         } else {
-            "invalid_request"
+            token::INVALID_REQUEST
         }
     }
 
@@ -2480,14 +2480,14 @@ where
         Failed::Unreachable(e) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %e, "request to the app failed");
             (
-                "app_unreachable",
+                token::APP_UNREACHABLE,
                 super::proxy::app_unreachable(conn.target, e),
             )
         }
         Failed::Invalid(why) => {
             tracing::warn!(peer = %conn.peer, app = %conn.target, error = %why, "request to the app failed");
             (
-                "invalid_app_answer",
+                token::INVALID_APP_ANSWER,
                 bytes::Bytes::from_static(b"invalid answer from the app"),
             )
         }

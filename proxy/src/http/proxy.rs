@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::task::AbortHandle;
 
 use trellis_core::duration::Words;
-use trellis_core::refusal;
+use trellis_core::refusal::{self, token};
 
 use super::access::{Counted, Direction, Entry};
 use super::h1::BODY_STALL;
@@ -207,18 +207,21 @@ fn app_failed(conn: &Connection, grpc: bool, e: SendError) -> Response<LocalBody
     // malformed head) is the app's fault, not its absence.
     let (reason, message) = match &e {
         SendError::Request(e) if e.is_parse() => (
-            "invalid_app_answer",
+            token::INVALID_APP_ANSWER,
             Bytes::from_static(b"invalid answer from the app"),
         ),
         // It is up, but HTTP/1 only: the request came in HTTP/2
         // and is sent on in the version it came in.
-        SendError::NotHttp2(_) => ("app_not_http2", Bytes::from_static(NOT_HTTP2.as_bytes())),
+        SendError::NotHttp2(_) => (
+            token::APP_NOT_HTTP2,
+            Bytes::from_static(NOT_HTTP2.as_bytes()),
+        ),
         SendError::Connect(io) => (
-            "app_unreachable",
+            token::APP_UNREACHABLE,
             app_unreachable(conn.target, &connect_failure(io)),
         ),
         other => (
-            "app_unreachable",
+            token::APP_UNREACHABLE,
             app_unreachable(conn.target, &format!("failed the request ({other})")),
         ),
     };
@@ -271,7 +274,7 @@ pub fn malformed_chunk_answer(
         grpc,
         StatusCode::BAD_REQUEST,
         GrpcCode::InvalidArgument,
-        "invalid_request",
+        token::INVALID_REQUEST,
         format!("{MALFORMED_CHUNK}: {fault}"),
     )
 }

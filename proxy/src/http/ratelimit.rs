@@ -30,6 +30,7 @@ use trellis_core::policy::{
     IdPattern, LimitKey, PathPattern, RateLimitPolicy, SelectorScope, ValidationContext,
     counts_path, routed_segments, validate_rate_limit_with,
 };
+use trellis_core::refusal::token;
 use trellis_proto::policy::v1 as pb;
 
 use super::proxy::{Exchange, GrpcCode, LocalBody, local};
@@ -340,7 +341,7 @@ fn too_many_requests(grpc: bool, limited: &Limited) -> Response<LocalBody> {
         grpc,
         StatusCode::TOO_MANY_REQUESTS,
         GrpcCode::ResourceExhausted,
-        "rate_limited",
+        token::RATE_LIMITED,
         format!("rate limited by policy {}", limited.policy),
     );
     let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;

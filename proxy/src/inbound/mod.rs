@@ -51,7 +51,7 @@ use trellis_core::duration::Words;
 use trellis_core::logging::keyed::Keyed;
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::policy::{Decision, RuleRef};
-use trellis_core::refusal::refuse_plaintext_briefly;
+use trellis_core::refusal::{refuse_plaintext_briefly, token};
 
 use crate::drain::{Drain, Tracker};
 use crate::http;
@@ -436,7 +436,7 @@ const PLAINTEXT_ANSWER: &str = "this is a Trellis sidecar's inbound port: it acc
 
 /// The `trellis-proxy-error` of the answer to plaintext
 /// ([`PLAINTEXT_ANSWER`]), as its handshake failure is counted.
-const PLAINTEXT_REASON: &str = "not_tls";
+const PLAINTEXT_REASON: &str = token::NOT_TLS;
 
 /// One inbound connection, from accept to close. `handshake` is its permit
 /// of [`Handshakes::permits`], held until its handshake is over (given
@@ -501,7 +501,7 @@ pub async fn serve(
     let found_plaintext = || {
         plaintext = true;
         let error = net::PlaintextAnswered;
-        shared.refuse(client, "not_tls", Some(&error), HANDSHAKE_FAILED);
+        shared.refuse(client, PLAINTEXT_REASON, Some(&error), HANDSHAKE_FAILED);
     };
     // Boxed, so its state (the TLS acceptor, about 2 KiB) is freed once
     // the handshake is over instead of sizing this task for the life of
@@ -1036,7 +1036,7 @@ async fn refuse_not_h2(mut stream: http::Rewind<PeerStream>, sent: NotPreface) {
                 status: ::http::StatusCode::BAD_REQUEST,
                 grpc_code: refusal::GRPC_INVALID_ARGUMENT,
                 message: NOT_H2_ANSWER,
-                proxy_error: Some("invalid_request"),
+                proxy_error: Some(token::INVALID_REQUEST),
             };
             let version = refusal::Version::Http1;
             refusal::answer(&mut stream, version, &refusal, net::HANDSHAKE_TIMEOUT).await;

@@ -103,7 +103,7 @@ use tokio_rustls::client::TlsStream;
 use trellis_core::SpiffeId;
 use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
-use trellis_core::refusal;
+use trellis_core::refusal::{self, token};
 use trellis_core::revocation::{self, Revoked};
 use trellis_core::tls::{Claimed, SvidError};
 use trellis_core::warn_throttled;
@@ -207,12 +207,12 @@ enum DialError {
 impl DialError {
     fn reason(&self) -> &'static str {
         match self {
-            DialError::NoCertificate => "no_local_certificate",
-            DialError::Connect(_) => "connect_failed",
+            DialError::NoCertificate => token::NO_LOCAL_CERTIFICATE,
+            DialError::Connect(_) => token::CONNECT_FAILED,
             DialError::Handshake(e, _) => net::handshake_failure_reason(e),
             DialError::Timeout => "timeout",
-            DialError::PeerNotReady => "peer_not_ready",
-            DialError::FirstBytes(_) => "write_failed",
+            DialError::PeerNotReady => token::PEER_NOT_READY,
+            DialError::FirstBytes(_) => token::WRITE_FAILED,
             DialError::Revoked(_) => trellis_core::grpc::REFUSAL_REVOKED,
         }
     }
@@ -225,9 +225,13 @@ impl DialError {
     /// log line and `trellis_handshake_failures_total` meet on it.
     fn answer_reason(&self) -> &'static str {
         match self {
-            DialError::Handshake(..) => "handshake_failed",
-            DialError::Timeout => "handshake_timeout",
-            _ => self.reason(),
+            DialError::NoCertificate => token::NO_LOCAL_CERTIFICATE,
+            DialError::Connect(_) => token::CONNECT_FAILED,
+            DialError::Handshake(..) => token::HANDSHAKE_FAILED,
+            DialError::Timeout => token::HANDSHAKE_TIMEOUT,
+            DialError::PeerNotReady => token::PEER_NOT_READY,
+            DialError::FirstBytes(_) => token::WRITE_FAILED,
+            DialError::Revoked(_) => token::REVOKED,
         }
     }
 
@@ -245,10 +249,6 @@ impl DialError {
 const BAD_GATEWAY: StatusCode = StatusCode::BAD_GATEWAY;
 const SERVICE_UNAVAILABLE: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
 const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
-
-/// The `trellis-proxy-error` of a call the peer's sidecar refused, or
-/// ended before any answer, once the handshake was over ([`PeerRefusal`]).
-const PEER_REFUSED: &str = "peer_refused";
 
 /// A mesh peer dialled: the stream, and the time of the revocation of the
 /// peer's identity its certificate was checked against, if one named it.
@@ -628,7 +628,7 @@ async fn relay<R: std::fmt::Display>(
                     let message = refusal.message(to);
                     // Boxed: the answer's state would otherwise size every
                     // connection's task for its whole life.
-                    let refused = (BAD_GATEWAY, PEER_REFUSED);
+                    let refused = (BAD_GATEWAY, token::PEER_REFUSED);
                     Box::pin(answer_app(&mut app, refused, &message)).await;
                 }
             }
@@ -1015,7 +1015,7 @@ async fn resolve_route(
         tracing::warn!(%client, %route, address = %own, "outbound connection refused: the route's remote resolves to this sidecar's own listener (loop)");
         metrics.connection(OUTBOUND, "loop");
         let why = format!("it resolves to {own}, this sidecar (loop)");
-        return Err(("loop", why));
+        return Err((token::LOOP, why));
     }
     Ok(addrs)
 }
@@ -1335,14 +1335,14 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 tracing::warn!(%client, %dst, service = name, backend = backend(*addr), "outbound connection refused: destination is this proxy (loop)");
                 metrics.connection(OUTBOUND, "loop");
                 let why = format!("{addr} is this sidecar (loop)");
-                answer_refused(&mut app, dst_opaque, (BAD_GATEWAY, "loop"), dst, why).await;
+                answer_refused(&mut app, dst_opaque, (BAD_GATEWAY, token::LOOP), dst, why).await;
                 return;
             }
             Target::NoBackend => {
                 tracing::info!(%client, %dst, service = name, "outbound connection refused: no ready backend");
                 metrics.connection(OUTBOUND, NO_BACKEND);
                 let why = format!("service {} has no ready backend", name.unwrap_or(""));
-                let refused = (SERVICE_UNAVAILABLE, NO_BACKEND);
+                let refused = (SERVICE_UNAVAILABLE, token::NO_BACKEND);
                 answer_refused(&mut app, dst_opaque, refused, dst, why).await;
                 return;
             }
@@ -1353,7 +1353,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                     "no ready backend of service {} is in the mesh, and the outbound policy is deny",
                     name.unwrap_or("")
                 );
-                let refused = (SERVICE_UNAVAILABLE, NO_MESH_BACKEND);
+                let refused = (SERVICE_UNAVAILABLE, token::NO_MESH_BACKEND);
                 answer_refused(&mut app, dst_opaque, refused, dst, why).await;
                 return;
             }
@@ -1374,7 +1374,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                 );
                 metrics.connection(OUTBOUND, "denied");
                 let why = format!("{addr} is outside the mesh, and the outbound policy is deny");
-                answer_refused(&mut app, dst_opaque, (FORBIDDEN, "denied"), dst, why).await;
+                answer_refused(&mut app, dst_opaque, (FORBIDDEN, token::DENIED), dst, why).await;
                 return;
             }
             Target::Mesh { addr, id, opaque } => {
@@ -1476,7 +1476,7 @@ async fn forward_transparent(shared: &Shared, tcp: TcpStream, client: SocketAddr
                             // Logged, counted, answered and ended in the
                             // text with one reason, as a failed mesh dial
                             // is; the error says how the connect failed.
-                            const CONNECT_FAILED: &str = "connect_failed";
+                            const CONNECT_FAILED: &str = token::CONNECT_FAILED;
                             let tried = retry.as_ref().map(|r| tracing::field::display(&r.tried));
                             if same_pod {
                                 tracing::warn!(%dst, service = name, backend = backend(*addr), tried, reason = %CONNECT_FAILED, error = %e, "outbound connection within the pod failed");
