@@ -9,7 +9,9 @@
 //! certificate renewals do. `duration` reads every duration flag, annotation
 //! and setting and says durations in words. `revocation` says which certificates a
 //! revoked identity's revocation covers, for renewals and for peers. `connections` limits the connections of the
-//! HTTP/1.1 ports every pod can reach. `open_files` raises the open-files
+//! HTTP/1.1 ports every pod can reach, and `http1` reads and checks the
+//! first request head of each of their connections before hyper serves it,
+//! answering one it refuses in words. `open_files` raises the open-files
 //! limit, as both binaries do at start-up. `io_error` says an I/O error
 //! without the OS's `(os error N)`, as the binaries report a port in use
 //! or a file they cannot read, and how they end when the reader of their
@@ -31,6 +33,7 @@ pub mod escape;
 pub mod gather;
 pub mod grpc;
 pub mod h2_limits;
+pub mod http1;
 pub mod io_error;
 pub mod logging;
 pub mod open_files;

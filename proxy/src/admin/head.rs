@@ -11,13 +11,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use trellis_core::http1::{FirstHead, Rewind, first_head};
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
 use super::HEAD_TIMEOUT;
-use crate::http::Rewind;
 use crate::http::h1::{self, LINGER, LINGER_BYTES, MAX_REQUEST_HEAD, Malformed};
 use crate::metrics::Metrics;
 
@@ -26,58 +26,35 @@ use crate::metrics::Metrics;
 /// which may carry the hook token.
 pub const MALFORMED: &str = "admin request refused: malformed request head";
 
-/// Reads `tcp`'s first request head, within [`HEAD_TIMEOUT`]: the
-/// connection with what was read put back, for hyper to serve, or `None`
-/// once it is closed: a head refused (answered, logged and counted), the
-/// client gone or silent, or `stop` resolved first.
+/// Reads `tcp`'s first request head, within [`HEAD_TIMEOUT`]
+/// ([`first_head`], checked by [`h1::check_head`]): the connection with
+/// what was read put back, for hyper to serve, or `None` once it is
+/// closed: a head refused (answered, logged and counted), the client gone
+/// or silent, or `stop` resolved first.
 pub async fn first<F: Future<Output = ()>>(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     client: SocketAddr,
     metrics: &Metrics,
     refusals: &Throttle,
-    mut stop: Pin<&mut F>,
+    stop: Pin<&mut F>,
 ) -> Option<Rewind<TcpStream>> {
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    let mut buf = BytesMut::with_capacity(1024);
-    // The bytes already parsed of a head not all in: past 16 KiB it is
-    // parsed again only once a line of it may have ended, or it is over
-    // the bound.
-    let mut parsed = 0;
-    loop {
-        let again = buf.len() <= 16 * 1024
-            || buf.len() >= MAX_REQUEST_HEAD
-            || buf[parsed..].contains(&b'\n');
-        if !buf.is_empty() && again {
-            match h1::check_head(&buf) {
-                Ok(Some(_)) => return Some(Rewind::with_prefix(buf, tcp)),
-                Ok(None) => parsed = buf.len(),
-                Err(malformed) => {
-                    refuse(tcp, buf, client, &malformed, metrics, refusals).await;
-                    return None;
-                }
-            }
+    match first_head(tcp, h1::check_head, MAX_REQUEST_HEAD, HEAD_TIMEOUT, stop).await {
+        FirstHead::Whole(tcp) => Some(tcp),
+        FirstHead::Refused { io, read, fault } => {
+            refuse(io, read, client, &fault, metrics, refusals).await;
+            None
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096.max(buf.len() / 2));
+        FirstHead::Silent => {
+            tracing::debug!(
+                %client,
+                "no admin request head within {}",
+                trellis_core::duration::Words(HEAD_TIMEOUT)
+            );
+            None
         }
-        let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)) => read,
-            () = stop.as_mut() => return None,
-        };
-        match read {
-            // Closed, or failed, before a whole head came: hyper answers
-            // nothing either.
-            Ok(Ok(0) | Err(_)) => return None,
-            Ok(Ok(_)) => {}
-            Err(_elapsed) => {
-                tracing::debug!(
-                    %client,
-                    "no admin request head within {}",
-                    trellis_core::duration::Words(HEAD_TIMEOUT)
-                );
-                return None;
-            }
-        }
+        // Closed, or failed, before a whole head came: hyper answers
+        // nothing either.
+        FirstHead::Closed => None,
     }
 }
 

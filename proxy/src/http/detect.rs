@@ -26,12 +26,12 @@
 //! more can come, and only the start of a standard method is HTTP.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use trellis_core::http1::Rewind;
+pub(super) use trellis_core::http1::skip_empty_lines;
 use trellis_core::refusal::H2_PREFACE;
 
 /// How long a client has to send enough bytes to be recognised as HTTP.
@@ -139,10 +139,7 @@ pub async fn h2_preface<S>(stream: Rewind<S>) -> io::Result<Option<Rewind<S>>>
 where
     S: AsyncRead + Unpin,
 {
-    let Rewind {
-        prefix: mut buf,
-        mut io,
-    } = stream;
+    let (mut buf, mut io) = stream.into_parts();
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     while !h2_start_is_in(&buf) {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
@@ -289,20 +286,6 @@ pub(super) fn bare_cr(line: &[u8]) -> Option<usize> {
         .position(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
 }
 
-/// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
-/// a request line (RFC 9112 section 2.2).
-pub(super) fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
-    loop {
-        if let Some(rest) = buf.strip_prefix(b"\r\n") {
-            buf = rest;
-        } else if let Some(rest) = buf.strip_prefix(b"\n") {
-            buf = rest;
-        } else {
-            return buf;
-        }
-    }
-}
-
 /// `buf` after the blanks a server that splits the request line on
 /// whitespace skips before the method.
 fn skip_blanks(buf: &[u8]) -> &[u8] {
@@ -325,104 +308,6 @@ fn is_blank(b: u8) -> bool {
 /// RFC 9110 `tchar`.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// A stream with bytes already read from it put back in front.
-#[derive(Debug)]
-pub struct Rewind<S> {
-    prefix: BytesMut,
-    io: S,
-}
-
-impl<S> Rewind<S> {
-    /// `io` with nothing put back.
-    pub fn new(io: S) -> Self {
-        Rewind {
-            prefix: BytesMut::new(),
-            io,
-        }
-    }
-
-    /// `io` with `prefix`, bytes already read from it, put back. The
-    /// prefix's allocation is released once it is all read (at once, if it
-    /// is empty).
-    pub fn with_prefix(prefix: BytesMut, io: S) -> Self {
-        let prefix = if prefix.is_empty() {
-            BytesMut::new()
-        } else {
-            prefix
-        };
-        Rewind { prefix, io }
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
-
-    /// Whether the stream has said nothing yet but empty lines (which an
-    /// HTTP server skips): silence, as far as telling its protocol goes.
-    pub fn said_nothing(&self) -> bool {
-        skip_empty_lines(&self.prefix).is_empty()
-    }
-
-    /// The bytes read so far, put back in front of the stream.
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
-    }
-
-    /// The bytes read so far and the stream after them: a byte copy
-    /// writes the prefix once, then runs on the stream itself.
-    pub fn into_parts(self) -> (BytesMut, S) {
-        (self.prefix, self.io)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                // `advance` keeps the allocation, which may be a read
-                // buffer grown to a large head: it is not held for the
-                // rest of a long-lived (upgraded, say) connection.
-                self.prefix = BytesMut::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 #[cfg(test)]
@@ -459,34 +344,6 @@ mod tests {
         let stream = Rewind::with_prefix(BytesMut::from(&H2_PREFACE[..5]), ours);
         assert!(h2_preface(stream).await.unwrap().is_none());
         drop(caller);
-    }
-
-    #[tokio::test]
-    async fn the_prefix_is_freed_once_it_is_read() {
-        // A forwarder's read buffer grown to a large head, then handed on.
-        const HEAD: &[u8] = b"GET /ws HTTP/1.1\r\nupgrade: echo\r\n\r\n";
-        let mut head = BytesMut::with_capacity(256 * 1024);
-        head.extend_from_slice(HEAD);
-        let (mut caller, ours) = tokio::io::duplex(1024);
-        let mut stream = Rewind::with_prefix(head, ours);
-        let mut read = vec![0; 10];
-        stream.read_exact(&mut read).await.unwrap();
-        assert!(stream.prefix.capacity() > 128 * 1024, "still being read");
-        let mut rest = vec![0; HEAD.len() - 10];
-        stream.read_exact(&mut rest).await.unwrap();
-        read.extend(rest);
-        assert_eq!(read, HEAD);
-        assert_eq!(stream.prefix.capacity(), 0, "the read prefix is still held");
-        // The stream itself follows.
-        tokio::io::AsyncWriteExt::write_all(&mut caller, b"after")
-            .await
-            .unwrap();
-        let mut after = [0; 5];
-        stream.read_exact(&mut after).await.unwrap();
-        assert_eq!(&after, b"after");
-        // An empty prefix holds nothing from the start.
-        let empty = Rewind::with_prefix(BytesMut::with_capacity(64 * 1024), caller);
-        assert_eq!(empty.prefix.capacity(), 0, "an empty prefix is still held");
     }
 
     #[test]

@@ -57,7 +57,8 @@ use trellis_core::gather::GatheredWrites;
 use trellis_core::logging::keyed::Keyed;
 
 pub use access::ACCESS_TARGET;
-pub use detect::{Protocol, Rewind, detect, detect_after, h2_preface};
+pub use detect::{Protocol, detect, detect_after, h2_preface};
+pub use trellis_core::http1::Rewind;
 
 use access::Counted;
 use app_h2::AppH2;

@@ -1,0 +1,466 @@
+//! The first request head of a connection to an HTTP/1.1 port served by
+//! hyper (the sidecar's admin port, the control plane's admin and webhook
+//! ports), read before hyper's server is given the connection: hyper
+//! answers a head it refuses with a status alone and no hook to add
+//! words, so a head the port's check refuses is answered here instead, in
+//! words, and the connection closed ([`first_head`]); any other is handed
+//! to hyper with the bytes read so far put back ([`Rewind`]).
+//!
+//! [`check_head`] is the check of a port that only hyper serves (the
+//! control plane's), with hyper's own bounds and what it refuses, in words
+//! that name the fault ([`HeadFault`]); the sidecar passes the check of
+//! its HTTP/1.1 forwarder instead. Neither ever says a header's value: it
+//! may carry a token, or a review.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::{Method, StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::policy::l7::{MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, MAX_TARGET};
+
+/// A stream with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Rewind<S> {
+    prefix: BytesMut,
+    io: S,
+}
+
+impl<S> Rewind<S> {
+    /// `io` with nothing put back.
+    pub fn new(io: S) -> Self {
+        Rewind {
+            prefix: BytesMut::new(),
+            io,
+        }
+    }
+
+    /// `io` with `prefix`, bytes already read from it, put back. The
+    /// prefix's allocation is released once it is all read (at once, if it
+    /// is empty).
+    pub fn with_prefix(prefix: BytesMut, io: S) -> Self {
+        let prefix = if prefix.is_empty() {
+            BytesMut::new()
+        } else {
+            prefix
+        };
+        Rewind { prefix, io }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// Whether the stream has said nothing yet but empty lines (which an
+    /// HTTP server skips): silence, as far as telling its protocol goes.
+    pub fn said_nothing(&self) -> bool {
+        skip_empty_lines(&self.prefix).is_empty()
+    }
+
+    /// The bytes read so far, put back in front of the stream.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// The bytes read so far and the stream after them: a byte copy
+    /// writes the prefix once, then runs on the stream itself.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.prefix, self.io)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // `advance` keeps the allocation, which may be a read
+                // buffer grown to a large head: it is not held for the
+                // rest of a long-lived (upgraded, say) connection.
+                self.prefix = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// `buf` after the empty lines (CRLF or LF) an HTTP/1 server skips before
+/// a request line (RFC 9112 section 2.2).
+pub fn skip_empty_lines(mut buf: &[u8]) -> &[u8] {
+    loop {
+        if let Some(rest) = buf.strip_prefix(b"\r\n") {
+            buf = rest;
+        } else if let Some(rest) = buf.strip_prefix(b"\n") {
+            buf = rest;
+        } else {
+            return buf;
+        }
+    }
+}
+
+/// How reading a connection's first request head ended ([`first_head`]).
+pub enum FirstHead<S, F> {
+    /// A whole head the check passed: the connection, with what was read
+    /// put back, for hyper to serve.
+    Whole(Rewind<S>),
+    /// A head the check refused, with what was read of it (a buffer to
+    /// linger with) and the fault: for the caller to answer.
+    Refused { io: S, read: BytesMut, fault: F },
+    /// Nothing whole within the time given.
+    Silent,
+    /// Closed, or failed, before a whole head came (hyper answers nothing
+    /// either), or told to stop.
+    Closed,
+}
+
+/// Reads `io`'s first request head, within `timeout`, checking it with
+/// `check` as it comes (`Ok(None)`: more of it is to come; `Ok(Some(len))`:
+/// a whole head of `len` bytes it passes), until `stop` resolves.
+/// `max_head` is the check's bound on a head's size: past 16 KiB, a head
+/// not all in is checked again only once a line of it may have ended, or
+/// once it is over that bound, so that a large head sent a byte at a time
+/// is not parsed again for each.
+pub async fn first_head<S, F, C, P>(
+    mut io: S,
+    mut check: C,
+    max_head: usize,
+    timeout: Duration,
+    mut stop: Pin<&mut P>,
+) -> FirstHead<S, F>
+where
+    S: AsyncRead + Unpin,
+    C: FnMut(&[u8]) -> Result<Option<usize>, F>,
+    P: Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(1024);
+    // The bytes already parsed of a head not all in.
+    let mut parsed = 0;
+    loop {
+        let again =
+            buf.len() <= 16 * 1024 || buf.len() >= max_head || buf[parsed..].contains(&b'\n');
+        if !buf.is_empty() && again {
+            match check(&buf) {
+                Ok(Some(_)) => return FirstHead::Whole(Rewind::with_prefix(buf, io)),
+                Ok(None) => parsed = buf.len(),
+                Err(fault) => {
+                    return FirstHead::Refused {
+                        io,
+                        read: buf,
+                        fault,
+                    };
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096.max(buf.len() / 2));
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
+            () = stop.as_mut() => return FirstHead::Closed,
+        };
+        match read {
+            Ok(Ok(0) | Err(_)) => return FirstHead::Closed,
+            Ok(Ok(_)) => {}
+            Err(_elapsed) => return FirstHead::Silent,
+        }
+    }
+}
+
+/// A request head a port refuses, and closes the connection after: the
+/// status and what was wrong, as the answer's text says it (never the
+/// client's bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadFault {
+    pub status: StatusCode,
+    pub why: &'static str,
+}
+
+/// What a head over [`MAX_REQUEST_HEAD`] is told, with 431.
+pub const HEAD_TOO_LARGE: &str = "request head exceeds the 408 KiB limit";
+/// What a head with more than [`MAX_REQUEST_HEADERS`] fields is told, with
+/// 431.
+pub const TOO_MANY_FIELDS: &str = "request head exceeds the limit of 100 header fields";
+/// What a request target over [`MAX_TARGET`] is told, with 414.
+pub const TARGET_TOO_LONG: &str = "request target exceeds the limit of 65534 bytes";
+const _: () = assert!(
+    MAX_REQUEST_HEAD == 408 * 1024 && MAX_REQUEST_HEADERS == 100 && MAX_TARGET == 65534,
+    "the answers name the bounds"
+);
+/// What a request line whose method is not a token is told.
+pub const INVALID_METHOD: &str = "malformed request line: invalid method";
+/// What a request line whose target is not a URI is told.
+pub const INVALID_TARGET: &str = "malformed request line: invalid request target";
+
+impl HeadFault {
+    fn bad(why: &'static str) -> Self {
+        HeadFault {
+            status: StatusCode::BAD_REQUEST,
+            why,
+        }
+    }
+
+    fn too_large(why: &'static str) -> Self {
+        HeadFault {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            why,
+        }
+    }
+
+    fn target_too_long() -> Self {
+        HeadFault {
+            status: StatusCode::URI_TOO_LONG,
+            why: TARGET_TOO_LONG,
+        }
+    }
+
+    /// What the refusal is counted as (a metric's `reason`):
+    /// `target_too_long` (414), `head_too_large` (431) or `malformed`
+    /// (400), as the sidecar's admin port counts its own.
+    pub fn reason(&self) -> &'static str {
+        match self.status {
+            StatusCode::URI_TOO_LONG => "target_too_long",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
+            _ => "malformed",
+        }
+    }
+
+    /// What hyper's server answered, with a status alone, for a head it
+    /// refused on a connection it served (`error`): a later head of a
+    /// kept-alive connection, or what [`check_head`] leaves to hyper (a
+    /// field name the `http` crate refuses, a `Content-Length` it cannot
+    /// read); `None` for an error that is not a refused head, which hyper
+    /// answers with nothing.
+    pub fn from_hyper(error: &hyper::Error) -> Option<Self> {
+        if !error.is_parse() || error.is_parse_version_h2() || error.is_parse_status() {
+            return None;
+        }
+        if error.is_parse_too_large() {
+            // hyper says which of its two bounds only in words.
+            return Some(if error.to_string().starts_with("URI") {
+                HeadFault::target_too_long()
+            } else {
+                HeadFault::too_large(
+                    "request head exceeds the 408 KiB limit or the limit of 100 header fields",
+                )
+            });
+        }
+        // hyper's internal errors (a bug of its own) get no answer.
+        if error.to_string().starts_with("internal error") {
+            return None;
+        }
+        Some(HeadFault::bad("malformed request head"))
+    }
+
+    /// The answer to the refused head: its status, `text/plain` naming
+    /// the fault, and `connection: close`.
+    pub fn answer(&self) -> Vec<u8> {
+        let body = crate::refusal::body_text(self.why.as_bytes(), false);
+        let mut answer = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        answer
+    }
+}
+
+/// A connection's first request head as far as it has come in `buf`,
+/// checked for what hyper's server would refuse with a status alone:
+/// `Ok(None)` while more of it is to come, `Ok(Some(len))` for a whole
+/// head of `len` bytes, or the fault: a head that does not parse (400),
+/// one over 408 KiB or with more than 100 fields (431, hyper's bounds), a
+/// target over 65534 bytes (414) or not a URI, an invalid method (400).
+/// Its framing (`Content-Length`, `Transfer-Encoding`) and field names are
+/// left to hyper.
+pub fn check_head(buf: &[u8]) -> Result<Option<usize>, HeadFault> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+            return Err(HeadFault::too_large(HEAD_TOO_LARGE));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadFault::too_large(TOO_MANY_FIELDS));
+        }
+        Err(e) => return Err(HeadFault::bad(unparsable(e, parsed.method.is_some()))),
+    };
+    if len > MAX_REQUEST_HEAD {
+        return Err(HeadFault::too_large(HEAD_TOO_LARGE));
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Ok(Some(len));
+    };
+    if target.len() > MAX_TARGET {
+        return Err(HeadFault::target_too_long());
+    }
+    if Method::from_bytes(method.as_bytes()).is_err() {
+        return Err(HeadFault::bad(INVALID_METHOD));
+    }
+    if Uri::try_from(target).is_err() {
+        return Err(HeadFault::bad(INVALID_TARGET));
+    }
+    Ok(Some(len))
+}
+
+/// What is wrong with a head that does not parse, in words; `method`:
+/// whether the request line's method was read.
+fn unparsable(e: httparse::Error, method: bool) -> &'static str {
+    match e {
+        httparse::Error::Token if !method => INVALID_METHOD,
+        httparse::Error::Token => INVALID_TARGET,
+        httparse::Error::Version => "malformed request line: not HTTP/1.0 or HTTP/1.1",
+        httparse::Error::HeaderName => {
+            "malformed header line: not a field name and a colon (a line without a colon, \
+             or a space before it)"
+        }
+        httparse::Error::HeaderValue => "invalid character in a header value",
+        httparse::Error::NewLine => "malformed line ending in the request head",
+        httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
+    }
+}
+
+/// Answers a refused head ([`HeadFault::answer`]) and closes the
+/// connection, lingering ([`linger`](crate::refusal::linger)) so that the
+/// answer is not lost to a reset for bytes left unread; `read` is what was
+/// read of it. The answer gets `timeout` to be written.
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    mut read: BytesMut,
+    fault: &HeadFault,
+    timeout: Duration,
+) {
+    let answered = tokio::time::timeout(timeout, io.write_all(&fault.answer())).await;
+    if matches!(answered, Ok(Ok(()))) {
+        let _ = io.shutdown().await;
+        crate::refusal::linger(
+            &mut io,
+            &mut read,
+            crate::refusal::ANSWER_LINGER,
+            crate::refusal::ANSWER_LINGER_BYTES,
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_checked_for_what_hyper_refuses() {
+        assert_eq!(check_head(b"GET / HTTP/1.1\r\nhost: a\r\n"), Ok(None));
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"),
+            Ok(Some(27))
+        );
+        let why = |head: &[u8]| check_head(head).unwrap_err().why;
+        assert_eq!(
+            why(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"),
+            unparsable(httparse::Error::HeaderName, true)
+        );
+        assert_eq!(why(b"G(T / HTTP/1.1\r\n\r\n"), INVALID_METHOD);
+        assert_eq!(
+            why(b"GET / HTTP/2.5\r\n\r\n"),
+            "malformed request line: not HTTP/1.0 or HTTP/1.1"
+        );
+        let fields = "x: y\r\n".repeat(MAX_REQUEST_HEADERS + 1);
+        let many = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        let fault = check_head(many.as_bytes()).unwrap_err();
+        assert_eq!(
+            (fault.status.as_u16(), fault.why, fault.reason()),
+            (431, TOO_MANY_FIELDS, "head_too_large")
+        );
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_TARGET));
+        let fault = check_head(long.as_bytes()).unwrap_err();
+        assert_eq!(
+            (fault.status.as_u16(), fault.reason()),
+            (414, "target_too_long")
+        );
+        let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_REQUEST_HEAD));
+        assert_eq!(check_head(big.as_bytes()).unwrap_err().why, HEAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn a_refused_head_is_answered_in_words() {
+        let fault = HeadFault::bad(INVALID_METHOD);
+        let answer = String::from_utf8(fault.answer()).unwrap();
+        assert_eq!(
+            answer,
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 39\r\nconnection: close\r\n\r\nmalformed request line: invalid method\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_prefix_is_freed_once_it_is_read() {
+        // A forwarder's read buffer grown to a large head, then handed on.
+        const HEAD: &[u8] = b"GET /ws HTTP/1.1\r\nupgrade: echo\r\n\r\n";
+        let mut head = BytesMut::with_capacity(256 * 1024);
+        head.extend_from_slice(HEAD);
+        let (mut caller, ours) = tokio::io::duplex(1024);
+        let mut stream = Rewind::with_prefix(head, ours);
+        let mut read = vec![0; 10];
+        stream.read_exact(&mut read).await.unwrap();
+        assert!(stream.prefix.capacity() > 128 * 1024, "still being read");
+        let mut rest = vec![0; HEAD.len() - 10];
+        stream.read_exact(&mut rest).await.unwrap();
+        read.extend(rest);
+        assert_eq!(read, HEAD);
+        assert_eq!(stream.prefix.capacity(), 0, "the read prefix is still held");
+        // The stream itself follows.
+        tokio::io::AsyncWriteExt::write_all(&mut caller, b"after")
+            .await
+            .unwrap();
+        let mut after = [0; 5];
+        stream.read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"after");
+        // An empty prefix holds nothing from the start.
+        let empty = Rewind::with_prefix(BytesMut::with_capacity(64 * 1024), caller);
+        assert_eq!(empty.prefix.capacity(), 0, "an empty prefix is still held");
+    }
+}
