@@ -16,7 +16,8 @@
 //! [`REFUSAL_LOG_PAUSE`](crate::server::REFUSAL_LOG_PAUSE), by the gRPC
 //! port's `Refusals`: a kubelet probe refused here restarts the pod or
 //! takes it out of its Service, which must not go unseen at the default
-//! log level.
+//! log level. A malformed request head is answered in words, counted and
+//! logged as [`crate::request_head`] says.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ use crate::metrics::{
     Metrics, render_sidecar_sync, render_store_serving_stale, render_store_watches,
 };
 use crate::readiness::{Check, Readiness};
+use crate::request_head;
 use crate::server::Refusals;
 
 /// How long a client of the admin port has to send a request's head, and
@@ -63,6 +65,11 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// connection limits, is logged, with the limit (`reason`, `error`) and
 /// peer.
 const OVER_LIMITS: &str = "admin connection refused: past the port's connection limits";
+
+/// How a request head the admin port refused is logged, with its kind
+/// (`reason`), how it was answered and what was wrong (`error`), and the
+/// peer ([`crate::request_head`]).
+pub const MALFORMED: &str = "admin request refused: malformed request head";
 
 pub struct AdminHttp {
     listener: TcpListener,
@@ -95,6 +102,10 @@ impl AdminHttp {
     ) {
         let limits = ConnectionLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
         let over_limits = Refusals::new(metrics.clone(), Metrics::admin_connection_refused);
+        let malformed = Arc::new(Refusals::new(
+            metrics.clone(),
+            Metrics::admin_malformed_request,
+        ));
         loop {
             let (tcp, client) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -118,21 +129,32 @@ impl AdminHttp {
             let metrics = metrics.clone();
             let discovery = discovery.clone();
             let readiness = readiness.clone();
+            let malformed = malformed.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
+                let mut evicted = std::pin::pin!(admitted.evicted());
+                let Some(tcp) = request_head::first(
+                    tcp,
+                    client,
+                    HEAD_TIMEOUT,
+                    &malformed,
+                    MALFORMED,
+                    evicted.as_mut(),
+                )
+                .await
+                else {
+                    return;
+                };
                 let service = hyper::service::service_fn(move |req| {
                     let response =
                         respond(&req, &ready, &metrics, &discovery, readiness.as_deref());
                     async move { Ok::<_, Infallible>(response) }
                 });
-                serve_http1_for(
-                    tcp,
-                    service,
-                    HEAD_TIMEOUT,
-                    CONNECTION_LIFETIME,
-                    admitted.evicted(),
-                )
-                .await;
+                let ended =
+                    serve_http1_for(tcp, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted).await;
+                if let Some(error) = ended {
+                    request_head::refused_by_hyper(&error, client, &malformed, MALFORMED);
+                }
             });
         }
     }

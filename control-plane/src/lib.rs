@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod net;
 pub mod readiness;
 pub mod reflection;
+pub mod request_head;
 pub mod run;
 pub mod server;
 pub mod state_dir;

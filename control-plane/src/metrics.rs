@@ -28,6 +28,8 @@ pub struct Metrics {
     grpc_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     grpc_connections_closed: Mutex<BTreeMap<&'static str, u64>>,
     admin_connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    admin_malformed_requests: Mutex<BTreeMap<&'static str, u64>>,
+    webhook_malformed_requests: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams_refused: Mutex<BTreeMap<&'static str, u64>>,
     inject_unknown_values: Mutex<BTreeMap<&'static str, u64>>,
     watch_streams: AtomicI64,
@@ -107,6 +109,18 @@ impl Metrics {
     /// limit that refused it (`per_client` or `total`).
     pub fn admin_connection_refused(&self, reason: &'static str) {
         count(&self.admin_connections_refused, reason);
+    }
+
+    /// A request head the admin port refused, by its kind (`malformed`,
+    /// `head_too_large` or `target_too_long`).
+    pub fn admin_malformed_request(&self, reason: &'static str) {
+        count(&self.admin_malformed_requests, reason);
+    }
+
+    /// A request head the webhook port refused, by its kind, as
+    /// [`Self::admin_malformed_request`].
+    pub fn webhook_malformed_request(&self, reason: &'static str) {
+        count(&self.webhook_malformed_requests, reason);
     }
 
     /// A pod reviewed by the webhooks whose `trellis.io/inject` (label or
@@ -266,6 +280,25 @@ impl Metrics {
              client's address as one may hold) or total (every slot taken, none from an address \
              holding more).",
             &self.admin_connections_refused.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_admin_malformed_requests_total",
+            "Request heads the admin port (/live, /ready, /metrics) refused, by kind: malformed \
+             (400: does not parse, an invalid method or target), head_too_large (431: over 408 \
+             KiB or 100 header fields) or target_too_long (414: over 65534 bytes).",
+            &self.admin_malformed_requests.lock().expect("not poisoned"),
+        );
+        render_family(
+            &mut out,
+            "trellis_webhook_malformed_requests_total",
+            "Request heads the admission webhook port refused, by kind: malformed (400: does \
+             not parse, an invalid method or target), head_too_large (431: over 408 KiB or 100 \
+             header fields) or target_too_long (414: over 65534 bytes).",
+            &self
+                .webhook_malformed_requests
+                .lock()
+                .expect("not poisoned"),
         );
         render_family(
             &mut out,

@@ -1224,3 +1224,84 @@ fn the_admin_http_port_types_only_metrics_as_prometheus_text() {
     assert_eq!(status, "200 text/plain; version=0.0.4; charset=utf-8");
     assert!(body.contains("# TYPE "), "{body}");
 }
+
+/// A request head the admin port refuses is answered in words, as the
+/// sidecar's admin port answers one: a header line without a colon 400, a
+/// target too long for curl's request 414, each naming what was wrong,
+/// and the connection closed. A bad head later on a kept-alive connection
+/// gets hyper's status alone. Each is counted by its kind, and logged as
+/// a warning naming the client, never a header's value (a token may be
+/// in one).
+#[tokio::test]
+async fn the_admin_http_port_answers_a_malformed_head_in_words() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_control_plane::admin_http::MALFORMED;
+    let cp = ControlPlane::start(&[]);
+    let admin = cp.admin.parse().unwrap();
+    let answer_to = |from: u8, request: &'static [u8]| async move {
+        let mut tcp = connect_from(loopback(from), admin).await;
+        tcp.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+
+    let answer = answer_to(
+        7,
+        b"GET /metrics HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer admin-secret-7f3a\r\n\
+          no colon here\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(
+            "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a colon \
+             (a line without a colon, or a space before it)\n"
+        ),
+        "{answer}"
+    );
+
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .arg(format!("http://{admin}/{}", "a".repeat(70_000)))
+        .output()
+        .expect("curl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "request target exceeds the limit of 65534 bytes\n\n414"
+    );
+
+    // The first head is served; hyper refuses the second, with its status.
+    let answer = answer_to(
+        8,
+        b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\nGET /live HTTP/1.1\r\nhost admin\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains("live\nHTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+
+    eventually("the refused heads counted", || {
+        let metrics = cp.metrics();
+        let counted = ["malformed\"} 2\n", "target_too_long\"} 1\n"]
+            .map(|c| format!("trellis_admin_malformed_requests_total{{reason=\"{c}"));
+        counted.iter().all(|c| metrics.contains(c)).then_some(())
+    });
+    let line = cp.wait_for_line("the refused head logged", |l| {
+        l.contains(MALFORMED) && l.contains("peer=127.0.0.7:")
+    });
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("answered 400: malformed header line"),
+        "{line}"
+    );
+    assert!(!cp.log().contains("admin-secret-7f3a"), "{}", cp.log());
+}

@@ -645,3 +645,83 @@ fn webhook_start_up_failures_name_the_cause() {
     assert!(stderr.contains(&addr), "{stderr}");
     assert!(stderr.contains("webhook"), "{stderr}");
 }
+
+/// A request head the webhook port refuses is answered in words over
+/// TLS: a header line without a colon 400 (sent as written by `openssl
+/// s_client`), a target too long for curl's request 414, each naming what
+/// was wrong, and the connection closed. Each is counted by its kind, and
+/// logged as a warning naming the client, never a header's value.
+#[test]
+fn the_webhook_port_answers_a_malformed_head_in_words() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    use trellis_control_plane::inject::server::MALFORMED;
+    let certs = WebhookCerts::new();
+    let cp = start(&certs.flags());
+    let addr = webhook_addr(&cp);
+    let port = addr.rsplit(':').next().unwrap();
+
+    let mut s_client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error"])
+        .args(["-connect", &addr, "-servername", "localhost"])
+        .args(["-CAfile", &certs.path("ca.crt")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    s_client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"POST /inject HTTP/1.1\r\nhost: localhost\r\nx-review: review-secret-91c2\r\n\
+              no colon here\r\n\r\n",
+        )
+        .unwrap();
+    let out = s_client.wait_with_output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        answer.ends_with(
+            "\r\nconnection: close\r\n\r\nmalformed header line: not a field name and a colon \
+             (a line without a colon, or a space before it)\n"
+        ),
+        "{answer}"
+    );
+
+    let curl = |args: &[&str], target: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(["--cacert", &certs.path("ca.crt")])
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(args)
+            .arg(format!("https://localhost:{port}{target}"))
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let long = format!("/inject?{}", "a".repeat(70_000));
+    assert_eq!(
+        curl(&["-w", "\n%{http_code}"], &long),
+        "request target exceeds the limit of 65534 bytes\n\n414"
+    );
+
+    let metrics = cp.metrics();
+    for counted in ["malformed\"} 1\n", "target_too_long\"} 1\n"] {
+        let counted = format!("trellis_webhook_malformed_requests_total{{reason=\"{counted}");
+        assert!(metrics.contains(&counted), "{counted}in\n{metrics}");
+    }
+    let line = cp.wait_for_line("the refused head logged", |l| {
+        l.contains(MALFORMED) && l.contains("answered 400")
+    });
+    assert!(
+        line.contains("WARN") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
+    assert!(!cp.log().contains("review-secret-91c2"), "{}", cp.log());
+}

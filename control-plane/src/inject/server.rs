@@ -28,7 +28,8 @@
 //! A client that sent plaintext HTTP (`curl http://` while debugging) is
 //! answered in HTTP, within the same deadline and connection limits, that
 //! the port speaks only HTTPS: the TLS alert it would get otherwise reads
-//! as "Received HTTP/0.9 when not allowed".
+//! as "Received HTTP/0.9 when not allowed". A malformed request head is
+//! answered in words, counted and logged as [`crate::request_head`] says.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -59,6 +60,7 @@ use super::{
 };
 use crate::api::quoted;
 use crate::metrics::Metrics;
+use crate::request_head;
 use crate::server::Refusals;
 
 /// The mutating webhook that injects pods.
@@ -391,6 +393,10 @@ impl WebhookServer {
             metrics.clone(),
             Metrics::webhook_handshake_failed,
         ));
+        let malformed = Arc::new(Refusals::new(
+            metrics.clone(),
+            Metrics::webhook_malformed_request,
+        ));
         let turns = Arc::new(Semaphore::new(MAX_REVIEWS_AT_ONCE));
         loop {
             let (tcp, client) = tokio::select! {
@@ -418,14 +424,28 @@ impl WebhookServer {
             let failures = failures.clone();
             let turns = turns.clone();
             let bodies = self.bodies.clone();
+            let malformed = malformed.clone();
             tokio::spawn(async move {
                 let admitted = admitted;
+                let mut evicted = std::pin::pin!(admitted.evicted());
                 let tls = tokio::select! {
                     tls = handshake(&acceptor, tcp, client, &failures) => tls,
                     // Told to make way for a client holding fewer.
-                    () = admitted.evicted() => return,
+                    () = evicted.as_mut() => return,
                 };
                 let Some(tls) = tls else {
+                    return;
+                };
+                let Some(tls) = request_head::first(
+                    tls,
+                    client,
+                    HEAD_TIMEOUT,
+                    &malformed,
+                    MALFORMED,
+                    evicted.as_mut(),
+                )
+                .await
+                else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |req| {
@@ -438,14 +458,11 @@ impl WebhookServer {
                     let bodies = bodies.clone();
                     async move { Ok::<_, Infallible>(serve(req, &bodies, reviewing).await) }
                 });
-                serve_http1_for(
-                    tls,
-                    service,
-                    HEAD_TIMEOUT,
-                    CONNECTION_LIFETIME,
-                    admitted.evicted(),
-                )
-                .await;
+                let ended =
+                    serve_http1_for(tls, service, HEAD_TIMEOUT, CONNECTION_LIFETIME, evicted).await;
+                if let Some(error) = ended {
+                    request_head::refused_by_hyper(&error, client, &malformed, MALFORMED);
+                }
             });
         }
     }
@@ -459,6 +476,11 @@ const HANDSHAKE_FAILED: &str = "webhook TLS handshake failed";
 /// connection limits, is logged, with the limit (`reason`, `error`) and
 /// peer.
 const OVER_LIMITS: &str = "webhook connection refused: past the port's connection limits";
+
+/// How a request head the webhook port refused is logged, with its kind
+/// (`reason`), how it was answered and what was wrong (`error`), and the
+/// peer ([`crate::request_head`]): never the head's bytes.
+pub const MALFORMED: &str = "webhook request refused: malformed request head";
 
 /// The TLS handshake of a connection from `peer`, finished within
 /// [`HEAD_TIMEOUT`]; `None` when it failed (counted and logged). A
