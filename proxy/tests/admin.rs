@@ -254,7 +254,8 @@ async fn a_refused_admin_request_is_marked_as_the_sidecar_s_answer() {
 
 /// The admin port's 404 (a path it serves nothing at, an app probe path
 /// with no probe) and 405 (a method other than GET or HEAD) are its own
-/// answers too, each with a token of its own, beside the text saying why.
+/// answers too, each with a token of its own, beside the text saying why;
+/// the 405 says in `Allow` what is allowed.
 #[tokio::test]
 async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
     use common::control_plane::FakeControlPlane;
@@ -301,6 +302,7 @@ async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
         let what = format!("{} {}", req.method(), req.uri());
         let response = admin.send_request(req).await.unwrap();
         let marked = response.headers().get("trellis-proxy-error").cloned();
+        let allow = response.headers().get("allow").cloned();
         let (got, body) = text(response).await;
         assert_eq!((got.as_u16(), body.as_str()), (status, said), "{what}");
         assert_eq!(
@@ -308,7 +310,33 @@ async fn the_admin_port_s_404_and_405_name_what_was_wrong() {
             Some(token),
             "{what}"
         );
+        // A 405 says what is allowed (RFC 9110 section 15.5.6).
+        let allowed = (status == 405).then_some("GET, HEAD");
+        assert_eq!(
+            allow.as_ref().and_then(|v| v.to_str().ok()),
+            allowed,
+            "{what}"
+        );
     }
+
+    // As curl shows it (run off the runtime the sidecar is served on).
+    let url = format!("http://{}/live", s.admin);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-s", "-i", "-X", "POST", &url])
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .unwrap();
+    let answer = String::from_utf8(out.stdout).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get, head\r\n"),
+        "{answer}"
+    );
 }
 
 /// Writes `request` on a new connection to `admin` and reads the answer

@@ -6,7 +6,8 @@
 //! pod's hook token ([`access`]); any other request gets 403 saying why,
 //! with `trellis-proxy-error: denied`. A path it serves nothing at gets
 //! 404 with `trellis-proxy-error: not_found`, a method other than `GET`
-//! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed`. `/ready`
+//! or `HEAD` 405 with `trellis-proxy-error: method_not_allowed` and
+//! `Allow: GET, HEAD`. `/ready`
 //! answers 503 with `trellis-proxy-error: not_ready` while the sidecar is
 //! not ready, and an app probe that fails 503 with `probe_failed`.
 //!
@@ -56,7 +57,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -233,13 +234,18 @@ fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
 }
 
 /// The 405 of a request whose method is neither `GET` nor `HEAD`, with
-/// `trellis-proxy-error: method_not_allowed`.
+/// `trellis-proxy-error: method_not_allowed` and `Allow: GET, HEAD`
+/// (RFC 9110 section 15.5.6).
 fn method_not_allowed() -> Response<Full<Bytes>> {
-    refusal(
+    let mut answer = refusal(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "GET only",
-    )
+    );
+    answer
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    answer
 }
 
 /// The 404 of a path the port serves nothing at, with
