@@ -4,7 +4,7 @@
 //! answers as healthy, else 200 saying that the policies served may be
 //! stale: see [`crate::readiness`]) and `/metrics` (Prometheus text, the
 //! only answer typed as such; the others are plain text, a 404 naming the
-//! three paths).
+//! three paths, a 405 with `Allow: GET, HEAD`).
 //!
 //! It exposes nothing secret and accepts nothing that changes state. It is
 //! reachable from every pod of the cluster (the kubelet probes it, a
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
@@ -177,10 +177,15 @@ fn respond(
     // Only /metrics is Prometheus text (its version), as a scraper reads it.
     let text = |status, body| typed(status, "text/plain; charset=utf-8", body);
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
+        let mut answer = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
+            "method not allowed: GET or HEAD only\n".into(),
         );
+        // What is allowed, as RFC 9110 section 15.5.6 asks of a 405.
+        answer
+            .headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return answer;
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),

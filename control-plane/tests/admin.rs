@@ -1305,3 +1305,23 @@ async fn the_admin_http_port_answers_a_malformed_head_in_words() {
     );
     assert!(!cp.log().contains("admin-secret-7f3a"), "{}", cp.log());
 }
+
+/// A method the admin port does not take is answered 405 saying which it
+/// does, in `Allow` (RFC 9110 section 15.5.6), as curl shows it.
+#[test]
+fn the_admin_http_port_s_405_says_what_is_allowed() {
+    let cp = ControlPlane::start(&[]);
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-i", "-X", "POST"])
+        .arg(format!("http://{}/live", cp.admin))
+        .output()
+        .expect("curl runs");
+    let answer = String::from_utf8(out.stdout).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get, head\r\n"),
+        "{answer}"
+    );
+}

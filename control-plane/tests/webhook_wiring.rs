@@ -650,7 +650,8 @@ fn webhook_start_up_failures_name_the_cause() {
 /// TLS: a header line without a colon 400 (sent as written by `openssl
 /// s_client`), a target too long for curl's request 414, each naming what
 /// was wrong, and the connection closed. Each is counted by its kind, and
-/// logged as a warning naming the client, never a header's value.
+/// logged as a warning naming the client, never a header's value. A
+/// method a review path does not take gets 405 with `Allow: POST`.
 #[test]
 fn the_webhook_port_answers_a_malformed_head_in_words() {
     use std::io::Write as _;
@@ -709,6 +710,13 @@ fn the_webhook_port_answers_a_malformed_head_in_words() {
     assert_eq!(
         curl(&["-w", "\n%{http_code}"], &long),
         "request target exceeds the limit of 65534 bytes\n\n414"
+    );
+
+    let answer = curl(&["-i"], "/inject");
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
+        "{answer}"
     );
 
     let metrics = cp.metrics();

@@ -29,7 +29,8 @@
 //! answered in HTTP, within the same deadline and connection limits, that
 //! the port speaks only HTTPS: the TLS alert it would get otherwise reads
 //! as "Received HTTP/0.9 when not allowed". A malformed request head is
-//! answered in words, counted and logged as [`crate::request_head`] says.
+//! answered in words, counted and logged as [`crate::request_head`] says;
+//! a method other than `POST` on a review path gets 405 with `Allow: POST`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -645,9 +646,15 @@ async fn serve(
             b"the review could not be answered\n".to_vec(),
         ),
     };
-    Response::builder()
+    let mut answer = Response::builder()
         .status(status)
-        .header("content-type", content_type)
+        .header("content-type", content_type);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        // What is allowed, as RFC 9110 section 15.5.6 asks of a 405: the
+        // only 405 of `respond` is of a review path, which takes POST.
+        answer = answer.header(http::header::ALLOW, "POST");
+    }
+    answer
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
