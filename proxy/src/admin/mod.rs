@@ -67,6 +67,7 @@ use tokio::sync::watch;
 use trellis_core::connections::{ConnectionLimits, serve_http1_for};
 use trellis_core::duration::Words;
 use trellis_core::logging::throttle::Throttle;
+use trellis_core::refusal::token;
 use trellis_core::warn_throttled;
 
 pub mod access;
@@ -230,7 +231,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 /// The 403 of a request [`access`] refuses: why, as its text, and
 /// `trellis-proxy-error: denied`, as the sidecar's other refusals carry.
 fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
-    refusal(StatusCode::FORBIDDEN, "denied", refused.to_string())
+    refusal(StatusCode::FORBIDDEN, token::DENIED, refused.to_string())
 }
 
 /// The 405 of a request whose method is neither `GET` nor `HEAD`, with
@@ -239,7 +240,7 @@ fn forbidden(refused: &access::Refusal) -> Response<Full<Bytes>> {
 fn method_not_allowed() -> Response<Full<Bytes>> {
     let mut answer = refusal(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        token::METHOD_NOT_ALLOWED,
         "GET only",
     );
     answer
@@ -252,7 +253,7 @@ fn method_not_allowed() -> Response<Full<Bytes>> {
 /// `trellis-proxy-error: not_found` (under `/app-health/`, a path no app
 /// probe is registered at).
 fn not_found(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    refusal(StatusCode::NOT_FOUND, "not_found", body)
+    refusal(StatusCode::NOT_FOUND, token::NOT_FOUND, body)
 }
 
 /// The 503 of `/ready` while the sidecar is not ready (or drains), saying
@@ -260,7 +261,7 @@ fn not_found(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 fn unready(why: impl std::fmt::Display) -> Response<Full<Bytes>> {
     refusal(
         StatusCode::SERVICE_UNAVAILABLE,
-        "not_ready",
+        token::NOT_READY,
         format!("not ready: {why}"),
     )
 }
@@ -333,7 +334,7 @@ async fn app_health(
             tracing::info!(probe = %path, reason = %e, "app probe failed");
             refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "probe_failed",
+                token::PROBE_FAILED,
                 e.to_string(),
             )
         }
