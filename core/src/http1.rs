@@ -256,11 +256,7 @@ impl HeadFault {
     /// `target_too_long` (414), `head_too_large` (431) or `malformed`
     /// (400), as the sidecar's admin port counts its own.
     pub fn reason(&self) -> &'static str {
-        match self.status {
-            StatusCode::URI_TOO_LONG => "target_too_long",
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
-            _ => "malformed",
-        }
+        fault_reason(self.status)
     }
 
     /// What hyper's server answered, with a status alone, for a head it
@@ -347,9 +343,20 @@ pub fn check_head(buf: &[u8]) -> Result<Option<usize>, HeadFault> {
     Ok(Some(len))
 }
 
+/// What a refused request head of `status` is counted as (a metric's
+/// `reason`): `target_too_long` (414), `head_too_large` (431) or
+/// `malformed` (400 and any other).
+pub fn fault_reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::URI_TOO_LONG => "target_too_long",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
+        _ => "malformed",
+    }
+}
+
 /// What is wrong with a head that does not parse, in words; `method`:
 /// whether the request line's method was read.
-fn unparsable(e: httparse::Error, method: bool) -> &'static str {
+pub fn unparsable(e: httparse::Error, method: bool) -> &'static str {
     match e {
         httparse::Error::Token if !method => INVALID_METHOD,
         httparse::Error::Token => INVALID_TARGET,

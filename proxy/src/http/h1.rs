@@ -182,6 +182,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
+use trellis_core::http1::{INVALID_METHOD, INVALID_TARGET, unparsable};
 use trellis_core::policy::l7::{self, HeadLimit};
 use trellis_core::refusal::{self, token};
 
@@ -223,10 +224,6 @@ const _: () = assert!(
 /// `Content-Length` is told.
 pub const TWO_FRAMINGS: &str =
     "both Transfer-Encoding and Content-Length: a request body is framed one way";
-/// What a target that is not a URI is told.
-const INVALID_TARGET: &str = "malformed request line: invalid request target";
-/// What a method that is not a token is told.
-const INVALID_METHOD: &str = "malformed request line: invalid method";
 /// The largest header map a thread keeps for its next requests
 /// ([`Buffers::fields`]): one grown for a head of many fields is freed.
 const KEPT_FIELDS: usize = 128;
@@ -1066,11 +1063,7 @@ impl Malformed {
     /// (`reason`): `target_too_long` (414), `head_too_large` (431) or
     /// `malformed` (400).
     pub fn reason(&self) -> &'static str {
-        match self.status {
-            StatusCode::URI_TOO_LONG => "target_too_long",
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
-            _ => "malformed",
-        }
+        trellis_core::http1::fault_reason(self.status)
     }
 
     /// The `trellis-proxy-error` token of its answer: `request_timeout`
@@ -1153,23 +1146,6 @@ fn head_problem(fields: usize, len: usize, target: &str) -> Option<Malformed> {
     match HeadLimit::http1(fields, len, target.len()) {
         Some(limit) => Some(Malformed::over(limit)),
         None => l7::target_problem(target).map(Malformed::bad),
-    }
-}
-
-/// What is wrong with a head that does not parse, in words; `method`:
-/// whether the request line's method was read.
-fn unparsable(e: httparse::Error, method: bool) -> &'static str {
-    match e {
-        httparse::Error::Token if !method => INVALID_METHOD,
-        httparse::Error::Token => "malformed request line: invalid request target",
-        httparse::Error::Version => "malformed request line: not HTTP/1.0 or HTTP/1.1",
-        httparse::Error::HeaderName => {
-            "malformed header line: not a field name and a colon (a line without a colon, \
-             or a space before it)"
-        }
-        httparse::Error::HeaderValue => "invalid character in a header value",
-        httparse::Error::NewLine => "malformed line ending in the request head",
-        httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
     }
 }
 
