@@ -1094,26 +1094,18 @@ impl Malformed {
     /// the forwarder uses for the same; `None` for an error that is not a
     /// refused head, which hyper answers with nothing.
     pub fn from_hyper(error: &hyper::Error) -> Option<Self> {
-        if !error.is_parse() || error.is_parse_version_h2() || error.is_parse_status() {
-            return None;
-        }
-        if error.is_parse_too_large() {
-            // hyper says which of its two bounds only in words.
-            return Some(if error.to_string().starts_with("URI") {
-                Malformed::target_too_long()
-            } else {
-                Malformed {
-                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    why: "request head exceeds the sidecar's 408 KiB limit or its limit of \
-                          100 header fields",
-                }
-            });
-        }
-        // hyper's internal errors (a bug of its own) get no answer.
-        if error.to_string().starts_with("internal error") {
-            return None;
-        }
-        Some(Malformed::bad("malformed request head"))
+        let fault = trellis_core::http1::HeadFault::from_hyper(error)?;
+        // Which refusal it is comes from core's reading of hyper's error;
+        // the sidecar's words name its bounds as the sidecar's.
+        Some(match fault.status {
+            StatusCode::URI_TOO_LONG => Malformed::target_too_long(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Malformed {
+                status: fault.status,
+                why: "request head exceeds the sidecar's 408 KiB limit or its limit of \
+                      100 header fields",
+            },
+            _ => Malformed::bad(fault.why),
+        })
     }
 }
 
