@@ -1731,6 +1731,49 @@ fn an_existing_secret_is_served_with_the_ca_bundle_given() {
     }
 }
 
+/// A `webhook.caBundle` holding a private key (the CA's key file given by
+/// mistake, or a PEM file of certificate and key) is refused without
+/// echoing the key: rendered, the key would sit in every webhook
+/// configuration, cluster-wide objects that many can read. One holding no
+/// certificate is refused too, naming the value.
+#[test]
+fn a_ca_bundle_holding_a_key_is_refused_without_echoing_it() {
+    let Some((helm, _)) = tools() else { return };
+    let ca = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+    let key_pem = ca.signing_key.serialize_pem();
+    let dir = tempfile::tempdir().unwrap();
+    let render = |name: &str, pem: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, pem).unwrap();
+        let value = format!("webhook.caBundle={}", file.display());
+        let args = [
+            "--set",
+            "webhook.existingSecret=corp-webhook-tls",
+            "--set-file",
+            &value,
+        ];
+        template_with(&helm, NAMESPACE, &args)
+    };
+    let key_line = key_pem.lines().nth(1).unwrap();
+    for (name, pem) in [
+        ("ca.key", key_pem.clone()),
+        ("ca.pem", format!("{}{key_pem}", ca.cert.pem())),
+    ] {
+        let err = render(name, &pem).unwrap_err();
+        assert!(
+            err.contains("webhook.caBundle holds a private key"),
+            "{name}: {err}"
+        );
+        assert!(!err.contains(key_line), "{name}: the key is echoed: {err}");
+    }
+    let err = render("ca.txt", "the corporate CA\n").unwrap_err();
+    assert!(
+        err.contains("webhook.caBundle holds no PEM certificate"),
+        "{err}"
+    );
+    render("ca.crt", &ca.cert.pem()).unwrap();
+}
+
 /// Half of an existing-Secret configuration is refused, naming both
 /// values, as is an existing Secret with cert-manager: either would leave
 /// the API server trusting a CA that did not sign what is served.

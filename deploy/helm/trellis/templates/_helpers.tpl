@@ -175,6 +175,20 @@ which a request must exceed its limit by more than a part in 10^12 to fail.
 {{- end -}}
 
 {{/*
+Refuses a PEM value (dict "pem" the value, "name" its path, "becomes" where it is published,
+"give" what to set instead) that holds a private key, or no certificate; empty passes. Checked
+here, not by a schema pattern, whose refusal would echo the value, key and all.
+*/}}
+{{- define "trellis.checkCertificatesOnly" -}}
+{{- if contains "PRIVATE KEY" .pem -}}
+{{- fail (printf "%s holds a private key: it becomes %s; give certificates only" .name .becomes) -}}
+{{- end -}}
+{{- if and .pem (not (contains "-----BEGIN CERTIFICATE-----" .pem)) -}}
+{{- fail (printf "%s holds no PEM certificate (-----BEGIN CERTIFICATE-----): set it to %s" .name .give) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Values the schema cannot relate or add up; checked before anything renders, each failure naming
 the values. certTTL: the control plane refuses a --cert-ttl outside 10s..720h (30 days) with exit
 64, so a release that passed would never start; watchFailureGrace and grpcIdleTimeout below 1s
@@ -190,8 +204,8 @@ Deployment, or every injected pod.
 podDisruptionBudget.maxUnavailable 0 (or 0%): no replica could ever be evicted, so every drain
 of a node running one would wait for ever.
 trustAnchorsPEM without a certificate: the control plane would exit 64; with a private key: a key
-would be published in a ConfigMap (checked here, not by a schema pattern, whose refusal would echo
-the value).
+would be published in a ConfigMap. webhook.caBundle likewise: without a certificate the API server
+could call no webhook; with a key, the key would be published in the webhook configurations.
 */}}
 {{- define "trellis.checkValues" -}}
 {{- $ms := include "trellis.milliseconds" .Values.certTTL | int64 -}}
@@ -210,12 +224,8 @@ the value).
 {{- if and (gt $ms 0) (or (lt $ms 80000) (gt $ms 3600000)) -}}
 {{- fail (printf "injection.tcpUserTimeout %s is outside 80s..1h: give 0 to turn the sidecars' TCP user timeout off, or at least 80s (below it keepalive resets an idle connection on one lost probe) and at most 1h" (toString .Values.injection.tcpUserTimeout)) -}}
 {{- end -}}
-{{- if contains "PRIVATE KEY" .Values.trustAnchorsPEM -}}
-{{- fail "trustAnchorsPEM holds a private key: it becomes a ConfigMap, which anyone who can read the namespace reads; give the root certificates only" -}}
-{{- end -}}
-{{- if and .Values.trustAnchorsPEM (not (contains "-----BEGIN CERTIFICATE-----" .Values.trustAnchorsPEM)) -}}
-{{- fail "trustAnchorsPEM holds no PEM certificate (-----BEGIN CERTIFICATE-----): set it to the roots to trust, e.g. --set-file trustAnchorsPEM=roots.pem" -}}
-{{- end -}}
+{{- include "trellis.checkCertificatesOnly" (dict "pem" .Values.trustAnchorsPEM "name" "trustAnchorsPEM" "becomes" "a ConfigMap, which anyone who can read the namespace reads" "give" "the roots to trust, e.g. --set-file trustAnchorsPEM=roots.pem") -}}
+{{- include "trellis.checkCertificatesOnly" (dict "pem" .Values.webhook.caBundle "name" "webhook.caBundle" "becomes" "the caBundle of the webhook configurations, cluster-wide objects that many can read" "give" "the certificate of the CA that signed webhook.existingSecret, e.g. --set-file webhook.caBundle=ca.crt") -}}
 {{- include "trellis.checkResources" (dict "resources" .Values.resources "name" "resources" "refused" "the control plane's Deployment") -}}
 {{- include "trellis.checkResources" (dict "resources" .Values.injection.proxy.resources "name" "injection.proxy.resources" "refused" "every injected pod") -}}
 {{- include "trellis.checkResources" (dict "resources" .Values.injection.init.resources "name" "injection.init.resources" "refused" "every injected pod") -}}
