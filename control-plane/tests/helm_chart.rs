@@ -130,6 +130,16 @@ fn custom_values_render_valid_manifests() {
             "nodeSelector.node-pool=system",
             "injection.excludeNamespaces={monitoring,ingress-nginx}",
             "podDisruptionBudget.maxUnavailable=50%",
+            "tolerations[0].key=node-role.kubernetes.io/control-plane",
+            "tolerations[0].operator=Exists",
+            "tolerations[0].effect=NoSchedule",
+            "tolerations[1].key=dedicated",
+            "tolerations[1].value=system",
+            "tolerations[1].effect=NoExecute",
+            "tolerations[1].tolerationSeconds=300",
+            "priorityClassName=system-cluster-critical",
+            "podAnnotations.example\\.com/team=mesh",
+            "imagePullSecrets[0].name=registry.example.com",
         ],
     );
     let deployment = one(&docs, "Deployment");
@@ -151,6 +161,22 @@ fn custom_values_render_valid_manifests() {
     assert_eq!(
         pod["containers"][0]["image"],
         "registry.example.com/mesh/trellis:0.1.0-rc1"
+    );
+    assert_eq!(
+        pod["tolerations"],
+        json!([
+            {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "dedicated", "value": "system", "effect": "NoExecute", "tolerationSeconds": 300},
+        ])
+    );
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    assert_eq!(
+        pod["imagePullSecrets"],
+        json!([{"name": "registry.example.com"}])
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["annotations"]["example.com/team"],
+        "mesh"
     );
     assert!(
         pod["affinity"]["podAntiAffinity"]
@@ -288,6 +314,20 @@ fn invalid_values_are_refused() {
         ("image.digest=sha256:abc", "digest"),
         ("image.digest=0123456789abcdef", "digest"),
         ("podDisruptionBudget.maxUnavailable=101%", "maxUnavailable"),
+        // A pull secret is a name alone: the control plane refuses any
+        // other field in its injection settings, and would exit at start.
+        ("imagePullSecrets[0].namespace=mesh", "imagePullSecrets"),
+        // A misspelt toleration field would be dropped by the API server,
+        // leaving a toleration of every effect.
+        ("tolerations[0].efect=NoSchedule", "tolerations"),
+        ("tolerations[0].operator=exists", "tolerations"),
+        // No PriorityClass can have this name: no replica would be created.
+        ("priorityClassName=System_Critical", "priorityClassName"),
+        // A tag in the repository: repository:tag:appVersion is no image
+        // reference, so neither the control plane nor any injected pod
+        // would start.
+        ("image.repository=trellis/trellis:0.1.0", "repository"),
+        ("image.repository=Trellis/Trellis", "repository"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");
@@ -926,5 +966,48 @@ fn network_policy_opens_each_port_to_what_must_reach_it() {
     assert!(
         e.contains("metricsFrom") && e.contains("namespaceSelectors"),
         "{e}"
+    );
+
+    // A misspelt field inside a peer is refused too: the API server would
+    // drop it, and the selector left empty would open the admin port to
+    // every namespace (or every pod of the release's). An ipBlock is a
+    // CIDR, with exceptions.
+    for (set, names) in [
+        (
+            "networkPolicy.metricsFrom[0].namespaceSelector.matchLabel.team=monitoring",
+            "matchLabel",
+        ),
+        (
+            "networkPolicy.metricsFrom[0].podSelector.matchExpressions[0].key=app",
+            "operator",
+        ),
+        (
+            "networkPolicy.metricsFrom[0].ipBlock.cidrs=10.0.0.0/8",
+            "cidrs",
+        ),
+        (
+            "networkPolicy.metricsFrom[0].ipBlock.cidr=10.0.0.0/33",
+            "cidr",
+        ),
+    ] {
+        let e = template(&helm, &["networkPolicy.enabled=true", set]).unwrap_err();
+        assert!(e.contains("metricsFrom") && e.contains(names), "{set}: {e}");
+    }
+    let docs = validated(
+        &helm,
+        &validate,
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.metricsFrom[0].podSelector.matchExpressions[0].key=app",
+            "networkPolicy.metricsFrom[0].podSelector.matchExpressions[0].operator=In",
+            "networkPolicy.metricsFrom[0].podSelector.matchExpressions[0].values={prometheus}",
+            "networkPolicy.metricsFrom[1].ipBlock.cidr=10.0.0.0/8",
+            "networkPolicy.metricsFrom[1].ipBlock.except={10.1.0.0/16}",
+        ],
+    );
+    assert_eq!(
+        one(&docs, "NetworkPolicy")["spec"]["ingress"][2]["from"],
+        json!([{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["prometheus"]}]}},
+               {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}])
     );
 }
