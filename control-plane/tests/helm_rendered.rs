@@ -910,6 +910,43 @@ fn notes_name_the_next_steps() {
         !notes.contains("trellis.io/exclude-outbound-cidrs"),
         "{notes}"
     );
+
+    // The control plane's pods wait for the webhooks' serving certificate
+    // when the chart does not make it: the notes say which Secret, and
+    // where to look while they wait.
+    let notes = install_notes(&helm, &chart, &[]);
+    assert!(!notes.contains("ContainerCreating"), "{notes}");
+    let notes = install_notes(
+        &helm,
+        &chart,
+        &["--set", "webhook.certManager.enabled=true"],
+    );
+    for said in [
+        "cert-manager has issued the webhooks' serving certificate into the\n   Secret trellis-webhook-cert",
+        "kubectl -n trellis-system describe certificate trellis-webhook-cert",
+    ] {
+        assert!(notes.contains(said), "{said} in {notes}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let pem = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+    std::fs::write(&ca, pem.cert.pem()).unwrap();
+    let ca = format!("webhook.caBundle={}", ca.display());
+    let notes = install_notes(
+        &helm,
+        &chart,
+        &[
+            "--set",
+            "webhook.existingSecret=corp-webhook-tls",
+            "--set-file",
+            &ca,
+        ],
+    );
+    assert!(
+        notes.contains("Its pods mount the Secret corp-webhook-tls")
+            && notes.contains("which you create in trellis-system"),
+        "{notes}"
+    );
 }
 
 /// `trustAnchorsPEM` (set from a file of roots) renders a ConfigMap that the
