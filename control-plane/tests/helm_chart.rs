@@ -328,15 +328,18 @@ fn invalid_values_are_refused() {
         // would start.
         ("image.repository=trellis/trellis:0.1.0", "repository"),
         ("image.repository=Trellis/Trellis", "repository"),
+        // The image is Linux only: a replica on another OS never starts.
+        ("nodeSelector.kubernetes\\.io/os=windows", "nodeSelector"),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
         assert!(e.contains(names), "{set}: {e}");
     }
 }
 
-/// A request above its limit in the control plane's own resources (cpu or
-/// memory) is refused at `helm template`, naming both: the API server would
-/// refuse the Deployment. Raised together they render, and validate.
+/// A request above its limit in the control plane's own resources (cpu,
+/// memory or ephemeral storage) is refused at `helm template`, naming
+/// both: the API server would refuse the Deployment. Raised together they
+/// render, and validate.
 #[test]
 fn control_plane_resources_the_api_server_would_refuse_are_refused() {
     let Some((helm, validate)) = tools() else {
@@ -354,6 +357,10 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
         (
             "resources.requests.memory=1.5Gi,resources.limits.memory=1536Mi,resources.requests.cpu=2",
             "resources: requests.cpu 2 is above limits.cpu 1",
+        ),
+        (
+            "resources.requests.ephemeral-storage=2Gi,resources.limits.ephemeral-storage=1Gi",
+            "resources: requests.ephemeral-storage 2Gi is above limits.ephemeral-storage 1Gi",
         ),
     ] {
         let e = template(&helm, &[set]).unwrap_err();
@@ -375,6 +382,23 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
         resources,
         &json!({"requests": {"cpu": "0.3", "memory": "1Gi"}, "limits": {"cpu": "300m", "memory": "1024Mi"}})
     );
+    // Ephemeral storage too, where a cluster asks every pod for it; not for
+    // the injected containers, whose settings the control plane reads.
+    let docs = validated(
+        &helm,
+        &validate,
+        &["resources.requests.ephemeral-storage=100Mi,resources.limits.ephemeral-storage=1Gi"],
+    );
+    let resources =
+        &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"];
+    assert_eq!(resources["requests"]["ephemeral-storage"], "100Mi");
+    assert_eq!(resources["limits"]["ephemeral-storage"], "1Gi");
+    let e = template(
+        &helm,
+        &["injection.proxy.resources.limits.ephemeral-storage=1Gi"],
+    )
+    .unwrap_err();
+    assert!(e.contains("ephemeral-storage"), "{e}");
 }
 
 /// A PodDisruptionBudget that lets no replica go (maxUnavailable 0 or 0%)

@@ -153,7 +153,7 @@ one divides rather than multiplies, so 300m and 0.3 give the same number.
 
 {{/*
 Refuses resources (dict "resources" the value, "name" its path, "refused" what the API server
-would refuse) whose cpu or memory request is above its limit: the API server refuses a container
+would refuse) whose cpu, memory or ephemeral-storage request is above its limit: the API server refuses a container
 so made, long after the chart rendered. The control plane checks the injected containers' again
 at start (the authority, comparing exactly); here the comparison is of floating-point numbers,
 which a request must exceed its limit by more than a part in 10^12 to fail.
@@ -161,7 +161,7 @@ which a request must exceed its limit by more than a part in 10^12 to fail.
 {{- define "trellis.checkResources" -}}
 {{- $requests := .resources.requests | default dict -}}
 {{- $limits := .resources.limits | default dict -}}
-{{- range $resource := list "cpu" "memory" -}}
+{{- range $resource := list "cpu" "memory" "ephemeral-storage" -}}
 {{- $request := get $requests $resource -}}
 {{- $limit := get $limits $resource -}}
 {{- if and (ne (toString $request) "") (ne (toString $limit) "") -}}
