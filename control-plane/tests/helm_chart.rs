@@ -1035,3 +1035,69 @@ fn network_policy_opens_each_port_to_what_must_reach_it() {
                {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}])
     );
 }
+
+/// `metrics.podMonitor.enabled` renders a PodMonitor that selects the
+/// control-plane pods (each replica scraped on its own) and scrapes
+/// `/metrics` on the container port the control plane serves it on, with
+/// the labels a Prometheus selects PodMonitors by. Off by default: its
+/// kind exists only where the Prometheus Operator is installed.
+#[test]
+fn pod_monitor_scrapes_every_replica() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let docs = documents(&template(&helm, &[]).unwrap());
+    assert!(find(&docs, "PodMonitor").is_empty());
+
+    let docs = validated(
+        &helm,
+        &validate,
+        &[
+            "metrics.podMonitor.enabled=true",
+            "metrics.podMonitor.interval=1m",
+            "metrics.podMonitor.labels.release=kube-prometheus-stack",
+        ],
+    );
+    let monitor = one(&docs, "PodMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        monitor["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let deployment = one(&docs, "Deployment");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"],
+        json!([{"port": "admin", "path": "/metrics", "scheme": "http", "interval": "1m"}])
+    );
+    // The port named is the admin port, where the control plane serves
+    // /metrics.
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "admin", "containerPort": 15014, "protocol": "TCP"})),
+        "{}",
+        container["ports"]
+    );
+    assert!(
+        args(&docs).iter().any(|a| a == "--admin=[::]:15014"),
+        "{:?}",
+        args(&docs)
+    );
+
+    for (set, names) in [
+        ("metrics.podMonitor.interval=30", "interval"),
+        ("metrics.podMonitor.interval=half a minute", "interval"),
+        ("metrics.podMonitor.labels.release=1", "labels"),
+        ("metrics.podMonitor.enable=true", "enable"),
+    ] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(e.contains(names), "{set}: {e}");
+    }
+}
