@@ -35,28 +35,47 @@ pub const REFUSAL_RENEWAL_NEEDS_TOKEN: &str = "renewal_needs_token";
 
 /// A gRPC status code in words, as the mesh's tools say it to people
 /// (`invalid argument`, `not found`, `permission denied`, ...) rather than
-/// as its Rust name (`InvalidArgument`).
+/// as its name ([`code_name`]).
 pub fn code_words(code: tonic::Code) -> &'static str {
+    spellings(code).words
+}
+
+/// A gRPC status code's name, as gRPC's own libraries print codes
+/// (`PermissionDenied`): how metrics and logs name it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    spellings(code).name
+}
+
+/// How one gRPC status code is spelt.
+struct Spellings {
+    name: &'static str,
+    words: &'static str,
+}
+
+/// The one table of every code's [`code_name`] and [`code_words`], so the
+/// two never disagree on which codes there are.
+fn spellings(code: tonic::Code) -> Spellings {
     use tonic::Code;
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown error",
-        Code::InvalidArgument => "invalid argument",
-        Code::DeadlineExceeded => "deadline exceeded",
-        Code::NotFound => "not found",
-        Code::AlreadyExists => "already exists",
-        Code::PermissionDenied => "permission denied",
-        Code::ResourceExhausted => "resource exhausted",
-        Code::FailedPrecondition => "failed precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out of range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal error",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
+    let (name, words) = match code {
+        Code::Ok => ("OK", "ok"),
+        Code::Cancelled => ("Canceled", "cancelled"),
+        Code::Unknown => ("Unknown", "unknown error"),
+        Code::InvalidArgument => ("InvalidArgument", "invalid argument"),
+        Code::DeadlineExceeded => ("DeadlineExceeded", "deadline exceeded"),
+        Code::NotFound => ("NotFound", "not found"),
+        Code::AlreadyExists => ("AlreadyExists", "already exists"),
+        Code::PermissionDenied => ("PermissionDenied", "permission denied"),
+        Code::ResourceExhausted => ("ResourceExhausted", "resource exhausted"),
+        Code::FailedPrecondition => ("FailedPrecondition", "failed precondition"),
+        Code::Aborted => ("Aborted", "aborted"),
+        Code::OutOfRange => ("OutOfRange", "out of range"),
+        Code::Unimplemented => ("Unimplemented", "unimplemented"),
+        Code::Internal => ("Internal", "internal error"),
+        Code::Unavailable => ("Unavailable", "unavailable"),
+        Code::DataLoss => ("DataLoss", "data loss"),
+        Code::Unauthenticated => ("Unauthenticated", "unauthenticated"),
+    };
+    Spellings { name, words }
 }
 
 /// A refused call as people read it: its code in words ([`code_words`]),
@@ -401,6 +420,24 @@ mod tests {
             refusal_words(tonic::Code::Unauthenticated, "join token is unknown"),
             "unauthenticated: join token is unknown"
         );
+    }
+
+    /// Every code has a name of its own, spelt as gRPC's libraries print
+    /// it (Go's `Canceled` among them), as metrics and logs name codes.
+    #[test]
+    fn a_status_code_is_named_as_grpc_prints_it() {
+        let names: std::collections::BTreeSet<_> = (0..=16)
+            .map(|i| code_name(tonic::Code::from_i32(i)))
+            .collect();
+        assert_eq!(names.len(), 17, "{names:?}");
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_alphabetic()))
+        );
+        assert_eq!(code_name(tonic::Code::PermissionDenied), "PermissionDenied");
+        assert_eq!(code_name(tonic::Code::Cancelled), "Canceled");
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
     }
 
     /// A real dial: refused where nothing listens, not where a listener

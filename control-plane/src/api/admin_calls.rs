@@ -28,6 +28,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 use trellis_core::SpiffeId;
+use trellis_core::grpc::code_name;
 use trellis_core::logging::keyed::Keyed;
 
 use super::PeerInfo;
@@ -210,30 +211,6 @@ fn method_of(path: &str) -> &'static str {
         .find(|m| **m == name)
         .copied()
         .unwrap_or("unknown")
-}
-
-/// `code` as the metric and the log name it: as gRPC's own libraries
-/// print codes (`PermissionDenied`).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
 }
 
 #[cfg(test)]
