@@ -332,26 +332,7 @@ async fn a_refused_check_for_meshed_pods_generates_nothing() {
 /// Secret and warns that the flag should go.
 #[tokio::test]
 async fn a_new_root_on_purpose_is_created_with_a_warning() {
-    use std::io::Write;
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let _logs = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish(),
-    );
+    let (logs, _guard) = common::logs::capture();
     let fake = FakeKube::start().await;
     fake.lists(PODS, vec![(200, pods_list())]);
     let client = kubernetes::client(&fake.api()).unwrap();
@@ -368,7 +349,7 @@ async fn a_new_root_on_purpose_is_created_with_a_warning() {
         .decode(stored.as_str().unwrap())
         .unwrap();
     assert_eq!(String::from_utf8(stored).unwrap(), ca.bundle_pem());
-    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let warned: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ")).collect();
     assert_eq!(warned.len(), 1, "{text}");
     for says in [
@@ -385,7 +366,7 @@ async fn a_new_root_on_purpose_is_created_with_a_warning() {
         .await
         .unwrap();
     assert_eq!(again.bundle_pem(), ca.bundle_pem());
-    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(
         text.contains("--ca-secret-new-root has no effect: the Secret holds a CA; remove the flag"),
         "{text}"

@@ -686,31 +686,6 @@ async fn an_unknown_key_id_fetches_the_keys_once_more() {
     );
 }
 
-/// What the reviewer logs, as the control plane's subscriber writes it.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn warnings(&self, containing: &str) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("WARN") && l.contains(containing))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 /// The key set out of reach (403: the control plane's ServiceAccount may
 /// not read it; or not a key set) is not the caller's fault: tokens go on
 /// to the review as before, and a warning says why, once for many reviews.
@@ -718,14 +693,7 @@ impl Logs {
 /// recorded responses (a recorded 403 Status for the key set).
 #[tokio::test]
 async fn keys_out_of_reach_leave_tokens_to_the_review_with_a_warning() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let _logs = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish(),
-    );
+    let (logs, _guard) = common::logs::capture();
     let api = FakeApi::start(by_token).await;
     api.keys.answer(403, fixture("jwks-forbidden-403.json"));
     let reviewer = api.reviewer();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod connections;
+pub mod logs;
 #[path = "../../../tests/src/machine.rs"]
 pub mod machine;
 pub mod policy;
