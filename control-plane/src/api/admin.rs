@@ -1,7 +1,9 @@
 //! `trellis.admin.v1.Admin`: the operators' API. Guarded by
 //! [`super::OnlyCaller::admin`], so every method here runs for the admin identity
 //! only. A token is returned once and never logged; only its hash is stored.
-//! The policy methods live in [`super::policy`].
+//! The policy methods live in [`super::policy`]. Every call that changes
+//! state logs its success naming its `caller`, as a refused call's line
+//! does, so the log says who changed what.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use trellis_proto::admin::v1::{
     UnrevokeIdentityResponse, Workload,
 };
 
+use super::admin_calls::Caller;
 use super::replica::{Certificate, Replicas};
 use super::{Mesh, policy};
 use crate::authn::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, new_join_token};
@@ -65,6 +68,12 @@ pub const MAX_REVOCATION_REASON_BYTES: usize = 1024;
 /// the call and this limit (`an ApplyPolicy request may be at most ...
 /// bytes; this one is larger`), and nothing is applied.
 pub const MAX_ADMIN_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Who made `request`: the SPIFFE ID of its client certificate, which
+/// its success line names ([`Caller`]).
+fn caller_of<T>(request: &Request<T>) -> Option<SpiffeId> {
+    super::peer_of(request).and_then(|p| p.spiffe_id.clone())
+}
 
 impl AdminService {
     /// `raw` as the SPIFFE ID of a workload of this trust domain, or
@@ -199,6 +208,7 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
         let ttl = match req.ttl_seconds {
@@ -229,7 +239,12 @@ impl Admin for AdminService {
                 StoreError::Token(refusal) => Status::failed_precondition(refusal.to_string()),
                 other => internal(other),
             })?;
-        tracing::info!(spiffe_id = %id, expires_at = expires_at_unix, "created a join token");
+        tracing::info!(
+            spiffe_id = %id,
+            expires_at = expires_at_unix,
+            caller = %Caller(caller.as_ref()),
+            "created a join token"
+        );
         Ok(Response::new(CreateJoinTokenResponse {
             token: new.token,
             expires_at_unix,
@@ -324,7 +339,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ApplyPolicyRequest>,
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
-        let caller = super::peer_of(&request).and_then(|p| p.spiffe_id.clone());
+        let caller = caller_of(&request);
         policy::apply(&self.mesh, request.into_inner(), caller.as_ref())
             .await
             .map(Response::new)
@@ -350,7 +365,8 @@ impl Admin for AdminService {
         &self,
         request: Request<DeletePolicyRequest>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
-        policy::delete(&self.mesh, request.into_inner())
+        let caller = caller_of(&request);
+        policy::delete(&self.mesh, request.into_inner(), caller.as_ref())
             .await
             .map(Response::new)
     }
@@ -368,6 +384,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RevokeIdentityRequest>,
     ) -> Result<Response<RevokeIdentityResponse>, Status> {
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
         let reason = revocation_reason(&req.reason).map_err(Status::invalid_argument)?;
@@ -407,6 +424,7 @@ impl Admin for AdminService {
             spiffe_id = %id,
             revoked_at = revocation.revoked_at_unix,
             reason = %revocation.reason,
+            caller = %Caller(caller.as_ref()),
             "revoked an identity: its certificates issued until now no longer renew, and sidecars refuse them as peers"
         );
         // Certificates are issued in whole seconds: one issued later in
@@ -428,6 +446,7 @@ impl Admin for AdminService {
         &self,
         request: Request<UnrevokeIdentityRequest>,
     ) -> Result<Response<UnrevokeIdentityResponse>, Status> {
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
         let store = self.mesh.store.clone();
@@ -444,7 +463,12 @@ impl Admin for AdminService {
         .map_err(internal)?
         .map_err(store_status)?
         .ok_or_else(|| Status::not_found(format!("{id} is not revoked")))?;
-        tracing::info!(spiffe_id = %id, revoked_at = removed.revoked_at_unix, "removed an identity's revocation: its certificates renew again");
+        tracing::info!(
+            spiffe_id = %id,
+            revoked_at = removed.revoked_at_unix,
+            caller = %Caller(caller.as_ref()),
+            "removed an identity's revocation: its certificates renew again"
+        );
         Ok(Response::new(UnrevokeIdentityResponse {
             revocation: Some(revocation_proto(removed)),
         }))

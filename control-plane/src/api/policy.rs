@@ -591,7 +591,12 @@ async fn refresh_until_loaded(discovery: std::sync::Arc<crate::discovery::Discov
     }
 }
 
-pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolicyResponse, Status> {
+/// DeletePolicy of `req`, by `caller` (named in its log line).
+pub async fn delete(
+    mesh: &Mesh,
+    req: DeletePolicyRequest,
+    caller: Option<&SpiffeId>,
+) -> Result<DeletePolicyResponse, Status> {
     require_name(&req.namespace, &req.name)?;
     let kind = Kind::parse(&req.kind)?;
     let store = mesh.store.clone();
@@ -613,6 +618,7 @@ pub async fn delete(mesh: &Mesh, req: DeletePolicyRequest) -> Result<DeletePolic
         kind = ?kind,
         policy = %policy_key(&req.namespace, &req.name),
         snapshot_version = generation.snapshot,
+        caller = %super::admin_calls::Caller(caller),
         "policy deleted"
     );
     Ok(DeletePolicyResponse {
@@ -1321,6 +1327,7 @@ spec:
                 name: "web-to-api".into(),
                 kind: String::new(),
             },
+            None,
         )
         .await
         .expect("the deletion is stored, so the call reports it");
