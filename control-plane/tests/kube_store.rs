@@ -565,6 +565,63 @@ async fn a_change_between_the_re_list_and_the_check_does_not_move_the_position()
     .await;
 }
 
+/// No API server can run here: the fake answers the recorded policies
+/// list, `deny-legacy` in it selecting the whole trust domain from its
+/// namespace `shop` (admitted before policies were limited to their
+/// namespace: enforced as written, and warned of), then its watch sends the
+/// recorded bookmark and `410 Gone`, and the store lists the same list
+/// again, as a long-running replica does whenever its watch expires. The
+/// unchanged object is warned of once, not at every list; a change of it
+/// (a new resourceVersion) that still fails the check is warned of again.
+#[tokio::test]
+async fn a_relaxed_policy_is_warned_of_once_per_change_not_per_list() {
+    const WARNING: &str = "stored policy fails a check added since it was admitted";
+    let (logs, _guard) = common::logs::capture();
+    let fake = recorded_cluster().await;
+    let mut list = policies_list();
+    for item in list["items"].as_array_mut().unwrap() {
+        if item["metadata"]["name"] == "deny-legacy" {
+            item["spec"]["selector"] = json!({"spiffeIds": ["spiffe://cluster.local/*"]});
+        }
+    }
+    fake.lists(POLICIES, vec![(200, list.clone())]);
+    expire_the_next_watch(&fake);
+    let store = connect(&fake).await;
+    assert!(store.policy("shop", "deny-legacy").unwrap().is_some());
+    // The watch after the re-list opens once the check is done.
+    eventually_async("the watch after the check", || async {
+        (policy_requests(&fake, true) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        policy_lists(&fake),
+        3,
+        "at start, after the 410, and the check"
+    );
+    let warnings = logs.warnings(WARNING);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("object=shop/deny-legacy")
+            && warnings[0].contains("selects workloads outside the policy's namespace"),
+        "{}",
+        warnings[0]
+    );
+
+    let mut changed = item(&list, "deny-legacy", 48700);
+    changed["metadata"]["generation"] = json!(2);
+    fake.publish(POLICIES, event("MODIFIED", &changed));
+    eventually_async("the changed object's warning", || async {
+        (logs.warnings(WARNING).len() == 2).then_some(())
+    })
+    .await;
+    let revision = store
+        .policy("shop", "deny-legacy")
+        .unwrap()
+        .unwrap()
+        .revision;
+    assert_eq!(revision, 2, "the change is enforced");
+}
+
 /// The `403 Forbidden` Status kube-apiserver answers a list of `resource`
 /// (of API `group`, "" for the core group) with when RBAC does not allow it,
 /// shaped as the recorded `forbidden-list-403.json`.

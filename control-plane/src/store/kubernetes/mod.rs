@@ -67,11 +67,12 @@ use trellis_proto::policy::v1::{Policy, RateLimit};
 use self::cache::{Entry, Kind, Reflected, numeric};
 use self::issued::IssuedRing;
 use self::objects::{
-    authorization_policy_resource, endpoints_from_pod, new_object, object_key, policy_from_object,
-    policy_spec, rate_limit_from_object, rate_limit_resource, rate_limit_spec, spec_patch,
+    Converted, authorization_policy_resource, endpoints_from_pod, new_object, object_key,
+    policy_from_object, policy_spec, rate_limit_from_object, rate_limit_resource, rate_limit_spec,
+    spec_patch, warn_relaxed,
 };
 pub use self::reflect::WatchHealth;
-use self::reflect::{Convert, Shared, reflect};
+use self::reflect::{Convert, Reading, Shared, reflect};
 use self::services::{SERVICE_NAME_LABEL, slice_backends, virtual_ips};
 use super::{
     AppliedDocuments, AppliedPolicy, DiscoveryState, EndpointChange, Generation, IssuanceProof,
@@ -299,9 +300,9 @@ impl KubernetesStore {
             Arc::new(Mutex::new(Some(Vec::new())));
         let (td, within) = (trust_domain.clone(), context.clone());
         let conflicts = opaque_conflicts.clone();
-        let policies: Convert<DynamicObject> = Box::new(move |object| {
+        let policies: Convert<DynamicObject> = Box::new(move |object, reading| {
             policy_from_object(object, &td, &within)
-                .map(|p| Some(Entry::Policy(p)))
+                .map(|converted| Some(Entry::Policy(logged(object, converted, reading))))
                 .inspect_err(|violation| {
                     let mut conflicts = conflicts.lock().expect("not poisoned");
                     let Some(conflicts) = conflicts.as_mut() else {
@@ -324,9 +325,11 @@ impl KubernetesStore {
         watch(tokio::spawn(task), kind, rx);
 
         let (td, within) = (trust_domain.clone(), context.clone());
-        let rate_limits: Convert<DynamicObject> = Box::new(move |object| {
-            rate_limit_from_object(object, &td, &within)
-                .map(|(limit, rev)| Some(Entry::RateLimit(limit, rev)))
+        let rate_limits: Convert<DynamicObject> = Box::new(move |object, reading| {
+            rate_limit_from_object(object, &td, &within).map(|converted| {
+                let (limit, revision) = logged(object, converted, reading);
+                Some(Entry::RateLimit(limit, revision))
+            })
         });
         let api = Api::all_with(client.clone(), &rate_limit_resource());
         let (tx, rx) = oneshot::channel();
@@ -337,7 +340,7 @@ impl KubernetesStore {
 
         let td = trust_domain.clone();
         let pods: Convert<Pod> =
-            Box::new(move |pod| Ok(endpoints_from_pod(pod, &td).map(Entry::Endpoints)));
+            Box::new(move |pod, _| Ok(endpoints_from_pod(pod, &td).map(Entry::Endpoints)));
         let api = Api::<Pod>::all(client.clone());
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default().fields(POD_FIELD_SELECTOR);
@@ -345,7 +348,7 @@ impl KubernetesStore {
         watch(tokio::spawn(task), Kind::Pod, rx);
 
         let services: Convert<KubeService> =
-            Box::new(|service| Ok(virtual_ips(service).map(Entry::Service)));
+            Box::new(|service, _| Ok(virtual_ips(service).map(Entry::Service)));
         let api = Api::<KubeService>::all(client.clone());
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default();
@@ -353,7 +356,7 @@ impl KubernetesStore {
         watch(tokio::spawn(task), Kind::Service, rx);
 
         let slices: Convert<EndpointSlice> =
-            Box::new(|slice| Ok(slice_backends(slice).map(Entry::Backends)));
+            Box::new(|slice, _| Ok(slice_backends(slice).map(Entry::Backends)));
         let api = Api::<EndpointSlice>::all(client.clone());
         let (tx, rx) = oneshot::channel();
         let config = watcher::Config::default().labels(SLICE_LABEL_SELECTOR);
@@ -671,6 +674,16 @@ fn written_outcome(held: Option<u64>, written: u64) -> PolicyOutcome {
         Some(held) if held == written => PolicyOutcome::Unchanged,
         Some(_) => PolicyOutcome::Updated,
     }
+}
+
+/// The value of a policy object the watch read, its relaxations logged on
+/// its first reading: once per change of the object, however often it is
+/// listed again.
+fn logged<T>(object: &DynamicObject, converted: Converted<T>, reading: Reading) -> T {
+    if reading == Reading::First {
+        warn_relaxed(object, &converted.relaxed);
+    }
+    converted.value
 }
 
 fn watch_error(e: &watcher::Error) -> String {

@@ -7,7 +7,10 @@
 //! Kubernetes adds metadata (uid, labels, managedFields...) and a status
 //! that the document format does not have: only `metadata.name` and
 //! `metadata.namespace` are validated, exactly as the validating webhook
-//! does. This module never talks to the API server.
+//! does. This module never talks to the API server, and logs nothing: what
+//! a stored object fails of checks added since it was admitted comes back
+//! with it ([`Converted`]), for the watch to log once per change of the
+//! object ([`warn_relaxed`]).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -54,6 +57,14 @@ fn trellis_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// A policy object converted, with what it fails of checks added since it
+/// was admitted: relaxed, it is enforced as each of those says.
+#[derive(Debug)]
+pub struct Converted<T> {
+    pub value: T,
+    pub relaxed: Vec<Violation>,
+}
+
 /// `namespace/name` of any object.
 pub fn object_key(object: &impl ResourceExt) -> String {
     format!(
@@ -71,7 +82,7 @@ pub fn policy_from_object(
     object: &DynamicObject,
     td: &TrustDomain,
     context: &ValidationContext,
-) -> Result<Policy, String> {
+) -> Result<Converted<Policy>, String> {
     let policy = match Document::from_value(document_of(object, AuthorizationPolicy::KIND)?) {
         Ok(Document::AuthorizationPolicy(policy)) => policy,
         Ok(other) => {
@@ -84,10 +95,12 @@ pub fn policy_from_object(
     };
     let valid =
         validate_in(&policy, td, &stored(context)).map_err(|violations| errors_of(&violations))?;
-    warn_relaxed(object, valid.relaxed());
-    Ok(Policy {
-        revision: revision_of(object),
-        ..valid.to_proto()
+    Ok(Converted {
+        value: Policy {
+            revision: revision_of(object),
+            ..valid.to_proto()
+        },
+        relaxed: valid.relaxed().to_vec(),
     })
 }
 
@@ -97,7 +110,7 @@ pub fn rate_limit_from_object(
     object: &DynamicObject,
     td: &TrustDomain,
     context: &ValidationContext,
-) -> Result<(RateLimit, u64), String> {
+) -> Result<Converted<(RateLimit, u64)>, String> {
     let limit = match Document::from_value(document_of(object, RateLimitPolicy::KIND)?) {
         Ok(Document::RateLimitPolicy(limit)) => limit,
         Ok(other) => {
@@ -110,8 +123,10 @@ pub fn rate_limit_from_object(
     };
     let relaxed = validate_rate_limit_in_with(&limit, td, &stored(context))
         .map_err(|violations| errors_of(&violations))?;
-    warn_relaxed(object, &relaxed);
-    Ok((limit.to_proto(), revision_of(object)))
+    Ok(Converted {
+        value: (limit.to_proto(), revision_of(object)),
+        relaxed,
+    })
 }
 
 /// Objects are stored documents: one the webhook admitted before a check
@@ -132,7 +147,7 @@ fn stored(context: &ValidationContext) -> ValidationContext {
 }
 
 /// Logs what `object` fails of checks added since it was admitted.
-fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
+pub fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
     for violation in relaxed {
         tracing::warn!(
             object = %object_key(object),
@@ -384,7 +399,9 @@ mod tests {
             "status": {},
         }))
         .unwrap();
-        let policy = policy_from_object(&object, &td(), &ValidationContext::default()).unwrap();
+        let policy = policy_from_object(&object, &td(), &ValidationContext::default())
+            .unwrap()
+            .value;
         assert_eq!(policy.revision, 3);
         let spec = policy_spec(&policy).unwrap();
         let written = new_object(&authorization_policy_resource(), "shop", "web-to-api", spec);
@@ -399,7 +416,8 @@ mod tests {
             &td(),
             &ValidationContext::default(),
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(again, policy);
     }
 
@@ -420,8 +438,9 @@ mod tests {
             scope: SelectorScope::root("trellis"),
             ..ValidationContext::default()
         };
-        let policy = policy_from_object(&object, &td(), &context).unwrap();
-        let selector = policy.selector.unwrap();
+        let converted = policy_from_object(&object, &td(), &context).unwrap();
+        assert_eq!(converted.relaxed.len(), 1, "{:?}", converted.relaxed);
+        let selector = converted.value.selector.unwrap();
         assert_eq!(selector.spiffe_ids, ["spiffe://cluster.local/*"]);
     }
 }

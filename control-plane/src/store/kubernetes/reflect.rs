@@ -22,9 +22,15 @@
 //! differs, the changes in between are on their way through the watch, and
 //! their resourceVersions move the position past the deletion.
 //!
-//! Each object is turned into an [`Entry`] by the kind's conversion; one
-//! that does not convert (a policy that fails `policy lint`) is logged once
-//! per change and never stops the watch. It is never pushed: a policy keeps
+//! Each object is turned into an [`Entry`] by the kind's conversion, told
+//! whether the cache already holds the object at the resourceVersion read
+//! ([`Reading`]): a re-list brings back every object, changed or not, so
+//! what a conversion says of an object (a stored policy enforced relaxed)
+//! it says once per change of the object, not again with every re-list of
+//! a long-running replica. Remembering that costs nothing: the cache holds
+//! each object's resourceVersion, and forgets it with the object. One that
+//! does not convert (a policy that fails `policy lint`) is logged at each
+//! reading and never stops the watch. It is never pushed: a policy keeps
 //! its last valid version in force (a DENY edited by a newer release, or
 //! past a webhook that was down, must not vanish), any other object is
 //! held as absent. After every change of content the new version is announced.
@@ -197,7 +203,17 @@ impl WatchHealth {
 
 /// How one kind's objects become entries: `Err` is why an object is
 /// skipped (logged), `Ok(None)` an object that contributes nothing.
-pub type Convert<K> = Box<dyn Fn(&K) -> Result<Option<Entry>, String> + Send + Sync>;
+pub type Convert<K> = Box<dyn Fn(&K, Reading) -> Result<Option<Entry>, String> + Send + Sync>;
+
+/// Whether an object is read at a resourceVersion the cache does not hold
+/// for it yet (created or changed, or first listed), or again (a re-list
+/// of an unchanged object, the watch's echo of this replica's own write):
+/// what a conversion logs of an object it logs on its first reading only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    First,
+    Again,
+}
 
 /// What one object became.
 enum Read {
@@ -209,8 +225,13 @@ enum Read {
 }
 
 /// Reads one object into what the cache holds.
-fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Read {
-    let entry = match convert(object) {
+fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>, shared: &Shared) -> Read {
+    let resource_version = object.resource_version().unwrap_or_default();
+    let held = shared.read(|cache| {
+        cache.resource_version(kind, &object_key(object)) == Some(resource_version.as_str())
+    });
+    let reading = if held { Reading::Again } else { Reading::First };
+    let entry = match convert(object, reading) {
         Ok(Some(entry)) => entry,
         Ok(None) => return Read::Nothing,
         Err(reason) => {
@@ -222,7 +243,7 @@ fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Read 
             tracing::warn!(
                 kind = kind.as_str(),
                 object = %object_key(object),
-                resource_version = object.resource_version().unwrap_or_default(),
+                resource_version,
                 reason,
                 kept,
                 "skipped an invalid object"
@@ -231,7 +252,7 @@ fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>) -> Read 
         }
     };
     Read::Entry(Reflected {
-        resource_version: object.resource_version().unwrap_or_default(),
+        resource_version,
         entry,
     })
 }
@@ -327,7 +348,7 @@ pub async fn reflect<K>(
                         let at = numeric(object.resource_version().as_deref());
                         listed_versions.insert(object_key(&object), at);
                     }
-                    match reflected(kind, &object, &convert) {
+                    match reflected(kind, &object, &convert, &shared) {
                         Read::Entry(found) => {
                             listing
                                 .get_or_insert_with(BTreeMap::new)
@@ -375,7 +396,7 @@ pub async fn reflect<K>(
                     }
                 }
                 Event::Apply(object) => {
-                    let found = reflected(kind, &object, &convert);
+                    let found = reflected(kind, &object, &convert, &shared);
                     let key = object_key(&object);
                     let at = numeric(object.resource_version().as_deref());
                     // The echo of this replica's own write changes no
