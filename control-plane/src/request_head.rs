@@ -3,7 +3,8 @@
 //! checked before hyper's server is given the connection
 //! ([`trellis_core::http1`]): one that does not parse, is too large, or
 //! has a target too long or not a URI, is answered 400, 431 or 414 with a
-//! line of text naming the fault, and the connection closed. A head hyper
+//! line of text naming the fault (a bare CR in a line among them, named as
+//! the sidecar names it), and the connection closed. A head hyper
 //! refuses later on a kept-alive connection (or for what is left to it: a
 //! field name, the framing) gets hyper's own answer, a status alone.
 //! Either way the refusal is counted by its kind (`reason`: `malformed`,
@@ -21,7 +22,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use trellis_core::http1::{self, FirstHead, HeadFault, Rewind};
+use trellis_core::http1::{self, Bounds, FirstHead, HeadFault, Rewind};
 use trellis_core::policy::l7::MAX_REQUEST_HEAD;
 
 use crate::server::Refusals;
@@ -66,7 +67,7 @@ pub(crate) fn refused_by_hyper(
     refusals: &Refusals,
     message: &str,
 ) {
-    if let Some(fault) = HeadFault::from_hyper(error) {
+    if let Some(fault) = HeadFault::from_hyper(error, &Bounds::PORT) {
         refused(client, &fault, false, refusals, message);
     }
 }

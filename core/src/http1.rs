@@ -6,11 +6,14 @@
 //! words, and the connection closed ([`first_head`]); any other is handed
 //! to hyper with the bytes read so far put back ([`Rewind`]).
 //!
-//! [`check_head`] is the check of a port that only hyper serves (the
-//! control plane's), with hyper's own bounds and what it refuses, in words
-//! that name the fault ([`HeadFault`]); the sidecar passes the check of
-//! its HTTP/1.1 forwarder instead. Neither ever says a header's value: it
-//! may carry a token, or a review.
+//! [`HeadRules`] is a port's check of a head: what hyper refuses, in
+//! words that name the fault ([`HeadFault`]), a bare CR among them, and
+//! what the port refuses besides. [`check_head`] is that of a port only
+//! hyper serves (the control plane's), naming hyper's bounds; the
+//! sidecar's HTTP/1.1 forwarder reads its heads with the same parse and
+//! bounds, in the sidecar's words and with its rule on targets, and its
+//! admin port checks them as the forwarder does. None ever says a
+//! header's value: it may carry a token, or a review.
 
 use std::future::Future;
 use std::io;
@@ -22,7 +25,7 @@ use bytes::{Buf, BytesMut};
 use http::{Method, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::policy::l7::{MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, MAX_TARGET};
+use crate::policy::l7::{self, HeadLimit, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS, MAX_TARGET};
 
 /// A stream with bytes already read from it put back in front.
 #[derive(Debug)]
@@ -207,19 +210,22 @@ where
 
 /// A request head a port refuses, and closes the connection after: the
 /// status and what was wrong, as the answer's text says it (never the
-/// client's bytes).
+/// client's bytes). The sidecar's forwarder refuses with it too, with its
+/// own answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadFault {
     pub status: StatusCode,
     pub why: &'static str,
 }
 
-/// What a head over [`MAX_REQUEST_HEAD`] is told, with 431.
+/// What a head over [`MAX_REQUEST_HEAD`] is told, with 431, by a port only
+/// hyper serves.
 pub const HEAD_TOO_LARGE: &str = "request head exceeds the 408 KiB limit";
 /// What a head with more than [`MAX_REQUEST_HEADERS`] fields is told, with
-/// 431.
+/// 431, by a port only hyper serves.
 pub const TOO_MANY_FIELDS: &str = "request head exceeds the limit of 100 header fields";
-/// What a request target over [`MAX_TARGET`] is told, with 414.
+/// What a request target over [`MAX_TARGET`] is told, with 414, by a port
+/// only hyper serves.
 pub const TARGET_TOO_LONG: &str = "request target exceeds the limit of 65534 bytes";
 const _: () = assert!(
     MAX_REQUEST_HEAD == 408 * 1024 && MAX_REQUEST_HEADERS == 100 && MAX_TARGET == 65534,
@@ -229,54 +235,112 @@ const _: () = assert!(
 pub const INVALID_METHOD: &str = "malformed request line: invalid method";
 /// What a request line whose target is not a URI is told.
 pub const INVALID_TARGET: &str = "malformed request line: invalid request target";
+/// What a request line with a CR not followed by LF is told.
+pub const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
+/// What a header line with a CR not followed by LF is told.
+pub const BARE_CR_IN_HEADER: &str = "malformed header line: a bare CR (a CR not followed by LF)";
+
+/// The words a port's refusals name its bounds on a head in
+/// ([`HeadLimit`]): whose bounds they are is the one difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// A head over [`MAX_REQUEST_HEAD`].
+    pub size: &'static str,
+    /// A head with more than [`MAX_REQUEST_HEADERS`] fields.
+    pub fields: &'static str,
+    /// A request target over [`MAX_TARGET`].
+    pub target: &'static str,
+    /// A head hyper refused for one of the first two: its error does not
+    /// say which.
+    pub size_or_fields: &'static str,
+}
+
+impl Bounds {
+    /// A port only hyper serves (the control plane's): hyper's bounds.
+    pub const PORT: Bounds = Bounds {
+        size: HEAD_TOO_LARGE,
+        fields: TOO_MANY_FIELDS,
+        target: TARGET_TOO_LONG,
+        size_or_fields: "request head exceeds the 408 KiB limit or the limit of 100 header fields",
+    };
+
+    /// The sidecar's, as its forwarder and `policy explain` name them
+    /// ([`HeadLimit::why`]).
+    pub const SIDECAR: Bounds = Bounds {
+        size: l7::HEAD_TOO_LARGE,
+        fields: l7::TOO_MANY_FIELDS,
+        target: l7::TARGET_TOO_LONG,
+        size_or_fields: "request head exceeds the sidecar's 408 KiB limit or its limit of \
+                         100 header fields",
+    };
+
+    /// What a head over `limit` is told.
+    fn of(&self, limit: HeadLimit) -> &'static str {
+        match limit {
+            HeadLimit::Size => self.size,
+            HeadLimit::Fields => self.fields,
+            HeadLimit::Target => self.target,
+        }
+    }
+}
 
 impl HeadFault {
-    fn bad(why: &'static str) -> Self {
+    /// A head refused with 400 for `why`.
+    pub fn bad(why: &'static str) -> Self {
         HeadFault {
             status: StatusCode::BAD_REQUEST,
             why,
         }
     }
 
-    fn too_large(why: &'static str) -> Self {
+    /// A head over `limit`, named in `bounds`' words: 431, or 414 for its
+    /// target.
+    pub fn over(limit: HeadLimit, bounds: &Bounds) -> Self {
         HeadFault {
-            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            why,
+            status: limit.status(),
+            why: bounds.of(limit),
         }
     }
 
-    fn target_too_long() -> Self {
+    /// A head begun and not whole in the time a port gives it: 408, `why`
+    /// naming that time.
+    pub fn timed_out(why: &'static str) -> Self {
         HeadFault {
-            status: StatusCode::URI_TOO_LONG,
-            why: TARGET_TOO_LONG,
+            status: StatusCode::REQUEST_TIMEOUT,
+            why,
         }
     }
 
     /// What the refusal is counted as (a metric's `reason`):
     /// `target_too_long` (414), `head_too_large` (431) or `malformed`
-    /// (400), as the sidecar's admin port counts its own.
+    /// (400 and any other).
     pub fn reason(&self) -> &'static str {
-        fault_reason(self.status)
+        match self.status {
+            StatusCode::URI_TOO_LONG => "target_too_long",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
+            _ => "malformed",
+        }
     }
 
     /// What hyper's server answered, with a status alone, for a head it
-    /// refused on a connection it served (`error`): a later head of a
-    /// kept-alive connection, or what [`check_head`] leaves to hyper (a
-    /// field name the `http` crate refuses, a `Content-Length` it cannot
-    /// read); `None` for an error that is not a refused head, which hyper
-    /// answers with nothing.
-    pub fn from_hyper(error: &hyper::Error) -> Option<Self> {
+    /// refused on a connection it served (`error`), its bounds named in
+    /// `bounds`' words: a later head of a kept-alive connection, or what
+    /// [`HeadRules::check`] leaves to hyper (a field name the `http` crate
+    /// refuses, a `Content-Length` it cannot read); `None` for an error
+    /// that is not a refused head, which hyper answers with nothing.
+    pub fn from_hyper(error: &hyper::Error, bounds: &Bounds) -> Option<Self> {
         if !error.is_parse() || error.is_parse_version_h2() || error.is_parse_status() {
             return None;
         }
         if error.is_parse_too_large() {
             // hyper says which of its two bounds only in words.
             return Some(if error.to_string().starts_with("URI") {
-                HeadFault::target_too_long()
+                HeadFault::over(HeadLimit::Target, bounds)
             } else {
-                HeadFault::too_large(
-                    "request head exceeds the 408 KiB limit or the limit of 100 header fields",
-                )
+                HeadFault {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    why: bounds.size_or_fields,
+                }
             });
         }
         // hyper's internal errors (a bug of its own) get no answer.
@@ -303,60 +367,109 @@ impl HeadFault {
     }
 }
 
-/// A connection's first request head as far as it has come in `buf`,
-/// checked for what hyper's server would refuse with a status alone:
-/// `Ok(None)` while more of it is to come, `Ok(Some(len))` for a whole
-/// head of `len` bytes, or the fault: a head that does not parse (400),
-/// one over 408 KiB or with more than 100 fields (431, hyper's bounds), a
-/// target over 65534 bytes (414) or not a URI, an invalid method (400).
-/// Its framing (`Content-Length`, `Transfer-Encoding`) and field names are
-/// left to hyper.
-pub fn check_head(buf: &[u8]) -> Result<Option<usize>, HeadFault> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
-            return Err(HeadFault::too_large(HEAD_TOO_LARGE));
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadFault::too_large(TOO_MANY_FIELDS));
-        }
-        Err(e) => return Err(HeadFault::bad(unparsable(e, parsed.method.is_some()))),
-    };
-    if len > MAX_REQUEST_HEAD {
-        return Err(HeadFault::too_large(HEAD_TOO_LARGE));
-    }
-    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
-        return Ok(Some(len));
-    };
-    if target.len() > MAX_TARGET {
-        return Err(HeadFault::target_too_long());
-    }
-    if Method::from_bytes(method.as_bytes()).is_err() {
-        return Err(HeadFault::bad(INVALID_METHOD));
-    }
-    if Uri::try_from(target).is_err() {
-        return Err(HeadFault::bad(INVALID_TARGET));
-    }
-    Ok(Some(len))
+/// What a port refuses in a request head on top of what hyper's server
+/// refuses, and the words of its bounds: [`HeadRules::PORT`] for a port
+/// only hyper serves, the sidecar's for its forwarder and admin port.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRules {
+    pub bounds: Bounds,
+    /// What is wrong with a request target within its bound, if anything.
+    pub target: fn(&str) -> Option<&'static str>,
 }
 
-/// What a refused request head of `status` is counted as (a metric's
-/// `reason`): `target_too_long` (414), `head_too_large` (431) or
-/// `malformed` (400 and any other).
-pub fn fault_reason(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::URI_TOO_LONG => "target_too_long",
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "head_too_large",
-        _ => "malformed",
+impl HeadRules {
+    /// A port only hyper serves: what hyper refuses, in words naming
+    /// hyper's bounds.
+    pub const PORT: HeadRules = HeadRules {
+        bounds: Bounds::PORT,
+        target: any_target,
+    };
+
+    /// Parses the head in `buf` into `request`: `Ok(None)` while more of
+    /// it is to come, `Ok(Some(len))` for a whole head of `len` bytes, or
+    /// the fault: one not whole within [`MAX_REQUEST_HEAD`] bytes or with
+    /// more than [`MAX_REQUEST_HEADERS`] fields (431), one that does not
+    /// parse (400, in words naming what was wrong: a bare CR among them,
+    /// [`BARE_CR`], [`BARE_CR_IN_HEADER`]).
+    pub fn parse<'b>(
+        &self,
+        request: &mut httparse::Request<'_, 'b>,
+        buf: &'b [u8],
+    ) -> Result<Option<usize>, HeadFault> {
+        match request.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+                Err(HeadFault::over(HeadLimit::Size, &self.bounds))
+            }
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                Err(HeadFault::over(HeadLimit::Fields, &self.bounds))
+            }
+            Err(e) => {
+                let method = request.method.is_some();
+                Err(HeadFault::bad(
+                    bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, method)),
+                ))
+            }
+        }
     }
+
+    /// What a whole head of `len` bytes with `fields` header fields and
+    /// the request `target` is refused for, if anything, before its
+    /// method is read: over a bound ([`HeadLimit::http1`]: a head that
+    /// came whole in a read past its bound is over it all the same), then
+    /// the port's rule on targets.
+    pub fn refuses(&self, fields: usize, len: usize, target: &str) -> Option<HeadFault> {
+        match HeadLimit::http1(fields, len, target.len()) {
+            Some(limit) => Some(HeadFault::over(limit, &self.bounds)),
+            None => (self.target)(target).map(HeadFault::bad),
+        }
+    }
+
+    /// A connection's first request head as far as it has come in `buf`,
+    /// checked for what hyper's server would refuse with a status alone
+    /// and what the port refuses besides: `Ok(None)` while more of it is
+    /// to come, `Ok(Some(len))` for a whole head of `len` bytes, or the
+    /// fault: a head that does not parse (400), over a bound (431, 414)
+    /// or refused for its target ([`HeadRules::parse`],
+    /// [`HeadRules::refuses`]), an invalid method or a target not a URI
+    /// (400). Its framing (`Content-Length`, `Transfer-Encoding`) and
+    /// field names are left to hyper.
+    pub fn check(&self, buf: &[u8]) -> Result<Option<usize>, HeadFault> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut parsed = httparse::Request::new(&mut fields);
+        let Some(len) = self.parse(&mut parsed, buf)? else {
+            return Ok(None);
+        };
+        let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+            return Ok(Some(len));
+        };
+        if let Some(fault) = self.refuses(parsed.headers.len(), len, target) {
+            return Err(fault);
+        }
+        if Method::from_bytes(method.as_bytes()).is_err() {
+            return Err(HeadFault::bad(INVALID_METHOD));
+        }
+        if Uri::try_from(target).is_err() {
+            return Err(HeadFault::bad(INVALID_TARGET));
+        }
+        Ok(Some(len))
+    }
+}
+
+/// The rule on targets of a port that refuses none but what hyper does.
+fn any_target(_: &str) -> Option<&'static str> {
+    None
+}
+
+/// The check of a port only hyper serves ([`HeadRules::PORT`]).
+pub fn check_head(buf: &[u8]) -> Result<Option<usize>, HeadFault> {
+    HeadRules::PORT.check(buf)
 }
 
 /// What is wrong with a head that does not parse, in words; `method`:
 /// whether the request line's method was read.
-pub fn unparsable(e: httparse::Error, method: bool) -> &'static str {
+fn unparsable(e: httparse::Error, method: bool) -> &'static str {
     match e {
         httparse::Error::Token if !method => INVALID_METHOD,
         httparse::Error::Token => INVALID_TARGET,
@@ -368,6 +481,40 @@ pub fn unparsable(e: httparse::Error, method: bool) -> &'static str {
         httparse::Error::HeaderValue => "invalid character in a header value",
         httparse::Error::NewLine => "malformed line ending in the request head",
         httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
+    }
+}
+
+/// Where `line` (one line or several) holds a CR followed by anything but
+/// LF: lines end only at CRLF (or LF) for the sidecar, and at a bare CR for
+/// some servers, so the words around it are not what an app would read.
+pub fn bare_cr(line: &[u8]) -> Option<usize> {
+    line.iter()
+        .enumerate()
+        .position(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
+}
+
+/// What a head that does not parse is told when its first fault is in a
+/// line holding a bare CR ([`bare_cr`]): [`BARE_CR`] for the request
+/// line, [`BARE_CR_IN_HEADER`] for a header line; `None` when the head
+/// has a fault before its first such line, or none.
+fn bare_cr_fault(buf: &[u8]) -> Option<&'static str> {
+    let head = skip_empty_lines(buf);
+    // A CR before LF is never bare, so the first bare CR of the head is
+    // that of its first line holding one.
+    let cr = bare_cr(head)?;
+    let start = head[..cr]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |lf| lf + 1);
+    if start == 0 {
+        return Some(BARE_CR);
+    }
+    // The lines before it are a head begun without a fault (nor ended):
+    // the first fault is in this line.
+    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    match httparse::Request::new(&mut fields).parse(&head[..start]) {
+        Ok(httparse::Status::Partial) => Some(BARE_CR_IN_HEADER),
+        _ => None,
     }
 }
 
@@ -430,6 +577,44 @@ mod tests {
         );
         let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_REQUEST_HEAD));
         assert_eq!(check_head(big.as_bytes()).unwrap_err().why, HEAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn a_bare_cr_is_named_in_the_line_it_is_in() {
+        let why = |head: &[u8]| check_head(head).unwrap_err().why;
+        assert_eq!(why(b"GET /\rx HTTP/1.1\r\n\r\n"), BARE_CR);
+        assert_eq!(why(b"\r\nGET / HTTP/1.1\rhost: a\r\n\r\n"), BARE_CR);
+        assert_eq!(
+            why(b"GET / HTTP/1.1\r\nhost: a\r\nx: y\rz\r\n\r\n"),
+            BARE_CR_IN_HEADER
+        );
+        // A fault before the line with the bare CR is the one named.
+        assert_eq!(
+            why(b"GET / HTTP/1.1\r\nno colon\r\nx: y\rz\r\n\r\n"),
+            unparsable(httparse::Error::HeaderName, true)
+        );
+    }
+
+    #[test]
+    fn a_port_names_its_bounds_in_its_own_words() {
+        let sidecar = HeadRules {
+            bounds: Bounds::SIDECAR,
+            target: l7::target_problem,
+        };
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_TARGET));
+        assert_eq!(
+            sidecar.check(long.as_bytes()),
+            Err(HeadFault {
+                status: StatusCode::URI_TOO_LONG,
+                why: l7::TARGET_TOO_LONG
+            })
+        );
+        // Its rule on targets, which a port only hyper serves has not.
+        assert_eq!(
+            sidecar.check(b"GET /a#b HTTP/1.1\r\n\r\n"),
+            Err(HeadFault::bad(l7::TARGET_FRAGMENT))
+        );
+        assert_eq!(check_head(b"GET /a#b HTTP/1.1\r\n\r\n"), Ok(Some(21)));
     }
 
     #[test]

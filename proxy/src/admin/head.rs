@@ -13,12 +13,12 @@ use std::pin::Pin;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use trellis_core::http1::{FirstHead, Rewind, first_head};
+use trellis_core::http1::{FirstHead, HeadFault, Rewind, first_head};
 use trellis_core::logging::throttle::Throttle;
 use trellis_core::warn_throttled;
 
 use super::HEAD_TIMEOUT;
-use crate::http::h1::{self, LINGER, LINGER_BYTES, MAX_REQUEST_HEAD, Malformed};
+use crate::http::h1::{self, LINGER, LINGER_BYTES, MAX_REQUEST_HEAD};
 use crate::metrics::Metrics;
 
 /// How a request head the admin port refused is logged, with what was
@@ -65,12 +65,12 @@ async fn refuse(
     mut tcp: TcpStream,
     mut buf: BytesMut,
     client: SocketAddr,
-    malformed: &Malformed,
+    fault: &HeadFault,
     metrics: &Metrics,
     refusals: &Throttle,
 ) {
-    logged(client, malformed, true, metrics, refusals);
-    let answered = tokio::time::timeout(HEAD_TIMEOUT, h1::refuse_head(&mut tcp, malformed)).await;
+    logged(client, fault, true, metrics, refusals);
+    let answered = tokio::time::timeout(HEAD_TIMEOUT, h1::refuse_head(&mut tcp, fault)).await;
     if matches!(answered, Ok(Ok(_))) {
         let _ = tcp.shutdown().await;
         trellis_core::refusal::linger(&mut tcp, &mut buf, LINGER, LINGER_BYTES).await;
@@ -86,8 +86,8 @@ pub fn refused_by_hyper(
     metrics: &Metrics,
     refusals: &Throttle,
 ) {
-    if let Some(malformed) = Malformed::from_hyper(error) {
-        logged(client, &malformed, false, metrics, refusals);
+    if let Some(fault) = HeadFault::from_hyper(error, &h1::RULES.bounds) {
+        logged(client, &fault, false, metrics, refusals);
     }
 }
 
@@ -96,25 +96,25 @@ pub fn refused_by_hyper(
 /// count: a refusal the metric shows has been logged, or counted as not.
 fn logged(
     client: SocketAddr,
-    malformed: &Malformed,
+    fault: &HeadFault,
     worded: bool,
     metrics: &Metrics,
     refusals: &Throttle,
 ) {
-    let reason = malformed.reason();
-    let status = malformed.status.as_u16();
+    let reason = fault.reason();
+    let status = fault.status.as_u16();
     if worded {
         warn_throttled!(
             refusals,
             reason,
-            { %client, status, reason, problem = malformed.why },
+            { %client, status, reason, problem = fault.why },
             "{MALFORMED}"
         );
     } else {
         warn_throttled!(
             refusals,
             reason,
-            { %client, status, reason, problem = malformed.why, answered = "status only" },
+            { %client, status, reason, problem = fault.why, answered = "status only" },
             "{MALFORMED}"
         );
     }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use trellis_core::http1::Rewind;
+use trellis_core::http1::bare_cr;
 pub(super) use trellis_core::http1::skip_empty_lines;
 use trellis_core::refusal::H2_PREFACE;
 
@@ -276,15 +277,6 @@ fn classify_unfinished(buf: &[u8], ended: bool) -> Protocol {
 const METHODS: [&[u8]; 9] = [
     b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
 ];
-
-/// Where `line` (one line or several) holds a CR followed by anything but
-/// LF: lines end only at CRLF (or LF) for the sidecar, and at a bare CR for
-/// some servers, so the words around it are not what an app would read.
-pub(super) fn bare_cr(line: &[u8]) -> Option<usize> {
-    line.iter()
-        .enumerate()
-        .position(|(at, b)| *b == b'\r' && line.get(at + 1).is_some_and(|next| *next != b'\n'))
-}
 
 /// `buf` after the blanks a server that splits the request line on
 /// whitespace skips before the method.

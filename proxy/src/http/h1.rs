@@ -37,7 +37,8 @@
 //! longer than [`MAX_TARGET`] or with a raw `#` in its target
 //! ([`l7::target_problem`]: the `http` crate drops it and what follows) is
 //! answered here, with 400 (431, 414) and a
-//! text naming what was wrong and the limit ([`Malformed`]), and the
+//! text naming what was wrong and the limit ([`HeadFault`], in the words
+//! of [`RULES`]), and the
 //! connection closed; the answer is one access-log line (no method or
 //! path, its `problem`) and counted as `invalid`. Every head up to the
 //! hand-off is read here, whole, and the head handed over is checked for
@@ -49,7 +50,7 @@
 //! connection closed. hyper writes it itself (its server's `on_error`,
 //! which nothing outside hyper can change) as soon as a head fails to
 //! parse; the error it then ends the connection with is logged and
-//! counted as the forwarder's refusals are ([`Malformed::from_hyper`]). Taking the connection back after each request hyper serves is
+//! counted as the forwarder's refusals are ([`HeadFault::from_hyper`]). Taking the connection back after each request hyper serves is
 //! not possible while it is kept alive: hyper gives its stream back only
 //! where it would close it (`without_shutdown`), and turning keep-alive
 //! off to make it do so after every request makes every answer say
@@ -182,7 +183,7 @@ use http_body_util::{BodyExt, Either};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::Layer;
-use trellis_core::http1::{INVALID_METHOD, INVALID_TARGET, unparsable};
+use trellis_core::http1::{Bounds, HeadFault, HeadRules, INVALID_METHOD, INVALID_TARGET};
 use trellis_core::policy::l7::{self, HeadLimit};
 use trellis_core::refusal::{self, token};
 
@@ -560,15 +561,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
     }
 }
 
-/// Answers a head the forwarder refuses ([`Malformed`]) with its status and
+/// Answers a head the forwarder refuses ([`HeadFault`]) with its status and
 /// what was wrong as a text body, as the sidecar's other answers are
 /// written, and `connection: close`; the length of the body written. The
 /// admin port answers the heads it refuses so too.
 pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
     io: &mut S,
-    malformed: &Malformed,
+    fault: &HeadFault,
 ) -> io::Result<usize> {
-    let status = malformed.status;
+    let status = fault.status;
     let mut out = Vec::with_capacity(256);
     status_line(
         &mut out,
@@ -580,9 +581,9 @@ pub(crate) async fn refuse_head<S: AsyncWrite + Unpin>(
     field(
         &mut out,
         super::proxy::PROXY_ERROR.as_str().as_bytes(),
-        malformed.proxy_error().as_bytes(),
+        proxy_error(fault).as_bytes(),
     );
-    let body = trellis_core::refusal::body_text(malformed.why.as_bytes(), true);
+    let body = trellis_core::refusal::body_text(fault.why.as_bytes(), true);
     let mut digits = itoa::Buffer::new();
     field(
         &mut out,
@@ -637,13 +638,10 @@ where
                     drained: drain.done,
                 });
             }
-            Some(Taken::Malformed(malformed)) => {
+            Some(Taken::Refused(fault)) => {
                 // Logged and counted once the answer is out (or failed).
-                let entry = malformed.entry(conn.clone());
-                entry.count(
-                    Direction::Out,
-                    refuse_head(&mut caller.io, &malformed).await?,
-                );
+                let entry = refused_entry(&fault, conn.clone());
+                entry.count(Direction::Out, refuse_head(&mut caller.io, &fault).await?);
                 drop(entry);
                 // What follows the head (a body, say) is never read as a
                 // request.
@@ -712,7 +710,7 @@ enum Taken {
     Other,
     /// Not one at all, framed in a way no server may read, or not whole
     /// in time: answered with what is wrong, and the connection closed.
-    Malformed(Malformed),
+    Refused(HeadFault),
 }
 
 struct Head {
@@ -729,7 +727,8 @@ struct Head {
 /// Reads the next request head; `None` once the caller has closed the
 /// connection between requests, the sidecar drains while it is idle, or
 /// no byte of a head (but empty lines) came within [`HEAD_TIMEOUT`]. A
-/// head begun and not whole by then is [`Malformed::head_timed_out`].
+/// head begun and not whole by then is refused with 408
+/// ([`HEAD_TIMED_OUT`]).
 async fn read_head<S, D>(
     caller: &mut Caller<S>,
     drain: &mut Drain<'_, D>,
@@ -755,7 +754,7 @@ where
             parsed = parsed.saturating_sub(empty);
             skipped += empty;
             if skipped > MAX_EMPTY_LINES {
-                return Ok(Some(Taken::Malformed(Malformed::bad(TOO_MANY_EMPTY_LINES))));
+                return Ok(Some(Taken::Refused(HeadFault::bad(TOO_MANY_EMPTY_LINES))));
             }
         }
         let again = caller.buf.len() <= 16 * 1024 || caller.buf[parsed..].contains(&b'\n');
@@ -766,7 +765,8 @@ where
             }
         }
         if caller.buf.len() >= MAX_REQUEST_HEAD {
-            return Ok(Some(Taken::Malformed(Malformed::head_too_large())));
+            let fault = HeadFault::over(HeadLimit::Size, &RULES.bounds);
+            return Ok(Some(Taken::Refused(fault)));
         }
         if caller.buf.capacity() - caller.buf.len() < 1024 {
             caller.buf.reserve(4096.max(caller.buf.len() / 2));
@@ -799,7 +799,9 @@ where
             // Part of a head came and the rest did not (a caller that
             // stalled, or one holding connections open a byte at a time):
             // told why, as Envoy's header timeout tells it.
-            Err(_elapsed) => return Ok(Some(Taken::Malformed(Malformed::head_timed_out()))),
+            Err(_elapsed) => {
+                return Ok(Some(Taken::Refused(HeadFault::timed_out(HEAD_TIMED_OUT))));
+            }
         }
     }
 }
@@ -814,23 +816,17 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     // refused, never handed to hyper without the checks below.
     let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return None,
-        Err(e) => {
-            return Some(Taken::Malformed(parse_fault(
-                buf,
-                e,
-                parsed.method.is_some(),
-            )));
-        }
+    let len = match RULES.parse(&mut parsed, buf) {
+        Ok(Some(len)) => len,
+        Ok(None) => return None,
+        Err(fault) => return Some(Taken::Refused(fault)),
     };
     let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
     else {
         return Some(Taken::Other);
     };
-    if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
-        return Some(Taken::Malformed(malformed));
+    if let Some(fault) = RULES.refuses(parsed.headers.len(), len, target) {
+        return Some(Taken::Refused(fault));
     }
     // Targets neither in origin form nor in absolute form with the `http`
     // scheme (`*`, `https://`...) and CONNECT are hyper's, once the head's
@@ -843,7 +839,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     };
     let path = at(target.as_bytes());
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return Some(Taken::Malformed(Malformed::bad(INVALID_METHOD)));
+        return Some(Taken::Refused(HeadFault::bad(INVALID_METHOD)));
     };
     let mut body = None;
     let mut close = false;
@@ -869,7 +865,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         let mut value = field.value;
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if version != 1 {
-                return Some(Taken::Malformed(Malformed::bad(
+                return Some(Taken::Refused(HeadFault::bad(
                     "Transfer-Encoding in an HTTP/1.0 request",
                 )));
             }
@@ -886,11 +882,11 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         } else if name.eq_ignore_ascii_case(b"content-length") {
             lengths = true;
             let Some(length) = decimal(value) else {
-                return Some(Taken::Malformed(Malformed::bad("invalid Content-Length")));
+                return Some(Taken::Refused(HeadFault::bad("invalid Content-Length")));
             };
             match body {
                 Some(b) if b != length => {
-                    return Some(Taken::Malformed(Malformed::bad(
+                    return Some(Taken::Refused(HeadFault::bad(
                         "two different Content-Length values",
                     )));
                 }
@@ -920,7 +916,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
     }
     let body = match coded {
         Some(false) => {
-            return Some(Taken::Malformed(Malformed::bad(
+            return Some(Taken::Refused(HeadFault::bad(
                 "Transfer-Encoding whose last coding is not chunked",
             )));
         }
@@ -928,7 +924,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
         // the chunked body as requests of its own (RFC 9112 section 6.1
         // lets a server refuse it).
         Some(true) if lengths => {
-            return Some(Taken::Malformed(Malformed::bad(TWO_FRAMINGS)));
+            return Some(Taken::Refused(HeadFault::bad(TWO_FRAMINGS)));
         }
         _ if other => return Some(for_hyper(target)),
         Some(true) if only_chunked => Framing::Chunked(Chunked::default()),
@@ -954,7 +950,7 @@ fn take_head(buf: &mut BytesMut) -> Option<Taken> {
             close,
             expect,
         })),
-        Err(Unbuilt::Target) => Some(Taken::Malformed(Malformed::bad(INVALID_TARGET))),
+        Err(Unbuilt::Target) => Some(Taken::Refused(HeadFault::bad(INVALID_TARGET))),
         Err(Unbuilt::Field) => {
             // Put the head back for hyper, which says what is wrong.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -1015,98 +1011,43 @@ fn build(
     Ok(request)
 }
 
-/// A request head the sidecar answers itself, and closes the connection
-/// after: the status and what was wrong, as the answer's body says it
-/// (never the caller's bytes).
-pub struct Malformed {
-    pub status: StatusCode,
-    pub why: &'static str,
+/// What the sidecar refuses in a request head beyond what hyper's server
+/// refuses, in its words: its bounds as its answers and `policy explain`
+/// name them ([`Bounds::SIDECAR`], [`HeadLimit::http1`]: a head that came
+/// whole in a read past its bound is over it all the same), and a raw `#`
+/// in a target ([`l7::target_problem`]), which the `http` crate, and hyper
+/// with it, drops with what follows it, so that the rules and the app
+/// would get another target than the one sent. A head that does not
+/// parse is told what was wrong, a bare CR in its request line or a
+/// header line among the faults named.
+pub const RULES: HeadRules = HeadRules {
+    bounds: Bounds::SIDECAR,
+    target: l7::target_problem,
+};
+
+/// The `trellis-proxy-error` token of the answer to a refused head:
+/// `request_timeout` for a head that did not come whole in time,
+/// `invalid_request` for the others.
+fn proxy_error(fault: &HeadFault) -> &'static str {
+    if fault.status == StatusCode::REQUEST_TIMEOUT {
+        token::REQUEST_TIMEOUT
+    } else {
+        token::INVALID_REQUEST
+    }
 }
 
-impl Malformed {
-    fn bad(why: &'static str) -> Self {
-        Malformed {
-            status: StatusCode::BAD_REQUEST,
-            why,
-        }
-    }
-
-    /// The answer to a head over `limit`, the one `policy explain` gives.
-    fn over(limit: HeadLimit) -> Self {
-        Malformed {
-            status: limit.status(),
-            why: limit.why(),
-        }
-    }
-
-    fn head_too_large() -> Self {
-        Malformed::over(HeadLimit::Size)
-    }
-
-    fn target_too_long() -> Self {
-        Malformed::over(HeadLimit::Target)
-    }
-
-    /// A head begun and not whole within [`HEAD_TIMEOUT`]: 408.
-    fn head_timed_out() -> Self {
-        Malformed {
-            status: StatusCode::REQUEST_TIMEOUT,
-            why: HEAD_TIMED_OUT,
-        }
-    }
-
-    fn timed_out(&self) -> bool {
-        self.status == StatusCode::REQUEST_TIMEOUT
-    }
-
-    /// What the refusal is counted as where it is counted by its kind
-    /// (`reason`): `target_too_long` (414), `head_too_large` (431) or
-    /// `malformed` (400).
-    pub fn reason(&self) -> &'static str {
-        trellis_core::http1::fault_reason(self.status)
-    }
-
-    /// The `trellis-proxy-error` token of its answer: `request_timeout`
-    /// for a head that did not come whole in time, `invalid_request` for
-    /// the others.
-    fn proxy_error(&self) -> &'static str {
-        if self.timed_out() {
-            token::REQUEST_TIMEOUT
-        } else {
-            token::INVALID_REQUEST
-        }
-    }
-
-    /// The access-log entry of the head refused on `conn` (written as it
-    /// drops), its refusal traced.
-    pub fn entry(&self, conn: Arc<Connection>) -> Entry {
-        let what = if self.timed_out() {
-            "request head timed out"
-        } else {
-            "malformed request head"
-        };
-        tracing::debug!(peer = %conn.peer, problem = self.why, "{what}");
-        Entry::refused_head(conn, Protocol::Http1.as_str(), self.status, self.why)
-    }
-
-    /// What hyper's server answered, with a status alone, for a head it
-    /// refused on a connection handed over to it (`error`), in the words
-    /// the forwarder uses for the same; `None` for an error that is not a
-    /// refused head, which hyper answers with nothing.
-    pub fn from_hyper(error: &hyper::Error) -> Option<Self> {
-        let fault = trellis_core::http1::HeadFault::from_hyper(error)?;
-        // Which refusal it is comes from core's reading of hyper's error;
-        // the sidecar's words name its bounds as the sidecar's.
-        Some(match fault.status {
-            StatusCode::URI_TOO_LONG => Malformed::target_too_long(),
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Malformed {
-                status: fault.status,
-                why: "request head exceeds the sidecar's 408 KiB limit or its limit of \
-                      100 header fields",
-            },
-            _ => Malformed::bad(fault.why),
-        })
-    }
+/// The access-log entry of a head refused on `conn` (written as it
+/// drops), its refusal traced: by the forwarder, or by hyper's server
+/// after a hand-off (read from its error by [`HeadFault::from_hyper`], in
+/// the sidecar's words, [`RULES`]).
+pub(crate) fn refused_entry(fault: &HeadFault, conn: Arc<Connection>) -> Entry {
+    let what = if fault.status == StatusCode::REQUEST_TIMEOUT {
+        "request head timed out"
+    } else {
+        "malformed request head"
+    };
+    tracing::debug!(peer = %conn.peer, problem = fault.why, "{what}");
+    Entry::refused_head(conn, Protocol::Http1.as_str(), fault.status, fault.why)
 }
 
 /// A complete head that hyper is to serve, unless hyper would refuse its
@@ -1116,7 +1057,7 @@ impl Malformed {
 fn for_hyper(target: &str) -> Taken {
     match Uri::try_from(target) {
         Ok(_) => Taken::Other,
-        Err(_) => Taken::Malformed(Malformed::bad(INVALID_TARGET)),
+        Err(_) => Taken::Refused(HeadFault::bad(INVALID_TARGET)),
     }
 }
 
@@ -1126,93 +1067,15 @@ fn for_hyper(target: &str) -> Taken {
 /// the same bound (its default).
 pub use trellis_core::policy::l7::MAX_REQUEST_HEADERS;
 
-/// What a complete head of `len` bytes with `fields` header fields and
-/// the request `target` is refused for, if it is: over one of the
-/// sidecar's bounds ([`HeadLimit::http1`], which `policy explain` asks
-/// too): its size (a head that came whole in a read past the bound is
-/// over it all the same), then its target's length; then a raw `#` in the
-/// target ([`l7::target_problem`]), which the `http` crate, and hyper with
-/// it, drops with what follows it, so that the rules and the app would get
-/// another target than the one sent.
-fn head_problem(fields: usize, len: usize, target: &str) -> Option<Malformed> {
-    match HeadLimit::http1(fields, len, target.len()) {
-        Some(limit) => Some(Malformed::over(limit)),
-        None => l7::target_problem(target).map(Malformed::bad),
-    }
-}
-
-/// What a request line with a CR not followed by LF is told.
-const BARE_CR: &str = "malformed request line: a bare CR (a CR not followed by LF)";
-/// What a header line with a CR not followed by LF is told.
-const BARE_CR_IN_HEADER: &str = "malformed header line: a bare CR (a CR not followed by LF)";
-
-/// What a head that does not parse (`e`, `method`: whether its method was
-/// read) is refused for: 431 past [`MAX_REQUEST_HEADERS`] fields, else
-/// 400 and the fault in words.
-fn parse_fault(buf: &[u8], e: httparse::Error, method: bool) -> Malformed {
-    match e {
-        httparse::Error::TooManyHeaders => Malformed::over(HeadLimit::Fields),
-        e => Malformed::bad(bare_cr_fault(buf).unwrap_or_else(|| unparsable(e, method))),
-    }
-}
-
 /// A connection's first request head as far as it has come in `buf`,
-/// checked as the forwarder checks it, for a server that hands every head
-/// to hyper's (the admin port's): `Ok(None)` while more of it is to come,
-/// `Ok(Some(len))` for a whole head of `len` bytes that is none of those
-/// faults, or the fault, in the forwarder's words: a head that does not
-/// parse, over the sidecar's bounds ([`head_problem`]), with a method or
-/// target hyper refuses. Its framing (`Content-Length`,
-/// `Transfer-Encoding`) and its field names are left to hyper.
-pub(crate) fn check_head(buf: &[u8]) -> Result<Option<usize>, Malformed> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
-            return Err(Malformed::head_too_large());
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_fault(buf, e, parsed.method.is_some())),
-    };
-    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
-        return Ok(Some(len));
-    };
-    if let Some(malformed) = head_problem(parsed.headers.len(), len, target) {
-        return Err(malformed);
-    }
-    if Method::from_bytes(method.as_bytes()).is_err() {
-        return Err(Malformed::bad(INVALID_METHOD));
-    }
-    match for_hyper(target) {
-        Taken::Malformed(malformed) => Err(malformed),
-        _ => Ok(Some(len)),
-    }
-}
-
-/// What a head that does not parse is told when its first fault is in a
-/// line holding a bare CR ([`detect::bare_cr`]): [`BARE_CR`] for the
-/// request line, [`BARE_CR_IN_HEADER`] for a header line; `None` when the
-/// head has a fault before its first such line, or none.
-fn bare_cr_fault(buf: &[u8]) -> Option<&'static str> {
-    let head = detect::skip_empty_lines(buf);
-    // A CR before LF is never bare, so the first bare CR of the head is
-    // that of its first line holding one.
-    let cr = detect::bare_cr(head)?;
-    let start = head[..cr]
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |lf| lf + 1);
-    if start == 0 {
-        return Some(BARE_CR);
-    }
-    // The lines before it are a head begun without a fault (nor ended):
-    // the first fault is in this line.
-    let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    match httparse::Request::new(&mut fields).parse(&head[..start]) {
-        Ok(httparse::Status::Partial) => Some(BARE_CR_IN_HEADER),
-        _ => None,
-    }
+/// checked as the forwarder checks it ([`RULES`]), for a server that hands
+/// every head to hyper's (the admin port's): `Ok(None)` while more of it
+/// is to come, `Ok(Some(len))` for a whole head of `len` bytes that is
+/// none of those faults, or the fault, in the forwarder's words. Its
+/// framing (`Content-Length`, `Transfer-Encoding`) and its field names
+/// are left to hyper.
+pub(crate) fn check_head(buf: &[u8]) -> Result<Option<usize>, HeadFault> {
+    RULES.check(buf)
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`, as hyper
@@ -5108,11 +4971,11 @@ mod tests {
             let mut sent = line.repeat(MAX_EMPTY_LINES / line.len() + 1);
             sent.extend_from_slice(request);
             let (taken, _) = trickled_head(sent).await;
-            let Some(Taken::Malformed(malformed)) = taken else {
+            let Some(Taken::Refused(fault)) = taken else {
                 panic!("{line:?}: more empty lines than the bound were read on");
             };
             assert_eq!(
-                (malformed.status, malformed.why),
+                (fault.status, fault.why),
                 (StatusCode::BAD_REQUEST, TOO_MANY_EMPTY_LINES)
             );
         }

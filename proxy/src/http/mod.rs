@@ -54,6 +54,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 use trellis_core::SpiffeId;
 use trellis_core::gather::GatheredWrites;
+use trellis_core::http1::HeadFault;
 use trellis_core::logging::keyed::Keyed;
 
 pub use access::ACCESS_TARGET;
@@ -417,11 +418,11 @@ where
             if let Err(e) = until_drained(served, draining, |c| c.graceful_shutdown()).await {
                 // A head hyper refused has had hyper's answer, a status
                 // alone: it is logged and counted as the forwarder's are.
-                let Some(refused) = h1::Malformed::from_hyper(&e) else {
+                let Some(refused) = HeadFault::from_hyper(&e, &h1::RULES.bounds) else {
                     return Err(e);
                 };
                 // Written as it drops.
-                drop(refused.entry(held));
+                drop(h1::refused_entry(&refused, held));
                 return Ok(());
             }
             // hyper is done with a connection that switched protocols once
