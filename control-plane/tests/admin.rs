@@ -1370,6 +1370,53 @@ async fn the_admin_http_port_answers_a_malformed_head_in_words() {
     assert!(!cp.log().contains("admin-secret-7f3a"), "{}", cp.log());
 }
 
+/// A bare CR (a CR not followed by LF) in a header line is named as the
+/// sidecar names it, in the answer and the warning, and the connection
+/// closed: some servers end a line there, so what follows it is not what
+/// an app would read. Never the header's value.
+#[tokio::test]
+async fn the_admin_http_port_names_a_bare_cr_in_a_header_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use trellis_control_plane::admin_http::MALFORMED;
+    let cp = ControlPlane::start(&[]);
+    let mut tcp = connect_from(loopback(9), cp.admin.parse().unwrap()).await;
+    tcp.write_all(
+        b"GET /metrics HTTP/1.1\r\nhost: admin\r\n\
+          authorization: Bearer admin-secret\rx-smuggled: 9c1e\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(
+            "\r\nconnection: close\r\n\r\n\
+             malformed header line: a bare CR (a CR not followed by LF)\n"
+        ),
+        "{answer}"
+    );
+    let line = cp.wait_for_line("the refused head logged", |l| {
+        l.contains(MALFORMED) && l.contains("peer=127.0.0.9:")
+    });
+    assert!(
+        line.contains("answered 400: malformed header line: a bare CR"),
+        "{line}"
+    );
+    let log = cp.log();
+    assert!(
+        !log.contains("admin-secret") && !log.contains("9c1e"),
+        "{log}"
+    );
+}
+
 /// A method the admin port does not take is answered 405 saying which it
 /// does, in `Allow` (RFC 9110 section 15.5.6), as curl shows it.
 #[test]
