@@ -382,8 +382,7 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
         resources,
         &json!({"requests": {"cpu": "0.3", "memory": "1Gi"}, "limits": {"cpu": "300m", "memory": "1024Mi"}})
     );
-    // Ephemeral storage too, where a cluster asks every pod for it; not for
-    // the injected containers, whose settings the control plane reads.
+    // Ephemeral storage too, where a cluster asks every pod for it.
     let docs = validated(
         &helm,
         &validate,
@@ -393,12 +392,6 @@ fn control_plane_resources_the_api_server_would_refuse_are_refused() {
         &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"];
     assert_eq!(resources["requests"]["ephemeral-storage"], "100Mi");
     assert_eq!(resources["limits"]["ephemeral-storage"], "1Gi");
-    let e = template(
-        &helm,
-        &["injection.proxy.resources.limits.ephemeral-storage=1Gi"],
-    )
-    .unwrap_err();
-    assert!(e.contains("ephemeral-storage"), "{e}");
 }
 
 /// A PodDisruptionBudget that lets no replica go (maxUnavailable 0 or 0%)

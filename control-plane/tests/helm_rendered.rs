@@ -623,6 +623,90 @@ fn injection_resources_the_api_server_would_refuse_are_refused() {
     );
 }
 
+/// Ephemeral storage for the injected containers, where a cluster asks every
+/// container for it, reaches the settings the control plane reads
+/// (`--inject-config`, the rendered ConfigMap mounted), beside cpu and
+/// memory. A quantity Kubernetes cannot parse, or a request above its limit,
+/// is refused at `helm template`, naming the value; the control plane
+/// refuses the same settings at start, naming the field.
+#[test]
+fn injection_ephemeral_storage_reaches_the_control_plane() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let sets = [
+        "injection.proxy.resources.requests.ephemeral-storage=100Mi",
+        "injection.proxy.resources.limits.ephemeral-storage=1Gi",
+        "injection.init.resources.limits.ephemeral-storage=64Mi",
+    ];
+    let docs = validated(&helm, &validate, &sets);
+    assert!(
+        args(&docs)
+            .iter()
+            .any(|a| a == "--inject-config=/etc/trellis/inject/inject.json"),
+        "{:?}",
+        args(&docs)
+    );
+    let config = rendered_injection_config(&helm, &sets);
+    let proxy = &config.proxy_resources;
+    assert_eq!(proxy.requests_ephemeral_storage.as_deref(), Some("100Mi"));
+    assert_eq!(proxy.limits_ephemeral_storage.as_deref(), Some("1Gi"));
+    assert_eq!(proxy.requests_memory.as_deref(), Some("64Mi"));
+    let init = &config.init_resources;
+    assert_eq!(init.requests_ephemeral_storage, None);
+    assert_eq!(init.limits_ephemeral_storage.as_deref(), Some("64Mi"));
+    // Unset by default: a cluster that does not ask for it gets none.
+    let config = rendered_injection_config(&helm, &[]);
+    assert_eq!(config.proxy_resources.limits_ephemeral_storage, None);
+    assert_eq!(config.init_resources.requests_ephemeral_storage, None);
+
+    let e = template(
+        &helm,
+        &["injection.proxy.resources.limits.ephemeral-storage=1GB"],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("/injection/proxy/resources/limits/ephemeral-storage")
+            && e.contains("'1GB' does not match pattern"),
+        "{e}"
+    );
+    let e = template(
+        &helm,
+        &[
+            "injection.init.resources.requests.ephemeral-storage=2Gi",
+            "injection.init.resources.limits.ephemeral-storage=1Gi",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains(
+            "injection.init.resources: requests.ephemeral-storage 2Gi is above \
+             limits.ephemeral-storage 1Gi"
+        ),
+        "{e}"
+    );
+    // The control plane, which has the last word, refuses them at start.
+    let defaults: Value = serde_json::from_str(&rendered_injection_settings(&helm, &[])).unwrap();
+    for (resources, says) in [
+        (
+            json!({"limits": {"ephemeral-storage": "1GB"}}),
+            "proxyResources.limits.ephemeral-storage: \"1GB\" is not a Kubernetes quantity",
+        ),
+        (
+            json!({"requests": {"ephemeral-storage": "2Gi"}, "limits": {"ephemeral-storage": "1Gi"}}),
+            "proxyResources: requests.ephemeral-storage 2Gi is above limits.ephemeral-storage 1Gi",
+        ),
+    ] {
+        let mut settings = defaults.clone();
+        settings["proxyResources"] = resources;
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let e = inject::InjectConfig::from_settings(&settings.to_string(), td, "PEM".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{e}");
+    }
+}
+
 /// The sidecar's UID reaches the control plane's injection settings, so an
 /// operator whose images run as 1337 moves the sidecar off it; root, or a
 /// UID Kubernetes refuses, is refused at `helm template`, naming the value.

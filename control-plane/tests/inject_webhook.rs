@@ -788,6 +788,51 @@ fn configuration_reaches_the_pod() {
     );
 }
 
+/// Ephemeral storage in the injection settings (the chart's
+/// `injection.proxy.resources` and `injection.init.resources`, for clusters
+/// that ask every container for it) reaches both injected containers beside
+/// cpu and memory, and the pod passes strict schema validation. Real
+/// AdmissionReview; no API server here.
+#[test]
+fn ephemeral_storage_reaches_the_injected_containers() {
+    let settings = r#"{
+        "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi", "ephemeral-storage": "100Mi"},
+                           "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "1Gi"}},
+        "initResources": {"requests": {"ephemeral-storage": "10Mi"},
+                          "limits": {"ephemeral-storage": 67108864}}
+    }"#;
+    let config = InjectConfig {
+        image: IMAGE.into(),
+        ..InjectConfig::from_settings(settings, "cluster.local".parse().unwrap(), BUNDLE.into())
+            .unwrap()
+    };
+    let review = fixture("pod-deployment-http-probes.json");
+    let reply = answer(&review, NamespaceScope::SelectedByWebhook, &config);
+    let mut pod = apply(&review["request"]["object"], &patch_of(&reply).unwrap());
+    assert_eq!(
+        container(&pod, "initContainers", "trellis-proxy")["resources"],
+        json!({
+            "requests": {"cpu": "50m", "memory": "64Mi", "ephemeral-storage": "100Mi"},
+            "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "1Gi"},
+        })
+    );
+    assert_eq!(
+        container(&pod, "initContainers", "trellis-init")["resources"],
+        json!({
+            "requests": {"ephemeral-storage": "10Mi"},
+            "limits": {"ephemeral-storage": "67108864"},
+        })
+    );
+    let Some(validate) = chart::tool("kubernetes-validate") else {
+        chart::machine::skip(
+            "skipped: kubernetes-validate not installed (run scripts/install-helm.sh)",
+        );
+        return;
+    };
+    pod["metadata"]["name"] = json!("web-6b7f9c5d8-x2x7k");
+    chart::validate_manifests(&validate, &serde_json::to_string_pretty(&pod).unwrap());
+}
+
 /// The configured pull secrets (the chart's `imagePullSecrets`) reach the
 /// pod, so the kubelet pulls both injected containers' image from a private
 /// registry: after the pod's own (as its ServiceAccount's reach it), never

@@ -260,11 +260,28 @@ pub enum TrustBundleSource {
 pub struct Resources {
     pub requests_cpu: Option<String>,
     pub requests_memory: Option<String>,
+    /// Local disk (logs, writable layers, `emptyDir`), which clusters that
+    /// enforce it (a LimitRange, a managed cluster) ask every container for.
+    pub requests_ephemeral_storage: Option<String>,
     pub limits_cpu: Option<String>,
     pub limits_memory: Option<String>,
+    pub limits_ephemeral_storage: Option<String>,
 }
 
 impl Resources {
+    /// Each resource by its Kubernetes name, with its request and limit.
+    pub fn by_name(&self) -> [(&'static str, &Option<String>, &Option<String>); 3] {
+        [
+            ("cpu", &self.requests_cpu, &self.limits_cpu),
+            ("memory", &self.requests_memory, &self.limits_memory),
+            (
+                "ephemeral-storage",
+                &self.requests_ephemeral_storage,
+                &self.limits_ephemeral_storage,
+            ),
+        ]
+    }
+
     fn quantities(
         requests_cpu: &str,
         requests_memory: &str,
@@ -276,6 +293,7 @@ impl Resources {
             requests_memory: Some(requests_memory.into()),
             limits_cpu: Some(limits_cpu.into()),
             limits_memory: Some(limits_memory.into()),
+            ..Self::default()
         }
     }
 }

@@ -838,20 +838,20 @@ fn identity_volume(config: &InjectConfig) -> Value {
 }
 
 fn resources(r: &Resources) -> Value {
+    let mut requests = Map::new();
+    let mut limits = Map::new();
+    for (name, request, limit) in r.by_name() {
+        if let Some(request) = request {
+            requests.insert(name.into(), json!(request));
+        }
+        if let Some(limit) = limit {
+            limits.insert(name.into(), json!(limit));
+        }
+    }
     let mut out = Map::new();
-    for (section, cpu, memory) in [
-        ("requests", &r.requests_cpu, &r.requests_memory),
-        ("limits", &r.limits_cpu, &r.limits_memory),
-    ] {
-        let mut q = Map::new();
-        if let Some(cpu) = cpu {
-            q.insert("cpu".into(), json!(cpu));
-        }
-        if let Some(memory) = memory {
-            q.insert("memory".into(), json!(memory));
-        }
-        if !q.is_empty() {
-            out.insert(section.into(), Value::Object(q));
+    for (section, quantities) in [("requests", requests), ("limits", limits)] {
+        if !quantities.is_empty() {
+            out.insert(section.into(), Value::Object(quantities));
         }
     }
     Value::Object(out)

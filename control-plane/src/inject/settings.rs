@@ -17,7 +17,8 @@
 //!  "imagePullSecrets": [{"name": "regcred"}],
 //!  "controlPlane": "trellis-control-plane.trellis-system.svc:15012",
 //!  "tokenExpirationSeconds": 3600, "trustBundleConfigMap": "",
-//!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {...}},
+//!  "proxyResources": {"requests": {"cpu": "50m", "memory": "64Mi",
+//!                                 "ephemeral-storage": "100Mi"}, "limits": {...}},
 //!  "initResources": {...}, "excludeInboundPorts": [], "excludeOutboundPorts": [],
 //!  "excludeOutboundCIDRs": [], "excludeOutboundDNS": true, "failurePolicy": "Fail", "logFormat": "json",
 //!  "ipFamilies": ["IPv4"], "tcpUserTimeout": "2m",
@@ -77,7 +78,8 @@ struct SecretReference {
     name: String,
 }
 
-/// `{requests: {cpu, memory}, limits: {cpu, memory}}` as in a pod spec.
+/// `{requests: {cpu, memory, ephemeral-storage}, limits: {...}}` as in a
+/// pod spec.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KubeResources {
@@ -92,6 +94,8 @@ struct KubeResources {
 struct Quantities {
     cpu: Option<Value>,
     memory: Option<Value>,
+    #[serde(rename = "ephemeral-storage")]
+    ephemeral_storage: Option<Value>,
 }
 
 fn quantity(value: Option<Value>) -> Option<String> {
@@ -107,8 +111,10 @@ impl From<KubeResources> for Resources {
         Self {
             requests_cpu: quantity(r.requests.cpu),
             requests_memory: quantity(r.requests.memory),
+            requests_ephemeral_storage: quantity(r.requests.ephemeral_storage),
             limits_cpu: quantity(r.limits.cpu),
             limits_memory: quantity(r.limits.memory),
+            limits_ephemeral_storage: quantity(r.limits.ephemeral_storage),
         }
     }
 }
@@ -130,14 +136,7 @@ fn checked_resources(r: KubeResources, field: &str) -> Result<Resources, Invalid
             ))
         }),
     };
-    for (resource, request, limit) in [
-        ("cpu", &resources.requests_cpu, &resources.limits_cpu),
-        (
-            "memory",
-            &resources.requests_memory,
-            &resources.limits_memory,
-        ),
-    ] {
+    for (resource, request, limit) in resources.by_name() {
         let parsed_request = parse(&format!("requests.{resource}"), request)?;
         let parsed_limit = parse(&format!("limits.{resource}"), limit)?;
         if let (Some(r), Some(l), Some(request), Some(limit)) =
@@ -676,6 +675,8 @@ mod tests {
             r#"{"initResources": {"requests": {"cpu": ".5", "memory": "1e3"},
                                   "limits": {"cpu": "500m", "memory": "1k"}}}"#,
             r#"{"initResources": {"requests": {"memory": "512Mi"}}}"#,
+            r#"{"proxyResources": {"requests": {"ephemeral-storage": "1Gi"},
+                                   "limits": {"ephemeral-storage": "1024Mi"}}}"#,
         ] {
             read(good).unwrap_or_else(|e| panic!("{good}: {e}"));
         }
@@ -696,6 +697,15 @@ mod tests {
             (
                 r#"{"initResources": {"requests": {"cpu": "1001m"}, "limits": {"cpu": 1}}}"#,
                 "initResources: requests.cpu 1001m is above limits.cpu 1",
+            ),
+            (
+                r#"{"proxyResources": {"requests": {"ephemeral-storage": "1GB"}}}"#,
+                "proxyResources.requests.ephemeral-storage: \"1GB\" is not a Kubernetes quantity",
+            ),
+            (
+                r#"{"initResources": {"requests": {"ephemeral-storage": "2Gi"},
+                                      "limits": {"ephemeral-storage": "1Gi"}}}"#,
+                "initResources: requests.ephemeral-storage 2Gi is above limits.ephemeral-storage 1Gi",
             ),
         ] {
             let e = read(bad).unwrap_err().to_string();
@@ -766,14 +776,17 @@ mod tests {
 
     #[test]
     fn reads_resources_and_policy() {
-        let json = r#"{"proxyResources": {"requests": {"cpu": "20m"}, "limits": {"memory": 1073741824}},
+        let json = r#"{"proxyResources": {"requests": {"cpu": "20m", "ephemeral-storage": "100Mi"},
+                                          "limits": {"memory": 1073741824, "ephemeral-storage": "1Gi"}},
                        "failurePolicy": "Fail", "trustBundleConfigMap": "bundle"}"#;
         let config = InjectConfig::from_settings(json, td(), "PEM".into()).unwrap();
         assert_eq!(
             config.proxy_resources,
             Resources {
                 requests_cpu: Some("20m".into()),
+                requests_ephemeral_storage: Some("100Mi".into()),
                 limits_memory: Some("1073741824".into()),
+                limits_ephemeral_storage: Some("1Gi".into()),
                 ..Resources::default()
             }
         );
