@@ -10,6 +10,7 @@
 //! `skipped: helm not installed (run scripts/install-helm.sh)` and passes,
 //! except under CI (`CI` set), where a missing tool fails the test.
 
+mod admission;
 mod chart;
 // Only the stand-in API server from `common`: all of it would load the
 // `machine` module that `chart` includes a second time.
@@ -621,6 +622,118 @@ fn injection_resources_the_api_server_would_refuse_are_refused() {
         config.proxy_resources.requests_memory.as_deref(),
         Some("512Mi")
     );
+}
+
+/// `metrics.sidecarPodMonitor.enabled` renders a PodMonitor that scrapes
+/// `/metrics` on every injected sidecar's admin port, in every namespace or
+/// those listed, with the labels a Prometheus selects PodMonitors by. It
+/// selects pods by the port alone (an empty selector): the port it names is
+/// the one the injector, with the settings the chart renders, declares on
+/// the sidecar and no container of the pod before injection has, so the
+/// Prometheus Operator, which keeps only targets with that port, finds
+/// injected pods and no other. Off by default: its kind exists only where
+/// the Prometheus Operator is installed.
+#[test]
+fn sidecar_pod_monitor_scrapes_every_injected_pod() {
+    let Some((helm, validate)) = tools() else {
+        return;
+    };
+    let docs = documents(&template(&helm, &[]).unwrap());
+    assert!(find(&docs, "PodMonitor").is_empty());
+
+    let docs = validated(
+        &helm,
+        &validate,
+        &[
+            "metrics.sidecarPodMonitor.enabled=true",
+            "metrics.sidecarPodMonitor.interval=15s",
+            "metrics.sidecarPodMonitor.labels.release=kube-prometheus-stack",
+        ],
+    );
+    // The sidecars' alone: the control plane's stays off.
+    let monitor = one(&docs, "PodMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["name"], "trellis-sidecars");
+    assert_eq!(monitor["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        monitor["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    assert_eq!(monitor["spec"]["namespaceSelector"], json!({"any": true}));
+    assert_eq!(monitor["spec"]["selector"], json!({}));
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"],
+        json!([{"port": "trellis-admin", "path": "/metrics", "scheme": "http", "interval": "15s"}])
+    );
+
+    // The port of that name is the sidecar's admin port (15020, where it
+    // serves /metrics), and only an injected pod has it.
+    let with_port = |pod: &Value| -> Vec<(String, Value)> {
+        ["initContainers", "containers"]
+            .iter()
+            .flat_map(|field| pod["spec"][field].as_array().cloned().unwrap_or_default())
+            .flat_map(|c| {
+                let name = c["name"].as_str().unwrap().to_owned();
+                c["ports"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| p["name"] == "trellis-admin")
+                    .map(move |p| (name.clone(), p["containerPort"].clone()))
+            })
+            .collect()
+    };
+    let review = admission::fixture("pod-deployment-http-probes.json");
+    assert!(with_port(&review["request"]["object"]).is_empty());
+    let config = rendered_injection_config(&helm, &[]);
+    let reply = admission::answer(&review, inject::NamespaceScope::SelectedByWebhook, &config);
+    let pod = admission::apply(
+        &review["request"]["object"],
+        &admission::patch_of(&reply).expect("injected"),
+    );
+    assert_eq!(
+        with_port(&pod),
+        [("trellis-proxy".to_owned(), json!(15020))]
+    );
+
+    // The namespaces listed, beside the control plane's PodMonitor.
+    let docs = validated(
+        &helm,
+        &validate,
+        &[
+            "metrics.podMonitor.enabled=true",
+            "metrics.sidecarPodMonitor.enabled=true",
+            "metrics.sidecarPodMonitor.namespaces={shop,payments}",
+        ],
+    );
+    let monitors = find(&docs, "PodMonitor");
+    assert_eq!(monitors.len(), 2);
+    let sidecars = monitors
+        .iter()
+        .find(|m| m["metadata"]["name"] == "trellis-sidecars")
+        .unwrap();
+    assert_eq!(
+        sidecars["spec"]["namespaceSelector"],
+        json!({"matchNames": ["shop", "payments"]})
+    );
+
+    for (set, names) in [
+        ("metrics.sidecarPodMonitor.namespaces={Shop}", "namespaces"),
+        (
+            "metrics.sidecarPodMonitor.namespaces={shop,shop}",
+            "namespaces",
+        ),
+        ("metrics.sidecarPodMonitor.interval=30", "interval"),
+        ("metrics.sidecarPodMonitor.labels.team=1", "labels"),
+        ("metrics.sidecarPodMonitor.enable=true", "enable"),
+    ] {
+        let e = template(&helm, &[set]).unwrap_err();
+        assert!(
+            e.contains("sidecarPodMonitor") && e.contains(names),
+            "{set}: {e}"
+        );
+    }
 }
 
 /// Ephemeral storage for the injected containers, where a cluster asks every
