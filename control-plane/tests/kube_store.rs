@@ -588,16 +588,7 @@ async fn a_relaxed_policy_is_warned_of_once_per_change_not_per_list() {
     expire_the_next_watch(&fake);
     let store = connect(&fake).await;
     assert!(store.policy("shop", "deny-legacy").unwrap().is_some());
-    // The watch after the re-list opens once the check is done.
-    eventually_async("the watch after the check", || async {
-        (policy_requests(&fake, true) == 2).then_some(())
-    })
-    .await;
-    assert_eq!(
-        policy_lists(&fake),
-        3,
-        "at start, after the 410, and the check"
-    );
+    listed_again(&fake).await;
     let warnings = logs.warnings(WARNING);
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     assert!(
@@ -620,6 +611,77 @@ async fn a_relaxed_policy_is_warned_of_once_per_change_not_per_list() {
         .unwrap()
         .revision;
     assert_eq!(revision, 2, "the change is enforced");
+}
+
+/// Waits for the store to list the policies again after the watch that
+/// [`expire_the_next_watch`] expired, and to list them once more (the
+/// check after a re-list): the watch after those opens once they are done.
+async fn listed_again(fake: &kube_api::FakeKube) {
+    eventually_async("the watch after the check", || async {
+        (policy_requests(fake, true) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        policy_lists(fake),
+        3,
+        "at start, after the 410, and the check"
+    );
+}
+
+/// No API server can run here: the fake answers the recorded policies
+/// list, `misspelt-port` in it failing `policy lint` (`port` where the
+/// format says `ports`), then its watch sends the recorded bookmark and
+/// `410 Gone`, and the store lists the same list again. The object is
+/// warned of once, not at every list; a change of it (a new
+/// resourceVersion) that still fails is warned of again, and a fix is
+/// taken.
+#[tokio::test]
+async fn an_invalid_object_is_warned_of_once_per_change_not_per_list() {
+    let (logs, _guard) = common::logs::capture();
+    let warnings = || {
+        let mut of_it = logs.warnings("skipped an invalid object");
+        of_it.retain(|l| l.contains("object=shop/misspelt-port"));
+        of_it
+    };
+    let fake = recorded_cluster().await;
+    expire_the_next_watch(&fake);
+    let store = connect(&fake).await;
+    listed_again(&fake).await;
+    let first = warnings();
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert!(
+        first[0].contains(r#"resource_version="47960""#),
+        "{}",
+        first[0]
+    );
+
+    let list = policies_list();
+    let mut changed = item(&list, "misspelt-port", 48700);
+    changed["metadata"]["generation"] = json!(2);
+    changed["spec"]["rules"][0]["to"] = json!([{"port": 8080}]);
+    fake.publish(POLICIES, event("MODIFIED", &changed));
+    let second = eventually_async("the changed object's warning", || async {
+        let second = warnings();
+        (second.len() == 2).then_some(second)
+    })
+    .await;
+    assert!(
+        second[1].contains(r#"resource_version="48700""#),
+        "{}",
+        second[1]
+    );
+    assert_eq!(store.policy("shop", "misspelt-port").unwrap(), None);
+
+    let mut fixed = item(&list, "misspelt-port", 48701);
+    fixed["metadata"]["generation"] = json!(3);
+    fixed["spec"]["rules"][0]["to"] = json!([{"ports": [8080]}]);
+    fake.publish(POLICIES, event("MODIFIED", &fixed));
+    let taken = eventually_async("the fixed policy", || async {
+        store.policy("shop", "misspelt-port").unwrap()
+    })
+    .await;
+    assert_eq!(taken.revision, 3, "the fix is enforced");
+    assert_eq!(warnings().len(), 2, "a fix is no warning");
 }
 
 /// The `403 Forbidden` Status kube-apiserver answers a list of `resource`

@@ -27,10 +27,12 @@
 //! ([`Reading`]): a re-list brings back every object, changed or not, so
 //! what a conversion says of an object (a stored policy enforced relaxed)
 //! it says once per change of the object, not again with every re-list of
-//! a long-running replica. Remembering that costs nothing: the cache holds
-//! each object's resourceVersion, and forgets it with the object. One that
-//! does not convert (a policy that fails `policy lint`) is logged at each
-//! reading and never stops the watch. It is never pushed: a policy keeps
+//! a long-running replica. The cache holds each valid object's
+//! resourceVersion and forgets it with the object; of an object that does
+//! not convert (a policy that fails `policy lint`) it holds the last valid
+//! version, so the watch task remembers beside it the resourceVersion it
+//! last read such an object at ([`Skipped`]): it is logged once per change
+//! too, and never stops the watch. It is never pushed: a policy keeps
 //! its last valid version in force (a DENY edited by a newer release, or
 //! past a webhook that was down, must not vanish), any other object is
 //! held as absent. After every change of content the new version is announced.
@@ -38,7 +40,7 @@
 //! are logged and retried with backoff while the cache keeps serving what
 //! it holds, and the health says for how long.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -205,14 +207,45 @@ impl WatchHealth {
 /// skipped (logged), `Ok(None)` an object that contributes nothing.
 pub type Convert<K> = Box<dyn Fn(&K, Reading) -> Result<Option<Entry>, String> + Send + Sync>;
 
-/// Whether an object is read at a resourceVersion the cache does not hold
-/// for it yet (created or changed, or first listed), or again (a re-list
-/// of an unchanged object, the watch's echo of this replica's own write):
-/// what a conversion logs of an object it logs on its first reading only.
+/// Whether an object is read at a resourceVersion not read for it yet
+/// (created or changed, or first listed), or again (a re-list of an
+/// unchanged object, valid or not, the watch's echo of this replica's own
+/// write): what is logged of an object is logged on its first reading only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reading {
     First,
     Again,
+}
+
+/// The objects of one kind whose last reading did not convert, each with
+/// the resourceVersion it was read at: the cache holds such an object at
+/// its last valid resourceVersion, or not at all, so this is what tells a
+/// re-list of it, unchanged, from a change that still fails. Bounded by
+/// the objects of the kind that fail now: an object leaves it when it is
+/// read valid, deleted, or left out of a list.
+#[derive(Debug, Default)]
+struct Skipped(BTreeMap<String, String>);
+
+impl Skipped {
+    /// Whether the last reading of `key` did not convert, at `resource_version`.
+    fn read_at(&self, key: &str, resource_version: &str) -> bool {
+        self.0.get(key).is_some_and(|at| at == resource_version)
+    }
+
+    /// `key` did not convert at `resource_version`.
+    fn failed(&mut self, key: String, resource_version: &str) {
+        self.0.insert(key, resource_version.to_owned());
+    }
+
+    /// `key` converted, or is gone.
+    fn forget(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    /// Forgets every object but those the list just read did not convert.
+    fn keep_listed(&mut self, invalid: &BTreeSet<String>) {
+        self.0.retain(|key, _| invalid.contains(key));
+    }
 }
 
 /// What one object became.
@@ -224,33 +257,48 @@ enum Read {
     Invalid,
 }
 
-/// Reads one object into what the cache holds.
-fn reflected<K: Resource>(kind: Kind, object: &K, convert: &Convert<K>, shared: &Shared) -> Read {
+/// Reads one object into what the cache holds, and remembers in `skipped`
+/// whether it converted.
+fn reflected<K: Resource>(
+    kind: Kind,
+    object: &K,
+    convert: &Convert<K>,
+    shared: &Shared,
+    skipped: &mut Skipped,
+) -> Read {
+    let key = object_key(object);
     let resource_version = object.resource_version().unwrap_or_default();
-    let held = shared.read(|cache| {
-        cache.resource_version(kind, &object_key(object)) == Some(resource_version.as_str())
-    });
+    let held = skipped.read_at(&key, &resource_version)
+        || shared
+            .read(|cache| cache.resource_version(kind, &key) == Some(resource_version.as_str()));
     let reading = if held { Reading::Again } else { Reading::First };
     let entry = match convert(object, reading) {
         Ok(Some(entry)) => entry,
-        Ok(None) => return Read::Nothing,
+        Ok(None) => {
+            skipped.forget(&key);
+            return Read::Nothing;
+        }
         Err(reason) => {
             let kept = if kind.is_policy() {
                 "its last valid version, if any, stays in force until it is fixed or deleted"
             } else {
                 "it is not pushed to any sidecar until it is fixed"
             };
-            tracing::warn!(
-                kind = kind.as_str(),
-                object = %object_key(object),
-                resource_version,
-                reason,
-                kept,
-                "skipped an invalid object"
-            );
+            if reading == Reading::First {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    object = %key,
+                    resource_version,
+                    reason,
+                    kept,
+                    "skipped an invalid object"
+                );
+            }
+            skipped.failed(key, &resource_version);
             return Read::Invalid;
         }
     };
+    skipped.forget(&key);
     Read::Entry(Reflected {
         resource_version,
         entry,
@@ -305,6 +353,7 @@ pub async fn reflect<K>(
     let mut first = Some(first);
     let mut backoff = BACKOFF_MIN;
     let lister = api.clone();
+    let mut skipped = Skipped::default();
     loop {
         let mut listing: Option<BTreeMap<String, Reflected>> = None;
         // For a policy kind, every object of the list being read (those
@@ -312,8 +361,8 @@ pub async fn reflect<K>(
         // them is where the list brings the position, and after a re-list
         // they are what the check compares with.
         let mut listed_versions: BTreeMap<String, u64> = BTreeMap::new();
-        // Policies of the list in progress that did not convert.
-        let mut invalid: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        // Objects of the list in progress that did not convert.
+        let mut invalid: BTreeSet<String> = BTreeSet::new();
         let stream = watcher(api.clone(), config.clone());
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -348,31 +397,35 @@ pub async fn reflect<K>(
                         let at = numeric(object.resource_version().as_deref());
                         listed_versions.insert(object_key(&object), at);
                     }
-                    match reflected(kind, &object, &convert, &shared) {
+                    match reflected(kind, &object, &convert, &shared, &mut skipped) {
                         Read::Entry(found) => {
                             listing
                                 .get_or_insert_with(BTreeMap::new)
                                 .insert(object_key(&object), found);
                         }
-                        Read::Invalid if kind.is_policy() => {
+                        Read::Invalid => {
                             invalid.insert(object_key(&object));
                         }
-                        Read::Invalid | Read::Nothing => {}
+                        Read::Nothing => {}
                     }
                 }
                 Event::InitDone => {
                     let mut listed = listing.take().unwrap_or_default();
+                    let invalid = std::mem::take(&mut invalid);
+                    skipped.keep_listed(&invalid);
                     // A policy that no longer converts (edited by a newer
                     // release, or past a webhook that was down) keeps its
                     // last valid version, as a sidecar keeps its last good
                     // snapshot: a DENY must not vanish for being edited.
-                    shared.read(|cache| {
-                        for key in std::mem::take(&mut invalid) {
-                            if let Some(held) = cache.held(kind, &key) {
-                                listed.insert(key, held);
+                    if kind.is_policy() {
+                        shared.read(|cache| {
+                            for key in invalid {
+                                if let Some(held) = cache.held(kind, &key) {
+                                    listed.insert(key, held);
+                                }
                             }
-                        }
-                    });
+                        });
+                    }
                     let count = listed.len();
                     // A list says nothing of deletions since the last
                     // event: the position moves to the newest object listed.
@@ -396,7 +449,7 @@ pub async fn reflect<K>(
                     }
                 }
                 Event::Apply(object) => {
-                    let found = reflected(kind, &object, &convert, &shared);
+                    let found = reflected(kind, &object, &convert, &shared, &mut skipped);
                     let key = object_key(&object);
                     let at = numeric(object.resource_version().as_deref());
                     // The echo of this replica's own write changes no
@@ -414,6 +467,7 @@ pub async fn reflect<K>(
                 }
                 Event::Delete(object) => {
                     let key = object_key(&object);
+                    skipped.forget(&key);
                     let at = numeric(object.resource_version().as_deref());
                     shared.update(|cache| {
                         let changed = cache.remove(kind, &key);
