@@ -55,9 +55,9 @@ use crate::server::{
     GrpcListener, InFlightLayer, ServingCert, peer_client_config, serve_connections, server_config,
 };
 use crate::state_dir::{Secrecy, StateDir};
-use crate::store::Store;
 use crate::store::embedded::{DB_FILE, EmbeddedStore};
 use crate::store::kubernetes::{self, KubeStoreError, KubernetesStore, SYNC_TIMEOUT};
+use crate::store::{RELAXED_POLICY_WARNING, Store};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -188,7 +188,7 @@ fn check_stored_policies(
             kind = %w.kind,
             policy = %policy_key(&w.namespace, &w.name),
             problem = %problem.map(|v| v.to_string()).unwrap_or_default(),
-            "stored policy fails a check added since it was stored; enforced as the problem says (fix and apply it again)"
+            "{RELAXED_POLICY_WARNING}"
         );
     }
     Ok(())

@@ -575,7 +575,7 @@ async fn a_change_between_the_re_list_and_the_check_does_not_move_the_position()
 /// (a new resourceVersion) that still fails the check is warned of again.
 #[tokio::test]
 async fn a_relaxed_policy_is_warned_of_once_per_change_not_per_list() {
-    const WARNING: &str = "stored policy fails a check added since it was admitted";
+    const WARNING: &str = "stored policy fails a check added since it was stored";
     let (logs, _guard) = common::logs::capture();
     let fake = recorded_cluster().await;
     let mut list = policies_list();

@@ -8,7 +8,7 @@
 //! that the document format does not have: only `metadata.name` and
 //! `metadata.namespace` are validated, exactly as the validating webhook
 //! does. This module never talks to the API server, and logs nothing: what
-//! a stored object fails of checks added since it was admitted comes back
+//! a stored object fails of checks added since it was stored comes back
 //! with it ([`Converted`]), for the watch to log once per change of the
 //! object ([`warn_relaxed`]).
 
@@ -27,7 +27,7 @@ use trellis_core::{SpiffeId, TrustDomain};
 use trellis_proto::policy::v1::{Policy, RateLimit};
 
 use crate::inject::{GROUP, PROXY_CONTAINER};
-use crate::store::WorkloadRecord;
+use crate::store::{RELAXED_POLICY_WARNING, WorkloadRecord};
 
 /// The API version of the policy CRDs.
 pub const VERSION: &str = "v1alpha1";
@@ -58,7 +58,7 @@ fn trellis_resource(kind: &str, plural: &str) -> ApiResource {
 }
 
 /// A policy object converted, with what it fails of checks added since it
-/// was admitted: relaxed, it is enforced as each of those says.
+/// was stored: relaxed, it is enforced as each of those says.
 #[derive(Debug)]
 pub struct Converted<T> {
     pub value: T,
@@ -146,13 +146,13 @@ fn stored(context: &ValidationContext) -> ValidationContext {
     }
 }
 
-/// Logs what `object` fails of checks added since it was admitted.
+/// Logs what `object` fails of checks added since it was stored.
 pub fn warn_relaxed(object: &DynamicObject, relaxed: &[Violation]) {
     for violation in relaxed {
         tracing::warn!(
             object = %object_key(object),
             problem = %violation,
-            "stored policy fails a check added since it was admitted; enforced as the problem says (fix and apply it again)"
+            "{RELAXED_POLICY_WARNING}"
         );
     }
 }
